@@ -1,0 +1,110 @@
+"""The backend interface: array creation, randomness and program execution.
+
+Every backend draws random numbers from one NumPy generator seeded by
+:meth:`Backend.set_seed`, so the same seed gives the same initial parameters on
+NumPy, JAX and torch (handy for comparing backends), and converts to native arrays.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..dtypes import check_dtype
+
+
+def _shape_args(shape: tuple) -> tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(int(d) for d in shape)
+
+
+class Evaluator(ABC):
+    """Executes one compiled program: ``forward`` and ``forward_vjp``."""
+
+    @abstractmethod
+    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def forward_vjp(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                    cotangents: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+
+class Backend(ABC):
+    """Base class of :class:`NumpyBackend`, :class:`JaxBackend` and :class:`TorchBackend`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, dtype: str = "float32", seed: int = 0) -> None:
+        self.dtype = check_dtype(dtype)
+        self.set_seed(seed)
+
+    # -- randomness ------------------------------------------------------------------
+    def set_seed(self, seed: int) -> None:
+        """Re-seed the generator behind ``randn``, ``rand`` and parameter initialisation."""
+        self.seed = int(seed)
+        self._rng = np.random.default_rng(self.seed)
+
+    def randn(self, *shape: int, dtype: str | None = None) -> Any:
+        """Standard-normal array of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
+        return self.array(self._rng.standard_normal(_shape_args(shape)), dtype)
+
+    def rand(self, *shape: int, dtype: str | None = None) -> Any:
+        """Uniform [0, 1) array of ``shape``."""
+        return self.array(self._rng.random(_shape_args(shape)), dtype)
+
+    def randint(self, low: int, high: int, *shape: int) -> Any:
+        """Integer array in [low, high) of ``shape`` (int64 on NumPy/torch, int32 on JAX)."""
+        return self.array(self._rng.integers(low, high, _shape_args(shape)), self.int_dtype)
+
+    def zeros(self, *shape: int, dtype: str | None = None) -> Any:
+        return self.array(np.zeros(_shape_args(shape)), dtype)
+
+    def ones(self, *shape: int, dtype: str | None = None) -> Any:
+        return self.array(np.ones(_shape_args(shape)), dtype)
+
+    # -- arrays ----------------------------------------------------------------------
+    int_dtype: ClassVar[str] = "int64"
+
+    @abstractmethod
+    def array(self, data: Any, dtype: str | None = None) -> Any:
+        """A native array from ``data``; float data takes the backend dtype unless ``dtype``."""
+
+    @abstractmethod
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+
+    @abstractmethod
+    def zeros_like(self, x: Any) -> Any: ...
+
+    @abstractmethod
+    def ones_like(self, x: Any) -> Any: ...
+
+    @abstractmethod
+    def is_native(self, x: Any) -> bool: ...
+
+    def dtype_name(self, x: Any) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    # -- execution ---------------------------------------------------------------------
+    @abstractmethod
+    def evaluator(self, program: Any, jit: bool) -> Evaluator: ...
+
+    def init_param(self, shape: tuple[int, ...], kind: str) -> Any:
+        """A new parameter: ``glorot`` uniform, ``normal`` N(0,1), ``zeros`` or ``ones``."""
+        if kind == "glorot":
+            fan_out, fan_in = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (shape[0], shape[0])
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            data = self._rng.uniform(-limit, limit, shape)
+        elif kind == "normal":
+            data = self._rng.standard_normal(shape)
+        elif kind in ("zeros", "ones"):
+            data = np.full(shape, 0.0 if kind == "zeros" else 1.0)
+        else:
+            raise ValueError(f"unknown initialiser {kind!r}")
+        return self.array(data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dtype={self.dtype!r})"

@@ -1,0 +1,82 @@
+"""JAX backend: gradients from ``jax.vjp``; with ``jit`` the forward and the
+forward+VJP are each one ``jax.jit`` function (compiled once per input shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..compiler.interpret import outputs_of, run_forward
+from .backend import Backend, Evaluator
+
+
+class JaxBackend(Backend):
+    """Arrays are ``jax.Array``. ``dtype="float64"`` turns on ``jax_enable_x64``."""
+
+    name = "jax"
+    int_dtype = "int32"
+
+    def __init__(self, dtype: str = "float32", seed: int = 0, device: str | None = None) -> None:
+        import jax
+
+        super().__init__(dtype, seed)
+        if self.dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+        self.device = jax.devices(device)[0] if device else jax.devices()[0]
+
+    def array(self, data: Any, dtype: str | None = None) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        if isinstance(data, jax.Array) and dtype is None:
+            return data if data.dtype.kind != "f" else data.astype(self.dtype)
+        a = np.asarray(data) if not isinstance(data, jax.Array) else data
+        if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+            dtype = self.dtype
+        return jax.device_put(jnp.asarray(a, dtype=dtype), self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def zeros_like(self, x: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.zeros_like(x)
+
+    def ones_like(self, x: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.ones_like(x)
+
+    def is_native(self, x: Any) -> bool:
+        import jax
+
+        return isinstance(x, jax.Array)
+
+    def evaluator(self, program: Any, jit: bool) -> Evaluator:
+        return _JaxEvaluator(program, jit)
+
+
+class _JaxEvaluator(Evaluator):
+    def __init__(self, prog: Any, jit: bool) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        def fwd(params, inputs):
+            return outputs_of(prog, run_forward(prog, jnp, params, inputs))
+
+        def fwd_vjp(params, inputs, cots):
+            out, pull = jax.vjp(lambda p: fwd(p, inputs), params)
+            full = {k: cots[k] if k in cots else jnp.zeros_like(v) for k, v in out.items()}
+            return out, pull(full)[0]
+
+        self._fwd = jax.jit(fwd) if jit else fwd
+        self._fwd_vjp = jax.jit(fwd_vjp) if jit else fwd_vjp
+
+    def forward(self, params, inputs):
+        return self._fwd(dict(params), dict(inputs))
+
+    def forward_vjp(self, params, inputs, cotangents):
+        return self._fwd_vjp(dict(params), dict(inputs), dict(cotangents))

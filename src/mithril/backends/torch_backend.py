@@ -1,0 +1,139 @@
+"""PyTorch backend: gradients from autograd.
+
+``get_parameters()`` returns leaf tensors that do not require grad: a ``torch.optim``
+optimizer can update them in place and the next ``evaluate`` sees the new values.
+``evaluate(..., output_gradients=...)`` differentiates detached aliases of them, so
+no autograd graph outlives a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..compiler.interpret import outputs_of, run_forward
+from .backend import Backend, Evaluator
+
+
+class _TorchNumpy:
+    """The few numpy-style functions operator forwards use, on torch tensors."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.t = torch
+        self.tanh, self.exp, self.log, self.sqrt, self.where = (
+            torch.tanh, torch.exp, torch.log, torch.sqrt, torch.where)
+
+    def maximum(self, x: Any, y: Any) -> Any:
+        return self.t.clamp_min(x, y) if not isinstance(y, self.t.Tensor) else self.t.maximum(x, y)
+
+    def max(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        return self.t.amax(x, dim=axis, keepdim=keepdims) if axis is not None else x.max()
+
+    def sum(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        return self.t.sum(x, dim=axis, keepdim=keepdims) if axis is not None else x.sum()
+
+    def mean(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        return self.t.mean(x, dim=axis, keepdim=keepdims) if axis is not None else x.mean()
+
+    def take_along_axis(self, x: Any, idx: Any, axis: int) -> Any:
+        return self.t.gather(x, axis, idx.long())
+
+
+_TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "bool")
+
+
+class TorchBackend(Backend):
+    """Arrays are ``torch.Tensor`` on ``device`` (default ``"cpu"``)."""
+
+    name = "torch"
+
+    def __init__(self, dtype: str = "float32", seed: int = 0, device: str = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        super().__init__(dtype, seed)
+        self._xp = _TorchNumpy()
+
+    def set_seed(self, seed: int) -> None:
+        import torch
+
+        super().set_seed(seed)
+        torch.manual_seed(self.seed)
+
+    def torch_dtype(self, name: str | None = None) -> Any:
+        import torch
+
+        name = name or self.dtype
+        if name not in _TORCH_DTYPES:
+            raise ValueError(f"unsupported dtype {name!r}")
+        return getattr(torch, name)
+
+    def array(self, data: Any, dtype: str | None = None) -> Any:
+        import torch
+
+        t = data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
+        if dtype is None and t.is_floating_point():
+            dtype = self.dtype
+        return t.to(device=self.device, dtype=self.torch_dtype(dtype) if dtype else None)
+
+    def to_torch(self, x: Any) -> Any:
+        """A tensor on this backend's device (numpy / jax arrays are converted)."""
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device)
+        return torch.as_tensor(np.asarray(x), device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            return x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()
+        return np.asarray(x)
+
+    def zeros_like(self, x: Any) -> Any:
+        import torch
+
+        return torch.zeros_like(x)
+
+    def ones_like(self, x: Any) -> Any:
+        import torch
+
+        return torch.ones_like(x)
+
+    def is_native(self, x: Any) -> bool:
+        import torch
+
+        return isinstance(x, torch.Tensor)
+
+    def evaluator(self, program: Any, jit: bool) -> Evaluator:
+        return _TorchEvaluator(program, self._xp)
+
+
+class _TorchEvaluator(Evaluator):
+    def __init__(self, prog: Any, xp: _TorchNumpy) -> None:
+        self.prog, self.xp = prog, xp
+
+    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            return outputs_of(self.prog, run_forward(self.prog, self.xp, params, inputs))
+
+    def forward_vjp(self, params, inputs, cotangents):
+        import torch
+
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            out = outputs_of(self.prog, run_forward(self.prog, self.xp, leaves, inputs))
+        names = [k for k in cotangents if out[k].requires_grad]
+        grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()),
+                                    [cotangents[k] for k in names], allow_unused=True) if names else [None] * len(leaves)
+        gdict = {k: g if g is not None else torch.zeros_like(params[k])
+                 for k, g in zip(leaves, grads)}
+        return {k: v.detach() for k, v in out.items()}, gdict

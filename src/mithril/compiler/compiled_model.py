@@ -1,0 +1,157 @@
+"""A model compiled for one backend: parameters, evaluation and gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..backends.backend import Backend
+from ..errors import KeyMismatchError, ShapeError
+from ..models.model import Model
+from ..models.operator import Operator, fmt
+from .program import Program, build_program
+
+
+def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, what: str,
+                allow_missing: bool = False) -> None:
+    if given.keys() == (expected.keys() if isinstance(expected, Mapping) else set(expected)):
+        return
+    exp = set(expected)
+    unknown = sorted(set(given) - exp)
+    missing = [] if allow_missing else sorted(exp - set(given))
+    if unknown or missing:
+        parts = [f"unknown key(s) {unknown}" if unknown else "", f"missing key(s) {missing}" if missing else ""]
+        raise KeyMismatchError(f"{what}: " + "; ".join(p for p in parts if p)
+                               + f" (expected keys: {sorted(exp)})")
+
+
+def _shape_matches(shape: tuple, pattern: tuple | None) -> bool:
+    if pattern is None:
+        return True
+    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern))
+
+
+class CompiledModel:
+    """What :func:`mithril.compile` returns.
+
+    ``evaluate(params, inputs)`` returns a dict of outputs;
+    ``evaluate(params, inputs, output_gradients=...)`` returns ``(outputs, gradients)``
+    where ``gradients[name]`` is the vector-Jacobian product for parameter ``name``
+    (outputs missing from ``output_gradients`` get zero cotangents).
+    """
+
+    def __init__(self, model: Model | Operator, backend: Backend,
+                 shapes: Mapping[str, Any] | None = None, jit: bool = True) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
+        self.backend = backend
+        self.program: Program = build_program(model, shapes)
+        self.jit = jit
+        self._eval = backend.evaluator(self.program, jit)
+        self._params: dict[str, Any] | None = None
+
+    # -- description -----------------------------------------------------------------
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        return tuple(self.program.inputs)
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return tuple(self.program.outputs)
+
+    @property
+    def shapes(self) -> dict[str, tuple | None]:
+        p = self.program
+        return {**{k: p.input_shape(k) for k in p.inputs}, **{k: p.output_shape(k) for k in p.outputs},
+                **p.param_shapes}
+
+    @property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.program.param_shapes)
+
+    def summary(self, print_fn: Any = print) -> str:
+        """A table of layers, output shapes and parameter counts (printed and returned)."""
+        rows = [("layer", "output shape", "parameters")]
+        for node in self.program.nodes:
+            n = sum(int(np.prod(self.program.param_shapes[p])) for p in node.params.values())
+            rows.append((f"{node.path} ({type(node.op).__name__})",
+                         fmt(self.program.wire_shapes[node.out]), str(n)))
+        total = sum(int(np.prod(s)) for s in self.program.param_shapes.values())
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # -- parameters --------------------------------------------------------------------
+    def randomize_params(self) -> dict[str, Any]:
+        """Fresh parameters from the backend's generator (see ``backend.set_seed``)."""
+        self._params = {name: self.backend.init_param(shape, self.program.param_init[name])
+                        for name, shape in self.program.param_shapes.items()}
+        return dict(self._params)
+
+    def get_parameters(self) -> dict[str, Any]:
+        """The model's parameters (initialised on first call), keyed by name."""
+        if self._params is None:
+            self.randomize_params()
+        return dict(self._params)  # type: ignore[arg-type]
+
+    # -- evaluation --------------------------------------------------------------------
+    def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str) -> Any:
+        b = self.backend
+        if not b.is_native(x):
+            if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
+                x = b.array(x) if want != "int" else b.array(x, b.int_dtype if not np.asarray(x).dtype.kind in "iu" else None)
+            else:
+                raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
+        shape = tuple(x.shape)
+        if not _shape_matches(shape, pattern):
+            raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(shape)}")
+        dt = b.dtype_name(x)
+        if want == "float" and dt != b.dtype:
+            raise TypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {dt}")
+        if want == "int" and "int" not in dt:
+            raise TypeError(f"{kind} '{key}': expected an integer dtype, got {dt}")
+        return x
+
+    def _validate(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
+        p = self.program
+        if not isinstance(params, Mapping) or not isinstance(inputs, Mapping):
+            raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
+        _check_keys(params, p.param_shapes, "params")
+        _check_keys(inputs, p.inputs, "inputs")
+        ps = {k: self._check_array("parameter", k, params[k], p.param_shapes[k], "float")
+              for k in p.param_shapes}
+        ins = {k: self._check_array("input", k, v, p.input_shape(k), p.input_kinds[k])
+               for k, v in inputs.items()}
+        return ps, ins
+
+    def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                 output_gradients: Mapping[str, Any] | None = None) -> Any:
+        """Outputs, or ``(outputs, gradients)`` when ``output_gradients`` is given."""
+        params, inputs = self._validate(params, inputs)
+        if output_gradients is None:
+            return self._eval.forward(params, inputs)
+        _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)
+        cots = {}
+        for k, g in output_gradients.items():
+            pattern = self.program.output_shape(k)
+            if np.ndim(g) == 0 and pattern == ():
+                g = self.backend.array(np.asarray(g, dtype=np.float64))
+            cots[k] = self._check_array("output gradient", k, g, pattern, "float")
+        return self._eval.forward_vjp(params, inputs, cots)
+
+
+def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
+            jit: bool = True) -> CompiledModel:
+    """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
+
+    ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
+    ``jit`` compiles the forward and forward+VJP with ``jax.jit`` on JAX.
+    """
+    return CompiledModel(model, backend, shapes=shapes, jit=jit)

@@ -1,0 +1,187 @@
+"""The physical model: a logical :class:`~mithril.models.Model` flattened into a list of
+operator nodes over numbered wires, topologically sorted, with every shape inferred.
+
+Parameter names are the block path plus the parameter role, e.g. ``mlp.linear_0.weight``:
+a child is named after its class in snake_case, suffixed ``_i`` only when its parent
+holds several blocks of that class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import ShapeError
+from ..models.model import Model, _as_shape
+from ..models.operator import Operator, Shape, fmt, unify
+
+
+@dataclass
+class Node:
+    op: Operator
+    path: str
+    ins: dict[str, int]          # data input key -> wire
+    params: dict[str, str]       # parameter key -> parameter name
+    out: int
+    wrt: frozenset[str] = frozenset()  # keys whose cotangent the NumPy backward needs
+
+
+@dataclass
+class Program:
+    nodes: list[Node]
+    wire_names: list[str]
+    wire_shapes: list[Shape | None]
+    inputs: dict[str, int]
+    outputs: dict[str, int]
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    param_init: dict[str, str] = field(default_factory=dict)
+    input_kinds: dict[str, str] = field(default_factory=dict)  # "float" | "int" | "any"
+
+    def input_shape(self, name: str) -> Shape | None:
+        return self.wire_shapes[self.inputs[name]]
+
+    def output_shape(self, name: str) -> Shape | None:
+        return self.wire_shapes[self.outputs[name]]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.shapes: list[Shape | None] = []
+        self.nodes: list[Node] = []
+
+    def wire(self, name: str, shape: Shape | None) -> int:
+        self.names.append(name)
+        self.shapes.append(shape)
+        return len(self.names) - 1
+
+    def merge_shape(self, w: int, shape: Shape | None, where: str) -> None:
+        self.shapes[w] = unify(self.shapes[w], shape, self.names[w], where)
+
+    def flatten(self, model: Model, outer: Mapping[int, int], prefix: str) -> None:
+        """``outer`` maps id(connection) of ``model``'s terminals to wires of the parent."""
+        wires: dict[int, int] = dict(outer)
+        for name, c in model.conns.items():
+            where = f"{prefix}.{name}" if prefix else name
+            if id(c) in wires:
+                self.merge_shape(wires[id(c)], c.shape, where)
+            else:
+                wires[id(c)] = self.wire(where, c.shape)
+        counts = Counter(type(b).__name__ for b, _ in model.blocks)
+        seen: Counter[str] = Counter()
+        for block, mapping in model.blocks:
+            cls = type(block).__name__
+            child = _snake(cls) + (f"_{seen[cls]}" if counts[cls] > 1 else "")
+            seen[cls] += 1
+            path = f"{prefix}.{child}" if prefix else child
+            for key, c in mapping.items():
+                if id(c) not in wires:  # internal wire
+                    wires[id(c)] = self.wire(f"{path}.{key}", c.shape)
+            if isinstance(block, Operator):
+                self.nodes.append(Node(block, path, {k: wires[id(mapping[k])] for k in block.inputs},
+                                       {}, wires[id(mapping["output"])]))
+            else:
+                inner = {id(block.conns[k]): wires[id(c)] for k, c in mapping.items()}
+                self.flatten(block, inner, path)
+
+
+def build_program(model: Model | Operator, shapes: Mapping[str, object] | None = None) -> Program:
+    """Flatten ``model``, sort it, and infer every wire and parameter shape."""
+    if isinstance(model, Operator):
+        top = Model()
+        top |= model
+        model = top
+    b = _Builder()
+    b.flatten(model, {}, "")
+    top_wires = {name: i for i, name in enumerate(b.names) if name in model.conns}
+    for key, shape in (shapes or {}).items():
+        if key not in top_wires:
+            raise KeyError(f"compile(shapes=...): model has no terminal '{key}'; "
+                           f"its terminals are {sorted(top_wires)}")
+        b.merge_shape(top_wires[key], _as_shape(key, shape), f"{key} (compile shapes)")
+
+    nodes = _toposort(b.nodes, b.names)
+    produced = {n.out for n in nodes}
+    inputs = {n: w for n, w in top_wires.items() if w not in produced}
+    outputs = {n: w for n, w in top_wires.items() if w in produced}
+    prog = Program(nodes, b.names, b.shapes, inputs, outputs)
+
+    consumers: dict[int, list[tuple[Node, str]]] = {}
+    for node in nodes:
+        for k, w in node.ins.items():
+            consumers.setdefault(w, []).append((node, k))
+    for name, w in inputs.items():
+        kinds = {"int" if k in n.op.int_inputs else "any" if k in n.op.any_dtype_inputs else "float"
+                 for n, k in consumers.get(w, [])}
+        if len(kinds - {"any"}) > 1:
+            raise TypeError(f"input '{name}' feeds both integer and float inputs")
+        prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
+
+    differentiable: set[int] = set()  # wires that depend on a parameter
+    for node in nodes:
+        in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
+        pshapes = node.op.param_shapes(in_shapes)
+        for key in node.op.param_init:
+            if key in pshapes:
+                continue
+            if key in _optional_params(node.op):
+                continue
+            first = node.op.inputs[0]
+            raise ShapeError(
+                f"cannot infer the shape of parameter '{node.path}.{key}': the shape of "
+                f"'{b.names[node.ins[first]]}' is {fmt(in_shapes[first])}; declare input shapes "
+                f"with model.set_shapes(...) or compile(..., shapes=...)")
+        for key, shape in pshapes.items():
+            pname = f"{node.path}.{key}"
+            node.params[key] = pname
+            prog.param_shapes[pname] = tuple(int(d) for d in shape)
+            prog.param_init[pname] = node.op.param_init[key]
+        out = node.op.infer_shape({**in_shapes, **pshapes})
+        b.merge_shape(node.out, out, f"{node.path}.output (inferred)")
+        node.wrt = frozenset(node.params) | {k for k, w in node.ins.items() if w in differentiable}
+        if node.wrt:
+            differentiable.add(node.out)
+    return prog
+
+
+def _optional_params(op: Operator) -> set[str]:
+    off = set()
+    if getattr(op, "use_bias", True) is False:
+        off.add("bias")
+    if getattr(op, "use_scale", True) is False:
+        off.add("weight")
+    return off
+
+
+def _toposort(nodes: list[Node], names: list[str]) -> list[Node]:
+    producer: dict[int, Node] = {}
+    for n in nodes:
+        if n.out in producer:
+            raise ValueError(f"connection '{names[n.out]}' is produced by both "
+                             f"'{producer[n.out].path}' and '{n.path}'")
+        producer[n.out] = n
+    order: list[Node] = []
+    state: dict[int, int] = {}  # 1 visiting, 2 done
+
+    def visit(n: Node) -> None:
+        s = state.get(id(n))
+        if s == 2:
+            return
+        if s == 1:
+            raise ValueError(f"the model has a cycle through '{n.path}'")
+        state[id(n)] = 1
+        for w in n.ins.values():
+            if w in producer:
+                visit(producer[w])
+        state[id(n)] = 2
+        order.append(n)
+
+    for n in nodes:
+        visit(n)
+    return order

@@ -1,0 +1,22 @@
+"""Floating-point dtypes a backend can compute in.
+
+They are plain strings so that ``NumpyBackend(dtype="float32")`` and
+``NumpyBackend(dtype=ml.float32)`` mean the same thing.
+"""
+
+from __future__ import annotations
+
+float16 = "float16"
+bfloat16 = "bfloat16"
+float32 = "float32"
+float64 = "float64"
+
+FLOAT_DTYPES = (float16, bfloat16, float32, float64)
+
+
+def check_dtype(dtype: object) -> str:
+    """Return ``dtype`` as one of :data:`FLOAT_DTYPES`, or raise ``ValueError``."""
+    name = getattr(dtype, "name", dtype)
+    if not isinstance(name, str) or name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    return name

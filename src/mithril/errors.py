@@ -1,0 +1,14 @@
+"""Errors raised by Mithril. Each subclasses the builtin a user would catch."""
+
+from __future__ import annotations
+
+
+class ShapeError(ValueError):
+    """Two shapes that must agree do not (names both keys and both shapes)."""
+
+
+class KeyMismatchError(KeyError):
+    """A key in ``params``, ``inputs``, ``gradients`` or optimizer state is missing or unknown."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,85 @@
+"""Elementwise activations and softmax."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .operator import Operator
+
+
+class Relu(Operator):
+    """max(x, 0)."""
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return xp.maximum(input, 0)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": g * (out > 0)}
+
+
+class LeakyRelu(Operator):
+    """x if x > 0 else slope·x (torch default slope 0.01)."""
+
+    def __init__(self, slope: float = 0.01) -> None:
+        self.slope = float(slope)
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return xp.where(input > 0, input, input * self.slope)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": np.where(args["input"] > 0, g, g * self.slope)}
+
+
+class Sigmoid(Operator):
+    """1 / (1 + e^-x), computed as (1 + tanh(x/2)) / 2 so it never overflows."""
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return 0.5 * (xp.tanh(0.5 * input) + 1)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": g * out * (1 - out)}
+
+
+class Tanh(Operator):
+    """Hyperbolic tangent."""
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return xp.tanh(input)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": g * (1 - out * out)}
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class Gelu(Operator):
+    """GELU, tanh approximation (``jax.nn.gelu`` default; torch ``approximate="tanh"``):
+    ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        x = input
+        return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+        du = _GELU_C * (1 + 3 * 0.044715 * x * x)
+        return {"input": g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)}
+
+
+class Softmax(Operator):
+    """exp(x - max) / Σ exp(x - max) along ``axis`` (default last)."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        e = xp.exp(input - xp.max(input, axis=self.axis, keepdims=True))
+        return e / xp.sum(e, axis=self.axis, keepdims=True)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": out * (g - (g * out).sum(axis=self.axis, keepdims=True))}

@@ -1,0 +1,65 @@
+"""Binary arithmetic with numpy broadcasting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .operator import Operator, ShapeError, broadcast_shapes, fmt, unbroadcast
+
+
+class _Binary(Operator):
+    inputs = ("left", "right")
+
+    def infer_shape(self, shapes):
+        a, b = shapes.get("left"), shapes.get("right")
+        if a is None or b is None:
+            return None
+        return broadcast_shapes(a, b, type(self).__name__)
+
+
+class Add(_Binary):
+    """left + right."""
+
+    def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        return left + right
+
+    def vjp(self, g, out, args, wrt):
+        return {k: unbroadcast(g, args[k].shape) for k in wrt}
+
+
+class Multiply(_Binary):
+    """left · right (elementwise)."""
+
+    def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        return left * right
+
+    def vjp(self, g, out, args, wrt):
+        other = {"left": "right", "right": "left"}
+        return {k: unbroadcast(g * args[other[k]], args[k].shape) for k in wrt}
+
+
+class MatrixMultiply(_Binary):
+    """left @ right (batched over leading dimensions)."""
+
+    def infer_shape(self, shapes):
+        a, b = shapes.get("left"), shapes.get("right")
+        if a is None or b is None:
+            return None
+        if len(a) < 2 or len(b) < 2:
+            raise ShapeError(f"MatrixMultiply needs rank >= 2, got {fmt(a)} and {fmt(b)}")
+        if a[-1] is not None and b[-2] is not None and a[-1] != b[-2]:
+            raise ShapeError(f"MatrixMultiply: 'left' {fmt(a)} and 'right' {fmt(b)} inner dims differ")
+        batch = broadcast_shapes(a[:-2], b[:-2], "MatrixMultiply") if len(a) > 2 or len(b) > 2 else ()
+        return (*batch, a[-2], b[-1])
+
+    def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        return left @ right
+
+    def vjp(self, g, out, args, wrt):
+        left, right = args["left"], args["right"]
+        res = {}
+        if "left" in wrt:
+            res["left"] = unbroadcast(g @ right.swapaxes(-1, -2), left.shape)
+        if "right" in wrt:
+            res["right"] = unbroadcast(left.swapaxes(-1, -2) @ g, right.shape)
+        return res

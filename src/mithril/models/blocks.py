@@ -1,0 +1,45 @@
+"""Composite blocks built from operators."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import activations
+from .layers import Linear
+from .model import Model
+from .operator import Operator
+
+_ACTIVATIONS = {"relu": activations.Relu, "leaky_relu": activations.LeakyRelu,
+                "sigmoid": activations.Sigmoid, "tanh": activations.Tanh,
+                "gelu": activations.Gelu, "softmax": activations.Softmax}
+
+
+class MLP(Model):
+    """Linear layers of sizes ``dimensions``, each followed by its activation.
+
+    ``activations`` holds operator instances, classes or names ("relu", "tanh", ...),
+    or ``None`` for no activation after that layer.
+    """
+
+    def __init__(self, activations: Sequence[Operator | type | str | None],
+                 dimensions: Sequence[int], use_bias: bool = True) -> None:
+        super().__init__()
+        if len(activations) != len(dimensions):
+            raise ValueError(f"MLP: got {len(activations)} activations for {len(dimensions)} "
+                             "dimensions; give one per layer (None for none)")
+        for act, dim in zip(activations, dimensions):
+            self += Linear(dim, use_bias=use_bias)
+            if act is not None:
+                self += _make_activation(act)
+
+
+def _make_activation(act: Operator | type | str) -> Operator:
+    if isinstance(act, Operator):
+        return act
+    if isinstance(act, str):
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose from {sorted(_ACTIVATIONS)}")
+        return _ACTIVATIONS[act]()
+    if isinstance(act, type) and issubclass(act, Operator):
+        return act()
+    raise TypeError(f"activation must be an Operator, Operator class or name, got {act!r}")

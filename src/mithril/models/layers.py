@@ -1,0 +1,154 @@
+"""Layers with parameters (Linear, Embedding, LayerNorm) and reshaping (Flatten)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .operator import Operator, ShapeError, fmt
+
+
+def _last_dim(shapes, who: str) -> int | None:
+    s = shapes.get("input")
+    if s is None:
+        return None
+    if len(s) == 0:
+        raise ShapeError(f"{who}: 'input' must have rank >= 1, got shape {fmt(s)}")
+    return s[-1]
+
+
+class Linear(Operator):
+    """y = x·Wᵀ + b with ``weight`` of shape (dimension, in_features) (torch layout) and
+    ``bias`` of shape (dimension,). Weight init: Glorot uniform; bias: zeros."""
+
+    param_init = {"weight": "glorot", "bias": "zeros"}
+
+    def __init__(self, dimension: int, use_bias: bool = True) -> None:
+        if not isinstance(dimension, int) or dimension <= 0:
+            raise ValueError(f"Linear: dimension must be a positive int, got {dimension!r}")
+        self.dimension = dimension
+        self.use_bias = use_bias
+
+    def param_shapes(self, shapes):
+        d_in = _last_dim(shapes, "Linear")
+        if d_in is None:
+            return {}
+        out = {"weight": (self.dimension, d_in)}
+        if self.use_bias:
+            out["bias"] = (self.dimension,)
+        return out
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        return None if s is None else (*s[:-1], self.dimension)
+
+    def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
+        y = input @ weight.T
+        return y if bias is None else y + bias
+
+    def vjp(self, g, out, args, wrt):
+        x, w = args["input"], args["weight"]
+        res = {}
+        if "input" in wrt:
+            res["input"] = g @ w
+        g2 = g.reshape(-1, g.shape[-1])
+        if "weight" in wrt:
+            res["weight"] = g2.T @ x.reshape(-1, x.shape[-1])
+        if "bias" in wrt:
+            res["bias"] = g2.sum(axis=0)
+        return res
+
+    def __repr__(self) -> str:
+        return f"Linear({self.dimension}, use_bias={self.use_bias})"
+
+
+class Embedding(Operator):
+    """Row lookup ``weight[input]``: integer indices (...) -> (..., dim). Init: N(0, 1)."""
+
+    int_inputs = frozenset({"input"})
+    param_init = {"weight": "normal"}
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        self.num_embeddings, self.dim = num_embeddings, dim
+
+    def param_shapes(self, shapes):
+        return {"weight": (self.num_embeddings, self.dim)}
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        return None if s is None else (*s, self.dim)
+
+    def forward(self, xp: Any, input: Any, weight: Any) -> Any:
+        return weight[input]
+
+    def vjp(self, g, out, args, wrt):
+        w = args["weight"]
+        gw = np.zeros_like(w)
+        np.add.at(gw, args["input"].reshape(-1), g.reshape(-1, w.shape[1]))
+        return {"weight": gw}
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.num_embeddings}, {self.dim})"
+
+
+class LayerNorm(Operator):
+    """(x − mean) / √(var + eps) · weight + bias over the last axis (biased variance, as torch)."""
+
+    param_init = {"weight": "ones", "bias": "zeros"}
+
+    def __init__(self, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True) -> None:
+        self.eps, self.use_scale, self.use_bias = eps, use_scale, use_bias
+
+    def param_shapes(self, shapes):
+        d = _last_dim(shapes, "LayerNorm")
+        if d is None:
+            return {}
+        return {k: (d,) for k, on in (("weight", self.use_scale), ("bias", self.use_bias)) if on}
+
+    def _normalise(self, xp: Any, x: Any) -> tuple[Any, Any]:
+        mu = xp.mean(x, axis=-1, keepdims=True)
+        xc = x - mu
+        inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
+        return xc * inv, inv
+
+    def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
+        y, _ = self._normalise(xp, input)
+        if weight is not None:
+            y = y * weight
+        return y if bias is None else y + bias
+
+    def vjp(self, g, out, args, wrt):
+        xhat, inv = self._normalise(np, args["input"])
+        lead = tuple(range(g.ndim - 1))
+        res = {}
+        if "weight" in wrt:
+            res["weight"] = (g * xhat).sum(axis=lead)
+        if "bias" in wrt:
+            res["bias"] = g.sum(axis=lead)
+        if "input" in wrt:
+            gx = g * args["weight"] if "weight" in args else g
+            res["input"] = inv * (gx - gx.mean(-1, keepdims=True)
+                                  - xhat * (gx * xhat).mean(-1, keepdims=True))
+        return res
+
+
+class Flatten(Operator):
+    """Merge dimensions ``start_dim`` .. last into one (default keeps the batch axis)."""
+
+    def __init__(self, start_dim: int = 1) -> None:
+        self.start_dim = start_dim
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is None:
+            return None
+        rest = s[self.start_dim:]
+        n = None if any(d is None for d in rest) else int(np.prod(rest, dtype=np.int64))
+        return (*s[: self.start_dim], n)
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return input.reshape((*input.shape[: self.start_dim], -1))
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": g.reshape(args["input"].shape)}

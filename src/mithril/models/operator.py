@@ -1,0 +1,109 @@
+"""The primitive operator: the one place an operation is defined.
+
+An :class:`Operator` states, for one operation,
+
+* its terminals: data inputs (``inputs``) and one output ``"output"``;
+* its trainable parameters and their shapes (:meth:`param_shapes`) and initialisers;
+* its shape rule (:meth:`infer_shape`);
+* its forward computation, written once against an array namespace ``xp``
+  (``numpy``, ``jax.numpy`` or the small numpy-compatible torch namespace);
+* its vector-Jacobian product for the NumPy backend (:meth:`vjp`); JAX and
+  torch differentiate the forward themselves.
+
+Shapes are tuples whose entries are ``int`` or ``None`` (a free dimension, e.g. batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ShapeError
+
+Shape = tuple  # tuple[int | None, ...]
+
+
+def unify(a: Shape | None, b: Shape | None, where_a: str, where_b: str) -> Shape | None:
+    """Merge two partial shapes; ``None`` entries match anything."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
+        raise ShapeError(f"shape mismatch: '{where_a}' has shape {fmt(a)} but '{where_b}' has shape {fmt(b)}")
+    return tuple(x if x is not None else y for x, y in zip(a, b))
+
+
+def fmt(shape: Shape | None) -> str:
+    return "unknown" if shape is None else "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
+
+
+def broadcast_shapes(a: Shape, b: Shape, where: str) -> Shape:
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == 1:
+            out.append(y)
+        elif y == 1 or y is None or x is None or x == y:
+            out.append(x if x is not None else y)
+        else:
+            raise ShapeError(f"{where}: shapes {fmt(a)} and {fmt(b)} do not broadcast")
+    return tuple(reversed(out))
+
+
+def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``g`` down to ``shape`` (the VJP of numpy broadcasting)."""
+    if g.shape == shape:
+        return g
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+class Operator:
+    """Base class of primitive operations (see module docstring)."""
+
+    inputs: ClassVar[tuple[str, ...]] = ("input",)
+    #: inputs that take integer arrays (everything else takes the backend float dtype)
+    int_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: inputs that take either integer or float arrays
+    any_dtype_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: initialiser name per parameter: "glorot", "normal", "zeros" or "ones"
+    param_init: ClassVar[Mapping[str, str]] = {}
+
+    def connect(self, **connections: str) -> Any:
+        from .model import Bound
+
+        return Bound(self, connections)
+
+    __call__ = connect
+
+    @property
+    def terminals(self) -> tuple[str, ...]:
+        return (*self.inputs, "output")
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return ("output",)
+
+    def param_shapes(self, shapes: Mapping[str, Shape | None]) -> dict[str, Shape]:
+        """Shapes of this operator's parameters given its input shapes."""
+        return {}
+
+    def infer_shape(self, shapes: Mapping[str, Shape | None]) -> Shape | None:
+        """Output shape from input (and parameter) shapes; ``None`` if unknown."""
+        return shapes.get(self.inputs[0])
+
+    def forward(self, xp: Any, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def vjp(self, g: np.ndarray, out: np.ndarray, args: Mapping[str, np.ndarray],
+            wrt: frozenset[str]) -> dict[str, np.ndarray]:
+        """Cotangents of the inputs/parameters named in ``wrt`` for output cotangent ``g``."""
+        raise NotImplementedError(f"{type(self).__name__} has no NumPy VJP")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
