@@ -1,0 +1,1 @@
+"""Training utilities: optimizers, learning-rate schedulers, mixed precision."""

@@ -1,0 +1,70 @@
+"""Adam, AMSGrad and AdamW with torch.optim conventions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .base import Optimizer, check_positive, check_unit
+from .elementwise import maximum, sqrt
+
+
+def _adam(p, g, m, v, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
+    m = m + b1c * (g - m)           # torch: m.lerp_(g, 1 − β₁)
+    v = v * b2 + b2c * g * g         # torch: v.mul_(β₂).addcmul_(g, g, 1 − β₂)
+    return p - step_size * (m / (sqrt(v) / bc2_sqrt + eps)), m, v
+
+
+def _amsgrad(p, g, m, v, vmax, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    vmax = maximum(vmax, v)
+    return p - step_size * (m / (sqrt(vmax) / bc2_sqrt + eps)), m, v, vmax
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) as torch.optim.Adam / optax.adam (eps_root=0)::
+
+        m ← β₁·m + (1−β₁)·g        v ← β₂·v + (1−β₂)·g²
+        p ← p − lr/(1−β₁ᵗ) · m / (√v / √(1−β₂ᵗ) + ε)
+
+    ε is added to the bias-corrected √v̂ (torch/optax; Keras adds it to the raw √v).
+    ``weight_decay`` is coupled L2 (``g ← g + wd·p``, torch Adam); use :class:`AdamW` for
+    decoupled decay. ``amsgrad`` keeps the max of the raw v and divides it by √(1−β₂ᵗ)
+    (torch; optax takes the max of v̂ instead).
+    """
+
+    def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
+                 **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.beta1 = check_unit("beta1", beta1)
+        self.beta2 = check_unit("beta2", beta2)
+        self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        self.amsgrad = bool(amsgrad)
+
+    def slot_names(self) -> tuple[str, ...]:
+        return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        bc1 = 1 - self.beta1**step
+        bc2 = 1 - self.beta2**step
+        lr = self.learning_rate
+        return (lr, 1 - self.beta1, self.beta2, 1 - self.beta2, lr / bc1, math.sqrt(bc2),
+                self.epsilon)
+
+    def kernel_math(self) -> Any:
+        return _amsgrad if self.amsgrad else _adam
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as in all four peers:
+    ``p ← p·(1 − lr·wd)`` then the Adam step. Default ``weight_decay=1e-2`` (torch, MLX;
+    optax defaults to 1e-4)."""
+
+    decoupled_weight_decay = True
+
+    def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 epsilon: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
+                 **options: Any) -> None:
+        super().__init__(learning_rate, beta1, beta2, epsilon, weight_decay, amsgrad, **options)

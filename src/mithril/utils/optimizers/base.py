@@ -1,0 +1,282 @@
+"""The :class:`Optimizer` base class: tree walking, validation, clipping, weight decay,
+non-finite handling and the per-backend fast path. Each optimizer only states its
+per-parameter math (MLX style).
+
+Ownership rule (like torch's in-place ``step`` and JAX buffer donation):
+``params, state = opt.update(params, gradients, state)`` *consumes* ``params`` and
+``state``. Built-in optimizers keep all parameters in one flat buffer and return views
+of it (NumPy, torch) that the next update overwrites in place; on JAX the buffers are
+donated to the jitted step. Always rebind to what ``update`` returns, and do not reuse
+an older state. Arrays you pass that are not the ones ``update`` returned are copied in,
+never modified.
+
+Non-finite gradients (``nonfinite=``):
+
+* ``"skip"`` (default): the global gradient norm is checked first; if it is inf/NaN the
+  step is skipped, params and state are untouched, ``state.num_skipped`` grows,
+  ``state.last_step_skipped`` is True and a ``RuntimeWarning`` is issued.
+* ``"raise"``: ``FloatingPointError`` naming the offending parameters, nothing changed.
+* ``"propagate"``: no check (torch.optim behaviour, one pass over the gradients less).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ...errors import KeyMismatchError, ShapeError
+from .layout import Layout
+from .state import OptimizerState
+
+_NONFINITE = ("skip", "raise", "propagate")
+
+
+def infer_backend(params: Mapping[str, Any]) -> Any:
+    """A backend matching the arrays in ``params`` (dtype and device of the first one)."""
+    from ...backends import JaxBackend, NumpyBackend, TorchBackend
+
+    if not params:
+        return NumpyBackend()
+    x = next(iter(params.values()))
+    mod = type(x).__module__.split(".", 1)[0]
+    dt = str(x.dtype).removeprefix("torch.")
+    dt = dt if dt in ("float16", "bfloat16", "float32", "float64") else "float32"
+    if mod == "torch":
+        return TorchBackend(dtype=dt, device=str(x.device))
+    if mod in ("jax", "jaxlib"):
+        return JaxBackend(dtype=dt) if dt != "float64" else JaxBackend(dtype="float64")
+    if isinstance(x, np.ndarray):
+        return NumpyBackend(dtype=dt)
+    raise TypeError(f"cannot infer a backend from a parameter of type {type(x).__name__}")
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
+    return v
+
+
+def check_unit(name: str, value: Any) -> float:
+    v = check_positive(name, value)
+    if not v < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _bind_backend(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: Optimizer, params: Mapping[str, Any], *args: Any, **kw: Any) -> Any:
+        self._bind(params)
+        return method(self, params, *args, **kw)
+
+    return wrapper
+
+
+class Optimizer:
+    """Base class. Construct with hyperparameters only; then::
+
+        state = opt.init(params)
+        params, state = opt.update(params, gradients, state)
+
+    A built-in (or user) optimizer defines ``slots`` (names of its per-parameter state),
+    :meth:`scalars` (per-step scalars, learning rate first) and :meth:`math`, a pure
+    elementwise function ``(p, g, *slots, *scalars) -> (p, *slots)`` using only
+    arithmetic and :mod:`~mithril.utils.optimizers.elementwise`. The base class then runs
+    it as one fused numba kernel (NumPy, torch CPU), one ``jax.jit`` step with donated
+    buffers (JAX) or flat tensor ops (other torch devices). Subclasses may instead
+    override ``init``/``update`` entirely; ``self.backend`` is available inside them.
+
+    Common options: ``weight_decay`` (coupled L2, ``g ← g + wd·p``, as torch.optim),
+    ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
+    ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
+    ``nonfinite`` (see module docs) and ``backend`` (else inferred from the params).
+    """
+
+    slots: ClassVar[tuple[str, ...]] = ()
+    #: decoupled decay ``p ← p·(1 − lr·wd)`` instead of coupled L2 (AdamW)
+    decoupled_weight_decay: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        for name in ("init", "update"):
+            if name in cls.__dict__:  # a user override still gets self.backend
+                setattr(cls, name, _bind_backend(cls.__dict__[name]))
+
+    def __init__(self, learning_rate: float = 1e-3, *, weight_decay: float = 0.0,
+                 clip_norm: float | None = None, clip_value: float | None = None,
+                 nonfinite: str = "skip", backend: Any = None) -> None:
+        self.learning_rate = check_positive("learning_rate", learning_rate)
+        self.weight_decay = check_positive("weight_decay", weight_decay)
+        self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
+        self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self._backend = backend
+
+    # -- learning rate ---------------------------------------------------------------
+    def get_learning_rate(self) -> float:
+        return self.learning_rate
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Change the learning rate; it is an argument of every kernel, so nothing recompiles."""
+        self.learning_rate = check_positive("learning_rate", lr)
+
+    # -- backend -----------------------------------------------------------------------
+    @property
+    def backend(self) -> Any:
+        if self._backend is None:
+            raise RuntimeError("the optimizer's backend is known once init/update sees params "
+                               "(or pass backend=... to the constructor)")
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
+
+    def _bind(self, params: Mapping[str, Any]) -> None:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        if self._backend is None:
+            self._backend = infer_backend(params)
+
+    # -- what a subclass states ----------------------------------------------------------
+    def slot_names(self) -> tuple[str, ...]:
+        return self.slots
+
+    def slot_init(self, slot: str) -> float:
+        """Initial value of every element of ``slot`` (0 unless overridden)."""
+        return 0.0
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        """Per-step scalars passed to :meth:`math` after the slots (``step`` is 1-based)."""
+        return (self.learning_rate,)
+
+    @staticmethod
+    def math(p: Any, g: Any, *args: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def kernel_math(self) -> Callable:
+        """The pure elementwise function the engines compile (``math`` by default)."""
+        return type(self).math
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Constructor arguments, e.g. for checkpoints and error messages."""
+        skip = {"_backend"}
+        return {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+
+    # -- init / update -------------------------------------------------------------------
+    def init(self, params: Mapping[str, Any]) -> OptimizerState:
+        """Zeroed (or ``slot_init``) state for ``params``; ``params`` are not modified."""
+        self._bind(params)
+        from .engines import engine_for
+
+        for name, p in params.items():
+            if not self._backend.is_native(p):
+                raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a "
+                                f"{self._backend.name} array")
+        layout = Layout.of(params, self._backend.dtype_name)
+        for name, p in params.items():
+            if self._backend.dtype_name(p) != layout.dtype:
+                raise TypeError(f"params['{name}'] has dtype {self._backend.dtype_name(p)}; all "
+                                f"parameters of one optimizer must share a dtype ({layout.dtype})")
+        engine = engine_for(self._backend, layout)
+        slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}
+        return OptimizerState(type(self).__name__, layout, slots, engine)
+
+    def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+               state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
+        """One step; returns the new params and state (see the ownership rule above)."""
+        self._bind(params)
+        self._check(params, gradients, state)
+        t = state.step + 1
+        new_params, ok, norm = state.engine.step(self, state, params, gradients, t)
+        state.last_grad_norm = norm
+        state.last_step_skipped = not ok
+        if ok:
+            state.step = t
+        else:
+            state.num_skipped += 1
+            warnings.warn(f"{type(self).__name__}: non-finite gradient (global norm {norm}); "
+                          f"step skipped, params and state unchanged", RuntimeWarning, stacklevel=2)
+        return new_params, state
+
+    # -- validation ------------------------------------------------------------------------
+    def _check(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+               state: Any) -> None:
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"state must be what {type(self).__name__}.init returned, "
+                            f"got {type(state).__name__}")
+        if state.kind != type(self).__name__ or set(state.slots) != set(self.slot_names()):
+            raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
+                             f"not by this {type(self).__name__} (slots {sorted(self.slot_names())})")
+        if not isinstance(gradients, Mapping):
+            raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
+        lay = state.layout
+        if params.keys() != lay.index.keys():
+            missing = sorted(set(lay.names) - set(params))
+            unknown = sorted(set(params) - set(lay.names))
+            raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
+                                   f"unknown {unknown}")
+        if not gradients.keys() <= lay.index.keys():
+            raise KeyMismatchError(f"gradients for unknown parameter(s) "
+                                   f"{sorted(set(gradients) - set(lay.names))}")
+        b = self._backend
+        for name, g in gradients.items():
+            shape = lay.shapes[lay.index[name]]
+            if not b.is_native(g):
+                raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a {b.name} array")
+            if tuple(g.shape) != shape:
+                raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
+                                 f"parameter has shape {shape}")
+            if b.dtype_name(g) != lay.dtype:
+                raise TypeError(f"gradients['{name}'] has dtype {b.dtype_name(g)} but the "
+                                f"parameter has dtype {lay.dtype}")
+        for name, p in params.items():
+            if p is not (state.param_views or {}).get(name) and tuple(p.shape) != lay.shapes[lay.index[name]]:
+                raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
+                                 f"built for {lay.shapes[lay.index[name]]}")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
+        """Hyperparameters (and, given ``state``, step counts and per-parameter slots as numpy)."""
+        out: dict[str, Any] = {"optimizer": type(self).__name__,
+                               "hyperparameters": self.hyperparameters()}
+        if state is not None:
+            out["step"] = state.step
+            out["num_skipped"] = state.num_skipped
+            out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
+                                for n, v in state.slot(s).items()} for s in state.slots}
+        return out
+
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        """Restore hyperparameters; given ``params``, also rebuild and return the state."""
+        if d.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+        for k, v in d["hyperparameters"].items():
+            setattr(self, k, v)
+        if params is None or "slots" not in d:
+            return None
+        state = self.init(params)
+        for s, per_param in d["slots"].items():
+            if s not in state.slots:
+                raise KeyError(f"state dict slot '{s}' unknown to {type(self).__name__}")
+            flat = np.concatenate([np.asarray(per_param[n]).reshape(-1) for n in state.layout.names]) \
+                if state.layout.names else np.zeros(0)
+            state.slots[s] = state.engine.from_numpy(flat)
+        state.step, state.num_skipped = int(d["step"]), int(d.get("num_skipped", 0))
+        return state
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,70 @@
+"""Gradient clipping and the global gradient norm, on any backend's arrays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .base import check_positive
+
+
+def _sumsq(g: Any) -> float:
+    mod = type(g).__module__.split(".", 1)[0]
+    if mod == "torch":
+        import torch
+
+        return float(torch.sum(g.detach().double() ** 2))
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return float(jnp.sum(jnp.square(g.astype(jnp.float32 if g.dtype.itemsize < 4 else g.dtype))))
+    a = np.asarray(g, dtype=np.float64)
+    return float(np.dot(a.ravel(), a.ravel()))
+
+
+def global_norm(gradients: Mapping[str, Any]) -> float:
+    """‖g‖₂ over all gradients together (accumulated in float64 on NumPy/torch)."""
+    return math.sqrt(sum(_sumsq(g) for g in gradients.values()))
+
+
+def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None,
+                   clip_norm: float | None = None) -> dict[str, Any]:
+    """Clipped copies of ``gradients`` (inputs are not modified).
+
+    ``clip_value``: clamp every element to [−clip_value, clip_value].
+    ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + 1e-6))`` where
+    ‖g‖₂ is the global norm (torch ``clip_grad_norm_``; optax's ``clip_by_global_norm``
+    has no 1e-6). Value clipping is applied first when both are given.
+    For clipping fused into the update, pass ``clip_norm``/``clip_value`` to the optimizer.
+    """
+    if clip_value is None and clip_norm is None:
+        raise ValueError("clip_gradients needs clip_value or clip_norm")
+    out = dict(gradients)
+    if clip_value is not None:
+        c = check_positive("clip_value", clip_value, allow_zero=False)
+        out = {k: _clip(g, c) for k, g in out.items()}
+    if clip_norm is not None:
+        c = check_positive("clip_norm", clip_norm, allow_zero=False)
+        norm = global_norm(out)
+        scale = min(1.0, c / (norm + 1e-6))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"clip_gradients: the global gradient norm is {norm}")
+        if scale < 1.0:
+            out = {k: g * scale for k, g in out.items()}
+    return out
+
+
+def _clip(g: Any, c: float) -> Any:
+    mod = type(g).__module__.split(".", 1)[0]
+    if mod == "torch":
+        import torch
+
+        return torch.clamp(g, -c, c)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.clip(g, -c, c)
+    return np.clip(g, -c, c)

@@ -1,0 +1,33 @@
+"""Pieces every engine shares: the prologue scalars and the non-finite policy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, float, float]:
+    """(gscale, clip_value or 0, coupled L2 factor, decoupled keep factor) for one step.
+
+    gscale follows torch ``clip_grad_norm_``: min(1, max_norm / (norm + 1e-6)).
+    """
+    gscale = 1.0
+    if opt.clip_norm is not None and norm is not None:
+        gscale = min(1.0, opt.clip_norm / (norm + 1e-6))
+    cv = opt.clip_value or 0.0
+    if opt.decoupled_weight_decay:
+        return gscale, cv, 0.0, 1.0 - lr * opt.weight_decay
+    return gscale, cv, opt.weight_decay, 1.0
+
+
+def needs_norm(opt: Any) -> bool:
+    return opt.clip_norm is not None or opt.nonfinite != "propagate"
+
+
+def nonfinite_error(opt: Any, bad: list[str], norm: float) -> FloatingPointError:
+    return FloatingPointError(f"{type(opt).__name__}: non-finite gradient(s) for {bad} (global "
+                              f"norm {norm}); params and state left unchanged")
+
+
+def is_finite(x: float | None) -> bool:
+    return x is None or math.isfinite(x)

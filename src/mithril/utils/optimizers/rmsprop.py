@@ -1,0 +1,64 @@
+"""RMSProp with torch.optim conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Optimizer, check_positive, check_unit
+from .elementwise import sqrt
+
+
+def _plain(p, g, v, lr, a, eps):
+    v = a * v + (1 - a) * g * g
+    return p - lr * (g / (sqrt(v) + eps)), v
+
+
+def _centered(p, g, v, ga, lr, a, eps):
+    v = a * v + (1 - a) * g * g
+    ga = ga + (1 - a) * (g - ga)
+    return p - lr * (g / (sqrt(v - ga * ga) + eps)), v, ga
+
+
+def _momentum(p, g, v, b, lr, a, eps, mu):
+    v = a * v + (1 - a) * g * g
+    b = mu * b + g / (sqrt(v) + eps)
+    return p - lr * b, v, b
+
+
+def _centered_momentum(p, g, v, ga, b, lr, a, eps, mu):
+    v = a * v + (1 - a) * g * g
+    ga = ga + (1 - a) * (g - ga)
+    b = mu * b + g / (sqrt(v - ga * ga) + eps)
+    return p - lr * b, v, ga, b
+
+
+class RMSProp(Optimizer):
+    """RMSProp as torch.optim.RMSprop (with ``decay`` = torch's α)::
+
+        v ← α·v + (1−α)·g²          (centered: ḡ ← α·ḡ + (1−α)·g, denominator √(v − ḡ²))
+        d = √v + ε                  (ε outside the sqrt, as torch; optax default puts it inside)
+        momentum μ > 0:  b ← μ·b + g/d;  p ← p − lr·b   (lr outside the buffer, as torch)
+        otherwise:       p ← p − lr·g/d
+
+    Default ``decay=0.9`` as the guide, optax and Keras (torch defaults to 0.99).
+    """
+
+    def __init__(self, learning_rate: float = 1e-3, decay: float = 0.9, epsilon: float = 1e-8,
+                 momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0,
+                 **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.decay = check_unit("decay", decay)
+        self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        self.momentum = check_unit("momentum", momentum)
+        self.centered = bool(centered)
+
+    def slot_names(self) -> tuple[str, ...]:
+        return ("v",) + (("grad_avg",) if self.centered else ()) + (("momentum",) if self.momentum else ())
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        s = (self.learning_rate, self.decay, self.epsilon)
+        return s + (self.momentum,) if self.momentum else s
+
+    def kernel_math(self) -> Any:
+        return {(False, False): _plain, (True, False): _centered, (False, True): _momentum,
+                (True, True): _centered_momentum}[(self.centered, bool(self.momentum))]

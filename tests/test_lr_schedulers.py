@@ -1,0 +1,684 @@
+"""Tests for ``mithril.utils.lr_schedulers``.
+
+Every schedule is compared value by value against ``torch.optim.lr_scheduler`` run side by side
+on ``torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)``.
+
+Tolerance: where PyTorch uses a closed form (``OneCycleLR``, ``CosineAnnealingWarmRestarts``)
+or plain comparisons and multiplications (``ReduceLROnPlateau``) the values must be *exactly*
+equal. Where PyTorch's formula is recursive (``StepLR``, ``MultiStepLR``, ``ExponentialLR``,
+``CosineAnnealingLR``, ``LinearLR``, and ``SequentialLR`` built from them) while ours is a closed
+form, the two differ by the rounding of the recursion, so we require
+``|ours - torch| <= 1e-12 * max(|ours|, |torch|)`` (purely relative, no absolute slack; the
+observed worst case over 300 steps is ~3e-13, for CosineAnnealingLR; the recursion's error
+grows with the number of steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.optim import lr_scheduler as tl
+
+from mithril.utils.lr_schedulers import (
+    CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
+    ExponentialLR,
+    LinearWarmupScheduler,
+    LRScheduler,
+    MultiStepLR,
+    OneCycleLR,
+    ReduceLROnPlateau,
+    SequentialLR,
+    StepLR,
+)
+
+REL_TOL = 1e-12
+
+
+class FakeOpt:
+    """Minimal stand-in for a mithril optimizer: it just stores a float."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = float(lr)
+        self.set_calls = 0
+
+    def get_learning_rate(self) -> float:
+        return self.lr
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.lr = float(lr)
+        self.set_calls += 1
+
+
+def torch_lrs(
+    make: Callable[[torch.optim.Optimizer], object],
+    base: float,
+    n: int,
+    metrics: Sequence[float] | None = None,
+) -> list[float]:
+    """lr after construction followed by the lr after each of ``n`` scheduler steps."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = make(opt)
+        out = [float(opt.param_groups[0]["lr"])]
+        for i in range(n):
+            opt.step()
+            if metrics is None:
+                sched.step()  # type: ignore[attr-defined]
+            else:
+                sched.step(metrics[i])  # type: ignore[attr-defined]
+            out.append(float(opt.param_groups[0]["lr"]))
+    return out
+
+
+def our_lrs(
+    make: Callable[[FakeOpt], LRScheduler],
+    base: float,
+    n: int,
+    metrics: Sequence[float | None] | None = None,
+) -> list[float]:
+    opt = FakeOpt(base)
+    sched = make(opt)
+    out = [opt.get_learning_rate()]
+    assert sched.get_last_lr() == out[0]
+    for i in range(n):
+        if metrics is None:
+            sched.step()
+        else:
+            sched.step(metrics[i])  # type: ignore[call-arg]
+        out.append(opt.get_learning_rate())
+        assert sched.get_last_lr() == out[-1]
+        assert sched.last_step == i + 1
+    return out
+
+
+def assert_exact(ours: list[float], ref: list[float]) -> None:
+    assert len(ours) == len(ref)
+    bad = [(t, a, b) for t, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b]
+    assert not bad, f"first mismatches (t, ours, torch): {bad[:5]}"
+
+
+def assert_rel(ours: list[float], ref: list[float], rel: float = REL_TOL) -> None:
+    assert len(ours) == len(ref)
+    bad = [
+        (t, a, b)
+        for t, (a, b) in enumerate(zip(ours, ref, strict=True))
+        if abs(a - b) > rel * max(abs(a), abs(b))
+    ]
+    assert not bad, f"first mismatches (t, ours, torch): {bad[:5]}"
+
+
+def noisy_metric(n: int, seed: int = 0) -> list[float]:
+    """A decreasing loss curve with noise and long plateaus (fixed by the seed)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    curve = 1.0 / (1.0 + 0.03 * np.minimum(t, 60)) + 0.2 * (t > 150) * np.exp(-(t - 150) / 20)
+    return [float(v) for v in curve + 0.01 * rng.standard_normal(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# simple schedules vs torch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step_size,gamma", [(1, 0.9), (7, 0.5), (30, 0.1), (11, 1.5)])
+def test_step_lr_matches_torch(step_size: int, gamma: float) -> None:
+    n, base = 250, 0.1
+    ours = our_lrs(lambda o: StepLR(o, step_size, gamma), base, n)
+    ref = torch_lrs(lambda o: tl.StepLR(o, step_size, gamma), base, n)
+    assert_rel(ours, ref)
+    # closed form, exactly
+    assert ours == [base * gamma ** (t // step_size) for t in range(n + 1)]
+
+
+@pytest.mark.parametrize("milestones,gamma", [([10, 50, 51, 200], 0.5), ([1], 0.1), ([99], 2.0)])
+def test_multistep_lr_matches_torch(milestones: list[int], gamma: float) -> None:
+    n, base = 250, 0.3
+    ours = our_lrs(lambda o: MultiStepLR(o, milestones, gamma), base, n)
+    ref = torch_lrs(lambda o: tl.MultiStepLR(o, milestones, gamma), base, n)
+    assert_rel(ours, ref)
+
+
+@pytest.mark.parametrize("gamma", [0.99, 0.9, 1.01])
+def test_exponential_lr_matches_torch(gamma: float) -> None:
+    n, base = 300, 0.05
+    ours = our_lrs(lambda o: ExponentialLR(o, gamma), base, n)
+    ref = torch_lrs(lambda o: tl.ExponentialLR(o, gamma), base, n)
+    assert_rel(ours, ref)
+
+
+@pytest.mark.parametrize("T_max", [10, 37, 100])
+@pytest.mark.parametrize("eta_min", [0.0, 1e-3])
+def test_cosine_matches_torch_including_beyond_t_max(T_max: int, eta_min: float) -> None:
+    n, base = 300, 0.1  # 300 >= 3 * T_max: covers the rise after T_max and a second minimum
+    ours = our_lrs(lambda o: CosineAnnealingLR(o, T_max, eta_min), base, n)
+    ref = torch_lrs(lambda o: tl.CosineAnnealingLR(o, T_max, eta_min), base, n)
+    assert_rel(ours, ref)
+    # documented behaviour past T_max: minimum at T_max, back to base at 2 T_max, period 2 T_max
+    assert ours[T_max] == pytest.approx(eta_min, abs=1e-15)
+    assert ours[2 * T_max] == pytest.approx(base, rel=1e-15)
+    assert ours[T_max + 1] > ours[T_max]
+    for t in range(n + 1 - 2 * T_max):
+        assert ours[t + 2 * T_max] == pytest.approx(ours[t], rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("T_0,T_mult", [(10, 1), (10, 2), (7, 2), (5, 3)])
+def test_cosine_warm_restarts_matches_torch_exactly(T_0: int, T_mult: int) -> None:
+    n, base, eta_min = 300, 0.1, 1e-4
+    ref = torch_lrs(lambda o: tl.CosineAnnealingWarmRestarts(o, T_0, T_mult, eta_min), base, n)
+    ours = our_lrs(lambda o: CosineAnnealingWarmRestarts(o, T_0, T_mult, eta_min), base, n)
+    assert_exact(ours, ref)
+    via_flag = our_lrs(
+        lambda o: CosineAnnealingLR(o, T_0, eta_min, warm_restarts=True, T_mult=T_mult), base, n
+    )
+    assert_exact(via_flag, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# ReduceLROnPlateau vs torch
+# --------------------------------------------------------------------------------------------
+
+PLATEAU_CASES = [
+    dict(mode="min", threshold_mode="rel", factor=0.5, patience=5),
+    dict(mode="min", threshold_mode="abs", factor=0.5, patience=3, threshold=1e-3),
+    dict(mode="max", threshold_mode="rel", factor=0.3, patience=4, threshold=1e-2),
+    dict(mode="max", threshold_mode="abs", factor=0.7, patience=2, threshold=5e-3),
+    dict(mode="min", threshold_mode="rel", factor=0.5, patience=2, cooldown=5),
+    dict(mode="max", threshold_mode="abs", factor=0.1, patience=1, cooldown=3, min_lr=1e-4),
+    dict(mode="min", threshold_mode="rel", factor=0.5, patience=0, min_lr=0.0123),
+    dict(mode="min", threshold_mode="rel", factor=0.9, patience=0, eps=1e-3),
+]
+
+
+@pytest.mark.parametrize("kwargs", PLATEAU_CASES)
+def test_reduce_on_plateau_matches_torch_exactly(kwargs: dict) -> None:
+    n, base = 300, 0.1
+    metrics = noisy_metric(n, seed=len(str(kwargs)))
+    if kwargs["mode"] == "max":
+        metrics = [2.0 - m for m in metrics]  # an accuracy-like curve
+    ref = torch_lrs(lambda o: tl.ReduceLROnPlateau(o, **kwargs), base, n, metrics)
+    ours = our_lrs(lambda o: ReduceLROnPlateau(o, **kwargs), base, n, metrics)
+    assert_exact(ours, ref)
+    assert len(set(ours)) >= 3, "the metric sequence should trigger several reductions"
+    if "min_lr" in kwargs:
+        # reached the floor (possibly a few ulps above it: the eps rule skips tiny reductions)
+        assert ours[-1] == pytest.approx(kwargs["min_lr"], rel=1e-12)
+
+
+def test_reduce_on_plateau_requires_metric() -> None:
+    opt = FakeOpt(0.1)
+    sched = ReduceLROnPlateau(opt)
+    with pytest.raises(TypeError, match="metric"):
+        sched.step()
+    assert sched.last_step == 0
+    sched.step(np.float64(1.0))  # anything float() accepts
+    assert sched.best == 1.0 and sched.last_step == 1
+    with pytest.raises(NotImplementedError):
+        sched.get_lr_at(1)
+
+
+# --------------------------------------------------------------------------------------------
+# OneCycleLR vs torch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anneal_strategy", ["cos", "linear"])
+@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize(
+    "total_steps,pct_start,div_factor,final_div_factor",
+    [(250, 0.3, 25.0, 1e4), (101, 0.25, 10.0, 100.0), (200, 0.45, 5.0, 1e3)],
+)
+def test_one_cycle_matches_torch_exactly(
+    anneal_strategy: str,
+    three_phase: bool,
+    total_steps: int,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+) -> None:
+    max_lr = 0.8
+    kw = dict(
+        pct_start=pct_start,
+        anneal_strategy=anneal_strategy,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        three_phase=three_phase,
+    )
+    # torch allows exactly total_steps calls to step() after construction
+    ref = torch_lrs(lambda o: tl.OneCycleLR(o, max_lr, total_steps, **kw), 123.0, total_steps)
+    ours = our_lrs(lambda o: OneCycleLR(o, max_lr, total_steps, **kw), 123.0, total_steps)
+    assert_exact(ours, ref)
+    # t=0 is evaluated through the annealing formula (as in torch): initial_lr up to rounding
+    assert ours[0] == pytest.approx(max_lr / div_factor, rel=1e-15)
+    # the peak is at step pct_start * total_steps - 1 (reached exactly when that is an integer)
+    peak_step = pct_start * total_steps - 1
+    assert int(np.argmax(ours)) == math.floor(peak_step)
+    if peak_step == int(peak_step):
+        assert max(ours) == max_lr
+
+
+def test_one_cycle_stepping_past_total_steps_raises_like_torch() -> None:
+    total = 20
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    tsched = tl.OneCycleLR(topt, 1.0, total)
+    opt = FakeOpt(0.1)
+    sched = OneCycleLR(opt, 1.0, total)
+    for _ in range(total):
+        topt.step()
+        tsched.step()
+        sched.step()
+    assert opt.lr == topt.param_groups[0]["lr"]
+    with pytest.raises(ValueError):
+        tsched.step()
+    with pytest.raises(ValueError, match="total steps"):
+        sched.step()
+    assert sched.last_step == total and opt.lr == sched.get_last_lr()  # state untouched
+    with pytest.raises(ValueError):
+        sched.get_lr_at(total + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# LinearWarmupScheduler vs torch LinearLR (+ SequentialLR)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warmup_steps,start_lr", [(20, 0.01), (1, 0.05), (57, 0.001)])
+def test_linear_warmup_alone_matches_torch_linear_lr(warmup_steps: int, start_lr: float) -> None:
+    n, end_lr = 200, 0.1
+    ref = torch_lrs(
+        lambda o: tl.LinearLR(o, start_lr / end_lr, 1.0, total_iters=warmup_steps), end_lr, n
+    )
+    ours = our_lrs(lambda o: LinearWarmupScheduler(o, warmup_steps, start_lr, end_lr), 7.0, n)
+    assert_rel(ours, ref)
+    assert ours[0] == start_lr and all(v == end_lr for v in ours[warmup_steps:])
+
+
+@pytest.mark.parametrize(
+    "make_after,make_torch_after",
+    [
+        (lambda o: CosineAnnealingLR(o, 100, 1e-4), lambda o: tl.CosineAnnealingLR(o, 100, 1e-4)),
+        (lambda o: StepLR(o, 15, 0.5), lambda o: tl.StepLR(o, 15, 0.5)),
+        (lambda o: ExponentialLR(o, 0.98), lambda o: tl.ExponentialLR(o, 0.98)),
+    ],
+)
+def test_linear_warmup_then_after_scheduler_matches_torch_sequential(
+    make_after: Callable, make_torch_after: Callable
+) -> None:
+    n, W, start_lr, end_lr = 250, 20, 0.01, 0.1
+
+    def make_torch(o: torch.optim.Optimizer) -> tl.SequentialLR:
+        warm = tl.LinearLR(o, start_lr / end_lr, 1.0, total_iters=W)
+        return tl.SequentialLR(o, [warm, make_torch_after(o)], milestones=[W])
+
+    ref = torch_lrs(make_torch, end_lr, n)
+    # the optimizer's initial lr (0.5) is irrelevant: the after-scheduler is re-based to end_lr
+    ours = our_lrs(lambda o: LinearWarmupScheduler(o, W, start_lr, end_lr, make_after(o)), 0.5, n)
+    assert_rel(ours, ref)
+    assert ours[W] == end_lr
+
+
+def test_linear_warmup_zero_steps_and_rebase() -> None:
+    opt = FakeOpt(0.5)
+    after = ExponentialLR(opt, 0.5)
+    assert after.base_lr == 0.5
+    warm = LinearWarmupScheduler(opt, 0, 0.0, 0.2, after_scheduler=after)
+    assert after.base_lr == 0.2
+    assert opt.lr == 0.2
+    warm.step()
+    warm.step()
+    assert opt.lr == 0.2 * 0.5**2 == warm.get_lr_at(2)
+    plain = LinearWarmupScheduler(FakeOpt(1.0), 4, 0.0, 0.2)
+    assert [plain.get_lr_at(t) for t in range(6)] == [0.0, 0.05, 0.1, 0.15000000000000002, 0.2, 0.2]
+
+
+def test_linear_warmup_with_plateau_after_scheduler() -> None:
+    opt = FakeOpt(1.0)
+    plat = ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.0)
+    warm = LinearWarmupScheduler(opt, 2, 0.0, 0.4, after_scheduler=plat)
+    assert warm.requires_metric and opt.lr == 0.0
+    warm.step()  # no metric needed during warm-up
+    assert opt.lr == 0.2
+    warm.step(123.0)  # end of warm-up: plateau restarts at end_lr, metric not observed
+    assert opt.lr == 0.4 and plat.best == math.inf
+    warm.step(1.0)
+    assert opt.lr == 0.4 and plat.best == 1.0
+    warm.step(1.0)  # not better -> bad epoch 1 > patience 0 -> halve
+    assert opt.lr == 0.2 and warm.get_last_lr() == 0.2
+    with pytest.raises(TypeError, match="metric"):
+        warm.step()
+    assert warm.last_step == 4
+
+
+# --------------------------------------------------------------------------------------------
+# SequentialLR
+# --------------------------------------------------------------------------------------------
+
+
+def test_sequential_matches_torch() -> None:
+    n, base = 300, 0.1
+
+    def make_torch(o: torch.optim.Optimizer) -> tl.SequentialLR:
+        a = tl.LinearLR(o, 0.1, 1.0, total_iters=10)
+        b = tl.CosineAnnealingLR(o, 60, 1e-3)
+        c = tl.ExponentialLR(o, 0.97)
+        d = tl.StepLR(o, 25, 0.5)
+        return tl.SequentialLR(o, [a, b, c, d], milestones=[10, 100, 170])
+
+    def make_ours(o: FakeOpt) -> SequentialLR:
+        a = LinearWarmupScheduler(o, 10, 0.01, 0.1)
+        b = CosineAnnealingLR(o, 60, 1e-3)
+        c = ExponentialLR(o, 0.97)
+        d = StepLR(o, 25, 0.5)
+        return SequentialLR(o, [a, b, c, d], milestones=[10, 100, 170])
+
+    ref = torch_lrs(make_torch, base, n)
+    ours = our_lrs(make_ours, base, n)
+    assert_rel(ours, ref)
+    # closed form agrees with stepping
+    opt = FakeOpt(base)
+    sched = make_ours(opt)
+    assert all(sched.get_lr_at(t) == ours[t] for t in range(n + 1))
+    assert opt.lr == ours[0] and sched.last_step == 0  # get_lr_at is pure
+
+
+def test_sequential_of_one_cycle_and_warm_restarts_matches_torch_exactly() -> None:
+    n, base = 260, 0.1
+
+    def make_torch(o: torch.optim.Optimizer) -> tl.SequentialLR:
+        a = tl.CosineAnnealingWarmRestarts(o, 8, 2, 1e-4)
+        b = tl.StepLR(o, 1000, 0.5)
+        return tl.SequentialLR(o, [a, b], milestones=[120])
+
+    def make_ours(o: FakeOpt) -> SequentialLR:
+        return SequentialLR(o, [CosineAnnealingWarmRestarts(o, 8, 2, 1e-4), StepLR(o, 1000)], [120])
+
+    assert_exact(our_lrs(make_ours, base, n), torch_lrs(make_torch, base, n))
+
+
+def test_sequential_with_plateau_child_hand_computed() -> None:
+    opt = FakeOpt(0.1)
+    warm = LinearWarmupScheduler(opt, 4, 0.0, 0.1)
+    plat = ReduceLROnPlateau(opt, factor=0.5, patience=1, threshold=0.0)
+    tail = ExponentialLR(opt, 0.5)
+    # warm's construction set the lr to 0.0; SequentialLR re-bases every child to 0.1
+    assert plat.base_lr == 0.0 and tail.base_lr == 0.0
+    seq = SequentialLR(opt, [warm, plat, tail], milestones=[4, 12])
+    assert plat.base_lr == tail.base_lr == 0.1 and seq.requires_metric
+    assert opt.lr == 0.0
+    assert [seq.get_lr_at(t) for t in range(4)] == [0.0, 0.025, 0.05, 0.07500000000000001]
+    with pytest.raises(NotImplementedError):
+        seq.get_lr_at(5)
+
+    lrs = []
+    for _ in range(3):
+        seq.step()  # no metric needed while the warm-up is active
+        lrs.append(opt.lr)
+    # t=4: milestone -> plateau restarts at base_lr, the metric (from the warm-up) is ignored
+    # t=5..10: metrics; patience=1 -> reduce by 0.5 on the 2nd consecutive non-improvement
+    for m in [9.0, 1.0, 1.0, 1.0, 0.5, 0.6, 0.6]:
+        seq.step(m)
+        lrs.append(opt.lr)
+    assert lrs == [0.025, 0.05, 0.07500000000000001, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]
+    assert seq.last_step == 10 and plat.last_step == 6 and plat.best == 0.5
+    assert seq.get_last_lr() == 0.025
+    with pytest.raises(TypeError, match="metric"):
+        seq.step()  # plateau active: a metric is required
+    assert seq.last_step == 10 and opt.lr == 0.025
+    seq.step(0.55)  # t=11: not better than 0.5, but only 1 bad epoch since the reduction
+    assert opt.lr == 0.025 and plat.num_bad_epochs == 1
+    seq.step(0.1)  # t=12: milestone of the exponential tail (restarts at base 0.1)
+    assert opt.lr == 0.1 and plat.best == 0.5  # the metric was not observed
+    seq.step()  # metric optional again
+    seq.step(42.0)  # and ignored
+    assert [opt.lr, seq.last_step, tail.last_step] == [0.1 * 0.5**2, 14, 2]
+    assert seq.get_lr_at(14) == opt.lr
+
+
+def test_sequential_rejects_foreign_or_bad_children() -> None:
+    opt, other = FakeOpt(0.1), FakeOpt(0.1)
+    a = StepLR(opt, 5)
+    with pytest.raises(ValueError, match="same optimizer"):
+        SequentialLR(opt, [a, StepLR(other, 5)], milestones=[3])
+    with pytest.raises(ValueError, match="milestones"):
+        SequentialLR(opt, [a, StepLR(opt, 5)], milestones=[3, 4])
+    with pytest.raises(ValueError, match="milestones"):
+        SequentialLR(opt, [a, StepLR(opt, 5), StepLR(opt, 5)], milestones=[4, 4])
+    with pytest.raises(ValueError, match="distinct"):
+        SequentialLR(opt, [a, a], milestones=[3])
+    with pytest.raises(ValueError, match="at least one"):
+        SequentialLR(opt, [], milestones=[])
+    with pytest.raises(TypeError):
+        SequentialLR(opt, [a, object()], milestones=[3])  # type: ignore[list-item]
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict round trip
+# --------------------------------------------------------------------------------------------
+
+
+def _nested(o: FakeOpt) -> SequentialLR:
+    inner = SequentialLR(o, [ExponentialLR(o, 0.9), CosineAnnealingWarmRestarts(o, 5, 2)], [10])
+    warm = LinearWarmupScheduler(o, 5, 0.0, 0.05, after_scheduler=StepLR(o, 7, 0.7))
+    return SequentialLR(o, [warm, inner, OneCycleLR(o, 0.3, 100, three_phase=True)], [40, 90])
+
+
+ROUND_TRIP_FACTORIES: dict[str, Callable[[FakeOpt], LRScheduler]] = {
+    "step": lambda o: StepLR(o, 10, 0.5),
+    "multistep": lambda o: MultiStepLR(o, [30, 56, 57, 58, 100], 0.5),
+    "exponential": lambda o: ExponentialLR(o, 0.99),
+    "cosine": lambda o: CosineAnnealingLR(o, 40, 1e-3),
+    "warm_restarts": lambda o: CosineAnnealingLR(o, 6, 1e-3, warm_restarts=True, T_mult=2),
+    "plateau": lambda o: ReduceLROnPlateau(o, "max", 0.5, 3, cooldown=2, min_lr=1e-3),
+    "one_cycle": lambda o: OneCycleLR(o, 1.0, 150, anneal_strategy="linear"),
+    "warmup_cosine": lambda o: LinearWarmupScheduler(o, 30, 0.0, 0.2, CosineAnnealingLR(o, 50)),
+    "warmup_plateau": lambda o: LinearWarmupScheduler(o, 20, 0.0, 0.2, ReduceLROnPlateau(o)),
+    "seq_plateau": lambda o: SequentialLR(
+        o,
+        [
+            LinearWarmupScheduler(o, 10, 0.01, 0.1),
+            ReduceLROnPlateau(o, factor=0.5, patience=2, cooldown=1),
+            ExponentialLR(o, 0.95),
+        ],
+        milestones=[20, 120],
+    ),
+    "nested": _nested,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_FACTORIES))
+def test_state_dict_round_trip_mid_run(name: str) -> None:
+    make = ROUND_TRIP_FACTORIES[name]
+    n, save_at, base = 150, 57, 0.1
+    metrics = noisy_metric(n, seed=3)
+
+    def run(sched: LRScheduler, opt: FakeOpt, steps: range) -> list[float]:
+        out = []
+        for i in steps:
+            if isinstance(sched, ReduceLROnPlateau) or sched.requires_metric:
+                sched.step(metrics[i])  # type: ignore[call-arg]
+            else:
+                sched.step()
+            out.append(opt.lr)
+        return out
+
+    opt_a = FakeOpt(base)
+    full = run(make(opt_a), opt_a, range(n))
+
+    opt_b = FakeOpt(base)
+    sched_b = make(opt_b)
+    first = run(sched_b, opt_b, range(save_at))
+    state = sched_b.state_dict()
+    text = json.dumps(state, allow_nan=False)  # strictly JSON: no arrays, no NaN/inf literals
+    restored = json.loads(text)
+    assert restored == state
+
+    opt_c = FakeOpt(123.0)  # deliberately wrong lr: load_state_dict must set it
+    sched_c = make(opt_c)
+    sched_c.load_state_dict(restored)
+    assert opt_c.lr == full[save_at - 1] == sched_c.get_last_lr()
+    assert sched_c.last_step == save_at
+    assert sched_c.state_dict() == state
+    rest = run(sched_c, opt_c, range(save_at, n))
+    assert first + rest == full
+
+
+def test_load_state_dict_restores_hyperparameters_and_checks_type() -> None:
+    src = StepLR(FakeOpt(0.2), step_size=7, gamma=0.5)
+    for _ in range(20):
+        src.step()
+    opt = FakeOpt(1.0)
+    dst = StepLR(opt, step_size=3, gamma=0.9)
+    dst.load_state_dict(src.state_dict())
+    assert (dst.step_size, dst.gamma, dst.base_lr, dst.last_step) == (7, 0.5, 0.2, 20)
+    assert opt.lr == 0.2 * 0.5**2
+    with pytest.raises(ValueError, match="StepLR"):
+        ExponentialLR(FakeOpt(0.1), 0.9).load_state_dict(src.state_dict())
+    bad = src.state_dict() | {"step_size": 0}
+    with pytest.raises(ValueError, match="step_size"):
+        dst.load_state_dict(bad)
+    assert (dst.step_size, dst.last_step, opt.lr) == (7, 20, 0.2 * 0.5**2)  # left untouched
+    seq = SequentialLR(opt, [StepLR(opt, 2), ExponentialLR(opt, 0.9)], [5])
+    seq_state = seq.state_dict()
+    seq_state["schedulers"][1]["gamma"] = -1.0  # invalid nested child state
+    with pytest.raises(ValueError, match="gamma"):
+        seq.load_state_dict(seq_state)
+    assert seq.schedulers[1].gamma == 0.9
+    plat = ReduceLROnPlateau(FakeOpt(0.1))
+    assert plat.state_dict()["best"] == "inf"  # non-finite floats are encoded as strings
+    plat.load_state_dict(json.loads(json.dumps(plat.state_dict(), allow_nan=False)))
+    assert plat.best == math.inf
+
+
+def test_setting_lr_is_cheap_one_call_per_step() -> None:
+    opt = FakeOpt(0.1)
+    sched = CosineAnnealingLR(opt, 10)
+    calls = opt.set_calls
+    for _ in range(5):
+        sched.step()
+    assert opt.set_calls - calls == 5
+
+
+# --------------------------------------------------------------------------------------------
+# hyper-parameter validation
+# --------------------------------------------------------------------------------------------
+
+VALIDATION_CASES = [
+    (lambda o: StepLR(o, 0), "step_size"),
+    (lambda o: StepLR(o, 2.5), "step_size"),  # type: ignore[arg-type]
+    (lambda o: StepLR(o, 5, gamma=0.0), "gamma"),
+    (lambda o: StepLR(o, 5, gamma=-1.0), "gamma"),
+    (lambda o: MultiStepLR(o, [10, 5]), "milestones"),
+    (lambda o: MultiStepLR(o, [0, 5]), "milestones"),
+    (lambda o: MultiStepLR(o, [5, 10], gamma=0), "gamma"),
+    (lambda o: ExponentialLR(o, 0.0), "gamma"),
+    (lambda o: ExponentialLR(o, math.nan), "gamma"),
+    (lambda o: CosineAnnealingLR(o, 0), "T_max"),
+    (lambda o: CosineAnnealingLR(o, -3), "T_max"),
+    (lambda o: CosineAnnealingLR(o, 10, eta_min=-1.0), "eta_min"),
+    (lambda o: CosineAnnealingLR(o, 10, T_mult=2), "T_mult"),
+    (lambda o: CosineAnnealingLR(o, 10.5, warm_restarts=True), "T_max"),
+    (lambda o: CosineAnnealingWarmRestarts(o, 0), "T_0"),
+    (lambda o: CosineAnnealingWarmRestarts(o, 10, T_mult=0), "T_mult"),
+    (lambda o: ReduceLROnPlateau(o, mode="avg"), "mode"),  # type: ignore[arg-type]
+    (lambda o: ReduceLROnPlateau(o, factor=1.0), "factor"),
+    (lambda o: ReduceLROnPlateau(o, factor=1.5), "factor"),
+    (lambda o: ReduceLROnPlateau(o, threshold_mode="x"), "threshold_mode"),  # type: ignore[arg-type]
+    (lambda o: ReduceLROnPlateau(o, patience=-1), "patience"),
+    (lambda o: ReduceLROnPlateau(o, cooldown=-1), "cooldown"),
+    (lambda o: ReduceLROnPlateau(o, min_lr=-1.0), "min_lr"),
+    (lambda o: ReduceLROnPlateau(o, threshold=-0.1), "threshold"),
+    (lambda o: ReduceLROnPlateau(o, eps=-1.0), "eps"),
+    (lambda o: LinearWarmupScheduler(o, -1, 0.0, 0.1), "warmup_steps"),
+    (lambda o: LinearWarmupScheduler(o, 5, -0.1, 0.1), "start_lr"),
+    (lambda o: LinearWarmupScheduler(o, 5, 0.0, math.inf), "end_lr"),
+    (lambda o: OneCycleLR(o, 0.0, 100), "max_lr"),
+    (lambda o: OneCycleLR(o, 1.0, 0), "total_steps"),
+    (lambda o: OneCycleLR(o, 1.0, 100, pct_start=1.5), "pct_start"),
+    (lambda o: OneCycleLR(o, 1.0, 3, pct_start=0.3), "pct_start"),  # empty warm-up phase
+    (lambda o: OneCycleLR(o, 1.0, 100, anneal_strategy="exp"), "anneal_strategy"),  # type: ignore[arg-type]
+    (lambda o: OneCycleLR(o, 1.0, 100, div_factor=0.0), "div_factor"),
+    (lambda o: OneCycleLR(o, 1.0, 100, final_div_factor=-1.0), "final_div_factor"),
+    (lambda o: SequentialLR(o, [StepLR(o, 2), StepLR(o, 3)], [0]), "milestones"),
+]
+
+
+@pytest.mark.parametrize("make,param", VALIDATION_CASES)
+def test_hyperparameter_validation(make: Callable, param: str) -> None:
+    with pytest.raises(ValueError, match=param):
+        make(FakeOpt(0.1))
+
+
+def test_optimizer_duck_type_is_checked() -> None:
+    with pytest.raises(TypeError, match="set_learning_rate"):
+        StepLR(object(), 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-negative"):
+        StepLR(FakeOpt(0.1), 5).get_lr_at(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# property tests
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=st.floats(1e-5, 1.0),
+    step_size=st.integers(1, 60),
+    gamma=st.floats(0.05, 1.5),
+    n=st.integers(1, 250),
+)
+def test_property_step_lr_equals_torch(base: float, step_size: int, gamma: float, n: int) -> None:
+    ours = our_lrs(lambda o: StepLR(o, step_size, gamma), base, n)
+    assert_rel(ours, torch_lrs(lambda o: tl.StepLR(o, step_size, gamma), base, n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=st.floats(1e-4, 1.0),
+    T_max=st.integers(1, 120),
+    eta_frac=st.sampled_from([0.0, 0.001, 0.1, 0.5]),
+    n=st.integers(1, 300),
+)
+def test_property_cosine_equals_torch(base: float, T_max: int, eta_frac: float, n: int) -> None:
+    eta_min = base * eta_frac
+    ours = our_lrs(lambda o: CosineAnnealingLR(o, T_max, eta_min), base, n)
+    assert_rel(ours, torch_lrs(lambda o: tl.CosineAnnealingLR(o, T_max, eta_min), base, n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    base=st.floats(1e-4, 1.0),
+    T_0=st.integers(1, 40),
+    T_mult=st.integers(1, 3),
+    n=st.integers(1, 250),
+)
+def test_property_warm_restarts_equal_torch(base: float, T_0: int, T_mult: int, n: int) -> None:
+    ours = our_lrs(lambda o: CosineAnnealingWarmRestarts(o, T_0, T_mult, 1e-5), base, n)
+    ref = torch_lrs(lambda o: tl.CosineAnnealingWarmRestarts(o, T_0, T_mult, 1e-5), base, n)
+    assert_exact(ours, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# real optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def test_step_lr_drives_mithril_sgd() -> None:
+    from mithril.utils.optimizers import SGD
+
+    opt = SGD(learning_rate=0.1)
+    sched = StepLR(opt, step_size=3, gamma=0.5)
+    lrs = [opt.get_learning_rate()]
+    for _ in range(9):
+        sched.step()
+        lrs.append(opt.get_learning_rate())
+    assert lrs == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 3 + [0.0125], rel=1e-15)
