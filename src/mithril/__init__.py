@@ -3,10 +3,10 @@
 from . import models
 from .compiler import CompiledModel, compile
 from .dtypes import bfloat16, float16, float32, float64
-from .errors import KeyMismatchError, ShapeError
+from .errors import DTypeError, KeyMismatchError, ShapeError
 from .models import *  # noqa: F403
 from .models import __all__ as _model_names
 
 __version__ = "0.1.0"
-__all__ = ["CompiledModel", "KeyMismatchError", "ShapeError", "bfloat16", "compile", "float16",
+__all__ = ["CompiledModel", "DTypeError", "KeyMismatchError", "ShapeError", "bfloat16", "compile", "float16",
            "float32", "float64", "models", *_model_names]

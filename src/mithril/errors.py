@@ -7,6 +7,10 @@ class ShapeError(ValueError):
     """Two shapes that must agree do not (names both keys and both shapes)."""
 
 
+class DTypeError(TypeError):
+    """An array has the wrong dtype (names the key, the expected and the given dtype)."""
+
+
 class KeyMismatchError(KeyError):
     """A key in ``params``, ``inputs``, ``gradients`` or optimizer state is missing or unknown."""
 

@@ -82,8 +82,15 @@ class Backend(ABC):
     @abstractmethod
     def ones_like(self, x: Any) -> Any: ...
 
+    #: the backend's array class (set by each backend's ``__init__``)
+    native_type: type
+
+    def is_native(self, x: Any) -> bool:
+        return isinstance(x, self.native_type)
+
     @abstractmethod
-    def is_native(self, x: Any) -> bool: ...
+    def native_dtype(self, name: str | None = None) -> Any:
+        """The backend's dtype object for ``name`` (default: the backend's float dtype)."""
 
     def dtype_name(self, x: Any) -> str:
         return str(x.dtype).removeprefix("torch.")

@@ -22,6 +22,7 @@ class JaxBackend(Backend):
         import jax
 
         super().__init__(dtype, seed)
+        self.native_type = jax.Array
         if self.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
         self.device = jax.devices(device)[0] if device else jax.devices()[0]
@@ -50,25 +51,30 @@ class JaxBackend(Backend):
 
         return jnp.ones_like(x)
 
-    def is_native(self, x: Any) -> bool:
-        import jax
+    def native_dtype(self, name: str | None = None) -> Any:
+        import jax.numpy as jnp
 
-        return isinstance(x, jax.Array)
+        return jnp.dtype(name or self.dtype)
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _JaxEvaluator(program, jit)
 
 
 class _JaxEvaluator(Evaluator):
+    """Parameters travel as a tuple in program order: cheaper to flatten than a dict on
+    every call, and the gradients come back in the order of ``get_parameters()``."""
+
     def __init__(self, prog: Any, jit: bool) -> None:
         import jax
         import jax.numpy as jnp
 
-        def fwd(params, inputs):
-            return outputs_of(prog, run_forward(prog, jnp, params, inputs))
+        self.names = names = tuple(prog.param_shapes)
 
-        def fwd_vjp(params, inputs, cots):
-            out, pull = jax.vjp(lambda p: fwd(p, inputs), params)
+        def fwd(ptuple, inputs):
+            return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple)), inputs))
+
+        def fwd_vjp(ptuple, inputs, cots):
+            out, pull = jax.vjp(lambda p: fwd(p, inputs), ptuple)
             full = {k: cots[k] if k in cots else jnp.zeros_like(v) for k, v in out.items()}
             return out, pull(full)[0]
 
@@ -76,7 +82,9 @@ class _JaxEvaluator(Evaluator):
         self._fwd_vjp = jax.jit(fwd_vjp) if jit else fwd_vjp
 
     def forward(self, params, inputs):
-        return self._fwd(dict(params), dict(inputs))
+        return self._fwd(tuple(params[k] for k in self.names), dict(inputs))
 
     def forward_vjp(self, params, inputs, cotangents):
-        return self._fwd_vjp(dict(params), dict(inputs), dict(cotangents))
+        out, grads = self._fwd_vjp(tuple(params[k] for k in self.names), dict(inputs),
+                                   dict(cotangents))
+        return out, dict(zip(self.names, grads))

@@ -25,14 +25,17 @@ class NumpyBackend(Backend):
     """Arrays are ``numpy.ndarray``; runs eagerly (``jit`` has no effect)."""
 
     name = "numpy"
+    native_type = np.ndarray
+
+    def native_dtype(self, name: str | None = None) -> Any:
+        return numpy_dtype(name or self.dtype)
 
     def array(self, data: Any, dtype: str | None = None) -> np.ndarray:
         a = np.asarray(data)
-        if dtype is not None:
-            return np.ascontiguousarray(a, dtype=numpy_dtype(dtype))
-        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-            return np.ascontiguousarray(a, dtype=numpy_dtype(self.dtype))
-        return a
+        if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+            dtype = self.dtype
+        # not ascontiguousarray: it turns 0-d arrays into shape (1,)
+        return a if dtype is None else np.asarray(a, dtype=numpy_dtype(dtype), order="C")
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
@@ -43,20 +46,29 @@ class NumpyBackend(Backend):
     def ones_like(self, x: Any) -> np.ndarray:
         return np.ones_like(x)
 
-    def is_native(self, x: Any) -> bool:
-        return isinstance(x, np.ndarray)
-
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
-        return _NumpyEvaluator(program)
+        return _NumpyEvaluator(program, self.native_dtype())
+
+
+def _cast(arrays: dict[str, Any], dt: Any) -> dict[str, Any]:
+    """``arrays`` as ndarrays (reductions give NumPy scalars) with floats in ``dt``
+    (ml_dtypes' bfloat16 matmul and scalar products compute in float32)."""
+    for k, v in arrays.items():
+        if v.dtype != dt and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
+            arrays[k] = np.asarray(v, dtype=dt)
+        elif type(v) is not np.ndarray:
+            arrays[k] = np.asarray(v)
+    return arrays
 
 
 class _NumpyEvaluator(Evaluator):
-    def __init__(self, program: Any) -> None:
-        self.prog = program
+    def __init__(self, program: Any, dtype: Any) -> None:
+        self.prog, self.dtype = program, dtype
 
     def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
-        return outputs_of(self.prog, run_forward(self.prog, np, params, inputs))
+        return _cast(outputs_of(self.prog, run_forward(self.prog, np, params, inputs)), self.dtype)
 
     def forward_vjp(self, params, inputs, cotangents):
         env = run_forward(self.prog, np, params, inputs)
-        return outputs_of(self.prog, env), numpy_backward(self.prog, env, params, cotangents)
+        grads = numpy_backward(self.prog, env, params, cotangents)
+        return _cast(outputs_of(self.prog, env), self.dtype), _cast(grads, self.dtype)

@@ -28,7 +28,10 @@ class _TorchNumpy:
             torch.tanh, torch.exp, torch.log, torch.sqrt, torch.where)
 
     def maximum(self, x: Any, y: Any) -> Any:
-        return self.t.clamp_min(x, y) if not isinstance(y, self.t.Tensor) else self.t.maximum(x, y)
+        if isinstance(y, self.t.Tensor):
+            return self.t.maximum(x, y)
+        # relu's backward (mask from the output) is cheaper than clamp_min's
+        return self.t.relu(x) if y == 0 else self.t.clamp_min(x, y)
 
     def max(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
         return self.t.amax(x, dim=axis, keepdim=keepdims) if axis is not None else x.max()
@@ -55,6 +58,7 @@ class TorchBackend(Backend):
         import torch
 
         self.device = torch.device(device)
+        self.native_type = torch.Tensor
         super().__init__(dtype, seed)
         self._xp = _TorchNumpy()
 
@@ -64,7 +68,7 @@ class TorchBackend(Backend):
         super().set_seed(seed)
         torch.manual_seed(self.seed)
 
-    def torch_dtype(self, name: str | None = None) -> Any:
+    def native_dtype(self, name: str | None = None) -> Any:
         import torch
 
         name = name or self.dtype
@@ -78,7 +82,7 @@ class TorchBackend(Backend):
         t = data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
         if dtype is None and t.is_floating_point():
             dtype = self.dtype
-        return t.to(device=self.device, dtype=self.torch_dtype(dtype) if dtype else None)
+        return t.to(device=self.device, dtype=self.native_dtype(dtype) if dtype else None)
 
     def to_torch(self, x: Any) -> Any:
         """A tensor on this backend's device (numpy / jax arrays are converted)."""
@@ -105,11 +109,6 @@ class TorchBackend(Backend):
         import torch
 
         return torch.ones_like(x)
-
-    def is_native(self, x: Any) -> bool:
-        import torch
-
-        return isinstance(x, torch.Tensor)
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _TorchEvaluator(program, self._xp)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.backend import Backend
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.model import Model
 from ..models.operator import Operator, fmt
 from .program import Program, build_program
@@ -102,21 +102,24 @@ class CompiledModel:
         return dict(self._params)  # type: ignore[arg-type]
 
     # -- evaluation --------------------------------------------------------------------
-    def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str) -> Any:
+    def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str,
+                     fdtype: Any) -> Any:
+        """``x`` as a native array of shape ``pattern`` and kind ``want`` (``fdtype`` is the
+        backend's native float dtype), or a ``ShapeError`` / ``TypeError`` naming ``key``."""
         b = self.backend
         if not b.is_native(x):
             if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
-                x = b.array(x) if want != "int" else b.array(x, b.int_dtype if not np.asarray(x).dtype.kind in "iu" else None)
+                x = b.array(x)
             else:
                 raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
-        shape = tuple(x.shape)
-        if not _shape_matches(shape, pattern):
-            raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(shape)}")
-        dt = b.dtype_name(x)
-        if want == "float" and dt != b.dtype:
-            raise TypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {dt}")
-        if want == "int" and "int" not in dt:
-            raise TypeError(f"{kind} '{key}': expected an integer dtype, got {dt}")
+        shape = x.shape
+        if shape != pattern and not _shape_matches(tuple(shape), pattern):
+            raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(tuple(shape))}")
+        if want == "float":
+            if x.dtype != fdtype:
+                raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
+        elif want == "int" and "int" not in b.dtype_name(x):
+            raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
         return x
 
     def _validate(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -125,9 +128,10 @@ class CompiledModel:
             raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
         _check_keys(params, p.param_shapes, "params")
         _check_keys(inputs, p.inputs, "inputs")
-        ps = {k: self._check_array("parameter", k, params[k], p.param_shapes[k], "float")
-              for k in p.param_shapes}
-        ins = {k: self._check_array("input", k, v, p.input_shape(k), p.input_kinds[k])
+        check, fdtype = self._check_array, self.backend.native_dtype()
+        ps = {k: check("parameter", k, params[k], shape, "float", fdtype)
+              for k, shape in p.param_shapes.items()}
+        ins = {k: check("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
                for k, v in inputs.items()}
         return ps, ins
 
@@ -143,7 +147,8 @@ class CompiledModel:
             pattern = self.program.output_shape(k)
             if np.ndim(g) == 0 and pattern == ():
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
-            cots[k] = self._check_array("output gradient", k, g, pattern, "float")
+            cots[k] = self._check_array("output gradient", k, g, pattern, "float",
+                                        self.backend.native_dtype())
         return self._eval.forward_vjp(params, inputs, cots)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..errors import ShapeError
+from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Model, _as_shape
 from ..models.operator import Operator, Shape, fmt, unify
 
@@ -102,7 +103,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     top_wires = {name: i for i, name in enumerate(b.names) if name in model.conns}
     for key, shape in (shapes or {}).items():
         if key not in top_wires:
-            raise KeyError(f"compile(shapes=...): model has no terminal '{key}'; "
+            raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}'; "
                            f"its terminals are {sorted(top_wires)}")
         b.merge_shape(top_wires[key], _as_shape(key, shape), f"{key} (compile shapes)")
 
@@ -126,7 +127,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     differentiable: set[int] = set()  # wires that depend on a parameter
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
-        pshapes = node.op.param_shapes(in_shapes)
+        with _blame(node, b):
+            pshapes = node.op.param_shapes(in_shapes)
         for key in node.op.param_init:
             if key in pshapes:
                 continue
@@ -142,12 +144,23 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             node.params[key] = pname
             prog.param_shapes[pname] = tuple(int(d) for d in shape)
             prog.param_init[pname] = node.op.param_init[key]
-        out = node.op.infer_shape({**in_shapes, **pshapes})
+        with _blame(node, b):
+            out = node.op.infer_shape({**in_shapes, **pshapes})
         b.merge_shape(node.out, out, f"{node.path}.output (inferred)")
         node.wrt = frozenset(node.params) | {k for k, w in node.ins.items() if w in differentiable}
         if node.wrt:
             differentiable.add(node.out)
     return prog
+
+
+@contextmanager
+def _blame(node: Node, b: _Builder) -> Iterator[None]:
+    """Re-raise an operator's ShapeError with the node and the wires it reads."""
+    try:
+        yield
+    except ShapeError as e:
+        wires = ", ".join(f"'{k}' <- '{b.names[w]}' {fmt(b.shapes[w])}" for k, w in node.ins.items())
+        raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} (inputs: {wires})") from None
 
 
 def _optional_params(op: Operator) -> set[str]:

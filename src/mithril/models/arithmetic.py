@@ -14,7 +14,7 @@ class _Binary(Operator):
         a, b = shapes.get("left"), shapes.get("right")
         if a is None or b is None:
             return None
-        return broadcast_shapes(a, b, type(self).__name__)
+        return broadcast_shapes(a, b, "'left' and 'right'")
 
 
 class Add(_Binary):
@@ -46,10 +46,10 @@ class MatrixMultiply(_Binary):
         if a is None or b is None:
             return None
         if len(a) < 2 or len(b) < 2:
-            raise ShapeError(f"MatrixMultiply needs rank >= 2, got {fmt(a)} and {fmt(b)}")
+            raise ShapeError(f"needs rank >= 2, got 'left' {fmt(a)} and 'right' {fmt(b)}")
         if a[-1] is not None and b[-2] is not None and a[-1] != b[-2]:
-            raise ShapeError(f"MatrixMultiply: 'left' {fmt(a)} and 'right' {fmt(b)} inner dims differ")
-        batch = broadcast_shapes(a[:-2], b[:-2], "MatrixMultiply") if len(a) > 2 or len(b) > 2 else ()
+            raise ShapeError(f"inner dims of 'left' {fmt(a)} and 'right' {fmt(b)} differ")
+        batch = broadcast_shapes(a[:-2], b[:-2], "batch dims of 'left' and 'right'") if len(a) > 2 or len(b) > 2 else ()
         return (*batch, a[-2], b[-1])
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:

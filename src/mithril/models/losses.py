@@ -65,10 +65,14 @@ class CrossEntropy(Operator):
 
     def infer_shape(self, shapes):
         s, t = shapes.get("input"), shapes.get("target")
-        if s is not None and t is not None and tuple(t) not in (tuple(s), tuple(s[:-1])):
-            if not (len(t) in (len(s), len(s) - 1)):
-                raise ShapeError(f"CrossEntropy: 'target' shape {fmt(t)} fits neither 'input' "
-                                 f"{fmt(s)} (one-hot) nor {fmt(s[:-1])} (class indices)")
+        if s is not None and t is not None:
+            if len(t) == len(s):
+                s = unify(s, t, "input", "target")
+            elif len(t) == len(s) - 1:
+                s = (*unify(s[:-1], t, "input (without its class axis)", "target"), s[-1])
+            else:
+                raise ShapeError(f"'target' shape {fmt(t)} fits neither 'input' {fmt(s)} "
+                                 f"(one-hot) nor {fmt(s[:-1])} (class indices)")
         if s is None:
             return None
         return () if self.reduction != "none" else s[:-1]

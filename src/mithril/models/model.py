@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Union
 
+from ..errors import KeyMismatchError
 from .operator import Operator, Shape, fmt, unify
 
 
@@ -38,7 +39,7 @@ class Bound:
     def __init__(self, block: Block, connections: dict[str, str]) -> None:
         unknown = set(connections) - set(block.terminals)
         if unknown:
-            raise KeyError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
+            raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
                            f"its terminals are {list(block.terminals)}")
         for k, v in connections.items():
             if not isinstance(v, str):
@@ -145,7 +146,7 @@ class Model:
         """Declare terminal shapes, e.g. ``set_shapes(input=[None, 784])`` (None: free dim)."""
         for key, shape in shapes.items():
             if key not in self.conns:
-                raise KeyError(f"set_shapes: model has no terminal '{key}'; "
+                raise KeyMismatchError(f"set_shapes: model has no terminal '{key}'; "
                                f"its terminals are {list(self.conns)}")
             c = self.conns[key]
             c.shape = unify(c.shape, _as_shape(key, shape), f"{key} (declared before)", key)

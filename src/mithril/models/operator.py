@@ -47,8 +47,12 @@ def broadcast_shapes(a: Shape, b: Shape, where: str) -> Shape:
         y = b[-i] if i <= len(b) else 1
         if x == 1:
             out.append(y)
-        elif y == 1 or y is None or x is None or x == y:
-            out.append(x if x is not None else y)
+        elif y == 1:
+            out.append(x)
+        elif x is None:  # a free dim against n > 1 must be 1 or n: the result is n
+            out.append(y)
+        elif y is None or x == y:
+            out.append(x)
         else:
             raise ShapeError(f"{where}: shapes {fmt(a)} and {fmt(b)} do not broadcast")
     return tuple(reversed(out))

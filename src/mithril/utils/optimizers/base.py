@@ -230,21 +230,29 @@ class Optimizer:
         if not gradients.keys() <= lay.index.keys():
             raise KeyMismatchError(f"gradients for unknown parameter(s) "
                                    f"{sorted(set(gradients) - set(lay.names))}")
-        b = self._backend
+        eng = state.engine
+        atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
         for name, g in gradients.items():
-            shape = lay.shapes[lay.index[name]]
-            if not b.is_native(g):
-                raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a {b.name} array")
-            if tuple(g.shape) != shape:
+            if not isinstance(g, atype):
+                raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
+                                f"{self._backend.name} array")
+            shape = shapes[index[name]]
+            if g.shape != shape and tuple(g.shape) != shape:
                 raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
                                  f"parameter has shape {shape}")
-            if b.dtype_name(g) != lay.dtype:
-                raise TypeError(f"gradients['{name}'] has dtype {b.dtype_name(g)} but the "
-                                f"parameter has dtype {lay.dtype}")
+            if g.dtype != dtype:
+                raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} but "
+                                f"the parameter has dtype {lay.dtype}")
+        views = state.param_views or {}
         for name, p in params.items():
-            if p is not (state.param_views or {}).get(name) and tuple(p.shape) != lay.shapes[lay.index[name]]:
+            if p is views.get(name):
+                continue
+            if not isinstance(p, atype) or p.dtype != dtype:
+                raise TypeError(f"params['{name}'] must be a {self._backend.name} array of dtype "
+                                f"{lay.dtype}, got {type(p).__name__} {getattr(p, 'dtype', '')}")
+            if tuple(p.shape) != shapes[index[name]]:
                 raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
-                                 f"built for {lay.shapes[lay.index[name]]}")
+                                 f"built for {shapes[index[name]]}")
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:

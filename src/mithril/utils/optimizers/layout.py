@@ -11,9 +11,6 @@ from typing import Any
 
 import numpy as np
 
-#: kernels split tensors into chunks of at most this many elements (parallel work items)
-CHUNK = 1 << 15
-
 
 class Layout:
     """Names, shapes and offsets of parameters packed into one flat buffer."""
@@ -24,14 +21,6 @@ class Layout:
         self.sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.total = int(self.sizes.sum())
-        tensor, lo = [], []
-        for i, n in enumerate(self.sizes):
-            for start in range(0, max(int(n), 1), CHUNK):
-                tensor.append(i)
-                lo.append(start)
-        self.chunk_tensor = np.array(tensor, dtype=np.int64)
-        self.chunk_lo = np.array(lo, dtype=np.int64)
-        self.chunk_hi = np.minimum(self.chunk_lo + CHUNK, self.sizes[self.chunk_tensor])
 
     @classmethod
     def of(cls, params: Mapping[str, Any], dtype_name: Any) -> Layout:

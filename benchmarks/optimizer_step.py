@@ -1,0 +1,171 @@
+"""One optimizer step: Mithril vs torch fused, optax (jit + donation) and a NumPy triad.
+
+Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
+call with default options, exactly as a training loop makes it. Every implementation is
+timed in the same process, interleaved (one step of each per round), and medians are
+reported with ratios against torch's fused step and optax, and the effective bandwidth
+at 28 bytes/param (Adam) or 12 bytes/param (SGD with momentum).
+
+    python benchmarks/optimizer_step.py                 # both sizes, all backends
+    python benchmarks/optimizer_step.py --sizes b --backends jax --optimizers adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+SIZES = {"a": (10_000_000, 200), "b": (1_000_000, 2_000)}
+BYTES = {"adam": 28, "sgd": 12}
+
+
+def shapes_for(total: int, n: int) -> list[tuple[int, ...]]:
+    per = total // n
+    return [(per // 50, 50) if i % 2 else (per,) for i in range(n)]
+
+
+def make_numpy(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    p = {f"p{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+    g = {f"p{i}": (rng.standard_normal(s) * 1e-2).astype(np.float32) for i, s in enumerate(shapes)}
+    return p, g
+
+
+def mithril_step(opt_name: str, params, grads) -> Callable[[], None]:
+    from mithril.utils.optimizers import SGD, Adam
+
+    opt = Adam(1e-3) if opt_name == "adam" else SGD(1e-3, momentum=0.9)
+    box = {"p": params, "s": opt.init(params)}
+
+    def step():
+        box["p"], box["s"] = opt.update(box["p"], grads, box["s"])
+        sync(box["p"])
+
+    return step
+
+
+def sync(params) -> None:
+    x = next(iter(params.values()))
+    if hasattr(x, "block_until_ready"):
+        x.block_until_ready()
+
+
+def torch_fused(opt_name: str, shapes, seed=0):
+    import torch
+
+    p, g = make_numpy(shapes, seed)
+    tp = [torch.from_numpy(v) for v in p.values()]
+    for t, gv in zip(tp, g.values()):
+        t.grad = torch.from_numpy(gv)
+    opt = torch.optim.Adam(tp, 1e-3, fused=True) if opt_name == "adam" else \
+        torch.optim.SGD(tp, 1e-3, momentum=0.9, fused=True)
+    return opt.step
+
+
+def optax_step(opt_name: str, shapes, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    p, g = make_numpy(shapes, seed)
+    p = {k: jnp.asarray(v) for k, v in p.items()}
+    g = {k: jnp.asarray(v) for k, v in g.items()}
+    tx = optax.adam(1e-3) if opt_name == "adam" else optax.sgd(1e-3, momentum=0.9)
+    box = {"p": p, "s": tx.init(p)}
+
+    @jax.jit
+    def _step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step_fn = jax.jit(_step.__wrapped__, donate_argnums=(0, 2))
+    t0 = time.perf_counter()
+    box["p"], box["s"] = step_fn(box["p"], g, box["s"])
+    jax.block_until_ready(box["p"])
+    compile_s = time.perf_counter() - t0
+
+    def step():
+        box["p"], box["s"] = step_fn(box["p"], g, box["s"])
+        jax.block_until_ready(box["p"])
+
+    return step, compile_s
+
+
+def numpy_triad(total: int):
+    a = np.ones(total, np.float32)
+    b = np.ones(total, np.float32)
+
+    def step():  # a += 0.5 * b in place: 12 bytes/element of traffic
+        np.multiply(b, np.float32(0.5), out=b)
+        np.add(a, b, out=a)
+
+    return step
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="a,b")
+    ap.add_argument("--backends", default="numpy,torch,jax")
+    ap.add_argument("--optimizers", default="adam,sgd")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--no-optax", action="store_true", help="skip optax (its first compile on (b) takes minutes)")
+    args = ap.parse_args()
+    backends = args.backends.split(",")
+    print(f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}")
+    for size in args.sizes.split(","):
+        total, n = SIZES[size]
+        shapes = shapes_for(total, n)
+        for opt_name in args.optimizers.split(","):
+            fns: dict[str, Callable[[], None]] = {"torch fused": torch_fused(opt_name, shapes)}
+            notes = {}
+            if "numpy" in backends:
+                p, g = make_numpy(shapes)
+                fns["mithril numpy"] = mithril_step(opt_name, p, g)
+                fns["numpy triad"] = numpy_triad(total)
+            if "torch" in backends:
+                import torch
+
+                p, g = make_numpy(shapes)
+                fns["mithril torch"] = mithril_step(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
+                                                    {k: torch.from_numpy(v) for k, v in g.items()})
+            if "jax" in backends:
+                import jax.numpy as jnp
+
+                p, g = make_numpy(shapes)
+                jp = {k: jnp.asarray(v) for k, v in p.items()}
+                jg = {k: jnp.asarray(v) for k, v in g.items()}
+                t0 = time.perf_counter()
+                step = mithril_step(opt_name, jp, jg)
+                step()
+                notes["mithril jax"] = f"first call {time.perf_counter() - t0:.1f}s"
+                fns["mithril jax"] = step
+                if not args.no_optax:
+                    fns["optax jit+donate"], c = optax_step(opt_name, shapes)
+                    notes["optax jit+donate"] = f"first call {c:.1f}s"
+            med = time_interleaved(fns, args.repeats)
+            ref, ox = med["torch fused"], med.get("optax jit+donate")
+            for k, v in med.items():
+                gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
+                print(f"{size} {opt_name:<5}{k:<21}{v * 1e3:>10.2f}{v / ref:>15.2f}x"
+                      f"{(f'{v / ox:.2f}x' if ox else '-'):>10}{gbs:>8.1f}  {notes.get(k, '')}")
+
+
+if __name__ == "__main__":
+    main()

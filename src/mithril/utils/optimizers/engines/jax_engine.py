@@ -1,0 +1,106 @@
+"""One ``jax.jit`` step over flat buffers, with buffer donation.
+
+Parameters are concatenated into one flat vector inside the jitted function, updated with
+the optimizer's elementwise math (XLA fuses it into one loop) and split back, so the
+compiled program and its dispatch cost stay small for thousands of tensors. Every
+hyperparameter is an argument: changing the learning rate never recompiles. Params
+returned by the previous update and all state slots are donated.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+from .common import nonfinite_error
+
+
+class JaxEngine:
+    def __init__(self, backend: Any, layout: Any) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+        self.backend, self.layout = backend, layout
+        self._cache: dict[tuple, Any] = {}
+        self.array_type, self.native_dtype = jax.Array, jnp.dtype(layout.dtype)
+
+    def full(self, n: int, value: float) -> Any:
+        return self.jnp.full((n,), value, dtype=self.layout.dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        return self.jnp.asarray(np.asarray(a, dtype=self.layout.dtype))
+
+    def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
+               flags: tuple[bool, bool, bool, bool], donate: bool) -> Any:
+        jax, jnp, lay = self.jax, self.jnp, self.layout
+        need_norm, clip_norm_on, clip_value_on, skip = flags
+        mask = None
+        if present is not None:  # some parameters have no gradient: leave them untouched
+            m = np.zeros(lay.total, dtype=bool)
+            for n, a, b, _ in lay.spans():
+                m[a:b] = n in present
+            mask = m
+
+        def step(params, grads, slots, hp, pro):
+            dt = lay.dtype
+            p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
+            g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
+                                 for n, s in zip(lay.names, lay.sizes)])
+            clip_norm, clip_value, l2, wd_decoupled = pro[0], pro[1], pro[2], pro[3]
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.promote_types(dt, jnp.float32))))) \
+                if need_norm else jnp.zeros((), dt)
+            if clip_norm_on:
+                g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+            if clip_value_on:
+                g = jnp.clip(g, -clip_value, clip_value)
+            g = g + l2 * p
+            p2 = p * (1 - hp[0] * wd_decoupled)
+            out = math_fn(p2, g, *(slots[s] for s in slot_names), *(hp[i] for i in range(hp.shape[0])))
+            new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
+            keep = None
+            if skip:
+                keep = jnp.isfinite(norm)
+            if mask is not None:
+                keep = mask if keep is None else (mask & keep)
+            if keep is not None:
+                new_p = jnp.where(keep, new_p, p)
+                new_slots = {s: jnp.where(keep, v, slots[s]) for s, v in new_slots.items()}
+            new_params = {n: new_p[a:b].reshape(shp) for n, a, b, shp in lay.spans()}
+            return new_params, new_slots, norm
+
+        return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
+
+    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int) -> tuple[dict, bool, float | None]:
+        jnp = self.jnp
+        lay = self.layout
+        present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
+        flags = (opt.clip_norm is not None or opt.nonfinite != "propagate", opt.clip_norm is not None,
+                 opt.clip_value is not None, opt.nonfinite != "propagate")
+        views = state.param_views
+        ours = (views is not None and len(views) == len(params)
+                and all(map(operator.is_, params.values(), views.values())))
+        donate = ours and opt.nonfinite != "raise"
+        math_fn = opt.kernel_math()
+        key = (math_fn, opt.slot_names(), present, flags, donate)
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = self._build(math_fn, opt.slot_names(), present, flags, donate)
+        hp = np.asarray(opt.scalars(t), dtype=lay.dtype)
+        pro = np.asarray([opt.clip_norm or 0.0, opt.clip_value or 0.0,
+                          0.0 if opt.decoupled_weight_decay else opt.weight_decay,
+                          opt.weight_decay if opt.decoupled_weight_decay else 0.0], dtype=lay.dtype)
+        new_params, new_slots, norm = fn(dict(params), dict(grads), dict(state.slots), hp, pro)
+        state.slots = new_slots
+        norm_f = float(norm) if flags[0] else None
+        ok = norm_f is None or bool(np.isfinite(norm_f))
+        if not ok and opt.nonfinite == "raise":
+            bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
+            raise nonfinite_error(opt, bad, norm_f)
+        state.param_views = new_params
+        return dict(new_params), ok, norm_f
