@@ -3,7 +3,6 @@ forward+VJP are each one ``jax.jit`` function (compiled once per input shape).""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -71,7 +70,7 @@ class _JaxEvaluator(Evaluator):
         self.names = names = tuple(prog.param_shapes)
 
         def fwd(ptuple, inputs):
-            return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple)), inputs))
+            return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)), inputs))
 
         def fwd_vjp(ptuple, inputs, cots):
             out, pull = jax.vjp(lambda p: fwd(p, inputs), ptuple)
@@ -87,4 +86,4 @@ class _JaxEvaluator(Evaluator):
     def forward_vjp(self, params, inputs, cotangents):
         out, grads = self._fwd_vjp(tuple(params[k] for k in self.names), dict(inputs),
                                    dict(cotangents))
-        return out, dict(zip(self.names, grads))
+        return out, dict(zip(self.names, grads, strict=True))

@@ -46,6 +46,18 @@ class _TorchNumpy:
         return self.t.gather(x, axis, idx.long())
 
 
+def _from_numpy(data: Any) -> Any:
+    """A tensor sharing ``data``'s memory when it can, else a copy (read-only buffers, such
+    as JAX arrays seen through NumPy, must not be aliased; torch takes no negative strides
+    and no ml_dtypes bfloat16)."""
+    import torch
+
+    a = np.asarray(data)
+    if a.dtype.name == "bfloat16":
+        return torch.as_tensor(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.as_tensor(a if a.flags.writeable and a.flags.c_contiguous else a.copy())
+
+
 _TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "bool")
 
 
@@ -79,7 +91,7 @@ class TorchBackend(Backend):
     def array(self, data: Any, dtype: str | None = None) -> Any:
         import torch
 
-        t = data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
+        t = data if isinstance(data, torch.Tensor) else _from_numpy(data)
         if dtype is None and t.is_floating_point():
             dtype = self.dtype
         return t.to(device=self.device, dtype=self.native_dtype(dtype) if dtype else None)
@@ -88,9 +100,7 @@ class TorchBackend(Backend):
         """A tensor on this backend's device (numpy / jax arrays are converted)."""
         import torch
 
-        if isinstance(x, torch.Tensor):
-            return x.to(self.device)
-        return torch.as_tensor(np.asarray(x), device=self.device)
+        return (x if isinstance(x, torch.Tensor) else _from_numpy(x)).to(self.device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         import torch
@@ -134,5 +144,5 @@ class _TorchEvaluator(Evaluator):
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()),
                                     [cotangents[k] for k in names], allow_unused=True) if names else [None] * len(leaves)
         gdict = {k: g if g is not None else torch.zeros_like(params[k])
-                 for k, g in zip(leaves, grads)}
+                 for k, g in zip(leaves, grads, strict=True)}
         return {k: v.detach() for k, v in out.items()}, gdict

@@ -30,7 +30,7 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
 def _shape_matches(shape: tuple, pattern: tuple | None) -> bool:
     if pattern is None:
         return True
-    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern))
+    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern, strict=True))
 
 
 class CompiledModel:
@@ -80,7 +80,7 @@ class CompiledModel:
                          fmt(self.program.wire_shapes[node.out]), str(n)))
         total = sum(int(np.prod(s)) for s in self.program.param_shapes.values())
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
         text = "\n".join(lines)

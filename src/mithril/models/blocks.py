@@ -27,7 +27,7 @@ class MLP(Model):
         if len(activations) != len(dimensions):
             raise ValueError(f"MLP: got {len(activations)} activations for {len(dimensions)} "
                              "dimensions; give one per layer (None for none)")
-        for act, dim in zip(activations, dimensions):
+        for act, dim in zip(activations, dimensions, strict=True):
             self += Linear(dim, use_bias=use_bias)
             if act is not None:
                 self += _make_activation(act)

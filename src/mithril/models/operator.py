@@ -31,9 +31,9 @@ def unify(a: Shape | None, b: Shape | None, where_a: str, where_b: str) -> Shape
         return b
     if b is None:
         return a
-    if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
+    if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b, strict=True)):
         raise ShapeError(f"shape mismatch: '{where_a}' has shape {fmt(a)} but '{where_b}' has shape {fmt(b)}")
-    return tuple(x if x is not None else y for x, y in zip(a, b))
+    return tuple(x if x is not None else y for x, y in zip(a, b, strict=True))
 
 
 def fmt(shape: Shape | None) -> str:

@@ -190,6 +190,7 @@ class Optimizer:
                 raise TypeError(f"params['{name}'] has dtype {self._backend.dtype_name(p)}; all "
                                 f"parameters of one optimizer must share a dtype ({layout.dtype})")
         engine = engine_for(self._backend, layout)
+        layout = engine.layout  # an engine may pad offsets for alignment
         slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}
         return OptimizerState(type(self).__name__, layout, slots, engine)
 
@@ -279,9 +280,10 @@ class Optimizer:
         for s, per_param in d["slots"].items():
             if s not in state.slots:
                 raise KeyError(f"state dict slot '{s}' unknown to {type(self).__name__}")
-            flat = np.concatenate([np.asarray(per_param[n]).reshape(-1) for n in state.layout.names]) \
-                if state.layout.names else np.zeros(0)
-            state.slots[s] = state.engine.from_numpy(flat)
+            missing = set(state.layout.names) - set(per_param)
+            if missing:
+                raise KeyError(f"state dict slot '{s}' lacks parameter(s) {sorted(missing)}")
+            state.slots[s] = state.engine.from_numpy(state.layout.flatten_numpy(per_param))
         state.step, state.num_skipped = int(d["step"]), int(d.get("num_skipped", 0))
         return state
 

@@ -15,17 +15,32 @@ import numpy as np
 class Layout:
     """Names, shapes and offsets of parameters packed into one flat buffer."""
 
-    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dtype: str) -> None:
-        self.names, self.shapes, self.dtype = names, shapes, dtype
+    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dtype: str,
+                 align: int = 1) -> None:
+        """``align``: every offset is a multiple of this many elements (zero-copy aliasing
+        of slices by JAX needs 64-byte aligned buffers); the gaps are never touched."""
+        self.names, self.shapes, self.dtype, self.align = names, shapes, dtype, align
         self.index = {n: i for i, n in enumerate(names)}
         self.sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        self.total = int(self.sizes.sum())
+        padded = -(-self.sizes // align) * align
+        self.offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        self.total = int(padded.sum())
 
     @classmethod
     def of(cls, params: Mapping[str, Any], dtype_name: Any) -> Layout:
         return cls(tuple(params), tuple(tuple(int(d) for d in p.shape) for p in params.values()),
                    dtype_name(next(iter(params.values()))) if params else "float32")
+
+    def aligned(self, align: int) -> Layout:
+        return self if align == self.align else Layout(self.names, self.shapes, self.dtype, align)
+
+    def flatten_numpy(self, per_param: Mapping[str, Any]) -> np.ndarray:
+        """A flat host buffer holding ``per_param`` arrays at this layout's offsets."""
+        flat = np.zeros(self.total, dtype=np.asarray(next(iter(per_param.values()))).dtype
+                        if per_param else np.float32)
+        for n, a, b, _ in self.spans():
+            flat[a:b] = np.asarray(per_param[n]).reshape(-1)
+        return flat
 
     def spans(self) -> Any:
         """(name, start, stop, shape) of every parameter."""
@@ -37,8 +52,8 @@ class Layout:
         return {n: flat[a:b].reshape(shp) for n, a, b, shp in self.spans()}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Layout) and (self.names, self.shapes, self.dtype) == (
-            other.names, other.shapes, other.dtype)
+        return isinstance(other, Layout) and (self.names, self.shapes, self.dtype, self.align) == (
+            other.names, other.shapes, other.dtype, other.align)
 
     def __hash__(self) -> int:
-        return hash((self.names, self.shapes, self.dtype))
+        return hash((self.names, self.shapes, self.dtype, self.align))

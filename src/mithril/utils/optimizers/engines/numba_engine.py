@@ -120,55 +120,91 @@ def sumsq_kernel(dtype: str) -> Any:
 
 
 class NumbaEngine:
-    """Executes built-in optimizers on NumPy arrays or CPU torch tensors (fp32/fp64)."""
+    """Executes built-in optimizers with fused numba kernels on host memory.
+
+    ``kind`` is "numpy", "torch" (CPU tensors; the kernel works on zero-copy numpy views)
+    or "jax" (CPU: parameters are ``jax.Array`` objects aliasing 64-byte aligned slices of
+    the flat host buffer, created once; each update rewrites that buffer in place and
+    returns the same arrays - buffer donation without a copy or a compile).
+    """
 
     #: NumPy gradients up to this many elements are gathered with one ``np.concatenate``
     #: into a scratch buffer (reading ``ndarray.ctypes.data`` costs ~1 us per array)
     SMALL = 1 << 14
 
     def __init__(self, backend: Any, layout: Any) -> None:
-        self.backend, self.layout = backend, layout
-        self.torch = backend.name == "torch"
+        self.backend = backend
+        self.kind = backend.name
+        self.layout = layout.aligned(16) if self.kind == "jax" else layout
         self._small: list[str] = []
-        if not self.torch:
-            self._small = [n for n, s in zip(layout.names, layout.sizes) if s <= self.SMALL]
-            sizes = np.array([layout.sizes[layout.index[n]] for n in self._small], dtype=np.int64)
-            self._scratch = np.empty(int(sizes.sum()), dtype=layout.dtype)
-            offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-            self._small_idx = np.array([layout.index[n] for n in self._small], dtype=np.int64)
-            self._small_ptr = self._scratch.ctypes.data + offs * self._scratch.itemsize
-            self._small_set = frozenset(self._small)
-        if self.torch:
+        if self.kind == "torch":
             import torch
 
             self._torch = torch
-            self._tdtype = getattr(torch, layout.dtype)
-            self.array_type, self.native_dtype = torch.Tensor, self._tdtype
+            self.array_type = torch.Tensor
+            self.native_dtype = getattr(torch, layout.dtype)
+        elif self.kind == "jax":
+            import jax
+
+            self._jax = jax
+            self.array_type, self.native_dtype = jax.Array, np.dtype(layout.dtype)
         else:
             self.array_type, self.native_dtype = np.ndarray, np.dtype(layout.dtype)
+            self._init_scratch()
+
+    def _init_scratch(self) -> None:
+        lay = self.layout
+        self._small = [n for n, s in zip(lay.names, lay.sizes) if s <= self.SMALL]
+        sizes = np.array([lay.sizes[lay.index[n]] for n in self._small], dtype=np.int64)
+        self._scratch = np.empty(int(sizes.sum()), dtype=lay.dtype)
+        offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._small_idx = np.array([lay.index[n] for n in self._small], dtype=np.int64)
+        self._small_ptr = self._scratch.ctypes.data + offs * self._scratch.itemsize
+        self._small_set = frozenset(self._small)
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:
-        if self.torch:
-            return self._torch.full((n,), value, dtype=self._tdtype)
+        if self.kind == "torch":
+            return self._torch.full((n,), value, dtype=self.native_dtype)
+        if self.kind == "jax":  # 64-byte aligned host buffer
+            raw = np.empty(n + 16, dtype=self.layout.dtype)
+            start = (-raw.ctypes.data % 64) // raw.itemsize
+            out = raw[start:start + n]
+            out[...] = value
+            return out
         return np.full(n, value, dtype=self.layout.dtype)
 
     def np_view(self, x: Any) -> np.ndarray:
-        return x.numpy() if self.torch else x
+        return x.numpy() if self.kind == "torch" else x
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return x.detach().cpu().numpy() if self.torch else np.asarray(x)
+        return x.detach().cpu().numpy() if self.kind == "torch" else np.asarray(x)
 
     def from_numpy(self, a: np.ndarray) -> Any:
-        a = np.ascontiguousarray(a, dtype=self.layout.dtype)
-        return self._torch.from_numpy(a.copy()) if self.torch else a.copy()
+        out = self.full(a.size, 0.0)
+        self.np_view(out)[...] = a
+        return out
+
+    def views(self, flat: Any) -> dict[str, Any]:
+        """Per-parameter arrays over ``flat`` in the backend's array type."""
+        if self.kind != "jax":
+            return self.layout.unflatten(flat)
+        out = {}
+        for name, a, b, shape in self.layout.spans():
+            x = self._jax.device_put(flat[a:b].reshape(shape), self.backend.device)
+            if x.unsafe_buffer_pointer() != flat[a:b].ctypes.data and b > a:
+                raise RuntimeError("JAX did not alias the host buffer")
+            out[name] = x
+        return out
 
     def _address(self, g: Any, keep: list) -> int:
-        if self.torch:
+        if self.kind == "torch":
             if g.requires_grad or not g.is_contiguous():
                 g = g.detach().contiguous()
                 keep.append(g)
             return g.data_ptr()
+        if self.kind == "jax":
+            return g.unsafe_buffer_pointer()
         if not g.flags.c_contiguous:
             g = np.ascontiguousarray(g)
             keep.append(g)
@@ -178,6 +214,8 @@ class NumbaEngine:
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int) -> tuple[dict, bool, float | None]:
         lay = self.layout
         keep: list = []
+        if self.kind == "jax":  # the kernel reads gradient buffers directly: wait for them
+            self._jax.block_until_ready(grads)
         gptr = np.zeros(len(lay.names), dtype=np.int64)
         index = lay.index
         if len(self._small) > 1 and len(grads) == len(lay.names):
@@ -204,25 +242,21 @@ class NumbaEngine:
         dt = np.dtype(lay.dtype).type
         kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype)
         kernel(self.np_view(state.params_flat), *(self.np_view(state.slots[s]) for s in opt.slot_names()),
-               gptr, lay.offsets, lay.sizes,
-               *(dt(x) for x in pro), *(dt(x) for x in scal))
+               gptr, lay.offsets, lay.sizes, *(dt(x) for x in pro), *(dt(x) for x in scal))
         return dict(views), True, norm
 
     def _adopt(self, state: Any, params: Any) -> dict[str, Any]:
-        """Make sure the flat parameter buffer holds ``params``; returns its views."""
+        """Make sure the flat parameter buffer holds ``params``; returns the arrays over it."""
         if state.params_flat is None:
             state.params_flat = self.full(self.layout.total, 0.0)
-            state.param_views = self.layout.unflatten(state.params_flat)
+            state.param_views = self.views(state.params_flat)
         views = state.param_views
-        vals = views.values()
-        if not all(map(_is, params.values(), vals)) or list(params) != list(views):
-            for name, p in params.items():
-                v = views[name]
-                if p is not v:
-                    if self.torch:
-                        v.copy_(p.detach())
-                    else:
-                        v[...] = p
+        if not all(map(_is, params.values(), views.values())) or list(params) != list(views):
+            flat = self.np_view(state.params_flat)
+            for name, a, b, _ in self.layout.spans():
+                p = params[name]
+                if p is not views[name]:
+                    flat[a:b] = self.to_numpy(p).reshape(-1)
         return views
 
 

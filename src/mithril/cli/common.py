@@ -1,0 +1,99 @@
+"""Flags shared by the commands, and turning parsed flags into a :class:`RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .options import (
+    COMMON_OPTIONS,
+    OPTIONS,
+    SCHEDULER_NAMES,
+    SCHEDULER_OPTIONS,
+    WARMUP_OPTIONS,
+    add_options,
+    parse_spec,
+    settings_from,
+)
+from .training import BACKENDS, MIXED_PRECISION, RunConfig
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and budget")
+    g.add_argument("--backend", choices=BACKENDS, default="numpy",
+                   help="where the model runs (default: numpy)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="parameter and compute dtype without mixed precision (default: float32)")
+    g.add_argument("--epochs", type=positive_int, default=20, help="passes over the training set "
+                   "(default: 20)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the parameter initialisation and batch order (default: 0)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/test split, fixed so runs compare (default: 0)")
+    g.add_argument("--test-size", type=float, default=0.2,
+                   help="fraction of the digits held out for testing (default: 0.2)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[128, 64], metavar="SIZE",
+                   help="hidden layer sizes of the MLP (default: 128 64)")
+    g.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid", "leaky_relu"),
+                   default="relu", help="hidden activation (default: relu)")
+    g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="none",
+                   help="compute in float16/bfloat16 with float32 master weights and dynamic "
+                        "loss scaling (default: none)")
+    g.add_argument("--loss-scale", type=float, default=2.0**16,
+                   help="initial loss scale for --mixed-precision (default: 65536)")
+
+
+def add_schedule_flags(p: argparse.ArgumentParser, default: str | None = "cosine") -> None:
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--scheduler", nargs="+", metavar="NAME[:KEY=VALUE,...]",
+                   default=[default] if default else None,
+                   help=f"one of {', '.join(SCHEDULER_NAMES)} (default: {default}); settings "
+                        "may follow the name, e.g. step:step_size=200,gamma=0.5; several names "
+                        "with --switch-at make a sequence")
+    add_options(p, "scheduler settings (lengths in steps; plateau counts epochs)",
+                SCHEDULER_OPTIONS + WARMUP_OPTIONS)
+
+
+def add_common_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    add_options(p, "gradient handling (all optimizers)", COMMON_OPTIONS)
+
+
+def add_output_flags(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", help=f"output folder (default: runs/<name>, or "
+                   f"runs/{command}-<date>-<time>)")
+    g.add_argument("--name", help="run name: the output folder becomes runs/<name>")
+    g.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown on a terminal only anyway); one line per "
+                        "epoch instead")
+
+
+def scheduler_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    return [parse_spec(s, "scheduler", SCHEDULER_NAMES) for s in args.scheduler or ["none"]]
+
+
+def run_config(args: argparse.Namespace, optimizer: str = "adam",
+               overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from the parsed flags (``overrides``: option values that replace
+    the flags', e.g. from a ``compare`` spec; its ``scheduler`` key replaces ``--scheduler``)."""
+    settings = settings_from(args, OPTIONS.values())
+    specs = scheduler_specs(args)
+    if overrides:
+        overrides = dict(overrides)
+        if "scheduler" in overrides:
+            specs = [(overrides.pop("scheduler"), {})]
+        settings.update(overrides)
+    return RunConfig(optimizer=optimizer, settings=settings, schedulers=specs,
+                     backend=args.backend, dtype=args.dtype,
+                     mixed_precision=args.mixed_precision, loss_scale=args.loss_scale,
+                     epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                     hidden=tuple(args.hidden), activation=args.activation)

@@ -1,0 +1,124 @@
+"""``mithril train``: train an MLP on the digits and write metrics and a plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    add_common_optimizer_flags,
+    add_output_flags,
+    add_schedule_flags,
+    add_task_flags,
+    run_config,
+)
+from .data import Dataset, load_digits_split
+from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
+from .plots import training_figure
+from .report import default_out_dir, ensure_writable_dir, table, write_csv, write_json
+from .training import Run, RunResult
+
+STEP_FIELDS = ("step", "epoch", "loss", "acc", "lr", "grad_norm", "skipped")
+EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
+                "batch_loss", "batch_acc", "lr", "time_s")
+
+DESCRIPTION = """\
+Train an MLP classifier on scikit-learn's digits (8x8 images, 10 classes; standardised, with
+a fixed stratified train/test split) and write, under --out:
+
+  metrics.csv   one row per optimizer step: step, epoch, loss, acc, lr, grad_norm, skipped
+  epochs.csv    one row per epoch: train/test loss and accuracy, lr, seconds
+  summary.json  the configuration, final metrics and timings
+  training.png  loss, accuracy, learning rate and gradient norm against the step
+
+Ctrl-C stops training and still writes everything measured so far (exit status 130).
+"""
+
+EXAMPLES = """\
+examples:
+  mithril train
+  mithril train --optimizer sgd --lr 0.1 --momentum 0.9 --nesterov --scheduler step
+  mithril train --backend torch --optimizer adamw --weight-decay 0.05 --warmup-steps 50
+  mithril train --scheduler onecycle --max-lr 0.01 --epochs 10 --out runs/onecycle
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train an MLP on the digits and plot the metrics",
+                       description=DESCRIPTION, epilog=EXAMPLES, usage="mithril train [options]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", type=str.lower, choices=tuple(OPTIMIZERS), default="adam",
+                   help="default: adam")
+    add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
+                OPTIMIZER_OPTIONS)
+    add_common_optimizer_flags(p)
+    add_schedule_flags(p)
+    add_task_flags(p)
+    add_output_flags(p, "train")
+    p.set_defaults(func=run)
+    return p
+
+
+def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
+              extra: dict[str, Any] | None = None) -> list[Path]:
+    """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
+    files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS),
+             write_csv(out / "epochs.csv", result.epochs, EPOCH_FIELDS)]
+    times = [e["time_s"] for e in result.epochs]
+    summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
+               "schedule": result.schedule, "final": result.final,
+               "steps": len(result.steps), "epochs_completed": len(result.epochs),
+               "interrupted": result.interrupted, "total_s": result.total_s,
+               "epoch_s": times, **(extra or {})}
+    files.append(write_json(out / "summary.json", summary))
+    if plot and result.steps:
+        files.append(training_figure(result, out / "training.png", steps_per_epoch))
+    return files
+
+
+def timing_line(result: RunResult) -> str:
+    times = [e["time_s"] for e in result.epochs]
+    if not times:
+        return f"{len(result.steps)} steps in {result.total_s:.1f} s"
+    later = times[1:] or times
+    return (f"{len(times)} epochs, {len(result.steps)} steps: {sum(later) / len(later):.2f} s per "
+            f"epoch of training (first epoch {times[0]:.2f} s, with compilation); "
+            f"{result.total_s:.1f} s in all")
+
+
+def final_table(result: RunResult) -> str:
+    f = result.final
+    return table(["", "loss", "accuracy"],
+                 [["train", f"{f['train_loss']:.4f}", f"{f['train_acc']:.2%}"],
+                  ["test", f"{f['test_loss']:.4f}", f"{f['test_acc']:.2%}"]])
+
+
+def describe_data(data: Dataset, run: Run) -> str:
+    return (f"digits: {len(data.y_train)} train / {len(data.y_test)} test samples, "
+            f"{data.num_features} features, {data.num_classes} classes; "
+            f"{run.steps_per_epoch} steps per epoch")
+
+
+def run(args: argparse.Namespace) -> int:
+    data = load_digits_split(args.test_size, args.split_seed)
+    cfg = run_config(args, args.optimizer)
+    training = Run(cfg, data)  # validates every setting before any file or step
+    out = ensure_writable_dir(Path(args.out) if args.out else default_out_dir("train", args.name))
+    print(f"mithril train: MLP {[data.num_features, *cfg.hidden, data.num_classes]} "
+          f"({cfg.activation}) on {cfg.backend} "
+          f"{cfg.dtype if cfg.mixed_precision == 'none' else cfg.mixed_precision}")
+    print(f"  optimizer: {training.optimizer!r}")
+    print(f"  schedule:  {training.schedule.description}")
+    print(f"  {describe_data(data, training)}; {cfg.epochs} epochs")
+    result = training.train(progress=False if args.no_progress else None, desc="train", log=print)
+    files = write_run(result, out, training.steps_per_epoch, plot=not args.no_plot)
+    print()
+    if result.interrupted:
+        print(f"interrupted after {len(result.steps)} of {training.total_steps} steps; "
+              f"results so far:")
+    print(final_table(result))
+    print(timing_line(result))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 130 if result.interrupted else 0

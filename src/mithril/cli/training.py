@@ -1,0 +1,223 @@
+"""One training run of an MLP classifier, shared by ``mithril train`` and ``mithril compare``.
+
+A :class:`Run` is built (and every setting validated) before anything slow
+happens; :meth:`Run.train` then loops over epochs and batches. Ctrl-C inside the loop ends it
+early: the result is marked ``interrupted`` and keeps everything measured so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import mithril as ml
+
+from ..utils.optimizers import global_norm
+from .data import Dataset
+from .errors import CLIError
+from .options import Schedule, build_optimizer, build_schedule
+
+BACKENDS = ("numpy", "jax", "torch")
+MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run besides the data."""
+
+    optimizer: str = "adam"
+    #: option name -> value for the options given (see :mod:`.options`)
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: (scheduler name, its own settings); several make a sequence
+    schedulers: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("cosine", {})])
+    backend: str = "numpy"
+    dtype: str = "float32"
+    mixed_precision: str = "none"
+    loss_scale: float = 2.0**16
+    epochs: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    hidden: tuple[int, ...] = (128, 64)
+    activation: str = "relu"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer, "settings": dict(self.settings),
+                "schedulers": [[n, dict(s)] for n, s in self.schedulers],
+                "backend": self.backend, "dtype": self.dtype,
+                "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
+                "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
+                "hidden": list(self.hidden), "activation": self.activation}
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    steps: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    final: dict[str, float]
+    total_s: float
+    interrupted: bool
+    optimizer: str
+    schedule: str
+
+
+def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:
+    """MLP ``input -> hidden... -> logits`` and a cross-entropy ``loss`` against integer
+    ``target`` labels."""
+    model = ml.Model()
+    acts: list[str | None] = [activation] * len(hidden) + [None]
+    model |= ml.MLP(acts, [*hidden, num_classes])(input="input", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output="loss")
+    return model
+
+
+def make_backend(name: str, dtype: str, seed: int) -> Any:
+    try:
+        from .. import backends
+
+        cls = {"numpy": "NumpyBackend", "jax": "JaxBackend", "torch": "TorchBackend"}[name]
+        return getattr(backends, cls)(dtype=dtype, seed=seed)
+    except KeyError:
+        raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
+    except ImportError as exc:
+        raise CLIError(f"the {name} backend needs {exc.name or name}: "
+                       f"pip install 'mithril[{name}]'") from None
+
+
+class Run:
+    """A compiled model, its parameters, optimizer and schedule, ready to train."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset) -> None:
+        self.cfg, self.data = cfg, data
+        if cfg.epochs < 1 or cfg.batch_size < 1:
+            raise CLIError(f"--epochs and --batch-size must be >= 1, got {cfg.epochs} and "
+                           f"{cfg.batch_size}")
+        if not cfg.hidden or any(h < 1 for h in cfg.hidden):
+            raise CLIError(f"--hidden needs positive layer sizes, got {list(cfg.hidden)}")
+        if cfg.mixed_precision not in MIXED_PRECISION:
+            raise CLIError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose from "
+                           f"{', '.join(MIXED_PRECISION)}")
+        n = len(data.y_train)
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # cheap validation first: optimizer and schedule (their ValueErrors become CLIErrors)
+        self.optimizer = build_optimizer(cfg.optimizer, cfg.settings)
+        self.schedule: Schedule = build_schedule(self.optimizer, cfg.schedulers, cfg.settings,
+                                                 self.total_steps)
+        dtype = MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype
+        self.backend = be = make_backend(cfg.backend, dtype, cfg.seed)
+        self.compiled = ml.compile(build_model(cfg.hidden, data.num_classes, cfg.activation), be,
+                                   shapes={"input": [None, data.num_features]})
+        self.params = self.compiled.get_parameters()
+        self.state = self.optimizer.init(self.params)
+        self.trainer = self._mixed_precision_trainer() if cfg.mixed_precision != "none" else None
+        self.sets = {"train": (be.array(data.x_train), be.array(data.y_train, be.int_dtype),
+                               data.y_train),
+                     "test": (be.array(data.x_test), be.array(data.y_test, be.int_dtype),
+                              data.y_test)}
+
+    def _mixed_precision_trainer(self) -> Any:
+        try:
+            from ..utils.mixed_precision import MixedPrecisionTrainer
+        except ImportError as exc:
+            raise CLIError(f"--mixed-precision needs mithril.utils.mixed_precision ({exc})") from None
+        try:
+            return MixedPrecisionTrainer(self.compiled, self.optimizer, self.params, self.state,
+                                         loss_scale=self.cfg.loss_scale, dynamic_loss_scaling=True)
+        except ValueError as exc:
+            raise CLIError(f"invalid mixed-precision setting: {exc}") from None
+
+    # -- one step, evaluation ------------------------------------------------------------------
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, bool]:
+        """One update on a batch: (loss, accuracy, gradient norm, skipped)."""
+        be = self.backend
+        inputs = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+        if self.trainer is not None:
+            out = self.trainer.forward(inputs)
+            self.params, self.state, ok = self.trainer.backward_and_update({"loss": 1.0})
+            norm = getattr(self.state, "last_grad_norm", None)
+            skipped = not ok
+        else:
+            out, grads = self.compiled.evaluate(self.params, inputs, output_gradients={"loss": 1.0})
+            self.params, self.state = self.optimizer.update(self.params, grads, self.state)
+            norm = self.state.last_grad_norm
+            if norm is None:  # nonfinite="propagate" without clip_norm skips the norm
+                norm = global_norm(grads)
+            skipped = self.state.last_step_skipped
+        logits = be.to_numpy(out["logits"])
+        acc = float(np.mean(np.argmax(logits, axis=-1) == y))
+        return float(be.to_numpy(out["loss"])), acc, float("nan") if norm is None else float(norm), \
+            bool(skipped)
+
+    def evaluate(self, which: str) -> tuple[float, float]:
+        """(mean loss, accuracy) on the whole ``"train"`` or ``"test"`` set."""
+        x, y, labels = self.sets[which]
+        out = self.compiled.evaluate(self.params, {"input": x, "target": y})
+        logits = self.backend.to_numpy(out["logits"])
+        return float(self.backend.to_numpy(out["loss"])), \
+            float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self, progress: bool | None = None, desc: str = "train",
+              log: Callable[[str], None] | None = None) -> RunResult:
+        """Train for ``cfg.epochs``. ``progress``: True/False shows/hides a tqdm bar, None shows
+        it on a terminal only; ``log`` gets one line per epoch when there is no bar."""
+        from tqdm import tqdm
+
+        cfg, data = self.cfg, self.data
+        rng = np.random.default_rng(cfg.seed)
+        n = len(data.y_train)
+        steps: list[dict[str, Any]] = []
+        epochs: list[dict[str, Any]] = []
+        bar = tqdm(total=self.total_steps, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=None if progress is None else not progress, leave=True)
+        show_epochs = log is not None and bar.disable
+        interrupted = False
+        start = time.perf_counter()
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                order = rng.permutation(n)
+                epoch_loss = epoch_correct = 0.0
+                for i in range(0, n, cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    lr = self.optimizer.get_learning_rate()
+                    loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
+                    self.schedule.after_step()
+                    steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss,
+                                  "acc": acc, "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
+                    epoch_loss += loss * len(idx)
+                    epoch_correct += acc * len(idx)
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
+                                    acc=f"{acc:.3f}", lr=f"{lr:.3g}", refresh=False)
+                train_s = time.perf_counter() - t0
+                self.schedule.after_epoch(epoch_loss / n)
+                (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
+                epochs.append({"epoch": epoch, "step": len(steps), "train_loss": tr_loss,
+                               "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc,
+                               "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
+                               "lr": self.optimizer.get_learning_rate(), "time_s": train_s})
+                if show_epochs:
+                    log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  "
+                        f"train acc {tr_acc:.2%}  test acc {te_acc:.2%}  "
+                        f"lr {self.optimizer.get_learning_rate():.3g}  ({train_s:.2f} s)")
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+        total = time.perf_counter() - start
+        if epochs and epochs[-1]["step"] == len(steps):
+            last = epochs[-1]
+            final = {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        else:  # interrupted inside an epoch: measure where the parameters are now
+            (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
+            final = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
+                     "test_acc": te_acc}
+        return RunResult(cfg, steps, epochs, final, total, interrupted,
+                         repr(self.optimizer), self.schedule.description)

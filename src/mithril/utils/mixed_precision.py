@@ -1,0 +1,510 @@
+"""Mixed precision training: float32 master weights, half-precision compute, loss scaling.
+
+:class:`MixedPrecisionTrainer` wraps a model compiled for a half-precision backend
+(``TorchBackend(dtype="float16")`` / ``"bfloat16"``, ``JaxBackend(dtype="bfloat16")``,
+``NumpyBackend(dtype="float16")``) and a mithril optimizer::
+
+    trainer = MixedPrecisionTrainer(compiled_model, optimizer, params, optimizer_state)
+    for batch in batches:
+        outputs = trainer.forward(inputs)                       # half precision
+        loss_gradients = {"loss": 1.0}                          # or e.g. {"output": 2 * (out - y)}
+        params, optimizer_state, success = trainer.backward_and_update(loss_gradients)
+        trainer.step_scheduler(scheduler)                       # only after a real update
+
+What happens in one step:
+
+1. **Master weights.** The trainer keeps float32 *master* copies of the parameters
+   (:attr:`MixedPrecisionTrainer.master_params`, converted from the ``params`` you give it;
+   float64 if the model itself computes in float64). The optimizer only ever sees the masters
+   and float32 gradients.
+2. **Compute copies.** Before a forward pass the masters are cast to the backend's dtype
+   (:meth:`MixedPrecisionTrainer.compute_params`; cached until the masters change), and
+   :meth:`~MixedPrecisionTrainer.forward` evaluates the model on them, keeping what the
+   backward pass needs (the autograd graph on torch, the VJP residuals on JAX, every wire's
+   value on NumPy), so the backward pass does not recompute the forward.
+3. **Loss scaling.** :meth:`~MixedPrecisionTrainer.backward_and_update` multiplies the loss
+   gradients by the current scale (in float32, then cast to the compute dtype), runs the
+   model's VJP in half precision, casts the parameter gradients to float32 and multiplies them by
+   ``1/scale``. Casts stay on the device: ``Tensor.to`` on torch, ``astype`` inside one
+   ``jax.jit`` on JAX (scaling, VJP, unscaling and the finiteness check are one jitted call).
+4. **Skip on overflow.** If any unscaled gradient holds inf/NaN the step is skipped: masters,
+   compute copies and optimizer state (slots and step count) are unchanged and ``success`` is
+   ``False``. Only the bookkeeping of a built-in :class:`~mithril.utils.optimizers.OptimizerState`
+   changes, as when the optimizer skips a step itself: ``state.last_step_skipped = True`` and
+   ``state.num_skipped += 1``. Otherwise the optimizer updates the masters.
+5. **Dynamic scale** (:class:`LossScaler`, ``torch.amp.GradScaler`` semantics): on inf/NaN the
+   scale is multiplied by ``backoff_factor`` and the growth tracker reset; after
+   ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
+   result is finite in float32). The scale is held in float32 as in torch. With
+   ``dynamic_loss_scaling=False`` the scale stays fixed (non-finite steps are still skipped).
+
+Learning-rate schedules must not advance on skipped steps: call
+:meth:`~MixedPrecisionTrainer.step_scheduler` (steps the scheduler only when the last update
+succeeded) or test :attr:`~MixedPrecisionTrainer.last_step_skipped` yourself.
+
+bfloat16 has float32's exponent range, so it rarely needs loss scaling; the trainer still
+keeps float32 masters for it (bfloat16 has only 8 mantissa bits: small updates would round
+away on bfloat16 weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..compiler.interpret import numpy_backward, outputs_of, run_forward
+from ..errors import KeyMismatchError, ShapeError
+from .optimizers.base import Optimizer
+from .optimizers.state import OptimizerState
+
+__all__ = ["LossScaler", "MixedPrecisionTrainer"]
+
+_HALF = ("float16", "bfloat16")
+
+
+class LossScaler:
+    """Loss scale bookkeeping with ``torch.amp.GradScaler`` semantics.
+
+    ``update(found_inf)`` after every step: on inf/NaN the scale is multiplied by
+    ``backoff_factor`` and the growth tracker reset to 0; otherwise the tracker grows by one
+    and when it reaches ``growth_interval`` the scale is multiplied by ``growth_factor`` (kept
+    only if finite) and the tracker reset. The scale is stored in float32 (as torch), products
+    are formed in float64 and rounded to float32 (as torch's ``_amp_update_scale_``).
+    ``dynamic=False`` keeps the scale fixed.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 dynamic: bool = True) -> None:
+        init_scale = float(init_scale)
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"loss_scale must be positive and finite, got {init_scale!r}")
+        if not float(growth_factor) > 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
+        if not 0.0 < float(backoff_factor) < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if isinstance(growth_interval, bool) or int(growth_interval) != growth_interval \
+                or growth_interval < 1:
+            raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
+        self._scale = np.float32(init_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.dynamic = bool(dynamic)
+        self.growth_tracker = 0
+
+    @property
+    def scale(self) -> float:
+        """The current loss scale."""
+        return float(self._scale)
+
+    def update(self, found_inf: bool) -> None:
+        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN."""
+        if not self.dynamic:
+            return
+        if found_inf:
+            self._scale = np.float32(float(self._scale) * self.backoff_factor)
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            with np.errstate(over="ignore"):
+                new = np.float32(float(self._scale) * self.growth_factor)
+            if np.isfinite(new):
+                self._scale = new
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """GradScaler-style state: scale, factors, interval and growth tracker."""
+        return {"scale": self.scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "dynamic": self.dynamic, "growth_tracker": self.growth_tracker}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        self._scale = np.float32(d["scale"])
+        self.growth_factor = float(d["growth_factor"])
+        self.backoff_factor = float(d["backoff_factor"])
+        self.growth_interval = int(d["growth_interval"])
+        self.dynamic = bool(d.get("dynamic", True))
+        self.growth_tracker = int(d["growth_tracker"])
+
+    def __repr__(self) -> str:
+        return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
+                f"dynamic={self.dynamic})")
+
+
+# -- per-backend numerics ----------------------------------------------------------------------
+class _Engine:
+    """Casting, forward with a kept tape, and scaled backward + unscale + finiteness check."""
+
+    def __init__(self, model: Any, compute: str, master: str) -> None:
+        self.model, self.prog, self.backend = model, model.program, model.backend
+        self.compute, self.master = compute, master
+        self.cdt = self.backend.native_dtype(compute)
+        self.mdt = self.backend.native_dtype(master)
+        self._saved: Any = None
+
+    def cast_tree(self, tree: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def cotangent(self, c: Any) -> Any:
+        """A user loss gradient as a native array (any float dtype; scalars allowed)."""
+        b = self.backend
+        if b.is_native(c):
+            return c
+        return b.array(np.asarray(c, dtype=np.float64), self.master)
+
+    def clear(self) -> None:
+        self._saved = None
+
+
+class _NumpyEngine(_Engine):
+    def cast_tree(self, tree, dtype):
+        return {k: np.array(v, dtype=dtype) for k, v in tree.items()}
+
+    def forward(self, params, inputs):
+        from ..backends.numpy_backend import _cast
+
+        with np.errstate(all="ignore"):
+            env = run_forward(self.prog, np, params, inputs)
+            out = _cast(outputs_of(self.prog, env), self.cdt)
+        self._saved = (params, env)
+        return out
+
+    def backward(self, cots, scale):
+        from ..backends.numpy_backend import _cast
+
+        params, env = self._saved
+        s = np.float32(scale)
+        inv = np.float32(1.0) / s
+        with np.errstate(all="ignore"):
+            sc = {k: (np.asarray(c, dtype=np.float32) * s).astype(self.cdt) for k, c in cots.items()}
+            grads = _cast(numpy_backward(self.prog, env, params, sc), self.cdt)
+            g32 = {k: g.astype(self.mdt) * inv.astype(self.mdt) for k, g in grads.items()}
+            finite = all(bool(np.isfinite(g).all()) for g in g32.values())
+        return g32, finite
+
+
+class _TorchEngine(_Engine):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        import torch
+
+        self.t = torch
+
+    def cast_tree(self, tree, dtype):
+        return {k: v.detach().to(dtype=dtype, copy=True) for k, v in tree.items()}
+
+    def forward(self, params, inputs):
+        torch = self.t
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            out = outputs_of(self.prog, run_forward(self.prog, self.backend._xp, leaves, inputs))
+        self._saved = (leaves, out)
+        return {k: v.detach() for k, v in out.items()}
+
+    def backward(self, cots, scale):
+        torch = self.t
+        leaves, out = self._saved
+        names = [k for k in cots if out[k].requires_grad]
+        sc = [(cots[k].to(device=out[k].device, dtype=torch.float32) * scale).to(out[k].dtype)
+              for k in names]
+        grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()), sc,
+                                    allow_unused=True) if names else [None] * len(leaves)
+        inv = 1.0 / scale
+        g32 = {k: (g.to(self.mdt) * inv) if g is not None else torch.zeros_like(p, dtype=self.mdt)
+               for (k, p), g in zip(leaves.items(), grads, strict=True)}
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in g32.values()]).all()) \
+            if g32 else True
+        return g32, finite
+
+
+class _JaxEngine(_Engine):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        import jax
+        import jax.numpy as jnp
+
+        self.jnp = jnp
+        prog, mdt = self.prog, self.mdt
+        names = self.names = tuple(prog.param_shapes)
+
+        def fwd(ptuple, inputs):
+            def f(p):
+                return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, p, strict=True)),
+                                                    inputs))
+
+            return jax.vjp(f, ptuple)
+
+        def bwd(pull, out, cots, scale):
+            full = {k: (cots[k].astype(jnp.float32) * scale).astype(v.dtype) if k in cots
+                    else jnp.zeros_like(v) for k, v in out.items()}
+            grads = pull(full)[0]
+            inv = (1.0 / scale).astype(mdt)
+            g32 = {k: g.astype(mdt) * inv for k, g in zip(names, grads, strict=True)}
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in g32.values()])) \
+                if g32 else jnp.bool_(True)
+            return g32, finite
+
+        def cast(tree, dtype):
+            return {k: v.astype(dtype) for k, v in tree.items()}
+
+        wrap = jax.jit if getattr(self.model, "jit", True) else (lambda f, **kw: f)
+        self._fwd, self._bwd = wrap(fwd), wrap(bwd)
+        self._cast = wrap(cast, static_argnums=1)
+
+    def cast_tree(self, tree, dtype):
+        return self._cast(dict(tree), self.jnp.dtype(dtype))
+
+    def forward(self, params, inputs):
+        out, pull = self._fwd(tuple(params[k] for k in self.names), dict(inputs))
+        self._saved = (pull, out)
+        return dict(out)
+
+    def backward(self, cots, scale):
+        pull, out = self._saved
+        g32, finite = self._bwd(pull, out, dict(cots), np.float32(scale))
+        return dict(g32), bool(finite)
+
+
+_ENGINES = {"numpy": _NumpyEngine, "torch": _TorchEngine, "jax": _JaxEngine}
+
+
+def _float_dtypes(state: Any, seen: set[int] | None = None) -> set[str]:
+    """Names of the float dtypes of the arrays inside an optimizer state (any structure)."""
+    seen = set() if seen is None else seen
+    if id(state) in seen:
+        return set()
+    seen.add(id(state))
+    if isinstance(state, OptimizerState):
+        return {state.layout.dtype}
+    if hasattr(state, "dtype") and hasattr(state, "shape"):
+        name = str(state.dtype).removeprefix("torch.")
+        return {name} if name in ("float16", "bfloat16", "float32", "float64") else set()
+    if isinstance(state, Mapping):
+        items: Any = state.values()
+    elif isinstance(state, (list, tuple)):
+        items = state
+    elif hasattr(state, "__dict__") and not callable(state):
+        items = vars(state).values()
+    else:
+        return set()
+    out: set[str] = set()
+    for v in items:
+        out |= _float_dtypes(v, seen)
+    return out
+
+
+class MixedPrecisionTrainer:
+    """Train a half-precision compiled model with float32 master weights and loss scaling.
+
+    Parameters
+    ----------
+    model:
+        A :class:`~mithril.CompiledModel` whose backend computes in float16 or bfloat16 (any
+        float dtype is accepted; with float32 this is plain training with loss scaling).
+    optimizer:
+        A mithril optimizer (or any object with ``init(params)`` / ``update(params, grads,
+        state)``). It updates the float32 masters; a built-in optimizer's backend is re-bound to
+        the float32 twin of the model's backend.
+    params:
+        Initial parameters, any float dtype (typically ``model.get_parameters()``): copied and
+        converted to float32 masters. They are not modified.
+    optimizer_state:
+        The state must be for the float32 masters. If it was initialised on half-precision
+        params (as in the guide: ``optimizer.init(params)`` on the float16 model's params), it
+        is re-initialised on the masters; a built-in ``OptimizerState`` that has already taken
+        steps keeps its step count and slots (converted to float32). Another state type holding
+        half arrays is re-initialised from scratch. ``None`` means ``optimizer.init(masters)``.
+        Read the state in use from :attr:`optimizer_state`.
+    loss_scale, dynamic_loss_scaling, growth_factor, backoff_factor, growth_interval:
+        See :class:`LossScaler` (``torch.amp.GradScaler`` defaults).
+
+    :meth:`backward_and_update` returns ``(params, optimizer_state, success)`` where ``params``
+    are the **float32 master parameters** (:attr:`master_params`); :meth:`compute_params`
+    gives the half-precision copies the model runs on (what you pass to
+    ``model.evaluate``). As with the optimizers' ownership rule, the returned masters may be
+    views that the next update overwrites in place (NumPy/torch) or donates (JAX): copy them
+    if you need a snapshot.
+    """
+
+    def __init__(self, model: Any, optimizer: Any, params: Mapping[str, Any],
+                 optimizer_state: Any = None, loss_scale: float = 2.0**16,
+                 dynamic_loss_scaling: bool = True, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+        backend = getattr(model, "backend", None)
+        if backend is None or getattr(backend, "name", None) not in _ENGINES:
+            raise TypeError("model must be a CompiledModel on a NumPy, JAX or torch backend, "
+                            f"got {type(model).__name__}")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.compute_dtype: str = backend.dtype
+        self.master_dtype: str = "float64" if backend.dtype == "float64" else "float32"
+        #: the model's backend with the master dtype (same kind and device)
+        self.master_backend = copy.copy(backend)
+        self.master_backend.dtype = self.master_dtype
+        self._engine: _Engine = _ENGINES[backend.name](model, self.compute_dtype, self.master_dtype)
+        self.scaler = LossScaler(loss_scale, growth_factor, backoff_factor, growth_interval,
+                                 dynamic=dynamic_loss_scaling)
+
+        self._master = self._to_master(params)
+        self._compute: dict[str, Any] | None = None
+        if isinstance(optimizer, Optimizer):
+            optimizer.backend = self.master_backend
+        self.optimizer_state = self._master_state(optimizer_state)
+
+        self.num_steps = 0            # backward_and_update calls
+        self.num_skipped_steps = 0    # of which skipped (non-finite gradients)
+        self.last_step_skipped = False
+        #: the unscaled float32 gradients of the last backward pass (e.g. for monitoring)
+        self.last_gradients: dict[str, Any] | None = None
+        self._out_shapes: dict[str, tuple] = {}
+
+    # -- conversions -----------------------------------------------------------------------
+    def _to_master(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        b = self.model.backend
+        native = {k: v if b.is_native(v) else b.array(v, self.master_dtype)
+                  for k, v in params.items()}
+        return self._engine.cast_tree(native, self._engine.mdt)
+
+    def _master_state(self, state: Any) -> Any:
+        opt, masters = self.optimizer, self._master
+        if state is None:
+            return opt.init(masters)
+        dtypes = _float_dtypes(state)
+        if not dtypes or dtypes == {self.master_dtype}:
+            return state
+        if isinstance(state, OptimizerState) and isinstance(opt, Optimizer) \
+                and (state.step or state.num_skipped):
+            # carry step counts and slots over to the masters' dtype
+            return opt.load_state_dict(opt.state_dict(state), masters)
+        return opt.init(masters)
+
+    # -- parameters ------------------------------------------------------------------------
+    @property
+    def master_params(self) -> dict[str, Any]:
+        """The float32 master parameters (the ones the optimizer updates)."""
+        return dict(self._master)
+
+    def compute_params(self) -> dict[str, Any]:
+        """Half-precision copies of the masters (what the model evaluates), cached until the
+        next successful update."""
+        if self._compute is None:
+            self._compute = self._engine.cast_tree(self._master, self._engine.cdt)
+        return dict(self._compute)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale."""
+        return self.scaler.scale
+
+    # -- training ----------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Float inputs in another float dtype (e.g. float32 data) are cast to the compute dtype."""
+        b, kinds = self.model.backend, self.model.program.input_kinds
+        out = dict(inputs)
+        for k, v in inputs.items():
+            if kinds.get(k) == "float" and b.is_native(v) and v.dtype != self._engine.cdt:
+                name = b.dtype_name(v)
+                if name in ("float16", "bfloat16", "float32", "float64"):
+                    out[k] = self._engine.cast_tree({k: v}, self._engine.cdt)[k]
+        return out
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluate the model on the half-precision copies; keeps what the backward pass needs.
+
+        Float inputs are cast to the compute dtype. Returns the outputs (compute dtype).
+        """
+        if not isinstance(inputs, Mapping):
+            raise TypeError("forward(inputs): inputs must be a dict keyed by name")
+        self._engine.clear()
+        params, ins = self.model._validate(self.compute_params(), self._prepare_inputs(inputs))
+        out = self._engine.forward(params, ins)
+        self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
+        return out
+
+    def _cotangents(self, loss_gradients: Mapping[str, Any], out_shapes: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+        if not isinstance(loss_gradients, Mapping):
+            raise TypeError("loss_gradients must be a dict keyed by output name")
+        unknown = sorted(set(loss_gradients) - set(out_shapes))
+        if unknown:
+            raise KeyMismatchError(f"loss_gradients: unknown output(s) {unknown} "
+                                   f"(outputs: {sorted(out_shapes)})")
+        cots = {}
+        for k, g in loss_gradients.items():
+            c = self._engine.cotangent(g)
+            if tuple(c.shape) != tuple(out_shapes[k]):
+                raise ShapeError(f"loss gradient '{k}': expected shape {tuple(out_shapes[k])}, "
+                                 f"got {tuple(c.shape)}")
+            cots[k] = c
+        return cots
+
+    def backward_and_update(self, loss_gradients: Mapping[str, Any]
+                            ) -> tuple[dict[str, Any], Any, bool]:
+        """Scaled half-precision backward pass, unscale, finiteness check, optimizer step.
+
+        ``loss_gradients`` maps output names to dLoss/dOutput (any float dtype, or a Python
+        number for a scalar output such as a loss). Returns ``(master_params,
+        optimizer_state, success)``; ``success`` is ``False`` when the step was skipped
+        because a gradient was inf/NaN (the loss scale then backs off).
+        """
+        eng = self._engine
+        if eng._saved is None:
+            raise RuntimeError("backward_and_update() needs a forward() first (one backward per "
+                               "forward)")
+        cots = self._cotangents(loss_gradients, self._out_shapes)
+        scale = self.scaler.scale
+        grads, finite = eng.backward(cots, scale)
+        eng.clear()
+        self.num_steps += 1
+        self.last_gradients = grads
+        if finite:
+            self._master, self.optimizer_state = self.optimizer.update(
+                self._master, grads, self.optimizer_state)
+            self._compute = None
+            st = self.optimizer_state
+            # the optimizer may still refuse the step (e.g. its own checks)
+            success = not getattr(st, "last_step_skipped", False)
+        else:
+            success = False
+            st = self.optimizer_state
+            if isinstance(st, OptimizerState):
+                st.last_step_skipped = True
+                st.num_skipped += 1
+        self.scaler.update(found_inf=not finite)
+        self.last_step_skipped = not success
+        if not success:
+            self.num_skipped_steps += 1
+        return dict(self._master), self.optimizer_state, success
+
+    def step_scheduler(self, scheduler: Any, *args: Any, **kwargs: Any) -> bool:
+        """``scheduler.step(*args, **kwargs)`` unless the last update was skipped; returns
+        whether it stepped. Use it instead of ``scheduler.step()`` so that skipped
+        (overflowing) steps do not advance the learning-rate schedule."""
+        if self.last_step_skipped or self.num_steps == 0:
+            return False
+        scheduler.step(*args, **kwargs)
+        return True
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Scaler and step counters (save the masters and optimizer state separately)."""
+        return {"scaler": self.scaler.state_dict(), "num_steps": self.num_steps,
+                "num_skipped_steps": self.num_skipped_steps}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        self.scaler.load_state_dict(d["scaler"])
+        self.num_steps = int(d["num_steps"])
+        self.num_skipped_steps = int(d["num_skipped_steps"])
+
+    def __repr__(self) -> str:
+        return (f"MixedPrecisionTrainer(compute={self.compute_dtype}, master={self.master_dtype}, "
+                f"loss_scale={self.loss_scale}, steps={self.num_steps}, "
+                f"skipped={self.num_skipped_steps})")
