@@ -7,9 +7,10 @@ early: the result is marked ``interrupted`` and keeps everything measured so far
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,9 @@ class RunConfig:
     seed: int = 0
     hidden: tuple[int, ...] = (128, 64)
     activation: str = "relu"
+    #: BLAS/OpenMP threads while training: the matrices are small, and on a shared 2-core
+    #: machine a second BLAS thread that has to wait for a core makes each step ~10x slower
+    threads: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "settings": dict(self.settings),
@@ -51,7 +55,8 @@ class RunConfig:
                 "backend": self.backend, "dtype": self.dtype,
                 "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
                 "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
-                "hidden": list(self.hidden), "activation": self.activation}
+                "hidden": list(self.hidden), "activation": self.activation,
+                "threads": self.threads}
 
 
 @dataclass
@@ -87,6 +92,25 @@ def make_backend(name: str, dtype: str, seed: int) -> Any:
     except ImportError as exc:
         raise CLIError(f"the {name} backend needs {exc.name or name}: "
                        f"pip install 'mithril[{name}]'") from None
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int, backend: str) -> Iterator[None]:
+    """At most ``threads`` BLAS/OpenMP threads (and torch intra-op threads) inside."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        if backend != "torch":
+            yield
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 class Run:
@@ -180,33 +204,8 @@ class Run:
         interrupted = False
         start = time.perf_counter()
         try:
-            for epoch in range(1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                order = rng.permutation(n)
-                epoch_loss = epoch_correct = 0.0
-                for i in range(0, n, cfg.batch_size):
-                    idx = order[i:i + cfg.batch_size]
-                    lr = self.optimizer.get_learning_rate()
-                    loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
-                    self.schedule.after_step()
-                    steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss,
-                                  "acc": acc, "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
-                    epoch_loss += loss * len(idx)
-                    epoch_correct += acc * len(idx)
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
-                                    acc=f"{acc:.3f}", lr=f"{lr:.3g}", refresh=False)
-                train_s = time.perf_counter() - t0
-                self.schedule.after_epoch(epoch_loss / n)
-                (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
-                epochs.append({"epoch": epoch, "step": len(steps), "train_loss": tr_loss,
-                               "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc,
-                               "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
-                               "lr": self.optimizer.get_learning_rate(), "time_s": train_s})
-                if show_epochs:
-                    log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  "
-                        f"train acc {tr_acc:.2%}  test acc {te_acc:.2%}  "
-                        f"lr {self.optimizer.get_learning_rate():.3g}  ({train_s:.2f} s)")
+            with thread_limit(cfg.threads, cfg.backend):
+                self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -221,3 +220,38 @@ class Run:
                      "test_acc": te_acc}
         return RunResult(cfg, steps, epochs, final, total, interrupted,
                          repr(self.optimizer), self.schedule.description)
+
+    def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
+              epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
+        """The epochs; appends to ``steps`` and ``epochs`` as it goes (so an interrupt keeps
+        every row written so far)."""
+        cfg, data = self.cfg, self.data
+        n = len(data.y_train)
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            order = rng.permutation(n)
+            epoch_loss = epoch_correct = 0.0
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                lr = self.optimizer.get_learning_rate()
+                loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
+                self.schedule.after_step()
+                steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, "acc": acc,
+                              "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
+                epoch_loss += loss * len(idx)
+                epoch_correct += acc * len(idx)
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
+                                acc=f"{acc:.3f}", lr=f"{lr:.3g}", refresh=False)
+            train_s = time.perf_counter() - t0
+            self.schedule.after_epoch(epoch_loss / n)
+            (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
+            lr = self.optimizer.get_learning_rate()
+            epochs.append({"epoch": epoch, "step": len(steps), "train_loss": tr_loss,
+                           "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc,
+                           "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
+                           "lr": lr, "time_s": train_s})
+            if log is not None:
+                log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  "
+                    f"train acc {tr_acc:.2%}  test acc {te_acc:.2%}  lr {lr:.3g}  "
+                    f"({train_s:.2f} s)")

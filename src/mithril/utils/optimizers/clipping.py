@@ -53,7 +53,7 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
         if not math.isfinite(norm):
             raise FloatingPointError(f"clip_gradients: the global gradient norm is {norm}")
         if scale < 1.0:
-            out = {k: g * scale for k, g in out.items()}
+            out = {k: _scale(g, scale) for k, g in out.items()}
     return out
 
 
@@ -67,4 +67,8 @@ def _clip(g: Any, c: float) -> Any:
         import jax.numpy as jnp
 
         return jnp.clip(g, -c, c)
-    return np.clip(g, -c, c)
+    return np.asarray(np.clip(g, -c, c))  # 0-d stays an array, not a NumPy scalar
+
+
+def _scale(g: Any, s: float) -> Any:
+    return np.asarray(g * s) if isinstance(g, np.ndarray) else g * s

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
 #: set to "jit" to run JAX optimizers through the jitted engine even on CPU
 JAX_ENGINE = os.environ.get("MITHRIL_JAX_ENGINE", "auto")
 

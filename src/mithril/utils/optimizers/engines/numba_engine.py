@@ -65,7 +65,7 @@ def kernel(P, {slots}gptr, toff, tsize, gscale, cv, l2, keep{scal}):
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
@@ -94,7 +94,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
     return jit(ns["kernel"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sumsq_kernel(dtype: str) -> Any:
     """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate)."""
     dt = np.dtype(dtype).type

@@ -1,0 +1,143 @@
+"""``mithril compare``: several optimizer configurations on the same task, seed and budget."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    add_common_optimizer_flags,
+    add_output_flags,
+    add_schedule_flags,
+    add_task_flags,
+    run_config,
+)
+from .data import load_digits_split
+from .errors import CLIError
+from .options import OPTIMIZERS, SCHEDULER_NAMES, check_name, parse_spec
+from .plots import compare_figure
+from .report import default_out_dir, ensure_writable_dir, table, write_csv, write_json
+from .train import describe_data, write_run
+from .training import Run, RunResult
+
+DEFAULT_CONFIGS = (
+    "adam:lr=1e-3",
+    "adamw:lr=1e-3,weight_decay=1e-2",
+    "sgd:lr=0.05",
+    "sgd:lr=0.05,momentum=0.9,nesterov",
+    "rmsprop:lr=1e-3",
+    "adagrad:lr=0.05",
+)
+
+DESCRIPTION = """\
+Train the digits MLP once per optimizer configuration, all with the same data split,
+initialisation (seed), batch order, epochs and schedule, and rank them by final test
+accuracy. A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the hyperparameters
+of `mithril train` (lr, momentum, nesterov, beta1, beta2, eps, weight_decay, decay,
+amsgrad, centered, dampening, lr_decay, clip_norm, clip_value) plus `scheduler` and its
+settings (step_size, gamma, t_max, warmup_steps, ...), which replace the shared flags.
+
+Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
+results.json (the ranking), and one folder per configuration with its metrics.csv,
+epochs.csv and summary.json.
+"""
+
+EXAMPLES = """\
+examples:
+  mithril compare
+  mithril compare --configs "adam:lr=1e-3" "sgd:lr=0.1,momentum=0.9" --epochs 10
+  mithril compare --configs "adam:lr=3e-3" "adam:lr=3e-3,scheduler=onecycle" --scheduler none
+"""
+
+RESULT_FIELDS = ("rank", "config", "test_acc", "test_loss", "train_acc", "train_loss",
+                 "steps", "total_s", "interrupted", "optimizer", "schedule", "folder")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("compare", help="compare optimizer configurations on the same task",
+                       description=DESCRIPTION, epilog=EXAMPLES, usage="mithril compare [options]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", metavar="OPTIMIZER[:KEY=VALUE,...]",
+                   default=list(DEFAULT_CONFIGS),
+                   help="configurations to compare (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    add_common_optimizer_flags(p)
+    add_schedule_flags(p)
+    add_task_flags(p)
+    add_output_flags(p, "compare")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_config(text: str) -> tuple[str, dict[str, Any]]:
+    def scheduler(name: str) -> str:
+        return check_name("scheduler", name.lower(), SCHEDULER_NAMES)
+
+    return parse_spec(text, "optimizer", tuple(OPTIMIZERS), special={"scheduler": scheduler})
+
+
+def slug(i: int, text: str) -> str:
+    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
+
+
+def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> list[dict]:
+    rows = [{"config": label, **r.final, "steps": len(r.steps), "total_s": r.total_s,
+             "interrupted": r.interrupted, "optimizer": r.optimizer, "schedule": r.schedule,
+             "folder": folder}
+            for label, r, folder in zip(labels, results, folders)]
+    rows.sort(key=lambda r: (-r["test_acc"], r["test_loss"]))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    data = load_digits_split(args.test_size, args.split_seed)
+    runs: list[tuple[str, Run]] = []
+    for text in args.configs:
+        name, overrides = parse_config(text)
+        try:
+            runs.append((text, Run(run_config(args, name, overrides), data)))
+        except CLIError as exc:
+            raise CLIError(f"config {text!r}: {exc}") from None
+    out = ensure_writable_dir(Path(args.out) if args.out else default_out_dir("compare", args.name))
+    first = runs[0][1]
+    print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
+          f"{args.seed}, {args.backend}; {describe_data(data, first)}")
+    labels: list[str] = []
+    results: list[RunResult] = []
+    folders: list[str] = []
+    interrupted = False
+    for i, (label, r) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {label}: {r.optimizer!r}; schedule {r.schedule.description}")
+        res = r.train(progress=False if args.no_progress else None, desc=label)
+        folder = out / slug(i, label)
+        folder.mkdir(exist_ok=True)
+        write_run(res, folder, r.steps_per_epoch, plot=False)
+        labels.append(label)
+        results.append(res)
+        folders.append(folder.name)
+        print(f"    test acc {res.final['test_acc']:.2%}, test loss {res.final['test_loss']:.4f}"
+              f" ({res.total_s:.1f} s)")
+        if res.interrupted:
+            interrupted = True
+            print("interrupted: ranking the configurations run so far")
+            break
+    rows = ranking(labels, results, folders)
+    files = [write_csv(out / "results.csv", rows, RESULT_FIELDS),
+             write_json(out / "results.json", {"task": "digits", "epochs": args.epochs,
+                                               "batch_size": args.batch_size, "seed": args.seed,
+                                               "backend": args.backend, "results": rows})]
+    if not args.no_plot:
+        title = (f"digits MLP {list(args.hidden)} · {args.backend} · {args.epochs} epochs × "
+                 f"{first.steps_per_epoch} steps · seed {args.seed}")
+        files.append(compare_figure(results, labels, out / "compare.png",
+                                    first.steps_per_epoch, title))
+    print()
+    print(table(["rank", "config", "test acc", "test loss", "train acc", "train loss", "time"],
+                [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",
+                  f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"]
+                 for r in rows], align="rlrrrrr"))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 130 if interrupted else 0
