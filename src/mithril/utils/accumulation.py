@@ -47,7 +47,9 @@ def _copy(x: Any) -> Any:
     if mod == "torch":
         return x.detach().clone()
     if mod in ("jax", "jaxlib"):
-        return x  # immutable
+        import jax.numpy as jnp
+
+        return jnp.array(x, copy=True)  # on CPU, optimizer-owned JAX arrays change in place
     return np.array(x, copy=True)
 
 

@@ -37,6 +37,9 @@ What happens in one step:
    ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
    result is finite in float32). The scale is held in float32 as in torch. With
    ``dynamic_loss_scaling=False`` the scale stays fixed (non-finite steps are still skipped).
+   Note that float16's largest value is 65504: with the default scale 2**16 a loss gradient of
+   1.0 (``{"loss": 1.0}``) already overflows, so the first step is skipped and the scale
+   settles at 2**15 (as with GradScaler when the loss itself is float16).
 
 Learning-rate schedules must not advance on skipped steps: call
 :meth:`~MixedPrecisionTrainer.step_scheduler` (steps the scheduler only when the last update
@@ -151,6 +154,10 @@ class _Engine:
     def cast_tree(self, tree: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    def to_master(self, tree: Mapping[str, Any]) -> dict[str, Any]:
+        """Independent master-dtype copies."""
+        return self.cast_tree(tree, self.mdt)
+
     def cotangent(self, c: Any) -> Any:
         """A user loss gradient as a native array (any float dtype; scalars allowed)."""
         b = self.backend
@@ -259,6 +266,11 @@ class _JaxEngine(_Engine):
 
     def cast_tree(self, tree, dtype):
         return self._cast(dict(tree), self.jnp.dtype(dtype))
+
+    def to_master(self, tree):
+        # real copies: jit may forward an unchanged input, and on CPU the optimizers update
+        # their JAX param arrays in place (aliased host buffers)
+        return {k: self.jnp.array(v, dtype=self.mdt, copy=True) for k, v in tree.items()}
 
     def forward(self, params, inputs):
         out, pull = self._fwd(tuple(params[k] for k in self.names), dict(inputs))
@@ -371,7 +383,7 @@ class MixedPrecisionTrainer:
         b = self.model.backend
         native = {k: v if b.is_native(v) else b.array(v, self.master_dtype)
                   for k, v in params.items()}
-        return self._engine.cast_tree(native, self._engine.mdt)
+        return self._engine.to_master(native)
 
     def _master_state(self, state: Any) -> Any:
         opt, masters = self.optimizer, self._master
