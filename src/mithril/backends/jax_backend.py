@@ -30,11 +30,11 @@ class JaxBackend(Backend):
         import jax
         import jax.numpy as jnp
 
-        if isinstance(data, jax.Array) and dtype is None:
-            return data if data.dtype.kind != "f" else data.astype(self.dtype)
-        a = np.asarray(data) if not isinstance(data, jax.Array) else data
+        a = data if isinstance(data, jax.Array) else np.asarray(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             dtype = self.dtype
+        if isinstance(a, jax.Array):  # stays where it is
+            return a if dtype is None else a.astype(dtype)
         return jax.device_put(jnp.asarray(a, dtype=dtype), self.device)
 
     def to_numpy(self, x: Any) -> np.ndarray:

@@ -44,6 +44,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                    help="hidden layer sizes of the MLP (default: 128 64)")
     g.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid", "leaky_relu"),
                    default="relu", help="hidden activation (default: relu)")
+    g.add_argument("--threads", type=positive_int, default=1,
+                   help="BLAS/OpenMP threads while training (default: 1, the fastest for this "
+                        "small model, and robust when other jobs share the cores)")
     g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="none",
                    help="compute in float16/bfloat16 with float32 master weights and dynamic "
                         "loss scaling (default: none)")
@@ -75,6 +78,9 @@ def add_output_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on a terminal only anyway); one line per "
                         "epoch instead")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check every setting, print what would run, and stop before training "
+                        "or writing anything")
 
 
 def scheduler_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
@@ -96,4 +102,5 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
                      backend=args.backend, dtype=args.dtype,
                      mixed_precision=args.mixed_precision, loss_scale=args.loss_scale,
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     hidden=tuple(args.hidden), activation=args.activation)
+                     hidden=tuple(args.hidden), activation=args.activation,
+                     threads=args.threads)

@@ -101,16 +101,23 @@ def run(args: argparse.Namespace) -> int:
             runs.append((text, Run(run_config(args, name, overrides), data)))
         except CLIError as exc:
             raise CLIError(f"config {text!r}: {exc}") from None
-    out = ensure_writable_dir(Path(args.out) if args.out else default_out_dir("compare", args.name))
+    out = Path(args.out) if args.out else default_out_dir("compare", args.name)
+    if not args.dry_run:
+        ensure_writable_dir(out)
     first = runs[0][1]
     print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
           f"{args.seed}, {args.backend}; {describe_data(data, first)}")
+    if args.dry_run:
+        for label, r in runs:
+            print(f"  {label}: {r.optimizer_repr}; schedule {r.schedule.description}")
+        print(f"dry run: would train {len(runs)} x {first.total_steps} steps and write to {out}")
+        return 0
     labels: list[str] = []
     results: list[RunResult] = []
     folders: list[str] = []
     interrupted = False
     for i, (label, r) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {label}: {r.optimizer!r}; schedule {r.schedule.description}")
+        print(f"[{i}/{len(runs)}] {label}: {r.optimizer_repr}; schedule {r.schedule.description}")
         res = r.train(progress=False if args.no_progress else None, desc=label)
         folder = out / slug(i, label)
         folder.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ The objects built here are the library's own: :mod:`mithril.utils.optimizers` an
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +197,12 @@ def build_optimizer(name: str, settings: Mapping[str, Any]) -> Optimizer:
     try:
         return kind.cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise CLIError(f"invalid hyperparameter for {name}: {exc}") from None
+        msg = str(exc)
+        flags = [OPTIONS[o].flag for o, arg in [*kind.args.items(),
+                                                  *((c.name, c.name) for c in COMMON_OPTIONS)]
+                 if msg.startswith(arg + " ") or msg.startswith(arg + "=")]
+        hint = f" ({flags[0]})" if flags else ""
+        raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}") from None
 
 
 # -- schedulers ----------------------------------------------------------------------------
@@ -291,18 +297,23 @@ class Schedule:
     """The learning-rate schedule of a run, driven by the training loop.
 
     ``after_step()`` follows every optimizer update and ``after_epoch(loss)`` every epoch
-    (only ``plateau`` listens to it, with the epoch's mean training loss).
+    (only ``plateau`` listens to it, with the epoch's mean training loss). After the last of
+    ``total_steps`` updates the schedule is not advanced: no step uses that rate, and one-cycle
+    would extrapolate past its end (to a negative rate with linear annealing).
     """
 
     def __init__(self, per_step: lrs.LRScheduler | None, plateau: lrs.ReduceLROnPlateau | None,
-                 warmup_steps: int, description: str) -> None:
+                 warmup_steps: int, total_steps: int, description: str) -> None:
         self.per_step, self.plateau = per_step, plateau
-        self.warmup_steps, self.description = warmup_steps, description
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.description = description
         self.steps = 0
 
     def after_step(self) -> None:
         self.steps += 1
-        if self.per_step is not None and (self.plateau is None or self.steps <= self.warmup_steps):
+        if self.per_step is None or self.steps >= self.total_steps:
+            return
+        if self.plateau is None or self.steps <= self.warmup_steps:
             self.per_step.step()
 
     def after_epoch(self, train_loss: float) -> None:
@@ -334,8 +345,8 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
                            + _takes(names))
     for n, own in specs:
         for key in own:
-            if key in OPTIONS and OPTIONS[key] in SCHEDULER_OPTIONS and key not in SCHEDULERS[n][0]:
-                raise CLIError(f"{key} does not apply to scheduler {n}" + _takes([n]))
+            if key not in SCHEDULERS[n][0]:
+                raise CLIError(f"{key} is not a setting of scheduler {n}" + _takes([n]))
     length = total_steps - warmup
     switch_at = list(settings.get("switch_at") or [])
     if len(specs) > 1 and "plateau" in names:
@@ -377,10 +388,26 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
                                                  lr, after_scheduler=main)
         except (ValueError, TypeError) as exc:
             raise CLIError(f"invalid warm-up: {exc}") from None
+    if per_step is not None and plateau is None:
+        _check_rates(per_step, total_steps)
     desc = " → ".join(names) if len(names) > 1 else names[0]
     if warmup:
         desc = f"warm-up {warmup} steps → {desc}"
-    return Schedule(per_step, plateau, warmup, desc)
+    return Schedule(per_step, plateau, warmup, total_steps, desc)
+
+
+def _check_rates(scheduler: lrs.LRScheduler, total_steps: int) -> None:
+    """Every step's rate must be a valid learning rate (closed forms: checked up front rather
+    than failing in the middle of training)."""
+    for t in range(total_steps):
+        try:
+            lr = scheduler.get_lr_at(t)
+        except OverflowError:
+            lr = math.inf
+        except ValueError as exc:
+            raise CLIError(f"the schedule has no valid learning rate at step {t}: {exc}") from None
+        if not (math.isfinite(lr) and lr >= 0):
+            raise CLIError(f"the schedule gives learning rate {lr} at step {t}; check its settings")
 
 
 def _takes(names: Sequence[str]) -> str:

@@ -74,7 +74,8 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
 
     cfg = result.config
     status = "  [interrupted]" if result.interrupted else ""
-    fig.suptitle(f"digits MLP {list(cfg.hidden)} · {cfg.backend} · {result.optimizer}\n"
+    fig.suptitle(f"digits MLP {list(cfg.hidden)} · {cfg.backend} · {result.label} · "
+                 f"batch {cfg.batch_size} · seed {cfg.seed}\n"
                  f"schedule: {result.schedule} · test acc {result.final['test_acc']:.2%}{status}",
                  fontsize=9)
     fig.savefig(path, dpi=110)

@@ -64,11 +64,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
               extra: dict[str, Any] | None = None) -> list[Path]:
     """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
-    files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS),
+    extra_fields = ("loss_scale",) if result.config.mixed_precision != "none" else ()
+    files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS + extra_fields),
              write_csv(out / "epochs.csv", result.epochs, EPOCH_FIELDS)]
     times = [e["time_s"] for e in result.epochs]
     summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
-               "schedule": result.schedule, "final": result.final,
+               "label": result.label, "schedule": result.schedule, "final": result.final,
                "steps": len(result.steps), "epochs_completed": len(result.epochs),
                "interrupted": result.interrupted, "total_s": result.total_s,
                "epoch_s": times, **(extra or {})}
@@ -105,13 +106,18 @@ def run(args: argparse.Namespace) -> int:
     data = load_digits_split(args.test_size, args.split_seed)
     cfg = run_config(args, args.optimizer)
     training = Run(cfg, data)  # validates every setting before any file or step
-    out = ensure_writable_dir(Path(args.out) if args.out else default_out_dir("train", args.name))
+    out = Path(args.out) if args.out else default_out_dir("train", args.name)
+    if not args.dry_run:
+        ensure_writable_dir(out)
     print(f"mithril train: MLP {[data.num_features, *cfg.hidden, data.num_classes]} "
           f"({cfg.activation}) on {cfg.backend} "
           f"{cfg.dtype if cfg.mixed_precision == 'none' else cfg.mixed_precision}")
-    print(f"  optimizer: {training.optimizer!r}")
+    print(f"  optimizer: {training.optimizer_repr}")
     print(f"  schedule:  {training.schedule.description}")
     print(f"  {describe_data(data, training)}; {cfg.epochs} epochs")
+    if args.dry_run:
+        print(f"dry run: would train {training.total_steps} steps and write to {out}")
+        return 0
     result = training.train(progress=False if args.no_progress else None, desc="train", log=print)
     files = write_run(result, out, training.steps_per_epoch, plot=not args.no_plot)
     print()

@@ -21,7 +21,7 @@ import mithril as ml
 from ..utils.optimizers import global_norm
 from .data import Dataset
 from .errors import CLIError
-from .options import Schedule, build_optimizer, build_schedule
+from .options import COMMON_OPTIONS, OPTIMIZERS, Schedule, build_optimizer, build_schedule
 
 BACKENDS = ("numpy", "jax", "torch")
 MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
@@ -67,7 +67,8 @@ class RunResult:
     final: dict[str, float]
     total_s: float
     interrupted: bool
-    optimizer: str
+    optimizer: str  #: repr of the optimizer as built (every hyperparameter)
+    label: str  #: short form: name, learning rate and the options that were set
     schedule: str
 
 
@@ -113,6 +114,18 @@ def thread_limit(threads: int, backend: str) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
+    """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
+    parts = [f"lr={optimizer.get_learning_rate():g}"]
+    for key in (*OPTIMIZERS[name].args, *(o.name for o in COMMON_OPTIONS)):
+        value = settings.get(key)
+        if key == "lr" or value is None:
+            continue
+        parts.append(key if value is True else f"{key}={value:g}" if isinstance(value, float)
+                     else f"{key}={value}")
+    return f"{name}({', '.join(parts)})"
+
+
 class Run:
     """A compiled model, its parameters, optimizer and schedule, ready to train."""
 
@@ -131,6 +144,8 @@ class Run:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         # cheap validation first: optimizer and schedule (their ValueErrors become CLIErrors)
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings)
+        self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
+        self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
         self.schedule: Schedule = build_schedule(self.optimizer, cfg.schedulers, cfg.settings,
                                                  self.total_steps)
         dtype = MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype
@@ -138,8 +153,12 @@ class Run:
         self.compiled = ml.compile(build_model(cfg.hidden, data.num_classes, cfg.activation), be,
                                    shapes={"input": [None, data.num_features]})
         self.params = self.compiled.get_parameters()
-        self.state = self.optimizer.init(self.params)
-        self.trainer = self._mixed_precision_trainer() if cfg.mixed_precision != "none" else None
+        if cfg.mixed_precision == "none":
+            self.trainer = None
+            self.state = self.optimizer.init(self.params)
+        else:  # the trainer initialises the state on its float32 master weights
+            self.trainer = self._mixed_precision_trainer()
+            self.state = self.trainer.optimizer_state
         self.sets = {"train": (be.array(data.x_train), be.array(data.y_train, be.int_dtype),
                                data.y_train),
                      "test": (be.array(data.x_test), be.array(data.y_test, be.int_dtype),
@@ -151,21 +170,24 @@ class Run:
         except ImportError as exc:
             raise CLIError(f"--mixed-precision needs mithril.utils.mixed_precision ({exc})") from None
         try:
-            return MixedPrecisionTrainer(self.compiled, self.optimizer, self.params, self.state,
+            return MixedPrecisionTrainer(self.compiled, self.optimizer, self.params, None,
                                          loss_scale=self.cfg.loss_scale, dynamic_loss_scaling=True)
         except ValueError as exc:
             raise CLIError(f"invalid mixed-precision setting: {exc}") from None
 
     # -- one step, evaluation ------------------------------------------------------------------
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, bool]:
-        """One update on a batch: (loss, accuracy, gradient norm, skipped)."""
+        """One update on a batch: (loss, accuracy, gradient norm, skipped).
+
+        With mixed precision ``self.params`` are the float32 master weights."""
         be = self.backend
         inputs = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
         if self.trainer is not None:
             out = self.trainer.forward(inputs)
             self.params, self.state, ok = self.trainer.backward_and_update({"loss": 1.0})
-            norm = getattr(self.state, "last_grad_norm", None)
             skipped = not ok
+            norm = global_norm(self.trainer.last_gradients) if skipped \
+                else self.state.last_grad_norm
         else:
             out, grads = self.compiled.evaluate(self.params, inputs, output_gradients={"loss": 1.0})
             self.params, self.state = self.optimizer.update(self.params, grads, self.state)
@@ -181,7 +203,8 @@ class Run:
     def evaluate(self, which: str) -> tuple[float, float]:
         """(mean loss, accuracy) on the whole ``"train"`` or ``"test"`` set."""
         x, y, labels = self.sets[which]
-        out = self.compiled.evaluate(self.params, {"input": x, "target": y})
+        params = self.params if self.trainer is None else self.trainer.compute_params()
+        out = self.compiled.evaluate(params, {"input": x, "target": y})
         logits = self.backend.to_numpy(out["logits"])
         return float(self.backend.to_numpy(out["loss"])), \
             float(np.mean(np.argmax(logits, axis=-1) == labels))
@@ -193,9 +216,8 @@ class Run:
         it on a terminal only; ``log`` gets one line per epoch when there is no bar."""
         from tqdm import tqdm
 
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
-        n = len(data.y_train)
         steps: list[dict[str, Any]] = []
         epochs: list[dict[str, Any]] = []
         bar = tqdm(total=self.total_steps, desc=desc, unit="step", dynamic_ncols=True,
@@ -215,11 +237,12 @@ class Run:
             last = epochs[-1]
             final = {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
         else:  # interrupted inside an epoch: measure where the parameters are now
-            (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
+            with thread_limit(cfg.threads, cfg.backend):
+                (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
             final = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
                      "test_acc": te_acc}
-        return RunResult(cfg, steps, epochs, final, total, interrupted,
-                         repr(self.optimizer), self.schedule.description)
+        return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
+                         self.label, self.schedule.description)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
               epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
@@ -235,9 +258,12 @@ class Run:
                 idx = order[i:i + cfg.batch_size]
                 lr = self.optimizer.get_learning_rate()
                 loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
-                self.schedule.after_step()
+                if not skipped:  # a skipped (non-finite) step does not advance the schedule
+                    self.schedule.after_step()
                 steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, "acc": acc,
                               "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
+                if self.trainer is not None:
+                    steps[-1]["loss_scale"] = self.trainer.loss_scale
                 epoch_loss += loss * len(idx)
                 epoch_correct += acc * len(idx)
                 bar.update(1)
