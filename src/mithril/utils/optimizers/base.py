@@ -56,6 +56,8 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
 
 
 def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
+    if isinstance(value, (str, bytes, bool)):  # float("0.1") / float(True) would pass
+        raise TypeError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -189,6 +191,9 @@ class Optimizer:
             if self._backend.dtype_name(p) != layout.dtype:
                 raise TypeError(f"params['{name}'] has dtype {self._backend.dtype_name(p)}; all "
                                 f"parameters of one optimizer must share a dtype ({layout.dtype})")
+        if params and layout.dtype not in ("float16", "bfloat16", "float32", "float64"):
+            raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
+                            f"optimizers need floating-point parameters")
         engine = engine_for(self._backend, layout)
         layout = engine.layout  # an engine may pad offsets for alignment
         slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import types
 from numba.extending import overload
+from numba.np import numpy_support
 
 
 def _module_of(x: Any) -> str:
@@ -35,7 +37,7 @@ def maximum(a: Any, b: Any) -> Any:
     if mod == "torch":
         import torch
 
-        return torch.maximum(a, b)
+        return torch.maximum(a, b) if isinstance(b, torch.Tensor) else torch.clamp_min(a, b)
     if mod in ("jax", "jaxlib"):
         import jax.numpy as jnp
 
@@ -50,4 +52,8 @@ def _sqrt_nb(x):  # pragma: no cover - compiled by numba
 
 @overload(maximum)
 def _maximum_nb(a, b):  # pragma: no cover - compiled by numba
+    if isinstance(a, types.Float) and isinstance(b, (types.Float, types.Integer)) and a != b:
+        # keep a's precision: maximum(float32, 0.0) must not widen a float32 kernel to float64
+        cast = numpy_support.as_dtype(a).type
+        return lambda a, b: a if a >= cast(b) else cast(b)
     return lambda a, b: a if a >= b else b

@@ -1,0 +1,61 @@
+"""Shared fixtures: the three backends, and helpers to move data between them.
+
+JAX's ``float64`` switches on ``jax_enable_x64`` for the whole process, so tests that
+need a float64 JAX backend run it in a subprocess (:func:`run_python`) and every
+in-process JAX backend here is float32 or narrower.
+
+Each test process computes on one thread: ``pytest -n 2`` already runs one process per
+core, and two OpenMP pools spinning on two cores can slow torch down a hundredfold.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before NumPy / torch load their thread pools
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend  # noqa: E402
+
+torch.set_num_threads(1)
+
+BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend_cls(request):
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def backend(backend_cls):
+    """A float32 backend, seeded with 0."""
+    return backend_cls(dtype="float32", seed=0)
+
+
+def to_np(backend, x) -> np.ndarray:
+    """``x`` as a float64 (or integer) NumPy array, whatever its backend and dtype."""
+    a = backend.to_numpy(x)
+    return a.astype(np.float64) if a.dtype.kind not in "iub" else a
+
+
+def np_dict(backend, d) -> dict[str, np.ndarray]:
+    return {k: to_np(backend, v) for k, v in d.items()}
+
+
+def run_python(code: str, timeout: float = 120) -> str:
+    """Run ``code`` in a fresh interpreter (for process-global state such as JAX x64);
+    returns its stdout, failing the test with its stderr if it exits non-zero."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout
