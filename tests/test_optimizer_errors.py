@@ -1,0 +1,246 @@
+"""Invalid hyperparameters and inputs give clear errors and leave params and state untouched.
+
+Every error names the offending hyperparameter or key. ``KeyMismatchError`` subclasses
+``KeyError``, ``ShapeError`` subclasses ``ValueError``; dtype / type problems are ``TypeError``.
+After a failed ``update`` the caller's params, the state's step count, skip count and every
+slot are exactly as before, and a following valid update works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mithril.errors import KeyMismatchError, ShapeError
+from mithril.utils.optimizers import SGD, AdaGrad, Adam, AdamW, OptimizerState, RMSProp
+
+BACKENDS = ["numpy", "torch", "jax"]
+
+
+def native(backend, a):
+    if backend == "torch":
+        return torch.tensor(a)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+    return np.array(a)
+
+
+def host(x):
+    return x.detach().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameters
+# ---------------------------------------------------------------------------------------------
+
+BAD_HYPERPARAMETERS = [
+    # (class, kwargs, exception, words the message must contain)
+    (SGD, {"learning_rate": -0.1}, ValueError, ["learning_rate", "-0.1"]),
+    (Adam, {"learning_rate": -1e-3}, ValueError, ["learning_rate"]),
+    (AdamW, {"learning_rate": math.inf}, ValueError, ["learning_rate", "finite"]),
+    (RMSProp, {"learning_rate": math.nan}, ValueError, ["learning_rate"]),
+    (AdaGrad, {"learning_rate": -1}, ValueError, ["learning_rate"]),
+    (Adam, {"learning_rate": "0.01"}, TypeError, ["learning_rate", "number"]),
+    (Adam, {"learning_rate": None}, TypeError, ["learning_rate"]),
+    (Adam, {"learning_rate": True}, TypeError, ["learning_rate"]),
+    (Adam, {"beta1": 1.0}, ValueError, ["beta1", "[0, 1)"]),
+    (Adam, {"beta1": -0.1}, ValueError, ["beta1"]),
+    (Adam, {"beta2": 1.5}, ValueError, ["beta2", "[0, 1)"]),
+    (AdamW, {"beta2": 1.0}, ValueError, ["beta2"]),
+    (Adam, {"beta1": math.nan}, ValueError, ["beta1"]),
+    (Adam, {"epsilon": 0.0}, ValueError, ["epsilon", "> 0"]),
+    (Adam, {"epsilon": -1e-8}, ValueError, ["epsilon"]),
+    (RMSProp, {"epsilon": 0}, ValueError, ["epsilon"]),
+    (AdaGrad, {"epsilon": -1.0}, ValueError, ["epsilon"]),
+    (RMSProp, {"decay": 1.0}, ValueError, ["decay", "[0, 1)"]),
+    (RMSProp, {"momentum": -0.5}, ValueError, ["momentum"]),
+    (SGD, {"momentum": 1.0}, ValueError, ["momentum", "[0, 1)"]),
+    (SGD, {"momentum": -0.9}, ValueError, ["momentum"]),
+    (SGD, {"momentum": 0.9, "dampening": 1.5}, ValueError, ["dampening"]),
+    (SGD, {"momentum": 0.9, "dampening": -0.1}, ValueError, ["dampening"]),
+    (SGD, {"nesterov": True}, ValueError, ["nesterov", "momentum"]),
+    (SGD, {"momentum": 0.9, "dampening": 0.1, "nesterov": True}, ValueError, ["nesterov", "dampening"]),
+    (AdaGrad, {"lr_decay": -0.1}, ValueError, ["lr_decay"]),
+    (AdaGrad, {"initial_accumulator_value": -1.0}, ValueError, ["initial_accumulator_value"]),
+    (Adam, {"weight_decay": -1e-4}, ValueError, ["weight_decay"]),
+    (SGD, {"weight_decay": math.inf}, ValueError, ["weight_decay"]),
+    (Adam, {"clip_norm": 0.0}, ValueError, ["clip_norm"]),
+    (SGD, {"clip_norm": -1.0}, ValueError, ["clip_norm"]),
+    (Adam, {"clip_value": 0}, ValueError, ["clip_value"]),
+    (Adam, {"nonfinite": "ignore"}, ValueError, ["nonfinite", "skip", "raise", "propagate"]),
+    (Adam, {"betas": (0.9, 0.999)}, TypeError, ["betas"]),  # mithril spells them beta1/beta2
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, exc, words", BAD_HYPERPARAMETERS,
+                         ids=[f"{c.__name__}-{'-'.join(k)}" for c, k, _, _ in BAD_HYPERPARAMETERS])
+def test_bad_hyperparameters(cls, kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        cls(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_boundary_hyperparameters_are_accepted():
+    Adam(learning_rate=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0)
+    SGD(learning_rate=np.float32(0.1), momentum=0.0, dampening=1.0)
+    RMSProp(decay=0.0, momentum=0.0)
+    AdaGrad(initial_accumulator_value=0.0, lr_decay=0.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, "0.1", None])
+def test_set_learning_rate_rejects_and_keeps_old_value(bad):
+    opt = Adam(learning_rate=0.01)
+    with pytest.raises((ValueError, TypeError), match="learning_rate"):
+        opt.set_learning_rate(bad)
+    assert opt.get_learning_rate() == 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs to init / update: nothing changes
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup(backend, opt=None):
+    """Params and state after one valid step (so slots and step are non-trivial)."""
+    rng = np.random.default_rng(0)
+    p_np = {"w": rng.standard_normal((3, 2)).astype(np.float32),
+            "b": rng.standard_normal(2).astype(np.float32)}
+    g_np = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p_np.items()}
+    opt = opt or Adam(0.1)
+    params = {k: native(backend, v) for k, v in p_np.items()}
+    state = opt.init(params)
+    params, state = opt.update(params, {k: native(backend, v) for k, v in g_np.items()}, state)
+    return opt, params, state, g_np
+
+
+def _snapshot(params, state):
+    return ({k: host(v) for k, v in params.items()},
+            {s: host(v) for s, v in state.slots.items()},
+            (state.step, state.num_skipped, state.last_step_skipped))
+
+
+def _assert_untouched(params, state, snap):
+    p, slots, counters = snap
+    assert list(params) == list(p)
+    for k in p:
+        np.testing.assert_array_equal(host(params[k]), p[k])
+    for s in slots:
+        np.testing.assert_array_equal(host(state.slots[s]), slots[s])
+    assert (state.step, state.num_skipped, state.last_step_skipped) == counters
+
+
+def _bad_updates(backend):
+    """(label, callable(params, grads_ok, state, opt) -> bad call, exception, words)."""
+    f32 = np.float32
+    other = "numpy" if backend != "numpy" else "torch"
+    return [
+        ("unknown gradient key", lambda p, g, s, o: o.update(p, {**g, "extra": g["b"]}, s),
+         KeyMismatchError, ["extra", "unknown"]),
+        ("gradient shape", lambda p, g, s, o: o.update(
+            p, {"w": native(backend, np.ones((2, 3), f32))}, s), ShapeError, ["'w'", "(2, 3)", "(3, 2)"]),
+        ("gradient dtype", lambda p, g, s, o: o.update(
+            p, {"w": native(backend, np.ones((3, 2), np.float16))}, s), TypeError, ["'w'", "float16", "float32"]),
+        ("gradient of another backend", lambda p, g, s, o: o.update(
+            p, {"b": native(other, np.ones(2, f32))}, s), TypeError, ["'b'", backend]),
+        ("param missing", lambda p, g, s, o: o.update({"w": p["w"]}, {"w": g["w"]}, s),
+         KeyMismatchError, ["missing", "'b'"]),
+        ("param unknown", lambda p, g, s, o: o.update({**p, "z": p["b"]}, g, s),
+         KeyMismatchError, ["unknown", "'z'"]),
+        ("param shape", lambda p, g, s, o: o.update(
+            {"w": native(backend, np.ones((2, 3), f32)), "b": p["b"]}, g, s), ShapeError, ["'w'", "(2, 3)"]),
+        ("param dtype", lambda p, g, s, o: o.update(
+            {"w": native(backend, np.ones((3, 2), np.float16)), "b": p["b"]}, g, s), TypeError, ["'w'"]),
+        ("state of another optimizer", lambda p, g, s, o: SGD(0.1, momentum=0.9).update(p, g, s),
+         ValueError, ["Adam", "SGD"]),
+        ("state of Adam without amsgrad", lambda p, g, s, o: Adam(amsgrad=True).update(p, g, s),
+         ValueError, ["vmax"]),
+        ("state not an OptimizerState", lambda p, g, s, o: o.update(p, g, dict(s.slots)),
+         TypeError, ["state", "init"]),
+        ("gradients not a dict", lambda p, g, s, o: o.update(p, list(g.values()), s),
+         TypeError, ["gradients", "dict"]),
+        ("params not a dict", lambda p, g, s, o: o.update(list(p.values()), g, s),
+         TypeError, ["params", "dict"]),
+        ("gradients None", lambda p, g, s, o: o.update(p, None, s), TypeError, ["gradients"]),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_updates_raise_and_change_nothing(backend):
+    opt, params, state, g_np = _setup(backend)
+    snap = _snapshot(params, state)
+    for label, call, exc, words in _bad_updates(backend):
+        grads = {k: native(backend, v) for k, v in g_np.items()}
+        with pytest.raises(exc) as info:
+            call(params, grads, state, opt)
+        for w in words:
+            assert w in str(info.value), (label, w, str(info.value))
+        _assert_untouched(params, state, snap)
+    # still usable afterwards
+    params, state = opt.update(params, {k: native(backend, v) for k, v in g_np.items()}, state)
+    assert state.step == 2
+
+
+def test_key_and_shape_errors_are_builtin_subclasses():
+    assert issubclass(KeyMismatchError, KeyError) and issubclass(ShapeError, ValueError)
+    _, params, state, g_np = _setup("numpy")
+    with pytest.raises(KeyError) as info:
+        Adam(0.1).update(params, {"nope": g_np["b"]}, state)
+    assert "nope" in str(info.value) and not str(info.value).startswith('"')
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_init_inputs(backend):
+    opt = Adam()
+    with pytest.raises(TypeError, match="params must be a dict"):
+        opt.init([native(backend, np.ones(2, np.float32))])
+    with pytest.raises(TypeError, match="params must be a dict"):
+        Adam().init(None)
+    with pytest.raises(TypeError, match=r"params\['b'\]"):
+        Adam().init({"a": native(backend, np.ones(2, np.float32)), "b": [1.0, 2.0]})
+    with pytest.raises(TypeError, match=r"params\['b'\].*share a dtype"):
+        Adam().init({"a": native(backend, np.ones(2, np.float32)),
+                     "b": native(backend, np.ones(2, np.float16))})
+    with pytest.raises(TypeError, match=r"params\['a'\].*floating-point"):
+        Adam().init({"a": native(backend, np.ones(2, np.int32))})
+
+
+def test_params_of_another_backend_than_the_state():
+    opt, params, state, g_np = _setup("numpy")
+    snap = _snapshot(params, state)
+    tparams = {k: torch.tensor(v) for k, v in snap[0].items()}
+    with pytest.raises(TypeError, match="numpy"):
+        opt.update(tparams, {k: torch.tensor(v) for k, v in g_np.items()}, state)
+    _assert_untouched(params, state, snap)
+
+
+def test_nonfinite_raise_changes_nothing():
+    opt, params, state, g_np = _setup("numpy", Adam(0.1, nonfinite="raise"))
+    snap = _snapshot(params, state)
+    bad = {k: v.copy() for k, v in g_np.items()}
+    bad["w"][0, 1] = np.inf
+    with pytest.raises(FloatingPointError, match=r"\['w'\]"):
+        opt.update(params, bad, state)
+    _assert_untouched(params, state, snap)
+
+
+def test_state_for_other_params_of_same_optimizer():
+    opt, params, state, g_np = _setup("numpy")
+    snap = _snapshot(params, state)
+    other = {"w": params["w"], "c": params["b"]}
+    with pytest.raises(KeyMismatchError, match=r"missing \['b'\], unknown \['c'\]"):
+        opt.update(other, {"w": g_np["w"]}, state)
+    _assert_untouched(params, state, snap)
+
+
+def test_empty_params():
+    opt = Adam()
+    state = opt.init({})
+    assert isinstance(state, OptimizerState)
+    params, state = opt.update({}, {}, state)
+    assert params == {} and state.step == 1
