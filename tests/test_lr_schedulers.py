@@ -214,12 +214,13 @@ def test_reduce_on_plateau_matches_torch_exactly(kwargs: dict) -> None:
         assert ours[-1] == pytest.approx(kwargs["min_lr"], rel=1e-12)
 
 
-def test_reduce_on_plateau_requires_metric() -> None:
+def test_reduce_on_plateau_without_metric_warns_and_changes_nothing() -> None:
     opt = FakeOpt(0.1)
-    sched = ReduceLROnPlateau(opt)
-    with pytest.raises(TypeError, match="metric"):
-        sched.step()
-    assert sched.last_step == 0
+    sched = ReduceLROnPlateau(opt, patience=0)
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match="without the monitored metric"):
+            sched.step()
+    assert sched.last_step == 0 and sched.num_bad_epochs == 0 and opt.get_learning_rate() == 0.1
     sched.step(np.float64(1.0))  # anything float() accepts
     assert sched.best == 1.0 and sched.last_step == 1
     with pytest.raises(NotImplementedError):
@@ -353,9 +354,9 @@ def test_linear_warmup_with_plateau_after_scheduler() -> None:
     assert opt.lr == 0.4 and plat.best == 1.0
     warm.step(1.0)  # not better -> bad epoch 1 > patience 0 -> halve
     assert opt.lr == 0.2 and warm.get_last_lr() == 0.2
-    with pytest.raises(TypeError, match="metric"):
+    with pytest.warns(RuntimeWarning, match="metric"):
         warm.step()
-    assert warm.last_step == 4
+    assert warm.last_step == 4 and opt.lr == 0.2
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +431,8 @@ def test_sequential_with_plateau_child_hand_computed() -> None:
     assert lrs == [0.025, 0.05, 0.07500000000000001, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]
     assert seq.last_step == 10 and plat.last_step == 6 and plat.best == 0.5
     assert seq.get_last_lr() == 0.025
-    with pytest.raises(TypeError, match="metric"):
-        seq.step()  # plateau active: a metric is required
+    with pytest.warns(RuntimeWarning, match="metric"):
+        seq.step()  # plateau active: without a metric nothing advances
     assert seq.last_step == 10 and opt.lr == 0.025
     seq.step(0.55)  # t=11: not better than 0.5, but only 1 bad epoch since the reduction
     assert opt.lr == 0.025 and plat.num_bad_epochs == 1

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -670,14 +671,13 @@ class ReduceLROnPlateau(LRScheduler):
     def step(self, metric: float | None = None) -> None:  # type: ignore[override]
         """Observe ``metric`` (anything ``float()`` accepts) and maybe reduce the learning rate.
 
-        Raises:
-            TypeError: if ``metric`` is omitted.
+        Without a metric there is nothing to observe: a ``RuntimeWarning`` says so and
+        nothing changes (no epoch is counted). A loop written for epoch-driven schedulers
+        thus keeps running, visibly, instead of crashing or silently decaying.
         """
         if metric is None:
-            raise TypeError(
-                "ReduceLROnPlateau.step() requires the monitored metric, e.g. "
-                "scheduler.step(val_loss)"
-            )
+            _warn_no_metric()
+            return
         current = float(metric)
         self.last_step += 1
         if self._is_better(current, self.best):
@@ -814,6 +814,9 @@ class LinearWarmupScheduler(LRScheduler):
             return
         if t == self.warmup_steps:
             after._restart()
+        elif metric is None and after.requires_metric:
+            _warn_no_metric()  # nothing to observe: nothing advances
+            return
         else:
             after._advance(metric)
         self.last_step = t
@@ -834,6 +837,15 @@ class LinearWarmupScheduler(LRScheduler):
             )
         if self.after_scheduler is not None:
             self.after_scheduler._load(sub)
+
+
+def _warn_no_metric() -> None:
+    warnings.warn(
+        "ReduceLROnPlateau.step() called without the monitored metric; learning rate "
+        "unchanged (call scheduler.step(val_loss))",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class OneCycleLR(LRScheduler):
@@ -1074,6 +1086,9 @@ class SequentialLR(LRScheduler):
         child = self.schedulers[idx]
         if local == 0:
             child._restart()
+        elif metric is None and child.requires_metric:
+            _warn_no_metric()  # nothing to observe: nothing advances
+            return
         else:
             child._advance(metric)
         self.last_step = t

@@ -37,23 +37,23 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
     ``clip_value``: clamp every element to [−clip_value, clip_value].
     ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + 1e-6))`` where
     ‖g‖₂ is the global norm (torch ``clip_grad_norm_``; optax's ``clip_by_global_norm``
-    has no 1e-6). Value clipping is applied first when both are given.
-    For clipping fused into the update, pass ``clip_norm``/``clip_value`` to the optimizer.
+    has no 1e-6). When both are given the norm is clipped first, then the values: the same
+    order as the optimizers' fused ``clip_norm=``/``clip_value=`` options.
     """
     if clip_value is None and clip_norm is None:
         raise ValueError("clip_gradients needs clip_value or clip_norm")
+    cv = None if clip_value is None else check_positive("clip_value", clip_value, allow_zero=False)
+    cn = None if clip_norm is None else check_positive("clip_norm", clip_norm, allow_zero=False)
     out = dict(gradients)
-    if clip_value is not None:
-        c = check_positive("clip_value", clip_value, allow_zero=False)
-        out = {k: _clip(g, c) for k, g in out.items()}
-    if clip_norm is not None:
-        c = check_positive("clip_norm", clip_norm, allow_zero=False)
+    if cn is not None:
         norm = global_norm(out)
-        scale = min(1.0, c / (norm + 1e-6))
         if not math.isfinite(norm):
             raise FloatingPointError(f"clip_gradients: the global gradient norm is {norm}")
+        scale = min(1.0, cn / (norm + 1e-6))
         if scale < 1.0:
             out = {k: _scale(g, scale) for k, g in out.items()}
+    if cv is not None:
+        out = {k: _clip(g, cv) for k, g in out.items()}
     return out
 
 

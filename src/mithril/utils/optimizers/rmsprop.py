@@ -8,26 +8,26 @@ from .base import Optimizer, check_positive, check_unit
 from .elementwise import maximum, sqrt
 
 
-def _plain(p, g, v, lr, a, eps):
-    v = a * v + (1 - a) * g * g
+def _plain(p, g, v, lr, a, ac, eps):
+    v = a * v + ac * g * g
     return p - lr * (g / (sqrt(v) + eps)), v
 
 
-def _centered(p, g, v, ga, lr, a, eps):
-    v = a * v + (1 - a) * g * g
-    ga = ga + (1 - a) * (g - ga)
+def _centered(p, g, v, ga, lr, a, ac, eps):
+    v = a * v + ac * g * g
+    ga = ga + ac * (g - ga)
     return p - lr * (g / (sqrt(maximum(v - ga * ga, 0.0)) + eps)), v, ga
 
 
-def _momentum(p, g, v, b, lr, a, eps, mu):
-    v = a * v + (1 - a) * g * g
+def _momentum(p, g, v, b, lr, a, ac, eps, mu):
+    v = a * v + ac * g * g
     b = mu * b + g / (sqrt(v) + eps)
     return p - lr * b, v, b
 
 
-def _centered_momentum(p, g, v, ga, b, lr, a, eps, mu):
-    v = a * v + (1 - a) * g * g
-    ga = ga + (1 - a) * (g - ga)
+def _centered_momentum(p, g, v, ga, b, lr, a, ac, eps, mu):
+    v = a * v + ac * g * g
+    ga = ga + ac * (g - ga)
     b = mu * b + g / (sqrt(maximum(v - ga * ga, 0.0)) + eps)
     return p - lr * b, v, ga, b
 
@@ -59,7 +59,9 @@ class RMSProp(Optimizer):
         return ("v",) + (("grad_avg",) if self.centered else ()) + (("momentum",) if self.momentum else ())
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        s = (self.learning_rate, self.decay, self.epsilon)
+        # 1 − α passed in (torch computes it in Python too; an int literal in the kernel
+        # would also promote float32 math to float64)
+        s = (self.learning_rate, self.decay, 1 - self.decay, self.epsilon)
         return s + (self.momentum,) if self.momentum else s
 
     def kernel_math(self) -> Any:

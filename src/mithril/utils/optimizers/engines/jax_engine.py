@@ -17,6 +17,10 @@ import numpy as np
 from .common import nonfinite_error
 
 
+#: compiled steps shared by every engine: (math, slots, layout, grads present, flags, donate)
+_COMPILED: dict[tuple, Any] = {}
+
+
 class JaxEngine:
     def __init__(self, backend: Any, layout: Any) -> None:
         import jax
@@ -24,7 +28,6 @@ class JaxEngine:
 
         self.jax, self.jnp = jax, jnp
         self.backend, self.layout = backend, layout
-        self._cache: dict[tuple, Any] = {}
         self.array_type, self.native_dtype = jax.Array, jnp.dtype(layout.dtype)
 
     def full(self, n: int, value: float) -> Any:
@@ -85,12 +88,14 @@ class JaxEngine:
         views = state.param_views
         ours = (views is not None and len(views) == len(params)
                 and all(map(operator.is_, params.values(), views.values())))
-        donate = ours and opt.nonfinite != "raise"
+        donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
+        if donate and not ours:  # never donate arrays the caller may still hold
+            params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         math_fn = opt.kernel_math()
-        key = (math_fn, opt.slot_names(), present, flags, donate)
-        fn = self._cache.get(key)
+        key = (math_fn, opt.slot_names(), lay, present, flags, donate)
+        fn = _COMPILED.get(key)
         if fn is None:
-            fn = self._cache[key] = self._build(math_fn, opt.slot_names(), present, flags, donate)
+            fn = _COMPILED[key] = self._build(math_fn, opt.slot_names(), present, flags, donate)
         hp = np.asarray(opt.scalars(t), dtype=lay.dtype)
         pro = np.asarray([opt.clip_norm or 0.0, opt.clip_value or 0.0,
                           0.0 if opt.decoupled_weight_decay else opt.weight_decay,
