@@ -16,7 +16,6 @@ import numpy as np
 
 from .common import nonfinite_error
 
-
 #: compiled steps shared by every engine: (math, slots, layout, grads present, flags, donate)
 _COMPILED: dict[tuple, Any] = {}
 
