@@ -658,10 +658,9 @@ def _bad(g_np, backend, value=np.nan):
 
 
 @pytest.mark.parametrize("backend", ALL)
-def test_nonfinite_skip_is_default(backend):
+def test_nonfinite_skip(backend):
     p_np, g_np = _small()
-    opt, ref = Adam(0.1), Adam(0.1)
-    assert opt.nonfinite == "skip"
+    opt, ref = Adam(0.1, nonfinite="skip"), Adam(0.1, nonfinite="skip")
     params, rparams = natives(backend, p_np), natives(backend, p_np)
     state, rstate = init(opt, backend, params), init(ref, backend, rparams)
     params, state = opt.update(params, natives(backend, g_np), state)
@@ -707,16 +706,22 @@ def test_nonfinite_raise(backend):
     assert state.step == 2
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
-def test_nonfinite_propagate(backend):
+@pytest.mark.parametrize("backend", ALL)
+def test_nonfinite_propagate_is_default_and_detected(backend):
     p_np, g_np = _small()
-    opt = Adam(0.1, nonfinite="propagate")
+    opt = Adam(0.1)
+    assert opt.nonfinite == "propagate"
     params = natives(backend, p_np)
     state = init(opt, backend, params)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a finite step: no warning, norm measured in the same pass
         warnings.simplefilter("error")
+        params, state = opt.update(params, natives(backend, g_np), state)
+    norm = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in g_np.values()))
+    assert state.last_grad_norm == pytest.approx(norm, rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         params, state = opt.update(params, _bad(g_np, backend), state)
-    assert state.step == 1 and not state.last_step_skipped and state.num_skipped == 0
+    assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
+    assert state.step == 2 and not state.last_step_skipped and state.num_skipped == 0
     b = host(params["b"])
     assert np.isnan(b[1]) and np.isfinite(b[[0, 2]]).all()
     assert np.isfinite(host(params["a"])).all()

@@ -95,7 +95,8 @@ COMMON_OPTIONS = [
     _opt("clip_norm", "float", "clip the global gradient norm to this value (torch "
          "clip_grad_norm_ convention)", metavar="N"),
     _opt("clip_value", "float", "clamp every gradient element to ±this value", metavar="V"),
-    _opt("nonfinite", "choice", "what to do with an inf/NaN gradient (default: skip the step)",
+    _opt("nonfinite", "choice", "what to do with an inf/NaN gradient (default: propagate, "
+         "with a warning; skip: skip the step; raise: stop)",
          choices=("skip", "raise", "propagate")),
 ]
 

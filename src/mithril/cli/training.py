@@ -192,8 +192,6 @@ class Run:
             out, grads = self.compiled.evaluate(self.params, inputs, output_gradients={"loss": 1.0})
             self.params, self.state = self.optimizer.update(self.params, grads, self.state)
             norm = self.state.last_grad_norm
-            if norm is None:  # nonfinite="propagate" without clip_norm skips the norm
-                norm = global_norm(grads)
             skipped = self.state.last_step_skipped
         logits = be.to_numpy(out["logits"])
         acc = float(np.mean(np.argmax(logits, axis=-1) == y))

@@ -4,19 +4,31 @@ per-parameter math (MLX style).
 
 Ownership rule (like torch's in-place ``step`` and JAX buffer donation):
 ``params, state = opt.update(params, gradients, state)`` *consumes* ``params`` and
-``state``. Built-in optimizers keep all parameters in one flat buffer and return views
-of it (NumPy, torch) that the next update overwrites in place; on JAX the buffers are
-donated to the jitted step. Always rebind to what ``update`` returns, and do not reuse
-an older state. Arrays you pass that are not the ones ``update`` returned are copied in,
-never modified.
+``state``. Built-in optimizers keep all parameters in one flat buffer and return arrays
+over it that the next update overwrites in place: NumPy/torch views; on JAX-on-CPU,
+``jax.Array`` objects aliasing the (64-byte aligned) host buffer, whose gradients are
+awaited before the write; on JAX accelerators, buffers donated to the jitted step. Always
+rebind to what ``update`` returns, do not reuse an older state, and copy a returned array
+if you need a snapshot. Arrays you pass that are not the ones ``update`` returned are
+copied in, never modified.
 
-Non-finite gradients (``nonfinite=``):
+The step count ``t`` (bias corrections, AdaGrad's lr decay) is one per optimizer state,
+as in optax; torch counts per parameter, which differs only for parameters that missed
+steps (absent from ``gradients``: such parameters and their slots are left untouched).
 
-* ``"skip"`` (default): the global gradient norm is checked first; if it is inf/NaN the
-  step is skipped, params and state are untouched, ``state.num_skipped`` grows,
-  ``state.last_step_skipped`` is True and a ``RuntimeWarning`` is issued.
-* ``"raise"``: ``FloatingPointError`` naming the offending parameters, nothing changed.
-* ``"propagate"``: no check (torch.optim behaviour, one pass over the gradients less).
+Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
+in ``state.last_grad_norm`` whatever the policy:
+
+* ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
+  The fused kernel measures the gradient norm in the same pass (no extra traffic), so a
+  non-finite gradient is never silent: a ``RuntimeWarning`` is issued,
+  ``state.num_nonfinite`` grows and ``state.last_grad_norm`` is inf/NaN.
+* ``"skip"``: the norm is checked in a pass before any write (4 more bytes read per
+  parameter); if it is inf/NaN the step is skipped, params and state are untouched,
+  ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and a ``RuntimeWarning``
+  is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer` skips itself.)
+* ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
+  nothing changed.
 """
 
 from __future__ import annotations
@@ -115,7 +127,7 @@ class Optimizer:
 
     def __init__(self, learning_rate: float = 1e-3, *, weight_decay: float = 0.0,
                  clip_norm: float | None = None, clip_value: float | None = None,
-                 nonfinite: str = "skip", backend: Any = None) -> None:
+                 nonfinite: str = "propagate", backend: Any = None) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
@@ -168,7 +180,10 @@ class Optimizer:
         raise NotImplementedError
 
     def kernel_math(self) -> Callable:
-        """The pure elementwise function the engines compile (``math`` by default)."""
+        """The pure elementwise function the engines compile (``math`` by default).
+
+        Kernels are cached per function object: return the same (module-level) function
+        on every call, not a new closure, or every step compiles anew."""
         return type(self).math
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -210,6 +225,11 @@ class Optimizer:
         state.last_step_skipped = not ok
         if ok:
             state.step = t
+            if norm is not None and not math.isfinite(norm):
+                state.num_nonfinite += 1
+                warnings.warn(f"{type(self).__name__}: non-finite gradient (global norm {norm}) "
+                              f"applied; params may now be non-finite (nonfinite='skip' or "
+                              f"'raise' guard against this)", RuntimeWarning, stacklevel=2)
         else:
             state.num_skipped += 1
             warnings.warn(f"{type(self).__name__}: non-finite gradient (global norm {norm}); "

@@ -20,7 +20,9 @@ def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, flo
     return gscale, cv, opt.weight_decay, 1.0
 
 
-def needs_norm(opt: Any) -> bool:
+def needs_prepass(opt: Any) -> bool:
+    """Whether the gradient norm must be known before any write (clipping by norm, or a
+    policy that must leave everything untouched on a non-finite gradient)."""
     return opt.clip_norm is not None or opt.nonfinite != "propagate"
 
 

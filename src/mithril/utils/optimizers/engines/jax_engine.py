@@ -82,7 +82,7 @@ class JaxEngine:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
-        flags = (opt.clip_norm is not None or opt.nonfinite != "propagate", opt.clip_norm is not None,
+        flags = (True, opt.clip_norm is not None,
                  opt.clip_value is not None, opt.nonfinite != "propagate")
         views = state.param_views
         ours = (views is not None and len(views) == len(params)
@@ -101,8 +101,8 @@ class JaxEngine:
                           opt.weight_decay if opt.decoupled_weight_decay else 0.0], dtype=lay.dtype)
         new_params, new_slots, norm = fn(dict(params), dict(grads), dict(state.slots), hp, pro)
         state.slots = new_slots
-        norm_f = float(norm) if flags[0] else None
-        ok = norm_f is None or bool(np.isfinite(norm_f))
+        norm_f = float(norm)
+        ok = opt.nonfinite == "propagate" or bool(np.isfinite(norm_f))
         if not ok and opt.nonfinite == "raise":
             bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
             raise nonfinite_error(opt, bad, norm_f)

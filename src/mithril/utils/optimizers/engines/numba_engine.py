@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import is_finite, needs_norm, nonfinite_error, prologue
+from .common import is_finite, needs_prepass, nonfinite_error, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -37,31 +37,40 @@ def _voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
 
 
 _INNER_SRC = """
-def inner(P, {slots}G, gscale, cv, l2, keep{scal}):
+def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
+    s = 0.0
     for j in range(P.shape[0]):
-        g = G[j] * gscale
+        x = G[j]
+        xd = np.float64(x)
+        s += xd * xd
+        g = x * gscale
         if CLIP:
             g = min(max(g, -cv), cv)
         p = P[j]
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
-        P[j] = p
+        Q[j] = p
 {writes}
+    return s
 """
 
 _OUTER_SRC = """
-def kernel(P, {slots}gptr, toff, tsize, gscale, cv, l2, keep{scal}):
+def kernel(P, Q, {slots}gptr, toff, tsize, copy_missing, gscale, cv, l2, keep{scal}):
+    acc = 0.0
     for t in range(gptr.shape[0]):
-        if gptr[t] == 0:
-            continue
-        G = carray(voidptr(gptr[t]), (tsize[t],), DTYPE)
         a = toff[t]
         b = a + tsize[t]
+        if gptr[t] == 0:  # no gradient: the parameter passes through unchanged
+            if copy_missing:
+                Q[a:b] = P[a:b]
+            continue
+        G = carray(voidptr(gptr[t]), (tsize[t],), DTYPE)
         if cv > 0:
-            inner_clip(P[a:b], {slices}G, gscale, cv, l2, keep{scal})
+            acc += inner_clip(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
         else:
-            inner(P[a:b], {slices}G, gscale, cv, l2, keep{scal})
+            acc += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+    return acc
 """
 
 
@@ -70,7 +79,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
-    that LLVM vectorises it; the clip-by-value branch is hoisted out of it.
+    that LLVM vectorises it; the clip-by-value branch is hoisted out of it. It returns
+    Σ g² of the raw gradients (float64), measured in the same pass for free. Parameters are
+    read from ``P`` and written to ``Q`` (the same buffer, except for JAX's double buffer).
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -83,7 +94,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
         slices="".join(f"{s}[a:b], " for s in slots),
     )
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
-    ns: dict[str, Any] = {"carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
+    ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn)}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     for clip in (False, True):  # two specialisations of the inner loop
@@ -228,7 +239,7 @@ class NumbaEngine:
             for name, g in grads.items():
                 gptr[index[name]] = self._address(g, keep)
         norm = None
-        if needs_norm(opt):
+        if needs_prepass(opt):
             norm = math.sqrt(sumsq_kernel(lay.dtype)(gptr, lay.sizes))
             if not is_finite(norm):
                 if opt.nonfinite == "raise":
@@ -236,28 +247,38 @@ class NumbaEngine:
                     raise nonfinite_error(opt, bad, norm)
                 if opt.nonfinite == "skip":
                     return dict(params), False, norm
-        views = self._adopt(state, params)
+        src, views = self._adopt(state, params)
+        dst = state.params_flat
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
         kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype)
-        kernel(self.np_view(state.params_flat), *(self.np_view(state.slots[s]) for s in opt.slot_names()),
-               gptr, lay.offsets, lay.sizes, *(dt(x) for x in pro), *(dt(x) for x in scal))
-        return dict(views), True, norm
+        sumsq = kernel(self.np_view(src), self.np_view(dst),
+                       *(self.np_view(state.slots[s]) for s in opt.slot_names()),
+                       gptr, lay.offsets, lay.sizes, src is not dst, *(dt(x) for x in pro),
+                       *(dt(x) for x in scal))
+        return dict(views), True, math.sqrt(sumsq) if norm is None else norm
 
-    def _adopt(self, state: Any, params: Any) -> dict[str, Any]:
-        """Make sure the flat parameter buffer holds ``params``; returns the arrays over it."""
+    def _adopt(self, state: Any, params: Any) -> tuple[Any, dict[str, Any]]:
+        """Make sure a flat buffer holds ``params``; returns it and the arrays the update
+        returns (over ``state.params_flat``, which the kernel writes)."""
         if state.params_flat is None:
             state.params_flat = self.full(self.layout.total, 0.0)
             state.param_views = self.views(state.params_flat)
-        views = state.param_views
+            if self.kind == "jax":
+                self._spare = self.full(self.layout.total, 0.0)
+                self._spare_views = self.views(self._spare)
+        src, views = state.params_flat, state.param_views
         if not all(map(_is, params.values(), views.values())) or list(params) != list(views):
-            flat = self.np_view(state.params_flat)
+            flat = self.np_view(src)
             for name, a, b, _ in self.layout.spans():
                 p = params[name]
                 if p is not views[name]:
                     flat[a:b] = self.to_numpy(p).reshape(-1)
-        return views
+        if self.kind == "jax":  # write the other buffer; the given arrays stay valid
+            state.params_flat, state.param_views, self._spare, self._spare_views = (
+                self._spare, self._spare_views, src, views)
+        return src, state.param_views
 
 
 def _is(a: Any, b: Any) -> bool:
