@@ -50,7 +50,7 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
-        Q[j] = p
+        OUT[j] = p
 {writes}
     return s
 """
@@ -66,10 +66,15 @@ def kernel(P, Q, {slots}gptr, toff, tsize, copy_missing, gscale, cv, l2, keep{sc
                 Q[a:b] = P[a:b]
             continue
         G = carray(voidptr(gptr[t]), (tsize[t],), DTYPE)
-        if cv > 0:
-            acc += inner_clip(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+        if copy_missing:
+            if cv > 0:
+                acc += inner_clip_copy(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+            else:
+                acc += inner_copy(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+        elif cv > 0:
+            acc += inner_clip(P[a:b], P[a:b], {slices}G, gscale, cv, l2, keep{scal})
         else:
-            acc += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+            acc += inner(P[a:b], P[a:b], {slices}G, gscale, cv, l2, keep{scal})
     return acc
 """
 
@@ -97,10 +102,15 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn)}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
-    for clip in (False, True):  # two specialisations of the inner loop
-        inner_ns = dict(ns, CLIP=clip)
-        exec(compile(_INNER_SRC.format(**fields), name, "exec"), inner_ns)
-        ns["inner_clip" if clip else "inner"] = jit(inner_ns["inner"])
+    # four specialisations of the inner loop: clip by value or not; write in place (one
+    # buffer: LLVM must see no possible aliasing to vectorise) or to a second buffer
+    for clip in (False, True):
+        for out in ("P", "Q"):
+            inner_ns = dict(ns, CLIP=clip)
+            exec(compile(_INNER_SRC.format(**fields).replace("OUT[j]", f"{out}[j]"), name,
+                         "exec"), inner_ns)
+            key = "inner" + ("_clip" if clip else "") + ("_copy" if out == "Q" else "")
+            ns[key] = jit(inner_ns["inner"])
     exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
     return jit(ns["kernel"])
 
