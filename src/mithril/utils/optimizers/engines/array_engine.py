@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import is_finite, nonfinite_error, prologue
+from .common import must_skip, prologue
 
 
 class ArrayEngine:
@@ -54,16 +54,11 @@ class ArrayEngine:
         zeros = self.full
         g = self._flat([grads[n] if n in grads else zeros(int(s), 0.0)
                         for n, s in zip(lay.names, lay.sizes)])
-        norm = None
         # the norm is cheap next to the unfused update below; reported in every policy
         norm = math.sqrt(float((g.double() ** 2).sum()) if self.torch
                          else float(np.sum(np.square(g, dtype=np.float64))))
-        if not is_finite(norm):
-            if opt.nonfinite == "raise":
-                bad = [n for n, x in grads.items() if not np.isfinite(self.to_numpy(x)).all()]
-                raise nonfinite_error(opt, bad, norm)
-            if opt.nonfinite == "skip":
-                return dict(params), False, norm
+        if must_skip(opt, norm, grads, self.to_numpy):
+            return dict(params), False, norm
         if state.params_flat is None:
             state.params_flat = zeros(lay.total, 0.0)
             state.param_views = lay.unflatten(state.params_flat)

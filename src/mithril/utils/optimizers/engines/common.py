@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 
 def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, float, float]:
     """(gscale, clip_value or 0, coupled L2 factor, decoupled keep factor) for one step.
@@ -29,6 +31,16 @@ def needs_prepass(opt: Any) -> bool:
 def nonfinite_error(opt: Any, bad: list[str], norm: float) -> FloatingPointError:
     return FloatingPointError(f"{type(opt).__name__}: non-finite gradient(s) for {bad} (global "
                               f"norm {norm}); params and state left unchanged")
+
+
+def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:
+    """Apply the ``skip``/``raise`` policy to a norm measured before any write."""
+    if is_finite(norm) or opt.nonfinite == "propagate":
+        return False
+    if opt.nonfinite == "raise":
+        raise nonfinite_error(opt, [n for n, g in grads.items()
+                                    if not np.isfinite(to_numpy(g)).all()], norm)
+    return True
 
 
 def is_finite(x: float | None) -> bool:

@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import is_finite, needs_prepass, nonfinite_error, prologue
+from .common import must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -251,12 +251,8 @@ class NumbaEngine:
         norm = None
         if needs_prepass(opt):
             norm = math.sqrt(sumsq_kernel(lay.dtype)(gptr, lay.sizes))
-            if not is_finite(norm):
-                if opt.nonfinite == "raise":
-                    bad = [n for n, g in grads.items() if not np.isfinite(self.to_numpy(g)).all()]
-                    raise nonfinite_error(opt, bad, norm)
-                if opt.nonfinite == "skip":
-                    return dict(params), False, norm
+            if must_skip(opt, norm, grads, self.to_numpy):
+                return dict(params), False, norm
         src, views = self._adopt(state, params)
         dst = state.params_flat
         scal = opt.scalars(t)
