@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 from collections.abc import Callable, Mapping
+from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -258,18 +260,26 @@ class Optimizer:
                                    f"{sorted(set(gradients) - set(lay.names))}")
         eng = state.engine
         atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
-        for name, g in gradients.items():
-            if not isinstance(g, atype):
-                raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
-                                f"{self._backend.name} array")
-            shape = shapes[index[name]]
-            if g.shape != shape and tuple(g.shape) != shape:
-                raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
-                                 f"parameter has shape {shape}")
-            if g.dtype != dtype:
-                raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} but "
-                                f"the parameter has dtype {lay.dtype}")
+        vals = list(gradients.values())
+        # fast path (C-speed comprehensions): a full, ordered, well-typed gradient dict
+        if not (len(vals) == len(shapes) and list(gradients) == lay.name_list
+                and all(map(isinstance, vals, repeat(atype)))
+                and [g.shape for g in vals] == lay.shape_list
+                and {g.dtype for g in vals} == {dtype}):
+            for name, g in gradients.items():
+                if not isinstance(g, atype):
+                    raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
+                                    f"{self._backend.name} array")
+                shape = shapes[index[name]]
+                if tuple(g.shape) != shape:
+                    raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
+                                     f"parameter has shape {shape}")
+                if g.dtype != dtype:
+                    raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} "
+                                    f"but the parameter has dtype {lay.dtype}")
         views = state.param_views or {}
+        if len(views) == len(params) and all(map(operator.is_, params.values(), views.values())):
+            return  # the arrays the previous update returned
         for name, p in params.items():
             if p is views.get(name):
                 continue

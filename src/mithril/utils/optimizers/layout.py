@@ -21,6 +21,7 @@ class Layout:
         of slices by JAX needs 64-byte aligned buffers); the gaps are never touched."""
         self.names, self.shapes, self.dtype, self.align = names, shapes, dtype, align
         self.index = {n: i for i, n in enumerate(names)}
+        self.name_list, self.shape_list = list(names), list(shapes)  # for C-speed comparisons
         self.sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
         padded = -(-self.sizes // align) * align
         self.offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)

@@ -181,7 +181,7 @@ class NumbaEngine:
         offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self._small_idx = np.array([lay.index[n] for n in self._small], dtype=np.int64)
         self._small_ptr = self._scratch.ctypes.data + offs * self._scratch.itemsize
-        self._small_set = frozenset(self._small)
+        self._large = [n for n in lay.names if lay.sizes[lay.index[n]] > self.SMALL]
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:
@@ -240,11 +240,10 @@ class NumbaEngine:
         gptr = np.zeros(len(lay.names), dtype=np.int64)
         index = lay.index
         if len(self._small) > 1 and len(grads) == len(lay.names):
-            np.concatenate([grads[n].reshape(-1) for n in self._small], out=self._scratch)
+            np.concatenate([grads[n] for n in self._small], axis=None, out=self._scratch)
             gptr[self._small_idx] = self._small_ptr
-            for name, g in grads.items():
-                if name not in self._small_set:
-                    gptr[index[name]] = self._address(g, keep)
+            for name in self._large:
+                gptr[index[name]] = self._address(grads[name], keep)
         else:
             for name, g in grads.items():
                 gptr[index[name]] = self._address(g, keep)

@@ -1,0 +1,83 @@
+"""Backend-agnostic learning-rate schedulers.
+
+Every scheduler drives a duck-typed optimizer that exposes exactly two methods::
+
+    optimizer.get_learning_rate() -> float
+    optimizer.set_learning_rate(lr: float) -> None
+
+Setting the learning rate is assumed to be cheap (the optimizer just stores a float), so a
+scheduler may call ``set_learning_rate`` on every step.
+
+Conventions (shared by all schedulers, identical to ``torch.optim.lr_scheduler``):
+
+* The step counter ``t`` (attribute ``last_step``) starts at ``0``. Constructing a scheduler puts
+  the optimizer at the value of step ``0``; each call to :meth:`LRScheduler.step` advances ``t``
+  by one and sets the optimizer's learning rate to the value of the new step. Call ``step()``
+  *after* the optimizer update, as in PyTorch.
+* ``base_lr`` is the optimizer's learning rate when the scheduler is constructed (a few
+  schedulers re-base it explicitly; see :class:`LinearWarmupScheduler`, :class:`OneCycleLR` and
+  :class:`SequentialLR`).
+* Apart from :class:`ReduceLROnPlateau` (which depends on the observed metric), every schedule is
+  a *closed form*: :meth:`LRScheduler.get_lr_at` is a pure function of the integer step ``t`` and
+  the hyper-parameters. PyTorch evaluates several schedules recursively (``lr_t = lr_{t-1} *
+  ratio``); the values agree with PyTorch up to the floating-point rounding of that recursion
+  (below ``1e-12`` relative over a few hundred steps; the recursion's error grows with the step
+  count) and exactly where PyTorch itself uses a closed form or plain comparisons
+  (:class:`OneCycleLR`, :class:`CosineAnnealingWarmRestarts`, :class:`ReduceLROnPlateau`).
+* :meth:`LRScheduler.state_dict` returns a plain, strictly JSON-serialisable ``dict`` (numbers,
+  strings, booleans, ``None``, lists and nested dicts; non-finite floats are encoded as the
+  strings ``"inf"``, ``"-inf"`` and ``"nan"``), so it survives ``json.dumps(...,
+  allow_nan=False)`` and can be stored as checkpoint metadata without pickle.
+
+Intended differences from PyTorch: a single learning rate per optimizer (no parameter groups);
+no momentum cycling in :class:`OneCycleLR`; no deprecated ``epoch`` argument to ``step``;
+:class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
+child; stricter hyper-parameter validation (degenerate settings raise :class:`ValueError`
+instead of producing division by zero or silently odd schedules).
+
+Layout (every name is re-exported here, so ``from mithril.utils.lr_schedulers import X`` keeps
+working):
+
+* :mod:`.base` -- :class:`LRScheduler`, :class:`SupportsLearningRate` and the shared
+  validation / serialisation helpers;
+* :mod:`.step` -- :class:`StepLR`, :class:`MultiStepLR`, :class:`ExponentialLR`;
+* :mod:`.cosine` -- :class:`CosineAnnealingLR`, :class:`CosineAnnealingWarmRestarts`;
+* :mod:`.plateau` -- :class:`ReduceLROnPlateau`;
+* :mod:`.warmup` -- :class:`LinearWarmupScheduler`;
+* :mod:`.one_cycle` -- :class:`OneCycleLR`;
+* :mod:`.sequential` -- :class:`SequentialLR`.
+"""
+
+from __future__ import annotations
+
+from .base import LRScheduler, SupportsLearningRate
+from .base import _check_child as _check_child
+from .base import _check_choice as _check_choice
+from .base import _check_int as _check_int
+from .base import _check_milestones as _check_milestones
+from .base import _check_optimizer as _check_optimizer
+from .base import _check_real as _check_real
+from .base import _check_step as _check_step
+from .base import _decode_float as _decode_float
+from .base import _encode_float as _encode_float
+from .cosine import CosineAnnealingLR, CosineAnnealingWarmRestarts
+from .one_cycle import OneCycleLR
+from .plateau import ReduceLROnPlateau
+from .plateau import _warn_no_metric as _warn_no_metric
+from .sequential import SequentialLR
+from .step import ExponentialLR, MultiStepLR, StepLR
+from .warmup import LinearWarmupScheduler
+
+__all__ = [
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+    "ExponentialLR",
+    "LRScheduler",
+    "LinearWarmupScheduler",
+    "MultiStepLR",
+    "OneCycleLR",
+    "ReduceLROnPlateau",
+    "SequentialLR",
+    "StepLR",
+    "SupportsLearningRate",
+]

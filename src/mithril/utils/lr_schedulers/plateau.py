@@ -1,0 +1,212 @@
+"""The metric-driven :class:`ReduceLROnPlateau` and its missing-metric warning."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .base import (
+    LRScheduler,
+    SupportsLearningRate,
+    _check_choice,
+    _check_int,
+    _check_real,
+    _decode_float,
+    _encode_float,
+)
+
+__all__ = ["ReduceLROnPlateau"]
+
+
+class ReduceLROnPlateau(LRScheduler):
+    """Reduce the learning rate when a monitored metric stops improving.
+
+    Semantics are exactly PyTorch's. On ``step(metric)``:
+
+    * ``metric`` is *better* than ``best`` if, for ``threshold_mode='rel'``,
+      ``metric < best * (1 - threshold)`` (``mode='min'``) or
+      ``metric > best * (1 + threshold)`` (``mode='max'``); for ``threshold_mode='abs'``,
+      ``metric < best - threshold`` / ``metric > best + threshold``. ``best`` starts at
+      ``+inf`` (min) / ``-inf`` (max). A better metric becomes ``best`` and zeroes
+      ``num_bad_epochs``; otherwise ``num_bad_epochs += 1``.
+    * While in cooldown (``cooldown_counter > 0``) the counter is decremented and bad epochs are
+      ignored (``num_bad_epochs = 0``).
+    * If ``num_bad_epochs > patience``: ``new = max(lr * factor, min_lr)`` where ``lr`` is the
+      optimizer's current learning rate; the optimizer is updated only if ``lr - new > eps``.
+      Then ``cooldown_counter = cooldown`` and ``num_bad_epochs = 0``.
+
+    The optimizer is not touched at construction (``base_lr`` is its current learning rate).
+    This scheduler has no closed form: :meth:`get_lr_at` raises :class:`NotImplementedError`.
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        mode: ``'min'`` or ``'max'``.
+        factor: reduction factor, ``0 <= factor < 1``.
+        patience: number of tolerated bad steps, integer ``>= 0``.
+        threshold: improvement threshold, ``>= 0`` (``< 1`` for ``mode='min'`` with
+            ``threshold_mode='rel'``).
+        threshold_mode: ``'rel'`` or ``'abs'``.
+        cooldown: steps to wait after a reduction, integer ``>= 0``.
+        min_lr: lower bound of the learning rate, ``>= 0``.
+        eps: minimal effective reduction, ``>= 0``.
+    """
+
+    _HPARAMS = (
+        "mode",
+        "factor",
+        "patience",
+        "threshold",
+        "threshold_mode",
+        "cooldown",
+        "min_lr",
+        "eps",
+    )
+
+    def __init__(
+        self,
+        optimizer: SupportsLearningRate,
+        mode: Literal["min", "max"] = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: Literal["rel", "abs"] = "rel",
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(optimizer)
+        self._configure(
+            mode=mode,
+            factor=factor,
+            patience=patience,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            cooldown=cooldown,
+            min_lr=min_lr,
+            eps=eps,
+        )
+        self._reset_state()
+
+    def _configure(
+        self,
+        *,
+        mode: str,
+        factor: float,
+        patience: int,
+        threshold: float,
+        threshold_mode: str,
+        cooldown: int,
+        min_lr: float,
+        eps: float,
+    ) -> None:
+        mode = _check_choice("mode", mode, ("min", "max"))
+        threshold_mode = _check_choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        factor = _check_real("factor", factor, ge=0.0, lt=1.0)
+        patience = _check_int("patience", patience, minimum=0)
+        if mode == "min" and threshold_mode == "rel":
+            threshold = _check_real("threshold", threshold, ge=0.0, lt=1.0)
+        else:
+            threshold = _check_real("threshold", threshold, ge=0.0)
+        cooldown = _check_int("cooldown", cooldown, minimum=0)
+        min_lr = _check_real("min_lr", min_lr, ge=0.0)
+        eps = _check_real("eps", eps, ge=0.0)
+        self.mode, self.threshold_mode = mode, threshold_mode
+        self.factor, self.patience, self.threshold = factor, patience, threshold
+        self.cooldown, self.min_lr, self.eps = cooldown, min_lr, eps
+
+    @property
+    def requires_metric(self) -> bool:
+        return True
+
+    @property
+    def mode_worse(self) -> float:
+        """Initial value of ``best``: ``+inf`` for ``'min'``, ``-inf`` for ``'max'``."""
+        return math.inf if self.mode == "min" else -math.inf
+
+    @property
+    def in_cooldown(self) -> bool:
+        return self.cooldown_counter > 0
+
+    def _lr_at(self, t: int) -> float:
+        raise NotImplementedError(
+            "ReduceLROnPlateau depends on the observed metrics and has no closed form"
+        )
+
+    def _reset_state(self) -> None:
+        self.last_step = 0
+        self.best: float = self.mode_worse
+        self.num_bad_epochs: int = 0
+        self.cooldown_counter: int = 0
+        self._last_lr = self.base_lr
+
+    def _is_better(self, a: float, best: float) -> bool:
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return a < best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return a < best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > best * (self.threshold + 1.0)
+        return a > best + self.threshold
+
+    def step(self, metric: float | None = None) -> None:  # type: ignore[override]
+        """Observe ``metric`` (anything ``float()`` accepts) and maybe reduce the learning rate.
+
+        Without a metric there is nothing to observe: a ``RuntimeWarning`` says so and
+        nothing changes (no epoch is counted). A loop written for epoch-driven schedulers
+        thus keeps running, visibly, instead of crashing or silently decaying.
+        """
+        if metric is None:
+            _warn_no_metric()
+            return
+        current = float(metric)
+        self.last_step += 1
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+
+        if self.in_cooldown:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # ignore any bad epochs in cooldown
+
+        if self.num_bad_epochs > self.patience:
+            old_lr = float(self.optimizer.get_learning_rate())
+            new_lr = max(old_lr * self.factor, self.min_lr)
+            if old_lr - new_lr > self.eps:
+                self.optimizer.set_learning_rate(new_lr)
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+
+        self._last_lr = float(self.optimizer.get_learning_rate())
+
+    def _advance(self, metric: float | None) -> None:
+        self.step(metric)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "best": _encode_float(self.best),
+            "num_bad_epochs": self.num_bad_epochs,
+            "cooldown_counter": self.cooldown_counter,
+        }
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        try:
+            self.best = _decode_float(state["best"])
+            self.num_bad_epochs = _check_int("num_bad_epochs", state["num_bad_epochs"], minimum=0)
+            self.cooldown_counter = _check_int(
+                "cooldown_counter", state["cooldown_counter"], minimum=0
+            )
+        except KeyError as exc:
+            raise ValueError(f"ReduceLROnPlateau state_dict is missing key {exc}") from None
+
+
+def _warn_no_metric() -> None:
+    warnings.warn(
+        "ReduceLROnPlateau.step() called without the monitored metric; learning rate "
+        "unchanged (call scheduler.step(val_loss))",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,123 @@
+"""Composition of schedulers: :class:`SequentialLR`."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import LRScheduler, SupportsLearningRate, _check_child, _check_milestones
+from .plateau import _warn_no_metric
+
+__all__ = ["SequentialLR"]
+
+
+class SequentialLR(LRScheduler):
+    """Run several schedulers one after another, switching at the given milestones.
+
+    Like PyTorch's ``SequentialLR``: with ``milestones = [m_1, ..., m_{k-1}]`` (strictly
+    increasing), child ``i`` is active for ``m_i <= t < m_{i+1}`` (``m_0 = 0``) and restarts
+    its own step counter at ``0`` on its milestone, so
+
+    .. math:: \\eta_t = \\text{child}_i.\\text{get\\_lr\\_at}(t - m_i).
+
+    As in PyTorch (where every scheduler on an optimizer shares the optimizer's ``initial_lr``),
+    every child is **re-based to** ``schedulers[0].base_lr`` (the learning rate the optimizer
+    had before the first child was constructed), because constructing a child may already have
+    changed the optimizer's learning rate (e.g. a warm-up sets ``start_lr``).
+
+    Unlike PyTorch, a child may be a :class:`ReduceLROnPlateau` (or a composite containing
+    one). ``step(metric)`` forwards ``metric`` to the active child if it needs one (otherwise
+    the metric is ignored). On its milestone a plateau child restarts like any other child: its
+    learning rate becomes ``base_lr``, ``best``/``num_bad_epochs``/``cooldown_counter`` are
+    reset, and the metric passed on that step is *not* observed (it measures the previous
+    phase). On every later step the metric is required (:class:`TypeError` otherwise).
+    :meth:`get_lr_at` raises :class:`NotImplementedError` for steps in a plateau phase.
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        schedulers: at least one distinct scheduler, all on ``optimizer``.
+        milestones: ``len(schedulers) - 1`` strictly increasing positive integers.
+    """
+
+    _HPARAMS = ("milestones",)
+
+    def __init__(
+        self,
+        optimizer: SupportsLearningRate,
+        schedulers: Sequence[LRScheduler],
+        milestones: Sequence[int],
+    ) -> None:
+        super().__init__(optimizer)
+        children = list(schedulers)
+        if not children:
+            raise ValueError("schedulers must contain at least one scheduler")
+        for i, child in enumerate(children):
+            _check_child(type(self).__name__, optimizer, child, f"schedulers[{i}]")
+        if len({id(c) for c in children}) != len(children):
+            raise ValueError("schedulers must be distinct objects")
+        self.schedulers: list[LRScheduler] = children
+        self._configure(milestones=milestones)
+        self._rebase(children[0].base_lr)
+        self._restart()
+
+    def _configure(self, *, milestones: Sequence[int]) -> None:
+        ms = _check_milestones("milestones", milestones)
+        if len(ms) != len(self.schedulers) - 1:
+            raise ValueError(
+                f"milestones must have len(schedulers) - 1 = {len(self.schedulers) - 1} "
+                f"entries, got {len(ms)}"
+            )
+        self.milestones = ms
+
+    @property
+    def requires_metric(self) -> bool:
+        return any(c.requires_metric for c in self.schedulers)
+
+    def _locate(self, t: int) -> tuple[int, int]:
+        idx = bisect_right(self.milestones, t)
+        start = self.milestones[idx - 1] if idx > 0 else 0
+        return idx, t - start
+
+    def _lr_at(self, t: int) -> float:
+        idx, local = self._locate(t)
+        return self.schedulers[idx].get_lr_at(local)
+
+    def _rebase(self, lr: float) -> None:
+        self.base_lr = float(lr)
+        for child in self.schedulers:
+            child._rebase(lr)
+
+    def _reset_state(self) -> None:
+        self.last_step = 0
+        for child in self.schedulers:
+            child._reset_state()
+        self._last_lr = self.schedulers[0].get_last_lr()
+
+    def step(self, metric: float | None = None) -> None:  # type: ignore[override]
+        """Advance one step; ``metric`` goes to the active child if it is metric-driven."""
+        t = self.last_step + 1
+        idx, local = self._locate(t)
+        child = self.schedulers[idx]
+        if local == 0:
+            child._restart()
+        elif metric is None and child.requires_metric:
+            _warn_no_metric()  # nothing to observe: nothing advances
+            return
+        else:
+            child._advance(metric)
+        self.last_step = t
+        self._last_lr = child.get_last_lr()
+
+    def _advance(self, metric: float | None) -> None:
+        self.step(metric)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"schedulers": [c.state_dict() for c in self.schedulers]}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        subs = state.get("schedulers")
+        if not isinstance(subs, Sequence) or len(subs) != len(self.schedulers):
+            raise ValueError(f"state_dict must hold {len(self.schedulers)} child scheduler states")
+        for child, sub in zip(self.schedulers, subs, strict=True):
+            child._load(sub)
