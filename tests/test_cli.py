@@ -11,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
-from mithril.cli import main  # noqa: E402
+from mithril.cli import main
 from mithril.cli import training as training_mod  # noqa: E402
 from mithril.cli.errors import CLIError  # noqa: E402
 from mithril.cli.options import parse_spec  # noqa: E402
@@ -102,7 +98,6 @@ def test_plateau_scheduler_with_warmup(tmp_path, capsys):
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_other_backends_train(tmp_path, capsys, backend):
-    pytest.importorskip(backend)
     out = tmp_path / backend
     assert main(["train", "--backend", backend, *QUICK, "--no-plot", "--no-progress",
                  "--out", str(out)]) == 0
@@ -112,7 +107,6 @@ def test_other_backends_train(tmp_path, capsys, backend):
 
 
 def test_mixed_precision_bf16(tmp_path, capsys):
-    pytest.importorskip("mithril.utils.mixed_precision")
     out = tmp_path / "bf16"
     assert main(["train", "--mixed-precision", "bf16", *QUICK, "--no-progress",
                  "--out", str(out)]) == 0
