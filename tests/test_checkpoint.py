@@ -199,7 +199,7 @@ def test_other_optimizer_is_a_clear_error(saved):
     path, params = saved
     sgd = SGD(0.3, momentum=0.5)
     before = dict(vars(sgd))
-    with pytest.raises(ValueError, match="checkpoint holds Adam optimizer state, cannot load it into SGD"):
+    with pytest.raises(ValueError, match="checkpoint holds optimizer Adam, cannot load it into SGD"):
         load_checkpoint(path, params_template=params, optimizer=sgd)
     assert vars(sgd) == before
 
@@ -208,7 +208,7 @@ def test_other_scheduler_is_a_clear_error(saved):
     path, params = saved
     opt = Adam(0.5)
     sched = CosineAnnealingLR(opt, T_max=10)
-    with pytest.raises(ValueError, match="StepLR scheduler, cannot load it into CosineAnnealingLR"):
+    with pytest.raises(ValueError, match="scheduler StepLR, cannot load it into CosineAnnealingLR"):
         load_checkpoint(path, params_template=params, optimizer=opt, scheduler=sched)
     assert opt.learning_rate == 0.5 and sched.last_step == 0  # nothing was restored
 

@@ -196,20 +196,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                                  f"but params_template['{n}'] has shape {shape}")
         names = list(params_template)  # the template's order
 
-    ometa = meta.get("optimizer")
-    if optimizer is not None:
-        if ometa is None:
-            raise ValueError("checkpoint holds no optimizer (saved without optimizer=...)")
-        if ometa["class"] != type(optimizer).__name__:
-            raise ValueError(f"checkpoint holds {ometa['class']} optimizer state, cannot load it "
-                             f"into {type(optimizer).__name__}")
-    smeta = meta.get("scheduler")
-    if scheduler is not None:
-        if smeta is None:
-            raise ValueError("checkpoint holds no scheduler (saved without scheduler=...)")
-        if smeta["class"] != type(scheduler).__name__:
-            raise ValueError(f"checkpoint holds a {smeta['class']} scheduler, cannot load it "
-                             f"into {type(scheduler).__name__}")
+    ometa = _component_meta(meta, "optimizer", optimizer)
+    smeta = _component_meta(meta, "scheduler", scheduler)
 
     backend = _resolve_backend(backend, params_template, optimizer, meta)
     params = {}
@@ -252,3 +240,16 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
             "extra": meta.get("extra"), "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"], "metadata": meta}
+
+
+def _component_meta(meta: Mapping[str, Any], kind: str, obj: Any) -> Any:
+    """The checkpoint's metadata for ``kind`` ("optimizer"/"scheduler"), checked against
+    the object it is to be loaded into (if any)."""
+    m = meta.get(kind)
+    if obj is not None:
+        if m is None:
+            raise ValueError(f"checkpoint holds no {kind} (saved without {kind}=...)")
+        if m["class"] != type(obj).__name__:
+            raise ValueError(f"checkpoint holds {kind} {m['class']}, cannot load it into "
+                             f"{type(obj).__name__}")
+    return m

@@ -203,10 +203,25 @@ class ReduceLROnPlateau(LRScheduler):
             raise ValueError(f"ReduceLROnPlateau state_dict is missing key {exc}") from None
 
 
-def _warn_no_metric() -> None:
+def _warn_no_metric(stacklevel: int = 3) -> None:
     warnings.warn(
         "ReduceLROnPlateau.step() called without the monitored metric; learning rate "
         "unchanged (call scheduler.step(val_loss))",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
+
+
+def _drive_child(child: Any, starts: bool, metric: float | None) -> bool:
+    """Move a combinator's active child one step (``starts``: its first step, a restart).
+
+    Returns False, after a warning, when a metric-driven child gets no metric: there is
+    nothing to observe, so nothing (the combinator included) advances."""
+    if starts:
+        child._restart()
+    elif metric is None and child.requires_metric:
+        _warn_no_metric(stacklevel=4)
+        return False
+    else:
+        child._advance(metric)
+    return True

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import LRScheduler, SupportsLearningRate, _check_child, _check_milestones
-from .plateau import _warn_no_metric
+from .plateau import _drive_child
 
 __all__ = ["SequentialLR"]
 
@@ -99,13 +99,8 @@ class SequentialLR(LRScheduler):
         t = self.last_step + 1
         idx, local = self._locate(t)
         child = self.schedulers[idx]
-        if local == 0:
-            child._restart()
-        elif metric is None and child.requires_metric:
-            _warn_no_metric()  # nothing to observe: nothing advances
+        if not _drive_child(child, local == 0, metric):
             return
-        else:
-            child._advance(metric)
         self.last_step = t
         self._last_lr = child.get_last_lr()
 

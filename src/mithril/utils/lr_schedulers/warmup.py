@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import LRScheduler, SupportsLearningRate, _check_child, _check_int, _check_real
-from .plateau import _warn_no_metric
+from .plateau import _drive_child
 
 __all__ = ["LinearWarmupScheduler"]
 
@@ -89,13 +89,8 @@ class LinearWarmupScheduler(LRScheduler):
         if after is None or t < self.warmup_steps:
             self._set_step(t)
             return
-        if t == self.warmup_steps:
-            after._restart()
-        elif metric is None and after.requires_metric:
-            _warn_no_metric()  # nothing to observe: nothing advances
+        if not _drive_child(after, t == self.warmup_steps, metric):
             return
-        else:
-            after._advance(metric)
         self.last_step = t
         self._last_lr = after.get_last_lr()
 
