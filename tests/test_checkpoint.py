@@ -25,14 +25,6 @@ from mithril.utils.optimizers import SGD, Adam, RMSProp
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def host(x) -> np.ndarray:
     return x.detach().float().numpy().copy() if isinstance(x, torch.Tensor) and \
         x.dtype == torch.bfloat16 else (x.detach().numpy().copy() if isinstance(x, torch.Tensor)

@@ -333,14 +333,6 @@ SCHED_PLACEHOLDER = "    # Training steps\n    # ...\n"
 WARMUP_PLACEHOLDER = "    # Training step\n    # ...\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def host(x) -> np.ndarray:
     return x.detach().numpy().astype(np.float64) if isinstance(x, torch.Tensor) \
         else np.asarray(x, dtype=np.float64)

@@ -135,16 +135,6 @@ OBSERVED: dict[str, float] = {}
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_one_thread():
-    """torch's two OpenMP threads fight over 2 shared cores (~15x slower small ops); these
-    tests are elementwise, so run them single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
     """Start parameters and a gradient sequence (NumPy arrays of ``dtype``)."""
