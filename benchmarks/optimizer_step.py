@@ -2,7 +2,7 @@
 
 Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
 call with default options, exactly as a training loop makes it. Every implementation is
-timed in the same process, interleaved (one step of each per round), and medians are
+timed in the same process, in rotating blocks of consecutive steps, and medians are
 reported with ratios against torch's fused step and optax, and the effective bandwidth
 at 28 bytes/param (Adam) or 12 bytes/param (SGD with momentum).
 
@@ -106,16 +106,23 @@ def numpy_triad(total: int):
     return step
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
+def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int) -> dict[str, float]:
+    """Median step time of each implementation.
+
+    Each round runs every implementation for one untimed step and then ``block`` timed
+    consecutive steps, as a training loop calls its optimizer; the order rotates between
+    rounds so that no implementation always follows the same other one (switching
+    libraries leaves their thread pools and caches to the next one)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            f = fns[k]
             f()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -124,7 +131,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="a,b")
     ap.add_argument("--backends", default="numpy,torch,jax")
     ap.add_argument("--optimizers", default="adam,sgd")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=6, help="rounds over all implementations")
+    ap.add_argument("--block", type=int, default=5, help="timed consecutive steps per round")
     ap.add_argument("--no-optax", action="store_true", help="skip optax (its first compile on (b) takes minutes)")
     args = ap.parse_args()
     backends = args.backends.split(",")
@@ -159,7 +167,7 @@ def main() -> None:
                 if not args.no_optax:
                     fns["optax jit+donate"], c = optax_step(opt_name, shapes)
                     notes["optax jit+donate"] = f"first call {c:.1f}s"
-            med = time_interleaved(fns, args.repeats)
+            med = time_blocks(fns, args.rounds, args.block)
             ref, ox = med["torch fused"], med.get("optax jit+donate")
             for k, v in med.items():
                 gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
