@@ -38,7 +38,6 @@ import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping
-from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -220,9 +219,9 @@ class Optimizer:
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
         self._bind(params)
-        self._check(params, gradients, state)
+        prepared = self._check(params, gradients, state)
         t = state.step + 1
-        new_params, ok, norm = state.engine.step(self, state, params, gradients, t)
+        new_params, ok, norm = state.engine.step(self, state, params, gradients, t, prepared)
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         if ok:
@@ -240,7 +239,9 @@ class Optimizer:
 
     # -- validation ------------------------------------------------------------------------
     def _check(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: Any) -> None:
+               state: Any) -> Any:
+        """Raise on bad input before anything is touched; returns what the engine's
+        ``prepare`` found (e.g. the gradients' addresses) for its ``step``."""
         if not isinstance(state, OptimizerState):
             raise TypeError(f"state must be what {type(self).__name__}.init returned, "
                             f"got {type(state).__name__}")
@@ -260,12 +261,8 @@ class Optimizer:
                                    f"{sorted(set(gradients) - set(lay.names))}")
         eng = state.engine
         atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
-        vals = list(gradients.values())
-        # fast path (C-speed comprehensions): a full, ordered, well-typed gradient dict
-        if not (len(vals) == len(shapes) and list(gradients) == lay.name_list
-                and all(map(isinstance, vals, repeat(atype)))
-                and [g.shape for g in vals] == lay.shape_list
-                and {g.dtype for g in vals} == {dtype}):
+        prepared = eng.prepare(gradients)
+        if prepared is None:
             for name, g in gradients.items():
                 if not isinstance(g, atype):
                     raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
@@ -279,7 +276,7 @@ class Optimizer:
                                     f"but the parameter has dtype {lay.dtype}")
         views = state.param_views or {}
         if len(views) == len(params) and all(map(operator.is_, params.values(), views.values())):
-            return  # the arrays the previous update returned
+            return prepared  # the arrays the previous update returned
         for name, p in params.items():
             if p is views.get(name):
                 continue
@@ -289,6 +286,7 @@ class Optimizer:
             if tuple(p.shape) != shapes[index[name]]:
                 raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
                                  f"built for {shapes[index[name]]}")
+        return prepared
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:

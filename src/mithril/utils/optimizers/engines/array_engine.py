@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .common import must_skip, prologue
+from .common import Engine, must_skip, prologue
 
 
-class ArrayEngine:
+class ArrayEngine(Engine):
     def __init__(self, backend: Any, layout: Any) -> None:
         self.backend, self.layout = backend, layout
         self.torch = backend.name == "torch"
@@ -49,7 +49,8 @@ class ArrayEngine:
             return self.t.cat([a.detach().reshape(-1) for a in arrays])
         return np.concatenate([a.reshape(-1) for a in arrays])
 
-    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int) -> tuple[dict, bool, float | None]:
+    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
+             prepared: Any = None) -> tuple[dict, bool, float | None]:
         lay = self.layout
         zeros = self.full
         g = self._flat([grads[n] if n in grads else zeros(int(s), 0.0)

@@ -1,8 +1,9 @@
-"""Pieces every engine shares: the prologue scalars and the non-finite policy."""
+"""Pieces every engine shares: the base class, the prologue scalars and the non-finite policy."""
 
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,32 @@ def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:
 
 def is_finite(x: float | None) -> bool:
     return x is None or math.isfinite(x)
+
+
+class Engine:
+    """What every engine gives the :class:`~mithril.utils.optimizers.Optimizer` base class.
+
+    Subclasses set ``backend``, ``layout``, ``array_type`` (the concrete array class) and
+    ``native_dtype``, and implement ``full``, ``to_numpy``, ``from_numpy`` and ``step``.
+    """
+
+    backend: Any
+    layout: Any
+    array_type: Any
+    native_dtype: Any
+
+    def signature(self, vals: list) -> tuple[list, set]:
+        """Shapes of ``vals`` and the set of their dtypes."""
+        return [g.shape for g in vals], {g.dtype for g in vals}
+
+    def prepare(self, gradients: Any) -> Any:
+        """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
+        C-speed passes (per-tensor Python work is what remains once the kernel is fused);
+        None when the gradients need the per-key checks (and their error messages)."""
+        lay = self.layout
+        vals = list(gradients.values())
+        if (len(vals) != len(lay.name_list) or list(gradients) != lay.name_list
+                or not all(map(isinstance, vals, repeat(self.array_type)))):
+            return None
+        shapes, dtypes = self.signature(vals)
+        return vals if shapes == lay.shape_list and dtypes == {self.native_dtype} else None

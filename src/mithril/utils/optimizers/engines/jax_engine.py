@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from .common import nonfinite_error
+from .common import Engine, nonfinite_error
 
 #: compiled steps shared by every engine: (math, slots, layout, grads present, flags, donate)
 _COMPILED: dict[tuple, Any] = {}
 
 
-class JaxEngine:
+class JaxEngine(Engine):
     def __init__(self, backend: Any, layout: Any) -> None:
         import jax
         import jax.numpy as jnp
@@ -78,7 +78,8 @@ class JaxEngine:
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
-    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int) -> tuple[dict, bool, float | None]:
+    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
+             prepared: Any = None) -> tuple[dict, bool, float | None]:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)

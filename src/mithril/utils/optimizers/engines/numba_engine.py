@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import numba
@@ -20,7 +21,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import must_skip, needs_prepass, prologue
+from . import ndarray_fields
+from .common import Engine, must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -35,6 +37,8 @@ def _voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
         return types.voidptr(addr), codegen
     return None
 
+
+_IS_CPU = operator.attrgetter("is_cpu")
 
 _INNER_SRC = """
 def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
@@ -140,7 +144,7 @@ def sumsq_kernel(dtype: str) -> Any:
     return sumsq
 
 
-class NumbaEngine:
+class NumbaEngine(Engine):
     """Executes built-in optimizers with fused numba kernels on host memory.
 
     ``kind`` is "numpy", "torch" (CPU tensors; the kernel works on zero-copy numpy views)
@@ -149,15 +153,10 @@ class NumbaEngine:
     returns the same arrays - buffer donation without a copy or a compile).
     """
 
-    #: NumPy gradients up to this many elements are gathered with one ``np.concatenate``
-    #: into a scratch buffer (reading ``ndarray.ctypes.data`` costs ~1 us per array)
-    SMALL = 1 << 14
-
     def __init__(self, backend: Any, layout: Any) -> None:
         self.backend = backend
         self.kind = backend.name
         self.layout = layout.aligned(16) if self.kind == "jax" else layout
-        self._small: list[str] = []
         if self.kind == "torch":
             import torch
 
@@ -170,20 +169,24 @@ class NumbaEngine:
             self._jax = jax
             # the concrete array class: isinstance against the jax.Array ABC costs ~0.3 us
             self.array_type = type(jax.numpy.zeros(0))
+            self._ptr = self.array_type.unsafe_buffer_pointer
+            try:  # one C++ call for every array (what jax.block_until_ready does after a tree walk)
+                from jax._src.lib import xla_client
+
+                self._wait = xla_client.batched_block_until_ready
+            except (ImportError, AttributeError):  # pragma: no cover - other jax versions
+                self._wait = jax.block_until_ready
             self.native_dtype = np.dtype(layout.dtype)
         else:
             self.array_type, self.native_dtype = np.ndarray, np.dtype(layout.dtype)
-            self._init_scratch()
+            self._expected = ndarray_fields.Expected(self.layout.shape_list, layout.dtype)
 
-    def _init_scratch(self) -> None:
-        lay = self.layout
-        self._small = [n for n, s in zip(lay.names, lay.sizes) if s <= self.SMALL]
-        sizes = np.array([lay.sizes[lay.index[n]] for n in self._small], dtype=np.int64)
-        self._scratch = np.empty(int(sizes.sum()), dtype=lay.dtype)
-        offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._small_idx = np.array([lay.index[n] for n in self._small], dtype=np.int64)
-        self._small_ptr = self._scratch.ctypes.data + offs * self._scratch.itemsize
-        self._large = [n for n in lay.names if lay.sizes[lay.index[n]] > self.SMALL]
+    def signature(self, vals: list) -> tuple[list, set]:
+        """Shapes and the set of dtypes of ``vals`` (validated before any pointer is read)."""
+        if self.kind == "jax":  # one property lookup per array instead of two
+            avals = [g.aval for g in vals]
+            return [a.shape for a in avals], {a.dtype for a in avals}
+        return [g.shape for g in vals], {g.dtype for g in vals}
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:
@@ -220,8 +223,10 @@ class NumbaEngine:
             out[name] = x
         return out
 
-    def _address(self, g: Any, keep: list) -> int:
+    def _address(self, name: str, g: Any, keep: list) -> int:
         if self.kind == "torch":
+            if g.device.type != "cpu":
+                raise ValueError(f"gradients['{name}'] is on {g.device}; the parameters are on cpu")
             if g.requires_grad or not g.is_contiguous():
                 g = g.detach().contiguous()
                 keep.append(g)
@@ -234,37 +239,39 @@ class NumbaEngine:
         return g.ctypes.data
 
     # -- one step --------------------------------------------------------------------
-    def _pointers(self, grads: Any, keep: list) -> np.ndarray:
-        """Addresses of the gradient buffers in layout order (0 where a gradient is absent).
+    def prepare(self, gradients: Any) -> np.ndarray | None:
+        """The addresses of a full, ordered, well-typed set of gradients (read where they
+        lie by the kernel), found without per-tensor Python calls where possible; else None."""
+        if self.kind == "numpy":
+            if list(gradients) == self.layout.name_list:
+                return ndarray_fields.scan(list(gradients.values()), self._expected)
+            return None
+        vals = super().prepare(gradients)
+        if vals is None:
+            return None
+        if self.kind == "jax":  # the kernel reads the gradient buffers: wait for them
+            self._wait(vals)
+            return np.fromiter(map(self._ptr, vals), np.int64, len(vals))
+        if all(map(self._torch.Tensor.is_contiguous, vals)) and all(map(_IS_CPU, vals)):
+            return np.fromiter(map(self._torch.Tensor.data_ptr, vals), np.int64, len(vals))
+        return None
 
-        Per-tensor Python work is what remains once the kernel is fused, so the common case
-        (every gradient, in layout order) uses C-speed list comprehensions."""
+    def _pointers(self, grads: Any, keep: list) -> np.ndarray:
+        """Addresses of the gradient buffers in layout order (0 where a gradient is absent);
+        copies of non-contiguous ones are appended to ``keep``."""
         lay = self.layout
-        full = len(grads) == len(lay.names) and list(grads) == lay.name_list
-        vals = list(grads.values())
-        if self.kind == "jax":  # the kernel reads gradient buffers directly: wait for them
-            self._jax.block_until_ready(vals)
-            if full:
-                return np.array([g.unsafe_buffer_pointer() for g in vals], dtype=np.int64)
-        elif self.kind == "torch":
-            if full and all(map(self._torch.Tensor.is_contiguous, vals)):
-                return np.array(list(map(self._torch.Tensor.data_ptr, vals)), dtype=np.int64)
-        elif full and len(self._small) > 1:
-            gptr = np.zeros(len(lay.names), dtype=np.int64)
-            np.concatenate([grads[n] for n in self._small], axis=None, out=self._scratch)
-            gptr[self._small_idx] = self._small_ptr
-            for name in self._large:
-                gptr[lay.index[name]] = self._address(grads[name], keep)
-            return gptr
+        if self.kind == "jax":
+            self._wait(list(grads.values()))
         gptr = np.zeros(len(lay.names), dtype=np.int64)
         for name, g in grads.items():
-            gptr[lay.index[name]] = self._address(g, keep)
+            gptr[lay.index[name]] = self._address(name, g, keep)
         return gptr
 
-    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int) -> tuple[dict, bool, float | None]:
+    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
+             prepared: np.ndarray | None = None) -> tuple[dict, bool, float | None]:
         lay = self.layout
-        keep: list = []
-        gptr = self._pointers(grads, keep)
+        keep: list = []  # contiguous copies the kernel reads, alive until it returns
+        gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
         if needs_prepass(opt):
             norm = math.sqrt(sumsq_kernel(lay.dtype)(gptr, lay.sizes))
