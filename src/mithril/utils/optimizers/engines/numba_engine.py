@@ -60,37 +60,32 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
 """
 
 _OUTER_SRC = """
-def kernel(P, Q, {slots}gptr, toff, tsize, copy_missing, gscale, cv, l2, keep{scal}):
+def kernel(P, Q, {slots}gptr, toff, tsize, gscale, cv, l2, keep{scal}):
     acc = 0.0
     for t in range(gptr.shape[0]):
         a = toff[t]
         b = a + tsize[t]
         if gptr[t] == 0:  # no gradient: the parameter passes through unchanged
-            if copy_missing:
+            if COPY:
                 Q[a:b] = P[a:b]
             continue
         G = carray(voidptr(gptr[t]), (tsize[t],), DTYPE)
-        if copy_missing:
-            if cv > 0:
-                acc += inner_clip_copy(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
-            else:
-                acc += inner_copy(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
-        elif cv > 0:
-            acc += inner_clip(P[a:b], P[a:b], {slices}G, gscale, cv, l2, keep{scal})
-        else:
-            acc += inner(P[a:b], P[a:b], {slices}G, gscale, cv, l2, keep{scal})
+        acc += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
     return acc
 """
 
 
 @functools.cache
-def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
+def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
+                  clip: bool = False) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
-    that LLVM vectorises it; the clip-by-value branch is hoisted out of it. It returns
-    Σ g² of the raw gradients (float64), measured in the same pass for free. Parameters are
-    read from ``P`` and written to ``Q`` (the same buffer, except for JAX's double buffer).
+    that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
+    the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
+    ``copy`` (JAX's double buffer), else in place (``Q`` is then ignored: LLVM must see one
+    buffer to vectorise); ``clip`` compiles clipping by value in. Each variant is compiled
+    on first use only, which keeps a first step's compile time to one loop.
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -104,17 +99,10 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str) -> Any:
     )
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(math_fn)}
+                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
-    # four specialisations of the inner loop: clip by value or not; write in place (one
-    # buffer: LLVM must see no possible aliasing to vectorise) or to a second buffer
-    for clip in (False, True):
-        for out in ("P", "Q"):
-            inner_ns = dict(ns, CLIP=clip)
-            exec(compile(_INNER_SRC.format(**fields).replace("OUT[j]", f"{out}[j]"), name,
-                         "exec"), inner_ns)
-            key = "inner" + ("_clip" if clip else "") + ("_copy" if out == "Q" else "")
-            ns[key] = jit(inner_ns["inner"])
+    exec(compile(_INNER_SRC.format(**fields).replace("OUT[j]", "Q[j]" if copy else "P[j]"), name, "exec"), ns)
+    ns["inner"] = jit(ns["inner"])
     exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
     return jit(ns["kernel"])
 
@@ -282,10 +270,11 @@ class NumbaEngine(Engine):
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
-        kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype)
+        kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype,
+                               src is not dst, pro[1] > 0)
         sumsq = kernel(self.np_view(src), self.np_view(dst),
                        *(self.np_view(state.slots[s]) for s in opt.slot_names()),
-                       gptr, lay.offsets, lay.sizes, src is not dst, *(dt(x) for x in pro),
+                       gptr, lay.offsets, lay.sizes, *(dt(x) for x in pro),
                        *(dt(x) for x in scal))
         return dict(views), True, math.sqrt(sumsq) if norm is None else norm
 
