@@ -576,7 +576,7 @@ def test_numba_learning_rate_change_does_not_recompile(backend):
     params = natives(backend, p_np)
     state = init(opt, backend, params)
     params, state = opt.update(params, natives(backend, g_np), state)
-    kernel = update_kernel(_adam, 2, 7, "float32", backend == "jax")  # JAX: double buffer
+    kernel = update_kernel(_adam, 2, 7, "float32", backend == "jax", False)  # JAX: double buffer
     n_sigs = len(kernel.signatures)
     for k in range(5):
         opt.set_learning_rate(0.01 / (k + 1))

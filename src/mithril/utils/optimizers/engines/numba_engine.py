@@ -271,7 +271,7 @@ class NumbaEngine(Engine):
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
         kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype,
-                               src is not dst, pro[1] > 0)
+                               src is not dst, bool(pro[1] > 0))
         sumsq = kernel(self.np_view(src), self.np_view(dst),
                        *(self.np_view(state.slots[s]) for s in opt.slot_names()),
                        gptr, lay.offsets, lay.sizes, *(dt(x) for x in pro),
