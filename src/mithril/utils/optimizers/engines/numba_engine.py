@@ -1,11 +1,10 @@
-"""Fused numba kernels for NumPy arrays and CPU torch tensors.
+"""Fused numba kernels for NumPy arrays, CPU torch tensors and JAX-on-CPU arrays.
 
 Parameters and slots live in flat buffers; gradients are read where they lie through a
 table of their addresses, so one loop touches each byte once (28 bytes per parameter for
-an fp32 Adam step) however many tensors there are. The loops are serial: on the 2-core
-machines we target one vectorised thread already saturates memory bandwidth (5 ms for a
-10M-param Adam step), while numba's OpenMP ``parallel=True`` was 1.5-30x slower there. The kernel is generated
-once per (math, dtype) from the optimizer's elementwise ``math``.
+an fp32 Adam step) however many tensors there are. Large steps are cut between threads
+(:mod:`.threads`). The kernel is generated once per (math, dtype, variant) from the
+optimizer's elementwise ``math``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import ndarray_fields
+from . import ndarray_fields, threads
 from .common import Engine, must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
@@ -145,6 +144,7 @@ class NumbaEngine(Engine):
         self.backend = backend
         self.kind = backend.name
         self.layout = layout.aligned(16) if self.kind == "jax" else layout
+        self._plan_for, self._plan_cache = 0, threads.Plan(self.layout.offsets, self.layout.sizes, 1)
         if self.kind == "torch":
             import torch
 
@@ -261,8 +261,9 @@ class NumbaEngine(Engine):
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
+        plan, itemsize = self._plan(), np.dtype(lay.dtype).itemsize
         if needs_prepass(opt):
-            norm = math.sqrt(sumsq_kernel(lay.dtype)(gptr, lay.sizes))
+            norm = math.sqrt(plan.run(sumsq_kernel(lay.dtype), (), gptr, (), itemsize, with_offsets=False))
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm
         src, views = self._adopt(state, params)
@@ -272,11 +273,17 @@ class NumbaEngine(Engine):
         dt = np.dtype(lay.dtype).type
         kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype,
                                src is not dst, bool(pro[1] > 0))
-        sumsq = kernel(self.np_view(src), self.np_view(dst),
-                       *(self.np_view(state.slots[s]) for s in opt.slot_names()),
-                       gptr, lay.offsets, lay.sizes, *(dt(x) for x in pro),
-                       *(dt(x) for x in scal))
+        buffers = (self.np_view(src), self.np_view(dst),
+                   *(self.np_view(state.slots[s]) for s in opt.slot_names()))
+        sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)), itemsize)
         return dict(views), True, math.sqrt(sumsq) if norm is None else norm
+
+    def _plan(self) -> threads.Plan:
+        """How the step is cut between threads (recomputed when the thread count changes)."""
+        n = threads.get_num_threads()
+        if self._plan_for != n:
+            self._plan_for, self._plan_cache = n, threads.Plan(self.layout.offsets, self.layout.sizes, n)
+        return self._plan_cache
 
     def _adopt(self, state: Any, params: Any) -> tuple[Any, dict[str, Any]]:
         """Make sure a flat buffer holds ``params``; returns it and the arrays the update
