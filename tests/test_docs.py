@@ -40,6 +40,9 @@ def test_docs_exist():
 @pytest.mark.parametrize("where, code", PYTHON, ids=[w for w, _ in PYTHON])
 def test_python_block_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+    from mithril.utils.optimizers.engines import threads
+
+    monkeypatch.setattr(threads, "_threads", threads._threads)  # undo set_num_threads
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
 
 
