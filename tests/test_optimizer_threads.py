@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 from mithril.utils.optimizers import SGD, Adam, AdamW, get_num_threads, set_num_threads
 from mithril.utils.optimizers.engines import threads
@@ -37,8 +38,9 @@ def restore_threads():
 
 def _problem(seed=0):
     rng = np.random.default_rng(seed)
-    p = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    gs = [{k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in SHAPES.items()} for _ in range(3)]
+    p = {k: np.asarray(rng.standard_normal(s), dtype=np.float32) for k, s in SHAPES.items()}
+    gs = [{k: np.asarray(rng.standard_normal(s) * 0.1, dtype=np.float32) for k, s in SHAPES.items()}
+          for _ in range(3)]
     del gs[1]["w"]  # a step with a missing gradient: that parameter passes through
     return p, gs
 
@@ -96,3 +98,29 @@ def test_set_num_threads_validates(restore_threads):
         with pytest.raises(ValueError, match="positive int"):
             set_num_threads(bad)
     assert get_num_threads() == 2
+
+
+def test_threads_work_in_a_forked_child():
+    """A child forked after the pool started gets a pool of its own (no deadlock). Run in a
+    fresh interpreter: forking a process that has started JAX's threads is unsafe."""
+    out = run_python("""
+        import multiprocessing as mp
+        import numpy as np
+        from mithril.utils.optimizers import Adam, set_num_threads
+
+        set_num_threads(2)
+
+        def step():
+            rng = np.random.default_rng(0)
+            p = {"w": rng.standard_normal(1 << 20).astype(np.float32)}
+            opt = Adam(1e-2)
+            _, state = opt.update(dict(p), {"w": p["w"] * 0.5}, opt.init(p))
+            assert len(state.engine._plan().parts) == 2
+            return state.last_grad_norm
+
+        parent = step()  # starts the pool in the parent
+        with mp.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(step).get(timeout=60)
+        print(parent == child)
+    """)
+    assert out.strip().splitlines()[-1] == "True"

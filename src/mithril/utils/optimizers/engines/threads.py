@@ -22,6 +22,7 @@ _ALIGN = 16  # cut tensors at multiples of 16 elements (64 bytes of float32)
 
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # a forked child inherits the pool object but not its threads
 
 
 def get_num_threads() -> int:
@@ -45,9 +46,10 @@ def set_num_threads(n: int) -> None:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
+    global _pool, _pool_pid
+    if _pool is None or _pool._max_workers < workers or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mithril-opt")
+        _pool_pid = os.getpid()
     return _pool
 
 
