@@ -23,6 +23,7 @@ _ALIGN = 16  # cut tensors at multiples of 16 elements (64 bytes of float32)
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # a forked child inherits the pool object but not its threads
+_pool_workers = 0
 
 
 def get_num_threads() -> int:
@@ -46,10 +47,10 @@ def set_num_threads(n: int) -> None:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    if _pool is None or _pool._max_workers < workers or _pool_pid != os.getpid():
+    global _pool, _pool_pid, _pool_workers
+    if _pool is None or _pool_workers < workers or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mithril-opt")
-        _pool_pid = os.getpid()
+        _pool_pid, _pool_workers = os.getpid(), workers
     return _pool
 
 
