@@ -49,8 +49,9 @@ def set_num_threads(n: int) -> None:
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_pid, _pool_workers
     if _pool is None or _pool_workers < workers or _pool_pid != os.getpid():
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.shutdown(wait=False)  # its idle threads exit; running work completes
+        # threads start on demand, so room for every core costs nothing; a replaced pool's
+        # threads exit once it is garbage (never shut down: another thread may be using it)
+        workers = max(workers, os.cpu_count() or 1)
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mithril-opt")
         _pool_pid, _pool_workers = os.getpid(), workers
     return _pool
