@@ -2,8 +2,8 @@
 
 Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
 call with default options, exactly as a training loop makes it. Every implementation is
-timed in the same process, in rotating blocks of consecutive steps, and medians are
-reported with ratios against torch's fused step and optax, and the effective bandwidth
+timed in the same process (a fresh one for each case), in rotating blocks of consecutive
+steps, and medians are reported with ratios against torch's fused step and optax, and the effective bandwidth
 at 28 bytes/param (Adam) or 12 bytes/param (SGD with momentum).
 
     python benchmarks/optimizer_step.py                 # both sizes, all backends
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -126,6 +128,44 @@ def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Namespace) -> None:
+    """Time every implementation of one case (size, optimizer) and print its rows."""
+    total, n = SIZES[size]
+    shapes = shapes_for(total, n)
+    fns: dict[str, Callable[[], None]] = {"torch fused": torch_fused(opt_name, shapes)}
+    notes = {}
+    if "numpy" in backends:
+        p, g = make_numpy(shapes)
+        fns["mithril numpy"] = mithril_step(opt_name, p, g)
+        fns["numpy triad"] = numpy_triad(total)
+    if "torch" in backends:
+        import torch
+
+        p, g = make_numpy(shapes)
+        fns["mithril torch"] = mithril_step(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
+                                            {k: torch.from_numpy(v) for k, v in g.items()})
+    if "jax" in backends:
+        import jax.numpy as jnp
+
+        p, g = make_numpy(shapes)
+        jp = {k: jnp.asarray(v) for k, v in p.items()}
+        jg = {k: jnp.asarray(v) for k, v in g.items()}
+        t0 = time.perf_counter()
+        step = mithril_step(opt_name, jp, jg)
+        step()
+        notes["mithril jax"] = f"first call {time.perf_counter() - t0:.1f}s"
+        fns["mithril jax"] = step
+        if not args.no_optax:
+            fns["optax jit+donate"], c = optax_step(opt_name, shapes)
+            notes["optax jit+donate"] = f"first call {c:.1f}s"
+    med = time_blocks(fns, args.rounds, args.block)
+    ref, ox = med["torch fused"], med.get("optax jit+donate")
+    for k, v in med.items():
+        gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
+        print(f"{size} {opt_name:<5}{k:<21}{v * 1e3:>10.2f}{v / ref:>15.2f}x"
+              f"{(f'{v / ox:.2f}x' if ox else '-'):>10}{gbs:>8.1f}  {notes.get(k, '')}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="a,b")
@@ -134,45 +174,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds over all implementations")
     ap.add_argument("--block", type=int, default=5, help="timed consecutive steps per round")
     ap.add_argument("--no-optax", action="store_true", help="skip optax (its first compile on (b) takes minutes)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (by default each case gets a fresh one: the "
+                         "arrays, caches and compiled programs of earlier cases slow later ones)")
+    ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    backends = args.backends.split(",")
-    print(f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}")
-    for size in args.sizes.split(","):
-        total, n = SIZES[size]
-        shapes = shapes_for(total, n)
-        for opt_name in args.optimizers.split(","):
-            fns: dict[str, Callable[[], None]] = {"torch fused": torch_fused(opt_name, shapes)}
-            notes = {}
-            if "numpy" in backends:
-                p, g = make_numpy(shapes)
-                fns["mithril numpy"] = mithril_step(opt_name, p, g)
-                fns["numpy triad"] = numpy_triad(total)
-            if "torch" in backends:
-                import torch
-
-                p, g = make_numpy(shapes)
-                fns["mithril torch"] = mithril_step(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
-                                                    {k: torch.from_numpy(v) for k, v in g.items()})
-            if "jax" in backends:
-                import jax.numpy as jnp
-
-                p, g = make_numpy(shapes)
-                jp = {k: jnp.asarray(v) for k, v in p.items()}
-                jg = {k: jnp.asarray(v) for k, v in g.items()}
-                t0 = time.perf_counter()
-                step = mithril_step(opt_name, jp, jg)
-                step()
-                notes["mithril jax"] = f"first call {time.perf_counter() - t0:.1f}s"
-                fns["mithril jax"] = step
-                if not args.no_optax:
-                    fns["optax jit+donate"], c = optax_step(opt_name, shapes)
-                    notes["optax jit+donate"] = f"first call {c:.1f}s"
-            med = time_blocks(fns, args.rounds, args.block)
-            ref, ox = med["torch fused"], med.get("optax jit+donate")
-            for k, v in med.items():
-                gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
-                print(f"{size} {opt_name:<5}{k:<21}{v * 1e3:>10.2f}{v / ref:>15.2f}x"
-                      f"{(f'{v / ox:.2f}x' if ox else '-'):>10}{gbs:>8.1f}  {notes.get(k, '')}")
+    header = f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}"
+    cases = [(s, o) for s in args.sizes.split(",") for o in args.optimizers.split(",")]
+    if not args.in_process:
+        print(header, flush=True)
+        for size, opt_name in cases:
+            cmd = [sys.executable, __file__, "--in-process", "--sizes", size, "--optimizers", opt_name,
+                   "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block)]
+            subprocess.run(cmd + (["--no-optax"] if args.no_optax else []) + ["--no-header"], check=True)
+        return
+    if not args.no_header:
+        print(header)
+    for size, opt_name in cases:
+        run_case(size, opt_name, args.backends.split(","), args)
 
 
 if __name__ == "__main__":
