@@ -219,9 +219,9 @@ class Optimizer:
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
         self._bind(params)
-        prepared = self._check(params, gradients, state)
+        prepared, ours = self._check(params, gradients, state)
         t = state.step + 1
-        new_params, ok, norm = state.engine.step(self, state, params, gradients, t, prepared)
+        new_params, ok, norm = state.engine.step(self, state, params, gradients, t, prepared, ours)
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         if ok:
@@ -239,9 +239,10 @@ class Optimizer:
 
     # -- validation ------------------------------------------------------------------------
     def _check(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: Any) -> Any:
-        """Raise on bad input before anything is touched; returns what the engine's
-        ``prepare`` found (e.g. the gradients' addresses) for its ``step``."""
+               state: Any) -> tuple[Any, bool]:
+        """Raise on bad input before anything is touched. Returns what the engine's
+        ``prepare`` found (e.g. the gradients' addresses) for its ``step``, and whether
+        ``params`` are the very arrays the previous update returned (nothing to copy in)."""
         if not isinstance(state, OptimizerState):
             raise TypeError(f"state must be what {type(self).__name__}.init returned, "
                             f"got {type(state).__name__}")
@@ -276,7 +277,7 @@ class Optimizer:
                                     f"but the parameter has dtype {lay.dtype}")
         views = state.param_views or {}
         if len(views) == len(params) and all(map(operator.is_, params.values(), views.values())):
-            return prepared  # the arrays the previous update returned
+            return prepared, True  # the arrays the previous update returned
         for name, p in params.items():
             if p is views.get(name):
                 continue
@@ -286,7 +287,7 @@ class Optimizer:
             if tuple(p.shape) != shapes[index[name]]:
                 raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
                                  f"built for {shapes[index[name]]}")
-        return prepared
+        return prepared, False
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ flat buffer, so per-tensor launch cost still vanishes) and float16/bfloat16 para
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ class ArrayEngine(Engine):
         return np.concatenate([a.reshape(-1) for a in arrays])
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: Any = None) -> tuple[dict, bool, float | None]:
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None]:
         lay = self.layout
         zeros = self.full
         g = self._flat([grads[n] if n in grads else zeros(int(s), 0.0)
@@ -64,7 +63,7 @@ class ArrayEngine(Engine):
             state.params_flat = zeros(lay.total, 0.0)
             state.param_views = lay.unflatten(state.params_flat)
         views = state.param_views
-        if not all(map(operator.is_, params.values(), views.values())):
+        if not ours:
             for n, p in params.items():
                 if p is not views[n]:
                     views[n][...] = p.detach() if self.torch else p

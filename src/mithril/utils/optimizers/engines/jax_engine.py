@@ -9,7 +9,6 @@ returned by the previous update and all state slots are donated.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
@@ -79,15 +78,12 @@ class JaxEngine(Engine):
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: Any = None) -> tuple[dict, bool, float | None]:
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None]:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
         flags = (True, opt.clip_norm is not None,
                  opt.clip_value is not None, opt.nonfinite != "propagate")
-        views = state.param_views
-        ours = (views is not None and len(views) == len(params)
-                and all(map(operator.is_, params.values(), views.values())))
         donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}

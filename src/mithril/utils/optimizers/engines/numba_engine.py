@@ -256,7 +256,7 @@ class NumbaEngine(Engine):
         return gptr
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: np.ndarray | None = None) -> tuple[dict, bool, float | None]:
+             prepared: np.ndarray | None = None, ours: bool = False) -> tuple[dict, bool, float | None]:
         lay = self.layout
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
@@ -266,7 +266,7 @@ class NumbaEngine(Engine):
             norm = math.sqrt(plan.run(sumsq_kernel(lay.dtype), (), gptr, (), itemsize, with_offsets=False))
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm
-        src, views = self._adopt(state, params)
+        src, views = self._adopt(state, params, ours)
         dst = state.params_flat
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
@@ -285,9 +285,10 @@ class NumbaEngine(Engine):
             self._plan_for, self._plan_cache = n, threads.Plan(self.layout.offsets, self.layout.sizes, n)
         return self._plan_cache
 
-    def _adopt(self, state: Any, params: Any) -> tuple[Any, dict[str, Any]]:
-        """Make sure a flat buffer holds ``params``; returns it and the arrays the update
-        returns (over ``state.params_flat``, which the kernel writes)."""
+    def _adopt(self, state: Any, params: Any, ours: bool) -> tuple[Any, dict[str, Any]]:
+        """Make sure a flat buffer holds ``params`` (already so when ``ours``: they are the
+        arrays the previous update returned); returns it and the arrays this update returns
+        (over ``state.params_flat``, which the kernel writes)."""
         if state.params_flat is None:
             state.params_flat = self.full(self.layout.total, 0.0)
             state.param_views = self.views(state.params_flat)
@@ -295,7 +296,7 @@ class NumbaEngine(Engine):
                 self._spare = self.full(self.layout.total, 0.0)
                 self._spare_views = self.views(self._spare)
         src, views = state.params_flat, state.param_views
-        if not all(map(_is, params.values(), views.values())) or list(params) != list(views):
+        if not ours:
             flat = self.np_view(src)
             for name, a, b, _ in self.layout.spans():
                 p = params[name]
@@ -306,6 +307,3 @@ class NumbaEngine(Engine):
                 self._spare, self._spare_views, src, views)
         return src, state.param_views
 
-
-def _is(a: Any, b: Any) -> bool:
-    return a is b
