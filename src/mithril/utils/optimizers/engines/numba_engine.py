@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import ndarray_fields, threads
+from . import ndarray_fields, streaming, threads
 from .common import Engine, must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
@@ -39,10 +39,7 @@ def _voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
 
 _IS_CPU = operator.attrgetter("is_cpu")
 
-_INNER_SRC = """
-def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
-    s = 0.0
-    for j in range(P.shape[0]):
+_BODY_SRC = """
         x = G[j]
         xd = np.float64(x)
         s += xd * xd
@@ -53,8 +50,20 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
-        OUT[j] = p
-{writes}
+        STORE
+{writes}"""
+
+_INNER_SRC = """
+def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
+    s = 0.0
+    n = P.shape[0]
+    m = 0  # elements [0, m) are written with streaming stores (a second buffer only)
+    if STREAM and address(Q) % 64 == 0:
+        m = n - n % 16
+    for j in range(m):{body_stream}
+    for j in range(m, n):{body}
+    if STREAM:
+        store_fence()
     return s
 """
 
@@ -82,8 +91,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
     that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
     the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
-    ``copy`` (JAX's double buffer), else in place (``Q`` is then ignored: LLVM must see one
-    buffer to vectorise); ``clip`` compiles clipping by value in. Each variant is compiled
+    ``copy`` (JAX's double buffer; with streaming stores, :mod:`.streaming`), else in place
+    (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles clipping by value in. Each variant is compiled
     on first use only, which keeps a first step's compile time to one loop.
     """
     slots = [f"S{k}" for k in range(n_slots)]
@@ -98,9 +107,14 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     )
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy}
+                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
+                          "STREAM": copy and streaming.AVAILABLE, "stream_store": streaming.stream_store,
+                          "store_fence": streaming.store_fence, "address": streaming.address}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
-    exec(compile(_INNER_SRC.format(**fields).replace("OUT[j]", "Q[j]" if copy else "P[j]"), name, "exec"), ns)
+    body = _BODY_SRC.format(**fields)
+    src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
+                            body=body.replace("STORE", "Q[j] = p" if copy else "P[j] = p"))
+    exec(compile(src, name, "exec"), ns)
     ns["inner"] = jit(ns["inner"])
     exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
     return jit(ns["kernel"])
