@@ -251,19 +251,13 @@ class Optimizer:
                              f"not by this {type(self).__name__} (slots {sorted(self.slot_names())})")
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
-        lay = state.layout
-        if params.keys() != lay.index.keys():
-            missing = sorted(set(lay.names) - set(params))
-            unknown = sorted(set(params) - set(lay.names))
-            raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
-                                   f"unknown {unknown}")
-        if not gradients.keys() <= lay.index.keys():
-            raise KeyMismatchError(f"gradients for unknown parameter(s) "
-                                   f"{sorted(set(gradients) - set(lay.names))}")
-        eng = state.engine
+        lay, eng = state.layout, state.engine
         atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
-        prepared = eng.prepare(gradients)
+        prepared = eng.prepare(gradients)  # None unless every gradient, in order, well-typed
         if prepared is None:
+            if not gradients.keys() <= index.keys():
+                raise KeyMismatchError(f"gradients for unknown parameter(s) "
+                                       f"{sorted(set(gradients) - set(lay.names))}")
             for name, g in gradients.items():
                 if not isinstance(g, atype):
                     raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
@@ -276,8 +270,14 @@ class Optimizer:
                     raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} "
                                     f"but the parameter has dtype {lay.dtype}")
         views = state.param_views or {}
-        if len(views) == len(params) and all(map(operator.is_, params.values(), views.values())):
+        if (len(views) == len(params) and list(params) == lay.name_list
+                and all(map(operator.is_, params.values(), views.values()))):
             return prepared, True  # the arrays the previous update returned
+        if params.keys() != index.keys():
+            missing = sorted(set(lay.names) - set(params))
+            unknown = sorted(set(params) - set(lay.names))
+            raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
+                                   f"unknown {unknown}")
         for name, p in params.items():
             if p is views.get(name):
                 continue
