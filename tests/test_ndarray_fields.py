@@ -41,7 +41,10 @@ def test_scan_refuses(change):
     vals = _arrays()
     vals[0] = change(vals[0])
     assert nf.scan(vals, nf.Expected(SHAPES, np.float32)) is None
-    assert nf.scan(_arrays()[:-1], nf.Expected(SHAPES, np.float32)) is None  # count
+
+
+def test_scan_refuses_a_wrong_count():
+    assert nf.scan(_arrays()[:-1], nf.Expected(SHAPES, np.float32)) is None
 
 
 def test_refused_gradients_take_the_checked_path():

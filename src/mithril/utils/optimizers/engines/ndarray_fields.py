@@ -37,7 +37,7 @@ def _load(typingctx, addr, ty):  # pragma: no cover - compiled by numba
     return None
 
 
-@numba.njit(nogil=True, cache=False)
+@numba.njit(nogil=True)
 def _scan(ids, type_addr, descr_addr, ndims, dims, dim_off, out):  # pragma: no cover - numba
     """Fill ``out`` with the data addresses of the arrays at ``ids``; return -1, or the index
     of the first one that is not a C-contiguous ndarray of the expected dtype and shape."""

@@ -92,8 +92,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
     the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
     ``copy`` (JAX's double buffer; with streaming stores, :mod:`.streaming`), else in place
-    (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles clipping by value in. Each variant is compiled
-    on first use only, which keeps a first step's compile time to one loop.
+    (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
+    clipping by value in. Each variant is compiled on first use only, which keeps a first
+    step's compile time to one loop.
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -150,8 +151,9 @@ class NumbaEngine(Engine):
 
     ``kind`` is "numpy", "torch" (CPU tensors; the kernel works on zero-copy numpy views)
     or "jax" (CPU: parameters are ``jax.Array`` objects aliasing 64-byte aligned slices of
-    the flat host buffer, created once; each update rewrites that buffer in place and
-    returns the same arrays - buffer donation without a copy or a compile).
+    two flat host buffers, created once; each update reads one buffer and writes the other,
+    so arrays JAX may still be reading asynchronously stay valid for a step - buffer
+    donation without a copy or a compile).
     """
 
     def __init__(self, backend: Any, layout: Any) -> None:
@@ -188,7 +190,7 @@ class NumbaEngine(Engine):
         if self.kind == "jax":  # one property lookup per array instead of two
             avals = [g.aval for g in vals]
             return [a.shape for a in avals], {a.dtype for a in avals}
-        return [g.shape for g in vals], {g.dtype for g in vals}
+        return super().signature(vals)
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:

@@ -60,8 +60,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 class Plan:
     """How a layout's tensors are cut into ``parts`` contiguous pieces of similar size.
 
-    Part ``i`` covers tensors ``idx[i]`` from element ``start[i]`` for ``size[i]``
-    elements (at ``offset[i]`` in the flat buffers)."""
+    Each part is ``(idx, first, offset, size)``: tensors ``idx`` from their element
+    ``first`` on, for ``size`` elements, at ``offset`` in the flat buffers."""
 
     def __init__(self, offsets: np.ndarray, sizes: np.ndarray, parts: int) -> None:
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # dense positions
