@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import ndarray_fields, streaming, threads
+from . import ndarray_fields, streaming, threads, torch_scan
 from .common import Engine, must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
@@ -167,6 +167,10 @@ class NumbaEngine(Engine):
             self._torch = torch
             self.array_type = torch.Tensor
             self.native_dtype = getattr(torch, layout.dtype)
+            self._scan = torch_scan.load()  # None: read the gradients from Python
+            self._ref = torch.empty(0, dtype=self.native_dtype)
+            self._ndim = np.array([len(s) for s in self.layout.shape_list], dtype=np.int64)
+            self._dims = np.array([d for s in self.layout.shape_list for d in s] or [0], dtype=np.int64)
         elif self.kind == "jax":
             import jax
 
@@ -231,8 +235,8 @@ class NumbaEngine(Engine):
         if self.kind == "torch":
             if g.device.type != "cpu":
                 raise ValueError(f"gradients['{name}'] is on {g.device}; the parameters are on cpu")
-            if g.requires_grad or not g.is_contiguous():
-                g = g.detach().contiguous()
+            if g.requires_grad or not g.is_contiguous() or g.is_neg() or g.is_conj():
+                g = g.detach().resolve_neg().resolve_conj().contiguous()
                 keep.append(g)
             return g.data_ptr()
         if self.kind == "jax":
@@ -250,6 +254,13 @@ class NumbaEngine(Engine):
             if list(gradients) == self.layout.name_list:
                 return ndarray_fields.scan(list(gradients.values()), self._expected)
             return None
+        if self.kind == "torch" and self._scan is not None:
+            if list(gradients) != self.layout.name_list:
+                return None
+            out = np.empty(len(gradients), dtype=np.int64)
+            bad = self._scan.scan(list(gradients.values()), self._ref, self._ndim.ctypes.data,
+                                  self._dims.ctypes.data, out.ctypes.data)
+            return out if bad < 0 else None
         vals = super().prepare(gradients)
         if vals is None:
             return None
