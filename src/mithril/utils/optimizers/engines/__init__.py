@@ -2,9 +2,9 @@
 
 * :class:`~.numba_engine.NumbaEngine` - NumPy, torch-CPU and JAX-CPU float32/float64: one
   fused numba loop over a flat parameter buffer (gradients read where they lie), cut
-  between threads (:mod:`.threads`); NumPy gradients are checked and located in one
-  compiled pass (:mod:`.ndarray_fields`); JAX's double buffer is written with streaming
-  stores (:mod:`.streaming`).
+  between threads (:mod:`.threads`); NumPy and torch gradients are checked and located in
+  one compiled pass (:mod:`.ndarray_fields`, :mod:`.torch_scan`); JAX's double buffer is
+  written with streaming stores (:mod:`.streaming`).
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)
