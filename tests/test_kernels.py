@@ -1,5 +1,5 @@
-"""The generated numba kernels: the double-buffered variant (streaming stores when the
-output is 64-byte aligned) gives the same bits as the in-place one."""
+"""The generated numba kernels: the double-buffered variant (with or without streaming
+stores, aligned or not) gives the same bits as the in-place one."""
 
 import numpy as np
 import pytest
@@ -19,8 +19,9 @@ def _aligned(n: int, shift: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("opt", [SGD(0.1, momentum=0.9, weight_decay=0.01), Adam(0.01)],
                          ids=["sgd", "adam"])
-@pytest.mark.parametrize("shift", [0, 1], ids=["aligned-streaming", "misaligned-plain"])
-def test_double_buffer_matches_in_place(opt, shift):
+@pytest.mark.parametrize("shift,stream", [(0, True), (1, True), (0, False)],
+                         ids=["aligned-streaming", "misaligned-plain", "aligned-plain"])
+def test_double_buffer_matches_in_place(opt, shift, stream):
     rng = np.random.default_rng(0)
     sizes = np.array([37, 16, 1, 0, 100], dtype=np.int64)  # remainders, an exact 16, empty
     offsets = np.array([0, 48, 64, 80, 96], dtype=np.int64)  # multiples of 16 (JAX layout)
@@ -34,13 +35,13 @@ def test_double_buffer_matches_in_place(opt, shift):
     n_slots = len(opt.slot_names())
 
     P, slots = p0.copy(), [np.full(total, 0.5, np.float32) for _ in range(n_slots)]
-    in_place = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", False, False)
+    in_place = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", False, False, False)
     norm_a = in_place(P, P, *slots, gptr, offsets, sizes, *args)
 
     src, dst = _aligned(total), _aligned(total, shift)
     src[:], dst[:] = p0, np.nan
     slots2 = [np.full(total, 0.5, np.float32) for _ in range(n_slots)]
-    double = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", True, False)
+    double = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", True, False, stream)
     norm_b = double(src, dst, *slots2, gptr, offsets, sizes, *args)
 
     assert norm_b == pytest.approx(norm_a, rel=1e-12)  # Σg² summed in another order
@@ -51,13 +52,21 @@ def test_double_buffer_matches_in_place(opt, shift):
         np.testing.assert_array_equal(a, b)
 
 
-def test_double_buffer_kernel_uses_streaming_stores_on_x86():
+@pytest.mark.parametrize("stream", [True, False])
+def test_streaming_stores_only_when_asked(stream):
     opt = SGD(0.1, momentum=0.9)
-    kernel = update_kernel(opt.kernel_math(), 1, len(opt.scalars(1)), "float32", True, False)
+    kernel = update_kernel(opt.kernel_math(), 1, len(opt.scalars(1)), "float32", True, False, stream)
     src, dst, m = _aligned(64), _aligned(64), np.zeros(64, np.float32)
     g = np.ones(64, np.float32)
     kernel(src, dst, m, np.array([g.ctypes.data]), np.array([0]), np.array([64]),
            *(np.float32(x) for x in (1, 0, 0, 1)), *(np.float32(x) for x in opt.scalars(1)))
     inner = kernel.py_func.__globals__["inner"]
     asm = inner.inspect_asm(inner.signatures[0])
-    assert ("movnt" in asm) == streaming.AVAILABLE
+    assert ("movnt" in asm) == (stream and streaming.AVAILABLE)
+
+
+def test_streaming_only_beyond_the_last_level_cache():
+    llc = streaming.last_level_cache_bytes()
+    assert llc >= 1 << 20  # every x86/ARM server part has at least 1 MiB
+    assert not streaming.worth_it(llc // 2)  # fits: cached stores may never reach memory
+    assert streaming.worth_it(4 * llc) == streaming.AVAILABLE

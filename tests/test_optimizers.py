@@ -576,7 +576,7 @@ def test_numba_learning_rate_change_does_not_recompile(backend):
     params = natives(backend, p_np)
     state = init(opt, backend, params)
     params, state = opt.update(params, natives(backend, g_np), state)
-    kernel = update_kernel(_adam, 2, 7, "float32", backend == "jax", False)  # JAX: double buffer
+    kernel = update_kernel(_adam, 2, 7, "float32", backend == "jax", False, False)  # JAX: double buffer
     n_sigs = len(kernel.signatures)
     for k in range(5):
         opt.set_learning_rate(0.01 / (k + 1))
@@ -821,7 +821,7 @@ def _has_kernel(math_fn, n_slots: int, n_scal: int, dtype: str, copy: bool = Fal
 
     fn = numba_engine.update_kernel
     hits = fn.cache_info().hits
-    fn(math_fn, n_slots, n_scal, dtype, copy, False)
+    fn(math_fn, n_slots, n_scal, dtype, copy, False, False)
     return fn.cache_info().hits == hits + 1
 
 

@@ -85,13 +85,13 @@ def kernel(P, Q, {slots}gptr, toff, tsize, gscale, cv, l2, keep{scal}):
 
 @functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
-                  clip: bool = False) -> Any:
+                  clip: bool = False, stream: bool = False) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
     that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
     the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
-    ``copy`` (JAX's double buffer; with streaming stores, :mod:`.streaming`), else in place
+    ``copy`` (JAX's double buffer; with streaming stores if ``stream``, :mod:`.streaming`), else in place
     (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
     clipping by value in. Each variant is compiled on first use only, which keeps a first
     step's compile time to one loop.
@@ -109,7 +109,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
-                          "STREAM": copy and streaming.AVAILABLE, "stream_store": streaming.stream_store,
+                          "STREAM": copy and stream and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
@@ -298,8 +298,10 @@ class NumbaEngine(Engine):
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
+        copy = src is not dst
+        stream = copy and streaming.worth_it((3 + len(state.slots)) * lay.total * itemsize)
         kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype,
-                               src is not dst, bool(pro[1] > 0))
+                               copy, bool(pro[1] > 0), stream)
         buffers = (self.np_view(src), self.np_view(dst),
                    *(self.np_view(state.slots[s]) for s in opt.slot_names()))
         sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)), itemsize)

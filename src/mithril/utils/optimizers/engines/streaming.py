@@ -7,12 +7,15 @@ them; elsewhere parameters are updated in place, where the line is read anyway.
 
 Used on x86-64 only, over 64-byte aligned runs whose length is a multiple of 16 elements
 (the kernel checks), ended by an ``sfence`` so the data is visible before the kernel
-returns.
+returns; and only when a step's buffers do not fit in the last-level cache (:func:`worth_it`):
+a streaming store always goes to memory, while a cached one may never have to.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
+from pathlib import Path
 
 import llvmlite.ir as ir
 from numba import types
@@ -20,6 +23,26 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 AVAILABLE = platform.machine().lower() in ("x86_64", "amd64")
+_DEFAULT_CACHE = 32 << 20
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=_DEFAULT_CACHE)
+
+
+def worth_it(working_set_bytes: int) -> bool:
+    """Whether streaming stores pay for a step touching ``working_set_bytes``: only when that
+    exceeds the last-level cache, so that the written lines would be evicted anyway."""
+    return AVAILABLE and working_set_bytes > last_level_cache_bytes()
 
 
 @intrinsic
