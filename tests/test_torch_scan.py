@@ -86,9 +86,13 @@ def test_scan_and_python_reads_agree(make, monkeypatch):
     monkeypatch.setenv("MITHRIL_TORCH_SCAN", "0")
     monkeypatch.setattr(torch_scan, "_loaded", {})
     slow = _run(make(), grads, params)
+    slow_odd = _run(make(), odd, params)
+    slow_neg = _run(make(), {**grads, "w1": odd["w1"]}, params)  # the only odd one: no copy else
     for k in params:
         assert torch.equal(fast[k], slow[k]), k
         assert torch.equal(fast[k], refused[k]), k
+        assert torch.equal(fast[k], slow_odd[k]), k
+        assert torch.equal(fast[k], slow_neg[k]), k
 
 
 def test_without_a_compiler_steps_fall_back(monkeypatch, tmp_path, caplog):

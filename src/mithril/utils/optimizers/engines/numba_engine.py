@@ -250,16 +250,15 @@ class NumbaEngine(Engine):
     def prepare(self, gradients: Any) -> np.ndarray | None:
         """The addresses of a full, ordered, well-typed set of gradients (read where they
         lie by the kernel), found without per-tensor Python calls where possible; else None."""
-        if self.kind == "numpy":
-            if list(gradients) == self.layout.name_list:
-                return ndarray_fields.scan(list(gradients.values()), self._expected)
-            return None
-        if self.kind == "torch" and self._scan is not None:
+        if self.kind == "numpy" or (self.kind == "torch" and self._scan is not None):
             if list(gradients) != self.layout.name_list:
                 return None
-            out = np.empty(len(gradients), dtype=np.int64)
-            bad = self._scan.scan(list(gradients.values()), self._ref, self._ndim.ctypes.data,
-                                  self._dims.ctypes.data, out.ctypes.data)
+            vals = list(gradients.values())
+            if self.kind == "numpy":
+                return ndarray_fields.scan(vals, self._expected)
+            out = np.empty(len(vals), dtype=np.int64)
+            bad = self._scan.scan(vals, self._ref, self._ndim.ctypes.data, self._dims.ctypes.data,
+                                  out.ctypes.data)
             return out if bad < 0 else None
         vals = super().prepare(gradients)
         if vals is None:
@@ -267,8 +266,9 @@ class NumbaEngine(Engine):
         if self.kind == "jax":  # the kernel reads the gradient buffers: wait for them
             self._wait(vals)
             return np.fromiter(map(self._ptr, vals), np.int64, len(vals))
-        if all(map(self._torch.Tensor.is_contiguous, vals)) and all(map(_IS_CPU, vals)):
-            return np.fromiter(map(self._torch.Tensor.data_ptr, vals), np.int64, len(vals))
+        T = self._torch.Tensor  # lazily negated views must be resolved first (_address)
+        if all(map(T.is_contiguous, vals)) and all(map(_IS_CPU, vals)) and not any(map(T.is_neg, vals)):
+            return np.fromiter(map(T.data_ptr, vals), np.int64, len(vals))
         return None
 
     def _pointers(self, grads: Any, keep: list) -> np.ndarray:
