@@ -144,6 +144,14 @@ def _bad_updates(backend):
          KeyMismatchError, ["extra", "unknown"]),
         ("gradient shape", lambda p, g, s, o: o.update(
             p, {"w": native(backend, np.ones((2, 3), f32))}, s), ShapeError, ["'w'", "(2, 3)", "(3, 2)"]),
+        # a full, ordered set after a good step: the fast path (e.g. JAX's cache of the
+        # avals that passed) must still refuse it
+        ("gradient shape, full set", lambda p, g, s, o: o.update(
+            p, {"w": native(backend, np.ones((2, 3), f32)), "b": g["b"]}, s), ShapeError,
+         ["'w'", "(2, 3)", "(3, 2)"]),
+        ("gradient dtype, full set", lambda p, g, s, o: o.update(
+            p, {"w": g["w"], "b": native(backend, np.ones(2, np.float16))}, s), TypeError,
+         ["'b'", "float16"]),
         ("gradient dtype", lambda p, g, s, o: o.update(
             p, {"w": native(backend, np.ones((3, 2), np.float16))}, s), TypeError, ["'w'", "float16", "float32"]),
         ("gradient of another backend", lambda p, g, s, o: o.update(

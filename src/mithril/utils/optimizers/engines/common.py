@@ -60,9 +60,10 @@ class Engine:
     array_type: Any
     native_dtype: Any
 
-    def signature(self, vals: list) -> tuple[list, set]:
-        """Shapes of ``vals`` and the set of their dtypes."""
-        return [g.shape for g in vals], {g.dtype for g in vals}
+    def well_typed(self, vals: list) -> bool:
+        """Whether ``vals`` (in layout order) have the parameters' shapes and dtype."""
+        return [g.shape for g in vals] == self.layout.shape_list and {g.dtype for g in vals} == {
+            self.native_dtype}
 
     def prepare(self, gradients: Any) -> Any:
         """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
@@ -73,5 +74,4 @@ class Engine:
         if (len(vals) != len(lay.name_list) or list(gradients) != lay.name_list
                 or not all(map(isinstance, vals, repeat(self.array_type)))):
             return None
-        shapes, dtypes = self.signature(vals)
-        return vals if shapes == lay.shape_list and dtypes == {self.native_dtype} else None
+        return vals if self.well_typed(vals) else None

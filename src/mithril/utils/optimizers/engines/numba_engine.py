@@ -185,16 +185,26 @@ class NumbaEngine(Engine):
             except (ImportError, AttributeError):  # pragma: no cover - other jax versions
                 self._wait = jax.block_until_ready
             self.native_dtype = np.dtype(layout.dtype)
+            self._good_avals: list = [None] * len(layout.names)  # see well_typed
         else:
             self.array_type, self.native_dtype = np.ndarray, np.dtype(layout.dtype)
             self._expected = ndarray_fields.Expected(self.layout.shape_list, layout.dtype)
 
-    def signature(self, vals: list) -> tuple[list, set]:
-        """Shapes and the set of dtypes of ``vals`` (validated before any pointer is read)."""
-        if self.kind == "jax":  # one property lookup per array instead of two
-            avals = [g.aval for g in vals]
-            return [a.shape for a in avals], {a.dtype for a in avals}
-        return super().signature(vals)
+    def well_typed(self, vals: list) -> bool:
+        """Shapes and dtype of ``vals`` (validated before any pointer is read). On JAX from
+        their abstract values: one property read per array, and JAX shares one immutable
+        aval among arrays of a shape and dtype, so the avals of the last gradients that
+        passed are checked by identity before any shape is compared."""
+        if self.kind != "jax":
+            return super().well_typed(vals)
+        avals = [g.aval for g in vals]
+        if all(map(operator.is_, avals, self._good_avals)):
+            return True
+        if [a.shape for a in avals] != self.layout.shape_list or {a.dtype for a in avals} != {
+                self.native_dtype}:
+            return False
+        self._good_avals = avals
+        return True
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:
