@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mithril.utils.optimizers import SGD, Adam
-from mithril.utils.optimizers.engines import streaming
+from mithril.utils.optimizers.engines import streaming, threads
 from mithril.utils.optimizers.engines.common import prologue
 from mithril.utils.optimizers.engines.numba_engine import update_kernel
 
@@ -36,15 +36,16 @@ def test_double_buffer_matches_in_place(opt, shift, stream):
 
     P, slots = p0.copy(), [np.full(total, 0.5, np.float32) for _ in range(n_slots)]
     in_place = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", False, False, False)
-    norm_a = in_place(P, P, *slots, gptr, offsets, sizes, *args)
+    plan = threads.Plan(offsets, sizes)
+    norm_a = plan.run(in_place, (P, P, *slots), gptr, args)
 
     src, dst = _aligned(total), _aligned(total, shift)
     src[:], dst[:] = p0, np.nan
     slots2 = [np.full(total, 0.5, np.float32) for _ in range(n_slots)]
     double = update_kernel(opt.kernel_math(), n_slots, len(scal), "float32", True, False, stream)
-    norm_b = double(src, dst, *slots2, gptr, offsets, sizes, *args)
+    norm_b = plan.run(double, (src, dst, *slots2), gptr, args)
 
-    assert norm_b == pytest.approx(norm_a, rel=1e-12)  # Σg² summed in another order
+    assert norm_b == pytest.approx(norm_a, rel=1e-12)  # vector loops may sum in another order
     for o, n in zip(offsets, sizes):
         np.testing.assert_array_equal(dst[o:o + n], P[o:o + n])
     np.testing.assert_array_equal(src, p0)  # the source buffer is only read
@@ -58,8 +59,9 @@ def test_streaming_stores_only_when_asked(stream):
     kernel = update_kernel(opt.kernel_math(), 1, len(opt.scalars(1)), "float32", True, False, stream)
     src, dst, m = _aligned(64), _aligned(64), np.zeros(64, np.float32)
     g = np.ones(64, np.float32)
-    kernel(src, dst, m, np.array([g.ctypes.data]), np.array([0]), np.array([64]),
-           *(np.float32(x) for x in (1, 0, 0, 1)), *(np.float32(x) for x in opt.scalars(1)))
+    threads.Plan(np.array([0]), np.array([64])).run(
+        kernel, (src, dst, m), np.array([g.ctypes.data]),
+        (*(np.float32(x) for x in (1, 0, 0, 1)), *(np.float32(x) for x in opt.scalars(1))))
     inner = kernel.py_func.__globals__["inner"]
     asm = inner.inspect_asm(inner.signatures[0])
     assert ("movnt" in asm) == (stream and streaming.AVAILABLE)

@@ -1,4 +1,5 @@
-"""Optimizer steps cut between threads give the same parameters and state as one thread."""
+"""Optimizer steps shared between threads give exactly the parameters, state and gradient
+norm of one thread (pieces are claimed dynamically, so any thread may run any piece)."""
 
 import numpy as np
 import pytest
@@ -19,10 +20,10 @@ def natives(backend, d):
         return {k: jnp.asarray(v) for k, v in d.items()}
     return {k: np.array(v) for k, v in d.items()}
 
-# big enough to be cut (parts hold >= MIN_PART elements), with a tensor cut in the middle,
+# big enough to be shared (>= MIN_PARALLEL elements), with tensors cut into several pieces,
 # small tensors, an empty one and a scalar
-SHAPES = {"big": (3 * threads.MIN_PART + 5,), "w": (300, 1000), "b": (7,), "empty": (0,),
-          "s": (), "w2": (2, threads.MIN_PART // 2 + 3)}
+SHAPES = {"big": (3 * threads.PIECE + 5,), "w": (300, 1000), "b": (7,), "empty": (0,),
+          "s": (), "w2": (2, threads.PIECE // 2 + 3)}
 
 
 def host(x):
@@ -53,42 +54,87 @@ def _run(opt_factory, backend, n_threads):
     state = opt.init(params)
     for g in gs:
         params, state = opt.update(params, natives(backend, g), state)
-    assert len(state.engine._plan().parts) == n_threads  # the step was really cut
+    plan = state.engine._plan
+    assert plan.pieces >= 8 and plan.total >= threads.MIN_PARALLEL  # pool threads are used
     out = {k: host(v) for k, v in params.items()}
     slots = {s: {k: host(v) for k, v in state.slot(s).items()} for s in state.slots}
     return out, slots, state.last_grad_norm
 
 
+@pytest.mark.parametrize("spins", [threads.SPINS, 0])  # 0: sleeping for other threads too
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("opt_factory", [
     lambda: Adam(1e-2, weight_decay=0.1),
     lambda: SGD(1e-2, momentum=0.9, nesterov=True, clip_norm=1.0),
     lambda: AdamW(1e-2, clip_value=0.05, nonfinite="skip"),
 ], ids=["adam-l2", "sgd-nesterov-clipnorm", "adamw-clipvalue-skip"])
-def test_threads_match_one_thread(restore_threads, opt_factory, backend):
+def test_threads_match_one_thread(restore_threads, monkeypatch, opt_factory, backend, spins):
+    monkeypatch.setattr(threads, "SPINS", spins)
     p1, s1, n1 = _run(opt_factory, backend, 1)
-    p3, s3, n3 = _run(opt_factory, backend, 3)
-    for k in p1:
-        np.testing.assert_array_equal(p1[k], p3[k], err_msg=k)
-    for s in s1:
-        for k in s1[s]:
-            np.testing.assert_array_equal(s1[s][k], s3[s][k], err_msg=f"{s}/{k}")
-    assert n3 == pytest.approx(n1, rel=1e-12)  # only the summation order differs
+    for n in (3, 8):
+        pn, sn, nn = _run(opt_factory, backend, n)
+        for k in p1:
+            np.testing.assert_array_equal(p1[k], pn[k], err_msg=k)
+        for s in s1:
+            for k in s1[s]:
+                np.testing.assert_array_equal(s1[s][k], sn[s][k], err_msg=f"{s}/{k}")
+        assert nn == n1  # per-piece sums, added in piece order
 
 
 def test_plan_covers_every_element_once():
-    sizes = np.array([5, 0, 3 * threads.MIN_PART + 7, 16, threads.MIN_PART], dtype=np.int64)
+    P = threads.PIECE
+    sizes = np.array([5, 0, 3 * P + 7, 16, P, 1, P - 3, 2 * P], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) * 2  # padded layout
-    plan = threads.Plan(offsets, sizes, 4)
-    assert len(plan.parts) == 4
+    plan = threads.Plan(offsets, sizes)
     covered = np.zeros(int(offsets[-1] + sizes[-1]), dtype=np.int64)
-    for idx, first, off, size in plan.parts:
-        for t, f, o, n in zip(idx, first, off, size):
-            assert o == offsets[t] + f and f + n <= sizes[t]
-            covered[o:o + n] += 1
+    for t, f, o, n in zip(plan.seg_t, plan.seg_first, plan.seg_off, plan.seg_size):
+        assert o == offsets[t] + f and f + n <= sizes[t] and 0 < n <= P
+        assert f % 16 == 0  # cuts keep vector loops aligned
+        covered[o:o + n] += 1
     for o, n in zip(offsets, sizes):
         assert (covered[o:o + n] == 1).all()
     assert covered.sum() == sizes.sum()
+    b = plan.bounds
+    assert b[0] == 0 and b[-1] == len(plan.seg_t) and (np.diff(b) > 0).all() and plan.pieces == len(b) - 1
+    per_piece = [int(plan.seg_size[b[k]:b[k + 1]].sum()) for k in range(plan.pieces)]
+    assert max(per_piece) <= 2 * P and plan.pieces >= sizes.sum() // (2 * P)
+
+
+def test_run_claims_every_piece_once():
+    """However many threads take part, each piece is run once: a kernel that counts."""
+    import numba
+
+    from mithril.utils.optimizers.engines import atomics, streaming
+
+    @numba.njit(nogil=True)
+    def count(hits, gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins):
+        claimed = streaming.address(sync)
+        done = claimed + 64
+        pieces = bounds.shape[0] - 1
+        k = atomics.fetch_add(claimed, 1)
+        while k < pieces:
+            hits[k] += 1
+            acc[k] = k
+            atomics.fetch_add(done, 1)
+            k = atomics.fetch_add(claimed, 1)
+        while atomics.load_acquire(done) < pieces:
+            if spins == 0:
+                return 0.0
+            atomics.spin_pause()
+            spins -= 1
+        return 1.0
+
+    sizes = np.full(64, threads.PIECE, dtype=np.int64)
+    plan = threads.Plan(np.arange(64, dtype=np.int64) * threads.PIECE, sizes)
+    before = threads._threads
+    try:
+        for n in (1, 2, 8):
+            set_num_threads(n)
+            hits = np.zeros(plan.pieces, dtype=np.int64)
+            total = plan.run(count, (hits,), np.zeros(64, dtype=np.int64), ())
+            assert (hits == 1).all() and total == sum(range(plan.pieces))
+    finally:
+        threads._threads = before
 
 
 def test_set_num_threads_validates(restore_threads):
@@ -115,7 +161,7 @@ def test_threads_work_in_a_forked_child():
             p = {"w": rng.standard_normal(1 << 20).astype(np.float32)}
             opt = Adam(1e-2)
             _, state = opt.update(dict(p), {"w": p["w"] * 0.5}, opt.init(p))
-            assert len(state.engine._plan().parts) == 2
+            assert state.engine._plan.pieces > 1
             return state.last_grad_norm
 
         parent = step()  # starts the pool in the parent

@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import ndarray_fields, streaming, threads, torch_scan
+from . import atomics, ndarray_fields, streaming, threads, torch_scan
 from .common import Engine, must_skip, needs_prepass, prologue
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
@@ -68,18 +68,33 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
 """
 
 _OUTER_SRC = """
-def kernel(P, Q, {slots}gptr, toff, tsize, gscale, cv, l2, keep{scal}):
-    acc = 0.0
-    for t in range(gptr.shape[0]):
-        a = toff[t]
-        b = a + tsize[t]
-        if gptr[t] == 0:  # no gradient: the parameter passes through unchanged
-            if COPY:
-                Q[a:b] = P[a:b]
-            continue
-        G = carray(voidptr(gptr[t]), (tsize[t],), DTYPE)
-        acc += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
-    return acc
+def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
+           gscale, cv, l2, keep{scal}):
+    claimed = address(sync)
+    done = claimed + 64
+    pieces = bounds.shape[0] - 1
+    k = fetch_add(claimed, 1)
+    while k < pieces:
+        s = 0.0
+        for e in range(bounds[k], bounds[k + 1]):
+            a = seg_off[e]
+            b = a + seg_size[e]
+            base = gptr[seg_t[e]]
+            if base == 0:  # no gradient: the parameter passes through unchanged
+                if COPY:
+                    Q[a:b] = P[a:b]
+                continue
+            G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
+            s += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+        acc[k] = s
+        fetch_add(done, 1)
+        k = fetch_add(claimed, 1)
+    while load_acquire(done) < pieces:  # wait (briefly) for pieces other threads work on
+        if spins == 0:
+            return 0.0
+        spin_pause()
+        spins -= 1
+    return 1.0
 """
 
 
@@ -110,7 +125,10 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
                           "STREAM": copy and stream and streaming.AVAILABLE, "stream_store": streaming.stream_store,
-                          "store_fence": streaming.store_fence, "address": streaming.address}
+                          "store_fence": streaming.store_fence, "address": streaming.address,
+                          "fetch_add": atomics.fetch_add, "load_acquire": atomics.load_acquire,
+                          "spin_pause": atomics.spin_pause, "ITEMSIZE": np.dtype(dtype).itemsize,
+}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
     src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
@@ -123,8 +141,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
 
 @functools.cache
 def sumsq_kernel(dtype: str) -> Any:
-    """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate)."""
-    dt = np.dtype(dtype).type
+    """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); shares its
+    pieces between threads as :data:`_OUTER_SRC` does."""
+    dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
     jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
 
     @jit
@@ -136,12 +155,26 @@ def sumsq_kernel(dtype: str) -> Any:
         return s
 
     @jit
-    def sumsq(gptr, tsize):  # pragma: no cover - compiled by numba
-        acc = 0.0
-        for t in range(gptr.shape[0]):
-            if gptr[t] != 0:
-                acc += inner(numba.carray(_voidptr(gptr[t]), (tsize[t],), dt))
-        return acc
+    def sumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins):  # pragma: no cover
+        claimed = streaming.address(sync)
+        done = claimed + 64
+        pieces = bounds.shape[0] - 1
+        k = atomics.fetch_add(claimed, 1)
+        while k < pieces:
+            s = 0.0
+            for e in range(bounds[k], bounds[k + 1]):
+                base = gptr[seg_t[e]]
+                if base != 0:
+                    s += inner(numba.carray(_voidptr(base + seg_first[e] * itemsize), (seg_size[e],), dt))
+            acc[k] = s
+            atomics.fetch_add(done, 1)
+            k = atomics.fetch_add(claimed, 1)
+        while atomics.load_acquire(done) < pieces:
+            if spins == 0:
+                return 0.0
+            atomics.spin_pause()
+            spins -= 1
+        return 1.0
 
     return sumsq
 
@@ -160,7 +193,7 @@ class NumbaEngine(Engine):
         self.backend = backend
         self.kind = backend.name
         self.layout = layout.aligned(16) if self.kind == "jax" else layout
-        self._plan_for, self._plan_cache = 0, threads.Plan(self.layout.offsets, self.layout.sizes, 1)
+        self._plan = threads.Plan(self.layout.offsets, self.layout.sizes)
         if self.kind == "torch":
             import torch
 
@@ -298,9 +331,9 @@ class NumbaEngine(Engine):
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
-        plan, itemsize = self._plan(), np.dtype(lay.dtype).itemsize
+        plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
         if needs_prepass(opt):
-            norm = math.sqrt(plan.run(sumsq_kernel(lay.dtype), (), gptr, (), itemsize, with_offsets=False))
+            norm = math.sqrt(plan.run(sumsq_kernel(lay.dtype), (), gptr, (), with_offsets=False))
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm
         src, views = self._adopt(state, params, ours)
@@ -314,15 +347,8 @@ class NumbaEngine(Engine):
                                copy, bool(pro[1] > 0), stream)
         buffers = (self.np_view(src), self.np_view(dst),
                    *(self.np_view(state.slots[s]) for s in opt.slot_names()))
-        sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)), itemsize)
+        sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)))
         return dict(views), True, math.sqrt(sumsq) if norm is None else norm
-
-    def _plan(self) -> threads.Plan:
-        """How the step is cut between threads (recomputed when the thread count changes)."""
-        n = threads.get_num_threads()
-        if self._plan_for != n:
-            self._plan_for, self._plan_cache = n, threads.Plan(self.layout.offsets, self.layout.sizes, n)
-        return self._plan_cache
 
     def _adopt(self, state: Any, params: Any, ours: bool) -> tuple[Any, dict[str, Any]]:
         """Make sure a flat buffer holds ``params`` (already so when ``ours``: they are the

@@ -4,8 +4,11 @@ One core does not saturate a socket's memory bandwidth: on a 2-core machine two 
 run a 10M-parameter Adam step ~20% faster than one. The kernels are compiled with
 ``nogil=True``, so plain Python threads run them in parallel (numba's OpenMP
 ``parallel=True`` was 1.5-30x *slower* there). Every element is independent, so the flat
-buffers are cut into contiguous parts of equal size - inside tensors where needed - and
-each thread runs the same kernel over its part's (gradient address, offset, size) table.
+buffers are cut into pieces of about :data:`PIECE` elements (inside tensors where needed,
+at multiples of 16 elements) and the threads *claim* pieces with an atomic counter: the
+calling thread starts at once and a pool thread joins when it wakes, so a late or
+preempted thread slows the step by one piece, not by half of it. Each piece's Σ g² has
+its own slot, summed in order: results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from typing import Any
 
 import numpy as np
 
-#: below this many elements per thread, waking a thread costs more than it saves
-MIN_PART = 1 << 18
-_ALIGN = 16  # cut tensors at multiples of 16 elements (64 bytes of float32)
+#: work is claimed in pieces of about this many elements (a multiple of 16)
+PIECE = 1 << 16
+#: busy-waits (``pause``, ~20-50 ns each) of the calling thread for pieces other threads
+#: still work on, before it sleeps until they return
+SPINS = 2048
+#: below this many elements in all, waking a thread costs more than it saves
+MIN_PARALLEL = 1 << 18
 
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -58,44 +65,50 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 class Plan:
-    """How a layout's tensors are cut into ``parts`` contiguous pieces of similar size.
+    """A layout's tensors cut into pieces of about :data:`PIECE` elements.
 
-    Each part is ``(idx, first, offset, size)``: tensors ``idx`` from their element
-    ``first`` on, for ``size`` elements, at ``offset`` in the flat buffers."""
+    Tensors are cut into segments of at most ``PIECE`` elements at multiples of ``PIECE``
+    inside them; consecutive segments whose dense start falls in the same ``PIECE``-sized
+    window form one piece. Segment ``e`` is tensor ``seg_t[e]`` from its element
+    ``seg_first[e]``, for ``seg_size[e]`` elements at ``seg_off[e]`` in the flat buffers;
+    piece ``k`` is segments ``bounds[k]:bounds[k + 1]``."""
 
-    def __init__(self, offsets: np.ndarray, sizes: np.ndarray, parts: int) -> None:
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # dense positions
-        total = int(starts[-1])
-        parts = max(1, min(parts, total // MIN_PART))
-        self.whole = (offsets, sizes) if parts == 1 else None
-        cuts = [0]
-        for k in range(1, parts):
-            b = total * k // parts
-            t = int(np.searchsorted(starts, b, side="right")) - 1
-            c = min(int(sizes[t]), -(-(b - int(starts[t])) // _ALIGN) * _ALIGN)
-            cuts.append(max(cuts[-1], int(starts[t]) + c))
-        cuts.append(total)
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            if hi <= lo:
-                continue
-            idx = np.nonzero((starts[:-1] < hi) & (starts[1:] > lo))[0]
-            first = np.maximum(lo - starts[idx], 0)
-            last = np.minimum(hi - starts[idx], sizes[idx])
-            self.parts.append((idx, first, offsets[idx] + first, last - first))
+    def __init__(self, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)  # dense
+        count = -(-sizes // PIECE)  # segments per tensor (none for an empty one)
+        t = np.repeat(np.arange(len(sizes), dtype=np.int64), count)
+        j = np.arange(len(t), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        self.seg_t, self.seg_first = t, j * PIECE
+        self.seg_size = np.minimum(PIECE, sizes[t] - self.seg_first)
+        self.seg_off = np.asarray(offsets, dtype=np.int64)[t] + self.seg_first
+        window = (starts[t] + self.seg_first) // PIECE
+        new = np.flatnonzero(np.diff(window, prepend=-1))  # first segment of each piece
+        self.bounds = np.append(new, len(t)).astype(np.int64)
+        self.pieces = len(new)
+        self.total = int(sizes.sum())
 
-    def run(self, kernel: Any, before: tuple, gptr: np.ndarray, after: tuple, itemsize: int,
+    def run(self, kernel: Any, before: tuple, gptr: np.ndarray, after: tuple,
             with_offsets: bool = True) -> float:
-        """Σ of ``kernel(*before, gptr', [offsets',] sizes', *after)`` over the parts, the
-        first on the calling thread and the others on the pool."""
-        if self.whole is not None:
-            off, size = self.whole
-            return kernel(*before, gptr, *((off,) if with_offsets else ()), size, *after)
-        calls = []
-        for idx, first, off, size in self.parts:
-            g = gptr[idx]
-            g = np.where(g != 0, g + first * itemsize, 0)  # 0 marks a missing gradient
-            calls.append((*before, g, *((off,) if with_offsets else ()), size, *after))
-        futures = [_executor(len(calls) - 1).submit(kernel, *a) for a in calls[1:]]
-        acc = kernel(*calls[0])
-        return acc + sum(f.result() for f in futures)
+        """Σ over the pieces of ``kernel(*before, gptr, seg_t, seg_first, [seg_off,]
+        seg_size, bounds, sync, acc, spins, *after)``, run by this thread and up to
+        ``get_num_threads() - 1`` pool threads.
+
+        The kernel returns 1.0 when every piece is done, which this thread waits for by
+        spinning up to ``spins`` times (:data:`SPINS`; pool threads get 0). Pool threads
+        that have not started by then are cancelled (they would claim nothing); only if the
+        spin ran out, which means a thread holding a piece was descheduled, does this one
+        sleep until the started ones return."""
+        sync = np.zeros(16, dtype=np.int64)  # claimed / done counters, a cache line apart
+        acc = np.zeros(self.pieces, dtype=np.float64)
+        tables = (self.seg_t, self.seg_first, *((self.seg_off,) if with_offsets else ()),
+                  self.seg_size, self.bounds, sync, acc)
+        workers = min(get_num_threads(), self.pieces) - 1 if self.total >= MIN_PARALLEL else 0
+        pool = _executor(workers) if workers > 0 else None
+        futures = [pool.submit(kernel, *before, gptr, *tables, 0, *after)
+                   for _ in range(workers)] if pool else []
+        finished = kernel(*before, gptr, *tables, SPINS, *after)
+        for f in futures:
+            if not f.cancel() and not finished:
+                f.result()
+        return float(acc.sum())
