@@ -152,6 +152,8 @@ def _bad_updates(backend):
         ("gradient dtype, full set", lambda p, g, s, o: o.update(
             p, {"w": g["w"], "b": native(backend, np.ones(2, np.float16))}, s), TypeError,
          ["'b'", "float16"]),
+        ("gradient of another backend, full set", lambda p, g, s, o: o.update(
+            p, {"w": g["w"], "b": native(other, np.ones(2, f32))}, s), TypeError, ["'b'", backend]),
         ("gradient dtype", lambda p, g, s, o: o.update(
             p, {"w": native(backend, np.ones((3, 2), np.float16))}, s), TypeError, ["'w'", "float16", "float32"]),
         ("gradient of another backend", lambda p, g, s, o: o.update(
@@ -252,3 +254,23 @@ def test_empty_params():
     assert isinstance(state, OptimizerState)
     params, state = opt.update({}, {}, state)
     assert params == {} and state.step == 1
+
+
+def test_jax_gradients_in_device_memory_are_refused():
+    """Where JAX also has an accelerator, a gradient there must be refused by name, never
+    dereferenced by the CPU kernel. No accelerator here: the check is run on stand-ins."""
+    from types import SimpleNamespace
+
+    opt, params, state, g_np = _setup("jax")
+    eng = state.engine
+    gpu = SimpleNamespace(sharding=SimpleNamespace(device_set=[SimpleNamespace(platform="gpu")]))
+    cpu_grads = [native("jax", v) for v in g_np.values()]
+    eng._foreign = True  # as on a machine with a GPU: shardings are checked too
+    assert eng._on_cpu(cpu_grads)
+    assert eng._good_shardings[0] is cpu_grads[0].sharding  # remembered: the next check is cheap
+    assert not eng._on_cpu([cpu_grads[0], gpu])
+    with pytest.raises(ValueError, match=r"gradients\['w'\] is on .*the parameters are on cpu"):
+        eng._address("w", gpu, [])
+    snap = _snapshot(params, state)
+    params, state = opt.update(params, dict(zip(g_np, cpu_grads)), state)  # still the fast path
+    assert state.step == snap[2][0] + 1

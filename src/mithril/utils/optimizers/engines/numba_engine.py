@@ -179,6 +179,17 @@ def sumsq_kernel(dtype: str) -> Any:
     return sumsq
 
 
+def _accelerators(jax: Any) -> bool:
+    """Whether JAX has a backend besides the CPU (then a gradient may lie in device memory,
+    which the kernel must never dereference)."""
+    try:
+        from jax._src import xla_bridge
+
+        return any(name != "cpu" for name in xla_bridge.backends())
+    except Exception:  # noqa: BLE001 - another jax version: assume there may be one
+        return True
+
+
 class NumbaEngine(Engine):
     """Executes built-in optimizers with fused numba kernels on host memory.
 
@@ -219,6 +230,8 @@ class NumbaEngine(Engine):
                 self._wait = jax.block_until_ready
             self.native_dtype = np.dtype(layout.dtype)
             self._good_avals: list = [None] * len(layout.names)  # see well_typed
+            self._good_shardings: list = [None] * len(layout.names)  # see _on_cpu
+            self._foreign = _accelerators(jax)
         else:
             self.array_type, self.native_dtype = np.ndarray, np.dtype(layout.dtype)
             self._expected = ndarray_fields.Expected(self.layout.shape_list, layout.dtype)
@@ -283,6 +296,10 @@ class NumbaEngine(Engine):
                 keep.append(g)
             return g.data_ptr()
         if self.kind == "jax":
+            devices = g.sharding.device_set
+            if any(d.platform != "cpu" for d in devices):
+                raise ValueError(f"gradients['{name}'] is on {sorted(map(str, devices))}; the "
+                                 f"parameters are on cpu")
             return g.unsafe_buffer_pointer()
         if not g.flags.c_contiguous:
             g = np.ascontiguousarray(g)
@@ -303,16 +320,42 @@ class NumbaEngine(Engine):
             bad = self._scan.scan(vals, self._ref, self._ndim.ctypes.data, self._dims.ctypes.data,
                                   out.ctypes.data)
             return out if bad < 0 else None
+        if self.kind == "jax":
+            return self._prepare_jax(gradients)
         vals = super().prepare(gradients)
         if vals is None:
             return None
-        if self.kind == "jax":  # the kernel reads the gradient buffers: wait for them
-            self._wait(vals)
-            return np.fromiter(map(self._ptr, vals), np.int64, len(vals))
         T = self._torch.Tensor  # lazily negated views must be resolved first (_address)
         if all(map(T.is_contiguous, vals)) and all(map(_IS_CPU, vals)) and not any(map(T.is_neg, vals)):
             return np.fromiter(map(T.data_ptr, vals), np.int64, len(vals))
         return None
+
+    def _prepare_jax(self, gradients: Any) -> np.ndarray | None:
+        """:meth:`prepare` for JAX. No ``isinstance`` pass: anything but a JAX array fails
+        one of the reads below (``aval``, the wait, the unbound ``unsafe_buffer_pointer``)
+        before a byte is written, and then the per-key checks name the fault."""
+        if list(gradients) != self.layout.name_list:
+            return None
+        vals = list(gradients.values())
+        try:
+            if not self.well_typed(vals) or (self._foreign and not self._on_cpu(vals)):
+                return None
+            self._wait(vals)  # the kernel reads the buffers: their computations must be done
+            return np.fromiter(map(self._ptr, vals), np.int64, len(vals))
+        except Exception:  # noqa: BLE001 - any failure means "not the fast path"
+            return None
+
+    def _on_cpu(self, vals: list) -> bool:
+        """Whether every array lies in host memory (checked only where JAX also has an
+        accelerator; the shardings that last passed are recognised by identity)."""
+        shardings = [g.sharding for g in vals]
+        if all(map(operator.is_, shardings, self._good_shardings)):
+            return True
+        distinct = {id(s): s for s in shardings}.values()
+        if not all(d.platform == "cpu" for s in distinct for d in s.device_set):
+            return False
+        self._good_shardings = shardings
+        return True
 
     def _pointers(self, grads: Any, keep: list) -> np.ndarray:
         """Addresses of the gradient buffers in layout order (0 where a gradient is absent);
