@@ -21,9 +21,10 @@ import numpy as np
 
 #: work is claimed in pieces of about this many elements (a multiple of 16)
 PIECE = 1 << 16
-#: busy-waits (``pause``, ~20-50 ns each) of the calling thread for pieces other threads
-#: still work on, before it sleeps until they return
-SPINS = 2048
+#: busy-waits (``pause``: 3-50 ns each, by CPU) of the calling thread for pieces other
+#: threads still work on (a piece takes 10-150 us) before it sleeps until they return: a
+#: sleeping thread takes tens of microseconds to wake
+SPINS = 1 << 14
 #: below this many elements in all, waking a thread costs more than it saves
 MIN_PARALLEL = 1 << 18
 
