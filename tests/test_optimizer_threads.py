@@ -104,25 +104,18 @@ def test_run_claims_every_piece_once():
     """However many threads take part, each piece is run once: a kernel that counts."""
     import numba
 
-    from mithril.utils.optimizers.engines import atomics, streaming
+    from mithril.utils.optimizers.engines import atomics
 
     @numba.njit(nogil=True)
     def count(hits, gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins):
-        claimed = streaming.address(sync)
-        done = claimed + 64
         pieces = bounds.shape[0] - 1
-        k = atomics.fetch_add(claimed, 1)
+        k = atomics.claim(sync)
         while k < pieces:
             hits[k] += 1
             acc[k] = k
-            atomics.fetch_add(done, 1)
-            k = atomics.fetch_add(claimed, 1)
-        while atomics.load_acquire(done) < pieces:
-            if spins == 0:
-                return 0.0
-            atomics.spin_pause()
-            spins -= 1
-        return 1.0
+            atomics.piece_done(sync)
+            k = atomics.claim(sync)
+        return atomics.all_done(sync, pieces, spins)
 
     sizes = np.full(64, threads.PIECE, dtype=np.int64)
     plan = threads.Plan(np.arange(64, dtype=np.int64) * threads.PIECE, sizes)

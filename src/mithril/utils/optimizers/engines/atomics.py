@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import llvmlite.ir as ir
+import numba
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -50,3 +51,31 @@ def spin_pause(typingctx):  # pragma: no cover - compiled by numba
             builder.call(fn, [])
         return context.get_dummy_value()
     return types.void(), codegen
+
+
+# -- the protocol of a kernel whose pieces are shared between threads (:class:`.threads.Plan`):
+# ``sync`` holds the next piece to claim and, 64 bytes on (another cache line), the count of
+# pieces done.
+
+@numba.njit(inline="always", nogil=True)
+def claim(sync: Any) -> int:  # pragma: no cover - compiled by numba
+    """The next unclaimed piece (>= the number of pieces once all are taken)."""
+    return fetch_add(streaming.address(sync), 1)
+
+
+@numba.njit(inline="always", nogil=True)
+def piece_done(sync: Any) -> None:  # pragma: no cover - compiled by numba
+    """Count one piece done (after its results are written: the add is a full barrier)."""
+    fetch_add(streaming.address(sync) + 64, 1)
+
+
+@numba.njit(inline="always", nogil=True)
+def all_done(sync: Any, pieces: int, spins: int) -> float:  # pragma: no cover - compiled by numba
+    """1.0 once every piece is done, waiting up to ``spins`` busy-waits; else 0.0."""
+    done = streaming.address(sync) + 64
+    while load_acquire(done) < pieces:
+        if spins == 0:
+            return 0.0
+        spin_pause()
+        spins -= 1
+    return 1.0

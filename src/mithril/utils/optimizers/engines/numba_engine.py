@@ -70,10 +70,8 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
 _OUTER_SRC = """
 def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
            gscale, cv, l2, keep{scal}):
-    claimed = address(sync)
-    done = claimed + 64
     pieces = bounds.shape[0] - 1
-    k = fetch_add(claimed, 1)
+    k = claim(sync)
     while k < pieces:
         s = 0.0
         for e in range(bounds[k], bounds[k + 1]):
@@ -87,14 +85,9 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
             s += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
         acc[k] = s
-        fetch_add(done, 1)
-        k = fetch_add(claimed, 1)
-    while load_acquire(done) < pieces:  # wait (briefly) for pieces other threads work on
-        if spins == 0:
-            return 0.0
-        spin_pause()
-        spins -= 1
-    return 1.0
+        piece_done(sync)
+        k = claim(sync)
+    return all_done(sync, pieces, spins)
 """
 
 
@@ -126,9 +119,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
                           "STREAM": copy and stream and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
-                          "fetch_add": atomics.fetch_add, "load_acquire": atomics.load_acquire,
-                          "spin_pause": atomics.spin_pause, "ITEMSIZE": np.dtype(dtype).itemsize,
-}
+                          "claim": atomics.claim, "piece_done": atomics.piece_done,
+                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
     src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
@@ -141,8 +133,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
 
 @functools.cache
 def sumsq_kernel(dtype: str) -> Any:
-    """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); shares its
-    pieces between threads as :data:`_OUTER_SRC` does."""
+    """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); its pieces are
+    shared between threads as the update kernel's (:mod:`.atomics`)."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
     jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
 
@@ -156,10 +148,8 @@ def sumsq_kernel(dtype: str) -> Any:
 
     @jit
     def sumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins):  # pragma: no cover
-        claimed = streaming.address(sync)
-        done = claimed + 64
         pieces = bounds.shape[0] - 1
-        k = atomics.fetch_add(claimed, 1)
+        k = atomics.claim(sync)
         while k < pieces:
             s = 0.0
             for e in range(bounds[k], bounds[k + 1]):
@@ -167,14 +157,9 @@ def sumsq_kernel(dtype: str) -> Any:
                 if base != 0:
                     s += inner(numba.carray(_voidptr(base + seg_first[e] * itemsize), (seg_size[e],), dt))
             acc[k] = s
-            atomics.fetch_add(done, 1)
-            k = atomics.fetch_add(claimed, 1)
-        while atomics.load_acquire(done) < pieces:
-            if spins == 0:
-                return 0.0
-            atomics.spin_pause()
-            spins -= 1
-        return 1.0
+            atomics.piece_done(sync)
+            k = atomics.claim(sync)
+        return atomics.all_done(sync, pieces, spins)
 
     return sumsq
 
