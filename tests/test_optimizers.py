@@ -431,6 +431,29 @@ def test_step_count_is_per_optimizer(backend):
     assert state.step == 2
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_gradient_key_order_and_key_objects_do_not_matter(backend):
+    """Gradients are matched by name: the same steps whatever the order of their keys, and
+    whether the keys are the params' own string objects or equal copies (the fast paths
+    remember the keys that last matched). Equal shapes, so that only the names tell the
+    gradients apart."""
+    rng = np.random.default_rng(3)
+    p0 = {k: rng.standard_normal(64).astype(np.float32) for k in ("u", "vv", "www")}
+    grads = [{k: rng.standard_normal(64).astype(np.float32) for k in p0} for _ in range(4)]
+    results = []
+    for order in ("same", "reversed", "alternating"):
+        opt = Adam(0.05)
+        params = natives(backend, p0)
+        state = init(opt, backend, params)
+        for t, g in enumerate(grads):
+            keys = list(g) if order == "same" or (order == "alternating" and t % 2) else list(g)[::-1]
+            params, state = opt.update(params, {(k + "!")[:-1]: native(backend, g[k]) for k in keys}, state)
+        results.append({k: host(v) for k, v in params.items()})
+    for r in results[1:]:
+        for k in results[0]:
+            np.testing.assert_array_equal(results[0][k], r[k], err_msg=k)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_centered_rmsprop_constant_gradient_stays_finite(dtype):
     """With a constant gradient, v - mean(g)^2 cancels to rounding noise; torch takes the sqrt

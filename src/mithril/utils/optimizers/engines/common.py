@@ -60,6 +60,18 @@ class Engine:
     array_type: Any
     native_dtype: Any
 
+    _keys: list | None = None  # the gradient keys that last matched (see in_order)
+
+    def in_order(self, gradients: Any) -> bool:
+        """Whether ``gradients`` has exactly the parameters' names, in layout order. The key
+        objects that last matched are kept, so that the next comparison goes by identity
+        instead of comparing strings."""
+        keys = list(gradients)
+        if keys != (self._keys or self.layout.name_list):
+            return False
+        self._keys = keys
+        return True
+
     def well_typed(self, vals: list) -> bool:
         """Whether ``vals`` (in layout order) have the parameters' shapes and dtype."""
         return [g.shape for g in vals] == self.layout.shape_list and {g.dtype for g in vals} == {
@@ -71,7 +83,7 @@ class Engine:
         None when the gradients need the per-key checks (and their error messages)."""
         lay = self.layout
         vals = list(gradients.values())
-        if (len(vals) != len(lay.name_list) or list(gradients) != lay.name_list
+        if (len(vals) != len(lay.name_list) or not self.in_order(gradients)
                 or not all(map(isinstance, vals, repeat(self.array_type)))):
             return None
         return vals if self.well_typed(vals) else None

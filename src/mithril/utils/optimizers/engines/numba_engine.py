@@ -296,7 +296,7 @@ class NumbaEngine(Engine):
         """The addresses of a full, ordered, well-typed set of gradients (read where they
         lie by the kernel), found without per-tensor Python calls where possible; else None."""
         if self.kind == "numpy" or (self.kind == "torch" and self._scan is not None):
-            if list(gradients) != self.layout.name_list:
+            if not self.in_order(gradients):
                 return None
             vals = list(gradients.values())
             if self.kind == "numpy":
@@ -319,7 +319,7 @@ class NumbaEngine(Engine):
         """:meth:`prepare` for JAX. No ``isinstance`` pass: anything but a JAX array fails
         one of the reads below (``aval``, the wait, the unbound ``unsafe_buffer_pointer``)
         before a byte is written, and then the per-key checks name the fault."""
-        if list(gradients) != self.layout.name_list:
+        if not self.in_order(gradients):
             return None
         vals = list(gradients.values())
         try:
