@@ -81,9 +81,9 @@ class Engine:
         """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
         C-speed passes (per-tensor Python work is what remains once the kernel is fused);
         None when the gradients need the per-key checks (and their error messages)."""
-        lay = self.layout
+        if not self.in_order(gradients):  # also the count
+            return None
         vals = list(gradients.values())
-        if (len(vals) != len(lay.name_list) or not self.in_order(gradients)
-                or not all(map(isinstance, vals, repeat(self.array_type)))):
+        if not all(map(isinstance, vals, repeat(self.array_type))):
             return None
         return vals if self.well_typed(vals) else None
