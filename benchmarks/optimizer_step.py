@@ -3,7 +3,7 @@
 Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
 call with default options, exactly as a training loop makes it. Every implementation is
 timed in the same process (a fresh one for each case), in rotating blocks of consecutive
-steps, and medians are reported with ratios against torch's fused step and optax, and the effective bandwidth
+steps after an equal warm-up time, and medians are reported with ratios against torch's fused step and optax, and the effective bandwidth
 at 28 bytes/param (Adam) or 12 bytes/param (SGD with momentum).
 
     python benchmarks/optimizer_step.py                 # both sizes, all backends
@@ -108,19 +108,28 @@ def numpy_triad(total: int):
     return step
 
 
-def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int) -> dict[str, float]:
+def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int,
+                warm: float) -> dict[str, float]:
     """Median step time of each implementation.
 
-    Each round runs every implementation for one untimed step and then ``block`` timed
-    consecutive steps, as a training loop calls its optimizer; the order rotates between
-    rounds so that no implementation always follows the same other one (switching
-    libraries leaves their thread pools and caches to the next one)."""
+    Each round runs every implementation untimed for ``warm`` seconds (at least one step)
+    and then for ``block`` timed consecutive steps, as a training loop calls its
+    optimizer; the order rotates between rounds so that no implementation always follows
+    the same other one. The warm-up is a time, the same for all, not a step count: on the
+    shared machines we measure on, memory-bound code runs up to 2x slower for the first few
+    milliseconds after any pause or after another library's block (a NumPy in-place add
+    over 24 MB: 0.68 ms on the first pass after a 40 ms sleep, 0.40 ms from the fifth; a
+    compute-bound loop is not affected), so one untimed step warmed a 5 ms torch step
+    but not a 1 ms one."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             f = fns[k]
+            t_end = time.perf_counter() + warm
             f()
+            while time.perf_counter() < t_end:
+                f()
             for _ in range(block):
                 t0 = time.perf_counter()
                 f()
@@ -158,7 +167,7 @@ def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Names
         if not args.no_optax:
             fns["optax jit+donate"], c = optax_step(opt_name, shapes)
             notes["optax jit+donate"] = f"first call {c:.1f}s"
-    med = time_blocks(fns, args.rounds, args.block)
+    med = time_blocks(fns, args.rounds, args.block, args.warm)
     ref, ox = med["torch fused"], med.get("optax jit+donate")
     for k, v in med.items():
         gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
@@ -173,6 +182,7 @@ def main() -> None:
     ap.add_argument("--optimizers", default="adam,sgd")
     ap.add_argument("--rounds", type=int, default=6, help="rounds over all implementations")
     ap.add_argument("--block", type=int, default=5, help="timed consecutive steps per round")
+    ap.add_argument("--warm", type=float, default=0.05, help="untimed steps before each block, in seconds")
     ap.add_argument("--no-optax", action="store_true", help="skip optax (its first compile on (b) takes minutes)")
     ap.add_argument("--in-process", action="store_true",
                     help="run every case in this process (by default each case gets a fresh one: the "
@@ -185,7 +195,8 @@ def main() -> None:
         print(header, flush=True)
         for size, opt_name in cases:
             cmd = [sys.executable, __file__, "--in-process", "--sizes", size, "--optimizers", opt_name,
-                   "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block)]
+                   "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block),
+                   "--warm", str(args.warm)]
             subprocess.run(cmd + (["--no-optax"] if args.no_optax else []) + ["--no-header"], check=True)
         return
     if not args.no_header:

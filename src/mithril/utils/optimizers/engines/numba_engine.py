@@ -207,6 +207,8 @@ class NumbaEngine(Engine):
             # the concrete array class: isinstance against the jax.Array ABC costs ~0.3 us
             self.array_type = type(jax.numpy.zeros(0))
             self._ptr = self.array_type.unsafe_buffer_pointer
+            # the property's getter: half the cost of ``g.aval``
+            self._aval = getattr(self.array_type.aval, "fget", None) or operator.attrgetter("aval")
             try:  # one C++ call for every array (what jax.block_until_ready does after a tree walk)
                 from jax._src.lib import xla_client
 
@@ -228,8 +230,8 @@ class NumbaEngine(Engine):
         passed are checked by identity before any shape is compared."""
         if self.kind != "jax":
             return super().well_typed(vals)
-        avals = [g.aval for g in vals]
-        if all(map(operator.is_, avals, self._good_avals)):
+        avals = list(map(self._aval, vals))
+        if avals == self._good_avals:  # C loop, identity first (equal avals: same shape, dtype)
             return True
         if [a.shape for a in avals] != self.layout.shape_list or {a.dtype for a in avals} != {
                 self.native_dtype}:
