@@ -399,6 +399,34 @@ def test_missing_gradients_match_torch_grad_none(case, drop):
         _check(f"drop/{case}/{backend}", side_by_side(case, backend, drop=drop))
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_sgd_dampening_first_step_is_the_optimizers(backend):
+    """The undampened first buffer (b = g) belongs to the optimizer's first step (one step
+    count per state): a parameter first seen at step 2 gets b = (1 - tau) g, where torch,
+    counting per parameter, takes b = g. The parameter seen from step 1 matches torch."""
+    p0 = {"a": np.array([1.0, -2.0]), "b": np.array([0.5, 3.0])}
+    g1, g2 = {"a": np.array([0.3, -0.1])}, {"a": np.array([0.2, 0.4]), "b": np.array([1.5, -2.0])}
+    lr, mu, tau = 0.1, 0.9, 0.25
+    with on(backend, "float64"):
+        opt = SGD(lr, momentum=mu, dampening=tau)
+        params = natives(backend, p0)
+        state = init(opt, backend, params)
+        for g in (g1, g2):
+            params, state = opt.update(params, natives(backend, g), state)
+        ours = {k: host(v) for k, v in params.items()}
+        buf = {k: host(v) for k, v in state.slot("momentum").items()}
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
+    topt = torch.optim.SGD(tp.values(), lr=lr, momentum=mu, dampening=tau)
+    for g in (g1, g2):
+        for k, t in tp.items():
+            t.grad = torch.tensor(g[k]) if k in g else None
+        topt.step()
+    np.testing.assert_allclose(ours["a"], tp["a"].detach().numpy(), rtol=1e-14)
+    np.testing.assert_array_equal(buf["b"], (1 - tau) * g2["b"])
+    np.testing.assert_allclose(ours["b"], p0["b"] - lr * (1 - tau) * g2["b"], rtol=1e-14)
+    np.testing.assert_array_equal(topt.state[tp["b"]]["momentum_buffer"].numpy(), g2["b"])
+
+
 @pytest.mark.parametrize("case, extra, torch_clip", [
     ("adam", {"clip_norm": 1.5}, {"norm": 1.5}),
     ("sgd_nesterov", {"clip_norm": 50.0}, {"norm": 50.0}),  # clips only the larger gradients

@@ -12,9 +12,10 @@ rebind to what ``update`` returns, do not reuse an older state, and copy a retur
 if you need a snapshot. Arrays you pass that are not the ones ``update`` returned are
 copied in, never modified.
 
-The step count ``t`` (bias corrections, AdaGrad's lr decay) is one per optimizer state,
-as in optax; torch counts per parameter, which differs only for parameters that missed
-steps (absent from ``gradients``: such parameters and their slots are left untouched).
+The step count ``t`` (bias corrections, AdaGrad's lr decay, SGD's undampened first
+buffer) is one per optimizer state, as in optax; torch counts per parameter, which differs
+only for parameters that missed steps (absent from ``gradients``: such parameters and their
+slots are left untouched).
 
 Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
 in ``state.last_grad_norm`` whatever the policy:

@@ -27,6 +27,11 @@ class SGD(Optimizer):
     ``b₁ = g`` on the first step (no dampening, as torch), then ``b ← μ·b + (1−τ)·g``;
     ``u = g + μ·b`` (Nesterov) or ``u = b``. ``weight_decay`` adds ``wd·p`` to ``g`` first.
     lr stays outside the buffer (torch), so changing lr mid-run rescales the whole step.
+
+    "First step" is the optimizer's first step (one step count per state, as for every
+    optimizer here): a parameter whose first gradient arrives later starts from ``b = 0``,
+    so with dampening its first buffer is ``(1−τ)·g`` where torch, which counts per
+    parameter, takes ``g``. Without dampening the two agree.
     """
 
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
