@@ -100,7 +100,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                     f"optimizer state is for parameters {sorted(state.layout.names)}, "
                     f"params has {sorted(params)}")
             opt_meta.update(step=state.step, num_skipped=state.num_skipped,
-                            slots=sorted(state.slots))
+                            num_nonfinite=state.num_nonfinite, slots=sorted(state.slots))
             for slot in state.slots:
                 if "/" in slot:
                     raise ValueError(f"state slot names must not contain '/': {slot!r}")
@@ -215,7 +215,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                     raise ShapeError(f"checkpoint slot '{s}' of '{n}' has shape {a.shape}, "
                                      f"the parameter {tuple(pmeta[n]['shape'])}")
         opt_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"],
-                  "step": ometa["step"], "num_skipped": ometa["num_skipped"], "slots": slots}
+                  "step": ometa["step"], "num_skipped": ometa["num_skipped"],
+                  "num_nonfinite": ometa.get("num_nonfinite", 0), "slots": slots}
 
     state = None
     if optimizer is not None:

@@ -292,12 +292,14 @@ class Optimizer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
-        """Hyperparameters (and, given ``state``, step counts and per-parameter slots as numpy)."""
+        """Hyperparameters (and, given ``state``, the step count, the skipped and non-finite
+        step counters and the per-parameter slots as numpy)."""
         out: dict[str, Any] = {"optimizer": type(self).__name__,
                                "hyperparameters": self.hyperparameters()}
         if state is not None:
             out["step"] = state.step
             out["num_skipped"] = state.num_skipped
+            out["num_nonfinite"] = state.num_nonfinite
             out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
         return out
@@ -320,6 +322,7 @@ class Optimizer:
                 raise KeyError(f"state dict slot '{s}' lacks parameter(s) {sorted(missing)}")
             state.slots[s] = state.engine.from_numpy(state.layout.flatten_numpy(per_param))
         state.step, state.num_skipped = int(d["step"]), int(d.get("num_skipped", 0))
+        state.num_nonfinite = int(d.get("num_nonfinite", 0))
         return state
 
     def __repr__(self) -> str:
