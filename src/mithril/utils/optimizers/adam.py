@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import Optimizer, check_positive, check_unit
+from .base import Optimizer, check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
 
 
@@ -41,7 +41,7 @@ class Adam(Optimizer):
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = check_flag("amsgrad", amsgrad)
 
     def slot_names(self) -> tuple[str, ...]:
         return ("m", "v", "vmax") if self.amsgrad else ("m", "v")

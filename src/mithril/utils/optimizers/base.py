@@ -56,8 +56,11 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
 
     if not params:
         return NumpyBackend()
-    x = next(iter(params.values()))
+    name, x = next(iter(params.items()))
     mod = type(x).__module__.split(".", 1)[0]
+    if not hasattr(x, "dtype") or not (mod in ("torch", "jax", "jaxlib") or isinstance(x, np.ndarray)):
+        raise TypeError(f"params['{name}'] is a {type(x).__name__}, not a NumPy, JAX or torch "
+                        f"array (cannot infer a backend)")
     dt = str(x.dtype).removeprefix("torch.")
     dt = dt if dt in ("float16", "bfloat16", "float32", "float64") else "float32"
     if mod == "torch":
@@ -66,7 +69,7 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
         return JaxBackend(dtype=dt) if dt != "float64" else JaxBackend(dtype="float64")
     if isinstance(x, np.ndarray):
         return NumpyBackend(dtype=dt)
-    raise TypeError(f"cannot infer a backend from a parameter of type {type(x).__name__}")
+    raise TypeError(f"params['{name}'] is a {type(x).__name__}: cannot infer a backend")
 
 
 def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
@@ -79,6 +82,13 @@ def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
     return v
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A bool hyperparameter (``bool("no")`` would be True: only bools, 0 and 1 pass)."""
+    if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_unit(name: str, value: Any) -> float:
@@ -137,6 +147,8 @@ class Optimizer:
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if backend is not None and not callable(getattr(backend, "is_native", None)):
+            raise TypeError(f"backend must be a mithril backend (e.g. NumpyBackend()), got {backend!r}")
         self._backend = backend
 
     # -- learning rate ---------------------------------------------------------------
@@ -253,6 +265,9 @@ class Optimizer:
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
         lay, eng = state.layout, state.engine
+        if eng.backend.name != self._backend.name:
+            raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
+                             f"{type(self).__name__} works on {self._backend.name} arrays")
         atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
         prepared = eng.prepare(gradients)  # None unless every gradient, in order, well-typed
         if prepared is None:
@@ -280,7 +295,7 @@ class Optimizer:
             raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
                                    f"unknown {unknown}")
         for name, p in params.items():
-            if p is views.get(name):
+            if name in views and p is views[name]:
                 continue
             if not isinstance(p, atype) or p.dtype != dtype:
                 raise TypeError(f"params['{name}'] must be a {self._backend.name} array of dtype "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Optimizer, check_positive, check_unit
+from .base import Optimizer, check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
 
 
@@ -53,7 +53,7 @@ class RMSProp(Optimizer):
         self.decay = check_unit("decay", decay)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.momentum = check_unit("momentum", momentum)
-        self.centered = bool(centered)
+        self.centered = check_flag("centered", centered)
 
     def slot_names(self) -> tuple[str, ...]:
         return ("v",) + (("grad_avg",) if self.centered else ()) + (("momentum",) if self.momentum else ())

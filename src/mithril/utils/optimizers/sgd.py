@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Optimizer, check_positive, check_unit
+from .base import Optimizer, check_flag, check_positive, check_unit
 
 
 def _plain(p, g, lr):
@@ -41,7 +41,7 @@ class SGD(Optimizer):
         self.dampening = check_positive("dampening", dampening)
         if self.dampening > 1:
             raise ValueError(f"dampening must be in [0, 1], got {dampening!r}")
-        if nesterov and (self.momentum == 0 or self.dampening != 0):
+        if check_flag("nesterov", nesterov) and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
         self.nesterov = bool(nesterov)
 

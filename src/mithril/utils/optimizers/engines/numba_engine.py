@@ -255,7 +255,9 @@ class NumbaEngine(Engine):
         return x.numpy() if self.kind == "torch" else x
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return x.detach().cpu().numpy() if self.kind == "torch" else np.asarray(x)
+        if self.kind == "torch":
+            return x.detach().resolve_neg().resolve_conj().cpu().numpy()
+        return np.asarray(x)
 
     def from_numpy(self, a: np.ndarray) -> Any:
         out = self.full(a.size, 0.0)
@@ -348,11 +350,16 @@ class NumbaEngine(Engine):
         """Addresses of the gradient buffers in layout order (0 where a gradient is absent);
         copies of non-contiguous ones are appended to ``keep``."""
         lay = self.layout
-        if self.kind == "jax":
-            self._wait(list(grads.values()))
         gptr = np.zeros(len(lay.names), dtype=np.int64)
         for name, g in grads.items():
-            gptr[lay.index[name]] = self._address(name, g, keep)
+            try:
+                if self.kind == "jax":
+                    g.block_until_ready()  # the kernel reads it: its computation must be done
+                gptr[lay.index[name]] = self._address(name, g, keep)
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sparse, deleted, failed computation, ...
+                raise TypeError(f"gradients['{name}'] cannot be read as a dense host array: {e}") from e
         return gptr
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
@@ -368,6 +375,7 @@ class NumbaEngine(Engine):
                 return dict(params), False, norm
         src, views = self._adopt(state, params, ours)
         dst = state.params_flat
+        gptr = self._unaliased(gptr, grads, keep, (dst, *state.slots.values()))
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
@@ -380,10 +388,28 @@ class NumbaEngine(Engine):
         sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)))
         return dict(views), True, math.sqrt(sumsq) if norm is None else norm
 
+    def _unaliased(self, gptr: np.ndarray, grads: Any, keep: list, written: tuple) -> np.ndarray:
+        """``gptr`` with copies in place of gradients that lie in a buffer the kernel writes
+        (e.g. a returned parameter passed as another one's gradient: in place, it would
+        change before it is read). A few vector compares per step."""
+        hit = np.zeros(len(gptr), dtype=bool)
+        for buf in written:
+            v = self.np_view(buf)
+            hit |= (gptr >= v.ctypes.data) & (gptr < v.ctypes.data + v.nbytes)
+        if not hit.any():
+            return gptr
+        gptr = gptr.copy()
+        for i in np.flatnonzero(hit):
+            c = np.array(self.to_numpy(grads[self.layout.names[i]]))
+            keep.append(c)
+            gptr[i] = c.ctypes.data
+        return gptr
+
     def _adopt(self, state: Any, params: Any, ours: bool) -> tuple[Any, dict[str, Any]]:
         """Make sure a flat buffer holds ``params`` (already so when ``ours``: they are the
         arrays the previous update returned); returns it and the arrays this update returns
         (over ``state.params_flat``, which the kernel writes)."""
+        copies = [] if ours else self.read_params(params, state.param_views or {}, state.params_flat)
         if state.params_flat is None:
             state.params_flat = self.full(self.layout.total, 0.0)
             state.param_views = self.views(state.params_flat)
@@ -391,14 +417,32 @@ class NumbaEngine(Engine):
                 self._spare = self.full(self.layout.total, 0.0)
                 self._spare_views = self.views(self._spare)
         src, views = state.params_flat, state.param_views
-        if not ours:
-            flat = self.np_view(src)
-            for name, a, b, _ in self.layout.spans():
-                p = params[name]
-                if p is not views[name]:
-                    flat[a:b] = self.to_numpy(p).reshape(-1)
+        flat = self.np_view(src)
+        for a, b, x in copies:
+            flat[a:b] = x
         if self.kind == "jax":  # write the other buffer; the given arrays stay valid
             state.params_flat, state.param_views, self._spare, self._spare_views = (
                 self._spare, self._spare_views, src, views)
         return src, state.param_views
+
+    def read_params(self, params: Any, views: dict, buffer: Any) -> list[tuple[int, int, np.ndarray]]:
+        """The given parameters that are not the arrays the last update returned, as flat
+        host arrays with their spans, all read before anything is written (one that cannot
+        be read is named, and nothing has changed). One that shares memory with ``buffer``
+        (a returned array passed under another name, or a slice of one) is copied first:
+        writing the buffer would change it under our feet."""
+        host = None if buffer is None else self.np_view(buffer)
+        out = []
+        for name, a, b, _ in self.layout.spans():
+            p = params[name]
+            if name in views and p is views[name]:
+                continue
+            try:
+                x = self.to_numpy(p).reshape(-1)
+            except Exception as e:  # noqa: BLE001 - sparse, meta, deleted, ...
+                raise TypeError(f"params['{name}'] cannot be read as a dense host array: {e}") from e
+            if host is not None and np.may_share_memory(x, host):
+                x = x.copy()
+            out.append((a, b, x))
+        return out
 
