@@ -274,3 +274,126 @@ def test_jax_gradients_in_device_memory_are_refused():
     snap = _snapshot(params, state)
     params, state = opt.update(params, dict(zip(g_np, cpu_grads)), state)  # still the fast path
     assert state.step == snap[2][0] + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# aliasing and unreadable arrays (found by review): reads come before writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _array_engine(monkeypatch):
+    """Route numpy/torch through the tensor-op :class:`ArrayEngine` (torch-on-GPU, fp16)."""
+    import mithril.utils.optimizers.engines as engines
+    from mithril.utils.optimizers.engines.array_engine import ArrayEngine
+
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+
+
+ENGINES = [(b, "fused") for b in BACKENDS] + [("numpy", "array"), ("torch", "array")]
+
+
+@pytest.mark.parametrize("backend, engine", ENGINES)
+def test_returned_params_passed_under_swapped_names(backend, engine, monkeypatch):
+    """Copying ``a`` in must not change the buffer that ``b`` (a returned view) still lies in."""
+    if engine == "array":
+        _array_engine(monkeypatch)
+    opt = SGD(1.0)
+    zeros = lambda: {k: native(backend, np.zeros(3, np.float32)) for k in "ab"}  # noqa: E731
+    params = {"a": native(backend, np.ones(3, np.float32)), "b": native(backend, np.zeros(3, np.float32))}
+    state = opt.init(params)
+    params, state = opt.update(params, zeros(), state)
+    opt.set_learning_rate(0.0)
+    out, state = opt.update({"a": params["b"], "b": params["a"]}, zeros(), state)
+    np.testing.assert_array_equal(host(out["a"]), 0.0)
+    np.testing.assert_array_equal(host(out["b"]), 1.0)
+
+
+@pytest.mark.parametrize("backend, engine", ENGINES)
+def test_returned_params_passed_as_gradients(backend, engine, monkeypatch):
+    """A gradient lying in the parameter buffer is read as it was before the step."""
+    if engine == "array":
+        _array_engine(monkeypatch)
+    opt = SGD(1.0)
+    params = {"a": native(backend, np.full(3, 10.0, np.float32)),
+              "b": native(backend, np.full(3, 1.0, np.float32))}
+    state = opt.init(params)
+    params, state = opt.update(params, {k: native(backend, np.zeros(3, np.float32)) for k in "ab"}, state)
+    out, state = opt.update(params, {"a": params["b"], "b": params["a"]}, state)
+    np.testing.assert_array_equal(host(out["a"]), 9.0)  # 10 - 1
+    np.testing.assert_array_equal(host(out["b"]), -9.0)  # 1 - 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_param_on_a_fresh_state(backend):
+    opt = Adam(0.1)
+    params = {"w": native(backend, np.ones(3, np.float32)), "b": native(backend, np.ones(2, np.float32))}
+    state = opt.init(params)
+    grads = {k: native(backend, np.ones(v.shape, np.float32)) for k, v in params.items()}
+    with pytest.raises(TypeError, match=r"params\['w'\]"):
+        opt.update({"w": None, "b": params["b"]}, grads, state)
+    assert state.step == 0 and state.params_flat is None
+    np.testing.assert_array_equal(host(state.slots["m"]), 0.0)
+
+
+@pytest.mark.parametrize("engine", ["fused", "array"])
+def test_unreadable_torch_params_and_gradients_are_named(engine, monkeypatch):
+    """Sparse and meta tensors pass the type/shape/dtype checks; they are refused by name
+    before anything is written, even when another (valid) param is copied in first."""
+    if engine == "array":
+        _array_engine(monkeypatch)
+    opt, params, state, g_np = _setup("torch")
+    snap = _snapshot(params, state)
+    grads = {k: torch.tensor(v) for k, v in g_np.items()}
+    for bad in (torch.ones(2).to_sparse(), torch.ones(2, device="meta")):
+        with pytest.raises((TypeError, ValueError), match=r"params\['b'\]"):
+            opt.update({"w": torch.zeros(3, 2), "b": bad}, grads, state)
+        _assert_untouched(params, state, snap)
+        if engine == "fused":  # the tensor-op engine concatenates gradients with torch ops
+            with pytest.raises((TypeError, ValueError), match=r"gradients\['b'\]"):
+                opt.update(params, {"w": grads["w"], "b": bad}, state)
+            _assert_untouched(params, state, snap)
+
+
+def test_negated_torch_views_are_read_as_their_values():
+    opt = SGD(0.5)
+    state = opt.init({"w": torch.zeros(3)})
+    out, state = opt.update({"w": torch.ones(3)._neg_view()}, {"w": torch.ones(3)._neg_view()}, state)
+    np.testing.assert_array_equal(host(out["w"]), -0.5)  # -1 - 0.5 * (-1)
+
+
+def test_deleted_jax_arrays_are_named():
+    import jax.numpy as jnp
+
+    opt, params, state, g_np = _setup("jax")
+    snap = _snapshot(params, state)
+    gone = jnp.ones(2, jnp.float32)
+    gone.delete()
+    with pytest.raises(TypeError, match=r"gradients\['b'\]"):
+        opt.update(params, {"w": jnp.asarray(g_np["w"]), "b": gone}, state)
+    _assert_untouched(params, state, snap)
+    with pytest.raises(TypeError, match=r"params\['b'\]"):
+        opt.update({"w": jnp.zeros((3, 2), jnp.float32), "b": gone},
+                   {k: jnp.asarray(v) for k, v in g_np.items()}, state)
+    _assert_untouched(params, state, snap)
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(momentum=0.9, nesterov="no"), lambda: Adam(amsgrad="yes"),
+                                  lambda: RMSProp(centered="x"), lambda: Adam(backend="numpy")])
+def test_flags_and_backend_must_have_their_types(make):
+    with pytest.raises(TypeError, match="nesterov|amsgrad|centered|backend"):
+        make()
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], 1.0, None])
+def test_init_names_a_first_param_that_is_no_array(bad):
+    with pytest.raises(TypeError, match=r"params\['w'\]"):
+        Adam().init({"w": bad})
+
+
+def test_state_of_another_backend_is_named():
+    opt, params, state, g_np = _setup("numpy")
+    snap = _snapshot(params, state)
+    with pytest.raises(ValueError, match="state was made for numpy arrays.*torch"):
+        Adam(0.1).update({k: torch.tensor(v) for k, v in snap[0].items()},
+                         {k: torch.tensor(v) for k, v in g_np.items()}, state)
+    _assert_untouched(params, state, snap)
