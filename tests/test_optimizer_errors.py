@@ -397,3 +397,40 @@ def test_state_of_another_backend_is_named():
         Adam(0.1).update({k: torch.tensor(v) for k, v in snap[0].items()},
                          {k: torch.tensor(v) for k, v in g_np.items()}, state)
     _assert_untouched(params, state, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state_dict: everything checked before anything changes
+# ---------------------------------------------------------------------------------------------
+
+BAD_STATE_DICTS = [
+    ("lr", lambda d: d["hyperparameters"].update(learning_rate=-1), ValueError, "learning_rate"),
+    ("beta1", lambda d: d["hyperparameters"].update(beta1=2.0), ValueError, "beta1"),
+    ("eps", lambda d: d["hyperparameters"].update(epsilon=0.0), ValueError, "epsilon"),
+    ("policy", lambda d: d["hyperparameters"].update(nonfinite="bogus"), ValueError, "nonfinite"),
+    ("flag", lambda d: d["hyperparameters"].update(amsgrad="yes"), TypeError, "amsgrad"),
+    ("unknown", lambda d: d["hyperparameters"].update(foo=1), KeyError, "foo"),
+    ("step", lambda d: d.update(step=-5), ValueError, "step"),
+    ("skips", lambda d: d.update(num_skipped=1.5), ValueError, "num_skipped"),
+    ("transposed", lambda d: d["slots"]["m"].update(w=np.zeros((2, 3))), ShapeError, "'m' of 'w'"),
+    ("size", lambda d: d["slots"]["v"].update(b=np.zeros(5)), ShapeError, "'v' of 'b'"),
+    ("no vmax", lambda d: d["slots"].pop("vmax"), KeyError, "vmax"),
+    ("vmax, no amsgrad", lambda d: d["hyperparameters"].update(amsgrad=False), KeyError, "vmax"),
+    ("subset", lambda d: d["slots"]["m"].pop("b"), KeyError, "'m'"),
+    ("None", lambda d: d["slots"]["m"].update(b=None), TypeError, "'m' of 'b'"),
+    ("other", lambda d: d.update(optimizer="SGD"), ValueError, "SGD"),
+]
+
+
+@pytest.mark.parametrize("label, corrupt, exc, words", BAD_STATE_DICTS, ids=[b[0] for b in BAD_STATE_DICTS])
+def test_bad_state_dicts_are_refused_and_change_nothing(label, corrupt, exc, words):
+    import copy
+
+    opt, params, state, _ = _setup("numpy", Adam(0.1, amsgrad=True))
+    d = copy.deepcopy(opt.state_dict(state))
+    corrupt(d)
+    fresh = Adam(0.05, amsgrad=True)
+    before = dict(vars(fresh))
+    with pytest.raises(exc, match=words.replace("(", r"\(")):
+        fresh.load_state_dict(d, params)
+    assert vars(fresh) == before

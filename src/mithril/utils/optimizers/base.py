@@ -34,7 +34,9 @@ in ``state.last_grad_norm`` whatever the policy:
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import math
 import operator
 import warnings
@@ -82,6 +84,14 @@ def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
     return v
+
+
+def _count(d: Mapping[str, Any], key: str) -> int:
+    """A non-negative integer counter of a state dict (0 where absent)."""
+    v = d.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"state dict '{key}' must be a non-negative int, got {v!r}")
+    return int(v)
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -321,24 +331,68 @@ class Optimizer:
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
                         ) -> OptimizerState | None:
-        """Restore hyperparameters; given ``params``, also rebuild and return the state."""
+        """Restore hyperparameters; given ``params``, also rebuild and return the state.
+
+        Everything is checked before anything changes: the hyperparameters as the
+        constructor checks them (unknown names are refused), every slot present with an
+        array of each parameter's exact shape, and non-negative integer counters. On error
+        this optimizer is left as it was."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
             raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
-        for k, v in d["hyperparameters"].items():
-            setattr(self, k, v)
-        if params is None or "slots" not in d:
-            return None
-        state = self.init(params)
-        for s, per_param in d["slots"].items():
-            if s not in state.slots:
-                raise KeyError(f"state dict slot '{s}' unknown to {type(self).__name__}")
-            missing = set(state.layout.names) - set(per_param)
-            if missing:
-                raise KeyError(f"state dict slot '{s}' lacks parameter(s) {sorted(missing)}")
-            state.slots[s] = state.engine.from_numpy(state.layout.flatten_numpy(per_param))
-        state.step, state.num_skipped = int(d["step"]), int(d.get("num_skipped", 0))
-        state.num_nonfinite = int(d.get("num_nonfinite", 0))
+        hp = d.get("hyperparameters")
+        if not isinstance(hp, Mapping):
+            raise TypeError("state dict 'hyperparameters' must be a dict")
+        unknown = sorted(set(hp) - set(self.hyperparameters()))
+        if unknown:
+            raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
+        trial = copy.copy(self)
+        trial.__dict__.update(hp)
+        try:  # the constructor's checks, where its signature takes the hyperparameters
+            inspect.signature(type(self)).bind(**trial.hyperparameters())
+        except TypeError:  # a subclass with its own constructor: as given
+            pass
+        else:  # and its normalised values (floats, bools)
+            hp = {k: v for k, v in vars(type(self)(**trial.hyperparameters())).items() if k in hp}
+            trial.__dict__.update(hp)
+        state = None
+        if params is not None and "slots" in d:
+            state = trial.init(params)
+            state.slots = self._loaded_slots(d["slots"], state)
+            state.step, state.num_skipped, state.num_nonfinite = (
+                _count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+        self.__dict__.update(hp)
         return state
+
+    @staticmethod
+    def _loaded_slots(saved: Any, state: OptimizerState) -> dict[str, Any]:
+        """Flat slot buffers from a state dict's per-parameter arrays, checked against
+        ``state`` (a fresh one for the same params)."""
+        lay = state.layout
+        if not isinstance(saved, Mapping):
+            raise TypeError("state dict 'slots' must be a dict of slot -> {param: array}")
+        for label, names in (("unknown to", set(saved) - set(state.slots)),
+                             ("missing for", set(state.slots) - set(saved))):
+            if names:
+                raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
+        out = {}
+        for slot, per_param in saved.items():
+            if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
+                got = sorted(per_param) if isinstance(per_param, Mapping) else type(per_param).__name__
+                raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
+                               f"{sorted(lay.names)}, got {got}")
+            arrays = {}
+            for name, shape in zip(lay.names, lay.shapes):
+                a = np.asarray(per_param[name])
+                if a.dtype.kind not in "fiu":
+                    raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
+                if a.shape != tuple(shape):
+                    raise ShapeError(f"state dict slot '{slot}' of '{name}' has shape {a.shape}, "
+                                     f"the parameter {tuple(shape)}")
+                arrays[name] = a
+            out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
+        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
