@@ -434,3 +434,20 @@ def test_bad_state_dicts_are_refused_and_change_nothing(label, corrupt, exc, wor
     with pytest.raises(exc, match=words.replace("(", r"\(")):
         fresh.load_state_dict(d, params)
     assert vars(fresh) == before
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("cls", [Adam, RMSProp, AdaGrad])
+def test_epsilon_that_is_zero_in_float16_is_refused(backend, cls):
+    """eps=1e-8 rounds to 0 in float16, where a zero gradient gives 0/0 = NaN parameters from
+    finite gradients (torch.optim lets that through); refused by name, nothing changed."""
+    params = {"w": native(backend, np.ones(4, np.float16))}
+    grads = {"w": native(backend, np.array([0, 1e-4, 0.1, 1], np.float16))}
+    opt = cls(learning_rate=0.01)
+    state = opt.init(params)  # a state may still be made (e.g. to hand to MixedPrecisionTrainer)
+    with pytest.raises(ValueError, match="epsilon=1e-08 is 0 in float16"):
+        opt.update(params, grads, state)
+    assert state.step == 0 and state.params_flat is None
+    opt = cls(learning_rate=0.01, epsilon=1e-4)
+    out, state = opt.update(params, grads, opt.init(params))
+    assert np.isfinite(host(out["w"]).astype(np.float32)).all()

@@ -10,7 +10,9 @@ over it that the next update overwrites in place: NumPy/torch views; on JAX-on-C
 awaited before the write; on JAX accelerators, buffers donated to the jitted step. Always
 rebind to what ``update`` returns, do not reuse an older state, and copy a returned array
 if you need a snapshot. Arrays you pass that are not the ones ``update`` returned are
-copied in, never modified.
+copied in, never modified. On JAX-on-CPU the two host buffers alternate: arrays passed to
+one update are overwritten by the one after it, so an asynchronous computation on
+them must have finished by then (nothing waits for it, unlike a donated buffer).
 
 The step count ``t`` (bias corrections, AdaGrad's lr decay, SGD's undampened first
 buffer) is one per optimizer state, as in optax; torch counts per parameter, which differs
@@ -84,6 +86,11 @@ def check_positive(name: str, value: Any, allow_zero: bool = True) -> float:
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}")
     return v
+
+
+def _rounds_to_zero(x: float, dtype: str) -> bool:
+    """Whether ``x`` > 0 becomes 0 in ``dtype`` (float16's smallest subnormal is ~6e-8)."""
+    return x > 0 and dtype == "float16" and float(np.float16(x)) == 0.0
 
 
 def _count(d: Mapping[str, Any], key: str) -> int:
@@ -275,6 +282,11 @@ class Optimizer:
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
         lay, eng = state.layout, state.engine
+        eps = getattr(self, "epsilon", None)
+        if lay.dtype == "float16" and isinstance(eps, float) and _rounds_to_zero(eps, lay.dtype):
+            raise ValueError(f"epsilon={eps!r} is 0 in float16: a zero gradient would give 0/0 = "
+                             f"NaN parameters. Use epsilon >= 6e-8 (1e-4 is usual for float16), "
+                             f"or float32 master weights (MixedPrecisionTrainer)")
         if eng.backend.name != self._backend.name:
             raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
                              f"{type(self).__name__} works on {self._backend.name} arrays")
