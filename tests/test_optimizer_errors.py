@@ -451,3 +451,25 @@ def test_epsilon_that_is_zero_in_float16_is_refused(backend, cls):
     opt = cls(learning_rate=0.01, epsilon=1e-4)
     out, state = opt.update(params, grads, opt.init(params))
     assert np.isfinite(host(out["w"]).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("bad, words", [([np.ones(2)], "dict of arrays"), ({"a": None}, r"\['a'\] is a NoneType"),
+                                        ({"a": [1.0]}, r"\['a'\] is a list")])
+def test_clipping_helpers_name_what_is_not_an_array(bad, words):
+    from mithril.utils.optimizers import clip_gradients, global_norm
+
+    with pytest.raises(TypeError, match=words):
+        clip_gradients(bad, clip_value=1.0)
+    with pytest.raises(TypeError, match=words):
+        global_norm(bad)
+
+
+def test_raise_policy_explains_an_overflowing_norm_of_finite_gradients():
+    """|g| > 1e154 in float64: Σg² is inf although every gradient is finite (torch's
+    clip_grad_norm_ gives inf too); the error says so instead of naming no parameter."""
+    opt = SGD(0.1, nonfinite="raise")
+    params = {"w": np.zeros(2)}
+    state = opt.init(params)
+    with pytest.raises(FloatingPointError, match="overflows float64"):
+        opt.update(params, {"w": np.array([1e200, 1e200])}, state)
+    assert state.step == 0

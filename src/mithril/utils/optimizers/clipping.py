@@ -25,9 +25,21 @@ def _sumsq(g: Any) -> float:
     return float(np.dot(a.ravel(), a.ravel()))
 
 
+def _checked(gradients: Any, fn: str) -> Mapping[str, Any]:
+    """``gradients`` if it is a dict of NumPy, torch or JAX arrays; else a TypeError naming
+    the key at fault."""
+    if not isinstance(gradients, Mapping):
+        raise TypeError(f"{fn}: gradients must be a dict of arrays, got {type(gradients).__name__}")
+    for k, g in gradients.items():
+        mod = type(g).__module__.split(".", 1)[0]
+        if not (isinstance(g, np.ndarray) or (mod in ("torch", "jax", "jaxlib") and hasattr(g, "dtype"))):
+            raise TypeError(f"{fn}: gradients['{k}'] is a {type(g).__name__}, not an array")
+    return gradients
+
+
 def global_norm(gradients: Mapping[str, Any]) -> float:
     """‖g‖₂ over all gradients together (accumulated in float64 on NumPy/torch)."""
-    return math.sqrt(sum(_sumsq(g) for g in gradients.values()))
+    return math.sqrt(sum(_sumsq(g) for g in _checked(gradients, "global_norm").values()))
 
 
 def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None,
@@ -44,7 +56,7 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
         raise ValueError("clip_gradients needs clip_value or clip_norm")
     cv = None if clip_value is None else check_positive("clip_value", clip_value, allow_zero=False)
     cn = None if clip_norm is None else check_positive("clip_norm", clip_norm, allow_zero=False)
-    out = dict(gradients)
+    out = dict(_checked(gradients, "clip_gradients"))
     if cn is not None:
         norm = global_norm(out)
         if not math.isfinite(norm):

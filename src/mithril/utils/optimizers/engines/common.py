@@ -30,8 +30,10 @@ def needs_prepass(opt: Any) -> bool:
 
 
 def nonfinite_error(opt: Any, bad: list[str], norm: float) -> FloatingPointError:
-    return FloatingPointError(f"{type(opt).__name__}: non-finite gradient(s) for {bad} (global "
-                              f"norm {norm}); params and state left unchanged")
+    what = (f"non-finite gradient(s) for {bad}" if bad else
+            "finite gradients whose sum of squares overflows float64 (|g| > ~1e154)")
+    return FloatingPointError(f"{type(opt).__name__}: {what} (global norm {norm}); params and "
+                              f"state left unchanged")
 
 
 def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:
