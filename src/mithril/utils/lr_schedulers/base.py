@@ -105,6 +105,12 @@ def _decode_float(x: float | str) -> float:
     return float(x)
 
 
+def _check_lr(name: str, lr: float) -> float:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"state_dict {name} must be a finite value >= 0, got {lr!r}")
+    return lr
+
+
 def _check_step(t: Any) -> int:
     if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
         raise ValueError(f"step t must be a non-negative integer, got {t!r}")
@@ -143,7 +149,14 @@ class LRScheduler:
 
     def get_lr_at(self, t: int) -> float:
         """Learning rate of step ``t`` (``t >= 0``); pure function of ``t`` and ``base_lr``."""
-        return self._lr_at(_check_step(t))
+        t = _check_step(t)
+        try:
+            lr = self._lr_at(t)
+        except OverflowError:
+            lr = math.inf
+        if not math.isfinite(lr):  # a negative one is the optimizer's to refuse
+            raise ValueError(f"{type(self).__name__}: the learning rate at step {t} is {lr}")
+        return lr
 
     def _lr_at(self, t: int) -> float:
         raise NotImplementedError
@@ -169,9 +182,9 @@ class LRScheduler:
 
     def _set_step(self, t: int) -> None:
         lr = self.get_lr_at(t)  # may raise; evaluate before mutating any state
+        self.optimizer.set_learning_rate(lr)  # checks first: a refused lr changes nothing
         self.last_step = t
         self._last_lr = lr
-        self.optimizer.set_learning_rate(lr)
 
     def _reset_state(self) -> None:
         """Go back to step 0 without touching the optimizer."""
@@ -225,10 +238,10 @@ class LRScheduler:
         backup = self.state_dict()
         try:
             self._load(state_dict)
+            self.optimizer.set_learning_rate(self._last_lr)  # checks the restored lr
         except Exception:
             self._load(backup)  # leave the scheduler untouched on a bad state_dict
             raise
-        self.optimizer.set_learning_rate(self._last_lr)
 
     def _load(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
@@ -244,8 +257,8 @@ class LRScheduler:
         # hyper-parameters are validated finite, so they are stored verbatim
         self._configure(**{name: state[name] for name in self._HPARAMS})
         self.last_step = _check_step(state["last_step"])
-        self.base_lr = _decode_float(state["base_lr"])
-        self._last_lr = _decode_float(state["last_lr"])
+        self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"]))
+        self._last_lr = _check_lr("last_lr", _decode_float(state["last_lr"]))
         self._load_extra(state)
 
     def _extra_state(self) -> dict[str, Any]:
