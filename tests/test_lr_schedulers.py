@@ -10,7 +10,10 @@ equal. Where PyTorch's formula is recursive (``StepLR``, ``MultiStepLR``, ``Expo
 form, the two differ by the rounding of the recursion, so we require
 ``|ours - torch| <= 1e-12 * max(|ours|, |torch|)`` (purely relative, no absolute slack; the
 observed worst case over 300 steps is ~3e-13, for CosineAnnealingLR; the recursion's error
-grows with the number of steps).
+grows with the number of steps). A non-integer ``T_max`` within ~1e-7 of an integer makes
+torch's recursion ill-conditioned (2e-5 relative drift, or ZeroDivisionError): there ours is
+compared with torch's own closed form instead (see
+``test_cosine_t_max_near_an_integer_is_the_closed_form_not_torchs_recursion``).
 """
 
 from __future__ import annotations
@@ -171,6 +174,59 @@ def test_cosine_matches_torch_including_beyond_t_max(T_max: int, eta_min: float)
         assert ours[t + 2 * T_max] == pytest.approx(ours[t], rel=1e-9, abs=1e-15)
 
 
+def torch_cosine_closed_form(T_max: float, eta_min: float, base: float, n: int) -> list[float]:
+    """torch's own closed form (``CosineAnnealingLR._get_closed_form_lr``, what it uses for
+    ``step(epoch)``) at ``t = 0..n``."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    sched = tl.CosineAnnealingLR(opt, T_max, eta_min)
+    out = []
+    for t in range(n + 1):
+        sched.last_epoch = t
+        out.append(float(sched._get_closed_form_lr()[0]))
+    return out
+
+
+@pytest.mark.parametrize("T_max", [2.5, 7.3, 9.99, 10.5, 37.77])
+@pytest.mark.parametrize("eta_min", [0.0, 1e-3])
+def test_cosine_non_integer_t_max_matches_torch(T_max: float, eta_min: float) -> None:
+    """A real ``T_max`` is accepted (as by torch). Ours is the closed form, bit for bit torch's
+    ``_get_closed_form_lr``; torch's stepped (recursive) values agree to ``REL_TOL`` here. For
+    a non-integer ``T_max`` torch's special case at the minimum never fires, which is harmless
+    while ``t / T_max`` stays away from odd integers (these ``T_max``); see the next test."""
+    n, base = 300, 0.1
+    ours = our_lrs(lambda o: CosineAnnealingLR(o, T_max, eta_min), base, n)
+    assert_exact(ours, torch_cosine_closed_form(T_max, eta_min, base, n))
+    assert_rel(ours, torch_lrs(lambda o: tl.CosineAnnealingLR(o, T_max, eta_min), base, n))
+    assert all(eta_min <= v <= base for v in ours)
+
+
+@pytest.mark.parametrize("T_max", [3.0000001, 10.000001, 9.999999, 10 + 1e-9])
+def test_cosine_t_max_near_an_integer_is_the_closed_form_not_torchs_recursion(
+    T_max: float,
+) -> None:
+    """Intended difference from torch's *stepped* ``CosineAnnealingLR``.
+
+    torch steps ``lr_t = eta_min + (lr_{t-1} - eta_min) * (1 + cos(pi t / T)) / (1 + cos(pi (t-1)
+    / T))``. When ``(t - 1) / T_max`` is within ~1e-7 of an odd integer but ``T_max`` is not an
+    integer (so torch's special case for the minimum does not fire), the denominator cancels
+    to ~1e-14 and, with ``eta_min > 0``, the rounding error of ``lr_{t-1} - eta_min`` is
+    amplified: measured with torch 2.13, base 0.1, eta_min 1e-3, T_max = 10.000001, torch's lr at
+    t = 20 is 0.10000232 (2.3e-5 relative above the exact 0.1, i.e. above base_lr, which the
+    cosine never exceeds), and for ``T_max = 10 + 1e-9`` the denominator is exactly 0 and torch
+    raises ZeroDivisionError. Ours is the closed form at every step (no error accumulates):
+    equal to torch's own closed form, always within ``[eta_min, base_lr]``, and as close to
+    the integer-``T_max`` schedule as the (tiny) change of ``T_max`` allows.
+    """
+    n, base, eta_min = 300, 0.1, 1e-3
+    ours = our_lrs(lambda o: CosineAnnealingLR(o, T_max, eta_min), base, n)
+    assert_exact(ours, torch_cosine_closed_form(T_max, eta_min, base, n))
+    assert all(eta_min <= v <= base for v in ours)
+    near = our_lrs(lambda o: CosineAnnealingLR(o, round(T_max), eta_min), base, n)
+    # |d lr / d T_max| <= (base - eta_min) / 2 * pi * t / T_max^2
+    bound = (base - eta_min) / 2 * math.pi * n / T_max**2 * abs(T_max - round(T_max))
+    assert max(abs(a - b) for a, b in zip(ours, near, strict=True)) <= bound + 1e-15
+
+
 @pytest.mark.parametrize("T_0,T_mult", [(10, 1), (10, 2), (7, 2), (5, 3)])
 def test_cosine_warm_restarts_matches_torch_exactly(T_0: int, T_mult: int) -> None:
     n, base, eta_min = 300, 0.1, 1e-4
@@ -196,6 +252,10 @@ PLATEAU_CASES = [
     dict(mode="max", threshold_mode="abs", factor=0.1, patience=1, cooldown=3, min_lr=1e-4),
     dict(mode="min", threshold_mode="rel", factor=0.5, patience=0, min_lr=0.0123),
     dict(mode="min", threshold_mode="rel", factor=0.9, patience=0, eps=1e-3),
+    # cooldown with the two remaining (mode, threshold_mode) combinations
+    dict(mode="min", threshold_mode="abs", factor=0.5, patience=1, threshold=2e-3, cooldown=4),
+    dict(mode="max", threshold_mode="rel", factor=0.6, patience=1, threshold=5e-3, cooldown=3,
+         min_lr=1e-3),
 ]
 
 
@@ -209,6 +269,9 @@ def test_reduce_on_plateau_matches_torch_exactly(kwargs: dict) -> None:
     ours = our_lrs(lambda o: ReduceLROnPlateau(o, **kwargs), base, n, metrics)
     assert_exact(ours, ref)
     assert len(set(ours)) >= 3, "the metric sequence should trigger several reductions"
+    if kwargs.get("cooldown"):  # the cooldown changed the schedule
+        no_cooldown = {**kwargs, "cooldown": 0}
+        assert our_lrs(lambda o: ReduceLROnPlateau(o, **no_cooldown), base, n, metrics) != ours
     if "min_lr" in kwargs:
         # reached the floor (possibly a few ulps above it: the eps rule skips tiny reductions)
         assert ours[-1] == pytest.approx(kwargs["min_lr"], rel=1e-12)
@@ -478,7 +541,10 @@ ROUND_TRIP_FACTORIES: dict[str, Callable[[FakeOpt], LRScheduler]] = {
     "exponential": lambda o: ExponentialLR(o, 0.99),
     "cosine": lambda o: CosineAnnealingLR(o, 40, 1e-3),
     "warm_restarts": lambda o: CosineAnnealingLR(o, 6, 1e-3, warm_restarts=True, T_mult=2),
-    "plateau": lambda o: ReduceLROnPlateau(o, "max", 0.5, 3, cooldown=2, min_lr=1e-3),
+    # saved mid-cooldown / mid-patience, lr between min_lr and base (checked in the test)
+    "plateau": lambda o: ReduceLROnPlateau(o, "min", 0.5, 2, 0.03, cooldown=5, min_lr=1e-3),
+    "plateau_patience": lambda o: ReduceLROnPlateau(o, "min", 0.5, 3, 0.01, cooldown=2,
+                                                    min_lr=1e-3),
     "one_cycle": lambda o: OneCycleLR(o, 1.0, 150, anneal_strategy="linear"),
     "warmup_cosine": lambda o: LinearWarmupScheduler(o, 30, 0.0, 0.2, CosineAnnealingLR(o, 50)),
     "warmup_plateau": lambda o: LinearWarmupScheduler(o, 20, 0.0, 0.2, ReduceLROnPlateau(o)),
@@ -517,6 +583,9 @@ def test_state_dict_round_trip_mid_run(name: str) -> None:
     opt_b = FakeOpt(base)
     sched_b = make(opt_b)
     first = run(sched_b, opt_b, range(save_at))
+    if isinstance(sched_b, ReduceLROnPlateau):  # a save with something to lose
+        assert sched_b.min_lr < opt_b.lr < base and sched_b.best < math.inf
+        assert sched_b.cooldown_counter > 0 or sched_b.num_bad_epochs > 0
     state = sched_b.state_dict()
     text = json.dumps(state, allow_nan=False)  # strictly JSON: no arrays, no NaN/inf literals
     restored = json.loads(text)
@@ -530,6 +599,72 @@ def test_state_dict_round_trip_mid_run(name: str) -> None:
     assert sched_c.state_dict() == state
     rest = run(sched_c, opt_c, range(save_at, n))
     assert first + rest == full
+
+
+def plateau_metrics(n: int, mode: str) -> list[float]:
+    """A loss that falls in bursts with noisy plateaus between them (``1 - loss`` for
+    ``mode='max'``), so that a plateau scheduler sees improvements, bad streaks and several
+    reductions with cooldowns, without reaching ``min_lr`` early."""
+    rng = np.random.default_rng(11)
+    level = 1.0 - 0.05 * np.floor(np.arange(n) / 9)  # a 5% drop every 9 steps
+    loss = level + 0.004 * rng.standard_normal(n)
+    return [float(v) for v in (loss if mode == "min" else 1.0 - loss)]
+
+
+PLATEAU_ROUND_TRIP = [
+    dict(mode="min", threshold_mode="rel", factor=0.7, patience=3, threshold=1e-2, cooldown=3,
+         min_lr=1e-3),
+    dict(mode="min", threshold_mode="abs", factor=0.6, patience=2, threshold=3e-3, cooldown=2,
+         min_lr=2e-3),
+    dict(mode="max", threshold_mode="rel", factor=0.8, patience=2, threshold=1e-2, cooldown=4,
+         min_lr=1e-3),
+    dict(mode="max", threshold_mode="abs", factor=0.5, patience=4, threshold=5e-3, cooldown=1,
+         min_lr=1e-3),
+]
+
+
+@pytest.mark.parametrize("kwargs", PLATEAU_ROUND_TRIP)
+def test_plateau_round_trip_mid_cooldown_and_mid_patience_matches_torch(kwargs: dict) -> None:
+    """Save after *every* step (mid-patience, mid-cooldown, right after a reduction, ...),
+    restore into a fresh scheduler built with other hyperparameters, and go on: the lr
+    sequence equals the uninterrupted run and torch's ReduceLROnPlateau, whose ``best``,
+    ``num_bad_epochs``, ``cooldown_counter`` and ``last_epoch`` ours match at every step."""
+    n, base = 90, 0.1
+    metrics = plateau_metrics(n, kwargs["mode"])
+    ref = torch_lrs(lambda o: tl.ReduceLROnPlateau(o, **kwargs), base, n, metrics)
+
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    tsched = tl.ReduceLROnPlateau(topt, **kwargs)
+    opt = FakeOpt(base)
+    sched = ReduceLROnPlateau(opt, **kwargs)
+    full, states = [opt.lr], []
+    kinds = {"cooldown": 0, "patience": 0}
+    for t in range(n):
+        states.append(json.loads(json.dumps(sched.state_dict(), allow_nan=False)))
+        sched.step(metrics[t])
+        tsched.step(metrics[t])
+        full.append(opt.lr)
+        assert (sched.best, sched.num_bad_epochs, sched.cooldown_counter, sched.last_step) == (
+            tsched.best, tsched.num_bad_epochs, tsched.cooldown_counter, tsched.last_epoch)
+        if kwargs["min_lr"] < opt.lr < base:
+            kinds["cooldown"] += sched.cooldown_counter > 0
+            kinds["patience"] += sched.cooldown_counter == 0 and sched.num_bad_epochs > 0
+    assert_exact(full, ref)
+    # the run is not degenerate: several reductions, and many save points mid-cooldown and
+    # mid-patience with lr strictly between min_lr and base
+    assert len(set(full)) >= 4
+    assert kinds["cooldown"] >= 5 and kinds["patience"] >= 5, kinds
+
+    for t, state in enumerate(states):  # state before step t (t steps taken)
+        o = FakeOpt(123.0)
+        s = ReduceLROnPlateau(o, mode="min", factor=0.1, patience=10)  # hparams come from state
+        s.load_state_dict(state)
+        assert o.lr == full[t] and s.last_step == t
+        rest = [o.lr]
+        for m in metrics[t:]:
+            s.step(m)
+            rest.append(o.lr)
+        assert rest == full[t:], f"resumed after step {t}"
 
 
 def test_load_state_dict_restores_hyperparameters_and_checks_type() -> None:
@@ -666,6 +801,53 @@ def test_property_warm_restarts_equal_torch(base: float, T_0: int, T_mult: int, 
     ours = our_lrs(lambda o: CosineAnnealingWarmRestarts(o, T_0, T_mult, 1e-5), base, n)
     ref = torch_lrs(lambda o: tl.CosineAnnealingWarmRestarts(o, T_0, T_mult, 1e-5), base, n)
     assert_exact(ours, ref)
+
+
+#: metric values: mostly a few levels whose sums and products with the thresholds 0.25 / 0.5
+#: are exact, so ties and metrics exactly on the threshold edge are frequent; else any float,
+#: inf and NaN included
+_LEVELS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, -0.5, -1.0]
+_METRIC = st.one_of(
+    st.sampled_from(_LEVELS),
+    st.sampled_from(_LEVELS),
+    st.floats(-10.0, 10.0),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@st.composite
+def plateau_setups(draw: st.DrawFn) -> tuple[dict, float, list[float]]:
+    mode = draw(st.sampled_from(["min", "max"]))
+    threshold_mode = draw(st.sampled_from(["rel", "abs"]))
+    hi = 0.5 if (mode, threshold_mode) == ("min", "rel") else 2.0  # ours: < 1 for min/rel
+    # powers of two and halves make lr - lr * factor land exactly on eps / min_lr now and then
+    base = draw(st.one_of(st.sampled_from([1.0, 0.5, 0.1]), st.floats(1e-6, 10.0)))
+    kwargs = dict(
+        mode=mode,
+        threshold_mode=threshold_mode,
+        factor=draw(st.one_of(st.sampled_from([0.0, 0.5, 0.25]), st.floats(0.0, 0.999))),
+        patience=draw(st.integers(0, 5)),
+        threshold=draw(st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1e-4]), st.floats(0.0, hi))),
+        cooldown=draw(st.integers(0, 5)),
+        min_lr=draw(st.one_of(st.sampled_from([0.0, base / 4, base / 8]), st.floats(0.0, base))),
+        eps=draw(st.sampled_from([0.0, 1e-8, 1e-3, 0.05, 0.125, 0.25])),
+    )
+    return kwargs, base, draw(st.lists(_METRIC, min_size=1, max_size=60))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(setup=plateau_setups())
+def test_property_reduce_on_plateau_equals_torch(setup: tuple[dict, float, list[float]]) -> None:
+    """Random hyperparameters (every mode / threshold_mode, patience and cooldown 0-5, factor
+    0 included, min_lr up to base, eps up to 0.25) and metric sequences (ties, metrics exactly
+    on the threshold edge, reductions exactly equal to eps, inf, NaN): the lr sequence is
+    exactly torch's. (Mutating any comparison of the rule - ``<`` for ``<=``, ``>`` for ``>=``
+    in the eps test, the rounding of ``best * (1 + threshold)``, the order of the cooldown
+    update - makes this fail.)"""
+    kwargs, base, metrics = setup
+    n = len(metrics)
+    ref = torch_lrs(lambda o: tl.ReduceLROnPlateau(o, **kwargs), base, n, metrics)
+    assert_exact(our_lrs(lambda o: ReduceLROnPlateau(o, **kwargs), base, n, metrics), ref)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class SequentialLR(LRScheduler):
     the metric is ignored). On its milestone a plateau child restarts like any other child: its
     learning rate becomes ``base_lr``, ``best``/``num_bad_epochs``/``cooldown_counter`` are
     reset, and the metric passed on that step is *not* observed (it measures the previous
-    phase). On every later step the metric is required (:class:`TypeError` otherwise).
+    phase). On every later step it needs the metric: ``step()`` without one issues a
+    ``RuntimeWarning`` and changes nothing (neither the child nor this scheduler advances,
+    ``last_step`` and the learning rate stay as they were), as ``ReduceLROnPlateau.step()``.
     :meth:`get_lr_at` raises :class:`NotImplementedError` for steps in a plateau phase.
 
     Args:
