@@ -865,3 +865,48 @@ def test_step_lr_drives_mithril_sgd() -> None:
         sched.step()
         lrs.append(opt.get_learning_rate())
     assert lrs == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 3 + [0.0125], rel=1e-15)
+
+
+# -- a refused learning rate changes nothing -------------------------------------------------------
+
+
+def test_exponential_growth_that_overflows_is_a_value_error() -> None:
+    from mithril.utils.optimizers import SGD
+
+    opt = SGD(0.1)
+    sched = ExponentialLR(opt, gamma=2.0)
+    assert sched.get_lr_at(10) == pytest.approx(0.1 * 2.0**10)
+    with pytest.raises(ValueError, match="step 2000"):
+        sched.get_lr_at(2000)
+
+
+def test_a_learning_rate_the_optimizer_refuses_leaves_the_scheduler_as_it_was() -> None:
+    """OneCycleLR (linear) extrapolates below 0 at step ``total_steps``, as torch does; a real
+    optimizer refuses that lr, and the scheduler must not have advanced."""
+    from mithril.utils.optimizers import SGD
+
+    opt = SGD(0.1)
+    sched = OneCycleLR(opt, max_lr=1.0, total_steps=10, anneal_strategy="linear")
+    for _ in range(9):
+        sched.step()
+    before, lr = sched.state_dict(), opt.get_learning_rate()
+    assert sched.get_lr_at(10) < 0
+    with pytest.raises(ValueError, match="learning_rate"):
+        sched.step()
+    assert sched.state_dict() == before and opt.get_learning_rate() == lr
+
+
+@pytest.mark.parametrize("key, value", [("last_lr", "nan"), ("last_lr", -1.0), ("base_lr", -1.0),
+                                        ("base_lr", math.inf)])
+def test_load_state_dict_refuses_bad_rates_and_changes_nothing(key: str, value: object) -> None:
+    from mithril.utils.optimizers import SGD
+
+    opt = SGD(0.1)
+    sched = StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        sched.step()
+    saved, lr = sched.state_dict(), opt.get_learning_rate()
+    bad = dict(saved, **{key: value})
+    with pytest.raises(ValueError, match=key):
+        sched.load_state_dict(bad)
+    assert sched.state_dict() == saved and opt.get_learning_rate() == lr
