@@ -164,6 +164,17 @@ def sumsq_kernel(dtype: str) -> Any:
     return sumsq
 
 
+@numba.njit(nogil=True, cache=True)
+def _inside(ptr: np.ndarray, spans: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Whether each address lies in one of the [start, stop) ``spans``."""
+    out = np.zeros(ptr.shape[0], dtype=np.bool_)
+    for k in range(spans.shape[0]):
+        lo, size = spans[k, 0], np.uint64(spans[k, 1] - spans[k, 0])
+        for i in range(ptr.shape[0]):  # one unsigned compare, no branch: vectorised
+            out[i] |= np.uint64(ptr[i] - lo) < size
+    return out
+
+
 def _accelerators(jax: Any) -> bool:
     """Whether JAX has a backend besides the CPU (then a gradient may lie in device memory,
     which the kernel must never dereference)."""
@@ -190,6 +201,7 @@ class NumbaEngine(Engine):
         self.kind = backend.name
         self.layout = layout.aligned(16) if self.kind == "jax" else layout
         self._plan = threads.Plan(self.layout.offsets, self.layout.sizes)
+        self._spans: dict[tuple, tuple] = {}  # see _unaliased
         if self.kind == "torch":
             import torch
 
@@ -392,10 +404,15 @@ class NumbaEngine(Engine):
         """``gptr`` with copies in place of gradients that lie in a buffer the kernel writes
         (e.g. a returned parameter passed as another one's gradient: in place, it would
         change before it is read). A few vector compares per step."""
-        hit = np.zeros(len(gptr), dtype=bool)
-        for buf in written:
-            v = self.np_view(buf)
-            hit |= (gptr >= v.ctypes.data) & (gptr < v.ctypes.data + v.nbytes)
+        key = tuple(map(id, written))
+        cached = self._spans.get(key)
+        if cached is None:  # (the buffers are held with their spans: their ids stay theirs)
+            if len(self._spans) >= 4:  # JAX's two parameter buffers, a reloaded state, ...
+                self._spans.clear()
+            spans = np.array([(v.ctypes.data, v.ctypes.data + v.nbytes)
+                              for v in map(self.np_view, written)], dtype=np.int64)
+            cached = self._spans[key] = (written, spans)
+        hit = _inside(gptr, cached[1])
         if not hit.any():
             return gptr
         gptr = gptr.copy()
