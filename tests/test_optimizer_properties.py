@@ -1,9 +1,21 @@
 """Property tests: over wide hyperparameter ranges, every optimizer matches torch.optim.
 
 NumPy backend, float64, 20 steps from a random start with a random gradient sequence (seed and
-gradient scale drawn too), side by side with the torch.optim counterpart. Error measure as in
-``test_optimizers.py``: elementwise relative, with elements below 0.1% of the tensor's largest
-magnitude measured against that floor (fused multiply-adds vs torch's two roundings).
+gradient scale drawn too), side by side with the torch.optim counterpart, at 1e-10. Error
+measure as in ``test_optimizers.py`` (see its docstring), not a pure elementwise relative
+error: elementwise relative for elements at or above 0.1% of the tensor's largest magnitude
+``M``, smaller elements measured against ``1e-3 * M``, because where values cancel to near zero
+an elementwise relative error measures the cancellation (rounding differences from the numba
+kernels' fastmath flags - contraction, reassociation, reciprocals - vs torch's op-by-op
+rounding), not the optimizer.
+
+Random exploration (``derandomize=False``, thousands of examples) also finds ill-conditioned
+examples beyond 1e-10 (and beyond 1e-9): lr near 1 with decay/beta2 near 0, weight decay
+dominating a small gradient (centered RMSProp, Adam). There 20 steps amplify rounding
+differences: torch itself is up to ~1e-9 from an exact-arithmetic (mpmath) run of its own
+formula, and mithril up to ~7e-9 from torch. The fixed examples below stay within 1e-10
+(largest: 5e-11), so this file is a regression check at 1e-10, not a bound over every corner
+of the ranges.
 ``derandomize=True`` and no example database: the same examples on every run, nothing written.
 """
 
@@ -17,13 +29,16 @@ from hypothesis import strategies as st
 from mithril.utils.optimizers import SGD, AdaGrad, Adam, AdamW, RMSProp
 
 STEPS = 20
-TOL = 1e-9
+TOL = 1e-10
 SHAPES = {"w": (3, 4), "b": (5,), "s": ()}
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
 def rel_err(a, b) -> float:
+    """``max |a - b| / max(|a|, |b|, 1e-3 * max(|a|, |b|))``: elementwise relative above 0.1%
+    of the tensor's largest magnitude, relative to that floor below it (see the module
+    docstring)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = np.maximum(np.abs(a), np.abs(b))
     scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
@@ -69,7 +84,7 @@ def test_sgd_matches_torch(lr, momentum, dampening, nesterov, wd, seed, gscale):
     opt = SGD(lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd)
     err = run(opt, torch.optim.SGD, dict(lr=lr, momentum=momentum, dampening=dampening,
                                          nesterov=nesterov, weight_decay=wd), seed, gscale)
-    assert err <= TOL
+    assert err <= TOL, err
 
 
 @SETTINGS
@@ -80,7 +95,7 @@ def test_adam_matches_torch(lr, b1, b2, eps, wd, amsgrad, decoupled, seed, gscal
     opt = cls(lr, beta1=b1, beta2=b2, epsilon=eps, weight_decay=wd, amsgrad=amsgrad)
     err = run(opt, tcls, dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=amsgrad),
               seed, gscale)
-    assert err <= TOL
+    assert err <= TOL, err
 
 
 @SETTINGS
@@ -93,7 +108,7 @@ def test_rmsprop_matches_torch(lr, alpha, eps, momentum, centered, wd, seed, gsc
                   weight_decay=wd)
     err = run(opt, torch.optim.RMSprop, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum,
                                              centered=centered, weight_decay=wd), seed, gscale)
-    assert err <= TOL
+    assert err <= TOL, err
 
 
 @SETTINGS
@@ -105,7 +120,7 @@ def test_adagrad_matches_torch(lr, lr_decay, init, eps, wd, seed, gscale):
                   weight_decay=wd)
     err = run(opt, torch.optim.Adagrad, dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=wd,
                                              initial_accumulator_value=init), seed, gscale)
-    assert err <= TOL
+    assert err <= TOL, err
 
 
 @SETTINGS
