@@ -7,7 +7,7 @@ import pytest
 from mithril.utils.optimizers import SGD, Adam
 from mithril.utils.optimizers.engines import streaming, threads
 from mithril.utils.optimizers.engines.common import prologue
-from mithril.utils.optimizers.engines.numba_engine import update_kernel
+from mithril.utils.optimizers.engines.kernels import update_kernel
 
 
 def _aligned(n: int, shift: int = 0) -> np.ndarray:

@@ -726,7 +726,7 @@ def test_jax_learning_rate_change_does_not_recompile():
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_numba_learning_rate_change_does_not_recompile(backend):
     from mithril.utils.optimizers.adam import _adam
-    from mithril.utils.optimizers.engines.numba_engine import update_kernel
+    from mithril.utils.optimizers.engines.kernels import update_kernel
 
     p_np, g_np = _small()
     opt = Adam(0.01)
@@ -974,9 +974,8 @@ def _adabelief_ref(p, grads, lr=0.01, b1=0.9, b2=0.99, eps=1e-8):
 
 def _has_kernel(math_fn, n_slots: int, n_scal: int, dtype: str, copy: bool = False) -> bool:
     """Whether the fused numba kernel for ``math_fn`` was generated already (a cache hit)."""
-    from mithril.utils.optimizers.engines import numba_engine
+    from mithril.utils.optimizers.engines.kernels import update_kernel as fn
 
-    fn = numba_engine.update_kernel
     hits = fn.cache_info().hits
     fn(math_fn, n_slots, n_scal, dtype, copy, False, False)
     return fn.cache_info().hits == hits + 1

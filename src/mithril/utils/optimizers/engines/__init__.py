@@ -1,7 +1,7 @@
 """How a backend executes an optimizer's math fast.
 
 * :class:`~.numba_engine.NumbaEngine` - NumPy, torch-CPU and JAX-CPU float32/float64: one
-  fused numba loop over a flat parameter buffer (gradients read where they lie), whose
+  fused numba loop (:mod:`.kernels`) over a flat parameter buffer (gradients read where they lie), whose
   pieces threads claim as they go (:mod:`.threads`, :mod:`.atomics`); NumPy and torch
   gradients are checked and located in one compiled pass (:mod:`.ndarray_fields`,
   :mod:`.torch_scan`); JAX's double buffer is written with streaming stores when it

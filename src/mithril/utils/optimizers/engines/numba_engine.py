@@ -1,178 +1,24 @@
-"""Fused numba kernels for NumPy arrays, CPU torch tensors and JAX-on-CPU arrays.
+"""The engine that runs the fused kernels (:mod:`.kernels`) for NumPy arrays, CPU torch
+tensors and JAX-on-CPU arrays.
 
-Parameters and slots live in flat buffers; gradients are read where they lie through a
-table of their addresses, so one loop touches each byte once (28 bytes per parameter for
-an fp32 Adam step) however many tensors there are. Large steps are cut between threads
-(:mod:`.threads`). The kernel is generated once per (math, dtype, variant) from the
-optimizer's elementwise ``math``.
+Parameters and slots live in flat buffers; the engine checks and locates the gradients
+(one compiled pass where it can: :mod:`.ndarray_fields`, :mod:`.torch_scan`), copies in
+parameters it did not return, and runs the kernel on every core (:mod:`.threads`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from typing import Any
 
-import numba
 import numpy as np
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from . import atomics, ndarray_fields, streaming, threads, torch_scan
+from . import ndarray_fields, streaming, threads, torch_scan
 from .common import Engine, must_skip, needs_prepass, prologue
-
-# Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
-@intrinsic
-def _voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
-    """An integer address as a void pointer (to view a gradient buffer with carray)."""
-    if isinstance(addr, types.Integer):
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], cgutils.voidptr_t)
-        return types.voidptr(addr), codegen
-    return None
-
+from .kernels import inside, sumsq_kernel, update_kernel
 
 _IS_CPU = operator.attrgetter("is_cpu")
-
-_BODY_SRC = """
-        x = G[j]
-        xd = np.float64(x)
-        s += xd * xd
-        g = x * gscale
-        if CLIP:
-            g = min(max(g, -cv), cv)
-        p = P[j]
-        g = g + l2 * p
-        p = p * keep
-        {lhs} = MATH(p, g, {reads}{scal_args})
-        STORE
-{writes}"""
-
-_INNER_SRC = """
-def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
-    s = 0.0
-    n = P.shape[0]
-    m = 0  # elements [0, m) are written with streaming stores (a second buffer only)
-    if STREAM and address(Q) % 64 == 0:
-        m = n - n % 16
-    for j in range(m):{body_stream}
-    for j in range(m, n):{body}
-    if STREAM:
-        store_fence()
-    return s
-"""
-
-_OUTER_SRC = """
-def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
-           gscale, cv, l2, keep{scal}):
-    pieces = bounds.shape[0] - 1
-    k = claim(sync)
-    while k < pieces:
-        s = 0.0
-        for e in range(bounds[k], bounds[k + 1]):
-            a = seg_off[e]
-            b = a + seg_size[e]
-            base = gptr[seg_t[e]]
-            if base == 0:  # no gradient: the parameter passes through unchanged
-                if COPY:
-                    Q[a:b] = P[a:b]
-                continue
-            G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
-            s += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
-        acc[k] = s
-        piece_done(sync)
-        k = claim(sync)
-    return all_done(sync, pieces, spins)
-"""
-
-
-@functools.cache
-def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
-                  clip: bool = False, stream: bool = False) -> Any:
-    """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
-
-    The per-tensor loop is a separate (non-inlined) function over contiguous slices so
-    that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
-    the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
-    ``copy`` (JAX's double buffer; with streaming stores if ``stream``, :mod:`.streaming`), else in place
-    (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
-    clipping by value in. Each variant is compiled on first use only, which keeps a first
-    step's compile time to one loop.
-    """
-    slots = [f"S{k}" for k in range(n_slots)]
-    fields = dict(
-        slots="".join(s + ", " for s in slots),
-        scal="".join(f", h{k}" for k in range(n_scal)),
-        lhs="p, " + ", ".join(f"s{k}" for k in range(n_slots)),
-        reads="".join(f"{s}[j], " for s in slots),
-        scal_args=", ".join(f"h{k}" for k in range(n_scal)),
-        writes="\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
-        slices="".join(f"{s}[a:b], " for s in slots),
-    )
-    jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
-    ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": _voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
-                          "STREAM": copy and stream and streaming.AVAILABLE, "stream_store": streaming.stream_store,
-                          "store_fence": streaming.store_fence, "address": streaming.address,
-                          "claim": atomics.claim, "piece_done": atomics.piece_done,
-                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize}
-    name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
-    body = _BODY_SRC.format(**fields)
-    src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
-                            body=body.replace("STORE", "Q[j] = p" if copy else "P[j] = p"))
-    exec(compile(src, name, "exec"), ns)
-    ns["inner"] = jit(ns["inner"])
-    exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
-    return jit(ns["kernel"])
-
-
-@functools.cache
-def sumsq_kernel(dtype: str) -> Any:
-    """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); its pieces are
-    shared between threads as the update kernel's (:mod:`.atomics`)."""
-    dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
-    jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
-
-    @jit
-    def inner(G):  # pragma: no cover - compiled by numba
-        s = 0.0
-        for j in range(G.shape[0]):
-            x = np.float64(G[j])
-            s += x * x
-        return s
-
-    @jit
-    def sumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins):  # pragma: no cover
-        pieces = bounds.shape[0] - 1
-        k = atomics.claim(sync)
-        while k < pieces:
-            s = 0.0
-            for e in range(bounds[k], bounds[k + 1]):
-                base = gptr[seg_t[e]]
-                if base != 0:
-                    s += inner(numba.carray(_voidptr(base + seg_first[e] * itemsize), (seg_size[e],), dt))
-            acc[k] = s
-            atomics.piece_done(sync)
-            k = atomics.claim(sync)
-        return atomics.all_done(sync, pieces, spins)
-
-    return sumsq
-
-
-@numba.njit(nogil=True, cache=True)
-def _inside(ptr: np.ndarray, spans: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Whether each address lies in one of the [start, stop) ``spans``."""
-    out = np.zeros(ptr.shape[0], dtype=np.bool_)
-    for k in range(spans.shape[0]):
-        lo, size = spans[k, 0], np.uint64(spans[k, 1] - spans[k, 0])
-        for i in range(ptr.shape[0]):  # one unsigned compare, no branch: vectorised
-            out[i] |= np.uint64(ptr[i] - lo) < size
-    return out
 
 
 def _accelerators(jax: Any) -> bool:
@@ -412,7 +258,7 @@ class NumbaEngine(Engine):
             spans = np.array([(v.ctypes.data, v.ctypes.data + v.nbytes)
                               for v in map(self.np_view, written)], dtype=np.int64)
             cached = self._spans[key] = (written, spans)
-        hit = _inside(gptr, cached[1])
+        hit = inside(gptr, cached[1])
         if not hit.any():
             return gptr
         gptr = gptr.copy()
