@@ -2,7 +2,8 @@
 
 from .adagrad import AdaGrad
 from .adam import Adam, AdamW
-from .base import Optimizer, infer_backend
+from .base import Optimizer
+from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .engines.threads import get_num_threads, set_num_threads
 from .rmsprop import RMSProp

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Optimizer, check_positive
+from .base import Optimizer
+from .checks import check_positive
 from .elementwise import sqrt
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .base import Optimizer, check_flag, check_positive, check_unit
+from .base import Optimizer
+from .checks import check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import check_positive
+from .checks import check_positive
 
 
 def _sumsq(g: Any) -> float:
