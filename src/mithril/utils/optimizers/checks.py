@@ -10,6 +10,12 @@ from typing import Any
 import numpy as np
 
 
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is a NumPy, torch or JAX array."""
+    mod = type(x).__module__.split(".", 1)[0]
+    return isinstance(x, np.ndarray) or (mod in ("torch", "jax", "jaxlib") and hasattr(x, "dtype"))
+
+
 def infer_backend(params: Mapping[str, Any]) -> Any:
     """A backend matching the arrays in ``params`` (dtype and device of the first one)."""
     from ...backends import JaxBackend, NumpyBackend, TorchBackend
@@ -18,7 +24,7 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
         return NumpyBackend()
     name, x = next(iter(params.items()))
     mod = type(x).__module__.split(".", 1)[0]
-    if not hasattr(x, "dtype") or not (mod in ("torch", "jax", "jaxlib") or isinstance(x, np.ndarray)):
+    if not is_array(x):
         raise TypeError(f"params['{name}'] is a {type(x).__name__}, not a NumPy, JAX or torch "
                         f"array (cannot infer a backend)")
     dt = str(x.dtype).removeprefix("torch.")

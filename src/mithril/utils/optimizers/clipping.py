@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_positive
+from .checks import check_positive, is_array
 
 
 def _sumsq(g: Any) -> float:
@@ -31,8 +31,7 @@ def _checked(gradients: Any, fn: str) -> Mapping[str, Any]:
     if not isinstance(gradients, Mapping):
         raise TypeError(f"{fn}: gradients must be a dict of arrays, got {type(gradients).__name__}")
     for k, g in gradients.items():
-        mod = type(g).__module__.split(".", 1)[0]
-        if not (isinstance(g, np.ndarray) or (mod in ("torch", "jax", "jaxlib") and hasattr(g, "dtype"))):
+        if not is_array(g):
             raise TypeError(f"{fn}: gradients['{k}'] is a {type(g).__name__}, not an array")
     return gradients
 

@@ -48,25 +48,14 @@ class ArrayEngine(Engine):
             return self.t.cat([a.detach().reshape(-1) for a in arrays])
         return np.concatenate([a.reshape(-1) for a in arrays])
 
-    def _read(self, params: Any, views: dict, flat: Any) -> list[tuple[str, Any]]:
-        """The given parameters that are not the arrays the last update returned, all read
-        before anything is written; copies of those that share memory with ``flat`` (see
-        :meth:`.NumbaEngine.read_params`)."""
-        out = []
-        for n, p in params.items():
-            if n in views and p is views[n]:
-                continue
-            try:
-                if self.torch:
-                    x = p.detach().resolve_neg().resolve_conj().to(self.device)
-                    if flat is not None and x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
-                        x = x.clone()
-                else:
-                    x = np.array(p) if flat is not None and np.may_share_memory(p, flat) else p
-            except Exception as e:  # noqa: BLE001 - sparse, meta, ...
-                raise TypeError(f"params['{n}'] cannot be read as a dense array: {e}") from e
-            out.append((n, x))
-        return out
+    def readable(self, p: Any) -> Any:
+        return p.detach().resolve_neg().resolve_conj().to(self.device) if self.torch else p
+
+    def unaliased_copy(self, x: Any, flat: Any) -> Any:
+        if self.torch:
+            same = x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+            return x.clone() if same else x
+        return np.array(x) if np.may_share_memory(x, flat) else x
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
              prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None]:
@@ -79,7 +68,7 @@ class ArrayEngine(Engine):
                          else float(np.sum(np.square(g, dtype=np.float64))))
         if must_skip(opt, norm, grads, self.to_numpy):
             return dict(params), False, norm
-        copies = [] if ours else self._read(params, state.param_views or {}, state.params_flat)
+        copies = [] if ours else self.read_params(params, state.param_views or {}, state.params_flat)
         if state.params_flat is None:
             state.params_flat = zeros(lay.total, 0.0)
             state.param_views = lay.unflatten(state.params_flat)

@@ -79,6 +79,31 @@ class Engine:
         return [g.shape for g in vals] == self.layout.shape_list and {g.dtype for g in vals} == {
             self.native_dtype}
 
+    def read_params(self, params: Any, views: dict, flat: Any) -> list[tuple[str, Any]]:
+        """(name, array) for the given parameters that are not the arrays the last update
+        returned (``views``), all read before anything is written: one that cannot be read
+        is named, and nothing has changed. One that shares memory with ``flat`` (a returned
+        array passed under another name, or a slice of one) is copied: writing ``flat``
+        would change it under our feet."""
+        out = []
+        for name, p in params.items():
+            if name in views and p is views[name]:
+                continue
+            try:
+                x = self.readable(p)
+                out.append((name, x if flat is None else self.unaliased_copy(x, flat)))
+            except Exception as e:  # noqa: BLE001 - sparse, meta, deleted, ...
+                raise TypeError(f"params['{name}'] cannot be read as a dense array: {e}") from e
+        return out
+
+    def readable(self, p: Any) -> Any:
+        """``p`` as an array the engine can copy into its flat buffer."""
+        raise NotImplementedError
+
+    def unaliased_copy(self, x: Any, flat: Any) -> Any:
+        """``x``, or a copy of it if it shares memory with ``flat``."""
+        raise NotImplementedError
+
     def prepare(self, gradients: Any) -> Any:
         """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
         C-speed passes (per-tensor Python work is what remains once the kernel is fused);

@@ -281,31 +281,18 @@ class NumbaEngine(Engine):
                 self._spare_views = self.views(self._spare)
         src, views = state.params_flat, state.param_views
         flat = self.np_view(src)
-        for a, b, x in copies:
-            flat[a:b] = x
+        lay = self.layout
+        for name, x in copies:
+            a = int(lay.offsets[lay.index[name]])
+            flat[a:a + x.size] = x.reshape(-1)
         if self.kind == "jax":  # write the other buffer; the given arrays stay valid
             state.params_flat, state.param_views, self._spare, self._spare_views = (
                 self._spare, self._spare_views, src, views)
         return src, state.param_views
 
-    def read_params(self, params: Any, views: dict, buffer: Any) -> list[tuple[int, int, np.ndarray]]:
-        """The given parameters that are not the arrays the last update returned, as flat
-        host arrays with their spans, all read before anything is written (one that cannot
-        be read is named, and nothing has changed). One that shares memory with ``buffer``
-        (a returned array passed under another name, or a slice of one) is copied first:
-        writing the buffer would change it under our feet."""
-        host = None if buffer is None else self.np_view(buffer)
-        out = []
-        for name, a, b, _ in self.layout.spans():
-            p = params[name]
-            if name in views and p is views[name]:
-                continue
-            try:
-                x = self.to_numpy(p).reshape(-1)
-            except Exception as e:  # noqa: BLE001 - sparse, meta, deleted, ...
-                raise TypeError(f"params['{name}'] cannot be read as a dense host array: {e}") from e
-            if host is not None and np.may_share_memory(x, host):
-                x = x.copy()
-            out.append((a, b, x))
-        return out
+    def readable(self, p: Any) -> np.ndarray:
+        return self.to_numpy(p)
+
+    def unaliased_copy(self, x: np.ndarray, flat: Any) -> np.ndarray:
+        return x.copy() if np.may_share_memory(x, self.np_view(flat)) else x
 
