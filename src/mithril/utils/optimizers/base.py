@@ -23,13 +23,17 @@ Non-finite gradients (``nonfinite=``); the global gradient norm of every step is
 in ``state.last_grad_norm`` whatever the policy:
 
 * ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
-  The fused kernel measures the gradient norm in the same pass (no extra traffic), so a
-  non-finite gradient is never silent: a ``RuntimeWarning`` is issued,
-  ``state.num_nonfinite`` grows and ``state.last_grad_norm`` is inf/NaN.
-* ``"skip"``: the norm is checked in a pass before any write (4 more bytes read per
-  parameter); if it is inf/NaN the step is skipped, params and state are untouched,
-  ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and a ``RuntimeWarning``
-  is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer` skips itself.)
+  The fused kernel measures the gradient norm and probes every new param and slot value
+  for inf/NaN in the same pass (no extra traffic), so a non-finite step is never silent,
+  whatever its cause (a non-finite gradient, or finite gradients with, say, ``lr=1e38``):
+  a ``RuntimeWarning`` is issued, ``state.num_nonfinite`` grows and, for a non-finite
+  gradient, ``state.last_grad_norm`` is inf/NaN.
+* ``"skip"``: the step is computed once without being stored, before any write (a
+  read-only pass over what the update reads: 16 more bytes per parameter for fp32 Adam);
+  if a gradient or any new param/slot value is inf/NaN the step is skipped, params and
+  state are untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
+  a ``RuntimeWarning`` is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer`
+  skips itself.)
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
   nothing changed.
 """
@@ -39,7 +43,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping
@@ -48,7 +51,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import KeyMismatchError, ShapeError
-from .checks import check_positive, infer_backend, rounds_to_zero, state_dict_count
+from .checks import check_positive, infer_backend, is_array, rounds_to_zero, state_dict_count
+from .engines.common import is_finite
 from .layout import Layout
 from .state import OptimizerState
 
@@ -62,6 +66,23 @@ def _bind_backend(method: Callable) -> Callable:
         return method(self, params, *args, **kw)
 
     return wrapper
+
+
+def _check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str]) -> None:
+    """Raise a TypeError naming the odd parameters out when ``key`` differs among ``params``
+    (the smaller groups; the largest is taken as meant)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in params.items():
+        if not is_array(p):
+            raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a NumPy, JAX or "
+                            f"torch array")
+        groups.setdefault(key(p), []).append(name)
+    if len(groups) > 1:
+        ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        odd = [n for _, names in ranked[1:] for n in names]
+        listing = "; ".join(f"{k}: {names}" for k, names in ranked)
+        raise TypeError(f"params mix {what}s ({listing}): one optimizer needs one {what}; the "
+                        f"odd one(s) out: {odd}")
 
 
 class Optimizer:
@@ -164,47 +185,67 @@ class Optimizer:
 
     # -- init / update -------------------------------------------------------------------
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
-        """Zeroed (or ``slot_init``) state for ``params``; ``params`` are not modified."""
-        self._bind(params)
+        """Zeroed (or ``slot_init``) state for ``params``; ``params`` are not modified.
+
+        Every parameter must be an array of one backend (the constructor's ``backend=``, else
+        inferred) and one floating-point dtype; where they mix, the error names the odd ones
+        out (the smaller group). Nothing, the inferred backend included, is kept on error."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
         from .engines import engine_for
 
+        backend = self._backend
+        if backend is None:
+            _check_uniform(params, "array type", lambda p: type(p).__module__.split(".", 1)[0]
+                           .replace("jaxlib", "jax").replace("numpy", "NumPy"))
+            backend = infer_backend(params)
         for name, p in params.items():
-            if not self._backend.is_native(p):
+            if not backend.is_native(p):
                 raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a "
-                                f"{self._backend.name} array")
-        layout = Layout.of(params, self._backend.dtype_name)
-        for name, p in params.items():
-            if self._backend.dtype_name(p) != layout.dtype:
-                raise TypeError(f"params['{name}'] has dtype {self._backend.dtype_name(p)}; all "
-                                f"parameters of one optimizer must share a dtype ({layout.dtype})")
+                                f"{backend.name} array")
+        _check_uniform(params, "dtype", backend.dtype_name)
+        layout = Layout.of(params, backend.dtype_name)
         if params and layout.dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
                             f"optimizers need floating-point parameters")
-        engine = engine_for(self._backend, layout)
+        engine = engine_for(backend, layout)
         layout = engine.layout  # an engine may pad offsets for alignment
         slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}
+        self._backend = backend
         return OptimizerState(type(self).__name__, layout, slots, engine)
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
-        self._bind(params)
-        prepared, ours = self._check(params, gradients, state)
+        bound = self._backend
+        try:
+            self._bind(params)
+            prepared, ours = self._check(params, gradients, state)
+        except BaseException:
+            self._backend = bound  # a refused call keeps nothing, an inferred backend included
+            raise
         t = state.step + 1
-        new_params, ok, norm = state.engine.step(self, state, params, gradients, t, prepared, ours)
+        new_params, ok, norm, finite = state.engine.step(self, state, params, gradients, t,
+                                                         prepared, ours)
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
+        name = type(self).__name__
         if ok:
             state.step = t
-            if norm is not None and not math.isfinite(norm):
+            if not (finite and is_finite(norm)):
                 state.num_nonfinite += 1
-                warnings.warn(f"{type(self).__name__}: non-finite gradient (global norm {norm}) "
-                              f"applied; params may now be non-finite (nonfinite='skip' or "
-                              f"'raise' guard against this)", RuntimeWarning, stacklevel=2)
+                what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
+                        "finite gradients, but the step made params or state non-finite (a "
+                        "learning rate or other hyperparameter too large for the dtype?)")
+                warnings.warn(f"{name}: {what} applied; params may now be non-finite "
+                              f"(nonfinite='skip' or 'raise' guard against this)",
+                              RuntimeWarning, stacklevel=2)
         else:
             state.num_skipped += 1
-            warnings.warn(f"{type(self).__name__}: non-finite gradient (global norm {norm}); "
-                          f"step skipped, params and state unchanged", RuntimeWarning, stacklevel=2)
+            what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
+                    "the step would make params or state non-finite")
+            warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
+                          RuntimeWarning, stacklevel=2)
         return new_params, state
 
     # -- validation ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ class OptimizerState:
         self.engine = engine
         self.step = 0
         self.num_skipped = 0
-        self.num_nonfinite = 0  # steps applied with a non-finite gradient ("propagate")
+        self.num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
         self.last_step_skipped = False
         self.last_grad_norm: float | None = None
         self.params_flat: Any = None

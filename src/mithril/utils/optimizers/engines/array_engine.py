@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import Engine, must_skip, prologue
+from .common import Engine, is_finite, made_nonfinite, must_skip, nonfinite_result_error, prologue
 
 
 class ArrayEngine(Engine):
@@ -58,7 +58,12 @@ class ArrayEngine(Engine):
         return np.array(x) if np.may_share_memory(x, flat) else x
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None]:
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None, bool]:
+        with np.errstate(all="ignore"):  # inf/NaN are found and reported by the policy
+            return self._step(opt, state, params, grads, t, ours)
+
+    def _step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
+              ours: bool) -> tuple[dict, bool, float | None, bool]:
         lay = self.layout
         zeros = self.full
         g = self._flat([grads[n] if n in grads else zeros(int(s), 0.0)
@@ -67,22 +72,24 @@ class ArrayEngine(Engine):
         norm = math.sqrt(float((g.double() ** 2).sum()) if self.torch
                          else float(np.sum(np.square(g, dtype=np.float64))))
         if must_skip(opt, norm, grads, self.to_numpy):
-            return dict(params), False, norm
+            return dict(params), False, norm, True
         copies = [] if ours else self.read_params(params, state.param_views or {}, state.params_flat)
-        if state.params_flat is None:
-            state.params_flat = zeros(lay.total, 0.0)
-            state.param_views = lay.unflatten(state.params_flat)
-        views = state.param_views
-        for n, x in copies:
-            views[n][...] = x
-        P = state.params_flat
+        # the step is computed into new arrays before anything is written (the flat
+        # parameters of a first step are a concatenation, not yet the state's buffer)
+        P = state.params_flat if state.params_flat is not None else zeros(lay.total, 0.0)
+        if copies:
+            P = P.clone() if self.torch else P.copy()
+            for n, x in copies:
+                a, b = self._span(n)
+                P[a:b] = x.reshape(-1)
         scal = opt.scalars(t)
         gscale, cv, l2, keep = prologue(opt, norm, scal[0])
         g = g * gscale
         if cv:
             g = g.clamp(-cv, cv) if self.torch else np.clip(g, -cv, cv)
         g = g + l2 * P
-        out = opt.kernel_math()(P * keep, g, *(state.slots[s] for s in opt.slot_names()), *scal)
+        olds = [P, *(state.slots[s] for s in opt.slot_names())]
+        out = opt.kernel_math()(P * keep, g, *olds[1:], *scal)
         present = None
         if len(grads) != len(lay.names):  # leave parameters without gradient untouched
             present = np.zeros(lay.total, dtype=bool)
@@ -90,8 +97,26 @@ class ArrayEngine(Engine):
                 present[a:b] = n in grads
             if self.torch:
                 present = self.t.from_numpy(present).to(self.device)
-        for dst, new in zip([P, *(state.slots[s] for s in opt.slot_names())], out):
-            if present is not None:
-                new = self.t.where(present, new, dst) if self.torch else np.where(present, new, dst)
+        if present is not None:
+            out = [self.t.where(present, new, old) if self.torch else np.where(present, new, old)
+                   for new, old in zip(out, olds)]
+        isfinite = self.t.isfinite if self.torch else np.isfinite
+        made = made_nonfinite(isfinite, olds, list(out))  # per element
+        finite = not bool(made.any())
+        if not finite and is_finite(norm) and opt.nonfinite != "propagate":
+            if opt.nonfinite == "raise":
+                raise nonfinite_result_error(opt, [n for n, a, b, _ in lay.spans()
+                                                   if bool(made[a:b].any())])
+            return dict(params), False, norm, False
+        if state.params_flat is None:
+            state.params_flat = zeros(lay.total, 0.0)
+            state.param_views = lay.unflatten(state.params_flat)
+        for dst, new in zip([state.params_flat, *(state.slots[s] for s in opt.slot_names())], out):
             dst[...] = new
-        return dict(views), True, norm
+        return dict(state.param_views), True, norm, finite
+
+    def _span(self, name: str) -> tuple[int, int]:
+        lay = self.layout
+        i = lay.index[name]
+        a = int(lay.offsets[i])
+        return a, a + int(lay.sizes[i])

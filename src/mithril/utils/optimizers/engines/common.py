@@ -23,17 +23,54 @@ def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, flo
     return gscale, cv, opt.weight_decay, 1.0
 
 
-def needs_prepass(opt: Any) -> bool:
-    """Whether the gradient norm must be known before any write (clipping by norm, or a
-    policy that must leave everything untouched on a non-finite gradient)."""
-    return opt.clip_norm is not None or opt.nonfinite != "propagate"
-
-
 def nonfinite_error(opt: Any, bad: list[str], norm: float) -> FloatingPointError:
     what = (f"non-finite gradient(s) for {bad}" if bad else
             "finite gradients whose sum of squares overflows float64 (|g| > ~1e154)")
     return FloatingPointError(f"{type(opt).__name__}: {what} (global norm {norm}); params and "
                               f"state left unchanged")
+
+
+def nonfinite_result_error(opt: Any, bad: list[str]) -> FloatingPointError:
+    where = f"for {bad}" if bad else "for some parameters"
+    return FloatingPointError(
+        f"{type(opt).__name__}: finite gradients, but the step would make params or optimizer "
+        f"state non-finite {where} (a learning rate or other hyperparameter too large for the "
+        f"dtype?); params and state left unchanged")
+
+
+def made_nonfinite(isfinite: Any, olds: list, news: list) -> Any:
+    """Per element: finite before the step (param and every slot) and not after it."""
+    before = isfinite(olds[0])
+    for x in olds[1:]:
+        before = before & isfinite(x)
+    after = isfinite(news[0])
+    for x in news[1:]:
+        after = after & isfinite(x)
+    return before & ~after
+
+
+def nonfinite_results(opt: Any, flat: Any, slots: dict[str, Any], grads: Any, to_numpy: Any,
+                      layout: Any, scal: tuple, pro: tuple) -> list[str]:
+    """The parameters whose step makes a param or slot value non-finite, recomputed with
+    NumPy on host copies (only to name them in an error: the rare path)."""
+    dt = np.dtype(layout.dtype).type
+    bad = []
+    with np.errstate(all="ignore"):
+        gscale, cv, l2, keep = (dt(x) for x in pro)
+        scal = tuple(dt(x) for x in scal)
+        for name, a, b, _ in layout.spans():
+            if name not in grads:
+                continue
+            g = np.asarray(to_numpy(grads[name]), dtype=dt).reshape(-1) * gscale
+            if cv:
+                g = np.clip(g, -cv, cv)
+            p = np.asarray(flat[a:b])
+            g = g + l2 * p
+            olds = [p, *(np.asarray(slots[s][a:b]) for s in opt.slot_names())]
+            out = opt.kernel_math()(p * keep, g, *olds[1:], *scal)
+            if made_nonfinite(np.isfinite, olds, list(out)).any():
+                bad.append(name)
+    return bad
 
 
 def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:

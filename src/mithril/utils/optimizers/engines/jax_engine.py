@@ -13,10 +13,28 @@ from typing import Any
 
 import numpy as np
 
-from .common import Engine, nonfinite_error
+from .common import (
+    Engine,
+    made_nonfinite,
+    nonfinite_error,
+    nonfinite_result_error,
+    nonfinite_results,
+    prologue,
+)
 
 #: compiled steps shared by every engine: (math, slots, layout, grads present, flags, donate)
 _COMPILED: dict[tuple, Any] = {}
+
+
+def _norm(g: Any) -> Any:
+    """‖g‖₂ scaled by max|g|, so that finite gradients whose squares overflow float32 still
+    have a finite norm (the fused kernel sums in float64); inf/NaN as the plain sum else."""
+    import jax.numpy as jnp
+
+    a = jnp.max(jnp.abs(g))
+    safe = jnp.where((a > 0) & jnp.isfinite(a), a, jnp.ones((), g.dtype))
+    scaled = safe * jnp.sqrt(jnp.sum(jnp.square(g / safe)))
+    return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.sum(jnp.square(g))))
 
 
 class JaxEngine(Engine):
@@ -54,8 +72,8 @@ class JaxEngine(Engine):
             g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
                                  for n, s in zip(lay.names, lay.sizes)])
             clip_norm, clip_value, l2, wd_decoupled = pro[0], pro[1], pro[2], pro[3]
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.promote_types(dt, jnp.float32))))) \
-                if need_norm else jnp.zeros((), dt)
+            norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32))) if need_norm \
+                else jnp.zeros((), dt)
             if clip_norm_on:
                 g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
             if clip_value_on:
@@ -64,21 +82,25 @@ class JaxEngine(Engine):
             p2 = p * (1 - hp[0] * wd_decoupled)
             out = math_fn(p2, g, *(slots[s] for s in slot_names), *(hp[i] for i in range(hp.shape[0])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
+            if mask is not None:
+                new_p = jnp.where(mask, new_p, p)
+                new_slots = {s: jnp.where(mask, v, slots[s]) for s, v in new_slots.items()}
+            # whether no value this step touches became non-finite (fused by XLA into the loop)
+            finite = ~jnp.any(made_nonfinite(jnp.isfinite, [p, *(slots[s] for s in slot_names)],
+                                             [new_p, *new_slots.values()]))
             keep = None
             if skip:
-                keep = jnp.isfinite(norm)
-            if mask is not None:
-                keep = mask if keep is None else (mask & keep)
+                keep = jnp.isfinite(norm) & finite
             if keep is not None:
                 new_p = jnp.where(keep, new_p, p)
                 new_slots = {s: jnp.where(keep, v, slots[s]) for s, v in new_slots.items()}
             new_params = {n: new_p[a:b].reshape(shp) for n, a, b, shp in lay.spans()}
-            return new_params, new_slots, norm
+            return new_params, new_slots, norm, finite
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None]:
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None, bool]:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
@@ -92,16 +114,25 @@ class JaxEngine(Engine):
         fn = _COMPILED.get(key)
         if fn is None:
             fn = _COMPILED[key] = self._build(math_fn, opt.slot_names(), present, flags, donate)
-        hp = np.asarray(opt.scalars(t), dtype=lay.dtype)
+        with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
+            hp = np.asarray(opt.scalars(t), dtype=lay.dtype)
         pro = np.asarray([opt.clip_norm or 0.0, opt.clip_value or 0.0,
                           0.0 if opt.decoupled_weight_decay else opt.weight_decay,
                           opt.weight_decay if opt.decoupled_weight_decay else 0.0], dtype=lay.dtype)
-        new_params, new_slots, norm = fn(dict(params), dict(grads), dict(state.slots), hp, pro)
-        state.slots = new_slots
-        norm_f = float(norm)
-        ok = opt.nonfinite == "propagate" or bool(np.isfinite(norm_f))
-        if not ok and opt.nonfinite == "raise":
-            bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
-            raise nonfinite_error(opt, bad, norm_f)
+        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), dict(state.slots), hp, pro)
+        state.slots = new_slots  # the old slots were donated (under skip/raise: same values)
+        norm_f, finite = float(norm), bool(finite)
+        ok = opt.nonfinite == "propagate" or (bool(np.isfinite(norm_f)) and finite)
+        if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
+            if not np.isfinite(norm_f):
+                bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
+                raise nonfinite_error(opt, bad, norm_f)
+            # name the offenders (rare): params were not donated, and the slots that came
+            # back hold the old values
+            flat = np.concatenate([np.asarray(params[n]).reshape(-1) for n in lay.names])
+            scal = opt.scalars(t)
+            raise nonfinite_result_error(opt, nonfinite_results(
+                opt, flat, {k: np.asarray(v) for k, v in new_slots.items()}, grads, self.to_numpy,
+                lay, scal, prologue(opt, norm_f, scal[0])))
         state.param_views = new_params
-        return dict(new_params), ok, norm_f
+        return dict(new_params), ok, norm_f, finite

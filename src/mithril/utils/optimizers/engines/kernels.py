@@ -35,6 +35,25 @@ def voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
     return None
 
 
+@intrinsic
+def exponent_bits(typingctx, x):  # pragma: no cover - compiled by numba
+    """The exponent field of a float, as an int of its width (all ones: ±inf or NaN).
+
+    An integer test, because the fastmath ``reassoc`` flag lets LLVM fold float probes such
+    as ``x - x`` to 0 (inf and NaN included)."""
+    if isinstance(x, types.Float):
+        width = x.bitwidth
+        ity = types.int64 if width == 64 else types.int32
+        mask = 0x7FF0000000000000 if width == 64 else 0x7F800000
+
+        def codegen(context, builder, signature, args):
+            ll = context.get_value_type(ity)
+            bits = builder.bitcast(args[0], ll)
+            return builder.and_(bits, ll(mask))
+        return ity(x), codegen
+    return None
+
+
 _BODY_SRC = """
         x = G[j]
         xd = np.float64(x)
@@ -43,15 +62,19 @@ _BODY_SRC = """
         if CLIP:
             g = min(max(g, -cv), cv)
         p = P[j]
+        e = {old_probe}
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
+        if e != EXP:  # only a value this step makes non-finite counts
+            z = max(z, {new_probe})
         STORE
 {writes}"""
 
 _INNER_SRC = """
 def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
     s = 0.0
+    z = EXP & 0  # the largest exponent field of a new value (EXP: inf or NaN somewhere)
     n = P.shape[0]
     m = 0  # elements [0, m) are written with streaming stores (a second buffer only)
     if STREAM and address(Q) % 64 == 0:
@@ -60,7 +83,7 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
     for j in range(m, n):{body}
     if STREAM:
         store_fence()
-    return s
+    return s if z != EXP else np.nan
 """
 
 _OUTER_SRC = """
@@ -87,9 +110,13 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
 """
 
 
+def _max_of(terms: list[str]) -> str:
+    return terms[0] if len(terms) == 1 else f"max({', '.join(terms)})"
+
+
 @functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
-                  clip: bool = False, stream: bool = False) -> Any:
+                  clip: bool = False, stream: bool = False, dry: bool = False) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
@@ -99,6 +126,15 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
     clipping by value in. Each variant is compiled on first use only, which keeps a first
     step's compile time to one loop.
+
+    The new parameters and slots are also probed in the same pass, at no extra traffic:
+    the largest exponent field among them (:func:`exponent_bits`, an integer max that
+    vectorises) is all ones iff one of them is ±inf or NaN, and the loop then returns NaN.
+    Elements whose param or slots were already non-finite are left out: the probe finds the
+    steps that *make* values non-finite, once. A non-finite result therefore means a
+    non-finite gradient *or* a new non-finite value (the caller tells them apart, rarely,
+    with :func:`sumsq_kernel`). ``dry`` computes the
+    step and probes it without storing anything (the ``skip``/``raise`` policies' check).
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -107,20 +143,25 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         lhs="p, " + ", ".join(f"s{k}" for k in range(n_slots)),
         reads="".join(f"{s}[j], " for s in slots),
         scal_args=", ".join(f"h{k}" for k in range(n_scal)),
-        writes="\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
+        writes="" if dry else "\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
+        old_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits({s}[j])" for s in slots]),
+        new_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
         slices="".join(f"{s}[a:b], " for s in slots),
     )
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy,
-                          "STREAM": copy and stream and streaming.AVAILABLE, "stream_store": streaming.stream_store,
+                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
+                          "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
                           "claim": atomics.claim, "piece_done": atomics.piece_done,
-                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize}
+                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
+                          "exponent_bits": exponent_bits,
+                          "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
+                                  else np.int32(0x7F800000))}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
     src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
-                            body=body.replace("STORE", "Q[j] = p" if copy else "P[j] = p"))
+                            body=body.replace("STORE", "pass" if dry else "Q[j] = p" if copy else "P[j] = p"))
     exec(compile(src, name, "exec"), ns)
     ns["inner"] = jit(ns["inner"])
     exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)

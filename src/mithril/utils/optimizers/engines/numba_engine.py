@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import ndarray_fields, streaming, threads, torch_scan
-from .common import Engine, must_skip, needs_prepass, prologue
+from .common import Engine, must_skip, nonfinite_result_error, nonfinite_results, prologue
 from .kernels import inside, sumsq_kernel, update_kernel
 
 _IS_CPU = operator.attrgetter("is_cpu")
@@ -221,30 +221,70 @@ class NumbaEngine(Engine):
         return gptr
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: np.ndarray | None = None, ours: bool = False) -> tuple[dict, bool, float | None]:
+             prepared: np.ndarray | None = None, ours: bool = False
+             ) -> tuple[dict, bool, float | None, bool]:
         lay = self.layout
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
         plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
-        if needs_prepass(opt):
-            norm = math.sqrt(plan.run(sumsq_kernel(lay.dtype), (), gptr, (), with_offsets=False))
+        if opt.clip_norm is not None:  # the scale needs the norm before any update
+            norm = self._grad_norm(gptr)
             if must_skip(opt, norm, grads, self.to_numpy):
-                return dict(params), False, norm
-        src, views = self._adopt(state, params, ours)
-        dst = state.params_flat
-        gptr = self._unaliased(gptr, grads, keep, (dst, *state.slots.values()))
+                return dict(params), False, norm, True
         scal = opt.scalars(t)
         pro = prologue(opt, norm, scal[0])
         dt = np.dtype(lay.dtype).type
+        with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
+            after = (*(dt(x) for x in pro), *(dt(x) for x in scal))
+        slots = [self.np_view(state.slots[s]) for s in opt.slot_names()]
+        clip = bool(pro[1] > 0)
+        if opt.nonfinite != "propagate":
+            # skip/raise: the step is computed once without being stored; it reads what the
+            # update reads (the price of "nothing changes"), Σ g² included
+            flat = self._current(state, params, ours)
+            dry = update_kernel(opt.kernel_math(), len(slots), len(scal), lay.dtype, clip=clip, dry=True)
+            total = plan.run(dry, (flat, flat, *slots), gptr, after)
+            if not math.isfinite(total):
+                gnorm = norm if norm is not None else self._grad_norm(gptr)
+                if must_skip(opt, gnorm, grads, self.to_numpy):
+                    return dict(params), False, gnorm, True
+                if opt.nonfinite == "raise":
+                    raise nonfinite_result_error(opt, nonfinite_results(
+                        opt, flat, dict(zip(opt.slot_names(), slots)), grads, self.to_numpy, lay,
+                        scal, pro))
+                return dict(params), False, gnorm, False
+            if norm is None:
+                norm = math.sqrt(total)
+        src, views = self._adopt(state, params, ours)
+        dst = state.params_flat
+        gptr = self._unaliased(gptr, grads, keep, (dst, *state.slots.values()))
         copy = src is not dst
         stream = copy and streaming.worth_it((3 + len(state.slots)) * lay.total * itemsize)
-        kernel = update_kernel(opt.kernel_math(), len(state.slots), len(scal), lay.dtype,
-                               copy, bool(pro[1] > 0), stream)
-        buffers = (self.np_view(src), self.np_view(dst),
-                   *(self.np_view(state.slots[s]) for s in opt.slot_names()))
-        sumsq = plan.run(kernel, buffers, gptr, (*(dt(x) for x in pro), *(dt(x) for x in scal)))
-        return dict(views), True, math.sqrt(sumsq) if norm is None else norm
+        kernel = update_kernel(opt.kernel_math(), len(slots), len(scal), lay.dtype, copy, clip, stream)
+        total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
+        if math.isfinite(total):  # gradients and every new value finite
+            return dict(views), True, math.sqrt(total) if norm is None else norm, True
+        # rare: a non-finite gradient, or finite gradients and a non-finite result
+        return dict(views), True, self._grad_norm(gptr) if norm is None else norm, False
+
+    def _grad_norm(self, gptr: np.ndarray) -> float:
+        """‖g‖₂ of the gradients at ``gptr`` (a read-only pass)."""
+        return math.sqrt(self._plan.run(sumsq_kernel(self.layout.dtype), (), gptr, (),
+                                        with_offsets=False))
+
+    def _current(self, state: Any, params: Any, ours: bool) -> np.ndarray:
+        """A flat host buffer holding ``params``, changing nothing: the state's own when they
+        are the arrays the last update returned, else a new one with them copied in."""
+        if ours:
+            return self.np_view(state.params_flat)
+        flat = (np.zeros(self.layout.total, self.layout.dtype) if state.params_flat is None
+                else np.array(self.np_view(state.params_flat)))
+        lay = self.layout
+        for name, x in self.read_params(params, state.param_views or {}, None):
+            a = int(lay.offsets[lay.index[name]])
+            flat[a:a + x.size] = np.asarray(x).reshape(-1)
+        return flat
 
     def _unaliased(self, gptr: np.ndarray, grads: Any, keep: list, written: tuple) -> np.ndarray:
         """``gptr`` with copies in place of gradients that lie in a buffer the kernel writes

@@ -1,0 +1,201 @@
+"""A step that makes params or optimizer state non-finite is detected whatever its cause
+(issue #12, point 4): finite gradients with a learning rate too large for the dtype, a
+finite gradient whose square overflows a slot, as well as the non-finite gradients the
+policies always caught. Each policy on every engine:
+
+* ``"propagate"``: the step is applied, a ``RuntimeWarning`` names the cause and
+  ``num_nonfinite`` grows by one; values that were already non-finite before a step are
+  not counted again;
+* ``"skip"``: params, every slot and the counters but ``num_skipped`` are bitwise as
+  before, and so are arrays an earlier update returned;
+* ``"raise"``: ``FloatingPointError`` naming exactly the parameters at fault; nothing
+  changed.
+
+Engines: the fused numba kernel (NumPy, torch CPU, JAX CPU), the jitted JAX engine
+(``jax-jit``) and the tensor-op engine (float16 on NumPy and torch).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from test_optimizers import engine_of, host, native
+
+from mithril.utils.optimizers import SGD, Adam, RMSProp
+
+ENGINES = ("numpy", "torch", "jax", "jax-jit", "numpy-f16", "torch-f16")
+
+
+def _backend_dtype(engine: str) -> tuple[str, str]:
+    b, _, d = engine.partition("-")
+    return ("jax" if b == "jax" else b), ("float16" if d == "f16" else "float32")
+
+
+def _arrays(engine: str, d: dict) -> dict:
+    backend, dtype = _backend_dtype(engine)
+    return {k: native(backend, np.asarray(v, dtype=dtype)) for k, v in d.items()}
+
+
+def _snap(params: dict, state) -> tuple:
+    return ({k: host(v) for k, v in params.items()},
+            {s: {k: host(v) for k, v in state.slot(s).items()} for s in state.slots},
+            (state.step, state.num_skipped, state.num_nonfinite))
+
+
+def _same(a: tuple, b: tuple) -> None:
+    assert a[2] == b[2]
+    for x, y in ((a[0], b[0]), *zip(a[1].values(), b[1].values())):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _problem(engine: str):
+    """SGD on two params where ``w[0]`` is near the dtype's largest value, so that a finite
+    gradient carries it past it; ``b`` stays finite."""
+    big = float(np.finfo(_backend_dtype(engine)[1]).max) * 0.75
+    p = {"w": [-big, 1.0, 2.0], "b": [0.5, -0.5]}
+    g_bad = {"w": [big, 0.1, 0.2], "b": [0.1, 0.1]}  # finite; w[0] - g[0] overflows
+    g_ok = {"w": [0.0, 0.1, 0.2], "b": [0.1, 0.1]}
+    return _arrays(engine, p), _arrays(engine, g_bad), _arrays(engine, g_ok)
+
+
+def _update(opt, params, grads, state):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, state = opt.update(params, grads, state)
+    return params, state, [str(w.message) for w in caught if w.category is RuntimeWarning]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_propagate_warns_and_counts_once(engine):
+    with engine_of(engine.split("-f16")[0]):
+        p, g_bad, g_ok = _problem(engine)
+        opt = SGD(1.0, momentum=0.9)
+        state = opt.init(p)
+        p, state, msgs = _update(opt, p, g_ok, state)
+        assert msgs == [] and state.num_nonfinite == 0
+        p, state, msgs = _update(opt, p, g_bad, state)
+        assert state.step == 2 and state.num_nonfinite == 1 and not state.last_step_skipped
+        assert any("finite gradients, but the step made params or state non-finite" in m
+                   for m in msgs), msgs
+        assert np.isinf(host(p["w"])[0]) and np.isfinite(host(p["b"])).all()
+        # w[0] was already inf before this step: nothing new is counted or warned about
+        p, state, msgs = _update(opt, p, g_ok, state)
+        assert state.num_nonfinite == 1 and msgs == [], msgs
+        assert np.isfinite(state.last_grad_norm)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("ours", [True, False], ids=["returned-params", "fresh-params"])
+def test_skip_changes_nothing(engine, ours):
+    with engine_of(engine.split("-f16")[0]):
+        p, g_bad, g_ok = _problem(engine)
+        opt = SGD(1.0, momentum=0.9, nonfinite="skip")
+        state = opt.init(p)
+        p, state, _ = _update(opt, p, g_ok, state)  # the state now owns params and momentum
+        before = _snap(p, state)
+        given = p if ours else _arrays(engine, before[0])
+        out, state, msgs = _update(opt, given, g_bad, state)
+        assert state.last_step_skipped and state.num_skipped == 1 and state.step == 1
+        assert any("would make params or state non-finite; step skipped" in m for m in msgs), msgs
+        assert state.num_nonfinite == 0
+        _same(_snap(p, state), (before[0], before[1], (1, 1, 0)))  # earlier arrays included
+        _same(_snap(out, state), (before[0], before[1], (1, 1, 0)))
+        # and the next good step is the one an unskipped run takes
+        out, state, msgs = _update(opt, out, g_ok, state)
+        assert state.step == 2 and msgs == []
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_raise_names_the_parameter_and_changes_nothing(engine):
+    with engine_of(engine.split("-f16")[0]):
+        p, g_bad, g_ok = _problem(engine)
+        opt = SGD(1.0, momentum=0.9, nonfinite="raise")
+        state = opt.init(p)
+        p, state, _ = _update(opt, p, g_ok, state)
+        before = _snap(p, state)
+        with pytest.raises(FloatingPointError, match=r"finite gradients.*non-finite for \['w'\]"):
+            opt.update(p, g_bad, state)
+        _same(_snap(p, state), before)
+        assert not state.last_step_skipped or state.num_skipped == 0
+
+
+@pytest.mark.parametrize("engine", ("numpy", "torch", "jax", "jax-jit"))
+@pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
+def test_learning_rate_too_large_for_the_dtype(engine, policy):
+    """lr = 1e38 in float32: Adam's step size lr/(1-β₁) is inf, with finite gradients."""
+    with engine_of(engine):
+        p = _arrays(engine, {"w": np.ones((3, 4)), "b": np.ones(4)})
+        g = _arrays(engine, {"w": np.full((3, 4), 0.5), "b": np.full(4, 0.5)})
+        opt = Adam(1e38, nonfinite=policy)
+        state = opt.init(p)
+        before = _snap(p, state)
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match=r"\['w', 'b'\]"):
+                opt.update(p, g, state)
+            _same(_snap(p, state), before)
+            return
+        out, state, msgs = _update(opt, p, g, state)
+        if policy == "skip":
+            assert state.num_skipped == 1 and state.step == 0
+            _same(_snap(out, state), (before[0], before[1], (0, 1, 0)))
+        else:
+            assert state.num_nonfinite == 1 and not np.isfinite(host(out["w"])).all()
+        assert len(msgs) == 1, msgs
+
+
+@pytest.mark.parametrize("engine", ("numpy", "torch", "jax", "jax-jit"))
+def test_overflowing_slot_with_finite_params(engine):
+    """A finite gradient of 1e20 squares to inf in float32: RMSProp's square average goes
+    inf and the parameter stops moving (its update is g/inf = 0) - silent without the probe
+    of the slots."""
+    with engine_of(engine):
+        p = _arrays(engine, {"w": np.ones(4)})
+        g = _arrays(engine, {"w": [1e20, 1.0, 1.0, 1.0]})
+        opt = RMSProp(0.01)
+        state = opt.init(p)
+        out, state, msgs = _update(opt, p, g, state)
+        assert np.isfinite(host(out["w"])).all()
+        assert np.isinf(host(state.slot("v")["w"])[0])
+        assert state.num_nonfinite == 1 and len(msgs) == 1, msgs
+
+
+@pytest.mark.parametrize("engine", ("numpy", "jax-jit"))
+def test_clip_norm_with_skip(engine):
+    """With clipping by norm the norm is measured first, then the step is computed dry."""
+    with engine_of(engine):
+        big = float(np.finfo(np.float32).max) * 0.75
+        p = _arrays(engine, {"w": [-big, 0.0]})
+        g = _arrays(engine, {"w": [3.0, 4.0]})  # norm 5, clipped to 1: w[0] - 3e38·0.6 → -inf
+        opt = SGD(float(big) / 0.75, clip_norm=1.0, nonfinite="skip")
+        state = opt.init(p)
+        before = _snap(p, state)
+        out, state, msgs = _update(opt, p, g, state)
+        assert state.num_skipped == 1 and state.last_grad_norm == pytest.approx(5.0)
+        _same(_snap(out, state), (before[0], before[1], (0, 1, 0)))
+
+
+@pytest.mark.parametrize("engine", ("numpy", "torch", "jax", "jax-jit"))
+def test_already_nonfinite_params_do_not_block_skip(engine):
+    """Under skip, a param that was NaN before the step is not this step's doing: the step
+    is applied (the NaN stays where it was, nothing else turns non-finite)."""
+    with engine_of(engine):
+        p = _arrays(engine, {"w": [np.nan, 1.0, 2.0]})
+        g = _arrays(engine, {"w": [0.1, 0.1, 0.1]})
+        opt = SGD(0.1, nonfinite="skip")
+        state = opt.init(p)
+        out, state, msgs = _update(opt, p, g, state)
+        assert state.step == 1 and state.num_skipped == 0 and msgs == []
+        w = host(out["w"])
+        assert np.isnan(w[0]) and np.allclose(w[1:], [0.99, 1.99])
+
+
+def test_nonfinite_gradient_message_unchanged():
+    p = {"w": np.ones(3, np.float32)}
+    opt = SGD(0.1, nonfinite="raise")
+    state = opt.init(p)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient\(s\) for \['w'\]"):
+        opt.update(p, {"w": np.array([np.inf, 0, 0], np.float32)}, state)
