@@ -3,8 +3,14 @@
 Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
 call with default options, exactly as a training loop makes it. Every implementation is
 timed in the same process (a fresh one for each case), in rotating blocks of consecutive
-steps after an equal warm-up time, and medians are reported with ratios against torch's fused step and optax, and the effective bandwidth
-at 28 bytes/param (Adam) or 12 bytes/param (SGD with momentum).
+steps after an equal warm-up time, and medians are reported with ratios against torch's fused
+step and optax, and the effective bandwidth at 28 bytes/param (fp32 Adam: read p, g, m, v;
+write p, m, v) or 20 bytes/param (SGD with momentum: read p, g, buf; write p, buf).
+
+Each step gets the next of :data:`GRAD_SETS` pre-made gradient sets (the same for every
+implementation): one reused gradient would stay in cache and flatter the figure. Handing a
+set over (torch: pointing each ``.grad`` at it) is not timed. Each implementation's first
+step is checked once against a NumPy reference of the same step.
 
     python benchmarks/optimizer_step.py                 # both sizes, all backends
     python benchmarks/optimizer_step.py --sizes b --backends jax --optimizers adam
@@ -22,7 +28,9 @@ from collections.abc import Callable
 import numpy as np
 
 SIZES = {"a": (10_000_000, 200), "b": (1_000_000, 2_000)}
-BYTES = {"adam": 28, "sgd": 12}
+BYTES = {"adam": 28, "sgd": 20}
+GRAD_SETS = 3
+LR = 1e-3
 
 
 def shapes_for(total: int, n: int) -> list[tuple[int, ...]]:
@@ -31,23 +39,49 @@ def shapes_for(total: int, n: int) -> list[tuple[int, ...]]:
 
 
 def make_numpy(shapes, seed=0):
+    """Params and :data:`GRAD_SETS` gradient sets (float32)."""
     rng = np.random.default_rng(seed)
     p = {f"p{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
-    g = {f"p{i}": (rng.standard_normal(s) * 1e-2).astype(np.float32) for i, s in enumerate(shapes)}
-    return p, g
+    gs = [{f"p{i}": (rng.standard_normal(s) * 1e-2).astype(np.float32) for i, s in enumerate(shapes)}
+          for _ in range(GRAD_SETS)]
+    return p, gs
 
 
-def mithril_step(opt_name: str, params, grads) -> Callable[[], None]:
+def reference_first_step(opt_name: str, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """One step from a fresh state in float64 (Adam: m̂/(√v̂+ε) = g/(|g|+ε); SGD with
+    momentum: the first buffer is g)."""
+    p, g = p.astype(np.float64), g.astype(np.float64)
+    return p - LR * (g / (np.abs(g) + 1e-8) if opt_name == "adam" else g)
+
+
+class Impl:
+    """One implementation: ``give(i)`` hands gradient set ``i`` over (untimed), ``step()``
+    is timed; ``first`` holds (first, last) param after the first step, for the check."""
+
+    def __init__(self, give: Callable[[int], None], step: Callable[[], None], first) -> None:
+        self.give, self.step, self.first = give, step, first
+
+
+def mithril_impl(opt_name: str, params, gsets) -> Impl:
     from mithril.utils.optimizers import SGD, Adam
 
-    opt = Adam(1e-3) if opt_name == "adam" else SGD(1e-3, momentum=0.9)
-    box = {"p": params, "s": opt.init(params)}
+    opt = Adam(LR) if opt_name == "adam" else SGD(LR, momentum=0.9)
+    box = {"p": params, "s": opt.init(params), "g": gsets[0]}
+
+    def give(i: int) -> None:
+        box["g"] = gsets[i]
 
     def step():
-        box["p"], box["s"] = opt.update(box["p"], grads, box["s"])
+        box["p"], box["s"] = opt.update(box["p"], box["g"], box["s"])
         sync(box["p"])
 
-    return step
+    step()
+    first = tuple(np.array(to_host(box["p"][k])) for k in (next(iter(params)), list(params)[-1]))
+    return Impl(give, step, first)
+
+
+def to_host(x) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") and not hasattr(x, "block_until_ready") else np.asarray(x)
 
 
 def sync(params) -> None:
@@ -56,60 +90,71 @@ def sync(params) -> None:
         x.block_until_ready()
 
 
-def torch_fused(opt_name: str, shapes, seed=0):
+def torch_fused(opt_name: str, shapes, seed=0) -> Impl:
     import torch
 
-    p, g = make_numpy(shapes, seed)
+    p, gs = make_numpy(shapes, seed)
     tp = [torch.from_numpy(v) for v in p.values()]
-    for t, gv in zip(tp, g.values()):
-        t.grad = torch.from_numpy(gv)
-    opt = torch.optim.Adam(tp, 1e-3, fused=True) if opt_name == "adam" else \
-        torch.optim.SGD(tp, 1e-3, momentum=0.9, fused=True)
-    return opt.step
+    tg = [[torch.from_numpy(v) for v in g.values()] for g in gs]
+    opt = torch.optim.Adam(tp, LR, fused=True) if opt_name == "adam" else \
+        torch.optim.SGD(tp, LR, momentum=0.9, fused=True)
+
+    def give(i: int) -> None:
+        for t, g in zip(tp, tg[i]):
+            t.grad = g
+
+    give(0)
+    opt.step()
+    return Impl(give, opt.step, (tp[0].numpy().copy(), tp[-1].numpy().copy()))
 
 
-def optax_step(opt_name: str, shapes, seed=0):
+def optax_impl(opt_name: str, shapes, seed=0) -> tuple[Impl, float]:
     import jax
     import jax.numpy as jnp
     import optax
 
-    p, g = make_numpy(shapes, seed)
+    p, gs = make_numpy(shapes, seed)
     p = {k: jnp.asarray(v) for k, v in p.items()}
-    g = {k: jnp.asarray(v) for k, v in g.items()}
-    tx = optax.adam(1e-3) if opt_name == "adam" else optax.sgd(1e-3, momentum=0.9)
-    box = {"p": p, "s": tx.init(p)}
+    gs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs]
+    tx = optax.adam(LR) if opt_name == "adam" else optax.sgd(LR, momentum=0.9)
+    box = {"p": p, "s": tx.init(p), "g": gs[0]}
 
-    @jax.jit
     def _step(params, grads, state):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    step_fn = jax.jit(_step.__wrapped__, donate_argnums=(0, 2))
-    t0 = time.perf_counter()
-    box["p"], box["s"] = step_fn(box["p"], g, box["s"])
-    jax.block_until_ready(box["p"])
-    compile_s = time.perf_counter() - t0
+    step_fn = jax.jit(_step, donate_argnums=(0, 2))
+
+    def give(i: int) -> None:
+        box["g"] = gs[i]
 
     def step():
-        box["p"], box["s"] = step_fn(box["p"], g, box["s"])
+        box["p"], box["s"] = step_fn(box["p"], box["g"], box["s"])
         jax.block_until_ready(box["p"])
 
-    return step, compile_s
+    t0 = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - t0
+    names = list(p)
+    return Impl(give, step, (np.asarray(box["p"][names[0]]), np.asarray(box["p"][names[-1]]))), compile_s
 
 
-def numpy_triad(total: int):
+def numpy_triad(total: int) -> Impl:
     a = np.ones(total, np.float32)
-    b = np.ones(total, np.float32)
+    bs = [np.ones(total, np.float32) for _ in range(GRAD_SETS)]
+    box = {"b": bs[0]}
+
+    def give(i: int) -> None:
+        box["b"] = bs[i]
 
     def step():  # a += 0.5 * b in place: 12 bytes/element of traffic
-        np.multiply(b, np.float32(0.5), out=b)
-        np.add(a, b, out=a)
+        np.multiply(box["b"], np.float32(0.5), out=box["b"])
+        np.add(a, box["b"], out=a)
 
-    return step
+    return Impl(give, step, None)
 
 
-def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int,
-                warm: float) -> dict[str, float]:
+def time_blocks(fns: dict[str, Impl], rounds: int, block: int, warm: float) -> dict[str, float]:
     """Median step time of each implementation.
 
     Each round runs every implementation untimed for ``warm`` seconds (at least one step)
@@ -123,16 +168,22 @@ def time_blocks(fns: dict[str, Callable[[], None]], rounds: int, block: int,
     but not a 1 ms one."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
+    turn = 0
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            f = fns[k]
+            impl = fns[k]
             t_end = time.perf_counter() + warm
-            f()
-            while time.perf_counter() < t_end:
-                f()
+            while True:
+                turn += 1
+                impl.give(turn % GRAD_SETS)
+                impl.step()
+                if time.perf_counter() >= t_end:
+                    break
             for _ in range(block):
+                turn += 1
+                impl.give(turn % GRAD_SETS)
                 t0 = time.perf_counter()
-                f()
+                impl.step()
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -141,32 +192,39 @@ def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Names
     """Time every implementation of one case (size, optimizer) and print its rows."""
     total, n = SIZES[size]
     shapes = shapes_for(total, n)
-    fns: dict[str, Callable[[], None]] = {"torch fused": torch_fused(opt_name, shapes)}
+    fns: dict[str, Impl] = {"torch fused": torch_fused(opt_name, shapes)}
     notes = {}
     if "numpy" in backends:
-        p, g = make_numpy(shapes)
-        fns["mithril numpy"] = mithril_step(opt_name, p, g)
+        p, gs = make_numpy(shapes)
+        fns["mithril numpy"] = mithril_impl(opt_name, p, gs)
         fns["numpy triad"] = numpy_triad(total)
     if "torch" in backends:
         import torch
 
-        p, g = make_numpy(shapes)
-        fns["mithril torch"] = mithril_step(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
-                                            {k: torch.from_numpy(v) for k, v in g.items()})
+        p, gs = make_numpy(shapes)
+        fns["mithril torch"] = mithril_impl(
+            opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
+            [{k: torch.from_numpy(v) for k, v in g.items()} for g in gs])
     if "jax" in backends:
         import jax.numpy as jnp
 
-        p, g = make_numpy(shapes)
+        p, gs = make_numpy(shapes)
         jp = {k: jnp.asarray(v) for k, v in p.items()}
-        jg = {k: jnp.asarray(v) for k, v in g.items()}
+        jgs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs]
         t0 = time.perf_counter()
-        step = mithril_step(opt_name, jp, jg)
-        step()
+        fns["mithril jax"] = mithril_impl(opt_name, jp, jgs)
         notes["mithril jax"] = f"first call {time.perf_counter() - t0:.1f}s"
-        fns["mithril jax"] = step
         if not args.no_optax:
-            fns["optax jit+donate"], c = optax_step(opt_name, shapes)
+            fns["optax jit+donate"], c = optax_impl(opt_name, shapes)
             notes["optax jit+donate"] = f"first call {c:.1f}s"
+    p, gs = make_numpy(shapes)
+    names = list(p)
+    want = [reference_first_step(opt_name, p[n], gs[0][n]) for n in (names[0], names[-1])]
+    for k, impl in fns.items():  # the update really happened, and is the right one
+        if impl.first is not None:
+            for got, ref in zip(impl.first, want):
+                err = np.max(np.abs(got - ref)) / LR
+                assert err < 1e-3, f"{k}: first step off the reference by {err:.2e} lr"
     med = time_blocks(fns, args.rounds, args.block, args.warm)
     ref, ox = med["torch fused"], med.get("optax jit+donate")
     for k, v in med.items():
