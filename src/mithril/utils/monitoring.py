@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError
+from ..errors import KeyMismatchError, ShapeError
 
 __all__ = ["TrainingMonitor", "global_norm", "gradient_norms", "parameter_norms", "snapshot",
            "update_ratios"]
@@ -106,8 +106,15 @@ def _diff_norm_list(before: list[Any], after: list[Any]) -> list[float]:
 
 
 def _check(tree: Any, what: str) -> Mapping[str, Any]:
+    """``tree`` if it is a dict of NumPy, torch or JAX arrays; else a TypeError naming the
+    key at fault (checked before any computation)."""
+    from .optimizers.checks import is_array
+
     if not isinstance(tree, Mapping):
         raise TypeError(f"{what} must be a dict of arrays, got {type(tree).__name__}")
+    for k, x in tree.items():
+        if not is_array(x):
+            raise TypeError(f"{what}['{k}'] is a {type(x).__name__}, not a NumPy, torch or JAX array")
     return tree
 
 
@@ -154,6 +161,10 @@ def update_ratios(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[s
     missing = sorted(set(b) - set(a))
     if missing:
         raise KeyMismatchError(f"update_ratios: 'after' lacks {missing}")
+    for k in b:
+        if tuple(b[k].shape) != tuple(a[k].shape):
+            raise ShapeError(f"update_ratios: before['{k}'] has shape {tuple(b[k].shape)}, "
+                             f"after['{k}'] {tuple(a[k].shape)}")
     names = list(b)
     bl, al = [b[k] for k in names], [a[k] for k in names]
     deltas, norms = _diff_norm_list(bl, al), _norm_list(bl)
