@@ -68,6 +68,30 @@ def _bind_backend(method: Callable) -> Callable:
     return wrapper
 
 
+#: names torch and optax users type, and ours (the guide's)
+ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
+
+
+def _aliased(init: Callable) -> Callable:
+    """``init`` accepting ``lr=`` / ``eps=`` for ``learning_rate`` / ``epsilon`` where it
+    takes those (the signature shown stays ours)."""
+    takes = set(inspect.signature(init).parameters)
+    aliases = {a: n for a, n in ALIASES.items() if n in takes and a not in takes}
+    if not aliases:
+        return init
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kw: Any) -> None:
+        for alias, name in aliases.items():
+            if alias in kw:
+                if name in kw:
+                    raise TypeError(f"{type(self).__name__}: give {name}= or {alias}=, not both")
+                kw[name] = kw.pop(alias)
+        init(self, *args, **kw)
+
+    return wrapper
+
+
 def _check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str]) -> None:
     """Raise a TypeError naming the odd parameters out when ``key`` differs among ``params``
     (the smaller groups; the largest is taken as meant)."""
@@ -114,6 +138,8 @@ class Optimizer:
         for name in ("init", "update"):
             if name in cls.__dict__:  # a user override still gets self.backend
                 setattr(cls, name, _bind_backend(cls.__dict__[name]))
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _aliased(cls.__dict__["__init__"])
 
     def __init__(self, learning_rate: float = 1e-3, *, weight_decay: float = 0.0,
                  clip_norm: float | None = None, clip_value: float | None = None,
