@@ -244,3 +244,130 @@ def test_bad_save_inputs_leave_no_file(saved, tmp_path):
         save_checkpoint(path, [params["a"]])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic saves, temporary files, what a save refuses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_fsyncs_file_then_replaces_then_fsyncs_folder(saved, monkeypatch):
+    import os
+    import stat
+
+    path, params = saved
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        assert os.path.dirname(src) == os.path.dirname(os.path.abspath(dst))
+        assert os.path.basename(src).startswith(".ckpt-ckpt.safetensors-")
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(path, {k: v * 2 for k, v in params.items()})
+    assert events == ["fsync file", "replace", "fsync folder"]
+    np.testing.assert_array_equal(load_checkpoint(path)["params"]["a"], params["a"] * 2)
+
+
+@pytest.mark.parametrize("fail", ["fsync", "replace", "write"])
+def test_failed_write_keeps_the_old_file_and_no_temporary(saved, tmp_path, monkeypatch, fail):
+    import builtins
+    import os
+
+    path, params = saved
+    before = path.read_bytes()
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    if fail == "write":
+        real_open = builtins.open
+
+        class Half:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, b):
+                self.f.write(bytes(memoryview(b))[:3])
+                broken()
+
+        monkeypatch.setattr(builtins, "open", lambda p, m="r", *a, **k: Half(real_open(p, m))
+                            if m == "xb" else real_open(p, m, *a, **k))
+    else:
+        monkeypatch.setattr(os, fail, broken)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, {k: v + 1 for k, v in params.items()})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_stale_temporaries_of_the_target_are_removed(saved, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mithril.utils.checkpoint_io import _host_tag
+
+    path, params = saved
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    host, name = _host_tag(), path.name
+    files = {f".ckpt-{name}-{host}-{dead}-0a1b.tmp": False,  # killed save: removed
+             f".ckpt-{name}-{host}-{os.getpid()}-77.tmp": False,  # ours, not being written
+             f".ckpt-{name}-{host}-{os.getppid()}-0a1c.tmp": True,  # a live process's
+             f".ckpt-other.safetensors-{host}-{dead}-0a1d.tmp": True,  # another target's
+             f".ckpt-{name}-{'0' if host[0] != '0' else '1'}{host[1:]}-{dead}-0a1e.tmp": True,
+             ".ckpt-x1y2z3.tmp": True}  # old style: cannot be tied to a target
+    for f in files:
+        (tmp_path / f).write_bytes(b"partial")
+    save_checkpoint(path, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name] + [f for f, keep in files.items() if keep])
+
+
+def test_save_refuses_what_load_would_refuse(saved, tmp_path):
+    from mithril.errors import DTypeError
+
+    path, params = saved
+    before = path.read_bytes()
+    with pytest.raises(DTypeError, match=r"params\['i'\] has dtype int64"):
+        save_checkpoint(path, {**params, "i": np.arange(3)})
+    with pytest.raises(TypeError, match=r"params\['l'\] is a list"):
+        save_checkpoint(path, {**params, "l": [1.0]})
+    deep: list = []
+    for _ in range(63):
+        deep = [deep]  # 64 levels
+    with pytest.raises(ValueError, match="extra nests deeper than 63 levels"):
+        save_checkpoint(path, params, extra=deep)
+    with pytest.raises(TypeError, match="finite floats"):
+        save_checkpoint(path, params, extra={"loss": float("nan")})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    save_checkpoint(path, params, extra=deep[0])  # 63 levels are fine
+    assert load_checkpoint(path)["extra"] == deep[0]
+
+
+def test_bfloat16_jax_params(tmp_path):
+    import jax.numpy as jnp
+
+    p = {"w": jnp.asarray(np.linspace(-2, 2, 12).reshape(3, 4), dtype=jnp.bfloat16)}
+    save_checkpoint(tmp_path / "j.safetensors", p, Adam(0.1))
+    ck = load_checkpoint(tmp_path / "j.safetensors", params_template=p)
+    assert ck["metadata"]["params"]["w"]["dtype"] == "bfloat16"
+    assert ck["params"]["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ck["params"]["w"], np.float32),
+                                  np.asarray(p["w"], np.float32))

@@ -16,3 +16,8 @@ class KeyMismatchError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupted, truncated, altered or malformed (names the file, and
+    the tensor or metadata field where known)."""

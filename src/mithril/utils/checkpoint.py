@@ -1,11 +1,14 @@
 """Training checkpoints in one safetensors file: parameters, optimizer state, scheduler state.
 
 Arrays go in the safetensors body (no pickle anywhere): ``params/<name>`` for every parameter and
-``opt/<slot>/<name>`` for every optimizer state slot (e.g. ``opt/m/linear.weight`` for Adam).
-Everything else is JSON stored in the safetensors header metadata under the key ``"mithril"``:
-the optimizer's class, hyperparameters, step and skipped-step counts, ``scheduler.state_dict()``
-and the caller's ``extra`` (any JSON-serialisable value). Arrays are converted through NumPy,
-so a checkpoint written from one backend loads into any other::
+``opt/<slot>/<name>`` for every optimizer state slot (e.g. ``opt/m/linear.weight`` for Adam),
+float16/float32/float64 only (torch and JAX bfloat16 arrays are stored as the exactly equal
+float32 values, the metadata keeping ``"bfloat16"``). Everything else is JSON stored in the
+safetensors header metadata under the key ``"mithril"``: ``format`` (:data:`FORMAT`),
+``params`` (name -> dtype and shape), ``optimizer`` (class, hyperparameters, ``step``,
+``num_skipped``, ``num_nonfinite``, slot names), ``scheduler`` (class and
+``scheduler.state_dict()``) and the caller's ``extra`` (any JSON value). Arrays are converted
+through NumPy, so a checkpoint written from one backend loads into any other::
 
     save_checkpoint("ckpt.safetensors", params, optimizer, state, scheduler, extra={"epoch": 3})
     ...
@@ -15,25 +18,51 @@ so a checkpoint written from one backend loads into any other::
 
 Loading restores the optimizer's hyperparameters and the scheduler (which also sets the
 optimizer's learning rate), so training continues exactly - bitwise - as if uninterrupted.
+
+Integrity (format ``mithril-checkpoint-2``, details in :mod:`mithril.utils.checkpoint_io`):
+every tensor has a SHA-256 digest in the header, and the header has one of its own, so a
+changed bit anywhere in the file is refused. Loading checks the file size and the header
+length (at most 100 MB) and that every tensor's byte range is ``prod(shape) * itemsize`` and
+lies in the file before allocating anything, then the digests, then that the metadata and the
+stored tensors agree (names, dtypes, shapes; counters non-negative integers below 2**63;
+nesting at most 64 levels) and agree with ``params_template``, the optimizer and the
+scheduler. Every problem of the file is a :class:`~mithril.errors.CheckpointError` (a
+``ValueError``) naming the file and the field or tensor. Checkpoints of format
+``mithril-checkpoint-1`` carry no digest: they are refused (load them with the version that
+wrote them and save again).
+
+Atomicity: :func:`save_checkpoint` checks everything first, then writes a temporary file
+``.ckpt-<name>-<host>-<pid>-<random>.tmp`` next to ``path``, flushes and ``fsync``-s it,
+``os.replace``-s it over ``path`` and ``fsync``-s the folder. A save that raises leaves
+``path`` as it was and removes its temporary file; one killed part-way leaves ``path`` as it was
+and its temporary file, which the next save to the same ``path`` removes (it removes the
+temporary files of that ``path`` written on this host by processes that no longer exist).
+A load that raises changes nothing: not the optimizer, not the scheduler, not any file.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
+from .checkpoint_io import MAX_DEPTH, MAX_INT, depth, loads_guarded, read_file, write_file
 
-__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 #: format tag stored in every checkpoint
-FORMAT = "mithril-checkpoint-1"
-_META_KEY = "mithril"
+FORMAT = "mithril-checkpoint-2"
+#: parameter dtypes a checkpoint holds (-> the dtype code they are stored with)
+FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32",
+                "float64": "float64"}
+_TOP = ("format", "params", "optimizer", "scheduler", "extra")
+_OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
+_COUNTERS = ("step", "num_skipped", "num_nonfinite")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -45,7 +74,8 @@ def _to_numpy(x: Any) -> np.ndarray:
         if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as (exact) float32
             x = x.float()
         x = x.cpu().numpy()
-    return np.asarray(x, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+    a = np.asarray(x, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # JAX's ml_dtypes
 
 
 def _dtype_name(x: Any) -> str:
@@ -57,19 +87,167 @@ def _check_mapping(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a dict of arrays, got {type(value).__name__}")
 
 
+def _check_float_array(what: str, x: Any) -> str:
+    """The dtype name of array ``x``; ``TypeError``/``DTypeError`` naming ``what`` unless it
+    is a float16/bfloat16/float32/float64 NumPy, torch or JAX array."""
+    from .optimizers.checks import is_array
+
+    if not is_array(x):
+        raise TypeError(f"{what} is a {type(x).__name__}, not a NumPy, torch or JAX array")
+    dt = _dtype_name(x)
+    if dt not in FLOAT_DTYPES:
+        raise DTypeError(f"{what} has dtype {dt}; checkpoints hold float16, bfloat16, float32 "
+                         f"or float64 arrays")
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata checks (shared by save and load: save refuses what load would refuse)
+# ---------------------------------------------------------------------------------------------
+
+
+def _counter(value: Any, field: str, where: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise CheckpointError(f"{where}: metadata field '{field}' must be an integer in "
+                              f"[0, 2**63), got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    if type(value) is int and abs(value) > MAX_INT:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_ints(value: Any, field: str, where: str) -> None:
+    """Every integer nested in ``value`` lies in int64's range (iteratively: no recursion)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif type(v) is int and not -MAX_INT - 1 <= v <= MAX_INT:
+            raise CheckpointError(f"{where}: metadata field '{field}' holds {_short(v)}, "
+                                  f"outside int64's range")
+
+
+def _check_meta(meta: Any, where: str) -> dict[str, Any]:
+    """``meta`` (the parsed metadata) checked field by field; ``CheckpointError`` naming
+    ``where`` and the field on the first problem."""
+    def bad(field: str, what: str) -> CheckpointError:
+        field = field if len(field) <= 120 else field[:117] + "..."
+        return CheckpointError(f"{where}: metadata field '{field}' {what}")
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: the metadata must be a JSON object, got "
+                              f"{type(meta).__name__}")
+    missing, unknown = [k for k in _TOP if k not in meta], sorted(set(meta) - set(_TOP))
+    if missing or unknown:
+        raise CheckpointError(f"{where}: metadata fields missing {missing}, unknown "
+                              f"{[k[:40] for k in unknown]}")
+    if meta["format"] != FORMAT:
+        raise bad("format", f"is {_short(meta['format'])}; this version reads {FORMAT!r}")
+    if not isinstance(meta["params"], dict):
+        raise bad("params", "must be an object: name -> {dtype, shape}")
+    for n, m in meta["params"].items():
+        if not isinstance(m, dict) or set(m) != {"dtype", "shape"}:
+            raise bad(f"params.{n}", "must be an object with exactly dtype and shape")
+        if not isinstance(m["dtype"], str) or m["dtype"] not in FLOAT_DTYPES:
+            raise bad(f"params.{n}.dtype", f"is {_short(m['dtype'])}, not one of "
+                                            f"{list(FLOAT_DTYPES)}")
+        if not isinstance(m["shape"], list) or not all(
+                type(d) is int and 0 <= d <= MAX_INT for d in m["shape"]):
+            raise bad(f"params.{n}.shape", f"is {_short(m['shape'])}, not a list of "
+                                            f"non-negative integers")
+    opt = meta["optimizer"]
+    if opt is not None:
+        if not isinstance(opt, dict) or set(opt) != set(_OPT):
+            raise bad("optimizer", f"must be null or an object with exactly the fields {_OPT}")
+        if not isinstance(opt["class"], str) or not opt["class"]:
+            raise bad("optimizer.class", f"is {_short(opt['class'])}, not a class name")
+        hp = opt["hyperparameters"]
+        if not isinstance(hp, dict):
+            raise bad("optimizer.hyperparameters", "must be an object")
+        for k, v in hp.items():
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise bad(f"optimizer.hyperparameters.{k}", f"is {_short(v)}, not a number, "
+                                                            f"bool, string or null")
+        _check_ints(hp, "optimizer.hyperparameters", where)
+        if opt["step"] is None:
+            if opt["num_skipped"] is not None or opt["num_nonfinite"] is not None or \
+                    opt["slots"] != []:
+                raise bad("optimizer", "without a step (hyperparameters only) must have "
+                                       "num_skipped and num_nonfinite null and no slots")
+        else:
+            for c in _COUNTERS:
+                _counter(opt[c], f"optimizer.{c}", where)
+            slots = opt["slots"]
+            if not isinstance(slots, list) or not all(
+                    isinstance(s, str) and s and "/" not in s for s in slots) or \
+                    len(set(slots)) != len(slots):
+                raise bad("optimizer.slots", f"is {_short(slots)}, not a list of distinct "
+                                             f"names without '/'")
+    sched = meta["scheduler"]
+    if sched is not None:
+        if not isinstance(sched, dict) or set(sched) != {"class", "state"}:
+            raise bad("scheduler", "must be null or an object with exactly class and state")
+        if not isinstance(sched["class"], str) or not sched["class"]:
+            raise bad("scheduler.class", f"is {_short(sched['class'])}, not a class name")
+        if not isinstance(sched["state"], dict):
+            raise bad("scheduler.state", "must be an object (the scheduler's state_dict)")
+        _check_ints(sched["state"], "scheduler.state", where)
+    return meta
+
+
+def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """The stored tensors are exactly those the metadata describes, with its shapes and the
+    dtypes its parameter dtypes are stored as."""
+    expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    for n, m in meta["params"].items():
+        expected[f"params/{n}"] = (tuple(m["shape"]), (FLOAT_DTYPES[m["dtype"]],))
+    opt = meta["optimizer"]
+    if opt is not None and opt["step"] is not None:
+        for s in opt["slots"]:
+            for n, m in meta["params"].items():
+                expected[f"opt/{s}/{n}"] = (tuple(m["shape"]), ("float16", "float32", "float64"))
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"{where}: the stored tensors do not match the metadata: missing "
+                              f"{missing[:10]}, not described {unknown[:10]}")
+    for k, (shape, dtypes) in expected.items():
+        a = arrays[k]
+        if a.shape != shape:
+            raise CheckpointError(f"{where}: tensor '{k}' is stored with shape {a.shape}, the "
+                                  f"metadata says {shape}")
+        if a.dtype.name not in dtypes:
+            raise CheckpointError(f"{where}: tensor '{k}' is stored as {a.dtype.name}, "
+                                  f"expected {' or '.join(dtypes)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimizer: Any = None,
                     state: Any = None, scheduler: Any = None, extra: Any = None) -> None:
     """Write ``params`` (and optionally the optimizer, its ``state``, a scheduler and ``extra``)
-    to the safetensors file ``path`` (written atomically: a failed save leaves no partial file).
+    to the safetensors file ``path``, atomically (see the module docstring): a save that
+    raises, or is killed, leaves the previous file at ``path`` as it was.
 
     ``optimizer`` alone saves its hyperparameters; with ``state`` (what ``optimizer.init`` /
     ``update`` returned) also the step counts and every state slot. ``extra`` must be
-    JSON-serialisable (epoch, metrics, data-loader position, ...).
+    JSON-serialisable (epoch, metrics, data-loader position, ...), nested at most 64 levels.
+    Parameters must be float16/bfloat16/float32/float64 arrays. Everything is checked before
+    anything is written.
     """
-    from safetensors.numpy import save_file
-
     from .optimizers import OptimizerState
 
+    path = os.fspath(path)
     _check_mapping("params", params)
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"format": FORMAT, "params": {}, "optimizer": None,
@@ -77,16 +255,18 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     for name, p in params.items():
         if not isinstance(name, str):
             raise TypeError(f"parameter names must be str, got {name!r}")
+        dt = _check_float_array(f"params['{name}']", p)
         arr = _to_numpy(p)
         tensors[f"params/{name}"] = arr
-        meta["params"][name] = {"dtype": _dtype_name(p), "shape": list(arr.shape)}
+        meta["params"][name] = {"dtype": dt, "shape": list(arr.shape)}
 
     if state is not None and optimizer is None:
         raise ValueError("save_checkpoint: state given without its optimizer")
     if optimizer is not None:
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
                                     "hyperparameters": optimizer.hyperparameters(),
-                                    "step": None, "num_skipped": None, "slots": []}
+                                    "step": None, "num_skipped": None, "num_nonfinite": None,
+                                    "slots": []}
         if state is not None:
             if not isinstance(state, OptimizerState):
                 raise TypeError(f"state must be what {type(optimizer).__name__}.init/update "
@@ -105,44 +285,31 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                 if "/" in slot:
                     raise ValueError(f"state slot names must not contain '/': {slot!r}")
                 for name, v in state.slot(slot).items():
-                    tensors[f"opt/{slot}/{name}"] = _to_numpy(v)
+                    arr = _to_numpy(v)
+                    if arr.dtype.name not in ("float16", "float32", "float64"):
+                        raise DTypeError(f"optimizer state slot '{slot}' of '{name}' has dtype "
+                                         f"{arr.dtype}, not a float")
+                    tensors[f"opt/{slot}/{name}"] = arr
         meta["optimizer"] = opt_meta
     if scheduler is not None:
         meta["scheduler"] = {"class": type(scheduler).__name__, "state": scheduler.state_dict()}
 
+    if depth(extra) >= MAX_DEPTH:
+        raise ValueError(f"save_checkpoint: extra nests deeper than {MAX_DEPTH - 1} levels")
     try:
         header = json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
                         f"JSON-serialisable (finite floats): {e}") from None
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: header})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    where = f"save_checkpoint({path!r})"
+    _check_tensors(_check_meta(loads_guarded(header, f"{where}: the metadata"), where),
+                   tensors, where)  # never write what load_checkpoint would refuse
+    write_file(path, header, tensors)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="np") as f:
-        header = (f.metadata() or {}).get(_META_KEY)
-        if header is None:
-            raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not a mithril "
-                             f"checkpoint (no '{_META_KEY}' metadata)")
-        meta = json.loads(header)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"unsupported checkpoint format {meta.get('format')!r} "
-                             f"(expected {FORMAT!r})")
-        arrays = {k: f.get_tensor(k) for k in f.keys()}
-    return meta, arrays
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
 
 
 def _resolve_backend(backend: Any, template: Mapping[str, Any] | None, optimizer: Any,
@@ -161,6 +328,37 @@ def _resolve_backend(backend: Any, template: Mapping[str, Any] | None, optimizer
     return NumpyBackend(dtype=dt if dt in ("float16", "float32", "float64") else "float32")
 
 
+def _component_meta(meta: Mapping[str, Any], kind: str, obj: Any, where: str) -> Any:
+    """The checkpoint's metadata for ``kind`` ("optimizer"/"scheduler"), checked against
+    the object it is to be loaded into (if any)."""
+    m = meta[kind]
+    if obj is not None:
+        if m is None:
+            raise ValueError(f"{where} holds no {kind} (saved without {kind}=...)")
+        if m["class"] != type(obj).__name__:
+            raise ValueError(f"{where}: checkpoint holds {kind} {m['class']}, cannot load it "
+                             f"into {type(obj).__name__}")
+    return m
+
+
+def _refused(where: str, field: str, by: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{where}: metadata field '{field}' is refused by {by}: {e}")
+
+
+def _trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
+    """A deep copy of ``scheduler`` driving a copy of its optimizer (``trial_opt`` if that is
+    ``optimizer``), to try a state on; ``None`` if it cannot be copied."""
+    target = getattr(scheduler, "optimizer", None)
+    memo: dict[int, Any] = {}
+    if target is not None:
+        memo[id(target)] = trial_opt if target is optimizer and trial_opt is not None \
+            else copy.copy(target)
+    try:
+        return copy.deepcopy(scheduler, memo)
+    except Exception:  # an uncopyable custom scheduler: the real load is rolled back instead
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] | None = None,
                     optimizer: Any = None, scheduler: Any = None, backend: Any = None
                     ) -> dict[str, Any]:
@@ -173,13 +371,21 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     ``optimizer.load_state_dict(d, params)`` later; ``None`` without optimizer state),
     ``scheduler_state_dict`` and the raw ``metadata``.
 
-    ``params_template``: the checkpoint must have exactly its keys and shapes (else
-    :class:`~mithril.errors.KeyMismatchError` / :class:`~mithril.errors.ShapeError`); arrays take
-    the template's dtypes. ``optimizer``: must be of the saved class (else ``ValueError``); its
-    hyperparameters are restored. ``scheduler``: restored with ``load_state_dict`` (which sets
-    the optimizer's learning rate). Everything is validated before anything is modified.
+    A corrupted, truncated, altered or malformed file raises
+    :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file and the
+    tensor or field. ``params_template``: the checkpoint must have exactly its keys and the
+    shapes of its (float) arrays (else :class:`~mithril.errors.KeyMismatchError` /
+    :class:`~mithril.errors.ShapeError`); arrays take the template's dtypes. ``optimizer``:
+    must be of the saved class (else ``ValueError``); its hyperparameters are restored.
+    ``scheduler``: restored with ``load_state_dict`` (which sets the optimizer's learning
+    rate). Everything is validated - the optimizer's and the scheduler's states tried on
+    copies - before anything is modified; a load that raises changes nothing.
     """
-    meta, arrays = _read(path)
+    path = os.fspath(path)
+    where = f"checkpoint {path!r}"
+    meta_json, arrays = read_file(path)
+    meta = _check_meta(loads_guarded(meta_json, f"{where}: the metadata"), where)
+    _check_tensors(meta, arrays, where)
     pmeta: dict[str, Any] = meta["params"]
     names = list(pmeta)
     if params_template is not None:
@@ -187,17 +393,19 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         missing = sorted(set(params_template) - set(names))
         unknown = sorted(set(names) - set(params_template))
         if missing or unknown:
-            raise KeyMismatchError(f"checkpoint parameters do not match params_template: "
+            raise KeyMismatchError(f"{where}: parameters do not match params_template: "
                                    f"missing in checkpoint {missing}, not in template {unknown}")
-        for n in names:
+        for n in params_template:
+            _check_float_array(f"params_template['{n}']", params_template[n])
             shape = tuple(int(d) for d in params_template[n].shape)
-            if shape != tuple(pmeta[n]["shape"]):
-                raise ShapeError(f"checkpoint parameter '{n}' has shape {tuple(pmeta[n]['shape'])} "
-                                 f"but params_template['{n}'] has shape {shape}")
+            stored = arrays[f"params/{n}"].shape
+            if shape != stored:
+                raise ShapeError(f"{where}: parameter '{n}' has shape {stored} but "
+                                 f"params_template['{n}'] has shape {shape}")
         names = list(params_template)  # the template's order
 
-    ometa = _component_meta(meta, "optimizer", optimizer)
-    smeta = _component_meta(meta, "scheduler", scheduler)
+    ometa = _component_meta(meta, "optimizer", optimizer, where)
+    smeta = _component_meta(meta, "scheduler", scheduler, where)
 
     backend = _resolve_backend(backend, params_template, optimizer, meta)
     params = {}
@@ -207,50 +415,52 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         params[n] = backend.array(arrays[f"params/{n}"], dtype)
 
     opt_sd = None
-    if ometa is not None and ometa.get("step") is not None:
+    if ometa is not None and ometa["step"] is not None:
         slots = {s: {n: arrays[f"opt/{s}/{n}"] for n in pmeta} for s in ometa["slots"]}
-        for s, per in slots.items():
-            for n, a in per.items():
-                if tuple(a.shape) != tuple(pmeta[n]["shape"]):
-                    raise ShapeError(f"checkpoint slot '{s}' of '{n}' has shape {a.shape}, "
-                                     f"the parameter {tuple(pmeta[n]['shape'])}")
         opt_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"],
                   "step": ometa["step"], "num_skipped": ometa["num_skipped"],
-                  "num_nonfinite": ometa.get("num_nonfinite", 0), "slots": slots}
+                  "num_nonfinite": ometa["num_nonfinite"], "slots": slots}
 
-    state = None
+    # try everything on copies: the optimizer's hyperparameters and state, then the scheduler
+    state, trial_opt = None, None
     if optimizer is not None:
-        old = dict(vars(optimizer))
+        hp_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"]}
+        trial_opt = copy.copy(optimizer)
         try:
-            if opt_sd is None:  # hyperparameters only
-                optimizer.load_state_dict({"optimizer": ometa["class"],
-                                           "hyperparameters": ometa["hyperparameters"]})
-            else:
-                state = optimizer.load_state_dict(opt_sd, params)
-                if set(state.slots) != set(opt_sd["slots"]):
-                    raise ValueError(f"checkpoint has slots {sorted(opt_sd['slots'])} but "
-                                     f"{type(optimizer).__name__} with the saved hyperparameters "
-                                     f"uses {sorted(state.slots)}")
-        except BaseException:
+            trial_opt.load_state_dict(hp_sd)
+        except (ValueError, TypeError, KeyError) as e:
+            raise _refused(where, "optimizer.hyperparameters", type(optimizer).__name__,
+                           e) from e
+        if opt_sd is not None:
+            try:
+                state = copy.copy(optimizer).load_state_dict(opt_sd, params)
+            except (ValueError, KeyError) as e:  # a TypeError is about params_template
+                raise _refused(where, "optimizer", type(optimizer).__name__, e) from e
+            if set(state.slots) != set(opt_sd["slots"]):
+                raise CheckpointError(f"{where}: metadata field 'optimizer.slots' is "
+                                      f"{sorted(opt_sd['slots'])} but {type(optimizer).__name__} "
+                                      f"with the saved hyperparameters uses {sorted(state.slots)}")
+    if scheduler is not None:
+        trial_sched = _trial_scheduler(scheduler, optimizer, trial_opt)
+        if trial_sched is not None:
+            try:
+                trial_sched.load_state_dict(smeta["state"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise _refused(where, "scheduler.state", type(scheduler).__name__, e) from e
+
+    # apply: optimizer, then scheduler (which sets the learning rate); undo all on failure
+    old = dict(vars(optimizer)) if optimizer is not None else None
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(hp_sd)
+        if scheduler is not None:
+            scheduler.load_state_dict(smeta["state"])  # restores itself if it raises
+    except BaseException:
+        if optimizer is not None:
             vars(optimizer).clear()
             vars(optimizer).update(old)
-            raise
-    if scheduler is not None:
-        scheduler.load_state_dict(smeta["state"])
+        raise
 
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
-            "extra": meta.get("extra"), "optimizer_state_dict": opt_sd,
+            "extra": meta["extra"], "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"], "metadata": meta}
-
-
-def _component_meta(meta: Mapping[str, Any], kind: str, obj: Any) -> Any:
-    """The checkpoint's metadata for ``kind`` ("optimizer"/"scheduler"), checked against
-    the object it is to be loaded into (if any)."""
-    m = meta.get(kind)
-    if obj is not None:
-        if m is None:
-            raise ValueError(f"checkpoint holds no {kind} (saved without {kind}=...)")
-        if m["class"] != type(obj).__name__:
-            raise ValueError(f"checkpoint holds {kind} {m['class']}, cannot load it into "
-                             f"{type(obj).__name__}")
-    return m
