@@ -24,29 +24,63 @@ Two ways to use it:
 
 The buffers are sums in the gradients' dtype on the gradients' device (in place on NumPy and
 torch); ``mean()`` multiplies by ``1/Σw`` once.
+
+Every gradient is checked before anything is written, so a call that raises changes nothing:
+the first ``add`` takes floating-point NumPy, torch or JAX arrays, all of one kind; every
+later one must give, key by key, an array of the same kind with exactly the buffer's shape
+(no broadcasting: :class:`~mithril.errors.ShapeError`), exactly its dtype (no silent
+rounding or promotion: :class:`~mithril.errors.DTypeError`) and, on torch, its device.
+:meth:`Accumulate.update` empties the buffer only once the wrapped optimizer has stepped: if
+that step raises, the buffer is as it was before the call (the last micro-batch included).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError
+from ..errors import DTypeError, KeyMismatchError, ShapeError
+from .optimizers.checks import check_int, describe, to_float
 
 __all__ = ["Accumulate", "AccumulateState", "GradientAccumulator"]
 
+_KINDS = {"numpy": "a NumPy array", "torch": "a torch tensor", "jax": "a JAX array"}
 
-def _module(x: Any) -> str:
-    return type(x).__module__.split(".", 1)[0]
+
+def _kind(x: Any) -> str | None:
+    """``"numpy"``, ``"torch"`` or ``"jax"`` for an array of that library, else None."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__.split(".", 1)[0]
+    if mod == "torch":
+        import torch
+
+        return "torch" if isinstance(x, torch.Tensor) else None
+    if mod in ("jax", "jaxlib"):
+        import jax
+
+        return "jax" if isinstance(x, jax.Array) else None
+    return None
+
+
+def _is_float(x: Any, kind: str) -> bool:
+    if kind == "torch":
+        return bool(x.is_floating_point())
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        return bool(jnp.issubdtype(x.dtype, jnp.floating))
+    return bool(np.issubdtype(x.dtype, np.floating))
 
 
 def _copy(x: Any) -> Any:
-    mod = _module(x)
+    mod = _kind(x)
     if mod == "torch":
         return x.detach().clone()
-    if mod in ("jax", "jaxlib"):
+    if mod == "jax":
         import jax.numpy as jnp
 
         return jnp.array(x, copy=True)  # on CPU, optimizer-owned JAX arrays change in place
@@ -54,25 +88,51 @@ def _copy(x: Any) -> Any:
 
 
 def _add_into(buf: Any, g: Any, w: float) -> Any:
-    """``buf + w·g``, in place where the array type allows."""
-    mod = _module(buf)
+    """``buf + w·g``, in place where the array type allows (``buf`` and ``g`` checked alike)."""
+    mod = _kind(buf)
     if mod == "torch":
         return buf.add_(g.detach(), alpha=w) if w != 1 else buf.add_(g.detach())
-    if mod in ("jax", "jaxlib"):
+    if mod == "jax":
         return buf + g * w if w != 1 else buf + g
-    if w != 1:
-        buf += np.multiply(g, w, dtype=buf.dtype)
-    else:
-        buf += g
+    with np.errstate(all="ignore"):  # an overflow to inf is the optimizer's to report
+        if w != 1:
+            buf += np.multiply(g, w, dtype=buf.dtype)
+        else:
+            buf += g
     return buf
 
 
+def _added(buf: Any, g: Any, w: float) -> Any:
+    """``buf + w·g`` as a new array, with the same arithmetic as :func:`_add_into`."""
+    mod = _kind(buf)
+    if mod == "torch":
+        import torch
+
+        g = g.detach()
+        return torch.add(buf, g, alpha=w) if w != 1 else torch.add(buf, g)
+    if mod == "jax":
+        return buf + g * w if w != 1 else buf + g
+    with np.errstate(all="ignore"):
+        return buf + np.multiply(g, w, dtype=buf.dtype) if w != 1 else buf + g
+
+
 def _scaled(x: Any, s: float) -> Any:
-    if _module(x) in ("jax", "jaxlib"):
+    """``x·s`` as a new array in ``x``'s dtype."""
+    mod = _kind(x)
+    if mod == "jax":
         return x * np.asarray(s, dtype=x.dtype)
-    if _module(x) == "torch":
-        return x * s
-    return x * x.dtype.type(s)
+    if mod == "torch":
+        return x.detach() * s
+    with np.errstate(all="ignore"):
+        return x * x.dtype.type(s)
+
+
+def _check_weight(weight: Any) -> float:
+    """A finite number > 0 (bools and strings refused with ``TypeError``)."""
+    w = to_float("weight", weight)
+    if not (math.isfinite(w) and w > 0):
+        raise ValueError(f"weight must be positive and finite, got {describe(weight)}")
+    return w
 
 
 class GradientAccumulator:
@@ -80,7 +140,9 @@ class GradientAccumulator:
 
     ``add(grads, weight=1.0)``: accumulate one micro-batch. With a mean-reduced loss, pass
     ``weight=micro_batch_size`` when the micro-batches differ in size, so that :meth:`mean`
-    equals the gradient of the concatenated batch. Every ``add`` must have the same keys.
+    equals the gradient of the concatenated batch. Every ``add`` must have the same keys, and
+    per key the same array kind, shape, dtype (and torch device) as the first one; an
+    ``add`` that raises changes nothing.
     """
 
     def __init__(self) -> None:
@@ -92,22 +154,88 @@ class GradientAccumulator:
         self.count = 0
         self.total_weight = 0.0
 
-    def add(self, gradients: Mapping[str, Any], weight: float = 1.0) -> None:
+    # -- checks (nothing is written before they all pass) -----------------------------------
+    def _check(self, gradients: Any, weight: Any) -> float:
+        """Validate one ``add(gradients, weight)``; returns the weight as a float."""
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
-        w = float(weight)
-        if not (np.isfinite(w) and w > 0):
-            raise ValueError(f"weight must be positive and finite, got {weight!r}")
+        w = _check_weight(weight)
+        if not math.isfinite(self.total_weight + w):
+            raise ValueError(f"weight={describe(weight)}: the total weight "
+                             f"{self.total_weight!r} + weight is not finite")
+        if self._sum is None:
+            self._check_first(gradients)
+        else:
+            self._check_next(gradients)
+        return w
+
+    @staticmethod
+    def _check_first(gradients: Mapping[str, Any]) -> None:
+        first: tuple[str, str] | None = None
+        for k, g in gradients.items():
+            kind = _kind(g)
+            if kind is None:
+                raise TypeError(f"gradients['{k}'] is a {type(g).__name__}, not a NumPy, torch "
+                                f"or JAX array")
+            if first is not None and kind != first[1]:
+                raise TypeError(f"gradients['{k}'] is {_KINDS[kind]} but gradients['{first[0]}'] "
+                                f"is {_KINDS[first[1]]}: all gradients must be of one kind")
+            first = first or (k, kind)
+            if kind == "torch" and str(g.layout) != "torch.strided":
+                raise TypeError(f"gradients['{k}'] is a {g.layout} tensor; only dense "
+                                f"(strided) tensors can be accumulated")
+            if not _is_float(g, kind):
+                raise DTypeError(f"gradients['{k}'] has dtype {g.dtype}; gradients must be "
+                                 f"floating point")
+
+    def _check_next(self, gradients: Mapping[str, Any]) -> None:
+        assert self._sum is not None
+        if gradients.keys() != self._sum.keys():
+            raise KeyMismatchError(
+                f"accumulated gradients have keys {sorted(self._sum)}, got {sorted(gradients)}")
+        for k, g in gradients.items():
+            buf = self._sum[k]
+            kind, want = _kind(g), _kind(buf)
+            if kind != want:
+                got = _KINDS[kind] if kind else f"a {type(g).__name__}"
+                raise TypeError(f"gradients['{k}'] is {got}, but the accumulated gradients are "
+                                f"{_KINDS[str(want)]}s")
+            if tuple(g.shape) != tuple(buf.shape):
+                raise ShapeError(f"gradients['{k}'] has shape {tuple(g.shape)}, the accumulated "
+                                 f"gradient has shape {tuple(buf.shape)} (no broadcasting)")
+            if g.dtype != buf.dtype:
+                raise DTypeError(f"gradients['{k}'] has dtype {g.dtype}, the accumulated "
+                                 f"gradient has dtype {buf.dtype}")
+            if kind == "torch" and (g.device != buf.device or g.layout != buf.layout):
+                raise ValueError(f"gradients['{k}'] is a {g.layout} tensor on {g.device}, the "
+                                 f"accumulated gradient a {buf.layout} one on {buf.device}")
+
+    # -- accumulation -------------------------------------------------------------------------
+    def add(self, gradients: Mapping[str, Any], weight: float = 1.0) -> None:
+        """Add ``weight·gradients`` to the sums (checked first: if it raises, nothing changed).
+
+        ``weight`` is a finite number > 0. Raises ``TypeError`` for a non-array or an array
+        of another kind, :class:`~mithril.errors.KeyMismatchError`,
+        :class:`~mithril.errors.ShapeError` or :class:`~mithril.errors.DTypeError` naming the
+        key whose array differs from the first ``add``'s.
+        """
+        w = self._check(gradients, weight)
         if self._sum is None:
             self._sum = {k: _scaled(g, w) if w != 1 else _copy(g) for k, g in gradients.items()}
         else:
-            if gradients.keys() != self._sum.keys():
-                raise KeyMismatchError(
-                    f"accumulated gradients have keys {sorted(self._sum)}, got {sorted(gradients)}")
             for k, g in gradients.items():
                 self._sum[k] = _add_into(self._sum[k], g, w)
         self.count += 1
         self.total_weight += w
+
+    def _mean_with(self, gradients: Mapping[str, Any], weight: float) -> dict[str, Any]:
+        """The :meth:`mean` that ``add(gradients, weight)`` would give, as new arrays, leaving
+        the accumulator unchanged (checked as :meth:`add`)."""
+        w = self._check(gradients, weight)
+        inv = 1.0 / (self.total_weight + w)
+        if self._sum is None:
+            return {k: _scaled(_scaled(g, w) if w != 1 else g, inv) for k, g in gradients.items()}
+        return {k: _scaled(_added(self._sum[k], g, w), inv) for k, g in gradients.items()}
 
     def sum(self) -> dict[str, Any]:
         """The weighted sum Σ wᵢ·gᵢ (the internal buffers; do not modify)."""
@@ -123,6 +251,20 @@ class GradientAccumulator:
 
     def __repr__(self) -> str:
         return f"GradientAccumulator(count={self.count}, total_weight={self.total_weight})"
+
+
+def _check_against_params(gradients: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Every gradient names a parameter and has its shape (caught on the micro-batch that
+    brings it, not ``k`` calls later in the wrapped optimizer)."""
+    unknown = sorted(str(k) for k in gradients if k not in params)
+    if unknown:
+        raise KeyMismatchError(f"gradients for unknown parameter(s) {unknown} "
+                               f"(params: {sorted(map(str, params))})")
+    for k, g in gradients.items():
+        p_shape, g_shape = getattr(params[k], "shape", None), getattr(g, "shape", None)
+        if p_shape is not None and g_shape is not None and tuple(p_shape) != tuple(g_shape):
+            raise ShapeError(f"gradients['{k}'] has shape {tuple(g_shape)}, params['{k}'] has "
+                             f"shape {tuple(p_shape)}")
 
 
 class AccumulateState:
@@ -164,31 +306,41 @@ class Accumulate:
     clears the buffer, otherwise ``params`` come back unchanged (``state.applied`` is False).
     Learning-rate methods are forwarded, so schedulers work on the wrapper (step them only when
     ``state.applied``).
+
+    ``k`` is an integer >= 1 (``TypeError`` for a float, string or bool, ``ValueError`` below
+    1 or above int64). An ``update`` that raises changes nothing: the gradients are checked
+    (as :meth:`GradientAccumulator.add`, and against ``params``' keys and shapes) before they
+    are added, and on the ``k``-th call the mean is formed in new arrays and the buffer
+    emptied only after the wrapped optimizer has stepped.
     """
 
     def __init__(self, optimizer: Any, k: int) -> None:
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k = check_int("k", k, minimum=1)
         self.optimizer = optimizer
-        self.k = int(k)
 
     def init(self, params: Mapping[str, Any]) -> AccumulateState:
         return AccumulateState(self.optimizer.init(params))
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: AccumulateState, weight: float = 1.0) -> tuple[Any, AccumulateState]:
+        """Buffer ``weight·gradients``; on every ``k``-th call step the wrapped optimizer with
+        the mean. Returns ``(params, state)``; if it raises, nothing changed."""
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
-        state.accumulator.add(gradients, weight)
-        if state.accumulator.count < self.k:
+        acc = state.accumulator
+        if isinstance(gradients, Mapping) and isinstance(params, Mapping):
+            _check_against_params(gradients, params)
+        if acc.count + 1 < self.k:
+            acc.add(gradients, weight)
             state.applied = False
             state.last_step_skipped = False
             return params, state
-        mean = state.accumulator.mean()
-        state.accumulator.reset()
-        params, state.inner = self.optimizer.update(params, mean, state.inner)
+        mean = acc._mean_with(gradients, weight)  # checks; the buffer stays as it is
+        params, inner = self.optimizer.update(params, mean, state.inner)
+        state.inner = inner
+        acc.reset()
         state.applied = True
-        state.last_step_skipped = bool(getattr(state.inner, "last_step_skipped", False))
+        state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
         return params, state
 
     # learning rate (for schedulers)

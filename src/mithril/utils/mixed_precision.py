@@ -62,6 +62,7 @@ import numpy as np
 from ..compiler.interpret import numpy_backward, outputs_of, run_forward
 from ..errors import KeyMismatchError, ShapeError
 from .optimizers.base import Optimizer
+from .optimizers.checks import check_flag, check_int, describe, to_float
 from .optimizers.state import OptimizerState
 
 __all__ = ["LossScaler", "MixedPrecisionTrainer"]
@@ -78,27 +79,47 @@ class LossScaler:
     only if finite) and the tracker reset. The scale is stored in float32 (as torch), products
     are formed in float64 and rounded to float32 (as torch's ``_amp_update_scale_``).
     ``dynamic=False`` keeps the scale fixed.
+
+    The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
+    > 0 that stays finite and > 0 in float32, ``growth_factor`` a finite number > 1,
+    ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool
+    and the growth tracker an integer in ``[0, growth_interval)``. A bad value raises
+    ``TypeError`` (not a number / not an integer / not a bool) or ``ValueError`` (out of range,
+    too large), naming it, and changes nothing.
     """
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  dynamic: bool = True) -> None:
-        init_scale = float(init_scale)
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"loss_scale must be positive and finite, got {init_scale!r}")
-        if not float(growth_factor) > 1.0:
-            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
-        if not 0.0 < float(backoff_factor) < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        if isinstance(growth_interval, bool) or int(growth_interval) != growth_interval \
-                or growth_interval < 1:
-            raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
-        self._scale = np.float32(init_scale)
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.growth_interval = int(growth_interval)
-        self.dynamic = bool(dynamic)
-        self.growth_tracker = 0
+        (self._scale, self.growth_factor, self.backoff_factor, self.growth_interval,
+         self.dynamic, self.growth_tracker) = self._checked(
+            init_scale, growth_factor, backoff_factor, growth_interval, dynamic, 0,
+            names=("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
+                   "dynamic_loss_scaling", "growth_tracker"))
+
+    @staticmethod
+    def _checked(scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
+                 dynamic: Any, growth_tracker: Any, names: tuple[str, ...]
+                 ) -> tuple[np.float32, float, float, int, bool, int]:
+        """All six fields validated and converted (nothing is stored here)."""
+        s = to_float(names[0], scale)
+        with np.errstate(over="ignore", under="ignore"):
+            s32 = np.float32(s)
+        if not (math.isfinite(s) and s > 0 and np.isfinite(s32) and s32 > 0):
+            raise ValueError(f"{names[0]} must be positive and finite in float32, got "
+                             f"{describe(scale)}")
+        g = to_float(names[1], growth_factor)
+        if not (math.isfinite(g) and g > 1.0):
+            raise ValueError(f"{names[1]} must be finite and > 1, got {describe(growth_factor)}")
+        b = to_float(names[2], backoff_factor)
+        if not 0.0 < b < 1.0:
+            raise ValueError(f"{names[2]} must be in (0, 1), got {describe(backoff_factor)}")
+        interval = check_int(names[3], growth_interval, minimum=1)
+        dyn = check_flag(names[4], dynamic)
+        tracker = check_int(names[5], growth_tracker, minimum=0)
+        if tracker >= interval:
+            raise ValueError(f"{names[5]} must be < {names[3]} = {interval}, got {tracker}")
+        return s32, g, b, interval, dyn, tracker
 
     @property
     def scale(self) -> float:
@@ -127,13 +148,29 @@ class LossScaler:
                 "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
                 "dynamic": self.dynamic, "growth_tracker": self.growth_tracker}
 
+    _KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "dynamic",
+             "growth_tracker")
+
+    @classmethod
+    def _parse_state(cls, d: Any, where: str = "LossScaler state dict"
+                     ) -> tuple[np.float32, float, float, int, bool, int]:
+        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+        missing = [k for k in cls._KEYS if k not in d and k != "dynamic"]
+        if missing:
+            raise KeyMismatchError(f"{where} is missing key(s) {missing}")
+        return cls._checked(*(d.get(k, True) for k in cls._KEYS),
+                            names=tuple(f"{where} '{k}'" for k in cls._KEYS))
+
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        self._scale = np.float32(d["scale"])
-        self.growth_factor = float(d["growth_factor"])
-        self.backoff_factor = float(d["backoff_factor"])
-        self.growth_interval = int(d["growth_interval"])
-        self.dynamic = bool(d.get("dynamic", True))
-        self.growth_tracker = int(d["growth_tracker"])
+        """Restore a :meth:`state_dict`; every field is checked (as by the constructor)
+        before any is written, so a bad dict changes nothing."""
+        self._set(self._parse_state(d))
+
+    def _set(self, fields: tuple[np.float32, float, float, int, bool, int]) -> None:
+        (self._scale, self.growth_factor, self.backoff_factor, self.growth_interval,
+         self.dynamic, self.growth_tracker) = fields
 
     def __repr__(self) -> str:
         return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
@@ -451,7 +488,17 @@ class MixedPrecisionTrainer:
                                    f"(outputs: {sorted(out_shapes)})")
         cots = {}
         for k, g in loss_gradients.items():
-            c = self._engine.cotangent(g)
+            if isinstance(g, (str, bytes)):
+                raise TypeError(f"loss gradient '{k}' must be a number or an array, got "
+                                f"{describe(g)}")
+            try:
+                c = self._engine.cotangent(g)
+            except OverflowError:
+                raise ValueError(f"loss gradient '{k}' is too large: got {describe(g)} (not "
+                                 f"representable as a float)") from None
+            except (TypeError, ValueError):
+                raise TypeError(f"loss gradient '{k}' must be a number or an array of numbers, "
+                                f"got {describe(g)}") from None
             if tuple(c.shape) != tuple(out_shapes[k]):
                 raise ShapeError(f"loss gradient '{k}': expected shape {tuple(out_shapes[k])}, "
                                  f"got {tuple(c.shape)}")
@@ -512,9 +559,23 @@ class MixedPrecisionTrainer:
                 "num_skipped_steps": self.num_skipped_steps}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        self.scaler.load_state_dict(d["scaler"])
-        self.num_steps = int(d["num_steps"])
-        self.num_skipped_steps = int(d["num_skipped_steps"])
+        """Restore a :meth:`state_dict` (scaler and counters; the masters and the optimizer
+        state are restored separately). Everything is checked before anything is written:
+        ``TypeError`` / ``ValueError`` / :class:`~mithril.errors.KeyMismatchError` naming the
+        key at fault, and nothing changed."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
+        missing = [k for k in ("scaler", "num_steps", "num_skipped_steps") if k not in d]
+        if missing:
+            raise KeyMismatchError(f"MixedPrecisionTrainer state dict is missing key(s) {missing}")
+        scaler = LossScaler._parse_state(d["scaler"], "state dict 'scaler'")
+        steps = check_int("state dict 'num_steps'", d["num_steps"], minimum=0)
+        skipped = check_int("state dict 'num_skipped_steps'", d["num_skipped_steps"], minimum=0)
+        if skipped > steps:
+            raise ValueError(f"state dict 'num_skipped_steps' = {skipped} exceeds 'num_steps' "
+                             f"= {steps}")
+        self.scaler._set(scaler)
+        self.num_steps, self.num_skipped_steps = steps, skipped
 
     def __repr__(self) -> str:
         return (f"MixedPrecisionTrainer(compute={self.compute_dtype}, master={self.master_dtype}, "

@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from ..optimizers.checks import MAX_INT, describe
+
 __all__ = ["LRScheduler", "SupportsLearningRate"]
 
 
@@ -34,12 +36,24 @@ def _check_optimizer(optimizer: Any) -> None:
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
+    """An integer in ``[minimum, MAX_INT]`` (``ValueError`` naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {describe(value)}")
     value = int(value)
+    if value > MAX_INT:
+        raise ValueError(f"{name} is too large: got {describe(value)} (at most {MAX_INT})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return value
+
+
+def _to_float(name: str, value: Any) -> float:
+    """``float(value)`` of a real number; ``ValueError`` naming ``name`` if it is too large."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large: got {describe(value)} (not representable as a "
+                         f"float)") from None
 
 
 def _check_real(
@@ -52,8 +66,8 @@ def _check_real(
     le: float | None = None,
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+        raise ValueError(f"{name} must be a real number, got {describe(value)}")
+    value = _to_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     bounds = []
@@ -76,14 +90,14 @@ def _check_real(
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {describe(value)}")
     return str(value)
 
 
 def _check_milestones(name: str, milestones: Any) -> list[int]:
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-        raise ValueError(f"{name} must be a sequence of integers, got {milestones!r}")
+        raise ValueError(f"{name} must be a sequence of integers, got {describe(milestones)}")
     out = [_check_int(f"{name}[{i}]", m, minimum=1) for i, m in enumerate(milestones)]
     for prev, cur in zip(out, out[1:], strict=False):
         if cur <= prev:
@@ -101,8 +115,17 @@ def _encode_float(x: float) -> float | str:
     return "inf" if x > 0 else "-inf"
 
 
-def _decode_float(x: float | str) -> float:
-    return float(x)
+def _decode_float(x: float | str, name: str = "value") -> float:
+    """The inverse of :func:`_encode_float`: a real number or a string such as ``"inf"``
+    (``ValueError`` naming ``name`` for anything else, or a number too large for a float)."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, str)):
+        raise ValueError(f"state_dict {name} must be a number, got {describe(x)}")
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            raise ValueError(f"state_dict {name} must be a number, got {describe(x)}") from None
+    return _to_float(f"state_dict {name}", x)
 
 
 def _check_lr(name: str, lr: float) -> float:
@@ -113,7 +136,9 @@ def _check_lr(name: str, lr: float) -> float:
 
 def _check_step(t: Any) -> int:
     if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-        raise ValueError(f"step t must be a non-negative integer, got {t!r}")
+        raise ValueError(f"step t must be a non-negative integer, got {describe(t)}")
+    if t > MAX_INT:
+        raise ValueError(f"step t is too large: got {describe(t)} (at most {MAX_INT})")
     return int(t)
 
 
@@ -141,7 +166,10 @@ class LRScheduler:
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
-        self.base_lr: float = float(optimizer.get_learning_rate())
+        lr = _to_float("the optimizer's learning rate", optimizer.get_learning_rate())
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"the optimizer's learning rate must be finite and >= 0, got {lr!r}")
+        self.base_lr: float = lr
         self.last_step: int = 0
         self._last_lr: float = self.base_lr
 
@@ -192,9 +220,18 @@ class LRScheduler:
         self.last_step = 0
 
     def _restart(self) -> None:
-        """Go back to step 0 and set the optimizer's learning rate accordingly."""
-        self._reset_state()
-        self.optimizer.set_learning_rate(self._last_lr)
+        """Go back to step 0 and set the optimizer's learning rate accordingly (all or
+        nothing: if the optimizer refuses the rate, the scheduler is left as it was)."""
+        backup = self.state_dict()
+        try:
+            self._reset_state()
+            self.optimizer.set_learning_rate(self._last_lr)
+        except Exception:
+            try:
+                self._load(backup)
+            except Exception:  # only while constructing (no valid state yet): keep the cause
+                pass
+            raise
 
     def _advance(self, metric: float | None) -> None:
         """One step on behalf of a parent scheduler; ``metric`` is ignored unless needed."""
@@ -246,9 +283,10 @@ class LRScheduler:
     def _load(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
-        if state.get("type") != type(self).__name__:
+        kind = state.get("type")
+        if not isinstance(kind, str) or kind != type(self).__name__:
             raise ValueError(
-                f"state_dict is for {state.get('type')!r}, cannot load it into "
+                f"state_dict is for {describe(kind)}, cannot load it into "
                 f"{type(self).__name__}"
             )
         missing = [k for k in ("last_step", "base_lr", "last_lr", *self._HPARAMS) if k not in state]
@@ -257,8 +295,8 @@ class LRScheduler:
         # hyper-parameters are validated finite, so they are stored verbatim
         self._configure(**{name: state[name] for name in self._HPARAMS})
         self.last_step = _check_step(state["last_step"])
-        self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"]))
-        self._last_lr = _check_lr("last_lr", _decode_float(state["last_lr"]))
+        self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"], "base_lr"))
+        self._last_lr = _check_lr("last_lr", _decode_float(state["last_lr"], "last_lr"))
         self._load_extra(state)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -104,11 +104,11 @@ class CosineAnnealingLR(LRScheduler):
                 self.eta_min
                 + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
             )
+        phase = math.pi * t / self.T_max
+        if not math.isfinite(phase):  # a tiny T_max: math.cos(inf) would be a domain error
+            raise ValueError(f"{type(self).__name__}: step {t} / T_max={self.T_max} overflows")
         # same evaluation order as torch's CosineAnnealingLR._get_closed_form_lr
-        return (
-            self.eta_min
-            + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
-        )
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(phase)) / 2
 
 
 class CosineAnnealingWarmRestarts(CosineAnnealingLR):

@@ -101,6 +101,12 @@ class OneCycleLR(LRScheduler):
 
         initial_lr = max_lr / div_factor
         min_lr = initial_lr / final_div_factor
+        if not (math.isfinite(initial_lr) and initial_lr > 0 and min_lr > 0):
+            raise ValueError(
+                f"max_lr={max_lr}, div_factor={div_factor} and final_div_factor="
+                f"{final_div_factor} give initial_lr={initial_lr} and min_lr={min_lr}; both "
+                f"must be finite and > 0"
+            )
         # (end_step, start_lr, end_lr) with torch's exact arithmetic for the boundaries
         if three_phase:
             phases = [

@@ -7,14 +7,17 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ..optimizers.checks import describe
 from .base import (
     LRScheduler,
     SupportsLearningRate,
     _check_choice,
     _check_int,
     _check_real,
+    _check_step,
     _decode_float,
     _encode_float,
+    _to_float,
 )
 
 __all__ = ["ReduceLROnPlateau"]
@@ -151,35 +154,42 @@ class ReduceLROnPlateau(LRScheduler):
         return a > best + self.threshold
 
     def step(self, metric: float | None = None) -> None:  # type: ignore[override]
-        """Observe ``metric`` (anything ``float()`` accepts) and maybe reduce the learning rate.
+        """Observe ``metric`` (a number: anything ``float()`` accepts but a string) and maybe
+        reduce the learning rate.
 
         Without a metric there is nothing to observe: a ``RuntimeWarning`` says so and
         nothing changes (no epoch is counted). A loop written for epoch-driven schedulers
         thus keeps running, visibly, instead of crashing or silently decaying.
+
+        A metric that is not a number (``TypeError``) or too large for a float
+        (``ValueError``) changes nothing; neither does a learning rate the optimizer refuses.
         """
         if metric is None:
             _warn_no_metric()
             return
-        current = float(metric)
-        self.last_step += 1
-        if self._is_better(current, self.best):
-            self.best = current
-            self.num_bad_epochs = 0
+        current = _metric_value(metric)
+        last_step = _check_step(self.last_step + 1)
+        # the new counters first; the scheduler is written only once the optimizer took the lr
+        best, bad, cooldown_counter = self.best, self.num_bad_epochs, self.cooldown_counter
+        if self._is_better(current, best):
+            best, bad = current, 0
         else:
-            self.num_bad_epochs += 1
+            bad += 1
 
-        if self.in_cooldown:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0  # ignore any bad epochs in cooldown
+        if cooldown_counter > 0:
+            cooldown_counter -= 1
+            bad = 0  # ignore any bad epochs in cooldown
 
-        if self.num_bad_epochs > self.patience:
-            old_lr = float(self.optimizer.get_learning_rate())
+        if bad > self.patience:
+            old_lr = _to_float("the optimizer's learning rate", self.optimizer.get_learning_rate())
             new_lr = max(old_lr * self.factor, self.min_lr)
             if old_lr - new_lr > self.eps:
-                self.optimizer.set_learning_rate(new_lr)
-            self.cooldown_counter = self.cooldown
-            self.num_bad_epochs = 0
+                self.optimizer.set_learning_rate(new_lr)  # may raise: nothing written yet
+            cooldown_counter = self.cooldown
+            bad = 0
 
+        self.last_step, self.best = last_step, best
+        self.num_bad_epochs, self.cooldown_counter = bad, cooldown_counter
         self._last_lr = float(self.optimizer.get_learning_rate())
 
     def _advance(self, metric: float | None) -> None:
@@ -194,13 +204,27 @@ class ReduceLROnPlateau(LRScheduler):
 
     def _load_extra(self, state: Mapping[str, Any]) -> None:
         try:
-            self.best = _decode_float(state["best"])
+            self.best = _decode_float(state["best"], "best")
             self.num_bad_epochs = _check_int("num_bad_epochs", state["num_bad_epochs"], minimum=0)
             self.cooldown_counter = _check_int(
                 "cooldown_counter", state["cooldown_counter"], minimum=0
             )
         except KeyError as exc:
             raise ValueError(f"ReduceLROnPlateau state_dict is missing key {exc}") from None
+
+
+def _metric_value(metric: Any) -> float:
+    """``float(metric)``: ``TypeError`` naming the metric if it is not a number, ``ValueError``
+    if it is too large for a float (e.g. a huge int)."""
+    if isinstance(metric, (str, bytes)):  # float("0.5") would pass, silently
+        raise TypeError(f"metric must be a number, got {describe(metric)}")
+    try:
+        return float(metric)
+    except OverflowError:
+        raise ValueError(f"metric is too large: got {describe(metric)} (not representable as "
+                         f"a float)") from None
+    except Exception:  # TypeError, ValueError, torch's RuntimeError for a many-element tensor
+        raise TypeError(f"metric must be a number, got {describe(metric)}") from None
 
 
 def _warn_no_metric(stacklevel: int = 3) -> None:

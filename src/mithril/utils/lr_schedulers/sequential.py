@@ -6,8 +6,14 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import LRScheduler, SupportsLearningRate, _check_child, _check_milestones
-from .plateau import _drive_child
+from .base import (
+    LRScheduler,
+    SupportsLearningRate,
+    _check_child,
+    _check_milestones,
+    _check_step,
+)
+from .plateau import _drive_child, _metric_value
 
 __all__ = ["SequentialLR"]
 
@@ -97,8 +103,11 @@ class SequentialLR(LRScheduler):
         self._last_lr = self.schedulers[0].get_last_lr()
 
     def step(self, metric: float | None = None) -> None:  # type: ignore[override]
-        """Advance one step; ``metric`` goes to the active child if it is metric-driven."""
-        t = self.last_step + 1
+        """Advance one step; ``metric`` goes to the active child if it is metric-driven (a
+        metric that is not a number raises, and changes nothing, even when ignored)."""
+        if metric is not None:
+            _metric_value(metric)
+        t = _check_step(self.last_step + 1)
         idx, local = self._locate(t)
         child = self.schedulers[idx]
         if not _drive_child(child, local == 0, metric):

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import LRScheduler, SupportsLearningRate, _check_child, _check_int, _check_real
-from .plateau import _drive_child
+from .base import (
+    LRScheduler,
+    SupportsLearningRate,
+    _check_child,
+    _check_int,
+    _check_real,
+    _check_step,
+)
+from .plateau import _drive_child, _metric_value
 
 __all__ = ["LinearWarmupScheduler"]
 
@@ -83,8 +90,11 @@ class LinearWarmupScheduler(LRScheduler):
             self._last_lr = self._lr_at(0)
 
     def step(self, metric: float | None = None) -> None:  # type: ignore[override]
-        """Advance one step; ``metric`` is forwarded to a metric-driven ``after_scheduler``."""
-        t = self.last_step + 1
+        """Advance one step; ``metric`` is forwarded to a metric-driven ``after_scheduler``
+        (a metric that is not a number raises, and changes nothing, even when ignored)."""
+        if metric is not None:
+            _metric_value(metric)
+        t = _check_step(self.last_step + 1)
         after = self.after_scheduler
         if after is None or t < self.warmup_steps:
             self._set_step(t)

@@ -38,7 +38,7 @@ class SGD(Optimizer):
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, dampening: float = 0.0, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.momentum = check_unit("momentum", momentum) if momentum else 0.0
+        self.momentum = check_unit("momentum", momentum)
         self.dampening = check_positive("dampening", dampening)
         if self.dampening > 1:
             raise ValueError(f"dampening must be in [0, 1], got {dampening!r}")
