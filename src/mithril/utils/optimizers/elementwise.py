@@ -57,3 +57,104 @@ def _maximum_nb(a, b):  # pragma: no cover - compiled by numba
         cast = numpy_support.as_dtype(a).type
         return lambda a, b: a if a >= cast(b) else cast(b)
     return lambda a, b: a if a >= b else b
+
+
+def minimum(a: Any, b: Any) -> Any:
+    """The smaller of ``a`` and ``b`` elementwise (``b`` may be a Python number)."""
+    mod = _module_of(a)
+    if mod == "torch":
+        import torch
+
+        return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp_max(a, b)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.minimum(a, b)
+    return np.minimum(a, b)
+
+
+def abs_(x: Any) -> Any:
+    """``|x|`` (named ``abs_`` so as not to shadow the builtin)."""
+    mod = _module_of(x)
+    if mod == "torch":
+        import torch
+
+        return torch.abs(x)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.abs(x)
+    return np.abs(x)
+
+
+def sign(x: Any) -> Any:
+    """-1, 0 or +1 with ``x``'s dtype (``sign(±0) = ±0``, ``sign(NaN) = NaN``), as
+    ``torch.sign`` / ``jnp.sign`` / ``np.sign``."""
+    mod = _module_of(x)
+    if mod == "torch":
+        import torch
+
+        return torch.sign(x)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.sign(x)
+    return np.sign(x)
+
+
+def where(cond: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``cond`` else ``b``, elementwise (``torch.where`` / ``jnp.where`` /
+    ``np.where``); ``a``/``b`` may be Python numbers, which take the array's dtype. A plain
+    bool ``cond`` (a comparison of two per-step scalars on a backend that passes them as
+    Python floats) selects ``a`` or ``b`` whole."""
+    if isinstance(cond, (bool, np.bool_)):
+        return a if cond else b
+    mod = next((m for m in map(_module_of, (cond, a, b)) if m in ("torch", "jax", "jaxlib")), "")
+    if mod == "torch":
+        import torch
+
+        return torch.where(cond, a, b)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.where(cond, a, b)
+    return np.where(cond, a, b)
+
+
+def _narrowest(*tys: Any) -> Any:
+    """The NumPy scalar type of the narrowest float among numba types ``tys`` (None when
+    they are all one type or none is a float): a float64 literal or int in a float32 kernel
+    must not widen it to float64 (the per-step scalars arrive in the parameters' dtype)."""
+    floats = [t for t in tys if isinstance(t, types.Float)]
+    if not floats or all(t == tys[0] for t in tys):
+        return None
+    return numpy_support.as_dtype(min(floats, key=lambda t: t.bitwidth)).type
+
+
+@overload(minimum)
+def _minimum_nb(a, b):  # pragma: no cover - compiled by numba
+    if isinstance(a, types.Float) and isinstance(b, (types.Float, types.Integer)) and a != b:
+        cast = numpy_support.as_dtype(a).type  # keep a's precision, as maximum
+        return lambda a, b: a if a <= cast(b) else cast(b)
+    return lambda a, b: a if a <= b else b
+
+
+@overload(abs_)
+def _abs_nb(x):  # pragma: no cover - compiled by numba
+    return lambda x: abs(x)
+
+
+@overload(sign)
+def _sign_nb(x):  # pragma: no cover - compiled by numba
+    if isinstance(x, types.Float):
+        cast = numpy_support.as_dtype(x).type  # keep x's precision; 0 and NaN pass through
+        return lambda x: cast(1) if x > 0 else (cast(-1) if x < 0 else x)
+    return lambda x: np.sign(x)
+
+
+@overload(where)
+def _where_nb(cond, a, b):  # pragma: no cover - compiled by numba
+    cast = _narrowest(a, b)
+    if cast is not None:
+        return lambda cond, a, b: cast(a) if cond else cast(b)
+    return lambda cond, a, b: a if cond else b

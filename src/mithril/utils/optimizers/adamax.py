@@ -1,0 +1,45 @@
+"""Adamax with torch.optim conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Optimizer
+from .checks import check_positive, check_unit
+from .elementwise import abs_, maximum
+
+
+def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
+    m = m + b1c * (g - m)                  # torch: m.lerp_(g, 1 − β₁)
+    u = maximum(u * b2, abs_(g) + eps)     # torch: max(β₂·u, |g| + ε)
+    return p - clr * (m / u), m, u
+
+
+class Adamax(Optimizer):
+    """Adamax (Kingma & Ba, the ∞-norm variant of Adam) as torch.optim.Adamax::
+
+        m ← β₁·m + (1−β₁)·g        u ← max(β₂·u, |g| + ε)
+        p ← p − lr/(1−β₁ᵗ) · m / u
+
+    Slots ``m`` and ``u`` (torch's ``exp_avg`` and ``exp_inf``). ε is added to |g| inside
+    the max, as torch and optax.adamax; Keras takes ``max(β₂·u, |g|)`` and divides by
+    ``u + ε`` instead (the same unless |g| is about ε or smaller). ``weight_decay`` is
+    coupled L2 (``g ← g + wd·p``, torch). Defaults are torch's: lr 2e-3, β = (0.9, 0.999),
+    ε = 1e-8 (optax has no default lr; Keras: lr 1e-3, ε 1e-7).
+    """
+
+    slots = ("m", "u")
+
+    def __init__(self, learning_rate: float = 2e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 epsilon: float = 1e-8, weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.beta1 = check_unit("beta1", beta1)
+        self.beta2 = check_unit("beta2", beta2)
+        self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        lr = self.learning_rate
+        return (lr, 1 - self.beta1, self.beta2, self.epsilon, lr / (1 - self.beta1**step))
+
+    def kernel_math(self) -> Any:
+        return _adamax
