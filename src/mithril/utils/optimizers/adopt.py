@@ -1,0 +1,77 @@
+"""ADOPT, optax (optax.contrib.adopt) conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Optimizer
+from .checks import check_flag, check_positive, check_unit
+from .elementwise import maximum, sqrt
+
+
+def _adopt(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
+    u = g / maximum(sqrt(v), eps)              # normalised by the *previous* v
+    m = b1 * m + b1c * u
+    v = b2 * v + b2c * g * g
+    return p - lr * m, m, v
+
+
+def _adopt_clip(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
+    u = g / maximum(sqrt(v), eps)
+    u = -maximum(-maximum(u, -clip), -clip)    # clip(u, −c, c), exactly
+    m = b1 * m + b1c * u
+    v = b2 * v + b2c * g * g
+    return p - lr * m, m, v
+
+
+def _adopt_nesterov(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
+    u = g / maximum(sqrt(v), eps)
+    u = -maximum(-maximum(u, -clip), -clip)
+    m = b1 * m + b1c * u
+    v = b2 * v + b2c * g * g
+    return p - lr * (b1 * m + b1c * u), m, v
+
+
+class ADOPT(Optimizer):
+    """ADOPT (Taniguchi et al., 2024) as optax.contrib.adopt::
+
+        u ← clip(g / max(√v, ε), ±(t−1)^¼)    (v of the previous step; clipping optional)
+        m ← β₁·m + (1−β₁)·u
+        v ← β₂·v + (1−β₂)·g²
+        p ← p − lr·m                           (nesterov: p ← p − lr·(β₁·m + (1−β₁)·u))
+
+    First step (t = 1, optax's convention): only ``v ← g²``; m stays 0 and the parameters
+    do not move (β₁ and β₂ act as 1 and 0). The clip bound is optax's default
+    ``clip_value_fn`` evaluated at the 0-based count, (t−1)^¼; other clip functions are not
+    offered. ε is a floor on √v (``max``), not added. optax's ADOPT has no weight decay:
+    ``weight_decay`` here is coupled L2 (``g ← g + wd·p``, optax.add_decayed_weights chained
+    in front). torch 2.x has no ADOPT.
+    """
+
+    slots = ("m", "v")
+
+    def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.9999,
+                 epsilon: float = 1e-6, use_clipping: bool = True, nesterov: bool = False,
+                 weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.beta1 = check_unit("beta1", beta1)
+        self.beta2 = check_unit("beta2", beta2)
+        self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        self.use_clipping = check_flag("use_clipping", use_clipping)
+        self.nesterov = check_flag("nesterov", nesterov)
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        b1, b2 = (1.0, 0.0) if step == 1 else (self.beta1, self.beta2)
+        return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, self.epsilon, (step - 1) ** 0.25)
+
+    def kernel_math(self) -> Any:
+        if self.nesterov:
+            return _adopt_nesterov if self.use_clipping else _adopt_nesterov_noclip
+        return _adopt_clip if self.use_clipping else _adopt
+
+
+def _adopt_nesterov_noclip(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
+    u = g / maximum(sqrt(v), eps)
+    m = b1 * m + b1c * u
+    v = b2 * v + b2c * g * g
+    return p - lr * (b1 * m + b1c * u), m, v
