@@ -22,7 +22,6 @@ import copy
 import functools
 import inspect
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -156,11 +155,9 @@ from mithril.utils.optimizers.ftrl import Ftrl
 from mithril.utils.optimizers.lion import Lion
 from mithril.utils.optimizers.yogi import Yogi
 
-try:
-    import keras
-    keras.config.set_floatx("float64")
-except ImportError:
-    keras = None
+import keras  # the test extra has it: Ftrl's reference
+
+keras.config.set_floatx("float64")
 """
 
 _SCRIPT_MAIN = r"""
@@ -215,9 +212,6 @@ def run_mithril(cls_name, kw, engine):
 
 out = {}
 for case, (cls_name, kw, ref) in CASES.items():
-    if isinstance(ref, list) and keras is None:
-        out[case] = None
-        continue
     traj = run_reference(kw, ref)
     for engine in ("numpy", "jax-jit"):
         err = 0.0
@@ -233,8 +227,7 @@ def sig(f):
 refs = {"Lion": optax.lion, "Yogi": optax.scale_by_yogi, "AdaBelief": optax.adabelief,
         "ADOPT": optax.contrib.adopt, "Adan": optax.adan, "AdEMAMix": optax.contrib.ademamix}
 defaults = {c: sig(f) for c, f in refs.items()}
-if keras is not None:
-    defaults["Ftrl"] = sig(keras.optimizers.Ftrl)
+defaults["Ftrl"] = sig(keras.optimizers.Ftrl)
 print(json.dumps({"errors": out, "defaults": defaults}, default=repr))
 """
 
@@ -262,8 +255,7 @@ def test_float64_parity_and_defaults():
     errors, defaults = res["errors"], res["defaults"]
     bad = {}
     for case in CASES:
-        if errors.get(case, 0.0) is None:
-            continue  # Keras missing: warned below
+        assert errors.get(case, 0.0) is not None, f"{case}: no reference run"
         for engine in ("numpy", "jax-jit"):
             err = errors[f"{case}/{engine}"]
             OBSERVED[f"f64/{case}/{engine}"] = err
@@ -284,11 +276,7 @@ def test_float64_parity_and_defaults():
                 assert value == want, (cls.__name__, name, value, want)
                 checked += 1
         assert checked >= 2, (cls.__name__, checked)
-    if "Ftrl" in defaults:
-        assert Ftrl().learning_rate == defaults["Ftrl"]["learning_rate"]
-    else:
-        warnings.warn("keras is not installed: Ftrl's float64 parity with keras.optimizers.Ftrl "
-                      "was not checked", stacklevel=1)
+    assert Ftrl().learning_rate == defaults["Ftrl"]["learning_rate"]
 
 
 # ---------------------------------------------------------------------------------------------
