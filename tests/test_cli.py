@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from mithril.cli import main
+from mithril.cli import train as train_mod  # noqa: E402
 from mithril.cli import training as training_mod  # noqa: E402
 from mithril.cli.errors import CLIError  # noqa: E402
-from mithril.cli.options import parse_spec  # noqa: E402
+from mithril.cli.options import OPTIONS, parse_spec  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS_PER_EPOCH = 23  # 1437 training digits in batches of 64
@@ -221,7 +222,7 @@ def test_plot_schedule_restarts_and_sequences(tmp_path, capsys):
     (["compare", "--configs", "adam:speed=3"], ["unknown setting 'speed'"]),
     (["plot-schedule", "--scheduler", "plateau"], ["plateau"]),
     (["plot-schedule", "--scheduler", "step", "cosine"], ["need 1 --switch-at"]),
-    (["plot-schedule", "--steps", "0"], ["must be >= 1"]),
+    (["plot-schedule", "--steps", "0"], ["must be between 1 and 1000000, got 0"]),
 ])
 def test_bad_names_and_hyperparameters_exit_2_with_a_message(tmp_path, capsys, argv, words):
     out = tmp_path / "never"
@@ -267,3 +268,247 @@ def test_spec_parsing():
                       ["adam"]) == ("adam", {"lr": 1e-3, "eps": 1e-6, "amsgrad": False})
     with pytest.raises(CLIError, match="needs a value"):
         parse_spec("adam:lr", "optimizer", ["adam"])
+
+
+# -- missing optional dependencies -------------------------------------------------------------
+def hide_module(monkeypatch, name: str) -> None:
+    """Make ``import name`` (and its submodules) fail, as without the extra installed."""
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        monkeypatch.setitem(sys.modules, key, None)
+    monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("module, argv, extra", [
+    ("tqdm", ["train"], "cli"),
+    ("matplotlib", ["train", "--no-progress"], "cli"),
+    ("sklearn", ["train", "--no-progress", "--no-plot"], "cli"),
+    ("threadpoolctl", ["train", "--no-progress", "--no-plot"], "cli"),
+    ("tqdm", ["compare", "--configs", "adam"], "cli"),
+    ("matplotlib", ["compare", "--configs", "adam", "--no-progress"], "cli"),
+    ("matplotlib", ["plot-schedule"], "cli"),
+    ("torch", ["train", "--backend", "torch", "--no-progress", "--no-plot"], "torch"),
+    ("jax", ["train", "--backend", "jax", "--no-progress", "--no-plot"], "jax"),
+])
+def test_missing_extra_is_one_line_and_status_1_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                module, argv, extra):
+    hide_module(monkeypatch, module)
+    out = tmp_path / "never"
+    budget = [] if argv[0] == "plot-schedule" else QUICK[:4]  # in case it did run
+    flag = str(out / "x.png") if argv[0] == "plot-schedule" else str(out)
+    assert main([*argv, *budget, "--out", flag]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err
+    assert lines[0].startswith(f"mithril {argv[0]}: error: missing module '{module}'")
+    assert lines[0].endswith(f"pip install 'mithril[{extra}]'")
+    assert captured.out == ""  # nothing loaded, trained or printed
+    assert not out.exists()
+
+
+def test_no_progress_and_no_plot_need_neither_tqdm_nor_matplotlib(tmp_path, capsys, monkeypatch):
+    hide_module(monkeypatch, "tqdm")
+    hide_module(monkeypatch, "matplotlib")
+    out = tmp_path / "bare"
+    assert main(["train", *QUICK, "--no-progress", "--no-plot", "--out", str(out)]) == 0
+    assert len(rows(out / "metrics.csv")) == 2 * STEPS_PER_EPOCH
+    assert json.loads((out / "summary.json").read_text())["final"]["test_acc"] > 0.85
+    assert sorted(p.name for p in out.iterdir()) == ["epochs.csv", "metrics.csv", "summary.json"]
+
+
+def test_missing_extra_in_a_real_process(tmp_path):
+    """``python -m mithril`` with tqdm unimportable: one line on stderr, exit status 1."""
+    out = tmp_path / "never"
+    argv = ["mithril", "train", *QUICK, "--out", str(out)]
+    code = ("import runpy, sys; sys.modules['tqdm'] = None; "
+            f"sys.argv = {argv!r}; runpy.run_module('mithril', run_name='__main__')")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.splitlines() == [
+        "mithril train: error: missing module 'tqdm' (the progress bar; --no-progress does "
+        "without it): pip install 'mithril[cli]'"]
+    assert res.stdout == "" and not out.exists()
+
+
+# -- every flag refuses bad values with usage and status 2 ---------------------------------------
+def usage_exit(capsys, argv: list[str]) -> str:
+    """Like :func:`usage_error`, and the usage line is printed."""
+    err = usage_error(capsys, argv)
+    assert "usage: mithril" in err
+    return err
+
+
+BAD_NUMBERS = ["nan", "inf", "-inf", "1e400", "1" + "0" * 400, "abc", ""]
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS.values() if o.kind in ("float", "int",
+                                                                                "ints")],
+                         ids=lambda o: o.flag)
+@pytest.mark.parametrize("value", BAD_NUMBERS, ids=["nan", "inf", "-inf", "1e400", "10**400",
+                                                    "abc", "empty"])
+def test_every_numeric_option_refuses_non_finite_and_huge_values(tmp_path, capsys, option, value):
+    err = usage_exit(capsys, ["train", "--dry-run", option.flag, value])
+    assert f"argument {option.flag}" in err
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS.values() if o.kind in ("int", "ints")],
+                         ids=lambda o: o.flag)
+def test_every_integer_option_refuses_negative_values(capsys, option):
+    err = usage_exit(capsys, ["train", "--dry-run", option.flag, "-3"])
+    assert f"argument {option.flag}: must be between 0 and 1000000000, got -3" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", "-5"], ["argument --seed: must be between 0 and 4294967295, got -5"]),
+    (["--seed", "4294967296"], ["argument --seed: must be between 0 and 4294967295"]),
+    (["--split-seed", "-1"], ["argument --split-seed: must be between 0 and 4294967295"]),
+    (["--seed", "1" + "0" * 400], ["argument --seed:", "is too large"]),
+    (["--epochs", "0"], ["argument --epochs: must be between 1 and 10000, got 0"]),
+    (["--epochs", "1" + "0" * 400], ["argument --epochs:", "too large"]),
+    (["--epochs", "2.5"], ["argument --epochs: '2.5' is not an integer"]),
+    (["--batch-size", "-64"], ["argument --batch-size: must be between 1 and 1000000"]),
+    (["--hidden", "32", "0"], ["argument --hidden: must be between 1 and 8192, got 0"]),
+    (["--hidden", "100000"], ["argument --hidden: must be between 1 and 8192"]),
+    (["--threads", "0"], ["argument --threads: must be between 1 and 1024"]),
+    (["--test-size", "nan"], ["argument --test-size: must be a finite number, got 'nan'"]),
+    (["--test-size", "0"], ["argument --test-size: must be between 0 and 1 (exclusive)"]),
+    (["--test-size", "1"], ["argument --test-size: must be between 0 and 1"]),
+    (["--test-size", "0.001"], ["--test-size 0.001", "cannot split the 1797 digits"]),
+    (["--test-size", "0.999"], ["cannot split the 1797 digits"]),
+    (["--loss-scale", "0"], ["argument --loss-scale: must be > 0, got 0"]),
+    (["--loss-scale", "inf"], ["argument --loss-scale: must be a finite number"]),
+    (["--epochs", "2000", "--batch-size", "1"], ["2,874,000 steps; at most 2,000,000"]),
+    (["--backend", "cuda"], ["argument --backend: invalid choice: 'cuda'"]),
+    (["--dtype", "float16"], ["argument --dtype: invalid choice: 'float16'"]),
+    (["--activation", "swish"], ["argument --activation: invalid choice"]),
+    (["--mixed-precision", "fp8"], ["argument --mixed-precision: invalid choice"]),
+    (["--nonfinite", "ignore"], ["argument --nonfinite: invalid choice"]),
+    (["--anneal-strategy", "cubic"], ["argument --anneal-strategy: invalid choice"]),
+    (["--scheduler", "step:step_size=-1"], ["step_size='-1': must be between 0 and"]),
+    (["--scheduler", "cosine:t_max=inf"], ["t_max='inf': must be a finite number"]),
+    (["--out", ""], ["argument --out: must not be empty"]),
+    (["--out", "a\0b"], ["argument --out: must not contain a NUL byte"]),
+    (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+])
+def test_bad_task_flags_exit_2_with_usage(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    err = usage_exit(capsys, ["train", "--dry-run", *argv])
+    for w in words:
+        assert w in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compare", "--configs", "adam:lr=nan"], ["optimizer 'adam:lr=nan'", "must be a finite number"]),
+    (["compare", "--configs", "sgd:lr=1e400"], ["lr='1e400': must be a finite number"]),
+    (["compare", "--configs", "adam:scheduler=step,step_size=" + "9" * 40],
+     ["step_size=", "too large"]),
+    (["compare", "--seed", "-1"], ["argument --seed: must be between 0"]),
+    (["plot-schedule", "--steps", "10000000"], ["argument --steps: must be between 1 and 1000000"]),
+    (["plot-schedule", "--lr", "nan"], ["argument --lr: must be a finite number"]),
+    (["plot-schedule", "--milestones", "-1"], ["argument --milestones: must be between 0 and"]),
+    (["plot-schedule", "--out", "dir/"], ["--out dir: give a .png, .svg or .pdf file name"]),
+    (["plot-schedule", "--out", "x.png/.."], ["give a .png, .svg or .pdf file name"]),
+])
+def test_bad_flags_of_compare_and_plot_schedule(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    err = usage_exit(capsys, [*argv, "--dry-run"] if argv[0] == "compare" else argv)
+    for w in words:
+        assert w in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "/abs", "", "  ", "a\\b", "c:x",
+                                  "runs/../.."])
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_name_cannot_leave_the_runs_folder(tmp_path, capsys, monkeypatch, name, command):
+    monkeypatch.chdir(tmp_path)
+    err = usage_exit(capsys, [command, "--name", name, "--epochs", "1"])
+    assert "argument --name:" in err
+    assert list(tmp_path.iterdir()) == []  # neither runs/ nor anything beside it
+
+
+def test_a_plain_name_goes_under_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--name", "my-run.v2", "--dry-run"]) == 0
+    assert "write to runs/my-run.v2" in capsys.readouterr().out
+
+
+# -- output files appear complete or not at all ----------------------------------------------
+def ctrl_c_while_writing(*args, **kwargs):
+    """Stands in for a figure function: half a PNG is written to its path, then Ctrl-C."""
+    path = next(a for a in args if isinstance(a, Path))
+    path.write_bytes(PNG[:4])
+    raise KeyboardInterrupt
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files or folders anywhere under ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mod, "training_figure", ctrl_c_while_writing)
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--no-progress", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # not metrics.csv without summary.json, no half PNG
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_rewriting_keeps_the_previous_complete_set(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--no-progress", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["epochs.csv", "metrics.csv", "summary.json", "training.png"]
+    monkeypatch.setattr(train_mod, "training_figure", ctrl_c_while_writing)
+    assert main(["train", *QUICK, "--no-progress", "--seed", "1", "--out", str(out)]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads(before["summary.json"])["config"]["seed"] == 0
+    assert leftovers(tmp_path) == []
+    monkeypatch.undo()  # a complete rerun replaces every file of the set
+    assert main(["train", *QUICK, "--no-progress", "--seed", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 1
+    assert is_png(out / "training.png") and (out / "training.png").read_bytes() != \
+        before["training.png"]
+    assert leftovers(tmp_path) == []
+
+
+def test_files_get_the_usual_permissions(tmp_path, capsys):
+    out = tmp_path / "perm"
+    assert main(["train", *QUICK, "--no-progress", "--out", str(out)]) == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_compare_interrupted_while_writing_writes_nothing(tmp_path, capsys, monkeypatch):
+    from mithril.cli import compare as compare_mod
+
+    monkeypatch.setattr(compare_mod, "compare_figure", ctrl_c_while_writing)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--configs", "adam:lr=1e-2", "sgd:lr=0.1", *QUICK[:4],
+                 "--no-progress", "--out", str(out)]) == 130
+    assert list(out.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_plot_schedule_interrupted_keeps_the_previous_files(tmp_path, capsys, monkeypatch):
+    png = tmp_path / "s.png"
+    assert main(["plot-schedule", "--steps", "50", "--out", str(png)]) == 0
+    old_png, old_csv = png.read_bytes(), png.with_suffix(".csv").read_bytes()
+
+    def savefig_interrupted(self, f, **kwargs):
+        f.write(PNG[:4])
+        raise KeyboardInterrupt
+
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(Figure, "savefig", savefig_interrupted)
+    assert main(["plot-schedule", "--steps", "80", "--out", str(png)]) == 130
+    assert png.read_bytes() == old_png and is_png(png)
+    assert png.with_suffix(".csv").read_bytes() == old_csv
+    assert len(rows(png.with_suffix(".csv"))) == 50
+    assert leftovers(tmp_path) == []

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .argtypes import (
+    MAX_SEED,
+    bounded_int,
+    fraction,
+    out_path,
+    positive_float,
+    run_name,
+)
 from .options import (
     COMMON_OPTIONS,
     OPTIONS,
@@ -17,12 +25,8 @@ from .options import (
 )
 from .training import BACKENDS, MIXED_PRECISION, RunConfig
 
-
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+#: bounds of the task flags: beyond them a run would not fit in memory or in a lifetime
+MAX_EPOCHS, MAX_BATCH, MAX_HIDDEN, MAX_THREADS = 10_000, 1_000_000, 8192, 1024
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:
@@ -31,26 +35,26 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                    help="where the model runs (default: numpy)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="parameter and compute dtype without mixed precision (default: float32)")
-    g.add_argument("--epochs", type=positive_int, default=20, help="passes over the training set "
-                   "(default: 20)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="default: 64")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=20,
+                   help=f"passes over the training set (default: 20; at most {MAX_EPOCHS})")
+    g.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64, help="default: 64")
+    g.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
                    help="seed of the parameter initialisation and batch order (default: 0)")
-    g.add_argument("--split-seed", type=int, default=0,
+    g.add_argument("--split-seed", type=bounded_int(0, MAX_SEED), default=0,
                    help="seed of the train/test split, fixed so runs compare (default: 0)")
-    g.add_argument("--test-size", type=float, default=0.2,
+    g.add_argument("--test-size", type=fraction, default=0.2,
                    help="fraction of the digits held out for testing (default: 0.2)")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=[128, 64], metavar="SIZE",
+    g.add_argument("--hidden", type=bounded_int(1, MAX_HIDDEN), nargs="+", default=[128, 64], metavar="SIZE",
                    help="hidden layer sizes of the MLP (default: 128 64)")
     g.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid", "leaky_relu"),
                    default="relu", help="hidden activation (default: relu)")
-    g.add_argument("--threads", type=positive_int, default=1,
+    g.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
                    help="BLAS/OpenMP threads while training (default: 1, the fastest for this "
                         "small model, and robust when other jobs share the cores)")
     g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="none",
                    help="compute in float16/bfloat16 with float32 master weights and dynamic "
                         "loss scaling (default: none)")
-    g.add_argument("--loss-scale", type=float, default=2.0**16,
+    g.add_argument("--loss-scale", type=positive_float, default=2.0**16,
                    help="initial loss scale for --mixed-precision (default: 65536)")
 
 
@@ -71,9 +75,11 @@ def add_common_optimizer_flags(p: argparse.ArgumentParser) -> None:
 
 def add_output_flags(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help=f"output folder (default: runs/<name>, or "
+    g.add_argument("--out", metavar="DIR", type=out_path, help=f"output folder (default: runs/<name>, or "
                    f"runs/{command}-<date>-<time>)")
-    g.add_argument("--name", help="run name: the output folder becomes runs/<name>")
+    g.add_argument("--name", type=run_name,
+                   help="run name: the output folder becomes runs/<name> (a plain folder "
+                        "name: no '/', '..')")
     g.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on a terminal only anyway); one line per "

@@ -18,7 +18,14 @@ from .data import load_digits_split
 from .errors import CLIError
 from .options import OPTIMIZERS, SCHEDULER_NAMES, check_name, parse_spec
 from .plots import compare_figure
-from .report import default_out_dir, ensure_writable_dir, table, write_csv, write_json
+from .report import (
+    default_out_dir,
+    ensure_writable_dir,
+    staged_dir,
+    table,
+    write_csv,
+    write_json,
+)
 from .train import describe_data, write_run
 from .training import Run, RunResult
 
@@ -41,7 +48,8 @@ settings (step_size, gamma, t_max, warmup_steps, ...), which replace the shared 
 
 Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
 results.json (the ranking), and one folder per configuration with its metrics.csv,
-epochs.csv and summary.json.
+epochs.csv and summary.json. They are written into a hidden folder beside --out that is
+renamed at the end, so --out never holds a partial set.
 """
 
 EXAMPLES = """\
@@ -116,31 +124,35 @@ def run(args: argparse.Namespace) -> int:
     results: list[RunResult] = []
     folders: list[str] = []
     interrupted = False
-    for i, (label, r) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {label}: {r.optimizer_repr}; schedule {r.schedule.description}")
-        res = r.train(progress=False if args.no_progress else None, desc=label)
-        folder = out / slug(i, label)
-        folder.mkdir(exist_ok=True)
-        write_run(res, folder, r.steps_per_epoch, plot=False)
-        labels.append(label)
-        results.append(res)
-        folders.append(folder.name)
-        print(f"    test acc {res.final['test_acc']:.2%}, test loss {res.final['test_loss']:.4f}"
-              f" ({res.total_s:.1f} s)")
-        if res.interrupted:
-            interrupted = True
-            print("interrupted: ranking the configurations run so far")
-            break
-    rows = ranking(labels, results, folders)
-    files = [write_csv(out / "results.csv", rows, RESULT_FIELDS),
-             write_json(out / "results.json", {"task": "digits", "epochs": args.epochs,
-                                               "batch_size": args.batch_size, "seed": args.seed,
-                                               "backend": args.backend, "results": rows})]
-    if not args.no_plot:
-        title = (f"digits MLP {list(args.hidden)} · {args.backend} · {args.epochs} epochs × "
-                 f"{first.steps_per_epoch} steps · seed {args.seed}")
-        files.append(compare_figure(results, labels, out / "compare.png",
-                                    first.steps_per_epoch, title))
+    with staged_dir(out) as stage:  # the whole set appears at once, or nothing
+        for i, (label, r) in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] {label}: {r.optimizer_repr}; "
+                  f"schedule {r.schedule.description}")
+            res = r.train(progress=False if args.no_progress else None, desc=label)
+            folder = stage / slug(i, label)
+            folder.mkdir()
+            write_run(res, folder, r.steps_per_epoch, plot=False)
+            labels.append(label)
+            results.append(res)
+            folders.append(folder.name)
+            print(f"    test acc {res.final['test_acc']:.2%}, test loss "
+                  f"{res.final['test_loss']:.4f} ({res.total_s:.1f} s)")
+            if res.interrupted:
+                interrupted = True
+                print("interrupted: ranking the configurations run so far")
+                break
+        rows = ranking(labels, results, folders)
+        written = [write_csv(stage / "results.csv", rows, RESULT_FIELDS),
+                   write_json(stage / "results.json",
+                              {"task": "digits", "epochs": args.epochs,
+                               "batch_size": args.batch_size, "seed": args.seed,
+                               "backend": args.backend, "results": rows})]
+        if not args.no_plot:
+            title = (f"digits MLP {list(args.hidden)} · {args.backend} · {args.epochs} epochs "
+                     f"× {first.steps_per_epoch} steps · seed {args.seed}")
+            written.append(compare_figure(results, labels, stage / "compare.png",
+                                          first.steps_per_epoch, title))
+    files = [out / f.name for f in written]
     print()
     print(table(["rank", "config", "test acc", "test loss", "train acc", "train loss", "time"],
                 [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",

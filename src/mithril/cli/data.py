@@ -37,8 +37,12 @@ def load_digits_split(test_size: float = 0.2, split_seed: int = 0) -> Dataset:
         raise CLIError(f"--test-size must be between 0 and 1, got {test_size}")
     digits = load_digits()
     x, y = digits.data.astype(np.float64), digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, stratify=y,
-                                              random_state=split_seed)
+    try:
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, stratify=y,
+                                                  random_state=split_seed)
+    except ValueError as exc:  # e.g. fewer test (or training) samples than classes
+        raise CLIError(f"--test-size {test_size} and --split-seed {split_seed}: "
+                       f"cannot split the {len(y)} digits ({exc})") from None
     mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
     std[std == 0] = 1.0
     return Dataset((x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, int(y.max()) + 1)

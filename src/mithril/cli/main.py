@@ -2,12 +2,15 @@
 
 Errors in what the user typed (unknown names, bad hyperparameters, unwritable paths) end
 with an argparse-style ``mithril CMD: error: ...`` line and exit status 2, never a traceback.
+A missing optional dependency (the ``cli`` extra, or the backend's) is found before any work
+and ends with one line naming the module and the ``pip install`` that brings it, status 1.
 Ctrl-C ends with status 130, after writing what was measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -29,11 +32,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status of a missing optional dependency (2 is kept for mistakes on the command line)
+MISSING_MODULE_STATUS = 1
+
+
+def needed_modules(args: argparse.Namespace) -> dict[str, str]:
+    """The optional modules the parsed command needs -> what for. Only what its flags use:
+    tqdm not with ``--no-progress``, matplotlib not with ``--no-plot``; ``--dry-run`` needs
+    what the run would need (it checks that the run can start)."""
+    if args.command == "plot-schedule":
+        return {"matplotlib": "the figure"}
+    needs = {"sklearn": "the digits data set (scikit-learn)",
+             "threadpoolctl": "the --threads limit"}
+    if not args.no_progress:
+        needs["tqdm"] = "the progress bar; --no-progress does without it"
+    if not args.no_plot:
+        needs["matplotlib"] = f"{'compare' if args.command == 'compare' else 'training'}.png; " \
+                              "--no-plot does without it"
+    if args.backend in ("jax", "torch"):
+        needs[args.backend] = f"--backend {args.backend}"
+    return needs
+
+
+def missing_module(args: argparse.Namespace) -> str | None:
+    """One line naming the first needed module that cannot be imported, or None."""
+    for module, why in needed_modules(args).items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            extra = module if module in ("jax", "torch") else "cli"
+            return (f"mithril {args.command}: error: missing module '{module}' ({why}): "
+                    f"pip install 'mithril[{extra}]'")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
-    Usage errors raise ``SystemExit(2)`` as argparse does."""
+    Usage errors raise ``SystemExit(2)`` as argparse does; a missing optional dependency
+    returns 1 after one line on stderr, before any work."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_module(args)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return MISSING_MODULE_STATUS
     try:
         return int(args.func(args))
     except CLIError as exc:

@@ -21,7 +21,11 @@ from typing import Any
 
 from ..utils import lr_schedulers as lrs
 from ..utils.optimizers import SGD, AdaGrad, Adam, AdamW, Optimizer, RMSProp
+from .argtypes import MAX_INT, bounded_int, finite_float
 from .errors import CLIError
+
+#: every integer setting (step counts, patience, milestones, ...) is in [0, 1e9]
+OPTION_INT = bounded_int(0, MAX_INT)
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,11 @@ class Option:
         """The value of ``text`` (from a ``key=value`` spec)."""
         try:
             if self.kind == "float":
-                return float(text)
+                float(text)  # not a number: the ValueError below
+                return finite_float(text)
             if self.kind == "int":
-                return int(text)
+                int(text)
+                return OPTION_INT(text)
             if self.kind == "bool":
                 low = text.strip().lower()
                 if low in ("", "1", "true", "yes", "on"):
@@ -54,9 +60,12 @@ class Option:
                 raise ValueError
             if self.kind == "ints":
                 items = text.strip().strip("[]").replace("/", ",").split(",")
-                return [int(x) for x in items if x.strip()]
+                values = [int(x) for x in items if x.strip()]  # ValueError: not integers
+                return [OPTION_INT(str(v)) for v in values]
         except ValueError:
             raise CLIError(f"{where}: {self.name}={text!r} is not a valid {self.kind_text}") from None
+        except argparse.ArgumentTypeError as exc:
+            raise CLIError(f"{where}: {self.name}={text!r}: {exc}") from None
         if text not in self.choices:
             raise CLIError(f"{where}: {self.name}={text!r}; choose from {', '.join(self.choices)}")
         return text
@@ -428,12 +437,13 @@ def add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[O
         if o.kind == "bool":
             group.add_argument(o.flag, dest=o.name, action="store_true", default=None, help=o.help)
         elif o.kind == "ints":
-            group.add_argument(o.flag, dest=o.name, type=int, nargs="+", metavar=o.metavar,
+            group.add_argument(o.flag, dest=o.name, type=OPTION_INT, nargs="+", metavar=o.metavar,
                                help=o.help)
         elif o.kind == "choice":
             group.add_argument(o.flag, dest=o.name, choices=o.choices, help=o.help)
         else:
-            group.add_argument(o.flag, dest=o.name, type=float if o.kind == "float" else int,
+            group.add_argument(o.flag, dest=o.name,
+                               type=finite_float if o.kind == "float" else OPTION_INT,
                                metavar=o.metavar, help=o.help)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .report import atomic_file
+
 
 def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,6 +20,13 @@ def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Draw ``fig`` into ``path`` (format from its suffix) through a temporary file."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".").lower() or "png")
+    return path
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -78,8 +87,7 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
                  f"batch {cfg.batch_size} · seed {cfg.seed}\n"
                  f"schedule: {result.schedule} · test acc {result.final['test_acc']:.2%}{status}",
                  fontsize=9)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def compare_figure(results: Sequence[Any], labels: Sequence[str], path: Path,
@@ -98,8 +106,7 @@ def compare_figure(results: Sequence[Any], labels: Sequence[str], path: Path,
     ax[0, 0].legend(fontsize=8)
     ax[0, 1].set(title="test accuracy", xlabel="epoch")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def schedule_figure(lrs: Sequence[float], path: Path, title: str,
@@ -115,5 +122,4 @@ def schedule_figure(lrs: Sequence[float], path: Path, title: str,
     a.set(xlabel="step", ylabel="learning rate", title=title)
     a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     a.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)

@@ -1,16 +1,27 @@
-"""Output of the commands: the output folder, CSV/JSON files and plain-text tables."""
+"""Output of the commands: the output folder, CSV/JSON files and plain-text tables.
+
+Files are never written in place: :func:`atomic_file` writes a temporary file beside the
+target, flushes it to disk and renames it over the target (``os.replace``), so an interrupted
+write leaves the old file or none, never half a file. :func:`staged_dir` does the same for a
+set of files (a run folder): they are written into a hidden folder beside it that becomes the
+folder at the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import math
 import os
+import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import CLIError
 
@@ -35,19 +46,116 @@ def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
-    except OSError as exc:
-        raise CLIError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise CLIError(f"{flag} {path}: cannot write there "
+                       f"({getattr(exc, 'strerror', None) or exc})") from None
     return path
 
 
 def ensure_writable_file(path: Path, flag: str = "--out") -> Path:
     """Check that ``path`` (a file) can be written: its folder is created and probed."""
+    if not path.name or path.name in (".", ".."):
+        raise CLIError(f"{flag} {path}: give a file name such as schedule.png")
     if path.exists() and path.is_dir():
         raise CLIError(f"{flag} {path}: is a directory; give a file name such as schedule.png")
     if path.exists() and not os.access(path, os.W_OK):
         raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), flag)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_like(target: Path, default: int) -> int:
+    """The permissions ``target`` has, or those a new file/folder gets (``default`` less the
+    umask): the temporary files are private (0600/0700) until renamed."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return default & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing; on success it is flushed to disk
+    and renamed to ``path`` (replacing it), on any exception (Ctrl-C included) removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            os.chmod(tmp, _mode_like(path, 0o666))
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+#: files moved last when a staged set is merged into an existing folder: their presence
+#: says the others are there
+_LAST = ("summary.json", "results.json")
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Move the contents of ``src`` into the existing folder ``dst``, each entry with one
+    ``os.replace``: folders first, then files, the :data:`_LAST` ones at the end."""
+    entries = sorted(src.iterdir(), key=lambda e: (not e.is_dir(), e.name in _LAST, e.name))
+    for entry in entries:
+        target = dst / entry.name
+        if entry.is_dir() and target.is_dir():
+            try:
+                os.replace(entry, target)  # an empty target folder is replaced
+            except OSError:
+                _merge(entry, target)
+        else:
+            os.replace(entry, target)
+    _fsync_dir(dst)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A hidden folder to write the files of ``out`` into. When the block ends without an
+    exception the folder becomes ``out`` in one rename (if ``out`` is missing or empty), or
+    its files replace those of ``out`` one rename each; if it ends with an exception (Ctrl-C
+    included) the folder is removed and ``out`` is left as it was."""
+    out = Path(out)
+    try:  # beside out, so that it can be renamed to out
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except OSError:  # the parent is read-only: inside out, merged at the end
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        os.chmod(stage, _mode_like(out, 0o777))
+        yield stage
+        if stage.parent != out:
+            try:
+                os.replace(stage, out)
+                _fsync_dir(out.parent)
+                return
+            except OSError:  # out has files already
+                pass
+        _merge(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _cell(v: Any) -> Any:
@@ -61,7 +169,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]],
     """``rows`` as CSV with a header (columns: ``fields`` or the keys of the rows, in order)."""
     if fields is None:
         fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -81,7 +189,9 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> Path:
     """``data`` as strict JSON (non-finite floats become the strings "nan"/"inf")."""
-    path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    with atomic_file(path, "w") as f:
+        f.write(text)
     return path
 
 

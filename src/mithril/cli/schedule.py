@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.optimizers import SGD
-from .common import add_schedule_flags, positive_int, scheduler_specs
+from .argtypes import bounded_int, finite_float, out_path
+from .common import add_schedule_flags, scheduler_specs
 from .errors import CLIError
 from .options import OPTIONS, build_schedule, settings_from
 from .plots import schedule_figure
@@ -22,6 +23,9 @@ Any scheduler of `mithril train` works except plateau (it follows the training l
 warm-up (--warmup-steps), warm restarts (cosine-restarts) and sequences (several
 --scheduler names with --switch-at) included.
 """
+
+#: the most steps drawn (a million points already take a while to plot)
+MAX_STEPS = 1_000_000
 
 EXAMPLES = """\
 examples:
@@ -38,10 +42,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        usage="mithril plot-schedule [options]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to draw")
-    g.add_argument("--steps", type=positive_int, default=1000,
+    g.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=1000,
                    help="number of optimizer steps (default: 1000)")
-    g.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
-    g.add_argument("--out", metavar="FILE", help="image file, .png (or .svg/.pdf) "
+    g.add_argument("--lr", type=finite_float, default=0.1, help="base learning rate (default: 0.1)")
+    g.add_argument("--out", metavar="FILE", type=out_path, help="image file, .png (or .svg/.pdf) "
                    "(default: runs/schedule-<scheduler>.png)")
     add_schedule_flags(p)
     p.set_defaults(func=run)

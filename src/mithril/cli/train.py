@@ -16,7 +16,14 @@ from .common import (
 from .data import Dataset, load_digits_split
 from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
 from .plots import training_figure
-from .report import default_out_dir, ensure_writable_dir, table, write_csv, write_json
+from .report import (
+    default_out_dir,
+    ensure_writable_dir,
+    staged_dir,
+    table,
+    write_csv,
+    write_json,
+)
 from .training import Run, RunResult
 
 STEP_FIELDS = ("step", "epoch", "loss", "acc", "lr", "grad_norm", "skipped")
@@ -32,7 +39,9 @@ a fixed stratified train/test split) and write, under --out:
   summary.json  the configuration, final metrics and timings
   training.png  loss, accuracy, learning rate and gradient norm against the step
 
-Ctrl-C stops training and still writes everything measured so far (exit status 130).
+Ctrl-C stops training and still writes everything measured so far (exit status 130). The
+files are written into a hidden folder beside --out that is renamed at the end, so the folder
+never holds a partial set (a second Ctrl-C while writing leaves it as it was).
 """
 
 EXAMPLES = """\
@@ -119,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: would train {training.total_steps} steps and write to {out}")
         return 0
     result = training.train(progress=False if args.no_progress else None, desc="train", log=print)
-    files = write_run(result, out, training.steps_per_epoch, plot=not args.no_plot)
+    with staged_dir(out) as stage:  # the whole set appears at once, or nothing
+        written = write_run(result, stage, training.steps_per_epoch, plot=not args.no_plot)
+    files = [out / f.name for f in written]
     print()
     if result.interrupted:
         print(f"interrupted after {len(result.steps)} of {training.total_steps} steps; "

@@ -25,6 +25,9 @@ from .options import COMMON_OPTIONS, OPTIMIZERS, Schedule, build_optimizer, buil
 
 BACKENDS = ("numpy", "jax", "torch")
 MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+#: the longest run (optimizer steps): its schedule is checked step by step up front, and
+#: metrics.csv gets one row per step
+MAX_TOTAL_STEPS = 2_000_000
 
 
 @dataclass
@@ -126,6 +129,21 @@ def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
     return f"{name}({', '.join(parts)})"
 
 
+class _NoBar:
+    """What the loop needs of a tqdm bar, without tqdm (``--no-progress``)."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Run:
     """A compiled model, its parameters, optimizer and schedule, ready to train."""
 
@@ -142,6 +160,10 @@ class Run:
         n = len(data.y_train)
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if self.total_steps > MAX_TOTAL_STEPS:
+            raise CLIError(f"--epochs {cfg.epochs} x {self.steps_per_epoch} steps per epoch "
+                           f"(--batch-size {cfg.batch_size}) is {self.total_steps:,} steps; at "
+                           f"most {MAX_TOTAL_STEPS:,}: fewer epochs or larger batches")
         # cheap validation first: optimizer and schedule (their ValueErrors become CLIErrors)
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings)
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
@@ -211,15 +233,19 @@ class Run:
     def train(self, progress: bool | None = None, desc: str = "train",
               log: Callable[[str], None] | None = None) -> RunResult:
         """Train for ``cfg.epochs``. ``progress``: True/False shows/hides a tqdm bar, None shows
-        it on a terminal only; ``log`` gets one line per epoch when there is no bar."""
-        from tqdm import tqdm
-
+        it on a terminal only (tqdm is imported only then); ``log`` gets one line per epoch
+        when there is no bar."""
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         steps: list[dict[str, Any]] = []
         epochs: list[dict[str, Any]] = []
-        bar = tqdm(total=self.total_steps, desc=desc, unit="step", dynamic_ncols=True,
-                   disable=None if progress is None else not progress, leave=True)
+        if progress is False:
+            bar: Any = _NoBar()
+        else:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, desc=desc, unit="step", dynamic_ncols=True,
+                       disable=None if progress is None else not progress, leave=True)
         show_epochs = log is not None and bar.disable
         interrupted = False
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 from ..backends.backend import Backend
 from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.model import Model
-from ..models.operator import Operator, fmt
+from ..models.operator import Operator, fmt, unify
 from .program import Program, build_program
 
 
@@ -25,6 +26,12 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
         parts = [f"unknown key(s) {unknown}" if unknown else "", f"missing key(s) {missing}" if missing else ""]
         raise KeyMismatchError(f"{what}: " + "; ".join(p for p in parts if p)
                                + f" (expected keys: {sorted(exp)})")
+
+
+def _is_traced(x: Any) -> bool:
+    """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 def _shape_matches(shape: tuple, pattern: tuple | None) -> bool:
@@ -133,7 +140,41 @@ class CompiledModel:
               for k, shape in p.param_shapes.items()}
         ins = {k: check("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
                for k, v in inputs.items()}
+        self._check_concrete(ins)
         return ps, ins
+
+    def _check_concrete(self, inputs: Mapping[str, Any]) -> None:
+        """The shape rules again with the concrete input shapes, so free dimensions are bound
+        (5 rows of logits against 3 labels is a ``ShapeError``), and each operator's own
+        ``check_inputs(shapes, dtypes, arrays, names)`` hook, if it has one: dtype-aware shape
+        rules and value checks (class indices in range) on the concrete inputs, before the
+        backend runs them (under ``jax.jit`` nothing can raise on values). ``arrays`` holds the
+        native top-level inputs an operator lists in ``value_checked_inputs`` (none when traced;
+        no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
+        they read."""
+        p, b = self.program, self.backend
+        shapes: list[Any] = list(p.wire_shapes)
+        top = {w: k for k, w in p.inputs.items()}
+        for k, w in p.inputs.items():
+            shapes[w] = tuple(int(d) for d in inputs[k].shape)
+        for node in p.nodes:
+            in_shapes = {k: shapes[w] for k, w in node.ins.items()}
+            names = {k: p.wire_names[w] for k, w in node.ins.items()}
+            hook = getattr(node.op, "check_inputs", None)
+            if hook is not None:
+                dtypes = {k: b.dtype_name(inputs[top[w]]) for k, w in node.ins.items() if w in top}
+                arrays = {k: inputs[top[w]] for k in getattr(node.op, "value_checked_inputs", ())
+                          if (w := node.ins.get(k)) in top and not _is_traced(inputs[top[w]])}
+                hook(in_shapes, dtypes, arrays, names)
+            pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
+            try:
+                out = node.op.infer_shape({**in_shapes, **pshapes})
+                shapes[node.out] = unify(shapes[node.out], out, p.wire_names[node.out],
+                                         f"{node.path}.output (inferred)")
+            except ShapeError as e:
+                wires = ", ".join(f"'{k}' <- '{names[k]}' {fmt(in_shapes[k])}" for k in names)
+                raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
+                                 f"(inputs: {wires})") from None
 
     def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
                  output_gradients: Mapping[str, Any] | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,22 @@ class Embedding(Operator):
 
     int_inputs = frozenset({"input"})
     param_init = {"weight": "normal"}
+    #: the compiler passes this (when it is a model input) to check_inputs
+    value_checked_inputs = frozenset({"input"})
 
     def __init__(self, num_embeddings: int, dim: int) -> None:
         self.num_embeddings, self.dim = num_embeddings, dim
+
+    def check_inputs(self, shapes: Any, dtypes: Any, arrays: Any, names: Any) -> None:
+        """Indices in ``[0, num_embeddings)`` (a ``ValueError`` naming the data key; called by
+        ``evaluate`` on concrete inputs; reads only the min and the max)."""
+        idx, n = arrays.get("input"), self.num_embeddings
+        if idx is None or not math.prod(idx.shape):
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"input '{names['input']}': embedding index {hi if hi >= n else lo} "
+                             f"out of range: {n} embeddings, so indices must be in [0, {n - 1}]")
 
     def param_shapes(self, shapes):
         return {"weight": (self.num_embeddings, self.dim)}

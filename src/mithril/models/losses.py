@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .operator import Operator, ShapeError, fmt, unify
+from ..errors import DTypeError
+from .operator import Operator, Shape, ShapeError, fmt, unify
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -59,9 +62,45 @@ class CrossEntropy(Operator):
 
     inputs = ("input", "target")
     any_dtype_inputs = frozenset({"target"})
+    #: the compiler passes these (when they are model inputs) to check_inputs
+    value_checked_inputs = frozenset({"target"})
 
     def __init__(self, reduction: str = "mean") -> None:
         self.reduction = _check_reduction(reduction)
+
+    def check_inputs(self, shapes: Mapping[str, Shape | None], dtypes: Mapping[str, str],
+                     arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> None:
+        """The rules that need the concrete target (called by ``evaluate`` before the backend
+        runs): class indices are an integer array shaped like the logits without their class
+        axis, each in ``[0, C)``; float targets are one-hot / probability rows shaped like the
+        logits. Raises ``DTypeError``, ``ShapeError`` or ``ValueError`` naming the data key."""
+        s, t, dt = shapes.get("input"), shapes.get("target"), dtypes.get("target")
+        if s is None or t is None or dt is None or not s:
+            return
+        key, logits = names["target"], f"the logits '{names['input']}' have shape {fmt(s)}"
+        if "int" in dt:
+            if tuple(t) != tuple(s[:-1]):
+                raise ShapeError(f"input '{key}': integer class indices must have shape "
+                                 f"{fmt(s[:-1])} (one per row of logits; {logits}), got {fmt(t)}")
+            labels, n = arrays.get("target"), s[-1]
+            if labels is not None and math.prod(t):
+                lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
+                if lo < 0 or hi >= n:
+                    count = int(((labels < 0) | (labels >= n)).sum())
+                    raise ValueError(f"input '{key}': {count} of {math.prod(t)} class indices "
+                                     f"out of range (e.g. {hi if hi >= n else lo}): {n} classes, "
+                                     f"so labels must be in [0, {n - 1}] ({logits})")
+        elif "float" in dt or dt == "bool":
+            if len(t) == len(s) - 1:
+                raise DTypeError(f"input '{key}': class indices must have an integer dtype, got "
+                                 f"{dt} (a float or bool target holds one-hot / probability rows of "
+                                 f"shape {fmt(s)}; {logits})")
+            if tuple(t) != tuple(s):
+                raise ShapeError(f"input '{key}': one-hot / probability targets must have shape "
+                                 f"{fmt(s)} ({logits}), got {fmt(t)}")
+        else:
+            raise DTypeError(f"input '{key}': expected integer class indices or float one-hot / "
+                             f"probability rows, got dtype {dt}")
 
     def infer_shape(self, shapes):
         s, t = shapes.get("input"), shapes.get("target")
