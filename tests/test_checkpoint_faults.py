@@ -32,6 +32,7 @@ from mithril.utils.lr_schedulers import StepLR
 from mithril.utils.optimizers import Adam
 
 CODES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I32": "<i4", "BOOL": "|b1", "I64": "<i8"}
+KEYS = ("mithril", "mithril_tensor_sha256", "mithril_sha256")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,20 +46,22 @@ def _canonical(header: dict) -> bytes:
 
 
 def build(meta: str, tensors: dict[str, tuple[str, list[int], bytes]], sha: str | None = None,
-          tensor_sha: str | None = None) -> bytes:
+          tensor_sha: str | None = None, keys: tuple[str, ...] = KEYS) -> bytes:
     """A checkpoint file: ``meta`` (JSON text), tensors name -> (dtype code, shape, bytes);
-    digests computed unless given."""
+    digests computed unless given; the metadata's ``keys`` in that order (safetensors writes
+    them in any order)."""
     table, sums, data, off = {}, {}, b"", 0
-    for name in sorted(tensors):
+    for name in sorted(tensors, key=lambda k: (-np.dtype(CODES[tensors[k][0]]).itemsize, k)):
         code, shape, raw = tensors[name]
         table[name] = {"dtype": code, "shape": shape, "data_offsets": [off, off + len(raw)]}
         sums[name] = hashlib.sha256(raw).hexdigest()
         data, off = data + raw, off + len(raw)
     md = {"mithril": meta, "mithril_tensor_sha256": tensor_sha or json.dumps(
         sums, separators=(",", ":")), "mithril_sha256": "0" * 64}
-    header = {"__metadata__": md, **table}
+    header = {"__metadata__": {k: md[k] for k in keys}, **table}
     raw = _canonical(header)
-    md["mithril_sha256"] = sha or hashlib.sha256(struct.pack("<Q", len(raw)) + raw).hexdigest()
+    header["__metadata__"]["mithril_sha256"] = sha or hashlib.sha256(
+        struct.pack("<Q", len(raw)) + raw).hexdigest()
     raw = _canonical(header)
     return struct.pack("<Q", len(raw)) + raw + data
 
@@ -144,7 +147,10 @@ def refused(path, data: bytes, params) -> CheckpointError:
 def test_library_writes_exactly_the_specified_format(base):
     path, params, raw = base
     meta, tensors, _, _ = parts(path)
-    assert build(meta, tensors) == raw  # byte for byte, digests included
+    (n,) = struct.unpack("<Q", raw[:8])
+    keys = tuple(json.loads(raw[8:8 + n])["__metadata__"])
+    assert sorted(keys) == sorted(KEYS)
+    assert build(meta, tensors, keys=keys) == raw  # byte for byte, digests included
     assert sorted(tensors) == ["opt/m/b", "opt/m/w", "opt/v/b", "opt/v/w", "params/b", "params/w"]
     assert json.loads(meta)["format"] == "mithril-checkpoint-2"
     from safetensors import safe_open  # and it is a plain safetensors file
