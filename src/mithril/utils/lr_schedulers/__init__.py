@@ -45,7 +45,16 @@ working):
 * :mod:`.plateau` -- :class:`ReduceLROnPlateau`;
 * :mod:`.warmup` -- :class:`LinearWarmupScheduler`;
 * :mod:`.one_cycle` -- :class:`OneCycleLR`;
-* :mod:`.sequential` -- :class:`SequentialLR`.
+* :mod:`.sequential` -- :class:`SequentialLR`;
+* :mod:`.lambda_lr` -- :class:`LambdaLR`, :class:`MultiplicativeLR`;
+* :mod:`.linear` -- :class:`ConstantLR`, :class:`LinearLR`, :class:`PolynomialLR`;
+* :mod:`.cyclic` -- :class:`CyclicLR`;
+* :mod:`.chained` -- :class:`ChainedScheduler`;
+* :mod:`.join` -- :class:`JoinSchedules` (optax's ``join_schedules``);
+* :mod:`.wsd` -- :class:`WSD` (warmup-stable-decay);
+* :mod:`.inverse_sqrt` -- :class:`InverseSqrt`;
+* :mod:`.piecewise` -- :class:`PiecewiseConstant`, :class:`PiecewiseInterpolate` (optax, Keras);
+* :mod:`.cosine_restarts` -- :class:`CosineDecayRestarts` (Keras).
 """
 
 from __future__ import annotations
@@ -60,22 +69,44 @@ from .base import _check_real as _check_real
 from .base import _check_step as _check_step
 from .base import _decode_float as _decode_float
 from .base import _encode_float as _encode_float
+from .chained import ChainedScheduler
 from .cosine import CosineAnnealingLR, CosineAnnealingWarmRestarts
+from .cosine_restarts import CosineDecayRestarts
+from .cyclic import CyclicLR
+from .inverse_sqrt import InverseSqrt
+from .join import JoinSchedules
+from .lambda_lr import LambdaLR, MultiplicativeLR
+from .linear import ConstantLR, LinearLR, PolynomialLR
 from .one_cycle import OneCycleLR
+from .piecewise import PiecewiseConstant, PiecewiseInterpolate
 from .plateau import ReduceLROnPlateau
 from .plateau import _warn_no_metric as _warn_no_metric
 from .sequential import SequentialLR
 from .step import ExponentialLR, MultiStepLR, StepLR
 from .warmup import LinearWarmupScheduler
+from .wsd import WSD
 
 __all__ = [
+    "WSD",
+    "ChainedScheduler",
+    "ConstantLR",
     "CosineAnnealingLR",
     "CosineAnnealingWarmRestarts",
+    "CosineDecayRestarts",
+    "CyclicLR",
     "ExponentialLR",
+    "InverseSqrt",
+    "JoinSchedules",
     "LRScheduler",
+    "LambdaLR",
+    "LinearLR",
     "LinearWarmupScheduler",
     "MultiStepLR",
+    "MultiplicativeLR",
     "OneCycleLR",
+    "PiecewiseConstant",
+    "PiecewiseInterpolate",
+    "PolynomialLR",
     "ReduceLROnPlateau",
     "SequentialLR",
     "StepLR",

@@ -1,0 +1,160 @@
+"""Cyclical learning rates: :class:`CyclicLR`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
+from .lambda_lr import _call_number, _check_callable
+
+__all__ = ["CyclicLR"]
+
+_MODES = ("triangular", "triangular2", "exp_range")
+
+
+class CyclicLR(LRScheduler):
+    """Cyclical learning rates (Smith, 2017), with the values of PyTorch's ``CyclicLR``.
+
+    A cycle lasts ``step_size_up + step_size_down`` steps: the rate rises linearly from
+    ``base_lr`` to ``max_lr`` over ``step_size_up`` steps and falls back over
+    ``step_size_down``; the amplitude ``max_lr - base_lr`` is scaled by
+
+    * ``'triangular'``: 1;
+    * ``'triangular2'``: ``1 / 2**(cycle - 1)`` (halved every cycle; ``cycle`` counts from 1);
+    * ``'exp_range'``: ``gamma**t``;
+    * ``scale_fn`` (overrides ``mode``): ``scale_fn(cycle)`` for ``scale_mode='cycle'`` or
+      ``scale_fn(t)`` for ``scale_mode='iterations'``.
+
+    As in PyTorch the rates are explicit: the optimizer is set to ``base_lr`` at construction,
+    ``base_lr`` here *is* the scheduler's ``base_lr`` (the optimizer's previous learning rate is
+    irrelevant), and parents such as :class:`SequentialLR` do not re-base it. The arithmetic is
+    PyTorch's, so the values are equal bit for bit.
+
+    Differences from PyTorch: the momentum is not cycled. PyTorch's default is
+    ``cycle_momentum=True``; here the default is ``False`` and ``True`` raises
+    :class:`ValueError` (momentum cycling needs a momentum hyperparameter that a scheduler can
+    set per step, which the optimizer interface here - learning rate only - does not offer).
+    ``scale_fn`` is not saved by ``state_dict`` (a function is not JSON data; PyTorch omits
+    plain functions too): build the scheduler with the same function before loading. Single
+    learning rate (no per-group lists).
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        base_lr: lower bound of the cycle, ``>= 0``.
+        max_lr: upper bound of the cycle, ``>= 0``.
+        step_size_up: steps of the rising half, integer ``>= 1``.
+        step_size_down: steps of the falling half, integer ``>= 0`` (``None``: ``step_size_up``).
+        mode: ``'triangular'``, ``'triangular2'`` or ``'exp_range'``.
+        gamma: base of ``'exp_range'``, ``> 0``.
+        scale_fn: optional callable returning the amplitude scale (overrides ``mode``).
+        scale_mode: ``'cycle'`` or ``'iterations'`` (only used with ``scale_fn``; the modes
+            fix it as PyTorch does).
+        cycle_momentum: must be ``False`` (see above).
+    """
+
+    _HPARAMS = ("max_lr", "step_size_up", "step_size_down", "mode", "gamma", "scale_mode")
+
+    def __init__(
+        self,
+        optimizer: SupportsLearningRate,
+        base_lr: float,
+        max_lr: float,
+        step_size_up: int = 2000,
+        step_size_down: int | None = None,
+        mode: Literal["triangular", "triangular2", "exp_range"] = "triangular",
+        gamma: float = 1.0,
+        scale_fn: Callable[[int], float] | None = None,
+        scale_mode: Literal["cycle", "iterations"] = "cycle",
+        cycle_momentum: bool = False,
+    ) -> None:
+        if cycle_momentum is not False:
+            raise ValueError(
+                f"cycle_momentum={cycle_momentum!r} is not supported: momentum cycling comes "
+                f"with per-group hyperparameters (the optimizer interface of the schedulers "
+                f"only sets the learning rate); pass cycle_momentum=False (the default here, "
+                f"unlike PyTorch's True)"
+            )
+        super().__init__(optimizer)
+        lower = _check_real("base_lr", base_lr, ge=0.0)
+        self.scale_fn = None if scale_fn is None else _check_callable("scale_fn", scale_fn)
+        self._configure(
+            max_lr=max_lr,
+            step_size_up=step_size_up,
+            step_size_down=step_size_down,
+            mode=mode,
+            gamma=gamma,
+            scale_mode=scale_mode,
+        )
+        self.base_lr = lower
+        self._restart()
+
+    def _configure(
+        self,
+        *,
+        max_lr: float,
+        step_size_up: int,
+        step_size_down: int | None,
+        mode: str,
+        gamma: float,
+        scale_mode: str,
+    ) -> None:
+        max_lr = _check_real("max_lr", max_lr, ge=0.0)
+        up = _check_int("step_size_up", step_size_up, minimum=1)
+        down = None if step_size_down is None else _check_int(
+            "step_size_down", step_size_down, minimum=0)
+        mode = _check_choice("mode", mode, _MODES)
+        gamma = _check_real("gamma", gamma, gt=0.0)
+        scale_mode = _check_choice("scale_mode", scale_mode, ("cycle", "iterations"))
+        if self.scale_fn is None:  # torch's _init_scale_fn
+            scale_mode = "iterations" if mode == "exp_range" else "cycle"
+        self.max_lr, self.step_size_up, self.step_size_down = max_lr, up, down
+        self.mode, self.gamma, self.scale_mode = mode, gamma, scale_mode
+        # torch's arithmetic
+        up_f = float(up)
+        down_f = float(down) if down is not None else up_f
+        self.total_size = up_f + down_f
+        self.step_ratio = up_f / self.total_size
+
+    def _scale(self, x: int) -> float:
+        if self.scale_fn is not None:
+            return _call_number("scale_fn", self.scale_fn, x)
+        if self.mode == "triangular":
+            return 1.0
+        if self.mode == "triangular2":
+            try:
+                return 1 / (2.0 ** (x - 1))
+            except OverflowError:  # cycle > 1025: the amplitude has vanished
+                return 0.0
+        return self.gamma**x
+
+    def _lr_at(self, t: int) -> float:
+        # same evaluation order as torch's CyclicLR.get_lr
+        cycle = math.floor(1 + t / self.total_size)
+        x = 1.0 + t / self.total_size - cycle
+        if x <= self.step_ratio:
+            scale_factor = x / self.step_ratio
+        else:
+            scale_factor = (x - 1) / (self.step_ratio - 1)
+        base_height = (self.max_lr - self.base_lr) * scale_factor
+        if self.scale_mode == "cycle":
+            return self.base_lr + base_height * self._scale(cycle)
+        return self.base_lr + base_height * self._scale(t)
+
+    def _rebase(self, lr: float) -> None:
+        """No-op: the cycle's bounds are explicit (``base_lr``, ``max_lr``)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"custom_scale_fn": self.scale_fn is not None}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        custom = state.get("custom_scale_fn")
+        if not isinstance(custom, bool):
+            raise ValueError(f"state_dict custom_scale_fn must be a bool, got {custom!r}")
+        if custom != (self.scale_fn is not None):
+            raise ValueError(
+                "state_dict and scheduler disagree on custom_scale_fn (the state was saved "
+                f"{'with' if custom else 'without'} a scale_fn; scale_fn is not saved: build "
+                "the scheduler with the same one)"
+            )

@@ -1,0 +1,118 @@
+"""Schedules given by a user function: :class:`LambdaLR` and :class:`MultiplicativeLR`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from ..optimizers.checks import describe
+from .base import LRScheduler, SupportsLearningRate
+
+__all__ = ["LambdaLR", "MultiplicativeLR"]
+
+
+def _check_callable(name: str, fn: Any) -> Callable[[int], float]:
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable, got {describe(fn)}")
+    return fn
+
+
+def _call_number(name: str, fn: Callable[[Any], Any], arg: Any) -> float:
+    """``float(fn(arg))``: ``TypeError`` naming ``name`` if the result is not a real number
+    (a string or a bool included), ``ValueError`` if it is too large for a float."""
+    value = fn(arg)
+    if isinstance(value, (str, bytes, bool)) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Real)
+    ):
+        raise TypeError(f"{name}({arg!r}) must return a real number, got {describe(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}({arg!r}) returned a number too large for a float: "
+                         f"{describe(value)}") from None
+    except Exception:  # TypeError, ValueError, torch's RuntimeError for a many-element tensor
+        raise TypeError(f"{name}({arg!r}) must return a real number, got "
+                        f"{describe(value)}") from None
+
+
+class LambdaLR(LRScheduler):
+    """The base learning rate times a user function of the step, as PyTorch's ``LambdaLR``.
+
+    .. math:: \\eta_t = \\eta_{base} \\cdot \\text{lr\\_lambda}(t)
+
+    ``lr_lambda`` receives the integer step ``t`` and must return a real number; it must be a
+    pure function of ``t`` (:meth:`get_lr_at` may call it for any step). A result that is not a
+    number raises :class:`TypeError`; a non-finite learning rate raises :class:`ValueError`, and
+    a negative one is the optimizer's to refuse (the scheduler then stays where it was).
+
+    ``state_dict`` does **not** contain ``lr_lambda`` (a function is not JSON data; PyTorch
+    omits plain functions and lambdas too): construct the scheduler with the same function,
+    then ``load_state_dict`` restores the step counter, ``base_lr`` and ``last_lr``.
+    Unlike PyTorch, there is a single learning rate, so ``lr_lambda`` is one callable (not a
+    list per parameter group).
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        lr_lambda: ``t -> factor``.
+    """
+
+    def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
+        super().__init__(optimizer)
+        self.lr_lambda = _check_callable("lr_lambda", lr_lambda)
+        self._configure()
+        self._restart()
+
+    def _configure(self) -> None:
+        return None
+
+    def _lr_at(self, t: int) -> float:
+        return self.base_lr * _call_number("lr_lambda", self.lr_lambda, t)
+
+
+class MultiplicativeLR(LRScheduler):
+    """Multiply the learning rate by a user function of the step at every step, as PyTorch's
+    ``MultiplicativeLR``.
+
+    .. math:: \\eta_0 = \\eta_{base}, \\qquad \\eta_t = \\eta_{t-1} \\cdot \\text{lr\\_lambda}(t)
+
+    This is the one schedule here that is a product over all past steps. :meth:`step` costs one
+    call of ``lr_lambda`` (it continues from ``last_lr``, with PyTorch's arithmetic, so the
+    values are bit for bit PyTorch's); :meth:`get_lr_at` for an arbitrary step multiplies
+    forward from the nearest known point (step ``0``, ``last_step`` or the last step asked
+    for). ``lr_lambda`` must be a pure function of ``t`` returning a real number.
+
+    ``state_dict`` does **not** contain ``lr_lambda`` (as PyTorch for plain functions): build
+    the scheduler with the same function, then ``load_state_dict`` restores the step counter and
+    ``last_lr``, which carries the product so far.
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        lr_lambda: ``t -> factor`` applied at step ``t >= 1``.
+    """
+
+    def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
+        super().__init__(optimizer)
+        self.lr_lambda = _check_callable("lr_lambda", lr_lambda)
+        self._memo: tuple[float, int, float] | None = None  # (base_lr, t, lr): a cache only
+        self._configure()
+        self._restart()
+
+    def _configure(self) -> None:
+        return None
+
+    def _lr_at(self, t: int) -> float:
+        start, lr = 0, self.base_lr
+        if 0 < self.last_step <= t:
+            start, lr = self.last_step, self._last_lr
+        memo = self._memo
+        if memo is not None and memo[0] == self.base_lr and start < memo[1] <= t:
+            start, lr = memo[1], memo[2]
+        for k in range(start + 1, t + 1):
+            lr = lr * _call_number("lr_lambda", self.lr_lambda, k)
+            if not math.isfinite(lr):
+                break  # get_lr_at reports it
+        if math.isfinite(lr):
+            self._memo = (self.base_lr, t, lr)
+        return lr

@@ -1,0 +1,115 @@
+"""Warmup-stable-decay: :class:`WSD`."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
+
+__all__ = ["WSD"]
+
+_DECAYS = ("linear", "cosine", "1-sqrt")
+
+
+class WSD(LRScheduler):
+    """Warmup-stable-decay ("trapezoidal") schedule: linear warm-up to the base learning rate,
+    a constant phase, then a decay to ``final_lr``.
+
+    With ``W = warmup_steps``, ``S = stable_steps``, ``D = decay_steps`` and ``p = (t - W - S) /
+    D`` during the decay:
+
+    .. math::
+        \\eta_t = \\begin{cases}
+            \\text{start\\_lr} + (\\eta_{base} - \\text{start\\_lr})\\, t / W & t < W \\\\
+            \\eta_{base} & W \\le t < W + S \\\\
+            \\text{final\\_lr} + (\\eta_{base} - \\text{final\\_lr})\\, d(p)
+                & W + S \\le t < W + S + D \\\\
+            \\text{final\\_lr} & t \\ge W + S + D
+        \\end{cases}
+
+    with ``d(p) = 1 - p`` (``'linear'``), ``(1 + cos(pi p)) / 2`` (``'cosine'``) or
+    ``1 - sqrt(p)`` (``'1-sqrt'``, the cool-down of Hägele et al., 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"; WSD itself: Hu et al., 2024,
+    MiniCPM). optax 0.2 has no WSD schedule; the ``'linear'`` and ``'cosine'`` variants equal
+    ``optax.join_schedules([linear_schedule(start_lr, base, W), constant_schedule(base),
+    linear_schedule(base, final_lr, D)  # or cosine_decay_schedule(base, D, final_lr / base)
+    ], [W, W + S])``.
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate`` (its learning rate
+            is the peak).
+        warmup_steps: integer ``>= 0``.
+        stable_steps: integer ``>= 0``.
+        decay_steps: integer ``>= 0``.
+        start_lr: learning rate at step 0 (when ``warmup_steps > 0``), ``>= 0``.
+        final_lr: learning rate at the end of the decay and after, ``>= 0``.
+        decay_type: ``'linear'``, ``'cosine'`` or ``'1-sqrt'``.
+    """
+
+    _HPARAMS = ("warmup_steps", "stable_steps", "decay_steps", "start_lr", "final_lr",
+                "decay_type")
+
+    def __init__(
+        self,
+        optimizer: SupportsLearningRate,
+        warmup_steps: int,
+        stable_steps: int,
+        decay_steps: int,
+        start_lr: float = 0.0,
+        final_lr: float = 0.0,
+        decay_type: Literal["linear", "cosine", "1-sqrt"] = "linear",
+    ) -> None:
+        super().__init__(optimizer)
+        self._configure(
+            warmup_steps=warmup_steps,
+            stable_steps=stable_steps,
+            decay_steps=decay_steps,
+            start_lr=start_lr,
+            final_lr=final_lr,
+            decay_type=decay_type,
+        )
+        self._restart()
+
+    def _configure(
+        self,
+        *,
+        warmup_steps: int,
+        stable_steps: int,
+        decay_steps: int,
+        start_lr: float,
+        final_lr: float,
+        decay_type: str,
+    ) -> None:
+        w = _check_int("warmup_steps", warmup_steps, minimum=0)
+        s = _check_int("stable_steps", stable_steps, minimum=0)
+        d = _check_int("decay_steps", decay_steps, minimum=0)
+        start_lr = _check_real("start_lr", start_lr, ge=0.0)
+        final_lr = _check_real("final_lr", final_lr, ge=0.0)
+        decay_type = _check_choice("decay_type", decay_type, _DECAYS)
+        self.warmup_steps, self.stable_steps, self.decay_steps = w, s, d
+        self.start_lr, self.final_lr, self.decay_type = start_lr, final_lr, decay_type
+
+    @property
+    def total_steps(self) -> int:
+        """``warmup_steps + stable_steps + decay_steps``: the first step at ``final_lr``."""
+        return self.warmup_steps + self.stable_steps + self.decay_steps
+
+    def _lr_at(self, t: int) -> float:
+        base = self.base_lr
+        if t < self.warmup_steps:
+            return self.start_lr + (base - self.start_lr) * t / self.warmup_steps
+        t -= self.warmup_steps
+        if t < self.stable_steps:
+            return base
+        t -= self.stable_steps
+        if t >= self.decay_steps:
+            return self.final_lr
+        p = t / self.decay_steps
+        if self.decay_type == "linear":
+            d = 1.0 - p
+        elif self.decay_type == "cosine":
+            d = 0.5 * (1.0 + math.cos(math.pi * p))
+        else:
+            d = 1.0 - math.sqrt(p)
+        return self.final_lr + (base - self.final_lr) * d
