@@ -42,27 +42,31 @@ def needed_modules(args: argparse.Namespace) -> dict[str, str]:
     what the run would need (it checks that the run can start)."""
     if args.command == "plot-schedule":
         return {"matplotlib": "the figure"}
-    needs = {"sklearn": "the digits data set (scikit-learn)",
-             "threadpoolctl": "the --threads limit"}
+    needs = {}
+    if args.backend in ("jax", "torch"):  # first: other imports may look for it
+        needs[args.backend] = f"--backend {args.backend}"
+    needs.update({"sklearn": "the digits data set (scikit-learn)",
+                  "threadpoolctl": "the --threads limit"})
     if not args.no_progress:
         needs["tqdm"] = "the progress bar; --no-progress does without it"
     if not args.no_plot:
         needs["matplotlib"] = f"{'compare' if args.command == 'compare' else 'training'}.png; " \
                               "--no-plot does without it"
-    if args.backend in ("jax", "torch"):
-        needs[args.backend] = f"--backend {args.backend}"
     return needs
 
 
 def missing_module(args: argparse.Namespace) -> str | None:
     """One line naming the first needed module that cannot be imported, or None."""
     for module, why in needed_modules(args).items():
+        extra = module if module in ("jax", "torch") else "cli"
         try:
             importlib.import_module(module)
         except ImportError:
-            extra = module if module in ("jax", "torch") else "cli"
             return (f"mithril {args.command}: error: missing module '{module}' ({why}): "
                     f"pip install 'mithril[{extra}]'")
+        except Exception as e:  # noqa: BLE001 - a broken install: name it, no traceback
+            return (f"mithril {args.command}: error: module '{module}' ({why}) fails to import "
+                    f"({type(e).__name__}: {e}): reinstall it with pip install 'mithril[{extra}]'")
     return None
 
 
