@@ -31,7 +31,8 @@ def test_double_buffer_matches_in_place(opt, shift, stream):
     gptr = np.array([g.ctypes.data if g.size else 0 for g in grads], dtype=np.int64)
     gptr[3] = 0  # a missing gradient: copied through unchanged
     scal = opt.scalars(1)
-    args = (*(np.float32(x) for x in prologue(opt, None, scal[0])), *(np.float32(x) for x in scal))
+    row = np.array([[*prologue(opt, None, scal[0]), *scal]], dtype=np.float32)
+    args = (np.zeros(len(sizes), np.int64), row)  # one group: every tensor reads row 0
     n_slots = len(opt.slot_names())
 
     P, slots = p0.copy(), [np.full(total, 0.5, np.float32) for _ in range(n_slots)]
@@ -61,7 +62,7 @@ def test_streaming_stores_only_when_asked(stream):
     g = np.ones(64, np.float32)
     threads.Plan(np.array([0]), np.array([64])).run(
         kernel, (src, dst, m), np.array([g.ctypes.data]),
-        (*(np.float32(x) for x in (1, 0, 0, 1)), *(np.float32(x) for x in opt.scalars(1))))
+        (np.zeros(1, np.int64), np.array([[1, 0, 0, 1, *opt.scalars(1)]], np.float32)))
     inner = kernel.py_func.__globals__["inner"]
     asm = inner.inspect_asm(inner.signatures[0])
     assert ("movnt" in asm) == (stream and streaming.AVAILABLE)

@@ -45,13 +45,21 @@ import functools
 import inspect
 import operator
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ...errors import KeyMismatchError, ShapeError
-from .checks import check_positive, infer_backend, is_array, rounds_to_zero, state_dict_count
+from . import groups as groups_mod
+from .checks import (
+    check_flag,
+    check_positive,
+    infer_backend,
+    is_array,
+    rounds_to_zero,
+    state_dict_count,
+)
 from .engines.common import is_finite
 from .layout import Layout
 from .state import OptimizerState
@@ -68,17 +76,19 @@ def _bind_backend(method: Callable) -> Callable:
     return wrapper
 
 
+#: the options that say which tensors take which hyperparameters (:mod:`.groups`)
+GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "strict")
+
 #: names torch and optax users type, and ours (the guide's)
 ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
 
 
-def _aliased(init: Callable) -> Callable:
+def _constructor(init: Callable) -> Callable:
     """``init`` accepting ``lr=`` / ``eps=`` for ``learning_rate`` / ``epsilon`` where it
-    takes those (the signature shown stays ours)."""
+    takes those (the signature shown stays ours), and checking the parameter groups once
+    the outermost constructor is done (they may override any hyperparameter it sets)."""
     takes = set(inspect.signature(init).parameters)
     aliases = {a: n for a, n in ALIASES.items() if n in takes and a not in takes}
-    if not aliases:
-        return init
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kw: Any) -> None:
@@ -87,7 +97,15 @@ def _aliased(init: Callable) -> Callable:
                 if name in kw:
                     raise TypeError(f"{type(self).__name__}: give {name}= or {alias}=, not both")
                 kw[name] = kw.pop(alias)
-        init(self, *args, **kw)
+        depth = self.__dict__.get("_depth", 0)
+        self.__dict__["_depth"] = depth + 1
+        try:
+            init(self, *args, **kw)
+        finally:
+            self.__dict__["_depth"] = depth
+        if depth == 0:
+            del self.__dict__["_depth"]
+            self._finish_groups()
 
     return wrapper
 
@@ -139,11 +157,13 @@ class Optimizer:
             if name in cls.__dict__:  # a user override still gets self.backend
                 setattr(cls, name, _bind_backend(cls.__dict__[name]))
         if "__init__" in cls.__dict__:
-            cls.__init__ = _aliased(cls.__dict__["__init__"])
+            cls.__init__ = _constructor(cls.__dict__["__init__"])
 
     def __init__(self, learning_rate: float = 1e-3, *, weight_decay: float = 0.0,
                  clip_norm: float | None = None, clip_value: float | None = None,
-                 nonfinite: str = "propagate", backend: Any = None) -> None:
+                 nonfinite: str = "propagate", backend: Any = None,
+                 param_groups: Any = None, weight_decay_mask: Any = None,
+                 exclude_weight_decay: Any = (), strict: bool = False) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
@@ -154,14 +174,99 @@ class Optimizer:
         if backend is not None and not callable(getattr(backend, "is_native", None)):
             raise TypeError(f"backend must be a mithril backend (e.g. NumpyBackend()), got {backend!r}")
         self._backend = backend
+        self._raw_groups = (param_groups, weight_decay_mask, exclude_weight_decay,
+                            check_flag("strict", strict))
+        self._groups: list[dict[str, Any]] = []
+        self._wd_mask, self._wd_exclude, self._strict = None, [], False
+        self._groups_version = 0
+        if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap
+            self._finish_groups()
+
+    def _finish_groups(self) -> None:
+        raw = self.__dict__.pop("_raw_groups", None)
+        if raw is None:
+            return
+        groups, mask, exclude, strict = raw
+        normalized = groups_mod.normalize(self, groups)
+        if mask is not None:
+            groups_mod._matcher(mask, "weight_decay_mask")
+        if isinstance(exclude, (str, Mapping)) or not isinstance(exclude, (list, tuple)):
+            raise TypeError("exclude_weight_decay must be a list of regexes, name lists or callables")
+        for e in exclude:
+            groups_mod._matcher(e, "exclude_weight_decay")
+        self._groups, self._wd_mask, self._wd_exclude = normalized, mask, list(exclude)
+        self._strict = strict
+
+    # -- parameter groups ----------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups (see :mod:`.groups`), checked; a group's learning rate as ``lr_scale``."""
+        return self._groups
+
+    @property
+    def weight_decay_mask(self) -> Any:
+        return self._wd_mask
+
+    @property
+    def exclude_weight_decay(self) -> list[Any]:
+        return self._wd_exclude
+
+    @property
+    def strict(self) -> bool:
+        return self._strict
+
+    def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
+                                  regex: str | None = None) -> None:
+        """No weight decay for these parameter names or those ``regex`` matches (Keras'
+        method); takes effect at the next update, in any group."""
+        if names is None and regex is None:
+            raise ValueError("exclude_from_weight_decay needs names= or regex=")
+        new = [x for x in (names, regex) if x is not None]
+        for x in new:
+            groups_mod._matcher(list(x) if isinstance(x, (list, tuple)) else x,
+                                "exclude_from_weight_decay")
+        self._wd_exclude = self._wd_exclude + [list(x) if isinstance(x, (list, tuple)) else x
+                                               for x in new]
+        self._groups_version += 1
+
+    def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
+        """Each tensor's row of scalars and one optimizer per row (row 0: this one)."""
+        key = (self._groups_version, id(self._groups))
+        cached = state.groups
+        if cached is None or cached[0] != key:
+            index, rows = groups_mod.resolve(self, state.layout.name_list)
+            cached = state.groups = (key, index, rows)
+        return cached[1], groups_mod.views(self, cached[2])
 
     # -- learning rate ---------------------------------------------------------------
-    def get_learning_rate(self) -> float:
-        return self.learning_rate
+    def get_learning_rate(self, group: int | None = None) -> float:
+        """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it)."""
+        if group is None:
+            return self.learning_rate
+        return self.learning_rate * self._group(group).get("lr_scale", 1.0)
 
-    def set_learning_rate(self, lr: float) -> None:
-        """Change the learning rate; it is an argument of every kernel, so nothing recompiles."""
-        self.learning_rate = check_positive("learning_rate", lr)
+    def set_learning_rate(self, lr: float, group: int | None = None) -> None:
+        """Change the learning rate (every group's in proportion: each keeps its
+        ``lr_scale``), or with ``group`` only that group's. It is an argument of every
+        kernel, so nothing recompiles."""
+        if group is None:
+            self.learning_rate = check_positive("learning_rate", lr)
+            return
+        g = self._group(group)
+        lr = check_positive("learning_rate", lr)
+        if self.learning_rate == 0:
+            raise ValueError("a group's learning rate is kept as a ratio to the optimizer's, "
+                             "which is 0")
+        g["lr_scale"] = lr / self.learning_rate
+        self._groups_version += 1
+
+    def _group(self, group: Any) -> dict[str, Any]:
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+            raise TypeError(f"group must be an index into param_groups, got {group!r}")
+        if not 0 <= group < len(self._groups):
+            raise KeyError(f"{type(self).__name__} has {len(self._groups)} param_groups, no "
+                           f"group {group}")
+        return self._groups[group]
 
     # -- backend -----------------------------------------------------------------------
     @property
@@ -205,9 +310,19 @@ class Optimizer:
         return type(self).math
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Constructor arguments, e.g. for checkpoints and error messages."""
-        skip = {"_backend"}
-        return {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+        """Constructor arguments, e.g. for checkpoints and error messages (the group options
+        only where set; a group given by a callable is listed by the names it matched at the
+        last ``init``)."""
+        out = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        if self._groups:
+            out["param_groups"] = [dict(g) for g in self._groups]
+        if self._wd_mask is not None:
+            out["weight_decay_mask"] = self._wd_mask
+        if self._wd_exclude:
+            out["exclude_weight_decay"] = list(self._wd_exclude)
+        if self._strict:
+            out["strict"] = True
+        return out
 
     # -- init / update -------------------------------------------------------------------
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
@@ -363,17 +478,26 @@ class Optimizer:
         hp = d.get("hyperparameters")
         if not isinstance(hp, Mapping):
             raise TypeError("state dict 'hyperparameters' must be a dict")
-        unknown = sorted(set(hp) - set(self.hyperparameters()))
+        unknown = sorted(set(hp) - set(self.hyperparameters()) - set(GROUP_KEYS))
         if unknown:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
+        grouping = {k: hp[k] for k in GROUP_KEYS if k in hp}  # absent: no groups
+        hp = {k: v for k, v in hp.items() if k not in GROUP_KEYS}
         trial = copy.copy(self)
         trial.__dict__.update(hp)
+        plain = {k: v for k, v in trial.hyperparameters().items() if k not in GROUP_KEYS}
         try:  # the constructor's checks, where its signature takes the hyperparameters
-            inspect.signature(type(self)).bind(**trial.hyperparameters())
+            inspect.signature(type(self)).bind(**plain, **grouping)
         except TypeError:  # a subclass with its own constructor: as given
-            pass
-        else:  # and its normalised values (floats, bools)
-            hp = {k: v for k, v in vars(type(self)(**trial.hyperparameters())).items() if k in hp}
+            if grouping:
+                raise TypeError(f"{type(self).__name__}'s constructor takes no parameter "
+                                f"groups") from None
+        else:  # and its normalised values (floats, bools, groups)
+            built = type(self)(**plain, **grouping)
+            hp = {k: v for k, v in vars(built).items() if k in hp}
+            hp.update(_groups=built._groups, _wd_mask=built._wd_mask,
+                      _wd_exclude=built._wd_exclude, _strict=built._strict,
+                      _groups_version=self._groups_version + 1)
             trial.__dict__.update(hp)
         state = None
         if params is not None and "slots" in d:

@@ -30,6 +30,7 @@ class OptimizerState:
         self.last_grad_norm: float | None = None
         self.params_flat: Any = None
         self.param_views: dict[str, Any] | None = None
+        self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
 
     def slot(self, name: str) -> dict[str, Any]:
         """Per-parameter arrays of state slot ``name`` (views on NumPy/torch, copies on JAX)."""

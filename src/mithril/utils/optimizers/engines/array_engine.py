@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .common import Engine, is_finite, made_nonfinite, must_skip, nonfinite_result_error, prologue
+from .common import (
+    Engine,
+    is_finite,
+    made_nonfinite,
+    must_skip,
+    nonfinite_result_error,
+    scalar_table,
+)
 
 
 class ArrayEngine(Engine):
@@ -82,11 +89,12 @@ class ArrayEngine(Engine):
             for n, x in copies:
                 a, b = self._span(n)
                 P[a:b] = x.reshape(-1)
-        scal = opt.scalars(t)
-        gscale, cv, l2, keep = prologue(opt, norm, scal[0])
+        table, index, clip = scalar_table(opt, state, t, norm)
+        cols = self._columns(table, index)
+        gscale, cv, l2, keep, scal = cols[0], cols[1], cols[2], cols[3], cols[4:]
         g = g * gscale
-        if cv:
-            g = g.clamp(-cv, cv) if self.torch else np.clip(g, -cv, cv)
+        if clip:
+            g = self.t.clamp(g, -cv, cv) if self.torch else np.clip(g, -cv, cv)
         g = g + l2 * P
         olds = [P, *(state.slots[s] for s in opt.slot_names())]
         out = opt.kernel_math()(P * keep, g, *olds[1:], *scal)
@@ -114,6 +122,20 @@ class ArrayEngine(Engine):
         for dst, new in zip([state.params_flat, *(state.slots[s] for s in opt.slot_names())], out):
             dst[...] = new
         return dict(state.param_views), True, norm, finite
+
+    def _columns(self, table: np.ndarray, index: np.ndarray) -> list[Any]:
+        """Each scalar of the table: a Python float with one parameter group, else an array
+        of each element's value (the unfused path: one more array per scalar)."""
+        if table.shape[0] == 1:
+            return [float(x) for x in table[0]]
+        per = np.repeat(index, self.layout.sizes)
+        from ....backends.numpy_backend import numpy_dtype
+
+        with np.errstate(over="ignore"):
+            cols = [table[per, j].astype(numpy_dtype(self.layout.dtype)) for j in range(table.shape[1])]
+        if self.torch:
+            return [self.t.from_numpy(c).to(self.tdtype).to(self.device) for c in cols]
+        return cols
 
     def _span(self, name: str) -> tuple[int, int]:
         lay = self.layout

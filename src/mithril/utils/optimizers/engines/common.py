@@ -9,6 +9,23 @@ from typing import Any
 import numpy as np
 
 
+def scalar_table(opt: Any, state: Any, t: int, norm: float | None
+                 ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The per-step scalars of every parameter group: a float64 table with one row per
+    group (:func:`prologue`'s four values, then ``scalars(t)``), each tensor's row, and
+    whether any group clips by value (a group that does not then gets an infinite bound)."""
+    index, views = opt.group_rows(state)
+    rows = []
+    for v in views:
+        scal = v.scalars(t)
+        rows.append((*prologue(v, norm, scal[0]), *scal))
+    table = np.array(rows, dtype=np.float64)
+    clip = bool((table[:, 1] > 0).any())
+    if clip:
+        table[table[:, 1] == 0, 1] = np.inf
+    return table, index, clip
+
+
 def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, float, float]:
     """(gscale, clip_value or 0, coupled L2 factor, decoupled keep factor) for one step.
 
@@ -50,19 +67,20 @@ def made_nonfinite(isfinite: Any, olds: list, news: list) -> Any:
 
 
 def nonfinite_results(opt: Any, flat: Any, slots: dict[str, Any], grads: Any, to_numpy: Any,
-                      layout: Any, scal: tuple, pro: tuple) -> list[str]:
+                      layout: Any, table: np.ndarray, index: np.ndarray) -> list[str]:
     """The parameters whose step makes a param or slot value non-finite, recomputed with
     NumPy on host copies (only to name them in an error: the rare path)."""
     dt = np.dtype(layout.dtype).type
     bad = []
     with np.errstate(all="ignore"):
-        gscale, cv, l2, keep = (dt(x) for x in pro)
-        scal = tuple(dt(x) for x in scal)
-        for name, a, b, _ in layout.spans():
+        for i, (name, a, b, _) in enumerate(layout.spans()):
             if name not in grads:
                 continue
+            row = [dt(x) for x in table[index[i]]]
+            gscale, cv, l2, keep = row[:4]
+            scal = tuple(row[4:])
             g = np.asarray(to_numpy(grads[name]), dtype=dt).reshape(-1) * gscale
-            if cv:
+            if cv > 0:
                 g = np.clip(g, -cv, cv)
             p = np.asarray(flat[a:b])
             g = g + l2 * p

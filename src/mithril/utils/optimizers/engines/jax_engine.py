@@ -19,10 +19,11 @@ from .common import (
     nonfinite_error,
     nonfinite_result_error,
     nonfinite_results,
-    prologue,
+    scalar_table,
 )
 
-#: compiled steps shared by every engine: (math, slots, layout, grads present, flags, donate)
+#: compiled steps shared by every engine: (math, slots, layout, grads present, flags, each
+#: tensor's row of scalars where groups differ, donate)
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -56,31 +57,34 @@ class JaxEngine(Engine):
         return self.jnp.asarray(np.asarray(a, dtype=self.layout.dtype))
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
-               flags: tuple[bool, bool, bool, bool], donate: bool) -> Any:
+               flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool) -> Any:
+        """The jitted step. ``rows``: each tensor's row of the scalar table when there are
+        several parameter groups (then each scalar is gathered per element; XLA fuses the
+        gather into the update loop), else None (one row of scalars)."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        need_norm, clip_norm_on, clip_value_on, skip = flags
+        clip_norm_on, clip_value_on, skip = flags
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
             for n, a, b, _ in lay.spans():
                 m[a:b] = n in present
             mask = m
+        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
 
-        def step(params, grads, slots, hp, pro):
+        def step(params, grads, slots, table, clip_norm):
             dt = lay.dtype
             p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
             g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
                                  for n, s in zip(lay.names, lay.sizes)])
-            clip_norm, clip_value, l2, wd_decoupled = pro[0], pro[1], pro[2], pro[3]
-            norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32))) if need_norm \
-                else jnp.zeros((), dt)
+            col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
+            norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
             if clip_norm_on:
                 g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
             if clip_value_on:
-                g = jnp.clip(g, -clip_value, clip_value)
-            g = g + l2 * p
-            p2 = p * (1 - hp[0] * wd_decoupled)
-            out = math_fn(p2, g, *(slots[s] for s in slot_names), *(hp[i] for i in range(hp.shape[0])))
+                g = jnp.clip(g, -col(1), col(1))
+            g = g + col(2) * p
+            out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
+                          *(col(j) for j in range(4, table.shape[1])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
             if mask is not None:
                 new_p = jnp.where(mask, new_p, p)
@@ -88,10 +92,8 @@ class JaxEngine(Engine):
             # whether no value this step touches became non-finite (fused by XLA into the loop)
             finite = ~jnp.any(made_nonfinite(jnp.isfinite, [p, *(slots[s] for s in slot_names)],
                                              [new_p, *new_slots.values()]))
-            keep = None
             if skip:
                 keep = jnp.isfinite(norm) & finite
-            if keep is not None:
                 new_p = jnp.where(keep, new_p, p)
                 new_slots = {s: jnp.where(keep, v, slots[s]) for s, v in new_slots.items()}
             new_params = {n: new_p[a:b].reshape(shp) for n, a, b, shp in lay.spans()}
@@ -104,22 +106,21 @@ class JaxEngine(Engine):
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
-        flags = (True, opt.clip_norm is not None,
-                 opt.clip_value is not None, opt.nonfinite != "propagate")
+        table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
+        rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
+        flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate")
         donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         math_fn = opt.kernel_math()
-        key = (math_fn, opt.slot_names(), lay, present, flags, donate)
+        key = (math_fn, opt.slot_names(), lay, present, flags, rows, donate)
         fn = _COMPILED.get(key)
         if fn is None:
-            fn = _COMPILED[key] = self._build(math_fn, opt.slot_names(), present, flags, donate)
+            fn = _COMPILED[key] = self._build(math_fn, opt.slot_names(), present, flags, rows, donate)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
-            hp = np.asarray(opt.scalars(t), dtype=lay.dtype)
-        pro = np.asarray([opt.clip_norm or 0.0, opt.clip_value or 0.0,
-                          0.0 if opt.decoupled_weight_decay else opt.weight_decay,
-                          opt.weight_decay if opt.decoupled_weight_decay else 0.0], dtype=lay.dtype)
-        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), dict(state.slots), hp, pro)
+            hp = table.astype(lay.dtype)
+        cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
+        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), dict(state.slots), hp, cn)
         state.slots = new_slots  # the old slots were donated (under skip/raise: same values)
         norm_f, finite = float(norm), bool(finite)
         ok = opt.nonfinite == "propagate" or (bool(np.isfinite(norm_f)) and finite)
@@ -130,9 +131,9 @@ class JaxEngine(Engine):
             # name the offenders (rare): params were not donated, and the slots that came
             # back hold the old values
             flat = np.concatenate([np.asarray(params[n]).reshape(-1) for n in lay.names])
-            scal = opt.scalars(t)
+            table, index, _ = scalar_table(opt, state, t, norm_f)
             raise nonfinite_result_error(opt, nonfinite_results(
                 opt, flat, {k: np.asarray(v) for k, v in new_slots.items()}, grads, self.to_numpy,
-                lay, scal, prologue(opt, norm_f, scal[0])))
+                lay, table, index))
         state.param_views = new_params
         return dict(new_params), ok, norm_f, finite

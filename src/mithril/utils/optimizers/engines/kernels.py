@@ -88,7 +88,7 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
 
 _OUTER_SRC = """
 def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
-           gscale, cv, l2, keep{scal}):
+           group, H):
     pieces = bounds.shape[0] - 1
     k = claim(sync)
     while k < pieces:
@@ -96,13 +96,15 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
         for e in range(bounds[k], bounds[k + 1]):
             a = seg_off[e]
             b = a + seg_size[e]
-            base = gptr[seg_t[e]]
+            t = seg_t[e]
+            base = gptr[t]
             if base == 0:  # no gradient: the parameter passes through unchanged
                 if COPY:
                     Q[a:b] = P[a:b]
                 continue
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
-            s += inner(P[a:b], Q[a:b], {slices}G, gscale, cv, l2, keep{scal})
+            r = group[t]  # the tensor's row of scalars (its parameter group)
+            s += inner(P[a:b], Q[a:b], {slices}G, {row})
         acc[k] = s
         piece_done(sync)
         k = claim(sync)
@@ -118,6 +120,11 @@ def _max_of(terms: list[str]) -> str:
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
                   clip: bool = False, stream: bool = False, dry: bool = False) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
+
+    The scalars come as a table ``H`` with one row per parameter group (the prologue's
+    gscale, clip value, coupled L2 and decoupled keep factor, then the optimizer's
+    scalars) and ``group``, each tensor's row: any hyperparameter may differ between
+    groups at the cost of one table read per tensor, in the same single pass.
 
     The per-tensor loop is a separate (non-inlined) function over contiguous slices so
     that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
@@ -147,6 +154,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         old_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits({s}[j])" for s in slots]),
         new_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
         slices="".join(f"{s}[a:b], " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
     )
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,

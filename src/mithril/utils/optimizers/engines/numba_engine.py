@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import ndarray_fields, streaming, threads, torch_scan
-from .common import Engine, must_skip, nonfinite_result_error, nonfinite_results, prologue
+from .common import Engine, must_skip, nonfinite_result_error, nonfinite_results, scalar_table
 from .kernels import inside, sumsq_kernel, update_kernel
 
 _IS_CPU = operator.attrgetter("is_cpu")
@@ -232,18 +232,16 @@ class NumbaEngine(Engine):
             norm = self._grad_norm(gptr)
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
-        scal = opt.scalars(t)
-        pro = prologue(opt, norm, scal[0])
-        dt = np.dtype(lay.dtype).type
+        table, index, clip = scalar_table(opt, state, t, norm)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
-            after = (*(dt(x) for x in pro), *(dt(x) for x in scal))
+            after = (index, table.astype(lay.dtype))
+        n_scal = table.shape[1] - 4
         slots = [self.np_view(state.slots[s]) for s in opt.slot_names()]
-        clip = bool(pro[1] > 0)
         if opt.nonfinite != "propagate":
             # skip/raise: the step is computed once without being stored; it reads what the
             # update reads (the price of "nothing changes"), Σ g² included
             flat = self._current(state, params, ours)
-            dry = update_kernel(opt.kernel_math(), len(slots), len(scal), lay.dtype, clip=clip, dry=True)
+            dry = update_kernel(opt.kernel_math(), len(slots), n_scal, lay.dtype, clip=clip, dry=True)
             total = plan.run(dry, (flat, flat, *slots), gptr, after)
             if not math.isfinite(total):
                 gnorm = norm if norm is not None else self._grad_norm(gptr)
@@ -252,7 +250,7 @@ class NumbaEngine(Engine):
                 if opt.nonfinite == "raise":
                     raise nonfinite_result_error(opt, nonfinite_results(
                         opt, flat, dict(zip(opt.slot_names(), slots)), grads, self.to_numpy, lay,
-                        scal, pro))
+                        table, index))
                 return dict(params), False, gnorm, False
             if norm is None:
                 norm = math.sqrt(total)
@@ -261,7 +259,7 @@ class NumbaEngine(Engine):
         gptr = self._unaliased(gptr, grads, keep, (dst, *state.slots.values()))
         copy = src is not dst
         stream = copy and streaming.worth_it((3 + len(state.slots)) * lay.total * itemsize)
-        kernel = update_kernel(opt.kernel_math(), len(slots), len(scal), lay.dtype, copy, clip, stream)
+        kernel = update_kernel(opt.kernel_math(), len(slots), n_scal, lay.dtype, copy, clip, stream)
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite
             return dict(views), True, math.sqrt(total) if norm is None else norm, True

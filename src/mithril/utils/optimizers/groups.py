@@ -1,0 +1,181 @@
+"""Parameter groups: per-tensor hyperparameters inside one optimizer and one fused pass.
+
+``param_groups=[{"params": <regex | list of names | callable(name) -> bool>, **overrides}]``
+gives the parameters a group matches (the *first* group that matches a name owns it) other
+values of any hyperparameter the optimizer has; unmatched parameters keep the constructor's.
+``weight_decay_mask`` (optax ``masked``: decay only where it matches) and
+:meth:`~mithril.utils.optimizers.Optimizer.exclude_from_weight_decay` (Keras) turn weight
+decay off for the names they leave out / match, in whatever group those are.
+
+Every distinct combination becomes one row of a table of per-step scalars; the fused
+kernels read each tensor's row (one read per tensor), so 50 groups cost one pass, as one
+group does. A group's learning rate is kept as its ratio to the optimizer's
+(``lr_scale``): a scheduler driving ``set_learning_rate`` moves every group in proportion,
+as torch's multiplicative schedulers move each group from its own base lr, and a state dict
+restores it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: hyperparameters that hold for the whole step, not per tensor
+GLOBAL = frozenset({"clip_norm", "nonfinite", "param_groups", "weight_decay_mask",
+                    "exclude_weight_decay"})
+
+
+def _matcher(spec: Any, where: str) -> Callable[[str], bool] | list[str]:
+    """A predicate for a name pattern (regex searched in the name, or callable), or the
+    list of names it lists."""
+    if isinstance(spec, str):
+        try:
+            rx = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{where}: {spec!r} is not a valid regular expression: {e}") from None
+        return lambda name: rx.search(name) is not None
+    if callable(spec):
+        return spec
+    if isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
+        return list(spec)
+    raise TypeError(f"{where} must be a regex string, a list of names or a callable(name) -> "
+                    f"bool, got {type(spec).__name__}")
+
+
+def _matches(m: Callable[[str], bool] | list[str], name: str, where: str) -> bool:
+    if isinstance(m, list):
+        return name in m
+    try:
+        hit = m(name)
+    except Exception as e:  # noqa: BLE001 - the user's callable: name it
+        raise ValueError(f"{where}: the callable raised on parameter '{name}': {e!r}") from e
+    if not isinstance(hit, (bool, np.bool_)):
+        raise TypeError(f"{where}: the callable must return a bool, got {type(hit).__name__} "
+                        f"for '{name}'")
+    return bool(hit)
+
+
+def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
+    """``groups`` checked against ``opt`` (an optimizer built without groups): each a dict
+    with ``params`` and overrides of hyperparameters ``opt`` has, each value checked as the
+    constructor checks it, and none changing the state slots or the kernel (flags such as
+    ``amsgrad``, or momentum between zero and non-zero: those need separate optimizers).
+    A ``learning_rate`` becomes ``lr_scale`` (its ratio to ``opt``'s)."""
+    if groups is None:
+        return []
+    if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or isinstance(groups, str):
+        raise TypeError(f"param_groups must be a list of dicts, got {type(groups).__name__}")
+    hp = opt.hyperparameters()
+    out = []
+    for i, g in enumerate(groups):
+        where = f"param_groups[{i}]"
+        if not isinstance(g, Mapping):
+            raise TypeError(f"{where} must be a dict, got {type(g).__name__}")
+        if "params" not in g:
+            raise KeyError(f"{where} has no 'params' (a regex, a list of names or a callable)")
+        _matcher(g["params"], f"{where}['params']")
+        over = {k: v for k, v in g.items() if k != "params"}
+        scale = over.pop("lr_scale", None)
+        if "learning_rate" in over:
+            if scale is not None:
+                raise TypeError(f"{where}: give learning_rate or lr_scale, not both")
+            lr = over.pop("learning_rate")
+            check = type(opt)(**{**hp, "learning_rate": lr}).learning_rate
+            if opt.learning_rate == 0:
+                raise ValueError(f"{where}: a group learning_rate is kept as a ratio to the "
+                                 f"optimizer's, which is 0: give lr_scale instead")
+            scale = check / opt.learning_rate
+        if scale is not None:
+            from .checks import check_positive
+
+            scale = check_positive(f"{where}['lr_scale']", scale)
+        unknown = sorted(set(over) - set(hp))
+        if unknown:
+            raise KeyError(f"{where}: {unknown} are not hyperparameters of {type(opt).__name__} "
+                           f"(it has {sorted(set(hp) - GLOBAL)})")
+        fixed = sorted(set(over) & GLOBAL)
+        if fixed:
+            raise ValueError(f"{where}: {fixed} hold for the whole step and cannot differ per group")
+        try:
+            view = type(opt)(**{**hp, **over})  # the constructor's checks and normalisation
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        norm = {k: getattr(view, k) for k in over}
+        for k in norm:
+            probe = copy.copy(opt)
+            probe.__dict__.update({k: norm[k]})
+            if (probe.slot_names() != opt.slot_names()
+                    or probe.kernel_math() is not opt.kernel_math()):
+                raise ValueError(f"{where}: {k}={g[k]!r} changes {type(opt).__name__}'s state "
+                                 f"slots or update rule ({k}={hp[k]!r} elsewhere); parameters "
+                                 f"that need it take a separate optimizer")
+        entry = {"params": g["params"], **norm}
+        if scale is not None:
+            entry["lr_scale"] = scale
+        out.append(entry)
+    return out
+
+
+def resolve(opt: Any, names: Sequence[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Each tensor's row and the rows' overrides, for parameters ``names`` (row 0: no
+    overrides). Warns for a group or mask that matches nothing (raises with ``strict``)."""
+    groups = opt.param_groups
+    matchers = [_matcher(g["params"], f"param_groups[{i}]['params']") for i, g in enumerate(groups)]
+    mask = opt.weight_decay_mask
+    excl = opt.exclude_weight_decay
+    mask_m = None if mask is None else _matcher(mask, "weight_decay_mask")
+    excl_m = [_matcher(e, "exclude_from_weight_decay") for e in excl]
+    owner = []
+    used = [False] * len(groups)
+    for n in names:
+        gi = next((i for i, m in enumerate(matchers)
+                   if _matches(m, n, f"param_groups[{i}]['params']")), None)
+        if gi is not None:
+            used[gi] = True
+        decay = mask_m is None or _matches(mask_m, n, "weight_decay_mask")
+        if any(_matches(m, n, "exclude_from_weight_decay") for m in excl_m):
+            decay = False
+        owner.append((gi, decay))
+    unused = [i for i, u in enumerate(used) if not u]
+    for i in unused:
+        listed = groups[i]["params"]
+        missing = [x for x in listed if x not in names] if isinstance(listed, list) else []
+        msg = (f"{type(opt).__name__}: param_groups[{i}] matches no parameter"
+               + (f" (unknown names {missing})" if missing else ""))
+        if opt.strict:
+            raise ValueError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=4)
+    combos = sorted(set(owner), key=lambda c: (-1 if c[0] is None else c[0], not c[1]))
+    if (None, True) in combos:  # row 0 is the optimizer's own values
+        combos.remove((None, True))
+    combos.insert(0, (None, True))
+    index = {c: r for r, c in enumerate(combos)}
+    rows = []
+    for gi, decay in combos:
+        over = {} if gi is None else {k: v for k, v in groups[gi].items() if k != "params"}
+        if not decay:
+            over["weight_decay"] = 0.0
+        rows.append(over)
+    return np.array([index[c] for c in owner], dtype=np.int64), rows
+
+
+def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
+    """One optimizer per row: ``opt`` with the row's overrides (its learning rate scaled)."""
+    out = []
+    for over in rows:
+        if not over:
+            out.append(opt)
+            continue
+        v = copy.copy(opt)
+        over = dict(over)
+        scale = over.pop("lr_scale", None)
+        v.__dict__.update(over)
+        if scale is not None:
+            v.learning_rate = opt.learning_rate * scale
+        out.append(v)
+    return out
