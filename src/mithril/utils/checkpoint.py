@@ -134,6 +134,16 @@ def _check_ints(value: Any, field: str, where: str) -> None:
                                   f"outside int64's range")
 
 
+def _plain_json(v: Any) -> bool:
+    """A number, bool, string or null, or lists / string-keyed objects of those (the JSON
+    parse has bounded the depth)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(map(_plain_json, v))
+    return isinstance(v, dict) and all(isinstance(k, str) and _plain_json(x) for k, x in v.items())
+
+
 def _check_meta(meta: Any, where: str) -> dict[str, Any]:
     """``meta`` (the parsed metadata) checked field by field; ``CheckpointError`` naming
     ``where`` and the field on the first problem."""
@@ -172,9 +182,10 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
         if not isinstance(hp, dict):
             raise bad("optimizer.hyperparameters", "must be an object")
         for k, v in hp.items():
-            if not (v is None or isinstance(v, (bool, int, float, str))):
+            if not _plain_json(v):
                 raise bad(f"optimizer.hyperparameters.{k}", f"is {_short(v)}, not a number, "
-                                                            f"bool, string or null")
+                                                            f"bool, string, null, or a list or "
+                                                            f"object of those (parameter groups)")
         _check_ints(hp, "optimizer.hyperparameters", where)
         if opt["step"] is None:
             if opt["num_skipped"] is not None or opt["num_nonfinite"] is not None or \

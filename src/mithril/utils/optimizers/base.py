@@ -314,12 +314,20 @@ class Optimizer:
         only where set; a group given by a callable is listed by the names it matched at the
         last ``init``)."""
         out = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        seen = self.__dict__.get("_matched", {})
+
+        def named(spec: Any, key: str) -> Any:  # a callable as the names it matched
+            return list(seen.get(key, [])) if callable(spec) and key in seen or (
+                callable(spec) and seen) else spec
+
         if self._groups:
-            out["param_groups"] = [dict(g) for g in self._groups]
+            out["param_groups"] = [{**g, "params": named(g["params"], f"group{i}")}
+                                   for i, g in enumerate(self._groups)]
         if self._wd_mask is not None:
-            out["weight_decay_mask"] = self._wd_mask
+            out["weight_decay_mask"] = named(self._wd_mask, "mask")
         if self._wd_exclude:
-            out["exclude_weight_decay"] = list(self._wd_exclude)
+            out["exclude_weight_decay"] = [named(e, f"exclude{j}")
+                                           for j, e in enumerate(self._wd_exclude)]
         if self._strict:
             out["strict"] = True
         return out

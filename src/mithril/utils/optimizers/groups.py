@@ -132,15 +132,23 @@ def resolve(opt: Any, names: Sequence[str]) -> tuple[np.ndarray, list[dict[str, 
     excl_m = [_matcher(e, "exclude_from_weight_decay") for e in excl]
     owner = []
     used = [False] * len(groups)
+    matched: dict[str, list[str]] = {"mask": []}
     for n in names:
         gi = next((i for i, m in enumerate(matchers)
                    if _matches(m, n, f"param_groups[{i}]['params']")), None)
         if gi is not None:
             used[gi] = True
+            matched.setdefault(f"group{gi}", []).append(n)
         decay = mask_m is None or _matches(mask_m, n, "weight_decay_mask")
-        if any(_matches(m, n, "exclude_from_weight_decay") for m in excl_m):
-            decay = False
+        if decay:
+            matched["mask"].append(n)
+        for j, m in enumerate(excl_m):
+            if _matches(m, n, "exclude_from_weight_decay"):
+                decay = False
+                matched.setdefault(f"exclude{j}", []).append(n)
         owner.append((gi, decay))
+    # what a callable matched, by name: what state dicts and checkpoints keep
+    opt._matched = matched
     unused = [i for i, u in enumerate(used) if not u]
     for i in unused:
         listed = groups[i]["params"]
