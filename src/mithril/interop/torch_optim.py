@@ -1,0 +1,547 @@
+"""A mithril optimizer as a real ``torch.optim.Optimizer``.
+
+:func:`torch_optimizer` wraps any mithril optimizer (:mod:`mithril.utils.optimizers`) for a
+plain torch training loop: ``zero_grad`` / ``backward`` / ``step``, learning-rate schedulers,
+``torch.amp.GradScaler``, ``clip_grad_norm_`` and ``state_dict`` checkpoints all work as with
+a ``torch.optim`` optimizer, while the update itself is mithril's (one fused kernel over all
+parameters on CPU)::
+
+    import torch
+    from mithril.interop import torch_optimizer
+    from mithril.utils.optimizers import Adam
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch_optimizer(Adam(learning_rate=1e-2), model.named_parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    checkpoint = opt.state_dict()  # torch.save-able (also with weights_only=True loads)
+
+How it works:
+
+* **One parameter group** holding the parameters, ``lr`` and the optimizer's other
+  hyperparameters under torch's names where torch has one (``betas`` for ``beta1, beta2``,
+  ``eps`` for ``epsilon``, ``alpha`` for RMSProp's ``decay``; the rest, e.g. ``momentum``,
+  ``weight_decay``, ``amsgrad``, ``clip_norm``, under their own). Every :meth:`step` reads
+  the group: ``lr`` is passed to ``set_learning_rate`` (a scheduler or a user may change it
+  at will, nothing recompiles), and any other changed value is applied after the
+  constructor's checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works
+  too). A change that would need other state slots (e.g. SGD momentum from 0 to 0.9 after
+  the first step) is refused with a ``ValueError``.
+* **No copy per step.** The first :meth:`step` creates the optimizer state and runs the
+  update; the optimizer then holds every parameter in one flat buffer, and each
+  ``nn.Parameter`` is pointed at its slice of it (``param.data = view``: the Parameter
+  object, its ``.grad`` and every reference to it are unchanged). Later steps write the
+  buffer in place, reading the ``.grad`` tensors where they lie. Writing a parameter in
+  place (``model.load_state_dict``, ``p.mul_``) writes the buffer and is seen; replacing
+  ``p.data`` is detected (address and shape, per step) and the new tensor is copied in.
+  ``torch.save`` of one parameter alone saves the whole buffer (torch saves storages).
+  Each step counts in the updated parameters' autograd version counters, as torch's
+  in-place updates do: a backward through a graph built before the step fails loudly.
+* Parameters whose ``.grad`` is ``None`` are skipped (left untouched, with their state);
+  a step with no gradient at all does nothing. As everywhere in mithril, the step count
+  (bias corrections) is one per optimizer, not one per parameter as in torch: the two agree
+  unless some parameters miss steps (see :class:`~mithril.utils.optimizers.Optimizer`).
+* On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
+  bfloat16) the engines' flat-tensor path. Parameters must share one dtype and device.
+* ``state_dict()`` is torch-shaped: ``{"state": {i: {"step": tensor, <slot>: tensor}},
+  "param_groups": [group], "mithril": {...}}`` with torch's slot names where torch has the
+  optimizer (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...); the ``"mithril"`` entry
+  holds the optimizer's name, hyperparameters and exact counters. ``load_state_dict``
+  checks everything first and changes nothing on error; a saved and reloaded run continues
+  bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
+  uses the new lr one step early, where an unbroken run uses the old one once more). A
+  ``torch.optim`` optimizer's own state dict is not accepted.
+* Hyperparameters changed mid-run follow torch except NAdam's ``betas[0]``: mithril's
+  NAdam computes its momentum product from the current β₁ (exact for a constant β₁),
+  torch's multiplies in each step's.
+* ``torch.amp.GradScaler`` needs nothing special: it unscales the ``.grad`` tensors of the
+  group's parameters in place, checks them for inf/NaN and calls :meth:`step` only when
+  they are finite (``_step_supports_amp_scaling`` is deliberately not set).
+
+Also: ``opt.state[p]`` gives, per parameter, ``step`` and live views of the slots (torch's
+names); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
+:class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import KeyMismatchError
+from ..utils.optimizers import SGD, Adam, Adamax, NAdam, Optimizer, RAdam, RMSProp
+
+__all__ = ["TorchOptimizer", "torch_optimizer"]
+
+#: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep theirs)
+TORCH_SLOTS: tuple[tuple[type, dict[str, str]], ...] = (
+    (SGD, {"momentum": "momentum_buffer"}),
+    (Adam, {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"}),  # and AdamW
+    (RMSProp, {"v": "square_avg", "momentum": "momentum_buffer"}),
+    (Adamax, {"m": "exp_avg", "u": "exp_inf"}),
+    (NAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
+    (RAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
+)
+
+_BETA = re.compile(r"beta[0-9]+")
+
+#: sets autograd version counters (torch-private; without it, a graph built before a step is
+#: not known to be stale, see TorchOptimizer.step)
+_SET_VERSIONS = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def slot_names_for_torch(opt: Optimizer) -> dict[str, str]:
+    """mithril slot name -> the state key used in torch-style state dicts."""
+    for cls, names in TORCH_SLOTS:
+        if isinstance(opt, cls):
+            return names
+    return {}
+
+
+def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
+    """(param-group key, the hyperparameters it holds) for ``opt``: ``lr`` first, ``betas``
+    for ``beta1, beta2[, beta3...]``, ``eps`` for ``epsilon``, ``alpha`` for RMSProp's
+    ``decay``; every other hyperparameter under its own name."""
+    hp = opt.hyperparameters()
+    betas = tuple(sorted((k for k in hp if _BETA.fullmatch(k)), key=lambda k: int(k[4:])))
+    rename = {"epsilon": "eps"}
+    if isinstance(opt, RMSProp):
+        rename["decay"] = "alpha"
+    out: list[tuple[str, tuple[str, ...]]] = [("lr", ("learning_rate",))]
+    taken = {"lr", "params", "param_names"}
+    for k in hp:
+        if k == "learning_rate" or k in betas[1:]:
+            continue
+        if k in betas:
+            key, ours = "betas", betas
+        else:
+            key, ours = rename.get(k, k), (k,)
+        if key in taken or (key != k and key in hp):  # a clash: keep our own name
+            key = k
+        taken.add(key)
+        out.append((key, ours))
+    return out
+
+
+def _scalar(v: Any) -> Any:
+    """A one-element tensor as a Python number (a scheduler may keep ``lr`` as a tensor)."""
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(_scalar(a) == _scalar(b))
+    except Exception:  # noqa: BLE001 - incomparable values are different
+        return False
+
+
+def _to_numpy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+    return x
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    try:
+        return torch.from_numpy(a.copy(order="C") if not a.flags.c_contiguous else a)
+    except TypeError:  # e.g. an ml_dtypes bfloat16 array
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
+    with :func:`torch_optimizer`."""
+
+    def __init__(self, optimizer: Optimizer, params: Any) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a mithril optimizer (mithril.utils.optimizers), "
+                            f"got {type(optimizer).__name__}")
+        names, tensors, named = _parameters(params)
+        self._mithril = optimizer
+        self._names = names
+        self._keys = group_keys(optimizer)
+        self._opt_state: Any = None  # OptimizerState, created by the first step or a load
+        self._views: dict[str, torch.Tensor] | None = None  # what the last update returned
+        defaults = {key: self._value_of(ours) for key, ours in self._keys}
+        self._constructing = True
+        try:
+            super().__init__(list(zip(names, tensors)) if named else tensors, defaults)
+        finally:
+            self._constructing = False
+        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        self._synced = {key: copy.deepcopy(defaults[key]) for key, _ in self._keys}
+
+    # -- what users see ------------------------------------------------------------------
+    @property
+    def mithril_optimizer(self) -> Optimizer:
+        """The wrapped mithril optimizer."""
+        return self._mithril
+
+    @property
+    def mithril_state(self) -> Any:
+        """Its :class:`~mithril.utils.optimizers.OptimizerState` (None before the first step)."""
+        return self._opt_state
+
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict:
+        """Per parameter: ``step`` (a tensor) and views of the state slots under torch's
+        names (built on each access; on CPU and GPU the slot tensors are live views of the
+        optimizer's buffers, so writing them changes the state)."""
+        out: defaultdict = defaultdict(dict)
+        st = self.__dict__.get("_opt_state")
+        if st is None:
+            return out
+        rename = slot_names_for_torch(self._mithril)
+        slots = {rename.get(s, s): st.slot(s) for s in st.slots}
+        for name, p in zip(self._names, self._params):
+            out[p] = {"step": torch.tensor(float(st.step)),
+                      **{key: per[name] for key, per in slots.items()}}
+        return out
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if value:  # torch.optim.Optimizer.__init__ assigns an empty one
+            raise AttributeError("the state of a mithril optimizer is set by load_state_dict")
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a mithril torch_optimizer cannot be pickled or deep-copied; save "
+                        "state_dict() and load it into a new one")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self.__dict__.get("_constructing"):
+            raise NotImplementedError("a mithril torch_optimizer has one parameter group: "
+                                      "create another torch_optimizer for more parameters")
+        super().add_param_group(param_group)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One update from the parameters' ``.grad`` (those with none are skipped). With
+        ``closure``, it is called first under ``torch.enable_grad()`` and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync(self.param_groups[0])
+        names, params = self._names, self._params
+        grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
+        if not grads:
+            return loss
+        with torch.no_grad():
+            if self._opt_state is None:
+                current = {n: p.detach() for n, p in zip(names, params)}
+                state = self._mithril.init(current)
+            else:
+                state, current = self._opt_state, self._current()
+            new, state = self._mithril.update(current, grads, state)
+            self._opt_state = state
+            self._adopt(current, new)
+            if _SET_VERSIONS is not None and not state.last_step_skipped:
+                # the kernel wrote the parameters behind autograd's back: count it as the
+                # in-place update it is, so that a backward through a graph built before
+                # this step fails as with torch.optim instead of using the new values
+                stepped = [p for p in params if p.grad is not None]
+                _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
+        return loss
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        """The arrays to pass to ``update``: the ones it returned last time wherever the
+        parameter still lies there (then nothing is copied), else the parameter's tensor."""
+        views = self._views
+        if views is None:
+            return {n: p.detach() for n, p in zip(self._names, self._params)}
+        out = {}
+        for (n, v), p in zip(views.items(), self._params):
+            out[n] = v if p.data_ptr() == v.data_ptr() and p.shape == v.shape else p.detach()
+        return out
+
+    def _adopt(self, current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """Point every parameter at the array ``update`` returned for it (its slice of the
+        optimizer's flat buffer) unless it already lies there."""
+        views = self._views
+        same = (views is not None and all(map(operator.is_, views.values(), new.values()))
+                and all(map(operator.is_, current.values(), new.values())))
+        if not same:  # a first step, a reloaded state, or a parameter replaced from outside
+            for p, v in zip(self._params, new.values()):
+                if p.data_ptr() != v.data_ptr() or p.shape != v.shape:
+                    p.data = v
+        self._views = new
+
+    # -- the group <-> the optimizer's hyperparameters --------------------------------------
+    def _value_of(self, ours: tuple[str, ...]) -> Any:
+        if ours == ("learning_rate",):
+            return self._mithril.get_learning_rate()
+        hp = self._mithril.hyperparameters()
+        return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
+
+    @staticmethod
+    def _ours(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
+        """The hyperparameters a group value stands for."""
+        if len(ours) == 1:
+            return {ours[0]: _scalar(value)}
+        try:
+            values = tuple(value)
+        except TypeError:
+            values = ()
+        if len(values) != len(ours):
+            raise ValueError(f"param_groups[0]['{key}'] must be a sequence of {len(ours)} "
+                             f"numbers ({', '.join(ours)}), got {value!r}")
+        return {k: _scalar(v) for k, v in zip(ours, values)}
+
+    def _sync(self, group: Mapping[str, Any]) -> None:
+        """Apply the group's values that changed since the last step to the optimizer."""
+        opt = self._mithril
+        try:
+            lr = group["lr"]
+        except KeyError:
+            raise KeyMismatchError("param_groups[0] has no 'lr'") from None
+        lr = _scalar(lr)
+        if lr != opt.get_learning_rate():
+            try:
+                opt.set_learning_rate(lr)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[0]['lr']: {e}") from e
+        changed = {}
+        for key, ours in self._keys[1:]:
+            if key not in group:
+                raise KeyMismatchError(f"param_groups[0] has no '{key}' (the optimizer's "
+                                       f"{', '.join(ours)})")
+            if not _same(group[key], self._synced[key]):
+                changed[key] = group[key]
+        if changed:
+            self._apply(changed)
+
+    def _apply(self, changed: dict[str, Any]) -> None:
+        opt = self._mithril
+        keys = dict(self._keys)
+        hp: dict[str, Any] = {}
+        for key, value in changed.items():
+            hp.update(self._ours(key, keys[key], value))
+        old = opt.hyperparameters()
+        before = {k: old[k] for k in hp}
+        where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
+        try:
+            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
+        except (TypeError, ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
+        st = self._opt_state
+        if st is not None and set(opt.slot_names()) != set(st.slots):
+            needed = sorted(opt.slot_names())
+            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
+            raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
+                             f"{needed}, but its state has {sorted(st.slots)}; set this in "
+                             f"the constructor instead")
+        self._synced.update({k: copy.deepcopy(v) for k, v in changed.items()})
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """A torch-shaped state dict (see the module docs); the tensors are copies."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        group = self.param_groups[0]
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed["params"] = list(range(len(self._params)))
+        ours = self._mithril.state_dict(self._opt_state)
+        state: dict[int, dict[str, Any]] = {}
+        if self._opt_state is not None:
+            rename = slot_names_for_torch(self._mithril)
+            for i, name in enumerate(self._names):
+                entry: dict[str, Any] = {"step": torch.tensor(float(ours["step"]),
+                                                              dtype=torch.float32)}
+                for slot, per_param in ours["slots"].items():
+                    entry[rename.get(slot, slot)] = _to_tensor(per_param[name])
+                state[i] = entry
+        hp = ours["hyperparameters"]
+        for key, ours_keys in self._keys:  # what the next step will use (a scheduler may
+            try:  # have changed lr since the last one)
+                hp.update(self._ours(key, ours_keys, group[key]))
+            except (KeyError, ValueError):  # the next step refuses it, and says why
+                pass
+        meta = {"optimizer": ours["optimizer"], "hyperparameters": hp,
+                "step": ours.get("step", 0), "num_skipped": ours.get("num_skipped", 0),
+                "num_nonfinite": ours.get("num_nonfinite", 0), "param_names": list(self._names)}
+        out: dict[str, Any] = {"state": state, "param_groups": [packed], "mithril": meta}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (of a wrapper of the same optimizer class
+        over parameters of the same shapes, matched by position as in torch). Everything is
+        checked before anything changes: on error this optimizer, its group and the
+        parameters are as they were."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        group, ours = self._parse(state_dict)
+        opt = self._mithril
+        try:
+            if "slots" in ours:
+                params = {n: p.detach() for n, p in zip(self._names, self._params)}
+                state = opt.load_state_dict(ours, params)
+            else:
+                state = opt.load_state_dict(ours)
+        except (TypeError, ValueError, KeyError) as e:
+            cls, msg = (KeyMismatchError, e.args[0] if e.args else e) if isinstance(
+                e, KeyError) else (type(e), e)
+            raise cls(f"state dict refused (nothing changed): {msg}") from e
+        # nothing fails from here on
+        self._opt_state = state
+        self._views = None  # the next step copies the parameters into the new buffer
+        for key, ours_keys in self._keys:
+            group.setdefault(key, self._value_of(ours_keys))
+        self.param_groups = [group]
+        self._synced = {key: copy.deepcopy(group[key]) for key, _ in self._keys}
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _parse(self, sd: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The new param group and the mithril state dict that ``sd`` stands for; raises,
+        naming the entry at fault, if it is malformed."""
+        opt, n = self._mithril, len(self._params)
+        meta = sd.get("mithril")
+        if not isinstance(meta, Mapping):
+            raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
+                             "torch_optimizer (torch.optim state dicts are not accepted)")
+        if meta.get("optimizer") != type(opt).__name__:
+            raise ValueError(f"state dict is for {meta.get('optimizer')!r}, not "
+                             f"{type(opt).__name__}")
+        if not isinstance(meta.get("hyperparameters"), Mapping):
+            raise TypeError("state dict ['mithril']['hyperparameters'] must be a dict")
+        groups = sd.get("param_groups")
+        if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(
+                groups[0], Mapping):
+            got = (f"{len(groups)} groups" if isinstance(groups, (list, tuple))
+                   else type(groups).__name__)
+            raise ValueError(f"state dict 'param_groups' must be a list of one group (dict), "
+                             f"got {got}")
+        saved_group = copy.deepcopy(dict(groups[0]))
+        ids = saved_group.get("params")
+        if not isinstance(ids, (list, tuple)) or len(ids) != n:
+            got = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
+            raise ValueError(f"state dict's parameter group has {got} parameters, this "
+                             f"optimizer {n}")
+        hp = dict(meta["hyperparameters"])
+        for key, ours in self._keys:
+            if key in saved_group:
+                hp.update(self._ours(key, ours, saved_group[key]))
+        out: dict[str, Any] = {"optimizer": type(opt).__name__, "hyperparameters": hp,
+                               **{k: meta.get(k, 0) for k in ("step", "num_skipped",
+                                                              "num_nonfinite")}}
+        state = sd.get("state")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state dict 'state' must be a dict, got {type(state).__name__}")
+        if state:
+            index = {i: k for k, i in enumerate(ids)}
+            if len(index) != n or set(state) != set(index):
+                missing = sorted(set(index) - set(state), key=repr)
+                unknown = sorted(set(state) - set(index), key=repr)
+                raise KeyMismatchError(f"state dict 'state' must have an entry for every "
+                                       f"parameter id {list(ids)}: missing {missing}, "
+                                       f"unknown {unknown}")
+            back = {v: k for k, v in slot_names_for_torch(opt).items()}
+            slots: dict[str, dict[str, Any]] = {}
+            for pid, entry in state.items():
+                if not isinstance(entry, Mapping):
+                    raise TypeError(f"state dict 'state'[{pid!r}] must be a dict, got "
+                                    f"{type(entry).__name__}")
+                name = self._names[index[pid]]
+                for key, value in entry.items():
+                    if key != "step":
+                        slots.setdefault(back.get(key, key), {})[name] = _to_numpy(value)
+            out["slots"] = slots
+        elif out["step"] != 0:
+            raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
+        group = {k: v for k, v in saved_group.items() if k != "params"}
+        if "param_names" not in group and "param_names" in self.param_groups[0]:
+            group["param_names"] = self.param_groups[0]["param_names"]
+        group["params"] = self._params
+        return group, out
+
+
+def _parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:
+    """(names, tensors, whether named) from an iterable of tensors or (name, tensor) pairs."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors (e.g. model.parameters() or "
+                        "model.named_parameters()), got a single tensor")
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}")
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    if not items:
+        raise ValueError("torch_optimizer got an empty parameter list")
+    if any(isinstance(x, Mapping) for x in items):
+        raise NotImplementedError("parameter-group dicts are not supported (one group for now): "
+                                  "pass the parameters, or named parameters, themselves")
+    named = isinstance(items[0], tuple)
+    if named:
+        bad = [x for x in items if not (isinstance(x, tuple) and len(x) == 2
+                                        and isinstance(x[0], str))]
+        if bad:
+            raise TypeError(f"params mix (name, tensor) pairs with other items, e.g. "
+                            f"{type(bad[0]).__name__}")
+        names, tensors = [x[0] for x in items], [x[1] for x in items]
+    else:
+        if any(isinstance(x, tuple) for x in items):
+            raise TypeError("params mix tensors with (name, tensor) pairs")
+        names, tensors = [f"param{i}" for i in range(len(items))], items
+    for name, p in zip(names, tensors):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a torch tensor")
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError(f"parameter '{name}' is not a leaf tensor: can't optimize it")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter '{name}' has dtype {p.dtype}; optimizers need "
+                            f"floating-point parameters")
+    seen: dict[int, str] = {}
+    for name, p in zip(names, tensors):
+        if id(p) in seen:
+            raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}': pass "
+                             f"each parameter once")
+        seen[id(p)] = name
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parameter names repeat: {dup}")
+    for what, key in (("dtype", lambda p: str(p.dtype)), ("device", lambda p: str(p.device))):
+        found: dict[str, list[str]] = {}
+        for name, p in zip(names, tensors):
+            found.setdefault(key(p), []).append(name)
+        if len(found) > 1:
+            ranked = sorted(found.items(), key=lambda kv: -len(kv[1]))
+            odd = [n for _, ns in ranked[1:] for n in ns]
+            raise TypeError(f"parameters mix {what}s ({'; '.join(f'{k}: {v}' for k, v in ranked)})"
+                            f": one optimizer needs one {what}; the odd one(s) out: {odd}")
+    return names, tensors, named
+
+
+def torch_optimizer(optimizer: Optimizer, params: Any) -> TorchOptimizer:
+    """``optimizer`` (a mithril optimizer, e.g. ``Adam(learning_rate=1e-3)``) as a
+    ``torch.optim.Optimizer`` over ``params``: an iterable of parameters
+    (``model.parameters()``) or of ``(name, parameter)`` pairs (``model.named_parameters()``;
+    a plain iterable gets the names ``param0, param1, ...``). See the module docs."""
+    return TorchOptimizer(optimizer, params)
