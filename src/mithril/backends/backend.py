@@ -100,8 +100,15 @@ class Backend(ABC):
     def evaluator(self, program: Any, jit: bool) -> Evaluator: ...
 
     def init_param(self, shape: tuple[int, ...], kind: str) -> Any:
-        """A new parameter: ``glorot`` uniform, ``normal`` N(0,1), ``zeros`` or ``ones``."""
-        if kind == "glorot":
+        """A new parameter: ``glorot`` uniform, ``normal`` N(0,1), ``zeros`` or ``ones``;
+        ``kaiming_uniform`` is torch's default weight init of ``nn.Linear`` / ``nn.Conv*d``
+        (``kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = prod(shape[1:])) and
+        ``fan_in_uniform:<n>`` their bias init, U(±1/√n) with n the weight's fan_in."""
+        if kind == "kaiming_uniform" or kind.startswith("fan_in_uniform:"):
+            fan_in = int(kind.split(":")[1]) if ":" in kind else int(np.prod(shape[1:]))
+            limit = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
+            data = self._rng.uniform(-limit, limit, shape)
+        elif kind == "glorot":
             fan_out, fan_in = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (shape[0], shape[0])
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             data = self._rng.uniform(-limit, limit, shape)

@@ -3,13 +3,18 @@
 from .activations import Gelu, LeakyRelu, Relu, Sigmoid, Softmax, Tanh
 from .arithmetic import Add, MatrixMultiply, Multiply
 from .blocks import MLP
+from .conv import Convolution1D, Convolution2D
 from .layers import Embedding, Flatten, LayerNorm, Linear
 from .losses import CrossEntropy, MeanSquaredError, SquaredError
 from .model import Bound, Connection, Model
+from .norms import GroupNorm
 from .operator import Operator
+from .pooling import AvgPool1D, AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D
 
 __all__ = [
     "Add", "Bound", "Connection", "CrossEntropy", "Embedding", "Flatten", "Gelu", "LayerNorm",
     "LeakyRelu", "Linear", "MLP", "MatrixMultiply", "MeanSquaredError", "Model", "Multiply",
     "Operator", "Relu", "Sigmoid", "Softmax", "SquaredError", "Tanh",
+    "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
+    "MaxPool1D", "MaxPool2D",
 ]
