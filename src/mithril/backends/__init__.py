@@ -1,4 +1,7 @@
-"""Backends: where a compiled model runs and what its arrays are."""
+"""Backends: where a compiled model runs and what its arrays are.
+
+Importing this package imports neither JAX nor torch: each backend imports its framework
+when it is first instantiated."""
 
 from .backend import Backend
 from .jax_backend import JaxBackend

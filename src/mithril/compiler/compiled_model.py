@@ -50,19 +50,21 @@ class CompiledModel:
     """
 
     def __init__(self, model: Model | Operator, backend: Backend,
-                 shapes: Mapping[str, Any] | None = None, jit: bool = True) -> None:
+                 shapes: Mapping[str, Any] | None = None, jit: bool = True,
+                 trainable_keys: Any = ()) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
         self.backend = backend
-        self.program: Program = build_program(model, shapes)
+        self.program: Program = build_program(model, shapes, trainable_keys)
         self.jit = jit
         self._eval = backend.evaluator(self.program, jit)
         self._params: dict[str, Any] | None = None
+        self._consts = {k: backend.array(v) for k, v in self.program.constants.items()}
 
     # -- description -----------------------------------------------------------------
     @property
     def input_keys(self) -> tuple[str, ...]:
-        return tuple(self.program.inputs)
+        return tuple(k for k in self.program.inputs if k not in self.program.constants)
 
     @property
     def output_keys(self) -> tuple[str, ...]:
@@ -71,7 +73,7 @@ class CompiledModel:
     @property
     def shapes(self) -> dict[str, tuple | None]:
         p = self.program
-        return {**{k: p.input_shape(k) for k in p.inputs}, **{k: p.output_shape(k) for k in p.outputs},
+        return {**{k: p.input_shape(k) for k in self.input_keys}, **{k: p.output_shape(k) for k in p.outputs},
                 **p.param_shapes}
 
     @property
@@ -134,12 +136,13 @@ class CompiledModel:
         if not isinstance(params, Mapping) or not isinstance(inputs, Mapping):
             raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
         _check_keys(params, p.param_shapes, "params")
-        _check_keys(inputs, p.inputs, "inputs")
+        _check_keys(inputs, self.input_keys, "inputs")
         check, fdtype = self._check_array, self.backend.native_dtype()
         ps = {k: check("parameter", k, params[k], shape, "float", fdtype)
               for k, shape in p.param_shapes.items()}
         ins = {k: check("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
                for k, v in inputs.items()}
+        ins.update(self._consts)
         self._check_concrete(ins)
         return ps, ins
 
@@ -194,10 +197,12 @@ class CompiledModel:
 
 
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
-            jit: bool = True) -> CompiledModel:
+            jit: bool = True, *, trainable_keys: Any = ()) -> CompiledModel:
     """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
 
     ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
-    ``jit`` compiles the forward and forward+VJP with ``jax.jit`` on JAX.
+    ``jit`` compiles the forward and forward+VJP with ``jax.jit`` on JAX;
+    ``trainable_keys`` names inputs to treat as parameters (given in ``params``, with
+    gradients), as the published Mithril's ``compile(trainable_keys=...)``.
     """
-    return CompiledModel(model, backend, shapes=shapes, jit=jit)
+    return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys)

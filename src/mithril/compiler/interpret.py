@@ -16,6 +16,8 @@ def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
     env: list[Any] = [None] * len(prog.wire_names)
     for name, w in prog.inputs.items():
         env[w] = inputs.get(name)
+    for name, w in prog.param_wires.items():
+        env[w] = params[name]
     for node in prog.nodes:
         args = {k: env[w] for k, w in node.ins.items()}
         for k, pname in node.params.items():
@@ -49,6 +51,9 @@ def numpy_backward(prog: Program, env: list[Any], params: Mapping[str, np.ndarra
             else:
                 w = node.ins[k]
                 cot[w] = v if cot[w] is None else cot[w] + v
+    for pname, w in prog.param_wires.items():
+        if cot[w] is not None:
+            grads[pname] = cot[w] if pname not in grads else grads[pname] + cot[w]
     for pname, p in params.items():
         if pname not in grads:
             grads[pname] = np.zeros_like(p)

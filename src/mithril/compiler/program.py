@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import KeyMismatchError, ShapeError
-from ..models.model import Model, _as_shape
+from ..models.model import Connection, Model, _as_shape
 from ..models.operator import Operator, Shape, fmt, unify
 
 
@@ -39,6 +41,10 @@ class Program:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     param_init: dict[str, str] = field(default_factory=dict)
     input_kinds: dict[str, str] = field(default_factory=dict)  # "float" | "int" | "any"
+    #: constants (``IOKey(value=...)``) by input name: fed with the inputs, not given by callers
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    #: inputs made trainable (``compile(trainable_keys=...)``): parameters fed to their wire
+    param_wires: dict[str, int] = field(default_factory=dict)
 
     def input_shape(self, name: str) -> Shape | None:
         return self.wire_shapes[self.inputs[name]]
@@ -56,11 +62,18 @@ class _Builder:
         self.names: list[str] = []
         self.shapes: list[Shape | None] = []
         self.nodes: list[Node] = []
+        self.consts: dict[int, np.ndarray] = {}
 
     def wire(self, name: str, shape: Shape | None) -> int:
         self.names.append(name)
         self.shapes.append(shape)
         return len(self.names) - 1
+
+    def conn_wire(self, c: Connection, name: str) -> int:
+        w = self.wire(name, c.shape)
+        if c.value is not None:
+            self.consts[w] = c.value
+        return w
 
     def merge_shape(self, w: int, shape: Shape | None, where: str) -> None:
         self.shapes[w] = unify(self.shapes[w], shape, self.names[w], where)
@@ -72,8 +85,10 @@ class _Builder:
             where = f"{prefix}.{name}" if prefix else name
             if id(c) in wires:
                 self.merge_shape(wires[id(c)], c.shape, where)
+                if c.value is not None:
+                    self.consts[wires[id(c)]] = c.value
             else:
-                wires[id(c)] = self.wire(where, c.shape)
+                wires[id(c)] = self.conn_wire(c, where)
         counts = Counter(type(b).__name__ for b, _ in model.blocks)
         seen: Counter[str] = Counter()
         for block, mapping in model.blocks:
@@ -83,7 +98,7 @@ class _Builder:
             path = f"{prefix}.{child}" if prefix else child
             for key, c in mapping.items():
                 if id(c) not in wires:  # internal wire
-                    wires[id(c)] = self.wire(f"{path}.{key}", c.shape)
+                    wires[id(c)] = self.conn_wire(c, f"{path}.{key}")
             if isinstance(block, Operator):
                 self.nodes.append(Node(block, path, {k: wires[id(mapping[k])] for k in block.inputs},
                                        {}, wires[id(mapping["output"])]))
@@ -92,15 +107,19 @@ class _Builder:
                 self.flatten(block, inner, path)
 
 
-def build_program(model: Model | Operator, shapes: Mapping[str, object] | None = None) -> Program:
-    """Flatten ``model``, sort it, and infer every wire and parameter shape."""
+def build_program(model: Model | Operator, shapes: Mapping[str, object] | None = None,
+                  trainable_keys: Iterable[str] = ()) -> Program:
+    """Flatten ``model``, sort it, and infer every wire and parameter shape. Inputs named in
+    ``trainable_keys`` become parameters (their shapes must be known): they are given with
+    the parameters and get gradients."""
     if isinstance(model, Operator):
         top = Model()
         top |= model
         model = top
     b = _Builder()
     b.flatten(model, {}, "")
-    top_wires = {name: i for i, name in enumerate(b.names) if name in model.conns}
+    terminals = set(model.terminals) | set(model.output_keys)
+    top_wires = {name: i for i, name in enumerate(b.names) if name in terminals}
     for key, shape in (shapes or {}).items():
         if key not in top_wires:
             raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}'; "
@@ -111,7 +130,22 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     produced = {n.out for n in nodes}
     inputs = {n: w for n, w in top_wires.items() if w not in produced}
     outputs = {n: w for n, w in top_wires.items() if w in produced}
+    for w in b.consts:
+        if w in produced:
+            raise ValueError(f"connection '{b.names[w]}' has a value but is an output")
+        inputs[b.names[w]] = w
     prog = Program(nodes, b.names, b.shapes, inputs, outputs)
+    prog.constants = {b.names[w]: v for w, v in b.consts.items()}
+    for key in trainable_keys:
+        if key not in inputs or key in prog.constants:
+            raise KeyMismatchError(f"compile(trainable_keys=...): '{key}' is not an input; the "
+                                   f"inputs are {sorted(k for k in inputs if k not in prog.constants)}")
+        w = prog.param_wires[key] = inputs.pop(key)
+        if b.shapes[w] is None or any(d is None for d in b.shapes[w]):
+            raise ShapeError(f"trainable input '{key}' needs a known shape, got {fmt(b.shapes[w])}; "
+                             "declare it with compile(..., shapes=...)")
+        prog.param_shapes[key] = tuple(int(d) for d in b.shapes[w])
+        prog.param_init[key] = "normal"
 
     consumers: dict[int, list[tuple[Node, str]]] = {}
     for node in nodes:
@@ -124,7 +158,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             raise TypeError(f"input '{name}' feeds both integer and float inputs")
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
 
-    differentiable: set[int] = set()  # wires that depend on a parameter
+    differentiable: set[int] = set(prog.param_wires.values())  # wires that depend on a parameter
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):

@@ -18,3 +18,28 @@ __all__ = [
     "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
     "MaxPool1D", "MaxPool2D",
 ]
+
+# primitives (the published Mithril's names)
+from .model import IOKey  # noqa: E402
+from .primitives import (  # noqa: E402
+    Absolute,
+    Buffer,
+    Cast,
+    Divide,
+    Exponential,
+    Log,
+    Negate,
+    Power,
+    Sqrt,
+    Square,
+    Subtract,
+    Where,
+)
+from .reductions import Max, Mean, Min, Sum  # noqa: E402
+from .shaping import Concat, Indexer, Reshape, Split, Transpose  # noqa: E402
+
+__all__ += [
+    "Absolute", "Buffer", "Cast", "Concat", "Divide", "Exponential", "IOKey", "Indexer", "Log", "Max",
+    "Mean", "Min", "Negate", "Power", "Reshape", "Split", "Sqrt", "Square", "Subtract", "Sum",
+    "Transpose", "Where",
+]

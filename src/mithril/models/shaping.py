@@ -1,0 +1,223 @@
+"""Primitives that move elements without computing: Reshape, Transpose, Concat, Split and
+Indexer (static indices and slices)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .model import Model
+from .operator import Operator, ShapeError, fmt, unify
+from .primitives import torch_of
+
+
+class Reshape(Operator):
+    """The input with shape ``shape``; one entry may be -1 (or None): the size left over."""
+
+    any_dtype_inputs = frozenset({"input"})
+
+    def __init__(self, shape: Sequence[int | None]) -> None:
+        self.shape = tuple(-1 if d is None else int(d) for d in shape)
+        if sum(d == -1 for d in self.shape) > 1 or any(d < -1 for d in self.shape):
+            raise ValueError(f"Reshape: at most one -1 (or None) and no other negative size, "
+                             f"got {tuple(shape)}")
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is None:
+            return None
+        known = math.prod(d for d in self.shape if d != -1)
+        if any(d is None for d in s):
+            return tuple(None if d == -1 else d for d in self.shape)
+        n = math.prod(s)
+        if -1 in self.shape:
+            if known == 0 or n % known:
+                raise ShapeError(f"cannot reshape {fmt(s)} into {list(self.shape)}")
+            return tuple(n // known if d == -1 else d for d in self.shape)
+        if n != known:
+            raise ShapeError(f"cannot reshape {fmt(s)} ({n} elements) into {list(self.shape)}")
+        return self.shape
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return input.reshape(self.shape)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": g.reshape(args["input"].shape)}
+
+    def __repr__(self) -> str:
+        return f"Reshape({list(self.shape)})"
+
+
+class Transpose(Operator):
+    """Axes permuted by ``axes`` (default: reversed, as ``numpy.transpose``)."""
+
+    any_dtype_inputs = frozenset({"input"})
+
+    def __init__(self, axes: Sequence[int] | None = None) -> None:
+        self.axes = None if axes is None else tuple(int(a) for a in axes)
+
+    def _perm(self, ndim: int) -> tuple[int, ...]:
+        if self.axes is None:
+            return tuple(reversed(range(ndim)))
+        perm = tuple(a % ndim if -ndim <= a < ndim else -1 for a in self.axes)
+        if sorted(perm) != list(range(ndim)):
+            raise ShapeError(f"axes {list(self.axes)} are not a permutation of {ndim} axes")
+        return perm
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        return None if s is None else tuple(s[a] for a in self._perm(len(s)))
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        perm = self._perm(input.ndim)
+        return input.permute(perm) if torch_of(xp) is not None else xp.transpose(input, perm)
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": np.transpose(g, np.argsort(self._perm(g.ndim)))}
+
+    def __repr__(self) -> str:
+        return f"Transpose({None if self.axes is None else list(self.axes)})"
+
+
+class Concat(Operator):
+    """``n`` inputs ``input1`` .. ``input<n>`` joined along ``axis``."""
+
+    def __init__(self, n: int = 2, axis: int = 0) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"Concat: n must be a positive int, got {n!r}")
+        self.n, self.axis = n, int(axis)
+        self.inputs = tuple(f"input{i + 1}" for i in range(n))
+
+    def infer_shape(self, shapes):
+        ins = [shapes.get(k) for k in self.inputs]
+        if any(s is None for s in ins):
+            return None
+        r = len(ins[0])
+        if not -r <= self.axis < r:
+            raise ShapeError(f"axis {self.axis} is out of range for rank {r}")
+        ax = self.axis % r
+        out: tuple | None = None
+        for k, s in zip(self.inputs, ins, strict=True):
+            if len(s) != r:
+                raise ShapeError(f"'{k}' has rank {len(s)}, '{self.inputs[0]}' rank {r}")
+            rest = (*s[:ax], None, *s[ax + 1:])
+            out = unify(out, rest, self.inputs[0], k)
+        sizes = [s[ax] for s in ins]
+        total = None if any(d is None for d in sizes) else sum(sizes)
+        assert out is not None
+        return (*out[:ax], total, *out[ax + 1:])
+
+    def forward(self, xp: Any, **inputs: Any) -> Any:
+        arrays = [inputs[k] for k in self.inputs]
+        torch = torch_of(xp)
+        if torch is not None:
+            return torch.cat(arrays, dim=self.axis)
+        return xp.concatenate(arrays, axis=self.axis)
+
+    def vjp(self, g, out, args, wrt):
+        sizes = [args[k].shape[self.axis] for k in self.inputs]
+        parts = np.split(g, np.cumsum(sizes)[:-1], axis=self.axis)
+        return {k: p for k, p in zip(self.inputs, parts, strict=True) if k in wrt}
+
+    def __repr__(self) -> str:
+        return f"Concat(n={self.n}, axis={self.axis})"
+
+
+def _index_shape(s: tuple, index: Any) -> tuple:
+    """The shape of ``x[index]`` for ``x`` of partial shape ``s``: computed twice on
+    stride-0 arrays with two different sizes standing for free dimensions; entries that
+    differ depend on a free dimension and are free too."""
+    out = []
+    for fill in (10007, 10009):
+        dummy = np.broadcast_to(np.empty((), np.int8), tuple(fill if d is None else d for d in s))
+        try:
+            out.append(dummy[index].shape)
+        except IndexError as e:
+            raise ShapeError(f"index {index!r} does not fit shape {fmt(s)}: {e}") from None
+    a, b = out
+    return tuple(x if x == y else None for x, y in zip(a, b, strict=True))
+
+
+def _as_index(i: Any) -> Any:
+    """Integer lists as integer arrays (JAX refuses lists as indices)."""
+    return np.asarray(i, dtype=np.int64) if isinstance(i, (list, np.ndarray)) else i
+
+
+class Indexer(Operator):
+    """``input[index]`` for a fixed ``index``: an int, a slice, ``None``, ``...`` or a tuple
+    of those (integer lists index too; their repeats add up in the gradient)."""
+
+    any_dtype_inputs = frozenset({"input"})
+
+    def __init__(self, index: Any) -> None:
+        if isinstance(index, list) and any(isinstance(i, (slice, type(None), type(Ellipsis)))
+                                           for i in index):
+            index = tuple(index)
+        self.index = (tuple(_as_index(i) for i in index) if isinstance(index, tuple)
+                      else _as_index(index))
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        return None if s is None else _index_shape(s, self.index)
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return input[self.index]
+
+    def vjp(self, g, out, args, wrt):
+        gx = np.zeros_like(args["input"])
+        np.add.at(gx, self.index, g)
+        return {"input": gx}
+
+    def __repr__(self) -> str:
+        return f"Indexer({self.index!r})"
+
+
+class _Chunk(Operator):
+    """Piece ``i`` of ``n`` equal pieces of the input along ``axis`` (see :class:`Split`)."""
+
+    any_dtype_inputs = frozenset({"input"})
+
+    def __init__(self, i: int, n: int, axis: int) -> None:
+        self.i, self.n, self.axis = i, n, axis
+
+    def _slice(self, ndim: int, size: int) -> tuple:
+        ax = self.axis % ndim
+        k = size // self.n
+        return (*(slice(None),) * ax, slice(self.i * k, (self.i + 1) * k))
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is None:
+            return None
+        if not -len(s) <= self.axis < len(s):
+            raise ShapeError(f"axis {self.axis} is out of range for rank {len(s)}")
+        ax = self.axis % len(s)
+        d = s[ax]
+        if d is not None and d % self.n:
+            raise ShapeError(f"axis {self.axis} of size {d} does not split into {self.n} equal parts")
+        return (*s[:ax], None if d is None else d // self.n, *s[ax + 1:])
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        return input[self._slice(input.ndim, input.shape[self.axis])]
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        gx = np.zeros_like(x)
+        gx[self._slice(x.ndim, x.shape[self.axis])] = g
+        return {"input": gx}
+
+
+class Split(Model):
+    """``split_size`` equal pieces of ``input`` along ``axis``, as outputs ``output_0`` ..
+    ``output_<split_size - 1>`` (the published Mithril returns them as one list)."""
+
+    def __init__(self, split_size: int, axis: int = 0) -> None:
+        super().__init__()
+        if not isinstance(split_size, int) or split_size < 1:
+            raise ValueError(f"Split: split_size must be a positive int, got {split_size!r}")
+        self.split_size, self.axis = split_size, axis
+        for i in range(split_size):
+            self |= _Chunk(i, split_size, axis)(input="input", output=f"output_{i}")
