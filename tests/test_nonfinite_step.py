@@ -4,8 +4,8 @@ finite gradient whose square overflows a slot, as well as the non-finite gradien
 policies always caught. Each policy on every engine:
 
 * ``"propagate"``: the step is applied, a ``RuntimeWarning`` names the cause and
-  ``num_nonfinite`` grows by one; values that were already non-finite before a step are
-  not counted again;
+  ``num_nonfinite`` grows by one; values that stay non-finite are not reported again
+  (``state.nonfinite_values``) until a step gives finite values;
 * ``"skip"``: params, every slot and the counters but ``num_skipped`` are bitwise as
   before, and so are arrays an earlier update returned;
 * ``"raise"``: ``FloatingPointError`` naming exactly the parameters at fault; nothing
@@ -100,7 +100,7 @@ def test_skip_changes_nothing(engine, ours):
         given = p if ours else _arrays(engine, before[0])
         out, state, msgs = _update(opt, given, g_bad, state)
         assert state.last_step_skipped and state.num_skipped == 1 and state.step == 1
-        assert any("would make params or state non-finite; step skipped" in m for m in msgs), msgs
+        assert any("would give non-finite params or state; step skipped" in m for m in msgs), msgs
         assert state.num_nonfinite == 0
         _same(_snap(p, state), (before[0], before[1], (1, 1, 0)))  # earlier arrays included
         _same(_snap(out, state), (before[0], before[1], (1, 1, 0)))
@@ -117,7 +117,7 @@ def test_raise_names_the_parameter_and_changes_nothing(engine):
         state = opt.init(p)
         p, state, _ = _update(opt, p, g_ok, state)
         before = _snap(p, state)
-        with pytest.raises(FloatingPointError, match=r"finite gradients.*non-finite for \['w'\]"):
+        with pytest.raises(FloatingPointError, match=r"finite gradients.*optimizer state for \['w'\]"):
             opt.update(p, g_bad, state)
         _same(_snap(p, state), before)
         assert not state.last_step_skipped or state.num_skipped == 0
@@ -179,18 +179,32 @@ def test_clip_norm_with_skip(engine):
 
 
 @pytest.mark.parametrize("engine", ("numpy", "torch", "jax", "jax-jit"))
-def test_already_nonfinite_params_do_not_block_skip(engine):
-    """Under skip, a param that was NaN before the step is not this step's doing: the step
-    is applied (the NaN stays where it was, nothing else turns non-finite)."""
+def test_params_that_already_are_nonfinite(engine):
+    """A NaN the user's params bring in: under propagate it is reported once, and not again
+    while it stays (``state.nonfinite_values``); under skip every step is refused until the
+    params are repaired, and then the run goes on."""
     with engine_of(engine):
-        p = _arrays(engine, {"w": [np.nan, 1.0, 2.0]})
         g = _arrays(engine, {"w": [0.1, 0.1, 0.1]})
-        opt = SGD(0.1, nonfinite="skip")
+        opt = SGD(0.1)
+        p = _arrays(engine, {"w": [np.nan, 1.0, 2.0]})
         state = opt.init(p)
-        out, state, msgs = _update(opt, p, g, state)
-        assert state.step == 1 and state.num_skipped == 0 and msgs == []
-        w = host(out["w"])
-        assert np.isnan(w[0]) and np.allclose(w[1:], [0.99, 1.99])
+        p, state, msgs = _update(opt, p, g, state)
+        assert state.num_nonfinite == 1 and len(msgs) == 1 and state.nonfinite_values
+        for step in (2, 3):
+            p, state, msgs = _update(opt, p, g, state)
+            assert state.num_nonfinite == 1 and msgs == [] and state.step == step
+        w = host(p["w"])
+        assert np.isnan(w[0]) and np.allclose(w[1:], [0.97, 1.97])
+
+        careful = SGD(0.1, nonfinite="skip")
+        bad = _arrays(engine, {"w": [np.nan, 1.0, 2.0]})
+        state = careful.init(bad)
+        out, state, msgs = _update(careful, bad, g, state)
+        assert state.step == 0 and state.num_skipped == 1 and len(msgs) == 1, msgs
+        assert np.isnan(host(out["w"])[0])
+        repaired = _arrays(engine, {"w": [0.0, 1.0, 2.0]})
+        out, state, msgs = _update(careful, repaired, g, state)
+        assert state.step == 1 and msgs == [] and np.allclose(host(out["w"]), [-0.01, 0.99, 1.99])
 
 
 def test_nonfinite_gradient_message_unchanged():

@@ -345,8 +345,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
         st = self._opt_state
-        if st is not None and set(opt.slot_names()) != set(st.slots):
-            needed = sorted(opt.slot_names())
+        if st is not None and set(opt.full_slot_names()) != set(st.slots):
+            needed = sorted(opt.full_slot_names())
             opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
             raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
                              f"{needed}, but its state has {sorted(st.slots)}; set this in "

@@ -54,7 +54,8 @@ working):
 * :mod:`.wsd` -- :class:`WSD` (warmup-stable-decay);
 * :mod:`.inverse_sqrt` -- :class:`InverseSqrt`;
 * :mod:`.piecewise` -- :class:`PiecewiseConstant`, :class:`PiecewiseInterpolate` (optax, Keras);
-* :mod:`.cosine_restarts` -- :class:`CosineDecayRestarts` (Keras).
+* :mod:`.cosine_restarts` -- :class:`CosineDecayRestarts` (Keras);
+* :mod:`.swa` -- :class:`SWALR` (torch's ``swa_utils``, for weight averaging).
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ from .plateau import ReduceLROnPlateau
 from .plateau import _warn_no_metric as _warn_no_metric
 from .sequential import SequentialLR
 from .step import ExponentialLR, MultiStepLR, StepLR
+from .swa import SWALR
 from .warmup import LinearWarmupScheduler
 from .wsd import WSD
 
 __all__ = [
+    "SWALR",
     "WSD",
     "ChainedScheduler",
     "ConstantLR",

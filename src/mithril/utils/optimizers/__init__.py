@@ -9,6 +9,7 @@ from .adan import Adan
 from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .asgd import ASGD
+from .averaging import NoAverageError
 from .base import Optimizer
 from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
@@ -24,6 +25,6 @@ from .state import OptimizerState
 from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
-           "Adamax", "Adan", "Ftrl", "Lion", "NAdam", "Optimizer", "OptimizerState", "RAdam",
+           "Adamax", "Adan", "Ftrl", "Lion", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "RMSProp", "Rprop", "SGD", "Yogi",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]

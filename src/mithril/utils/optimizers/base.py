@@ -27,11 +27,14 @@ in ``state.last_grad_norm`` whatever the policy:
   for inf/NaN in the same pass (no extra traffic), so a non-finite step is never silent,
   whatever its cause (a non-finite gradient, or finite gradients with, say, ``lr=1e38``):
   a ``RuntimeWarning`` is issued, ``state.num_nonfinite`` grows and, for a non-finite
-  gradient, ``state.last_grad_norm`` is inf/NaN.
+  gradient, ``state.last_grad_norm`` is inf/NaN. Non-finite values that stay so are
+  reported once (``state.nonfinite_values`` is True until a step gives finite values
+  again); every non-finite gradient is.
 * ``"skip"``: the step is computed once without being stored, before any write (a
   read-only pass over what the update reads: 16 more bytes per parameter for fp32 Adam);
-  if a gradient or any new param/slot value is inf/NaN the step is skipped, params and
-  state are untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
+  if a gradient or any new param/slot value is inf/NaN the step is skipped (so params or
+  state that already hold inf/NaN refuse every step until repaired), params and state are
+  untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
   a ``RuntimeWarning`` is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer`
   skips itself.)
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
@@ -51,6 +54,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import KeyMismatchError, ShapeError
+from . import averaging
 from . import groups as groups_mod
 from .checks import (
     check_flag,
@@ -145,6 +149,12 @@ class Optimizer:
     ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
     ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
     ``nonfinite`` (see module docs) and ``backend`` (else inferred from the params).
+
+    Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
+    exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
+    ``swa_start`` an equal average from that step on (slot ``"swa"``, :meth:`swa_params`),
+    ``ema_every`` updates them every k steps; :meth:`swap_ema` swaps an average in for
+    evaluation and back.
     """
 
     slots: ClassVar[tuple[str, ...]] = ()
@@ -163,7 +173,9 @@ class Optimizer:
                  clip_norm: float | None = None, clip_value: float | None = None,
                  nonfinite: str = "propagate", backend: Any = None,
                  param_groups: Any = None, weight_decay_mask: Any = None,
-                 exclude_weight_decay: Any = (), strict: bool = False) -> None:
+                 exclude_weight_decay: Any = (), strict: bool = False,
+                 ema_decay: float | None = None, ema_every: int = 1,
+                 swa_start: int | None = None) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
@@ -171,6 +183,9 @@ class Optimizer:
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.ema_decay = averaging.check_ema_decay(ema_decay)
+        self.ema_every = averaging.check_ema_every(ema_every)
+        self.swa_start = averaging.check_swa_start(swa_start)
         if backend is not None and not callable(getattr(backend, "is_native", None)):
             raise TypeError(f"backend must be a mithril backend (e.g. NumpyBackend()), got {backend!r}")
         self._backend = backend
@@ -309,6 +324,41 @@ class Optimizer:
         on every call, not a new closure, or every step compiles anew."""
         return type(self).math
 
+    # -- what the engines run: the math above plus weight averaging ----------------------------
+    def averaged_slots(self) -> tuple[str, ...]:
+        """The averages this optimizer keeps: ``"ema"`` (``ema_decay``), ``"swa"``
+        (``swa_start``), in that order; empty without weight averaging."""
+        return averaging.slots_of(self)
+
+    def full_slot_names(self) -> tuple[str, ...]:
+        """Every state slot: :meth:`slot_names`, then :meth:`averaged_slots`."""
+        avg = averaging.slots_of(self)
+        if not avg:
+            return self.slot_names()
+        own = self.slot_names()
+        clash = sorted(set(own) & set(avg))
+        if clash:
+            raise ValueError(f"{type(self).__name__} has state slot(s) {clash} of its own: "
+                             f"they clash with weight averaging's")
+        return (*own, *avg)
+
+    def full_scalars(self, step: int) -> tuple[float, ...]:
+        """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`)."""
+        if self.ema_decay is None and self.swa_start is None:
+            return self.scalars(step)
+        return (*self.scalars(step), *averaging.weights(self, step))
+
+    def full_kernel_math(self, n_scalars: int) -> Callable:
+        """The elementwise function the engines run, ``(p, g, *full slots, *full scalars)
+        -> (p, *full slots)`` with ``n_scalars = len(full_scalars(t))``: :meth:`kernel_math`
+        itself without weight averaging, else it composed with the averaging steps (one
+        function per base math, so the kernels stay cached)."""
+        math_fn = self.kernel_math()
+        n_avg = len(averaging.slots_of(self))
+        if not n_avg:
+            return math_fn
+        return averaging.averaged_math(math_fn, len(self.slot_names()), n_scalars - n_avg, n_avg)
+
     def hyperparameters(self) -> dict[str, Any]:
         """Constructor arguments, e.g. for checkpoints and error messages (the group options
         only where set; a group given by a callable is listed by the names it matched at the
@@ -360,6 +410,11 @@ class Optimizer:
         engine = engine_for(backend, layout)
         layout = engine.layout  # an engine may pad offsets for alignment
         slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}
+        averaged = self.full_slot_names()[len(slots):]
+        if averaged:  # an average starts as the parameters (torch's AveragedModel: a copy)
+            flat = layout.flatten_numpy({n: engine.to_numpy(p) for n, p in params.items()})
+            for s in averaged:
+                slots[s] = engine.from_numpy(flat)
         self._backend = backend
         return OptimizerState(type(self).__name__, layout, slots, engine)
 
@@ -381,7 +436,10 @@ class Optimizer:
         name = type(self).__name__
         if ok:
             state.step = t
-            if not (finite and is_finite(norm)):
+            # a non-finite gradient counts every time; non-finite values from finite
+            # gradients once, until a step gives finite values again
+            new_values = not finite and is_finite(norm) and not state.nonfinite_values
+            if not is_finite(norm) or new_values:
                 state.num_nonfinite += 1
                 what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
                         "finite gradients, but the step made params or state non-finite (a "
@@ -389,10 +447,11 @@ class Optimizer:
                 warnings.warn(f"{name}: {what} applied; params may now be non-finite "
                               f"(nonfinite='skip' or 'raise' guard against this)",
                               RuntimeWarning, stacklevel=2)
+            state.nonfinite_values = not finite
         else:
             state.num_skipped += 1
             what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
-                    "the step would make params or state non-finite")
+                    "the step would give non-finite params or state")
             warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
                           RuntimeWarning, stacklevel=2)
         return new_params, state
@@ -406,9 +465,14 @@ class Optimizer:
         if not isinstance(state, OptimizerState):
             raise TypeError(f"state must be what {type(self).__name__}.init returned, "
                             f"got {type(state).__name__}")
-        if state.kind != type(self).__name__ or set(state.slots) != set(self.slot_names()):
+        if state.kind != type(self).__name__ or set(state.slots) != set(self.full_slot_names()):
             raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
-                             f"not by this {type(self).__name__} (slots {sorted(self.slot_names())})")
+                             f"not by this {type(self).__name__} (slots "
+                             f"{sorted(self.full_slot_names())})")
+        if state.swapped is not None:
+            raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "
+                             f"swap_ema(params, state) again to swap the training parameters "
+                             f"back before an update")
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
         lay, eng = state.layout, state.engine
@@ -456,6 +520,115 @@ class Optimizer:
                 raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
                                  f"built for {shapes[index[name]]}")
         return prepared, False
+
+    # -- weight averaging ---------------------------------------------------------------------
+    def ema_params(self, state: OptimizerState) -> dict[str, Any]:
+        """The EMA of the parameters kept in ``state`` (``ema_decay=``), per parameter: views
+        of the state's slot on NumPy/torch (the next update changes them: copy to keep),
+        arrays on JAX. Before its first update it holds the parameters ``init`` was given.
+        A state kept without an EMA raises :class:`~.averaging.NoAverageError` (a
+        ``KeyError``)."""
+        return self._average(state, averaging.EMA, "ema_params")
+
+    def swa_params(self, state: OptimizerState) -> dict[str, Any]:
+        """The SWA average (``swa_start=``) kept in ``state``, as :meth:`ema_params`."""
+        return self._average(state, averaging.SWA, "swa_params")
+
+    def _average(self, state: Any, slot: str, what: str) -> dict[str, Any]:
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"{what}: state must be what {type(self).__name__}.init returned, "
+                            f"got {type(state).__name__}")
+        if slot not in state.slots:
+            option = "ema_decay=" if slot == averaging.EMA else "swa_start="
+            raise averaging.NoAverageError(
+                f"{what}: this {state.kind} state keeps no {slot.upper()} (slots "
+                f"{sorted(state.slots)}); construct the optimizer with {option} before init")
+        out = state.slot(slot)
+        if state.engine.backend.name == "jax":  # JAX arrays, never views of a host buffer
+            import jax.numpy as jnp
+
+            return {n: jnp.array(np.asarray(v)) for n, v in out.items()}
+        return out
+
+    def swap_ema(self, params: Mapping[str, Any], state: OptimizerState,
+                 average: str | None = None) -> dict[str, Any]:
+        """Swap an average (``"ema"``, or ``"swa"``; by default the EMA, else the SWA
+        average) with the parameters: returns the parameters to evaluate with, and the
+        state then keeps the training parameters in the average's place. Call it again,
+        with what it returned, to swap back: the training parameters and the average come
+        back bit for bit.
+
+        Ownership, as for :meth:`update`: ``params`` are consumed, rebind to what it
+        returns. When ``params`` are the arrays the last update returned (NumPy, torch),
+        the two buffers swap contents in place, so those very arrays hold the average
+        until the swap back (nothing is allocated); other arrays (JAX's, or arrays of your
+        own) are copied into the state, and the average comes back as arrays over the
+        buffer the state held it in (on JAX, new arrays). While swapped, :meth:`update`, the average's
+        accessors and saving the state refuse (the slot holds the training parameters)."""
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"swap_ema: state must be what {type(self).__name__}.init "
+                            f"returned, got {type(state).__name__}")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"swap_ema: params must be a dict of arrays, got "
+                            f"{type(params).__name__}")
+        kept = [s for s in (averaging.EMA, averaging.SWA) if s in state.slots]
+        if average is None:
+            if state.swapped is not None:
+                average = state.swapped
+            elif not kept:
+                raise averaging.NoAverageError(
+                    f"swap_ema: this {state.kind} state keeps no average (slots "
+                    f"{sorted(state.slots)}); construct the optimizer with ema_decay= or "
+                    f"swa_start= before init")
+            else:
+                average = kept[0]
+        if average not in (averaging.EMA, averaging.SWA):
+            raise ValueError(f"swap_ema: average must be 'ema' or 'swa', got {average!r}")
+        if average not in state.slots:
+            self._average(state, average, "swap_ema")  # raises, naming it
+        if state.swapped not in (None, average):
+            raise ValueError(f"swap_ema: the {state.swapped.upper()} is swapped in; swap it "
+                             f"back before swapping the {average.upper()}")
+        lay, eng = state.layout, state.engine
+        views = state.param_views or {}
+        ours = (eng.backend.name != "jax" and len(views) == len(params)
+                and list(params) == lay.name_list
+                and all(map(operator.is_, params.values(), views.values())))
+        if not ours:  # check everything before anything changes
+            if params.keys() != lay.index.keys():
+                raise KeyMismatchError(
+                    f"swap_ema: params do not match the optimizer state: missing "
+                    f"{sorted(set(lay.names) - set(params))}, unknown "
+                    f"{sorted(set(params) - set(lay.names))}")
+            for name, p in params.items():
+                shape = lay.shapes[lay.index[name]]
+                if not is_array(p) or tuple(p.shape) != shape:
+                    raise ShapeError(f"swap_ema: params['{name}'] must be an array of shape "
+                                     f"{shape}, got {type(p).__name__} "
+                                     f"{tuple(getattr(p, 'shape', ()))}")
+            flat = lay.flatten_numpy({n: np.asarray(eng.to_numpy(p)) for n, p in params.items()})
+            if flat.dtype != np.dtype(eng.to_numpy(state.slots[average]).dtype):
+                raise TypeError(f"swap_ema: params must have dtype {lay.dtype}, got {flat.dtype}")
+            held = state.slots[average]
+            state.slots[average] = eng.from_numpy(flat)
+            out = lay.unflatten(held)
+            if eng.backend.name == "jax" and isinstance(held, np.ndarray):  # JAX-on-CPU
+                import jax
+
+                out = {n: jax.device_put(np.array(v), eng.backend.device) for n, v in out.items()}
+        else:
+            buf, avg = state.params_flat, state.slots[average]
+            if eng.backend.name == "torch":
+                tmp = buf.clone()
+                buf.copy_(avg)
+                avg.copy_(tmp)
+            else:
+                tmp = buf.copy()
+                buf[...] = avg
+                avg[...] = tmp
+            out = dict(views)
+        state.swapped = None if state.swapped == average else average
+        return out
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
@@ -513,6 +686,12 @@ class Optimizer:
             state.slots = self._loaded_slots(d["slots"], state)
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            # inf/NaN already in what is restored were reported when they appeared: as in
+            # the run that saved it, they are not reported again
+            eng = state.engine
+            state.nonfinite_values = not (
+                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
+                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
         self.__dict__.update(hp)
         return state
 

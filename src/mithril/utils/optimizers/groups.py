@@ -109,7 +109,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         for k in norm:
             probe = copy.copy(opt)
             probe.__dict__.update({k: norm[k]})
-            if (probe.slot_names() != opt.slot_names()
+            if (probe.full_slot_names() != opt.full_slot_names()
                     or probe.kernel_math() is not opt.kernel_math()):
                 raise ValueError(f"{where}: {k}={g[k]!r} changes {type(opt).__name__}'s state "
                                  f"slots or update rule ({k}={hp[k]!r} elsewhere); parameters "

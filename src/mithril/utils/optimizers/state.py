@@ -26,16 +26,23 @@ class OptimizerState:
         self.step = 0
         self.num_skipped = 0
         self.num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
+        self.nonfinite_values = False  # the last step left inf/NaN in params or state
         self.last_step_skipped = False
         self.last_grad_norm: float | None = None
         self.params_flat: Any = None
         self.param_views: dict[str, Any] | None = None
         self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
+        #: the average swapped in for evaluation ("ema" / "swa", see Optimizer.swap_ema):
+        #: its slot then holds the training parameters
+        self.swapped: str | None = None
 
     def slot(self, name: str) -> dict[str, Any]:
         """Per-parameter arrays of state slot ``name`` (views on NumPy/torch, copies on JAX)."""
         if name not in self.slots:
             raise KeyError(f"optimizer state has no slot '{name}'; slots are {sorted(self.slots)}")
+        if name == self.swapped:
+            raise ValueError(f"the {name.upper()} is swapped in (swap_ema): its slot holds the "
+                             f"training parameters until swap_ema swaps them back")
         return self.layout.unflatten(self.slots[name])
 
     def __getitem__(self, name: str) -> Any:
@@ -45,6 +52,8 @@ class OptimizerState:
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Flat host copies of every slot, e.g. for saving."""
+        if self.swapped is not None:
+            self.slot(self.swapped)  # refuses, saying why
         return {k: np.array(self.engine.to_numpy(v)) for k, v in self.slots.items()}
 
     def __repr__(self) -> str:

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ..averaging import average
 from .common import (
     Engine,
+    all_finite,
     is_finite,
-    made_nonfinite,
     must_skip,
     nonfinite_result_error,
     scalar_table,
@@ -96,8 +97,9 @@ class ArrayEngine(Engine):
         if clip:
             g = self.t.clamp(g, -cv, cv) if self.torch else np.clip(g, -cv, cv)
         g = g + l2 * P
-        olds = [P, *(state.slots[s] for s in opt.slot_names())]
-        out = opt.kernel_math()(P * keep, g, *olds[1:], *scal)
+        names = opt.full_slot_names()
+        olds = [P, *(state.slots[s] for s in names)]
+        out = opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:], *scal)
         present = None
         if len(grads) != len(lay.names):  # leave parameters without gradient untouched
             present = np.zeros(lay.total, dtype=bool)
@@ -106,20 +108,27 @@ class ArrayEngine(Engine):
             if self.torch:
                 present = self.t.from_numpy(present).to(self.device)
         if present is not None:
+            n_avg = len(names) - len(opt.slot_names())
+            if n_avg:  # averages move towards parameters without a gradient too
+                olds_or_avg = [*olds[:len(olds) - n_avg],
+                               *(average(P, a, w) for a, w in zip(olds[len(olds) - n_avg:],
+                                                                   scal[len(scal) - n_avg:]))]
+            else:
+                olds_or_avg = olds
             out = [self.t.where(present, new, old) if self.torch else np.where(present, new, old)
-                   for new, old in zip(out, olds)]
+                   for new, old in zip(out, olds_or_avg)]
         isfinite = self.t.isfinite if self.torch else np.isfinite
-        made = made_nonfinite(isfinite, olds, list(out))  # per element
-        finite = not bool(made.any())
+        bad = ~all_finite(isfinite, list(out))  # per element
+        finite = not bool(bad.any())
         if not finite and is_finite(norm) and opt.nonfinite != "propagate":
             if opt.nonfinite == "raise":
                 raise nonfinite_result_error(opt, [n for n, a, b, _ in lay.spans()
-                                                   if bool(made[a:b].any())])
+                                                   if bool(bad[a:b].any())])
             return dict(params), False, norm, False
         if state.params_flat is None:
             state.params_flat = zeros(lay.total, 0.0)
             state.param_views = lay.unflatten(state.params_flat)
-        for dst, new in zip([state.params_flat, *(state.slots[s] for s in opt.slot_names())], out):
+        for dst, new in zip([state.params_flat, *(state.slots[s] for s in names)], out):
             dst[...] = new
         return dict(state.param_views), True, norm, finite
 

@@ -12,12 +12,13 @@ import numpy as np
 def scalar_table(opt: Any, state: Any, t: int, norm: float | None
                  ) -> tuple[np.ndarray, np.ndarray, bool]:
     """The per-step scalars of every parameter group: a float64 table with one row per
-    group (:func:`prologue`'s four values, then ``scalars(t)``), each tensor's row, and
-    whether any group clips by value (a group that does not then gets an infinite bound)."""
+    group (:func:`prologue`'s four values, then ``full_scalars(t)``: the optimizer's
+    scalars and any averaging weights), each tensor's row, and whether any group clips by
+    value (a group that does not then gets an infinite bound)."""
     index, views = opt.group_rows(state)
     rows = []
     for v in views:
-        scal = v.scalars(t)
+        scal = v.full_scalars(t)
         rows.append((*prologue(v, norm, scal[0]), *scal))
     table = np.array(rows, dtype=np.float64)
     clip = bool((table[:, 1] > 0).any())
@@ -50,25 +51,22 @@ def nonfinite_error(opt: Any, bad: list[str], norm: float) -> FloatingPointError
 def nonfinite_result_error(opt: Any, bad: list[str]) -> FloatingPointError:
     where = f"for {bad}" if bad else "for some parameters"
     return FloatingPointError(
-        f"{type(opt).__name__}: finite gradients, but the step would make params or optimizer "
-        f"state non-finite {where} (a learning rate or other hyperparameter too large for the "
-        f"dtype?); params and state left unchanged")
+        f"{type(opt).__name__}: finite gradients, but the step would give non-finite params or "
+        f"optimizer state {where} (a learning rate or other hyperparameter too large for the "
+        f"dtype, or values that already were inf/NaN?); params and state left unchanged")
 
 
-def made_nonfinite(isfinite: Any, olds: list, news: list) -> Any:
-    """Per element: finite before the step (param and every slot) and not after it."""
-    before = isfinite(olds[0])
-    for x in olds[1:]:
-        before = before & isfinite(x)
-    after = isfinite(news[0])
-    for x in news[1:]:
-        after = after & isfinite(x)
-    return before & ~after
+def all_finite(isfinite: Any, arrays: list) -> Any:
+    """Per element: every one of ``arrays`` finite there (the new param and slots)."""
+    out = isfinite(arrays[0])
+    for x in arrays[1:]:
+        out = out & isfinite(x)
+    return out
 
 
 def nonfinite_results(opt: Any, flat: Any, slots: dict[str, Any], grads: Any, to_numpy: Any,
                       layout: Any, table: np.ndarray, index: np.ndarray) -> list[str]:
-    """The parameters whose step makes a param or slot value non-finite, recomputed with
+    """The parameters whose step gives a non-finite param or slot value, recomputed with
     NumPy on host copies (only to name them in an error: the rare path)."""
     dt = np.dtype(layout.dtype).type
     bad = []
@@ -84,9 +82,9 @@ def nonfinite_results(opt: Any, flat: Any, slots: dict[str, Any], grads: Any, to
                 g = np.clip(g, -cv, cv)
             p = np.asarray(flat[a:b])
             g = g + l2 * p
-            olds = [p, *(np.asarray(slots[s][a:b]) for s in opt.slot_names())]
-            out = opt.kernel_math()(p * keep, g, *olds[1:], *scal)
-            if made_nonfinite(np.isfinite, olds, list(out)).any():
+            out = opt.full_kernel_math(len(scal))(p * keep, g, *(
+                np.asarray(slots[s][a:b]) for s in opt.full_slot_names()), *scal)
+            if not all_finite(np.isfinite, list(out)).all():
                 bad.append(name)
     return bad
 

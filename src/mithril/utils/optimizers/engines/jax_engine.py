@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ..averaging import average
 from .common import (
     Engine,
-    made_nonfinite,
+    all_finite,
     nonfinite_error,
     nonfinite_result_error,
     nonfinite_results,
@@ -57,10 +58,13 @@ class JaxEngine(Engine):
         return self.jnp.asarray(np.asarray(a, dtype=self.layout.dtype))
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
-               flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool) -> Any:
+               flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool,
+               n_avg: int = 0) -> Any:
         """The jitted step. ``rows``: each tensor's row of the scalar table when there are
         several parameter groups (then each scalar is gathered per element; XLA fuses the
-        gather into the update loop), else None (one row of scalars)."""
+        gather into the update loop), else None (one row of scalars). ``n_avg``: the last
+        slots are weight averages (their weights the last scalars), which move towards
+        parameters without a gradient too."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, skip = flags
         mask = None
@@ -89,9 +93,11 @@ class JaxEngine(Engine):
             if mask is not None:
                 new_p = jnp.where(mask, new_p, p)
                 new_slots = {s: jnp.where(mask, v, slots[s]) for s, v in new_slots.items()}
-            # whether no value this step touches became non-finite (fused by XLA into the loop)
-            finite = ~jnp.any(made_nonfinite(jnp.isfinite, [p, *(slots[s] for s in slot_names)],
-                                             [new_p, *new_slots.values()]))
+                for i, s in enumerate(slot_names[len(slot_names) - n_avg:]):
+                    w = col(table.shape[1] - n_avg + i)
+                    new_slots[s] = jnp.where(mask, new_slots[s], average(p, slots[s], w))
+            # whether every new value is finite (fused by XLA into the loop)
+            finite = jnp.all(all_finite(jnp.isfinite, [new_p, *new_slots.values()]))
             if skip:
                 keep = jnp.isfinite(norm) & finite
                 new_p = jnp.where(keep, new_p, p)
@@ -112,11 +118,13 @@ class JaxEngine(Engine):
         donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
-        math_fn = opt.kernel_math()
-        key = (math_fn, opt.slot_names(), lay, present, flags, rows, donate)
+        names = opt.full_slot_names()
+        math_fn = opt.full_kernel_math(table.shape[1] - 4)
+        key = (math_fn, names, lay, present, flags, rows, donate)
         fn = _COMPILED.get(key)
         if fn is None:
-            fn = _COMPILED[key] = self._build(math_fn, opt.slot_names(), present, flags, rows, donate)
+            fn = _COMPILED[key] = self._build(math_fn, names, present, flags, rows, donate,
+                                              len(names) - len(opt.slot_names()))
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
         cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)

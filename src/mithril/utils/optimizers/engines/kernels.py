@@ -39,17 +39,15 @@ def voidptr(typingctx, addr):  # pragma: no cover - compiled by numba
 def exponent_bits(typingctx, x):  # pragma: no cover - compiled by numba
     """The exponent field of a float, as an int of its width (all ones: ±inf or NaN).
 
-    An integer test, because the fastmath ``reassoc`` flag lets LLVM fold float probes such
-    as ``x - x`` to 0 (inf and NaN included)."""
+    An integer test: the fastmath flags (``reassoc``, ``contract``) let LLVM fold float
+    probes such as ``x − x`` or ``0·x`` away, inf and NaN included."""
     if isinstance(x, types.Float):
-        width = x.bitwidth
-        ity = types.int64 if width == 64 else types.int32
-        mask = 0x7FF0000000000000 if width == 64 else 0x7F800000
+        ity = types.int64 if x.bitwidth == 64 else types.int32
+        mask = 0x7FF0000000000000 if x.bitwidth == 64 else 0x7F800000
 
         def codegen(context, builder, signature, args):
             ll = context.get_value_type(ity)
-            bits = builder.bitcast(args[0], ll)
-            return builder.and_(bits, ll(mask))
+            return builder.and_(builder.bitcast(args[0], ll), ll(mask))
         return ity(x), codegen
     return None
 
@@ -62,12 +60,10 @@ _BODY_SRC = """
         if CLIP:
             g = min(max(g, -cv), cv)
         p = P[j]
-        e = {old_probe}
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
-        if e != EXP:  # only a value this step makes non-finite counts
-            z = max(z, {new_probe})
+        z = max(z, {probe})
         STORE
 {writes}"""
 
@@ -86,6 +82,14 @@ def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
     return s if z != EXP else np.nan
 """
 
+# the averages of a parameter without gradient still move towards it (see update_kernel)
+_NOGRAD_SRC = """
+def avg_inner(P, {avgs}{weights}):
+    for j in range(P.shape[0]):
+        p = P[j]
+{steps}
+"""
+
 _OUTER_SRC = """
 def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
            group, H):
@@ -101,7 +105,7 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
             if base == 0:  # no gradient: the parameter passes through unchanged
                 if COPY:
                     Q[a:b] = P[a:b]
-                continue
+{nograd}                continue
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
             r = group[t]  # the tensor's row of scalars (its parameter group)
             s += inner(P[a:b], Q[a:b], {slices}G, {row})
@@ -112,13 +116,15 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
 """
 
 
-def _max_of(terms: list[str]) -> str:
-    return terms[0] if len(terms) == 1 else f"max({', '.join(terms)})"
+def _nested_max(terms: list[str]) -> str:
+    """``max(a, max(b, c))``: numba's max of more than two arguments does not vectorise."""
+    return terms[0] if len(terms) == 1 else f"max({terms[0]}, {_nested_max(terms[1:])})"
 
 
 @functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
-                  clip: bool = False, stream: bool = False, dry: bool = False) -> Any:
+                  clip: bool = False, stream: bool = False, dry: bool = False,
+                  n_avg: int = 0) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The scalars come as a table ``H`` with one row per parameter group (the prologue's
@@ -137,11 +143,15 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     The new parameters and slots are also probed in the same pass, at no extra traffic:
     the largest exponent field among them (:func:`exponent_bits`, an integer max that
     vectorises) is all ones iff one of them is ±inf or NaN, and the loop then returns NaN.
-    Elements whose param or slots were already non-finite are left out: the probe finds the
-    steps that *make* values non-finite, once. A non-finite result therefore means a
-    non-finite gradient *or* a new non-finite value (the caller tells them apart, rarely,
-    with :func:`sumsq_kernel`). ``dry`` computes the
+    A non-finite result therefore means a non-finite gradient *or* a non-finite new value
+    (the caller tells them apart, rarely, with :func:`sumsq_kernel`). ``dry`` computes the
     step and probes it without storing anything (the ``skip``/``raise`` policies' check).
+
+    ``n_avg``: the last ``n_avg`` slots are weight averages (:mod:`..averaging`), whose
+    weights are the last ``n_avg`` scalars: they move towards the parameters of tensors
+    without a gradient too (as torch's ``AveragedModel`` averages every parameter), where
+    the rest of the step leaves them alone. With ``n_avg = 0`` the kernel is the one it
+    always was.
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -151,11 +161,16 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         reads="".join(f"{s}[j], " for s in slots),
         scal_args=", ".join(f"h{k}" for k in range(n_scal)),
         writes="" if dry else "\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
-        old_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits({s}[j])" for s in slots]),
-        new_probe=_max_of(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
+        probe=_nested_max(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
         slices="".join(f"{s}[a:b], " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
+        nograd="",
     )
+    if n_avg and not dry:
+        first_slot, first_w = n_slots - n_avg, 4 + n_scal - n_avg
+        fields["nograd"] = "                avg_inner(P[a:b], {}{})\n".format(
+            "".join(f"{s}[a:b], " for s in slots[first_slot:]),
+            ", ".join(f"H[group[t], {first_w + i}]" for i in range(n_avg)))
     jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
@@ -172,6 +187,16 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                             body=body.replace("STORE", "pass" if dry else "Q[j] = p" if copy else "P[j] = p"))
     exec(compile(src, name, "exec"), ns)
     ns["inner"] = jit(ns["inner"])
+    if fields["nograd"]:
+        from ..averaging import _jitable, average
+
+        ns["AVG"] = _jitable(average)
+        exec(compile(_NOGRAD_SRC.format(
+            avgs="".join(f"A{i}, " for i in range(n_avg)),
+            weights=", ".join(f"w{i}" for i in range(n_avg)),
+            steps="\n".join(f"        A{i}[j] = AVG(p, A{i}[j], w{i})" for i in range(n_avg))),
+            name, "exec"), ns)
+        ns["avg_inner"] = jit(ns["avg_inner"])
     exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
     return jit(ns["kernel"])
 

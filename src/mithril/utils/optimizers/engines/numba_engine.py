@@ -236,12 +236,14 @@ class NumbaEngine(Engine):
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
             after = (index, table.astype(lay.dtype))
         n_scal = table.shape[1] - 4
-        slots = [self.np_view(state.slots[s]) for s in opt.slot_names()]
+        names = opt.full_slot_names()
+        slots = [self.np_view(state.slots[s]) for s in names]
+        math_fn, n_avg = opt.full_kernel_math(n_scal), len(names) - len(opt.slot_names())
         if opt.nonfinite != "propagate":
             # skip/raise: the step is computed once without being stored; it reads what the
             # update reads (the price of "nothing changes"), Σ g² included
             flat = self._current(state, params, ours)
-            dry = update_kernel(opt.kernel_math(), len(slots), n_scal, lay.dtype, clip=clip, dry=True)
+            dry = update_kernel(math_fn, len(slots), n_scal, lay.dtype, clip=clip, dry=True)
             total = plan.run(dry, (flat, flat, *slots), gptr, after)
             if not math.isfinite(total):
                 gnorm = norm if norm is not None else self._grad_norm(gptr)
@@ -249,7 +251,7 @@ class NumbaEngine(Engine):
                     return dict(params), False, gnorm, True
                 if opt.nonfinite == "raise":
                     raise nonfinite_result_error(opt, nonfinite_results(
-                        opt, flat, dict(zip(opt.slot_names(), slots)), grads, self.to_numpy, lay,
+                        opt, flat, dict(zip(names, slots)), grads, self.to_numpy, lay,
                         table, index))
                 return dict(params), False, gnorm, False
             if norm is None:
@@ -259,7 +261,10 @@ class NumbaEngine(Engine):
         gptr = self._unaliased(gptr, grads, keep, (dst, *state.slots.values()))
         copy = src is not dst
         stream = copy and streaming.worth_it((3 + len(state.slots)) * lay.total * itemsize)
-        kernel = update_kernel(opt.kernel_math(), len(slots), n_scal, lay.dtype, copy, clip, stream)
+        kernel = (update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream)
+                  if not n_avg else
+                  update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream,
+                                n_avg=n_avg))
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite
             return dict(views), True, math.sqrt(total) if norm is None else norm, True
