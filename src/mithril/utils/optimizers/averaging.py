@@ -35,12 +35,17 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from numba.extending import register_jitable
 
-from .checks import check_int, describe, to_float
+from ...errors import KeyMismatchError, ShapeError
+from .checks import check_int, describe, is_array, to_float
 from .elementwise import where
+from .state import OptimizerState
 
 #: the state slot of each average
 EMA, SWA = "ema", "swa"
@@ -151,4 +156,153 @@ def _jitable(fn: Any) -> Any:
     """``fn`` itself, callable from Python as ever and, referenced from numba-compiled code,
     compiled and inlined there (numba's ``register_jitable``)."""
     return register_jitable(inline="always")(fn)
+
+
+
+class AveragingMixin:
+    """Weight averaging's half of :class:`~mithril.utils.optimizers.Optimizer`: the slots,
+    scalars and math the engines run (the optimizer's own plus the averages), and the
+    averages' accessors."""
+
+    def averaged_slots(self) -> tuple[str, ...]:
+        """The averages this optimizer keeps: ``"ema"`` (``ema_decay``), ``"swa"``
+        (``swa_start``), in that order; empty without weight """
+        return slots_of(self)
+
+    def full_slot_names(self) -> tuple[str, ...]:
+        """Every state slot: :meth:`slot_names`, then :meth:`averaged_slots`."""
+        avg = slots_of(self)
+        if not avg:
+            return self.slot_names()
+        own = self.slot_names()
+        clash = sorted(set(own) & set(avg))
+        if clash:
+            raise ValueError(f"{type(self).__name__} has state slot(s) {clash} of its own: "
+                             f"they clash with weight averaging's")
+        return (*own, *avg)
+
+    def full_scalars(self, step: int) -> tuple[float, ...]:
+        """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`)."""
+        if self.ema_decay is None and self.swa_start is None:
+            return self.scalars(step)
+        return (*self.scalars(step), *weights(self, step))
+
+    def full_kernel_math(self, n_scalars: int) -> Callable:
+        """The elementwise function the engines run, ``(p, g, *full slots, *full scalars)
+        -> (p, *full slots)`` with ``n_scalars = len(full_scalars(t))``: :meth:`kernel_math`
+        itself without weight averaging, else it composed with the averaging steps (one
+        function per base math, so the kernels stay cached)."""
+        math_fn = self.kernel_math()
+        n_avg = len(slots_of(self))
+        if not n_avg:
+            return math_fn
+        return averaged_math(math_fn, len(self.slot_names()), n_scalars - n_avg, n_avg)
+
+    def ema_params(self, state: OptimizerState) -> dict[str, Any]:
+        """The EMA of the parameters kept in ``state`` (``ema_decay=``), per parameter: views
+        of the state's slot on NumPy/torch (the next update changes them: copy to keep),
+        arrays on JAX. Before its first update it holds the parameters ``init`` was given.
+        A state kept without an EMA raises :class:`~.NoAverageError` (a
+        ``KeyError``)."""
+        return self._average(state, EMA, "ema_params")
+
+    def swa_params(self, state: OptimizerState) -> dict[str, Any]:
+        """The SWA average (``swa_start=``) kept in ``state``, as :meth:`ema_params`."""
+        return self._average(state, SWA, "swa_params")
+
+    def _average(self, state: Any, slot: str, what: str) -> dict[str, Any]:
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"{what}: state must be what {type(self).__name__}.init returned, "
+                            f"got {type(state).__name__}")
+        if slot not in state.slots:
+            option = "ema_decay=" if slot == EMA else "swa_start="
+            raise NoAverageError(
+                f"{what}: this {state.kind} state keeps no {slot.upper()} (slots "
+                f"{sorted(state.slots)}); construct the optimizer with {option} before init")
+        out = state.slot(slot)
+        if state.engine.backend.name == "jax":  # JAX arrays, never views of a host buffer
+            import jax.numpy as jnp
+
+            return {n: jnp.array(np.asarray(v)) for n, v in out.items()}
+        return out
+
+    def swap_ema(self, params: Mapping[str, Any], state: OptimizerState,
+                 average: str | None = None) -> dict[str, Any]:
+        """Swap an average (``"ema"``, or ``"swa"``; by default the EMA, else the SWA
+        average) with the parameters: returns the parameters to evaluate with, and the
+        state then keeps the training parameters in the average's place. Call it again,
+        with what it returned, to swap back: the training parameters and the average come
+        back bit for bit.
+
+        Ownership, as for :meth:`update`: ``params`` are consumed, rebind to what it
+        returns. When ``params`` are the arrays the last update returned (NumPy, torch),
+        the two buffers swap contents in place, so those very arrays hold the average
+        until the swap back (nothing is allocated); other arrays (JAX's, or arrays of your
+        own) are copied into the state, and the average comes back as arrays over the
+        buffer the state held it in (on JAX, new arrays). While swapped, :meth:`update`, the average's
+        accessors and saving the state refuse (the slot holds the training parameters)."""
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"swap_ema: state must be what {type(self).__name__}.init "
+                            f"returned, got {type(state).__name__}")
+        if not isinstance(params, Mapping):
+            raise TypeError(f"swap_ema: params must be a dict of arrays, got "
+                            f"{type(params).__name__}")
+        kept = [s for s in (EMA, SWA) if s in state.slots]
+        if average is None:
+            if state.swapped is not None:
+                average = state.swapped
+            elif not kept:
+                raise NoAverageError(
+                    f"swap_ema: this {state.kind} state keeps no average (slots "
+                    f"{sorted(state.slots)}); construct the optimizer with ema_decay= or "
+                    f"swa_start= before init")
+            else:
+                average = kept[0]
+        if average not in (EMA, SWA):
+            raise ValueError(f"swap_ema: average must be 'ema' or 'swa', got {average!r}")
+        if average not in state.slots:
+            self._average(state, average, "swap_ema")  # raises, naming it
+        if state.swapped not in (None, average):
+            raise ValueError(f"swap_ema: the {state.swapped.upper()} is swapped in; swap it "
+                             f"back before swapping the {average.upper()}")
+        lay, eng = state.layout, state.engine
+        views = state.param_views or {}
+        ours = (eng.backend.name != "jax" and len(views) == len(params)
+                and list(params) == lay.name_list
+                and all(map(operator.is_, params.values(), views.values())))
+        if not ours:  # check everything before anything changes
+            if params.keys() != lay.index.keys():
+                raise KeyMismatchError(
+                    f"swap_ema: params do not match the optimizer state: missing "
+                    f"{sorted(set(lay.names) - set(params))}, unknown "
+                    f"{sorted(set(params) - set(lay.names))}")
+            for name, p in params.items():
+                shape = lay.shapes[lay.index[name]]
+                if not is_array(p) or tuple(p.shape) != shape:
+                    raise ShapeError(f"swap_ema: params['{name}'] must be an array of shape "
+                                     f"{shape}, got {type(p).__name__} "
+                                     f"{tuple(getattr(p, 'shape', ()))}")
+            flat = lay.flatten_numpy({n: np.asarray(eng.to_numpy(p)) for n, p in params.items()})
+            if flat.dtype != np.dtype(eng.to_numpy(state.slots[average]).dtype):
+                raise TypeError(f"swap_ema: params must have dtype {lay.dtype}, got {flat.dtype}")
+            held = state.slots[average]
+            state.slots[average] = eng.from_numpy(flat)
+            out = lay.unflatten(held)
+            if eng.backend.name == "jax" and isinstance(held, np.ndarray):  # JAX-on-CPU
+                import jax
+
+                out = {n: jax.device_put(np.array(v), eng.backend.device) for n, v in out.items()}
+        else:
+            buf, avg = state.params_flat, state.slots[average]
+            if eng.backend.name == "torch":
+                tmp = buf.clone()
+                buf.copy_(avg)
+                avg.copy_(tmp)
+            else:
+                tmp = buf.copy()
+                buf[...] = avg
+                avg[...] = tmp
+            out = dict(views)
+        state.swapped = None if state.swapped == average else average
+        return out
 

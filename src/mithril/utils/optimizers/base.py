@@ -43,29 +43,27 @@ in ``state.last_grad_norm`` whatever the policy:
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import operator
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
-
-import numpy as np
 
 from ...errors import KeyMismatchError, ShapeError
 from . import averaging
-from . import groups as groups_mod
+from .averaging import AveragingMixin
 from .checks import (
     check_flag,
     check_positive,
     infer_backend,
     is_array,
     rounds_to_zero,
-    state_dict_count,
 )
 from .engines.common import is_finite
+from .groups import GroupsMixin
 from .layout import Layout
+from .serialization import StateDictMixin
 from .state import OptimizerState
 
 _NONFINITE = ("skip", "raise", "propagate")
@@ -79,9 +77,6 @@ def _bind_backend(method: Callable) -> Callable:
 
     return wrapper
 
-
-#: the options that say which tensors take which hyperparameters (:mod:`.groups`)
-GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "strict")
 
 #: names torch and optax users type, and ours (the guide's)
 ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
@@ -131,7 +126,7 @@ def _check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], st
                         f"odd one(s) out: {odd}")
 
 
-class Optimizer:
+class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     """Base class. Construct with hyperparameters only; then::
 
         state = opt.init(params)
@@ -197,62 +192,6 @@ class Optimizer:
         if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap
             self._finish_groups()
 
-    def _finish_groups(self) -> None:
-        raw = self.__dict__.pop("_raw_groups", None)
-        if raw is None:
-            return
-        groups, mask, exclude, strict = raw
-        normalized = groups_mod.normalize(self, groups)
-        if mask is not None:
-            groups_mod._matcher(mask, "weight_decay_mask")
-        if isinstance(exclude, (str, Mapping)) or not isinstance(exclude, (list, tuple)):
-            raise TypeError("exclude_weight_decay must be a list of regexes, name lists or callables")
-        for e in exclude:
-            groups_mod._matcher(e, "exclude_weight_decay")
-        self._groups, self._wd_mask, self._wd_exclude = normalized, mask, list(exclude)
-        self._strict = strict
-
-    # -- parameter groups ----------------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The groups (see :mod:`.groups`), checked; a group's learning rate as ``lr_scale``."""
-        return self._groups
-
-    @property
-    def weight_decay_mask(self) -> Any:
-        return self._wd_mask
-
-    @property
-    def exclude_weight_decay(self) -> list[Any]:
-        return self._wd_exclude
-
-    @property
-    def strict(self) -> bool:
-        return self._strict
-
-    def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
-                                  regex: str | None = None) -> None:
-        """No weight decay for these parameter names or those ``regex`` matches (Keras'
-        method); takes effect at the next update, in any group."""
-        if names is None and regex is None:
-            raise ValueError("exclude_from_weight_decay needs names= or regex=")
-        new = [x for x in (names, regex) if x is not None]
-        for x in new:
-            groups_mod._matcher(list(x) if isinstance(x, (list, tuple)) else x,
-                                "exclude_from_weight_decay")
-        self._wd_exclude = self._wd_exclude + [list(x) if isinstance(x, (list, tuple)) else x
-                                               for x in new]
-        self._groups_version += 1
-
-    def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
-        """Each tensor's row of scalars and one optimizer per row (row 0: this one)."""
-        key = (self._groups_version, id(self._groups))
-        cached = state.groups
-        if cached is None or cached[0] != key:
-            index, rows = groups_mod.resolve(self, state.layout.name_list)
-            cached = state.groups = (key, index, rows)
-        return cached[1], groups_mod.views(self, cached[2])
-
     # -- learning rate ---------------------------------------------------------------
     def get_learning_rate(self, group: int | None = None) -> float:
         """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it)."""
@@ -274,14 +213,6 @@ class Optimizer:
                              "which is 0")
         g["lr_scale"] = lr / self.learning_rate
         self._groups_version += 1
-
-    def _group(self, group: Any) -> dict[str, Any]:
-        if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
-            raise TypeError(f"group must be an index into param_groups, got {group!r}")
-        if not 0 <= group < len(self._groups):
-            raise KeyError(f"{type(self).__name__} has {len(self._groups)} param_groups, no "
-                           f"group {group}")
-        return self._groups[group]
 
     # -- backend -----------------------------------------------------------------------
     @property
@@ -323,41 +254,6 @@ class Optimizer:
         Kernels are cached per function object: return the same (module-level) function
         on every call, not a new closure, or every step compiles anew."""
         return type(self).math
-
-    # -- what the engines run: the math above plus weight averaging ----------------------------
-    def averaged_slots(self) -> tuple[str, ...]:
-        """The averages this optimizer keeps: ``"ema"`` (``ema_decay``), ``"swa"``
-        (``swa_start``), in that order; empty without weight averaging."""
-        return averaging.slots_of(self)
-
-    def full_slot_names(self) -> tuple[str, ...]:
-        """Every state slot: :meth:`slot_names`, then :meth:`averaged_slots`."""
-        avg = averaging.slots_of(self)
-        if not avg:
-            return self.slot_names()
-        own = self.slot_names()
-        clash = sorted(set(own) & set(avg))
-        if clash:
-            raise ValueError(f"{type(self).__name__} has state slot(s) {clash} of its own: "
-                             f"they clash with weight averaging's")
-        return (*own, *avg)
-
-    def full_scalars(self, step: int) -> tuple[float, ...]:
-        """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`)."""
-        if self.ema_decay is None and self.swa_start is None:
-            return self.scalars(step)
-        return (*self.scalars(step), *averaging.weights(self, step))
-
-    def full_kernel_math(self, n_scalars: int) -> Callable:
-        """The elementwise function the engines run, ``(p, g, *full slots, *full scalars)
-        -> (p, *full slots)`` with ``n_scalars = len(full_scalars(t))``: :meth:`kernel_math`
-        itself without weight averaging, else it composed with the averaging steps (one
-        function per base math, so the kernels stay cached)."""
-        math_fn = self.kernel_math()
-        n_avg = len(averaging.slots_of(self))
-        if not n_avg:
-            return math_fn
-        return averaging.averaged_math(math_fn, len(self.slot_names()), n_scalars - n_avg, n_avg)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Constructor arguments, e.g. for checkpoints and error messages (the group options
@@ -520,209 +416,6 @@ class Optimizer:
                 raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
                                  f"built for {shapes[index[name]]}")
         return prepared, False
-
-    # -- weight averaging ---------------------------------------------------------------------
-    def ema_params(self, state: OptimizerState) -> dict[str, Any]:
-        """The EMA of the parameters kept in ``state`` (``ema_decay=``), per parameter: views
-        of the state's slot on NumPy/torch (the next update changes them: copy to keep),
-        arrays on JAX. Before its first update it holds the parameters ``init`` was given.
-        A state kept without an EMA raises :class:`~.averaging.NoAverageError` (a
-        ``KeyError``)."""
-        return self._average(state, averaging.EMA, "ema_params")
-
-    def swa_params(self, state: OptimizerState) -> dict[str, Any]:
-        """The SWA average (``swa_start=``) kept in ``state``, as :meth:`ema_params`."""
-        return self._average(state, averaging.SWA, "swa_params")
-
-    def _average(self, state: Any, slot: str, what: str) -> dict[str, Any]:
-        if not isinstance(state, OptimizerState):
-            raise TypeError(f"{what}: state must be what {type(self).__name__}.init returned, "
-                            f"got {type(state).__name__}")
-        if slot not in state.slots:
-            option = "ema_decay=" if slot == averaging.EMA else "swa_start="
-            raise averaging.NoAverageError(
-                f"{what}: this {state.kind} state keeps no {slot.upper()} (slots "
-                f"{sorted(state.slots)}); construct the optimizer with {option} before init")
-        out = state.slot(slot)
-        if state.engine.backend.name == "jax":  # JAX arrays, never views of a host buffer
-            import jax.numpy as jnp
-
-            return {n: jnp.array(np.asarray(v)) for n, v in out.items()}
-        return out
-
-    def swap_ema(self, params: Mapping[str, Any], state: OptimizerState,
-                 average: str | None = None) -> dict[str, Any]:
-        """Swap an average (``"ema"``, or ``"swa"``; by default the EMA, else the SWA
-        average) with the parameters: returns the parameters to evaluate with, and the
-        state then keeps the training parameters in the average's place. Call it again,
-        with what it returned, to swap back: the training parameters and the average come
-        back bit for bit.
-
-        Ownership, as for :meth:`update`: ``params`` are consumed, rebind to what it
-        returns. When ``params`` are the arrays the last update returned (NumPy, torch),
-        the two buffers swap contents in place, so those very arrays hold the average
-        until the swap back (nothing is allocated); other arrays (JAX's, or arrays of your
-        own) are copied into the state, and the average comes back as arrays over the
-        buffer the state held it in (on JAX, new arrays). While swapped, :meth:`update`, the average's
-        accessors and saving the state refuse (the slot holds the training parameters)."""
-        if not isinstance(state, OptimizerState):
-            raise TypeError(f"swap_ema: state must be what {type(self).__name__}.init "
-                            f"returned, got {type(state).__name__}")
-        if not isinstance(params, Mapping):
-            raise TypeError(f"swap_ema: params must be a dict of arrays, got "
-                            f"{type(params).__name__}")
-        kept = [s for s in (averaging.EMA, averaging.SWA) if s in state.slots]
-        if average is None:
-            if state.swapped is not None:
-                average = state.swapped
-            elif not kept:
-                raise averaging.NoAverageError(
-                    f"swap_ema: this {state.kind} state keeps no average (slots "
-                    f"{sorted(state.slots)}); construct the optimizer with ema_decay= or "
-                    f"swa_start= before init")
-            else:
-                average = kept[0]
-        if average not in (averaging.EMA, averaging.SWA):
-            raise ValueError(f"swap_ema: average must be 'ema' or 'swa', got {average!r}")
-        if average not in state.slots:
-            self._average(state, average, "swap_ema")  # raises, naming it
-        if state.swapped not in (None, average):
-            raise ValueError(f"swap_ema: the {state.swapped.upper()} is swapped in; swap it "
-                             f"back before swapping the {average.upper()}")
-        lay, eng = state.layout, state.engine
-        views = state.param_views or {}
-        ours = (eng.backend.name != "jax" and len(views) == len(params)
-                and list(params) == lay.name_list
-                and all(map(operator.is_, params.values(), views.values())))
-        if not ours:  # check everything before anything changes
-            if params.keys() != lay.index.keys():
-                raise KeyMismatchError(
-                    f"swap_ema: params do not match the optimizer state: missing "
-                    f"{sorted(set(lay.names) - set(params))}, unknown "
-                    f"{sorted(set(params) - set(lay.names))}")
-            for name, p in params.items():
-                shape = lay.shapes[lay.index[name]]
-                if not is_array(p) or tuple(p.shape) != shape:
-                    raise ShapeError(f"swap_ema: params['{name}'] must be an array of shape "
-                                     f"{shape}, got {type(p).__name__} "
-                                     f"{tuple(getattr(p, 'shape', ()))}")
-            flat = lay.flatten_numpy({n: np.asarray(eng.to_numpy(p)) for n, p in params.items()})
-            if flat.dtype != np.dtype(eng.to_numpy(state.slots[average]).dtype):
-                raise TypeError(f"swap_ema: params must have dtype {lay.dtype}, got {flat.dtype}")
-            held = state.slots[average]
-            state.slots[average] = eng.from_numpy(flat)
-            out = lay.unflatten(held)
-            if eng.backend.name == "jax" and isinstance(held, np.ndarray):  # JAX-on-CPU
-                import jax
-
-                out = {n: jax.device_put(np.array(v), eng.backend.device) for n, v in out.items()}
-        else:
-            buf, avg = state.params_flat, state.slots[average]
-            if eng.backend.name == "torch":
-                tmp = buf.clone()
-                buf.copy_(avg)
-                avg.copy_(tmp)
-            else:
-                tmp = buf.copy()
-                buf[...] = avg
-                avg[...] = tmp
-            out = dict(views)
-        state.swapped = None if state.swapped == average else average
-        return out
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
-        """Hyperparameters (and, given ``state``, the step count, the skipped and non-finite
-        step counters and the per-parameter slots as numpy)."""
-        out: dict[str, Any] = {"optimizer": type(self).__name__,
-                               "hyperparameters": self.hyperparameters()}
-        if state is not None:
-            out["step"] = state.step
-            out["num_skipped"] = state.num_skipped
-            out["num_nonfinite"] = state.num_nonfinite
-            out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
-                                for n, v in state.slot(s).items()} for s in state.slots}
-        return out
-
-    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
-                        ) -> OptimizerState | None:
-        """Restore hyperparameters; given ``params``, also rebuild and return the state.
-
-        Everything is checked before anything changes: the hyperparameters as the
-        constructor checks them (unknown names are refused), every slot present with an
-        array of each parameter's exact shape, and non-negative integer counters. On error
-        this optimizer is left as it was."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
-        if d.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
-        hp = d.get("hyperparameters")
-        if not isinstance(hp, Mapping):
-            raise TypeError("state dict 'hyperparameters' must be a dict")
-        unknown = sorted(set(hp) - set(self.hyperparameters()) - set(GROUP_KEYS))
-        if unknown:
-            raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
-        grouping = {k: hp[k] for k in GROUP_KEYS if k in hp}  # absent: no groups
-        hp = {k: v for k, v in hp.items() if k not in GROUP_KEYS}
-        trial = copy.copy(self)
-        trial.__dict__.update(hp)
-        plain = {k: v for k, v in trial.hyperparameters().items() if k not in GROUP_KEYS}
-        try:  # the constructor's checks, where its signature takes the hyperparameters
-            inspect.signature(type(self)).bind(**plain, **grouping)
-        except TypeError:  # a subclass with its own constructor: as given
-            if grouping:
-                raise TypeError(f"{type(self).__name__}'s constructor takes no parameter "
-                                f"groups") from None
-        else:  # and its normalised values (floats, bools, groups)
-            built = type(self)(**plain, **grouping)
-            hp = {k: v for k, v in vars(built).items() if k in hp}
-            hp.update(_groups=built._groups, _wd_mask=built._wd_mask,
-                      _wd_exclude=built._wd_exclude, _strict=built._strict,
-                      _groups_version=self._groups_version + 1)
-            trial.__dict__.update(hp)
-        state = None
-        if params is not None and "slots" in d:
-            state = trial.init(params)
-            state.slots = self._loaded_slots(d["slots"], state)
-            state.step, state.num_skipped, state.num_nonfinite = (
-                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
-            # inf/NaN already in what is restored were reported when they appeared: as in
-            # the run that saved it, they are not reported again
-            eng = state.engine
-            state.nonfinite_values = not (
-                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
-                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
-        self.__dict__.update(hp)
-        return state
-
-    @staticmethod
-    def _loaded_slots(saved: Any, state: OptimizerState) -> dict[str, Any]:
-        """Flat slot buffers from a state dict's per-parameter arrays, checked against
-        ``state`` (a fresh one for the same params)."""
-        lay = state.layout
-        if not isinstance(saved, Mapping):
-            raise TypeError("state dict 'slots' must be a dict of slot -> {param: array}")
-        for label, names in (("unknown to", set(saved) - set(state.slots)),
-                             ("missing for", set(state.slots) - set(saved))):
-            if names:
-                raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
-        out = {}
-        for slot, per_param in saved.items():
-            if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
-                got = sorted(per_param) if isinstance(per_param, Mapping) else type(per_param).__name__
-                raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
-                               f"{sorted(lay.names)}, got {got}")
-            arrays = {}
-            for name, shape in zip(lay.names, lay.shapes):
-                a = np.asarray(per_param[name])
-                if a.dtype.kind not in "fiu":
-                    raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
-                if a.shape != tuple(shape):
-                    raise ShapeError(f"state dict slot '{slot}' of '{name}' has shape {a.shape}, "
-                                     f"the parameter {tuple(shape)}")
-                arrays[name] = a
-            out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
-        return out
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

@@ -21,9 +21,15 @@ import copy
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .state import OptimizerState
+
+#: the options that say which tensors take which hyperparameters
+GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "strict")
 
 #: hyperparameters that hold for the whole step, not per tensor
 GLOBAL = frozenset({"clip_norm", "nonfinite", "param_groups", "weight_decay_mask",
@@ -187,3 +193,72 @@ def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
             v.learning_rate = opt.learning_rate * scale
         out.append(v)
     return out
+
+
+class GroupsMixin:
+    """Parameter groups' half of :class:`~mithril.utils.optimizers.Optimizer`: checking the
+    constructor's group options, the shortcuts, and each tensor's row of scalars."""
+
+    def _finish_groups(self) -> None:
+        raw = self.__dict__.pop("_raw_groups", None)
+        if raw is None:
+            return
+        groups, mask, exclude, strict = raw
+        normalized = normalize(self, groups)
+        if mask is not None:
+            _matcher(mask, "weight_decay_mask")
+        if isinstance(exclude, (str, Mapping)) or not isinstance(exclude, (list, tuple)):
+            raise TypeError("exclude_weight_decay must be a list of regexes, name lists or callables")
+        for e in exclude:
+            _matcher(e, "exclude_weight_decay")
+        self._groups, self._wd_mask, self._wd_exclude = normalized, mask, list(exclude)
+        self._strict = strict
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups (see :mod:`.groups`), checked; a group's learning rate as ``lr_scale``."""
+        return self._groups
+
+    @property
+    def weight_decay_mask(self) -> Any:
+        return self._wd_mask
+
+    @property
+    def exclude_weight_decay(self) -> list[Any]:
+        return self._wd_exclude
+
+    @property
+    def strict(self) -> bool:
+        return self._strict
+
+    def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
+                                  regex: str | None = None) -> None:
+        """No weight decay for these parameter names or those ``regex`` matches (Keras'
+        method); takes effect at the next update, in any group."""
+        if names is None and regex is None:
+            raise ValueError("exclude_from_weight_decay needs names= or regex=")
+        new = [x for x in (names, regex) if x is not None]
+        for x in new:
+            _matcher(list(x) if isinstance(x, (list, tuple)) else x,
+                                "exclude_from_weight_decay")
+        self._wd_exclude = self._wd_exclude + [list(x) if isinstance(x, (list, tuple)) else x
+                                               for x in new]
+        self._groups_version += 1
+
+    def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
+        """Each tensor's row of scalars and one optimizer per row (row 0: this one)."""
+        key = (self._groups_version, id(self._groups))
+        cached = state.groups
+        if cached is None or cached[0] != key:
+            index, rows = resolve(self, state.layout.name_list)
+            cached = state.groups = (key, index, rows)
+        return cached[1], views(self, cached[2])
+
+    def _group(self, group: Any) -> dict[str, Any]:
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+            raise TypeError(f"group must be an index into param_groups, got {group!r}")
+        if not 0 <= group < len(self._groups):
+            raise KeyError(f"{type(self).__name__} has {len(self._groups)} param_groups, no "
+                           f"group {group}")
+        return self._groups[group]
+

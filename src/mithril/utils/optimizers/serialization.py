@@ -1,0 +1,115 @@
+"""How an optimizer saves and restores itself: :meth:`state_dict` / :meth:`load_state_dict`
+(hyperparameters, counters and per-parameter slots as NumPy), checked before anything
+changes."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ...errors import ShapeError
+from .checks import state_dict_count
+from .groups import GROUP_KEYS
+from .state import OptimizerState
+
+
+class StateDictMixin:
+    """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
+
+    def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
+        """Hyperparameters (and, given ``state``, the step count, the skipped and non-finite
+        step counters and the per-parameter slots as numpy)."""
+        out: dict[str, Any] = {"optimizer": type(self).__name__,
+                               "hyperparameters": self.hyperparameters()}
+        if state is not None:
+            out["step"] = state.step
+            out["num_skipped"] = state.num_skipped
+            out["num_nonfinite"] = state.num_nonfinite
+            out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
+                                for n, v in state.slot(s).items()} for s in state.slots}
+        return out
+
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        """Restore hyperparameters; given ``params``, also rebuild and return the state.
+
+        Everything is checked before anything changes: the hyperparameters as the
+        constructor checks them (unknown names are refused), every slot present with an
+        array of each parameter's exact shape, and non-negative integer counters. On error
+        this optimizer is left as it was."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
+        if d.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+        hp = d.get("hyperparameters")
+        if not isinstance(hp, Mapping):
+            raise TypeError("state dict 'hyperparameters' must be a dict")
+        unknown = sorted(set(hp) - set(self.hyperparameters()) - set(GROUP_KEYS))
+        if unknown:
+            raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
+        grouping = {k: hp[k] for k in GROUP_KEYS if k in hp}  # absent: no groups
+        hp = {k: v for k, v in hp.items() if k not in GROUP_KEYS}
+        trial = copy.copy(self)
+        trial.__dict__.update(hp)
+        plain = {k: v for k, v in trial.hyperparameters().items() if k not in GROUP_KEYS}
+        try:  # the constructor's checks, where its signature takes the hyperparameters
+            inspect.signature(type(self)).bind(**plain, **grouping)
+        except TypeError:  # a subclass with its own constructor: as given
+            if grouping:
+                raise TypeError(f"{type(self).__name__}'s constructor takes no parameter "
+                                f"groups") from None
+        else:  # and its normalised values (floats, bools, groups)
+            built = type(self)(**plain, **grouping)
+            hp = {k: v for k, v in vars(built).items() if k in hp}
+            hp.update(_groups=built._groups, _wd_mask=built._wd_mask,
+                      _wd_exclude=built._wd_exclude, _strict=built._strict,
+                      _groups_version=self._groups_version + 1)
+            trial.__dict__.update(hp)
+        state = None
+        if params is not None and "slots" in d:
+            state = trial.init(params)
+            state.slots = self._loaded_slots(d["slots"], state)
+            state.step, state.num_skipped, state.num_nonfinite = (
+                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            # inf/NaN already in what is restored were reported when they appeared: as in
+            # the run that saved it, they are not reported again
+            eng = state.engine
+            state.nonfinite_values = not (
+                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
+                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
+        self.__dict__.update(hp)
+        return state
+
+    @staticmethod
+    def _loaded_slots(saved: Any, state: OptimizerState) -> dict[str, Any]:
+        """Flat slot buffers from a state dict's per-parameter arrays, checked against
+        ``state`` (a fresh one for the same params)."""
+        lay = state.layout
+        if not isinstance(saved, Mapping):
+            raise TypeError("state dict 'slots' must be a dict of slot -> {param: array}")
+        for label, names in (("unknown to", set(saved) - set(state.slots)),
+                             ("missing for", set(state.slots) - set(saved))):
+            if names:
+                raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
+        out = {}
+        for slot, per_param in saved.items():
+            if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
+                got = sorted(per_param) if isinstance(per_param, Mapping) else type(per_param).__name__
+                raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
+                               f"{sorted(lay.names)}, got {got}")
+            arrays = {}
+            for name, shape in zip(lay.names, lay.shapes):
+                a = np.asarray(per_param[name])
+                if a.dtype.kind not in "fiu":
+                    raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
+                if a.shape != tuple(shape):
+                    raise ShapeError(f"state dict slot '{slot}' of '{name}' has shape {a.shape}, "
+                                     f"the parameter {tuple(shape)}")
+                arrays[name] = a
+            out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
+        return out
+
