@@ -179,9 +179,31 @@ class CompiledModel:
                 raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
                                  f"(inputs: {wires})") from None
 
+    def scalar_output(self) -> str:
+        """The output ``evaluate(..., output_gradients=True)`` differentiates: ``final_cost``
+        (a :class:`~mithril.models.TrainModel`), else the model's single output, which must
+        be a scalar."""
+        outs = self.program.outputs
+        key = "final_cost" if "final_cost" in outs else next(iter(outs)) if len(outs) == 1 else None
+        if key is None:
+            raise KeyMismatchError(f"output_gradients=True differentiates 'final_cost' or the single "
+                                   f"output; this model has outputs {sorted(outs)}: give a dict of "
+                                   "output gradients instead")
+        shape = self.program.output_shape(key)
+        if shape is not None and shape != ():
+            raise ShapeError(f"output_gradients=True needs a scalar output; '{key}' has shape "
+                             f"{fmt(shape)}: give a dict of output gradients instead")
+        return key
+
     def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
-                 output_gradients: Mapping[str, Any] | None = None) -> Any:
-        """Outputs, or ``(outputs, gradients)`` when ``output_gradients`` is given."""
+                 output_gradients: Mapping[str, Any] | bool | None = None) -> Any:
+        """Outputs, or ``(outputs, gradients)`` when ``output_gradients`` is given: a dict of
+        output cotangents, or ``True`` for the gradient of ``final_cost`` (or of the single
+        scalar output), i.e. a cotangent of 1 for it."""
+        if output_gradients is True:
+            output_gradients = {self.scalar_output(): 1.0}
+        elif output_gradients is False:
+            output_gradients = None
         params, inputs = self._validate(params, inputs)
         if output_gradients is None:
             return self._eval.forward(params, inputs)
@@ -189,7 +211,7 @@ class CompiledModel:
         cots = {}
         for k, g in output_gradients.items():
             pattern = self.program.output_shape(k)
-            if np.ndim(g) == 0 and pattern == ():
+            if np.ndim(g) == 0 and pattern in ((), None):
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
                                         self.backend.native_dtype())

@@ -116,6 +116,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         top = Model()
         top |= model
         model = top
+    finalize = getattr(model, "_finalize_for_compile", None)
+    if finalize is not None:  # a TrainModel adds its losses and final_cost now
+        finalize()
     b = _Builder()
     b.flatten(model, {}, "")
     terminals = set(model.terminals) | set(model.output_keys)
@@ -162,7 +165,15 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):
-            pshapes = node.op.param_shapes(in_shapes)
+            pshapes = dict(node.op.param_shapes(in_shapes))
+        # parameters an operator reads by name (shared with the block that made them)
+        shared = getattr(node.op, "param_names", None) or {}
+        for key, pname in shared.items():
+            if pname not in prog.param_shapes:
+                raise KeyMismatchError(f"{node.path} ({type(node.op).__name__}): '{pname}' names no "
+                                       f"parameter; the parameters are {sorted(prog.param_shapes)}")
+            node.params[key] = pname
+            pshapes[key] = prog.param_shapes[pname]
         for key in node.op.param_init:
             if key in pshapes:
                 continue
@@ -174,6 +185,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
                 f"'{b.names[node.ins[first]]}' is {fmt(in_shapes[first])}; declare input shapes "
                 f"with model.set_shapes(...) or compile(..., shapes=...)")
         for key, shape in pshapes.items():
+            if key in shared:
+                continue
             pname = f"{node.path}.{key}"
             node.params[key] = pname
             prog.param_shapes[pname] = tuple(int(d) for d in shape)

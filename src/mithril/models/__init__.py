@@ -43,3 +43,19 @@ __all__ += [
     "Mean", "Min", "Negate", "Power", "Reshape", "Split", "Sqrt", "Square", "Subtract", "Sum",
     "Transpose", "Where",
 ]
+
+# attention, transformer blocks and position embeddings
+from .attention import MultiHeadAttention, ScaledDotProduct  # noqa: E402
+from .positional import PositionalEmbedding, PositionalEncoding  # noqa: E402
+from .transformer import ExactGelu, TransformerBlock  # noqa: E402
+
+__all__ += [
+    "ExactGelu", "MultiHeadAttention", "PositionalEmbedding", "PositionalEncoding",
+    "ScaledDotProduct", "TransformerBlock",
+]
+
+# training models (the published Mithril's TrainModel)
+from .regularizers import L1, L2  # noqa: E402
+from .train_model import TrainModel  # noqa: E402
+
+__all__ += ["L1", "L2", "TrainModel"]

@@ -1,0 +1,388 @@
+"""Attention with torch's layouts and numerics: ``ScaledDotProduct`` and ``MultiHeadAttention``.
+
+``ScaledDotProduct`` is ``torch.nn.functional.scaled_dot_product_attention``:
+softmax(query·keyᵀ·scale + mask)·value over query (…, L, E), key (…, S, E) and value
+(…, S, Ev), with ``scale`` = 1/√E by default. ``is_causal=True`` masks the strict upper
+triangle of the (L, S) scores (query i sees keys j ≤ i; top-left aligned when L ≠ S, as
+torch). ``use_attn_mask=True`` adds an ``attn_mask`` input that broadcasts to (…, L, S):
+booleans (True: the pair takes part, as ``F.scaled_dot_product_attention``) or floats (added
+to the scores; ``-inf`` masks). A row with every key masked gives zeros, as torch.
+
+``MultiHeadAttention`` is ``torch.nn.MultiheadAttention(batch_first=True)`` (no dropout, no
+``kdim`` / ``vdim``): one operator whose parameters are torch's, under torch's names with
+``_`` for ``.``: ``in_proj_weight`` (3E, E) with the query, key and value rows in that order,
+``in_proj_bias`` (3E,), ``out_proj_weight`` (E, E) and ``out_proj_bias`` (E,). So copying a
+torch module's ``state_dict`` in is a rename. Its ``attn_mask`` follows torch's
+``MultiheadAttention`` instead: booleans mark the pairs that may **not** attend (True: masked)
+and floats are added; it broadcasts to (…, num_heads, L, S), e.g. (L, S) or (N, num_heads, L, S).
+Init as torch: ``xavier_uniform_`` of ``in_proj_weight`` (Glorot over its (3E, E) shape),
+``kaiming_uniform_(a=√5)`` of ``out_proj_weight`` (U(±1/√E)) and zero biases.
+
+The softmax subtracts each row's maximum first, so large scores never overflow. Forward per
+backend: ``F.scaled_dot_product_attention`` on torch, the same formula in ``jax.numpy`` and
+NumPy; the NumPy VJPs recompute the attention probabilities from the arguments (softmax
+backward: p·(gp − Σ gp·p)). Self-attention (one wire connected to query, key and value) takes
+one (3E, E) projection matmul forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import DTypeError
+from .conv import backend_of
+from .operator import Operator, ShapeError, broadcast_shapes, fmt, unbroadcast
+
+
+# -- the attention core, shared by both operators ------------------------------------------------
+def _swap(x: Any) -> Any:
+    return x.swapaxes(-1, -2)
+
+
+def causal_keep(n_query: int, n_key: int) -> np.ndarray:
+    """torch's causal mask as booleans (True: attend): the lower triangle of (L, S)."""
+    return np.tril(np.ones((n_query, n_key), dtype=bool))
+
+
+def _masks(mask: Any, is_causal: bool, n_query: int, n_key: int, true_masks: bool) -> tuple[Any, Any]:
+    """``(keep, add)``: a boolean keep-mask (or ``None``) and a float mask to add (or ``None``).
+    ``true_masks``: a boolean ``mask`` marks the masked pairs (torch's MultiheadAttention)."""
+    keep = add = None
+    if mask is not None:
+        if _is_bool(mask):
+            keep = ~mask if true_masks else mask
+        else:
+            add = mask
+    if is_causal:
+        keep = causal_keep(n_query, n_key)
+    return keep, add
+
+
+def _is_bool(x: Any) -> bool:
+    return "bool" in str(x.dtype)
+
+
+def attention_probs(xp: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) -> Any:
+    """softmax(q·kᵀ·scale + add) over the keys, ``keep`` False entries excluded (max-subtracted;
+    a row with nothing kept is all zeros). NumPy or ``jax.numpy``."""
+    s = (q @ _swap(k)) * scale
+    if add is not None:
+        s = s + add.astype(s.dtype)
+    if keep is not None:
+        s = xp.where(keep, s, -np.inf)
+    m = xp.max(s, axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)
+    if xp is not np:
+        import jax
+
+        m = jax.lax.stop_gradient(m)  # softmax does not depend on the shift
+    e = xp.exp(s - m)
+    den = xp.sum(e, axis=-1, keepdims=True)
+    return e / xp.where(den == 0, 1, den)
+
+
+def attend(xp: Any, q: Any, k: Any, v: Any, scale: float, keep: Any, add: Any) -> Any:
+    """softmax(q·kᵀ·scale + add)·v, per backend (``keep``: NumPy booleans or the backend's)."""
+    if backend_of(xp) == "torch":
+        import torch.nn.functional as F
+
+        torch = xp.t
+        if keep is not None and isinstance(keep, np.ndarray):
+            keep = torch.as_tensor(keep, device=q.device)
+        mask = add
+        if keep is not None:
+            mask = keep if add is None else add.masked_fill(~keep, -math.inf)
+        if mask is not None and not _is_bool(mask) and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return attention_probs(xp, q, k, scale, keep, add) @ v
+
+
+def attend_vjp(g: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+               keep: Any, add: Any, p: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """NumPy cotangents ``(gq, gk, gv, gs)`` of :func:`attend` (``gs``: of the scores, which is
+    the float mask's), each still at the broadcast batch shape; ``p``: the probabilities, if
+    already computed."""
+    if p is None:
+        p = attention_probs(np, q, k, scale, keep, add)
+    gv = _swap(p) @ g
+    gp = g @ _swap(v)
+    gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))
+    return (gs @ k) * scale, (_swap(gs) @ q) * scale, gv, gs
+
+
+def _check_mask_dtype(dtypes: Any, names: Any, who: str) -> None:
+    dt = dtypes.get("attn_mask")
+    if dt is not None and "bool" not in dt and "float" not in dt:
+        raise DTypeError(f"{who}: input '{names['attn_mask']}' (attn_mask) must be booleans or "
+                         f"floats, got dtype {dt}")
+
+
+def _rank_at_least(s: Any, n: int, key: str, who: str, layout: str) -> None:
+    if s is not None and len(s) < n:
+        raise ShapeError(f"{who}: '{key}' must have rank >= {n} ({layout}), got shape {fmt(s)}")
+
+
+def _same(a: int | None, b: int | None) -> bool:
+    return a is None or b is None or a == b
+
+
+# -- ScaledDotProduct --------------------------------------------------------------------------
+class ScaledDotProduct(Operator):
+    """softmax(query·keyᵀ·scale [+ mask])·value, as ``F.scaled_dot_product_attention`` (see
+    the module docstring): query (…, L, E), key (…, S, E), value (…, S, Ev) -> (…, L, Ev),
+    leading dimensions broadcast. ``scale`` defaults to 1/√E. ``is_causal`` and
+    ``use_attn_mask`` exclude each other (as torch); for both, pass a combined mask."""
+
+    any_dtype_inputs = frozenset({"attn_mask"})
+
+    def __init__(self, is_causal: bool = False, scale: float | None = None,
+                 use_attn_mask: bool = False) -> None:
+        if is_causal and use_attn_mask:
+            raise ValueError("ScaledDotProduct: is_causal and use_attn_mask exclude each other "
+                             "(as torch); give one attn_mask that combines both")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ValueError(f"ScaledDotProduct: scale must be a number or None, got {scale!r}")
+        self.is_causal, self.use_attn_mask = bool(is_causal), bool(use_attn_mask)
+        self.scale = None if scale is None else float(scale)
+        self.inputs = ("query", "key", "value") + (("attn_mask",) if use_attn_mask else ())
+
+    def infer_shape(self, shapes):
+        who = "ScaledDotProduct"
+        q, k, v = (shapes.get(n) for n in ("query", "key", "value"))
+        for name, s in (("query", q), ("key", k), ("value", v)):
+            _rank_at_least(s, 2, name, who, "…, length, features")
+        if q is not None and k is not None and not _same(q[-1], k[-1]):
+            raise ShapeError(f"{who}: 'query' and 'key' must have the same last dimension, got "
+                             f"{fmt(q)} and {fmt(k)}")
+        if k is not None and v is not None and not _same(k[-2], v[-2]):
+            raise ShapeError(f"{who}: 'key' and 'value' must have the same length (axis -2), "
+                             f"got {fmt(k)} and {fmt(v)}")
+        if q is None or k is None or v is None:
+            return None
+        batch = broadcast_shapes(broadcast_shapes(q[:-2], k[:-2], "'query' and 'key'"), v[:-2],
+                                 "'query'/'key' and 'value'")
+        m = shapes.get("attn_mask") if self.use_attn_mask else None
+        if m is not None:
+            broadcast_shapes(m, (*batch, q[-2], k[-2]), "'attn_mask' and the scores (…, L, S)")
+        return (*batch, q[-2], v[-1])
+
+    def check_inputs(self, shapes, dtypes, arrays, names) -> None:
+        _check_mask_dtype(dtypes, names, "ScaledDotProduct")
+
+    def _scale(self, q: Any) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+    def forward(self, xp: Any, query: Any, key: Any, value: Any, attn_mask: Any = None) -> Any:
+        if backend_of(xp) == "torch" and attn_mask is None:
+            import torch.nn.functional as F
+
+            return F.scaled_dot_product_attention(query, key, value, is_causal=self.is_causal,
+                                                  scale=self._scale(query))
+        keep, add = _masks(attn_mask, self.is_causal, query.shape[-2],
+                           key.shape[-2], true_masks=False)
+        return attend(xp, query, key, value, self._scale(query), keep, add)
+
+    def vjp(self, g, out, args, wrt):
+        q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
+        keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], False)
+        gq, gk, gv, gs = attend_vjp(g, q, k, v, self._scale(q), keep, add)
+        res = {"query": unbroadcast(gq, q.shape), "key": unbroadcast(gk, k.shape),
+               "value": unbroadcast(gv, v.shape)}
+        if "attn_mask" in wrt and add is not None:
+            res["attn_mask"] = unbroadcast(gs, mask.shape)
+        return {n: x for n, x in res.items() if n in wrt}
+
+    def __repr__(self) -> str:
+        return (f"ScaledDotProduct(is_causal={self.is_causal}, scale={self.scale}, "
+                f"use_attn_mask={self.use_attn_mask})")
+
+
+# -- MultiHeadAttention ------------------------------------------------------------------------
+class MultiHeadAttention(Operator):
+    """``torch.nn.MultiheadAttention(E, num_heads, batch_first=True)`` (see the module
+    docstring): query (…, L, E), key (…, S, E), value (…, S, E) -> (…, L, E), with E inferred
+    from the query (``embed_dim``, when given, is checked against it). For self-attention
+    connect one wire to query, key and value. ``is_causal`` masks as ``ScaledDotProduct``;
+    ``use_attn_mask`` adds an ``attn_mask`` input (booleans: True masks, as torch's module)."""
+
+    any_dtype_inputs = frozenset({"attn_mask"})
+
+    def __init__(self, num_heads: int, embed_dim: int | None = None, use_bias: bool = True,
+                 is_causal: bool = False, use_attn_mask: bool = False) -> None:
+        if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) \
+                or num_heads <= 0:
+            raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {num_heads!r}")
+        if embed_dim is not None:
+            if not isinstance(embed_dim, (int, np.integer)) or isinstance(embed_dim, bool) \
+                    or embed_dim <= 0:
+                raise ValueError(f"MultiHeadAttention: embed_dim must be a positive int, got "
+                                 f"{embed_dim!r}")
+            if embed_dim % num_heads:
+                raise ValueError(f"MultiHeadAttention: embed_dim ({embed_dim}) must be divisible "
+                                 f"by num_heads ({num_heads})")
+        if is_causal and use_attn_mask:
+            raise ValueError("MultiHeadAttention: is_causal and use_attn_mask exclude each other; "
+                             "give one attn_mask that combines both")
+        self.num_heads = int(num_heads)
+        self.embed_dim = None if embed_dim is None else int(embed_dim)
+        self.use_bias, self.is_causal, self.use_attn_mask = bool(use_bias), bool(is_causal), \
+            bool(use_attn_mask)
+        self.inputs = ("query", "key", "value") + (("attn_mask",) if use_attn_mask else ())
+
+    @property
+    def param_init(self) -> dict[str, str]:  # type: ignore[override]
+        """torch's: ``xavier_uniform_`` in-projection, ``kaiming_uniform_(a=√5)`` out-projection,
+        zero biases."""
+        init = {"in_proj_weight": "glorot", "out_proj_weight": "kaiming_uniform"}
+        if self.use_bias:
+            init.update(in_proj_bias="zeros", out_proj_bias="zeros")
+        return init
+
+    def _embed(self, shapes) -> int | None:
+        who = "MultiHeadAttention"
+        q, k, v = (shapes.get(n) for n in ("query", "key", "value"))
+        for name, s in (("query", q), ("key", k), ("value", v)):
+            _rank_at_least(s, 2, name, who, "…, length, embed_dim")
+        e = q[-1] if q is not None else None
+        if e is not None and self.embed_dim is not None and e != self.embed_dim:
+            raise ShapeError(f"{who}: 'query' has {e} features but embed_dim is {self.embed_dim}")
+        if e is not None and e % self.num_heads:
+            raise ShapeError(f"{who}: embed_dim ({e}, the last dimension of 'query') must be "
+                             f"divisible by num_heads ({self.num_heads})")
+        for name, s in (("key", k), ("value", v)):
+            if s is not None and not _same(e, s[-1]):
+                raise ShapeError(f"{who}: '{name}' must have the query's embed_dim ({e}) as its "
+                                 f"last dimension (no kdim / vdim), got {fmt(s)}")
+        if k is not None and v is not None and not _same(k[-2], v[-2]):
+            raise ShapeError(f"{who}: 'key' and 'value' must have the same length (axis -2), "
+                             f"got {fmt(k)} and {fmt(v)}")
+        return e
+
+    def param_shapes(self, shapes):
+        e = self._embed(shapes)
+        if e is None:
+            return {}
+        out = {"in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,), "out_proj_weight": (e, e),
+               "out_proj_bias": (e,)}  # torch's order
+        return out if self.use_bias else {k: v for k, v in out.items() if "bias" not in k}
+
+    def infer_shape(self, shapes):
+        e = self._embed(shapes)
+        q, k, v = (shapes.get(n) for n in ("query", "key", "value"))
+        if q is None or k is None or v is None:
+            return None
+        batch = broadcast_shapes(broadcast_shapes(q[:-2], k[:-2], "'query' and 'key'"), v[:-2],
+                                 "'query'/'key' and 'value'")
+        m = shapes.get("attn_mask") if self.use_attn_mask else None
+        if m is not None:
+            broadcast_shapes(m, (*batch, self.num_heads, q[-2], k[-2]),
+                             "'attn_mask' and the scores (…, num_heads, L, S)")
+        return (*batch, q[-2], e)
+
+    def check_inputs(self, shapes, dtypes, arrays, names) -> None:
+        _check_mask_dtype(dtypes, names, "MultiHeadAttention")
+
+    # -- pieces shared by forward and VJP ----------------------------------------------------
+    def _heads(self, x: Any) -> Any:
+        """(…, L, E) -> (…, heads, L, E / heads)."""
+        h = self.num_heads
+        return x.reshape((*x.shape[:-1], h, x.shape[-1] // h)).swapaxes(-3, -2)
+
+    @staticmethod
+    def _merge(x: Any) -> Any:
+        """(…, heads, L, d) -> (…, L, heads·d)."""
+        x = x.swapaxes(-3, -2)
+        return x.reshape((*x.shape[:-2], x.shape[-2] * x.shape[-1]))
+
+    @staticmethod
+    def _self(query: Any, key: Any, value: Any) -> bool:
+        return query is key and key is value
+
+    def _project(self, query: Any, key: Any, value: Any, w: Any, b: Any) -> tuple[Any, Any, Any]:
+        e = w.shape[1]
+        if self._self(query, key, value):
+            qkv = query @ w.T
+            if b is not None:
+                qkv = qkv + b
+            return qkv[..., :e], qkv[..., e:2 * e], qkv[..., 2 * e:]
+        out = []
+        for i, x in enumerate((query, key, value)):
+            y = x @ w[i * e:(i + 1) * e].T
+            out.append(y if b is None else y + b[i * e:(i + 1) * e])
+        return out[0], out[1], out[2]
+
+    def _scale(self, e: int) -> float:
+        return 1.0 / math.sqrt(e // self.num_heads)
+
+    def forward(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
+                out_proj_weight: Any, in_proj_bias: Any = None, out_proj_bias: Any = None,
+                attn_mask: Any = None) -> Any:
+        kind = backend_of(xp)
+        q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
+                                                          in_proj_bias))
+        e = in_proj_weight.shape[1]
+        if kind == "torch" and attn_mask is None:
+            import torch.nn.functional as F
+
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal,
+                                               scale=self._scale(e))
+        else:
+            keep, add = _masks(attn_mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+            o = attend(xp, q, k, v, self._scale(e), keep, add)
+        y = self._merge(o) @ out_proj_weight.T
+        return y if out_proj_bias is None else y + out_proj_bias
+
+    def vjp(self, g, out, args, wrt):
+        query, key, value = args["query"], args["key"], args["value"]
+        w, b, wo = args["in_proj_weight"], args.get("in_proj_bias"), args["out_proj_weight"]
+        mask = args.get("attn_mask")
+        e = w.shape[1]
+        qp, kp, vp = self._project(query, key, value, w, b)
+        q, k, v = self._heads(qp), self._heads(kp), self._heads(vp)
+        keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+        p = attention_probs(np, q, k, self._scale(e), keep, add)
+        o = self._merge(p @ v)
+        res: dict[str, np.ndarray] = {}
+        g2 = g.reshape(-1, e)
+        if "out_proj_weight" in wrt:
+            res["out_proj_weight"] = g2.T @ o.reshape(-1, e)
+        if "out_proj_bias" in wrt:
+            res["out_proj_bias"] = g2.sum(axis=0)
+        gq, gk, gv, gs = attend_vjp(self._heads(g @ wo), q, k, v, self._scale(e), keep, add, p)
+        if "attn_mask" in wrt and add is not None:
+            res["attn_mask"] = unbroadcast(gs, mask.shape)
+        grads = [self._merge(unbroadcast(gx, x.shape)) for gx, x in ((gq, q), (gk, k), (gv, v))]
+        ins = (query, key, value)
+        if self._self(query, key, value):
+            gqkv = np.concatenate(grads, axis=-1)
+            gflat = gqkv.reshape(-1, 3 * e)
+            if "in_proj_weight" in wrt:
+                res["in_proj_weight"] = gflat.T @ query.reshape(-1, e)
+            if "in_proj_bias" in wrt:
+                res["in_proj_bias"] = gflat.sum(axis=0)
+            if "query" in wrt:
+                res["query"] = gqkv @ w  # the one wire's whole cotangent
+            return res
+        gw, gb = np.zeros_like(w), None if b is None else np.zeros_like(b)
+        for i, (name, gx, x) in enumerate(zip(("query", "key", "value"), grads, ins)):
+            rows = slice(i * e, (i + 1) * e)
+            gflat = gx.reshape(-1, e)
+            gw[rows] = gflat.T @ x.reshape(-1, e)
+            if gb is not None:
+                gb[rows] = gflat.sum(axis=0)
+            if name in wrt:
+                res[name] = gx @ w[rows]
+        if "in_proj_weight" in wrt:
+            res["in_proj_weight"] = gw
+        if "in_proj_bias" in wrt and gb is not None:
+            res["in_proj_bias"] = gb
+        return res
+
+    def __repr__(self) -> str:
+        return (f"MultiHeadAttention({self.num_heads}, embed_dim={self.embed_dim}, "
+                f"use_bias={self.use_bias}, is_causal={self.is_causal}, "
+                f"use_attn_mask={self.use_attn_mask})")
