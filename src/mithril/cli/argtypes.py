@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 
 #: the largest value of any integer flag without its own bound (step counts, patience, ...)
@@ -68,6 +69,26 @@ def fraction(text: str) -> float:
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return v
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1) (a decay such as ``--ema``)."""
+    v = finite_float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def regex(text: str) -> str:
+    """A valid, non-empty regular expression (searched in parameter names)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression "
+                                         f"({exc})") from None
+    return text
 
 
 def run_name(text: str) -> str:

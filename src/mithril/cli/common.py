@@ -109,4 +109,5 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
                      mixed_precision=args.mixed_precision, loss_scale=args.loss_scale,
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      hidden=tuple(args.hidden), activation=args.activation,
-                     threads=args.threads)
+                     threads=args.threads, no_decay_on=getattr(args, "no_decay_on", None),
+                     ema=getattr(args, "ema", None))

@@ -188,11 +188,14 @@ def check_name(kind: str, name: str, table: Iterable[str]) -> str:
     return name
 
 
-def build_optimizer(name: str, settings: Mapping[str, Any]) -> Optimizer:
+def build_optimizer(name: str, settings: Mapping[str, Any],
+                    extra: Mapping[str, Any] | None = None) -> Optimizer:
     """The optimizer ``name`` with the optimizer and common options set in ``settings``
-    (``None`` values are unset). Options that do not apply to ``name`` are an error."""
+    (``None`` values are unset). Options that do not apply to ``name`` are an error.
+    ``extra``: constructor arguments every optimizer takes (``ema_decay``,
+    ``exclude_weight_decay``, ...), passed as they are."""
     kind = OPTIMIZERS[check_name("optimizer", name, OPTIMIZERS)]
-    kwargs: dict[str, Any] = {"learning_rate": kind.default_lr}
+    kwargs: dict[str, Any] = {"learning_rate": kind.default_lr, **(extra or {})}
     for opt in OPTIMIZER_OPTIONS:
         value = settings.get(opt.name)
         if value is None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .argtypes import regex, unit_interval
 from .common import (
     add_common_optimizer_flags,
     add_output_flags,
@@ -29,13 +30,16 @@ from .training import Run, RunResult
 STEP_FIELDS = ("step", "epoch", "loss", "acc", "lr", "grad_norm", "skipped")
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
                 "batch_loss", "batch_acc", "lr", "time_s")
+#: epochs.csv columns added by --ema: the same metrics with the EMA of the weights
+EMA_FIELDS = ("train_loss_ema", "train_acc_ema", "test_loss_ema", "test_acc_ema")
 
 DESCRIPTION = """\
 Train an MLP classifier on scikit-learn's digits (8x8 images, 10 classes; standardised, with
 a fixed stratified train/test split) and write, under --out:
 
   metrics.csv   one row per optimizer step: step, epoch, loss, acc, lr, grad_norm, skipped
-  epochs.csv    one row per epoch: train/test loss and accuracy, lr, seconds
+  epochs.csv    one row per epoch: train/test loss and accuracy (and with --ema the same
+                for the EMA weights: *_ema), lr, seconds
   summary.json  the configuration, final metrics and timings
   training.png  loss, accuracy, learning rate and gradient norm against the step
 
@@ -50,6 +54,7 @@ examples:
   mithril train --optimizer sgd --lr 0.1 --momentum 0.9 --nesterov --scheduler step
   mithril train --backend torch --optimizer adamw --weight-decay 0.05 --warmup-steps 50
   mithril train --scheduler onecycle --max-lr 0.01 --epochs 10 --out runs/onecycle
+  mithril train --optimizer adamw --weight-decay 0.05 --no-decay-on bias --ema 0.99
 """
 
 
@@ -63,6 +68,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
                 OPTIMIZER_OPTIONS)
     add_common_optimizer_flags(p)
+    g = p.add_argument_group("weight decay and averaging")
+    g.add_argument("--no-decay-on", type=regex, metavar="REGEX",
+                   help="no weight decay for the parameters whose names this regular "
+                        "expression matches (searched in names such as mlp.linear_0.bias), "
+                        "e.g. 'bias|norm'; it must match at least one")
+    g.add_argument("--ema", type=unit_interval, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay "
+                        "(in [0, 1), e.g. 0.99) and evaluate it beside them after each epoch")
     add_schedule_flags(p)
     add_task_flags(p)
     add_output_flags(p, "train")
@@ -74,8 +87,11 @@ def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
               extra: dict[str, Any] | None = None) -> list[Path]:
     """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
     extra_fields = ("loss_scale",) if result.config.mixed_precision != "none" else ()
+    epoch_fields = EPOCH_FIELDS  # the EMA's metrics beside the raw ones
+    if result.config.ema is not None:
+        epoch_fields = EPOCH_FIELDS[:6] + EMA_FIELDS + EPOCH_FIELDS[6:]
     files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS + extra_fields),
-             write_csv(out / "epochs.csv", result.epochs, EPOCH_FIELDS)]
+             write_csv(out / "epochs.csv", result.epochs, epoch_fields)]
     times = [e["time_s"] for e in result.epochs]
     summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
                "label": result.label, "schedule": result.schedule, "final": result.final,
@@ -100,9 +116,12 @@ def timing_line(result: RunResult) -> str:
 
 def final_table(result: RunResult) -> str:
     f = result.final
-    return table(["", "loss", "accuracy"],
-                 [["train", f"{f['train_loss']:.4f}", f"{f['train_acc']:.2%}"],
-                  ["test", f"{f['test_loss']:.4f}", f"{f['test_acc']:.2%}"]])
+    rows = [[which, f"{f[f'{which}_loss']:.4f}", f"{f[f'{which}_acc']:.2%}"]
+            for which in ("train", "test")]
+    if "test_acc_ema" in f:
+        rows += [[f"{which} (EMA)", f"{f[f'{which}_loss_ema']:.4f}",
+                  f"{f[f'{which}_acc_ema']:.2%}"] for which in ("train", "test")]
+    return table(["", "loss", "accuracy"], rows)
 
 
 def describe_data(data: Dataset, run: Run) -> str:
@@ -123,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.dtype if cfg.mixed_precision == 'none' else cfg.mixed_precision}")
     print(f"  optimizer: {training.optimizer_repr}")
     print(f"  schedule:  {training.schedule.description}")
+    if training.no_decay:
+        print(f"  no weight decay on: {', '.join(training.no_decay)}")
+    if cfg.ema is not None:
+        print(f"  EMA of the weights: decay {cfg.ema:g}, evaluated after each epoch")
     print(f"  {describe_data(data, training)}; {cfg.epochs} epochs")
     if args.dry_run:
         print(f"dry run: would train {training.total_steps} steps and write to {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class RunConfig:
     #: BLAS/OpenMP threads while training: the matrices are small, and on a shared 2-core
     #: machine a second BLAS thread that has to wait for a core makes each step ~10x slower
     threads: int = 1
+    #: regex of the parameter names that get no weight decay (``--no-decay-on``)
+    no_decay_on: str | None = None
+    #: decay of an EMA of the weights, evaluated beside them (``--ema``); None: no EMA
+    ema: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "settings": dict(self.settings),
@@ -59,7 +64,7 @@ class RunConfig:
                 "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
                 "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
                 "hidden": list(self.hidden), "activation": self.activation,
-                "threads": self.threads}
+                "threads": self.threads, "no_decay_on": self.no_decay_on, "ema": self.ema}
 
 
 @dataclass
@@ -165,7 +170,19 @@ class Run:
                            f"(--batch-size {cfg.batch_size}) is {self.total_steps:,} steps; at "
                            f"most {MAX_TOTAL_STEPS:,}: fewer epochs or larger batches")
         # cheap validation first: optimizer and schedule (their ValueErrors become CLIErrors)
-        self.optimizer = build_optimizer(cfg.optimizer, cfg.settings)
+        extra: dict[str, Any] = {}
+        if cfg.no_decay_on is not None:
+            try:
+                re.compile(cfg.no_decay_on)
+            except re.error as exc:
+                raise CLIError(f"--no-decay-on {cfg.no_decay_on!r} is not a valid regular "
+                               f"expression ({exc})") from None
+            extra["exclude_weight_decay"] = [cfg.no_decay_on]
+        if cfg.ema is not None:
+            if not (math.isfinite(cfg.ema) and 0 <= cfg.ema < 1):
+                raise CLIError(f"--ema must be in [0, 1), got {cfg.ema}")
+            extra["ema_decay"] = cfg.ema
+        self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
         self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
         self.schedule: Schedule = build_schedule(self.optimizer, cfg.schedulers, cfg.settings,
@@ -175,6 +192,14 @@ class Run:
         self.compiled = ml.compile(build_model(cfg.hidden, data.num_classes, cfg.activation), be,
                                    shapes={"input": [None, data.num_features]})
         self.params = self.compiled.get_parameters()
+        #: the parameters --no-decay-on exempts from weight decay
+        self.no_decay: list[str] = []
+        if cfg.no_decay_on is not None:
+            rx = re.compile(cfg.no_decay_on)
+            self.no_decay = [n for n in self.params if rx.search(n)]
+            if not self.no_decay:
+                raise CLIError(f"--no-decay-on {cfg.no_decay_on!r} matches no parameter (they "
+                               f"are {', '.join(self.params)})")
         if cfg.mixed_precision == "none":
             self.trainer = None
             self.state = self.optimizer.init(self.params)
@@ -220,10 +245,24 @@ class Run:
         return float(be.to_numpy(out["loss"])), acc, float("nan") if norm is None else float(norm), \
             bool(skipped)
 
-    def evaluate(self, which: str) -> tuple[float, float]:
-        """(mean loss, accuracy) on the whole ``"train"`` or ``"test"`` set."""
+    def ema_params(self) -> dict[str, Any]:
+        """The EMA of the weights (``--ema``), as the model evaluates them: views of the
+        optimizer state (read only; training is not disturbed), cast to the compute dtype
+        with mixed precision."""
+        ema = self.optimizer.ema_params(self.state)
+        if self.trainer is not None:
+            engine = self.trainer._engine
+            ema = engine.cast_tree(ema, engine.cdt)
+        return dict(ema)
+
+    def evaluate(self, which: str, ema: bool = False) -> tuple[float, float]:
+        """(mean loss, accuracy) on the whole ``"train"`` or ``"test"`` set, with the
+        training weights or (``ema``) their EMA."""
         x, y, labels = self.sets[which]
-        params = self.params if self.trainer is None else self.trainer.compute_params()
+        if ema:
+            params = self.ema_params()
+        else:
+            params = self.params if self.trainer is None else self.trainer.compute_params()
         out = self.compiled.evaluate(params, {"input": x, "target": y})
         logits = self.backend.to_numpy(out["logits"])
         return float(self.backend.to_numpy(out["loss"])), \
@@ -259,12 +298,10 @@ class Run:
         total = time.perf_counter() - start
         if epochs and epochs[-1]["step"] == len(steps):
             last = epochs[-1]
-            final = {k: last[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+            final = {k: last[k] for k in self.metric_names()}
         else:  # interrupted inside an epoch: measure where the parameters are now
             with thread_limit(cfg.threads, cfg.backend):
-                (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
-            final = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
-                     "test_acc": te_acc}
+                final = self.measure()
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
                          self.label, self.schedule.description)
 
@@ -295,13 +332,29 @@ class Run:
                                 acc=f"{acc:.3f}", lr=f"{lr:.3g}", refresh=False)
             train_s = time.perf_counter() - t0
             self.schedule.after_epoch(epoch_loss / n)
-            (tr_loss, tr_acc), (te_loss, te_acc) = self.evaluate("train"), self.evaluate("test")
+            m = self.measure()
             lr = self.optimizer.get_learning_rate()
-            epochs.append({"epoch": epoch, "step": len(steps), "train_loss": tr_loss,
-                           "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc,
+            epochs.append({"epoch": epoch, "step": len(steps), **m,
                            "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
                            "lr": lr, "time_s": train_s})
             if log is not None:
-                log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {tr_loss:.4f}  "
-                    f"train acc {tr_acc:.2%}  test acc {te_acc:.2%}  lr {lr:.3g}  "
-                    f"({train_s:.2f} s)")
+                ema = f"  EMA test acc {m['test_acc_ema']:.2%}" if "test_acc_ema" in m else ""
+                log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {m['train_loss']:.4f}  "
+                    f"train acc {m['train_acc']:.2%}  test acc {m['test_acc']:.2%}{ema}  "
+                    f"lr {lr:.3g}  ({train_s:.2f} s)")
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of :meth:`measure`: train/test loss and accuracy, then (``--ema``) the
+        same with the EMA weights (``*_ema``)."""
+        names = ("train_loss", "train_acc", "test_loss", "test_acc")
+        return names + tuple(f"{k}_ema" for k in names) if self.cfg.ema is not None else names
+
+    def measure(self) -> dict[str, float]:
+        """Loss and accuracy on the whole train and test sets (see :meth:`metric_names`)."""
+        out: dict[str, float] = {}
+        for ema in (False, True) if self.cfg.ema is not None else (False,):
+            for which in ("train", "test"):
+                loss, acc = self.evaluate(which, ema=ema)
+                suffix = "_ema" if ema else ""
+                out[f"{which}_loss{suffix}"], out[f"{which}_acc{suffix}"] = loss, acc
+        return out
