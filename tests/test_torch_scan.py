@@ -1,9 +1,9 @@
-"""The compiled torch gradient scan: addresses equal torch's, anything unusual is refused and
-takes the checked path, and a machine without a compiler falls back to the same results."""
+"""The torch gradient scan (torch's tensor guard + ``data_ptr``): addresses equal torch's,
+anything unusual is refused and takes the checked path, nothing is compiled, and a torch
+without the guard falls back to the same results."""
 
-import logging
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,24 +19,29 @@ def _tensors(dtype=torch.float32):
 
 
 def _scan(vals, dtype=torch.float32):
-    mod = torch_scan.load()
-    nd = np.array([len(s) for s in SHAPES], np.int64)
-    dims = np.array([d for s in SHAPES for d in s], np.int64)
-    out = np.zeros(len(vals), np.int64)
-    bad = mod.scan(vals, torch.empty(0, dtype=dtype), nd.ctypes.data, dims.ctypes.data, out.ctypes.data)
-    return bad, out
+    scan = torch_scan.make(SHAPES, dtype)
+    assert scan is not None
+    return scan(vals)
 
 
-def test_scan_is_built_here():
-    """CI machines have a compiler: the fast path must be the one the suite exercises."""
-    assert torch_scan.load() is not None
+def test_scan_is_available_here():
+    """The installed torch has the guard: the fast path must be the one the suite exercises."""
+    assert torch_scan.make(SHAPES, torch.float32) is not None
+
+
+def test_nothing_is_compiled():
+    """No C++ source ships and the module never starts a compiler."""
+    here = Path(torch_scan.__file__).parent
+    assert not list(here.glob("*.cpp"))
+    source = Path(torch_scan.__file__).read_text()
+    assert "cpp_extension" not in source and "subprocess" not in source
 
 
 def test_scan_returns_torch_addresses():
     vals = _tensors()
     vals[1] = torch.arange(20.0)[5:10]  # a view: the address includes the storage offset
-    bad, out = _scan(vals)
-    assert bad == -1
+    out = _scan(vals)
+    assert out is not None
     assert out.tolist() == [t.data_ptr() for t in vals]
 
 
@@ -49,19 +54,25 @@ def test_scan_returns_torch_addresses():
     lambda t: torch._neg_view(t),                 # lazy negation
     lambda t: t.to_sparse(),                      # not strided
     lambda t: torch.empty(3, 4, device="meta"),   # not on the CPU
+    lambda t: t.clone().requires_grad_(),         # needs a detach
     lambda t: t.numpy(),                          # not a tensor
+    lambda t: None,                               # not a tensor
 ])
 def test_scan_refuses(change):
     vals = _tensors()
     vals[0] = change(vals[0])
-    bad, _ = _scan(vals)
-    assert bad == 0
+    assert _scan(vals) is None
 
 
-def test_scan_reports_the_first_refused_index():
+def test_scan_refuses_a_later_tensor():
     vals = _tensors()
     vals[3] = vals[3].double()
-    assert _scan(vals)[0] == 3
+    assert _scan(vals) is None
+
+
+def test_scan_refuses_a_wrong_count():
+    assert _scan(_tensors()[:-1]) is None
+    assert _scan([*_tensors(), torch.zeros(1)]) is None
 
 
 def _run(opt, grads, params, steps=3):
@@ -83,33 +94,49 @@ def test_scan_and_python_reads_agree(make, monkeypatch):
     odd["w1"] = torch._neg_view(-grads["w1"])                 # lazy negation: resolved
     odd["w4"] = grads["w4"].clone().requires_grad_()          # needs a detach
     refused = _run(make(), odd, params)
+    subclass = _run(make(), {**grads, "w2": torch.nn.Parameter(grads["w2"], requires_grad=False)},
+                    params)                                   # refused by the scan, read by Python
     monkeypatch.setenv("MITHRIL_TORCH_SCAN", "0")
-    monkeypatch.setattr(torch_scan, "_loaded", {})
     slow = _run(make(), grads, params)
     slow_odd = _run(make(), odd, params)
     slow_neg = _run(make(), {**grads, "w1": odd["w1"]}, params)  # the only odd one: no copy else
     for k in params:
         assert torch.equal(fast[k], slow[k]), k
         assert torch.equal(fast[k], refused[k]), k
+        assert torch.equal(fast[k], subclass[k]), k
         assert torch.equal(fast[k], slow_odd[k]), k
         assert torch.equal(fast[k], slow_neg[k]), k
 
 
-def test_without_a_compiler_steps_fall_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", "/bin/false")  # a "compiler" that always fails
-    monkeypatch.setattr(torch_scan, "_loaded", {})
-    with caplog.at_level(logging.WARNING, logger="mithril"):
-        assert torch_scan.load() is None
-    assert "could not be built" in caplog.text
-    assert not list(tmp_path.rglob("*.so"))  # no partial file left behind
+def test_without_the_guard_steps_fall_back(monkeypatch):
+    """A torch without the tensor guard (or one that misbehaves): Python reads, same step."""
+    import torch._C._dynamo.guards as guards
+
+    def broken(*args, **kwargs):
+        raise AttributeError("no TensorGuards in this torch")
+
+    monkeypatch.setattr(guards, "TensorGuards", broken)
+    assert torch_scan.make(SHAPES, torch.float32) is None
     params = {"w": torch.ones(3)}
     opt = SGD(0.5)
     new, _ = opt.update(params, {"w": torch.ones(3)}, opt.init(params))
     assert torch.equal(new["w"], torch.full((3,), 0.5))
 
 
+def test_a_guard_that_accepts_anything_is_not_used(monkeypatch):
+    import torch._C._dynamo.guards as guards
+
+    class Lax:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def check(self, *args):
+            return True
+
+    monkeypatch.setattr(guards, "TensorGuards", Lax)
+    assert torch_scan.make(SHAPES, torch.float32) is None
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("MITHRIL_TORCH_SCAN", "0")
-    monkeypatch.setattr(torch_scan, "_loaded", {})
-    assert torch_scan.load() is None
+    assert torch_scan.make(SHAPES, torch.float32) is None

@@ -3,9 +3,10 @@
 * :class:`~.numba_engine.NumbaEngine` - NumPy, torch-CPU and JAX-CPU float32/float64: one
   fused numba loop (:mod:`.kernels`) over a flat parameter buffer (gradients read where they lie), whose
   pieces threads claim as they go (:mod:`.threads`, :mod:`.atomics`); NumPy and torch
-  gradients are checked and located in one compiled pass (:mod:`.ndarray_fields`,
-  :mod:`.torch_scan`); JAX's double buffer is written with streaming stores when it
-  exceeds the last-level cache (:mod:`.streaming`).
+  gradients are checked and located in one pass (:mod:`.ndarray_fields`, compiled by
+  numba; :mod:`.torch_scan`, torch's own tensor guard: no C++ compiler is needed); JAX's
+  double buffer is written with streaming stores when it exceeds the last-level cache
+  (:mod:`.streaming`).
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)

@@ -2,7 +2,7 @@
 tensors and JAX-on-CPU arrays.
 
 Parameters and slots live in flat buffers; the engine checks and locates the gradients
-(one compiled pass where it can: :mod:`.ndarray_fields`, :mod:`.torch_scan`), copies in
+(C-speed passes where it can: :mod:`.ndarray_fields`, :mod:`.torch_scan`), copies in
 parameters it did not return, and runs the kernel on every core (:mod:`.threads`).
 """
 
@@ -54,10 +54,8 @@ class NumbaEngine(Engine):
             self._torch = torch
             self.array_type = torch.Tensor
             self.native_dtype = getattr(torch, layout.dtype)
-            self._scan = torch_scan.load()  # None: read the gradients from Python
-            self._ref = torch.empty(0, dtype=self.native_dtype)
-            self._ndim = np.array([len(s) for s in self.layout.shape_list], dtype=np.int64)
-            self._dims = np.array([d for s in self.layout.shape_list for d in s] or [0], dtype=np.int64)
+            # None: read the gradients from Python only
+            self._scan = torch_scan.make(self.layout.shape_list, self.native_dtype)
         elif self.kind == "jax":
             import jax
 
@@ -157,18 +155,17 @@ class NumbaEngine(Engine):
     def prepare(self, gradients: Any) -> np.ndarray | None:
         """The addresses of a full, ordered, well-typed set of gradients (read where they
         lie by the kernel), found without per-tensor Python calls where possible; else None."""
-        if self.kind == "numpy" or (self.kind == "torch" and self._scan is not None):
+        if self.kind == "numpy":
             if not self.in_order(gradients):
                 return None
-            vals = list(gradients.values())
-            if self.kind == "numpy":
-                return ndarray_fields.scan(vals, self._expected)
-            out = np.empty(len(vals), dtype=np.int64)
-            bad = self._scan.scan(vals, self._ref, self._ndim.ctypes.data, self._dims.ctypes.data,
-                                  out.ctypes.data)
-            return out if bad < 0 else None
+            return ndarray_fields.scan(list(gradients.values()), self._expected)
         if self.kind == "jax":
             return self._prepare_jax(gradients)
+        if self._scan is not None and self.in_order(gradients):
+            out = self._scan(list(gradients.values()))
+            if out is not None:
+                return out
+        # no scan, or one it refuses (e.g. requires_grad, a subclass): the Python reads
         vals = super().prepare(gradients)
         if vals is None:
             return None
