@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
-from .conv import backend_of
-from .operator import Operator, ShapeError, broadcast_shapes, fmt, unbroadcast
+from .operator import Operator, ShapeError, backend_of, broadcast_shapes, fmt, unbroadcast
 
 
 # -- the attention core, shared by both operators ------------------------------------------------

@@ -23,23 +23,12 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .operator import Operator, ShapeError, fmt
+from .operator import Operator, ShapeError, backend_of, fmt
 
 Pads = tuple[tuple[int, int], ...]
 
 
 # -- backend dispatch -------------------------------------------------------------------------
-def backend_of(xp: Any) -> str:
-    """``"numpy"``, ``"jax"`` or ``"torch"``: which array namespace an operator forward got."""
-    if xp is np:
-        return "numpy"
-    if getattr(xp, "__name__", "").startswith("jax"):
-        return "jax"
-    if getattr(getattr(xp, "t", None), "__name__", "") == "torch":
-        return "torch"
-    return "numpy"  # a numpy-compatible namespace
-
-
 # -- argument normalisation -------------------------------------------------------------------
 def ntuple(value: Any, nd: int, name: str, who: str, minimum: int = 1) -> tuple[int, ...]:
     """``value`` (an int or a sequence of ``nd`` ints) as an ``nd``-tuple of ints >= ``minimum``."""

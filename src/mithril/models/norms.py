@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv import backend_of
-from .operator import Operator, ShapeError, fmt
+from .operator import Operator, ShapeError, backend_of, fmt
 
 
 class GroupNorm(Operator):

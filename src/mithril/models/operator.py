@@ -111,3 +111,19 @@ class Operator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def backend_of(xp: Any) -> str:
+    """``"numpy"``, ``"jax"`` or ``"torch"``: which array namespace an operator forward got."""
+    if xp is np:
+        return "numpy"
+    if getattr(xp, "__name__", "").startswith("jax"):
+        return "jax"
+    if getattr(getattr(xp, "t", None), "__name__", "") == "torch":
+        return "torch"
+    return "numpy"  # a numpy-compatible namespace
+
+
+def torch_of(xp: Any) -> Any:
+    """The ``torch`` module when ``xp`` is the torch backend's namespace, else ``None``."""
+    return xp.t if backend_of(xp) == "torch" else None

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .conv import backend_of, check_rank, fold, ntuple, offset_slices, out_sizes, pad, windows
-from .operator import Operator, ShapeError, fmt
+from .conv import check_rank, fold, ntuple, offset_slices, out_sizes, pad, windows
+from .operator import Operator, ShapeError, backend_of, fmt
 
 
 class _Pool(Operator):

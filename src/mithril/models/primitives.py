@@ -12,13 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, broadcast_shapes, unbroadcast
-
-
-def torch_of(xp: Any) -> Any:
-    """The ``torch`` module when ``xp`` is the torch backend's namespace, else ``None``."""
-    t = getattr(xp, "t", None)
-    return t if getattr(t, "__name__", "") == "torch" else None
+from .operator import Operator, broadcast_shapes, torch_of, unbroadcast
 
 
 # -- unary -----------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, ShapeError
-from .primitives import torch_of
+from .operator import Operator, ShapeError, torch_of
 
 
 class _Reduce(Operator):

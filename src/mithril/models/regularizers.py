@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator
-from .primitives import torch_of
+from .operator import Operator, torch_of
 
 
 class L2(Operator):

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from .model import Model
-from .operator import Operator, ShapeError, fmt, unify
-from .primitives import torch_of
+from .operator import Operator, ShapeError, fmt, torch_of, unify
 
 
 class Reshape(Operator):

@@ -28,9 +28,8 @@ from .activations import Relu
 from .arithmetic import Add
 from .attention import MultiHeadAttention
 from .blocks import _make_activation
-from .conv import backend_of
 from .model import IOKey, Model
-from .operator import Operator
+from .operator import Operator, backend_of
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

@@ -316,3 +316,20 @@ def _check_child(owner: str, optimizer: Any, child: Any, what: str) -> LRSchedul
     if child.optimizer is not optimizer:
         raise ValueError(f"{owner}: {what} must drive the same optimizer object")
     return child
+
+
+class ChildrenState:
+    """The state-dict half of a scheduler made of child schedulers (``self.schedulers``):
+    their states, in order, under ``"schedulers"``."""
+
+    schedulers: list[Any]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"schedulers": [c.state_dict() for c in self.schedulers]}
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        subs = state.get("schedulers")
+        if not isinstance(subs, Sequence) or len(subs) != len(self.schedulers):
+            raise ValueError(f"state_dict must hold {len(self.schedulers)} child scheduler states")
+        for child, sub in zip(self.schedulers, subs, strict=True):
+            child._load(sub)

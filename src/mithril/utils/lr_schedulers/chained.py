@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import LRScheduler, SupportsLearningRate, _check_child, _check_step
+from .base import ChildrenState, LRScheduler, SupportsLearningRate, _check_child, _check_step
 
 __all__ = ["ChainedScheduler"]
 
 
-class ChainedScheduler(LRScheduler):
+class ChainedScheduler(ChildrenState, LRScheduler):
     """Several schedulers at once, their effects multiplied, as PyTorch's ``ChainedScheduler``.
 
     Every child runs on the common step counter ``t``; the first one gives a learning rate and
@@ -129,13 +129,6 @@ class ChainedScheduler(LRScheduler):
         self.last_step = t
         self._last_lr = lr
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"schedulers": [c.state_dict() for c in self.schedulers]}
-
     def _load_extra(self, state: Mapping[str, Any]) -> None:
-        subs = state.get("schedulers")
-        if not isinstance(subs, Sequence) or len(subs) != len(self.schedulers):
-            raise ValueError(f"state_dict must hold {len(self.schedulers)} child scheduler states")
-        for child, sub in zip(self.schedulers, subs, strict=True):
-            child._load(sub)
+        super()._load_extra(state)
         self._check_bases()

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ..optimizers.checks import describe
+from ..optimizers.checks import to_float
 from .base import (
     LRScheduler,
     SupportsLearningRate,
@@ -214,17 +214,8 @@ class ReduceLROnPlateau(LRScheduler):
 
 
 def _metric_value(metric: Any) -> float:
-    """``float(metric)``: ``TypeError`` naming the metric if it is not a number, ``ValueError``
-    if it is too large for a float (e.g. a huge int)."""
-    if isinstance(metric, (str, bytes)):  # float("0.5") would pass, silently
-        raise TypeError(f"metric must be a number, got {describe(metric)}")
-    try:
-        return float(metric)
-    except OverflowError:
-        raise ValueError(f"metric is too large: got {describe(metric)} (not representable as "
-                         f"a float)") from None
-    except Exception:  # TypeError, ValueError, torch's RuntimeError for a many-element tensor
-        raise TypeError(f"metric must be a number, got {describe(metric)}") from None
+    """The metric as a float (``checks.to_float``: named ``TypeError``/``ValueError``)."""
+    return to_float("metric", metric)
 
 
 def _warn_no_metric(stacklevel: int = 3) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from .base import (
+    ChildrenState,
     LRScheduler,
     SupportsLearningRate,
     _check_child,
@@ -18,7 +18,7 @@ from .plateau import _drive_child, _metric_value
 __all__ = ["SequentialLR"]
 
 
-class SequentialLR(LRScheduler):
+class SequentialLR(ChildrenState, LRScheduler):
     """Run several schedulers one after another, switching at the given milestones.
 
     Like PyTorch's ``SequentialLR``: with ``milestones = [m_1, ..., m_{k-1}]`` (strictly
@@ -118,12 +118,3 @@ class SequentialLR(LRScheduler):
     def _advance(self, metric: float | None) -> None:
         self.step(metric)
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"schedulers": [c.state_dict() for c in self.schedulers]}
-
-    def _load_extra(self, state: Mapping[str, Any]) -> None:
-        subs = state.get("schedulers")
-        if not isinstance(subs, Sequence) or len(subs) != len(self.schedulers):
-            raise ValueError(f"state_dict must hold {len(self.schedulers)} child scheduler states")
-        for child, sub in zip(self.schedulers, subs, strict=True):
-            child._load(sub)
