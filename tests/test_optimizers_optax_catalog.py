@@ -1,4 +1,4 @@
-"""Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix (against optax) and Ftrl (against Keras 3).
+"""Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, LAMB, LARS, Novograd (against optax) and Ftrl (against Keras 3).
 
 float64 parity: every case runs 100 steps side by side with its reference (optax jitted, or
 Keras on the JAX backend), from the same start and gradient sequence, with the learning rate
@@ -34,7 +34,10 @@ from mithril.utils.optimizers.adan import Adan
 from mithril.utils.optimizers.ademamix import AdEMAMix
 from mithril.utils.optimizers.adopt import ADOPT
 from mithril.utils.optimizers.ftrl import Ftrl
+from mithril.utils.optimizers.lamb import LAMB
+from mithril.utils.optimizers.lars import LARS
 from mithril.utils.optimizers.lion import Lion
+from mithril.utils.optimizers.novograd import Novograd
 from mithril.utils.optimizers.yogi import Yogi
 
 STEPS = 100
@@ -90,6 +93,28 @@ CASES: dict[str, tuple[str, dict, object]] = {
                                  "eps_root": 1e-10, "weight_decay": 0.1},
                     "lambda learning_rate: optax.contrib.ademamix(learning_rate, b3=0.99, "
                     "alpha=8.0, eps_root=1e-10, weight_decay=0.1)"),
+    "lamb": ("LAMB", {"learning_rate": 0.01},
+             "lambda learning_rate: optax.lamb(learning_rate)"),
+    "lamb_wd": ("LAMB", {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-8,
+                         "eps_root": 1e-10, "weight_decay": 0.1},
+                "lambda learning_rate: optax.lamb(learning_rate, 0.8, 0.99, 1e-8, 1e-10, 0.1)"),
+    "lars": ("LARS", {"learning_rate": 0.1},
+             "lambda learning_rate: optax.lars(learning_rate)"),
+    # groups: no decay and no trust ratio for "b" (optax's two masks)
+    "lars_groups_nesterov": (
+        "LARS", {"learning_rate": 0.1, "momentum": 0.8, "trust_coefficient": 0.02,
+                 "epsilon": 1e-9, "nesterov": True, "weight_decay": 0.1,
+                 "param_groups": [{"params": ["b"], "weight_decay": 0.0,
+                                   "trust_coefficient": None}]},
+        "lambda learning_rate: optax.lars(learning_rate, 0.1, "
+        "{'w': True, 'b': False, 's': True, 'big': True}, 0.02, 1e-9, "
+        "{'w': True, 'b': False, 's': True, 'big': True}, 0.8, True)"),
+    "novograd": ("Novograd", {"learning_rate": 0.01},
+                 "lambda learning_rate: optax.novograd(learning_rate)"),
+    "novograd_wd": ("Novograd", {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.5,
+                                 "epsilon": 1e-8, "eps_root": 1e-10, "weight_decay": 0.1},
+                    "lambda learning_rate: optax.novograd(learning_rate, 0.8, 0.5, 1e-8, "
+                    "1e-10, 0.1)"),
     "ftrl": ("Ftrl", {"learning_rate": 0.1}, ("keras", {})),
     "ftrl_all": ("Ftrl", {"learning_rate": 0.1, "learning_rate_power": -0.3,
                           "initial_accumulator_value": 0.5, "l1_regularization_strength": 0.05,
@@ -102,7 +127,8 @@ CASES: dict[str, tuple[str, dict, object]] = {
                             "l2_shrinkage_regularization_strength": 0.02, "beta": 0.3,
                             "weight_decay": 0.1})),
 }
-CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, Ftrl)}
+CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, Ftrl, LAMB,
+                                   LARS, Novograd)}
 #: the max errors observed, by check (printed by the last test with ``pytest -s``)
 OBSERVED: dict[str, float] = {}
 
@@ -152,7 +178,10 @@ from mithril.utils.optimizers.adan import Adan
 from mithril.utils.optimizers.ademamix import AdEMAMix
 from mithril.utils.optimizers.adopt import ADOPT
 from mithril.utils.optimizers.ftrl import Ftrl
+from mithril.utils.optimizers.lamb import LAMB
+from mithril.utils.optimizers.lars import LARS
 from mithril.utils.optimizers.lion import Lion
+from mithril.utils.optimizers.novograd import Novograd
 from mithril.utils.optimizers.yogi import Yogi
 
 import keras  # the test extra has it: Ftrl's reference
@@ -161,7 +190,8 @@ keras.config.set_floatx("float64")
 """
 
 _SCRIPT_MAIN = r"""
-CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, Ftrl)}
+CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, Ftrl, LAMB,
+                                   LARS, Novograd)}
 p0, grads = problem("float64")
 names = list(SHAPES)
 
@@ -225,7 +255,8 @@ def sig(f):
             if p.default is not inspect.Parameter.empty}
 
 refs = {"Lion": optax.lion, "Yogi": optax.scale_by_yogi, "AdaBelief": optax.adabelief,
-        "ADOPT": optax.contrib.adopt, "Adan": optax.adan, "AdEMAMix": optax.contrib.ademamix}
+        "ADOPT": optax.contrib.adopt, "Adan": optax.adan, "AdEMAMix": optax.contrib.ademamix,
+        "LAMB": optax.lamb, "LARS": optax.lars, "Novograd": optax.novograd}
 defaults = {c: sig(f) for c, f in refs.items()}
 defaults["Ftrl"] = sig(keras.optimizers.Ftrl)
 print(json.dumps({"errors": out, "defaults": defaults}, default=repr))
@@ -285,7 +316,7 @@ def test_float64_parity_and_defaults():
 
 # one option set per optimizer (weight decay included), 30 steps with an lr change
 F32_CASES = ["lion_wd", "yogi_wd", "adabelief_nesterov_wd", "adopt", "adan_wd", "ademamix_wd",
-             "ftrl_all"]
+             "ftrl_all", "lamb_wd", "lars_groups_nesterov", "novograd_wd"]
 F32_STEPS = 30
 F32_LR = {10: 0.5}
 
@@ -403,6 +434,10 @@ BAD = [
     (Ftrl, {"l2_shrinkage_regularization_strength": -1}, ValueError,
      "l2_shrinkage_regularization_strength"),
     (Ftrl, {"beta": -1.0}, ValueError, "beta"),
+    (LAMB, {"beta2": 1.5}, ValueError, "beta2"),
+    (LARS, {"trust_coefficient": 0.0}, ValueError, "trust_coefficient"),
+    (LARS, {"nesterov": "yes"}, TypeError, "nesterov"),
+    (Novograd, {"eps_root": -1.0}, ValueError, "eps_root"),
     (Ftrl, {"initial_accumulator_value": -0.1}, ValueError, "initial_accumulator_value"),
 ]
 

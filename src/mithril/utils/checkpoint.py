@@ -6,7 +6,9 @@ float16/float32/float64 only (torch and JAX bfloat16 arrays are stored as the ex
 float32 values, the metadata keeping ``"bfloat16"``). Everything else is JSON stored in the
 safetensors header metadata under the key ``"mithril"``: ``format`` (:data:`FORMAT`),
 ``params`` (name -> dtype and shape), ``optimizer`` (class, hyperparameters, ``step``,
-``num_skipped``, ``num_nonfinite``, slot names), ``scheduler`` (class and
+``num_skipped``, ``num_nonfinite``, slot names; the per-parameter shapes of slots shaped
+otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
+values, each stored as a float64 scalar ``optv/<name>``), ``scheduler`` (class and
 ``scheduler.state_dict()``) and the caller's ``extra`` (any JSON value). Arrays are converted
 through NumPy, so a checkpoint written from one backend loads into any other::
 
@@ -62,6 +64,10 @@ FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32
                 "float64": "float64"}
 _TOP = ("format", "params", "optimizer", "scheduler", "extra")
 _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
+#: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
+#: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
+#: stored as a float64 scalar tensor ``optv/<name>``)
+_OPT_OPTIONAL = ("slot_shapes", "values")
 _COUNTERS = ("step", "num_skipped", "num_nonfinite")
 
 
@@ -174,8 +180,9 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
                                             f"non-negative integers")
     opt = meta["optimizer"]
     if opt is not None:
-        if not isinstance(opt, dict) or set(opt) != set(_OPT):
-            raise bad("optimizer", f"must be null or an object with exactly the fields {_OPT}")
+        if not isinstance(opt, dict) or not set(_OPT) <= set(opt) <= {*_OPT, *_OPT_OPTIONAL}:
+            raise bad("optimizer", f"must be null or an object with exactly the fields {_OPT} "
+                                   f"(and optionally {_OPT_OPTIONAL})")
         if not isinstance(opt["class"], str) or not opt["class"]:
             raise bad("optimizer.class", f"is {_short(opt['class'])}, not a class name")
         hp = opt["hyperparameters"]
@@ -201,6 +208,22 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
                     len(set(slots)) != len(slots):
                 raise bad("optimizer.slots", f"is {_short(slots)}, not a list of distinct "
                                              f"names without '/'")
+            values = opt.get("values", [])
+            if not isinstance(values, list) or not all(
+                    isinstance(v, str) and v and "/" not in v for v in values) or \
+                    len(set(values)) != len(values):
+                raise bad("optimizer.values", f"is {_short(values)}, not a list of distinct "
+                                              f"names without '/'")
+            shapes = opt.get("slot_shapes", {})
+            if not isinstance(shapes, dict) or not set(shapes) <= set(slots):
+                raise bad("optimizer.slot_shapes", "must be an object: slot (one of "
+                                                   "optimizer.slots) -> parameter -> shape")
+            for sl, per in shapes.items():
+                if not isinstance(per, dict) or set(per) != set(meta["params"]) or not all(
+                        isinstance(d, list) and all(type(x) is int and 0 <= x <= MAX_INT
+                                                    for x in d) for d in per.values()):
+                    raise bad(f"optimizer.slot_shapes.{sl}", "must give every parameter a "
+                                                             "list of non-negative integers")
     sched = meta["scheduler"]
     if sched is not None:
         if not isinstance(sched, dict) or set(sched) != {"class", "state"}:
@@ -221,9 +244,13 @@ def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where
         expected[f"params/{n}"] = (tuple(m["shape"]), (FLOAT_DTYPES[m["dtype"]],))
     opt = meta["optimizer"]
     if opt is not None and opt["step"] is not None:
+        shapes = opt.get("slot_shapes", {})
         for s in opt["slots"]:
             for n, m in meta["params"].items():
-                expected[f"opt/{s}/{n}"] = (tuple(m["shape"]), ("float16", "float32", "float64"))
+                shape = shapes[s][n] if s in shapes else m["shape"]
+                expected[f"opt/{s}/{n}"] = (tuple(shape), ("float16", "float32", "float64"))
+        for v in opt.get("values", []):
+            expected[f"optv/{v}"] = ((), ("float64",))
     missing = sorted(set(expected) - set(arrays))
     unknown = sorted(set(arrays) - set(expected))
     if missing or unknown:
@@ -292,6 +319,15 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                     f"params has {sorted(params)}")
             opt_meta.update(step=state.step, num_skipped=state.num_skipped,
                             num_nonfinite=state.num_nonfinite, slots=sorted(state.slots))
+            if state.slot_layouts:
+                opt_meta["slot_shapes"] = {s: {n: list(shp) for n, shp in zip(lay.names, lay.shapes)}
+                                           for s, lay in sorted(state.slot_layouts.items())}
+            if state.values:
+                opt_meta["values"] = sorted(state.values)
+                for v, x in state.values.items():
+                    if "/" in v:
+                        raise ValueError(f"state value names must not contain '/': {v!r}")
+                    tensors[f"optv/{v}"] = np.asarray(x, dtype=np.float64)
             for slot in state.slots:
                 if "/" in slot:
                     raise ValueError(f"state slot names must not contain '/': {slot!r}")
@@ -430,7 +466,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         slots = {s: {n: arrays[f"opt/{s}/{n}"] for n in pmeta} for s in ometa["slots"]}
         opt_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"],
                   "step": ometa["step"], "num_skipped": ometa["num_skipped"],
-                  "num_nonfinite": ometa["num_nonfinite"], "slots": slots}
+                  "num_nonfinite": ometa["num_nonfinite"], "slots": slots,
+                  "values": {v: float(arrays[f"optv/{v}"]) for v in ometa.get("values", [])}}
 
     # try everything on copies: the optimizer's hyperparameters and state, then the scheduler
     state, trial_opt = None, None

@@ -15,8 +15,12 @@ from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .engines.threads import get_num_threads, set_num_threads
 from .ftrl import Ftrl
+from .lamb import LAMB
+from .lars import LARS
 from .lion import Lion
+from .lookahead import Lookahead
 from .nadam import NAdam
+from .novograd import Novograd
 from .radam import RAdam
 from .rmsprop import RMSProp
 from .rprop import Rprop
@@ -25,6 +29,6 @@ from .state import OptimizerState
 from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
-           "Adamax", "Adan", "Ftrl", "Lion", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
+           "Adamax", "Adan", "Ftrl", "LAMB", "LARS", "Lion", "Lookahead", "NAdam", "Novograd", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "RMSProp", "Rprop", "SGD", "Yogi",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]

@@ -155,6 +155,16 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     slots: ClassVar[tuple[str, ...]] = ()
     #: decoupled decay ``p ← p·(1 − lr·wd)`` instead of coupled L2 (AdamW)
     decoupled_weight_decay: ClassVar[bool] = False
+    #: the math applies ``weight_decay`` itself (a scalar of its own), e.g. inside a trust
+    #: ratio (LAMB): the base class then neither couples nor decouples it
+    weight_decay_in_math: ClassVar[bool] = False
+    #: slots holding one value per tensor (Novograd's second moment): :meth:`tensor_scalars`
+    #: reads and updates them between the two passes; the kernels never see them
+    tensor_slots: ClassVar[tuple[str, ...]] = ()
+    #: optimizer-wide scalars kept in ``state.values`` (saved with the state)
+    state_values: ClassVar[tuple[str, ...]] = ()
+    #: how many per-tensor sums :meth:`reduce_math` gives (0: one pass, no reduction)
+    reductions: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -248,6 +258,46 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def math(p: Any, g: Any, *args: Any) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    # -- per-tensor reductions (see ``reductions``) -----------------------------------------
+    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``slot``'s part for a parameter of ``shape``: the parameter's own
+        for the slots the elementwise math updates, ``()`` for :attr:`tensor_slots`. An
+        optimizer that overrides ``update`` may return others (factored statistics)."""
+        return () if slot in self.tensor_slots else shape
+
+    def state_value_init(self, name: str) -> float:
+        """Initial value of the optimizer-wide scalar ``name`` (0 unless overridden)."""
+        return 0.0
+
+    @staticmethod
+    def reduce(p: Any, g: Any, *args: Any) -> tuple[Any, ...]:
+        """The ``reductions`` elementwise terms ``(p, g, *slots, *scalars) -> (t₁, …, t_k)``
+        whose per-tensor sums the first pass takes (in float64, reading only)."""
+        raise NotImplementedError
+
+    def reduce_math(self) -> Callable:
+        """The function the first pass compiles (:meth:`reduce` by default; as with
+        :meth:`kernel_math`, return the same function object every time)."""
+        return type(self).reduce
+
+    def tensor_scalars(self, step: int, sums: tuple[Any, ...], scalars: tuple[Any, ...],
+                       tensors: dict[str, Any], values: dict[str, Any], sizes: Any
+                       ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+        """Between the two passes, per tensor: from the first pass's ``sums`` (k arrays with
+        one float64 per tensor), this step's ``scalars`` (each tensor's value of every
+        scalar of :meth:`scalars`, one array each), the :attr:`tensor_slots` (one array
+        each) and :attr:`state_values`, return ``(extra, tensors, values)``: the extra
+        scalars the second pass appends to :meth:`math`'s (arrays with one value per
+        tensor, or floats), and the new tensor slots and values, kept only if the step is
+        applied. ``sizes`` holds each tensor's element count. Written with arithmetic and
+        :mod:`.elementwise` functions only, so that it runs on NumPy and traced JAX arrays
+        alike."""
+        return (), tensors, values
+
+    def two_pass(self) -> bool:
+        """Whether a step needs :meth:`tensor_scalars` between two passes."""
+        return bool(self.reductions or self.tensor_slots or self.state_values)
+
     def kernel_math(self) -> Callable:
         """The pure elementwise function the engines compile (``math`` by default).
 
@@ -305,14 +355,21 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                             f"optimizers need floating-point parameters")
         engine = engine_for(backend, layout)
         layout = engine.layout  # an engine may pad offsets for alignment
-        slots = {s: engine.full(layout.total, self.slot_init(s)) for s in self.slot_names()}
-        averaged = self.full_slot_names()[len(slots):]
+        slots, slot_layouts = {}, {}
+        for s in (*self.slot_names(), *self.tensor_slots):
+            shapes = tuple(tuple(self.slot_shape(s, shp)) for shp in layout.shapes)
+            lay = layout if shapes == layout.shapes else Layout(layout.names, shapes, layout.dtype)
+            if lay is not layout:
+                slot_layouts[s] = lay
+            slots[s] = engine.full(lay.total, self.slot_init(s))
+        averaged = self.full_slot_names()[len(self.slot_names()):]
         if averaged:  # an average starts as the parameters (torch's AveragedModel: a copy)
             flat = layout.flatten_numpy({n: engine.to_numpy(p) for n, p in params.items()})
             for s in averaged:
                 slots[s] = engine.from_numpy(flat)
         self._backend = backend
-        return OptimizerState(type(self).__name__, layout, slots, engine)
+        values = {v: float(self.state_value_init(v)) for v in self.state_values}
+        return OptimizerState(type(self).__name__, layout, slots, engine, slot_layouts, values)
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
@@ -325,8 +382,14 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
         t = state.step + 1
-        new_params, ok, norm, finite = state.engine.step(self, state, params, gradients, t,
-                                                         prepared, ours)
+        state.pending = None
+        try:
+            new_params, ok, norm, finite = state.engine.step(self, state, params, gradients, t,
+                                                             prepared, ours)
+            if ok and state.pending is not None:  # tensor slots and values of a two-pass step
+                state.pending()
+        finally:
+            state.pending = None
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         name = type(self).__name__
@@ -361,10 +424,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if not isinstance(state, OptimizerState):
             raise TypeError(f"state must be what {type(self).__name__}.init returned, "
                             f"got {type(state).__name__}")
-        if state.kind != type(self).__name__ or set(state.slots) != set(self.full_slot_names()):
+        own = {*self.full_slot_names(), *self.tensor_slots}
+        if state.kind != type(self).__name__ or set(state.slots) != own:
             raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
-                             f"not by this {type(self).__name__} (slots "
-                             f"{sorted(self.full_slot_names())})")
+                             f"not by this {type(self).__name__} (slots {sorted(own)})")
         if state.swapped is not None:
             raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "
                              f"swap_ema(params, state) again to swap the training parameters "

@@ -158,3 +158,12 @@ def _where_nb(cond, a, b):  # pragma: no cover - compiled by numba
     if cast is not None:
         return lambda cond, a, b: cast(a) if cond else cast(b)
     return lambda cond, a, b: a if cond else b
+
+
+def helper(fn: Any) -> Any:
+    """Decorate a function that optimizer math (or a reduction) calls, e.g. a direction
+    shared by both passes of a two-pass optimizer: callable from Python as ever, and
+    compiled and inlined inside the fused kernels."""
+    from numba.extending import register_jitable
+
+    return register_jitable(inline="always")(fn)

@@ -31,6 +31,8 @@ class StateDictMixin:
             out["num_nonfinite"] = state.num_nonfinite
             out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
+            if state.values:
+                out["values"] = dict(state.values)
         return out
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
@@ -73,6 +75,7 @@ class StateDictMixin:
         if params is not None and "slots" in d:
             state = trial.init(params)
             state.slots = self._loaded_slots(d["slots"], state)
+            state.values = self._loaded_values(d.get("values", {}), state)
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
             # inf/NaN already in what is restored were reported when they appeared: as in
@@ -83,6 +86,21 @@ class StateDictMixin:
                 and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
         self.__dict__.update(hp)
         return state
+
+    @staticmethod
+    def _loaded_values(saved: Any, state: OptimizerState) -> dict[str, float]:
+        """The optimizer-wide scalars of a state dict: exactly those of ``state``, as floats."""
+        if not isinstance(saved, Mapping) or set(saved) != set(state.values):
+            got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise KeyError(f"state dict 'values' must have exactly {sorted(state.values)}, "
+                           f"got {got}")
+        out = {}
+        for k, v in saved.items():
+            a = np.asarray(v)
+            if a.shape != () or a.dtype.kind not in "fiu" or isinstance(v, bool):
+                raise TypeError(f"state dict value '{k}' must be a number, got {v!r:.80}")
+            out[k] = float(a)
+        return out
 
     @staticmethod
     def _loaded_slots(saved: Any, state: OptimizerState) -> dict[str, Any]:
@@ -97,6 +115,7 @@ class StateDictMixin:
                 raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
         out = {}
         for slot, per_param in saved.items():
+            lay = state.slot_layout(slot)
             if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
                 got = sorted(per_param) if isinstance(per_param, Mapping) else type(per_param).__name__
                 raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
@@ -107,8 +126,9 @@ class StateDictMixin:
                 if a.dtype.kind not in "fiu":
                     raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
                 if a.shape != tuple(shape):
+                    what = "the parameter" if lay is state.layout else "the slot's"
                     raise ShapeError(f"state dict slot '{slot}' of '{name}' has shape {a.shape}, "
-                                     f"the parameter {tuple(shape)}")
+                                     f"{what} {tuple(shape)}")
                 arrays[name] = a
             out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
         return out

@@ -10,7 +10,8 @@ from .layout import Layout
 
 
 class OptimizerState:
-    """Step count, skipped-step count and flat state slots (e.g. Adam's ``m``/``v``).
+    """Step count, skipped-step count, flat state slots (e.g. Adam's ``m``/``v``) and
+    optimizer-wide scalars (``values``, e.g. a schedule-free weight sum).
 
     ``slots[name]`` is one flat buffer over all parameters (see :class:`Layout`);
     :meth:`slot` gives per-parameter views of it. ``params_flat``/``param_views`` hold the
@@ -18,11 +19,20 @@ class OptimizerState:
     returned, so the next update can recognise them and skip copying.
     """
 
-    def __init__(self, kind: str, layout: Layout, slots: dict[str, Any], engine: Any) -> None:
+    def __init__(self, kind: str, layout: Layout, slots: dict[str, Any], engine: Any,
+                 slot_layouts: dict[str, Layout] | None = None,
+                 values: dict[str, float] | None = None) -> None:
         self.kind = kind
         self.layout = layout
         self.slots = slots
         self.engine = engine
+        #: the layouts of slots whose per-parameter shapes are not the parameters' (one
+        #: value per tensor, factored statistics, ...: ``Optimizer.slot_shape``)
+        self.slot_layouts: dict[str, Layout] = dict(slot_layouts or {})
+        #: optimizer-wide scalars kept between steps (``Optimizer.state_values``)
+        self.values: dict[str, float] = dict(values or {})
+        #: what the step being taken will commit if it is applied (see Optimizer.update)
+        self.pending: Any = None
         self.step = 0
         self.num_skipped = 0
         self.num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
@@ -43,7 +53,11 @@ class OptimizerState:
         if name == self.swapped:
             raise ValueError(f"the {name.upper()} is swapped in (swap_ema): its slot holds the "
                              f"training parameters until swap_ema swaps them back")
-        return self.layout.unflatten(self.slots[name])
+        return self.slot_layout(name).unflatten(self.slots[name])
+
+    def slot_layout(self, name: str) -> Layout:
+        """Where each parameter's part of slot ``name`` lies in its flat buffer."""
+        return self.slot_layouts.get(name, self.layout)
 
     def __getitem__(self, name: str) -> Any:
         if name == "step":

@@ -19,6 +19,7 @@ from .common import (
     must_skip,
     nonfinite_result_error,
     scalar_table,
+    two_pass_table,
 )
 
 
@@ -91,12 +92,12 @@ class ArrayEngine(Engine):
                 a, b = self._span(n)
                 P[a:b] = x.reshape(-1)
         table, index, clip = scalar_table(opt, state, t, norm)
-        cols = self._columns(table, index)
-        gscale, cv, l2, keep, scal = cols[0], cols[1], cols[2], cols[3], cols[4:]
-        g = g * gscale
-        if clip:
-            g = self.t.clamp(g, -cv, cv) if self.torch else np.clip(g, -cv, cv)
-        g = g + l2 * P
+        g_raw = g
+        g, cols = self._prologue(g_raw, P, table, index, clip)
+        if opt.two_pass():
+            table, index = self._first_pass(opt, state, t, P, g, cols, table, index, grads)
+            g, cols = self._prologue(g_raw, P, table, index, clip)
+        keep, scal = cols[3], cols[4:]
         names = opt.full_slot_names()
         olds = [P, *(state.slots[s] for s in names)]
         out = opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:], *scal)
@@ -131,6 +132,41 @@ class ArrayEngine(Engine):
         for dst, new in zip([state.params_flat, *(state.slots[s] for s in names)], out):
             dst[...] = new
         return dict(state.param_views), True, norm, finite
+
+    def _prologue(self, g: Any, P: Any, table: np.ndarray, index: np.ndarray, clip: bool
+                  ) -> tuple[Any, list[Any]]:
+        """The gradient as the math sees it (scaled, clipped, L2-decayed), and the table's
+        columns."""
+        cols = self._columns(table, index)
+        gscale, cv, l2 = cols[0], cols[1], cols[2]
+        g = g * gscale
+        if clip:
+            g = self.t.clamp(g, -cv, cv) if self.torch else np.clip(g, -cv, cv)
+        return g + l2 * P, cols
+
+    def _first_pass(self, opt: Any, state: Any, t: int, P: Any, g: Any, cols: list[Any],
+                    table: np.ndarray, index: np.ndarray, grads: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-tensor sums of ``opt.reduce`` (float64), then the second pass's table."""
+        lay = self.layout
+        n, k = len(lay.names), opt.reductions
+        sums = np.zeros((n, k), dtype=np.float64)
+        if k:
+            own = opt.slot_names()
+            n_own = len(cols) - 4 - (len(opt.full_slot_names()) - len(own))
+            terms = opt.reduce_math()(P * cols[3], g, *(state.slots[s] for s in own),
+                                      *cols[4:4 + n_own])
+            ids = np.repeat(np.arange(n), lay.sizes)
+            for j, term in enumerate(terms):
+                if self.torch:
+                    tid = self.t.from_numpy(ids).to(self.device)
+                    acc = self.t.zeros(n, dtype=self.t.float64, device=self.device)
+                    sums[:, j] = acc.index_add_(0, tid, term.double()).cpu().numpy()
+                else:
+                    sums[:, j] = np.bincount(ids, weights=np.asarray(term, np.float64),
+                                             minlength=n)
+        present = np.array([name in grads for name in lay.names], dtype=bool)
+        return two_pass_table(opt, state, t, table, index, sums, present)
 
     def _columns(self, table: np.ndarray, index: np.ndarray) -> list[Any]:
         """Each scalar of the table: a Python float with one parameter group, else an array

@@ -36,6 +36,8 @@ def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, flo
     if opt.clip_norm is not None and norm is not None:
         gscale = min(1.0, opt.clip_norm / (norm + 1e-6))
     cv = opt.clip_value or 0.0
+    if opt.weight_decay_in_math:  # the optimizer's own scalars carry it
+        return gscale, cv, 0.0, 1.0
     if opt.decoupled_weight_decay:
         return gscale, cv, 0.0, 1.0 - lr * opt.weight_decay
     return gscale, cv, opt.weight_decay, 1.0
@@ -167,3 +169,40 @@ class Engine:
         if not all(map(isinstance, vals, repeat(self.array_type))):
             return None
         return vals if self.well_typed(vals) else None
+
+
+def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.ndarray,
+                   sums: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The second pass's scalar table of an optimizer with :meth:`tensor_scalars`: one row
+    per tensor, the extra scalars inserted after the optimizer's own (before any averaging
+    weights). ``sums``: the first pass's per-tensor sums, shape (tensors, k), float64;
+    ``present``: which tensors have a gradient (the others keep their tensor slots). What
+    the step would commit (tensor slots, values) is left in ``state.pending``, which the
+    base class calls once the step is applied."""
+    n = len(state.layout.names)
+    rows = table[index]
+    n_avg = len(opt.full_slot_names()) - len(opt.slot_names())
+    own_end = rows.shape[1] - n_avg
+    host = state.engine.to_numpy
+    tensors = {s: np.asarray(host(state.slots[s]), dtype=np.float64) for s in opt.tensor_slots}
+    with np.errstate(all="ignore"):  # inf/NaN are found by the second pass's probe
+        extra, new_tensors, values = opt.tensor_scalars(
+            t, tuple(sums[:, k] for k in range(sums.shape[1])),
+            tuple(rows[:, j] for j in range(4, own_end)), dict(tensors), dict(state.values),
+            state.layout.sizes)
+        cols = [np.broadcast_to(np.asarray(e, dtype=np.float64), (n,)) for e in extra]
+    out = np.concatenate([rows[:, :own_end], np.stack(cols, axis=1) if cols else
+                          np.zeros((n, 0)), rows[:, own_end:]], axis=1)
+    if set(new_tensors) != set(opt.tensor_slots) or set(values) != set(opt.state_values):
+        raise RuntimeError(f"{type(opt).__name__}.tensor_scalars must return every tensor slot "
+                           f"{sorted(opt.tensor_slots)} and value {sorted(opt.state_values)}")
+
+    def commit() -> None:
+        eng, dtype = state.engine, state.layout.dtype
+        for s, new in new_tensors.items():
+            kept = np.where(present, np.asarray(new, dtype=np.float64), tensors[s])
+            state.slots[s] = eng.from_numpy(kept.astype(dtype))
+        state.values = {k: float(v) for k, v in values.items()}
+
+    state.pending = commit
+    return out, np.arange(n, dtype=np.int64)

@@ -21,6 +21,7 @@ from .common import (
     nonfinite_result_error,
     nonfinite_results,
     scalar_table,
+    two_pass_table,
 )
 
 #: compiled steps shared by every engine: (math, slots, layout, grads present, flags, each
@@ -107,14 +108,69 @@ class JaxEngine(Engine):
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
+    def _first_pass(self, opt: Any, state: Any, t: int, params: Any, grads: Any,
+                    table: np.ndarray, index: np.ndarray, flags: tuple
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-tensor float64 sums of ``opt.reduce`` (one jitted, read-only pass, brought to
+        the host), then the second pass's table (:func:`~.common.two_pass_table`)."""
+        lay, k = self.layout, opt.reductions
+        sums = np.zeros((len(lay.names), k), dtype=np.float64)
+        present = np.array([n in grads for n in lay.names], dtype=bool)
+        if k:
+            own = opt.slot_names()
+            n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
+            rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
+            pres = None if present.all() else tuple(n for n in lay.names if n in grads)
+            key = ("reduce", opt.reduce_math(), own, n_own, lay, pres, flags[:2], rows)
+            fn = _COMPILED.get(key)
+            if fn is None:
+                fn = _COMPILED[key] = self._build_reduce(opt.reduce_math(), own, n_own, k,
+                                                         flags, rows)
+            with np.errstate(over="ignore"):
+                hp = table.astype(lay.dtype)
+            cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
+            sums = np.asarray(fn(dict(params), dict(grads), {s: state.slots[s] for s in own},
+                                 hp, cn), dtype=np.float64)
+        return two_pass_table(opt, state, t, table, index, sums, present)
+
+    def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
+                      flags: tuple, rows: tuple[int, ...] | None) -> Any:
+        jax, jnp, lay = self.jax, self.jnp, self.layout
+        clip_norm_on, clip_value_on = flags[:2]
+        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
+        ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
+        n = len(lay.names)
+
+        def first(params, grads, slots, table, clip_norm):
+            dt = lay.dtype
+            p = jnp.concatenate([params[m].reshape(-1) for m in lay.names])
+            g = jnp.concatenate([grads[m].reshape(-1) if m in grads else jnp.zeros(int(s), dt)
+                                 for m, s in zip(lay.names, lay.sizes)])
+            col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
+            if clip_norm_on:
+                norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
+                g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+            if clip_value_on:
+                g = jnp.clip(g, -col(1), col(1))
+            g = g + col(2) * p
+            terms = reduce_fn(p * col(3), g, *(slots[s] for s in own),
+                              *(col(j) for j in range(4, 4 + n_own)))
+            wide = jnp.promote_types(dt, jnp.float32)
+            return jnp.stack([jax.ops.segment_sum(x.astype(wide), ids, num_segments=n)
+                              for x in terms], axis=1)
+
+        return jax.jit(first)
+
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
              prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None, bool]:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
         table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-        rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
         flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate")
+        if opt.two_pass():
+            table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
+        rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
         donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
@@ -128,8 +184,10 @@ class JaxEngine(Engine):
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
         cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
-        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), dict(state.slots), hp, cn)
-        state.slots = new_slots  # the old slots were donated (under skip/raise: same values)
+        kernel_slots = {s: state.slots[s] for s in names}
+        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
+        # the old slots were donated (under skip/raise: same values)
+        state.slots = {**state.slots, **new_slots}
         norm_f, finite = float(norm), bool(finite)
         ok = opt.nonfinite == "propagate" or (bool(np.isfinite(norm_f)) and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were

@@ -243,3 +243,75 @@ def inside(ptr: np.ndarray, spans: np.ndarray) -> np.ndarray:  # pragma: no cove
         for i in range(ptr.shape[0]):  # one unsigned compare, no branch: vectorised
             out[i] |= np.uint64(ptr[i] - lo) < size
     return out
+
+
+_REDUCE_INNER_SRC = """
+def rinner(P, {slots}G, R, gscale, cv, l2, keep{scal}):
+{init}
+    for j in range(P.shape[0]):
+        g = G[j] * gscale
+        if CLIP:
+            g = min(max(g, -cv), cv)
+        p = P[j]
+        g = g + l2 * p
+        p = p * keep
+        {lhs} = REDUCE(p, g, {reads}{scal_args})
+{accumulate}
+{store}
+"""
+
+_REDUCE_OUTER_SRC = """
+def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
+            group, H, R):
+    pieces = bounds.shape[0] - 1
+    k = claim(sync)
+    while k < pieces:
+        for e in range(bounds[k], bounds[k + 1]):
+            t = seg_t[e]
+            base = gptr[t]
+            if base == 0:  # no gradient: the second pass leaves the tensor alone
+                continue
+            a = seg_off[e]
+            b = a + seg_size[e]
+            G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
+            r = group[t]
+            rinner(P[a:b], {slices}G, R[e], {row})
+        acc[k] = 0.0
+        piece_done(sync)
+        k = claim(sync)
+    return all_done(sync, pieces, spins)
+"""
+
+
+@functools.cache
+def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype: str,
+                  clip: bool = False) -> Any:
+    """The first pass of a two-pass optimizer: per segment of the :class:`~.threads.Plan`,
+    the float64 sums of the ``n_terms`` elementwise terms ``reduce_fn(p, g, *slots,
+    *scalars)`` (with the gradient scaled, clipped and L2-decayed as the update sees it)
+    into ``R[segment]``. It reads only; the caller adds the segments of each tensor up in
+    order, so the result does not depend on the thread count."""
+    slots = [f"S{k}" for k in range(n_slots)]
+    fields = dict(
+        slots="".join(s + ", " for s in slots),
+        scal="".join(f", h{k}" for k in range(n_scal)),
+        init="\n".join(f"    r{i} = 0.0" for i in range(n_terms)),
+        lhs="".join(f"t{i}, " for i in range(n_terms)),
+        reads="".join(f"{s}[j], " for s in slots),
+        scal_args=", ".join(f"h{k}" for k in range(n_scal)),
+        accumulate="\n".join(f"        r{i} += np.float64(t{i})" for i in range(n_terms)),
+        store="\n".join(f"    R[{i}] = r{i}" for i in range(n_terms)),
+        slices="".join(f"{s}[a:b], " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
+    )
+    jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
+                          "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
+                          "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,
+                          "claim": atomics.claim, "piece_done": atomics.piece_done,
+                          "all_done": atomics.all_done}
+    name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
+    exec(compile(_REDUCE_INNER_SRC.format(**fields), name, "exec"), ns)
+    ns["rinner"] = jit(ns["rinner"])
+    exec(compile(_REDUCE_OUTER_SRC.format(**fields), name, "exec"), ns)
+    return jit(ns["rkernel"])

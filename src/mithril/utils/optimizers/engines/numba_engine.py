@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 
 from . import ndarray_fields, streaming, threads, torch_scan
-from .common import Engine, must_skip, nonfinite_result_error, nonfinite_results, scalar_table
-from .kernels import inside, sumsq_kernel, update_kernel
+from .common import (
+    Engine,
+    must_skip,
+    nonfinite_result_error,
+    nonfinite_results,
+    scalar_table,
+    two_pass_table,
+)
+from .kernels import inside, reduce_kernel, sumsq_kernel, update_kernel
 
 _IS_CPU = operator.attrgetter("is_cpu")
 
@@ -230,6 +237,9 @@ class NumbaEngine(Engine):
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
         table, index, clip = scalar_table(opt, state, t, norm)
+        if opt.two_pass():
+            table, index = self._first_pass(opt, state, params, ours, gptr, table, index,
+                                            clip, t)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
             after = (index, table.astype(lay.dtype))
         n_scal = table.shape[1] - 4
@@ -267,6 +277,27 @@ class NumbaEngine(Engine):
             return dict(views), True, math.sqrt(total) if norm is None else norm, True
         # rare: a non-finite gradient, or finite gradients and a non-finite result
         return dict(views), True, self._grad_norm(gptr) if norm is None else norm, False
+
+    def _first_pass(self, opt: Any, state: Any, params: Any, ours: bool, gptr: np.ndarray,
+                    table: np.ndarray, index: np.ndarray, clip: bool, t: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """The per-tensor sums of ``opt.reduce`` (a read-only pass), then the second pass's
+        per-tensor table (:func:`~.common.two_pass_table`)."""
+        lay, plan = self.layout, self._plan
+        sums = np.zeros((len(lay.names), opt.reductions), dtype=np.float64)
+        if opt.reductions:
+            own = opt.slot_names()
+            n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
+            kernel = reduce_kernel(opt.reduce_math(), len(own), n_own, opt.reductions,
+                                   lay.dtype, clip)
+            flat = self._current(state, params, ours)
+            R = np.zeros((len(plan.seg_t), opt.reductions), dtype=np.float64)
+            with np.errstate(over="ignore"):
+                H = np.ascontiguousarray(table[:, :4 + n_own]).astype(lay.dtype)
+            plan.run(kernel, (flat, *(self.np_view(state.slots[s]) for s in own)), gptr,
+                     (index, H, R))
+            np.add.at(sums, plan.seg_t, R)  # segments in order: thread-count independent
+        return two_pass_table(opt, state, t, table, index, sums, gptr != 0)
 
     def _grad_norm(self, gptr: np.ndarray) -> float:
         """‖g‖₂ of the gradients at ``gptr`` (a read-only pass)."""

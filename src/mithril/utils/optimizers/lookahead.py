@@ -1,0 +1,342 @@
+"""Lookahead (Zhang et al., 2019) around any elementwise optimizer, in its own fused pass."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .averaging import _jitable
+from .base import Optimizer
+from .checks import check_flag, check_int, describe, state_dict_count, to_float
+from .elementwise import where
+from .state import OptimizerState
+
+#: the state slot of the slow weights
+SLOW = "slow"
+
+#: what Lookahead's own hyperparameters are (the rest belongs to the inner optimizer)
+_OWN = ("sync_period", "slow_step_size", "reset_state")
+
+_SRC = """
+def lookahead({args}):
+    out = MATH({math_args})
+    on = sync != 0
+    slow = WHERE(on, slow + alpha * (out[0] - slow), slow)
+    return ({outs})
+"""
+
+
+@functools.cache
+def lookahead_math(math_fn: Any, n_slots: int, n_scal: int, reset: bool) -> Any:
+    """``math_fn`` (an optimizer's elementwise step) followed by the lookahead
+    synchronisation: ``(p, g, *slots, slow, *scalars, sync, alpha[, *inits]) -> (p, *slots,
+    slow)``. Where ``sync`` is non-zero: ``slow ← slow + alpha·(p_new − slow)``, ``p ←
+    slow`` and, with ``reset``, each slot ← its initial value (the ``inits`` scalars; as
+    optax, ``0·slot + init``, so a NaN slot stays NaN). Cached: one function object per
+    (math, arity, reset), so the kernels compiled from it are cached too."""
+    slots = [f"s{i}" for i in range(n_slots)]
+    scal = [f"h{i}" for i in range(n_scal)]
+    inits = [f"r{i}" for i in range(n_slots)] if reset else []
+    new_slots = [f"out[{i + 1}]" for i in range(n_slots)]
+    if reset:
+        new_slots = [f"WHERE(on, 0 * {s} + {r}, {s})" for s, r in zip(new_slots, inits)]
+    src = _SRC.format(
+        args=", ".join(["p", "g", *slots, "slow", *scal, "sync", "alpha", *inits]),
+        math_args=", ".join(["p", "g", *slots, *scal]),
+        outs=", ".join(["WHERE(on, slow, out[0])", *new_slots, "slow"]) + ",",
+    )
+    name = getattr(math_fn, "__qualname__", repr(math_fn))
+    ns: dict[str, Any] = {"MATH": _jitable(math_fn), "WHERE": where}
+    exec(compile(src, f"<mithril lookahead {name}>", "exec"), ns)
+    fn = ns["lookahead"]
+    fn.__qualname__ = fn.__name__ = f"lookahead_{getattr(math_fn, '__name__', 'math')}"
+    fn.base_math = math_fn
+    return fn
+
+
+def _inner_spec(inner: Optimizer) -> dict[str, Any]:
+    return {"optimizer": type(inner).__name__, "hyperparameters": inner.hyperparameters()}
+
+
+def _check_inner(inner: Any) -> Optimizer:
+    """``inner`` if Lookahead can wrap it, else a TypeError saying why."""
+    if isinstance(inner, Lookahead):
+        raise TypeError("inner must not be a Lookahead itself (nested lookahead is not "
+                        "supported): wrap the inner optimizer once")
+    if not isinstance(inner, Optimizer):
+        raise TypeError(f"inner must be a mithril optimizer (e.g. Adam()), got {describe(inner)}")
+    cls = type(inner)
+    name = cls.__name__
+    if cls.init is not Optimizer.init or cls.update is not Optimizer.update:
+        raise TypeError(f"inner: {name} overrides init/update itself; Lookahead composes "
+                        f"an optimizer's elementwise math (slots, scalars, kernel_math) and "
+                        f"cannot wrap it")
+    two_pass = getattr(inner, "two_pass", None)
+    if callable(two_pass) and two_pass():
+        raise TypeError(f"inner: {name} takes two passes per step (per-tensor reductions or "
+                        f"state); Lookahead wraps single-pass elementwise optimizers only")
+    if cls.kernel_math is Optimizer.kernel_math and cls.math is Optimizer.math:
+        raise TypeError(f"inner: {name} states no elementwise math (define math or "
+                        f"kernel_math)")
+    if SLOW in inner.full_slot_names():
+        raise TypeError(f"inner: {name} has a state slot named {SLOW!r} of its own, which "
+                        f"clashes with Lookahead's slow weights")
+    return inner
+
+
+def _check_sync_period(value: Any) -> int:
+    return check_int("sync_period", value, minimum=1)
+
+
+def _check_slow_step_size(value: Any) -> float:
+    v = to_float("slow_step_size", value)
+    if not 0 < v <= 1:  # also refuses NaN
+        raise ValueError(f"slow_step_size must be in (0, 1], got {describe(value)}")
+    return v
+
+
+def _delegated(name: str, default: Any = None) -> property:
+    """A read-only view of the inner optimizer's attribute ``name``."""
+    return property(lambda self: getattr(self.inner, name, default),
+                    doc=f"The inner optimizer's ``{name}``.")
+
+
+class Lookahead(Optimizer):
+    """Lookahead (Zhang et al., 2019, "k steps forward, 1 step back") around ``inner``, any
+    elementwise optimizer here (Adam, SGD, ...), as ``optax.lookahead``::
+
+        fast ← inner step(fast, g)                        (every step, inner's own state)
+        every sync_period-th step t (t % sync_period == 0), after that inner step:
+            slow ← slow + α·(fast − slow)                  (α = slow_step_size)
+            fast ← slow
+            reset_state: inner's slots ← their initial values, and its step count restarts
+
+    The parameters ``update`` takes and returns are the *fast* weights (compute gradients
+    with them, as optax's ``params.fast``); the slow weights are one more state slot,
+    ``"slow"``, which starts as a copy of the parameters given to ``init`` (optax's
+    ``LookaheadParams.init_synced``). Evaluate with :meth:`slow_params` (the paper and
+    optax recommend the slow weights for inference; right after a sync step they equal
+    the fast ones bit for bit).
+
+    Conventions are optax's: syncing on the steps ``t`` with ``t % sync_period == 0`` (optax's
+    ``steps_since_sync == sync_period − 1``), and ``reset_state`` restarting the inner
+    optimizer after a sync as ``fast_optimizer.init`` would (its slots back to their initial
+    values and its step count, hence bias corrections, from 1 again). Steps skipped under
+    ``nonfinite="skip"`` do not count; a parameter absent from a step's gradients is left
+    alone, its slow weights included, even on a sync step.
+
+    Everything runs in the inner optimizer's single fused pass: the slots are the inner's
+    plus ``"slow"``, the per-step scalars the inner's plus a sync flag and α, and the
+    kernel's math the inner's composed with the synchronisation (:func:`lookahead_math`).
+    The learning rate (:meth:`get_learning_rate` / :meth:`set_learning_rate`, hence the
+    schedulers driving this optimizer), parameter groups, weight decay, clipping,
+    ``nonfinite`` and weight averaging (``ema_decay``/``swa_start``: averages of the fast
+    weights after each step) are the inner optimizer's: give them to its constructor.
+    ``state_dict`` / ``load_state_dict`` and checkpoints describe the inner optimizer as
+    ``{"optimizer": class name, "hyperparameters": ...}`` under ``"inner"``; loading
+    requires one of the same class.
+
+    Usage::
+
+        opt = Lookahead(Adam(1e-3), sync_period=6, slow_step_size=0.5)
+        state = opt.init(params)
+        params, state = opt.update(params, grads, state)   # params: the fast weights
+        eval_params = opt.slow_params(state)               # views: copy to keep
+    """
+
+    def __init__(self, inner: Optimizer, sync_period: int = 6, slow_step_size: float = 0.5,
+                 reset_state: bool = False) -> None:
+        inner = _check_inner(inner)
+        self.sync_period = _check_sync_period(sync_period)
+        self.slow_step_size = _check_slow_step_size(slow_step_size)
+        self.reset_state = check_flag("reset_state", reset_state)
+        self.inner = inner
+        self._backend = inner._backend
+
+    def __copy__(self) -> Lookahead:
+        """A copy wrapping a copy of the inner optimizer (so that changing one's learning
+        rate or hyperparameters never changes the other's)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.inner = copy.copy(self.inner)
+        return new
+
+    def _wrapping(self, inner: Optimizer) -> Lookahead:
+        """This Lookahead around ``inner`` instead (no copy of it)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.inner = inner
+        return new
+
+    # -- the inner optimizer's options ---------------------------------------------------
+    clip_norm = _delegated("clip_norm")
+    clip_value = _delegated("clip_value")
+    weight_decay = _delegated("weight_decay", 0.0)
+    nonfinite = _delegated("nonfinite", "propagate")
+    ema_decay = _delegated("ema_decay")
+    ema_every = _delegated("ema_every", 1)
+    swa_start = _delegated("swa_start")
+    decoupled_weight_decay = _delegated("decoupled_weight_decay", False)
+    weight_decay_in_math = _delegated("weight_decay_in_math", False)
+    epsilon = _delegated("epsilon")
+
+    @property
+    def learning_rate(self) -> float:
+        """The inner optimizer's learning rate."""
+        return self.inner.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.inner.set_learning_rate(lr)
+
+    def get_learning_rate(self, group: int | None = None) -> float:
+        """The inner optimizer's learning rate (or that of its ``param_groups[group]``)."""
+        return self.inner.get_learning_rate(group)
+
+    def set_learning_rate(self, lr: float, group: int | None = None) -> None:
+        """Set the inner optimizer's learning rate (see its ``set_learning_rate``)."""
+        self.inner.set_learning_rate(lr, group)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property
+    def weight_decay_mask(self) -> Any:
+        return self.inner.weight_decay_mask
+
+    @property
+    def exclude_weight_decay(self) -> list[Any]:
+        return self.inner.exclude_weight_decay
+
+    @property
+    def strict(self) -> bool:
+        return self.inner.strict
+
+    def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
+                                  regex: str | None = None) -> None:
+        self.inner.exclude_from_weight_decay(names, regex)
+
+    def _group(self, group: Any) -> dict[str, Any]:
+        return self.inner._group(group)
+
+    def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
+        """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
+        index, views = self.inner.group_rows(state)
+        return index, [self if v is self.inner else self._wrapping(v) for v in views]
+
+    # -- what the engines run ----------------------------------------------------------
+    def slot_names(self) -> tuple[str, ...]:
+        return (*self.inner.slot_names(), SLOW)
+
+    def slot_init(self, slot: str) -> float:
+        return 0.0 if slot == SLOW else self.inner.slot_init(slot)
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        """The inner optimizer's scalars (for the step count since the last sync with
+        ``reset_state``), then the sync flag of ``step`` and α (then, with ``reset_state``,
+        the inner slots' initial values)."""
+        k = self.sync_period
+        inner_step = (step - 1) % k + 1 if self.reset_state else step
+        sync = 1.0 if step % k == 0 else 0.0
+        out = (*self.inner.scalars(inner_step), sync, self.slow_step_size)
+        if self.reset_state:
+            out += tuple(float(self.inner.slot_init(s)) for s in self.inner.slot_names())
+        return out
+
+    def kernel_math(self) -> Callable:
+        inner = self.inner
+        return lookahead_math(inner.kernel_math(), len(inner.slot_names()),
+                              len(inner.scalars(1)), self.reset_state)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """``inner`` (its class name and hyperparameters), ``sync_period``,
+        ``slow_step_size`` and ``reset_state``: plain JSON, as checkpoints store it."""
+        return {"inner": _inner_spec(self.inner), "sync_period": self.sync_period,
+                "slow_step_size": self.slow_step_size, "reset_state": self.reset_state}
+
+    # -- the slow weights -----------------------------------------------------------------
+    def slow_params(self, state: OptimizerState) -> dict[str, Any]:
+        """The slow weights kept in ``state``, per parameter, to evaluate with: views of the
+        state's slot on NumPy/torch (the next update changes them: copy to keep), arrays
+        on JAX."""
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"slow_params: state must be what Lookahead.init returned, got "
+                            f"{type(state).__name__}")
+        if SLOW not in state.slots:
+            raise ValueError(f"slow_params: this {state.kind} state keeps no slow weights (it "
+                             f"was not made by Lookahead.init)")
+        return self._average(state, SLOW, "slow_params")
+
+    # -- state dicts ------------------------------------------------------------------------
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        """Restore the hyperparameters (the inner optimizer's through its own
+        ``load_state_dict``, which must be of the saved class) and, given ``params``, the
+        state. Everything is checked first; on error nothing changes. The inner optimizer
+        is replaced by a restored copy (never changed in place)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
+        if d.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+        hp = d.get("hyperparameters")
+        if not isinstance(hp, Mapping):
+            raise TypeError("state dict 'hyperparameters' must be a dict")
+        unknown = sorted(set(hp) - {"inner", *_OWN})
+        if unknown:
+            raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
+        new: dict[str, Any] = {}
+        if "sync_period" in hp:
+            new["sync_period"] = _check_sync_period(hp["sync_period"])
+        if "slow_step_size" in hp:
+            new["slow_step_size"] = _check_slow_step_size(hp["slow_step_size"])
+        if "reset_state" in hp:
+            new["reset_state"] = check_flag("reset_state", hp["reset_state"])
+        if "inner" in hp:
+            spec = hp["inner"]
+            if not isinstance(spec, Mapping) or set(spec) != {"optimizer", "hyperparameters"}:
+                raise TypeError("state dict hyperparameter 'inner' must be a dict with exactly "
+                                "'optimizer' (a class name) and 'hyperparameters'")
+            if spec["optimizer"] != type(self.inner).__name__:
+                raise ValueError(f"state dict's inner optimizer is {spec['optimizer']!r}, but "
+                                 f"this Lookahead wraps {type(self.inner).__name__}")
+            inner = copy.copy(self.inner)
+            inner.load_state_dict(spec)
+            new["inner"] = _check_inner(inner)
+        trial = copy.copy(self)
+        trial.__dict__.update(new)
+        state = None
+        if params is not None and "slots" in d:
+            state = trial.init(params)
+            state.slots = self._loaded_slots(d["slots"], state)
+            loaded_values = getattr(self, "_loaded_values", None)  # optimizer-wide scalars
+            if loaded_values is not None:
+                state.values = loaded_values(d.get("values", {}), state)
+            state.step, state.num_skipped, state.num_nonfinite = (
+                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            eng = state.engine  # inf/NaN restored were reported when they appeared
+            state.nonfinite_values = not (
+                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
+                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
+        self.__dict__.update(new)
+        return state
+
+
+def _init(self: Lookahead, params: Mapping[str, Any]) -> OptimizerState:
+    """The inner optimizer's state for ``params`` plus the slow weights, a copy of
+    ``params`` (optax's ``LookaheadParams.init_synced``); ``params`` are not modified."""
+    state = Optimizer.init(self, params)
+    lay, eng = state.layout, state.engine
+    if params:
+        flat = lay.flatten_numpy({n: eng.to_numpy(p) for n, p in params.items()})
+        state.slots[SLOW] = eng.from_numpy(flat)
+    return state
+
+
+# assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the wrapper
+# binds the backend before init runs, and would keep an inferred one when init refuses)
+Lookahead.init = _init  # type: ignore[method-assign]
