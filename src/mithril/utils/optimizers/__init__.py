@@ -17,6 +17,7 @@ from .engines.threads import get_num_threads, set_num_threads
 from .ftrl import Ftrl
 from .lamb import LAMB
 from .lars import LARS
+from .lbfgs import LBFGS
 from .lion import Lion
 from .lookahead import Lookahead
 from .nadam import NAdam
@@ -29,6 +30,6 @@ from .state import OptimizerState
 from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
-           "Adamax", "Adan", "Ftrl", "LAMB", "LARS", "Lion", "Lookahead", "NAdam", "Novograd", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
+           "Adamax", "Adan", "Ftrl", "LAMB", "LARS", "LBFGS", "Lion", "Lookahead", "NAdam", "Novograd", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "RMSProp", "Rprop", "SGD", "Yogi",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
