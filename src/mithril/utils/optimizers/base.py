@@ -144,6 +144,11 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
     ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
     ``nonfinite`` (see module docs) and ``backend`` (else inferred from the params).
+    Per tensor, before those: ``clip_tensor_norm`` (Keras ``clipnorm``: each tensor scaled
+    by ``c / max(‖g‖, c)``) and ``clip_block_rms`` (optax ``clip_by_block_rms``: by
+    ``1 / max(1, rms(g) / c)``), measured in one more read-only pass over the gradients;
+    ``clip_norm`` then sees the clipped gradients, and parameter groups may set or turn off
+    (``None``) either. The reported ``state.last_grad_norm`` stays the raw gradients' norm.
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
@@ -180,8 +185,13 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                  param_groups: Any = None, weight_decay_mask: Any = None,
                  exclude_weight_decay: Any = (), strict: bool = False,
                  ema_decay: float | None = None, ema_every: int = 1,
-                 swa_start: int | None = None) -> None:
+                 swa_start: int | None = None, clip_tensor_norm: float | None = None,
+                 clip_block_rms: float | None = None) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
+        self.clip_tensor_norm = (None if clip_tensor_norm is None else
+                                 check_positive("clip_tensor_norm", clip_tensor_norm, False))
+        self.clip_block_rms = (None if clip_block_rms is None else
+                               check_positive("clip_block_rms", clip_block_rms, False))
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)

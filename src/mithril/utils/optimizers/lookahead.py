@@ -175,6 +175,8 @@ class Lookahead(Optimizer):
     # -- the inner optimizer's options ---------------------------------------------------
     clip_norm = _delegated("clip_norm")
     clip_value = _delegated("clip_value")
+    clip_tensor_norm = _delegated("clip_tensor_norm")
+    clip_block_rms = _delegated("clip_block_rms")
     weight_decay = _delegated("weight_decay", 0.0)
     nonfinite = _delegated("nonfinite", "propagate")
     ema_decay = _delegated("ema_decay")

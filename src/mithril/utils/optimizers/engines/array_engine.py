@@ -15,10 +15,12 @@ from ..averaging import average
 from .common import (
     Engine,
     all_finite,
+    clipped_table,
     is_finite,
     must_skip,
     nonfinite_result_error,
     scalar_table,
+    tensor_clipping,
     two_pass_table,
 )
 
@@ -91,7 +93,18 @@ class ArrayEngine(Engine):
             for n, x in copies:
                 a, b = self._span(n)
                 P[a:b] = x.reshape(-1)
-        table, index, clip = scalar_table(opt, state, t, norm)
+        if tensor_clipping(opt, state):
+            ids = np.repeat(np.arange(len(lay.names)), lay.sizes)
+            if self.torch:
+                sq = self.t.zeros(len(lay.names), dtype=self.t.float64, device=self.device)
+                sq = sq.index_add_(0, self.t.from_numpy(ids).to(self.device),
+                                   g.double() ** 2).cpu().numpy()
+            else:
+                sq = np.bincount(ids, weights=np.square(g, dtype=np.float64),
+                                 minlength=len(lay.names))
+            table, index, clip, _ = clipped_table(opt, state, t, sq)
+        else:
+            table, index, clip = scalar_table(opt, state, t, norm)
         g_raw = g
         g, cols = self._prologue(g_raw, P, table, index, clip)
         if opt.two_pass():

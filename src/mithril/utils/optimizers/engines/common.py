@@ -206,3 +206,46 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
 
     state.pending = commit
     return out, np.arange(n, dtype=np.int64)
+
+
+def tensor_clipping(opt: Any, state: Any) -> bool:
+    """Whether any tensor is clipped by its own norm or RMS (``clip_tensor_norm`` /
+    ``clip_block_rms``, which parameter groups may set or turn off)."""
+    _, views = opt.group_rows(state)
+    return any(getattr(v, "clip_tensor_norm", None) is not None
+               or getattr(v, "clip_block_rms", None) is not None for v in views)
+
+
+def clipped_table(opt: Any, state: Any, t: int, sumsq: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, bool, float]:
+    """:func:`scalar_table` with each tensor's gradient clipped by its own norm first:
+    ``sumsq`` holds each tensor's Σ g² (float64). Keras ``clipnorm`` scales a tensor by
+    ``c / max(‖g‖, c)``, optax ``clip_by_block_rms`` by ``1 / max(1, rms(g) / c)``; then
+    ``clip_norm`` (global) sees the clipped gradients' norm. Returns the per-tensor table,
+    its row index (one row per tensor), the clip-by-value flag and the raw global norm."""
+    index, views = opt.group_rows(state)
+    sizes = state.layout.sizes.astype(np.float64)
+    f = np.ones(len(sizes))
+    with np.errstate(all="ignore"):  # inf/NaN gradients: found by the policies
+        for c_norm, c_rms, rows in _clip_specs(views, index):
+            s = sumsq[rows] * f[rows] ** 2
+            if c_norm is not None:
+                n = np.sqrt(s)
+                f[rows] *= c_norm / np.maximum(n, c_norm)
+                s = sumsq[rows] * f[rows] ** 2
+            if c_rms is not None:
+                rms = np.sqrt(s / np.maximum(sizes[rows], 1.0))
+                f[rows] /= np.maximum(1.0, rms / c_rms)
+        raw = float(np.sqrt(sumsq.sum()))
+        clipped = float(np.sqrt(np.sum(sumsq * f * f)))
+    table, rows_of, clip = scalar_table(opt, state, t, clipped)
+    out = table[rows_of].copy()
+    out[:, 0] *= f
+    return out, np.arange(len(sizes), dtype=np.int64), clip, raw
+
+
+def _clip_specs(views: list, index: np.ndarray) -> Any:
+    for r, v in enumerate(views):
+        c_norm, c_rms = getattr(v, "clip_tensor_norm", None), getattr(v, "clip_block_rms", None)
+        if c_norm is not None or c_rms is not None:
+            yield c_norm, c_rms, np.flatnonzero(index == r)

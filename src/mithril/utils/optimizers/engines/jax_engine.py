@@ -17,10 +17,12 @@ from ..averaging import average
 from .common import (
     Engine,
     all_finite,
+    clipped_table,
     nonfinite_error,
     nonfinite_result_error,
     nonfinite_results,
     scalar_table,
+    tensor_clipping,
     two_pass_table,
 )
 
@@ -67,7 +69,8 @@ class JaxEngine(Engine):
         slots are weight averages (their weights the last scalars), which move towards
         parameters without a gradient too."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        clip_norm_on, clip_value_on, skip = flags
+        clip_norm_on, clip_value_on, skip = flags[:3]
+        per_tensor = len(flags) > 3 and flags[3]  # each tensor's scale is column 0
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
@@ -85,6 +88,8 @@ class JaxEngine(Engine):
             norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
             if clip_norm_on:
                 g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+            if per_tensor:
+                g = g * col(0)
             if clip_value_on:
                 g = jnp.clip(g, -col(1), col(1))
             g = g + col(2) * p
@@ -121,7 +126,7 @@ class JaxEngine(Engine):
             n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
             rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
             pres = None if present.all() else tuple(n for n in lay.names if n in grads)
-            key = ("reduce", opt.reduce_math(), own, n_own, lay, pres, flags[:2], rows)
+            key = ("reduce", opt.reduce_math(), own, n_own, lay, pres, flags, rows)
             fn = _COMPILED.get(key)
             if fn is None:
                 fn = _COMPILED[key] = self._build_reduce(opt.reduce_math(), own, n_own, k,
@@ -137,6 +142,7 @@ class JaxEngine(Engine):
                       flags: tuple, rows: tuple[int, ...] | None) -> Any:
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on = flags[:2]
+        per_tensor = len(flags) > 3 and flags[3]
         elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
         ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
         n = len(lay.names)
@@ -150,6 +156,8 @@ class JaxEngine(Engine):
             if clip_norm_on:
                 norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
                 g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+            if per_tensor:
+                g = g * col(0)
             if clip_value_on:
                 g = jnp.clip(g, -col(1), col(1))
             g = g + col(2) * p
@@ -166,8 +174,27 @@ class JaxEngine(Engine):
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
-        table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-        flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate")
+        if tensor_clipping(opt, state):  # the scales of every tensor (and the global one)
+            key = ("sumsq", lay)
+            fn = _COMPILED.get(key)
+            if fn is None:
+                ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
+                n = len(lay.names)
+
+                def sumsq(gs):
+                    g = jnp.concatenate([gs[m].reshape(-1) for m in lay.names])
+                    w = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+                    return self.jax.ops.segment_sum(w * w, ids, num_segments=n)
+
+                fn = _COMPILED[key] = self.jax.jit(sumsq)
+            full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
+                    for m, shp in zip(lay.names, lay.shapes)}
+            sq = np.asarray(fn(full), dtype=np.float64)
+            table, index, clip, _ = clipped_table(opt, state, t, sq)
+            flags = (False, clip, opt.nonfinite != "propagate", True)  # scales: in the table
+        else:
+            table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
+            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate")
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
@@ -197,7 +224,9 @@ class JaxEngine(Engine):
             # name the offenders (rare): params were not donated, and the slots that came
             # back hold the old values
             flat = np.concatenate([np.asarray(params[n]).reshape(-1) for n in lay.names])
-            table, index, _ = scalar_table(opt, state, t, norm_f)
+            if flags[0]:  # the table of this step, with the global clip's scale in it
+                table = table.copy()
+                table[:, 0] *= min(1.0, opt.clip_norm / (norm_f + 1e-6))
             raise nonfinite_result_error(opt, nonfinite_results(
                 opt, flat, {k: np.asarray(v) for k, v in new_slots.items()}, grads, self.to_numpy,
                 lay, table, index))

@@ -315,3 +315,36 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     ns["rinner"] = jit(ns["rinner"])
     exec(compile(_REDUCE_OUTER_SRC.format(**fields), name, "exec"), ns)
     return jit(ns["rkernel"])
+
+
+@functools.cache
+def segment_sumsq_kernel(dtype: str) -> Any:
+    """Σ g² of each segment of the :class:`~.threads.Plan` into ``R[segment]`` (float64; 0
+    for a tensor without gradient): per-tensor gradient norms, read-only."""
+    dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
+    jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+
+    @jit
+    def inner(G):  # pragma: no cover - compiled by numba
+        s = 0.0
+        for j in range(G.shape[0]):
+            x = np.float64(G[j])
+            s += x * x
+        return s
+
+    @jit
+    def segsumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins, R):  # pragma: no cover
+        pieces = bounds.shape[0] - 1
+        k = atomics.claim(sync)
+        while k < pieces:
+            for e in range(bounds[k], bounds[k + 1]):
+                base = gptr[seg_t[e]]
+                if base != 0:
+                    R[e] = inner(numba.carray(voidptr(base + seg_first[e] * itemsize),
+                                              (seg_size[e],), dt))
+            acc[k] = 0.0
+            atomics.piece_done(sync)
+            k = atomics.claim(sync)
+        return atomics.all_done(sync, pieces, spins)
+
+    return segsumsq

@@ -17,13 +17,21 @@ import numpy as np
 from . import ndarray_fields, streaming, threads, torch_scan
 from .common import (
     Engine,
+    clipped_table,
     must_skip,
     nonfinite_result_error,
     nonfinite_results,
     scalar_table,
+    tensor_clipping,
     two_pass_table,
 )
-from .kernels import inside, reduce_kernel, sumsq_kernel, update_kernel
+from .kernels import (
+    inside,
+    reduce_kernel,
+    segment_sumsq_kernel,
+    sumsq_kernel,
+    update_kernel,
+)
 
 _IS_CPU = operator.attrgetter("is_cpu")
 
@@ -232,11 +240,20 @@ class NumbaEngine(Engine):
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
         plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
-        if opt.clip_norm is not None:  # the scale needs the norm before any update
-            norm = self._grad_norm(gptr)
+        if tensor_clipping(opt, state):  # each tensor's norm first (a read-only pass)
+            R = np.zeros(len(plan.seg_t), dtype=np.float64)
+            plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (R,), with_offsets=False)
+            sumsq = np.zeros(len(lay.names), dtype=np.float64)
+            np.add.at(sumsq, plan.seg_t, R)  # segments in order: thread-count independent
+            table, index, clip, norm = clipped_table(opt, state, t, sumsq)
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
-        table, index, clip = scalar_table(opt, state, t, norm)
+        else:
+            if opt.clip_norm is not None:  # the scale needs the norm before any update
+                norm = self._grad_norm(gptr)
+                if must_skip(opt, norm, grads, self.to_numpy):
+                    return dict(params), False, norm, True
+            table, index, clip = scalar_table(opt, state, t, norm)
         if opt.two_pass():
             table, index = self._first_pass(opt, state, params, ours, gptr, table, index,
                                             clip, t)
