@@ -99,7 +99,7 @@ TORCH_SLOTS = {
     "RAdam": {"m": "exp_avg", "v": "exp_avg_sq"},
     "Adadelta": {"square_avg": "square_avg", "acc_delta": "acc_delta"},
     "Rprop": {"prev": "prev", "step_size": "step_size"},
-    "ASGD": {"ax": "ax"},
+    "ASGD": {"ax": "ax", "eta": "eta", "mu": "mu"},
 }
 
 #: the largest errors observed, by case (print with ``pytest -s``, see the last test)
@@ -328,7 +328,8 @@ def test_state_dict_round_trip_resumes_bit_exactly(backend):
 
 def test_per_step_scalars_depend_on_the_step_only():
     """NAdam's mu product (a running product, cached) is the same computed in order, after
-    a later step, or fresh; ASGD's eta uses the lr of the previous step, as torch."""
+    a later step, or fresh; ASGD's eta uses the lr of the previous step, as torch, kept per
+    tensor (torch's eta and mu state)."""
     walked = NAdam(momentum_decay=0.01)
     seq = [walked.scalars(t) for t in range(1, 60)]
     walked.scalars(90)  # the cache moves past 59
@@ -344,13 +345,18 @@ def test_per_step_scalars_depend_on_the_step_only():
     assert changed.scalars(20) == NAdam(beta1=0.8, momentum_decay=0.01).scalars(20)
 
     opt = ASGD(learning_rate=0.1, lambd=0.5, alpha=1.0, t0=2)
-    assert opt.scalars(1)[2] == 0.1  # eta_1 = lr
-    opt.set_learning_rate(0.2)
-    lr, decay, eta, mu, mu_c = opt.scalars(2)
-    assert lr == 0.2 and eta == 0.1 / (1 + 0.5 * 0.1 * 1) and decay == 1 - 0.5 * eta
-    assert opt.scalars(2)[2] == eta  # the same step asked again (a skipped step's retry)
-    assert opt.scalars(3)[2] == 0.2 / (1 + 0.5 * 0.2 * 2)
-    assert opt.scalars(5)[3:] == (1 / 2, 1 - 1 / 2) and opt.scalars(4)[3:] == (1.0, 0.0)
+
+    def between(step, tensors, lr):  # the per-tensor scalars of one tensor at ``step``
+        return opt.tensor_scalars(step, (), tuple(np.array([x]) for x in (lr, 0.5, 1.0, 2.0)),
+                                  tensors, {}, np.array([3]))
+
+    (decay, eta, mu, mu_c), kept, _ = between(1, {"eta": np.zeros(1), "mu": np.zeros(1)}, 0.1)
+    assert eta == 0.1 and mu == 1.0 and mu_c == 0.0  # eta_1 = lr, mu_1 = 1 (torch's init)
+    assert kept["eta"] == 0.1 / (1 + 0.5 * 0.1 * 1) and kept["mu"] == 1.0
+    (decay, eta, mu, _), kept, _ = between(2, kept, 0.2)  # a new lr is used one step late
+    assert eta == 0.1 / (1 + 0.5 * 0.1 * 1) and decay == 1 - 0.5 * eta
+    assert kept["eta"] == 0.2 / (1 + 0.5 * 0.2 * 2)
+    assert between(4, kept, 0.2)[1]["mu"] == 1 / 2 and between(3, kept, 0.2)[1]["mu"] == 1.0
 
 
 def test_rprop_and_asgd_specifics():

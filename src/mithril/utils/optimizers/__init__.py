@@ -2,6 +2,7 @@
 
 from .adabelief import AdaBelief
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import AdaGrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
@@ -20,16 +21,19 @@ from .lars import LARS
 from .lbfgs import LBFGS
 from .lion import Lion
 from .lookahead import Lookahead
+from .muon import Muon
 from .nadam import NAdam
 from .novograd import Novograd
+from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSProp
 from .rprop import Rprop
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 from .state import OptimizerState
 from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
-           "Adamax", "Adan", "Ftrl", "LAMB", "LARS", "LBFGS", "Lion", "Lookahead", "NAdam", "Novograd", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
-           "RMSProp", "Rprop", "SGD", "Yogi",
+           "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
+           "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]

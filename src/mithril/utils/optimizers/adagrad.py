@@ -1,4 +1,4 @@
-"""AdaGrad with torch.optim conventions."""
+"""AdaGrad; torch.optim conventions by default, optax's or Keras's on request."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive
 from .elementwise import sqrt
+from .sgd import BY_CONVENTION, check_convention
 
 
 def _adagrad(p, g, s, clr, eps):
     s = s + g * g
     return p - clr * (g / (sqrt(s) + eps)), s
+
+
+def _adagrad_in(p, g, s, clr, eps):  # optax / Keras: ε inside the square root
+    s = s + g * g
+    return p - clr * g / sqrt(s + eps), s
 
 
 class AdaGrad(Optimizer):
@@ -22,18 +28,39 @@ class AdaGrad(Optimizer):
     ε outside the sqrt; ``initial_accumulator_value`` defaults to 0 (torch, MLX; optax and
     Keras start at 0.1 with ε inside the sqrt). Default ε here is the guide's 1e-8
     (torch 1e-10).
+
+    ``convention`` (default ``"torch"``, the above); ``"optax"`` (``optax.adagrad``) and
+    ``"keras"`` (``keras.optimizers.Adagrad``) share one update, **ε inside the square root**
+    and an **accumulator starting at 0.1** (the default of ``initial_accumulator_value``
+    follows the convention)::
+
+        s ← s + g²;   p ← p − lr · g / √(s + ε)
+
+    Neither has ``lr_decay`` (refused). ``weight_decay``: coupled for optax (as
+    ``optax.chain(add_decayed_weights(wd), adagrad(...))``), Keras's decoupled
+    ``p ← p − lr·wd·p`` before the step for Keras. Their default ε is 1e-7.
     """
 
     def __init__(self, learning_rate: float = 0.01, epsilon: float = 1e-8,
-                 initial_accumulator_value: float = 0.0, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, **options: Any) -> None:
+                 initial_accumulator_value: float = BY_CONVENTION, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        if initial_accumulator_value is BY_CONVENTION:
+            initial_accumulator_value = 0.0 if convention == "torch" else 0.1
         self.initial_accumulator_value = check_positive("initial_accumulator_value",
                                                         initial_accumulator_value)
         self.lr_decay = check_positive("lr_decay", lr_decay)
+        if self.lr_decay and convention != "torch":
+            raise ValueError(f"lr_decay={lr_decay!r}: {convention} AdaGrad has no lr_decay "
+                             f"(convention='torch' has)")
 
     slots = ("sum",)
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def slot_init(self, slot: str) -> float:
         return self.initial_accumulator_value
@@ -42,4 +69,4 @@ class AdaGrad(Optimizer):
         return (self.learning_rate / (1 + (step - 1) * self.lr_decay), self.epsilon)
 
     def kernel_math(self) -> Any:
-        return _adagrad
+        return _adagrad if self.convention == "torch" else _adagrad_in

@@ -1,4 +1,4 @@
-"""Adam, AMSGrad and AdamW with torch.optim conventions."""
+"""Adam, AMSGrad and AdamW; torch.optim conventions by default, optax's or Keras's on request."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
+from .sgd import check_convention
 
 
 def _adam(p, g, m, v, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
@@ -19,8 +20,28 @@ def _adam(p, g, m, v, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
 def _amsgrad(p, g, m, v, vmax, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
     m = m + b1c * (g - m)
     v = v * b2 + b2c * g * g
-    vmax = maximum(vmax, v)
+    vmax = maximum(vmax, v)          # torch: the max of the raw v
     return p - step_size * (m / (sqrt(vmax) / bc2_sqrt + eps)), m, v, vmax
+
+
+def _amsgrad_optax(p, g, m, v, vmax, lr, b1c, b2, b2c, step_size, bc2, eps):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    vmax = maximum(vmax, v / bc2)    # optax: the max of the bias-corrected v̂
+    return p - step_size * (m / (sqrt(vmax) + eps)), m, v, vmax
+
+
+def _adam_keras(p, g, m, v, lr, b1c, b2, b2c, alpha, eps):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    return p - alpha * m / (sqrt(v) + eps), m, v     # Keras: ε on the raw √v
+
+
+def _amsgrad_keras(p, g, m, v, vmax, lr, b1c, b2, b2c, alpha, eps):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    vmax = maximum(vmax, v)
+    return p - alpha * m / (sqrt(vmax) + eps), m, v, vmax
 
 
 class Adam(Optimizer):
@@ -33,16 +54,33 @@ class Adam(Optimizer):
     ``weight_decay`` is coupled L2 (``g ← g + wd·p``, torch Adam); use :class:`AdamW` for
     decoupled decay. ``amsgrad`` keeps the max of the raw v and divides it by √(1−β₂ᵗ)
     (torch; optax takes the max of v̂ instead).
+
+    ``convention`` (default ``"torch"``, the above):
+
+    * ``"optax"``: ``optax.adam`` (the same step) and ``optax.amsgrad``, whose slot ``vmax``
+      is the max of the bias-corrected ``v̂ = v/(1−β₂ᵗ)``: ``p ← p − lr/(1−β₁ᵗ)·m/(√vmax + ε)``.
+      ``weight_decay`` is coupled as ``optax.chain(add_decayed_weights(wd), adam(...))``;
+      AdamW's decoupled decay is ``optax.adamw``'s ``p ← p − lr·(step + wd·p)``.
+    * ``"keras"``: ``keras.optimizers.Adam``: the bias corrections go into the step size and
+      **ε is added to the raw √v**, ``p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)`` (much
+      smaller steps than torch's while v is small); AMSGrad: ``vmax = max(vmax, v)`` (raw,
+      like torch) in place of v. ``weight_decay`` (Adam and AdamW alike) is Keras's decoupled
+      ``p ← p − lr·wd·p`` before the step. Keras's default ε is 1e-7: pass ``epsilon=1e-7``.
     """
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 **options: Any) -> None:
+                 convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.amsgrad = check_flag("amsgrad", amsgrad)
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def slot_names(self) -> tuple[str, ...]:
         return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
@@ -51,21 +89,31 @@ class Adam(Optimizer):
         bc1 = 1 - self.beta1**step
         bc2 = 1 - self.beta2**step
         lr = self.learning_rate
-        return (lr, 1 - self.beta1, self.beta2, 1 - self.beta2, lr / bc1, math.sqrt(bc2),
-                self.epsilon)
+        head = (lr, 1 - self.beta1, self.beta2, 1 - self.beta2)
+        if self.convention == "keras":
+            return (*head, lr * math.sqrt(bc2) / bc1, self.epsilon)
+        if self.convention == "optax" and self.amsgrad:
+            return (*head, lr / bc1, bc2, self.epsilon)
+        return (*head, lr / bc1, math.sqrt(bc2), self.epsilon)
 
     def kernel_math(self) -> Any:
-        return _amsgrad if self.amsgrad else _adam
+        if self.convention == "keras":
+            return _amsgrad_keras if self.amsgrad else _adam_keras
+        if self.amsgrad:
+            return _amsgrad_optax if self.convention == "optax" else _amsgrad
+        return _adam
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as in all four peers:
-    ``p ← p·(1 − lr·wd)`` then the Adam step. Default ``weight_decay=1e-2`` (torch, MLX;
-    optax defaults to 1e-4)."""
+    ``p ← p·(1 − lr·wd)`` then the Adam step (``convention`` chooses the Adam step, as for
+    :class:`Adam`). Default ``weight_decay=1e-2`` (torch, MLX; optax defaults to 1e-4,
+    Keras to 4e-3)."""
 
-    decoupled_weight_decay = True
+    decoupled_weight_decay = True  # type: ignore[assignment]
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                 **options: Any) -> None:
-        super().__init__(learning_rate, beta1, beta2, epsilon, weight_decay, amsgrad, **options)
+                 convention: str = "torch", **options: Any) -> None:
+        super().__init__(learning_rate, beta1, beta2, epsilon, weight_decay, amsgrad,
+                         convention, **options)

@@ -1,4 +1,4 @@
-"""RMSProp with torch.optim conventions."""
+"""RMSProp; torch.optim conventions by default, optax's or Keras's on request."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
+from .sgd import check_convention
 
 
 def _plain(p, g, v, lr, a, ac, eps):
@@ -33,6 +34,37 @@ def _centered_momentum(p, g, v, ga, b, lr, a, ac, eps, mu):
     return p - lr * b, v, ga, b
 
 
+# optax / Keras: ε inside the square root, lr inside the momentum buffer
+def _plain_in(p, g, v, lr, a, ac, eps):
+    v = a * v + ac * g * g
+    return p - lr * g / sqrt(v + eps), v
+
+
+def _centered_in(p, g, v, ga, lr, a, ac, eps):
+    v = a * v + ac * g * g
+    ga = ga + ac * (g - ga)
+    return p - lr * g / sqrt(maximum(v - ga * ga, 0.0) + eps), v, ga
+
+
+def _momentum_in(p, g, v, b, lr, a, ac, eps, mu):
+    v = a * v + ac * g * g
+    b = mu * b + lr * g / sqrt(v + eps)
+    return p - b, v, b
+
+
+def _centered_momentum_in(p, g, v, ga, b, lr, a, ac, eps, mu):
+    v = a * v + ac * g * g
+    ga = ga + ac * (g - ga)
+    b = mu * b + lr * g / sqrt(maximum(v - ga * ga, 0.0) + eps)
+    return p - b, v, ga, b
+
+
+_MATH = {(False, False): _plain, (True, False): _centered, (False, True): _momentum,
+         (True, True): _centered_momentum}
+_MATH_IN = {(False, False): _plain_in, (True, False): _centered_in, (False, True): _momentum_in,
+            (True, True): _centered_momentum_in}
+
+
 class RMSProp(Optimizer):
     """RMSProp as torch.optim.RMSprop (with ``decay`` = torch's α)::
 
@@ -45,16 +77,35 @@ class RMSProp(Optimizer):
     Centered: ``v − ḡ²`` is clamped at 0 - once the gradient is (nearly) constant it cancels
     to rounding noise, and torch's ``sqrt`` of a slightly negative value gives NaN parameters
     (e.g. after ~330 steps of a constant gradient at α=0.9); otherwise identical to torch.
+
+    ``convention`` (default ``"torch"``, the above); ``"optax"`` (``optax.rmsprop`` with its
+    defaults ``eps_in_sqrt=True``, ``bias_correction=False``) and ``"keras"``
+    (``keras.optimizers.RMSprop``) share one update, with **ε inside the square root** and
+    **lr inside the momentum buffer**::
+
+        d = √(v + ε)                (centered: √(max(v − ḡ², 0) + ε))
+        momentum μ > 0:  b ← μ·b + lr·g/d;  p ← p − b
+        otherwise:       p ← p − lr·g/d
+
+    so the buffer keeps the learning rate of each past step and the step changes gradually
+    when lr does (optax's trace holds −b). ``weight_decay``: optax has none in rmsprop and
+    is coupled here as ``optax.chain(add_decayed_weights(wd), rmsprop(...))``; Keras's is
+    decoupled, ``p ← p − lr·wd·p`` before the step. Keras's default ε is 1e-7.
     """
 
     def __init__(self, learning_rate: float = 1e-3, decay: float = 0.9, epsilon: float = 1e-8,
                  momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0,
-                 **options: Any) -> None:
+                 convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.decay = check_unit("decay", decay)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.momentum = check_unit("momentum", momentum)
         self.centered = check_flag("centered", centered)
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def slot_names(self) -> tuple[str, ...]:
         return ("v",) + (("grad_avg",) if self.centered else ()) + (("momentum",) if self.momentum else ())
@@ -66,5 +117,5 @@ class RMSProp(Optimizer):
         return s + (self.momentum,) if self.momentum else s
 
     def kernel_math(self) -> Any:
-        return {(False, False): _plain, (True, False): _centered, (False, True): _momentum,
-                (True, True): _centered_momentum}[(self.centered, bool(self.momentum))]
+        table = _MATH if self.convention == "torch" else _MATH_IN
+        return table[(self.centered, bool(self.momentum))]

@@ -1,4 +1,5 @@
-"""Stochastic gradient descent with optional (Nesterov) momentum, torch.optim conventions."""
+"""Stochastic gradient descent with optional (Nesterov) momentum; torch.optim conventions by
+default, optax's or Keras's on request (``convention=``, whose helpers live here)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
+
+#: the libraries whose conventions SGD, Adam, RMSProp, AdaGrad and NAdam can follow
+CONVENTIONS = ("torch", "optax", "keras")
+
+
+class _ByConvention:
+    """The default of a hyperparameter whose value depends on ``convention``."""
+
+    def __repr__(self) -> str:
+        return "BY_CONVENTION"
+
+
+BY_CONVENTION: Any = _ByConvention()
+
+
+def check_convention(convention: Any) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`, else a ValueError naming them."""
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    return convention
 
 
 def _plain(p, g, lr):
@@ -22,6 +43,16 @@ def _nesterov(p, g, b, lr, mu_t, c_t, mu):
     return p - lr * (g + mu * b), b
 
 
+def _keras_momentum(p, g, v, lr, mu):
+    v = mu * v - lr * g              # Keras: the velocity holds lr
+    return p + v, v
+
+
+def _keras_nesterov(p, g, v, lr, mu):
+    v = mu * v - lr * g
+    return p + (mu * v - lr * g), v
+
+
 class SGD(Optimizer):
     """SGD: ``p ← p − lr·u`` with, for momentum μ > 0 and dampening τ,
 
@@ -33,18 +64,36 @@ class SGD(Optimizer):
     optimizer here): a parameter whose first gradient arrives later starts from ``b = 0``,
     so with dampening its first buffer is ``(1−τ)·g`` where torch, which counts per
     parameter, takes ``g``. Without dampening the two agree.
+
+    ``convention`` (default ``"torch"``, the above):
+
+    * ``"optax"`` (``optax.sgd``; ``weight_decay`` as ``optax.chain(add_decayed_weights(wd),
+      sgd(...))``): the same update and coupled decay; optax has no dampening (refused).
+    * ``"keras"`` (``keras.optimizers.SGD``): **lr inside the velocity**,
+      ``v ← μ·v − lr·g``, ``p ← p + v`` (Nesterov: ``p ← p + μ·v − lr·g``); the slot holds
+      that velocity. Equal to torch only while lr is constant. ``weight_decay`` is Keras's
+      decoupled ``p ← p − lr·wd·p`` before the step. No dampening (refused).
     """
 
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, dampening: float = 0.0, **options: Any) -> None:
+                 weight_decay: float = 0.0, dampening: float = 0.0, convention: str = "torch",
+                 **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.momentum = check_unit("momentum", momentum)
         self.dampening = check_positive("dampening", dampening)
         if self.dampening > 1:
             raise ValueError(f"dampening must be in [0, 1], got {dampening!r}")
+        if self.dampening and convention != "torch":
+            raise ValueError(f"dampening={dampening!r}: {convention} SGD has no dampening "
+                             f"(convention='torch' has)")
         if check_flag("nesterov", nesterov) and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
         self.nesterov = bool(nesterov)
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def slot_names(self) -> tuple[str, ...]:
         return ("momentum",) if self.momentum else ()
@@ -52,10 +101,16 @@ class SGD(Optimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         if not self.momentum:
             return (self.learning_rate,)
+        if self.convention == "keras":
+            return (self.learning_rate, self.momentum)
         first = step == 1
         mu_t, c_t = (0.0, 1.0) if first else (self.momentum, 1.0 - self.dampening)
         return (self.learning_rate, mu_t, c_t, self.momentum) if self.nesterov else \
             (self.learning_rate, mu_t, c_t)
 
     def kernel_math(self) -> Any:
-        return _nesterov if self.nesterov else _momentum if self.momentum else _plain
+        if not self.momentum:
+            return _plain
+        if self.convention == "keras":
+            return _keras_nesterov if self.nesterov else _keras_momentum
+        return _nesterov if self.nesterov else _momentum

@@ -189,11 +189,12 @@ class ArrayEngine(Engine):
         per = np.repeat(index, self.layout.sizes)
         from ....backends.numpy_backend import numpy_dtype
 
+        if self.torch:  # (torch rounds to its own dtype: NumPy has no bfloat16 for it)
+            return [self.t.from_numpy(table[per, j]).to(self.tdtype).to(self.device)
+                    for j in range(table.shape[1])]
         with np.errstate(over="ignore"):
-            cols = [table[per, j].astype(numpy_dtype(self.layout.dtype)) for j in range(table.shape[1])]
-        if self.torch:
-            return [self.t.from_numpy(c).to(self.tdtype).to(self.device) for c in cols]
-        return cols
+            return [table[per, j].astype(numpy_dtype(self.layout.dtype))
+                    for j in range(table.shape[1])]
 
     def _span(self, name: str) -> tuple[int, int]:
         lay = self.layout

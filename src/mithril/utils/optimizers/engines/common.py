@@ -198,10 +198,10 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
                            f"{sorted(opt.tensor_slots)} and value {sorted(opt.state_values)}")
 
     def commit() -> None:
-        eng, dtype = state.engine, state.layout.dtype
-        for s, new in new_tensors.items():
+        eng = state.engine
+        for s, new in new_tensors.items():  # (from_numpy rounds to the parameters' dtype)
             kept = np.where(present, np.asarray(new, dtype=np.float64), tensors[s])
-            state.slots[s] = eng.from_numpy(kept.astype(dtype))
+            state.slots[s] = eng.from_numpy(kept)
         state.values = {k: float(v) for k, v in values.items()}
 
     state.pending = commit
