@@ -185,8 +185,10 @@ def test_cyclic_triangular2_far_out_is_base_lr_not_an_overflow() -> None:
     assert sched.get_lr_at(5001) == 0.01  # cycle 2501: 1 / 2**2500 overflows, the limit is 0
 
 
-def test_cyclic_lr_refuses_momentum_cycling() -> None:
-    with pytest.raises(ValueError, match="cycle_momentum.*per-group"):
+def test_cyclic_lr_momentum_cycling_needs_a_momentum() -> None:
+    # as torch: an optimizer with neither momentum nor beta1 (here: no hyperparameters at
+    # all) is refused; momentum cycling itself is tested in test_scheduler_groups.py
+    with pytest.raises(ValueError, match="cycle_momentum.*momentum or beta1.*FakeOpt"):
         CyclicLR(FakeOpt(0.1), 0.01, 0.1, cycle_momentum=True)
 
 

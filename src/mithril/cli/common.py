@@ -13,6 +13,7 @@ from .argtypes import (
     positive_float,
     run_name,
 )
+from .errors import CLIError
 from .options import (
     COMMON_OPTIONS,
     OPTIONS,
@@ -24,6 +25,9 @@ from .options import (
     settings_from,
 )
 from .training import BACKENDS, MIXED_PRECISION, RunConfig
+
+#: torch's OneCycleLR defaults of --base-momentum / --max-momentum
+MOMENTUM_CYCLE_DEFAULT = (0.85, 0.95)
 
 #: bounds of the task flags: beyond them a run would not fit in memory or in a lifetime
 MAX_EPOCHS, MAX_BATCH, MAX_HIDDEN, MAX_THREADS = 10_000, 1_000_000, 8192, 1024
@@ -89,6 +93,21 @@ def add_output_flags(p: argparse.ArgumentParser, command: str) -> None:
                         "or writing anything")
 
 
+def momentum_cycle_of(args: argparse.Namespace) -> tuple[float, float] | None:
+    """``(base, max)`` momentum of ``--momentum-cycle`` (None without it; the bounds alone
+    are a mistake)."""
+    base, top = getattr(args, "base_momentum", None), getattr(args, "max_momentum", None)
+    if not getattr(args, "momentum_cycle", False):
+        given = [f for f, v in (("--base-momentum", base), ("--max-momentum", top))
+                 if v is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with "
+                           f"--momentum-cycle")
+        return None
+    return (MOMENTUM_CYCLE_DEFAULT[0] if base is None else base,
+            MOMENTUM_CYCLE_DEFAULT[1] if top is None else top)
+
+
 def scheduler_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return [parse_spec(s, "scheduler", SCHEDULER_NAMES) for s in args.scheduler or ["none"]]
 
@@ -110,4 +129,4 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      hidden=tuple(args.hidden), activation=args.activation,
                      threads=args.threads, no_decay_on=getattr(args, "no_decay_on", None),
-                     ema=getattr(args, "ema", None))
+                     ema=getattr(args, "ema", None), momentum_cycle=momentum_cycle_of(args))

@@ -252,7 +252,8 @@ SCHEDULERS: dict[str, tuple[tuple[str, ...], Builder]] = {
         o, max_lr=p.get("max_lr", lr), total_steps=n, pct_start=p.get("pct_start", 0.3),
         anneal_strategy=p.get("anneal_strategy", "cos"), div_factor=p.get("div_factor", 25.0),
         final_div_factor=p.get("final_div_factor", 1e4),
-        three_phase=p.get("three_phase", False))),
+        three_phase=p.get("three_phase", False), cycle_momentum=p.get("cycle_momentum", False),
+        base_momentum=p.get("base_momentum", 0.85), max_momentum=p.get("max_momentum", 0.95))),
     "plateau": (("factor", "patience", "threshold", "cooldown", "min_lr"),
                 lambda o, p, n, lr: lrs.ReduceLROnPlateau(
         o, mode="min", factor=p.get("factor", 0.5), patience=p.get("patience", 2),
@@ -334,11 +335,18 @@ class Schedule:
             self.plateau.step(train_loss)
 
 
+#: the schedulers that can cycle the momentum (``--momentum-cycle``)
+MOMENTUM_CYCLING = ("onecycle",)
+
+
 def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]],
-                   settings: Mapping[str, Any], total_steps: int) -> Schedule:
+                   settings: Mapping[str, Any], total_steps: int,
+                   momentum_cycle: tuple[float, float] | None = None) -> Schedule:
     """The schedule for ``specs`` (one ``(name, own settings)`` per scheduler: several make a
     sequence switching at ``switch_at``) over ``total_steps``, with the warm-up and
-    scheduler options in ``settings`` applying to every scheduler that takes them."""
+    scheduler options in ``settings`` applying to every scheduler that takes them.
+    ``momentum_cycle``: ``(base, max)`` momentum of a one-cycle scheduler that cycles the
+    optimizer's momentum (or beta1) too (``--momentum-cycle``)."""
     lr = optimizer.get_learning_rate()
     warmup = settings.get("warmup_steps") or 0
     if warmup < 0:
@@ -360,6 +368,10 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
         for key in own:
             if key not in SCHEDULERS[n][0]:
                 raise CLIError(f"{key} is not a setting of scheduler {n}" + _takes([n]))
+    if momentum_cycle is not None and not any(n in MOMENTUM_CYCLING for n in names):
+        raise CLIError(f"--momentum-cycle needs --scheduler onecycle (momentum cycling is part "
+                       f"of the one-cycle policy; without --scheduler it is chosen for you), "
+                       f"got --scheduler {' '.join(names)}")
     length = total_steps - warmup
     switch_at = list(settings.get("switch_at") or [])
     if len(specs) > 1 and "plateau" in names:
@@ -378,6 +390,9 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
         name, own = specs[i]
         applies = {k: settings[k] for k in SCHEDULERS[name][0] if settings.get(k) is not None}
         applies.update({k: v for k, v in own.items() if k in SCHEDULERS[name][0]})
+        if momentum_cycle is not None and name in MOMENTUM_CYCLING:
+            applies.update(cycle_momentum=True, base_momentum=momentum_cycle[0],
+                           max_momentum=momentum_cycle[1])
         optimizer.set_learning_rate(lr)
         try:
             return SCHEDULERS[name][1](optimizer, applies, bounds[i + 1] - bounds[i], lr)

@@ -38,8 +38,9 @@ Train an MLP classifier on scikit-learn's digits (8x8 images, 10 classes; standa
 a fixed stratified train/test split) and write, under --out:
 
   metrics.csv   one row per optimizer step: step, epoch, loss, acc, lr, grad_norm, skipped
+                (with --momentum-cycle also momentum: the momentum or beta1 of the step)
   epochs.csv    one row per epoch: train/test loss and accuracy (and with --ema the same
-                for the EMA weights: *_ema), lr, seconds
+                for the EMA weights: *_ema), lr, seconds (--momentum-cycle: momentum)
   summary.json  the configuration, final metrics and timings
   training.png  loss, accuracy, learning rate and gradient norm against the step
 
@@ -55,6 +56,7 @@ examples:
   mithril train --backend torch --optimizer adamw --weight-decay 0.05 --warmup-steps 50
   mithril train --scheduler onecycle --max-lr 0.01 --epochs 10 --out runs/onecycle
   mithril train --optimizer adamw --weight-decay 0.05 --no-decay-on bias --ema 0.99
+  mithril train --optimizer sgd --lr 0.05 --momentum 0.9 --momentum-cycle --max-lr 0.2
 """
 
 
@@ -77,10 +79,32 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="keep an exponential moving average of the weights with this decay "
                         "(in [0, 1), e.g. 0.99) and evaluate it beside them after each epoch")
     add_schedule_flags(p)
+    # None: not given (cosine, or onecycle with --momentum-cycle; see resolve_scheduler)
+    p.set_defaults(scheduler=None)
+    g = p.add_argument_group("momentum cycling (one-cycle)")
+    g.add_argument("--momentum-cycle", action="store_true",
+                   help="cycle the momentum inversely to the learning rate, as torch's "
+                        "OneCycleLR(cycle_momentum=True): from --max-momentum down to "
+                        "--base-momentum while the lr rises, back up while it falls. sgd and "
+                        "rmsprop cycle --momentum (give one > 0), adam and adamw beta1. It "
+                        "needs the onecycle scheduler: without --scheduler, onecycle replaces "
+                        "the default cosine; another --scheduler is an error")
+    g.add_argument("--base-momentum", type=unit_interval, metavar="M",
+                   help="lowest momentum, at the peak lr (default 0.85; with --momentum-cycle)")
+    g.add_argument("--max-momentum", type=unit_interval, metavar="M",
+                   help="highest momentum, at the start and end (default 0.95; with "
+                        "--momentum-cycle)")
     add_task_flags(p)
     add_output_flags(p, "train")
     p.set_defaults(func=run)
     return p
+
+
+def resolve_scheduler(args: argparse.Namespace) -> None:
+    """``--scheduler`` when not given: ``onecycle`` with ``--momentum-cycle`` (the schedule
+    that cycles the momentum), else the default ``cosine``."""
+    if args.scheduler is None:
+        args.scheduler = ["onecycle" if getattr(args, "momentum_cycle", False) else "cosine"]
 
 
 def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
@@ -90,11 +114,15 @@ def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
     epoch_fields = EPOCH_FIELDS  # the EMA's metrics beside the raw ones
     if result.config.ema is not None:
         epoch_fields = EPOCH_FIELDS[:6] + EMA_FIELDS + EPOCH_FIELDS[6:]
+    if result.momentum is not None:  # --momentum-cycle: the momentum beside the lr
+        extra_fields += ("momentum",)
+        epoch_fields = epoch_fields[:-1] + ("momentum",) + epoch_fields[-1:]
     files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS + extra_fields),
              write_csv(out / "epochs.csv", result.epochs, epoch_fields)]
     times = [e["time_s"] for e in result.epochs]
     summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
-               "label": result.label, "schedule": result.schedule, "final": result.final,
+               "label": result.label, "schedule": result.schedule,
+               "momentum_hyperparameter": result.momentum, "final": result.final,
                "steps": len(result.steps), "epochs_completed": len(result.epochs),
                "interrupted": result.interrupted, "total_s": result.total_s,
                "epoch_s": times, **(extra or {})}
@@ -131,6 +159,7 @@ def describe_data(data: Dataset, run: Run) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_scheduler(args)
     data = load_digits_split(args.test_size, args.split_seed)
     cfg = run_config(args, args.optimizer)
     training = Run(cfg, data)  # validates every setting before any file or step
@@ -146,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  no weight decay on: {', '.join(training.no_decay)}")
     if cfg.ema is not None:
         print(f"  EMA of the weights: decay {cfg.ema:g}, evaluated after each epoch")
+    if training.momentum is not None and cfg.momentum_cycle is not None:
+        base, top = cfg.momentum_cycle
+        print(f"  momentum cycle: {training.momentum.name} {top:g} → {base:g} → {top:g}, "
+              f"inversely to the learning rate (one-cycle)")
     print(f"  {describe_data(data, training)}; {cfg.epochs} epochs")
     if args.dry_run:
         print(f"dry run: would train {training.total_steps} steps and write to {out}")

@@ -56,6 +56,8 @@ class RunConfig:
     no_decay_on: str | None = None
     #: decay of an EMA of the weights, evaluated beside them (``--ema``); None: no EMA
     ema: float | None = None
+    #: ``(base, max)`` momentum cycled by the one-cycle schedule (``--momentum-cycle``)
+    momentum_cycle: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer, "settings": dict(self.settings),
@@ -64,7 +66,10 @@ class RunConfig:
                 "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
                 "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
                 "hidden": list(self.hidden), "activation": self.activation,
-                "threads": self.threads, "no_decay_on": self.no_decay_on, "ema": self.ema}
+                "threads": self.threads, "no_decay_on": self.no_decay_on, "ema": self.ema,
+                "momentum_cycle": None if self.momentum_cycle is None else
+                {"base_momentum": self.momentum_cycle[0],
+                 "max_momentum": self.momentum_cycle[1]}}
 
 
 @dataclass
@@ -78,6 +83,8 @@ class RunResult:
     optimizer: str  #: repr of the optimizer as built (every hyperparameter)
     label: str  #: short form: name, learning rate and the options that were set
     schedule: str
+    #: the hyperparameter ``--momentum-cycle`` drives (``momentum`` or ``beta1``), or None
+    momentum: str | None = None
 
 
 def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:
@@ -185,8 +192,10 @@ class Run:
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
         self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
+        #: what --momentum-cycle drives: a handle on the optimizer's momentum or beta1
+        self.momentum = self._momentum_handle()
         self.schedule: Schedule = build_schedule(self.optimizer, cfg.schedulers, cfg.settings,
-                                                 self.total_steps)
+                                                 self.total_steps, cfg.momentum_cycle)
         dtype = MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype
         self.backend = be = make_backend(cfg.backend, dtype, cfg.seed)
         self.compiled = ml.compile(build_model(cfg.hidden, data.num_classes, cfg.activation), be,
@@ -210,6 +219,30 @@ class Run:
                                data.y_train),
                      "test": (be.array(data.x_test), be.array(data.y_test, be.int_dtype),
                               data.y_test)}
+
+    def _momentum_handle(self) -> Any:
+        """The optimizer's ``momentum`` (sgd, rmsprop) or ``beta1`` (adam, adamw) handle that
+        ``--momentum-cycle`` drives (torch's rule), after checking that it can; None without
+        the flag."""
+        cycle = self.cfg.momentum_cycle
+        if cycle is None:
+            return None
+        name = self.cfg.optimizer
+        hp = self.optimizer.hyperparameters()
+        which = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
+        if which is None:
+            raise CLIError(f"--momentum-cycle: optimizer {name} has no momentum or beta1 to cycle "
+                           f"(sgd and rmsprop cycle --momentum, adam and adamw beta1)")
+        if which == "momentum" and not hp["momentum"]:
+            raise CLIError(f"--momentum-cycle with {name} needs --momentum > 0 (e.g. --momentum "
+                           f"0.9): a momentum buffer cannot appear in the middle of a run")
+        handle = self.optimizer.hyperparameter(which)
+        for flag, value in zip(("--base-momentum", "--max-momentum"), cycle, strict=True):
+            try:
+                handle.check(value)
+            except ValueError as exc:
+                raise CLIError(f"{flag} {value:g}: {exc}") from None
+        return handle
 
     def _mixed_precision_trainer(self) -> Any:
         try:
@@ -303,7 +336,8 @@ class Run:
             with thread_limit(cfg.threads, cfg.backend):
                 final = self.measure()
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
-                         self.label, self.schedule.description)
+                         self.label, self.schedule.description,
+                         None if self.momentum is None else self.momentum.name)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
               epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
@@ -318,11 +352,14 @@ class Run:
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
                 lr = self.optimizer.get_learning_rate()
+                momentum = None if self.momentum is None else self.momentum.get()
                 loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
                 if not skipped:  # a skipped (non-finite) step does not advance the schedule
                     self.schedule.after_step()
                 steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, "acc": acc,
                               "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
+                if momentum is not None:  # the momentum (or beta1) this step used
+                    steps[-1]["momentum"] = momentum
                 if self.trainer is not None:
                     steps[-1]["loss_scale"] = self.trainer.loss_scale
                 epoch_loss += loss * len(idx)
@@ -337,6 +374,8 @@ class Run:
             epochs.append({"epoch": epoch, "step": len(steps), **m,
                            "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
                            "lr": lr, "time_s": train_s})
+            if self.momentum is not None:
+                epochs[-1]["momentum"] = self.momentum.get()
             if log is not None:
                 ema = f"  EMA test acc {m['test_acc_ema']:.2%}" if "test_acc_ema" in m else ""
                 log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {m['train_loss']:.4f}  "

@@ -29,8 +29,17 @@ Conventions (shared by all schedulers, identical to ``torch.optim.lr_scheduler``
   strings ``"inf"``, ``"-inf"`` and ``"nan"``), so it survives ``json.dumps(...,
   allow_nan=False)`` and can be stored as checkpoint metadata without pickle.
 
-Intended differences from PyTorch: a single learning rate per optimizer (no parameter groups);
-no momentum cycling in :class:`OneCycleLR`; no deprecated ``epoch`` argument to ``step``;
+Any hyperparameter, per group: ``optimizer.hyperparameter(name, group=None)`` is a handle with the
+same two methods on any numeric hyperparameter of a mithril optimizer or of one of its parameter
+groups (a weight-decay or beta1 schedule); ``per_group=True`` (or a list where torch takes one,
+such as :class:`OneCycleLR`'s ``max_lr``) makes a closed-form scheduler act on every parameter
+group from its own base value, as torch's do; :class:`OneCycleLR` and :class:`CyclicLR` cycle the
+momentum (or beta1) with ``cycle_momentum=True``. See :class:`LRScheduler`.
+
+Intended differences from PyTorch: without ``per_group`` a scheduler drives one learning rate
+(the optimizer's; its parameter groups follow in proportion); ``cycle_momentum`` defaults to
+``False``; composite and metric-driven schedulers do not act per group; no deprecated ``epoch``
+argument to ``step``;
 :class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
 child; stricter hyper-parameter validation (degenerate settings raise :class:`ValueError`
 instead of producing division by zero or silently odd schedules).

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..optimizers.checks import MAX_INT, describe
@@ -143,6 +145,237 @@ def _check_step(t: Any) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# setting several values at once; per-group construction
+# --------------------------------------------------------------------------------------------
+
+
+def _apply(targets: Sequence[tuple[Any, float]]) -> None:
+    """Set each ``(settable, value)`` in order, all or nothing: if one is refused, every one
+    already set is put back (in the same order, which restores a group's learning rate after
+    the optimizer's, whose change moves it) and the error propagates."""
+    old = [(h, h.get_learning_rate()) for h, _ in targets]
+    done = 0
+    try:
+        for h, value in targets:
+            h.set_learning_rate(value)
+            done += 1
+    except Exception:
+        for h, value in old[: done + 1]:
+            try:
+                h.set_learning_rate(value)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        raise
+
+
+def _group_lanes(owner: str, optimizer: Any) -> list[Any]:
+    """What each lane of a per-group scheduler drives: ``optimizer`` itself (the parameters
+    in no group), then the same hyperparameter of ``param_groups[0]``, ``[1]``, ..."""
+    from ..optimizers.groups import Hyperparameter
+
+    if isinstance(optimizer, Hyperparameter):
+        if optimizer.group is not None:
+            raise ValueError(f"{owner}: per_group needs the optimizer, or a handle on one of its "
+                             f"own hyperparameters (group=None), got {optimizer!r}")
+        opt, name = optimizer.optimizer, optimizer.name
+    else:
+        opt, name = optimizer, "learning_rate"
+    if not callable(getattr(opt, "hyperparameter", None)) or not hasattr(opt, "param_groups"):
+        raise TypeError(f"{owner}: per_group needs a mithril optimizer (with param_groups), got "
+                        f"{type(opt).__name__}")
+    return [optimizer, *(opt.hyperparameter(name, group=i) for i in range(len(opt.param_groups)))]
+
+
+def _snapshot(optimizer: Any) -> Callable[[], None]:
+    """A function putting the hyperparameters of ``optimizer`` (the owner of a handle) and of
+    its groups back as they are now."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    own = {k: v for k, v in vars(opt).items() if not k.startswith("_")} \
+        if hasattr(opt, "__dict__") else {}
+    groups = getattr(opt, "_groups", None)
+    saved = [dict(g) for g in groups] if isinstance(groups, list) else None
+
+    def restore() -> None:
+        opt.__dict__.update(own)
+        if saved is not None and opt._groups is groups:
+            for g, before in zip(groups, saved, strict=True):
+                g.clear()
+                g.update(before)
+            opt._groups_version += 1
+
+    return restore
+
+
+def _per_group_constructor(init: Callable) -> Callable:
+    """``init`` taking ``per_group=True``, or one value per parameter group as a list for the
+    arguments the class names in ``_GROUP_ARGS`` (as torch takes them), to build a scheduler
+    acting on every group with its own base value (see :class:`LRScheduler`)."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: LRScheduler, *args: Any, per_group: bool = False, **kwargs: Any) -> None:
+        depth = self.__dict__.get("_depth", 0)
+        cls = type(self)
+        lists: dict[str, Sequence[Any]] = {}
+        bound = None
+        if depth == 0:
+            try:
+                bound = sig.bind(self, *args, **kwargs)
+            except TypeError:
+                bound = None  # init raises its own TypeError below
+            if bound is not None:
+                lists = {n: bound.arguments[n] for n in cls._GROUP_ARGS if n in bound.arguments
+                         and isinstance(bound.arguments[n], (list, tuple))}
+        if not isinstance(per_group, bool):
+            raise TypeError(f"per_group must be a bool, got {describe(per_group)}")
+        if bound is None or not (per_group or lists):
+            self.__dict__["_depth"] = depth + 1
+            try:
+                init(self, *args, **kwargs)
+            finally:
+                self.__dict__["_depth"] = depth
+                if depth == 0:
+                    del self.__dict__["_depth"]
+            return
+        _build_per_group(self, init, bound.arguments, lists, first)
+
+    names = list(sig.parameters)
+    first = names[1] if len(names) > 1 else "optimizer"  # the optimizer's argument
+    return wrapper
+
+
+def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, Any],
+                     lists: Mapping[str, Sequence[Any]], first: str) -> None:
+    cls = type(self)
+    owner = cls.__name__
+    if not cls._acts_per_group():
+        raise TypeError(f"{owner} cannot act per parameter group (per_group=True or lists): it "
+                        f"is composite or metric-driven; build one per group on "
+                        f"optimizer.hyperparameter('learning_rate', group=i) and step them all, "
+                        f"the optimizer's own first")
+    optimizer = arguments[first]
+    lanes = _group_lanes(owner, optimizer)
+    for name, values in lists.items():
+        if len(values) != len(lanes):
+            raise ValueError(
+                f"{owner}: {name} has {len(values)} values; it needs one per parameter group, "
+                f"{len(lanes)} here: the optimizer's own parameters (in no group) first, then "
+                f"param_groups[0..{len(lanes) - 2}]")
+
+    def args(i: int) -> dict[str, Any]:
+        a = {k: v for k, v in arguments.items() if k != "self"}
+        a.update({name: values[i] for name, values in lists.items()})
+        a[first] = lanes[i]
+        return a
+
+    restore = _snapshot(optimizer)
+    try:
+        # the groups' schedulers first: each reads its group's value as its base before the
+        # optimizer's own scheduler changes the optimizer's learning rate (which moves theirs)
+        siblings = [cls(**args(i)) for i in range(1, len(lanes))]
+        self.__dict__["_depth"] = 1
+        try:
+            init(self, **args(0))
+        finally:
+            del self.__dict__["_depth"]
+        self._siblings = siblings
+        _apply(self._current_targets())
+    except Exception:
+        restore()
+        raise
+
+
+def _momentum_handle(owner: str, optimizer: Any) -> Any:
+    """The handle ``cycle_momentum`` drives, by torch's rule: the optimizer's ``momentum``
+    if it has one (SGD, RMSProp), else its ``beta1`` (torch's ``betas[0]``: the Adam
+    family); of the same group when ``optimizer`` is a group's handle. ``ValueError`` naming
+    the optimizer if it has neither (torch refuses such optimizers too)."""
+    from ..optimizers.groups import Hyperparameter
+
+    if isinstance(optimizer, Hyperparameter):
+        opt, group = optimizer.optimizer, optimizer.group
+        if optimizer.name in ("momentum", "beta1"):
+            raise ValueError(f"{owner}: cycle_momentum=True, but the scheduler already drives "
+                             f"{optimizer!r}")
+    else:
+        opt, group = optimizer, None
+    hp: Mapping[str, Any] = {}
+    if callable(getattr(opt, "hyperparameter", None)) and \
+            callable(getattr(opt, "hyperparameters", None)):
+        hp = opt.hyperparameters()
+    name = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
+    if name is None:
+        raise ValueError(f"{owner}: cycle_momentum=True needs an optimizer with a momentum or "
+                         f"beta1 hyperparameter (torch's rule: momentum, else betas[0]); "
+                         f"{type(opt).__name__} has neither")
+    return opt.hyperparameter(name, group=group)
+
+
+class MomentumCycle:
+    """Momentum cycling of :class:`OneCycleLR` and :class:`CyclicLR` (torch's
+    ``cycle_momentum``): the bounds, the handle they set and their state-dict entries. The
+    class defines ``_momentum_at(t)``."""
+
+    _momentum: Any
+    cycle_momentum: bool
+    base_momentum: float
+    max_momentum: float
+
+    def _init_momentum(self, optimizer: Any, cycle_momentum: Any, base_momentum: Any,
+                       max_momentum: Any) -> None:
+        owner = type(self).__name__
+        if not isinstance(cycle_momentum, bool):
+            raise ValueError(f"cycle_momentum must be a bool, got {describe(cycle_momentum)}")
+        self._momentum = _momentum_handle(owner, optimizer) if cycle_momentum else None
+        self.cycle_momentum = cycle_momentum
+        self._set_momentum_bounds(base_momentum, max_momentum)
+
+    @property
+    def momentum_hyperparameter(self) -> str | None:
+        """``"momentum"`` or ``"beta1"``: what the cycle drives (None without cycling)."""
+        return None if self._momentum is None else self._momentum.name
+
+    def _set_momentum_bounds(self, base: Any, top: Any) -> None:
+        base = _check_real("base_momentum", base)
+        top = _check_real("max_momentum", top)
+        if self._momentum is not None:  # the optimizer's own checks, before any step
+            for name, value in (("base_momentum", base), ("max_momentum", top)):
+                try:
+                    self._momentum.check(value)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"{type(self).__name__}: {name}={value}: {e}") from None
+        self.base_momentum, self.max_momentum = base, top
+
+    def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
+        if self._momentum is None:
+            return []
+        return [(self._momentum, self._momentum_at(t))]
+
+    def _momentum_at(self, t: int) -> float:
+        raise NotImplementedError
+
+    def _momentum_state(self) -> dict[str, Any]:
+        if not self.cycle_momentum:
+            return {"cycle_momentum": False}
+        return {"cycle_momentum": True, "base_momentum": self.base_momentum,
+                "max_momentum": self.max_momentum}
+
+    def _load_momentum(self, state: Mapping[str, Any]) -> None:
+        cycle = state.get("cycle_momentum", False)  # absent: saved before momentum cycling
+        if not isinstance(cycle, bool):
+            raise ValueError(f"state_dict cycle_momentum must be a bool, got {describe(cycle)}")
+        if cycle != self.cycle_momentum:
+            raise ValueError(f"state_dict was saved with cycle_momentum={cycle}, but this "
+                             f"{type(self).__name__} has cycle_momentum={self.cycle_momentum}: "
+                             f"build it as the saved one was")
+        if cycle:
+            for k in ("base_momentum", "max_momentum"):
+                if k not in state:
+                    raise ValueError(f"state_dict for {type(self).__name__} is missing key {k!r}")
+            self._set_momentum_bounds(state["base_momentum"], state["max_momentum"])
+
+
+# --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
 
@@ -159,9 +392,38 @@ class LRScheduler:
     Subclasses implement :meth:`_lr_at` and list their hyper-parameters in ``_HPARAMS`` (which
     :meth:`_configure` validates and stores), so that :meth:`state_dict` /
     :meth:`load_state_dict` work generically.
+
+    **Any hyperparameter.** ``optimizer`` may be a handle from
+    ``optimizer.hyperparameter(name, group=None)``: the scheduler then drives that value
+    (``StepLR(opt.hyperparameter("weight_decay"), 10)`` is a weight-decay schedule), with the
+    same formulas.
+
+    **Per parameter group, as torch.** With ``per_group=True`` (a keyword every closed-form
+    scheduler takes), or a list for an argument torch takes per group (``OneCycleLR``'s
+    ``max_lr``, ``CyclicLR``'s ``base_lr`` / ``max_lr``, the momentum bounds, ``LambdaLR``'s
+    ``lr_lambda``), the scheduler acts on every parameter group with the group's own base
+    value, as torch's schedulers do: one *lane* for the optimizer's own parameters (those in
+    no group; the scheduler itself, lists' first entry) and one per ``param_groups[i]``
+    (entry ``i + 1``), all stepped together and set all or nothing. Without it, a scheduler
+    drives the optimizer's learning rate and the groups follow in proportion (their
+    ``lr_scale``). :meth:`get_last_lrs` gives every lane's value; ``state_dict`` holds the
+    groups' lanes under ``"groups"``.
     """
 
     _HPARAMS: ClassVar[tuple[str, ...]] = ()
+    #: arguments that take a list with one value per parameter group (torch's)
+    _GROUP_ARGS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _per_group_constructor(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @classmethod
+    def _acts_per_group(cls) -> bool:
+        """Whether the class can act per group: a closed form stepped by the base class."""
+        return (cls.step is LRScheduler.step and cls._set_step is LRScheduler._set_step
+                and cls._reset_state is LRScheduler._reset_state)
 
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
@@ -172,6 +434,7 @@ class LRScheduler:
         self.base_lr: float = lr
         self.last_step: int = 0
         self._last_lr: float = self.base_lr
+        self._siblings: list[LRScheduler] = []  # the groups' lanes (per_group)
 
     # ---- schedule ---------------------------------------------------------------------------
 
@@ -197,6 +460,20 @@ class LRScheduler:
         """The learning rate this scheduler set most recently (the value of ``last_step``)."""
         return self._last_lr
 
+    def get_last_lrs(self) -> list[float]:
+        """Every lane's last value: the optimizer's own, then each parameter group's (one
+        entry unless the scheduler acts per group), as torch's ``get_last_lr()``."""
+        return [self._last_lr, *(s._last_lr for s in self._siblings)]
+
+    def get_lrs_at(self, t: int) -> list[float]:
+        """Every lane's value at step ``t`` (see :meth:`get_last_lrs`)."""
+        return [self.get_lr_at(t), *(s.get_lr_at(t) for s in self._siblings)]
+
+    @property
+    def per_group(self) -> bool:
+        """Whether the scheduler acts on every parameter group with its own base value."""
+        return bool(self._siblings)
+
     @property
     def requires_metric(self) -> bool:
         """Whether :meth:`step` needs a metric (true for plateau schedulers and their parents)."""
@@ -208,16 +485,39 @@ class LRScheduler:
         """Validate and store the hyper-parameters named in ``_HPARAMS``."""
         raise NotImplementedError
 
+    def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
+        """Other hyperparameters this scheduler sets at step ``t`` besides the learning rate,
+        as ``(handle, value)`` pairs (momentum cycling); none by default."""
+        return []
+
+    def _lane_targets(self, t: int) -> list[tuple[Any, float]]:
+        return [(self.optimizer, self.get_lr_at(t)), *self._extra_targets(t)]
+
+    def _current_targets(self) -> list[tuple[Any, float]]:
+        """What the optimizer must hold at ``last_step``: every lane's learning rate (and the
+        values of :meth:`_extra_targets`)."""
+        out: list[tuple[Any, float]] = []
+        for lane in (self, *self._siblings):
+            out.append((lane.optimizer, lane._last_lr))
+            out.extend(lane._extra_targets(lane.last_step))
+        return out
+
     def _set_step(self, t: int) -> None:
-        lr = self.get_lr_at(t)  # may raise; evaluate before mutating any state
-        self.optimizer.set_learning_rate(lr)  # checks first: a refused lr changes nothing
-        self.last_step = t
-        self._last_lr = lr
+        lanes = (self, *self._siblings)
+        # may raise: evaluate every value before mutating any state
+        targets = [lane._lane_targets(t) for lane in lanes]
+        # checks each value first; a refused one puts every value set back
+        _apply([x for lane in targets for x in lane])
+        for lane, values in zip(lanes, targets, strict=True):
+            lane.last_step = t
+            lane._last_lr = values[0][1]
 
     def _reset_state(self) -> None:
         """Go back to step 0 without touching the optimizer."""
         self._last_lr = self.get_lr_at(0)
         self.last_step = 0
+        for sibling in self._siblings:
+            sibling._reset_state()
 
     def _restart(self) -> None:
         """Go back to step 0 and set the optimizer's learning rate accordingly (all or
@@ -225,7 +525,7 @@ class LRScheduler:
         backup = self.state_dict()
         try:
             self._reset_state()
-            self.optimizer.set_learning_rate(self._last_lr)
+            _apply(self._current_targets())
         except Exception:
             try:
                 self._load(backup)
@@ -263,6 +563,8 @@ class LRScheduler:
                 value = list(value)
             state[name] = value
         state.update(self._extra_state())
+        if self._siblings:
+            state["groups"] = [s.state_dict() for s in self._siblings]
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -275,7 +577,7 @@ class LRScheduler:
         backup = self.state_dict()
         try:
             self._load(state_dict)
-            self.optimizer.set_learning_rate(self._last_lr)  # checks the restored lr
+            _apply(self._current_targets())  # checks the restored values
         except Exception:
             self._load(backup)  # leave the scheduler untouched on a bad state_dict
             raise
@@ -298,6 +600,19 @@ class LRScheduler:
         self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"], "base_lr"))
         self._last_lr = _check_lr("last_lr", _decode_float(state["last_lr"], "last_lr"))
         self._load_extra(state)
+        groups = state.get("groups")
+        if self._siblings:
+            if (isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence)
+                    or len(groups) != len(self._siblings)):
+                raise ValueError(f"state_dict must hold the states of {len(self._siblings)} "
+                                 f"parameter groups under 'groups' (this {type(self).__name__} "
+                                 f"acts per group), got {describe(groups)}")
+            for sibling, sub in zip(self._siblings, groups, strict=True):
+                sibling._load(sub)
+        elif groups is not None:
+            raise ValueError(f"state_dict was saved by a {type(self).__name__} acting per "
+                             f"parameter group ('groups'); build this one per group "
+                             f"(per_group=True or lists) to load it")
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -315,6 +630,10 @@ def _check_child(owner: str, optimizer: Any, child: Any, what: str) -> LRSchedul
         raise TypeError(f"{owner}: {what} must be an LRScheduler, got {type(child).__name__}")
     if child.optimizer is not optimizer:
         raise ValueError(f"{owner}: {what} must drive the same optimizer object")
+    if child._siblings:
+        raise ValueError(f"{owner}: {what} acts per parameter group, which a composite "
+                         f"scheduler cannot re-base; build one {owner} per group on "
+                         f"optimizer.hyperparameter('learning_rate', group=i) instead")
     return child
 
 

@@ -6,7 +6,14 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
+from .base import (
+    LRScheduler,
+    MomentumCycle,
+    SupportsLearningRate,
+    _check_choice,
+    _check_int,
+    _check_real,
+)
 from .lambda_lr import _call_number, _check_callable
 
 __all__ = ["CyclicLR"]
@@ -14,7 +21,7 @@ __all__ = ["CyclicLR"]
 _MODES = ("triangular", "triangular2", "exp_range")
 
 
-class CyclicLR(LRScheduler):
+class CyclicLR(MomentumCycle, LRScheduler):
     """Cyclical learning rates (Smith, 2017), with the values of PyTorch's ``CyclicLR``.
 
     A cycle lasts ``step_size_up + step_size_down`` steps: the rate rises linearly from
@@ -32,13 +39,23 @@ class CyclicLR(LRScheduler):
     irrelevant), and parents such as :class:`SequentialLR` do not re-base it. The arithmetic is
     PyTorch's, so the values are equal bit for bit.
 
-    Differences from PyTorch: the momentum is not cycled. PyTorch's default is
-    ``cycle_momentum=True``; here the default is ``False`` and ``True`` raises
-    :class:`ValueError` (momentum cycling needs a momentum hyperparameter that a scheduler can
-    set per step, which the optimizer interface here - learning rate only - does not offer).
-    ``scale_fn`` is not saved by ``state_dict`` (a function is not JSON data; PyTorch omits
-    plain functions too): build the scheduler with the same function before loading. Single
-    learning rate (no per-group lists).
+    ``cycle_momentum=True`` cycles the momentum inversely, as PyTorch:
+    ``max_momentum - (max_momentum - base_momentum) * scale_factor * scale``, so it is
+    ``max_momentum`` where the rate is ``base_lr`` and ``base_momentum`` at the peak. It
+    drives the optimizer's ``momentum`` if it has one (SGD, RMSProp), else its ``beta1`` (the
+    Adam family: torch's ``betas[0]``); an optimizer with neither raises :class:`ValueError`,
+    as in PyTorch, and so does one whose momentum is 0 (build it with momentum > 0). Changing
+    the momentum every step never recompiles (it is a per-step scalar of the kernel).
+    Differences from PyTorch: the default is ``cycle_momentum=False`` (PyTorch's is
+    ``True``); ``scale_fn`` is not saved by ``state_dict`` (a function is not JSON data;
+    PyTorch omits plain functions too): build the scheduler with the same function before
+    loading.
+
+    Per parameter group (``per_group=True``, or lists for ``base_lr``, ``max_lr``,
+    ``base_momentum``, ``max_momentum`` with one entry for the optimizer's own parameters,
+    then one per ``param_groups[i]``, as PyTorch takes them): every group cycles between its
+    own bounds, equal to PyTorch's on the same groups. Without it, the optimizer's rate
+    cycles and the groups follow in proportion (their ``lr_scale``).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
@@ -51,10 +68,14 @@ class CyclicLR(LRScheduler):
         scale_fn: optional callable returning the amplitude scale (overrides ``mode``).
         scale_mode: ``'cycle'`` or ``'iterations'`` (only used with ``scale_fn``; the modes
             fix it as PyTorch does).
-        cycle_momentum: must be ``False`` (see above).
+        cycle_momentum: cycle the optimizer's momentum (or beta1) inversely to the rate.
+        base_momentum: momentum at the peak rate; default 0.8.
+        max_momentum: momentum at ``base_lr``; default 0.9.
+        per_group: act on every parameter group with its own bounds (see above).
     """
 
     _HPARAMS = ("max_lr", "step_size_up", "step_size_down", "mode", "gamma", "scale_mode")
+    _GROUP_ARGS = ("base_lr", "max_lr", "base_momentum", "max_momentum")
 
     def __init__(
         self,
@@ -68,15 +89,11 @@ class CyclicLR(LRScheduler):
         scale_fn: Callable[[int], float] | None = None,
         scale_mode: Literal["cycle", "iterations"] = "cycle",
         cycle_momentum: bool = False,
+        base_momentum: float = 0.8,
+        max_momentum: float = 0.9,
     ) -> None:
-        if cycle_momentum is not False:
-            raise ValueError(
-                f"cycle_momentum={cycle_momentum!r} is not supported: momentum cycling comes "
-                f"with per-group hyperparameters (the optimizer interface of the schedulers "
-                f"only sets the learning rate); pass cycle_momentum=False (the default here, "
-                f"unlike PyTorch's True)"
-            )
         super().__init__(optimizer)
+        self._init_momentum(optimizer, cycle_momentum, base_momentum, max_momentum)
         lower = _check_real("base_lr", base_lr, ge=0.0)
         self.scale_fn = None if scale_fn is None else _check_callable("scale_fn", scale_fn)
         self._configure(
@@ -129,7 +146,7 @@ class CyclicLR(LRScheduler):
                 return 0.0
         return self.gamma**x
 
-    def _lr_at(self, t: int) -> float:
+    def _position(self, t: int) -> tuple[int, float]:
         # same evaluation order as torch's CyclicLR.get_lr
         cycle = math.floor(1 + t / self.total_size)
         x = 1.0 + t / self.total_size - cycle
@@ -137,18 +154,30 @@ class CyclicLR(LRScheduler):
             scale_factor = x / self.step_ratio
         else:
             scale_factor = (x - 1) / (self.step_ratio - 1)
+        return cycle, scale_factor
+
+    def _lr_at(self, t: int) -> float:
+        cycle, scale_factor = self._position(t)
         base_height = (self.max_lr - self.base_lr) * scale_factor
         if self.scale_mode == "cycle":
             return self.base_lr + base_height * self._scale(cycle)
         return self.base_lr + base_height * self._scale(t)
 
+    def _momentum_at(self, t: int) -> float:
+        cycle, scale_factor = self._position(t)
+        base_height = (self.max_momentum - self.base_momentum) * scale_factor
+        if self.scale_mode == "cycle":
+            return self.max_momentum - base_height * self._scale(cycle)
+        return self.max_momentum - base_height * self._scale(t)
+
     def _rebase(self, lr: float) -> None:
         """No-op: the cycle's bounds are explicit (``base_lr``, ``max_lr``)."""
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"custom_scale_fn": self.scale_fn is not None}
+        return {"custom_scale_fn": self.scale_fn is not None, **self._momentum_state()}
 
     def _load_extra(self, state: Mapping[str, Any]) -> None:
+        self._load_momentum(state)
         custom = state.get("custom_scale_fn")
         if not isinstance(custom, bool):
             raise ValueError(f"state_dict custom_scale_fn must be a bool, got {custom!r}")

@@ -50,13 +50,16 @@ class LambdaLR(LRScheduler):
     ``state_dict`` does **not** contain ``lr_lambda`` (a function is not JSON data; PyTorch
     omits plain functions and lambdas too): construct the scheduler with the same function,
     then ``load_state_dict`` restores the step counter, ``base_lr`` and ``last_lr``.
-    Unlike PyTorch, there is a single learning rate, so ``lr_lambda`` is one callable (not a
-    list per parameter group).
+    As in PyTorch, ``lr_lambda`` may be a list with one callable per parameter group (the
+    optimizer's own parameters first, then ``param_groups[i]``): the scheduler then acts per
+    group, each from its own base rate (see :class:`LRScheduler`).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        lr_lambda: ``t -> factor``.
+        lr_lambda: ``t -> factor``, or a list of them (one per parameter group).
     """
+
+    _GROUP_ARGS = ("lr_lambda",)
 
     def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
         super().__init__(optimizer)
@@ -89,8 +92,11 @@ class MultiplicativeLR(LRScheduler):
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        lr_lambda: ``t -> factor`` applied at step ``t >= 1``.
+        lr_lambda: ``t -> factor`` applied at step ``t >= 1``, or a list of them, one per
+            parameter group (as :class:`LambdaLR`).
     """
+
+    _GROUP_ARGS = ("lr_lambda",)
 
     def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
         super().__init__(optimizer)

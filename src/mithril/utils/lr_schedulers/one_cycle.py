@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
+from .base import (
+    LRScheduler,
+    MomentumCycle,
+    SupportsLearningRate,
+    _check_choice,
+    _check_int,
+    _check_real,
+)
 
 __all__ = ["OneCycleLR"]
 
 
-class OneCycleLR(LRScheduler):
+class OneCycleLR(MomentumCycle, LRScheduler):
     """The 1cycle policy, with learning-rate values identical to PyTorch's ``OneCycleLR``.
 
     With ``initial_lr = max_lr / div_factor`` and ``min_lr = initial_lr / final_div_factor``,
@@ -28,11 +36,27 @@ class OneCycleLR(LRScheduler):
     extrapolates the last phase) and any later step raises :class:`ValueError`.
 
     Like PyTorch, the optimizer is set to ``initial_lr`` at construction and ``base_lr`` is set
-    to ``initial_lr`` (the optimizer's previous learning rate is irrelevant). Momentum is not
-    cycled (the optimizer interface only exposes the learning rate). Unlike PyTorch,
+    to ``initial_lr`` (the optimizer's previous learning rate is irrelevant). Unlike PyTorch,
     configurations with an empty or negative-length phase (e.g. ``pct_start * total_steps <=
     1``), which PyTorch turns into a division by zero or a schedule that never reaches
     ``max_lr``, raise :class:`ValueError`.
+
+    ``cycle_momentum=True`` cycles the momentum inversely to the rate, as PyTorch: annealed
+    (same strategy, same phases) from ``max_momentum`` down to ``base_momentum`` while the
+    rate rises, back up while it falls (three-phase: up in the second phase, then flat). It
+    drives the optimizer's ``momentum`` if it has one (SGD, RMSProp), else its ``beta1`` (the
+    Adam family: torch's ``betas[0]``); an optimizer with neither raises :class:`ValueError`,
+    as in PyTorch, and so does one whose momentum is 0 (a momentum buffer would have to
+    appear: build it with momentum > 0). The momentum is a per-step scalar of the fused
+    kernel: changing it every step never recompiles. The default is ``False`` (PyTorch's is
+    ``True``), as before momentum cycling existed here.
+
+    Per parameter group (``per_group=True``, or a list for ``max_lr``, ``base_momentum`` or
+    ``max_momentum`` with one entry for the optimizer's own parameters, then one per
+    ``param_groups[i]``): every group gets its own cycle, equal to PyTorch's on the same
+    groups. Without it, the optimizer's rate follows the cycle and the groups follow in
+    proportion (their ``lr_scale``), and the momentum cycled is the optimizer's (a group that
+    sets its own momentum keeps it).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
@@ -43,7 +67,13 @@ class OneCycleLR(LRScheduler):
         div_factor: ``initial_lr = max_lr / div_factor``, ``> 0``.
         final_div_factor: ``min_lr = initial_lr / final_div_factor``, ``> 0``.
         three_phase: use the symmetric three-phase variant.
+        cycle_momentum: cycle the optimizer's momentum (or beta1) inversely to the rate.
+        base_momentum: lowest momentum of the cycle (at the peak rate); default 0.85.
+        max_momentum: highest momentum of the cycle (at the start and end); default 0.95.
+        per_group: act on every parameter group with its own values (see above).
     """
+
+    _GROUP_ARGS = ("max_lr", "base_momentum", "max_momentum")
 
     _HPARAMS = (
         "max_lr",
@@ -65,8 +95,12 @@ class OneCycleLR(LRScheduler):
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
         three_phase: bool = False,
+        cycle_momentum: bool = False,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
     ) -> None:
         super().__init__(optimizer)
+        self._init_momentum(optimizer, cycle_momentum, base_momentum, max_momentum)
         self._configure(
             max_lr=max_lr,
             total_steps=total_steps,
@@ -141,7 +175,8 @@ class OneCycleLR(LRScheduler):
             return end + (start - end) / 2.0 * cos_out
         return (end - start) * pct + start
 
-    def _lr_at(self, t: int) -> float:
+    def _phase(self, t: int) -> tuple[int, float]:
+        """The phase of step ``t`` and the fraction of it done (torch's arithmetic)."""
         if t > self.total_steps:
             raise ValueError(
                 f"Tried to step {t} times. The specified number of total steps is "
@@ -149,12 +184,31 @@ class OneCycleLR(LRScheduler):
             )
         start_step = 0.0
         last = len(self._phases) - 1
-        for i, (end_step, start_lr, end_lr) in enumerate(self._phases):
+        for i, (end_step, _, _) in enumerate(self._phases):
             if t <= end_step or i == last:
-                pct = (t - start_step) / (end_step - start_step)
-                return self._anneal(start_lr, end_lr, pct)
+                return i, (t - start_step) / (end_step - start_step)
             start_step = end_step
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lr_at(self, t: int) -> float:
+        i, pct = self._phase(t)
+        _, start_lr, end_lr = self._phases[i]
+        return self._anneal(start_lr, end_lr, pct)
+
+    def _momentum_at(self, t: int) -> float:
+        i, pct = self._phase(t)
+        low, high = self.base_momentum, self.max_momentum
+        if self.three_phase:
+            start, end = ((high, low), (low, high), (high, high))[i]
+        else:
+            start, end = ((high, low), (low, high))[i]
+        return self._anneal(start, end, pct)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return self._momentum_state()
+
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        self._load_momentum(state)
 
     def _rebase(self, lr: float) -> None:
         """No-op: the one-cycle schedule is defined by ``max_lr``, not by ``base_lr``."""

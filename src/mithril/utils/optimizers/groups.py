@@ -13,11 +13,19 @@ group does. A group's learning rate is kept as its ratio to the optimizer's
 (``lr_scale``): a scheduler driving ``set_learning_rate`` moves every group in proportion,
 as torch's multiplicative schedulers move each group from its own base lr, and a state dict
 restores it exactly.
+
+:meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
+optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
+scheduler drives: ``StepLR(opt.hyperparameter("weight_decay"), ...)`` is a weight-decay
+schedule. Setting it is checked as the constructor checks the value; a group's new value only
+invalidates the table of scalars (``_groups_version``), never a compiled kernel.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -254,6 +262,97 @@ class GroupsMixin:
             cached = state.groups = (key, index, rows)
         return cached[1], views(self, cached[2])
 
+    # -- a handle on one hyperparameter (what a scheduler drives) --------------------------
+    def hyperparameter(self, name: str = "learning_rate", group: int | None = None
+                       ) -> Hyperparameter:
+        """A handle on hyperparameter ``name`` of this optimizer or, with ``group``, of
+        ``param_groups[group]``, with ``get_learning_rate()`` / ``set_learning_rate(value)``
+        (the interface every scheduler drives), e.g. ``StepLR(opt.hyperparameter(
+        "weight_decay"), step_size=10)`` or ``LinearLR(opt.hyperparameter("beta1", group=0),
+        ...)``. A value set through it is checked as the constructor checks it (a refused one
+        changes nothing, and the error names the hyperparameter and the group); it is a
+        per-step scalar of the fused kernel, so nothing recompiles. ``lr`` and ``eps`` are
+        accepted for ``learning_rate`` and ``epsilon``."""
+        name = _HP_ALIASES.get(name, name) if isinstance(name, str) else name
+        self._drivable(name, group)
+        return Hyperparameter(self, name, group)
+
+    def _drivable(self, name: Any, group: int | None) -> None:
+        """Raise unless ``name`` is a numeric hyperparameter a handle may drive (for
+        ``param_groups[group]`` when ``group`` is not None)."""
+        if not isinstance(name, str):
+            raise TypeError(f"a hyperparameter name must be a string, got {type(name).__name__}")
+        hp = self.hyperparameters()
+        own = sorted(k for k, v in hp.items() if k not in GROUP_KEYS and _is_number(v))
+        if name not in hp or name in GROUP_KEYS:
+            raise KeyError(f"{type(self).__name__} has no hyperparameter {name!r}; its numeric "
+                           f"hyperparameters are {own}")
+        if group is not None:
+            self._group(group)
+            if name in GLOBAL:
+                raise ValueError(f"{type(self).__name__}: {name} holds for the whole step and "
+                                 f"cannot differ per group (drive it with group=None)")
+        value = self._hyperparameter_value(name, group)
+        if not _is_number(value):
+            raise TypeError(f"{type(self).__name__}: {name}={value!r} is not a number a "
+                            f"scheduler can drive (the numeric hyperparameters are {own})")
+
+    def _hyperparameter_value(self, name: str, group: int | None) -> Any:
+        """The value of ``name`` for the optimizer or ``param_groups[group]``."""
+        if name == "learning_rate":
+            return self.get_learning_rate(group)
+        if group is None:
+            return getattr(self, name)
+        return self._group(group).get(name, getattr(self, name))
+
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None) -> Any:
+        """``value`` as the constructor normalises it, for ``name`` of the optimizer or of
+        ``param_groups[group]`` (``ValueError`` / ``TypeError`` naming both otherwise,
+        and for a value that would change the state slots or the kernel)."""
+        where = type(self).__name__ + ("" if group is None else f" param_groups[{group}]")
+        if name == "learning_rate":
+            from .checks import check_positive
+
+            try:
+                return check_positive("learning_rate", value)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{where}: {e}") from None
+        over = {} if group is None else {k: v for k, v in self._group(group).items()
+                                         if k not in ("params", "lr_scale")}
+        hp = {k: v for k, v in self.hyperparameters().items() if k not in GROUP_KEYS}
+        try:
+            view = type(self)(**{**hp, **over, name: value})  # the constructor's checks
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}: {name}={value!r} refused: {e}") from None
+        new = getattr(view, name)
+        probe = copy.copy(self)
+        probe.__dict__.update({**over, name: new})
+        if (probe.full_slot_names() != self.full_slot_names()
+                or probe.kernel_math() is not self.kernel_math()):
+            now = self._hyperparameter_value(name, group)
+            raise ValueError(f"{where}: {name}={value!r} changes {type(self).__name__}'s state "
+                             f"slots or update rule ({name}={now!r} now); build the optimizer "
+                             f"with a value of the same kind (e.g. momentum > 0 to drive "
+                             f"momentum)")
+        return new
+
+    def _set_hyperparameter(self, name: str, value: Any, group: int | None) -> None:
+        """Set ``name`` of the optimizer or of ``param_groups[group]`` (checked first: a
+        refused value changes nothing)."""
+        new = self._checked_hyperparameter(name, value, group)
+        if name == "learning_rate":
+            if group is not None and self.get_learning_rate() == 0 and new == 0:
+                return  # every group's rate is 0 with the optimizer's: nothing to change
+            try:
+                self.set_learning_rate(new, group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{type(self).__name__} param_groups[{group}]: {e}") from None
+        elif group is None:
+            setattr(self, name, new)
+        else:
+            self._group(group)[name] = new
+            self._groups_version += 1
+
     def _group(self, group: Any) -> dict[str, Any]:
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
             raise TypeError(f"group must be an index into param_groups, got {group!r}")
@@ -262,3 +361,42 @@ class GroupsMixin:
                            f"group {group}")
         return self._groups[group]
 
+
+
+#: names torch and optax users type for ours
+_HP_ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
+
+
+class Hyperparameter:
+    """A handle on one hyperparameter of an optimizer (``group=None``) or of one of its
+    parameter groups, made by :meth:`GroupsMixin.hyperparameter`: it has the
+    ``get_learning_rate()`` / ``set_learning_rate(value)`` pair that every scheduler drives
+    (whatever the hyperparameter: a scheduler only reads and sets a number), and ``get`` /
+    ``set`` as plainer names. ``check(value)`` returns the value as it would be set, or
+    raises as setting it would, changing nothing."""
+
+    __slots__ = ("group", "name", "optimizer")
+
+    def __init__(self, optimizer: Any, name: str, group: int | None = None) -> None:
+        self.optimizer, self.name, self.group = optimizer, name, group
+
+    def get_learning_rate(self) -> float:
+        return float(self.optimizer._hyperparameter_value(self.name, self.group))
+
+    def set_learning_rate(self, value: float) -> None:
+        self.optimizer._set_hyperparameter(self.name, value, self.group)
+
+    def check(self, value: float) -> float:
+        return float(self.optimizer._checked_hyperparameter(self.name, value, self.group))
+
+    get = get_learning_rate
+    set = set_learning_rate
+
+    def __repr__(self) -> str:
+        where = "" if self.group is None else f", group={self.group}"
+        return f"{type(self.optimizer).__name__}.hyperparameter({self.name!r}{where})"
