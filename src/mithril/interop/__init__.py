@@ -2,9 +2,10 @@
 
 * :func:`torch_optimizer` - any mithril optimizer as a real ``torch.optim.Optimizer``
   (:mod:`.torch_optim`; torch is imported only when it is called).
-* :func:`optax_transformation` - any elementwise mithril optimizer as an
-  ``optax.GradientTransformation`` (:mod:`.optax_transform`; jax and optax are imported only
-  when it is called).
+* :func:`optax_transformation` - any mithril optimizer but LBFGS (which needs a closure:
+  ``optax.lbfgs`` is optax's own) as an ``optax.GradientTransformation``
+  (:mod:`.optax_transform`; jax and optax are imported only when it is called);
+  :func:`schedule_free_eval_params` gives a schedule-free transformation's evaluation params.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .optax_transform import OptaxState
     from .torch_optim import TorchOptimizer
 
-__all__ = ["OptaxState", "TorchOptimizer", "optax_transformation", "torch_optimizer"]
+__all__ = ["OptaxState", "TorchOptimizer", "optax_transformation", "schedule_free_eval_params",
+           "torch_optimizer"]
 
 
 def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
@@ -28,12 +30,20 @@ def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          scalars: str = "auto") -> Any:
-    """``optimizer`` (an elementwise mithril optimizer) as an ``optax.GradientTransformation``
+    """``optimizer`` (a mithril optimizer) as an ``optax.GradientTransformation``
     with pure, jittable ``init``/``update``; see
     :func:`mithril.interop.optax_transform.optax_transformation`."""
     from .optax_transform import optax_transformation as make
 
     return make(optimizer, learning_rate=learning_rate, scalars=scalars)
+
+
+def schedule_free_eval_params(state: Any, params: Any) -> Any:
+    """The evaluation params (x) of a schedule-free transformation's ``state`` at ``params``
+    (y); see :func:`mithril.interop.optax_special.schedule_free_eval_params`."""
+    from .optax_special import schedule_free_eval_params as get
+
+    return get(state, params)
 
 
 def __getattr__(name: str) -> Any:

@@ -248,6 +248,7 @@ class _FallbackRow:
         self.weight_decay_in_math = fb.weight_decay_in_math
         # whole-step options: Muon's
         self.clip_value, self.ema_decay = owner.clip_value, owner.ema_decay
+        self.clip_tensor_norm, self.clip_block_rms = owner.clip_tensor_norm, owner.clip_block_rms
         self.ema_every, self.swa_start = owner.ema_every, owner.swa_start
 
     def update_slots(self) -> tuple[str, ...]:

@@ -1,0 +1,339 @@
+"""The per-step scalars of :func:`~mithril.interop.optax_transformation` (``scalars(step)``,
+learning rate first, then the weight averages' weights) and the per-structure plan: traced
+into the update where ``scalars`` is plain arithmetic on the step (:class:`_Step` stands in
+for it, ``math`` is swapped for a version taking JAX values), else computed on the host in
+float64 by a ``jax.pure_callback`` (see :mod:`.optax_transform`'s docs)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+_INT32_MAX = 2**31 - 1
+
+
+# -- tracing the optimizer's scalars(step) ---------------------------------------------------
+def _jnp_math() -> dict[str, Callable]:
+    import jax.numpy as jnp
+
+    return {"sqrt": jnp.sqrt, "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p,
+            "expm1": jnp.expm1, "log2": jnp.log2, "log10": jnp.log10, "pow": jnp.power,
+            "fabs": jnp.abs, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan,
+            "tanh": jnp.tanh, "atan": jnp.arctan, "floor": jnp.floor, "ceil": jnp.ceil,
+            "isfinite": jnp.isfinite, "isnan": jnp.isnan, "isinf": jnp.isinf,
+            "copysign": jnp.copysign, "hypot": jnp.hypot}
+
+
+def _on_numbers(real: Callable, traced: Callable) -> Callable:
+    @functools.wraps(real)
+    def fn(*args: Any) -> Any:
+        if all(isinstance(a, (int, float)) for a in args):  # Python / NumPy numbers
+            return real(*args)
+        return traced(*map(_value, args))
+
+    return fn
+
+
+def _value(x: Any) -> Any:
+    """``x``, a :class:`_Step` or :class:`_Power` as the JAX value it stands for."""
+    return x.value() if isinstance(x, (_Step, _Power)) else x
+
+
+def _lifted(name: str, reflected: bool = False) -> Callable:
+    """The operator ``name`` on the JAX value a wrapper stands for."""
+    import operator
+
+    op = getattr(operator, name)
+    if reflected:
+        return lambda self, other: op(_value(other), self.value())
+    return lambda self, *other: op(self.value(), *map(_value, other))
+
+
+_OPS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow")
+_UNARY = ("neg", "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge")
+
+
+def _with_operators(cls: type) -> type:
+    """Every arithmetic operator and comparison ``cls`` does not define itself goes to the
+    JAX value (so ``if step == 1`` fails as on any traced value: not traceable)."""
+    for name in _OPS:
+        for dunder, reflected in ((f"__{name}__", False), (f"__r{name}__", True)):
+            if dunder not in cls.__dict__:
+                setattr(cls, dunder, _lifted(name, reflected))
+    for name in _UNARY:
+        if f"__{name}__" not in cls.__dict__:
+            setattr(cls, f"__{name}__", _lifted(name))
+    cls.__hash__ = None  # type: ignore[assignment] - a step is no dict key (ASGD's lrs)
+    cls.__bool__ = lambda self: bool(self.value())  # type: ignore[attr-defined] - raises
+    return cls
+
+
+@_with_operators
+class _Step:
+    """The traced step count as ``scalars(step)`` sees it. ``b ** step`` (also
+    ``b ** (step + 1)``) becomes a :class:`_Power`; any other use is the int32 value's."""
+
+    def __init__(self, t: Any) -> None:
+        self.t = t
+
+    def value(self) -> Any:
+        return self.t
+
+    def __add__(self, k: Any) -> Any:
+        return _Step(self.t + k) if isinstance(k, int) else self.t + _value(k)
+
+    __radd__ = __add__
+
+    def __sub__(self, k: Any) -> Any:
+        return _Step(self.t - k) if isinstance(k, int) else self.t - _value(k)
+
+    def __rpow__(self, base: Any) -> Any:
+        if isinstance(base, (int, float)) and base > 0:
+            return _Power(float(base), self.t)
+        return _value(base) ** self.t
+
+
+@_with_operators
+class _Power:
+    """``base ** t`` for a Python ``base > 0`` and the traced step ``t``, computed as
+    ``exp(t·ln base)`` with ``ln base`` taken in float64 on the host, and ``c − base**t``
+    as ``(c − 1) − expm1(t·ln base)``: the bias corrections ``1 − βᵗ`` keep their relative
+    precision in float32 (``jnp.power(float32(β), t)`` loses ~1e-5 of it for β near 1: β's
+    own rounding, compounded t times, cancels in ``1 − βᵗ``)."""
+
+    def __init__(self, base: float, t: Any) -> None:
+        self.log_base, self.t = math.log(base), t
+
+    def exponent(self) -> Any:
+        return self.t * self.log_base
+
+    def value(self) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.exp(self.exponent())
+
+    def __rsub__(self, c: Any) -> Any:
+        import jax.numpy as jnp
+
+        if isinstance(c, (int, float)):
+            return (c - 1) - jnp.expm1(self.exponent())
+        return _value(c) - self.value()
+
+    def __sub__(self, c: Any) -> Any:
+        import jax.numpy as jnp
+
+        if isinstance(c, (int, float)):
+            return jnp.expm1(self.exponent()) + (1 - c)
+        return self.value() - _value(c)
+
+
+class _MathShim(types.ModuleType):
+    """``math`` whose functions take JAX values too (Python numbers still go to ``math``)."""
+
+    def __init__(self) -> None:
+        super().__init__("math")
+        for name, fn in _jnp_math().items():
+            setattr(self, name, _on_numbers(getattr(math, name), fn))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(math, name)
+
+
+@functools.cache
+def _traceable(fn: Callable) -> Callable:
+    """``fn`` with ``math`` (and functions imported from it) in its globals replaced by
+    versions that take JAX values: the optimizer's source is not changed."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    g = fn.__globals__
+    shim = _MathShim()
+    swap = {k: shim for k, v in g.items() if v is math}
+    swap.update({k: getattr(shim, v.__name__) for k, v in g.items()
+                 if isinstance(v, types.BuiltinFunctionType)
+                 and getattr(v, "__module__", None) == "math" and v.__name__ in _jnp_math()})
+    if not swap:
+        return fn
+    new = types.FunctionType(fn.__code__, {**g, **swap}, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def _scalars(view: Any, step: Any) -> tuple[Any, ...]:
+    fn = getattr(type(view), "scalars", None)
+    if not isinstance(fn, types.FunctionType):  # pragma: no cover - a non-function scalars
+        fn = type(view).scalars
+    return tuple(map(_value, _traceable(fn)(view, _Step(step))))
+
+
+def _averaging_weights(opt: Any, t: Any) -> list[Any]:
+    """:func:`mithril.utils.optimizers.averaging.weights` for a traced step ``t`` (int32)."""
+    import jax.numpy as jnp
+
+    k = min(int(getattr(opt, "ema_every", 1)), _INT32_MAX)
+    out = []
+    if getattr(opt, "ema_decay", None) is not None:
+        decay = 1.0 - opt.ema_decay
+        out.append(jnp.where(t % k != 0, 0.0, jnp.where(t // k == 1, 1.0, decay)))
+    if getattr(opt, "swa_start", None) is not None:
+        s = opt.swa_start
+        if s > _INT32_MAX:
+            out.append(jnp.zeros(()))
+        else:  # updates before this one: the multiples of k in [s, t - 1]
+            done = (t - 1) // k - (s - 1) // k
+            out.append(jnp.where((t < s) | (t % k != 0), 0.0, 1.0 / (done + 1)))
+    return out
+
+
+def _static_prologue(view: Any) -> tuple[float, float, float]:
+    """(clip_value or 0, coupled L2 factor, decoupled weight decay) of a group's view, as
+    :func:`~mithril.utils.optimizers.engines.common.prologue` applies them."""
+    cv = float(view.clip_value or 0.0)
+    if view.weight_decay_in_math:
+        return cv, 0.0, 0.0
+    if view.decoupled_weight_decay:
+        return cv, 0.0, float(view.weight_decay)
+    return cv, float(view.weight_decay), 0.0
+
+
+def _traced_row(view: Any, scale: float, t: Any, lr: Any,
+                attrs: dict[str, Any] | None = None) -> list[Any]:
+    """(decoupled keep factor, *full scalars) of one group for step ``t`` (traced);
+    ``attrs``: attributes set on the view first (state values ``scalars`` reads, driven
+    hyperparameters)."""
+    v = copy.copy(view)
+    v.learning_rate = lr * scale
+    v.__dict__.update(attrs or {})
+    scal = [*_scalars(v, t), *_averaging_weights(v, t)]
+    keep = 1.0 - scal[0] * _static_prologue(v)[2]
+    return [keep, *scal]
+
+
+def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
+               attrs: list[dict[str, Any]] | None = None) -> np.ndarray:
+    """The same rows in float64, computed by the optimizer itself (the JAX engine's), each
+    padded with zeros to the longest."""
+    rows = []
+    for r, (v, s) in enumerate(zip(views, scales)):
+        v.learning_rate = lr * s
+        if attrs:
+            v.__dict__.update(attrs[r])
+        scal = v.full_scalars(t)
+        rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
+    width = max(map(len, rows))
+    return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
+
+
+def _probe(views: list[Any], scales: list[float]) -> str | None:
+    """Why the scalars cannot be traced (None when they can and agree with the host's)."""
+    import jax
+    import jax.numpy as jnp
+
+    def rows(t: Any, lr: Any) -> Any:
+        return [jnp.stack([jnp.asarray(x, dtype=jnp.result_type(float)) for x in
+                           _traced_row(v, s, t, lr)]) for v, s in zip(views, scales)]
+
+    def padded(got: list[Any]) -> np.ndarray:
+        width = max(len(r) for r in got)
+        return np.array([np.pad(np.asarray(r, dtype=np.float64), (0, width - len(r)))
+                         for r in got])
+
+    lr0 = float(views[0].learning_rate) or 1e-3
+    try:
+        jax.make_jaxpr(rows)(np.int32(1), np.float32(lr0))
+    except Exception as e:  # noqa: BLE001 - any failure: compute them on the host
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(views[0]).__name__}.scalars(step) is not traceable ({type(e).__name__}: {first[:160]})"
+    fresh = [copy.copy(v) for v in views]
+    with jax.ensure_compile_time_eval():
+        for t in (1, 2, 3, 10, 1000):
+            got = padded(rows(jnp.int32(t), jnp.asarray(lr0)))
+            want = _host_rows(fresh, scales, t, lr0)
+            tol = 1e-12 if jax.config.jax_enable_x64 else 1e-5
+            if got.shape != want.shape or not np.allclose(got, want, rtol=tol, atol=1e-30,
+                                                          equal_nan=True):
+                return (f"{type(views[0]).__name__}.scalars(step) traced gives other values "
+                        f"than on the host (step {t})")
+    return None
+
+
+# -- the per-structure plan -----------------------------------------------------------------
+class _Plan:
+    """What one parameter structure needs, worked out once per tree structure: each
+    tensor's row (``index``), one optimizer per row (``views``) with its learning rate's
+    ratio to the optimizer's (``scales``), what each row's group overrides, per-tensor
+    clipping, and how the scalars are computed."""
+
+    def __init__(self, index: list[int], views: list[Any], scales: list[float], mode: str,
+                 overrides: list[set[str]] | None = None, clips: list[tuple] | None = None
+                 ) -> None:
+        self.index = [int(i) for i in index]
+        self.views = views
+        self.scales = scales
+        self.overrides = overrides or [set() for _ in views]
+        self.static = [_static_prologue(v) for v in views]
+        #: each row's (clip_tensor_norm, clip_block_rms), where any row clips per tensor
+        if clips is None:
+            clips = [(getattr(v, "clip_tensor_norm", None), getattr(v, "clip_block_rms", None))
+                     for v in views]
+        self.tensor_clip = clips if any(c != (None, None) for c in clips) else None
+        self.host_views = [copy.copy(v) for v in views]  # kept: ASGD remembers lrs
+        self.widths = [1 + len(copy.copy(v).full_scalars(1)) for v in views]
+        self.width = max(self.widths)  # the host table's (keep factor, scalars), padded
+        reason = None if mode == "host" else _probe(views, self.scales)
+        if mode == "traced" and reason is not None:
+            raise TypeError(f"scalars='traced': {reason}; use scalars='auto' or 'host' (a "
+                            f"host callback)")
+        self.host = mode == "host" or reason is not None
+        self.reason = reason
+
+    @classmethod
+    def of_groups(cls, opt: Any, names: list[str], mode: str) -> _Plan:
+        """The plan of an elementwise optimizer: its parameter groups' rows."""
+        from types import SimpleNamespace
+
+        holder = SimpleNamespace(groups=None, layout=SimpleNamespace(name_list=names))
+        index, views = opt.group_rows(holder)
+        rows = holder.groups[2] if holder.groups is not None else [{}] * len(views)
+        return cls(list(index), views, [float(r.get("lr_scale", 1.0)) for r in rows], mode,
+                   [set(r) for r in rows])
+
+    def attrs(self, driven: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each row's share of ``driven`` (attribute -> value): all but what its group
+        overrides."""
+        return [{k: v for k, v in driven.items() if k not in over} for over in self.overrides]
+
+
+def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any
+                 ) -> list[list[Any]]:
+    """Each row's (keep factor, *full scalars) for step ``t`` (traced), as JAX values of
+    dtype ``dt``: traced, or computed on the host by a ``jax.pure_callback``. ``driven``:
+    the attributes to set on each view first (state values, hyperparameters from the
+    state)."""
+    import jax
+    import jax.numpy as jnp
+
+    attrs = plan.attrs(driven)
+    if plan.host:
+        names = sorted(driven)
+        out_dt = np.dtype(dt)
+
+        def callback(step: Any, rate: Any, *vals: Any) -> np.ndarray:
+            got = dict(zip(names, (float(v) for v in vals)))
+            per_row = [{k: got[k] for k in a} for a in attrs]
+            return _host_rows(plan.host_views, plan.scales, int(step), float(rate),
+                              per_row).astype(out_dt)
+
+        table = jax.pure_callback(
+            callback, jax.ShapeDtypeStruct((len(plan.views), plan.width), dt), t,
+            jnp.asarray(lr, dt), *(jnp.asarray(driven[k], dt) for k in names),
+            vmap_method="sequential")
+        return [[table[r, j] for j in range(w)] for r, w in enumerate(plan.widths)]
+    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t, jnp.asarray(lr, dt), a)]
+            for v, s, a in zip(plan.views, plan.scales, attrs)]

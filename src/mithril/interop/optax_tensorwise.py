@@ -1,0 +1,279 @@
+""":func:`~mithril.interop.optax_transformation` for a
+:class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer` (Muon, Adafactor): each
+tensor's ``tensor_update(xp, p, g, slots, scalars, name)`` runs inside the transformation's
+``update`` with an ops namespace of JAX operations whose results stay JAX values
+(:class:`TracedOps`), so the update is one XLA program: pure, jittable, composable in
+``optax.chain``.
+
+What the optimizer's own ``update`` does, the transformation does alike: the clipping
+(per tensor, then ``clip_norm`` on the clipped gradients, then ``clip_value``), weight decay
+(coupled, decoupled with the row's learning rate, or the math's), parameter groups (Muon's
+fallback optimizer for the parameters that are not matrices, with its own groups), weight
+averaging and ``nonfinite="skip"``. The slots have the optimizer's shapes
+(``slot_shape``: Adafactor's factored row / column statistics, Muon's ``(0,)`` parts for
+the tensors a slot does not serve), each leaf a JAX array in ``state.slots[name]``.
+
+Differences from the optimizer's own ``update`` on the JAX backend, all rounding: the
+norms it takes on the host in float64 (the global gradient norm, Adafactor's RMS of the
+parameter and of the update) are taken here in float32 (float64 with ``jax_enable_x64``);
+the per-step scalars, traced or computed on the host as for elementwise optimizers, are
+float32 likewise. Muon's bfloat16 Newton–Schulz iteration rounds each result with
+``jax.lax.reduce_precision`` (what ``astype(bfloat16)`` does eagerly, and which XLA does
+not remove when it fuses).
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import functools
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+from ..utils.optimizers.tensorwise import JaxOps
+from .optax_scalars import (
+    _INT32_MAX,
+    _averaging_weights,
+    _jnp_math,
+    _MathShim,
+    _Plan,
+    _row_scalars,
+    _static_prologue,
+)
+from .optax_transform import (
+    OptaxState,
+    _check_update,
+    _copied_slots,
+    _flatten,
+    _gradients,
+    _initial_hyperparams,
+    _prologue,
+    _step_lr,
+    _wide,
+)
+
+__all__ = ["TracedOps", "tensorwise_transformation"]
+
+
+class TracedOps(JaxOps):
+    """:class:`~mithril.utils.optimizers.tensorwise.JaxOps` for ``tensor_update`` under
+    ``jax.jit``: ``norm`` is a 0-d JAX value (not a Python float), ``lerp`` takes a traced
+    weight (both of its forms computed, the one ``|w| < 0.5`` picks kept: the same numbers),
+    and the bfloat16 rounding is ``jax.lax.reduce_precision``."""
+
+    def norm(self, x: Any) -> Any:
+        m = self.m
+        acc = m.promote_types(x.dtype, _wide())
+        return m.sqrt(m.sum(m.square(x.astype(acc))))
+
+    def lerp(self, a: Any, b: Any, w: Any) -> Any:
+        if isinstance(w, (int, float)):
+            return super().lerp(a, b, w)
+        return self.m.where(abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
+
+    def rnd(self, x: Any) -> Any:
+        import jax
+
+        return jax.lax.reduce_precision(x.astype(self.m.float32), exponent_bits=8,
+                                        mantissa_bits=7)
+
+
+def _extremum(real: Callable, pick: Callable) -> Callable:
+    """``max`` / ``min`` that take JAX values too (elementwise, as ``jnp.maximum``)."""
+
+    @functools.wraps(real)
+    def fn(*args: Any, **kw: Any) -> Any:
+        if kw or len(args) < 2 or all(isinstance(a, (int, float)) for a in args):
+            return real(*args, **kw)
+        out = args[0]
+        for a in args[1:]:
+            out = pick(out, a)
+        return out
+
+    return fn
+
+
+@functools.cache
+def _traceable_update(fn: Callable) -> Callable:
+    """``fn`` (a ``tensor_update``) with ``math`` and the builtins ``max`` / ``min`` in its
+    globals taking JAX values too: the optimizer's source is not changed."""
+    import jax.numpy as jnp
+
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    g = fn.__globals__
+    shim = _MathShim()
+    swap: dict[str, Any] = {k: shim for k, v in g.items() if v is math}
+    swap.update({k: getattr(shim, v.__name__) for k, v in g.items()
+                 if isinstance(v, types.BuiltinFunctionType)
+                 and getattr(v, "__module__", None) == "math" and v.__name__ in _jnp_math()})
+    swap["max"] = _extremum(builtins.max, jnp.maximum)
+    swap["min"] = _extremum(builtins.min, jnp.minimum)
+    new = types.FunctionType(fn.__code__, {**g, **swap}, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def _scalar_source(row: Any) -> Any:
+    """The optimizer whose ``scalars(step)`` a row's are: Muon's fallback rows call their
+    fallback optimizer's (traced through it, not through the wrapper)."""
+    from ..utils.optimizers.muon import _FallbackRow
+
+    return row.fb if isinstance(row, _FallbackRow) else row
+
+
+class _Rows:
+    """One parameter structure's rows: the objects whose ``tensor_update`` runs (``rows``,
+    distinct, with each tensor's ``index``), and the :class:`_Plan` of their scalars."""
+
+    def __init__(self, opt: Any, names: list[str], shapes: list[tuple[int, ...]],
+                 mode: str) -> None:
+        from types import SimpleNamespace
+
+        holder = SimpleNamespace(groups=None, layout=SimpleNamespace(
+            name_list=list(names), names=tuple(names), shapes=tuple(shapes)))
+        unit = copy.copy(opt)
+        unit.learning_rate = 1.0  # each row's learning rate is then its ratio to opt's
+        per_tensor = unit.tensor_rows(holder)
+        seen: dict[int, int] = {}
+        rows: list[Any] = []
+        index = []
+        for row in per_tensor:
+            if id(row) not in seen:
+                seen[id(row)] = len(rows)
+                rows.append(row)
+            index.append(seen[id(row)])
+        sources = [_scalar_source(r) for r in rows]
+        clips = [(getattr(r, "clip_tensor_norm", None), getattr(r, "clip_block_rms", None))
+                 for r in rows]
+        self.rows = rows
+        self.n_own = [len(copy.copy(s).scalars(1)) for s in sources]
+        self.plan = _Plan(index, sources, [float(s.learning_rate) for s in sources], mode,
+                          clips=clips)
+        self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
+
+
+def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
+    """Muon without a fallback takes 2-D parameters only (as its ``init``)."""
+    from ..errors import ShapeError
+    from ..utils.optimizers.muon import Muon
+
+    if isinstance(opt, Muon) and opt.fallback is None:
+        for n, p in zip(names, leaves):
+            if p.ndim != 2:
+                raise ShapeError(f"Muon(fallback=None) updates 2-D parameters only (as "
+                                 f"torch.optim.Muon); params['{n}'] has shape {tuple(p.shape)}:"
+                                 f" give Muon a fallback (e.g. fallback=AdamW()) for the others")
+
+
+def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any:
+    """The transformation of a tensorwise optimizer ``opt`` (already checked and copied by
+    :func:`~mithril.interop.optax_transform.optax_transformation`)."""
+    import jax.numpy as jnp
+    import optax
+
+    opt_name = type(opt).__name__
+    own = tuple(opt.slot_names())
+    full = tuple(opt.full_slot_names())
+    averaged = full[len(own):]
+    copied = _copied_slots(opt)
+    xp = TracedOps()
+    structures: dict[tuple, _Rows] = {}
+
+    def rows_for(treedef: Any, names: list[str], leaves: list[Any]) -> _Rows:
+        shapes = [tuple(p.shape) for p in leaves]  # which tensors are matrices: Muon's rows
+        key = (treedef, tuple(shapes))
+        got = structures.get(key)
+        if got is None:
+            got = structures[key] = _Rows(opt, names, shapes, scalars)
+        return got
+
+    def init(params: Any) -> OptaxState:
+        leaves, treedef, names = _flatten(params, opt_name)
+        _check_shapes(opt, names, leaves)
+        slots = {}
+        for s in full:
+            if s in copied:
+                slots[s] = treedef.unflatten([jnp.array(p, copy=True) for p in leaves])
+            else:
+                v = opt.slot_init(s)
+                slots[s] = treedef.unflatten([jnp.full(tuple(opt.slot_shape(s, p.shape)), v,
+                                                       p.dtype) for p in leaves])
+        return OptaxState(jnp.zeros((), jnp.int32), slots, {}, {},
+                          _initial_hyperparams(opt, learning_rate))
+
+    def update(updates: Any, state: OptaxState, params: Any = None) -> tuple[Any, OptaxState]:
+        _check_update(opt_name, state, params)
+        leaves, treedef, names = _flatten(params, opt_name)
+        grads = _gradients(opt_name, updates, treedef, leaves, names)
+        rows = rows_for(treedef, names, leaves)
+        plan = rows.plan
+        slot_leaves = {s: treedef.flatten_up_to(state.slots[s]) for s in full}
+        count = state.count
+        t = count + 1
+        lr = _step_lr(learning_rate, state)
+        table = _row_scalars(plan, t, lr, {}, _wide())
+        skip = opt.nonfinite == "skip"
+        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip)
+        avg_w = _averaging_weights(opt, t)
+
+        new_ps: list[Any] = []
+        new_slots: dict[str, list[Any]] = {s: list(slot_leaves[s]) for s in full}
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            r = plan.index[i]
+            row = copy.copy(rows.rows[r])
+            row.learning_rate = jnp.asarray(lr) * plan.scales[r]
+            acc = jnp.promote_types(p.dtype, jnp.float32)
+            scal = tuple(x.astype(acc) for x in table[r][1:1 + rows.n_own[r]])
+            mine = {s: slot_leaves[s][i] for s in row.update_slots()}
+            fn = _traceable_update(type(row).tensor_update)
+            try:
+                new_p, out = fn(row, xp, p, g, dict(mine), scal, names[i])
+            except Exception as e:
+                if "Tracer" not in type(e).__name__ and "Concretization" not in type(e).__name__:
+                    raise
+                raise TypeError(f"{opt_name}.tensor_update does not run on traced JAX values "
+                                f"({type(e).__name__}); it must use the ops namespace, "
+                                f"arithmetic and math / max / min only") from e
+            if set(out) != set(mine):
+                raise RuntimeError(f"{type(row).__name__}.tensor_update must return every slot "
+                                   f"{sorted(mine)}, got {sorted(out)}")
+            new_p = jnp.asarray(new_p).astype(p.dtype)
+            new_ps.append(new_p)
+            for s, v in out.items():
+                old = slot_leaves[s][i]
+                v = jnp.asarray(v)
+                if v.shape != old.shape:
+                    raise RuntimeError(f"{type(row).__name__}.tensor_update returned slot {s!r} "
+                                       f"of '{names[i]}' with shape {v.shape}, not "
+                                       f"{old.shape}")
+                new_slots[s][i] = v.astype(old.dtype)
+            for s, w in zip(averaged, avg_w):
+                a = slot_leaves[s][i]
+                w = w.astype(a.dtype)
+                new_slots[s][i] = jnp.where(w == 1, new_p,
+                                            jnp.where(w != 0, a + w * (new_p - a), a))
+
+        new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
+        if skip:
+            finite = jnp.isfinite(norm)
+            for x in [*new_ps, *(v for vs in new_slots.values() for v in vs)]:
+                finite = finite & jnp.all(jnp.isfinite(x))
+            new_ps = [jnp.where(finite, a, b) for a, b in zip(new_ps, leaves)]
+            new_slots = {s: [jnp.where(finite, a, b) for a, b in zip(vs, slot_leaves[s])]
+                         for s, vs in new_slots.items()}
+            new_count = jnp.where(finite, new_count, count)
+
+        out_updates = treedef.unflatten([a - b for a, b in zip(new_ps, leaves)])
+        hyper = dict(state.hyperparams)
+        if learning_rate is not None:
+            hyper["learning_rate"] = jnp.asarray(lr)
+        new_state = OptaxState(new_count, {s: treedef.unflatten(v) for s, v in new_slots.items()},
+                               dict(state.tensor_slots), dict(state.values), hyper)
+        return out_updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
