@@ -27,14 +27,15 @@ parameters on CPU)::
 How it works:
 
 * **One parameter group** holding the parameters, ``lr`` and the optimizer's other
-  hyperparameters under torch's names where torch has one (``betas`` for ``beta1, beta2``,
-  ``eps`` for ``epsilon``, ``alpha`` for RMSProp's ``decay``; the rest, e.g. ``momentum``,
-  ``weight_decay``, ``amsgrad``, ``clip_norm``, under their own). Every :meth:`step` reads
-  the group: ``lr`` is passed to ``set_learning_rate`` (a scheduler or a user may change it
-  at will, nothing recompiles), and any other changed value is applied after the
-  constructor's checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works
-  too). A change that would need other state slots (e.g. SGD momentum from 0 to 0.9 after
-  the first step) is refused with a ``ValueError``.
+  hyperparameters under torch's names where torch has one (``betas`` for ``beta1, beta2[,
+  beta3]``, a lone ``beta1`` keeping its name; ``eps`` for ``epsilon``, ``alpha`` for
+  RMSProp's ``decay``; the rest, e.g. ``momentum``, ``weight_decay``, ``amsgrad``,
+  ``clip_norm``, under their own). Every :meth:`step` reads the group: ``lr`` is passed to
+  ``set_learning_rate`` (a scheduler or a user may change it at will, nothing recompiles),
+  and any other changed value is applied after the constructor's checks (so
+  ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A change
+  that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
+  step) is refused with a ``ValueError``.
 * **No copy per step.** The first :meth:`step` creates the optimizer state and runs the
   update; the optimizer then holds every parameter in one flat buffer, and each
   ``nn.Parameter`` is pointed at its slice of it (``param.data = view``: the Parameter
@@ -50,11 +51,28 @@ How it works:
   (bias corrections) is one per optimizer, not one per parameter as in torch: the two agree
   unless some parameters miss steps (see :class:`~mithril.utils.optimizers.Optimizer`).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
-  bfloat16) the engines' flat-tensor path. Parameters must share one dtype and device.
+  bfloat16) the engines' flat-tensor path. Muon and Adafactor (per-tensor matrix updates,
+  :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
+  operations tensor by tensor, on any device, into the same flat buffer. Parameters must
+  share one dtype and device.
+* **LBFGS** (any optimizer whose ``update`` takes ``closure=``) needs ``step(closure)``
+  with torch's usual closure (clear the gradients, compute the loss, ``backward()``,
+  return the loss), as ``torch.optim.LBFGS``; it calls it as often as its iterations and
+  line search need. Each evaluation point is copied into the parameters (their storage is
+  kept) before the closure runs, their ``.grad`` are read (zeros where None), and the
+  parameters end at the step's result; ``step`` returns the closure's first loss. If
+  anything fails (the closure raises, returns a non-finite loss or gradient, or no loss)
+  the parameters are written back and the optimizer state is unchanged; an exception of
+  the closure's own propagates with a note saying so.
 * ``state_dict()`` is torch-shaped: ``{"state": {i: {"step": tensor, <slot>: tensor}},
   "param_groups": [group], "mithril": {...}}`` with torch's slot names where torch has the
-  optimizer (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...); the ``"mithril"`` entry
-  holds the optimizer's name, hyperparameters and exact counters. ``load_state_dict``
+  optimizer (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...), each of its slot shape
+  (0-d for one value per tensor, e.g. ASGD's ``eta``/``mu`` as torch, Novograd's ``nu``;
+  Adafactor's factors ``row_var``/``col_var``), leaving out what a parameter does not use
+  (entries with no elements; LBFGS history not yet made); the ``"mithril"`` entry holds the
+  optimizer's name, hyperparameters, exact counters and, under ``"values"``, its
+  optimizer-wide values (Prodigy's ``d``, the schedule-free ``weight_sum``, LBFGS's
+  ``n_iter``, ...; :mod:`.torch_optim_state` has the details). ``load_state_dict``
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
@@ -66,37 +84,41 @@ How it works:
   group's parameters in place, checks them for inf/NaN and calls :meth:`step` only when
   they are finite (``_step_supports_amp_scaling`` is deliberately not set).
 
+The base class :class:`~mithril.utils.optimizers.Optimizer` itself (no update rule) is
+refused with a ``TypeError``; every optimizer of :mod:`mithril.utils.optimizers` works.
+
 Also: ``opt.state[p]`` gives, per parameter, ``step`` and live views of the slots (torch's
 names); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
-:class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step).
+:class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step; its
+``values`` hold the optimizer-wide values).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import SGD, Adam, Adamax, NAdam, Optimizer, RAdam, RMSProp
+from ..utils.optimizers import Optimizer, RMSProp
+from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
+    TORCH_SLOTS,
+    export,
+    group_value,
+    live_state,
+    parse_state_dict,
+    restore,
+    scalar,
+    slot_names_for_torch,
+)
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
-
-#: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep theirs)
-TORCH_SLOTS: tuple[tuple[type, dict[str, str]], ...] = (
-    (SGD, {"momentum": "momentum_buffer"}),
-    (Adam, {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"}),  # and AdamW
-    (RMSProp, {"v": "square_avg", "momentum": "momentum_buffer"}),
-    (Adamax, {"m": "exp_avg", "u": "exp_inf"}),
-    (NAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
-    (RAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
-)
 
 _BETA = re.compile(r"beta[0-9]+")
 
@@ -105,12 +127,12 @@ _BETA = re.compile(r"beta[0-9]+")
 _SET_VERSIONS = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
 
 
-def slot_names_for_torch(opt: Optimizer) -> dict[str, str]:
-    """mithril slot name -> the state key used in torch-style state dicts."""
-    for cls, names in TORCH_SLOTS:
-        if isinstance(opt, cls):
-            return names
-    return {}
+def _count_in_place(stepped: list[torch.Tensor]) -> None:
+    """Count an update written behind autograd's back as the in-place update it is, so that
+    a backward through a graph built before the step fails as with torch.optim instead of
+    using the new values."""
+    if _SET_VERSIONS is not None and stepped:
+        _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
 
 
 def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
@@ -119,6 +141,8 @@ def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
     ``decay``; every other hyperparameter under its own name."""
     hp = opt.hyperparameters()
     betas = tuple(sorted((k for k in hp if _BETA.fullmatch(k)), key=lambda k: int(k[4:])))
+    if len(betas) < 2:  # a lone beta1 (schedule-free SGD) keeps its name: torch's "betas"
+        betas = ()  # is a tuple, which OneCycleLR's momentum cycling indexes
     rename = {"epsilon": "eps"}
     if isinstance(opt, RMSProp):
         rename["decay"] = "alpha"
@@ -138,34 +162,13 @@ def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def _scalar(v: Any) -> Any:
-    """A one-element tensor as a Python number (a scheduler may keep ``lr`` as a tensor)."""
-    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-
-
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
     try:
-        return bool(_scalar(a) == _scalar(b))
+        return bool(scalar(a) == scalar(b))
     except Exception:  # noqa: BLE001 - incomparable values are different
         return False
-
-
-def _to_numpy(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.bfloat16, torch.float16):
-            x = x.float()
-        return x.cpu().numpy()
-    return x
-
-
-def _to_tensor(a: np.ndarray) -> torch.Tensor:
-    try:
-        return torch.from_numpy(a.copy(order="C") if not a.flags.c_contiguous else a)
-    except TypeError:  # e.g. an ml_dtypes bfloat16 array
-        return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -176,6 +179,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a mithril optimizer (mithril.utils.optimizers), "
                             f"got {type(optimizer).__name__}")
+        cls = type(optimizer)
+        if (cls.update is Optimizer.update and cls.kernel_math is Optimizer.kernel_math
+                and cls.math is Optimizer.math):
+            raise TypeError(f"{cls.__name__} states no update rule (no math or kernel_math, "
+                            f"and no update of its own): it cannot be wrapped; give a "
+                            f"concrete optimizer, e.g. Adam")
         names, tensors, named = _parameters(params)
         self._mithril = optimizer
         self._names = names
@@ -189,6 +198,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         finally:
             self._constructing = False
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
+        self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
         self._synced = {key: copy.deepcopy(defaults[key]) for key, _ in self._keys}
 
     # -- what users see ------------------------------------------------------------------
@@ -207,16 +217,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         """Per parameter: ``step`` (a tensor) and views of the state slots under torch's
         names (built on each access; on CPU and GPU the slot tensors are live views of the
         optimizer's buffers, so writing them changes the state)."""
-        out: defaultdict = defaultdict(dict)
-        st = self.__dict__.get("_opt_state")
-        if st is None:
-            return out
-        rename = slot_names_for_torch(self._mithril)
-        slots = {rename.get(s, s): st.slot(s) for s in st.slots}
-        for name, p in zip(self._names, self._params):
-            out[p] = {"step": torch.tensor(float(st.step)),
-                      **{key: per[name] for key, per in slots.items()}}
-        return out
+        return live_state(self._mithril, self.__dict__.get("_opt_state"), self._names,
+                          self._params)
 
     @state.setter
     def state(self, value: Any) -> None:
@@ -236,7 +238,11 @@ class TorchOptimizer(torch.optim.Optimizer):
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One update from the parameters' ``.grad`` (those with none are skipped). With
-        ``closure``, it is called first under ``torch.enable_grad()`` and its loss returned."""
+        ``closure``, it is called first under ``torch.enable_grad()`` and its loss returned.
+        An optimizer that evaluates the loss itself (LBFGS) needs ``closure`` and calls it
+        as often as it needs (see the module docs)."""
+        if self._closure_driven:
+            return self._closure_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -255,13 +261,70 @@ class TorchOptimizer(torch.optim.Optimizer):
             new, state = self._mithril.update(current, grads, state)
             self._opt_state = state
             self._adopt(current, new)
-            if _SET_VERSIONS is not None and not state.last_step_skipped:
-                # the kernel wrote the parameters behind autograd's back: count it as the
-                # in-place update it is, so that a backward through a graph built before
-                # this step fails as with torch.optim instead of using the new values
-                stepped = [p for p in params if p.grad is not None]
-                _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
+            if not state.last_step_skipped:
+                _count_in_place([p for p in params if p.grad is not None])
         return loss
+
+    def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
+        """``step(closure)`` of an optimizer whose ``update`` evaluates the loss itself
+        (``update(params, None, state, closure=f)``, ``f(params) -> (loss, gradients)``):
+        ``f`` writes the params it is given into the parameters, calls ``closure`` and
+        reads their ``.grad`` (zeros where None, as torch.optim.LBFGS). On any error the
+        parameters are written back and the state is unchanged."""
+        name = type(self._mithril).__name__
+        if closure is None:
+            raise TypeError(f"{name} evaluates the loss several times per step: call "
+                            f"step(closure) with a closure that clears the gradients, "
+                            f"computes the loss, calls loss.backward() and returns the loss "
+                            f"(as for torch.optim.LBFGS)")
+        if not callable(closure):
+            raise TypeError(f"step(closure): closure must be callable, got "
+                            f"{type(closure).__name__}")
+        self._sync(self.param_groups[0])
+        names, params = self._names, self._params
+        first: dict[str, Any] = {}  # the point the step starts from, and its loss
+
+        def evaluate(point: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+            with torch.no_grad():
+                if "point" not in first:
+                    first["point"] = point  # the parameters' own values (a copy)
+                else:
+                    first["wrote"] = True
+                    for p, x in zip(params, point.values()):
+                        p.copy_(x)
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except Exception as e:
+                e.add_note(f"(raised by the closure given to {name}'s step: parameters and "
+                           f"optimizer state left unchanged)")
+                raise
+            if loss is None or isinstance(loss, torch.Tensor) and loss.numel() != 1:
+                raise TypeError(f"{name}: the closure must return the loss (a number or a "
+                                f"one-element tensor), got "
+                                f"{'None' if loss is None else tuple(loss.shape)}")
+            first.setdefault("loss", loss)
+            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+                     for n, p in zip(names, params)}
+            return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
+
+        current = {n: p.detach() for n, p in zip(names, params)}
+        try:
+            state = self._opt_state
+            if state is None:
+                state = self._mithril.init(current)
+            new, state = self._mithril.update(current, None, state, closure=evaluate)
+        except BaseException:
+            if first.get("wrote"):
+                with torch.no_grad():
+                    for p, x in zip(params, first["point"].values()):
+                        p.copy_(x)
+            raise
+        with torch.no_grad():
+            for p, x in zip(params, new.values()):
+                p.copy_(x)
+        self._opt_state = state
+        return first["loss"]
 
     def _current(self) -> dict[str, torch.Tensor]:
         """The arrays to pass to ``update``: the ones it returned last time wherever the
@@ -293,20 +356,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         hp = self._mithril.hyperparameters()
         return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
 
-    @staticmethod
-    def _ours(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
-        """The hyperparameters a group value stands for."""
-        if len(ours) == 1:
-            return {ours[0]: _scalar(value)}
-        try:
-            values = tuple(value)
-        except TypeError:
-            values = ()
-        if len(values) != len(ours):
-            raise ValueError(f"param_groups[0]['{key}'] must be a sequence of {len(ours)} "
-                             f"numbers ({', '.join(ours)}), got {value!r}")
-        return {k: _scalar(v) for k, v in zip(ours, values)}
-
     def _sync(self, group: Mapping[str, Any]) -> None:
         """Apply the group's values that changed since the last step to the optimizer."""
         opt = self._mithril
@@ -314,7 +363,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
         except KeyError:
             raise KeyMismatchError("param_groups[0] has no 'lr'") from None
-        lr = _scalar(lr)
+        lr = scalar(lr)
         if lr != opt.get_learning_rate():
             try:
                 opt.set_learning_rate(lr)
@@ -335,7 +384,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         keys = dict(self._keys)
         hp: dict[str, Any] = {}
         for key, value in changed.items():
-            hp.update(self._ours(key, keys[key], value))
+            hp.update(group_value(key, keys[key], value))
         old = opt.hyperparameters()
         before = {k: old[k] for k in hp}
         where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
@@ -361,25 +410,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         packed = {k: v for k, v in group.items() if k != "params"}
         packed["params"] = list(range(len(self._params)))
-        ours = self._mithril.state_dict(self._opt_state)
-        state: dict[int, dict[str, Any]] = {}
-        if self._opt_state is not None:
-            rename = slot_names_for_torch(self._mithril)
-            for i, name in enumerate(self._names):
-                entry: dict[str, Any] = {"step": torch.tensor(float(ours["step"]),
-                                                              dtype=torch.float32)}
-                for slot, per_param in ours["slots"].items():
-                    entry[rename.get(slot, slot)] = _to_tensor(per_param[name])
-                state[i] = entry
-        hp = ours["hyperparameters"]
+        state, meta = export(self._mithril, self._opt_state, self._names)
+        hp = meta["hyperparameters"]
         for key, ours_keys in self._keys:  # what the next step will use (a scheduler may
-            try:  # have changed lr since the last one)
-                hp.update(self._ours(key, ours_keys, group[key]))
+            try:  # have changed lr since the last one; Lookahead's is its inner optimizer's)
+                if all(k in hp for k in ours_keys):
+                    hp.update(group_value(key, ours_keys, group[key]))
             except (KeyError, ValueError):  # the next step refuses it, and says why
                 pass
-        meta = {"optimizer": ours["optimizer"], "hyperparameters": hp,
-                "step": ours.get("step", 0), "num_skipped": ours.get("num_skipped", 0),
-                "num_nonfinite": ours.get("num_nonfinite", 0), "param_names": list(self._names)}
+        meta["param_names"] = list(self._names)
         out: dict[str, Any] = {"state": state, "param_groups": [packed], "mithril": meta}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, out)
@@ -399,18 +438,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        group, ours = self._parse(state_dict)
-        opt = self._mithril
-        try:
-            if "slots" in ours:
-                params = {n: p.detach() for n, p in zip(self._names, self._params)}
-                state = opt.load_state_dict(ours, params)
-            else:
-                state = opt.load_state_dict(ours)
-        except (TypeError, ValueError, KeyError) as e:
+        group, ours = parse_state_dict(self._mithril, state_dict, self._names, self._params,
+                                       self._keys, self.param_groups[0])
+
+        def refuse(e: BaseException) -> BaseException:
             cls, msg = (KeyMismatchError, e.args[0] if e.args else e) if isinstance(
                 e, KeyError) else (type(e), e)
-            raise cls(f"state dict refused (nothing changed): {msg}") from e
+            return cls(f"state dict refused (nothing changed): {msg}")
+
+        state = restore(self._mithril, ours, self._names, self._params, refuse)
         # nothing fails from here on
         self._opt_state = state
         self._views = None  # the next step copies the parameters into the new buffer
@@ -420,69 +456,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._synced = {key: copy.deepcopy(group[key]) for key, _ in self._keys}
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _parse(self, sd: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The new param group and the mithril state dict that ``sd`` stands for; raises,
-        naming the entry at fault, if it is malformed."""
-        opt, n = self._mithril, len(self._params)
-        meta = sd.get("mithril")
-        if not isinstance(meta, Mapping):
-            raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
-                             "torch_optimizer (torch.optim state dicts are not accepted)")
-        if meta.get("optimizer") != type(opt).__name__:
-            raise ValueError(f"state dict is for {meta.get('optimizer')!r}, not "
-                             f"{type(opt).__name__}")
-        if not isinstance(meta.get("hyperparameters"), Mapping):
-            raise TypeError("state dict ['mithril']['hyperparameters'] must be a dict")
-        groups = sd.get("param_groups")
-        if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(
-                groups[0], Mapping):
-            got = (f"{len(groups)} groups" if isinstance(groups, (list, tuple))
-                   else type(groups).__name__)
-            raise ValueError(f"state dict 'param_groups' must be a list of one group (dict), "
-                             f"got {got}")
-        saved_group = copy.deepcopy(dict(groups[0]))
-        ids = saved_group.get("params")
-        if not isinstance(ids, (list, tuple)) or len(ids) != n:
-            got = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
-            raise ValueError(f"state dict's parameter group has {got} parameters, this "
-                             f"optimizer {n}")
-        hp = dict(meta["hyperparameters"])
-        for key, ours in self._keys:
-            if key in saved_group:
-                hp.update(self._ours(key, ours, saved_group[key]))
-        out: dict[str, Any] = {"optimizer": type(opt).__name__, "hyperparameters": hp,
-                               **{k: meta.get(k, 0) for k in ("step", "num_skipped",
-                                                              "num_nonfinite")}}
-        state = sd.get("state")
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state dict 'state' must be a dict, got {type(state).__name__}")
-        if state:
-            index = {i: k for k, i in enumerate(ids)}
-            if len(index) != n or set(state) != set(index):
-                missing = sorted(set(index) - set(state), key=repr)
-                unknown = sorted(set(state) - set(index), key=repr)
-                raise KeyMismatchError(f"state dict 'state' must have an entry for every "
-                                       f"parameter id {list(ids)}: missing {missing}, "
-                                       f"unknown {unknown}")
-            back = {v: k for k, v in slot_names_for_torch(opt).items()}
-            slots: dict[str, dict[str, Any]] = {}
-            for pid, entry in state.items():
-                if not isinstance(entry, Mapping):
-                    raise TypeError(f"state dict 'state'[{pid!r}] must be a dict, got "
-                                    f"{type(entry).__name__}")
-                name = self._names[index[pid]]
-                for key, value in entry.items():
-                    if key != "step":
-                        slots.setdefault(back.get(key, key), {})[name] = _to_numpy(value)
-            out["slots"] = slots
-        elif out["step"] != 0:
-            raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
-        group = {k: v for k, v in saved_group.items() if k != "params"}
-        if "param_names" not in group and "param_names" in self.param_groups[0]:
-            group["param_names"] = self.param_groups[0]["param_names"]
-        group["params"] = self._params
-        return group, out
 
 
 def _parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:

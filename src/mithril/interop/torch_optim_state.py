@@ -1,0 +1,253 @@
+"""The state-dict half of :class:`~mithril.interop.torch_optim.TorchOptimizer`: mithril
+optimizer state <-> a torch-shaped state dict (see :mod:`.torch_optim` for what it holds).
+
+Per parameter, ``state[i]`` holds ``step`` and every state slot under torch's name where
+torch has the optimizer (:data:`TORCH_SLOTS`), else under mithril's, as a tensor of the
+parameter's slot shape: a parameter-shaped moment, a 0-d tensor for the slots holding one
+value per tensor (ASGD's ``eta``/``mu``, Novograd's ``nu``), a factored statistic
+(Adafactor's ``row_var`` ``(..., r, 1)`` and ``col_var`` ``(..., 1, c)``). Left out, and
+restored by :func:`parse_state_dict`:
+
+* entries with no elements: the slots a parameter does not use (Adafactor's ``variance``
+  of a matrix, its factors of a vector; Muon's ``momentum_buffer`` of a vector, its
+  fallback's slots of a matrix), so each parameter's entry holds what torch's would;
+* LBFGS history entries not in use (``s{i}``/``y{i}`` from ``values["history"]`` on, and
+  ``d``/``prev_flat_grad`` before the first iteration): the state keeps them as one
+  shared zero buffer, and so does a restored one.
+
+Optimizer-wide values (``OptimizerState.values``: Prodigy's ``d`` and ``numerator``, the
+schedule-free ``weight_sum`` and ``max_lr``, LBFGS's ``n_iter``, ``func_evals``, ``t``,
+``H_diag``, ``prev_loss``, ``history``, ``ro{i}``, ``last_loss``) are floats in
+``state_dict()["mithril"]["values"]``, next to the exact step counters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import KeyMismatchError
+from ..utils.optimizers import LBFGS, SGD, Adam, Adamax, NAdam, Optimizer, RAdam, RMSProp
+
+#: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
+#: theirs, which are torch's already for ASGD, Adadelta, Adagrad, Rprop, Adafactor, Muon)
+TORCH_SLOTS: tuple[tuple[type, dict[str, str]], ...] = (
+    (SGD, {"momentum": "momentum_buffer"}),
+    (Adam, {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"}),  # and AdamW
+    (RMSProp, {"v": "square_avg", "momentum": "momentum_buffer"}),
+    (Adamax, {"m": "exp_avg", "u": "exp_inf"}),
+    (NAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
+    (RAdam, {"m": "exp_avg", "v": "exp_avg_sq"}),
+)
+
+#: the counters kept next to the hyperparameters in ``state_dict()["mithril"]``
+COUNTERS = ("step", "num_skipped", "num_nonfinite")
+
+
+def slot_names_for_torch(opt: Optimizer) -> dict[str, str]:
+    """mithril slot name -> the state key used in torch-style state dicts."""
+    for cls, names in TORCH_SLOTS:
+        if isinstance(opt, cls):
+            return names
+    return {}
+
+
+def scalar(v: Any) -> Any:
+    """A one-element tensor as a Python number (a scheduler may keep ``lr`` as a tensor)."""
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+def group_value(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """The hyperparameters the param-group value ``value`` of ``key`` stands for."""
+    if len(ours) == 1:
+        return {ours[0]: scalar(value)}
+    try:
+        values = tuple(value)
+    except TypeError:
+        values = ()
+    if len(values) != len(ours):
+        raise ValueError(f"param_groups[0]['{key}'] must be a sequence of {len(ours)} "
+                         f"numbers ({', '.join(ours)}), got {value!r}")
+    return {k: scalar(v) for k, v in zip(ours, values)}
+
+
+def to_numpy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.cpu().numpy()
+    return x
+
+
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    try:
+        return torch.from_numpy(a.copy(order="C") if not a.flags.c_contiguous else a)
+    except TypeError:  # e.g. an ml_dtypes bfloat16 array
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+def unused_slots(opt: Optimizer, values: Mapping[str, Any]) -> set[str]:
+    """The slots ``opt``'s state holds but does not use, given its ``values``: LBFGS's
+    history entries not yet made (one shared zero buffer), else none."""
+    if not isinstance(opt, LBFGS):
+        return set()
+    try:
+        n, fresh = int(float(values["history"])), float(values["n_iter"]) == 0
+    except (KeyError, TypeError, ValueError):  # malformed: the optimizer's load names it
+        return set()
+    out = {"d", "prev_flat_grad"} if fresh else set()
+    out.update(f"{k}{i}" for k in "sy" for i in range(n, opt.history_size))
+    return out
+
+
+def shown(opt: Optimizer, st: Any) -> list[str]:
+    """The slots of ``st`` a state dict (and ``opt.state``) shows."""
+    unused = unused_slots(opt, st.values)
+    return [s for s in st.slots if s not in unused]
+
+
+def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[Any]
+               ) -> defaultdict:
+    """torch's ``opt.state``: per parameter ``step`` and live views of its slots."""
+    out: defaultdict = defaultdict(dict)
+    if st is None:
+        return out
+    rename = slot_names_for_torch(opt)
+    slots = {rename.get(s, s): st.slot(s) for s in shown(opt, st)}
+    for name, p in zip(names, params):
+        out[p] = {"step": torch.tensor(float(st.step)),
+                  **{key: per[name] for key, per in slots.items() if per[name].numel()}}
+    return out
+
+
+def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any], dict]:
+    """The ``state`` entry of a state dict (copies) and the ``"mithril"`` counters and
+    values of ``st`` (None: no step yet)."""
+    ours = opt.state_dict(None)
+    if st is None:
+        return {}, {**ours, **dict.fromkeys(COUNTERS, 0)}
+    meta = {**ours, "step": st.step, "num_skipped": st.num_skipped,
+            "num_nonfinite": st.num_nonfinite}
+    if st.values:
+        meta["values"] = {k: float(v) for k, v in st.values.items()}
+    rename = slot_names_for_torch(opt)
+    state: dict[int, dict[str, Any]] = {
+        i: {"step": torch.tensor(float(st.step), dtype=torch.float32)} for i in range(len(names))}
+    for slot in shown(opt, st):
+        for i, view in enumerate(st.slot(slot).values()):
+            a = np.array(st.engine.to_numpy(view))
+            if a.size:
+                state[i][rename.get(slot, slot)] = to_tensor(a)
+    return state, meta
+
+
+def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str],
+                     params: Sequence[Any], keys: Sequence[tuple[str, tuple[str, ...]]],
+                     group_now: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The new param group and the mithril state dict that ``sd`` stands for; raises,
+    naming the entry at fault, if it is malformed. Entries the state dict leaves out (see
+    the module docs) are not filled in yet: :func:`complete` does that."""
+    n = len(params)
+    meta = sd.get("mithril")
+    if not isinstance(meta, Mapping):
+        raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
+                         "torch_optimizer (torch.optim state dicts are not accepted)")
+    if meta.get("optimizer") != type(opt).__name__:
+        raise ValueError(f"state dict is for {meta.get('optimizer')!r}, not "
+                         f"{type(opt).__name__}")
+    if not isinstance(meta.get("hyperparameters"), Mapping):
+        raise TypeError("state dict ['mithril']['hyperparameters'] must be a dict")
+    groups = sd.get("param_groups")
+    if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(
+            groups[0], Mapping):
+        got = (f"{len(groups)} groups" if isinstance(groups, (list, tuple))
+               else type(groups).__name__)
+        raise ValueError(f"state dict 'param_groups' must be a list of one group (dict), "
+                         f"got {got}")
+    saved_group = copy.deepcopy(dict(groups[0]))
+    ids = saved_group.get("params")
+    if not isinstance(ids, (list, tuple)) or len(ids) != n:
+        got = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
+        raise ValueError(f"state dict's parameter group has {got} parameters, this "
+                         f"optimizer {n}")
+    hp = dict(meta["hyperparameters"])
+    for key, ours in keys:  # (Lookahead's lr is its inner optimizer's: the group has it)
+        if key in saved_group and all(k in hp for k in ours):
+            hp.update(group_value(key, ours, saved_group[key]))
+    out: dict[str, Any] = {"optimizer": type(opt).__name__, "hyperparameters": hp,
+                           **{k: meta.get(k, 0) for k in COUNTERS}}
+    if "values" in meta:
+        if not isinstance(meta["values"], Mapping):
+            raise TypeError(f"state dict ['mithril']['values'] must be a dict, got "
+                            f"{type(meta['values']).__name__}")
+        out["values"] = dict(meta["values"])
+    state = sd.get("state")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state dict 'state' must be a dict, got {type(state).__name__}")
+    if state:
+        index = {i: k for k, i in enumerate(ids)}
+        if len(index) != n or set(state) != set(index):
+            missing = sorted(set(index) - set(state), key=repr)
+            unknown = sorted(set(state) - set(index), key=repr)
+            raise KeyMismatchError(f"state dict 'state' must have an entry for every "
+                                   f"parameter id {list(ids)}: missing {missing}, "
+                                   f"unknown {unknown}")
+        back = {v: k for k, v in slot_names_for_torch(opt).items()}
+        slots: dict[str, dict[str, Any]] = {}
+        for pid, entry in state.items():
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"state dict 'state'[{pid!r}] must be a dict, got "
+                                f"{type(entry).__name__}")
+            name = names[index[pid]]
+            for key, value in entry.items():
+                if key != "step":
+                    slots.setdefault(back.get(key, key), {})[name] = to_numpy(value)
+        out["slots"] = slots
+    elif out["step"] != 0:
+        raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
+    group = {k: v for k, v in saved_group.items() if k != "params"}
+    if "param_names" not in group and "param_names" in group_now:
+        group["param_names"] = group_now["param_names"]
+    group["params"] = params
+    return group, out
+
+
+def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],
+             params: Sequence[Any]) -> None:
+    """Fill in the slot entries a state dict leaves out (module docs), as the optimizer
+    with the state dict's hyperparameters lays them out; raises as ``opt.load_state_dict``
+    would if those hyperparameters are bad. ``opt`` is not changed."""
+    trial = copy.copy(opt)
+    trial.load_state_dict({"optimizer": ours["optimizer"],
+                           "hyperparameters": ours["hyperparameters"]})
+    slots = ours["slots"]
+    unused = unused_slots(trial, ours.get("values", {}))
+    for s in (*trial.full_slot_names(), *trial.tensor_slots):
+        for name, p in zip(names, params):
+            if name in slots.get(s, {}):
+                continue
+            shape = tuple(p.shape) if s in unused else tuple(trial.slot_shape(s, tuple(p.shape)))
+            if s in unused or not int(np.prod(shape, dtype=np.int64)):
+                # the parameter's dtype: the first array of a slot sets its buffer's dtype
+                dtype = to_numpy(p.detach().reshape(-1)[:0]).dtype
+                slots.setdefault(s, {})[name] = np.zeros(shape, dtype=dtype)
+
+
+def restore(opt: Optimizer, ours: dict[str, Any], names: Sequence[str], params: Sequence[Any],
+            refuse: Callable[[BaseException], BaseException]) -> Any:
+    """``opt.load_state_dict`` of ``ours`` (completed; over ``params``): the new state, or
+    None for a state dict saved before any step. On error, ``refuse(e)`` is raised and
+    ``opt`` is unchanged."""
+    try:
+        if "slots" not in ours:
+            return opt.load_state_dict(ours)
+        complete(opt, ours, names, params)
+        return opt.load_state_dict(ours, {n: p.detach() for n, p in zip(names, params)})
+    except (TypeError, ValueError, KeyError) as e:
+        raise refuse(e) from e
