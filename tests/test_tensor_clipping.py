@@ -168,3 +168,76 @@ def test_bad_values_name_the_argument(arg):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match=arg):
             Adam(**{arg: bad})
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive gradient clipping (optax adaptive_grad_clip), unit-wise
+# ---------------------------------------------------------------------------------------------
+
+AGC_SHAPES = {"w": (5, 7), "heads": (3, 4, 2), "conv": (2, 2, 3, 4), "b": (7,), "row": (1, 6),
+              "s": ()}
+
+_AGC_SCRIPT = r"""
+import json
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import optax
+rng = np.random.default_rng(3)
+p0 = {k: np.asarray(rng.standard_normal(s)) for k, s in SHAPES.items()}
+grads = [{k: np.asarray(rng.standard_normal(s) * (0.1 + 3 * (t % 3))) for k, s in SHAPES.items()}
+         for t in range(12)]
+out = {}
+for c in (0.01, 0.3):
+    tx = optax.chain(optax.adaptive_grad_clip(c), optax.sgd(0.1, momentum=0.9))
+    ps = {k: jnp.asarray(v) for k, v in p0.items()}
+    st = tx.init(ps)
+    for g in grads:
+        u, st = tx.update({k: jnp.asarray(v) for k, v in g.items()}, st, ps)
+        ps = optax.apply_updates(ps, u)
+    out[str(c)] = {k: np.array(v).tolist() for k, v in ps.items()}
+print(json.dumps({"p0": {k: v.tolist() for k, v in p0.items()},
+                  "grads": [{k: v.tolist() for k, v in g.items()} for g in grads], "out": out}))
+"""
+
+
+@functools.cache
+def agc_reference() -> dict:
+    return json.loads(run_python(f"SHAPES = {AGC_SHAPES!r}\n" + _AGC_SCRIPT,
+                                 timeout=300).strip().splitlines()[-1])
+
+
+def _agc_run(opt, conv=np.array):
+    ref = agc_reference()
+    params = {k: conv(np.asarray(v, dtype=np.float64)) for k, v in ref["p0"].items()}
+    state = opt.init(params)
+    for g in ref["grads"]:
+        params, state = opt.update(params, {k: conv(np.asarray(v, dtype=np.float64))
+                                            for k, v in g.items()}, state)
+    return {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
+            for k, v in params.items()}
+
+
+@pytest.mark.parametrize("c", [0.01, 0.3])
+@pytest.mark.parametrize("conv", [np.array, torch.from_numpy], ids=["numpy", "torch"])
+def test_adaptive_clip_equals_optax(c, conv):
+    want = agc_reference()["out"][str(c)]
+    mine = _agc_run(SGD(0.1, momentum=0.9, adaptive_clip=c), conv)
+    errs = {k: rel(mine[k], want[k]) for k in AGC_SHAPES}
+    assert max(errs.values()) <= 1e-10, errs
+    # a group turning it off: that tensor sees the raw gradient
+    off = _agc_run(SGD(0.1, momentum=0.9, adaptive_clip=c,
+                       param_groups=[{"params": ["b"], "adaptive_clip": None}]), conv)
+    raw = _agc_run(SGD(0.1, momentum=0.9), conv)
+    assert np.array_equal(off["b"], raw["b"]) and np.array_equal(off["w"], mine["w"])
+
+
+def test_adaptive_clip_refuses_six_dimensions_before_any_change():
+    opt = Adam(0.01, adaptive_clip=0.1)
+    params = {"x": np.ones((1, 2, 1, 2, 1, 2)) * np.arange(1, 9).reshape(1, 2, 1, 2, 1, 2),
+              "y": np.ones((2, 2, 2, 2, 2, 2))}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"parameter 'x'.*shape \(1, 2, 1, 2, 1, 2\)"):
+        opt.update(params, {k: np.ones_like(v) for k, v in params.items()}, state)
+    assert state.step == 0 and np.all(params["y"] == 1)

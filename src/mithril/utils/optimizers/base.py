@@ -50,6 +50,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import numpy as np
+
 from ...errors import KeyMismatchError, ShapeError
 from . import averaging
 from .averaging import AveragingMixin
@@ -149,6 +151,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     ``1 / max(1, rms(g) / c)``), measured in one more read-only pass over the gradients;
     ``clip_norm`` then sees the clipped gradients, and parameter groups may set or turn off
     (``None``) either. The reported ``state.last_grad_norm`` stays the raw gradients' norm.
+    Before all of them, ``adaptive_clip`` (optax ``adaptive_grad_clip``: each unit of a
+    gradient at most ``c·max(‖p_u‖, adaptive_clip_eps)``, :func:`.clipping.adaptive_clip`),
+    which makes clipped copies of the gradients (one more pass, not fused).
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
@@ -186,12 +191,16 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                  exclude_weight_decay: Any = (), strict: bool = False,
                  ema_decay: float | None = None, ema_every: int = 1,
                  swa_start: int | None = None, clip_tensor_norm: float | None = None,
-                 clip_block_rms: float | None = None) -> None:
+                 clip_block_rms: float | None = None, adaptive_clip: float | None = None,
+                 adaptive_clip_eps: float = 1e-3) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.clip_tensor_norm = (None if clip_tensor_norm is None else
                                  check_positive("clip_tensor_norm", clip_tensor_norm, False))
         self.clip_block_rms = (None if clip_block_rms is None else
                                check_positive("clip_block_rms", clip_block_rms, False))
+        self.adaptive_clip = (None if adaptive_clip is None else
+                              check_positive("adaptive_clip", adaptive_clip, False))
+        self.adaptive_clip_eps = check_positive("adaptive_clip_eps", adaptive_clip_eps)
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
@@ -391,6 +400,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         except BaseException:
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
+        if any(getattr(v, "adaptive_clip", None) is not None
+               for v in self.group_rows(state)[1]):
+            gradients = self._adaptive_clip(params, gradients, state)
+            prepared = None  # the engine locates the clipped copies
         t = state.step + 1
         state.pending = None
         try:
@@ -424,6 +437,27 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
                           RuntimeWarning, stacklevel=2)
         return new_params, state
+
+    def _adaptive_clip(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                       state: OptimizerState) -> dict[str, Any]:
+        """Gradients clipped unit-wise against their parameters, each tensor with its
+        group's ``adaptive_clip`` (new arrays; none for a group that turns it off)."""
+        from .clipping import adaptive_clip
+
+        index, views = self.group_rows(state)
+        lay, out = state.layout, dict(gradients)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for name, g in gradients.items():
+                v = views[index[lay.index[name]]]
+                if v.adaptive_clip is not None:
+                    p = params[name]
+                    try:
+                        out[name] = adaptive_clip(g, p.detach() if hasattr(p, "detach") else p,
+                                                  v.adaptive_clip, v.adaptive_clip_eps)
+                    except ValueError as e:
+                        raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
+        return out
 
     # -- validation ------------------------------------------------------------------------
     def _check(self, params: Mapping[str, Any], gradients: Mapping[str, Any],

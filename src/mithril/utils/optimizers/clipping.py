@@ -83,3 +83,32 @@ def _clip(g: Any, c: float) -> Any:
 
 def _scale(g: Any, s: float) -> Any:
     return np.asarray(g * s) if isinstance(g, np.ndarray) else g * s
+
+
+def units(shape: tuple[int, ...]) -> int:
+    """How many units :func:`adaptive_clip` norms a tensor of ``shape`` in (optax's
+    ``unitwise_norm``): 1 for scalars and vectors (also ``(1, n)``), else the elements of
+    the axes it keeps, which are trailing in C order: ``shape[1:]`` for 2-D and 3-D tensors
+    (``(in, out)`` layers, multi-head ones), the last axis for 4-D and 5-D kernels."""
+    if sum(d != 1 for d in shape) <= 1:
+        return 1
+    if len(shape) in (2, 3):
+        return math.prod(shape[1:])
+    if len(shape) in (4, 5):
+        return shape[-1]
+    raise ValueError(f"adaptive clipping norms tensors of 1 to 5 dimensions, got shape {shape}")
+
+
+def adaptive_clip(g: Any, p: Any, clipping: float, eps: float = 1e-3) -> Any:
+    """optax ``adaptive_grad_clip`` (Brock et al., 2021) for one tensor: each unit ``u`` of
+    ``g`` (see :func:`units`) scaled by ``c·max(‖p_u‖, ε) / ‖g_u‖`` where ``‖g_u‖`` exceeds
+    that bound, else left as it is. Returns a new array; ``g`` and ``p`` are not modified."""
+    from .elementwise import maximum, sqrt, where
+
+    shape = tuple(g.shape)
+    n = units(shape)
+    g2, p2 = g.reshape(-1, n), p.reshape(-1, n)
+    g_norm, p_norm = sqrt((g2 * g2).sum(0)), sqrt((p2 * p2).sum(0))
+    bound = maximum(p_norm, eps) * clipping
+    scale = where(g_norm < bound, 1.0, bound / maximum(g_norm, 1e-6))
+    return (g2 * scale[None, :]).reshape(shape)

@@ -177,6 +177,8 @@ class Lookahead(Optimizer):
     clip_value = _delegated("clip_value")
     clip_tensor_norm = _delegated("clip_tensor_norm")
     clip_block_rms = _delegated("clip_block_rms")
+    adaptive_clip = _delegated("adaptive_clip")
+    adaptive_clip_eps = _delegated("adaptive_clip_eps", 1e-3)
     weight_decay = _delegated("weight_decay", 0.0)
     nonfinite = _delegated("nonfinite", "propagate")
     ema_decay = _delegated("ema_decay")

@@ -211,6 +211,8 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
     except BaseException:
         self._backend = bound  # a refused call keeps nothing, an inferred backend included
         raise
+    if any(getattr(v, "adaptive_clip", None) is not None for v in self.group_rows(state)[1]):
+        gradients = self._adaptive_clip(params, gradients, state)
     t, lay, eng = state.step + 1, state.layout, state.engine
     xp = ops_for(eng.backend)
     views = state.param_views or {}
