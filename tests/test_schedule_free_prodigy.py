@@ -562,14 +562,18 @@ def test_missing_gradients_and_groups_run():
         assert all(np.isfinite(v).all() for v in params.values())
 
 
-def test_not_optax_transformations():
-    """Their state is more than elementwise slots (z and x0 start as the params, Prodigy's
-    scalars read the state): mithril.interop.optax_transformation refuses them."""
+def test_optax_transformations_start_from_the_params():
+    """z (schedule-free) and x0 (Prodigy) start as the params in the transformation's state
+    too (its numbers are checked in tests/test_interop_optax_more.py)."""
+    import jax.numpy as jnp
+
     from mithril.interop import optax_transformation
 
+    params = {"w": jnp.arange(3.0)}
     for cls in CLASSES.values():
-        with pytest.raises(TypeError, match="overrides"):
-            optax_transformation(cls())
+        state = optax_transformation(cls()).init(params)
+        slot = "z" if "ScheduleFree" in cls.__name__ else "x0"
+        assert jnp.array_equal(state.slots[slot]["w"], params["w"]), cls.__name__
 
 
 BAD = [
