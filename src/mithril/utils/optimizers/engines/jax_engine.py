@@ -42,6 +42,29 @@ def _norm(g: Any) -> Any:
     return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.sum(jnp.square(g))))
 
 
+def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_norm: Any,
+              flags: tuple[bool, bool, bool]) -> tuple[Any, Any, Any, Any]:
+    """Inside a jitted pass: the flat params and the gradient as the math sees it (scaled by
+    the global norm rule and each tensor's table scale, clipped by value, L2-decayed), each
+    element's column getter and the raw gradients' norm."""
+    import jax.numpy as jnp
+
+    clip_norm_on, clip_value_on, per_tensor = flags
+    dt = lay.dtype
+    p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
+    g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
+                         for n, s in zip(lay.names, lay.sizes)])
+    col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
+    norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
+    if clip_norm_on:
+        g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+    if per_tensor:
+        g = g * col(0)
+    if clip_value_on:
+        g = jnp.clip(g, -col(1), col(1))
+    return p, g + col(2) * p, col, norm
+
+
 class JaxEngine(Engine):
     def __init__(self, backend: Any, layout: Any) -> None:
         import jax
@@ -80,19 +103,8 @@ class JaxEngine(Engine):
         elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
 
         def step(params, grads, slots, table, clip_norm):
-            dt = lay.dtype
-            p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
-            g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
-                                 for n, s in zip(lay.names, lay.sizes)])
-            col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
-            norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
-            if clip_norm_on:
-                g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
-            if per_tensor:
-                g = g * col(0)
-            if clip_value_on:
-                g = jnp.clip(g, -col(1), col(1))
-            g = g + col(2) * p
+            p, g, col, norm = _prologue(lay, elem, params, grads, table, clip_norm,
+                                        (clip_norm_on, clip_value_on, per_tensor))
             out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
                           *(col(j) for j in range(4, table.shape[1])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
@@ -149,18 +161,8 @@ class JaxEngine(Engine):
 
         def first(params, grads, slots, table, clip_norm):
             dt = lay.dtype
-            p = jnp.concatenate([params[m].reshape(-1) for m in lay.names])
-            g = jnp.concatenate([grads[m].reshape(-1) if m in grads else jnp.zeros(int(s), dt)
-                                 for m, s in zip(lay.names, lay.sizes)])
-            col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
-            if clip_norm_on:
-                norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
-                g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
-            if per_tensor:
-                g = g * col(0)
-            if clip_value_on:
-                g = jnp.clip(g, -col(1), col(1))
-            g = g + col(2) * p
+            p, g, col, _ = _prologue(lay, elem, params, grads, table, clip_norm,
+                                     (clip_norm_on, clip_value_on, per_tensor))
             terms = reduce_fn(p * col(3), g, *(slots[s] for s in own),
                               *(col(j) for j in range(4, 4 + n_own)))
             wide = jnp.promote_types(dt, jnp.float32)

@@ -201,20 +201,23 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     return jit(ns["kernel"])
 
 
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+def _sumsq_inner(G):  # pragma: no cover - compiled by numba
+    """Σ g² of one contiguous slice, in float64 (vectorised: ``reassoc``)."""
+    s = 0.0
+    for j in range(G.shape[0]):
+        x = np.float64(G[j])
+        s += x * x
+    return s
+
+
 @functools.cache
 def sumsq_kernel(dtype: str) -> Any:
     """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); its pieces are
     shared between threads as the update kernel's (:mod:`.atomics`)."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
     jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
-
-    @jit
-    def inner(G):  # pragma: no cover - compiled by numba
-        s = 0.0
-        for j in range(G.shape[0]):
-            x = np.float64(G[j])
-            s += x * x
-        return s
+    inner = _sumsq_inner
 
     @jit
     def sumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins):  # pragma: no cover
@@ -323,14 +326,7 @@ def segment_sumsq_kernel(dtype: str) -> Any:
     for a tensor without gradient): per-tensor gradient norms, read-only."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
     jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
-
-    @jit
-    def inner(G):  # pragma: no cover - compiled by numba
-        s = 0.0
-        for j in range(G.shape[0]):
-            x = np.float64(G[j])
-            s += x * x
-        return s
+    inner = _sumsq_inner
 
     @jit
     def segsumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins, R):  # pragma: no cover
