@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before NumPy / torch load their thread pools
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -59,3 +60,43 @@ def run_python(code: str, timeout: float = 120) -> str:
                          text=True, timeout=timeout, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# shared by the optimizer parity tests
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def optimizer_engine(kind: str):
+    """``"jax-jit"``: the jitted JAX engine; ``"array..."``: every ``init`` gets the flat
+    tensor-op ``ArrayEngine`` (torch's path on accelerators); anything else: as chosen."""
+    import mithril.utils.optimizers.engines as engines
+    from mithril.utils.optimizers.engines.array_engine import ArrayEngine
+
+    old_jax, old_for = engines.JAX_ENGINE, engines.engine_for
+    if kind == "jax-jit":
+        engines.JAX_ENGINE = "jit"
+    if kind.startswith("array"):
+        engines.engine_for = lambda backend, layout: ArrayEngine(backend, layout)
+    try:
+        yield
+    finally:
+        engines.JAX_ENGINE, engines.engine_for = old_jax, old_for
+
+
+def native(backend: str, a: np.ndarray):
+    """``a`` as an array of ``backend`` (a name ending in "torch" or starting with "jax")."""
+    if backend.endswith("torch"):
+        import torch
+
+        return torch.tensor(a)
+    if backend.startswith("jax"):
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+    return np.array(a)
+
+
+def host(x) -> np.ndarray:
+    """A NumPy copy of a NumPy, torch or JAX array."""
+    return x.detach().numpy().copy() if hasattr(x, "detach") else np.array(x)

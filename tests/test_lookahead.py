@@ -22,9 +22,8 @@ import tempfile
 
 import numpy as np
 import pytest
-import torch
+from conftest import host, native, optimizer_engine
 
-import mithril.utils.optimizers.engines as engines
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.lr_schedulers import StepLR
 from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead, Optimizer
@@ -221,39 +220,9 @@ def f32_opt(**inner) -> Lookahead:
 GROUPS = [{"params": "^b", "learning_rate": 0.003, "weight_decay": 0.1}]
 
 
-@contextlib.contextmanager
-def engine(kind: str):
-    """``"jax-jit"``: the jitted JAX engine; ``"array-torch"``: the flat tensor-op engine."""
-    old_jax, old_for = engines.JAX_ENGINE, engines.engine_for
-    if kind == "jax-jit":
-        engines.JAX_ENGINE = "jit"
-    if kind.startswith("array"):
-        from mithril.utils.optimizers.engines.array_engine import ArrayEngine
-
-        engines.engine_for = lambda backend, layout: ArrayEngine(backend, layout)
-    try:
-        yield
-    finally:
-        engines.JAX_ENGINE, engines.engine_for = old_jax, old_for
-
-
-def native(backend: str, a: np.ndarray):
-    if backend.endswith("torch"):
-        return torch.tensor(a)
-    if backend.startswith("jax"):
-        import jax.numpy as jnp
-
-        return jnp.asarray(a)
-    return np.array(a)
-
-
-def host(x) -> np.ndarray:
-    return x.detach().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)
-
-
 def run32(backend: str):
     p0, grads = problem("float32", F32_STEPS)
-    with engine(backend):
+    with optimizer_engine(backend):
         opt = f32_opt(param_groups=GROUPS)
         params = {k: native(backend, v) for k, v in p0.items()}
         state = opt.init(params)

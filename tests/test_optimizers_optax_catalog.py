@@ -17,7 +17,6 @@ hyperparameters raise ValueError/TypeError naming the argument.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -25,10 +24,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import run_python
+from conftest import host, native, optimizer_engine, run_python
 
-import mithril.utils.optimizers.engines as engines
 from mithril.utils.optimizers.adabelief import AdaBelief
 from mithril.utils.optimizers.adan import Adan
 from mithril.utils.optimizers.ademamix import AdEMAMix
@@ -321,43 +318,12 @@ F32_STEPS = 30
 F32_LR = {10: 0.5}
 
 
-@contextlib.contextmanager
-def engine(kind: str):
-    """``"jax-jit"``: the jitted JAX engine; ``"array"``: every ``init`` gets the flat
-    tensor-op :class:`ArrayEngine` (torch's path on accelerators)."""
-    old_jax, old_for = engines.JAX_ENGINE, engines.engine_for
-    if kind == "jax-jit":
-        engines.JAX_ENGINE = "jit"
-    if kind.startswith("array"):
-        from mithril.utils.optimizers.engines.array_engine import ArrayEngine
-
-        engines.engine_for = lambda backend, layout: ArrayEngine(backend, layout)
-    try:
-        yield
-    finally:
-        engines.JAX_ENGINE, engines.engine_for = old_jax, old_for
-
-
-def native(backend: str, a: np.ndarray):
-    if backend.endswith("torch"):
-        return torch.tensor(a)
-    if backend.startswith("jax"):
-        import jax.numpy as jnp
-
-        return jnp.asarray(a)
-    return np.array(a)
-
-
-def host(x) -> np.ndarray:
-    return x.detach().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)
-
-
 def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None = None):
     """Final float32 params of ``case`` on ``backend``; with ``stop_at``, the optimizer and
     state are rebuilt from a state_dict after that many steps (and the params copied)."""
     cls_name, kw, _ = CASES[case]
     p0, grads = problem("float32", steps)
-    with engine(backend):
+    with optimizer_engine(backend):
         opt = CLASSES[cls_name](**kw)
         params = {k: native(backend, v) for k, v in p0.items()}
         state = opt.init(params)

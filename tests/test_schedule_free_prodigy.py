@@ -18,7 +18,6 @@ fresh subprocess (:func:`reference_run`, cached), which prints the errors.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -28,9 +27,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from conftest import host, native, optimizer_engine, run_python
 
-import mithril.utils.optimizers.engines as engines
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.optimizers import Adam, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
 from mithril.utils.optimizers.engines import jax_engine
@@ -254,44 +252,13 @@ F32_STEPS = 30
 F32_LR = {10: 0.5}
 
 
-@contextlib.contextmanager
-def engine(kind: str):
-    """``"jax-jit"``: the jitted JAX engine; ``"array-*"``: every ``init`` gets the flat
-    tensor-op :class:`ArrayEngine` (torch's path on accelerators)."""
-    old_jax, old_for = engines.JAX_ENGINE, engines.engine_for
-    if kind == "jax-jit":
-        engines.JAX_ENGINE = "jit"
-    if kind.startswith("array"):
-        from mithril.utils.optimizers.engines.array_engine import ArrayEngine
-
-        engines.engine_for = lambda backend, layout: ArrayEngine(backend, layout)
-    try:
-        yield
-    finally:
-        engines.JAX_ENGINE, engines.engine_for = old_jax, old_for
-
-
-def native(backend: str, a: np.ndarray):
-    if backend.endswith("torch"):
-        return torch.tensor(a)
-    if backend.startswith("jax"):
-        import jax.numpy as jnp
-
-        return jnp.asarray(a)
-    return np.array(a)
-
-
-def host(x) -> np.ndarray:
-    return x.detach().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)
-
-
 def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None = None):
     """Final float32 params and eval params of ``case`` on ``backend``, and the state; with
     ``stop_at``, the optimizer and state are rebuilt from a state_dict after that many steps
     (and the params copied)."""
     cls_name, kw, _, _ = CASES[case]
     p0, grads = problem("float32", steps)
-    with engine(backend):
+    with optimizer_engine(backend):
         opt = CLASSES[cls_name](**kw)
         params = {k: native(backend, v) for k, v in p0.items()}
         state = opt.init(params)
@@ -411,7 +378,7 @@ def test_skip_leaves_params_slots_and_values_unchanged(case, backend):
     were, the step not counted; the run then continues as if it had never happened."""
     cls_name, kw, _, _ = CASES[case]
     p0, grads = problem("float32", 6)
-    with engine(backend):
+    with optimizer_engine(backend):
         def fresh():
             opt = CLASSES[cls_name](**kw, nonfinite="skip")
             params = {k: native(backend, v) for k, v in p0.items()}
@@ -522,7 +489,7 @@ def test_eval_params():
 def test_hyperparameter_changes_never_recompile():
     p0, grads = problem("float32", 8)
     for kind in ("numpy", "jax-jit"):
-        with engine(kind):
+        with optimizer_engine(kind):
             for cls, changes in ((ScheduleFreeAdamW, {"beta1": 0.7, "weight_lr_power": 1.0,
                                                       "warmup_steps": 3, "weight_decay": 0.2}),
                                  (Prodigy, {"beta3": 0.5, "estim_lr_coef": 3.0,

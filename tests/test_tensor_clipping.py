@@ -5,7 +5,6 @@ it off; every engine agreeing in float32; a refused step changing nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import warnings
@@ -14,11 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from conftest import optimizer_engine, run_python
 
-import mithril.utils.optimizers.engines as engines
 from mithril.utils.optimizers import SGD, Adam, AdamW
-from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "big": (130, 130)}
 STEPS = 30
@@ -118,19 +115,6 @@ def test_groups_turn_it_off_and_global_clip_sees_clipped_norms():
         assert rel(mine[k], want[k]) <= 1e-12, k
 
 
-@contextlib.contextmanager
-def engine(kind):
-    old_jax, old_for = engines.JAX_ENGINE, engines.engine_for
-    if kind == "jax-jit":
-        engines.JAX_ENGINE = "jit"
-    if kind == "array":
-        engines.engine_for = lambda b, lay: ArrayEngine(b, lay)
-    try:
-        yield
-    finally:
-        engines.JAX_ENGINE, engines.engine_for = old_jax, old_for
-
-
 @pytest.mark.parametrize("kind, conv", [("numba", torch.from_numpy), ("numba", jnp.asarray),
                                         ("jax-jit", jnp.asarray), ("array", np.array),
                                         ("array", torch.from_numpy)])
@@ -140,7 +124,7 @@ def test_engines_agree_in_float32(kind, conv):
                     param_groups=[{"params": ["w"], "clip_block_rms": None}])
 
     want = run(make(), dtype="float32")
-    with engine(kind):
+    with optimizer_engine(kind):
         got = run(make(), conv, dtype="float32")
     for k in SHAPES:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6)

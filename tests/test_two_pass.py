@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import optimizer_engine
 
-import mithril.utils.optimizers.engines as engines
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.optimizers import Novograd, Optimizer, set_num_threads
 from mithril.utils.optimizers.elementwise import sqrt, where
 from mithril.utils.optimizers.engines import threads
-from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
 
 def _normalized_reduce(p, g, lr):
@@ -71,33 +70,13 @@ def reference(p0, grads, lr=0.1, groups=None):
     return p
 
 
-@contextlib.contextmanager
-def array_engine():
-    old = engines.engine_for
-    engines.engine_for = lambda b, lay: ArrayEngine(b, lay)
-    try:
-        yield
-    finally:
-        engines.engine_for = old
-
-
-@contextlib.contextmanager
-def jit_engine():
-    old = engines.JAX_ENGINE
-    engines.JAX_ENGINE = "jit"
-    try:
-        yield
-    finally:
-        engines.JAX_ENGINE = old
-
-
 BACKENDS = {
     "numpy": (np.array, contextlib.nullcontext),
     "torch": (torch.from_numpy, contextlib.nullcontext),
     "jax": (jnp.asarray, contextlib.nullcontext),
-    "jax-jit": (jnp.asarray, jit_engine),
-    "array-numpy": (np.array, array_engine),
-    "array-torch": (torch.from_numpy, array_engine),
+    "jax-jit": (jnp.asarray, lambda: optimizer_engine("jax-jit")),
+    "array-numpy": (np.array, lambda: optimizer_engine("array")),
+    "array-torch": (torch.from_numpy, lambda: optimizer_engine("array")),
 }
 
 
