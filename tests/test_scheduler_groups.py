@@ -482,8 +482,8 @@ def test_per_group_bad_input():
     with pytest.raises(ValueError, match=r"max_lr has 2 values; it needs one per parameter "
                                          r"group, 3 here"):
         OneCycleLR(opt, max_lr=[0.1, 0.2], total_steps=10)
-    with pytest.raises(TypeError, match="ReduceLROnPlateau cannot act per parameter group"):
-        ReduceLROnPlateau(opt, per_group=True)
+    with pytest.raises(ValueError, match=r"min_lr has 2 values; it needs one per parameter "):
+        ReduceLROnPlateau(opt, min_lr=[0.0, 0.1])
     with pytest.raises(TypeError, match="per_group must be a bool"):
         StepLR(opt, 3, per_group="yes")
     with pytest.raises(ValueError, match="needs the optimizer, or a handle on one of its own"):
@@ -502,7 +502,7 @@ def test_per_group_bad_input():
                    base_momentum=[0.8, 0.8, 1.5])
     assert snapshot == (opt.hyperparameters(), [dict(g) for g in opt.param_groups])
     per_group = CosineAnnealingLR(opt, T_max=10, eta_min=1e-3, per_group=True)
-    with pytest.raises(ValueError, match="acts per parameter group"):
+    with pytest.raises(ValueError, match="acting per parameter group, every child needs 3"):
         SequentialLR(opt, [ConstantLR(opt, 0.5, 3), per_group], [3])
 
 

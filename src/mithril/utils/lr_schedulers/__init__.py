@@ -38,8 +38,8 @@ momentum (or beta1) with ``cycle_momentum=True``. See :class:`LRScheduler`.
 
 Intended differences from PyTorch: without ``per_group`` a scheduler drives one learning rate
 (the optimizer's; its parameter groups follow in proportion); ``cycle_momentum`` defaults to
-``False``; composite and metric-driven schedulers do not act per group; no deprecated ``epoch``
-argument to ``step``;
+``False``; a composite acts per group when its children do (``per_group=True`` on each); no
+deprecated ``epoch`` argument to ``step``;
 :class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
 child; stricter hyper-parameter validation (degenerate settings raise :class:`ValueError`
 instead of producing division by zero or silently odd schedules).

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..optimizers.checks import MAX_INT, describe
+from . import lanes as lanes_mod
 
 __all__ = ["LRScheduler", "SupportsLearningRate"]
 
@@ -224,11 +225,14 @@ def _per_group_constructor(init: Callable) -> Callable:
             except TypeError:
                 bound = None  # init raises its own TypeError below
             if bound is not None:
+                cls._normalize_arguments(bound.arguments)
                 lists = {n: bound.arguments[n] for n in cls._GROUP_ARGS if n in bound.arguments
                          and isinstance(bound.arguments[n], (list, tuple))}
         if not isinstance(per_group, bool):
             raise TypeError(f"per_group must be a bool, got {describe(per_group)}")
-        if bound is None or not (per_group or lists):
+        # a composite whose children act per group acts per group too (as torch's)
+        if bound is None or not (per_group or lists or lanes_mod.per_group_children(
+                cls, bound.arguments)):
             self.__dict__["_depth"] = depth + 1
             try:
                 init(self, *args, **kwargs)
@@ -237,7 +241,7 @@ def _per_group_constructor(init: Callable) -> Callable:
                 if depth == 0:
                     del self.__dict__["_depth"]
             return
-        _build_per_group(self, init, bound.arguments, lists, first)
+        _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
 
     names = list(sig.parameters)
     first = names[1] if len(names) > 1 else "optimizer"  # the optimizer's argument
@@ -249,10 +253,9 @@ def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, 
     cls = type(self)
     owner = cls.__name__
     if not cls._acts_per_group():
-        raise TypeError(f"{owner} cannot act per parameter group (per_group=True or lists): it "
-                        f"is composite or metric-driven; build one per group on "
-                        f"optimizer.hyperparameter('learning_rate', group=i) and step them all, "
-                        f"the optimizer's own first")
+        raise TypeError(f"{owner} cannot act per parameter group (per_group=True or lists); "
+                        f"build one per group on optimizer.hyperparameter('learning_rate', "
+                        f"group=i) and step them all")
     optimizer = arguments[first]
     lanes = _group_lanes(owner, optimizer)
     for name, values in lists.items():
@@ -262,10 +265,15 @@ def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, 
                 f"{len(lanes)} here: the optimizer's own parameters (in no group) first, then "
                 f"param_groups[0..{len(lanes) - 2}]")
 
+    children = (lanes_mod.child_lanes(owner, cls, arguments, len(lanes))
+                if cls._LANE_CHILDREN else None)
+
     def args(i: int) -> dict[str, Any]:
         a = {k: v for k, v in arguments.items() if k != "self"}
         a.update({name: values[i] for name, values in lists.items()})
         a[first] = lanes[i]
+        if children is not None:  # lane i of a composite drives lane i of each child
+            a.update(children(i))
         return a
 
     restore = _snapshot(optimizer)
@@ -283,6 +291,7 @@ def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, 
     except Exception:
         restore()
         raise
+    lanes_mod.detach(cls, arguments)
 
 
 def _momentum_handle(owner: str, optimizer: Any) -> Any:
@@ -413,17 +422,33 @@ class LRScheduler:
     _HPARAMS: ClassVar[tuple[str, ...]] = ()
     #: arguments that take a list with one value per parameter group (torch's)
     _GROUP_ARGS: ClassVar[tuple[str, ...]] = ()
+    #: a scheduler with its own ``step`` that may still act per group, stepping each lane
+    #: in turn (:func:`.lanes.lanewise`): it reads only its own lane's value and children
+    _LANEWISE: ClassVar[bool] = False
+    #: arguments holding child schedulers: per group, lane i drives the children's lane i
+    _LANE_CHILDREN: ClassVar[tuple[str, ...]] = ()
+    #: the constructor argument naming the optimizer (None: the first after ``self``)
+    _OPTIMIZER_ARG: ClassVar[str | None] = None
+
+    @classmethod
+    def _normalize_arguments(cls, arguments: dict[str, Any]) -> None:
+        """Put the bound constructor ``arguments`` in canonical form, in place (a class
+        accepting two argument orders says which is which)."""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         if "__init__" in cls.__dict__:
             cls.__init__ = _per_group_constructor(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        if "step" in cls.__dict__ and cls._LANEWISE:
+            cls.step = lanes_mod.lanewise(cls.__dict__["step"])  # type: ignore[method-assign]
 
     @classmethod
     def _acts_per_group(cls) -> bool:
-        """Whether the class can act per group: a closed form stepped by the base class."""
-        return (cls.step is LRScheduler.step and cls._set_step is LRScheduler._set_step
-                and cls._reset_state is LRScheduler._reset_state)
+        """Whether the class can act per group: a closed form stepped by the base class, or
+        one stepping each lane in turn (``_LANEWISE``)."""
+        return cls._LANEWISE or (
+            cls.step is LRScheduler.step and cls._set_step is LRScheduler._set_step
+            and cls._reset_state is LRScheduler._reset_state)
 
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
@@ -628,12 +653,8 @@ class LRScheduler:
 def _check_child(owner: str, optimizer: Any, child: Any, what: str) -> LRScheduler:
     if not isinstance(child, LRScheduler):
         raise TypeError(f"{owner}: {what} must be an LRScheduler, got {type(child).__name__}")
-    if child.optimizer is not optimizer:
+    if not lanes_mod.same_target(child.optimizer, optimizer):
         raise ValueError(f"{owner}: {what} must drive the same optimizer object")
-    if child._siblings:
-        raise ValueError(f"{owner}: {what} acts per parameter group, which a composite "
-                         f"scheduler cannot re-base; build one {owner} per group on "
-                         f"optimizer.hyperparameter('learning_rate', group=i) instead")
     return child
 
 

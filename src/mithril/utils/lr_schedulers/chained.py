@@ -46,6 +46,20 @@ class ChainedScheduler(ChildrenState, LRScheduler):
             is accepted too.
     """
 
+    _LANEWISE = True
+    _LANE_CHILDREN = ("schedulers",)
+    _OPTIMIZER_ARG = "optimizer"
+
+    @classmethod
+    def _normalize_arguments(cls, arguments: dict[str, Any]) -> None:
+        schedulers, optimizer = arguments.get("schedulers"), arguments.get("optimizer")
+        if isinstance(optimizer, Sequence) and not isinstance(schedulers, Sequence):
+            arguments["schedulers"], arguments["optimizer"] = optimizer, schedulers
+        children = arguments.get("schedulers")
+        if (arguments.get("optimizer") is None and isinstance(children, Sequence) and children
+                and isinstance(children[0], LRScheduler)):
+            arguments["optimizer"] = children[0].optimizer
+
     def __init__(
         self,
         schedulers: Sequence[LRScheduler],

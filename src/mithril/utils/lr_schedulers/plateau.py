@@ -66,6 +66,8 @@ class ReduceLROnPlateau(LRScheduler):
         "min_lr",
         "eps",
     )
+    _GROUP_ARGS = ("min_lr",)
+    _LANEWISE = True
 
     def __init__(
         self,

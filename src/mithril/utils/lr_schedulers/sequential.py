@@ -49,6 +49,8 @@ class SequentialLR(ChildrenState, LRScheduler):
     """
 
     _HPARAMS = ("milestones",)
+    _LANEWISE = True
+    _LANE_CHILDREN = ("schedulers",)
 
     def __init__(
         self,

@@ -43,6 +43,8 @@ class SWALR(LRScheduler):
     """
 
     _HPARAMS = ("swa_lr", "anneal_epochs", "anneal_strategy")
+    _GROUP_ARGS = ("swa_lr",)
+    _LANEWISE = True
 
     def __init__(
         self,

@@ -45,6 +45,9 @@ class LinearWarmupScheduler(LRScheduler):
     """
 
     _HPARAMS = ("warmup_steps", "start_lr", "end_lr")
+    _GROUP_ARGS = ("start_lr", "end_lr")
+    _LANEWISE = True
+    _LANE_CHILDREN = ("after_scheduler",)
 
     def __init__(
         self,

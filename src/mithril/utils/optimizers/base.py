@@ -153,7 +153,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     (``None``) either. The reported ``state.last_grad_norm`` stays the raw gradients' norm.
     Before all of them, ``adaptive_clip`` (optax ``adaptive_grad_clip``: each unit of a
     gradient at most ``c·max(‖p_u‖, adaptive_clip_eps)``, :func:`.clipping.adaptive_clip`),
-    which makes clipped copies of the gradients (one more pass, not fused).
+    fused on the numba engine (per-unit norms in a read-only pass, then each gradient element
+    scaled by its unit's factor as the update reads it: :mod:`.engines.unitwise`); the other
+    engines, and two-pass optimizers, get clipped copies of the gradients instead.
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
@@ -401,7 +403,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
         if any(getattr(v, "adaptive_clip", None) is not None
-               for v in self.group_rows(state)[1]):
+               for v in self.group_rows(state)[1]) and not state.engine.fuses_adaptive_clip(
+                   self, state):
             gradients = self._adaptive_clip(params, gradients, state)
             prepared = None  # the engine locates the clipped copies
         t = state.step + 1

@@ -151,6 +151,11 @@ class Engine:
                 raise TypeError(f"params['{name}'] cannot be read as a dense array: {e}") from e
         return out
 
+    def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:
+        """Whether this engine applies ``opt``'s adaptive clipping inside its step (else the
+        base class hands it clipped copies of the gradients)."""
+        return False
+
     def readable(self, p: Any) -> Any:
         """``p`` as an array the engine can copy into its flat buffer."""
         raise NotImplementedError

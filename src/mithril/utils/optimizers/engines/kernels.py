@@ -92,7 +92,7 @@ def avg_inner(P, {avgs}{weights}):
 
 _OUTER_SRC = """
 def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
-           group, H):
+           group, H{unit_args}):
     pieces = bounds.shape[0] - 1
     k = claim(sync)
     while k < pieces:
@@ -108,12 +108,41 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
 {nograd}                continue
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
             r = group[t]  # the tensor's row of scalars (its parameter group)
-            s += inner(P[a:b], Q[a:b], {slices}G, {row})
+{call}
         acc[k] = s
         piece_done(sync)
         k = claim(sync)
     return all_done(sync, pieces, spins)
 """
+
+
+# the unitwise variant (adaptive clipping, :mod:`.unitwise`): the gradient of a clipped
+# tensor of U > 1 units (element j in unit j mod U) is scaled by its unit's factor as it is
+# read, row by row (rows of U elements) so that the loop over a row is contiguous and
+# vectorised, with no call or modulo per element
+_INNER_F_SRC = """
+def inner_f(P_, Q_, {slots_}G_, FR, u0, gscale, cv, l2, keep{scal}):
+    s = 0.0
+    z = EXP & 0
+    n = P_.shape[0]
+    U = FR.shape[0]
+    j0 = 0
+    u = u0
+    while j0 < n:
+        m = min(U - u, n - j0)
+        P, Q, G, FA = P_[j0:j0 + m], Q_[j0:j0 + m], G_[j0:j0 + m], FR[u:u + m]{rebind}
+        for j in range(m):  # (slices: j from 0 is known non-negative, so LLVM vectorises){body}
+        j0 += m
+        u = 0
+    return s if z != EXP else np.nan
+"""
+
+_UNIT_CALL_SRC = """            if UN[t] > 1:
+                U = UN[t]
+                s += inner_f(P[a:b], Q[a:b], {slices}G, F[UB[t]:UB[t] + U], seg_first[e] % U,
+                             {row})
+            else:
+    """
 
 
 def _nested_max(terms: list[str]) -> str:
@@ -124,7 +153,7 @@ def _nested_max(terms: list[str]) -> str:
 @functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
                   clip: bool = False, stream: bool = False, dry: bool = False,
-                  n_avg: int = 0) -> Any:
+                  n_avg: int = 0, unitwise: bool = False) -> Any:
     """The fused update for ``math_fn`` with ``n_slots`` slots and ``n_scal`` scalars.
 
     The scalars come as a table ``H`` with one row per parameter group (the prologue's
@@ -152,6 +181,10 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     without a gradient too (as torch's ``AveragedModel`` averages every parameter), where
     the rest of the step leaves them alone. With ``n_avg = 0`` the kernel is the one it
     always was.
+
+    ``unitwise``: the kernel takes three more arguments, ``UB, UN, F``, and the gradient of
+    a tensor ``t`` with ``UN[t] > 1`` units is multiplied elementwise by its units' factors
+    ``F[UB[t] + j mod UN[t]]`` as it is read (adaptive clipping, :mod:`.unitwise`).
     """
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
@@ -165,7 +198,12 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         slices="".join(f"{s}[a:b], " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
         nograd="",
+        unit_args=", UB, UN, F" if unitwise else "",
     )
+    call = f"            s += inner(P[a:b], Q[a:b], {fields['slices']}G, {fields['row']})"
+    if unitwise:
+        call = _UNIT_CALL_SRC.format(slices=fields["slices"], row=fields["row"]) + call
+    fields["call"] = call
     if n_avg and not dry:
         first_slot, first_w = n_slots - n_avg, 4 + n_scal - n_avg
         fields["nograd"] = "                avg_inner(P[a:b], {}{})\n".format(
@@ -185,8 +223,17 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     body = _BODY_SRC.format(**fields)
     src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
                             body=body.replace("STORE", "pass" if dry else "Q[j] = p" if copy else "P[j] = p"))
+    if unitwise:  # the same body, the gradient scaled by its unit's factor as it is read
+        store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
+        src += _INNER_F_SRC.format(
+            **fields, slots_="".join(f"{s}_, " for s in slots),
+            rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
+            body=body.replace("STORE", store).replace("\n", "\n    ").replace(
+                "x = G[j]\n", "x = G[j] * FA[j]\n"))
     exec(compile(src, name, "exec"), ns)
     ns["inner"] = jit(ns["inner"])
+    if unitwise:
+        ns["inner_f"] = jit(ns["inner_f"])
     if fields["nograd"]:
         from ..averaging import _jitable, average
 

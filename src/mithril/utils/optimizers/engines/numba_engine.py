@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ndarray_fields, streaming, threads, torch_scan
+from . import ndarray_fields, streaming, threads, torch_scan, unitwise
 from .common import (
     Engine,
     clipped_table,
@@ -63,6 +63,8 @@ class NumbaEngine(Engine):
         self.layout = layout.aligned(16) if self.kind == "jax" else layout
         self._plan = threads.Plan(self.layout.offsets, self.layout.sizes)
         self._spans: dict[tuple, tuple] = {}  # see _unaliased
+        self._units_key: Any = None  # see _unit_spec / _unit_plan
+        self._unit_plan_key: Any = None
         if self.kind == "torch":
             import torch
 
@@ -240,12 +242,31 @@ class NumbaEngine(Engine):
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
         plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
-        if tensor_clipping(opt, state):  # each tensor's norm first (a read-only pass)
-            R = np.zeros(len(plan.seg_t), dtype=np.float64)
-            plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (R,), with_offsets=False)
-            sumsq = np.zeros(len(lay.names), dtype=np.float64)
-            np.add.at(sumsq, plan.seg_t, R)  # segments in order: thread-count independent
+        units = unit_args = None
+        if self.fuses_adaptive_clip(opt, state):
+            units, unit_clip, unit_eps = self._unit_spec(opt, state)
+        if units is not None or tensor_clipping(opt, state):  # per-tensor norms: read-only
+            if units is not None:  # (adaptive clipping: per-unit norms of g and p)
+                up = self._unit_plan(units)
+                UG, UP = np.zeros(up.size), np.zeros(up.size)
+                flat = self._current(state, params, ours)
+                plan.run(unitwise.unit_sums_kernel(lay.dtype), (flat,), gptr,
+                         (units, up.seg_soff, UG, UP))
+                f, sumsq = unitwise.factors(up, UG, UP, unit_clip, unit_eps)
+            else:
+                R = np.zeros(len(plan.seg_t), dtype=np.float64)
+                plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (R,), with_offsets=False)
+                sumsq = np.zeros(len(lay.names), dtype=np.float64)
+                np.add.at(sumsq, plan.seg_t, R)  # segments in order: thread-count independent
             table, index, clip, norm = clipped_table(opt, state, t, sumsq)
+            if units is not None:  # one unit: a factor per tensor, folded into gscale
+                one = unit_clip > 0
+                one[units > 1] = False
+                table[one, 0] *= f[up.ubase[one]]
+                many = np.where(units > 1, units, 0)
+                if many.any():
+                    with np.errstate(over="ignore"):
+                        unit_args = (up.ubase, many, f.astype(lay.dtype))
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
         else:
@@ -258,7 +279,8 @@ class NumbaEngine(Engine):
             table, index = self._first_pass(opt, state, params, ours, gptr, table, index,
                                             clip, t)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
-            after = (index, table.astype(lay.dtype))
+            after = (index, table.astype(lay.dtype), *(unit_args or ()))
+        unit_kw = {"unitwise": True} if unit_args else {}
         n_scal = table.shape[1] - 4
         names = opt.full_slot_names()
         slots = [self.np_view(state.slots[s]) for s in names]
@@ -267,15 +289,17 @@ class NumbaEngine(Engine):
             # skip/raise: the step is computed once without being stored; it reads what the
             # update reads (the price of "nothing changes"), Σ g² included
             flat = self._current(state, params, ours)
-            dry = update_kernel(math_fn, len(slots), n_scal, lay.dtype, clip=clip, dry=True)
+            dry = update_kernel(math_fn, len(slots), n_scal, lay.dtype, clip=clip, dry=True,
+                                **unit_kw)
             total = plan.run(dry, (flat, flat, *slots), gptr, after)
             if not math.isfinite(total):
                 gnorm = norm if norm is not None else self._grad_norm(gptr)
                 if must_skip(opt, gnorm, grads, self.to_numpy):
                     return dict(params), False, gnorm, True
                 if opt.nonfinite == "raise":
+                    seen = opt._adaptive_clip(params, grads, state) if units is not None else grads
                     raise nonfinite_result_error(opt, nonfinite_results(
-                        opt, flat, dict(zip(names, slots)), grads, self.to_numpy, lay,
+                        opt, flat, dict(zip(names, slots)), seen, self.to_numpy, lay,
                         table, index))
                 return dict(params), False, gnorm, False
             if norm is None:
@@ -286,14 +310,50 @@ class NumbaEngine(Engine):
         copy = src is not dst
         stream = copy and streaming.worth_it((3 + len(state.slots)) * lay.total * itemsize)
         kernel = (update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream)
-                  if not n_avg else
+                  if not n_avg and not unit_kw else
                   update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream,
-                                n_avg=n_avg))
+                                n_avg=n_avg, **unit_kw))
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite
             return dict(views), True, math.sqrt(total) if norm is None else norm, True
         # rare: a non-finite gradient, or finite gradients and a non-finite result
         return dict(views), True, self._grad_norm(gptr) if norm is None else norm, False
+
+    # -- adaptive clipping (:mod:`.unitwise`) ---------------------------------------------
+    def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:
+        """Whether a group clips adaptively and this engine does it in the fused step (one
+        pass: a two-pass optimizer's first pass would need the factors too, so it gets
+        clipped copies from the base class instead)."""
+        return not opt.two_pass() and any(
+            getattr(v, "adaptive_clip", None) is not None for v in opt.group_rows(state)[1])
+
+    def _unit_spec(self, opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per tensor: its unit count (0: not clipped), ``c`` (0: not clipped) and ``ε``,
+        cached while the groups and their clipping options stay the same."""
+        from ..clipping import units as units_of
+
+        index, views = opt.group_rows(state)
+        key = (state.groups[0] if state.groups else None, id(state.layout),
+               tuple((v.adaptive_clip, v.adaptive_clip_eps) for v in views))
+        if self._units_key == key:
+            return self._units
+        lay = self.layout
+        c = np.array([views[r].adaptive_clip or 0.0 for r in index], dtype=np.float64)
+        eps = np.array([views[r].adaptive_clip_eps for r in index], dtype=np.float64)
+        units = np.zeros(len(lay.names), dtype=np.int64)
+        for i in np.flatnonzero(c):
+            try:
+                units[i] = units_of(lay.shapes[i])
+            except ValueError as e:
+                raise ValueError(f"adaptive_clip: parameter '{lay.names[i]}': {e}") from None
+        self._units_key, self._units = key, (units, c, eps)
+        return self._units
+
+    def _unit_plan(self, units: np.ndarray) -> unitwise.UnitPlan:
+        key = units.tobytes()
+        if self._unit_plan_key != key:
+            self._unit_plan_cached, self._unit_plan_key = unitwise.UnitPlan(self._plan, units), key
+        return self._unit_plan_cached
 
     def _first_pass(self, opt: Any, state: Any, params: Any, ours: bool, gptr: np.ndarray,
                     table: np.ndarray, index: np.ndarray, clip: bool, t: int
