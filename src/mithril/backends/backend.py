@@ -23,14 +23,19 @@ def _shape_args(shape: tuple) -> tuple[int, ...]:
 
 
 class Evaluator(ABC):
-    """Executes one compiled program: ``forward`` and ``forward_vjp``."""
+    """Executes one compiled program: ``forward`` and ``forward_vjp``. ``run`` (a
+    :class:`~mithril.models.context.RunContext`, given when the program has context
+    operators) carries the mode, randomness and state; the evaluator leaves the new state,
+    as native arrays, in ``run.new_state``."""
 
     @abstractmethod
-    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]: ...
+    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                run: Any = None) -> dict[str, Any]: ...
 
     @abstractmethod
     def forward_vjp(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
-                    cotangents: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]: ...
+                    cotangents: Mapping[str, Any],
+                    run: Any = None) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
 
 class Backend(ABC):

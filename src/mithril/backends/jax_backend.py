@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..compiler.interpret import outputs_of, run_forward
+from ..models.context import M32, RunContext
 from .backend import Backend, Evaluator
 
 
@@ -80,10 +81,47 @@ class _JaxEvaluator(Evaluator):
         self._fwd = jax.jit(fwd) if jit else fwd
         self._fwd_vjp = jax.jit(fwd_vjp) if jit else fwd_vjp
 
-    def forward(self, params, inputs):
-        return self._fwd(tuple(params[k] for k in self.names), dict(inputs))
+        # with context operators: the mode is static (one jitted function per mode); the seed
+        # and step travel as one traced uint32 pair (no recompiling per step), the state as a dict
+        def fwd_ctx(ptuple, inputs, rng, state, training):
+            run = RunContext(training, rng[0], rng[1], state)
+            out = outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
+                                               inputs, run))
+            return out, run.new_state
 
-    def forward_vjp(self, params, inputs, cotangents):
-        out, grads = self._fwd_vjp(tuple(params[k] for k in self.names), dict(inputs),
-                                   dict(cotangents))
+        def fwd_vjp_ctx(ptuple, inputs, rng, state, cots, training):
+            out, pull, new_state = jax.vjp(lambda p: fwd_ctx(p, inputs, rng, state, training),
+                                           ptuple, has_aux=True)
+            full = {k: cots[k] if k in cots else jnp.zeros_like(v) for k, v in out.items()}
+            return out, pull(full)[0], new_state
+
+        static = {"static_argnames": ("training",)}
+        self._fwd_ctx = jax.jit(fwd_ctx, **static) if jit else fwd_ctx
+        self._fwd_vjp_ctx = jax.jit(fwd_vjp_ctx, **static) if jit else fwd_vjp_ctx
+
+    @staticmethod
+    def _rng(run: RunContext) -> Any:
+        import jax.numpy as jnp
+
+        def u32(v: Any) -> Any:
+            return jnp.asarray(v).astype(jnp.uint32) if hasattr(v, "dtype") else np.uint32(int(v) & M32)
+
+        return jnp.stack([u32(run.seed), u32(run.step)])
+
+    def forward(self, params, inputs, run=None):
+        ptuple = tuple(params[k] for k in self.names)
+        if run is None:
+            return self._fwd(ptuple, dict(inputs))
+        out, run.new_state = self._fwd_ctx(ptuple, dict(inputs), self._rng(run), dict(run.state),
+                                           training=run.training)
+        return out
+
+    def forward_vjp(self, params, inputs, cotangents, run=None):
+        ptuple = tuple(params[k] for k in self.names)
+        if run is None:
+            out, grads = self._fwd_vjp(ptuple, dict(inputs), dict(cotangents))
+        else:
+            out, grads, run.new_state = self._fwd_vjp_ctx(
+                ptuple, dict(inputs), self._rng(run), dict(run.state), dict(cotangents),
+                training=run.training)
         return out, dict(zip(self.names, grads, strict=True))

@@ -65,10 +65,16 @@ class _NumpyEvaluator(Evaluator):
     def __init__(self, program: Any, dtype: Any) -> None:
         self.prog, self.dtype = program, dtype
 
-    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
-        return _cast(outputs_of(self.prog, run_forward(self.prog, np, params, inputs)), self.dtype)
+    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                run: Any = None) -> dict[str, Any]:
+        out = _cast(outputs_of(self.prog, run_forward(self.prog, np, params, inputs, run)), self.dtype)
+        if run is not None:
+            _cast(run.new_state, self.dtype)
+        return out
 
-    def forward_vjp(self, params, inputs, cotangents):
-        env = run_forward(self.prog, np, params, inputs)
+    def forward_vjp(self, params, inputs, cotangents, run=None):
+        env = run_forward(self.prog, np, params, inputs, run)
         grads = numpy_backward(self.prog, env, params, cotangents)
+        if run is not None:
+            _cast(run.new_state, self.dtype)
         return _cast(outputs_of(self.prog, env), self.dtype), _cast(grads, self.dtype)

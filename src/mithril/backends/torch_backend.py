@@ -128,18 +128,21 @@ class _TorchEvaluator(Evaluator):
     def __init__(self, prog: Any, xp: _TorchNumpy) -> None:
         self.prog, self.xp = prog, xp
 
-    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                run: Any = None) -> dict[str, Any]:
         import torch
 
         with torch.no_grad():
-            return outputs_of(self.prog, run_forward(self.prog, self.xp, params, inputs))
+            return outputs_of(self.prog, run_forward(self.prog, self.xp, params, inputs, run))
 
-    def forward_vjp(self, params, inputs, cotangents):
+    def forward_vjp(self, params, inputs, cotangents, run=None):
         import torch
 
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            out = outputs_of(self.prog, run_forward(self.prog, self.xp, leaves, inputs))
+            out = outputs_of(self.prog, run_forward(self.prog, self.xp, leaves, inputs, run))
+        if run is not None:
+            run.new_state = {k: v.detach() for k, v in run.new_state.items()}
         names = [k for k in cotangents if out[k].requires_grad]
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()),
                                     [cotangents[k] for k in names], allow_unused=True) if names else [None] * len(leaves)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..backends.backend import Backend
 from ..errors import DTypeError, KeyMismatchError, ShapeError
+from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
 from .program import Program, build_program
@@ -47,16 +48,41 @@ class CompiledModel:
     ``evaluate(params, inputs, output_gradients=...)`` returns ``(outputs, gradients)``
     where ``gradients[name]`` is the vector-Jacobian product for parameter ``name``
     (outputs missing from ``output_gradients`` get zero cotangents).
+
+    **Modes, randomness and state** (models with ``Dropout`` / ``BatchNorm*``):
+
+    * ``inference`` (set by ``compile(..., inference=...)``, default ``False``) is the default
+      mode; ``evaluate(..., training=True/False)`` overrides it for one call. Training mode:
+      Dropout drops and BatchNorm normalises by the batch statistics (and updates its running
+      ones); inference mode: Dropout is the identity and BatchNorm uses the running statistics.
+    * Dropout masks are a hash of ``(seed, step, block, element)``, the same on every backend
+      (:mod:`mithril.models.context`). ``seed`` is the backend's seed at compile time;
+      ``step`` counts the training-mode evaluations of a model that draws random bits: each
+      such ``evaluate`` uses the current ``step`` and then adds one. ``evaluate(...,
+      step=n)`` uses ``n`` instead and leaves the counter alone (say, to give the forward
+      and a separate gradient pass the same mask, or inside your own ``jax.jit``).
+      Setting ``compiled.seed`` / ``compiled.step`` replays a run.
+    * State (BatchNorm's running statistics, ``state_shapes``) is never kept inside: start
+      from ``initial_state_dict`` and pass ``evaluate(..., state=state)``, which then returns
+      the new state last: ``(outputs, state)`` or ``(outputs, gradients, state)``. A model
+      with state needs it on every call; without ``state=`` (and a model without state)
+      ``evaluate`` returns what it always has.
     """
 
     def __init__(self, model: Model | Operator, backend: Backend,
                  shapes: Mapping[str, Any] | None = None, jit: bool = True,
-                 trainable_keys: Any = ()) -> None:
+                 trainable_keys: Any = (), inference: bool = False) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
+        if not isinstance(inference, (bool, np.bool_)):
+            raise TypeError(f"compile(inference=...) must be a bool, got {inference!r}")
         self.backend = backend
         self.program: Program = build_program(model, shapes, trainable_keys)
         self.jit = jit
+        self.inference = bool(inference)
+        #: the random stream: masks are a function of (seed, step); see the class docstring
+        self.seed: int = int(backend.seed)
+        self.step: int = 0
         self._eval = backend.evaluator(self.program, jit)
         self._params: dict[str, Any] | None = None
         self._consts = {k: backend.array(v) for k, v in self.program.constants.items()}
@@ -92,6 +118,17 @@ class CompiledModel:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
+        p = self.program
+        if p.has_context:
+            mode = "inference" if self.inference else "training"
+            lines.append(f"mode: {mode} by default (evaluate(..., training=...) per call)")
+        if p.has_random:
+            lines.append(f"randomness: seed {self.seed}, step {self.step} (one step per "
+                         "training-mode evaluate; masks are the same on every backend)")
+        if p.state_shapes:
+            n = sum(int(np.prod(s)) for s in p.state_shapes.values())
+            lines.append(f"state: {len(p.state_shapes)} arrays, {n} values "
+                         "(evaluate(..., state=...) returns the new state)")
         text = "\n".join(lines)
         if print_fn is not None:
             print_fn(text)
@@ -109,6 +146,61 @@ class CompiledModel:
         if self._params is None:
             self.randomize_params()
         return dict(self._params)  # type: ignore[arg-type]
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the model state arrays (BatchNorm's running statistics), keyed by name."""
+        return dict(self.program.state_shapes)
+
+    @property
+    def initial_state_dict(self) -> dict[str, Any]:
+        """A fresh initial state, as torch initialises its buffers: running means 0, running
+        variances 1, ``num_batches_tracked`` 0 (integer)."""
+        b, p = self.backend, self.program
+        out = {}
+        for name, shape in p.state_shapes.items():
+            kind = p.state_init[name]
+            if kind == "int_zeros":
+                out[name] = b.array(np.zeros(shape, dtype=np.int64), b.int_dtype)
+            else:
+                out[name] = b.init_param(shape, kind)
+        return out
+
+    def _validate_state(self, state: Any) -> dict[str, Any]:
+        p = self.program
+        if not isinstance(state, Mapping):
+            raise TypeError(f"evaluate(state=...) must be a dict keyed by name, got {type(state).__name__}")
+        _check_keys(state, p.state_shapes, "state")
+        fdtype = self.backend.native_dtype()
+        return {k: self._check_array("state", k, state[k], shape,
+                                     "int" if p.state_init[k] == "int_zeros" else "float", fdtype)
+                for k, shape in p.state_shapes.items()}
+
+    def _run_context(self, training: Any, state: Any, step: Any) -> RunContext | None:
+        """The mode, randomness and state of one call, checked (``None``: the program has no
+        context operators, and no state was given)."""
+        p = self.program
+        if training is None:
+            training = not self.inference
+        elif not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"evaluate(training=...) must be a bool, got {training!r}")
+        if step is not None and not hasattr(step, "dtype") and (
+                not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0):
+            raise ValueError(f"evaluate(step=...) must be an int >= 0, got {step!r}")
+        if state is None:
+            if p.state_shapes:
+                raise KeyMismatchError(
+                    f"this model keeps state {sorted(p.state_shapes)}: pass evaluate(..., "
+                    "state=compiled.initial_state_dict) and keep the state it returns")
+        else:
+            state = self._validate_state(state)
+        if not p.has_context:
+            return None
+        use = self.step if step is None else step
+        if step is None and training and p.has_random:
+            self.step += 1
+        return RunContext(bool(training), self.seed, use, state)
 
     # -- evaluation --------------------------------------------------------------------
     def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str,
@@ -196,17 +288,50 @@ class CompiledModel:
         return key
 
     def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
-                 output_gradients: Mapping[str, Any] | bool | None = None) -> Any:
+                 output_gradients: Mapping[str, Any] | bool | None = None, *,
+                 state: Mapping[str, Any] | None = None, training: bool | None = None,
+                 step: int | None = None) -> Any:
         """Outputs, or ``(outputs, gradients)`` when ``output_gradients`` is given: a dict of
         output cotangents, or ``True`` for the gradient of ``final_cost`` (or of the single
-        scalar output), i.e. a cotangent of 1 for it."""
+        scalar output), i.e. a cotangent of 1 for it.
+
+        ``state``: the model state (see :attr:`initial_state_dict`); when given, the new
+        state is returned last, ``(outputs, state)`` or ``(outputs, gradients, state)``; a
+        model with state requires it. ``training``: this call's mode (default: training
+        unless compiled with ``inference=True``). ``step``: the random step to use (default:
+        the model's counter, which a training-mode call then advances). Everything is
+        checked before anything runs or the counter moves."""
         if output_gradients is True:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
         params, inputs = self._validate(params, inputs)
-        if output_gradients is None:
-            return self._eval.forward(params, inputs)
+        cots = None if output_gradients is None else self._cotangents(output_gradients)
+        given_state = state
+        step_before = self.step
+        run = self._run_context(training, state, step)
+        try:
+            result = self._evaluate(params, inputs, cots, run)
+        except BaseException:
+            self.step = step_before
+            raise
+        if given_state is None:
+            return result
+        new_state = dict(run.state) if run is not None else {}
+        if run is not None:
+            new_state.update(run.new_state)
+        return (*result, new_state) if isinstance(result, tuple) else (result, new_state)
+
+    def _evaluate(self, params: dict[str, Any], inputs: dict[str, Any],
+                  cots: dict[str, Any] | None, run: RunContext | None) -> Any:
+        if cots is None:
+            return self._eval.forward(params, inputs, run) if run is not None \
+                else self._eval.forward(params, inputs)
+        if run is None:
+            return self._eval.forward_vjp(params, inputs, cots)
+        return self._eval.forward_vjp(params, inputs, cots, run)
+
+    def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)
         cots = {}
         for k, g in output_gradients.items():
@@ -215,16 +340,19 @@ class CompiledModel:
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
                                         self.backend.native_dtype())
-        return self._eval.forward_vjp(params, inputs, cots)
+        return cots
 
 
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
-            jit: bool = True, *, trainable_keys: Any = ()) -> CompiledModel:
+            jit: bool = True, *, trainable_keys: Any = (), inference: bool = False) -> CompiledModel:
     """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
 
     ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
     ``jit`` compiles the forward and forward+VJP with ``jax.jit`` on JAX;
     ``trainable_keys`` names inputs to treat as parameters (given in ``params``, with
-    gradients), as the published Mithril's ``compile(trainable_keys=...)``.
+    gradients), as the published Mithril's ``compile(trainable_keys=...)``;
+    ``inference=True`` makes inference the default mode of ``evaluate`` (Dropout off,
+    BatchNorm on its running statistics; gradients are still available).
     """
-    return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys)
+    return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
+                         inference=inference)

@@ -29,6 +29,7 @@ class Node:
     params: dict[str, str]       # parameter key -> parameter name
     out: int
     wrt: frozenset[str] = frozenset()  # keys whose cotangent the NumPy backward needs
+    state: dict[str, str] = field(default_factory=dict)  # state key -> state name
 
 
 @dataclass
@@ -45,6 +46,13 @@ class Program:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     #: inputs made trainable (``compile(trainable_keys=...)``): parameters fed to their wire
     param_wires: dict[str, int] = field(default_factory=dict)
+    #: model state (BatchNorm's running statistics) by name, and its initialisers
+    state_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    state_init: dict[str, str] = field(default_factory=dict)
+    #: some operator reads the mode / randomness / state (``Operator.context``)
+    has_context: bool = False
+    #: some operator draws random bits (``Operator.random``)
+    has_random: bool = False
 
     def input_shape(self, name: str) -> Shape | None:
         return self.wire_shapes[self.inputs[name]]
@@ -194,9 +202,17 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         with _blame(node, b):
             out = node.op.infer_shape({**in_shapes, **pshapes})
         b.merge_shape(node.out, out, f"{node.path}.output (inferred)")
+        with _blame(node, b):
+            sshapes = dict(node.op.state_shapes(in_shapes))
+        for key, shape in sshapes.items():
+            sname = node.state[key] = f"{node.path}.{key}"
+            prog.state_shapes[sname] = tuple(int(d) for d in shape)
+            prog.state_init[sname] = node.op.state_init[key]
         node.wrt = frozenset(node.params) | {k for k, w in node.ins.items() if w in differentiable}
         if node.wrt:
             differentiable.add(node.out)
+    prog.has_context = any(n.op.context for n in nodes)
+    prog.has_random = any(n.op.random for n in nodes)
     return prog
 
 

@@ -4,10 +4,11 @@ from .activations import Gelu, LeakyRelu, Relu, Sigmoid, Softmax, Tanh
 from .arithmetic import Add, MatrixMultiply, Multiply
 from .blocks import MLP
 from .conv import Convolution1D, Convolution2D
+from .dropout import Dropout
 from .layers import Embedding, Flatten, LayerNorm, Linear
 from .losses import CrossEntropy, MeanSquaredError, SquaredError
 from .model import Bound, Connection, Model
-from .norms import GroupNorm
+from .norms import BatchNorm1D, BatchNorm2D, GroupNorm
 from .operator import Operator
 from .pooling import AvgPool1D, AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D
 
@@ -16,7 +17,7 @@ __all__ = [
     "LeakyRelu", "Linear", "MLP", "MatrixMultiply", "MeanSquaredError", "Model", "Multiply",
     "Operator", "Relu", "Sigmoid", "Softmax", "SquaredError", "Tanh",
     "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
-    "MaxPool1D", "MaxPool2D",
+    "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout",
 ]
 
 # primitives (the published Mithril's names)
@@ -59,3 +60,8 @@ from .regularizers import L1, L2  # noqa: E402
 from .train_model import TrainModel  # noqa: E402
 
 __all__ += ["L1", "L2", "TrainModel"]
+
+# recurrent layers
+from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, Recurrence, RNNCell  # noqa: E402
+
+__all__ += ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "Recurrence"]

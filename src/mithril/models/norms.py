@@ -1,8 +1,11 @@
-"""Group normalisation over channels-first inputs, as ``torch.nn.GroupNorm``."""
+"""Normalisation over channels-first inputs: ``GroupNorm`` and ``BatchNorm1D`` /
+``BatchNorm2D``, as ``torch.nn.GroupNorm`` / ``BatchNorm1d`` / ``BatchNorm2d``."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -84,3 +87,175 @@ class GroupNorm(Operator):
 
     def __repr__(self) -> str:
         return f"GroupNorm({self.num_groups}, eps={self.eps}, affine={self.affine})"
+
+
+class _BatchNorm(Operator):
+    """Batch normalisation of (N, C, *) per channel c, as torch's ``BatchNorm*d``.
+
+    Training mode (or ``track_running_stats=False``, in either mode), over the n = N · prod(*)
+    values of channel c: μ = mean, σ² = biased variance, y = (x − μ) / √(σ² + eps). With
+    running statistics, training mode also returns the next state (torch's buffers):
+
+        running_mean ← (1 − m) · running_mean + m · μ
+        running_var  ← (1 − m) · running_var + m · σ² · n / (n − 1)   (unbiased, as torch)
+        num_batches_tracked ← num_batches_tracked + 1
+
+    with m = ``momentum``, or m = 1 / num_batches_tracked (the new count: a cumulative average)
+    when ``momentum=None``. Inference mode: y = (x − running_mean) / √(running_var + eps).
+    Then y · weight + bias per channel when ``affine``.
+
+    Parameters: ``weight`` (C,) ones, ``bias`` (C,) zeros; state: ``running_mean`` (C,) zeros,
+    ``running_var`` (C,) ones, ``num_batches_tracked`` () integer 0 (none without
+    ``track_running_stats``). Training mode needs n > 1 (a ``ValueError``, as torch).
+    """
+
+    context = True
+    param_init = {"weight": "ones", "bias": "zeros"}
+    state_init = {"running_mean": "zeros", "running_var": "ones", "num_batches_tracked": "int_zeros"}
+    ranks: ClassVar[tuple[int, ...]] = ()
+    layout: ClassVar[str] = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True) -> None:
+        who = type(self).__name__
+        if not isinstance(num_features, (int, np.integer)) or isinstance(num_features, bool) \
+                or num_features <= 0:
+            raise ValueError(f"{who}: num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) \
+                or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"{who}: eps must be a finite float >= 0, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+                momentum, (int, float, np.floating)) or not 0.0 <= float(momentum) <= 1.0):
+            raise ValueError(f"{who}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.num_features, self.eps = int(num_features), float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
+        self.use_scale = self.use_bias = self.affine  # the compiler drops switched-off params
+
+    def _check(self, shapes: Mapping[str, Any]) -> None:
+        s = shapes.get("input")
+        if s is None:
+            return
+        who = type(self).__name__
+        if len(s) not in self.ranks:
+            raise ShapeError(f"{who}: 'input' must be {self.layout}, got shape {fmt(s)}")
+        if s[1] is not None and s[1] != self.num_features:
+            raise ShapeError(f"{who}: 'input' has {s[1]} channels (axis 1) but num_features is "
+                             f"{self.num_features}; 'input' has shape {fmt(s)}")
+
+    def param_shapes(self, shapes):
+        self._check(shapes)
+        c = self.num_features
+        return {"weight": (c,), "bias": (c,)} if self.affine else {}
+
+    def state_shapes(self, shapes):
+        if not self.track_running_stats:
+            return {}
+        c = self.num_features
+        return {"running_mean": (c,), "running_var": (c,), "num_batches_tracked": ()}
+
+    def infer_shape(self, shapes):
+        self._check(shapes)
+        return shapes.get("input")
+
+    def _batch_stats(self, ctx: Any) -> bool:
+        return ctx.training or not self.track_running_stats
+
+    @staticmethod
+    def _axes(x: Any) -> tuple[int, ...]:
+        return (0, *range(2, x.ndim))
+
+    def _count(self, x: Any) -> int:
+        n = int(x.shape[0]) * int(np.prod(x.shape[2:], dtype=np.int64))
+        if n <= 1:
+            raise ValueError(f"{type(self).__name__}: training mode needs more than one value per "
+                             f"channel, got input of shape {tuple(x.shape)}")
+        return n
+
+    def _update(self, ctx: Any, mean: Any, var_unbiased: Any) -> None:
+        """Write the next running statistics (when the state is there: a forward pass
+        without ``state=`` outside ``evaluate`` just does not track them)."""
+        if not (ctx.training and self.track_running_stats and ctx.has_state("running_mean")):
+            return
+        rm, rv = ctx.state("running_mean"), ctx.state("running_var")
+        count = ctx.state("num_batches_tracked") + 1
+        m = self.momentum
+        if m is None:  # cumulative average: 1 / count (+ 0·rm[:1]: in the statistics' dtype)
+            m = 1.0 / (count + rm[:1] * 0)
+        ctx.update("running_mean", (1 - m) * rm + m * mean)
+        ctx.update("running_var", (1 - m) * rv + m * var_unbiased)
+        ctx.update("num_batches_tracked", count)
+
+    def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *, ctx: Any) -> Any:
+        batch = self._batch_stats(ctx)
+        if backend_of(xp) == "torch":
+            import torch.nn.functional as F
+
+            if batch:
+                if ctx.training:
+                    self._count(input)
+                    x = input.detach()
+                    self._update(ctx, x.mean(dim=self._axes(x)), x.var(dim=self._axes(x), correction=1))
+                return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+            return F.batch_norm(input, ctx.state("running_mean"), ctx.state("running_var"),
+                                weight, bias, False, 0.0, self.eps)
+        per_channel = (1, -1) + (1,) * (input.ndim - 2)
+        if batch:
+            n = self._count(input) if ctx.training else None
+            axes = self._axes(input)
+            mean = xp.mean(input, axis=axes)
+            xc = input - mean.reshape(per_channel)
+            var = xp.mean(xc * xc, axis=axes)
+            if n is not None:
+                self._update(ctx, mean, var * (n / (n - 1)))
+        else:
+            mean, var = ctx.state("running_mean"), ctx.state("running_var")
+            xc = input - mean.reshape(per_channel)
+        y = xc * (1 / xp.sqrt(var + self.eps)).reshape(per_channel)
+        if weight is not None:
+            y = y * weight.reshape(per_channel)
+        return y if bias is None else y + bias.reshape(per_channel)
+
+    def vjp(self, g, out, args, wrt):
+        x, ctx = args["input"], args["ctx"]
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
+        axes = self._axes(x)
+        if self._batch_stats(ctx):
+            mean = x.mean(axis=axes)
+            xc = x - mean.reshape(per_channel)
+            var = (xc * xc).mean(axis=axes)
+        else:
+            mean, var = ctx.state("running_mean"), ctx.state("running_var")
+            xc = x - mean.reshape(per_channel)
+        inv = (1 / np.sqrt(var + self.eps)).reshape(per_channel)
+        xhat = xc * inv
+        res = {}
+        if "weight" in wrt:
+            res["weight"] = (g * xhat).sum(axis=axes)
+        if "bias" in wrt:
+            res["bias"] = g.sum(axis=axes)
+        if "input" in wrt:
+            gx = g * args["weight"].reshape(per_channel) if "weight" in args else g
+            if self._batch_stats(ctx):
+                gx = gx - gx.mean(axis=axes, keepdims=True) \
+                    - xhat * (gx * xhat).mean(axis=axes, keepdims=True)
+            res["input"] = gx * inv
+        return res
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+
+
+class BatchNorm1D(_BatchNorm):
+    __doc__ = "Batch normalisation of (N, C) or (N, C, L), as ``torch.nn.BatchNorm1d``.\n" \
+        + (_BatchNorm.__doc__ or "")
+    ranks = (2, 3)
+    layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2D(_BatchNorm):
+    __doc__ = "Batch normalisation of (N, C, H, W), as ``torch.nn.BatchNorm2d``.\n" \
+        + (_BatchNorm.__doc__ or "")
+    ranks = (4,)
+    layout = "(N, C, H, W)"

@@ -77,6 +77,13 @@ class Operator:
     any_dtype_inputs: ClassVar[frozenset[str]] = frozenset()
     #: initialiser name per parameter: "glorot", "normal", "zeros" or "ones"
     param_init: ClassVar[Mapping[str, str]] = {}
+    #: True: ``forward`` takes a keyword ``ctx`` (a :class:`~mithril.models.context.NodeContext`:
+    #: the mode, randomness and state) and ``vjp`` finds it in ``args["ctx"]``
+    context: ClassVar[bool] = False
+    #: True: the operator draws random bits (the compiled model's step counter advances)
+    random: ClassVar[bool] = False
+    #: initialiser per state array ("zeros", "ones" or "int_zeros"); shapes from ``state_shapes``
+    state_init: ClassVar[Mapping[str, str]] = {}
 
     def connect(self, **connections: str) -> Any:
         from .model import Bound
@@ -95,6 +102,10 @@ class Operator:
 
     def param_shapes(self, shapes: Mapping[str, Shape | None]) -> dict[str, Shape]:
         """Shapes of this operator's parameters given its input shapes."""
+        return {}
+
+    def state_shapes(self, shapes: Mapping[str, Shape | None]) -> dict[str, Shape]:
+        """Shapes of this operator's state arrays (keys of ``state_init``) given its input shapes."""
         return {}
 
     def infer_shape(self, shapes: Mapping[str, Shape | None]) -> Shape | None:
