@@ -53,8 +53,10 @@ How it works:
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
   bfloat16) the engines' flat-tensor path. Muon and Adafactor (per-tensor matrix updates,
   :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
-  operations tensor by tensor, on any device, into the same flat buffer. Parameters must
-  share one dtype and device.
+  operations tensor by tensor, on any device, into the same flat buffer, bit for bit as
+  torch; Adafactor on CPU runs its fused kernel instead unless built with ``fused=False``
+  (equal to torch to rounding: it sums its statistics in float64). Parameters must share
+  one dtype and device.
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``) needs ``step(closure)``
   with torch's usual closure (clear the gradients, compute the loss, ``backward()``,
   return the loss), as ``torch.optim.LBFGS``; it calls it as often as its iterations and

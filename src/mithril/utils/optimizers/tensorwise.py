@@ -8,7 +8,11 @@ the math's), parameter groups, weight averaging and the non-finite policies (eve
 is computed before anything is written: a skipped or refused step changes nothing). On
 NumPy/torch the results are written into the state's flat buffers and the returned arrays
 are views of its parameter buffer (the ownership rule of :mod:`.base`); on JAX the params
-returned are new arrays and jax.Array slot buffers are replaced."""
+returned are new arrays and jax.Array slot buffers are replaced.
+
+A subclass may also take the whole step at once after the input checks
+(:meth:`~TensorwiseOptimizer.fused_step`, e.g. Adafactor's numba kernel); where it returns
+None, the per-tensor path above runs."""
 
 from __future__ import annotations
 
@@ -155,6 +159,10 @@ class TorchOps(NumpyOps):
     def sumsq(self, x: Any) -> float:
         return float((x.detach().double() ** 2).sum())
 
+    def all_finite(self, x: Any) -> bool:  # a finite sum has no inf/NaN term (one read;
+        # isfinite().all() is ~50x slower on torch CPU); an overflowed sum: the exact test
+        return bool(self.m.isfinite(x.sum())) or bool(self.m.isfinite(x).all())
+
     def copy(self, x: Any) -> Any:
         return x.detach().clone()
 
@@ -176,6 +184,17 @@ class TensorwiseOptimizer(Optimizer):
         part of every slot of :meth:`slot_names`, return the new parameter and slot parts,
         as new arrays (never modify the ones given). ``scalars`` is ``self.scalars(t)``."""
         raise NotImplementedError
+
+    def fused_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                   state: OptimizerState, prepared: Any, ours: bool
+                   ) -> tuple[dict[str, Any], bool, float, bool] | None:
+        """The whole step at once where a subclass can (e.g. Adafactor's numba kernel),
+        after the input checks: ``prepared`` is the engine's ``prepare`` result (None: the
+        gradients are to be located one by one), ``ours`` whether ``params`` are the arrays
+        the last update returned. Returns, as the engines' ``step``, (params to return,
+        applied, global gradient norm, every new value finite) and writes nothing unless
+        applied; None (the default): the per-tensor path of :meth:`tensor_update`."""
+        return None
 
     def update_slots(self) -> tuple[str, ...]:
         """The slots :meth:`tensor_update` reads and returns (by default all)."""
@@ -207,12 +226,17 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
     bound = self._backend
     try:
         self._bind(params)
-        _, ours = self._check(params, gradients, state)
+        prepared, ours = self._check(params, gradients, state)
     except BaseException:
         self._backend = bound  # a refused call keeps nothing, an inferred backend included
         raise
     if any(getattr(v, "adaptive_clip", None) is not None for v in self.group_rows(state)[1]):
         gradients = self._adaptive_clip(params, gradients, state)
+        prepared = None  # the clipped copies are located anew
+    with np.errstate(all="ignore"):
+        fused = self.fused_step(params, gradients, state, prepared, ours)
+    if fused is not None:
+        return _finish(self, state, *fused)
     t, lay, eng = state.step + 1, state.layout, state.engine
     xp = ops_for(eng.backend)
     views = state.param_views or {}

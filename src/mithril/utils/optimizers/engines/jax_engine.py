@@ -70,6 +70,9 @@ class JaxEngine(Engine):
         import jax
         import jax.numpy as jnp
 
+        from .kernel_cache import configure_jax
+
+        configure_jax()  # its jitted steps compile once per machine (kernel_cache)
         self.jax, self.jnp = jax, jnp
         self.backend, self.layout = backend, layout
         self.array_type, self.native_dtype = jax.Array, jnp.dtype(layout.dtype)

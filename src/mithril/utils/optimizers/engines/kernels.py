@@ -19,7 +19,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import atomics, streaming
+from . import atomics, kernel_cache, streaming
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -209,7 +209,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         fields["nograd"] = "                avg_inner(P[a:b], {}{})\n".format(
             "".join(f"{s}[a:b], " for s in slots[first_slot:]),
             ", ".join(f"H[group[t], {first_w + i}]" for i in range(n_avg)))
-    jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
@@ -230,7 +230,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
             body=body.replace("STORE", store).replace("\n", "\n    ").replace(
                 "x = G[j]\n", "x = G[j] * FA[j]\n"))
-    exec(compile(src, name, "exec"), ns)
+    kernel_cache.exec_source(src, name, ns)
     ns["inner"] = jit(ns["inner"])
     if unitwise:
         ns["inner_f"] = jit(ns["inner_f"])
@@ -238,13 +238,13 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         from ..averaging import _jitable, average
 
         ns["AVG"] = _jitable(average)
-        exec(compile(_NOGRAD_SRC.format(
+        kernel_cache.exec_source(_NOGRAD_SRC.format(
             avgs="".join(f"A{i}, " for i in range(n_avg)),
             weights=", ".join(f"w{i}" for i in range(n_avg)),
             steps="\n".join(f"        A{i}[j] = AVG(p, A{i}[j], w{i})" for i in range(n_avg))),
-            name, "exec"), ns)
+            name, ns)
         ns["avg_inner"] = jit(ns["avg_inner"])
-    exec(compile(_OUTER_SRC.format(**fields), name, "exec"), ns)
+    kernel_cache.exec_source(_OUTER_SRC.format(**fields), name, ns)
     return jit(ns["kernel"])
 
 
@@ -263,7 +263,7 @@ def sumsq_kernel(dtype: str) -> Any:
     """Σ g² over every gradient, accumulated in float64 (inf/NaN propagate); its pieces are
     shared between threads as the update kernel's (:mod:`.atomics`)."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
-    jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+    jit = kernel_cache.jit(fastmath={"reassoc", "contract"}, nogil=True)
     inner = _sumsq_inner
 
     @jit
@@ -284,7 +284,7 @@ def sumsq_kernel(dtype: str) -> Any:
     return sumsq
 
 
-@numba.njit(nogil=True, cache=True)
+@kernel_cache.jit(nogil=True)
 def inside(ptr: np.ndarray, spans: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """Whether each address lies in one of the [start, stop) ``spans``."""
     out = np.zeros(ptr.shape[0], dtype=np.bool_)
@@ -354,16 +354,16 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
         slices="".join(f"{s}[a:b], " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
     )
-    jit = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,
                           "claim": atomics.claim, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
-    exec(compile(_REDUCE_INNER_SRC.format(**fields), name, "exec"), ns)
+    kernel_cache.exec_source(_REDUCE_INNER_SRC.format(**fields), name, ns)
     ns["rinner"] = jit(ns["rinner"])
-    exec(compile(_REDUCE_OUTER_SRC.format(**fields), name, "exec"), ns)
+    kernel_cache.exec_source(_REDUCE_OUTER_SRC.format(**fields), name, ns)
     return jit(ns["rkernel"])
 
 
@@ -372,7 +372,7 @@ def segment_sumsq_kernel(dtype: str) -> Any:
     """Σ g² of each segment of the :class:`~.threads.Plan` into ``R[segment]`` (float64; 0
     for a tensor without gradient): per-tensor gradient norms, read-only."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
-    jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+    jit = kernel_cache.jit(fastmath={"reassoc", "contract"}, nogil=True)
     inner = _sumsq_inner
 
     @jit

@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numba
 import numpy as np
 from numba import types
 from numba.extending import intrinsic
+
+from . import kernel_cache
 
 _HEAD = object.__basicsize__  # ob_refcnt + ob_type (16 bytes on a regular 64-bit build)
 _TYPE, _DATA, _ND, _DIMS, _DESCR, _FLAGS = 8, _HEAD, _HEAD + 8, _HEAD + 16, _HEAD + 40, _HEAD + 48
@@ -37,7 +38,7 @@ def _load(typingctx, addr, ty):  # pragma: no cover - compiled by numba
     return None
 
 
-@numba.njit(nogil=True)
+@kernel_cache.jit(nogil=True)
 def _scan(ids, type_addr, descr_addr, ndims, dims, dim_off, out):  # pragma: no cover - numba
     """Fill ``out`` with the data addresses of the arrays at ``ids``; return -1, or the index
     of the first one that is not a C-contiguous ndarray of the expected dtype and shape."""

@@ -1,0 +1,415 @@
+"""Compile each numba kernel once per machine, not once per process.
+
+The fused kernels (:mod:`.kernels`) are generated from source templates and an optimizer's
+``math``; compiling one costs ~0.5-2 s, which every fresh process used to pay on its first
+step. :func:`jit` (a drop-in for ``numba.njit``) makes them cacheable with numba's own disk
+cache (``cache=True``), which needs a real source file and keys only on that file's content,
+the function's bytecode and the CPU — not on the functions it calls, the globals it freezes
+or the math it inlines. So :func:`jit` writes the function's source to a file in the user
+cache folder (:func:`cache_dir`) named by a hash of everything the compiled code depends on:
+
+* the function's source and the jit options;
+* every global (or closure variable) the function refers to, recursively: constants by
+  value, Python functions and numba dispatchers by bytecode, constants and the globals they
+  refer to in turn (a user's ``math`` and any helper it calls), ``@intrinsic``\\s by their
+  typing/codegen functions, numba ``@overload``\\s of a called function by their
+  implementations; modules of NumPy, numba, llvmlite and the standard library by version;
+* Python, NumPy, numba and llvmlite versions, and the CPU's name and features.
+
+A changed math (or dtype, or variant: they are constants in the generated source or its
+globals) gives a new file, which numba compiles once and caches next to it (``__pycache__``;
+in ``NUMBA_CACHE_DIR`` where the user set one). A first compile on this machine is logged
+on the ``mithril.kernels`` logger at INFO (``logging.basicConfig(level=logging.INFO)``
+shows it); :func:`stats` counts the cache hits and misses of this process.
+
+The cache folder is ``$MITHRIL_CACHE_DIR/kernels``, else the platform's user cache folder
+(``$XDG_CACHE_HOME/mithril``, ``~/.cache/mithril``, ``~/Library/Caches/mithril``,
+``%LOCALAPPDATA%\\mithril\\Cache``): the package directory is never written, so a read-only
+install caches as well. Where the cache folder cannot be written, kernels are compiled in
+memory every process as before, with one :class:`KernelCacheWarning`. Delete the folder to
+clear the cache; files of kernels no longer used are simply never read.
+
+:func:`exec_source` runs generated source as ``exec`` did, registering it with
+:mod:`linecache` so that :func:`jit` (and tracebacks) can read it back.
+"""
+
+from __future__ import annotations
+import __future__
+
+import ast
+import hashlib
+import inspect
+import linecache
+import logging
+import os
+import platform
+import sys
+import textwrap
+import threading
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from numba.core.caching import FunctionCache
+
+log = logging.getLogger("mithril.kernels")
+
+#: bumped when the way files are generated or keyed changes
+FORMAT = 1
+
+# modules whose code is keyed by version, not read: the interpreter's and the compiler's
+_VERSIONED = {"numpy", "numba", "llvmlite"}
+_FUTURE = 0
+for _name in __future__.all_feature_names:
+    _FUTURE |= getattr(__future__, _name).compiler_flag
+
+
+class KernelCacheWarning(UserWarning):
+    """The kernel cache folder cannot be used: kernels are compiled in every process."""
+
+
+def cache_dir() -> Path:
+    """The user cache folder of mithril: ``$MITHRIL_CACHE_DIR``, else the platform's."""
+    env = os.environ.get("MITHRIL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "mithril" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mithril"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mithril"
+
+
+_lock = threading.Lock()
+_usable: dict[str, Path | None] = {}
+_dispatchers: list[Any] = []
+_written: list[str] = []
+
+
+def _folder() -> Path | None:
+    """The kernel folder if it can be written (checked once per path), else None (warned)."""
+    path = cache_dir() / "kernels"
+    key = str(path)
+    if key not in _usable:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".probe-{os.getpid()}-{threading.get_ident()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            _usable[key] = path
+        except OSError as e:
+            _usable[key] = None
+            warnings.warn(f"mithril: the kernel cache folder {path} cannot be written ({e}); "
+                          f"optimizer kernels are compiled in every process (set "
+                          f"MITHRIL_CACHE_DIR to a writable folder to cache them)",
+                          KernelCacheWarning, stacklevel=4)
+    return _usable[key]
+
+
+def exec_source(src: str, name: str, ns: dict[str, Any]) -> None:
+    """``exec(compile(src, name, "exec"), ns)``, with ``src`` kept in :mod:`linecache` under
+    a name unique to its content, so that :func:`inspect.getsource` and :func:`jit` can
+    read the functions it defines."""
+    filename = f"<{name.strip('<>')} {hashlib.sha256(src.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), ns)
+
+
+def environment() -> str:
+    """What every compiled kernel depends on besides its code: versions and the CPU."""
+    try:
+        import llvmlite.binding as ll
+
+        cpu = f"{ll.get_host_cpu_name()} {ll.get_host_cpu_features().flatten()}"
+    except Exception:  # pragma: no cover - llvmlite without the host queries
+        cpu = platform.processor()
+    import llvmlite
+
+    cfg = numba.config
+    return "|".join(map(str, (
+        FORMAT, sys.version, sys.platform, platform.machine(), np.__version__, numba.__version__,
+        llvmlite.__version__, cpu, *(getattr(cfg, k, None) for k in ("OPT", "BOUNDSCHECK", "CPU_NAME",
+                                                 "CPU_FEATURES")))))
+
+
+_ENV: list[str] = []
+
+
+def _env() -> str:
+    if not _ENV:
+        _ENV.append(environment())
+    return _ENV[0]
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Every global name ``code`` and the code nested in it may load."""
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            out |= _names(c)
+    return out
+
+
+def _external(module: str | None) -> bool:
+    top = (module or "").split(".", 1)[0]
+    return top in _VERSIONED or top in sys.stdlib_module_names or top == "builtins"
+
+
+class _Fingerprint:
+    """A deterministic description of objects a kernel refers to (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, str] = {}
+        self._overloads: dict[int, list[Any]] | None = None
+
+    def code(self, code: types.CodeType) -> str:
+        consts = [self.code(c) if isinstance(c, types.CodeType) else self.of(c)
+                  for c in code.co_consts]
+        return repr((code.co_qualname if hasattr(code, "co_qualname") else code.co_name,
+                     code.co_code.hex(), code.co_names, code.co_varnames, code.co_freevars,
+                     code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
+                     code.co_flags, consts))
+
+    def globals_of(self, names: set[str], ns: dict[str, Any]) -> str:
+        """The names of ``names`` bound in ``ns``; for a module of user or mithril code,
+        the attributes of it named in ``names`` too (``module.helper(...)``)."""
+        parts = []
+        for n in sorted(names):
+            if n not in ns or (n.startswith("__") and n.endswith("__")):
+                continue
+            v = ns[n]
+            parts.append(f"{n}={self.of(v)}")
+            if isinstance(v, types.ModuleType) and not _external(v.__name__):
+                parts += [f"{n}.{a}={self.of(getattr(v, a))}" for a in sorted(names) if hasattr(v, a)]
+        return ";".join(parts)
+
+    def overloads(self, fn: Any) -> list[Any]:
+        """The implementations numba ``@overload``s register for ``fn`` (public or not)."""
+        if self._overloads is None:
+            self._overloads = {}
+            try:
+                from numba.core.typing.templates import builtin_registry
+
+                for f, ty in builtin_registry.globals:
+                    for t in getattr(ty, "templates", ()):
+                        impl = getattr(t, "_overload_func", None)
+                        if impl is not None:
+                            self._overloads.setdefault(id(f), []).append(impl)
+            except Exception:  # pragma: no cover - numba internals moved
+                pass
+        return self._overloads.get(id(fn), [])
+
+    def function(self, fn: types.FunctionType) -> str:
+        if _external(fn.__module__):
+            return f"fn:{fn.__module__}.{fn.__qualname__}"
+        cells = []
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            try:
+                cells.append(f"{name}={self.of(cell.cell_contents)}")
+            except ValueError:  # an empty cell
+                cells.append(f"{name}=<empty>")
+        return "fn:" + "|".join((
+            fn.__module__ or "", self.code(fn.__code__), self.of(fn.__defaults__),
+            self.of(fn.__kwdefaults__), ";".join(cells),
+            self.globals_of(_names(fn.__code__), fn.__globals__),
+            ";".join(self.of(o) for o in self.overloads(fn))))
+
+    def of(self, obj: Any) -> str:
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic)):
+            return f"{type(obj).__name__}:{obj!r}"
+        if isinstance(obj, (tuple, list, frozenset, set)):
+            items = [self.of(o) for o in obj]
+            return f"{type(obj).__name__}({','.join(sorted(items) if isinstance(obj, (set, frozenset)) else items)})"
+        if isinstance(obj, dict):
+            return "dict(" + ",".join(f"{self.of(k)}:{self.of(v)}" for k, v in obj.items()) + ")"
+        if isinstance(obj, np.ndarray):
+            return f"array:{obj.dtype}:{obj.shape}:{hashlib.sha256(obj.tobytes()).hexdigest()}"
+        if isinstance(obj, np.dtype):
+            return f"dtype:{obj}"
+        if isinstance(obj, types.ModuleType):
+            top = obj.__name__.split(".", 1)[0]
+            return f"module:{obj.__name__}:{getattr(sys.modules.get(top), '__version__', '')}"
+        if isinstance(obj, type):
+            return f"type:{obj.__module__}.{obj.__qualname__}"
+        key = id(obj)
+        if key in self._seen:  # recursion (or a shared helper): named once
+            return self._seen[key] or f"<recursive {getattr(obj, '__qualname__', '?')}>"
+        self._seen[key] = ""
+        if isinstance(obj, types.FunctionType):
+            out = self.function(obj)
+        elif hasattr(obj, "py_func") and hasattr(obj, "targetoptions"):  # a numba dispatcher
+            opts = sorted(f"{k}={self.of(v)}" for k, v in obj.targetoptions.items())
+            out = f"dispatcher:{opts}:{self.of(obj.py_func)}"
+        elif hasattr(obj, "_defn") and callable(obj._defn):  # a numba @intrinsic
+            out = f"intrinsic:{self.of(obj._defn)}"
+        elif isinstance(obj, types.BuiltinFunctionType) or _external(type(obj).__module__):
+            r = repr(obj)
+            out = f"{type(obj).__module__}.{type(obj).__qualname__}:{'' if ' at 0x' in r else r}"
+        else:
+            out = f"object:{type(obj).__module__}.{type(obj).__qualname__}"
+            r = repr(obj)
+            if " at 0x" not in r:
+                out += f":{r}"
+        self._seen[key] = hashlib.sha256(out.encode()).hexdigest()
+        return out
+
+
+def _source(fn: types.FunctionType) -> str:
+    """``fn``'s own source, dedented, without its decorators."""
+    src = textwrap.dedent(inspect.getsource(fn))
+    node = ast.parse(src).body[0]
+    if not isinstance(node, ast.FunctionDef) or node.name != fn.__name__:
+        raise OSError(f"cannot read the source of {fn.__qualname__}")
+    return "".join(src.splitlines(True)[node.lineno - 1:])
+
+
+class _TolerantCache(FunctionCache):
+    """numba's disk cache of one function, where a fault costs a compile, not the step: an
+    entry that cannot be loaded (truncated, written by another version of this module) is
+    compiled anew, and one that cannot be saved (a full disk) is not saved, each with a
+    :class:`KernelCacheWarning`."""
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as e:
+            warnings.warn(f"mithril: cannot load the cached kernel {self._py_func.__qualname__} "
+                          f"from {self.cache_path} ({type(e).__name__}: {e}); compiling it again",
+                          KernelCacheWarning, stacklevel=2)
+            return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            super().save_overload(sig, data)
+        except Exception as e:
+            warnings.warn(f"mithril: cannot save the compiled kernel {self._py_func.__qualname__} "
+                          f"to {self.cache_path} ({type(e).__name__}: {e})", KernelCacheWarning,
+                          stacklevel=2)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def jit(fn: Any = None, **options: Any) -> Any:
+    """``numba.njit(**options)(fn)``, cached on disk by content (see the module doc).
+
+    Usable as ``jit(fn, **options)``, ``@jit(**options)`` or ``@jit``. ``fn`` is
+    recompiled from its source in a new module whose globals are ``fn``'s globals and
+    closure variables (numba freezes both as constants alike). Where its source cannot be
+    read or the cache folder cannot be written, it is compiled in memory as by
+    ``numba.njit``."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    folder = _folder()
+    if folder is None:
+        return numba.njit(**options)(fn)
+    try:
+        src = _source(fn)
+        ns = dict(fn.__globals__)
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            ns[name] = cell.cell_contents
+        flags = fn.__code__.co_flags & _FUTURE
+        code = compile(src, "<probe>", "exec", flags=flags, dont_inherit=True)
+    except (OSError, TypeError, ValueError, SyntaxError) as e:
+        log.debug("not cached (%s): %s", e, fn.__qualname__)
+        return numba.njit(**options)(fn)
+    fp = _Fingerprint()
+    key = hashlib.sha256("\n".join((
+        _env(), src, repr(sorted(f"{k}={fp.of(v)}" for k, v in options.items())),
+        fp.globals_of(_names(code), ns))).encode()).hexdigest()
+    stem = "".join(c if c.isalnum() or c == "_" else "_" for c in fn.__name__)[:40]
+    path = folder / f"{stem}_{key[:24]}.py"
+    origin = getattr(fn.__code__, "co_filename", "?")
+    with _lock:
+        if not path.exists():
+            try:
+                _write(path, f"# mithril kernel cache: {fn.__qualname__} from {origin}\n"
+                             f"# key {key}\n{src}")
+            except OSError as e:
+                warnings.warn(f"mithril: cannot write the kernel cache file {path} ({e}); "
+                              f"compiling {fn.__qualname__} in memory", KernelCacheWarning,
+                              stacklevel=2)
+                return numba.njit(**options)(fn)
+            _written.append(path.name)
+            log.info("compiling %s (%s) on its first use on this machine, then cached in %s",
+                     fn.__qualname__, origin.strip("<>").rsplit(" ", 1)[0], folder)
+    # A module of its own, importable by name: numba rebuilds a cached kernel's environment
+    # (its globals) with ``importlib.import_module(__name__)``. The name depends on the content
+    # only, as the file's does, so that cache entries stay valid wherever the folder lies.
+    name = f"_mithril_kernel_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None or module.__file__ != str(path):  # new, or the same in another folder
+        module = types.ModuleType(name)
+        module.__dict__.update({k: v for k, v in ns.items() if not k.startswith("__")})
+        module.__file__ = str(path)
+        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec", flags=flags,
+                     dont_inherit=True), module.__dict__)
+        sys.modules[name] = module
+    new = getattr(module, fn.__name__)
+    disp = numba.njit(**options)(new)
+    try:
+        disp._cache = _TolerantCache(new)  # what ``cache=True`` sets, tolerant of faults
+    except Exception as e:  # numba found nowhere to write its cache, or its internals moved
+        warnings.warn(f"mithril: numba cannot cache {fn.__qualname__} ({e}); compiling it in "
+                      f"memory", KernelCacheWarning, stacklevel=2)
+        return disp
+    _dispatchers.append(disp)
+    return disp
+
+
+def stats() -> dict[str, int]:
+    """This process's kernel cache: ``hits`` (signatures loaded from disk), ``misses``
+    (compiled, then saved) and ``new`` (kernels seen for the first time on this machine)."""
+    hits = sum(sum(d.stats.cache_hits.values()) for d in _dispatchers)
+    misses = sum(sum(d.stats.cache_misses.values()) for d in _dispatchers)
+    return {"hits": hits, "misses": misses, "new": len(_written), "kernels": len(_dispatchers)}
+
+
+#: JAX compilations shorter than this are not written to the persistent cache: reading a
+#: tiny program back costs about what compiling it does
+JAX_MIN_COMPILE_SECS = 0.05
+_jax_done: list[bool] = []
+
+
+def configure_jax() -> str | None:
+    """Point JAX's persistent compilation cache at ``<cache>/jax`` (:func:`cache_dir`), so
+    that the jitted optimizer steps of :class:`~.jax_engine.JaxEngine` compile once per
+    machine too; returns the folder, or None where it was left alone.
+
+    Only where the user has configured none (``jax_compilation_cache_dir`` unset, also
+    through ``JAX_COMPILATION_CACHE_DIR``), the folder can be written and
+    ``MITHRIL_JAX_CACHE`` is not ``0``; then programs that took at least
+    :data:`JAX_MIN_COMPILE_SECS` to compile are cached (JAX's default is 1 s), unless the
+    user set ``jax_persistent_cache_min_compile_time_secs`` themselves. Done once per
+    process."""
+    if _jax_done:
+        return None
+    _jax_done.append(True)
+    if os.environ.get("MITHRIL_JAX_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    folder = cache_dir() / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        log.info("JAX's compilation cache is not configured: %s cannot be written (%s)", folder, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    if ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ
+            and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_SECS)
+    log.info("JAX's persistent compilation cache: %s", folder)
+    return str(folder)

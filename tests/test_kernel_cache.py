@@ -1,0 +1,225 @@
+"""The kernel cache (:mod:`mithril.utils.optimizers.engines.kernel_cache`): a second process
+loads the kernels a first one compiled; a changed math compiles anew; a cache folder that
+cannot be written still runs, with a warning; keys differ by dtype and variant.
+
+Processes are real subprocesses with their own ``MITHRIL_CACHE_DIR`` (and different hash
+seeds: a key must not depend on set order); hits and misses are numba's own counts
+(:func:`kernel_cache.stats`), never timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mithril.utils.optimizers.engines import kernel_cache, kernels
+
+# A user-defined optimizer whose math calls a jitted helper of its own (SCALE, a global the
+# helper reads, is the knob the tests turn), run for one step on NumPy; prints the step's result and the cache's counts.
+SCRIPT = """
+import json, sys, warnings
+import numba
+import numpy as np
+from mithril.utils.optimizers import Optimizer
+from mithril.utils.optimizers.engines import kernel_cache
+
+SCALE = {scale!r}
+
+
+@numba.njit
+def helper(g):
+    return SCALE * g
+
+
+class Custom(Optimizer):
+    slots = ("m",)
+
+    @staticmethod
+    def math(p, g, m, lr):
+        m = 0.5 * m + helper(g)
+        return p - lr * m, m
+
+
+params = {{"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}}
+grads = {{"w": np.full((2, 3), 2.0), "b": np.full(3, 4.0)}}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = Custom(learning_rate=0.1)
+    state = opt.init(params)
+    params, state = opt.update(params, grads, state)
+print(json.dumps({{"w": params["w"].tolist(), "b": params["b"].tolist(), **kernel_cache.stats(),
+                  "warnings": [str(w.message) for w in caught
+                               if issubclass(w.category, kernel_cache.KernelCacheWarning)]}}))
+"""
+
+
+def _run(tmp_path: Path, cache: Path, scale: float = 0.5, seed: int = 0) -> dict:
+    script = tmp_path / f"custom_{str(scale).replace('.', '_')}.py"
+    script.write_text(SCRIPT.format(scale=scale))
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(cache), "PYTHONHASHSEED": str(seed)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _expected(scale: float) -> tuple[list, list]:
+    w, b = np.arange(6.0).reshape(2, 3), np.ones(3)
+    return (w - 0.1 * scale * 2.0).tolist(), (b - 0.1 * scale * 4.0).tolist()
+
+
+def test_second_process_hits_the_cache_and_a_changed_math_recompiles(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(tmp_path, cache, seed=1)
+    assert first["new"] > 0 and first["misses"] > 0 and first["hits"] == 0
+    assert (first["w"], first["b"]) == _expected(0.5)
+    assert list((cache / "kernels").glob("*.py")), "the kernels' sources are kept in the cache"
+
+    second = _run(tmp_path, cache, seed=2)
+    assert second["new"] == 0 and second["misses"] == 0 and second["hits"] > 0
+    assert (second["w"], second["b"]) == (first["w"], first["b"])
+
+    # the helper the math calls reads another constant: a new kernel, compiled and right
+    changed = _run(tmp_path, cache, scale=0.25, seed=3)
+    assert changed["new"] > 0 and changed["misses"] > 0
+    assert (changed["w"], changed["b"]) == _expected(0.25)
+    # kernels that do not depend on the math (the gradient scan, ...) are still shared
+    assert changed["hits"] > 0
+
+
+def _unwritable(tmp_path: Path, how: str) -> Path:
+    if how == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "cache"  # below a regular file: cannot be created
+
+
+@pytest.mark.parametrize("how", ["read-only", "cannot-be-created"])
+def test_unwritable_cache_folder_still_runs_with_a_warning(tmp_path, how):
+    out = _run(tmp_path, _unwritable(tmp_path, how))
+    assert (out["w"], out["b"]) == _expected(0.5)
+    assert out["kernels"] == 0  # compiled in memory, as numba.njit does
+    assert len(out["warnings"]) == 1 and "cannot be written" in out["warnings"][0]
+
+
+def test_unwritable_cache_file_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """The folder passes the check but a file cannot be written (full disk, permissions)."""
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+
+    def refuse(*args):
+        raise PermissionError("refused")
+
+    monkeypatch.setattr(kernel_cache.os, "replace", refuse)
+
+    def twice(x):  # pragma: no cover - compiled by numba
+        return 2 * x
+
+    with pytest.warns(kernel_cache.KernelCacheWarning, match="cannot write"):
+        fn = kernel_cache.jit(twice)
+    assert fn(3.0) == 6.0
+
+
+def _file(dispatcher) -> str:
+    return dispatcher.py_func.__code__.co_filename
+
+
+def _math(p, g, s0, lr):  # pragma: no cover - compiled by numba
+    return p - lr * g, s0
+
+
+def _other_math(p, g, s0, lr):  # pragma: no cover - compiled by numba
+    return p - lr * g * 0.5, s0
+
+
+def test_keys_differ_by_dtype_variant_and_math(tmp_path, monkeypatch):
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+    build = kernels.update_kernel.__wrapped__  # past the per-process functools cache
+    files = [
+        _file(build(_math, 1, 1, "float32")),
+        _file(build(_math, 1, 1, "float64")),
+        _file(build(_math, 1, 1, "float32", copy=True)),
+        _file(build(_math, 1, 1, "float32", clip=True)),
+        _file(build(_other_math, 1, 1, "float32")),
+        _file(kernels.sumsq_kernel.__wrapped__("float32")),
+        _file(kernels.sumsq_kernel.__wrapped__("float64")),
+    ]
+    assert all(Path(f).parent == tmp_path / "kernels" for f in files)
+    assert len(set(files)) == len(files)
+    # and the same request gives the same file (a new process would find it)
+    assert _file(build(_math, 1, 1, "float32")) == files[0]
+
+
+def test_generated_source_is_readable_and_cached_kernels_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+    ns: dict = {"K": 3}
+    kernel_cache.exec_source("def f(x):\n    return K * x\n", "<test source>", ns)
+    import inspect
+
+    assert "return K * x" in inspect.getsource(ns["f"])
+    fn = kernel_cache.jit(ns["f"], nogil=True)
+    assert fn(2) == 6
+    text = Path(_file(fn)).read_text()
+    assert "return K * x" in text and text.startswith("# mithril kernel cache")
+
+
+def test_configure_jax_leaves_a_user_setting_alone(monkeypatch, tmp_path):
+    pytest.importorskip("jax")
+    code = textwrap.dedent("""
+        import jax
+        from mithril.utils.optimizers.engines import kernel_cache
+        print(kernel_cache.configure_jax(), jax.config.jax_compilation_cache_dir)
+    """)
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(tmp_path)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.split() == [str(tmp_path / "jax")] * 2
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "users")
+    theirs = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout.split() == ["None", str(tmp_path / "users")]
+
+
+def test_no_cpp_extension_is_built():
+    """The torch path needs no compiler: with torch's C++ extension builder unavailable, a
+    torch step runs (the gradient scan uses torch's own tensor guard, :mod:`.torch_scan`)."""
+    pytest.importorskip("torch")
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch.utils.cpp_extension"] = None  # any import of it fails
+        import torch
+        from mithril.utils.optimizers import SGD, Adam
+        p = {"w": torch.ones(3, 4), "b": torch.zeros(4)}
+        g = {"w": torch.full((3, 4), 0.5), "b": torch.ones(4)}
+        for opt in (Adam(1e-3), SGD(0.1, momentum=0.9)):
+            s = opt.init(p)
+            q, s = opt.update(p, g, s)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
+    cache = tmp_path / "cache"
+    _run(tmp_path, cache)
+    for f in (cache / "kernels" / "__pycache__").glob("*.nbc"):
+        f.write_bytes(f.read_bytes()[:20])  # truncated
+    out = _run(tmp_path, cache)
+    assert (out["w"], out["b"]) == _expected(0.5)
+    assert out["misses"] > 0 and out["warnings"]
+    assert all("cannot load the cached kernel" in w for w in out["warnings"])
