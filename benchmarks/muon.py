@@ -6,19 +6,32 @@ median time per step is printed with its ratio to torch's (the median of per-ste
 the three run in turn step by step, so a machine's changing load hits all alike).
 
 Ours runs on the torch backend (the very operations torch runs: the bfloat16
-Newton–Schulz iteration included) and on the NumPy backend (bfloat16 emulated: float32
-matrix products, each result rounded to bfloat16). With ``--ns-dtype float32`` ours
-iterates in float32 instead (torch has no such option: its timing stays bfloat16's).
+Newton–Schulz iteration included), on the NumPy backend (bfloat16 emulated: float32
+matrix products, each result rounded to bfloat16) and, where JAX is installed, on JAX
+(eager, emulated as on NumPy). With ``--ns-dtype float32`` ours iterates in float32
+instead (torch has no such option: its timing stays bfloat16's).
 
-Before timing, one step of each from the same params and gradients is checked against
+Where the time goes (one thread): torch's 15 bfloat16 products per matrix run on
+oneDNN's AVX512-BF16 kernels, ~0.58 ms each for 512×512 on the AMD Zen 4 this was written
+on; NumPy has float32 BLAS only: OpenBLAS ``sgemm`` ~2.2 ms and ``ssyrk`` ~1.7 ms (X·Xᵀ,
+and A·A computed as A·Aᵀ), so the NumPy path is bound near 3x torch's time however little
+else it does. (NumPy's OpenBLAS 0.3.31 runs its AVX2 "Haswell" kernels on Zen 4;
+``OPENBLAS_CORETYPE=SkylakeX`` selects the AVX-512 ones: ``sgemm`` ~1.1 ms, ~2x torch's.)
+
+Before timing, two steps of each from the same params and gradients (the second on the
+arrays the first returned: on torch, the in-place path that is timed) are checked against
 torch's: on the torch backend equal to the last bit; on NumPy to bfloat16 rounding (the
 updates differ by at most 2⁻⁶ in Frobenius norm, relative; float32 sums of 512 products
 round differently from torch's, and the iteration spreads each flipped bfloat16 rounding;
 for scale, the same step with a float64 iteration is printed: torch's bfloat16 is that far
 from exact).
-Both libraries run on ``--threads`` threads (torch's intra-op pool and NumPy's BLAS).
+All run on ``--threads`` threads (torch's intra-op pool, NumPy's BLAS, XLA's CPU pool).
+
+``--clock cpu`` times each step by the process's CPU time instead of the wall clock (all
+threads counted): on a machine busy with other work, waiting for a core is left out.
 
     python benchmarks/muon.py [--steps 20] [--pool 4] [--threads 1] [--ns-dtype bfloat16]
+                              [--no-jax] [--clock wall]
 """
 
 from __future__ import annotations
@@ -33,6 +46,9 @@ if __name__ == "__main__":  # the BLAS pool's size is read when NumPy loads
         _threads = sys.argv[sys.argv.index("--threads") + 1]
     os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads or "1")
     os.environ.setdefault("OMP_NUM_THREADS", _threads or "1")
+    if (_threads or "1") == "1":  # XLA's CPU pool: one thread too
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
 
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -73,7 +89,13 @@ def make_torch(start: dict, grads: list[dict]):
 
 
 def make_ours(kind: str, start: dict, grads: list[dict], ns_dtype: str | None):
-    native = torch.tensor if kind == "torch" else np.array
+    if kind == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        native = jnp.asarray
+    else:
+        native = torch.tensor if kind == "torch" else np.array
     opt = Muon(KW["lr"], weight_decay=KW["weight_decay"], momentum=KW["momentum"],
                ns_dtype=ns_dtype, fallback=None)
     params = {k: native(v) for k, v in start.items()}
@@ -84,6 +106,8 @@ def make_ours(kind: str, start: dict, grads: list[dict], ns_dtype: str | None):
         g = ngrads[box["t"] % len(ngrads)]
         box["t"] += 1
         box["p"], box["s"] = opt.update(box["p"], g, box["s"])
+        if kind == "jax":
+            jax.block_until_ready(box["p"])
 
     return step, lambda: {k: np.array(v.numpy() if kind == "torch" else v)
                           for k, v in box["p"].items()}
@@ -96,37 +120,48 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=4, help="gradient sets rotated through")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--no-jax", action="store_true", help="leave JAX out")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this process's CPU time (all its threads), for a machine "
+                         "busy with other work")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        args.no_jax = True
+    kinds = ["torch", "numpy"] + ([] if args.no_jax else ["jax"])
     torch.set_num_threads(args.threads)
     start, grads = data(args.pool)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {N_MATRICES} "
-          f"matrices {SIZE}x{SIZE} float32; {KW}; ours: ns_dtype={args.ns_dtype}")
+          f"matrices {SIZE}x{SIZE} float32; {KW}; ours: ns_dtype={args.ns_dtype}; "
+          f"{args.clock} clock")
 
-    # the check: one step of each from the same start (torch: bfloat16 Newton–Schulz)
+    # the check: two steps of each from the same start (torch: bfloat16 Newton–Schulz)
     step, get = make_torch(start, grads)
-    step()
+    step(), step()
     ref = {k: v - start[k] for k, v in get().items()}
-    for kind, ns_dtype in (("torch", "bfloat16"), ("numpy", "bfloat16"), ("numpy", "float64")):
+    for kind, ns_dtype in [(k, "bfloat16") for k in kinds] + [("numpy", "float64")]:
         step, get = make_ours(kind, start, grads, ns_dtype)
-        step()
+        step(), step()
         upd = {k: v - start[k] for k, v in get().items()}
         err = max(float(np.linalg.norm(upd[k] - ref[k]) / np.linalg.norm(ref[k])) for k in ref)
-        print(f"check: one step, ours on {kind:5s} ({ns_dtype}) vs torch: the updates differ "
-              f"by {err:.1e} (Frobenius, relative)")
+        print(f"check: two steps, ours on {kind:5s} ({ns_dtype}) vs torch: the updates "
+              f"differ by {err:.1e} (Frobenius, relative)")
         if ns_dtype == "bfloat16":  # float64: bfloat16's own error, for scale
             assert err <= (0.0 if kind == "torch" else 2.0 ** -6), err
 
-    names = ["torch.optim.Muon", "ours, torch backend", "ours, numpy backend"]
-    steps = [make_torch(start, grads)[0], make_ours("torch", start, grads, args.ns_dtype)[0],
-             make_ours("numpy", start, grads, args.ns_dtype)[0]]
+    names = ["torch.optim.Muon"] + [f"ours, {k} backend" for k in kinds]
+    steps = [make_torch(start, grads)[0]] + [make_ours(k, start, grads, args.ns_dtype)[0]
+                                             for k in kinds]
     for step in steps:  # warm-up (first-call allocations, numba compiles of the checks)
         step()
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(args.steps):
         for step, t in zip(steps, times):
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
-            t.append(time.perf_counter() - t0)
+            t.append(clock() - t0)
     for name, t in zip(names, times):
         ratio = statistics.median(a / b for a, b in zip(t, times[0]))
         print(f"{name:22s} median step {statistics.median(t) * 1e3:8.1f} ms" +

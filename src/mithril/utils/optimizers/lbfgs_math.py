@@ -21,17 +21,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 
+from .engines import kernel_cache
 
-@numba.njit(fastmath={"contract"}, nogil=True, cache=True)
+
+@kernel_cache.jit(fastmath={"contract"}, nogil=True)
 def _axpy_inplace(q: Any, a: Any, y: Any) -> None:  # pragma: no cover - compiled
     for i in range(q.size):
         q[i] += a * y[i]
 
 
-@numba.njit(fastmath={"contract"}, nogil=True, cache=True)
+@kernel_cache.jit(fastmath={"contract", "reassoc"}, nogil=True)
+def _axpy_dot_inplace(q: Any, a: Any, y: Any, s: Any) -> float:  # pragma: no cover
+    """``q += a·y`` (the bits of :func:`_axpy_inplace`), then ``s·q``, in one pass (the
+    products summed in float64, in vector lanes)."""
+    acc = 0.0
+    for i in range(q.size):
+        v = q[i] + a * y[i]
+        q[i] = v
+        acc += np.float64(s[i]) * np.float64(v)
+    return acc
+
+
+@kernel_cache.jit(fastmath={"contract"}, nogil=True)
 def _axpy_new(x: Any, a: Any, d: Any) -> Any:  # pragma: no cover - compiled
     out = np.empty_like(x)
     for i in range(x.size):
@@ -62,7 +75,8 @@ class Ops:
     temporaries). Scalars multiplying a buffer are cast to its dtype first, as torch does.
     ``x + a·y`` is one fused loop with a fused multiply-add, as torch's ``add(alpha=)``
     (the same bits, half NumPy's memory traffic); dot products and sums are NumPy's (BLAS,
-    pairwise: they round differently from torch's)."""
+    pairwise: they round differently from torch's), but for the two-loop recursion's, each
+    fused with the update before it (:meth:`axpy_dot_`, summed in float64)."""
 
     def __init__(self, dtype: str) -> None:
         self.scalar = scalar_type(dtype)
@@ -90,6 +104,15 @@ class Ops:
             q += self.scalar(alpha) * y
         return q
 
+    def axpy_dot_(self, q: Any, alpha: Any, y: Any, s: Any) -> tuple[Any, Any]:
+        """``q += alpha·y`` as :meth:`axpy_`, and ``s·q`` after it (None if ``s`` is),
+        fused in one pass where the buffers allow."""
+        if (s is not None and isinstance(q, np.ndarray) and _fusable(q, y) and _fusable(q, s)
+                and q.flags.writeable):
+            return q, self.scalar(_axpy_dot_inplace(q, self.scalar(alpha), y, s))
+        q = self.axpy_(q, alpha, y)
+        return q, None if s is None else self.dot(s, q)
+
     def dot(self, a: Any, b: Any) -> Any:
         return self.scalar(np.dot(a, b))
 
@@ -101,6 +124,16 @@ class Ops:
 
     def all_finite(self, a: Any) -> bool:
         return bool(np.isfinite(a).all())
+
+    # the line search's scalars: torch's own types on torch (below), ours elsewhere
+    def ls_dot(self, a: Any, b: Any) -> Any:
+        return self.dot(a, b)
+
+    def ls_abs_max(self, a: Any) -> Any:
+        return self.abs_max(a)
+
+    def ls_scalar(self, x: Any) -> Any:
+        return x
 
 
 class TorchOps(Ops):
@@ -137,7 +170,24 @@ class TorchOps(Ops):
         return self.scalar(a.abs().sum().item())
 
     def all_finite(self, a: Any) -> bool:
-        return bool(self.torch.isfinite(a).all())
+        # a finite sum has no inf or NaN term (one read; isfinite().all() is ~50x slower on
+        # torch CPU); a sum that overflowed is told apart by the exact test
+        return bool(self.torch.isfinite(a.sum())) or bool(self.torch.isfinite(a).all())
+
+    # The line search on torch's own scalars, 0-d tensors where torch holds them: its
+    # arithmetic is then torch's, op for op, where NumPy scalars would round otherwise
+    # (float32 ``sqrt`` is not correctly rounded on torch CPU; ``float / tensor`` is
+    # ``reciprocal() * float``, two roundings).
+    def ls_dot(self, a: Any, b: Any) -> Any:
+        return a.dot(b)
+
+    def ls_abs_max(self, a: Any) -> Any:
+        return a.abs().max()
+
+    def ls_scalar(self, x: Any) -> Any:
+        if isinstance(x, np.generic):
+            return self.torch.tensor(x.item(), dtype=getattr(self.torch, x.dtype.name))
+        return x
 
 
 class JaxOps(Ops):
@@ -208,7 +258,12 @@ def cubic_interpolate(x1: Any, f1: Any, g1: Any, x2: Any, f2: Any, g2: Any,
     d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
     d2_square = d1 * d1 - g1 * g2
     if d2_square >= 0:
-        d2 = np.sqrt(d2_square) if isinstance(d2_square, np.generic) else math.sqrt(d2_square)
+        if isinstance(d2_square, np.generic):
+            d2 = np.sqrt(d2_square)
+        elif isinstance(d2_square, (int, float)):
+            d2 = math.sqrt(d2_square)
+        else:
+            d2 = d2_square.sqrt()  # a torch 0-d tensor: torch's own sqrt, as torch
         if x1 <= x2:
             min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
         else:
@@ -222,11 +277,12 @@ def strong_wolfe(ops: Ops, obj_func: Callable, x: Any, t: Any, d: Any, f: float,
                  max_ls: int = 25) -> tuple[float, Any, Any, int]:
     """torch's ``_strong_wolfe`` (minFunc's lswolfe): a step ``t`` along ``d`` satisfying
     the strong Wolfe conditions, bracketed then zoomed by cubic interpolation. Returns
-    ``(loss, gradient, t, evaluations)``."""
-    d_norm = ops.abs_max(d)
+    ``(loss, gradient, t, evaluations)``. Its scalars are ``ops.ls_*``'s (torch's 0-d
+    tensors on torch, as torch's)."""
+    d_norm = ops.ls_abs_max(d)
     f_new, g_new = obj_func(x, t, d)
     ls_func_evals = 1
-    gtd_new = ops.dot(g_new, d)
+    gtd_new = ops.ls_dot(g_new, d)
 
     # bracket an interval containing a point satisfying the Wolfe criteria
     t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd
@@ -259,7 +315,7 @@ def strong_wolfe(ops: Ops, obj_func: Callable, x: Any, t: Any, d: Any, f: float,
         t_prev, f_prev, g_prev, gtd_prev = tmp, f_new, g_new, gtd_new
         f_new, g_new = obj_func(x, t, d)
         ls_func_evals += 1
-        gtd_new = ops.dot(g_new, d)
+        gtd_new = ops.ls_dot(g_new, d)
         ls_iter += 1
 
     # reached max number of iterations?
@@ -291,7 +347,7 @@ def strong_wolfe(ops: Ops, obj_func: Callable, x: Any, t: Any, d: Any, f: float,
 
         f_new, g_new = obj_func(x, t, d)
         ls_func_evals += 1
-        gtd_new = ops.dot(g_new, d)
+        gtd_new = ops.ls_dot(g_new, d)
         ls_iter += 1
 
         if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
@@ -356,14 +412,19 @@ def lbfgs_step(ops: Ops, evaluate: Callable[[Any], tuple[float, Any]], x: Any, l
             # the two-loop recursion: d = −H·g for the L-BFGS inverse Hessian H
             num_old = len(old_dirs)
             al: list = [None] * num_old
+            # (each update fused with the next loop's dot product where the ops can: one
+            # read of q or r fewer per history entry)
             q = ops.neg(flat_grad)
+            qs = ops.dot(old_stps[-1], q) if num_old else None
             for i in range(num_old - 1, -1, -1):
-                al[i] = ops.dot(old_stps[i], q) * ro[i]
-                q = ops.axpy_(q, -al[i], old_dirs[i])
+                al[i] = qs * ro[i]
+                q, qs = ops.axpy_dot_(q, -al[i], old_dirs[i], old_stps[i - 1] if i else None)
             r = ops.mul(q, H_diag)
+            ry = ops.dot(old_dirs[0], r) if num_old else None
             for i in range(num_old):
-                be_i = ops.dot(old_dirs[i], r) * ro[i]
-                r = ops.axpy_(r, al[i] - be_i, old_stps[i])
+                be_i = ry * ro[i]
+                r, ry = ops.axpy_dot_(r, al[i] - be_i, old_stps[i],
+                                      old_dirs[i + 1] if i + 1 < num_old else None)
             d = r
 
         prev_flat_grad = flat_grad  # never written in place: no copy needed
@@ -374,7 +435,7 @@ def lbfgs_step(ops: Ops, evaluate: Callable[[Any], tuple[float, Any]], x: Any, l
             t = min(1.0, 1.0 / ops.abs_sum(flat_grad)) * lr
         else:
             t = lr
-        gtd = ops.dot(flat_grad, d)  # directional derivative
+        gtd = ops.ls_dot(flat_grad, d)  # directional derivative
         if gtd > -tolerance_change:
             break
 
@@ -384,7 +445,8 @@ def lbfgs_step(ops: Ops, evaluate: Callable[[Any], tuple[float, Any]], x: Any, l
                 return evaluate(ops.add(x, t, d))
 
             loss, flat_grad, t, ls_func_evals = strong_wolfe(
-                ops, obj_func, x, t, d, loss, flat_grad, gtd, max_ls=max_eval - current_evals)
+                ops, obj_func, x, ops.ls_scalar(t), d, loss, flat_grad, gtd,
+                max_ls=max_eval - current_evals)
             x = ops.add(x, t, d)
             opt_cond = ops.abs_max(flat_grad) <= tolerance_grad
         else:

@@ -1,0 +1,98 @@
+"""Muon's in-place step on torch (:meth:`Muon.fused_step`: torch.optim.Muon's own
+operations, no copies) equals torch.optim.Muon to the last bit, leaves the gradients it is
+given untouched, and is taken only where nothing needs the whole step computed first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mithril.utils.optimizers.muon as muon_module
+from mithril.utils.optimizers import AdamW, Muon
+
+SHAPES = {"tall": (9, 4), "wide": (3, 8), "sq": (6, 6)}
+
+
+def grads(dtype, steps, rng):
+    return [{k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+            for _ in range(steps)]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    orig = Muon.fused_step
+
+    def spy(self, *args):
+        out = orig(self, *args)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(muon_module.Muon, "fused_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kw", [{}, {"nesterov": False, "weight_decay": 0.0},
+                                {"ns_steps": 3, "adjust_lr_fn": "match_rms_adamw"}])
+def test_in_place_step_is_torch_bit_for_bit(fused_calls, dtype, kw):
+    rng = np.random.default_rng(0)
+    p0 = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+    gs = grads(dtype, 12, rng)
+    tp = {k: torch.tensor(v) for k, v in p0.items()}
+    ref = torch.optim.Muon(list(tp.values()), lr=0.02, **kw)
+    opt = Muon(0.02, fallback=None, **kw)
+    params = {k: torch.tensor(v) for k, v in p0.items()}
+    state = opt.init(params)
+    for g in gs:
+        for k, p in tp.items():
+            p.grad = torch.tensor(g[k])
+        ref.step()
+        given = {k: torch.tensor(v) for k, v in g.items()}
+        params, state = opt.update(params, given, state)
+        for k in SHAPES:
+            assert torch.equal(params[k], tp[k]), k
+            assert torch.equal(given[k], torch.tensor(g[k])), k  # not written
+            assert torch.equal(state.slot("momentum_buffer")[k], ref.state[tp[k]]["momentum_buffer"])
+    assert fused_calls[0] is False and all(fused_calls[1:])  # the first: the user's arrays
+    norm = np.sqrt(sum((gs[-1][k].astype(np.float64) ** 2).sum() for k in SHAPES))
+    assert state.last_grad_norm == pytest.approx(norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{"nonfinite": "skip"}, {"clip_norm": 1.0}, {"ema_decay": 0.9},
+                                {"clip_value": 0.5}])
+def test_options_needing_the_whole_step_first_take_the_per_tensor_path(fused_calls, kw):
+    rng = np.random.default_rng(1)
+    params = {k: torch.tensor(rng.standard_normal(s)) for k, s in SHAPES.items()}
+    opt = Muon(0.02, fallback=None, **kw)
+    state = opt.init(params)
+    for g in grads("float64", 3, rng):
+        params, state = opt.update(params, {k: torch.tensor(v) for k, v in g.items()}, state)
+    assert not any(fused_calls)
+
+
+def test_a_parameter_that_is_not_a_matrix_takes_the_per_tensor_path(fused_calls):
+    rng = np.random.default_rng(2)
+    params = {"w": torch.tensor(rng.standard_normal((4, 3))), "b": torch.zeros(3,
+                                                                             dtype=torch.float64)}
+    opt = Muon(0.02, fallback=AdamW(1e-3))
+    state = opt.init(params)
+    for _ in range(3):
+        g = {"w": torch.tensor(rng.standard_normal((4, 3))),
+             "b": torch.tensor(rng.standard_normal(3))}
+        params, state = opt.update(params, g, state)
+    assert not any(fused_calls)
+
+
+def test_nonfinite_gradient_propagates_and_warns_as_the_per_tensor_path():
+    rng = np.random.default_rng(3)
+    params = {k: torch.tensor(rng.standard_normal(s)) for k, s in SHAPES.items()}
+    opt = Muon(0.02, fallback=None)
+    state = opt.init(params)
+    g = {k: torch.tensor(v) for k, v in grads("float64", 1, rng)[0].items()}
+    params, state = opt.update(params, g, state)
+    g["sq"][0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        params, state = opt.update(params, g, state)
+    assert state.num_nonfinite == 1 and not state.last_step_skipped
+    assert torch.isnan(params["sq"]).any()
