@@ -95,7 +95,7 @@ CASES: dict[str, tuple[str, dict, dict]] = {
 # mithril slot -> torch.optim state key
 TORCH_SLOTS = {
     "Adamax": {"m": "exp_avg", "u": "exp_inf"},
-    "NAdam": {"m": "exp_avg", "v": "exp_avg_sq"},
+    "NAdam": {"m": "exp_avg", "v": "exp_avg_sq", "mu_product": "mu_product"},
     "RAdam": {"m": "exp_avg", "v": "exp_avg_sq"},
     "Adadelta": {"square_avg": "square_avg", "acc_delta": "acc_delta"},
     "Rprop": {"prev": "prev", "step_size": "step_size"},
@@ -327,22 +327,24 @@ def test_state_dict_round_trip_resumes_bit_exactly(backend):
 
 
 def test_per_step_scalars_depend_on_the_step_only():
-    """NAdam's mu product (a running product, cached) is the same computed in order, after
-    a later step, or fresh; ASGD's eta uses the lr of the previous step, as torch, kept per
-    tensor (torch's eta and mu state)."""
-    walked = NAdam(momentum_decay=0.01)
-    seq = [walked.scalars(t) for t in range(1, 60)]
-    walked.scalars(90)  # the cache moves past 59
-    assert walked.scalars(59) == seq[-1] == NAdam(momentum_decay=0.01).scalars(59)
-    assert NAdam(momentum_decay=0.01).scalars(33) == seq[32]
-    prod = 1.0  # torch: mu_product *= mu, from 1
+    """NAdam's mu product is torch's running product, per tensor: each step multiplies in
+    that step's mu, so a beta1 changed mid-run (or a group's own) is followed as torch does
+    and a resumed state continues from the stored product; ASGD's eta uses the lr of the
+    previous step, as torch, kept per tensor (torch's eta and mu state)."""
+    params = {"w": np.ones(3), "b": np.ones(2)}
+    opt = NAdam(momentum_decay=0.01, param_groups=[{"params": ["b"], "beta1": 0.5}])
+    state = opt.init(params)
+    prod = {"w": 1.0, "b": 1.0}  # torch: mu_product *= mu, from 1
     for t in range(1, 60):
-        prod *= 0.9 * (1.0 - 0.5 * (0.96 ** (t * 0.01)))
-    assert walked.mu_product(59) == prod
-    changed = NAdam(momentum_decay=0.01)
-    changed.scalars(20)
-    changed.beta1 = 0.8  # a loaded state dict may change it: the cache is keyed by it
-    assert changed.scalars(20) == NAdam(beta1=0.8, momentum_decay=0.01).scalars(20)
+        if t == 30:
+            opt.beta1 = 0.8
+        params, state = opt.update(params, {k: np.full_like(v, 0.1) for k, v in params.items()},
+                                   state)
+        for k, b1 in (("w", opt.beta1), ("b", 0.5)):
+            prod[k] *= b1 * (1.0 - 0.5 * (0.96 ** (t * 0.01)))
+    got = state.slot("mu_product")
+    assert float(got["w"]) == prod["w"] and float(got["b"]) == prod["b"]
+    assert NAdam(convention="optax").tensor_slots == ()  # no schedule, so no product
 
     opt = ASGD(learning_rate=0.1, lambd=0.5, alpha=1.0, t0=2)
 

@@ -79,9 +79,8 @@ How it works:
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
   ``torch.optim`` optimizer's own state dict is not accepted.
-* Hyperparameters changed mid-run follow torch except NAdam's ``betas[0]``: mithril's
-  NAdam computes its momentum product from the current β₁ (exact for a constant β₁),
-  torch's multiplies in each step's.
+* Hyperparameters changed mid-run follow torch (NAdam multiplies each step's β₁ into its
+  per-parameter ``mu_product``, as torch).
 * ``torch.amp.GradScaler`` needs nothing special: it unscales the ``.grad`` tensors of the
   group's parameters in place, checks them for inf/NaN and calls :meth:`step` only when
   they are finite (``_step_supports_amp_scaling`` is deliberately not set).
@@ -396,8 +395,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
         st = self._opt_state
-        if st is not None and set(opt.full_slot_names()) != set(st.slots):
-            needed = sorted(opt.full_slot_names())
+        if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
+            needed = sorted({*opt.full_slot_names(), *opt.tensor_slots})
             opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
             raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
                              f"{needed}, but its state has {sorted(st.slots)}; set this in "

@@ -6,15 +6,21 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
-from .elementwise import sqrt
+from .elementwise import helper, sqrt
 from .sgd import BY_CONVENTION, check_convention
 
 
+@helper
 def _nadam(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm):
     m = m + b1c * (g - m)                  # torch: m.lerp_(g, 1 − β₁)
     v = v * b2 + b2c * g * g
     d = sqrt(v / bc2) + eps
     return p + cg * (g / d) + cm * (m / d), m, v   # torch: two addcdiv_, g's first
+
+
+def _nadam_scheduled(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, b1, psi, cg, cm):
+    # (β₁ and ψ are read between the passes, by tensor_scalars, which gives cg and cm)
+    return _nadam(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm)
 
 
 class NAdam(Optimizer):
@@ -25,12 +31,13 @@ class NAdam(Optimizer):
         d = √(v / (1−β₂ᵗ)) + ε
         p ← p − lr·(1−μₜ)/(1−Πₜ) · g/d − lr·μₜ₊₁/(1−Πₜ·μₜ₊₁) · m/d
 
-    Slots ``m`` and ``v`` (torch's ``exp_avg``/``exp_avg_sq``). Πₜ is a function of t only,
-    computed from the step count (the running product is cached, and recomputed from
-    scratch for a state resumed at another step), so a restored state continues exactly.
-    Πₜ is kept in float64: torch keeps its ``mu_product`` in its default dtype, i.e. rounded
-    to float32 each step unless ``torch.set_default_dtype(torch.float64)`` (the two then
-    differ by ~1e-8 relative in float64).
+    Slots ``m`` and ``v`` (torch's ``exp_avg``/``exp_avg_sq``) and, as torch, the running
+    product Πₜ per tensor (tensor slot ``mu_product``, multiplied by each step's μₜ between
+    a read-free first pass and the update): a β₁ or ψ changed mid-run (a momentum cycle, a
+    parameter group's own) is multiplied in from that step on, as in torch, and a restored
+    state continues exactly. Πₜ is kept in the parameters' dtype; torch keeps it in its
+    default dtype (rounded to float32 each step unless ``torch.set_default_dtype(
+    torch.float64)``: the two then differ by ~1e-8 relative for float64 parameters).
 
     ``weight_decay``: coupled L2 ``g ← g + wd·p`` (torch's default), or with
     ``decoupled_weight_decay=True`` ``p ← p·(1 − lr·wd)`` first (torch's NAdamW option).
@@ -72,7 +79,6 @@ class NAdam(Optimizer):
         if convention == "keras" and not self.decoupled_weight_decay:
             raise ValueError("decoupled_weight_decay=False: Keras's weight decay is decoupled "
                              "only (convention='keras')")
-        self._products: tuple = ()  # (beta1, momentum_decay, t, Π_t): the last one computed
 
     def _check_momentum_decay(self, value: Any) -> float | None:
         conv = self.convention
@@ -89,22 +95,13 @@ class NAdam(Optimizer):
                              f"(convention='keras')")
         return value
 
-    def _mu(self, t: int) -> float:
-        if self.momentum_decay is None:  # optax: a constant β₁
-            return self.beta1
-        return self.beta1 * (1.0 - 0.5 * (0.96 ** (t * self.momentum_decay)))
+    @property
+    def tensor_slots(self) -> tuple[str, ...]:  # type: ignore[override]
+        """torch's per-tensor running product Πₜ, where there is a μ schedule."""
+        return () if self.momentum_decay is None else ("mu_product",)
 
-    def mu_product(self, step: int) -> float:
-        """Πₜ = μ₁·…·μₜ, multiplied in the order torch does (from the cached Πₜ₋₁ when the
-        previous step's is cached, else from scratch: exact for any resumed step)."""
-        key = (self.beta1, self.momentum_decay)
-        cached = self._products
-        t, prod = (cached[2], cached[3]) if cached[:2] == key and cached[2] <= step else (0, 1.0)
-        while t < step:
-            t += 1
-            prod *= self._mu(t)
-        self._products = (*key, t, prod)
-        return prod
+    def slot_init(self, slot: str) -> float:
+        return 1.0 if slot == "mu_product" else 0.0
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr, b1, b2 = self.learning_rate, self.beta1, self.beta2
@@ -112,12 +109,18 @@ class NAdam(Optimizer):
             cg = -lr * (1.0 - b1) / (1.0 - b1**step)
             cm = -lr * b1 / (1.0 - b1 ** (step + 1))
             return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, cg, cm)
-        mu, mu_next = self._mu(step), self._mu(step + 1)
-        prod = self.mu_product(step)
-        # as torch computes them, in Python floats
+        return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, b1, self.momentum_decay)
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
+        """Per tensor, as torch (in its Python floats): μₜ and μₜ₊₁ from this step's β₁ and
+        ψ, Πₜ = Πₜ₋₁·μₜ, and the two coefficients of the update."""
+        lr, b1, psi = scalars[0], scalars[6], scalars[7]
+        mu = b1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        prod = tensors["mu_product"] * mu
         cg = -lr * (1.0 - mu) / (1.0 - prod)
         cm = (-lr * mu_next) / (1.0 - prod * mu_next)
-        return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, cg, cm)
+        return (cg, cm), {"mu_product": prod}, values
 
     def kernel_math(self) -> Any:
-        return _nadam
+        return _nadam if self.convention == "optax" else _nadam_scheduled
