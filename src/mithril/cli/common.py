@@ -127,6 +127,6 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
                      backend=args.backend, dtype=args.dtype,
                      mixed_precision=args.mixed_precision, loss_scale=args.loss_scale,
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                     hidden=tuple(args.hidden), activation=args.activation,
+                     hidden=tuple(args.hidden or ()), activation=args.activation or "relu",
                      threads=args.threads, no_decay_on=getattr(args, "no_decay_on", None),
                      ema=getattr(args, "ema", None), momentum_cycle=momentum_cycle_of(args))

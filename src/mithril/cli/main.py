@@ -1,4 +1,4 @@
-"""The ``mithril`` command: ``train``, ``compare`` and ``plot-schedule``.
+"""The ``mithril`` command: ``train``, ``predict``, ``compare`` and ``plot-schedule``.
 
 Errors in what the user typed (unknown names, bad hyperparameters, unwritable paths) end
 with an argparse-style ``mithril CMD: error: ...`` line and exit status 2, never a traceback.
@@ -15,18 +15,19 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compare, schedule, train
+from . import compare, predict, schedule, train
 from .errors import CLIError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mithril",
-        description="Train and compare Mithril's optimizers on a small real task, and draw "
+        description="Train models (digits MLP and CNN, your own table, a character model), "
+                    "predict with them, compare Mithril's optimizers, and draw "
                     "learning-rate schedules. `mithril COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"mithril {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, compare, schedule):
+    for module in (train, predict, compare, schedule):
         p = module.add_parser(sub)
         p.set_defaults(parser=p)
     return parser
@@ -45,6 +46,8 @@ def needed_modules(args: argparse.Namespace) -> dict[str, str]:
     needs = {}
     if args.backend in ("jax", "torch"):  # first: other imports may look for it
         needs[args.backend] = f"--backend {args.backend}"
+    if args.command == "predict":
+        return needs
     needs.update({"sklearn": "the digits data set (scikit-learn)",
                   "threadpoolctl": "the --threads limit"})
     if not args.no_progress:

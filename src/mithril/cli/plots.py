@@ -53,7 +53,8 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
     ep_step = [e["step"] for e in ep]
     w = _window(len(s), steps_per_epoch)
     loss = [r["loss"] for r in s]
-    acc = [r["acc"] for r in s]
+    key = getattr(result, "metric", "acc")  # "rmse" for regression
+    acc = [r[key] for r in s]
 
     a = ax[0, 0]
     a.plot(step, loss, color="tab:blue", alpha=0.25, lw=0.8, label="batch")
@@ -65,10 +66,15 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
 
     a = ax[0, 1]
     a.plot(step, smooth(acc, w), color="tab:blue", lw=1.5, label=f"batch (mean of {w})")
-    a.plot(ep_step, [e["train_acc"] for e in ep], "o-", color="tab:green", ms=3, label="train")
-    a.plot(ep_step, [e["test_acc"] for e in ep], "s-", color="tab:red", ms=3, label="test")
-    a.set(title="accuracy", xlabel="step", ylim=(max(0.0, min(acc, default=0) - 0.02), 1.005))
-    a.legend(fontsize=8, loc="lower right")
+    a.plot(ep_step, [e[f"train_{key}"] for e in ep], "o-", color="tab:green", ms=3, label="train")
+    a.plot(ep_step, [e[f"test_{key}"] for e in ep], "s-", color="tab:red", ms=3, label="test")
+    if key == "acc":
+        a.set(title="accuracy", xlabel="step",
+              ylim=(max(0.0, min(acc, default=0) - 0.02), 1.005))
+        a.legend(fontsize=8, loc="lower right")
+    else:
+        a.set(title="RMSE (the target's units)", xlabel="step", yscale="log")
+        a.legend(fontsize=8)
 
     a = ax[1, 0]
     a.plot(step, [r["lr"] for r in s], color="tab:purple")
@@ -83,10 +89,15 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
 
     cfg = result.config
     status = "  [interrupted]" if result.interrupted else ""
-    fig.suptitle(f"digits MLP {list(cfg.hidden)} · {cfg.backend} · {result.label} · "
+    f = result.final
+    score = f"test acc {f['test_acc']:.2%}" if key == "acc" else \
+        f"test RMSE {f['test_rmse']:.4g}, R² {f['test_r2']:.4f}"
+    if "test_bpc" in f:
+        score += f", {f['test_bpc']:.3f} bits/char"
+    what = getattr(result, "model", f"digits MLP {list(cfg.hidden)}")
+    fig.suptitle(f"{what} · {cfg.backend} · {result.label} · "
                  f"batch {cfg.batch_size} · seed {cfg.seed}\n"
-                 f"schedule: {result.schedule} · test acc {result.final['test_acc']:.2%}{status}",
-                 fontsize=9)
+                 f"schedule: {result.schedule} · {score}{status}", fontsize=9)
     return _save(fig, path)
 
 

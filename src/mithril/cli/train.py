@@ -1,4 +1,5 @@
-"""``mithril train``: train an MLP on the digits and write metrics and a plot."""
+"""``mithril train``: train a model (the digits MLP, a CNN, a character model, or an MLP on the
+user's table; see :mod:`.tasks`) and write metrics and a plot."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .common import (
     add_task_flags,
     run_config,
 )
-from .data import Dataset, load_digits_split
+from .data import Dataset
 from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
 from .plots import training_figure
 from .report import (
@@ -25,6 +26,7 @@ from .report import (
     write_csv,
     write_json,
 )
+from .tasks import add_job_flags, prepare
 from .training import Run, RunResult
 
 STEP_FIELDS = ("step", "epoch", "loss", "acc", "lr", "grad_norm", "skipped")
@@ -33,11 +35,34 @@ EPOCH_FIELDS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_a
 #: epochs.csv columns added by --ema: the same metrics with the EMA of the weights
 EMA_FIELDS = ("train_loss_ema", "train_acc_ema", "test_loss_ema", "test_acc_ema")
 
-DESCRIPTION = """\
-Train an MLP classifier on scikit-learn's digits (8x8 images, 10 classes; standardised, with
-a fixed stratified train/test split) and write, under --out:
 
-  metrics.csv   one row per optimizer step: step, epoch, loss, acc, lr, grad_norm, skipped
+def step_fields(result: RunResult) -> tuple[str, ...]:
+    """metrics.csv's columns: ``acc`` is ``rmse`` for regression."""
+    return tuple(result.metric if f == "acc" else f for f in STEP_FIELDS)
+
+
+def epoch_fields(result: RunResult) -> tuple[str, ...]:
+    """epochs.csv's columns: the measured metrics (``final``'s keys, EMA ones included) after
+    ``epoch, step``, then ``batch_loss``, ``batch_acc`` (or ``batch_rmse``), ``lr``,
+    ``time_s``."""
+    measured = tuple(k for k in result.final)
+    return ("epoch", "step", *measured, "batch_loss", f"batch_{result.metric}", "lr", "time_s")
+
+DESCRIPTION = """\
+Train a model and write its metrics. The job is one of
+  --task digits       an MLP classifier on scikit-learn's digits (8x8 images, 10 classes;
+                      standardised, with a fixed stratified train/test split); the default
+  --task digits-cnn   a small CNN (conv, BatchNorm, relu, max-pool; twice) on the same digits
+  --data FILE.csv --target COLUMN  (or FILE.npz with arrays X and y)
+                      an MLP on your table: classification or regression (--objective),
+                      standardised features, a seeded split; `mithril predict` uses the run
+  --task charlm       a GPT-style character model on pydoc_data.topics (or --data FILE.txt),
+                      AdamW with warm-up and cosine decay; held-out bits per character and a
+                      sampled paragraph
+and write, under --out:
+
+  metrics.csv   one row per optimizer step: step, epoch, loss, acc (regression: rmse), lr,
+                grad_norm, skipped
                 (with --momentum-cycle also momentum: the momentum or beta1 of the step)
   epochs.csv    one row per epoch: train/test loss and accuracy (and with --ema the same
                 for the EMA weights: *_ema), lr, seconds (--momentum-cycle: momentum)
@@ -57,16 +82,21 @@ examples:
   mithril train --scheduler onecycle --max-lr 0.01 --epochs 10 --out runs/onecycle
   mithril train --optimizer adamw --weight-decay 0.05 --no-decay-on bias --ema 0.99
   mithril train --optimizer sgd --lr 0.05 --momentum 0.9 --momentum-cycle --max-lr 0.2
+  mithril train --task digits-cnn
+  mithril train --data houses.csv --target price --name houses
+  mithril predict --run runs/houses --data new-houses.csv
+  mithril train --task charlm --backend jax --steps 1500
 """
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train an MLP on the digits and plot the metrics",
+    p = sub.add_parser("train", help="train a model (digits MLP or CNN, your table, a character "
+                                     "model) and plot the metrics",
                        description=DESCRIPTION, epilog=EXAMPLES, usage="mithril train [options]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", type=str.lower, choices=tuple(OPTIMIZERS), default="adam",
-                   help="default: adam")
+    g.add_argument("--optimizer", type=str.lower, choices=tuple(OPTIMIZERS), default=None,
+                   help="default: adam (charlm: adamw)")
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
                 OPTIMIZER_OPTIONS)
     add_common_optimizer_flags(p)
@@ -95,6 +125,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="highest momentum, at the start and end (default 0.95; with "
                         "--momentum-cycle)")
     add_task_flags(p)
+    add_job_flags(p)
+    # None: not given; each job has its own defaults (see tasks.DEFAULTS)
+    p.set_defaults(epochs=None, batch_size=None, test_size=None, hidden=None, activation=None)
     add_output_flags(p, "train")
     p.set_defaults(func=run)
     return p
@@ -111,14 +144,12 @@ def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
               extra: dict[str, Any] | None = None) -> list[Path]:
     """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
     extra_fields = ("loss_scale",) if result.config.mixed_precision != "none" else ()
-    epoch_fields = EPOCH_FIELDS  # the EMA's metrics beside the raw ones
-    if result.config.ema is not None:
-        epoch_fields = EPOCH_FIELDS[:6] + EMA_FIELDS + EPOCH_FIELDS[6:]
+    e_fields = epoch_fields(result)  # the EMA's metrics beside the raw ones
     if result.momentum is not None:  # --momentum-cycle: the momentum beside the lr
         extra_fields += ("momentum",)
-        epoch_fields = epoch_fields[:-1] + ("momentum",) + epoch_fields[-1:]
-    files = [write_csv(out / "metrics.csv", result.steps, STEP_FIELDS + extra_fields),
-             write_csv(out / "epochs.csv", result.epochs, epoch_fields)]
+        e_fields = e_fields[:-1] + ("momentum",) + e_fields[-1:]
+    files = [write_csv(out / "metrics.csv", result.steps, step_fields(result) + extra_fields),
+             write_csv(out / "epochs.csv", result.epochs, e_fields)]
     times = [e["time_s"] for e in result.epochs]
     summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
                "label": result.label, "schedule": result.schedule,
@@ -142,14 +173,20 @@ def timing_line(result: RunResult) -> str:
             f"{result.total_s:.1f} s in all")
 
 
+#: the columns of the final table per metric: (header, format)
+COLUMNS = {"loss": ("loss", "{:.4f}"), "acc": ("accuracy", "{:.2%}"),
+           "bpc": ("bits/char", "{:.3f}"), "rmse": ("RMSE", "{:.4g}"), "r2": ("R²", "{:.4f}")}
+
+
 def final_table(result: RunResult) -> str:
     f = result.final
-    rows = [[which, f"{f[f'{which}_loss']:.4f}", f"{f[f'{which}_acc']:.2%}"]
-            for which in ("train", "test")]
-    if "test_acc_ema" in f:
-        rows += [[f"{which} (EMA)", f"{f[f'{which}_loss_ema']:.4f}",
-                  f"{f[f'{which}_acc_ema']:.2%}"] for which in ("train", "test")]
-    return table(["", "loss", "accuracy"], rows)
+    keys = [k for k in COLUMNS if f"test_{k}" in f]
+    rows = []
+    for suffix, tag in (("", ""), ("_ema", " (EMA)")):
+        if f"test_loss{suffix}" in f:
+            rows += [[f"{which}{tag}", *(COLUMNS[k][1].format(f[f"{which}_{k}{suffix}"])
+                                        for k in keys)] for which in ("train", "test")]
+    return table(["", *(COLUMNS[k][0] for k in keys)], rows)
 
 
 def describe_data(data: Dataset, run: Run) -> str:
@@ -159,15 +196,15 @@ def describe_data(data: Dataset, run: Run) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
-    data = load_digits_split(args.test_size, args.split_seed)
     cfg = run_config(args, args.optimizer)
-    training = Run(cfg, data)  # validates every setting before any file or step
+    cfg.task, cfg.task_settings = job.task, job.settings
+    training = Run(cfg, job.data, job.spec, job.batches)  # validates every setting first
     out = Path(args.out) if args.out else default_out_dir("train", args.name)
     if not args.dry_run:
         ensure_writable_dir(out)
-    print(f"mithril train: MLP {[data.num_features, *cfg.hidden, data.num_classes]} "
-          f"({cfg.activation}) on {cfg.backend} "
+    print(f"mithril train: {job.spec.description} on {cfg.backend} "
           f"{cfg.dtype if cfg.mixed_precision == 'none' else cfg.mixed_precision}")
     print(f"  optimizer: {training.optimizer_repr}")
     print(f"  schedule:  {training.schedule.description}")
@@ -179,18 +216,24 @@ def run(args: argparse.Namespace) -> int:
         base, top = cfg.momentum_cycle
         print(f"  momentum cycle: {training.momentum.name} {top:g} → {base:g} → {top:g}, "
               f"inversely to the learning rate (one-cycle)")
-    print(f"  {describe_data(data, training)}; {cfg.epochs} epochs")
+    print(f"  {job.describe}; {training.steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
     if args.dry_run:
         print(f"dry run: would train {training.total_steps} steps and write to {out}")
         return 0
     result = training.train(progress=False if args.no_progress else None, desc="train", log=print)
+    extra, text = job.finish(training, result) if job.finish is not None else ({}, "")
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
-        written = write_run(result, stage, training.steps_per_epoch, plot=not args.no_plot)
+        written = write_run(result, stage, training.steps_per_epoch, plot=not args.no_plot,
+                            extra=extra)
+        if job.write is not None:
+            written += job.write(training, stage)
     files = [out / f.name for f in written]
     print()
     if result.interrupted:
         print(f"interrupted after {len(result.steps)} of {training.total_steps} steps; "
               f"results so far:")
+    if text:
+        print(text)
     print(final_table(result))
     print(timing_line(result))
     print(f"wrote {', '.join(str(f) for f in files)}")

@@ -22,6 +22,7 @@ import mithril as ml
 from ..utils.optimizers import global_norm
 from .data import Dataset
 from .errors import CLIError
+from .networks import ModelSpec, mlp_spec
 from .options import COMMON_OPTIONS, OPTIMIZERS, Schedule, build_optimizer, build_schedule
 
 BACKENDS = ("numpy", "jax", "torch")
@@ -58,9 +59,14 @@ class RunConfig:
     ema: float | None = None
     #: ``(base, max)`` momentum cycled by the one-cycle schedule (``--momentum-cycle``)
     momentum_cycle: tuple[float, float] | None = None
+    #: the job (``--task``: digits, digits-cnn, tabular, charlm) and its own settings
+    task: str = "digits"
+    task_settings: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer, "settings": dict(self.settings),
+        return {"task": self.task, **({"task_settings": dict(self.task_settings)}
+                                      if self.task_settings else {}),
+                "optimizer": self.optimizer, "settings": dict(self.settings),
                 "schedulers": [[n, dict(s)] for n, s in self.schedulers],
                 "backend": self.backend, "dtype": self.dtype,
                 "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
@@ -85,16 +91,35 @@ class RunResult:
     schedule: str
     #: the hyperparameter ``--momentum-cycle`` drives (``momentum`` or ``beta1``), or None
     momentum: str | None = None
+    #: the per-batch metric of metrics.csv and the plot: ``acc`` or (regression) ``rmse``
+    metric: str = "acc"
+    #: what was trained, for the plot's title
+    model: str = "digits MLP"
 
 
 def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:
     """MLP ``input -> hidden... -> logits`` and a cross-entropy ``loss`` against integer
     ``target`` labels."""
-    model = ml.Model()
-    acts: list[str | None] = [activation] * len(hidden) + [None]
-    model |= ml.MLP(acts, [*hidden, num_classes])(input="input", output="logits")
-    model |= ml.CrossEntropy()(input="logits", target="target", output="loss")
-    return model
+    return mlp_spec(1, num_classes, hidden, activation).model
+
+
+class ShuffledRows:
+    """The batches of an epoch: the training rows in a new random order, ``batch_size`` at a
+    time (the last batch may be smaller)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.rows = len(y)
+
+    def steps(self, epoch: int) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def __call__(self, epoch: int, rng: np.random.Generator
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order = rng.permutation(self.rows)
+        for i in range(0, self.rows, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.x[idx], self.y[idx]
 
 
 def make_backend(name: str, dtype: str, seed: int) -> Any:
@@ -159,19 +184,26 @@ class _NoBar:
 class Run:
     """A compiled model, its parameters, optimizer and schedule, ready to train."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset) -> None:
+    def __init__(self, cfg: RunConfig, data: Dataset, spec: ModelSpec | None = None,
+                 batches: Any = None) -> None:
+        """``spec``: the model (default: the MLP of ``cfg.hidden`` on ``data``);
+        ``batches``: the batch source, with ``steps(epoch)`` and ``(epoch, rng) -> iterator of
+        (x, y)`` (default: :class:`ShuffledRows` of the training set)."""
         self.cfg, self.data = cfg, data
+        if spec is None and (not cfg.hidden or any(h < 1 for h in cfg.hidden)):
+            raise CLIError(f"--hidden needs positive layer sizes, got {list(cfg.hidden)}")
+        if spec is None:
+            spec = mlp_spec(data.num_features, data.num_classes, cfg.hidden, cfg.activation)
+        self.spec = spec
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise CLIError(f"--epochs and --batch-size must be >= 1, got {cfg.epochs} and "
                            f"{cfg.batch_size}")
-        if not cfg.hidden or any(h < 1 for h in cfg.hidden):
-            raise CLIError(f"--hidden needs positive layer sizes, got {list(cfg.hidden)}")
         if cfg.mixed_precision not in MIXED_PRECISION:
             raise CLIError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose from "
                            f"{', '.join(MIXED_PRECISION)}")
-        n = len(data.y_train)
-        self.steps_per_epoch = math.ceil(n / cfg.batch_size)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.batches = batches or ShuffledRows(data.x_train, data.y_train, cfg.batch_size)
+        self.steps_per_epoch = self.batches.steps(1)
+        self.total_steps = sum(self.batches.steps(e) for e in range(1, cfg.epochs + 1))
         if self.total_steps > MAX_TOTAL_STEPS:
             raise CLIError(f"--epochs {cfg.epochs} x {self.steps_per_epoch} steps per epoch "
                            f"(--batch-size {cfg.batch_size}) is {self.total_steps:,} steps; at "
@@ -198,9 +230,14 @@ class Run:
                                                  self.total_steps, cfg.momentum_cycle)
         dtype = MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype
         self.backend = be = make_backend(cfg.backend, dtype, cfg.seed)
-        self.compiled = ml.compile(build_model(cfg.hidden, data.num_classes, cfg.activation), be,
-                                   shapes={"input": [None, data.num_features]})
+        self.compiled = ml.compile(spec.model, be, shapes=spec.shapes)
         self.params = self.compiled.get_parameters()
+        #: BatchNorm's running statistics (None: the model keeps no state)
+        self.model_state = dict(self.compiled.initial_state_dict) \
+            if self.compiled.program.state_shapes else None
+        if self.model_state is not None and cfg.mixed_precision != "none":
+            raise CLIError("--mixed-precision does not keep model state (BatchNorm's running "
+                           "statistics): train this model without it (e.g. --no-batchnorm)")
         #: the parameters --no-decay-on exempts from weight decay
         self.no_decay: list[str] = []
         if cfg.no_decay_on is not None:
@@ -215,10 +252,8 @@ class Run:
         else:  # the trainer initialises the state on its float32 master weights
             self.trainer = self._mixed_precision_trainer()
             self.state = self.trainer.optimizer_state
-        self.sets = {"train": (be.array(data.x_train), be.array(data.y_train, be.int_dtype),
-                               data.y_train),
-                     "test": (be.array(data.x_test), be.array(data.y_test, be.int_dtype),
-                              data.y_test)}
+        self.sets = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
+        self.metric = "acc" if spec.objective == "classification" else "rmse"
 
     def _momentum_handle(self) -> Any:
         """The optimizer's ``momentum`` (sgd, rmsprop) or ``beta1`` (adam, adamw) handle that
@@ -261,7 +296,7 @@ class Run:
 
         With mixed precision ``self.params`` are the float32 master weights."""
         be = self.backend
-        inputs = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+        inputs = self.inputs(x, y)
         if self.trainer is not None:
             out = self.trainer.forward(inputs)
             self.params, self.state, ok = self.trainer.backward_and_update({"loss": 1.0})
@@ -269,14 +304,42 @@ class Run:
             norm = global_norm(self.trainer.last_gradients) if skipped \
                 else self.state.last_grad_norm
         else:
-            out, grads = self.compiled.evaluate(self.params, inputs, output_gradients={"loss": 1.0})
+            if self.model_state is not None:
+                out, grads, self.model_state = self.compiled.evaluate(
+                    self.params, inputs, output_gradients={"loss": 1.0}, state=self.model_state)
+            else:
+                out, grads = self.compiled.evaluate(self.params, inputs,
+                                                    output_gradients={"loss": 1.0})
             self.params, self.state = self.optimizer.update(self.params, grads, self.state)
             norm = self.state.last_grad_norm
             skipped = self.state.last_step_skipped
-        logits = be.to_numpy(out["logits"])
-        acc = float(np.mean(np.argmax(logits, axis=-1) == y))
-        return float(be.to_numpy(out["loss"])), acc, float("nan") if norm is None else float(norm), \
-            bool(skipped)
+        pred = be.to_numpy(out[self.spec.output])
+        if self.metric == "acc":
+            metric = float(np.mean(np.argmax(pred, axis=-1) == y))
+        else:  # the RMSE in the target's units
+            metric = float(np.sqrt(np.mean((pred - y) ** 2))) * self.spec.target_scale
+        return float(be.to_numpy(out["loss"])), metric, \
+            float("nan") if norm is None else float(norm), bool(skipped)
+
+    def inputs(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """A batch as the model's inputs: integer features (character indices) stay
+        integers, class labels are integers, regression targets floats."""
+        be = self.backend
+        xs = be.array(x, be.int_dtype) if x.dtype.kind in "iu" else be.array(x)
+        ys = be.array(y, be.int_dtype) if self.spec.objective == "classification" \
+            else be.array(y)
+        return {"input": xs, "target": ys}
+
+    def predict(self, params: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """The model's outputs in inference mode (Dropout off, BatchNorm's running
+        statistics), as NumPy arrays."""
+        inputs = self.inputs(x, y)
+        if self.model_state is not None:
+            out, _ = self.compiled.evaluate(params, inputs, state=self.model_state,
+                                            training=False)
+        else:
+            out = self.compiled.evaluate(params, inputs, training=False)
+        return {k: self.backend.to_numpy(v) for k, v in out.items()}
 
     def ema_params(self) -> dict[str, Any]:
         """The EMA of the weights (``--ema``), as the model evaluates them: views of the
@@ -288,18 +351,41 @@ class Run:
             ema = engine.cast_tree(ema, engine.cdt)
         return dict(ema)
 
-    def evaluate(self, which: str, ema: bool = False) -> tuple[float, float]:
-        """(mean loss, accuracy) on the whole ``"train"`` or ``"test"`` set, with the
-        training weights or (``ema``) their EMA."""
-        x, y, labels = self.sets[which]
+    def eval_params(self, ema: bool = False) -> dict[str, Any]:
+        """The weights the model evaluates: the training ones or (``ema``) their EMA."""
         if ema:
-            params = self.ema_params()
+            return self.ema_params()
+        return self.params if self.trainer is None else self.trainer.compute_params()
+
+    def evaluate(self, which: str, ema: bool = False) -> dict[str, float]:
+        """Metrics on the whole ``"train"`` or ``"test"`` set (in chunks of
+        ``spec.eval_chunk`` rows), with the training weights or (``ema``) their EMA:
+        ``loss`` (the mean over the set) and ``acc`` (``bpc`` too for a character model),
+        or for regression ``rmse`` (the target's units) and ``r2``."""
+        x, y = self.sets[which]
+        params = self.eval_params(ema)
+        n = len(y)
+        chunk = self.spec.eval_chunk or n
+        loss = right = sse = 0.0
+        for i in range(0, n, chunk):
+            xs, ys = x[i:i + chunk], y[i:i + chunk]
+            out = self.predict(params, xs, ys)
+            loss += float(out["loss"]) * len(ys)
+            pred = out[self.spec.output]
+            if self.metric == "acc":
+                right += float(np.sum(np.argmax(pred, axis=-1) == ys))
+            else:
+                sse += float(np.sum((pred - ys) ** 2))
+        res = {"loss": loss / n}
+        if self.metric == "acc":
+            res["acc"] = right / y.size
+            if self.spec.bits_per_char:
+                res["bpc"] = res["loss"] / math.log(2)
         else:
-            params = self.params if self.trainer is None else self.trainer.compute_params()
-        out = self.compiled.evaluate(params, {"input": x, "target": y})
-        logits = self.backend.to_numpy(out["logits"])
-        return float(self.backend.to_numpy(out["loss"])), \
-            float(np.mean(np.argmax(logits, axis=-1) == labels))
+            sst = float(np.sum((y - y.mean()) ** 2))
+            res["rmse"] = math.sqrt(sse / y.size) * self.spec.target_scale
+            res["r2"] = 1 - sse / sst if sst > 0 else float("nan")
+        return res
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, progress: bool | None = None, desc: str = "train",
@@ -337,55 +423,72 @@ class Run:
                 final = self.measure()
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
                          self.label, self.schedule.description,
-                         None if self.momentum is None else self.momentum.name)
+                         None if self.momentum is None else self.momentum.name, self.metric,
+                         self.spec.description)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
               epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
         """The epochs; appends to ``steps`` and ``epochs`` as it goes (so an interrupt keeps
         every row written so far)."""
-        cfg, data = self.cfg, self.data
-        n = len(data.y_train)
+        cfg, key = self.cfg, self.metric
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            order = rng.permutation(n)
-            epoch_loss = epoch_correct = 0.0
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
+            epoch_loss = epoch_metric = 0.0
+            n = 0
+            for xb, yb in self.batches(epoch, rng):
                 lr = self.optimizer.get_learning_rate()
                 momentum = None if self.momentum is None else self.momentum.get()
-                loss, acc, norm, skipped = self.step(data.x_train[idx], data.y_train[idx])
+                loss, acc, norm, skipped = self.step(xb, yb)
                 if not skipped:  # a skipped (non-finite) step does not advance the schedule
                     self.schedule.after_step()
-                steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, "acc": acc,
+                steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, key: acc,
                               "lr": lr, "grad_norm": norm, "skipped": int(skipped)})
                 if momentum is not None:  # the momentum (or beta1) this step used
                     steps[-1]["momentum"] = momentum
                 if self.trainer is not None:
                     steps[-1]["loss_scale"] = self.trainer.loss_scale
-                epoch_loss += loss * len(idx)
-                epoch_correct += acc * len(idx)
+                epoch_loss += loss * len(yb)
+                epoch_metric += acc * len(yb)
+                n += len(yb)
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
-                                acc=f"{acc:.3f}", lr=f"{lr:.3g}", refresh=False)
+                                **{key: f"{acc:.3f}"}, lr=f"{lr:.3g}", refresh=False)
             train_s = time.perf_counter() - t0
             self.schedule.after_epoch(epoch_loss / n)
             m = self.measure()
             lr = self.optimizer.get_learning_rate()
             epochs.append({"epoch": epoch, "step": len(steps), **m,
-                           "batch_loss": epoch_loss / n, "batch_acc": epoch_correct / n,
+                           "batch_loss": epoch_loss / n, f"batch_{key}": epoch_metric / n,
                            "lr": lr, "time_s": train_s})
             if self.momentum is not None:
                 epochs[-1]["momentum"] = self.momentum.get()
             if log is not None:
-                ema = f"  EMA test acc {m['test_acc_ema']:.2%}" if "test_acc_ema" in m else ""
-                log(f"{desc}: epoch {epoch}/{cfg.epochs}  loss {m['train_loss']:.4f}  "
-                    f"train acc {m['train_acc']:.2%}  test acc {m['test_acc']:.2%}{ema}  "
+                log(f"{desc}: epoch {epoch}/{cfg.epochs}  {self.epoch_line(m)}  "
                     f"lr {lr:.3g}  ({train_s:.2f} s)")
+
+    def epoch_line(self, m: dict[str, float]) -> str:
+        """The measured metrics of an epoch, e.g. ``loss 0.1 train acc 99% test acc 97%``."""
+        line = f"loss {m['train_loss']:.4f}  "
+        if self.metric == "rmse":
+            line += (f"train RMSE {m['train_rmse']:.4g}  test RMSE {m['test_rmse']:.4g}  "
+                     f"test R² {m['test_r2']:.4f}")
+        elif self.spec.bits_per_char:
+            line += (f"test loss {m['test_loss']:.4f}  test bits/char {m['test_bpc']:.3f}  "
+                     f"test acc {m['test_acc']:.2%}")
+        else:
+            line += f"train acc {m['train_acc']:.2%}  test acc {m['test_acc']:.2%}"
+        if "test_acc_ema" in m:
+            line += f"  EMA test acc {m['test_acc_ema']:.2%}"
+        if "test_rmse_ema" in m:
+            line += f"  EMA test RMSE {m['test_rmse_ema']:.4g}"
+        return line
 
     def metric_names(self) -> tuple[str, ...]:
         """The keys of :meth:`measure`: train/test loss and accuracy, then (``--ema``) the
         same with the EMA weights (``*_ema``)."""
-        names = ("train_loss", "train_acc", "test_loss", "test_acc")
+        keys = ("loss", "acc", "bpc") if self.spec.bits_per_char else \
+            ("loss", "acc") if self.metric == "acc" else ("loss", "rmse", "r2")
+        names = tuple(f"{which}_{k}" for which in ("train", "test") for k in keys)
         return names + tuple(f"{k}_ema" for k in names) if self.cfg.ema is not None else names
 
     def measure(self) -> dict[str, float]:
@@ -393,7 +496,7 @@ class Run:
         out: dict[str, float] = {}
         for ema in (False, True) if self.cfg.ema is not None else (False,):
             for which in ("train", "test"):
-                loss, acc = self.evaluate(which, ema=ema)
                 suffix = "_ema" if ema else ""
-                out[f"{which}_loss{suffix}"], out[f"{which}_acc{suffix}"] = loss, acc
+                for k, v in self.evaluate(which, ema=ema).items():
+                    out[f"{which}_{k}{suffix}"] = v
         return out

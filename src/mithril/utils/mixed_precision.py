@@ -61,6 +61,7 @@ import numpy as np
 
 from ..compiler.interpret import numpy_backward, outputs_of, run_forward
 from ..errors import KeyMismatchError, ShapeError
+from ..models.context import RunContext
 from .optimizers.base import Optimizer
 from .optimizers.checks import check_flag, check_int, describe, to_float
 from .optimizers.state import OptimizerState
@@ -210,11 +211,11 @@ class _NumpyEngine(_Engine):
     def cast_tree(self, tree, dtype):
         return {k: np.array(v, dtype=dtype) for k, v in tree.items()}
 
-    def forward(self, params, inputs):
+    def forward(self, params, inputs, run=None):
         from ..backends.numpy_backend import _cast
 
         with np.errstate(all="ignore"):
-            env = run_forward(self.prog, np, params, inputs)
+            env = run_forward(self.prog, np, params, inputs, run)
             out = _cast(outputs_of(self.prog, env), self.cdt)
         self._saved = (params, env)
         return out
@@ -243,11 +244,12 @@ class _TorchEngine(_Engine):
     def cast_tree(self, tree, dtype):
         return {k: v.detach().to(dtype=dtype, copy=True) for k, v in tree.items()}
 
-    def forward(self, params, inputs):
+    def forward(self, params, inputs, run=None):
         torch = self.t
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            out = outputs_of(self.prog, run_forward(self.prog, self.backend._xp, leaves, inputs))
+            out = outputs_of(self.prog, run_forward(self.prog, self.backend._xp, leaves, inputs,
+                                                    run))
         self._saved = (leaves, out)
         return {k: v.detach() for k, v in out.items()}
 
@@ -277,10 +279,12 @@ class _JaxEngine(_Engine):
         prog, mdt = self.prog, self.mdt
         names = self.names = tuple(prog.param_shapes)
 
-        def fwd(ptuple, inputs):
+        def fwd(ptuple, inputs, rng, training):
             def f(p):
+                # the mode is static; the seed and step a traced pair (no recompiling per step)
+                run = RunContext(training, rng[0], rng[1]) if prog.has_context else None
                 return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, p, strict=True)),
-                                                    inputs))
+                                                    inputs, run))
 
             return jax.vjp(f, ptuple)
 
@@ -298,7 +302,7 @@ class _JaxEngine(_Engine):
             return {k: v.astype(dtype) for k, v in tree.items()}
 
         wrap = jax.jit if getattr(self.model, "jit", True) else (lambda f, **kw: f)
-        self._fwd, self._bwd = wrap(fwd), wrap(bwd)
+        self._fwd, self._bwd = wrap(fwd, static_argnames=("training",)), wrap(bwd)
         self._cast = wrap(cast, static_argnums=1)
 
     def cast_tree(self, tree, dtype):
@@ -309,8 +313,13 @@ class _JaxEngine(_Engine):
         # their JAX param arrays in place (aliased host buffers)
         return {k: self.jnp.array(v, dtype=self.mdt, copy=True) for k, v in tree.items()}
 
-    def forward(self, params, inputs):
-        out, pull = self._fwd(tuple(params[k] for k in self.names), dict(inputs))
+    def forward(self, params, inputs, run=None):
+        from ..models.context import M32
+
+        seed, step = (0, 0) if run is None else (run.seed, run.step)
+        rng = self.jnp.asarray([int(seed) & M32, int(step) & M32], dtype=self.jnp.uint32)
+        out, pull = self._fwd(tuple(params[k] for k in self.names), dict(inputs), rng,
+                              training=True if run is None else run.training)
         self._saved = (pull, out)
         return dict(out)
 
@@ -474,7 +483,10 @@ class MixedPrecisionTrainer:
             raise TypeError("forward(inputs): inputs must be a dict keyed by name")
         self._engine.clear()
         params, ins = self.model._validate(self.compute_params(), self._prepare_inputs(inputs))
-        out = self._engine.forward(params, ins)
+        # the model's mode, seed and step (a training-mode call advances the step counter, so
+        # each step draws new Dropout masks); a model with state (BatchNorm) is refused
+        run = self.model._run_context(None, None, None)
+        out = self._engine.forward(params, ins, run)
         self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
         return out
 

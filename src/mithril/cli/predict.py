@@ -1,0 +1,133 @@
+"""``mithril predict --run runs/NAME --data FILE.csv``: predictions of a model trained with
+``mithril train --data``, written to a CSV file.
+
+The run folder holds ``model.safetensors`` (the parameters) and ``preprocess.json`` (feature
+names, standardisation statistics, class labels); the data must have the feature columns (by
+name, in any order; other columns are ignored). Bad data is refused before anything runs, with
+the messages of ``mithril train --data`` (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CLIError
+from .report import ensure_writable_file, write_csv
+from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
+
+DESCRIPTION = """\
+Predict with a model trained by `mithril train --data FILE --target COLUMN`. Reads --data
+(a CSV with the feature columns the model was trained on, or an .npz with X), standardises it
+with the training statistics and writes --out (default: RUN/predictions.csv): one row per data
+row, `row, prediction` and, for classification, the probability of each class (`p_<label>`).
+If the data hold the target column too, the accuracy (or RMSE and R²) is printed.
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="predict with a model trained by `mithril train --data`",
+                       description=DESCRIPTION, usage="mithril predict --run DIR --data FILE "
+                       "[options]", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="the folder `mithril train --data` wrote (runs/NAME)")
+    p.add_argument("--data", required=True, metavar="FILE", help="FILE.csv or FILE.npz")
+    p.add_argument("--out", metavar="FILE", help="the CSV to write (default: RUN/predictions.csv)")
+    p.add_argument("--backend", choices=("numpy", "jax", "torch"), default="numpy",
+                   help="where the model runs (default: numpy)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the run and the data, and stop before predicting or writing")
+    p.set_defaults(func=run, no_progress=True, no_plot=True)
+    return p
+
+
+def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, dict[str, Any]]:
+    """The run's preprocessing, the compiled model and its parameters."""
+    import mithril as ml
+
+    from ..utils.checkpoint import load_checkpoint
+    from .networks import mlp_spec
+    from .training import make_backend
+
+    if not run_dir.is_dir():
+        raise CLIError(f"--run {run_dir}: no such folder")
+    pre = Preprocess.load(run_dir / PREPROCESS_FILE)
+    outputs = len(pre.labels) if pre.objective == "classification" else 1
+    spec = mlp_spec(len(pre.features), outputs, pre.hidden, pre.activation, pre.objective)
+    be = make_backend(backend, "float32", 0)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes, inference=True)
+    try:
+        ckpt = load_checkpoint(run_dir / MODEL_FILE, params_template=compiled.get_parameters())
+    except FileNotFoundError:
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is missing") from None
+    except ValueError as exc:  # CheckpointError, KeyMismatchError, ShapeError
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
+                       f"({exc})") from None
+    return pre, compiled, ckpt["params"]
+
+
+def predict(pre: Preprocess, compiled: Any, params: dict[str, Any], x: np.ndarray
+            ) -> np.ndarray:
+    """Class probabilities (rows, classes), or regression predictions (rows,) in the
+    target's units, for raw features ``x``."""
+    be = compiled.backend
+    xs = pre.transform(x)
+    if pre.objective == "classification":
+        target = be.array(np.zeros(len(x), dtype=np.int64), be.int_dtype)
+    else:
+        target = be.array(np.zeros((len(x), 1)))
+    out = compiled.evaluate(params, {"input": be.array(xs), "target": target})
+    if pre.objective == "classification":
+        logits = be.to_numpy(out["logits"]).astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return be.to_numpy(out["prediction"]).astype(np.float64)[:, 0] * pre.target_std \
+        + pre.target_mean
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    pre, compiled, params = load_model(run_dir, args.backend)
+    table = read_table(args.data, pre.target, pre.features)
+    out = Path(args.out) if args.out else run_dir / "predictions.csv"
+    if not args.dry_run:
+        ensure_writable_file(out)
+    print(f"mithril predict: {len(table.x)} rows of {args.data} with the {pre.objective} model "
+          f"of {run_dir}")
+    if args.dry_run:
+        print(f"dry run: would write {out}")
+        return 0
+    result = predict(pre, compiled, params, table.x)
+    rows: list[dict[str, Any]] = []
+    if pre.objective == "classification":
+        pred = [pre.labels[i] for i in result.argmax(axis=1)]
+        names = [f"p_{label}" for label in pre.labels]
+        for i, (p, probs) in enumerate(zip(pred, result), start=1):
+            rows.append({"row": i, "prediction": p, **dict(zip(names, probs.tolist()))})
+        fields = ["row", "prediction", *names]
+    else:
+        pred = result.tolist()
+        rows = [{"row": i, "prediction": v} for i, v in enumerate(pred, start=1)]
+        fields = ["row", "prediction"]
+    write_csv(out, rows, fields)
+    if table.y is not None:
+        print(score(pre, pred, table.y))
+    print(f"wrote {out}")
+    return 0
+
+
+def score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
+    """Accuracy, or RMSE and R², against the target column found in the data."""
+    if pre.objective == "classification":
+        same = [str(p) == str(t if not isinstance(t, float) or not t.is_integer() else int(t))
+                for p, t in zip(pred, truth)]
+        return f"accuracy against {pre.target!r}: {np.mean(same):.2%}"
+    if any(isinstance(t, str) for t in truth):
+        return f"({pre.target!r} holds text: no RMSE)"
+    y, p = np.asarray(truth, dtype=np.float64), np.asarray(pred)
+    sse, sst = float(np.sum((p - y) ** 2)), float(np.sum((y - y.mean()) ** 2))
+    r2 = f"{1 - sse / sst:.4f}" if sst > 0 else "nan"
+    return f"against {pre.target!r}: RMSE {np.sqrt(sse / len(y)):.4g}, R² {r2}"

@@ -1,0 +1,317 @@
+"""``mithril train --data FILE.csv --target COLUMN`` (or ``FILE.npz``): an MLP on the user's
+table, and what ``mithril predict`` needs to use it.
+
+Reading checks everything before any work: a missing file, a target column that does not
+exist, a row with the wrong number of cells, a missing value (an empty cell, ``NA``, ``NaN``,
+``null``, ``?``) or a feature that is not a finite number is a
+:class:`~mithril.cli.errors.CLIError` naming the file, the column and the row (data rows are
+counted from 1 after the header; the file line is given too).
+
+Classification or regression is inferred from the target (``--objective`` overrides): text
+values, or at most :data:`MAX_INFERRED_CLASSES` distinct integers, are classes; other numbers
+are a regression target. Features are standardised with the training split's mean and standard
+deviation (a constant column is left at 0); a regression target too (RMSE and R² are reported in
+its own units). The split is seeded (``--split-seed``) and stratified when every class has two
+rows at least.
+
+The run folder gets ``model.safetensors`` (the parameters, written with
+:func:`mithril.utils.checkpoint.save_checkpoint`: no pickle) and ``preprocess.json`` (feature
+names, standardisation statistics, objective, class labels, the network's shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset
+from .errors import CLIError
+from .networks import mlp_spec
+
+#: at most this many distinct integer targets are taken for classes
+MAX_INFERRED_CLASSES = 20
+MAX_CLASSES = 1000
+MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
+PREPROCESS_FORMAT = "mithril-tabular-1"
+
+
+@dataclass
+class Table:
+    """Features as float64 (rows, columns), and the raw target values (or None)."""
+
+    path: str
+    features: list[str]
+    x: np.ndarray
+    target: str | None
+    y: list[Any] | None  #: floats where every value is a number, else strings
+
+
+def _number(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _missing(text: str) -> bool:
+    return text.strip().lower() in MISSING
+
+
+def read_csv(path: str, target: str | None, features: list[str] | None = None) -> Table:
+    """Read and check ``path``: the columns ``features`` (default: every column but
+    ``target``) must be numbers, ``target`` (None: not read; ``features`` given: read if
+    present) any non-missing value."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise CLIError(f"--data {path}: empty file, or no header row")
+            header = [h.strip() for h in header]
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if dup:
+                raise CLIError(f"--data {path}: duplicate column name(s) {', '.join(map(repr, dup))}")
+            want_target = target is not None and (features is None or target in header)
+            if target is not None and features is None and target not in header:
+                raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
+                               f"{', '.join(header)})")
+            if features is None:
+                features = [h for h in header if h != target]
+            absent = [c for c in features if c not in header]
+            if absent:
+                raise CLIError(f"--data {path} lacks the feature column(s) "
+                               f"{', '.join(map(repr, absent))} (the model was trained on "
+                               f"{', '.join(features)})")
+            cols = [header.index(c) for c in features]
+            tcol = header.index(target) if want_target else None
+            rows, ys = [], []
+            for i, row in enumerate(reader, start=1):
+                if not row:
+                    continue  # a blank line
+                where = f"row {i} (line {reader.line_num})"
+                if len(row) != len(header):
+                    raise CLIError(f"--data {path}: {where} has {len(row)} cells, the header "
+                                   f"{len(header)}")
+                values = []
+                for c, name in zip(cols, features):
+                    cell = row[c]
+                    if _missing(cell):
+                        raise CLIError(f"--data {path}: missing value in column {name!r}, {where}")
+                    v = _number(cell)
+                    if v is None:
+                        raise CLIError(f"--data {path}: column {name!r}, {where}: {cell.strip()!r} "
+                                       f"is not a finite number (features must be numeric)")
+                    values.append(v)
+                rows.append(values)
+                if tcol is not None:
+                    cell = row[tcol].strip()
+                    if _missing(cell):
+                        raise CLIError(f"--data {path}: missing value in the target column "
+                                       f"{target!r}, {where}")
+                    ys.append(cell)
+    except OSError as exc:
+        raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CLIError(f"--data {path}: not a readable CSV file ({exc})") from None
+    if not rows:
+        raise CLIError(f"--data {path}: no data rows")
+    x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
+    return Table(path, features, x, target if tcol is not None else None,
+                 _typed(ys) if tcol is not None else None)
+
+
+def _typed(values: list[str]) -> list[Any]:
+    """Floats if every value is a number, else the strings."""
+    numbers = [_number(v) for v in values]
+    return values if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
+
+
+def read_npz(path: str, target: str | None, features: list[str] | None = None) -> Table:
+    """``X`` (rows, features) and the target array (``y``, or ``target``) of an ``.npz``
+    (``feature_names`` if it holds them); no pickled objects."""
+    name = target or "y"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except OSError as exc:
+        raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise CLIError(f"--data {path}: not a plain .npz of arrays ({exc})") from None
+    if "X" not in arrays:
+        raise CLIError(f"--data {path}: no array 'X' (it holds {', '.join(arrays) or 'nothing'})")
+    x = arrays["X"]
+    if x.ndim != 2 or x.dtype.kind not in "biuf":
+        raise CLIError(f"--data {path}: 'X' must be a 2-d array of numbers, got {x.dtype} "
+                       f"{x.shape}")
+    names = [str(n) for n in arrays["feature_names"]] if "feature_names" in arrays \
+        else [f"x{i}" for i in range(x.shape[1])]
+    if len(names) != x.shape[1]:
+        raise CLIError(f"--data {path}: {len(names)} feature_names for {x.shape[1]} columns")
+    if features is not None:
+        if names != features:
+            raise CLIError(f"--data {path}: features {names} differ from the model's {features}")
+    x = x.astype(np.float64)
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        r, c = bad[0]
+        raise CLIError(f"--data {path}: missing or non-finite value in column {names[c]!r}, "
+                       f"row {r + 1}")
+    y = None
+    if features is None or name in arrays:
+        if name not in arrays:
+            raise CLIError(f"--target {name!r}: {path} has no array {name!r} (it holds "
+                           f"{', '.join(arrays)})")
+        yarr = arrays[name]
+        if yarr.ndim != 1 or len(yarr) != len(x):
+            raise CLIError(f"--data {path}: {name!r} must be 1-d with one value per row of X "
+                           f"({len(x)}), got shape {yarr.shape}")
+        if yarr.dtype.kind == "f" and not np.isfinite(yarr).all():
+            r = int(np.argwhere(~np.isfinite(yarr))[0][0])
+            raise CLIError(f"--data {path}: missing value in the target {name!r}, row {r + 1}")
+        y = _typed([str(v) for v in yarr]) if yarr.dtype.kind in "USO" else \
+            [float(v) for v in yarr]
+    if not len(x):
+        raise CLIError(f"--data {path}: no data rows")
+    return Table(path, names, x, name if y is not None else None, y)
+
+
+def read_table(path: str, target: str | None, features: list[str] | None = None) -> Table:
+    if Path(path).suffix.lower() == ".npz":
+        return read_npz(path, target, features)
+    return read_csv(path, target, features)
+
+
+def infer_objective(y: list[Any]) -> str:
+    if any(isinstance(v, str) for v in y):
+        return "classification"
+    distinct = set(y)
+    if all(float(v).is_integer() for v in distinct) and len(distinct) <= MAX_INFERRED_CLASSES:
+        return "classification"
+    return "regression"
+
+
+def _label(v: Any) -> Any:
+    """A class label for JSON and the predictions: integers stay integers."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+@dataclass
+class Preprocess:
+    """What a prediction needs besides the parameters (``preprocess.json``)."""
+
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    objective: str
+    target: str
+    labels: list[Any]
+    target_mean: float
+    target_std: float
+    hidden: list[int]
+    activation: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": PREPROCESS_FORMAT, **vars(self)}
+
+    @classmethod
+    def load(cls, path: Path) -> Preprocess:
+        try:
+            d = json.loads(path.read_text())
+            if d.pop("format", None) != PREPROCESS_FORMAT:
+                raise ValueError(f"format is not {PREPROCESS_FORMAT}")
+            return cls(**d)
+        except OSError as exc:
+            raise CLIError(f"--run {path.parent}: not a run of `mithril train --data` "
+                           f"({path.name}: {exc.strerror or exc})") from None
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--run {path.parent}: {path.name} is damaged ({exc})") from None
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (x - np.asarray(self.mean)) / np.asarray(self.std)
+
+
+def tabular_job(args: argparse.Namespace) -> Any:
+    from .tasks import Job
+
+    table = read_table(args.data, args.target)
+    assert table.y is not None
+    objective = args.objective or infer_objective(table.y)
+    n = len(table.y)
+    if objective == "regression":
+        bad = next((i for i, v in enumerate(table.y) if isinstance(v, str)), None)
+        if bad is not None:
+            raise CLIError(f"--objective regression: the target {table.target!r} has the "
+                           f"non-numeric value {table.y[bad]!r} in row {bad + 1}")
+        labels: list[Any] = []
+        y = np.asarray(table.y, dtype=np.float64)
+    else:
+        labels = sorted(set(table.y), key=lambda v: (isinstance(v, str), v))
+        if not 2 <= len(labels) <= MAX_CLASSES:
+            raise CLIError(f"classification needs 2 to {MAX_CLASSES} classes; the target "
+                           f"{table.target!r} has {len(labels)}")
+        index = {v: i for i, v in enumerate(labels)}
+        y = np.array([index[v] for v in table.y], dtype=np.int64)
+    tr, te = split(y, objective, args.test_size, args.split_seed, table.path)
+    x_tr, x_te = table.x[tr], table.x[te]
+    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+    std[std == 0] = 1.0
+    t_mean = t_std = 0.0
+    if objective == "regression":
+        t_mean, t_std = float(y[tr].mean()), float(y[tr].std()) or 1.0
+        y = ((y - t_mean) / t_std)[:, None]
+    data = Dataset((x_tr - mean) / std, y[tr], (x_te - mean) / std, y[te], len(labels))
+    spec = mlp_spec(len(table.features), len(labels) or 1, args.hidden, args.activation,
+                    objective, t_std or 1.0)
+    pre = Preprocess(table.features, mean.tolist(), std.tolist(), objective,
+                     str(table.target), [_label(v) for v in labels], t_mean, t_std,
+                     list(args.hidden), args.activation)
+    what = f"{len(labels)} classes" if labels else f"regression on {table.target!r}"
+    describe = (f"{table.path}: {len(tr)} train / {len(te)} test rows of {n}, "
+                f"{len(table.features)} features, {what}")
+
+    def write(run: Any, folder: Path) -> list[Path]:
+        from ..utils.checkpoint import save_checkpoint
+        from .report import write_json
+
+        params = run.params if run.trainer is None else run.trainer.master_params
+        save_checkpoint(folder / MODEL_FILE, params, extra={"preprocess": PREPROCESS_FILE})
+        return [folder / MODEL_FILE, write_json(folder / PREPROCESS_FILE, pre.as_dict())]
+
+    settings = {"data": str(table.path), "target": table.target, "objective": objective,
+                "features": len(table.features), "classes": len(labels)}
+    return Job("tabular", data, spec, describe, settings, write=write)
+
+
+def split(y: np.ndarray, objective: str, test_size: float, seed: int,
+          path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the train and test splits: seeded, stratified when every class has two
+    rows at least."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_size < 1:
+        raise CLIError(f"--test-size must be between 0 and 1, got {test_size}")
+    idx = np.arange(len(y))
+    strat = None
+    if objective == "classification" and np.bincount(y).min() >= 2:
+        strat = y
+    try:
+        try:
+            tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=strat)
+        except ValueError:  # e.g. fewer test rows than classes: split without stratifying
+            tr, te = train_test_split(idx, test_size=test_size, random_state=seed)
+    except ValueError as exc:
+        raise CLIError(f"--data {path}: cannot split its {len(y)} rows with --test-size "
+                       f"{test_size} ({exc})") from None
+    if len(tr) < 2 or len(te) < 1:
+        raise CLIError(f"--data {path}: {len(y)} rows are too few to split into training and "
+                       f"test rows")
+    return np.sort(tr), np.sort(te)
