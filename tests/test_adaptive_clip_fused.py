@@ -64,12 +64,29 @@ def assert_close(mine, want, tol):
 def test_fused_equals_clipping_first(engine, dtype):
     backend = engine.split("-")[-1] if engine != "jax-jit" else "jax"
     p0, grads = problem(dtype)
+    opt = Adam(0.01, adaptive_clip=0.05)
     with optimizer_engine(engine):
-        mine, state = run(Adam(0.01, adaptive_clip=0.05), p0, grads, backend)
+        mine, state = run(opt, p0, grads, backend)
         want, _ = run(Adam(0.01), p0, grads, backend, pre_clip=(0.05, 1e-3, ()))
     assert_close(mine, want, 1e-13 if dtype == "float64" else 2e-6)
-    fused = isinstance(state.engine, NumbaEngine)
-    assert fused == (engine in ("numpy", "torch", "jax"))
+    assert isinstance(state.engine, NumbaEngine) == (engine in ("numpy", "torch", "jax"))
+    # the numba kernel and the jitted JAX step clip inside the step; the tensor-op engine
+    # (torch on accelerators) gets clipped copies
+    assert state.engine.fuses_adaptive_clip(opt, state) == (engine != "array-torch")
+
+
+def test_jitted_jax_two_pass_and_tensor_clipping():
+    """In the jitted JAX step the clipping also reaches the first pass of a two-pass
+    optimizer and the per-tensor norms of ``clip_tensor_norm``."""
+    p0, grads = problem("float32")
+    with optimizer_engine("jax-jit"):
+        for make in (lambda **k: LAMB(0.01, **k),
+                     lambda **k: Adam(0.01, clip_tensor_norm=0.5, clip_norm=1.0, **k)):
+            opt = make(adaptive_clip=0.05)
+            mine, state = run(opt, p0, grads, "jax")
+            want, _ = run(make(), p0, grads, "jax", pre_clip=(0.05, 1e-3, ()))
+            assert state.engine.fuses_adaptive_clip(opt, state)
+            assert_close(mine, want, 2e-6)
 
 
 def test_some_units_clipped_others_not():
@@ -123,11 +140,12 @@ def test_lookahead_and_two_pass_optimizers():
     mine, _ = run(Lookahead(Adam(0.01, adaptive_clip=0.05), sync_period=2), p0, grads)
     want, _ = run(Lookahead(Adam(0.01), sync_period=2), p0, grads, pre_clip=(0.05, 1e-3, ()))
     assert_close(mine, want, 1e-13)
-    # LAMB's first pass reads the gradients too: it gets clipped copies (not fused)
-    mine, state = run(LAMB(0.01, adaptive_clip=0.05), p0, grads)
+    # LAMB's first pass reads the gradients too: it scales them by the same factors
+    opt = LAMB(0.01, adaptive_clip=0.05)
+    mine, state = run(opt, p0, grads)
     want, _ = run(LAMB(0.01), p0, grads, pre_clip=(0.05, 1e-3, ()))
     assert_close(mine, want, 1e-13)
-    assert not state.engine.fuses_adaptive_clip(LAMB(0.01, adaptive_clip=0.05), state)
+    assert state.engine.fuses_adaptive_clip(opt, state)
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])

@@ -154,8 +154,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     Before all of them, ``adaptive_clip`` (optax ``adaptive_grad_clip``: each unit of a
     gradient at most ``c·max(‖p_u‖, adaptive_clip_eps)``, :func:`.clipping.adaptive_clip`),
     fused on the numba engine (per-unit norms in a read-only pass, then each gradient element
-    scaled by its unit's factor as the update reads it: :mod:`.engines.unitwise`); the other
-    engines, and two-pass optimizers, get clipped copies of the gradients instead.
+    scaled by its unit's factor as the passes read it: :mod:`.engines.unitwise`) and inside
+    the jitted JAX step; the tensor-op engine gets clipped copies of the gradients instead.
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),

@@ -42,14 +42,27 @@ def _norm(g: Any) -> Any:
     return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.sum(jnp.square(g))))
 
 
+def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
+    """The gradients clipped unit-wise (``adaptive_clip``), inside the jitted pass, where
+    XLA fuses it into the step: ``agc`` holds each tensor's (c, ε), c = 0 where it is off."""
+    if agc is None:
+        return grads
+    from ..clipping import adaptive_clip
+
+    return {n: adaptive_clip(g, params[n], *agc[lay.index[n]]) if agc[lay.index[n]][0] else g
+            for n, g in grads.items()}
+
+
 def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_norm: Any,
-              flags: tuple[bool, bool, bool]) -> tuple[Any, Any, Any, Any]:
-    """Inside a jitted pass: the flat params and the gradient as the math sees it (scaled by
-    the global norm rule and each tensor's table scale, clipped by value, L2-decayed), each
-    element's column getter and the raw gradients' norm."""
+              flags: tuple) -> tuple[Any, Any, Any, Any]:
+    """Inside a jitted pass: the flat params and the gradient as the math sees it (clipped
+    unit-wise, scaled by the global norm rule and each tensor's table scale, clipped by
+    value, L2-decayed), each element's column getter and the (unit-clipped) gradients'
+    norm. ``flags``: clip_norm_on, clip_value_on, per_tensor and the adaptive clipping."""
     import jax.numpy as jnp
 
-    clip_norm_on, clip_value_on, per_tensor = flags
+    clip_norm_on, clip_value_on, per_tensor, agc = flags
+    grads = _adaptive(lay, params, grads, agc)
     dt = lay.dtype
     p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
     g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
@@ -95,8 +108,7 @@ class JaxEngine(Engine):
         slots are weight averages (their weights the last scalars), which move towards
         parameters without a gradient too."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        clip_norm_on, clip_value_on, skip = flags[:3]
-        per_tensor = len(flags) > 3 and flags[3]  # each tensor's scale is column 0
+        clip_norm_on, clip_value_on, skip, per_tensor, agc = flags  # per_tensor: scales in col 0
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
@@ -107,7 +119,7 @@ class JaxEngine(Engine):
 
         def step(params, grads, slots, table, clip_norm):
             p, g, col, norm = _prologue(lay, elem, params, grads, table, clip_norm,
-                                        (clip_norm_on, clip_value_on, per_tensor))
+                                        (clip_norm_on, clip_value_on, per_tensor, agc))
             out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
                           *(col(j) for j in range(4, table.shape[1])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
@@ -127,6 +139,33 @@ class JaxEngine(Engine):
             return new_params, new_slots, norm, finite
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
+
+    def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:
+        """Adaptive clipping runs inside the jitted passes (:func:`_adaptive`)."""
+        return self._agc(opt, state) is not None
+
+    def _agc(self, opt: Any, state: Any) -> tuple | None:
+        """Each tensor's adaptive clipping (c, ε), c = 0 where off; None if none clips. A
+        shape that cannot be clipped is refused here, by name, before any work."""
+        from ..clipping import units
+
+        index, views = opt.group_rows(state)
+        own = tuple((getattr(v, "adaptive_clip", None), getattr(v, "adaptive_clip_eps", 1e-3))
+                    for v in views)
+        if all(c is None for c, _ in own):
+            return None
+        key = (id(state.layout), index.tobytes(), own)
+        if self.__dict__.get("_agc_key") == key:
+            return self._agc_spec
+        spec = tuple((float(own[r][0] or 0.0), float(own[r][1])) for r in index)
+        for (c, _), name, shape in zip(spec, self.layout.names, self.layout.shapes, strict=True):
+            if c:
+                try:
+                    units(shape)
+                except ValueError as e:
+                    raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
+        self._agc_key, self._agc_spec = key, spec
+        return spec
 
     def _first_pass(self, opt: Any, state: Any, t: int, params: Any, grads: Any,
                     table: np.ndarray, index: np.ndarray, flags: tuple
@@ -156,8 +195,7 @@ class JaxEngine(Engine):
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
                       flags: tuple, rows: tuple[int, ...] | None) -> Any:
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        clip_norm_on, clip_value_on = flags[:2]
-        per_tensor = len(flags) > 3 and flags[3]
+        clip_norm_on, clip_value_on, _, per_tensor, agc = flags
         elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
         ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
         n = len(lay.names)
@@ -165,7 +203,7 @@ class JaxEngine(Engine):
         def first(params, grads, slots, table, clip_norm):
             dt = lay.dtype
             p, g, col, _ = _prologue(lay, elem, params, grads, table, clip_norm,
-                                     (clip_norm_on, clip_value_on, per_tensor))
+                                     (clip_norm_on, clip_value_on, per_tensor, agc))
             terms = reduce_fn(p * col(3), g, *(slots[s] for s in own),
                               *(col(j) for j in range(4, 4 + n_own)))
             wide = jnp.promote_types(dt, jnp.float32)
@@ -179,14 +217,16 @@ class JaxEngine(Engine):
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
+        agc = self._agc(opt, state)
         if tensor_clipping(opt, state):  # the scales of every tensor (and the global one)
-            key = ("sumsq", lay)
+            key = ("sumsq", lay, agc)
             fn = _COMPILED.get(key)
             if fn is None:
                 ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
                 n = len(lay.names)
 
-                def sumsq(gs):
+                def sumsq(gs, ps):
+                    gs = _adaptive(lay, ps, gs, agc)
                     g = jnp.concatenate([gs[m].reshape(-1) for m in lay.names])
                     w = g.astype(jnp.promote_types(g.dtype, jnp.float32))
                     return self.jax.ops.segment_sum(w * w, ids, num_segments=n)
@@ -194,12 +234,12 @@ class JaxEngine(Engine):
                 fn = _COMPILED[key] = self.jax.jit(sumsq)
             full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
                     for m, shp in zip(lay.names, lay.shapes)}
-            sq = np.asarray(fn(full), dtype=np.float64)
+            sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
-            flags = (False, clip, opt.nonfinite != "propagate", True)  # scales: in the table
+            flags = (False, clip, opt.nonfinite != "propagate", True, agc)  # scales: in the table
         else:
             table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate")
+            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate", False, agc)
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)

@@ -295,10 +295,7 @@ def inside(ptr: np.ndarray, spans: np.ndarray) -> np.ndarray:  # pragma: no cove
     return out
 
 
-_REDUCE_INNER_SRC = """
-def rinner(P, {slots}G, R, gscale, cv, l2, keep{scal}):
-{init}
-    for j in range(P.shape[0]):
+_REDUCE_BODY_SRC = """
         g = G[j] * gscale
         if CLIP:
             g = min(max(g, -cv), cv)
@@ -306,13 +303,35 @@ def rinner(P, {slots}G, R, gscale, cv, l2, keep{scal}):
         g = g + l2 * p
         p = p * keep
         {lhs} = REDUCE(p, g, {reads}{scal_args})
-{accumulate}
+{accumulate}"""
+
+_REDUCE_INNER_SRC = """
+def rinner(P, {slots}G, R, gscale, cv, l2, keep{scal}):
+{init}
+    for j in range(P.shape[0]):{body}
+{store}
+"""
+
+# the unitwise variant: as _INNER_F_SRC, row by row with the units' factors
+_REDUCE_INNER_F_SRC = """
+def rinner_f(P_, {slots_}G_, FR, u0, R, gscale, cv, l2, keep{scal}):
+{init}
+    n = P_.shape[0]
+    U = FR.shape[0]
+    j0 = 0
+    u = u0
+    while j0 < n:
+        m = min(U - u, n - j0)
+        P, G, FA = P_[j0:j0 + m], G_[j0:j0 + m], FR[u:u + m]{rebind}
+        for j in range(m):{body}
+        j0 += m
+        u = 0
 {store}
 """
 
 _REDUCE_OUTER_SRC = """
 def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
-            group, H, R):
+            group, H, R{unit_args}):
     pieces = bounds.shape[0] - 1
     k = claim(sync)
     while k < pieces:
@@ -325,7 +344,7 @@ def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, a
             b = a + seg_size[e]
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
             r = group[t]
-            rinner(P[a:b], {slices}G, R[e], {row})
+{call}
         acc[k] = 0.0
         piece_done(sync)
         k = claim(sync)
@@ -335,12 +354,13 @@ def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, a
 
 @functools.cache
 def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype: str,
-                  clip: bool = False) -> Any:
+                  clip: bool = False, unitwise: bool = False) -> Any:
     """The first pass of a two-pass optimizer: per segment of the :class:`~.threads.Plan`,
     the float64 sums of the ``n_terms`` elementwise terms ``reduce_fn(p, g, *slots,
     *scalars)`` (with the gradient scaled, clipped and L2-decayed as the update sees it)
     into ``R[segment]``. It reads only; the caller adds the segments of each tensor up in
-    order, so the result does not depend on the thread count."""
+    order, so the result does not depend on the thread count. ``unitwise``: the gradients
+    are scaled by their units' factors as in :func:`update_kernel`."""
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
         slots="".join(s + ", " for s in slots),
@@ -353,7 +373,16 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
         store="\n".join(f"    R[{i}] = r{i}" for i in range(n_terms)),
         slices="".join(f"{s}[a:b], " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
+        unit_args=", UB, UN, F" if unitwise else "",
     )
+    body = _REDUCE_BODY_SRC.format(**fields)
+    call = f"            rinner(P[a:b], {fields['slices']}G, R[e], {fields['row']})"
+    if unitwise:
+        call = ("            if UN[t] > 1:\n"
+                f"                rinner_f(P[a:b], {fields['slices']}G, F[UB[t]:UB[t] + UN[t]], "
+                f"seg_first[e] % UN[t], R[e], {fields['row']})\n"
+                "            else:\n    " + call)
+    fields["call"] = call
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
@@ -361,8 +390,16 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
                           "claim": atomics.claim, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
-    kernel_cache.exec_source(_REDUCE_INNER_SRC.format(**fields), name, ns)
+    src = _REDUCE_INNER_SRC.format(**fields, body=body)
+    if unitwise:
+        src += _REDUCE_INNER_F_SRC.format(
+            **fields, slots_="".join(f"{s}_, " for s in slots),
+            rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
+            body=body.replace("\n", "\n    ").replace("G[j] * gscale", "(G[j] * FA[j]) * gscale"))
+    kernel_cache.exec_source(src, name, ns)
     ns["rinner"] = jit(ns["rinner"])
+    if unitwise:
+        ns["rinner_f"] = jit(ns["rinner_f"])
     kernel_cache.exec_source(_REDUCE_OUTER_SRC.format(**fields), name, ns)
     return jit(ns["rkernel"])
 

@@ -277,7 +277,7 @@ class NumbaEngine(Engine):
             table, index, clip = scalar_table(opt, state, t, norm)
         if opt.two_pass():
             table, index = self._first_pass(opt, state, params, ours, gptr, table, index,
-                                            clip, t)
+                                            clip, t, unit_args)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
             after = (index, table.astype(lay.dtype), *(unit_args or ()))
         unit_kw = {"unitwise": True} if unit_args else {}
@@ -321,11 +321,10 @@ class NumbaEngine(Engine):
 
     # -- adaptive clipping (:mod:`.unitwise`) ---------------------------------------------
     def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:
-        """Whether a group clips adaptively and this engine does it in the fused step (one
-        pass: a two-pass optimizer's first pass would need the factors too, so it gets
-        clipped copies from the base class instead)."""
-        return not opt.two_pass() and any(
-            getattr(v, "adaptive_clip", None) is not None for v in opt.group_rows(state)[1])
+        """Whether a group clips adaptively (this engine does it inside its passes: a
+        two-pass optimizer's first pass reads the units' factors as the update does)."""
+        return any(getattr(v, "adaptive_clip", None) is not None
+                   for v in opt.group_rows(state)[1])
 
     def _unit_spec(self, opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per tensor: its unit count (0: not clipped), ``c`` (0: not clipped) and ``ε``,
@@ -356,8 +355,8 @@ class NumbaEngine(Engine):
         return self._unit_plan_cached
 
     def _first_pass(self, opt: Any, state: Any, params: Any, ours: bool, gptr: np.ndarray,
-                    table: np.ndarray, index: np.ndarray, clip: bool, t: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    table: np.ndarray, index: np.ndarray, clip: bool, t: int,
+                    unit_args: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The per-tensor sums of ``opt.reduce`` (a read-only pass), then the second pass's
         per-tensor table (:func:`~.common.two_pass_table`)."""
         lay, plan = self.layout, self._plan
@@ -366,13 +365,13 @@ class NumbaEngine(Engine):
             own = opt.slot_names()
             n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
             kernel = reduce_kernel(opt.reduce_math(), len(own), n_own, opt.reductions,
-                                   lay.dtype, clip)
+                                   lay.dtype, clip, **({"unitwise": True} if unit_args else {}))
             flat = self._current(state, params, ours)
             R = np.zeros((len(plan.seg_t), opt.reductions), dtype=np.float64)
             with np.errstate(over="ignore"):
                 H = np.ascontiguousarray(table[:, :4 + n_own]).astype(lay.dtype)
             plan.run(kernel, (flat, *(self.np_view(state.slots[s]) for s in own)), gptr,
-                     (index, H, R))
+                     (index, H, R, *(unit_args or ())))
             np.add.at(sums, plan.seg_t, R)  # segments in order: thread-count independent
         return two_pass_table(opt, state, t, table, index, sums, gptr != 0)
 
