@@ -20,6 +20,7 @@ import numpy as np
 import mithril as ml
 
 from ..utils.optimizers import global_norm
+from ..utils.training import make_train_step
 from .data import Dataset
 from .errors import CLIError
 from .networks import ModelSpec, mlp_spec
@@ -249,6 +250,7 @@ class Run:
         if cfg.mixed_precision == "none":
             self.trainer = None
             self.state = self.optimizer.init(self.params)
+            self.train_step = make_train_step(self.compiled, self.optimizer, loss="loss")
         else:  # the trainer initialises the state on its float32 master weights
             self.trainer = self._mixed_precision_trainer()
             self.state = self.trainer.optimizer_state
@@ -304,13 +306,13 @@ class Run:
             norm = global_norm(self.trainer.last_gradients) if skipped \
                 else self.state.last_grad_norm
         else:
+            # evaluate + update as one call (the optimizer's own state: every backend keeps
+            # the engine's grad norm, skip policy and per-step hyperparameter changes)
             if self.model_state is not None:
-                out, grads, self.model_state = self.compiled.evaluate(
-                    self.params, inputs, output_gradients={"loss": 1.0}, state=self.model_state)
+                self.params, self.state, out, self.model_state = self.train_step(
+                    self.params, self.state, inputs, state=self.model_state)
             else:
-                out, grads = self.compiled.evaluate(self.params, inputs,
-                                                    output_gradients={"loss": 1.0})
-            self.params, self.state = self.optimizer.update(self.params, grads, self.state)
+                self.params, self.state, out = self.train_step(self.params, self.state, inputs)
             norm = self.state.last_grad_norm
             skipped = self.state.last_step_skipped
         pred = be.to_numpy(out[self.spec.output])

@@ -1,0 +1,113 @@
+"""Peak memory of Adam's first update on ``--params`` float32 parameters (default 50M, in
+10 tensors), each case in a fresh process: the peak RSS (``ru_maxrss``) once params and
+gradients exist, and after ``init`` + the first update, reported as bytes per parameter
+beyond params + gradients (an ideal Adam needs 8: the two moments).
+
+Cases: ``numpy`` / ``torch`` / ``jax`` (mithril ``Adam``, ``init`` then ``update``),
+``torch-fused`` (``torch.optim.Adam(fused=True)``), ``optax`` (``optax.adam`` in a jitted,
+donated step).
+
+    python benchmarks/memory.py [--params 50000000] [--case numpy torch ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+CASES = ("numpy", "torch", "jax", "torch-fused", "optax")
+
+
+def peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_case(case: str, n: int, tensors: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    size = n // tensors
+    host_p = [rng.standard_normal(size, dtype=np.float32) for _ in range(tensors)]
+    host_g = [rng.standard_normal(size, dtype=np.float32) for _ in range(tensors)]
+    if case in ("numpy", "torch", "jax"):
+        from mithril.utils.optimizers import Adam
+
+        if case == "numpy":
+            params = {f"p{i}": a for i, a in enumerate(host_p)}
+            grads = {f"p{i}": a for i, a in enumerate(host_g)}
+        elif case == "torch":
+            import torch
+
+            params = {f"p{i}": torch.from_numpy(a) for i, a in enumerate(host_p)}
+            grads = {f"p{i}": torch.from_numpy(a) for i, a in enumerate(host_g)}
+        else:
+            import jax.numpy as jnp
+
+            params = {f"p{i}": jnp.asarray(a) for i, a in enumerate(host_p)}
+            grads = {f"p{i}": jnp.asarray(a) for i, a in enumerate(host_g)}
+            del host_p[:], host_g[:]
+        base = peak()
+        opt = Adam(learning_rate=1e-3)
+        state = opt.init(params)
+        params, state = opt.update(params, grads, state)
+    elif case == "torch-fused":
+        import torch
+
+        ps = [torch.from_numpy(a).requires_grad_(True) for a in host_p]
+        for p, g in zip(ps, host_g, strict=True):
+            p.grad = torch.from_numpy(g)
+        base = peak()
+        opt = torch.optim.Adam(ps, lr=1e-3, fused=True)
+        opt.step()
+    else:
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        params = [jnp.asarray(a) for a in host_p]
+        grads = [jnp.asarray(a) for a in host_g]
+        del host_p[:], host_g[:]
+        base = peak()
+        tx = optax.adam(1e-3)
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        state = tx.init(params)
+        params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, grads)
+        jax.block_until_ready(params)
+    after = peak()
+    return {"case": case, "base_bytes": base, "peak_bytes": after,
+            "extra_bytes_per_param": (after - base) / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=int, default=50_000_000)
+    ap.add_argument("--tensors", type=int, default=10)
+    ap.add_argument("--case", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_case(args.child, args.params, args.tensors)))
+        return
+    print(f"Adam, first update, {args.params:,} float32 params in {args.tensors} tensors; "
+          f"peak RSS beyond params + gradients (fresh process per case)")
+    for case in args.case:
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--params",
+                              str(args.params), "--tensors", str(args.tensors)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode:
+            print(f"{case:12s} failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{case:12s} {r['extra_bytes_per_param']:6.2f} B/param "
+              f"(peak {r['peak_bytes'] / 2**20:8.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""One training epoch - MLP + cross-entropy + Adam, 40 steps of batch 128 on digits-sized
+data (64 features, 10 classes) - per Mithril backend, against two references measured in
+the same run:
+
+* **torch**: a plain torch loop (``nn.Linear`` / ``relu``, ``F.cross_entropy``,
+  ``loss.backward()``, ``torch.optim.Adam(fused=True)``);
+* **optax**: one jitted JAX step (``jax.value_and_grad`` + ``optax.adam`` +
+  ``optax.apply_updates``, params and state donated).
+
+Mithril variants: ``step`` is :func:`mithril.utils.training.make_train_step` (on JAX the
+one-program step with its ``OptaxState``), ``separate`` is ``compiled.evaluate(...,
+output_gradients=...)`` then ``optimizer.update``. Every variant starts from the same
+parameters and data (pre-sliced native batches); an epoch ends when its last loss is on
+the host. Rounds visit the variants in a rotating order; medians over rounds, and each
+median's ratio to the faster reference (and the same ratio of the fastest rounds, steadier
+on a loaded machine).
+
+    python benchmarks/train_epoch.py [--rounds 15] [--hidden 128 128] [--backend numpy torch jax]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+from mithril.cli.networks import mlp_spec
+from mithril.utils.optimizers import Adam
+from mithril.utils.training import make_train_step
+
+FEATURES, CLASSES, BATCH, STEPS, LR = 64, 10, 128, 40, 1e-3
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+
+
+def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((STEPS * BATCH, FEATURES)).astype(np.float32)
+    y = rng.integers(0, CLASSES, STEPS * BATCH)
+    return x, y
+
+
+def batches(x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]) for i in range(STEPS)]
+
+
+def mithril_epoch(backend: str, hidden: list[int], fused: bool,
+                  x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], float], dict]:
+    spec = mlp_spec(FEATURES, CLASSES, hidden)
+    be = BACKENDS[backend](dtype="float32", seed=0)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    params = compiled.get_parameters()
+    init = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+    opt = Adam(learning_rate=LR)
+    feed = [{"input": be.array(a), "target": be.array(b, be.int_dtype)} for a, b in batches(x, y)]
+    box: dict[str, Any] = {"params": params}
+    if fused:
+        step = make_train_step(compiled, opt, loss="loss")
+        box["state"] = step.init(params)
+
+        def epoch() -> float:
+            p, s = box["params"], box["state"]
+            for d in feed:
+                p, s, out = step(p, s, d)
+            box["params"], box["state"] = p, s
+            return float(be.to_numpy(out["loss"]))
+    else:
+        box["state"] = opt.init(params)
+        cots = {"loss": 1.0}
+
+        def epoch() -> float:
+            p, s = box["params"], box["state"]
+            for d in feed:
+                out, g = compiled.evaluate(p, d, output_gradients=cots)
+                p, s = opt.update(p, g, s)
+            box["params"], box["state"] = p, s
+            return float(be.to_numpy(out["loss"]))
+    return epoch, init
+
+
+def _layers(init: dict, hidden: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight (in, out), bias) of each layer from a Mithril parameter dict, in order."""
+    ws = sorted((k for k, v in init.items() if v.ndim == 2), key=_order)
+    bs = sorted((k for k, v in init.items() if v.ndim == 1), key=_order)
+    assert len(ws) == len(bs) == len(hidden) + 1, list(init)
+    out = []
+    for w, b in zip(ws, bs, strict=True):
+        W = init[w]
+        if W.shape[0] != (out[-1][0].shape[1] if out else FEATURES):
+            W = W.T
+        out.append((W, init[b]))
+    return out
+
+
+def _order(name: str) -> tuple:
+    digits = "".join(c if c.isdigit() else " " for c in name).split()
+    return tuple(int(d) for d in digits), name
+
+
+def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+    ps = []
+    for W, b in layers:
+        ps += [torch.tensor(W.copy(), requires_grad=True), torch.tensor(b.copy(), requires_grad=True)]
+    opt = torch.optim.Adam(ps, lr=LR, fused=True)
+    feed = [(torch.from_numpy(a.copy()), torch.from_numpy(b.copy())) for a, b in batches(x, y)]
+
+    def epoch() -> float:
+        for a, b in feed:
+            h = a
+            for i in range(0, len(ps), 2):
+                h = h @ ps[i] + ps[i + 1]
+                if i + 2 < len(ps):
+                    h = torch.relu(h)
+            loss = F.cross_entropy(h, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+    return epoch
+
+
+def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
+    tx = optax.adam(LR)
+    feed = [(jnp.asarray(a), jnp.asarray(b)) for a, b in batches(x, y)]
+
+    def loss_fn(p: list, a: Any, b: Any) -> Any:
+        h = a
+        for i, (W, c) in enumerate(p):
+            h = h @ W + c
+            if i + 1 < len(p):
+                h = jax.nn.relu(h)
+        return optax.softmax_cross_entropy_with_integer_labels(h, b).mean()
+
+    @jax.jit
+    def _step(p: list, s: Any, a: Any, b: Any) -> tuple:
+        loss, g = jax.value_and_grad(loss_fn)(p, a, b)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    step = jax.jit(_step, donate_argnums=(0, 1))
+    box = {"p": params, "s": tx.init(params)}
+
+    def epoch() -> float:
+        p, s = box["p"], box["s"]
+        for a, b in feed:
+            p, s, loss = step(p, s, a, b)
+        box["p"], box["s"] = p, s
+        return float(loss)
+    return epoch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    ap.add_argument("--backend", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    args = ap.parse_args()
+    x, y = data()
+    variants: dict[str, Callable[[], float]] = {}
+    init = None
+    for b in args.backend:
+        for fused in (True, False):
+            fn, init = mithril_epoch(b, args.hidden, fused, x, y)
+            variants[f"mithril {b} {'step' if fused else 'separate'}"] = fn
+    assert init is not None
+    layers = _layers(init, args.hidden)
+    variants["torch loop (fused Adam)"] = torch_epoch(layers, x, y)
+    variants["jax+optax jitted step"] = optax_epoch(layers, x, y)
+    first = {}
+    for name, fn in variants.items():  # warm-up: compiles, caches
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    low = {n: min(v) for n, v in times.items()}
+    best_ref = min(med["torch loop (fused Adam)"], med["jax+optax jitted step"])
+    print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + Adam, "
+          f"{STEPS} steps of {BATCH}, float32; torch threads {torch.get_num_threads()}; "
+          f"median of {args.rounds} rounds")
+    best_low = min(low["torch loop (fused Adam)"], low["jax+optax jitted step"])
+    print(f"{'variant':34s} {'epoch ms':>9s} {'per step us':>12s} {'vs best ref':>12s} "
+          f"{'min: vs best':>13s} {'first epoch ms':>15s}")
+    for n in names:
+        print(f"{n:34s} {med[n] * 1e3:9.2f} {med[n] / STEPS * 1e6:12.1f} "
+              f"{med[n] / best_ref:11.2f}x {low[n] / best_low:12.2f}x {first[n] * 1e3:15.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""A whole training step - forward, backward and the optimizer update - as one call.
+
+::
+
+    step = make_train_step(compiled, optimizer, loss="final_cost")
+    opt_state = step.init(params)            # or optimizer.init(params)
+    params, opt_state, outputs = step(params, opt_state, data)
+
+``step(params, opt_state, data)`` equals ``outputs, grads = compiled.evaluate(params, data,
+output_gradients={loss: 1.0})`` followed by ``params, opt_state = optimizer.update(params,
+grads, opt_state)``, and follows the same ownership rule: it *consumes* ``params`` and
+``opt_state``; always rebind to what it returns. With a model that keeps state
+(BatchNorm), pass ``state=`` and get it back last: ``params, opt_state, outputs, state =
+step(params, opt_state, data, state=state)``.
+
+How each backend runs it:
+
+* **NumPy, torch**: the compiled forward+VJP, then the optimizer's fused kernel, which
+  reads every gradient where the backward pass left it (by address: no gather, no copy, no
+  per-tensor Python call between the two; the params are views of the flat buffer the
+  kernel writes). The model's checks of the params are skipped when they are the very
+  arrays the previous step returned. Bit for bit the separate calls.
+* **JAX**, with the state of :meth:`TrainStep.init` (an
+  :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
+  but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging) are **one**
+  ``jax.jit`` program (the optimizer's own math, through
+  :func:`~mithril.interop.optax_transformation`), with the params and the optimizer state
+  donated; the inputs are checked as ``evaluate`` checks them. It reads ``optimizer.learning_rate``
+  on every call (schedules work, nothing recompiles); other hyperparameters are fixed
+  when the step is made. ``step.last_grad_norm`` is the global gradient norm of the last
+  step (a 0-d array). Equal to the separate calls to float32 rounding (~1e-7 relative: the
+  per-step scalars are computed in float32 inside the program).
+* **JAX with an** :class:`~mithril.utils.optimizers.state.OptimizerState` (what
+  ``optimizer.init`` returns): the separate calls, unfused, so that every engine feature
+  (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed between steps) is
+  there. :meth:`TrainStep.to_optimizer_state` / :meth:`TrainStep.from_optimizer_state`
+  convert between the two states (e.g. to checkpoint with
+  :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused step).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import KeyMismatchError, ShapeError
+from .optimizers.state import OptimizerState
+
+__all__ = ["TrainStep", "make_train_step"]
+
+
+def _loss_key(compiled: Any, loss: str) -> str:
+    outs = compiled.program.outputs
+    if loss not in outs:
+        raise KeyMismatchError(f"make_train_step: loss {loss!r} is not an output of the model "
+                               f"(outputs: {sorted(outs)})")
+    shape = compiled.program.output_shape(loss)
+    if shape is not None and tuple(shape) != ():
+        raise ShapeError(f"make_train_step: the loss {loss!r} must be a scalar output, it has "
+                         f"shape {shape}")
+    return loss
+
+
+class TrainStep:
+    """What :func:`make_train_step` returns; see the module docs."""
+
+    def __init__(self, compiled: Any, optimizer: Any, loss: str = "final_cost") -> None:
+        from .optimizers.base import Optimizer
+
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"make_train_step needs a mithril optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.compiled, self.optimizer = compiled, optimizer
+        self.loss = _loss_key(compiled, loss)
+        self.backend = compiled.backend
+        self._cots: dict[str, Any] | None = None
+        self.last_grad_norm: Any = None
+        # the JAX program (built on first use)
+        self._tx: Any = None
+        self._jitted: Callable | None = None
+        self._returned: tuple | None = None  # the params tuple the last fused step returned
+        self._lr: Any = None
+
+    # -- states ------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``)."""
+        return self.backend.name == "jax"
+
+    def init(self, params: Mapping[str, Any]) -> Any:
+        """The optimizer state this step runs fastest with: ``optimizer.init(params)`` on
+        NumPy and torch, the transformation's ``OptaxState`` on JAX."""
+        if not self.fused:
+            return self.optimizer.init(params)
+        return self._transformation().init(dict(params))
+
+    def from_optimizer_state(self, state: OptimizerState) -> Any:
+        """``state`` (of ``optimizer.init`` / ``update``, or a loaded checkpoint) as the state
+        the fused JAX step takes (slots, step count, values; the learning rate is the
+        optimizer's)."""
+        import jax.numpy as jnp
+
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
+        names = list(self.compiled.program.param_shapes)
+        template = self._transformation().init(
+            {n: jnp.zeros(s, self.backend.native_dtype())
+             for n, s in self.compiled.program.param_shapes.items()})
+        slots = {s: {n: jnp.asarray(np.asarray(state.engine.to_numpy(v))).astype(
+            template.slots[s][n].dtype) for n, v in state.slot(s).items()}
+            for s in template.slots}
+        tensors = {s: {n: jnp.asarray(np.asarray(state.engine.to_numpy(v))).reshape(())
+                       .astype(template.tensor_slots[s][n].dtype)
+                       for n, v in state.slot(s).items()} for s in template.tensor_slots}
+        values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
+                  for k in template.values}
+        missing = set(names) - set(state.layout.names)
+        if missing:
+            raise KeyMismatchError(f"the optimizer state lacks parameters {sorted(missing)}")
+        return template._replace(count=jnp.asarray(state.step, jnp.int32), slots=slots,
+                                 tensor_slots=tensors, values=values)
+
+    def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> OptimizerState:
+        """The fused JAX step's ``opt_state`` as ``optimizer.init(params)`` would hold it
+        after as many updates (for ``optimizer.update``, checkpoints); ``params`` are
+        not modified."""
+        if isinstance(opt_state, OptimizerState):
+            return opt_state
+        out = self.optimizer.init(params)
+        eng = out.engine
+        for s, flat in out.slots.items():
+            per = opt_state.slots[s] if s in opt_state.slots else opt_state.tensor_slots[s]
+            host = {n: np.asarray(v) for n, v in per.items()}
+            data = out.slot_layout(s).flatten_numpy(host).astype(out.layout.dtype)
+            if eng.backend.name == "jax" and not isinstance(flat, np.ndarray):
+                out.slots[s] = eng.from_numpy(data)
+            else:
+                eng.np_view(flat)[...] = data
+        out.step = int(opt_state.count)
+        out.values.update({k: float(v) for k, v in opt_state.values.items()})
+        return out
+
+    # -- one step ------------------------------------------------------------------------
+    def __call__(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any], *,
+                 state: Mapping[str, Any] | None = None) -> tuple:
+        """``(params, opt_state, outputs)``, or with ``state=`` (a model that keeps state)
+        ``(params, opt_state, outputs, state)``."""
+        if self.fused and not isinstance(opt_state, OptimizerState):
+            return self._fused_step(params, opt_state, data, state)
+        return self._separate_step(params, opt_state, data, state)
+
+    def _cotangents(self) -> dict[str, Any]:
+        if self._cots is None:
+            self._cots = self.compiled._cotangents({self.loss: 1.0})
+        return self._cots
+
+    def _separate_step(self, params: Mapping[str, Any], opt_state: Any,
+                       data: Mapping[str, Any], state: Any) -> tuple:
+        """``evaluate`` + ``update``; the params' checks are skipped when they are the views
+        the optimizer returned (already checked, of the right type, shape and dtype)."""
+        c, opt = self.compiled, self.optimizer
+        cots = self._cotangents()
+        views = opt_state.param_views if isinstance(opt_state, OptimizerState) else None
+        if (views is not None and len(views) == len(params) and state is None
+                and not c.program.has_context and list(params) == list(views)
+                and all(a is b for a, b in zip(params.values(), views.values()))
+                and list(params) == list(c.program.param_shapes)):
+            ins = self._inputs(data)
+            outputs, grads = c._evaluate(params, ins, cots, None)
+        elif state is None:
+            outputs, grads = c.evaluate(params, data, output_gradients=cots)
+        else:
+            outputs, grads, state = c.evaluate(params, data, output_gradients=cots, state=state)
+        params, opt_state = opt.update(params, grads, opt_state)
+        self.last_grad_norm = opt_state.last_grad_norm
+        return (params, opt_state, outputs) if state is None else (
+            params, opt_state, outputs, state)
+
+    def _inputs(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs checked as ``evaluate`` checks them (shapes, dtypes, the operators'
+        value checks), with the model's constants."""
+        from ..compiler.compiled_model import _check_keys
+
+        c = self.compiled
+        p = c.program
+        if not isinstance(data, Mapping):
+            raise TypeError("the data must be a dict of inputs keyed by name")
+        _check_keys(data, c.input_keys, "inputs")
+        fdtype = self.backend.native_dtype()
+        ins = {k: c._check_array("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
+               for k, v in data.items()}
+        ins.update(c._consts)
+        if self.fused:  # the value checks (class indices in range) on host views of the
+            # integer inputs: a JAX reduction would wait for the previous step to finish
+            c._check_concrete({k: np.asarray(v) if np.dtype(v.dtype).kind in "iub" else v
+                               for k, v in ins.items()})
+        else:
+            c._check_concrete(ins)
+        return ins
+
+    # -- JAX: one program ------------------------------------------------------------------
+    def _transformation(self) -> Any:
+        if self._tx is None:
+            from ..interop.optax_transform import optax_transformation
+
+            self._tx = optax_transformation(self.optimizer)
+        return self._tx
+
+    def _build(self) -> Callable:
+        import jax
+        import jax.numpy as jnp
+
+        from ..interop.optax_transform import _global_norm
+
+        c, tx, loss = self.compiled, self._transformation(), self.loss
+        ev = c._eval
+        names = ev.names
+        with_ctx = c.program.has_context
+
+        def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
+                    training: bool) -> tuple:
+            cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
+            if with_ctx:
+                out, grads, new_mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
+                                                         training=training)
+            else:
+                out, grads = ev._fwd_vjp(ptuple, inputs, cots)
+                new_mstate = mstate
+            params = dict(zip(names, ptuple, strict=True))
+            gdict = dict(zip(names, grads, strict=True))
+            updates, opt_state = tx.update(gdict, opt_state, params)
+            new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
+            return new, opt_state, out, new_mstate, _global_norm(list(grads))
+
+        return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
+
+    def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
+                    state: Any) -> tuple:
+        import jax.numpy as jnp
+
+        from ..interop.optax_transform import OptaxState
+
+        if not isinstance(opt_state, OptaxState):
+            raise TypeError(f"opt_state must come from step.init (an OptaxState) or "
+                            f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
+        c = self.compiled
+        if self._jitted is None:
+            self._jitted = self._build()
+        names = c._eval.names
+        ptuple = tuple(params[n] for n in names) if isinstance(params, Mapping) else None
+        if ptuple is None or self._returned is None or len(params) != len(names) or any(
+                a is not b for a, b in zip(ptuple, self._returned)):
+            checked, _ = c._validate(params, data)
+            # the user's arrays are never donated: a copy is (the step's own are)
+            ptuple = tuple(jnp.array(checked[n], copy=True) for n in names)
+        ins = self._inputs(data)
+        lr = self.optimizer.learning_rate
+        if lr != self._lr or "learning_rate" not in opt_state.hyperparams:
+            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                                        "learning_rate": jnp.asarray(lr)})
+            self._lr = lr
+        run = c._run_context(None, state, None)
+        if run is not None:
+            rng, mstate, training = c._eval._rng(run), dict(run.state), run.training
+        else:
+            rng, mstate, training = None, {}, True
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            new, opt_state, out, new_mstate, norm = self._jitted(ptuple, opt_state, ins, rng,
+                                                                  mstate, training=training)
+        self._returned = new
+        self.last_grad_norm = norm
+        params = dict(zip(names, new, strict=True))
+        if state is None:
+            return params, opt_state, out
+        return params, opt_state, out, {**mstate, **new_mstate}
+
+
+def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost") -> TrainStep:
+    """``step(params, opt_state, data) -> (params, opt_state, outputs)``: forward, backward
+    of ``loss`` (an output key; ``"final_cost"`` of a ``TrainModel`` by default) and one
+    ``optimizer`` update. See :mod:`mithril.utils.training`."""
+    return TrainStep(compiled_model, optimizer, loss)

@@ -1,0 +1,191 @@
+"""make_train_step: equal to the separate evaluate + update (bit for bit on NumPy and torch,
+to float32 rounding on JAX's one-program step) for optimizers of every kind, and the
+conversions between the JAX step's state and the optimizer's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mithril as ml
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+from mithril.cli.networks import mlp_spec
+from mithril.utils.optimizers import LAMB, SGD, Adafactor, Adam, AdamW, Muon
+from mithril.utils.training import TrainStep, make_train_step
+
+STEPS = 4
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+
+
+def optimizers() -> dict:
+    return {
+        "adam": lambda: Adam(learning_rate=1e-2),
+        "sgd_momentum": lambda: SGD(learning_rate=0.05, momentum=0.9),
+        "adamw_groups_clip": lambda: AdamW(
+            learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
+            param_groups=[{"params": lambda n: "bias" in n or n.endswith("b"),
+                           "weight_decay": 0.0, "lr_scale": 0.5}]),
+        "lamb": lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
+        "adafactor": lambda: Adafactor(learning_rate=1e-2),
+        "muon": lambda: Muon(learning_rate=1e-2),
+    }
+
+
+def problem(backend_name: str, seed: int = 0) -> tuple:
+    spec = mlp_spec(8, 4, [16, 12])
+    be = BACKENDS[backend_name](dtype="float32", seed=seed)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    rng = np.random.default_rng(seed)
+    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
+                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)}
+               for _ in range(STEPS)]
+    return compiled, be, batches
+
+
+def host(be, params: dict) -> dict:
+    return {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+
+
+def separate(compiled, opt, batches: list) -> tuple[dict, list]:
+    params = compiled.get_parameters()
+    state = opt.init(params)
+    losses = []
+    for data in batches:
+        out, grads = compiled.evaluate(params, data, output_gradients={"loss": 1.0})
+        params, state = opt.update(params, grads, state)
+        losses.append(float(compiled.backend.to_numpy(out["loss"])))
+    return host(compiled.backend, params), losses
+
+
+def fused(compiled, opt, batches: list, use_init: bool = True) -> tuple[dict, list, object]:
+    params = compiled.get_parameters()
+    step = make_train_step(compiled, opt, loss="loss")
+    state = step.init(params) if use_init else opt.init(params)
+    losses = []
+    for data in batches:
+        params, state, out = step(params, state, data)
+        losses.append(float(compiled.backend.to_numpy(out["loss"])))
+    return host(compiled.backend, params), losses, (step, state, params)
+
+
+@pytest.mark.parametrize("name", list(optimizers()))
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_bit_for_bit_numpy_torch(backend: str, name: str) -> None:
+    compiled, be, batches = problem(backend)
+    want, want_losses = separate(compiled, optimizers()[name](), batches)
+    compiled2, _, _ = problem(backend)
+    got, losses, _ = fused(compiled2, optimizers()[name](), batches)
+    assert losses == want_losses
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(optimizers()))
+def test_jax_one_program_matches(name: str) -> None:
+    compiled, be, batches = problem("jax")
+    want, want_losses = separate(compiled, optimizers()[name](), batches)
+    compiled2, _, _ = problem("jax")
+    got, losses, (step, state, _) = fused(compiled2, optimizers()[name](), batches)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6, atol=1e-6)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    assert int(state.count) == STEPS
+    assert np.isfinite(float(step.last_grad_norm))
+
+
+def test_jax_with_optimizer_state_is_the_separate_calls() -> None:
+    compiled, be, batches = problem("jax")
+    want, want_losses = separate(compiled, Adam(learning_rate=1e-2), batches)
+    compiled2, _, _ = problem("jax")
+    got, losses, (_, state, _) = fused(compiled2, Adam(learning_rate=1e-2), batches,
+                                       use_init=False)
+    assert losses == want_losses
+    assert state.step == STEPS
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("name", ["adam", "lamb", "adafactor"])
+def test_jax_state_round_trips(name: str) -> None:
+    """Two fused steps, converted to an OptimizerState, two more with optimizer.update: the
+    same as four separate steps; and back again into the fused step."""
+    compiled, be, batches = problem("jax")
+    want, _ = separate(compiled, optimizers()[name](), batches)
+    compiled2, _, _ = problem("jax")
+    opt = optimizers()[name]()
+    step = make_train_step(compiled2, opt, loss="loss")
+    params = compiled2.get_parameters()
+    fstate = step.init(params)
+    for data in batches[:2]:
+        params, fstate, _ = step(params, fstate, data)
+    state = step.to_optimizer_state(fstate, params)
+    assert state.step == 2
+    data = batches[2]
+    _, grads = compiled2.evaluate(params, data, output_gradients={"loss": 1.0})
+    params, state = opt.update(params, grads, state)
+    fstate = step.from_optimizer_state(state)
+    assert int(fstate.count) == 3
+    params, fstate, _ = step(params, fstate, batches[3])
+    got = host(be, params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=2e-6, err_msg=k)
+
+
+def test_learning_rate_changes_are_seen() -> None:
+    for backend in ("numpy", "jax"):
+        compiled, be, batches = problem(backend)
+        opt = Adam(learning_rate=1e-2)
+        params = compiled.get_parameters()
+        state = opt.init(params)
+        for i, data in enumerate(batches):
+            opt.set_learning_rate(1e-2 / (i + 1))
+            _, grads = compiled.evaluate(params, data, output_gradients={"loss": 1.0})
+            params, state = opt.update(params, grads, state)
+        want = host(be, params)
+        compiled2, _, _ = problem(backend)
+        opt2 = Adam(learning_rate=1e-2)
+        step = make_train_step(compiled2, opt2, loss="loss")
+        params = compiled2.get_parameters()
+        state = step.init(params)
+        for i, data in enumerate(batches):
+            opt2.set_learning_rate(1e-2 / (i + 1))
+            params, state, _ = step(params, state, data)
+        got = host(be, params)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_users_params_are_not_donated() -> None:
+    compiled, be, batches = problem("jax")
+    params = compiled.get_parameters()
+    before = host(be, params)
+    step = make_train_step(compiled, Adam(), loss="loss")
+    state = step.init(params)
+    step(params, state, batches[0])
+    assert all(np.array_equal(np.asarray(params[k]), before[k]) for k in params)
+
+
+def test_bad_loss_and_optimizer() -> None:
+    compiled, _, _ = problem("numpy")
+    with pytest.raises(ml.KeyMismatchError, match="final_cost"):
+        make_train_step(compiled, Adam())
+    with pytest.raises(ml.ShapeError, match="scalar"):
+        make_train_step(compiled, Adam(), loss="logits")
+    with pytest.raises(TypeError, match="mithril optimizer"):
+        make_train_step(compiled, object(), loss="loss")
+    assert isinstance(make_train_step(compiled, Adam(), loss="loss"), TrainStep)
+
+
+def test_bad_data_is_refused_as_evaluate_refuses_it() -> None:
+    for backend in ("numpy", "jax"):
+        compiled, be, batches = problem(backend)
+        step = make_train_step(compiled, Adam(), loss="loss")
+        params = compiled.get_parameters()
+        state = step.init(params)
+        params, state, _ = step(params, state, batches[0])
+        bad = {"input": batches[0]["input"], "target": be.array(np.full(32, 9), be.int_dtype)}
+        with pytest.raises(ValueError):
+            step(params, state, bad)
+        with pytest.raises(ml.ShapeError):
+            step(params, state, {"input": be.array(np.zeros((32, 7), np.float32)),
+                                 "target": batches[0]["target"]})
