@@ -1,0 +1,381 @@
+""":class:`DataParallel`: any optimizer of ours, data-parallel over the ranks of
+:mod:`.process_group`, with the same ``init`` / ``update`` API.
+
+* ``shard_state=False``: the gradients are copied into one flat buffer (skipped when they
+  are already the views :meth:`DataParallel.gradient_views` gives), averaged by one
+  all-reduce, and every rank runs the same fused update on all parameters. Clipping,
+  non-finite policies and parameter groups are the wrapped optimizer's own: every rank sees
+  exactly the averaged gradients one process would see.
+* ``shard_state=True`` (ZeRO-1/2): a reduce-scatter leaves each rank the averaged gradients
+  of the tensors it owns (:mod:`.sharding`: whole tensors, balanced by size); it runs the
+  wrapped optimizer on those tensors alone (their slots are all the optimizer state it
+  holds), then an all-gather gives every rank every updated parameter. The global gradient
+  norm (``clip_norm``, ``state.last_grad_norm``, the non-finite policies) is one more
+  all-reduce of one float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import KeyMismatchError, ShapeError
+from ..utils.optimizers.base import Optimizer
+from ..utils.optimizers.groups import resolve
+from . import process_group as pg
+from .sharding import ChunkLayout, assign
+
+
+def _kind(p: Any) -> str:
+    if isinstance(p, np.ndarray):
+        return "numpy"
+    if type(p).__module__.split(".", 1)[0] == "torch":
+        return "torch"
+    raise NotImplementedError(f"DataParallel works on NumPy and torch arrays (torch.distributed); "
+                              f"got a {type(p).__module__}.{type(p).__name__}")
+
+
+def _empty(n: int, like: Any) -> Any:
+    if isinstance(like, np.ndarray):
+        return np.zeros(n, dtype=like.dtype)
+    import torch
+
+    return torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def _host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().cpu().numpy()
+
+
+_sumsq_kernel: Any = None
+
+
+def _sumsq(x: Any) -> float:
+    """Σx² accumulated in float64, one read of ``x`` (a small numba loop: BLAS would need a
+    float64 copy, and contends with the optimizer's threads)."""
+    global _sumsq_kernel
+    if len(x) == 0:
+        return 0.0
+    if not isinstance(x, np.ndarray):
+        if x.device.type != "cpu":
+            import torch
+
+            return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+        x = x.detach().numpy()
+    if x.dtype not in (np.float32, np.float64):
+        return float(np.sum(np.square(x, dtype=np.float64)))
+    if _sumsq_kernel is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True)
+        def kernel(a: Any) -> float:  # pragma: no cover - compiled
+            t = 0.0
+            for i in range(a.shape[0]):
+                v = np.float64(a[i])
+                t += v * v
+            return t
+
+        _sumsq_kernel = kernel
+    return float(_sumsq_kernel(x))
+
+
+def _divide(x: Any, n: float) -> None:
+    if isinstance(x, np.ndarray):
+        x /= n
+    else:
+        x.div_(n)
+
+
+def _multiply(x: Any, s: float) -> None:
+    if isinstance(x, np.ndarray):
+        x *= s
+    else:
+        x.mul_(s)
+
+
+def _small(values: list[float], like: Any) -> Any:
+    """A float64 vector on ``like``'s device (the small all-reduces)."""
+    if isinstance(like, np.ndarray):
+        return np.array(values, dtype=np.float64)
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64, device=like.device)
+
+
+def broadcast_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Overwrite every rank's ``params`` (contiguous arrays, in place) with rank 0's, e.g.
+    after an initialisation that was not seeded alike. Returns ``params``."""
+    if pg.world_size() > 1:
+        dist = pg._dist()
+        for name, p in params.items():
+            t = pg.as_torch(p)
+            if not t.is_contiguous():
+                raise ValueError(f"broadcast_params: params['{name}'] is not contiguous")
+            dist.broadcast(t, src=0)
+    return params
+
+
+def _agree(params: Mapping[str, Any], opt: Any, sharded: bool) -> None:
+    """Refuse, on every rank alike, parameter sets that differ between ranks (naming the
+    first differing parameter) and parameter values that differ."""
+    desc = json.dumps({"optimizer": type(opt).__name__, "shard_state": sharded,
+                       "params": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]})
+    if len(set(pg.all_gather_bytes(pg.digest(desc.encode())))) > 1:
+        every = [json.loads(d) for d in pg.all_gather_bytes(desc.encode())]
+        ref = every[0]
+        for r, d in enumerate(every[1:], 1):
+            if d == ref:
+                continue
+            for key in ("optimizer", "shard_state"):
+                if d[key] != ref[key]:
+                    raise ValueError(f"DataParallel: rank {r} has {key}={d[key]!r}, rank 0 "
+                                     f"{ref[key]!r}")
+            a, b = ref["params"], d["params"]
+            for i in range(max(len(a), len(b))):
+                x = a[i] if i < len(a) else None
+                y = b[i] if i < len(b) else None
+                if x != y:
+                    name = (x or y)[0]
+                    raise ValueError(f"DataParallel: the ranks' parameters differ, first at "
+                                     f"parameter {i} '{name}': rank 0 has {x}, rank {r} has {y} "
+                                     f"([name, shape, dtype]; every rank must hold the same "
+                                     f"parameters, in the same order)")
+    values = b"".join(pg.digest(np.ascontiguousarray(_host(p)).tobytes())
+                      for p in params.values())
+    if len(set(pg.all_gather_bytes(pg.digest(values)))) > 1:
+        raise ValueError("DataParallel: the ranks' parameter values differ (initialise with the "
+                         "same seed, or call mithril.distributed.broadcast_params(params) first)")
+
+
+class DistributedState:
+    """What :meth:`DataParallel.init` returns: the wrapped optimizer's state of this rank's
+    parameters (``local``: all of them, or with ``shard_state`` those it owns, ``owned``)
+    and the communication buffers. ``step``, the counters and ``last_grad_norm`` (the global
+    norm of the averaged gradients) read as on an :class:`~mithril.utils.optimizers.OptimizerState`."""
+
+    def __init__(self, local: Any, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
+                 owned: tuple[str, ...], sharded: bool) -> None:
+        self.local, self.names, self.shapes = local, names, shapes
+        self.owned, self.sharded = owned, sharded
+        self.world, self.rank = pg.world_size(), pg.rank()
+        self.last_grad_norm: float | None = None
+        #: payload bytes handed to each collective in the last step (per rank)
+        self.bytes_communicated: dict[str, int] = {}
+        self.chunks: ChunkLayout | None = None
+        self._send: Any = None  # gradients in (all-reduce / reduce-scatter)
+        self._recv: Any = None  # this rank's reduced chunk (sharded)
+        self._pchunk: Any = None  # this rank's updated params (sharded)
+        self._pfull: Any = None  # every rank's params (sharded)
+        self._grad_views: dict[str, Any] = {}
+        self._out: dict[str, Any] = {}
+
+    step = property(lambda self: self.local.step)
+    num_skipped = property(lambda self: self.local.num_skipped)
+    num_nonfinite = property(lambda self: self.local.num_nonfinite)
+    last_step_skipped = property(lambda self: self.local.last_step_skipped)
+
+    def slot(self, name: str) -> dict[str, Any]:
+        """Per-parameter arrays of slot ``name`` for the parameters this rank holds state of."""
+        return self.local.slot(name)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer slots this rank holds."""
+        return int(sum(_host(v).nbytes if not hasattr(v, "element_size") else
+                       v.element_size() * v.numel() for v in self.local.slots.values()))
+
+    def __repr__(self) -> str:
+        mode = "sharded" if self.sharded else "replicated"
+        return (f"DistributedState({mode}, rank {self.rank}/{self.world}, step={self.step}, "
+                f"owned={len(self.owned)}/{len(self.names)} params)")
+
+
+class DataParallel:
+    """Data-parallel training with ``optimizer`` (any built-in :class:`Optimizer`)::
+
+        dist.init()                                # torchrun's environment
+        dp = dist.DataParallel(Adam(1e-3), shard_state=True)
+        state = dp.init(params)                    # same params on every rank
+        params, state = dp.update(params, local_gradients, state)
+
+    ``update`` takes this rank's gradients (of its share of the batch: a mean over it) and
+    applies the mean over ranks, as one process would on the whole batch (the ranks' shares
+    being of equal size). A gradient absent on some ranks counts as zero there (torch DDP's
+    ``find_unused_parameters``); absent on all, the parameter is left untouched. The
+    ownership rule of :mod:`mithril.utils.optimizers.base` holds: rebind to what ``update``
+    returns. Without a process group (one process) it is the wrapped optimizer."""
+
+    def __init__(self, optimizer: Any, shard_state: bool = False) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"DataParallel wraps an optimizer of mithril.utils.optimizers, "
+                            f"got {type(optimizer).__name__}")
+        if not isinstance(shard_state, bool):
+            raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
+        if shard_state and optimizer.state_values:
+            raise NotImplementedError(
+                f"shard_state=True: {type(optimizer).__name__} keeps optimizer-wide values "
+                f"{list(optimizer.state_values)} computed over all parameters; use "
+                f"shard_state=False")
+        self.optimizer, self.shard_state = optimizer, shard_state
+
+    # -- init ------------------------------------------------------------------------------
+    def init(self, params: Mapping[str, Any]) -> DistributedState:
+        """The state of this rank; every rank must call it with the same parameters (names,
+        shapes, dtypes and values: refused otherwise, on every rank)."""
+        if not isinstance(params, Mapping) or not params:
+            raise TypeError("params must be a non-empty dict of arrays")
+        kinds = {_kind(p) for p in params.values()}
+        if len(kinds) > 1 or len({str(p.dtype) for p in params.values()}) > 1:
+            raise TypeError("DataParallel: params must be arrays of one backend and one dtype")
+        opt = self.optimizer
+        _agree(params, opt, self.shard_state)
+        names = tuple(params)
+        shapes = tuple(tuple(int(d) for d in p.shape) for p in params.values())
+        sizes = [math.prod(s) for s in shapes]
+        like = next(iter(params.values()))
+        if not self.shard_state:
+            state = DistributedState(opt.init(params), names, shapes, names, False)
+            total = sum(sizes)
+            state._send = _empty(total + len(names), like)
+            off = 0
+            for n, s, shp in zip(names, sizes, shapes):
+                state._grad_views[n] = state._send[off:off + s].reshape(shp)
+                off += s
+            return state
+        world, me = pg.world_size(), pg.rank()
+        chunks = ChunkLayout(sizes, assign(sizes, world))
+        a, b = chunks.bounds[me]
+        own = names[a:b]
+        if opt.clip_norm is not None:
+            _, rows = resolve(opt, names)
+            per_tensor = [k for k in ("clip_tensor_norm", "clip_block_rms", "adaptive_clip")
+                          if getattr(opt, k) is not None or any(r.get(k) is not None
+                                                                 for r in rows)]
+            if per_tensor:
+                raise NotImplementedError(f"shard_state=True: clip_norm together with "
+                                          f"{per_tensor} (the global norm of per-tensor "
+                                          f"clipped gradients) is not supported")
+        strict = opt._strict
+        opt._strict = False
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*matches no parameter")
+                local = opt.init({n: params[n] for n in own})
+        finally:
+            opt._strict = strict
+        state = DistributedState(local, names, shapes, own, True)
+        state.chunks = chunks
+        state._send = _empty(chunks.total, like)
+        state._pchunk = _empty(chunks.chunk, like)
+        if world == 1:  # no collectives: the buffers alias
+            state._recv, state._pfull = state._send, state._pchunk
+        else:
+            state._recv = _empty(chunks.chunk, like)
+            state._pfull = _empty(chunks.total, like)
+        for i, (n, shp) in enumerate(zip(names, shapes)):
+            lo, hi = chunks.span(i)
+            state._grad_views[n] = state._send[lo:hi].reshape(shp)
+        self._sync_groups(state)
+        return state
+
+    def gradient_views(self, state: DistributedState) -> dict[str, Any]:
+        """Arrays inside the communication buffer, one per parameter: gradients written into
+        them (and passed to :meth:`update` as they are) are not copied."""
+        return dict(state._grad_views)
+
+    # -- update ----------------------------------------------------------------------------
+    def _pack(self, gradients: Mapping[str, Any], state: DistributedState,
+              flag_index: Any) -> None:
+        """Copy the gradients into the send buffer and set the presence flags."""
+        if not isinstance(gradients, Mapping):
+            raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
+        unknown = [n for n in gradients if n not in state._grad_views]
+        if unknown:
+            raise KeyMismatchError(f"gradients for unknown parameter(s) {sorted(unknown)}")
+        buf = state._send
+        for i, n in enumerate(state.names):
+            view = state._grad_views[n]
+            g = gradients.get(n)
+            buf[flag_index(i)] = 0 if g is None else 1
+            if g is None:
+                view[...] = 0
+                continue
+            if g is view:
+                continue
+            if tuple(g.shape) != state.shapes[i]:
+                raise ShapeError(f"gradients['{n}'] has shape {tuple(g.shape)} but the parameter "
+                                 f"has shape {state.shapes[i]}")
+            if g.dtype != view.dtype or type(g) is not type(view):
+                raise TypeError(f"gradients['{n}'] is a {type(g).__name__} of dtype {g.dtype}; "
+                                f"the parameters are {type(view).__name__} of {view.dtype}")
+            view[...] = g
+
+    def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+               state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+        """One step with this rank's ``gradients``; returns every parameter (updated alike on
+        every rank) and the state."""
+        if not isinstance(state, DistributedState):
+            raise TypeError(f"state must be what DataParallel.init returned, got "
+                            f"{type(state).__name__}")
+        if state.world != pg.world_size():
+            raise ValueError(f"state was made for {state.world} ranks, the world has "
+                             f"{pg.world_size()}")
+        return (self._sharded if state.sharded else self._replicated)(params, gradients, state)
+
+    def _replicated(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                    state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+        if state.world == 1:  # nothing to average: the wrapped optimizer, bit for bit
+            new, state.local = self.optimizer.update(params, gradients, state.local)
+            state.last_grad_norm = state.local.last_grad_norm
+            return new, state
+        total = len(state._send) - len(state.names)
+        self._pack(gradients, state, lambda i: total + i)
+        buf = state._send
+        pg.all_reduce(buf)
+        if state.world > 1:
+            _divide(buf[:total], state.world)
+        state.bytes_communicated = {"all_reduce": _nbytes(buf)} if state.world > 1 else {}
+        flags = _host(buf[total:])
+        grads = {n: state._grad_views[n] for i, n in enumerate(state.names) if flags[i] > 0}
+        new, state.local = self.optimizer.update(params, grads, state.local)
+        state.last_grad_norm = state.local.last_grad_norm
+        return new, state
+
+    def _sync_groups(self, state: DistributedState) -> None:
+        """Resolve parameter groups over all parameters (as one process does), keeping this
+        rank's tensors' rows: a group matching only other ranks' tensors is no error."""
+        opt = self.optimizer
+        key = (opt._groups_version, id(opt._groups))
+        cached = state.local.groups
+        if cached is None or cached[0] != key:
+            a, b = state.chunks.bounds[state.rank]
+            index, rows = resolve(opt, state.names)
+            state.local.groups = (key, index[a:b], rows)
+
+    def _sharded(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                 state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+        from .sharded_step import sharded_step
+
+        return sharded_step(self, params, gradients, state)
+
+
+def _nbytes(x: Any) -> int:
+    return int(x.nbytes) if isinstance(x, np.ndarray) else int(x.element_size() * x.numel())
+
+
+@contextlib.contextmanager
+def _no_clip_norm(opt: Any) -> Any:
+    """``opt`` with ``clip_norm`` off (the sharded step applies the global one itself)."""
+    saved = opt.clip_norm
+    opt.clip_norm = None
+    try:
+        yield
+    finally:
+        opt.clip_norm = saved

@@ -1,0 +1,130 @@
+"""The ZeRO step of :class:`~mithril.distributed.DataParallel` (``shard_state=True``):
+reduce-scatter, the global norm, the wrapped optimizer's fused update of this rank's
+tensors, all-gather.
+
+Non-finite policies: a non-finite *gradient* shows in the global norm, which every rank
+knows, so ``"skip"`` skips and ``"raise"`` raises on every rank alike before anything
+changes, as in one process. A step whose gradients are finite but whose *results* are
+non-finite is judged by each rank on its own tensors; with ``"skip"`` / ``"raise"`` the
+ranks then compare (one more all-reduce of two numbers): if only some refused, the others
+have applied their slice and the sharded state no longer equals one process's, which is
+reported as a ``RuntimeError`` on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from . import process_group as pg
+from .data_parallel import (
+    DistributedState,
+    _divide,
+    _host,
+    _multiply,
+    _nbytes,
+    _no_clip_norm,
+    _small,
+    _sumsq,
+)
+
+
+def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                 state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+    """One sharded step (see the module docstring)."""
+    opt, ch, me, world = dp.optimizer, state.chunks, state.rank, state.world
+    a, b = ch.bounds[me]
+    if not isinstance(params, Mapping) or params.keys() != set(state.names):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"params must hold exactly the parameters of init, got {got}")
+    dp._pack(gradients, state, ch.flag)
+    recv, data = state._recv, ch.data[me]
+    if world > 1:
+        pg.reduce_scatter(recv, state._send)
+    mine = recv[:data]
+    if world > 1:
+        _divide(mine, world)
+    local_sq = _sumsq(mine)
+    total = _small([local_sq], mine)
+    pg.all_reduce(total)
+    norm = math.sqrt(float(_host(total)[0]))
+    state.last_grad_norm = norm
+    sent = {"reduce_scatter": _nbytes(state._send), "all_reduce": 8} if world > 1 else {}
+    local = state.local
+    name = type(opt).__name__
+    if not math.isfinite(norm) and opt.nonfinite != "propagate":
+        local.last_grad_norm, local.last_step_skipped = norm, True
+        state.bytes_communicated = sent
+        if opt.nonfinite == "raise":
+            raise FloatingPointError(f"{name}: non-finite gradient (global norm {norm}); "
+                                     f"nothing changed (nonfinite='raise')")
+        local.num_skipped += 1
+        warnings.warn(f"{name}: non-finite gradient (global norm {norm}); step skipped, "
+                      f"params and state unchanged", RuntimeWarning, stacklevel=3)
+        return (dict(state._out) if state._out else dict(params)), state
+    if opt.clip_norm is not None and math.isfinite(norm):
+        scale = min(1.0, opt.clip_norm / (norm + 1e-6))
+        if scale < 1.0:
+            _multiply(mine, scale)
+    flags = _host(recv[data:data + (b - a)])
+    own = state.names[a:b]
+    grads = {}
+    for k, n in enumerate(own):
+        if flags[k] > 0:
+            lo = int(ch.local_offset[a + k])
+            grads[n] = recv[lo:lo + ch.sizes[a + k]].reshape(state.shapes[a + k])
+    dp._sync_groups(state)
+    before = local.num_skipped
+    error: BaseException | None = None
+    new: dict[str, Any] = {}
+    with _no_clip_norm(opt):
+        try:
+            if own:
+                new, local = opt.update({n: params[n] for n in own}, grads, local)
+            else:  # more ranks than tensors: this one holds none, and only counts the step
+                local.step += 1
+        except FloatingPointError as e:
+            error = e
+    state.local = local
+    local.last_grad_norm = norm
+    if not math.isfinite(norm) and math.isfinite(local_sq):  # "propagate", culprit elsewhere
+        local.num_nonfinite += 1
+        warnings.warn(f"{name}: non-finite gradient (global norm {norm}) applied; params may "
+                      f"now be non-finite", RuntimeWarning, stacklevel=3)
+    skipped = local.num_skipped > before
+    if opt.nonfinite != "propagate" and world > 1:
+        votes = _small([float(skipped), float(error is not None)], mine)
+        pg.all_reduce(votes)
+        n_skip, n_raise = (int(v) for v in _host(votes))
+        sent["all_reduce"] += 16
+        if n_skip + n_raise and n_skip + n_raise < world:
+            state.bytes_communicated = sent
+            raise RuntimeError(f"{name}: {n_skip + n_raise} of {world} ranks refused the step "
+                               f"(non-finite results on their tensors, nonfinite="
+                               f"'{opt.nonfinite}') while the others applied theirs: the "
+                               f"sharded state no longer equals one process's; restore a "
+                               f"checkpoint") from error
+    if error is not None:
+        raise error
+    if skipped:
+        state.bytes_communicated = sent
+        return (dict(state._out) if state._out else dict(params)), state
+    pchunk = state._pchunk
+    for k, n in enumerate(own):
+        lo = int(ch.local_offset[a + k])
+        pchunk[lo:lo + ch.sizes[a + k]] = new[n].reshape(-1)
+    if world > 1:
+        pg.all_gather(state._pfull, pchunk)
+        sent["all_gather"] = _nbytes(pchunk) * world
+    state.bytes_communicated = sent
+    out = {}
+    for i, n in enumerate(state.names):
+        if a <= i < b:
+            out[n] = new[n]
+        else:
+            lo, hi = ch.span(i)
+            out[n] = state._pfull[lo:hi].reshape(state.shapes[i])
+    state._out = out
+    return dict(out), state

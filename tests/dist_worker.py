@@ -1,0 +1,183 @@
+"""One rank of the multi-process tests of ``mithril.distributed`` (run by
+``tests/test_distributed.py`` as ``python tests/dist_worker.py JOB RANK WORLD PORT OUT``),
+and the model, data and optimizer configurations both sides share.
+
+The model is ``((X·w + b)·v)`` under half a squared error, with gradients computed in NumPy:
+a step costs microseconds, the optimizers' kernels and the collectives are what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+STEPS, BATCH = 20, 16
+SHAPES = {"w": (6, 4), "b": (4,), "v": (4, 3)}
+
+
+def make_opt(name: str) -> Any:
+    from mithril.utils.optimizers import LAMB, SGD, Adam
+
+    if name == "adam":
+        return Adam(0.05, clip_norm=0.3)
+    if name == "sgd":
+        return SGD(0.05, momentum=0.9, clip_norm=0.3)
+    if name == "lamb":
+        return LAMB(0.05, weight_decay=0.01, clip_norm=0.3)
+    if name == "groups":
+        return Adam(0.05, weight_decay=0.01, clip_norm=0.3,
+                    param_groups=[{"params": ["b"], "learning_rate": 0.01, "weight_decay": 0.0}])
+    if name == "skip":
+        return Adam(0.05, clip_norm=0.3, nonfinite="skip")
+    raise ValueError(name)
+
+
+#: (optimizer, shard_state, backend, dtype) of the equivalence runs
+CONFIGS = [(o, s, be, dt) for o in ("adam", "sgd", "lamb") for s in (False, True)
+           for be in ("numpy", "torch") for dt in ("float64", "float32")]
+CONFIGS += [(o, s, "numpy", "float64") for o in ("groups", "skip") for s in (False, True)]
+
+
+def key(cfg: tuple) -> str:
+    return "-".join(str(c) for c in cfg)
+
+
+def init_params(dtype: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: rng.normal(size=s).astype(dtype) for n, s in SHAPES.items()}
+
+
+def batch(step: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(100 + step)
+    return rng.normal(size=(BATCH, 6)).astype(dtype), rng.normal(size=(BATCH, 3)).astype(dtype)
+
+
+def grads(p: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradients of ``mean(|(x·w + b)·v − y|²)/2`` (NumPy, in x's dtype)."""
+    w, b, v = (np.asarray(p[n]) for n in ("w", "b", "v"))
+    h = x @ w + b
+    e = (h @ v - y) / len(x)
+    dh = e @ v.T
+    return {"w": x.T @ dh, "b": dh.sum(0), "v": h.T @ e}
+
+
+def run(cfg: tuple, rank: int, world: int, wrap: bool = True) -> tuple[dict, Any]:
+    """20 steps of ``cfg`` on this rank's share of each batch; returns NumPy params, state."""
+    from mithril.distributed import DataParallel
+
+    name, shard, backend, dtype = cfg
+    opt = make_opt(name)
+    params: dict[str, Any] = init_params(dtype)
+    if backend == "torch":
+        import torch
+
+        params = {n: torch.from_numpy(a) for n, a in params.items()}
+    dp = DataParallel(opt, shard_state=shard) if wrap else opt
+    state = dp.init(params)
+    part = BATCH // world
+    for t in range(STEPS):
+        x, y = batch(t, dtype)
+        g = grads({n: (a.numpy() if hasattr(a, "numpy") else a) for n, a in params.items()},
+                  x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part])
+        if name == "skip" and t == 5:
+            g["v"][0, 0] = np.nan  # on every rank's share: the whole batch's too
+        if backend == "torch":
+            import torch
+
+            g = {n: torch.from_numpy(a) for n, a in g.items()}
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                params, state = dp.update(params, g, state)
+    return {n: np.array(a.numpy() if hasattr(a, "numpy") else a) for n, a in params.items()}, state
+
+
+def job_equivalence(rank: int, world: int, out: str, ckpt: str) -> dict:
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    res: dict[str, Any] = {}
+    for cfg in CONFIGS:
+        p, st = run(cfg, rank, world)
+        res[key(cfg)] = {n: a.tolist() for n, a in p.items()}
+        res[key(cfg) + "/bytes"] = st.state_bytes()
+        res[key(cfg) + "/norm"] = st.last_grad_norm
+        res[key(cfg) + "/skipped"] = st.num_skipped
+        if cfg == ("adam", True, "numpy", "float64"):
+            res["slots"] = {s: {n: np.asarray(a).tolist() for n, a in st.slot(s).items()}
+                            for s in st.local.slots}
+            save_sharded(os.path.join(ckpt, "two"), {n: p[n] for n in p}, DataParallel(
+                make_opt("adam"), shard_state=True), st)
+    # resume a checkpoint written by one process, continue 3 steps, return the params
+    dp = DataParallel(make_opt("adam"), shard_state=True)
+    params, state = load_sharded(os.path.join(ckpt, "one"), dp)
+    res["resumed_step"] = state.step
+    part = BATCH // world
+    for t in range(STEPS, STEPS + 3):
+        x, y = batch(t, "float64")
+        g = grads(params, x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part])
+        params, state = dp.update(params, g, state)
+    res["resumed"] = {n: np.asarray(a).tolist() for n, a in params.items()}
+    return res
+
+
+def job_faults(rank: int, world: int) -> dict:
+    from mithril.distributed import DataParallel
+
+    res: dict[str, Any] = {}
+    params = init_params("float64")
+    if rank == 1:
+        params = {"w": params["w"], "b2": params["b"], "v": params["v"]}
+    try:
+        DataParallel(make_opt("adam")).init(params)
+        res["mismatch"] = "accepted"
+    except ValueError as e:
+        res["mismatch"] = str(e)
+    # one tensor: rank 0 holds nothing, rank 1 all
+    one = {"w": init_params("float64")["w"]}
+    dp = DataParallel(make_opt("lamb"), shard_state=True)
+    state = dp.init(one)
+    for t in range(3):
+        x, y = batch(t, "float64")
+        g = {"w": x[:6, :4] * (rank + 1)}
+        one, state = dp.update(one, g, state)
+    res["one_tensor"] = {"w": np.asarray(one["w"]).tolist(), "owned": list(state.owned),
+                         "step": state.step}
+    params = init_params("float64")
+    dp = DataParallel(make_opt("adam"), shard_state=True)
+    state = dp.init(params)
+    start = time.monotonic()
+    try:
+        for t in range(STEPS):
+            if rank == 1 and t == 3:
+                os._exit(3)  # dies mid-run, without a word
+            x, y = batch(t, "float64")
+            params, state = dp.update(params, grads(params, x, y), state)
+            start = time.monotonic()
+        res["dead_peer"] = "no error"
+    except Exception as e:  # noqa: BLE001 - whatever torch raises is reported
+        res["dead_peer"] = f"{type(e).__name__}: {e}"[:300]
+    res["waited"] = time.monotonic() - start
+    return res
+
+
+def main() -> None:
+    job, rank, world, port, out = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
+    from mithril import distributed as dist
+
+    dist.init(rank, world, master_port=port, timeout=float(os.environ.get("DIST_TIMEOUT", 20)))
+    res = job_equivalence(rank, world, out, sys.argv[6]) if job == "equivalence" else \
+        job_faults(rank, world)
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(res, f)
+    os._exit(0)  # no teardown: a dead peer must not make this rank wait
+
+
+if __name__ == "__main__":
+    main()
