@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     returns 1 after one line on stderr, before any work."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nprocs runs again
     missing = missing_module(args)
     if missing is not None:
         print(missing, file=sys.stderr)

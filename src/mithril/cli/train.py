@@ -4,9 +4,13 @@ user's table; see :mod:`.tasks`) and write metrics and a plot."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
 from pathlib import Path
 from typing import Any
 
+from ..distributed.process_group import PeerError
 from .argtypes import regex, unit_interval
 from .common import (
     add_common_optimizer_flags,
@@ -17,6 +21,17 @@ from .common import (
 )
 from .data import Dataset
 from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
+from .parallel import (
+    Parallel,
+    World,
+    add_parallel_flags,
+    check,
+    describe,
+    join,
+    launch,
+    leave,
+    world_of,
+)
 from .plots import training_figure
 from .report import (
     default_out_dir,
@@ -128,6 +143,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_job_flags(p)
     # None: not given; each job has its own defaults (see tasks.DEFAULTS)
     p.set_defaults(epochs=None, batch_size=None, test_size=None, hidden=None, activation=None)
+    add_parallel_flags(p)
     add_output_flags(p, "train")
     p.set_defaults(func=run)
     return p
@@ -198,12 +214,48 @@ def describe_data(data: Dataset, run: Run) -> str:
 def run(args: argparse.Namespace) -> int:
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
+    world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
     cfg = run_config(args, args.optimizer)
     cfg.task, cfg.task_settings = job.task, job.settings
-    training = Run(cfg, job.data, job.spec, job.batches)  # validates every setting first
     out = Path(args.out) if args.out else default_out_dir("train", args.name)
-    if not args.dry_run:
-        ensure_writable_dir(out)
+    if world is not None and (not world.member or args.dry_run):  # check, then start them
+        training = Run(cfg, job.data, job.spec, job.batches)  # validates every setting first
+        check(world, training)
+    else:
+        if world is not None:
+            join(world)
+        try:
+            training = Run(cfg, job.data, job.spec, job.batches,
+                           None if world is None else Parallel(world))
+        except BaseException:
+            if world is not None:
+                leave()
+            raise
+    if world is None or world.rank == 0:
+        if not args.dry_run:
+            ensure_writable_dir(out)
+        if world is None or world.launcher == "torchrun" or world.size == 1 or not world.member:
+            print_header(args, job, cfg, training, world)
+    if args.dry_run:
+        print(f"dry run: would train {training.total_steps} steps and write to {out}")
+        return 0
+    if world is not None and not world.member:
+        return launch(world, args.argv)
+    if world is None:
+        return train_and_write(args, job, training, out, None)
+    try:
+        with contextlib.nullcontext() if world.rank == 0 else \
+                contextlib.redirect_stdout(io.StringIO()):
+            return train_and_write(args, job, training, out, world)
+    except PeerError as exc:
+        print(f"mithril train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        leave()
+
+
+def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
+                 world: World | None) -> None:
     print(f"mithril train: {job.spec.description} on {cfg.backend} "
           f"{cfg.dtype if cfg.mixed_precision == 'none' else cfg.mixed_precision}")
     print(f"  optimizer: {training.optimizer_repr}")
@@ -216,12 +268,22 @@ def run(args: argparse.Namespace) -> int:
         base, top = cfg.momentum_cycle
         print(f"  momentum cycle: {training.momentum.name} {top:g} → {base:g} → {top:g}, "
               f"inversely to the learning rate (one-cycle)")
+    if world is not None:
+        print(describe(world, cfg.batch_size))
     print(f"  {job.describe}; {training.steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
-    if args.dry_run:
-        print(f"dry run: would train {training.total_steps} steps and write to {out}")
-        return 0
-    result = training.train(progress=False if args.no_progress else None, desc="train", log=print)
+
+
+def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path,
+                    world: World | None) -> int:
+    """Train, then (rank 0) write the files and print the results."""
+    lead = world is None or world.rank == 0
+    result = training.train(progress=False if args.no_progress or not lead else None,
+                            desc="train", log=print)
+    if not lead:
+        return 130 if result.interrupted else 0
     extra, text = job.finish(training, result) if job.finish is not None else ({}, "")
+    extra = {**extra, **(world.summary() if world is not None else
+                         {"nprocs": 1, "shard_state": False, "launcher": None})}
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
         written = write_run(result, stage, training.steps_per_epoch, plot=not args.no_plot,
                             extra=extra)

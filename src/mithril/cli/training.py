@@ -186,11 +186,13 @@ class Run:
     """A compiled model, its parameters, optimizer and schedule, ready to train."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, spec: ModelSpec | None = None,
-                 batches: Any = None) -> None:
+                 batches: Any = None, parallel: Any = None) -> None:
         """``spec``: the model (default: the MLP of ``cfg.hidden`` on ``data``);
         ``batches``: the batch source, with ``steps(epoch)`` and ``(epoch, rng) -> iterator of
-        (x, y)`` (default: :class:`ShuffledRows` of the training set)."""
+        (x, y)`` (default: :class:`ShuffledRows` of the training set); ``parallel``: a
+        :class:`~mithril.cli.parallel.Parallel` to train data-parallel over processes."""
         self.cfg, self.data = cfg, data
+        self.parallel = parallel
         if spec is None and (not cfg.hidden or any(h < 1 for h in cfg.hidden)):
             raise CLIError(f"--hidden needs positive layer sizes, got {list(cfg.hidden)}")
         if spec is None:
@@ -247,7 +249,10 @@ class Run:
             if not self.no_decay:
                 raise CLIError(f"--no-decay-on {cfg.no_decay_on!r} matches no parameter (they "
                                f"are {', '.join(self.params)})")
-        if cfg.mixed_precision == "none":
+        if parallel is not None:  # DataParallel's state; each step on this rank's rows
+            self.trainer = None
+            self.state = parallel.init(self)
+        elif cfg.mixed_precision == "none":
             self.trainer = None
             self.state = self.optimizer.init(self.params)
             self.train_step = make_train_step(self.compiled, self.optimizer, loss="loss")
@@ -297,6 +302,8 @@ class Run:
         """One update on a batch: (loss, accuracy, gradient norm, skipped).
 
         With mixed precision ``self.params`` are the float32 master weights."""
+        if self.parallel is not None:
+            return self.parallel.step(self, x, y)
         be = self.backend
         inputs = self.inputs(x, y)
         if self.trainer is not None:
@@ -347,7 +354,7 @@ class Run:
         """The EMA of the weights (``--ema``), as the model evaluates them: views of the
         optimizer state (read only; training is not disturbed), cast to the compute dtype
         with mixed precision."""
-        ema = self.optimizer.ema_params(self.state)
+        ema = self.optimizer.ema_params(self.state if self.parallel is None else self.state.local)
         if self.trainer is not None:
             engine = self.trainer._engine
             ema = engine.cast_tree(ema, engine.cdt)

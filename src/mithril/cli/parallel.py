@@ -1,0 +1,235 @@
+"""Data-parallel ``mithril train``: ``--nprocs N [--shard-state]``, or under ``torchrun``.
+
+``mithril train --nprocs N`` checks every setting, then starts N copies of the same command
+line on this machine (``python -m mithril train ...``) that join one process group on loopback
+(gloo, a free port). Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE``, ``RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) each process joins the group itself.
+
+Every rank builds the same model from the same seed, draws the same batches, and takes its
+slice of each global batch (rank r: rows ``[r·B/N, (r+1)·B/N)``). The loss is a mean over the
+rows, so rank r scales its loss's cotangent by ``N·n_r/B``: the average that
+:class:`~mithril.distributed.DataParallel` takes is then exactly the gradient of the mean over
+the whole batch, even when B is not a multiple of N (a rank with no rows sends zeros). The
+batch loss and accuracy of metrics.csv are summed over the ranks (one small all-reduce), so
+the files equal those of one process to rounding. Rank 0 alone prints, shows the progress bar
+and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .argtypes import bounded_int
+from .errors import CLIError
+
+#: set in the environment of the processes ``--nprocs`` starts
+CHILD_ENV = "MITHRIL_NPROCS_CHILD"
+#: seconds a collective waits for a peer (a dead peer is noticed at once; this bounds a hang)
+TIMEOUT = 300.0
+MAX_NPROCS = 64
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data parallel (several processes; see docs/distributed.md)")
+    g.add_argument("--nprocs", type=bounded_int(1, MAX_NPROCS), metavar="N",
+                   help="train in N processes on this machine (torch.distributed, gloo on "
+                        "loopback), each on 1/N of every batch, the gradients averaged: the "
+                        "same result as one process. Not under torchrun, which starts them")
+    g.add_argument("--shard-state", action="store_true",
+                   help="with --nprocs (or torchrun): each process keeps the optimizer state "
+                        "of 1/N of the parameters (ZeRO-1/2) instead of all of it")
+
+
+@dataclass
+class World:
+    """The processes a run trains in."""
+
+    size: int
+    rank: int
+    shard_state: bool
+    #: "mithril" (--nprocs) or "torchrun" (any launcher that sets WORLD_SIZE)
+    launcher: str
+    #: whether this process is one of the ranks (False: the --nprocs parent, which starts them)
+    member: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {"nprocs": self.size, "shard_state": self.shard_state,
+                "launcher": self.launcher}
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise CLIError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def world_of(args: argparse.Namespace) -> World | None:
+    """The world the flags and the environment ask for (None: one process, as always);
+    refuses the combinations that cannot work (exit status 2)."""
+    nprocs, shard = getattr(args, "nprocs", None), getattr(args, "shard_state", False)
+    launched = "WORLD_SIZE" in os.environ
+    if os.environ.get(CHILD_ENV) == "1" and launched:  # started by --nprocs
+        world = World(_env_int("WORLD_SIZE"), _env_int("RANK"), shard, "mithril", True)
+    elif launched:
+        if nprocs is not None:
+            raise CLIError(f"--nprocs {nprocs} starts its own processes; under torchrun "
+                           f"(WORLD_SIZE={os.environ['WORLD_SIZE']} is set) leave it out")
+        world = World(_env_int("WORLD_SIZE"), _env_int("RANK"), shard, "torchrun", True)
+    elif nprocs is None:
+        if shard:
+            raise CLIError("--shard-state needs --nprocs N (or a launcher such as torchrun)")
+        return None
+    else:
+        world = World(nprocs, 0, shard, "mithril", nprocs == 1)
+    if world.size < 1 or not 0 <= world.rank < world.size:
+        raise CLIError(f"rank {world.rank} in a world of {world.size} processes")
+    if args.backend == "jax":
+        raise CLIError("data-parallel training (--nprocs, --shard-state, torchrun) runs on "
+                       "torch.distributed: use --backend numpy or torch (JAX's "
+                       "jax.distributed is not supported yet)")
+    if args.mixed_precision != "none":
+        raise CLIError(f"--mixed-precision {args.mixed_precision} with data-parallel training "
+                       f"is not supported yet (each process would decide alone to skip an "
+                       f"overflowing step): train in float32 or in one process")
+    return world
+
+
+def check(world: World, run: Any) -> None:
+    """What a data-parallel run cannot do with this model or these flags."""
+    if run.model_state is not None:
+        raise CLIError("data-parallel training does not keep model state (BatchNorm's running "
+                       "statistics would differ between the processes): train this model "
+                       "without it (e.g. --no-batchnorm) or in one process")
+    if world.shard_state and run.cfg.ema is not None:
+        raise CLIError("--ema with --shard-state: each process keeps the average of its own "
+                       "share of the weights only; leave one of them out")
+
+
+def describe(world: World, batch_size: int) -> str:
+    mode = "optimizer state sharded (ZeRO)" if world.shard_state else \
+        "optimizer state replicated"
+    if world.size == 1:
+        return f"  data parallel: 1 process (DataParallel); {mode}"
+    how = "torchrun" if world.launcher == "torchrun" else "gloo on loopback"
+    return (f"  data parallel: {world.size} processes ({how}), each on 1/{world.size} of "
+            f"every batch of {batch_size}; {mode}")
+
+
+# -- in each rank ----------------------------------------------------------------------------
+
+def join(world: World) -> None:
+    """Join the process group (torch.distributed, gloo); a no-op for one process."""
+    if world.size > 1:
+        from .. import distributed as dist
+
+        dist.init(world.rank, world.size, timeout=TIMEOUT)
+
+
+def leave() -> None:
+    from .. import distributed as dist
+
+    dist.shutdown()
+
+
+class Parallel:
+    """The data-parallel side of a :class:`~mithril.cli.training.Run`: the optimizer wrapped
+    in :class:`~mithril.distributed.DataParallel`, and the step on this rank's rows."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.dp: Any = None
+
+    def init(self, run: Any) -> Any:
+        """The wrapped optimizer's state (after :func:`check`)."""
+        from ..distributed import DataParallel
+
+        check(self.world, run)
+        if self.world.rank:  # other Dropout masks than rank 0's (the params are rank 0's)
+            run.compiled.seed = int(run.compiled.seed) + 7919 * self.world.rank
+        self.dp = DataParallel(run.optimizer, shard_state=self.world.shard_state)
+        try:
+            return self.dp.init(run.params)
+        except (ValueError, NotImplementedError) as exc:
+            raise CLIError(f"{'--shard-state' if self.world.shard_state else '--nprocs'}: "
+                           f"{exc}") from None
+
+    def step(self, run: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, bool]:
+        """One update on this rank's rows of the global batch ``(x, y)``; the loss and the
+        metric of the whole batch (summed over the ranks)."""
+        from ..distributed import process_group as pg
+
+        be, size, me = run.backend, self.world.size, self.world.rank
+        n = len(y)
+        lo, hi = n * me // size, n * (me + 1) // size
+        sums = np.zeros(4)  # loss·rows, metric sum (right answers or squared errors), rows, y.size
+        grads: dict[str, Any] = {}
+        if hi > lo:
+            xs, ys = x[lo:hi], y[lo:hi]
+            out, grads = run.compiled.evaluate(run.params, run.inputs(xs, ys),
+                                               output_gradients={"loss": size * (hi - lo) / n})
+            pred = be.to_numpy(out[run.spec.output])
+            if run.metric == "acc":
+                right = float(np.sum(np.argmax(pred, axis=-1) == ys))
+            else:
+                right = float(np.sum((pred - ys) ** 2))
+            sums[:] = (float(be.to_numpy(out["loss"])) * (hi - lo), right, hi - lo, ys.size)
+        run.params, run.state = self.dp.update(run.params, grads, run.state)
+        pg.all_reduce(sums)
+        loss = float(sums[0] / sums[2])
+        metric = float(sums[1] / sums[3]) if run.metric == "acc" else \
+            float(np.sqrt(sums[1] / sums[3])) * run.spec.target_scale
+        norm = run.state.last_grad_norm
+        return loss, metric, float("nan") if norm is None else float(norm), \
+            bool(run.state.last_step_skipped)
+
+
+# -- the --nprocs parent -------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(world: World, argv: list[str]) -> int:
+    """Run ``mithril argv`` in ``world.size`` processes; their exit status (the first
+    failure seen, rank 0's first among those seen together; else 0). A rank that fails stops the others (after a grace period in
+    which they notice it themselves)."""
+    env = {**os.environ, CHILD_ENV: "1", "WORLD_SIZE": str(world.size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "LOCAL_WORLD_SIZE": str(world.size)}
+    cmd = [sys.executable, "-m", "mithril", *argv]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(world.size)]
+    failed: int | None = None
+    deadline: float | None = None
+    while True:
+        try:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            if failed is None:
+                bad = [c for c in codes if c not in (None, 0)]
+                if bad:
+                    failed, deadline = bad[0], time.monotonic() + 10.0
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+        except KeyboardInterrupt:  # the ranks got it too: they stop and rank 0 writes
+            continue
+    codes = [p.returncode for p in procs]
+    rc = failed if failed is not None else next((c for c in codes if c), 0)
+    return int(rc) if rc >= 0 else 1  # killed by a signal: 1
