@@ -257,6 +257,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             if self._opt_state is None:
                 current = {n: p.detach() for n, p in zip(names, params)}
                 state = self._mithril.init(current)
+                adopt = getattr(state.engine, "adopt_storage", None)
+                if adopt is not None and state.engine.kind == "torch":
+                    # each parameter moves into the flat buffer before the next is copied:
+                    # the parameters are never held twice (the first step's peak memory)
+                    owner = dict(zip(names, params))
+                    current = adopt(state, current, lambda n, v: setattr(owner[n], "data", v))
             else:
                 state, current = self._opt_state, self._current()
             new, state = self._mithril.update(current, grads, state)

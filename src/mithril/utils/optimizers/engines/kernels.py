@@ -103,8 +103,9 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
             t = seg_t[e]
             base = gptr[t]
             if base == 0:  # no gradient: the parameter passes through unchanged
-                if COPY:
-                    Q[a:b] = P[a:b]
+                if COPY:  # a loop, not a slice assignment: numba's shape-mismatch path for
+                    for j in range(a, b):  # that costs ~2 s on a first-ever compile
+                        Q[j] = P[j]
 {nograd}                continue
             G = carray(voidptr(base + seg_first[e] * ITEMSIZE), (seg_size[e],), DTYPE)
             r = group[t]  # the tensor's row of scalars (its parameter group)

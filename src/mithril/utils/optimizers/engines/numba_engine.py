@@ -114,14 +114,23 @@ class NumbaEngine(Engine):
 
     # -- buffers ---------------------------------------------------------------------
     def full(self, n: int, value: float) -> Any:
+        """A flat buffer of ``n`` values ``value``. Zeros come from ``calloc`` (``np.zeros``):
+        a large buffer is then fresh zero pages that take no memory until first written, so
+        the slots and parameter buffers are paid for as a step writes them, not all at once
+        before it (what keeps the first update's peak down, see :meth:`_adopt`)."""
         if self.kind == "torch":
+            if value == 0:  # torch.zeros would memset every page at once
+                return self._torch.from_numpy(np.zeros(n, dtype=self.layout.dtype))
             return self._torch.full((n,), value, dtype=self.native_dtype)
         if self.kind == "jax":  # 64-byte aligned host buffer
-            raw = np.empty(n + 16, dtype=self.layout.dtype)
+            raw = np.zeros(n + 16, dtype=self.layout.dtype)
             start = (-raw.ctypes.data % 64) // raw.itemsize
             out = raw[start:start + n]
-            out[...] = value
+            if value != 0:
+                out[...] = value
             return out
+        if value == 0:
+            return np.zeros(n, dtype=self.layout.dtype)
         return np.full(n, value, dtype=self.layout.dtype)
 
     def np_view(self, x: Any) -> np.ndarray:
@@ -436,6 +445,27 @@ class NumbaEngine(Engine):
             state.params_flat, state.param_views, self._spare, self._spare_views = (
                 self._spare, self._spare_views, src, views)
         return src, state.param_views
+
+    def adopt_storage(self, state: Any, params: dict[str, Any], repoint: Any) -> dict[str, Any]:
+        """Torch only: move ``params`` (CPU tensors, e.g. detached ``nn.Parameter`` data)
+        into the state's flat buffer tensor by tensor, calling ``repoint(name, view)`` after
+        each copy so that the owner points its tensor at its slice (``param.data = view``)
+        and the old storage is freed before the next one is copied. The parameters are thus
+        never held twice (a plain first update copies all of them while the caller still
+        holds the originals). Returns the views, which an update then takes as its own
+        arrays. For callers that own their parameters (:mod:`mithril.interop.torch_optim`);
+        ``update`` itself never modifies arrays it did not return."""
+        if self.kind != "torch" or state.params_flat is not None:
+            raise ValueError("adopt_storage: torch, before the first update only")
+        self.read_params(params, {}, None)  # every one readable before anything changes
+        state.params_flat = self.full(self.layout.total, 0.0)  # zero pages: paid as written
+        views = state.param_views = self.views(state.params_flat)
+        for name in list(params):
+            with self._torch.no_grad():
+                views[name].copy_(params[name])
+            params[name] = None  # the caller's dict must not keep the old storage alive
+            repoint(name, views[name])
+        return dict(views)
 
     def readable(self, p: Any) -> np.ndarray:
         return self.to_numpy(p)
