@@ -148,4 +148,4 @@ def test_model_construction_errors():
     with pytest.raises(ValueError, match="positive int"):
         ml.Linear(0)
     with pytest.raises(TypeError, match="must be a str name"):
-        ml.Linear(2)(input=3)
+        ml.Linear(2)(input=object())  # a number is a constant (published Mithril)

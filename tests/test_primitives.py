@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_python
 
 import mithril as ml
@@ -30,6 +31,7 @@ def _x(*shape, seed=0, low=None):
     return np.abs(a) + low if low is not None else a
 
 
+_PROBS = np.exp(_x(3, 4, seed=5)) / np.exp(_x(3, 4, seed=5)).sum(-1, keepdims=True)
 TIES = np.array([[1.0, 3.0, 3.0, -2.0], [0.0, -2.0, -2.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
 
 # name: (operator or model factory, inputs, torch reference returning {output: tensor}, smooth)
@@ -87,6 +89,25 @@ CASES: dict[str, tuple[Callable, dict, Callable, bool]] = {
                                  lambda t: {"output": t["input"][..., None, -1]}, True),
     "indexer_repeats": (lambda: ml.Indexer([0, 2, 0]), {"input": _x(4, 3)},
                         lambda t: {"output": t["input"][[0, 2, 0]]}, True),
+    # the published defaults and arguments of Gelu, Flatten and CrossEntropy
+    "gelu_exact": (ml.Gelu, {"input": _x(3, 4)}, lambda t: {"output": F.gelu(t["input"])}, True),
+    "gelu_tanh": (lambda: ml.Gelu(approximate=True), {"input": _x(3, 4)},
+                  lambda t: {"output": F.gelu(t["input"], approximate="tanh")}, True),
+    "flatten_end_dim": (lambda: ml.Flatten(start_dim=0, end_dim=1), {"input": _x(2, 3, 4)},
+                        lambda t: {"output": t["input"].flatten(0, 1)}, True),
+    "flatten_negative": (lambda: ml.Flatten(start_dim=-3, end_dim=-2), {"input": _x(2, 3, 4, 2)},
+                         lambda t: {"output": t["input"].flatten(1, 2)}, True),
+    "cross_entropy_probs": (lambda: ml.CrossEntropy("none", input_type="probs"),
+                            {"input": _PROBS, "target": np.array([0, 2, 1])},
+                            lambda t: {"output": F.nll_loss(t["input"].log(), t["target"], reduction="none")},
+                            True),
+    "cross_entropy_probs_robust_soft": (
+        lambda: ml.CrossEntropy("sum", input_type="probs", robust=True),
+        {"input": _PROBS, "target": _PROBS[::-1].copy()},
+        lambda t: {"output": -(t["target"] * t["input"].log()).sum()}, True),
+    "cross_entropy_log_probs_mean": (lambda: ml.CrossEntropy(input_type="log_probs"),
+                                     {"input": np.log(_PROBS), "target": np.array([1, 1, 3])},
+                                     lambda t: {"output": F.nll_loss(t["input"], t["target"])}, True),
 }
 
 

@@ -71,13 +71,15 @@ class CompiledModel:
 
     def __init__(self, model: Model | Operator, backend: Backend,
                  shapes: Mapping[str, Any] | None = None, jit: bool = True,
-                 trainable_keys: Any = (), inference: bool = False) -> None:
+                 trainable_keys: Any = (), inference: bool = False, constant_keys: Any = None,
+                 data_keys: Any = (), discard_keys: Any = ()) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
         if not isinstance(inference, (bool, np.bool_)):
             raise TypeError(f"compile(inference=...) must be a bool, got {inference!r}")
         self.backend = backend
-        self.program: Program = build_program(model, shapes, trainable_keys)
+        self.program: Program = build_program(model, shapes, trainable_keys, data_keys=data_keys,
+                                              constant_keys=constant_keys, discard_keys=discard_keys)
         self.jit = jit
         self.inference = bool(inference)
         #: the random stream: masks are a function of (seed, step); see the class docstring
@@ -287,7 +289,12 @@ class CompiledModel:
                              f"{fmt(shape)}: give a dict of output gradients instead")
         return key
 
-    def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+    def evaluate_gradients(self, params: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
+                           output_gradients: Mapping[str, Any] | bool = True) -> dict[str, Any]:
+        """The gradients alone (the published ``evaluate_gradients``)."""
+        return self.evaluate(params, inputs, output_gradients)[1]
+
+    def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
                  output_gradients: Mapping[str, Any] | bool | None = None, *,
                  state: Mapping[str, Any] | None = None, training: bool | None = None,
                  step: int | None = None) -> Any:
@@ -305,7 +312,7 @@ class CompiledModel:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
-        params, inputs = self._validate(params, inputs)
+        params, inputs = self._validate(params, {} if inputs is None else inputs)
         cots = None if output_gradients is None else self._cotangents(output_gradients)
         given_state = state
         step_before = self.step
@@ -344,7 +351,9 @@ class CompiledModel:
 
 
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
-            jit: bool = True, *, trainable_keys: Any = (), inference: bool = False) -> CompiledModel:
+            jit: bool = True, *, trainable_keys: Any = (), inference: bool = False,
+            constant_keys: Mapping[str, Any] | None = None, data_keys: Any = (),
+            discard_keys: Any = ()) -> CompiledModel:
     """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
 
     ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
@@ -352,7 +361,11 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
     ``trainable_keys`` names inputs to treat as parameters (given in ``params``, with
     gradients), as the published Mithril's ``compile(trainable_keys=...)``;
     ``inference=True`` makes inference the default mode of ``evaluate`` (Dropout off,
-    BatchNorm on its running statistics; gradients are still available).
+    BatchNorm on its running statistics; gradients are still available);
+    ``constant_keys`` ({name: value}) folds values in for inputs (no longer given to
+    ``evaluate``); ``data_keys`` keeps inputs as data, also those that feed a parameter role
+    (``connect(weight="w")``), which are parameters otherwise; ``discard_keys`` drops outputs.
     """
     return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
-                         inference=inference)
+                         inference=inference, constant_keys=constant_keys, data_keys=data_keys,
+                         discard_keys=discard_keys)

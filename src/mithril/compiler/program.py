@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
-from ..models.model import Connection, Model, _as_shape
-from ..models.operator import Operator, Shape, fmt, unify
+from ..models.model import Connection, Model, _as_shape, param_keys
+from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
 
 
 @dataclass
@@ -107,8 +107,9 @@ class _Builder:
             for key, c in mapping.items():
                 if id(c) not in wires:  # internal wire
                     wires[id(c)] = self.conn_wire(c, f"{path}.{key}")
-            if isinstance(block, Operator):
-                self.nodes.append(Node(block, path, {k: wires[id(mapping[k])] for k in block.inputs},
+            if isinstance(block, Operator):  # parameter roles given in connect(...) are wires too
+                keys = (*block.inputs, *(k for k in param_keys(block) if k in mapping))
+                self.nodes.append(Node(block, path, {k: wires[id(mapping[k])] for k in keys},
                                        {}, wires[id(mapping["output"])]))
             else:
                 inner = {id(block.conns[k]): wires[id(c)] for k, c in mapping.items()}
@@ -116,10 +117,15 @@ class _Builder:
 
 
 def build_program(model: Model | Operator, shapes: Mapping[str, object] | None = None,
-                  trainable_keys: Iterable[str] = ()) -> Program:
+                  trainable_keys: Iterable[str] = (), *, data_keys: Iterable[str] = (),
+                  constant_keys: Mapping[str, object] | None = None,
+                  discard_keys: Iterable[str] = ()) -> Program:
     """Flatten ``model``, sort it, and infer every wire and parameter shape. Inputs named in
     ``trainable_keys`` become parameters (their shapes must be known): they are given with
-    the parameters and get gradients."""
+    the parameters and get gradients. A wire that feeds a parameter role (``connect(weight=
+    "w")``) is a parameter under its name unless named in ``data_keys`` (then a data input)
+    or given a value. ``constant_keys`` folds in values for inputs; ``discard_keys`` drops
+    outputs."""
     if isinstance(model, Operator):
         top = Model()
         top |= model
@@ -141,12 +147,39 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     produced = {n.out for n in nodes}
     inputs = {n: w for n, w in top_wires.items() if w not in produced}
     outputs = {n: w for n, w in top_wires.items() if w in produced}
+    for key, value in (constant_keys or {}).items():
+        if key not in inputs:
+            raise KeyMismatchError(f"compile(constant_keys=...): '{key}' is not an input; the inputs "
+                                   f"are {sorted(inputs)}")
+        value = np.asarray(value)
+        b.merge_shape(inputs[key], tuple(value.shape), f"{key} (compile constant_keys)")
+        b.consts[inputs[key]] = value
     for w in b.consts:
         if w in produced:
             raise ValueError(f"connection '{b.names[w]}' has a value but is an output")
         inputs[b.names[w]] = w
+    data = set(data_keys)
+    for key in sorted(data - set(inputs)):
+        raise KeyMismatchError(f"compile(data_keys=...): '{key}' is not an input; the inputs are "
+                               f"{sorted(inputs)}")
+    for key in discard_keys:
+        if key not in outputs:
+            raise KeyMismatchError(f"compile(discard_keys=...): '{key}' is not an output; the outputs "
+                                   f"are {sorted(outputs)}")
+        del outputs[key]
     prog = Program(nodes, b.names, b.shapes, inputs, outputs)
     prog.constants = {b.names[w]: v for w, v in b.consts.items()}
+    # wires feeding a parameter role: parameters (named as the wire), unless data or constant
+    slot_wires: dict[int, tuple[Node, str]] = {}
+    for node in nodes:
+        for k, w in node.ins.items():
+            if k in param_keys(node.op):
+                slot_wires.setdefault(w, (node, k))
+    top_of = {w: n for n, w in inputs.items()}
+    wire_params = {w: top_of.get(w, b.names[w]) for w in slot_wires
+                   if w not in produced and w not in b.consts and top_of.get(w) not in data}
+    for name in wire_params.values():
+        inputs.pop(name, None)
     for key in trainable_keys:
         if key not in inputs or key in prog.constants:
             raise KeyMismatchError(f"compile(trainable_keys=...): '{key}' is not an input; the "
@@ -169,7 +202,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             raise TypeError(f"input '{name}' feeds both integer and float inputs")
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
 
-    differentiable: set[int] = set(prog.param_wires.values())  # wires that depend on a parameter
+    differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):
@@ -182,8 +215,18 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
                                        f"parameter; the parameters are {sorted(prog.param_shapes)}")
             node.params[key] = pname
             pshapes[key] = prog.param_shapes[pname]
+        for key in [k for k in pshapes if k in node.ins]:  # a parameter role given as a wire
+            w, want = node.ins[key], pshapes.pop(key)
+            if w in b.consts:  # a constant need only broadcast to the parameter's shape
+                got = tuple(b.consts[w].shape)
+                if broadcast_shapes(want, got, f"{node.path}.{key}") != tuple(want):
+                    raise ShapeError(f"{node.path}.{key}: a constant of shape {fmt(got)} does not "
+                                     f"broadcast to the parameter's shape {fmt(want)}")
+            else:
+                b.merge_shape(w, want, f"{node.path}.{key}")
+            in_shapes[key] = b.shapes[w]
         for key in node.op.param_init:
-            if key in pshapes:
+            if key in pshapes or key in node.ins:
                 continue
             if key in _optional_params(node.op):
                 continue
@@ -211,6 +254,17 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         node.wrt = frozenset(node.params) | {k for k, w in node.ins.items() if w in differentiable}
         if node.wrt:
             differentiable.add(node.out)
+    for w, name in wire_params.items():
+        node, key = slot_wires[w]
+        shape = b.shapes[w]
+        if shape is None or any(d is None for d in shape):
+            raise ShapeError(f"cannot infer the shape of parameter '{name}' ({node.path}.{key}): "
+                             f"got {fmt(shape)}")
+        if name in prog.param_shapes:
+            raise KeyMismatchError(f"parameter name '{name}' is used twice")
+        prog.param_wires[name] = w
+        prog.param_shapes[name] = tuple(int(d) for d in shape)
+        prog.param_init[name] = node.op.param_init[key]
     prog.has_context = any(n.op.context for n in nodes)
     prog.has_random = any(n.op.random for n in nodes)
     return prog

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator
+from .operator import Operator, backend_of
 
 
 class Relu(Operator):
@@ -59,19 +59,49 @@ class Tanh(Operator):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+def _erf(x: np.ndarray) -> np.ndarray:
+    try:
+        from scipy.special import erf
+    except ImportError:  # pragma: no cover - scipy ships with scikit-learn
+        return np.vectorize(math.erf, otypes=[x.dtype])(x)
+    return erf(x)
+
+
 class Gelu(Operator):
-    """GELU, tanh approximation (``jax.nn.gelu`` default; torch ``approximate="tanh"``):
-    ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    """GELU. ``approximate=False`` (the default, as torch and the published Mithril): the exact
+    x·Φ(x) = ½·x·(1 + erf(x/√2)); ``approximate=True``: the tanh approximation
+    ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (``jax.nn.gelu`` default; torch
+    ``approximate="tanh"``)."""
+
+    def __init__(self, approximate: bool = False) -> None:
+        self.approximate = bool(approximate)
 
     def forward(self, xp: Any, input: Any) -> Any:
         x = input
-        return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+        if self.approximate:
+            return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+        kind = backend_of(xp)
+        if kind == "torch":
+            import torch.nn.functional as F
+
+            return F.gelu(x)
+        if kind == "jax":
+            import jax
+
+            return jax.nn.gelu(x, approximate=False)
+        return 0.5 * x * (1 + _erf(x * (1 / math.sqrt(2))))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
+        if not self.approximate:
+            cdf = 0.5 * (1 + _erf(x * (1 / math.sqrt(2))))
+            return {"input": g * (cdf + x * np.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))}
         t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
         du = _GELU_C * (1 + 3 * 0.044715 * x * x)
         return {"input": g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)}
+
+    def __repr__(self) -> str:
+        return f"Gelu(approximate={self.approximate})"
 
 
 class Softmax(Operator):

@@ -148,21 +148,39 @@ class LayerNorm(Operator):
 
 
 class Flatten(Operator):
-    """Merge dimensions ``start_dim`` .. last into one (default keeps the batch axis)."""
+    """Merge dimensions ``start_dim`` .. ``end_dim`` (inclusive; negative counts from the end)
+    into one, as ``torch.flatten``. The default keeps the batch axis (``start_dim=1``; the
+    published Mithril's is 0: see docs/mithril-compat.md)."""
 
-    def __init__(self, start_dim: int = 1) -> None:
-        self.start_dim = start_dim
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def _span(self, ndim: int) -> tuple[int, int]:
+        lo = self.start_dim + ndim if self.start_dim < 0 else self.start_dim
+        hi = self.end_dim + ndim if self.end_dim < 0 else self.end_dim
+        if ndim == 0:
+            return 0, 0
+        if not (0 <= lo < ndim and 0 <= hi < ndim) or lo > hi:
+            raise ShapeError(f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) does not "
+                             f"fit an input of {ndim} dimensions")
+        return lo, hi + 1
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
         if s is None:
             return None
-        rest = s[self.start_dim:]
-        n = None if any(d is None for d in rest) else int(np.prod(rest, dtype=np.int64))
-        return (*s[: self.start_dim], n)
+        if len(s) == 0:
+            return (1,)
+        lo, hi = self._span(len(s))
+        mid = s[lo:hi]
+        n = None if any(d is None for d in mid) else int(np.prod(mid, dtype=np.int64))
+        return (*s[:lo], n, *s[hi:])
 
     def forward(self, xp: Any, input: Any) -> Any:
-        return input.reshape((*input.shape[: self.start_dim], -1))
+        if input.ndim == 0:
+            return input.reshape((1,))
+        lo, hi = self._span(input.ndim)
+        return input.reshape((*input.shape[:lo], -1, *input.shape[hi:]))
 
     def vjp(self, g, out, args, wrt):
         return {"input": g.reshape(args["input"].shape)}

@@ -53,11 +53,19 @@ class MeanSquaredError(SquaredError):
         super().__init__(reduction)
 
 
-class CrossEntropy(Operator):
-    """Softmax cross-entropy from logits ``input`` (..., C).
+_INPUT_TYPES = ("logits", "probs", "log_probs")
 
-    ``target`` is either integer class indices of shape (...) or one-hot / probability
-    rows of shape (..., C) (told apart by dtype). Reduced over the leading dims.
+
+class CrossEntropy(Operator):
+    """Cross-entropy of ``input`` (..., C) against ``target``.
+
+    ``input_type`` says what ``input`` holds: ``"logits"`` (default: a log-softmax is taken),
+    ``"probs"`` (its log is taken) or ``"log_probs"`` (used as is). With ``"probs"``,
+    ``robust=True`` continues the log linearly below ``cutoff`` (default: the smallest
+    normal number of the input's dtype), log(c) + x/c − 1, so a probability of 0 gives a
+    finite loss and gradient, as the published Mithril. ``target`` is either integer class
+    indices of shape (...) or one-hot / probability rows of shape (..., C) (told apart by
+    dtype). Reduced over the leading dims by ``reduction``.
     """
 
     inputs = ("input", "target")
@@ -65,8 +73,30 @@ class CrossEntropy(Operator):
     #: the compiler passes these (when they are model inputs) to check_inputs
     value_checked_inputs = frozenset({"target"})
 
-    def __init__(self, reduction: str = "mean") -> None:
+    def __init__(self, reduction: str = "mean", input_type: str = "logits", robust: bool = False,
+                 cutoff: float | None = None) -> None:
         self.reduction = _check_reduction(reduction)
+        if input_type not in _INPUT_TYPES:
+            raise ValueError(f"CrossEntropy: input_type must be one of {_INPUT_TYPES}, got {input_type!r}")
+        self.input_type, self.robust = input_type, bool(robust)
+        self.cutoff = None if cutoff is None else float(cutoff)
+
+    def _cutoff(self, dtype: Any) -> float:
+        if self.cutoff is not None:
+            return self.cutoff
+        name = str(dtype).rsplit(".", 1)[-1]
+        return float(np.finfo(name if name in ("float16", "float32", "float64") else "float32").tiny)
+
+    def _log_probs(self, xp: Any, x: Any) -> Any:
+        if self.input_type == "log_probs":
+            return x
+        if self.input_type == "probs":
+            if not self.robust:
+                return xp.log(x)
+            c = self._cutoff(x.dtype)
+            return xp.where(x < c, math.log(c) + x / c - 1, xp.log(xp.maximum(x, c)))
+        m = xp.max(x, axis=-1, keepdims=True)
+        return x - (m + xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True)))
 
     def check_inputs(self, shapes: Mapping[str, Shape | None], dtypes: Mapping[str, str],
                      arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> None:
@@ -121,8 +151,7 @@ class CrossEntropy(Operator):
         return not getattr(target.dtype, "is_floating_point", None) and "int" in str(target.dtype)
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
-        m = xp.max(input, axis=-1, keepdims=True)
-        logp = input - (m + xp.log(xp.sum(xp.exp(input - m), axis=-1, keepdims=True)))
+        logp = self._log_probs(xp, input)
         if self._is_index(xp, target):
             nll = -xp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
         else:
@@ -133,23 +162,28 @@ class CrossEntropy(Operator):
 
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        p = e / e.sum(axis=-1, keepdims=True)
-        if self._is_index(np, t):
-            onehot = np.zeros_like(p)
-            np.put_along_axis(onehot, t[..., None], 1.0, axis=-1)
-            grad = p - onehot
-        else:
-            grad = p * t.sum(axis=-1, keepdims=True) - t
         n = x.size // x.shape[-1]
-        if self.reduction == "none":
-            grad = grad * g[..., None]
+        gt = g[..., None] if self.reduction == "none" else (g / n if self.reduction == "mean" else g)
+        if self._is_index(np, t):
+            dlogp = np.zeros_like(x)
+            np.put_along_axis(dlogp, t[..., None], 1.0, axis=-1)
         else:
-            grad = grad * (g / n if self.reduction == "mean" else g)
+            dlogp = t.astype(x.dtype, copy=False)
+        dlogp = -dlogp * gt  # d loss / d log-probabilities
+        if self.input_type == "logits":
+            e = np.exp(x - x.max(axis=-1, keepdims=True))
+            grad = dlogp - e / e.sum(axis=-1, keepdims=True) * dlogp.sum(axis=-1, keepdims=True)
+        elif self.input_type == "probs":
+            den = np.maximum(x, self._cutoff(x.dtype)) if self.robust else x
+            with np.errstate(divide="ignore", invalid="ignore"):
+                grad = dlogp / den
+        else:
+            grad = dlogp
         res = {"input": grad}
         if "target" in wrt and not self._is_index(np, t):
-            m = x.max(axis=-1, keepdims=True)
-            logp = x - m - np.log(e.sum(axis=-1, keepdims=True))
-            gt = g[..., None] if self.reduction == "none" else (g / n if self.reduction == "mean" else g)
-            res["target"] = -logp * gt
+            res["target"] = -self._log_probs(np, x) * gt
         return {k: v for k, v in res.items() if k in wrt}
+
+    def __repr__(self) -> str:
+        extra = "" if self.input_type == "logits" else f", input_type={self.input_type!r}"
+        return f"CrossEntropy(reduction={self.reduction!r}{extra})"

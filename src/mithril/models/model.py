@@ -15,11 +15,20 @@ by default, which becomes an internal wire (as in the published Mithril, where
 an output left unnamed is not a terminal). A nested model's named wire that it
 both produces and consumes itself stays inside it: it is reachable from the
 parent only when named in ``child.connect(...)``.
+
+Connections are also objects: ``lin.input``, ``lin.output``, ``lin.weight`` (a
+:class:`Terminal`) and ``model.cin`` / ``model.cout`` (the canonical input and output, which
+``+=`` wires; :meth:`Model.set_cin` / :meth:`Model.set_cout` choose them). ``connect(...)``
+takes a name, an :class:`IOKey`, such an object (the wire it refers to, named or not) or a
+constant number / array. A parameter role given in ``connect(weight=...)`` is a wire: a name
+(two blocks naming the same share it), a constant, or a connection; it stays a parameter
+(under that name) unless it is a constant or compiled as a data key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Union
 
 import numpy as np
@@ -67,18 +76,53 @@ class Connection:
         return f"Connection({self.name!r}, {fmt(self.shape)})"
 
 
+class Terminal:
+    """A terminal of a block as an object: ``lin.input``, ``lin.weight``, ``model.cout``.
+    Give it to another block's ``connect(...)`` (binds to that wire, named or not), to
+    ``expose_keys`` (makes it an output) or to ``set_cin`` / ``set_cout``. ``key`` is the
+    terminal's name on ``block``; ``conn`` the wire itself when ``block`` is the model that
+    owns it (``model.cout``, ``model.input``)."""
+
+    __slots__ = ("block", "key", "conn")
+
+    def __init__(self, block: Block, key: str | None, conn: Connection | None = None) -> None:
+        self.block, self.key, self.conn = block, key, conn
+
+    def __repr__(self) -> str:
+        return f"{type(self.block).__name__}.{self.key or '<internal>'}"
+
+
+Given = str | IOKey | Terminal
+
+
+def param_keys(block: Any) -> tuple[str, ...]:
+    """The parameter roles of an operator (``weight``, ``bias``); none for a model."""
+    return tuple(getattr(block, "param_init", None) or ()) if isinstance(block, Operator) else ()
+
+
+def _as_given(key: str, v: Any) -> Given:
+    """A name, IOKey or Terminal as is; a number, list or array: a constant (``IOKey(value=v)``)."""
+    if isinstance(v, (str, IOKey, Terminal)):
+        return v
+    if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)):
+        arr = np.asarray(v)
+        if arr.dtype.kind in "biuf":
+            return IOKey(value=arr)
+    raise TypeError(f"connection for '{key}' must be a str name, an IOKey, a connection "
+                    f"(block.input, model.cout) or a constant number/array, got {type(v).__name__}")
+
+
 class Bound:
     """A block together with how its terminals connect (what ``block.connect(...)`` returns)."""
 
-    def __init__(self, block: Block, connections: dict[str, str | IOKey]) -> None:
-        unknown = set(connections) - set(block.terminals)
+    def __init__(self, block: Block, connections: dict[str, Any]) -> None:
+        allowed = (*block.terminals, *param_keys(block))
+        unknown = set(connections) - set(allowed)
         if unknown:
             raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
-                           f"its terminals are {list(block.terminals)}")
+                           f"its terminals are {list(allowed)}")
+        connections = {k: _as_given(k, v) for k, v in connections.items()}
         for k, v in connections.items():
-            if not isinstance(v, (str, IOKey)):
-                raise TypeError(f"connection for '{k}' must be a str name or an IOKey, "
-                                f"got {type(v).__name__}")
             if isinstance(v, IOKey) and v.value is not None and k in block.output_keys:
                 raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take a value")
         self.block, self.connections = block, connections
@@ -94,7 +138,16 @@ class Model:
         self.blocks: list[tuple[Block, dict[str, Connection]]] = []
         self.conns: dict[str, Connection] = {}
         self._last_output: Connection | None = None
+        self._cin: Connection | None = None
+        self._cout: Connection | None = None
         self._used = False
+
+    def __getattr__(self, name: str) -> Terminal:
+        """``model.input``: a terminal (or a named internal wire) of this model as an object."""
+        conns = self.__dict__.get("conns")
+        if name.startswith("_") or conns is None or name not in conns:
+            raise AttributeError(f"{type(self).__name__} has no attribute or connection {name!r}")
+        return Terminal(self, name, conns[name])
 
     # -- terminals -----------------------------------------------------------------
     def _produced(self) -> set[int]:
@@ -122,10 +175,96 @@ class Model:
     def inputs(self) -> tuple[str, ...]:
         return self.input_keys
 
-    def connect(self, **connections: str | IOKey) -> Bound:
+    def connect(self, **connections: Any) -> Bound:
         return Bound(self, connections)
 
     __call__ = connect
+
+    # -- canonical input and output ----------------------------------------------------
+    @property
+    def cin(self) -> Terminal:
+        """The canonical input: set by :meth:`set_cin`, else the first block's first input."""
+        c = self._cin
+        if c is None and self.blocks:
+            block, mapping = self.blocks[0]
+            key = cin_key(block)
+            c = mapping.get(key) if key is not None else None
+            if c is not None and id(c) in self._produced():
+                c = None
+        if c is None:
+            ins = self.input_keys
+            if not ins:
+                raise KeyMismatchError(f"{self!r} has no input")
+            c = self.conns[ins[0]]
+        return Terminal(self, c.name, c)
+
+    @property
+    def cout(self) -> Terminal:
+        """The canonical output: set by :meth:`set_cout`, else the last block's output."""
+        c = self._cout if self._cout is not None else self._last_output
+        if c is None:
+            raise KeyMismatchError(f"{self!r} has no output")
+        return Terminal(self, c.name, c)
+
+    def set_cin(self, conn: str | Terminal) -> Model:
+        self._cin = self._resolve(conn, "set_cin")
+        return self
+
+    def set_cout(self, conn: str | Terminal) -> Model:
+        self._cout = self._resolve(conn, "set_cout")
+        return self
+
+    def expose_keys(self, *conns: str | Terminal, **named: str | Terminal) -> Model:
+        """Make connections (internal wires, a block's terminals, ``IOKey(expose=False)`` names)
+        terminals of this model: outputs when a block produces them. ``name=conn`` names an
+        unnamed wire; a wire already named otherwise gets a ``Buffer`` output ``name``."""
+        from .primitives import Buffer
+
+        for name, given in [(None, c) for c in conns] + list(named.items()):
+            c = self._resolve(given, "expose_keys")
+            if name is None:
+                name = c.name or (given.key if isinstance(given, Terminal) else None)
+                if name is None:
+                    raise ValueError("expose_keys: an unnamed wire needs a name: expose_keys(name=conn)")
+            if self.conns.get(name, c) is not c:
+                raise ValueError(f"expose_keys: '{name}' names another connection of this model")
+            if c.name == name or c.name is None:
+                c.name, self.conns[name] = name, c
+                c.exposed, c.auto_output = True, False
+            else:  # named otherwise: an output that copies it
+                last = self._last_output
+                Model._add(self, Buffer().connect(input=Terminal(self, c.name, c), output=name), chain=False)
+                self._last_output = last
+        return self
+
+    def _owns(self, c: Connection) -> bool:
+        """``c`` is a wire of this model (a TrainModel shares its model's wires)."""
+        return any(v is c for v in self.conns.values()) or any(
+            v is c for _, m in self.blocks for v in m.values())
+
+    def _resolve(self, given: str | Terminal, what: str) -> Connection:
+        """The wire of this model a name or a :class:`Terminal` refers to."""
+        if isinstance(given, str):
+            if given not in self.conns:
+                raise KeyMismatchError(f"{what}: this model has no connection '{given}'; "
+                                       f"its connections are {list(self.conns)}")
+            return self.conns[given]
+        if not isinstance(given, Terminal):
+            raise TypeError(f"{what}: expected a name or a connection, got {type(given).__name__}")
+        if given.block is self or (given.conn is not None and self._owns(given.conn)):
+            if given.conn is not None:
+                return given.conn
+            return self._resolve(str(given.key), what)
+        for block, mapping in self.blocks:
+            if block is given.block:
+                key = given.key
+                if key not in mapping and key in param_keys(block):
+                    mapping[key] = Connection(None)  # a parameter, referred to: now a wire
+                if key not in mapping:
+                    raise KeyMismatchError(f"{what}: {given!r} is not a terminal of its block")
+                return mapping[key]
+        raise ValueError(f"{what}: {given!r} belongs to a block that is not (yet) part of this "
+                         "model; add that block first (connections reach direct children only)")
 
     # -- composition -------------------------------------------------------------
     def _named(self, name: str) -> Connection:
@@ -140,9 +279,11 @@ class Model:
             del self.conns[c.name]
         c.name, c.auto_output = None, False
 
-    def _given(self, given: str | IOKey, is_output: bool) -> Connection:
+    def _given(self, given: Given, is_output: bool) -> Connection:
         """The connection for a name given in ``connect(...)``. An explicit output name takes
         the name from an output that only had it by default (it becomes an internal wire)."""
+        if isinstance(given, Terminal):
+            return self._resolve(given, "connect")
         key = given if isinstance(given, IOKey) else IOKey(given)
         if key.name is None:
             c = Connection(None)
@@ -180,15 +321,17 @@ class Model:
             block._used = True
         mapping: dict[str, Connection] = {}
         outs = block.output_keys
-        ins = [k for k in block.terminals if k not in outs]
+        first_in = cin_key(block)
         # a nested model's named wires that it produces and consumes itself stay inside it
         hidden = set()
         if isinstance(block, Model):
             consumed = block._consumed()
-            hidden = {k for k in outs if id(block.conns[k]) in consumed and k not in bound.connections}
-        if chain and self._last_output is not None and ins and ins[0] not in bound.connections:
-            mapping[ins[0]] = self._last_output
-        for key in block.terminals:
+            hidden = {k for k in outs if id(block.conns[k]) in consumed and k not in bound.connections
+                      and block.conns[k] is not block._cout}
+        if chain and self._last_output is not None and first_in is not None \
+                and first_in not in bound.connections:
+            mapping[first_in] = self._last_output
+        for key in (*block.terminals, *(k for k in param_keys(block) if k in bound.connections)):
             if key in mapping:
                 continue
             if key in bound.connections:
@@ -206,9 +349,9 @@ class Model:
             else:
                 mapping[key] = self._named(self._fresh_name(key))
         self.blocks.append((block, mapping))
-        shown = [k for k in outs if k not in hidden]
-        if shown:
-            self._last_output = mapping["output"] if "output" in shown else mapping[shown[0]]
+        out_key = cout_key(block, hidden)
+        if out_key is not None:
+            self._last_output = mapping[out_key]
         return self
 
     def __ior__(self, item: Block | Bound) -> Model:
@@ -230,6 +373,24 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(inputs={list(self.input_keys)}, outputs={list(self.output_keys)})"
+
+
+def cin_key(block: Block) -> str | None:
+    """The terminal of ``block`` that ``+=`` wires to the previous output: its canonical input."""
+    if isinstance(block, Model) and block._cin is not None and block._cin.name in block.input_keys:
+        return block._cin.name
+    ins = [k for k in block.terminals if k not in block.output_keys]
+    return ins[0] if ins else None
+
+
+def cout_key(block: Block, hidden: AbstractSet[str] = frozenset()) -> str | None:
+    """The terminal of ``block`` that becomes its parent's latest output: its canonical output."""
+    if isinstance(block, Model) and block._cout is not None and block._cout.name in block.output_keys:
+        return block._cout.name
+    shown = [k for k in block.output_keys if k not in hidden]
+    if not shown:
+        return None
+    return "output" if "output" in shown else shown[0]
 
 
 def _as_shape(key: str, shape: Any) -> Shape:

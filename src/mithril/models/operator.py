@@ -84,13 +84,40 @@ class Operator:
     random: ClassVar[bool] = False
     #: initialiser per state array ("zeros", "ones" or "int_zeros"); shapes from ``state_shapes``
     state_init: ClassVar[Mapping[str, str]] = {}
+    #: optional hooks read by the compiler (``None``: none; also keeps those look-ups off
+    #: ``__getattr__``): ``check_inputs(shapes, dtypes, arrays, names)`` on concrete inputs,
+    #: the inputs it reads values of, and parameters read by name from other blocks
+    check_inputs: ClassVar[Any] = None
+    value_checked_inputs: ClassVar[frozenset[str]] = frozenset()
+    param_names: ClassVar[Any] = None
 
-    def connect(self, **connections: str) -> Any:
+    def connect(self, **connections: Any) -> Any:
+        """Bind terminals (and parameter roles) to names, ``IOKey``s, connections or constants."""
         from .model import Bound
 
         return Bound(self, connections)
 
     __call__ = connect
+
+    def __getattr__(self, name: str) -> Any:
+        """``op.input``, ``op.output``, ``op.weight``: a terminal or parameter role as an object
+        (:class:`~mithril.models.model.Terminal`) for ``connect(...)`` and ``expose_keys``."""
+        d = self.__dict__
+        if not name.startswith("_") and "_resolving" not in d:
+            d["_resolving"] = True  # terminals / param_init may read attributes not set yet
+            try:
+                roles: tuple[str, ...] = tuple(self.terminals)
+                try:
+                    roles += tuple(self.param_init)
+                except AttributeError:
+                    pass
+            finally:
+                del d["_resolving"]
+            if name in roles:
+                from .model import Terminal
+
+                return Terminal(self, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def terminals(self) -> tuple[str, ...]:

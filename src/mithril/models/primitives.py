@@ -138,15 +138,15 @@ class Power(_Broadcasting):
     The exponent's gradient is out·log(base) (NaN for a negative base, as torch)."""
 
     def __init__(self, exponent: float | None = None) -> None:
-        self.exponent = None if exponent is None else float(exponent)
+        self._exponent = None if exponent is None else float(exponent)
         self.inputs = ("base",) if exponent is not None else ("base", "exponent")
 
     def forward(self, xp: Any, base: Any, exponent: Any = None) -> Any:
-        return base ** (self.exponent if exponent is None else exponent)
+        return base ** (self._exponent if exponent is None else exponent)
 
     def vjp(self, g, out, args, wrt):
         b = args["base"]
-        e = self.exponent if self.exponent is not None else args["exponent"]
+        e = self._exponent if self._exponent is not None else args["exponent"]
         res = {}
         if "base" in wrt:
             res["base"] = unbroadcast(g * e * b ** (e - 1), b.shape)
@@ -156,7 +156,7 @@ class Power(_Broadcasting):
         return res
 
     def __repr__(self) -> str:
-        return "Power()" if self.exponent is None else f"Power(exponent={self.exponent})"
+        return "Power()" if self._exponent is None else f"Power(exponent={self._exponent})"
 
 
 class Where(_Broadcasting):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyMismatchError
-from .model import IOKey, Model
+from .model import IOKey, Model, Terminal
 from .operator import Operator
 from .reductions import Max, Mean, Min, Sum
 
@@ -227,6 +227,7 @@ class TrainModel(Model):
         self._model = model
         self.blocks = list(model.blocks)
         self.conns = dict(model.conns)
+        self._last_output, self._cin, self._cout = model._last_output, model._cin, model._cout
         self._losses: list[_Term] = []
         self._metrics: list[_Term] = []
         self._regs: list[_Reg] = []
@@ -281,10 +282,20 @@ class TrainModel(Model):
         if key_name in taken:
             raise KeyMismatchError(f"{what}: key_name '{key_name}' is already a terminal of the model")
 
+    def _terminal_name(self, t: Terminal, what: str) -> str:
+        """The name of the terminal a connection object (``model.cout``) refers to."""
+        c = self._resolve(t, what)
+        if c.name is None or self.conns.get(c.name) is not c or not c.exposed:
+            raise KeyMismatchError(f"{what}: {t!r} is an internal wire; make it an output first "
+                                   "with expose_keys(name=...)")
+        return c.name
+
     def _term(self, what: str, block: Any, steps: Sequence[Any] | None, key_name: str | None,
               connections: dict[str, Any], need_output: bool) -> _Term:
         if not isinstance(block, (Operator, Model)) or isinstance(block, TrainModel):
             raise TypeError(f"{what}: expected an operator or a Model, got {type(block).__name__}")
+        connections = {k: self._terminal_name(v, what) if isinstance(v, Terminal) else v
+                       for k, v in connections.items()}
         out = _single_output(block, what)
         if out in connections:
             raise KeyMismatchError(f"{what}: '{out}' is the output of {type(block).__name__}; "

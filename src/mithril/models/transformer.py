@@ -18,49 +18,28 @@ operator (instance or class) is used as given.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from . import layers
-from .activations import Relu
+from .activations import Gelu, Relu
 from .arithmetic import Add
 from .attention import MultiHeadAttention
 from .blocks import _make_activation
 from .model import IOKey, Model
-from .operator import Operator, backend_of
+from .operator import Operator
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    try:
-        from scipy.special import erf
-    except ImportError:  # pragma: no cover - scipy ships with scikit-learn
-        return np.vectorize(math.erf, otypes=[x.dtype])(x)
-    return erf(x)
-
-
-class ExactGelu(Operator):
+class ExactGelu(Gelu):
     """GELU with the Gaussian CDF, x·Φ(x) = ½·x·(1 + erf(x/√2)): torch's ``F.gelu`` default
-    (``approximate="none"``) and ``jax.nn.gelu(approximate=False)``. (:class:`Gelu` is the
-    tanh approximation.)"""
+    (``approximate="none"``) and ``jax.nn.gelu(approximate=False)``; :class:`Gelu`'s default."""
 
-    def forward(self, xp: Any, input: Any) -> Any:
-        kind = backend_of(xp)
-        if kind == "torch":
-            import torch.nn.functional as F
+    def __init__(self) -> None:
+        super().__init__(approximate=False)
 
-            return F.gelu(input)
-        if kind == "jax":
-            import jax
-
-            return jax.nn.gelu(input, approximate=False)
-        return 0.5 * input * (1 + _erf(input * (1 / math.sqrt(2))))
-
-    def vjp(self, g, out, args, wrt):
-        x = args["input"]
-        cdf = 0.5 * (1 + _erf(x * (1 / math.sqrt(2))))
-        return {"input": g * (cdf + x * np.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))}
+    def __repr__(self) -> str:
+        return "ExactGelu()"
 
 
 class Linear(layers.Linear):
