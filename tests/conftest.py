@@ -62,6 +62,27 @@ def run_python(code: str, timeout: float = 120) -> str:
     return res.stdout
 
 
+def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300) -> dict:
+    """``{case + "#" + key: array}`` of ``module.run(case, "jax")`` for every case of
+    ``module.cases``, computed in a fresh interpreter (JAX x64 is process-global)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "jax.npz")
+        run_python(f"""
+            import sys
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            import numpy as np
+            import {module} as t
+            flat = {{}}
+            for case in t.{cases}:
+                flat.update({{case + "#" + k: v for k, v in t.{run}(case, "jax").items()}})
+            np.savez({path!r}, **flat)
+            """, timeout=timeout)
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
 # ---------------------------------------------------------------------------------------------
 # shared by the optimizer parity tests
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_results_in_subprocess, to_np
 
 import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
@@ -281,20 +279,7 @@ def test_batchnorm_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_bn_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import numpy as np
-            import test_dropout_batchnorm as t
-            flat = {{}}
-            for case in t.BN_CASES:
-                flat.update({{case + "#" + k: v for k, v in t.run_mithril_bn(case, "jax").items()}})
-            np.savez({path!r}, **flat)
-            """, timeout=240)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    return jax_results_in_subprocess("test_dropout_batchnorm", "BN_CASES", "run_mithril_bn", timeout=240)
 
 
 @pytest.mark.parametrize("case", list(BN_CASES))

@@ -9,13 +9,10 @@ named errors.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_results_in_subprocess, to_np
 
 import mithril as ml
 from mithril.errors import ShapeError
@@ -133,20 +130,7 @@ def test_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import numpy as np
-            import test_recurrent as t
-            flat = {{}}
-            for case in t.ALL:
-                flat.update({{case + "#" + k: v for k, v in t.run_mithril(case, "jax").items()}})
-            np.savez({path!r}, **flat)
-            """, timeout=300)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    return jax_results_in_subprocess("test_recurrent", "ALL", "run_mithril", timeout=300)
 
 
 @pytest.mark.parametrize("case", ALL)
