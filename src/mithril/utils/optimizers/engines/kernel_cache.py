@@ -267,15 +267,60 @@ def _source(fn: types.FunctionType) -> str:
     return "".join(src.splitlines(True)[node.lineno - 1:])
 
 
+class _FileLock:
+    """An exclusive lock between processes on ``path`` (``fcntl.flock``; where there is no
+    ``fcntl``, only between this process's threads). numba's cache is not safe for
+    concurrent writers: two processes saving new signatures of one function both read the
+    index, both pick the first free data file name, and the last writer's index can then
+    point at the other's machine code (numba/numba#10128 is the same race for gufuncs).
+    Loads and saves of one cache folder therefore take this lock."""
+
+    _held = threading.RLock()  # re-entrant: a compile may load a callee's cache inside
+    _depth = 0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> _FileLock:
+        _FileLock._held.acquire()
+        _FileLock._depth += 1
+        if _FileLock._depth > 1:  # the outermost holder has the file lock
+            return self
+        try:
+            import fcntl
+
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # Windows (threads only), or a read-only folder
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._fd is not None:
+                os.close(self._fd)  # (closing releases the flock)
+                self._fd = None
+        finally:
+            _FileLock._depth -= 1
+            _FileLock._held.release()
+
+
 class _TolerantCache(FunctionCache):
     """numba's disk cache of one function, where a fault costs a compile, not the step: an
     entry that cannot be loaded (truncated, written by another version of this module) is
     compiled anew, and one that cannot be saved (a full disk) is not saved, each with a
-    :class:`KernelCacheWarning`."""
+    :class:`KernelCacheWarning`. Loads and saves hold the folder's :class:`_FileLock`."""
+
+    def _locked(self) -> _FileLock:
+        return _FileLock(Path(self.cache_path) / ".mithril-cache.lock")
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:
-            return super().load_overload(sig, target_context)
+            with self._locked():
+                return super().load_overload(sig, target_context)
         except Exception as e:
             warnings.warn(f"mithril: cannot load the cached kernel {self._py_func.__qualname__} "
                           f"from {self.cache_path} ({type(e).__name__}: {e}); compiling it again",
@@ -284,7 +329,8 @@ class _TolerantCache(FunctionCache):
 
     def save_overload(self, sig: Any, data: Any) -> None:
         try:
-            super().save_overload(sig, data)
+            with self._locked():
+                super().save_overload(sig, data)
         except Exception as e:
             warnings.warn(f"mithril: cannot save the compiled kernel {self._py_func.__qualname__} "
                           f"to {self.cache_path} ({type(e).__name__}: {e})", KernelCacheWarning,
