@@ -70,6 +70,22 @@ def run_python(code: str, timeout: float = 120) -> str:
     return res.stdout
 
 
+def central_differences(f, params: dict, eps: float) -> dict:
+    """Per parameter, the central differences ``(f(p + eps·e_i) − f(p − eps·e_i)) / 2eps`` of
+    the scalar function ``f(params)`` (``params`` itself is not modified)."""
+    out = {}
+    for name, value in params.items():
+        fd = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            hi, lo = dict(params), dict(params)
+            hi[name], lo[name] = value.copy(), value.copy()
+            hi[name][i] += eps
+            lo[name][i] -= eps
+            fd[i] = (f(hi) - f(lo)) / (2 * eps)
+        out[name] = fd
+    return out
+
+
 def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300) -> dict:
     """``{case + "#" + key: array}`` of ``module.run(case, "jax")`` for every case of
     ``module.cases``, computed in a fresh interpreter (JAX x64 is process-global)."""

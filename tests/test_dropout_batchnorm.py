@@ -21,7 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_results_in_subprocess, to_np
+from conftest import BACKENDS, central_differences, jax_results_in_subprocess, to_np
 
 import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
@@ -115,14 +115,7 @@ def test_dropout_gradient_uses_the_mask_and_matches_finite_differences(eps=1e-6)
     def f(p):
         return float((compiled.evaluate(p, {"input": x}, step=5)["output"] * cot).sum())
 
-    for name, value in params.items():
-        fd = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            hi, lo = dict(params), dict(params)
-            hi[name], lo[name] = value.copy(), value.copy()
-            hi[name][i] += eps
-            lo[name][i] -= eps
-            fd[i] = (f(hi) - f(lo)) / (2 * eps)
+    for name, fd in central_differences(f, params, eps).items():
         assert np.abs(grads[name] - fd).max() < 1e-7, name
     assert compiled.step == 0  # an explicit step leaves the counter alone
     # the other backends: the same gradient (the same mask)
@@ -308,14 +301,7 @@ def test_batchnorm_numpy_vjp_matches_finite_differences(make, shape, training, e
     def f(p):
         return float((compiled.evaluate(p, {}, state=state, training=training)[0]["output"] * cot).sum())
 
-    for name, value in params.items():
-        fd = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            hi, lo = dict(params), dict(params)
-            hi[name], lo[name] = value.copy(), value.copy()
-            hi[name][i] += eps
-            lo[name][i] -= eps
-            fd[i] = (f(hi) - f(lo)) / (2 * eps)
+    for name, fd in central_differences(f, params, eps).items():
         assert np.abs(grads[name] - fd).max() < 1e-7, name
 
 

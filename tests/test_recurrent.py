@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_results_in_subprocess, to_np
+from conftest import BACKENDS, central_differences, jax_results_in_subprocess, to_np
 
 import mithril as ml
 from mithril.errors import ShapeError
@@ -156,14 +156,7 @@ def test_numpy_bptt_matches_finite_differences(make, eps=1e-6):
         out = compiled.evaluate(p, {})
         return sum(float((out[k] * cots[k]).sum()) for k in cots)
 
-    for name, value in params.items():
-        fd = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            hi, lo = dict(params), dict(params)
-            hi[name], lo[name] = value.copy(), value.copy()
-            hi[name][i] += eps
-            lo[name][i] -= eps
-            fd[i] = (f(hi) - f(lo)) / (2 * eps)
+    for name, fd in central_differences(f, params, eps).items():
         assert np.abs(grads[name] - fd).max() < 1e-7, name
 
 
