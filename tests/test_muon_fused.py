@@ -59,6 +59,56 @@ def test_in_place_step_is_torch_bit_for_bit(fused_calls, dtype, kw):
     assert state.last_grad_norm == pytest.approx(norm, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_backend_takes_torchs_in_place_step_bit_for_bit(fused_calls, dtype):
+    """On NumPy (torch installed) the bfloat16 step runs torch's operations on zero-copy
+    views of our buffers: torch.optim.Muon's bits, in place from the second step on."""
+    rng = np.random.default_rng(4)
+    p0 = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+    gs = grads(dtype, 8, rng)
+    tp = {k: torch.tensor(v) for k, v in p0.items()}
+    ref = torch.optim.Muon(list(tp.values()), lr=0.02)
+    opt = Muon(0.02, fallback=None)
+    params = {k: v.copy() for k, v in p0.items()}
+    state = opt.init(params)
+    for g in gs:
+        for k, p in tp.items():
+            p.grad = torch.tensor(g[k])
+        ref.step()
+        given = {k: v.copy() for k, v in g.items()}
+        params, state = opt.update(params, given, state)
+        for k in SHAPES:
+            assert isinstance(params[k], np.ndarray)
+            np.testing.assert_array_equal(params[k], tp[k].numpy())
+            np.testing.assert_array_equal(given[k], g[k])  # not written
+            np.testing.assert_array_equal(state.slot("momentum_buffer")[k],
+                                          ref.state[tp[k]]["momentum_buffer"].numpy())
+    assert fused_calls[0] is False and all(fused_calls[1:])
+    norm = np.sqrt(sum((gs[-1][k].astype(np.float64) ** 2).sum() for k in SHAPES))
+    assert state.last_grad_norm == pytest.approx(norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_an_lr_beyond_float32_makes_params_non_finite_and_warns(fused_calls, backend):
+    """torch's ``add_`` refuses an ``alpha`` its dtype cannot hold (midway through a step):
+    here such a step is taken whole, by the per-tensor path, and warns as any other."""
+    rng = np.random.default_rng(5)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    if backend == "torch":
+        params = {k: torch.tensor(v) for k, v in params.items()}
+    opt = Muon(1e-3, fallback=None, weight_decay=0.0)
+    state = opt.init(params)
+    g = grads("float32", 1, rng)[0]
+    if backend == "torch":
+        g = {k: torch.tensor(v) for k, v in g.items()}
+    params, state = opt.update(params, g, state)  # the first step: the per-tensor path
+    opt.set_learning_rate(1e39)  # beyond float32: the update overflows
+    with pytest.warns(RuntimeWarning, match="made params or state non-finite"):
+        params, state = opt.update(params, g, state)
+    assert fused_calls == [False, False]
+    assert state.num_nonfinite == 1 and not np.isfinite(np.asarray(params["sq"])).all()
+
+
 @pytest.mark.parametrize("kw", [{"nonfinite": "skip"}, {"clip_norm": 1.0}, {"ema_decay": 0.9},
                                 {"clip_value": 0.5}])
 def test_options_needing_the_whole_step_first_take_the_per_tensor_path(fused_calls, kw):

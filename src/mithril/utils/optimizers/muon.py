@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,8 +17,9 @@ from . import groups as _groups
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .engines import kernel_cache
+from .engines.kernels import exponent_bits
 from .state import OptimizerState
-from .tensorwise import NumpyOps, TensorwiseOptimizer, ops_for
+from .tensorwise import NumpyOps, TensorwiseOptimizer, TorchOps, ops_for
 
 #: torch's (Keller Jordan's) quintic Newton–Schulz coefficients, steps and epsilon
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -66,6 +68,23 @@ def _sumsq(x: Any) -> float:  # pragma: no cover - compiled
         v = np.float64(x[i])
         acc += v * v
     return acc
+
+
+@kernel_cache.jit(nogil=True)
+def _max_exponent(x: Any) -> int:  # pragma: no cover - compiled
+    """The largest exponent field in a non-empty 1-D float buffer (all ones: an inf or a
+    NaN somewhere): an integer max, one vectorised pass, no temporary."""
+    z = exponent_bits(x[0])
+    for i in range(1, x.size):
+        z = max(z, exponent_bits(x[i]))
+    return z
+
+
+def _finite(a: Any) -> bool:
+    """Whether a CPU array (NumPy, or a torch tensor's memory) holds no inf or NaN."""
+    flat = (a if isinstance(a, np.ndarray) else a.detach().numpy()).reshape(-1)
+    return int(_max_exponent(flat)) != (0x7F800000 if flat.dtype.itemsize == 4
+                                        else 0x7FF0000000000000)
 
 
 _scratch = threading.local()
@@ -162,6 +181,34 @@ def _newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: i
     return None
 
 
+_TORCH: dict[str, Any] = {}
+
+
+def _torch_for_numpy() -> TorchOps | None:
+    """torch's ops, where it is installed and ``MITHRIL_MUON_TORCH=0`` is not set, else None.
+    NumPy has no bfloat16 matrix product, and torch's CPU one (oneDNN) is 3-4x OpenBLAS'
+    float32 one, so Muon's bfloat16 step on the NumPy backend runs torch's very operations
+    on zero-copy views of the arrays (the same bits as ``torch.optim.Muon``); without torch
+    it is emulated with float32 BLAS (:func:`_newton_schulz_numpy`)."""
+    if "module" not in _TORCH:
+        import importlib.util
+
+        found = (os.environ.get("MITHRIL_MUON_TORCH", "1") != "0"
+                 and importlib.util.find_spec("torch") is not None)
+        _TORCH["module"] = TorchOps() if found else None
+    return _TORCH["module"]
+
+
+def _grad_sumsq(torch: Any, g: Any) -> float:
+    """Σ g² in float64 (as :meth:`.TorchOps.sumsq`, to the last bits' rounding): on the CPU
+    in one numba pass over the memory, else through one float64 copy."""
+    if isinstance(g, np.ndarray):
+        return float(_sumsq(g.reshape(-1)))
+    if g.device.type == "cpu":
+        return float(_sumsq(g.detach().reshape(-1).numpy()))
+    return float(g.detach().to(torch.float64, copy=True).square_().sum())
+
+
 def _lerp_scratch(xp: NumpyOps, a: Any, b: Any, w: float) -> Any:
     """``xp.lerp(a, b, w)`` (the same bits) into a scratch buffer on NumPy and torch (the
     Newton–Schulz input: used at once)."""
@@ -183,6 +230,8 @@ def _add_scaled_scratch(xp: NumpyOps, p: Any, o: Any, alpha: float) -> Any:
     """``xp.add_scaled(p, o, alpha)`` (the same bits) with one new array, ``o`` being a
     scratch buffer of :func:`_newton_schulz` (NumPy: overwritten; torch: a bfloat16 ``o``
     widened into another first, which torch's mixed-dtype ``add`` would allocate)."""
+    if xp.name == "torch" and abs(alpha) > xp.m.finfo(p.dtype).max:
+        return p + o.to(p.dtype) * alpha  # torch's add refuses such an alpha: inf, as NumPy
     if xp.name == "numpy" and o.dtype == p.dtype:
         return np.add(p, np.multiply(o, alpha, out=o))
     if xp.name == "torch" and o.dtype != p.dtype and o.is_floating_point():
@@ -375,6 +424,15 @@ class Muon(TensorwiseOptimizer):
         if g.ndim != 2:
             raise ShapeError(f"Muon's matrix path takes 2-D parameters; '{name}' has shape "
                              f"{tuple(g.shape)}")
+        tops = (_torch_for_numpy() if xp.name == "numpy" and self.ns_dtype == "bfloat16"
+                and p.dtype.char in "fd" else None)
+        if tops is not None:  # torch's operations on zero-copy views (_torch_for_numpy)
+            def view(a: Any) -> Any:
+                return tops.m.from_numpy(np.require(a, requirements=("C", "W")))
+
+            new_p, new = self.tensor_update(tops, view(p), view(g), {
+                k: view(v) for k, v in slots.items()}, scalars, name)
+            return new_p.numpy(), {k: v.numpy() for k, v in new.items()}
         buf = xp.lerp(slots["momentum_buffer"], g, 1 - self.momentum)
         u = _lerp_scratch(xp, g, buf, self.momentum) if self.nesterov else buf
         args = (xp, u, self.ns_coefficients, self.ns_steps, self.epsilon, self.ns_dtype)
@@ -389,11 +447,15 @@ class Muon(TensorwiseOptimizer):
                    ) -> tuple[dict[str, Any], bool, float, bool] | None:
         """torch.optim.Muon's own in-place step (the same operations, so the same bits as
         the per-tensor path, without its copies) where nothing needs the whole step
-        computed before it is written: on torch, params the state's own (``ours``),
-        ``nonfinite="propagate"``, no clipping, no weight averaging, every parameter a
-        matrix with a gradient. Else None (the per-tensor path)."""
+        computed before it is written: on torch (or on NumPy with the bfloat16 iteration,
+        through zero-copy torch views: :func:`_torch_for_numpy`), params the state's own
+        (``ours``), ``nonfinite="propagate"``, no clipping, no weight averaging, every
+        parameter a matrix with a gradient. Else None (the per-tensor path)."""
         lay = state.layout
         xp = ops_for(state.engine.backend)
+        on_numpy = xp.name == "numpy" and self.ns_dtype == "bfloat16"
+        if on_numpy:
+            xp = _torch_for_numpy() or xp
         if (xp.name != "torch" or not ours or state.param_views is None
                 or self.nonfinite != "propagate" or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
@@ -405,26 +467,35 @@ class Muon(TensorwiseOptimizer):
                or r.clip_block_rms is not None or r.adaptive_clip is not None
                or (r.weight_decay and r.weight_decay_in_math) for r in rows):
             return None
-        t = state.step + 1
+        torch, t = xp.m, state.step + 1
+
+        def view(a: Any) -> Any:  # NumPy: a torch view of the same memory
+            return torch.from_numpy(np.require(a, requirements=("C", "W"))) if on_numpy else a
+
+        top = torch.finfo(getattr(torch, np.dtype(lay.dtype).name)).max
+        lrs = [adjusted_lr(r.scalars(t)[0], r.adjust_lr_fn, s) for r, s in zip(rows, lay.shapes)]
+        if any(abs(lr) > top for lr in lrs):  # torch's add_ would refuse it midway
+            return None
         bufs = state.slot_layout("momentum_buffer").unflatten(state.slots["momentum_buffer"])
-        with xp.m.no_grad():
-            # TorchOps.sumsq's value (x² is exact in float64), one float64 copy fewer
-            norm = math.sqrt(sum(float(g.detach().to(xp.m.float64, copy=True).square_().sum())
-                                 for g in gradients.values()))
-            for row, name in zip(rows, lay.names):
-                p, g, buf = params[name], gradients[name], bufs[name]
+        cpu = on_numpy or state.params_flat.device.type == "cpu"
+        sumsq, finite = 0.0, True
+        with torch.no_grad():
+            for row, name, lr in zip(rows, lay.names, lrs):
+                p, g, buf = view(params[name]), view(gradients[name]), view(bufs[name])
+                sumsq += _grad_sumsq(torch, g)  # each tensor's passes while it is in cache
                 buf.lerp_(g, 1 - row.momentum)
                 u = _lerp_scratch(xp, g, buf, row.momentum) if row.nesterov else buf
                 o = _newton_schulz(xp, u, row.ns_coefficients, row.ns_steps, row.epsilon,
                                    self.ns_dtype)
                 if row.weight_decay:  # decoupled, as the per-tensor path
                     p.mul_(1.0 - row.learning_rate * row.weight_decay)
-                lr = adjusted_lr(row.scalars(t)[0], row.adjust_lr_fn, tuple(p.shape))
                 p.add_(o, alpha=-lr)
-            # every parameter and momentum buffer is new: their flat buffers, checked whole
-            finite = (xp.all_finite(state.params_flat)
-                      and xp.all_finite(state.slots["momentum_buffer"]))
-        return dict(params), True, norm, finite
+                if cpu:
+                    finite = finite and _finite(p) and _finite(buf)
+            if not cpu:  # every parameter and momentum buffer is new: the flat buffers
+                finite = (xp.all_finite(state.params_flat)
+                          and xp.all_finite(state.slots["momentum_buffer"]))
+        return dict(params), True, math.sqrt(sumsq), finite
 
     def tensor_rows(self, state: OptimizerState) -> list[Any]:
         rows = super().tensor_rows(state)
