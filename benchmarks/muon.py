@@ -6,25 +6,22 @@ median time per step is printed with its ratio to torch's (the median of per-ste
 the three run in turn step by step, so a machine's changing load hits all alike).
 
 Ours runs on the torch backend (the very operations torch runs: the bfloat16
-Newton–Schulz iteration included), on the NumPy backend (bfloat16 emulated: float32
-matrix products, each result rounded to bfloat16) and, where JAX is installed, on JAX
-(eager, emulated as on NumPy). With ``--ns-dtype float32`` ours iterates in float32
-instead (torch has no such option: its timing stays bfloat16's).
+Newton–Schulz iteration included), on the NumPy backend (where torch is installed, the same
+torch operations on zero-copy views of our NumPy buffers; ``--numpy-emulated`` times the
+path taken without torch: float32 matrix products, each result rounded to bfloat16) and,
+where JAX is installed, on JAX (eager, emulated). With ``--ns-dtype float32`` ours iterates
+in float32 instead (torch has no such option: its timing stays bfloat16's).
 
-Where the time goes (one thread): torch's 15 bfloat16 products per matrix run on
-oneDNN's AVX512-BF16 kernels, ~0.58 ms each for 512×512 on the AMD Zen 4 this was written
-on; NumPy has float32 BLAS only: OpenBLAS ``sgemm`` ~2.2 ms and ``ssyrk`` ~1.7 ms (X·Xᵀ,
-and A·A computed as A·Aᵀ), so the NumPy path is bound near 3x torch's time however little
-else it does. (NumPy's OpenBLAS 0.3.31 runs its AVX2 "Haswell" kernels on Zen 4;
-``OPENBLAS_CORETYPE=SkylakeX`` selects the AVX-512 ones: ``sgemm`` ~1.1 ms, ~2x torch's.)
+Where the emulated path's time goes (one thread): torch's 15 bfloat16 products per matrix
+run on oneDNN's AVX512-BF16 kernels, ~0.58 ms each for 512×512 on the AMD Zen 4 this was
+written on; NumPy has float32 BLAS only: OpenBLAS ``sgemm`` ~2.2 ms and ``ssyrk`` ~1.7 ms,
+so that path is bound near 3x torch's time however little else it does.
 
 Before timing, two steps of each from the same params and gradients (the second on the
-arrays the first returned: on torch, the in-place path that is timed) are checked against
-torch's: on the torch backend equal to the last bit; on NumPy to bfloat16 rounding (the
-updates differ by at most 2⁻⁶ in Frobenius norm, relative; float32 sums of 512 products
-round differently from torch's, and the iteration spreads each flipped bfloat16 rounding;
-for scale, the same step with a float64 iteration is printed: torch's bfloat16 is that far
-from exact).
+arrays the first returned: the in-place path that is timed) are checked against torch's:
+equal to the last bit on the torch and NumPy backends; emulated, to bfloat16 rounding (for
+scale, the same step with a float64 iteration is printed: torch's bfloat16 is that far from
+exact).
 All run on ``--threads`` threads (torch's intra-op pool, NumPy's BLAS, XLA's CPU pool).
 
 ``--clock cpu`` times each step by the process's CPU time instead of the wall clock (all
@@ -121,6 +118,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--no-jax", action="store_true", help="leave JAX out")
+    ap.add_argument("--numpy-emulated", action="store_true",
+                    help="the NumPy backend's path without torch (float32 BLAS, rounded)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: this process's CPU time (all its threads), for a machine "
                          "busy with other work")
@@ -131,6 +130,10 @@ def main() -> None:
     except ImportError:
         args.no_jax = True
     kinds = ["torch", "numpy"] + ([] if args.no_jax else ["jax"])
+    if args.numpy_emulated:
+        from mithril.utils.optimizers import muon
+
+        muon._TORCH["module"] = None  # as without torch installed
     torch.set_num_threads(args.threads)
     start, grads = data(args.pool)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {N_MATRICES} "
@@ -149,7 +152,8 @@ def main() -> None:
         print(f"check: two steps, ours on {kind:5s} ({ns_dtype}) vs torch: the updates "
               f"differ by {err:.1e} (Frobenius, relative)")
         if ns_dtype == "bfloat16":  # float64: bfloat16's own error, for scale
-            assert err <= (0.0 if kind == "torch" else 2.0 ** -6), err
+            exact = kind == "torch" or (kind == "numpy" and not args.numpy_emulated)
+            assert err <= (0.0 if exact else 2.0 ** -6), err
 
     names = ["torch.optim.Muon"] + [f"ours, {k} backend" for k in kinds]
     steps = [make_torch(start, grads)[0]] + [make_ours(k, start, grads, args.ns_dtype)[0]

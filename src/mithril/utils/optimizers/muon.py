@@ -320,8 +320,9 @@ class Muon(TensorwiseOptimizer):
     ``adjust_lr_fn``: None / ``"original"`` gives ``lr·√max(1, rows/cols)``,
     ``"match_rms_adamw"`` ``0.2·lr·√max(rows, cols)`` (Moonshot's, to reuse AdamW's lr and
     weight decay). ``ns_dtype``: the Newton–Schulz iteration's precision; ``"bfloat16"`` as
-    torch (on torch the very same operations; on NumPy and JAX emulated: float32 arithmetic,
-    each result rounded to bfloat16, which agrees with torch's to bfloat16 rounding), or
+    torch (on torch the very same operations; on NumPy too, through zero-copy torch views,
+    where torch is installed; else, and on JAX, emulated: float32 arithmetic, each result
+    rounded to bfloat16, which agrees with torch's to bfloat16 rounding), or
     ``"float32"``, ``"float64"``, None (the parameters' dtype, as Keras).
 
     Every parameter that is not a matrix (biases, norms, scalars, conv kernels) is updated
