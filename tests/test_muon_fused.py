@@ -34,7 +34,8 @@ def fused_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kw", [{}, {"nesterov": False, "weight_decay": 0.0},
-                                {"ns_steps": 3, "adjust_lr_fn": "match_rms_adamw"}])
+                                {"ns_steps": 3, "adjust_lr_fn": "match_rms_adamw"},
+                                {"momentum": 0.3}, {"momentum": 0.3, "nesterov": False}])
 def test_in_place_step_is_torch_bit_for_bit(fused_calls, dtype, kw):
     rng = np.random.default_rng(0)
     p0 = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
@@ -57,6 +58,34 @@ def test_in_place_step_is_torch_bit_for_bit(fused_calls, dtype, kw):
     assert fused_calls[0] is False and all(fused_calls[1:])  # the first: the user's arrays
     norm = np.sqrt(sum((gs[-1][k].astype(np.float64) ** 2).sum() for k in SHAPES))
     assert state.last_grad_norm == pytest.approx(norm, rel=1e-12)
+
+
+def test_fused_passes_round_as_torch_with_nan_and_odd_sizes():
+    """The numba passes (float32): torch's lerp, bfloat16 cast and add, to the bit, on
+    sizes that leave vector tails, with NaN and inf in the gradient."""
+    from mithril.utils.optimizers.engines import muon_kernels as K
+
+    rng = np.random.default_rng(7)
+    for n, mu in [(1, 0.95), (17, 0.95), (1003, 0.3), (4099, 0.5)]:
+        g = rng.standard_normal(n).astype(np.float32)
+        if n > 3:
+            g[[1, n // 2, n - 1]] = [np.nan, np.inf, -np.inf]
+        b = rng.standard_normal(n).astype(np.float32)
+        tb, tg = torch.tensor(b), torch.tensor(g)
+        tb.lerp_(tg, 1 - mu)
+        want16 = tg.lerp(tb, mu).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        x16 = np.empty(n, np.uint16)
+        s, z = K.momentum_pass(b, g, x16, *K.weights(1 - mu), *K.weights(mu), True)
+        np.testing.assert_array_equal(b, tb.numpy())
+        nan = np.isnan(tg.lerp(tb, mu).numpy())
+        np.testing.assert_array_equal(x16[~nan], want16[~nan])
+        assert (x16[nan] & 0x7FFF > 0x7F80).all()  # NaN stays NaN
+        assert s == pytest.approx(float((g.astype(np.float64) ** 2).sum()), rel=1e-12, nan_ok=True)
+        p = rng.standard_normal((n, 1)).astype(np.float32)
+        o = torch.tensor(rng.standard_normal((1, n)).astype(np.float32)).bfloat16().T
+        want = torch.tensor(p).mul_(0.998).add_(o, alpha=-0.03).numpy()
+        K.apply_pass(p, K.bits16(o), np.float32(0.998), True, np.float32(-0.03))
+        np.testing.assert_array_equal(p, want)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

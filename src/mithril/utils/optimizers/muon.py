@@ -17,7 +17,7 @@ from . import groups as _groups
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .engines import kernel_cache
-from .engines.kernels import exponent_bits
+from .engines import muon_kernels as _mk
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer, TorchOps, ops_for
 
@@ -68,23 +68,6 @@ def _sumsq(x: Any) -> float:  # pragma: no cover - compiled
         v = np.float64(x[i])
         acc += v * v
     return acc
-
-
-@kernel_cache.jit(nogil=True)
-def _max_exponent(x: Any) -> int:  # pragma: no cover - compiled
-    """The largest exponent field in a non-empty 1-D float buffer (all ones: an inf or a
-    NaN somewhere): an integer max, one vectorised pass, no temporary."""
-    z = exponent_bits(x[0])
-    for i in range(1, x.size):
-        z = max(z, exponent_bits(x[i]))
-    return z
-
-
-def _finite(a: Any) -> bool:
-    """Whether a CPU array (NumPy, or a torch tensor's memory) holds no inf or NaN."""
-    flat = (a if isinstance(a, np.ndarray) else a.detach().numpy()).reshape(-1)
-    return int(_max_exponent(flat)) != (0x7F800000 if flat.dtype.itemsize == 4
-                                        else 0x7FF0000000000000)
 
 
 _scratch = threading.local()
@@ -146,13 +129,17 @@ def _newton_schulz_numpy(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
 
 
 def _newton_schulz_torch(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: int,
-                         eps: float, dtype: str | None) -> Any:
+                         eps: float, dtype: str | None, owned: bool = False) -> Any:
     """:func:`newton_schulz` on torch: torch's very operations (the same bits), the
     products written into this thread's scratch buffers (``out=``; the result is one:
-    use it before the next call)."""
+    use it before the next call). ``owned``: ``G`` is already the copy in ``dtype`` that
+    torch makes first (a scratch buffer of :meth:`Muon.fused_step`), iterated in place."""
     torch = xp.m
     a, b, c = coefficients
-    X = G.clone() if dtype is None else G.to(getattr(torch, dtype), copy=True)
+    if owned:
+        X = G
+    else:
+        X = G.clone() if dtype is None else G.to(getattr(torch, dtype), copy=True)
     tall = G.shape[0] > G.shape[1]
     if tall:
         X = X.T
@@ -197,16 +184,6 @@ def _torch_for_numpy() -> TorchOps | None:
                  and importlib.util.find_spec("torch") is not None)
         _TORCH["module"] = TorchOps() if found else None
     return _TORCH["module"]
-
-
-def _grad_sumsq(torch: Any, g: Any) -> float:
-    """Σ g² in float64 (as :meth:`.TorchOps.sumsq`, to the last bits' rounding): on the CPU
-    in one numba pass over the memory, else through one float64 copy."""
-    if isinstance(g, np.ndarray):
-        return float(_sumsq(g.reshape(-1)))
-    if g.device.type == "cpu":
-        return float(_sumsq(g.detach().reshape(-1).numpy()))
-    return float(g.detach().to(torch.float64, copy=True).square_().sum())
 
 
 def _lerp_scratch(xp: NumpyOps, a: Any, b: Any, w: float) -> Any:
@@ -479,11 +456,16 @@ class Muon(TensorwiseOptimizer):
             return None
         bufs = state.slot_layout("momentum_buffer").unflatten(state.slots["momentum_buffer"])
         cpu = on_numpy or state.params_flat.device.type == "cpu"
+        passes = cpu and lay.dtype == "float32" and self.ns_dtype == "bfloat16"
         sumsq, finite = 0.0, True
         with torch.no_grad():
             for row, name, lr in zip(rows, lay.names, lrs):
                 p, g, buf = view(params[name]), view(gradients[name]), view(bufs[name])
-                sumsq += _grad_sumsq(torch, g)  # each tensor's passes while it is in cache
+                if passes:  # the elementwise work in two numba passes (muon_kernels)
+                    s, ok = _mk.step_matrix(xp, p, g, buf, row, lr, _newton_schulz_torch)
+                    sumsq, finite = sumsq + s, finite and ok
+                    continue
+                sumsq += _mk.grad_sumsq(torch, g)  # each tensor's passes while it is in cache
                 buf.lerp_(g, 1 - row.momentum)
                 u = _lerp_scratch(xp, g, buf, row.momentum) if row.nesterov else buf
                 o = _newton_schulz(xp, u, row.ns_coefficients, row.ns_steps, row.epsilon,
@@ -492,7 +474,7 @@ class Muon(TensorwiseOptimizer):
                     p.mul_(1.0 - row.learning_rate * row.weight_decay)
                 p.add_(o, alpha=-lr)
                 if cpu:
-                    finite = finite and _finite(p) and _finite(buf)
+                    finite = finite and _mk.finite(p) and _mk.finite(buf)
             if not cpu:  # every parameter and momentum buffer is new: the flat buffers
                 finite = (xp.all_finite(state.params_flat)
                           and xp.all_finite(state.slots["momentum_buffer"]))
