@@ -2,6 +2,7 @@
 and the cost model of ``docs/distributed.md`` fed with what was measured.
 
     python benchmarks/distributed_step.py [--params 4000000] [--steps 20] [--json out.json]
+    python benchmarks/distributed_step.py --jax [--steps 20]   # JAX, 1 vs 2 CPU devices
 
 For 1 process and for 2 (loopback gloo, started here as subprocesses), replicated
 (``shard_state=False``) and sharded: the median time of one ``DataParallel.update`` of fp32
@@ -140,15 +141,74 @@ def cost_model(one: dict, two: dict, a: dict = ASSUMED) -> dict:
     return res
 
 
+def _jax_bench(steps: int) -> list[dict]:
+    """JAX (``--jax``, run with 2 CPU devices): the fused train step of an MLP on 1 and 2
+    devices, replicated and sharded state: median step time and state bytes per device."""
+    import jax
+
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.distributed.jax_parallel import make_sharded_train_step, state_bytes_per_device
+    from mithril.utils.optimizers import Adam
+
+    spec = mlp_spec(256, 10, (1024, 1024))
+    rng = np.random.default_rng(0)
+    data = {"input": rng.normal(size=(512, 256)).astype(np.float32),
+            "target": rng.integers(0, 10, size=512)}
+    out = []
+    for devices, shard in ((1, False), (2, False), (2, True)):
+        model = ml.compile(spec.model, JaxBackend(dtype="float32", seed=0), shapes=spec.shapes)
+        params = model.get_parameters()
+        step = make_sharded_train_step(model, Adam(1e-3), loss="loss", devices=devices,
+                                       shard_state=shard)
+        state = step.init(params)
+        times = []
+        for _ in range(steps + 2):
+            t0 = time.perf_counter()
+            params, state, res = step(params, state, data)
+            jax.block_until_ready((params, state))
+            times.append(time.perf_counter() - t0)
+        per = state_bytes_per_device(state.slots)
+        out.append({"devices": devices, "shard_state": shard,
+                    "params": int(sum(np.prod(v.shape) for v in params.values())),
+                    "step_s": float(np.median(times[2:])),
+                    "state_bytes_per_device": [per[k] for k in sorted(per)]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=int, default=4_000_000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--jax", action="store_true", help="time the JAX step on 1 and 2 CPU "
+                    "devices instead (jax.sharding; a subprocess with 2 devices)")
+    ap.add_argument("--jax-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.jax_child:
+        print(json.dumps(_jax_bench(args.steps)))
+        return
+    if args.jax:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        done = subprocess.run([sys.executable, __file__, "--jax-child", "--steps",
+                               str(args.steps)], env=env, capture_output=True, text=True,
+                              check=True)
+        rows = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"JAX fp32 Adam, MLP of {rows[0]['params']:,} parameters, batch 512 (measured, "
+              f"median of {args.steps} steps, 2 CPU devices of this 2-core machine)")
+        for r in rows:
+            mode = "sharded" if r["shard_state"] else "replicated"
+            print(f"  {r['devices']} device(s) {mode:>10}: {1e3 * r['step_s']:8.2f} ms/step, "
+                  f"state bytes per device {r['state_bytes_per_device']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.rank is not None:  # one of the two ranks
         from mithril import distributed as dist
 

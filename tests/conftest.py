@@ -14,14 +14,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before NumPy / torch load their thread pools
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one kernel cache folder per test process: with
-    # one shared fresh folder, concurrent processes gave float32 kernels of the in-place and
-    # double-buffer variants that differ by 1-2 ulp (an open issue of the kernel cache, #16)
-    from pathlib import Path as _Path
-
-    _base = os.environ.get("MITHRIL_CACHE_DIR") or str(
-        _Path(os.environ.get("XDG_CACHE_HOME") or _Path.home() / ".cache") / "mithril")
-    os.environ["MITHRIL_CACHE_DIR"] = os.path.join(_base, "pytest-" + os.environ["PYTEST_XDIST_WORKER"])
 
 import contextlib  # noqa: E402
 import subprocess  # noqa: E402

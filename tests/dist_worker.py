@@ -127,6 +127,81 @@ def job_equivalence(rank: int, world: int, out: str, ckpt: str) -> dict:
     return res
 
 
+#: (backend, compute dtype) of the mixed-precision runs; the loss scale starts at 2**10,
+#: grows every 3 finite steps, and at step MP_BAD one row of rank 1's share is inf
+MP_CONFIGS = [("numpy", "float32"), ("numpy", "float16"), ("torch", "float16")]
+MP_STEPS, MP_BAD = 12, 5
+
+
+def run_mixed(cfg: tuple, rank: int, world: int, wrap: bool = True) -> dict[str, Any]:
+    """MixedPrecisionTrainer (dynamic loss scaling) on a small MLP, on this rank's rows of
+    every batch; the float32 masters, the loss scales and the skipped steps."""
+    import mithril as ml
+    from mithril.backends import NumpyBackend, TorchBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.distributed import DataParallel
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+
+    backend, dtype = cfg
+    spec = mlp_spec(6, 3, (8,))
+    be = (NumpyBackend if backend == "numpy" else TorchBackend)(dtype=dtype, seed=0)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    opt = make_opt("adam")
+    trainer = MixedPrecisionTrainer(compiled, DataParallel(opt) if wrap else opt,
+                                    compiled.get_parameters(), loss_scale=2.0**10,
+                                    growth_interval=3)
+    part = BATCH // world
+    scales, skipped = [], []
+    for t in range(MP_STEPS):
+        x, _ = batch(t, "float32")
+        y = np.random.default_rng(200 + t).integers(0, 3, size=BATCH)
+        if t == MP_BAD:
+            x[BATCH - 1, 2] = np.inf  # in rank 1's share only
+        xs, ys = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+        with np.errstate(all="ignore"):
+            trainer.forward({"input": be.array(xs), "target": be.array(ys, be.int_dtype)})
+            _, _, ok = trainer.backward_and_update({"loss": 1.0})
+        scales.append(trainer.loss_scale)
+        skipped.append(not ok)
+    masters = {n: np.asarray(be.to_numpy(v), dtype=np.float64)
+               for n, v in trainer.master_params.items()}
+    return {"params": masters, "scales": scales, "skipped": skipped,
+            "num_skipped": trainer.num_skipped_steps}
+
+
+def job_mixed(rank: int, world: int) -> dict:
+    res: dict[str, Any] = {}
+    for cfg in MP_CONFIGS:
+        r = run_mixed(cfg, rank, world)
+        r["params"] = {n: a.tolist() for n, a in r["params"].items()}
+        res[key(cfg)] = r
+    return res
+
+
+def job_resume4(rank: int, world: int, ckpt: str) -> dict:
+    """Load the 2-rank checkpoint on 4 ranks (what each holds), take 3 more steps, save."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    dp = DataParallel(make_opt("adam"), shard_state=True)
+    params, state = load_sharded(os.path.join(ckpt, "two"), dp)
+    res: dict[str, Any] = {"owned": list(state.owned), "step": state.step,
+                           "loaded": {n: np.asarray(a).tolist() for n, a in params.items()},
+                           "loaded_slots": {s: {n: np.asarray(a).tolist()
+                                                for n, a in state.slot(s).items()}
+                                            for s in state.local.slots}}
+    part = BATCH // world
+    for t in range(STEPS, STEPS + 3):
+        x, y = batch(t, "float64")
+        g = grads(params, x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part])
+        params, state = dp.update(params, g, state)
+    save_sharded(os.path.join(ckpt, "four"), {n: np.asarray(a) for n, a in params.items()},
+                 dp, state)
+    res["params"] = {n: np.asarray(a).tolist() for n, a in params.items()}
+    res["slots"] = {s: {n: np.asarray(a).tolist() for n, a in state.slot(s).items()}
+                    for s in state.local.slots}
+    return res
+
+
 def job_faults(rank: int, world: int) -> dict:
     from mithril.distributed import DataParallel
 
@@ -172,8 +247,14 @@ def main() -> None:
     from mithril import distributed as dist
 
     dist.init(rank, world, master_port=port, timeout=float(os.environ.get("DIST_TIMEOUT", 20)))
-    res = job_equivalence(rank, world, out, sys.argv[6]) if job == "equivalence" else \
-        job_faults(rank, world)
+    if job == "equivalence":
+        res = job_equivalence(rank, world, out, sys.argv[6])
+    elif job == "mixed":
+        res = job_mixed(rank, world)
+    elif job == "resume4":
+        res = job_resume4(rank, world, sys.argv[6])
+    else:
+        res = job_faults(rank, world)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
     os._exit(0)  # no teardown: a dead peer must not make this rank wait

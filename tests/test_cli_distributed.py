@@ -96,6 +96,24 @@ def test_sharded_state_float32_uneven_batches(tmp_path):
     assert json.loads((two / "summary.json").read_text())["shard_state"] is True
 
 
+def test_mixed_precision_two_processes(tmp_path):
+    """--mixed-precision fp16 on 2 processes: the overflow (the first step, at the initial
+    scale) is agreed on, so the loss scale and the skipped steps equal one process's; the
+    losses equal to half precision's rounding (two half-batches against the whole)."""
+    flags = [*TINY, "--mixed-precision", "fp16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *flags, "--out", str(one)]) == 0
+    res = run_procs(["train", *flags, "--nprocs", "2", "--out", str(two)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ra, rb = rows(one / "metrics.csv"), rows(two / "metrics.csv")
+    assert [r["loss_scale"] for r in ra] == [r["loss_scale"] for r in rb]
+    assert [r["skipped"] for r in ra] == [r["skipped"] for r in rb]
+    assert ra[0]["skipped"] == "1"
+    for key in ("loss", "acc"):
+        np.testing.assert_allclose([float(r[key]) for r in rb], [float(r[key]) for r in ra],
+                                   rtol=3e-3, atol=3e-3, err_msg=key)
+
+
 def test_one_process_data_parallel_is_the_plain_run(tmp_path, capsys):
     """--nprocs 1 (and with --shard-state) trains in this process through DataParallel."""
     plain, dp, sharded = tmp_path / "plain", tmp_path / "dp", tmp_path / "sharded"
@@ -124,8 +142,12 @@ def test_dry_run_starts_no_process(tmp_path, capsys, monkeypatch):
     (["--nprocs", "0"], "--nprocs"),
     (["--nprocs", "x"], "--nprocs"),
     (["--shard-state"], "--shard-state needs --nprocs"),
-    (["--nprocs", "2", "--backend", "jax"], "JAX"),
-    (["--nprocs", "2", "--mixed-precision", "bf16"], "--mixed-precision"),
+    (["--devices", "2"], "--backend jax"),
+    (["--nprocs", "2", "--backend", "jax", "--ema", "0.9"], "--ema"),
+    (["--devices", "2", "--backend", "jax", "--mixed-precision", "bf16"], "--mixed-precision"),
+    (["--devices", "2", "--backend", "jax", "--momentum-cycle", "--optimizer", "sgd",
+      "--momentum", "0.9"], "--momentum-cycle"),
+    (["--nprocs", "2", "--mixed-precision", "fp16", "--batch-size", "1"], "at least 2 rows"),
     (["--nprocs", "2", "--task", "digits-cnn", "--channels", "4"], "BatchNorm"),
     (["--nprocs", "2", "--shard-state", "--ema", "0.9"], "--ema"),
 ])
@@ -199,3 +221,53 @@ def test_torchrun_launch(tmp_path, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     same_metrics(one, two, 1e-12)
     assert json.loads((two / "summary.json").read_text())["launcher"] == "torchrun"
+
+
+# -- JAX: --devices (jax.sharding) and --nprocs (jax.distributed) ---------------------------
+
+JAX64 = [*TINY, "--backend", "jax", "--dtype", "float64", "--optimizer", "sgd", "--momentum",
+         "0.9", "--clip-norm", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def jax_one(tmp_path_factory) -> Path:
+    """The one-device JAX run (a subprocess: float64 JAX is process-global)."""
+    one = tmp_path_factory.mktemp("jax") / "one"
+    res = run_procs(["train", *JAX64, "--out", str(one)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return one
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_jax_two_devices_equal_one(tmp_path, jax_one, shard):
+    """--devices 2 (the last batch of 29 rows runs replicated): every step's loss, accuracy
+    and gradient norm equal one device's to float64 rounding."""
+    two = tmp_path / "two"
+    res = run_procs(["train", *JAX64, "--devices", "2", *(["--shard-state"] if shard else []),
+                     "--out", str(two)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    same_metrics(jax_one, two, 1e-12)
+    assert "2 device(s) (jax.sharding)" in res.stdout
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["devices"], summary["shard_state"]) == (2, shard)
+
+
+def test_jax_two_processes_equal_one(tmp_path, jax_one):
+    """--nprocs 2 --shard-state on JAX: jax.distributed with gloo CPU collectives."""
+    two = tmp_path / "two"
+    res = run_procs(["train", *JAX64, "--nprocs", "2", "--shard-state", "--out", str(two)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    same_metrics(jax_one, two, 1e-12)
+    assert res.stdout.count("wrote ") == 1
+    assert "2 processes x 1 device(s) (jax.distributed, gloo)" in res.stdout
+    assert json.loads((two / "summary.json").read_text())["nprocs"] == 2
+
+
+def test_jax_more_devices_than_there_are(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    res = subprocess.run([sys.executable, "-m", "mithril", "train", *TINY, "--backend", "jax",
+                          "--devices", "3", "--out", str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--devices 3" in res.stderr and "2 cpu device(s)" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()

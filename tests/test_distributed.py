@@ -41,13 +41,15 @@ def _free_port() -> int:
 
 
 def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 240,
-            timeout: float = 20) -> list[dict | None]:
-    """Run ``job`` on 2 ranks; each rank's JSON result (None for a rank that wrote none)."""
+            timeout: float = 20, world: int = 2) -> list[dict | None]:
+    """Run ``job`` on ``world`` ranks; each rank's JSON result (None for a rank that wrote
+    none)."""
     port, out = _free_port(), os.path.join(tmp, job)
     env = {**os.environ, "DIST_TIMEOUT": str(timeout), "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, WORKER, job, str(r), "2", str(port), out, *extra],
+    procs = [subprocess.Popen([sys.executable, WORKER, job, str(r), str(world), str(port), out,
+                               *extra],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
+             for r in range(world)]
     logs = []
     end = time.monotonic() + deadline
     for p in procs:
@@ -58,13 +60,13 @@ def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 2
                 q.kill()
             pytest.fail(f"{job}: the ranks did not stop within {deadline} s")
     results = []
-    for r in range(2):
+    for r in range(world):
         try:
             with open(f"{out}.{r}.json") as f:
                 results.append(json.load(f))
         except FileNotFoundError:
             results.append(None)
-    if job == "equivalence" and None in results:
+    if job != "faults" and None in results:
         pytest.fail("a rank failed:\n" + "\n".join(x.decode()[-3000:] for x in logs))
     return results
 
@@ -219,6 +221,76 @@ def test_resume_across_world_sizes(two_ranks) -> None:
         for n in params:
             np.testing.assert_allclose(np.array(results[r]["resumed"][n]), params[n],
                                        rtol=1e-12, atol=1e-12)
+
+
+def test_resume_two_to_four_to_one(two_ranks, tmp_path) -> None:
+    """The 2-rank checkpoint resumed on 4 ranks (each holds bit for bit the saved params and
+    the slots of its tensors), 3 more steps equal one process's, and the 4-rank checkpoint
+    loaded in one process is bit for bit what the 4 ranks held."""
+    results, ckpt = two_ranks
+    started = time.monotonic()
+    four = _launch("resume4", str(tmp_path), (ckpt,), world=4, deadline=180)
+    seconds = time.monotonic() - started
+    saved = results[0]["adam-True-numpy-float64"]
+    saved_slots = {s: {**results[0]["slots"][s], **results[1]["slots"][s]}
+                   for s in results[0]["slots"]}
+    owned = [n for res in four for n in res["owned"]]
+    assert sorted(owned) == sorted(W.SHAPES) and len(owned) == len(set(owned))
+    for res in four:
+        assert res["step"] == W.STEPS
+        for n in W.SHAPES:
+            np.testing.assert_array_equal(np.array(res["loaded"][n]), np.array(saved[n]))
+        for s, per in res["loaded_slots"].items():
+            assert set(per) == set(res["owned"])
+            for n, a in per.items():
+                np.testing.assert_array_equal(np.array(a), np.array(saved_slots[s][n]))
+    # 4 -> 1: bit for bit
+    params, st = load_sharded(os.path.join(ckpt, "four"), DataParallel(W.make_opt("adam"),
+                                                                         shard_state=True))
+    assert st.step == W.STEPS + 3
+    for n in params:
+        np.testing.assert_array_equal(params[n], np.array(four[0]["params"][n]))
+    held = {s: {n: a for res in four for n, a in res["slots"][s].items()} for s in saved_slots}
+    for s in st.local.slots:
+        for n, a in st.slot(s).items():
+            np.testing.assert_array_equal(a, np.array(held[s][n]))
+    # the 4-rank continuation equals one process's continuation of the 2-rank checkpoint
+    dp = DataParallel(W.make_opt("adam"), shard_state=True)
+    ref, st = load_sharded(os.path.join(ckpt, "two"), dp)
+    for t in range(W.STEPS, W.STEPS + 3):
+        x, y = W.batch(t, "float64")
+        ref, st = dp.update(ref, W.grads(ref, x, y), st)
+    for res in four:
+        for n in ref:
+            np.testing.assert_allclose(np.array(res["params"][n]), ref[n], rtol=1e-12,
+                                       atol=1e-12)
+    print(f"4-rank resume job: {seconds:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> list[dict]:
+    return _launch("mixed", str(tmp_path_factory.mktemp("mixed")))
+
+
+@pytest.mark.parametrize("cfg", W.MP_CONFIGS, ids=W.key)
+def test_mixed_precision_two_ranks_equal_one_process(mixed, cfg) -> None:
+    """Dynamic loss scaling on 2 ranks: at step MP_BAD only rank 1's gradients overflow, and
+    both ranks skip the step and back off, as one process on the whole batch does; the loss
+    scales agree step by step and the float32 masters equal one process's (float16 compute:
+    to half precision's rounding of the two half-batches against the whole batch)."""
+    ref = W.run_mixed(cfg, 0, 1, wrap=False)
+    assert ref["skipped"][W.MP_BAD] and ref["num_skipped"] == 1
+    tol = 1e-6 if cfg[1] == "float32" else 2e-3
+    for r in range(2):
+        got = mixed[r][W.key(cfg)]
+        assert got["skipped"] == ref["skipped"]
+        assert got["scales"] == ref["scales"]
+        assert got["num_skipped"] == 1
+        for n in ref["params"]:
+            np.testing.assert_allclose(np.array(got["params"][n]), ref["params"][n], rtol=tol,
+                                       atol=tol, err_msg=f"rank {r} {n}")
+    for n in ref["params"]:  # the ranks hold the very same masters
+        assert mixed[0][W.key(cfg)]["params"][n] == mixed[1][W.key(cfg)]["params"][n]
 
 
 def test_dead_peer_and_mismatch(tmp_path) -> None:

@@ -1,6 +1,8 @@
 """The kernel cache (:mod:`mithril.utils.optimizers.engines.kernel_cache`): a second process
 loads the kernels a first one compiled; a changed math compiles anew; a cache folder that
-cannot be written still runs, with a warning; keys differ by dtype and variant.
+cannot be written still runs, with a warning; keys differ by dtype and variant; processes
+sharing one fresh folder compute the same bits, compiled or loaded (#16: a kernel calls no
+code compiled apart).
 
 Processes are real subprocesses with their own ``MITHRIL_CACHE_DIR`` (and different hash
 seeds: a key must not depend on set order); hits and misses are numba's own counts
@@ -9,12 +11,14 @@ seeds: a key must not depend on set order); hits and misses are numba's own coun
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -226,3 +230,102 @@ def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
     assert (out["w"], out["b"]) == _expected(0.5)
     assert out["misses"] > 0 and out["warnings"]
     assert all("cannot load the cached kernel" in w for w in out["warnings"])
+
+
+# The fused update of ADOPT (float32), in place and double-buffered (NumPy's and JAX-on-CPU's
+# variants), a few steps from one start: prints a digest of each variant's results and the
+# cache's counts. A kernel loaded from the cache must run the code a compile runs (#16).
+VARIANTS = """
+import hashlib, json, sys
+import numpy as np
+from mithril.utils.optimizers.adopt import ADOPT
+from mithril.utils.optimizers.engines import kernel_cache, threads
+from mithril.utils.optimizers.engines.kernels import update_kernel
+
+opt = ADOPT(learning_rate=0.01)
+n = 16901  # vectorised body and scalar remainder
+out = {}
+for variant in sys.argv[1:]:
+    rng = np.random.default_rng(0)
+    p, q = rng.standard_normal(n).astype(np.float32), np.empty(n, np.float32)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    kernel = update_kernel(opt.kernel_math(), 2, 7, "float32", variant == "copy")
+    for t in range(1, 7):
+        g = rng.standard_normal(n).astype(np.float32)
+        table = np.array([[1, 0, 0, 1, *opt.scalars(t)]], np.float32)
+        threads.Plan(np.array([0]), np.array([n])).run(
+            kernel, (p, q, m, v), np.array([g.ctypes.data]), (np.zeros(1, np.int64), table))
+        if variant == "copy":
+            p, q = q, p
+    out[variant] = hashlib.sha256(p.tobytes() + m.tobytes() + v.tobytes()).hexdigest()
+print(json.dumps({"digests": out, **kernel_cache.stats()}))
+"""
+
+
+def _variants(tmp_path: Path, cache: Path, *order: str) -> subprocess.Popen:
+    script = tmp_path / "variants.py"
+    script.write_text(VARIANTS)
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(cache), "MITHRIL_NUM_THREADS": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    return subprocess.Popen([sys.executable, str(script), *order], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_processes_sharing_a_fresh_folder_compute_the_same_bits(tmp_path):
+    """Two processes on one fresh folder (each compiles some kernels and may load others the
+    other saved), then a third that loads every kernel: both variants, in every process, give
+    the same bits. Before #16's fix a loaded kernel ran its own copy of the inner loop, which
+    rounded differently from the one a compile runs."""
+    shared = tmp_path / "shared"
+    first = [_variants(tmp_path, shared, "inplace", "copy"),
+             _variants(tmp_path, shared, "copy", "inplace")]
+    runs = [_result(p) for p in first]
+    warm = _result(_variants(tmp_path, shared, "inplace", "copy"))
+    assert warm["misses"] == 0 and warm["hits"] >= 2, warm  # all loaded
+    digests = {d for r in [*runs, warm] for d in r["digests"].values()}
+    assert len(digests) == 1, [r["digests"] for r in [*runs, warm]]
+
+
+@numba.njit
+def _fib(n):  # pragma: no cover - compiled by numba
+    return n if n < 2 else _fib(n - 1) + _fib(n - 2)
+
+
+def test_a_kernel_calling_code_compiled_apart_is_not_saved(tmp_path, monkeypatch, caplog):
+    """A callee LLVM cannot inline (here a recursive one) would run other code after a load
+    than after a compile: such a kernel runs, but is compiled in every process."""
+
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+
+    def outer(n):  # pragma: no cover - compiled by numba
+        return _fib(n) + 1
+
+    with caplog.at_level(logging.INFO, logger="mithril.kernels"):
+        fn = kernel_cache.jit(outer)
+        assert fn(10) == 56
+    assert kernel_cache.foreign_functions(fn.overloads[fn.signatures[0]])
+    assert "not cached" in caplog.text
+    assert not list((tmp_path / "kernels").rglob("outer_*.nbi"))
+
+
+def test_cached_update_kernels_inline_their_loops(tmp_path, monkeypatch):
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+    kernel = kernels.update_kernel.__wrapped__(_math, 1, 1, "float32", copy=True)
+    n = 64
+    p, q, s = np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    g = np.full(n, 2.0, np.float32)
+    from mithril.utils.optimizers.engines import threads
+
+    threads.Plan(np.array([0]), np.array([n])).run(
+        kernel, (p, q, s), np.array([g.ctypes.data]),
+        (np.zeros(1, np.int64), np.array([[1, 0, 0, 1, 0.5]], np.float32)))
+    np.testing.assert_array_equal(q, np.zeros(n, np.float32))
+    assert kernel.signatures and not kernel_cache.foreign_functions(
+        kernel.overloads[kernel.signatures[0]])
+    assert list((tmp_path / "kernels" / "__pycache__").glob("kernel_*.nbi"))  # saved

@@ -3,13 +3,15 @@
 from . import models
 from .backends import Backend, JaxBackend, NumpyBackend, TorchBackend
 from .compiler import CompiledModel, compile
-from .dtypes import bfloat16, float16, float32, float64
+from .dtypes import bfloat16, bool, float16, float32, float64, int16, int32, int64  # noqa: A004, F401
 from .errors import DTypeError, KeyMismatchError, ShapeError
 from .models import *  # noqa: F403
 from .models import __all__ as _model_names
 from .models.model import IOKey
+from .types import DataType
 
 __version__ = "0.1.0"
-__all__ = ["Backend", "CompiledModel", "DTypeError", "IOKey", "JaxBackend", "KeyMismatchError",
-           "NumpyBackend", "ShapeError", "TorchBackend", "bfloat16", "compile", "float16", "float32",
-           "float64", "models", *_model_names]
+__all__ = ["Backend", "CompiledModel", "DTypeError", "DataType", "IOKey", "JaxBackend",
+           "KeyMismatchError", "NumpyBackend", "ShapeError", "TorchBackend", "bfloat16",
+           "compile", "float16", "float32", "float64", "int16", "int32", "int64", "models",
+           *_model_names]  # ml.bool too, left out of * so that it does not shadow the builtin

@@ -13,6 +13,13 @@ float64 = "float64"
 
 FLOAT_DTYPES = (float16, bfloat16, float32, float64)
 
+#: integer and boolean dtypes, for the backends' array helpers (``backend.randint(...,
+#: dtype=ml.int32)``); a backend itself computes in one of :data:`FLOAT_DTYPES`
+int16 = "int16"
+int32 = "int32"
+int64 = "int64"
+bool = "bool"  # noqa: A001 - the published ``ml.bool``
+
 
 def check_dtype(dtype: object) -> str:
     """Return ``dtype`` as one of :data:`FLOAT_DTYPES`, or raise ``ValueError``."""

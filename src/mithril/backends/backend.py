@@ -14,12 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..dtypes import check_dtype
-
-
-def _shape_args(shape: tuple) -> tuple[int, ...]:
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return tuple(int(d) for d in shape)
+from .helpers import DTYPE_NAMES, ArrayHelpers
 
 
 class Evaluator(ABC):
@@ -38,8 +33,17 @@ class Evaluator(ABC):
                     run: Any = None) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
 
-class Backend(ABC):
-    """Base class of :class:`NumpyBackend`, :class:`JaxBackend` and :class:`TorchBackend`."""
+class Backend(ArrayHelpers, ABC):
+    """Base class of :class:`NumpyBackend`, :class:`JaxBackend` and :class:`TorchBackend`.
+
+    Besides running compiled programs, a backend has the published Mithril's array helpers
+    (:class:`~mithril.backends.helpers.ArrayHelpers`: ``randn``, ``rand_uniform``,
+    ``randint``, ``arange``, ``linspace``, ``stack``, ``cat``, ``sin``, ``pi``, ...) and its
+    dtypes as attributes (``backend.float32`` is the native dtype object).
+    ``Backend[DataType]`` is accepted in annotations, as published."""
+
+    def __class_getitem__(cls, item: Any) -> type[Backend]:
+        return cls
 
     name: ClassVar[str]
 
@@ -53,24 +57,6 @@ class Backend(ABC):
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
 
-    def randn(self, *shape: int, dtype: str | None = None) -> Any:
-        """Standard-normal array of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
-        return self.array(self._rng.standard_normal(_shape_args(shape)), dtype)
-
-    def rand(self, *shape: int, dtype: str | None = None) -> Any:
-        """Uniform [0, 1) array of ``shape``."""
-        return self.array(self._rng.random(_shape_args(shape)), dtype)
-
-    def randint(self, low: int, high: int, *shape: int) -> Any:
-        """Integer array in [low, high) of ``shape`` (int64 on NumPy/torch, int32 on JAX)."""
-        return self.array(self._rng.integers(low, high, _shape_args(shape)), self.int_dtype)
-
-    def zeros(self, *shape: int, dtype: str | None = None) -> Any:
-        return self.array(np.zeros(_shape_args(shape)), dtype)
-
-    def ones(self, *shape: int, dtype: str | None = None) -> Any:
-        return self.array(np.ones(_shape_args(shape)), dtype)
-
     # -- arrays ----------------------------------------------------------------------
     int_dtype: ClassVar[str] = "int64"
 
@@ -80,12 +66,6 @@ class Backend(ABC):
 
     @abstractmethod
     def to_numpy(self, x: Any) -> np.ndarray: ...
-
-    @abstractmethod
-    def zeros_like(self, x: Any) -> Any: ...
-
-    @abstractmethod
-    def ones_like(self, x: Any) -> Any: ...
 
     #: the backend's array class (set by each backend's ``__init__``)
     native_type: type
@@ -127,3 +107,11 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dtype={self.dtype!r})"
+
+
+def _dtype_property(name: str) -> property:
+    return property(lambda self: self.native_dtype(name), doc=f"The backend's native {name} dtype.")
+
+
+for _name in DTYPE_NAMES:  # backend.float32, backend.int64, backend.bool, ...
+    setattr(Backend, _name, _dtype_property(_name))

@@ -10,6 +10,7 @@ import numpy as np
 from ..compiler.interpret import outputs_of, run_forward
 from ..models.context import M32, RunContext
 from .backend import Backend, Evaluator
+from .helpers import dtype_arg
 
 
 class JaxBackend(Backend):
@@ -25,12 +26,24 @@ class JaxBackend(Backend):
         self.native_type = jax.Array
         if self.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
-        self.device = jax.devices(device)[0] if device else jax.devices()[0]
+        # this process's own device: under jax.distributed, jax.devices() lists every
+        # process's, and another's cannot be written from here
+        self.device = jax.local_devices(backend=device)[0] if device else jax.local_devices()[0]
 
-    def array(self, data: Any, dtype: str | None = None) -> Any:
+    is_manualgrad = False
+
+    def _ns(self) -> Any:
+        import jax.numpy as jnp
+
+        return jnp
+
+    def array(self, data: Any, dtype: Any = None) -> Any:
+        """``data`` as a ``jax.Array`` on the backend's device (floats in the backend dtype
+        unless ``dtype``)."""
         import jax
         import jax.numpy as jnp
 
+        dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
         a = data if isinstance(data, jax.Array) else np.asarray(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             dtype = self.dtype
@@ -41,15 +54,23 @@ class JaxBackend(Backend):
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
 
-    def zeros_like(self, x: Any) -> Any:
-        import jax.numpy as jnp
+    def stop_gradient(self, input: Any) -> Any:
+        import jax
 
-        return jnp.zeros_like(x)
+        return jax.lax.stop_gradient(input)
 
-    def ones_like(self, x: Any) -> Any:
-        import jax.numpy as jnp
+    def to_device(self, data: Any, device: str, asynchronous: bool = True) -> Any:
+        """``data`` on the first JAX device of kind ``device`` (``"cpu"``, ``"gpu"``)."""
+        import jax
 
-        return jnp.ones_like(x)
+        out = jax.device_put(self._native(data), jax.local_devices(backend=device)[0])
+        return out if asynchronous else out.block_until_ready()
+
+    def block_until_ready(self, data: Any = None) -> Any:
+        """Wait until ``data`` (an array or a pytree of them) is computed; returns it."""
+        import jax
+
+        return None if data is None else jax.block_until_ready(data)
 
     def native_dtype(self, name: str | None = None) -> Any:
         import jax.numpy as jnp

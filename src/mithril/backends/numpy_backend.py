@@ -9,6 +9,7 @@ import numpy as np
 
 from ..compiler.interpret import numpy_backward, outputs_of, run_forward
 from .backend import Backend, Evaluator
+from .helpers import dtype_arg
 
 
 def numpy_dtype(name: str) -> Any:
@@ -26,11 +27,19 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     native_type = np.ndarray
+    is_manualgrad = True  # gradients from hand-written VJPs, as the published NumpyBackend
+    device = "cpu"
+
+    def _ns(self) -> Any:
+        return np
 
     def native_dtype(self, name: str | None = None) -> Any:
         return numpy_dtype(name or self.dtype)
 
-    def array(self, data: Any, dtype: str | None = None) -> np.ndarray:
+    def array(self, data: Any, dtype: Any = None) -> np.ndarray:
+        """``data`` (a list, number or array) as an ndarray; floats in the backend dtype
+        unless ``dtype`` (a name, ``ml.float32`` or a NumPy dtype) says otherwise."""
+        dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
         a = np.asarray(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             dtype = self.dtype
@@ -39,12 +48,6 @@ class NumpyBackend(Backend):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
-
-    def zeros_like(self, x: Any) -> np.ndarray:
-        return np.zeros_like(x)
-
-    def ones_like(self, x: Any) -> np.ndarray:
-        return np.ones_like(x)
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _NumpyEvaluator(program, self.native_dtype())

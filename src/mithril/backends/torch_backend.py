@@ -15,6 +15,7 @@ import numpy as np
 
 from ..compiler.interpret import outputs_of, run_forward
 from .backend import Backend, Evaluator
+from .helpers import dtype_arg
 
 
 class _TorchNumpy:
@@ -58,7 +59,66 @@ def _from_numpy(data: Any) -> Any:
     return torch.as_tensor(a if a.flags.writeable and a.flags.c_contiguous else a.copy())
 
 
-_TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "bool")
+_TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "int16", "int8",
+                 "uint8", "bool")
+
+
+class _TorchHelpers:
+    """``numpy``-named functions on tensors, for the backend's array helpers."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.t = torch
+        for name in ("abs", "sign", "sin", "cos", "tanh", "exp", "log", "sqrt", "where", "isnan",
+                     "nan_to_num", "reshape", "squeeze", "all", "any", "zeros_like", "ones_like"):
+            setattr(self, name, getattr(torch, name))
+
+    def _red(self, fn: Any, x: Any, axis: Any, keepdims: bool) -> Any:
+        return fn(x) if axis is None and not keepdims else fn(
+            x, dim=axis if axis is not None else tuple(range(x.ndim)), keepdim=keepdims)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._red(self.t.sum, x, axis, keepdims)
+
+    def mean(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._red(self.t.mean, x, axis, keepdims)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._red(self.t.amax, x, axis, keepdims)
+
+    def min(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._red(self.t.amin, x, axis, keepdims)
+
+    def argmax(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        out = self.t.argmax(x, dim=axis, keepdim=keepdims)
+        return out.reshape((1,) * x.ndim) if axis is None and keepdims else out
+
+    def argmin(self, x: Any, axis: int | None = None, keepdims: bool = False) -> Any:
+        out = self.t.argmin(x, dim=axis, keepdim=keepdims)
+        return out.reshape((1,) * x.ndim) if axis is None and keepdims else out
+
+    def clip(self, x: Any, lo: Any, hi: Any) -> Any:
+        return self.t.clamp(x, lo, hi)
+
+    def sort(self, x: Any, axis: int = -1) -> Any:
+        return self.t.sort(x, dim=axis).values
+
+    def transpose(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return x.permute(*axes)
+
+    def expand_dims(self, x: Any, axis: int) -> Any:
+        return x.unsqueeze(axis)
+
+    def stack(self, xs: list[Any], axis: int = 0) -> Any:
+        return self.t.stack(xs, dim=axis)
+
+    def concatenate(self, xs: list[Any], axis: int = 0) -> Any:
+        return self.t.cat(xs, dim=axis)
+
+    def pad(self, x: Any, widths: list[tuple[int, int]]) -> Any:
+        flat = [v for w in reversed(widths) for v in w]  # torch lists the last axis first
+        return self.t.nn.functional.pad(x, flat)
 
 
 class TorchBackend(Backend):
@@ -72,7 +132,13 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.native_type = torch.Tensor
         super().__init__(dtype, seed)
-        self._xp = _TorchNumpy()
+        self._xp = _TorchNumpy()  # the operators' forwards
+        self._helpers = _TorchHelpers()
+
+    is_manualgrad = False
+
+    def _ns(self) -> Any:
+        return self._helpers
 
     def set_seed(self, seed: int) -> None:
         import torch
@@ -88,9 +154,12 @@ class TorchBackend(Backend):
             raise ValueError(f"unsupported dtype {name!r}")
         return getattr(torch, name)
 
-    def array(self, data: Any, dtype: str | None = None) -> Any:
+    def array(self, data: Any, dtype: Any = None) -> Any:
+        """``data`` as a tensor on the backend's device (floats in the backend dtype unless
+        ``dtype``: a name, ``ml.float32`` or a torch / NumPy dtype)."""
         import torch
 
+        dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
         t = data if isinstance(data, torch.Tensor) else _from_numpy(data)
         if dtype is None and t.is_floating_point():
             dtype = self.dtype
@@ -110,15 +179,26 @@ class TorchBackend(Backend):
             return x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()
         return np.asarray(x)
 
-    def zeros_like(self, x: Any) -> Any:
+    def stop_gradient(self, input: Any) -> Any:
+        return self._native(input).detach()
+
+    def to_device(self, data: Any, device: str, asynchronous: bool = True) -> Any:
+        """``data`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+        return self._native(data).to(device, non_blocking=asynchronous)
+
+    def block_until_ready(self, data: Any = None) -> Any:
+        """Wait for the device's queued work (CUDA); returns ``data``."""
         import torch
 
-        return torch.zeros_like(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return data
 
-    def ones_like(self, x: Any) -> Any:
+    def empty_cache(self) -> None:
         import torch
 
-        return torch.ones_like(x)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _TorchEvaluator(program, self._xp)

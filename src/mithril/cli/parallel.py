@@ -44,9 +44,14 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="train in N processes on this machine (torch.distributed, gloo on "
                         "loopback), each on 1/N of every batch, the gradients averaged: the "
                         "same result as one process. Not under torchrun, which starts them")
+    g.add_argument("--devices", type=bounded_int(1, MAX_NPROCS), metavar="N",
+                   help="--backend jax: split every batch over N local devices of each process "
+                        "(jax.sharding; on CPU JAX is given N devices). The same result as "
+                        "one device")
     g.add_argument("--shard-state", action="store_true",
-                   help="with --nprocs (or torchrun): each process keeps the optimizer state "
-                        "of 1/N of the parameters (ZeRO-1/2) instead of all of it")
+                   help="with --nprocs or --devices (or torchrun): each process (device) keeps "
+                        "the optimizer state of 1/N of the parameters (ZeRO) instead of all "
+                        "of it")
 
 
 @dataclass
@@ -60,10 +65,17 @@ class World:
     launcher: str
     #: whether this process is one of the ranks (False: the --nprocs parent, which starts them)
     member: bool
+    #: JAX: devices per process (--devices; None: JAX's data parallelism is not in use)
+    devices: int | None = None
+    #: "jax" (jax.sharding / jax.distributed) or "torch" (torch.distributed)
+    engine: str = "torch"
 
     def summary(self) -> dict[str, Any]:
-        return {"nprocs": self.size, "shard_state": self.shard_state,
-                "launcher": self.launcher}
+        out = {"nprocs": self.size, "shard_state": self.shard_state,
+               "launcher": self.launcher}
+        if self.engine == "jax":
+            out["devices"] = self.devices or 1
+        return out
 
 
 def _env_int(name: str) -> int:
@@ -78,6 +90,11 @@ def world_of(args: argparse.Namespace) -> World | None:
     """The world the flags and the environment ask for (None: one process, as always);
     refuses the combinations that cannot work (exit status 2)."""
     nprocs, shard = getattr(args, "nprocs", None), getattr(args, "shard_state", False)
+    devices = getattr(args, "devices", None)
+    jax = args.backend == "jax"
+    if devices is not None and not jax:
+        raise CLIError(f"--devices {devices} splits batches over JAX devices: it needs "
+                       f"--backend jax (NumPy and torch: --nprocs N)")
     launched = "WORLD_SIZE" in os.environ
     if os.environ.get(CHILD_ENV) == "1" and launched:  # started by --nprocs
         world = World(_env_int("WORLD_SIZE"), _env_int("RANK"), shard, "mithril", True)
@@ -86,31 +103,50 @@ def world_of(args: argparse.Namespace) -> World | None:
             raise CLIError(f"--nprocs {nprocs} starts its own processes; under torchrun "
                            f"(WORLD_SIZE={os.environ['WORLD_SIZE']} is set) leave it out")
         world = World(_env_int("WORLD_SIZE"), _env_int("RANK"), shard, "torchrun", True)
-    elif nprocs is None:
+    elif nprocs is None and devices is None:
         if shard:
-            raise CLIError("--shard-state needs --nprocs N (or a launcher such as torchrun)")
+            raise CLIError("--shard-state needs --nprocs N (or --devices N with --backend "
+                           "jax, or a launcher such as torchrun)")
         return None
+    elif nprocs is None:  # --devices: one process
+        world = World(1, 0, shard, "mithril", True)
     else:
         world = World(nprocs, 0, shard, "mithril", nprocs == 1)
     if world.size < 1 or not 0 <= world.rank < world.size:
         raise CLIError(f"rank {world.rank} in a world of {world.size} processes")
-    if args.backend == "jax":
-        raise CLIError("data-parallel training (--nprocs, --shard-state, torchrun) runs on "
-                       "torch.distributed: use --backend numpy or torch (JAX's "
-                       "jax.distributed is not supported yet)")
-    if args.mixed_precision != "none":
-        raise CLIError(f"--mixed-precision {args.mixed_precision} with data-parallel training "
-                       f"is not supported yet (each process would decide alone to skip an "
-                       f"overflowing step): train in float32 or in one process")
+    if jax:
+        from .jax_parallel import refuse
+
+        world.devices, world.engine = devices, "jax"
+        world.member = world.member or world.size == 1
+        refuse(args, world)
+        return world
     return world
 
 
 def check(world: World, run: Any) -> None:
     """What a data-parallel run cannot do with this model or these flags."""
+    if world.engine == "jax":  # one program of the whole batch: model state is kept
+        if world.size == 1:
+            from .jax_parallel import configure_devices
+
+            configure_devices(world.devices or 1)
+        return
     if run.model_state is not None:
         raise CLIError("data-parallel training does not keep model state (BatchNorm's running "
                        "statistics would differ between the processes): train this model "
                        "without it (e.g. --no-batchnorm) or in one process")
+    if run.cfg.mixed_precision != "none":
+        rows = getattr(run.batches, "rows", None)
+        size = getattr(run.batches, "batch_size", None)
+        if rows is None or size is None:
+            raise CLIError("--mixed-precision with data-parallel training needs batches of a "
+                           "known size (this job's are not): train in one process")
+        smallest = min(size, rows % size or size)
+        if smallest < world.size:
+            raise CLIError(f"--mixed-precision with --nprocs {world.size}: a batch of "
+                           f"{smallest} row(s) leaves a process without rows; use a batch "
+                           f"size (and a last batch) of at least {world.size} rows")
     if world.shard_state and run.cfg.ema is not None:
         raise CLIError("--ema with --shard-state: each process keeps the average of its own "
                        "share of the weights only; leave one of them out")
@@ -119,6 +155,13 @@ def check(world: World, run: Any) -> None:
 def describe(world: World, batch_size: int) -> str:
     mode = "optimizer state sharded (ZeRO)" if world.shard_state else \
         "optimizer state replicated"
+    if world.engine == "jax":
+        d = world.devices or 1
+        where = f"{d} device(s) (jax.sharding)" if world.size == 1 else \
+            f"{world.size} processes x {d} device(s) (jax.distributed, gloo)"
+        return (f"  data parallel: {where}, each on 1/{world.size * d} of every batch of "
+                f"{batch_size} (a batch of another size than a multiple of {world.size * d}: "
+                f"computed whole on every device); {mode}")
     if world.size == 1:
         return f"  data parallel: 1 process (DataParallel); {mode}"
     how = "torchrun" if world.launcher == "torchrun" else "gloo on loopback"
@@ -129,7 +172,13 @@ def describe(world: World, batch_size: int) -> str:
 # -- in each rank ----------------------------------------------------------------------------
 
 def join(world: World) -> None:
-    """Join the process group (torch.distributed, gloo); a no-op for one process."""
+    """Join the process group (torch.distributed, gloo; JAX: jax.distributed and the
+    devices); a no-op for one process."""
+    if world.engine == "jax":
+        from .jax_parallel import join as join_jax
+
+        join_jax(world)
+        return
     if world.size > 1:
         from .. import distributed as dist
 
@@ -144,7 +193,15 @@ def leave() -> None:
 
 class Parallel:
     """The data-parallel side of a :class:`~mithril.cli.training.Run`: the optimizer wrapped
-    in :class:`~mithril.distributed.DataParallel`, and the step on this rank's rows."""
+    in :class:`~mithril.distributed.DataParallel`, and the step on this rank's rows. On JAX
+    (``world.engine == "jax"``) it is a :class:`~mithril.cli.jax_parallel.JaxParallel`."""
+
+    def __new__(cls, world: World) -> Any:
+        if world.engine == "jax":
+            from .jax_parallel import JaxParallel
+
+            return JaxParallel(world)
+        return super().__new__(cls)
 
     def __init__(self, world: World) -> None:
         self.world = world
@@ -159,6 +216,13 @@ class Parallel:
             run.compiled.seed = int(run.compiled.seed) + 7919 * self.world.rank
         self.dp = DataParallel(run.optimizer, shard_state=self.world.shard_state)
         try:
+            if run.cfg.mixed_precision != "none":  # float32 masters, the overflow agreed on
+                from ..utils.mixed_precision import MixedPrecisionTrainer
+
+                run.trainer = MixedPrecisionTrainer(run.compiled, self.dp, run.params,
+                                                    loss_scale=run.cfg.loss_scale,
+                                                    dynamic_loss_scaling=True)
+                return run.trainer.optimizer_state
             return self.dp.init(run.params)
         except (ValueError, NotImplementedError) as exc:
             raise CLIError(f"{'--shard-state' if self.world.shard_state else '--nprocs'}: "
@@ -174,24 +238,33 @@ class Parallel:
         lo, hi = n * me // size, n * (me + 1) // size
         sums = np.zeros(4)  # loss·rows, metric sum (right answers or squared errors), rows, y.size
         grads: dict[str, Any] = {}
-        if hi > lo:
+        if run.trainer is not None:  # mixed precision (check: every rank has rows)
+            xs, ys = x[lo:hi], y[lo:hi]
+            out = run.trainer.forward(run.inputs(xs, ys))
+            run.params, run.state, _ = run.trainer.backward_and_update(
+                {"loss": size * (hi - lo) / n})
+        elif hi > lo:
             xs, ys = x[lo:hi], y[lo:hi]
             out, grads = run.compiled.evaluate(run.params, run.inputs(xs, ys),
                                                output_gradients={"loss": size * (hi - lo) / n})
+        if hi > lo:
             pred = be.to_numpy(out[run.spec.output])
             if run.metric == "acc":
                 right = float(np.sum(np.argmax(pred, axis=-1) == ys))
             else:
                 right = float(np.sum((pred - ys) ** 2))
             sums[:] = (float(be.to_numpy(out["loss"])) * (hi - lo), right, hi - lo, ys.size)
-        run.params, run.state = self.dp.update(run.params, grads, run.state)
+        if run.trainer is None:
+            run.params, run.state = self.dp.update(run.params, grads, run.state)
         pg.all_reduce(sums)
         loss = float(sums[0] / sums[2])
         metric = float(sums[1] / sums[3]) if run.metric == "acc" else \
             float(np.sqrt(sums[1] / sums[3])) * run.spec.target_scale
+        skipped = bool(run.state.last_step_skipped)
         norm = run.state.last_grad_norm
-        return loss, metric, float("nan") if norm is None else float(norm), \
-            bool(run.state.last_step_skipped)
+        if norm is None or (skipped and run.trainer is not None):  # overflow: not averaged
+            norm = float("nan")
+        return loss, metric, float(norm), skipped
 
 
 # -- the --nprocs parent -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,18 @@ def _is_traced(x: Any) -> bool:
     """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+#: input data in these dtypes is cast to the model's float dtype on every backend (NumPy's and
+#: Python's float64 and float32 data); other float dtypes must be the model's (DTypeError)
+_CASTABLE = ("float32", "float64")
+
+
+def _float_name(x: Any) -> str | None:
+    """The dtype name of array-like ``x`` when it is a float dtype (``None`` otherwise)."""
+    dt = getattr(x, "dtype", None)
+    name = str(dt).removeprefix("torch.") if dt is not None else None
+    return name if name in ("float16", "bfloat16", "float32", "float64") else None
 
 
 def _shape_matches(shape: tuple, pattern: tuple | None) -> bool:
@@ -108,19 +121,39 @@ class CompiledModel:
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self.program.param_shapes)
 
-    def summary(self, print_fn: Any = print) -> str:
-        """A table of layers, output shapes and parameter counts (printed and returned)."""
-        rows = [("layer", "output shape", "parameters")]
-        for node in self.program.nodes:
-            n = sum(int(np.prod(self.program.param_shapes[p])) for p in node.params.values())
-            rows.append((f"{node.path} ({type(node.op).__name__})",
-                         fmt(self.program.wire_shapes[node.out]), str(n)))
-        total = sum(int(np.prod(s)) for s in self.program.param_shapes.values())
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
+    def get_shapes(self) -> dict[str, list[int | None] | None]:
+        """The shapes of the inputs, outputs and parameters as lists (``None``: a free
+        dimension), as the published ``get_shapes()``."""
+        return {k: None if s is None else list(s) for k, s in self.shapes.items()}
+
+    def summary(self, depth: int | None = None, shapes: bool = True, print_info: bool = True,
+                name: str | None = None, *, print_fn: Any = print) -> str | None:
+        """A table of layers, output shapes and parameter counts: printed (with
+        ``print_fn``) and ``None`` returned, or returned and not printed when
+        ``print_info=False`` or ``print_fn=None``. ``depth=k`` folds the rows into the
+        blocks ``k`` levels down (``depth=1``: one row per top-level block; default: one row
+        per operator); ``shapes=False`` leaves out the shape column; ``name`` titles it."""
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise ValueError(f"summary(depth=...) must be an int >= 1 or None, got {depth!r}")
         p = self.program
+        groups: dict[str, list[Any]] = {}
+        for node in p.nodes:
+            key = ".".join(node.path.split(".")[:depth]) if depth else node.path
+            groups.setdefault(key, []).append(node)
+        rows = [("layer", "output shape", "parameters")]
+        for key, nodes in groups.items():
+            n = sum(int(np.prod(p.param_shapes[q])) for q in {q for nd in nodes for q in nd.params.values()})
+            kind = type(nodes[0].op).__name__ if len(nodes) == 1 and nodes[0].path == key else "block"
+            rows.append((f"{key} ({kind})", fmt(p.wire_shapes[nodes[-1].out]), str(n)))
+        if not shapes:
+            rows = [(r[0], r[2]) for r in rows]
+        total = sum(int(np.prod(s)) for s in p.param_shapes.values())
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "-" * max(len(ln) for ln in lines))
+        if name is not None:
+            lines.insert(0, str(name))
+        lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
         if p.has_context:
             mode = "inference" if self.inference else "training"
             lines.append(f"mode: {mode} by default (evaluate(..., training=...) per call)")
@@ -132,9 +165,10 @@ class CompiledModel:
             lines.append(f"state: {len(p.state_shapes)} arrays, {n} values "
                          "(evaluate(..., state=...) returns the new state)")
         text = "\n".join(lines)
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        if print_fn is None or not print_info:
+            return text
+        print_fn(text)
+        return None
 
     # -- parameters --------------------------------------------------------------------
     def randomize_params(self) -> dict[str, Any]:
@@ -212,35 +246,82 @@ class CompiledModel:
         b = self.backend
         if not b.is_native(x):
             if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
-                x = b.array(x)
+                # input data keeps a float16/bfloat16 dtype, to be refused below as on a backend
+                # whose own arrays they are; float32/float64 data is cast (see _CASTABLE)
+                own = _float_name(x) if kind == "input" and want == "float" else None
+                x = b.array(x, own if own is not None and own not in _CASTABLE else None)
             else:
                 raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
         shape = x.shape
         if shape != pattern and not _shape_matches(tuple(shape), pattern):
             raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(tuple(shape))}")
         if want == "float":
-            if x.dtype != fdtype:
+            if x.dtype != fdtype and kind == "input" and b.dtype_name(x) in _CASTABLE:
+                x = b.array(x, b.dtype)
+            elif x.dtype != fdtype:
                 raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
         elif want == "int" and "int" not in b.dtype_name(x):
             raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
         return x
 
     def _validate(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
+        ps, ins, _ = self._prepare(params, inputs, partial=False)
+        return ps, ins
+
+    def _prepare(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                 partial: bool) -> tuple[dict, dict, Program]:
+        """Checked params and inputs, and the program to run: the whole one, or with
+        ``partial`` and some inputs left out, the part that computes the outputs those inputs
+        do not feed (prediction without labels)."""
         p = self.program
         if not isinstance(params, Mapping) or not isinstance(inputs, Mapping):
             raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
         _check_keys(params, p.param_shapes, "params")
-        _check_keys(inputs, self.input_keys, "inputs")
+        _check_keys(inputs, self.input_keys, "inputs", allow_missing=partial)
+        if partial and len(inputs) < len(self.input_keys):
+            p = self._partial(frozenset(k for k in self.input_keys if k not in inputs))
         check, fdtype = self._check_array, self.backend.native_dtype()
         ps = {k: check("parameter", k, params[k], shape, "float", fdtype)
               for k, shape in p.param_shapes.items()}
         ins = {k: check("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
                for k, v in inputs.items()}
         ins.update(self._consts)
-        self._check_concrete(ins)
-        return ps, ins
+        self._check_concrete(ins, p)
+        return ps, ins, p
 
-    def _check_concrete(self, inputs: Mapping[str, Any]) -> None:
+    def _partial(self, missing: frozenset[str]) -> Program:
+        """The program without the inputs ``missing``: only the outputs they do not feed,
+        and only the nodes those outputs need (cached, with its evaluator, per set)."""
+        cache = self.__dict__.setdefault("_partials", {})
+        if missing in cache:
+            return cache[missing][0]
+        p = self.program
+        lost = {p.inputs[k] for k in missing}
+        for node in p.nodes:
+            if any(w in lost for w in node.ins.values()):
+                lost.add(node.out)
+        outs = {k: w for k, w in p.outputs.items() if w not in lost}
+        if not outs:
+            raise KeyMismatchError(f"inputs: missing key(s) {sorted(missing)}: every output "
+                                   f"{sorted(p.outputs)} needs them (expected keys: "
+                                   f"{sorted(self.input_keys)})")
+        need = set(outs.values())
+        nodes = []
+        for node in reversed(p.nodes):
+            if node.out in need:
+                nodes.append(node)
+                need.update(node.ins.values())
+        sub = dataclasses.replace(p, nodes=nodes[::-1], outputs=outs,
+                                  inputs={k: w for k, w in p.inputs.items() if k not in missing})
+        cache[missing] = (sub, self.backend.evaluator(sub, self.jit))
+        return sub
+
+    def _evaluator_of(self, prog: Program) -> Any:
+        if prog is self.program:
+            return self._eval
+        return next(ev for q, ev in self.__dict__["_partials"].values() if q is prog)
+
+    def _check_concrete(self, inputs: Mapping[str, Any], prog: Program | None = None) -> None:
         """The shape rules again with the concrete input shapes, so free dimensions are bound
         (5 rows of logits against 3 labels is a ``ShapeError``), and each operator's own
         ``check_inputs(shapes, dtypes, arrays, names)`` hook, if it has one: dtype-aware shape
@@ -248,8 +329,8 @@ class CompiledModel:
         backend runs them (under ``jax.jit`` nothing can raise on values). ``arrays`` holds the
         native top-level inputs an operator lists in ``value_checked_inputs`` (none when traced;
         no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
-        they read."""
-        p, b = self.program, self.backend
+        they read. ``prog``: the program to check (default: the whole one)."""
+        p, b = prog or self.program, self.backend
         shapes: list[Any] = list(p.wire_shapes)
         top = {w: k for k, w in p.inputs.items()}
         for k, w in p.inputs.items():
@@ -289,18 +370,26 @@ class CompiledModel:
                              f"{fmt(shape)}: give a dict of output gradients instead")
         return key
 
-    def evaluate_gradients(self, params: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
-                           output_gradients: Mapping[str, Any] | bool = True) -> dict[str, Any]:
+    def evaluate_gradients(self, params: Mapping[str, Any] | None = None,
+                           inputs: Mapping[str, Any] | None = None,
+                           output_gradients: Mapping[str, Any] | bool = True, *,
+                           data: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The gradients alone (the published ``evaluate_gradients``)."""
-        return self.evaluate(params, inputs, output_gradients)[1]
+        return self.evaluate(params, inputs, output_gradients, data=data)[1]
 
-    def evaluate(self, params: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
+    def evaluate(self, params: Mapping[str, Any] | None = None,
+                 inputs: Mapping[str, Any] | None = None,
                  output_gradients: Mapping[str, Any] | bool | None = None, *,
+                 data: Mapping[str, Any] | None = None,
                  state: Mapping[str, Any] | None = None, training: bool | None = None,
                  step: int | None = None) -> Any:
         """Outputs, or ``(outputs, gradients)`` when ``output_gradients`` is given: a dict of
         output cotangents, or ``True`` for the gradient of ``final_cost`` (or of the single
         scalar output), i.e. a cotangent of 1 for it.
+
+        ``params`` may be left out for a model without parameters; ``data=`` is the
+        published name of ``inputs``. Inputs may be left out when some outputs do not need
+        them (a prediction without labels): only those outputs are computed and returned.
 
         ``state``: the model state (see :attr:`initial_state_dict`); when given, the new
         state is returned last, ``(outputs, state)`` or ``(outputs, gradients, state)``; a
@@ -308,17 +397,27 @@ class CompiledModel:
         unless compiled with ``inference=True``). ``step``: the random step to use (default:
         the model's counter, which a training-mode call then advances). Everything is
         checked before anything runs or the counter moves."""
+        if data is not None:
+            if inputs is not None:
+                raise TypeError("evaluate(): give the inputs once, as inputs or as data=")
+            inputs = data
         if output_gradients is True:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
-        params, inputs = self._validate(params, {} if inputs is None else inputs)
+        params, inputs, prog = self._prepare({} if params is None else params,
+                                             {} if inputs is None else inputs, partial=True)
+        if output_gradients is not None and prog is not self.program:
+            lost = sorted(set(output_gradients) - set(prog.outputs))
+            if lost:
+                raise KeyMismatchError(f"output_gradients: output(s) {lost} need the inputs "
+                                       f"{sorted(set(self.input_keys) - set(inputs))}, not given")
         cots = None if output_gradients is None else self._cotangents(output_gradients)
         given_state = state
         step_before = self.step
         run = self._run_context(training, state, step)
         try:
-            result = self._evaluate(params, inputs, cots, run)
+            result = self._evaluate(params, inputs, cots, run, self._evaluator_of(prog))
         except BaseException:
             self.step = step_before
             raise
@@ -330,13 +429,13 @@ class CompiledModel:
         return (*result, new_state) if isinstance(result, tuple) else (result, new_state)
 
     def _evaluate(self, params: dict[str, Any], inputs: dict[str, Any],
-                  cots: dict[str, Any] | None, run: RunContext | None) -> Any:
+                  cots: dict[str, Any] | None, run: RunContext | None, ev: Any = None) -> Any:
+        ev = self._eval if ev is None else ev
         if cots is None:
-            return self._eval.forward(params, inputs, run) if run is not None \
-                else self._eval.forward(params, inputs)
+            return ev.forward(params, inputs, run) if run is not None else ev.forward(params, inputs)
         if run is None:
-            return self._eval.forward_vjp(params, inputs, cots)
-        return self._eval.forward_vjp(params, inputs, cots, run)
+            return ev.forward_vjp(params, inputs, cots)
+        return ev.forward_vjp(params, inputs, cots, run)
 
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)

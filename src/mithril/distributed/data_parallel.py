@@ -285,6 +285,20 @@ class DataParallel:
         self._sync_groups(state)
         return state
 
+    def all_finite(self, local: bool) -> bool:
+        """Whether every rank's gradients are finite, given this rank's answer (one
+        all-reduce of one float64; every rank must call it). What
+        :class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer` asks before a step, so
+        that a gradient overflowing on one rank only makes every rank skip the step and
+        back off its loss scale alike, as one process would."""
+        if not isinstance(local, (bool, np.bool_)):
+            raise TypeError(f"all_finite takes a bool, got {type(local).__name__}")
+        if pg.world_size() == 1:
+            return bool(local)
+        flag = np.array([0.0 if local else 1.0])
+        pg.all_reduce(flag)
+        return bool(flag[0] == 0.0)
+
     def gradient_views(self, state: DistributedState) -> dict[str, Any]:
         """Arrays inside the communication buffer, one per parameter: gradients written into
         them (and passed to :meth:`update` as they are) are not copied."""

@@ -2,7 +2,9 @@
 learning rate first, then the weight averages' weights) and the per-structure plan: traced
 into the update where ``scalars`` is plain arithmetic on the step (:class:`_Step` stands in
 for it, ``math`` is swapped for a version taking JAX values), else computed on the host in
-float64 by a ``jax.pure_callback`` (see :mod:`.optax_transform`'s docs)."""
+float64 by a ``jax.pure_callback`` (see :mod:`.optax_transform`'s docs). The state values
+an optimizer's ``scalars`` reads (its ``scalar_values``: Prodigy's ``d``) are passed as
+keyword arguments, traced or as arguments of the callback."""
 
 from __future__ import annotations
 
@@ -165,11 +167,14 @@ def _traceable(fn: Callable) -> Callable:
     return new
 
 
-def _scalars(view: Any, step: Any) -> tuple[Any, ...]:
+def _scalars(view: Any, step: Any, values: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    from ..utils.optimizers.state import scalar_arguments
+
     fn = getattr(type(view), "scalars", None)
     if not isinstance(fn, types.FunctionType):  # pragma: no cover - a non-function scalars
         fn = type(view).scalars
-    return tuple(map(_value, _traceable(fn)(view, _Step(step))))
+    return tuple(map(_value, _traceable(fn)(view, _Step(step),
+                                            **scalar_arguments(view, values))))
 
 
 def _averaging_weights(opt: Any, t: Any) -> list[Any]:
@@ -203,41 +208,51 @@ def _static_prologue(view: Any) -> tuple[float, float, float]:
 
 
 def _traced_row(view: Any, scale: float, t: Any, lr: Any,
-                attrs: dict[str, Any] | None = None) -> list[Any]:
+                attrs: dict[str, Any] | None = None,
+                values: dict[str, Any] | None = None) -> list[Any]:
     """(decoupled keep factor, *full scalars) of one group for step ``t`` (traced);
-    ``attrs``: attributes set on the view first (state values ``scalars`` reads, driven
-    hyperparameters)."""
+    ``attrs``: hyperparameters the state drives, set on a copy of the view; ``values``:
+    the state's values, those ``scalars`` reads passed to it (None: the initial ones)."""
     v = copy.copy(view)
     v.learning_rate = lr * scale
     v.__dict__.update(attrs or {})
-    scal = [*_scalars(v, t), *_averaging_weights(v, t)]
+    scal = [*_scalars(v, t, values), *_averaging_weights(v, t)]
     keep = 1.0 - scal[0] * _static_prologue(v)[2]
     return [keep, *scal]
 
 
 def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
-               attrs: list[dict[str, Any]] | None = None) -> np.ndarray:
+               attrs: list[dict[str, Any]] | None = None,
+               values: dict[str, float] | None = None) -> np.ndarray:
     """The same rows in float64, computed by the optimizer itself (the JAX engine's), each
-    padded with zeros to the longest."""
+    padded with zeros to the longest (``values``: as for :func:`_traced_row`)."""
     rows = []
     for r, (v, s) in enumerate(zip(views, scales)):
         v.learning_rate = lr * s
         if attrs:
             v.__dict__.update(attrs[r])
-        scal = v.full_scalars(t)
+        scal = v.full_scalars(t, values)
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
     return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
 
 
 def _probe(views: list[Any], scales: list[float]) -> str | None:
-    """Why the scalars cannot be traced (None when they can and agree with the host's)."""
+    """Why the scalars cannot be traced (None when they can and agree with the host's).
+    The state values ``scalars`` reads are traced too (at their initial values)."""
     import jax
     import jax.numpy as jnp
 
-    def rows(t: Any, lr: Any) -> Any:
+    from ..utils.optimizers.state import scalar_arguments
+
+    init = scalar_arguments(views[0], None)
+    names = sorted(init)
+
+    def rows(t: Any, lr: Any, *vals: Any) -> Any:
+        values = dict(zip(names, vals))
         return [jnp.stack([jnp.asarray(x, dtype=jnp.result_type(float)) for x in
-                           _traced_row(v, s, t, lr)]) for v, s in zip(views, scales)]
+                           _traced_row(v, s, t, lr, None, values)])
+                for v, s in zip(views, scales)]
 
     def padded(got: list[Any]) -> np.ndarray:
         width = max(len(r) for r in got)
@@ -246,15 +261,17 @@ def _probe(views: list[Any], scales: list[float]) -> str | None:
 
     lr0 = float(views[0].learning_rate) or 1e-3
     try:
-        jax.make_jaxpr(rows)(np.int32(1), np.float32(lr0))
+        jax.make_jaxpr(rows)(np.int32(1), np.float32(lr0),
+                             *(np.float32(init[k]) for k in names))
     except Exception as e:  # noqa: BLE001 - any failure: compute them on the host
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"{type(views[0]).__name__}.scalars(step) is not traceable ({type(e).__name__}: {first[:160]})"
     fresh = [copy.copy(v) for v in views]
     with jax.ensure_compile_time_eval():
         for t in (1, 2, 3, 10, 1000):
-            got = padded(rows(jnp.int32(t), jnp.asarray(lr0)))
-            want = _host_rows(fresh, scales, t, lr0)
+            got = padded(rows(jnp.int32(t), jnp.asarray(lr0),
+                              *(jnp.asarray(init[k]) for k in names)))
+            want = _host_rows(fresh, scales, t, lr0, None, init)
             tol = 1e-12 if jax.config.jax_enable_x64 else 1e-5
             if got.shape != want.shape or not np.allclose(got, want, rtol=tol, atol=1e-30,
                                                           equal_nan=True):
@@ -310,30 +327,34 @@ class _Plan:
         return [{k: v for k, v in driven.items() if k not in over} for over in self.overrides]
 
 
-def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any
-                 ) -> list[list[Any]]:
+def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
+                 values: dict[str, Any] | None = None) -> list[list[Any]]:
     """Each row's (keep factor, *full scalars) for step ``t`` (traced), as JAX values of
     dtype ``dt``: traced, or computed on the host by a ``jax.pure_callback``. ``driven``:
-    the attributes to set on each view first (state values, hyperparameters from the
-    state)."""
+    the hyperparameters from the state, set on (a copy of) each view first; ``values``:
+    the state values ``scalars`` reads (its ``scalar_values``), passed to it as keyword
+    arguments."""
     import jax
     import jax.numpy as jnp
 
     attrs = plan.attrs(driven)
+    values = dict(values or {})
     if plan.host:
-        names = sorted(driven)
+        names, vnames = sorted(driven), sorted(values)
         out_dt = np.dtype(dt)
 
         def callback(step: Any, rate: Any, *vals: Any) -> np.ndarray:
-            got = dict(zip(names, (float(v) for v in vals)))
-            per_row = [{k: got[k] for k in a} for a in attrs]
+            got = [float(v) for v in vals]
+            hyper = dict(zip(names, got))
+            state_values = dict(zip(vnames, got[len(names):]))
+            per_row = [{k: hyper[k] for k in a} for a in attrs]
             return _host_rows(plan.host_views, plan.scales, int(step), float(rate),
-                              per_row).astype(out_dt)
+                              per_row, state_values).astype(out_dt)
 
         table = jax.pure_callback(
             callback, jax.ShapeDtypeStruct((len(plan.views), plan.width), dt), t,
             jnp.asarray(lr, dt), *(jnp.asarray(driven[k], dt) for k in names),
-            vmap_method="sequential")
+            *(jnp.asarray(values[k], dt) for k in vnames), vmap_method="sequential")
         return [[table[r, j] for j in range(w)] for r, w in enumerate(plan.widths)]
-    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t, jnp.asarray(lr, dt), a)]
+    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t, jnp.asarray(lr, dt), a, values)]
             for v, s, a in zip(plan.views, plan.scales, attrs)]

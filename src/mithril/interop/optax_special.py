@@ -1,15 +1,13 @@
 """What :func:`~mithril.interop.optax_transformation` knows about optimizers that override
 ``init`` or ``update`` (:mod:`.optax_transform` runs the elementwise model: slots,
-``scalars(step)``, ``math``, the two-pass ``tensor_scalars``).
+``scalars(step)`` (given the state values it reads, ``scalar_values``, as keyword
+arguments), ``math``, the two-pass ``tensor_scalars``).
 
 Such an override is accepted where it is known to stay within that model:
 
 * an ``init`` that only starts some slots as a copy of the params: Lookahead's ``slow``,
   schedule-free's ``z``, Prodigy's ``x0`` (and Muon's, which only checks the shapes). An
   optimizer class may state it itself: ``params_copy_slots = ("z",)``.
-* an ``update`` that only shows optimizer-wide values to ``scalars(step)``: Prodigy's
-  (``state.values["d"]`` as the instance attribute ``_d``). A class may state it:
-  ``values_in_scalars = {"d": "_d"}`` (value name -> the attribute ``scalars`` reads).
 * :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`'s ``update`` (Muon,
   Adafactor): run by :mod:`.optax_tensorwise`.
 
@@ -41,15 +39,13 @@ LBFGS_REFUSAL = (
     "Use ours through LBFGS.init / LBFGS.update(params, None, state, closure=...)")
 
 
-def _known() -> tuple[dict[Any, tuple[str, ...]], dict[Any, dict[str, str]], Any]:
-    """(init override -> the slots it copies from the params, update override -> the values
-    it shows to ``scalars`` by attribute, the tensorwise update)."""
+def _known() -> tuple[dict[Any, tuple[str, ...]], Any]:
+    """(init override -> the slots it copies from the params, the tensorwise update)."""
     from ..utils.optimizers import lookahead, muon, prodigy, schedule_free, tensorwise
 
     inits = {lookahead._init: (lookahead.SLOW,), schedule_free._init: ("z",),
              prodigy._init: ("x0",), muon._init: ()}
-    updates = {prodigy._update: {"d": "_d"}}
-    return inits, updates, tensorwise._update
+    return inits, tensorwise._update
 
 
 def classify(opt: Any) -> str:
@@ -61,7 +57,7 @@ def classify(opt: Any) -> str:
     cls, name = type(opt), type(opt).__name__
     if isinstance(opt, LBFGS):
         raise TypeError(LBFGS_REFUSAL if cls is LBFGS else f"{name}: {LBFGS_REFUSAL}")
-    inits, updates, tensorwise_update = _known()
+    inits, tensorwise_update = _known()
     below = cls.__mro__[:cls.__mro__.index(Optimizer)]
     kind = "elementwise"
     for c in below:
@@ -70,7 +66,7 @@ def classify(opt: Any) -> str:
             pass
         elif fn is tensorwise_update:
             kind = "tensorwise"
-        elif fn not in updates and getattr(cls, "values_in_scalars", None) is None:
+        else:
             raise TypeError(
                 f"{name} overrides update() (in {c.__name__}): its step is not only the "
                 f"elementwise math (slots, scalars(step), math) or the per-tensor "
@@ -101,23 +97,6 @@ def params_copy_slots(opt: Any) -> tuple[str, ...]:
         if fn in inits:
             return tuple(s for s in inits[fn] if s in opt.slot_names())
     return ()
-
-
-def values_in_scalars(opt: Any) -> dict[str, str]:
-    """Value name -> the attribute through which ``scalars(step)`` reads it (the class's
-    ``values_in_scalars``, else what its known ``update`` override does)."""
-    from ..utils.optimizers.base import Optimizer
-
-    declared = getattr(type(opt), "values_in_scalars", None)
-    if declared is not None:
-        return dict(declared)
-    updates = _known()[1]
-    cls = type(opt)
-    for c in cls.__mro__[:cls.__mro__.index(Optimizer)]:
-        fn = c.__dict__.get("update")
-        if fn in updates:
-            return dict(updates[fn])
-    return {}
 
 
 def state_hyperparams(opt: Any) -> tuple[str, ...]:

@@ -74,8 +74,10 @@ How it works:
 
 Optimizers that override ``init``/``update`` are supported where the override is known to
 stay within this model (:mod:`.optax_special`): Lookahead, schedule-free SGD / AdamW and
-Prodigy (``init`` copies the params into a slot; Prodigy's ``update`` shows the state's
-``d`` to ``scalars``), Muon and Adafactor (``TensorwiseOptimizer``). A two-pass
+Prodigy (``init`` copies the params into a slot), Muon and Adafactor
+(``TensorwiseOptimizer``). The state values an optimizer's ``scalars`` reads (its
+``scalar_values``: Prodigy's ``d``) are passed to it as keyword arguments, traced or as
+arguments of the host callback, as the engines pass the state's. A two-pass
 optimizer's ``tensor_scalars`` is traced where it is arithmetic, else (NumPy, Python control
 flow: schedule-free's and Prodigy's) computed on the host in float64 by a
 ``jax.pure_callback``, as the engines do; its ``values`` are kept in float32 between steps
@@ -337,7 +339,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         from .optax_tensorwise import tensorwise_transformation
 
         return tensorwise_transformation(opt, learning_rate, scalars)
-    from .optax_special import host_tensor_scalars, state_hyperparams, values_in_scalars
+    from .optax_special import host_tensor_scalars, state_hyperparams
 
     opt_name = type(opt).__name__
     own = tuple(opt.slot_names())
@@ -346,7 +348,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     tensor_slots = tuple(opt.tensor_slots)
     two_pass = opt.two_pass()
     n_avg = len(full) - len(own)
-    value_attrs = values_in_scalars(opt)  # value name -> the attribute scalars() reads
+    scalar_values = tuple(opt.scalar_values)  # the state values scalars() reads
     driven_hyper = state_hyperparams(opt)
     plans: dict[Any, _Plan] = {}
 
@@ -398,9 +400,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         count = state.count
         t = count + 1
         lr = _step_lr(learning_rate, state)
-        driven = {attr: state.values[v] for v, attr in value_attrs.items()}
-        driven.update({h: state.hyperparams[h] for h in driven_hyper})
-        rows = _row_scalars(plan, t, lr, driven, _wide())
+        driven = {h: state.hyperparams[h] for h in driven_hyper}
+        rows = _row_scalars(plan, t, lr, driven, _wide(),
+                            {v: state.values[v] for v in scalar_values})
         n_full = len(rows[0]) - 1
         n_own = n_full - n_avg
         skip = opt.nonfinite == "skip"

@@ -120,6 +120,20 @@ class Operator:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
+    def cin(self) -> Any:
+        """The canonical input (its first input) as a connection object, as ``Model.cin``."""
+        from .model import Terminal, cin_key
+
+        return Terminal(self, cin_key(self))
+
+    @property
+    def cout(self) -> Any:
+        """The canonical output as a connection object, as ``Model.cout``."""
+        from .model import Terminal, cout_key
+
+        return Terminal(self, cout_key(self))
+
+    @property
     def terminals(self) -> tuple[str, ...]:
         return (*self.inputs, "output")
 

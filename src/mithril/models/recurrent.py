@@ -1,5 +1,6 @@
 """Recurrent layers with torch's layouts, gate order, numerics and initialisation:
-``RNNCell``, ``LSTMCell``, ``GRUCell`` (one step) and ``RNN``, ``LSTM``, ``GRU`` (a sequence).
+``RNNCell``, ``LSTMCell``, ``GRUCell`` (one step) and ``RNN``, ``LSTM``, ``GRU`` (a sequence,
+optionally stacked, bidirectional, with dropout between layers).
 
 Weights are ``weight_ih`` (G·H, I) and ``weight_hh`` (G·H, H), biases ``bias_ih`` and
 ``bias_hh`` (G·H,), with the gates stacked in torch's order: G = 1 (RNN), 4 for LSTM
@@ -10,24 +11,31 @@ with a = x·W_ihᵀ + b_ih and b = h·W_hhᵀ + b_hh:
 * LSTM: i, f, g, o = σ, σ, tanh, σ of the four blocks of a + b; c' = f·c + i·g; h' = o·tanh(c');
 * GRU:  r, z = σ of the first two blocks of a + b; n = tanh(a_n + r·b_n); h' = (1 − z)·n + z·h.
 
-One operator, :class:`Recurrence`, runs the whole time loop: x·W_ihᵀ for every step in one
-matmul, then the recurrent part step by step — a Python loop on NumPy and torch,
-``jax.lax.scan`` on JAX (one compiled step, whatever the length). Its NumPy VJP is
-backpropagation through time with the per-step gates recomputed once. The cells and the
-sequence layers are small models around it (indexing and transposes).
+One operator, :class:`Recurrence`, runs the whole time loop of one layer in one direction:
+x·W_ihᵀ for every step in one matmul, then the recurrent part step by step — a Python loop on
+NumPy and torch, ``jax.lax.scan`` on JAX (one compiled step, whatever the length). Its NumPy
+VJP is backpropagation through time with the per-step gates recomputed once. The cells and the
+sequence layers are small models around it (indexing, transposes, concatenation, dropout); a
+stacked or bidirectional layer holds one ``Recurrence`` per layer and direction.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import KeyMismatchError
+from .dropout import Dropout
 from .model import IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
-from .shaping import Indexer, Transpose
+from .shaping import Concat, Indexer, Transpose
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def _sigmoid(xp: Any, x: Any) -> Any:
@@ -35,30 +43,62 @@ def _sigmoid(xp: Any, x: Any) -> Any:
     return t.sigmoid(x) if t is not None else 0.5 * (xp.tanh(0.5 * x) + 1)
 
 
+def _positive_int(who: str, what: str, v: Any) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v <= 0:
+        raise ValueError(f"{who}: {what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _wire(name: str) -> Any:
+    """A connection by name: one starting with "_" is a wire internal to the block."""
+    return IOKey(name, expose=False) if name.startswith("_") else name
+
+
+def _zeros(xp: Any, like: Any, shape: tuple[int, ...]) -> Any:
+    """Zeros of ``shape`` in ``like``'s dtype (and device), in ``xp``'s array type."""
+    t = torch_of(xp)
+    if t is not None:
+        return t.zeros(shape, dtype=like.dtype, device=like.device)
+    return xp.zeros(shape, dtype=like.dtype)
+
+
 class Recurrence(Operator):
-    """The time loop of an RNN / LSTM / GRU layer (see the module docstring).
+    """The time loop of one RNN / LSTM / GRU layer in one direction (see the module docstring).
 
     Inputs: ``input`` (T, N, I), time-major, and ``h0`` (N, H) (and ``c0`` for an LSTM); the
     output stacks the hidden states, and for an LSTM the cell states: (S, T, N, H) with S = 2
-    for an LSTM, else 1.
+    for an LSTM, else 1, each at its time position.
+
+    ``reverse``: run from t = T − 1 down to 0 (the reverse direction of a bidirectional layer);
+    the final state is then the one at t = 0. ``initial_state=False``: no ``h0`` / ``c0``
+    inputs, the states start at zero. ``num_states`` K: ``h0`` / ``c0`` hold the initial
+    states of K layers and directions, (K, N, H), and this one reads ``[state_index]``.
+    ``input_size``: the feature size ``input`` must have (checked; None: any).
     """
 
     param_init: dict[str, str]  # per instance: U(±1/√H) for every weight and bias
 
     def __init__(self, kind: str, hidden_size: int, bias: bool = True,
-                 nonlinearity: str = "tanh") -> None:
+                 nonlinearity: str = "tanh", *, reverse: bool = False, initial_state: bool = True,
+                 num_states: int | None = None, state_index: int = 0,
+                 input_size: int | None = None) -> None:
         if kind not in GATES:
             raise ValueError(f"Recurrence: kind must be one of {sorted(GATES)}, got {kind!r}")
-        if not isinstance(hidden_size, (int, np.integer)) or isinstance(hidden_size, bool) \
-                or hidden_size <= 0:
-            raise ValueError(f"{kind.upper()}: hidden_size must be a positive int, got {hidden_size!r}")
+        who = kind.upper()
+        self.hidden_size = _positive_int(who, "hidden_size", hidden_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.kind, self.hidden_size, self.bias = kind, int(hidden_size), bool(bias)
-        self.nonlinearity = nonlinearity
-        self.inputs = ("input", "h0", "c0") if kind == "lstm" else ("input", "h0")  # type: ignore[misc]
+        self.kind, self.bias, self.nonlinearity = kind, bool(bias), nonlinearity
+        self.reverse, self.initial_state = bool(reverse), bool(initial_state)
+        self.num_states = None if num_states is None else _positive_int(who, "num_states", num_states)
+        self.state_index = int(state_index)
+        if self.num_states is not None and not 0 <= self.state_index < self.num_states:
+            raise ValueError(f"{who}: state_index {state_index!r} is not in [0, {self.num_states})")
+        self.input_size = None if input_size is None else _positive_int(who, "input_size", input_size)
+        states = ("h0", "c0") if kind == "lstm" else ("h0",)
+        self.inputs = ("input", *states) if self.initial_state else ("input",)  # type: ignore[misc]
         init = f"fan_in_uniform:{self.hidden_size}"
-        keys = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+        keys = ROLES if self.bias else ROLES[:2]
         self.param_init = {k: init for k in keys}  # type: ignore[misc]
 
     # -- shapes --------------------------------------------------------------------------
@@ -67,15 +107,28 @@ class Recurrence(Operator):
         s = shapes.get("input")
         if s is not None and len(s) != 3:
             raise ShapeError(f"{who}: 'input' must be (T, N, I) here, got shape {fmt(s)}")
+        if s is not None and self.input_size is not None and s[2] is not None \
+                and s[2] != self.input_size:
+            raise ShapeError(f"{who}: 'input' must have input_size = {self.input_size} features "
+                             f"(its last axis here), got shape {fmt(s)}")
         n = None if s is None else s[1]
+        k = self.num_states
         for key in self.inputs[1:]:
             hs = shapes.get(key)
             if hs is None:
                 continue
-            if len(hs) != 2 or (hs[1] is not None and hs[1] != h) or (
-                    n is not None and hs[0] is not None and hs[0] != n):
+            lead = () if k is None else (k,)
+            ok = len(hs) == len(lead) + 2 and (hs[-1] is None or hs[-1] == h) \
+                and (n is None or hs[-2] is None or hs[-2] == n) \
+                and (k is None or hs[0] is None or hs[0] == k)
+            if ok:
+                continue
+            if k is None:
                 raise ShapeError(f"{who}: '{key}' must be (N, {h}) with N the batch of 'input' "
                                  f"{fmt(s)}, got shape {fmt(hs)}")
+            raise ShapeError(f"{who}: '{key}' must be (N, {h}) per layer and direction, ({k}, N, "
+                             f"{h}) in all (num_layers · num_directions = {k}), with N the batch "
+                             f"of 'input' {fmt(s)}, got shape {fmt(hs)}")
         return None if s is None else s[2]
 
     def param_shapes(self, shapes):
@@ -114,12 +167,23 @@ class Recurrence(Operator):
         n = xp.tanh(a[:, 2 * H:] + r * b[:, 2 * H:])
         return (1 - z) * n + z * h, c
 
-    def forward(self, xp: Any, input: Any, h0: Any, c0: Any = None, weight_ih: Any = None,
+    def _initial(self, xp: Any, state: Any, a: Any) -> Any:
+        """This layer's and direction's initial state (N, H): the given one, or zeros."""
+        if state is None:
+            return _zeros(xp, a, (int(a.shape[1]), self.hidden_size))
+        return state if self.num_states is None else state[self.state_index]
+
+    def _order(self, steps: int) -> range:
+        """The time positions in the order they are computed."""
+        return range(steps - 1, -1, -1) if self.reverse else range(steps)
+
+    def forward(self, xp: Any, input: Any, h0: Any = None, c0: Any = None, weight_ih: Any = None,
                 weight_hh: Any = None, bias_ih: Any = None, bias_hh: Any = None) -> Any:
         a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
         if bias_ih is not None:
             a = a + bias_ih
-        c = h0 if c0 is None else c0  # a placeholder carry for RNN / GRU
+        h = self._initial(xp, h0, a)
+        c = self._initial(xp, c0, a) if self.kind == "lstm" else h  # a placeholder carry
         kind = backend_of(xp)
         if kind == "jax":
             import jax
@@ -128,36 +192,41 @@ class Recurrence(Operator):
                 h2, c2 = self._step(xp, a_t, *carry, weight_hh, bias_hh)
                 return (h2, c2), (h2, c2)
 
-            _, (hs, cs) = jax.lax.scan(body, (h0, c), a)
+            _, (hs, cs) = jax.lax.scan(body, (h, c), a, reverse=self.reverse)
             return xp.stack([hs, cs]) if self.kind == "lstm" else hs[None]
-        hs, cs, h = [], [], h0
-        for t in range(int(a.shape[0])):
+        steps = int(a.shape[0])
+        hs: list[Any] = [None] * steps
+        cs: list[Any] = [None] * steps
+        for t in self._order(steps):
             h, c = self._step(xp, a[t], h, c, weight_hh, bias_hh)
-            hs.append(h)
-            cs.append(c)
-        if kind == "torch":
-            t = torch_of(xp)
-            return t.stack([t.stack(hs), t.stack(cs)]) if self.kind == "lstm" else t.stack(hs)[None]
-        return np.stack([np.stack(hs), np.stack(cs)]) if self.kind == "lstm" else np.stack(hs)[None]
+            hs[t], cs[t] = h, c
+        stack = torch_of(xp).stack if kind == "torch" else np.stack
+        return stack([stack(hs), stack(cs)]) if self.kind == "lstm" else stack(hs)[None]
 
     # -- backpropagation through time (NumPy) ---------------------------------------------
     def vjp(self, g, out, args, wrt):
         x, w_ih, w_hh = args["input"], args["weight_ih"], args["weight_hh"]
         b_ih, b_hh = args.get("bias_ih"), args.get("bias_hh")
         H, T = self.hidden_size, x.shape[0]
+        lstm = self.kind == "lstm"
         a = x @ w_ih.T + (0 if b_ih is None else b_ih)
-        hs = out[0]
-        h_prev = [args["h0"], *hs[:-1]]
+        hs, cs = out[0], (out[1] if lstm else out[0])
+        order = list(self._order(T))
+        h_prev: list[Any] = [None] * T  # the state each step starts from
+        c_prev: list[Any] = [None] * T
+        hp, cp = self._initial(np, args.get("h0"), a), self._initial(np, args.get("c0"), a)
+        for t in order:
+            h_prev[t], c_prev[t] = hp, cp
+            hp, cp = hs[t], cs[t]
         gh_seq = g[0]
-        gc_seq = g[1] if self.kind == "lstm" else None
-        c_prev = [args["c0"], *out[1][:-1]] if self.kind == "lstm" else None
+        gc_seq = g[1] if lstm else None
         da_all = np.zeros_like(a)  # cotangent of the input part, per step
         dw_hh = np.zeros_like(w_hh)
         db_hh = np.zeros(w_hh.shape[0], dtype=w_hh.dtype)
-        dh_next = np.zeros_like(args["h0"])
-        dc_next = np.zeros_like(args["h0"])
+        dh_next = np.zeros((x.shape[1], H), dtype=a.dtype)
+        dc_next = np.zeros_like(dh_next)
         sig = lambda v: 0.5 * (np.tanh(0.5 * v) + 1)  # noqa: E731
-        for t in reversed(range(T)):
+        for t in reversed(order):
             hp = h_prev[t]
             b = hp @ w_hh.T + (0 if b_hh is None else b_hh)
             dh = gh_seq[t] + dh_next
@@ -166,11 +235,11 @@ class Recurrence(Operator):
                 dz = dh * (1 - h * h) if self.nonlinearity == "tanh" else dh * (a[t] + b > 0)
                 da = db = dz
                 dh_next = dz @ w_hh
-            elif self.kind == "lstm":
+            elif lstm:
                 z = a[t] + b
                 i, f = sig(z[:, :H]), sig(z[:, H:2 * H])
                 gg, o = np.tanh(z[:, 2 * H:3 * H]), sig(z[:, 3 * H:])
-                tc = np.tanh(out[1][t])
+                tc = np.tanh(cs[t])
                 dc = gc_seq[t] + dc_next + dh * o * (1 - tc * tc)
                 dz = np.concatenate([dc * gg * i * (1 - i), dc * c_prev[t] * f * (1 - f),
                                      dc * i * (1 - gg * gg), dh * tc * o * (1 - o)], axis=1)
@@ -191,28 +260,121 @@ class Recurrence(Operator):
             db_hh += db.sum(axis=0)
         flat = da_all.reshape(-1, da_all.shape[-1])
         res = {"input": da_all @ w_ih, "weight_ih": flat.T @ x.reshape(-1, x.shape[-1]),
-               "weight_hh": dw_hh, "bias_ih": flat.sum(axis=0), "bias_hh": db_hh,
-               "h0": dh_next, "c0": dc_next}
+               "weight_hh": dw_hh, "bias_ih": flat.sum(axis=0), "bias_hh": db_hh}
+        for key, d in (("h0", dh_next), ("c0", dc_next)):
+            if key in wrt and self.num_states is not None:
+                full = np.zeros_like(args[key])
+                full[self.state_index] = d
+                d = full
+            res[key] = d
         return {k: v for k, v in res.items() if k in wrt}
 
     def __repr__(self) -> str:
-        return f"Recurrence({self.kind!r}, {self.hidden_size}, bias={self.bias})"
+        opts = {"reverse": True if self.reverse else None,
+                "initial_state": None if self.initial_state else False,
+                "num_states": self.num_states, "input_size": self.input_size}
+        extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
+        return f"Recurrence({self.kind!r}, {self.hidden_size}, bias={self.bias}{extra})"
+
+
+_LAYER_CLASSES: dict[str, type[Recurrence]] = {}
+
+
+def _layer_class(layer: int, reverse: bool) -> type[Recurrence]:
+    """``Recurrence`` under the name ``L<layer>`` or ``L<layer>Reverse``: the compiler names a
+    block after its class, so a stacked layer's parameters read ``l1_reverse.weight_ih`` (torch's
+    ``weight_ih_l1_reverse``)."""
+    name = f"L{layer}" + ("Reverse" if reverse else "")
+    cls = _LAYER_CLASSES.get(name)
+    if cls is None:
+        doc = f"The ``Recurrence`` of layer {layer}, {'reverse' if reverse else 'forward'} direction."
+        cls = _LAYER_CLASSES[name] = type(name, (Recurrence,), {"__module__": __name__, "__doc__": doc})
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """``L<k>`` / ``L<k>Reverse`` (see :func:`_layer_class`), so they resolve by name (pickle)."""
+    m = re.fullmatch(r"L(\d+)(Reverse)?", name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _layer_class(int(m.group(1)), m.group(2) is not None)
+
+
+def _path(layer: int, direction: int) -> str:
+    """The block name of a stacked layer's ``Recurrence``: ``l0``, ``l0_reverse``, ``l1``, ..."""
+    return f"l{layer}" + ("_reverse" if direction else "")
+
+
+# -- torch state dicts ----------------------------------------------------------------------------
+class _TorchNames:
+    """Name mapping to / from torch's ``state_dict`` (shared by the cells and the sequences)."""
+
+    kind: ClassVar[str]
+    hidden_size: int
+    bias: bool
+
+    def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
+        """(torch name, mithril name relative to this block, role, ``weight_ih``'s input
+        features or 0: any)."""
+        raise NotImplementedError
+
+    def torch_names(self, prefix: str = "") -> dict[str, str]:
+        """``{torch name: mithril parameter name}`` for this block, e.g. ``weight_ih_l1_reverse
+        -> prefix + "l1_reverse.weight_ih"``, ``weight_ih_l0 -> prefix + "recurrence.weight_ih"``
+        (one layer, one direction), ``weight_ih -> prefix + "recurrence.weight_ih"`` (a cell). ``prefix``: the block's path in the compiled
+        model followed by a dot (``"lstm."`` when it is a block ``lstm`` of the compiled model;
+        ``""`` when it is the compiled model itself)."""
+        return {t: prefix + m for t, m, _, _ in self._torch_pairs()}
+
+    def params_from_torch(self, state_dict: Mapping[str, Any], prefix: str = "",
+                          backend: Any = None) -> dict[str, Any]:
+        """This block's parameters from the ``state_dict()`` of the matching ``torch.nn``
+        module (``torch.nn.LSTM(I, H, num_layers, bias, bidirectional=...)``, ...), keyed by
+        mithril name (see :meth:`torch_names` for ``prefix``): NumPy arrays, or ``backend``'s
+        arrays when a backend is given. Missing or unexpected keys (``proj_size``'s
+        ``weight_hr_*``, another ``num_layers``) are a ``KeyMismatchError``, a wrong shape a
+        ``ShapeError``, before anything is converted."""
+        pairs = self._torch_pairs()
+        want = {t for t, _, _, _ in pairs}
+        who = type(self).__name__
+        missing, unexpected = sorted(want - set(state_dict)), sorted(set(state_dict) - want)
+        if missing or unexpected:
+            raise KeyMismatchError(f"{who}.params_from_torch: missing key(s) {missing}, unexpected "
+                                   f"key(s) {unexpected} (expected {sorted(want)})")
+        gh, h = GATES[self.kind] * self.hidden_size, self.hidden_size
+        for t, _, role, i in pairs:
+            shape = tuple(state_dict[t].shape)
+            expect: tuple[int | None, ...] = {
+                "weight_ih": (gh, i or None), "weight_hh": (gh, h)}.get(role, (gh,))
+            if len(shape) != len(expect) or any(e is not None and e != d for d, e in zip(shape, expect)):
+                raise ShapeError(f"{who}.params_from_torch: '{t}' must have shape {fmt(expect)}, "
+                                 f"got {fmt(shape)}")
+        out = {}
+        for t, m, _, _ in pairs:
+            v = state_dict[t]
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            out[prefix + m] = v if backend is None else backend.array(v)
+        return out
 
 
 # -- cells: one step ------------------------------------------------------------------------------
-class _Cell(Model):
+class _Cell(Model, _TorchNames):
     kind: ClassVar[str]
 
     def __init__(self, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh") -> None:
         super().__init__()
         rec = Recurrence(self.kind, hidden_size, bias, nonlinearity)
-        self.hidden_size = rec.hidden_size
+        self.hidden_size, self.bias = rec.hidden_size, rec.bias
         self |= Indexer(None)(input="input", output=IOKey(expose=False, name="_steps"))
         states = {"h0": "prev_hidden"} | ({"c0": "prev_cell"} if self.kind == "lstm" else {})
         self |= rec(input="_steps", output=IOKey("_stacked", expose=False), **states)
         self |= Indexer((0, 0))(input="_stacked", output="output")
         if self.kind == "lstm":
             self |= Indexer((1, 0))(input="_stacked", output="cell")
+
+    def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
+        roles = ROLES if self.bias else ROLES[:2]
+        return [(r, f"recurrence.{r}", r, 0) for r in roles]
 
 
 class RNNCell(_Cell):
@@ -244,57 +406,136 @@ class GRUCell(_Cell):
 
 
 # -- whole sequences ------------------------------------------------------------------------------
-class _Sequence(Model):
+class _Sequence(Model, _TorchNames):
     kind: ClassVar[str]
 
     def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True,
-                 nonlinearity: str = "tanh") -> None:
+                 nonlinearity: str = "tanh", *, num_layers: int = 1, bidirectional: bool = False,
+                 dropout: float = 0.0, initial_states: bool = True,
+                 input_size: int | None = None) -> None:
         super().__init__()
-        rec = Recurrence(self.kind, hidden_size, bias, nonlinearity)
-        self.hidden_size, self.batch_first = rec.hidden_size, bool(batch_first)
+        who = self.kind.upper()
+        self.hidden_size = _positive_int(who, "hidden_size", hidden_size)
+        self.num_layers = _positive_int(who, "num_layers", num_layers)
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(
+                dropout, (int, float, np.integer, np.floating)) or not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"{who}: dropout must be a probability in [0, 1], got {dropout!r}")
+        if dropout and self.num_layers == 1:
+            warnings.warn(f"{who}: dropout is applied between layers, after all but the last; "
+                          f"with num_layers=1 it does nothing (dropout={dropout})",
+                          UserWarning, stacklevel=2 if type(self).__init__ is _Sequence.__init__ else 3)
+        self.batch_first, self.bidirectional = bool(batch_first), bool(bidirectional)
+        self.initial_states, self.dropout = bool(initial_states), float(dropout)
+        self.num_directions = 2 if self.bidirectional else 1
+        k = self.num_layers * self.num_directions
+        states = ("h0", "c0") if self.kind == "lstm" else ("h0",)
+        given = {"h0": "initial_hidden", "c0": "initial_cell"}
+        self.bias, self.input_size = bool(bias), input_size
         if self.batch_first:  # (N, T, I) -> (T, N, I)
             self |= Transpose((1, 0, 2))(input="input", output=IOKey("_steps", expose=False))
-        steps = "_steps" if self.batch_first else "input"
-        states = {"h0": "_h0"} | ({"c0": "_c0"} if self.kind == "lstm" else {})
-        for key, wire in states.items():  # torch's (num_layers = 1, N, H) -> (N, H)
-            given = "initial_hidden" if key == "h0" else "initial_cell"
-            self |= Indexer(0)(input=given, output=IOKey(wire, expose=False))
-        self |= rec(input=steps, output=IOKey("_stacked", expose=False), **states)
+        layer_in = "_steps" if self.batch_first else "input"
+        finals: dict[str, list[str]] = {"h0": [], "c0": []}
+        for layer in range(self.num_layers):
+            last = layer == self.num_layers - 1
+            layer_out = "output" if last and not self.batch_first else f"_out_l{layer}"
+            seqs = []
+            for d in range(self.num_directions):
+                sfx = self._suffix(layer, d)
+                # one layer, one direction: "recurrence"; else "l0", "l0_reverse", "l1", ...
+                op = Recurrence if k == 1 else _layer_class(layer, d == 1)
+                rec = op(self.kind, hidden_size, bias, nonlinearity, reverse=d == 1,
+                                 initial_state=self.initial_states, num_states=k,
+                                 state_index=layer * self.num_directions + d,
+                                 input_size=input_size if layer == 0 else None)
+                conns: dict[str, Any] = {"input": layer_in, "output": _wire(f"_stacked{sfx}")}
+                if self.initial_states:
+                    conns.update({s: given[s] for s in states})
+                self |= rec(**conns)
+                at = slice(0, 1) if d == 1 else slice(-1, None)  # h_n: t = T - 1, reverse: t = 0
+                for j, (s, out_key) in enumerate(zip(states, ("hidden", "cell"))):
+                    name = out_key if k == 1 else f"_final_{s}{sfx}"
+                    self |= Indexer((j, at))(input=f"_stacked{sfx}", output=_wire(name))
+                    finals[s].append(name)
+                seq = layer_out if self.num_directions == 1 else f"_seq{sfx}"
+                self |= Indexer(0)(input=f"_stacked{sfx}", output=_wire(seq))
+                seqs.append(seq)
+            if self.num_directions == 2:  # forward features first, as torch
+                self |= Concat(2, axis=2)(input1=seqs[0], input2=seqs[1], output=_wire(layer_out))
+            if not last and self.dropout:
+                self |= Dropout(self.dropout)(input=layer_out, output=_wire(f"_dropped_l{layer}"))
+                layer_out = f"_dropped_l{layer}"
+            layer_in = layer_out
         if self.batch_first:
-            self |= Indexer(0)(input="_stacked", output=IOKey("_hidden_seq", expose=False))
-            self |= Transpose((1, 0, 2))(input="_hidden_seq", output="output")
-        else:
-            self |= Indexer(0)(input="_stacked", output="output")
-        self |= Indexer((0, slice(-1, None)))(input="_stacked", output="hidden")
-        if self.kind == "lstm":
-            self |= Indexer((1, slice(-1, None)))(input="_stacked", output="cell")
+            self |= Transpose((1, 0, 2))(input=layer_in, output="output")
+        if k > 1:  # h_n (K, N, H): layer by layer, forward before reverse
+            for s, out_key in zip(states, ("hidden", "cell")):
+                self |= Concat(k, axis=0)(**{f"input{i + 1}": p for i, p in enumerate(finals[s])},
+                                          output=out_key)
+
+    @staticmethod
+    def _suffix(layer: int, direction: int) -> str:
+        return f"_l{layer}" + ("_reverse" if direction else "")
+
+    def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
+        roles = ROLES if self.bias else ROLES[:2]
+        out = []
+        for layer in range(self.num_layers):
+            feats = self.hidden_size * self.num_directions if layer else (self.input_size or 0)
+            for d in range(self.num_directions):
+                sfx = self._suffix(layer, d)
+                path = "recurrence" if self.num_layers * self.num_directions == 1 else _path(layer, d)
+                out += [(r + sfx, f"{path}.{r}", r, feats) for r in roles]
+        return out
 
 
-_SEQ_DOC = """A single-layer, one-directional {name} over a whole sequence, as ``torch.nn.{name}``
-    (num_layers=1, bidirectional=False): input ``input`` (T, N, I), or (N, T, I) with
-    ``batch_first``, and ``initial_hidden`` (1, N, H){cell_in}; outputs ``output``, every hidden
-    state, (T, N, H) or (N, T, H), ``hidden`` = h_T (1, N, H){cell_out}. Parameters under
-    ``recurrence.``: ``weight_ih`` (G·H, I), ``weight_hh`` (G·H, H), ``bias_ih``, ``bias_hh``
-    (G·H,), torch's ``*_l0``. On JAX the loop is one ``jax.lax.scan``."""
+_SEQ_DOC = """A {name} over a whole sequence, as ``torch.nn.{name}``: input ``input`` (T, N, I), or
+    (N, T, I) with ``batch_first``, and ``initial_hidden`` (K, N, H){cell_in}, with K =
+    num_layers · num_directions; outputs ``output``, the last layer's hidden states, (T, N, D·H)
+    or (N, T, D·H) with D = 2 if ``bidirectional`` else 1 (the forward direction's features
+    first), and ``hidden`` = h_n (K, N, H){cell_out}, layer by layer, forward before reverse.
+
+    Keyword-only options: ``num_layers`` (stacked layers, each reading the previous one's
+    output), ``bidirectional``, ``dropout`` (Dropout on the output of every layer but the
+    last, in training mode, with the same masks on every backend), ``initial_states=False``
+    (no initial state inputs: the states start at zero, as torch without h0 / c0) and
+    ``input_size`` (checked against ``input``; inferred when None).
+
+    Parameters: ``weight_ih`` (G·H, I), ``weight_hh`` (G·H, H), ``bias_ih``, ``bias_hh``
+    (G·H,) per layer and direction, U(−1/√H, 1/√H). With one layer and one direction they are
+    ``recurrence.weight_ih``, ... (torch's ``weight_ih_l0``, ...); otherwise ``l0.weight_ih``,
+    ``l0_reverse.weight_ih``, ..., ``l1_reverse.bias_hh`` (torch's ``weight_ih_l0``,
+    ``weight_ih_l0_reverse``, ..., ``bias_hh_l1_reverse``). :meth:`torch_names` and
+    :meth:`params_from_torch` map torch's ``state_dict``. On JAX each layer and direction is
+    one ``jax.lax.scan``."""
 
 
 class RNN(_Sequence):
-    __doc__ = _SEQ_DOC.format(name="RNN", cell_in="", cell_out="")
+    __doc__ = _SEQ_DOC.format(name="RNN", cell_in="", cell_out="") + """
+
+    ``nonlinearity``: "tanh" or "relu"."""
     kind = "rnn"
 
 
 class LSTM(_Sequence):
-    __doc__ = _SEQ_DOC.format(name="LSTM", cell_in=" and ``initial_cell`` (1, N, H)",
-                              cell_out=" and ``cell`` = c_T (1, N, H)")
+    __doc__ = _SEQ_DOC.format(name="LSTM", cell_in=" and ``initial_cell`` (K, N, H)",
+                              cell_out=" and ``cell`` = c_n (K, N, H)")
     kind = "lstm"
 
-    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True) -> None:
-        super().__init__(hidden_size, batch_first, bias)
+    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True, *,
+                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
+                 initial_states: bool = True, input_size: int | None = None) -> None:
+        super().__init__(hidden_size, batch_first, bias, num_layers=num_layers,
+                         bidirectional=bidirectional, dropout=dropout,
+                         initial_states=initial_states, input_size=input_size)
 
 
 class GRU(_Sequence):
     __doc__ = _SEQ_DOC.format(name="GRU", cell_in="", cell_out="")
     kind = "gru"
 
-    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True) -> None:
-        super().__init__(hidden_size, batch_first, bias)
+    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True, *,
+                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
+                 initial_states: bool = True, input_size: int | None = None) -> None:
+        super().__init__(hidden_size, batch_first, bias, num_layers=num_layers,
+                         bidirectional=bidirectional, dropout=dropout,
+                         initial_states=initial_states, input_size=input_size)

@@ -368,7 +368,8 @@ class MixedPrecisionTrainer:
     optimizer:
         A mithril optimizer (or any object with ``init(params)`` / ``update(params, grads,
         state)``). It updates the float32 masters; a built-in optimizer's backend is re-bound to
-        the float32 twin of the model's backend.
+        the float32 twin of the model's backend. With a ``mithril.distributed.DataParallel``
+        all ranks agree on the overflow flag (one all-reduce): all skip, and back off, alike.
     params:
         Initial parameters, any float dtype (typically ``model.get_parameters()``): copied and
         converted to float32 masters. They are not modified.
@@ -413,8 +414,11 @@ class MixedPrecisionTrainer:
 
         self._master = self._to_master(params)
         self._compute: dict[str, Any] | None = None
-        if isinstance(optimizer, Optimizer):
-            optimizer.backend = self.master_backend
+        #: DataParallel: the all-reduce of the overflow flag (and its wrapped optimizer)
+        self._agree = getattr(optimizer, "all_finite", None)
+        inner = optimizer.optimizer if self._agree is not None else optimizer
+        if isinstance(inner, Optimizer):
+            inner.backend = self.master_backend
         self.optimizer_state = self._master_state(optimizer_state)
 
         self.num_steps = 0            # backward_and_update calls
@@ -534,6 +538,8 @@ class MixedPrecisionTrainer:
         scale = self.scaler.scale
         grads, finite = eng.backward(cots, scale)
         eng.clear()
+        if self._agree is not None:  # data-parallel: skip (and back off) on every rank alike
+            finite = self._agree(bool(finite))
         self.num_steps += 1
         self.last_gradients = grads
         if finite:
@@ -545,7 +551,7 @@ class MixedPrecisionTrainer:
             success = not getattr(st, "last_step_skipped", False)
         else:
             success = False
-            st = self.optimizer_state
+            st = getattr(self.optimizer_state, "local", self.optimizer_state)
             if isinstance(st, OptimizerState):
                 st.last_step_skipped = True
                 st.num_skipped += 1

@@ -146,12 +146,13 @@ def _scalar_tables(opt: Adafactor, state: OptimizerState, t: int, scale: np.ndar
     dtype = np.dtype(state.layout.dtype)
     rows = []
     for v in views:
-        lr, w, rho = v.scalars(t)
+        full = v.full_scalars(t, state.values)
+        lr, w, rho = full[:3]
         eps1, eps2 = v.epsilon
         eps1 = float(np.finfo(dtype).eps) if eps1 is None else eps1
         keep = 1 - lr * v.weight_decay if v.weight_decay != 0 else 1.0
         rows.append((-1.0 if v.maximize else 1.0, v.clip_value or math.inf, keep, w, 1 - w,
-                     rho, eps1, eps1 * eps1, eps2, v.d, *v.full_scalars(t)[3:3 + n_avg]))
+                     rho, eps1, eps1 * eps1, eps2, v.d, *full[3:3 + n_avg]))
     H = np.array(rows, dtype=np.float64)[index]
     H[:, fk.GS] *= scale
     with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells

@@ -45,7 +45,7 @@ from numba.extending import register_jitable
 from ...errors import KeyMismatchError, ShapeError
 from .checks import check_int, describe, is_array, to_float
 from .elementwise import where
-from .state import OptimizerState
+from .state import OptimizerState, scalar_arguments
 
 #: the state slot of each average
 EMA, SWA = "ema", "swa"
@@ -181,11 +181,15 @@ class AveragingMixin:
                              f"they clash with weight averaging's")
         return (*own, *avg)
 
-    def full_scalars(self, step: int) -> tuple[float, ...]:
-        """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`)."""
+    def full_scalars(self, step: int, values: Mapping[str, Any] | None = None
+                     ) -> tuple[float, ...]:
+        """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`).
+        ``values``: the state's ``values``, of which :attr:`scalar_values` are passed to
+        :meth:`scalars` as keyword arguments (None: each one's ``state_value_init``)."""
+        own = self.scalars(step, **scalar_arguments(self, values))
         if self.ema_decay is None and self.swa_start is None:
-            return self.scalars(step)
-        return (*self.scalars(step), *weights(self, step))
+            return own
+        return (*own, *weights(self, step))
 
     def full_kernel_math(self, n_scalars: int) -> Callable:
         """The elementwise function the engines run, ``(p, g, *full slots, *full scalars)

@@ -142,6 +142,21 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     buffers (JAX) or flat tensor ops (other torch devices). Subclasses may instead
     override ``init``/``update`` entirely; ``self.backend`` is available inside them.
 
+    Two passes (LAMB, Novograd, Prodigy): ``reductions`` per-tensor sums of
+    :meth:`reduce`'s terms, taken in a read-only first pass; :meth:`tensor_scalars` turns
+    them, the ``tensor_slots`` and the optimizer-wide ``state_values`` (``state.values``)
+    into extra scalars of the second pass and the new tensor slots and values. Where the
+    per-step :meth:`scalars` depend on some of those values, ``scalar_values`` names them:
+    the state's (as they were before the step) are then passed as keyword arguments,
+    ``scalars(step, d=...)``: the optimizer instance holds no per-state value during an
+    update (one instance may step several states). Prodigy::
+
+        state_values = ("d", "numerator")
+        scalar_values = ("d",)
+
+        def scalars(self, step, d=None):  # d None: state_value_init("d")
+            ...
+
     Common options: ``weight_decay`` (coupled L2, ``g ← g + wd·p``, as torch.optim),
     ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
     ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
@@ -175,11 +190,18 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     tensor_slots: ClassVar[tuple[str, ...]] = ()
     #: optimizer-wide scalars kept in ``state.values`` (saved with the state)
     state_values: ClassVar[tuple[str, ...]] = ()
+    #: the :attr:`state_values` that :meth:`scalars` reads: each step passes the state's
+    #: (before the step) as keyword arguments, ``scalars(step, d=...)`` (Prodigy's ``d``)
+    scalar_values: ClassVar[tuple[str, ...]] = ()
     #: how many per-tensor sums :meth:`reduce_math` gives (0: one pass, no reduction)
     reductions: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        odd = [v for v in cls.scalar_values if v not in cls.state_values]
+        if odd:
+            raise TypeError(f"{cls.__name__}.scalar_values {odd} are not among its "
+                            f"state_values {tuple(cls.state_values)}")
         for name in ("init", "update"):
             if name in cls.__dict__:  # a user override still gets self.backend
                 setattr(cls, name, _bind_backend(cls.__dict__[name]))
@@ -272,7 +294,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         return 0.0
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        """Per-step scalars passed to :meth:`math` after the slots (``step`` is 1-based)."""
+        """Per-step scalars passed to :meth:`math` after the slots (``step`` is 1-based).
+        An optimizer with :attr:`scalar_values` takes them as keyword arguments too,
+        ``scalars(self, step, d=None)`` (the engines pass the state's; None, from a caller
+        without a state, stands for the initial value)."""
         return (self.learning_rate,)
 
     @staticmethod

@@ -50,7 +50,9 @@ class Prodigy(Optimizer):
     ``⟨g, x₀ − p⟩`` and ``‖s‖₁`` are sums over every parameter: the first (read-only) pass
     takes them per tensor, the second applies the update (see ``Optimizer.reductions``).
     ``d`` and ``numerator`` are optimizer-wide values (``state.values``, saved with state
-    dicts and checkpoints). With parameter groups, each group's lr enters its own ``dlr``
+    dicts and checkpoints); the per-step scalars read the state's ``d``, passed to
+    :meth:`scalars` as a keyword argument (``scalar_values``): the instance holds no value
+    of a state, and may step several states. With parameter groups, each group's lr enters its own ``dlr``
     (steps, ``s`` and its share of the numerator, as the PyTorch ``prodigyopt`` package
     does); one ``d`` is shared. A parameter missing from a step's gradients is left alone,
     and its ``s`` is then neither decayed nor counted in that step's ``‖s‖₁``.
@@ -65,6 +67,7 @@ class Prodigy(Optimizer):
 
     slots = ("m", "v", "s", "x0")
     state_values = ("d", "numerator")
+    scalar_values = ("d",)  # scalars(step, d=...) reads the state's d
     reductions = 2
     weight_decay_in_math = True
 
@@ -87,9 +90,9 @@ class Prodigy(Optimizer):
     def state_value_init(self, name: str) -> float:
         return self.estim_lr0 if name == "d" else 0.0
 
-    def scalars(self, step: int) -> tuple[float, ...]:
-        # d: the estimate in the state being updated (see update), else the initial one
-        d = self.__dict__.get("_d")
+    def scalars(self, step: int, d: float | None = None) -> tuple[float, ...]:
+        # d: the estimate in the state being updated (scalar_values: the engines pass the
+        # state's), else the initial one
         d = self.estim_lr0 if d is None else d
         b1, b2, lr = self.beta1, self.beta2, self.learning_rate
         bc = ((1 - b2**step) ** 0.5) / (1 - b1**step)
@@ -124,19 +127,6 @@ def _init(self: Prodigy, params: Mapping[str, Any]) -> OptimizerState:
     return init_from_params(self, params, "x0")
 
 
-def _update(self: Prodigy, params: Mapping[str, Any], gradients: Mapping[str, Any],
-            state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
-    """``Optimizer.update``; the state's ``d`` is made visible to :meth:`Prodigy.scalars` for
-    the step (both passes need it, and ``scalars`` sees no state)."""
-    values = getattr(state, "values", None)
-    self.__dict__["_d"] = values.get("d") if isinstance(values, dict) else None
-    try:
-        return Optimizer.update(self, params, gradients, state)
-    finally:
-        self.__dict__.pop("_d", None)
-
-
-# assigned after the class, so that Optimizer.__init_subclass__ does not wrap them (the
+# assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the
 # wrapper binds the backend first, and would keep an inferred one when the call refuses)
 Prodigy.init = _init  # type: ignore[method-assign]
-Prodigy.update = _update  # type: ignore[method-assign]

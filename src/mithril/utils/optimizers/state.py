@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .layout import Layout
+
+
+def scalar_arguments(opt: Any, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``opt.scalars(step, ...)``: each name of its
+    ``scalar_values`` (some of its ``state_values``) with the value ``values`` (a state's
+    ``values``) holds, or ``opt.state_value_init(name)`` where ``values`` is None or lacks
+    it. Empty for an optimizer (or a row of one) without ``scalar_values``: its
+    ``scalars(step)`` takes no keyword arguments."""
+    names = getattr(opt, "scalar_values", ())
+    if not names:
+        return {}
+    have = {} if values is None else values
+    return {n: have[n] if n in have else opt.state_value_init(n) for n in names}
 
 
 class OptimizerState:

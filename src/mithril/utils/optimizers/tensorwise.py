@@ -27,7 +27,7 @@ import numpy as np
 from .averaging import average, weights
 from .base import Optimizer
 from .engines.common import is_finite, must_skip, nonfinite_result_error
-from .state import OptimizerState
+from .state import OptimizerState, scalar_arguments
 
 
 class NumpyOps:
@@ -182,7 +182,8 @@ class TensorwiseOptimizer(Optimizer):
         """One tensor's step: from the parameter ``p`` (already decayed where the weight
         decay is decoupled), its gradient ``g`` (clipped, with coupled decay added) and its
         part of every slot of :meth:`slot_names`, return the new parameter and slot parts,
-        as new arrays (never modify the ones given). ``scalars`` is ``self.scalars(t)``."""
+        as new arrays (never modify the ones given). ``scalars`` is ``self.scalars(t)`` (with
+        the state's :attr:`~.Optimizer.scalar_values` as keyword arguments, if any)."""
         raise NotImplementedError
 
     def fused_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
@@ -270,7 +271,8 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
                     else:
                         g = g + row.weight_decay * p
                 mine = {s: xp.part(parts[s][name]) for s in row.update_slots()}
-                new_p[name], out = row.tensor_update(xp, p, g, mine, row.scalars(t), name)
+                scal = row.scalars(t, **scalar_arguments(row, state.values))
+                new_p[name], out = row.tensor_update(xp, p, g, mine, scal, name)
                 if set(out) != set(mine):
                     raise RuntimeError(f"{type(row).__name__}.tensor_update must return every "
                                        f"slot {sorted(mine)}, got {sorted(out)}")

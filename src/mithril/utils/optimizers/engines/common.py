@@ -12,13 +12,15 @@ import numpy as np
 def scalar_table(opt: Any, state: Any, t: int, norm: float | None
                  ) -> tuple[np.ndarray, np.ndarray, bool]:
     """The per-step scalars of every parameter group: a float64 table with one row per
-    group (:func:`prologue`'s four values, then ``full_scalars(t)``: the optimizer's
-    scalars and any averaging weights), each tensor's row, and whether any group clips by
-    value (a group that does not then gets an infinite bound)."""
+    group (:func:`prologue`'s four values, then ``full_scalars(t, state.values)``: the
+    optimizer's scalars, given the state's values it reads (``scalar_values``), and any
+    averaging weights), each tensor's row, and whether any group clips by value (a group
+    that does not then gets an infinite bound)."""
     index, views = opt.group_rows(state)
+    values = getattr(state, "values", None)
     rows = []
     for v in views:
-        scal = v.full_scalars(t)
+        scal = v.full_scalars(t, values)
         rows.append((*prologue(v, norm, scal[0]), *scal))
     table = np.array(rows, dtype=np.float64)
     clip = bool((table[:, 1] > 0).any())

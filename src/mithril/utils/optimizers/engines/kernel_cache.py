@@ -29,6 +29,19 @@ install caches as well. Where the cache folder cannot be written, kernels are co
 memory every process as before, with one :class:`KernelCacheWarning`. Delete the folder to
 clear the cache; files of kernels no longer used are simply never read.
 
+A cached kernel must not call another compiled function (issue #16). numba links a copy of
+each callee's optimised code into the caller's object code and then optimises the whole
+again, so with ``fastmath`` the copy may round differently from the callee's own library;
+and the call resolves to whichever definition of the callee's symbol the process loaded
+*first*: the callee's own library after a compile (typing the caller compiles it first),
+the caller's copy after a cache hit. Kernels of one math then differed by 1-2 ulp between a
+compile and a cache hit, hence between processes sharing a fresh folder. So :func:`jit`
+hands a cached function *twins* of the numba dispatchers it refers to, compiled with
+``forceinline`` (:func:`_inlined`): LLVM inlines them, and the caller's object code is all
+that runs, whether compiled or loaded. An object that still defines a function compiled
+apart (a callee that is not a global of the function, or could not be inlined) is not
+saved (:func:`foreign_functions`): that kernel is compiled in every process.
+
 :func:`exec_source` runs generated source as ``exec`` did, registering it with
 :mod:`linecache` so that :func:`jit` (and tracebacks) can read it back.
 """
@@ -57,8 +70,8 @@ from numba.core.caching import FunctionCache
 
 log = logging.getLogger("mithril.kernels")
 
-#: bumped when the way files are generated or keyed changes
-FORMAT = 1
+#: bumped when the way files are generated or keyed changes (2: callees inlined, #16)
+FORMAT = 2
 
 # modules whose code is keyed by version, not read: the interpreter's and the compiler's
 _VERSIONED = {"numpy", "numba", "llvmlite"}
@@ -328,6 +341,11 @@ class _TolerantCache(FunctionCache):
             return None
 
     def save_overload(self, sig: Any, data: Any) -> None:
+        foreign = foreign_functions(data)
+        if foreign:  # its calls would run other code after a load than after a compile
+            log.info("%s is not cached: it calls functions compiled apart (%s)",
+                     self._py_func.__qualname__, ", ".join(n[:60] for n in foreign))
+            return
         try:
             with self._locked():
                 super().save_overload(sig, data)
@@ -335,6 +353,42 @@ class _TolerantCache(FunctionCache):
             warnings.warn(f"mithril: cannot save the compiled kernel {self._py_func.__qualname__} "
                           f"to {self.cache_path} ({type(e).__name__}: {e})", KernelCacheWarning,
                           stacklevel=2)
+
+
+def foreign_functions(cres: Any) -> list[str]:
+    """The functions defined in the object code of the compile result ``cres`` besides its
+    own (and numba's reference-count helpers, the same everywhere): copies of callees that
+    were not inlined. Empty where the object code cannot be inspected."""
+    try:
+        fd = cres.fndesc
+        own = {fd.mangled_name, fd.llvm_cpython_wrapper_name, fd.llvm_cfunc_wrapper_name}
+        return [f.name for f in cres.library._final_module.functions
+                if not f.is_declaration and f.name not in own and not f.name.startswith("NRT_")]
+    except Exception:  # pragma: no cover - numba internals moved
+        return []
+
+
+_twins: dict[int, tuple[Any, Any]] = {}
+
+
+def _inlined(obj: Any) -> Any:
+    """``obj``; for a numba dispatcher compiled as a function of its own (not ``inline=
+    "always"``, which numba inlines itself), its twin compiled with ``forceinline``, which
+    LLVM inlines into every caller (see the module doc). One twin per dispatcher."""
+    opts = getattr(obj, "targetoptions", None)
+    if (not isinstance(opts, dict) or not hasattr(obj, "py_func")
+            or opts.get("inline", "never") != "never" or opts.get("forceinline")):
+        return obj
+    with _lock:
+        twin = _twins.get(id(obj))
+        if twin is None or twin[0] is not obj:
+            f = obj.py_func  # a copy: numba refuses one function on its compile stack twice
+            g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                                   f.__closure__)  # (a recursive one calls the original)
+            g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+            kw = {k: v for k, v in opts.items() if k != "nopython"}  # (njit's own)
+            twin = _twins[id(obj)] = (obj, numba.njit(**kw, forceinline=True)(g))
+    return twin[1]
 
 
 def _write(path: Path, text: str) -> None:
@@ -348,7 +402,8 @@ def jit(fn: Any = None, **options: Any) -> Any:
 
     Usable as ``jit(fn, **options)``, ``@jit(**options)`` or ``@jit``. ``fn`` is
     recompiled from its source in a new module whose globals are ``fn``'s globals and
-    closure variables (numba freezes both as constants alike). Where its source cannot be
+    closure variables (numba freezes both as constants alike; numba dispatchers among them
+    replaced by their inlined twins, :func:`_inlined`). Where its source cannot be
     read or the cache folder cannot be written, it is compiled in memory as by
     ``numba.njit``."""
     if fn is None:
@@ -393,7 +448,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
     module = sys.modules.get(name)
     if module is None or module.__file__ != str(path):  # new, or the same in another folder
         module = types.ModuleType(name)
-        module.__dict__.update({k: v for k, v in ns.items() if not k.startswith("__")})
+        module.__dict__.update({k: _inlined(v) for k, v in ns.items() if not k.startswith("__")})
         module.__file__ = str(path)
         exec(compile(path.read_text(encoding="utf-8"), str(path), "exec", flags=flags,
                      dont_inherit=True), module.__dict__)

@@ -162,8 +162,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     scalars) and ``group``, each tensor's row: any hyperparameter may differ between
     groups at the cost of one table read per tensor, in the same single pass.
 
-    The per-tensor loop is a separate (non-inlined) function over contiguous slices so
-    that LLVM vectorises it. It returns Σ g² of the raw gradients (float64), measured in
+    The per-tensor loop is a separate function over contiguous slices so that LLVM
+    vectorises it, then inlines it (``forceinline``: a kernel must not call code compiled
+    apart, see :mod:`.kernel_cache`). It returns Σ g² of the raw gradients (float64), measured in
     the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
     ``copy`` (JAX's double buffer; with streaming stores if ``stream``, :mod:`.streaming`), else in place
     (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
@@ -211,6 +212,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             "".join(f"{s}[a:b], " for s in slots[first_slot:]),
             ", ".join(f"H[group[t], {first_w + i}]" for i in range(n_avg)))
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    loop = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
@@ -232,9 +234,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             body=body.replace("STORE", store).replace("\n", "\n    ").replace(
                 "x = G[j]\n", "x = G[j] * FA[j]\n"))
     kernel_cache.exec_source(src, name, ns)
-    ns["inner"] = jit(ns["inner"])
+    ns["inner"] = loop(ns["inner"])
     if unitwise:
-        ns["inner_f"] = jit(ns["inner_f"])
+        ns["inner_f"] = loop(ns["inner_f"])
     if fields["nograd"]:
         from ..averaging import _jitable, average
 
@@ -244,12 +246,12 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             weights=", ".join(f"w{i}" for i in range(n_avg)),
             steps="\n".join(f"        A{i}[j] = AVG(p, A{i}[j], w{i})" for i in range(n_avg))),
             name, ns)
-        ns["avg_inner"] = jit(ns["avg_inner"])
+        ns["avg_inner"] = loop(ns["avg_inner"])
     kernel_cache.exec_source(_OUTER_SRC.format(**fields), name, ns)
     return jit(ns["kernel"])
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
 def _sumsq_inner(G):  # pragma: no cover - compiled by numba
     """Σ g² of one contiguous slice, in float64 (vectorised: ``reassoc``)."""
     s = 0.0
@@ -385,6 +387,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
                 "            else:\n    " + call)
     fields["call"] = call
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    loop = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,
@@ -398,9 +401,9 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
             rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
             body=body.replace("\n", "\n    ").replace("G[j] * gscale", "(G[j] * FA[j]) * gscale"))
     kernel_cache.exec_source(src, name, ns)
-    ns["rinner"] = jit(ns["rinner"])
+    ns["rinner"] = loop(ns["rinner"])
     if unitwise:
-        ns["rinner_f"] = jit(ns["rinner_f"])
+        ns["rinner_f"] = loop(ns["rinner_f"])
     kernel_cache.exec_source(_REDUCE_OUTER_SRC.format(**fields), name, ns)
     return jit(ns["rkernel"])
 

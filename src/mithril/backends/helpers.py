@@ -1,0 +1,385 @@
+"""The array helpers of the published Mithril's ``Backend``: creation, randomness, math and
+shape functions a user program calls on ``backend`` (``backend.randn(8, 3)``,
+``backend.linspace(0, 1, 5)``, ``backend.stack([a, b])``, ``backend.pi``).
+
+They run on every backend and return the backend's native arrays. Random draws come from
+the backend's one NumPy generator (:meth:`~mithril.backends.Backend.set_seed`), so a seed
+gives the same numbers on NumPy, JAX and torch; ``key=<int>`` draws from a generator seeded
+with ``key`` instead (the same key, the same array) and leaves the backend's stream alone.
+Arguments are checked before anything is created: a bad shape is a
+:class:`~mithril.errors.ShapeError`, a bad dtype a :class:`~mithril.errors.DTypeError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import DTypeError, ShapeError
+
+#: dtype names a helper's ``dtype=`` accepts (also as ``backend.<name>``, the native dtype)
+DTYPE_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64",
+               "float16", "bfloat16", "float32", "float64")
+_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def shape_arg(shape: tuple[Any, ...], who: str = "shape") -> tuple[int, ...]:
+    """``(3, 4)`` from ``(3, 4)``, ``((3, 4),)`` or ``([3, 4],)``; ``ShapeError`` for a negative
+    or non-integer size."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    out = []
+    for d in shape:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)):
+            raise ShapeError(f"{who}: sizes must be ints, got {d!r} in shape {shape!r}")
+        if d < 0:
+            raise ShapeError(f"{who}: sizes must be >= 0, got {int(d)} in shape {tuple(shape)!r}")
+        out.append(int(d))
+    return tuple(out)
+
+
+def dtype_arg(dtype: Any, who: str = "dtype") -> str | None:
+    """The name of ``dtype`` (``"float32"``, ``ml.float32``, ``np.float32``, ``torch.float32``,
+    ``jnp.int32``, ``bool``), ``None`` for ``None``; ``DTypeError`` for anything else."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        name = getattr(dtype, "name", None) if not isinstance(dtype, type) else None
+        if not isinstance(name, str):
+            text = str(dtype)
+            if text.startswith("torch."):
+                name = text.removeprefix("torch.")
+            else:
+                try:
+                    name = np.dtype(dtype).name
+                except TypeError:
+                    name = None
+    if name not in DTYPE_NAMES:
+        raise DTypeError(f"{who}: unsupported dtype {dtype!r} (use one of {DTYPE_NAMES})")
+    return name
+
+
+class ArrayHelpers:
+    """Mixed into :class:`~mithril.backends.Backend`. Each backend supplies ``array``,
+    ``to_numpy``, ``_xp()`` (its NumPy-like namespace) and the few overrides in its module."""
+
+    dtype: str
+    int_dtype: str
+    native_type: type
+    _rng: np.random.Generator
+
+    # provided by Backend
+    def array(self, data: Any, dtype: Any = None) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def native_dtype(self, name: str | None = None) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _ns(self) -> Any:
+        """The backend's NumPy-like namespace (``numpy``, ``jax.numpy``, a torch shim)."""
+        raise NotImplementedError
+
+    def _native(self, x: Any) -> Any:
+        return x if isinstance(x, self.native_type) else self.array(x)
+
+    # -- constants and dtypes ----------------------------------------------------------------
+    pi: float = math.pi
+    e: float = math.e
+    inf: float = math.inf
+    nan: float = math.nan
+
+    @property
+    def precision(self) -> int:
+        """Bits of the backend's float dtype (32 for ``float32``)."""
+        return _BITS[self.dtype]
+
+    @property
+    def default_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def backend_type(self) -> str:
+        """``"numpy"``, ``"jax"`` or ``"torch"``."""
+        return self.name  # type: ignore[attr-defined]
+
+    @property
+    def DataType(self) -> type:  # noqa: N802 - the published name
+        """The backend's array class."""
+        return self.native_type
+
+    def get_backend_array_type(self) -> type:
+        return self.native_type
+
+    def get_device(self) -> Any:
+        return getattr(self, "device", "cpu")
+
+    def _dt(self, dtype: Any, who: str, default: str | None = None) -> str | None:
+        return dtype_arg(dtype, f"{type(self).__name__}.{who}(dtype=...)") or default
+
+    # -- creation ----------------------------------------------------------------------------
+    def zeros(self, *shape: int | Sequence[int], dtype: Any = None) -> Any:
+        """Zeros of ``shape`` (``zeros(2, 3)`` or ``zeros((2, 3))``), backend dtype by default."""
+        dt = self._dt(dtype, "zeros", self.dtype)
+        return self.array(np.zeros(shape_arg(shape, "zeros")), dt)
+
+    def ones(self, *shape: int | Sequence[int], dtype: Any = None) -> Any:
+        """Ones of ``shape``, backend dtype by default."""
+        dt = self._dt(dtype, "ones", self.dtype)
+        return self.array(np.ones(shape_arg(shape, "ones")), dt)
+
+    def zeros_like(self, input: Any, *, dtype: Any = None) -> Any:
+        """Zeros with ``input``'s shape and (unless ``dtype``) dtype."""
+        dt = self._dt(dtype, "zeros_like")
+        out = self._ns().zeros_like(self._native(input))
+        return out if dt is None else self.array(out, dt)
+
+    def ones_like(self, input: Any, *, dtype: Any = None) -> Any:
+        """Ones with ``input``'s shape and (unless ``dtype``) dtype."""
+        dt = self._dt(dtype, "ones_like")
+        out = self._ns().ones_like(self._native(input))
+        return out if dt is None else self.array(out, dt)
+
+    def cast(self, value: Any, dtype: Any = None) -> Any:
+        """``value`` as a native array of ``dtype`` (default: the backend's float dtype)."""
+        return self.array(value, self._dt(dtype, "cast", self.dtype))
+
+    def arange(self, *args: float, dtype: Any = None) -> Any:
+        """``arange(stop)``, ``arange(start, stop)`` or ``arange(start, stop, step)``, as
+        ``numpy.arange``: integers (the backend's int dtype) unless an argument is a float."""
+        if not 1 <= len(args) <= 3:
+            raise TypeError(f"arange() takes 1 to 3 positional arguments, got {len(args)}")
+        if len(args) == 3 and args[2] == 0:
+            raise ValueError("arange(): step must not be 0")
+        is_float = any(isinstance(a, (float, np.floating)) for a in args)
+        dt = self._dt(dtype, "arange", self.dtype if is_float else self.int_dtype)
+        return self.array(np.arange(*args), dt)
+
+    def linspace(self, start: Any, stop: Any, steps: int, dtype: Any = None) -> Any:
+        """``steps`` evenly spaced values from ``start`` to ``stop`` (both included)."""
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"linspace(): steps must be an int >= 0, got {steps!r}")
+        dt = self._dt(dtype, "linspace", self.dtype)
+        return self.array(np.linspace(self._scalar(start), self._scalar(stop), int(steps)), dt)
+
+    def _scalar(self, x: Any) -> Any:
+        return self.to_numpy(x) if isinstance(x, self.native_type) else np.asarray(x)
+
+    # -- randomness --------------------------------------------------------------------------
+    def _gen(self, key: int | None) -> np.random.Generator:
+        return self._rng if key is None else np.random.default_rng(int(key))
+
+    def randn(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None) -> Any:
+        """Standard-normal samples of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
+        s, dt = shape_arg(shape, "randn"), self._dt(dtype, "randn", self.dtype)
+        return self.array(self._gen(key).standard_normal(s), dt)
+
+    def rand(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None) -> Any:
+        """Uniform samples in [0, 1) of ``shape``."""
+        s, dt = shape_arg(shape, "rand"), self._dt(dtype, "rand", self.dtype)
+        return self.array(self._gen(key).random(s), dt)
+
+    def rand_uniform(self, low: Any, high: Any, *shape: int | Sequence[int], dtype: Any = None,
+                     key: int | None = None) -> Any:
+        """Uniform samples in [low, high) of ``shape`` (no shape: one sample, or the broadcast
+        shape of array bounds)."""
+        s, dt = shape_arg(shape, "rand_uniform"), self._dt(dtype, "rand_uniform", self.dtype)
+        lo, hi = self._scalar(low), self._scalar(high)
+        if np.any(lo > hi):
+            raise ValueError(f"rand_uniform(): low must be <= high, got {low!r} > {high!r}")
+        return self.array(self._gen(key).uniform(lo, hi, s or None), dt)
+
+    def randint(self, low: int, high: int, *shape: int | Sequence[int], dtype: Any = None,
+                key: int | None = None) -> Any:
+        """Integers in [low, high) of ``shape`` (the backend's int dtype by default:
+        int64 on NumPy and torch, int32 on JAX)."""
+        s, dt = shape_arg(shape, "randint"), self._dt(dtype, "randint", self.int_dtype)
+        if high <= low:
+            raise ValueError(f"randint(): high must be > low, got low={low}, high={high}")
+        return self.array(self._gen(key).integers(low, high, s), dt)
+
+    def multinomial(self, probs: Any, num_samples: int, replacement: bool = False,
+                    key: int | None = None) -> Any:
+        """``num_samples`` category indices per row of ``probs`` (normalised per row)."""
+        p = np.asarray(self._scalar(probs), dtype=np.float64)
+        rows = p.reshape(-1, p.shape[-1])
+        if not replacement and num_samples > rows.shape[-1]:
+            raise ValueError("multinomial(): num_samples > categories needs replacement=True")
+        g = self._gen(key)
+        out = np.stack([g.choice(r.size, num_samples, replace=replacement, p=r / r.sum())
+                        for r in rows])
+        return self.array(out.reshape(*p.shape[:-1], num_samples), self.int_dtype)
+
+    # -- math ----------------------------------------------------------------------------------
+    def abs(self, input: Any) -> Any:
+        return self._ns().abs(self._native(input))
+
+    def sign(self, input: Any) -> Any:
+        return self._ns().sign(self._native(input))
+
+    def sin(self, input: Any) -> Any:
+        return self._ns().sin(self._native(input))
+
+    def cos(self, input: Any) -> Any:
+        return self._ns().cos(self._native(input))
+
+    def tanh(self, input: Any) -> Any:
+        return self._ns().tanh(self._native(input))
+
+    def exp(self, input: Any) -> Any:
+        return self._ns().exp(self._native(input))
+
+    def log(self, input: Any) -> Any:
+        return self._ns().log(self._native(input))
+
+    def sqrt(self, input: Any) -> Any:
+        return self._ns().sqrt(self._native(input))
+
+    def relu(self, input: Any) -> Any:
+        x, xp = self._native(input), self._ns()
+        return xp.where(x > 0, x, xp.zeros_like(x))
+
+    def leaky_relu(self, input: Any, slope: float | Any) -> Any:
+        x = self._native(input)
+        return self._ns().where(x > 0, x, slope * x)
+
+    def sigmoid(self, input: Any) -> Any:
+        return 1 / (1 + self._ns().exp(-self._native(input)))
+
+    def softplus(self, input: Any) -> Any:
+        x, xp = self._native(input), self._ns()
+        return xp.where(x > 0, x, xp.zeros_like(x)) + xp.log(1 + xp.exp(-xp.abs(x)))
+
+    def softmax(self, input: Any, dim: int = -1) -> Any:
+        x, xp = self._native(input), self._ns()
+        e = xp.exp(x - xp.max(x, axis=dim, keepdims=True))
+        return e / xp.sum(e, axis=dim, keepdims=True)
+
+    def isnan(self, input: Any) -> Any:
+        return self._ns().isnan(self._native(input))
+
+    def nan_to_num(self, input: Any, nan: float = 0.0, posinf: float | None = None,
+                   neginf: float | None = None) -> Any:
+        return self._ns().nan_to_num(self._native(input), nan=nan, posinf=posinf, neginf=neginf)
+
+    def clip(self, input: Any, min: Any, max: Any) -> Any:
+        x = self._native(input)
+        return self._ns().clip(x, min, max)
+
+    def where(self, cond: Any, input1: Any, input2: Any) -> Any:
+        xp = self._ns()
+        return xp.where(self._native(cond), self._native(input1), self._native(input2))
+
+    def stop_gradient(self, input: Any) -> Any:
+        return input
+
+    # -- reductions ----------------------------------------------------------------------------
+    def sum(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
+        return self._ns().sum(self._native(input), axis=axis, keepdims=keepdim)
+
+    def mean(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
+        return self._ns().mean(self._native(input), axis=axis, keepdims=keepdim)
+
+    def max(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
+        return self._ns().max(self._native(input), axis=axis, keepdims=keepdim)
+
+    def min(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
+        return self._ns().min(self._native(input), axis=axis, keepdims=keepdim)
+
+    def argmax(self, input: Any, axis: int | None = None, keepdim: bool = False) -> Any:
+        return self._ns().argmax(self._native(input), axis=axis, keepdims=keepdim)
+
+    def argmin(self, input: Any, axis: int | None = None, keepdim: bool = False) -> Any:
+        return self._ns().argmin(self._native(input), axis=axis, keepdims=keepdim)
+
+    def all(self, input: Any) -> Any:
+        return self._ns().all(self._native(input))
+
+    def any(self, input: Any) -> Any:
+        return self._ns().any(self._native(input))
+
+    def sort(self, input: Any, axis: int = -1, descending: bool = False) -> Any:
+        x, xp = self._native(input), self._ns()
+        return -xp.sort(-x, axis=axis) if descending else xp.sort(x, axis=axis)
+
+    def topk(self, input: Any, k: int) -> Any:
+        """The ``k`` largest values along the last axis, largest first."""
+        x = self._native(input)
+        if not 0 <= k <= x.shape[-1]:
+            raise ValueError(f"topk(): k must be in [0, {x.shape[-1]}], got {k}")
+        return self.sort(x, axis=-1, descending=True)[..., :k]
+
+    # -- shapes --------------------------------------------------------------------------------
+    def reshape(self, input: Any, shape: Sequence[int]) -> Any:
+        return self._ns().reshape(self._native(input), tuple(shape))
+
+    def transpose(self, input: Any, axes: Sequence[int] | None = None) -> Any:
+        x = self._native(input)
+        return self._ns().transpose(x, tuple(axes) if axes is not None else tuple(range(x.ndim))[::-1])
+
+    def squeeze(self, input: Any) -> Any:
+        return self._ns().squeeze(self._native(input))
+
+    def expand_dims(self, input: Any, axis: int) -> Any:
+        return self._ns().expand_dims(self._native(input), axis)
+
+    def flatten(self, input: Any, start_dim: int = 0, end_dim: int = -1) -> Any:
+        """``input`` with the axes ``start_dim`` .. ``end_dim`` (inclusive) merged into one."""
+        x = self._native(input)
+        n = x.ndim
+        if n == 0:
+            return self.reshape(x, (1,))
+        s, e = start_dim % n, end_dim % n
+        if s > e:
+            raise ValueError(f"flatten(): start_dim {start_dim} comes after end_dim {end_dim}")
+        shape = tuple(x.shape)
+        return self.reshape(x, (*shape[:s], int(np.prod(shape[s:e + 1])), *shape[e + 1:]))
+
+    def stack(self, inputs: Sequence[Any], axis: int = 0) -> Any:
+        """The arrays of ``inputs`` (same shape) stacked along a new axis ``axis``."""
+        return self._ns().stack([self._native(x) for x in inputs], axis=axis)
+
+    def cat(self, input: Sequence[Any], axis: int = 0) -> Any:
+        """The arrays of ``input`` joined along the existing axis ``axis``."""
+        return self._ns().concatenate([self._native(x) for x in input], axis=axis)
+
+    def concat(self, input: Sequence[Any], axis: int = 0) -> Any:
+        """The same as :meth:`cat`."""
+        return self.cat(input, axis)
+
+    def pad(self, input: Any, pad_width: Any) -> Any:
+        """Zero padding, ``pad_width`` as ``numpy.pad``'s."""
+        x = self._native(input)
+        widths = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (x.ndim, 2))
+        return self._ns().pad(x, [tuple(int(v) for v in w) for w in widths])
+
+    def atleast_1d(self, inputs: Any) -> Any:
+        xs = inputs if isinstance(inputs, tuple) else (inputs,)
+        out = tuple(self.reshape(x, (1,)) if self._native(x).ndim == 0 else self._native(x) for x in xs)
+        return out if isinstance(inputs, tuple) else out[0]
+
+    def atleast_2d(self, inputs: Any) -> Any:
+        xs = inputs if isinstance(inputs, tuple) else (inputs,)
+        out = tuple(self.reshape(x, (1, -1)) if self._native(x).ndim < 2 else self._native(x) for x in xs)
+        return out if isinstance(inputs, tuple) else out[0]
+
+    # -- devices -------------------------------------------------------------------------------
+    def to_device(self, data: Any, device: str, asynchronous: bool = True) -> Any:
+        """``data`` on ``device`` (NumPy: only ``"cpu"``)."""
+        if str(device) != "cpu":
+            raise ValueError(f"{type(self).__name__}: unknown device {device!r}")
+        return data
+
+    def block_until_ready(self, data: Any = None) -> Any:
+        """Wait until ``data`` is computed (JAX dispatches asynchronously); returns it."""
+        return data
+
+    def empty_cache(self) -> None:
+        """Free cached device memory (nothing to do on the CPU)."""

@@ -1,0 +1,130 @@
+"""Data-parallel ``mithril train --backend jax``: ``--devices N`` (jax.sharding over N local
+devices of this process) and ``--nprocs N`` (N processes joined by ``jax.distributed``, CPU
+collectives over gloo), with ``--shard-state``.
+
+The step is :class:`~mithril.distributed.jax_parallel.ShardedTrainStep`: one ``jax.jit``
+program of the whole batch, split over the mesh by XLA, so the loss, the metric, the
+gradient norm, BatchNorm's statistics and Dropout's masks are those of one device. Every
+process draws the same batches and passes the global batch; each contributes the rows of
+its devices. A batch whose size is not a multiple of the mesh's device count is computed
+replicated (every device the whole batch: the same numbers, no speed-up).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import CLIError
+
+#: seconds a dead or silent peer process is tolerated before the others stop
+HEARTBEAT = 30.0
+
+
+def refuse(args: Any, world: Any) -> None:
+    """What data-parallel JAX cannot do (exit status 2, before anything starts)."""
+    flag = "--devices" if world.size == 1 else "--nprocs"
+    if world.launcher == "torchrun":
+        raise CLIError("--backend jax under torchrun is not supported: use --nprocs N (it "
+                       "starts the processes and joins them with jax.distributed), or "
+                       "--backend numpy/torch under torchrun")
+    if args.mixed_precision != "none":
+        raise CLIError(f"--mixed-precision with {flag} on JAX is not supported: train in "
+                       f"float32/float64, or on NumPy/torch (--nprocs)")
+    if getattr(args, "ema", None) is not None:
+        raise CLIError(f"--ema with {flag} on JAX is not supported (the average lives in the "
+                       f"one-program optimizer state): leave one of them out")
+    if getattr(args, "momentum_cycle", False):
+        raise CLIError(f"--momentum-cycle with {flag} on JAX is not supported (the one-program "
+                       f"step fixes every hyperparameter but the learning rate)")
+
+
+def configure_devices(devices: int) -> None:
+    """Make JAX see ``devices`` CPU devices in this process if it has not started yet
+    (``jax_num_cpu_devices``; ``XLA_FLAGS=--xla_force_host_platform_device_count`` set by
+    the user is left alone); then check that it does (:class:`CLIError` if not)."""
+    import jax
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not xla_bridge.backends_are_initialized() and \
+            "xla_force_host_platform_device_count" not in flags and devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)
+    from ..distributed.jax_parallel import DeviceCountError, device_mesh
+
+    try:
+        device_mesh(devices)
+    except DeviceCountError as exc:
+        raise CLIError(f"--devices {devices}: {exc}") from None
+
+
+def join(world: Any) -> None:
+    """This process's JAX: ``jax.distributed`` for several processes, and its devices."""
+    devices = world.devices or 1
+    if world.size > 1:
+        from ..distributed.jax_parallel import init_jax
+        from .parallel import TIMEOUT
+
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = os.environ.get("MASTER_PORT")
+        if not port:
+            raise CLIError("--nprocs with JAX: MASTER_PORT is not set")
+        try:
+            init_jax(world.rank, world.size, f"{addr}:{port}", timeout=TIMEOUT,
+                     heartbeat=HEARTBEAT, local_devices=devices)
+        except (RuntimeError, ValueError) as exc:
+            raise CLIError(f"--nprocs {world.size} with JAX: jax.distributed did not start "
+                           f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    configure_devices(devices)
+
+
+class JaxParallel:
+    """The data-parallel side of a :class:`~mithril.cli.training.Run` on JAX."""
+
+    def __init__(self, world: Any) -> None:
+        self.world = world
+        self.step_fn: Any = None
+        self._global: dict[str, Any] | None = None  # the params on the mesh
+
+    def init(self, run: Any) -> Any:
+        from ..distributed.jax_parallel import make_sharded_train_step
+
+        flag = "--devices" if self.world.size == 1 else "--nprocs"
+        try:
+            self.step_fn = make_sharded_train_step(run.compiled, run.optimizer, loss="loss",
+                                                   devices=self.world.devices or 1,
+                                                   shard_state=self.world.shard_state)
+            return self.step_fn.init(run.params)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"{flag} with JAX: {exc}") from None
+
+    @staticmethod
+    def _local(tree: dict[str, Any]) -> dict[str, Any]:
+        """The copy on this process's first device of replicated arrays (what evaluation and
+        the outputs use: views, valid until the next step, which donates the arrays)."""
+        return {k: v.addressable_data(0) for k, v in tree.items()}
+
+    def step(self, run: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, bool]:
+        """One update on the global batch ``(x, y)``, split over the mesh."""
+        step = self.step_fn
+        params = self._global if self._global is not None else run.params
+        before = int(np.asarray(run.state.count))
+        inputs = run.inputs(x, y)
+        if run.model_state is not None:
+            new, run.state, out, mstate = step(params, run.state, inputs,
+                                               state=run.model_state)
+            run.model_state = self._local(mstate)
+        else:
+            new, run.state, out = step(params, run.state, inputs)
+        self._global = new
+        run.params = self._local(new)
+        skipped = int(np.asarray(run.state.count)) == before
+        pred = np.asarray(out[run.spec.output])
+        if run.metric == "acc":
+            metric = float(np.mean(np.argmax(pred, axis=-1) == y))
+        else:
+            metric = float(np.sqrt(np.mean((pred - y) ** 2))) * run.spec.target_scale
+        return float(np.asarray(out["loss"])), metric, float(np.asarray(step.last_grad_norm)), \
+            skipped
