@@ -11,6 +11,7 @@ core, and two OpenMP pools spinning on two cores can slow torch down a hundredfo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before NumPy / torch load their thread pools
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -137,3 +138,13 @@ def native(backend: str, a: np.ndarray):
 def host(x) -> np.ndarray:
     """A NumPy copy of a NumPy, torch or JAX array."""
     return x.detach().numpy().copy() if hasattr(x, "detach") else np.array(x)
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ``../shared`` (beside the checkout, as CI has it; else the sessions'
+    /work/shared). Missing, it is an error: the tests that read it must not vanish."""
+    here = Path(__file__).resolve().parent.parent
+    for root in (here.parent / "shared", Path("/work/shared")):
+        if (root / Path(*parts)).exists():
+            return root / Path(*parts)
+    raise FileNotFoundError(f"../shared/{'/'.join(parts)} not found beside {here}")

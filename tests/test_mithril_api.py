@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_python, shared_file
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -207,7 +207,7 @@ def test_trainable_keys_give_input_gradients():
 
 
 # -- conformance: the published Mithril's models_directed cases ------------------------------------
-CONFORMANCE = Path("/work/shared/conformance/mithril-json-cases.json")
+CONFORMANCE = shared_file("conformance", "mithril-json-cases.json")
 _BLOCKS = {"Linear": Linear, "LayerNorm": ml.LayerNorm, "MatrixMultiply": ml.MatrixMultiply,
            "Multiply": ml.Multiply, "Add": Add, "Flatten": ml.Flatten, "Tanh": ml.Tanh,
            "Sigmoid": ml.Sigmoid, "SquaredError": ml.SquaredError, "Relu": Relu,
@@ -324,7 +324,6 @@ def _run_case(case: dict, data: dict, backend, name: str = "") -> str:
         return "ok" if not bad else "mismatch: " + ", ".join(bad)
 
 
-@pytest.mark.skipif(not CONFORMANCE.exists(), reason="conformance data not present")
 def test_conformance_models_directed():
     """Runs every case on NumPy and torch (float64, in process) and JAX (float64, in a
     subprocess); prints the counts. Cases that fail are listed in docs/mithril-compat.md."""

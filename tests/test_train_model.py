@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_python, shared_file
 
 import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
@@ -35,8 +35,8 @@ from mithril.models import (
 )
 from mithril.utils.optimizers import SGD
 
-CONFORMANCE = Path("/work/shared/conformance/mithril-json-cases.json")
-PUBLISHED = Path("/work/shared/conformance/published/integration_directed_test.json")
+CONFORMANCE = shared_file("conformance", "mithril-json-cases.json")
+PUBLISHED = shared_file("conformance", "published", "integration_directed_test.json")
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
@@ -151,10 +151,9 @@ _KNOWN_WRONG = {"test_linear_9", "test_tsne_1", "test_tsne_2", "test_tsne_core_1
 
 def all_cases() -> dict[str, dict]:
     """The 14 integration cases of mithril-json-cases.json, then the other published ones."""
-    cases = dict(json.loads(CONFORMANCE.read_text())["integration"]) if CONFORMANCE.exists() else {}
-    if PUBLISHED.exists():
-        for k, v in json.loads(PUBLISHED.read_text()).items():
-            cases.setdefault(k, v)
+    cases = dict(json.loads(CONFORMANCE.read_text())["integration"])
+    for k, v in json.loads(PUBLISHED.read_text()).items():
+        cases.setdefault(k, v)
     return cases
 
 
@@ -190,7 +189,6 @@ EXPECTED_OK = {
 }
 
 
-@pytest.mark.skipif(not CONFORMANCE.exists(), reason="conformance data not present")
 def test_conformance_integration_cases():
     """Every expressible case on NumPy and torch (in process) and JAX (float64, in a
     subprocess) at 1e-10; the 14 of mithril-json-cases.json and 14 more from the published file.
