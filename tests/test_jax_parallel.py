@@ -109,3 +109,52 @@ def test_one_device_in_process_equals_plain_step() -> None:
         assert back.step == 3
     for n in got["plain"]:
         np.testing.assert_allclose(got["sharded"][n], got["plain"][n], rtol=1e-6, atol=1e-7)
+
+
+_DEAD_PEER = """
+import os, sys, time
+import numpy as np
+rank, port = int(sys.argv[1]), sys.argv[2]
+from mithril.distributed.jax_parallel import init_jax
+init_jax(rank, 2, f"127.0.0.1:{port}", timeout=20, heartbeat=3)
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharding = NamedSharding(mesh, P("data"))
+host = np.arange(8.0)
+x = jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))
+for step in range(10_000):
+    if rank == 1 and step == 3:
+        os._exit(3)  # dies mid-run, without a word
+    float(total(x).addressable_data(0))  # a collective every step
+    time.sleep(0.05)
+print("rank 0 finished: the dead peer went unnoticed")
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_instead_of_a_hang(tmp_path) -> None:
+    """Two processes joined by jax.distributed (init_jax); one exits mid-run. The other
+    must stop by itself within the heartbeat bound (JAX's coordination service aborts it),
+    not hang: the test gives it 90 s."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "dead_peer.py"
+    script.write_text(_DEAD_PEER)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    try:
+        out0, err0 = procs[0].communicate(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].wait(timeout=10) == 3
+    assert procs[0].returncode != 0, out0
+    assert "finished" not in out0
+    assert "distributed" in err0.lower() or "gloo" in err0.lower(), err0[-2000:]
