@@ -212,6 +212,7 @@ def test_muon_with_adamw_fallback_matches_torch_muon_plus_adamw(dtype):
 def test_lbfgs_step_closure_matches_torch(dtype, ls):
     lr = 1.0 if ls else 0.5
     steps = 5 if ls and dtype == torch.float32 else 10
+    tol = TOL[dtype]
     with default_dtype(dtype):
         m1 = mlp(dtype)
         m2 = copy.deepcopy(m1)
@@ -220,9 +221,9 @@ def test_lbfgs_step_closure_matches_torch(dtype, ls):
         o2 = torch.optim.LBFGS(m2.parameters(), lr=lr, history_size=10, line_search_fn=ls)
         l1 = train(m1, [o1], steps, closure_step=True)
         l2 = train(m2, [o2], steps, closure_step=True)
-    assert err(m1, m2) <= TOL[dtype]
+    assert err(m1, m2) <= tol
     assert [float(v.detach()) for v in l1] == pytest.approx([float(v.detach()) for v in l2],
-                                                          rel=TOL[dtype])
+                                                          rel=tol)
     assert l1[-1].requires_grad  # the closure's own loss tensor, as torch returns it
     st, ref = o1.mithril_state.values, o2.state[m2[0].weight]
     assert (st["n_iter"], st["func_evals"]) == (ref["n_iter"], ref["func_evals"])

@@ -22,10 +22,7 @@ _VALUES = ("t", "H_diag", "prev_loss", "n_iter", "func_evals", "history", "last_
 class LBFGS(Optimizer):
     """L-BFGS as ``torch.optim.LBFGS`` (minFunc's method): same hyperparameters, defaults
     and arithmetic, so the same start gives torch's parameters to rounding error (to the
-    last bit on torch with ``fused=False``, where torch's own operations run; the default
-    ``fused=True`` fuses each update of the two-loop recursion with the next dot product
-    on the CPU, one read of a 1-vector fewer per history entry, its dots summed in
-    float64)::
+    last bit on torch, where torch's own operations run)::
 
         def closure(params):                  # the loss and gradients at any params
             outputs, grads = compiled.evaluate(params, data, output_gradients={"loss": 1.0})
@@ -61,6 +58,13 @@ class LBFGS(Optimizer):
     bit-exactly with ``state_dict`` / ``load_state_dict`` and checkpoints; a checkpoint
     holds every slot, in use or not.
 
+    ``fused``: on the torch backend (CPU), ``True`` fuses each update of the two-loop
+    recursion with the next dot product (one read of a parameter-sized vector fewer per
+    history entry, the dots summed in float64; ~0.9x torch's step), at the price of torch's
+    last bits, which a chaotic run (a float32 strong-Wolfe search, a ReLU network) amplifies;
+    ``None`` (default) or ``False`` runs torch's own operations. The NumPy backend always
+    fuses (there are no torch bits to keep).
+
     Not torch's: no parameter groups (torch has none either), and no ``weight_decay`` or
     clipping (add them to the closure's loss).
     """
@@ -68,9 +72,9 @@ class LBFGS(Optimizer):
     def __init__(self, learning_rate: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
                  history_size: int = 100, line_search_fn: str | None = None, *,
-                 fused: bool = True, backend: Any = None) -> None:
+                 fused: bool | None = None, backend: Any = None) -> None:
         super().__init__(learning_rate, backend=backend)
-        self.fused = check_flag("fused", fused)
+        self.fused = None if fused is None else check_flag("fused", fused)
         self.max_iter = check_int("max_iter", max_iter, 1)
         self.max_eval = (self.max_iter * 5 // 4 if max_eval is None
                          else check_int("max_eval", max_eval, 1))
@@ -154,7 +158,7 @@ class LBFGS(Optimizer):
         if gradients is None and loss is not None:
             raise TypeError(f"{name}.update: loss= is the loss at params, given with their "
                             f"gradients; got loss but gradients=None")
-        ops = _ops(state, self.fused)
+        ops = _ops(state, bool(self.fused))
         x = self._flat_params(params, state)
         mem = _memory(state, ops, self.history_size)
 
