@@ -5,9 +5,14 @@ beyond params + gradients (an ideal Adam needs 8: the two moments).
 
 Cases: ``numpy`` / ``torch`` / ``jax`` (mithril ``Adam``, ``init`` then ``update``: the
 caller still holds the arrays it passed, which ``update`` never modifies, so one copy of the
-parameters is made besides them: 12 B/param is the floor there), ``torch-optim`` (mithril's
+parameters is made besides them: 12 B/param is the floor there), ``numpy-adopt`` /
+``torch-adopt`` (the same, but the caller hands its arrays over with ``params =
+opt.adopt(params, state)`` after ``init``: moved into the flat buffer one by one, never
+held twice), ``torch-optim`` (mithril's
 ``torch_optimizer(Adam)`` on ``nn.Parameter`` s: in place, as torch), ``torch-fused``
-(``torch.optim.Adam(fused=True)``), ``optax`` (``optax.adam`` in a jitted, donated step).
+(``torch.optim.Adam(fused=True)``), ``optax`` (``optax.adam`` in a jitted, donated step),
+``mithril-optax`` (the same step with ``mithril.interop.optax_transformation(Adam)``: the
+optimizer half of ``make_train_step``'s one JAX program).
 
 Imports and kernels (numba's compiler, the disk-cached kernels) are excluded: each case first
 runs one tiny step of its own optimizer, then measures. The host arrays the inputs were made
@@ -24,7 +29,8 @@ import resource
 import subprocess
 import sys
 
-CASES = ("numpy", "torch", "jax", "torch-optim", "torch-fused", "optax")
+CASES = ("numpy", "torch", "jax", "numpy-adopt", "torch-adopt", "torch-optim", "torch-fused",
+         "optax", "mithril-optax")
 
 
 def peak() -> int:
@@ -34,6 +40,8 @@ def peak() -> int:
 def run_case(case: str, n: int, tensors: int) -> dict:
     import numpy as np
 
+    adopt = case.endswith("-adopt")
+    case = case.removesuffix("-adopt")
     warm_up(case)
     rng = np.random.default_rng(0)
     size = n // tensors
@@ -59,6 +67,8 @@ def run_case(case: str, n: int, tensors: int) -> dict:
         base = peak()
         opt = Adam(learning_rate=1e-3)
         state = opt.init(params)
+        if adopt:
+            params = opt.adopt(params, state)
         params, state = opt.update(params, grads, state)
     elif case in ("torch-fused", "torch-optim"):
         import torch
@@ -85,7 +95,13 @@ def run_case(case: str, n: int, tensors: int) -> dict:
         grads = [jnp.asarray(a) for a in host_g]
         del host_p[:], host_g[:]
         base = peak()
-        tx = optax.adam(1e-3)
+        if case == "optax":
+            tx = optax.adam(1e-3)
+        else:
+            from mithril.interop import optax_transformation
+            from mithril.utils.optimizers import Adam
+
+            tx = optax_transformation(Adam(learning_rate=1e-3))
 
         def step(p, s, g):
             u, s = tx.update(g, s, p)
@@ -95,7 +111,7 @@ def run_case(case: str, n: int, tensors: int) -> dict:
         params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, grads)
         jax.block_until_ready(params)
     after = peak()
-    return {"case": case, "base_bytes": base, "peak_bytes": after,
+    return {"case": case + ("-adopt" if adopt else ""), "base_bytes": base, "peak_bytes": after,
             "extra_bytes_per_param": (after - base) / n}
 
 
@@ -143,6 +159,12 @@ def warm_up(case: str) -> None:
         import optax
 
         jax.block_until_ready(optax.adam(1e-3).init([jnp.ones(64)]))
+        if case == "mithril-optax":
+            from mithril.interop import optax_transformation
+            from mithril.utils.optimizers import Adam
+
+            jax.block_until_ready(optax_transformation(Adam(learning_rate=1e-3)).init(
+                [jnp.ones(64)]))
 
 
 def main() -> None:

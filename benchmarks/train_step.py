@@ -19,18 +19,27 @@ ratio of the fastest samples (``min ratio``: on a machine shared with other work
 only ever adds time, the steadier of the two).
 
 The hand-written NumPy is as fast as we could write it: the CNN keeps its activations
-channels-last, convolves by im2col (``sliding_window_view``, one matmul), pools by a reshape
-and scatters the input gradient one kernel offset at a time; the transformer saves its
-intermediates and runs the backward with 2-D matmuls.
+channels-last, convolves by im2col (``sliding_window_view``, one matmul), pools by strided
+maxima of a reshape (its argmax mask takes every maximum: only the ReLU's zeros tie, and their
+gradient is 0) and scatters the input gradient one kernel offset at a time; the transformer
+saves its intermediates, masks the scores with ``copyto(where=)`` and runs the backward with
+2-D matmuls; both work in place wherever a temporary can be reused (bias and residual adds,
+ReLU, softmax, GELU and its derivative).
 
     python benchmarks/train_step.py [--case mlp cnn8 cnn32 transformer] [--rounds 8]
                                     [--backend numpy torch jax] [--torch-threads 1]
+                                    [--clock wall|cpu]
+
+``--clock cpu`` times the process's CPU time instead of the wall clock: on a machine other
+jobs load, with one BLAS thread (``OPENBLAS_NUM_THREADS=1``) and ``--torch-threads 1``, the
+steadier measure (time spent waiting for a core is not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -121,18 +130,24 @@ def _np_conv3(x, w, b):
     """3×3 convolution, padding 1, channels-last: x (N, H, W, C), w (O, C, 3, 3) -> (N·H·W, O)
     and the im2col matrix (N·H·W, 9·C), columns ordered (kh, kw, c)."""
     n, h, wd, c = x.shape
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    xp = np.zeros((n, h + 2, wd + 2, c), dtype=x.dtype)
+    xp[:, 1:-1, 1:-1] = x
     cols = sliding_window_view(xp, (3, 3), axis=(1, 2))            # (N, H, W, C, 3, 3)
     cols = cols.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * wd, 9 * c)
     wk = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)           # (O, 9·C) in (kh, kw, c)
-    return cols @ wk.T + b, cols, wk
+    y = cols @ wk.T
+    y += b
+    return y, cols, wk
 
 
 def _np_pool2(y):
-    """2×2 max-pool of (N, H, W, C): the pooled (N, H/2, W/2, C) and the argmax mask."""
+    """2×2 max-pool of (N, H, W, C): the pooled (N, H/2, W/2, C) and the argmax mask (every
+    maximum of a window: ties only happen where the ReLU gave zeros, whose gradient is 0)."""
     n, h, w, c = y.shape
     r = y.reshape(n, h // 2, 2, w // 2, 2, c)
-    m = r.max(axis=(2, 4))
+    m = np.maximum(r[:, :, 0, :, 0], r[:, :, 0, :, 1])             # strided maxima: faster
+    np.maximum(m, r[:, :, 1, :, 0], out=m)                          # than r.max(axis=(2, 4))
+    np.maximum(m, r[:, :, 1, :, 1], out=m)
     return m, r == m[:, :, None, :, None, :]
 
 
@@ -145,7 +160,7 @@ def cnn_numpy(p, x, g):
     for w, b in ((w0, b0), (w1, b1)):
         _, h, wd, _ = a.shape
         y, cols, wk = _np_conv3(a, w, b)
-        y = np.maximum(y, 0).reshape(n, h, wd, -1)
+        y = np.maximum(y, 0, out=y).reshape(n, h, wd, -1)
         pooled, mask = _np_pool2(y)
         saved.append((a.shape, cols, wk, y, mask))
         a = pooled
@@ -157,7 +172,8 @@ def cnn_numpy(p, x, g):
     for i in (1, 0):
         shape, cols, wk, y, mask = saved[i]
         nn_, h, wd, c = shape
-        gy = (mask * ga[:, :, None, :, None, :]).reshape(y.shape) * (y > 0)
+        gy = (mask * ga[:, :, None, :, None, :]).reshape(y.shape)
+        gy *= y > 0
         gy = gy.reshape(-1, gy.shape[-1])                           # (N·H·W, O)
         gw = (gy.T @ cols).reshape(-1, 3, 3, c).transpose(0, 3, 1, 2)
         grads[:0] = [gw, gy.sum(0)]
@@ -203,11 +219,12 @@ def transformer_model() -> ml.Model:
 
 
 def _np_ln(x, w, b):
-    mu = x.mean(-1, keepdims=True)
-    xc = x - mu
+    xc = x - x.mean(-1, keepdims=True)
     rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + EPS)
     xhat = xc * rstd
-    return xhat * w + b, xhat, rstd
+    y = xhat * w
+    y += b
+    return y, xhat, rstd
 
 
 def _np_ln_back(gy, xhat, rstd, w):
@@ -218,43 +235,67 @@ def _np_ln_back(gy, xhat, rstd, w):
     return gx, gw, gb
 
 
+def _np_linear(x, w, b):
+    y = x @ w.T
+    y += b
+    return y
+
+
 def transformer_numpy(p, x, g):
-    """The block by hand, forward saving its intermediates, backward with 2-D matmuls."""
+    """The block by hand, forward saving its intermediates, backward with 2-D matmuls (in
+    place wherever a temporary can be reused)."""
     ln1w, ln1b, wi, bi, wo, bo, ln2w, ln2b, w1, b1, w2, b2 = p
     bsz, seq, d = x.shape
     dh, scale = d // HEADS, 1.0 / math.sqrt(d // HEADS)
     rows = bsz * seq
     n1, xh1, rs1 = _np_ln(x, ln1w, ln1b)
     n1f = n1.reshape(rows, d)
-    qkv = (n1f @ wi.T + bi).reshape(bsz, seq, 3, HEADS, dh).transpose(2, 0, 3, 1, 4)
+    qkv = _np_linear(n1f, wi, bi).reshape(bsz, seq, 3, HEADS, dh).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]                                 # (B, H, L, dh)
-    s = (q @ k.swapaxes(-1, -2)) * scale
-    s = np.where(np.tril(np.ones((seq, seq), dtype=bool)), s, -np.inf)
-    e = np.exp(s - s.max(-1, keepdims=True))
-    pr = e / e.sum(-1, keepdims=True)
+    s = q @ k.swapaxes(-1, -2)
+    s *= scale
+    np.copyto(s, -np.inf, where=~np.tril(np.ones((seq, seq), dtype=bool)))
+    s -= s.max(-1, keepdims=True)
+    pr = np.exp(s, out=s)
+    pr /= pr.sum(-1, keepdims=True)
     att = (pr @ v).transpose(0, 2, 1, 3).reshape(rows, d)
-    r = x + (att @ wo.T + bo).reshape(x.shape)
+    r = _np_linear(att, wo, bo).reshape(x.shape)
+    r += x
     n2, xh2, rs2 = _np_ln(r, ln2w, ln2b)
     n2f = n2.reshape(rows, d)
-    hpre = n2f @ w1.T + b1
-    cdf = 0.5 * (1 + erf(hpre * (1 / math.sqrt(2))))
+    hpre = _np_linear(n2f, w1, b1)
+    cdf = erf(hpre * (1 / math.sqrt(2)))
+    cdf += 1
+    cdf *= 0.5
     hact = hpre * cdf
-    out = r + (hact @ w2.T + b2).reshape(x.shape)
+    out = _np_linear(hact, w2, b2).reshape(x.shape)
+    out += r
     # backward
     gf = g.reshape(rows, d)
     gw2, gb2 = gf.T @ hact, gf.sum(0)
-    gh = (gf @ w2) * (cdf + hpre * np.exp(-0.5 * hpre * hpre) * (1 / math.sqrt(2 * math.pi)))
+    gh = hpre * hpre                                                 # GELU': Φ + x·φ(x)
+    gh *= -0.5
+    np.exp(gh, out=gh)
+    gh *= hpre
+    gh *= 1 / math.sqrt(2 * math.pi)
+    gh += cdf
+    gh *= gf @ w2
     gw1, gb1 = gh.T @ n2f, gh.sum(0)
     gn2 = (gh @ w1).reshape(x.shape)
     gr, gln2w, gln2b = _np_ln_back(gn2, xh2, rs2, ln2w)
-    gr = (gr + g).reshape(rows, d)
+    gr += g
+    gr = gr.reshape(rows, d)
     gwo, gbo = gr.T @ att, gr.sum(0)
     ga = (gr @ wo).reshape(bsz, seq, HEADS, dh).transpose(0, 2, 1, 3)
-    gv = pr.swapaxes(-1, -2) @ ga
-    gp = ga @ v.swapaxes(-1, -2)
-    gs = pr * (gp - (gp * pr).sum(-1, keepdims=True)) * scale
-    gq, gk = gs @ k, gs.swapaxes(-1, -2) @ q
-    gqkv = np.stack((gq, gk, gv)).transpose(1, 3, 0, 2, 4).reshape(rows, 3 * d)
+    gqkv = np.empty((bsz, seq, 3, HEADS, dh), dtype=x.dtype)        # q, k, v cotangents
+    gqkv[:, :, 2] = (pr.swapaxes(-1, -2) @ ga).transpose(0, 2, 1, 3)
+    gs = ga @ v.swapaxes(-1, -2)
+    gs -= (gs * pr).sum(-1, keepdims=True)
+    gs *= pr
+    gs *= scale
+    gqkv[:, :, 0] = (gs @ k).transpose(0, 2, 1, 3)
+    gqkv[:, :, 1] = (gs.swapaxes(-1, -2) @ q).transpose(0, 2, 1, 3)
+    gqkv = gqkv.reshape(rows, 3 * d)
     gwi, gbi = gqkv.T @ n1f, gqkv.sum(0)
     gn1 = (gqkv @ wi).reshape(x.shape)
     gln1w = (gn1 * xh1).reshape(rows, d).sum(0)
@@ -365,7 +406,8 @@ def block(result):
     jax.block_until_ready(jax.tree_util.tree_leaves(result))
 
 
-def bench(case: Case, labels, rounds: int, calls: int | None) -> dict[str, list[float]]:
+def bench(case: Case, labels, rounds: int, calls: int | None,
+          clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     runs = variants(case, labels)
     calls = calls or case.calls
     for fn in runs.values():  # warm-up (JAX compiles here)
@@ -375,10 +417,10 @@ def bench(case: Case, labels, rounds: int, calls: int | None) -> dict[str, list[
     def sample(fn) -> float:
         for _ in range(2):  # untimed: let the previous library's thread pool settle
             block(fn())
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             block(fn())
-        return (time.perf_counter() - t0) / calls * 1e3
+        return (clock() - t0) / calls * 1e3
 
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(rounds):
@@ -401,6 +443,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     ap.add_argument("--calls", type=int, default=None,
                     help="calls per timing sample (default: per case, 1-5)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock (default) or process CPU time (steadier on a loaded "
+                         "machine with one BLAS / torch thread)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's); 1 is steadier on a loaded "
                          "machine")
@@ -408,13 +453,15 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    print(f"float32, forward+backward, median of {2 * args.rounds} samples; torch threads "
-          f"{torch.get_num_threads()}")
+    print(f"float32, forward+backward, median of {2 * args.rounds} samples ({args.clock} "
+          f"clock); torch threads {torch.get_num_threads()}, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(f"{'case':12} {'backend':8} {'mithril ms':>11} {'hand ms':>9} {'ratio':>7} "
           f"{'min ratio':>10}")
     for name in args.case:
         case = CASES[name]
-        times = bench(case, args.backend, args.rounds, args.calls)
+        times = bench(case, args.backend, args.rounds, args.calls,
+                      time.process_time if args.clock == "cpu" else time.perf_counter)
         for label in args.backend:
             mt, ht = times[f"{label}/mithril"], times[f"{label}/hand"]
             m, h = statistics.median(mt), statistics.median(ht)

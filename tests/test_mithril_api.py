@@ -219,8 +219,10 @@ _BLOCKS = {"Linear": Linear, "LayerNorm": ml.LayerNorm, "MatrixMultiply": ml.Mat
 _UNSUPPORTED_ARGS: dict[str, str] = {}
 
 
-def _build(spec: dict, data: dict):
-    """A block from a published model spec, and its parameter names: published -> ours."""
+def _build(spec: dict, data: dict, blocks: dict | None = None):
+    """A block from a published model spec, and its parameter names: published -> ours
+    (``blocks``: published name -> our constructor, default ``_BLOCKS``)."""
+    blocks = _BLOCKS if blocks is None else blocks
     args = dict(spec.get("args") or {})
     if spec["name"] == "Linear" and "dimension" not in args:  # published: inferred from weight
         args["dimension"] = len(data["weight"])
@@ -230,7 +232,7 @@ def _build(spec: dict, data: dict):
         if a in _UNSUPPORTED_ARGS:
             raise NotImplementedError(_UNSUPPORTED_ARGS[a])
     if spec["name"] != "Model":
-        block = _BLOCKS[spec["name"]](**args)
+        block = blocks[spec["name"]](**args)
         prefix = {"Linear": "linear", "LayerNorm": "layer_norm", "Embedding": "embedding"}.get(spec["name"])
         names = {k: f"{prefix}.{k}" for k in ("weight", "bias")} if prefix else {}
         if spec["name"] == "MLP":
@@ -256,7 +258,7 @@ def _build(spec: dict, data: dict):
             if given:
                 names[find((m, key))] = given
     for m, sub in spec["submodels"].items():
-        block, _ = _build(sub, data)
+        block, _ = _build(sub, data, blocks)
         conns = {}
         for key in block.terminals:
             c = conn_of.get(m, {}).get(key)

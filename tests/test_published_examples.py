@@ -2,13 +2,15 @@
 training programs, written in our own words: a linear regression with ``TrainModel`` +
 ``Mean`` and ``constant_keys`` trained with optax, an MLP trained with optax on JAX, and a
 1-D CNN forecaster with ``expose_keys(predictions=model.cout)`` trained by a hand-written
-Adam loop. Where this project differs (``dtype=`` instead of ``precision=``, shapes declared
-at compile time) the listing says so; see docs/mithril-compat.md."""
+Adam loop; the README's compile example as published (``precision=``, ``file_path=``, a model
+compiled without shapes). Where this project differs the listing says so; see
+docs/mithril-compat.md."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 import mithril as ml
 from mithril.models import (
@@ -190,3 +192,107 @@ def test_cnn_forecaster_with_expose_keys_and_a_hand_written_adam():
     pred = pm.evaluate(params, data)["predictions"]
     np.testing.assert_allclose(backend.to_numpy(pred), backend.to_numpy(outputs["predictions"]),
                                atol=0.2)
+
+
+def test_readme_compiling_example_as_published():
+    """The published README's compile example word for word (JaxBackend(precision=64) turns on
+    JAX's process-global x64 mode: in a subprocess). ``jax_model`` is compiled without shapes:
+    it is built at its first evaluate; ``file_path`` gets a listing of the program."""
+    out = run_python("""
+        import os, tempfile
+        os.chdir(tempfile.mkdtemp())
+        import mithril as ml
+        from mithril.models import Model, Linear
+        model = Linear(16)
+        backend_jax = ml.JaxBackend(precision=64)
+        backend_numpy = ml.NumpyBackend(precision=32)
+        jax_model = ml.compile(model=model, backend=backend_jax, jit=False,
+                               file_path="generated_code.py")
+        numpy_model = ml.compile(model=model, backend=backend_numpy, shapes={"input": [3, 3]})
+        other_model = Model()
+        other_model += Linear(dimension=32)(input = "input")
+        jax_model1 = ml.compile(model=other_model, backend=backend_jax, shapes={"input": [3, 3]})
+        params = jax_model1.randomize_params()
+        inputs = {"input": backend_jax.ones(3, 3)}
+        output = jax_model1.evaluate(params, inputs)
+        params = numpy_model.randomize_params()
+        inputs = {"input": backend_numpy.ones(3, 3)}
+        output_gradients = {"output": backend_numpy.ones(3, 16)}
+        gradients = numpy_model.evaluate_gradients(params, inputs, output_gradients)
+        assert sorted(gradients) == ["linear.bias", "linear.weight"]
+        assert str(output["output"].dtype) == "float64" and backend_numpy.dtype == "float32"
+        assert "Not built yet" in open("generated_code.py").read()
+        out = jax_model.evaluate({"linear.weight": backend_jax.ones(16, 3),
+                                  "linear.bias": backend_jax.zeros(16)}, inputs)
+        assert out["output"].shape == (3, 16) and float(out["output"][0, 0]) == 3.0
+        text = open("generated_code.py").read()
+        assert "linear (Linear)(input=input, weight=linear.weight, bias=linear.bias)" in text
+        compile(text, "generated_code.py", "exec")  # every line a comment: valid Python
+        print("ok")
+    """, timeout=300)
+    assert out.split()[-1] == "ok"
+
+
+def test_precision_and_device_mesh_arguments():
+    for cls in (ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend):
+        assert cls(precision=32).dtype == "float32" and cls(precision=16).dtype == "float16"
+        assert cls(dtype="bfloat16", precision=16).dtype == "bfloat16"
+        with pytest.raises(ValueError, match=r"dtype='float32', precision=64\): dtype and precision"):
+            cls(dtype=ml.float32, precision=64)
+        with pytest.raises(ValueError, match="precision=...\\) must be 16, 32 or 64"):
+            cls(precision=8)
+        with pytest.raises(ValueError, match="mithril.distributed"):
+            cls(dtype="float32").ones(4, 2, device_mesh=(2, 1))
+    for cls in (ml.TorchBackend, ml.JaxBackend):
+        with pytest.raises(ValueError, match=r"device_mesh=\(2, 1\)\).*mithril.distributed"):
+            cls(device_mesh=(2, 1))
+    assert ml.TorchBackend(device_mesh=None).precision == 32
+
+
+def test_compile_file_path_writes_a_listing(tmp_path):
+    model = Model()
+    model |= Linear(4)
+    model += Relu()
+    path = tmp_path / "listing.py"
+    c = ml.compile(model, ml.NumpyBackend(), shapes={"input": [2, 3]}, file_path=path)
+    text = path.read_text()
+    assert text == c.listing()
+    assert "#   linear.weight: [4, 3] (init glorot)" in text
+    assert "relu (Relu)(input=" in text and "#   output = output [2, 4]" in text
+
+
+def test_compile_without_shapes_builds_at_the_first_evaluate():
+    c = ml.compile(Linear(2), ml.NumpyBackend(dtype="float64"))
+    with pytest.raises(ml.ShapeError, match="cannot infer the shape of parameter 'linear.weight'"):
+        c.randomize_params()
+    out = c.evaluate({"linear.weight": np.ones((2, 3)), "linear.bias": np.zeros(2)},
+                     {"input": np.ones((5, 3))})
+    np.testing.assert_array_equal(out["output"], np.full((5, 2), 3.0))
+    assert c.get_shapes()["linear.weight"] == [2, 3]
+    with pytest.raises(ml.ShapeError):  # declared shapes are still checked at compile time
+        ml.compile(Linear(2), ml.NumpyBackend(), shapes={"input": [None, None]})
+
+
+def test_keys_name_parameters_by_their_compiled_names():
+    model = Model()
+    model |= Linear(3)
+    model += Relu()
+    model += Linear(2)
+    b = ml.NumpyBackend(dtype="float64")
+    names = ml.compile(model, b, shapes={"input": [4, 5]}).get_shapes()
+    assert "linear_0.weight" in names
+    w = np.random.default_rng(0).standard_normal((3, 5))
+    c = ml.compile(model, b, shapes={"input": [4, 5]}, constant_keys={"linear_0.weight": w},
+                   data_keys={"linear_1.bias"}, trainable_keys=["linear_1.weight"])
+    assert sorted(c.parameter_shapes) == ["linear_0.bias", "linear_1.weight"]
+    assert c.input_keys == ("input", "linear_1.bias")
+    p = c.randomize_params()
+    x, bias = np.ones((4, 5)), np.arange(2.0)
+    out, g = c.evaluate(p, {"input": x, "linear_1.bias": bias},
+                        output_gradients={"output": np.ones((4, 2))})
+    h = np.maximum(x @ w.T + p["linear_0.bias"], 0)
+    np.testing.assert_allclose(out["output"], h @ p["linear_1.weight"].T + bias, rtol=1e-12)
+    assert sorted(g) == sorted(p)
+    for kw in ({"constant_keys": {"linear_7.weight": w}}, {"data_keys": ["linear.weight"]}):
+        with pytest.raises(ml.KeyMismatchError, match="'linear.*' is not an input or a parameter"):
+            ml.compile(model, b, shapes={"input": [4, 5]}, **kw)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..dtypes import check_dtype
-from .helpers import DTYPE_NAMES, ArrayHelpers
+from .helpers import DTYPE_NAMES, ArrayHelpers, resolve_dtype
 
 
 class Evaluator(ABC):
@@ -47,8 +47,12 @@ class Backend(ArrayHelpers, ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, dtype: str = "float32", seed: int = 0) -> None:
-        self.dtype = check_dtype(dtype)
+    def __init__(self, dtype: str | None = None, seed: int = 0, *, precision: int | None = None) -> None:
+        """``dtype``: the float dtype to compute in (default ``"float32"``); ``precision``: the
+        published spelling of it in bits (16, 32 or 64), refused when it disagrees with
+        ``dtype``; ``seed``: of the generator behind parameter initialisation."""
+        dtype = resolve_dtype(dtype, precision, type(self).__name__)
+        self.dtype = check_dtype("float32" if dtype is None else dtype)
         self.set_seed(seed)
 
     # -- randomness ------------------------------------------------------------------

@@ -64,6 +64,39 @@ def dtype_arg(dtype: Any, who: str = "dtype") -> str | None:
     return name
 
 
+#: the published ``precision=`` of a backend, as the float dtype it names
+PRECISIONS = {16: "float16", 32: "float32", 64: "float64"}
+
+
+def resolve_dtype(dtype: Any, precision: Any, who: str) -> Any:
+    """The backend dtype from ``dtype=`` and the published ``precision=`` (16, 32 or 64 bits):
+    either alone, or both when they agree (``dtype="bfloat16", precision=16``); ``None``
+    for neither. A bad precision, or one that disagrees with ``dtype``, is a ``ValueError``
+    naming both."""
+    if precision is None:
+        return dtype
+    if isinstance(precision, bool) or precision not in PRECISIONS:
+        raise ValueError(f"{who}(precision=...) must be 16, 32 or 64, got {precision!r}")
+    if dtype is None:
+        return PRECISIONS[int(precision)]
+    name = getattr(dtype, "name", dtype)
+    if _BITS.get(name) != precision:
+        raise ValueError(f"{who}(dtype={name!r}, precision={precision!r}): dtype and precision "
+                         "disagree; give one of them")
+    return dtype
+
+
+def refuse_device_mesh(device_mesh: Any, who: str) -> None:
+    """The published ``device_mesh=`` (sharded tensors) is not offered: a ``ValueError``
+    that names :mod:`mithril.distributed` unless ``device_mesh`` is ``None``."""
+    if device_mesh is not None:
+        raise ValueError(
+            f"{who}(device_mesh={device_mesh!r}): device meshes and sharded tensors are not "
+            "offered here; for data-parallel training use mithril.distributed (torch: "
+            "DataParallel under torchrun; JAX: mithril.distributed.jax_parallel."
+            "make_sharded_train_step); see docs/distributed.md")
+
+
 class ArrayHelpers:
     """Mixed into :class:`~mithril.backends.Backend`. Each backend supplies ``array``,
     ``to_numpy``, ``_xp()`` (its NumPy-like namespace) and the few overrides in its module."""
@@ -125,24 +158,28 @@ class ArrayHelpers:
         return dtype_arg(dtype, f"{type(self).__name__}.{who}(dtype=...)") or default
 
     # -- creation ----------------------------------------------------------------------------
-    def zeros(self, *shape: int | Sequence[int], dtype: Any = None) -> Any:
+    def zeros(self, *shape: int | Sequence[int], dtype: Any = None, device_mesh: Any = None) -> Any:
         """Zeros of ``shape`` (``zeros(2, 3)`` or ``zeros((2, 3))``), backend dtype by default."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.zeros")
         dt = self._dt(dtype, "zeros", self.dtype)
         return self.array(np.zeros(shape_arg(shape, "zeros")), dt)
 
-    def ones(self, *shape: int | Sequence[int], dtype: Any = None) -> Any:
+    def ones(self, *shape: int | Sequence[int], dtype: Any = None, device_mesh: Any = None) -> Any:
         """Ones of ``shape``, backend dtype by default."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.ones")
         dt = self._dt(dtype, "ones", self.dtype)
         return self.array(np.ones(shape_arg(shape, "ones")), dt)
 
-    def zeros_like(self, input: Any, *, dtype: Any = None) -> Any:
+    def zeros_like(self, input: Any, *, dtype: Any = None, device_mesh: Any = None) -> Any:
         """Zeros with ``input``'s shape and (unless ``dtype``) dtype."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.zeros_like")
         dt = self._dt(dtype, "zeros_like")
         out = self._ns().zeros_like(self._native(input))
         return out if dt is None else self.array(out, dt)
 
-    def ones_like(self, input: Any, *, dtype: Any = None) -> Any:
+    def ones_like(self, input: Any, *, dtype: Any = None, device_mesh: Any = None) -> Any:
         """Ones with ``input``'s shape and (unless ``dtype``) dtype."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.ones_like")
         dt = self._dt(dtype, "ones_like")
         out = self._ns().ones_like(self._native(input))
         return out if dt is None else self.array(out, dt)
@@ -151,9 +188,10 @@ class ArrayHelpers:
         """``value`` as a native array of ``dtype`` (default: the backend's float dtype)."""
         return self.array(value, self._dt(dtype, "cast", self.dtype))
 
-    def arange(self, *args: float, dtype: Any = None) -> Any:
+    def arange(self, *args: float, dtype: Any = None, device_mesh: Any = None) -> Any:
         """``arange(stop)``, ``arange(start, stop)`` or ``arange(start, stop, step)``, as
         ``numpy.arange``: integers (the backend's int dtype) unless an argument is a float."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.arange")
         if not 1 <= len(args) <= 3:
             raise TypeError(f"arange() takes 1 to 3 positional arguments, got {len(args)}")
         if len(args) == 3 and args[2] == 0:
@@ -162,8 +200,10 @@ class ArrayHelpers:
         dt = self._dt(dtype, "arange", self.dtype if is_float else self.int_dtype)
         return self.array(np.arange(*args), dt)
 
-    def linspace(self, start: Any, stop: Any, steps: int, dtype: Any = None) -> Any:
+    def linspace(self, start: Any, stop: Any, steps: int, dtype: Any = None,
+                 device_mesh: Any = None) -> Any:
         """``steps`` evenly spaced values from ``start`` to ``stop`` (both included)."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.linspace")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValueError(f"linspace(): steps must be an int >= 0, got {steps!r}")
         dt = self._dt(dtype, "linspace", self.dtype)
@@ -176,20 +216,25 @@ class ArrayHelpers:
     def _gen(self, key: int | None) -> np.random.Generator:
         return self._rng if key is None else np.random.default_rng(int(key))
 
-    def randn(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None) -> Any:
+    def randn(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None,
+              device_mesh: Any = None) -> Any:
         """Standard-normal samples of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.randn")
         s, dt = shape_arg(shape, "randn"), self._dt(dtype, "randn", self.dtype)
         return self.array(self._gen(key).standard_normal(s), dt)
 
-    def rand(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None) -> Any:
+    def rand(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None,
+             device_mesh: Any = None) -> Any:
         """Uniform samples in [0, 1) of ``shape``."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand")
         s, dt = shape_arg(shape, "rand"), self._dt(dtype, "rand", self.dtype)
         return self.array(self._gen(key).random(s), dt)
 
     def rand_uniform(self, low: Any, high: Any, *shape: int | Sequence[int], dtype: Any = None,
-                     key: int | None = None) -> Any:
+                     key: int | None = None, device_mesh: Any = None) -> Any:
         """Uniform samples in [low, high) of ``shape`` (no shape: one sample, or the broadcast
         shape of array bounds)."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand_uniform")
         s, dt = shape_arg(shape, "rand_uniform"), self._dt(dtype, "rand_uniform", self.dtype)
         lo, hi = self._scalar(low), self._scalar(high)
         if np.any(lo > hi):
@@ -197,9 +242,10 @@ class ArrayHelpers:
         return self.array(self._gen(key).uniform(lo, hi, s or None), dt)
 
     def randint(self, low: int, high: int, *shape: int | Sequence[int], dtype: Any = None,
-                key: int | None = None) -> Any:
+                key: int | None = None, device_mesh: Any = None) -> Any:
         """Integers in [low, high) of ``shape`` (the backend's int dtype by default:
         int64 on NumPy and torch, int32 on JAX)."""
+        refuse_device_mesh(device_mesh, f"{type(self).__name__}.randint")
         s, dt = shape_arg(shape, "randint"), self._dt(dtype, "randint", self.int_dtype)
         if high <= low:
             raise ValueError(f"randint(): high must be > low, got low={low}, high={high}")

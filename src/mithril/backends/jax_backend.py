@@ -10,7 +10,7 @@ import numpy as np
 from ..compiler.interpret import outputs_of, run_forward
 from ..models.context import M32, RunContext
 from .backend import Backend, Evaluator
-from .helpers import dtype_arg
+from .helpers import dtype_arg, refuse_device_mesh
 
 
 class JaxBackend(Backend):
@@ -19,10 +19,15 @@ class JaxBackend(Backend):
     name = "jax"
     int_dtype = "int32"
 
-    def __init__(self, dtype: str = "float32", seed: int = 0, device: str | None = None) -> None:
+    def __init__(self, dtype: str | None = None, seed: int = 0, device: str | None = None, *,
+                 precision: int | None = None, device_mesh: Any = None) -> None:
+        """``dtype`` / ``precision`` and ``seed`` as :class:`~mithril.backends.Backend`;
+        ``device``: a JAX platform (``"cpu"``, ``"gpu"``); ``device_mesh`` is refused (see
+        :mod:`mithril.distributed`)."""
+        refuse_device_mesh(device_mesh, "JaxBackend")
         import jax
 
-        super().__init__(dtype, seed)
+        super().__init__(dtype, seed, precision=precision)
         self.native_type = jax.Array
         if self.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
@@ -37,9 +42,10 @@ class JaxBackend(Backend):
 
         return jnp
 
-    def array(self, data: Any, dtype: Any = None) -> Any:
+    def array(self, data: Any, dtype: Any = None, device_mesh: Any = None) -> Any:
         """``data`` as a ``jax.Array`` on the backend's device (floats in the backend dtype
         unless ``dtype``)."""
+        refuse_device_mesh(device_mesh, "JaxBackend.array")
         import jax
         import jax.numpy as jnp
 

@@ -76,7 +76,7 @@ class _NumpyEvaluator(Evaluator):
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
-        env = run_forward(self.prog, np, params, inputs, run)
+        env = run_forward(self.prog, np, params, inputs, run, residuals=True)
         grads = numpy_backward(self.prog, env, params, cotangents)
         if run is not None:
             _cast(run.new_state, self.dtype)

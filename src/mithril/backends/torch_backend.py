@@ -15,7 +15,7 @@ import numpy as np
 
 from ..compiler.interpret import outputs_of, run_forward
 from .backend import Backend, Evaluator
-from .helpers import dtype_arg
+from .helpers import dtype_arg, refuse_device_mesh
 
 
 class _TorchNumpy:
@@ -126,12 +126,17 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, dtype: str = "float32", seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, dtype: str | None = None, seed: int = 0, device: str = "cpu", *,
+                 precision: int | None = None, device_mesh: Any = None) -> None:
+        """``dtype`` / ``precision`` and ``seed`` as :class:`~mithril.backends.Backend`;
+        ``device``: a torch device (``"cpu"``, ``"cuda:0"``); ``device_mesh`` is refused (see
+        :mod:`mithril.distributed`)."""
+        refuse_device_mesh(device_mesh, "TorchBackend")
         import torch
 
         self.device = torch.device(device)
         self.native_type = torch.Tensor
-        super().__init__(dtype, seed)
+        super().__init__(dtype, seed, precision=precision)
         self._xp = _TorchNumpy()  # the operators' forwards
         self._helpers = _TorchHelpers()
 
@@ -154,9 +159,10 @@ class TorchBackend(Backend):
             raise ValueError(f"unsupported dtype {name!r}")
         return getattr(torch, name)
 
-    def array(self, data: Any, dtype: Any = None) -> Any:
+    def array(self, data: Any, dtype: Any = None, device_mesh: Any = None) -> Any:
         """``data`` as a tensor on the backend's device (floats in the backend dtype unless
         ``dtype``: a name, ``ml.float32`` or a torch / NumPy dtype)."""
+        refuse_device_mesh(device_mesh, "TorchBackend.array")
         import torch
 
         dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
+from .listing import program_listing, write_listing
 from .program import Program, build_program
 
 
@@ -85,22 +87,62 @@ class CompiledModel:
     def __init__(self, model: Model | Operator, backend: Backend,
                  shapes: Mapping[str, Any] | None = None, jit: bool = True,
                  trainable_keys: Any = (), inference: bool = False, constant_keys: Any = None,
-                 data_keys: Any = (), discard_keys: Any = ()) -> None:
+                 data_keys: Any = (), discard_keys: Any = (),
+                 file_path: str | os.PathLike[str] | None = None) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
         if not isinstance(inference, (bool, np.bool_)):
             raise TypeError(f"compile(inference=...) must be a bool, got {inference!r}")
         self.backend = backend
-        self.program: Program = build_program(model, shapes, trainable_keys, data_keys=data_keys,
-                                              constant_keys=constant_keys, discard_keys=discard_keys)
         self.jit = jit
         self.inference = bool(inference)
+        self.file_path = file_path
         #: the random stream: masks are a function of (seed, step); see the class docstring
         self.seed: int = int(backend.seed)
         self.step: int = 0
-        self._eval = backend.evaluator(self.program, jit)
         self._params: dict[str, Any] | None = None
-        self._consts = {k: backend.array(v) for k, v in self.program.constants.items()}
+        self._program: Program | None = None
+        self._build = dict(model=model, trainable_keys=tuple(trainable_keys), data_keys=tuple(data_keys),
+                           constant_keys=constant_keys, discard_keys=tuple(discard_keys))
+        try:
+            self._set_program(build_program(shapes=shapes, **self._build))  # type: ignore[arg-type]
+        except ShapeError as e:
+            # as published, a model compiled without any shapes may wait for its first
+            # evaluate's inputs to give them; anything else is an error now
+            if shapes or not str(e).startswith("cannot infer the shape of parameter"):
+                raise
+            self._deferred = e
+            if file_path is not None:
+                write_listing(file_path, program_listing(None, backend, jit, note=(
+                    f"Not built yet: {e}. The first evaluate builds the program for the shapes of "
+                    "its inputs and rewrites this file.")))
+
+    def _set_program(self, prog: Program) -> None:
+        self._program = prog
+        self._eval = self.backend.evaluator(prog, self.jit)
+        self._consts = {k: self.backend.array(v) for k, v in prog.constants.items()}
+        if self.file_path is not None:
+            write_listing(self.file_path, self.listing())
+
+    @property
+    def program(self) -> Program:
+        """The flattened program. A model compiled without shapes whose parameter shapes
+        depend on its inputs' has none until the first ``evaluate(params, inputs)``: until
+        then this is the ``ShapeError`` saying so."""
+        if self._program is None:
+            raise ShapeError(f"{self._deferred}; or call evaluate(params, inputs) first: a model "
+                             "compiled without shapes is built for its first inputs' shapes")
+        return self._program
+
+    def listing(self) -> str:
+        """A readable listing of the program (what ``compile(file_path=...)`` writes): inputs,
+        parameters, one line per operator and the outputs, every line a ``#`` comment."""
+        return program_listing(self.program, self.backend, self.jit)
+
+    def _build_for(self, inputs: Mapping[str, Any]) -> None:
+        """Build a deferred program for the shapes of ``inputs`` (see :attr:`program`)."""
+        shapes = {k: tuple(getattr(v, "shape", None) or np.shape(v)) for k, v in inputs.items()}
+        self._set_program(build_program(shapes=shapes, **self._build))  # type: ignore[arg-type]
 
     # -- description -----------------------------------------------------------------
     @property
@@ -331,6 +373,19 @@ class CompiledModel:
         no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
         they read. ``prog``: the program to check (default: the whole one)."""
         p, b = prog or self.program, self.backend
+        # all but the value checks are a function of the inputs' shapes and dtypes: a
+        # signature that passed before (a training loop repeats one every step) runs only the
+        # hooks that read values, with the shapes, dtypes and names they had then
+        key = (id(p), tuple((k, v.shape, v.dtype) for k, v in inputs.items()))
+        cache = self.__dict__.setdefault("_checked", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] is p:
+            for hook, in_shapes, dtypes, names, refs in hit[1]:
+                arrays = {k: inputs[t] for k, t in refs if not _is_traced(inputs[t])}
+                if arrays:
+                    hook(in_shapes, dtypes, arrays, names)
+            return
+        value_hooks: list[tuple] = []
         shapes: list[Any] = list(p.wire_shapes)
         top = {w: k for k, w in p.inputs.items()}
         for k, w in p.inputs.items():
@@ -344,6 +399,10 @@ class CompiledModel:
                 arrays = {k: inputs[top[w]] for k in getattr(node.op, "value_checked_inputs", ())
                           if (w := node.ins.get(k)) in top and not _is_traced(inputs[top[w]])}
                 hook(in_shapes, dtypes, arrays, names)
+                refs = tuple((k, top[w]) for k in getattr(node.op, "value_checked_inputs", ())
+                             if (w := node.ins.get(k)) in top)
+                if refs:
+                    value_hooks.append((hook, in_shapes, dtypes, names, refs))
             pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
             try:
                 out = node.op.infer_shape({**in_shapes, **pshapes})
@@ -353,6 +412,9 @@ class CompiledModel:
                 wires = ", ".join(f"'{k}' <- '{names[k]}' {fmt(in_shapes[k])}" for k in names)
                 raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
                                  f"(inputs: {wires})") from None
+        if len(cache) >= 32:
+            cache.clear()
+        cache[key] = (p, value_hooks)
 
     def scalar_output(self) -> str:
         """The output ``evaluate(..., output_gradients=True)`` differentiates: ``final_cost``
@@ -401,6 +463,8 @@ class CompiledModel:
             if inputs is not None:
                 raise TypeError("evaluate(): give the inputs once, as inputs or as data=")
             inputs = data
+        if self._program is None and inputs:
+            self._build_for(inputs)
         if output_gradients is True:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
@@ -452,7 +516,7 @@ class CompiledModel:
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
             jit: bool = True, *, trainable_keys: Any = (), inference: bool = False,
             constant_keys: Mapping[str, Any] | None = None, data_keys: Any = (),
-            discard_keys: Any = ()) -> CompiledModel:
+            discard_keys: Any = (), file_path: str | os.PathLike[str] | None = None) -> CompiledModel:
     """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
 
     ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
@@ -464,7 +528,16 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
     ``constant_keys`` ({name: value}) folds values in for inputs (no longer given to
     ``evaluate``); ``data_keys`` keeps inputs as data, also those that feed a parameter role
     (``connect(weight="w")``), which are parameters otherwise; ``discard_keys`` drops outputs.
+    ``constant_keys``, ``data_keys`` and ``trainable_keys`` may also name a parameter by its
+    compiled name (``"linear_0.weight"``): a constant, a data input, or (already) trainable.
+    ``file_path`` writes a readable listing of the program there (:meth:`CompiledModel.listing`;
+    no code is generated here, unlike the published Mithril).
+
+    Without any ``shapes`` (nor shapes declared on the model) a model whose parameter shapes
+    follow from its inputs' is built at its first ``evaluate(params, inputs)``, for those
+    inputs' shapes, as the published Mithril allows; until then ``randomize_params`` and the
+    shape queries raise the ``ShapeError``.
     """
     return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
                          inference=inference, constant_keys=constant_keys, data_keys=data_keys,
-                         discard_keys=discard_keys)
+                         discard_keys=discard_keys, file_path=file_path)

@@ -12,33 +12,49 @@ from .program import Program
 
 
 class Env(list):
-    """The value of every wire (indexed by wire number), and the :class:`NodeContext` each
-    context operator got (by node path), for the NumPy backward pass."""
+    """The value of every wire (indexed by wire number), the :class:`NodeContext` each
+    context operator got (by node path) and the residuals operators saved for their VJPs
+    (by node index), for the NumPy backward pass."""
 
     contexts: dict[str, NodeContext]
+    residuals: dict[int, Any]
 
 
 def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
-                inputs: Mapping[str, Any], run: RunContext | None = None) -> Env:
+                inputs: Mapping[str, Any], run: RunContext | None = None,
+                residuals: bool = False) -> Env:
     """Evaluate every node; returns the value of every wire (indexed by wire number).
     ``run``: the mode, randomness and state context operators read, and where they write
-    the new state (default: training mode, seed 0, step 0, no state)."""
+    the new state (default: training mode, seed 0, step 0, no state). ``residuals`` (NumPy
+    only: a forward that :func:`numpy_backward` will differentiate): nodes that a gradient
+    flows through keep what their operator's ``forward_residuals`` saves, in
+    ``env.residuals``, until their VJP runs; and intermediate wires that neither a later
+    node nor a VJP reads are dropped (``None``) once the forward is past them."""
     env = Env([None] * len(prog.wire_names))
     env.contexts = {}
+    env.residuals = {}
     if prog.has_context and run is None:
         run = RunContext()
     for name, w in prog.inputs.items():
         env[w] = inputs.get(name)
     for name, w in prog.param_wires.items():
         env[w] = params[name]
-    for node in prog.nodes:
+    for i, node in enumerate(prog.nodes):
         args = {k: env[w] for k, w in node.ins.items()}
         for k, pname in node.params.items():
             args[k] = params[pname]
         if node.op.context:
             ctx = env.contexts[node.path] = run.node(node.path, node.state, xp)  # type: ignore[union-attr]
             args["ctx"] = ctx
-        env[node.out] = node.op.forward(xp, **args)
+        if residuals and node.residuals:
+            env[node.out], env.residuals[i] = node.op.forward_residuals(xp, **args)
+        elif residuals and node.inplace:
+            env[node.out] = node.op.forward_inplace(xp, **args)
+        else:
+            env[node.out] = node.op.forward(xp, **args)
+        if residuals:
+            for w in node.drop:  # less memory held: fewer fresh pages to fault in
+                env[w] = None
     return env
 
 
@@ -48,27 +64,42 @@ def outputs_of(prog: Program, env: list[Any]) -> dict[str, Any]:
 
 def numpy_backward(prog: Program, env: Env, params: Mapping[str, np.ndarray],
                    cotangents: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Reverse-mode pass with each operator's hand-written VJP."""
+    """Reverse-mode pass with each operator's hand-written VJP. Residuals the forward kept
+    (``run_forward(..., residuals=True)``) go to their node's VJP and are dropped from ``env``
+    as it runs, so each lives only until its VJP is done; none is left afterwards. So are
+    the intermediate wires (all but the outputs) once their producer's VJP is done: memory
+    is reused as the pass goes (fresh pages are slow to fault in)."""
     cot: list[Any] = [None] * len(env)
     for name, g in cotangents.items():
         cot[prog.outputs[name]] = g
     grads: dict[str, np.ndarray] = {}
-    for node in reversed(prog.nodes):
+    saved: dict[int, Any] = getattr(env, "residuals", {})
+    outputs = set(prog.outputs.values())
+    for i in range(len(prog.nodes) - 1, -1, -1):
+        node = prog.nodes[i]
+        res = saved.pop(i, None)
         g = cot[node.out]
+        out = env[node.out]
+        if node.out not in outputs:  # its consumers' VJPs ran already; this one is the last
+            env[node.out] = None
         if g is None or not node.wrt:
             continue
+        cot[node.out] = None  # every consumer is done with it: free it as we go
         args = {k: env[w] for k, w in node.ins.items()}
         for k, pname in node.params.items():
             args[k] = params[pname]
         if node.op.context:
             args["ctx"] = env.contexts[node.path]
-        for k, v in node.op.vjp(g, env[node.out], args, node.wrt).items():
+        # only operators with residuals take the keyword (None: the VJP recomputes them)
+        kw = {"residuals": res} if node.op.has_residuals else {}
+        for k, v in node.op.vjp(g, out, args, node.wrt, **kw).items():
             if k in node.params:
                 pname = node.params[k]
                 grads[pname] = v if pname not in grads else grads[pname] + v
             else:
                 w = node.ins[k]
                 cot[w] = v if cot[w] is None else cot[w] + v
+    saved.clear()  # nodes no gradient reached
     for pname, w in prog.param_wires.items():
         if cot[w] is not None:
             grads[pname] = cot[w] if pname not in grads else grads[pname] + cot[w]

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
+from .param_roles import name_param_roles
 
 
 @dataclass
@@ -30,6 +31,13 @@ class Node:
     out: int
     wrt: frozenset[str] = frozenset()  # keys whose cotangent the NumPy backward needs
     state: dict[str, str] = field(default_factory=dict)  # state key -> state name
+    #: a NumPy forward that will be differentiated keeps this node's residuals for its VJP
+    #: (the operator saves some, and a gradient flows through the node)
+    residuals: bool = False
+    #: wires that forward drops right after this node: no later node and no VJP reads them
+    drop: tuple[int, ...] = ()
+    #: that forward may run this node in place over its first input (``forward_inplace``)
+    inplace: bool = False
 
 
 @dataclass
@@ -137,6 +145,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     b.flatten(model, {}, "")
     terminals = set(model.terminals) | set(model.output_keys)
     top_wires = {name: i for i, name in enumerate(b.names) if name in terminals}
+    # parameters named in constant_keys / data_keys by their compiled names (param_roles.py)
+    extra, data_keys, trainable_keys = name_param_roles(b, top_wires, constant_keys, data_keys, trainable_keys)
+    top_wires.update(extra)
     for key, shape in (shapes or {}).items():
         if key not in top_wires:
             raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}'; "
@@ -254,6 +265,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         node.wrt = frozenset(node.params) | {k for k, w in node.ins.items() if w in differentiable}
         if node.wrt:
             differentiable.add(node.out)
+        node.residuals = bool(node.wrt) and node.op.has_residuals
     for w, name in wire_params.items():
         node, key = slot_wires[w]
         shape = b.shapes[w]
@@ -267,7 +279,41 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         prog.param_init[name] = node.op.param_init[key]
     prog.has_context = any(n.op.context for n in nodes)
     prog.has_random = any(n.op.random for n in nodes)
+    _plan_drops(prog)
     return prog
+
+
+def _plan_drops(prog: Program) -> None:
+    """``node.drop`` for a NumPy forward that keeps residuals: each intermediate wire goes
+    after its last forward reader unless some VJP reads it (every terminal of an operator
+    but its ``vjp_ignores``). Inputs, parameters and outputs always stay."""
+    keep = set(prog.outputs.values()) | set(prog.inputs.values()) | set(prog.param_wires.values())
+    last: dict[int, int] = {}
+    for i, node in enumerate(prog.nodes):
+        last[node.out] = i  # a wire nobody reads goes right away
+        for w in node.ins.values():
+            last[w] = i
+        if node.wrt:  # (a node with residuals to keep gets them in this pass)
+            ignores = node.op.vjp_ignores
+            keep.update(w for k, w in node.ins.items() if k not in ignores)
+            if "output" not in ignores:
+                keep.add(node.out)
+    drops: dict[int, list[int]] = {}
+    for w, i in last.items():
+        if w not in keep:
+            drops.setdefault(i, []).append(w)
+    producer = {n.out: n for n in prog.nodes}
+    readers: dict[int, int] = {}
+    for node in prog.nodes:
+        for w in set(node.ins.values()):
+            readers[w] = readers.get(w, 0) + 1
+    for i, node in enumerate(prog.nodes):
+        node.drop = tuple(drops.get(i, ()))
+        # in place: a fresh array that only this node reads, and nothing after it
+        w = node.ins.get(node.op.inputs[0]) if node.op.inputs else None
+        node.inplace = (node.op.has_inplace and w in node.drop and readers.get(w) == 1
+                        and list(node.ins.values()).count(w) == 1
+                        and w in producer and producer[w].op.fresh_output)
 
 
 @contextmanager

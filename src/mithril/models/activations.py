@@ -13,11 +13,17 @@ from .operator import Operator, backend_of
 class Relu(Operator):
     """max(x, 0), with gradient 0 at x = 0 on every backend (as torch)."""
 
+    vjp_ignores = frozenset({"input"})
+    fresh_output = True
+
     def forward(self, xp: Any, input: Any) -> Any:
         if xp is np or hasattr(xp, "t"):  # NumPy; torch's namespace maps this to torch.relu
             return xp.maximum(input, 0)
         # jnp.maximum splits the gradient of a tie: it would give 0.5 at x = 0
         return xp.where(input > 0, input, 0)
+
+    def forward_inplace(self, xp: Any, input: Any) -> Any:
+        return np.maximum(input, 0, out=input)
 
     def vjp(self, g, out, args, wrt):
         return {"input": g * (out > 0)}
@@ -25,6 +31,8 @@ class Relu(Operator):
 
 class LeakyRelu(Operator):
     """x if x > 0 else slope·x (torch default slope 0.01)."""
+
+    vjp_ignores = frozenset({"output"})
 
     def __init__(self, slope: float = 0.01) -> None:
         self.slope = float(slope)
@@ -39,6 +47,8 @@ class LeakyRelu(Operator):
 class Sigmoid(Operator):
     """1 / (1 + e^-x), computed as (1 + tanh(x/2)) / 2 so it never overflows."""
 
+    vjp_ignores = frozenset({"input"})
+
     def forward(self, xp: Any, input: Any) -> Any:
         return 0.5 * (xp.tanh(0.5 * input) + 1)
 
@@ -48,6 +58,8 @@ class Sigmoid(Operator):
 
 class Tanh(Operator):
     """Hyperbolic tangent."""
+
+    vjp_ignores = frozenset({"input"})
 
     def forward(self, xp: Any, input: Any) -> Any:
         return xp.tanh(input)
@@ -73,32 +85,51 @@ class Gelu(Operator):
     ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (``jax.nn.gelu`` default; torch
     ``approximate="tanh"``)."""
 
+    vjp_ignores = frozenset({"output"})
+
     def __init__(self, approximate: bool = False) -> None:
         self.approximate = bool(approximate)
 
     def forward(self, xp: Any, input: Any) -> Any:
+        kind = backend_of(xp)
+        if kind == "numpy":
+            return self.forward_residuals(xp, input)[0]
         x = input
         if self.approximate:
             return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
-        kind = backend_of(xp)
         if kind == "torch":
             import torch.nn.functional as F
 
             return F.gelu(x)
-        if kind == "jax":
-            import jax
+        import jax
 
-            return jax.nn.gelu(x, approximate=False)
-        return 0.5 * x * (1 + _erf(x * (1 / math.sqrt(2))))
+        return jax.nn.gelu(x, approximate=False)
 
-    def vjp(self, g, out, args, wrt):
+    def forward_residuals(self, xp: Any, input: Any) -> tuple[np.ndarray, np.ndarray]:
+        """NumPy: the output and Φ(x) (exact) or the tanh (approximate): the VJP's erf / tanh."""
+        x = input
+        if self.approximate:
+            t = np.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+            return 0.5 * x * (1 + t), t
+        cdf = _erf(x * (1 / math.sqrt(2)))  # in place from here: no temporaries
+        cdf += 1
+        cdf *= 0.5
+        return x * cdf, cdf
+
+    def vjp(self, g, out, args, wrt, residuals=None):
         x = args["input"]
-        if not self.approximate:
-            cdf = 0.5 * (1 + _erf(x * (1 / math.sqrt(2))))
-            return {"input": g * (cdf + x * np.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))}
-        t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+        r = residuals if residuals is not None else self.forward_residuals(np, x)[1]
+        if not self.approximate:  # g·(Φ(x) + x·φ(x)), in place on one temporary
+            d = x * x
+            d *= -0.5
+            np.exp(d, out=d)
+            d *= x
+            d *= 1 / math.sqrt(2 * math.pi)
+            d += r
+            d *= g
+            return {"input": d}
         du = _GELU_C * (1 + 3 * 0.044715 * x * x)
-        return {"input": g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)}
+        return {"input": g * (0.5 * (1 + r) + 0.5 * x * (1 - r * r) * du)}
 
     def __repr__(self) -> str:
         return f"Gelu(approximate={self.approximate})"
@@ -106,6 +137,8 @@ class Gelu(Operator):
 
 class Softmax(Operator):
     """exp(x - max) / Σ exp(x - max) along ``axis`` (default last)."""
+
+    vjp_ignores = frozenset({"input"})
 
     def __init__(self, axis: int = -1) -> None:
         self.axis = axis

@@ -20,9 +20,11 @@ Init as torch: ``xavier_uniform_`` of ``in_proj_weight`` (Glorot over its (3E, E
 
 The softmax subtracts each row's maximum first, so large scores never overflow. Forward per
 backend: ``F.scaled_dot_product_attention`` on torch, the same formula in ``jax.numpy`` and
-NumPy; the NumPy VJPs recompute the attention probabilities from the arguments (softmax
-backward: p·(gp − Σ gp·p)). Self-attention (one wire connected to query, key and value) takes
-one (3E, E) projection matmul forward and backward.
+NumPy. A NumPy forward that will be differentiated keeps the attention probabilities (and,
+for ``MultiHeadAttention``, the projected heads and the merged attention output) as residuals,
+so the VJPs redo none of the forward (softmax backward: p·(gp − Σ gp·p)). Self-attention (one
+wire connected to query, key and value) takes one (3E, E) projection matmul forward and
+backward.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def _is_bool(x: Any) -> bool:
 def attention_probs(xp: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) -> Any:
     """softmax(q·kᵀ·scale + add) over the keys, ``keep`` False entries excluded (max-subtracted;
     a row with nothing kept is all zeros). NumPy or ``jax.numpy``."""
+    if xp is np:
+        return _probs_numpy(q, k, scale, keep, add)
     s = (q @ _swap(k)) * scale
     if add is not None:
         s = s + add.astype(s.dtype)
@@ -81,6 +85,32 @@ def attention_probs(xp: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) 
     e = xp.exp(s - m)
     den = xp.sum(e, axis=-1, keepdims=True)
     return e / xp.where(den == 0, 1, den)
+
+
+def _probs_numpy(q: np.ndarray, k: np.ndarray, scale: float, keep: Any, add: Any) -> np.ndarray:
+    """:func:`attention_probs` on NumPy, the same operations in place on the one (…, L, S)
+    array (a mask that broadcasts it to a larger batch gets a new one)."""
+    s = q @ _swap(k)
+    s *= scale
+    if add is not None:
+        add = add.astype(s.dtype, copy=False)
+        if np.broadcast_shapes(s.shape, add.shape) == s.shape:
+            s += add
+        else:
+            s = s + add
+    if keep is not None:
+        if np.broadcast_shapes(s.shape, keep.shape) == s.shape:
+            np.copyto(s, -np.inf, where=~keep)
+        else:
+            s = np.where(keep, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    np.copyto(m, 0, where=~np.isfinite(m))
+    s -= m
+    e = np.exp(s, out=s)
+    den = e.sum(axis=-1, keepdims=True)
+    np.copyto(den, 1, where=den == 0)
+    e /= den
+    return e
 
 
 def attend(xp: Any, q: Any, k: Any, v: Any, scale: float, keep: Any, add: Any) -> Any:
@@ -108,8 +138,13 @@ def attend_vjp(g: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale
     if p is None:
         p = attention_probs(np, q, k, scale, keep, add)
     gv = _swap(p) @ g
-    gp = g @ _swap(v)
-    gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))
+    gs = g @ _swap(v)                                     # the probabilities' cotangent
+    dot = (gs * p).sum(axis=-1, keepdims=True)
+    if np.broadcast_shapes(gs.shape, p.shape) == gs.shape:  # the scores': in place
+        gs -= dot
+        gs *= p
+    else:  # a mask broadcast the probabilities to a larger batch
+        gs = p * (gs - dot)
     return (gs @ k) * scale, (_swap(gs) @ q) * scale, gv, gs
 
 
@@ -137,6 +172,7 @@ class ScaledDotProduct(Operator):
     ``use_attn_mask`` exclude each other (as torch); for both, pass a combined mask."""
 
     any_dtype_inputs = frozenset({"attn_mask"})
+    vjp_ignores = frozenset({"output"})
 
     def __init__(self, is_causal: bool = False, scale: float | None = None,
                  use_attn_mask: bool = False) -> None:
@@ -176,7 +212,10 @@ class ScaledDotProduct(Operator):
         return self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
     def forward(self, xp: Any, query: Any, key: Any, value: Any, attn_mask: Any = None) -> Any:
-        if backend_of(xp) == "torch" and attn_mask is None:
+        kind = backend_of(xp)
+        if kind == "numpy":
+            return self.forward_residuals(xp, query, key, value, attn_mask)[0]
+        if kind == "torch" and attn_mask is None:
             import torch.nn.functional as F
 
             return F.scaled_dot_product_attention(query, key, value, is_causal=self.is_causal,
@@ -185,10 +224,18 @@ class ScaledDotProduct(Operator):
                            key.shape[-2], true_masks=False)
         return attend(xp, query, key, value, self._scale(query), keep, add)
 
-    def vjp(self, g, out, args, wrt):
+    def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any,
+                          attn_mask: Any = None) -> tuple[Any, Any]:
+        """NumPy: the output and the attention probabilities."""
+        keep, add = _masks(attn_mask, self.is_causal, query.shape[-2], key.shape[-2], False)
+        p = attention_probs(np, query, key, self._scale(query), keep, add)
+        return p @ value, p
+
+    def vjp(self, g, out, args, wrt, residuals=None):
         q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
         keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], False)
-        gq, gk, gv, gs = attend_vjp(g, q, k, v, self._scale(q), keep, add)
+        p = residuals if residuals is not None else self.forward_residuals(np, **args)[1]
+        gq, gk, gv, gs = attend_vjp(g, q, k, v, self._scale(q), keep, add, p)
         res = {"query": unbroadcast(gq, q.shape), "key": unbroadcast(gk, k.shape),
                "value": unbroadcast(gv, v.shape)}
         if "attn_mask" in wrt and add is not None:
@@ -209,6 +256,7 @@ class MultiHeadAttention(Operator):
     ``use_attn_mask`` adds an ``attn_mask`` input (booleans: True masks, as torch's module)."""
 
     any_dtype_inputs = frozenset({"attn_mask"})
+    vjp_ignores = frozenset({"output"})
 
     def __init__(self, num_heads: int, embed_dim: int | None = None, use_bias: bool = True,
                  is_causal: bool = False, use_attn_mask: bool = False) -> None:
@@ -321,6 +369,9 @@ class MultiHeadAttention(Operator):
                 out_proj_weight: Any, in_proj_bias: Any = None, out_proj_bias: Any = None,
                 attn_mask: Any = None) -> Any:
         kind = backend_of(xp)
+        if kind == "numpy":
+            return self.forward_residuals(xp, query, key, value, in_proj_weight, out_proj_weight,
+                                          in_proj_bias, out_proj_bias, attn_mask)[0]
         q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
                                                           in_proj_bias))
         e = in_proj_weight.shape[1]
@@ -335,16 +386,30 @@ class MultiHeadAttention(Operator):
         y = self._merge(o) @ out_proj_weight.T
         return y if out_proj_bias is None else y + out_proj_bias
 
-    def vjp(self, g, out, args, wrt):
+    def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
+                          out_proj_weight: Any, in_proj_bias: Any = None,
+                          out_proj_bias: Any = None, attn_mask: Any = None) -> tuple[Any, Any]:
+        """NumPy: the output and ``(q, k, v, p, o)``: the projected heads, the attention
+        probabilities and the merged attention output (the out-projection's input)."""
+        q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
+                                                          in_proj_bias))
+        keep, add = _masks(attn_mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+        p = attention_probs(np, q, k, self._scale(in_proj_weight.shape[1]), keep, add)
+        o = self._merge(p @ v)
+        y = o @ out_proj_weight.T
+        if out_proj_bias is not None:
+            y += out_proj_bias
+        return y, (q, k, v, p, o)
+
+    def vjp(self, g, out, args, wrt, residuals=None):
         query, key, value = args["query"], args["key"], args["value"]
         w, b, wo = args["in_proj_weight"], args.get("in_proj_bias"), args["out_proj_weight"]
         mask = args.get("attn_mask")
         e = w.shape[1]
-        qp, kp, vp = self._project(query, key, value, w, b)
-        q, k, v = self._heads(qp), self._heads(kp), self._heads(vp)
+        if residuals is None:
+            residuals = self.forward_residuals(np, **args)[1]
+        q, k, v, p, o = residuals
         keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], True)
-        p = attention_probs(np, q, k, self._scale(e), keep, add)
-        o = self._merge(p @ v)
         res: dict[str, np.ndarray] = {}
         g2 = g.reshape(-1, e)
         if "out_proj_weight" in wrt:
@@ -354,10 +419,15 @@ class MultiHeadAttention(Operator):
         gq, gk, gv, gs = attend_vjp(self._heads(g @ wo), q, k, v, self._scale(e), keep, add, p)
         if "attn_mask" in wrt and add is not None:
             res["attn_mask"] = unbroadcast(gs, mask.shape)
-        grads = [self._merge(unbroadcast(gx, x.shape)) for gx, x in ((gq, q), (gk, k), (gv, v))]
-        ins = (query, key, value)
+        heads = [unbroadcast(gx, x.shape) for gx, x in ((gq, q), (gk, k), (gv, v))]
         if self._self(query, key, value):
-            gqkv = np.concatenate(grads, axis=-1)
+            # the three heads' cotangents straight into one (…, L, 3, heads, d) array: the
+            # (…, L, 3E) cotangent of the fused projection, in one copy
+            gqkv = np.empty((*query.shape[:-1], 3, self.num_heads, e // self.num_heads),
+                            dtype=heads[0].dtype)
+            for i, gh in enumerate(heads):
+                np.copyto(gqkv[..., i, :, :], gh.swapaxes(-3, -2))
+            gqkv = gqkv.reshape((*query.shape[:-1], 3 * e))
             gflat = gqkv.reshape(-1, 3 * e)
             if "in_proj_weight" in wrt:
                 res["in_proj_weight"] = gflat.T @ query.reshape(-1, e)
@@ -366,6 +436,8 @@ class MultiHeadAttention(Operator):
             if "query" in wrt:
                 res["query"] = gqkv @ w  # the one wire's whole cotangent
             return res
+        grads = [self._merge(gh) for gh in heads]
+        ins = (query, key, value)
         gw, gb = np.zeros_like(w), None if b is None else np.zeros_like(b)
         for i, (name, gx, x) in enumerate(zip(("query", "key", "value"), grads, ins)):
             rows = slice(i * e, (i + 1) * e)

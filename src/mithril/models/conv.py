@@ -7,11 +7,18 @@ U(±1/√fan_in), with fan_in = C / groups · prod(kernel_size).
 
 Forward per backend: ``torch.nn.functional.conv1d/conv2d`` on torch,
 ``jax.lax.conv_general_dilated`` on JAX, and on NumPy an im2col of strided windows
-(``sliding_window_view``) times the weight (one batched matmul). The NumPy VJP scatters the
-input cotangent back one kernel offset at a time (a loop over the kernel, never over pixels).
+(``sliding_window_view``) times the weight: one matmul of (N·out positions, C·kernel) by
+(C·kernel, out_channels) per group. The NumPy side works channels-last in memory: the
+im2col rows are channels-last windows and the output is the matmul's (N·positions,
+out_channels) result seen as (N, out_channels, *spatial) — a transposed view, no copy; NumPy
+keeps that memory order through elementwise operators, so the next convolution reads its
+input without transposing it. A forward that will be differentiated keeps the im2col matrix
+as its residual (the weight gradient is one matmul with it); the input cotangent is the
+matmul by the weight scattered back (col2im) one kernel offset at a time with strided adds
+(a loop over the kernel, never over pixels).
 
-The window helpers here (padding, output sizes, windows and their transpose) are shared with
-:mod:`mithril.models.pooling`.
+The window helpers here (argument checks, output sizes, per-offset slices, layout-keeping
+padding) are shared with :mod:`mithril.models.pooling`.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from .operator import Operator, ShapeError, backend_of, fmt
 Pads = tuple[tuple[int, int], ...]
 
 
-# -- backend dispatch -------------------------------------------------------------------------
 # -- argument normalisation -------------------------------------------------------------------
 def ntuple(value: Any, nd: int, name: str, who: str, minimum: int = 1) -> tuple[int, ...]:
     """``value`` (an int or a sequence of ``nd`` ints) as an ``nd``-tuple of ints >= ``minimum``."""
@@ -86,22 +92,6 @@ def out_sizes(spatial: Sequence[int | None], kernel: tuple[int, ...], stride: tu
 
 
 # -- NumPy window machinery -------------------------------------------------------------------
-def pad(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
-    if not any(lo or hi for lo, hi in pads):
-        return x
-    return np.pad(x, ((0, 0), (0, 0), *pads), constant_values=value)
-
-
-def windows(xp: np.ndarray, kernel: tuple[int, ...], stride: tuple[int, ...],
-            dilation: tuple[int, ...]) -> np.ndarray:
-    """A view (N, C, *out, *kernel) of the windows of the padded ``xp`` (N, C, *spatial)."""
-    nd = len(kernel)
-    eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
-    v = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + nd)))
-    return v[(slice(None), slice(None), *(slice(None, None, s) for s in stride),
-              *(slice(None, None, d) for d in dilation))]
-
-
 def offset_slices(off: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
                   out: Sequence[int]) -> tuple[slice, ...]:
     """The elements of a padded (N, C, *spatial) array at kernel offset ``off`` of every window."""
@@ -109,23 +99,55 @@ def offset_slices(off: tuple[int, ...], stride: tuple[int, ...], dilation: tuple
                                         for o, d, s, n in zip(off, dilation, stride, out)))
 
 
-def fold(gwin: np.ndarray, padded_shape: tuple[int, ...], stride: tuple[int, ...],
-         dilation: tuple[int, ...], pads: Pads) -> np.ndarray:
-    """The transpose of :func:`windows` then padding: scatter-add ``gwin`` (N, C, *out, *kernel)
-    onto the padded input and crop the padding off. One strided add per kernel offset."""
-    nd = len(stride)
-    kernel, out = gwin.shape[-nd:], gwin.shape[2:2 + nd]
-    gx = np.zeros(padded_shape, dtype=gwin.dtype)
-    for off in np.ndindex(*kernel):
-        gx[offset_slices(off, stride, dilation, out)] += gwin[(..., *off)]
-    crop = tuple(slice(lo, gx.shape[2 + i] - hi) for i, (lo, hi) in enumerate(pads))
-    return gx[(slice(None), slice(None), *crop)]
+def pad_like(x: np.ndarray, pads: Pads, value: float = 0.0) -> np.ndarray:
+    """``x`` (N, C, *spatial) padded with ``value``, in ``x``'s memory order (a channels-last
+    array stays channels-last: ``empty_like`` keeps the layout)."""
+    if not any(lo or hi for lo, hi in pads):
+        return x
+    shape = (*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], pads)))
+    out = np.full_like(x, value, shape=shape)
+    out[crop(pads, x.shape[2:])] = x
+    return out
+
+
+def crop(pads: Pads, spatial: Sequence[int]) -> tuple[slice, ...]:
+    """The unpadded region of a padded (N, C, *spatial) array."""
+    return (slice(None), slice(None), *(slice(lo, lo + n) for n, (lo, _) in zip(spatial, pads)))
+
+
+def same_layout(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``a`` in the memory order of ``like`` (same rank): a copy only when the orders differ.
+    NumPy's elementwise operations on operands of different orders run short strided inner
+    loops, ten times slower than one copy first."""
+    def order(x: np.ndarray) -> list[int]:
+        return sorted((i for i in range(x.ndim) if x.shape[i] > 1), key=lambda i: -abs(x.strides[i]))
+
+    if order(a) == order(like):
+        return a
+    out = np.empty_like(like, dtype=a.dtype, shape=a.shape)
+    np.copyto(out, a)
+    return out
+
+
+def stacked_like(like: np.ndarray, count: int, dtype: Any) -> list[np.ndarray]:
+    """``count`` arrays of ``like``'s shape and memory order, from one allocation."""
+    order = sorted(range(like.ndim), key=lambda i: -abs(like.strides[i]))
+    buf = np.empty((count, *(like.shape[i] for i in order)), dtype=dtype)
+    back = tuple(np.argsort(order))
+    return [b.transpose(back) for b in buf]
+
+
+def disjoint(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
+    """No element is in two windows (or twice in one), so scattering back can assign."""
+    return all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
 
 
 # -- convolution ------------------------------------------------------------------------------
 class _Convolution(Operator):
     nd: int = 2
     layout: str = "N, C, H, W"
+    vjp_ignores = frozenset({"input", "bias", "output"})  # the im2col residual has the input
+    fresh_output = True  # a view of the matmul's result
 
     def __init__(self, kernel_size: int | Sequence[int], out_channels: int | None = None,
                  stride: int | Sequence[int] = 1, padding: Any = 0,
@@ -189,10 +211,23 @@ class _Convolution(Operator):
             return self._torch(xp.t, input, weight, bias)
         if kind == "jax":
             return self._jax(input, weight, bias)
-        y, _ = self._numpy(input, weight)
+        return self.forward_residuals(xp, input, weight, bias)[0]
+
+    def forward_residuals(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
+        """NumPy: the output and (the im2col matrix: the weight gradient's other factor,
+        the input's shape)."""
+        cols, out = self._cols(input)
+        g, o = self.groups, self.out_channels
+        wk = self._wk(weight)
+        if g == 1:
+            y = cols[:, 0] @ wk[0].T                                    # (N·P, O)
+        else:  # (G, N·P, Og) -> (N·P, G·Og)
+            y = np.matmul(cols.transpose(1, 0, 2), wk.transpose(0, 2, 1)).transpose(1, 0, 2)
+            y = y.reshape(-1, o)
         if bias is not None:
-            y = y + bias.reshape((-1,) + (1,) * self.nd)
-        return y
+            y += bias
+        # channels-last in memory, (N, O, *out) to the caller: no transposing copy
+        return np.moveaxis(y.reshape(input.shape[0], *out, o), -1, 1), (cols, input.shape)
 
     def _torch(self, torch: Any, x: Any, w: Any, b: Any) -> Any:
         import torch.nn.functional as F
@@ -215,53 +250,73 @@ class _Convolution(Operator):
         return y if b is None else y + b.reshape((-1,) + (1,) * self.nd)
 
     def _cols(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-        """im2col: (N, G, P, Cg·prod(kernel)) with P = prod(output spatial), and the output
-        spatial sizes."""
+        """im2col, channels-last: (N·P, G, kernel·Cg) with P = prod(output spatial), each row
+        one window ordered (*kernel, channel); and the output spatial sizes."""
         n, c = x.shape[:2]
         g, nd = self.groups, self.nd
-        win = windows(pad(x, self.pads), self.kernel_size, self.stride, self.dilation)
-        out = win.shape[2:2 + nd]
-        win = win.reshape(n, g, c // g, *win.shape[2:])            # (N, G, Cg, *out, *k)
-        order = (0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-        return win.transpose(order).reshape(n, g, math.prod(out), -1), out
+        xl = x.transpose(0, *range(2, 2 + nd), 1)                      # (N, *spatial, C): a view
+        if any(lo or hi for lo, hi in self.pads):
+            buf = np.zeros((n, *(s + lo + hi for s, (lo, hi) in zip(x.shape[2:], self.pads)), c),
+                           dtype=x.dtype)
+            buf[(slice(None), *(slice(lo, lo + s) for s, (lo, _) in zip(x.shape[2:], self.pads)))] = xl
+            xl = buf
+        eff = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+        win = sliding_window_view(xl, eff, axis=tuple(range(1, 1 + nd)))   # (N, *, C, *eff)
+        if any(s > 1 for s in self.stride) or any(d > 1 for d in self.dilation):
+            win = win[(slice(None), *(slice(None, None, s) for s in self.stride), slice(None),
+                       *(slice(None, None, d) for d in self.dilation))]
+        out = win.shape[1:1 + nd]
+        if g > 1:  # (N, *out, G, Cg, *kernel)
+            win = win.reshape(*win.shape[:1 + nd], g, c // g, *win.shape[2 + nd:])
+        # (N, *out, [G,] *kernel, C / Cg): the one copy
+        order = (*range(1 + nd + (g > 1)), *range(2 + nd + (g > 1), 2 + 2 * nd + (g > 1)),
+                 1 + nd + (g > 1))
+        return win.transpose(order).reshape(n * math.prod(out), g, -1), out
 
-    def _numpy(self, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cols, out = self._cols(x)
-        n, g = x.shape[0], self.groups
-        og = self.out_channels // g
-        wk = w.reshape(g, og, -1)                                   # (G, Og, K)
-        if g == 1:
-            y = (cols.reshape(-1, cols.shape[-1]) @ wk[0].T).reshape(n, 1, -1, og)
-        else:
-            y = cols @ wk.transpose(0, 2, 1)                         # (N, G, P, Og)
-        return y.transpose(0, 1, 3, 2).reshape(n, self.out_channels, *out), cols
+    def _wk(self, w: np.ndarray) -> np.ndarray:
+        """The weight as (G, Og, kernel·Cg), columns ordered as :meth:`_cols`' rows."""
+        nd = self.nd
+        return w.transpose(0, *range(2, 2 + nd), 1).reshape(self.groups, self.out_channels // self.groups, -1)
 
-    def vjp(self, g, out, args, wrt):
-        x, w = args["input"], args["weight"]
-        n, c = x.shape[:2]
-        gr, nd = self.groups, self.nd
-        og = self.out_channels // gr
+    def vjp(self, g, out, args, wrt, residuals=None):
+        w = args["weight"]
+        cols, shape = residuals if residuals is not None else (None, args["input"].shape)
+        n, c = shape[:2]
+        gr, o = self.groups, self.out_channels
+        og, cg = o // gr, c // gr
         res = {}
+        g2 = np.moveaxis(g, 1, -1).reshape(-1, o)       # (N·P, O): free when g is channels-last
         if "bias" in wrt:
-            res["bias"] = g.sum(axis=(0, *range(2, 2 + nd)))
+            res["bias"] = g2.sum(axis=0)
         if not {"input", "weight"} & wrt:
             return res
-        osp = g.shape[2:]
-        gt = g.reshape(n, gr, og, -1).transpose(0, 1, 3, 2)          # (N, G, P, Og)
-        wk = w.reshape(gr, og, -1)                                   # (G, Og, K)
+        g3 = g2.reshape(-1, gr, og).transpose(1, 0, 2)              # (G, N·P, Og)
         if "weight" in wrt:
-            cols, _ = self._cols(x)
-            gw = np.matmul(gt.transpose(1, 3, 0, 2).reshape(gr, og, -1),
-                           cols.transpose(1, 0, 2, 3).reshape(gr, -1, cols.shape[-1]))
-            res["weight"] = gw.reshape(w.shape)
+            if cols is None:
+                cols = self._cols(args["input"])[0]
+            gw = g3[0].T @ cols[:, 0] if gr == 1 else g3.transpose(0, 2, 1) @ cols.transpose(1, 0, 2)
+            gw = np.moveaxis(gw.reshape(o, *self.kernel_size, cg), -1, 1)
+            res["weight"] = np.ascontiguousarray(gw)
         if "input" in wrt:
-            gcols = gt @ wk                                          # (N, G, P, K)
-            gwin = gcols.reshape(n, gr, *osp, c // gr, *self.kernel_size)
-            order = (0, 1, 2 + nd, *range(2, 2 + nd), *range(3 + nd, 3 + 2 * nd))
-            gwin = gwin.transpose(order).reshape(n, c, *osp, *self.kernel_size)
-            padded = (n, c, *(s + lo + hi for s, (lo, hi) in zip(x.shape[2:], self.pads)))
-            res["input"] = fold(gwin, padded, self.stride, self.dilation, self.pads)
+            gcols = g3 @ self._wk(w)                                     # (G, N·P, kernel·Cg)
+            gcols = gcols.transpose(1, 0, 2).reshape(n, *g.shape[2:], gr, *self.kernel_size, cg)
+            res["input"] = self._col2im(gcols, shape)
         return res
+
+    def _col2im(self, gcols: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The transpose of :meth:`_cols`: add each kernel offset's (N, *out, G, Cg) slice of
+        ``gcols`` onto the channels-last padded input (one strided add per offset), crop."""
+        n, c = shape[:2]
+        nd, gr = self.nd, self.groups
+        padded = tuple(s + lo + hi for s, (lo, hi) in zip(shape[2:], self.pads))
+        gx = np.zeros((n, *padded, gr, c // gr), dtype=gcols.dtype)
+        out = gcols.shape[1:1 + nd]
+        every = (slice(None),) * (2 + nd)  # N, *out, G
+        for off in np.ndindex(*self.kernel_size):
+            at = offset_slices(off, self.stride, self.dilation, out)[2:]
+            gx[(slice(None), *at)] += gcols[(*every, *off)]
+        gx = gx[(slice(None), *(slice(lo, lo + s) for s, (lo, _) in zip(shape[2:], self.pads)))]
+        return np.moveaxis(gx.reshape(n, *shape[2:], c), -1, 1)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, {self.out_channels}, "

@@ -24,6 +24,8 @@ class Linear(Operator):
     ``bias`` of shape (dimension,). Weight init: Glorot uniform; bias: zeros."""
 
     param_init = {"weight": "glorot", "bias": "zeros"}
+    vjp_ignores = frozenset({"output"})
+    fresh_output = True
 
     def __init__(self, dimension: int, use_bias: bool = True) -> None:
         if not isinstance(dimension, int) or dimension <= 0:
@@ -45,15 +47,20 @@ class Linear(Operator):
         return None if s is None else (*s[:-1], self.dimension)
 
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
+        if xp is np:  # one 2-D matmul (not one per leading index), the bias added in place
+            y = input.reshape(-1, input.shape[-1]) @ weight.T
+            if bias is not None:
+                y += bias
+            return y.reshape(*input.shape[:-1], -1)
         y = input @ weight.T
         return y if bias is None else y + bias
 
     def vjp(self, g, out, args, wrt):
         x, w = args["input"], args["weight"]
         res = {}
-        if "input" in wrt:
-            res["input"] = g @ w
         g2 = g.reshape(-1, g.shape[-1])
+        if "input" in wrt:
+            res["input"] = (g2 @ w).reshape(*g.shape[:-1], -1)
         if "weight" in wrt:
             res["weight"] = g2.T @ x.reshape(-1, x.shape[-1])
         if "bias" in wrt:
@@ -110,6 +117,7 @@ class LayerNorm(Operator):
     """(x − mean) / √(var + eps) · weight + bias over the last axis (biased variance, as torch)."""
 
     param_init = {"weight": "ones", "bias": "zeros"}
+    vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/σ are the residuals
 
     def __init__(self, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True) -> None:
         self.eps, self.use_scale, self.use_bias = eps, use_scale, use_bias
@@ -127,13 +135,17 @@ class LayerNorm(Operator):
         return xc * inv, inv
 
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
-        y, _ = self._normalise(xp, input)
-        if weight is not None:
-            y = y * weight
-        return y if bias is None else y + bias
+        return self.forward_residuals(xp, input, weight, bias)[0]
 
-    def vjp(self, g, out, args, wrt):
-        xhat, inv = self._normalise(np, args["input"])
+    def forward_residuals(self, xp: Any, input: Any, weight: Any = None,
+                          bias: Any = None) -> tuple[Any, Any]:
+        """The output and ``(x̂, 1/σ)``, which the NumPy VJP reuses."""
+        xhat, inv = self._normalise(xp, input)
+        y = xhat if weight is None else xhat * weight
+        return (y if bias is None else y + bias), (xhat, inv)
+
+    def vjp(self, g, out, args, wrt, residuals=None):
+        xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
         lead = tuple(range(g.ndim - 1))
         res = {}
         if "weight" in wrt:

@@ -18,6 +18,7 @@ class GroupNorm(Operator):
     ``affine``. Init as torch: weight ones, bias zeros."""
 
     param_init = {"weight": "ones", "bias": "zeros"}
+    vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/σ are the residuals
 
     def __init__(self, num_groups: int, eps: float = 1e-5, affine: bool = True) -> None:
         if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) \
@@ -61,28 +62,32 @@ class GroupNorm(Operator):
             import torch.nn.functional as F
 
             return F.group_norm(input, self.num_groups, weight, bias, self.eps)
-        y, _ = self._normalise(xp, input)
-        y = y.reshape(input.shape)
+        return self.forward_residuals(xp, input, weight, bias)[0]
+
+    def forward_residuals(self, xp: Any, input: Any, weight: Any = None,
+                          bias: Any = None) -> tuple[Any, Any]:
+        """The output and ``(x̂, 1/σ)``, grouped as (N, G, C/G · prod(spatial))."""
+        xhat, inv = self._normalise(xp, input)
+        y = xhat.reshape(input.shape)
         per_channel = (-1,) + (1,) * (input.ndim - 2)
         if weight is not None:
             y = y * weight.reshape(per_channel)
-        return y if bias is None else y + bias.reshape(per_channel)
+        return (y if bias is None else y + bias.reshape(per_channel)), (xhat, inv)
 
-    def vjp(self, g, out, args, wrt):
-        x = args["input"]
-        xhat, inv = self._normalise(np, x)
-        per_channel = (-1,) + (1,) * (x.ndim - 2)
-        axes = (0, *range(2, x.ndim))
+    def vjp(self, g, out, args, wrt, residuals=None):
+        xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
+        per_channel = (-1,) + (1,) * (g.ndim - 2)  # g has the input's shape
+        axes = (0, *range(2, g.ndim))
         res = {}
         if "weight" in wrt:
-            res["weight"] = (g * xhat.reshape(x.shape)).sum(axis=axes)
+            res["weight"] = (g * xhat.reshape(g.shape)).sum(axis=axes)
         if "bias" in wrt:
             res["bias"] = g.sum(axis=axes)
         if "input" in wrt:
             gx = g * args["weight"].reshape(per_channel) if "weight" in args else g
             gx = gx.reshape(xhat.shape)
             gi = inv * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
-            res["input"] = gi.reshape(x.shape)
+            res["input"] = gi.reshape(g.shape)
         return res
 
     def __repr__(self) -> str:
@@ -111,6 +116,7 @@ class _BatchNorm(Operator):
 
     context = True
     param_init = {"weight": "ones", "bias": "zeros"}
+    vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/σ are the residuals
     state_init = {"running_mean": "zeros", "running_var": "ones", "num_batches_tracked": "int_zeros"}
     ranks: ClassVar[tuple[int, ...]] = ()
     layout: ClassVar[str] = ""
@@ -199,36 +205,44 @@ class _BatchNorm(Operator):
                 return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
             return F.batch_norm(input, ctx.state("running_mean"), ctx.state("running_var"),
                                 weight, bias, False, 0.0, self.eps)
+        return self.forward_residuals(xp, input, weight, bias, ctx=ctx)[0]
+
+    def forward_residuals(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *,
+                          ctx: Any) -> tuple[Any, Any]:
+        """NumPy / JAX: the output and ``(x̂, 1/σ)`` (1/σ shaped per channel); training mode
+        writes the next running statistics."""
+        xhat, inv = self._normalise(xp, input, ctx, update=True)
         per_channel = (1, -1) + (1,) * (input.ndim - 2)
-        if batch:
-            n = self._count(input) if ctx.training else None
-            axes = self._axes(input)
-            mean = xp.mean(input, axis=axes)
-            xc = input - mean.reshape(per_channel)
+        y = xhat
+        if weight is not None:
+            y = y * weight.reshape(per_channel)
+        return (y if bias is None else y + bias.reshape(per_channel)), (xhat, inv)
+
+    def _normalise(self, xp: Any, x: Any, ctx: Any, update: bool) -> tuple[Any, Any]:
+        """x̂ and 1/σ from the batch (or running) statistics; ``update``: also write the next
+        running statistics (a VJP recomputing them must not)."""
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
+        if self._batch_stats(ctx):
+            n = self._count(x) if ctx.training else None
+            axes = self._axes(x)
+            mean = xp.mean(x, axis=axes)
+            xc = x - mean.reshape(per_channel)
             var = xp.mean(xc * xc, axis=axes)
-            if n is not None:
+            if n is not None and update:
                 self._update(ctx, mean, var * (n / (n - 1)))
         else:
             mean, var = ctx.state("running_mean"), ctx.state("running_var")
-            xc = input - mean.reshape(per_channel)
-        y = xc * (1 / xp.sqrt(var + self.eps)).reshape(per_channel)
-        if weight is not None:
-            y = y * weight.reshape(per_channel)
-        return y if bias is None else y + bias.reshape(per_channel)
+            xc = x - mean.reshape(per_channel)
+        inv = (1 / xp.sqrt(var + self.eps)).reshape(per_channel)
+        return xc * inv, inv
 
-    def vjp(self, g, out, args, wrt):
-        x, ctx = args["input"], args["ctx"]
-        per_channel = (1, -1) + (1,) * (x.ndim - 2)
-        axes = self._axes(x)
-        if self._batch_stats(ctx):
-            mean = x.mean(axis=axes)
-            xc = x - mean.reshape(per_channel)
-            var = (xc * xc).mean(axis=axes)
-        else:
-            mean, var = ctx.state("running_mean"), ctx.state("running_var")
-            xc = x - mean.reshape(per_channel)
-        inv = (1 / np.sqrt(var + self.eps)).reshape(per_channel)
-        xhat = xc * inv
+    def vjp(self, g, out, args, wrt, residuals=None):
+        ctx = args["ctx"]
+        axes = self._axes(g)  # g has the input's shape
+        per_channel = (1, -1) + (1,) * (g.ndim - 2)
+        if residuals is None:  # recomputed without writing the running statistics again
+            residuals = self._normalise(np, args["input"], ctx, False)
+        xhat, inv = residuals
         res = {}
         if "weight" in wrt:
             res["weight"] = (g * xhat).sum(axis=axes)

@@ -8,7 +8,17 @@ An :class:`Operator` states, for one operation,
 * its forward computation, written once against an array namespace ``xp``
   (``numpy``, ``jax.numpy`` or the small numpy-compatible torch namespace);
 * its vector-Jacobian product for the NumPy backend (:meth:`vjp`); JAX and
-  torch differentiate the forward themselves.
+  torch differentiate the forward themselves;
+* optionally, what that VJP reuses from the forward (residuals, as ``jax.custom_vjp``'s
+  ``fwd`` returning ``(out, residuals)``): :meth:`forward_residuals` computes the NumPy forward
+  and the residuals together, and ``vjp(..., residuals=...)`` receives them. The compiled
+  NumPy program keeps them only in a forward that will be differentiated, and drops each
+  as soon as its VJP has run. A VJP called without them (``residuals=None``) recomputes them.
+  With its residuals a VJP often no longer reads some of its terminals (a convolution's
+  input, once its im2col matrix is saved): :attr:`vjp_ignores` names them, and that pass
+  drops an activation as soon as no later forward step or VJP reads it; an elementwise
+  operator may then also run in place (:meth:`forward_inplace`) over an input that is a
+  fresh array (:attr:`fresh_output`) nothing else reads.
 
 Shapes are tuples whose entries are ``int`` or ``None`` (a free dimension, e.g. batch).
 """
@@ -88,6 +98,12 @@ class Operator:
     #: ``__getattr__``): ``check_inputs(shapes, dtypes, arrays, names)`` on concrete inputs,
     #: the inputs it reads values of, and parameters read by name from other blocks
     check_inputs: ClassVar[Any] = None
+    #: terminals (inputs, parameter roles, "output") the NumPy VJP never reads when it has
+    #: its residuals: it gets ``None`` for them in a pass that kept residuals
+    vjp_ignores: ClassVar[frozenset[str]] = frozenset()
+    #: the NumPy forward's output is new memory: no input and no residual shares it (so a
+    #: consumer with :meth:`forward_inplace` may overwrite it once nothing else reads it)
+    fresh_output: ClassVar[bool] = False
     value_checked_inputs: ClassVar[frozenset[str]] = frozenset()
     param_names: ClassVar[Any] = None
 
@@ -158,8 +174,33 @@ class Operator:
 
     def vjp(self, g: np.ndarray, out: np.ndarray, args: Mapping[str, np.ndarray],
             wrt: frozenset[str]) -> dict[str, np.ndarray]:
-        """Cotangents of the inputs/parameters named in ``wrt`` for output cotangent ``g``."""
+        """Cotangents of the inputs/parameters named in ``wrt`` for output cotangent ``g``.
+        An operator that overrides :meth:`forward_residuals` takes a keyword ``residuals``
+        too: what its ``forward_residuals`` returned, or ``None`` (then it recomputes them)."""
         raise NotImplementedError(f"{type(self).__name__} has no NumPy VJP")
+
+    def forward_residuals(self, xp: Any, **args: Any) -> tuple[Any, Any]:
+        """The NumPy forward of a pass that will be differentiated: ``(output, residuals)``,
+        where ``residuals`` is whatever :meth:`vjp` reuses (saved activations, argmax indices,
+        softmax probabilities). ``output`` must equal :meth:`forward`'s. The default saves
+        nothing; operators whose VJP would redo forward work override it."""
+        return self.forward(xp, **args), None
+
+    def forward_inplace(self, xp: Any, **args: Any) -> Any:
+        """The NumPy forward written over ``args[inputs[0]]``, for operators that can (an
+        elementwise ReLU): the compiled program calls it in a forward that keeps residuals
+        when that input is a fresh array (:attr:`fresh_output`) no one reads afterwards, and
+        saves allocating (and faulting in) a new one."""
+        raise NotImplementedError
+
+    @property
+    def has_inplace(self) -> bool:
+        return type(self).forward_inplace is not Operator.forward_inplace
+
+    @property
+    def has_residuals(self) -> bool:
+        """The operator overrides :meth:`forward_residuals` (its VJP takes ``residuals=``)."""
+        return type(self).forward_residuals is not Operator.forward_residuals
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

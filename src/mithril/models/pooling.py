@@ -3,7 +3,14 @@
 ``MaxPool1D`` / ``MaxPool2D``: windows padded with −inf, ``stride`` defaults to
 ``kernel_size``, ``padding`` at most half the kernel (as torch). The NumPy VJP routes each
 cotangent to its window's first maximum in window order (row-major over the kernel), which
-is the element torch's (and XLA's) max pooling picks on ties.
+is the element torch's (and XLA's) max pooling picks on ties (and to a NaN, where a window
+holds one: NaN is its maximum, as torch).
+
+NumPy works one kernel offset at a time on strided slices (a loop over the kernel, never
+over pixels), in the input's memory order (channels-last activations stay channels-last):
+the max is a running ``np.maximum``; a forward that will be differentiated also keeps, per
+offset, which windows take their maximum there first (the residual), so the VJP is one
+multiply per offset.
 
 ``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
 torch's default). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N, C).
@@ -17,7 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from .conv import check_rank, fold, ntuple, offset_slices, out_sizes, pad, windows
+from .conv import (
+    check_rank,
+    crop,
+    disjoint,
+    ntuple,
+    offset_slices,
+    out_sizes,
+    pad_like,
+    same_layout,
+    stacked_like,
+)
 from .operator import Operator, ShapeError, backend_of, fmt
 
 
@@ -48,9 +65,6 @@ class _Pool(Operator):
         return (*s[:2], *out_sizes(s[2:], self.kernel_size, self.stride, self.dilation,
                                    self.pads, who))
 
-    def _torch_fn(self, F: Any) -> Any:
-        raise NotImplementedError
-
     def forward(self, xp: Any, input: Any) -> Any:
         kind = backend_of(xp)
         if kind == "torch":
@@ -61,12 +75,42 @@ class _Pool(Operator):
             return self._jax(input)
         return self._numpy(input)
 
+    def _scatter(self, xshape: tuple[int, ...], like: np.ndarray, g: np.ndarray,
+                 masks: list[np.ndarray] | None) -> np.ndarray:
+        """The input cotangent (of shape ``xshape``): ``g`` (times ``masks[k]``, when given)
+        put at kernel offset k's slice of the padded input for every k, then the padding
+        cropped. One strided multiply (disjoint windows) or add (overlapping ones) per
+        offset, in the memory order of ``like`` (the input or an array laid out as it)."""
+        out = g.shape[2:]
+        shape = (*xshape[:2], *(n + lo + hi for n, (lo, hi) in zip(xshape[2:], self.pads)))
+        tiles = disjoint(self.kernel_size, self.stride, self.dilation)
+        exact = tiles and all(d == 1 and s == k and n == s * m for k, s, d, n, m in zip(
+            self.kernel_size, self.stride, self.dilation, shape[2:], out))
+        # every element is written when the windows tile the input exactly: no zero fill
+        gx = (np.empty_like if exact else np.zeros_like)(like, dtype=g.dtype, shape=shape)
+        g = same_layout(g, like)  # e.g. channels-last activations, NCHW cotangent of a Flatten
+        for k, off in enumerate(np.ndindex(*self.kernel_size)):
+            dest = gx[offset_slices(off, self.stride, self.dilation, out)]
+            if masks is None:  # average: every offset gets the (scaled) cotangent
+                if tiles:
+                    np.copyto(dest, g)
+                else:
+                    dest += g
+            elif tiles:
+                np.multiply(g, masks[k], out=dest)
+            else:
+                dest += g * masks[k]
+        return gx[crop(self.pads, xshape[2:])]
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation})")
 
 
 class _MaxPool(_Pool):
+    vjp_ignores = frozenset({"input", "output"})  # the residual masks are laid out as the input
+    fresh_output = True
+
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
         return fn(x, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -92,24 +136,57 @@ class _MaxPool(_Pool):
                                  ((0, 0), (0, 0), *self.pads),
                                  window_dilation=(*one, *self.dilation))
 
-    def _argmax(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The windows (N, C, *out, K) and each window's first maximum (argmax, keepdims)."""
-        win = windows(pad(x, self.pads, -np.inf), self.kernel_size, self.stride, self.dilation)
-        win = win.reshape(*win.shape[:2 + self.nd], -1)
-        return win, np.argmax(win, axis=-1, keepdims=True)
+    def _slices(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+        """The −inf padded input (in ``x``'s memory order) and each kernel offset's slice."""
+        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+                        type(self).__name__)
+        return pad_like(x, self.pads, -np.inf), [offset_slices(off, self.stride, self.dilation, out)
+                                                for off in np.ndindex(*self.kernel_size)]
+
+    @staticmethod
+    def _max(xp: np.ndarray, slices: list[tuple[slice, ...]]) -> np.ndarray:
+        m = xp[slices[0]].copy(order="K") if len(slices) == 1 else np.maximum(xp[slices[0]], xp[slices[1]])
+        for sl in slices[2:]:
+            np.maximum(m, xp[sl], out=m)  # NaN propagates, as torch's
+        return m
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
-        win, idx = self._argmax(x)
-        return np.take_along_axis(win, idx, axis=-1)[..., 0]
+        xp, slices = self._slices(x)
+        return self._max(xp, slices)
 
-    def vjp(self, g, out, args, wrt):
-        x = args["input"]
-        _, idx = self._argmax(x)
-        k = math.prod(self.kernel_size)
-        gwin = np.where(idx == np.arange(k), g[..., None], 0.0).astype(g.dtype, copy=False)
-        gwin = gwin.reshape(*gwin.shape[:-1], *self.kernel_size)
-        padded = (*x.shape[:2], *(s + 2 * p for s, p in zip(x.shape[2:], self.padding)))
-        return {"input": fold(gwin, padded, self.stride, self.dilation, self.pads)}
+    def forward_residuals(self, xp: Any, input: Any) -> tuple[np.ndarray, Any]:
+        """NumPy: the output and (per kernel offset, the windows whose first maximum in window
+        order is there: one-hot boolean masks of the output's shape and the input's memory
+        order; the input's shape)."""
+        x, slices = self._slices(input)
+        m = self._max(x, slices)
+        masks = stacked_like(m, len(slices), bool)  # one allocation for all of them
+        taken = masks[0]
+        last = len(slices) - 1
+        for k, (sl, eq) in enumerate(zip(slices, masks, strict=True)):
+            if 0 < k == last:  # no earlier maximum: this one (a window without NaN has one)
+                np.logical_not(taken, out=eq)
+                break
+            np.equal(x[sl], m, out=eq)
+            if k:
+                np.greater(eq, taken, out=eq)  # eq and not taken: the first maximum wins ties
+                taken = taken | eq if k == 1 else np.logical_or(taken, eq, out=taken)
+        nan = np.isnan(m)
+        if nan.any():  # a NaN window's maximum is its last NaN (torch: ``val > max || isnan``)
+            taken = np.zeros_like(m, dtype=bool)
+            for sl, eq in zip(slices[::-1], masks[::-1], strict=True):
+                at = np.isnan(x[sl])
+                np.greater(at, taken, out=at)  # the last NaN: the first one seen backwards
+                taken |= at
+                np.greater(eq, nan, out=eq)
+                eq |= at
+        return m, (masks, input.shape)
+
+    def vjp(self, g, out, args, wrt, residuals=None):
+        if residuals is None:
+            residuals = self.forward_residuals(np, args["input"])[1]
+        masks, shape = residuals
+        return {"input": self._scatter(shape, masks[0], g, masks)}
 
 
 class MaxPool1D(_MaxPool):
@@ -147,15 +224,20 @@ class _AvgPool(_Pool):
         return s / math.prod(self.kernel_size)
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
-        win = windows(pad(x, self.pads), self.kernel_size, self.stride, self.dilation)
-        return win.sum(axis=tuple(range(-self.nd, 0))) / math.prod(self.kernel_size)
+        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+                        type(self).__name__)
+        xp = pad_like(x, self.pads)  # zeros count in the mean (count_include_pad)
+        parts = [xp[offset_slices(off, self.stride, self.dilation, out)]
+                 for off in np.ndindex(*self.kernel_size)]
+        s = parts[0].copy(order="K") if len(parts) == 1 else np.add(parts[0], parts[1])
+        for part in parts[2:]:
+            np.add(s, part, out=s)
+        s /= math.prod(self.kernel_size)
+        return s
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
-        gk = g / math.prod(self.kernel_size)
-        gwin = np.broadcast_to(gk[(..., *([None] * self.nd))], (*g.shape, *self.kernel_size))
-        padded = (*x.shape[:2], *(s + 2 * p for s, p in zip(x.shape[2:], self.padding)))
-        return {"input": fold(gwin, padded, self.stride, self.dilation, self.pads)}
+        return {"input": self._scatter(x.shape, x, g / math.prod(self.kernel_size), None)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, padding={self.padding})"

@@ -90,11 +90,17 @@ class TrainStep:
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``)."""
         return self.backend.name == "jax"
 
-    def init(self, params: Mapping[str, Any]) -> Any:
+    def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
         """The optimizer state this step runs fastest with: ``optimizer.init(params)`` on
-        NumPy and torch, the transformation's ``OptaxState`` on JAX."""
+        NumPy and torch, the transformation's ``OptaxState`` on JAX. ``adopt=True`` (NumPy,
+        torch) also hands ``params`` over (``optimizer.adopt``: its entries become views of
+        the flat buffer, the originals freed one by one), so the first step copies nothing
+        (Adam's peak beyond params + gradients: 8 B/param instead of 12)."""
         if not self.fused:
-            return self.optimizer.init(params)
+            state = self.optimizer.init(params)
+            if adopt:
+                self.optimizer.adopt(params, state)
+            return state
         return self._transformation().init(dict(params))
 
     def from_optimizer_state(self, state: OptimizerState) -> Any:

@@ -200,18 +200,43 @@ class NumbaEngine(Engine):
             return np.fromiter(map(T.data_ptr, vals), np.int64, len(vals))
         return None
 
+    #: arrays per chunk in :meth:`_prepare_jax`
+    _CHUNK = 128
+
     def _prepare_jax(self, gradients: Any) -> np.ndarray | None:
         """:meth:`prepare` for JAX. No ``isinstance`` pass: anything but a JAX array fails
         one of the reads below (``aval``, the wait, the unbound ``unsafe_buffer_pointer``)
-        before a byte is written, and then the per-key checks name the fault."""
+        before a byte is written, and then the per-key checks name the fault.
+
+        Each array costs three reads of JAX's records of it (aval, readiness, address),
+        cache misses mostly once the step's own traffic has evicted them: they are made a
+        chunk of arrays at a time, so that the second and third find the records the first
+        brought in (~0.8 instead of ~1.1 us per array on 2,000 cold gradients)."""
         if not self.in_order(gradients):
             return None
         vals = list(gradients.values())
+        n, step = len(vals), self._CHUNK
         try:
-            if not self.well_typed(vals) or (self._foreign and not self._on_cpu(vals)):
+            if n <= step:
+                if not self.well_typed(vals) or (self._foreign and not self._on_cpu(vals)):
+                    return None
+                self._wait(vals)  # the kernel reads the buffers: their computations must be done
+                return np.fromiter(map(self._ptr, vals), np.int64, n)
+            if self._foreign and not self._on_cpu(vals):
                 return None
-            self._wait(vals)  # the kernel reads the buffers: their computations must be done
-            return np.fromiter(map(self._ptr, vals), np.int64, len(vals))
+            good, shapes, dt = self._good_avals, self.layout.shape_list, self.native_dtype
+            out = np.empty(n, np.int64)
+            for i in range(0, n, step):  # as well_typed, then the wait and the addresses
+                part = vals[i:i + step]
+                avals = list(map(self._aval, part))
+                if avals != good[i:i + step]:
+                    if [a.shape for a in avals] != shapes[i:i + step] or any(
+                            a.dtype != dt for a in avals):
+                        return None
+                    good[i:i + step] = avals
+                self._wait(part)
+                out[i:i + step] = np.fromiter(map(self._ptr, part), np.int64, len(part))
+            return out
         except Exception:  # noqa: BLE001 - any failure means "not the fast path"
             return None
 
@@ -429,43 +454,65 @@ class NumbaEngine(Engine):
         arrays the previous update returned); returns it and the arrays this update returns
         (over ``state.params_flat``, which the kernel writes)."""
         copies = [] if ours else self.read_params(params, state.param_views or {}, state.params_flat)
-        if state.params_flat is None:
+        first = state.params_flat is None
+        if first:
             state.params_flat = self.full(self.layout.total, 0.0)
             state.param_views = self.views(state.params_flat)
-            if self.kind == "jax":
-                self._spare = self.full(self.layout.total, 0.0)
-                self._spare_views = self.views(self._spare)
         src, views = state.params_flat, state.param_views
         flat = self.np_view(src)
         lay = self.layout
         for name, x in copies:
             a = int(lay.offsets[lay.index[name]])
             flat[a:a + x.size] = x.reshape(-1)
-        if self.kind == "jax":  # write the other buffer; the given arrays stay valid
+        # JAX: write the other buffer, so that the given arrays stay valid. Not on the first
+        # update: what it is given are copies into a fresh buffer, updated in place, and the
+        # second buffer is made by the next update (the first one's peak holds the
+        # parameters once, not twice: Adam 12 B/param beyond params + gradients, not 16)
+        if self.kind == "jax" and not first:
+            if getattr(self, "_spare", None) is None or len(self._spare) != len(flat):
+                self._spare = self.full(self.layout.total, 0.0)
+                self._spare_views = self.views(self._spare)
             state.params_flat, state.param_views, self._spare, self._spare_views = (
                 self._spare, self._spare_views, src, views)
         return src, state.param_views
 
+    def adopt_params(self, state: Any, params: dict[str, Any], repoint: Any = None) -> dict[str, Any]:
+        """NumPy/torch: move the caller's ``params`` into the state's flat buffer, tensor by
+        tensor (:meth:`Optimizer.adopt <mithril.utils.optimizers.Optimizer.adopt>`).
+
+        Every parameter is read (and checked readable) before anything changes. Then each
+        is copied into its slice and the caller's dict entry replaced by the slice's view
+        (``repoint(name, view)`` is called too, e.g. ``param.data = view``), so that the
+        original's memory is freed, if nothing else holds it, before the next tensor is
+        copied: the parameters are never held twice, where a first ``update`` copies them
+        all while the caller still holds the originals (12 B/param of peak for Adam instead
+        of 8). The buffer is fresh zero pages (:meth:`full`), paid for as it is written.
+        Returns the views, in layout order; ``update`` takes them as its own arrays."""
+        if self.kind == "jax":  # two alternating buffers (see the class docs): not this path
+            raise ValueError("adopt_params: NumPy and torch only")
+        copies = self.read_params(params, state.param_views or {}, state.params_flat)
+        if state.params_flat is None:
+            state.params_flat = self.full(self.layout.total, 0.0)  # zero pages: paid as written
+            state.param_views = self.views(state.params_flat)
+        flat, views, lay = self.np_view(state.params_flat), state.param_views, self.layout
+        copies.reverse()
+        while copies:  # each copy popped and dropped: the list must not keep the originals
+            name, x = copies.pop()
+            a = int(lay.offsets[lay.index[name]])
+            flat[a:a + x.size] = x.reshape(-1)
+            del x
+            params[name] = views[name]
+            if repoint is not None:
+                repoint(name, views[name])
+        return dict(views)
+
     def adopt_storage(self, state: Any, params: dict[str, Any], repoint: Any) -> dict[str, Any]:
-        """Torch only: move ``params`` (CPU tensors, e.g. detached ``nn.Parameter`` data)
-        into the state's flat buffer tensor by tensor, calling ``repoint(name, view)`` after
-        each copy so that the owner points its tensor at its slice (``param.data = view``)
-        and the old storage is freed before the next one is copied. The parameters are thus
-        never held twice (a plain first update copies all of them while the caller still
-        holds the originals). Returns the views, which an update then takes as its own
-        arrays. For callers that own their parameters (:mod:`mithril.interop.torch_optim`);
-        ``update`` itself never modifies arrays it did not return."""
+        """Torch, before the first update: :meth:`adopt_params` with ``repoint`` (what
+        :mod:`mithril.interop.torch_optim` calls to point each ``nn.Parameter`` at its
+        slice: ``param.data = view``)."""
         if self.kind != "torch" or state.params_flat is not None:
             raise ValueError("adopt_storage: torch, before the first update only")
-        self.read_params(params, {}, None)  # every one readable before anything changes
-        state.params_flat = self.full(self.layout.total, 0.0)  # zero pages: paid as written
-        views = state.param_views = self.views(state.params_flat)
-        for name in list(params):
-            with self._torch.no_grad():
-                views[name].copy_(params[name])
-            params[name] = None  # the caller's dict must not keep the old storage alive
-            repoint(name, views[name])
-        return dict(views)
+        return self.adopt_params(state, params, repoint)
 
     def readable(self, p: Any) -> np.ndarray:
         return self.to_numpy(p)

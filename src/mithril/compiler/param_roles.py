@@ -1,0 +1,44 @@
+"""Parameters named by their compiled names in ``compile(constant_keys=..., data_keys=...,
+trainable_keys=...)``, as a published-Mithril program names the keys the compiled model
+reports: ``constant_keys={"linear_0.weight": w}`` folds that weight in, ``data_keys=
+{"linear_0.weight"}`` makes it a data input of ``evaluate``, and ``trainable_keys`` naming a
+parameter changes nothing (it is trainable already).
+
+A parameter is made by its operator when the role (``weight``, ``bias``) is left unconnected;
+naming it here connects the role to a new wire of that name, the way
+``connect(weight="linear_0.weight")`` would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import KeyMismatchError
+from ..models.model import param_keys
+
+
+def name_param_roles(b: Any, terminals: Mapping[str, int], constant_keys: Mapping[str, Any] | None,
+                     data_keys: Iterable[str], trainable_keys: Iterable[str],
+                     ) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
+    """For a flattened model (``b``: the program builder, with its nodes and wires) and its
+    top-level ``terminals`` (name -> wire): the new top-level wires feeding the parameter
+    roles that ``constant_keys`` / ``data_keys`` name (``"<block path>.<role>"``), and
+    ``data_keys`` and ``trainable_keys`` as tuples (the latter without the names of
+    parameters). A key naming neither a terminal nor a parameter is a ``KeyMismatchError``."""
+    data, trainable = tuple(data_keys), tuple(trainable_keys)
+    roles = {f"{n.path}.{k}": (n, k) for n in b.nodes for k in param_keys(n.op)
+             if k not in n.ins and k not in (getattr(n.op, "param_names", None) or {})}
+    for what, keys in (("constant_keys", tuple(constant_keys or ())), ("data_keys", data),
+                       ("trainable_keys", trainable)):
+        for key in keys:
+            if key not in terminals and key not in roles:
+                raise KeyMismatchError(
+                    f"compile({what}=...): '{key}' is not an input or a parameter; the "
+                    f"terminals are {sorted(terminals)} and the parameters {sorted(roles)}")
+    wires: dict[str, int] = {}
+    for key in (*(constant_keys or ()), *data):
+        if key in roles and key not in terminals and key not in wires:
+            node, role = roles[key]
+            wires[key] = node.ins[role] = b.wire(key, None)
+    return wires, data, tuple(k for k in trainable if k not in roles or k in terminals)
