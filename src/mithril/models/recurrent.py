@@ -415,6 +415,8 @@ class _Sequence(Model, _TorchNames):
                  input_size: int | None = None) -> None:
         super().__init__()
         who = self.kind.upper()
+        if self.kind != "rnn" and nonlinearity != "tanh":  # LSTM and GRU have their own gates
+            raise TypeError(f"{who} takes no nonlinearity (got {nonlinearity!r}); only RNN does")
         self.hidden_size = _positive_int(who, "hidden_size", hidden_size)
         self.num_layers = _positive_int(who, "num_layers", num_layers)
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(
@@ -521,21 +523,7 @@ class LSTM(_Sequence):
                               cell_out=" and ``cell`` = c_n (K, N, H)")
     kind = "lstm"
 
-    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True, *,
-                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
-                 initial_states: bool = True, input_size: int | None = None) -> None:
-        super().__init__(hidden_size, batch_first, bias, num_layers=num_layers,
-                         bidirectional=bidirectional, dropout=dropout,
-                         initial_states=initial_states, input_size=input_size)
-
 
 class GRU(_Sequence):
     __doc__ = _SEQ_DOC.format(name="GRU", cell_in="", cell_out="")
     kind = "gru"
-
-    def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True, *,
-                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
-                 initial_states: bool = True, input_size: int | None = None) -> None:
-        super().__init__(hidden_size, batch_first, bias, num_layers=num_layers,
-                         bidirectional=bidirectional, dropout=dropout,
-                         initial_states=initial_states, input_size=input_size)

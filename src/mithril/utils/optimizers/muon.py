@@ -60,16 +60,6 @@ def _axpby(out: Any, x: Any, beta: Any, alpha: Any, bf16: bool) -> None:  # prag
         _bf16_round(out)
 
 
-@kernel_cache.jit(fastmath={"reassoc", "contract"}, nogil=True)
-def _sumsq(x: Any) -> float:  # pragma: no cover - compiled
-    """Σ x² of a 1-D buffer in float64 (no float64 copy of it)."""
-    acc = 0.0
-    for i in range(x.size):
-        v = np.float64(x[i])
-        acc += v * v
-    return acc
-
-
 _scratch = threading.local()
 
 
@@ -108,7 +98,7 @@ def _newton_schulz_numpy(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
     flat = X.reshape(-1)
     if bf16:
         _bf16_round(flat)
-    norm = np.sqrt(np.float64(_sumsq(flat))).astype(work)  # NumpyOps.norm0, no copy
+    norm = np.sqrt(np.float64(_mk._sumsq(flat))).astype(work)  # NumpyOps.norm0, no copy
     rnd = xp.rnd if bf16 else (lambda v: v)
     np.divide(X, rnd(xp.clamp_min(rnd(norm), eps)), out=X)  # spectral norm at most 1
     if bf16:
