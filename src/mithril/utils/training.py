@@ -25,7 +25,9 @@ How each backend runs it:
   but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging) are **one**
   ``jax.jit`` program (the optimizer's own math, through
   :func:`~mithril.interop.optax_transformation`), with the params and the optimizer state
-  donated; the inputs are checked as ``evaluate`` checks them. It reads ``optimizer.learning_rate``
+  donated; the inputs are checked as ``evaluate`` checks them (shapes, dtypes and types once
+  per data signature, value checks such as class indices in range on every step, on host
+  views, without waiting for the previous step). It reads ``optimizer.learning_rate``
   on every call (schedules work, nothing recompiles); other hyperparameters are fixed
   when the step is made. ``step.last_grad_norm`` is the global gradient norm of the last
   step (a 0-d array). Equal to the separate calls to float32 rounding (~1e-7 relative: the
@@ -76,6 +78,7 @@ class TrainStep:
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend
+        self._fused = self.backend.name == "jax"
         self._cots: dict[str, Any] | None = None
         self.last_grad_norm: Any = None
         # the JAX program (built on first use)
@@ -83,12 +86,17 @@ class TrainStep:
         self._jitted: Callable | None = None
         self._returned: tuple | None = None  # the params tuple the last fused step returned
         self._lr: Any = None
+        # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
+        # and those the JAX program has run with (compiled: nothing left to warn about)
+        self._data_sigs: set[tuple] = set()
+        self._run_sigs: set[tuple] = set()
+        self._value_keys: frozenset[str] | None = None
 
     # -- states ------------------------------------------------------------------------
     @property
     def fused(self) -> bool:
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``)."""
-        return self.backend.name == "jax"
+        return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
         """The optimizer state this step runs fastest with: ``optimizer.init(params)`` on
@@ -174,7 +182,7 @@ class TrainStep:
                 and not c.program.has_context and list(params) == list(views)
                 and all(a is b for a, b in zip(params.values(), views.values()))
                 and list(params) == list(c.program.param_shapes)):
-            ins = self._inputs(data)
+            ins = self._inputs(data, self._signature(data) if isinstance(data, Mapping) else None)
             outputs, grads = c._evaluate(params, ins, cots, None)
         elif state is None:
             outputs, grads = c.evaluate(params, data, output_gradients=cots)
@@ -185,26 +193,49 @@ class TrainStep:
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, state)
 
-    def _inputs(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        """The inputs checked as ``evaluate`` checks them (shapes, dtypes, the operators'
-        value checks), with the model's constants."""
-        from ..compiler.compiled_model import _check_keys
+    def _signature(self, data: Mapping[str, Any]) -> tuple | None:
+        try:
+            return tuple([(k, type(v), v.shape, v.dtype) for k, v in data.items()])
+        except AttributeError:  # not arrays: checked (and converted) every time
+            return None
 
+    def _inputs(self, data: Mapping[str, Any], sig: tuple | None = None) -> dict[str, Any]:
+        """The inputs checked as ``evaluate`` checks them (shapes, dtypes, the operators'
+        value checks), with the model's constants. Data of a signature (keys, types, shapes,
+        dtypes) that passed before unchanged skips all but the value checks (which read the
+        values: class indices in range)."""
         c = self.compiled
         p = c.program
         if not isinstance(data, Mapping):
             raise TypeError("the data must be a dict of inputs keyed by name")
-        _check_keys(data, c.input_keys, "inputs")
-        fdtype = self.backend.native_dtype()
-        ins = {k: c._check_array("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
-               for k, v in data.items()}
+        if self._value_keys is None:
+            top = {w: k for k, w in p.inputs.items()}
+            self._value_keys = frozenset(
+                top[w] for n in p.nodes for k in n.op.value_checked_inputs
+                if (w := n.ins.get(k)) in top)
+        known = sig is not None and sig in self._data_sigs
+        if known:
+            ins = dict(data)
+        else:
+            from ..compiler.compiled_model import _check_keys
+
+            _check_keys(data, c.input_keys, "inputs")
+            fdtype = self.backend.native_dtype()
+            ins = {k: c._check_array("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
+                   for k, v in data.items()}
         ins.update(c._consts)
-        if self.fused:  # the value checks (class indices in range) on host views of the
-            # integer inputs: a JAX reduction would wait for the previous step to finish
-            c._check_concrete({k: np.asarray(v) if np.dtype(v.dtype).kind in "iub" else v
+        if known and not self._value_keys:
+            return ins
+        if self.fused and self._value_keys:  # the value checks (class indices in range) on
+            # host views: a JAX reduction would wait for the previous step to finish
+            c._check_concrete({k: np.asarray(v) if k in self._value_keys else v
                                for k, v in ins.items()})
         else:
             c._check_concrete(ins)
+        if not known and sig is not None and all(ins[k] is v for k, v in data.items()):
+            if len(self._data_sigs) >= 256:  # (ever-changing shapes: start again)
+                self._data_sigs.clear()
+            self._data_sigs.add(sig)
         return ins
 
     # -- JAX: one program ------------------------------------------------------------------
@@ -218,8 +249,6 @@ class TrainStep:
     def _build(self) -> Callable:
         import jax
         import jax.numpy as jnp
-
-        from ..interop.optax_transform import _global_norm
 
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
@@ -239,22 +268,25 @@ class TrainStep:
             gdict = dict(zip(names, grads, strict=True))
             updates, opt_state = tx.update(gdict, opt_state, params)
             new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
-            return new, opt_state, out, new_mstate, _global_norm(list(grads))
+            return new, opt_state, out, new_mstate, _grad_norm(list(grads))
 
         return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
 
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
-        import jax.numpy as jnp
+        if self._jitted is None:
+            import jax.numpy
 
-        from ..interop.optax_transform import OptaxState
+            from ..interop.optax_transform import OptaxState
 
-        if not isinstance(opt_state, OptaxState):
+            self._jitted = self._build()
+            self._jnp, self._state_type = jax.numpy, OptaxState  # imported once
+        jnp = self._jnp
+        if type(opt_state) is not self._state_type and not isinstance(opt_state,
+                                                                      self._state_type):
             raise TypeError(f"opt_state must come from step.init (an OptaxState) or "
                             f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
         c = self.compiled
-        if self._jitted is None:
-            self._jitted = self._build()
         names = c._eval.names
         ptuple = tuple(params[n] for n in names) if isinstance(params, Mapping) else None
         if ptuple is None or self._returned is None or len(params) != len(names) or any(
@@ -262,7 +294,8 @@ class TrainStep:
             checked, _ = c._validate(params, data)
             # the user's arrays are never donated: a copy is (the step's own are)
             ptuple = tuple(jnp.array(checked[n], copy=True) for n in names)
-        ins = self._inputs(data)
+        sig = self._signature(data) if isinstance(data, Mapping) else None
+        ins = self._inputs(data, sig)
         lr = self.optimizer.learning_rate
         if lr != self._lr or "learning_rate" not in opt_state.hyperparams:
             opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
@@ -273,16 +306,42 @@ class TrainStep:
             rng, mstate, training = c._eval._rng(run), dict(run.state), run.training
         else:
             rng, mstate, training = None, {}, True
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        run_sig = (sig, training)
+        if sig is not None and run_sig in self._run_sigs:  # compiled: nothing to warn about
             new, opt_state, out, new_mstate, norm = self._jitted(ptuple, opt_state, ins, rng,
                                                                   mstate, training=training)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                new, opt_state, out, new_mstate, norm = self._jitted(
+                    ptuple, opt_state, ins, rng, mstate, training=training)
+            if sig is not None:
+                if len(self._run_sigs) >= 256:
+                    self._run_sigs.clear()
+                self._run_sigs.add(run_sig)
         self._returned = new
         self.last_grad_norm = norm
         params = dict(zip(names, new, strict=True))
         if state is None:
             return params, opt_state, out
         return params, opt_state, out, {**mstate, **new_mstate}
+
+
+def _grad_norm(grads: list[Any]) -> Any:
+    """``‖g‖₂`` over all gradients (traced): one sum of squares per tensor; only where that
+    sum overflows (finite gradients beyond ~1e19) the scaled two-pass norm of the engines
+    (:func:`~mithril.interop.optax_transform._global_norm`), under ``lax.cond``: a third of
+    the reductions in the common case."""
+    import jax
+    import jax.numpy as jnp
+
+    from ..interop.optax_transform import _global_norm
+
+    if not grads:
+        return jnp.zeros((), jnp.float32)
+    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in grads])
+    sq = sum(jnp.sum(jnp.square(g.astype(dt))) for g in grads)
+    return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), lambda: _global_norm(grads))
 
 
 def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost") -> TrainStep:
