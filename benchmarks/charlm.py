@@ -14,11 +14,18 @@ initial weights (copied from Mithril's initialisation), ``torch.optim.AdamW(fuse
 with the same learning rate, weight decay, warm-up + cosine schedule and gradient clipping,
 measuring the same windows every ``--eval-every`` steps, with as many threads (``--threads``,
 default 1 as the CLI) as the Mithril runs. It prints the wall time each run
-took to reach ``--target`` and the ratio Mithril / torch (the issue's target: <= 1.1).
+took to reach ``--target`` and the ratio Mithril / torch (the issue's target: <= 1.1). Both
+clocks start before the text is loaded; the reference's excludes only the Mithril compilation
+it uses to copy the initial weights. ``--repeats N`` runs both N times in alternating order
+(Mithril first, then the reference first) and reports the median ratios, so that a load that
+drifts during a run favours neither side on average; ``--clock cpu`` times them all in
+CPU time of this process instead of wall time (steadier on a loaded machine).
 
     python benchmarks/charlm.py --backend jax --steps 1000
     python benchmarks/charlm.py --backend jax numpy torch --steps 300
     python benchmarks/charlm.py --backend torch jax --steps 300 --target 3.2 --reference
+    python benchmarks/charlm.py --backend torch --steps 150 --eval-every 25 --target 3.3 \
+        --reference --repeats 2 -- --sample-chars 0
 """
 
 from __future__ import annotations
@@ -36,17 +43,20 @@ import numpy as np
 
 from mithril.cli import main
 
+_CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_now = time.perf_counter  # the clock of every time reported (--clock)
+
 
 class Clock:
     """Wall time since the start of the run at each epoch line printed."""
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
+        self.start = _now()
         self.marks: list[float] = []
 
     def __call__(self, line: str = "", *args: object, **kwargs: object) -> None:
         if line.startswith("train: epoch"):
-            self.marks.append(time.perf_counter() - self.start)
+            self.marks.append(_now() - self.start)
         print(line, *args, **kwargs, flush=True)
 
 
@@ -64,7 +74,7 @@ def run(backend: str, args: argparse.Namespace) -> dict:
                        *args.extra])
     finally:
         train_mod.print = real_print  # type: ignore[attr-defined]
-    total = time.perf_counter() - clock.start
+    total = _now() - clock.start
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
     with open(out / "epochs.csv", newline="") as f:
@@ -90,7 +100,7 @@ def reference(args: argparse.Namespace) -> dict:
     from mithril.cli.charlm import RandomWindows, load_text, windows
     from mithril.cli.networks import charlm_spec
 
-    start = time.perf_counter()
+    start = _now()
     context, batch, d, layers, heads = 128, 32, 128, 4, 4  # the CLI's defaults
     lr, wd, clip, seed, eval_windows = 3e-3, 0.1, 1.0, 0, 128
     warmup = min(100, args.steps // 10)
@@ -107,8 +117,10 @@ def reference(args: argparse.Namespace) -> dict:
     # the same initial weights: Mithril's initialisation of the same model, as torch leaves
     spec = charlm_spec(len(alphabet), context, d, layers, heads)
     backend = ml.TorchBackend(seed=seed)
+    t_init = _now()
     init = ml.compile(spec.model, backend, shapes=spec.shapes).get_parameters()
     p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in init.items()}
+    start += _now() - t_init  # Mithril's compilation is not the reference's cost
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         n, length = x.shape
@@ -160,11 +172,11 @@ def reference(args: argparse.Namespace) -> dict:
             bpc = {k: sum(float(loss_of(x[i:i + 64], y[i:i + 64])) * len(x[i:i + 64])
                           for i in range(0, len(x), 64)) / len(x) / math.log(2)
                    for k, (x, y) in sets.items()}
-        epochs.append((step, bpc["test"], time.perf_counter() - start))
+        epochs.append((step, bpc["test"], _now() - start))
         print(f"torch reference: step {step}  test {bpc['test']:.3f} bits/char  "
               f"train {bpc['train']:.3f}  {epochs[-1][2]:.0f} s", flush=True)
     reached = next((e for e in epochs if e[1] <= args.target), None)
-    return {"backend": "torch (plain, AdamW fused)", "wall_s": time.perf_counter() - start,
+    return {"backend": "torch (plain, AdamW fused)", "wall_s": _now() - start,
             "bpc": epochs[-1][1], "steps": step, "reached": reached,
             "epoch_s": _steady([e[2] for e in epochs])}
 
@@ -181,13 +193,66 @@ def cli() -> None:
     p.add_argument("--reference", action="store_true",
                    help="also train the same model and recipe in plain torch (AdamW fused)")
     p.add_argument("extra", nargs="*", help="more `mithril train` flags (after --)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --reference: run the Mithril runs and the reference this many "
+                        "times, in alternating order (Mithril first, then the reference first, "
+                        "...), and report each round's ratios and their median: a load that "
+                        "drifts during a round then favours neither side on average")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock (default) or this process's CPU time (steadier on a loaded "
+                        "machine; every run is in this process, one after the other)")
     args = p.parse_args()
-    results = [run(b, args) for b in args.backend]
-    if args.reference:
+    global _now
+    _now = _CLOCK[args.clock]
+    if args.reference:  # imported before either clock starts: neither run pays for it
+        import torch  # noqa: F401
+    rounds = []
+    for i in range(args.repeats if args.reference else 1):
+        rounds.append(_round(args, reference_first=i % 2 == 1))
+        if args.repeats > 1:
+            print(f"\nround {i + 1}/{args.repeats}:")
+            _report(rounds[-1], args)
+    if len(rounds) > 1:
+        print(f"\nmedians over {len(rounds)} rounds (alternating order):")
+        for j, b in enumerate(args.backend):
+            for what, ratios in (("time to target", [_ratios(r, j)[0] for r in rounds]),
+                                 ("steady-state", [_ratios(r, j)[1] for r in rounds])):
+                ratios = [x for x in ratios if x is not None]
+                if ratios:
+                    print(f"{what}, Mithril {b} / plain torch: median "
+                          f"{statistics.median(ratios):.2f} (rounds: "
+                          f"{', '.join(f'{x:.2f}' for x in ratios)})")
+    else:
+        _report(rounds[0], args)
+
+
+def _round(args: argparse.Namespace, reference_first: bool) -> list[dict]:
+    """The Mithril runs then the reference (``reference_first``: the other way round); the
+    reference last in the list."""
+    def ref() -> list[dict]:
+        if not args.reference:
+            return []
         from mithril.cli.training import thread_limit
 
         with thread_limit(args.threads, "torch"):  # as the CLI's training loop
-            results.append(reference(args))
+            return [reference(args)]
+
+    if reference_first:
+        r = ref()
+        return [run(b, args) for b in args.backend] + r
+    return [run(b, args) for b in args.backend] + ref()
+
+
+def _ratios(results: list[dict], j: int) -> tuple[float | None, float | None]:
+    """(time to the target, steady-state time per epoch) of Mithril run ``j`` / the reference."""
+    r, ref = results[j], results[-1]
+    reach = r["reached"][2] / ref["reached"][2] \
+        if r["reached"] is not None and ref["reached"] is not None else None
+    steady = r["epoch_s"] / ref["epoch_s"] if r["epoch_s"] and ref["epoch_s"] else None
+    return reach, steady
+
+
+def _report(results: list[dict], args: argparse.Namespace) -> None:
     print()
     for r in results:
         hit = "not reached" if r["reached"] is None else \

@@ -25,6 +25,7 @@ class _TorchNumpy:
         import torch
 
         self.t = torch
+        self.F = torch.nn.functional  # fused kernels for the operators (``functional_of``)
         self.tanh, self.exp, self.log, self.sqrt, self.where = (
             torch.tanh, torch.exp, torch.log, torch.sqrt, torch.where)
 

@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
-from .operator import Operator, ShapeError, backend_of, broadcast_shapes, fmt, unbroadcast
+from .operator import (
+    Operator,
+    ShapeError,
+    backend_of,
+    broadcast_shapes,
+    fmt,
+    functional_of,
+    unbroadcast,
+)
 
 
 # -- the attention core, shared by both operators ------------------------------------------------
@@ -349,8 +357,17 @@ class MultiHeadAttention(Operator):
     def _self(query: Any, key: Any, value: Any) -> bool:
         return query is key and key is value
 
-    def _project(self, query: Any, key: Any, value: Any, w: Any, b: Any) -> tuple[Any, Any, Any]:
+    def _project(self, query: Any, key: Any, value: Any, w: Any, b: Any,
+                 F: Any = None) -> tuple[Any, Any, Any]:
+        """The q, k, v projections (``F``: torch.nn.functional, whose ``linear`` fuses the
+        bias; self-attention projects once with the whole in-projection)."""
         e = w.shape[1]
+        if F is not None:
+            if self._self(query, key, value):
+                return F.linear(query, w, b).split(e, dim=-1)
+            return tuple(F.linear(x, w[i * e:(i + 1) * e], None if b is None
+                                  else b[i * e:(i + 1) * e])
+                         for i, x in enumerate((query, key, value)))
         if self._self(query, key, value):
             qkv = query @ w.T
             if b is not None:
@@ -372,17 +389,18 @@ class MultiHeadAttention(Operator):
         if kind == "numpy":
             return self.forward_residuals(xp, query, key, value, in_proj_weight, out_proj_weight,
                                           in_proj_bias, out_proj_bias, attn_mask)[0]
+        F = functional_of(xp)
         q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
-                                                          in_proj_bias))
+                                                          in_proj_bias, F))
         e = in_proj_weight.shape[1]
-        if kind == "torch" and attn_mask is None:
-            import torch.nn.functional as F
-
+        if F is not None and attn_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal,
                                                scale=self._scale(e))
         else:
             keep, add = _masks(attn_mask, self.is_causal, q.shape[-2], k.shape[-2], True)
             o = attend(xp, q, k, v, self._scale(e), keep, add)
+        if F is not None:
+            return F.linear(self._merge(o), out_proj_weight, out_proj_bias)
         y = self._merge(o) @ out_proj_weight.T
         return y if out_proj_bias is None else y + out_proj_bias
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, ShapeError, fmt
+from .operator import Operator, ShapeError, fmt, functional_of
 
 
 def _last_dim(shapes, who: str) -> int | None:
@@ -52,6 +52,9 @@ class Linear(Operator):
             if bias is not None:
                 y += bias
             return y.reshape(*input.shape[:-1], -1)
+        F = functional_of(xp)
+        if F is not None:  # one addmm (bias fused), as torch.nn.Linear
+            return F.linear(input, weight, bias)
         y = input @ weight.T
         return y if bias is None else y + bias
 
@@ -101,6 +104,11 @@ class Embedding(Operator):
         return None if s is None else (*s, self.dim)
 
     def forward(self, xp: Any, input: Any, weight: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:  # its backward accumulates rows (embedding_dense_backward)
+            t = xp.t
+            return F.embedding(input if input.dtype in (t.int64, t.int32) else input.long(),
+                               weight)
         return weight[input]
 
     def vjp(self, g, out, args, wrt):
@@ -135,6 +143,9 @@ class LayerNorm(Operator):
         return xc * inv, inv
 
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
+        F = functional_of(xp)
+        if F is not None:  # one kernel each way
+            return F.layer_norm(input, (input.shape[-1],), weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None,

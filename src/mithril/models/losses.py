@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
-from .operator import Operator, Shape, ShapeError, fmt, unify
+from .operator import Operator, Shape, ShapeError, fmt, functional_of, unify
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -151,6 +151,14 @@ class CrossEntropy(Operator):
         return not getattr(target.dtype, "is_floating_point", None) and "int" in str(target.dtype)
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None and self.input_type == "logits" and self._is_index(xp, target):
+            # one fused log-softmax + NLL each way; rows flattened, as F.cross_entropy wants
+            t = target.reshape(-1)
+            nll = F.cross_entropy(input.reshape(-1, input.shape[-1]),
+                                  t if t.dtype == xp.t.int64 else t.long(),
+                                  reduction=self.reduction)
+            return nll.reshape(target.shape) if self.reduction == "none" else nll
         logp = self._log_probs(xp, input)
         if self._is_index(xp, target):
             nll = -xp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]

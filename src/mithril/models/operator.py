@@ -220,3 +220,15 @@ def backend_of(xp: Any) -> str:
 def torch_of(xp: Any) -> Any:
     """The ``torch`` module when ``xp`` is the torch backend's namespace, else ``None``."""
     return xp.t if backend_of(xp) == "torch" else None
+
+
+def functional_of(xp: Any) -> Any:
+    """``torch.nn.functional`` when ``xp`` is the torch backend's namespace, else ``None``: an
+    operator's forward uses torch's fused kernel (``F.linear``, ``F.layer_norm``, ...) through it
+    on torch and keeps its NumPy / JAX forward otherwise::
+
+        F = functional_of(xp)
+        if F is not None:
+            return F.linear(input, weight, bias)
+    """
+    return getattr(xp, "F", None) if backend_of(xp) == "torch" else None
