@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.training import TrainStep
+from ..utils.training import TrainStep, loss_and_grads
 
 __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
            "make_sharded_train_step", "state_bytes_per_device"]
@@ -249,7 +249,6 @@ class ShardedTrainStep(TrainStep):
     # -- the program -----------------------------------------------------------------------
     def _build(self) -> Any:
         import jax
-        import jax.numpy as jnp
 
         from ..interop.optax_transform import _global_norm
 
@@ -262,13 +261,8 @@ class ShardedTrainStep(TrainStep):
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     training: bool) -> tuple:
-            cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
-            if with_ctx:
-                out, grads, new_mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
-                                                         training=training)
-            else:
-                out, grads = ev._fwd_vjp(ptuple, inputs, cots)
-                new_mstate = mstate
+            out, grads, new_mstate = loss_and_grads(ev, loss, with_ctx, ptuple, inputs, rng,
+                                                    mstate, training)
             params = dict(zip(names, ptuple, strict=True))
             gdict = dict(zip(names, grads, strict=True))
             updates, new_state = tx.update(gdict, unpack(opt_state), params)

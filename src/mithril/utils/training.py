@@ -248,7 +248,6 @@ class TrainStep:
 
     def _build(self) -> Callable:
         import jax
-        import jax.numpy as jnp
 
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
@@ -257,13 +256,8 @@ class TrainStep:
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     training: bool) -> tuple:
-            cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
-            if with_ctx:
-                out, grads, new_mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
-                                                         training=training)
-            else:
-                out, grads = ev._fwd_vjp(ptuple, inputs, cots)
-                new_mstate = mstate
+            out, grads, new_mstate = loss_and_grads(ev, loss, with_ctx, ptuple, inputs, rng,
+                                                    mstate, training)
             params = dict(zip(names, ptuple, strict=True))
             gdict = dict(zip(names, grads, strict=True))
             updates, opt_state = tx.update(gdict, opt_state, params)
@@ -325,6 +319,19 @@ class TrainStep:
         if state is None:
             return params, opt_state, out
         return params, opt_state, out, {**mstate, **new_mstate}
+
+
+def loss_and_grads(ev: Any, loss: str, with_ctx: bool, ptuple: tuple, inputs: dict, rng: Any,
+                   mstate: dict, training: bool) -> tuple[Any, Any, Any]:
+    """Inside a JAX train-step program: the outputs, the gradients of ``loss`` for the
+    parameters ``ptuple`` and the new model state (the old one where no operator keeps any)."""
+    import jax.numpy as jnp
+
+    cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
+    if with_ctx:
+        return ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots, training=training)
+    out, grads = ev._fwd_vjp(ptuple, inputs, cots)
+    return out, grads, mstate
 
 
 def _grad_norm(grads: list[Any]) -> Any:
