@@ -355,7 +355,12 @@ def check_scheduler_sequence(name: str, ops: list) -> dict[str, int]:
                     i, value, delete = arg
                     base = history[i % len(history)]
                     path = paths(base)[i % len(paths(base))]
-                    must_raise = value is HUGE or value == -HUGE  # no float can hold them
+                    node = base
+                    for k in path[:-1]:
+                        node = node[k]
+                    deleted = delete and isinstance(node, dict)  # as with_value does
+                    # no float can hold them (a deleted key is not given the value)
+                    must_raise = not deleted and (value is HUGE or value == -HUGE)
                     sched.load_state_dict(with_value(base, path, value, delete))
                 elif op == "reload":
                     base = history[arg % len(history)]
