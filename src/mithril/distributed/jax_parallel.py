@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.training import TrainStep, loss_and_grads
+from ..utils.training import TrainStep, step_body
 
 __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
            "make_sharded_train_step", "state_bytes_per_device"]
@@ -254,19 +254,14 @@ class ShardedTrainStep(TrainStep):
 
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
-        names = ev.names
         with_ctx = c.program.has_context
         rep = self._rep
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     training: bool) -> tuple:
-            out, grads, new_mstate = loss_and_grads(ev, loss, with_ctx, ptuple, inputs, rng,
-                                                    mstate, training)
-            params = dict(zip(names, ptuple, strict=True))
-            gdict = dict(zip(names, grads, strict=True))
-            updates, new_state = tx.update(gdict, unpack(opt_state), params)
-            new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
+            new, new_state, out, new_mstate, grads = step_body(
+                ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training)
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))

@@ -251,17 +251,12 @@ class TrainStep:
 
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
-        names = ev.names
         with_ctx = c.program.has_context
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     training: bool) -> tuple:
-            out, grads, new_mstate = loss_and_grads(ev, loss, with_ctx, ptuple, inputs, rng,
-                                                    mstate, training)
-            params = dict(zip(names, ptuple, strict=True))
-            gdict = dict(zip(names, grads, strict=True))
-            updates, opt_state = tx.update(gdict, opt_state, params)
-            new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
+            new, opt_state, out, new_mstate, grads = step_body(
+                ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training)
             return new, opt_state, out, new_mstate, _grad_norm(list(grads))
 
         return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
@@ -321,17 +316,25 @@ class TrainStep:
         return params, opt_state, out, {**mstate, **new_mstate}
 
 
-def loss_and_grads(ev: Any, loss: str, with_ctx: bool, ptuple: tuple, inputs: dict, rng: Any,
-                   mstate: dict, training: bool) -> tuple[Any, Any, Any]:
-    """Inside a JAX train-step program: the outputs, the gradients of ``loss`` for the
-    parameters ``ptuple`` and the new model state (the old one where no operator keeps any)."""
+def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
+              inputs: dict, rng: Any, mstate: dict, training: bool) -> tuple:
+    """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
+    ``ptuple`` and the optimizer's update (``tx``, an optax transformation). Returns (new
+    params tuple, new optimizer state, outputs, new model state (the old one where no
+    operator keeps any), gradients)."""
     import jax.numpy as jnp
 
     cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
     if with_ctx:
-        return ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots, training=training)
-    out, grads = ev._fwd_vjp(ptuple, inputs, cots)
-    return out, grads, mstate
+        out, grads, mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
+                                             training=training)
+    else:
+        out, grads = ev._fwd_vjp(ptuple, inputs, cots)
+    names = ev.names
+    params = dict(zip(names, ptuple, strict=True))
+    updates, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params)
+    new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
+    return new, opt_state, out, mstate, grads
 
 
 def _grad_norm(grads: list[Any]) -> Any:
