@@ -216,7 +216,7 @@ def test_lbfgs_step_closure_matches_torch(dtype, ls):
     with default_dtype(dtype):
         m1 = mlp(dtype)
         m2 = copy.deepcopy(m1)
-        o1 = torch_optimizer(mo.LBFGS(lr, history_size=10, line_search_fn=ls),
+        o1 = torch_optimizer(mo.LBFGS(lr, history_size=10, line_search_fn=ls, fused=False),
                              m1.named_parameters())
         o2 = torch.optim.LBFGS(m2.parameters(), lr=lr, history_size=10, line_search_fn=ls)
         l1 = train(m1, [o1], steps, closure_step=True)

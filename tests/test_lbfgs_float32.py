@@ -1,4 +1,4 @@
-"""LBFGS on the torch backend (by default torch's own operations) in float32 equals
+"""LBFGS on the torch backend with ``fused=False`` (torch's own operations) in float32 equals
 torch.optim.LBFGS to the last bit over 300+
 iterations, with and without the strong-Wolfe line search: the extended Rosenbrock
 function in 100 dimensions (long curved valleys: every iteration's line search brackets and
@@ -44,7 +44,7 @@ def test_float32_equals_torch_bit_for_bit_over_300_iterations(ls, lr, steps):
         loss.backward()
         return loss
 
-    opt = LBFGS(lr, **kw)  # the default on torch: torch's own operations
+    opt = LBFGS(lr, fused=False, **kw)  # torch's own operations
     params = {"x": torch.tensor(x0)}
     state = opt.init(params)
     start = float(rosenbrock(tx.detach()))
