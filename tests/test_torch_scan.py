@@ -1,9 +1,12 @@
-"""The torch gradient scan (torch's tensor guard + ``data_ptr``): addresses equal torch's,
-anything unusual is refused and takes the checked path, nothing is compiled, and a torch
-without the guard falls back to the same results."""
+"""The torch gradient scan (torch's tensor guard + the addresses read by a numba pass over
+the tensors' fields): addresses equal torch's ``data_ptr``, anything unusual is refused and
+takes the checked path, nothing is compiled by a C++ compiler, a field layout that reads
+wrong addresses is caught and dropped, and a torch without the guard falls back to the same
+results."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +30,54 @@ def _scan(vals, dtype=torch.float32):
 def test_scan_is_available_here():
     """The installed torch has the guard: the fast path must be the one the suite exercises."""
     assert torch_scan.make(SHAPES, torch.float32) is not None
+
+
+def test_fields_are_located_here():
+    """On the tested torch the addresses come from the compiled pass, not from Python."""
+    scan = torch_scan.make(SHAPES, torch.float32)
+    assert scan._fields is not None and scan._fields == torch_scan._layout()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fields_give_data_ptr_for_every_kind_of_tensor(dtype):
+    """Fresh tensors, views at a storage offset, tensors over NumPy memory, gradients made
+    by autograd, 0-d and empty tensors: the pass's address is ``data_ptr()``, each one."""
+    leaf = torch.zeros(3, 4, dtype=dtype, requires_grad=True)
+    (leaf * 3).sum().backward()
+    big = torch.arange(100, dtype=dtype)
+    vals = [leaf.grad, big[17:22], big[50:51].view(()), torch.zeros(2, 0, 3, dtype=dtype),
+            torch.from_numpy(np.arange(7.0)).to(dtype)[2:].clone()[1:].reshape(2, 2)
+            if dtype != torch.bfloat16 else torch.ones(2, 2, dtype=dtype)]
+    shapes = [tuple(t.shape) for t in vals]
+    scan = torch_scan.make(shapes, dtype)
+    assert scan is not None and scan._fields is not None
+    out = scan(vals)
+    assert out is not None and out.tolist() == [t.data_ptr() for t in vals]
+    numpy_backed = [torch.from_numpy(np.arange(6.0, dtype=np.float32)[1:4])]
+    scan32 = torch_scan.make([(3,)], torch.float32)
+    assert scan32(numpy_backed).tolist() == [numpy_backed[0].data_ptr()]
+
+
+def test_wrong_fields_are_caught_and_dropped(monkeypatch, caplog):
+    """A layout that reads wrong addresses (here the storage's data read 8 bytes off) is
+    caught by the per-scan comparison with ``data_ptr``, logged, and not used again."""
+    o_impl, o_storage, o_offset, o_data = torch_scan._layout()
+    scan = torch_scan.make(SHAPES, torch.float32)
+    scan._fields = (o_impl, o_storage, o_offset, o_data + 8)
+    vals = _tensors()
+    with caplog.at_level("WARNING"):
+        out = scan(vals)
+    assert out.tolist() == [t.data_ptr() for t in vals]
+    assert scan._fields is None and "wrong addresses" in caplog.text
+    assert scan(vals).tolist() == [t.data_ptr() for t in vals]
+
+
+def test_guard_only_mode(monkeypatch):
+    monkeypatch.setenv("MITHRIL_TORCH_SCAN", "guard")
+    scan = torch_scan.make(SHAPES, torch.float32)
+    assert scan is not None and scan._fields is None
+    vals = _tensors()
+    assert scan(vals).tolist() == [t.data_ptr() for t in vals]
 
 
 def test_nothing_is_compiled():
@@ -96,12 +147,15 @@ def test_scan_and_python_reads_agree(make, monkeypatch):
     refused = _run(make(), odd, params)
     subclass = _run(make(), {**grads, "w2": torch.nn.Parameter(grads["w2"], requires_grad=False)},
                     params)                                   # refused by the scan, read by Python
+    monkeypatch.setenv("MITHRIL_TORCH_SCAN", "guard")
+    guard_only = _run(make(), grads, params)
     monkeypatch.setenv("MITHRIL_TORCH_SCAN", "0")
     slow = _run(make(), grads, params)
     slow_odd = _run(make(), odd, params)
     slow_neg = _run(make(), {**grads, "w1": odd["w1"]}, params)  # the only odd one: no copy else
     for k in params:
         assert torch.equal(fast[k], slow[k]), k
+        assert torch.equal(fast[k], guard_only[k]), k
         assert torch.equal(fast[k], refused[k]), k
         assert torch.equal(fast[k], subclass[k]), k
         assert torch.equal(fast[k], slow_odd[k]), k
