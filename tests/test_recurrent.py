@@ -2,7 +2,9 @@
 the ``RNNCell`` / ``LSTMCell`` / ``GRUCell`` steps, float64, at 1e-10 on NumPy, JAX and torch:
 every output, and the gradient of the input, of the initial states and of every weight and bias
 (inputs and initial states are made trainable, so their gradients are the layer's input
-cotangents). JAX float64 runs in a subprocess. Then: the NumPy BPTT against central finite
+cotangents). The sequences run both ways: by default (zero initial states, no state inputs)
+against torch called without h0 / c0, and with ``initial_states=True`` against torch given
+h0 / c0. JAX float64 runs in a subprocess. Then: the NumPy BPTT against central finite
 differences, the JAX loop is one ``scan`` whatever the length, torch's initialisation, and
 named errors.
 """
@@ -15,19 +17,28 @@ import torch
 from conftest import BACKENDS, central_differences, jax_results_in_subprocess, to_np
 
 import mithril as ml
-from mithril.errors import ShapeError
+from mithril.errors import KeyMismatchError, ShapeError
 
 TOL = 1e-10
 T, N, D, H = 7, 3, 4, 5  # steps, batch, input features, hidden
+GIVEN = {"initial_states": True}  # the initial states as inputs, as torch given h0 / c0
 SEQ = {  # case: (mithril factory, torch factory, batch_first)
-    "rnn_tanh": (lambda: ml.RNN(H), lambda: torch.nn.RNN(D, H), False),
-    "rnn_relu_batch_first": (lambda: ml.RNN(H, batch_first=True, nonlinearity="relu"),
+    "rnn_tanh": (lambda: ml.RNN(H, **GIVEN), lambda: torch.nn.RNN(D, H), False),
+    "rnn_relu_batch_first": (lambda: ml.RNN(H, batch_first=True, nonlinearity="relu", **GIVEN),
                              lambda: torch.nn.RNN(D, H, nonlinearity="relu", batch_first=True), True),
-    "lstm": (lambda: ml.LSTM(H), lambda: torch.nn.LSTM(D, H), False),
-    "lstm_batch_first": (lambda: ml.LSTM(H, batch_first=True), lambda: torch.nn.LSTM(D, H, batch_first=True), True),
-    "lstm_no_bias": (lambda: ml.LSTM(H, bias=False), lambda: torch.nn.LSTM(D, H, bias=False), False),
-    "gru": (lambda: ml.GRU(H), lambda: torch.nn.GRU(D, H), False),
-    "gru_batch_first": (lambda: ml.GRU(H, batch_first=True), lambda: torch.nn.GRU(D, H, batch_first=True), True),
+    "lstm": (lambda: ml.LSTM(H, **GIVEN), lambda: torch.nn.LSTM(D, H), False),
+    "lstm_batch_first": (lambda: ml.LSTM(H, batch_first=True, **GIVEN),
+                         lambda: torch.nn.LSTM(D, H, batch_first=True), True),
+    "lstm_no_bias": (lambda: ml.LSTM(H, bias=False, **GIVEN), lambda: torch.nn.LSTM(D, H, bias=False), False),
+    "gru": (lambda: ml.GRU(H, **GIVEN), lambda: torch.nn.GRU(D, H), False),
+    "gru_batch_first": (lambda: ml.GRU(H, batch_first=True, **GIVEN),
+                        lambda: torch.nn.GRU(D, H, batch_first=True), True),
+    # the default: zero initial states, as torch without h0 / c0
+    "rnn_relu_default_states": (lambda: ml.RNN(H, nonlinearity="relu"),
+                                lambda: torch.nn.RNN(D, H, nonlinearity="relu"), False),
+    "lstm_default_states_batch_first": (lambda: ml.LSTM(H, batch_first=True),
+                                        lambda: torch.nn.LSTM(D, H, batch_first=True), True),
+    "gru_default_states": (lambda: ml.GRU(H), lambda: torch.nn.GRU(D, H), False),
 }
 CELLS = {
     "rnn_cell": (lambda: ml.RNNCell(H), lambda: torch.nn.RNNCell(D, H)),
@@ -92,6 +103,15 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
             outs = {"output": h2, "cell": c2}
         else:
             outs = {"output": ref(x, h)}
+    elif "default_states" in case:  # torch's h0 = c0 = None: zeros
+        x = torch.tensor(d["input"], requires_grad=True)
+        leaves = {"input": x}
+        if "lstm" in case:
+            o, (hn, cn) = ref(x)
+            outs = {"output": o, "hidden": hn, "cell": cn}
+        else:
+            o, hn = ref(x)
+            outs = {"output": o, "hidden": hn}
     else:
         x, h = torch.tensor(d["input"], requires_grad=True), torch.tensor(d["initial_hidden"], requires_grad=True)
         leaves = {"input": x, "initial_hidden": h}
@@ -138,9 +158,35 @@ def test_jax_equals_torch(case, jax_results):
     compare(case, {k.split("#", 1)[1]: v for k, v in jax_results.items() if k.startswith(case + "#")}, "jax")
 
 
-@pytest.mark.parametrize("make", [lambda: ml.RNN(2, nonlinearity="tanh"), lambda: ml.RNN(2, nonlinearity="relu"),
-                                  lambda: ml.LSTM(2), lambda: ml.GRU(2, batch_first=True)],
-                         ids=["rnn", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("make, states", [
+    (lambda **o: ml.RNN(H, **o), ["initial_hidden"]),
+    (lambda **o: ml.LSTM(H, batch_first=True, **o), ["initial_hidden", "initial_cell"]),
+    (lambda **o: ml.GRU(H, **o), ["initial_hidden"]),
+], ids=["rnn", "lstm", "gru"])
+def test_initial_states_are_zero_by_default(make, states):
+    """By default a sequence block has no state inputs (torch's h0 = c0 = None);
+    ``initial_states=True`` adds them, ``initial_states=False`` is the default."""
+    assert make().input_keys == ("input",)
+    assert make(initial_states=False).input_keys == ("input",)
+    assert make(initial_states=True).input_keys == ("input", *states)
+    assert make().initial_states is False
+
+
+@pytest.mark.parametrize("make", [lambda: ml.RNN(H), lambda: ml.LSTM(H), lambda: ml.GRU(H, num_layers=2)],
+                         ids=["rnn", "lstm", "gru_l2"])
+def test_connecting_a_state_to_the_default_block_says_how(make):
+    model = ml.Model()
+    with pytest.raises(KeyMismatchError, match=r"no terminal\(s\) \['initial_hidden'\]: its initial "
+                                                r"states are zero by default.*initial_states=True"):
+        model |= make()(input="x", initial_hidden="h0")
+    assert not model.blocks
+
+
+@pytest.mark.parametrize("make", [lambda: ml.RNN(2, nonlinearity="tanh", initial_states=True),
+                                  lambda: ml.RNN(2, nonlinearity="relu"),
+                                  lambda: ml.LSTM(2, initial_states=True), lambda: ml.LSTM(2),
+                                  lambda: ml.GRU(2, batch_first=True, initial_states=True)],
+                         ids=["rnn", "rnn_relu_zero_states", "lstm", "lstm_zero_states", "gru"])
 def test_numpy_bptt_matches_finite_differences(make, eps=1e-6):
     block = make()
     backend = ml.NumpyBackend(dtype="float64")
@@ -166,7 +212,7 @@ def test_jax_loop_is_one_scan_whatever_the_length():
     sizes = {}
     for steps in (7, 70):
         backend = ml.JaxBackend()
-        compiled = ml.compile(ml.LSTM(4), backend, jit=False,
+        compiled = ml.compile(ml.LSTM(4, initial_states=True), backend, jit=False,
                               shapes={"input": [steps, 2, 3], "initial_hidden": [1, 2, 4], "initial_cell": [1, 2, 4]})
         params = compiled.get_parameters()
         inputs = {"input": backend.randn(steps, 2, 3), "initial_hidden": backend.zeros(1, 2, 4),
@@ -181,7 +227,7 @@ def test_jax_loop_is_one_scan_whatever_the_length():
 
 def test_init_is_torchs():
     backend = ml.NumpyBackend(dtype="float64", seed=0)
-    compiled = ml.compile(ml.GRU(16), backend, shapes={"input": [5, 64, 8], "initial_hidden": [1, 64, 16]})
+    compiled = ml.compile(ml.GRU(16), backend, shapes={"input": [5, 64, 8]})
     params = compiled.get_parameters()
     assert {k: v.shape for k, v in params.items()} == {
         "recurrence.weight_ih": (48, 8), "recurrence.weight_hh": (48, 16),
@@ -197,15 +243,14 @@ def test_init_is_torchs():
 
 
 def test_lstm_cell_unrolled_equals_lstm():
-    """Seven LSTMCell steps, each its own block sharing nothing, give LSTM's states when
-    given the same weights."""
+    """Seven LSTMCell steps, each its own block sharing nothing, from zero states, give the
+    states of LSTM (zero initial states by default) when given the same weights."""
     backend = ml.NumpyBackend(dtype="float64")
     rng = np.random.default_rng(2)
-    seq = ml.compile(ml.LSTM(3), backend, shapes={"input": [7, 2, 4], "initial_hidden": [1, 2, 3],
-                                                  "initial_cell": [1, 2, 3]})
+    seq = ml.compile(ml.LSTM(3), backend, shapes={"input": [7, 2, 4]})
     weights = {k: rng.standard_normal(s) for k, s in seq.parameter_shapes.items()}
     x, h, c = rng.standard_normal((7, 2, 4)), np.zeros((2, 3)), np.zeros((2, 3))
-    out = seq.evaluate(weights, {"input": x, "initial_hidden": h[None], "initial_cell": c[None]})
+    out = seq.evaluate(weights, {"input": x})
     cell = ml.compile(ml.LSTMCell(3), backend, shapes={"input": [2, 4], "prev_hidden": [2, 3], "prev_cell": [2, 3]})
     for t in range(7):
         step = cell.evaluate(weights, {"input": x[t], "prev_hidden": h, "prev_cell": c})
@@ -225,9 +270,15 @@ def test_bad_arguments_are_named(make, match):
 
 
 @pytest.mark.parametrize("block, shapes, match", [
-    (lambda: ml.LSTM(3), {"input": [7, 2], "initial_hidden": [1, 2, 3]}, r"'input' must be \(T, N, I\)"),
-    (lambda: ml.GRU(3), {"input": [7, 2, 4], "initial_hidden": [1, 2, 4]}, r"'h0' must be \(N, 3\)"),
-    (lambda: ml.GRUCell(3), {"input": [5, 4], "prev_hidden": [2, 3]}, r"'h0' must be \(N, 3\) with N the batch"),
+    (lambda: ml.LSTM(3), {"input": [7, 2]}, r"'input' must be \(T, N, I\)"),
+    (lambda: ml.LSTM(3, initial_states=True), {"input": [7, 2], "initial_hidden": [1, 2, 3]},
+     r"'input' must be \(T, N, I\)"),
+    (lambda: ml.GRU(3, initial_states=True), {"input": [7, 2, 4], "initial_hidden": [1, 2, 4]},
+     r"'initial_hidden' must be \(N, 3\) .*got shape \[1, 2, 4\]"),
+    (lambda: ml.LSTM(3, initial_states=True), {"input": [7, 2, 4], "initial_cell": [1, 3, 3]},
+     r"'initial_cell' must be \(N, 3\) .*with N the batch of 'input' \[7, 2, 4\], got shape \[1, 3, 3\]"),
+    (lambda: ml.GRUCell(3), {"input": [5, 4], "prev_hidden": [2, 3]},
+     r"'prev_hidden' must be \(N, 3\) with N the batch"),
 ])
 def test_bad_shapes_are_named(block, shapes, match):
     with pytest.raises(ShapeError, match=match):

@@ -1,7 +1,9 @@
 """Stacked and bidirectional ``RNN`` / ``LSTM`` / ``GRU`` against ``torch.nn`` (issue #17):
-``num_layers=2``, one and two directions, ``batch_first``, no bias, zero initial states,
-7 time steps in float64 at 1e-10 on NumPy, torch and JAX (JAX in a subprocess, x64): the
-outputs, h_n (c_n), and the gradients of the input, the initial states and every parameter.
+``num_layers=2``, one and two directions, ``batch_first``, no bias, 7 time steps in float64
+at 1e-10 on NumPy, torch and JAX (JAX in a subprocess, x64): the outputs, h_n (c_n), and the
+gradients of the input, the initial states and every parameter. Initial states both ways: the
+default (zero states, no state inputs) against torch called without h0 / c0, and
+``initial_states=True`` against torch given h0 / c0.
 The weights are torch's, loaded with ``params_from_torch``. Then: the NumPy BPTT against
 central finite differences (with dropout too), one ``lax.scan`` per layer and direction on
 JAX whatever the length, dropout between layers against torch with the same mask, torch's
@@ -22,7 +24,7 @@ TOL = 1e-10
 T, N, D, H = 7, 3, 4, 5  # steps, batch, input features, hidden
 TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 OURS = {"rnn": ml.RNN, "lstm": ml.LSTM, "gru": ml.GRU}
-CASES = {  # case: (kind, options shared by both, initial states given)
+CASES = {  # case: (kind, options shared by both, initial states given; False: the default)
     "rnn_l2": ("rnn", {"num_layers": 2}, True),
     "rnn_l2_bi_relu": ("rnn", {"num_layers": 2, "bidirectional": True, "nonlinearity": "relu"}, True),
     "lstm_l2": ("lstm", {"num_layers": 2}, True),
@@ -31,17 +33,24 @@ CASES = {  # case: (kind, options shared by both, initial states given)
     "lstm_l2_bi_no_bias": ("lstm", {"num_layers": 2, "bidirectional": True, "bias": False}, True),
     "lstm_l1_bi": ("lstm", {"bidirectional": True}, True),
     "lstm_l2_bi_zero_states": ("lstm", {"num_layers": 2, "bidirectional": True}, False),
+    "lstm_l2_bi_batch_first_zero_states": ("lstm", {"num_layers": 2, "bidirectional": True,
+                                                    "batch_first": True}, False),
     "gru_l2": ("gru", {"num_layers": 2}, True),
     "gru_l2_bi": ("gru", {"num_layers": 2, "bidirectional": True}, True),
     "gru_l3_bi_batch_first_zero_states": ("gru", {"num_layers": 3, "bidirectional": True,
+                                                  "batch_first": True}, False),
+    "rnn_l2_bi_batch_first_zero_states": ("rnn", {"num_layers": 2, "bidirectional": True,
                                                   "batch_first": True}, False),
 }
 
 
 def make(case: str):
-    """(our block, torch's module in float64 with random weights) of ``case``."""
+    """(our block, torch's module in float64 with random weights) of ``case``: with the
+    initial states as inputs (``initial_states=True``) or the default, zero states."""
     kind, opts, given = CASES[case]
-    ours = OURS[kind](H, **opts, initial_states=given, input_size=D)
+    ours = OURS[kind](H, **opts, **({"initial_states": True} if given else {}), input_size=D)
+    assert ours.input_keys == (("input", "initial_hidden", *(("initial_cell",) if kind == "lstm" else ()))
+                               if given else ("input",))
     torch.manual_seed(0)
     ref = TORCH[kind](D, H, **opts).double()
     rng = np.random.default_rng(sum(map(ord, case)))
@@ -140,11 +149,11 @@ def test_jax_equals_torch(case, jax_results):
 
 # -- NumPy BPTT against central finite differences ------------------------------------------------
 @pytest.mark.parametrize("block, given", [
-    (lambda: ml.RNN(2, num_layers=2, bidirectional=True), True),
-    (lambda: ml.LSTM(2, num_layers=2, bidirectional=True), True),
-    (lambda: ml.GRU(2, num_layers=2, bidirectional=True, batch_first=True), True),
-    (lambda: ml.LSTM(2, num_layers=2, bidirectional=True, initial_states=False), False),
-    (lambda: ml.GRU(2, num_layers=2, dropout=0.5), True),
+    (lambda: ml.RNN(2, num_layers=2, bidirectional=True, initial_states=True), True),
+    (lambda: ml.LSTM(2, num_layers=2, bidirectional=True, initial_states=True), True),
+    (lambda: ml.GRU(2, num_layers=2, bidirectional=True, batch_first=True, initial_states=True), True),
+    (lambda: ml.LSTM(2, num_layers=2, bidirectional=True), False),
+    (lambda: ml.GRU(2, num_layers=2, dropout=0.5, initial_states=True), True),
 ], ids=["rnn", "lstm", "gru_batch_first", "lstm_zero_states", "gru_dropout"])
 def test_numpy_bptt_matches_finite_differences(block, given, eps=1e-6):
     block = block()
@@ -174,7 +183,7 @@ def test_jax_loop_is_one_scan_per_layer_and_direction():
     sizes = {}
     for steps in (7, 70):
         backend = ml.JaxBackend()
-        compiled = ml.compile(ml.LSTM(4, num_layers=2, bidirectional=True, initial_states=False),
+        compiled = ml.compile(ml.LSTM(4, num_layers=2, bidirectional=True),
                               backend, jit=False, shapes={"input": [steps, 2, 3]})
         params = compiled.get_parameters()
         ev = compiled._eval
@@ -203,7 +212,7 @@ def test_dropout_between_layers_is_torchs_with_the_same_mask():
     x = np.random.default_rng(4).standard_normal((T, N, D))
     for name, cls in (("numpy", ml.NumpyBackend), ("torch", ml.TorchBackend)):
         backend = cls(dtype="float64", seed=seed)
-        block = ml.LSTM(H, num_layers=2, bidirectional=True, dropout=p, initial_states=False)
+        block = ml.LSTM(H, num_layers=2, bidirectional=True, dropout=p)
         compiled = ml.compile(block, backend, shapes={"input": [T, N, D]})
         assert [n.path for n in compiled.program.nodes if type(n.op).__name__ == "Dropout"] == ["dropout"]
         params = block.params_from_torch(sd, backend=backend)
@@ -228,7 +237,7 @@ def test_dropout_between_layers_is_torchs_with_the_same_mask():
 def test_names_and_init_are_torchs():
     backend = ml.NumpyBackend(dtype="float64", seed=0)
     block = ml.GRU(16, num_layers=2, bidirectional=True)
-    compiled = ml.compile(block, backend, shapes={"input": [5, 64, 8], "initial_hidden": [4, 64, 16]})
+    compiled = ml.compile(block, backend, shapes={"input": [5, 64, 8]})
     params = compiled.get_parameters()
     ref = torch.nn.GRU(8, 16, num_layers=2, bidirectional=True)
     names = block.torch_names()
@@ -254,7 +263,7 @@ def test_nested_block_loads_torch_weights():
     ref = torch.nn.LSTM(D, H, num_layers=2, batch_first=True).double()
     head = torch.nn.Linear(H, 2).double()
     model = ml.Model()
-    lstm = ml.LSTM(H, num_layers=2, batch_first=True, initial_states=False)
+    lstm = ml.LSTM(H, num_layers=2, batch_first=True)
     model |= lstm(input="x", hidden="h")
     model |= ml.Indexer(-1)(input="h", output="last")
     model |= ml.Linear(2)(input="last", output="y")
@@ -277,7 +286,7 @@ def test_train_model_sees_every_layers_parameters():
     import re
 
     model = ml.Model()
-    model |= ml.LSTM(3, num_layers=2, bidirectional=True, initial_states=False)(input="input", hidden="h")
+    model |= ml.LSTM(3, num_layers=2, bidirectional=True)(input="input", hidden="h")
     model |= ml.Sum()(input="h", output="s")
     tm = ml.TrainModel(model)
     assert [n for n in tm.parameter_names if "weight_hh" in n] == [
@@ -301,21 +310,33 @@ def test_train_model_sees_every_layers_parameters():
     assert re.search(r"lstm\.l1_reverse \(L1Reverse\)\s+\[2, 4, 2, 3\]\s+132", text), text
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
-def test_zero_initial_states_equal_explicit_zeros(kind):
-    backend = ml.NumpyBackend(dtype="float64", seed=0)
-    a = ml.compile(OURS[kind](3, num_layers=2, bidirectional=True), backend,
-                   shapes={"input": [4, 2, 3]})
-    b = ml.compile(OURS[kind](3, num_layers=2, bidirectional=True, initial_states=False), backend,
-                   shapes={"input": [4, 2, 3]})
-    params = b.get_parameters()
-    assert set(params) == set(a.get_parameters())
-    x = backend.randn(4, 2, 3)
-    zeros = {k: np.zeros((4, 2, 3)) for k in a.input_keys if k != "input"}
-    ya, yb = a.evaluate(params, {"input": x, **zeros}), b.evaluate(params, {"input": x})
-    assert ya.keys() == yb.keys()
-    for k in ya:
-        assert np.array_equal(ya[k], yb[k]), k
+def test_default_zero_states_equal_explicit_zeros(kind, backend_name):
+    """The default (and ``initial_states=False``) gives what ``initial_states=True`` gives
+    with zeros, outputs and parameter gradients, with a batch free until ``evaluate``."""
+    backend = BACKENDS[backend_name](dtype="float32" if backend_name == "jax" else "float64", seed=0)
+    shapes = {"input": [None, 4, 3]}
+    made = [OURS[kind](3, num_layers=2, bidirectional=True, batch_first=True, **o)
+            for o in ({}, {"initial_states": False}, {"initial_states": True})]
+    assert made[0].input_keys == made[1].input_keys == ("input",)
+    a, b, c = (ml.compile(m, backend, shapes=shapes) for m in made)
+    params = a.get_parameters()
+    assert set(params) == set(b.parameter_shapes) == set(c.parameter_shapes)
+    x = backend.randn(2, 4, 3)
+    zeros = {k: backend.zeros(4, 2, 3) for k in c.input_keys if k != "input"}
+    assert sorted(zeros) == (["initial_cell", "initial_hidden"] if kind == "lstm" else ["initial_hidden"])
+    rng = np.random.default_rng(7)
+    cots = {k: backend.array(rng.standard_normal((2, 4, 6) if k == "output" else (4, 2, 3)))
+            for k in c.output_keys}
+    runs = [m.evaluate(params, {"input": x, **z}, output_gradients=cots)
+            for m, z in ((a, {}), (b, {}), (c, zeros))]
+    for out, grads in runs[1:]:
+        assert out.keys() == runs[0][0].keys() and grads.keys() == runs[0][1].keys()
+        for k in out:
+            assert np.array_equal(to_np(backend, out[k]), to_np(backend, runs[0][0][k])), k
+        for k in grads:
+            assert np.array_equal(to_np(backend, grads[k]), to_np(backend, runs[0][1][k])), k
 
 
 # -- named errors ------------------------------------------------------------------------------------
@@ -339,31 +360,47 @@ def test_dropout_with_one_layer_warns_as_torch():
 @pytest.mark.parametrize("block, shapes, match", [
     (lambda: ml.LSTM(5, num_layers=2, bidirectional=True, input_size=4),
      {"input": [7, 3, 6]}, r"'input' must have input_size = 4 features"),
-    (lambda: ml.LSTM(5, num_layers=2, bidirectional=True),
-     {"input": [7, 3, 4], "initial_hidden": [2, 3, 5]}, r"'h0' must be \(N, 5\) per layer and direction, \(4, N, 5\)"),
-    (lambda: ml.GRU(5, num_layers=2),
-     {"input": [7, 3, 4], "initial_hidden": [2, 4, 5]}, r"'h0' must be .* with N the batch of 'input' \[7, 3, 4\]"),
-    (lambda: ml.LSTM(5, num_layers=2),
-     {"input": [7, 3, 4], "initial_hidden": [2, 3, 5], "initial_cell": [2, 3, 6]}, r"'c0' must be \(N, 5\)"),
-    (lambda: ml.RNN(5, num_layers=3, bidirectional=True, batch_first=True),
-     {"input": [3, 7, 4], "initial_hidden": [6, 3]}, r"'h0' must be \(N, 5\) per layer"),
+    (lambda: ml.LSTM(5, num_layers=2, bidirectional=True, initial_states=True),
+     {"input": [7, 3, 4], "initial_hidden": [2, 3, 5]},
+     r"'initial_hidden' must be \(N, 5\) per layer and direction, \(4, N, 5\) .*got shape \[2, 3, 5\]"),
+    (lambda: ml.GRU(5, num_layers=2, initial_states=True),
+     {"input": [7, 3, 4], "initial_hidden": [2, 4, 5]},
+     r"'initial_hidden' must be .* with N the batch of 'input' \[7, 3, 4\], got shape \[2, 4, 5\]"),
+    (lambda: ml.LSTM(5, num_layers=2, initial_states=True),
+     {"input": [7, 3, 4], "initial_hidden": [2, 3, 5], "initial_cell": [2, 3, 6]},
+     r"'initial_cell' must be \(N, 5\) .*got shape \[2, 3, 6\]"),
+    (lambda: ml.RNN(5, num_layers=3, bidirectional=True, batch_first=True, initial_states=True),
+     {"input": [3, 7, 4], "initial_hidden": [6, 3]}, r"'initial_hidden' must be \(N, 5\) per layer"),
 ])
 def test_bad_shapes_are_named_at_compile(block, shapes, match):
     with pytest.raises(ShapeError, match=match):
         ml.compile(block(), ml.NumpyBackend(), shapes=shapes)
 
 
+def test_states_given_to_the_default_block_are_named():
+    """The default block has no state inputs: states given anyway are named, at compile time
+    and at evaluate."""
+    with pytest.raises(KeyMismatchError, match=r"compile\(shapes=...\): model has no terminal 'initial_hidden'"):
+        ml.compile(ml.LSTM(5, num_layers=2), ml.NumpyBackend(),
+                   shapes={"input": [7, 3, 4], "initial_hidden": [2, 3, 5]})
+    compiled = ml.compile(ml.GRU(5, num_layers=2), ml.NumpyBackend(), shapes={"input": [7, 3, 4]})
+    with pytest.raises(KeyMismatchError, match=r"unknown key\(s\) \['initial_hidden'\]"):
+        compiled.evaluate(compiled.get_parameters(),
+                          {"input": np.zeros((7, 3, 4)), "initial_hidden": np.zeros((2, 3, 5))})
+
+
 def test_bad_shapes_are_named_before_running():
     """Free batch dimensions bound at evaluate: a mismatch is a ShapeError before anything
     runs (the dropout step counter does not move); a wrong feature size too."""
     backend = ml.NumpyBackend(dtype="float64")
-    compiled = ml.compile(ml.LSTM(5, num_layers=2, bidirectional=True, dropout=0.5), backend,
+    compiled = ml.compile(ml.LSTM(5, num_layers=2, bidirectional=True, dropout=0.5,
+                                  initial_states=True), backend,
                           shapes={"input": [7, None, 4], "initial_hidden": [4, None, 5],
                                   "initial_cell": [4, None, 5]})
     params = compiled.get_parameters()
     good = {"input": np.zeros((7, 3, 4)), "initial_hidden": np.zeros((4, 3, 5)),
             "initial_cell": np.zeros((4, 3, 5))}
-    for key, shape, match in (("initial_hidden", (4, 2, 5), r"'h0' must be \(N, 5\) per layer .* batch"),
+    for key, shape, match in (("initial_hidden", (4, 2, 5), r"'initial_hidden' must be \(N, 5\) per layer .* batch"),
                               ("initial_cell", (4, 3, 4), r"expected shape \[4, None, 5\]"),
                               ("input", (7, 3, 5), r"expected shape \[7, None, 4\]")):
         with pytest.raises(ShapeError, match=match):

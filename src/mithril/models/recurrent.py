@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import KeyMismatchError
 from .dropout import Dropout
-from .model import IOKey, Model
+from .model import Bound, IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
 from .shaping import Concat, Indexer, Transpose
 
@@ -74,6 +74,8 @@ class Recurrence(Operator):
     inputs, the states start at zero. ``num_states`` K: ``h0`` / ``c0`` hold the initial
     states of K layers and directions, (K, N, H), and this one reads ``[state_index]``.
     ``input_size``: the feature size ``input`` must have (checked; None: any).
+    ``state_names``: the names a shape error gives ``h0`` / ``c0``, the enclosing block's
+    terminals (``("initial_hidden", "initial_cell")``); None: ``h0`` / ``c0``.
     """
 
     param_init: dict[str, str]  # per instance: U(±1/√H) for every weight and bias
@@ -81,7 +83,8 @@ class Recurrence(Operator):
     def __init__(self, kind: str, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", *, reverse: bool = False, initial_state: bool = True,
                  num_states: int | None = None, state_index: int = 0,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None,
+                 state_names: tuple[str, ...] | None = None) -> None:
         if kind not in GATES:
             raise ValueError(f"Recurrence: kind must be one of {sorted(GATES)}, got {kind!r}")
         who = kind.upper()
@@ -97,6 +100,7 @@ class Recurrence(Operator):
         self.input_size = None if input_size is None else _positive_int(who, "input_size", input_size)
         states = ("h0", "c0") if kind == "lstm" else ("h0",)
         self.inputs = ("input", *states) if self.initial_state else ("input",)  # type: ignore[misc]
+        self.state_names = dict(zip(states, state_names or states))
         init = f"fan_in_uniform:{self.hidden_size}"
         keys = ROLES if self.bias else ROLES[:2]
         self.param_init = {k: init for k in keys}  # type: ignore[misc]
@@ -123,10 +127,11 @@ class Recurrence(Operator):
                 and (k is None or hs[0] is None or hs[0] == k)
             if ok:
                 continue
+            name = self.state_names.get(key, key)
             if k is None:
-                raise ShapeError(f"{who}: '{key}' must be (N, {h}) with N the batch of 'input' "
+                raise ShapeError(f"{who}: '{name}' must be (N, {h}) with N the batch of 'input' "
                                  f"{fmt(s)}, got shape {fmt(hs)}")
-            raise ShapeError(f"{who}: '{key}' must be (N, {h}) per layer and direction, ({k}, N, "
+            raise ShapeError(f"{who}: '{name}' must be (N, {h}) per layer and direction, ({k}, N, "
                              f"{h}) in all (num_layers · num_directions = {k}), with N the batch "
                              f"of 'input' {fmt(s)}, got shape {fmt(hs)}")
         return None if s is None else s[2]
@@ -363,10 +368,11 @@ class _Cell(Model, _TorchNames):
 
     def __init__(self, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh") -> None:
         super().__init__()
-        rec = Recurrence(self.kind, hidden_size, bias, nonlinearity)
+        states = {"h0": "prev_hidden"} | ({"c0": "prev_cell"} if self.kind == "lstm" else {})
+        rec = Recurrence(self.kind, hidden_size, bias, nonlinearity,
+                         state_names=tuple(states.values()))
         self.hidden_size, self.bias = rec.hidden_size, rec.bias
         self |= Indexer(None)(input="input", output=IOKey(expose=False, name="_steps"))
-        states = {"h0": "prev_hidden"} | ({"c0": "prev_cell"} if self.kind == "lstm" else {})
         self |= rec(input="_steps", output=IOKey("_stacked", expose=False), **states)
         self |= Indexer((0, 0))(input="_stacked", output="output")
         if self.kind == "lstm":
@@ -380,7 +386,11 @@ class _Cell(Model, _TorchNames):
 class RNNCell(_Cell):
     """One step of an Elman RNN, as ``torch.nn.RNNCell``: inputs ``input`` (N, I) and
     ``prev_hidden`` (N, H); output ``output`` = h' (N, H). ``nonlinearity``: "tanh" or "relu".
-    Parameters ``recurrence.weight_ih`` (H, I), ``weight_hh`` (H, H), ``bias_ih``, ``bias_hh``."""
+    Parameters ``recurrence.weight_ih`` (H, I), ``weight_hh`` (H, H), ``bias_ih``, ``bias_hh``.
+
+    Unlike torch's ``hx=None``, the previous state of a cell (here and in ``LSTMCell`` /
+    ``GRUCell``) is a required input: a cell is fed its own output step after step, which an
+    input that defaults to zeros could not be; give zeros for a first step."""
 
     kind = "rnn"
 
@@ -411,7 +421,7 @@ class _Sequence(Model, _TorchNames):
 
     def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True,
                  nonlinearity: str = "tanh", *, num_layers: int = 1, bidirectional: bool = False,
-                 dropout: float = 0.0, initial_states: bool = True,
+                 dropout: float = 0.0, initial_states: bool = False,
                  input_size: int | None = None) -> None:
         super().__init__()
         who = self.kind.upper()
@@ -446,9 +456,10 @@ class _Sequence(Model, _TorchNames):
                 # one layer, one direction: "recurrence"; else "l0", "l0_reverse", "l1", ...
                 op = Recurrence if k == 1 else _layer_class(layer, d == 1)
                 rec = op(self.kind, hidden_size, bias, nonlinearity, reverse=d == 1,
-                                 initial_state=self.initial_states, num_states=k,
-                                 state_index=layer * self.num_directions + d,
-                                 input_size=input_size if layer == 0 else None)
+                         initial_state=self.initial_states, num_states=k,
+                         state_index=layer * self.num_directions + d,
+                         input_size=input_size if layer == 0 else None,
+                         state_names=tuple(given[s] for s in states))
                 conns: dict[str, Any] = {"input": layer_in, "output": _wire(f"_stacked{sfx}")}
                 if self.initial_states:
                     conns.update({s: given[s] for s in states})
@@ -474,6 +485,22 @@ class _Sequence(Model, _TorchNames):
                 self |= Concat(k, axis=0)(**{f"input{i + 1}": p for i, p in enumerate(finals[s])},
                                           output=out_key)
 
+    _STATE_KEYS: ClassVar[tuple[str, ...]] = ("initial_hidden", "initial_cell")
+
+    def connect(self, **connections: Any) -> Bound:
+        """As :meth:`Model.connect`; connecting ``initial_hidden`` / ``initial_cell`` to a
+        block made with ``initial_states=False`` (the default) is a ``KeyMismatchError`` that
+        says how to get them."""
+        asked = sorted(k for k in self._STATE_KEYS if k in connections and k not in self.terminals)
+        if asked and not self.initial_states:
+            raise KeyMismatchError(
+                f"{type(self).__name__} has no terminal(s) {asked}: its initial states are zero "
+                f"by default, as torch without h0 / c0; make it with initial_states=True to give "
+                f"them (its terminals are {list(self.terminals)})")
+        return super().connect(**connections)
+
+    __call__ = connect
+
     @staticmethod
     def _suffix(layer: int, direction: int) -> str:
         return f"_l{layer}" + ("_reverse" if direction else "")
@@ -491,16 +518,25 @@ class _Sequence(Model, _TorchNames):
 
 
 _SEQ_DOC = """A {name} over a whole sequence, as ``torch.nn.{name}``: input ``input`` (T, N, I), or
-    (N, T, I) with ``batch_first``, and ``initial_hidden`` (K, N, H){cell_in}, with K =
-    num_layers · num_directions; outputs ``output``, the last layer's hidden states, (T, N, D·H)
-    or (N, T, D·H) with D = 2 if ``bidirectional`` else 1 (the forward direction's features
-    first), and ``hidden`` = h_n (K, N, H){cell_out}, layer by layer, forward before reverse.
+    (N, T, I) with ``batch_first``; outputs ``output``, the last layer's hidden states,
+    (T, N, D·H) or (N, T, D·H) with D = 2 if ``bidirectional`` else 1 (the forward direction's
+    features first), and ``hidden`` = h_n (K, N, H){cell_out}, with K = num_layers ·
+    num_directions, layer by layer, forward before reverse.
+
+    Initial states: by default every layer and direction starts from zeros, as
+    ``torch.nn.{name}`` called without {torch_states}, and the block has no state inputs.
+    ``initial_states=True`` adds the inputs ``initial_hidden`` (K, N, H){cell_in}, same
+    layout as ``hidden``, which must then be given (zeros reproduce the default). This is a
+    switch, not an optional input, because a compiled model has no optional inputs with a
+    default: a constant (``IOKey(value=...)``) has a fixed shape where zeros must follow the
+    batch, and an input left out of ``evaluate`` drops the outputs that need it (prediction
+    without labels) rather than filling it in. Connecting ``initial_hidden`` to a block
+    made without them is a ``KeyMismatchError`` that says so.
 
     Keyword-only options: ``num_layers`` (stacked layers, each reading the previous one's
     output), ``bidirectional``, ``dropout`` (Dropout on the output of every layer but the
-    last, in training mode, with the same masks on every backend), ``initial_states=False``
-    (no initial state inputs: the states start at zero, as torch without h0 / c0) and
-    ``input_size`` (checked against ``input``; inferred when None).
+    last, in training mode, with the same masks on every backend), ``initial_states`` (see
+    above) and ``input_size`` (checked against ``input``; inferred when None).
 
     Parameters: ``weight_ih`` (G·H, I), ``weight_hh`` (G·H, H), ``bias_ih``, ``bias_hh``
     (G·H,) per layer and direction, U(−1/√H, 1/√H). With one layer and one direction they are
@@ -512,7 +548,7 @@ _SEQ_DOC = """A {name} over a whole sequence, as ``torch.nn.{name}``: input ``in
 
 
 class RNN(_Sequence):
-    __doc__ = _SEQ_DOC.format(name="RNN", cell_in="", cell_out="") + """
+    __doc__ = _SEQ_DOC.format(name="RNN", cell_in="", cell_out="", torch_states="h0") + """
 
     ``nonlinearity``: "tanh" or "relu"."""
     kind = "rnn"
@@ -520,10 +556,10 @@ class RNN(_Sequence):
 
 class LSTM(_Sequence):
     __doc__ = _SEQ_DOC.format(name="LSTM", cell_in=" and ``initial_cell`` (K, N, H)",
-                              cell_out=" and ``cell`` = c_n (K, N, H)")
+                              cell_out=" and ``cell`` = c_n (K, N, H)", torch_states="(h0, c0)")
     kind = "lstm"
 
 
 class GRU(_Sequence):
-    __doc__ = _SEQ_DOC.format(name="GRU", cell_in="", cell_out="")
+    __doc__ = _SEQ_DOC.format(name="GRU", cell_in="", cell_out="", torch_states="h0")
     kind = "gru"
