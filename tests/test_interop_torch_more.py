@@ -216,7 +216,7 @@ def test_lbfgs_step_closure_matches_torch(dtype, ls):
     with default_dtype(dtype):
         m1 = mlp(dtype)
         m2 = copy.deepcopy(m1)
-        o1 = torch_optimizer(mo.LBFGS(lr, history_size=10, line_search_fn=ls, fused=False),
+        o1 = torch_optimizer(mo.LBFGS(lr, history_size=10, line_search_fn=ls),
                              m1.named_parameters())
         o2 = torch.optim.LBFGS(m2.parameters(), lr=lr, history_size=10, line_search_fn=ls)
         l1 = train(m1, [o1], steps, closure_step=True)
@@ -230,6 +230,26 @@ def test_lbfgs_step_closure_matches_torch(dtype, ls):
     # the parameters keep their own storage and end at the step's result
     assert all(p.untyped_storage().data_ptr() != o1.mithril_state.params_flat.data_ptr()
                for p in m1.parameters())
+
+
+def test_lbfgs_default_keeps_torchs_operations_only_in_the_drop_in():
+    """``fused=None`` runs torch's own operations under ``torch_optimizer`` (a drop-in keeps
+    ``torch.optim.LBFGS``'s numbers: equal to the last bit on this ReLU network, where any
+    other rounding ends elsewhere) and the fused two-loop recursion in a direct ``update``."""
+    with default_dtype(torch.float64):
+        m0 = mlp(torch.float64)
+        runs = {}
+        for label, make in (("default", lambda: mo.LBFGS(0.5, history_size=10)),
+                            ("fused", lambda: mo.LBFGS(0.5, history_size=10, fused=True))):
+            m = copy.deepcopy(m0)
+            train(m, [torch_optimizer(make(), m.named_parameters())], 10, closure_step=True)
+            runs[label] = m
+        ref = copy.deepcopy(m0)
+        train(ref, [torch.optim.LBFGS(ref.parameters(), lr=0.5, history_size=10)], 10,
+              closure_step=True)
+    assert err(runs["default"], ref) == 0.0
+    assert err(runs["fused"], ref) > 0.0  # the fused dots round otherwise
+    assert mo.lbfgs.TORCH_OPS.get() is False  # reset after each step
 
 
 def test_asgd_state_is_torchs():

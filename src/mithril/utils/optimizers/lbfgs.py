@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,11 @@ from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .lbfgs_math import JaxOps, Memory, Ops, TorchOps, lbfgs_step
 from .state import OptimizerState
+
+#: set by a drop-in wrapper (:func:`mithril.interop.torch_optimizer`) around its updates: an
+#: LBFGS with ``fused=None`` then runs torch's own operations, so that a torch training loop
+#: gets ``torch.optim.LBFGS``'s numbers to the last bit
+TORCH_OPS: ContextVar[bool] = ContextVar("mithril_lbfgs_torch_ops", default=False)
 
 _LINE_SEARCHES = (None, "strong_wolfe")
 #: the optimizer-wide scalars besides the history's ``ro0``, ``ro1``, ...
@@ -58,13 +64,15 @@ class LBFGS(Optimizer):
     bit-exactly with ``state_dict`` / ``load_state_dict`` and checkpoints; a checkpoint
     holds every slot, in use or not.
 
-    ``fused``: on the torch backend (CPU), ``None`` (default) or ``True`` fuses each update of
-    the two-loop recursion with the next dot product: one read of a parameter-sized vector
-    fewer per history entry, the dots summed in float64 (~0.9x torch's step; float64 results
-    within ~1e-12 of torch's on a smooth problem). ``False`` runs torch's own operations,
-    torch's results to the last bit: choose it to reproduce a torch run exactly, since
-    L-BFGS on a non-convex loss (a ReLU network, a float32 strong-Wolfe search) amplifies
-    any last-bit difference into a different trajectory. The NumPy backend always fuses
+    ``fused``: on the torch backend (CPU), ``True`` fuses each update of the two-loop
+    recursion with the next dot product: one read of a parameter-sized vector fewer per
+    history entry, the dots summed in float64 (~0.9x torch's step; float64 results within
+    ~1e-12 of torch's on a smooth problem). ``False`` runs torch's own operations, torch's
+    results to the last bit: what reproduces a torch run exactly, since L-BFGS on a
+    non-convex loss (a ReLU network, a float32 strong-Wolfe search) amplifies any last-bit
+    difference into another trajectory. ``None`` (default): fused, except inside
+    :func:`~mithril.interop.torch_optimizer`, a drop-in replacement for
+    ``torch.optim.LBFGS``, which keeps torch's numbers. The NumPy backend always fuses
     (there are no torch bits to keep).
 
     Not torch's: no parameter groups (torch has none either), and no ``weight_decay`` or
@@ -160,7 +168,7 @@ class LBFGS(Optimizer):
         if gradients is None and loss is not None:
             raise TypeError(f"{name}.update: loss= is the loss at params, given with their "
                             f"gradients; got loss but gradients=None")
-        ops = _ops(state, self.fused is not False)
+        ops = _ops(state, self.fused if self.fused is not None else not TORCH_OPS.get())
         x = self._flat_params(params, state)
         mem = _memory(state, ops, self.history_size)
 
