@@ -59,7 +59,7 @@ def run(cfg: tuple, dtype: str) -> dict[str, np.ndarray]:
     if devices == 0:
         from mithril.utils.training import make_train_step
 
-        step = make_train_step(compiled, make_opt(name), loss="loss")
+        step = make_train_step(compiled, make_opt(name), loss="loss", grad_norm=True)
     else:
         step = make_sharded_train_step(compiled, make_opt(name), loss="loss",
                                        devices=devices, shard_state=shard)

@@ -80,6 +80,33 @@ def test_train_step_signature_cache_keeps_every_error(backend: type) -> None:
     assert np.isfinite(float(be.to_numpy(out["loss"])))
 
 
+def test_fused_step_checks_each_jax_array_once_per_signature() -> None:
+    """A JAX array is immutable: labels that passed the value checks are not read again
+    (the same object, the same signature), while a new array of the same signature is
+    checked, and a bad one is refused with nothing changed."""
+    compiled, be, data = problem()
+    step = make_train_step(compiled, Adam(learning_rate=1e-2), loss="loss")
+    params = compiled.get_parameters()
+    state = step.init(params)
+    params, state, _ = step(params, state, data)  # checked in full, remembered
+    calls = []
+    real = compiled._check_concrete
+    compiled._check_concrete = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    params, state, _ = step(params, state, data)
+    assert calls == []  # the same label array: no value check
+    fresh = {"input": data["input"], "target": be.array(np.asarray(data["target"]), be.int_dtype)}
+    params, state, _ = step(params, state, fresh)
+    assert calls == [1]  # a new array: checked
+    bad = {"input": data["input"], "target": be.array(np.full(16, 9), be.int_dtype)}
+    before = {k: np.asarray(v).copy() for k, v in params.items()}
+    with pytest.raises(ValueError, match="out of range"):
+        step(params, state, bad)
+    for k, v in params.items():  # the params were not donated: nothing changed
+        np.testing.assert_array_equal(np.asarray(v), before[k])
+    with pytest.raises(ValueError, match="out of range"):  # refused arrays are not remembered
+        step(params, state, bad)
+
+
 def test_fused_step_equals_uncached_run() -> None:
     """The cached path gives what a step with every check run gives, bit for bit."""
     runs = []

@@ -90,7 +90,24 @@ def test_jax_one_program_matches(name: str) -> None:
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
     assert int(state.count) == STEPS
-    assert np.isfinite(float(step.last_grad_norm))
+    assert step.last_grad_norm is None  # not computed unless asked (grad_norm=True)
+
+
+def test_jax_grad_norm_on_request() -> None:
+    """``grad_norm=True``: the program also returns the global norm of the step's gradients,
+    that of ``evaluate``'s gradients at the same params."""
+    compiled, be, batches = problem("jax")
+    params = compiled.get_parameters()
+    step = make_train_step(compiled, Adam(learning_rate=1e-2), loss="loss", grad_norm=True)
+    state = step.init(params)
+    for data in batches[:3]:
+        host_params = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+        _, grads = compiled.evaluate({k: be.array(v) for k, v in host_params.items()}, data,
+                                     output_gradients={"loss": 1.0})
+        want = np.sqrt(sum(float(np.sum(np.square(np.asarray(g, np.float64))))
+                           for g in grads.values()))
+        params, state, _ = step(params, state, data)
+        assert float(step.last_grad_norm) == pytest.approx(want, rel=1e-5)
 
 
 def test_jax_with_optimizer_state_is_the_separate_calls() -> None:
