@@ -23,6 +23,13 @@ takes a name, an :class:`IOKey`, such an object (the wire it refers to, named or
 constant number / array. A parameter role given in ``connect(weight=...)`` is a wire: a name
 (two blocks naming the same share it), a constant, or a connection; it stays a parameter
 (under that name) unless it is a constant or compiled as a data key.
+
+Connection objects and ``IOKey`` also take Python's operators and indexing
+(``lin1.output + lin2.output * 2.0``, ``model.input[:, 0]``, ``x.T``, ``x.sum(axis=1)``): the
+result is an expression (:mod:`mithril.models.expressions`) whose operator blocks are added to
+the model it is connected to, when it is connected.
+
+A call that raises (``|=``, ``+=``) leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -34,15 +41,17 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import KeyMismatchError
+from .expressions import ConnectionOps, Expression, wire_expression
 from .operator import Operator, Shape, fmt, unify
 
 
-class IOKey:
+class IOKey(ConnectionOps):
     """A terminal described in ``connect(...)``: its ``name`` (None: an internal wire, or a
     made-up name for a constant), a constant ``value`` (folded in at compile time: the
     terminal is no longer an input), a ``shape`` (``None`` entries are free dimensions)
     and ``expose`` (``False``: a named wire that other blocks of the same model can bind
-    to by name but that is not a terminal of the model)."""
+    to by name but that is not a terminal of the model). Operators on it build an expression
+    over the named connection (``IOKey("x") * 2``)."""
 
     __slots__ = ("name", "value", "shape", "expose")
 
@@ -76,10 +85,11 @@ class Connection:
         return f"Connection({self.name!r}, {fmt(self.shape)})"
 
 
-class Terminal:
+class Terminal(ConnectionOps):
     """A terminal of a block as an object: ``lin.input``, ``lin.weight``, ``model.cout``.
     Give it to another block's ``connect(...)`` (binds to that wire, named or not), to
-    ``expose_keys`` (makes it an output) or to ``set_cin`` / ``set_cout``. ``key`` is the
+    ``expose_keys`` (makes it an output) or to ``set_cin`` / ``set_cout``, or combine it with
+    operators into an expression (``lin.output + 1``). ``key`` is the
     terminal's name on ``block``; ``conn`` the wire itself when ``block`` is the model that
     owns it (``model.cout``, ``model.input``)."""
 
@@ -92,7 +102,7 @@ class Terminal:
         return f"{type(self.block).__name__}.{self.key or '<internal>'}"
 
 
-Given = str | IOKey | Terminal
+Given = str | IOKey | Terminal | Expression
 
 
 def param_keys(block: Any) -> tuple[str, ...]:
@@ -101,15 +111,17 @@ def param_keys(block: Any) -> tuple[str, ...]:
 
 
 def _as_given(key: str, v: Any) -> Given:
-    """A name, IOKey or Terminal as is; a number, list or array: a constant (``IOKey(value=v)``)."""
-    if isinstance(v, (str, IOKey, Terminal)):
+    """A name, IOKey, Terminal or expression as is; a number, list or array: a constant
+    (``IOKey(value=v)``)."""
+    if isinstance(v, (str, IOKey, Terminal, Expression)):
         return v
     if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)):
         arr = np.asarray(v)
         if arr.dtype.kind in "biuf":
             return IOKey(value=arr)
     raise TypeError(f"connection for '{key}' must be a str name, an IOKey, a connection "
-                    f"(block.input, model.cout) or a constant number/array, got {type(v).__name__}")
+                    f"(block.input, model.cout), an expression of connections (lin.output + 1) "
+                    f"or a constant number/array, got {type(v).__name__}")
 
 
 class Bound:
@@ -125,6 +137,9 @@ class Bound:
         for k, v in connections.items():
             if isinstance(v, IOKey) and v.value is not None and k in block.output_keys:
                 raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take a value")
+            if isinstance(v, Expression) and k in block.output_keys:
+                raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take an "
+                                 f"expression ({v!r}); connect the expression to an input")
         self.block, self.connections = block, connections
 
 
@@ -141,6 +156,11 @@ class Model:
         self._cin: Connection | None = None
         self._cout: Connection | None = None
         self._used = False
+        #: id(expression) -> (expression, the wire carrying its value) for the expressions
+        #: added to this model (one expression object is added once)
+        self._expr_wires: dict[int, tuple[Expression, Connection]] = {}
+        #: during ``_add``: the (mapping, key) of parameter roles that became wires (to undo)
+        self._new_roles: list[tuple[dict[str, Connection], str]] | None = None
 
     def __getattr__(self, name: str) -> Terminal:
         """``model.input``: a terminal (or a named internal wire) of this model as an object."""
@@ -242,8 +262,16 @@ class Model:
         return any(v is c for v in self.conns.values()) or any(
             v is c for _, m in self.blocks for v in m.values())
 
-    def _resolve(self, given: str | Terminal, what: str) -> Connection:
-        """The wire of this model a name or a :class:`Terminal` refers to."""
+    def _resolve(self, given: str | Terminal | Expression, what: str) -> Connection:
+        """The wire of this model a name, a :class:`Terminal` or an expression already added
+        to it refers to."""
+        if isinstance(given, Expression):
+            cached = self._expr_wires.get(id(given))
+            if cached is not None and cached[0] is given:
+                return cached[1]
+            raise ValueError(f"{what}: the expression {given!r} is not part of this model; "
+                             "connect it to a block first, e.g. model |= Buffer()(input=expr, "
+                             "output=\"name\")")
         if isinstance(given, str):
             if given not in self.conns:
                 raise KeyMismatchError(f"{what}: this model has no connection '{given}'; "
@@ -260,6 +288,8 @@ class Model:
                 key = given.key
                 if key not in mapping and key in param_keys(block):
                     mapping[key] = Connection(None)  # a parameter, referred to: now a wire
+                    if self._new_roles is not None:
+                        self._new_roles.append((mapping, key))
                 if key not in mapping:
                     raise KeyMismatchError(f"{what}: {given!r} is not a terminal of its block")
                 return mapping[key]
@@ -279,11 +309,15 @@ class Model:
             del self.conns[c.name]
         c.name, c.auto_output = None, False
 
-    def _given(self, given: Given, is_output: bool) -> Connection:
+    def _given(self, given: Given, is_output: bool, where: Any = None) -> Connection:
         """The connection for a name given in ``connect(...)``. An explicit output name takes
-        the name from an output that only had it by default (it becomes an internal wire)."""
+        the name from an output that only had it by default (it becomes an internal wire).
+        An expression adds its operator blocks; ``where`` (block, key) names it in errors."""
         if isinstance(given, Terminal):
             return self._resolve(given, "connect")
+        if isinstance(given, Expression):
+            block, key = where if where is not None else (None, "?")
+            return wire_expression(self, given, f"{type(block).__name__}.connect({key}=...)")
         key = given if isinstance(given, IOKey) else IOKey(given)
         if key.name is None:
             c = Connection(None)
@@ -310,7 +344,45 @@ class Model:
             i += 1
         return f"{key}_{i}"
 
+    def _snapshot(self) -> Any:
+        """What ``_add`` may change, to put back if it raises (see :meth:`_restore`): new
+        blocks are appended and parameter roles that become wires are logged, so this costs
+        the named connections only."""
+        conns = dict(self.conns)
+        attrs = [(c, c.name, c.shape, c.value, c.exposed, c.auto_output) for c in conns.values()]
+        self._new_roles = []
+        return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output)
+
+    def _restore(self, snap: Any) -> None:
+        n_blocks, conns, attrs, wires, last = snap
+        del self.blocks[n_blocks:]
+        self.conns.clear()
+        self.conns.update(conns)
+        for c, name, shape, value, exposed, auto_output in attrs:
+            c.name, c.shape, c.value, c.exposed, c.auto_output = name, shape, value, exposed, auto_output
+        for mapping, key in self._new_roles or ():
+            del mapping[key]
+        self._expr_wires.clear()
+        self._expr_wires.update(wires)
+        self._last_output = last
+
     def _add(self, item: Block | Bound, chain: bool) -> Model:
+        """Add ``item`` (a block, or a block bound by ``connect(...)``); if anything raises,
+        the model is left as it was."""
+        snap = self._snapshot()
+        block = item.block if isinstance(item, Bound) else item
+        was_used = getattr(block, "_used", None)
+        try:
+            return self._add_block(item, chain)
+        except BaseException:
+            self._restore(snap)
+            if isinstance(block, Model) and block is not self:
+                block._used = bool(was_used)
+            raise
+        finally:
+            self._new_roles = None
+
+    def _add_block(self, item: Block | Bound, chain: bool) -> Model:
         bound = item if isinstance(item, Bound) else Bound(item, {})
         block = bound.block
         if block is self:
@@ -335,7 +407,7 @@ class Model:
             if key in mapping:
                 continue
             if key in bound.connections:
-                mapping[key] = self._given(bound.connections[key], key in outs)
+                mapping[key] = self._given(bound.connections[key], key in outs, (block, key))
             elif key in hidden:
                 mapping[key] = Connection(None)
             elif key in outs:

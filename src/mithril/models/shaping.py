@@ -145,9 +145,35 @@ def _as_index(i: Any) -> Any:
     return np.asarray(i, dtype=np.int64) if isinstance(i, (list, np.ndarray)) else i
 
 
+def _positive_steps(index: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
+    """torch slices take no negative step: the axes that such slices of ``index`` read (to
+    flip first) and the index with those slices as positive steps over the flipped axes
+    (position ``p`` of an axis of size ``n`` is ``n - 1 - p`` once flipped)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not any(isinstance(i, slice) and i.step is not None and i.step < 0 for i in items):
+        return (), index
+    used = sum(np.ndim(i) if isinstance(i, np.ndarray) and i.dtype == bool else 1
+               for i in items if i is not None and i is not Ellipsis)
+    axis, flips, out = 0, [], []
+    for i in items:
+        if i is None or i is Ellipsis:
+            axis += 0 if i is None else len(shape) - used
+            out.append(i)
+            continue
+        if isinstance(i, slice) and i.step is not None and i.step < 0:
+            n = shape[axis]
+            start, stop, step = i.indices(n)
+            flips.append(axis)
+            i = slice(n - 1 - start, n - 1 - stop, -step)
+        out.append(i)
+        axis += np.ndim(i) if isinstance(i, np.ndarray) and i.dtype == bool else 1
+    return tuple(flips), tuple(out)
+
+
 class Indexer(Operator):
-    """``input[index]`` for a fixed ``index``: an int, a slice, ``None``, ``...`` or a tuple
-    of those (integer lists index too; their repeats add up in the gradient)."""
+    """``input[index]`` for a fixed ``index``: an int, a slice (negative steps too), ``None``,
+    ``...`` or a tuple of those (integer lists index too; their repeats add up in the
+    gradient)."""
 
     any_dtype_inputs = frozenset({"input"})
 
@@ -163,6 +189,10 @@ class Indexer(Operator):
         return None if s is None else _index_shape(s, self.index)
 
     def forward(self, xp: Any, input: Any) -> Any:
+        torch = torch_of(xp)
+        if torch is not None:
+            flips, index = _positive_steps(self.index, tuple(input.shape))
+            return (torch.flip(input, flips) if flips else input)[index]
         return input[self.index]
 
     def vjp(self, g, out, args, wrt):

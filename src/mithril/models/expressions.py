@@ -1,0 +1,426 @@
+"""Arithmetic and indexing on connection objects: expressions that become operator blocks.
+
+Connection objects (a block's terminals such as ``lin.output``, ``model.cout``,
+``model.input``, and :class:`~mithril.models.model.IOKey`) take Python's operators, as in
+the published Mithril::
+
+    model |= Relu()(input=lin1.output + lin2.output * 2.0, output="output")
+    model |= Buffer()(input=model.x[:, 0].sum(axis=-1), output="s")
+
+An operator on connection objects builds an :class:`Expression`: an operator (one of the
+existing blocks: ``Add``, ``Subtract``, ``Multiply``, ``Divide``, ``Power``,
+``MatrixMultiply``, ``Negate``, ``Absolute``, ``Sqrt``, ``Exponential``, ``Indexer``,
+``Transpose``, ``Reshape``, ``Sum``, ``Mean``, ``Max``, ``Min``, ``Cast``) and its operands:
+connection objects, other expressions and constants. Nothing is added to any model then. When
+an expression is connected to a block's terminal (``model |= block(input=expr)`` or
+``block.connect(input=expr)``), its operators are added to that model, sub-expressions first,
+as anonymous blocks: their outputs are internal wires, and each block is named after its class
+like any other (``add``, ``multiply_1``, ``indexer``: the rows of ``summary()``). The operands
+are wired as ``connect(...)`` would wire them:
+
+* a terminal object: the wire it refers to (the model's own connections and its direct
+  children's terminals, as in ``connect(...)``);
+* an ``IOKey``: the named connection (created as an input if new), or its constant value;
+* a number, list or NumPy array: a constant input folded in at compile time, in the model's
+  float dtype (integers and booleans become floats: arithmetic is float arithmetic).
+
+Connected twice to one model, the same expression object is added once (its output wire is
+reused); connected to another model, it is added there again. Binary operators broadcast as
+NumPy does. Indices, axes, shapes and dtypes are static (fixed when the expression is made),
+as the operators' constructor arguments are.
+
+What an operator computes (its shape rule, its forward on every backend and its NumPy VJP)
+lives in its operator class only; this module only builds blocks. Bad input is refused with
+the operator and the connection named: an unsupported operand type or index when the
+expression is made, a connection the model cannot reach when it is connected (the model is
+then unchanged). Comparisons, ``//``, ``&``, ``|``, ``^``, ``~``, shifts and the published
+``shape`` / ``size`` / ``tensor`` / ``item`` / ``prod`` / ``var`` are not offered (there is
+no such operator here): they raise a ``TypeError`` or ``AttributeError`` saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from .operator import Operator
+
+if TYPE_CHECKING:  # model.py imports this module: no runtime import back
+    from .model import Connection, Model
+
+#: operator class -> the module that defines it (imported when first used: shaping.py
+#: imports model.py, which imports this module)
+_MODULES = {
+    "Add": "arithmetic", "Multiply": "arithmetic", "MatrixMultiply": "arithmetic",
+    "Subtract": "primitives", "Divide": "primitives", "Power": "primitives",
+    "Negate": "primitives", "Absolute": "primitives", "Sqrt": "primitives",
+    "Exponential": "primitives", "Cast": "primitives",
+    "Sum": "reductions", "Mean": "reductions", "Max": "reductions", "Min": "reductions",
+    "Indexer": "shaping", "Transpose": "shaping", "Reshape": "shaping",
+}
+
+#: operators of the published Mithril's connections that have no operator here
+_NOT_OFFERED_OPS = {
+    "//": "FloorDivide", "<": "Less", "<=": "LessEqual", ">": "Greater", ">=": "GreaterEqual",
+    "&": "LogicalAnd", "|": "LogicalOr", "^": "LogicalXOr", "~": "LogicalNot",
+    "<<": "ShiftLeft", ">>": "ShiftRight",
+}
+_NOT_OFFERED_METHODS = frozenset({
+    "shape", "size", "tensor", "item", "prod", "var", "len", "eq", "ne", "sin", "cos", "floor",
+    "clamp", "atleast_1d", "dtype",
+})
+
+Operand = Union["ConnectionOps", np.ndarray]
+
+
+def _op(name: str, *args: Any, **kwargs: Any) -> Operator:
+    module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
+    return getattr(module, name)(*args, **kwargs)
+
+
+def _text(v: Any) -> str:
+    """How an operand reads in an expression's repr."""
+    if isinstance(v, np.ndarray):
+        return repr(v.item()) if v.ndim == 0 else f"array{list(v.shape)}"
+    from .model import IOKey
+
+    if isinstance(v, IOKey):
+        if v.name is None and v.value is not None:
+            return _text(v.value)
+        shape = "" if v.shape is None else ", shape=[" + ", ".join(map(str, v.shape)) + "]"
+        return f"IOKey({v.name!r}{shape})"
+    return repr(v)
+
+
+def _has_connection(v: Any) -> bool:
+    if isinstance(v, ConnectionOps):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_has_connection(i) for i in v)
+    if isinstance(v, slice):
+        return any(_has_connection(i) for i in (v.start, v.stop, v.step))
+    return False
+
+
+def _static(value: Any, what: str, receiver: ConnectionOps) -> None:
+    """A ``TypeError`` if an argument (index, axis, shape) is a connection: they are fixed here."""
+    if _has_connection(value):
+        raise TypeError(f"{receiver!r}{what}: the argument must be static (numbers, slices, "
+                        "None, ...), not a connection: indices, axes and shapes are fixed when "
+                        "the expression is made")
+
+
+def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
+    """An operand as given (a connection object) or as a float constant array."""
+    if isinstance(v, ConnectionOps):
+        from .model import IOKey
+
+        if isinstance(v, IOKey) and v.name is None and v.value is None:
+            raise TypeError(f"'{symbol}' with {this!r}: an IOKey operand needs a name or a value")
+        return v
+    if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)) and not _has_connection(v):
+        try:
+            arr = np.asarray(v)
+        except ValueError:  # ragged lists
+            arr = np.asarray(0, dtype=object)
+        if arr.dtype.kind in "biu":
+            return arr.astype(np.float64)
+        if arr.dtype.kind == "f":
+            return arr
+    raise TypeError(f"unsupported operand for '{symbol}' with {this!r}: {type(v).__name__} "
+                    f"{v!r:.60}; an operand is a connection (a block's terminal, model.cout, an "
+                    "IOKey, an expression) or a number / numeric list or array")
+
+
+def _index_text(index: Any) -> str:
+    def one(i: Any) -> str:
+        if i is Ellipsis:
+            return "..."
+        if isinstance(i, slice):
+            parts = ["" if p is None else str(p) for p in (i.start, i.stop)]
+            return ":".join(parts) + ("" if i.step is None else f":{i.step}")
+        if isinstance(i, np.ndarray):
+            return repr(i.tolist())
+        return repr(i)
+
+    items = index if isinstance(index, tuple) else (index,)
+    return ", ".join(one(i) for i in items) + ("," if isinstance(index, tuple) and len(index) == 1 else "")
+
+
+def _check_index(index: Any, receiver: ConnectionOps) -> None:
+    """Indices the ``Indexer`` operator takes: ints, slices of ints, None, ``...`` and integer
+    lists / arrays, or a tuple of those; booleans are refused (NumPy reads them as masks)."""
+    _static(index, f"[{index!r}]", receiver)
+    for i in index if isinstance(index, tuple) else (index,):
+        if i is None or i is Ellipsis:
+            continue
+        if isinstance(i, slice):
+            fields = (i.start, i.stop, i.step)
+            if all(f is None or (isinstance(f, (int, np.integer)) and not isinstance(f, bool))
+                   for f in fields) and i.step != 0:
+                continue
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+            continue
+        elif isinstance(i, (list, np.ndarray)) and np.asarray(i).dtype.kind in "iu":
+            continue
+        raise TypeError(f"{receiver!r}[...]: unsupported index {i!r}; an index is an int, a slice "
+                        "of ints (step not 0), None, ..., an integer list or array, or a tuple "
+                        "of those")
+
+
+class ConnectionOps:
+    """Python operators and array methods on connection objects (a mixin of ``Terminal``,
+    ``IOKey`` and :class:`Expression`): each returns an :class:`Expression`; nothing is added
+    to a model until the expression is connected. See the module docstring."""
+
+    __slots__ = ()
+    #: NumPy arrays and scalars defer to the reflected operators (``2.0 * conn``,
+    #: ``np.ones(3) + conn``) instead of broadcasting over the connection as an object
+    __array_ufunc__ = None
+
+    # -- binary arithmetic (broadcasting) ---------------------------------------------------
+    def _binary(self, other: Any, name: str, keys: tuple[str, str], symbol: str,
+                reflected: bool = False) -> Expression:
+        b = _constant(other, symbol, self)
+        left, right = (b, self) if reflected else (self, b)
+        return Expression(_op(name), {keys[0]: left, keys[1]: right},
+                          f"({_text(left)} {symbol} {_text(right)})")
+
+    def __add__(self, other: Any) -> Expression:
+        return self._binary(other, "Add", ("left", "right"), "+")
+
+    def __radd__(self, other: Any) -> Expression:
+        return self._binary(other, "Add", ("left", "right"), "+", reflected=True)
+
+    def __sub__(self, other: Any) -> Expression:
+        return self._binary(other, "Subtract", ("left", "right"), "-")
+
+    def __rsub__(self, other: Any) -> Expression:
+        return self._binary(other, "Subtract", ("left", "right"), "-", reflected=True)
+
+    def __mul__(self, other: Any) -> Expression:
+        return self._binary(other, "Multiply", ("left", "right"), "*")
+
+    def __rmul__(self, other: Any) -> Expression:
+        return self._binary(other, "Multiply", ("left", "right"), "*", reflected=True)
+
+    def __truediv__(self, other: Any) -> Expression:
+        return self._binary(other, "Divide", ("numerator", "denominator"), "/")
+
+    def __rtruediv__(self, other: Any) -> Expression:
+        return self._binary(other, "Divide", ("numerator", "denominator"), "/", reflected=True)
+
+    def __pow__(self, other: Any, modulo: Any = None) -> Expression:
+        if modulo is not None:
+            raise TypeError(f"pow({self!r}, ..., modulo): a modulo is not offered")
+        return self._binary(other, "Power", ("base", "exponent"), "**")
+
+    def __rpow__(self, other: Any) -> Expression:
+        return self._binary(other, "Power", ("base", "exponent"), "**", reflected=True)
+
+    def __matmul__(self, other: Any) -> Expression:
+        return self._binary(other, "MatrixMultiply", ("left", "right"), "@")
+
+    def __rmatmul__(self, other: Any) -> Expression:
+        return self._binary(other, "MatrixMultiply", ("left", "right"), "@", reflected=True)
+
+    # -- unary ------------------------------------------------------------------------------
+    def _unary(self, op: Operator, text: str) -> Expression:
+        return Expression(op, {"input": self}, text)
+
+    def __neg__(self) -> Expression:
+        return self._unary(_op("Negate"), f"-{_text(self)}")
+
+    def __abs__(self) -> Expression:
+        return self.abs()
+
+    def abs(self) -> Expression:
+        """|x| (``Absolute``: gradient 0 at 0)."""
+        return self._unary(_op("Absolute"), f"abs({_text(self)})")
+
+    def sqrt(self) -> Expression:
+        """√x (``Sqrt``)."""
+        return self._unary(_op("Sqrt"), f"{_text(self)}.sqrt()")
+
+    def exp(self) -> Expression:
+        """e^x (``Exponential``)."""
+        return self._unary(_op("Exponential"), f"{_text(self)}.exp()")
+
+    def cast(self, dtype: Any) -> Expression:
+        """The values in ``dtype`` (``Cast``)."""
+        _static(dtype, f".cast({dtype!r})", self)
+        return self._unary(_op("Cast", dtype), f"{_text(self)}.cast({dtype!r})")
+
+    # -- moving elements --------------------------------------------------------------------
+    def __getitem__(self, index: Any) -> Expression:
+        """``x[index]`` (``Indexer``): ints, slices (negative steps too), None, ``...`` and
+        integer lists, or a tuple of those."""
+        _check_index(index, self)
+        return self._unary(_op("Indexer", index), f"{_text(self)}[{_index_text(index)}]")
+
+    @property
+    def T(self) -> Expression:  # noqa: N802 - NumPy's and the published name
+        """The axes reversed (``Transpose()``)."""
+        return self._unary(_op("Transpose"), f"{_text(self)}.T")
+
+    def transpose(self, axes: Sequence[int] | None = None) -> Expression:
+        """The axes permuted by ``axes`` (``Transpose(axes)``; None: reversed)."""
+        _static(axes, f".transpose({axes!r})", self)
+        return self._unary(_op("Transpose", axes), f"{_text(self)}.transpose({axes!r})")
+
+    def reshape(self, *shape: Any) -> Expression:
+        """The values in ``shape`` (``Reshape``): ``x.reshape((2, -1))`` or ``x.reshape(2, -1)``;
+        one entry may be -1 (or None)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        _static(shape, f".reshape({shape!r})", self)
+        return self._unary(_op("Reshape", shape), f"{_text(self)}.reshape({shape!r})")
+
+    # -- reductions -------------------------------------------------------------------------
+    def _reduce(self, name: str, axis: Any, keepdim: bool) -> Expression:
+        _static(axis, f".{name.lower()}(axis={axis!r})", self)
+        args = ", ".join([*([f"axis={axis!r}"] if axis is not None else []),
+                          *(["keepdim=True"] if keepdim else [])])
+        return self._unary(_op(name, axis=axis, keepdim=keepdim), f"{_text(self)}.{name.lower()}({args})")
+
+    def sum(self, axis: int | Sequence[int] | None = None, keepdim: bool = False) -> Expression:
+        """Σ over ``axis`` (``Sum``; None: all axes)."""
+        return self._reduce("Sum", axis, keepdim)
+
+    def mean(self, axis: int | Sequence[int] | None = None, keepdim: bool = False) -> Expression:
+        """The mean over ``axis`` (``Mean``)."""
+        return self._reduce("Mean", axis, keepdim)
+
+    def max(self, axis: int | Sequence[int] | None = None, keepdim: bool = False) -> Expression:
+        """The maximum over ``axis`` (``Max``; ties share the gradient)."""
+        return self._reduce("Max", axis, keepdim)
+
+    def min(self, axis: int | Sequence[int] | None = None, keepdim: bool = False) -> Expression:
+        """The minimum over ``axis`` (``Min``)."""
+        return self._reduce("Min", axis, keepdim)
+
+    # -- not offered ------------------------------------------------------------------------
+    def _not_offered(self, symbol: str, *_: Any) -> Any:
+        raise TypeError(f"'{symbol}' on connections ({self!r}) is not offered: there is no "
+                        f"{_NOT_OFFERED_OPS[symbol]} operator here")
+
+    def __floordiv__(self, other: Any) -> Any:
+        return self._not_offered("//")
+
+    __rfloordiv__ = __floordiv__
+
+    def __lt__(self, other: Any) -> Any:
+        return self._not_offered("<")
+
+    def __le__(self, other: Any) -> Any:
+        return self._not_offered("<=")
+
+    def __gt__(self, other: Any) -> Any:
+        return self._not_offered(">")
+
+    def __ge__(self, other: Any) -> Any:
+        return self._not_offered(">=")
+
+    def __and__(self, other: Any) -> Any:
+        return self._not_offered("&")
+
+    __rand__ = __and__
+
+    def __or__(self, other: Any) -> Any:
+        return self._not_offered("|")
+
+    __ror__ = __or__
+
+    def __xor__(self, other: Any) -> Any:
+        return self._not_offered("^")
+
+    __rxor__ = __xor__
+
+    def __invert__(self) -> Any:
+        return self._not_offered("~")
+
+    def __lshift__(self, other: Any) -> Any:
+        return self._not_offered("<<")
+
+    __rlshift__ = __lshift__
+
+    def __rshift__(self, other: Any) -> Any:
+        return self._not_offered(">>")
+
+    __rrshift__ = __rshift__
+
+    #: not iterable (``iter(conn)`` is a TypeError, and ``Iterable`` does not match): with
+    #: ``__getitem__`` alone, Python would iterate ``x[0], x[1], ...`` without end
+    __iter__ = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _NOT_OFFERED_METHODS:
+            raise AttributeError(f"{self!r}.{name}: not offered on connections here (the "
+                                 "published Mithril's scalar and shape connections have no "
+                                 "counterpart: shapes are fixed at compile time)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class Expression(ConnectionOps):
+    """An operator applied to operands, not yet part of any model (see the module docstring).
+
+    ``op`` is the operator (a template: each model it is connected to gets its own copy),
+    ``operands`` maps the operator's input terminals to connection objects, other expressions
+    or constant arrays, and ``text`` is how it reads (``(Linear.output + 2.0)``)."""
+
+    __slots__ = ("op", "operands", "text")
+
+    def __init__(self, op: Operator, operands: dict[str, Operand], text: str) -> None:
+        self.op, self.operands, self.text = op, operands, text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _leaf(model: Model, v: Operand, where: str) -> Connection:
+    """The wire of ``model`` for one operand that is not an expression."""
+    from .model import IOKey, Model, Terminal
+
+    if isinstance(v, np.ndarray):
+        return model._given(IOKey(value=v), is_output=False)
+    if isinstance(v, IOKey):
+        return model._given(v, is_output=False)
+    assert isinstance(v, Terminal)
+    if (isinstance(v.block, Model) and v.block is not model and v.conn is not None
+            and not model._owns(v.conn) and not any(b is v.block for b, _ in model.blocks)):
+        raise ValueError(f"{where}: {v!r} is a connection of another model, which is not part "
+                         "of this one: add that model first (model |= other), or combine "
+                         "connections of this model and its direct children only")
+    return model._resolve(v, where)
+
+
+def wire_expression(model: Model, expr: Expression, where: str) -> Connection:
+    """Add ``expr``'s operators to ``model`` (sub-expressions first) and return the wire that
+    carries its value: an unnamed internal connection. An expression already added to
+    ``model`` is not added again. ``where`` (``"Relu.connect(input=...)"``) starts the
+    messages of errors; the caller (``Model._add``) restores the model if this raises."""
+    cached = model._expr_wires.get(id(expr))
+    if cached is not None and cached[0] is expr:
+        return cached[1]
+    from .model import Connection
+
+    mapping: dict[str, Connection] = {}
+    for key, v in expr.operands.items():
+        if isinstance(v, Expression):
+            mapping[key] = wire_expression(model, v, where)
+            continue
+        context = f"{where}: in {expr!r} ({type(expr.op).__name__}.{key})"
+        try:
+            mapping[key] = _leaf(model, v, context)
+        except (KeyError, ValueError, TypeError) as e:
+            if context in str(e):
+                raise
+            raise type(e)(f"{context}: {e}") from None
+    mapping["output"] = Connection(None)
+    model.blocks.append((copy.copy(expr.op), mapping))
+    model._expr_wires[id(expr)] = (expr, mapping["output"])
+    return mapping["output"]
