@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, backend_of, functional_of
+from .operator import Operator, backend_of, functional_of, stop_gradient
 
 
 class Relu(Operator):
@@ -146,7 +146,7 @@ class Softmax(Operator):
         F = functional_of(xp)
         if F is not None:
             return F.softmax(input, dim=self.axis)
-        e = xp.exp(input - xp.max(input, axis=self.axis, keepdims=True))
+        e = xp.exp(input - stop_gradient(xp, xp.max(input, axis=self.axis, keepdims=True)))
         return e / xp.sum(e, axis=self.axis, keepdims=True)
 
     def vjp(self, g, out, args, wrt):

@@ -42,6 +42,7 @@ from .operator import (
     broadcast_shapes,
     fmt,
     functional_of,
+    stop_gradient,
     unbroadcast,
 )
 
@@ -85,11 +86,7 @@ def attention_probs(xp: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) 
     if keep is not None:
         s = xp.where(keep, s, -np.inf)
     m = xp.max(s, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)
-    if xp is not np:
-        import jax
-
-        m = jax.lax.stop_gradient(m)  # softmax does not depend on the shift
+    m = stop_gradient(xp, xp.where(xp.isfinite(m), m, 0))  # softmax does not depend on the shift
     e = xp.exp(s - m)
     den = xp.sum(e, axis=-1, keepdims=True)
     return e / xp.where(den == 0, 1, den)

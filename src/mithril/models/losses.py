@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
-from .operator import Operator, Shape, ShapeError, fmt, functional_of, unify
+from .operator import Operator, Shape, ShapeError, fmt, functional_of, stop_gradient, unify
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -95,7 +95,7 @@ class CrossEntropy(Operator):
                 return xp.log(x)
             c = self._cutoff(x.dtype)
             return xp.where(x < c, math.log(c) + x / c - 1, xp.log(xp.maximum(x, c)))
-        m = xp.max(x, axis=-1, keepdims=True)
+        m = stop_gradient(xp, xp.max(x, axis=-1, keepdims=True))  # a shift: no gradient
         return x - (m + xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True)))
 
     def check_inputs(self, shapes: Mapping[str, Shape | None], dtypes: Mapping[str, str],

@@ -222,6 +222,18 @@ def torch_of(xp: Any) -> Any:
     return xp.t if backend_of(xp) == "torch" else None
 
 
+def stop_gradient(xp: Any, x: Any) -> Any:
+    """``x`` as a constant for autodiff (JAX ``lax.stop_gradient``, torch ``detach``; NumPy
+    as is: its VJPs are written by hand): for a shift such as the max of a log-sum-exp,
+    whose gradient cancels exactly, so that no backward work is traced for it."""
+    kind = backend_of(xp)
+    if kind == "jax":
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x.detach() if kind == "torch" else x
+
+
 def functional_of(xp: Any) -> Any:
     """``torch.nn.functional`` when ``xp`` is the torch backend's namespace, else ``None``: an
     operator's forward uses torch's fused kernel (``F.linear``, ``F.layer_norm``, ...) through it
