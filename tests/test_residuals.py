@@ -285,6 +285,35 @@ def test_max_pool_routes_nan_windows_as_torch(make, ref):
     np.testing.assert_allclose(grads["input"], t.grad.numpy(), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("make, ref, shape", [
+    (lambda: ml.MaxPool2D(3, stride=2, padding=1), lambda t: F.max_pool2d(t, 3, 2, 1), (2, 3, 7, 6)),
+    (lambda: ml.MaxPool2D(2, dilation=2, padding=1), lambda t: F.max_pool2d(t, 2, 2, 1, 2),
+     (1, 2, 7, 7)),
+    (lambda: ml.MaxPool1D(3, padding=1), lambda t: F.max_pool1d(t, 3, padding=1), (2, 3, 8)),
+])
+def test_max_pool_routes_minus_inf_windows_as_torch(make, ref, shape):
+    """A window of −inf values (padding never counts) sends its cotangent to its first
+    element inside the input, as torch; on a channels-last input too."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape)
+    x[0, 0] = -np.inf  # every window of this channel is all −inf
+    x[-1, -1, ..., :2] = -np.inf
+    compiled = ml.compile(make(), NumpyBackend(dtype="float64"), shapes={"input": list(x.shape)},
+                          trainable_keys={"input"})
+    g = rng.standard_normal(compiled.program.output_shape("output"))
+    t = torch.tensor(x, requires_grad=True)
+    y = ref(t)
+    y.backward(torch.tensor(g))
+    order = (0, *range(2, x.ndim), 1)
+    last = np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+    for given in (x, last):
+        out, grads = compiled.evaluate({"input": given}, {}, output_gradients={"output": g})
+        np.testing.assert_array_equal(out["output"], y.detach().numpy())
+        # (overlapping windows add up in another order than torch's: rounding only)
+        np.testing.assert_allclose(grads["input"], t.grad.numpy(), rtol=1e-13, atol=1e-13)
+        assert np.array_equal(grads["input"] == 0, t.grad.numpy() == 0)  # routed alike
+
+
 @pytest.mark.parametrize("make", [
     lambda: ml.Convolution2D(3, 4, padding=1, groups=2), lambda: ml.Convolution2D(2, 3, stride=2),
     lambda: ml.MaxPool2D(2), lambda: ml.MaxPool2D(3, stride=1, padding=1), lambda: ml.AvgPool2D(2),

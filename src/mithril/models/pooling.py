@@ -180,6 +180,16 @@ class _MaxPool(_Pool):
                 taken |= at
                 np.greater(eq, nan, out=eq)
                 eq |= at
+        if any(lo or hi for lo, hi in self.pads):
+            neg = np.isneginf(m)
+            if neg.any():  # a window of −inf values: torch routes to its first element inside
+                # the input (its windows start there), not to the −inf padding
+                inside = pad_like(np.ones((1, 1, *input.shape[2:]), bool), self.pads, False)
+                taken = np.zeros_like(m, dtype=bool)
+                for sl, eq in zip(slices, masks, strict=True):
+                    first = inside[sl] & ~taken
+                    np.copyto(eq, first, where=neg)
+                    taken |= first
         return m, (masks, input.shape)
 
     def vjp(self, g, out, args, wrt, residuals=None):
