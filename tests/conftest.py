@@ -80,7 +80,7 @@ def central_differences(f, params: dict, eps: float) -> dict:
 
 
 def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300) -> dict:
-    """``{case + "#" + key: array}`` of ``module.run(case, "jax")`` for every case of
+    """``{case: {key: array}}`` of ``module.run(case, "jax")`` for every case of
     ``module.cases``, computed in a fresh interpreter (JAX x64 is process-global)."""
     import tempfile
 
@@ -96,8 +96,12 @@ def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float 
                 flat.update({{case + "#" + k: v for k, v in t.{run}(case, "jax").items()}})
             np.savez({path!r}, **flat)
             """, timeout=timeout)
+        out: dict[str, dict] = {}
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            for k in z.files:
+                case, key = k.split("#", 1)
+                out.setdefault(case, {})[key] = z[k]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def jax_results():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_jax_equals_torch(case, jax_results):
-    compare(case, {k.split("#", 1)[1]: v for k, v in jax_results.items() if k.startswith(case + "#")}, "jax")
+    compare(case, jax_results.get(case, {}), "jax")
 
 
 # -- NumPy BPTT against central finite differences ------------------------------------------------
