@@ -148,7 +148,15 @@ class CrossEntropy(Operator):
 
     @staticmethod
     def _is_index(xp: Any, target: Any) -> bool:
-        return not getattr(target.dtype, "is_floating_point", None) and "int" in str(target.dtype)
+        """Whether ``target`` holds integer class indices (NumPy / JAX dtypes by their kind,
+        torch's by its flags: no string formatting on the hot path)."""
+        dt = target.dtype
+        kind = getattr(dt, "kind", None)
+        if kind is not None:
+            return kind in "iu"
+        if dt.is_floating_point or dt.is_complex:
+            return False
+        return dt.itemsize > 1 or "int" in str(dt)  # of the 1-byte ones int8/uint8, not bool
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
