@@ -135,6 +135,71 @@ def test_activations_no_vjp_reads_are_dropped_in_the_differentiated_forward():
     np.testing.assert_array_equal(outputs_of(prog, env)["output"], outputs_of(prog, plain)["output"])
 
 
+def _relu_vjp_calls(monkeypatch) -> list[str]:
+    from mithril.models.activations import Relu
+
+    calls: list[str] = []
+    plain, inplace = Relu.vjp, Relu.vjp_inplace
+    monkeypatch.setattr(Relu, "vjp", lambda self, *a, **k: (calls.append("new"), plain(self, *a))[1])
+    monkeypatch.setattr(Relu, "vjp_inplace",
+                        lambda self, *a: (calls.append("in place"), inplace(self, *a))[1])
+    return calls
+
+
+def test_relu_vjp_writes_over_a_cotangent_only_the_pass_holds(monkeypatch):
+    """After a max-pool (whose VJP returns a fresh array) the ReLU's VJP writes over its
+    cotangent; the same numbers as a new array."""
+    m = ml.Model()
+    m |= ml.Convolution2D(3, 4, padding=1)(input="input", output=ml.IOKey("c0", expose=False))
+    m |= ml.Relu()(input="c0", output=ml.IOKey("r0", expose=False))
+    m |= ml.MaxPool2D(2)(input="r0", output=ml.IOKey("p0", expose=False))
+    m |= ml.Flatten()(input="p0", output=ml.IOKey("flat", expose=False))
+    m |= ml.Linear(5)(input="flat", output="output")
+    compiled = ml.compile(m, NumpyBackend(dtype="float64"), shapes={"input": [2, 3, 8, 8]})
+    params = compiled.get_parameters()
+    x = {"input": np.random.default_rng(6).standard_normal((2, 3, 8, 8))}
+    g = {"output": np.random.default_rng(7).standard_normal(compiled.program.output_shape("output"))}
+    calls = _relu_vjp_calls(monkeypatch)
+    _, got = compiled.evaluate(params, x, output_gradients=g)
+    assert calls == ["in place"]
+    monkeypatch.setattr(ml.Relu, "has_vjp_inplace", False)
+    _, want = compiled.evaluate(params, x, output_gradients=g)
+    assert calls == ["in place", "new"]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("build", ["user cotangent", "shared by two", "a view"])
+def test_relu_vjp_never_writes_over_what_others_hold(build, monkeypatch):
+    """The user's output cotangent, one array that two ReLUs both receive (Add's VJP hands
+    the same one to both inputs) and a view (Transpose's VJP) are never overwritten: the
+    gradients are right and the user's array is unchanged."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4))
+    model = ml.Model()
+    if build == "user cotangent":
+        model |= ml.Relu()(input="input", output="output")
+        want = lambda gy: gy * (x > 0)  # noqa: E731
+    elif build == "shared by two":
+        model |= ml.Relu()(input="input", output=ml.IOKey("a", expose=False))
+        model |= ml.Relu()(input="input", output=ml.IOKey("b", expose=False))
+        model |= ml.Add()(left="a", right="b", output="output")
+        want = lambda gy: 2 * gy * (x > 0)  # noqa: E731
+    else:
+        model |= ml.Relu()(input="input", output=ml.IOKey("a", expose=False))
+        model |= ml.Transpose()(input="a", output="output")
+        want = lambda gy: gy.T * (x > 0)  # noqa: E731
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [3, 4]},
+                          trainable_keys={"input"})
+    gy = rng.standard_normal(compiled.program.output_shape("output"))
+    before = gy.copy()
+    calls = _relu_vjp_calls(monkeypatch)
+    _, grads = compiled.evaluate({"input": x}, {}, output_gradients={"output": gy})
+    np.testing.assert_array_equal(gy, before)
+    np.testing.assert_allclose(grads["input"], want(before), rtol=0, atol=1e-15)
+    assert "in place" not in calls
+
+
 def test_no_residuals_where_no_gradient_flows():
     """A node fed by data alone (no parameter upstream) gets no cotangent: nothing kept."""
     sq = Square()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +59,31 @@ def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
     return env
 
 
+def _refs(a: Any) -> int:
+    return sys.getrefcount(a)
+
+
+def _sole(g: Any) -> bool:
+    """Whether ``g`` is a writeable NumPy array (not a view) that only the caller's one local
+    name refers to: no cotangent slot, no user's dict, no other array shares its memory. The
+    reference count of such an array is measured once (:data:`_SOLE_REFS`), through these same
+    calls, rather than assumed (interpreters count borrowed references differently)."""
+    return (type(g) is np.ndarray and g.base is None and g.flags.writeable
+            and _refs(g) == _SOLE_REFS)
+
+
+def _calibrate() -> int:
+    g = np.empty(1)
+    return _count_like_sole(g)
+
+
+def _count_like_sole(g: Any) -> int:
+    return _refs(g)
+
+
+_SOLE_REFS = _calibrate()
+
+
 def outputs_of(prog: Program, env: list[Any]) -> dict[str, Any]:
     return {name: env[w] for name, w in prog.outputs.items()}
 
@@ -90,15 +116,19 @@ def numpy_backward(prog: Program, env: Env, params: Mapping[str, np.ndarray],
             args[k] = params[pname]
         if node.op.context:
             args["ctx"] = env.contexts[node.path]
-        # only operators with residuals take the keyword (None: the VJP recomputes them)
-        kw = {"residuals": res} if node.op.has_residuals else {}
-        for k, v in node.op.vjp(g, out, args, node.wrt, **kw).items():
+        if node.op.has_vjp_inplace and _sole(g):  # the pass alone holds g: write over it
+            result = node.op.vjp_inplace(g, out, args, node.wrt)
+        else:  # only operators with residuals take the keyword (None: the VJP recomputes them)
+            kw = {"residuals": res} if node.op.has_residuals else {}
+            result = node.op.vjp(g, out, args, node.wrt, **kw)
+        for k, v in result.items():
             if k in node.params:
                 pname = node.params[k]
                 grads[pname] = v if pname not in grads else grads[pname] + v
             else:
                 w = node.ins[k]
                 cot[w] = v if cot[w] is None else cot[w] + v
+        result = v = g = None  # the slots hold them now (see _sole)
     saved.clear()  # nodes no gradient reached
     for pname, w in prog.param_wires.items():
         if cot[w] is not None:

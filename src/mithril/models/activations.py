@@ -28,6 +28,9 @@ class Relu(Operator):
     def vjp(self, g, out, args, wrt):
         return {"input": g * (out > 0)}
 
+    def vjp_inplace(self, g, out, args, wrt):
+        return {"input": np.multiply(g, out > 0, out=g)}
+
 
 class LeakyRelu(Operator):
     """x if x > 0 else slope·x (torch default slope 0.01)."""

@@ -18,7 +18,8 @@ An :class:`Operator` states, for one operation,
   input, once its im2col matrix is saved): :attr:`vjp_ignores` names them, and that pass
   drops an activation as soon as no later forward step or VJP reads it; an elementwise
   operator may then also run in place (:meth:`forward_inplace`) over an input that is a
-  fresh array (:attr:`fresh_output`) nothing else reads.
+  fresh array (:attr:`fresh_output`) nothing else reads, and its VJP over a cotangent
+  the pass alone holds (:meth:`vjp_inplace`).
 
 Shapes are tuples whose entries are ``int`` or ``None`` (a free dimension, e.g. batch).
 """
@@ -193,9 +194,19 @@ class Operator:
         saves allocating (and faulting in) a new one."""
         raise NotImplementedError
 
+    def vjp_inplace(self, g: Any, out: Any, args: Mapping[str, Any], wrt: Any) -> dict[str, Any]:
+        """:meth:`vjp` written over the cotangent ``g``, for operators that can (an
+        elementwise ReLU): the NumPy pass calls it when ``g`` is an array it alone holds
+        (no other reference, not a view), which saves allocating a new one."""
+        raise NotImplementedError
+
     @property
     def has_inplace(self) -> bool:
         return type(self).forward_inplace is not Operator.forward_inplace
+
+    @property
+    def has_vjp_inplace(self) -> bool:
+        return type(self).vjp_inplace is not Operator.vjp_inplace
 
     @property
     def has_residuals(self) -> bool:

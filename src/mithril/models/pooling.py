@@ -100,6 +100,8 @@ class _Pool(Operator):
                 np.multiply(g, masks[k], out=dest)
             else:
                 dest += g * masks[k]
+        if not any(lo or hi for lo, hi in self.pads):
+            return gx  # not a view: a ReLU's VJP before it may then write over it
         return gx[crop(self.pads, xshape[2:])]
 
     def __repr__(self) -> str:
