@@ -79,6 +79,16 @@ def central_differences(f, params: dict, eps: float) -> dict:
     return out
 
 
+def assert_arrays_within(got: dict, want: dict, tol: float, label: str) -> float:
+    """Both dicts hold the same keys and every array of ``got`` is within ``tol`` (max
+    absolute difference) of ``want``'s; returns the largest difference."""
+    assert set(got) == set(want), set(got) ^ set(want)
+    errs = {k: float(np.abs(np.asarray(got[k]) - want[k]).max(initial=0.0)) for k in want}
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{label}: {bad}"
+    return max(errs.values(), default=0.0)
+
+
 def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300) -> dict:
     """``{case: {key: array}}`` of ``module.run(case, "jax")`` for every case of
     ``module.cases``, computed in a fresh interpreter (JAX x64 is process-global)."""

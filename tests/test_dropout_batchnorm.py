@@ -21,7 +21,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, central_differences, jax_results_in_subprocess, to_np
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    central_differences,
+    jax_results_in_subprocess,
+    to_np,
+)
 
 import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
@@ -257,11 +263,7 @@ def run_torch_bn(case: str) -> dict[str, np.ndarray]:
 
 
 def compare_bn(case: str, got: dict[str, np.ndarray], what: str) -> None:
-    want = run_torch_bn(case)
-    assert set(got) == set(want), (set(got) ^ set(want))
-    errs = {k: float(np.abs(got[k] - want[k]).max(initial=0.0)) for k in want}
-    bad = {k: e for k, e in errs.items() if not e <= TOL}
-    assert not bad, f"{what} {case}: {bad}"
+    assert_arrays_within(got, run_torch_bn(case), TOL, f"{what} {case}")
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])

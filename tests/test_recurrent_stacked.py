@@ -15,7 +15,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, central_differences, jax_results_in_subprocess, to_np
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    central_differences,
+    jax_results_in_subprocess,
+    to_np,
+)
 
 import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
@@ -123,12 +129,7 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
 
 
 def compare(case: str, got: dict[str, np.ndarray], what: str) -> float:
-    want = run_torch(case)
-    assert set(got) == set(want), set(got) ^ set(want)
-    errs = {k: float(np.abs(got[k] - want[k]).max()) for k in want}
-    bad = {k: e for k, e in errs.items() if not e <= TOL}
-    assert not bad, f"{what} {case}: {bad}"
-    return max(errs.values())
+    return assert_arrays_within(got, run_torch(case), TOL, f"{what} {case}")
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])

@@ -59,26 +59,22 @@ def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
     return env
 
 
-def _refs(a: Any) -> int:
-    return sys.getrefcount(a)
-
-
 def _sole(g: Any) -> bool:
     """Whether ``g`` is a writeable NumPy array (not a view) that only the caller's one local
     name refers to: no cotangent slot, no user's dict, no other array shares its memory. The
-    reference count of such an array is measured once (:data:`_SOLE_REFS`), through these same
-    calls, rather than assumed (interpreters count borrowed references differently)."""
+    reference count of such an array is measured once (:data:`_SOLE_REFS`, through a call of
+    the same depth) rather than assumed: interpreters count borrowed references differently."""
     return (type(g) is np.ndarray and g.base is None and g.flags.writeable
-            and _refs(g) == _SOLE_REFS)
+            and sys.getrefcount(g) == _SOLE_REFS)
 
 
 def _calibrate() -> int:
     g = np.empty(1)
-    return _count_like_sole(g)
+    return _count(g)
 
 
-def _count_like_sole(g: Any) -> int:
-    return _refs(g)
+def _count(g: Any) -> int:  # as _sole: a caller's local, this parameter, getrefcount's argument
+    return sys.getrefcount(g)
 
 
 _SOLE_REFS = _calibrate()
