@@ -21,7 +21,8 @@ only ever adds time, the steadier of the two).
 The hand-written NumPy is as fast as we could write it: the CNN keeps its activations
 channels-last, convolves by im2col (``sliding_window_view``, one matmul), pools by strided
 maxima of a reshape (its argmax mask takes every maximum: only the ReLU's zeros tie, and their
-gradient is 0) and scatters the input gradient one kernel offset at a time; the transformer
+gradient is 0) and computes the input gradient as a convolution of the padded output gradient
+with the flipped kernel (im2col again: faster in NumPy than scattering columns back); the transformer
 saves its intermediates, masks the scores with ``copyto(where=)`` and runs the backward with
 2-D matmuls; both work in place wherever a temporary can be reused (bias and residual adds,
 ReLU, softmax, GELU and its derivative).
@@ -177,13 +178,13 @@ def cnn_numpy(p, x, g):
         gy = gy.reshape(-1, gy.shape[-1])                           # (N·H·W, O)
         gw = (gy.T @ cols).reshape(-1, 3, 3, c).transpose(0, 3, 1, 2)
         grads[:0] = [gw, gy.sum(0)]
-        if i:
-            gcols = (gy @ wk).reshape(nn_, h, wd, 3, 3, c)
-            gx = np.zeros((nn_, h + 2, wd + 2, c), dtype=gy.dtype)
-            for u in range(3):
-                for v in range(3):
-                    gx[:, u:u + h, v:v + wd] += gcols[:, :, :, u, v]
-            ga = gx[:, 1:-1, 1:-1]
+        if i:  # a convolution of the padded gy with the flipped kernel (im2col, one matmul):
+            o = gy.shape[1]  # faster in NumPy than scattering gy @ wk back offset by offset
+            gp = np.zeros((nn_, h + 2, wd + 2, o), dtype=gy.dtype)
+            gp[:, 1:-1, 1:-1] = gy.reshape(nn_, h, wd, o)
+            gcols = sliding_window_view(gp, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+            wf = wk.reshape(o, 3, 3, c)[:, ::-1, ::-1].transpose(1, 2, 0, 3).reshape(9 * o, c)
+            ga = (gcols.reshape(nn_ * h * wd, 9 * o) @ wf).reshape(nn_, h, wd, c)
     return out, (*grads, gwl, gbl)
 
 

@@ -369,3 +369,30 @@ def test_free_dims_are_checked_on_concrete_inputs_before_running(backend):
 def test_bad_arguments_are_named_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("nd,kernel,stride,dilation,pads,groups", [
+    (2, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1),
+    (2, (3, 2), (2, 1), (1, 2), ((1, 0), (0, 2)), 2),
+    (2, (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0)), 1),
+    (1, (5,), (3,), (2,), ((2, 1),), 3),
+])
+def test_compiled_col2im_equals_strided_adds_bit_for_bit(nd, kernel, stride, dilation, pads, groups):
+    """The compiled gather sums each input element's columns in the order and from the zero
+    that one strided ``+=`` per kernel offset does: the same float32 bits."""
+    from mithril.models.conv import offset_slices
+    from mithril.models.window_kernels import col2im
+
+    rng = np.random.default_rng(nd + groups)
+    n, cg, spatial = 3, 4, (7, 9)[2 - nd:]
+    padded = tuple(s + lo + hi for s, (lo, hi) in zip(spatial, pads))
+    out = tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, kernel, stride, dilation))
+    gcols = rng.standard_normal((n, *out, groups, *kernel, cg)).astype(np.float32)
+    ref = np.zeros((n, *padded, groups, cg), np.float32)
+    every = (slice(None),) * (2 + nd)
+    for off in np.ndindex(*kernel):
+        ref[(slice(None), *offset_slices(off, stride, dilation, out)[2:])] += gcols[(*every, *off)]
+    ref = ref[(slice(None), *(slice(lo, lo + s) for s, (lo, _) in zip(spatial, pads)))]
+    got = col2im(gcols, spatial, pads, stride, dilation)
+    assert got.shape == (n, *spatial, groups * cg)
+    assert np.array_equal(got, ref.reshape(got.shape))

@@ -14,8 +14,8 @@ out_channels) result seen as (N, out_channels, *spatial) — a transposed view, 
 keeps that memory order through elementwise operators, so the next convolution reads its
 input without transposing it. A forward that will be differentiated keeps the im2col matrix
 as its residual (the weight gradient is one matmul with it); the input cotangent is the
-matmul by the weight scattered back (col2im) one kernel offset at a time with strided adds
-(a loop over the kernel, never over pixels).
+matmul by the weight gathered back onto the input (col2im, a compiled loop:
+:mod:`mithril.models.window_kernels`).
 
 The window helpers here (argument checks, output sizes, per-offset slices, layout-keeping
 padding) are shared with :mod:`mithril.models.pooling`.
@@ -31,6 +31,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .operator import Operator, ShapeError, backend_of, fmt
+from .window_kernels import col2im
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -304,19 +305,11 @@ class _Convolution(Operator):
         return res
 
     def _col2im(self, gcols: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The transpose of :meth:`_cols`: add each kernel offset's (N, *out, G, Cg) slice of
-        ``gcols`` onto the channels-last padded input (one strided add per offset), crop."""
-        n, c = shape[:2]
-        nd, gr = self.nd, self.groups
-        padded = tuple(s + lo + hi for s, (lo, hi) in zip(shape[2:], self.pads))
-        gx = np.zeros((n, *padded, gr, c // gr), dtype=gcols.dtype)
-        out = gcols.shape[1:1 + nd]
-        every = (slice(None),) * (2 + nd)  # N, *out, G
-        for off in np.ndindex(*self.kernel_size):
-            at = offset_slices(off, self.stride, self.dilation, out)[2:]
-            gx[(slice(None), *at)] += gcols[(*every, *off)]
-        gx = gx[(slice(None), *(slice(lo, lo + s) for s, (lo, _) in zip(shape[2:], self.pads)))]
-        return np.moveaxis(gx.reshape(n, *shape[2:], c), -1, 1)
+        """The transpose of :meth:`_cols`: each input element sums the ``gcols`` (N, *out,
+        G, *kernel, Cg) entries it was read into (a compiled gather,
+        :func:`~mithril.models.window_kernels.col2im`)."""
+        gx = col2im(gcols, tuple(shape[2:]), self.pads, self.stride, self.dilation)
+        return np.moveaxis(gx, -1, 1)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, {self.out_channels}, "
