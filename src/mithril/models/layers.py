@@ -48,10 +48,10 @@ class Linear(Operator):
 
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
         if xp is np:  # one 2-D matmul (not one per leading index), the bias added in place
-            y = input.reshape(-1, input.shape[-1]) @ weight.T
+            y = _rows(input) @ weight.T
             if bias is not None:
                 y += bias
-            return y.reshape(*input.shape[:-1], -1)
+            return y if input.ndim == 2 else y.reshape(*input.shape[:-1], -1)
         F = functional_of(xp)
         if F is not None:  # one addmm (bias fused), as torch.nn.Linear
             return F.linear(input, weight, bias)
@@ -61,17 +61,23 @@ class Linear(Operator):
     def vjp(self, g, out, args, wrt):
         x, w = args["input"], args["weight"]
         res = {}
-        g2 = g.reshape(-1, g.shape[-1])
-        if "input" in wrt:
-            res["input"] = (g2 @ w).reshape(*g.shape[:-1], -1)
+        g2 = _rows(g)
+        if "input" in wrt:  # 2-D: the matmul's own array, not a view (a ReLU may reuse it)
+            gx = g2 @ w
+            res["input"] = gx if g.ndim == 2 else gx.reshape(*g.shape[:-1], -1)
         if "weight" in wrt:
-            res["weight"] = g2.T @ x.reshape(-1, x.shape[-1])
+            res["weight"] = g2.T @ _rows(x)
         if "bias" in wrt:
             res["bias"] = g2.sum(axis=0)
         return res
 
     def __repr__(self) -> str:
         return f"Linear({self.dimension}, use_bias={self.use_bias})"
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``a`` as a matrix of rows (..., n) -> (rows, n); a 2-D array as itself."""
+    return a if a.ndim == 2 else a.reshape(-1, a.shape[-1])
 
 
 class Embedding(Operator):

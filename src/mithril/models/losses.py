@@ -176,10 +176,32 @@ class CrossEntropy(Operator):
             return nll
         return xp.mean(nll) if self.reduction == "mean" else xp.sum(nll)
 
-    def vjp(self, g, out, args, wrt):
+    def forward_residuals(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
+        """NumPy: the loss and, for logits against class indices, the softmax rows (N, C)
+        its VJP turns into ``g·(softmax − onehot)`` in place: one exp, not two. The loss is
+        the same arithmetic as :meth:`forward` on the picked entries only."""
+        if self.input_type != "logits" or not self._is_index(np, target):
+            return self.forward(xp, input, target), None
+        x = input.reshape(-1, input.shape[-1])
+        m = x.max(axis=-1, keepdims=True)
+        e = np.exp(np.subtract(x, m), out=np.empty_like(x))
+        s = e.sum(axis=-1, keepdims=True)
+        nll = (m[:, 0] + np.log(s[:, 0])) - x[np.arange(len(x)), target.reshape(-1)]
+        e /= s
+        if self.reduction == "none":
+            return nll.reshape(target.shape), e
+        return (np.mean(nll) if self.reduction == "mean" else np.sum(nll)), e
+
+    def vjp(self, g, out, args, wrt, residuals=None):
         x, t = args["input"], args["target"]
         n = x.size // x.shape[-1]
         gt = g[..., None] if self.reduction == "none" else (g / n if self.reduction == "mean" else g)
+        if residuals is not None:  # softmax rows of logits against class indices
+            gt = np.asarray(gt, dtype=residuals.dtype).reshape(-1, 1) if self.reduction == "none" \
+                else residuals.dtype.type(gt)
+            grad = np.multiply(residuals, gt, out=residuals)
+            grad[np.arange(n), t.reshape(-1)] -= gt[:, 0] if self.reduction == "none" else gt
+            return {"input": grad.reshape(x.shape)}
         if self._is_index(np, t):
             dlogp = np.zeros_like(x)
             np.put_along_axis(dlogp, t[..., None], 1.0, axis=-1)
