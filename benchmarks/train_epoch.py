@@ -11,19 +11,23 @@ Mithril variants: ``step`` is :func:`mithril.utils.training.make_train_step` (on
 one-program step with its ``OptaxState``), ``separate`` is ``compiled.evaluate(...,
 output_gradients=...)`` then ``optimizer.update``. Every variant starts from the same
 parameters and data (pre-sliced native batches); an epoch ends when its last loss is on
-the host. Rounds visit the variants in a rotating order; medians over rounds, and each
-median's ratio to the faster reference (and the same ratio of the fastest rounds, and the
+the host. Each variant runs in a process of its own (``--shared``: all in this one), so no
+framework's idle thread pool (OpenMP, XLA's, OpenBLAS's: they spin-wait after their work)
+takes the cores from another's; the processes take turns, never two at once. Rounds visit
+the variants in a rotating order; medians over rounds, and each median's ratio to the
+faster reference (and the same ratio of the fastest rounds, and the
 median of the per-round ratios to the optax step, steadier on a loaded machine).
-``--clock cpu`` times with this process's CPU time (all its threads) instead of the wall
-clock: less sensitive to other processes on a shared machine.
+``--clock cpu`` times with the variant's process's CPU time (all its threads) instead of the
+wall clock: less sensitive to other processes on a shared machine.
 
     python benchmarks/train_epoch.py [--rounds 15] [--hidden 128 128] [--backend numpy torch jax]
-                                     [--clock wall|cpu] [--no-torch]
+                                     [--clock wall|cpu] [--no-torch] [--shared]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
@@ -163,6 +167,57 @@ def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
     return epoch
 
 
+def build(name: str, hidden: list[int]) -> Callable[[], float]:
+    """The epoch function of variant ``name`` (every variant from the same data and the
+    same initial parameters: those of a Mithril NumPy model of the same seed)."""
+    x, y = data()
+    if name.startswith("mithril "):
+        _, backend, kind = name.split()
+        return mithril_epoch(backend, hidden, kind == "step", x, y)[0]
+    init = mithril_epoch("numpy", hidden, False, x, y)[1]
+    layers = _layers(init, hidden)
+    return torch_epoch(layers, x, y) if name == TORCH_REF else optax_epoch(layers, x, y)
+
+
+#: seconds between two variants' turns: a library's idle threads spin-wait after its work
+#: (OpenBLAS's up to 2^28 cycles, ~0.1 s), which would take a core from the next variant
+GAP = 0.3
+TORCH_REF, OPTAX_REF = "torch loop (fused Adam)", "jax+optax jitted step"
+
+
+def _worker(name: str, hidden: list[int], clock: str, conn: Any) -> None:
+    """A variant in a process of its own: runs an epoch per message, replies with its time."""
+    fn = build(name, hidden)
+    tick = time.perf_counter if clock == "wall" else time.process_time
+    t0 = time.perf_counter()
+    fn()
+    conn.send(time.perf_counter() - t0)
+    while conn.recv():
+        t0 = tick()
+        fn()
+        conn.send(tick() - t0)
+
+
+class _Remote:
+    def __init__(self, name: str, hidden: list[int], clock: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(name, hidden, clock, child), daemon=True)
+        self.proc.start()
+
+    def first(self) -> float:
+        return self.conn.recv()
+
+    def __call__(self) -> float:
+        time.sleep(GAP)  # the previous variant's threads stop spinning first
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(False)
+        self.proc.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -171,41 +226,51 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall clock (default) or this process's CPU time")
     ap.add_argument("--no-torch", action="store_true", help="leave out the torch reference")
+    ap.add_argument("--shared", action="store_true",
+                    help="every variant in this one process (their thread pools then contend: "
+                         "not how anyone trains), instead of one process each")
     args = ap.parse_args()
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    x, y = data()
+    names = [f"mithril {b} {k}" for b in args.backend for k in ("step", "separate")]
+    names += ([] if args.no_torch else [TORCH_REF]) + [OPTAX_REF]
+    first: dict[str, float] = {}
     variants: dict[str, Callable[[], float]] = {}
-    init = None
-    for b in args.backend:
-        for fused in (True, False):
-            fn, init = mithril_epoch(b, args.hidden, fused, x, y)
-            variants[f"mithril {b} {'step' if fused else 'separate'}"] = fn
-    assert init is not None
-    layers = _layers(init, args.hidden)
-    if not args.no_torch:
-        variants["torch loop (fused Adam)"] = torch_epoch(layers, x, y)
-    variants["jax+optax jitted step"] = optax_epoch(layers, x, y)
-    first = {}
-    for name, fn in variants.items():  # warm-up: compiles, caches
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    names = list(variants)
+    if args.shared:
+        for n in names:
+            variants[n] = build(n, args.hidden)
+        for n, fn in variants.items():  # warm-up: compiles, caches
+            t0 = time.perf_counter()
+            fn()
+            first[n] = time.perf_counter() - t0
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+
+        def timed(fn: Callable[[], float]) -> Callable[[], float]:
+            def run() -> float:
+                t0 = clock()
+                fn()
+                return clock() - t0
+            return run
+        runs = {n: timed(fn) for n, fn in variants.items()}
+    else:
+        remotes = {n: _Remote(n, args.hidden, args.clock) for n in names}
+        first = {n: r.first() for n, r in remotes.items()}
+        runs = dict(remotes)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = clock()
-            variants[n]()
-            times[n].append(clock() - t0)
+            times[n].append(runs[n]())
+    if not args.shared:
+        for rem in remotes.values():
+            rem.close()
     med = {n: statistics.median(v) for n, v in times.items()}
     low = {n: min(v) for n, v in times.items()}
-    refs = [r for r in ("torch loop (fused Adam)", "jax+optax jitted step") if r in med]
+    refs = [r for r in (TORCH_REF, OPTAX_REF) if r in med]
     best_ref = min(med[r] for r in refs)
-    opt = times["jax+optax jitted step"]
+    opt = times[OPTAX_REF]
     print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + Adam, "
           f"{STEPS} steps of {BATCH}, float32; torch threads {torch.get_num_threads()}; "
-          f"median of {args.rounds} rounds, {args.clock} clock")
+          f"median of {args.rounds} rounds, {args.clock} clock, "
+          f"{'one process for all' if args.shared else 'one process per variant'}")
     best_low = min(low[r] for r in refs)
     print(f"{'variant':34s} {'epoch ms':>9s} {'per step us':>12s} {'vs best ref':>12s} "
           f"{'min: vs best':>13s} {'vs optax/round':>15s} {'first epoch ms':>15s}")
