@@ -176,6 +176,29 @@ def test_equals_torch(case, backend_name):
     compare(case, *run_mithril(case, backend_name), what=backend_name)
 
 
+CONV_CASES = [c for c in CASES if c.startswith("conv")]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_numpy_convolution_in_chunks_of_one_image_equals_torch(case, monkeypatch):
+    """The NumPy convolution works through the batch in chunks of im2col rows (one here:
+    every image its own chunk, the weight gradient summed over them)."""
+    from mithril.models import conv
+
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    compare(case, *run_mithril(case, "numpy"), what="numpy, one image per chunk")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "max_pool"))])
+def test_numpy_without_compiled_loops_equals_torch(case, monkeypatch):
+    """The NumPy paths dtypes without compiled window loops take (bfloat16, float16): strided
+    copies and adds for im2col / col2im, per-offset masks for max pooling."""
+    from mithril.models import window_kernels
+
+    monkeypatch.setattr(window_kernels, "_COMPILED", ())
+    compare(case, *run_mithril(case, "numpy"), what="numpy, no compiled loops")
+
+
 @pytest.fixture(scope="module")
 def jax_results():
     """Every case on JAX float64 (jit), run once in a fresh interpreter."""
@@ -396,3 +419,29 @@ def test_compiled_col2im_equals_strided_adds_bit_for_bit(nd, kernel, stride, dil
     got = col2im(gcols, spatial, pads, stride, dilation)
     assert got.shape == (n, *spatial, groups * cg)
     assert np.array_equal(got, ref.reshape(got.shape))
+
+
+@pytest.mark.parametrize("nd,kernel,stride,dilation,pads,groups", [
+    (2, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1),
+    (2, (3, 2), (2, 1), (1, 2), ((1, 0), (0, 2)), 2),
+    (1, (5,), (3,), (2,), ((2, 1),), 3),
+])
+def test_window_copies_of_other_dtypes_equal_the_compiled_ones(nd, kernel, stride, dilation, pads,
+                                                               groups):
+    """float16 (as bfloat16) takes NumPy's strided operations instead of the compiled loops:
+    the same windows and the same sums (small integers: exact in both dtypes)."""
+    from mithril.models.conv import out_sizes
+    from mithril.models.window_kernels import col2im, im2col
+
+    rng = np.random.default_rng(7)
+    n, cg, spatial = 2, 3, (7, 9)[2 - nd:]
+    x = rng.integers(-3, 4, (n, *spatial, groups * cg)).astype(np.float32)
+    out = out_sizes(spatial, kernel, stride, dilation, pads, "test")
+    cols = {dt: np.empty((n, *out, groups, *kernel, cg), dt) for dt in (np.float32, np.float16)}
+    for dt, c in cols.items():
+        im2col(x.astype(dt), c, pads, stride, dilation)
+    assert np.array_equal(cols[np.float16].astype(np.float32), cols[np.float32])
+    assert (cols[np.float32] == 0).any()  # the padding was read
+    gcols = rng.integers(-3, 4, cols[np.float32].shape).astype(np.float32)
+    back = {dt: col2im(gcols.astype(dt), spatial, pads, stride, dilation) for dt in cols}
+    assert np.array_equal(back[np.float16].astype(np.float32), back[np.float32])

@@ -334,8 +334,12 @@ def test_same_results_with_and_without_residuals(name):
     (lambda: ml.MaxPool2D(2), lambda t: F.max_pool2d(t, 2)),
     (lambda: ml.MaxPool2D(3, stride=1, padding=1), lambda t: F.max_pool2d(t, 3, 1, 1)),
 ])
-def test_max_pool_routes_nan_windows_as_torch(make, ref):
-    """A window holding NaN has NaN as its maximum and gets the cotangent at its last NaN."""
+@pytest.mark.parametrize("loops", [True, False], ids=["compiled", "numpy"])
+def test_max_pool_routes_nan_windows_as_torch(make, ref, loops, monkeypatch):
+    """A window holding NaN has NaN as its maximum and gets the cotangent at its last NaN
+    (with the compiled pass, and with the per-offset masks other dtypes take)."""
+    if not loops:
+        monkeypatch.setattr("mithril.models.window_kernels._COMPILED", ())
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 6, 6))
     x[0, 1, 2, 3] = x[1, 2, 0, 0] = x[1, 2, 1, 1] = x[1, 0, 4, 4] = x[1, 0, 4, 5] = np.nan
@@ -356,9 +360,13 @@ def test_max_pool_routes_nan_windows_as_torch(make, ref):
      (1, 2, 7, 7)),
     (lambda: ml.MaxPool1D(3, padding=1), lambda t: F.max_pool1d(t, 3, padding=1), (2, 3, 8)),
 ])
-def test_max_pool_routes_minus_inf_windows_as_torch(make, ref, shape):
+@pytest.mark.parametrize("loops", [True, False], ids=["compiled", "numpy"])
+def test_max_pool_routes_minus_inf_windows_as_torch(make, ref, shape, loops, monkeypatch):
     """A window of −inf values (padding never counts) sends its cotangent to its first
-    element inside the input, as torch; on a channels-last input too."""
+    element inside the input, as torch; on a channels-last input too (compiled pass and
+    per-offset masks)."""
+    if not loops:
+        monkeypatch.setattr("mithril.models.window_kernels._COMPILED", ())
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape)
     x[0, 0] = -np.inf  # every window of this channel is all −inf

@@ -6,16 +6,18 @@
 U(±1/√fan_in), with fan_in = C / groups · prod(kernel_size).
 
 Forward per backend: ``torch.nn.functional.conv1d/conv2d`` on torch,
-``jax.lax.conv_general_dilated`` on JAX, and on NumPy an im2col of strided windows
-(``sliding_window_view``) times the weight: one matmul of (N·out positions, C·kernel) by
+``jax.lax.conv_general_dilated`` on JAX, and on NumPy an im2col (each window copied into a
+row) times the weight: a matmul of (images·out positions, C·kernel) by
 (C·kernel, out_channels) per group. The NumPy side works channels-last in memory: the
 im2col rows are channels-last windows and the output is the matmul's (N·positions,
 out_channels) result seen as (N, out_channels, *spatial) — a transposed view, no copy; NumPy
 keeps that memory order through elementwise operators, so the next convolution reads its
-input without transposing it. A forward that will be differentiated keeps the im2col matrix
-as its residual (the weight gradient is one matmul with it); the input cotangent is the
-matmul by the weight gathered back onto the input (col2im, a compiled loop:
-:mod:`mithril.models.window_kernels`).
+input without transposing it. The batch is cut into chunks of about :data:`CHUNK_BYTES` of
+im2col rows, copied into one reused buffer and multiplied while they are in cache (a 3×3
+kernel's rows are 9x its input: written whole, they would go to memory and back). The VJP
+keeps only the input and rebuilds each chunk's rows for the weight gradient; the input
+gradient is each chunk's columns g·W gathered back onto the input (col2im, a compiled loop:
+:mod:`mithril.models.window_kernels`) while they are in cache.
 
 The window helpers here (argument checks, output sizes, per-offset slices, layout-keeping
 padding) are shared with :mod:`mithril.models.pooling`.
@@ -28,12 +30,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .operator import Operator, ShapeError, backend_of, fmt
-from .window_kernels import col2im
+from .window_kernels import col2im, im2col
 
 Pads = tuple[tuple[int, int], ...]
+#: the im2col rows of one chunk of images, about: in cache while the matmuls read them
+CHUNK_BYTES = 1 << 21
 
 
 # -- argument normalisation -------------------------------------------------------------------
@@ -215,20 +218,27 @@ class _Convolution(Operator):
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     def forward_residuals(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
-        """NumPy: the output and (the im2col matrix: the weight gradient's other factor,
-        the input's shape)."""
-        cols, out = self._cols(input)
+        """NumPy: the output and (the input, and its im2col rows when they took one chunk):
+        the VJP rebuilds the rows of a larger input chunk by chunk, as the forward does,
+        rather than keeping them (9x the input for a 3×3 kernel, and cold by then)."""
+        out = self._out(input)
+        n, p = input.shape[0], math.prod(out)
         g, o = self.groups, self.out_channels
-        wk = self._wk(weight)
-        if g == 1:
-            y = cols[:, 0] @ wk[0].T                                    # (N·P, O)
-        else:  # (G, N·P, Og) -> (N·P, G·Og)
-            y = np.matmul(cols.transpose(1, 0, 2), wk.transpose(0, 2, 1)).transpose(1, 0, 2)
-            y = y.reshape(-1, o)
-        if bias is not None:
-            y += bias
-        # channels-last in memory, (N, O, *out) to the caller: no transposing copy
-        return np.moveaxis(y.reshape(input.shape[0], *out, o), -1, 1), (cols, input.shape)
+        wk = self._wk(weight)                                           # (G, Og, kernel·Cg)
+        y = np.empty((n * p, o), dtype=np.result_type(input.dtype, weight.dtype))
+        cols = None
+        for s, e, cols in self._chunks(input, out):                     # cols (rows, G, kernel·Cg)
+            ys = y[s * p:e * p]
+            if g == 1:
+                np.matmul(cols[:, 0], wk[0].T, out=ys)
+            else:  # (G, rows, Og) -> (rows, G·Og)
+                np.copyto(ys.reshape(-1, g, o // g),
+                          np.matmul(cols.transpose(1, 0, 2), wk.transpose(0, 2, 1)).transpose(1, 0, 2))
+            if bias is not None:
+                ys += bias
+        # channels-last in memory, (N, O, *out) to the caller: no transposing copy; one chunk
+        # (small enough to stay in cache): its rows are kept for the weight gradient
+        return np.moveaxis(y.reshape(n, *out, o), -1, 1), (input, cols if cols is not None and len(cols) == n * p else None)
 
     def _torch(self, torch: Any, x: Any, w: Any, b: Any) -> Any:
         import torch.nn.functional as F
@@ -250,66 +260,87 @@ class _Convolution(Operator):
                                      precision=lax.Precision.HIGHEST)
         return y if b is None else y + b.reshape((-1,) + (1,) * self.nd)
 
-    def _cols(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-        """im2col, channels-last: (N·P, G, kernel·Cg) with P = prod(output spatial), each row
-        one window ordered (*kernel, channel); and the output spatial sizes."""
-        n, c = x.shape[:2]
-        g, nd = self.groups, self.nd
+    def _chunks(self, x: np.ndarray, out: tuple[int, ...], fill: bool = True) -> Any:
+        """``(first, stop, cols)`` per chunk of images whose im2col rows take about
+        :data:`CHUNK_BYTES` (as many chunks, of even sizes): ``cols`` (rows, G, kernel·Cg)
+        holds their rows (:func:`~mithril.models.window_kernels.im2col`), in one buffer
+        reused by every chunk (each is done with before the next), so that the matmuls read
+        them while they are in cache. ``fill=False``: ``cols`` None."""
+        n, c, g, nd = x.shape[0], x.shape[1], self.groups, self.nd
+        p, width = math.prod(out), math.prod(self.kernel_size) * c
+        per = self._per(n, p * width * x.itemsize)
         xl = x.transpose(0, *range(2, 2 + nd), 1)                      # (N, *spatial, C): a view
-        if any(lo or hi for lo, hi in self.pads):
-            buf = np.zeros((n, *(s + lo + hi for s, (lo, hi) in zip(x.shape[2:], self.pads)), c),
-                           dtype=x.dtype)
-            buf[(slice(None), *(slice(lo, lo + s) for s, (lo, _) in zip(x.shape[2:], self.pads)))] = xl
-            xl = buf
-        eff = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
-        win = sliding_window_view(xl, eff, axis=tuple(range(1, 1 + nd)))   # (N, *, C, *eff)
-        if any(s > 1 for s in self.stride) or any(d > 1 for d in self.dilation):
-            win = win[(slice(None), *(slice(None, None, s) for s in self.stride), slice(None),
-                       *(slice(None, None, d) for d in self.dilation))]
-        out = win.shape[1:1 + nd]
-        if g > 1:  # (N, *out, G, Cg, *kernel)
-            win = win.reshape(*win.shape[:1 + nd], g, c // g, *win.shape[2 + nd:])
-        # (N, *out, [G,] *kernel, C / Cg): the one copy
-        order = (*range(1 + nd + (g > 1)), *range(2 + nd + (g > 1), 2 + 2 * nd + (g > 1)),
-                 1 + nd + (g > 1))
-        return win.transpose(order).reshape(n * math.prod(out), g, -1), out
+        buf = np.empty((min(per, n) * p, g, width // g), dtype=x.dtype) if fill else None
+        for s in range(0, n, per):
+            e = min(n, s + per)
+            cols = None
+            if buf is not None:
+                cols = buf[:(e - s) * p]
+                im2col(xl[s:e], cols.reshape(e - s, *out, g, *self.kernel_size, c // g),
+                       self.pads, self.stride, self.dilation)
+            yield s, e, cols
+
+    @staticmethod
+    def _per(n: int, image_bytes: int) -> int:
+        """Images per chunk: about :data:`CHUNK_BYTES` of rows, in chunks of even sizes."""
+        per = max(1, CHUNK_BYTES // max(1, image_bytes))
+        return -(-n // -(-n // per)) if n else per
+
+    def _out(self, x: np.ndarray) -> tuple[int, ...]:
+        return out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+                         type(self).__name__)  # type: ignore[return-value]
 
     def _wk(self, w: np.ndarray) -> np.ndarray:
-        """The weight as (G, Og, kernel·Cg), columns ordered as :meth:`_cols`' rows."""
+        """The weight as (G, Og, kernel·Cg), columns ordered as the im2col rows."""
         nd = self.nd
         return w.transpose(0, *range(2, 2 + nd), 1).reshape(self.groups, self.out_channels // self.groups, -1)
 
     def vjp(self, g, out, args, wrt, residuals=None):
-        w = args["weight"]
-        cols, shape = residuals if residuals is not None else (None, args["input"].shape)
-        n, c = shape[:2]
+        """Chunk by chunk of images (as the forward): the weight gradient g·cols summed over
+        the chunks, and the input gradient's columns g·W gathered back onto the input
+        (:func:`~mithril.models.window_kernels.col2im`) while they are in cache."""
+        x, kept = residuals if residuals is not None else (args["input"], None)
+        n, c = x.shape[:2]
         gr, o = self.groups, self.out_channels
         og, cg = o // gr, c // gr
         res = {}
         g2 = np.moveaxis(g, 1, -1).reshape(-1, o)       # (N·P, O): free when g is channels-last
         if "bias" in wrt:
             res["bias"] = g2.sum(axis=0)
-        if not {"input", "weight"} & wrt:
+        want_w, want_x = "weight" in wrt, "input" in wrt
+        if not (want_w or want_x):
             return res
-        g3 = g2.reshape(-1, gr, og).transpose(1, 0, 2)              # (G, N·P, Og)
-        if "weight" in wrt:
-            if cols is None:
-                cols = self._cols(args["input"])[0]
-            gw = g3[0].T @ cols[:, 0] if gr == 1 else g3.transpose(0, 2, 1) @ cols.transpose(1, 0, 2)
+        outs = self._out(x)
+        p = math.prod(outs)
+        wk = self._wk(args["weight"])
+        gw = None
+        if want_x:
+            gx = np.empty((n, *x.shape[2:], c), dtype=g2.dtype)
+            per = self._per(n, p * wk.shape[2] * gr * x.itemsize)    # as _chunks' chunks
+            gbuf = np.empty((min(n, per) * p, gr, wk.shape[2]), dtype=g2.dtype)
+        chunks = [(0, n, kept)] if kept is not None else self._chunks(x, outs, fill=want_w)
+        for s, e, cols in chunks:
+            gs = g2[s * p:e * p]                                        # (rows, O)
+            if want_w:
+                part = gs.T @ cols[:, 0] if gr == 1 else (
+                    gs.reshape(-1, gr, og).transpose(1, 2, 0) @ cols.transpose(1, 0, 2))
+                gw = part if gw is None else np.add(gw, part, out=gw)
+            if want_x:
+                gc = gbuf[:(e - s) * p]
+                if gr == 1:
+                    np.matmul(gs, wk[0], out=gc[:, 0])
+                else:
+                    np.copyto(gc.transpose(1, 0, 2), gs.reshape(-1, gr, og).transpose(1, 0, 2) @ wk)
+                col2im(gc.reshape(e - s, *outs, gr, *self.kernel_size, cg), tuple(x.shape[2:]),
+                       self.pads, self.stride, self.dilation, out=gx[s:e])
+        if want_w:  # (Og, kernel·Cg) or (G, Og, kernel·Cg) -> (O, Cg, *kernel)
+            if gw is None:  # an empty batch
+                gw = np.zeros((o, wk.shape[2]), dtype=g2.dtype)
             gw = np.moveaxis(gw.reshape(o, *self.kernel_size, cg), -1, 1)
             res["weight"] = np.ascontiguousarray(gw)
-        if "input" in wrt:
-            gcols = g3 @ self._wk(w)                                     # (G, N·P, kernel·Cg)
-            gcols = gcols.transpose(1, 0, 2).reshape(n, *g.shape[2:], gr, *self.kernel_size, cg)
-            res["input"] = self._col2im(gcols, shape)
+        if want_x:
+            res["input"] = np.moveaxis(gx, -1, 1)
         return res
-
-    def _col2im(self, gcols: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The transpose of :meth:`_cols`: each input element sums the ``gcols`` (N, *out,
-        G, *kernel, Cg) entries it was read into (a compiled gather,
-        :func:`~mithril.models.window_kernels.col2im`)."""
-        gx = col2im(gcols, tuple(shape[2:]), self.pads, self.stride, self.dilation)
-        return np.moveaxis(gx, -1, 1)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, {self.out_channels}, "

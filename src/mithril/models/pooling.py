@@ -36,6 +36,7 @@ from .conv import (
     stacked_like,
 )
 from .operator import Operator, ShapeError, backend_of, fmt
+from .window_kernels import compiled, max_pool, max_pool_vjp
 
 
 class _Pool(Operator):
@@ -160,6 +161,11 @@ class _MaxPool(_Pool):
         """NumPy: the output and (per kernel offset, the windows whose first maximum in window
         order is there: one-hot boolean masks of the output's shape and the input's memory
         order; the input's shape)."""
+        if compiled(input):  # one compiled pass: the maxima and where each came from
+            out = out_sizes(input.shape[2:], self.kernel_size, self.stride, self.dilation,
+                            self.pads, type(self).__name__)
+            m, code = max_pool(input, out, self.kernel_size, self.pads, self.stride, self.dilation)
+            return m, (code, input)
         x, slices = self._slices(input)
         m = self._max(x, slices)
         masks = stacked_like(m, len(slices), bool)  # one allocation for all of them
@@ -198,6 +204,9 @@ class _MaxPool(_Pool):
         if residuals is None:
             residuals = self.forward_residuals(np, args["input"])[1]
         masks, shape = residuals
+        if isinstance(masks, np.ndarray):  # the compiled pass's offsets, and its input
+            return {"input": max_pool_vjp(g, masks, shape, self.kernel_size, self.pads,
+                                          self.stride, self.dilation)}
         return {"input": self._scatter(shape, masks[0], g, masks)}
 
 
