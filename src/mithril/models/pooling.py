@@ -6,11 +6,14 @@ cotangent to its window's first maximum in window order (row-major over the kern
 is the element torch's (and XLA's) max pooling picks on ties (and to a NaN, where a window
 holds one: NaN is its maximum, as torch).
 
-NumPy works one kernel offset at a time on strided slices (a loop over the kernel, never
-over pixels), in the input's memory order (channels-last activations stay channels-last):
-the max is a running ``np.maximum``; a forward that will be differentiated also keeps, per
-offset, which windows take their maximum there first (the residual), so the VJP is one
-multiply per offset.
+NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
+pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
+byte), and the VJP puts the cotangents there (a gather when the windows are disjoint: every
+input element written once). Other dtypes work one kernel offset at a time on strided slices
+(a loop over the kernel, never over pixels), in the input's memory order (channels-last
+activations stay channels-last): the max is a running ``np.maximum``; a forward that will be
+differentiated also keeps, per offset, which windows take their maximum there first (the
+residual), so the VJP is one multiply per offset.
 
 ``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
 torch's default). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N, C).

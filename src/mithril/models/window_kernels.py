@@ -11,7 +11,15 @@ layer): the per-loop overhead, not the memory, sets its speed (~6x this kernel's
 
 :func:`col2im` gathers instead: each input pixel sums the columns that read it, offsets in
 the same row-major order and from the same zero, so its result is bit for bit the strided
-adds'. The kernel is compiled on its first use on a machine and then cached on disk
+adds'.
+
+:func:`max_pool` takes each window's maximum and the offset it came from in one pass (NumPy:
+a running maximum per offset, then about a dozen passes for the first-maximum masks), and
+:func:`max_pool_vjp` puts each cotangent there.
+
+The loops take (N, *spatial, C) channels-last arrays, 1-D as 2-D with one row, and are
+compiled for float32 and float64 (other dtypes take NumPy's strided operations, the same
+results) on their first use on a machine, then cached on disk
 (:mod:`mithril.utils.optimizers.engines.kernel_cache`).
 """
 
