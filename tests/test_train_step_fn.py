@@ -93,6 +93,14 @@ def test_jax_one_program_matches(name: str) -> None:
     assert step.last_grad_norm is None  # not computed unless asked (grad_norm=True)
 
 
+def test_jax_program_compiles_once() -> None:
+    """The first step is given arrays committed to their device, as every later step is (the
+    program's outputs): one compiled program, not a second one at step 2."""
+    compiled, _, batches = problem("jax")
+    _, _, (step, _, _) = fused(compiled, Adam(learning_rate=1e-2), batches)
+    assert step._jitted._cache_size() == 1
+
+
 def test_jax_grad_norm_on_request() -> None:
     """``grad_norm=True``: the program also returns the global norm of the step's gradients,
     that of ``evaluate``'s gradients at the same params."""

@@ -328,6 +328,9 @@ class TrainStep:
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                # what the program returns is committed to its device: so must be what it is
+                # first given of the same (params, state), or the second step compiles again
+                ptuple, opt_state, mstate = _committed((ptuple, opt_state, mstate))
                 new, opt_state, out, new_mstate, norm = self._jitted(
                     ptuple, opt_state, ins, rng, mstate, training=training)
             if sig is not None:
@@ -340,6 +343,17 @@ class TrainStep:
         if state is None:
             return params, opt_state, out
         return params, opt_state, out, {**mstate, **new_mstate}
+
+
+def _committed(tree: Any) -> Any:
+    """``tree`` with its JAX arrays committed to their devices (``jax.jit`` compiles again
+    for committed arguments where it had uncommitted ones)."""
+    import jax
+
+    def commit(a: Any) -> Any:
+        return jax.device_put(a, a.sharding) if isinstance(a, jax.Array) and not a.committed else a
+
+    return jax.tree_util.tree_map(commit, tree)
 
 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
