@@ -32,6 +32,10 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
                                + f" (expected keys: {sorted(exp)})")
 
 
+def _same(x: Any) -> Any:
+    return x
+
+
 def _is_traced(x: Any) -> bool:
     """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
     jax = sys.modules.get("jax")
@@ -373,6 +377,9 @@ class CompiledModel:
         no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
         they read. ``prog``: the program to check (default: the whole one)."""
         p, b = prog or self.program, self.backend
+        # JAX: a reduction on a JAX array compiles a program per shape (tens of ms); on the
+        # host, labels are read in place
+        host = np.asarray if b.name == "jax" else _same
         # all but the value checks are a function of the inputs' shapes and dtypes: a
         # signature that passed before (a training loop repeats one every step) runs only the
         # hooks that read values, with the shapes, dtypes and names they had then
@@ -381,7 +388,7 @@ class CompiledModel:
         hit = cache.get(key)
         if hit is not None and hit[0] is p:
             for hook, in_shapes, dtypes, names, refs in hit[1]:
-                arrays = {k: inputs[t] for k, t in refs if not _is_traced(inputs[t])}
+                arrays = {k: host(inputs[t]) for k, t in refs if not _is_traced(inputs[t])}
                 if arrays:
                     hook(in_shapes, dtypes, arrays, names)
             return
@@ -396,7 +403,7 @@ class CompiledModel:
             hook = getattr(node.op, "check_inputs", None)
             if hook is not None:
                 dtypes = {k: b.dtype_name(inputs[top[w]]) for k, w in node.ins.items() if w in top}
-                arrays = {k: inputs[top[w]] for k in getattr(node.op, "value_checked_inputs", ())
+                arrays = {k: host(inputs[top[w]]) for k in getattr(node.op, "value_checked_inputs", ())
                           if (w := node.ins.get(k)) in top and not _is_traced(inputs[top[w]])}
                 hook(in_shapes, dtypes, arrays, names)
                 refs = tuple((k, top[w]) for k in getattr(node.op, "value_checked_inputs", ())

@@ -267,10 +267,11 @@ def _probe(views: list[Any], scales: list[float]) -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"{type(views[0]).__name__}.scalars(step) is not traceable ({type(e).__name__}: {first[:160]})"
     fresh = [copy.copy(v) for v in views]
+    jitted = jax.jit(rows)  # one small program for every step below (eager: one per operation)
     with jax.ensure_compile_time_eval():
         for t in (1, 2, 3, 10, 1000):
-            got = padded(rows(jnp.int32(t), jnp.asarray(lr0),
-                              *(jnp.asarray(init[k]) for k in names)))
+            got = padded(jitted(jnp.int32(t), jnp.asarray(lr0),
+                                *(jnp.asarray(init[k]) for k in names)))
             want = _host_rows(fresh, scales, t, lr0, None, init)
             tol = 1e-12 if jax.config.jax_enable_x64 else 1e-5
             if got.shape != want.shape or not np.allclose(got, want, rtol=tol, atol=1e-30,

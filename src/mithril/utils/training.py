@@ -296,6 +296,8 @@ class TrainStep:
 
             self._jitted = self._build()
             self._jnp, self._state_type = jax.numpy, OptaxState  # imported once
+            # a copy by the runtime: no program to compile per parameter shape
+            self._device_put, self._array_type = jax.device_put, jax.Array
         jnp = self._jnp
         if type(opt_state) is not self._state_type and not isinstance(opt_state,
                                                                       self._state_type):
@@ -308,7 +310,9 @@ class TrainStep:
                 a is not b for a, b in zip(ptuple, self._returned)):
             checked, _ = c._validate(params, data)
             # the user's arrays are never donated: a copy is (the step's own are)
-            ptuple = tuple(jnp.array(checked[n], copy=True) for n in names)
+            put = self._device_put
+            ptuple = tuple(put(a, a.sharding, may_alias=False) if isinstance(a, self._array_type)
+                           else jnp.array(a, copy=True) for a in (checked[n] for n in names))
         sig = self._signature(data) if isinstance(data, Mapping) else None
         ins = self._inputs(data, sig)
         lr = self.optimizer.learning_rate
