@@ -274,6 +274,9 @@ class TrainStep:
     def _build(self) -> Callable:
         import jax
 
+        from .optimizers.engines.kernel_cache import configure_jax
+
+        configure_jax()  # the step's program compiles once per machine (JAX's disk cache)
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
         with_ctx = c.program.has_context
