@@ -1,9 +1,11 @@
 """One optimizer step: Mithril vs torch fused, optax (jit + donation) and a NumPy triad.
 
 Mithril is timed through the public ``params, state = opt.update(params, grads, state)``
-call with default options, exactly as a training loop makes it. Every implementation is
-timed in the same process (a fresh one for each case), in rotating blocks of consecutive
-steps after an equal warm-up time, and medians are reported with ratios against torch's fused
+call with default options, exactly as a training loop makes it. Every implementation runs in
+a process of its own (``--shared``: all of a case in one), the processes taking turns with a
+pause between them (a library's idle threads spin for a while after its work: torch's
+OpenMP threads would hold a core the next implementation needs), in rotating blocks of
+consecutive steps after an equal warm-up time, and medians are reported with ratios against torch's fused
 step and optax, and the effective bandwidth at 28 bytes/param (fp32 Adam: read p, g, m, v;
 write p, m, v) or 20 bytes/param (SGD with momentum: read p, g, buf; write p, buf).
 
@@ -19,6 +21,7 @@ step is checked once against a NumPy reference of the same step.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import subprocess
 import sys
@@ -174,61 +177,131 @@ def time_blocks(fns: dict[str, Impl], rounds: int, block: int, warm: float) -> d
     turn = 0
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            impl = fns[k]
-            t_end = time.perf_counter() + warm
-            while True:
-                turn += 1
-                impl.give(turn % GRAD_SETS)
-                impl.step()
-                if time.perf_counter() >= t_end:
-                    break
-            for _ in range(block):
-                turn += 1
-                impl.give(turn % GRAD_SETS)
-                t0 = time.perf_counter()
-                impl.step()
-                times[k].append(time.perf_counter() - t0)
+            times[k] += run_block(fns[k], warm, block, turn)
+            turn += 1000
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
+    """Implementation ``name`` of one case, made in this process, and a note on it."""
+    total, n = SIZES[size]
+    shapes = shapes_for(total, n)
+    if name == "torch fused":
+        return torch_fused(opt_name, shapes), ""
+    if name == "numpy triad":
+        return numpy_triad(total), ""
+    if name == "optax jit+donate":
+        impl, c = optax_impl(opt_name, shapes)
+        return impl, f"first call {c:.1f}s"
+    p, gs = make_numpy(shapes)
+    if name == "mithril numpy":
+        return mithril_impl(opt_name, p, gs), ""
+    if name == "mithril torch":
+        import torch
+
+        return mithril_impl(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
+                            [{k: torch.from_numpy(v) for k, v in g.items()} for g in gs]), ""
+    import jax.numpy as jnp
+
+    jp = {k: jnp.asarray(v) for k, v in p.items()}
+    jgs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs]
+    t0 = time.perf_counter()
+    impl = mithril_impl(opt_name, jp, jgs)
+    return impl, f"first call {time.perf_counter() - t0:.1f}s"
+
+
+def names_for(backends: list[str], no_optax: bool) -> list[str]:
+    names = ["torch fused"]
+    if "numpy" in backends:
+        names += ["mithril numpy", "numpy triad"]
+    if "torch" in backends:
+        names.append("mithril torch")
+    if "jax" in backends:
+        names += ["mithril jax"] + ([] if no_optax else ["optax jit+donate"])
+    return names
+
+
+def run_block(impl: Impl, warm: float, block: int, turn: int) -> list[float]:
+    """``warm`` seconds of untimed steps (at least one), then ``block`` timed ones."""
+    t_end = time.perf_counter() + warm
+    while True:
+        turn += 1
+        impl.give(turn % GRAD_SETS)
+        impl.step()
+        if time.perf_counter() >= t_end:
+            break
+    out = []
+    for _ in range(block):
+        turn += 1
+        impl.give(turn % GRAD_SETS)
+        t0 = time.perf_counter()
+        impl.step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _serve(name: str, size: str, opt_name: str, conn) -> None:
+    """One implementation in a process of its own: its first step, then a block per message."""
+    impl, note = build(name, size, opt_name)
+    conn.send((impl.first, note))
+    while (msg := conn.recv()) is not None:
+        conn.send(run_block(impl, *msg))
+
+
+#: seconds between two implementations' blocks: a library's idle threads spin-wait after
+#: its work (torch's OpenMP, OpenBLAS: up to ~0.1 s) and would take a core from the next one
+GAP = 0.3
+
+
+def time_isolated(names: list[str], size: str, opt_name: str, args: argparse.Namespace
+                  ) -> tuple[dict[str, float], dict[str, tuple], dict[str, str]]:
+    """As :func:`time_blocks`, each implementation in a process of its own (started one at a
+    time), the processes taking turns: no library's thread pool runs, or spins, while
+    another's step is timed, as in a program that uses one of them."""
+    ctx = mp.get_context("spawn")
+    conns, procs, firsts, notes = {}, [], {}, {}
+    for k in names:
+        conns[k], child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(k, size, opt_name, child), daemon=True)
+        proc.start()
+        procs.append(proc)
+        firsts[k], notes[k] = conns[k].recv()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    turn = 0
+    for r in range(args.rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(GAP)
+            conns[k].send((args.warm, args.block, turn))
+            times[k] += conns[k].recv()
+            turn += 1000
+    for k in names:
+        conns[k].send(None)
+    for proc in procs:
+        proc.join()
+    return {k: statistics.median(v) for k, v in times.items()}, firsts, notes
 
 
 def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Namespace) -> None:
     """Time every implementation of one case (size, optimizer) and print its rows."""
     total, n = SIZES[size]
-    shapes = shapes_for(total, n)
-    fns: dict[str, Impl] = {"torch fused": torch_fused(opt_name, shapes)}
-    notes = {}
-    if "numpy" in backends:
-        p, gs = make_numpy(shapes)
-        fns["mithril numpy"] = mithril_impl(opt_name, p, gs)
-        fns["numpy triad"] = numpy_triad(total)
-    if "torch" in backends:
-        import torch
-
-        p, gs = make_numpy(shapes)
-        fns["mithril torch"] = mithril_impl(
-            opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
-            [{k: torch.from_numpy(v) for k, v in g.items()} for g in gs])
-    if "jax" in backends:
-        import jax.numpy as jnp
-
-        p, gs = make_numpy(shapes)
-        jp = {k: jnp.asarray(v) for k, v in p.items()}
-        jgs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs]
-        t0 = time.perf_counter()
-        fns["mithril jax"] = mithril_impl(opt_name, jp, jgs)
-        notes["mithril jax"] = f"first call {time.perf_counter() - t0:.1f}s"
-        if not args.no_optax:
-            fns["optax jit+donate"], c = optax_impl(opt_name, shapes)
-            notes["optax jit+donate"] = f"first call {c:.1f}s"
-    p, gs = make_numpy(shapes)
-    names = list(p)
-    want = [reference_first_step(opt_name, p[n], gs[0][n]) for n in (names[0], names[-1])]
-    for k, impl in fns.items():  # the update really happened, and is the right one
-        if impl.first is not None:
-            for got, ref in zip(impl.first, want):
+    names = names_for(backends, args.no_optax)
+    if args.shared:
+        fns, notes = {}, {}
+        for k in names:
+            fns[k], notes[k] = build(k, size, opt_name)
+        firsts = {k: f.first for k, f in fns.items()}
+    else:
+        med, firsts, notes = time_isolated(names, size, opt_name, args)
+    p, gs = make_numpy(shapes_for(total, n))
+    pn = list(p)
+    want = [reference_first_step(opt_name, p[x], gs[0][x]) for x in (pn[0], pn[-1])]
+    for k, first in firsts.items():  # the update really happened, and is the right one
+        if first is not None:
+            for got, ref in zip(first, want):
                 err = np.max(np.abs(got - ref)) / LR
                 assert err < 1e-3, f"{k}: first step off the reference by {err:.2e} lr"
-    med = time_blocks(fns, args.rounds, args.block, args.warm)
+    if args.shared:
+        med = time_blocks(fns, args.rounds, args.block, args.warm)
     ref, ox = med["torch fused"], med.get("optax jit+donate")
     for k, v in med.items():
         gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
@@ -248,6 +321,10 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true",
                     help="run every case in this process (by default each case gets a fresh one: the "
                          "arrays, caches and compiled programs of earlier cases slow later ones)")
+    ap.add_argument("--shared", action="store_true",
+                    help="every implementation of a case in one process (their thread pools then "
+                         "contend: torch's OpenMP threads spin after its step, on a core the next "
+                         "one needs), instead of one process each")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     header = f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}"
@@ -257,7 +334,7 @@ def main() -> None:
         for size, opt_name in cases:
             cmd = [sys.executable, __file__, "--in-process", "--sizes", size, "--optimizers", opt_name,
                    "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block),
-                   "--warm", str(args.warm)]
+                   "--warm", str(args.warm)] + (["--shared"] if args.shared else [])
             subprocess.run(cmd + (["--no-optax"] if args.no_optax else []) + ["--no-header"], check=True)
         return
     if not args.no_header:
