@@ -37,7 +37,7 @@ _COMPILED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @functools.cache
-def _im2col_kernel() -> Any:
+def _conv_kernels() -> tuple[Any, Any]:
     from ..utils.optimizers.engines import kernel_cache
 
     @kernel_cache.jit(nogil=True)
@@ -59,12 +59,6 @@ def _im2col_kernel() -> Any:
                                     for k in range(cg):
                                         cols[i, a, b, g, u, v, k] = 0
 
-    return im2col_2d
-
-
-@functools.cache
-def _col2im_kernel() -> Any:
-    from ..utils.optimizers.engines import kernel_cache
 
     @kernel_cache.jit(nogil=True)
     def col2im_2d(gc, gx, ph, pw, sh, sw, dh, dw):  # pragma: no cover - compiled
@@ -89,7 +83,7 @@ def _col2im_kernel() -> Any:
                                 for k in range(cg):
                                     gx[i, p, q, g * cg + k] += gc[i, a, b, g, u, v, k]
 
-    return col2im_2d
+    return im2col_2d, col2im_2d
 
 
 def im2col(x: np.ndarray, cols: np.ndarray, pads: tuple[tuple[int, int], ...],
@@ -103,7 +97,7 @@ def im2col(x: np.ndarray, cols: np.ndarray, pads: tuple[tuple[int, int], ...],
     if x.dtype not in _COMPILED or cols.dtype != x.dtype:  # e.g. bfloat16: NumPy's copy
         np.copyto(cols, _windows(x, cols.shape[3], cols.shape[4:6], pads, stride, dilation))
         return
-    _im2col_kernel()(x, cols, pads[0][0], pads[1][0], *stride, *dilation)
+    _conv_kernels()[0](x, cols, pads[0][0], pads[1][0], *stride, *dilation)
 
 
 def _windows(x: np.ndarray, groups: int, kernel: tuple[int, ...], pads: tuple[tuple[int, int], ...],
@@ -137,7 +131,7 @@ def col2im(gcols: np.ndarray, spatial: tuple[int, ...], pads: tuple[tuple[int, i
     gx = np.empty((n, *spatial, g * cg), dtype=gcols.dtype) if out is None else out.reshape(
         n, *spatial, g * cg)
     if gcols.dtype in _COMPILED and gx.dtype == gcols.dtype:
-        _col2im_kernel()(gcols, gx, pads[0][0], pads[1][0], *stride, *dilation)
+        _conv_kernels()[1](gcols, gx, pads[0][0], pads[1][0], *stride, *dilation)
     else:  # e.g. bfloat16: NumPy's strided adds, one per kernel offset (the same sums)
         padded = np.zeros((n, *(s + lo + hi for s, (lo, hi) in zip(spatial, pads)), g, cg), gx.dtype)
         oh, ow = gcols.shape[1:3]
