@@ -25,7 +25,10 @@ gradient is 0) and computes the input gradient as a convolution of the padded ou
 with the flipped kernel (im2col again: faster in NumPy than scattering columns back); the transformer
 saves its intermediates, masks the scores with ``copyto(where=)`` and runs the backward with
 2-D matmuls; both work in place wherever a temporary can be reused (bias and residual adds,
-ReLU, softmax, GELU and its derivative).
+ReLU, softmax, GELU and its derivative). It is plain NumPy; Mithril's NumPy backend also uses
+its core dependency numba where NumPy's strided operations are slow (the convolution's
+im2col / col2im and max pooling, :mod:`mithril.models.window_kernels`), and works through a
+convolution in cache-sized chunks of images, which the hand-written one does not.
 
     python benchmarks/train_step.py [--case mlp cnn8 cnn32 transformer] [--rounds 8]
                                     [--backend numpy torch jax] [--torch-threads 1]
