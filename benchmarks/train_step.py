@@ -19,16 +19,17 @@ ratio of the fastest samples (``min ratio``: on a machine shared with other work
 only ever adds time, the steadier of the two).
 
 The hand-written NumPy is as fast as we could write it: the CNN keeps its activations
-channels-last, convolves by im2col (``sliding_window_view``, one matmul), pools by strided
+channels-last, convolves by im2col (``sliding_window_view``, matmuls), pools by strided
 maxima of a reshape (its argmax mask takes every maximum: only the ReLU's zeros tie, and their
 gradient is 0) and computes the input gradient as a convolution of the padded output gradient
 with the flipped kernel (im2col again: faster in NumPy than scattering columns back); the transformer
 saves its intermediates, masks the scores with ``copyto(where=)`` and runs the backward with
 2-D matmuls; both work in place wherever a temporary can be reused (bias and residual adds,
-ReLU, softmax, GELU and its derivative). It is plain NumPy; Mithril's NumPy backend also uses
-its core dependency numba where NumPy's strided operations are slow (the convolution's
-im2col / col2im and max pooling, :mod:`mithril.models.window_kernels`), and works through a
-convolution in cache-sized chunks of images, which the hand-written one does not.
+ReLU, softmax, GELU and its derivative). Both hand-written CNN convolutions work through
+the batch in cache-sized chunks of images (im2col rows built, multiplied and dropped while in
+cache), as Mithril's do. It is plain NumPy; Mithril's NumPy backend also uses its core
+dependency numba where NumPy's strided operations are slow (the convolution's im2col / col2im
+and max pooling, :mod:`mithril.models.window_kernels`).
 
     python benchmarks/train_step.py [--case mlp cnn8 cnn32 transformer] [--rounds 8]
                                     [--backend numpy torch jax] [--torch-threads 1]
@@ -130,18 +131,55 @@ def cnn_model() -> ml.Model:
     return model
 
 
-def _np_conv3(x, w, b):
-    """3×3 convolution, padding 1, channels-last: x (N, H, W, C), w (O, C, 3, 3) -> (N·H·W, O)
-    and the im2col matrix (N·H·W, 9·C), columns ordered (kh, kw, c)."""
+#: the hand-written convolution works through the batch in chunks of about this many bytes of
+#: im2col rows (built, multiplied and dropped while in cache), as Mithril's NumPy backend does
+CHUNK = 1 << 21
+
+
+def _chunks(n: int, image_bytes: int) -> list[tuple[int, int]]:
+    per = max(1, CHUNK // image_bytes)
+    per = -(-n // -(-n // per))  # as many chunks, of even sizes
+    return [(s, min(n, s + per)) for s in range(0, n, per)]
+
+
+def _windows3(x):
+    """The 3×3 windows (padding 1) of channels-last x (N, H, W, C): a (N, H, W, 3, 3, C) view of
+    its zero-padded copy."""
     n, h, wd, c = x.shape
     xp = np.zeros((n, h + 2, wd + 2, c), dtype=x.dtype)
     xp[:, 1:-1, 1:-1] = x
-    cols = sliding_window_view(xp, (3, 3), axis=(1, 2))            # (N, H, W, C, 3, 3)
-    cols = cols.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * wd, 9 * c)
+    return sliding_window_view(xp, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+
+
+def _im2col_matmul(win, wk, out=None, gw=None, gy=None):
+    """Chunk by chunk of images: the im2col rows of ``win`` (N, H, W, 3, 3, C) times ``wk.T``
+    into ``out`` (N·H·W, O), or (``gy`` given) ``gy.T`` times them summed into ``gw``."""
+    n, h, wd, _, _, c = win.shape
+    p = h * wd
+    buf = None
+    for s, e in _chunks(n, p * 9 * c * win.itemsize):
+        if buf is None:
+            buf = np.empty(((e - s) * p, 9 * c), dtype=win.dtype)
+        cols = buf[:(e - s) * p]
+        np.copyto(cols.reshape(e - s, h, wd, 3, 3, c), win[s:e])
+        if gy is None:
+            np.matmul(cols, wk.T, out=out[s * p:e * p])
+        elif s == 0:
+            gw[...] = gy[:e * p].T @ cols
+        else:
+            gw += gy[s * p:e * p].T @ cols
+
+
+def _np_conv3(x, w, b):
+    """3×3 convolution, padding 1, channels-last: x (N, H, W, C), w (O, C, 3, 3) -> (N·H·W, O),
+    the windows (for the weight gradient) and the weight as (O, 9·C), columns (kh, kw, c)."""
+    n, h, wd, c = x.shape
+    win = _windows3(x)
     wk = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)           # (O, 9·C) in (kh, kw, c)
-    y = cols @ wk.T
+    y = np.empty((n * h * wd, w.shape[0]), dtype=x.dtype)
+    _im2col_matmul(win, wk, out=y)
     y += b
-    return y, cols, wk
+    return y, win, wk
 
 
 def _np_pool2(y):
@@ -163,10 +201,10 @@ def cnn_numpy(p, x, g):
     saved = []
     for w, b in ((w0, b0), (w1, b1)):
         _, h, wd, _ = a.shape
-        y, cols, wk = _np_conv3(a, w, b)
+        y, win, wk = _np_conv3(a, w, b)
         y = np.maximum(y, 0, out=y).reshape(n, h, wd, -1)
         pooled, mask = _np_pool2(y)
-        saved.append((a.shape, cols, wk, y, mask))
+        saved.append((a.shape, win, wk, y, mask))
         a = pooled
     flat = a.transpose(0, 3, 1, 2).reshape(n, -1)                   # flatten as NCHW
     out = flat @ wl.T + bl
@@ -174,20 +212,21 @@ def cnn_numpy(p, x, g):
     ga = (g @ wl).reshape(n, a.shape[3], a.shape[1], a.shape[2]).transpose(0, 2, 3, 1)
     grads: list[Any] = []
     for i in (1, 0):
-        shape, cols, wk, y, mask = saved[i]
+        shape, win, wk, y, mask = saved[i]
         nn_, h, wd, c = shape
         gy = (mask * ga[:, :, None, :, None, :]).reshape(y.shape)
         gy *= y > 0
-        gy = gy.reshape(-1, gy.shape[-1])                           # (N·H·W, O)
-        gw = (gy.T @ cols).reshape(-1, 3, 3, c).transpose(0, 3, 1, 2)
-        grads[:0] = [gw, gy.sum(0)]
-        if i:  # a convolution of the padded gy with the flipped kernel (im2col, one matmul):
-            o = gy.shape[1]  # faster in NumPy than scattering gy @ wk back offset by offset
-            gp = np.zeros((nn_, h + 2, wd + 2, o), dtype=gy.dtype)
-            gp[:, 1:-1, 1:-1] = gy.reshape(nn_, h, wd, o)
-            gcols = sliding_window_view(gp, (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+        o = gy.shape[-1]
+        gy = gy.reshape(-1, o)                                      # (N·H·W, O)
+        gw = np.empty((o, 9 * c), dtype=gy.dtype)
+        _im2col_matmul(win, wk, gw=gw, gy=gy)
+        grads[:0] = [gw.reshape(-1, 3, 3, c).transpose(0, 3, 1, 2), gy.sum(0)]
+        if i:  # a convolution of the padded gy with the flipped kernel (im2col, matmuls):
+            # faster in NumPy than scattering gy @ wk back offset by offset
             wf = wk.reshape(o, 3, 3, c)[:, ::-1, ::-1].transpose(1, 2, 0, 3).reshape(9 * o, c)
-            ga = (gcols.reshape(nn_ * h * wd, 9 * o) @ wf).reshape(nn_, h, wd, c)
+            ga = np.empty((nn_ * h * wd, c), dtype=gy.dtype)
+            _im2col_matmul(_windows3(gy.reshape(nn_, h, wd, o)), wf.T, out=ga)
+            ga = ga.reshape(nn_, h, wd, c)
     return out, (*grads, gwl, gbl)
 
 
