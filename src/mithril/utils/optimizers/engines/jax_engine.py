@@ -42,6 +42,13 @@ def _norm(g: Any) -> Any:
     return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.sum(jnp.square(g))))
 
 
+def _barrier(x: Any) -> Any:
+    """``x``, computed before anything that uses the result (``optimization_barrier``)."""
+    import jax
+
+    return jax.lax.optimization_barrier(x)
+
+
 def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
     """The gradients clipped unit-wise (``adaptive_clip``), inside the jitted pass, where
     XLA fuses it into the step: ``agc`` holds each tensor's (c, ε), c = 0 where it is off."""
@@ -69,6 +76,10 @@ def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_nor
                          for n, s in zip(lay.names, lay.sizes)])
     col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
     norm = _norm(g.astype(jnp.promote_types(dt, jnp.float32)))
+    # XLA's CPU backend fuses an independent reduction into the update's loop as a second
+    # output, and that loop then runs ~2.5x slower (1M-param Adam: 2.55 vs 0.92 ms); kept
+    # apart, the norm costs a separate read of g (0.07 ms)
+    norm, p, g = _barrier((norm, p, g))
     if clip_norm_on:
         g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
     if per_tensor:
@@ -129,7 +140,8 @@ class JaxEngine(Engine):
                 for i, s in enumerate(slot_names[len(slot_names) - n_avg:]):
                     w = col(table.shape[1] - n_avg + i)
                     new_slots[s] = jnp.where(mask, new_slots[s], average(p, slots[s], w))
-            # whether every new value is finite (fused by XLA into the loop)
+            # whether every new value is finite: a reduction of its own (see _prologue)
+            new_p, new_slots = _barrier((new_p, new_slots))
             finite = jnp.all(all_finite(jnp.isfinite, [new_p, *new_slots.values()]))
             if skip:
                 keep = jnp.isfinite(norm) & finite
