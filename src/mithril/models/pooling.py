@@ -209,7 +209,8 @@ class _MaxPool(_Pool):
         masks, shape = residuals
         if isinstance(masks, np.ndarray):  # the compiled pass's offsets, and its input
             return {"input": max_pool_vjp(g, masks, shape, self.kernel_size, self.pads,
-                                          self.stride, self.dilation)}
+                                          self.stride, self.dilation,
+                                          disjoint(self.kernel_size, self.stride, self.dilation))}
         return {"input": self._scatter(shape, masks[0], g, masks)}
 
 

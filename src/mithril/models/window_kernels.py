@@ -59,7 +59,6 @@ def _conv_kernels() -> tuple[Any, Any]:
                                     for k in range(cg):
                                         cols[i, a, b, g, u, v, k] = 0
 
-
     @kernel_cache.jit(nogil=True)
     def col2im_2d(gc, gx, ph, pw, sh, sw, dh, dw):  # pragma: no cover - compiled
         n, oh, ow, ng, kh, kw, cg = gc.shape
@@ -86,6 +85,12 @@ def _conv_kernels() -> tuple[Any, Any]:
     return im2col_2d, col2im_2d
 
 
+def _as_2d(pads: tuple[tuple[int, int], ...], stride: tuple[int, ...],
+           dilation: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:
+    """A 1-D window's padding, stride and dilation as a 2-D one's with a one-row first axis."""
+    return ((0, 0), *pads), (1, *stride), (1, *dilation)
+
+
 def im2col(x: np.ndarray, cols: np.ndarray, pads: tuple[tuple[int, int], ...],
            stride: tuple[int, ...], dilation: tuple[int, ...]) -> None:
     """Fill ``cols`` (N, *out, G, *kernel, Cg), C-contiguous, with the windows of ``x``
@@ -93,7 +98,7 @@ def im2col(x: np.ndarray, cols: np.ndarray, pads: tuple[tuple[int, int], ...],
     window ordered (group, *kernel, channel), zeros where it reads the padding."""
     if x.ndim == 3:  # 1-D, as 2-D with one row
         x, cols = x[:, None], cols[:, None, :, :, None]
-        pads, stride, dilation = ((0, 0), *pads), (1, *stride), (1, *dilation)
+        pads, stride, dilation = _as_2d(pads, stride, dilation)
     if x.dtype not in _COMPILED or cols.dtype != x.dtype:  # e.g. bfloat16: NumPy's copy
         np.copyto(cols, _windows(x, cols.shape[3], cols.shape[4:6], pads, stride, dilation))
         return
@@ -125,8 +130,8 @@ def col2im(gcols: np.ndarray, spatial: tuple[int, ...], pads: tuple[tuple[int, i
     ``out``: a C-contiguous array of that shape to write it into (every element written)."""
     nd = len(spatial)
     if nd == 1:  # as 2-D with one row
-        gcols = gcols[:, None, :, :, None]
-        spatial, pads, stride, dilation = (1, *spatial), ((0, 0), *pads), (1, *stride), (1, *dilation)
+        gcols, spatial = gcols[:, None, :, :, None], (1, *spatial)
+        pads, stride, dilation = _as_2d(pads, stride, dilation)
     n, g, cg = gcols.shape[0], gcols.shape[3], gcols.shape[-1]
     gx = np.empty((n, *spatial, g * cg), dtype=gcols.dtype) if out is None else out.reshape(
         n, *spatial, g * cg)
@@ -215,10 +220,9 @@ def _channels_last(x: np.ndarray) -> np.ndarray:
     return xl if xl.flags.c_contiguous else np.ascontiguousarray(xl)
 
 
-def compiled(*arrays: np.ndarray) -> bool:
-    """Whether the loops here are compiled for these arrays' dtype (all the same)."""
-    dt = arrays[0].dtype
-    return dt in _COMPILED and all(a.dtype == dt for a in arrays[1:])
+def compiled(x: np.ndarray) -> bool:
+    """Whether the loops here are compiled for ``x``'s dtype."""
+    return x.dtype in _COMPILED
 
 
 def max_pool(x: np.ndarray, out: tuple[int, ...], kernel: tuple[int, ...],
@@ -232,7 +236,7 @@ def max_pool(x: np.ndarray, out: tuple[int, ...], kernel: tuple[int, ...],
     xl = _channels_last(x)
     if nd == 1:
         xl, out, kernel = xl[:, None], (1, *out), (1, *kernel)
-        pads, stride, dilation = ((0, 0), *pads), (1, *stride), (1, *dilation)
+        pads, stride, dilation = _as_2d(pads, stride, dilation)
     n, c = x.shape[:2]
     m = np.empty((n, *out, c), dtype=x.dtype)
     code = np.empty((n, *out, c), dtype=np.uint8 if math.prod(kernel) <= 256 else np.int32)
@@ -242,18 +246,17 @@ def max_pool(x: np.ndarray, out: tuple[int, ...], kernel: tuple[int, ...],
 
 def max_pool_vjp(g: np.ndarray, code: np.ndarray, like: np.ndarray, kernel: tuple[int, ...],
                  pads: tuple[tuple[int, int], ...], stride: tuple[int, ...],
-                 dilation: tuple[int, ...]) -> np.ndarray:
+                 dilation: tuple[int, ...], tiles: bool) -> np.ndarray:
     """The input cotangent of :func:`max_pool` (shaped and laid out as ``like``, its input; a
-    new array, no view): each of ``g``'s values added where its window's maximum was."""
+    new array, no view): each of ``g``'s values added where its window's maximum was.
+    ``tiles``: the windows are disjoint, so each input element is written once, by a gather
+    (no zero fill); else zeros, then each value added where its maximum was."""
     nd = like.ndim - 2
-    # disjoint windows: each input element is written once, by a gather (no zero fill);
-    # overlapping ones: zeros, then each value added where its maximum was
-    tiles = all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
     gx = (np.empty_like if tiles else np.zeros_like)(like, dtype=g.dtype)  # like's memory order
     gl, gxl = _channels_last(g), np.moveaxis(gx, 1, -1)
     if nd == 1:
         gl, gxl, kernel = gl[:, None], gxl[:, None], (1, *kernel)
-        pads, stride, dilation = ((0, 0), *pads), (1, *stride), (1, *dilation)
+        pads, stride, dilation = _as_2d(pads, stride, dilation)
     _, scatter, gather = _max_pool_kernels()
     if tiles:
         gather(gl, code, gxl, pads[0][0], pads[1][0], *stride, *dilation, *kernel)
