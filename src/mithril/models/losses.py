@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
+from . import loss_kernels
 from .operator import Operator, Shape, ShapeError, fmt, functional_of, stop_gradient, unify
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -167,6 +168,12 @@ class CrossEntropy(Operator):
                                   t if t.dtype == xp.t.int64 else t.long(),
                                   reduction=self.reduction)
             return nll.reshape(target.shape) if self.reduction == "none" else nll
+        if (xp is np and self.input_type == "logits" and input.shape[-1]
+                and self._is_index(xp, target)):
+            return self.forward_residuals(xp, input, target)[0]  # the same arithmetic
+        return self._forward(xp, input, target)
+
+    def _forward(self, xp: Any, input: Any, target: Any) -> Any:
         logp = self._log_probs(xp, input)
         if self._is_index(xp, target):
             nll = -xp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
@@ -180,9 +187,17 @@ class CrossEntropy(Operator):
         """NumPy: the loss and, for logits against class indices, the softmax rows (N, C)
         its VJP turns into ``g·(softmax − onehot)`` in place: one exp, not two. The loss is
         the same arithmetic as :meth:`forward` on the picked entries only."""
-        if self.input_type != "logits" or not self._is_index(np, target):
-            return self.forward(xp, input, target), None
+        if self.input_type != "logits" or not input.shape[-1] or not self._is_index(np, target):
+            return self._forward(xp, input, target), None
         x = input.reshape(-1, input.shape[-1])
+        t = target.reshape(-1)
+        if loss_kernels.usable(x, t):  # one compiled pass (else an index is out of range:
+            got = loss_kernels.softmax_nll(np.ascontiguousarray(x), t)  # NumPy's error below)
+            if got is not None:
+                nll, total, e = got
+                if self.reduction == "none":
+                    return nll.reshape(target.shape), e
+                return x.dtype.type(total / len(x) if self.reduction == "mean" else total), e
         m = x.max(axis=-1, keepdims=True)
         e = np.exp(np.subtract(x, m), out=np.empty_like(x))
         s = e.sum(axis=-1, keepdims=True)
@@ -199,8 +214,12 @@ class CrossEntropy(Operator):
         if residuals is not None:  # softmax rows of logits against class indices
             gt = np.asarray(gt, dtype=residuals.dtype).reshape(-1, 1) if self.reduction == "none" \
                 else residuals.dtype.type(gt)
+            ti = t.reshape(-1)
+            if loss_kernels.usable(residuals, ti):  # (indices checked by the forward)
+                cot = gt.reshape(-1) if self.reduction == "none" else np.full(1, gt)
+                return {"input": loss_kernels.softmax_nll_vjp(residuals, ti, cot).reshape(x.shape)}
             grad = np.multiply(residuals, gt, out=residuals)
-            grad[np.arange(n), t.reshape(-1)] -= gt[:, 0] if self.reduction == "none" else gt
+            grad[np.arange(n), ti] -= gt[:, 0] if self.reduction == "none" else gt
             return {"input": grad.reshape(x.shape)}
         if self._is_index(np, t):
             dlogp = np.zeros_like(x)
