@@ -18,19 +18,33 @@ Imports and kernels (numba's compiler, the disk-cached kernels) are excluded: ea
 runs one tiny step of its own optimizer, then measures. The host arrays the inputs were made
 from are dropped, so that what is left is what the caller holds.
 
-    python benchmarks/memory.py [--params 50000000] [--case numpy torch ...]
+Each case runs ``--repeat`` times (default 3, the cases taking turns), each in a fresh
+process, and the median is reported with the range; the children run with glibc's mmap
+threshold fixed at its default (:data:`CHILD_ENV`), else a run's figure moves by up to
+~4 B/param between identical runs. The jitted JAX
+steps are compiled before the baseline is taken, from the shapes alone.
+
+    python benchmarks/memory.py [--params 50000000] [--case numpy torch ...] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 
 CASES = ("numpy", "torch", "jax", "numpy-adopt", "torch-adopt", "torch-optim", "torch-fused",
          "optax", "mithril-optax")
+
+
+#: glibc's default mmap threshold (128 KiB), fixed: by default glibc raises it after a large
+#: block is freed (up to 32 MiB), so blocks freed *before* the baseline decide whether later
+#: ones come from the heap (kept) or from mmap (returned): ±3 B/param between identical runs
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def peak() -> int:
@@ -91,10 +105,6 @@ def run_case(case: str, n: int, tensors: int) -> dict:
         import jax.numpy as jnp
         import optax
 
-        params = [jnp.asarray(a) for a in host_p]
-        grads = [jnp.asarray(a) for a in host_g]
-        del host_p[:], host_g[:]
-        base = peak()
         if case == "optax":
             tx = optax.adam(1e-3)
         else:
@@ -107,8 +117,16 @@ def run_case(case: str, n: int, tensors: int) -> dict:
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
 
+        # compiled before the baseline (XLA's compiler memory is not the optimizer's)
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in host_p]
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+            specs, jax.eval_shape(tx.init, specs), specs).compile()
+        params = [jnp.asarray(a) for a in host_p]
+        grads = [jnp.asarray(a) for a in host_g]
+        del host_p[:], host_g[:]
+        base = peak()
         state = tx.init(params)
-        params, state = jax.jit(step, donate_argnums=(0, 1))(params, state, grads)
+        params, state = compiled(params, state, grads)
         jax.block_until_ready(params)
     after = peak()
     return {"case": case + ("-adopt" if adopt else ""), "base_bytes": base, "peak_bytes": after,
@@ -172,23 +190,32 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=50_000_000)
     ap.add_argument("--tensors", type=int, default=10)
     ap.add_argument("--case", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="fresh processes per case (the median is reported)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_case(args.child, args.params, args.tensors)))
         return
     print(f"Adam, first update, {args.params:,} float32 params in {args.tensors} tensors; "
-          f"peak RSS beyond params + gradients (fresh process per case)")
-    for case in args.case:
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--params",
-                              str(args.params), "--tensors", str(args.tensors)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-            print(f"{case:12s} failed: {out.stderr.strip().splitlines()[-1:]}")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{case:12s} {r['extra_bytes_per_param']:6.2f} B/param "
-              f"(peak {r['peak_bytes'] / 2**20:8.1f} MiB)")
+          f"peak RSS beyond params + gradients (fresh process per run, {args.repeat} runs "
+          f"per case, taking turns: median [min, max])")
+    runs: dict[str, list[dict]] = {c: [] for c in args.case}
+    for _ in range(args.repeat):  # the cases take turns: a drift of the machine hits all
+        for case in args.case:
+            out = subprocess.run([sys.executable, __file__, "--child", case, "--params",
+                                  str(args.params), "--tensors", str(args.tensors)],
+                                 capture_output=True, text=True, check=False, env=CHILD_ENV)
+            if out.returncode:
+                print(f"{case:14s} failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for case, rs in runs.items():
+        if rs:
+            extra = sorted(r["extra_bytes_per_param"] for r in rs)
+            peak_mib = statistics.median(r["peak_bytes"] for r in rs) / 2**20
+            print(f"{case:14s} {statistics.median(extra):6.2f} B/param [{extra[0]:.2f}, "
+                  f"{extra[-1]:.2f}] (peak {peak_mib:8.1f} MiB)")
 
 
 if __name__ == "__main__":
