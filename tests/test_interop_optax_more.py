@@ -193,3 +193,27 @@ def test_refusals():
     tx = optax_transformation(Muon(fallback=None))
     with pytest.raises(ShapeError, match=r"params\['layer/b'\] has shape \(3,\)"):
         tx.init(nested(P0))
+
+
+@pytest.mark.parametrize("make", [lambda: Prodigy(1.0, estim_lr0=1e-3), lambda: Muon(1e-2),
+                                  lambda: SGD(1e-1, momentum=0.9, nonfinite="skip")],
+                         ids=["elementwise", "tensorwise", "skip"])
+def test_update_can_return_the_new_params(make):
+    """``update(..., new_params=True)`` (what ``make_train_step``'s program takes) gives the
+    new params themselves and the same state: ``params + updates`` to rounding, without
+    that round trip."""
+    tx = optax_transformation(make())
+    params = nested({k: jnp.asarray(v) for k, v in P0.items()})
+    state = tx.init(params)
+    for t in range(3):
+        g = nested(grads(t, flat_of(params)))
+        updates, s_upd = jax.jit(tx.update)(g, state, params)
+        new, s_new = jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True))(
+            g, state, params)
+        applied = optax.apply_updates(params, updates)
+        for k, v in flat_of(new).items():
+            np.testing.assert_allclose(v, flat_of(applied)[k], rtol=1e-6, atol=1e-7)
+        for a, b in zip(jax.tree_util.tree_leaves(s_upd), jax.tree_util.tree_leaves(s_new),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        params, state = new, s_new

@@ -205,7 +205,10 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         return OptaxState(jnp.zeros((), jnp.int32), slots, {}, {},
                           _initial_hyperparams(opt, learning_rate))
 
-    def update(updates: Any, state: OptaxState, params: Any = None) -> tuple[Any, OptaxState]:
+    def update(updates: Any, state: OptaxState, params: Any = None, *,
+               new_params: bool = False) -> tuple[Any, OptaxState]:
+        """(updates, new state); ``new_params=True``: (the new params, new state)
+        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip)."""
         _check_update(opt_name, state, params)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
@@ -267,7 +270,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
                          for s, vs in new_slots.items()}
             new_count = jnp.where(finite, new_count, count)
 
-        out_updates = treedef.unflatten([a - b for a, b in zip(new_ps, leaves)])
+        out_updates = treedef.unflatten(new_ps if new_params else
+                                        [a - b for a, b in zip(new_ps, leaves)])
         hyper = dict(state.hyperparams)
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)

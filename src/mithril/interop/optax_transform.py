@@ -68,7 +68,10 @@ How it works:
   state as it was, the count included). ``nonfinite="raise"`` cannot raise inside
   ``jax.jit`` and is refused. Leaves may have different floating-point dtypes.
 * The update returned is ``new_params − params`` (``optax.apply_updates`` then gives the
-  optimizer's new parameters, exactly for any ordinary step size).
+  optimizer's new parameters, exactly for any ordinary step size). ``update(updates, state,
+  params, new_params=True)`` returns the new parameters themselves instead (what
+  :func:`~mithril.utils.training.make_train_step`'s program uses: no ``p + (new − p)``,
+  ~5% less for XLA to compile in a 50-layer MLP's step).
 * The optimizer is copied when the transformation is made: changing its hyperparameters
   afterwards does not change the transformation (the learning rate lives in the state).
 
@@ -391,7 +394,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                         f"(a host callback)") from e
         return host_tensor_scalars(opt, t, lr, sums, cols, tens, values, sizes, _wide())
 
-    def update(updates: Any, state: OptaxState, params: Any = None) -> tuple[Any, OptaxState]:
+    def update(updates: Any, state: OptaxState, params: Any = None, *,
+               new_params: bool = False) -> tuple[Any, OptaxState]:
+        """(updates, new state); ``new_params=True``: (the new params, new state)
+        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip)."""
         _check_update(opt_name, state, params)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
@@ -475,7 +481,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             new_values = {k: pick(v, state.values[k]) for k, v in new_values.items()}
             new_count = jnp.where(finite, new_count, count)
 
-        out_updates = treedef.unflatten([a - b for a, b in zip(new_ps, leaves)])
+        out_updates = treedef.unflatten(new_ps if new_params else
+                                        [a - b for a, b in zip(new_ps, leaves)])
         hyper = dict(state.hyperparams)
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)

@@ -379,8 +379,9 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
         out, grads = ev._fwd_vjp(ptuple, inputs, cots)
     names = ev.names
     params = dict(zip(names, ptuple, strict=True))
-    updates, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params)
-    new = tuple(params[n] + updates[n].astype(params[n].dtype) for n in names)
+    new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
+                                      new_params=True)
+    new = tuple(new_params[n] for n in names)
     return new, opt_state, out, mstate, grads
 
 
