@@ -217,3 +217,72 @@ def test_update_can_return_the_new_params(make):
                         strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         params, state = new, s_new
+
+
+def _configs():
+    """Each known-traceable built-in in several configurations (its flags, weight decay,
+    a parameter group with its own learning rate and betas)."""
+    import inspect
+
+    from mithril.interop.optax_scalars import _known_traceable
+    from mithril.utils import optimizers as O
+
+    flags = {"amsgrad": True, "nesterov": True, "momentum": 0.9, "centered": True,
+             "weight_decay": 1e-2, "maximize": True, "bias_correction": False,
+             "decoupled_weight_decay": True, "lr_power": -0.5, "trust_clip": True,
+             "adaptive": True, "grad_averaging": True}
+    for name in O.__all__:
+        cls = getattr(O, name)
+        if not inspect.isclass(cls) or cls.__dict__.get("scalars") not in _known_traceable():
+            continue
+        accepted = inspect.signature(cls).parameters
+        yield name, lambda cls=cls: cls(1e-2)
+        for k, v in flags.items():
+            if k in accepted:
+                kw = {k: v, **({"momentum": 0.9} if k == "nesterov" else {})}
+                try:
+                    cls(1e-2, **kw)
+                except (TypeError, ValueError):  # a flag this class spells otherwise
+                    continue
+                yield f"{name}-{k}", lambda cls=cls, kw=kw: cls(1e-2, **kw)
+        yield f"{name}-group", lambda cls=cls: cls(1e-2, param_groups=[
+            {"params": "layer/b", "learning_rate": 3e-2, "weight_decay": 0.1}])
+
+
+CONFIGS_KNOWN = dict(_configs())
+
+
+def test_every_known_traceable_class_is_covered():
+    from mithril.interop.optax_scalars import _known_traceable
+
+    assert len({k.split("-")[0] for k in CONFIGS_KNOWN}) == len(_known_traceable())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS_KNOWN))
+def test_known_traceable_scalars_pass_the_probe(name):
+    """The classes whose probe is skipped (a compile saved on a first run) would pass it:
+    traced scalars equal the host's at steps 1, 2, 3, 10 and 1000."""
+    from types import SimpleNamespace
+
+    from mithril.interop.optax_scalars import _needs_no_probe, _probe
+
+    opt = CONFIGS_KNOWN[name]()
+    holder = SimpleNamespace(groups=None, layout=SimpleNamespace(name_list=list(SHAPES)))
+    index, views = opt.group_rows(holder)
+    rows = holder.groups[2] if holder.groups is not None else [{}] * len(views)
+    scales = [float(r.get("lr_scale", 1.0)) for r in rows]
+    assert _needs_no_probe(views)
+    assert _probe(views, scales, trust_known=False) is None
+
+
+def test_averaging_or_an_override_is_probed():
+    from mithril.interop.optax_scalars import _needs_no_probe
+    from mithril.utils.optimizers import Adam
+
+    class Mine(Adam):
+        def scalars(self, step):
+            return super().scalars(step)
+
+    assert not _needs_no_probe([Adam(1e-2, ema_decay=0.99)])
+    assert not _needs_no_probe([Mine(1e-2)])
+    assert _needs_no_probe([Adam(1e-2)])

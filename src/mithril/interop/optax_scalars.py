@@ -237,13 +237,59 @@ def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
     return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
 
 
-def _probe(views: list[Any], scales: list[float]) -> str | None:
+@functools.cache
+def _known_traceable() -> frozenset[Any]:
+    """The built-in ``scalars`` methods that are arithmetic in (step, hyperparameters) for
+    every configuration: no probe needed (``tests/test_interop_optax_more.py`` probes each
+    in several configurations). Not here: those with Python control flow on the step
+    (RAdam, ADOPT, Adan, SGD with momentum, schedule-free warm-up), with state values
+    (Prodigy, ASGD)."""
+    from ..utils.optimizers import (
+        LAMB,
+        LARS,
+        AdaBelief,
+        Adadelta,
+        AdaGrad,
+        Adam,
+        Adamax,
+        AdEMAMix,
+        Ftrl,
+        Lion,
+        NAdam,
+        Novograd,
+        RMSProp,
+        Rprop,
+        Yogi,
+    )
+
+    return frozenset(c.__dict__["scalars"] for c in (
+        Adam, AdaBelief, Adadelta, AdaGrad, Adamax, AdEMAMix, Ftrl, LAMB, LARS, Lion,
+        NAdam, Novograd, RMSProp, Rprop, Yogi))
+
+
+def _needs_no_probe(views: list[Any]) -> bool:
+    """Every view's scalars are a known-traceable built-in's, with no averaging weights
+    and no state values (what the probe would find traceable anyway: it costs a compile,
+    ~25 ms, on a first-ever run)."""
+    from ..utils.optimizers.averaging import AveragingMixin
+
+    known = _known_traceable()
+    return all(type(v).scalars in known and not v.scalar_values
+               and type(v).full_scalars is AveragingMixin.full_scalars
+               and v.ema_decay is None and v.swa_start is None for v in views)
+
+
+def _probe(views: list[Any], scales: list[float], trust_known: bool = True) -> str | None:
     """Why the scalars cannot be traced (None when they can and agree with the host's).
-    The state values ``scalars`` reads are traced too (at their initial values)."""
+    The state values ``scalars`` reads are traced too (at their initial values).
+    ``trust_known``: None at once for :func:`_needs_no_probe` views."""
     import jax
     import jax.numpy as jnp
 
     from ..utils.optimizers.state import scalar_arguments
+
+    if trust_known and _needs_no_probe(views):
+        return None
 
     init = scalar_arguments(views[0], None)
     names = sorted(init)
