@@ -16,7 +16,6 @@ import numpy as np
 from ..averaging import average
 from .common import (
     Engine,
-    all_finite,
     clipped_table,
     nonfinite_error,
     nonfinite_result_error,
@@ -32,14 +31,31 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def _norm(g: Any) -> Any:
-    """‖g‖₂ scaled by max|g|, so that finite gradients whose squares overflow float32 still
-    have a finite norm (the fused kernel sums in float64); inf/NaN as the plain sum else."""
+    """‖g‖₂: one sum of squares; only where it overflows (or g is not finite) the norm
+    scaled by max|g| (``lax.cond``: its two more passes over g run only then), so that
+    finite gradients whose squares overflow float32 still have a finite norm (the fused
+    kernel sums in float64); inf/NaN as the plain sum."""
+    import jax
     import jax.numpy as jnp
 
-    a = jnp.max(jnp.abs(g))
-    safe = jnp.where((a > 0) & jnp.isfinite(a), a, jnp.ones((), g.dtype))
-    scaled = safe * jnp.sqrt(jnp.sum(jnp.square(g / safe)))
-    return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(jnp.sum(jnp.square(g))))
+    sq = jnp.sum(jnp.square(g))
+
+    def scaled() -> Any:
+        a = jnp.max(jnp.abs(g))
+        safe = jnp.where((a > 0) & jnp.isfinite(a), a, jnp.ones((), g.dtype))
+        return jnp.where(jnp.isfinite(a), safe * jnp.sqrt(jnp.sum(jnp.square(g / safe))),
+                         jnp.sqrt(sq))
+
+    return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), scaled)
+
+
+def _finite(arrays: list[Any]) -> Any:
+    """Whether every element of ``arrays`` is finite: Σ (x − x) is 0, or NaN where some x
+    is ±inf or NaN. One float reduction per array, no boolean array to write (XLA's CPU
+    backend wrote the elementwise mask, then reduced it in four more passes)."""
+    import jax.numpy as jnp
+
+    return jnp.isfinite(sum(jnp.sum(x - x) for x in arrays))
 
 
 def _barrier(x: Any) -> Any:
@@ -65,10 +81,12 @@ def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_nor
     """Inside a jitted pass: the flat params and the gradient as the math sees it (clipped
     unit-wise, scaled by the global norm rule and each tensor's table scale, clipped by
     value, L2-decayed), each element's column getter and the (unit-clipped) gradients'
-    norm. ``flags``: clip_norm_on, clip_value_on, per_tensor and the adaptive clipping."""
+    norm. ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive clipping and
+    l2_on (some group has coupled weight decay: without it the gradient's passes do not
+    read the params)."""
     import jax.numpy as jnp
 
-    clip_norm_on, clip_value_on, per_tensor, agc = flags
+    clip_norm_on, clip_value_on, per_tensor, agc, l2_on = flags
     grads = _adaptive(lay, params, grads, agc)
     dt = lay.dtype
     p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
@@ -86,7 +104,7 @@ def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_nor
         g = g * col(0)
     if clip_value_on:
         g = jnp.clip(g, -col(1), col(1))
-    return p, g + col(2) * p, col, norm
+    return p, g + col(2) * p if l2_on else g, col, norm
 
 
 class JaxEngine(Engine):
@@ -119,7 +137,7 @@ class JaxEngine(Engine):
         slots are weight averages (their weights the last scalars), which move towards
         parameters without a gradient too."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        clip_norm_on, clip_value_on, skip, per_tensor, agc = flags  # per_tensor: scales in col 0
+        clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
@@ -130,7 +148,7 @@ class JaxEngine(Engine):
 
         def step(params, grads, slots, table, clip_norm):
             p, g, col, norm = _prologue(lay, elem, params, grads, table, clip_norm,
-                                        (clip_norm_on, clip_value_on, per_tensor, agc))
+                                        (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
             out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
                           *(col(j) for j in range(4, table.shape[1])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
@@ -142,7 +160,7 @@ class JaxEngine(Engine):
                     new_slots[s] = jnp.where(mask, new_slots[s], average(p, slots[s], w))
             # whether every new value is finite: a reduction of its own (see _prologue)
             new_p, new_slots = _barrier((new_p, new_slots))
-            finite = jnp.all(all_finite(jnp.isfinite, [new_p, *new_slots.values()]))
+            finite = _finite([new_p, *new_slots.values()])
             if skip:
                 keep = jnp.isfinite(norm) & finite
                 new_p = jnp.where(keep, new_p, p)
@@ -207,7 +225,7 @@ class JaxEngine(Engine):
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
                       flags: tuple, rows: tuple[int, ...] | None) -> Any:
         jax, jnp, lay = self.jax, self.jnp, self.layout
-        clip_norm_on, clip_value_on, _, per_tensor, agc = flags
+        clip_norm_on, clip_value_on, _, per_tensor, agc, l2_on = flags
         elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
         ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
         n = len(lay.names)
@@ -215,7 +233,7 @@ class JaxEngine(Engine):
         def first(params, grads, slots, table, clip_norm):
             dt = lay.dtype
             p, g, col, _ = _prologue(lay, elem, params, grads, table, clip_norm,
-                                     (clip_norm_on, clip_value_on, per_tensor, agc))
+                                     (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
             terms = reduce_fn(p * col(3), g, *(slots[s] for s in own),
                               *(col(j) for j in range(4, 4 + n_own)))
             wide = jnp.promote_types(dt, jnp.float32)
@@ -248,10 +266,12 @@ class JaxEngine(Engine):
                     for m, shp in zip(lay.names, lay.shapes)}
             sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
-            flags = (False, clip, opt.nonfinite != "propagate", True, agc)  # scales: in the table
+            flags = (False, clip, opt.nonfinite != "propagate", True, agc,  # scales: in the table
+                     bool((table[:, 2] != 0).any()))
         else:
             table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate", False, agc)
+            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate", False, agc,
+                     bool((table[:, 2] != 0).any()))
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
