@@ -31,9 +31,10 @@ from collections.abc import Callable
 import numpy as np
 
 #: (parameters, tensors): (a) and (b) are the catalog's; "10Mx1", "10Mx10" and "1Mx1" the
-#: few-large-tensors cases (torch's fused kernel is at its best there)
+#: few-large-tensors cases (torch's fused kernel is at its best there); "1Mx10" the JAX
+#: jit engine's row (``MITHRIL_JAX_ENGINE=jit``)
 SIZES = {"a": (10_000_000, 200), "b": (1_000_000, 2_000), "10Mx1": (10_000_000, 1),
-         "10Mx10": (10_000_000, 10), "1Mx1": (1_000_000, 1)}
+         "10Mx10": (10_000_000, 10), "1Mx1": (1_000_000, 1), "1Mx10": (1_000_000, 10)}
 BYTES = {"adam": 28, "sgd": 20}
 GRAD_SETS = 3
 LR = 1e-3
