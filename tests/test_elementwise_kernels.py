@@ -82,3 +82,28 @@ def test_mlp_gradients_against_torch():
     np.testing.assert_allclose(out["output"], y.detach().numpy(), rtol=1e-12)
     for k in names:
         np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(128, 10), (1, 7), (33, 1), (300, 257)])
+def test_bias_loops_bit_for_bit(dtype, shape):
+    rng = np.random.default_rng(3)
+    g = (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3, shape)).astype(dtype)
+    g.reshape(-1)[:3] = [np.inf, -0.0, 1e-40]
+    b = rng.standard_normal(shape[1]).astype(dtype)
+    with np.errstate(all="ignore"):
+        assert np.array_equal(_bits(ek.column_sums(g)), _bits(g.sum(axis=0)))
+        y = g.copy()
+        assert ek.add_rows(y, b) is y
+        assert np.array_equal(_bits(y), _bits(g + b))
+
+
+@pytest.mark.parametrize("make", [lambda g: g[:0], lambda g: g.T, lambda g: g[:, ::2],
+                                  lambda g: g.astype(np.float16)],
+                         ids=["no-rows", "F", "strided", "f16"])
+def test_bias_loops_other_arrays_take_numpy(make):
+    g = make(np.arange(24, dtype=np.float32).reshape(4, 6) / 7)
+    assert np.array_equal(ek.column_sums(g), g.sum(axis=0))
+    b = np.ones(g.shape[1], g.dtype)
+    y = g.copy()
+    assert np.array_equal(ek.add_rows(y, b), g + b)

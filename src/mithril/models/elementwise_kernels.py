@@ -1,4 +1,4 @@
-"""Compiled loops for the NumPy ReLU, where NumPy's ufuncs are slow for it.
+"""Compiled loops for the NumPy ReLU and Linear's bias, where NumPy's ufuncs are slow.
 
 ``np.maximum(x, 0, out=x)`` runs at ~3 GB/s (NaN-propagating maximum against a broadcast
 scalar: ~5.5 us for a (128, 128) float32 activation), and the VJP ``g * (out > 0)`` is two
@@ -6,6 +6,12 @@ passes and a boolean temporary. :func:`relu` and :func:`relu_vjp` are one pass e
 ~1 us there. The same results, bit for bit: ``x`` where ``x > 0`` or NaN, else +0 (NumPy's
 maximum gives +0 for -0 too), and the VJP multiplies ``g`` by 1.0 or 0.0 (a NaN or infinite
 cotangent where ``out <= 0`` gives NaN, as NumPy's product with the mask).
+
+Linear's bias: ``y += b`` over the rows of a matrix (NumPy's broadcast add: ~2.5 us for a
+(128, 128) float32 matrix, ~1 us here) and the bias gradient, the column sums of the
+cotangent (``g.sum(axis=0)``: 3 us, ~1 us here; large matrices ~2x faster too). The same
+results bit for bit: NumPy also adds the rows one after another into sums that start at
++0.
 
 Compiled for float32 and float64 (C-contiguous arrays) on first use on a machine, then
 cached on disk (:mod:`mithril.utils.optimizers.engines.kernel_cache`); other arrays take the
@@ -58,7 +64,23 @@ def _kernels() -> tuple[Any, ...]:
         for i in range(g.size):
             g[i] = g[i] if out[i] > z else g[i] * z
 
-    return relu, relu_inplace, relu_vjp, relu_vjp_inplace
+    @kernel_cache.jit(nogil=True)
+    def add_rows(y, b):  # pragma: no cover - compiled
+        n, m = y.shape
+        for i in range(n):
+            for j in range(m):
+                y[i, j] += b[j]
+
+    @kernel_cache.jit(nogil=True)
+    def column_sums(g, out):  # pragma: no cover - compiled
+        n, m = g.shape  # from +0, each row added in turn, as NumPy (0 + -0 is +0)
+        for j in range(m):
+            out[j] = 0
+        for i in range(n):
+            for j in range(m):
+                out[j] += g[i, j]
+
+    return relu, relu_inplace, relu_vjp, relu_vjp_inplace, add_rows, column_sums
 
 
 @functools.cache
@@ -98,3 +120,23 @@ def relu_vjp(g: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> n
     else:
         _kernels()[2](g.reshape(-1), out.reshape(-1), res.reshape(-1), _zero(g.dtype))
     return res
+
+
+def add_rows(y: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``y += b`` for a matrix ``y`` (rows, n) and a vector ``b`` (n,); returns ``y``."""
+    if (y.ndim == 2 and b.ndim == 1 and y.dtype in COMPILED and b.dtype == y.dtype
+            and y.flags.c_contiguous and y.flags.writeable and b.flags.c_contiguous
+            and b.shape[0] == y.shape[1]):
+        _kernels()[4](y, b)
+        return y
+    y += b
+    return y
+
+
+def column_sums(g: np.ndarray) -> np.ndarray:
+    """``g.sum(axis=0)`` of a matrix ``g`` (rows, n)."""
+    if g.ndim == 2 and g.shape[0] and g.dtype in COMPILED and g.flags.c_contiguous:
+        out = np.empty(g.shape[1], g.dtype)
+        _kernels()[5](g, out)
+        return out
+    return g.sum(axis=0)

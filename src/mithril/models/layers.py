@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from . import elementwise_kernels
 from .operator import Operator, ShapeError, fmt, functional_of
 
 
@@ -50,7 +51,7 @@ class Linear(Operator):
         if xp is np:  # one 2-D matmul (not one per leading index), the bias added in place
             y = _rows(input) @ weight.T
             if bias is not None:
-                y += bias
+                elementwise_kernels.add_rows(y, bias)
             return y if input.ndim == 2 else y.reshape(*input.shape[:-1], -1)
         F = functional_of(xp)
         if F is not None:  # one addmm (bias fused), as torch.nn.Linear
@@ -68,7 +69,7 @@ class Linear(Operator):
         if "weight" in wrt:
             res["weight"] = g2.T @ _rows(x)
         if "bias" in wrt:
-            res["bias"] = g2.sum(axis=0)
+            res["bias"] = elementwise_kernels.column_sums(g2)
         return res
 
     def __repr__(self) -> str:
