@@ -23,7 +23,7 @@ def scalar_table(opt: Any, state: Any, t: int, norm: float | None
         scal = v.full_scalars(t, values)
         rows.append((*prologue(v, norm, scal[0]), *scal))
     table = np.array(rows, dtype=np.float64)
-    clip = bool((table[:, 1] > 0).any())
+    clip = any(r[1] > 0 for r in rows)  # (Python: NumPy's any on a few values costs ~1.5 us)
     if clip:
         table[table[:, 1] == 0, 1] = np.inf
     return table, index, clip

@@ -112,4 +112,4 @@ class Plan:
         for f in futures:
             if not f.cancel() and not finished:
                 f.result()
-        return float(acc.sum())
+        return float(acc[0]) if self.pieces == 1 else float(acc.sum())
