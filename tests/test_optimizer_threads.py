@@ -163,3 +163,67 @@ def test_threads_work_in_a_forked_child():
         print(parent == child)
     """)
     assert out.strip().splitlines()[-1] == "True"
+
+
+def _slow_counting_kernel():
+    """A piece-claiming kernel whose pieces each take ~20 us, recording which kind of thread
+    ran each: 1 the calling thread (it spins for the others), 2 a team thread (spins 0)."""
+    import numba
+
+    from mithril.utils.optimizers.engines import atomics
+
+    @numba.njit(nogil=True)
+    def kernel(who, sync, pieces, spins):
+        k = atomics.claim(sync)
+        while k < pieces:
+            x = 0.0
+            for i in range(20000):  # ~20 us of work
+                x += i * 1e-9
+            who[k] = 1 if spins else 2
+            if x < 0:
+                who[k] = 0
+            atomics.piece_done(sync)
+            k = atomics.claim(sync)
+        return atomics.all_done(sync, pieces, spins)
+
+    return kernel
+
+
+def test_a_warm_team_thread_takes_pieces(restore_threads):
+    """Back-to-back jobs: a team thread, spinning between them, claims some of the pieces
+    (every piece is run exactly once either way)."""
+    from mithril.utils.optimizers.engines import workers
+
+    kernel = _slow_counting_kernel()
+    set_num_threads(2)
+    helped = False
+    for _ in range(40):
+        who = np.zeros(64, dtype=np.int64)
+        sync = np.zeros(16, dtype=np.int64)
+        workers.share(lambda spins, who=who, sync=sync: kernel(who, sync, 64, spins), sync, 64,
+                      1, threads.SPINS)
+        assert set(who.tolist()) <= {1, 2} and (who > 0).all()
+        helped = helped or bool((who == 2).any())
+    assert helped
+
+
+def test_the_team_keeps_no_finished_job_alive(restore_threads):
+    import gc
+    import time
+    import weakref
+
+    from mithril.utils.optimizers.engines import workers
+
+    kernel = _slow_counting_kernel()
+    set_num_threads(2)
+    who = np.zeros(8, dtype=np.int64)
+    sync = np.zeros(16, dtype=np.int64)
+    ref = weakref.ref(who)
+    workers.share(lambda spins, who=who: kernel(who, sync, 8, spins), sync, 8, 1, threads.SPINS)
+    del who
+    for _ in range(200):  # a late team thread drops it once it sees nothing left to claim
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.005)
+    assert ref() is None

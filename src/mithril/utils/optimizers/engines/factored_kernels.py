@@ -33,6 +33,7 @@ import numpy as np
 from ..averaging import _jitable, average
 from . import atomics, kernel_cache, threads
 from .kernels import exponent_bits, voidptr
+from .workers import share
 
 # Vectorising flags (reassoc: the float64 sums; contract: FMAs, as torch's lerp and add),
 # but neither arcp nor afn (divisions and square roots rounded as torch's), nor nnan/ninf:
@@ -325,12 +326,8 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
     sync = np.zeros(16, dtype=np.int64)
     cols = int(geo[:, COLS].max()) if len(geo) else 0
     workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
-    pool = threads._executor(workers) if workers > 0 else None
     tail = (gptr, geo, Hd, H, order)
-    futures = [pool.submit(kernel, *args, *tail, np.empty(cols), out, bad, sync, 0)
-               for _ in range(workers)] if pool else []
-    finished = kernel(*args, *tail, np.empty(cols), out, bad, sync, threads.SPINS)
-    for f in futures:
-        if not f.cancel() and not finished:
-            f.result()
+    # each thread its own scratch row
+    job = lambda spins: kernel(*args, *tail, np.empty(cols), out, bad, sync, spins)  # noqa: E731
+    share(job, sync, n, workers, threads.SPINS)
     return out, bad

@@ -14,7 +14,6 @@ its own slot, summed in order: results do not depend on the thread count.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,9 +28,6 @@ SPINS = 1 << 14
 MIN_PARALLEL = 1 << 18
 
 _threads: int | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0  # a forked child inherits the pool object but not its threads
-_pool_workers = 0
 
 
 def get_num_threads() -> int:
@@ -52,17 +48,6 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads needs a positive int, got {n!r}")
     _threads = n
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_pid, _pool_workers
-    if _pool is None or _pool_workers < workers or _pool_pid != os.getpid():
-        # threads start on demand, so room for every core costs nothing; a replaced pool's
-        # threads exit once it is garbage (never shut down: another thread may be using it)
-        workers = max(workers, os.cpu_count() or 1)
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mithril-opt")
-        _pool_pid, _pool_workers = os.getpid(), workers
-    return _pool
 
 
 class Plan:
@@ -93,23 +78,21 @@ class Plan:
             with_offsets: bool = True) -> float:
         """Σ over the pieces of ``kernel(*before, gptr, seg_t, seg_first, [seg_off,]
         seg_size, bounds, sync, acc, spins, *after)``, run by this thread and up to
-        ``get_num_threads() - 1`` pool threads.
+        ``get_num_threads() - 1`` threads of the warm team (:mod:`.workers`).
 
         The kernel returns 1.0 when every piece is done, which this thread waits for by
-        spinning up to ``spins`` times (:data:`SPINS`; pool threads get 0). Pool threads
-        that have not started by then are cancelled (they would claim nothing); only if the
-        spin ran out, which means a thread holding a piece was descheduled, does this one
-        sleep until the started ones return."""
+        spinning up to ``spins`` times (:data:`SPINS`; team threads get 0); if a thread
+        holding a piece was descheduled, this one then yields until that piece is done."""
         sync = np.zeros(16, dtype=np.int64)  # claimed / done counters, a cache line apart
         acc = np.zeros(self.pieces, dtype=np.float64)
         tables = (self.seg_t, self.seg_first, *((self.seg_off,) if with_offsets else ()),
                   self.seg_size, self.bounds, sync, acc)
         workers = min(get_num_threads(), self.pieces) - 1 if self.total >= MIN_PARALLEL else 0
-        pool = _executor(workers) if workers > 0 else None
-        futures = [pool.submit(kernel, *before, gptr, *tables, 0, *after)
-                   for _ in range(workers)] if pool else []
-        finished = kernel(*before, gptr, *tables, SPINS, *after)
-        for f in futures:
-            if not f.cancel() and not finished:
-                f.result()
+        if workers <= 0:
+            kernel(*before, gptr, *tables, SPINS, *after)
+        else:
+            from . import workers as team
+
+            team.share(lambda spins: kernel(*before, gptr, *tables, spins, *after), sync,
+                       self.pieces, workers, SPINS)
         return float(acc[0]) if self.pieces == 1 else float(acc.sum())
