@@ -64,22 +64,22 @@ def _compiled() -> tuple[Any, Any, Any]:
 
     @kernel_cache.jit(nogil=True)
     def await_job(mailbox, last, spins, claim_spins):  # pragma: no cover - compiled
-        # the next generation once its first piece is claimed (0: nothing left to claim;
-        # -1: no job within ``spins``, or its first claim not within ``claim_spins``)
+        # the next generation once its first piece is claimed (negated: nothing left to
+        # claim; 0: no job within ``spins``, or its first claim not within ``claim_spins``)
         gen = load_acquire(address(mailbox))
         while gen == last:
             if spins == 0:
-                return -1
+                return 0
             pause()
             spins -= 1
             gen = load_acquire(address(mailbox))
         claimed, pieces = mailbox[1], mailbox[2]
         while load_acquire(claimed) == 0:
             if claim_spins == 0:
-                return -1
+                return 0
             pause()
             claim_spins -= 1
-        return gen if load_acquire(claimed) < pieces else 0
+        return gen if load_acquire(claimed) < pieces else -gen
 
     @kernel_cache.jit(nogil=True)
     def all_done(sync, pieces, spins):  # pragma: no cover - compiled
@@ -101,7 +101,7 @@ def _serve() -> None:
     spins = 0
     while True:
         gen = await_job(_mailbox, last, spins, WARM_SPINS)
-        if gen < 0:  # cold: sleep until a job is posted
+        if gen == 0:  # cold: sleep until a job is posted
             with _cond:
                 _sleeping += 1
                 while int(_mailbox[0]) == last:
@@ -109,10 +109,10 @@ def _serve() -> None:
                 _sleeping -= 1
             spins = 0
             continue
-        last = int(_mailbox[0])
+        last = abs(gen)  # (a later job, posted meanwhile, is the next one to wait for)
         spins = WARM_SPINS if _mailbox[3] else 0  # stay warm only while jobs come in a row
         job = _job
-        if gen and job is not None and job[0] == gen:
+        if gen > 0 and job is not None and job[0] == gen:
             try:
                 job[1](0)
             except BaseException:  # noqa: BLE001 - the calling thread runs the same job and raises
