@@ -5,13 +5,15 @@ A pool thread that sleeps between steps joins a step late: the futex wake, then 
 microseconds, by when the calling thread of a 1M-parameter step (~0.1 ms) has claimed
 nearly every piece. OpenMP teams (torch's) avoid this by spinning after their work.
 
-Here each worker, after a job that came soon after the previous one, spins for a while
-(:data:`WARM_SPINS` ``pause``\\ s, ~0.1-0.2 ms) in compiled code that holds no GIL, watching a
-mailbox: a generation counter, the address of the new job's claim counter and its number of
-pieces. When a job is posted it waits, still spinning, until the calling thread has claimed
-the first piece (so it is inside the kernel and the GIL is free), then takes the GIL at once
-(no wake-up), starts the job and claims pieces. A worker whose spin runs out, or whose job
-came alone (a training loop's step), sleeps on a condition until the next job.
+Here each worker, after a job of a caller that spends less time between its jobs than in them
+(a loop of optimizer steps), spins for twice that time (at most :data:`WARM_MAX`) in compiled
+code that holds no GIL, watching a mailbox: a generation counter, the address of the new
+job's claim counter, its number of pieces and how long to stay warm after it. When a job is
+posted the worker waits, still spinning, until the calling thread has claimed the first
+piece (so it is inside the kernel and the GIL is free), then takes the GIL at once (no
+wake-up), starts the job and claims pieces. A worker whose spin runs out, or whose job came
+alone (a training loop's step: the forward and backward passes between two), sleeps on a
+condition until the next job.
 
 Workers are optional by construction: the calling thread claims every piece no worker
 claims, and waits only for pieces a worker has claimed (their "done" count); a job a worker
@@ -31,14 +33,20 @@ from typing import Any
 
 import numpy as np
 
-#: ``pause``-spins of a worker after its job before it sleeps (~0.1-0.2 ms by CPU), when
-#: jobs come in a row (the previous one posted less than :data:`WARM_GAP` seconds before):
-#: then the next is likely within that time. After a job that came alone (a training loop's
-#: step, the forward and backward passes between two) it sleeps at once: spinning would
-#: take a core from those passes' BLAS threads (a 300k-param MLP's step was ~3% slower)
-WARM_SPINS = 1 << 12
-WARM_GAP = 1e-3
-_last_post = -1.0
+#: the longest a worker spins after a job, seconds. It spins only when the caller spends less
+#: time between its jobs than in them (a loop of optimizer steps), for twice that time plus
+#: :data:`WARM_MARGIN`: then the next job comes while it spins. Between a training loop's
+#: steps (the forward and backward passes) it sleeps at once: spinning would take a core
+#: from those passes' BLAS threads (a 300k-param MLP's train step was ~3% slower)
+WARM_MAX = 1e-3
+WARM_MARGIN = 50e-6
+#: a sleeping worker is woken for a job only if the caller's previous one took longer than
+#: this, seconds (waking takes tens of microseconds: a short job is done by then), or if it
+#: is to stay warm
+WAKE_WORTH = 200e-6
+_last_end = -1.0  # when the caller's previous job ended, and how long it took
+_last_took = 0.0
+_pauses_per_s = 0.0  # measured once
 
 _mailbox = np.zeros(8, dtype=np.int64)  # [0] generation, [1] claim counter's address, [2] pieces
 _job: tuple[int, Callable[[int], Any]] | None = None
@@ -91,7 +99,18 @@ def _compiled() -> tuple[Any, Any, Any]:
             spins -= 1
         return True
 
+    global _pauses_per_s
+    idle_box = np.zeros(8, dtype=np.int64)
+    await_job(idle_box, 0, 1, 0)  # (loaded or compiled first)
+    t0 = time.perf_counter()  # how fast ``pause`` spins here (3-50 ns by CPU)
+    await_job(idle_box, 0, _CALIBRATE, 0)
+    _pauses_per_s = _CALIBRATE / max(time.perf_counter() - t0, 1e-9)
     return post, await_job, all_done
+
+
+#: ``pause``-spins a worker waits for a posted job's first claim (the caller is about to
+#: make it; ~0.1-0.2 ms), and that the calibration of the spin's speed takes
+_CLAIM_SPINS = _CALIBRATE = 1 << 12
 
 
 def _serve() -> None:
@@ -100,7 +119,7 @@ def _serve() -> None:
     last = int(_mailbox[0])
     spins = 0
     while True:
-        gen = await_job(_mailbox, last, spins, WARM_SPINS)
+        gen = await_job(_mailbox, last, spins, _CLAIM_SPINS)
         if gen == 0:  # cold: sleep until a job is posted
             with _cond:
                 _sleeping += 1
@@ -110,7 +129,7 @@ def _serve() -> None:
             spins = 0
             continue
         last = abs(gen)  # (a later job, posted meanwhile, is the next one to wait for)
-        spins = WARM_SPINS if _mailbox[3] else 0  # stay warm only while jobs come in a row
+        spins = int(_mailbox[3])  # how long to stay warm: the caller's guess
         job = _job
         if gen > 0 and job is not None and job[0] == gen:
             try:
@@ -135,17 +154,18 @@ def share(job: Callable[[int], Any], sync: np.ndarray, pieces: int, workers: int
     """``job(spins)`` on this thread and ``job(0)`` on up to ``workers`` team threads, all
     claiming the pieces of the claim counter ``sync`` (its "done" count 64 bytes on);
     returns this thread's result once every piece is done."""
-    global _job, _last_post
+    global _job, _last_end, _last_took
     if workers <= 0:
         return job(spins)
     post, _, all_done = _compiled()
     _ensure(workers)
-    now = time.perf_counter()
-    warm, _last_post = now - _last_post < WARM_GAP, now
+    start = time.perf_counter()
+    idle = start - _last_end  # the caller's time since its previous job
+    warm = int(min(2 * idle + WARM_MARGIN, WARM_MAX) * _pauses_per_s) if idle < _last_took else 0
     gen = int(_mailbox[0]) + 1
     _job = (gen, job)  # (before the generation moves: a worker that sees it finds the job)
-    post(_mailbox, sync, pieces, 1 if warm else 0)
-    if _sleeping:
+    post(_mailbox, sync, pieces, warm)
+    if _sleeping and (warm or _last_took > WAKE_WORTH):
         with _cond:
             _cond.notify_all()
     try:
@@ -155,6 +175,8 @@ def share(job: Callable[[int], Any], sync: np.ndarray, pieces: int, workers: int
     finally:
         if _job is not None and _job[0] == gen:  # a late worker finds nothing; the job's
             _job = None  # arrays are not kept alive by the team
+        _last_end = time.perf_counter()
+        _last_took = _last_end - start
     return out
 
 
