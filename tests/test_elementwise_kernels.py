@@ -107,12 +107,3 @@ def test_bias_loops_other_arrays_take_numpy(make):
     b = np.ones(g.shape[1], g.dtype)
     y = g.copy()
     assert np.array_equal(ek.add_rows(y, b), g + b)
-
-
-@pytest.mark.parametrize("make", [lambda a: a, lambda a: a.astype(np.int32), lambda a: a[::2],
-                                  lambda a: a.astype(np.uint8), lambda a: a.reshape(3, 4)[:, :1]],
-                         ids=["int64", "int32", "strided", "uint8", "column"])
-def test_index_range(make):
-    a = make(np.array([5, -3, 7, 0, 2, 9, -1, 4, 4, 8, 1, 6]))
-    assert ek.index_range(a) == (int(a.min()), int(a.max()))
-    assert ek.index_range(a[:1]) == (int(a[:1].min()),) * 2

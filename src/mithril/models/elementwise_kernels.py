@@ -1,5 +1,4 @@
-"""Compiled loops for the NumPy ReLU and Linear's bias, where NumPy's ufuncs are slow, and
-for the range of integer indices that class labels and embeddings check on every step.
+"""Compiled loops for the NumPy ReLU and Linear's bias, where NumPy's ufuncs are slow.
 
 ``np.maximum(x, 0, out=x)`` runs at ~3 GB/s (NaN-propagating maximum against a broadcast
 scalar: ~5.5 us for a (128, 128) float32 activation), and the VJP ``g * (out > 0)`` is two
@@ -81,16 +80,7 @@ def _kernels() -> tuple[Any, ...]:
             for j in range(m):
                 out[j] += g[i, j]
 
-    @kernel_cache.jit(nogil=True)
-    def min_max(a, out):  # pragma: no cover - compiled
-        lo = hi = a[0]
-        for i in range(1, a.size):
-            v = a[i]
-            lo = min(lo, v)
-            hi = max(hi, v)
-        out[0], out[1] = lo, hi
-
-    return relu, relu_inplace, relu_vjp, relu_vjp_inplace, add_rows, column_sums, min_max
+    return relu, relu_inplace, relu_vjp, relu_vjp_inplace, add_rows, column_sums
 
 
 @functools.cache
@@ -150,16 +140,3 @@ def column_sums(g: np.ndarray) -> np.ndarray:
         _kernels()[5](g, out)
         return out
     return g.sum(axis=0)
-
-
-_INDEX_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
-
-
-def index_range(a: np.ndarray) -> tuple[int, int]:
-    """``(min, max)`` of a non-empty integer array, in one pass (int64/int32, C-contiguous;
-    NumPy's two reductions otherwise)."""
-    if a.dtype in _INDEX_DTYPES and a.flags.c_contiguous and a.size:
-        out = np.empty(2, np.int64)
-        _kernels()[6](a.reshape(-1), out)
-        return int(out[0]), int(out[1])
-    return int(a.min()), int(a.max())

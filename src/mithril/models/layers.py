@@ -98,7 +98,7 @@ class Embedding(Operator):
         idx, n = arrays.get("input"), self.num_embeddings
         if idx is None or not math.prod(idx.shape):
             return
-        lo, hi = elementwise_kernels.index_range(idx)
+        lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"input '{names['input']}': embedding index {hi if hi >= n else lo} "
                              f"out of range: {n} embeddings, so indices must be in [0, {n - 1}]")
