@@ -48,7 +48,7 @@ _last_end = -1.0  # when the caller's previous job ended, and how long it took
 _last_took = 0.0
 _pauses_per_s = 0.0  # measured once
 
-_mailbox = np.zeros(8, dtype=np.int64)  # [0] generation, [1] claim counter's address, [2] pieces
+_mailbox = np.zeros(8, dtype=np.int64)  # generation, claim counter's address, pieces, warm spins
 _job: tuple[int, Callable[[int], Any]] | None = None
 _cond = threading.Condition()
 _sleeping = 0
