@@ -227,3 +227,13 @@ def test_the_team_keeps_no_finished_job_alive(restore_threads):
             break
         time.sleep(0.005)
     assert ref() is None
+
+
+def test_the_cli_thread_limit_covers_the_optimizer(restore_threads):
+    """``mithril train --threads N`` limits the optimizer's threads too, for the run only."""
+    from mithril.cli.training import thread_limit
+
+    set_num_threads(2)
+    with thread_limit(1, "numpy"):
+        assert get_num_threads() == 1
+    assert get_num_threads() == 2

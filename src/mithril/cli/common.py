@@ -53,8 +53,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid", "leaky_relu"),
                    default="relu", help="hidden activation (default: relu)")
     g.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=1,
-                   help="BLAS/OpenMP threads while training (default: 1, the fastest for this "
-                        "small model, and robust when other jobs share the cores)")
+                   help="BLAS/OpenMP and optimizer threads while training (default: 1, the "
+                        "fastest for this small model, and robust when other jobs share the "
+                        "cores)")
     g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="none",
                    help="compute in float16/bfloat16 with float32 master weights and dynamic "
                         "loss scaling (default: none)")

@@ -138,21 +138,29 @@ def make_backend(name: str, dtype: str, seed: int) -> Any:
 
 @contextlib.contextmanager
 def thread_limit(threads: int, backend: str) -> Iterator[None]:
-    """At most ``threads`` BLAS/OpenMP threads (and torch intra-op threads) inside."""
+    """At most ``threads`` BLAS/OpenMP threads, optimizer threads (``set_num_threads``) and
+    torch intra-op threads inside."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=threads):
-        if backend != "torch":
-            yield
-            return
-        import torch
+    from ..utils.optimizers.engines import threads as opt_threads
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    before_opt = opt_threads._threads
+    opt_threads.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            if backend != "torch":
+                yield
+                return
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
+    finally:
+        opt_threads._threads = before_opt
 
 
 def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
