@@ -55,13 +55,17 @@ def test_relu_vjp_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("make", [lambda x: x[:, ::2], lambda x: x.T,
-                                  lambda x: x.astype(np.float16)], ids=["strided", "F", "f16"])
+                                  lambda x: x.astype(np.float16), lambda x: x > 0,
+                                  lambda x: np.nan_to_num(x, posinf=9, neginf=-9).astype(np.int32)],
+                         ids=["strided", "F", "f16", "bool", "int32"])
 def test_other_arrays_take_numpy(make):
     x = make(_values(np.float32))
     with np.errstate(invalid="ignore"):
-        assert np.array_equal(ek.relu(x), np.maximum(x, 0), equal_nan=True)
-        g = np.ones_like(x)
-        assert np.array_equal(ek.relu_vjp(g, x), g * (x > 0), equal_nan=True)
+        got, want = ek.relu(x), np.maximum(x, 0)
+        assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
+        g = np.ones(x.shape, np.float32)
+        got, want = ek.relu_vjp(g, x), g * (x > 0)
+        assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
 
 
 def test_mlp_gradients_against_torch():

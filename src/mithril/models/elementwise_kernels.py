@@ -98,6 +98,8 @@ def _flat(*arrays: np.ndarray) -> bool:
 def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``np.maximum(x, 0)`` into ``out`` (``x`` itself: in place; None: a new array)."""
     if out is None:
+        if not _flat(x):  # NumPy's result dtype (a bool input gives integers)
+            return np.maximum(x, 0)
         out = np.empty_like(x, order="C")
     if not _flat(x, out):
         return np.maximum(x, 0, out=out)
@@ -111,6 +113,8 @@ def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def relu_vjp(g: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
     """``g * (out > 0)`` into ``res`` (``g`` itself: in place; None: a new array)."""
     if res is None:
+        if not _flat(g, out):
+            return g * (out > 0)
         res = np.empty_like(g, order="C")
     if not _flat(g, out, res) or (res is not g and np.may_share_memory(res, g)) or (
             np.may_share_memory(res, out)):
