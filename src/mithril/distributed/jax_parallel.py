@@ -250,7 +250,7 @@ class ShardedTrainStep(TrainStep):
     def _build(self) -> Any:
         import jax
 
-        from ..interop.optax_transform import _global_norm
+        from ..utils.optimizers.engines.jax_engine import scaled_norm
 
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
@@ -268,7 +268,7 @@ class ShardedTrainStep(TrainStep):
             new_state = con(new_state, shardings(new_state))
             out = con(out, jax.tree.map(lambda _: rep, out))
             new_mstate = con(new_mstate, jax.tree.map(lambda _: rep, new_mstate))
-            return new, new_state, out, new_mstate, _global_norm(list(grads))
+            return new, new_state, out, new_mstate, scaled_norm(list(grads))
 
         jitted = jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
 

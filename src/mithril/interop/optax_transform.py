@@ -95,6 +95,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..utils.optimizers.engines.jax_engine import scaled_norm
 from .optax_scalars import _INT32_MAX, _Plan, _probe, _row_scalars
 from .optax_special import schedule_free_eval_params
 
@@ -161,20 +162,6 @@ def _key_name(path: Any) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _global_norm(leaves: list[Any]) -> Any:
-    """‖g‖₂ over all leaves, scaled by max|g| as the JAX engine's (finite gradients whose
-    squares overflow still have a finite norm)."""
-    import jax.numpy as jnp
-
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
-    gs = [g.astype(dt) for g in leaves]
-    a = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), dt) for g in gs]))
-    safe = jnp.where((a > 0) & jnp.isfinite(a), a, jnp.ones((), dt))
-    scaled = safe * jnp.sqrt(sum(jnp.sum(jnp.square(g / safe)) for g in gs))
-    return jnp.where(jnp.isfinite(a), scaled, jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in gs)))
-
 
 def _tensor_clip_scales(plan: _Plan, grads: list[Any], dt: Any) -> tuple[list, list]:
     """Each tensor's factor from ``clip_tensor_norm`` (Keras ``clipnorm``: ``c / max(‖g‖,
@@ -206,7 +193,7 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
     (None when neither clipping nor ``nonfinite="skip"`` needs it)."""
     import jax.numpy as jnp
 
-    norm = _global_norm(grads) if (opt.clip_norm is not None or skip) else None
+    norm = scaled_norm(grads) if (opt.clip_norm is not None or skip) else None
     scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
     factors: list[Any] = [None] * len(leaves)
     if scales is not None:

@@ -386,20 +386,11 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
 
 
 def _grad_norm(grads: list[Any]) -> Any:
-    """``‖g‖₂`` over all gradients (traced): one sum of squares per tensor; only where that
-    sum overflows (finite gradients beyond ~1e19) the scaled two-pass norm of the engines
-    (:func:`~mithril.interop.optax_transform._global_norm`), under ``lax.cond``: a third of
-    the reductions in the common case."""
-    import jax
-    import jax.numpy as jnp
+    """``‖g‖₂`` over all gradients (traced): the engines' one-pass norm
+    (:func:`~mithril.utils.optimizers.engines.jax_engine.global_norm`)."""
+    from .optimizers.engines.jax_engine import global_norm
 
-    from ..interop.optax_transform import _global_norm
-
-    if not grads:
-        return jnp.zeros((), jnp.float32)
-    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in grads])
-    sq = sum(jnp.sum(jnp.square(g.astype(dt))) for g in grads)
-    return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), lambda: _global_norm(grads))
+    return global_norm(grads)
 
 
 def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost", *,

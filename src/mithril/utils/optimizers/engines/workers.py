@@ -53,7 +53,6 @@ _job: tuple[int, Callable[[int], Any]] | None = None
 _cond = threading.Condition()
 _sleeping = 0
 _team: list[threading.Thread] = []
-_team_pid = 0
 
 
 @functools.cache
@@ -140,9 +139,6 @@ def _serve() -> None:
 
 
 def _ensure(workers: int) -> None:
-    global _team, _team_pid
-    if _team_pid != os.getpid():  # a forked child has the list but not the threads
-        _team, _team_pid = [], os.getpid()
     while len(_team) < workers:
         t = threading.Thread(target=_serve, name=f"mithril-opt-{len(_team)}", daemon=True)
         t.start()
@@ -186,5 +182,5 @@ def _after_fork() -> None:
     _cond, _sleeping, _team, _job = threading.Condition(), 0, [], None
 
 
-if hasattr(os, "register_at_fork"):
+if hasattr(os, "register_at_fork"):  # (no fork elsewhere)
     os.register_at_fork(after_in_child=_after_fork)
