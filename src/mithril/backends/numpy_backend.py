@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.interpret import numpy_backward, outputs_of, run_forward
+from ..compiler.codegen import forward_plan, forward_vjp_plan
 from .backend import Backend, Evaluator
 from .helpers import dtype_arg
 
@@ -65,19 +65,32 @@ def _cast(arrays: dict[str, Any], dt: Any) -> dict[str, Any]:
 
 
 class _NumpyEvaluator(Evaluator):
+    """Runs the program as straight-line Python generated from it (:mod:`~mithril.compiler.
+    codegen`: the interpreter's calls without its per-node bookkeeping), one function for
+    the forward and one per set of output cotangents for forward + VJP, made on first use."""
+
     def __init__(self, program: Any, dtype: Any) -> None:
         self.prog, self.dtype = program, dtype
+        self._forward: Any = None
+        self._vjps: dict[tuple[str, ...], Any] = {}
 
     def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
                 run: Any = None) -> dict[str, Any]:
-        out = _cast(outputs_of(self.prog, run_forward(self.prog, np, params, inputs, run)), self.dtype)
+        if self._forward is None:
+            self._forward = forward_plan(self.prog)
+        out = _cast(self._forward(np, params, inputs, run), self.dtype)
         if run is not None:
             _cast(run.new_state, self.dtype)
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
-        env = run_forward(self.prog, np, params, inputs, run, residuals=True)
-        grads = numpy_backward(self.prog, env, params, cotangents)
+        keys = tuple(cotangents)
+        plan = self._vjps.get(keys)
+        if plan is None:
+            if len(self._vjps) >= 16:  # (every subset of many outputs: start again)
+                self._vjps.clear()
+            plan = self._vjps[keys] = forward_vjp_plan(self.prog, keys)
+        out, grads = plan(np, params, inputs, cotangents, run)
         if run is not None:
             _cast(run.new_state, self.dtype)
-        return _cast(outputs_of(self.prog, env), self.dtype), _cast(grads, self.dtype)
+        return _cast(out, self.dtype), _cast(grads, self.dtype)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.interpret import outputs_of, run_forward
+from ..compiler.codegen import forward_plan
 from .backend import Backend, Evaluator
 from .helpers import dtype_arg, refuse_device_mesh
 
@@ -212,22 +212,31 @@ class TorchBackend(Backend):
 
 
 class _TorchEvaluator(Evaluator):
+    """The program's forward as straight-line Python generated from it (made on first use;
+    see :mod:`~mithril.compiler.codegen`), differentiated by torch's autograd."""
+
     def __init__(self, prog: Any, xp: _TorchNumpy) -> None:
         self.prog, self.xp = prog, xp
+        self._plan: Any = None
+
+    def _run(self, params: Mapping[str, Any], inputs: Mapping[str, Any], run: Any) -> dict:
+        if self._plan is None:
+            self._plan = forward_plan(self.prog)
+        return self._plan(self.xp, params, inputs, run)
 
     def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
                 run: Any = None) -> dict[str, Any]:
         import torch
 
         with torch.no_grad():
-            return outputs_of(self.prog, run_forward(self.prog, self.xp, params, inputs, run))
+            return self._run(params, inputs, run)
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
         import torch
 
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
-            out = outputs_of(self.prog, run_forward(self.prog, self.xp, leaves, inputs, run))
+            out = self._run(leaves, inputs, run)
         if run is not None:
             run.new_state = {k: v.detach() for k, v in run.new_state.items()}
         names = [k for k in cotangents if out[k].requires_grad]

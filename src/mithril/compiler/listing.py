@@ -1,10 +1,11 @@
 """A readable listing of a compiled program: what ``compile(..., file_path=...)`` writes.
 
 The published Mithril generates Python source for the backend and writes it to
-``file_path``. Nothing is generated here: each backend interprets the operator list (JAX
-jits it), so the file lists that program instead: inputs, constants, parameters, state, one
-line per operator and the outputs, every line a comment, so a ``.py`` path still holds a
-valid (empty) Python module.
+``file_path``. Here the NumPy and torch backends run the operator list as straight-line
+Python generated from it on first use (:mod:`.codegen`: calls of the operators' own methods,
+nothing worth reading), and JAX jits it, so the file lists that program instead: inputs,
+constants, parameters, state, one line per operator and the outputs, every line a comment,
+so a ``.py`` path still holds a valid (empty) Python module.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 from ..models.operator import fmt
 from .program import Program
 
-HEADER = ("Mithril program listing, written by compile(..., file_path=...). No code is generated:\n"
-          "the backend runs the operators below in this order (JaxBackend with jit=True jits them).")
+HEADER = ("Mithril program listing, written by compile(..., file_path=...). The backend runs the\n"
+          "operators below in this order (JaxBackend with jit=True jits them).")
 
 
 def program_listing(prog: Program | None, backend: Any, jit: bool, note: str = "") -> str:
