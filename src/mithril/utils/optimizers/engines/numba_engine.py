@@ -415,8 +415,8 @@ class NumbaEngine(Engine):
             spans = np.array([(v.ctypes.data, v.ctypes.data + v.nbytes)
                               for v in map(self.np_view, written)], dtype=np.int64)
             cached = self._spans[key] = (written, spans)
-        hit = inside(gptr, cached[1])
-        if not hit.any():
+        n, hit = inside(gptr, cached[1])
+        if not n:
             return gptr
         gptr = gptr.copy()
         for i in np.flatnonzero(hit):
