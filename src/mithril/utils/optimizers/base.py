@@ -422,6 +422,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
+        if getattr(state, "fast", None) is not None:  # a loop's steady state (fast_step.py)
+            got = state.engine.fast_step(self, state, params, gradients)
+            if got is not None:
+                return self._record(state, state.step + 1, *got)
         bound = self._backend
         try:
             self._bind(params)
@@ -443,6 +447,12 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                 state.pending()
         finally:
             state.pending = None
+        return self._record(state, t, new_params, ok, norm, finite)
+
+    def _record(self, state: OptimizerState, t: int, new_params: dict[str, Any], ok: bool,
+                norm: float | None, finite: bool) -> tuple[dict[str, Any], OptimizerState]:
+        """The step's outcome in ``state`` (its count, the norm, skipped and non-finite
+        steps, with their warnings); returns what ``update`` returns."""
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         name = type(self).__name__
@@ -458,14 +468,14 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                         "learning rate or other hyperparameter too large for the dtype?)")
                 warnings.warn(f"{name}: {what} applied; params may now be non-finite "
                               f"(nonfinite='skip' or 'raise' guard against this)",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
             state.nonfinite_values = not finite
         else:
             state.num_skipped += 1
             what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
                     "the step would give non-finite params or state")
             warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         return new_params, state
 
     def adopt(self, params: MutableMapping[str, Any], state: OptimizerState) -> dict[str, Any]:

@@ -56,6 +56,10 @@ class OptimizerState:
         self.params_flat: Any = None
         self.param_views: dict[str, Any] | None = None
         self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
+        #: how the last plain step ran, for the next to repeat (engines/fast_step.py), and how
+        #: many recipes in a row went unused (then none is made: something changes per step)
+        self.fast: Any = None
+        self.fast_waste = 0
         #: the average swapped in for evaluation ("ema" / "swa", see Optimizer.swap_ema):
         #: its slot then holds the training parameters
         self.swapped: str | None = None

@@ -153,6 +153,11 @@ class Engine:
                 raise TypeError(f"params['{name}'] cannot be read as a dense array: {e}") from e
         return out
 
+    def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
+        """The step by ``state.fast`` (the recipe a plain step left), as ``step`` returns it
+        (new params, applied, norm, finite), or None: take the full path."""
+        return None
+
     def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:
         """Whether this engine applies ``opt``'s adaptive clipping inside its step (else the
         base class hands it clipped copies of the gradients)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ndarray_fields, streaming, threads, torch_scan, unitwise
+from . import fast_step, ndarray_fields, streaming, threads, torch_scan, unitwise
 from .common import (
     Engine,
     clipped_table,
@@ -251,6 +251,7 @@ class NumbaEngine(Engine):
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
+        plain = False  # no norm needed before the update (see fast_step.py)
         plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
         units = unit_args = None
         if self.fuses_adaptive_clip(opt, state):
@@ -280,6 +281,7 @@ class NumbaEngine(Engine):
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
         else:
+            plain = opt.clip_norm is None
             if opt.clip_norm is not None:  # the scale needs the norm before any update
                 norm = self._grad_norm(gptr)
                 if must_skip(opt, norm, grads, self.to_numpy):
@@ -323,11 +325,31 @@ class NumbaEngine(Engine):
                   if not n_avg and not unit_kw else
                   update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream,
                                 n_avg=n_avg, **unit_kw))
+        if (plain and not copy and not unit_kw and ours and self.kind != "jax"
+                and opt.nonfinite == "propagate" and not opt.two_pass()):
+            self._keep_recipe(opt, state, math_fn, n_scal, n_avg)
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite
             return dict(views), True, math.sqrt(total) if norm is None else norm, True
         # rare: a non-finite gradient, or finite gradients and a non-finite result
         return dict(views), True, self._grad_norm(gptr) if norm is None else norm, False
+
+    def _keep_recipe(self, opt: Any, state: Any, math_fn: Any, n_scal: int, n_avg: int) -> None:
+        """Leave how this plain step ran on ``state`` for the next (:mod:`.fast_step`), unless
+        the last few recipes went unused (something they depend on changes every step)."""
+        old = state.fast
+        if old is not None and old.holds(opt, state):
+            return
+        if not fast_step.repeatable(opt):
+            state.fast = None
+            return
+        if old is not None and not old.used:
+            state.fast_waste += 1
+        state.fast = (fast_step.Recipe(opt, state, self, math_fn, n_scal, n_avg)
+                      if state.fast_waste < 4 else None)
+
+    def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
+        return fast_step.run(self, opt, state, params, grads)
 
     # -- adaptive clipping (:mod:`.unitwise`) ---------------------------------------------
     def fuses_adaptive_clip(self, opt: Any, state: Any) -> bool:

@@ -1,0 +1,122 @@
+"""The steady state of a plain step, without re-deciding how to run it.
+
+:meth:`NumbaEngine.step <.numba_engine.NumbaEngine.step>` decides on every call how to run
+an update: which checks apply, whether a norm or a first pass is needed, which kernel, over
+which buffers. In a training loop the answers never change, and deciding costs ~25 µs of
+Python a step inside a real step (the interpreter's caches are cold there: the forward and
+backward passes ran in between), as much as a small model's whole update kernel.
+
+A plain step - NumPy or CPU torch, parameters that are the arrays the previous update
+returned (updated in place), no clipping by norm (global, per tensor or adaptive), no first
+pass, ``nonfinite="propagate"`` - leaves a :class:`Recipe` on its state: the answers, and
+what they were derived from. The next update takes :func:`run` instead when nothing they
+depend on has changed: the same optimizer object with the same attributes (its learning
+rate apart: a scheduler sets it every step, and it is only ever a per-step scalar), the
+same parameter groups (their version), the same slot and parameter buffers, and the
+gradients pass the same address scan (the complete, ordered, well-typed set the kernel can
+read). Everything per step is computed as the full path computes it (the scalar table, the
+aliasing check, the kernel's Σ g²), so the result is bit for bit the same; anything else
+falls back to the full path, which raises the errors.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .common import scalar_table
+from .kernels import update_kernel
+
+_is = operator.is_
+
+
+def repeatable(opt: Any) -> bool:
+    """Whether ``opt``'s attributes and groups are all that its step depends on: not a
+    wrapper of another optimizer (Lookahead: the inner one's attributes could change under
+    it), and the groups of the base class (versioned)."""
+    return "_groups_version" in opt.__dict__ and not any(
+        hasattr(v, "full_slot_names") for v in opt.__dict__.values())
+
+
+class Recipe:
+    """What a plain step decided (see the module docs), and what it depended on."""
+
+    __slots__ = ("opt", "engine", "attrs", "groups", "slots", "flat", "written", "before",
+                 "kernel_args", "kernels", "names", "used")
+
+    def __init__(self, opt: Any, state: Any, engine: Any, math_fn: Any, n_scal: int,
+                 n_avg: int) -> None:
+        self.opt, self.engine = opt, engine
+        self.attrs = dict(opt.__dict__)
+        self.groups = (opt._groups_version, id(opt._groups))
+        self.slots = tuple(state.slots.values())
+        self.flat = state.params_flat
+        self.names = opt.full_slot_names()
+        slots = [engine.np_view(state.slots[s]) for s in self.names]
+        flat = engine.np_view(state.params_flat)
+        self.written = (state.params_flat, *self.slots)
+        self.before = (flat, flat, *slots)
+        self.kernel_args = (math_fn, len(slots), n_scal, state.layout.dtype, n_avg)
+        self.kernels: dict[bool, Any] = {}
+        self.used = False  # (a recipe never used: see NumbaEngine._keep_recipe)
+
+    def holds(self, opt: Any, state: Any) -> bool:
+        """Whether the answers still hold for ``opt`` and ``state``."""
+        if (opt is not self.opt or state.engine is not self.engine or state.swapped is not None
+                or state.params_flat is not self.flat):
+            return False
+        attrs, now = self.attrs, opt.__dict__
+        if "learning_rate" in attrs:
+            attrs["learning_rate"] = now.get("learning_rate")
+        try:  # (an attribute whose == is elementwise: not the same, then)
+            same = now == attrs
+        except (TypeError, ValueError):
+            return False
+        slots = state.slots
+        return (same and self.groups == (opt._groups_version, id(opt._groups))
+                and len(slots) == len(self.slots) and all(map(_is, slots.values(), self.slots)))
+
+    def kernel(self, clip: bool) -> Any:
+        k = self.kernels.get(clip)
+        if k is None:
+            math_fn, n_slots, n_scal, dtype, n_avg = self.kernel_args
+            k = self.kernels[clip] = (
+                update_kernel(math_fn, n_slots, n_scal, dtype, False, clip, False)
+                if not n_avg else
+                update_kernel(math_fn, n_slots, n_scal, dtype, False, clip, False, n_avg=n_avg))
+        return k
+
+
+def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
+        ) -> tuple[dict, bool, float, bool] | None:
+    """The step of :meth:`NumbaEngine.step` (same return value) by its state's recipe, or
+    None where the recipe does not hold (the caller then takes the full path)."""
+    r = state.fast
+    if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
+            or not r.holds(opt, state)):
+        return None
+    views = state.param_views
+    lay = engine.layout
+    if not (len(views) == len(params) and list(params) == lay.name_list
+            and all(map(_is, params.values(), views.values()))):
+        return None  # not the arrays the last update returned: the full path copies them in
+    gptr = engine.prepare(grads)
+    if gptr is None:
+        return None
+    table, index, clip = scalar_table(opt, state, state.step + 1, None)
+    if table.shape[1] - 4 != r.kernel_args[2]:  # (the kernel takes that many scalars)
+        return None
+    with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
+        after = (index, table.astype(lay.dtype))
+    keep: list = []  # (copies of gradients that alias a written buffer, alive until done)
+    gptr = engine._unaliased(gptr, grads, keep, r.written)
+    total = engine._plan.run(r.kernel(clip), r.before, gptr, after)
+    if not r.used:
+        r.used, state.fast_waste = True, 0
+    if math.isfinite(total):
+        return dict(views), True, math.sqrt(total), True
+    return dict(views), True, engine._grad_norm(gptr), False

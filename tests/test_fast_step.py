@@ -1,0 +1,164 @@
+"""The steady-state path of a plain update (``engines/fast_step.py``): bit for bit the full
+path, step after step, while the learning rate is scheduled, other hyperparameters change,
+groups change, clipping by value switches on, weights are averaged; taken in a plain loop;
+left for the full path wherever the recipe no longer holds (its errors and its copies
+included); never kept for a wrapper (Lookahead)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mithril.errors import ShapeError
+from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead
+from mithril.utils.optimizers.engines import fast_step
+
+
+def _params(rng, lib="numpy"):
+    p = {"w": rng.standard_normal((5, 3)).astype(np.float32),
+         "b": rng.standard_normal(3).astype(np.float32),
+         "s": rng.standard_normal((2, 2)).astype(np.float32)}
+    return {k: torch.from_numpy(v.copy()) for k, v in p.items()} if lib == "torch" else p
+
+
+def _grads(rng, params, lib="numpy"):
+    g = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in params.items()}
+    return {k: torch.from_numpy(v) for k, v in g.items()} if lib == "torch" else g
+
+
+def _np(x):
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class _Counted:
+    """Counts the updates ``fast_step.run`` took (not None)."""
+
+    def __init__(self, monkeypatch):
+        self.taken = 0
+        run = fast_step.run
+
+        def counted(*a):
+            out = run(*a)
+            self.taken += out is not None
+            return out
+
+        monkeypatch.setattr(fast_step, "run", counted)
+
+
+def _twin_run(make, changes, lib="numpy", steps=12, seed=0):
+    """The same updates through two optimizers, one with the fast path, one without
+    (``repeatable`` refused): params, slots and the state's record equal after every step.
+    ``changes(step, opt)`` changes hyperparameters before a step (on both)."""
+    rng = np.random.default_rng(seed)
+    p0 = _params(rng, lib)
+    grads = [_grads(rng, p0, lib) for _ in range(steps)]
+    runs = []
+    for fast in (True, False):
+        opt = make()
+        p = {k: (v.clone() if lib == "torch" else v.copy()) for k, v in p0.items()}
+        s = opt.init(p)
+        trace = []
+        for i in range(steps):
+            changes(i, opt)
+            if not fast:
+                s.fast, s.fast_waste = None, 99  # never made: the full path every step
+            p, s = opt.update(p, grads[i], s)
+            trace.append(({k: _np(v).copy() for k, v in p.items()},
+                          {k: _np(v).copy() for k, v in s.slots.items()},
+                          s.step, s.last_grad_norm))
+        runs.append((trace, s))
+    (fast_trace, fast_state), (full_trace, _) = runs
+    for i, (a, b) in enumerate(zip(fast_trace, full_trace, strict=True)):
+        for k in a[0]:
+            np.testing.assert_array_equal(a[0][k], b[0][k], err_msg=f"step {i} param {k}")
+        for k in a[1]:
+            np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=f"step {i} slot {k}")
+        assert a[2:] == b[2:], i
+    return fast_state
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_scheduled_learning_rate_and_changed_hyperparameters_bit_for_bit(monkeypatch, lib):
+    counted = _Counted(monkeypatch)
+
+    def changes(i, opt):
+        opt.learning_rate = 1e-2 * 0.9 ** i  # a scheduler: every step
+        if i == 5:
+            opt.beta1 = 0.8  # the recipe no longer holds: the full path, then a new recipe
+        if i == 8:
+            opt.clip_value = 0.05  # clipping by value: another kernel
+
+    state = _twin_run(lambda: Adam(learning_rate=1e-2), changes, lib)
+    assert state.fast is not None and state.fast.used
+    # the 1st step copies the params in and the 2nd makes the recipe: steps 3-5 take it; the
+    # 6th (beta1) and the 9th (clip_value) take the full path and make a new one: 7-8, 10-12
+    assert counted.taken == 3 + 2 + 3
+
+
+def test_groups_weight_decay_momentum_and_averaging_bit_for_bit():
+    def changes(i, opt):
+        if i == 4 and opt.param_groups:
+            opt.set_learning_rate(0.05, group=0)  # a group's rate: the groups' version
+        if i == 7:
+            opt.weight_decay = 0.1
+
+    _twin_run(lambda: SGD(learning_rate=0.1, momentum=0.9,
+                          param_groups=[{"params": ["b"], "momentum": 0.5}]), changes)
+    state = _twin_run(lambda: AdamW(learning_rate=1e-2, ema_decay=0.9), changes)
+    assert state.fast is not None and state.fast.used
+
+
+def test_a_plain_loop_takes_it_and_a_wrapper_never_does(monkeypatch):
+    counted = _Counted(monkeypatch)
+    rng = np.random.default_rng(1)
+    p = _params(rng)
+    opt = Adam(learning_rate=1e-3)
+    s = opt.init(p)
+    for _ in range(10):
+        p, s = opt.update(p, _grads(rng, p), s)
+    assert counted.taken == 8  # the first copies the params in, the second makes the recipe
+    look = Lookahead(Adam(learning_rate=1e-3))
+    p = _params(rng)
+    s = look.init(p)
+    for _ in range(4):
+        p, s = look.update(p, _grads(rng, p), s)
+    assert s.fast is None and counted.taken == 8
+
+
+def test_where_it_does_not_hold_the_full_path_runs_raises_and_copies():
+    rng = np.random.default_rng(2)
+    p = _params(rng)
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    s = opt.init(p)
+    for _ in range(3):
+        p, s = opt.update(p, _grads(rng, p), s)
+    assert s.fast is not None
+    before = {k: v.copy() for k, v in p.items()}
+    slots = {k: v.copy() for k, v in s.slots.items()}
+    # a gradient of the wrong shape: the full path's error, nothing changed
+    bad = _grads(rng, p)
+    bad["w"] = bad["w"][:4]
+    with pytest.raises(ShapeError, match="gradients\\['w'\\]"):
+        opt.update(p, bad, s)
+    # momentum 0 means no momentum slot: the full path refuses this state, as it always did
+    opt.momentum = 0.0
+    with pytest.raises(ValueError, match="slots"):
+        opt.update(p, _grads(rng, p), s)
+    opt.momentum = 0.9
+    for k in p:
+        np.testing.assert_array_equal(p[k], before[k])
+    for k in s.slots:
+        np.testing.assert_array_equal(s.slots[k], slots[k])
+    assert s.step == 3
+    # the caller's own arrays (not those the last update returned): copied in, as always
+    mine = {k: v.copy() + 1 for k, v in p.items()}
+    g = _grads(rng, p)
+    ref_opt = SGD(learning_rate=0.1, momentum=0.9)
+    ref_s = ref_opt.init(mine)
+    ref_s.slots["momentum"][...] = s.slots["momentum"]
+    ref_s.step = s.step
+    want, _ = ref_opt.update({k: v.copy() for k, v in mine.items()}, g, ref_s)
+    got, s = opt.update(mine, g, s)
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k])
