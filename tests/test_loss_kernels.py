@@ -89,3 +89,22 @@ def test_a_model_trains_the_same_with_and_without_the_loops(monkeypatch):
     np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-14)
     for k in grad_a:
         np.testing.assert_allclose(grad_a[k], grad_b[k], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint64])
+def test_label_range_check_of_every_integer_dtype(dtype):
+    """``evaluate``'s class-index check (one reduction over the labels seen as unsigned):
+    in-range labels pass, a negative one or one past the classes is the named error."""
+    m = ml.Model()
+    m |= ml.CrossEntropy()(input="input", target="target", output="loss")
+    c = ml.compile(m, NumpyBackend(dtype="float64"), shapes={"input": [4, 3]})
+    x = np.zeros((4, 3))
+    out = c.evaluate({}, {"input": x, "target": np.array([0, 2, 1, 2], dtype)})
+    np.testing.assert_allclose(out["loss"], np.log(3.0))
+    bad = [np.array([0, 3, 1, 2], dtype)]
+    if np.dtype(dtype).kind == "i":
+        bad.append(np.array([0, -1, 1, 2], dtype))
+        bad.append(np.array([np.iinfo(dtype).min, 0, 1, 2], dtype))
+    for t in bad:
+        with pytest.raises(ValueError, match=r"input 'target': 1 of 4 class indices out of range"):
+            c.evaluate({}, {"input": x, "target": t})

@@ -21,6 +21,21 @@ def _check_reduction(r: str) -> str:
     return r
 
 
+def _logits(shape: Shape, names: Mapping[str, str]) -> str:
+    return f"the logits '{names['input']}' have shape {fmt(shape)}"
+
+
+def _below(labels: Any, n: int) -> bool:
+    """Whether every class index in ``labels`` (a NumPy integer array) is in [0, n), by one
+    reduction: seen as unsigned integers of their size, a negative one is >= 2^(bits-1), so
+    all are below n exactly when they are in range. False for anything else (the caller
+    then reads the min and the max)."""
+    if type(labels) is not np.ndarray or labels.dtype.kind not in "iu":
+        return False
+    u = labels.view(labels.dtype.str.replace("i", "u"))
+    return bool(np.maximum.reduce(u, axis=None) < n)
+
+
 class SquaredError(Operator):
     """(input − target)², elementwise by default; ``reduction="mean"`` gives the MSE."""
 
@@ -108,27 +123,29 @@ class CrossEntropy(Operator):
         s, t, dt = shapes.get("input"), shapes.get("target"), dtypes.get("target")
         if s is None or t is None or dt is None or not s:
             return
-        key, logits = names["target"], f"the logits '{names['input']}' have shape {fmt(s)}"
+        key = names["target"]
         if "int" in dt:
             if tuple(t) != tuple(s[:-1]):
                 raise ShapeError(f"input '{key}': integer class indices must have shape "
-                                 f"{fmt(s[:-1])} (one per row of logits; {logits}), got {fmt(t)}")
+                                 f"{fmt(s[:-1])} (one per row of logits; {_logits(s, names)}), "
+                                 f"got {fmt(t)}")
             labels, n = arrays.get("target"), s[-1]
-            if labels is not None and math.prod(t):
+            if labels is not None and math.prod(t) and not _below(labels, n):
                 lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
                 if lo < 0 or hi >= n:
                     count = int(((labels < 0) | (labels >= n)).sum())
                     raise ValueError(f"input '{key}': {count} of {math.prod(t)} class indices "
                                      f"out of range (e.g. {hi if hi >= n else lo}): {n} classes, "
-                                     f"so labels must be in [0, {n - 1}] ({logits})")
+                                     f"so labels must be in [0, {n - 1}] "
+                                     f"({_logits(s, names)})")
         elif "float" in dt or dt == "bool":
             if len(t) == len(s) - 1:
                 raise DTypeError(f"input '{key}': class indices must have an integer dtype, got "
                                  f"{dt} (a float or bool target holds one-hot / probability rows of "
-                                 f"shape {fmt(s)}; {logits})")
+                                 f"shape {fmt(s)}; {_logits(s, names)})")
             if tuple(t) != tuple(s):
                 raise ShapeError(f"input '{key}': one-hot / probability targets must have shape "
-                                 f"{fmt(s)} ({logits}), got {fmt(t)}")
+                                 f"{fmt(s)} ({_logits(s, names)}), got {fmt(t)}")
         else:
             raise DTypeError(f"input '{key}': expected integer class indices or float one-hot / "
                              f"probability rows, got dtype {dt}")
