@@ -88,11 +88,15 @@ def _zero(dtype: np.dtype) -> np.ndarray:
     return np.zeros(1, dtype)
 
 
-def _flat(*arrays: np.ndarray) -> bool:
-    """Whether the loops take these arrays: one compiled dtype, one shape, C-contiguous."""
-    a = arrays[0]
-    return a.dtype in COMPILED and a.flags.c_contiguous and all(
-        b.dtype == a.dtype and b.shape == a.shape and b.flags.c_contiguous for b in arrays[1:])
+def _flat(a: np.ndarray, b: np.ndarray | None = None, c: np.ndarray | None = None) -> bool:
+    """Whether the loops take these arrays: one compiled dtype, one shape, C-contiguous.
+    (Spelled out, not a generator: it runs several times in every step of a model.)"""
+    dt = a.dtype
+    if dt not in COMPILED or not a.flags.c_contiguous:
+        return False
+    if b is not None and (b.dtype != dt or b.shape != a.shape or not b.flags.c_contiguous):
+        return False
+    return c is None or (c.dtype == dt and c.shape == a.shape and c.flags.c_contiguous)
 
 
 def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
