@@ -57,6 +57,8 @@ def _cast(arrays: dict[str, Any], dt: Any) -> dict[str, Any]:
     """``arrays`` as ndarrays (reductions give NumPy scalars) with floats in ``dt``
     (ml_dtypes' bfloat16 matmul and scalar products compute in float32)."""
     for k, v in arrays.items():
+        if v.dtype is dt and type(v) is np.ndarray:  # (the usual case, by identity)
+            continue
         if v.dtype != dt and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
             arrays[k] = np.asarray(v, dtype=dt)
         elif type(v) is not np.ndarray:

@@ -44,6 +44,7 @@ How each backend runs it:
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -90,6 +91,7 @@ class TrainStep:
         self._tx: Any = None
         self._jitted: Callable | None = None
         self._returned: tuple | None = None  # the params tuple the last fused step returned
+        self._views_checked: Any = None  # see _model_views
         self._lr: Any = None
         # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
         # and those the JAX program has run with (compiled: nothing left to warn about)
@@ -191,9 +193,9 @@ class TrainStep:
         cots = self._cotangents()
         views = opt_state.param_views if isinstance(opt_state, OptimizerState) else None
         if (views is not None and len(views) == len(params) and state is None
-                and not c.program.has_context and list(params) == list(views)
-                and all(a is b for a, b in zip(params.values(), views.values()))
-                and list(params) == list(c.program.param_shapes)):
+                and isinstance(params, Mapping) and params.keys() == views.keys()
+                and all(map(operator.is_, params.values(), views.values()))
+                and self._model_views(views)):
             ins = self._inputs(data, self._signature(data) if isinstance(data, Mapping) else None)
             outputs, grads = c._evaluate(params, ins, cots, None)
         elif state is None:
@@ -204,6 +206,18 @@ class TrainStep:
         self.last_grad_norm = opt_state.last_grad_norm
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, state)
+
+    def _model_views(self, views: dict[str, Any]) -> bool:
+        """Whether ``views`` (the arrays an update returned) are the model's parameters, in
+        its order, for a model without context operators (remembered per views dict: an
+        optimizer state keeps one)."""
+        if views is self._views_checked:
+            return True
+        p = self.compiled.program
+        if p.has_context or list(views) != list(p.param_shapes):
+            return False
+        self._views_checked = views
+        return True
 
     def _signature(self, data: Mapping[str, Any]) -> tuple | None:
         try:

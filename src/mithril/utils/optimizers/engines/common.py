@@ -18,6 +18,11 @@ def scalar_table(opt: Any, state: Any, t: int, norm: float | None
     that does not then gets an infinite bound)."""
     index, views = opt.group_rows(state)
     values = getattr(state, "values", None)
+    if len(views) == 1:  # no groups: one row (its clip bound is its own), built directly
+        v = views[0]
+        scal = v.full_scalars(t, values)
+        row = (*prologue(v, norm, scal[0]), *scal)
+        return np.array([row], dtype=np.float64), index, row[1] > 0
     rows = []
     for v in views:
         scal = v.full_scalars(t, values)
