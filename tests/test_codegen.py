@@ -183,3 +183,16 @@ def test_torch_forward_plan_equals_the_interpreter():
         assert torch.equal(got[k], want[k]), k
     out, grads = c.evaluate(params, data, output_gradients={"loss": 1.0})
     assert torch.equal(out["loss"], want["loss"])
+
+
+def test_gradients_come_in_the_order_params_were_given():
+    c = ml.compile(_mlp(), NumpyBackend(dtype="float64"), shapes={"input": [5, 4]})
+    params = c.get_parameters()
+    rng = np.random.default_rng(6)
+    data = {"input": rng.standard_normal((5, 4)), "target": rng.integers(0, 3, 5)}
+    _, want = c.evaluate(params, data, output_gradients={"loss": 1.0})
+    backwards = dict(reversed(list(params.items())))
+    _, got = c.evaluate(backwards, data, output_gradients={"loss": 1.0})
+    assert list(got) == list(backwards)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])

@@ -146,7 +146,13 @@ def _backward(src: _Source, prog: Program, cot_keys: tuple[str, ...],
     body: list[str] = []
     emit = body.append
 
+    assigned = {f"c{prog.outputs[name]}" for name in cot_keys}  # locals some line sets
+
     def accumulate(target: str, key: str) -> None:  # (a VJP may leave a key out)
+        if target not in assigned:  # nothing set it before this line: it is None here
+            assigned.add(target)
+            emit(f"        {target} = res.get({key!r})")
+            return
         emit(f"        v = res.get({key!r})")
         emit("        if v is not None:")
         emit(f"            {target} = v if {target} is None else {target} + v")
@@ -192,6 +198,7 @@ def _backward(src: _Source, prog: Program, cot_keys: tuple[str, ...],
             emit("        for k, v in res.items():")
             for k, p in node.params.items():
                 j = index[p]
+                assigned.add(f"G{j}")
                 emit(f"            if k == {k!r}:")
                 emit(f"                G{j} = v if G{j} is None else G{j} + v")
                 emit("                continue")
@@ -199,6 +206,7 @@ def _backward(src: _Source, prog: Program, cot_keys: tuple[str, ...],
                     grads[p] = j
                     pending.append(f"G{j}")
             for k, w in node.ins.items():
+                assigned.add(f"c{w}")
                 emit(f"            if k == {k!r}:")
                 emit(f"                c{w} = v if c{w} is None else c{w} + v")
                 emit("                continue")
@@ -232,6 +240,13 @@ def _backward(src: _Source, prog: Program, cot_keys: tuple[str, ...],
             src(f"G{j} = None")
             src(f"if c{w} is not None:")
             src(f"G{j} = c{w} if G{j} is None else G{j} + c{w}", 2)
+    # in the order of ``params`` (zeros where no gradient came): spelled out for the
+    # program's own order, the usual one
+    names = list(prog.param_shapes)
+    src(f"if list(params) == {src.const('NAMES', names)}:")
+    src("return out, {" + ", ".join(
+        f"{n!r}: _zeros_like(params[{n!r}]) if G{grads[n]} is None else G{grads[n]}"
+        if n in grads else f"{n!r}: _zeros_like(params[{n!r}])" for n in names) + "}", 2)
     src("got = {" + ", ".join(f"{p!r}: G{j}" for p, j in grads.items()) + "}")
     src("grads = {}")
     src("for k, p in params.items():")
