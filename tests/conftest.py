@@ -162,3 +162,17 @@ def shared_file(*parts: str) -> Path:
         if (root / Path(*parts)).exists():
             return root / Path(*parts)
     raise FileNotFoundError(f"../shared/{'/'.join(parts)} not found beside {here}")
+
+
+def conv_relu_pool_model():
+    """Convolution → ReLU → max-pool → flatten → Linear(5), on input [2, 3, 8, 8]: after the
+    max-pool's VJP (a fresh array) the ReLU's VJP may write over its cotangent."""
+    import mithril as ml
+
+    m = ml.Model()
+    m |= ml.Convolution2D(3, 4, padding=1)(input="input", output=ml.IOKey("c0", expose=False))
+    m |= ml.Relu()(input="c0", output=ml.IOKey("r0", expose=False))
+    m |= ml.MaxPool2D(2)(input="r0", output=ml.IOKey("p0", expose=False))
+    m |= ml.Flatten()(input="p0", output=ml.IOKey("flat", expose=False))
+    m |= ml.Linear(5)(input="flat", output="output")
+    return m

@@ -12,6 +12,7 @@ import traceback
 
 import numpy as np
 import pytest
+from conftest import conv_relu_pool_model
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -126,13 +127,8 @@ def test_context_operators_randomness_and_state():
 
 
 def test_convolution_pool_in_place_vjp():
-    m = ml.Model()
-    m |= ml.Convolution2D(3, 4, padding=1)(input="input", output=ml.IOKey("c0", expose=False))
-    m |= ml.Relu()(input="c0", output=ml.IOKey("r0", expose=False))
-    m |= ml.MaxPool2D(2)(input="r0", output=ml.IOKey("p0", expose=False))
-    m |= ml.Flatten()(input="p0", output=ml.IOKey("flat", expose=False))
-    m |= ml.Linear(5)(input="flat", output="output")
-    c = ml.compile(m, NumpyBackend(dtype="float32"), shapes={"input": [2, 3, 8, 8]})
+    c = ml.compile(conv_relu_pool_model(), NumpyBackend(dtype="float32"),
+                   shapes={"input": [2, 3, 8, 8]})
     params = c.get_parameters()
     rng = np.random.default_rng(3)
     data = {"input": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv_relu_pool_model
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -149,12 +150,7 @@ def _relu_vjp_calls(monkeypatch) -> list[str]:
 def test_relu_vjp_writes_over_a_cotangent_only_the_pass_holds(monkeypatch):
     """After a max-pool (whose VJP returns a fresh array) the ReLU's VJP writes over its
     cotangent; the same numbers as a new array."""
-    m = ml.Model()
-    m |= ml.Convolution2D(3, 4, padding=1)(input="input", output=ml.IOKey("c0", expose=False))
-    m |= ml.Relu()(input="c0", output=ml.IOKey("r0", expose=False))
-    m |= ml.MaxPool2D(2)(input="r0", output=ml.IOKey("p0", expose=False))
-    m |= ml.Flatten()(input="p0", output=ml.IOKey("flat", expose=False))
-    m |= ml.Linear(5)(input="flat", output="output")
+    m = conv_relu_pool_model()
     compiled = ml.compile(m, NumpyBackend(dtype="float64"), shapes={"input": [2, 3, 8, 8]})
     params = compiled.get_parameters()
     x = {"input": np.random.default_rng(6).standard_normal((2, 3, 8, 8))}
