@@ -46,7 +46,7 @@ class Recipe:
     """What a plain step decided (see the module docs), and what it depended on."""
 
     __slots__ = ("opt", "engine", "attrs", "groups", "slots", "flat", "written", "before",
-                 "kernel_args", "kernels", "names", "used")
+                 "kernel_args", "kernels", "used")
 
     def __init__(self, opt: Any, state: Any, engine: Any, math_fn: Any, n_scal: int,
                  n_avg: int) -> None:
@@ -55,8 +55,7 @@ class Recipe:
         self.groups = (opt._groups_version, id(opt._groups))
         self.slots = tuple(state.slots.values())
         self.flat = state.params_flat
-        self.names = opt.full_slot_names()
-        slots = [engine.np_view(state.slots[s]) for s in self.names]
+        slots = [engine.np_view(state.slots[s]) for s in opt.full_slot_names()]
         flat = engine.np_view(state.params_flat)
         self.written = (state.params_flat, *self.slots)
         self.before = (flat, flat, *slots)
