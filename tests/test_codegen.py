@@ -195,3 +195,20 @@ def test_gradients_come_in_the_order_params_were_given():
     _, got = forward_vjp_plan(prog, ("loss",))(np, backwards, ins, cots, None)
     assert list(got) == list(want) == list(backwards)
     _same(got, want)
+
+
+def test_a_dropped_model_takes_its_generated_lines_along():
+    import gc
+    import linecache
+
+    before = set(linecache.cache)
+    c = ml.compile(_mlp(), NumpyBackend(dtype="float64"), shapes={"input": [5, 4]})
+    params = c.get_parameters()
+    data = {"input": np.ones((5, 4)), "target": np.zeros(5, np.int64)}
+    c.evaluate(params, data, output_gradients={"loss": 1.0})
+    c.evaluate(params, data)
+    names = [k for k in set(linecache.cache) - before if k.startswith("<mithril forward")]
+    assert len(names) == 2
+    del c
+    gc.collect()
+    assert not set(names) & set(linecache.cache)

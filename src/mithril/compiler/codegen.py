@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import linecache
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ class _Source:
         exec(compile(text, filename, "exec"), self.ns)  # noqa: S102 - our own generated code
         f = self.ns[fn]
         f.source = text
+        weakref.finalize(f, linecache.cache.pop, filename, None)  # (its lines go with it)
         return f
 
 
