@@ -1,6 +1,7 @@
 """The steady-state path of a plain update (``engines/fast_step.py``): bit for bit the full
 path, step after step, while the learning rate is scheduled, other hyperparameters change,
-groups change, clipping by value switches on, weights are averaged; taken in a plain loop;
+groups change, clipping by value or by the global norm switches on, weights are averaged;
+taken in a plain loop;
 left for the full path wherever the recipe no longer holds (its errors and its copies
 included); never kept for a wrapper (Lookahead)."""
 
@@ -102,6 +103,8 @@ def test_groups_weight_decay_momentum_and_averaging_bit_for_bit():
             opt.set_learning_rate(0.05, group=0)  # a group's rate: the groups' version
         if i == 7:
             opt.weight_decay = 0.1
+        if i == 9:
+            opt.clip_norm = 0.5  # the global norm's pass, then the scaled update
 
     _twin_run(lambda: SGD(learning_rate=0.1, momentum=0.9,
                           param_groups=[{"params": ["b"], "momentum": 0.5}]), changes)
@@ -118,12 +121,18 @@ def test_a_plain_loop_takes_it_and_a_wrapper_never_does(monkeypatch):
     for _ in range(10):
         p, s = opt.update(p, _grads(rng, p), s)
     assert counted.taken == 8  # the first copies the params in, the second makes the recipe
+    opt = Adam(learning_rate=1e-3, clip_norm=0.1)  # the global norm's pass is repeated too
+    p = _params(rng)
+    s = opt.init(p)
+    for _ in range(5):
+        p, s = opt.update(p, _grads(rng, p), s)
+    assert counted.taken == 8 + 3
     look = Lookahead(Adam(learning_rate=1e-3))
     p = _params(rng)
     s = look.init(p)
     for _ in range(4):
         p, s = look.update(p, _grads(rng, p), s)
-    assert s.fast is None and counted.taken == 8
+    assert s.fast is None and counted.taken == 8 + 3
 
 
 def test_where_it_does_not_hold_the_full_path_runs_raises_and_copies():

@@ -7,8 +7,9 @@ Python a step inside a real step (the interpreter's caches are cold there: the f
 backward passes ran in between), as much as a small model's whole update kernel.
 
 A plain step - NumPy or CPU torch, parameters that are the arrays the previous update
-returned (updated in place), no clipping by norm (global, per tensor or adaptive), no first
-pass, ``nonfinite="propagate"`` - leaves a :class:`Recipe` on its state: the answers, and
+returned (updated in place), no clipping by per-tensor or adaptive norms (a global
+``clip_norm`` is fine: its norm pass is repeated too), no first pass,
+``nonfinite="propagate"`` - leaves a :class:`Recipe` on its state: the answers, and
 what they were derived from. The next update takes :func:`run` instead when nothing they
 depend on has changed: the same optimizer object with the same attributes (its learning
 rate apart: a scheduler sets it every step, and it is only ever a per-step scalar), the
@@ -106,7 +107,8 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     gptr = engine.prepare(grads)
     if gptr is None:
         return None
-    table, index, clip = scalar_table(opt, state, state.step + 1, None)
+    norm = engine._grad_norm(gptr) if opt.clip_norm is not None else None  # (its scale)
+    table, index, clip = scalar_table(opt, state, state.step + 1, norm)
     if table.shape[1] - 4 != r.kernel_args[2]:  # (the kernel takes that many scalars)
         return None
     with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
@@ -117,5 +119,5 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if not r.used:
         r.used, state.fast_waste = True, 0
     if math.isfinite(total):
-        return dict(views), True, math.sqrt(total), True
-    return dict(views), True, engine._grad_norm(gptr), False
+        return dict(views), True, math.sqrt(total) if norm is None else norm, True
+    return dict(views), True, engine._grad_norm(gptr) if norm is None else norm, False

@@ -251,7 +251,7 @@ class NumbaEngine(Engine):
         keep: list = []  # contiguous copies the kernel reads, alive until it returns
         gptr = prepared if prepared is not None else self._pointers(grads, keep)
         norm = None
-        plain = False  # no norm needed before the update (see fast_step.py)
+        plain = False  # no per-tensor or per-unit norms before the update (see fast_step.py)
         plan, itemsize = self._plan, np.dtype(lay.dtype).itemsize
         units = unit_args = None
         if self.fuses_adaptive_clip(opt, state):
@@ -281,7 +281,7 @@ class NumbaEngine(Engine):
             if must_skip(opt, norm, grads, self.to_numpy):
                 return dict(params), False, norm, True
         else:
-            plain = opt.clip_norm is None
+            plain = True
             if opt.clip_norm is not None:  # the scale needs the norm before any update
                 norm = self._grad_norm(gptr)
                 if must_skip(opt, norm, grads, self.to_numpy):
