@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -270,10 +269,7 @@ class AveragingMixin:
             raise ValueError(f"swap_ema: the {state.swapped.upper()} is swapped in; swap it "
                              f"back before swapping the {average.upper()}")
         lay, eng = state.layout, state.engine
-        views = state.param_views or {}
-        ours = (eng.backend.name != "jax" and len(views) == len(params)
-                and list(params) == lay.name_list
-                and all(map(operator.is_, params.values(), views.values())))
+        ours = eng.backend.name != "jax" and state.returned(params)
         if not ours:  # check everything before anything changes
             if params.keys() != lay.index.keys():
                 raise KeyMismatchError(
@@ -306,7 +302,7 @@ class AveragingMixin:
                 tmp = buf.copy()
                 buf[...] = avg
                 avg[...] = tmp
-            out = dict(views)
+            out = dict(state.param_views)
         state.swapped = None if state.swapped == average else average
         return out
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, ClassVar
@@ -571,10 +570,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                 if g.dtype != dtype:
                     raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} "
                                     f"but the parameter has dtype {lay.dtype}")
-        views = state.param_views or {}
-        if (len(views) == len(params) and list(params) == lay.name_list
-                and all(map(operator.is_, params.values(), views.values()))):
+        if state.returned(params):
             return prepared, True  # the arrays the previous update returned
+        views = state.param_views or {}
         if params.keys() != index.keys():
             missing = sorted(set(lay.names) - set(params))
             unknown = sorted(set(params) - set(lay.names))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,14 @@ class OptimizerState:
         #: the average swapped in for evaluation ("ema" / "swa", see Optimizer.swap_ema):
         #: its slot then holds the training parameters
         self.swapped: str | None = None
+
+    def returned(self, params: Any) -> bool:
+        """Whether ``params`` are the very arrays the last update returned (the views of
+        :attr:`params_flat`), in layout order: nothing to check or copy in."""
+        views = self.param_views
+        return (views is not None and len(views) == len(params)
+                and list(params) == self.layout.name_list
+                and all(map(operator.is_, params.values(), views.values())))
 
     def slot(self, name: str) -> dict[str, Any]:
         """Per-parameter arrays of state slot ``name`` (views on NumPy/torch, copies on JAX)."""

@@ -99,11 +99,9 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
             or not r.holds(opt, state)):
         return None
-    views = state.param_views
-    lay = engine.layout
-    if not (len(views) == len(params) and list(params) == lay.name_list
-            and all(map(_is, params.values(), views.values()))):
+    if not state.returned(params):
         return None  # not the arrays the last update returned: the full path copies them in
+    views, lay = state.param_views, engine.layout
     gptr = engine.prepare(grads)
     if gptr is None:
         return None
