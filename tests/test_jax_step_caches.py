@@ -120,6 +120,7 @@ def test_fused_step_equals_uncached_run() -> None:
             if clear:
                 step._data_sigs.clear()
                 step._run_sigs.clear()
+                step._steady = None
                 compiled.__dict__.pop("_checked", None)
             params, state, out = step(params, state, data)
             losses.append(float(out["loss"]))
@@ -127,6 +128,65 @@ def test_fused_step_equals_uncached_run() -> None:
     assert runs[0][0] == runs[1][0]
     for k in runs[0][1]:
         np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k])
+
+
+def test_fused_steady_state_equals_full_path_and_falls_back() -> None:
+    """The loop's steady state (the params and state the last step returned, data of the
+    same keys, types, shapes and dtypes, value-checked arrays seen before) skips the
+    checks and gives what the full path gives, bit for bit, a changed learning rate
+    included; anything else takes the full path, which checks and raises."""
+    def run(steady: bool, full_calls: list) -> tuple:
+        compiled, be, data = problem()
+        other = {"input": data["input"] * 0.5, "target": data["target"][::-1]}
+        opt = Adam(learning_rate=1e-2)
+        step = make_train_step(compiled, opt, loss="loss")
+        real = step._inputs
+        step._inputs = lambda *a: (full_calls.append(1), real(*a))[1]
+        params = compiled.get_parameters()
+        state = step.init(params)
+        losses = []
+        for i in range(6):
+            if not steady:
+                step._steady = None
+            if i == 3:
+                opt.learning_rate = 3e-3  # a scheduler's change: read in the steady state too
+            params, state, out = step(params, state, data if i % 2 else other)
+            losses.append(float(out["loss"]))
+        return losses, {k: np.asarray(v) for k, v in params.items()}, step, params, state, be
+
+    fast_calls: list = []
+    losses, final, step, params, state, be = run(True, fast_calls)
+    assert len(fast_calls) == 2  # the first two steps (each data dict's arrays checked once)
+    slow_calls: list = []
+    want_losses, want, *_ = run(False, slow_calls)
+    assert len(slow_calls) == 6 and losses == want_losses
+    for k in want:
+        np.testing.assert_array_equal(final[k], want[k])
+
+    data = {"input": jnp.ones((16, 8), jnp.float32),
+            "target": jnp.asarray(np.arange(16) % 4, be.int_dtype)}
+    params, state, _ = step(params, state, data)  # new arrays: full path, then steady
+    n = len(fast_calls)
+    params, state, _ = step(params, state, data)
+    assert len(fast_calls) == n
+    # a parameter replaced in the returned dict: the full path copies it in
+    name = next(iter(params))
+    params = {**params, name: jnp.zeros_like(params[name])}
+    params, state, _ = step(params, state, data)
+    assert len(fast_calls) == n + 1
+    # a state that is not the last one returned, a missing key, host data: the full path
+    with pytest.raises(ml.KeyMismatchError):
+        step(params, state, {"input": data["input"]})
+    with pytest.raises(ValueError, match="out of range"):  # a new label array, checked
+        step(params, state, {"input": data["input"],
+                             "target": jnp.asarray(np.full(16, 4), be.int_dtype)})
+    host = {k: np.asarray(v) for k, v in data.items()}
+    before = len(fast_calls)
+    params, state, _ = step(params, state, host)
+    params, state, _ = step(params, state, host)
+    assert len(fast_calls) == before + 2  # host arrays are converted every step
+    with pytest.raises(TypeError, match="opt_state"):
+        step(params, {"not": "a state"}, data)
 
 
 def test_grad_norm_one_pass_and_overflow() -> None:
