@@ -1,7 +1,8 @@
 """The compiled NumPy cross-entropy (logits against class indices, :mod:`mithril.models.loss_kernels`):
 values and gradients against ``torch.nn.functional.cross_entropy`` with and without the
 compiled loops, NaN / inf logits routed as NumPy's path routes them, the forward without
-gradients equal to the differentiated one, and bad indices left to NumPy's error."""
+gradients equal to the differentiated one, and bad indices refused by the forward itself
+(``evaluate`` naming the data key)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import mithril as ml
 from mithril.backends import NumpyBackend
+from mithril.errors import InputValueError
 from mithril.models import loss_kernels
 from mithril.models.losses import CrossEntropy
 
@@ -64,13 +66,64 @@ def test_nan_and_inf_logits_as_numpy(reduction, monkeypatch):
             np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=1e-6)
 
 
-def test_a_bad_index_computes_nothing_and_numpy_raises():
-    """An index past the classes (a target computed inside the model, not an input that
-    evaluate checks): the loop writes nothing and NumPy's indexing raises."""
-    x = np.zeros((3, 4), np.float32)
-    assert loss_kernels.softmax_nll(x, np.array([0, 4, 1])) is None
-    with pytest.raises(IndexError):
-        CrossEntropy().forward_residuals(np, x, np.array([0, 4, 1]))
+@pytest.mark.parametrize("bad", [4, -1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # compiled loop / NumPy's path
+def test_a_bad_index_computes_nothing_and_the_forward_refuses_it(bad, dtype):
+    """An index outside the classes: the loop writes nothing, and the NumPy forward refuses
+    it itself (a negative index would wrap in NumPy's indexing), compiled or not."""
+    x = np.zeros((3, 4), dtype)
+    t = np.array([0, bad, 1])
+    if dtype == np.float32:
+        assert loss_kernels.softmax_nll(x, t) is None
+    with pytest.raises(InputValueError, match=rf"1 of 3 class indices out of range \(e.g. "
+                       rf"{bad}\): 4 classes, so labels must be in \[0, 3\]"):
+        CrossEntropy().forward_residuals(np, x, t)
+    with pytest.raises(InputValueError):  # log-probabilities: NumPy's gather, checked too
+        CrossEntropy(input_type="log_probs").forward(np, x, t)
+
+
+@pytest.mark.parametrize("labels", ["input", "inside"])
+def test_evaluate_names_the_key_of_labels_the_forward_refused(labels):
+    """On NumPy the range of class indices is checked by the loss's own pass, not before the
+    run: ``evaluate`` still raises the compiler's message naming the data key (and for
+    labels computed inside the model, the loss's own message), and a train step changes
+    nothing."""
+    from mithril.utils.optimizers import Adam
+    from mithril.utils.training import make_train_step
+
+    m = ml.Model()
+    m |= ml.Linear(4)(input="input", output=ml.IOKey("z", expose=False))
+    if labels == "input":
+        m |= CrossEntropy()(input="z", target="target", output="loss")
+    else:  # the target is the input's argmax shifted by 3: out of range for most rows
+        m |= ml.Buffer()(input="target", output=ml.IOKey("t", expose=False))
+        m |= CrossEntropy()(input="z", target="t", output="loss")
+    compiled = ml.compile(m, NumpyBackend(dtype="float32", seed=0), shapes={"input": [5, 3]})
+    params = compiled.get_parameters()
+    rng = np.random.default_rng(0)
+    good = {"input": rng.standard_normal((5, 3)).astype(np.float32),
+            "target": np.array([0, 1, 2, 3, 0])}
+    bad = {**good, "target": np.array([0, 1, 7, 3, 0])}
+    compiled.evaluate(params, good, output_gradients={"loss": 1.0})  # (checks cached)
+    want = "input 'target': 1 of 5" if labels == "input" else "CrossEntropy: target: 1 of 5"
+    with pytest.raises(ValueError, match=want):
+        compiled.evaluate(params, bad, output_gradients={"loss": 1.0})
+    with pytest.raises(ValueError, match=want):
+        compiled.evaluate(params, bad)
+    step = make_train_step(compiled, Adam(learning_rate=0.1), loss="loss")
+    state = step.init(params)
+    params, state, _ = step(params, state, good)
+    before = {k: v.copy() for k, v in params.items()}
+    slots = {k: np.array(v) for k, v in state.slots.items()}
+    with pytest.raises(ValueError, match=want):
+        step(params, state, bad)
+    assert state.step == 1
+    for k in before:
+        np.testing.assert_array_equal(params[k], before[k])
+    for k in slots:
+        np.testing.assert_array_equal(np.asarray(state.slots[k]), slots[k])
+    params, state, _ = step(params, state, good)  # and the loop goes on
+    assert state.step == 2
 
 
 def test_a_model_trains_the_same_with_and_without_the_loops(monkeypatch):

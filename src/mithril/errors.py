@@ -11,6 +11,13 @@ class DTypeError(TypeError):
     """An array has the wrong dtype (names the key, the expected and the given dtype)."""
 
 
+class InputValueError(ValueError):
+    """An input's values break an operator's rule (class indices out of range), found by the
+    operator's NumPy forward itself; ``evaluate`` then runs the compiler's value checks,
+    which name the data key, and raises this only where they do not apply (values computed
+    inside the model)."""
+
+
 class KeyMismatchError(KeyError):
     """A key in ``params``, ``inputs``, ``gradients`` or optimizer state is missing or unknown."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.backend import Backend
-from ..errors import DTypeError, KeyMismatchError, ShapeError
+from ..errors import DTypeError, InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
@@ -367,7 +367,16 @@ class CompiledModel:
             return self._eval
         return next(ev for q, ev in self.__dict__["_partials"].values() if q is prog)
 
-    def _check_concrete(self, inputs: Mapping[str, Any], prog: Program | None = None) -> None:
+    def _value_inputs(self, op: Any, every: bool = False) -> frozenset[str]:
+        """The inputs of ``op`` whose values are checked before a run: on NumPy not those its
+        forward checks itself (``numpy_checked_inputs``), unless ``every``."""
+        keys = op.value_checked_inputs
+        if keys and not every and self.backend.name == "numpy":
+            return keys - op.numpy_checked_inputs
+        return keys
+
+    def _check_concrete(self, inputs: Mapping[str, Any], prog: Program | None = None,
+                        every_value: bool = False) -> None:
         """The shape rules again with the concrete input shapes, so free dimensions are bound
         (5 rows of logits against 3 labels is a ``ShapeError``), and each operator's own
         ``check_inputs(shapes, dtypes, arrays, names)`` hook, if it has one: dtype-aware shape
@@ -375,7 +384,9 @@ class CompiledModel:
         backend runs them (under ``jax.jit`` nothing can raise on values). ``arrays`` holds the
         native top-level inputs an operator lists in ``value_checked_inputs`` (none when traced;
         no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
-        they read. ``prog``: the program to check (default: the whole one)."""
+        they read. ``prog``: the program to check (default: the whole one). On NumPy, values
+        an operator's forward checks itself are read only with ``every_value`` (after that
+        forward refused them: the message names the data key)."""
         p, b = prog or self.program, self.backend
         # JAX: a reduction on a JAX array compiles a program per shape (tens of ms); on the
         # host, labels are read in place
@@ -385,7 +396,7 @@ class CompiledModel:
         # hooks that read values, with the shapes, dtypes and names they had then
         key = (id(p), tuple((k, v.shape, v.dtype) for k, v in inputs.items()))
         cache = self.__dict__.setdefault("_checked", {})
-        hit = cache.get(key)
+        hit = None if every_value else cache.get(key)
         if hit is not None and hit[0] is p:
             for hook, in_shapes, dtypes, names, refs in hit[1]:
                 arrays = {k: host(inputs[t]) for k, t in refs if not _is_traced(inputs[t])}
@@ -403,11 +414,11 @@ class CompiledModel:
             hook = getattr(node.op, "check_inputs", None)
             if hook is not None:
                 dtypes = {k: b.dtype_name(inputs[top[w]]) for k, w in node.ins.items() if w in top}
-                arrays = {k: host(inputs[top[w]]) for k in getattr(node.op, "value_checked_inputs", ())
+                read = self._value_inputs(node.op, every_value)
+                arrays = {k: host(inputs[top[w]]) for k in read
                           if (w := node.ins.get(k)) in top and not _is_traced(inputs[top[w]])}
                 hook(in_shapes, dtypes, arrays, names)
-                refs = tuple((k, top[w]) for k in getattr(node.op, "value_checked_inputs", ())
-                             if (w := node.ins.get(k)) in top)
+                refs = tuple((k, top[w]) for k in read if (w := node.ins.get(k)) in top)
                 if refs:
                     value_hooks.append((hook, in_shapes, dtypes, names, refs))
             pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
@@ -419,6 +430,8 @@ class CompiledModel:
                 wires = ", ".join(f"'{k}' <- '{names[k]}' {fmt(in_shapes[k])}" for k in names)
                 raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
                                  f"(inputs: {wires})") from None
+        if every_value:
+            return
         if len(cache) >= 32:
             cache.clear()
         cache[key] = (p, value_hooks)
@@ -502,11 +515,18 @@ class CompiledModel:
     def _evaluate(self, params: dict[str, Any], inputs: dict[str, Any],
                   cots: dict[str, Any] | None, run: RunContext | None, ev: Any = None) -> Any:
         ev = self._eval if ev is None else ev
-        if cots is None:
-            return ev.forward(params, inputs, run) if run is not None else ev.forward(params, inputs)
-        if run is None:
-            return ev.forward_vjp(params, inputs, cots)
-        return ev.forward_vjp(params, inputs, cots, run)
+        try:
+            if cots is None:
+                return (ev.forward(params, inputs, run) if run is not None
+                        else ev.forward(params, inputs))
+            if run is None:
+                return ev.forward_vjp(params, inputs, cots)
+            return ev.forward_vjp(params, inputs, cots, run)
+        except InputValueError:  # an operator refused values it checks itself (NumPy): the
+            prog = getattr(ev, "prog", None)  # compiler's checks name the data key
+            if prog is not None:
+                self._check_concrete(inputs, prog, every_value=True)
+            raise
 
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DTypeError
+from ..errors import DTypeError, InputValueError
 from . import loss_kernels
 from .operator import Operator, Shape, ShapeError, fmt, functional_of, stop_gradient, unify
 
@@ -23,6 +23,28 @@ def _check_reduction(r: str) -> str:
 
 def _logits(shape: Shape, names: Mapping[str, str]) -> str:
     return f"the logits '{names['input']}' have shape {fmt(shape)}"
+
+
+def _out_of_range(labels: Any, n: int) -> str | None:
+    """What is wrong with class indices ``labels`` (a NumPy array, or a torch tensor) for
+    ``n`` classes ("3 of 128 class indices out of range (e.g. 12): ..."), or None where all
+    are in [0, n)."""
+    size = math.prod(labels.shape)
+    if not size or _below(labels, n):
+        return None
+    lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
+    if lo >= 0 and hi < n:
+        return None
+    count = int(((labels < 0) | (labels >= n)).sum())
+    return (f"{count} of {size} class indices out of range (e.g. "
+            f"{hi if hi >= n else lo}): {n} classes, so labels must be in [0, {n - 1}]")
+
+
+def _refuse(labels: np.ndarray, n: int) -> None:
+    """The NumPy forward's own range check (see ``numpy_checked_inputs``)."""
+    what = _out_of_range(labels, n)
+    if what is not None:
+        raise InputValueError(f"CrossEntropy: target: {what}")
 
 
 def _below(labels: Any, n: int) -> bool:
@@ -86,8 +108,9 @@ class CrossEntropy(Operator):
 
     inputs = ("input", "target")
     any_dtype_inputs = frozenset({"target"})
-    #: the compiler passes these (when they are model inputs) to check_inputs
-    value_checked_inputs = frozenset({"target"})
+    #: the compiler passes these (when they are model inputs) to check_inputs; the NumPy
+    #: forward checks the class indices itself (its compiled pass reads them anyway)
+    value_checked_inputs = numpy_checked_inputs = frozenset({"target"})
 
     def __init__(self, reduction: str = "mean", input_type: str = "logits", robust: bool = False,
                  cutoff: float | None = None) -> None:
@@ -129,15 +152,10 @@ class CrossEntropy(Operator):
                 raise ShapeError(f"input '{key}': integer class indices must have shape "
                                  f"{fmt(s[:-1])} (one per row of logits; {_logits(s, names)}), "
                                  f"got {fmt(t)}")
-            labels, n = arrays.get("target"), s[-1]
-            if labels is not None and math.prod(t) and not _below(labels, n):
-                lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
-                if lo < 0 or hi >= n:
-                    count = int(((labels < 0) | (labels >= n)).sum())
-                    raise ValueError(f"input '{key}': {count} of {math.prod(t)} class indices "
-                                     f"out of range (e.g. {hi if hi >= n else lo}): {n} classes, "
-                                     f"so labels must be in [0, {n - 1}] "
-                                     f"({_logits(s, names)})")
+            labels = arrays.get("target")
+            what = None if labels is None else _out_of_range(labels, s[-1])
+            if what is not None:
+                raise ValueError(f"input '{key}': {what} ({_logits(s, names)})")
         elif "float" in dt or dt == "bool":
             if len(t) == len(s) - 1:
                 raise DTypeError(f"input '{key}': class indices must have an integer dtype, got "
@@ -191,6 +209,8 @@ class CrossEntropy(Operator):
         return self._forward(xp, input, target)
 
     def _forward(self, xp: Any, input: Any, target: Any) -> Any:
+        if xp is np and self._is_index(xp, target):
+            _refuse(target, input.shape[-1])
         logp = self._log_probs(xp, input)
         if self._is_index(xp, target):
             nll = -xp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
@@ -208,13 +228,14 @@ class CrossEntropy(Operator):
             return self._forward(xp, input, target), None
         x = input.reshape(-1, input.shape[-1])
         t = target.reshape(-1)
-        if loss_kernels.usable(x, t):  # one compiled pass (else an index is out of range:
-            got = loss_kernels.softmax_nll(np.ascontiguousarray(x), t)  # NumPy's error below)
+        if loss_kernels.usable(x, t):  # one compiled pass, the indices checked first
+            got = loss_kernels.softmax_nll(np.ascontiguousarray(x), t)
             if got is not None:
                 nll, total, e = got
                 if self.reduction == "none":
                     return nll.reshape(target.shape), e
                 return x.dtype.type(total / len(x) if self.reduction == "mean" else total), e
+        _refuse(t, x.shape[-1])  # (what the compiled pass refused, or NumPy's path)
         m = x.max(axis=-1, keepdims=True)
         e = np.exp(np.subtract(x, m), out=np.empty_like(x))
         s = e.sum(axis=-1, keepdims=True)

@@ -106,6 +106,11 @@ class Operator:
     #: consumer with :meth:`forward_inplace` may overwrite it once nothing else reads it)
     fresh_output: ClassVar[bool] = False
     value_checked_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: of those, the ones whose value rules the NumPy forward enforces itself, before
+    #: anything is computed from them (raising :class:`~mithril.errors.InputValueError`):
+    #: the NumPy backend does not read them before a run (a training step's Python), and
+    #: runs the value checks only when the forward refuses them, to name the data key
+    numpy_checked_inputs: ClassVar[frozenset[str]] = frozenset()
     param_names: ClassVar[Any] = None
 
     def connect(self, **connections: Any) -> Any:

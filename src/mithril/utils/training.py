@@ -240,7 +240,7 @@ class TrainStep:
         if self._value_keys is None:
             top = {w: k for k, w in p.inputs.items()}
             self._value_keys = frozenset(
-                top[w] for n in p.nodes for k in n.op.value_checked_inputs
+                top[w] for n in p.nodes for k in c._value_inputs(n.op)
                 if (w := n.ins.get(k)) in top)
         known = sig is not None and sig in self._data_sigs
         if known:
