@@ -430,3 +430,20 @@ def test_argument_errors():
             MixedPrecisionTrainer(compiled, SGD(), params, **bad)
     with pytest.raises(TypeError):
         MixedPrecisionTrainer(object(), SGD(), params)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_forward_refuses_out_of_range_labels_naming_the_key(kind):
+    """Class indices past the classes: the float16 forward raises the error naming the data
+    key (on NumPy found by the loss's own pass), and the masters do not move."""
+    backend = BACKENDS[kind](dtype="float16", seed=0)
+    compiled = ml.compile(classifier(hidden=8), backend)
+    trainer = MixedPrecisionTrainer(compiled, SGD(learning_rate=0.1), compiled.get_parameters(),
+                                    None)
+    before = as_np(backend, trainer.master_params)
+    x = np.random.default_rng(0).random((4, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"input 'labels': 1 of 4 class indices out of range"):
+        trainer.forward(batch(backend, x, np.array([0, 3, 10, 1])))
+    for k, v in as_np(backend, trainer.master_params).items():
+        np.testing.assert_array_equal(v, before[k])
+    trainer.forward(batch(backend, x, np.array([0, 3, 9, 1])))  # good labels still run

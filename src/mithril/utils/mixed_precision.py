@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from ..compiler.interpret import numpy_backward, outputs_of, run_forward
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from .optimizers.base import Optimizer
 from .optimizers.checks import check_flag, check_int, describe, to_float
@@ -490,7 +490,11 @@ class MixedPrecisionTrainer:
         # the model's mode, seed and step (a training-mode call advances the step counter, so
         # each step draws new Dropout masks); a model with state (BatchNorm) is refused
         run = self.model._run_context(None, None, None)
-        out = self._engine.forward(params, ins, run)
+        try:
+            out = self._engine.forward(params, ins, run)
+        except InputValueError:  # refused by an operator's NumPy forward: the compiler's
+            self.model._check_concrete(ins, every_value=True)  # checks name the data key
+            raise
         self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
         return out
 
