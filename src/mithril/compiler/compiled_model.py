@@ -32,6 +32,18 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
                                + f" (expected keys: {sorted(exp)})")
 
 
+def _signature(params: Mapping[str, Any], inputs: Mapping[str, Any], partial: bool
+               ) -> tuple | None:
+    """The keys, and each array's type, shape and dtype, of an ``evaluate`` call's params and
+    inputs (None where one is not an array)."""
+    try:
+        return (partial, tuple(params), tuple(inputs),
+                [(type(v), v.shape, v.dtype) for v in params.values()],
+                [(type(v), v.shape, v.dtype) for v in inputs.values()])
+    except AttributeError:
+        return None
+
+
 def _same(x: Any) -> Any:
     return x
 
@@ -123,6 +135,8 @@ class CompiledModel:
 
     def _set_program(self, prog: Program) -> None:
         self._program = prog
+        self._last_prepared: tuple | None = None  # see _prepare
+        self._last_cots: tuple | None = None  # see _cotangents
         self._eval = self.backend.evaluator(prog, self.jit)
         self._consts = {k: self.backend.array(v) for k, v in prog.constants.items()}
         if self.file_path is not None:
@@ -322,6 +336,15 @@ class CompiledModel:
         p = self.program
         if not isinstance(params, Mapping) or not isinstance(inputs, Mapping):
             raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
+        # a loop calls with arrays of the keys, types, shapes and dtypes of its last call:
+        # those passed every check but the value checks unchanged (nothing was converted)
+        sig = _signature(params, inputs, partial)
+        last = self._last_prepared
+        if sig is not None and last is not None and last[0] == sig:
+            ins = dict(inputs)
+            ins.update(self._consts)
+            self._check_concrete(ins, last[1])
+            return dict(params), ins, last[1]
         _check_keys(params, p.param_shapes, "params")
         _check_keys(inputs, self.input_keys, "inputs", allow_missing=partial)
         if partial and len(inputs) < len(self.input_keys):
@@ -333,6 +356,10 @@ class CompiledModel:
                for k, v in inputs.items()}
         ins.update(self._consts)
         self._check_concrete(ins, p)
+        if (sig is not None and list(ps) == list(params)
+                and all(ps[k] is v for k, v in params.items())
+                and all(ins[k] is v for k, v in inputs.items())):
+            self._last_prepared = (sig, p)
         return ps, ins, p
 
     def _partial(self, missing: frozenset[str]) -> Program:
@@ -529,6 +556,19 @@ class CompiledModel:
             raise
 
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
+        # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
+        # cotangent another reference holds, see codegen)
+        try:
+            key = tuple((k, type(g), g) for k, g in output_gradients.items()
+                        if type(g) in (float, int)) if isinstance(output_gradients, dict) else ()
+        except TypeError:
+            key = ()
+        if key and len(key) == len(output_gradients):
+            last = self._last_cots
+            if last is not None and last[0] == key:
+                return last[1]
+        else:
+            key = ()
         _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)
         cots = {}
         for k, g in output_gradients.items():
@@ -537,6 +577,8 @@ class CompiledModel:
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
                                         self.backend.native_dtype())
+        if key:
+            self._last_cots = (key, cots)
         return cots
 
 
