@@ -118,6 +118,8 @@ class CompiledModel:
         self.step: int = 0
         self._params: dict[str, Any] | None = None
         self._program: Program | None = None
+        self._last_prepared: tuple | None = None  # see _prepare
+        self._last_cots: tuple | None = None  # see _cotangents
         self._build = dict(model=model, trainable_keys=tuple(trainable_keys), data_keys=tuple(data_keys),
                            constant_keys=constant_keys, discard_keys=tuple(discard_keys))
         try:
@@ -135,8 +137,7 @@ class CompiledModel:
 
     def _set_program(self, prog: Program) -> None:
         self._program = prog
-        self._last_prepared: tuple | None = None  # see _prepare
-        self._last_cots: tuple | None = None  # see _cotangents
+        self._last_prepared = self._last_cots = None  # (of another program)
         self._eval = self.backend.evaluator(prog, self.jit)
         self._consts = {k: self.backend.array(v) for k, v in prog.constants.items()}
         if self.file_path is not None:
