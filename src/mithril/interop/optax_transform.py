@@ -318,6 +318,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     optimizer's ``scalars(step)`` (and a two-pass optimizer's ``tensor_scalars``) is
     arithmetic, else computed on the host by a ``jax.pure_callback``), ``"traced"`` (refuse
     otherwise) or ``"host"``."""
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -341,6 +342,22 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     scalar_values = tuple(opt.scalar_values)  # the state values scalars() reads
     driven_hyper = state_hyperparams(opt)
     plans: dict[Any, _Plan] = {}
+
+    leaf_fns: dict[Any, Any] = {}
+
+    def leaf_math(math_fn: Any) -> Any:
+        """The math of one leaf, ``(p, g, slots, scalars) -> (new p, *new slots)`` in the
+        leaf's dtype, as a ``jax.jit`` function: inside a traced step each distinct leaf
+        shape is traced once (a 50-layer MLP: 5 shapes, not 100 leaves), and XLA inlines
+        the calls (the same program)."""
+        fn = leaf_fns.get(math_fn)
+        if fn is None:
+            def one(p: Any, g: Any, slots: tuple, scal: tuple) -> tuple:
+                out = math_fn(p, g, *slots, *(x.astype(p.dtype) for x in scal))
+                return tuple(jnp.asarray(v).astype(p.dtype) for v in out)
+
+            fn = leaf_fns[math_fn] = jax.jit(one)
+        return fn
 
     def plan_for(treedef: Any, names: list[str]) -> _Plan:
         plan = plans.get(treedef)
@@ -439,17 +456,16 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             new_values = {k: jnp.asarray(v, dt) for k, v in new_values.items()}
 
         # the elementwise math, per leaf
-        math_fn = opt.full_kernel_math(n_full + len(extra))
+        leaf = leaf_math(opt.full_kernel_math(n_full + len(extra)))
         new_ps: list[Any] = []
         new_slots: dict[str, list[Any]] = {s: [] for s in full}
         for i, (p, g) in enumerate(zip(ps, gs)):
             row = rows[plan.index[i]]
-            scal = [*row[1:1 + n_own], *(e[i] for e in extra), *row[1 + n_own:]]
-            out = math_fn(p, g, *(slot_leaves[s][i] for s in full),
-                          *(x.astype(p.dtype) for x in scal))
-            new_ps.append(jnp.asarray(out[0]).astype(p.dtype))
+            scal = (*row[1:1 + n_own], *(e[i] for e in extra), *row[1 + n_own:])
+            out = leaf(p, g, tuple(slot_leaves[s][i] for s in full), scal)
+            new_ps.append(out[0])
             for s, v in zip(full, out[1:]):
-                new_slots[s].append(jnp.asarray(v).astype(p.dtype))
+                new_slots[s].append(v)
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
