@@ -356,6 +356,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 out = math_fn(p, g, *slots, *(x.astype(p.dtype) for x in scal))
                 return tuple(jnp.asarray(v).astype(p.dtype) for v in out)
 
+            if len(leaf_fns) >= 16:  # (a kernel_math that returns new closures: see its docs)
+                leaf_fns.clear()
             fn = leaf_fns[math_fn] = jax.jit(one)
         return fn
 
