@@ -98,7 +98,8 @@ class _JaxEvaluator(Evaluator):
         self.names = names = tuple(prog.param_shapes)
 
         def fwd(ptuple, inputs):
-            return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)), inputs))
+            return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
+                                                inputs, shared_jit=jit))
 
         def fwd_vjp(ptuple, inputs, cots):
             out, pull = jax.vjp(lambda p: fwd(p, inputs), ptuple)
@@ -113,7 +114,7 @@ class _JaxEvaluator(Evaluator):
         def fwd_ctx(ptuple, inputs, rng, state, training):
             run = RunContext(training, rng[0], rng[1], state)
             out = outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
-                                               inputs, run))
+                                               inputs, run, shared_jit=jit))
             return out, run.new_state
 
         def fwd_vjp_ctx(ptuple, inputs, rng, state, cots, training):

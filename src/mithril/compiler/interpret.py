@@ -23,14 +23,17 @@ class Env(list):
 
 def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
                 inputs: Mapping[str, Any], run: RunContext | None = None,
-                residuals: bool = False) -> Env:
+                residuals: bool = False, shared_jit: bool = False) -> Env:
     """Evaluate every node; returns the value of every wire (indexed by wire number).
     ``run``: the mode, randomness and state context operators read, and where they write
     the new state (default: training mode, seed 0, step 0, no state). ``residuals`` (NumPy
     only: a forward that :func:`numpy_backward` will differentiate): nodes that a gradient
     flows through keep what their operator's ``forward_residuals`` saves, in
     ``env.residuals``, until their VJP runs; and intermediate wires that neither a later
-    node nor a VJP reads are dropped (``None``) once the forward is past them."""
+    node nor a VJP reads are dropped (``None``) once the forward is past them.
+    ``shared_jit`` (JAX, when called inside ``jax.jit``): equal operators share one traced
+    forward (:func:`_traced_call`)."""
+    traced = _traced_call if shared_jit else None
     env = Env([None] * len(prog.wire_names))
     env.contexts = {}
     env.residuals = {}
@@ -51,12 +54,64 @@ def run_forward(prog: Program, xp: Any, params: Mapping[str, Any],
             env[node.out], env.residuals[i] = node.op.forward_residuals(xp, **args)
         elif residuals and node.inplace:
             env[node.out] = node.op.forward_inplace(xp, **args)
+        elif traced is not None and (fn := traced(node.op, args)) is not None:
+            env[node.out] = fn(**args)
         else:
             env[node.out] = node.op.forward(xp, **args)
         if residuals:
             for w in node.drop:  # less memory held: fewer fresh pages to fault in
                 env[w] = None
     return env
+
+
+#: one ``jax.jit`` function per operator configuration (see :func:`_traced_call`); False:
+#: an operator whose forward does not return one array
+_JITTED: dict[tuple, Any] = {}
+
+
+def _traced_call(op: Any, args: dict[str, Any]) -> Any:
+    """Inside a ``jax.jit`` trace, ``op``'s forward as a ``jax.jit`` function shared by every
+    operator of its class and configuration (its attributes, with their types), so that a
+    model of 49 equal layers traces one layer's forward, not 49 (XLA inlines the calls:
+    the same program); None where that does not apply (a context operator, an argument
+    that is not a traced array, an attribute that cannot be hashed, an operator whose
+    forward returned something else before)."""
+    import jax
+    import jax.numpy as jnp
+
+    if op.context or not args or not all(isinstance(v, jax.core.Tracer) for v in args.values()):
+        return None
+    try:
+        key = (type(op), tuple((k, type(v), v) for k, v in sorted(vars(op).items())))
+        fn = _JITTED.get(key)
+    except TypeError:  # (an attribute that is a list, an array, ...)
+        return None
+    if fn is False:
+        return None
+    if fn is None:
+        if len(_JITTED) >= 256:
+            _JITTED.clear()
+
+        def forward(**kw: Any) -> Any:
+            out = op.forward(jnp, **kw)
+            if not isinstance(out, jax.Array | jax.core.Tracer):
+                raise _NotArray  # (a wire of another kind: traced in place instead)
+            return out
+
+        fn = _JITTED[key] = jax.jit(forward)
+
+    def call(**kw: Any) -> Any:
+        try:
+            return fn(**kw)
+        except _NotArray:
+            _JITTED[key] = False
+            return op.forward(jnp, **kw)
+
+    return call
+
+
+class _NotArray(Exception):
+    """An operator's forward returned something other than one array (see _traced_call)."""
 
 
 def _sole(g: Any) -> bool:
