@@ -94,3 +94,32 @@ def test_an_operator_with_unhashable_settings_is_traced_in_place() -> None:
     c = ml.compile(m, be, shapes={"input": [3]})
     out = c.evaluate({}, {"input": be.array(np.ones(3, np.float32))})
     np.testing.assert_array_equal(np.asarray(out["output"]), np.full(3, 2.0, np.float32))
+
+
+def test_a_forward_that_returns_no_array_is_traced_in_place() -> None:
+    """An operator whose forward gives something other than one array (a Python number)
+    falls back to tracing it in place, and is remembered as such."""
+    class Half(ml.models.operator.Operator):
+        inputs = ("input",)
+
+        def infer_shape(self, shapes):
+            return ()
+
+        def forward(self, xp, input):
+            return 0.5
+
+        def vjp(self, g, out, args, wrt):
+            return {}
+
+    interpret._JITTED.clear()
+    op, seen = Half(), []
+
+    def f(x):
+        call = interpret._traced_call(op, {"input": x})
+        seen.append(call is not None)
+        return x * (call(input=x) if call is not None else op.forward(jax.numpy, input=x))
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(jax.numpy.ones(3))), np.full(3, 0.5))
+    assert seen == [True] and list(interpret._JITTED.values()) == [False]
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(jax.numpy.ones(4))), np.full(4, 0.5))
+    assert seen == [True, False]  # remembered: traced in place at once
