@@ -13,6 +13,15 @@ from .backend import Backend, Evaluator
 from .helpers import dtype_arg, refuse_device_mesh
 
 
+def aval_getter(array_type: type) -> Any:
+    """A function reading a JAX array's abstract value (shape, dtype): the ``aval``
+    property's getter of ``array_type``, half the cost of ``x.aval`` (JAX shares one aval
+    among the arrays of a shape and dtype, so callers compare them by identity)."""
+    import operator
+
+    return getattr(array_type.aval, "fget", None) or operator.attrgetter("aval")
+
+
 class JaxBackend(Backend):
     """Arrays are ``jax.Array``. ``dtype="float64"`` turns on ``jax_enable_x64``."""
 

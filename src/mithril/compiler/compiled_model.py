@@ -32,14 +32,11 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
                                + f" (expected keys: {sorted(exp)})")
 
 
-def _signature(params: Mapping[str, Any], inputs: Mapping[str, Any], partial: bool
-               ) -> tuple | None:
-    """The keys, and each array's type, shape and dtype, of an ``evaluate`` call's params and
-    inputs (None where one is not an array)."""
+def signature(arrays: Mapping[str, Any]) -> tuple | None:
+    """Each key with its array's type, shape and dtype, in order (None where a value is not
+    an array): what the checks of a call's arrays depend on, short of their values."""
     try:
-        return (partial, tuple(params), tuple(inputs),
-                [(type(v), v.shape, v.dtype) for v in params.values()],
-                [(type(v), v.shape, v.dtype) for v in inputs.values()])
+        return tuple([(k, type(v), v.shape, v.dtype) for k, v in arrays.items()])
     except AttributeError:
         return None
 
@@ -339,9 +336,9 @@ class CompiledModel:
             raise TypeError("evaluate(params, inputs): both must be dicts keyed by name")
         # a loop calls with arrays of the keys, types, shapes and dtypes of its last call:
         # those passed every check but the value checks unchanged (nothing was converted)
-        sig = _signature(params, inputs, partial)
+        sig = (partial, signature(params), signature(inputs))
         last = self._last_prepared
-        if sig is not None and last is not None and last[0] == sig:
+        if sig[1] is not None and sig[2] is not None and last is not None and last[0] == sig:
             ins = dict(inputs)
             ins.update(self._consts)
             self._check_concrete(ins, last[1])
@@ -357,7 +354,7 @@ class CompiledModel:
                for k, v in inputs.items()}
         ins.update(self._consts)
         self._check_concrete(ins, p)
-        if (sig is not None and list(ps) == list(params)
+        if (sig[1] is not None and sig[2] is not None and list(ps) == list(params)
                 and all(ps[k] is v for k, v in params.items())
                 and all(ins[k] is v for k, v in inputs.items())):
             self._last_prepared = (sig, p)

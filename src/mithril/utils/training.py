@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
 from .optimizers.state import OptimizerState
 
@@ -199,7 +200,7 @@ class TrainStep:
                 and isinstance(params, Mapping) and params.keys() == views.keys()
                 and all(map(operator.is_, params.values(), views.values()))
                 and self._model_views(views)):
-            ins = self._inputs(data, self._signature(data) if isinstance(data, Mapping) else None)
+            ins = self._inputs(data, signature(data) if isinstance(data, Mapping) else None)
             outputs, grads = c._evaluate(params, ins, cots, None)
         elif state is None:
             outputs, grads = c.evaluate(params, data, output_gradients=cots)
@@ -221,12 +222,6 @@ class TrainStep:
             return False
         self._views_checked = views
         return True
-
-    def _signature(self, data: Mapping[str, Any]) -> tuple | None:
-        try:
-            return tuple([(k, type(v), v.shape, v.dtype) for k, v in data.items()])
-        except AttributeError:  # not arrays: checked (and converted) every time
-            return None
 
     def _inputs(self, data: Mapping[str, Any], sig: tuple | None = None) -> dict[str, Any]:
         """The inputs checked as ``evaluate`` checks them (shapes, dtypes, the operators'
@@ -377,7 +372,7 @@ class TrainStep:
             put = self._device_put
             ptuple = tuple(put(a, a.sharding, may_alias=False) if isinstance(a, self._array_type)
                            else jnp.array(a, copy=True) for a in (checked[n] for n in names))
-        sig = self._signature(data) if isinstance(data, Mapping) else None
+        sig = signature(data) if isinstance(data, Mapping) else None
         ins = self._inputs(data, sig)
         lr = self.optimizer.learning_rate
         if lr != self._lr or "learning_rate" not in opt_state.hyperparams:
@@ -432,8 +427,9 @@ class _Steady:
             return None  # host arrays are converted every step: not a steady state
         self = cls()
         self.opt_state, self.ptuple, self.keys, self.sig = opt_state, ptuple, tuple(data), sig
-        # the property's getter: half the cost of ``v.aval`` (see NumbaEngine.well_typed)
-        self.aval = getattr(kind.aval, "fget", None) or operator.attrgetter("aval")
+        from ..backends.jax_backend import aval_getter
+
+        self.aval = aval_getter(kind)
         self.avals = list(map(self.aval, vals))
         self.value_index = tuple(i for i, k in enumerate(data) if k in step._value_keys)
         return self

@@ -81,8 +81,9 @@ class NumbaEngine(Engine):
             # the concrete array class: isinstance against the jax.Array ABC costs ~0.3 us
             self.array_type = type(jax.numpy.zeros(0))
             self._ptr = self.array_type.unsafe_buffer_pointer
-            # the property's getter: half the cost of ``g.aval``
-            self._aval = getattr(self.array_type.aval, "fget", None) or operator.attrgetter("aval")
+            from ....backends.jax_backend import aval_getter
+
+            self._aval = aval_getter(self.array_type)
             try:  # one C++ call for every array (what jax.block_until_ready does after a tree walk)
                 from jax._src.lib import xla_client
 
