@@ -16,12 +16,19 @@ step is checked once against a NumPy reference of the same step.
 
     python benchmarks/optimizer_step.py                 # both sizes, all backends
     python benchmarks/optimizer_step.py --sizes b --backends jax --optimizers adam
+    python benchmarks/optimizer_step.py --device cuda --backends torch,jax --sizes 10Mx10,100Mx10
+
+``--device cuda``: torch's tensors (torch fused, Mithril's torch backend) on the GPU, each
+step timed up to ``torch.cuda.synchronize()``; JAX on its default device (the GPU where
+jax[cuda] is installed; set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that its processes
+and torch's share the card).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +41,11 @@ import numpy as np
 #: few-large-tensors cases (torch's fused kernel is at its best there); "1Mx10" the JAX
 #: jit engine's row (``MITHRIL_JAX_ENGINE=jit``)
 SIZES = {"a": (10_000_000, 200), "b": (1_000_000, 2_000), "10Mx1": (10_000_000, 1),
-         "10Mx10": (10_000_000, 10), "1Mx1": (1_000_000, 1), "1Mx10": (1_000_000, 10)}
+         "10Mx10": (10_000_000, 10), "1Mx1": (1_000_000, 1), "1Mx10": (1_000_000, 10),
+         "100Mx10": (100_000_000, 10)}
+#: where torch's tensors live (``--device``; an environment variable, so that the processes
+#: this one starts see it too)
+DEVICE = os.environ.get("MITHRIL_BENCH_DEVICE", "cpu")
 BYTES = {"adam": 28, "sgd": 20}
 GRAD_SETS = 3
 LR = 1e-3
@@ -84,10 +95,14 @@ def mithril_impl(opt_name: str, params, gsets) -> Impl:
 
     step()
     first = tuple(np.array(to_host(box["p"][k])) for k in (next(iter(params)), list(params)[-1]))
+    if opt_name == "adam" and DEVICE != "cpu":  # the engine the device runs (see the notes)
+        print(f"  ({type(box['s'].engine).__name__} on {DEVICE})", flush=True)
     return Impl(give, step, first)
 
 
 def to_host(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return to_host_tensor(x)
     return x.numpy() if hasattr(x, "numpy") and not hasattr(x, "block_until_ready") else np.asarray(x)
 
 
@@ -95,14 +110,24 @@ def sync(params) -> None:
     x = next(iter(params.values()))
     if hasattr(x, "block_until_ready"):
         x.block_until_ready()
+    elif DEVICE != "cpu" and type(x).__module__.startswith("torch"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
-def torch_fused(opt_name: str, shapes, seed=0) -> Impl:
+def to_host_tensor(t) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def torch_fused(opt_name: str, shapes, seed=0, norm: bool = False) -> Impl:
+    """torch.optim's fused step; ``norm``: after ``torch.nn.utils.get_total_norm`` of the
+    gradients (what a loop that logs or clips the norm adds; Mithril reports it always)."""
     import torch
 
     p, gs = make_numpy(shapes, seed)
-    tp = [torch.from_numpy(v) for v in p.values()]
-    tg = [[torch.from_numpy(v) for v in g.values()] for g in gs]
+    tp = [torch.from_numpy(v).to(DEVICE) for v in p.values()]
+    tg = [[torch.from_numpy(v).to(DEVICE) for v in g.values()] for g in gs]
     opt = torch.optim.Adam(tp, LR, fused=True) if opt_name == "adam" else \
         torch.optim.SGD(tp, LR, momentum=0.9, fused=True)
 
@@ -110,9 +135,16 @@ def torch_fused(opt_name: str, shapes, seed=0) -> Impl:
         for t, g in zip(tp, tg[i]):
             t.grad = g
 
+    def step() -> None:
+        if norm:
+            torch.nn.utils.get_total_norm([t.grad for t in tp])
+        opt.step()
+        if DEVICE != "cpu":
+            torch.cuda.synchronize()
+
     give(0)
-    opt.step()
-    return Impl(give, opt.step, (tp[0].numpy().copy(), tp[-1].numpy().copy()))
+    step()
+    return Impl(give, step, (to_host_tensor(tp[0]), to_host_tensor(tp[-1])))
 
 
 def optax_impl(opt_name: str, shapes, seed=0) -> tuple[Impl, float]:
@@ -189,6 +221,8 @@ def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
     shapes = shapes_for(total, n)
     if name == "torch fused":
         return torch_fused(opt_name, shapes), ""
+    if name == "torch fused + norm":
+        return torch_fused(opt_name, shapes, norm=True), ""
     if name == "numpy triad":
         return numpy_triad(total), ""
     if name == "optax jit+donate":
@@ -200,8 +234,9 @@ def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
     if name == "mithril torch":
         import torch
 
-        return mithril_impl(opt_name, {k: torch.from_numpy(v) for k, v in p.items()},
-                            [{k: torch.from_numpy(v) for k, v in g.items()} for g in gs]), ""
+        return mithril_impl(opt_name, {k: torch.from_numpy(v).to(DEVICE) for k, v in p.items()},
+                            [{k: torch.from_numpy(v).to(DEVICE) for k, v in g.items()}
+                             for g in gs]), ""
     import jax.numpy as jnp
 
     jp = {k: jnp.asarray(v) for k, v in p.items()}
@@ -212,7 +247,7 @@ def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
 
 
 def names_for(backends: list[str], no_optax: bool) -> list[str]:
-    names = ["torch fused"]
+    names = ["torch fused"] + (["torch fused + norm"] if DEVICE != "cpu" else [])
     if "numpy" in backends:
         names += ["mithril numpy", "numpy triad"]
     if "torch" in backends:
@@ -326,9 +361,14 @@ def main() -> None:
                     help="every implementation of a case in one process (their thread pools then "
                          "contend: torch's OpenMP threads spin after its step, on a core the next "
                          "one needs), instead of one process each")
+    ap.add_argument("--device", default=None,
+                    help="torch's device (default cpu; e.g. cuda): see the module docs")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    header = f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}"
+    if args.device:
+        global DEVICE
+        DEVICE = os.environ["MITHRIL_BENCH_DEVICE"] = args.device
+    header = f"[{DEVICE}] " + f"{'case':<28}{'median ms':>10}{'vs torch fused':>16}{'vs optax':>10}{'GB/s':>8}"
     cases = [(s, o) for s in args.sizes.split(",") for o in args.optimizers.split(",")]
     if not args.in_process:
         print(header, flush=True)

@@ -22,12 +22,18 @@ wall clock: less sensitive to other processes on a shared machine.
 
     python benchmarks/train_epoch.py [--rounds 15] [--hidden 128 128] [--backend numpy torch jax]
                                      [--clock wall|cpu] [--no-torch] [--shared]
+                                     [--device cuda] [--batch 128]
+
+``--device cuda``: the torch loop and Mithril's torch backend on the GPU (JAX on its default
+device: the GPU where jax[cuda] is installed); an epoch still ends with its last loss on the
+host, so it is timed up to the device's last step.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +52,10 @@ from mithril.cli.networks import mlp_spec
 from mithril.utils.optimizers import Adam
 from mithril.utils.training import make_train_step
 
-FEATURES, CLASSES, BATCH, STEPS, LR = 64, 10, 128, 40, 1e-3
+FEATURES, CLASSES, STEPS, LR = 64, 10, 40, 1e-3
+#: ``--device`` and ``--batch``, as environment variables: the variants' processes see them
+DEVICE = os.environ.get("MITHRIL_BENCH_DEVICE", "cpu")
+BATCH = int(os.environ.get("MITHRIL_BENCH_BATCH", "128"))
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 
 
@@ -64,7 +73,8 @@ def batches(x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]
 def mithril_epoch(backend: str, hidden: list[int], fused: bool,
                   x: np.ndarray, y: np.ndarray) -> tuple[Callable[[], float], dict]:
     spec = mlp_spec(FEATURES, CLASSES, hidden)
-    be = BACKENDS[backend](dtype="float32", seed=0)
+    be = (TorchBackend(dtype="float32", seed=0, device=DEVICE) if backend == "torch" else
+          BACKENDS[backend](dtype="float32", seed=0))
     compiled = ml.compile(spec.model, be, shapes=spec.shapes)
     params = compiled.get_parameters()
     init = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
@@ -117,9 +127,11 @@ def _order(name: str) -> tuple:
 def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
     ps = []
     for W, b in layers:
-        ps += [torch.tensor(W.copy(), requires_grad=True), torch.tensor(b.copy(), requires_grad=True)]
+        ps += [torch.tensor(W.copy(), device=DEVICE, requires_grad=True),
+               torch.tensor(b.copy(), device=DEVICE, requires_grad=True)]
     opt = torch.optim.Adam(ps, lr=LR, fused=True)
-    feed = [(torch.from_numpy(a.copy()), torch.from_numpy(b.copy())) for a, b in batches(x, y)]
+    feed = [(torch.from_numpy(a.copy()).to(DEVICE), torch.from_numpy(b.copy()).to(DEVICE))
+            for a, b in batches(x, y)]
 
     def epoch() -> float:
         for a, b in feed:
@@ -226,10 +238,18 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall clock (default) or this process's CPU time")
     ap.add_argument("--no-torch", action="store_true", help="leave out the torch reference")
+    ap.add_argument("--device", default=None, help="torch's device (default cpu; e.g. cuda)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 128)")
     ap.add_argument("--shared", action="store_true",
                     help="every variant in this one process (their thread pools then contend: "
                          "not how anyone trains), instead of one process each")
     args = ap.parse_args()
+    global DEVICE, BATCH
+    if args.device:
+        DEVICE = os.environ["MITHRIL_BENCH_DEVICE"] = args.device
+    if args.batch:
+        BATCH = args.batch
+        os.environ["MITHRIL_BENCH_BATCH"] = str(args.batch)
     names = [f"mithril {b} {k}" for b in args.backend for k in ("step", "separate")]
     names += ([] if args.no_torch else [TORCH_REF]) + [OPTAX_REF]
     first: dict[str, float] = {}
@@ -270,7 +290,8 @@ def main() -> None:
     best_ref = min(med[r] for r in refs)
     opt = times[OPTAX_REF]
     print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + Adam, "
-          f"{STEPS} steps of {BATCH}, float32; torch threads {torch.get_num_threads()}; "
+          f"{STEPS} steps of {BATCH}, float32, torch on {DEVICE}; torch threads "
+          f"{torch.get_num_threads()}; "
           f"median of {args.rounds} rounds, {args.clock} clock, "
           f"{'one process for all' if args.shared else 'one process per variant'}")
     best_low = min(low[r] for r in refs)

@@ -5,7 +5,9 @@ from the same start, on the same gradient sequence, and compares the parameters 
 step (and the optimizer state slots at the end, e.g. Adam's ``m``/``v`` against torch's
 ``exp_avg``/``exp_avg_sq``), on NumPy arrays, torch tensors and JAX arrays. JAX runs twice:
 ``"jax"`` is the default engine on CPU (the fused numba kernel over an aliased host buffer)
-and ``"jax-jit"`` the jitted :class:`JaxEngine` used on accelerators. The tensor-op
+and ``"jax-jit"`` the jitted :class:`JaxEngine` used on accelerators; torch runs twice too:
+``"torch-ops"`` is :class:`TorchFusedEngine` (torch's own fused kernels on our flat buffers,
+the default on CUDA) forced on CPU, whose other optimizers take the tensor-op path. The tensor-op
 :class:`ArrayEngine` (torch on GPU, float16/bfloat16) is forced on CPU in float64 for NumPy
 and torch and held to the same parity.
 
@@ -181,9 +183,9 @@ OPTAX = {
 
 # lr changes mid-run: step index -> factor of the case's initial lr
 LR_FACTORS = {25: 3.0, 50: 0.5, 75: 0.05}
-ALL = ("numpy", "torch", "jax", "jax-jit")
+ALL = ("numpy", "torch", "jax", "jax-jit", "torch-ops")
 EXPECTED_ENGINE = {"numpy": "NumbaEngine", "torch": "NumbaEngine", "jax": "NumbaEngine",
-                   "jax-jit": "JaxEngine"}
+                   "jax-jit": "JaxEngine", "torch-ops": "TorchFusedEngine"}
 #: the max errors observed, by check (print with ``pytest -s``, see the last test)
 OBSERVED: dict[str, float] = {}
 
@@ -231,7 +233,7 @@ def rel_err(a, b) -> float:
 
 def native(backend: str, a: np.ndarray):
     """A copy of ``a`` as a ``backend`` array of the same dtype."""
-    if backend == "torch":
+    if backend.startswith("torch"):
         return torch.tensor(a)
     if backend.startswith("jax"):
         import jax.numpy as jnp
@@ -253,16 +255,19 @@ def host(x) -> np.ndarray:
 @contextlib.contextmanager
 def engine_of(backend: str):
     """``"jax-jit"``: JAX arrays through the jitted :class:`JaxEngine` (the default on
-    accelerators; on CPU JAX arrays go through the fused numba engine)."""
-    if backend != "jax-jit":
+    accelerators; on CPU JAX arrays go through the fused numba engine); ``"torch-ops"``:
+    torch tensors through :class:`TorchFusedEngine` (torch's fused kernels, the default on
+    CUDA; its other steps are the tensor-op engine's)."""
+    name = {"jax-jit": "JAX_ENGINE", "torch-ops": "TORCH_ENGINE"}.get(backend)
+    if name is None:
         yield
         return
-    old = engines.JAX_ENGINE
-    engines.JAX_ENGINE = "jit"
+    old = getattr(engines, name)
+    setattr(engines, name, "jit" if backend == "jax-jit" else "fused-ops")
     try:
         yield
     finally:
-        engines.JAX_ENGINE = old
+        setattr(engines, name, old)
 
 
 @contextlib.contextmanager
@@ -864,10 +869,17 @@ def test_nonfinite_propagate_is_default_and_detected(backend):
         warnings.simplefilter("error")
         params, state = opt.update(params, natives(backend, g_np), state)
     norm = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in g_np.values()))
-    assert state.last_grad_norm == pytest.approx(norm, rel=1e-6)
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
-        params, state = opt.update(params, _bad(g_np, backend), state)
-    assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
+    assert float(state.last_grad_norm) == pytest.approx(norm, rel=1e-6)
+    if backend == "torch-ops":  # torch's fused kernels: the norm stays on the device, unread
+        assert isinstance(state.last_grad_norm, torch.Tensor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            params, state = opt.update(params, _bad(g_np, backend), state)
+        assert not torch.isfinite(state.last_grad_norm) and state.num_nonfinite == 0
+    else:
+        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+            params, state = opt.update(params, _bad(g_np, backend), state)
+        assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
     assert state.step == 2 and not state.last_step_skipped and state.num_skipped == 0
     b = host(params["b"])
     assert np.isnan(b[1]) and np.isfinite(b[[0, 2]]).all()

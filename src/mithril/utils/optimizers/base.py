@@ -22,7 +22,8 @@ only for parameters that missed steps (absent from ``gradients``: such parameter
 slots are left untouched).
 
 Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
-in ``state.last_grad_norm`` whatever the policy:
+in ``state.last_grad_norm`` whatever the policy (a float; on CUDA torch a 0-d tensor on
+the device, see below):
 
 * ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
   The fused kernel measures the gradient norm and probes every new param and slot value
@@ -41,6 +42,12 @@ in ``state.last_grad_norm`` whatever the policy:
   skips itself.)
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
   nothing changed.
+
+On torch-CUDA, Adam, AdamW and SGD (torch / optax conventions, ``clip_norm`` and parameter
+groups included) run torch's own fused kernels on the flat buffers
+(:mod:`.engines.torch_fused`) and nothing is read back to the host: under ``"propagate"``
+``state.last_grad_norm`` is a 0-d float64 tensor and a non-finite step is not reported (as
+in torch.optim). ``"skip"`` and ``"raise"`` read the norm back and check as above.
 """
 
 from __future__ import annotations
@@ -457,6 +464,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         name = type(self).__name__
         if ok:
             state.step = t
+            if not (norm is None or isinstance(norm, float)):
+                # a device scalar (torch's fused CUDA kernels): not read back, so unchecked
+                return new_params, state
             # a non-finite gradient counts every time; non-finite values from finite
             # gradients once, until a step gives finite values again
             new_values = not finite and is_finite(norm) and not state.nonfinite_values

@@ -10,8 +10,11 @@
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)
+* :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
+  (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers,
+  nothing read back to the host; other steps as :class:`~.array_engine.ArrayEngine`.
 * :class:`~.array_engine.ArrayEngine` - the same math with array ops on flat buffers
-  (torch on GPU, float16/bfloat16).
+  (float16/bfloat16 on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 
 #: set to "jit" to run JAX optimizers through the jitted engine even on CPU
 JAX_ENGINE = os.environ.get("MITHRIL_JAX_ENGINE", "auto")
+#: set to "fused-ops" to run torch-CPU optimizers through torch's fused kernels
+#: (:mod:`.torch_fused`, what CUDA uses) instead of the numba engine
+TORCH_ENGINE = os.environ.get("MITHRIL_TORCH_ENGINE", "auto")
 
 
 def engine_for(backend: Any, layout: Any) -> Any:
@@ -33,7 +39,11 @@ def engine_for(backend: Any, layout: Any) -> Any:
         from .jax_engine import JaxEngine
 
         return JaxEngine(backend, layout)
-    if fused and (backend.name == "numpy" or (backend.name == "torch" and backend.device.type == "cpu")):
+    if backend.name == "torch" and (backend.device.type != "cpu" or TORCH_ENGINE == "fused-ops"):
+        from .torch_fused import TorchFusedEngine
+
+        return TorchFusedEngine(backend, layout)
+    if fused and backend.name in ("numpy", "torch"):
         from .numba_engine import NumbaEngine
 
         return NumbaEngine(backend, layout)

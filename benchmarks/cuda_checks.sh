@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue #16's device checks, in one run on a machine with an NVIDIA GPU (torch with CUDA,
+# jax[cuda], optax, numba, safetensors installed; the repository need not be installed):
+# the CUDA tests, then the optimizer-step and train-epoch benchmarks on the GPU. Logs go to
+# $OUT (or ./cuda-logs). CI never runs this.
+#
+#     bash benchmarks/cuda_checks.sh [quick]
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-cuda-logs}; mkdir -p "$out"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false MITHRIL_CACHE_DIR=${MITHRIL_CACHE_DIR:-/tmp/mithril-cache}
+run() { echo "== $*"; "$@" 2>&1 | tee -a "$out/log.txt"; }
+date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+python3 -c "import torch, jax, optax, numba; print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__, jax.default_backend(), '| optax', optax.__version__, '| numba', numba.__version__)"
+run python3 -m pytest -p no:cacheprovider -q -rs tests/test_torch_fused_engine.py
+[ "${1:-}" = quick ] && exit 0
+run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
+    --sizes 10Mx10,100Mx10,a --optimizers adam,sgd --rounds 4 --block 20 --warm 0.05
+run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 7
+run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 7 \
+    --hidden 1024 1024 --batch 1024

@@ -1,0 +1,136 @@
+"""torch's own fused optimizer kernels on views of our flat buffers: torch on CUDA.
+
+``torch._fused_adam_``, ``torch._fused_adamw_`` and ``torch._fused_sgd_`` are what
+``torch.optim.Adam / AdamW / SGD(fused=True)`` run: one multi-tensor launch that reads and
+writes each byte once. They take lists of tensors, so they are given the per-tensor views of
+the flat parameter and slot buffers and the gradients where they lie (no concatenation):
+the same kernel, the same traffic as torch's fused step, without torch.optim's per-step
+Python (grouping tensors by device and dtype, the per-parameter step counters).
+
+What the engine adds stays on the device, so a step never waits for it:
+
+* the global gradient norm, ``‖g‖₂`` summed in float64 (``torch._foreach_norm``: one more
+  read of the gradients, 4 B/param on fp32 Adam's 28), is ``state.last_grad_norm`` as a 0-d
+  tensor, read back only when the caller reads it;
+* ``clip_norm`` is the kernels' ``grad_scale`` (they divide each gradient by
+  ``max(1, (‖g‖ + 1e-6) / clip_norm)``, torch ``clip_grad_norm_``'s factor, as a float32
+  scalar; float64 gradients are scaled copies instead, the kernels' scale being float32).
+
+As in torch.optim, a non-finite step under ``nonfinite="propagate"`` is therefore applied
+without a warning (the warning would need the norm on the host every step). Everything these
+kernels do not compute goes through :class:`~.array_engine.ArrayEngine`, the same buffers:
+the checked policies (``"skip"``, ``"raise"``), other optimizers and conventions, value and
+per-tensor clipping, weight averaging, parameters without a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..adam import _adam, _amsgrad
+from ..sgd import _momentum, _nesterov, _plain
+from .array_engine import ArrayEngine
+
+_ADAM = {_adam: False, _amsgrad: True}  # kernel math -> amsgrad
+_SGD = (_plain, _momentum, _nesterov)
+_UNFUSED = ("clip_value", "clip_tensor_norm", "clip_block_rms", "adaptive_clip")
+
+
+def kernel_call(opt: Any) -> str | None:
+    """Which fused kernel computes ``opt``'s step exactly ("adam", "sgd"), or None."""
+    if opt.full_slot_names() != opt.slot_names() or opt.two_pass():
+        return None
+    if any(getattr(opt, k, None) is not None for k in _UNFUSED):
+        return None
+    math_fn = opt.kernel_math()
+    if math_fn in _ADAM and not opt.weight_decay_in_math:
+        return "adam"
+    if math_fn in _SGD and not opt.decoupled_weight_decay:
+        return "sgd"
+    return None
+
+
+class TorchFusedEngine(ArrayEngine):
+    """:class:`ArrayEngine` whose steps, where torch has a fused kernel for them, are that
+    kernel on the flat buffers' views (see the module docs)."""
+
+    def __init__(self, backend: Any, layout: Any) -> None:
+        super().__init__(backend, layout)
+        self._views: dict[int, tuple[Any, list[Any]]] = {}  # id(buffer) -> (buffer, views)
+        self._step_t = self.t.zeros((), dtype=self.t.float32, device=self.device)
+        self._index: Any = None  # the groups' row index that _parts was made from
+        self._parts: list[tuple[int, list[int]]] = []
+
+    def _views_of(self, buf: Any) -> list[Any]:
+        got = self._views.get(id(buf))
+        if got is None or got[0] is not buf:
+            views = list(self.layout.unflatten(buf).values())
+            self._views[id(buf)] = got = (buf, views)
+        return got[1]
+
+    def _groups(self, opt: Any, state: Any) -> list[tuple[Any, list[int], str]] | None:
+        """(optimizer view, tensor indices, kernel) per parameter group, or None when a
+        group's step is not one of the kernels' (the hyperparameters are read from the
+        views on every step; the partition is remembered with the groups' row index)."""
+        index, views = opt.group_rows(state)
+        kernels = [kernel_call(v) for v in views]
+        if None in kernels:
+            return None
+        if self._index is not index:
+            self._parts = [(r, [i for i, row in enumerate(index) if row == r])
+                           for r in range(len(views))]
+            self._index = index
+        return [(views[r], ids, kernels[r]) for r, ids in self._parts if ids]
+
+    def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, Any, bool]:
+        lay = self.layout
+        plan = None
+        if opt.nonfinite == "propagate" and len(grads) == len(lay.names):
+            plan = self._groups(opt, state)
+        if plan is None:
+            return super().step(opt, state, params, grads, t, prepared, ours)
+        torch = self.t
+        gs = prepared if prepared is not None else [grads[n] for n in lay.names]
+        for n, g in zip(lay.names, gs):
+            if g.device != self.device:
+                raise ValueError(f"gradients['{n}'] is on {g.device}, the parameters on "
+                                 f"{self.device}")
+        copies = [] if ours else self.read_params(params, state.param_views or {},
+                                                  state.params_flat)
+        # checked: from here nothing can fail
+        gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
+        if state.params_flat is None:
+            state.params_flat = self.full(lay.total, 0.0)
+            state.param_views = lay.unflatten(state.params_flat)
+        if copies:
+            pv = state.param_views
+            torch._foreach_copy_([pv[n] for n, _ in copies], [x for _, x in copies])
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, torch.float64)))
+        ps = self._views_of(state.params_flat)
+        slots = {s: self._views_of(state.slots[s]) for s in opt.slot_names()}
+        self._step_t.fill_(float(t))
+        for v, ids, kernel in plan:
+            scale = None
+            p = [ps[i] for i in ids]
+            g = [gs[i] for i in ids]
+            if v.clip_norm is not None:
+                if self.tdtype == torch.float64:  # the kernels' grad_scale is float32
+                    g = torch._foreach_mul(g, torch.clamp_max(v.clip_norm / (norm + 1e-6), 1.0))
+                else:
+                    scale = torch.clamp_min((norm + 1e-6) / v.clip_norm, 1.0).float()
+            if kernel == "adam":
+                amsgrad = _ADAM[v.kernel_math()]
+                fn = torch._fused_adamw_ if v.decoupled_weight_decay else torch._fused_adam_
+                fn(p, g, [slots["m"][i] for i in ids], [slots["v"][i] for i in ids],
+                   [slots["vmax"][i] for i in ids] if amsgrad else [], [self._step_t] * len(ids),
+                   lr=v.learning_rate, beta1=v.beta1, beta2=v.beta2, weight_decay=v.weight_decay,
+                   eps=v.epsilon, amsgrad=amsgrad, maximize=False, grad_scale=scale)
+            else:
+                mom = v.momentum
+                torch._fused_sgd_(p, g, [slots["momentum"][i] for i in ids] if mom else [],
+                                  weight_decay=v.weight_decay, momentum=mom,
+                                  lr=v.learning_rate, dampening=v.dampening,
+                                  nesterov=v.nesterov, maximize=False, is_first_step=t == 1,
+                                  grad_scale=scale)
+        return dict(state.param_views), True, norm, True
