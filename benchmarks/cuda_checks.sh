@@ -15,8 +15,8 @@ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --for
 python3 -c "import torch, jax, optax, numba; print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__, jax.default_backend(), '| optax', optax.__version__, '| numba', numba.__version__)"
 run python3 -m pytest -p no:cacheprovider -q -rs tests/test_torch_fused_engine.py
 [ "${1:-}" = quick ] && exit 0
-run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
-    --sizes 10Mx10,100Mx10,a --optimizers adam,sgd --rounds 4 --block 20 --warm 0.05
-run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 7
-run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 7 \
+run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
+run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5 \
     --hidden 1024 1024 --batch 1024
+run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
+    --sizes 10Mx10,100Mx10,a --optimizers adam,sgd --rounds 3 --block 20 --warm 0.05

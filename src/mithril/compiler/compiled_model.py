@@ -571,7 +571,8 @@ class CompiledModel:
         cots = {}
         for k, g in output_gradients.items():
             pattern = self.program.output_shape(k)
-            if np.ndim(g) == 0 and pattern in ((), None):
+            if not self.backend.is_native(g) and np.ndim(g) == 0 and pattern in ((), None):
+                # a Python or NumPy number (a native one may live on a GPU: kept as it is)
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
                                         self.backend.native_dtype())

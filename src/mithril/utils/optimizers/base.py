@@ -22,8 +22,7 @@ only for parameters that missed steps (absent from ``gradients``: such parameter
 slots are left untouched).
 
 Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
-in ``state.last_grad_norm`` whatever the policy (a float; on CUDA torch a 0-d tensor on
-the device, see below):
+in ``state.last_grad_norm`` whatever the policy (a float; CUDA torch differs, see below):
 
 * ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
   The fused kernel measures the gradient norm and probes every new param and slot value
@@ -46,8 +45,9 @@ the device, see below):
 On torch-CUDA, Adam, AdamW and SGD (torch / optax conventions, ``clip_norm`` and parameter
 groups included) run torch's own fused kernels on the flat buffers
 (:mod:`.engines.torch_fused`) and nothing is read back to the host: under ``"propagate"``
-``state.last_grad_norm`` is a 0-d float64 tensor and a non-finite step is not reported (as
-in torch.optim). ``"skip"`` and ``"raise"`` read the norm back and check as above.
+the norm is measured only for ``clip_norm`` (``state.last_grad_norm`` is then a 0-d float64
+tensor on the device, else None) and a non-finite step is not reported (as in torch.optim).
+``"skip"`` and ``"raise"`` measure the norm, read it back and check as above.
 """
 
 from __future__ import annotations

@@ -7,14 +7,18 @@ the flat parameter and slot buffers and the gradients where they lie (no concate
 the same kernel, the same traffic as torch's fused step, without torch.optim's per-step
 Python (grouping tensors by device and dtype, the per-parameter step counters).
 
-What the engine adds stays on the device, so a step never waits for it:
+What the engine adds stays on the device, so a step never waits for it. The global
+gradient norm is one more read of the gradients (``torch._foreach_norm``, summed in float64:
+4 B/param on fp32 Adam's 28, and three more launches: measured on an H200 it made a 10M-param
+step 1.3x torch's), so it is measured only where the step needs it, as torch.optim users do:
 
-* the global gradient norm, ``‖g‖₂`` summed in float64 (``torch._foreach_norm``: one more
-  read of the gradients, 4 B/param on fp32 Adam's 28), is ``state.last_grad_norm`` as a 0-d
-  tensor, read back only when the caller reads it;
-* ``clip_norm`` is the kernels' ``grad_scale`` (they divide each gradient by
-  ``max(1, (‖g‖ + 1e-6) / clip_norm)``, torch ``clip_grad_norm_``'s factor, as a float32
-  scalar; float64 gradients are scaled copies instead, the kernels' scale being float32).
+* with ``clip_norm``, ``state.last_grad_norm`` is the norm as a 0-d float64 tensor on the
+  device (read back only when the caller reads it), and the kernels get copies of the
+  gradients scaled by ``min(1, clip_norm / (‖g‖ + 1e-6))`` (torch ``clip_grad_norm_``; the
+  kernels' own ``grad_scale`` would write the unscaled gradients back into the caller's);
+
+* without it, ``state.last_grad_norm`` is None (measure it with
+  :func:`~mithril.utils.optimizers.clipping.global_norm`, as torch's ``get_total_norm``).
 
 As in torch.optim, a non-finite step under ``nonfinite="propagate"`` is therefore applied
 without a warning (the warning would need the norm on the host every step). Everything these
@@ -106,31 +110,31 @@ class TorchFusedEngine(ArrayEngine):
         if copies:
             pv = state.param_views
             torch._foreach_copy_([pv[n] for n, _ in copies], [x for _, x in copies])
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, torch.float64)))
+        norm = None
+        if any(v.clip_norm is not None for v, _, _ in plan):
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, torch.float64)))
         ps = self._views_of(state.params_flat)
         slots = {s: self._views_of(state.slots[s]) for s in opt.slot_names()}
         self._step_t.fill_(float(t))
         for v, ids, kernel in plan:
-            scale = None
             p = [ps[i] for i in ids]
             g = [gs[i] for i in ids]
-            if v.clip_norm is not None:
-                if self.tdtype == torch.float64:  # the kernels' grad_scale is float32
-                    g = torch._foreach_mul(g, torch.clamp_max(v.clip_norm / (norm + 1e-6), 1.0))
-                else:
-                    scale = torch.clamp_min((norm + 1e-6) / v.clip_norm, 1.0).float()
+            if v.clip_norm is not None:  # scaled copies (the kernels' grad_scale would
+                # unscale the caller's gradients in place)
+                g = torch._foreach_mul(g, torch.clamp_max(v.clip_norm / (norm + 1e-6), 1.0)
+                                       .to(self.tdtype))
             if kernel == "adam":
                 amsgrad = _ADAM[v.kernel_math()]
                 fn = torch._fused_adamw_ if v.decoupled_weight_decay else torch._fused_adam_
                 fn(p, g, [slots["m"][i] for i in ids], [slots["v"][i] for i in ids],
                    [slots["vmax"][i] for i in ids] if amsgrad else [], [self._step_t] * len(ids),
                    lr=v.learning_rate, beta1=v.beta1, beta2=v.beta2, weight_decay=v.weight_decay,
-                   eps=v.epsilon, amsgrad=amsgrad, maximize=False, grad_scale=scale)
+                   eps=v.epsilon, amsgrad=amsgrad, maximize=False)
             else:
                 mom = v.momentum
                 torch._fused_sgd_(p, g, [slots["momentum"][i] for i in ids] if mom else [],
                                   weight_decay=v.weight_decay, momentum=mom,
                                   lr=v.learning_rate, dampening=v.dampening,
-                                  nesterov=v.nesterov, maximize=False, is_first_step=t == 1,
-                                  grad_scale=scale)
+                                  nesterov=v.nesterov, maximize=False,
+                                  is_first_step=t == 1 and mom > 0)
         return dict(state.param_views), True, norm, True
