@@ -32,7 +32,15 @@ def _out_of_range(labels: Any, n: int) -> str | None:
     size = math.prod(labels.shape)
     if not size or _below(labels, n):
         return None
-    lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
+    if hasattr(labels, "aminmax"):  # torch: one pass, one read back (a sync on CUDA)
+        lo, hi = labels.aminmax()
+        if labels.is_cuda:
+            import torch
+
+            lo, hi = torch.stack((lo, hi)).tolist()
+        lo, hi = int(lo), int(hi)
+    else:
+        lo, hi = int(labels.min()), int(labels.max())  # two scalars, no array copy
     if lo >= 0 and hi < n:
         return None
     count = int(((labels < 0) | (labels >= n)).sum())

@@ -88,13 +88,13 @@ def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
 
 
 def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_norm: Any,
-              flags: tuple) -> tuple[Any, Any, Any, Any]:
+              flags: tuple, norm_on: bool = True) -> tuple[Any, Any, Any, Any]:
     """Inside a jitted pass: the flat params and the gradient as the math sees it (clipped
     unit-wise, scaled by the global norm rule and each tensor's table scale, clipped by
     value, L2-decayed), each element's column getter and the (unit-clipped) gradients'
     norm. ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive clipping and
     l2_on (some group has coupled weight decay: without it the gradient's passes do not
-    read the params)."""
+    read the params). ``norm_on`` False (no clip_norm, nothing reads it): no norm, None."""
     import jax.numpy as jnp
 
     clip_norm_on, clip_value_on, per_tensor, agc, l2_on = flags
@@ -104,11 +104,13 @@ def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_nor
     g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
                          for n, s in zip(lay.names, lay.sizes)])
     col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
-    norm = global_norm([g])
-    # XLA's CPU backend fuses an independent reduction into the update's loop as a second
-    # output, and that loop then runs ~2.5x slower (1M-param Adam: 2.55 vs 0.92 ms); kept
-    # apart, the norm costs a separate read of g (0.07 ms)
-    norm, p, g = _barrier((norm, p, g))
+    norm = None
+    if norm_on or clip_norm_on:
+        norm = global_norm([g])
+        # XLA's CPU backend fuses an independent reduction into the update's loop as a
+        # second output, and that loop then runs ~2.5x slower (1M-param Adam: 2.55 vs
+        # 0.92 ms); kept apart, the norm costs a separate read of g (0.07 ms)
+        norm, p, g = _barrier((norm, p, g))
     if clip_norm_on:
         g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
     if per_tensor:
@@ -149,6 +151,7 @@ class JaxEngine(Engine):
         parameters without a gradient too."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
+        checked = skip or per_tensor  # else nothing is read back (see step)
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
@@ -159,7 +162,8 @@ class JaxEngine(Engine):
 
         def step(params, grads, slots, table, clip_norm):
             p, g, col, norm = _prologue(lay, elem, params, grads, table, clip_norm,
-                                        (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
+                                        (clip_norm_on, clip_value_on, per_tensor, agc, l2_on),
+                                        checked)
             out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
                           *(col(j) for j in range(4, table.shape[1])))
             new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
@@ -169,9 +173,10 @@ class JaxEngine(Engine):
                 for i, s in enumerate(slot_names[len(slot_names) - n_avg:]):
                     w = col(table.shape[1] - n_avg + i)
                     new_slots[s] = jnp.where(mask, new_slots[s], average(p, slots[s], w))
-            # whether every new value is finite: a reduction of its own (see _prologue)
-            new_p, new_slots = _barrier((new_p, new_slots))
-            finite = _finite([new_p, *new_slots.values()])
+            finite = None
+            if checked:  # whether every new value is finite: a reduction of its own
+                new_p, new_slots = _barrier((new_p, new_slots))
+                finite = _finite([new_p, *new_slots.values()])
             if skip:
                 keep = jnp.isfinite(norm) & finite
                 new_p = jnp.where(keep, new_p, p)
@@ -254,7 +259,7 @@ class JaxEngine(Engine):
         return jax.jit(first)
 
     def step(self, opt: Any, state: Any, params: Any, grads: Any, t: int,
-             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, float | None, bool]:
+             prepared: Any = None, ours: bool = False) -> tuple[dict, bool, Any, bool]:
         jnp = self.jnp
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
@@ -303,6 +308,10 @@ class JaxEngine(Engine):
         new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
         # the old slots were donated (under skip/raise: same values)
         state.slots = {**state.slots, **new_slots}
+        if finite is None:  # "propagate": nothing read back, the device runs on (the norm, if
+            # clip_norm measured it, stays a 0-d array: the base class then warns of nothing)
+            state.param_views = new_params
+            return dict(new_params), True, norm, True
         norm_f, finite = float(norm), bool(finite)
         ok = opt.nonfinite == "propagate" or (bool(np.isfinite(norm_f)) and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
