@@ -80,10 +80,13 @@ class Impl:
         self.give, self.step, self.first = give, step, first
 
 
-def mithril_impl(opt_name: str, params, gsets) -> Impl:
+def mithril_impl(opt_name: str, params, gsets, policy: str = "propagate") -> Impl:
+    """``policy``: ``nonfinite`` (``"unchecked"``: torch.optim's contract, nothing measured
+    or read back: what the accelerator engines run fastest)."""
     from mithril.utils.optimizers import SGD, Adam
 
-    opt = Adam(LR) if opt_name == "adam" else SGD(LR, momentum=0.9)
+    opt = Adam(LR, nonfinite=policy) if opt_name == "adam" else \
+        SGD(LR, momentum=0.9, nonfinite=policy)
     box = {"p": params, "s": opt.init(params), "g": gsets[0]}
 
     def give(i: int) -> None:
@@ -229,20 +232,21 @@ def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
         impl, c = optax_impl(opt_name, shapes)
         return impl, f"first call {c:.1f}s"
     p, gs = make_numpy(shapes)
+    policy = "unchecked" if name.endswith(" unchecked") else "propagate"
     if name == "mithril numpy":
         return mithril_impl(opt_name, p, gs), ""
-    if name == "mithril torch":
+    if name.startswith("mithril torch"):
         import torch
 
         return mithril_impl(opt_name, {k: torch.from_numpy(v).to(DEVICE) for k, v in p.items()},
                             [{k: torch.from_numpy(v).to(DEVICE) for k, v in g.items()}
-                             for g in gs]), ""
+                             for g in gs], policy), ""
     import jax.numpy as jnp
 
     jp = {k: jnp.asarray(v) for k, v in p.items()}
     jgs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs]
     t0 = time.perf_counter()
-    impl = mithril_impl(opt_name, jp, jgs)
+    impl = mithril_impl(opt_name, jp, jgs, policy)
     return impl, f"first call {time.perf_counter() - t0:.1f}s"
 
 
@@ -250,10 +254,12 @@ def names_for(backends: list[str], no_optax: bool) -> list[str]:
     names = ["torch fused"] + (["torch fused + norm"] if DEVICE != "cpu" else [])
     if "numpy" in backends:
         names += ["mithril numpy", "numpy triad"]
+    # on a GPU also nonfinite="unchecked" (no norm, no probe, no read back)
+    gpu = [" unchecked"] if DEVICE != "cpu" else []
     if "torch" in backends:
-        names.append("mithril torch")
+        names += ["mithril torch" + x for x in ["", *gpu]]
     if "jax" in backends:
-        names += ["mithril jax"] + ([] if no_optax else ["optax jit+donate"])
+        names += ["mithril jax" + x for x in ["", *gpu]] + ([] if no_optax else ["optax jit+donate"])
     return names
 
 
@@ -341,7 +347,7 @@ def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Names
     ref, ox = med["torch fused"], med.get("optax jit+donate")
     for k, v in med.items():
         gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
-        print(f"{size} {opt_name:<5}{k:<21}{v * 1e3:>10.2f}{v / ref:>15.2f}x"
+        print(f"{size} {opt_name:<5}{k:<25}{v * 1e3:>10.2f}{v / ref:>15.2f}x"
               f"{(f'{v / ox:.2f}x' if ox else '-'):>10}{gbs:>8.1f}  {notes.get(k, '')}", flush=True)
 
 

@@ -12,7 +12,9 @@ policies always caught. Each policy on every engine:
   changed.
 
 Engines: the fused numba kernel (NumPy, torch CPU, JAX CPU), the jitted JAX engine
-(``jax-jit``) and the tensor-op engine (float16 on NumPy and torch).
+(``jax-jit``), the tensor-op engine (float16 on NumPy and torch) and torch's fused kernels
+(``torch-ops``: the CUDA engine, forced on CPU; its probe reads the flat buffers after the
+kernel).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from test_optimizers import engine_of, host, native
 
 from mithril.utils.optimizers import SGD, Adam, RMSProp
 
-ENGINES = ("numpy", "torch", "jax", "jax-jit", "numpy-f16", "torch-f16")
+ENGINES = ("numpy", "torch", "jax", "jax-jit", "numpy-f16", "torch-f16", "torch-ops")
 
 
 def _backend_dtype(engine: str) -> tuple[str, str]:

@@ -737,7 +737,8 @@ def test_numba_learning_rate_change_does_not_recompile(backend):
     opt = Adam(0.01)
     params = natives(backend, p_np)
     state = init(opt, backend, params)
-    params, state = opt.update(params, natives(backend, g_np), state)
+    for _ in range(2):  # (JAX's first step reads the caller's arrays: another kernel)
+        params, state = opt.update(params, natives(backend, g_np), state)
     kernel = update_kernel(_adam, 2, 7, "float32", backend == "jax", False, False)  # JAX: double buffer
     n_sigs = len(kernel.signatures)
     for k in range(5):
@@ -869,22 +870,47 @@ def test_nonfinite_propagate_is_default_and_detected(backend):
         warnings.simplefilter("error")
         params, state = opt.update(params, natives(backend, g_np), state)
     norm = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in g_np.values()))
-    if backend == "torch-ops":  # torch's fused kernels: no norm measured, nothing read back
-        assert state.last_grad_norm is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            params, state = opt.update(params, _bad(g_np, backend), state)
-        assert state.last_grad_norm is None and state.num_nonfinite == 0
-    else:
-        assert state.last_grad_norm == pytest.approx(norm, rel=1e-6)
-        with pytest.warns(RuntimeWarning, match="non-finite gradient"):
-            params, state = opt.update(params, _bad(g_np, backend), state)
-        assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
+    assert state.last_grad_norm == pytest.approx(norm, rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        params, state = opt.update(params, _bad(g_np, backend), state)
+    assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
     assert state.step == 2 and not state.last_step_skipped and state.num_skipped == 0
     b = host(params["b"])
     assert np.isnan(b[1]) and np.isfinite(b[[0, 2]]).all()
     assert np.isfinite(host(params["a"])).all()
     assert np.isnan(host(state.slot("v")["b"])[1])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_nonfinite_unchecked_applies_without_looking(backend):
+    """``"unchecked"`` (torch.optim / optax): the same step as ``"propagate"``, no warning, no
+    count; the accelerator engines (jitted JAX, torch's fused kernels) measure no norm
+    unless ``clip_norm`` needs it, and then leave it on the device."""
+    p_np, g_np = _small()
+    runs = {}
+    for policy in ("propagate", "unchecked"):
+        opt = Adam(0.1, nonfinite=policy)
+        params = natives(backend, p_np)
+        state = init(opt, backend, params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            params, state = opt.update(params, natives(backend, g_np), state)
+        runs[policy] = {k: host(v) for k, v in params.items()}
+    for k in p_np:
+        np.testing.assert_array_equal(runs["unchecked"][k], runs["propagate"][k], err_msg=k)
+    lazy = backend in ("jax-jit", "torch-ops")
+    assert (state.last_grad_norm is None) if lazy else state.last_grad_norm > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params, state = opt.update(params, _bad(g_np, backend), state)
+    assert state.step == 2 and state.num_nonfinite == 0 and state.num_skipped == 0
+    b = host(params["b"])
+    assert np.isnan(b[1]) and np.isfinite(b[[0, 2]]).all()
+    opt = Adam(0.1, nonfinite="unchecked", clip_norm=0.5)
+    state = init(opt, backend, natives(backend, p_np))
+    _, state = opt.update(natives(backend, p_np), natives(backend, g_np), state)
+    norm = np.sqrt(sum(np.sum(np.square(v.astype(np.float64))) for v in g_np.values()))
+    assert float(np.asarray(host(state.last_grad_norm))) == pytest.approx(norm, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,18 +60,16 @@ CASES = {
 
 
 def side_by_side(case: str, device: str, dtype=torch.float32, groups: bool = False,
-                 lr_change: bool = True) -> tuple[dict, list, object]:
+                 lr_change: bool = True, policy: str = "propagate") -> tuple[dict, list, object]:
     """Our optimizer and torch.optim's fused step on the same gradients, lock-step; returns
     our params, torch's and our state."""
     make, cls, kw = CASES[case]
     p0, gs = problem(device, dtype)
-    extra = {}
+    extra = {"nonfinite": policy}
     if groups:  # w1 and b1 at half the lr, b1 without weight decay
-        extra = {"param_groups": [{"params": ["w1"], "lr_scale": 0.5},
-                                  {"params": ["b1"], "lr_scale": 0.5, "weight_decay": 0.0}]}
-    opt = make()
-    if extra:
-        opt = type(opt)(**{**opt.hyperparameters(), **extra})
+        extra["param_groups"] = [{"params": ["w1"], "lr_scale": 0.5},
+                                 {"params": ["b1"], "lr_scale": 0.5, "weight_decay": 0.0}]
+    opt = type(make())(**{**make().hyperparameters(), **extra})
     ref = [t.clone() for t in p0.values()]
     if groups:
         lr, wd = kw["lr"], kw.get("weight_decay", 0.0)
@@ -95,13 +93,48 @@ def side_by_side(case: str, device: str, dtype=torch.float32, groups: bool = Fal
     return params, ref, state
 
 
+def _norm(device: str = "cpu") -> float:
+    """The last step's gradient norm, float64."""
+    return float(torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in
+                                                     problem(device)[1][-1].values()])))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("groups", [False, True])
-def test_equals_torch_fused_bit_for_bit(fused_ops, case, groups):
-    params, ref, state = side_by_side(case, "cpu", groups=groups)
+@pytest.mark.parametrize("policy", ["propagate", "unchecked"])
+def test_equals_torch_fused_bit_for_bit(fused_ops, case, groups, policy):
+    params, ref, state = side_by_side(case, "cpu", groups=groups, policy=policy)
     for k, r in zip(SHAPES, ref):
         torch.testing.assert_close(params[k], r, rtol=0, atol=0, msg=k)
-    assert state.step == STEPS and state.last_grad_norm is None  # (as torch: not measured)
+    assert state.step == STEPS
+    if policy == "propagate":  # measured and read back
+        assert state.last_grad_norm == pytest.approx(_norm(), rel=1e-12)
+    else:  # as torch: nothing measured
+        assert state.last_grad_norm is None
+
+
+def test_propagate_reports_nonfinite_values(fused_ops):
+    """lr=1e38 in float32 with finite gradients (~100): the kernel writes inf, the probe of the flat
+    buffers finds it and the base class warns once; "unchecked" writes the same, silently."""
+    p0, gs = problem()
+    out = {}
+    for policy in ("propagate", "unchecked"):
+        opt = SGD(1e38, nonfinite=policy)
+        params, state = dict(p0), opt.init(p0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            params, state = opt.update(params, {k: v * 100 for k, v in gs[0].items()}, state)
+        out[policy] = params
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if policy == "unchecked":
+            assert msgs == []
+        else:
+            assert len(msgs) == 1 and "step made params or state non-finite" in msgs[0]
+        assert state.num_nonfinite == (policy == "propagate")
+        assert state.nonfinite_values == (policy == "propagate")
+    for k in SHAPES:
+        torch.testing.assert_close(out["propagate"][k], out["unchecked"][k], rtol=0, atol=0)
+    assert not torch.isfinite(out["propagate"]["w1"]).all()
 
 
 @pytest.mark.parametrize("case", ["adam", "adamw", "sgd_nesterov"])
@@ -111,7 +144,7 @@ def test_equals_torch_fused_bit_for_bit(fused_ops, case, groups):
 def test_clip_norm_equals_torch_clip_grad_norm(fused_ops, case, dtype, device):
     make, cls, kw = CASES[case]
     p0, gs = problem(device, dtype)
-    opt = type(make())(**{**make().hyperparameters(), "clip_norm": 2.0})
+    opt = type(make())(**{**make().hyperparameters(), "clip_norm": 2.0, "nonfinite": "unchecked"})
     ref = [t.clone() for t in p0.values()]
     topt = cls(ref, fused=True, **kw)
     params, state = dict(p0), opt.init(p0)
@@ -125,7 +158,7 @@ def test_clip_norm_equals_torch_clip_grad_norm(fused_ops, case, dtype, device):
         topt.step()
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1).double() for g in gs[-1].values()]))
-    assert state.last_grad_norm.device == norm.device  # measured for the clip: reported
+    assert state.last_grad_norm.device == norm.device  # measured for the clip, not read
     torch.testing.assert_close(state.last_grad_norm, norm, rtol=1e-12, atol=0)
     for k, r in zip(SHAPES, ref):
         torch.testing.assert_close(params[k], r, rtol=tol, atol=tol, msg=k)
@@ -216,9 +249,14 @@ cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_avai
 
 @cuda
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cuda_default_engine_equals_torch_fused(case):
-    params, ref, state = side_by_side(case, "cuda", groups=True)
-    assert params["w1"].is_cuda and state.last_grad_norm is None  # nothing read back
+@pytest.mark.parametrize("policy", ["propagate", "unchecked"])
+def test_cuda_default_engine_equals_torch_fused(case, policy):
+    params, ref, state = side_by_side(case, "cuda", groups=True, policy=policy)
+    assert params["w1"].is_cuda
+    if policy == "propagate":
+        assert state.last_grad_norm == pytest.approx(_norm("cuda"), rel=1e-12)
+    else:
+        assert state.last_grad_norm is None  # nothing read back
     for k, r in zip(SHAPES, ref):
         torch.testing.assert_close(params[k], r, rtol=0, atol=0, msg=k)
 

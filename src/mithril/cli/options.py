@@ -105,8 +105,8 @@ COMMON_OPTIONS = [
          "clip_grad_norm_ convention)", metavar="N"),
     _opt("clip_value", "float", "clamp every gradient element to ±this value", metavar="V"),
     _opt("nonfinite", "choice", "what to do with an inf/NaN gradient (default: propagate, "
-         "with a warning; skip: skip the step; raise: stop)",
-         choices=("skip", "raise", "propagate")),
+         "with a warning; skip: skip the step; raise: stop; unchecked: apply it unread, as "
+         "torch.optim)", choices=("skip", "raise", "propagate", "unchecked")),
 ]
 
 #: scheduler settings (lengths are in optimizer steps, i.e. batches; plateau counts epochs)

@@ -54,7 +54,7 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     sent = {"reduce_scatter": _nbytes(state._send), "all_reduce": 8} if world > 1 else {}
     local = state.local
     name = type(opt).__name__
-    if not math.isfinite(norm) and opt.nonfinite != "propagate":
+    if not math.isfinite(norm) and opt.nonfinite in ("skip", "raise"):
         local.last_grad_norm, local.last_step_skipped = norm, True
         state.bytes_communicated = sent
         if opt.nonfinite == "raise":
@@ -89,12 +89,13 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
             error = e
     state.local = local
     local.last_grad_norm = norm
-    if not math.isfinite(norm) and math.isfinite(local_sq):  # "propagate", culprit elsewhere
+    if (not math.isfinite(norm) and math.isfinite(local_sq)  # "propagate", culprit elsewhere
+            and opt.nonfinite != "unchecked"):
         local.num_nonfinite += 1
         warnings.warn(f"{name}: non-finite gradient (global norm {norm}) applied; params may "
                       f"now be non-finite", RuntimeWarning, stacklevel=3)
     skipped = local.num_skipped > before
-    if opt.nonfinite != "propagate" and world > 1:
+    if opt.nonfinite in ("skip", "raise") and world > 1:
         votes = _small([float(skipped), float(error is not None)], mine)
         pg.all_reduce(votes)
         n_skip, n_raise = (int(v) for v in _host(votes))

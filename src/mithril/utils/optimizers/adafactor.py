@@ -200,7 +200,7 @@ def _fused_step(opt: Adafactor, params: Mapping[str, Any], gradients: Mapping[st
     none = np.empty(0, dtype=lay.dtype)
     A0, A1 = ([view(state.slots[s]) for s in full[len(opt.slots):]] + [none, none])[:2]
     tables = (gptr, geo, Hd, H, order, int(lay.sizes.sum()))
-    if opt.nonfinite != "propagate":  # computed once without being stored: then decide
+    if opt.nonfinite in ("skip", "raise"):  # computed once without being stored: then decide
         flat = eng._current(state, params, ours)
         dry = fk.adafactor_kernel(lay.dtype, True, False, clip, n_avg)
         out, bad = fk.run(dry, (flat, flat, R, C, V, np.empty_like(R), np.empty_like(C),

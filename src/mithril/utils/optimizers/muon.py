@@ -425,7 +425,7 @@ class Muon(TensorwiseOptimizer):
         if on_numpy:
             xp = _torch_for_numpy() or xp
         if (xp.name != "torch" or not ours or state.param_views is None
-                or self.nonfinite != "propagate" or self.clip_norm is not None
+                or self.nonfinite in ("skip", "raise") or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
                 or set(gradients) != set(lay.names)
                 or any(len(s) != 2 or 0 in s for s in lay.shapes)):

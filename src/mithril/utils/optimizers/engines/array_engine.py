@@ -19,6 +19,7 @@ from .common import (
     is_finite,
     must_skip,
     nonfinite_result_error,
+    refuses,
     scalar_table,
     tensor_clipping,
     two_pass_table,
@@ -131,10 +132,12 @@ class ArrayEngine(Engine):
                 olds_or_avg = olds
             out = [self.t.where(present, new, old) if self.torch else np.where(present, new, old)
                    for new, old in zip(out, olds_or_avg)]
-        isfinite = self.t.isfinite if self.torch else np.isfinite
-        bad = ~all_finite(isfinite, list(out))  # per element
-        finite = not bool(bad.any())
-        if not finite and is_finite(norm) and opt.nonfinite != "propagate":
+        finite = True
+        if opt.nonfinite != "unchecked":
+            isfinite = self.t.isfinite if self.torch else np.isfinite
+            bad = ~all_finite(isfinite, list(out))  # per element
+            finite = not bool(bad.any())
+        if not finite and is_finite(norm) and refuses(opt):
             if opt.nonfinite == "raise":
                 raise nonfinite_result_error(opt, [n for n, a, b, _ in lay.spans()
                                                    if bool(bad[a:b].any())])

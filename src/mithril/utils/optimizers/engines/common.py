@@ -98,9 +98,15 @@ def nonfinite_results(opt: Any, flat: Any, slots: dict[str, Any], grads: Any, to
     return bad
 
 
+def refuses(opt: Any) -> bool:
+    """Whether ``opt``'s policy refuses a non-finite step (``"skip"``, ``"raise"``: computed
+    before anything is written) rather than applying it (``"propagate"``, ``"unchecked"``)."""
+    return opt.nonfinite in ("skip", "raise")
+
+
 def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:
     """Apply the ``skip``/``raise`` policy to a norm measured before any write."""
-    if is_finite(norm) or opt.nonfinite == "propagate":
+    if is_finite(norm) or not refuses(opt):
         return False
     if opt.nonfinite == "raise":
         raise nonfinite_error(opt, [n for n, g in grads.items()

@@ -20,6 +20,7 @@ from .common import (
     nonfinite_error,
     nonfinite_result_error,
     nonfinite_results,
+    refuses,
     scalar_table,
     tensor_clipping,
     two_pass_table,
@@ -143,15 +144,15 @@ class JaxEngine(Engine):
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
                flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool,
-               n_avg: int = 0) -> Any:
+               n_avg: int = 0, checked: bool = True) -> Any:
         """The jitted step. ``rows``: each tensor's row of the scalar table when there are
         several parameter groups (then each scalar is gathered per element; XLA fuses the
         gather into the update loop), else None (one row of scalars). ``n_avg``: the last
         slots are weight averages (their weights the last scalars), which move towards
-        parameters without a gradient too."""
+        parameters without a gradient too. ``checked`` False (``nonfinite="unchecked"``): no
+        norm unless clip_norm needs it, no finite probes (None)."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
-        checked = skip or per_tensor  # else nothing is read back (see step)
         mask = None
         if present is not None:  # some parameters have no gradient: leave them untouched
             m = np.zeros(lay.total, dtype=bool)
@@ -282,11 +283,11 @@ class JaxEngine(Engine):
                     for m, shp in zip(lay.names, lay.shapes)}
             sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
-            flags = (False, clip, opt.nonfinite != "propagate", True, agc,  # scales: in the table
+            flags = (False, clip, refuses(opt), True, agc,  # scales: in the table
                      bool((table[:, 2] != 0).any()))
         else:
             table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-            flags = (opt.clip_norm is not None, clip, opt.nonfinite != "propagate", False, agc,
+            flags = (opt.clip_norm is not None, clip, refuses(opt), False, agc,
                      bool((table[:, 2] != 0).any()))
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
@@ -296,11 +297,14 @@ class JaxEngine(Engine):
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
         math_fn = opt.full_kernel_math(table.shape[1] - 4)
-        key = (math_fn, names, lay, present, flags, rows, donate)
+        # "unchecked": nothing measured or read back (with tensor clipping the norm is read
+        # anyway, for the per-tensor scales)
+        checked = opt.nonfinite != "unchecked" or flags[3]
+        key = (math_fn, names, lay, present, flags, rows, donate, checked)
         fn = _COMPILED.get(key)
         if fn is None:
             fn = _COMPILED[key] = self._build(math_fn, names, present, flags, rows, donate,
-                                              len(names) - len(opt.slot_names()))
+                                              len(names) - len(opt.slot_names()), checked)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
         cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
@@ -308,12 +312,12 @@ class JaxEngine(Engine):
         new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
         # the old slots were donated (under skip/raise: same values)
         state.slots = {**state.slots, **new_slots}
-        if finite is None:  # "propagate": nothing read back, the device runs on (the norm, if
-            # clip_norm measured it, stays a 0-d array: the base class then warns of nothing)
+        if finite is None:  # "unchecked": nothing read back, the device runs on (the norm,
+            # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
             return dict(new_params), True, norm, True
         norm_f, finite = float(norm), bool(finite)
-        ok = opt.nonfinite == "propagate" or (bool(np.isfinite(norm_f)) and finite)
+        ok = not refuses(opt) or (bool(np.isfinite(norm_f)) and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
             if not np.isfinite(norm_f):
                 bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]

@@ -21,6 +21,7 @@ from .common import (
     must_skip,
     nonfinite_result_error,
     nonfinite_results,
+    refuses,
     scalar_table,
     tensor_clipping,
     two_pass_table,
@@ -298,7 +299,7 @@ class NumbaEngine(Engine):
         names = opt.full_slot_names()
         slots = [self.np_view(state.slots[s]) for s in names]
         math_fn, n_avg = opt.full_kernel_math(n_scal), len(names) - len(opt.slot_names())
-        if opt.nonfinite != "propagate":
+        if refuses(opt):
             # skip/raise: the step is computed once without being stored; it reads what the
             # update reads (the price of "nothing changes"), Σ g² included
             flat = self._current(state, params, ours)
@@ -327,7 +328,7 @@ class NumbaEngine(Engine):
                   update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream,
                                 n_avg=n_avg, **unit_kw))
         if (plain and not copy and not unit_kw and ours and self.kind != "jax"
-                and opt.nonfinite == "propagate" and not opt.two_pass()):
+                and not refuses(opt) and not opt.two_pass()):
             self._keep_recipe(opt, state, math_fn, n_scal, n_avg)
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite

@@ -7,28 +7,28 @@ the flat parameter and slot buffers and the gradients where they lie (no concate
 the same kernel, the same traffic as torch's fused step, without torch.optim's per-step
 Python (grouping tensors by device and dtype, the per-parameter step counters).
 
-What the engine adds stays on the device, so a step never waits for it. The global
-gradient norm is one more read of the gradients (``torch._foreach_norm``, summed in float64:
-4 B/param on fp32 Adam's 28, and three more launches: measured on an H200 it made a 10M-param
-step 1.3x torch's), so it is measured only where the step needs it, as torch.optim users do:
+What the engine adds depends on the ``nonfinite`` policy:
 
-* with ``clip_norm``, ``state.last_grad_norm`` is the norm as a 0-d float64 tensor on the
-  device (read back only when the caller reads it), and the kernels get copies of the
-  gradients scaled by ``min(1, clip_norm / (‖g‖ + 1e-6))`` (torch ``clip_grad_norm_``; the
-  kernels' own ``grad_scale`` would write the unscaled gradients back into the caller's);
+* ``"propagate"`` (the default): the global gradient norm (``torch._foreach_norm``, summed in
+  float64) and, after the kernel, one read of each flat buffer (``torch.aminmax``, which
+  NaN and ±inf reach) to find a non-finite param or slot value, read back with the norm in
+  one copy: ~16 B/param more than the kernel's 28 (fp32 Adam), and the host waits for the
+  step;
+* ``"unchecked"`` (torch.optim's contract): nothing measured, probed or read back, so the
+  host never waits for the device; the norm is measured only for ``clip_norm``
+  (``state.last_grad_norm`` is then that 0-d float64 tensor on the device, else None).
 
-* without it, ``state.last_grad_norm`` is None (measure it with
-  :func:`~mithril.utils.optimizers.clipping.global_norm`, as torch's ``get_total_norm``).
-
-As in torch.optim, a non-finite step under ``nonfinite="propagate"`` is therefore applied
-without a warning (the warning would need the norm on the host every step). Everything these
-kernels do not compute goes through :class:`~.array_engine.ArrayEngine`, the same buffers:
-the checked policies (``"skip"``, ``"raise"``), other optimizers and conventions, value and
-per-tensor clipping, weight averaging, parameters without a gradient.
+``clip_norm`` gives the kernels copies of the gradients scaled by ``min(1, clip_norm /
+(‖g‖ + 1e-6))`` (torch ``clip_grad_norm_``; the kernels' own ``grad_scale`` would write the
+unscaled gradients back into the caller's). Everything these kernels do not compute goes
+through :class:`~.array_engine.ArrayEngine`, on the same buffers: ``"skip"`` and
+``"raise"`` (computed before anything is written), other optimizers and conventions, value
+and per-tensor clipping, weight averaging, parameters without a gradient.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..adam import _adam, _amsgrad
@@ -90,7 +90,7 @@ class TorchFusedEngine(ArrayEngine):
              prepared: Any = None, ours: bool = False) -> tuple[dict, bool, Any, bool]:
         lay = self.layout
         plan = None
-        if opt.nonfinite == "propagate" and len(grads) == len(lay.names):
+        if opt.nonfinite in ("propagate", "unchecked") and len(grads) == len(lay.names):
             plan = self._groups(opt, state)
         if plan is None:
             return super().step(opt, state, params, grads, t, prepared, ours)
@@ -110,8 +110,9 @@ class TorchFusedEngine(ArrayEngine):
         if copies:
             pv = state.param_views
             torch._foreach_copy_([pv[n] for n, _ in copies], [x for _, x in copies])
+        checked = opt.nonfinite == "propagate"
         norm = None
-        if any(v.clip_norm is not None for v, _, _ in plan):
+        if checked or any(v.clip_norm is not None for v, _, _ in plan):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, torch.float64)))
         ps = self._views_of(state.params_flat)
         slots = {s: self._views_of(state.slots[s]) for s in opt.slot_names()}
@@ -137,4 +138,11 @@ class TorchFusedEngine(ArrayEngine):
                                   lr=v.learning_rate, dampening=v.dampening,
                                   nesterov=v.nesterov, maximize=False,
                                   is_first_step=t == 1 and mom > 0)
-        return dict(state.param_views), True, norm, True
+        if not checked:
+            return dict(state.param_views), True, norm, True
+        # one pass over each flat buffer; min and max are NaN or ±inf where any value is
+        bufs = [b for b in (state.params_flat, *(state.slots[s] for s in opt.slot_names()))
+                if b.numel()]
+        probe = torch.stack([norm, *(x.double() for b in bufs for x in torch.aminmax(b))])
+        vals = probe.tolist()
+        return dict(state.param_views), True, vals[0], all(map(math.isfinite, vals[1:]))
