@@ -4,7 +4,7 @@
 # the CUDA tests, then the optimizer-step and train-epoch benchmarks on the GPU. Logs go to
 # $OUT (or ./cuda-logs). CI never runs this.
 #
-#     bash benchmarks/cuda_checks.sh [quick]
+#     bash benchmarks/cuda_checks.sh [quick|short]     (quick: the tests; short: fewer cases)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-cuda-logs}; mkdir -p "$out"
@@ -15,8 +15,10 @@ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --for
 python3 -c "import torch, jax, optax, numba; print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__, jax.default_backend(), '| optax', optax.__version__, '| numba', numba.__version__)"
 run python3 -m pytest -p no:cacheprovider -q -rs tests/test_torch_fused_engine.py
 [ "${1:-}" = quick ] && exit 0
-run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
-run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5 \
-    --hidden 1024 1024 --batch 1024
+sizes=10Mx10,100Mx10,a opts=adam,sgd
+[ "${1:-}" = short ] && sizes=10Mx10,a opts=adam
 run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
-    --sizes 10Mx10,100Mx10,a --optimizers adam,sgd --rounds 3 --block 20 --warm 0.05
+    --sizes $sizes --optimizers $opts --rounds 3 --block 20 --warm 0.05
+run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
+[ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
+    --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024

@@ -315,7 +315,8 @@ def test_cuda_model_gradients_and_train_step():
 
 
 @cuda
-def test_cuda_jax_update_equals_optax():
+@pytest.mark.parametrize("policy", ["propagate", "unchecked"])
+def test_cuda_jax_update_equals_optax(policy):
     jax = pytest.importorskip("jax")
     if jax.default_backend() != "gpu":
         pytest.skip("JAX sees no GPU (jax[cuda] not installed)")
@@ -324,7 +325,7 @@ def test_cuda_jax_update_equals_optax():
 
     p0, gs = problem()
     jp = {k: jnp.asarray(v.numpy()) for k, v in p0.items()}
-    opt, tx = Adam(1e-2), optax.adam(1e-2)
+    opt, tx = Adam(1e-2, nonfinite=policy), optax.adam(1e-2)
     params, state = dict(jp), opt.init(jp)
     ref, ts = dict(jp), tx.init(jp)
     for g in gs:
@@ -333,6 +334,7 @@ def test_cuda_jax_update_equals_optax():
         u, ts = tx.update(jg, ts, ref)
         ref = optax.apply_updates(ref, u)
     assert type(state.engine).__name__ == "JaxEngine"
+    assert (state.last_grad_norm is None) == (policy == "unchecked")
     for k in SHAPES:
         np.testing.assert_allclose(np.asarray(params[k]), np.asarray(ref[k]), rtol=1e-5,
                                    atol=1e-6, err_msg=k)
