@@ -250,12 +250,13 @@ def build(name: str, size: str, opt_name: str) -> tuple[Impl, str]:
     return impl, f"first call {time.perf_counter() - t0:.1f}s"
 
 
-def names_for(backends: list[str], no_optax: bool) -> list[str]:
+def names_for(backends: list[str], no_optax: bool, unchecked: bool = False) -> list[str]:
     names = ["torch fused"] + (["torch fused + norm"] if DEVICE != "cpu" else [])
     if "numpy" in backends:
         names += ["mithril numpy", "numpy triad"]
-    # on a GPU also nonfinite="unchecked" (no norm, no probe, no read back)
-    gpu = [" unchecked"] if DEVICE != "cpu" else []
+    # on a GPU (or with --unchecked) also nonfinite="unchecked": no norm, no probe, no read
+    # back (the accelerator engines' fast path)
+    gpu = [" unchecked"] if DEVICE != "cpu" or unchecked else []
     if "torch" in backends:
         names += ["mithril torch" + x for x in ["", *gpu]]
     if "jax" in backends:
@@ -326,7 +327,7 @@ def time_isolated(names: list[str], size: str, opt_name: str, args: argparse.Nam
 def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Namespace) -> None:
     """Time every implementation of one case (size, optimizer) and print its rows."""
     total, n = SIZES[size]
-    names = names_for(backends, args.no_optax)
+    names = names_for(backends, args.no_optax, args.unchecked)
     if args.shared:
         fns, notes = {}, {}
         for k in names:
@@ -369,6 +370,8 @@ def main() -> None:
                          "one needs), instead of one process each")
     ap.add_argument("--device", default=None,
                     help="torch's device (default cpu; e.g. cuda): see the module docs")
+    ap.add_argument("--unchecked", action="store_true",
+                    help="also time Mithril with nonfinite='unchecked' (always on a GPU)")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device:
@@ -381,7 +384,8 @@ def main() -> None:
         for size, opt_name in cases:
             cmd = [sys.executable, __file__, "--in-process", "--sizes", size, "--optimizers", opt_name,
                    "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block),
-                   "--warm", str(args.warm)] + (["--shared"] if args.shared else [])
+                   "--warm", str(args.warm)] + (["--shared"] if args.shared else []) + (
+                       ["--unchecked"] if args.unchecked else [])
             subprocess.run(cmd + (["--no-optax"] if args.no_optax else []) + ["--no-header"], check=True)
         return
     if not args.no_header:
