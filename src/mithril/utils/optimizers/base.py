@@ -41,7 +41,6 @@ in ``state.last_grad_norm`` under the first three policies:
   skips itself.)
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
   nothing changed.
-
 * ``"unchecked"``: the step is applied and nothing is looked at, as torch.optim and optax
   do. On the fused CPU kernel this changes nothing but the warnings (the norm and the probe
   come with the pass); on accelerators it is the fast path: the jitted JAX engine and torch

@@ -11,8 +11,9 @@
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)
 * :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
-  (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers,
-  nothing read back to the host; other steps as :class:`~.array_engine.ArrayEngine`.
+  (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers
+  (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as
+  :class:`~.array_engine.ArrayEngine`.
 * :class:`~.array_engine.ArrayEngine` - the same math with array ops on flat buffers
   (float16/bfloat16 on CPU).
 """

@@ -9,7 +9,7 @@ backward passes ran in between), as much as a small model's whole update kernel.
 A plain step - NumPy or CPU torch, parameters that are the arrays the previous update
 returned (updated in place), no clipping by per-tensor or adaptive norms (a global
 ``clip_norm`` is fine: its norm pass is repeated too), no first pass,
-``nonfinite="propagate"`` - leaves a :class:`Recipe` on its state: the answers, and
+``nonfinite="propagate"`` or ``"unchecked"`` - leaves a :class:`Recipe` on its state: the answers, and
 what they were derived from. The next update takes :func:`run` instead when nothing they
 depend on has changed: the same optimizer object with the same attributes (its learning
 rate apart: a scheduler sets it every step, and it is only ever a per-step scalar), the

@@ -60,16 +60,17 @@ class TorchFusedEngine(ArrayEngine):
 
     def __init__(self, backend: Any, layout: Any) -> None:
         super().__init__(backend, layout)
-        self._views: dict[int, tuple[Any, list[Any]]] = {}  # id(buffer) -> (buffer, views)
+        # per buffer name ("params" or a slot): (the buffer, its per-tensor views); a buffer
+        # replaced (a loaded state) replaces its entry
+        self._views: dict[str, tuple[Any, list[Any]]] = {}
         self._step_t = self.t.zeros((), dtype=self.t.float32, device=self.device)
         self._index: Any = None  # the groups' row index that _parts was made from
         self._parts: list[tuple[int, list[int]]] = []
 
-    def _views_of(self, buf: Any) -> list[Any]:
-        got = self._views.get(id(buf))
+    def _views_of(self, name: str, buf: Any) -> list[Any]:
+        got = self._views.get(name)
         if got is None or got[0] is not buf:
-            views = list(self.layout.unflatten(buf).values())
-            self._views[id(buf)] = got = (buf, views)
+            self._views[name] = got = (buf, list(self.layout.unflatten(buf).values()))
         return got[1]
 
     def _groups(self, opt: Any, state: Any) -> list[tuple[Any, list[int], str]] | None:
@@ -90,7 +91,7 @@ class TorchFusedEngine(ArrayEngine):
              prepared: Any = None, ours: bool = False) -> tuple[dict, bool, Any, bool]:
         lay = self.layout
         plan = None
-        if opt.nonfinite in ("propagate", "unchecked") and len(grads) == len(lay.names):
+        if opt.nonfinite in ("propagate", "unchecked") and len(grads) == len(lay.names) > 0:
             plan = self._groups(opt, state)
         if plan is None:
             return super().step(opt, state, params, grads, t, prepared, ours)
@@ -114,8 +115,8 @@ class TorchFusedEngine(ArrayEngine):
         norm = None
         if checked or any(v.clip_norm is not None for v, _, _ in plan):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, torch.float64)))
-        ps = self._views_of(state.params_flat)
-        slots = {s: self._views_of(state.slots[s]) for s in opt.slot_names()}
+        ps = self._views_of("", state.params_flat)
+        slots = {s: self._views_of(s, state.slots[s]) for s in opt.slot_names()}
         self._step_t.fill_(float(t))
         for v, ids, kernel in plan:
             p = [ps[i] for i in ids]
