@@ -316,7 +316,8 @@ class JaxEngine(Engine):
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
             return dict(new_params), True, norm, True
-        norm_f, finite = float(norm), bool(finite)
+        norm_h, finite_h = self.jax.device_get((norm, finite))  # one wait for both
+        norm_f, finite = float(norm_h), bool(finite_h)
         ok = not refuses(opt) or (bool(np.isfinite(norm_f)) and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
             if not np.isfinite(norm_f):
