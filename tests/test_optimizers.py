@@ -882,6 +882,23 @@ def test_nonfinite_propagate_is_default_and_detected(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_returned_params_keep_the_callers_order(backend):
+    """Names whose sorted order is not the caller's ("w10" before "w2"): the update returns
+    them in the caller's order, so the next update knows its own arrays (``returned``: no
+    check, no copy). jax.jit hands dicts back sorted; the jitted engine copied every
+    parameter on every step until the order was restored (200 tensors: 7.6 -> 3.5 ms)."""
+    rng = np.random.default_rng(0)
+    p_np = {f"w{i}": rng.standard_normal(3).astype(np.float32) for i in (2, 10, 1)}
+    g_np = {k: rng.standard_normal(3).astype(np.float32) for k in p_np}
+    opt = Adam(0.1)
+    params = natives(backend, p_np)
+    state = init(opt, backend, params)
+    for _ in range(2):
+        params, state = opt.update(params, natives(backend, g_np), state)
+        assert list(params) == ["w2", "w10", "w1"] and state.returned(params)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_nonfinite_unchecked_applies_without_looking(backend):
     """``"unchecked"`` (torch.optim / optax): the same step as ``"propagate"``, no warning, no
     count; the accelerator engines (jitted JAX, torch's fused kernels) measure no norm

@@ -4,7 +4,8 @@ Parameters are concatenated into one flat vector inside the jitted function, upd
 the optimizer's elementwise math (XLA fuses it into one loop) and split back, so the
 compiled program and its dispatch cost stay small for thousands of tensors. Every
 hyperparameter is an argument: changing the learning rate never recompiles. Params
-returned by the previous update and all state slots are donated.
+returned by the previous update (under ``"skip"`` / ``"raise"`` they are not: a refused step
+changes nothing, the caller's arrays included) and all state slots are donated.
 """
 
 from __future__ import annotations
@@ -292,7 +293,9 @@ class JaxEngine(Engine):
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
-        donate = opt.nonfinite != "raise"  # "raise" must leave the caller's params intact
+        # skip/raise must leave the caller's params intact (a skipped step's returned
+        # arrays included): the params are donated only where the step is applied anyway
+        donate = not refuses(opt)
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
@@ -310,6 +313,9 @@ class JaxEngine(Engine):
         cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
         kernel_slots = {s: state.slots[s] for s in names}
         new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
+        # jax.jit returns a dict with its keys sorted: back in layout order, so that the next
+        # update sees its own arrays (state.returned) and neither checks nor copies them
+        new_params = {n: new_params[n] for n in lay.names}
         # the old slots were donated (under skip/raise: same values)
         state.slots = {**state.slots, **new_slots}
         if finite is None:  # "unchecked": nothing read back, the device runs on (the norm,
