@@ -97,14 +97,16 @@ class TorchFusedEngine(ArrayEngine):
             return super().step(opt, state, params, grads, t, prepared, ours)
         torch = self.t
         gs = prepared if prepared is not None else [grads[n] for n in lay.names]
+        dense = []  # (contiguous copies are not writes: made while checking)
         for n, g in zip(lay.names, gs):
             if g.device != self.device:
                 raise ValueError(f"gradients['{n}'] is on {g.device}, the parameters on "
                                  f"{self.device}")
+            dense.append(g if g.is_contiguous() else g.contiguous())
+        gs = dense
         copies = [] if ours else self.read_params(params, state.param_views or {},
                                                   state.params_flat)
         # checked: from here nothing can fail
-        gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
         if state.params_flat is None:
             state.params_flat = self.full(lay.total, 0.0)
             state.param_views = lay.unflatten(state.params_flat)
