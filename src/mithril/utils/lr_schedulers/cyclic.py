@@ -8,13 +8,13 @@ from typing import Any, Literal
 
 from .base import (
     LRScheduler,
-    MomentumCycle,
     SupportsLearningRate,
     _check_choice,
     _check_int,
     _check_real,
 )
 from .lambda_lr import _call_number, _check_callable
+from .momentum import MomentumCycle
 
 __all__ = ["CyclicLR"]
 

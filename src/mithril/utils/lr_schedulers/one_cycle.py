@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from .base import (
     LRScheduler,
-    MomentumCycle,
     SupportsLearningRate,
     _check_choice,
     _check_int,
     _check_real,
 )
+from .momentum import MomentumCycle
 
 __all__ = ["OneCycleLR"]
 
