@@ -1047,7 +1047,10 @@ def test_user_subclass_gets_fused_path(backend):
     assert isinstance(state, OptimizerState) and set(state.slots) == {"m", "s"}
     for g in grads:
         params, state = opt.update(params, natives(backend, g), state)
-    if backend != "jax-jit":  # the fused kernel was generated from AdaBelief.math
+    # the fused kernel was generated from AdaBelief.math (the jitted JAX engine and torch's
+    # fused-ops engine run the math as array ops: whether the kernel exists there depends
+    # on which tests ran before in the process)
+    if backend not in ("jax-jit", "torch-ops"):
         assert _has_kernel(AdaBelief.math, 2, 6, dtype, backend == "jax")
     ref_p, ref_m, ref_s = _adabelief_ref({k: v.astype(np.float64) for k, v in p0.items()},
                                          [{k: v.astype(np.float64) for k, v in g.items()}

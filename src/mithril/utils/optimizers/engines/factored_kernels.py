@@ -74,7 +74,8 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
     torch's ``clamp``."""
     DT = np.dtype(dtype).type
     EXP = np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8 else np.int32(0x7F800000)
-    ZERO = EXP & 0
+    # the probe's integer (of the float's width; see kernels._INNER_SRC: z = IT(max(...)))
+    IT = np.int64 if np.dtype(dtype).itemsize == 8 else np.int32
     one = DT(1.0)
     avg = _jitable(average)
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
@@ -99,7 +100,7 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
     @jit
     def factors(P, G, R, Rn, C, Cn, col, rows, cols, gs, cv, w, w1, small):  # pragma: no cover
         """Pass 1 of one matrix: (Σ g², Σ p², exponent probe); the new factors in Rn, Cn."""
-        gsq, psq, z = 0.0, 0.0, ZERO
+        gsq, psq, z = 0.0, 0.0, IT(0)
         for j in range(cols):
             col[j] = 0.0
         for i in range(rows):
@@ -116,12 +117,12 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
             r0, rn = R[i], DT(np.sqrt(s))  # torch: ‖row‖ in the dtype, squared, / cols
             r = lerp(r0, rn * rn / DT(cols), w, w1, small)
             Rn[i] = r
-            z = max(z, exponent_bits(r))
+            z = IT(max(z, exponent_bits(r)))
         for j in range(cols):
             c0, cn = C[j], DT(np.sqrt(col[j]))
             c = lerp(c0, cn * cn / DT(rows), w, w1, small)
             Cn[j] = c
-            z = max(z, exponent_bits(c))
+            z = IT(max(z, exponent_bits(c)))
         return gsq, psq, z
 
     @jit
@@ -150,14 +151,14 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
     def factored_step(P, Q, G, A0, A1, Rn, Cn, rows, cols, gs, cv, eps1, eps1sq, keep, step,
                       a0, a1):  # pragma: no cover
         """Pass 3 of one matrix: the new parameters (and averages); the probe."""
-        mean, z = row_mean(Rn, rows, eps1), ZERO
+        mean, z = row_mean(Rn, rows, eps1), IT(0)
         for i in range(rows):
             ri, o = Rn[i], i * cols
             for j in range(cols):
                 x = grad(G[o + j], gs, cv)
                 u = one / np.sqrt(at_least(ri * Cn[j] / mean, eps1sq)) * x
                 p = P[o + j] * keep + step * u
-                z = max(z, exponent_bits(p))
+                z = IT(max(z, exponent_bits(p)))
                 if not dry:
                     if copy:
                         Q[o + j] = p
@@ -165,12 +166,12 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                         P[o + j] = p
                 if n_avg > 0:
                     v0 = avg(p, A0[o + j], a0)
-                    z = max(z, exponent_bits(v0))
+                    z = IT(max(z, exponent_bits(v0)))
                     if not dry:
                         A0[o + j] = v0
                 if n_avg > 1:
                     v1 = avg(p, A1[o + j], a1)
-                    z = max(z, exponent_bits(v1))
+                    z = IT(max(z, exponent_bits(v1)))
                     if not dry:
                         A1[o + j] = v1
         return z
@@ -195,13 +196,13 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
     def full_step(P, Q, G, V, A0, A1, gs, cv, w, w1, small, eps1sq, keep, step, a0, a1
                   ):  # pragma: no cover
         """Pass 2 of a tensor with a full second moment: new p, V (and averages); the probe."""
-        z = ZERO
+        z = IT(0)
         for j in range(G.shape[0]):
             x = grad(G[j], gs, cv)
             v = lerp(V[j], x * x, w, w1, small)
             u = one / np.sqrt(at_least(v, eps1sq)) * x
             p = P[j] * keep + step * u
-            z = max(z, max(exponent_bits(p), exponent_bits(v)))
+            z = IT(max(z, max(exponent_bits(p), exponent_bits(v))))
             if not dry:
                 V[j] = v
                 if copy:
@@ -210,12 +211,12 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                     P[j] = p
             if n_avg > 0:
                 v0 = avg(p, A0[j], a0)
-                z = max(z, exponent_bits(v0))
+                z = IT(max(z, exponent_bits(v0)))
                 if not dry:
                     A0[j] = v0
             if n_avg > 1:
                 v1 = avg(p, A1[j], a1)
-                z = max(z, exponent_bits(v1))
+                z = IT(max(z, exponent_bits(v1)))
                 if not dry:
                     A1[j] = v1
         return z
@@ -223,19 +224,19 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
     @jit
     def no_grad(P, Q, A0, A1, a0, a1):  # pragma: no cover
         """A tensor without gradient: unchanged (copied to Q), its averages move."""
-        z = ZERO
+        z = IT(0)
         for j in range(P.shape[0]):
             p = P[j]
             if copy and not dry:
                 Q[j] = p
             if n_avg > 0:
                 v0 = avg(p, A0[j], a0)
-                z = max(z, exponent_bits(v0))
+                z = IT(max(z, exponent_bits(v0)))
                 if not dry:
                     A0[j] = v0
             if n_avg > 1:
                 v1 = avg(p, A1[j], a1)
-                z = max(z, exponent_bits(v1))
+                z = IT(max(z, exponent_bits(v1)))
                 if not dry:
                     A1[j] = v1
         return z
@@ -253,14 +254,14 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                ):  # pragma: no cover
         """A factored tensor, ``batch`` matrices of ``rows`` × ``cols``: (Σ g², probe)."""
         gs, cv, w, w1, small = hd[GS], hd[CV], hd[W], hd[W1], abs(hd[W]) < 0.5
-        gsq, psq, usq, z = 0.0, 0.0, 0.0, ZERO
+        gsq, psq, usq, z = 0.0, 0.0, 0.0, IT(0)
         n = rows * cols
         for b in range(batch):
             g1, p1, z1 = factors(P[b * n:(b + 1) * n], G[b * n:(b + 1) * n],
                                  R[b * rows:(b + 1) * rows], Rn[b * rows:(b + 1) * rows],
                                  C[b * cols:(b + 1) * cols], Cn[b * cols:(b + 1) * cols], col,
                                  rows, cols, gs, cv, w, w1, small)
-            gsq, psq, z = gsq + g1, psq + p1, max(z, z1)
+            gsq, psq, z = gsq + g1, psq + p1, IT(max(z, z1))
         for b in range(batch):
             usq += factored_usq(G[b * n:(b + 1) * n], Rn[b * rows:(b + 1) * rows],
                                 Cn[b * cols:(b + 1) * cols], rows, cols, gs, cv, hd[EPS1],
@@ -271,7 +272,7 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                                A0[b * n:(b + 1) * n], A1[b * n:(b + 1) * n],
                                Rn[b * rows:(b + 1) * rows], Cn[b * cols:(b + 1) * cols], rows,
                                cols, gs, cv, hd[EPS1], hd[EPS1SQ], hd[KEEP], step, a0, a1)
-            z = max(z, z1)
+            z = IT(max(z, z1))
         return gsq, z
 
     @jit

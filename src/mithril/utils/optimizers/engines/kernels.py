@@ -63,14 +63,17 @@ _BODY_SRC = """
         g = g + l2 * p
         p = p * keep
         {lhs} = MATH(p, g, {reads}{scal_args})
-        z = max(z, {probe})
+        z = ITYPE(max(z, {probe}))
         STORE
 {writes}"""
 
 _INNER_SRC = """
 def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
     s = 0.0
-    z = EXP & 0  # the largest exponent field of a new value (EXP: inf or NaN somewhere)
+    # the largest exponent field of a new value (EXP: inf or NaN somewhere), an integer of
+    # the float's width (ITYPE): numba types a loop-carried int as int64, and the vectorised
+    # loop then widened every lane of the probe (1M-param SGD step, one thread: 190 -> 165 us)
+    z = ITYPE(0)
     n = P.shape[0]
     m = 0  # elements [0, m) are written with streaming stores (a second buffer only)
     if STREAM and address(Q) % 64 == 0:
@@ -124,7 +127,7 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
 _INNER_F_SRC = """
 def inner_f(P_, Q_, {slots_}G_, FR, u0, gscale, cv, l2, keep{scal}):
     s = 0.0
-    z = EXP & 0
+    z = ITYPE(0)
     n = P_.shape[0]
     U = FR.shape[0]
     j0 = 0
@@ -220,6 +223,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                           "claim": atomics.claim, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "exponent_bits": exponent_bits,
+                          "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
                           "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
                                   else np.int32(0x7F800000))}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
