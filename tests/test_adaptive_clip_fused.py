@@ -18,10 +18,17 @@ from mithril.utils.optimizers.clipping import adaptive_clip
 from mithril.utils.optimizers.engines import threads
 from mithril.utils.optimizers.engines.numba_engine import NumbaEngine
 
-# "wide" has 210,000 elements in rows of 700 units: the 65,536-element pieces start mid-row
+# "wide" has 210,000 elements in rows of 700 units: pieces of 65,536 elements (set below,
+# smaller than the default) start mid-row
 SHAPES = {"wide": (300, 700), "heads": (40, 30, 20), "conv": (3, 3, 16, 8), "b": (700,),
           "row": (1, 9), "s": ()}
 STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _small_pieces(monkeypatch):
+    """Pieces of 65,536 elements, so that "wide" is cut into several, mid-row."""
+    monkeypatch.setattr(threads, "PIECE", 1 << 16)
 
 
 def problem(dtype: str, scale: float = 1.0):
@@ -70,6 +77,8 @@ def test_fused_equals_clipping_first(engine, dtype):
         want, _ = run(Adam(0.01), p0, grads, backend, pre_clip=(0.05, 1e-3, ()))
     assert_close(mine, want, 1e-13 if dtype == "float64" else 2e-6)
     assert isinstance(state.engine, NumbaEngine) == (engine in ("numpy", "torch", "jax"))
+    if isinstance(state.engine, NumbaEngine):  # "wide" really is cut into several pieces
+        assert state.engine._plan.pieces >= 4
     # the numba kernel and the jitted JAX step clip inside the step; the tensor-op engine
     # (torch on accelerators) gets clipped copies
     assert state.engine.fuses_adaptive_clip(opt, state) == (engine != "array-torch")

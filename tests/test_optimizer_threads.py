@@ -20,10 +20,18 @@ def natives(backend, d):
         return {k: jnp.asarray(v) for k, v in d.items()}
     return {k: np.array(v) for k, v in d.items()}
 
+#: the pieces of these tests (smaller than the default: more pieces than threads, at less
+#: memory and time)
+PIECE = 1 << 16
 # big enough to be shared (>= MIN_PARALLEL elements), with tensors cut into several pieces,
 # small tensors, an empty one and a scalar
-SHAPES = {"big": (3 * threads.PIECE + 5,), "w": (300, 1000), "b": (7,), "empty": (0,),
-          "s": (), "w2": (2, threads.PIECE // 2 + 3)}
+SHAPES = {"big": (3 * PIECE + 5,), "w": (300, 1000), "b": (7,), "empty": (0,),
+          "s": (), "w2": (2, PIECE // 2 + 3)}
+
+
+@pytest.fixture(autouse=True)
+def _pieces(monkeypatch):
+    monkeypatch.setattr(threads, "PIECE", PIECE)
 
 
 def host(x):
@@ -100,23 +108,36 @@ def test_plan_covers_every_element_once():
     assert max(per_piece) <= 2 * P and plan.pieces >= sizes.sum() // (2 * P)
 
 
-def test_run_claims_every_piece_once():
-    """However many threads take part, each piece is run once: a kernel that counts."""
+def _counting_kernel():
+    """A kernel of the pieces protocol that counts each piece's runs and records the order
+    in which the thread of slot ``who`` claimed."""
     import numba
 
     from mithril.utils.optimizers.engines import atomics
 
     @numba.njit(nogil=True)
-    def count(hits, gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins):
+    def count(hits, order, who, gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc,
+              spins):
         pieces = bounds.shape[0] - 1
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)
+        k = atomics.claim(sync, slot)
+        i = 0
         while k < pieces:
             hits[k] += 1
             acc[k] = k
+            if slot == who:
+                order[i] = k
+                i += 1
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, pieces, spins)
 
+    return count
+
+
+def test_run_claims_every_piece_once():
+    """However many threads take part, each piece is run once: a kernel that counts."""
+    count = _counting_kernel()
     sizes = np.full(64, threads.PIECE, dtype=np.int64)
     plan = threads.Plan(np.arange(64, dtype=np.int64) * threads.PIECE, sizes)
     before = threads._threads
@@ -124,10 +145,44 @@ def test_run_claims_every_piece_once():
         for n in (1, 2, 8):
             set_num_threads(n)
             hits = np.zeros(plan.pieces, dtype=np.int64)
-            total = plan.run(count, (hits,), np.zeros(64, dtype=np.int64), ())
+            order = np.full(plan.pieces, -1, dtype=np.int64)
+            total = plan.run(count, (hits, order, 0), np.zeros(64, dtype=np.int64), ())
             assert (hits == 1).all() and total == sum(range(plan.pieces))
+            if n == 1:  # alone: the pieces in order
+                np.testing.assert_array_equal(order, np.arange(plan.pieces))
     finally:
         threads._threads = before
+
+
+def _claim_all(sync, pieces, who=0, hits=None):
+    count = _counting_kernel()
+    z = np.zeros(pieces, dtype=np.int64)
+    hits = np.zeros(pieces, dtype=np.int64) if hits is None else hits
+    order = np.full(pieces, -1, dtype=np.int64)
+    assert count(hits, order, who, z, z, z, z, z, np.arange(pieces + 1, dtype=np.int64), sync,
+                 np.zeros(pieces), 0) == 1.0
+    return hits, order[order >= 0].tolist()
+
+
+def test_claims_own_range_then_steals_from_the_back():
+    """A thread claims its own range front to back, then the others' from their back ends;
+    with one range (a queue) every thread takes the front."""
+    from mithril.utils.optimizers.engines import atomics
+
+    # alone with three ranges, [0, 3), [3, 6), [6, 10): the two other threads never come
+    hits, order = _claim_all(atomics.new_sync(10, 3), 10)
+    assert (hits == 1).all() and order == [0, 1, 2, 5, 4, 3, 9, 8, 7, 6]
+    hits, order = _claim_all(atomics.new_sync(10, 1), 10)
+    assert (hits == 1).all() and order == list(range(10))
+    # the second thread to arrive (slot 1), after the first took [0, 3) from range 0's front
+    # and piece 9 from range 2's back: its own range [3, 6) from the front, then [6, 9) from
+    # the back, each piece once in all
+    sync = atomics.new_sync(10, 3)
+    sync[0], sync[8], sync[16], sync[18] = 1, 4, 3, 1 << 32  # (and done those 4)
+    hits = np.zeros(10, dtype=np.int64)
+    hits[[0, 1, 2, 9]] = 1
+    hits, order = _claim_all(sync, 10, who=1, hits=hits)
+    assert (hits == 1).all() and order == [3, 4, 5, 8, 7, 6]
 
 
 def test_set_num_threads_validates(restore_threads):
@@ -174,7 +229,8 @@ def _slow_counting_kernel():
 
     @numba.njit(nogil=True)
     def kernel(who, sync, pieces, spins):
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)
+        k = atomics.claim(sync, slot)
         while k < pieces:
             x = 0.0
             for i in range(20000):  # ~20 us of work
@@ -183,7 +239,7 @@ def _slow_counting_kernel():
             if x < 0:
                 who[k] = 0
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, pieces, spins)
 
     return kernel
@@ -192,14 +248,14 @@ def _slow_counting_kernel():
 def test_a_warm_team_thread_takes_pieces(restore_threads):
     """Back-to-back jobs: a team thread, spinning between them, claims some of the pieces
     (every piece is run exactly once either way)."""
-    from mithril.utils.optimizers.engines import workers
+    from mithril.utils.optimizers.engines import atomics, workers
 
     kernel = _slow_counting_kernel()
     set_num_threads(2)
     helped = False
     for _ in range(40):
         who = np.zeros(64, dtype=np.int64)
-        sync = np.zeros(16, dtype=np.int64)
+        sync = atomics.new_sync(64, 2)
         workers.share(lambda spins, who=who, sync=sync: kernel(who, sync, 64, spins), sync, 64,
                       1, threads.SPINS)
         assert set(who.tolist()) <= {1, 2} and (who > 0).all()
@@ -212,12 +268,12 @@ def test_the_team_keeps_no_finished_job_alive(restore_threads):
     import time
     import weakref
 
-    from mithril.utils.optimizers.engines import workers
+    from mithril.utils.optimizers.engines import atomics, workers
 
     kernel = _slow_counting_kernel()
     set_num_threads(2)
     who = np.zeros(8, dtype=np.int64)
-    sync = np.zeros(16, dtype=np.int64)
+    sync = atomics.new_sync(8, 2)
     ref = weakref.ref(who)
     workers.share(lambda spins, who=who: kernel(who, sync, 8, spins), sync, 8, 1, threads.SPINS)
     del who

@@ -281,7 +281,8 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
         """Claim tensors (in ``order``) until none is left; ``out[t]``: Σ g² of tensor
         ``t``'s raw gradient, ``bad[t]``: one of its new values is inf/NaN."""
         n = order.shape[0]
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+        k = atomics.claim(sync, slot)
         while k < n:
             t = order[k]
             a, size = geo[t, OFF], geo[t, SIZE]
@@ -310,7 +311,7 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                               step_size(size, psq, usq, H[t]), a0, a1)
             bad[t] = z == EXP
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, n, spins)
 
     return kernel
@@ -324,7 +325,7 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
     n = len(order)
     out = np.zeros(len(geo), dtype=np.float64)
     bad = np.zeros(len(geo), dtype=np.bool_)
-    sync = np.zeros(16, dtype=np.int64)
+    sync = atomics.new_sync(n, 1)  # one queue: the largest tensors first
     cols = int(geo[:, COLS].max()) if len(geo) else 0
     workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
     tail = (gptr, geo, Hd, H, order)

@@ -97,7 +97,8 @@ _OUTER_SRC = """
 def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
            group, H{unit_args}):
     pieces = bounds.shape[0] - 1
-    k = claim(sync)
+    slot = arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+    k = claim(sync, slot)
     while k < pieces:
         s = 0.0
         for e in range(bounds[k], bounds[k + 1]):
@@ -115,7 +116,7 @@ def kernel(P, Q, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync,
 {call}
         acc[k] = s
         piece_done(sync)
-        k = claim(sync)
+        k = claim(sync, slot)
     return all_done(sync, pieces, spins)
 """
 
@@ -220,7 +221,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
-                          "claim": atomics.claim, "piece_done": atomics.piece_done,
+                          "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "exponent_bits": exponent_bits,
                           "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
@@ -276,7 +277,8 @@ def sumsq_kernel(dtype: str) -> Any:
     @jit
     def sumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins):  # pragma: no cover
         pieces = bounds.shape[0] - 1
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+        k = atomics.claim(sync, slot)
         while k < pieces:
             s = 0.0
             for e in range(bounds[k], bounds[k + 1]):
@@ -285,7 +287,7 @@ def sumsq_kernel(dtype: str) -> Any:
                     s += inner(numba.carray(voidptr(base + seg_first[e] * itemsize), (seg_size[e],), dt))
             acc[k] = s
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, pieces, spins)
 
     return sumsq
@@ -344,7 +346,8 @@ _REDUCE_OUTER_SRC = """
 def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
             group, H, R{unit_args}):
     pieces = bounds.shape[0] - 1
-    k = claim(sync)
+    slot = arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+    k = claim(sync, slot)
     while k < pieces:
         for e in range(bounds[k], bounds[k + 1]):
             t = seg_t[e]
@@ -358,7 +361,7 @@ def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, a
 {call}
         acc[k] = 0.0
         piece_done(sync)
-        k = claim(sync)
+        k = claim(sync, slot)
     return all_done(sync, pieces, spins)
 """
 
@@ -399,7 +402,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,
-                          "claim": atomics.claim, "piece_done": atomics.piece_done,
+                          "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
     src = _REDUCE_INNER_SRC.format(**fields, body=body)
@@ -427,7 +430,8 @@ def segment_sumsq_kernel(dtype: str) -> Any:
     @jit
     def segsumsq(gptr, seg_t, seg_first, seg_size, bounds, sync, acc, spins, R):  # pragma: no cover
         pieces = bounds.shape[0] - 1
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+        k = atomics.claim(sync, slot)
         while k < pieces:
             for e in range(bounds[k], bounds[k + 1]):
                 base = gptr[seg_t[e]]
@@ -436,7 +440,7 @@ def segment_sumsq_kernel(dtype: str) -> Any:
                                               (seg_size[e],), dt))
             acc[k] = 0.0
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, pieces, spins)
 
     return segsumsq

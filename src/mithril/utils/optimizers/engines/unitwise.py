@@ -111,7 +111,8 @@ def unit_sums_kernel(dtype: str) -> Any:
     def kernel(P, gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins,
                units, soff, UG, UP):  # pragma: no cover - compiled by numba
         pieces = bounds.shape[0] - 1
-        k = atomics.claim(sync)
+        slot = atomics.arrive(sync)  # this thread's range of pieces (:mod:`.atomics`)
+        k = atomics.claim(sync, slot)
         while k < pieces:
             for e in range(bounds[k], bounds[k + 1]):
                 t = seg_t[e]
@@ -127,7 +128,7 @@ def unit_sums_kernel(dtype: str) -> Any:
                     rows(G, P[a:a + n], UG[o:o + L], UP[o:o + L], units[t])
             acc[k] = 0.0
             atomics.piece_done(sync)
-            k = atomics.claim(sync)
+            k = atomics.claim(sync, slot)
         return atomics.all_done(sync, pieces, spins)
 
     return kernel

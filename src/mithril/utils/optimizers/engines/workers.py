@@ -8,9 +8,9 @@ nearly every piece. OpenMP teams (torch's) avoid this by spinning after their wo
 Here each worker, after a job of a caller that spends less time between its jobs than in them
 (a loop of optimizer steps), spins for twice that time (at most :data:`WARM_MAX`) in compiled
 code that holds no GIL, watching a mailbox: a generation counter, the address of the new
-job's claim counter, its number of pieces and how long to stay warm after it. When a job is
-posted the worker waits, still spinning, until the calling thread has claimed the first
-piece (so it is inside the kernel and the GIL is free), then takes the GIL at once (no
+job's ``sync`` array (:mod:`.atomics`), its number of pieces and how long to stay warm after
+it. When a job is posted the worker waits, still spinning, until the calling thread has
+arrived in the kernel (so the GIL is free), then takes the GIL at once (no
 wake-up), starts the job and claims pieces. A worker whose spin runs out, or whose job came
 alone (a training loop's step: the forward and backward passes between two), sleeps on a
 condition until the next job.
@@ -48,7 +48,7 @@ _last_end = -1.0  # when the caller's previous job ended, and how long it took
 _last_took = 0.0
 _pauses_per_s = 0.0  # measured once
 
-_mailbox = np.zeros(8, dtype=np.int64)  # generation, claim counter's address, pieces, warm spins
+_mailbox = np.zeros(8, dtype=np.int64)  # generation, the job's sync address, pieces, warm spins
 _job: tuple[int, Callable[[int], Any]] | None = None
 _cond = threading.Condition()
 _sleeping = 0
@@ -71,8 +71,8 @@ def _compiled() -> tuple[Any, Any, Any]:
 
     @kernel_cache.jit(nogil=True)
     def await_job(mailbox, last, spins, claim_spins):  # pragma: no cover - compiled
-        # the next generation once its first piece is claimed (negated: nothing left to
-        # claim; 0: no job within ``spins``, or its first claim not within ``claim_spins``)
+        # the next generation once the calling thread arrived (negated: every piece is
+        # done; 0: no job within ``spins``, or no arrival within ``claim_spins``)
         gen = load_acquire(address(mailbox))
         while gen == last:
             if spins == 0:
@@ -80,13 +80,13 @@ def _compiled() -> tuple[Any, Any, Any]:
             pause()
             spins -= 1
             gen = load_acquire(address(mailbox))
-        claimed, pieces = mailbox[1], mailbox[2]
-        while load_acquire(claimed) == 0:
+        arrived, pieces = mailbox[1], mailbox[2]  # (sync[0]; its done count 64 bytes on)
+        while load_acquire(arrived) == 0:
             if claim_spins == 0:
                 return 0
             pause()
             claim_spins -= 1
-        return gen if load_acquire(claimed) < pieces else -gen
+        return gen if load_acquire(arrived + 64) < pieces else -gen
 
     @kernel_cache.jit(nogil=True)
     def all_done(sync, pieces, spins):  # pragma: no cover - compiled
@@ -148,7 +148,7 @@ def _ensure(workers: int) -> None:
 def share(job: Callable[[int], Any], sync: np.ndarray, pieces: int, workers: int,
           spins: int) -> Any:
     """``job(spins)`` on this thread and ``job(0)`` on up to ``workers`` team threads, all
-    claiming the pieces of the claim counter ``sync`` (its "done" count 64 bytes on);
+    claiming the pieces of the job's ``sync`` array (:func:`.atomics.new_sync`);
     returns this thread's result once every piece is done."""
     global _job, _last_end, _last_took
     if workers <= 0:
