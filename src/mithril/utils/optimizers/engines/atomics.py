@@ -97,7 +97,7 @@ def claim(sync: Any, slot: int) -> int:  # pragma: no cover - compiled by numba
         old = fetch_add(base + 8 * (16 + slot), 1)
         if lo + (old & _LOW) < hi - (old >> 32):
             return lo + (old & _LOW)
-    for d in range(1, ranges):
+    for d in range(1, ranges + 1):  # (the own range last: exhausted, or slot >= ranges)
         r = (slot + d) % ranges
         lo, hi = r * n // ranges, (r + 1) * n // ranges
         word = base + 8 * (16 + r)
