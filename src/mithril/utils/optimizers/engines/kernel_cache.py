@@ -14,7 +14,8 @@ cache folder (:func:`cache_dir`) named by a hash of everything the compiled code
   refer to in turn (a user's ``math`` and any helper it calls), ``@intrinsic``\\s by their
   typing/codegen functions, numba ``@overload``\\s of a called function by their
   implementations; modules of NumPy, numba, llvmlite and the standard library by version;
-* Python, NumPy, numba and llvmlite versions, and the CPU's name and features.
+* Python, NumPy, numba and llvmlite versions, the CPU's name and features, and the
+  vector width the kernels prefer (:mod:`.vector_width`: every kernel is compiled with it).
 
 A changed math (or dtype, or variant: they are constants in the generated source or its
 globals) gives a new file, which numba compiles once and caches next to it (``__pycache__``;
@@ -67,6 +68,8 @@ from typing import Any
 import numba
 import numpy as np
 from numba.core.caching import FunctionCache
+
+from . import vector_width
 
 log = logging.getLogger("mithril.kernels")
 
@@ -145,8 +148,8 @@ def environment() -> str:
     cfg = numba.config
     return "|".join(map(str, (
         FORMAT, sys.version, sys.platform, platform.machine(), np.__version__, numba.__version__,
-        llvmlite.__version__, cpu, *(getattr(cfg, k, None) for k in ("OPT", "BOUNDSCHECK", "CPU_NAME",
-                                                 "CPU_FEATURES")))))
+        llvmlite.__version__, cpu, f"vector width {vector_width.WIDTH}",
+        *(getattr(cfg, k, None) for k in ("OPT", "BOUNDSCHECK", "CPU_NAME", "CPU_FEATURES")))))
 
 
 _ENV: list[str] = []
@@ -387,7 +390,7 @@ def _inlined(obj: Any) -> Any:
                                    f.__closure__)  # (a recursive one calls the original)
             g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
             kw = {k: v for k, v in opts.items() if k != "nopython"}  # (njit's own)
-            twin = _twins[id(obj)] = (obj, numba.njit(**kw, forceinline=True)(g))
+            twin = _twins[id(obj)] = (obj, vector_width.njit(**kw, forceinline=True)(g))
     return twin[1]
 
 
@@ -398,7 +401,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def jit(fn: Any = None, **options: Any) -> Any:
-    """``numba.njit(**options)(fn)``, cached on disk by content (see the module doc).
+    """``numba.njit(**options)(fn)``, cached on disk by content (see the module doc), its
+    code preferring the CPU's widest vectors (:func:`.vector_width.njit`).
 
     Usable as ``jit(fn, **options)``, ``@jit(**options)`` or ``@jit``. ``fn`` is
     recompiled from its source in a new module whose globals are ``fn``'s globals and
@@ -410,7 +414,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
         return lambda f: jit(f, **options)
     folder = _folder()
     if folder is None:
-        return numba.njit(**options)(fn)
+        return vector_width.njit(**options)(fn)
     try:
         src = _source(fn)
         ns = dict(fn.__globals__)
@@ -420,7 +424,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
         code = compile(src, "<probe>", "exec", flags=flags, dont_inherit=True)
     except (OSError, TypeError, ValueError, SyntaxError) as e:
         log.debug("not cached (%s): %s", e, fn.__qualname__)
-        return numba.njit(**options)(fn)
+        return vector_width.njit(**options)(fn)
     fp = _Fingerprint()
     key = hashlib.sha256("\n".join((
         _env(), src, repr(sorted(f"{k}={fp.of(v)}" for k, v in options.items())),
@@ -437,7 +441,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
                 warnings.warn(f"mithril: cannot write the kernel cache file {path} ({e}); "
                               f"compiling {fn.__qualname__} in memory", KernelCacheWarning,
                               stacklevel=2)
-                return numba.njit(**options)(fn)
+                return vector_width.njit(**options)(fn)
             _written.append(path.name)
             log.info("compiling %s (%s) on its first use on this machine, then cached in %s",
                      fn.__qualname__, origin.strip("<>").rsplit(" ", 1)[0], folder)
@@ -454,7 +458,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
                      dont_inherit=True), module.__dict__)
         sys.modules[name] = module
     new = getattr(module, fn.__name__)
-    disp = numba.njit(**options)(new)
+    disp = vector_width.njit(**options)(new)
     try:
         disp._cache = _TolerantCache(new)  # what ``cache=True`` sets, tolerant of faults
     except Exception as e:  # numba found nowhere to write its cache, or its internals moved

@@ -19,7 +19,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import atomics, kernel_cache, streaming
+from . import atomics, kernel_cache, streaming, vector_width
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -216,7 +216,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             "".join(f"{s}[a:b], " for s in slots[first_slot:]),
             ", ".join(f"H[group[t], {first_w + i}]" for i in range(n_avg)))
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
-    loop = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
+    loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
                           "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
@@ -256,7 +256,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     return jit(ns["kernel"])
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
+@vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
 def _sumsq_inner(G):  # pragma: no cover - compiled by numba
     """Σ g² of one contiguous slice, in float64 (vectorised: ``reassoc``)."""
     s = 0.0
@@ -398,7 +398,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
                 "            else:\n    " + call)
     fields["call"] = call
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
-    loop = numba.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
+    loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,

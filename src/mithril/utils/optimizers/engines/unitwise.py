@@ -20,7 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from . import atomics
+from . import atomics, vector_width
 from .kernels import voidptr
 
 
@@ -79,7 +79,7 @@ def unit_sums_kernel(dtype: str) -> Any:
     """Per segment, the float64 sums of g² and p² of each of its units into
     ``UG``/``UP[seg_soff[e]:]`` (a tensor with ``units[t] <= 1``: one sum each). Reads only."""
     dt, itemsize = np.dtype(dtype).type, np.dtype(dtype).itemsize
-    jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True)
+    jit = vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True)
 
     @jit
     def rows(G, P, SG, SP, U):  # pragma: no cover - compiled by numba

@@ -1,0 +1,102 @@
+"""The fused kernels prefer the CPU's widest vectors (:mod:`...engines.vector_width`): the
+attribute is on the kernels' LLVM functions and nowhere else, the kernel cache keys on the
+width, ``MITHRIL_VECTOR_WIDTH`` sets it, and both widths compute the same step (to float32
+rounding: the Σg² and the fused operations may associate differently)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import llvmlite.binding as ll
+import numba
+import numpy as np
+import pytest
+
+from mithril.utils.optimizers import Adam
+from mithril.utils.optimizers.engines import kernel_cache, kernels, vector_width
+
+ATTR = '"prefer-vector-width"="512"'
+
+
+def _axpy(x, y, a):  # pragma: no cover - compiled by numba
+    for j in range(x.shape[0]):
+        y[j] = a * x[j] + y[j]
+
+
+def _ir(disp):
+    return disp.inspect_llvm(disp.signatures[0])
+
+
+def test_kernels_carry_the_attribute_and_user_functions_do_not():
+    assert vector_width.WIDTH == 512 and vector_width.PIPELINE is not None
+    x, y = np.ones(64, np.float32), np.zeros(64, np.float32)
+    ours, plain = vector_width.njit(_axpy), numba.njit(_axpy)
+    ours(x, y, np.float32(2.0))
+    plain(x, y, np.float32(2.0))
+    np.testing.assert_array_equal(y, np.full(64, 4.0, np.float32))
+    assert ATTR in _ir(ours)
+    assert "prefer-vector-width" not in _ir(plain)  # numba's own target is left alone
+
+
+def test_the_update_kernel_carries_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))  # compiled here, not loaded
+    kernel = kernels.update_kernel.__wrapped__(Adam(1e-3).kernel_math(), 2, 7, "float32")
+    p, m, v = np.ones(64, np.float32), np.zeros(64, np.float32), np.zeros(64, np.float32)
+    from mithril.utils.optimizers.engines import threads
+
+    table = np.array([[1, 0, 0, 1, 1e-3, 0.1, 0.999, 0.001, 1e-2, 0.0316, 1e-8]], np.float32)
+    threads.Plan(np.array([0]), np.array([64])).run(
+        kernel, (p, p, m, v), np.array([np.full(64, 0.5, np.float32).ctypes.data]),
+        (np.zeros(1, np.int64), table))
+    assert (p < 1).all() and ATTR in _ir(kernel)
+
+
+@pytest.mark.skipif("avx512f" not in ll.get_host_cpu_features().flatten(),
+                    reason="the CPU has no 512-bit vectors (the attribute is checked above)")
+def test_512_bit_registers_where_the_cpu_has_them():
+    x, y = np.ones(64, np.float32), np.zeros(64, np.float32)
+    ours = vector_width.njit(_axpy)
+    ours(x, y, np.float32(2.0))
+    assert "zmm" in ours.inspect_asm(ours.signatures[0])
+
+
+def test_the_cache_keys_on_the_width():
+    assert f"vector width {vector_width.WIDTH}" in kernel_cache.environment()
+
+
+SCRIPT = """
+import json
+import numpy as np
+from mithril.utils.optimizers import Adam
+from mithril.utils.optimizers.engines import kernel_cache, vector_width
+
+rng = np.random.default_rng(0)
+params = {"w": rng.standard_normal(5000).astype(np.float32)}
+opt = Adam(1e-2)
+state = opt.init(params)
+for k in range(5):
+    params, state = opt.update(params, {"w": rng.standard_normal(5000).astype(np.float32)}, state)
+print(json.dumps({"width": vector_width.WIDTH, "pipeline": vector_width.PIPELINE is not None,
+                  "env": kernel_cache.environment(), "w": params["w"].tolist()}))
+"""
+
+
+def _run(tmp_path, width):
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(tmp_path / "cache"),
+           "MITHRIL_VECTOR_WIDTH": width}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_environment_variable_sets_it_and_both_widths_agree(tmp_path):
+    wide, default = _run(tmp_path, "512"), _run(tmp_path, "0")
+    assert (wide["width"], wide["pipeline"]) == (512, True)
+    assert (default["width"], default["pipeline"]) == (0, False)
+    assert wide["env"] != default["env"]  # two kernels in one cache folder, not one
+    np.testing.assert_allclose(wide["w"], default["w"], rtol=1e-6, atol=1e-7)
+    assert _run(tmp_path, "bogus")["width"] == 512  # (an unknown value: the default)
