@@ -3,7 +3,9 @@ path, step after step, while the learning rate is scheduled, other hyperparamete
 groups change, clipping by value or by the global norm switches on, weights are averaged;
 taken in a plain loop;
 left for the full path wherever the recipe no longer holds (its errors and its copies
-included); never kept for a wrapper (Lookahead)."""
+included); never kept for a wrapper (Lookahead). The jitted JAX engine's recipe
+(:class:`fast_step.JaxRecipe`: the compiled program, called with this step's scalars) too,
+through ``"jax-jit"``."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from mithril.errors import ShapeError
-from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead
+from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead, engines
 from mithril.utils.optimizers.engines import fast_step
 
 
@@ -20,12 +22,28 @@ def _params(rng, lib="numpy"):
     p = {"w": rng.standard_normal((5, 3)).astype(np.float32),
          "b": rng.standard_normal(3).astype(np.float32),
          "s": rng.standard_normal((2, 2)).astype(np.float32)}
-    return {k: torch.from_numpy(v.copy()) for k, v in p.items()} if lib == "torch" else p
+    return _native(p, lib)
+
+
+def _native(arrays, lib):
+    if lib == "torch":
+        return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    if lib == "jax-jit":
+        import jax.numpy as jnp
+
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return arrays
 
 
 def _grads(rng, params, lib="numpy"):
     g = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in params.items()}
-    return {k: torch.from_numpy(v) for k, v in g.items()} if lib == "torch" else g
+    return _native(g, lib)
+
+
+@pytest.fixture
+def jit_engine(monkeypatch):
+    """JAX arrays through the jitted engine (the default on accelerators) on this CPU."""
+    monkeypatch.setattr(engines, "JAX_ENGINE", "jit")
 
 
 def _np(x):
@@ -37,14 +55,15 @@ class _Counted:
 
     def __init__(self, monkeypatch):
         self.taken = 0
-        run = fast_step.run
+        for name in ("run", "run_jax"):
+            run = getattr(fast_step, name)
 
-        def counted(*a):
-            out = run(*a)
-            self.taken += out is not None
-            return out
+            def counted(*a, run=run):
+                out = run(*a)
+                self.taken += out is not None
+                return out
 
-        monkeypatch.setattr(fast_step, "run", counted)
+            monkeypatch.setattr(fast_step, name, counted)
 
 
 def _twin_run(make, changes, lib="numpy", steps=12, seed=0):
@@ -57,7 +76,8 @@ def _twin_run(make, changes, lib="numpy", steps=12, seed=0):
     runs = []
     for fast in (True, False):
         opt = make()
-        p = {k: (v.clone() if lib == "torch" else v.copy()) for k, v in p0.items()}
+        p = {k: (v.clone() if lib == "torch" else v + 0 if lib == "jax-jit" else v.copy())
+             for k, v in p0.items()}
         s = opt.init(p)
         trace = []
         for i in range(steps):
@@ -79,8 +99,10 @@ def _twin_run(make, changes, lib="numpy", steps=12, seed=0):
     return fast_state
 
 
-@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax-jit"])
 def test_scheduled_learning_rate_and_changed_hyperparameters_bit_for_bit(monkeypatch, lib):
+    if lib == "jax-jit":
+        monkeypatch.setattr(engines, "JAX_ENGINE", "jit")
     counted = _Counted(monkeypatch)
 
     def changes(i, opt):
@@ -92,12 +114,18 @@ def test_scheduled_learning_rate_and_changed_hyperparameters_bit_for_bit(monkeyp
 
     state = _twin_run(lambda: Adam(learning_rate=1e-2), changes, lib)
     assert state.fast is not None and state.fast.used
+    if lib == "jax-jit":  # (the 1st step's params are the caller's: copied, no recipe)
+        assert type(state.fast) is fast_step.JaxRecipe
     # the 1st step copies the params in and the 2nd makes the recipe: steps 3-5 take it; the
     # 6th (beta1) and the 9th (clip_value) take the full path and make a new one: 7-8, 10-12
     assert counted.taken == 3 + 2 + 3
 
 
-def test_groups_weight_decay_momentum_and_averaging_bit_for_bit():
+@pytest.mark.parametrize("lib", ["numpy", "jax-jit"])
+def test_groups_weight_decay_momentum_and_averaging_bit_for_bit(monkeypatch, lib):
+    if lib == "jax-jit":
+        monkeypatch.setattr(engines, "JAX_ENGINE", "jit")
+
     def changes(i, opt):
         if i == 4 and opt.param_groups:
             opt.set_learning_rate(0.05, group=0)  # a group's rate: the groups' version
@@ -107,8 +135,8 @@ def test_groups_weight_decay_momentum_and_averaging_bit_for_bit():
             opt.clip_norm = 0.5  # the global norm's pass, then the scaled update
 
     _twin_run(lambda: SGD(learning_rate=0.1, momentum=0.9,
-                          param_groups=[{"params": ["b"], "momentum": 0.5}]), changes)
-    state = _twin_run(lambda: AdamW(learning_rate=1e-2, ema_decay=0.9), changes)
+                          param_groups=[{"params": ["b"], "momentum": 0.5}]), changes, lib)
+    state = _twin_run(lambda: AdamW(learning_rate=1e-2, ema_decay=0.9), changes, lib)
     assert state.fast is not None and state.fast.used
 
 
@@ -171,3 +199,46 @@ def test_where_it_does_not_hold_the_full_path_runs_raises_and_copies():
     got, s = opt.update(mine, g, s)
     for k in got:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_jax_recipe_where_it_does_not_hold_and_its_policies(jit_engine, monkeypatch):
+    """The jitted engine's recipe: a wrong gradient still gets the full path's error with
+    nothing changed; a non-finite gradient under ``"propagate"`` is applied and warned about
+    as the full path does; ``"unchecked"`` reads nothing back; the caller's own arrays go
+    through the full path (copied, never donated)."""
+    import jax.numpy as jnp
+
+    counted = _Counted(monkeypatch)
+    rng = np.random.default_rng(3)
+    p = _params(rng, "jax-jit")
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    s = opt.init(p)
+    for _ in range(3):
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+    assert type(s.fast) is fast_step.JaxRecipe and counted.taken == 1
+    before = {k: np.array(v) for k, v in p.items()}
+    bad = _grads(rng, p, "jax-jit")
+    bad["w"] = bad["w"][:4]
+    with pytest.raises(ShapeError, match="gradients\\['w'\\]"):
+        opt.update(p, bad, s)
+    assert s.step == 3 and all(np.array_equal(np.array(p[k]), before[k]) for k in p)
+    g = _grads(rng, p, "jax-jit")
+    g["b"] = g["b"].at[0].set(jnp.nan)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        p, s = opt.update(p, g, s)
+    assert counted.taken == 2 and np.isnan(s.last_grad_norm) and s.num_nonfinite == 1
+    assert np.isnan(np.array(p["b"])[0]) and np.isfinite(np.array(p["w"])).all()
+    # the caller's own arrays: the full path (copies them: the caller's stay valid)
+    mine = {k: jnp.asarray(v) for k, v in before.items()}
+    p, s = opt.update(mine, _grads(rng, p, "jax-jit"), s)
+    assert counted.taken == 2 and all(np.array_equal(np.array(mine[k]), before[k]) for k in mine)
+    for _ in range(2):  # (the full path's new slots: a new recipe, then taken)
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+    assert counted.taken == 3
+    # "unchecked": the program measures nothing, the recipe reads nothing back
+    opt = Adam(learning_rate=1e-2, nonfinite="unchecked")
+    p = _params(rng, "jax-jit")
+    s = opt.init(p)
+    for _ in range(4):
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+    assert counted.taken == 3 + 2 and s.fast.checked is False and s.last_grad_norm is None

@@ -66,19 +66,7 @@ class Recipe:
 
     def holds(self, opt: Any, state: Any) -> bool:
         """Whether the answers still hold for ``opt`` and ``state``."""
-        if (opt is not self.opt or state.engine is not self.engine or state.swapped is not None
-                or state.params_flat is not self.flat):
-            return False
-        attrs, now = self.attrs, opt.__dict__
-        if "learning_rate" in attrs:
-            attrs["learning_rate"] = now.get("learning_rate")
-        try:  # (an attribute whose == is elementwise: not the same, then)
-            same = now == attrs
-        except (TypeError, ValueError):
-            return False
-        slots = state.slots
-        return (same and self.groups == (opt._groups_version, id(opt._groups))
-                and len(slots) == len(self.slots) and all(map(_is, slots.values(), self.slots)))
+        return state.params_flat is self.flat and _holds(self, opt, state)
 
     def kernel(self, clip: bool) -> Any:
         k = self.kernels.get(clip)
@@ -89,6 +77,24 @@ class Recipe:
                 if not n_avg else
                 update_kernel(math_fn, n_slots, n_scal, dtype, False, clip, False, n_avg=n_avg))
         return k
+
+
+def _holds(r: Any, opt: Any, state: Any) -> bool:
+    """Whether recipe ``r`` (``opt``, ``engine``, ``attrs``, ``groups``, ``slots``) still
+    holds for ``opt`` and ``state``: the same optimizer object with the same attributes but
+    the learning rate, the same groups, engine and slot arrays, nothing swapped in."""
+    if opt is not r.opt or state.engine is not r.engine or state.swapped is not None:
+        return False
+    attrs, now = r.attrs, opt.__dict__
+    if "learning_rate" in attrs:
+        attrs["learning_rate"] = now.get("learning_rate")
+    try:  # (an attribute whose == is elementwise: not the same, then)
+        same = now == attrs
+    except (TypeError, ValueError):
+        return False
+    slots = state.slots
+    return (same and r.groups == (opt._groups_version, id(opt._groups))
+            and len(slots) == len(r.slots) and all(map(_is, slots.values(), r.slots)))
 
 
 def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
@@ -119,3 +125,55 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if math.isfinite(total):
         return dict(views), True, math.sqrt(total) if norm is None else norm, True
     return dict(views), True, engine._grad_norm(gptr) if norm is None else norm, False
+
+
+class JaxRecipe:
+    """What a plain step of the jitted JAX engine (:class:`~.jax_engine.JaxEngine`) decided:
+    its compiled program, the slots it reads, the shape of its scalar table. Unlike the
+    NumPy recipe, the slot arrays are new every step (the program returns them): the
+    recipe follows them (:func:`run_jax`)."""
+
+    __slots__ = ("opt", "engine", "attrs", "groups", "slots", "fn", "names", "shape",
+                 "clip_norm", "checked", "used")
+
+    def __init__(self, opt: Any, state: Any, engine: Any, fn: Any, names: tuple[str, ...],
+                 shape: tuple[int, int], clip_norm: Any, checked: bool) -> None:
+        self.opt, self.engine, self.fn, self.names = opt, engine, fn, names
+        self.attrs = dict(opt.__dict__)
+        self.groups = (opt._groups_version, id(opt._groups))
+        self.slots = tuple(state.slots.values())
+        self.shape, self.clip_norm, self.checked = shape, clip_norm, checked
+        self.used = False
+
+    def holds(self, opt: Any, state: Any) -> bool:
+        return _holds(self, opt, state)
+
+
+def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
+            ) -> tuple[dict, bool, Any, bool] | None:
+    """The step of :meth:`JaxEngine.step <.jax_engine.JaxEngine.step>` (same return value)
+    by its state's recipe: the scalar table of this step and one call of the program, with
+    none of the decisions around it; None where the recipe does not hold."""
+    r = state.fast
+    if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
+            or not r.holds(opt, state) or not state.returned(params)
+            or engine.prepare(grads) is None):  # (every gradient, in order, well-typed)
+        return None
+    table, index, _ = scalar_table(opt, state, state.step + 1, None)
+    if table.shape != r.shape:
+        return None
+    with np.errstate(over="ignore"):  # (as the full path: a scalar too large is probed)
+        hp = table.astype(engine.layout.dtype)
+    slots = state.slots
+    new_params, new_slots, norm, finite = r.fn(dict(params), dict(grads),
+                                               {s: slots[s] for s in r.names}, hp, r.clip_norm)
+    new_params = {n: new_params[n] for n in engine.layout.name_list}
+    state.slots = {**slots, **new_slots}
+    r.slots = tuple(state.slots.values())
+    state.param_views = new_params
+    if not r.used:
+        r.used, state.fast_waste = True, 0
+    if finite is None:  # "unchecked": nothing read back
+        return dict(new_params), True, norm, True
+    norm_h, finite_h = engine.jax.device_get((norm, finite))
+    return dict(new_params), True, float(norm_h), bool(finite_h)
