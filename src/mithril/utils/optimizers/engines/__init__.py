@@ -6,7 +6,7 @@
   gradients are checked and located in one pass (:mod:`.ndarray_fields`, compiled by
   numba; :mod:`.torch_scan`, torch's own tensor guard: no C++ compiler is needed); JAX's
   double buffer is written with streaming stores when it exceeds the last-level cache
-  (:mod:`.streaming`).
+  (:mod:`.streaming`). The kernels prefer the CPU's widest vectors (:mod:`.vector_width`).
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)

@@ -18,6 +18,13 @@ gradients pass the same address scan (the complete, ordered, well-typed set the 
 read). Everything per step is computed as the full path computes it (the scalar table, the
 aliasing check, the kernel's Σ g²), so the result is bit for bit the same; anything else
 falls back to the full path, which raises the errors.
+
+The jitted JAX engine (accelerators; ``MITHRIL_JAX_ENGINE=jit`` on CPU) keeps a
+:class:`JaxRecipe` under the same conditions (no first pass, no adaptive or per-tensor
+clipping, ``"propagate"`` or ``"unchecked"``, every gradient given, the params the last
+update returned): its compiled program, called with this step's scalar table. That cuts
+the Python around the program by about a third (1M params in one tensor, CPU: ~190 → ~145
+µs a call, of which the program's own dispatch is ~70 µs).
 """
 
 from __future__ import annotations
