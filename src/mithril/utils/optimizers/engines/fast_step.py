@@ -166,7 +166,7 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
             or not r.holds(opt, state) or not state.returned(params)
             or engine.prepare(grads) is None):  # (every gradient, in order, well-typed)
         return None
-    table, index, _ = scalar_table(opt, state, state.step + 1, None)
+    table = scalar_table(opt, state, state.step + 1, None)[0]
     if table.shape != r.shape:
         return None
     with np.errstate(over="ignore"):  # (as the full path: a scalar too large is probed)

@@ -4,9 +4,10 @@ LLVM tunes most AVX-512 CPUs (Intel's from Skylake-X on) to *prefer* 256-bit vec
 (its ``prefer-256-bit`` tuning: 512-bit instructions once lowered the clock on those
 cores), so numba's loops use half the registers' width there. torch's CPU kernels use
 512-bit registers wherever the CPU has them. On a Xeon (Sapphire Rapids class, 2 cores)
-the fused Adam step on 1M float32 parameters ran 0.98-1.09 ms on one thread with 256-bit
-vectors against torch's fused 1.01 ms, and 0.70-0.79 ms with 512-bit ones (same kernel,
-same buffers; SGD-momentum, lighter, 0.56 → 0.55 ms).
+the fused Adam step on 1M float32 parameters ran 1.07-1.11 ms on one thread with LLVM's
+choice against torch's fused 1.01 ms, and 0.78-0.81 ms preferring 512 bits (three
+processes each; SGD-momentum, lighter, 0.56-0.63 → 0.55-0.60 ms). The vectoriser then
+keeps the float64 Σg² in zmm registers (docs/performance.md, "The vector width").
 
 :func:`njit` is ``numba.njit`` whose functions carry LLVM's ``"prefer-vector-width"``
 attribute (:data:`WIDTH` bits): a function attribute, so it changes the code of these
@@ -66,10 +67,14 @@ def _pipeline() -> type | None:
             lib = state.library
 
             def add_ir_module(ir_module: Any) -> None:
-                text = cgutils.normalize_ir_text(str(ir_module))
-                mod = ll.parse_assembly(_DEFINE.sub(lambda m: m.group(1) + attr, text))
-                mod.name = ir_module.name
-                mod.verify()
+                try:
+                    text = cgutils.normalize_ir_text(str(ir_module))
+                    mod = ll.parse_assembly(_DEFINE.sub(lambda m: m.group(1) + attr, text))
+                    mod.name = ir_module.name
+                    mod.verify()
+                except Exception:  # noqa: BLE001 - IR we cannot edit: LLVM's default width
+                    type(lib).add_ir_module(lib, ir_module)
+                    return
                 lib.add_llvm_module(mod)
 
             lib.add_ir_module = add_ir_module
