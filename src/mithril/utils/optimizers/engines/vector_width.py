@@ -83,7 +83,10 @@ def _pipeline() -> type | None:
     class Pipeline(CompilerBase):
         def define_pipelines(self) -> list:
             pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
-            pm.add_pass_after(PreferVectorWidth, TranslateByteCode)
+            try:
+                pm.add_pass_after(PreferVectorWidth, TranslateByteCode)
+            except Exception:  # noqa: BLE001 - numba's pipeline changed: LLVM's default width
+                pass
             pm.finalize()
             return [pm]
 
