@@ -50,6 +50,19 @@ def repeatable(opt: Any) -> bool:
         hasattr(v, "full_slot_names") for v in opt.__dict__.values())
 
 
+def keep(opt: Any, state: Any, make: Any) -> None:
+    """Leave the recipe ``make()`` on ``state`` for the next update, unless ``opt`` is not
+    :func:`repeatable` or the last few recipes went unused (something they depend on
+    changes every step: making them is then wasted work)."""
+    old = state.fast
+    if not repeatable(opt):
+        state.fast = None
+        return
+    if old is not None and not old.used:
+        state.fast_waste += 1
+    state.fast = make() if state.fast_waste < 4 else None
+
+
 class Recipe:
     """What a plain step decided (see the module docs), and what it depended on."""
 
@@ -69,7 +82,7 @@ class Recipe:
         self.before = (flat, flat, *slots)
         self.kernel_args = (math_fn, len(slots), n_scal, state.layout.dtype, n_avg)
         self.kernels: dict[bool, Any] = {}
-        self.used = False  # (a recipe never used: see NumbaEngine._keep_recipe)
+        self.used = False  # (a recipe never used: see keep)
 
     def holds(self, opt: Any, state: Any) -> bool:
         """Whether the answers still hold for ``opt`` and ``state``."""

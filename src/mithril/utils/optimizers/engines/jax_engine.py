@@ -261,19 +261,6 @@ class JaxEngine(Engine):
 
         return jax.jit(first)
 
-    def _keep_recipe(self, opt: Any, state: Any, fn: Any, names: tuple[str, ...],
-                     shape: tuple[int, int], cn: Any, checked: bool) -> None:
-        """Leave how this plain step runs on ``state`` for the next
-        (:class:`~.fast_step.JaxRecipe`), unless the last few went unused."""
-        old = state.fast
-        if not fast_step.repeatable(opt):
-            state.fast = None
-            return
-        if old is not None and not old.used:
-            state.fast_waste += 1
-        state.fast = (fast_step.JaxRecipe(opt, state, self, fn, names, shape, cn, checked)
-                      if state.fast_waste < 4 else None)
-
     def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
         return fast_step.run_jax(self, opt, state, params, grads)
 
@@ -337,7 +324,8 @@ class JaxEngine(Engine):
         state.slots = {**state.slots, **new_slots}
         if (ours and donate and present is None and agc is None and not flags[3]
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
-            self._keep_recipe(opt, state, fn, names, table.shape, cn, checked)
+            fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(
+                opt, state, self, fn, names, table.shape, cn, checked))
         if finite is None:  # "unchecked": nothing read back, the device runs on (the norm,
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params

@@ -339,16 +339,10 @@ class NumbaEngine(Engine):
     def _keep_recipe(self, opt: Any, state: Any, math_fn: Any, n_scal: int, n_avg: int) -> None:
         """Leave how this plain step ran on ``state`` for the next (:mod:`.fast_step`), unless
         the last few recipes went unused (something they depend on changes every step)."""
-        old = state.fast
-        if old is not None and old.holds(opt, state):
+        if state.fast is not None and state.fast.holds(opt, state):
             return
-        if not fast_step.repeatable(opt):
-            state.fast = None
-            return
-        if old is not None and not old.used:
-            state.fast_waste += 1
-        state.fast = (fast_step.Recipe(opt, state, self, math_fn, n_scal, n_avg)
-                      if state.fast_waste < 4 else None)
+        fast_step.keep(opt, state,
+                       lambda: fast_step.Recipe(opt, state, self, math_fn, n_scal, n_avg))
 
     def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
         return fast_step.run(self, opt, state, params, grads)
