@@ -18,8 +18,16 @@ cache)`` row, a warm ``jax_compilation_cache_dir``). Each row is the median of
 optax (JAX), measured in the same run. ``total`` is the process's wall time from start to
 the first step done (interpreter and imports included).
 
+``--without-scipy`` adds, in the same rounds, a second-process row per NumPy / torch backend
+whose process starts with ``scipy`` hidden, as on an install of Mithril's core dependencies
+(NumPy, numba, safetensors) and torch. Where scipy is installed, numba imports
+``scipy.linalg`` (its BLAS probe in ``numba.np.arraymath``) when it first loads any kernel,
+and a NumPy process's first step pays that. JAX depends on scipy: its processes always have
+it.
+
     python benchmarks/cold_start.py                       # every backend, 5 processes each
     python benchmarks/cold_start.py --repeats 9 --backends numpy jax
+    python benchmarks/cold_start.py --repeats 5 --backends numpy torch --without-scipy
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ LR = 1e-3
 
 def child(impl: str) -> dict:
     """One fresh process's measurement (run with ``--child``)."""
+    if os.environ.get("COLD_START_WITHOUT_SCIPY"):
+        sys.modules["scipy"] = None  # type: ignore[assignment]  # ``import scipy`` fails
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -118,6 +128,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backends", nargs="+", default=["numpy", "torch", "jax", "jax-jit"],
                     help="jax-jit: MITHRIL_JAX_ENGINE=jit (the jitted engine, JAX's cache)")
+    ap.add_argument("--without-scipy", action="store_true",
+                    help="also second processes of NumPy / torch without scipy (a core install)")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -126,7 +138,7 @@ def main() -> None:
 
     base = {k: v for k, v in os.environ.items()
             if k not in ("MITHRIL_CACHE_DIR", "NUMBA_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR",
-                         "MITHRIL_JAX_ENGINE")}
+                         "MITHRIL_JAX_ENGINE", "COLD_START_WITHOUT_SCIPY")}
     tmp = tempfile.mkdtemp(prefix="mithril-cold-")
     rows: dict[str, list[dict]] = {}
     peers = ["torch-fused"] if {"numpy", "torch"} & set(args.backends) else []
@@ -145,6 +157,10 @@ def main() -> None:
                 run(f"mithril-{b}", {**base, "MITHRIL_CACHE_DIR": fresh, **_engine(b)}))
             rows.setdefault(f"mithril {b}, second", []).append(
                 run(f"mithril-{b}", {**base, "MITHRIL_CACHE_DIR": warm[b], **_engine(b)}))
+            if args.without_scipy and b in ("numpy", "torch"):
+                rows.setdefault(f"mithril {b}, second, no scipy", []).append(run(
+                    f"mithril-{b}", {**base, "MITHRIL_CACHE_DIR": warm[b],
+                                     "COLD_START_WITHOUT_SCIPY": "1"}))
         for peer in peers:
             env = {**base, **(_jax_cache(jax_warm) if peer == "optax-cached" else {})}
             name = {"torch-fused": "torch fused Adam", "optax": "optax",

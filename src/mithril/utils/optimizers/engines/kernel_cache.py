@@ -69,7 +69,7 @@ import numba
 import numpy as np
 from numba.core.caching import FunctionCache
 
-from . import vector_width
+from . import blas_probe, vector_width
 
 log = logging.getLogger("mithril.kernels")
 
@@ -334,6 +334,7 @@ class _TolerantCache(FunctionCache):
         return _FileLock(Path(self.cache_path) / ".mithril-cache.lock")
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
+        blas_probe.prime()  # before numba's first refresh of its target: no scipy.linalg
         try:
             with self._locked():
                 return super().load_overload(sig, target_context)
