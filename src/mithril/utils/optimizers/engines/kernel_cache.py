@@ -180,7 +180,6 @@ class _Fingerprint:
 
     def __init__(self) -> None:
         self._seen: dict[int, str] = {}
-        self._overloads: dict[int, list[Any]] | None = None
 
     def code(self, code: types.CodeType) -> str:
         consts = [self.code(c) if isinstance(c, types.CodeType) else self.of(c)
@@ -203,21 +202,10 @@ class _Fingerprint:
                 parts += [f"{n}.{a}={self.of(getattr(v, a))}" for a in sorted(names) if hasattr(v, a)]
         return ";".join(parts)
 
-    def overloads(self, fn: Any) -> list[Any]:
+    @staticmethod
+    def overloads(fn: Any) -> list[Any]:
         """The implementations numba ``@overload``s register for ``fn`` (public or not)."""
-        if self._overloads is None:
-            self._overloads = {}
-            try:
-                from numba.core.typing.templates import builtin_registry
-
-                for f, ty in builtin_registry.globals:
-                    for t in getattr(ty, "templates", ()):
-                        impl = getattr(t, "_overload_func", None)
-                        if impl is not None:
-                            self._overloads.setdefault(id(f), []).append(impl)
-            except Exception:  # pragma: no cover - numba internals moved
-                pass
-        return self._overloads.get(id(fn), [])
+        return _overload_map().get(id(fn), [])
 
     def function(self, fn: types.FunctionType) -> str:
         if _external(fn.__module__):
@@ -272,6 +260,30 @@ class _Fingerprint:
                 out += f":{r}"
         self._seen[key] = hashlib.sha256(out.encode()).hexdigest()
         return out
+
+
+#: (registrations seen, {id(function): its @overload implementations}), built once and
+#: again only when numba's registry has grown (a scan of it costs ~1 ms a kernel)
+_OVERLOADS: tuple[int, dict[int, list[Any]]] = (-1, {})
+
+
+def _overload_map() -> dict[int, list[Any]]:
+    global _OVERLOADS
+    try:
+        from numba.core.typing.templates import builtin_registry
+
+        regs = builtin_registry.globals
+        if _OVERLOADS[0] != len(regs):
+            out: dict[int, list[Any]] = {}
+            for f, ty in list(regs):
+                for t in getattr(ty, "templates", ()):
+                    impl = getattr(t, "_overload_func", None)
+                    if impl is not None:
+                        out.setdefault(id(f), []).append(impl)
+            _OVERLOADS = (len(regs), out)
+    except Exception:  # pragma: no cover - numba internals moved
+        pass
+    return _OVERLOADS[1]
 
 
 def _source(fn: types.FunctionType) -> str:
