@@ -54,6 +54,7 @@ def prime() -> None:
         if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
             return
         try:
+            from numba.core.compiler_lock import global_compiler_lock
             from numba.np import linalg
         except ImportError:  # pragma: no cover - another numba layout: nothing to prime
             return
@@ -65,10 +66,13 @@ def prime() -> None:
             if not scipy_blas_installed():
                 raise ImportError("scipy.linalg.cython_blas is not installed")
 
-        linalg.ensure_blas = probe
-        try:
-            import numba.np.arraymath  # noqa: F401
-        except Exception:  # noqa: BLE001 - numba imports it again itself and reports it
-            pass
-        finally:
-            linalg.ensure_blas = real
+        # numba calls ensure_blas only while compiling, under this (re-entrant) lock: no
+        # compile in another thread sees the stand-in
+        with global_compiler_lock:
+            linalg.ensure_blas = probe
+            try:
+                import numba.np.arraymath  # noqa: F401
+            except Exception:  # noqa: BLE001 - numba imports it again itself and reports it
+                pass
+            finally:
+                linalg.ensure_blas = real
