@@ -5,7 +5,9 @@ The first time a process types or loads any numba function, numba's CPU target i
 by importing ``scipy.linalg.cython_blas``, which runs the whole ``scipy.linalg`` package
 first. Where scipy is installed (it comes with JAX, scikit-learn and most ML stacks), that
 was 0.1-0.3 s of a fresh process's first optimizer step on a cached kernel, more than the
-rest of the kernel's load.
+rest of the kernel's load. (A cached kernel now loads without that refresh, see
+:mod:`.kernel_cache`; the probe still serves the first compile of a process, and a load
+that takes numba's own path.)
 
 :func:`prime` imports ``numba.np.arraymath`` first, with the probe answered from the file
 system: scipy's ``cython_blas`` extension is installed or it is not, the same answer the

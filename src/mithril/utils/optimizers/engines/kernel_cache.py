@@ -30,6 +30,12 @@ install caches as well. Where the cache folder cannot be written, kernels are co
 memory every process as before, with one :class:`KernelCacheWarning`. Delete the folder to
 clear the cache; files of kernels no longer used are simply never read.
 
+A cached kernel loads without numba's ``refresh()`` of its target (0.1-0.2 s a process of
+importing and installing numba's whole typing and lowering registries, which numba does
+before every load): a load needs none of it, the entry being machine code that calls
+nothing compiled apart. numba refreshes before any compile anyway. Where that load fails
+(or :data:`LIGHT_LOAD` is off), numba's own path loads it, after :mod:`.blas_probe`.
+
 A cached kernel must not call another compiled function (issue #16). numba links a copy of
 each callee's optimised code into the caller's object code and then optimises the whole
 again, so with ``fastmath`` the copy may round differently from the callee's own library;
@@ -75,6 +81,8 @@ log = logging.getLogger("mithril.kernels")
 
 #: bumped when the way files are generated or keyed changes (2: callees inlined, #16)
 FORMAT = 2
+#: cached kernels load without numba's refresh of its registries (:meth:`_TolerantCache._load_light`)
+LIGHT_LOAD = True
 
 # modules whose code is keyed by version, not read: the interpreter's and the compiler's
 _VERSIONED = {"numpy", "numba", "llvmlite"}
@@ -346,14 +354,38 @@ class _TolerantCache(FunctionCache):
         return _FileLock(Path(self.cache_path) / ".mithril-cache.lock")
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        blas_probe.prime()  # before numba's first refresh of its target: no scipy.linalg
         try:
             with self._locked():
+                data = self._load_light(sig, target_context)
+                if data is not None:
+                    return data
+                blas_probe.prime()  # before numba's first refresh of its target
                 return super().load_overload(sig, target_context)
         except Exception as e:
             warnings.warn(f"mithril: cannot load the cached kernel {self._py_func.__qualname__} "
                           f"from {self.cache_path} ({type(e).__name__}: {e}); compiling it again",
                           KernelCacheWarning, stacklevel=2)
+            return None
+
+    def _load_light(self, sig: Any, target_context: Any) -> Any:
+        """The cached entry for ``sig`` loaded without numba's ``refresh()`` of its target,
+        or None (a miss, or :data:`LIGHT_LOAD` off, or any fault: then numba's own path).
+        numba refreshes before every load so that the context knows every registered
+        implementation; that is 0.1-0.2 s a process of importing and installing its whole
+        typing and lowering registries, which a load never uses: the entry is machine code
+        that calls nothing compiled apart (:func:`foreign_functions`), and its types and
+        environment are rebuilt from the entry itself. numba refreshes anyway before any
+        compile (``compiler.compile_extra``), so a later compile sees everything."""
+        if not LIGHT_LOAD:
+            return None
+        try:
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)  # what refresh does first: the runtime (NRT)
+            return self._load_overload(sig, target_context)
+        except Exception as e:  # noqa: BLE001 - numba internals moved: its own path
+            log.debug("light load of %s failed (%s: %s)", self._py_func.__qualname__,
+                      type(e).__name__, e)
             return None
 
     def save_overload(self, sig: Any, data: Any) -> None:
