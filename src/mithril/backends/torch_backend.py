@@ -8,6 +8,7 @@ no autograd graph outlives a call.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -218,6 +219,8 @@ class _TorchEvaluator(Evaluator):
     def __init__(self, prog: Any, xp: _TorchNumpy) -> None:
         self.prog, self.xp = prog, xp
         self._plan: Any = None
+        #: device cotangents found to be 1 (by object: its version then, and the answer)
+        self._units: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _run(self, params: Mapping[str, Any], inputs: Mapping[str, Any], run: Any) -> dict:
         if self._plan is None:
@@ -240,8 +243,26 @@ class _TorchEvaluator(Evaluator):
         if run is not None:
             run.new_state = {k: v.detach() for k, v in run.new_state.items()}
         names = [k for k in cotangents if out[k].requires_grad]
+        cots = [None if self._unit(out[k], cotangents[k]) else cotangents[k] for k in names]
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()),
-                                    [cotangents[k] for k in names], allow_unused=True) if names else [None] * len(leaves)
+                                    cots, allow_unused=True) if names else [None] * len(leaves)
         gdict = {k: g if g is not None else torch.zeros_like(params[k])
                  for k, g in zip(leaves, grads, strict=True)}
         return {k: v.detach() for k, v in out.items()}, gdict
+
+    def _unit(self, out: Any, cot: Any) -> bool:
+        """Whether ``cot`` is a 1 of ``out``'s one-element shape and dtype (a loss's 1.0),
+        which torch then makes itself (``grad_outputs`` None: ``ones_like(out)``, the same
+        bits). torch checks a given cotangent's shape with its symbolic-shape machinery,
+        whose first use in a process imports sympy (~0.35 s of a first training step). A
+        CPU value is read every call (~1 us); a device one once per version of the tensor
+        (an in-place change bumps it), since reading it waits for the device."""
+        if (out.numel() != 1 or cot.shape != out.shape or cot.dtype != out.dtype
+                or cot.requires_grad):
+            return False
+        if cot.device.type == "cpu":
+            return bool(cot.item() == 1)
+        seen = self._units.get(cot)
+        if seen is None or seen[0] != cot._version:
+            seen = self._units[cot] = (cot._version, bool(cot.item() == 1))
+        return seen[1]
