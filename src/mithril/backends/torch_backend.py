@@ -258,7 +258,7 @@ class _TorchEvaluator(Evaluator):
         CPU value is read every call (~1 us); a device one once per version of the tensor
         (an in-place change bumps it), since reading it waits for the device."""
         if (out.numel() != 1 or cot.shape != out.shape or cot.dtype != out.dtype
-                or cot.requires_grad):
+                or cot.device != out.device or cot.requires_grad):
             return False
         if cot.device.type == "cpu":
             return bool(cot.item() == 1)
