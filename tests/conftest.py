@@ -53,10 +53,11 @@ def np_dict(backend, d) -> dict[str, np.ndarray]:
     return {k: to_np(backend, v) for k, v in d.items()}
 
 
-def run_python(code: str, timeout: float = 120) -> str:
-    """Run ``code`` in a fresh interpreter (for process-global state such as JAX x64);
-    returns its stdout, failing the test with its stderr if it exits non-zero."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def run_python(code: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (for process-global state such as JAX x64, or
+    what a process does first); returns its stdout, failing the test with its stderr if it
+    exits non-zero. ``env``: variables added to this process's environment."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                          text=True, timeout=timeout, env=env)
     assert res.returncode == 0, res.stderr[-4000:]

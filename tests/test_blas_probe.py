@@ -8,12 +8,11 @@ the kernel is compiled."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 STEP = """
 import json, sys
@@ -47,11 +46,8 @@ print(json.dumps(out))
 """
 
 
-def _run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _run(code: str) -> Any:
+    return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
 
 
 def _adam(p: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -86,7 +82,7 @@ def test_without_scipy_numba_sees_no_blas_and_the_step_is_the_same():
 def test_the_probe_gives_numbas_own_answer():
     """Unprimed, numba imports scipy.linalg.cython_blas to answer; the file-system answer
     is the same, with scipy there and with it blocked."""
-    code = textwrap.dedent("""
+    code = """
         import json, sys
         if {block!r}:
             sys.modules["scipy"] = None
@@ -94,7 +90,7 @@ def test_the_probe_gives_numbas_own_answer():
         probe = blas_probe.scipy_blas_installed()
         import numba.np.arraymath  # numba's own probe: imports scipy.linalg where it can
         print(json.dumps([probe, numba.np.arraymath._HAVE_BLAS]))
-    """)
+    """
     for block in (False, True):
         probe, numba_says = _run(code.format(block=block))
         assert probe == numba_says

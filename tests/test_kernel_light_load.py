@@ -6,11 +6,9 @@ and new kernels afterwards. Each process is a fresh interpreter sharing one cach
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_python
 
 SCRIPT = """
 import hashlib, json, sys
@@ -52,11 +50,9 @@ print(json.dumps(out))
 
 
 def _run(cache, light: bool, after: bool = False) -> dict:
-    env = {**os.environ, "MITHRIL_CACHE_DIR": str(cache)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(light=light, after=after)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_python(SCRIPT.format(light=light, after=after), timeout=600,
+                     env={"MITHRIL_CACHE_DIR": str(cache)})
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ first training step). Any other cotangent, or one changed in place, is passed as
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 torch = pytest.importorskip("torch")
 
@@ -72,7 +70,7 @@ def test_device_cotangent_read_once_per_version():
 
 
 def test_first_training_step_does_not_import_sympy():
-    code = textwrap.dedent("""
+    code = """
         import json, sys
         import numpy as np
         import mithril as ml
@@ -92,9 +90,7 @@ def test_first_training_step_does_not_import_sympy():
         before = "sympy" in sys.modules
         p, s, out = step(p, s, d)
         print(json.dumps([before, "sympy" in sys.modules, float(out["loss"])]))
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    before, after, loss = json.loads(out.stdout.strip().splitlines()[-1])
+    """
+    out = run_python(code, timeout=300)
+    before, after, loss = json.loads(out.strip().splitlines()[-1])
     assert before is False and after is False and np.isfinite(loss)
