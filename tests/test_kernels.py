@@ -1,11 +1,15 @@
 """The generated numba kernels: the double-buffered variant (with or without streaming
-stores, aligned or not) gives the same bits as the in-place one."""
+stores, aligned or not) gives the same bits as the in-place one; Σ g² per tile in float32
+(where the CPU's vectors are 256 bits or less) stays within float32 rounding of the float64
+sum, overflowing tiles are summed again in float64, and the update runs on full-width
+vectors."""
 
+import llvmlite.binding as ll
 import numpy as np
 import pytest
 
 from mithril.utils.optimizers import SGD, Adam
-from mithril.utils.optimizers.engines import streaming, threads
+from mithril.utils.optimizers.engines import kernels, streaming, threads, vector_width
 from mithril.utils.optimizers.engines.common import prologue
 from mithril.utils.optimizers.engines.kernels import update_kernel
 
@@ -23,9 +27,10 @@ def _aligned(n: int, shift: int = 0) -> np.ndarray:
                          ids=["aligned-streaming", "misaligned-plain", "aligned-plain"])
 def test_double_buffer_matches_in_place(opt, shift, stream):
     rng = np.random.default_rng(0)
-    sizes = np.array([37, 16, 1, 0, 100], dtype=np.int64)  # remainders, an exact 16, empty
-    offsets = np.array([0, 48, 64, 80, 96], dtype=np.int64)  # multiples of 16 (JAX layout)
-    total = 196
+    # remainders, an exact 16, empty, more than two tiles (kernels.TILE) with a remainder
+    sizes = np.array([37, 16, 1, 0, 100, 2 * kernels.TILE + 37], dtype=np.int64)
+    offsets = np.array([0, 48, 64, 80, 96, 208], dtype=np.int64)  # multiples of 16 (JAX layout)
+    total = int(offsets[-1] + sizes[-1])
     p0 = rng.standard_normal(total).astype(np.float32)
     grads = [rng.standard_normal(int(n)).astype(np.float32) for n in sizes]
     gptr = np.array([g.ctypes.data if g.size else 0 for g in grads], dtype=np.int64)
@@ -77,3 +82,57 @@ def test_streaming_only_beyond_the_last_level_cache():
     assert llc >= 1 << 20  # every x86/ARM server part has at least 1 MiB
     assert not streaming.worth_it(llc // 2)  # fits: cached stores may never reach memory
     assert streaming.worth_it(4 * llc) == streaming.AVAILABLE
+
+
+def _step(opt, g):
+    """One NumPy update of a fresh ``w`` (float32) by ``opt`` with gradient ``g``."""
+    p = {"w": np.linspace(-1, 1, g.size, dtype=np.float32)}
+    state = opt.init(p)
+    p, state = opt.update(p, {"w": g}, state)
+    return p["w"], state
+
+
+@pytest.mark.parametrize("n", [5_000, 300_003])  # one piece; several pieces and threads
+def test_grad_norm_is_the_float64_norm(n):
+    """Σ g² per tile in float32, the tiles added in float64: the reported norm is within
+    float32 rounding of the float64 norm (one float32 sum over all elements is not: its
+    error grows with the count)."""
+    g = (np.random.default_rng(1).random(n, dtype=np.float32) + 0.5)  # one sign: no cancelling
+    _, state = _step(Adam(1e-3), g)
+    exact = float(np.sqrt(np.sum(g.astype(np.float64) ** 2)))
+    assert state.last_grad_norm == pytest.approx(exact, rel=2e-7)
+
+
+def test_a_tile_whose_float32_sum_overflows_is_summed_in_float64():
+    """A finite gradient of 3e19 squares past float32's range: its tile is summed again in
+    float64, so the norm is finite and right, and SGD's finite step is applied as finite."""
+    g = np.random.default_rng(2).standard_normal(3 * kernels.TILE + 5).astype(np.float32)
+    g[kernels.TILE + 7] = 3e19
+    w, state = _step(SGD(1e-21, momentum=0.9), g)
+    exact = float(np.sqrt(np.sum(g.astype(np.float64) ** 2)))
+    assert state.last_grad_norm == pytest.approx(exact, rel=1e-7)
+    assert np.isfinite(w).all() and not state.nonfinite_values and state.num_nonfinite == 0
+    w0 = np.linspace(-1, 1, g.size, dtype=np.float32)
+    assert w[kernels.TILE + 7] == pytest.approx(w0[kernels.TILE + 7] - 0.03, abs=1e-6)
+    np.testing.assert_array_equal(state.slot("momentum")["w"], g)
+
+
+@pytest.mark.skipif(not ll.get_host_cpu_features().get("avx2", False),
+                    reason="full-width float32 vectors are checked on AVX2 and wider")
+def test_the_update_runs_on_eight_float32_lanes(tmp_path, monkeypatch):
+    """The float32 Adam update's square roots and divisions use 256-bit (or wider)
+    registers: with a float64 Σ g² in the loop, an AVX2 CPU ran them on 128-bit ones."""
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))  # compiled here, not loaded
+    opt = Adam(1e-3)
+    n_scal = len(opt.scalars(1))
+    kernel = kernels.update_kernel.__wrapped__(opt.kernel_math(), 2, n_scal, "float32")
+    p, m, v = np.ones(64, np.float32), np.zeros(64, np.float32), np.zeros(64, np.float32)
+    threads.Plan(np.array([0]), np.array([64])).run(
+        kernel, (p, p, m, v), np.array([np.full(64, 0.5, np.float32).ctypes.data]),
+        (np.zeros(1, np.int64), np.array([[1, 0, 0, 1, *opt.scalars(1)]], np.float32)))
+    inner = kernel.py_func.__globals__["inner"]
+    asm = inner.inspect_asm(inner.signatures[0])
+    sqrt = [line for line in asm.splitlines() if "vsqrtps" in line]
+    assert any("%ymm" in line or "%zmm" in line for line in sqrt), sqrt
+    assert vector_width.ACC64 == (ll.get_host_cpu_features().get("avx512f", False)
+                                  and vector_width.WIDTH == 512)

@@ -23,6 +23,10 @@ from . import atomics, kernel_cache, streaming, vector_width
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: elements per tile of an update's inner loop, each tile's g² summed in ``ACC`` (float32
+#: for float32 gradients on AVX2) before it is added to the float64 total (``_INNER_SRC``);
+#: a multiple of 16
+TILE = 1024
 
 
 @intrinsic
@@ -54,8 +58,8 @@ def exponent_bits(typingctx, x):  # pragma: no cover - compiled by numba
 
 _BODY_SRC = """
         x = G[j]
-        xd = np.float64(x)
-        s += xd * xd
+        xa = ACC(x)
+        t += xa * xa
         g = x * gscale
         if CLIP:
             g = min(max(g, -cv), cv)
@@ -67,19 +71,39 @@ _BODY_SRC = """
         STORE
 {writes}"""
 
+# The loop runs over tiles of TILE elements, each summing g² in ACC (t): the gradient's own
+# type where float64 vectors hold fewer than 8 lanes (AVX2, NEON: a float64 accumulator in
+# the loop made LLVM vectorise the whole update at the float64 width, half the float32
+# lanes, an AVX2 Adam step ~20% slower), float64 where they hold 8 (vector_width.ACC64).
+# The tiles' sums add up in float64; a tile whose sum overflows (finite |g| > ~1e19 in
+# float32) is summed again in float64
 _INNER_SRC = """
-def inner(P, Q, {slots}G, gscale, cv, l2, keep{scal}):
+def inner(P_, Q_, {slots_}G_, gscale, cv, l2, keep{scal}):
     s = 0.0
     # the largest exponent field of a new value (EXP: inf or NaN somewhere), an integer of
     # the float's width (ITYPE): numba types a loop-carried int as int64, and the vectorised
     # loop then widened every lane of the probe (a 1M-param SGD pass in L3: 7-10% slower)
     z = ITYPE(0)
-    n = P.shape[0]
-    m = 0  # elements [0, m) are written with streaming stores (a second buffer only)
-    if STREAM and address(Q) % 64 == 0:
-        m = n - n % 16
-    for j in range(m):{body_stream}
-    for j in range(m, n):{body}
+    n = P_.shape[0]
+    n16 = n - n % 16
+    # streaming stores (a second buffer only) on [0, n16), where Q is 64-byte aligned
+    stream = STREAM and address(Q_) % 64 == 0
+    # tiles of TILE elements, the last n % 16 apart with or without streaming stores (so
+    # that both variants sum the same ranges)
+    a = 0
+    while a < n:
+        b = min(a + TILE, n16) if a < n16 else n
+        P, Q, G = P_[a:b], Q_[a:b], G_[a:b]{rebind}
+        t = ACC(0)
+        if stream and a < n16:
+            for j in range(b - a):{body_stream}
+        else:
+            for j in range(b - a):{body}
+        if np.isfinite(t):
+            s += np.float64(t)
+        else:
+            s += wide_sumsq(G)
+        a = b
     if STREAM:
         store_fence()
     return s if z != EXP else np.nan
@@ -136,7 +160,9 @@ def inner_f(P_, Q_, {slots_}G_, FR, u0, gscale, cv, l2, keep{scal}):
     while j0 < n:
         m = min(U - u, n - j0)
         P, Q, G, FA = P_[j0:j0 + m], Q_[j0:j0 + m], G_[j0:j0 + m], FR[u:u + m]{rebind}
+        t = ACC(0)
         for j in range(m):  # (slices: j from 0 is known non-negative, so LLVM vectorises){body}
+        s += np.float64(t) if np.isfinite(t) else wide_sumsq_f(G, FA)
         j0 += m
         u = 0
     return s if z != EXP else np.nan
@@ -168,8 +194,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
 
     The per-tensor loop is a separate function over contiguous slices so that LLVM
     vectorises it, then inlines it (``forceinline``: a kernel must not call code compiled
-    apart, see :mod:`.kernel_cache`). It returns Σ g² of the raw gradients (float64), measured in
-    the same pass for free. Parameters are read from ``P`` and written to ``Q`` when
+    apart, see :mod:`.kernel_cache`). It returns Σ g² of the raw gradients, measured in
+    the same pass for free (each tile's sum in float64, or in float32 for float32 gradients
+    where vectors are 256 bits or less: ``_INNER_SRC``; the tiles' sum in float64). Parameters are read from ``P`` and written to ``Q`` when
     ``copy`` (JAX's double buffer; with streaming stores if ``stream``, :mod:`.streaming`), else in place
     (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
     clipping by value in. Each variant is compiled on first use only, which keeps a first
@@ -223,16 +250,22 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                           "store_fence": streaming.store_fence, "address": streaming.address,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "exponent_bits": exponent_bits,
+                          "exponent_bits": exponent_bits, "TILE": TILE, "wide_sumsq": _sumsq_inner,
+                          "ACC": np.float64 if vector_width.ACC64 else np.dtype(dtype).type,
+                          "wide_sumsq_f": _sumsq_scaled_inner,
                           "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
                           "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
                                   else np.int32(0x7F800000))}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
-    src = _INNER_SRC.format(**fields, body_stream=body.replace("STORE", "stream_store(Q, j, p)"),
-                            body=body.replace("STORE", "pass" if dry else "Q[j] = p" if copy else "P[j] = p"))
+    store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
+    deeper = "\n" + " " * 8  # the tiled loops are two levels deeper than the body's text
+    src = _INNER_SRC.format(
+        **fields, slots_="".join(f"{s}_, " for s in slots),
+        rebind="".join(f"\n        {s} = {s}_[a:b]" for s in slots),
+        body_stream=body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper),
+        body=body.replace("STORE", store).replace("\n", deeper))
     if unitwise:  # the same body, the gradient scaled by its unit's factor as it is read
-        store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
         src += _INNER_F_SRC.format(
             **fields, slots_="".join(f"{s}_, " for s in slots),
             rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
@@ -262,6 +295,17 @@ def _sumsq_inner(G):  # pragma: no cover - compiled by numba
     s = 0.0
     for j in range(G.shape[0]):
         x = np.float64(G[j])
+        s += x * x
+    return s
+
+
+@vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
+def _sumsq_scaled_inner(G, F):  # pragma: no cover - compiled by numba
+    """Σ (g·f)² of one contiguous slice, the product in the gradient's type (as the
+    unitwise update reads it), the squares summed in float64."""
+    s = 0.0
+    for j in range(G.shape[0]):
+        x = np.float64(G[j] * F[j])
         s += x * x
     return s
 

@@ -34,6 +34,30 @@ def _width() -> int:
 #: the vector width the kernels prefer, in bits (0: LLVM's default for the CPU)
 WIDTH = _width()
 
+
+def _acc64() -> bool:
+    """Whether the update kernels sum each tile's g² in float64 (see ``kernels._INNER_SRC``)
+    rather than in the gradient's type.
+
+    LLVM vectorises a loop at the width of its widest type. With 512-bit vectors the
+    float64 Σg² holds 8 lanes, and the float32 update runs on 8 lanes too, the measured
+    best on those CPUs: 16 float32 lanes (a float32 Σg², or none) ran slower on Zen 5.
+    Where vectors are 256 bits or less (AVX2, NEON), the float64 Σg² halves the float32
+    lanes (4 on AVX2: an Adam step on 1M params ~20% slower than with 8), so each tile is
+    summed in the gradient's type there (and where numba compiles for a named CPU,
+    ``NUMBA_CPU_NAME``, e.g. ``generic``, whose vectors the host's features do not tell)."""
+    try:
+        import llvmlite.binding as ll
+
+        avx512 = bool(ll.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # noqa: BLE001 - llvmlite without the host query: no AVX-512 assumed
+        avx512 = False
+    return avx512 and WIDTH == 512 and not numba.config.CPU_NAME
+
+
+#: the update kernels sum each tile's g² in float64, else in the gradient's type (:func:`_acc64`)
+ACC64 = _acc64()
+
 # a function definition's header in LLVM IR text: ``define <...> @name(<args>) <attrs> {``
 _DEFINE = re.compile(r"^(define [^\n]*?)\s*\{[ \t]*$", re.M)
 
