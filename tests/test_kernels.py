@@ -5,6 +5,7 @@ sum, overflowing tiles are summed again in float64, and the update runs on full-
 vectors."""
 
 import llvmlite.binding as ll
+import numba
 import numpy as np
 import pytest
 
@@ -135,4 +136,4 @@ def test_the_update_runs_on_eight_float32_lanes(tmp_path, monkeypatch):
     sqrt = [line for line in asm.splitlines() if "vsqrtps" in line]
     assert any("%ymm" in line or "%zmm" in line for line in sqrt), sqrt
     assert vector_width.ACC64 == (ll.get_host_cpu_features().get("avx512f", False)
-                                  and vector_width.WIDTH == 512)
+                                  and vector_width.WIDTH == 512 and not numba.config.CPU_NAME)

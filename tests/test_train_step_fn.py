@@ -1,6 +1,7 @@
 """make_train_step: equal to the separate evaluate + update (bit for bit on NumPy and torch,
-to float32 rounding on JAX's one-program step) for optimizers of every kind, and the
-conversions between the JAX step's state and the optimizer's."""
+to float32 rounding on JAX's one-program step; for Muon over its first two steps, see
+``TOLERANCE``) for optimizers of every kind, and the conversions between the JAX step's
+state and the optimizer's."""
 
 from __future__ import annotations
 
