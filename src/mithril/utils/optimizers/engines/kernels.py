@@ -94,11 +94,7 @@ def inner(P_, Q_, {slots_}G_, gscale, cv, l2, keep{scal}):
     while a < n:
         b = min(a + TILE, n16) if a < n16 else n
         P, Q, G = P_[a:b], Q_[a:b], G_[a:b]{rebind}
-        t = ACC(0)
-        if stream and a < n16:
-            for j in range(b - a):{body_stream}
-        else:
-            for j in range(b - a):{body}
+        t = ACC(0){loops}
         if np.isfinite(t):
             s += np.float64(t)
         else:
@@ -250,21 +246,24 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
                           "store_fence": streaming.store_fence, "address": streaming.address,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "exponent_bits": exponent_bits, "TILE": TILE, "wide_sumsq": _sumsq_inner,
+                          "exponent_bits": exponent_bits, "TILE": TILE, "wide_sumsq": _tile_sumsq,
                           "ACC": np.float64 if vector_width.ACC64 else np.dtype(dtype).type,
-                          "wide_sumsq_f": _sumsq_scaled_inner,
+                          "wide_sumsq_f": _tile_sumsq_scaled,
                           "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
                           "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
                                   else np.int32(0x7F800000))}
     name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
     body = _BODY_SRC.format(**fields)
     store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
-    deeper = "\n" + " " * 8  # the tiled loops are two levels deeper than the body's text
+    deeper = "\n" + " " * 8  # (the loops are one or two levels deeper than the body's text)
+    plain = "\n        for j in range(b - a):" + body.replace("STORE", store).replace("\n", "\n    ")
+    if ns["STREAM"]:  # (only then: a loop never run still costs its compile time)
+        plain = ("\n        if stream and a < n16:\n            for j in range(b - a):"
+                 + body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper)
+                 + "\n        else:" + plain.replace("\n", "\n    "))
     src = _INNER_SRC.format(
         **fields, slots_="".join(f"{s}_, " for s in slots),
-        rebind="".join(f"\n        {s} = {s}_[a:b]" for s in slots),
-        body_stream=body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper),
-        body=body.replace("STORE", store).replace("\n", deeper))
+        rebind="".join(f"\n        {s} = {s}_[a:b]" for s in slots), loops=plain)
     if unitwise:  # the same body, the gradient scaled by its unit's factor as it is read
         src += _INNER_F_SRC.format(
             **fields, slots_="".join(f"{s}_, " for s in slots),
@@ -299,10 +298,21 @@ def _sumsq_inner(G):  # pragma: no cover - compiled by numba
     return s
 
 
-@vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
-def _sumsq_scaled_inner(G, F):  # pragma: no cover - compiled by numba
-    """Σ (g·f)² of one contiguous slice, the product in the gradient's type (as the
-    unitwise update reads it), the squares summed in float64."""
+@numba.njit(nogil=True, inline="always")
+def _tile_sumsq(G):  # pragma: no cover - compiled by numba
+    """Σ g² of a tile whose own sum overflowed (rare), in float64: a plain loop (no
+    ``reassoc``, so LLVM does not vectorise it: each kernel compiles faster)."""
+    s = 0.0
+    for j in range(G.shape[0]):
+        x = np.float64(G[j])
+        s += x * x
+    return s
+
+
+@numba.njit(nogil=True, inline="always")
+def _tile_sumsq_scaled(G, F):  # pragma: no cover - compiled by numba
+    """Σ (g·f)² of a unitwise row whose own sum overflowed, the product in the gradient's
+    type (as the unitwise update reads it), the squares summed in float64."""
     s = 0.0
     for j in range(G.shape[0]):
         x = np.float64(G[j] * F[j])
