@@ -288,9 +288,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     return jit(ns["kernel"])
 
 
-@vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True, forceinline=True)
-def _sumsq_inner(G):  # pragma: no cover - compiled by numba
-    """Σ g² of one contiguous slice, in float64 (vectorised: ``reassoc``)."""
+def _sumsq(G):  # pragma: no cover - compiled by numba
+    """Σ g² of one contiguous slice, in float64."""
     s = 0.0
     for j in range(G.shape[0]):
         x = np.float64(G[j])
@@ -298,15 +297,12 @@ def _sumsq_inner(G):  # pragma: no cover - compiled by numba
     return s
 
 
-@numba.njit(nogil=True, inline="always")
-def _tile_sumsq(G):  # pragma: no cover - compiled by numba
-    """Σ g² of a tile whose own sum overflowed (rare), in float64: a plain loop (no
-    ``reassoc``, so LLVM does not vectorise it: each kernel compiles faster)."""
-    s = 0.0
-    for j in range(G.shape[0]):
-        x = np.float64(G[j])
-        s += x * x
-    return s
+#: :func:`_sumsq` vectorised (``reassoc``), for the passes that only sum
+_sumsq_inner = vector_width.njit(fastmath={"reassoc", "contract"}, nogil=True,
+                                 forceinline=True)(_sumsq)
+#: :func:`_sumsq` as a plain loop, for an update's tile whose own sum overflowed (rare):
+#: not vectorised, so each update kernel compiles faster
+_tile_sumsq = numba.njit(nogil=True, inline="always")(_sumsq)
 
 
 @numba.njit(nogil=True, inline="always")
@@ -315,8 +311,7 @@ def _tile_sumsq_scaled(G, F):  # pragma: no cover - compiled by numba
     type (as the unitwise update reads it), the squares summed in float64."""
     s = 0.0
     for j in range(G.shape[0]):
-        x = np.float64(G[j] * F[j])
-        s += x * x
+        s += np.float64(G[j] * F[j]) ** 2
     return s
 
 
