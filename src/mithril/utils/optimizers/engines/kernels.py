@@ -192,7 +192,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     vectorises it, then inlines it (``forceinline``: a kernel must not call code compiled
     apart, see :mod:`.kernel_cache`). It returns Σ g² of the raw gradients, measured in
     the same pass for free (each tile's sum in float64, or in float32 for float32 gradients
-    where vectors are 256 bits or less: ``_INNER_SRC``; the tiles' sum in float64). Parameters are read from ``P`` and written to ``Q`` when
+    where vectors are 256 bits or less: ``_INNER_SRC``; the tiles' sum in float64).
+    Parameters are read from ``P`` and written to ``Q`` when
     ``copy`` (JAX's double buffer; with streaming stores if ``stream``, :mod:`.streaming`), else in place
     (``Q`` is then ignored: LLVM must see one buffer to vectorise); ``clip`` compiles
     clipping by value in. Each variant is compiled on first use only, which keeps a first
@@ -256,7 +257,8 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     body = _BODY_SRC.format(**fields)
     store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
     deeper = "\n" + " " * 8  # (the loops are one or two levels deeper than the body's text)
-    plain = "\n        for j in range(b - a):" + body.replace("STORE", store).replace("\n", "\n    ")
+    plain = ("\n        for j in range(b - a):"
+             + body.replace("STORE", store).replace("\n", "\n    "))
     if ns["STREAM"]:  # (only then: a loop never run still costs its compile time)
         plain = ("\n        if stream and a < n16:\n            for j in range(b - a):"
                  + body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper)
