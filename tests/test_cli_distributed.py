@@ -2,7 +2,8 @@
 equals one process's, rank 0 alone writes, and the combinations that cannot work exit 2.
 
 The multi-process runs are subprocesses in their own session, killed as a group if they
-outlive their deadline (each collective also has a timeout of its own).
+outlive their deadline (each collective also has a timeout of its own). The default suite
+runs one of them (torch, float64); the other two-process runs are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def test_two_processes_equal_one(tmp_path, capsys):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
 
 
+@pytest.mark.slow  # two processes (the library's own runs: test_distributed.py)
 def test_sharded_state_float32_uneven_batches(tmp_path):
     """--shard-state, float32, batches of 50 (the last has 37 rows: 18 and 19 per rank)."""
     flags = [*TINY, "--batch-size", "50", "--optimizer", "sgd", "--momentum", "0.9",
@@ -96,6 +98,7 @@ def test_sharded_state_float32_uneven_batches(tmp_path):
     assert json.loads((two / "summary.json").read_text())["shard_state"] is True
 
 
+@pytest.mark.slow  # two processes (the library's own runs: test_distributed.py)
 def test_mixed_precision_two_processes(tmp_path):
     """--mixed-precision fp16 on 2 processes: the overflow (the first step, at the initial
     scale) is agreed on, so the loss scale and the skipped steps equal one process's; the
@@ -252,6 +255,7 @@ def test_jax_two_devices_equal_one(tmp_path, jax_one, shard):
     assert (summary["devices"], summary["shard_state"]) == (2, shard)
 
 
+@pytest.mark.slow  # two jax.distributed processes, ~35 s
 def test_jax_two_processes_equal_one(tmp_path, jax_one):
     """--nprocs 2 --shard-state on JAX: jax.distributed with gloo CPU collectives."""
     two = tmp_path / "two"
