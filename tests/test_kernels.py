@@ -9,7 +9,7 @@ import numba
 import numpy as np
 import pytest
 
-from mithril.utils.optimizers import SGD, Adam
+from mithril.utils.optimizers import LARS, SGD, Adam
 from mithril.utils.optimizers.engines import kernels, streaming, threads, vector_width
 from mithril.utils.optimizers.engines.common import prologue
 from mithril.utils.optimizers.engines.kernels import update_kernel
@@ -137,3 +137,74 @@ def test_the_update_runs_on_eight_float32_lanes(tmp_path, monkeypatch):
     assert any("%ymm" in line or "%zmm" in line for line in sqrt), sqrt
     assert vector_width.ACC64 == (ll.get_host_cpu_features().get("avx512f", False)
                                   and vector_width.WIDTH == 512 and not numba.config.CPU_NAME)
+
+
+def _first_pass(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """LARS's first pass (Σ p², Σ g²) over one float32 tensor, through the engine's kernel."""
+    from mithril.utils.optimizers.lars import _lars_reduce
+
+    opt = LARS(0.1)
+    scal = opt.scalars(1)
+    kernel = kernels.reduce_kernel(_lars_reduce, 1, len(scal), 2, "float32")
+    plan = threads.Plan(np.array([0]), np.array([p.size]))
+    R = np.zeros((len(plan.seg_t), 2))
+    H = np.array([[1, 0, 0, 1, *scal]], np.float32)
+    plan.run(kernel, (p, np.zeros_like(p)), np.array([g.ctypes.data]),
+             (np.zeros(1, np.int64), H, R))
+    sums = np.zeros((1, 2))
+    np.add.at(sums, plan.seg_t, R)
+    return sums[0]
+
+
+def test_the_first_pass_sums_tiles_and_a_tile_that_overflows_float32_in_float64():
+    """A two-pass optimizer's sums (LARS's Σ p², Σ g²): each tile in float32 where vectors
+    are 256 bits or less, the tiles in float64, within float32 rounding of the float64 sums
+    of the same float32 terms; a tile whose float32 sum overflows (squares of 1.5e18, each
+    finite in float32) is taken again in float64."""
+    rng = np.random.default_rng(3)
+    n = 300 * kernels.TILE + 5
+    p = rng.random(n, dtype=np.float32) + 0.5  # one sign: no cancelling
+    g = rng.random(n, dtype=np.float32) + 0.5
+    exact = [np.sum((x * x).astype(np.float64)) for x in (p, g)]
+    np.testing.assert_allclose(_first_pass(p, g), exact, rtol=2e-7)
+    big = p.copy()
+    big[kernels.TILE:2 * kernels.TILE] = 1.5e18  # Σ of one tile: 2.3e39 > float32's 3.4e38
+    sums = _first_pass(big, g)
+    assert np.isfinite(sums).all()
+    np.testing.assert_allclose(sums[0], np.sum((big * big).astype(np.float64)), rtol=1e-12)
+
+
+def _kernel_maths() -> list:
+    """Every built-in elementwise optimizer math and reduction: the module-level functions
+    of ``mithril.utils.optimizers`` whose arguments start ``(p, g, ...)``."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mithril.utils.optimizers as mo
+
+    found = []
+    for info in pkgutil.iter_modules(mo.__path__):
+        mod = importlib.import_module(f"{mo.__name__}.{info.name}")
+        for name, fn in vars(mod).items():
+            if (inspect.isfunction(fn) and fn.__module__ == mod.__name__
+                    and list(inspect.signature(fn).parameters)[:2] == ["p", "g"]):
+                found.append(pytest.param(fn, id=f"{info.name}.{name}"))
+    return found
+
+
+@pytest.mark.parametrize("fn", _kernel_maths())
+def test_kernel_math_computes_float32_in_float32(fn):
+    """Given float32 arguments, every value a math returns is float32 under numba: an int or
+    float literal beside a float32 (``1 - x``) is float64 there, and the kernel then runs
+    the whole step in float64, unvectorised (LARS's update did, at half SGD's speed)."""
+    import inspect
+
+    jitted = numba.njit(fn)
+    jitted(*[np.float32(0.5)] * len(inspect.signature(fn).parameters))
+    out = jitted.nopython_signatures[0].return_type
+    assert all(t == numba.float32 for t in getattr(out, "types", [out])), str(out)
+
+
+def test_the_kernel_math_scan_finds_the_catalog():
+    assert len(_kernel_maths()) >= 45

@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
+from .elementwise import where
 from .lamb import trust_ratio
 
 
@@ -16,7 +17,9 @@ def _lars_reduce(p, g, m, lr, mu, nesterov, c, eps):
 def _lars(p, g, m, lr, mu, nesterov, c, eps, ratio):
     u = -lr * (ratio * g)
     m = u + mu * m
-    return p + (u + mu * m) * nesterov + m * (1 - nesterov), m
+    # a select, not p + x·n + m·(1 − n): numba types 1 − n as float64 (an int and a float32),
+    # and the whole float32 step then ran in float64, one element at a time (2x slower)
+    return where(nesterov != 0, p + (u + mu * m), p + m), m
 
 
 class LARS(Optimizer):
@@ -61,7 +64,5 @@ class LARS(Optimizer):
         return _lars
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
-        from .elementwise import where
-
         c, eps = scalars[3], scalars[4]
         return (where(c < 0, 1.0, trust_ratio(sums[0], sums[1], c, eps)),), tensors, values
