@@ -153,8 +153,11 @@ def averaged_math(math_fn: Any, n_slots: int, n_scal: int, n_avg: int) -> Any:
 @functools.cache
 def _jitable(fn: Any) -> Any:
     """``fn`` itself, callable from Python as ever and, referenced from numba-compiled code,
-    compiled and inlined there (numba's ``register_jitable``)."""
-    return register_jitable(inline="always")(fn)
+    compiled and inlined there (numba's ``register_jitable``), its literals typed as its
+    first argument there (:func:`~.engines.literals.typed_literals`)."""
+    from .engines.literals import typed_literals
+
+    return register_jitable(inline="always")(typed_literals(fn))
 
 
 

@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import atomics, kernel_cache, streaming, vector_width
+from .literals import typed_literals
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -242,7 +243,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(math_fn), "CLIP": clip, "COPY": copy and not dry,
+                          "MATH": numba.njit(inline="always")(typed_literals(math_fn)), "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
@@ -479,7 +480,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "REDUCE": numba.njit(inline="always")(reduce_fn), "CLIP": clip,
+                          "REDUCE": numba.njit(inline="always")(typed_literals(reduce_fn)), "CLIP": clip,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "TILE": TILE, "ACC": acc}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
