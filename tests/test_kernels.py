@@ -1,8 +1,9 @@
 """The generated numba kernels: the double-buffered variant (with or without streaming
 stores, aligned or not) gives the same bits as the in-place one; Σ g² per tile in float32
 (where the CPU's vectors are 256 bits or less) stays within float32 rounding of the float64
-sum, overflowing tiles are summed again in float64, and the update runs on full-width
-vectors."""
+sum, overflowing tiles are summed again in float64 (in the update and in a two-pass
+optimizer's first pass), the update runs on full-width vectors, and every built-in math
+computes float32 in float32."""
 
 import llvmlite.binding as ll
 import numba

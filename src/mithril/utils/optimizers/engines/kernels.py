@@ -451,8 +451,8 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     tile of ``TILE`` elements in ``ACC``, a tile whose sums are not finite again in float64,
     the tiles in float64 (a float64 accumulator in the loop ran the float32 terms at half
     the vector width: LAMB's first pass over 1M float32 took 984 µs instead of 569 on one
-    AVX2 core). ``unitwise``: the gradients
-    are scaled by their units' factors as in :func:`update_kernel`."""
+    AVX2 core). ``unitwise``: the gradients are scaled by their units' factors as in
+    :func:`update_kernel` (row by row, in float64)."""
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
         slots="".join(s + ", " for s in slots),
