@@ -213,9 +213,14 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
             t, tuple(sums[:, k] for k in range(sums.shape[1])),
             tuple(rows[:, j] for j in range(4, own_end)), dict(tensors), dict(state.values),
             state.layout.sizes)
-        cols = [np.broadcast_to(np.asarray(e, dtype=np.float64), (n,)) for e in extra]
-    out = np.concatenate([rows[:, :own_end], np.stack(cols, axis=1) if cols else
-                          np.zeros((n, 0)), rows[:, own_end:]], axis=1)
+    # the extra columns (arrays of one value per tensor, or numbers) between the own
+    # scalars and the averaging weights: written into one table (no broadcast, stack and
+    # concatenate of small arrays: ~15 us of a small LAMB step)
+    out = np.empty((n, rows.shape[1] + len(extra)))
+    out[:, :own_end] = rows[:, :own_end]
+    for j, e in enumerate(extra, own_end):
+        out[:, j] = e
+    out[:, own_end + len(extra):] = rows[:, own_end:]
     if set(new_tensors) != set(opt.tensor_slots) or set(values) != set(opt.state_values):
         raise RuntimeError(f"{type(opt).__name__}.tensor_scalars must return every tensor slot "
                            f"{sorted(opt.tensor_slots)} and value {sorted(opt.state_values)}")
