@@ -84,3 +84,24 @@ def test_a_custom_optimizers_float32_kernel_runs_the_typed_math():
     kernel = kernels.update_kernel(opt.full_kernel_math(4), 2, 4, "float32")
     math = kernel.py_func.__globals__["MATH"].py_func
     assert math is typed_literals(belief) and _types(math, np.float32) == [numba.float32] * 3
+
+
+def test_a_helpers_literals_take_its_first_arguments_type():
+    """``elementwise.helper``: a function a math calls, typed as its first argument."""
+    from mithril.utils.optimizers.elementwise import helper
+
+    def direction(g, m, b1):
+        return b1 * m + (1 - b1) * g
+
+    typed = helper(direction)
+    assert typed is not direction
+
+    def math(p, g, m, lr, b1):
+        m = typed(g, m, b1)
+        return p - lr * m, m
+
+    jitted = numba.njit(math)
+    jitted(*[np.float32(0.5)] * 5)
+    assert list(jitted.nopython_signatures[0].return_type.types) == [numba.float32] * 2
+    g, m = np.float32([0.5, -1.0]), np.float32([0.25, 2.0])
+    np.testing.assert_array_equal(typed(g, m, np.float32(0.9)), direction(g, m, np.float32(0.9)))

@@ -163,7 +163,10 @@ def _where_nb(cond, a, b):  # pragma: no cover - compiled by numba
 def helper(fn: Any) -> Any:
     """Decorate a function that optimizer math (or a reduction) calls, e.g. a direction
     shared by both passes of a two-pass optimizer: callable from Python as ever, and
-    compiled and inlined inside the fused kernels."""
+    compiled and inlined inside the fused kernels, where its literals take the type of its
+    first argument, as a math's do (:func:`~.engines.literals.typed_literals`)."""
     from numba.extending import register_jitable
 
-    return register_jitable(inline="always")(fn)
+    from .engines.literals import typed_literals
+
+    return register_jitable(inline="always")(typed_literals(fn))
