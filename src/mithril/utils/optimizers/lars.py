@@ -17,8 +17,10 @@ def _lars_reduce(p, g, m, lr, mu, nesterov, c, eps):
 def _lars(p, g, m, lr, mu, nesterov, c, eps, ratio):
     u = -lr * (ratio * g)
     m = u + mu * m
-    # a select, not p + x·n + m·(1 − n): numba types 1 − n as float64 (an int and a float32),
-    # and the whole float32 step then ran in float64, one element at a time (2x slower)
+    # a select, not p + x·n + m·(1 − n): numba typed 1 − n as float64 (an int and a float32)
+    # and ran the whole float32 step in float64, unvectorised (2x slower). engines/literals
+    # now mends such math, but built-in math stays literal-free (tests/test_kernels.py), so
+    # its kernels need no rewrite
     return where(nesterov != 0, p + (u + mu * m), p + m), m
 
 
