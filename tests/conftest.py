@@ -29,6 +29,17 @@ from mithril.backends import JaxBackend, NumpyBackend, TorchBackend  # noqa: E40
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _small_jax_chunks(monkeypatch):
+    """The jitted JAX engine keeps its slots in chunks (one per tensor of ``CHUNK_MIN``
+    elements or more on CPU): with the tests' small tensors, a threshold of 10 elements
+    gives them layouts with both kinds of chunk, so every jax-jit test runs the chunked
+    step (``tests/test_jax_chunks.py`` checks the real threshold)."""
+    from mithril.utils.optimizers.engines import jax_chunks
+
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", 10)
+
 BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
 
 

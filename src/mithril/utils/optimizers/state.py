@@ -29,7 +29,9 @@ class OptimizerState:
     optimizer-wide scalars (``values``, e.g. a schedule-free weight sum).
 
     ``slots[name]`` is one flat buffer over all parameters (see :class:`Layout`);
-    :meth:`slot` gives per-parameter views of it. ``params_flat``/``param_views`` hold the
+    :meth:`slot` gives per-parameter views of it. (The jitted JAX engine holds them in
+    chunks of that buffer, a :class:`~.engines.jax_chunks.ChunkedSlots` mapping: reading a
+    slot gives its flat buffer all the same.) ``params_flat``/``param_views`` hold the
     flat parameter buffer an update writes in place (NumPy/torch) and the arrays it
     returned, so the next update can recognise them and skip copying.
     """

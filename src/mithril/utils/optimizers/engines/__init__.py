@@ -9,7 +9,9 @@
   (:mod:`.streaming`). The kernels prefer the CPU's widest vectors (:mod:`.vector_width`).
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
-  (On CPU, XLA compiles one kernel per output tensor: ~50 s for 2,000 tensors.)
+  On CPU (``MITHRIL_JAX_ENGINE=jit``; float16/bfloat16) each large tensor is updated in
+  buffers of its own (:mod:`.jax_chunks`), and XLA compiles one kernel per output tensor
+  (~50 s for 2,000 tensors).
 * :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
   (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers
   (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as

@@ -103,6 +103,13 @@ def _holds(r: Any, opt: Any, state: Any) -> bool:
     """Whether recipe ``r`` (``opt``, ``engine``, ``attrs``, ``groups``, ``slots``) still
     holds for ``opt`` and ``state``: the same optimizer object with the same attributes but
     the learning rate, the same groups, engine and slot arrays, nothing swapped in."""
+    slots = state.slots
+    return (_same_opt(r, opt, state) and len(slots) == len(r.slots)
+            and all(map(_is, slots.values(), r.slots)))
+
+
+def _same_opt(r: Any, opt: Any, state: Any) -> bool:
+    """:func:`_holds` but for the slots."""
     if opt is not r.opt or state.engine is not r.engine or state.swapped is not None:
         return False
     attrs, now = r.attrs, opt.__dict__
@@ -112,9 +119,7 @@ def _holds(r: Any, opt: Any, state: Any) -> bool:
         same = now == attrs
     except (TypeError, ValueError):
         return False
-    slots = state.slots
-    return (same and r.groups == (opt._groups_version, id(opt._groups))
-            and len(slots) == len(r.slots) and all(map(_is, slots.values(), r.slots)))
+    return same and r.groups == (opt._groups_version, id(opt._groups))
 
 
 def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
@@ -150,23 +155,25 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
 class JaxRecipe:
     """What a plain step of the jitted JAX engine (:class:`~.jax_engine.JaxEngine`) decided:
     its compiled program, the slots it reads, the shape of its scalar table. Unlike the
-    NumPy recipe, the slot arrays are new every step (the program returns them): the
-    recipe follows them (:func:`run_jax`)."""
+    NumPy recipe, the slots are new every step (the program returns them, a new
+    :class:`~.jax_chunks.ChunkedSlots`): the recipe follows them (:func:`run_jax`), and holds
+    while the state's are the ones it left, not written since (their ``version``)."""
 
-    __slots__ = ("opt", "engine", "attrs", "groups", "slots", "fn", "names", "shape",
-                 "clip_norm", "checked", "used")
+    __slots__ = ("opt", "engine", "attrs", "groups", "slots", "version", "fn", "names",
+                 "shape", "clip_norm", "checked", "used")
 
     def __init__(self, opt: Any, state: Any, engine: Any, fn: Any, names: tuple[str, ...],
                  shape: tuple[int, int], clip_norm: Any, checked: bool) -> None:
         self.opt, self.engine, self.fn, self.names = opt, engine, fn, names
         self.attrs = dict(opt.__dict__)
         self.groups = (opt._groups_version, id(opt._groups))
-        self.slots = tuple(state.slots.values())
+        self.slots, self.version = state.slots, state.slots.version
         self.shape, self.clip_norm, self.checked = shape, clip_norm, checked
         self.used = False
 
     def holds(self, opt: Any, state: Any) -> bool:
-        return _holds(self, opt, state)
+        return (state.slots is self.slots and self.slots.version == self.version
+                and _same_opt(self, opt, state))
 
 
 def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
@@ -186,10 +193,11 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
         hp = table.astype(engine.layout.dtype)
     slots = state.slots
     new_params, new_slots, norm, finite = r.fn(dict(params), dict(grads),
-                                               {s: slots[s] for s in r.names}, hp, r.clip_norm)
+                                               {s: slots.chunks(s) for s in r.names}, hp,
+                                               r.clip_norm)
     new_params = {n: new_params[n] for n in engine.layout.name_list}
-    state.slots = {**slots, **new_slots}
-    r.slots = tuple(state.slots.values())
+    state.slots = r.slots = slots.replaced(new_slots)
+    r.version = r.slots.version
     state.param_views = new_params
     if not r.used:
         r.used, state.fast_waste = True, 0

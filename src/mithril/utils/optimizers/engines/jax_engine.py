@@ -1,8 +1,10 @@
-"""One ``jax.jit`` step over flat buffers, with buffer donation.
+"""One ``jax.jit`` step over chunks of flat buffers, with buffer donation.
 
-Parameters are concatenated into one flat vector inside the jitted function, updated with
-the optimizer's elementwise math (XLA fuses it into one loop) and split back, so the
-compiled program and its dispatch cost stay small for thousands of tensors. Every
+The state's slots are kept in chunks of the flat layout (:mod:`.jax_chunks`): on GPUs one
+chunk, on CPU one per large tensor and one per run of small ones. Inside the jitted function
+each chunk's parameters are concatenated into one flat vector, updated with the optimizer's
+elementwise math (XLA fuses it into one loop) and split back, so the compiled program and
+its dispatch cost stay small for thousands of tensors. Every
 hyperparameter is an argument: changing the learning rate never recompiles. Params
 returned by the previous update (under ``"skip"`` / ``"raise"`` they are not: a refused step
 changes nothing, the caller's arrays included) and all state slots are donated.
@@ -27,9 +29,10 @@ from .common import (
     tensor_clipping,
     two_pass_table,
 )
+from .jax_chunks import ChunkedSlots, chunk_bounds
 
-#: compiled steps shared by every engine: (math, slots, layout, grads present, flags, each
-#: tensor's row of scalars where groups differ, donate)
+#: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
+#: flags, each tensor's row of scalars where groups differ, donate, checked)
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -90,37 +93,81 @@ def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
             for n, g in grads.items()}
 
 
-def _prologue(lay: Any, elem: Any, params: Any, grads: Any, table: Any, clip_norm: Any,
-              flags: tuple, norm_on: bool = True) -> tuple[Any, Any, Any, Any]:
-    """Inside a jitted pass: the flat params and the gradient as the math sees it (clipped
-    unit-wise, scaled by the global norm rule and each tensor's table scale, clipped by
-    value, L2-decayed), each element's column getter and the (unit-clipped) gradients'
-    norm. ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive clipping and
-    l2_on (some group has coupled weight decay: without it the gradient's passes do not
-    read the params). ``norm_on`` False (no clip_norm, nothing reads it): no norm, None."""
+class _Parts:
+    """How a jitted pass meets the layout's chunks (:func:`~.jax_chunks.chunk_bounds`):
+    per chunk its tensors, the row of scalars of its elements (an int where they share one,
+    an array per element where groups differ within it, None for a one-row table) and its
+    mask of elements with a gradient (None: all)."""
+
+    def __init__(self, lay: Any, bounds: tuple, rows: tuple[int, ...] | None,
+                 present: tuple[str, ...] | None) -> None:
+        self.lay, self.bounds = lay, bounds
+        spans = list(lay.spans())
+        self.spans = [spans[i0:i1] for i0, i1, _, _ in bounds]
+        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
+        self.elems: list[Any] = []
+        self.masks: list[Any] = []
+        for i0, i1, a, b in bounds:
+            e = None if elem is None else elem[a:b]
+            self.elems.append(e if e is None or not e.size or (e != e[0]).any() else int(e[0]))
+            m = None if present is None else np.repeat(
+                np.array([n in present for n in lay.names[i0:i1]]), lay.sizes[i0:i1])
+            self.masks.append(None if m is None or m.all() else m)
+
+    def col(self, table: Any, c: int) -> Any:
+        """Chunk ``c``'s column getter: ``col(j)`` is scalar j of its elements."""
+        e = self.elems[c]
+        return (lambda j: table[0, j]) if e is None else (lambda j: table[e, j])
+
+    def flat(self, leaves: Any) -> list[Any]:
+        """Each chunk's ``leaves`` as one flat array (zeros for a name ``leaves`` lacks)."""
+        import jax.numpy as jnp
+
+        return [jnp.concatenate([leaves[n].reshape(-1) if n in leaves else
+                                 jnp.zeros(b - a, self.lay.dtype) for n, a, b, _ in sp])
+                for sp in self.spans]
+
+    def unflat(self, chunks: list[Any]) -> dict[str, Any]:
+        """The tensors of each chunk's flat array."""
+        out = {}
+        for (_, _, a0, _), sp, x in zip(self.bounds, self.spans, chunks):
+            for n, a, b, shp in sp:
+                out[n] = x[a - a0:b - a0].reshape(shp)
+        return out
+
+
+def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, clip_norm: Any,
+              flags: tuple, norm_on: bool = True) -> tuple[list, list, list, Any]:
+    """Inside a jitted pass, per chunk: the flat params and the gradient as the math sees
+    it (clipped unit-wise, scaled by the global norm rule and each tensor's table scale,
+    clipped by value, L2-decayed), and its column getter; and the (unit-clipped)
+    gradients' norm. ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive
+    clipping and l2_on (some group has coupled weight decay: without it the gradient's
+    passes do not read the params). ``norm_on`` False (no clip_norm, nothing reads it): no
+    norm, None."""
     import jax.numpy as jnp
 
     clip_norm_on, clip_value_on, per_tensor, agc, l2_on = flags
-    grads = _adaptive(lay, params, grads, agc)
-    dt = lay.dtype
-    p = jnp.concatenate([params[n].reshape(-1) for n in lay.names])
-    g = jnp.concatenate([grads[n].reshape(-1) if n in grads else jnp.zeros(int(s), dt)
-                         for n, s in zip(lay.names, lay.sizes)])
-    col = (lambda j: table[0, j]) if elem is None else (lambda j: table[elem, j])
+    grads = _adaptive(parts.lay, params, grads, agc)
+    ps, gs = parts.flat(params), parts.flat(grads)
+    cols = [parts.col(table, c) for c in range(len(ps))]
     norm = None
     if norm_on or clip_norm_on:
-        norm = global_norm([g])
+        norm = global_norm(gs)
         # XLA's CPU backend fuses an independent reduction into the update's loop as a
         # second output, and that loop then runs ~2.5x slower (1M-param Adam: 2.55 vs
         # 0.92 ms); kept apart, the norm costs a separate read of g (0.07 ms)
-        norm, p, g = _barrier((norm, p, g))
+        norm, ps, gs = _barrier((norm, ps, gs))
     if clip_norm_on:
-        g = g * jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(dt)
+        scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(parts.lay.dtype)
+        gs = [g * scale for g in gs]
     if per_tensor:
-        g = g * col(0)
+        gs = [g * col(0) for g, col in zip(gs, cols)]
     if clip_value_on:
-        g = jnp.clip(g, -col(1), col(1))
-    return p, g + col(2) * p if l2_on else g, col, norm
+        gs = [jnp.clip(g, -col(1), col(1)) for g, col in zip(gs, cols)]
+    if l2_on:
+        gs = [g + col(2) * p for g, p, col in zip(gs, ps, cols)]
+    return ps, gs, cols, norm
 
 
 class JaxEngine(Engine):
@@ -134,6 +181,8 @@ class JaxEngine(Engine):
         self.jax, self.jnp = jax, jnp
         self.backend, self.layout = backend, layout
         self.array_type, self.native_dtype = jax.Array, jnp.dtype(layout.dtype)
+        #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
+        self.bounds = chunk_bounds(layout, backend.device.platform)
 
     def full(self, n: int, value: float) -> Any:
         return self.jnp.full((n,), value, dtype=self.layout.dtype)
@@ -147,45 +196,48 @@ class JaxEngine(Engine):
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
                flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool,
                n_avg: int = 0, checked: bool = True) -> Any:
-        """The jitted step. ``rows``: each tensor's row of the scalar table when there are
-        several parameter groups (then each scalar is gathered per element; XLA fuses the
-        gather into the update loop), else None (one row of scalars). ``n_avg``: the last
-        slots are weight averages (their weights the last scalars), which move towards
-        parameters without a gradient too. ``checked`` False (``nonfinite="unchecked"``): no
-        norm unless clip_norm needs it, no finite probes (None)."""
-        jax, jnp, lay = self.jax, self.jnp, self.layout
+        """The jitted step, over the layout's chunks (slots: name → chunk arrays).
+        ``rows``: each tensor's row of the scalar table when there are several parameter
+        groups (a chunk whose tensors differ gathers each scalar per element; XLA fuses
+        the gather into the update loop), else None (one row of scalars). ``n_avg``: the
+        last slots are weight averages (their weights the last scalars), which move
+        towards parameters without a gradient too. ``checked`` False
+        (``nonfinite="unchecked"``): no norm unless clip_norm needs it, no finite probes
+        (None)."""
+        jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
-        mask = None
-        if present is not None:  # some parameters have no gradient: leave them untouched
-            m = np.zeros(lay.total, dtype=bool)
-            for n, a, b, _ in lay.spans():
-                m[a:b] = n in present
-            mask = m
-        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
+        parts = _Parts(self.layout, self.bounds, rows, present)
+        n_slots = len(slot_names)
 
         def step(params, grads, slots, table, clip_norm):
-            p, g, col, norm = _prologue(lay, elem, params, grads, table, clip_norm,
-                                        (clip_norm_on, clip_value_on, per_tensor, agc, l2_on),
-                                        checked)
-            out = math_fn(p * col(3), g, *(slots[s] for s in slot_names),
-                          *(col(j) for j in range(4, table.shape[1])))
-            new_p, new_slots = out[0], dict(zip(slot_names, out[1:]))
-            if mask is not None:
-                new_p = jnp.where(mask, new_p, p)
-                new_slots = {s: jnp.where(mask, v, slots[s]) for s, v in new_slots.items()}
-                for i, s in enumerate(slot_names[len(slot_names) - n_avg:]):
-                    w = col(table.shape[1] - n_avg + i)
-                    new_slots[s] = jnp.where(mask, new_slots[s], average(p, slots[s], w))
+            ps, gs, cols, norm = _prologue(parts, params, grads, table, clip_norm,
+                                           (clip_norm_on, clip_value_on, per_tensor, agc,
+                                            l2_on), checked)
+            n_scal = table.shape[1]
+            new_ps, new_slots = [], []
+            for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, parts.masks)):
+                old = [slots[s][c] for s in slot_names]
+                out = math_fn(p * col(3), g, *old, *(col(j) for j in range(4, n_scal)))
+                new_p, new = out[0], list(out[1:])
+                if mask is not None:  # some tensors have no gradient: left untouched
+                    new_p = jnp.where(mask, new_p, p)
+                    new = [jnp.where(mask, v, o) for v, o in zip(new, old)]
+                    for i in range(n_slots - n_avg, n_slots):
+                        w = col(n_scal - n_slots + i)
+                        new[i] = jnp.where(mask, new[i], average(p, old[i], w))
+                new_ps.append(new_p)
+                new_slots.append(new)
             finite = None
             if checked:  # whether every new value is finite: a reduction of its own
-                new_p, new_slots = _barrier((new_p, new_slots))
-                finite = _finite([new_p, *new_slots.values()])
+                new_ps, new_slots = _barrier((new_ps, new_slots))
+                finite = _finite([*new_ps, *(v for new in new_slots for v in new)])
             if skip:
                 keep = jnp.isfinite(norm) & finite
-                new_p = jnp.where(keep, new_p, p)
-                new_slots = {s: jnp.where(keep, v, slots[s]) for s, v in new_slots.items()}
-            new_params = {n: new_p[a:b].reshape(shp) for n, a, b, shp in lay.spans()}
-            return new_params, new_slots, norm, finite
+                new_ps = [jnp.where(keep, v, p) for v, p in zip(new_ps, ps)]
+                new_slots = [[jnp.where(keep, v, slots[s][c]) for v, s in zip(new, slot_names)]
+                             for c, new in enumerate(new_slots)]
+            out_slots = {s: tuple(new[i] for new in new_slots) for i, s in enumerate(slot_names)}
+            return parts.unflat(new_ps), out_slots, norm, finite
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
@@ -216,11 +268,12 @@ class JaxEngine(Engine):
         self._agc_key, self._agc_spec = key, spec
         return spec
 
-    def _first_pass(self, opt: Any, state: Any, t: int, params: Any, grads: Any,
-                    table: np.ndarray, index: np.ndarray, flags: tuple
+    def _first_pass(self, opt: Any, state: Any, slots: ChunkedSlots, t: int, params: Any,
+                    grads: Any, table: np.ndarray, index: np.ndarray, flags: tuple
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-tensor float64 sums of ``opt.reduce`` (one jitted, read-only pass, brought to
-        the host), then the second pass's table (:func:`~.common.two_pass_table`)."""
+        """Per-tensor float64 sums of ``opt.reduce`` (one jitted, read-only pass over the
+        chunks of ``slots``, brought to the host), then the second pass's table
+        (:func:`~.common.two_pass_table`)."""
         lay, k = self.layout, opt.reductions
         sums = np.zeros((len(lay.names), k), dtype=np.float64)
         present = np.array([n in grads for n in lay.names], dtype=bool)
@@ -229,7 +282,7 @@ class JaxEngine(Engine):
             n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
             rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
             pres = None if present.all() else tuple(n for n in lay.names if n in grads)
-            key = ("reduce", opt.reduce_math(), own, n_own, lay, pres, flags, rows)
+            key = ("reduce", opt.reduce_math(), own, n_own, lay, self.bounds, pres, flags, rows)
             fn = _COMPILED.get(key)
             if fn is None:
                 fn = _COMPILED[key] = self._build_reduce(opt.reduce_math(), own, n_own, k,
@@ -237,7 +290,7 @@ class JaxEngine(Engine):
             with np.errstate(over="ignore"):
                 hp = table.astype(lay.dtype)
             cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
-            sums = np.asarray(fn(dict(params), dict(grads), {s: state.slots[s] for s in own},
+            sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
                                  hp, cn), dtype=np.float64)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
@@ -245,19 +298,24 @@ class JaxEngine(Engine):
                       flags: tuple, rows: tuple[int, ...] | None) -> Any:
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, _, per_tensor, agc, l2_on = flags
-        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
-        ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
-        n = len(lay.names)
+        parts = _Parts(lay, self.bounds, rows, None)
+        wide = jnp.promote_types(lay.dtype, jnp.float32)
+
+        def sums(x: Any, i0: int, i1: int) -> Any:  # per tensor of a chunk
+            if i1 - i0 == 1:
+                return jnp.sum(x.astype(wide))[None]
+            ids = np.repeat(np.arange(i1 - i0, dtype=np.int32), lay.sizes[i0:i1])
+            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=i1 - i0)
 
         def first(params, grads, slots, table, clip_norm):
-            dt = lay.dtype
-            p, g, col, _ = _prologue(lay, elem, params, grads, table, clip_norm,
-                                     (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
-            terms = reduce_fn(p * col(3), g, *(slots[s] for s in own),
-                              *(col(j) for j in range(4, 4 + n_own)))
-            wide = jnp.promote_types(dt, jnp.float32)
-            return jnp.stack([jax.ops.segment_sum(x.astype(wide), ids, num_segments=n)
-                              for x in terms], axis=1)
+            ps, gs, cols, _ = _prologue(parts, params, grads, table, clip_norm,
+                                        (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
+            out = []
+            for c, ((i0, i1, _, _), p, g, col) in enumerate(zip(self.bounds, ps, gs, cols)):
+                terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
+                                  *(col(j) for j in range(4, 4 + n_own)))
+                out.append(jnp.stack([sums(x, i0, i1) for x in terms], axis=1))
+            return jnp.concatenate(out, axis=0)
 
         return jax.jit(first)
 
@@ -294,8 +352,10 @@ class JaxEngine(Engine):
             table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
             flags = (opt.clip_norm is not None, clip, refuses(opt), False, agc,
                      bool((table[:, 2] != 0).any()))
+        slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
         if opt.two_pass():
-            table, index = self._first_pass(opt, state, t, params, grads, table, index, flags)
+            table, index = self._first_pass(opt, state, slots, t, params, grads, table, index,
+                                            flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
         # skip/raise must leave the caller's params intact (a skipped step's returned
         # arrays included): the params are donated only where the step is applied anyway
@@ -307,7 +367,7 @@ class JaxEngine(Engine):
         # "unchecked": nothing measured or read back (with tensor clipping the norm is read
         # anyway, for the per-tensor scales)
         checked = opt.nonfinite != "unchecked" or flags[3]
-        key = (math_fn, names, lay, present, flags, rows, donate, checked)
+        key = (math_fn, names, lay, self.bounds, present, flags, rows, donate, checked)
         fn = _COMPILED.get(key)
         if fn is None:
             fn = _COMPILED[key] = self._build(math_fn, names, present, flags, rows, donate,
@@ -315,13 +375,13 @@ class JaxEngine(Engine):
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
         cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
-        kernel_slots = {s: state.slots[s] for s in names}
+        kernel_slots = {s: slots.chunks(s) for s in names}
         new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
         # jax.jit returns a dict with its keys sorted: back in layout order, so that the next
         # update sees its own arrays (state.returned) and neither checks nor copies them
         new_params = {n: new_params[n] for n in lay.names}
         # the old slots were donated (under skip/raise: same values)
-        state.slots = {**state.slots, **new_slots}
+        state.slots = slots.replaced(new_slots)
         if (ours and donate and present is None and agc is None and not flags[3]
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
             fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(
@@ -344,7 +404,7 @@ class JaxEngine(Engine):
                 table = table.copy()
                 table[:, 0] *= min(1.0, opt.clip_norm / (norm_f + 1e-6))
             raise nonfinite_result_error(opt, nonfinite_results(
-                opt, flat, {k: np.asarray(v) for k, v in new_slots.items()}, grads, self.to_numpy,
+                opt, flat, {k: np.asarray(state.slots[k]) for k in new_slots}, grads, self.to_numpy,
                 lay, table, index))
         state.param_views = new_params
         return dict(new_params), ok, norm_f, finite

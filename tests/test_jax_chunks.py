@@ -1,0 +1,167 @@
+"""The jitted JAX engine's chunked slots (``engines/jax_chunks.py``): the chunk policy, the
+mapping ``state.slots`` holds, and steps over large and small tensors against optax and
+the NumPy engine. (Every other jax-jit test runs with a 10-element threshold: conftest.)"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import optimizer_engine
+
+from mithril.utils.optimizers import SGD, Adam, AdamW
+from mithril.utils.optimizers.engines import jax_chunks
+from mithril.utils.optimizers.engines.jax_chunks import ChunkedSlots, chunk_bounds
+from mithril.utils.optimizers.layout import Layout
+
+BIG = 1 << 15
+
+
+@pytest.fixture
+def real_threshold(monkeypatch):
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", BIG)
+
+
+def test_bounds_cpu_and_gpu(real_threshold):
+    sizes = [5, BIG + 3, 3, 7, BIG, 2]
+    lay = Layout(tuple(f"p{i}" for i in range(6)), tuple((s,) for s in sizes), "float32")
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    assert chunk_bounds(lay, "cpu") == (
+        (0, 1, 0, off[1]), (1, 2, off[1], off[2]), (2, 4, off[2], off[4]),
+        (4, 5, off[4], off[5]), (5, 6, off[5], off[6]))
+    assert chunk_bounds(lay, "gpu") == ((0, 6, 0, off[6]),)
+    big_only = Layout(("a", "b"), ((BIG,), (2, BIG)), "float32")
+    assert chunk_bounds(big_only, "cpu") == ((0, 1, 0, BIG), (1, 2, BIG, 3 * BIG))
+    assert chunk_bounds(Layout((), (), "float32"), "cpu") == ((0, 0, 0, 0),)
+
+
+def test_mapping_reads_writes_and_versions():
+    bounds = ((0, 1, 0, 3), (1, 3, 3, 7))
+    m, v = jnp.arange(7.0), jnp.arange(7.0) * 2
+    slots = ChunkedSlots.of({"m": m, "v": v}, bounds)
+    assert ChunkedSlots.of(slots, bounds) is slots
+    assert list(slots) == ["m", "v"] and len(slots) == 2
+    parts = slots.chunks("m")
+    assert [np.asarray(p).tolist() for p in parts] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert slots.chunks("m") is parts  # split once
+    np.testing.assert_array_equal(slots["m"], m)  # read back: concatenated
+    new = slots.replaced({"m": (jnp.zeros(3), jnp.ones(4))})
+    np.testing.assert_array_equal(new["m"], [0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(new["v"], v)
+    np.testing.assert_array_equal(slots["m"], m)  # the old mapping is unchanged
+    assert new.version == 0
+    new["v"] = jnp.full(7, 5.0)  # a write holds the slot flat until the next split
+    assert new.version == 1
+    np.testing.assert_array_equal(new.chunks("v")[1], [5, 5, 5, 5])
+    del new["v"]
+    assert list(new) == ["m"] and new.version == 2
+    with pytest.raises(KeyError):
+        new["v"]
+
+
+def _params(rng):
+    """Large tensors (own chunks) between runs of small ones, in an order whose sorted
+    names differ from the layout's."""
+    shapes = {"w1": (200, 200), "b1": (200,), "s": (), "w10": (BIG + 5,), "b2": (7, 3),
+              "w2": (180, 190)}
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Adam(learning_rate=1e-2),
+    lambda: AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=5.0),
+    lambda: SGD(learning_rate=1e-2, momentum=0.9, nesterov=True, nonfinite="unchecked"),
+], ids=["adam", "adamw-clip", "sgd-unchecked"])
+def test_chunked_steps_equal_numpy_engine(real_threshold, make):
+    rng = np.random.default_rng(0)
+    p0 = _params(rng)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
+             for _ in range(4)]
+    ref_opt, ref_p = make(), {k: v.copy() for k, v in p0.items()}
+    ref_s = ref_opt.init(ref_p)
+    opt = make()
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    assert type(s.engine).__name__ == "JaxEngine" and len(s.engine.bounds) == 5
+    for g in grads:
+        ref_p, ref_s = ref_opt.update(ref_p, g, ref_s)
+        p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
+    assert isinstance(s.slots, ChunkedSlots)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(p[k]), ref_p[k], rtol=2e-6, atol=1e-6)
+    for name in ref_opt.full_slot_names():
+        np.testing.assert_allclose(np.asarray(s.slots[name]), ref_s.slots[name],
+                                   rtol=2e-6, atol=1e-6)
+        for k, a in s.slot(name).items():
+            np.testing.assert_allclose(np.asarray(a), ref_s.slot(name)[k], rtol=2e-6,
+                                       atol=1e-6)
+    saved = s.to_numpy()  # (what a checkpoint writes: flat host buffers)
+    assert set(saved) == set(ref_s.slots)
+    for name, a in saved.items():
+        np.testing.assert_allclose(a, ref_s.slots[name], rtol=2e-6, atol=1e-6)
+
+
+def test_chunked_adam_equals_optax(real_threshold):
+    """Side by side with optax's adam, jitted with donation, over five steps."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    p0 = _params(rng)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
+             for _ in range(5)]
+    tx = optax.adam(1e-2)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)), donate_argnums=(0, 1))
+    op = {k: jnp.asarray(v) for k, v in p0.items()}
+    os_ = tx.init(op)
+    opt = Adam(learning_rate=1e-2)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    for g in grads:
+        gj = {k: jnp.asarray(v) for k, v in g.items()}
+        op, os_ = step(op, os_, gj)
+        p, s = opt.update(p, gj, s)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(p[k]), np.asarray(op[k]), rtol=3e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s.slots["v"]), np.concatenate(
+        [np.asarray(os_[0].nu[k]).reshape(-1) for k in p0]), rtol=3e-6, atol=1e-12)
+
+
+def test_missing_gradient_and_written_slot(real_threshold):
+    """A tensor without a gradient keeps its value and slots, in a chunk of its own and in
+    a run of small ones; a slot written between steps is what the next step reads (the
+    repeated step's recipe no longer holds)."""
+    rng = np.random.default_rng(2)
+    p0 = _params(rng)
+    opt = Adam(learning_rate=1e-2)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    full = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for k, v in p0.items()}
+    for _ in range(3):  # the third step runs by the recipe
+        p, s = opt.update(p, full, s)
+    assert s.fast is not None and s.fast.used
+    before = {k: np.asarray(v) for k, v in p.items()}
+    m_before = {k: np.asarray(v) for k, v in s.slot("m").items()}
+    part = {k: v for k, v in full.items() if k not in ("w10", "b1")}
+    p, s = opt.update(p, part, s)
+    for k in ("w10", "b1"):
+        np.testing.assert_array_equal(np.asarray(p[k]), before[k])
+        np.testing.assert_array_equal(np.asarray(s.slot("m")[k]), m_before[k])
+    assert not np.array_equal(np.asarray(p["w1"]), before["w1"])
+    # written between steps: the next step starts from the zeroed second moment
+    for _ in range(2):
+        p, s = opt.update(p, full, s)
+    s.slots["v"] = jnp.zeros_like(s.slots["v"])
+    s.slots["m"] = jnp.zeros_like(s.slots["m"])
+    ref = Adam(learning_rate=1e-2)
+    rs = ref.init({k: np.asarray(v) for k, v in p.items()})
+    rs.step = s.step
+    rp, rs = ref.update({k: np.array(v) for k, v in p.items()},
+                        {k: np.asarray(v) for k, v in full.items()}, rs)
+    p, s = opt.update(p, full, s)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(p[k]), rp[k], rtol=2e-6, atol=1e-6)
