@@ -3,17 +3,18 @@
 XLA's CPU compiler does not fuse a concatenate into the loop that reads it. Over flat slots,
 an update first copies every parameter and gradient into flat buffers, then slices the new
 parameters back out: ~64 B/param for fp32 Adam against the ~40 of optax's per-leaf update
-(1M params in 10 tensors: 2.6 ms against 1.0). Per tensor instead, each tensor costs XLA's CPU
-runtime ~25 µs of per-loop overhead (three loops for Adam), more than the copies save below
-~16k elements (1M params in 400 tensors: 10.1 ms per tensor, 5.7 flat). So on CPU a tensor of
-:data:`CHUNK_MIN` elements or more is a chunk of its own: its update reads and writes its own
-buffers, as optax's does. Each run of smaller tensors between them is one chunk, concatenated
-as before. On GPUs XLA fuses the concatenate into the update (an H200: 0.60x optax's time on
-10M params in 10 tensors), so there the whole layout is one chunk.
+(1M params in 10 tensors: 2.6 ms against 1.0). Per tensor instead, each tensor costs XLA's
+CPU runtime ~25 µs of per-loop overhead (three loops for Adam) and its compiler ~12 ms a
+loop on first use, more than the copies save for small tensors (1M params in 400 tensors:
+10.1 ms per tensor, 5.7 flat). So on CPU a tensor of :data:`CHUNK_MIN` elements or more is
+a chunk of its own (its update reads and writes its own buffers, as optax's does), and all
+the smaller ones together are one more chunk, concatenated as before. On GPUs XLA fuses the
+concatenate into the update (an H200: 0.60x optax's time on 10M params in 10 tensors), so
+there the whole layout is one chunk.
 
 :class:`ChunkedSlots` is what ``state.slots`` then holds. It is a mapping of slot name to
-flat buffer like any state's slots. Reading a slot concatenates its chunks (once; the result
-is kept). The engine's first step with a flat slot splits it into chunks. A slot that is
+flat buffer like any state's slots. Reading a slot joins its chunks (once; the result is
+kept). The engine's first step with a flat slot splits it into chunks. A slot that is
 written (``slots[name] = flat``) is held flat again until then.
 """
 
@@ -23,27 +24,66 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 #: on CPU, a tensor with this many elements or more is updated in its own buffers
-CHUNK_MIN = 1 << 15
+CHUNK_MIN = 1 << 16
+
+#: a chunk: its tensors' (index, start, stop) in the flat layout, in layout order
+Chunk = tuple[tuple[int, int, int], ...]
 
 
-def chunk_bounds(layout: Any, platform: str) -> tuple[tuple[int, int, int, int], ...]:
-    """The chunks of ``layout`` (aligned to 1 element) on ``platform``: for each, the
-    first and last + 1 tensor index and the flat range ``[a, b)`` it covers."""
-    n = len(layout.names)
-    if platform != "cpu" or n == 0:
-        return ((0, n, 0, int(layout.total)),)
-    out: list[tuple[int, int, int, int]] = []
-    start = 0
-    sizes, offs = layout.sizes, layout.offsets
-    for i in range(n):
-        if sizes[i] >= CHUNK_MIN:
-            if start < i:
-                out.append((start, i, int(offs[start]), int(offs[i])))
-            out.append((i, i + 1, int(offs[i]), int(offs[i] + sizes[i])))
-            start = i + 1
-    if start < n:
-        out.append((start, n, int(offs[start]), int(layout.total)))
-    return tuple(out)
+def chunk_bounds(layout: Any, platform: str) -> tuple[Chunk, ...]:
+    """The chunks of ``layout`` (aligned to 1 element) on ``platform``: on CPU each tensor
+    of :data:`CHUNK_MIN` elements or more, then all the smaller ones (wherever they lie),
+    if any; elsewhere one chunk of every tensor."""
+    spans = [(i, a, b) for i, (_, a, b, _) in enumerate(layout.spans())]
+    if platform != "cpu":
+        return (tuple(spans),)
+    big = tuple((s,) for s in spans if s[2] - s[1] >= CHUNK_MIN)
+    small = tuple(s for s in spans if s[2] - s[1] < CHUNK_MIN)
+    return big + (small,) if small or not big else big
+
+
+_SPLIT: dict[tuple, Any] = {}
+_JOIN: dict[tuple, Any] = {}
+
+
+def _splitter(bounds: tuple[Chunk, ...]) -> Any:
+    """One jitted function that cuts a flat buffer into the chunks ``bounds`` (one
+    compile for all: eager slices compiled a program each, +1.3 s on a ten-tensor model's
+    first step)."""
+    fn = _SPLIT.get(bounds)
+    if fn is None:
+        import jax
+        import jax.numpy as jnp
+
+        def split(x: Any) -> tuple[Any, ...]:
+            return tuple(jnp.concatenate([jax.lax.slice(x, (a,), (b,)) for _, a, b in c])
+                         for c in bounds)
+
+        fn = _SPLIT[bounds] = jax.jit(split)
+    return fn
+
+
+def _joiner(bounds: tuple[Chunk, ...]) -> Any:
+    """The jitted inverse of :func:`_splitter`: the flat buffer of the chunks' arrays."""
+    fn = _JOIN.get(bounds)
+    if fn is None:
+        import jax
+        import jax.numpy as jnp
+
+        pieces = sorted((i, c, b - a) for c, chunk in enumerate(bounds) for i, a, b in chunk)
+        starts: dict[tuple[int, int], int] = {}
+        for chunk_i, chunk in enumerate(bounds):
+            at = 0
+            for i, a, b in chunk:
+                starts[(chunk_i, i)] = at
+                at += b - a
+
+        def join(parts: tuple[Any, ...]) -> Any:
+            return jnp.concatenate([jax.lax.slice(parts[c], (starts[(c, i)],),
+                                                  (starts[(c, i)] + n,)) for i, c, n in pieces])
+
+        fn = _JOIN[bounds] = jax.jit(join)
+    return fn
 
 
 class ChunkedSlots(MutableMapping):
@@ -52,8 +92,7 @@ class ChunkedSlots(MutableMapping):
     ``version`` counts the writes (``slots[name] = ...``, ``del``): what a repeated step
     (``fast_step.JaxRecipe``) checks besides the object itself."""
 
-    def __init__(self, bounds: tuple[tuple[int, int, int, int], ...],
-                 slots: Mapping[str, Any]) -> None:
+    def __init__(self, bounds: tuple[Chunk, ...], slots: Mapping[str, Any]) -> None:
         self.bounds = bounds
         self._flat: dict[str, Any] = dict(slots)  # None: held in chunks only
         self._chunks: dict[str, tuple[Any, ...]] = {}
@@ -70,10 +109,8 @@ class ChunkedSlots(MutableMapping):
     def __getitem__(self, name: str) -> Any:
         flat = self._flat[name]
         if flat is None:
-            import jax.numpy as jnp
-
             parts = self._chunks[name]
-            flat = self._flat[name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+            flat = self._flat[name] = parts[0] if len(parts) == 1 else _joiner(self.bounds)(parts)
         return flat
 
     def __setitem__(self, name: str, value: Any) -> None:
@@ -104,7 +141,7 @@ class ChunkedSlots(MutableMapping):
             if len(self.bounds) == 1:
                 parts = (flat,)
             else:
-                parts = tuple(flat[a:b] for _, _, a, b in self.bounds)
+                parts = _splitter(self.bounds)(flat)
                 self._flat[name] = None
             self._chunks[name] = parts
         return parts

@@ -55,7 +55,8 @@ def scaled_norm(leaves: list[Any]) -> Any:
 def global_norm(leaves: list[Any]) -> Any:
     """:func:`scaled_norm`'s value with one pass in the common case: one sum of squares per
     leaf; only where that sum overflows (finite gradients beyond ~1e19) or is not finite, the
-    scaled norm, under ``lax.cond`` (its passes run only then)."""
+    scaled norm, under ``lax.cond`` (its passes run only then), of the leaves concatenated
+    (a few loops for XLA to compile instead of four per leaf)."""
     import jax
     import jax.numpy as jnp
 
@@ -63,16 +64,22 @@ def global_norm(leaves: list[Any]) -> Any:
         return jnp.zeros((), jnp.float32)
     dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
     sq = sum(jnp.sum(jnp.square(g.astype(dt))) for g in leaves)
-    return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), lambda: scaled_norm(leaves))
+
+    def rare() -> Any:
+        return scaled_norm([jnp.concatenate([g.reshape(-1).astype(dt) for g in leaves])]
+                           if len(leaves) > 1 else leaves)
+
+    return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), rare)
 
 
-def _finite(arrays: list[Any]) -> Any:
-    """Whether every element of ``arrays`` is finite: Σ (x − x) is 0, or NaN where some x
-    is ±inf or NaN. One float reduction per array, no boolean array to write (XLA's CPU
-    backend wrote the elementwise mask, then reduced it in four more passes)."""
+def _finite(groups: list[list[Any]]) -> Any:
+    """Whether every element of ``groups`` (lists of same-shape arrays: a chunk's new
+    values) is finite: Σ (x − x) is 0, or NaN where some x is ±inf or NaN. One float
+    reduction per group, no boolean array to write (XLA's CPU backend wrote the elementwise
+    mask, then reduced it in four more passes)."""
     import jax.numpy as jnp
 
-    return jnp.isfinite(sum(jnp.sum(x - x) for x in arrays))
+    return jnp.isfinite(sum(jnp.sum(sum(x - x for x in group)) for group in groups))
 
 
 def _barrier(x: Any) -> Any:
@@ -95,23 +102,24 @@ def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
 
 class _Parts:
     """How a jitted pass meets the layout's chunks (:func:`~.jax_chunks.chunk_bounds`):
-    per chunk its tensors, the row of scalars of its elements (an int where they share one,
-    an array per element where groups differ within it, None for a one-row table) and its
-    mask of elements with a gradient (None: all)."""
+    per chunk its tensors' spans, the row of scalars of its elements (an int where they
+    share one, an array per element where groups differ within it, None for a one-row
+    table) and its mask of elements with a gradient (None: all)."""
 
     def __init__(self, lay: Any, bounds: tuple, rows: tuple[int, ...] | None,
                  present: tuple[str, ...] | None) -> None:
         self.lay, self.bounds = lay, bounds
         spans = list(lay.spans())
-        self.spans = [spans[i0:i1] for i0, i1, _, _ in bounds]
-        elem = None if rows is None else np.repeat(np.asarray(rows, np.int32), lay.sizes)
+        self.spans = [[spans[i] for i, _, _ in chunk] for chunk in bounds]
         self.elems: list[Any] = []
         self.masks: list[Any] = []
-        for i0, i1, a, b in bounds:
-            e = None if elem is None else elem[a:b]
+        for chunk in bounds:
+            sizes = [b - a for _, a, b in chunk]
+            e = None if rows is None else np.repeat(
+                np.asarray([rows[i] for i, _, _ in chunk], np.int32), sizes)
             self.elems.append(e if e is None or not e.size or (e != e[0]).any() else int(e[0]))
             m = None if present is None else np.repeat(
-                np.array([n in present for n in lay.names[i0:i1]]), lay.sizes[i0:i1])
+                np.array([lay.names[i] in present for i, _, _ in chunk], dtype=bool), sizes)
             self.masks.append(None if m is None or m.all() else m)
 
     def col(self, table: Any, c: int) -> Any:
@@ -128,12 +136,21 @@ class _Parts:
                 for sp in self.spans]
 
     def unflat(self, chunks: list[Any]) -> dict[str, Any]:
-        """The tensors of each chunk's flat array."""
+        """The tensors of each chunk's flat array, in layout order."""
         out = {}
-        for (_, _, a0, _), sp, x in zip(self.bounds, self.spans, chunks):
+        for sp, x in zip(self.spans, chunks):
+            at = 0
             for n, a, b, shp in sp:
-                out[n] = x[a - a0:b - a0].reshape(shp)
-        return out
+                out[n] = x[at:at + b - a].reshape(shp)
+                at += b - a
+        return {n: out[n] for n in self.lay.names}
+
+    def per_tensor(self, rows: list[Any]) -> Any:
+        """Per-chunk arrays of per-tensor rows, as one array in layout order."""
+        import jax.numpy as jnp
+
+        order = np.argsort([i for chunk in self.bounds for i, _, _ in chunk], kind="stable")
+        return jnp.concatenate(rows, axis=0)[order]
 
 
 def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, clip_norm: Any,
@@ -230,7 +247,7 @@ class JaxEngine(Engine):
             finite = None
             if checked:  # whether every new value is finite: a reduction of its own
                 new_ps, new_slots = _barrier((new_ps, new_slots))
-                finite = _finite([*new_ps, *(v for new in new_slots for v in new)])
+                finite = _finite([[p, *new] for p, new in zip(new_ps, new_slots)])
             if skip:
                 keep = jnp.isfinite(norm) & finite
                 new_ps = [jnp.where(keep, v, p) for v, p in zip(new_ps, ps)]
@@ -301,21 +318,21 @@ class JaxEngine(Engine):
         parts = _Parts(lay, self.bounds, rows, None)
         wide = jnp.promote_types(lay.dtype, jnp.float32)
 
-        def sums(x: Any, i0: int, i1: int) -> Any:  # per tensor of a chunk
-            if i1 - i0 == 1:
+        def sums(x: Any, chunk: tuple) -> Any:  # per tensor of a chunk
+            if len(chunk) == 1:
                 return jnp.sum(x.astype(wide))[None]
-            ids = np.repeat(np.arange(i1 - i0, dtype=np.int32), lay.sizes[i0:i1])
-            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=i1 - i0)
+            ids = np.repeat(np.arange(len(chunk), dtype=np.int32), [b - a for _, a, b in chunk])
+            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=len(chunk))
 
         def first(params, grads, slots, table, clip_norm):
             ps, gs, cols, _ = _prologue(parts, params, grads, table, clip_norm,
                                         (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
             out = []
-            for c, ((i0, i1, _, _), p, g, col) in enumerate(zip(self.bounds, ps, gs, cols)):
+            for c, (chunk, p, g, col) in enumerate(zip(self.bounds, ps, gs, cols)):
                 terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
                                   *(col(j) for j in range(4, 4 + n_own)))
-                out.append(jnp.stack([sums(x, i0, i1) for x in terms], axis=1))
-            return jnp.concatenate(out, axis=0)
+                out.append(jnp.stack([sums(x, chunk) for x in terms], axis=1))
+            return parts.per_tensor(out)
 
         return jax.jit(first)
 
