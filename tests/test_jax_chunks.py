@@ -15,7 +15,7 @@ from mithril.utils.optimizers.engines import jax_chunks
 from mithril.utils.optimizers.engines.jax_chunks import ChunkedSlots, chunk_bounds
 from mithril.utils.optimizers.layout import Layout
 
-BIG = 1 << 16
+BIG = 1 << 13
 
 
 @pytest.fixture

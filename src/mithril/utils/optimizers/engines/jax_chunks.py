@@ -2,15 +2,15 @@
 
 XLA's CPU compiler does not fuse a concatenate into the loop that reads it. Over flat slots,
 an update first copies every parameter and gradient into flat buffers, then slices the new
-parameters back out: ~64 B/param for fp32 Adam against the ~40 of optax's per-leaf update
-(1M params in 10 tensors: 2.6 ms against 1.0). Per tensor instead, each tensor costs XLA's
-CPU runtime ~25 µs of per-loop overhead (three loops for Adam) and its compiler ~12 ms a
-loop on first use, more than the copies save for small tensors (1M params in 400 tensors:
-10.1 ms per tensor, 5.7 flat). So on CPU a tensor of :data:`CHUNK_MIN` elements or more is
-a chunk of its own (its update reads and writes its own buffers, as optax's does), and all
-the smaller ones together are one more chunk, concatenated as before. On GPUs XLA fuses the
-concatenate into the update (an H200: 0.60x optax's time on 10M params in 10 tensors), so
-there the whole layout is one chunk.
+parameters back out, at ~3-10 ns an element more than optax's per-leaf update (fp32 Adam, 1M
+params in 10 tensors: 2.6 ms against 1.0; 10M in 200: 104 ms against 19). Per tensor
+instead, each tensor costs XLA's CPU runtime ~25 µs of per-loop overhead (three loops for
+Adam), which the copies of a small tensor do not (1M params in 200 tensors: 6.2 ms per
+tensor, 5.8 flat; 400k in 200: 5.4 and 4.6). So on CPU a tensor of :data:`CHUNK_MIN`
+elements or more is a chunk of its own (its update reads and writes its own buffers, as
+optax's does), and all the smaller ones together are one more chunk, concatenated as
+before. On GPUs XLA fuses the concatenate into the update (an H200: 0.60x optax's time on
+10M params in 10 tensors), so there the whole layout is one chunk.
 
 :class:`ChunkedSlots` is what ``state.slots`` then holds. It is a mapping of slot name to
 flat buffer like any state's slots. Reading a slot joins its chunks (once; the result is
@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 #: on CPU, a tensor with this many elements or more is updated in its own buffers
-CHUNK_MIN = 1 << 16
+CHUNK_MIN = 1 << 13
 
 #: a chunk: its tensors' (index, start, stop) in the flat layout, in layout order
 Chunk = tuple[tuple[int, int, int], ...]

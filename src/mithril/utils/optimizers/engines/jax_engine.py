@@ -72,14 +72,14 @@ def global_norm(leaves: list[Any]) -> Any:
     return jax.lax.cond(jnp.isfinite(sq), lambda: jnp.sqrt(sq), rare)
 
 
-def _finite(groups: list[list[Any]]) -> Any:
-    """Whether every element of ``groups`` (lists of same-shape arrays: a chunk's new
-    values) is finite: Σ (x − x) is 0, or NaN where some x is ±inf or NaN. One float
-    reduction per group, no boolean array to write (XLA's CPU backend wrote the elementwise
-    mask, then reduced it in four more passes)."""
+def _finite(arrays: list[Any]) -> Any:
+    """Whether every element of ``arrays`` is finite: Σ (x − x) is 0, or NaN where some x
+    is ±inf or NaN. One float reduction per array, no boolean array to write (XLA's CPU
+    backend wrote the elementwise mask, then reduced it in four more passes; one reduction
+    of a chunk's (p − p) + (m − m) + (v − v) ran 12% slower than three)."""
     import jax.numpy as jnp
 
-    return jnp.isfinite(sum(jnp.sum(sum(x - x for x in group)) for group in groups))
+    return jnp.isfinite(sum(jnp.sum(x - x) for x in arrays))
 
 
 def _barrier(x: Any) -> Any:
@@ -247,7 +247,7 @@ class JaxEngine(Engine):
             finite = None
             if checked:  # whether every new value is finite: a reduction of its own
                 new_ps, new_slots = _barrier((new_ps, new_slots))
-                finite = _finite([[p, *new] for p, new in zip(new_ps, new_slots)])
+                finite = _finite([*new_ps, *(v for new in new_slots for v in new)])
             if skip:
                 keep = jnp.isfinite(norm) & finite
                 new_ps = [jnp.where(keep, v, p) for v, p in zip(new_ps, ps)]
