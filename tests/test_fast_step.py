@@ -14,7 +14,17 @@ import pytest
 import torch
 
 from mithril.errors import ShapeError
-from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead, engines
+from mithril.utils.optimizers import (
+    LAMB,
+    LARS,
+    SGD,
+    Adam,
+    AdamW,
+    Lookahead,
+    Novograd,
+    Prodigy,
+    engines,
+)
 from mithril.utils.optimizers.engines import fast_step
 
 
@@ -87,7 +97,7 @@ def _twin_run(make, changes, lib="numpy", steps=12, seed=0):
             p, s = opt.update(p, grads[i], s)
             trace.append(({k: _np(v).copy() for k, v in p.items()},
                           {k: _np(v).copy() for k, v in s.slots.items()},
-                          s.step, s.last_grad_norm))
+                          s.step, s.last_grad_norm, dict(s.values)))
         runs.append((trace, s))
     (fast_trace, fast_state), (full_trace, _) = runs
     for i, (a, b) in enumerate(zip(fast_trace, full_trace, strict=True)):
@@ -138,6 +148,29 @@ def test_groups_weight_decay_momentum_and_averaging_bit_for_bit(monkeypatch, lib
                           param_groups=[{"params": ["b"], "momentum": 0.5}]), changes, lib)
     state = _twin_run(lambda: AdamW(learning_rate=1e-2, ema_decay=0.9), changes, lib)
     assert state.fast is not None and state.fast.used
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
+    lambda: LARS(learning_rate=0.1, momentum=0.9),
+    lambda: Novograd(learning_rate=1e-2),  # a tensor slot, new arrays every step
+    lambda: Prodigy(learning_rate=1.0),  # optimizer-wide values
+], ids=["lamb", "lars", "novograd", "prodigy"])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_two_pass_steps_bit_for_bit(monkeypatch, make, lib):
+    """A two-pass step repeats its first pass and per-tensor table: the tensor slots and
+    values it commits, params and slots, bit for bit the full path's, while the learning
+    rate changes and clipping by the global norm switches on."""
+    counted = _Counted(monkeypatch)
+
+    def changes(i, opt):
+        opt.learning_rate *= 0.9
+        if i == 6:
+            opt.clip_norm = 0.5
+
+    state = _twin_run(make, changes, lib)
+    assert state.fast is not None and state.fast.used and state.fast.two_pass
+    assert counted.taken == 4 + 5  # steps 3-6; the 7th (clip_norm) makes a new recipe: 8-12
 
 
 def test_a_plain_loop_takes_it_and_a_wrapper_never_does(monkeypatch):

@@ -433,7 +433,12 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
         if getattr(state, "fast", None) is not None:  # a loop's steady state (fast_step.py)
-            got = state.engine.fast_step(self, state, params, gradients)
+            try:
+                got = state.engine.fast_step(self, state, params, gradients)
+                if got is not None and state.pending is not None:  # (a two-pass step's)
+                    state.pending()
+            finally:
+                state.pending = None
             if got is not None:
                 return self._record(state, state.step + 1, *got)
         bound = self._backend

@@ -328,7 +328,7 @@ class NumbaEngine(Engine):
                   update_kernel(math_fn, len(slots), n_scal, lay.dtype, copy, clip, stream,
                                 n_avg=n_avg, **unit_kw))
         if (plain and not copy and not unit_kw and ours and self.kind != "jax"
-                and not refuses(opt) and not opt.two_pass()):
+                and not refuses(opt)):
             self._keep_recipe(opt, state, math_fn, n_scal, n_avg)
         total = plan.run(kernel, (self.np_view(src), self.np_view(dst), *slots), gptr, after)
         if math.isfinite(total):  # gradients and every new value finite
