@@ -168,3 +168,31 @@ def test_missing_gradient_and_written_slot(real_threshold):
     p, s = opt.update(p, full, s)
     for k in p0:
         np.testing.assert_allclose(np.asarray(p[k]), rp[k], rtol=2e-6, atol=1e-6)
+
+
+def test_bfloat16_chunked_equals_one_chunk(monkeypatch):
+    """JAX bfloat16 on CPU takes the jitted engine by default: with the real threshold its
+    large tensors are chunks of their own, with an unreachable one the whole layout is one
+    chunk; the steps are the same elementwise math, so the params and slots are equal."""
+    rng = np.random.default_rng(3)
+    p0 = {k: jnp.asarray(v, dtype=jnp.bfloat16) for k, v in _params(rng).items()}
+    grads = [{k: jnp.asarray(rng.standard_normal(v.shape), dtype=jnp.bfloat16)
+              for k, v in p0.items()} for _ in range(3)]
+    out = {}
+    for threshold in (BIG, 1 << 40):
+        monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+        opt = AdamW(learning_rate=1e-2, weight_decay=0.1)
+        p = {k: v + 0 for k, v in p0.items()}
+        s = opt.init(p)
+        assert type(s.engine).__name__ == "JaxEngine"
+        assert len(s.engine.bounds) == (4 if threshold == BIG else 1)
+        for g in grads:
+            p, s = opt.update(p, g, s)
+        out[threshold] = ({k: np.asarray(v, dtype=np.float32) for k, v in p.items()},
+                          {k: np.asarray(v, dtype=np.float32) for k, v in s.slots.items()})
+    (pa, sa), (pb, sb) = out.values()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    assert not np.array_equal(pa["w1"], np.asarray(p0["w1"], dtype=np.float32))
