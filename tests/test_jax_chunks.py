@@ -92,6 +92,8 @@ def test_chunked_steps_equal_numpy_engine(real_threshold, make):
         ref_p, ref_s = ref_opt.update(ref_p, g, ref_s)
         p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
     assert isinstance(s.slots, ChunkedSlots)
+    if opt.nonfinite != "unchecked":  # the global norm, summed over the chunks
+        assert float(s.last_grad_norm) == pytest.approx(ref_s.last_grad_norm, rel=1e-5)
     for k in p0:
         np.testing.assert_allclose(np.asarray(p[k]), ref_p[k], rtol=2e-6, atol=1e-6)
     for name in ref_opt.full_slot_names():
