@@ -10,16 +10,17 @@ A plain step - NumPy or CPU torch, parameters that are the arrays the previous u
 returned (updated in place), no clipping by per-tensor or adaptive norms (a global
 ``clip_norm`` is fine: its norm pass is repeated too), ``nonfinite="propagate"`` or
 ``"unchecked"`` - leaves a :class:`Recipe` on its state: the answers, and what they were
-derived from. A two-pass optimizer's (LAMB, LARS, Novograd, Prodigy) repeats its first pass
-and per-tensor table as the full path takes them, then the update as a one-pass step does
-(10k params in 20 tensors, a step: LAMB 151-153 → 135-139 µs, Prodigy 173-196 → 139-153). The next update takes :func:`run` instead when nothing they
-depend on has changed: the same optimizer object with the same attributes (its learning
+derived from. The next update takes :func:`run` instead when nothing they depend on has
+changed: the same optimizer object with the same attributes (its learning
 rate apart: a scheduler sets it every step, and it is only ever a per-step scalar), the
 same parameter groups (their version), the same slot and parameter buffers, and the
 gradients pass the same address scan (the complete, ordered, well-typed set the kernel can
 read). Everything per step is computed as the full path computes it (the scalar table, the
 aliasing check, the kernel's Σ g²), so the result is bit for bit the same; anything else
-falls back to the full path, which raises the errors.
+falls back to the full path, which raises the errors. A two-pass optimizer's recipe (LAMB,
+LARS, Novograd, Prodigy) repeats its first pass and per-tensor table as the full path takes
+them, then the update as a one-pass step does (10k params in 20 tensors, a step: LAMB
+151-153 → 135-139 µs, Prodigy 173-196 → 139-153).
 
 The jitted JAX engine (accelerators; ``MITHRIL_JAX_ENGINE=jit`` on CPU) keeps a
 :class:`JaxRecipe` under the same conditions (no first pass, no adaptive or per-tensor
@@ -149,8 +150,7 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if r.two_pass:  # the first pass, then the per-tensor table (its commit: state.pending)
         table, index = engine._first_pass(opt, state, params, True, gptr, table, index, clip, t)
     if table.shape[1] - 4 != r.kernel_args[2]:  # (the kernel takes that many scalars)
-        state.pending = None
-        return None
+        return None  # (a first pass's pending commit is dropped by the caller)
     with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
         after = (index, table.astype(lay.dtype))
     keep: list = []  # (copies of gradients that alias a written buffer, alive until done)

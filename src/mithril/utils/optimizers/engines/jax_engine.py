@@ -136,14 +136,15 @@ class _Parts:
                 for sp in self.spans]
 
     def unflat(self, chunks: list[Any]) -> dict[str, Any]:
-        """The tensors of each chunk's flat array, in layout order."""
+        """The tensors of each chunk's flat array (in any order: ``jax.jit`` returns a
+        dict's keys sorted; the engine puts them back in layout order)."""
         out = {}
         for sp, x in zip(self.spans, chunks):
             at = 0
             for n, a, b, shp in sp:
                 out[n] = x[at:at + b - a].reshape(shp)
                 at += b - a
-        return {n: out[n] for n in self.lay.names}
+        return out
 
     def per_tensor(self, rows: list[Any]) -> Any:
         """Per-chunk arrays of per-tensor rows, as one array in layout order."""
