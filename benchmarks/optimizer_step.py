@@ -14,6 +14,11 @@ implementation): one reused gradient would stay in cache and flatter the figure.
 set over (torch: pointing each ``.grad`` at it) is not timed. Each implementation's first
 step is checked once against a NumPy reference of the same step.
 
+``--chain K``: each timed sample is K consecutive steps (each with the next gradient set,
+handed over inside the timing) and one wait for the last, as a loop that does not read
+anything back between steps runs: what JAX's and CUDA's queues let the host do ahead of
+the device (the figure is per step).
+
     python benchmarks/optimizer_step.py                 # both sizes, all backends
     python benchmarks/optimizer_step.py --sizes b --backends jax --optimizers adam
     python benchmarks/optimizer_step.py --device cuda --backends torch,jax --sizes 10Mx10,100Mx10
@@ -39,10 +44,11 @@ import numpy as np
 
 #: (parameters, tensors): (a) and (b) are the catalog's; "10Mx1", "10Mx10" and "1Mx1" the
 #: few-large-tensors cases (torch's fused kernel is at its best there); "1Mx10" the JAX
-#: jit engine's row (``MITHRIL_JAX_ENGINE=jit``)
+#: jit engine's row (``MITHRIL_JAX_ENGINE=jit``); "100kx10" a small model, whose steps cost
+#: the host about as much as the device (``--chain``)
 SIZES = {"a": (10_000_000, 200), "b": (1_000_000, 2_000), "10Mx1": (10_000_000, 1),
          "10Mx10": (10_000_000, 10), "1Mx1": (1_000_000, 1), "1Mx10": (1_000_000, 10),
-         "100Mx10": (100_000_000, 10)}
+         "100Mx10": (100_000_000, 10), "100kx10": (100_000, 10)}
 #: where torch's tensors live (``--device``; an environment variable, so that the processes
 #: this one starts see it too)
 DEVICE = os.environ.get("MITHRIL_BENCH_DEVICE", "cpu")
@@ -74,7 +80,8 @@ def reference_first_step(opt_name: str, p: np.ndarray, g: np.ndarray) -> np.ndar
 
 class Impl:
     """One implementation: ``give(i)`` hands gradient set ``i`` over (untimed), ``step()``
-    is timed; ``first`` holds (first, last) param after the first step, for the check."""
+    is timed (``step(wait=False)``: no wait for the device at its end, see ``--chain``);
+    ``first`` holds (first, last) param after the first step, for the check."""
 
     def __init__(self, give: Callable[[int], None], step: Callable[[], None], first) -> None:
         self.give, self.step, self.first = give, step, first
@@ -92,9 +99,10 @@ def mithril_impl(opt_name: str, params, gsets, policy: str = "propagate") -> Imp
     def give(i: int) -> None:
         box["g"] = gsets[i]
 
-    def step():
+    def step(wait: bool = True):
         box["p"], box["s"] = opt.update(box["p"], box["g"], box["s"])
-        sync(box["p"])
+        if wait:
+            sync(box["p"])
 
     step()
     first = tuple(np.array(to_host(box["p"][k])) for k in (next(iter(params)), list(params)[-1]))
@@ -138,11 +146,11 @@ def torch_fused(opt_name: str, shapes, seed=0, norm: bool = False) -> Impl:
         for t, g in zip(tp, tg[i]):
             t.grad = g
 
-    def step() -> None:
+    def step(wait: bool = True) -> None:
         if norm:
             torch.nn.utils.get_total_norm([t.grad for t in tp])
         opt.step()
-        if DEVICE != "cpu":
+        if DEVICE != "cpu" and wait:
             torch.cuda.synchronize()
 
     give(0)
@@ -170,9 +178,10 @@ def optax_impl(opt_name: str, shapes, seed=0) -> tuple[Impl, float]:
     def give(i: int) -> None:
         box["g"] = gs[i]
 
-    def step():
+    def step(wait: bool = True):
         box["p"], box["s"] = step_fn(box["p"], box["g"], box["s"])
-        jax.block_until_ready(box["p"])
+        if wait:
+            jax.block_until_ready(box["p"])
 
     t0 = time.perf_counter()
     step()
@@ -189,14 +198,15 @@ def numpy_triad(total: int) -> Impl:
     def give(i: int) -> None:
         box["b"] = bs[i]
 
-    def step():  # a += 0.5 * b in place: 12 bytes/element of traffic
+    def step(wait: bool = True):  # a += 0.5 * b in place: 12 bytes/element of traffic
         np.multiply(box["b"], np.float32(0.5), out=box["b"])
         np.add(a, box["b"], out=a)
 
     return Impl(give, step, None)
 
 
-def time_blocks(fns: dict[str, Impl], rounds: int, block: int, warm: float) -> dict[str, float]:
+def time_blocks(fns: dict[str, Impl], rounds: int, block: int, warm: float,
+                chain: int = 1) -> dict[str, float]:
     """Median step time of each implementation.
 
     Each round runs every implementation untimed for ``warm`` seconds (at least one step)
@@ -213,7 +223,7 @@ def time_blocks(fns: dict[str, Impl], rounds: int, block: int, warm: float) -> d
     turn = 0
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            times[k] += run_block(fns[k], warm, block, turn)
+            times[k] += run_block(fns[k], warm, block, turn, chain)
             turn += 1000
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -264,8 +274,9 @@ def names_for(backends: list[str], no_optax: bool, unchecked: bool = False) -> l
     return names
 
 
-def run_block(impl: Impl, warm: float, block: int, turn: int) -> list[float]:
-    """``warm`` seconds of untimed steps (at least one), then ``block`` timed ones."""
+def run_block(impl: Impl, warm: float, block: int, turn: int, chain: int = 1) -> list[float]:
+    """``warm`` seconds of untimed steps (at least one), then ``block`` timed ones (each,
+    with ``chain`` > 1, the mean of a chain of steps with one wait at its end)."""
     t_end = time.perf_counter() + warm
     while True:
         turn += 1
@@ -278,8 +289,12 @@ def run_block(impl: Impl, warm: float, block: int, turn: int) -> list[float]:
         turn += 1
         impl.give(turn % GRAD_SETS)
         t0 = time.perf_counter()
+        for _ in range(1, chain):
+            impl.step(wait=False)
+            turn += 1
+            impl.give(turn % GRAD_SETS)
         impl.step()
-        out.append(time.perf_counter() - t0)
+        out.append((time.perf_counter() - t0) / chain)
     return out
 
 
@@ -314,7 +329,7 @@ def time_isolated(names: list[str], size: str, opt_name: str, args: argparse.Nam
     for r in range(args.rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             time.sleep(GAP)
-            conns[k].send((args.warm, args.block, turn))
+            conns[k].send((args.warm, args.block, turn, args.chain))
             times[k] += conns[k].recv()
             turn += 1000
     for k in names:
@@ -344,7 +359,7 @@ def run_case(size: str, opt_name: str, backends: list[str], args: argparse.Names
                 err = np.max(np.abs(got - ref)) / LR
                 assert err < 1e-3, f"{k}: first step off the reference by {err:.2e} lr"
     if args.shared:
-        med = time_blocks(fns, args.rounds, args.block, args.warm)
+        med = time_blocks(fns, args.rounds, args.block, args.warm, args.chain)
     ref, ox = med["torch fused"], med.get("optax jit+donate")
     for k, v in med.items():
         gbs = total * BYTES[opt_name] / v / 1e9 if k != "numpy triad" else total * 12 / v / 1e9
@@ -372,8 +387,12 @@ def main() -> None:
                     help="torch's device (default cpu; e.g. cuda): see the module docs")
     ap.add_argument("--unchecked", action="store_true",
                     help="also time Mithril with nonfinite='unchecked' (always on a GPU)")
+    ap.add_argument("--chain", type=int, default=1,
+                    help="steps per timed sample, with one wait at the end (see the module docs)")
     ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chain < 1:
+        ap.error("--chain must be positive")
     if args.device:
         global DEVICE
         DEVICE = os.environ["MITHRIL_BENCH_DEVICE"] = args.device
@@ -384,7 +403,8 @@ def main() -> None:
         for size, opt_name in cases:
             cmd = [sys.executable, __file__, "--in-process", "--sizes", size, "--optimizers", opt_name,
                    "--backends", args.backends, "--rounds", str(args.rounds), "--block", str(args.block),
-                   "--warm", str(args.warm)] + (["--shared"] if args.shared else []) + (
+                   "--warm", str(args.warm), "--chain", str(args.chain)] + (
+                       ["--shared"] if args.shared else []) + (
                        ["--unchecked"] if args.unchecked else [])
             subprocess.run(cmd + (["--no-optax"] if args.no_optax else []) + ["--no-header"], check=True)
         return

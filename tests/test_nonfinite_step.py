@@ -68,6 +68,9 @@ def _update(opt, params, grads, state):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         params, state = opt.update(params, grads, state)
+        # the engines that queue work on a device read a "propagate" step's norm and probe
+        # when needed (OptimizerState.settle): now, for its warning to be caught here
+        state.settle()
     return params, state, [str(w.message) for w in caught if w.category is RuntimeWarning]
 
 
@@ -215,3 +218,55 @@ def test_nonfinite_gradient_message_unchanged():
     state = opt.init(p)
     with pytest.raises(FloatingPointError, match=r"non-finite gradient\(s\) for \['w'\]"):
         opt.update(p, {"w": np.array([np.inf, 0, 0], np.float32)}, state)
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if w.category is RuntimeWarning]
+
+
+@pytest.mark.parametrize("engine", ("jax-jit", "torch-ops"))
+def test_deferred_report_is_read_when_needed(engine):
+    """The engines that queue work on a device (jitted JAX, torch's fused kernels) leave a
+    "propagate" step's norm and probe there: no wait, no warning in ``update``; they are
+    read when the next update is queued (outcomes counted in step order, each warning
+    naming its step) or when the norm or a counter is read. The step itself is applied at
+    once, and "skip" / "raise" never defer (they decide on the values)."""
+    with engine_of(engine):
+        p, g_bad, g_ok = _problem(engine)
+        ref_p, _, _ = _problem("numpy")
+        opt, ref = SGD(1.0, momentum=0.9), SGD(1.0, momentum=0.9)
+        state, ref_state = opt.init(p), ref.init(ref_p)
+        (p, state), msgs = _caught(lambda: opt.update(p, g_ok, state))
+        assert msgs == [] and state._report is not None and state.step == 1
+        ref_p, ref_state = ref.update(ref_p, {k: host(v) for k, v in g_ok.items()}, ref_state)
+        assert state.last_grad_norm == pytest.approx(ref_state.last_grad_norm, rel=1e-6)
+        assert state._report is None  # (reading the norm read the report)
+        # a step that makes w[0] inf: applied now, reported by the next update
+        (p, state), msgs = _caught(lambda: opt.update(p, g_bad, state))
+        assert msgs == [] and state.step == 2 and np.isinf(host(p["w"])[0])
+        (p, state), msgs = _caught(lambda: opt.update(p, g_ok, state))
+        assert len(msgs) == 1 and "non-finite" in msgs[0] and "at step 2;" in msgs[0], msgs
+        assert state._report is not None and state.step == 3
+        # step 3's report (w[0] still inf: nothing new) read with the counter
+        assert _caught(lambda: (state.num_nonfinite, state.nonfinite_values)) == ((1, True), [])
+        # a non-finite gradient: counted when asked, warned about once
+        bad = dict(g_ok)
+        bad["b"] = _arrays(engine, {"b": [np.nan, 0.1]})["b"]
+        (p, state), msgs = _caught(lambda: opt.update(p, bad, state))
+        assert msgs == [] and state._report is not None
+        norm, msgs = _caught(lambda: state.last_grad_norm)
+        assert np.isnan(norm) and len(msgs) == 1 and "non-finite gradient" in msgs[0]
+        assert "at step 4" in msgs[0] and state.num_nonfinite == 2
+        # a saved state holds the counters of every step taken
+        (p, state), _ = _caught(lambda: opt.update(p, bad, state))
+        saved, msgs = _caught(lambda: opt.state_dict(state))
+        assert saved["num_nonfinite"] == 3 and len(msgs) == 1 and "at step 5" in msgs[0]
+        for policy in ("skip", "raise", "unchecked"):
+            o = SGD(1.0, momentum=0.9, nonfinite=policy)
+            q, _, ok = _problem(engine)
+            s = o.init(q)
+            (q, s), msgs = _caught(lambda: o.update(q, ok, s))  # noqa: B023
+            assert s._report is None and msgs == [], policy

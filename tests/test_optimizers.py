@@ -873,6 +873,7 @@ def test_nonfinite_propagate_is_default_and_detected(backend):
     assert state.last_grad_norm == pytest.approx(norm, rel=1e-6)
     with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         params, state = opt.update(params, _bad(g_np, backend), state)
+        state.settle()  # (jax-jit, torch-ops: read when asked, see test_nonfinite_step)
     assert not np.isfinite(state.last_grad_norm) and state.num_nonfinite == 1
     assert state.step == 2 and not state.last_step_skipped and state.num_skipped == 0
     b = host(params["b"])

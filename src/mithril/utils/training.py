@@ -88,7 +88,8 @@ class TrainStep:
         self.backend = compiled.backend
         self._fused = self.backend.name == "jax"
         self._cots: dict[str, Any] | None = None
-        self.last_grad_norm: Any = None
+        self._last_grad_norm: Any = None
+        self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
         self.grad_norm = bool(grad_norm)  # the JAX program computes it (else None there)
         # the JAX program (built on first use)
         self._tx: Any = None
@@ -184,6 +185,18 @@ class TrainStep:
             return self._fused_step(params, opt_state, data, state)
         return self._separate_step(params, opt_state, data, state)
 
+    @property
+    def last_grad_norm(self) -> Any:
+        """The global gradient norm of the last step: the optimizer state's
+        ``last_grad_norm`` (read when asked, see :class:`OptimizerState`), or the JAX
+        program's 0-d array (``grad_norm=True``; else None)."""
+        return self._norm_of.last_grad_norm if self._norm_of is not None else \
+            self._last_grad_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Any) -> None:
+        self._norm_of, self._last_grad_norm = None, value
+
     def _cotangents(self) -> dict[str, Any]:
         if self._cots is None:
             self._cots = self.compiled._cotangents({self.loss: 1.0})
@@ -207,7 +220,7 @@ class TrainStep:
         else:
             outputs, grads, state = c.evaluate(params, data, output_gradients=cots, state=state)
         params, opt_state = opt.update(params, grads, opt_state)
-        self.last_grad_norm = opt_state.last_grad_norm
+        self._norm_of = opt_state  # (read when asked: it may still be on the device)
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, state)
 

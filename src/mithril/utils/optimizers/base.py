@@ -76,7 +76,7 @@ from .engines.common import is_finite
 from .groups import GroupsMixin
 from .layout import Layout
 from .serialization import StateDictMixin
-from .state import OptimizerState
+from .state import DeviceReport, OptimizerState
 
 _NONFINITE = ("skip", "raise", "propagate", "unchecked")
 
@@ -465,34 +465,28 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         return self._record(state, t, new_params, ok, norm, finite)
 
     def _record(self, state: OptimizerState, t: int, new_params: dict[str, Any], ok: bool,
-                norm: float | None, finite: bool) -> tuple[dict[str, Any], OptimizerState]:
+                norm: Any, finite: bool) -> tuple[dict[str, Any], OptimizerState]:
         """The step's outcome in ``state`` (its count, the norm, skipped and non-finite
-        steps, with their warnings); returns what ``update`` returns."""
+        steps, with their warnings); returns what ``update`` returns. ``norm`` a
+        :class:`~.state.DeviceReport` (an applied ``"propagate"`` step whose norm and probe
+        are still on the device): read later (:meth:`~.state.OptimizerState.settle`)."""
+        name = type(self).__name__
+        if isinstance(norm, DeviceReport):
+            state.step, state.last_step_skipped = t, False
+            state.defer(norm, t, name)
+            return new_params, state
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
-        name = type(self).__name__
         if ok:
             state.step = t
-            if self.nonfinite == "unchecked":  # nothing looked at (engines may not measure)
-                return new_params, state
-            # a non-finite gradient counts every time; non-finite values from finite
-            # gradients once, until a step gives finite values again
-            new_values = not finite and is_finite(norm) and not state.nonfinite_values
-            if not is_finite(norm) or new_values:
-                state.num_nonfinite += 1
-                what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
-                        "finite gradients, but the step made params or state non-finite (a "
-                        "learning rate or other hyperparameter too large for the dtype?)")
-                warnings.warn(f"{name}: {what} applied; params may now be non-finite "
-                              f"(nonfinite='skip' or 'raise' guard against this)",
-                              RuntimeWarning, stacklevel=3)
-            state.nonfinite_values = not finite
-        else:
-            state.num_skipped += 1
-            what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
-                    "the step would give non-finite params or state")
-            warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
-                          RuntimeWarning, stacklevel=3)
+            if self.nonfinite != "unchecked":  # nothing looked at (engines may not measure)
+                state.note_applied(name, norm, finite)
+            return new_params, state
+        state.num_skipped += 1
+        what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
+                "the step would give non-finite params or state")
+        warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
+                      RuntimeWarning, stacklevel=3)
         return new_params, state
 
     def adopt(self, params: MutableMapping[str, Any], state: OptimizerState) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,9 +26,28 @@ def scalar_arguments(opt: Any, values: Mapping[str, Any] | None = None) -> dict[
     return {n: have[n] if n in have else opt.state_value_init(n) for n in names}
 
 
+class DeviceReport:
+    """A step's global gradient norm and finite probe still on the device (the engines that
+    queue their work: the jitted JAX engine, torch's fused kernels): ``read()`` waits for
+    them and returns ``(norm, finite)`` as Python values. Under ``nonfinite="propagate"``
+    the step is applied whatever they say, so the host need not wait for them: the state
+    reads them later (:meth:`OptimizerState.settle`), while the device runs on."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], tuple[float, bool]]) -> None:
+        self.read = read
+
+
 class OptimizerState:
     """Step count, skipped-step count, flat state slots (e.g. Adam's ``m``/``v``) and
     optimizer-wide scalars (``values``, e.g. a schedule-free weight sum).
+
+    Under ``nonfinite="propagate"`` an engine that queues its work on a device (the jitted
+    JAX engine, torch's fused kernels) leaves a step's norm and finite probe there: they
+    are read when the next update is queued, or when :attr:`last_grad_norm`,
+    :attr:`num_nonfinite` or :attr:`nonfinite_values` is read (or :meth:`settle` called),
+    whichever comes first; the step's warning, if any, is issued then.
 
     ``slots[name]`` is one flat buffer over all parameters (see :class:`Layout`);
     :meth:`slot` gives per-parameter views of it. (The jitted JAX engine holds them in
@@ -52,10 +73,12 @@ class OptimizerState:
         self.pending: Any = None
         self.step = 0
         self.num_skipped = 0
-        self.num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
-        self.nonfinite_values = False  # the last step left inf/NaN in params or state
+        #: the last applied step's report still on the device: (report, step, optimizer name)
+        self._report: tuple[DeviceReport, int, str] | None = None
+        self._num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
+        self._nonfinite_values = False  # the last step left inf/NaN in params or state
+        self._last_grad_norm: float | None = None
         self.last_step_skipped = False
-        self.last_grad_norm: float | None = None
         self.params_flat: Any = None
         self.param_views: dict[str, Any] | None = None
         self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
@@ -66,6 +89,81 @@ class OptimizerState:
         #: the average swapped in for evaluation ("ema" / "swa", see Optimizer.swap_ema):
         #: its slot then holds the training parameters
         self.swapped: str | None = None
+
+    # the step's outcomes a deferred report settles (reading or setting one settles it first)
+    @property
+    def last_grad_norm(self) -> Any:
+        """The last step's global gradient norm (float; None before any step)."""
+        if self._report is not None:
+            self.settle()
+        return self._last_grad_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: Any) -> None:
+        if self._report is not None:
+            self.settle()
+        self._last_grad_norm = value
+
+    @property
+    def num_nonfinite(self) -> int:
+        """Steps applied (``"propagate"``) with a non-finite gradient, or that made params or
+        state non-finite from finite gradients."""
+        if self._report is not None:
+            self.settle()
+        return self._num_nonfinite
+
+    @num_nonfinite.setter
+    def num_nonfinite(self, value: int) -> None:
+        if self._report is not None:
+            self.settle()
+        self._num_nonfinite = value
+
+    @property
+    def nonfinite_values(self) -> bool:
+        """Whether the last step left inf/NaN in params or state."""
+        if self._report is not None:
+            self.settle()
+        return self._nonfinite_values
+
+    @nonfinite_values.setter
+    def nonfinite_values(self, value: bool) -> None:
+        if self._report is not None:
+            self.settle()
+        self._nonfinite_values = value
+
+    def settle(self) -> None:
+        """Read the last step's deferred report now (a wait for the device): the norm and
+        counters up to date, its warning issued. Nothing to do if none is pending."""
+        pending, self._report = self._report, None
+        if pending is not None:
+            report, step, name = pending
+            norm, finite = report.read()
+            self.note_applied(name, norm, finite, step, stacklevel=4)
+
+    def defer(self, report: DeviceReport, step: int, name: str) -> None:
+        """Hold applied step ``step``'s ``report`` until it is needed (the previous one is
+        read first: outcomes are counted in step order)."""
+        if self._report is not None:
+            self.settle()
+        self._report = (report, step, name)
+
+    def note_applied(self, name: str, norm: float | None, finite: bool, step: int | None = None,
+                     stacklevel: int = 4) -> None:
+        """Count an applied step's outcome (``"propagate"``): a non-finite gradient every
+        time, non-finite values from finite gradients once, until a step gives finite values
+        again; each with a ``RuntimeWarning`` (``step``: a deferred report's, named in it)."""
+        self._last_grad_norm = norm
+        bad_grad = not (norm is None or math.isfinite(norm))
+        if bad_grad or (not finite and not self._nonfinite_values):
+            self._num_nonfinite += 1
+            what = (f"non-finite gradient (global norm {norm})" if bad_grad else
+                    "finite gradients, but the step made params or state non-finite (a "
+                    "learning rate or other hyperparameter too large for the dtype?)")
+            at = "" if step is None else f" at step {step}"
+            warnings.warn(f"{name}: {what} applied{at}; params may now be non-finite "
+                          f"(nonfinite='skip' or 'raise' guard against this)",
+                          RuntimeWarning, stacklevel=stacklevel)
+        self._nonfinite_values = not finite
 
     def returned(self, params: Any) -> bool:
         """Whether ``params`` are the very arrays the last update returned (the views of

@@ -214,5 +214,4 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
         r.used, state.fast_waste = True, 0
     if finite is None:  # "unchecked": nothing read back
         return dict(new_params), True, norm, True
-    norm_h, finite_h = engine.jax.device_get((norm, finite))
-    return dict(new_params), True, float(norm_h), bool(finite_h)
+    return dict(new_params), True, engine.report(norm, finite), True  # ("propagate")

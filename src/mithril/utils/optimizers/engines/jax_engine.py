@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..averaging import average
+from ..state import DeviceReport
 from . import fast_step
 from .common import (
     Engine,
@@ -337,6 +338,14 @@ class JaxEngine(Engine):
 
         return jax.jit(first)
 
+    def report(self, norm: Any, finite: Any) -> DeviceReport:
+        """A step's norm and finite probe (0-d arrays), read when needed; their copies to
+        the host start now (a CPU array is on the host already)."""
+        if self.backend.device.platform != "cpu":
+            norm.copy_to_host_async()
+            finite.copy_to_host_async()
+        return DeviceReport(lambda: (float(norm), bool(finite)))
+
     def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
         return fast_step.run_jax(self, opt, state, params, grads)
 
@@ -408,6 +417,9 @@ class JaxEngine(Engine):
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
             return dict(new_params), True, norm, True
+        if opt.nonfinite == "propagate":  # applied whatever they say: read later
+            state.param_views = new_params
+            return dict(new_params), True, self.report(norm, finite), True
         norm_h, finite_h = self.jax.device_get((norm, finite))  # one wait for both
         norm_f, finite = float(norm_h), bool(finite_h)
         ok = not refuses(opt) or (bool(np.isfinite(norm_f)) and finite)

@@ -12,8 +12,9 @@ What the engine adds depends on the ``nonfinite`` policy:
 * ``"propagate"`` (the default): the global gradient norm (``torch._foreach_norm``, summed in
   float64) and, after the kernel, one read of each flat buffer (``torch.aminmax``, which
   NaN and ±inf reach) to find a non-finite param or slot value, read back with the norm in
-  one copy: ~16 B/param more than the kernel's 28 (fp32 Adam), and the host waits for the
-  step;
+  one copy: ~16 B/param more than the kernel's 28 (fp32 Adam). The host does not wait for
+  it: the copy goes to pinned memory, read when the next update is queued or the state's
+  norm or counters are read (:class:`~..state.DeviceReport`);
 * ``"unchecked"`` (torch.optim's contract): nothing measured, probed or read back, so the
   host never waits for the device; the norm is measured only for ``clip_norm``
   (``state.last_grad_norm`` is then that 0-d float64 tensor on the device, else None).
@@ -33,6 +34,7 @@ from typing import Any
 
 from ..adam import _adam, _amsgrad
 from ..sgd import _momentum, _nesterov, _plain
+from ..state import DeviceReport
 from .array_engine import ArrayEngine
 
 _ADAM = {_adam: False, _amsgrad: True}  # kernel math -> amsgrad
@@ -147,5 +149,22 @@ class TorchFusedEngine(ArrayEngine):
         bufs = [b for b in (state.params_flat, *(state.slots[s] for s in opt.slot_names()))
                 if b.numel()]
         probe = torch.stack([norm, *(x.double() for b in bufs for x in torch.aminmax(b))])
-        vals = probe.tolist()
-        return dict(state.param_views), True, vals[0], all(map(math.isfinite, vals[1:]))
+        return dict(state.param_views), True, self._report(probe), True
+
+    def _report(self, probe: Any) -> DeviceReport:
+        """The probe (norm, then each buffer's min and max), read when needed: copied now
+        into pinned host memory without waiting (on CUDA, an event marks the copy done)."""
+        torch = self.t
+        if probe.device.type == "cuda":
+            host = probe.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = probe, None
+
+        def read() -> tuple[float, bool]:
+            if done is not None:
+                done.synchronize()
+            vals = host.tolist()
+            return vals[0], all(map(math.isfinite, vals[1:]))
+        return DeviceReport(read)
