@@ -19,6 +19,10 @@ sizes=10Mx10,100Mx10,a opts=adam,sgd
 [ "${1:-}" = short ] && sizes=10Mx10,a opts=adam
 run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
     --sizes $sizes --optimizers $opts --rounds 3 --block 20 --warm 0.05
+# "propagate" with its report read a step late, against "unchecked" and the references, in
+# chains of 20 steps with one wait (what a loop that reads nothing back between steps sees)
+run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
+    --sizes 1Mx10,10Mx10 --optimizers adam --rounds 3 --block 10 --warm 0.05 --chain 20
 run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
 [ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
     --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024

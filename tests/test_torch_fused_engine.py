@@ -114,10 +114,13 @@ def test_equals_torch_fused_bit_for_bit(fused_ops, case, groups, policy):
         assert state.last_grad_norm is None
 
 
-def test_propagate_reports_nonfinite_values(fused_ops):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_propagate_reports_nonfinite_values(fused_ops, device):
     """lr=1e38 in float32 with finite gradients (~100): the kernel writes inf, the probe of the flat
-    buffers finds it and the base class warns once; "unchecked" writes the same, silently."""
-    p0, gs = problem()
+    buffers finds it and the base class warns once, when the report is read (the probe is
+    copied to the host without a wait: read when asked); "unchecked" writes the same,
+    silently."""
+    p0, gs = problem(device)
     out = {}
     for policy in ("propagate", "unchecked"):
         opt = SGD(1e38, nonfinite=policy)
@@ -125,13 +128,15 @@ def test_propagate_reports_nonfinite_values(fused_ops):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             params, state = opt.update(params, {k: v * 100 for k, v in gs[0].items()}, state)
-            state.settle()  # (read when asked: see test_nonfinite_step's deferred reports)
+            assert caught == [] and (state._report is not None) == (policy == "propagate")
+            state.settle()
         out[policy] = params
         msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         if policy == "unchecked":
             assert msgs == []
         else:
             assert len(msgs) == 1 and "step made params or state non-finite" in msgs[0]
+            assert "at step 1" in msgs[0]
         assert state.num_nonfinite == (policy == "propagate")
         assert state.nonfinite_values == (policy == "propagate")
     for k in SHAPES:
