@@ -95,13 +95,13 @@ class OptimizerState:
     def last_grad_norm(self) -> Any:
         """The last step's global gradient norm (float; None before any step)."""
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         return self._last_grad_norm
 
     @last_grad_norm.setter
     def last_grad_norm(self, value: Any) -> None:
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         self._last_grad_norm = value
 
     @property
@@ -109,42 +109,46 @@ class OptimizerState:
         """Steps applied (``"propagate"``) with a non-finite gradient, or that made params or
         state non-finite from finite gradients."""
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         return self._num_nonfinite
 
     @num_nonfinite.setter
     def num_nonfinite(self, value: int) -> None:
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         self._num_nonfinite = value
 
     @property
     def nonfinite_values(self) -> bool:
         """Whether the last step left inf/NaN in params or state."""
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         return self._nonfinite_values
 
     @nonfinite_values.setter
     def nonfinite_values(self, value: bool) -> None:
         if self._report is not None:
-            self.settle()
+            self._settle(4)
         self._nonfinite_values = value
 
     def settle(self) -> None:
         """Read the last step's deferred report now (a wait for the device): the norm and
         counters up to date, its warning issued. Nothing to do if none is pending."""
+        self._settle(4)
+
+    def _settle(self, stacklevel: int) -> None:
+        # stacklevel: the warning's, so that it points at the caller's code
         pending, self._report = self._report, None
         if pending is not None:
             report, step, name = pending
             norm, finite = report.read()
-            self.note_applied(name, norm, finite, step, stacklevel=4)
+            self.note_applied(name, norm, finite, step, stacklevel=stacklevel)
 
     def defer(self, report: DeviceReport, step: int, name: str) -> None:
         """Hold applied step ``step``'s ``report`` until it is needed (the previous one is
-        read first: outcomes are counted in step order)."""
+        read first: outcomes are counted in step order). Called by ``Optimizer.update``."""
         if self._report is not None:
-            self.settle()
+            self._settle(6)  # (note_applied, _settle, defer, _record, update, the caller)
         self._report = (report, step, name)
 
     def note_applied(self, name: str, norm: float | None, finite: bool, step: int | None = None,
