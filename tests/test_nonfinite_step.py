@@ -270,3 +270,24 @@ def test_deferred_report_is_read_when_needed(engine):
             s = o.init(q)
             (q, s), msgs = _caught(lambda: o.update(q, ok, s))  # noqa: B023
             assert s._report is None and msgs == [], policy
+
+
+@pytest.mark.parametrize("engine", ("jax-jit", "torch-ops"))
+def test_deferred_warning_points_at_the_callers_line(engine):
+    """A deferred report's warning names the caller's file: the update that read it, the
+    counter read, or ``settle``."""
+    with engine_of(engine):
+        p, _, _ = _problem(engine)
+        opt = SGD(0.1)
+        state = opt.init(p)
+        bad = {"w": _arrays(engine, {"w": [np.nan, 0.1, 0.2]})["w"],
+               "b": _arrays(engine, {"b": [0.1, 0.1]})["b"]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                p, state = opt.update(p, bad, state)
+            _ = state.num_nonfinite
+            p, state = opt.update(p, bad, state)
+            state.settle()
+        assert [w.filename for w in caught] == [__file__] * 4, [w.filename for w in caught]
+        assert [str(w.message).split(" at step ")[1][0] for w in caught] == list("1234")
