@@ -232,3 +232,28 @@ def test_bad_data_is_refused_as_evaluate_refuses_it() -> None:
         with pytest.raises(ml.ShapeError):
             step(params, state, {"input": be.array(np.zeros((32, 7), np.float32)),
                                  "target": batches[0]["target"]})
+
+
+def test_separate_step_reads_the_norm_when_asked() -> None:
+    """With an ``OptimizerState`` on the jitted JAX engine, a ``"propagate"`` step's norm
+    stays on the device until ``step.last_grad_norm`` is read (not at every step), and it
+    is then the separate calls' norm."""
+    from test_optimizers import engine_of
+
+    with engine_of("jax-jit"):
+        compiled, be, batches = problem("jax")
+        opt, ref = Adam(learning_rate=1e-2), Adam(learning_rate=1e-2)
+        step = make_train_step(compiled, opt, loss="loss")
+        params = compiled.get_parameters()
+        state = opt.init(params)
+        ref_params = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+        ref_state = ref.init(ref_params)
+        for data in batches:
+            params, state, _ = step(params, state, data)
+            assert state._report is not None  # nothing read back by the step
+            _, g = compiled.evaluate({k: be.array(v) for k, v in ref_params.items()}, data,
+                                     output_gradients={"loss": 1.0})
+            ref_params, ref_state = ref.update(
+                ref_params, {k: np.array(be.to_numpy(v)) for k, v in g.items()}, ref_state)
+            assert step.last_grad_norm == pytest.approx(ref_state.last_grad_norm, rel=1e-5)
+            assert state._report is None
