@@ -412,8 +412,9 @@ class JaxEngine(Engine):
         state.slots = slots.replaced(new_slots)
         if (ours and donate and present is None and agc is None and not flags[3]
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
-            fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn on the device once)
-                opt, state, self, fn, names, table.shape, self.jnp.asarray(cn), checked))
+            fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn as the full path
+                # gives it: a device array here would be a second trace of the program)
+                opt, state, self, fn, names, table.shape, cn, checked))
         if finite is None:  # "unchecked": nothing read back, the device runs on (the norm,
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
