@@ -83,6 +83,12 @@ def _finite(arrays: list[Any]) -> Any:
     return jnp.isfinite(sum(jnp.sum(x - x) for x in arrays))
 
 
+def _clip_norm(opt: Any, flags: tuple, dtype: Any) -> np.ndarray | None:
+    """The jitted passes' ``clip_norm`` argument: None where the global clip is off (one
+    host-to-device copy fewer a step)."""
+    return np.asarray(opt.clip_norm, dtype=dtype) if flags[0] else None
+
+
 def _barrier(x: Any) -> Any:
     """``x``, computed before anything that uses the result (``optimization_barrier``)."""
     import jax
@@ -308,7 +314,7 @@ class JaxEngine(Engine):
                                                          flags, rows)
             with np.errstate(over="ignore"):
                 hp = table.astype(lay.dtype)
-            cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
+            cn = _clip_norm(opt, flags, lay.dtype)
             sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
                                  hp, cn), dtype=np.float64)
         return two_pass_table(opt, state, t, table, index, sums, present)
@@ -402,7 +408,7 @@ class JaxEngine(Engine):
                                               len(names) - len(opt.slot_names()), checked)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
-        cn = np.asarray(opt.clip_norm or 0.0, dtype=lay.dtype)
+        cn = _clip_norm(opt, flags, lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
         new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
         # jax.jit returns a dict with its keys sorted: back in layout order, so that the next
