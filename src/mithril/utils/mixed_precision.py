@@ -326,7 +326,7 @@ class _JaxEngine(_Engine):
     def backward(self, cots, scale):
         pull, out = self._saved
         g32, finite = self._bwd(pull, out, dict(cots), np.float32(scale))
-        return dict(g32), bool(finite)
+        return dict(g32), bool(np.asarray(finite))  # (bool() of a JAX array: ~25 us)
 
 
 _ENGINES = {"numpy": _NumpyEngine, "torch": _TorchEngine, "jax": _JaxEngine}
