@@ -39,6 +39,29 @@ class DeviceReport:
         self.read = read
 
 
+class _Outcome:
+    """An attribute of :class:`OptimizerState` that a step's deferred report decides (kept
+    as ``_<name>``): reading or setting it first reads the report (``_settle``)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, state: Any, owner: type | None = None) -> Any:
+        if state is None:
+            return self
+        if state._report is not None:
+            state._settle(4)  # (note_applied, _settle, __get__, the caller)
+        return getattr(state, self.attr)
+
+    def __set__(self, state: Any, value: Any) -> None:
+        if state._report is not None:
+            state._settle(4)
+        setattr(state, self.attr, value)
+
+
 class OptimizerState:
     """Step count, skipped-step count, flat state slots (e.g. Adam's ``m``/``v``) and
     optimizer-wide scalars (``values``, e.g. a schedule-free weight sum).
@@ -90,46 +113,12 @@ class OptimizerState:
         #: its slot then holds the training parameters
         self.swapped: str | None = None
 
-    # the step's outcomes a deferred report settles (reading or setting one settles it first)
-    @property
-    def last_grad_norm(self) -> Any:
-        """The last step's global gradient norm (float; None before any step)."""
-        if self._report is not None:
-            self._settle(4)
-        return self._last_grad_norm
-
-    @last_grad_norm.setter
-    def last_grad_norm(self, value: Any) -> None:
-        if self._report is not None:
-            self._settle(4)
-        self._last_grad_norm = value
-
-    @property
-    def num_nonfinite(self) -> int:
-        """Steps applied (``"propagate"``) with a non-finite gradient, or that made params or
-        state non-finite from finite gradients."""
-        if self._report is not None:
-            self._settle(4)
-        return self._num_nonfinite
-
-    @num_nonfinite.setter
-    def num_nonfinite(self, value: int) -> None:
-        if self._report is not None:
-            self._settle(4)
-        self._num_nonfinite = value
-
-    @property
-    def nonfinite_values(self) -> bool:
-        """Whether the last step left inf/NaN in params or state."""
-        if self._report is not None:
-            self._settle(4)
-        return self._nonfinite_values
-
-    @nonfinite_values.setter
-    def nonfinite_values(self, value: bool) -> None:
-        if self._report is not None:
-            self._settle(4)
-        self._nonfinite_values = value
+    # a step's outcomes: reading or setting one first reads a deferred report
+    last_grad_norm = _Outcome("The last step's global gradient norm (float; None before any "
+                              "step).")
+    num_nonfinite = _Outcome("Steps applied (``\"propagate\"``) with a non-finite gradient, or "
+                             "that made params or state non-finite from finite gradients.")
+    nonfinite_values = _Outcome("Whether the last step left inf/NaN in params or state.")
 
     def settle(self) -> None:
         """Read the last step's deferred report now (a wait for the device): the norm and
