@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .engines.common import is_finite
 from .layout import Layout
 
 
@@ -146,7 +146,7 @@ class OptimizerState:
         time, non-finite values from finite gradients once, until a step gives finite values
         again; each with a ``RuntimeWarning`` (``step``: a deferred report's, named in it)."""
         self._last_grad_norm = norm
-        bad_grad = not (norm is None or math.isfinite(norm))
+        bad_grad = not is_finite(norm)
         if bad_grad or (not finite and not self._nonfinite_values):
             self._num_nonfinite += 1
             what = (f"non-finite gradient (global norm {norm})" if bad_grad else
