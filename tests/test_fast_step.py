@@ -276,3 +276,58 @@ def test_jax_recipe_where_it_does_not_hold_and_its_policies(jit_engine, monkeypa
     for _ in range(4):
         p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
     assert counted.taken == 3 + 2 and s.fast.checked is False and s.last_grad_norm is None
+
+
+def test_jax_recipe_refuses_gradients_its_signature_lets_through(jit_engine, monkeypatch):
+    """The jitted recipe checks keys and types only; shapes and dtypes are JAX's signature
+    of the call, and a new one is traced, where it is refused before anything runs. So a
+    gradient of the same size but another shape (which the program's reshape would take),
+    or of another dtype, still gets the full path's error with nothing changed, and JAX
+    compiles nothing for it (a NumPy gradient gets it too); keys in another order take the
+    full path (the same values); a learning rate beyond float32 takes the full table in
+    the recipe (its inf cast and probed as the full path casts it)."""
+    import jax
+    import jax.numpy as jnp
+
+    counted = _Counted(monkeypatch)
+    rng = np.random.default_rng(5)
+    p = _params(rng, "jax-jit")
+    opt = Adam(learning_rate=1e-2)
+    s = opt.init(p)
+    for _ in range(3):
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+    assert counted.taken == 1
+    before = ({k: np.array(v) for k, v in p.items()},
+              {k: np.array(v) for k, v in s.slots.items()}, s.step)
+    g = _grads(rng, p, "jax-jit")
+    bads = (g["w"].reshape(3, 5), g["w"].astype(jnp.float16), np.asarray(g["w"]))
+    compiles = []  # (what JAX compiles from here on)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if "backend_compile" in event else None)
+    for bad in bads:
+        with pytest.raises((ShapeError, TypeError, ValueError), match="'w'"):
+            opt.update(p, {**g, "w": bad}, s)
+        after = ({k: np.array(v) for k, v in p.items()},
+                 {k: np.array(v) for k, v in s.slots.items()}, s.step)
+        for was, now in zip(before[:2], after[:2]):
+            assert all(np.array_equal(was[k], now[k]) for k in was)
+        assert after[2] == before[2]
+    assert compiles == [] and counted.taken == 1
+    # keys in another order: the full path, the recipe's values
+    twin_opt, twin_p = Adam(learning_rate=1e-2), {k: jnp.array(v) for k, v in p.items()}
+    twin_s = twin_opt.init(twin_p)
+    twin_s.slots.update({k: jnp.array(v) for k, v in s.slots.items()})
+    twin_s.step = s.step
+    twin_p, twin_s = twin_opt.update(twin_p, g, twin_s)
+    p, s = opt.update(p, dict(reversed(list(g.items()))), s)
+    for k in p:
+        np.testing.assert_array_equal(np.array(p[k]), np.array(twin_p[k]))
+    for _ in range(2):
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+    assert counted.taken == 3  # (the full path left a new recipe, taken since)
+    # a learning rate float32 cannot hold: the row is refused, the full table gives inf
+    opt.learning_rate = 1e39
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
+        s.settle()
+    assert counted.taken == 4 and not np.isfinite(np.array(p["w"])).all()

@@ -9,6 +9,12 @@ from typing import Any
 import numpy as np
 
 
+class Unfit(Exception):
+    """Raised while JAX traces a jitted pass for arrays of other shapes or dtypes than the
+    layout's: never compiled. The repeated step (:func:`.fast_step.run_jax`) passes the
+    arrays unchecked and takes the full path on this, whose checks name the fault."""
+
+
 def scalar_table(opt: Any, state: Any, t: int, norm: float | None
                  ) -> tuple[np.ndarray, np.ndarray, bool]:
     """The per-step scalars of every parameter group: a float64 table with one row per

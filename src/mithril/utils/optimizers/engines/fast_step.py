@@ -35,11 +35,12 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
-from .common import scalar_table
+from .common import Unfit, prologue, scalar_table
 from .kernels import update_kernel
 
 _is = operator.is_
@@ -171,7 +172,7 @@ class JaxRecipe:
     while the state's are the ones it left, not written since (their ``version``)."""
 
     __slots__ = ("opt", "engine", "attrs", "groups", "slots", "version", "fn", "names",
-                 "shape", "clip_norm", "checked", "used")
+                 "shape", "clip_norm", "checked", "used", "single", "dtype", "bound")
 
     def __init__(self, opt: Any, state: Any, engine: Any, fn: Any, names: tuple[str, ...],
                  shape: tuple[int, int], clip_norm: Any, checked: bool) -> None:
@@ -181,6 +182,15 @@ class JaxRecipe:
         self.slots, self.version = state.slots, state.slots.version
         self.shape, self.clip_norm, self.checked = shape, clip_norm, checked
         self.used = False
+        # one parameter group, the optimizer itself: its row of scalars is built directly
+        # (:func:`_row`), as scalar_table builds it
+        views = opt.group_rows(state)[1]
+        self.single = len(views) == 1 and views[0] is opt
+        self.dtype = np.dtype(engine.layout.dtype)
+        try:  # the largest magnitude the dtype holds: a scalar beyond it is probed as inf
+            self.bound = float(np.finfo(self.dtype).max)
+        except ValueError:  # pragma: no cover - a dtype finfo does not know
+            self.bound = -1.0  # (every row then takes scalar_table's path)
 
     def holds(self, opt: Any, state: Any) -> bool:
         return (state.slots is self.slots and self.slots.version == self.version
@@ -191,27 +201,49 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
             ) -> tuple[dict, bool, Any, bool] | None:
     """The step of :meth:`JaxEngine.step <.jax_engine.JaxEngine.step>` (same return value)
     by its state's recipe: the scalar table of this step and one call of the program, with
-    none of the decisions around it; None where the recipe does not hold."""
+    none of the decisions around it; None where the recipe does not hold. The gradients'
+    keys and types are checked here; their shapes and dtypes are JAX's signature of the
+    call: others make it trace the program again, and the trace refuses them
+    (:class:`~.common.Unfit`) before anything runs."""
     r = state.fast
     if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
             or not r.holds(opt, state) or not state.returned(params)
-            or engine.prepare(grads) is None):  # (every gradient, in order, well-typed)
+            or not engine.in_order(grads)):
         return None
-    table = scalar_table(opt, state, state.step + 1, None)[0]
-    if table.shape != r.shape:
+    gs = tuple(grads.values())
+    if not all(map(isinstance, gs, repeat(engine.concrete))):
         return None
-    with np.errstate(over="ignore"):  # (as the full path: a scalar too large is probed)
-        hp = table.astype(engine.layout.dtype)
+    hp = _row(r, opt, state) if r.single else None
+    if hp is None:
+        table = scalar_table(opt, state, state.step + 1, None)[0]
+        if table.shape != r.shape:
+            return None
+        with np.errstate(over="ignore"):  # (as the full path: a scalar too large is probed)
+            hp = table.astype(r.dtype)
     slots = state.slots
-    new_params, new_slots, norm, finite = r.fn(dict(params), dict(grads),
-                                               {s: slots.chunks(s) for s in r.names}, hp,
-                                               r.clip_norm)
-    new_params = {n: new_params[n] for n in engine.layout.name_list}
+    try:
+        new_params, new_slots, norm, probe = r.fn(
+            tuple(params.values()), gs, {s: slots.chunks(s) for s in r.names}, hp, r.clip_norm)
+    except Unfit:  # (traced, never run: nothing donated)
+        return None
+    new_params = dict(zip(engine.layout.name_list, new_params))
     state.slots = r.slots = slots.replaced(new_slots)
     r.version = r.slots.version
     state.param_views = new_params
     if not r.used:
         r.used, state.fast_waste = True, 0
-    if finite is None:  # "unchecked": nothing read back
+    if probe is None:  # "unchecked": nothing read back
         return dict(new_params), True, norm, True
-    return dict(new_params), True, engine.report(norm, finite), True  # ("propagate")
+    return dict(new_params), True, engine.report(probe), True  # ("propagate")
+
+
+def _row(r: JaxRecipe, opt: Any, state: Any) -> np.ndarray | None:
+    """:func:`~.common.scalar_table`'s one row for this step, in the layout's dtype (each
+    value rounded once, as its float64 table's cast rounds it), or None where a value lies
+    beyond the dtype (the full table's cast, under ``errstate``, then makes it inf) or the
+    row's length changed."""
+    scal = opt.full_scalars(state.step + 1, state.values)
+    row = (*prologue(opt, None, scal[0]), *scal)
+    if len(row) != r.shape[1] or not (max(row) <= r.bound and min(row) >= -r.bound):
+        return None
+    return np.array((row,), dtype=r.dtype)

@@ -150,6 +150,9 @@ class ChunkedSlots(MutableMapping):
         """A new mapping: these slots with the chunks ``new`` instead (what a step returns;
         the old chunks were donated to it)."""
         out = ChunkedSlots(self.bounds, {})
+        if new.keys() == self._flat.keys():  # every slot (a step's): held in chunks only
+            out._flat, out._chunks = dict.fromkeys(self._flat), dict(new)
+            return out
         out._flat = {k: None if k in new else v for k, v in self._flat.items()}
         out._flat.update((k, None) for k in new if k not in out._flat)
         out._chunks = {k: v for k, v in self._chunks.items() if k not in new}

@@ -21,6 +21,7 @@ from ..state import DeviceReport
 from . import fast_step
 from .common import (
     Engine,
+    Unfit,
     clipped_table,
     nonfinite_error,
     nonfinite_result_error,
@@ -89,10 +90,12 @@ def _clip_norm(opt: Any, flags: tuple, dtype: Any) -> np.ndarray | None:
     return np.asarray(opt.clip_norm, dtype=dtype) if flags[0] else None
 
 
-def _host(norm: Any, finite: Any) -> tuple[float, bool]:
-    """A step's norm and finite probe (0-d arrays) as Python values (``np.asarray``: ~3 us
-    a 0-d array, where ``float()`` takes ~25 and ``jax.device_get`` of both ~60)."""
-    return float(np.asarray(norm)), bool(np.asarray(finite))
+def _host(probe: Any) -> tuple[float, bool]:
+    """A step's norm and finite probe (one array of both, read at once) as Python values
+    (``np.asarray``: ~3 us, where ``float()`` of a 0-d array takes ~25 and
+    ``jax.device_get`` ~60)."""
+    norm, finite = np.asarray(probe).tolist()
+    return norm, bool(finite)
 
 
 def _barrier(x: Any) -> Any:
@@ -111,6 +114,17 @@ def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
 
     return {n: adaptive_clip(g, params[n], *agc[lay.index[n]]) if agc[lay.index[n]][0] else g
             for n, g in grads.items()}
+
+
+def _named(lay: Any, names: list[str], leaves: tuple) -> dict[str, Any]:
+    """``leaves`` (traced) by name, each checked against the layout's shape and dtype."""
+    if len(leaves) != len(names):
+        raise Unfit(f"{len(leaves)} arrays for {len(names)} names")
+    dt = np.dtype(lay.dtype)
+    for n, x in zip(names, leaves):
+        if tuple(x.shape) != tuple(lay.shapes[lay.index[n]]) or x.dtype != dt:
+            raise Unfit(f"'{n}': {x.dtype}{list(x.shape)}")
+    return dict(zip(names, leaves))
 
 
 class _Parts:
@@ -212,6 +226,8 @@ class JaxEngine(Engine):
         self.jax, self.jnp = jax, jnp
         self.backend, self.layout = backend, layout
         self.array_type, self.native_dtype = jax.Array, jnp.dtype(layout.dtype)
+        #: the concrete array class (isinstance against the jax.Array ABC costs ~0.3 us)
+        self.concrete = type(jnp.zeros(0))
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
 
@@ -237,10 +253,16 @@ class JaxEngine(Engine):
         (None)."""
         jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
-        parts = _Parts(self.layout, self.bounds, rows, present)
+        lay = self.layout
+        parts = _Parts(lay, self.bounds, rows, present)
         n_slots = len(slot_names)
+        gnames = lay.name_list if present is None else list(present)
 
         def step(params, grads, slots, table, clip_norm):
+            # params (every tensor) and grads (``present``'s) in layout order, as tuples:
+            # flattened faster than dicts (no sorting of keys), and checked here, when JAX
+            # traces them, instead of on every call (fast_step.run_jax)
+            params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
             ps, gs, cols, norm = _prologue(parts, params, grads, table, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
@@ -268,7 +290,10 @@ class JaxEngine(Engine):
                 new_slots = [[jnp.where(keep, v, slots[s][c]) for v, s in zip(new, slot_names)]
                              for c, new in enumerate(new_slots)]
             out_slots = {s: tuple(new[i] for new in new_slots) for i, s in enumerate(slot_names)}
-            return parts.unflat(new_ps), out_slots, norm, finite
+            out = parts.unflat(new_ps)
+            if finite is not None:  # one array to read back: [norm, finite]
+                norm, finite = None, jnp.stack([norm, finite.astype(norm.dtype)])
+            return tuple(out[n] for n in lay.name_list), out_slots, norm, finite
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
@@ -350,13 +375,13 @@ class JaxEngine(Engine):
 
         return jax.jit(first)
 
-    def report(self, norm: Any, finite: Any) -> DeviceReport:
-        """A step's norm and finite probe (0-d arrays), read when needed (:func:`_host`);
-        their copies to the host start now (a CPU array is on the host already)."""
+    def report(self, probe: Any) -> DeviceReport:
+        """A step's norm and finite probe (``[norm, finite]``), read when needed
+        (:func:`_host`); its copy to the host starts now (a CPU array is on the host
+        already)."""
         if self.backend.device.platform != "cpu":
-            norm.copy_to_host_async()
-            finite.copy_to_host_async()
-        return DeviceReport(lambda: _host(norm, finite))
+            probe.copy_to_host_async()
+        return DeviceReport(lambda: _host(probe))
 
     def fast_step(self, opt: Any, state: Any, params: Any, grads: Any) -> Any:
         return fast_step.run_jax(self, opt, state, params, grads)
@@ -415,10 +440,13 @@ class JaxEngine(Engine):
             hp = table.astype(lay.dtype)
         cn = _clip_norm(opt, flags, lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
-        new_params, new_slots, norm, finite = fn(dict(params), dict(grads), kernel_slots, hp, cn)
-        # jax.jit returns a dict with its keys sorted: back in layout order, so that the next
-        # update sees its own arrays (state.returned) and neither checks nor copies them
-        new_params = {n: new_params[n] for n in lay.names}
+        new_params, new_slots, norm, probe = fn(
+            tuple(params[n] for n in lay.name_list),
+            tuple(grads[n] for n in (lay.name_list if present is None else present)),
+            kernel_slots, hp, cn)
+        # in layout order, so that the next update sees its own arrays (state.returned) and
+        # neither checks nor copies them
+        new_params = dict(zip(lay.name_list, new_params))
         # the old slots were donated (under skip/raise: same values)
         state.slots = slots.replaced(new_slots)
         if (ours and donate and present is None and agc is None and not flags[3]
@@ -426,14 +454,14 @@ class JaxEngine(Engine):
             fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn as the full path
                 # gives it: a device array here would be a second trace of the program)
                 opt, state, self, fn, names, table.shape, cn, checked))
-        if finite is None:  # "unchecked": nothing read back, the device runs on (the norm,
+        if probe is None:  # "unchecked": nothing read back, the device runs on (the norm,
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
             return dict(new_params), True, norm, True
         if opt.nonfinite == "propagate":  # applied whatever they say: read later
             state.param_views = new_params
-            return dict(new_params), True, self.report(norm, finite), True
-        norm_f, finite = _host(norm, finite)
+            return dict(new_params), True, self.report(probe), True
+        norm_f, finite = _host(probe)
         ok = not refuses(opt) or (bool(np.isfinite(norm_f)) and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
             if not np.isfinite(norm_f):
