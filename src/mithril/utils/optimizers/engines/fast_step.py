@@ -27,7 +27,11 @@ The jitted JAX engine (accelerators; ``MITHRIL_JAX_ENGINE=jit`` on CPU) keeps a
 clipping, ``"propagate"`` or ``"unchecked"``, every gradient given, the params the last
 update returned): its compiled program, called with this step's scalar table. That cuts
 the Python around the program by about a third (1M params in one tensor, CPU: ~190 → ~145
-µs a call, of which the program's own dispatch is ~70 µs).
+µs a call, of which the program's own dispatch is ~70 µs). It checks the gradients' keys
+and array type only: their shapes and dtypes are the program's signature, and a call with
+others is traced anew and refused there (:class:`~.common.Unfit`), never run; its one row
+of scalars (one parameter group) is built without the table (:func:`_row`). One tensor of
+10 elements, host time of a call: 87-116 → 76-114 µs; 200 tensors ~25% less.
 """
 
 from __future__ import annotations
