@@ -283,8 +283,8 @@ def test_jax_recipe_refuses_gradients_its_signature_lets_through(jit_engine, mon
     of the call, and a new one is traced, where it is refused before anything runs. So a
     gradient of the same size but another shape (which the program's reshape would take),
     or of another dtype, still gets the full path's error with nothing changed, and JAX
-    compiles nothing for it (a NumPy gradient gets it too); keys in another order take the
-    full path (the same values); a learning rate beyond float32 takes the full table in
+    compiles nothing for it (a NumPy gradient gets it too); keys in another order are put
+    in layout order (the full path's values); a learning rate beyond float32 takes the full table in
     the recipe (its inf cast and probed as the full path casts it)."""
     import jax
     import jax.numpy as jnp
@@ -313,21 +313,64 @@ def test_jax_recipe_refuses_gradients_its_signature_lets_through(jit_engine, mon
             assert all(np.array_equal(was[k], now[k]) for k in was)
         assert after[2] == before[2]
     assert compiles == [] and counted.taken == 1
-    # keys in another order: the full path, the recipe's values
+    # keys in another order (as a jax.jit returns a dict: sorted): the recipe, the values
+    # of the full path's step
     twin_opt, twin_p = Adam(learning_rate=1e-2), {k: jnp.array(v) for k, v in p.items()}
     twin_s = twin_opt.init(twin_p)
     twin_s.slots.update({k: jnp.array(v) for k, v in s.slots.items()})
     twin_s.step = s.step
     twin_p, twin_s = twin_opt.update(twin_p, g, twin_s)
     p, s = opt.update(p, dict(reversed(list(g.items()))), s)
+    assert counted.taken == 2
     for k in p:
         np.testing.assert_array_equal(np.array(p[k]), np.array(twin_p[k]))
     for _ in range(2):
         p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
-    assert counted.taken == 3  # (the full path left a new recipe, taken since)
+    assert counted.taken == 4
     # a learning rate float32 cannot hold: the row is refused, the full table gives inf
     opt.learning_rate = 1e39
     with pytest.warns(RuntimeWarning, match="non-finite"):
         p, s = opt.update(p, _grads(rng, p, "jax-jit"), s)
         s.settle()
-    assert counted.taken == 4 and not np.isfinite(np.array(p["w"])).all()
+    assert counted.taken == 5 and not np.isfinite(np.array(p["w"])).all()
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax", "jax-jit"])
+def test_gradients_in_another_order_take_the_located_path(monkeypatch, lib):
+    """Gradients whose keys come in another order than the parameters' (``jax.jit`` returns
+    a dict with its keys sorted) are put in layout order by one permutation, kept for the
+    next step: the engine locates them as it does ordered ones, instead of checking and
+    reading them key by key, with the same values bit for bit; a wrong shape among them is
+    still refused by name, with nothing changed."""
+    if lib == "jax-jit":
+        monkeypatch.setattr(engines, "JAX_ENGINE", "jit")
+    native = "jax-jit" if lib == "jax" else lib
+    rng = np.random.default_rng(7)
+    names = [f"layer{i}.{k}" for i in (2, 10, 1) for k in ("weight", "bias")]
+    shapes = [(4, 3), (3,)] * 3
+    p0 = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+             for _ in range(4)]
+    located = []
+    runs = []
+    for order in (names, sorted(names)):
+        opt = Adam(learning_rate=1e-2)
+        p = _native({n: v.copy() for n, v in p0.items()}, native)
+        s = opt.init(p)
+        ordered = s.engine.ordered
+        monkeypatch.setattr(s.engine, "ordered",
+                            lambda g, ordered=ordered: located.append(
+                                (out := ordered(g)) is not None) or out)
+        for g in grads:
+            p, s = opt.update(p, _native({n: g[n] for n in order}, native), s)
+        runs.append({n: _np(v).copy() for n, v in p.items()})
+        bad = _native({n: grads[0][n] for n in order}, native)
+        bad[names[1]] = _native({"x": np.zeros((1, 3), np.float32)}, native)["x"]
+        before = {n: _np(v).copy() for n, v in p.items()}
+        with pytest.raises(ShapeError, match=f"gradients\\['{names[1]}'\\]"):
+            opt.update(p, bad, s)
+        assert s.step == len(grads)
+        assert all(np.array_equal(_np(p[n]), before[n]) for n in p)
+    for n in names:
+        np.testing.assert_array_equal(runs[0][n], runs[1][n], err_msg=n)
+    assert len(located) >= 2 * len(grads) and all(located)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -136,17 +137,28 @@ class Engine:
     array_type: Any
     native_dtype: Any
 
-    _keys: list | None = None  # the gradient keys that last matched (see in_order)
+    _keys: list | None = None  # the gradient keys that last matched (see ordered)
+    _take: Any = None  # itemgetter from that key order to the layout's (None: the same)
 
-    def in_order(self, gradients: Any) -> bool:
-        """Whether ``gradients`` has exactly the parameters' names, in layout order. The key
-        objects that last matched are kept, so that the next comparison goes by identity
+    def ordered(self, gradients: Any) -> list | None:
+        """The values of ``gradients`` in layout order if it has exactly the parameters'
+        names, else None. Its keys may come in another order (a ``jax.jit`` returns a dict
+        with its keys sorted): the last order that matched is kept with the permutation to
+        the layout's, and its key objects, so that the next comparison goes by identity
         instead of comparing strings."""
         keys = list(gradients)
-        if keys != (self._keys or self.layout.name_list):
-            return False
-        self._keys = keys
-        return True
+        if keys == self._keys:
+            vals = list(gradients.values())
+            return vals if self._take is None else list(self._take(vals))
+        names = self.layout.name_list
+        if keys == names:
+            self._keys, self._take = keys, None
+            return list(gradients.values())
+        if len(keys) != len(names) or not self.layout.index.keys() == set(keys):
+            return None
+        where = {k: i for i, k in enumerate(keys)}
+        self._keys, self._take = keys, itemgetter(*[where[n] for n in names])  # (2+ names)
+        return list(self._take(list(gradients.values())))
 
     def well_typed(self, vals: list) -> bool:
         """Whether ``vals`` (in layout order) have the parameters' shapes and dtype."""
@@ -192,9 +204,9 @@ class Engine:
         """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
         C-speed passes (per-tensor Python work is what remains once the kernel is fused);
         None when the gradients need the per-key checks (and their error messages)."""
-        if not self.in_order(gradients):  # also the count
+        vals = self.ordered(gradients)  # (also the count)
+        if vals is None:
             return None
-        vals = list(gradients.values())
         if not all(map(isinstance, vals, repeat(self.array_type))):
             return None
         return vals if self.well_typed(vals) else None

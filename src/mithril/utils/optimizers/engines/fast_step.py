@@ -206,16 +206,15 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     """The step of :meth:`JaxEngine.step <.jax_engine.JaxEngine.step>` (same return value)
     by its state's recipe: the scalar table of this step and one call of the program, with
     none of the decisions around it; None where the recipe does not hold. The gradients'
-    keys and types are checked here; their shapes and dtypes are JAX's signature of the
+    keys (in any order, :meth:`~.common.Engine.ordered`) and types are checked here; their shapes and dtypes are JAX's signature of the
     call: others make it trace the program again, and the trace refuses them
     (:class:`~.common.Unfit`) before anything runs."""
     r = state.fast
     if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
-            or not r.holds(opt, state) or not state.returned(params)
-            or not engine.in_order(grads)):
+            or not r.holds(opt, state) or not state.returned(params)):
         return None
-    gs = tuple(grads.values())
-    if not all(map(isinstance, gs, repeat(engine.concrete))):
+    gs = engine.ordered(grads)
+    if gs is None or not all(map(isinstance, gs, repeat(engine.concrete))):
         return None
     hp = _row(r, opt, state) if r.single else None
     if hp is None:
@@ -227,7 +226,8 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     slots = state.slots
     try:
         new_params, new_slots, norm, probe = r.fn(
-            tuple(params.values()), gs, {s: slots.chunks(s) for s in r.names}, hp, r.clip_norm)
+            tuple(params.values()), tuple(gs), {s: slots.chunks(s) for s in r.names}, hp,
+            r.clip_norm)
     except Unfit:  # (traced, never run: nothing donated)
         return None
     new_params = dict(zip(engine.layout.name_list, new_params))

@@ -185,13 +185,13 @@ class NumbaEngine(Engine):
         """The addresses of a full, ordered, well-typed set of gradients (read where they
         lie by the kernel), found without per-tensor Python calls where possible; else None."""
         if self.kind == "numpy":
-            if not self.in_order(gradients):
-                return None
-            return ndarray_fields.scan(list(gradients.values()), self._expected)
+            vals = self.ordered(gradients)
+            return None if vals is None else ndarray_fields.scan(vals, self._expected)
         if self.kind == "jax":
             return self._prepare_jax(gradients)
-        if self._scan is not None and self.in_order(gradients):
-            out = self._scan(list(gradients.values()))
+        if self._scan is not None:
+            vals = self.ordered(gradients)
+            out = None if vals is None else self._scan(vals)
             if out is not None:
                 return out
         # no scan, or one it refuses (e.g. requires_grad, a subclass): the Python reads
@@ -207,9 +207,9 @@ class NumbaEngine(Engine):
         """:meth:`prepare` for JAX. No ``isinstance`` pass: anything but a JAX array fails
         one of the reads below (``aval``, the wait, the unbound ``unsafe_buffer_pointer``)
         before a byte is written, and then the per-key checks name the fault."""
-        if not self.in_order(gradients):
+        vals = self.ordered(gradients)
+        if vals is None:
             return None
-        vals = list(gradients.values())
         try:
             if not self.well_typed(vals) or (self._foreign and not self._on_cpu(vals)):
                 return None
