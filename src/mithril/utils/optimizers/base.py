@@ -566,7 +566,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
                              f"{type(self).__name__} works on {self._backend.name} arrays")
         atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
-        prepared = eng.prepare(gradients)  # None unless every gradient, in order, well-typed
+        prepared = eng.prepare(gradients)  # None unless every gradient (any order), well-typed
         if prepared is None:
             if not gradients.keys() <= index.keys():
                 raise KeyMismatchError(f"gradients for unknown parameter(s) "
