@@ -335,7 +335,10 @@ def _side_by_side(case, backend, dtype, steps, lr_factors, drop, torch_clip, ext
             topt.param_groups[0]["lr"] = lr0 * lr_factors[t]
         gone = set(drop(t)) if drop else set()
         g = {k: v for k, v in grads[t].items() if k not in gone}
-        params, state = opt.update(params, natives(backend, g), state)
+        mine = natives(backend, g)
+        if getattr(drop, "as_none", False):  # present with None, as torch's .grad is
+            mine = {k: mine.get(k) for k in grads[t]}
+        params, state = opt.update(params, mine, state)
         for k, p in tparams.items():
             p.grad = torch.tensor(g[k]) if k in g else None
         if torch_clip:
@@ -407,6 +410,17 @@ def drop_tail(t: int) -> list[str]:
     return (["b"] if t >= STEPS - 10 else []) + (["s", "big"] if t >= STEPS - 3 else [])
 
 
+def as_none(drop):  # noqa: ANN001, ANN201
+    """``drop``, its gradients passed as None under their keys instead of left out (a dict
+    built from torch's ``.grad`` of every parameter)."""
+    def none(t: int) -> list[str]:
+        return drop(t)
+
+    none.as_none = True
+    none.__name__ = f"{drop.__name__}_as_none"
+    return none
+
+
 def _check(label: str, r: dict, tol: float = TOL64) -> None:
     OBSERVED[label] = max(r["params"], r["slots"])
     assert r["params"] <= tol, f"{label}: params rel err {r['params']:.3g}"
@@ -456,10 +470,12 @@ def test_set_learning_rate_mid_run_matches_torch(case):
 
 @pytest.mark.parametrize("case, drop", [
     ("sgd_weight_decay", drop_some), ("rmsprop_centered_momentum", drop_some),
-    ("adagrad_tiny_eps", drop_some), ("adamw", drop_tail), ("adagrad", drop_tail)])
+    ("adagrad_tiny_eps", drop_some), ("adamw", drop_tail), ("adagrad", drop_tail),
+    ("sgd_weight_decay", as_none(drop_some)), ("adamw", as_none(drop_tail))])
 def test_missing_gradients_match_torch_grad_none(case, drop):
-    """A parameter absent from ``gradients`` is left alone, and so is its state (torch skips
-    parameters whose ``grad`` is None, weight decay included)."""
+    """A parameter absent from ``gradients``, or whose gradient is None, is left alone, and
+    so is its state (torch skips parameters whose ``grad`` is None, weight decay
+    included)."""
     for backend in ALL:
         _check(f"drop/{case}/{backend}", side_by_side(case, backend, drop=drop))
 

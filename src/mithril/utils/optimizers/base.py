@@ -56,8 +56,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
+from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -136,6 +138,16 @@ def _check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], st
         listing = "; ".join(f"{k}: {names}" for k, names in ranked)
         raise TypeError(f"params mix {what}s ({listing}): one optimizer needs one {what}; the "
                         f"odd one(s) out: {odd}")
+
+
+def _without_none(gradients: Any) -> Any:
+    """``gradients`` without its entries whose value is None: a parameter without a gradient
+    this step (torch leaves its ``.grad`` None), as if its key were absent (a new dict only
+    where there is one; one C-speed pass otherwise)."""
+    if isinstance(gradients, Mapping) and any(map(operator.is_, gradients.values(),
+                                                  repeat(None))):
+        return {k: g for k, g in gradients.items() if g is not None}
+    return gradients
 
 
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
@@ -442,6 +454,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             if got is not None:
                 return self._record(state, state.step + 1, *got)
         bound = self._backend
+        gradients = _without_none(gradients)
         try:
             self._bind(params)
             prepared, ours = self._check(params, gradients, state)

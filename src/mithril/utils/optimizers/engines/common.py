@@ -201,7 +201,8 @@ class Engine:
         raise NotImplementedError
 
     def prepare(self, gradients: Any) -> Any:
-        """What :meth:`step` needs from a full, ordered, well-typed gradient dict, found with
+        """What :meth:`step` needs from a full, well-typed gradient dict (its values in
+        layout order, whatever the order of its keys: :meth:`ordered`), found with
         C-speed passes (per-tensor Python work is what remains once the kernel is fused);
         None when the gradients need the per-key checks (and their error messages)."""
         vals = self.ordered(gradients)  # (also the count)

@@ -206,9 +206,9 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     """The step of :meth:`JaxEngine.step <.jax_engine.JaxEngine.step>` (same return value)
     by its state's recipe: the scalar table of this step and one call of the program, with
     none of the decisions around it; None where the recipe does not hold. The gradients'
-    keys (in any order, :meth:`~.common.Engine.ordered`) and types are checked here; their shapes and dtypes are JAX's signature of the
-    call: others make it trace the program again, and the trace refuses them
-    (:class:`~.common.Unfit`) before anything runs."""
+    keys (in any order, :meth:`~.common.Engine.ordered`) and types are checked here; their
+    shapes and dtypes are JAX's signature of the call: others make it trace the program
+    again, and the trace refuses them (:class:`~.common.Unfit`) before anything runs."""
     r = state.fast
     if (r is None or not isinstance(params, Mapping) or not isinstance(grads, Mapping)
             or not r.holds(opt, state) or not state.returned(params)):

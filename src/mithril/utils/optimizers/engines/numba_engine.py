@@ -182,8 +182,9 @@ class NumbaEngine(Engine):
 
     # -- one step --------------------------------------------------------------------
     def prepare(self, gradients: Any) -> np.ndarray | None:
-        """The addresses of a full, ordered, well-typed set of gradients (read where they
-        lie by the kernel), found without per-tensor Python calls where possible; else None."""
+        """The addresses, in layout order, of a full, well-typed set of gradients (keys in
+        any order, :meth:`ordered`; read where they lie by the kernel), found without
+        per-tensor Python calls where possible; else None."""
         if self.kind == "numpy":
             vals = self.ordered(gradients)
             return None if vals is None else ndarray_fields.scan(vals, self._expected)
