@@ -22,7 +22,10 @@ run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch
 # "propagate" with its report read a step late, against "unchecked" and the references, in
 # chains of 20 steps with one wait (what a loop that reads nothing back between steps sees)
 run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
-    --sizes 1Mx10,10Mx10 --optimizers adam --rounds 3 --block 10 --warm 0.05 --chain 20
+    --sizes 100kx10,1Mx10,10Mx10 --optimizers adam --rounds 3 --block 10 --warm 0.05 --chain 20
+# the jitted engine's repeated step with gradients whose keys are sorted (as jax.jit returns
+# them) against the parameters' order: the recipe's host time on a device
+run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --tensors 500 --rounds 7
 run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
 [ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
     --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024

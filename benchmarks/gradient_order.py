@@ -11,6 +11,9 @@ was checked and read key by key. Each variant rotates :data:`GRAD_SETS` gradient
 first step of each is checked against a NumPy Adam step.
 
     python benchmarks/gradient_order.py [--tensors 2000] [--size 500] [--rounds 15]
+                                        [--backends numpy,torch,jax] [--device cuda]
+
+``--device``: where torch's tensors live (JAX uses its default device).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from mithril.utils.optimizers import Adam
 
 GRAD_SETS, LR = 3, 1e-3
+DEVICE = "cpu"  # torch's (--device)
 
 
 def native(lib: str, arrays: list[dict[str, np.ndarray]]) -> list[dict]:
@@ -33,7 +37,7 @@ def native(lib: str, arrays: list[dict[str, np.ndarray]]) -> list[dict]:
     if lib == "torch":
         import torch
 
-        return [{k: torch.from_numpy(v.copy()) for k, v in d.items()} for d in arrays]
+        return [{k: torch.from_numpy(v.copy()).to(DEVICE) for k, v in d.items()} for d in arrays]
     if lib == "jax":
         import jax
         import jax.numpy as jnp
@@ -53,7 +57,7 @@ def variant(lib: str, params: dict, grads: list[dict], key_order: list[str]) -> 
     box = {"p": p, "s": opt.init(p), "i": 0}
     first = next(iter(params))
     box["p"], box["s"] = opt.update(box["p"], gs[0], box["s"])
-    got = np.asarray(box["p"][first].numpy() if lib == "torch" else box["p"][first])
+    got = np.asarray(box["p"][first].cpu().numpy() if lib == "torch" else box["p"][first])
     g0 = grads[0][first].astype(np.float64)
     want = params[first] - LR * g0 / (np.abs(g0) + 1e-8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -62,7 +66,18 @@ def variant(lib: str, params: dict, grads: list[dict], key_order: list[str]) -> 
         for _ in range(20):
             box["i"] += 1
             box["p"], box["s"] = opt.update(box["p"], gs[box["i"] % GRAD_SETS], box["s"])
+        wait(lib, box["p"][first])
     return run
+
+
+def wait(lib: str, x: object) -> None:
+    """Until the device has run the steps queued (a no-op on CPU NumPy/torch)."""
+    if lib == "jax":
+        x.block_until_ready()  # type: ignore[attr-defined]
+    elif lib == "torch" and DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -71,7 +86,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--backends", default="numpy,torch,jax")
+    ap.add_argument("--device", default="cpu", help="torch's device (e.g. cuda)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     if a.tensors < 2 or a.size < 1 or a.rounds < 1:
         ap.error("--tensors must be at least 2, --size and --rounds positive")
     rng = np.random.default_rng(0)
