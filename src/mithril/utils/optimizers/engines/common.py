@@ -154,7 +154,7 @@ class Engine:
         if keys == names:
             self._keys, self._take = keys, None
             return list(gradients.values())
-        if len(keys) != len(names) or not self.layout.index.keys() == set(keys):
+        if len(keys) != len(names) or self.layout.index.keys() != set(keys):
             return None
         where = {k: i for i, k in enumerate(keys)}
         self._keys, self._take = keys, itemgetter(*[where[n] for n in names])  # (2+ names)
