@@ -63,6 +63,50 @@ def test_mapping_reads_writes_and_versions():
         new["v"]
 
 
+def test_split_and_join_keep_placement_and_values():
+    """Split and join copy on the host (no compiled program), in layout order, and keep
+    an array's placement: an uncommitted flat buffer gives uncommitted chunks, as the
+    jitted step's outputs are, so the second step meets the signature of the first."""
+    import jax
+
+    bounds = (((1, 3, 7),), ((0, 0, 3), (2, 7, 9)))
+    flat = jnp.arange(9.0, dtype=jnp.float32)
+    parts = jax_chunks.split(bounds, flat)
+    assert [np.asarray(p).tolist() for p in parts] == [[3, 4, 5, 6], [0, 1, 2, 7, 8]]
+    assert not any(p._committed for p in parts) and parts[0].dtype == jnp.float32
+    parts[0].delete()  # (a copy: the flat buffer is not the chunk's)
+    np.testing.assert_array_equal(np.asarray(flat), np.arange(9.0))
+    dev = jax.devices()[0]
+    pinned = jax.device_put(flat, dev)
+    parts = jax_chunks.split(bounds, pinned)
+    assert all(p._committed and p.devices() == {dev} for p in parts)
+    joined = jax_chunks.join(bounds, parts)
+    np.testing.assert_array_equal(np.asarray(joined), np.arange(9.0))
+    assert joined._committed and joined.dtype == jnp.float32
+    assert not jax_chunks.join(bounds, jax_chunks.split(bounds, flat))._committed
+
+
+def test_second_chunked_step_compiles_nothing(real_threshold):
+    """The first step splits the flat slots; the steps after it run the same compiled
+    program (the split chunks have the step's own outputs' signature)."""
+    from mithril.utils.optimizers.engines.jax_engine import _COMPILED
+
+    rng = np.random.default_rng(4)
+    p0 = _params(rng)
+    opt = Adam(learning_rate=1e-2)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    assert len(s.engine.bounds) == 4
+    grads = [{k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32))
+              for k, v in p0.items()} for _ in range(2)]
+    p, s = opt.update(p, grads[0], s)
+    traces = sum(f._cache_size() for f in _COMPILED.values())
+    for g in grads * 2:
+        p, s = opt.update(p, g, s)
+    assert sum(f._cache_size() for f in _COMPILED.values()) == traces
+
+
 def _params(rng):
     """Large tensors (own chunks) between runs of small ones, in an order whose sorted
     names differ from the layout's."""
