@@ -10,7 +10,7 @@ import optax
 import pytest
 from conftest import optimizer_engine
 
-from mithril.utils.optimizers import SGD, Adam, AdamW
+from mithril.utils.optimizers import LAMB, SGD, Adam, AdamW
 from mithril.utils.optimizers.engines import jax_chunks
 from mithril.utils.optimizers.engines.jax_chunks import ChunkedSlots, chunk_bounds
 from mithril.utils.optimizers.layout import Layout
@@ -119,7 +119,13 @@ def _params(rng):
     lambda: Adam(learning_rate=1e-2),
     lambda: AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=5.0),
     lambda: SGD(learning_rate=1e-2, momentum=0.9, nesterov=True, nonfinite="unchecked"),
-], ids=["adam", "adamw-clip", "sgd-unchecked"])
+    # groups that differ inside the chunk of small tensors (a row per element there)
+    lambda: AdamW(learning_rate=1e-2, weight_decay=0.1, param_groups=[
+        {"params": r"^b", "weight_decay": 0.0, "learning_rate": 5e-3}]),
+    # a row per tensor (the first pass's per-tensor sums, segment ids in the small chunk)
+    lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
+    lambda: SGD(learning_rate=1e-2, momentum=0.9, clip_tensor_norm=1.0),
+], ids=["adam", "adamw-clip", "sgd-unchecked", "adamw-groups", "lamb", "sgd-tensor-clip"])
 def test_chunked_steps_equal_numpy_engine(real_threshold, make):
     rng = np.random.default_rng(0)
     p0 = _params(rng)

@@ -176,11 +176,14 @@ class JaxRecipe:
     while the state's are the ones it left, not written since (their ``version``)."""
 
     __slots__ = ("opt", "engine", "attrs", "groups", "slots", "version", "fn", "names",
-                 "shape", "clip_norm", "checked", "used", "single", "dtype", "bound")
+                 "shape", "clip_norm", "checked", "used", "single", "dtype", "bound",
+                 "selectors")
 
     def __init__(self, opt: Any, state: Any, engine: Any, fn: Any, names: tuple[str, ...],
-                 shape: tuple[int, int], clip_norm: Any, checked: bool) -> None:
+                 shape: tuple[int, int], clip_norm: Any, checked: bool, selectors: tuple
+                 ) -> None:
         self.opt, self.engine, self.fn, self.names = opt, engine, fn, names
+        self.selectors = selectors  # (the groups' rows: fixed while the recipe holds)
         self.attrs = dict(opt.__dict__)
         self.groups = (opt._groups_version, id(opt._groups))
         self.slots, self.version = state.slots, state.slots.version
@@ -227,7 +230,7 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     try:
         new_params, new_slots, norm, probe = r.fn(
             tuple(params.values()), tuple(gs), {s: slots.chunks(s) for s in r.names}, hp,
-            r.clip_norm)
+            r.clip_norm, r.selectors)
     except Unfit:  # (traced, never run: nothing donated)
         return None
     new_params = dict(zip(engine.layout.name_list, new_params))

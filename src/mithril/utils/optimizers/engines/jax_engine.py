@@ -98,6 +98,12 @@ def _host(probe: Any) -> tuple[float, bool]:
     return norm, bool(finite)
 
 
+def _uint(top: int) -> Any:
+    """The smallest unsigned integer type that holds 0..``top`` (an index per element is
+    read with every element: 1 B of uint8 where the table has up to 256 rows, not 4)."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(t).max)
+
+
 def _barrier(x: Any) -> Any:
     """``x``, computed before anything that uses the result (``optimization_barrier``)."""
     import jax
@@ -129,30 +135,32 @@ def _named(lay: Any, names: list[str], leaves: tuple) -> dict[str, Any]:
 
 class _Parts:
     """How a jitted pass meets the layout's chunks (:func:`~.jax_chunks.chunk_bounds`):
-    per chunk its tensors' spans, the row of scalars of its elements (an int where they
-    share one, an array per element where groups differ within it, None for a one-row
-    table) and its mask of elements with a gradient (None: all)."""
+    per chunk its tensors' spans. What may differ between calls of one program - the row
+    of the scalar table each element reads, which elements have a gradient - comes as
+    arguments (:meth:`JaxEngine._selectors`), never as constants: an index per element
+    baked into the program is 4 B a parameter of constant (one chunk of 10M parameters in
+    two groups, as on an accelerator: 9 s more of XLA's compile), and a constant row index
+    per tensor makes every tensor's loop a kernel of its own (LAMB on 200 tensors: 21.6 s
+    of compile, where loops that differ only in their arguments compile once)."""
 
-    def __init__(self, lay: Any, bounds: tuple, rows: tuple[int, ...] | None,
-                 present: tuple[str, ...] | None) -> None:
+    def __init__(self, lay: Any, bounds: tuple) -> None:
         self.lay, self.bounds = lay, bounds
         spans = list(lay.spans())
         self.spans = [[spans[i] for i, _, _ in chunk] for chunk in bounds]
-        self.elems: list[Any] = []
-        self.masks: list[Any] = []
-        for chunk in bounds:
-            sizes = [b - a for _, a, b in chunk]
-            e = None if rows is None else np.repeat(
-                np.asarray([rows[i] for i, _, _ in chunk], np.int32), sizes)
-            self.elems.append(e if e is None or not e.size or (e != e[0]).any() else int(e[0]))
-            m = None if present is None else np.repeat(
-                np.array([lay.names[i] in present for i, _, _ in chunk], dtype=bool), sizes)
-            self.masks.append(None if m is None or m.all() else m)
 
-    def col(self, table: Any, c: int) -> Any:
-        """Chunk ``c``'s column getter: ``col(j)`` is scalar j of its elements."""
-        e = self.elems[c]
-        return (lambda j: table[0, j]) if e is None else (lambda j: table[e, j])
+    @staticmethod
+    def col(table: Any, sel: Any) -> Any:
+        """A chunk's column getter: ``col(j)`` is scalar j of its elements. ``sel``: None
+        for a one-row table, else the chunk's row (0-d) or each element's (traced). (lax
+        calls: ``table[sel, j]`` traced ~2 ms a scalar, seconds for 200 tensors.)"""
+        from jax import lax
+
+        if sel is None or not sel.ndim:
+            row = lax.index_in_dim(table, 0, keepdims=False) if sel is None else \
+                lax.dynamic_index_in_dim(table, sel, keepdims=False)
+            return lambda j: lax.index_in_dim(row, j, keepdims=False)
+        return lambda j: lax.index_in_dim(table, j, axis=1, keepdims=False).at[sel].get(
+            mode="promise_in_bounds")
 
     def flat(self, leaves: Any) -> list[Any]:
         """Each chunk's ``leaves`` as one flat array (zeros for a name ``leaves`` lacks)."""
@@ -181,12 +189,14 @@ class _Parts:
         return jnp.concatenate(rows, axis=0)[order]
 
 
-def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, clip_norm: Any,
-              flags: tuple, norm_on: bool = True) -> tuple[list, list, list, Any]:
+def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, sels: tuple,
+              clip_norm: Any, flags: tuple, norm_on: bool = True
+              ) -> tuple[list, list, list, Any]:
     """Inside a jitted pass, per chunk: the flat params and the gradient as the math sees
     it (clipped unit-wise, scaled by the global norm rule and each tensor's table scale,
     clipped by value, L2-decayed), and its column getter; and the (unit-clipped)
-    gradients' norm. ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive
+    gradients' norm. ``sels``: each chunk's rows of the table (:meth:`_Parts.col`).
+    ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive
     clipping and l2_on (some group has coupled weight decay: without it the gradient's
     passes do not read the params). ``norm_on`` False (no clip_norm, nothing reads it): no
     norm, None."""
@@ -195,7 +205,7 @@ def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, clip_norm: Any
     clip_norm_on, clip_value_on, per_tensor, agc, l2_on = flags
     grads = _adaptive(parts.lay, params, grads, agc)
     ps, gs = parts.flat(params), parts.flat(grads)
-    cols = [parts.col(table, c) for c in range(len(ps))]
+    cols = [parts.col(table, sel) for sel in sels]
     norm = None
     if norm_on or clip_norm_on:
         norm = global_norm(gs)
@@ -230,6 +240,46 @@ class JaxEngine(Engine):
         self.concrete = type(jnp.zeros(0))
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
+        self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
+        self._segments: dict[str, Any] = {}  # segment ids of the per-tensor sums
+
+    def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
+                   ) -> tuple[tuple, tuple]:
+        """The arrays a jitted pass reads per chunk (:class:`_Parts`): the rows of the
+        scalar table (None for a one-row table; 0-d where the chunk's tensors share a row,
+        else one per element, in the smallest unsigned integer type) and the mask of the
+        elements with a gradient (None: all have one). ``rows``: each tensor's row;
+        ``present``: the names with a gradient (None: all). Made once, kept while the
+        groups and the gradients' keys stay the same (the few last ones kept)."""
+        key = (rows, present)
+        got = self._sels.get(key)
+        if got is not None:
+            return got
+        jnp, names = self.jnp, self.layout.names
+        sels, masks = [], []
+        for chunk in self.bounds:
+            sizes = [b - a for _, a, b in chunk]
+            if rows is None or not chunk:
+                sels.append(None)
+            else:
+                r = np.asarray([rows[i] for i, _, _ in chunk], dtype=_uint(max(rows)))
+                sels.append(jnp.asarray(r[0] if (r == r[0]).all() else np.repeat(r, sizes)))
+            m = None if present is None else np.array([names[i] in present for i, _, _ in chunk])
+            masks.append(None if m is None or m.all() else jnp.asarray(np.repeat(m, sizes)))
+        if len(self._sels) >= 4:  # (a few: the first pass and the second differ)
+            self._sels.clear()
+        got = self._sels[key] = (tuple(sels), tuple(masks))
+        return got
+
+    def _segment_ids(self, name: str, spans: Any) -> Any:
+        """Each element's tensor among ``spans`` (``(index, start, stop)`` runs, laid end to
+        end), an argument of the jitted pass that sums per tensor (made once)."""
+        got = self._segments.get(name)
+        if got is None:
+            sizes = [b - a for _, a, b in spans]
+            got = self._segments[name] = self.jnp.asarray(
+                np.repeat(np.arange(len(sizes), dtype=_uint(len(sizes))), sizes))
+        return got
 
     def full(self, n: int, value: float) -> Any:
         return self.jnp.full((n,), value, dtype=self.layout.dtype)
@@ -241,12 +291,12 @@ class JaxEngine(Engine):
         return self.jnp.asarray(np.asarray(a, dtype=self.layout.dtype))
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
-               flags: tuple[bool, bool, bool], rows: tuple[int, ...] | None, donate: bool,
-               n_avg: int = 0, checked: bool = True) -> Any:
-        """The jitted step, over the layout's chunks (slots: name → chunk arrays).
-        ``rows``: each tensor's row of the scalar table when there are several parameter
-        groups (a chunk whose tensors differ gathers each scalar per element; XLA fuses
-        the gather into the update loop), else None (one row of scalars). ``n_avg``: the
+               flags: tuple[bool, bool, bool], donate: bool, n_avg: int = 0,
+               checked: bool = True) -> Any:
+        """The jitted step, over the layout's chunks (slots: name → chunk arrays), with
+        the chunks' :meth:`_selectors` as its last argument: where the table has a row per
+        parameter group, a chunk whose tensors differ gathers each scalar per element (XLA
+        fuses the gather into the update loop). ``n_avg``: the
         last slots are weight averages (their weights the last scalars), which move
         towards parameters without a gradient too. ``checked`` False
         (``nonfinite="unchecked"``): no norm unless clip_norm needs it, no finite probes
@@ -254,21 +304,22 @@ class JaxEngine(Engine):
         jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
         lay = self.layout
-        parts = _Parts(lay, self.bounds, rows, present)
+        parts = _Parts(lay, self.bounds)
         n_slots = len(slot_names)
         gnames = lay.name_list if present is None else list(present)
 
-        def step(params, grads, slots, table, clip_norm):
+        def step(params, grads, slots, table, clip_norm, selectors):
             # params (every tensor) and grads (``present``'s) in layout order, as tuples:
             # flattened faster than dicts (no sorting of keys), and checked here, when JAX
             # traces them, instead of on every call (fast_step.run_jax)
             params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
-            ps, gs, cols, norm = _prologue(parts, params, grads, table, clip_norm,
+            sels, masks = selectors
+            ps, gs, cols, norm = _prologue(parts, params, grads, table, sels, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
             n_scal = table.shape[1]
             new_ps, new_slots = [], []
-            for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, parts.masks)):
+            for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, masks)):
                 old = [slots[s][c] for s in slot_names]
                 out = math_fn(p * col(3), g, *old, *(col(j) for j in range(4, n_scal)))
                 new_p, new = out[0], list(out[1:])
@@ -338,39 +389,45 @@ class JaxEngine(Engine):
             n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
             rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
             pres = None if present.all() else tuple(n for n in lay.names if n in grads)
-            key = ("reduce", opt.reduce_math(), own, n_own, lay, self.bounds, pres, flags, rows)
+            key = ("reduce", opt.reduce_math(), own, n_own, lay, self.bounds, pres, flags)
             fn = _COMPILED.get(key)
             if fn is None:
                 fn = _COMPILED[key] = self._build_reduce(opt.reduce_math(), own, n_own, k,
-                                                         flags, rows)
+                                                         flags)
             with np.errstate(over="ignore"):
                 hp = table.astype(lay.dtype)
             cn = _clip_norm(opt, flags, lay.dtype)
+            segments = tuple(None if len(chunk) == 1 else self._segment_ids(f"chunk{c}", chunk)
+                             for c, chunk in enumerate(self.bounds))
             sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
-                                 hp, cn), dtype=np.float64)
+                                 hp, cn, self._selectors(rows, None)[0], segments),
+                              dtype=np.float64)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
-                      flags: tuple, rows: tuple[int, ...] | None) -> Any:
+                      flags: tuple) -> Any:
+        """The jitted first pass: per tensor, the sums of ``reduce_fn``'s terms. Its last
+        two arguments: the chunks' rows of the table (:meth:`_selectors`) and each chunk's
+        segment ids (:meth:`_segment_ids`; None for a chunk of one tensor)."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, _, per_tensor, agc, l2_on = flags
-        parts = _Parts(lay, self.bounds, rows, None)
+        parts = _Parts(lay, self.bounds)
         wide = jnp.promote_types(lay.dtype, jnp.float32)
 
-        def sums(x: Any, chunk: tuple) -> Any:  # per tensor of a chunk
-            if len(chunk) == 1:
+        def sums(x: Any, chunk: tuple, ids: Any) -> Any:  # per tensor of a chunk
+            if ids is None:
                 return jnp.sum(x.astype(wide))[None]
-            ids = np.repeat(np.arange(len(chunk), dtype=np.int32), [b - a for _, a, b in chunk])
-            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=len(chunk))
+            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=len(chunk),
+                                       indices_are_sorted=True)
 
-        def first(params, grads, slots, table, clip_norm):
-            ps, gs, cols, _ = _prologue(parts, params, grads, table, clip_norm,
+        def first(params, grads, slots, table, clip_norm, sels, segments):
+            ps, gs, cols, _ = _prologue(parts, params, grads, table, sels, clip_norm,
                                         (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
             out = []
             for c, (chunk, p, g, col) in enumerate(zip(self.bounds, ps, gs, cols)):
                 terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
                                   *(col(j) for j in range(4, 4 + n_own)))
-                out.append(jnp.stack([sums(x, chunk) for x in terms], axis=1))
+                out.append(jnp.stack([sums(x, chunk, segments[c]) for x in terms], axis=1))
             return parts.per_tensor(out)
 
         return jax.jit(first)
@@ -396,19 +453,21 @@ class JaxEngine(Engine):
             key = ("sumsq", lay, agc)
             fn = _COMPILED.get(key)
             if fn is None:
-                ids = np.repeat(np.arange(len(lay.names), dtype=np.int32), lay.sizes)
                 n = len(lay.names)
 
-                def sumsq(gs, ps):
+                def sumsq(gs, ps, ids):
                     gs = _adaptive(lay, ps, gs, agc)
                     g = jnp.concatenate([gs[m].reshape(-1) for m in lay.names])
                     w = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-                    return self.jax.ops.segment_sum(w * w, ids, num_segments=n)
+                    return self.jax.ops.segment_sum(w * w, ids, num_segments=n,
+                                                    indices_are_sorted=True)
 
                 fn = _COMPILED[key] = self.jax.jit(sumsq)
             full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
                     for m, shp in zip(lay.names, lay.shapes)}
-            sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
+            ids = self._segment_ids("layout", [(i, a, b) for i, (_, a, b, _) in
+                                               enumerate(lay.spans())])
+            sq = np.asarray(fn(full, dict(params), ids), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
             flags = (False, clip, refuses(opt), True, agc,  # scales: in the table
                      bool((table[:, 2] != 0).any()))
@@ -431,11 +490,12 @@ class JaxEngine(Engine):
         # "unchecked": nothing measured or read back (with tensor clipping the norm is read
         # anyway, for the per-tensor scales)
         checked = opt.nonfinite != "unchecked" or flags[3]
-        key = (math_fn, names, lay, self.bounds, present, flags, rows, donate, checked)
+        key = (math_fn, names, lay, self.bounds, present, flags, donate, checked)
         fn = _COMPILED.get(key)
         if fn is None:
-            fn = _COMPILED[key] = self._build(math_fn, names, present, flags, rows, donate,
+            fn = _COMPILED[key] = self._build(math_fn, names, present, flags, donate,
                                               len(names) - len(opt.slot_names()), checked)
+        selectors = self._selectors(rows, present)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             hp = table.astype(lay.dtype)
         cn = _clip_norm(opt, flags, lay.dtype)
@@ -443,7 +503,7 @@ class JaxEngine(Engine):
         new_params, new_slots, norm, probe = fn(
             tuple(params[n] for n in lay.name_list),
             tuple(grads[n] for n in (lay.name_list if present is None else present)),
-            kernel_slots, hp, cn)
+            kernel_slots, hp, cn, selectors)
         # in layout order, so that the next update sees its own arrays (state.returned) and
         # neither checks nor copies them
         new_params = dict(zip(lay.name_list, new_params))
@@ -453,7 +513,7 @@ class JaxEngine(Engine):
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
             fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn as the full path
                 # gives it: a device array here would be a second trace of the program)
-                opt, state, self, fn, names, table.shape, cn, checked))
+                opt, state, self, fn, names, table.shape, cn, checked, selectors))
         if probe is None:  # "unchecked": nothing read back, the device runs on (the norm,
             # if clip_norm measured it, stays a 0-d array)
             state.param_views = new_params
