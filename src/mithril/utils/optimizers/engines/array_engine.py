@@ -42,6 +42,24 @@ class ArrayEngine(Engine):
 
             self.array_type, self.native_dtype = np.ndarray, np.dtype(numpy_dtype(layout.dtype))
 
+    def _per_element(self, values: Any) -> Any:
+        """Per-tensor ``values`` (shape ``(..., tensors)``, NumPy or torch) as each element's
+        value, shape ``(..., elements)`` (a gap after a tensor takes its value): on torch
+        repeated on the device from the small array (one kernel, nothing of the
+        parameters' size crosses from the host)."""
+        reps = self.__dict__.get("_reps")
+        if reps is None:
+            starts = [a for _, a, _, _ in self.layout.spans()]
+            reps = self._reps = np.diff(np.array([*starts, self.layout.total], dtype=np.int64))
+            if self.torch:
+                self._reps_dev = self.t.from_numpy(reps).to(self.device)
+        if not self.torch:
+            return np.repeat(values, reps, axis=-1)
+        small = (values if isinstance(values, self.t.Tensor) else
+                 self.t.from_numpy(np.ascontiguousarray(values)))
+        return self.t.repeat_interleave(small.to(self.device), self._reps_dev, dim=-1,
+                                        output_size=int(self.layout.total))
+
     def full(self, n: int, value: float) -> Any:
         if self.torch:
             return self.t.full((n,), value, dtype=self.tdtype, device=self.device)
@@ -95,11 +113,10 @@ class ArrayEngine(Engine):
                 a, b = self._span(n)
                 P[a:b] = x.reshape(-1)
         if tensor_clipping(opt, state):
-            ids = np.repeat(np.arange(len(lay.names)), lay.sizes)
+            ids = self._per_element(np.arange(len(lay.names)))
             if self.torch:
                 sq = self.t.zeros(len(lay.names), dtype=self.t.float64, device=self.device)
-                sq = sq.index_add_(0, self.t.from_numpy(ids).to(self.device),
-                                   g.double() ** 2).cpu().numpy()
+                sq = sq.index_add_(0, ids, g.double() ** 2).cpu().numpy()
             else:
                 sq = np.bincount(ids, weights=np.square(g, dtype=np.float64),
                                  minlength=len(lay.names))
@@ -117,11 +134,7 @@ class ArrayEngine(Engine):
         out = opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:], *scal)
         present = None
         if len(grads) != len(lay.names):  # leave parameters without gradient untouched
-            present = np.zeros(lay.total, dtype=bool)
-            for n, a, b, _ in lay.spans():
-                present[a:b] = n in grads
-            if self.torch:
-                present = self.t.from_numpy(present).to(self.device)
+            present = self._per_element(np.array([n in grads for n in lay.names]))
         if present is not None:
             n_avg = len(names) - len(opt.slot_names())
             if n_avg:  # averages move towards parameters without a gradient too
@@ -172,12 +185,11 @@ class ArrayEngine(Engine):
             n_own = len(cols) - 4 - (len(opt.full_slot_names()) - len(own))
             terms = opt.reduce_math()(P * cols[3], g, *(state.slots[s] for s in own),
                                       *cols[4:4 + n_own])
-            ids = np.repeat(np.arange(n), lay.sizes)
+            ids = self._per_element(np.arange(n))
             for j, term in enumerate(terms):
                 if self.torch:
-                    tid = self.t.from_numpy(ids).to(self.device)
                     acc = self.t.zeros(n, dtype=self.t.float64, device=self.device)
-                    sums[:, j] = acc.index_add_(0, tid, term.double()).cpu().numpy()
+                    sums[:, j] = acc.index_add_(0, ids, term.double()).cpu().numpy()
                 else:
                     sums[:, j] = np.bincount(ids, weights=np.asarray(term, np.float64),
                                              minlength=n)
@@ -186,18 +198,18 @@ class ArrayEngine(Engine):
 
     def _columns(self, table: np.ndarray, index: np.ndarray) -> list[Any]:
         """Each scalar of the table: a Python float with one parameter group, else an array
-        of each element's value (the unfused path: one more array per scalar)."""
+        of each element's value (the unfused path: one more array per scalar), made from
+        each tensor's row (:meth:`_per_element`)."""
         if table.shape[0] == 1:
             return [float(x) for x in table[0]]
-        per = np.repeat(index, self.layout.sizes)
+        rows = table[index].T  # (scalars, tensors)
+        if self.torch:  # (torch rounds to its own dtype: NumPy has no bfloat16 for it)
+            return list(self._per_element(
+                self.t.from_numpy(np.ascontiguousarray(rows)).to(self.tdtype)).unbind(0))
         from ....backends.numpy_backend import numpy_dtype
 
-        if self.torch:  # (torch rounds to its own dtype: NumPy has no bfloat16 for it)
-            return [self.t.from_numpy(table[per, j]).to(self.tdtype).to(self.device)
-                    for j in range(table.shape[1])]
         with np.errstate(over="ignore"):
-            return [table[per, j].astype(numpy_dtype(self.layout.dtype))
-                    for j in range(table.shape[1])]
+            return list(self._per_element(rows.astype(numpy_dtype(self.layout.dtype))))
 
     def _span(self, name: str) -> tuple[int, int]:
         lay = self.layout
