@@ -18,11 +18,15 @@ wall time, the program's compile included; ``steady`` the median of rounds of
 our first step moves the parameters as optax's does (relative difference of the updates
 below 1e-3), else a ``WARNING`` line.
 
+``--nonfinite unchecked``: our steps without the norm and the finite probes (optax's
+contract; the default ``"propagate"`` measures and probes every step).
+
 ``--one-chunk``: the layout as one chunk, as on an accelerator (on CPU each tensor of
 8,192 elements or more is a chunk of its own; see ``engines/jax_chunks.py``).
 
     python benchmarks/jit_first_step.py [--cases adam,adamw-groups,lamb] [--tensors 200]
                                         [--total 10000000] [--one-chunk] [--rounds 7]
+                                        [--nonfinite propagate|unchecked]
 """
 
 from __future__ import annotations
@@ -57,15 +61,15 @@ def _data(tensors: int, total: int) -> tuple[dict, list[dict]]:
     return p, gs
 
 
-def _ours(case: str) -> Any:
+def _ours(case: str, nonfinite: str) -> Any:
     from mithril.utils import optimizers as O
 
     if case == "adam":
-        return O.Adam(LR)
+        return O.Adam(LR, nonfinite=nonfinite)
     if case == "adamw-groups":
-        return O.AdamW(LR, weight_decay=WD, param_groups=[{"params": _no_decay,
-                                                            "weight_decay": 0.0}])
-    return O.LAMB(LR, weight_decay=WD)
+        return O.AdamW(LR, weight_decay=WD, nonfinite=nonfinite,
+                       param_groups=[{"params": _no_decay, "weight_decay": 0.0}])
+    return O.LAMB(LR, weight_decay=WD, nonfinite=nonfinite)
 
 
 def _optax(case: str) -> Any:
@@ -86,7 +90,8 @@ def _optax(case: str) -> Any:
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
-def child(lib: str, case: str, tensors: int, total: int, rounds: int, block: int) -> dict:
+def child(lib: str, case: str, tensors: int, total: int, rounds: int, block: int,
+          nonfinite: str) -> dict:
     """One variant in this (fresh) process: first step and steady steps."""
     import jax
     import jax.numpy as jnp
@@ -96,7 +101,7 @@ def child(lib: str, case: str, tensors: int, total: int, rounds: int, block: int
     gs = [{k: jnp.asarray(v) for k, v in g.items()} for g in gs_np]
     first_name = next(iter(p_np))
     if lib == "mithril":
-        opt = _ours(case)
+        opt = _ours(case, nonfinite)
         state = opt.init(p)
         if type(state.engine).__name__ != "JaxEngine":
             raise SystemExit(f"expected the jitted engine, got {type(state.engine).__name__}")
@@ -134,7 +139,8 @@ def run_child(lib: str, case: str, a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env["MITHRIL_CACHE_DIR"] = cache
         cmd = [sys.executable, __file__, "--child", json.dumps(
-            [lib, case, a.tensors, a.total, a.rounds, a.block, a.one_chunk])]
+            [lib, case, a.tensors, a.total, a.rounds, a.block, a.one_chunk,
+             a.nonfinite])]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{lib} {case} failed:\n{out.stderr[-3000:]}")
@@ -149,15 +155,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--one-chunk", action="store_true")
+    ap.add_argument("--nonfinite", default="propagate", choices=("propagate", "unchecked"),
+                    help="our policy (optax checks nothing: \"unchecked\" is its contract)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        lib, case, tensors, total, rounds, block, one_chunk = json.loads(a.child)
+        lib, case, tensors, total, rounds, block, one_chunk, nonfinite = json.loads(a.child)
         if one_chunk:
             from mithril.utils.optimizers.engines import jax_chunks
 
             jax_chunks.CHUNK_MIN = 1 << 62
-        print(json.dumps(child(lib, case, tensors, total, rounds, block)))
+        print(json.dumps(child(lib, case, tensors, total, rounds, block, nonfinite)))
         return
     cases = a.cases.split(",")
     bad = [c for c in cases if c not in CASES]
@@ -167,7 +175,7 @@ def main() -> None:
     import jax
 
     print(f"jitted JAX engine on {jax.default_backend()}, {a.tensors} tensors, {a.total:,} "
-          f"float32 params{' (one chunk)' if a.one_chunk else ''}; first step s (compile "
+          f"float32 params{' (one chunk)' if a.one_chunk else ''}, nonfinite={a.nonfinite!r}; first step s (compile "
           f"included), steady ms a step (median of {a.rounds} rounds of {a.block})")
     print(f"{'case':14s} {'first ours':>10s} {'optax':>7s} {'ratio':>6s}   "
           f"{'steady ours':>11s} {'optax':>7s} {'ratio':>6s}")
