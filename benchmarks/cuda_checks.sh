@@ -26,6 +26,9 @@ run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch
 # the jitted engine's repeated step with gradients whose keys are sorted (as jax.jit returns
 # them) against the parameters' order: the recipe's host time on a device
 run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --tensors 500 --rounds 7
+# the jitted engine's first step (compile) and steady step on many tensors, parameter
+# groups and a two-pass optimizer included, against optax (JAX's default device)
+run python3 benchmarks/jit_first_step.py --rounds 5
 run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
 [ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
     --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024
