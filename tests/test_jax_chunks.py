@@ -84,6 +84,9 @@ def test_split_and_join_keep_placement_and_values():
     np.testing.assert_array_equal(np.asarray(joined), np.arange(9.0))
     assert joined._committed and joined.dtype == jnp.float32
     assert not jax_chunks.join(bounds, jax_chunks.split(bounds, flat))._committed
+    # a NumPy array a user wrote into the slots: the jitted split, the same chunks
+    parts = jax_chunks.split(bounds, np.arange(9.0, dtype=np.float32))
+    assert [np.asarray(p).tolist() for p in parts] == [[3, 4, 5, 6], [0, 1, 2, 7, 8]]
 
 
 def test_second_chunked_step_compiles_nothing(real_threshold):

@@ -49,8 +49,9 @@ _JOIN: dict[tuple, Any] = {}
 
 
 def _host_device(x: Any) -> Any:
-    """The CPU device ``x`` lies on, or None (several devices, or an accelerator)."""
-    devices = x.devices()
+    """The CPU device ``x`` lies on, or None (several devices, an accelerator, or not a
+    JAX array: a NumPy array a user wrote into the slots takes the jitted path)."""
+    devices = x.devices() if hasattr(x, "devices") else ()
     if len(devices) != 1:
         return None
     (d,) = devices
