@@ -129,7 +129,11 @@ def _params(rng):
     lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
     lambda: SGD(learning_rate=1e-2, momentum=0.9, clip_tensor_norm=1.0),
 ], ids=["adam", "adamw-clip", "sgd-unchecked", "adamw-groups", "lamb", "sgd-tensor-clip"])
-def test_chunked_steps_equal_numpy_engine(real_threshold, make):
+@pytest.mark.parametrize("threshold", [BIG, 1 << 40], ids=["chunks", "one-chunk"])
+def test_chunked_steps_equal_numpy_engine(monkeypatch, threshold, make):
+    """CPU's chunks, and one chunk of every tensor (an accelerator's layout: each element
+    reads its own row of the table where the groups differ)."""
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
     rng = np.random.default_rng(0)
     p0 = _params(rng)
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
@@ -140,7 +144,8 @@ def test_chunked_steps_equal_numpy_engine(real_threshold, make):
     with optimizer_engine("jax-jit"):
         p = {k: jnp.asarray(v) for k, v in p0.items()}
         s = opt.init(p)
-    assert type(s.engine).__name__ == "JaxEngine" and len(s.engine.bounds) == 4
+    assert type(s.engine).__name__ == "JaxEngine"
+    assert len(s.engine.bounds) == (4 if threshold == BIG else 1)
     for g in grads:
         ref_p, ref_s = ref_opt.update(ref_p, g, ref_s)
         p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
@@ -188,10 +193,13 @@ def test_chunked_adam_equals_optax(real_threshold):
         [np.asarray(os_[0].nu[k]).reshape(-1) for k in p0]), rtol=3e-6, atol=1e-12)
 
 
-def test_missing_gradient_and_written_slot(real_threshold):
-    """A tensor without a gradient keeps its value and slots, in a chunk of its own and in
-    a run of small ones; a slot written between steps is what the next step reads (the
-    repeated step's recipe no longer holds)."""
+@pytest.mark.parametrize("threshold", [BIG, 1 << 40], ids=["chunks", "one-chunk"])
+def test_missing_gradient_and_written_slot(monkeypatch, threshold):
+    """A tensor without a gradient keeps its value and slots, in a chunk of its own, in
+    a run of small ones and in one chunk of every tensor (a mask per element); a slot
+    written between steps is what the next step reads (the repeated step's recipe no
+    longer holds)."""
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
     rng = np.random.default_rng(2)
     p0 = _params(rng)
     opt = Adam(learning_rate=1e-2)
