@@ -89,17 +89,23 @@ def test_split_and_join_keep_placement_and_values():
     assert [np.asarray(p).tolist() for p in parts] == [[3, 4, 5, 6], [0, 1, 2, 7, 8]]
 
 
+def _jitted_adam(rng: np.random.Generator) -> tuple:
+    """:func:`_params`, and Adam's state of them on the jitted engine: (p0, opt, p, s)."""
+    p0 = _params(rng)
+    opt = Adam(learning_rate=1e-2)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    return p0, opt, p, s
+
+
 def test_second_chunked_step_compiles_nothing(real_threshold):
     """The first step splits the flat slots; the steps after it run the same compiled
     program (the split chunks have the step's own outputs' signature)."""
     from mithril.utils.optimizers.engines.jax_engine import _COMPILED
 
     rng = np.random.default_rng(4)
-    p0 = _params(rng)
-    opt = Adam(learning_rate=1e-2)
-    with optimizer_engine("jax-jit"):
-        p = {k: jnp.asarray(v) for k, v in p0.items()}
-        s = opt.init(p)
+    p0, opt, p, s = _jitted_adam(rng)
     assert len(s.engine.bounds) == 4
     grads = [{k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32))
               for k, v in p0.items()} for _ in range(2)]
@@ -201,11 +207,7 @@ def test_missing_gradient_and_written_slot(monkeypatch, threshold):
     longer holds)."""
     monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
     rng = np.random.default_rng(2)
-    p0 = _params(rng)
-    opt = Adam(learning_rate=1e-2)
-    with optimizer_engine("jax-jit"):
-        p = {k: jnp.asarray(v) for k, v in p0.items()}
-        s = opt.init(p)
+    p0, opt, p, s = _jitted_adam(rng)
     full = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for k, v in p0.items()}
     for _ in range(3):  # the third step runs by the recipe
         p, s = opt.update(p, full, s)
