@@ -41,20 +41,19 @@ class ArrayEngine(Engine):
             from ....backends.numpy_backend import numpy_dtype
 
             self.array_type, self.native_dtype = np.ndarray, np.dtype(numpy_dtype(layout.dtype))
+        # each tensor's elements (with the gap after it): what _per_element repeats by
+        starts = [a for _, a, _, _ in layout.spans()]
+        self._reps = np.diff(np.array([*starts, layout.total], dtype=np.int64))
+        if self.torch:
+            self._reps_dev = self.t.from_numpy(self._reps).to(self.device)
 
     def _per_element(self, values: Any) -> Any:
         """Per-tensor ``values`` (shape ``(..., tensors)``, NumPy or torch) as each element's
         value, shape ``(..., elements)`` (a gap after a tensor takes its value): on torch
         repeated on the device from the small array (one kernel, nothing of the
         parameters' size crosses from the host)."""
-        reps = self.__dict__.get("_reps")
-        if reps is None:
-            starts = [a for _, a, _, _ in self.layout.spans()]
-            reps = self._reps = np.diff(np.array([*starts, self.layout.total], dtype=np.int64))
-            if self.torch:
-                self._reps_dev = self.t.from_numpy(reps).to(self.device)
         if not self.torch:
-            return np.repeat(values, reps, axis=-1)
+            return np.repeat(values, self._reps, axis=-1)
         small = (values if isinstance(values, self.t.Tensor) else
                  self.t.from_numpy(np.ascontiguousarray(values)))
         return self.t.repeat_interleave(small.to(self.device), self._reps_dev, dim=-1,

@@ -241,7 +241,7 @@ class JaxEngine(Engine):
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
-        self._segments: dict[str, Any] = {}  # segment ids of the per-tensor sums
+        self._segments: tuple | None = None  # (per chunk, the whole layout): _segment_ids
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple]:
@@ -271,15 +271,19 @@ class JaxEngine(Engine):
         got = self._sels[key] = (tuple(sels), tuple(masks))
         return got
 
-    def _segment_ids(self, name: str, spans: Any) -> Any:
-        """Each element's tensor among ``spans`` (``(index, start, stop)`` runs, laid end to
-        end), an argument of the jitted pass that sums per tensor (made once)."""
-        got = self._segments.get(name)
-        if got is None:
-            sizes = [b - a for _, a, b in spans]
-            got = self._segments[name] = self.jnp.asarray(
-                np.repeat(np.arange(len(sizes), dtype=_uint(len(sizes))), sizes))
-        return got
+    def _segment_ids(self) -> tuple[tuple, Any]:
+        """Each element's tensor, arguments of the jitted passes that sum per tensor: per
+        chunk (None for a chunk of one tensor), and over the whole layout (made once)."""
+        if self._segments is None:
+            def ids(spans: Any) -> Any:
+                sizes = [b - a for _, a, b in spans]
+                return self.jnp.asarray(
+                    np.repeat(np.arange(len(sizes), dtype=_uint(len(sizes))), sizes))
+
+            whole = [(i, a, b) for i, (_, a, b, _) in enumerate(self.layout.spans())]
+            self._segments = (tuple(None if len(c) == 1 else ids(c) for c in self.bounds),
+                              ids(whole))
+        return self._segments
 
     def full(self, n: int, value: float) -> Any:
         return self.jnp.full((n,), value, dtype=self.layout.dtype)
@@ -397,10 +401,9 @@ class JaxEngine(Engine):
             with np.errstate(over="ignore"):
                 hp = table.astype(lay.dtype)
             cn = _clip_norm(opt, flags, lay.dtype)
-            segments = tuple(None if len(chunk) == 1 else self._segment_ids(f"chunk{c}", chunk)
-                             for c, chunk in enumerate(self.bounds))
             sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
-                                 hp, cn, self._selectors(rows, None)[0], segments),
+                                 hp, cn, self._selectors(rows, None)[0],
+                                 self._segment_ids()[0]),
                               dtype=np.float64)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
@@ -465,9 +468,7 @@ class JaxEngine(Engine):
                 fn = _COMPILED[key] = self.jax.jit(sumsq)
             full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
                     for m, shp in zip(lay.names, lay.shapes)}
-            ids = self._segment_ids("layout", [(i, a, b) for i, (_, a, b, _) in
-                                               enumerate(lay.spans())])
-            sq = np.asarray(fn(full, dict(params), ids), dtype=np.float64)
+            sq = np.asarray(fn(full, dict(params), self._segment_ids()[1]), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
             flags = (False, clip, refuses(opt), True, agc,  # scales: in the table
                      bool((table[:, 2] != 0).any()))
