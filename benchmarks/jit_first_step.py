@@ -9,7 +9,10 @@ optimizer's per-tensor scalars) it reads a row per tensor. Cases:
 * ``adam``: Adam (``optax.adam``);
 * ``adamw-groups``: AdamW with no weight decay on every second tensor (a parameter group;
   ``optax.adamw`` with a ``mask``);
-* ``lamb``: LAMB (``optax.lamb``), whose scalars are per tensor every step.
+* ``lamb``: LAMB (``optax.lamb``), whose scalars are per tensor every step;
+* ``adam-tensor-clip``: Adam with each tensor's gradient clipped to norm 1
+  (``clip_tensor_norm``, Keras's ``clipnorm``; in optax a ``stateless`` transform before
+  ``optax.adam``), whose per-tensor norms are summed every step.
 
 Each variant runs in a fresh process with an empty cache folder (``MITHRIL_CACHE_DIR``;
 optax's process has no persistent cache), one at a time: ``first`` is the first step's
@@ -24,9 +27,9 @@ contract; the default ``"propagate"`` measures and probes every step).
 ``--one-chunk``: the layout as one chunk, as on an accelerator (on CPU each tensor of
 8,192 elements or more is a chunk of its own; see ``engines/jax_chunks.py``).
 
-    python benchmarks/jit_first_step.py [--cases adam,adamw-groups,lamb] [--tensors 200]
-                                        [--total 10000000] [--one-chunk] [--rounds 7]
-                                        [--nonfinite propagate|unchecked]
+    python benchmarks/jit_first_step.py [--cases adam,adamw-groups,lamb,adam-tensor-clip]
+                                        [--tensors 200] [--total 10000000] [--one-chunk]
+                                        [--rounds 7] [--nonfinite propagate|unchecked]
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-CASES = ("adam", "adamw-groups", "lamb")
-LR, WD, GRAD_SETS = 1e-3, 1e-2, 3
+CASES = ("adam", "adamw-groups", "lamb", "adam-tensor-clip")
+LR, WD, GRAD_SETS, CLIP = 1e-3, 1e-2, 3, 1.0
 
 
 def _no_decay(name: str) -> bool:
@@ -69,17 +72,25 @@ def _ours(case: str, nonfinite: str) -> Any:
     if case == "adamw-groups":
         return O.AdamW(LR, weight_decay=WD, nonfinite=nonfinite,
                        param_groups=[{"params": _no_decay, "weight_decay": 0.0}])
+    if case == "adam-tensor-clip":
+        return O.Adam(LR, clip_tensor_norm=CLIP, nonfinite=nonfinite)
     return O.LAMB(LR, weight_decay=WD, nonfinite=nonfinite)
 
 
 def _optax(case: str) -> Any:
     import jax
+    import jax.numpy as jnp
     import optax
+
+    def clip_each(u: Any, _: Any) -> Any:  # Keras clipnorm: g·c / max(‖g‖, c)
+        return jax.tree.map(lambda g: g * (CLIP / jnp.maximum(jnp.linalg.norm(g), CLIP)), u)
 
     if case == "adam":
         tx = optax.adam(LR)
     elif case == "adamw-groups":
         tx = optax.adamw(LR, weight_decay=WD, mask=lambda p: {k: not _no_decay(k) for k in p})
+    elif case == "adam-tensor-clip":
+        tx = optax.chain(optax.stateless(clip_each), optax.adam(LR))
     else:
         tx = optax.lamb(LR, weight_decay=WD)
 

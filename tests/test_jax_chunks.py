@@ -131,7 +131,7 @@ def _params(rng):
     # groups that differ inside the chunk of small tensors (a row per element there)
     lambda: AdamW(learning_rate=1e-2, weight_decay=0.1, param_groups=[
         {"params": r"^b", "weight_decay": 0.0, "learning_rate": 5e-3}]),
-    # a row per tensor (the first pass's per-tensor sums, segment ids in the small chunk)
+    # a row per tensor (the first pass's per-tensor sums: span sums in the small chunk)
     lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
     lambda: SGD(learning_rate=1e-2, momentum=0.9, clip_tensor_norm=1.0),
 ], ids=["adam", "adamw-clip", "sgd-unchecked", "adamw-groups", "lamb", "sgd-tensor-clip"])

@@ -32,6 +32,7 @@ from .common import (
     two_pass_table,
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
+from .jax_segments import SpanPlan
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
 #: flags, each tensor's row of scalars where groups differ, donate, checked)
@@ -147,6 +148,16 @@ class _Parts:
         self.lay, self.bounds = lay, bounds
         spans = list(lay.spans())
         self.spans = [[spans[i] for i, _, _ in chunk] for chunk in bounds]
+        #: per chunk of several tensors, how to sum per tensor (:mod:`.jax_segments`)
+        self.plans = [SpanPlan([b - a for _, a, b in chunk]) if len(chunk) > 1 else None
+                      for chunk in bounds]
+
+    def sums(self, c: int, x: Any) -> Any:
+        """Chunk ``c``'s flat ``x`` summed per tensor, shape (tensors of the chunk,)."""
+        import jax.numpy as jnp
+
+        plan = self.plans[c]
+        return jnp.sum(x)[None] if plan is None else plan(x)
 
     @staticmethod
     def col(table: Any, sel: Any) -> Any:
@@ -241,7 +252,6 @@ class JaxEngine(Engine):
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
-        self._segments: tuple | None = None  # (per chunk, the whole layout): _segment_ids
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple]:
@@ -270,20 +280,6 @@ class JaxEngine(Engine):
             self._sels.clear()
         got = self._sels[key] = (tuple(sels), tuple(masks))
         return got
-
-    def _segment_ids(self) -> tuple[tuple, Any]:
-        """Each element's tensor, arguments of the jitted passes that sum per tensor: per
-        chunk (None for a chunk of one tensor), and over the whole layout (made once)."""
-        if self._segments is None:
-            def ids(spans: Any) -> Any:
-                sizes = [b - a for _, a, b in spans]
-                return self.jnp.asarray(
-                    np.repeat(np.arange(len(sizes), dtype=_uint(len(sizes))), sizes))
-
-            whole = [(i, a, b) for i, (_, a, b, _) in enumerate(self.layout.spans())]
-            self._segments = (tuple(None if len(c) == 1 else ids(c) for c in self.bounds),
-                              ids(whole))
-        return self._segments
 
     def full(self, n: int, value: float) -> Any:
         return self.jnp.full((n,), value, dtype=self.layout.dtype)
@@ -402,35 +398,28 @@ class JaxEngine(Engine):
                 hp = table.astype(lay.dtype)
             cn = _clip_norm(opt, flags, lay.dtype)
             sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
-                                 hp, cn, self._selectors(rows, None)[0],
-                                 self._segment_ids()[0]),
+                                 hp, cn, self._selectors(rows, None)[0]),
                               dtype=np.float64)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
                       flags: tuple) -> Any:
-        """The jitted first pass: per tensor, the sums of ``reduce_fn``'s terms. Its last
-        two arguments: the chunks' rows of the table (:meth:`_selectors`) and each chunk's
-        segment ids (:meth:`_segment_ids`; None for a chunk of one tensor)."""
+        """The jitted first pass: per tensor, the sums of ``reduce_fn``'s terms
+        (:meth:`_Parts.sums`). Its last argument: the chunks' rows of the table
+        (:meth:`_selectors`)."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, _, per_tensor, agc, l2_on = flags
         parts = _Parts(lay, self.bounds)
         wide = jnp.promote_types(lay.dtype, jnp.float32)
 
-        def sums(x: Any, chunk: tuple, ids: Any) -> Any:  # per tensor of a chunk
-            if ids is None:
-                return jnp.sum(x.astype(wide))[None]
-            return jax.ops.segment_sum(x.astype(wide), ids, num_segments=len(chunk),
-                                       indices_are_sorted=True)
-
-        def first(params, grads, slots, table, clip_norm, sels, segments):
+        def first(params, grads, slots, table, clip_norm, sels):
             ps, gs, cols, _ = _prologue(parts, params, grads, table, sels, clip_norm,
                                         (clip_norm_on, clip_value_on, per_tensor, agc, l2_on))
             out = []
-            for c, (chunk, p, g, col) in enumerate(zip(self.bounds, ps, gs, cols)):
+            for c, (p, g, col) in enumerate(zip(ps, gs, cols)):
                 terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
                                   *(col(j) for j in range(4, 4 + n_own)))
-                out.append(jnp.stack([sums(x, chunk, segments[c]) for x in terms], axis=1))
+                out.append(jnp.stack([parts.sums(c, x.astype(wide)) for x in terms], axis=1))
             return parts.per_tensor(out)
 
         return jax.jit(first)
@@ -453,22 +442,21 @@ class JaxEngine(Engine):
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
         agc = self._agc(opt, state)
         if tensor_clipping(opt, state):  # the scales of every tensor (and the global one)
-            key = ("sumsq", lay, agc)
+            key = ("sumsq", lay, self.bounds, agc)
             fn = _COMPILED.get(key)
             if fn is None:
-                n = len(lay.names)
+                parts = _Parts(lay, self.bounds)
+                wide = jnp.promote_types(lay.dtype, jnp.float32)
 
-                def sumsq(gs, ps, ids):
-                    gs = _adaptive(lay, ps, gs, agc)
-                    g = jnp.concatenate([gs[m].reshape(-1) for m in lay.names])
-                    w = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-                    return self.jax.ops.segment_sum(w * w, ids, num_segments=n,
-                                                    indices_are_sorted=True)
+                def sumsq(gs, ps):  # per chunk, as the passes see the gradients
+                    gs = parts.flat(_adaptive(lay, ps, gs, agc))
+                    return parts.per_tensor([parts.sums(c, jnp.square(g.astype(wide)))
+                                             for c, g in enumerate(gs)])
 
                 fn = _COMPILED[key] = self.jax.jit(sumsq)
             full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
                     for m, shp in zip(lay.names, lay.shapes)}
-            sq = np.asarray(fn(full, dict(params), self._segment_ids()[1]), dtype=np.float64)
+            sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
             table, index, clip, _ = clipped_table(opt, state, t, sq)
             flags = (False, clip, refuses(opt), True, agc,  # scales: in the table
                      bool((table[:, 2] != 0).any()))
