@@ -44,8 +44,30 @@ class ArrayEngine(Engine):
         # each tensor's elements (with the gap after it): what _per_element repeats by
         starts = [a for _, a, _, _ in layout.spans()]
         self._reps = np.diff(np.array([*starts, layout.total], dtype=np.int64))
+        self._spans = [(a, b) for _, a, b, _ in layout.spans()]
         if self.torch:
             self._reps_dev = self.t.from_numpy(self._reps).to(self.device)
+
+    def _tensor_sums(self, x: Any, square: bool = False) -> np.ndarray:
+        """Σ x (or Σ x², ``square``) over each tensor's span of the flat ``x``, in float64,
+        as a NumPy array. On the host, a reduction per tensor's view: 10M elements in 200
+        tensors took ~10 ms (torch) / ~27 ms (NumPy), where adding each element into its
+        tensor's slot by index (``index_add_`` / ``bincount``, with an index per element)
+        took ~240 / ~100 ms. On an accelerator, that one kernel (a launch per tensor instead
+        is the host's time; not measured on a GPU yet)."""
+        n = len(self._spans)
+        if self.torch and self.device.type != "cpu":
+            ids = self._per_element(np.arange(n))
+            w = x.double() ** 2 if square else x.double()
+            acc = self.t.zeros(n, dtype=self.t.float64, device=self.device)
+            return acc.index_add_(0, ids, w).cpu().numpy()
+        if self.torch:
+            f64 = self.t.float64
+            return self.t.stack([(x[a:b].double().square().sum() if square else
+                                  x[a:b].sum(dtype=f64)) for a, b in self._spans]).numpy()
+        return np.array([np.sum(np.square(x[a:b], dtype=np.float64) if square else
+                                x[a:b], dtype=np.float64) for a, b in self._spans],
+                        dtype=np.float64).reshape(n)
 
     def _per_element(self, values: Any) -> Any:
         """Per-tensor ``values`` (shape ``(..., tensors)``, NumPy or torch) as each element's
@@ -112,14 +134,7 @@ class ArrayEngine(Engine):
                 a, b = self._span(n)
                 P[a:b] = x.reshape(-1)
         if tensor_clipping(opt, state):
-            ids = self._per_element(np.arange(len(lay.names)))
-            if self.torch:
-                sq = self.t.zeros(len(lay.names), dtype=self.t.float64, device=self.device)
-                sq = sq.index_add_(0, ids, g.double() ** 2).cpu().numpy()
-            else:
-                sq = np.bincount(ids, weights=np.square(g, dtype=np.float64),
-                                 minlength=len(lay.names))
-            table, index, clip, _ = clipped_table(opt, state, t, sq)
+            table, index, clip, _ = clipped_table(opt, state, t, self._tensor_sums(g, True))
         else:
             table, index, clip = scalar_table(opt, state, t, norm)
         g_raw = g
@@ -184,14 +199,8 @@ class ArrayEngine(Engine):
             n_own = len(cols) - 4 - (len(opt.full_slot_names()) - len(own))
             terms = opt.reduce_math()(P * cols[3], g, *(state.slots[s] for s in own),
                                       *cols[4:4 + n_own])
-            ids = self._per_element(np.arange(n))
             for j, term in enumerate(terms):
-                if self.torch:
-                    acc = self.t.zeros(n, dtype=self.t.float64, device=self.device)
-                    sums[:, j] = acc.index_add_(0, ids, term.double()).cpu().numpy()
-                else:
-                    sums[:, j] = np.bincount(ids, weights=np.asarray(term, np.float64),
-                                             minlength=n)
+                sums[:, j] = self._tensor_sums(term)
         present = np.array([name in grads for name in lay.names], dtype=bool)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
