@@ -64,16 +64,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ...errors import KeyMismatchError, ShapeError
 from . import averaging
 from .averaging import AveragingMixin
-from .checks import (
-    check_flag,
-    check_positive,
-    infer_backend,
-    is_array,
-    rounds_to_zero,
-)
+from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
 from .groups import GroupsMixin
 from .layout import Layout
@@ -121,23 +114,6 @@ def _constructor(init: Callable) -> Callable:
             self._finish_groups()
 
     return wrapper
-
-
-def _check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str]) -> None:
-    """Raise a TypeError naming the odd parameters out when ``key`` differs among ``params``
-    (the smaller groups; the largest is taken as meant)."""
-    groups: dict[str, list[str]] = {}
-    for name, p in params.items():
-        if not is_array(p):
-            raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a NumPy, JAX or "
-                            f"torch array")
-        groups.setdefault(key(p), []).append(name)
-    if len(groups) > 1:
-        ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-        odd = [n for _, names in ranked[1:] for n in names]
-        listing = "; ".join(f"{k}: {names}" for k, names in ranked)
-        raise TypeError(f"params mix {what}s ({listing}): one optimizer needs one {what}; the "
-                        f"odd one(s) out: {odd}")
 
 
 def _without_none(gradients: Any) -> Any:
@@ -411,14 +387,14 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
 
         backend = self._backend
         if backend is None:
-            _check_uniform(params, "array type", lambda p: type(p).__module__.split(".", 1)[0]
+            check_uniform(params, "array type", lambda p: type(p).__module__.split(".", 1)[0]
                            .replace("jaxlib", "jax").replace("numpy", "NumPy"))
             backend = infer_backend(params)
         for name, p in params.items():
             if not backend.is_native(p):
                 raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a "
                                 f"{backend.name} array")
-        _check_uniform(params, "dtype", backend.dtype_name)
+        check_uniform(params, "dtype", backend.dtype_name)
         layout = Layout.of(params, backend.dtype_name)
         if params and layout.dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
@@ -457,7 +433,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         gradients = _without_none(gradients)
         try:
             self._bind(params)
-            prepared, ours = self._check(params, gradients, state)
+            prepared, ours = check_update(self, params, gradients, state)
         except BaseException:
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
@@ -520,7 +496,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         bound = self._backend
         try:
             self._bind(params)
-            self._check(params, {}, state)  # the params against the state, no gradients
+            check_update(self, params, {}, state)  # the params against the state, no gradients
         except BaseException:
             self._backend = bound
             raise
@@ -549,70 +525,6 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                     except ValueError as e:
                         raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
         return out
-
-    # -- validation ------------------------------------------------------------------------
-    def _check(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: Any) -> tuple[Any, bool]:
-        """Raise on bad input before anything is touched. Returns what the engine's
-        ``prepare`` found (e.g. the gradients' addresses) for its ``step``, and whether
-        ``params`` are the very arrays the previous update returned (nothing to copy in)."""
-        if not isinstance(state, OptimizerState):
-            raise TypeError(f"state must be what {type(self).__name__}.init returned, "
-                            f"got {type(state).__name__}")
-        own = {*self.full_slot_names(), *self.tensor_slots}
-        if state.kind != type(self).__name__ or set(state.slots) != own:
-            raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
-                             f"not by this {type(self).__name__} (slots {sorted(own)})")
-        if state.swapped is not None:
-            raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "
-                             f"swap_ema(params, state) again to swap the training parameters "
-                             f"back before an update")
-        if not isinstance(gradients, Mapping):
-            raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
-        lay, eng = state.layout, state.engine
-        eps = getattr(self, "epsilon", None)
-        if lay.dtype == "float16" and isinstance(eps, float) and rounds_to_zero(eps, lay.dtype):
-            raise ValueError(f"epsilon={eps!r} is 0 in float16: a zero gradient would give 0/0 = "
-                             f"NaN parameters. Use epsilon >= 6e-8 (1e-4 is usual for float16), "
-                             f"or float32 master weights (MixedPrecisionTrainer)")
-        if eng.backend.name != self._backend.name:
-            raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
-                             f"{type(self).__name__} works on {self._backend.name} arrays")
-        atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
-        prepared = eng.prepare(gradients)  # None unless every gradient (any order), well-typed
-        if prepared is None:
-            if not gradients.keys() <= index.keys():
-                raise KeyMismatchError(f"gradients for unknown parameter(s) "
-                                       f"{sorted(set(gradients) - set(lay.names))}")
-            for name, g in gradients.items():
-                if not isinstance(g, atype):
-                    raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
-                                    f"{self._backend.name} array")
-                shape = shapes[index[name]]
-                if tuple(g.shape) != shape:
-                    raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
-                                     f"parameter has shape {shape}")
-                if g.dtype != dtype:
-                    raise TypeError(f"gradients['{name}'] has dtype {self._backend.dtype_name(g)} "
-                                    f"but the parameter has dtype {lay.dtype}")
-        if state.returned(params):
-            return prepared, True  # the arrays the previous update returned
-        views = state.param_views or {}
-        if params.keys() != index.keys():
-            missing = sorted(set(lay.names) - set(params))
-            unknown = sorted(set(params) - set(lay.names))
-            raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
-                                   f"unknown {unknown}")
-        for name, p in params.items():
-            if name in views and p is views[name]:
-                continue
-            if not isinstance(p, atype) or p.dtype != dtype:
-                raise TypeError(f"params['{name}'] must be a {self._backend.name} array of dtype "
-                                f"{lay.dtype}, got {type(p).__name__} {getattr(p, 'dtype', '')}")
-            if tuple(p.shape) != shapes[index[name]]:
-                raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
-                                 f"built for {shapes[index[name]]}")
-        return prepared, False
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

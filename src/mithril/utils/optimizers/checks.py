@@ -1,13 +1,17 @@
 """Checks of what users give the optimizers: hyperparameters, the backend of their params,
-and the counters of a state dict. Each error names the value at fault."""
+the counters of a state dict, and an update's params, gradients and state (checked before
+anything is written). Each error names the value at fault."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from ...errors import KeyMismatchError, ShapeError
+from .state import OptimizerState
 
 
 def is_array(x: Any) -> bool:
@@ -123,3 +127,84 @@ def check_unit(name: str, value: Any) -> float:
     if not v < 1:
         raise ValueError(f"{name} must be in [0, 1), got {describe(value)}")
     return v
+
+
+def check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str]) -> None:
+    """Raise a TypeError naming the odd parameters out when ``key`` differs among ``params``
+    (the smaller groups; the largest is taken as meant)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in params.items():
+        if not is_array(p):
+            raise TypeError(f"params['{name}'] is a {type(p).__name__}, not a NumPy, JAX or "
+                            f"torch array")
+        groups.setdefault(key(p), []).append(name)
+    if len(groups) > 1:
+        ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        odd = [n for _, names in ranked[1:] for n in names]
+        listing = "; ".join(f"{k}: {names}" for k, names in ranked)
+        raise TypeError(f"params mix {what}s ({listing}): one optimizer needs one {what}; the "
+                        f"odd one(s) out: {odd}")
+
+
+def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                 state: Any) -> tuple[Any, bool]:
+    """What ``opt.update`` checks first: raise on bad input before anything is touched. Returns what the engine's
+    ``prepare`` found (e.g. the gradients' addresses) for its ``step``, and whether
+    ``params`` are the very arrays the previous update returned (nothing to copy in)."""
+    if not isinstance(state, OptimizerState):
+        raise TypeError(f"state must be what {type(opt).__name__}.init returned, "
+                        f"got {type(state).__name__}")
+    own = {*opt.full_slot_names(), *opt.tensor_slots}
+    if state.kind != type(opt).__name__ or set(state.slots) != own:
+        raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
+                         f"not by this {type(opt).__name__} (slots {sorted(own)})")
+    if state.swapped is not None:
+        raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "
+                         f"swap_ema(params, state) again to swap the training parameters "
+                         f"back before an update")
+    if not isinstance(gradients, Mapping):
+        raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
+    lay, eng = state.layout, state.engine
+    eps = getattr(opt, "epsilon", None)
+    if lay.dtype == "float16" and isinstance(eps, float) and rounds_to_zero(eps, lay.dtype):
+        raise ValueError(f"epsilon={eps!r} is 0 in float16: a zero gradient would give 0/0 = "
+                         f"NaN parameters. Use epsilon >= 6e-8 (1e-4 is usual for float16), "
+                         f"or float32 master weights (MixedPrecisionTrainer)")
+    if eng.backend.name != opt._backend.name:
+        raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
+                         f"{type(opt).__name__} works on {opt._backend.name} arrays")
+    atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
+    prepared = eng.prepare(gradients)  # None unless every gradient (any order), well-typed
+    if prepared is None:
+        if not gradients.keys() <= index.keys():
+            raise KeyMismatchError(f"gradients for unknown parameter(s) "
+                                   f"{sorted(set(gradients) - set(lay.names))}")
+        for name, g in gradients.items():
+            if not isinstance(g, atype):
+                raise TypeError(f"gradients['{name}'] is a {type(g).__name__}, not a "
+                                f"{opt._backend.name} array")
+            shape = shapes[index[name]]
+            if tuple(g.shape) != shape:
+                raise ShapeError(f"gradients['{name}'] has shape {tuple(g.shape)} but the "
+                                 f"parameter has shape {shape}")
+            if g.dtype != dtype:
+                raise TypeError(f"gradients['{name}'] has dtype {opt._backend.dtype_name(g)} "
+                                f"but the parameter has dtype {lay.dtype}")
+    if state.returned(params):
+        return prepared, True  # the arrays the previous update returned
+    views = state.param_views or {}
+    if params.keys() != index.keys():
+        missing = sorted(set(lay.names) - set(params))
+        unknown = sorted(set(params) - set(lay.names))
+        raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
+                               f"unknown {unknown}")
+    for name, p in params.items():
+        if name in views and p is views[name]:
+            continue
+        if not isinstance(p, atype) or p.dtype != dtype:
+            raise TypeError(f"params['{name}'] must be a {opt._backend.name} array of dtype "
+                            f"{lay.dtype}, got {type(p).__name__} {getattr(p, 'dtype', '')}")
+        if tuple(p.shape) != shapes[index[name]]:
+            raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
+                             f"built for {shapes[index[name]]}")
+    return prepared, False
