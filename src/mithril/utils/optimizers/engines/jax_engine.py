@@ -12,6 +12,8 @@ changes nothing, the caller's arrays included) and all state slots are donated.
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from .common import (
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
 from .jax_segments import SpanPlan
+from .jax_two_pass import extra_columns, second_table
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
 #: flags, each tensor's row of scalars where groups differ, donate, checked)
@@ -252,6 +255,7 @@ class JaxEngine(Engine):
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
+        self._first_specs: dict[tuple, int | None] = {}  # see _traced_first
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple]:
@@ -292,7 +296,7 @@ class JaxEngine(Engine):
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
                flags: tuple[bool, bool, bool], donate: bool, n_avg: int = 0,
-               checked: bool = True) -> Any:
+               checked: bool = True, first: tuple | None = None) -> Any:
         """The jitted step, over the layout's chunks (slots: name → chunk arrays), with
         the chunks' :meth:`_selectors` as its last argument: where the table has a row per
         parameter group, a chunk whose tensors differ gathers each scalar per element (XLA
@@ -300,7 +304,10 @@ class JaxEngine(Engine):
         last slots are weight averages (their weights the last scalars), which move
         towards parameters without a gradient too. ``checked`` False
         (``nonfinite="unchecked"``): no norm unless clip_norm needs it, no finite probes
-        (None)."""
+        (None). ``first``: a two-pass optimizer's first pass in the same program
+        (:meth:`_traced_first`, :mod:`.jax_two_pass`): the table is then one row per tensor in the sums' width,
+        without the columns ``tensor_scalars`` makes from the per-tensor sums, which the
+        program computes (from the step ``t``, an argument) and inserts before the update."""
         jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
         lay = self.layout
@@ -308,15 +315,20 @@ class JaxEngine(Engine):
         n_slots = len(slot_names)
         gnames = lay.name_list if present is None else list(present)
 
-        def step(params, grads, slots, table, clip_norm, selectors):
+        def step(params, grads, slots, table, clip_norm, selectors, t=None):
             # params (every tensor) and grads (``present``'s) in layout order, as tuples:
             # flattened faster than dicts (no sorting of keys), and checked here, when JAX
             # traces them, instead of on every call (fast_step.run_jax)
             params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
             sels, masks = selectors
+            wide, table = table, table.astype(lay.dtype)
             ps, gs, cols, norm = _prologue(parts, params, grads, table, sels, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
+            if first is not None:  # the per-tensor sums, then the update's table
+                table = second_table(parts, first, wide, ps, gs, cols, slots, t)
+                table = table.astype(lay.dtype)
+                cols = [parts.col(table, sel) for sel in sels]
             n_scal = table.shape[1]
             new_ps, new_slots = [], []
             for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, masks)):
@@ -374,6 +386,29 @@ class JaxEngine(Engine):
                     raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
         self._agc_key, self._agc_spec = key, spec
         return spec
+
+    def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
+        """How a two-pass optimizer's first pass runs inside the update's program
+        (:func:`~.jax_two_pass.second_table`): ``(reduce, own slots, own scalars, end of own scalars,
+        tensor_scalars, extra columns)``, or None where it runs on the host
+        (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
+        keeps tensor slots or state values (committed on the host once the step is
+        applied), reads the optimizer's attributes (a compiled program would keep their
+        values of the first step), or does not trace (NumPy, Python control flow)."""
+        cls = type(opt)
+        fn = inspect.getattr_static(cls, "tensor_scalars", None)
+        if opt.tensor_slots or opt.state_values or not isinstance(fn, types.FunctionType):
+            return None
+        own = tuple(opt.slot_names())
+        n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
+        n, k = len(self.layout.names), opt.reductions
+        key = (fn, n, k, n_own)
+        if key not in self._first_specs:
+            self._first_specs[key] = extra_columns(fn, n, k, n_own, self.layout.sizes)
+        n_extra = self._first_specs[key]
+        if n_extra is None:
+            return None
+        return (opt.reduce_math(), own, n_own, 4 + n_own, fn, n_extra)
 
     def _first_pass(self, opt: Any, state: Any, slots: ChunkedSlots, t: int, params: Any,
                     grads: Any, table: np.ndarray, index: np.ndarray, flags: tuple
@@ -465,7 +500,11 @@ class JaxEngine(Engine):
             flags = (opt.clip_norm is not None, clip, refuses(opt), False, agc,
                      bool((table[:, 2] != 0).any()))
         slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
-        if opt.two_pass():
+        first = self._traced_first(opt, table) if opt.two_pass() else None
+        base = (table, index)
+        if first is not None:  # both passes in the program: one row per tensor
+            table, index = table[index], np.arange(len(lay.names))
+        elif opt.two_pass():
             table, index = self._first_pass(opt, state, slots, t, params, grads, table, index,
                                             flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)
@@ -475,24 +514,27 @@ class JaxEngine(Engine):
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
-        math_fn = opt.full_kernel_math(table.shape[1] - 4)
+        math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[-1] if first else 0))
         # "unchecked": nothing measured or read back (with tensor clipping the norm is read
         # anyway, for the per-tensor scales)
         checked = opt.nonfinite != "unchecked" or flags[3]
-        key = (math_fn, names, lay, self.bounds, present, flags, donate, checked)
+        key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first)
         fn = _COMPILED.get(key)
         if fn is None:
             fn = _COMPILED[key] = self._build(math_fn, names, present, flags, donate,
-                                              len(names) - len(opt.slot_names()), checked)
+                                              len(names) - len(opt.slot_names()), checked,
+                                              first)
         selectors = self._selectors(rows, present)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
-            hp = table.astype(lay.dtype)
+            # (a one-program two-pass step's table: in the width of its sums)
+            hp = table.astype(self.jnp.promote_types(lay.dtype, np.float32) if first
+                              else lay.dtype)
         cn = _clip_norm(opt, flags, lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
         new_params, new_slots, norm, probe = fn(
             tuple(params[n] for n in lay.name_list),
             tuple(grads[n] for n in (lay.name_list if present is None else present)),
-            kernel_slots, hp, cn, selectors)
+            kernel_slots, hp, cn, selectors, *((np.int32(t),) if first else ()))
         # in layout order, so that the next update sees its own arrays (state.returned) and
         # neither checks nor copies them
         new_params = dict(zip(lay.name_list, new_params))
@@ -519,6 +561,9 @@ class JaxEngine(Engine):
             # name the offenders (rare): params were not donated, and the slots that came
             # back hold the old values
             flat = np.concatenate([np.asarray(params[n]).reshape(-1) for n in lay.names])
+            if first is not None:  # the second pass's table, taken on the host this time
+                table, index = self._first_pass(opt, state, ChunkedSlots.of(
+                    state.slots, self.bounds), t, params, grads, *base, flags)
             if flags[0]:  # the table of this step, with the global clip's scale in it
                 table = table.copy()
                 table[:, 0] *= min(1.0, opt.clip_norm / (norm_f + 1e-6))

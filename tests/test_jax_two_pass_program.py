@@ -1,0 +1,144 @@
+"""Two-pass optimizers on the jitted JAX engine in one program (``JaxEngine._traced_first``):
+the per-tensor sums, ``tensor_scalars`` traced on them and the update, with nothing read
+back between the passes. Checked against the NumPy engine (float32), with groups, on CPU's
+chunks and on one chunk (an accelerator's layout); and the cases that stay on the host."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import host, optimizer_engine
+
+from mithril.utils.optimizers import LAMB, LARS, Novograd, Optimizer
+from mithril.utils.optimizers.elementwise import sqrt, where
+from mithril.utils.optimizers.engines import jax_chunks, jax_engine
+
+SHAPES = {"w1": (300, 40), "b1": (40,), "w2": (40, 700), "s": (), "b2": (7, 3)}
+
+
+def _run(make, steps: int = 4, engine: str = "numpy", between=None):
+    rng = np.random.default_rng(3)
+    p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+             for _ in range(steps)]
+    opt = make()
+    with optimizer_engine(engine):
+        p = p0 if engine == "numpy" else {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+        for i, g in enumerate(grads):
+            if between is not None:
+                between(opt, i)
+            p, s = opt.update(p, g if engine == "numpy" else
+                              {k: jnp.asarray(v) for k, v in g.items()}, s)
+    return {k: host(v) for k, v in p.items()}, s
+
+
+def _reduce_programs() -> int:
+    return sum(1 for k in jax_engine._COMPILED if k[0] == "reduce")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
+    lambda: LAMB(learning_rate=1e-2, weight_decay=0.01, clip_norm=1.0, param_groups=[
+        {"params": r"^b", "weight_decay": 0.0, "learning_rate": 3e-3}]),
+    lambda: LARS(learning_rate=0.1, momentum=0.9, weight_decay=1e-3, param_groups=[
+        {"params": r"^b", "weight_decay": 0.0, "trust_coefficient": None}]),  # (no trust ratio)
+], ids=["lamb", "lamb-groups-clip", "lars-groups"])
+@pytest.mark.parametrize("threshold", [1 << 13, 1 << 40], ids=["chunks", "one-chunk"])
+def test_one_program_equals_numpy_engine(monkeypatch, make, threshold):
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+    reduce_before = _reduce_programs()
+    want, _ = _run(make)
+    got, s = _run(make, engine="jax-jit")
+    assert type(s.engine).__name__ == "JaxEngine"
+    assert list(s.engine._first_specs.values()) == [1]  # traced: one column added
+    assert _reduce_programs() == reduce_before  # no separate first-pass program
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+
+def _floor_reduce(p, g, lr):
+    return (g * g,)
+
+
+def _floor_math(p, g, lr, scale):
+    return (p - lr * scale * g,)
+
+
+class FlooredSGD(Optimizer):
+    """Normalised SGD whose ``tensor_scalars`` reads one of its settings: ``p ← p − lr ·
+    g / max(‖g‖, floor)``."""
+
+    reductions = 1
+
+    def __init__(self, learning_rate: float = 0.1, floor: float = 1e-12, **kw) -> None:
+        super().__init__(learning_rate, **kw)
+        self.floor = floor
+
+    def reduce_math(self):
+        return _floor_reduce
+
+    def kernel_math(self):
+        return _floor_math
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):
+        norm = sqrt(sums[0])
+        return (1.0 / where(norm > self.floor, norm, self.floor),), tensors, values
+
+
+def test_tensor_scalars_reading_settings_stays_on_the_host():
+    """A compiled program would keep the settings of its first trace: an optimizer whose
+    ``tensor_scalars`` reads ``self`` takes the host's first pass, and a setting changed
+    between steps is used at once."""
+    def between(opt, i):
+        opt.floor = 1e-12 if i < 2 else 1e3  # from step 3 the floor is every tensor's scale
+
+    want, _ = _run(FlooredSGD, between=between)
+    got, s = _run(FlooredSGD, engine="jax-jit", between=between)
+    assert list(s.engine._first_specs.values()) == [None]
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+
+def test_tensor_slots_stay_on_the_host():
+    """Novograd keeps a per-tensor slot, committed once the step is applied: host path."""
+    want, _ = _run(lambda: Novograd(learning_rate=1e-2))
+    got, s = _run(lambda: Novograd(learning_rate=1e-2), engine="jax-jit")
+    assert s.engine._first_specs == {}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+
+def _overflowing():
+    """LAMB's first step on ``w`` with ``w[0]`` near float32's largest value: the trust ratio
+    ‖w‖/‖u‖ carries it past it (finite gradients, a non-finite new param)."""
+    big = float(np.finfo(np.float32).max) * 0.75
+    p = {"w": jnp.asarray([-big, 1.0, 2.0], jnp.float32), "b": jnp.asarray([0.5, -0.5], jnp.float32)}
+    g = {"w": jnp.asarray([1.0, 0.1, 0.2], jnp.float32), "b": jnp.asarray([0.1, 0.1], jnp.float32)}
+    return p, g
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_refused_one_program_step_changes_nothing(policy):
+    with optimizer_engine("jax-jit"):
+        p, g = _overflowing()
+        opt = LAMB(learning_rate=1.0, nonfinite=policy)
+        state = opt.init(p)
+        before = {k: host(v) for k, v in p.items()}
+        slots = {s: host(state.slots[s]) for s in state.slots}
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match=r"finite gradients.*\['w'\]"):
+                opt.update(p, g, state)
+            out = p
+        else:
+            with pytest.warns(RuntimeWarning, match="step skipped"):
+                out, state = opt.update(p, g, state)
+            assert state.last_step_skipped and state.num_skipped == 1
+        assert list(state.engine._first_specs.values()) == [1]
+        assert state.step == 0
+        for k in before:
+            np.testing.assert_array_equal(host(out[k]), before[k])
+            np.testing.assert_array_equal(host(p[k]), before[k])
+        for s in slots:
+            np.testing.assert_array_equal(host(state.slots[s]), slots[s])
