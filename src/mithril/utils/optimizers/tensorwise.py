@@ -26,6 +26,7 @@ import numpy as np
 
 from .averaging import average, weights
 from .base import Optimizer
+from .checks import check_update
 from .engines.common import is_finite, must_skip, nonfinite_result_error
 from .state import OptimizerState, scalar_arguments
 
@@ -227,7 +228,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
     bound = self._backend
     try:
         self._bind(params)
-        prepared, ours = self._check(params, gradients, state)
+        prepared, ours = check_update(self, params, gradients, state)
     except BaseException:
         self._backend = bound  # a refused call keeps nothing, an inferred backend included
         raise
