@@ -34,8 +34,8 @@ from .common import (
     two_pass_table,
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
+from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table
 from .jax_segments import SpanPlan
-from .jax_two_pass import extra_columns, second_table
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
 #: flags, each tensor's row of scalars where groups differ, donate, checked)
@@ -296,7 +296,8 @@ class JaxEngine(Engine):
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
                flags: tuple[bool, bool, bool], donate: bool, n_avg: int = 0,
-               checked: bool = True, first: tuple | None = None) -> Any:
+               checked: bool = True, first: tuple | None = None,
+               tclip: tuple | None = None) -> Any:
         """The jitted step, over the layout's chunks (slots: name → chunk arrays), with
         the chunks' :meth:`_selectors` as its last argument: where the table has a row per
         parameter group, a chunk whose tensors differ gathers each scalar per element (XLA
@@ -305,9 +306,11 @@ class JaxEngine(Engine):
         towards parameters without a gradient too. ``checked`` False
         (``nonfinite="unchecked"``): no norm unless clip_norm needs it, no finite probes
         (None). ``first``: a two-pass optimizer's first pass in the same program
-        (:meth:`_traced_first`, :mod:`.jax_two_pass`): the table is then one row per tensor in the sums' width,
+        (:meth:`_traced_first`, :mod:`.jax_per_tensor`): the table is then one row per tensor in the sums' width,
         without the columns ``tensor_scalars`` makes from the per-tensor sums, which the
-        program computes (from the step ``t``, an argument) and inserts before the update."""
+        program computes (from the step ``t``, an argument) and inserts before the update.
+        ``tclip``: per-tensor clipping (:func:`~.jax_per_tensor.clip_spec`), its scales
+        computed in the program, into the per-tensor table's column 0."""
         jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
         lay = self.layout
@@ -322,6 +325,11 @@ class JaxEngine(Engine):
             params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
             sels, masks = selectors
             wide, table = table, table.astype(lay.dtype)
+            if tclip is not None:  # each tensor's clipping scale, from its Σ g²
+                wide = clip_scales(parts, tclip, wide, parts.flat(_adaptive(lay, params,
+                                                                            grads, agc)),
+                                   clip_norm)
+                table = wide.astype(lay.dtype)
             ps, gs, cols, norm = _prologue(parts, params, grads, table, sels, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
@@ -387,9 +395,30 @@ class JaxEngine(Engine):
         self._agc_key, self._agc_spec = key, spec
         return spec
 
+    def _host_table(self, opt: Any, state: Any, t: int, params: Any, grads: Any, agc: Any,
+                    flags: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The step's scalar table as the host computes it (per-tensor clipping from the
+        gradients' Σ g² read back, a two-pass optimizer's first pass): the rare path that
+        names the tensors of a refused step (:func:`~.common.nonfinite_results`)."""
+        lay, jnp = self.layout, self.jnp
+        if tensor_clipping(opt, state):
+            parts, wide = _Parts(lay, self.bounds), jnp.promote_types(lay.dtype, jnp.float32)
+            full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
+                    for m, shp in zip(lay.names, lay.shapes)}
+            gs = parts.flat(_adaptive(lay, dict(params), full, agc))
+            sq = np.asarray(parts.per_tensor([parts.sums(c, jnp.square(g.astype(wide)))
+                                              for c, g in enumerate(gs)]), dtype=np.float64)
+            table, index, _, _ = clipped_table(opt, state, t, sq)
+        else:
+            table, index, _ = scalar_table(opt, state, t, None)
+        if opt.two_pass():
+            table, index = self._first_pass(opt, state, ChunkedSlots.of(
+                state.slots, self.bounds), t, params, grads, table, index, flags)
+        return table, index
+
     def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
         """How a two-pass optimizer's first pass runs inside the update's program
-        (:func:`~.jax_two_pass.second_table`): ``(reduce, own slots, own scalars, end of own scalars,
+        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars, end of own scalars,
         tensor_scalars, extra columns)``, or None where it runs on the host
         (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
         keeps tensor slots or state values (committed on the host once the step is
@@ -476,32 +505,14 @@ class JaxEngine(Engine):
         lay = self.layout
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
         agc = self._agc(opt, state)
-        if tensor_clipping(opt, state):  # the scales of every tensor (and the global one)
-            key = ("sumsq", lay, self.bounds, agc)
-            fn = _COMPILED.get(key)
-            if fn is None:
-                parts = _Parts(lay, self.bounds)
-                wide = jnp.promote_types(lay.dtype, jnp.float32)
-
-                def sumsq(gs, ps):  # per chunk, as the passes see the gradients
-                    gs = parts.flat(_adaptive(lay, ps, gs, agc))
-                    return parts.per_tensor([parts.sums(c, jnp.square(g.astype(wide)))
-                                             for c, g in enumerate(gs)])
-
-                fn = _COMPILED[key] = self.jax.jit(sumsq)
-            full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
-                    for m, shp in zip(lay.names, lay.shapes)}
-            sq = np.asarray(fn(full, dict(params)), dtype=np.float64)
-            table, index, clip, _ = clipped_table(opt, state, t, sq)
-            flags = (False, clip, refuses(opt), True, agc,  # scales: in the table
-                     bool((table[:, 2] != 0).any()))
-        else:
-            table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-            flags = (opt.clip_norm is not None, clip, refuses(opt), False, agc,
-                     bool((table[:, 2] != 0).any()))
+        tclip = clip_spec(opt, state) if tensor_clipping(opt, state) else None
+        table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
+        if tclip is not None:  # each tensor's scale (and the global one) in the program
+            table, index = table[index], np.arange(len(lay.names))
+        flags = (opt.clip_norm is not None and tclip is None, clip, refuses(opt),
+                 tclip is not None, agc, bool((table[:, 2] != 0).any()))
         slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
         first = self._traced_first(opt, table) if opt.two_pass() else None
-        base = (table, index)
         if first is not None:  # both passes in the program: one row per tensor
             table, index = table[index], np.arange(len(lay.names))
         elif opt.two_pass():
@@ -517,19 +528,19 @@ class JaxEngine(Engine):
         math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[-1] if first else 0))
         # "unchecked": nothing measured or read back (with tensor clipping the norm is read
         # anyway, for the per-tensor scales)
-        checked = opt.nonfinite != "unchecked" or flags[3]
-        key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first)
+        checked = opt.nonfinite != "unchecked"
+        key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first, tclip)
         fn = _COMPILED.get(key)
         if fn is None:
             fn = _COMPILED[key] = self._build(math_fn, names, present, flags, donate,
                                               len(names) - len(opt.slot_names()), checked,
-                                              first)
+                                              first, tclip)
         selectors = self._selectors(rows, present)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             # (a one-program two-pass step's table: in the width of its sums)
-            hp = table.astype(self.jnp.promote_types(lay.dtype, np.float32) if first
-                              else lay.dtype)
-        cn = _clip_norm(opt, flags, lay.dtype)
+            hp = table.astype(self.jnp.promote_types(lay.dtype, np.float32)
+                              if first or tclip else lay.dtype)
+        cn = _clip_norm(opt, flags[:1] if tclip is None else (tclip[3],), lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
         new_params, new_slots, norm, probe = fn(
             tuple(params[n] for n in lay.name_list),
@@ -561,9 +572,8 @@ class JaxEngine(Engine):
             # name the offenders (rare): params were not donated, and the slots that came
             # back hold the old values
             flat = np.concatenate([np.asarray(params[n]).reshape(-1) for n in lay.names])
-            if first is not None:  # the second pass's table, taken on the host this time
-                table, index = self._first_pass(opt, state, ChunkedSlots.of(
-                    state.slots, self.bounds), t, params, grads, *base, flags)
+            if first is not None or tclip is not None:  # the table, taken on the host
+                table, index = self._host_table(opt, state, t, params, grads, agc, flags)
             if flags[0]:  # the table of this step, with the global clip's scale in it
                 table = table.copy()
                 table[:, 0] *= min(1.0, opt.clip_norm / (norm_f + 1e-6))
