@@ -148,9 +148,10 @@ def check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str
 
 def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
                  state: Any) -> tuple[Any, bool]:
-    """What ``opt.update`` checks first: raise on bad input before anything is touched. Returns what the engine's
-    ``prepare`` found (e.g. the gradients' addresses) for its ``step``, and whether
-    ``params`` are the very arrays the previous update returned (nothing to copy in)."""
+    """What ``opt.update`` checks first: raise on bad input before anything is touched.
+    Returns what the engine's ``prepare`` found (e.g. the gradients' addresses) for its
+    ``step``, and whether ``params`` are the very arrays the previous update returned
+    (nothing to copy in)."""
     if not isinstance(state, OptimizerState):
         raise TypeError(f"state must be what {type(opt).__name__}.init returned, "
                         f"got {type(state).__name__}")

@@ -38,7 +38,8 @@ from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table
 from .jax_segments import SpanPlan
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
-#: flags, each tensor's row of scalars where groups differ, donate, checked)
+#: flags, donate, checked, the first pass in the program, per-tensor clipping); and the
+#: host's first passes ("reduce", ...)
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -306,9 +307,10 @@ class JaxEngine(Engine):
         towards parameters without a gradient too. ``checked`` False
         (``nonfinite="unchecked"``): no norm unless clip_norm needs it, no finite probes
         (None). ``first``: a two-pass optimizer's first pass in the same program
-        (:meth:`_traced_first`, :mod:`.jax_per_tensor`): the table is then one row per tensor in the sums' width,
-        without the columns ``tensor_scalars`` makes from the per-tensor sums, which the
-        program computes (from the step ``t``, an argument) and inserts before the update.
+        (:meth:`_traced_first`, :mod:`.jax_per_tensor`): the table is then one row per
+        tensor in the sums' width, without the columns ``tensor_scalars`` makes from the
+        per-tensor sums, which the program computes (from the step ``t``, an argument)
+        and inserts before the update.
         ``tclip``: per-tensor clipping (:func:`~.jax_per_tensor.clip_spec`), its scales
         computed in the program, into the per-tensor table's column 0."""
         jax, jnp = self.jax, self.jnp
@@ -418,8 +420,8 @@ class JaxEngine(Engine):
 
     def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
         """How a two-pass optimizer's first pass runs inside the update's program
-        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars, end of own scalars,
-        tensor_scalars, extra columns)``, or None where it runs on the host
+        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars, end
+        of own scalars, tensor_scalars, extra columns)``, or None where it runs on the host
         (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
         keeps tensor slots or state values (committed on the host once the step is
         applied), reads the optimizer's attributes (a compiled program would keep their
@@ -526,8 +528,7 @@ class JaxEngine(Engine):
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
         math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[-1] if first else 0))
-        # "unchecked": nothing measured or read back (with tensor clipping the norm is read
-        # anyway, for the per-tensor scales)
+        # "unchecked": nothing measured or read back (per-tensor scales: in the program)
         checked = opt.nonfinite != "unchecked"
         key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first, tclip)
         fn = _COMPILED.get(key)
