@@ -27,8 +27,11 @@ run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch
 # them) against the parameters' order: the recipe's host time on a device
 run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --tensors 500 --rounds 7
 # the jitted engine's first step (compile) and steady step on many tensors, parameter
-# groups and a two-pass optimizer included, against optax (JAX's default device)
+# groups, a two-pass optimizer and per-tensor clipping included, against optax (JAX's
+# default device); then a small model, where a wait for the device per step shows most
 run python3 benchmarks/jit_first_step.py --rounds 5
+run python3 benchmarks/jit_first_step.py --cases lamb,adam-tensor-clip --tensors 20 \
+    --total 200000 --rounds 5 --block 20
 run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
 [ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
     --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024
