@@ -67,7 +67,7 @@ class ArrayEngine(Engine):
                                   x[a:b].sum(dtype=f64)) for a, b in self._spans]).numpy()
         return np.array([np.sum(np.square(x[a:b], dtype=np.float64) if square else
                                 x[a:b], dtype=np.float64) for a, b in self._spans],
-                        dtype=np.float64).reshape(n)
+                        dtype=np.float64)
 
     def _per_element(self, values: Any) -> Any:
         """Per-tensor ``values`` (shape ``(..., tensors)``, NumPy or torch) as each element's

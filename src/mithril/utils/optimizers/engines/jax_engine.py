@@ -163,6 +163,13 @@ class _Parts:
         plan = self.plans[c]
         return jnp.sum(x)[None] if plan is None else plan(x)
 
+    def sumsq(self, chunks: list[Any], dtype: Any) -> Any:
+        """Each tensor's Σ x² in ``dtype`` from the chunks' flat arrays, in layout order."""
+        import jax.numpy as jnp
+
+        return self.per_tensor([self.sums(c, jnp.square(x.astype(dtype)))
+                                for c, x in enumerate(chunks)])
+
     @staticmethod
     def col(table: Any, sel: Any) -> Any:
         """A chunk's column getter: ``col(j)`` is scalar j of its elements. ``sel``: None
@@ -405,11 +412,8 @@ class JaxEngine(Engine):
         lay, jnp = self.layout, self.jnp
         if tensor_clipping(opt, state):
             parts, wide = _Parts(lay, self.bounds), jnp.promote_types(lay.dtype, jnp.float32)
-            full = {m: grads[m] if m in grads else jnp.zeros(shp, lay.dtype)
-                    for m, shp in zip(lay.names, lay.shapes)}
-            gs = parts.flat(_adaptive(lay, dict(params), full, agc))
-            sq = np.asarray(parts.per_tensor([parts.sums(c, jnp.square(g.astype(wide)))
-                                              for c, g in enumerate(gs)]), dtype=np.float64)
+            gs = parts.flat(_adaptive(lay, dict(params), grads, agc))  # (zeros where absent)
+            sq = np.asarray(parts.sumsq(gs, wide), dtype=np.float64)
             table, index, _, _ = clipped_table(opt, state, t, sq)
         else:
             table, index, _ = scalar_table(opt, state, t, None)
@@ -420,8 +424,8 @@ class JaxEngine(Engine):
 
     def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
         """How a two-pass optimizer's first pass runs inside the update's program
-        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars, end
-        of own scalars, tensor_scalars, extra columns)``, or None where it runs on the host
+        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars,
+        tensor_scalars, extra columns)``, or None where it runs on the host
         (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
         keeps tensor slots or state values (committed on the host once the step is
         applied), reads the optimizer's attributes (a compiled program would keep their
@@ -439,7 +443,7 @@ class JaxEngine(Engine):
         n_extra = self._first_specs[key]
         if n_extra is None:
             return None
-        return (opt.reduce_math(), own, n_own, 4 + n_own, fn, n_extra)
+        return (opt.reduce_math(), own, n_own, fn, n_extra)
 
     def _first_pass(self, opt: Any, state: Any, slots: ChunkedSlots, t: int, params: Any,
                     grads: Any, table: np.ndarray, index: np.ndarray, flags: tuple
@@ -509,15 +513,13 @@ class JaxEngine(Engine):
         agc = self._agc(opt, state)
         tclip = clip_spec(opt, state) if tensor_clipping(opt, state) else None
         table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
-        if tclip is not None:  # each tensor's scale (and the global one) in the program
-            table, index = table[index], np.arange(len(lay.names))
         flags = (opt.clip_norm is not None and tclip is None, clip, refuses(opt),
                  tclip is not None, agc, bool((table[:, 2] != 0).any()))
         slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
         first = self._traced_first(opt, table) if opt.two_pass() else None
-        if first is not None:  # both passes in the program: one row per tensor
+        if first is not None or tclip is not None:  # per-tensor scalars made in the program
             table, index = table[index], np.arange(len(lay.names))
-        elif opt.two_pass():
+        if first is None and opt.two_pass():
             table, index = self._first_pass(opt, state, slots, t, params, grads, table, index,
                                             flags)
         rows = None if table.shape[0] == 1 else tuple(int(r) for r in index)

@@ -53,7 +53,8 @@ def second_table(parts: Any, first: tuple, wide: Any, ps: list, gs: list, cols: 
     the host). ``first``: what :meth:`~.jax_engine.JaxEngine._traced_first` found."""
     import jax.numpy as jnp
 
-    reduce_fn, own, n_own, own_end, fn, _ = first
+    reduce_fn, own, n_own, fn, _ = first
+    own_end = 4 + n_own  # (the prologue's four columns, then the optimizer's own)
     out = []
     for c, (p, g, col) in enumerate(zip(ps, gs, cols)):
         terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
@@ -91,7 +92,7 @@ def clip_scales(parts: Any, spec: tuple, wide: Any, gs: list, clip_norm: Any) ->
 
     c_norm, c_rms, sizes, global_on = spec
     dt = wide.dtype
-    sq = parts.per_tensor([parts.sums(c, jnp.square(g.astype(dt))) for c, g in enumerate(gs)])
+    sq = parts.sumsq(gs, dt)
     c_norm, c_rms = (np.array([np.nan if c is None else c for c in x]) for x in (c_norm, c_rms))
     f = jnp.ones_like(sq)
     if not np.isnan(c_norm).all():
