@@ -10,8 +10,9 @@
 * :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   On CPU (``MITHRIL_JAX_ENGINE=jit``; float16/bfloat16) each large tensor is updated in
-  buffers of its own (:mod:`.jax_chunks`), and XLA compiles one kernel per output tensor
-  (~75 s for 2,000 small tensors on 2 cores; once per machine, with JAX's cache).
+  buffers of its own (:mod:`.jax_chunks`), and XLA compiles a kernel per output tensor,
+  once per size where tensors share one (2,000 small tensors: ~12 s on 2 cores; once per
+  machine, with JAX's cache).
 * :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
   (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers
   (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as

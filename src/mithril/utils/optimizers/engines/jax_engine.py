@@ -109,6 +109,32 @@ def _uint(top: int) -> Any:
     return next(t for t in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(t).max)
 
 
+def slice_offsets(bounds: tuple, platform: str) -> tuple:
+    """Per chunk, None or per tensor its start in the chunk as a 0-d int32 array, or None:
+    where the jitted step cuts the new parameters out of a chunk (:meth:`_Parts.unflat`).
+    XLA's CPU compiler makes a kernel of each slice, ~20 ms of compile each on 2 cores; at
+    a constant offset, every slice is a kernel of its own (2,000 tensors: ~45 s of a 58 s
+    first step), where slices that differ only in an argument are one kernel, compiled
+    once. So on CPU a tensor whose size another tensor of its chunk shares takes its
+    offset as an argument (one more, ~1 us a step to dispatch); others, and other
+    platforms, keep constants."""
+    import jax.numpy as jnp
+
+    out: list[Any] = []
+    for chunk in bounds:
+        sizes = [b - a for _, a, b in chunk]
+        if platform != "cpu" or len(chunk) < 2 or sum(sizes) >= 2**31:
+            out.append(None)
+            continue
+        counts: dict[int, int] = {}
+        for n in sizes:
+            counts[n] = counts.get(n, 0) + 1
+        starts = np.cumsum([0, *sizes[:-1]])
+        out.append(tuple(jnp.asarray(np.int32(a)) if counts[n] > 1 else None
+                         for a, n in zip(starts, sizes)))
+    return tuple(out)
+
+
 def _barrier(x: Any) -> Any:
     """``x``, computed before anything that uses the result (``optimization_barrier``)."""
     import jax
@@ -192,14 +218,20 @@ class _Parts:
                                  jnp.zeros(b - a, self.lay.dtype) for n, a, b, _ in sp])
                 for sp in self.spans]
 
-    def unflat(self, chunks: list[Any]) -> dict[str, Any]:
+    def unflat(self, chunks: list[Any], offsets: tuple) -> dict[str, Any]:
         """The tensors of each chunk's flat array (in any order: ``jax.jit`` returns a
-        dict's keys sorted; the engine puts them back in layout order)."""
+        dict's keys sorted; the engine puts them back in layout order). ``offsets``: per
+        chunk, None or per tensor its start as a 0-d argument (:func:`slice_offsets`) or
+        None (a constant slice)."""
+        from jax import lax
+
         out = {}
-        for sp, x in zip(self.spans, chunks):
+        for sp, x, offs in zip(self.spans, chunks, offsets):
             at = 0
-            for n, a, b, shp in sp:
-                out[n] = x[at:at + b - a].reshape(shp)
+            for i, (n, a, b, shp) in enumerate(sp):
+                o = None if offs is None else offs[i]
+                piece = x[at:at + b - a] if o is None else lax.dynamic_slice(x, (o,), (b - a,))
+                out[n] = piece.reshape(shp)
                 at += b - a
         return out
 
@@ -263,14 +295,16 @@ class JaxEngine(Engine):
         #: the layout's chunks, in which the state's slots are kept (:mod:`.jax_chunks`)
         self.bounds = chunk_bounds(layout, backend.device.platform)
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
+        self._offsets = slice_offsets(self.bounds, backend.device.platform)
         self._first_specs: dict[tuple, int | None] = {}  # see _traced_first
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
-                   ) -> tuple[tuple, tuple]:
+                   ) -> tuple[tuple, tuple, tuple]:
         """The arrays a jitted pass reads per chunk (:class:`_Parts`): the rows of the
         scalar table (None for a one-row table; 0-d where the chunk's tensors share a row,
-        else one per element, in the smallest unsigned integer type) and the mask of the
-        elements with a gradient (None: all have one). ``rows``: each tensor's row;
+        else one per element, in the smallest unsigned integer type), the mask of the
+        elements with a gradient (None: all have one) and the tensors' offsets
+        (:func:`slice_offsets`). ``rows``: each tensor's row;
         ``present``: the names with a gradient (None: all). Made once, kept while the
         groups and the gradients' keys stay the same (the few last ones kept)."""
         key = (rows, present)
@@ -290,7 +324,7 @@ class JaxEngine(Engine):
             masks.append(None if m is None or m.all() else jnp.asarray(np.repeat(m, sizes)))
         if len(self._sels) >= 4:  # (a few: the first pass and the second differ)
             self._sels.clear()
-        got = self._sels[key] = (tuple(sels), tuple(masks))
+        got = self._sels[key] = (tuple(sels), tuple(masks), self._offsets)
         return got
 
     def full(self, n: int, value: float) -> Any:
@@ -332,7 +366,7 @@ class JaxEngine(Engine):
             # flattened faster than dicts (no sorting of keys), and checked here, when JAX
             # traces them, instead of on every call (fast_step.run_jax)
             params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
-            sels, masks = selectors
+            sels, masks, offsets = selectors
             wide, table = table, table.astype(lay.dtype)
             if tclip is not None:  # each tensor's clipping scale, from its Σ g²
                 wide = clip_scales(parts, tclip, wide, parts.flat(_adaptive(lay, params,
@@ -370,7 +404,7 @@ class JaxEngine(Engine):
                 new_slots = [[jnp.where(keep, v, slots[s][c]) for v, s in zip(new, slot_names)]
                              for c, new in enumerate(new_slots)]
             out_slots = {s: tuple(new[i] for new in new_slots) for i, s in enumerate(slot_names)}
-            out = parts.unflat(new_ps)
+            out = parts.unflat(new_ps, offsets)
             if finite is not None:  # one array to read back: [norm, finite]
                 norm, finite = None, jnp.stack([norm, finite.astype(norm.dtype)])
             return tuple(out[n] for n in lay.name_list), out_slots, norm, finite
