@@ -282,13 +282,13 @@ def test_slices_of_one_size_are_one_kernel(real_threshold):
     tensors: a 58 s first step became 12 s), where constant offsets make a kernel each."""
     import jax
 
-    from mithril.utils.optimizers.engines.jax_engine import _Parts, slice_offsets
+    from mithril.utils.optimizers.engines.jax_parts import Parts, slice_offsets
 
     shapes = [(100,), (10, 10)] * 20 + [(3,), (7,), (2, 2)]
     lay = Layout(tuple(f"p{i}" for i in range(len(shapes))), tuple(shapes), "float32")
     bounds = chunk_bounds(lay, "cpu")
     assert len(bounds) == 1
-    parts = _Parts(lay, bounds)
+    parts = Parts(lay, bounds)
     x = jnp.arange(sum(int(np.prod(s)) for s in shapes), dtype=jnp.float32)
     fn = jax.jit(lambda x, offs: parts.unflat([x * 2.0], offs))
     offs = slice_offsets(bounds, "cpu")

@@ -34,8 +34,8 @@ from .common import (
     two_pass_table,
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
+from .jax_parts import Parts, selectors, slice_offsets
 from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table
-from .jax_segments import SpanPlan
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
 #: flags, donate, checked, the first pass in the program, per-tensor clipping); and the
@@ -103,38 +103,6 @@ def _host(probe: Any) -> tuple[float, bool]:
     return norm, bool(finite)
 
 
-def _uint(top: int) -> Any:
-    """The smallest unsigned integer type that holds 0..``top`` (an index per element is
-    read with every element: 1 B of uint8 where the table has up to 256 rows, not 4)."""
-    return next(t for t in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(t).max)
-
-
-def slice_offsets(bounds: tuple, platform: str) -> tuple:
-    """Per chunk, None or per tensor its start in the chunk as a 0-d int32 array, or None:
-    where the jitted step cuts the new parameters out of a chunk (:meth:`_Parts.unflat`).
-    XLA's CPU compiler makes a kernel of each slice, ~20 ms of compile each on 2 cores; at
-    a constant offset, every slice is a kernel of its own (2,000 tensors: ~45 s of a 58 s
-    first step), where slices that differ only in an argument are one kernel, compiled
-    once. So on CPU a tensor whose size another tensor of its chunk shares takes its
-    offset as an argument (one more, ~1 us a step to dispatch); others, and other
-    platforms, keep constants."""
-    import jax.numpy as jnp
-
-    out: list[Any] = []
-    for chunk in bounds:
-        sizes = [b - a for _, a, b in chunk]
-        if platform != "cpu" or len(chunk) < 2 or sum(sizes) >= 2**31:
-            out.append(None)
-            continue
-        counts: dict[int, int] = {}
-        for n in sizes:
-            counts[n] = counts.get(n, 0) + 1
-        starts = np.cumsum([0, *sizes[:-1]])
-        out.append(tuple(jnp.asarray(np.int32(a)) if counts[n] > 1 else None
-                         for a, n in zip(starts, sizes)))
-    return tuple(out)
-
-
 def _barrier(x: Any) -> Any:
     """``x``, computed before anything that uses the result (``optimization_barrier``)."""
     import jax
@@ -164,100 +132,13 @@ def _named(lay: Any, names: list[str], leaves: tuple) -> dict[str, Any]:
     return dict(zip(names, leaves))
 
 
-class _Parts:
-    """How a jitted pass meets the layout's chunks (:func:`~.jax_chunks.chunk_bounds`):
-    per chunk its tensors' spans. What may differ between calls of one program - the row
-    of the scalar table each element reads, which elements have a gradient - comes as
-    arguments (:meth:`JaxEngine._selectors`), never as constants: an index per element
-    baked into the program is 4 B a parameter of constant (one chunk of 10M parameters in
-    two groups, as on an accelerator: 9 s more of XLA's compile), and a constant row index
-    per tensor makes every tensor's loop a kernel of its own (LAMB on 200 tensors: 21.6 s
-    of compile, where loops that differ only in their arguments compile once)."""
-
-    def __init__(self, lay: Any, bounds: tuple) -> None:
-        self.lay, self.bounds = lay, bounds
-        spans = list(lay.spans())
-        self.spans = [[spans[i] for i, _, _ in chunk] for chunk in bounds]
-        #: per chunk of several tensors, how to sum per tensor (:mod:`.jax_segments`)
-        self.plans = [SpanPlan([b - a for _, a, b in chunk]) if len(chunk) > 1 else None
-                      for chunk in bounds]
-
-    def sums(self, c: int, x: Any) -> Any:
-        """Chunk ``c``'s flat ``x`` summed per tensor, shape (tensors of the chunk,)."""
-        import jax.numpy as jnp
-
-        plan = self.plans[c]
-        return jnp.sum(x)[None] if plan is None else plan(x)
-
-    def sumsq(self, chunks: list[Any], dtype: Any) -> Any:
-        """Each tensor's Σ x² in ``dtype`` from the chunks' flat arrays, in layout order."""
-        import jax.numpy as jnp
-
-        return self.per_tensor([self.sums(c, jnp.square(x.astype(dtype)))
-                                for c, x in enumerate(chunks)])
-
-    @staticmethod
-    def col(table: Any, sel: Any) -> Any:
-        """A chunk's column getter: ``col(j)`` is scalar j of its elements. ``sel``: None
-        for a one-row table, else the chunk's row (0-d) or each element's (traced). (lax
-        calls: ``table[sel, j]`` traced ~2 ms a scalar, seconds for 200 tensors.)"""
-        from jax import lax
-
-        if sel is None or not sel.ndim:
-            row = lax.index_in_dim(table, 0, keepdims=False) if sel is None else \
-                lax.dynamic_index_in_dim(table, sel, keepdims=False)
-            return lambda j: lax.index_in_dim(row, j, keepdims=False)
-        return lambda j: lax.index_in_dim(table, j, axis=1, keepdims=False).at[sel].get(
-            mode="promise_in_bounds")
-
-    def flat(self, leaves: Any) -> list[Any]:
-        """Each chunk's ``leaves`` as one flat array (zeros for a name ``leaves`` lacks)."""
-        import jax.numpy as jnp
-        from jax import lax
-
-        # (lax.reshape, and none of a 1-d leaf: jnp's reshape traced ~0.25 ms a call)
-        return [jnp.concatenate([(leaves[n] if len(shp) == 1 else lax.reshape(leaves[n], (b - a,)))
-                                 if n in leaves else jnp.zeros(b - a, self.lay.dtype)
-                                 for n, a, b, shp in sp])
-                for sp in self.spans]
-
-    def unflat(self, chunks: list[Any], offsets: tuple) -> dict[str, Any]:
-        """The tensors of each chunk's flat array (in any order: ``jax.jit`` returns a
-        dict's keys sorted; the engine puts them back in layout order). ``offsets``: per
-        chunk, None or per tensor its start as a 0-d argument (:func:`slice_offsets`) or
-        None (a constant slice)."""
-        from jax import lax
-
-        # (no wrapping of negative offsets: 3 ops a tensor fewer to trace, ~1 ms each;
-        # the keyword is newer than JAX 0.4.30)
-        kw = ({"allow_negative_indices": False} if "allow_negative_indices" in
-              inspect.signature(lax.dynamic_slice).parameters else {})
-        out = {}
-        for sp, x, offs in zip(self.spans, chunks, offsets):
-            at = 0
-            for i, (n, a, b, shp) in enumerate(sp):
-                o = None if offs is None else offs[i]
-                piece = (x[at:at + b - a] if o is None else
-                         lax.dynamic_slice(x, (o,), (b - a,), **kw))
-                out[n] = piece if len(shp) == 1 else lax.reshape(piece, tuple(shp))
-                at += b - a
-        return out
-
-    def per_tensor(self, rows: list[Any]) -> Any:
-        """Per-chunk arrays of per-tensor rows, as one array in layout order."""
-        import jax.numpy as jnp
-
-        order = np.argsort([i for chunk in self.bounds for i, _, _ in chunk], kind="stable")
-        return jnp.concatenate(rows, axis=0)[order]
-
-
-def _prologue(parts: _Parts, params: Any, grads: Any, table: Any, sels: tuple,
+def _prologue(parts: Parts, params: Any, grads: Any, table: Any, sels: tuple,
               clip_norm: Any, flags: tuple, norm_on: bool = True
               ) -> tuple[list, list, list, Any]:
     """Inside a jitted pass, per chunk: the flat params and the gradient as the math sees
     it (clipped unit-wise, scaled by the global norm rule and each tensor's table scale,
     clipped by value, L2-decayed), and its column getter; and the (unit-clipped)
-    gradients' norm. ``sels``: each chunk's rows of the table (:meth:`_Parts.col`).
+    gradients' norm. ``sels``: each chunk's rows of the table (:meth:`Parts.col`).
     ``flags``: clip_norm_on, clip_value_on, per_tensor, the adaptive
     clipping and l2_on (some group has coupled weight decay: without it the gradient's
     passes do not read the params). ``norm_on`` False (no clip_norm, nothing reads it): no
@@ -308,31 +189,15 @@ class JaxEngine(Engine):
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple, tuple]:
-        """The arrays a jitted pass reads per chunk (:class:`_Parts`): the rows of the
-        scalar table (None for a one-row table; 0-d where the chunk's tensors share a row,
-        else one per element, in the smallest unsigned integer type), the mask of the
-        elements with a gradient (None: all have one) and the tensors' offsets
-        (:func:`slice_offsets`). ``rows``: each tensor's row;
-        ``present``: the names with a gradient (None: all). Made once, kept while the
-        groups and the gradients' keys stay the same (the few last ones kept)."""
+        """:func:`~.jax_parts.selectors` with this engine's offsets, made once and kept
+        while the groups and the gradients' keys stay the same (the few last ones kept)."""
         key = (rows, present)
         got = self._sels.get(key)
-        if got is not None:
-            return got
-        jnp, names = self.jnp, self.layout.names
-        sels, masks = [], []
-        for chunk in self.bounds:
-            sizes = [b - a for _, a, b in chunk]
-            if rows is None or not chunk:
-                sels.append(None)
-            else:
-                r = np.asarray([rows[i] for i, _, _ in chunk], dtype=_uint(max(rows)))
-                sels.append(jnp.asarray(r[0] if (r == r[0]).all() else np.repeat(r, sizes)))
-            m = None if present is None else np.array([names[i] in present for i, _, _ in chunk])
-            masks.append(None if m is None or m.all() else jnp.asarray(np.repeat(m, sizes)))
-        if len(self._sels) >= 4:  # (a few: the first pass and the second differ)
-            self._sels.clear()
-        got = self._sels[key] = (tuple(sels), tuple(masks), self._offsets)
+        if got is None:
+            if len(self._sels) >= 4:  # (a few: the first pass and the second differ)
+                self._sels.clear()
+            got = self._sels[key] = selectors(self.layout.names, self.bounds, rows, present,
+                                              self._offsets)
         return got
 
     def full(self, n: int, value: float) -> Any:
@@ -365,7 +230,7 @@ class JaxEngine(Engine):
         jax, jnp = self.jax, self.jnp
         clip_norm_on, clip_value_on, skip, per_tensor, agc, l2_on = flags  # per_tensor: col 0
         lay = self.layout
-        parts = _Parts(lay, self.bounds)
+        parts = Parts(lay, self.bounds)
         n_slots = len(slot_names)
         gnames = lay.name_list if present is None else list(present)
 
@@ -453,7 +318,7 @@ class JaxEngine(Engine):
         names the tensors of a refused step (:func:`~.common.nonfinite_results`)."""
         lay, jnp = self.layout, self.jnp
         if tensor_clipping(opt, state):
-            parts, wide = _Parts(lay, self.bounds), jnp.promote_types(lay.dtype, jnp.float32)
+            parts, wide = Parts(lay, self.bounds), jnp.promote_types(lay.dtype, jnp.float32)
             gs = parts.flat(_adaptive(lay, dict(params), grads, agc))  # (zeros where absent)
             sq = np.asarray(parts.sumsq(gs, wide), dtype=np.float64)
             table, index, _, _ = clipped_table(opt, state, t, sq)
@@ -517,11 +382,11 @@ class JaxEngine(Engine):
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
                       flags: tuple) -> Any:
         """The jitted first pass: per tensor, the sums of ``reduce_fn``'s terms
-        (:meth:`_Parts.sums`). Its last argument: the chunks' rows of the table
+        (:meth:`Parts.sums`). Its last argument: the chunks' rows of the table
         (:meth:`_selectors`)."""
         jax, jnp, lay = self.jax, self.jnp, self.layout
         clip_norm_on, clip_value_on, _, per_tensor, agc, l2_on = flags
-        parts = _Parts(lay, self.bounds)
+        parts = Parts(lay, self.bounds)
         wide = jnp.promote_types(lay.dtype, jnp.float32)
 
         def first(params, grads, slots, table, clip_norm, sels):

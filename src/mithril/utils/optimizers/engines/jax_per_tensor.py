@@ -47,7 +47,7 @@ def extra_columns(fn: Any, n: int, k: int, n_own: int, sizes: np.ndarray) -> int
 def second_table(parts: Any, first: tuple, wide: Any, ps: list, gs: list, cols: list,
                   slots: Any, t: Any) -> Any:
     """Inside a one-program two-pass step: the per-tensor sums of the optimizer's
-    ``reduce`` terms (per chunk: ``parts.sums``, :class:`~.jax_engine._Parts`), its
+    ``reduce`` terms (per chunk: ``parts.sums``, :class:`~.jax_parts.Parts`), its
     ``tensor_scalars`` traced on them, and the per-tensor table ``wide`` with those columns
     inserted after the optimizer's own scalars (as :func:`~.common.two_pass_table` does on
     the host). ``first``: what :meth:`~.jax_engine.JaxEngine._traced_first` found."""
