@@ -148,7 +148,7 @@ def _prologue(parts: Parts, params: Any, grads: Any, table: Any, sels: tuple,
     clip_norm_on, clip_value_on, per_tensor, agc, l2_on = flags
     grads = _adaptive(parts.lay, params, grads, agc)
     ps, gs = parts.flat(params), parts.flat(grads)
-    cols = [parts.col(table, sel) for sel in sels]
+    cols = parts.cols(table, sels)
     norm = None
     if norm_on or clip_norm_on:
         norm = global_norm(gs)
@@ -252,7 +252,7 @@ class JaxEngine(Engine):
             if first is not None:  # the per-tensor sums, then the update's table
                 table = second_table(parts, first, wide, ps, gs, cols, slots, t)
                 table = table.astype(lay.dtype)
-                cols = [parts.col(table, sel) for sel in sels]
+                cols = parts.cols(table, sels)
             n_scal = table.shape[1]
             new_ps, new_slots = [], []
             for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, masks)):
