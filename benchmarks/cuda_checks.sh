@@ -32,6 +32,9 @@ run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --te
 run python3 benchmarks/jit_first_step.py --rounds 5
 run python3 benchmarks/jit_first_step.py --cases lamb,adam-tensor-clip --tensors 20 \
     --total 200000 --rounds 5 --block 20
+# many small tensors in one chunk: on a GPU their slices keep constant offsets, a kernel
+# each (jax_parts.slice_offsets: arguments on CPU only); is the first step's compile long?
+run python3 benchmarks/jit_first_step.py --cases adam --tensors 2000 --total 2000000 --rounds 3
 run python3 benchmarks/train_epoch.py --device cuda --shared --backend torch jax --rounds 5
 [ "${1:-}" = short ] || run python3 benchmarks/train_epoch.py --device cuda --shared \
     --backend torch jax --rounds 5 --hidden 1024 1024 --batch 1024
