@@ -72,7 +72,7 @@ class Parts:
     """How a jitted pass meets the layout's chunks (:func:`~.jax_chunks.chunk_bounds`):
     per chunk its tensors' spans. What may differ between calls of one program - the row
     of the scalar table each element reads, which elements have a gradient - comes as
-    arguments (:meth:`JaxEngine._selectors`), never as constants: an index per element
+    arguments (:func:`selectors`), never as constants: an index per element
     baked into the program is 4 B a parameter of constant (one chunk of 10M parameters in
     two groups, as on an accelerator: 9 s more of XLA's compile), and a constant row index
     per tensor makes every tensor's loop a kernel of its own (LAMB on 200 tensors: 21.6 s
@@ -100,7 +100,6 @@ class Parts:
         return self.per_tensor([self.sums(c, jnp.square(x.astype(dtype)))
                                 for c, x in enumerate(chunks)])
 
-    @staticmethod
     @staticmethod
     def cols(table: Any, sels: tuple) -> list[Any]:
         """Each chunk's column getter: ``cols[c](j)`` is scalar j of chunk c's elements.
