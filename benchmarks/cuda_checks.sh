@@ -23,6 +23,14 @@ run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch
 # chains of 20 steps with one wait (what a loop that reads nothing back between steps sees)
 run python3 benchmarks/optimizer_step.py --device cuda --shared --backends torch,jax \
     --sizes 100kx10,1Mx10,10Mx10 --optimizers adam --rounds 3 --block 10 --warm 0.05 --chain 20
+# the jitted engine's one chunk against runs of 16 and of 1 tensor (MITHRIL_JAX_CHUNK_TENSORS):
+# one chunk was ~5x optax's time on 200 tensors (case a), 0.6x on 10
+for k in 0 16 1; do
+    echo "== MITHRIL_JAX_CHUNK_TENSORS=$k" | tee -a "$out/log.txt"
+    MITHRIL_JAX_CHUNK_TENSORS=$k run python3 benchmarks/optimizer_step.py --device cuda \
+        --shared --backends jax --sizes 10Mx10,a --optimizers adam --unchecked --rounds 3 \
+        --block 20 --warm 0.05
+done
 # the jitted engine's repeated step with gradients whose keys are sorted (as jax.jit returns
 # them) against the parameters' order: the recipe's host time on a device
 run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --tensors 500 --rounds 7

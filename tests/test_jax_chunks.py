@@ -39,6 +39,52 @@ def test_bounds_cpu_and_gpu(real_threshold):
     assert chunk_bounds(Layout((), (), "float32"), "cpu") == ((),)
 
 
+def test_bounds_of_accelerators_in_runs(monkeypatch):
+    """``CHUNK_TENSORS`` (``MITHRIL_JAX_CHUNK_TENSORS``): an accelerator's layout in runs of
+    that many consecutive tensors; unset, one chunk."""
+    lay = Layout(tuple(f"p{i}" for i in range(5)), ((3,), (2, 2), (), (5,), (1,)), "float32")
+    off = np.concatenate([[0], np.cumsum([3, 4, 1, 5, 1])])
+    span = [(i, int(off[i]), int(off[i + 1])) for i in range(5)]
+    assert chunk_bounds(lay, "gpu") == (tuple(span),)
+    monkeypatch.setattr(jax_chunks, "CHUNK_TENSORS", 2)
+    assert chunk_bounds(lay, "gpu") == (tuple(span[:2]), tuple(span[2:4]), (span[4],))
+    assert chunk_bounds(lay, "tpu") == chunk_bounds(lay, "gpu")
+    monkeypatch.setattr(jax_chunks, "CHUNK_TENSORS", 5)
+    assert chunk_bounds(lay, "gpu") == (tuple(span),)
+
+
+def test_runs_of_tensors_equal_numpy_engine(monkeypatch):
+    """Adam with two groups and a missing gradient over an accelerator's layout cut in runs
+    of three tensors (here on CPU), against the NumPy engine."""
+    from mithril.utils.optimizers.engines import jax_engine
+
+    monkeypatch.setattr(jax_chunks, "CHUNK_TENSORS", 3)
+    monkeypatch.setattr(jax_engine, "chunk_bounds", lambda lay, _: chunk_bounds(lay, "gpu"))
+    rng = np.random.default_rng(5)
+    p0 = _params(rng)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()
+              if i == 0 or k != "b2"} for i in range(3)]
+
+    def make():
+        return AdamW(learning_rate=1e-2, weight_decay=0.1,
+                     param_groups=[{"params": r"^b", "learning_rate": 5e-3}])
+    ref_opt, opt = make(), make()
+    ref_p = {k: v.copy() for k, v in p0.items()}
+    ref_s = ref_opt.init(ref_p)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    assert len(s.engine.bounds) == 3  # (nine tensors)
+    for g in grads:
+        ref_p, ref_s = ref_opt.update(ref_p, g, ref_s)
+        p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(p[k]), ref_p[k], rtol=2e-6, atol=1e-6)
+    for name in ("m", "v"):
+        np.testing.assert_allclose(np.asarray(s.slots[name]), ref_s.slots[name],
+                                   rtol=2e-6, atol=1e-6)
+
+
 def test_mapping_reads_writes_and_versions():
     bounds = (((1, 3, 7),), ((0, 0, 3), (2, 7, 9)))  # (chunks need not be contiguous)
     m, v = jnp.arange(9.0), jnp.arange(9.0) * 2

@@ -12,7 +12,8 @@
   On CPU (``MITHRIL_JAX_ENGINE=jit``; float16/bfloat16) each large tensor is updated in
   buffers of its own (:mod:`.jax_chunks`), and XLA compiles a kernel per output tensor,
   once per size where tensors share one (2,000 small tensors: ~12 s on 2 cores; once per
-  machine, with JAX's cache).
+  machine, with JAX's cache). ``MITHRIL_JAX_CHUNK_TENSORS=k`` cuts an accelerator's one
+  chunk into runs of k tensors (a measuring knob, :data:`.jax_chunks.CHUNK_TENSORS`).
 * :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
   (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers
   (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as

@@ -20,6 +20,7 @@ written (``slots[name] = flat``) is held flat again until then.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -27,6 +28,11 @@ import numpy as np
 
 #: on CPU, a tensor with this many elements or more is updated in its own buffers
 CHUNK_MIN = 1 << 13
+#: elsewhere, at most this many tensors a chunk (consecutive in the layout), None: one chunk
+#: of every tensor. ``MITHRIL_JAX_CHUNK_TENSORS`` sets it: a measuring knob. On an H200 one
+#: chunk ran 10M params in 10 tensors at 0.60x optax's time, but in 200 tensors at ~5x; is
+#: the one fusion's 200-way concatenate the cost? (Not measured yet: no GPU since.)
+CHUNK_TENSORS = int(os.environ.get("MITHRIL_JAX_CHUNK_TENSORS", "0")) or None
 
 #: a chunk: its tensors' (index, start, stop) in the flat layout, in layout order
 Chunk = tuple[tuple[int, int, int], ...]
@@ -35,10 +41,13 @@ Chunk = tuple[tuple[int, int, int], ...]
 def chunk_bounds(layout: Any, platform: str) -> tuple[Chunk, ...]:
     """The chunks of ``layout`` (aligned to 1 element) on ``platform``: on CPU each tensor
     of :data:`CHUNK_MIN` elements or more, then all the smaller ones (wherever they lie),
-    if any; elsewhere one chunk of every tensor."""
+    if any; elsewhere one chunk of every tensor (runs of :data:`CHUNK_TENSORS` if set)."""
     spans = [(i, a, b) for i, (_, a, b, _) in enumerate(layout.spans())]
     if platform != "cpu":
-        return (tuple(spans),)
+        k = CHUNK_TENSORS
+        if k is None or len(spans) <= k:
+            return (tuple(spans),)
+        return tuple(tuple(spans[i:i + k]) for i in range(0, len(spans), k))
     big = tuple((s,) for s in spans if s[2] - s[1] >= CHUNK_MIN)
     small = tuple(s for s in spans if s[2] - s[1] < CHUNK_MIN)
     return big + (small,) if small or not big else big
