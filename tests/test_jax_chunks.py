@@ -283,6 +283,31 @@ def test_missing_gradient_and_written_slot(monkeypatch, threshold):
         np.testing.assert_allclose(np.asarray(p[k]), rp[k], rtol=2e-6, atol=1e-6)
 
 
+def test_repeated_scalar_and_empty_tensors(real_threshold):
+    """Scalars and empty tensors that repeat their size in the chunk of small tensors (cut
+    at offsets passed as arguments), with a gradient missing for one of each, against the
+    NumPy engine."""
+    shapes = {"a": (), "e1": (0,), "b": (3,), "c": (), "e2": (2, 0), "d": (3,), "f": ()}
+    rng = np.random.default_rng(6)
+    p0 = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()
+              if i != 1 or k not in ("c", "e1")} for i in range(3)]
+    ref_opt, opt = Adam(learning_rate=1e-2), Adam(learning_rate=1e-2)
+    ref_p = {k: v.copy() for k, v in p0.items()}
+    ref_s = ref_opt.init(ref_p)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        s = opt.init(p)
+    (offs,) = s.engine._offsets
+    assert [o is not None for o in offs] == [True, True, True, True, True, True, True]
+    for g in grads:
+        ref_p, ref_s = ref_opt.update(ref_p, g, ref_s)
+        p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
+    for k in p0:
+        assert p[k].shape == p0[k].shape
+        np.testing.assert_allclose(np.asarray(p[k]), ref_p[k], rtol=2e-6, atol=1e-6)
+
+
 def test_bfloat16_chunked_equals_one_chunk(monkeypatch):
     """JAX bfloat16 on CPU takes the jitted engine by default: with the real threshold its
     large tensors are chunks of their own, with an unreachable one the whole layout is one

@@ -11,18 +11,29 @@ import numpy as np
 import pytest
 from conftest import host, optimizer_engine
 
-from mithril.utils.optimizers import LAMB, LARS, Adam, Novograd, Optimizer
+from mithril.utils.optimizers import (
+    ASGD,
+    LAMB,
+    LARS,
+    Adam,
+    NAdam,
+    Novograd,
+    Optimizer,
+    Prodigy,
+)
 from mithril.utils.optimizers.elementwise import sqrt, where
 from mithril.utils.optimizers.engines import jax_chunks, jax_engine
 
 SHAPES = {"w1": (300, 40), "b1": (40,), "w2": (40, 700), "s": (), "b2": (7, 3)}
 
 
-def _run(make, steps: int = 4, engine: str = "numpy", between=None):
+def _run(make, steps: int = 4, engine: str = "numpy", between=None, drop=None):
+    """``steps`` updates of ``make()`` on ``engine``; ``drop``: (step, name) whose gradient
+    that step lacks."""
     rng = np.random.default_rng(3)
     p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-             for _ in range(steps)]
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()
+              if drop is None or (i, k) != drop} for i in range(steps)]
     opt = make()
     with optimizer_engine(engine):
         p = p0 if engine == "numpy" else {k: jnp.asarray(v) for k, v in p0.items()}
@@ -62,7 +73,8 @@ def test_one_program_equals_numpy_engine(monkeypatch, make, threshold):
     _no_host_pass(monkeypatch)
     got, s = _run(make, engine="jax-jit")
     assert type(s.engine).__name__ == "JaxEngine"
-    assert list(s.engine._first_specs.values()) == [1]  # traced: one column added
+    # traced: one column added, no settings read
+    assert list(s.engine._first_specs.values()) == [(1, (), ())]
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
 
@@ -96,27 +108,130 @@ class FlooredSGD(Optimizer):
         return (1.0 / where(norm > self.floor, norm, self.floor),), tensors, values
 
 
-def test_tensor_scalars_reading_settings_stays_on_the_host():
-    """A compiled program would keep the settings of its first trace: an optimizer whose
-    ``tensor_scalars`` reads ``self`` takes the host's first pass, and a setting changed
-    between steps is used at once."""
+def test_settings_read_are_arguments(monkeypatch):
+    """A ``tensor_scalars`` that reads a numeric setting runs in the program, the setting a
+    traced argument: changed between steps, it is used at once, without a compile."""
     def between(opt, i):
         opt.floor = 1e-12 if i < 2 else 1e3  # from step 3 the floor is every tensor's scale
 
     want, _ = _run(FlooredSGD, between=between)
+    _no_host_pass(monkeypatch)
+    programs = len(jax_engine._COMPILED)
     got, s = _run(FlooredSGD, engine="jax-jit", between=between)
+    assert list(s.engine._first_specs.values()) == [(1, ("floor",), ())]
+    assert len(jax_engine._COMPILED) == programs + 1
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+
+class SwitchedSGD(FlooredSGD):
+    """:class:`FlooredSGD` whose ``tensor_scalars`` branches on a bool setting (static: a
+    change traces the program again) and, where ``branchy``, on a number (Python control
+    flow on a traced value: the host's pass)."""
+
+    def __init__(self, learning_rate: float = 0.1, **kw) -> None:
+        super().__init__(learning_rate, **kw)
+        self.halve, self.branchy = False, False
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):
+        norm = sqrt(sums[0])
+        scale = 1.0 / where(norm > self.floor, norm, self.floor)
+        if self.branchy and self.floor > 1.0:
+            scale = scale * 0.25
+        return (scale * 0.5 if self.halve else scale,), tensors, values
+
+
+class SuperSGD(FlooredSGD):
+    """:class:`FlooredSGD` extended through ``super()``: the program's stand-in ``self`` is
+    no instance of the class, so this one keeps the host's pass."""
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):
+        (scale,), tensors, values = super().tensor_scalars(step, sums, scalars, tensors,
+                                                           values, sizes)
+        return (scale * 0.5,), tensors, values
+
+
+def test_static_settings_and_python_branches():
+    def between(opt, i):
+        opt.halve = i >= 2
+
+    want, _ = _run(SwitchedSGD, between=between)
+    got, s = _run(SwitchedSGD, engine="jax-jit", between=between)
+    assert list(s.engine._first_specs.values()) == [
+        (1, ("floor",), (("branchy", False), ("halve", True)))]  # (found again at step 3)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+    def branchy(opt, i):
+        opt.branchy, opt.floor = True, (1e-12 if i < 2 else 1e3)
+
+    want, _ = _run(SwitchedSGD, between=branchy)
+    got, s = _run(SwitchedSGD, engine="jax-jit", between=branchy)
+    assert list(s.engine._first_specs.values()) == [None]  # (`if` on a traced number)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+    want, _ = _run(SuperSGD)
+    got, s = _run(SuperSGD, engine="jax-jit")
     assert list(s.engine._first_specs.values()) == [None]
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
 
 
-def test_tensor_slots_stay_on_the_host():
-    """Novograd keeps a per-tensor slot, committed once the step is applied: host path."""
-    want, _ = _run(lambda: Novograd(learning_rate=1e-2))
-    got, s = _run(lambda: Novograd(learning_rate=1e-2), engine="jax-jit")
+@pytest.mark.parametrize("make", [
+    lambda: Novograd(learning_rate=1e-2, weight_decay=1e-3),
+    lambda: Novograd(learning_rate=1e-2, beta2=0.5, eps_root=1e-4, param_groups=[
+        {"params": r"^b", "learning_rate": 3e-3}]),
+    lambda: NAdam(learning_rate=1e-2, momentum_decay=4e-3),
+    lambda: ASGD(learning_rate=1e-2, t0=2.0),
+], ids=["novograd", "novograd-groups", "nadam-torch", "asgd"])
+@pytest.mark.parametrize("threshold", [1 << 13, 1 << 40], ids=["chunks", "one-chunk"])
+def test_tensor_slots_in_the_program(monkeypatch, make, threshold):
+    """Tensor slots (Novograd's ν, NAdam's μ product, ASGD's η and μ) are arguments of the
+    program and come back from it, committed once the step is applied; a tensor without a
+    gradient keeps its own (step 3 lacks ``b1``'s); Novograd's β₂ changed between steps is
+    used (a traced setting)."""
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+
+    def between(opt, i):
+        if isinstance(opt, Novograd) and i == 3:
+            opt.beta2 = 0.9
+
+    want, ws = _run(make, between=between, drop=(2, "b1"))
+    _no_host_pass(monkeypatch)
+    got, s = _run(make, engine="jax-jit", between=between, drop=(2, "b1"))
+    assert [v is not None for v in s.engine._first_specs.values()] == [True]
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for name in make().tensor_slots:
+        np.testing.assert_allclose(host(s.slots[name]), ws.slots[name], rtol=1e-5, err_msg=name)
+
+
+def test_state_values_stay_on_the_host():
+    """Prodigy keeps optimizer-wide values that its per-step scalars read: the host's pass."""
+    make = lambda: Prodigy(learning_rate=1.0)  # noqa: E731
+    want, _ = _run(make)
+    got, s = _run(make, engine="jax-jit")
     assert s.engine._first_specs == {}
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_refused_step_keeps_tensor_slots():
+    """Novograd under ``"skip"``: a step with a NaN gradient leaves ν as it was."""
+    rng = np.random.default_rng(8)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+        opt = Novograd(learning_rate=1e-2, nonfinite="skip")
+        s = opt.init(p)
+        g = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for k, v in p.items()}
+        p, s = opt.update(p, g, s)
+        nu = host(s.slots["nu"])
+        bad = dict(g, b1=g["b1"].at[0].set(jnp.nan))
+        with pytest.warns(RuntimeWarning, match="step skipped"):
+            p, s = opt.update(p, bad, s)
+        np.testing.assert_array_equal(host(s.slots["nu"]), nu)
+        p, s = opt.update(p, {k: 2 * v for k, v in g.items()}, s)  # (ν of g: ν again)
+        np.testing.assert_allclose(host(s.slots["nu"]), nu * (0.25 + 0.75 * 4), rtol=1e-5)
 
 
 def _overflowing():
@@ -146,7 +261,7 @@ def test_refused_one_program_step_changes_nothing(policy, clip):
             with pytest.warns(RuntimeWarning, match="step skipped"):
                 out, state = opt.update(p, g, state)
             assert state.last_step_skipped and state.num_skipped == 1
-        assert list(state.engine._first_specs.values()) == [1]
+        assert list(state.engine._first_specs.values()) == [(1, (), ())]
         assert state.step == 0
         for k in before:
             np.testing.assert_array_equal(host(out[k]), before[k])

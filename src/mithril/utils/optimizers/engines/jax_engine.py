@@ -35,7 +35,9 @@ from .common import (
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
 from .jax_parts import Parts, selectors, slice_offsets
-from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table
+from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table, statics_hold
+
+_UNSEEN = object()
 
 #: compiled steps shared by every engine: (math, slots, layout, chunks, grads present,
 #: flags, donate, checked, the first pass in the program, per-tensor clipping); and the
@@ -185,7 +187,7 @@ class JaxEngine(Engine):
         self.bounds = chunk_bounds(layout, backend.device.platform)
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
         self._offsets = slice_offsets(self.bounds, backend.device.platform)
-        self._first_specs: dict[tuple, int | None] = {}  # see _traced_first
+        self._first_specs: dict[tuple, tuple | None] = {}  # see _traced_first
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple, tuple]:
@@ -223,8 +225,9 @@ class JaxEngine(Engine):
         (None). ``first``: a two-pass optimizer's first pass in the same program
         (:meth:`_traced_first`, :mod:`.jax_per_tensor`): the table is then one row per
         tensor in the sums' width, without the columns ``tensor_scalars`` makes from the
-        per-tensor sums, which the program computes (from the step ``t``, an argument)
-        and inserts before the update.
+        per-tensor sums, which the program computes (from the step ``t``, the tensor
+        slots ``tensors`` and the settings ``numbers`` it reads, arguments) and inserts
+        before the update; the new tensor slots come back among the slots.
         ``tclip``: per-tensor clipping (:func:`~.jax_per_tensor.clip_spec`), its scales
         computed in the program, into the per-tensor table's column 0."""
         jax, jnp = self.jax, self.jnp
@@ -234,7 +237,11 @@ class JaxEngine(Engine):
         n_slots = len(slot_names)
         gnames = lay.name_list if present is None else list(present)
 
-        def step(params, grads, slots, table, clip_norm, selectors, t=None):
+        # (which tensors have a gradient: those without keep their tensor slots)
+        pmask = None if present is None else np.array([n in present for n in lay.names])
+
+        def step(params, grads, slots, table, clip_norm, selectors, t=None, tensors=None,
+                 numbers=None):
             # params (every tensor) and grads (``present``'s) in layout order, as tuples:
             # flattened faster than dicts (no sorting of keys), and checked here, when JAX
             # traces them, instead of on every call (fast_step.run_jax)
@@ -249,8 +256,12 @@ class JaxEngine(Engine):
             ps, gs, cols, norm = _prologue(parts, params, grads, table, sels, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
+            new_tensors = {}
             if first is not None:  # the per-tensor sums, then the update's table
-                table = second_table(parts, first, wide, ps, gs, cols, slots, t)
+                table, new_tensors = second_table(
+                    parts, first, wide, ps, gs, cols, slots, t,
+                    {s: v.astype(wide.dtype) for s, v in (tensors or {}).items()}, numbers,
+                    pmask)
                 table = table.astype(lay.dtype)
                 cols = parts.cols(table, sels)
             n_scal = table.shape[1]
@@ -277,6 +288,7 @@ class JaxEngine(Engine):
                 new_slots = [[jnp.where(keep, v, slots[s][c]) for v, s in zip(new, slot_names)]
                              for c, new in enumerate(new_slots)]
             out_slots = {s: tuple(new[i] for new in new_slots) for i, s in enumerate(slot_names)}
+            out_slots.update((s, v.astype(lay.dtype)) for s, v in new_tensors.items())
             out = parts.unflat(new_ps, offsets)
             if finite is not None:  # one array to read back: [norm, finite]
                 norm, finite = None, jnp.stack([norm, finite.astype(norm.dtype)])
@@ -331,26 +343,31 @@ class JaxEngine(Engine):
 
     def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
         """How a two-pass optimizer's first pass runs inside the update's program
-        (:func:`~.jax_per_tensor.second_table`): ``(reduce, own slots, own scalars,
-        tensor_scalars, extra columns)``, or None where it runs on the host
-        (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
-        keeps tensor slots or state values (committed on the host once the step is
-        applied), reads the optimizer's attributes (a compiled program would keep their
-        values of the first step), or does not trace (NumPy, Python control flow)."""
+        (:func:`~.jax_per_tensor.second_table`): ``(reduce or None, own slots, own scalars,
+        tensor_scalars, extra columns, the class, tensor slots, settings read as numbers,
+        static settings)``, or None where it runs on the host (:meth:`_first_pass`, a
+        program and a read back more): a ``tensor_scalars`` that keeps state values (an
+        optimizer-wide value the host's scalars read, Prodigy's), reads an attribute that
+        is not a number, None, bool, string or method, or does not trace (NumPy, Python
+        control flow on a traced value). Found once per optimizer class and layout, and
+        again when a static setting it read changes."""
         cls = type(opt)
         fn = inspect.getattr_static(cls, "tensor_scalars", None)
-        if opt.tensor_slots or opt.state_values or not isinstance(fn, types.FunctionType):
+        if opt.state_values or not isinstance(fn, types.FunctionType):
             return None
         own = tuple(opt.slot_names())
         n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
-        n, k = len(self.layout.names), opt.reductions
-        key = (fn, n, k, n_own)
-        if key not in self._first_specs:
-            self._first_specs[key] = extra_columns(fn, n, k, n_own, self.layout.sizes)
-        n_extra = self._first_specs[key]
-        if n_extra is None:
+        n, k, ts = len(self.layout.names), opt.reductions, tuple(opt.tensor_slots)
+        key = (cls, fn, n, k, n_own, ts)
+        spec = self._first_specs.get(key, _UNSEEN)
+        if spec is _UNSEEN or (spec is not None and not statics_hold(opt, spec[2])):
+            spec = self._first_specs[key] = extra_columns(fn, opt, n, k, n_own,
+                                                          self.layout.sizes, ts)
+        if spec is None:
             return None
-        return (opt.reduce_math(), own, n_own, fn, n_extra)
+        n_extra, names, statics = spec
+        return (opt.reduce_math() if k else None, own, n_own, fn, n_extra, cls, ts, names,
+                statics)
 
     def _first_pass(self, opt: Any, state: Any, slots: ChunkedSlots, t: int, params: Any,
                     grads: Any, table: np.ndarray, index: np.ndarray, flags: tuple
@@ -436,7 +453,7 @@ class JaxEngine(Engine):
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
-        math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[-1] if first else 0))
+        math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[4] if first else 0))
         # "unchecked": nothing measured or read back (per-tensor scales: in the program)
         checked = opt.nonfinite != "unchecked"
         key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first, tclip)
@@ -452,15 +469,24 @@ class JaxEngine(Engine):
                               if first or tclip else lay.dtype)
         cn = _clip_norm(opt, flags[:1] if tclip is None else (tclip[3],), lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
+        extra = ()
+        if first:  # the step, the tensor slots and the settings tensor_scalars reads
+            extra = (np.int32(t), {s: slots[s] for s in first[6]},
+                     np.array([getattr(opt, k) for k in first[7]], dtype=hp.dtype)
+                     if first[7] else None)
         new_params, new_slots, norm, probe = fn(
             tuple(params[n] for n in lay.name_list),
             tuple(grads[n] for n in (lay.name_list if present is None else present)),
-            kernel_slots, hp, cn, selectors, *((np.int32(t),) if first else ()))
+            kernel_slots, hp, cn, selectors, *extra)
         # in layout order, so that the next update sees its own arrays (state.returned) and
         # neither checks nor copies them
         new_params = dict(zip(lay.name_list, new_params))
         # the old slots were donated (under skip/raise: same values)
+        new_tensors = {s: new_slots.pop(s) for s in (first[6] if first else ())}
         state.slots = slots.replaced(new_slots)
+        if new_tensors:  # committed once the step is applied (Optimizer.update)
+            state.pending = lambda: [state.slots.__setitem__(s, v)
+                                     for s, v in new_tensors.items()]
         if (ours and donate and present is None and agc is None and not flags[3]
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
             fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn as the full path

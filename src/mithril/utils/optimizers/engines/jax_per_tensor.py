@@ -8,65 +8,152 @@ each gradient's squares and scales it. The engine used to run a program for the 
 them back and compute the scalars on the host: a wait for the device and a second program
 per step (LAMB on 200k params in 20 tensors: 2.6 ms a step, 3.4x optax's; Adam with
 ``clip_tensor_norm``: 2.1 ms against Adam's 0.7). Here the update's program computes them
-(:func:`second_table`, :func:`clip_scales`). A ``tensor_scalars`` that reads the optimizer's
-settings, keeps tensor slots or state values, or does not trace keeps the host's pass
+(:func:`second_table`, :func:`clip_scales`).
+
+``tensor_scalars`` runs in the program with a stand-in ``self`` (:class:`_Traced`): the
+numeric settings it reads are arguments (a changed ``beta2`` needs no compile), its static
+ones (None, bools, strings) part of the program's key. Tensor slots (Novograd's ν, NAdam's
+μ product, ASGD's η and μ) go in and come back, committed once the step is applied. A
+``tensor_scalars`` that keeps state values (Prodigy's ``d``, which the host's per-step
+scalars read), reads anything else of ``self``, or does not trace keeps the host's pass
 (:meth:`JaxEngine._traced_first <.jax_engine.JaxEngine._traced_first>`).
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Any
 
 import numpy as np
 
+_STATIC = (type(None), bool, str)
+_MISSING = object()
 
-class _NoSelf:
-    """What a traced ``tensor_scalars`` gets as ``self``: reading any attribute fails, so
-    one that reads the optimizer's settings is found when it is first traced."""
+
+class _Recorder:
+    """What ``tensor_scalars`` gets as ``self`` while its settings are found: the
+    optimizer's attributes, each read recorded. A number will be a traced scalar of the
+    program (a setting changed between steps is then used without a compile); None, a bool
+    or a string is static (in the program's key); a method runs with this object as its
+    self; anything else refuses (the step keeps the host's pass)."""
+
+    def __init__(self, opt: Any) -> None:
+        self.__opt = opt
+        self.__numbers: list[str] = []
+        self.__statics: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:  # (only for names this object lacks)
+        value = getattr(self.__opt, name)
+        if isinstance(value, types.MethodType) and value.__self__ is self.__opt:
+            return types.MethodType(value.__func__, self)
+        if isinstance(value, _STATIC):
+            self.__statics[name] = value
+            return value
+        if isinstance(value, (int, float, np.integer, np.floating)):
+            if name not in self.__numbers:
+                self.__numbers.append(name)
+            return value
+        raise AttributeError(f"tensor_scalars reads self.{name}, a {type(value).__name__}")
+
+    def found(self) -> tuple[tuple[str, ...], tuple]:
+        """The numbers read (in order) and the static values read (sorted by name)."""
+        return tuple(self.__numbers), tuple(sorted(self.__statics.items()))
+
+
+class _Traced:
+    """``self`` inside the program: the recorded numbers as traced scalars, the static
+    values as recorded, the optimizer class's methods and properties run on this object;
+    nothing else (no optimizer instance is kept by a compiled program)."""
+
+    def __init__(self, cls: type, numbers: dict[str, Any], statics: tuple) -> None:
+        self.__cls, self.__numbers, self.__statics = cls, numbers, dict(statics)
 
     def __getattr__(self, name: str) -> Any:
+        if name in self.__numbers:
+            return self.__numbers[name]
+        if name in self.__statics:
+            return self.__statics[name]
+        attr = inspect.getattr_static(self.__cls, name, _MISSING)
+        if isinstance(attr, types.FunctionType):
+            return types.MethodType(attr, self)
+        if isinstance(attr, property) and attr.fget is not None:
+            return attr.fget(self)
         raise AttributeError(f"tensor_scalars reads self.{name}")
 
 
-def extra_columns(fn: Any, n: int, k: int, n_own: int, sizes: np.ndarray) -> int | None:
-    """How many columns ``tensor_scalars`` (the function ``fn``) adds for ``n`` tensors,
-    ``k`` sums and ``n_own`` scalars, found by tracing it (``jax.eval_shape``: nothing
-    runs); None where it does not trace without ``self``."""
+def statics_hold(opt: Any, statics: tuple) -> bool:
+    """Whether ``opt``'s static settings are still those a program was traced with."""
+    return all(type(v) is type(getattr(opt, k, _MISSING)) and getattr(opt, k) == v
+               for k, v in statics)
+
+
+def extra_columns(fn: Any, opt: Any, n: int, k: int, n_own: int, sizes: np.ndarray,
+                  tensor_slots: tuple[str, ...]) -> tuple | None:
+    """How ``tensor_scalars`` (the function ``fn`` of ``opt``) traces for ``n`` tensors,
+    ``k`` sums, ``n_own`` scalars and the tensor slots ``tensor_slots``: ``(extra columns,
+    settings read as numbers, static settings read)``, found by tracing it twice
+    (``jax.eval_shape``: nothing runs), with the settings' values, then as the program
+    runs it (:class:`_Traced`); None where it does not trace so, returns state values or
+    not every tensor slot (the step keeps the host's pass)."""
     import jax
 
     spec = jax.ShapeDtypeStruct((n,), np.float32)
+    args = (jax.ShapeDtypeStruct((), np.int32), (spec,) * k, (spec,) * n_own,
+            dict.fromkeys(tensor_slots, spec))
     try:
-        out = jax.eval_shape(lambda t, sums, cols: fn(_NoSelf(), t, sums, cols, {}, {}, sizes),
-                             jax.ShapeDtypeStruct((), np.int32), (spec,) * k, (spec,) * n_own)
-        extra, tensors, values = out
+        rec = _Recorder(opt)
+        jax.eval_shape(lambda t, sums, cols, tens: fn(rec, t, sums, cols, tens, {}, sizes),
+                       *args)
+        names, statics = rec.found()
+
+        def traced(t: Any, sums: Any, cols: Any, tens: Any, numbers: Any) -> Any:
+            me = _Traced(type(opt), dict(zip(names, numbers)), statics)
+            return fn(me, t, sums, cols, tens, {}, sizes)
+
+        extra, tensors, values = jax.eval_shape(
+            traced, *args, [jax.ShapeDtypeStruct((), np.float32)] * len(names))
     except Exception:  # noqa: BLE001 - anything that does not trace: the host's pass
         return None
-    return None if tensors or values else len(extra)
+    if values or set(tensors) != set(tensor_slots):
+        return None
+    return len(extra), names, statics
 
 
 def second_table(parts: Any, first: tuple, wide: Any, ps: list, gs: list, cols: list,
-                  slots: Any, t: Any) -> Any:
+                 slots: Any, t: Any, tensors: dict[str, Any], numbers: Any,
+                 present: np.ndarray | None) -> tuple[Any, dict[str, Any]]:
     """Inside a one-program two-pass step: the per-tensor sums of the optimizer's
     ``reduce`` terms (per chunk: ``parts.sums``, :class:`~.jax_parts.Parts`), its
     ``tensor_scalars`` traced on them, and the per-tensor table ``wide`` with those columns
     inserted after the optimizer's own scalars (as :func:`~.common.two_pass_table` does on
-    the host). ``first``: what :meth:`~.jax_engine.JaxEngine._traced_first` found."""
+    the host); and the new tensor slots (a tensor without a gradient, ``present`` False,
+    keeps its own). ``first``: what :meth:`~.jax_engine.JaxEngine._traced_first` found;
+    ``tensors``: the tensor slots (per tensor, in ``wide``'s dtype); ``numbers``: the
+    settings ``tensor_scalars`` reads (``first``'s names, in order)."""
     import jax.numpy as jnp
 
-    reduce_fn, own, n_own, fn, _ = first
+    reduce_fn, own, n_own, fn, _, cls, tensor_slots, names, statics = first
     own_end = 4 + n_own  # (the prologue's four columns, then the optimizer's own)
+    n = wide.shape[0]
     out = []
     for c, (p, g, col) in enumerate(zip(ps, gs, cols)):
+        if reduce_fn is None:
+            break
         terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
                           *(col(j) for j in range(4, 4 + n_own)))
         out.append(jnp.stack([parts.sums(c, x.astype(wide.dtype)) for x in terms], axis=1))
-    n = wide.shape[0]
     sums = parts.per_tensor(out) if out else jnp.zeros((n, 0), wide.dtype)
-    extra = fn(_NoSelf(), t, tuple(sums[:, k] for k in range(sums.shape[1])),
-               tuple(wide[:, j] for j in range(4, own_end)), {}, {}, parts.lay.sizes)[0]
+    me = _Traced(cls, {k: numbers[i].astype(wide.dtype) for i, k in enumerate(names)}, statics)
+    extra, new, _ = fn(me, t, tuple(sums[:, k] for k in range(sums.shape[1])),
+                       tuple(wide[:, j] for j in range(4, own_end)), dict(tensors), {},
+                       parts.lay.sizes)
     extra = [jnp.broadcast_to(jnp.asarray(e, wide.dtype), (n,)) for e in extra]
+    new = {s: jnp.broadcast_to(jnp.asarray(new[s], wide.dtype), (n,)) for s in tensor_slots}
+    if present is not None:
+        new = {s: jnp.where(present, v, tensors[s]) for s, v in new.items()}
     return jnp.concatenate([wide[:, :own_end], *(e[:, None] for e in extra),
-                            wide[:, own_end:]], axis=1)
+                            wide[:, own_end:]], axis=1), new
 
 
 def clip_spec(opt: Any, state: Any) -> tuple:
