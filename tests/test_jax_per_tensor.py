@@ -177,6 +177,32 @@ def test_static_settings_and_python_branches():
         np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
 
 
+class ScaledSGD(FlooredSGD):
+    """:class:`FlooredSGD` with an optional extra factor, None or a number."""
+
+    def __init__(self, learning_rate: float = 0.1, **kw) -> None:
+        super().__init__(learning_rate, **kw)
+        self.factor = None
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):
+        norm = sqrt(sums[0])
+        scale = 1.0 / where(norm > self.floor, norm, self.floor)
+        return (scale if self.factor is None else scale * self.factor,), tensors, values
+
+
+def test_setting_between_none_and_a_number():
+    """A setting that turns from None (static) to a number (traced) and back: traced anew
+    each time its kind changes, never with a stale value."""
+    def between(opt, i):
+        opt.factor = [None, 0.5, 0.25, None][i]
+
+    want, _ = _run(ScaledSGD, between=between)
+    got, s = _run(ScaledSGD, engine="jax-jit", between=between)
+    assert list(s.engine._first_specs.values()) == [(1, ("floor",), (("factor", None),))]
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=3e-6, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("make", [
     lambda: Novograd(learning_rate=1e-2, weight_decay=1e-3),
     lambda: Novograd(learning_rate=1e-2, beta2=0.5, eps_root=1e-4, param_groups=[

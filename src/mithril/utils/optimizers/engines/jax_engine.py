@@ -35,7 +35,7 @@ from .common import (
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
 from .jax_parts import Parts, selectors, slice_offsets
-from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table, statics_hold
+from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table, settings_hold
 
 _UNSEEN = object()
 
@@ -360,7 +360,7 @@ class JaxEngine(Engine):
         n, k, ts = len(self.layout.names), opt.reductions, tuple(opt.tensor_slots)
         key = (cls, fn, n, k, n_own, ts)
         spec = self._first_specs.get(key, _UNSEEN)
-        if spec is _UNSEEN or (spec is not None and not statics_hold(opt, spec[2])):
+        if spec is _UNSEEN or (spec is not None and not settings_hold(opt, *spec[1:])):
             spec = self._first_specs[key] = extra_columns(fn, opt, n, k, n_own,
                                                           self.layout.sizes, ts)
         if spec is None:

@@ -50,7 +50,7 @@ class _Recorder:
         if isinstance(value, _STATIC):
             self.__statics[name] = value
             return value
-        if isinstance(value, (int, float, np.integer, np.floating)):
+        if _number(value):
             if name not in self.__numbers:
                 self.__numbers.append(name)
             return value
@@ -82,10 +82,17 @@ class _Traced:
         raise AttributeError(f"tensor_scalars reads self.{name}")
 
 
-def statics_hold(opt: Any, statics: tuple) -> bool:
-    """Whether ``opt``'s static settings are still those a program was traced with."""
-    return all(type(v) is type(getattr(opt, k, _MISSING)) and getattr(opt, k) == v
-               for k, v in statics)
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool)
+
+
+def settings_hold(opt: Any, names: tuple[str, ...], statics: tuple) -> bool:
+    """Whether ``opt``'s settings still fit a program traced with them: the numbers still
+    numbers (another value than a number: traced again), the static ones unchanged."""
+    return (all(_number(getattr(opt, k, None)) for k in names)
+            and all(type(v) is type(getattr(opt, k, _MISSING)) and getattr(opt, k) == v
+                    for k, v in statics))
 
 
 def extra_columns(fn: Any, opt: Any, n: int, k: int, n_own: int, sizes: np.ndarray,
