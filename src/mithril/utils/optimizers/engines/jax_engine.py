@@ -485,8 +485,11 @@ class JaxEngine(Engine):
         new_tensors = {s: new_slots.pop(s) for s in (first[6] if first else ())}
         state.slots = slots.replaced(new_slots)
         if new_tensors:  # committed once the step is applied (Optimizer.update)
-            state.pending = lambda: [state.slots.__setitem__(s, v)
-                                     for s, v in new_tensors.items()]
+            def commit() -> None:
+                for s, v in new_tensors.items():
+                    state.slots[s] = v
+
+            state.pending = commit
         if (ours and donate and present is None and agc is None and not flags[3]
                 and not opt.two_pass()):  # a plain step: the next may repeat it (fast_step)
             fast_step.keep(opt, state, lambda: fast_step.JaxRecipe(  # (cn as the full path

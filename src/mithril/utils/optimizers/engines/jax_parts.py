@@ -7,6 +7,7 @@ would make XLA compile a kernel per tensor."""
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -59,9 +60,7 @@ def slice_offsets(bounds: tuple, platform: str) -> tuple:
         if platform != "cpu" or len(chunk) < 2 or sum(sizes) >= 2**31:
             out.append(None)
             continue
-        counts: dict[int, int] = {}
-        for n in sizes:
-            counts[n] = counts.get(n, 0) + 1
+        counts = Counter(sizes)
         starts = np.cumsum([0, *sizes[:-1]])
         out.append(tuple(jnp.asarray(np.int32(a)) if counts[n] > 1 else None
                          for a, n in zip(starts, sizes)))

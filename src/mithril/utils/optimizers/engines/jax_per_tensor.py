@@ -144,9 +144,7 @@ def second_table(parts: Any, first: tuple, wide: Any, ps: list, gs: list, cols: 
     own_end = 4 + n_own  # (the prologue's four columns, then the optimizer's own)
     n = wide.shape[0]
     out = []
-    for c, (p, g, col) in enumerate(zip(ps, gs, cols)):
-        if reduce_fn is None:
-            break
+    for c, (p, g, col) in enumerate(zip(ps, gs, cols) if reduce_fn else ()):
         terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
                           *(col(j) for j in range(4, 4 + n_own)))
         out.append(jnp.stack([parts.sums(c, x.astype(wide.dtype)) for x in terms], axis=1))
