@@ -20,6 +20,7 @@ from mithril.utils.optimizers import (
     Novograd,
     Optimizer,
     Prodigy,
+    ScheduleFreeAdamW,
 )
 from mithril.utils.optimizers.elementwise import sqrt, where
 from mithril.utils.optimizers.engines import jax_chunks, jax_engine
@@ -232,14 +233,129 @@ def test_tensor_slots_in_the_program(monkeypatch, make, threshold):
         np.testing.assert_allclose(host(s.slots[name]), ws.slots[name], rtol=1e-5, err_msg=name)
 
 
-def test_state_values_stay_on_the_host():
-    """Prodigy keeps optimizer-wide values that its per-step scalars read: the host's pass."""
-    make = lambda: Prodigy(learning_rate=1.0)  # noqa: E731
-    want, _ = _run(make)
-    got, s = _run(make, engine="jax-jit")
-    assert s.engine._first_specs == {}
+def _descent(make, engine: str, steps: int = 12, read_at=(), drop=None, seen=None):
+    """``steps`` updates of ``make()`` on a quadratic (g = p − target: Prodigy's d grows);
+    ``read_at``: steps after which ``state.values`` is read; ``seen``: a list that gets,
+    after each step, whether its values were still held on the device."""
+    rng = np.random.default_rng(4)
+    p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    target = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    opt = make()
+    values = []
+    with optimizer_engine(engine):
+        native = (lambda a: a) if engine == "numpy" else jnp.asarray
+        p = {k: native(v) for k, v in p0.items()}
+        s = opt.init(p)
+        for i in range(steps):
+            g = {k: native(np.asarray(host(v) - target[k], np.float32)) for k, v in p.items()
+                 if drop is None or (i, k) != drop}
+            p, s = opt.update(p, g, s)
+            if seen is not None:
+                seen.append(s.held_values() is not None)
+            if i in read_at:
+                values.append(dict(s.values))
+    return {k: host(v) for k, v in p.items()}, s, values
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Prodigy(learning_rate=1.0, weight_decay=1e-2),
+    lambda: Prodigy(learning_rate=1.0, beta3=0.9, param_groups=[
+        {"params": r"^b", "learning_rate": 0.5, "beta2": 0.99}]),
+    lambda: Prodigy(learning_rate=1.0, beta3=0.5, safeguard_warmup=True),
+], ids=["prodigy", "prodigy-groups", "prodigy-safeguard"])
+@pytest.mark.parametrize("threshold", [1 << 13, 1 << 40], ids=["chunks", "one-chunk"])
+def test_state_values_in_the_program(monkeypatch, make, threshold):
+    """Prodigy's ``d`` and numerator go into the program and come back, and its per-step
+    scalars (of ``d``: ``scalar_values``) are made there, per group: no host pass, and
+    nothing read back between steps (the values stay held on the device until
+    ``state.values`` is read; read at step 5, the next step takes the floats). ``d`` grows
+    here; equal to the NumPy engine's to float32's precision; step 3 lacks
+    ``b1``'s gradient."""
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+    want, ws, want_values = _descent(make, "numpy", read_at=(5,), drop=(3, "b1"))
+    _no_host_pass(monkeypatch)
+    seen = []
+    got, s, got_values = _descent(make, "jax-jit", read_at=(5,), drop=(3, "b1"), seen=seen)
+    assert seen == [True] * 12
+    assert len(s.engine._own_specs) == 1 and None not in s.engine._own_specs.values()
+    assert ws.values["d"] > 1.5 * make().estim_lr0
+    for w, g in zip([*want_values, ws.values], [*got_values, s.values]):
+        # (sums in float32: the numerator, a sum of terms of both signs, to ~1e-5)
+        assert g["d"] == pytest.approx(w["d"], rel=2e-5)
+        assert g["numerator"] == pytest.approx(w["numerator"], rel=1e-4)
+    assert isinstance(s.values["d"], float) and s.held_values() is None
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("threshold", [1 << 13, 1 << 40], ids=["chunks", "one-chunk"])
+def test_schedule_free_values_in_the_program(monkeypatch, threshold):
+    """Schedule-free AdamW's weight sum and largest learning rate: in and out of the
+    program (its scalars read no value), the learning rate changed at step 4."""
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+
+    def make():
+        return ScheduleFreeAdamW(learning_rate=1e-2, weight_decay=1e-3, param_groups=[
+            {"params": r"^b", "learning_rate": 3e-3}])
+
+    def between(opt, i):
+        if i == 4:
+            opt.learning_rate = 2e-2
+
+    want, ws = _run(make, steps=6, between=between)
+    _no_host_pass(monkeypatch)
+    got, s = _run(make, steps=6, engine="jax-jit", between=between)
+    assert s.held_values() is not None
+    for k in ws.values:
+        assert s.values[k] == pytest.approx(ws.values[k], rel=1e-6), k
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_state_values_where_a_group_differs(monkeypatch):
+    """A group whose static setting differs from the optimizer's (``safeguard_warmup``, a
+    branch of the scalars) cannot share the program's scalars: that step takes the host's
+    pass, reading the values back; the numbers stay the NumPy engine's."""
+    make = lambda: Prodigy(learning_rate=1.0, param_groups=[  # noqa: E731
+        {"params": r"^b", "safeguard_warmup": True}])
+    want, ws, _ = _descent(make, "numpy", steps=6)
+    calls = []
+    real = jax_engine.JaxEngine._first_pass
+    monkeypatch.setattr(jax_engine.JaxEngine, "_first_pass",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, s, _ = _descent(make, "jax-jit", steps=6)
+    assert len(calls) == 6
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert s.values["d"] == pytest.approx(ws.values["d"], rel=1e-5)
+
+
+def test_refused_step_keeps_state_values():
+    """Prodigy under ``"skip"``: a step with a NaN gradient leaves ``d`` and the numerator
+    as they were (its commit is dropped), still on the device; a state dict then holds
+    floats, and the state restored from it steps on as the original."""
+    rng = np.random.default_rng(8)
+    with optimizer_engine("jax-jit"):
+        p = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+        opt = Prodigy(learning_rate=1.0, estim_lr0=1e-3, nonfinite="skip")
+        s = opt.init(p)
+        g = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for k, v in p.items()}
+        for _ in range(3):
+            p, s = opt.update(p, g, s)
+        held = {k: np.asarray(v) for k, v in s.held_values().items()}
+        bad = dict(g, b1=g["b1"].at[0].set(jnp.nan))
+        with pytest.warns(RuntimeWarning, match="step skipped"):
+            p, s = opt.update(p, bad, s)
+        assert {k: np.asarray(v) for k, v in s.held_values().items()} == held
+        saved = opt.state_dict(s)
+        assert saved["values"] == {k: float(v) for k, v in held.items()}
+        again = opt.load_state_dict(saved, {k: v.copy() for k, v in p.items()})
+        p2 = {k: v.copy() for k, v in p.items()}
+        p, s = opt.update(p, g, s)
+        p2, again = opt.update(p2, g, again)
+        for k in p:
+            np.testing.assert_array_equal(host(p[k]), host(p2[k]))
+        assert again.values == s.values
 
 
 def test_refused_step_keeps_tensor_slots():
@@ -312,11 +428,14 @@ def test_tensor_clipping_unchecked_reads_nothing_back(monkeypatch):
     lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
     lambda: Adam(learning_rate=1e-2, clip_tensor_norm=1.0, clip_norm=3.0, param_groups=[
         {"params": r"^b", "clip_tensor_norm": None, "clip_block_rms": 0.5}]),
-], ids=["lamb", "adam-tensor-clip"])
+    lambda: Prodigy(learning_rate=1.0, param_groups=[{"params": r"^b", "beta2": 0.99}]),
+], ids=["lamb", "adam-tensor-clip", "prodigy"])
 def test_later_steps_compile_nothing(make):
     """The step number and the tables are arguments, the clipping settings constants that
     compare equal from step to step: every step after the first runs the same program
-    (a key that differed each step made every step compile: ~0.3 s on 200k params)."""
+    (a key that differed each step made every step compile: ~0.3 s on 200k params).
+    Prodigy's values: held on the device, or floats once read (step 4), the same
+    signature."""
     rng = np.random.default_rng(5)
     opt = make()
     with optimizer_engine("jax-jit"):
@@ -327,7 +446,9 @@ def test_later_steps_compile_nothing(make):
         p, s = opt.update(p, grads[0], s)
         programs = len(jax_engine._COMPILED)
         traces = sum(f._cache_size() for f in jax_engine._COMPILED.values())
-        for g in grads * 2:
+        for i, g in enumerate(grads * 2):
             p, s = opt.update(p, g, s)
+            if i == 2:
+                dict(s.values)  # (Prodigy's read back: floats for the next step)
     assert len(jax_engine._COMPILED) == programs
     assert sum(f._cache_size() for f in jax_engine._COMPILED.values()) == traces

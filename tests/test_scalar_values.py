@@ -101,7 +101,8 @@ def test_update_leaves_the_instance_alone(kind, monkeypatch):
     plain = Prodigy.scalars
 
     def spy(self, step, d=None):
-        seen.append((set(vars(self)), d))
+        if isinstance(self, Prodigy):  # (the jitted engine's program calls it on a stand-in)
+            seen.append((set(vars(self)), d))
         return plain(self, step, d)
 
     monkeypatch.setattr(Prodigy, "scalars", spy)
@@ -119,7 +120,10 @@ def test_update_leaves_the_instance_alone(kind, monkeypatch):
     assert seen and all(k <= keys for k, _ in seen)
     assert not any("_d" in k for k, _ in seen)
     ds = [d for _, d in seen]
-    assert ds[0] == 1e-3 and len(set(ds)) > 2, ds  # the state's d, growing
+    if kind == "jax-jit":  # the program makes the scalars of the state's d: the host's
+        assert set(ds) == {1e-3}, ds  # table holds them for the initial d (none read back)
+    else:
+        assert ds[0] == 1e-3 and len(set(ds)) > 2, ds  # the state's d, growing
     assert run.state.values["d"] > 1e-3
 
 

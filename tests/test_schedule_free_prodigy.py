@@ -486,7 +486,14 @@ def test_eval_params():
         assert tuple(out["w"].shape) == SHAPES["w"]
 
 
+#: on the jitted JAX engine, the settings that switch a branch of the scalars traced into its
+#: program (None → a number, a bool): one program more, once (the key holds them)
+BRANCHES = {"warmup_steps", "beta3", "safeguard_warmup"}
+
+
 def test_hyperparameter_changes_never_recompile():
+    """Numeric settings are arguments: changing one compiles nothing (the numba kernels,
+    the jitted programs); on the jitted engine, a branch's setting compiles one program."""
     p0, grads = problem("float32", 8)
     for kind in ("numpy", "jax-jit"):
         with optimizer_engine(kind):
@@ -501,12 +508,17 @@ def test_hyperparameter_changes_never_recompile():
                 params, state = opt.update(params, gs[0], state)
                 counts = (update_kernel.cache_info().misses, reduce_kernel.cache_info().misses,
                           len(jax_engine._COMPILED))
+                more = 0
                 for t, (name, value) in enumerate(changes.items()):
                     opt.set_learning_rate(0.01 * (t + 2))
                     setattr(opt, name, value)
                     params, state = opt.update(params, gs[t + 1], state)
-                assert (update_kernel.cache_info().misses, reduce_kernel.cache_info().misses,
-                        len(jax_engine._COMPILED)) == counts, (kind, cls.__name__)
+                    more += kind == "jax-jit" and name in BRANCHES  # (compiled at most:
+                    # _COMPILED is shared, an earlier test may have made that program)
+                    assert (update_kernel.cache_info().misses,
+                            reduce_kernel.cache_info().misses) == counts[:2], (kind, name)
+                    assert counts[2] <= len(jax_engine._COMPILED) <= counts[2] + more, (
+                        kind, cls.__name__, name)
                 assert np.isfinite(host(params["w"])).all()
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
-from .elementwise import abs_, helper, sqrt
+from .elementwise import abs_, helper, maximum, sqrt, where
 from .schedule_free import init_from_params
 from .state import OptimizerState
 
@@ -107,18 +105,18 @@ class Prodigy(Optimizer):
         return _prodigy
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
+        # arithmetic only (no Python branch on a value): it also runs traced, inside the
+        # jitted JAX engine's program and the optax transformation's, with d on the device
         num, den = sums
-        d = np.float64(values["d"])
+        d = values["d"]
         fac = (d / self.estim_lr0) * scalars[2]  # (d/d₀)·dlr of each tensor
-        if fac.size and (fac == fac[0]).all():  # one group: optax's order of operations
-            inc = fac[0] * num.sum()
-        else:
-            inc = (fac * num).sum()
-        numerator = self._beta3() * np.float64(values["numerator"]) + inc
+        inc = (fac * num).sum()
+        if fac.size:  # one group (every factor the same): optax's order of operations
+            inc = where((fac == fac[0]).all(), fac[0] * num.sum(), inc)
+        numerator = self._beta3() * values["numerator"] + inc
         estimate = self.estim_lr_coef * numerator / den.sum()
-        d_new = np.maximum(d, estimate)  # NaN propagates, as jnp.maximum
-        return (d_new * self.epsilon,), tensors, {"d": float(d_new),
-                                                  "numerator": float(numerator)}
+        d_new = maximum(estimate, d)  # NaN propagates, as jnp.maximum
+        return (d_new * self.epsilon,), tensors, {"d": d_new, "numerator": numerator}
 
 
 def _init(self: Prodigy, params: Mapping[str, Any]) -> OptimizerState:

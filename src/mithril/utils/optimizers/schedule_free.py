@@ -13,7 +13,7 @@ import numpy as np
 from ...errors import KeyMismatchError, ShapeError
 from .base import Optimizer
 from .checks import check_int, check_positive, check_unit, describe, is_array, to_float
-from .elementwise import helper, sqrt
+from .elementwise import helper, maximum, sqrt, where
 from .state import OptimizerState
 
 
@@ -121,14 +121,17 @@ class _ScheduleFree(Optimizer):
         return warmup(self.learning_rate, step - 1, self.warmup_steps)
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
-        lr = np.float64(warmup(self.learning_rate, step, self.warmup_steps))
-        max_lr = np.maximum(np.float64(values["max_lr"]), lr)
-        weight = max_lr ** np.float64(self.weight_lr_power)
-        total = np.float64(values["weight_sum"]) + weight
-        # optax: NaN stays NaN, 0/0 (a zero learning rate so far) is 0
-        ck = np.nan if np.isnan(weight) or np.isnan(total) else float(
-            np.nan_to_num(weight / total, nan=0.0, posinf=np.inf))
-        return (ck, 1.0 - ck), tensors, {"weight_sum": float(total), "max_lr": float(max_lr)}
+        # arithmetic only (no Python branch on a value): without a warm-up it also runs
+        # traced, in the jitted JAX engine's program and the optax transformation's
+        lr = warmup(self.learning_rate, step, self.warmup_steps)
+        max_lr = maximum(values["max_lr"], lr)
+        weight = max_lr ** self.weight_lr_power
+        total = values["weight_sum"] + weight
+        ratio = weight / total
+        # optax: NaN stays NaN, 0/0 (a zero learning rate so far) and inf/inf are 0
+        ck = where((weight != weight) | (total != total), math.nan,
+                   where(ratio != ratio, 0.0, ratio))
+        return (ck, 1.0 - ck), tensors, {"weight_sum": total, "max_lr": max_lr}
 
     def eval_params(self, state: OptimizerState, params: Mapping[str, Any] | None = None
                     ) -> dict[str, Any]:

@@ -90,8 +90,8 @@ class OptimizerState:
         #: the layouts of slots whose per-parameter shapes are not the parameters' (one
         #: value per tensor, factored statistics, ...: ``Optimizer.slot_shape``)
         self.slot_layouts: dict[str, Layout] = dict(slot_layouts or {})
-        #: optimizer-wide scalars kept between steps (``Optimizer.state_values``)
-        self.values: dict[str, float] = dict(values or {})
+        self._held: dict[str, Any] | None = None  # see hold_values
+        self.values = dict(values or {})
         #: what the step being taken will commit if it is applied (see Optimizer.update)
         self.pending: Any = None
         self.step = 0
@@ -157,6 +157,32 @@ class OptimizerState:
                           f"(nonfinite='skip' or 'raise' guard against this)",
                           RuntimeWarning, stacklevel=stacklevel)
         self._nonfinite_values = not finite
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Optimizer-wide scalars kept between steps (``Optimizer.state_values``, e.g.
+        Prodigy's ``d``), as floats. An engine that computes them on its device keeps them
+        there between steps (:meth:`hold_values`): read here, they are brought back first
+        (a wait for the device)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._values = {k: float(np.asarray(v)) for k, v in held.items()}
+        return self._values
+
+    @values.setter
+    def values(self, values: dict[str, float]) -> None:
+        self._held, self._values = None, values
+
+    def hold_values(self, values: dict[str, Any]) -> None:
+        """Keep a step's new :attr:`values` as the device's 0-d arrays (the jitted JAX
+        engine's program computed them): the next step takes them as they are, and
+        nothing waits for them unless :attr:`values` is read."""
+        self._held = dict(values)
+
+    def held_values(self) -> dict[str, Any] | None:
+        """The values :meth:`hold_values` kept, still on the device; None once read back
+        (or set) as floats."""
+        return self._held
 
     def returned(self, params: Any) -> bool:
         """Whether ``params`` are the very arrays the last update returned (the views of

@@ -202,6 +202,7 @@ class ArrayEngine(Engine):
             for j, term in enumerate(terms):
                 sums[:, j] = self._tensor_sums(term)
         present = np.array([name in grads for name in lay.names], dtype=bool)
+        sums[~present] = 0.0  # a tensor without a gradient counts for nothing (as numba's)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
     def _columns(self, table: np.ndarray, index: np.ndarray) -> list[Any]:

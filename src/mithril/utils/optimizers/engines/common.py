@@ -16,15 +16,17 @@ class Unfit(Exception):
     arrays unchecked and takes the full path on this, whose checks name the fault."""
 
 
-def scalar_table(opt: Any, state: Any, t: int, norm: float | None
+def scalar_table(opt: Any, state: Any, t: int, norm: float | None, state_values: bool = True
                  ) -> tuple[np.ndarray, np.ndarray, bool]:
     """The per-step scalars of every parameter group: a float64 table with one row per
     group (:func:`prologue`'s four values, then ``full_scalars(t, state.values)``: the
     optimizer's scalars, given the state's values it reads (``scalar_values``), and any
     averaging weights), each tensor's row, and whether any group clips by value (a group
-    that does not then gets an infinite bound)."""
+    that does not then gets an infinite bound). ``state_values`` False: each value's
+    ``state_value_init`` instead of the state's (a table whose value-dependent columns the
+    jitted JAX engine's program replaces: nothing is read back for it)."""
     index, views = opt.group_rows(state)
-    values = getattr(state, "values", None)
+    values = getattr(state, "values", None) if state_values else None
     if len(views) == 1:  # no groups: one row (its clip bound is its own), built directly
         v = views[0]
         scal = v.full_scalars(t, values)

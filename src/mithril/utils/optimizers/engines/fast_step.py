@@ -228,7 +228,7 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
             hp = table.astype(r.dtype)
     slots = state.slots
     try:
-        new_params, new_slots, norm, probe = r.fn(
+        new_params, new_slots, norm, probe, _ = r.fn(
             tuple(params.values()), tuple(gs), {s: slots.chunks(s) for s in r.names}, hp,
             r.clip_norm, r.selectors)
     except Unfit:  # (traced, never run: nothing donated)

@@ -35,7 +35,17 @@ from .common import (
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
 from .jax_parts import Parts, selectors, slice_offsets
-from .jax_per_tensor import clip_scales, clip_spec, extra_columns, second_table, settings_hold
+from .jax_per_tensor import (
+    First,
+    clip_scales,
+    clip_spec,
+    extra_columns,
+    own_columns,
+    own_numbers,
+    own_table,
+    second_table,
+    settings_hold,
+)
 
 _UNSEEN = object()
 
@@ -188,6 +198,7 @@ class JaxEngine(Engine):
         self._sels: dict[tuple, tuple] = {}  # (rows, present) -> _selectors' arrays
         self._offsets = slice_offsets(self.bounds, backend.device.platform)
         self._first_specs: dict[tuple, tuple | None] = {}  # see _traced_first
+        self._own_specs: dict[tuple, tuple | None] = {}  # (and the scalars it makes)
 
     def _selectors(self, rows: tuple[int, ...] | None, present: tuple[str, ...] | None
                    ) -> tuple[tuple, tuple, tuple]:
@@ -213,7 +224,7 @@ class JaxEngine(Engine):
 
     def _build(self, math_fn: Any, slot_names: tuple[str, ...], present: tuple[str, ...] | None,
                flags: tuple[bool, bool, bool], donate: bool, n_avg: int = 0,
-               checked: bool = True, first: tuple | None = None,
+               checked: bool = True, first: First | None = None,
                tclip: tuple | None = None) -> Any:
         """The jitted step, over the layout's chunks (slots: name → chunk arrays), with
         the chunks' :meth:`_selectors` as its last argument: where the table has a row per
@@ -226,8 +237,10 @@ class JaxEngine(Engine):
         (:meth:`_traced_first`, :mod:`.jax_per_tensor`): the table is then one row per
         tensor in the sums' width, without the columns ``tensor_scalars`` makes from the
         per-tensor sums, which the program computes (from the step ``t``, the tensor
-        slots ``tensors`` and the settings ``numbers`` it reads, arguments) and inserts
-        before the update; the new tensor slots come back among the slots.
+        slots ``tensors``, the settings ``numbers`` it reads and the state ``values``,
+        arguments) and inserts before the update; the new tensor slots come back among
+        the slots, the new values last. Where the optimizer's own scalars read the values,
+        they are made in the program first, from each tensor's settings ``own_numbers``.
         ``tclip``: per-tensor clipping (:func:`~.jax_per_tensor.clip_spec`), its scales
         computed in the program, into the per-tensor table's column 0."""
         jax, jnp = self.jax, self.jnp
@@ -241,13 +254,16 @@ class JaxEngine(Engine):
         pmask = None if present is None else np.array([n in present for n in lay.names])
 
         def step(params, grads, slots, table, clip_norm, selectors, t=None, tensors=None,
-                 numbers=None):
+                 numbers=None, values=None, own_numbers=None):
             # params (every tensor) and grads (``present``'s) in layout order, as tuples:
             # flattened faster than dicts (no sorting of keys), and checked here, when JAX
             # traces them, instead of on every call (fast_step.run_jax)
             params, grads = _named(lay, lay.name_list, params), _named(lay, gnames, grads)
             sels, masks, offsets = selectors
             wide, table = table, table.astype(lay.dtype)
+            if first is not None and first.own is not None:  # own scalars of the values
+                wide = own_table(first, wide, t, values, own_numbers)
+                table = wide.astype(lay.dtype)
             if tclip is not None:  # each tensor's clipping scale, from its Σ g²
                 wide = clip_scales(parts, tclip, wide, parts.flat(_adaptive(lay, params,
                                                                             grads, agc)),
@@ -256,12 +272,12 @@ class JaxEngine(Engine):
             ps, gs, cols, norm = _prologue(parts, params, grads, table, sels, clip_norm,
                                            (clip_norm_on, clip_value_on, per_tensor, agc,
                                             l2_on), checked)
-            new_tensors = {}
+            new_tensors, new_values = {}, {}
             if first is not None:  # the per-tensor sums, then the update's table
-                table, new_tensors = second_table(
+                table, new_tensors, new_values = second_table(
                     parts, first, wide, ps, gs, cols, slots, t,
                     {s: v.astype(wide.dtype) for s, v in (tensors or {}).items()}, numbers,
-                    pmask)
+                    values or {}, pmask)
                 table = table.astype(lay.dtype)
                 cols = parts.cols(table, sels)
             n_scal = table.shape[1]
@@ -292,7 +308,7 @@ class JaxEngine(Engine):
             out = parts.unflat(new_ps, offsets)
             if finite is not None:  # one array to read back: [norm, finite]
                 norm, finite = None, jnp.stack([norm, finite.astype(norm.dtype)])
-            return tuple(out[n] for n in lay.name_list), out_slots, norm, finite
+            return tuple(out[n] for n in lay.name_list), out_slots, norm, finite, new_values
 
         return jax.jit(step, donate_argnums=(0, 2) if donate else (2,))
 
@@ -341,33 +357,54 @@ class JaxEngine(Engine):
                 state.slots, self.bounds), t, params, grads, table, index, flags)
         return table, index
 
-    def _traced_first(self, opt: Any, table: np.ndarray) -> tuple | None:
+    def _traced_first(self, opt: Any, table: np.ndarray) -> First | None:
         """How a two-pass optimizer's first pass runs inside the update's program
-        (:func:`~.jax_per_tensor.second_table`): ``(reduce or None, own slots, own scalars,
-        tensor_scalars, extra columns, the class, tensor slots, settings read as numbers,
-        static settings)``, or None where it runs on the host (:meth:`_first_pass`, a
-        program and a read back more): a ``tensor_scalars`` that keeps state values (an
-        optimizer-wide value the host's scalars read, Prodigy's), reads an attribute that
-        is not a number, None, bool, string or method, or does not trace (NumPy, Python
-        control flow on a traced value). Found once per optimizer class and layout, and
-        again when a static setting it read changes."""
+        (:func:`~.jax_per_tensor.second_table`), or None where it runs on the host
+        (:meth:`_first_pass`, a program and a read back more): a ``tensor_scalars`` that
+        reads an attribute that is not a number, None, bool, string or method, or does not
+        trace (NumPy, Python control flow on a traced value). State values go in and out
+        of the program; where the per-step ``scalars`` read some (``scalar_values``:
+        Prodigy's ``d``), they are made in the program too (:func:`~.jax_per_tensor.
+        own_table`), unless they do not trace or the prologue reads them (decoupled weight
+        decay outside the optimizer's math). Found once per optimizer class and layout,
+        and again when a static setting it read changes."""
         cls = type(opt)
         fn = inspect.getattr_static(cls, "tensor_scalars", None)
-        if opt.state_values or not isinstance(fn, types.FunctionType):
+        if not isinstance(fn, types.FunctionType) or (opt.scalar_values
+                                                      and not opt.weight_decay_in_math):
             return None
         own = tuple(opt.slot_names())
         n_own = table.shape[1] - 4 - (len(opt.full_slot_names()) - len(own))
         n, k, ts = len(self.layout.names), opt.reductions, tuple(opt.tensor_slots)
-        key = (cls, fn, n, k, n_own, ts)
+        key = (cls, fn, n, k, n_own, ts, tuple(opt.state_values))
         spec = self._first_specs.get(key, _UNSEEN)
         if spec is _UNSEEN or (spec is not None and not settings_hold(opt, *spec[1:])):
             spec = self._first_specs[key] = extra_columns(fn, opt, n, k, n_own,
-                                                          self.layout.sizes, ts)
+                                                          self.layout.sizes, ts,
+                                                          tuple(opt.state_values))
         if spec is None:
             return None
+        scal = None
+        if opt.scalar_values:
+            scal = self._own_specs.get(key, _UNSEEN)
+            if scal is _UNSEEN or (scal is not None and not settings_hold(opt, *scal[1:])):
+                scal = self._own_specs[key] = own_columns(opt, n, n_own)
+            if scal is None:
+                return None
         n_extra, names, statics = spec
-        return (opt.reduce_math() if k else None, own, n_own, fn, n_extra, cls, ts, names,
-                statics)
+        return First(opt.reduce_math() if k else None, own, n_own, fn, n_extra, cls, ts, names,
+                     statics, tuple(opt.state_values), scal)
+
+    def _values(self, state: Any, first: First, dtype: Any) -> dict[str, Any] | None:
+        """The state values a one-program step takes (0-d, ``dtype``): those the last step
+        left on the device as they are, else the state's floats, put there (a NumPy
+        argument would be a signature of its own for ``jax.jit``: a second trace)."""
+        if not first.values:
+            return None
+        held = state.held_values()
+        if held is not None and all(np.dtype(held[k].dtype) == dtype for k in first.values):
+            return {k: held[k] for k in first.values}
+        return {k: self.jnp.asarray(state.values[k], dtype) for k in first.values}
 
     def _first_pass(self, opt: Any, state: Any, slots: ChunkedSlots, t: int, params: Any,
                     grads: Any, table: np.ndarray, index: np.ndarray, flags: tuple
@@ -394,6 +431,9 @@ class JaxEngine(Engine):
             sums = np.asarray(fn(dict(params), dict(grads), {s: slots.chunks(s) for s in own},
                                  hp, cn, self._selectors(rows, None)[0]),
                               dtype=np.float64)
+            # a tensor without a gradient counts for nothing (np.where: a float64 result
+            # comes back as a read-only view)
+            sums = np.where(present[:, None], sums, 0.0)
         return two_pass_table(opt, state, t, table, index, sums, present)
 
     def _build_reduce(self, reduce_fn: Any, own: tuple[str, ...], n_own: int, k: int,
@@ -436,11 +476,21 @@ class JaxEngine(Engine):
         present = None if len(grads) == len(lay.names) else tuple(n for n in lay.names if n in grads)
         agc = self._agc(opt, state)
         tclip = clip_spec(opt, state) if tensor_clipping(opt, state) else None
-        table, index, clip = scalar_table(opt, state, t, None)  # gscale: in the jitted step
+        # gscale: in the jitted step; values the scalars read: their initial ones, as long
+        # as the program makes the scalars of the state's (none is read back for the table)
+        table, index, clip = scalar_table(opt, state, t, None, not opt.scalar_values)
         flags = (opt.clip_norm is not None and tclip is None, clip, refuses(opt),
                  tclip is not None, agc, bool((table[:, 2] != 0).any()))
         slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
         first = self._traced_first(opt, table) if opt.two_pass() else None
+        if first is None and opt.scalar_values:  # the host's table: the state's values
+            table, index, clip = scalar_table(opt, state, t, None)
+        own_nums = None
+        if first is not None and first.own is not None:
+            own_nums = own_numbers(opt.group_rows(state)[1], index, first.own, np.float64)
+            if own_nums is None:  # a group whose static settings differ: on the host
+                first = None
+                table, index, clip = scalar_table(opt, state, t, None)
         if first is not None or tclip is not None:  # per-tensor scalars made in the program
             table, index = table[index], np.arange(len(lay.names))
         if first is None and opt.two_pass():
@@ -453,7 +503,7 @@ class JaxEngine(Engine):
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
         names = opt.full_slot_names()
-        math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first[4] if first else 0))
+        math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first.n_extra if first else 0))
         # "unchecked": nothing measured or read back (per-tensor scales: in the program)
         checked = opt.nonfinite != "unchecked"
         key = (math_fn, names, lay, self.bounds, present, flags, donate, checked, first, tclip)
@@ -471,10 +521,11 @@ class JaxEngine(Engine):
         kernel_slots = {s: slots.chunks(s) for s in names}
         extra = ()
         if first:  # the step, the tensor slots and the settings tensor_scalars reads
-            extra = (np.int32(t), {s: slots[s] for s in first[6]},
-                     np.array([getattr(opt, k) for k in first[7]], dtype=hp.dtype)
-                     if first[7] else None)
-        new_params, new_slots, norm, probe = fn(
+            extra = (np.int32(t), {s: slots[s] for s in first.tensor_slots},
+                     np.array([getattr(opt, k) for k in first.names], dtype=hp.dtype)
+                     if first.names else None, self._values(state, first, hp.dtype),
+                     None if own_nums is None else own_nums.astype(hp.dtype))
+        new_params, new_slots, norm, probe, new_values = fn(
             tuple(params[n] for n in lay.name_list),
             tuple(grads[n] for n in (lay.name_list if present is None else present)),
             kernel_slots, hp, cn, selectors, *extra)
@@ -482,12 +533,14 @@ class JaxEngine(Engine):
         # neither checks nor copies them
         new_params = dict(zip(lay.name_list, new_params))
         # the old slots were donated (under skip/raise: same values)
-        new_tensors = {s: new_slots.pop(s) for s in (first[6] if first else ())}
+        new_tensors = {s: new_slots.pop(s) for s in (first.tensor_slots if first else ())}
         state.slots = slots.replaced(new_slots)
-        if new_tensors:  # committed once the step is applied (Optimizer.update)
+        if new_tensors or new_values:  # committed once the step is applied (Optimizer.update)
             def commit() -> None:
                 for s, v in new_tensors.items():
                     state.slots[s] = v
+                if new_values:  # (kept on the device: read back only if read)
+                    state.hold_values(new_values)
 
             state.pending = commit
         if (ours and donate and present is None and agc is None and not flags[3]

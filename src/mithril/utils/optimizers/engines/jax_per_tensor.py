@@ -13,17 +13,19 @@ per step (LAMB on 200k params in 20 tensors: 2.6 ms a step, 3.4x optax's; Adam w
 ``tensor_scalars`` runs in the program with a stand-in ``self`` (:class:`_Traced`): the
 numeric settings it reads are arguments (a changed ``beta2`` needs no compile), its static
 ones (None, bools, strings) part of the program's key. Tensor slots (Novograd's ν, NAdam's
-μ product, ASGD's η and μ) go in and come back, committed once the step is applied. A
-``tensor_scalars`` that keeps state values (Prodigy's ``d``, which the host's per-step
-scalars read), reads anything else of ``self``, or does not trace keeps the host's pass
-(:meth:`JaxEngine._traced_first <.jax_engine.JaxEngine._traced_first>`).
+μ product, ASGD's η and μ) and state values (Prodigy's ``d`` and numerator) go in and come
+back, committed once the step is applied; where the per-step ``scalars`` read state values
+(``scalar_values``), they are made in the program too (:func:`own_table`), so that no value
+is read back between steps. A ``tensor_scalars`` that reads anything else of ``self``, or
+does not trace, keeps the host's pass (:meth:`JaxEngine._traced_first
+<.jax_engine.JaxEngine._traced_first>`).
 """
 
 from __future__ import annotations
 
 import inspect
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,69 +98,152 @@ def settings_hold(opt: Any, names: tuple[str, ...], statics: tuple) -> bool:
 
 
 def extra_columns(fn: Any, opt: Any, n: int, k: int, n_own: int, sizes: np.ndarray,
-                  tensor_slots: tuple[str, ...]) -> tuple | None:
+                  tensor_slots: tuple[str, ...], values: tuple[str, ...] = ()
+                  ) -> tuple | None:
     """How ``tensor_scalars`` (the function ``fn`` of ``opt``) traces for ``n`` tensors,
-    ``k`` sums, ``n_own`` scalars and the tensor slots ``tensor_slots``: ``(extra columns,
-    settings read as numbers, static settings read)``, found by tracing it twice
-    (``jax.eval_shape``: nothing runs), with the settings' values, then as the program
-    runs it (:class:`_Traced`); None where it does not trace so, returns state values or
-    not every tensor slot (the step keeps the host's pass)."""
+    ``k`` sums, ``n_own`` scalars, the tensor slots ``tensor_slots`` and the state values
+    ``values``: ``(extra columns, settings read as numbers, static settings read)``, found
+    by tracing it twice (``jax.eval_shape``: nothing runs), with the settings' values,
+    then as the program runs it (:class:`_Traced`); None where it does not trace so, or
+    does not return every tensor slot and every value (a 0-d one): the step keeps the
+    host's pass."""
     import jax
 
-    spec = jax.ShapeDtypeStruct((n,), np.float32)
+    spec, zero = jax.ShapeDtypeStruct((n,), np.float32), jax.ShapeDtypeStruct((), np.float32)
     args = (jax.ShapeDtypeStruct((), np.int32), (spec,) * k, (spec,) * n_own,
-            dict.fromkeys(tensor_slots, spec))
+            dict.fromkeys(tensor_slots, spec), dict.fromkeys(values, zero))
     try:
         rec = _Recorder(opt)
-        jax.eval_shape(lambda t, sums, cols, tens: fn(rec, t, sums, cols, tens, {}, sizes),
-                       *args)
+        jax.eval_shape(lambda t, sums, cols, tens, vals: fn(rec, t, sums, cols, tens, vals,
+                                                            sizes), *args)
         names, statics = rec.found()
 
-        def traced(t: Any, sums: Any, cols: Any, tens: Any, numbers: Any) -> Any:
+        def traced(t: Any, sums: Any, cols: Any, tens: Any, vals: Any, numbers: Any) -> Any:
             me = _Traced(type(opt), dict(zip(names, numbers)), statics)
-            return fn(me, t, sums, cols, tens, {}, sizes)
+            return fn(me, t, sums, cols, tens, vals, sizes)
 
-        extra, tensors, values = jax.eval_shape(
-            traced, *args, [jax.ShapeDtypeStruct((), np.float32)] * len(names))
+        extra, tensors, new_values = jax.eval_shape(traced, *args, [zero] * len(names))
     except Exception:  # noqa: BLE001 - anything that does not trace: the host's pass
         return None
-    if values or set(tensors) != set(tensor_slots):
+    if (set(tensors) != set(tensor_slots) or set(new_values) != set(values)
+            or any(np.shape(v) != () for v in new_values.values())):
         return None
     return len(extra), names, statics
 
 
-def second_table(parts: Any, first: tuple, wide: Any, ps: list, gs: list, cols: list,
+def own_columns(opt: Any, n: int, n_own: int) -> tuple | None:
+    """How ``scalars`` (the optimizer's own per-step scalars, of the state values it reads:
+    ``scalar_values``) traces for ``n`` tensors, each tensor's settings a number of its own
+    (parameter groups): ``(scalars, settings read as numbers, static settings read)``,
+    found as :func:`extra_columns` finds it; None where it does not trace so or gives other
+    than ``n_own`` scalars (the step keeps the host's pass)."""
+    import jax
+
+    fn = inspect.getattr_static(type(opt), "scalars", None)
+    if not isinstance(fn, types.FunctionType):
+        return None
+    zero = jax.ShapeDtypeStruct((), np.float32)
+    args = (jax.ShapeDtypeStruct((), np.int32), dict.fromkeys(opt.scalar_values, zero))
+    try:
+        rec = _Recorder(opt)
+        jax.eval_shape(lambda t, vals: fn(rec, t, **vals), *args)
+        names, statics = rec.found()
+
+        def traced(t: Any, vals: Any, numbers: Any) -> Any:
+            return fn(_Traced(type(opt), dict(zip(names, numbers)), statics), t, **vals)
+
+        out = jax.eval_shape(traced, *args,
+                             [jax.ShapeDtypeStruct((n,), np.float32)] * len(names))
+    except Exception:  # noqa: BLE001 - anything that does not trace: the host's pass
+        return None
+    if len(out) != n_own or any(np.shape(x) not in ((), (n,)) for x in out):
+        return None
+    return fn, names, statics
+
+
+def own_numbers(views: list, index: np.ndarray, spec: tuple, dtype: Any) -> np.ndarray | None:
+    """Each tensor's settings that ``scalars`` reads (:func:`own_columns`' ``spec``), from
+    its parameter group's optimizer, shape (tensors, settings); None where some group's
+    do not fit the program (a static setting that differs)."""
+    _, names, statics = spec
+    if not all(settings_hold(v, names, statics) for v in views):
+        return None
+    rows = np.array([[getattr(v, k) for k in names] for v in views], dtype=np.float64)
+    return rows.reshape(len(views), len(names))[index].astype(dtype)
+
+
+def own_table(first: Any, wide: Any, t: Any, values: dict[str, Any], numbers: Any) -> Any:
+    """Inside the program: the per-tensor table ``wide`` with the optimizer's own scalars
+    (its columns after the prologue's four) made from the state's ``values`` (traced: the
+    previous step's, never read back) and each tensor's settings ``numbers``
+    (:func:`own_numbers`), in ``wide``'s dtype (as optax computes its bias corrections);
+    the host's table held them for each value's ``state_value_init``."""
+    import jax.numpy as jnp
+
+    fn, names, statics = first.own
+    n, dt = wide.shape[0], wide.dtype
+    me = _Traced(first.cls, {k: numbers[:, i].astype(dt) for i, k in enumerate(names)}, statics)
+    cols = fn(me, t, **{k: values[k].astype(dt) for k in first.cls.scalar_values})
+    cols = [jnp.broadcast_to(jnp.asarray(c, dt), (n,)) for c in cols]
+    return jnp.concatenate([wide[:, :4], jnp.stack(cols, axis=1), wide[:, 4 + len(cols):]],
+                           axis=1)
+
+
+class First(NamedTuple):
+    """How a two-pass step's first pass runs inside the update's program
+    (:meth:`JaxEngine._traced_first <.jax_engine.JaxEngine._traced_first>`); part of the
+    program's key."""
+
+    reduce: Any  # the optimizer's reduce math (None: no sums)
+    slots: tuple[str, ...]  # its own slots, which reduce reads
+    n_own: int  # its own scalars
+    fn: Any  # its tensor_scalars
+    n_extra: int  # the columns tensor_scalars adds
+    cls: type
+    tensor_slots: tuple[str, ...]
+    names: tuple[str, ...]  # settings tensor_scalars reads, as numbers (arguments)
+    statics: tuple  # its static settings
+    values: tuple[str, ...]  # the state values, in and out of the program
+    own: tuple | None  # own_columns' spec: the own scalars made in the program (scalar_values)
+
+
+def second_table(parts: Any, first: First, wide: Any, ps: list, gs: list, cols: list,
                  slots: Any, t: Any, tensors: dict[str, Any], numbers: Any,
-                 present: np.ndarray | None) -> tuple[Any, dict[str, Any]]:
+                 values: dict[str, Any], present: np.ndarray | None
+                 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Inside a one-program two-pass step: the per-tensor sums of the optimizer's
     ``reduce`` terms (per chunk: ``parts.sums``, :class:`~.jax_parts.Parts`), its
     ``tensor_scalars`` traced on them, and the per-tensor table ``wide`` with those columns
     inserted after the optimizer's own scalars (as :func:`~.common.two_pass_table` does on
-    the host); and the new tensor slots (a tensor without a gradient, ``present`` False,
-    keeps its own). ``first``: what :meth:`~.jax_engine.JaxEngine._traced_first` found;
-    ``tensors``: the tensor slots (per tensor, in ``wide``'s dtype); ``numbers``: the
-    settings ``tensor_scalars`` reads (``first``'s names, in order)."""
+    the host); the new tensor slots (a tensor without a gradient, ``present`` False,
+    keeps its own) and the new state values. ``tensors``: the tensor slots (per tensor,
+    in ``wide``'s dtype); ``numbers``: the settings ``tensor_scalars`` reads (``first``'s
+    names, in order); ``values``: the state values (0-d)."""
     import jax.numpy as jnp
 
-    reduce_fn, own, n_own, fn, _, cls, tensor_slots, names, statics = first
-    own_end = 4 + n_own  # (the prologue's four columns, then the optimizer's own)
-    n = wide.shape[0]
+    own_end = 4 + first.n_own  # (the prologue's four columns, then the optimizer's own)
+    n, dt = wide.shape[0], wide.dtype
     out = []
-    for c, (p, g, col) in enumerate(zip(ps, gs, cols) if reduce_fn else ()):
-        terms = reduce_fn(p * col(3), g, *(slots[s][c] for s in own),
-                          *(col(j) for j in range(4, 4 + n_own)))
-        out.append(jnp.stack([parts.sums(c, x.astype(wide.dtype)) for x in terms], axis=1))
-    sums = parts.per_tensor(out) if out else jnp.zeros((n, 0), wide.dtype)
-    me = _Traced(cls, {k: numbers[i].astype(wide.dtype) for i, k in enumerate(names)}, statics)
-    extra, new, _ = fn(me, t, tuple(sums[:, k] for k in range(sums.shape[1])),
-                       tuple(wide[:, j] for j in range(4, own_end)), dict(tensors), {},
-                       parts.lay.sizes)
-    extra = [jnp.broadcast_to(jnp.asarray(e, wide.dtype), (n,)) for e in extra]
-    new = {s: jnp.broadcast_to(jnp.asarray(new[s], wide.dtype), (n,)) for s in tensor_slots}
+    for c, (p, g, col) in enumerate(zip(ps, gs, cols) if first.reduce else ()):
+        terms = first.reduce(p * col(3), g, *(slots[s][c] for s in first.slots),
+                             *(col(j) for j in range(4, own_end)))
+        out.append(jnp.stack([parts.sums(c, x.astype(dt)) for x in terms], axis=1))
+    sums = parts.per_tensor(out) if out else jnp.zeros((n, 0), dt)
+    if present is not None:  # a tensor without a gradient counts for nothing (Prodigy's
+        sums = jnp.where(present[:, None], sums, 0.0)  # ‖s‖₁: as the other engines)
+    me = _Traced(first.cls, {k: numbers[i].astype(dt) for i, k in enumerate(first.names)},
+                 first.statics)
+    extra, new, new_values = first.fn(
+        me, t, tuple(sums[:, k] for k in range(sums.shape[1])),
+        tuple(wide[:, j] for j in range(4, own_end)), dict(tensors),
+        {k: v.astype(dt) for k, v in values.items()}, parts.lay.sizes)
+    extra = [jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in extra]
+    new = {s: jnp.broadcast_to(jnp.asarray(new[s], dt), (n,)) for s in first.tensor_slots}
     if present is not None:
         new = {s: jnp.where(present, v, tensors[s]) for s, v in new.items()}
-    return jnp.concatenate([wide[:, :own_end], *(e[:, None] for e in extra),
-                            wide[:, own_end:]], axis=1), new
+    return (jnp.concatenate([wide[:, :own_end], *(e[:, None] for e in extra),
+                             wide[:, own_end:]], axis=1), new,
+            {k: jnp.asarray(new_values[k], dt) for k in first.values})
 
 
 def clip_spec(opt: Any, state: Any) -> tuple:
