@@ -50,7 +50,7 @@ CONFIGS = {
     # a group with its own beta1 keeps it; the others take state.hyperparams["beta1"]
     "sf-adamw-groups": lambda: ScheduleFreeAdamW(1e-2, param_groups=[
         {"params": "layer/b", "learning_rate": 2e-2, "beta1": 0.8}]),
-    # the warm-up's Python control flow: scalars(step) on the host too
+    # the warm-up (its branch on the step: traced, or on the host in float64)
     "sf-sgd-warmup": lambda: ScheduleFreeSGD(1e-1, warmup_steps=5),
     "prodigy": lambda: Prodigy(1.0, estim_lr0=1e-3, weight_decay=1e-2),
     "prodigy-groups": lambda: Prodigy(1.0, estim_lr0=1e-3, safeguard_warmup=True,
@@ -164,13 +164,19 @@ def test_which_parts_run_on_the_host():
     assert scalars_on_host(Muon()) is None
     assert "Adafactor.scalars(step) is not traceable" in scalars_on_host(Adafactor())
     params = nested(P0)
-    # Prodigy's and schedule-free's tensor_scalars trace (arithmetic, no branch on values)
-    for opt in (Prodigy(), ScheduleFreeSGD()):
+    # Prodigy's and schedule-free's tensor_scalars trace (arithmetic, no branch on values;
+    # the warm-up's branch on the step is a traced where)
+    for opt in (Prodigy(), ScheduleFreeSGD(), ScheduleFreeSGD(warmup_steps=3)):
         tx = optax_transformation(opt, scalars="traced")
         jax.jit(tx.update)(params, tx.init(params), params)
-    # the warm-up branches in Python on the step: a host callback, refused when forced traced
-    tx = optax_transformation(ScheduleFreeSGD(warmup_steps=3), scalars="traced")
-    with pytest.raises(TypeError, match=r"ScheduleFreeSGD\.scalars\(step\) is not traceable"):
+
+    class StepAsInt(ScheduleFreeSGD):
+        def tensor_scalars(self, step, *args):
+            return super().tensor_scalars(int(step), *args)
+
+    # one that reads its step as a Python int: a host callback, refused when forced traced
+    tx = optax_transformation(StepAsInt(), scalars="traced")
+    with pytest.raises(TypeError, match="StepAsInt.tensor_scalars does not run on traced"):
         jax.jit(tx.update)(params, tx.init(params), params)
 
 

@@ -288,15 +288,17 @@ def test_state_values_in_the_program(monkeypatch, make, threshold):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("warmup", [None, 3], ids=["", "warmup"])
 @pytest.mark.parametrize("threshold", [1 << 13, 1 << 40], ids=["chunks", "one-chunk"])
-def test_schedule_free_values_in_the_program(monkeypatch, threshold):
+def test_schedule_free_values_in_the_program(monkeypatch, threshold, warmup):
     """Schedule-free AdamW's weight sum and largest learning rate: in and out of the
-    program (its scalars read no value), the learning rate changed at step 4."""
+    program (its scalars read no value), the learning rate changed at step 4; its warm-up's
+    branch on the step a traced ``where``."""
     monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
 
     def make():
-        return ScheduleFreeAdamW(learning_rate=1e-2, weight_decay=1e-3, param_groups=[
-            {"params": r"^b", "learning_rate": 3e-3}])
+        return ScheduleFreeAdamW(learning_rate=1e-2, weight_decay=1e-3, warmup_steps=warmup,
+                                 param_groups=[{"params": r"^b", "learning_rate": 3e-3}])
 
     def between(opt, i):
         if i == 4:

@@ -73,6 +73,8 @@ def _with_operators(cls: type) -> type:
             setattr(cls, f"__{name}__", _lifted(name))
     cls.__hash__ = None  # type: ignore[assignment] - a step is no dict key (ASGD's lrs)
     cls.__bool__ = lambda self: bool(self.value())  # type: ignore[attr-defined] - raises
+    # jnp.asarray takes it as its JAX value (schedule-free's warm-up)
+    cls.__jax_array__ = lambda self: self.value()  # type: ignore[attr-defined]
     return cls
 
 

@@ -337,7 +337,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         tensor, or floats), and the new tensor slots and values, kept only if the step is
         applied. ``sizes`` holds each tensor's element count. Written with arithmetic and
         :mod:`.elementwise` functions only, so that it runs on NumPy and traced JAX arrays
-        alike."""
+        alike: the jitted JAX engine and the optax transformation then run it inside their
+        program, in the parameters' float width (float32 for float32 parameters, where
+        the host computes in float64), and keep the values on the device between steps
+        (``state.values`` reads them back)."""
         return (), tensors, values
 
     def two_pass(self) -> bool:

@@ -46,7 +46,16 @@ def warmup(lr: float, count: int, steps: int | None) -> float:
     (optax divides its int32 step count in float32, even with ``jax_enable_x64``): optax's
     numbers run eagerly with a float64 lr (``inject_hyperparams``). Jitted, XLA turns that
     float32 division into a multiplication and fuses a multiply-add (~1e-8 relative in the
-    lr); with a Python-float lr optax's whole warm-up schedule is float32."""
+    lr); with a Python-float lr optax's whole warm-up schedule is float32. A traced
+    ``count`` or ``steps`` (inside a jitted program) gets optax's own traced arithmetic."""
+    if steps is None:
+        return lr
+    if not isinstance(count, (int, np.integer)) or not isinstance(steps, (int, np.integer)):
+        import jax.numpy as jnp  # traced: no Python branch on a value
+
+        count = jnp.asarray(count)  # (the optax transformation's step: its JAX value)
+        frac = 1.0 - jnp.maximum(count, 0).astype(jnp.float32) / jnp.asarray(steps, jnp.float32)
+        return jnp.where((steps == 0) | (count >= steps), lr, (0.0 - lr) * frac + lr)
     if not steps or count >= steps:
         return lr
     frac = np.float32(1) - np.float32(max(count, 0)) / np.float32(steps)
