@@ -29,11 +29,14 @@ from mithril.interop.optax_transform import (  # noqa: E402
     schedule_free_eval_params,
 )
 from mithril.utils.optimizers import (  # noqa: E402
+    ADOPT,
     LBFGS,
     SGD,
     Adafactor,
+    Adan,
     Muon,
     Prodigy,
+    RAdam,
     ScheduleFreeAdamW,
     ScheduleFreeSGD,
     engines,
@@ -162,7 +165,12 @@ def test_schedule_free_eval_params():
 def test_which_parts_run_on_the_host():
     assert scalars_on_host(Prodigy()) is None  # the state's d traced into its scalars
     assert scalars_on_host(Muon()) is None
-    assert "Adafactor.scalars(step) is not traceable" in scalars_on_host(Adafactor())
+    # a branch on the step as a where, or on the step's type (the host's int: as before)
+    for opt in (Adafactor(), ADOPT(), Adan()):
+        assert scalars_on_host(opt) is None, type(opt).__name__
+    # RAdam's rectifier branches on ρₜ, torch's way: on the host (ρₜ in float32 would cancel,
+    # 1999 − 1990 at step 10, ~1e-5 off the host's)
+    assert "RAdam.scalars(step) is not traceable" in scalars_on_host(RAdam())
     params = nested(P0)
     # Prodigy's and schedule-free's tensor_scalars trace (arithmetic, no branch on values;
     # the warm-up's branch on the step is a traced where)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_flag, check_positive, describe, to_float
+from .elementwise import minimum
 from .engines.common import must_skip, nonfinite_result_error
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer, _tensor_clip
@@ -80,7 +81,10 @@ class Adafactor(TensorwiseOptimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         """(lr, 1 − β̂ = t^beta2_decay, ρ) for step ``t``."""
         lr = self.learning_rate
-        return lr, float(step) ** self.beta2_decay, min(lr, 1 / (float(step) ** 0.5))
+        if isinstance(step, (int, np.integer)):
+            return lr, float(step) ** self.beta2_decay, min(lr, 1 / (float(step) ** 0.5))
+        t = step * 1.0  # a traced step (an optax transformation's program): its float value
+        return lr, t ** self.beta2_decay, minimum(1 / t**0.5, lr)
 
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:

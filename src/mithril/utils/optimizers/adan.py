@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_positive, check_unit
-from .elementwise import sqrt
+from .elementwise import sqrt, where
 
 
 def _adan(p, g, m, v, n, g_prev, lr, b1, b1c, b2, b2c, b3, b3c, first, bc1, bc2, bc3,
@@ -54,7 +54,7 @@ class Adan(Optimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         b1, b2, b3 = self.beta1, self.beta2, self.beta3
         return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3,
-                0.0 if step == 1 else 1.0, 1 - b1**step, 1 - b2**step, 1 - b3**step,
+                where(step == 1, 0.0, 1.0), 1 - b1**step, 1 - b2**step, 1 - b3**step,
                 self.eps_root, self.epsilon)
 
     def kernel_math(self) -> Any:

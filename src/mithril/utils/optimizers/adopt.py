@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
-from .elementwise import maximum, sqrt
+from .elementwise import maximum, sqrt, where
 
 
 def _adopt(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
@@ -61,8 +61,13 @@ class ADOPT(Optimizer):
         self.nesterov = check_flag("nesterov", nesterov)
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        b1, b2 = (1.0, 0.0) if step == 1 else (self.beta1, self.beta2)
-        return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, self.epsilon, (step - 1) ** 0.25)
+        # (where, not if: the step may be traced, inside an optax transformation's program)
+        # (each complement from the float64 setting: 1 − β₂ after β₂'s float32 rounding
+        # would lose ~1e-4 of its precision for β₂ = 0.9999)
+        first = step == 1
+        b1, b2 = where(first, 1.0, self.beta1), where(first, 0.0, self.beta2)
+        b1c, b2c = where(first, 0.0, 1 - self.beta1), where(first, 1.0, 1 - self.beta2)
+        return (self.learning_rate, b1, b1c, b2, b2c, self.epsilon, (step - 1) ** 0.25)
 
     def kernel_math(self) -> Any:
         if self.nesterov:
