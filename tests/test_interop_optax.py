@@ -174,14 +174,39 @@ def test_host_scalars_are_the_engines(name):
     assert rel_error(run_ours(build(name)), theirs) < TOL
 
 
+class BranchyAdam(Adam):
+    """Adam whose scalars branch on the step in Python: not traceable."""
+
+    def scalars(self, step):
+        return super().scalars(step) if step > 0 else super().scalars(1)
+
+
 def test_which_scalars_are_traced():
     assert scalars_on_host(Adam()) is None  # math.sqrt in scalars(): traced as jnp.sqrt
     assert scalars_on_host(AdamW()) is None
-    why = scalars_on_host(RAdam())
-    assert "RAdam.scalars(step) is not traceable" in why
-    with pytest.raises(TypeError, match="scalars='traced'.*RAdam"):
-        tx = optax_transformation(RAdam(), scalars="traced")
+    assert scalars_on_host(RAdam()) is None  # ρₜ without cancellation, the branch a where
+    why = scalars_on_host(BranchyAdam())
+    assert "BranchyAdam.scalars(step) is not traceable" in why
+    with pytest.raises(TypeError, match="scalars='traced'.*BranchyAdam"):
+        tx = optax_transformation(BranchyAdam(), scalars="traced")
         tx.update(nested(P0), tx.init(nested(P0)), nested(P0))
+
+
+@pytest.mark.parametrize("beta2", [0.9, 0.99, 0.999, 0.9999])
+def test_radam_rho_traced_is_the_hosts(beta2):
+    """RAdam's ρₜ traced in float32 (its series where torch's formula cancels: 1999 − 1990
+    at step 10 with β₂ = 0.999) equals the host's float64 to 1e-6 wherever the rectifier's
+    branch (ρₜ > 5) is near, over 20,000 steps."""
+    from mithril.utils.optimizers.radam import _traced_rho
+
+    opt = RAdam(beta2=beta2)
+    rho_inf = 2 / (1 - beta2) - 1
+    ts = np.arange(1, 20_001)
+    got = np.asarray(jax.jit(lambda t: _traced_rho(t, beta2, rho_inf))(jnp.asarray(ts)))
+    want = np.array([opt.rho(int(t)) for t in ts])
+    near = want > 4.5
+    assert near.sum() > 100
+    np.testing.assert_allclose(got[near], want[near], rtol=1e-6)
 
 
 # -- optax composition, purity, learning rate -------------------------------------------------

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import numpy as np
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
 from .elementwise import sqrt, where
+
+
+def _traced_rho(step: Any, b2: float, rho_inf: float) -> Any:
+    """ρₜ for a traced step, in float32 without torch's formula's cancellation (at step 10
+    with β₂ = 0.999 it subtracts 1990 from 1999: ~1e-5 off in float32). With c = −ln β₂ and
+    y = t·c (c and the constants in float64, on the host): 2t·β₂ᵗ/(1−β₂ᵗ) = (2/c)·y/expm1(y),
+    so ρₜ = (2/c)·(1 − y/expm1(y)) + (ρ∞ − 2/c), where 1 − y/expm1(y) is its series
+    y/2 − y²/12 + y⁴/720 − y⁶/30240 below y = 0.5 (the next term: < 1e-8 of it)."""
+    import jax.numpy as jnp
+
+    dt = jnp.result_type(float)  # (float64 under jax_enable_x64: torch's formula, as the host)
+    t = jnp.asarray(step).astype(dt)
+    if b2 <= 0.0:  # β₂ᵗ = 0: ρₜ = ρ∞
+        return jnp.full((), rho_inf, dt)
+    if dt == jnp.float64:
+        return rho_inf - 2 * t * b2**t / (1 - b2**t)
+    c = -math.log(b2)
+    y = t * c
+    s = jnp.minimum(y, 0.5)
+    series = s * (0.5 - s * (1 / 12 - s * s * (1 / 720 - s * s / 30240)))
+    direct = 1.0 - y / jnp.expm1(jnp.maximum(y, 0.5))
+    return (2 / c) * jnp.where(y < 0.5, series, direct) + (rho_inf - 2 / c)
 
 
 def _radam(p, g, m, v, lr, b1c, b2, b2c, bc1, bc2_sqrt, eps, rect):
@@ -47,9 +72,12 @@ class RAdam(Optimizer):
         self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
 
     def rho(self, step: int) -> float:
-        """ρₜ, the length of the approximated simple moving average (torch's formula)."""
+        """ρₜ, the length of the approximated simple moving average (torch's formula; for
+        a traced step, :func:`_traced_rho`)."""
         b2 = self.beta2
         rho_inf = 2 / (1 - b2) - 1
+        if not isinstance(step, (int, np.integer)):
+            return _traced_rho(step, b2, rho_inf)
         return rho_inf - 2 * step * (b2**step) / (1 - b2**step)
 
     def scalars(self, step: int) -> tuple[float, ...]:
@@ -57,10 +85,16 @@ class RAdam(Optimizer):
         bc2 = 1 - b2**step
         rho_inf = 2 / (1 - b2) - 1
         rho_t = self.rho(step)
-        rect = 0.0
-        if rho_t > 5.0:
-            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
-                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        if isinstance(rho_t, float):  # the host's step: torch's branch
+            rect = 0.0
+            if rho_t > 5.0:
+                rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        else:  # a traced step (an optax transformation's program): no branch on its value
+            on = rho_t > 5.0
+            r = where(on, rho_t, 6.0)  # (the root's argument positive where it is unused)
+            rect = where(on, ((r - 4) * (r - 2) * rho_inf
+                              / ((rho_inf - 4) * (rho_inf - 2) * r)) ** 0.5, 0.0)
         return (self.learning_rate, 1 - b1, b2, 1 - b2, 1 - b1**step, bc2**0.5,
                 self.epsilon, rect)
 
