@@ -130,8 +130,8 @@ class _ScheduleFree(Optimizer):
         return warmup(self.learning_rate, step - 1, self.warmup_steps)
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
-        # arithmetic only (no Python branch on a value): without a warm-up it also runs
-        # traced, in the jitted JAX engine's program and the optax transformation's
+        # arithmetic only (no Python branch on a value; the warm-up's a where when traced):
+        # it also runs in the jitted JAX engine's program and the optax transformation's
         lr = warmup(self.learning_rate, step, self.warmup_steps)
         max_lr = maximum(values["max_lr"], lr)
         weight = max_lr ** self.weight_lr_power
