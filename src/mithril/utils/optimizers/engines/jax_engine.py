@@ -483,14 +483,13 @@ class JaxEngine(Engine):
                  tclip is not None, agc, bool((table[:, 2] != 0).any()))
         slots = ChunkedSlots.of(state.slots, self.bounds)  # (state's own once the step runs)
         first = self._traced_first(opt, table) if opt.two_pass() else None
-        if first is None and opt.scalar_values:  # the host's table: the state's values
-            table, index, clip = scalar_table(opt, state, t, None)
         own_nums = None
         if first is not None and first.own is not None:
             own_nums = own_numbers(opt.group_rows(state)[1], index, first.own, np.float64)
             if own_nums is None:  # a group whose static settings differ: on the host
                 first = None
-                table, index, clip = scalar_table(opt, state, t, None)
+        if first is None and opt.scalar_values:  # the host's table: the state's values
+            table, index, clip = scalar_table(opt, state, t, None)
         if first is not None or tclip is not None:  # per-tensor scalars made in the program
             table, index = table[index], np.arange(len(lay.names))
         if first is None and opt.two_pass():
