@@ -15,7 +15,7 @@ from ..errors import DTypeError, InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
-from .listing import program_listing, write_listing
+from .listing import program_listing, summary_text, write_listing
 from .program import Program, build_program
 
 
@@ -193,36 +193,8 @@ class CompiledModel:
         per operator); ``shapes=False`` leaves out the shape column; ``name`` titles it."""
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
             raise ValueError(f"summary(depth=...) must be an int >= 1 or None, got {depth!r}")
-        p = self.program
-        groups: dict[str, list[Any]] = {}
-        for node in p.nodes:
-            key = ".".join(node.path.split(".")[:depth]) if depth else node.path
-            groups.setdefault(key, []).append(node)
-        rows = [("layer", "output shape", "parameters")]
-        for key, nodes in groups.items():
-            n = sum(int(np.prod(p.param_shapes[q])) for q in {q for nd in nodes for q in nd.params.values()})
-            kind = type(nodes[0].op).__name__ if len(nodes) == 1 and nodes[0].path == key else "block"
-            rows.append((f"{key} ({kind})", fmt(p.wire_shapes[nodes[-1].out]), str(n)))
-        if not shapes:
-            rows = [(r[0], r[2]) for r in rows]
-        total = sum(int(np.prod(s)) for s in p.param_shapes.values())
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.insert(1, "-" * max(len(ln) for ln in lines))
-        if name is not None:
-            lines.insert(0, str(name))
-        lines.append(f"total parameters: {total}  (backend: {self.backend!r})")
-        if p.has_context:
-            mode = "inference" if self.inference else "training"
-            lines.append(f"mode: {mode} by default (evaluate(..., training=...) per call)")
-        if p.has_random:
-            lines.append(f"randomness: seed {self.seed}, step {self.step} (one step per "
-                         "training-mode evaluate; masks are the same on every backend)")
-        if p.state_shapes:
-            n = sum(int(np.prod(s)) for s in p.state_shapes.values())
-            lines.append(f"state: {len(p.state_shapes)} arrays, {n} values "
-                         "(evaluate(..., state=...) returns the new state)")
-        text = "\n".join(lines)
+        text = summary_text(self.program, self.backend, depth, shapes, name,
+                            inference=self.inference, seed=self.seed, step=self.step)
         if print_fn is None or not print_info:
             return text
         print_fn(text)
