@@ -31,6 +31,15 @@ for k in 0 16 1; do
         --shared --backends jax --sizes 10Mx10,a --optimizers adam --unchecked --rounds 3 \
         --block 20 --warm 0.05
 done
+# "propagate"'s norm and finite probe with and without their barriers (MITHRIL_JAX_BARRIERS):
+# without them XLA's GPU compiler may fuse the probe into the update's loops (on the H200,
+# 2026-11-30, "propagate" took 0.90 ms against "unchecked"'s 0.34 on 10M params in 10 tensors)
+for b in 1 0; do
+    echo "== MITHRIL_JAX_BARRIERS=$b" | tee -a "$out/log.txt"
+    MITHRIL_JAX_BARRIERS=$b run python3 benchmarks/optimizer_step.py --device cuda --shared \
+        --backends jax --sizes 10Mx10,a --optimizers adam --unchecked --rounds 3 --block 20 \
+        --warm 0.05
+done
 # the jitted engine's repeated step with gradients whose keys are sorted (as jax.jit returns
 # them) against the parameters' order: the recipe's host time on a device
 run python3 benchmarks/gradient_order.py --device cuda --backends torch,jax --tensors 500 --rounds 7

@@ -375,3 +375,50 @@ def test_slices_of_one_size_are_one_kernel(real_threshold):
     const = slice_offsets(bounds, "gpu")  # constants: a kernel each
     assert const == (None,)
     assert _kernels(fn.lower(x, const).compile().as_text()) == (43, 43)
+
+
+@pytest.mark.parametrize("threshold", [BIG, 1 << 40], ids=["chunks", "one-chunk"])
+def test_without_barriers_the_same_step_and_reports(monkeypatch, threshold):
+    """``MITHRIL_JAX_BARRIERS=0`` (:data:`~.jax_engine.BARRIERS`, a measuring knob) only
+    lets XLA schedule the norm and the finite probe with the update: the same parameters,
+    slots and norm, bit for bit, and a non-finite step is still reported."""
+    import warnings
+
+    from mithril.utils.optimizers.engines import jax_engine
+
+    monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
+    rng = np.random.default_rng(7)
+    p0 = _params(rng)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
+             for _ in range(3)]
+    grads[2]["b2"][1, 1] = np.inf  # the third step: a non-finite gradient
+    import jax
+
+    barrier, placed = jax.lax.optimization_barrier, []
+    monkeypatch.setattr(jax.lax, "optimization_barrier",
+                        lambda x: placed.append(1) or barrier(x))
+    out = {}
+    for barriers in (True, False):
+        placed.clear()
+        monkeypatch.setattr(jax_engine, "BARRIERS", barriers)
+        monkeypatch.setattr(jax_engine, "_COMPILED", {})  # (programs built with the knob)
+        opt = AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=5.0)
+        with optimizer_engine("jax-jit"):
+            p = {k: jnp.asarray(v) for k, v in p0.items()}
+            s = opt.init(p)
+        norms = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for g in grads:
+                p, s = opt.update(p, {k: jnp.asarray(v) for k, v in g.items()}, s)
+                norms.append(float(s.last_grad_norm))
+        assert s.num_nonfinite == 1 and any("non-finite" in str(w.message) for w in caught)
+        assert bool(placed) == barriers  # (the knob: no barrier traced without it)
+        out[barriers] = ({k: np.asarray(v) for k, v in p.items()}, s.to_numpy(), norms)
+    (pa, sa, na), (pb, sb, nb) = out[True], out[False]
+    np.testing.assert_array_equal(na[:2], nb[:2])
+    assert not np.isfinite(na[2]) and not np.isfinite(nb[2])
+    for k in p0:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    for name in sa:
+        np.testing.assert_array_equal(sa[name], sb[name])

@@ -13,6 +13,7 @@ changes nothing, the caller's arrays included) and all state slots are donated.
 from __future__ import annotations
 
 import inspect
+import os
 import types
 from typing import Any
 
@@ -115,11 +116,21 @@ def _host(probe: Any) -> tuple[float, bool]:
     return norm, bool(finite)
 
 
+#: Whether the jitted step keeps its norm and finite probe apart from the update's loops
+#: (:func:`_barrier`). Measured on XLA's CPU backend, where a reduction fused into the
+#: update's loop made it ~2.5x slower (jax 0.10's CPU backend emits the same program either
+#: way); on a GPU, XLA can fuse the probe into the update's loop and read each new value
+#: once instead of twice, not yet measured. ``MITHRIL_JAX_BARRIERS=0`` drops the barriers:
+#: a measuring knob (``benchmarks/cuda_checks.sh`` compares both).
+BARRIERS = os.environ.get("MITHRIL_JAX_BARRIERS", "1") != "0"
+
+
 def _barrier(x: Any) -> Any:
-    """``x``, computed before anything that uses the result (``optimization_barrier``)."""
+    """``x``, computed before anything that uses the result (``optimization_barrier``;
+    ``x`` itself where :data:`BARRIERS` is off)."""
     import jax
 
-    return jax.lax.optimization_barrier(x)
+    return jax.lax.optimization_barrier(x) if BARRIERS else x
 
 
 def _adaptive(lay: Any, params: Any, grads: Any, agc: tuple | None) -> Any:
