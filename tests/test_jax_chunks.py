@@ -384,6 +384,8 @@ def test_without_barriers_the_same_step_and_reports(monkeypatch, threshold):
     slots and norm, bit for bit, and a non-finite step is still reported."""
     import warnings
 
+    import jax
+
     from mithril.utils.optimizers.engines import jax_engine
 
     monkeypatch.setattr(jax_chunks, "CHUNK_MIN", threshold)
@@ -392,8 +394,6 @@ def test_without_barriers_the_same_step_and_reports(monkeypatch, threshold):
     grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
              for _ in range(3)]
     grads[2]["b2"][1, 1] = np.inf  # the third step: a non-finite gradient
-    import jax
-
     barrier, placed = jax.lax.optimization_barrier, []
     monkeypatch.setattr(jax.lax, "optimization_barrier",
                         lambda x: placed.append(1) or barrier(x))

@@ -117,11 +117,11 @@ def _host(probe: Any) -> tuple[float, bool]:
 
 
 #: Whether the jitted step keeps its norm and finite probe apart from the update's loops
-#: (:func:`_barrier`). Measured on XLA's CPU backend, where a reduction fused into the
-#: update's loop made it ~2.5x slower (jax 0.10's CPU backend emits the same program either
-#: way); on a GPU, XLA can fuse the probe into the update's loop and read each new value
-#: once instead of twice, not yet measured. ``MITHRIL_JAX_BARRIERS=0`` drops the barriers:
-#: a measuring knob (``benchmarks/cuda_checks.sh`` compares both).
+#: (:func:`_barrier`). Added for XLA's CPU backend, which once fused such a reduction into
+#: the update's loop and ran that loop ~2.5x slower (jax 0.10's emits the same program with
+#: or without them). On a GPU, XLA could fuse the probe into the update's loop and read each
+#: new value once instead of twice: not yet measured. ``MITHRIL_JAX_BARRIERS=0`` drops the
+#: barriers, a measuring knob (``benchmarks/cuda_checks.sh`` runs both).
 BARRIERS = os.environ.get("MITHRIL_JAX_BARRIERS", "1") != "0"
 
 
