@@ -149,8 +149,9 @@ def optimizer_engine(kind: str):
 
 
 def native(backend: str, a: np.ndarray):
-    """``a`` as an array of ``backend`` (a name ending in "torch" or starting with "jax")."""
-    if backend.endswith("torch"):
+    """A copy of ``a`` as an array of ``backend``, of the same dtype (a name that contains
+    "torch", such as "torch-ops" or "array-torch", or starts with "jax")."""
+    if "torch" in backend:
         import torch
 
         return torch.tensor(a)
@@ -163,7 +164,7 @@ def native(backend: str, a: np.ndarray):
 
 def host(x) -> np.ndarray:
     """A NumPy copy of a NumPy, torch or JAX array."""
-    return x.detach().numpy().copy() if hasattr(x, "detach") else np.array(x)
+    return x.detach().cpu().numpy().copy() if hasattr(x, "detach") else np.array(x)
 
 
 def shared_file(*parts: str) -> Path:
@@ -188,3 +189,51 @@ def conv_relu_pool_model():
     m |= ml.Flatten()(input="p0", output=ml.IOKey("flat", expose=False))
     m |= ml.Linear(5)(input="flat", output="output")
     return m
+
+
+# The parity tests record the largest error each check saw in their module's ``OBSERVED``
+# dict. After the run the terminal summary prints the worst of each module, so the margins
+# under the tolerances stay visible without a test that only prints. Under xdist each
+# worker hands its dicts to the controller through ``workeroutput``.
+_OBSERVED: dict[str, dict[str, float]] = {}
+
+
+def _observed_here() -> dict[str, dict[str, float]]:
+    by_dict: dict[int, str] = {}  # a dict imported by test modules: named after its helper
+    here = str(Path(__file__).parent)
+    for name, module in sorted(sys.modules.items()):
+        observed = getattr(module, "OBSERVED", None)
+        if (isinstance(observed, dict) and observed
+                and (getattr(module, "__file__", None) or "").startswith(here)):
+            if id(observed) not in by_dict or not name.startswith("test_"):
+                by_dict[id(observed)] = name
+    return {name: {str(k): float(v) for k, v in sys.modules[name].OBSERVED.items()}
+            for name in by_dict.values()}
+
+
+def _merge_observed(found: dict[str, dict[str, float]]) -> None:
+    for name, observed in found.items():
+        merged = _OBSERVED.setdefault(name, {})
+        for k, v in observed.items():
+            merged[k] = max(merged.get(k, 0.0), v)
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker
+        workeroutput["observed"] = _observed_here()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _merge_observed(getattr(node, "workeroutput", {}).get("observed", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    _merge_observed(_observed_here())
+    if not _OBSERVED:
+        return
+    terminalreporter.section("largest parity errors observed (worst three of each module)")
+    for name in sorted(_OBSERVED):
+        worst = sorted(_OBSERVED[name].items(), key=lambda kv: -kv[1])[:3]
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst))

@@ -74,7 +74,7 @@ CASES: dict[str, tuple[type, dict, str, dict]] = {
              {"lr": 0.01, "lambd": 1e-3, "t0": 40}),
 }
 
-#: the largest parity errors observed, by case and dtype (``pytest -s`` prints them)
+#: the largest parity errors, by case and dtype (printed after the run: conftest.py)
 OBSERVED: dict[str, float] = {}
 
 
@@ -119,7 +119,7 @@ def default_dtype(dtype: torch.dtype):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b| / max(|a|, |b|, 1e-3·M)`` with ``M`` the largest magnitude in either
-    (elementwise relative down to 0.1% of the tensor's scale; tests/test_optimizers.py)."""
+    (elementwise relative down to 0.1% of the tensor's scale; tests/optimizer_parity.py)."""
     a = a.detach().double().numpy()
     b = b.detach().double().numpy()
     scale = np.maximum(np.abs(a), np.abs(b))
@@ -521,9 +521,3 @@ def test_module_docstring_example_runs():
     code = "\n".join(lines)
     assert "torch_optimizer(" in code and "opt.step()" in code
     exec(compile(code, "torch_optim docstring", "exec"), {})
-
-
-def test_print_observed():
-    """Run last (``pytest -s``): the parity errors by case."""
-    for k, v in sorted(OBSERVED.items()):
-        print(f"{k:40s} {v:.3g}")

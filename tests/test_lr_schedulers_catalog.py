@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 
 import pytest
-import torch
+from scheduler_parity import FakeOpt, N, assert_rel, our_lrs, torch_lrs
 from torch.optim import lr_scheduler as tl
 
 from mithril.utils.lr_schedulers import (
@@ -43,65 +43,6 @@ from mithril.utils.lr_schedulers import (
     SequentialLR,
     StepLR,
 )
-
-REL_TOL = 1e-12
-N = 300
-
-
-class FakeOpt:
-    """Stores a float; refuses a negative one, or any one while ``refuse`` is set."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = float(lr)
-        self.refuse = False
-
-    def get_learning_rate(self) -> float:
-        return self.lr
-
-    def set_learning_rate(self, lr: float) -> None:
-        if self.refuse or not lr >= 0:
-            raise ValueError(f"learning_rate refused: {lr}")
-        self.lr = float(lr)
-
-
-def torch_lrs(make: Callable[[torch.optim.Optimizer], object], base: float, n: int = N
-              ) -> list[float]:
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
-    sched = make(opt)
-    out = [float(opt.param_groups[0]["lr"])]
-    for _ in range(n):
-        opt.step()
-        sched.step()  # type: ignore[attr-defined]
-        out.append(float(opt.param_groups[0]["lr"]))
-    return out
-
-
-def our_lrs(make: Callable[[FakeOpt], LRScheduler], base: float, n: int = N) -> list[float]:
-    opt = FakeOpt(base)
-    sched = make(opt)
-    out = [opt.lr]
-    assert sched.get_last_lr() == out[0]
-    for i in range(n):
-        sched.step()
-        out.append(opt.lr)
-        assert sched.get_last_lr() == opt.lr and sched.last_step == i + 1
-    return out
-
-
-def max_rel(ours: list[float], ref: list[float]) -> float:
-    assert len(ours) == len(ref)
-    worst = 0.0
-    for a, b in zip(ours, ref, strict=True):
-        if a != b:
-            worst = max(worst, abs(a - b) / max(abs(a), abs(b)))
-    return worst
-
-
-def assert_rel(ours: list[float], ref: list[float], rel: float = REL_TOL) -> None:
-    bad = [(t, a, b) for t, (a, b) in enumerate(zip(ours, ref, strict=True))
-           if abs(a - b) > rel * max(abs(a), abs(b))]
-    assert not bad, f"first mismatches (t, ours, ref): {bad[:5]}"
-
 
 # --------------------------------------------------------------------------------------------
 # equal to torch over 300 steps

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_optimizers import engine_of, host, native
+from optimizer_parity import engine_of, host, native
 
 from mithril.utils.optimizers import SGD, Adam, RMSProp
 

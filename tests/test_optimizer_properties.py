@@ -2,7 +2,7 @@
 
 NumPy backend, float64, 20 steps from a random start with a random gradient sequence (seed and
 gradient scale drawn too), side by side with the torch.optim counterpart, at 1e-10. Error
-measure as in ``test_optimizers.py`` (see its docstring), not a pure elementwise relative
+measure as in ``optimizer_parity.py`` (see its docstring), not a pure elementwise relative
 error: elementwise relative for elements at or above 0.1% of the tensor's largest magnitude
 ``M``, smaller elements measured against ``1e-3 * M``, because where values cancel to near zero
 an elementwise relative error measures the cancellation (rounding differences from the numba

@@ -1,6 +1,6 @@
 """Resuming an optimizer from a save is bit-identical to never having stopped.
 
-For every optimizer case of :data:`test_optimizers.CASES` (SGD plain / momentum / Nesterov /
+For every optimizer case of :data:`optimizer_parity.CASES` (SGD plain / momentum / Nesterov /
 dampening, Adam, AMSGrad with its ``vmax`` slot, AdamW, the RMSProp variants, AdaGrad whose
 ``lr_decay`` depends on the step count, each also with weight decay) and every backend (NumPy,
 torch, JAX through the fused numba engine, JAX through the jitted ``JaxEngine``):
@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_optimizers import CASES, host, make_opt, natives, on
+from optimizer_parity import CASES, host, make_opt, natives, on
 
 import mithril.utils.optimizers as mo
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint

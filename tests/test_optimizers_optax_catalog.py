@@ -5,7 +5,7 @@ Keras on the JAX backend), from the same start and gradient sequence, with the l
 changed twice mid-run (optax: ``optax.inject_hyperparams``; Keras: ``opt.learning_rate = ...``
 before the same step), on the fused numba kernel (NumPy float64) and the jitted JAX engine
 (JAX float64); parameters are compared after every step, ``<= 1e-10`` in the measure of
-:func:`rel_err` (as tests/test_optimizers.py: elementwise relative, floored at 1e-3 of the
+:func:`rel_err` (as tests/optimizer_parity.py: elementwise relative, floored at 1e-3 of the
 tensor's largest magnitude). JAX float64 needs the process-global ``jax_enable_x64``: all of
 it runs in ONE fresh subprocess (:func:`reference_run`, cached), which prints the errors.
 
@@ -126,7 +126,7 @@ CASES: dict[str, tuple[str, dict, object]] = {
 }
 CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix, Ftrl, LAMB,
                                    LARS, Novograd)}
-#: the max errors observed, by check (printed by the last test with ``pytest -s``)
+#: the largest error of each check (printed after the run: conftest.py)
 OBSERVED: dict[str, float] = {}
 
 
@@ -429,9 +429,3 @@ def test_aliases_setters_and_unknown_arguments():
     for cls in CLASSES.values():  # every hyperparameter is a constructor argument (checkpoints)
         o = cls()
         assert type(o)(**o.hyperparameters()).hyperparameters() == o.hyperparameters()
-
-
-def test_zz_report_observed_errors(capsys):
-    with capsys.disabled():
-        for k, v in sorted(OBSERVED.items()):
-            print(f"{k}: {v:.3g}")

@@ -1,11 +1,11 @@
 """Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD side by side with ``torch.optim``.
 
 Each case runs the mithril optimizer and its torch.optim counterpart in lock-step from the
-same start on the same gradients (:func:`test_optimizers.problem`: a 3x4 matrix, a vector, a
+same start on the same gradients (:func:`optimizer_parity.problem`: a 3x4 matrix, a vector, a
 0-d scalar and a 130x130 matrix, 100 steps), with the learning rate changed three times
 mid-run (``set_learning_rate`` on ours, ``param_groups[0]["lr"]`` on torch, before the same
 step), and compares the parameters after every step and the state slots at the end in the
-measure :func:`test_optimizers.rel_err` (float64: <= 1e-10). Every case runs on NumPy,
+measure :func:`optimizer_parity.rel_err` (float64: <= 1e-10). Every case runs on NumPy,
 torch, JAX through the fused numba engine and JAX through the jitted engine (float64 with
 x64 switched on for the block only), once more with a constant learning rate on NumPy, and
 on the tensor-op :class:`ArrayEngine` (torch on GPU, float16/bfloat16) forced on CPU.
@@ -28,7 +28,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from test_optimizers import (
+from optimizer_parity import (
     ALL,
     LR_FACTORS,
     SHAPES,
@@ -102,7 +102,7 @@ TORCH_SLOTS = {
     "ASGD": {"ax": "ax", "eta": "eta", "mu": "mu"},
 }
 
-#: the largest errors observed, by case (print with ``pytest -s``, see the last test)
+#: the largest error of each check (printed after the run: conftest.py)
 OBSERVED: dict[str, float] = {}
 
 
@@ -445,11 +445,3 @@ def test_defaults_are_torchs_and_hyperparameters_round_trip():
         assert again.hyperparameters() == hp and cls.__name__ in repr(ours)
     assert NAdam(decoupled_weight_decay=True).decoupled_weight_decay is True
     assert NAdam().decoupled_weight_decay is False and RAdam().decoupled_weight_decay is False
-
-
-def test_zz_report_observed_errors(capsys):
-    """Not a check: prints the largest errors seen by this worker, by case (``pytest -s``)."""
-    if OBSERVED:
-        with capsys.disabled():
-            print("\nlargest observed parity errors:",
-                  {k: f"{v:.2e}" for k, v in sorted(OBSERVED.items())})

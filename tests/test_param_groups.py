@@ -1,6 +1,6 @@
 """Parameter groups in one optimizer and one fused pass (issue #15, point 1), against torch's
 ``param_groups``: float64, every engine, relative error ≤ 1e-10 (measure: ``rel_err`` of
-``test_optimizers``), learning-rate changes mid-run included. Then the shortcuts
+``optimizer_parity``), learning-rate changes mid-run included. Then the shortcuts
 (``weight_decay_mask``, ``exclude_from_weight_decay``), per-group learning rates, state dicts
 and checkpoints, the bad-input rules, and that neither many groups nor changing a group's
 hyperparameters compiles anything anew.
@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_optimizers import ALL, host, init, natives, on, rel_err
+from optimizer_parity import ALL, host, init, natives, on, rel_err
 
 import mithril.utils.optimizers as mo
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint

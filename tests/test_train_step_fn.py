@@ -238,7 +238,7 @@ def test_separate_step_reads_the_norm_when_asked() -> None:
     """With an ``OptimizerState`` on the jitted JAX engine, a ``"propagate"`` step's norm
     stays on the device until ``step.last_grad_norm`` is read (not at every step), and it
     is then the separate calls' norm."""
-    from test_optimizers import engine_of
+    from optimizer_parity import engine_of
 
     with engine_of("jax-jit"):
         compiled, be, batches = problem("jax")

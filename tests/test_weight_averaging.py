@@ -2,7 +2,7 @@
 torch's ``AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(decay))`` and ``swa_start=`` with
 :class:`SWALR` against ``AveragedModel`` + ``SWALR``, both updated after optimizer steps, in
 float64 on every engine (relative error ≤ 1e-10, measure: ``rel_err`` of
-``test_optimizers``); ``ema_every``; parameters without a gradient; ``swap_ema`` (a bitwise
+``optimizer_parity``); ``ema_every``; parameters without a gradient; ``swap_ema`` (a bitwise
 round trip); state dicts and checkpoints resuming bit for bit; bad input; and that neither
 the decay nor the learning rate compiles anything anew.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_optimizers import ALL, host, init, natives, on, rel_err
+from optimizer_parity import ALL, host, init, natives, on, rel_err
 from torch.optim.swa_utils import SWALR as TorchSWALR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -31,9 +31,9 @@ from mithril.utils.optimizers.engines.kernels import update_kernel
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "big": (40, 30)}
 STEPS = 50
 TOL = 1e-10
-#: every engine: the four of test_optimizers, and the tensor-op engine on NumPy and torch
+#: every engine: those of ``optimizer_parity.ALL``, and the tensor-op engine on NumPy and torch
 ENGINES = (*ALL, "array-numpy", "array-torch")
-#: the largest error seen, by check (``pytest -s`` prints them)
+#: the largest error of each check (printed after the run: conftest.py)
 OBSERVED: dict[str, float] = {}
 
 CASES = {
@@ -53,7 +53,7 @@ def problem(seed: int = 0, steps: int = STEPS):
 
 @contextlib.contextmanager
 def engine(backend: str):
-    """``backend`` of test_optimizers, or ``array-<backend>``: the tensor-op ArrayEngine."""
+    """``backend`` of ``optimizer_parity.ALL``, or ``array-<backend>``: the tensor-op ArrayEngine."""
     if not backend.startswith("array-"):
         with on(backend, "float64"):
             yield backend
@@ -516,8 +516,3 @@ def test_torch_optimizer_wrapper_keeps_the_ema():
         assert "ema" in opt.state_dict()["state"][0]
         for name, p in avg.module.named_parameters():
             record("ema torch_optimizer", rel_err(ema[name], p.detach().numpy()))
-
-
-def test_report_observed_errors():
-    print("\nweight averaging, largest error vs torch:",
-          {k: f"{v:.1e}" for k, v in sorted(OBSERVED.items())})
