@@ -6,9 +6,9 @@
 #
 #     bash benchmarks/cuda_checks.sh [quick|short|dry]
 #
-# quick: the tests only; short: fewer cases; dry: every command of the full run on the CPU at
-# small sizes and one round (~10 minutes on 2 cores), to check the script before a GPU session spends
-# its device time on it.
+# quick: the tests only; short: fewer cases; dry: every command of the full run on the CPU
+# at small sizes and one round (~10 minutes on 2 cores), to check the script before a GPU
+# session spends its device time on it (tests/test_benchmark_scripts.py, marked slow).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-cuda-logs}; mkdir -p "$out"
