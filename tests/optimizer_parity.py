@@ -5,7 +5,6 @@ catalog, resume, scheduler-group and weight-averaging tests that import it).
 counterpart in the same loop, from the same start (:func:`problem`), on the same gradient
 sequence, and measures the parameters after every step and the state slots at the end.
 
-
 Error measure (:func:`rel_err`), not a pure elementwise relative error:
 ``max |a - b| / max(|a|, |b|, 1e-3 * M)`` with ``M`` the largest magnitude in the tensor (of
 either side). Elements at or above 0.1% of ``M`` are measured elementwise-relative; elements
