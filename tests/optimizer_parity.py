@@ -288,12 +288,26 @@ def side_by_side(case: str, backend: str = "numpy", dtype: str = "float64", step
 
 def _side_by_side(case, backend, dtype, steps, lr_factors, drop, torch_clip, extra):
     _, _, tcls, tkw = CASES[case]
-    p0, grads = problem(dtype, steps)
     opt = make_opt(case, **extra)
+    return lock_step(opt, backend, dtype, steps, tcls, tkw, TORCH_SLOTS[type(opt).__name__],
+                     lr_factors=lr_factors, drop=drop, torch_clip=torch_clip)
+
+
+def lock_step(opt: Optimizer, backend: str, dtype: str, steps: int, torch_cls: str,
+              torch_kw: dict, slot_names: dict[str, str], lr_factors: dict | None = None,
+              drop=None, torch_clip: dict | None = None, torch_wd: float = 0.0,
+              every_slot: bool = False) -> dict:
+    """``opt`` on ``backend`` and ``torch.optim.<torch_cls>(**torch_kw)`` in lock-step on
+    :func:`problem` (the harness of :func:`side_by_side` and of the catalog's tests).
+
+    ``torch_wd``: torch's gradients get ``+ torch_wd * p`` (a coupled weight decay the torch
+    class lacks); ``slot_names``: our slot -> torch's state key, every one of them required
+    with ``every_slot``. The other arguments as :func:`side_by_side`'s."""
+    p0, grads = problem(dtype, steps)
     params = natives(backend, p0)
     state = init(opt, backend, params)
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
-    topt = getattr(torch.optim, tcls)(list(tparams.values()), **tkw)
+    topt = getattr(torch.optim, torch_cls)(list(tparams.values()), **torch_kw)
     lr0 = opt.get_learning_rate()
     perr = 0.0
     for t in range(steps):
@@ -308,6 +322,8 @@ def _side_by_side(case, backend, dtype, steps, lr_factors, drop, torch_clip, ext
         params, state = opt.update(params, mine, state)
         for k, p in tparams.items():
             p.grad = torch.tensor(g[k]) if k in g else None
+            if torch_wd and p.grad is not None:
+                p.grad = p.grad.add(p.detach(), alpha=torch_wd)
         if torch_clip:
             with_grad = [p for p in tparams.values() if p.grad is not None]
             if "norm" in torch_clip:
@@ -317,13 +333,13 @@ def _side_by_side(case, backend, dtype, steps, lr_factors, drop, torch_clip, ext
         topt.step()
         perr = max(perr, *(rel_err(host(params[k]), tparams[k].detach().numpy()) for k in SHAPES))
     serr = 0.0
-    names = TORCH_SLOTS[type(opt).__name__]
-    assert set(state.slots) <= set(names), state.slots
+    assert (set(state.slots) == set(slot_names) if every_slot
+            else set(state.slots) <= set(slot_names)), state.slots
     for slot in state.slots:
         mine = state.slot(slot)
         for k, p in tparams.items():
             if p in topt.state:  # else torch never saw a gradient for p
-                serr = max(serr, rel_err(host(mine[k]), topt.state[p][names[slot]].numpy()))
+                serr = max(serr, rel_err(host(mine[k]), topt.state[p][slot_names[slot]].numpy()))
     return {"params": perr, "slots": serr, "final": {k: host(v) for k, v in params.items()},
             "step": state.step, "dtype": str(host(params["w"]).dtype)}
 

@@ -37,10 +37,10 @@ from optimizer_parity import (
     array_engine,  # noqa: F401  (a fixture)
     host,
     init,
+    lock_step,
     natives,
     on,
     problem,
-    rel_err,
 )
 
 from mithril.utils.optimizers.adadelta import Adadelta
@@ -136,34 +136,8 @@ def _side_by_side(case, backend, dtype, steps, lr_factors):
     cls, _, tkw = CASES[case]
     tkw = dict(tkw)
     torch_wd = tkw.pop("torch_wd", 0.0)
-    p0, grads = problem(dtype, steps)
-    opt = make_opt(case)
-    params = natives(backend, p0)
-    state = init(opt, backend, params)
-    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
-    topt = getattr(torch.optim, cls)(list(tparams.values()), **tkw)
-    lr0 = opt.get_learning_rate()
-    perr = 0.0
-    for t in range(steps):
-        if lr_factors and t in lr_factors:
-            opt.set_learning_rate(lr0 * lr_factors[t])
-            topt.param_groups[0]["lr"] = lr0 * lr_factors[t]
-        params, state = opt.update(params, natives(backend, grads[t]), state)
-        for k, p in tparams.items():
-            p.grad = torch.tensor(grads[t][k])
-            if torch_wd:
-                p.grad = p.grad.add(p.detach(), alpha=torch_wd)
-        topt.step()
-        perr = max(perr, *(rel_err(host(params[k]), tparams[k].detach().numpy()) for k in SHAPES))
-    serr = 0.0
-    names = TORCH_SLOTS[cls]
-    assert set(state.slots) == set(names), state.slots
-    for slot in state.slots:
-        mine = state.slot(slot)
-        for k, p in tparams.items():
-            serr = max(serr, rel_err(host(mine[k]), topt.state[p][names[slot]].numpy()))
-    return {"params": perr, "slots": serr, "final": {k: host(v) for k, v in params.items()},
-            "step": state.step, "dtype": str(host(params["w"]).dtype)}
+    return lock_step(make_opt(case), backend, dtype, steps, cls, tkw, TORCH_SLOTS[cls],
+                     lr_factors=lr_factors, torch_wd=torch_wd, every_slot=True)
 
 
 def _check(label: str, r: dict, tol: float = TOL64) -> None:
