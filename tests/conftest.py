@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before NumPy / torch load their
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -222,6 +223,14 @@ def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker
         workeroutput["observed"] = _observed_here()
+        # A worker's heap ends at ~2M objects (JAX, torch, numba, hypothesis), where a full
+        # collection takes 2-3 s on this machine, and pytest collects twice after the
+        # worker reports it is done. execnet interrupts a worker still running 5 s after
+        # the controller asks it to exit (a KeyboardInterrupt in whatever Python code runs,
+        # often hypothesis's gc callback). Collect here, before the report, then freeze
+        # what survives, so those later collections have nothing old to walk.
+        gc.collect()
+        gc.freeze()
 
 
 @pytest.hookimpl(optionalhook=True)
