@@ -2,7 +2,8 @@
 values and gradients against ``torch.nn.functional.cross_entropy`` with and without the
 compiled loops, NaN / inf logits routed as NumPy's path routes them, the forward without
 gradients equal to the differentiated one, and bad indices refused by the forward itself
-(``evaluate`` naming the data key)."""
+(``evaluate`` naming the data key); on torch, ``F.cross_entropy`` itself, without a reshape
+where the logits are already rows."""
 
 from __future__ import annotations
 
@@ -161,3 +162,31 @@ def test_label_range_check_of_every_integer_dtype(dtype):
     for t in bad:
         with pytest.raises(ValueError, match=r"input 'target': 1 of 4 class indices out of range"):
             c.evaluate({}, {"input": x, "target": t})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 4), (5,)])
+def test_torch_forward_is_functional_cross_entropy(reduction, shape):
+    """On torch the loss is ``F.cross_entropy`` itself (values and autograd's gradient, bit
+    for bit, rows flattened where the logits are not 2-D), and 2-D logits against 1-D labels
+    reach it without a reshape: each is a node of autograd's graph (~40 us of a small MLP's
+    backward on CPU)."""
+    from mithril.backends import TorchBackend
+
+    xp = TorchBackend(dtype="float32")._xp
+    rng = np.random.default_rng(1)
+    x = torch.tensor((rng.standard_normal(shape) * 3).astype(np.float32), requires_grad=True)
+    t = torch.tensor(rng.integers(0, shape[-1], shape[:-1]))
+    loss = CrossEntropy(reduction).forward(xp, x, t)
+    ref = F.cross_entropy(x.reshape(-1, shape[-1]), t.reshape(-1), reduction=reduction)
+    ref = ref.reshape(shape[:-1]) if reduction == "none" else ref
+    assert torch.equal(loss, ref)
+    g = torch.tensor(rng.standard_normal(shape[:-1]).astype(np.float32))
+    (got,) = torch.autograd.grad(loss, x, g if reduction == "none" else None)
+    (want,) = torch.autograd.grad(ref, x, g if reduction == "none" else None)
+    assert torch.equal(got, want)
+    nodes, fn = [], loss.grad_fn
+    while fn is not None:  # the chain from the loss back to the logits
+        nodes.append(type(fn).__name__)
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    assert ("ViewBackward0" in nodes) == (len(shape) != 2), nodes

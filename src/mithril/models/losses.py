@@ -212,7 +212,8 @@ class CrossEntropy(Operator):
             x = input if input.ndim == 2 else input.reshape(-1, input.shape[-1])
             nll = F.cross_entropy(x, t if t.dtype == xp.t.int64 else t.long(),
                                   reduction=self.reduction)
-            return nll.reshape(target.shape) if self.reduction == "none" else nll
+            return (nll.reshape(target.shape) if self.reduction == "none" and t is not target
+                    else nll)
         if (xp is np and self.input_type == "logits" and input.shape[-1]
                 and self._is_index(xp, target)):
             return self.forward_residuals(xp, input, target)[0]  # the same arithmetic
