@@ -18,10 +18,12 @@ import mithril.utils.optimizers as catalog  # noqa: E402
 from mithril.interop import OptaxState, optax_transformation  # noqa: E402
 from mithril.interop.optax_transform import scalars_on_host  # noqa: E402
 from mithril.utils.optimizers import (  # noqa: E402
+    LAMB,
     LBFGS,
     SGD,
     Adam,
     AdamW,
+    Muon,
     NAdam,
     Optimizer,
     RAdam,
@@ -310,6 +312,25 @@ def test_refusals():
     params = nested(P0)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(params, tx.init(params))
+
+
+def test_a_state_of_other_params_or_another_optimizer_is_named():
+    """``update`` with a state ``init`` made for other params, or by another optimizer's
+    transformation: a ValueError naming the slot and key (not JAX's KeyError from deep
+    inside), raised while tracing, before anything runs; Muon's tensorwise program too."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    grads = {"w": jnp.full((4, 3), 0.1), "b": jnp.full(3, 0.1)}
+    for make in (Adam, LAMB, Muon):
+        tx = optax_transformation(make())
+        update = jax.jit(tx.update)
+        wider = tx.init({"w": jnp.ones((4, 5)), "b": jnp.zeros(5)})
+        with pytest.raises(ValueError, match=r"slot '\w+' for '(b|w)' has shape \((4, )?5,?\)"):
+            update(grads, wider, params)
+        with pytest.raises(ValueError, match="slot .* does not have the params' structure"):
+            update(grads, tx.init({"w": params["w"]}), params)
+        with pytest.raises(ValueError, match="a state of another optimizer"):
+            update(grads, optax_transformation(SGD(momentum=0.9)).init(params), params)
+        update(grads, tx.init(params), params)  # the right state still works
 
 
 @pytest.mark.skipif(os.environ.get("JAX_ENABLE_X64") == "1", reason="already float64")

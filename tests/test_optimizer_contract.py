@@ -63,6 +63,29 @@ def test_inputs_not_modified_and_absent_params_pass_through(backend):
     assert all(type(v) is type(params["a"]) for v in new.values())
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_a_state_of_other_params_blames_the_state(backend):
+    """``update(params, grads, state)`` where ``state`` was made for other params (the
+    gradients fit the params): the error names the params against the state, not the
+    gradients; nothing changes."""
+    p_np, g_np = small_problem()
+    params, grads = natives(backend, p_np), natives(backend, g_np)
+    opt = Adam(0.1)
+    state = init(opt, backend, params)
+    wider = init(opt, backend, natives(backend, {**p_np, "a": np.zeros(p_np["a"].shape[:-1] + (
+        p_np["a"].shape[-1] + 1,), np.float32)}))
+    with pytest.raises(ValueError, match=r"params\['a'\] has shape .* but the state was built"):
+        opt.update(params, grads, wider)
+    fewer = init(opt, backend, {"b": params["b"]})
+    with pytest.raises(KeyError, match=r"do not match the optimizer state: missing \[\], "
+                                       r"unknown \['a'\]"):
+        opt.update(params, grads, fewer)
+    assert wider.step == fewer.step == 0
+    np.testing.assert_array_equal(host(wider.slot("m")["a"]), 0)
+    new, state = opt.update(params, grads, state)  # the right state still works
+    assert state.step == 1
+
+
 def test_torch_returned_params_are_usable_leaf_tensors():
     import mithril as ml
     from mithril.backends import TorchBackend

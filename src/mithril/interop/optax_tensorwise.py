@@ -50,6 +50,7 @@ from .optax_transform import (
     _gradients,
     _initial_hyperparams,
     _prologue,
+    _state_leaves,
     _step_lr,
     _wide,
 )
@@ -214,7 +215,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         grads = _gradients(opt_name, updates, treedef, leaves, names)
         rows = rows_for(treedef, names, leaves)
         plan = rows.plan
-        slot_leaves = {s: treedef.flatten_up_to(state.slots[s]) for s in full}
+        slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves,
+                                    lambda s, shape: opt.slot_shape(s, shape))
         count = state.count
         t = count + 1
         lr = _step_lr(learning_rate, state)

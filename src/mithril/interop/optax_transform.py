@@ -283,6 +283,36 @@ def _check_update(opt_name: str, state: Any, params: Any) -> None:
                         f"(an OptaxState), got {type(state).__name__}")
 
 
+def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[str, ...],
+                  treedef: Any, names: list[str], leaves: list[Any],
+                  shape_of: Any = None) -> dict[str, list[Any]]:
+    """The leaves of ``state``'s slots of ``kind`` (``"slots"`` or ``"tensor_slots"``), each
+    slot a tree of the params' structure whose leaf for parameter ``p`` has shape
+    ``shape_of(slot, p.shape)`` (default: ``p``'s; ``()`` for tensor slots); a
+    ``ValueError`` naming the slot (and key) for a state of another optimizer or other params
+    (raised while tracing, before a buffer is donated)."""
+    held = getattr(state, kind)
+    if not isinstance(held, dict) or set(held) != set(expected):
+        got = sorted(held) if isinstance(held, dict) else type(held).__name__
+        raise ValueError(f"{opt_name}: the state's {kind.replace('_', ' ')} are {got}, this "
+                         f"transformation's {sorted(expected)}: a state of another optimizer?")
+    out = {}
+    for s in expected:
+        try:
+            out[s] = treedef.flatten_up_to(held[s])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{opt_name}: the state's slot '{s}' does not have the params' "
+                             f"structure (a state of other params?): {e}") from None
+        for n, x, p in zip(names, out[s], leaves):
+            want = (() if kind == "tensor_slots" else p.shape) if shape_of is None else \
+                shape_of(s, p.shape)
+            if tuple(getattr(x, "shape", ())) != tuple(want):
+                raise ValueError(f"{opt_name}: the state's slot '{s}' for '{n}' has shape "
+                                 f"{tuple(getattr(x, 'shape', ()))}, expected {tuple(want)} (a "
+                                 f"state of other params?)")
+    return out
+
+
 def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
                names: list[str]) -> list[Any]:
     import jax.numpy as jnp
@@ -408,7 +438,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
         plan = plan_for(treedef, names)
-        slot_leaves = {s: treedef.flatten_up_to(state.slots[s]) for s in full}
+        slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves)
+        tensor_leaves = _state_leaves(opt_name, state, "tensor_slots", tensor_slots, treedef,
+                                      names, leaves)
         count = state.count
         t = count + 1
         lr = _step_lr(learning_rate, state)
@@ -427,7 +459,6 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         extra: list[Any] = []
         new_tensors: dict[str, Any] = {}
         new_values = dict(state.values)
-        tensor_leaves = {s: treedef.flatten_up_to(state.tensor_slots[s]) for s in tensor_slots}
         if two_pass:
             dt = _wide()
             n = len(leaves)

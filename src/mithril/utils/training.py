@@ -209,8 +209,8 @@ class TrainStep:
         c, opt = self.compiled, self.optimizer
         cots = self._cotangents()
         views = opt_state.param_views if isinstance(opt_state, OptimizerState) else None
-        if (views is not None and len(views) == len(params) and state is None
-                and isinstance(params, Mapping) and params.keys() == views.keys()
+        if (views is not None and isinstance(params, Mapping) and len(views) == len(params)
+                and state is None and params.keys() == views.keys()
                 and all(map(operator.is_, params.values(), views.values()))
                 and self._model_views(views)):
             ins = self._inputs(data, signature(data) if isinstance(data, Mapping) else None)
@@ -377,7 +377,8 @@ class TrainStep:
                             f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
         c = self.compiled
         names = c._eval.names
-        ptuple = tuple(params[n] for n in names) if isinstance(params, Mapping) else None
+        # (.get: a missing key is refused by _validate, naming it)
+        ptuple = tuple(map(params.get, names)) if isinstance(params, Mapping) else None
         if ptuple is None or self._returned is None or len(params) != len(names) or any(
                 a is not b for a, b in zip(ptuple, self._returned)):
             checked, _ = c._validate(params, data)

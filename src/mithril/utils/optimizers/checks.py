@@ -176,6 +176,11 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
                          f"{type(opt).__name__} works on {opt._backend.name} arrays")
     atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
     prepared = eng.prepare(gradients)  # None unless every gradient (any order), well-typed
+    # the params first (unless they are the arrays the previous update returned): with a
+    # state of other params, the gradients would be blamed for the state's shapes
+    returned = state.returned(params)
+    if not returned:
+        _check_params(opt, params, state)
     if prepared is None:
         if not gradients.keys() <= index.keys():
             raise KeyMismatchError(f"gradients for unknown parameter(s) "
@@ -191,8 +196,13 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
             if g.dtype != dtype:
                 raise TypeError(f"gradients['{name}'] has dtype {opt._backend.dtype_name(g)} "
                                 f"but the parameter has dtype {lay.dtype}")
-    if state.returned(params):
-        return prepared, True  # the arrays the previous update returned
+    return prepared, returned
+
+
+def _check_params(opt: Any, params: Mapping[str, Any], state: Any) -> None:
+    """``params`` against the optimizer ``state``: the same keys, array type, dtype, shapes."""
+    lay, eng = state.layout, state.engine
+    atype, dtype, shapes, index = eng.array_type, eng.native_dtype, lay.shapes, lay.index
     views = state.param_views or {}
     if params.keys() != index.keys():
         missing = sorted(set(lay.names) - set(params))
@@ -208,4 +218,3 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
         if tuple(p.shape) != shapes[index[name]]:
             raise ShapeError(f"params['{name}'] has shape {tuple(p.shape)} but the state was "
                              f"built for {shapes[index[name]]}")
-    return prepared, False
