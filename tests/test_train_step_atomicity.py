@@ -137,3 +137,32 @@ def test_a_refused_step_changes_nothing(backend: str, opt_name: str) -> None:
         _, got = run(backend, opt_name, bad)
         diff = [k for k in expected if not np.array_equal(expected[k], got[k])]
         assert not diff, f"{backend}/{opt_name}, after '{bad}': the next step differs in {diff}"
+
+
+def test_state_conversions_refuse_other_params_and_optimizers() -> None:
+    """``from_optimizer_state`` / ``to_optimizer_state`` with a state of other params or of
+    another optimizer: a named error (they used to convert a state of other shapes silently,
+    or fail with a bare KeyError or NumPy's broadcast error)."""
+    compiled = compiled_mlp("jax", [16, 12])
+    step = make_train_step(compiled, Adam(learning_rate=1e-2), loss="loss")
+    params = compiled.get_parameters()
+    fused = step.init(params)
+    wider, deeper = compiled_mlp("jax", [16, 13]), compiled_mlp("jax", [16, 12, 12])
+    adam = Adam(learning_rate=1e-2)
+    with pytest.raises(ml.ShapeError, match=r"'mlp\.linear_1\.(weight|bias)' has shape \(13"):
+        step.from_optimizer_state(adam.init(wider.get_parameters()))
+    with pytest.raises(ml.KeyMismatchError, match=r"unknown \['mlp\.linear_3\.bias"):
+        step.from_optimizer_state(adam.init(deeper.get_parameters()))
+    with pytest.raises(ValueError, match="made by SGD"):
+        step.from_optimizer_state(SGD(learning_rate=0.1, momentum=0.9).init(params))
+    with pytest.raises(ml.ShapeError, match=r"slot '[mv]': 'mlp\.linear_1\.(weight|bias)'"):
+        step.to_optimizer_state(fused, wider.get_parameters())
+    with pytest.raises(ml.KeyMismatchError, match=r"missing \['mlp\.linear_3\.bias"):
+        step.to_optimizer_state(fused, deeper.get_parameters())
+    sgd_step = make_train_step(compiled, SGD(learning_rate=0.1, momentum=0.9), loss="loss")
+    with pytest.raises(ValueError, match=r"slots \['momentum'\].*another optimizer"):
+        step.to_optimizer_state(sgd_step.init(params), params)
+    with pytest.raises(TypeError, match="NoneType"):
+        step.to_optimizer_state(None, params)
+    state = step.to_optimizer_state(fused, params)  # the right ones still convert
+    assert state.step == 0 and int(step.from_optimizer_state(state).count) == 0

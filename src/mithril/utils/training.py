@@ -56,6 +56,7 @@ import numpy as np
 
 from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
+from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 
 __all__ = ["TrainStep", "make_train_step"]
@@ -138,7 +139,9 @@ class TrainStep:
 
         if not isinstance(state, OptimizerState):
             raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
-        names = list(self.compiled.program.param_shapes)
+        check_state_kind(self.optimizer, state)
+        _same_params("the optimizer state", dict(zip(state.layout.names, state.layout.shapes)),
+                     self.compiled.program.param_shapes)
         template = self._transformation().init(
             {n: jnp.zeros(s, self.backend.native_dtype())
              for n, s in self.compiled.program.param_shapes.items()})
@@ -150,9 +153,6 @@ class TrainStep:
                        for n, v in state.slot(s).items()} for s in template.tensor_slots}
         values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
                   for k in template.values}
-        missing = set(names) - set(state.layout.names)
-        if missing:
-            raise KeyMismatchError(f"the optimizer state lacks parameters {sorted(missing)}")
         return template._replace(count=jnp.asarray(state.step, jnp.int32), slots=slots,
                                  tensor_slots=tensors, values=values)
 
@@ -162,7 +162,22 @@ class TrainStep:
         not modified."""
         if isinstance(opt_state, OptimizerState):
             return opt_state
+        from ..interop.optax_transform import OptaxState
+
+        if not isinstance(opt_state, OptaxState):
+            raise TypeError(f"opt_state must come from step.init (an OptaxState), got "
+                            f"{type(opt_state).__name__}")
         out = self.optimizer.init(params)
+        held = {*opt_state.slots, *opt_state.tensor_slots}
+        if held != set(out.slots):
+            raise ValueError(f"opt_state holds the slots {sorted(held)}, this "
+                             f"{type(self.optimizer).__name__}'s are {sorted(out.slots)}: a "
+                             f"state of another optimizer?")
+        for s, per in ((s, opt_state.slots.get(s, opt_state.tensor_slots.get(s)))
+                       for s in out.slots):
+            lay = out.slot_layout(s)
+            _same_params(f"opt_state's slot '{s}'", {n: np.shape(v) for n, v in per.items()},
+                         dict(zip(lay.names, lay.shapes)))
         eng = out.engine
         for s, flat in out.slots.items():
             per = opt_state.slots[s] if s in opt_state.slots else opt_state.tensor_slots[s]
@@ -447,6 +462,18 @@ class _Steady:
         self.avals = list(map(self.aval, vals))
         self.value_index = tuple(i for i, k in enumerate(data) if k in step._value_keys)
         return self
+
+
+def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """``got`` (name: shape) holds the parameters ``expected`` holds, of the same shapes."""
+    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unknown:
+        raise KeyMismatchError(f"{what} does not hold the model's parameters: missing "
+                               f"{missing}, unknown {unknown}")
+    for n, shape in expected.items():
+        if tuple(got[n]) != tuple(shape):
+            raise ShapeError(f"{what}: '{n}' has shape {tuple(got[n])}, the parameter "
+                             f"{tuple(shape)}")
 
 
 def _committed(tree: Any) -> Any:

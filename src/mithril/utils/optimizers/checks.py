@@ -146,12 +146,8 @@ def check_uniform(params: Mapping[str, Any], what: str, key: Callable[[Any], str
                         f"odd one(s) out: {odd}")
 
 
-def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                 state: Any) -> tuple[Any, bool]:
-    """What ``opt.update`` checks first: raise on bad input before anything is touched.
-    Returns what the engine's ``prepare`` found (e.g. the gradients' addresses) for its
-    ``step``, and whether ``params`` are the very arrays the previous update returned
-    (nothing to copy in)."""
+def check_state_kind(opt: Any, state: Any) -> None:
+    """``state`` is an ``OptimizerState`` made by ``opt``'s kind of optimizer (its slots)."""
     if not isinstance(state, OptimizerState):
         raise TypeError(f"state must be what {type(opt).__name__}.init returned, "
                         f"got {type(state).__name__}")
@@ -159,6 +155,15 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
     if state.kind != type(opt).__name__ or set(state.slots) != own:
         raise ValueError(f"state was made by {state.kind} with slots {sorted(state.slots)}, "
                          f"not by this {type(opt).__name__} (slots {sorted(own)})")
+
+
+def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                 state: Any) -> tuple[Any, bool]:
+    """What ``opt.update`` checks first: raise on bad input before anything is touched.
+    Returns what the engine's ``prepare`` found (e.g. the gradients' addresses) for its
+    ``step``, and whether ``params`` are the very arrays the previous update returned
+    (nothing to copy in)."""
+    check_state_kind(opt, state)
     if state.swapped is not None:
         raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "
                          f"swap_ema(params, state) again to swap the training parameters "
