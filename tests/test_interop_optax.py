@@ -331,6 +331,22 @@ def test_a_state_of_other_params_or_another_optimizer_is_named():
         with pytest.raises(ValueError, match="a state of another optimizer"):
             update(grads, optax_transformation(SGD(momentum=0.9)).init(params), params)
         update(grads, tx.init(params), params)  # the right state still works
+        with pytest.raises(ValueError, match=r"updates \(gradients\) do not have the params' "
+                                             r"structure: .*key"):
+            update({"w": grads["w"]}, tx.init(params), params)
+        with pytest.raises(ValueError, match="the update for 'b' is None"):
+            update({**grads, "b": None}, tx.init(params), params)
+
+
+def test_no_params():
+    """An empty params tree (a model part without parameters) steps as optax's own
+    transformations do: empty updates, the count moves; two-pass and tensorwise
+    optimizers too (they used to fail on an empty stack / ``max()``)."""
+    for make in (Adam, LAMB, Muon):
+        tx = optax_transformation(make())
+        for update in (tx.update, jax.jit(tx.update)):
+            updates, state = update({}, tx.init({}), {})
+            assert updates == {} and int(state.count) == 1
 
 
 @pytest.mark.skipif(os.environ.get("JAX_ENABLE_X64") == "1", reason="already float64")

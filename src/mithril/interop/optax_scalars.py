@@ -351,7 +351,7 @@ class _Plan:
         self.tensor_clip = clips if any(c != (None, None) for c in clips) else None
         self.host_views = [copy.copy(v) for v in views]  # kept: ASGD remembers lrs
         self.widths = [1 + len(copy.copy(v).full_scalars(1)) for v in views]
-        self.width = max(self.widths)  # the host table's (keep factor, scalars), padded
+        self.width = max(self.widths, default=1)  # the host table's (keep factor, scalars), padded
         reason = None if mode == "host" else _probe(views, self.scales)
         if mode == "traced" and reason is not None:
             raise TypeError(f"scalars='traced': {reason}; use scalars='auto' or 'host' (a "

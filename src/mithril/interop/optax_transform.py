@@ -317,7 +317,16 @@ def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
                names: list[str]) -> list[Any]:
     import jax.numpy as jnp
 
-    grads = [jnp.asarray(g) for g in treedef.flatten_up_to(updates)]
+    try:
+        given = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError, KeyError) as e:  # JAX's message names the keys
+        raise ValueError(f"{opt_name}: the updates (gradients) do not have the params' "
+                         f"structure: {e}") from None
+    for g, n in zip(given, names):
+        if g is None:
+            raise ValueError(f"{opt_name}: the update for '{n}' is None (give zeros for a "
+                             f"parameter without a gradient)")
+    grads = [jnp.asarray(g) for g in given]
     for g, p, n in zip(grads, leaves, names):
         if g.shape != p.shape:
             raise ValueError(f"{opt_name}: the update for '{n}' has shape {g.shape}, the "
@@ -459,7 +468,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         extra: list[Any] = []
         new_tensors: dict[str, Any] = {}
         new_values = dict(state.values)
-        if two_pass:
+        if two_pass and leaves:  # (no params: no sums, nothing between the passes)
             dt = _wide()
             n = len(leaves)
             sums: list[Any] = []
@@ -525,7 +534,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         new_state = OptaxState(
             new_count,
             {s: treedef.unflatten(v) for s, v in new_slots.items()},
-            {s: treedef.unflatten(new_tensors[s]) if two_pass else state.tensor_slots[s]
+            {s: treedef.unflatten(new_tensors[s]) if s in new_tensors else state.tensor_slots[s]
              for s in tensor_slots},
             new_values if two_pass else dict(state.values),
             hyper)
