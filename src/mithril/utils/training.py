@@ -96,6 +96,7 @@ class TrainStep:
         self._tx: Any = None
         self._jitted: Callable | None = None
         self._returned: tuple | None = None  # the params tuple the last fused step returned
+        self._returned_state: Any = None  # and its opt_state
         self._views_checked: Any = None  # see _model_views
         self._lr: Any = None
         # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
@@ -372,7 +373,7 @@ class TrainStep:
                 new, opt_state, out, _, norm = self._jitted(args[0], opt_state, args[1], None,
                                                             {}, training=True)
                 self._returned = self._steady.ptuple = new
-                self._steady.opt_state = opt_state
+                self._steady.opt_state = self._returned_state = opt_state
                 self.last_grad_norm = norm
                 return dict(zip(self.compiled._eval.names, new)), opt_state, out
         self._steady = None
@@ -390,12 +391,16 @@ class TrainStep:
                                                                       self._state_type):
             raise TypeError(f"opt_state must come from step.init (an OptaxState) or "
                             f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
+        if opt_state is not self._returned_state:
+            _refuse_consumed("opt_state", opt_state)
         c = self.compiled
         names = c._eval.names
         # (.get: a missing key is refused by _validate, naming it)
         ptuple = tuple(map(params.get, names)) if isinstance(params, Mapping) else None
         if ptuple is None or self._returned is None or len(params) != len(names) or any(
                 a is not b for a, b in zip(ptuple, self._returned)):
+            if ptuple is not None:
+                _refuse_consumed("params", params)
             checked, _ = c._validate(params, data)
             # the user's arrays are never donated: a copy is (the step's own are)
             put = self._device_put
@@ -429,7 +434,7 @@ class TrainStep:
                 if len(self._run_sigs) >= 256:
                     self._run_sigs.clear()
                 self._run_sigs.add(run_sig)
-        self._returned = new
+        self._returned, self._returned_state = new, opt_state
         self.last_grad_norm = norm
         params = dict(zip(names, new, strict=True))
         if state is None:
@@ -462,6 +467,19 @@ class _Steady:
         self.avals = list(map(self.aval, vals))
         self.value_index = tuple(i for i, k in enumerate(data) if k in step._value_keys)
         return self
+
+
+def _refuse_consumed(what: str, tree: Any) -> None:
+    """A ``ValueError`` naming the first JAX array of ``tree`` whose buffer an earlier step
+    consumed (donated to its program), before JAX fails on it inside a check or its runtime."""
+    import jax
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(f"{what}{jax.tree_util.keystr(path)} was consumed by an earlier "
+                             f"step (the step donates the params and opt_state it returned "
+                             f"to the next one): pass the params and opt_state the last "
+                             f"step returned")
 
 
 def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
