@@ -86,6 +86,23 @@ def test_a_state_of_other_params_blames_the_state(backend):
     assert state.step == 1
 
 
+def test_jax_jit_engine_names_consumed_params():
+    """The jitted JAX engine donates the params it returned to the next update: passing
+    older ones again is a ValueError naming the parameter (it was XLA's 'Invalid buffer
+    passed to Execute()'), and the state still steps with the current params."""
+    p_np, g_np = small_problem()
+    params, grads = natives("jax-jit", p_np), natives("jax-jit", g_np)
+    opt = Adam(0.1)
+    state = init(opt, "jax-jit", params)
+    p1, state = opt.update(params, grads, state)
+    p2, state = opt.update(p1, grads, state)
+    with pytest.raises(ValueError, match=r"params\['a'\] was consumed by an earlier update"):
+        opt.update(p1, grads, state)
+    assert state.step == 2
+    p3, state = opt.update(p2, grads, state)
+    assert state.step == 3 and np.all(np.isfinite(host(p3["a"])))
+
+
 def test_torch_returned_params_are_usable_leaf_tensors():
     import mithril as ml
     from mithril.backends import TorchBackend

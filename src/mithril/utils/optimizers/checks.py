@@ -214,9 +214,14 @@ def _check_params(opt: Any, params: Mapping[str, Any], state: Any) -> None:
         unknown = sorted(set(params) - set(lay.names))
         raise KeyMismatchError(f"params do not match the optimizer state: missing {missing}, "
                                f"unknown {unknown}")
+    jax_arrays = eng.backend.name == "jax"
     for name, p in params.items():
         if name in views and p is views[name]:
             continue
+        if jax_arrays and isinstance(p, atype) and p.is_deleted():
+            raise ValueError(f"params['{name}'] was consumed by an earlier update (the jitted "
+                             f"JAX engine donates the params it returned to the next update): "
+                             f"pass the params the last update returned")
         if not isinstance(p, atype) or p.dtype != dtype:
             raise TypeError(f"params['{name}'] must be a {opt._backend.name} array of dtype "
                             f"{lay.dtype}, got {type(p).__name__} {getattr(p, 'dtype', '')}")
