@@ -170,8 +170,8 @@ def test_state_conversions_refuse_other_params_and_optimizers() -> None:
 
 def test_jax_consumed_params_or_state_are_named() -> None:
     """The one-program JAX step donates the params and opt_state it returned to the next
-    step. Passing an earlier step's (consumed) params or state again is a ValueError that
-    says so, raised before the program runs (it was JAX's 'Array has been deleted' from a
+    step. Passing an earlier step's (consumed) params or state again is a TypeError (as
+    for any deleted array) that says so, raised before the program runs (it was JAX's 'Array has been deleted' from a
     check, or its runtime's 'Invalid buffer passed to Execute()'), and the current params
     and state still step."""
     compiled = compiled_mlp("jax", [16, 12])
@@ -181,11 +181,12 @@ def test_jax_consumed_params_or_state_are_named() -> None:
     s0 = step.init(p0)
     p1, s1, _ = step(p0, s0, data[0])
     p2, s2, _ = step(p1, s1, data[1])  # p1 and s1 are consumed now
-    with pytest.raises(ValueError, match=r"params\['mlp\.[\w.]+'\] was consumed by an earlier"):
+    with pytest.raises(TypeError, match=r"params\['mlp\.[\w.]+'\] is a deleted JAX array: was "
+                                        r"it consumed by an earlier step"):
         step(p1, s2, data[0])
-    with pytest.raises(ValueError, match=r"opt_state\.\w+.* was consumed by an earlier step"):
+    with pytest.raises(TypeError, match=r"opt_state\.\w+.* is a deleted JAX array"):
         step(p2, s1, data[0])
-    with pytest.raises(ValueError, match=r"opt_state\.\w+.* was consumed by an earlier step"):
+    with pytest.raises(TypeError, match=r"opt_state\.\w+.* is a deleted JAX array"):
         step(p0, s0, data[0])  # the user's p0 was copied, s0 (from init) donated
     before = snapshot(compiled.backend, p2, s2)
     p3, s3, _ = step(p2, s2, data[0])

@@ -470,16 +470,17 @@ class _Steady:
 
 
 def _refuse_consumed(what: str, tree: Any) -> None:
-    """A ``ValueError`` naming the first JAX array of ``tree`` whose buffer an earlier step
-    consumed (donated to its program), before JAX fails on it inside a check or its runtime."""
+    """A ``TypeError`` (as for any deleted array) naming the first JAX array of ``tree``
+    whose buffer is gone, most likely consumed by an earlier step (donated to its program),
+    before JAX fails on it inside a check or its runtime."""
     import jax
 
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise ValueError(f"{what}{jax.tree_util.keystr(path)} was consumed by an earlier "
-                             f"step (the step donates the params and opt_state it returned "
-                             f"to the next one): pass the params and opt_state the last "
-                             f"step returned")
+            raise TypeError(f"{what}{jax.tree_util.keystr(path)} is a deleted JAX array: was it "
+                            f"consumed by an earlier step? (the step donates the params and "
+                            f"opt_state it returned to the next one: pass the params and "
+                            f"opt_state the last step returned)")
 
 
 def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

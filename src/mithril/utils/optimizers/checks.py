@@ -219,9 +219,10 @@ def _check_params(opt: Any, params: Mapping[str, Any], state: Any) -> None:
         if name in views and p is views[name]:
             continue
         if jax_arrays and isinstance(p, atype) and p.is_deleted():
-            raise ValueError(f"params['{name}'] was consumed by an earlier update (the jitted "
-                             f"JAX engine donates the params it returned to the next update): "
-                             f"pass the params the last update returned")
+            raise TypeError(f"params['{name}'] is a deleted JAX array: was it consumed by an "
+                            f"earlier update? (the jitted JAX engine donates the params it "
+                            f"returned to the next update: pass the params the last update "
+                            f"returned)")
         if not isinstance(p, atype) or p.dtype != dtype:
             raise TypeError(f"params['{name}'] must be a {opt._backend.name} array of dtype "
                             f"{lay.dtype}, got {type(p).__name__} {getattr(p, 'dtype', '')}")
