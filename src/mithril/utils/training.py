@@ -174,15 +174,15 @@ class TrainStep:
             raise ValueError(f"opt_state holds the slots {sorted(held)}, this "
                              f"{type(self.optimizer).__name__}'s are {sorted(out.slots)}: a "
                              f"state of another optimizer?")
-        for s, per in ((s, opt_state.slots.get(s, opt_state.tensor_slots.get(s)))
-                       for s in out.slots):
+        held_per = {s: opt_state.slots[s] if s in opt_state.slots else opt_state.tensor_slots[s]
+                    for s in out.slots}
+        for s, per in held_per.items():  # every slot checked before any is written
             lay = out.slot_layout(s)
             _same_params(f"opt_state's slot '{s}'", {n: np.shape(v) for n, v in per.items()},
                          dict(zip(lay.names, lay.shapes)))
         eng = out.engine
         for s, flat in out.slots.items():
-            per = opt_state.slots[s] if s in opt_state.slots else opt_state.tensor_slots[s]
-            host = {n: np.asarray(v) for n, v in per.items()}
+            host = {n: np.asarray(v) for n, v in held_per[s].items()}
             data = out.slot_layout(s).flatten_numpy(host).astype(out.layout.dtype)
             if eng.backend.name == "jax" and not isinstance(flat, np.ndarray):
                 out.slots[s] = eng.from_numpy(data)
