@@ -19,13 +19,14 @@ import pytest
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.cli.networks import mlp_spec
-from mithril.utils.optimizers import SGD, Adam, Muon
+from mithril.utils.optimizers import LBFGS, SGD, Adam, Muon
 from mithril.utils.optimizers.state import OptimizerState
 from mithril.utils.training import make_train_step
 
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 OPTIMIZERS = {"adam": lambda: Adam(learning_rate=1e-2),
-              "muon": lambda: Muon(learning_rate=1e-2)}  # tensorwise: its own JAX program
+              "muon": lambda: Muon(learning_rate=1e-2),  # tensorwise: its own JAX program
+              "lbfgs": lambda: LBFGS(learning_rate=0.5, max_iter=3)}  # the model as closure
 
 
 def compiled_mlp(backend: str, hidden: list[int]) -> Any:
@@ -90,8 +91,9 @@ def bad_calls(backend: str, be: Any, good: dict, opt_name: str
         "a parameter of another shape": (
             lambda p, s: ({**p, "mlp.linear_0.bias": be.array(np.zeros(3, np.float32))}, s, good),
             ml.ShapeError, "mlp.linear_0.bias"),
-        "the state of another optimizer": (lambda p, s: (p, state_of(wider, other_opt), good),
-                                           ValueError, type(other_opt).__name__ + "|slots"),
+        "the state of another optimizer": (  # (LBFGS on JAX: the other's is an OptaxState)
+            lambda p, s: (p, state_of(wider, other_opt), good), (ValueError, TypeError),
+            type(other_opt).__name__ + "|slots|got OptaxState"),
         "the state of other params (a shape)": (lambda p, s: (p, state_of(wider, fresh()), good),
                                                 ValueError, r"mlp\.linear_1\.(bias|weight)"),
         "the state of other params (keys)": (lambda p, s: (p, state_of(deeper, fresh()), good),

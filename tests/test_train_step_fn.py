@@ -1,7 +1,8 @@
 """make_train_step: equal to the separate evaluate + update (bit for bit on NumPy and torch,
 to float32 rounding on JAX's one-program step; for Muon over its first two steps, see
-``TOLERANCE``) for optimizers of every kind, and the conversions between the JAX step's
-state and the optimizer's."""
+``TOLERANCE``) for every optimizer of the catalog (LBFGS: ``update`` with the model as its
+closure, on every backend), and the conversions between the JAX step's state and the
+optimizer's."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 
 import mithril as ml
+import mithril.utils.optimizers as catalog
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.cli.networks import mlp_spec
-from mithril.utils.optimizers import LAMB, SGD, Adafactor, Adam, AdamW, Muon
+from mithril.utils.optimizers import LBFGS, Adam, Optimizer, OptimizerState
 from mithril.utils.training import TrainStep, make_train_step
 
 STEPS = 4
@@ -19,17 +21,54 @@ BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 
 
 def optimizers() -> dict:
+    """One of every optimizer of the catalog (``test_every_optimizer_is_here``), with settings
+    beyond the defaults where they change the step's program (groups, clipping, EMA,
+    Nesterov, a line search)."""
+    o = catalog
     return {
-        "adam": lambda: Adam(learning_rate=1e-2),
-        "sgd_momentum": lambda: SGD(learning_rate=0.05, momentum=0.9),
-        "adamw_groups_clip": lambda: AdamW(
+        "adam": lambda: o.Adam(learning_rate=1e-2),
+        "adam_amsgrad_ema": lambda: o.Adam(learning_rate=1e-2, amsgrad=True, ema_decay=0.9),
+        "sgd_momentum": lambda: o.SGD(learning_rate=0.05, momentum=0.9),
+        "sgd_nesterov": lambda: o.SGD(learning_rate=0.05, momentum=0.9, nesterov=True,
+                                      weight_decay=1e-3),
+        "adamw_groups_clip": lambda: o.AdamW(
             learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
             param_groups=[{"params": lambda n: "bias" in n or n.endswith("b"),
                            "weight_decay": 0.0, "lr_scale": 0.5}]),
-        "lamb": lambda: LAMB(learning_rate=1e-2, weight_decay=0.01),
-        "adafactor": lambda: Adafactor(learning_rate=1e-2),
-        "muon": lambda: Muon(learning_rate=1e-2),
+        "adopt": lambda: o.ADOPT(learning_rate=1e-2),
+        "asgd": lambda: o.ASGD(learning_rate=1e-2, t0=2),
+        "ademamix": lambda: o.AdEMAMix(learning_rate=1e-2),
+        "adabelief": lambda: o.AdaBelief(learning_rate=1e-2),
+        "adagrad": lambda: o.AdaGrad(learning_rate=1e-2),
+        "adadelta": lambda: o.Adadelta(learning_rate=1.0),
+        "adamax": lambda: o.Adamax(learning_rate=1e-2),
+        "adan": lambda: o.Adan(learning_rate=1e-2),
+        "ftrl": lambda: o.Ftrl(learning_rate=0.1, l1_regularization_strength=1e-3),
+        "lamb": lambda: o.LAMB(learning_rate=1e-2, weight_decay=0.01),
+        "lars": lambda: o.LARS(learning_rate=0.1),
+        "lion": lambda: o.Lion(learning_rate=1e-3),
+        "lookahead": lambda: o.Lookahead(o.Adam(learning_rate=1e-2), sync_period=2),
+        "nadam": lambda: o.NAdam(learning_rate=1e-2),
+        "novograd": lambda: o.Novograd(learning_rate=1e-2),
+        "radam": lambda: o.RAdam(learning_rate=1e-2),
+        "prodigy": lambda: o.Prodigy(),
+        "rmsprop_centered": lambda: o.RMSProp(learning_rate=1e-2, momentum=0.9, centered=True),
+        "rprop": lambda: o.Rprop(),
+        "schedule_free_adamw": lambda: o.ScheduleFreeAdamW(learning_rate=1e-2),
+        "schedule_free_sgd": lambda: o.ScheduleFreeSGD(learning_rate=0.1),
+        "yogi": lambda: o.Yogi(learning_rate=1e-2),
+        "adafactor": lambda: o.Adafactor(learning_rate=1e-2),
+        "muon": lambda: o.Muon(learning_rate=1e-2),
+        "lbfgs": lambda: o.LBFGS(learning_rate=0.5, max_iter=4, line_search_fn="strong_wolfe"),
     }
+
+
+def test_every_optimizer_is_here() -> None:
+    """A new optimizer of the catalog joins ``optimizers()`` (and so every test above)."""
+    exported = {getattr(catalog, n) for n in catalog.__all__}
+    classes = {c for c in exported if isinstance(c, type) and issubclass(c, Optimizer)
+               and c is not Optimizer}
+    assert classes == {type(make()) for make in optimizers().values()}
 
 
 def problem(backend_name: str, seed: int = 0) -> tuple:
@@ -53,7 +92,13 @@ def separate(compiled, opt, batches: list) -> tuple[dict, list]:
     losses = []
     for data in batches:
         out, grads = compiled.evaluate(params, data, output_gradients={"loss": 1.0})
-        params, state = opt.update(params, grads, state)
+        if isinstance(opt, LBFGS):  # the user's closure: the loss and gradients at any params
+            def closure(p, data=data):
+                o, g = compiled.evaluate(p, data, output_gradients={"loss": 1.0})
+                return o["loss"], g
+            params, state = opt.update(params, grads, state, closure=closure, loss=out["loss"])
+        else:
+            params, state = opt.update(params, grads, state)
         losses.append(float(compiled.backend.to_numpy(out["loss"])))
     return host(compiled.backend, params), losses
 
@@ -104,10 +149,17 @@ def _one_program_matches(name: str, steps: int, tol: float) -> tuple:
 
 @pytest.mark.parametrize("name", list(optimizers()))
 def test_jax_one_program_matches(name: str) -> None:
+    """Every optimizer but LBFGS runs as one program; LBFGS (a line search of data-dependent
+    length) runs the separate calls on JAX too, bit for bit."""
+    if isinstance(optimizers()[name](), LBFGS):
+        step, state = _one_program_matches(name, STEPS, 0.0)
+        assert not step.fused and isinstance(state, OptimizerState) and state.step == STEPS
+        assert state.values["func_evals"] > STEPS  # the line search evaluated the model
+        return
     step, state = _one_program_matches(name, STEPS, TOLERANCE.get(name, 1e-6))
     if name in TOLERANCE:  # the first steps, before the iteration's amplification compounds
         _one_program_matches(name, 2, 1e-6)
-    assert int(state.count) == STEPS
+    assert step.fused and int(state.count) == STEPS
     assert step.last_grad_norm is None  # not computed unless asked (grad_norm=True)
 
 

@@ -42,10 +42,17 @@ How each backend runs it:
   there. :meth:`TrainStep.to_optimizer_state` / :meth:`TrainStep.from_optimizer_state`
   convert between the two states (e.g. to checkpoint with
   :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused step).
+* **LBFGS** (any optimizer whose ``update`` takes ``closure=``), on every backend: one
+  ``torch.optim.LBFGS.step(closure)``, the closure being the model's loss and gradients on
+  the step's ``data`` at the params L-BFGS asks for (up to ``max_eval`` evaluations a
+  step); the outputs are those at the params given. :meth:`TrainStep.init` is
+  ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
+  program).
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 import weakref
@@ -87,7 +94,10 @@ class TrainStep:
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend
-        self._fused = self.backend.name == "jax"
+        # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
+        # the model's forward+VJP on the step's data as its closure, on every backend
+        self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
+        self._fused = self.backend.name == "jax" and not self._closure_driven
         self._cots: dict[str, Any] | None = None
         self._last_grad_norm: Any = None
         self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
@@ -116,7 +126,8 @@ class TrainStep:
     # -- states ------------------------------------------------------------------------
     @property
     def fused(self) -> bool:
-        """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``)."""
+        """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``): on JAX,
+        for every optimizer but a closure-driven one (LBFGS)."""
         return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
@@ -134,15 +145,18 @@ class TrainStep:
 
     def from_optimizer_state(self, state: OptimizerState) -> Any:
         """``state`` (of ``optimizer.init`` / ``update``, or a loaded checkpoint) as the state
-        the fused JAX step takes (slots, step count, values; the learning rate is the
-        optimizer's)."""
-        import jax.numpy as jnp
-
+        this step takes, checked against the optimizer and the model's parameters: the fused
+        JAX step's ``OptaxState`` (slots, step count, values; the learning rate is the
+        optimizer's), else ``state`` itself (the state :meth:`init` gives there)."""
         if not isinstance(state, OptimizerState):
             raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
         check_state_kind(self.optimizer, state)
         _same_params("the optimizer state", dict(zip(state.layout.names, state.layout.shapes)),
                      self.compiled.program.param_shapes)
+        if not self.fused:
+            return state
+        import jax.numpy as jnp
+
         template = self._transformation().init(
             {n: jnp.zeros(s, self.backend.native_dtype())
              for n, s in self.compiled.program.param_shapes.items()})
@@ -199,6 +213,8 @@ class TrainStep:
         ``(params, opt_state, outputs, state)``."""
         if self.fused and not isinstance(opt_state, OptimizerState):
             return self._fused_step(params, opt_state, data, state)
+        if self._closure_driven:
+            return self._closure_step(params, opt_state, data, state)
         return self._separate_step(params, opt_state, data, state)
 
     @property
@@ -239,6 +255,41 @@ class TrainStep:
         self._norm_of = opt_state  # (read when asked: it may still be on the device)
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, state)
+
+    def _closure_step(self, params: Mapping[str, Any], opt_state: Any,
+                      data: Mapping[str, Any], state: Any) -> tuple:
+        """An optimizer that evaluates the loss itself (LBFGS): one ``update(params, grads,
+        opt_state, closure=f, loss=...)``, with the loss and gradients at ``params`` from the
+        step's own ``evaluate`` and ``f(p)`` the model's loss and gradients at ``p`` on the
+        same data (torch's ``step(closure)``). The outputs are those at ``params``; a model's
+        state goes through every evaluation, as a torch closure's forward passes update it."""
+        check_state_kind(self.optimizer, opt_state)  # before the model runs
+        c, cots, loss = self.compiled, self._cotangents(), self.loss
+        random_step = c.step  # (each training-mode evaluation of a random model moves it)
+        try:
+            if state is None:
+                outputs, grads = c.evaluate(params, data, output_gradients=cots)
+            else:
+                outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
+                                                   state=state)
+            latest = [state]
+
+            def closure(p: Mapping[str, Any]) -> tuple[Any, Any]:
+                if latest[0] is None:
+                    out, g = c.evaluate(p, data, output_gradients=cots)
+                else:
+                    out, g, latest[0] = c.evaluate(p, data, output_gradients=cots,
+                                                   state=latest[0])
+                return out[loss], g
+
+            params, opt_state = self.optimizer.update(params, grads, opt_state,
+                                                      closure=closure, loss=outputs[loss])
+        except BaseException:  # a refused step changes nothing, the model's counter included
+            c.step = random_step
+            raise
+        self._norm_of = opt_state
+        return (params, opt_state, outputs) if state is None else (
+            params, opt_state, outputs, latest[0])
 
     def _model_views(self, views: dict[str, Any]) -> bool:
         """Whether ``views`` (the arrays an update returned) are the model's parameters, in
