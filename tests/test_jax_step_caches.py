@@ -12,7 +12,8 @@ import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend
 from mithril.cli.networks import mlp_spec
 from mithril.utils.optimizers import Adam
-from mithril.utils.training import _grad_norm, make_train_step
+from mithril.utils.train_step_jax import gradients_norm
+from mithril.utils.training import make_train_step
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -195,13 +196,13 @@ def test_grad_norm_one_pass_and_overflow() -> None:
     rng = np.random.default_rng(0)
     gs = [jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in ((3, 5), (7,), ())]
     want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in gs))
-    np.testing.assert_allclose(float(jax.jit(_grad_norm)(gs)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(gradients_norm)(gs)), want, rtol=1e-6)
     big = [jnp.full((4,), 3e20, jnp.float32), jnp.full((2,), 4e20, jnp.float32)]
-    got = float(jax.jit(_grad_norm)(big))  # the squares overflow: the scaled norm
+    got = float(jax.jit(gradients_norm)(big))  # the squares overflow: the scaled norm
     assert np.isfinite(got)
     np.testing.assert_allclose(got, float(jax.jit(scaled_norm)(big)), rtol=1e-6)
-    assert np.isinf(float(jax.jit(_grad_norm)([jnp.asarray([np.inf, 1.0], jnp.float32)])))
-    assert np.isnan(float(jax.jit(_grad_norm)([jnp.asarray([np.nan, 1.0], jnp.float32)])))
+    assert np.isinf(float(jax.jit(gradients_norm)([jnp.asarray([np.inf, 1.0], jnp.float32)])))
+    assert np.isnan(float(jax.jit(gradients_norm)([jnp.asarray([np.nan, 1.0], jnp.float32)])))
 
 
 def _many(n: int = 300) -> tuple[dict, list]:

@@ -160,6 +160,7 @@ def test_jax_one_program_matches(name: str) -> None:
     if name in TOLERANCE:  # the first steps, before the iteration's amplification compounds
         _one_program_matches(name, 2, 1e-6)
     assert step.fused and int(state.count) == STEPS
+    assert step.rebuilds == 0  # nothing the steps do looks like a hyperparameter change
     assert step.last_grad_norm is None  # not computed unless asked (grad_norm=True)
 
 
@@ -221,6 +222,7 @@ def test_jax_state_round_trips(name: str) -> None:
     fstate = step.from_optimizer_state(state)
     assert int(fstate.count) == 3
     params, fstate, _ = step(params, fstate, batches[3])
+    assert step.rebuilds == 0  # (optimizer.update in between changes no hyperparameter)
     got = host(be, params)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=2e-6, err_msg=k)

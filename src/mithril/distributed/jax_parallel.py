@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.training import TrainStep, step_body
+from ..utils.train_step_jax import step_body
+from ..utils.training import TrainStep
 
 __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
            "make_sharded_train_step", "state_bytes_per_device"]

@@ -30,16 +30,20 @@ How each backend runs it:
   host views, without waiting for the previous step; in a loop's steady state - the
   params and state the last step returned, JAX arrays of the shapes seen - the call is
   ~2 µs of Python around the program). It reads ``optimizer.learning_rate``
-  on every call (schedules work, nothing recompiles); other hyperparameters are fixed
-  when the step is made. With ``make_train_step(..., grad_norm=True)``,
+  on every call (schedules work, nothing recompiles). Any other hyperparameter the
+  program bakes in (``opt.beta1 = ...``, a group's learning rate, a scheduler driving
+  ``weight_decay``, a Lookahead's inner optimizer) is watched by the count each optimizer
+  keeps of its changes: the call after a change builds and compiles the program anew
+  (``step.rebuilds`` counts them; the eighth warns: to change one every step, pass
+  ``optimizer.init``'s state, below). With ``make_train_step(..., grad_norm=True)``,
   ``step.last_grad_norm`` is the global gradient norm of the last step (a 0-d array); by
   default it is not computed (one more reduction per tensor in the program, ~3% of a small
   MLP's step) and stays None. Equal to the separate calls to float32 rounding (~1e-7 relative: the
   per-step scalars are computed in float32 inside the program).
 * **JAX with an** :class:`~mithril.utils.optimizers.state.OptimizerState` (what
   ``optimizer.init`` returns): the separate calls, unfused, so that every engine feature
-  (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed between steps) is
-  there. :meth:`TrainStep.to_optimizer_state` / :meth:`TrainStep.from_optimizer_state`
+  (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed at every step
+  without compiling anything) is there. :meth:`TrainStep.to_optimizer_state` / :meth:`TrainStep.from_optimizer_state`
   convert between the two states (e.g. to checkpoint with
   :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused step).
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``), on every backend: one
@@ -65,8 +69,24 @@ from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
+from .train_step_jax import SteadyState, committed, gradients_norm, refuse_consumed, step_body
 
 __all__ = ["TrainStep", "make_train_step"]
+
+
+_VERSIONS = operator.itemgetter("_hyper_version", "_groups_version")
+
+
+def _optimizers_in(opt: Any) -> list[Any]:
+    """``opt`` and the optimizers it holds (Lookahead's ``inner``, Muon's ``fallback``),
+    recursively."""
+    from .optimizers.base import Optimizer
+
+    found = [opt]
+    for v in vars(opt).values():
+        if isinstance(v, Optimizer):
+            found += _optimizers_in(v)
+    return found
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -117,7 +137,17 @@ class TrainStep:
         # JAX arrays whose value checks passed, by (id, data signature): see _inputs
         self._values_seen: dict[tuple, weakref.ref] = {}
         self._jax_array: type = type(None)
-        self._steady: _Steady | None = None  # see _steady_args
+        self._steady: SteadyState | None = None  # see _steady_args
+        # what the JAX program bakes in besides the learning rate (read every call): the
+        # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
+        # fallback), by the counts they keep of their changes (see _rebuild)
+        self._hyper_dicts = tuple(vars(o) for o in _optimizers_in(optimizer))
+        for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
+            d.setdefault("_hyper_version", 0)
+            d.setdefault("_groups_version", 0)
+        self._hyper_seen: tuple | None = None
+        self._resync = False  # the state's driven hyperparameters are re-read once
+        self.rebuilds = 0
         if self._fused:
             import jax
 
@@ -360,8 +390,30 @@ class TrainStep:
         if self._tx is None:
             from ..interop.optax_transform import optax_transformation
 
+            self._hyper_seen = self._hyper_versions()
             self._tx = optax_transformation(self.optimizer)
         return self._tx
+
+    def _hyper_versions(self) -> tuple:
+        return tuple(map(_VERSIONS, self._hyper_dicts))
+
+    def _rebuild(self) -> None:
+        """A hyperparameter other than the learning rate changed since the program was built
+        (``opt.beta1 = ...``, a group's learning rate, a scheduler driving ``weight_decay``):
+        this call builds and compiles it anew, as the separate calls would take the new
+        value. Warned once when that keeps happening."""
+        self._tx = self._jitted = self._steady = None
+        self._run_sigs.clear()
+        self._resync, self._lr = True, None
+        self.rebuilds += 1
+        if self.rebuilds == 8:
+            warnings.warn(
+                f"make_train_step: the {type(self.optimizer).__name__}'s hyperparameters "
+                f"changed 8 times; each change (anything but the learning rate, which every "
+                f"call reads) compiles the JAX step's program again. To change one every "
+                f"step (a momentum cycle), give the step optimizer.init's state: it then "
+                f"runs the separate calls, which read every hyperparameter per step",
+                RuntimeWarning, stacklevel=4)
 
     def _build(self) -> Callable:
         import jax
@@ -378,7 +430,7 @@ class TrainStep:
             new, opt_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training)
             return new, opt_state, out, new_mstate, (
-                _grad_norm(list(grads)) if self.grad_norm else None)
+                gradients_norm(list(grads)) if self.grad_norm else None)
 
         return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
 
@@ -413,6 +465,9 @@ class TrainStep:
 
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
+        if self._tx is not None and tuple(map(_VERSIONS, self._hyper_dicts)) != \
+                self._hyper_seen:
+            self._rebuild()
         if self._steady is not None and state is None:
             args = self._steady_args(params, opt_state, data)
             if args is not None:
@@ -443,7 +498,7 @@ class TrainStep:
             raise TypeError(f"opt_state must come from step.init (an OptaxState) or "
                             f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
         if opt_state is not self._returned_state:
-            _refuse_consumed("opt_state", opt_state)
+            refuse_consumed("opt_state", opt_state)
         c = self.compiled
         names = c._eval.names
         # (.get: a missing key is refused by _validate, naming it)
@@ -451,7 +506,7 @@ class TrainStep:
         if ptuple is None or self._returned is None or len(params) != len(names) or any(
                 a is not b for a, b in zip(ptuple, self._returned)):
             if ptuple is not None:
-                _refuse_consumed("params", params)
+                refuse_consumed("params", params)
             checked, _ = c._validate(params, data)
             # the user's arrays are never donated: a copy is (the step's own are)
             put = self._device_put
@@ -461,8 +516,14 @@ class TrainStep:
         ins = self._inputs(data, sig)
         lr = self.optimizer.learning_rate
         if lr != self._lr or "learning_rate" not in opt_state.hyperparams:
-            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
-                                                        "learning_rate": jnp.asarray(lr)})
+            hyper = {**opt_state.hyperparams, "learning_rate": jnp.asarray(lr)}
+            if self._resync:  # (those the state keeps, as schedule-free's beta1)
+                from ..interop.optax_special import state_hyperparams
+
+                hyper.update({h: jnp.asarray(float(getattr(self.optimizer, h)))
+                              for h in state_hyperparams(self.optimizer)})
+                self._resync = False
+            opt_state = opt_state._replace(hyperparams=hyper)
             self._lr = lr
         run = c._run_context(None, state, None)
         if run is not None:
@@ -478,7 +539,7 @@ class TrainStep:
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
                 # what the program returns is committed to its device: so must be what it is
                 # first given of the same (params, state), or the second step compiles again
-                ptuple, opt_state, mstate = _committed((ptuple, opt_state, mstate))
+                ptuple, opt_state, mstate = committed((ptuple, opt_state, mstate))
                 new, opt_state, out, new_mstate, norm = self._jitted(
                     ptuple, opt_state, ins, rng, mstate, training=training)
             if sig is not None:
@@ -490,48 +551,9 @@ class TrainStep:
         params = dict(zip(names, new, strict=True))
         if state is None:
             if run is None and sig in self._data_sigs and type(data) is dict:
-                self._steady = _Steady.of(self, opt_state, new, data, sig)
+                self._steady = SteadyState.of(self, opt_state, new, data, sig)
             return params, opt_state, out
         return params, opt_state, out, {**mstate, **new_mstate}
-
-
-class _Steady:
-    """What the fused JAX step's steady state compares with (see
-    :meth:`TrainStep._steady_args`): the last step's returned params and state, and its
-    data's keys, abstract values and signature."""
-
-    __slots__ = ("opt_state", "ptuple", "keys", "avals", "aval", "sig", "value_index")
-
-    @classmethod
-    def of(cls, step: TrainStep, opt_state: Any, ptuple: tuple, data: dict, sig: tuple
-           ) -> _Steady | None:
-        vals = list(data.values())
-        kind = type(vals[0]) if vals else None
-        if kind is None or not all(type(v) is kind for v in vals) or not isinstance(
-                vals[0], step._jax_array):
-            return None  # host arrays are converted every step: not a steady state
-        self = cls()
-        self.opt_state, self.ptuple, self.keys, self.sig = opt_state, ptuple, tuple(data), sig
-        from ..backends.jax_backend import aval_getter
-
-        self.aval = aval_getter(kind)
-        self.avals = list(map(self.aval, vals))
-        self.value_index = tuple(i for i, k in enumerate(data) if k in step._value_keys)
-        return self
-
-
-def _refuse_consumed(what: str, tree: Any) -> None:
-    """A ``TypeError`` (as for any deleted array) naming the first JAX array of ``tree``
-    whose buffer is gone, most likely consumed by an earlier step (donated to its program),
-    before JAX fails on it inside a check or its runtime."""
-    import jax
-
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise TypeError(f"{what}{jax.tree_util.keystr(path)} is a deleted JAX array: was it "
-                            f"consumed by an earlier step? (the step donates the params and "
-                            f"opt_state it returned to the next one: pass the params and "
-                            f"opt_state the last step returned)")
 
 
 def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -544,47 +566,6 @@ def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any])
         if tuple(got[n]) != tuple(shape):
             raise ShapeError(f"{what}: '{n}' has shape {tuple(got[n])}, the parameter "
                              f"{tuple(shape)}")
-
-
-def _committed(tree: Any) -> Any:
-    """``tree`` with its JAX arrays committed to their devices (``jax.jit`` compiles again
-    for committed arguments where it had uncommitted ones)."""
-    import jax
-
-    def commit(a: Any) -> Any:
-        return jax.device_put(a, a.sharding) if isinstance(a, jax.Array) and not a.committed else a
-
-    return jax.tree_util.tree_map(commit, tree)
-
-
-def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
-              inputs: dict, rng: Any, mstate: dict, training: bool) -> tuple:
-    """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
-    ``ptuple`` and the optimizer's update (``tx``, an optax transformation). Returns (new
-    params tuple, new optimizer state, outputs, new model state (the old one where no
-    operator keeps any), gradients)."""
-    import jax.numpy as jnp
-
-    cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
-    if with_ctx:
-        out, grads, mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
-                                             training=training)
-    else:
-        out, grads = ev._fwd_vjp(ptuple, inputs, cots)
-    names = ev.names
-    params = dict(zip(names, ptuple, strict=True))
-    new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
-                                      new_params=True)
-    new = tuple(new_params[n] for n in names)
-    return new, opt_state, out, mstate, grads
-
-
-def _grad_norm(grads: list[Any]) -> Any:
-    """``‖g‖₂`` over all gradients (traced): the engines' one-pass norm
-    (:func:`~mithril.utils.optimizers.engines.jax_engine.global_norm`)."""
-    from .optimizers.engines.jax_engine import global_norm
-
-    return global_norm(grads)
 
 
 def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost", *,

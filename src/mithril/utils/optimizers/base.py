@@ -126,6 +126,20 @@ def _without_none(gradients: Any) -> Any:
     return gradients
 
 
+_UNSET = object()
+
+
+def _differs(old: Any, new: Any) -> bool:
+    """Whether setting ``new`` over ``old`` changes a hyperparameter (a scheduler sets
+    the same value again on most steps)."""
+    if old is new:
+        return False
+    try:
+        return type(old) is not type(new) or not bool(old == new)
+    except Exception:  # (an array's ambiguous truth value: count it as a change)
+        return True
+
+
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     """Base class. Construct with hyperparameters only; then::
 
@@ -243,6 +257,15 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap
             self._finish_groups()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a hyperparameter other than the learning rate (which every step reads) is set: a
+        # program that baked it in (make_train_step's JAX step) compares this count
+        if name[0] != "_" and name != "learning_rate" and _differs(
+                self.__dict__.get(name, _UNSET), value):
+            d = self.__dict__
+            d["_hyper_version"] = d.get("_hyper_version", 0) + 1
+        object.__setattr__(self, name, value)
+
     # -- learning rate ---------------------------------------------------------------
     def get_learning_rate(self, group: int | None = None) -> float:
         """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it)."""
@@ -262,8 +285,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if self.learning_rate == 0:
             raise ValueError("a group's learning rate is kept as a ratio to the optimizer's, "
                              "which is 0")
-        g["lr_scale"] = lr / self.learning_rate
-        self._groups_version += 1
+        if _differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
+            g["lr_scale"] = lr / self.learning_rate
+            self._groups_version += 1
 
     # -- backend -----------------------------------------------------------------------
     @property

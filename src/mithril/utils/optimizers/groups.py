@@ -350,8 +350,10 @@ class GroupsMixin:
         elif group is None:
             setattr(self, name, new)
         else:
-            self._group(group)[name] = new
-            self._groups_version += 1
+            g = self._group(group)
+            if name not in g or g[name] != new or type(g[name]) is not type(new):
+                g[name] = new
+                self._groups_version += 1  # (a value set again changes nothing)
 
     def _group(self, group: Any) -> dict[str, Any]:
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
