@@ -307,9 +307,14 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                                     "slots": []}
         if state is not None:
             if not isinstance(state, OptimizerState):
+                hint = ("the one-program JAX step's state: save "
+                        "step.to_optimizer_state(opt_state, params), and resume with "
+                        "step.from_optimizer_state(loaded['state'])"
+                        if type(state).__name__ == "OptaxState" else
+                        "save custom states through params or extra")
                 raise TypeError(f"state must be what {type(optimizer).__name__}.init/update "
-                                f"returned (an OptimizerState), got {type(state).__name__}; "
-                                "save custom states through params or extra")
+                                f"returned (an OptimizerState), got {type(state).__name__}: "
+                                f"{hint}")
             if state.kind != type(optimizer).__name__:
                 raise ValueError(f"state was made by {state.kind}, not by the given "
                                  f"{type(optimizer).__name__}")
