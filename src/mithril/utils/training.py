@@ -102,7 +102,12 @@ def _loss_key(compiled: Any, loss: str) -> str:
 
 
 class TrainStep:
-    """What :func:`make_train_step` returns; see the module docs."""
+    """What :func:`make_train_step` returns; see the module docs.
+
+    Attributes: ``optimizer``, ``compiled``, ``loss`` (the output key), ``fused`` (whether
+    :meth:`init` gives the one-program JAX state), ``last_grad_norm`` and ``rebuilds``
+    (how often the JAX program was built anew after a hyperparameter changed; 0 unless one
+    did)."""
 
     def __init__(self, compiled: Any, optimizer: Any, loss: str = "final_cost", *,
                  grad_norm: bool = False) -> None:
@@ -147,7 +152,7 @@ class TrainStep:
             d.setdefault("_groups_version", 0)
         self._hyper_seen: tuple | None = None
         self._resync = False  # the state's driven hyperparameters are re-read once
-        self.rebuilds = 0
+        self.rebuilds: int = 0
         if self._fused:
             import jax
 
