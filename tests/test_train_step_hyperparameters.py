@@ -161,3 +161,26 @@ def test_a_change_that_alters_the_state_is_refused_naming_it() -> None:
     opt.amsgrad = False
     params, state, _ = step(params, state, batches[1])  # and back: it steps again
     assert int(state.count) == 2
+
+
+def test_the_sharded_step_rebuilds_too() -> None:
+    """make_sharded_train_step (here on one device) builds its program the same way: a
+    change reaches it, and the results are the one-device step's."""
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+
+    results = []
+    for make in (make_sharded_train_step, make_train_step):
+        be = JaxBackend(dtype="float32")
+        compiled, batches = problem(be)
+        opt = Adam(learning_rate=1e-2)
+        step = make(compiled, opt, loss="loss")
+        params = compiled.get_parameters()
+        state = step.init(params)
+        for i, data in enumerate(batches):
+            if i == 2:
+                opt.beta1 = 0.5
+            params, state, _ = step(params, state, data)
+        assert step.rebuilds == 1
+        results.append({k: np.asarray(v) for k, v in params.items()})
+    for k in results[1]:
+        np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-6, atol=1e-7)
