@@ -311,3 +311,26 @@ def test_separate_step_reads_the_norm_when_asked() -> None:
                 ref_params, {k: np.array(be.to_numpy(v)) for k, v in g.items()}, ref_state)
             assert step.last_grad_norm == pytest.approx(ref_state.last_grad_norm, rel=1e-5)
             assert state._report is None
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_an_accumulating_wrapper_runs_the_separate_calls(backend: str) -> None:
+    """Accumulate (the optimizer contract without being an Optimizer): the step runs
+    evaluate + its update on every backend, JAX included (not one program), bit for bit;
+    the wrapped optimizer stepped every second call."""
+    from mithril.utils.accumulation import Accumulate
+
+    def make() -> Accumulate:
+        return Accumulate(Adam(learning_rate=1e-2), 2)
+
+    compiled, be, batches = problem(backend)
+    want, want_losses = separate(compiled, make(), batches)
+    compiled2, _, _ = problem(backend)
+    got, losses, (step, state, _) = fused(compiled2, make(), batches)
+    assert not step.fused and step.from_optimizer_state(state) is state
+    assert (state.step, state.micro_step) == (STEPS // 2, 0)
+    assert losses == want_losses
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    with pytest.raises(TypeError, match="adopt"):
+        step.init(compiled2.get_parameters(), adopt=True)

@@ -52,6 +52,9 @@ How each backend runs it:
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
   program).
+* **A wrapper of the optimizer contract** that is not a mithril optimizer
+  (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
+  backend; :meth:`TrainStep.init` is its ``init``.
 """
 
 from __future__ import annotations
@@ -113,8 +116,12 @@ class TrainStep:
                  grad_norm: bool = False) -> None:
         from .optimizers.base import Optimizer
 
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"make_train_step needs a mithril optimizer, got "
+        own = isinstance(optimizer, Optimizer)
+        if not own and not (callable(getattr(optimizer, "init", None))
+                            and callable(getattr(optimizer, "update", None))
+                            and hasattr(optimizer, "learning_rate")):
+            raise TypeError(f"make_train_step needs a mithril optimizer (or a wrapper with "
+                            f"its init / update / learning_rate, as Accumulate), got "
                             f"{type(optimizer).__name__}")
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
@@ -122,7 +129,8 @@ class TrainStep:
         # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
-        self._fused = self.backend.name == "jax" and not self._closure_driven
+        # a wrapper of the optimizer contract (Accumulate): the separate calls everywhere
+        self._fused = self.backend.name == "jax" and own and not self._closure_driven
         self._cots: dict[str, Any] | None = None
         self._last_grad_norm: Any = None
         self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
@@ -146,7 +154,8 @@ class TrainStep:
         # what the JAX program bakes in besides the learning rate (read every call): the
         # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
         # fallback), by the counts they keep of their changes (see _rebuild)
-        self._hyper_dicts = tuple(vars(o) for o in _optimizers_in(optimizer))
+        self._hyper_dicts = tuple(vars(o) for o in _optimizers_in(optimizer)) \
+            if self._fused else ()
         for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
             d.setdefault("_hyper_version", 0)
             d.setdefault("_groups_version", 0)
@@ -172,6 +181,9 @@ class TrainStep:
         the flat buffer, the originals freed one by one), so the first step copies nothing
         (Adam's peak beyond params + gradients: 8 B/param instead of 12)."""
         if not self.fused:
+            if adopt and not callable(getattr(self.optimizer, "adopt", None)):
+                raise TypeError(f"init(adopt=True): {type(self.optimizer).__name__} cannot "
+                                f"adopt params (a mithril optimizer can)")
             state = self.optimizer.init(params)
             if adopt:
                 self.optimizer.adopt(params, state)
@@ -183,6 +195,10 @@ class TrainStep:
         this step takes, checked against the optimizer and the model's parameters: the fused
         JAX step's ``OptaxState`` (slots, step count, values; the learning rate is the
         optimizer's), else ``state`` itself (the state :meth:`init` gives there)."""
+        from .optimizers.base import Optimizer
+
+        if not isinstance(self.optimizer, Optimizer):
+            return state  # (a wrapper's state: its update checks it)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
         check_state_kind(self.optimizer, state)
@@ -257,8 +273,8 @@ class TrainStep:
         """The global gradient norm of the last step: the optimizer state's
         ``last_grad_norm`` (read when asked, see :class:`OptimizerState`), or the JAX
         program's 0-d array (``grad_norm=True``; else None)."""
-        return self._norm_of.last_grad_norm if self._norm_of is not None else \
-            self._last_grad_norm
+        return getattr(self._norm_of, "last_grad_norm", None) if self._norm_of is not None \
+            else self._last_grad_norm
 
     @last_grad_norm.setter
     def last_grad_norm(self, value: Any) -> None:
