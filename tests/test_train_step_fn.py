@@ -334,3 +334,24 @@ def test_an_accumulating_wrapper_runs_the_separate_calls(backend: str) -> None:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     with pytest.raises(TypeError, match="adopt"):
         step.init(compiled2.get_parameters(), adopt=True)
+
+
+def test_jax_with_nonfinite_raise_runs_the_separate_calls() -> None:
+    """A program cannot raise: with ``nonfinite="raise"`` the JAX step is the separate calls
+    (bit for bit), and a non-finite gradient raises, changing nothing."""
+    def make() -> Adam:
+        return Adam(learning_rate=1e-2, nonfinite="raise")
+
+    compiled, be, batches = problem("jax")
+    want, want_losses = separate(compiled, make(), batches)
+    compiled2, _, _ = problem("jax")
+    got, losses, (step, state, params) = fused(compiled2, make(), batches)
+    assert not step.fused and isinstance(state, OptimizerState)
+    assert losses == want_losses
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    nan = {"input": be.array(np.full((32, 8), np.nan, np.float32)),
+           "target": batches[0]["target"]}
+    with pytest.raises(FloatingPointError):
+        step(params, state, nan)
+    assert state.step == STEPS and all(np.array_equal(host(be, params)[k], got[k]) for k in got)

@@ -1,10 +1,15 @@
 """The pieces of :class:`~mithril.utils.training.TrainStep`'s one-program JAX step (and of
 :class:`~mithril.distributed.jax_parallel.ShardedTrainStep`'s): the program's body, what
-its steady state compares with, and the checks of arrays an earlier step consumed."""
+its steady state compares with, what tells it a hyperparameter changed, and the checks of
+arrays an earlier step consumed and of states converted to and from it."""
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping
 from typing import Any
+
+from ..errors import KeyMismatchError, ShapeError
 
 
 class SteadyState:
@@ -85,3 +90,30 @@ def gradients_norm(grads: list[Any]) -> Any:
     from .optimizers.engines.jax_engine import global_norm
 
     return global_norm(grads)
+
+
+VERSIONS = operator.itemgetter("_hyper_version", "_groups_version")
+
+
+def optimizers_in(opt: Any) -> list[Any]:
+    """``opt`` and the optimizers it holds (Lookahead's ``inner``, Muon's ``fallback``),
+    recursively."""
+    from .optimizers.base import Optimizer
+
+    found = [opt]
+    for v in vars(opt).values():
+        if isinstance(v, Optimizer):
+            found += optimizers_in(v)
+    return found
+
+
+def same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """``got`` (name: shape) holds the parameters ``expected`` holds, of the same shapes."""
+    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unknown:
+        raise KeyMismatchError(f"{what} does not hold the model's parameters: missing "
+                               f"{missing}, unknown {unknown}")
+    for n, shape in expected.items():
+        if tuple(got[n]) != tuple(shape):
+            raise ShapeError(f"{what}: '{n}' has shape {tuple(got[n])}, the parameter "
+                             f"{tuple(shape)}")

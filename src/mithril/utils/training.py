@@ -52,6 +52,8 @@ How each backend runs it:
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
   program).
+* **JAX with** ``nonfinite="raise"`` (a program cannot raise): the separate calls, as with
+  an ``OptimizerState``; :meth:`TrainStep.init` is ``optimizer.init``.
 * **A wrapper of the optimizer contract** that is not a mithril optimizer
   (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
   backend; :meth:`TrainStep.init` is its ``init``.
@@ -72,24 +74,18 @@ from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
-from .train_step_jax import SteadyState, committed, gradients_norm, refuse_consumed, step_body
+from .train_step_jax import (
+    VERSIONS,
+    SteadyState,
+    committed,
+    gradients_norm,
+    optimizers_in,
+    refuse_consumed,
+    same_params,
+    step_body,
+)
 
 __all__ = ["TrainStep", "make_train_step"]
-
-
-_VERSIONS = operator.itemgetter("_hyper_version", "_groups_version")
-
-
-def _optimizers_in(opt: Any) -> list[Any]:
-    """``opt`` and the optimizers it holds (Lookahead's ``inner``, Muon's ``fallback``),
-    recursively."""
-    from .optimizers.base import Optimizer
-
-    found = [opt]
-    for v in vars(opt).values():
-        if isinstance(v, Optimizer):
-            found += _optimizers_in(v)
-    return found
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -129,8 +125,10 @@ class TrainStep:
         # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
-        # a wrapper of the optimizer contract (Accumulate): the separate calls everywhere
-        self._fused = self.backend.name == "jax" and own and not self._closure_driven
+        # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
+        # and for nonfinite="raise" (a program cannot raise)
+        self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
+            optimizer.nonfinite != "raise"
         self._cots: dict[str, Any] | None = None
         self._last_grad_norm: Any = None
         self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
@@ -154,7 +152,7 @@ class TrainStep:
         # what the JAX program bakes in besides the learning rate (read every call): the
         # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
         # fallback), by the counts they keep of their changes (see _rebuild)
-        self._hyper_dicts = tuple(vars(o) for o in _optimizers_in(optimizer)) \
+        self._hyper_dicts = tuple(vars(o) for o in optimizers_in(optimizer)) \
             if self._fused else ()
         for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
             d.setdefault("_hyper_version", 0)
@@ -171,7 +169,8 @@ class TrainStep:
     @property
     def fused(self) -> bool:
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``): on JAX,
-        for every optimizer but a closure-driven one (LBFGS)."""
+        for every optimizer but a closure-driven one (LBFGS) or one made with
+        ``nonfinite="raise"``."""
         return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
@@ -202,7 +201,7 @@ class TrainStep:
         if not isinstance(state, OptimizerState):
             raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
         check_state_kind(self.optimizer, state)
-        _same_params("the optimizer state", dict(zip(state.layout.names, state.layout.shapes)),
+        same_params("the optimizer state", dict(zip(state.layout.names, state.layout.shapes)),
                      self.compiled.program.param_shapes)
         if not self.fused:
             return state
@@ -243,7 +242,7 @@ class TrainStep:
                     for s in out.slots}
         for s, per in held_per.items():  # every slot checked before any is written
             lay = out.slot_layout(s)
-            _same_params(f"opt_state's slot '{s}'", {n: np.shape(v) for n, v in per.items()},
+            same_params(f"opt_state's slot '{s}'", {n: np.shape(v) for n, v in per.items()},
                          dict(zip(lay.names, lay.shapes)))
         eng = out.engine
         for s, flat in out.slots.items():
@@ -416,7 +415,7 @@ class TrainStep:
         return self._tx
 
     def _hyper_versions(self) -> tuple:
-        return tuple(map(_VERSIONS, self._hyper_dicts))
+        return tuple(map(VERSIONS, self._hyper_dicts))
 
     def _rebuild(self) -> None:
         """A hyperparameter other than the learning rate changed since the program was built
@@ -486,7 +485,7 @@ class TrainStep:
 
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
-        if self._tx is not None and tuple(map(_VERSIONS, self._hyper_dicts)) != \
+        if self._tx is not None and tuple(map(VERSIONS, self._hyper_dicts)) != \
                 self._hyper_seen:
             self._rebuild()
         if self._steady is not None and state is None:
@@ -577,16 +576,7 @@ class TrainStep:
         return params, opt_state, out, {**mstate, **new_mstate}
 
 
-def _same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-    """``got`` (name: shape) holds the parameters ``expected`` holds, of the same shapes."""
-    missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or unknown:
-        raise KeyMismatchError(f"{what} does not hold the model's parameters: missing "
-                               f"{missing}, unknown {unknown}")
-    for n, shape in expected.items():
-        if tuple(got[n]) != tuple(shape):
-            raise ShapeError(f"{what}: '{n}' has shape {tuple(got[n])}, the parameter "
-                             f"{tuple(shape)}")
+
 
 
 def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost", *,
