@@ -328,6 +328,7 @@ def test_an_accumulating_wrapper_runs_the_separate_calls(backend: str) -> None:
     compiled2, _, _ = problem(backend)
     got, losses, (step, state, _) = fused(compiled2, make(), batches)
     assert not step.fused and step.from_optimizer_state(state) is state
+    assert step.to_optimizer_state(state, compiled2.get_parameters()) is state
     assert (state.step, state.micro_step) == (STEPS // 2, 0)
     assert losses == want_losses
     for k in want:

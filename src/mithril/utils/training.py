@@ -225,8 +225,10 @@ class TrainStep:
         """The fused JAX step's ``opt_state`` as ``optimizer.init(params)`` would hold it
         after as many updates (for ``optimizer.update``, checkpoints); ``params`` are
         not modified."""
-        if isinstance(opt_state, OptimizerState):
-            return opt_state
+        from .optimizers.base import Optimizer
+
+        if isinstance(opt_state, OptimizerState) or not isinstance(self.optimizer, Optimizer):
+            return opt_state  # (a wrapper's state, as Accumulate's, is its own)
         from ..interop.optax_transform import OptaxState
 
         if not isinstance(opt_state, OptaxState):
