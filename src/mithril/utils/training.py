@@ -43,9 +43,10 @@ How each backend runs it:
 * **JAX with an** :class:`~mithril.utils.optimizers.state.OptimizerState` (what
   ``optimizer.init`` returns): the separate calls, unfused, so that every engine feature
   (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed at every step
-  without compiling anything) is there. :meth:`TrainStep.to_optimizer_state` / :meth:`TrainStep.from_optimizer_state`
-  convert between the two states (e.g. to checkpoint with
-  :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused step).
+  without compiling anything) is there. :meth:`TrainStep.to_optimizer_state` /
+  :meth:`TrainStep.from_optimizer_state` convert between the two states (e.g. to
+  checkpoint with :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused
+  step).
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``), on every backend: one
   ``torch.optim.LBFGS.step(closure)``, the closure being the model's loss and gradients on
   the step's ``data`` at the params L-BFGS asks for (up to ``max_eval`` evaluations a
