@@ -55,6 +55,16 @@ def run(backend: Any, make: Callable[[], Any], change: Callable[[Any, Any, int],
     return {k: np.array(backend.to_numpy(v)) for k, v in params.items()}, step
 
 
+def adam_step(make: Callable = make_train_step) -> tuple:
+    """(optimizer, step, params, state, batches) of an Adam step on JAX, before any step."""
+    be = JaxBackend(dtype="float32")
+    compiled, batches = problem(be)
+    opt = Adam(learning_rate=1e-2)
+    step = make(compiled, opt, loss="loss")
+    params = compiled.get_parameters()
+    return opt, step, params, step.init(params), batches
+
+
 def adamw_groups() -> AdamW:
     return AdamW(learning_rate=1e-2, weight_decay=0.1,
                  param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}])
@@ -128,12 +138,7 @@ def test_a_change_every_step_warns_once() -> None:
     def cycle(opt: Any, driver: Any, i: int) -> None:
         opt.beta1 = 0.85 + 0.01 * i
 
-    be = JaxBackend(dtype="float32")
-    compiled, batches = problem(be)
-    opt = Adam(learning_rate=1e-2)
-    step = make_train_step(compiled, opt, loss="loss")
-    params = compiled.get_parameters()
-    state = step.init(params)
+    opt, step, params, state, batches = adam_step()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i in range(10):
@@ -147,12 +152,7 @@ def test_a_change_every_step_warns_once() -> None:
 def test_a_change_that_alters_the_state_is_refused_naming_it() -> None:
     """``amsgrad`` turned on after the state was made: the state lacks the new slot, and
     the step says so before anything runs (no buffer donated)."""
-    be = JaxBackend(dtype="float32")
-    compiled, batches = problem(be)
-    opt = Adam(learning_rate=1e-2)
-    step = make_train_step(compiled, opt, loss="loss")
-    params = compiled.get_parameters()
-    state = step.init(params)
+    opt, step, params, state, batches = adam_step()
     params, state, _ = step(params, state, batches[0])
     opt.amsgrad = True
     with pytest.raises(ValueError, match="slot"):
@@ -170,12 +170,7 @@ def test_the_sharded_step_rebuilds_too() -> None:
 
     results = []
     for make in (make_sharded_train_step, make_train_step):
-        be = JaxBackend(dtype="float32")
-        compiled, batches = problem(be)
-        opt = Adam(learning_rate=1e-2)
-        step = make(compiled, opt, loss="loss")
-        params = compiled.get_parameters()
-        state = step.init(params)
+        opt, step, params, state, batches = adam_step(make)
         for i, data in enumerate(batches):
             if i == 2:
                 opt.beta1 = 0.5
