@@ -16,7 +16,7 @@ import pytest
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.models import Mean, SquaredError, TrainModel
-from mithril.utils.optimizers import LBFGS, SGD, Adam, OptimizerState
+from mithril.utils.optimizers import LBFGS, SGD, Adam
 from mithril.utils.training import make_train_step
 
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
@@ -150,7 +150,6 @@ def test_from_optimizer_state_is_the_state_itself_where_nothing_is_fused(backend
         step.from_optimizer_state(other)
     with pytest.raises(ValueError, match="SGD"):
         step.from_optimizer_state(SGD().init(params))
-    assert isinstance(state, OptimizerState)
 
 
 def test_a_checkpoint_resumes_the_jax_step_bit_for_bit(tmp_path) -> None:

@@ -113,7 +113,7 @@ class TrainStep:
                  grad_norm: bool = False) -> None:
         from .optimizers.base import Optimizer
 
-        own = isinstance(optimizer, Optimizer)
+        self._own = own = isinstance(optimizer, Optimizer)
         if not own and not (callable(getattr(optimizer, "init", None))
                             and callable(getattr(optimizer, "update", None))
                             and hasattr(optimizer, "learning_rate")):
@@ -195,9 +195,7 @@ class TrainStep:
         this step takes, checked against the optimizer and the model's parameters: the fused
         JAX step's ``OptaxState`` (slots, step count, values; the learning rate is the
         optimizer's), else ``state`` itself (the state :meth:`init` gives there)."""
-        from .optimizers.base import Optimizer
-
-        if not isinstance(self.optimizer, Optimizer):
+        if not self._own:
             return state  # (a wrapper's state: its update checks it)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"expected an OptimizerState, got {type(state).__name__}")
@@ -226,9 +224,7 @@ class TrainStep:
         """The fused JAX step's ``opt_state`` as ``optimizer.init(params)`` would hold it
         after as many updates (for ``optimizer.update``, checkpoints); ``params`` are
         not modified."""
-        from .optimizers.base import Optimizer
-
-        if isinstance(opt_state, OptimizerState) or not isinstance(self.optimizer, Optimizer):
+        if isinstance(opt_state, OptimizerState) or not self._own:
             return opt_state  # (a wrapper's state, as Accumulate's, is its own)
         from ..interop.optax_transform import OptaxState
 
@@ -319,22 +315,20 @@ class TrainStep:
         check_state_kind(self.optimizer, opt_state)  # before the model runs
         c, cots, loss = self.compiled, self._cotangents(), self.loss
         random_step = c.step  # (each training-mode evaluation of a random model moves it)
+        latest = [state]  # the model's state after the last evaluation
+
+        def evaluate(p: Mapping[str, Any]) -> tuple[Any, Any]:
+            if latest[0] is None:
+                return c.evaluate(p, data, output_gradients=cots)
+            out, g, latest[0] = c.evaluate(p, data, output_gradients=cots, state=latest[0])
+            return out, g
+
+        def closure(p: Mapping[str, Any]) -> tuple[Any, Any]:
+            out, g = evaluate(p)
+            return out[loss], g
+
         try:
-            if state is None:
-                outputs, grads = c.evaluate(params, data, output_gradients=cots)
-            else:
-                outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
-                                                   state=state)
-            latest = [state]
-
-            def closure(p: Mapping[str, Any]) -> tuple[Any, Any]:
-                if latest[0] is None:
-                    out, g = c.evaluate(p, data, output_gradients=cots)
-                else:
-                    out, g, latest[0] = c.evaluate(p, data, output_gradients=cots,
-                                                   state=latest[0])
-                return out[loss], g
-
+            outputs, grads = evaluate(params)
             params, opt_state = self.optimizer.update(params, grads, opt_state,
                                                       closure=closure, loss=outputs[loss])
         except BaseException:  # a refused step changes nothing, the model's counter included
@@ -488,8 +482,7 @@ class TrainStep:
 
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
-        if self._tx is not None and tuple(map(VERSIONS, self._hyper_dicts)) != \
-                self._hyper_seen:
+        if self._tx is not None and self._hyper_versions() != self._hyper_seen:
             self._rebuild()
         if self._steady is not None and state is None:
             args = self._steady_args(params, opt_state, data)
@@ -577,9 +570,6 @@ class TrainStep:
                 self._steady = SteadyState.of(self, opt_state, new, data, sig)
             return params, opt_state, out
         return params, opt_state, out, {**mstate, **new_mstate}
-
-
-
 
 
 def make_train_step(compiled_model: Any, optimizer: Any, loss: str = "final_cost", *,

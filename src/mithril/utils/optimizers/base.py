@@ -68,7 +68,7 @@ from . import averaging
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
-from .groups import GroupsMixin
+from .groups import UNSET, GroupsMixin, differs
 from .layout import Layout
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
@@ -124,20 +124,6 @@ def _without_none(gradients: Any) -> Any:
                                                   repeat(None))):
         return {k: g for k, g in gradients.items() if g is not None}
     return gradients
-
-
-_UNSET = object()
-
-
-def _differs(old: Any, new: Any) -> bool:
-    """Whether setting ``new`` over ``old`` changes a hyperparameter (a scheduler sets
-    the same value again on most steps)."""
-    if old is new:
-        return False
-    try:
-        return type(old) is not type(new) or not bool(old == new)
-    except Exception:  # (an array's ambiguous truth value: count it as a change)
-        return True
 
 
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
@@ -260,8 +246,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
-        if name[0] != "_" and name != "learning_rate" and _differs(
-                self.__dict__.get(name, _UNSET), value):
+        if name[0] != "_" and name != "learning_rate" and differs(
+                self.__dict__.get(name, UNSET), value):
             d = self.__dict__
             d["_hyper_version"] = d.get("_hyper_version", 0) + 1
         object.__setattr__(self, name, value)
@@ -285,7 +271,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if self.learning_rate == 0:
             raise ValueError("a group's learning rate is kept as a ratio to the optimizer's, "
                              "which is 0")
-        if _differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
+        if differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
             g["lr_scale"] = lr / self.learning_rate
             self._groups_version += 1
 

@@ -36,6 +36,21 @@ import numpy as np
 if TYPE_CHECKING:
     from .state import OptimizerState
 
+#: a hyperparameter not set before (see :func:`differs`)
+UNSET = object()
+
+
+def differs(old: Any, new: Any) -> bool:
+    """Whether setting ``new`` over ``old`` changes a hyperparameter (a scheduler sets
+    the same value again on most steps)."""
+    if old is new:
+        return False
+    try:
+        return type(old) is not type(new) or not bool(old == new)
+    except Exception:  # (an array's ambiguous truth value: count it as a change)
+        return True
+
+
 #: the options that say which tensors take which hyperparameters
 GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "strict")
 
@@ -351,7 +366,7 @@ class GroupsMixin:
             setattr(self, name, new)
         else:
             g = self._group(group)
-            if name not in g or g[name] != new or type(g[name]) is not type(new):
+            if differs(g.get(name, UNSET), new):
                 g[name] = new
                 self._groups_version += 1  # (a value set again changes nothing)
 
