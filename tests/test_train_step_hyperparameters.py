@@ -1,9 +1,12 @@
 """make_train_step's one-program JAX step sees every hyperparameter change the separate calls
-see: the learning rate is read on every call (nothing recompiles); any other change
-(``opt.beta1 = ...``, a group's learning rate, ``exclude_from_weight_decay``, a scheduler
-driving ``weight_decay``, a Lookahead's inner optimizer) builds the program anew at the next
-call (``step.rebuilds``), and the results stay those of evaluate + update. Changing one at
-every step warns once, pointing at the separate-calls state."""
+see, and compiles as little as it can for them: the learning rate is read on every call
+(nothing recompiles); a float hyperparameter of an elementwise or two-pass optimizer or of one
+of its groups (``beta1``, ``momentum``, ``weight_decay``, ``clip_norm``, a group's learning
+rate) becomes an argument of the program at its first change (one rebuild, ``step.rebuilds``),
+so a schedule changing it at every step compiles once; any other change (a flag,
+``exclude_from_weight_decay``, a Lookahead's inner optimizer) builds the program anew at the
+next call. The results stay those of evaluate + update. Rebuilding at every step warns once,
+pointing at the separate-calls state."""
 
 from __future__ import annotations
 
@@ -18,7 +21,15 @@ import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend
 from mithril.cli.networks import mlp_spec
 from mithril.utils import lr_schedulers as lrs
-from mithril.utils.optimizers import Adam, AdamW, Lookahead, ScheduleFreeAdamW
+from mithril.utils.optimizers import (
+    LAMB,
+    SGD,
+    Adam,
+    AdamW,
+    Lookahead,
+    RMSProp,
+    ScheduleFreeAdamW,
+)
 from mithril.utils.training import make_train_step
 
 STEPS = 6
@@ -108,7 +119,7 @@ CASES = {  # name: (optimizer, change, the rebuilds it takes)
     "beta1 and weight_decay set": (adamw_groups, beta1_and_decay, 1),
     "a group's learning rate": (adamw_groups, group_lr, 1),
     "exclude_from_weight_decay": (adamw_groups, exclude, 1),
-    "a scheduler driving weight_decay": (adamw_groups, scheduled_decay, 2),
+    "a scheduler driving weight_decay": (adamw_groups, scheduled_decay, 1),
     "the learning rate alone": (adamw_groups, lr_only, 0),
     "Lookahead's inner optimizer": (
         lambda: Lookahead(Adam(learning_rate=1e-2), sync_period=2), inner_beta, 1),
@@ -124,6 +135,7 @@ def test_changes_reach_the_program(case: str) -> None:
     sep, _ = run(JaxBackend(dtype="float32"), make, change, fused=False)
     got, step = run(JaxBackend(dtype="float32"), make, change, fused=True)
     assert step.fused and step.rebuilds == rebuilds
+    assert step._jitted._cache_size() == 1  # (a new learning rate compiles nothing either)
     for k in want:
         np.testing.assert_allclose(sep[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
         np.testing.assert_allclose(got[k], sep[k], rtol=1e-6, atol=1e-6, err_msg=k)
@@ -132,21 +144,107 @@ def test_changes_reach_the_program(case: str) -> None:
         assert max(float(np.max(np.abs(unchanged[k] - got[k]))) for k in got) > 1e-4
 
 
-def test_a_change_every_step_warns_once() -> None:
-    """A momentum cycle changes beta1 at every step: each rebuilds the program (the results
-    stay right) and the eighth says so, naming the separate-calls state."""
-    def cycle(opt: Any, driver: Any, i: int) -> None:
-        opt.beta1 = 0.85 + 0.01 * i
+def every_step(attr: str, start: float, delta: float, group: int | None = None) -> Callable:
+    """A change of ``attr`` (of ``param_groups[group]``) at every step, as a scheduler
+    driving it would make (through the optimizer's handle on it)."""
+    def change(opt: Any, driver: Any, i: int) -> None:
+        opt.hyperparameter(attr, group=group).set_learning_rate(start + delta * i)
 
-    opt, step, params, state, batches = adam_step()
+    return change
+
+
+def momentum_cycle(opt: Any, driver: Any, i: int) -> None:
+    opt.beta1, opt.beta2 = 0.95 - 0.02 * i, 0.998 - 0.001 * i
+
+
+def groups_schedule(opt: Any, driver: Any, i: int) -> None:
+    opt.set_learning_rate(0.02 / (i + 1), group=0)  # a torch-style per-group schedule
+    opt.hyperparameter("weight_decay", group=1).set_learning_rate(0.05 * i)
+    opt.weight_decay = 0.1 + 0.05 * i
+
+
+def two_groups(cls: type = AdamW, **kw: Any) -> Callable[[], Any]:
+    return lambda: cls(learning_rate=1e-2, param_groups=[
+        {"params": lambda n: "bias" in n, "weight_decay": 0.0},
+        {"params": lambda n: "weight" in n and "1" in n, "weight_decay": 0.2}], **kw)
+
+
+PER_STEP = {  # name: (optimizer, a change at every step)
+    "Adam's betas (traced scalars)": (lambda: Adam(learning_rate=1e-2), momentum_cycle),
+    "SGD's momentum (scalars on the host)": (
+        lambda: SGD(learning_rate=1e-2, momentum=0.5), every_step("momentum", 0.5, 0.07)),
+    "coupled weight_decay from 0": (
+        lambda: Adam(learning_rate=1e-2), every_step("weight_decay", 0.0, 0.05)),
+    "two groups' learning rate and decay": (two_groups(), groups_schedule),
+    "clip_norm and clip_value": (
+        lambda: Adam(learning_rate=1e-2, clip_norm=1.0, clip_value=0.5),
+        lambda opt, d, i: (every_step("clip_norm", 0.5, -0.06)(opt, d, i),
+                           every_step("clip_value", 0.3, -0.04)(opt, d, i))),
+    "LAMB's beta1 (two-pass)": (
+        lambda: LAMB(learning_rate=1e-2, weight_decay=0.01), every_step("beta1", 0.9, -0.05)),
+    "RMSProp's decay and momentum": (
+        lambda: RMSProp(learning_rate=1e-2, momentum=0.9),
+        lambda opt, d, i: (every_step("decay", 0.99, -0.01)(opt, d, i),
+                           every_step("momentum", 0.85, -0.1)(opt, d, i))),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_STEP))
+def test_a_float_changed_every_step_compiles_once(case: str) -> None:
+    """A schedule changing float hyperparameters at every step: the first change makes
+    them arguments of the program (one rebuild), the later ones compile nothing; the
+    results are the separate calls' (JAX's to 1e-6, NumPy's to float32 rounding)."""
+    make, change = PER_STEP[case]
+    want, _ = run(NumpyBackend(dtype="float32"), make, change, fused=False)
+    sep, _ = run(JaxBackend(dtype="float32"), make, change, fused=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no "compiles again" warning)
+        got, step = run(JaxBackend(dtype="float32"), make, change, fused=True)
+    assert step.rebuilds == 1 and step._jitted._cache_size() == 1
+    for k in want:
+        np.testing.assert_allclose(sep[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], sep[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    unchanged, _ = run(JaxBackend(dtype="float32"), make, lambda *a: None, fused=True)
+    assert max(float(np.max(np.abs(unchanged[k] - got[k]))) for k in got) > 1e-4
+
+
+def test_a_rebuild_every_step_warns_once() -> None:
+    """A change the program bakes in (here a Lookahead's inner optimizer's) made at every
+    step rebuilds it each time (the results stay right); the eighth says so, naming the
+    separate-calls state."""
+    be = JaxBackend(dtype="float32")
+    compiled, batches = problem(be)
+    opt = Lookahead(Adam(learning_rate=1e-2), sync_period=2)
+    step = make_train_step(compiled, opt, loss="loss")
+    params = compiled.get_parameters()
+    state = step.init(params)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i in range(10):
-            cycle(opt, None, i)
+            opt.inner.beta1 = 0.85 + 0.01 * i
             params, state, _ = step(params, state, batches[i % STEPS])
-    mine = [w for w in seen if "compiles the JAX step's program again" in str(w.message)]
+    mine = [w for w in seen if "compiles it again" in str(w.message)]
     assert len(mine) == 1 and mine[0].category is RuntimeWarning
     assert "optimizer.init" in str(mine[0].message) and step.rebuilds == 10
+    assert mine[0].filename == __file__  # (it points at the call)
+
+
+def test_a_fresh_state_takes_the_learning_rate_of_now() -> None:
+    """A state made by step.init after the learning rate changed (a restart with the
+    step already built) runs at the optimizer's rate of now, as optimizer.init's does."""
+    opt, step, params, state, batches = adam_step()
+    for data in batches[:2]:
+        params, state, _ = step(params, state, data)
+    opt.set_learning_rate(1e-3)
+    params, state, _ = step(params, state, batches[2])  # (at the new rate)
+    params = {k: step.backend.array(np.asarray(v)) for k, v in params.items()}  # (donated)
+    got, _, _ = step(params, step.init(params), batches[3])
+    fresh = Adam(learning_rate=1e-3)
+    _, grads = step.compiled.evaluate(params, batches[3], output_gradients={"loss": 1.0})
+    want, _ = fresh.update(params, grads, fresh.init(params))
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6,
+                                   atol=1e-7, err_msg=k)
 
 
 def test_a_change_that_alters_the_state_is_refused_naming_it() -> None:

@@ -254,7 +254,7 @@ class DataParallel:
         a, b = chunks.bounds[me]
         own = names[a:b]
         if opt.clip_norm is not None:
-            _, rows = resolve(opt, names)
+            _, rows, _ = resolve(opt, names)
             per_tensor = [k for k in ("clip_tensor_norm", "clip_block_rms", "adaptive_clip")
                           if getattr(opt, k) is not None or any(r.get(k) is not None
                                                                  for r in rows)]
@@ -370,7 +370,7 @@ class DataParallel:
         cached = state.local.groups
         if cached is None or cached[0] != key:
             a, b = state.chunks.bounds[state.rank]
-            index, rows = resolve(opt, state.names)
+            index, rows, _ = resolve(opt, state.names)
             state.local.groups = (key, index[a:b], rows)
 
     def _sharded(self, params: Mapping[str, Any], gradients: Mapping[str, Any],

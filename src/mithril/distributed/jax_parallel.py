@@ -260,9 +260,10 @@ class ShardedTrainStep(TrainStep):
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
-                    training: bool) -> tuple:
+                    lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
-                ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training)
+                ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training,
+                lr, hyper)
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))
@@ -274,15 +275,16 @@ class ShardedTrainStep(TrainStep):
         jitted = jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
 
         def call(ptuple: tuple, opt_state: Any, ins: dict, rng: Any, mstate: dict,
-                 training: bool) -> tuple:
+                 lr: Any, hyper: Any, training: bool) -> tuple:
             ptuple = tuple(_put(p, rep) for p in ptuple)
             opt_state = jax.tree.map(_put, opt_state, shardings(opt_state))
             ins = self._place_inputs(ins)
             rng = None if rng is None else _put(rng, rep)
             mstate = {k: _put(v, rep) for k, v in mstate.items()}
+            hyper = None if hyper is None else _put(hyper, rep)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                return jitted(ptuple, opt_state, ins, rng, mstate, training=training)
+                return jitted(ptuple, opt_state, ins, rng, mstate, lr, hyper, training=training)
 
         return call
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,13 +30,14 @@ def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
-                         scalars: str = "auto") -> Any:
+                         scalars: str = "auto", traced_hyperparams: Sequence[str] = ()) -> Any:
     """``optimizer`` (a mithril optimizer) as an ``optax.GradientTransformation``
     with pure, jittable ``init``/``update``; see
     :func:`mithril.interop.optax_transform.optax_transformation`."""
     from .optax_transform import optax_transformation as make
 
-    return make(optimizer, learning_rate=learning_rate, scalars=scalars)
+    return make(optimizer, learning_rate=learning_rate, scalars=scalars,
+                traced_hyperparams=traced_hyperparams)
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

@@ -43,8 +43,9 @@ def _on_numbers(real: Callable, traced: Callable) -> Callable:
 
 
 def _value(x: Any) -> Any:
-    """``x``, a :class:`_Step` or :class:`_Power` as the JAX value it stands for."""
-    return x.value() if isinstance(x, (_Step, _Power)) else x
+    """``x``, a :class:`_Step`, :class:`_Power` or :class:`_Hyper` as the JAX value it
+    stands for."""
+    return x.value() if isinstance(x, (_Step, _Power, _Hyper)) else x
 
 
 def _lifted(name: str, reflected: bool = False) -> Callable:
@@ -111,8 +112,8 @@ class _Power:
     precision in float32 (``jnp.power(float32(β), t)`` loses ~1e-5 of it for β near 1: β's
     own rounding, compounded t times, cancels in ``1 − βᵗ``)."""
 
-    def __init__(self, base: float, t: Any) -> None:
-        self.log_base, self.t = math.log(base), t
+    def __init__(self, base: float, t: Any, log_base: Any = None) -> None:
+        self.log_base, self.t = math.log(base) if log_base is None else log_base, t
 
     def exponent(self) -> Any:
         return self.t * self.log_base
@@ -135,6 +136,33 @@ class _Power:
         if isinstance(c, (int, float)):
             return jnp.expm1(self.exponent()) + (1 - c)
         return self.value() - _value(c)
+
+
+@_with_operators
+class _Hyper:
+    """A traced hyperparameter as ``scalars(step)`` sees it: the pair ``(hi, lo)`` whose
+    sum is its float64 value (:func:`~mithril.interop.optax_hyperparams.pair`). ``c − h``
+    is ``(c − hi) − lo`` and ``h ** step`` a :class:`_Power` of ``ln h = ln hi + lo/hi``,
+    so ``1 − β`` and ``1 − βᵗ`` keep the precision the engines' float64 gives them (β₂ =
+    0.999 as one float32 would make ``1 − β₂`` 1.3e-5 off); any other use is ``hi + lo``'s."""
+
+    def __init__(self, hi: Any, lo: Any) -> None:
+        self.hi, self.lo = hi, lo
+
+    def value(self) -> Any:
+        return self.hi + self.lo
+
+    def __rsub__(self, c: Any) -> Any:
+        if isinstance(c, (int, float)):
+            return (c - self.hi) - self.lo
+        return _value(c) - self.value()
+
+    def __pow__(self, e: Any) -> Any:
+        if isinstance(e, _Step):
+            import jax.numpy as jnp
+
+            return _Power(1.0, e.t, jnp.log(self.hi) + self.lo / self.hi)
+        return self.value() ** _value(e)
 
 
 class _MathShim(types.ModuleType):
@@ -198,28 +226,43 @@ def _averaging_weights(opt: Any, t: Any) -> list[Any]:
     return out
 
 
-def _static_prologue(view: Any) -> tuple[float, float, float]:
+def _prologue_terms(view: Any) -> tuple[Any, Any, Any]:
     """(clip_value or 0, coupled L2 factor, decoupled weight decay) of a group's view, as
-    :func:`~mithril.utils.optimizers.engines.common.prologue` applies them."""
-    cv = float(view.clip_value or 0.0)
+    :func:`~mithril.utils.optimizers.engines.common.prologue` applies them (traced where
+    the view's values are)."""
+    cv = 0.0 if view.clip_value is None else view.clip_value
     if view.weight_decay_in_math:
         return cv, 0.0, 0.0
     if view.decoupled_weight_decay:
-        return cv, 0.0, float(view.weight_decay)
-    return cv, float(view.weight_decay), 0.0
+        return cv, 0.0, view.weight_decay
+    return cv, view.weight_decay, 0.0
+
+
+def _static_prologue(view: Any) -> tuple[float, float, float]:
+    """:func:`_prologue_terms` as floats (the values the program bakes in)."""
+    return tuple(float(x) for x in _prologue_terms(view))  # type: ignore[return-value]
+
+
+def _with_attrs(view: Any, scale: Any, lr: Any, attrs: dict[str, Any] | None) -> Any:
+    """A copy of ``view`` at learning rate ``lr`` times its scale (a traced group
+    ``lr_scale`` of ``attrs`` in place of ``scale``), with ``attrs`` set."""
+    v = copy.copy(view)
+    attrs = dict(attrs or {})
+    v.learning_rate = lr * attrs.pop("lr_scale", scale)
+    v.__dict__.update(attrs)
+    return v
 
 
 def _traced_row(view: Any, scale: float, t: Any, lr: Any,
                 attrs: dict[str, Any] | None = None,
                 values: dict[str, Any] | None = None) -> list[Any]:
     """(decoupled keep factor, *full scalars) of one group for step ``t`` (traced);
-    ``attrs``: hyperparameters the state drives, set on a copy of the view; ``values``:
-    the state's values, those ``scalars`` reads passed to it (None: the initial ones)."""
-    v = copy.copy(view)
-    v.learning_rate = lr * scale
-    v.__dict__.update(attrs or {})
+    ``attrs``: hyperparameters traced in the program (driven by the state, or given to
+    ``update``), set on a copy of the view; ``values``: the state's values, those
+    ``scalars`` reads passed to it (None: the initial ones)."""
+    v = _with_attrs(view, scale, lr, attrs)
     scal = [*_scalars(v, t, values), *_averaging_weights(v, t)]
-    keep = 1.0 - scal[0] * _static_prologue(v)[2]
+    keep = 1.0 - scal[0] * _value(_prologue_terms(v)[2])
     return [keep, *scal]
 
 
@@ -230,9 +273,9 @@ def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
     padded with zeros to the longest (``values``: as for :func:`_traced_row`)."""
     rows = []
     for r, (v, s) in enumerate(zip(views, scales)):
-        v.learning_rate = lr * s
-        if attrs:
-            v.__dict__.update(attrs[r])
+        a = dict(attrs[r]) if attrs else {}
+        v.learning_rate = lr * a.pop("lr_scale", s)  # (on the view itself: ASGD keeps lrs)
+        v.__dict__.update(a)
         scal = v.full_scalars(t, values)
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
@@ -281,26 +324,32 @@ def _needs_no_probe(views: list[Any]) -> bool:
                and v.ema_decay is None and v.swa_start is None for v in views)
 
 
-def _probe(views: list[Any], scales: list[float], trust_known: bool = True) -> str | None:
+def _probe(views: list[Any], scales: list[float], trust_known: bool = True,
+           attrs: list[dict[str, float]] | None = None) -> str | None:
     """Why the scalars cannot be traced (None when they can and agree with the host's).
-    The state values ``scalars`` reads are traced too (at their initial values).
-    ``trust_known``: None at once for :func:`_needs_no_probe` views."""
+    The state values ``scalars`` reads are traced too (at their initial values), and so
+    are each row's ``attrs`` (traced hyperparameters, at their values here).
+    ``trust_known``: None at once for :func:`_needs_no_probe` views without ``attrs``."""
     import jax
     import jax.numpy as jnp
 
     from ..utils.optimizers.state import scalar_arguments
+    from .optax_hyperparams import pair
 
-    if trust_known and _needs_no_probe(views):
+    attrs = attrs or [{} for _ in views]
+    if trust_known and not any(attrs) and _needs_no_probe(views):
         return None
 
     init = scalar_arguments(views[0], None)
     names = sorted(init)
+    wide = jnp.result_type(float)
+    pairs = [{k: pair(x, wide) for k, x in a.items()} for a in attrs]
 
-    def rows(t: Any, lr: Any, *vals: Any) -> Any:
+    def rows(t: Any, lr: Any, hyper: list[dict[str, Any]], *vals: Any) -> Any:
         values = dict(zip(names, vals))
-        return [jnp.stack([jnp.asarray(x, dtype=jnp.result_type(float)) for x in
-                           _traced_row(v, s, t, lr, None, values)])
-                for v, s in zip(views, scales)]
+        return [jnp.stack([jnp.asarray(x, dtype=wide) for x in _traced_row(
+            v, s, t, lr, {k: _Hyper(p[0], p[1]) for k, p in h.items()}, values)])
+                for v, s, h in zip(views, scales, hyper)]
 
     def padded(got: list[Any]) -> np.ndarray:
         width = max(len(r) for r in got)
@@ -309,7 +358,7 @@ def _probe(views: list[Any], scales: list[float], trust_known: bool = True) -> s
 
     lr0 = float(views[0].learning_rate) or 1e-3
     try:
-        jax.make_jaxpr(rows)(np.int32(1), np.float32(lr0),
+        jax.make_jaxpr(rows)(np.int32(1), np.float32(lr0), pairs,
                              *(np.float32(init[k]) for k in names))
     except Exception as e:  # noqa: BLE001 - any failure: compute them on the host
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -318,9 +367,9 @@ def _probe(views: list[Any], scales: list[float], trust_known: bool = True) -> s
     jitted = jax.jit(rows)  # one small program for every step below (eager: one per operation)
     with jax.ensure_compile_time_eval():
         for t in (1, 2, 3, 10, 1000):
-            got = padded(jitted(jnp.int32(t), jnp.asarray(lr0),
+            got = padded(jitted(jnp.int32(t), jnp.asarray(lr0), pairs,
                                 *(jnp.asarray(init[k]) for k in names)))
-            want = _host_rows(fresh, scales, t, lr0, None, init)
+            want = _host_rows(fresh, scales, t, lr0, attrs, init)
             tol = 1e-12 if jax.config.jax_enable_x64 else 1e-5
             if got.shape != want.shape or not np.allclose(got, want, rtol=tol, atol=1e-30,
                                                           equal_nan=True):
@@ -334,16 +383,23 @@ class _Plan:
     """What one parameter structure needs, worked out once per tree structure: each
     tensor's row (``index``), one optimizer per row (``views``) with its learning rate's
     ratio to the optimizer's (``scales``), what each row's group overrides, per-tensor
-    clipping, and how the scalars are computed."""
+    clipping, and how the scalars are computed. ``owners``: each row's (group, decays);
+    ``traced``: the hyperparameters the update reads at every step (names as in
+    :mod:`.optax_hyperparams`), ``live`` each row's share of them."""
 
     def __init__(self, index: list[int], views: list[Any], scales: list[float], mode: str,
-                 overrides: list[set[str]] | None = None, clips: list[tuple] | None = None
-                 ) -> None:
+                 overrides: list[set[str]] | None = None, clips: list[tuple] | None = None,
+                 owners: list[tuple] | None = None, traced: tuple[str, ...] = ()) -> None:
         self.index = [int(i) for i in index]
         self.views = views
         self.scales = scales
         self.overrides = overrides or [set() for _ in views]
+        self.owners = owners or [(None, True) for _ in views]
         self.static = [_static_prologue(v) for v in views]
+        self.live = self.attrs(dict.fromkeys(traced, True))
+        #: each row's weight decay: "l2" (coupled), "decoupled" or "" (in the math)
+        self.decay = ["" if v.weight_decay_in_math else
+                      "decoupled" if v.decoupled_weight_decay else "l2" for v in views]
         #: each row's (clip_tensor_norm, clip_block_rms), where any row clips per tensor
         if clips is None:
             clips = [(getattr(v, "clip_tensor_norm", None), getattr(v, "clip_block_rms", None))
@@ -352,7 +408,9 @@ class _Plan:
         self.host_views = [copy.copy(v) for v in views]  # kept: ASGD remembers lrs
         self.widths = [1 + len(copy.copy(v).full_scalars(1)) for v in views]
         self.width = max(self.widths, default=1)  # the host table's (keep factor, scalars), padded
-        reason = None if mode == "host" else _probe(views, self.scales)
+        now = [{k: (s if k == "lr_scale" else getattr(v, k)) for k in live}
+               for v, s, live in zip(views, scales, self.live)]
+        reason = None if mode == "host" else _probe(views, self.scales, attrs=now)
         if mode == "traced" and reason is not None:
             raise TypeError(f"scalars='traced': {reason}; use scalars='auto' or 'host' (a "
                             f"host callback)")
@@ -360,27 +418,35 @@ class _Plan:
         self.reason = reason
 
     @classmethod
-    def of_groups(cls, opt: Any, names: list[str], mode: str) -> _Plan:
+    def of_groups(cls, opt: Any, names: list[str], mode: str, traced: tuple[str, ...] = ()
+                  ) -> _Plan:
         """The plan of an elementwise optimizer: its parameter groups' rows."""
-        from types import SimpleNamespace
+        from ..utils.optimizers.groups import resolve, views
 
-        holder = SimpleNamespace(groups=None, layout=SimpleNamespace(name_list=names))
-        index, views = opt.group_rows(holder)
-        rows = holder.groups[2] if holder.groups is not None else [{}] * len(views)
-        return cls(list(index), views, [float(r.get("lr_scale", 1.0)) for r in rows], mode,
-                   [set(r) for r in rows])
+        index, rows, owners = resolve(opt, names)
+        return cls(list(index), views(opt, rows), [float(r.get("lr_scale", 1.0)) for r in rows],
+                   mode, [set(r) for r in rows], owners=owners, traced=traced)
 
     def attrs(self, driven: dict[str, Any]) -> list[dict[str, Any]]:
-        """Each row's share of ``driven`` (attribute -> value): all but what its group
-        overrides."""
-        return [{k: v for k, v in driven.items() if k not in over} for over in self.overrides]
+        """Each row's share of ``driven`` (hyperparameter name -> value; see
+        :func:`~mithril.interop.optax_hyperparams.row_attrs`), by attribute."""
+        from .optax_hyperparams import row_attrs
+
+        return row_attrs(self.owners, self.overrides, driven)
+
+
+def _pair_of(x: Any) -> tuple[Any, Any]:
+    """A driven value as (hi, lo): a :class:`_Hyper`'s own, a plain one's with lo 0."""
+    return (x.hi, x.lo) if isinstance(x, _Hyper) else (x, 0.0)
 
 
 def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
                  values: dict[str, Any] | None = None) -> list[list[Any]]:
     """Each row's (keep factor, *full scalars) for step ``t`` (traced), as JAX values of
     dtype ``dt``: traced, or computed on the host by a ``jax.pure_callback``. ``driven``:
-    the hyperparameters from the state, set on (a copy of) each view first; ``values``:
+    the hyperparameters the program reads (from the state, or :class:`_Hyper` pairs given
+    to the update; names as in :mod:`.optax_hyperparams`), set on (a copy of) each view
+    first; ``values``:
     the state values ``scalars`` reads (its ``scalar_values``), passed to it as keyword
     arguments."""
     import jax
@@ -394,15 +460,16 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
 
         def callback(step: Any, rate: Any, *vals: Any) -> np.ndarray:
             got = [float(v) for v in vals]
-            hyper = dict(zip(names, got))
-            state_values = dict(zip(vnames, got[len(names):]))
-            per_row = [{k: hyper[k] for k in a} for a in attrs]
+            n = 2 * len(names)  # (each driven value as hi, lo: its float64 value)
+            hyper = {k: got[2 * i] + got[2 * i + 1] for i, k in enumerate(names)}
+            state_values = dict(zip(vnames, got[n:]))
             return _host_rows(plan.host_views, plan.scales, int(step), float(rate),
-                              per_row, state_values).astype(out_dt)
+                              plan.attrs(hyper), state_values).astype(out_dt)
 
         table = jax.pure_callback(
             callback, jax.ShapeDtypeStruct((len(plan.views), plan.width), dt), t,
-            jnp.asarray(lr, dt), *(jnp.asarray(driven[k], dt) for k in names),
+            jnp.asarray(lr, dt), *(jnp.asarray(x, dt) for k in names
+                                   for x in _pair_of(driven[k])),
             *(jnp.asarray(values[k], dt) for k in vnames), vmap_method="sequential")
         return [[table[r, j] for j in range(w)] for r, w in enumerate(plan.widths)]
     return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t, jnp.asarray(lr, dt), a, values)]

@@ -110,12 +110,14 @@ def state_hyperparams(opt: Any) -> tuple[str, ...]:
 
 # -- tensor_scalars on the host ----------------------------------------------------------------
 def _as_host(opt: Any, t: int, lr: float, sums: Any, cols: Any, tensors: Any, values: Any,
-             sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             sizes: np.ndarray, attrs: dict[str, float] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``opt.tensor_scalars`` on the host, as the engines call it (float64 arrays, the
     values as Python floats, the optimizer at learning rate ``lr``): (extras, shape (e, n);
     tensor slots, (s, n); values, (v,))."""
     host = copy.copy(opt)
     host.learning_rate = lr
+    host.__dict__.update(attrs or {})  # (the traced hyperparameters' values)
     n = len(sizes)
     names_t, names_v = tuple(opt.tensor_slots), tuple(opt.state_values)
     f64 = np.float64
@@ -137,11 +139,13 @@ def _as_host(opt: Any, t: int, lr: float, sums: Any, cols: Any, tensors: Any, va
 
 def host_tensor_scalars(opt: Any, t: Any, lr: Any, sums: tuple, cols: tuple,
                         tensors: dict[str, Any], values: dict[str, Any], sizes: np.ndarray,
-                        dt: Any) -> tuple[tuple, dict[str, Any], dict[str, Any]]:
+                        dt: Any, wide: dict[str, tuple] | None = None
+                        ) -> tuple[tuple, dict[str, Any], dict[str, Any]]:
     """``opt.tensor_scalars`` computed on the host in float64 by a ``jax.pure_callback``
     (pure and jittable: the engines' very function), for traced ``t``, ``lr`` and the
-    per-tensor arrays (each of shape ``(n,)``). Returns what ``tensor_scalars`` does, as JAX
-    arrays of dtype ``dt``."""
+    per-tensor arrays (each of shape ``(n,)``); ``wide``: traced optimizer-wide
+    hyperparameters, each as its (hi, lo) pair. Returns what ``tensor_scalars`` does, as
+    JAX arrays of dtype ``dt``."""
     import jax
     import jax.numpy as jnp
 
@@ -155,9 +159,12 @@ def host_tensor_scalars(opt: Any, t: Any, lr: Any, sums: tuple, cols: tuple,
     n_ext = probe[0].shape[0]
     out_dt = np.dtype(dt)
 
-    def callback(step: Any, rate: Any, s: Any, c: Any, ts: Any, vs: Any) -> tuple:
+    names = sorted(wide or {})
+
+    def callback(step: Any, rate: Any, s: Any, c: Any, ts: Any, vs: Any, hs: Any) -> tuple:
+        attrs = {k: float(hs[i, 0]) + float(hs[i, 1]) for i, k in enumerate(names)}
         got = _as_host(opt, int(step), float(rate), list(s), list(c), list(ts), list(vs),
-                       sizes)
+                       sizes, attrs)
         return tuple(x.astype(out_dt) for x in got)
 
     def stacked(xs: Any, rows: int) -> Any:
@@ -169,7 +176,9 @@ def host_tensor_scalars(opt: Any, t: Any, lr: Any, sums: tuple, cols: tuple,
         callback, shapes, t, jnp.asarray(lr, dt), stacked(sums, len(sums)),
         stacked(cols, len(cols)), stacked([tensors[s] for s in names_t], len(names_t)),
         jnp.stack([jnp.asarray(values[v], dt) for v in names_v]) if names_v
-        else jnp.zeros((0,), dt), vmap_method="sequential")
+        else jnp.zeros((0,), dt),
+        jnp.array([[jnp.asarray(x, dt) for x in wide[k]] for k in names], dt).reshape(
+            len(names), 2), vmap_method="sequential")
     return (tuple(ext[i] for i in range(n_ext)), {s: new_t[i] for i, s in enumerate(names_t)},
             {v: new_v[i] for i, v in enumerate(names_v)})
 

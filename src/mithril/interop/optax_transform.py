@@ -91,12 +91,14 @@ refused with a ``TypeError`` naming the optimizer and why.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..utils.optimizers.engines.jax_engine import scaled_norm
-from .optax_scalars import _INT32_MAX, _Plan, _probe, _row_scalars
+from .optax_hyperparams import check as check_traced
+from .optax_scalars import _INT32_MAX, _Hyper, _pair_of, _Plan, _probe, _row_scalars, _value
 from .optax_special import schedule_free_eval_params
 
 __all__ = ["OptaxState", "optax_transformation", "scalars_on_host",
@@ -186,42 +188,47 @@ def _tensor_clip_scales(plan: _Plan, grads: list[Any], dt: Any) -> tuple[list, l
 
 
 def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
-              rows: list[list[Any]], skip: bool) -> tuple[list[Any], list[Any], Any]:
+              rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None
+              ) -> tuple[list[Any], list[Any], Any]:
     """The gradients and params the math sees: each tensor clipped by its own norm / RMS,
     then all by the global norm and by value; coupled weight decay added to the gradient,
     decoupled applied to the param (``rows[r][0]``, the keep factor). Also the global norm
-    (None when neither clipping nor ``nonfinite="skip"`` needs it)."""
+    (None when neither clipping nor ``nonfinite="skip"`` needs it). ``attrs``: each row's
+    traced hyperparameters (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
     import jax.numpy as jnp
 
-    norm = scaled_norm(grads) if (opt.clip_norm is not None or skip) else None
+    attrs = attrs or [{} for _ in plan.views]
+    clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
+    norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
     scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
     factors: list[Any] = [None] * len(leaves)
     if scales is not None:
-        if opt.clip_norm is not None:  # the clipped gradients' norm
+        if clip_norm is not None:  # the clipped gradients' norm
             f, sq = scales
             clipped = jnp.sqrt(sum(s * x * x for s, x in zip(sq, f)))
-            gscale = jnp.minimum(1.0, jnp.asarray(opt.clip_norm, clipped.dtype)
-                                 / (clipped + 1e-6))
+            gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, clipped.dtype) / (clipped + 1e-6))
             factors = [x * gscale for x in f]
         else:
             factors = list(scales[0])
-    elif opt.clip_norm is not None:
-        gscale = jnp.minimum(1.0, jnp.asarray(opt.clip_norm, norm.dtype) / (norm + 1e-6))
+    elif clip_norm is not None:
+        gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, norm.dtype) / (norm + 1e-6))
         factors = [gscale] * len(leaves)
     gs, ps = [], []
     for i, (p, g) in enumerate(zip(leaves, grads)):
         r = plan.index[i]
         cv, l2, dwd = plan.static[r]
+        live, a = plan.live[r], attrs[r]
         g = g.astype(p.dtype)
         if factors[i] is not None:
             g = g * factors[i].astype(p.dtype)
-        if cv > 0:
-            c = jnp.asarray(cv, p.dtype)
+        if cv > 0 or "clip_value" in live:
+            c = jnp.asarray(_value(a.get("clip_value", cv)), p.dtype)
             g = jnp.clip(g, -c, c)
-        if l2:
-            g = g + jnp.asarray(l2, p.dtype) * p
+        if l2 or ("weight_decay" in live and plan.decay[r] == "l2"):
+            g = g + jnp.asarray(_value(a.get("weight_decay", l2)), p.dtype) * p
         gs.append(g)
-        ps.append(p * rows[r][0].astype(p.dtype) if dwd else p)
+        decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
+        ps.append(p * rows[r][0].astype(p.dtype) if decays else p)
     return gs, ps, norm
 
 
@@ -345,7 +352,7 @@ def _copy_optimizer(optimizer: Any) -> Any:
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
-                         scalars: str = "auto") -> Any:
+                         scalars: str = "auto", traced_hyperparams: Sequence[str] = ()) -> Any:
     """``optimizer`` (a mithril optimizer: elementwise, two-pass, tensorwise; not LBFGS) as
     an ``optax.GradientTransformation`` whose ``init(params)`` / ``update(updates, state,
     params)`` are pure and jittable (see the module docs).
@@ -356,7 +363,15 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     schedule of the 0-based step count. ``scalars``: ``"auto"`` (traced where the
     optimizer's ``scalars(step)`` (and a two-pass optimizer's ``tensor_scalars``) is
     arithmetic, else computed on the host by a ``jax.pure_callback``), ``"traced"`` (refuse
-    otherwise) or ``"host"``."""
+    otherwise) or ``"host"``.
+
+    ``traced_hyperparams``: float hyperparameters the program reads at every update instead
+    of baking in (names as in :mod:`.optax_hyperparams`: ``"beta1"``,
+    ``"param_groups[1].lr_scale"``; sorted, as the transformation keeps them); their
+    values are then passed to every call as ``update(..., hyper=pairs)``, row ``i`` of
+    ``pairs`` the ``[hi, lo]`` of the ``i``-th name (:func:`~.optax_hyperparams.pair`), so
+    a change compiles nothing. What :func:`~mithril.utils.training.make_train_step` uses once a
+    hyperparameter has changed; an elementwise or two-pass optimizer's only."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -365,6 +380,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     if scalars not in _MODES:
         raise ValueError(f"scalars must be one of {_MODES}, got {scalars!r}")
     opt = _copy_optimizer(optimizer)
+    traced = check_traced(opt, traced_hyperparams)
+    if traced and kind == "tensorwise":
+        raise TypeError(f"traced_hyperparams: {type(opt).__name__}'s per-tensor update bakes "
+                        f"its hyperparameters in (build the transformation again to change one)")
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
 
@@ -403,7 +422,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     def plan_for(treedef: Any, names: list[str]) -> _Plan:
         plan = plans.get(treedef)
         if plan is None:
-            plan = plans[treedef] = _Plan.of_groups(opt, names, scalars)
+            plan = plans[treedef] = _Plan.of_groups(opt, names, scalars, traced)
         return plan
 
     def init(params: Any) -> OptaxState:
@@ -423,27 +442,38 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                           _initial_hyperparams(opt, learning_rate))
 
     def run_tensor_scalars(t: Any, lr: Any, sums: tuple, cols: tuple, tens: dict[str, Any],
-                           values: dict[str, Any], sizes: np.ndarray) -> tuple:
+                           values: dict[str, Any], sizes: np.ndarray, wide: dict[str, Any]
+                           ) -> tuple:
         """``opt.tensor_scalars`` traced (arithmetic and elementwise functions only), else
-        on the host (a ``jax.pure_callback``: NumPy, Python control flow)."""
+        on the host (a ``jax.pure_callback``: NumPy, Python control flow); ``wide``: the
+        optimizer-wide traced hyperparameters, set on it."""
         if scalars != "host":
-            traced = copy.copy(opt)
-            traced.learning_rate = lr
+            copied = copy.copy(opt)
+            copied.learning_rate = lr
+            copied.__dict__.update(wide)
             try:
-                return traced.tensor_scalars(t, sums, cols, dict(tens), dict(values), sizes)
+                return copied.tensor_scalars(t, sums, cols, dict(tens), dict(values), sizes)
             except Exception as e:  # noqa: BLE001 - not traceable: on the host
                 if scalars == "traced":
                     raise TypeError(
                         f"scalars='traced': {opt_name}.tensor_scalars does not run on traced "
                         f"JAX values ({type(e).__name__}: {e}); use scalars='auto' or 'host' "
                         f"(a host callback)") from e
-        return host_tensor_scalars(opt, t, lr, sums, cols, tens, values, sizes, _wide())
+        return host_tensor_scalars(opt, t, lr, sums, cols, tens, values, sizes, _wide(),
+                                   {k: _pair_of(v) for k, v in wide.items()})
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
-               new_params: bool = False) -> tuple[Any, OptaxState]:
+               new_params: bool = False, hyper: dict[str, Any] | None = None
+               ) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
-        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip)."""
+        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
+        values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows."""
         _check_update(opt_name, state, params)
+        got = (0, 2) if hyper is None else tuple(np.shape(hyper))
+        if got != (len(traced), 2):
+            raise ValueError(f"{opt_name}: update(hyper=...) must be the [hi, lo] pairs of "
+                             f"the traced hyperparameters {list(traced)} (shape "
+                             f"({len(traced)}, 2)), got shape {got}")
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
         plan = plan_for(treedef, names)
@@ -454,12 +484,14 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         t = count + 1
         lr = _step_lr(learning_rate, state)
         driven = {h: state.hyperparams[h] for h in driven_hyper}
+        driven.update({k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)})
         rows = _row_scalars(plan, t, lr, driven, _wide(),
                             {v: state.values[v] for v in scalar_values})
+        attrs = plan.attrs(driven)
         n_full = len(rows[0]) - 1
         n_own = n_full - n_avg
         skip = opt.nonfinite == "skip"
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip)
+        gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip, attrs)
 
         def own_scalars(i: int) -> list[Any]:
             return rows[plan.index[i]][1:1 + n_own]
@@ -487,8 +519,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
             sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
                              dtype=np.int64)
-            ext, new_t, new_values = run_tensor_scalars(t, lr, tuple(sums), cols, tens,
-                                                        dict(state.values), sizes)
+            ext, new_t, new_values = run_tensor_scalars(
+                t, lr, tuple(sums), cols, tens, dict(state.values), sizes,
+                {k: v for k, v in driven.items() if k in traced and "[" not in k})
             if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
                 raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
                                    f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")

@@ -1,13 +1,17 @@
 """The pieces of :class:`~mithril.utils.training.TrainStep`'s one-program JAX step (and of
 :class:`~mithril.distributed.jax_parallel.ShardedTrainStep`'s): the program's body, what
-its steady state compares with, what tells it a hyperparameter changed, and the checks of
-arrays an earlier step consumed and of states converted to and from it."""
+its steady state compares with, the watch on the hyperparameters it reads
+(:class:`HyperparameterWatch`), and the checks of arrays an earlier step consumed and of
+states converted to and from it."""
 
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
 
@@ -63,12 +67,18 @@ def committed(tree: Any) -> Any:
 
 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
-              inputs: dict, rng: Any, mstate: dict, training: bool) -> tuple:
+              inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
+              hyper: Any = None) -> tuple:
     """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
-    ``ptuple`` and the optimizer's update (``tx``, an optax transformation). Returns (new
-    params tuple, new optimizer state, outputs, new model state (the old one where no
-    operator keeps any), gradients)."""
+    ``ptuple`` and the optimizer's update (``tx``, an optax transformation, at learning rate
+    ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
+    Returns (new params tuple, new optimizer state, outputs, new model state (the old one
+    where no operator keeps any), gradients)."""
     import jax.numpy as jnp
+
+    if lr is not None:  # (a Python float argument: no array to make per change, no commit)
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                                    "learning_rate": lr})
 
     cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
     if with_ctx:
@@ -79,7 +89,7 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     names = ev.names
     params = dict(zip(names, ptuple, strict=True))
     new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
-                                      new_params=True)
+                                      new_params=True, **({} if hyper is None else {"hyper": hyper}))
     new = tuple(new_params[n] for n in names)
     return new, opt_state, out, mstate, grads
 
@@ -107,6 +117,46 @@ def optimizers_in(opt: Any) -> list[Any]:
     return found
 
 
+def hyper_snapshot(opt: Any) -> dict[str, Any]:
+    """Every hyperparameter of ``opt`` but the learning rate, by the names
+    :mod:`~mithril.interop.optax_hyperparams` traces them under (its own, each group's
+    overrides), and under ``"_structure"`` what the groups match and the optimizer's and
+    each group's slots and update rule (what no traced value can change)."""
+    from .optimizers.groups import views
+
+    snap = {k: v for k, v in vars(opt).items() if k[0] != "_" and k != "learning_rate"}
+    groups = getattr(opt, "_groups", None) or []
+    for g, group in enumerate(groups):  # (a group's lr_scale is 1.0 until set)
+        snap.update({f"param_groups[{g}].{k}": v for k, v in
+                     {"lr_scale": 1.0, **group}.items() if k != "params"})
+    rules = [(v.full_slot_names(), v.kernel_math()) for v in
+             views(opt, [{}] + [{k: x for k, x in g.items() if k != "params"} for g in groups])]
+    snap["_structure"] = ([g.get("params") for g in groups], getattr(opt, "_wd_mask", None),
+                          list(getattr(opt, "_wd_exclude", None) or ()), rules)
+    return snap
+
+
+def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any]
+                      ) -> set[str] | None:
+    """The names whose values differ between the snapshots ``old`` and ``new`` of ``opt``
+    (:func:`hyper_snapshot`), where each is a float hyperparameter the program may read
+    at every step; None where any change shapes the program (an integer, flag, string,
+    new group override, the groups' matching, the slots or the update rule)."""
+    from ..interop.optax_hyperparams import check, is_float
+    from .optimizers.groups import UNSET, differs
+
+    changed = {k for k in old.keys() | new.keys()
+               if differs(old.get(k, UNSET), new.get(k, UNSET))}
+    if any(k == "_structure" or k not in old or k not in new or not is_float(old[k])
+           or not is_float(new[k]) for k in changed):
+        return None
+    try:
+        check(opt, sorted(changed))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return changed
+
+
 def same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     """``got`` (name: shape) holds the parameters ``expected`` holds, of the same shapes."""
     missing, unknown = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -117,3 +167,126 @@ def same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) 
         if tuple(got[n]) != tuple(shape):
             raise ShapeError(f"{what}: '{n}' has shape {tuple(got[n])}, the parameter "
                              f"{tuple(shape)}")
+
+
+class HyperparameterWatch:
+    """:class:`~mithril.utils.training.TrainStep`'s watch on the hyperparameters its JAX
+    program reads: the learning rate on every call; a float one, after its first change,
+    as the program's ``hyper`` argument; anything else baked in, the program built anew
+    after a change. Expects the step's ``optimizer``, ``_fused``, ``_tx``, ``_jitted``,
+    ``_steady``, ``_run_sigs``, ``_returned_state``, ``_jnp``, ``_device_put`` and
+    ``_array_type``."""
+
+    def _watch_hyperparameters(self, optimizer: Any) -> None:
+        # what the JAX program bakes in besides the learning rate (read every call): the
+        # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
+        # fallback), by the counts they keep of their changes (see _hyper_changed)
+        self._hyper_dicts = tuple(vars(o) for o in optimizers_in(optimizer)) \
+            if self._fused else ()
+        for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
+            d.setdefault("_hyper_version", 0)
+            d.setdefault("_groups_version", 0)
+        self._hyper_seen: tuple | None = None
+        self._resync = False  # the state's driven hyperparameters are re-read once
+        # the float hyperparameters the program reads per call (each after its first
+        # change), their values as the program's argument, and what the program was built with
+        self._traced: tuple[str, ...] = ()
+        self._hyper_args: Any = None
+        self._snapshot: dict[str, Any] | None = None
+        self.rebuilds: int = 0
+        if self._fused:
+            from ..interop.optax_special import classify, state_hyperparams
+
+            self._elementwise = classify(optimizer) == "elementwise"
+            self._state_kept = state_hyperparams(optimizer)  # (schedule-free's beta1)
+
+    def _transformation(self) -> Any:
+        if self._tx is None:
+            from ..interop.optax_transform import optax_transformation
+
+            self._hyper_seen = self._hyper_versions()
+            self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
+            if self._elementwise:
+                self._snapshot = hyper_snapshot(self.optimizer)
+            self._hyper_args = self._hyper_arrays()
+        return self._tx
+
+    def _hyper_versions(self) -> tuple:
+        return tuple(map(VERSIONS, self._hyper_dicts))
+
+    def _hyper_arrays(self) -> Any:
+        """The traced hyperparameters' values, row ``i`` the ``[hi, lo]`` pair of
+        ``_traced[i]`` (the program's ``hyper`` argument: one array, one transfer; None
+        when none is traced)."""
+        if not self._traced:
+            return None
+        import jax
+        import jax.numpy as jnp
+
+        from ..interop.optax_hyperparams import pair, value
+
+        dt = np.float64 if jax.config.jax_enable_x64 else np.float32
+        return jnp.asarray(np.stack([pair(value(self.optimizer, k), dt) for k in self._traced]))
+
+    def _hyper_changed(self) -> None:
+        """A hyperparameter other than the learning rate changed since the program was
+        built. A float one of an elementwise or two-pass optimizer or of one of its groups
+        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate) becomes an
+        argument of the program: its first change builds the program anew, later ones
+        compile nothing. Any other change (an integer, a flag, the groups' matching, a
+        nested optimizer's, a per-tensor optimizer's) builds it anew each time."""
+        self._resync = True  # (the state keeps some: schedule-free's beta1)
+        versions = self._hyper_versions()
+        changed = None
+        if self._elementwise and versions[1:] == self._hyper_seen[1:]:
+            new = hyper_snapshot(self.optimizer)
+            changed = traceable_changes(self.optimizer, self._snapshot, new)
+        if changed is None:
+            self._rebuild()
+            return
+        names = tuple(sorted({*self._traced, *changed}))
+        if names != self._traced:  # a first change of these: they become arguments
+            self._traced = names
+            self._rebuild()
+            return
+        self._snapshot, self._hyper_seen = new, versions
+        self._hyper_args = self._hyper_arrays()
+
+    def _fed(self, opt_state: Any) -> Any:
+        """``opt_state`` with the hyperparameters the state keeps (schedule-free's
+        ``beta1``) read from the optimizer again, after a change or in a state this step did
+        not return (``init``'s, a resumed one). (The learning rate is the program's
+        argument: read on every call.)"""
+        if not self._state_kept or (not self._resync
+                                    and opt_state is self._returned_state):
+            self._resync = False
+            return opt_state
+        self._resync = False
+        jnp, old = self._jnp, opt_state.hyperparams
+
+        def put(k: str, v: float) -> Any:  # committed where the state's is (else: compiles)
+            x, like = jnp.asarray(v), old.get(k)
+            return self._device_put(x, like.sharding) if isinstance(
+                like, self._array_type) and like.committed else x
+
+        return opt_state._replace(hyperparams={
+            **old, **{h: put(h, float(getattr(self.optimizer, h))) for h in self._state_kept}})
+
+    def _rebuild(self) -> None:
+        """A hyperparameter changed in a way the program cannot read per call (see
+        :meth:`_hyper_changed`), or first changed: this call builds and compiles it anew,
+        as the separate calls would take the new value. Warned once when that keeps
+        happening."""
+        self._tx = self._jitted = self._steady = None
+        self._run_sigs.clear()
+        self._resync = True
+        self.rebuilds += 1
+        if self.rebuilds == 8:
+            warnings.warn(
+                f"make_train_step: the {type(self.optimizer).__name__}'s hyperparameters "
+                f"changed 8 times in ways the JAX step's program bakes in (an integer, a "
+                f"flag, the groups' matching, a nested or per-tensor optimizer's; a float "
+                f"one compiles once, at its first change): each compiles it again. To "
+                f"change one every step, give the step optimizer.init's state: it then runs "
+                f"the separate calls, which read every hyperparameter per step",
+                RuntimeWarning, stacklevel=5)

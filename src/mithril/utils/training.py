@@ -30,12 +30,17 @@ How each backend runs it:
   host views, without waiting for the previous step; in a loop's steady state - the
   params and state the last step returned, JAX arrays of the shapes seen - the call is
   ~2 µs of Python around the program). It reads ``optimizer.learning_rate``
-  on every call (schedules work, nothing recompiles). Any other hyperparameter the
-  program bakes in (``opt.beta1 = ...``, a group's learning rate, a scheduler driving
-  ``weight_decay``, a Lookahead's inner optimizer) is watched by the count each optimizer
-  keeps of its changes: the call after a change builds and compiles the program anew
-  (``step.rebuilds`` counts them; the eighth warns: to change one every step, pass
-  ``optimizer.init``'s state, below). With ``make_train_step(..., grad_norm=True)``,
+  on every call (schedules work, nothing recompiles). The other hyperparameters are
+  watched by the count each optimizer keeps of its changes. A float one of an
+  elementwise or two-pass optimizer or of one of its groups (``opt.beta1 = ...``, a
+  momentum cycle, a scheduler driving ``weight_decay``, a group's learning rate) becomes
+  an argument of the program at its first change (one rebuild; ``step.rebuilds`` counts
+  them), passed as float32 pairs that keep its float64 value
+  (:mod:`~mithril.interop.optax_hyperparams`): later changes compile nothing. Any other
+  change (a flag, an integer, the groups' matching, a Lookahead's inner optimizer, a
+  per-tensor optimizer's hyperparameter) builds and compiles the program anew at the next
+  call (the eighth such rebuild warns: to make one every step, pass ``optimizer.init``'s
+  state, below). With ``make_train_step(..., grad_norm=True)``,
   ``step.last_grad_norm`` is the global gradient norm of the last step (a 0-d array); by
   default it is not computed (one more reduction per tensor in the program, ~3% of a small
   MLP's step) and stays None. Equal to the separate calls to float32 rounding (~1e-7 relative: the
@@ -76,11 +81,10 @@ from ..errors import KeyMismatchError, ShapeError
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 from .train_step_jax import (
-    VERSIONS,
+    HyperparameterWatch,
     SteadyState,
     committed,
     gradients_norm,
-    optimizers_in,
     refuse_consumed,
     same_params,
     step_body,
@@ -101,7 +105,7 @@ def _loss_key(compiled: Any, loss: str) -> str:
     return loss
 
 
-class TrainStep:
+class TrainStep(HyperparameterWatch):
     """What :func:`make_train_step` returns; see the module docs.
 
     Attributes: ``optimizer``, ``compiled``, ``loss`` (the output key), ``fused`` (whether
@@ -140,7 +144,6 @@ class TrainStep:
         self._returned: tuple | None = None  # the params tuple the last fused step returned
         self._returned_state: Any = None  # and its opt_state
         self._views_checked: Any = None  # see _model_views
-        self._lr: Any = None
         # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
         # and those the JAX program has run with (compiled: nothing left to warn about)
         self._data_sigs: set[tuple] = set()
@@ -148,19 +151,9 @@ class TrainStep:
         self._value_keys: frozenset[str] | None = None
         # JAX arrays whose value checks passed, by (id, data signature): see _inputs
         self._values_seen: dict[tuple, weakref.ref] = {}
-        self._jax_array: type = type(None)
         self._steady: SteadyState | None = None  # see _steady_args
-        # what the JAX program bakes in besides the learning rate (read every call): the
-        # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
-        # fallback), by the counts they keep of their changes (see _rebuild)
-        self._hyper_dicts = tuple(vars(o) for o in optimizers_in(optimizer)) \
-            if self._fused else ()
-        for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
-            d.setdefault("_hyper_version", 0)
-            d.setdefault("_groups_version", 0)
-        self._hyper_seen: tuple | None = None
-        self._resync = False  # the state's driven hyperparameters are re-read once
-        self.rebuilds: int = 0
+        self._jax_array: type = type(None)
+        self._watch_hyperparameters(optimizer)
         if self._fused:
             import jax
 
@@ -403,35 +396,6 @@ class TrainStep:
         return ins
 
     # -- JAX: one program ------------------------------------------------------------------
-    def _transformation(self) -> Any:
-        if self._tx is None:
-            from ..interop.optax_transform import optax_transformation
-
-            self._hyper_seen = self._hyper_versions()
-            self._tx = optax_transformation(self.optimizer)
-        return self._tx
-
-    def _hyper_versions(self) -> tuple:
-        return tuple(map(VERSIONS, self._hyper_dicts))
-
-    def _rebuild(self) -> None:
-        """A hyperparameter other than the learning rate changed since the program was built
-        (``opt.beta1 = ...``, a group's learning rate, a scheduler driving ``weight_decay``):
-        this call builds and compiles it anew, as the separate calls would take the new
-        value. Warned once when that keeps happening."""
-        self._tx = self._jitted = self._steady = None
-        self._run_sigs.clear()
-        self._resync, self._lr = True, None
-        self.rebuilds += 1
-        if self.rebuilds == 8:
-            warnings.warn(
-                f"make_train_step: the {type(self.optimizer).__name__}'s hyperparameters "
-                f"changed 8 times; each change (anything but the learning rate, which every "
-                f"call reads) compiles the JAX step's program again. To change one every "
-                f"step (a momentum cycle), give the step optimizer.init's state: it then "
-                f"runs the separate calls, which read every hyperparameter per step",
-                RuntimeWarning, stacklevel=4)
-
     def _build(self) -> Callable:
         import jax
 
@@ -443,9 +407,10 @@ class TrainStep:
         with_ctx = c.program.has_context
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
-                    training: bool) -> tuple:
+                    lr: Any, hyper: Any, training: bool) -> tuple:
             new, opt_state, out, new_mstate, grads = step_body(
-                ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training)
+                ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
+                hyper)
             return new, opt_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 
@@ -483,17 +448,15 @@ class TrainStep:
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
         if self._tx is not None and self._hyper_versions() != self._hyper_seen:
-            self._rebuild()
+            self._hyper_changed()
         if self._steady is not None and state is None:
             args = self._steady_args(params, opt_state, data)
             if args is not None:
-                lr = self.optimizer.learning_rate
-                if lr != self._lr:
-                    opt_state = opt_state._replace(hyperparams={
-                        **opt_state.hyperparams, "learning_rate": self._jnp.asarray(lr)})
-                    self._lr = lr
-                new, opt_state, out, _, norm = self._jitted(args[0], opt_state, args[1], None,
-                                                            {}, training=True)
+                if self._resync:
+                    opt_state = self._fed(opt_state)
+                new, opt_state, out, _, norm = self._jitted(
+                    args[0], opt_state, args[1], None, {}, float(self.optimizer.learning_rate),
+                    self._hyper_args, training=True)
                 self._returned = self._steady.ptuple = new
                 self._steady.opt_state = self._returned_state = opt_state
                 self.last_grad_norm = norm
@@ -530,17 +493,8 @@ class TrainStep:
                            else jnp.array(a, copy=True) for a in (checked[n] for n in names))
         sig = signature(data) if isinstance(data, Mapping) else None
         ins = self._inputs(data, sig)
-        lr = self.optimizer.learning_rate
-        if lr != self._lr or "learning_rate" not in opt_state.hyperparams:
-            hyper = {**opt_state.hyperparams, "learning_rate": jnp.asarray(lr)}
-            if self._resync:  # (those the state keeps, as schedule-free's beta1)
-                from ..interop.optax_special import state_hyperparams
-
-                hyper.update({h: jnp.asarray(float(getattr(self.optimizer, h)))
-                              for h in state_hyperparams(self.optimizer)})
-                self._resync = False
-            opt_state = opt_state._replace(hyperparams=hyper)
-            self._lr = lr
+        opt_state = self._fed(opt_state)
+        lr = float(self.optimizer.learning_rate)
         run = c._run_context(None, state, None)
         if run is not None:
             rng, mstate, training = c._eval._rng(run), dict(run.state), run.training
@@ -548,8 +502,8 @@ class TrainStep:
             rng, mstate, training = None, {}, True
         run_sig = (sig, training)
         if sig is not None and run_sig in self._run_sigs:  # compiled: nothing to warn about
-            new, opt_state, out, new_mstate, norm = self._jitted(ptuple, opt_state, ins, rng,
-                                                                  mstate, training=training)
+            new, opt_state, out, new_mstate, norm = self._jitted(
+                ptuple, opt_state, ins, rng, mstate, lr, self._hyper_args, training=training)
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
@@ -557,7 +511,7 @@ class TrainStep:
                 # first given of the same (params, state), or the second step compiles again
                 ptuple, opt_state, mstate = committed((ptuple, opt_state, mstate))
                 new, opt_state, out, new_mstate, norm = self._jitted(
-                    ptuple, opt_state, ins, rng, mstate, training=training)
+                    ptuple, opt_state, ins, rng, mstate, lr, self._hyper_args, training=training)
             if sig is not None:
                 if len(self._run_sigs) >= 256:
                     self._run_sigs.clear()

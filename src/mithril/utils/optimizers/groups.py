@@ -150,9 +150,11 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
     return out
 
 
-def resolve(opt: Any, names: Sequence[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Each tensor's row and the rows' overrides, for parameters ``names`` (row 0: no
-    overrides). Warns for a group or mask that matches nothing (raises with ``strict``)."""
+def resolve(opt: Any, names: Sequence[str]
+            ) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[int | None, bool]]]:
+    """Each tensor's row, the rows' overrides and each row's (group index or None, whether
+    it decays), for parameters ``names`` (row 0: no overrides). Warns for a group or mask
+    that matches nothing (raises with ``strict``)."""
     groups = opt.param_groups
     matchers = [_matcher(g["params"], f"param_groups[{i}]['params']") for i, g in enumerate(groups)]
     mask = opt.weight_decay_mask
@@ -198,7 +200,7 @@ def resolve(opt: Any, names: Sequence[str]) -> tuple[np.ndarray, list[dict[str, 
         if not decay:
             over["weight_decay"] = 0.0
         rows.append(over)
-    return np.array([index[c] for c in owner], dtype=np.int64), rows
+    return np.array([index[c] for c in owner], dtype=np.int64), rows, combos
 
 
 def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
@@ -273,7 +275,7 @@ class GroupsMixin:
         key = (self._groups_version, id(self._groups))
         cached = state.groups
         if cached is None or cached[0] != key:
-            index, rows = resolve(self, state.layout.name_list)
+            index, rows, _ = resolve(self, state.layout.name_list)
             cached = state.groups = (key, index, rows)
         return cached[1], views(self, cached[2])
 

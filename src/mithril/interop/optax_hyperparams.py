@@ -1,0 +1,99 @@
+"""The hyperparameters an :func:`~mithril.interop.optax_transformation` made with
+``traced_hyperparams=`` reads at every update instead of baking them in: their names, the
+check of them, their values on the host, and each row of scalars' share of them.
+
+A name is an optimizer-wide hyperparameter (``"beta1"``, ``"weight_decay"``, ``"clip_norm"``)
+or one of a parameter group, ``"param_groups[1].beta1"`` (``"param_groups[1].lr_scale"``: the
+group's learning rate as its ratio to the optimizer's, as the optimizer keeps it). Only
+float hyperparameters are traced: an integer (``ns_steps``, ``swa_start``), a flag or a
+string changes the program itself.
+
+Each is passed to ``update(..., hyper=...)`` as a pair of numbers ``(hi, lo)`` of the
+scalars' dtype whose sum is its float64 value (:func:`pair`): in float32, ``β₂ = 0.999``
+alone is 0.99900001, and ``1 − β₂`` from it is 1.3e-5 off in relative terms, a difference
+the optimizer's bias corrections would carry into every step (see
+:class:`~mithril.interop.optax_scalars._Hyper`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_GROUP = re.compile(r"param_groups\[(\d+)\]\.(\w+)$")
+#: what cannot be traced: the learning rate (the state's own), and what holds a step's shape
+_NOT_TRACED = frozenset({"learning_rate", "nonfinite", "param_groups", "weight_decay_mask",
+                         "exclude_weight_decay", "strict"})
+
+
+def parse(key: str) -> tuple[int | None, str]:
+    """``(group index or None, attribute name)`` of a traced hyperparameter's name."""
+    m = _GROUP.match(key)
+    return (int(m.group(1)), m.group(2)) if m else (None, key)
+
+
+def is_float(value: Any) -> bool:
+    """Whether ``value`` is a float hyperparameter (what a constructor stores a continuous
+    one as; integers, flags and None shape the program)."""
+    return isinstance(value, (float, np.floating))
+
+
+def value(opt: Any, key: str) -> float:
+    """The value of ``key`` (see the module docs) on ``opt``."""
+    g, name = parse(key)
+    if g is None:
+        return getattr(opt, name)
+    group = opt._group(g)
+    return group.get(name, 1.0 if name == "lr_scale" else getattr(opt, name))
+
+
+def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` (sorted, each once), each checked: a float hyperparameter of ``opt`` or of
+    one of its groups that may be traced. ``KeyError`` / ``TypeError`` / ``ValueError``
+    naming it otherwise."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"traced_hyperparams must be a sequence of names, got {names!r}")
+    where = type(opt).__name__
+    for key in names:
+        if not isinstance(key, str):
+            raise TypeError(f"traced_hyperparams: {key!r} is not a hyperparameter name")
+        g, name = parse(key)
+        if name in _NOT_TRACED:
+            raise ValueError(f"traced_hyperparams: {where}'s {key!r} cannot be traced (the "
+                             f"learning rate is the state's own; the others shape the step)")
+        if g is not None and name == "lr_scale":
+            opt._group(g)  # (KeyError naming the group)
+        else:
+            opt._drivable(name, g)
+        v = value(opt, key)
+        if not is_float(v):
+            raise TypeError(f"traced_hyperparams: {where}'s {key}={v!r} is not a float "
+                            f"hyperparameter (an integer, flag or None shapes the program)")
+    return tuple(sorted(set(names)))
+
+
+def row_attrs(owners: Sequence[tuple[int | None, bool]], overrides: Sequence[set[str]],
+              driven: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each row's attributes from ``driven`` (name -> value): an optimizer-wide one on every
+    row whose group does not override it, a group's on that group's rows (the rows it
+    excludes from weight decay keep their 0). ``owners``: each row's (group, decays)."""
+    out = []
+    for (gi, decays), over in zip(owners, overrides):
+        a: dict[str, Any] = {}
+        for key, v in driven.items():
+            g, name = parse(key)
+            if g is None and name not in over:
+                a.setdefault(name, v)
+            elif g is not None and g == gi and (decays or name != "weight_decay"):
+                a[name] = v  # (the group's own value wins over the optimizer's)
+        out.append(a)
+    return out
+
+
+def pair(x: float, dtype: Any) -> np.ndarray:
+    """``[hi, lo]`` of ``dtype`` with ``hi + lo`` = ``x`` to float64 precision."""
+    dt = np.dtype(dtype)
+    hi = np.asarray(x, np.float64).astype(dt)
+    return np.array([hi, np.float64(x) - np.float64(hi)], dtype=np.float64).astype(dt)

@@ -1,0 +1,133 @@
+"""``optax_transformation(opt, traced_hyperparams=...)``: float hyperparameters read at every
+update (``update(..., hyper=pairs)``) instead of baked in, so a per-step schedule of them
+compiles once: against torch.optim changing the same hyperparameters in its param_groups
+(float64) at every step, with the precision of ``1 − β`` kept in float32; and the refusals
+of what cannot be traced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mithril.interop import optax_transformation
+from mithril.interop.optax_hyperparams import pair, value
+from mithril.utils.optimizers import SGD, Adam, AdamW, Muon
+
+STEPS = 6
+
+
+def data() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((5, 4)), "b": rng.standard_normal(4)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(STEPS)]
+    return params, grads
+
+
+def ours(opt: Any, traced: tuple[str, ...], change: Any) -> tuple[dict[str, np.ndarray], int]:
+    """STEPS jitted updates in float32, ``change(opt, i)`` before step i (its values passed
+    as ``hyper``); the final params and how many programs were compiled."""
+    params, grads = data()
+    tx = optax_transformation(opt, traced_hyperparams=traced)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state = tx.init(p)
+    upd = jax.jit(lambda g, s, p, h: tx.update(g, s, p, new_params=True, hyper=h))
+    for i in range(STEPS):
+        change(opt, i)
+        h = jnp.asarray(np.stack([pair(value(opt, k), np.float32) for k in sorted(traced)]))
+        p, state = upd({k: jnp.asarray(v, jnp.float32) for k, v in grads[i].items()},
+                       state, p, h)
+    return {k: np.asarray(v, np.float64) for k, v in p.items()}, upd._cache_size()
+
+
+def torch_run(make: Any, change: Any) -> dict[str, np.ndarray]:
+    """The same steps with torch.optim in float64, ``change(groups, i)`` on its groups."""
+    params, grads = data()
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    opt = make(tp)
+    for i in range(STEPS):
+        change(opt.param_groups, i)
+        for k, t in tp.items():
+            t.grad = torch.tensor(grads[i][k])
+        opt.step()
+    return {k: t.detach().numpy() for k, t in tp.items()}
+
+
+def close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=2e-7, err_msg=k)
+
+
+def test_betas_and_decay_every_step_against_torch() -> None:
+    """AdamW with β₁, β₂ (0.999 and below: 1 − β₂ is where float32 would lose 1e-5) and the
+    weight decay changed at every step, one program for all of them."""
+    def betas(i: int) -> tuple[float, float]:
+        return 0.9 - 0.03 * i, 0.999 - 0.0005 * i
+
+    def mine(opt: Any, i: int) -> None:
+        opt.beta1, opt.beta2 = betas(i)
+        opt.weight_decay = 0.01 * (i + 1)
+
+    def theirs(groups: list, i: int) -> None:
+        for g in groups:
+            g["betas"], g["weight_decay"] = betas(i), 0.01 * (i + 1)
+
+    got, programs = ours(AdamW(1e-2), ("beta1", "beta2", "weight_decay"), mine)
+    want = torch_run(lambda p: torch.optim.AdamW(list(p.values()), lr=1e-2), theirs)
+    close(got, want)
+    assert programs == 1
+
+
+def test_a_groups_learning_rate_every_step_against_torch() -> None:
+    """A torch-style per-group schedule: group 0's learning rate (its lr_scale) and the
+    optimizer's momentum changed at every step."""
+    def mine(opt: Any, i: int) -> None:
+        opt.set_learning_rate(0.05 / (i + 1), group=0)
+        opt.momentum = 0.9 - 0.1 * i
+
+    def theirs(groups: list, i: int) -> None:  # (torch's group 1 holds "b")
+        groups[1]["lr"] = 0.05 / (i + 1)
+        for g in groups:
+            g["momentum"] = 0.9 - 0.1 * i
+
+    opt = SGD(1e-2, momentum=0.9, param_groups=[{"params": ["b"]}])
+    got, programs = ours(opt, ("momentum", "param_groups[0].lr_scale"), mine)
+    want = torch_run(lambda p: torch.optim.SGD(
+        [{"params": [p["w"]]}, {"params": [p["b"]]}], lr=1e-2, momentum=0.9), theirs)
+    close(got, want)
+    assert programs == 1
+
+
+def test_the_pair_keeps_float64() -> None:
+    hi, lo = pair(0.999, np.float32)
+    assert hi.dtype == np.float32 and float(hi) != 0.999
+    assert abs(float(hi) + float(lo) - 0.999) < 1e-15
+
+
+@pytest.mark.parametrize("opt, names, error, match", [
+    (Adam(1e-2), ("beta3",), KeyError, "no hyperparameter 'beta3'"),
+    (Adam(1e-2), ("learning_rate",), ValueError, "the state's own"),
+    (Adam(1e-2), ("clip_norm",), TypeError, "clip_norm=None is not a number"),
+    (Adam(1e-2, ema_decay=0.99, ema_every=2), ("ema_every",), TypeError, "ema_every=2"),
+    (Adam(1e-2), ("param_groups[0].beta1",), KeyError, "no group 0"),
+    (Adam(1e-2, param_groups=[{"params": ["b"]}]), ("param_groups[0].clip_norm",), ValueError,
+     "cannot differ per group"),
+    (Adam(1e-2), "beta1", TypeError, "a sequence of names"),
+    (Muon(1e-2), ("momentum",), TypeError, "per-tensor update"),
+])
+def test_what_cannot_be_traced_is_refused(opt: Any, names: Any, error: type,
+                                          match: str) -> None:
+    with pytest.raises(error, match=match):
+        optax_transformation(opt, traced_hyperparams=names)
+
+
+def test_hyper_must_match_the_names() -> None:
+    tx = optax_transformation(Adam(1e-2), traced_hyperparams=("beta1",))
+    p = {"w": jnp.ones(3)}
+    state = tx.init(p)
+    with pytest.raises(ValueError, match=r"\['beta1'\] \(shape \(1, 2\)\), got shape \(0, 2\)"):
+        tx.update(p, state, p)
