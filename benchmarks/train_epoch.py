@@ -23,6 +23,13 @@ wall clock: less sensitive to other processes on a shared machine.
     python benchmarks/train_epoch.py [--rounds 15] [--hidden 128 128] [--backend numpy torch jax]
                                      [--clock wall|cpu] [--no-torch] [--shared]
                                      [--device cuda] [--batch 128]
+                                     [--schedule none|lr|momentum]
+
+``--schedule lr`` changes the learning rate at every step (a cosine over the epoch),
+``--schedule momentum`` also β₁ (a momentum cycle, 0.95 to 0.85), in every variant: torch
+through ``param_groups[0]``, optax as ``optax.inject_hyperparams(optax.adam)`` with the
+values set in its state, Mithril through ``opt.set_learning_rate`` / ``opt.beta1`` (the
+one-program JAX step then takes them as the program's arguments: it compiles once).
 
 ``--device cuda``: the torch loop and Mithril's torch backend on the GPU (JAX on its default
 device: the GPU where jax[cuda] is installed); an epoch still ends with its last loss on the
@@ -57,6 +64,16 @@ FEATURES, CLASSES, STEPS, LR = 64, 10, 40, 1e-3
 DEVICE = os.environ.get("MITHRIL_BENCH_DEVICE", "cpu")
 BATCH = int(os.environ.get("MITHRIL_BENCH_BATCH", "128"))
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+#: ``--schedule``: which hyperparameters change at every step
+SCHEDULE = os.environ.get("MITHRIL_BENCH_SCHEDULE", "none")
+
+
+def scheduled(k: int) -> tuple[float, float] | None:
+    """(learning rate, β₁) at step ``k`` of the epoch, or None without a schedule."""
+    if SCHEDULE == "none":
+        return None
+    lr = LR * (0.55 + 0.45 * np.cos(np.pi * k / STEPS))
+    return float(lr), (0.95 - 0.1 * k / STEPS) if SCHEDULE == "momentum" else 0.9
 
 
 def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +104,10 @@ def mithril_epoch(backend: str, hidden: list[int], fused: bool,
 
         def epoch() -> float:
             p, s = box["params"], box["state"]
-            for d in feed:
+            for k, d in enumerate(feed):
+                if (h := scheduled(k)) is not None:
+                    opt.set_learning_rate(h[0])
+                    opt.beta1 = h[1]
                 p, s, out = step(p, s, d)
             box["params"], box["state"] = p, s
             return float(be.to_numpy(out["loss"]))
@@ -97,7 +117,10 @@ def mithril_epoch(backend: str, hidden: list[int], fused: bool,
 
         def epoch() -> float:
             p, s = box["params"], box["state"]
-            for d in feed:
+            for k, d in enumerate(feed):
+                if (h := scheduled(k)) is not None:
+                    opt.set_learning_rate(h[0])
+                    opt.beta1 = h[1]
                 out, g = compiled.evaluate(p, d, output_gradients=cots)
                 p, s = opt.update(p, g, s)
             box["params"], box["state"] = p, s
@@ -134,7 +157,10 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
             for a, b in batches(x, y)]
 
     def epoch() -> float:
-        for a, b in feed:
+        for k, (a, b) in enumerate(feed):
+            if (hp := scheduled(k)) is not None:
+                opt.param_groups[0]["lr"] = hp[0]
+                opt.param_groups[0]["betas"] = (hp[1], 0.999)
             h = a
             for i in range(0, len(ps), 2):
                 h = h @ ps[i] + ps[i + 1]
@@ -150,7 +176,8 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
 
 def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
     params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
-    tx = optax.adam(LR)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=LR, b1=0.9) \
+        if SCHEDULE != "none" else optax.adam(LR)
     feed = [(jnp.asarray(a), jnp.asarray(b)) for a, b in batches(x, y)]
 
     def loss_fn(p: list, a: Any, b: Any) -> Any:
@@ -172,7 +199,9 @@ def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
 
     def epoch() -> float:
         p, s = box["p"], box["s"]
-        for a, b in feed:
+        for k, (a, b) in enumerate(feed):
+            if (h := scheduled(k)) is not None:  # (Python floats: no array made per step)
+                s.hyperparams["learning_rate"], s.hyperparams["b1"] = h
             p, s, loss = step(p, s, a, b)
         box["p"], box["s"] = p, s
         return float(loss)
@@ -240,11 +269,14 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="leave out the torch reference")
     ap.add_argument("--device", default=None, help="torch's device (default cpu; e.g. cuda)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 128)")
+    ap.add_argument("--schedule", choices=("none", "lr", "momentum"), default="none",
+                    help="hyperparameters changed at every step (see the module docs)")
     ap.add_argument("--shared", action="store_true",
                     help="every variant in this one process (their thread pools then contend: "
                          "not how anyone trains), instead of one process each")
     args = ap.parse_args()
-    global DEVICE, BATCH
+    global DEVICE, BATCH, SCHEDULE
+    SCHEDULE = os.environ["MITHRIL_BENCH_SCHEDULE"] = args.schedule
     if args.device:
         DEVICE = os.environ["MITHRIL_BENCH_DEVICE"] = args.device
     if args.batch:
@@ -290,7 +322,8 @@ def main() -> None:
     best_ref = min(med[r] for r in refs)
     opt = times[OPTAX_REF]
     print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + Adam, "
-          f"{STEPS} steps of {BATCH}, float32, torch on {DEVICE}; torch threads "
+          f"{STEPS} steps of {BATCH}, float32, torch on {DEVICE}, schedule {SCHEDULE}; "
+          f"torch threads "
           f"{torch.get_num_threads()}; "
           f"median of {args.rounds} rounds, {args.clock} clock, "
           f"{'one process for all' if args.shared else 'one process per variant'}")
