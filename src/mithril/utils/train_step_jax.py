@@ -136,12 +136,13 @@ def hyper_snapshot(opt: Any) -> dict[str, Any]:
     return snap
 
 
-def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any]
-                      ) -> set[str] | None:
+def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any],
+                      known: tuple[str, ...] = ()) -> set[str] | None:
     """The names whose values differ between the snapshots ``old`` and ``new`` of ``opt``
     (:func:`hyper_snapshot`), where each is a float hyperparameter the program may read
     at every step; None where any change shapes the program (an integer, flag, string,
-    new group override, the groups' matching, the slots or the update rule)."""
+    new group override, the groups' matching, the slots or the update rule). ``known``:
+    names checked before (traced already: a float is all they need to stay)."""
     from ..interop.optax_hyperparams import check, is_float
     from .optimizers.groups import UNSET, differs
 
@@ -151,7 +152,7 @@ def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any]
            or not is_float(new[k]) for k in changed):
         return None
     try:
-        check(opt, sorted(changed))
+        check(opt, sorted(changed - set(known)))
     except (KeyError, TypeError, ValueError):
         return None
     return changed
@@ -240,7 +241,7 @@ class HyperparameterWatch:
         changed = None
         if self._elementwise and versions[1:] == self._hyper_seen[1:]:
             new = hyper_snapshot(self.optimizer)
-            changed = traceable_changes(self.optimizer, self._snapshot, new)
+            changed = traceable_changes(self.optimizer, self._snapshot, new, self._traced)
         if changed is None:
             self._rebuild()
             return
