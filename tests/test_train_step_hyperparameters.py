@@ -208,6 +208,20 @@ def test_a_float_changed_every_step_compiles_once(case: str) -> None:
     assert max(float(np.max(np.abs(unchanged[k] - got[k]))) for k in got) > 1e-4
 
 
+def test_a_traced_hyperparameter_set_to_an_integer_is_baked_in_again() -> None:
+    """weight_decay traced after its first change, then set to the integer 0: the program
+    is built anew with it baked in (not refused), and the results stay the separate
+    calls'."""
+    def change(opt: Any, driver: Any, i: int) -> None:
+        opt.weight_decay = 0.1 * i if i < 3 else 0
+
+    want, _ = run(JaxBackend(dtype="float32"), lambda: Adam(learning_rate=1e-2), change, False)
+    got, step = run(JaxBackend(dtype="float32"), lambda: Adam(learning_rate=1e-2), change, True)
+    assert step.rebuilds == 2 and step._traced == ()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
 def test_a_rebuild_every_step_warns_once() -> None:
     """A change the program bakes in (here a Lookahead's inner optimizer's) made at every
     step rebuilds it each time (the results stay right); the eighth says so, naming the

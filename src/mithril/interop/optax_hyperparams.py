@@ -74,6 +74,15 @@ def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
+def traceable(opt: Any, key: str) -> bool:
+    """Whether :func:`check` takes ``key`` for ``opt`` now."""
+    try:
+        check(opt, [key])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
 def row_attrs(owners: Sequence[tuple[int | None, bool]], overrides: Sequence[set[str]],
               driven: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each row's attributes from ``driven`` (name -> value): an optimizer-wide one on every

@@ -203,9 +203,12 @@ class HyperparameterWatch:
 
     def _transformation(self) -> Any:
         if self._tx is None:
+            from ..interop.optax_hyperparams import traceable
             from ..interop.optax_transform import optax_transformation
 
             self._hyper_seen = self._hyper_versions()
+            # (one set to an integer or None since, or whose group is gone, is baked in again)
+            self._traced = tuple(k for k in self._traced if traceable(self.optimizer, k))
             self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
             if self._elementwise:
                 self._snapshot = hyper_snapshot(self.optimizer)
