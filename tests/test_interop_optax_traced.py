@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+import mithril.utils.optimizers as catalog
 from mithril.interop import optax_transformation
-from mithril.interop.optax_hyperparams import pair, value
+from mithril.interop.optax_hyperparams import floats, pair, value
+from mithril.interop.optax_special import classify
 from mithril.utils.optimizers import SGD, Adam, AdamW, Muon
+from mithril.utils.optimizers.base import Optimizer
 
 STEPS = 6
 
@@ -38,7 +41,8 @@ def ours(opt: Any, traced: tuple[str, ...], change: Any) -> tuple[dict[str, np.n
     upd = jax.jit(lambda g, s, p, h: tx.update(g, s, p, new_params=True, hyper=h))
     for i in range(STEPS):
         change(opt, i)
-        h = jnp.asarray(np.stack([pair(value(opt, k), np.float32) for k in sorted(traced)]))
+        h = jnp.asarray(np.stack([pair(value(opt, k), np.float32) for k in sorted(traced)])
+                        ) if traced else None
         p, state = upd({k: jnp.asarray(v, jnp.float32) for k, v in grads[i].items()},
                        state, p, h)
     return {k: np.asarray(v, np.float64) for k, v in p.items()}, upd._cache_size()
@@ -102,6 +106,72 @@ def test_a_groups_learning_rate_every_step_against_torch() -> None:
     assert programs == 1
 
 
+def elementwise_catalog() -> list[str]:
+    out = []
+    for n in catalog.__all__:
+        c = getattr(catalog, n)
+        if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer \
+                and n != "LBFGS" and classify(make(n)) == "elementwise":
+            out.append(n)
+    return out
+
+
+def make(name: str, **kw: Any) -> Any:
+    cls = getattr(catalog, name)
+    if name == "Lookahead":
+        return cls(Adam(learning_rate=1e-2, **kw), sync_period=3)
+    return cls(learning_rate=1e-2, **kw)
+
+
+@pytest.mark.parametrize("name", elementwise_catalog())
+def test_every_float_traced_gives_the_baked_steps(name: str) -> None:
+    """What make_train_step's program does from the first change of any hyperparameter:
+    every float one of the optimizer traced (:func:`floats`) gives the steps of the same
+    transformation with them baked in, for every elementwise optimizer of the catalog (with
+    weight decay and clipping where it takes them)."""
+    try:
+        opt = make(name, weight_decay=0.02, clip_norm=2.0)
+    except TypeError:
+        opt = make(name)
+    names = floats(opt)
+    assert "adaptive_clip_eps" in names or name == "Lookahead"
+    assert all(value(opt, k) != 0 for k in names)
+    want, _ = ours(opt, (), lambda o, i: None)
+    got, programs = ours(opt, names, lambda o, i: None)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-6, err_msg=k)
+    assert programs == 1
+    # and each is read: all of them changed from step 3 on, against the optimizer's own steps
+    start = {k: value(opt, k) for k in names}
+
+    def change(o: Any, i: int) -> None:
+        for k in names:
+            setattr(o, k, start[k] * (0.97 if i >= 3 else 1.0))
+
+    got, programs = ours(opt, names, change)
+    for k in names:
+        setattr(opt, k, start[k])
+    params, grads = data()
+    state = opt.init(params)
+    for i in range(STEPS):
+        change(opt, i)
+        params, state = opt.update(params, grads[i], state)
+    for k in params:
+        np.testing.assert_allclose(got[k], params[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    assert programs == 1
+
+
+def test_floats_leaves_out_zeros_and_what_is_not_a_float() -> None:
+    opt = AdamW(1e-2, weight_decay=0.0, clip_norm=1.0, param_groups=[
+        {"params": ["b"], "beta1": 0.8}, {"params": ["w"], "learning_rate": 2e-2}])
+    assert floats(opt) == ("adaptive_clip_eps", "beta1", "beta2", "clip_norm", "epsilon",
+                           "param_groups[0].beta1", "param_groups[0].lr_scale",
+                           "param_groups[1].lr_scale")
+    # Ftrl's learning_rate_power of -0.5 picks a square root: not traced (at another, it is)
+    assert floats(catalog.Ftrl(1e-2)) == ("adaptive_clip_eps", "initial_accumulator_value")
+    assert "learning_rate_power" in floats(catalog.Ftrl(1e-2, learning_rate_power=-0.6))
+
+
 def test_the_pair_keeps_float64() -> None:
     hi, lo = pair(0.999, np.float32)
     assert hi.dtype == np.float32 and float(hi) != 0.999
@@ -118,6 +188,8 @@ def test_the_pair_keeps_float64() -> None:
      "cannot differ per group"),
     (Adam(1e-2), "beta1", TypeError, "a sequence of names"),
     (Muon(1e-2), ("momentum",), TypeError, "per-tensor update"),
+    (catalog.Ftrl(1e-2), ("learning_rate_power",), ValueError, "-0.5 picks its update rule"),
+    (SGD(1e-2, momentum=0.0), ("momentum",), ValueError, "momentum=0.0 picks its update rule"),
 ])
 def test_what_cannot_be_traced_is_refused(opt: Any, names: Any, error: type,
                                           match: str) -> None:

@@ -197,4 +197,4 @@ def test_a_checkpoint_resumes_the_jax_step_bit_for_bit(tmp_path) -> None:
     got = host(c.backend, params)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    assert step.rebuilds == 1
+    assert step.rebuilds == 0  # (loaded before the first call: baked in, nothing compiled twice)

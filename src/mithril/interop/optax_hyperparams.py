@@ -71,7 +71,26 @@ def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
         if not is_float(v):
             raise TypeError(f"traced_hyperparams: {where}'s {key}={v!r} is not a float "
                             f"hyperparameter (an integer, flag or None shapes the program)")
+        if name != "lr_scale" and _picks_rule(opt, g, name, float(v)):
+            raise ValueError(f"traced_hyperparams: {where}'s {key}={v!r} picks its update "
+                             f"rule or slots (a value next to it picks others), which the "
+                             f"program bakes in: it cannot be traced at this value")
     return tuple(sorted(set(names)))
+
+
+def _picks_rule(opt: Any, group: int | None, name: str, v: float) -> bool:
+    """Whether a value next to ``v`` gives ``opt`` (its group ``group``'s rows) other slots
+    or another elementwise function: ``v`` is then a special point (Ftrl's
+    ``learning_rate_power = -0.5`` picks a square root, SGD's ``momentum = 0`` no slot),
+    which a traced value could not leave without the program going wrong silently."""
+    from ..utils.optimizers.groups import views
+
+    row = {} if group is None else {k: x for k, x in opt._group(group).items()
+                                    if k != "params"}
+    near = v + 2.0 ** -20 * max(abs(v), 1.0)
+    here, there = views(opt, [row, {**row, name: near}])
+    return (tuple(here.full_slot_names()), here.kernel_math()) != (
+        tuple(there.full_slot_names()), there.kernel_math())
 
 
 def traceable(opt: Any, key: str) -> bool:
@@ -81,6 +100,19 @@ def traceable(opt: Any, key: str) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return True
+
+
+def floats(opt: Any) -> tuple[str, ...]:
+    """The names (sorted) of every hyperparameter of ``opt`` and of its groups that
+    :func:`check` takes now and whose value is not 0: what a step whose hyperparameters
+    have begun to change traces all at once (``make_train_step``'s JAX program), so that a
+    schedule starting on another one later compiles nothing more. A 0 is left out: it often
+    switches a term off (``weight_decay``, ``momentum``), and a traced 0 would keep the term
+    (``0 · inf`` is NaN); such a one is traced at its own first change."""
+    names = set(opt.hyperparameters())
+    for g, group in enumerate(getattr(opt, "_groups", None) or []):
+        names.update(f"param_groups[{g}].{k}" for k in ("lr_scale", *group) if k != "params")
+    return tuple(sorted(k for k in names if traceable(opt, k) and value(opt, k) != 0))
 
 
 def row_attrs(owners: Sequence[tuple[int | None, bool]], overrides: Sequence[set[str]],

@@ -173,8 +173,8 @@ def same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) 
 class HyperparameterWatch:
     """:class:`~mithril.utils.training.TrainStep`'s watch on the hyperparameters its JAX
     program reads: the learning rate on every call; a float one, after its first change,
-    as the program's ``hyper`` argument; anything else baked in, the program built anew
-    after a change. Expects the step's ``optimizer``, ``_fused``, ``_tx``, ``_jitted``,
+    as the program's ``hyper`` argument (every float one from the first change of any);
+    anything else baked in, the program built anew after a change. Expects the step's ``optimizer``, ``_fused``, ``_tx``, ``_jitted``,
     ``_steady``, ``_run_sigs``, ``_returned_state``, ``_jnp``, ``_device_put`` and
     ``_array_type``."""
 
@@ -192,6 +192,7 @@ class HyperparameterWatch:
         # the float hyperparameters the program reads per call (each after its first
         # change), their values as the program's argument, and what the program was built with
         self._traced: tuple[str, ...] = ()
+        self._tracing = False  # (set at the first change: every float one is traced then)
         self._hyper_args: Any = None
         self._snapshot: dict[str, Any] | None = None
         self.rebuilds: int = 0
@@ -203,12 +204,15 @@ class HyperparameterWatch:
 
     def _transformation(self) -> Any:
         if self._tx is None:
-            from ..interop.optax_hyperparams import traceable
+            from ..interop.optax_hyperparams import floats, traceable
             from ..interop.optax_transform import optax_transformation
 
             self._hyper_seen = self._hyper_versions()
             # (one set to an integer or None since, or whose group is gone, is baked in again)
-            self._traced = tuple(k for k in self._traced if traceable(self.optimizer, k))
+            traced = {k for k in self._traced if traceable(self.optimizer, k)}
+            if self._tracing:  # (every float one: a schedule begun later compiles nothing)
+                traced.update(floats(self.optimizer))
+            self._traced = tuple(sorted(traced))
             self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
             if self._elementwise:
                 self._snapshot = hyper_snapshot(self.optimizer)
@@ -234,12 +238,19 @@ class HyperparameterWatch:
 
     def _hyper_changed(self) -> None:
         """A hyperparameter other than the learning rate changed since the program was
-        built. A float one of an elementwise or two-pass optimizer or of one of its groups
-        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate) becomes an
-        argument of the program: its first change builds the program anew, later ones
-        compile nothing. Any other change (an integer, a flag, the groups' matching, a
-        nested optimizer's, a per-tensor optimizer's) builds it anew each time."""
+        built. For an elementwise or two-pass optimizer, the first change builds the
+        program anew with every float hyperparameter of the optimizer and of its groups
+        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate; one at 0 from
+        its own first change on: :func:`~mithril.interop.optax_hyperparams.floats`) as an
+        argument: later changes of them compile nothing, whichever begins when. Any other
+        change (an integer, a flag, the groups' matching, a new group override, a nested
+        optimizer's, a per-tensor optimizer's) builds it anew each time. Before the
+        first call compiled anything, a change is only baked into the program it makes."""
         self._resync = True  # (the state keeps some: schedule-free's beta1)
+        if self._jitted is None:  # nothing compiled yet (a checkpoint loaded before the
+            self._tx = None  # first step): its first call builds with them baked in
+            return
+        self._tracing = self._elementwise
         versions = self._hyper_versions()
         changed = None
         if self._elementwise and versions[1:] == self._hyper_seen[1:]:
