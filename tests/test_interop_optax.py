@@ -148,6 +148,10 @@ CONFIGS = {
     "nadam-optax": lambda: NAdam(1e-2, convention="optax"),
     "rmsprop-centered": lambda: RMSProp(1e-2, centered=True, momentum=0.9),
     "radam-decoupled": lambda: RAdam(1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    # adaptive clipping (optax adaptive_grad_clip) before the rest, per group
+    "adam-adaptive-clip-groups": lambda: Adam(1e-2, adaptive_clip=0.02, clip_norm=1.0,
+                                              param_groups=[{"params": "layer/b",
+                                                             "adaptive_clip": 0.3}]),
 }
 if hasattr(catalog, "LAMB"):
     CONFIGS["lamb-groups"] = lambda: catalog.LAMB(1e-2, weight_decay=0.1, param_groups=[

@@ -64,6 +64,11 @@ CONFIGS = {
                                       fallback=SGD(1e-2, momentum=0.9, param_groups=[
                                           {"params": "out/0", "learning_rate": 5e-3}])),
     "adafactor": lambda: Adafactor(1e-2, weight_decay=1e-2, clip_value=1.0),
+    # adaptive clipping first (each tensor with Muon's own group's, the fallback's too)
+    "muon-adaptive-clip": lambda: Muon(1e-2, ns_dtype="float32", adaptive_clip=0.02,
+                                       param_groups=[{"params": "out/0",
+                                                      "adaptive_clip": 0.5}]),
+    "adafactor-adaptive-clip": lambda: Adafactor(1e-2, adaptive_clip=0.05, clip_norm=1.0),
 }
 #: each learning rate as a multiple of the optimizer's, set at these steps (between them)
 LR_AT = {7: 0.3, 12: 2.0}

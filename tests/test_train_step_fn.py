@@ -35,6 +35,8 @@ def optimizers() -> dict:
             learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
             param_groups=[{"params": lambda n: "bias" in n or n.endswith("b"),
                            "weight_decay": 0.0, "lr_scale": 0.5}]),
+        "adam_adaptive_clip": lambda: o.Adam(learning_rate=1e-2, adaptive_clip=0.01,
+                                             clip_tensor_norm=1.0),
         "adopt": lambda: o.ADOPT(learning_rate=1e-2),
         "asgd": lambda: o.ASGD(learning_rate=1e-2, t0=2),
         "ademamix": lambda: o.AdEMAMix(learning_rate=1e-2),

@@ -115,12 +115,20 @@ def sf_beta(opt: Any, driver: Any, i: int) -> None:
         opt.beta1 = 0.5
 
 
+def tensor_clip(opt: Any, driver: Any, i: int) -> None:
+    if i == 2:  # (a bound each tensor's factor is made with: baked in, the program rebuilt)
+        opt.clip_tensor_norm, opt.adaptive_clip = 0.05, 0.002
+
+
 CASES = {  # name: (optimizer, change, the rebuilds it takes)
     "beta1 and weight_decay set": (adamw_groups, beta1_and_decay, 1),
     "a group's learning rate": (adamw_groups, group_lr, 1),
     "exclude_from_weight_decay": (adamw_groups, exclude, 1),
     "a scheduler driving weight_decay": (adamw_groups, scheduled_decay, 1),
     "the learning rate alone": (adamw_groups, lr_only, 0),
+    "per-tensor clipping's bounds": (
+        lambda: Adam(learning_rate=1e-2, clip_tensor_norm=1.0, adaptive_clip=0.01),
+        tensor_clip, 1),
     "Lookahead's inner optimizer": (
         lambda: Lookahead(Adam(learning_rate=1e-2), sync_period=2), inner_beta, 1),
     "schedule-free's beta1 (kept in the state)": (

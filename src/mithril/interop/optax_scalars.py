@@ -416,6 +416,16 @@ class _Plan:
                             f"host callback)")
         self.host = mode == "host" or reason is not None
         self.reason = reason
+        #: each tensor's adaptive clipping (c, ε), c None where off; None if none clips
+        self.agc = self.adaptive([views[r] for r in self.index])
+
+    @staticmethod
+    def adaptive(views: list[Any]) -> list[tuple[Any, float]] | None:
+        """Each tensor's ``(adaptive_clip, adaptive_clip_eps)`` from its view; None when
+        no tensor clips."""
+        agc = [(getattr(v, "adaptive_clip", None), float(getattr(v, "adaptive_clip_eps", 1e-3)))
+               for v in views]
+        return agc if any(c is not None for c, _ in agc) else None
 
     @classmethod
     def of_groups(cls, opt: Any, names: list[str], mode: str, traced: tuple[str, ...] = ()

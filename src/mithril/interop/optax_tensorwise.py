@@ -155,6 +155,13 @@ class _Rows:
         self.plan = _Plan(index, sources, [float(s.learning_rate) for s in sources], mode,
                           clips=clips)
         self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
+        # adaptive clipping: each tensor with its group's (of opt's own groups, as the
+        # optimizer's update clips before its per-tensor rows)
+        from ..utils.optimizers.groups import resolve, views
+
+        at, group_rows, _ = resolve(opt, names)
+        own = views(opt, group_rows)
+        self.plan.agc = _Plan.adaptive([own[r] for r in at])
 
 
 def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
@@ -222,7 +229,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         lr = _step_lr(learning_rate, state)
         table = _row_scalars(plan, t, lr, {}, _wide())
         skip = opt.nonfinite == "skip"
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip)
+        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, None, names)
         avg_w = _averaging_weights(opt, t)
 
         new_ps: list[Any] = []

@@ -187,16 +187,42 @@ def _tensor_clip_scales(plan: _Plan, grads: list[Any], dt: Any) -> tuple[list, l
     return factors, sumsq
 
 
-def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
-              rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None
-              ) -> tuple[list[Any], list[Any], Any]:
-    """The gradients and params the math sees: each tensor clipped by its own norm / RMS,
-    then all by the global norm and by value; coupled weight decay added to the gradient,
-    decoupled applied to the param (``rows[r][0]``, the keep factor). Also the global norm
-    (None when neither clipping nor ``nonfinite="skip"`` needs it). ``attrs``: each row's
-    traced hyperparameters (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
+def _adaptive_clip(g: Any, p: Any, clipping: float, eps: float, name: str) -> Any:
+    """:func:`~mithril.utils.optimizers.clipping.adaptive_clip` (optax
+    ``adaptive_grad_clip``) of one traced gradient, its norms taken in float32 at least; a
+    shape it cannot norm is refused naming the parameter, as the optimizer's ``update``."""
     import jax.numpy as jnp
 
+    from ..utils.optimizers.clipping import units
+
+    try:
+        n = units(tuple(g.shape))
+    except ValueError as e:
+        raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
+    acc = jnp.promote_types(g.dtype, jnp.float32)
+    g2, p2 = g.astype(acc).reshape(-1, n), p.astype(acc).reshape(-1, n)
+    g_norm, p_norm = jnp.sqrt(jnp.sum(g2 * g2, 0)), jnp.sqrt(jnp.sum(p2 * p2, 0))
+    bound = jnp.maximum(p_norm, eps) * clipping
+    scale = jnp.where(g_norm < bound, 1.0, bound / jnp.maximum(g_norm, 1e-6))
+    return (g2 * scale[None, :]).reshape(g.shape).astype(g.dtype)
+
+
+def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
+              rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None,
+              names: list[str] | None = None) -> tuple[list[Any], list[Any], Any]:
+    """The gradients and params the math sees: first each clipped unit-wise against its
+    parameter (``adaptive_clip``, the optimizer's ``update`` does it before anything else),
+    then each by its own norm / RMS, then all by the global norm and by value; coupled
+    weight decay added to the gradient, decoupled applied to the param (``rows[r][0]``, the
+    keep factor). Also the global norm (None when neither clipping nor
+    ``nonfinite="skip"`` needs it). ``attrs``: each row's traced hyperparameters
+    (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
+    import jax.numpy as jnp
+
+    if plan.agc is not None:
+        names = names or [str(i) for i in range(len(leaves))]
+        grads = [g if c is None else _adaptive_clip(g, p, c, eps, n)
+                 for g, p, (c, eps), n in zip(grads, leaves, plan.agc, names)]
     attrs = attrs or [{} for _ in plan.views]
     clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
     norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
@@ -491,7 +517,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         n_full = len(rows[0]) - 1
         n_own = n_full - n_avg
         skip = opt.nonfinite == "skip"
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip, attrs)
+        gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip, attrs, names)
 
         def own_scalars(i: int) -> list[Any]:
             return rows[plan.index[i]][1:1 + n_own]
