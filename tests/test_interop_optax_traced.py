@@ -31,10 +31,12 @@ def data() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     return params, grads
 
 
-def ours(opt: Any, traced: tuple[str, ...], change: Any) -> tuple[dict[str, np.ndarray], int]:
+def ours(opt: Any, traced: tuple[str, ...], change: Any, problem: tuple | None = None
+         ) -> tuple[dict[str, np.ndarray], int]:
     """STEPS jitted updates in float32, ``change(opt, i)`` before step i (its values passed
-    as ``hyper``); the final params and how many programs were compiled."""
-    params, grads = data()
+    as ``hyper``); the final params and how many programs were compiled. ``problem``:
+    (params, gradients), :func:`data`'s by default."""
+    params, grads = problem or data()
     tx = optax_transformation(opt, traced_hyperparams=traced)
     p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
     state = tx.init(p)
@@ -161,6 +163,41 @@ def test_every_float_traced_gives_the_baked_steps(name: str) -> None:
     assert programs == 1
 
 
+@pytest.mark.parametrize("make", [
+    lambda: Muon(1e-2, ns_dtype="float32", clip_norm=5.0, clip_value=1.0),
+    lambda: Muon(1e-2, ns_dtype="float32", nesterov=False, fallback=None),
+    lambda: catalog.Adafactor(1e-2, clip_norm=3.0)], ids=["muon", "muon-plain", "adafactor"])
+def test_a_per_tensor_optimizers_floats_every_step(make: Any) -> None:
+    """Muon's momentum (a warm-up) and ε, Adafactor's β₂ decay and d, the clipping's bounds
+    and the decoupled weight decay, all changed at every step: one program, the steps of
+    the optimizer's own update with the same changes (the fallback's rows, AdamW's, keep
+    their own weight decay)."""
+    opt = make()
+    names = floats(opt)
+    assert {"momentum", "epsilon"} <= set(names) or {"beta2_decay", "d"} <= set(names)
+    start = {k: value(opt, k) for k in names}
+
+    def change(o: Any, i: int) -> None:
+        for k in names:
+            setattr(o, k, start[k] * (1 - 0.03 * i))
+
+    params, grads = data()
+    if getattr(opt, "fallback", 1) is None:  # (matrices only)
+        params, grads = {"w": params["w"]}, [{"w": g["w"]} for g in grads]
+    got, programs = ours(opt, names, change, (params, grads))
+    eager = make()
+    p = {k: v.astype(np.float32) for k, v in params.items()}
+    state = eager.init(p)
+    for i in range(STEPS):
+        change(eager, i)
+        p, state = eager.update(p, {k: v.astype(np.float32) for k, v in grads[i].items()}, state)
+    for k in p:
+        np.testing.assert_allclose(got[k], p[k], rtol=1e-5, atol=2e-6, err_msg=k)
+    assert programs == 1
+    baked, _ = ours(make(), (), lambda o, i: None, (params, grads))
+    assert max(float(np.max(np.abs(baked[k] - got[k]))) for k in got) > 1e-4
+
+
 def test_floats_leaves_out_zeros_and_what_is_not_a_float() -> None:
     opt = AdamW(1e-2, weight_decay=0.0, clip_norm=1.0, param_groups=[
         {"params": ["b"], "beta1": 0.8}, {"params": ["w"], "learning_rate": 2e-2}])
@@ -187,7 +224,11 @@ def test_the_pair_keeps_float64() -> None:
     (Adam(1e-2, param_groups=[{"params": ["b"]}]), ("param_groups[0].clip_norm",), ValueError,
      "cannot differ per group"),
     (Adam(1e-2), "beta1", TypeError, "a sequence of names"),
-    (Muon(1e-2), ("momentum",), TypeError, "per-tensor update"),
+    (Muon(1e-2), ("ns_steps",), TypeError, "per-tensor update bakes 'ns_steps'"),
+    (Muon(1e-2, param_groups=[{"params": ["b"], "momentum": 0.9}]),
+     ("param_groups[0].momentum",), TypeError, "optimizer-wide"),
+    (catalog.Adafactor(1e-2, weight_decay=0.1), ("weight_decay",), TypeError,
+     "per-tensor update bakes 'weight_decay'"),
     (Adam(1e-2, clip_tensor_norm=1.0), ("clip_tensor_norm",), ValueError, "cannot be traced"),
     (Adam(1e-2, adaptive_clip=0.1), ("adaptive_clip_eps",), ValueError, "cannot be traced"),
     (catalog.Ftrl(1e-2), ("learning_rate_power",), ValueError, "-0.5 picks its update rule"),

@@ -27,6 +27,7 @@ from mithril.utils.optimizers import (
     Adam,
     AdamW,
     Lookahead,
+    Muon,
     RMSProp,
     ScheduleFreeAdamW,
 )
@@ -190,6 +191,9 @@ PER_STEP = {  # name: (optimizer, a change at every step)
                            every_step("clip_value", 0.3, -0.04)(opt, d, i))),
     "LAMB's beta1 (two-pass)": (
         lambda: LAMB(learning_rate=1e-2, weight_decay=0.01), every_step("beta1", 0.9, -0.05)),
+    "Muon's momentum warm-up (per-tensor)": (
+        lambda: Muon(learning_rate=1e-2, ns_dtype="float32"),
+        every_step("momentum", 0.85, 0.02)),
     "RMSProp's decay and momentum": (
         lambda: RMSProp(learning_rate=1e-2, momentum=0.9),
         lambda opt, d, i: (every_step("decay", 0.99, -0.01)(opt, d, i),

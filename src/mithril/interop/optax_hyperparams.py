@@ -69,6 +69,11 @@ def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
             opt._group(g)  # (KeyError naming the group)
         else:
             opt._drivable(name, g)
+        allowed = _tensorwise_traceable(opt)
+        if allowed is not None and (g is not None or name not in allowed):
+            raise TypeError(f"traced_hyperparams: {where}'s per-tensor update bakes {key!r} "
+                            f"in; it takes {sorted(allowed)} traced (optimizer-wide), the "
+                            f"others need the transformation built again")
         v = value(opt, key)
         if not is_float(v):
             raise TypeError(f"traced_hyperparams: {where}'s {key}={v!r} is not a float "
@@ -78,6 +83,20 @@ def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
                              f"rule or slots (a value next to it picks others), which the "
                              f"program bakes in: it cannot be traced at this value")
     return tuple(sorted(set(names)))
+
+
+def _tensorwise_traceable(opt: Any) -> frozenset[str] | None:
+    """What a tensorwise optimizer (Muon, Adafactor) may have traced: its
+    ``traced_in_update``, the clipping's bounds and a decoupled weight decay (applied
+    outside its ``tensor_update``); None for any other optimizer."""
+    from ..utils.optimizers.tensorwise import TensorwiseOptimizer
+
+    if not isinstance(opt, TensorwiseOptimizer):
+        return None
+    extra = {"clip_norm", "clip_value"}
+    if not opt.weight_decay_in_math:
+        extra.add("weight_decay")
+    return frozenset(opt.traced_in_update) | extra
 
 
 def _picks_rule(opt: Any, group: int | None, name: str, v: float) -> bool:

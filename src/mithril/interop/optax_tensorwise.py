@@ -36,6 +36,7 @@ from ..utils.optimizers.tensorwise import JaxOps
 from .optax_scalars import (
     _INT32_MAX,
     _averaging_weights,
+    _Hyper,
     _jnp_math,
     _MathShim,
     _Plan,
@@ -44,6 +45,7 @@ from .optax_scalars import (
 )
 from .optax_transform import (
     OptaxState,
+    _check_hyper,
     _check_update,
     _copied_slots,
     _flatten,
@@ -131,7 +133,7 @@ class _Rows:
     distinct, with each tensor's ``index``), and the :class:`_Plan` of their scalars."""
 
     def __init__(self, opt: Any, names: list[str], shapes: list[tuple[int, ...]],
-                 mode: str) -> None:
+                 mode: str, traced: tuple[str, ...] = ()) -> None:
         from types import SimpleNamespace
 
         holder = SimpleNamespace(groups=None, layout=SimpleNamespace(
@@ -152,8 +154,12 @@ class _Rows:
                  for r in rows]
         self.rows = rows
         self.n_own = [len(copy.copy(s).scalars(1)) for s in sources]
+        # the traced hyperparameters are opt's own: of them, a fallback's rows take only
+        # the whole step's (the clipping's: Muon's own, as _FallbackRow has them)
+        theirs = set(traced) - {"clip_norm", "clip_value"}
         self.plan = _Plan(index, sources, [float(s.learning_rate) for s in sources], mode,
-                          clips=clips)
+                          [set() if s is r else theirs for s, r in zip(sources, rows)],
+                          clips=clips, traced=traced)
         self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
         # adaptive clipping: each tensor with its group's (of opt's own groups, as the
         # optimizer's update clips before its per-tensor rows)
@@ -177,9 +183,11 @@ def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
                                  f" give Muon a fallback (e.g. fallback=AdamW()) for the others")
 
 
-def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any:
+def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
+                              traced: tuple[str, ...] = ()) -> Any:
     """The transformation of a tensorwise optimizer ``opt`` (already checked and copied by
-    :func:`~mithril.interop.optax_transform.optax_transformation`)."""
+    :func:`~mithril.interop.optax_transform.optax_transformation`); ``traced``: its checked
+    ``traced_hyperparams``, set on each of its own rows as :class:`_Hyper` values."""
     import jax.numpy as jnp
     import optax
 
@@ -196,7 +204,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         key = (treedef, tuple(shapes))
         got = structures.get(key)
         if got is None:
-            got = structures[key] = _Rows(opt, names, shapes, scalars)
+            got = structures[key] = _Rows(opt, names, shapes, scalars, traced)
         return got
 
     def init(params: Any) -> OptaxState:
@@ -214,10 +222,12 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
                           _initial_hyperparams(opt, learning_rate))
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
-               new_params: bool = False) -> tuple[Any, OptaxState]:
+               new_params: bool = False, hyper: Any = None) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
-        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip)."""
+        (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
+        ``[hi, lo]`` rows of the traced hyperparameters."""
         _check_update(opt_name, state, params)
+        _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
         rows = rows_for(treedef, names, leaves)
@@ -227,9 +237,11 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         count = state.count
         t = count + 1
         lr = _step_lr(learning_rate, state)
-        table = _row_scalars(plan, t, lr, {}, _wide())
+        driven = {k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)}
+        table = _row_scalars(plan, t, lr, driven, _wide())
+        attrs = plan.attrs(driven)
         skip = opt.nonfinite == "skip"
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, None, names)
+        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, attrs, names)
         avg_w = _averaging_weights(opt, t)
 
         new_ps: list[Any] = []
@@ -237,6 +249,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str) -> Any
         for i, (p, g) in enumerate(zip(ps, gs)):
             r = plan.index[i]
             row = copy.copy(rows.rows[r])
+            row.__dict__.update(attrs[r])
             row.learning_rate = jnp.asarray(lr) * plan.scales[r]
             acc = jnp.promote_types(p.dtype, jnp.float32)
             scal = tuple(x.astype(acc) for x in table[r][1:1 + rows.n_own[r]])

@@ -187,6 +187,15 @@ def _tensor_clip_scales(plan: _Plan, grads: list[Any], dt: Any) -> tuple[list, l
     return factors, sumsq
 
 
+def _check_hyper(opt_name: str, traced: tuple[str, ...], hyper: Any) -> None:
+    """``update(hyper=...)`` holds a ``[hi, lo]`` row per traced hyperparameter."""
+    got = (0, 2) if hyper is None else tuple(np.shape(hyper))
+    if got != (len(traced), 2):
+        raise ValueError(f"{opt_name}: update(hyper=...) must be the [hi, lo] pairs of "
+                         f"the traced hyperparameters {list(traced)} (shape "
+                         f"({len(traced)}, 2)), got shape {got}")
+
+
 def _adaptive_clip(g: Any, p: Any, clipping: float, eps: float, name: str) -> Any:
     """:func:`~mithril.utils.optimizers.clipping.adaptive_clip` (optax
     ``adaptive_grad_clip``) of one traced gradient, its norms taken in float32 at least; a
@@ -407,13 +416,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         raise ValueError(f"scalars must be one of {_MODES}, got {scalars!r}")
     opt = _copy_optimizer(optimizer)
     traced = check_traced(opt, traced_hyperparams)
-    if traced and kind == "tensorwise":
-        raise TypeError(f"traced_hyperparams: {type(opt).__name__}'s per-tensor update bakes "
-                        f"its hyperparameters in (build the transformation again to change one)")
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
 
-        return tensorwise_transformation(opt, learning_rate, scalars)
+        return tensorwise_transformation(opt, learning_rate, scalars, traced)
     from .optax_special import host_tensor_scalars, state_hyperparams
 
     opt_name = type(opt).__name__
@@ -495,11 +501,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
         values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows."""
         _check_update(opt_name, state, params)
-        got = (0, 2) if hyper is None else tuple(np.shape(hyper))
-        if got != (len(traced), 2):
-            raise ValueError(f"{opt_name}: update(hyper=...) must be the [hi, lo] pairs of "
-                             f"the traced hyperparameters {list(traced)} (shape "
-                             f"({len(traced)}, 2)), got shape {got}")
+        _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
         plan = plan_for(treedef, names)

@@ -199,7 +199,8 @@ class HyperparameterWatch:
         if self._fused:
             from ..interop.optax_special import classify, state_hyperparams
 
-            self._elementwise = classify(optimizer) == "elementwise"
+            # (a per-tensor optimizer traces what it lists: Muon's momentum)
+            self._elementwise = classify(optimizer) in ("elementwise", "tensorwise")
             self._state_kept = state_hyperparams(optimizer)  # (schedule-free's beta1)
 
     def _transformation(self) -> Any:

@@ -52,6 +52,7 @@ class Adafactor(TensorwiseOptimizer):
 
     slots = ("row_var", "col_var", "variance")
     weight_decay_in_math = True
+    traced_in_update = ("beta2_decay", "d")  # (weight_decay: a branch on 0 in tensor_update)
 
     def __init__(self, learning_rate: float = 1e-2, beta2_decay: float = -0.8,
                  epsilon: Sequence[float | None] = (None, 1e-3), d: float = 1.0,

@@ -307,6 +307,7 @@ class Muon(TensorwiseOptimizer):
 
     slots = ("momentum_buffer",)
     decoupled_weight_decay = True
+    traced_in_update = ("momentum", "epsilon")  # (a momentum warm-up compiles once)
 
     def __init__(self, learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
