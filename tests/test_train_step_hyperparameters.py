@@ -346,3 +346,52 @@ def test_the_sharded_step_rebuilds_too() -> None:
         results.append({k: np.asarray(v) for k, v in params.items()})
     for k in results[1]:
         np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-6, atol=1e-7)
+
+
+def catalog_cases() -> list[str]:
+    import mithril.utils.optimizers as catalog
+    from mithril.utils.optimizers.base import Optimizer
+
+    return [n for n in catalog.__all__ if isinstance(getattr(catalog, n), type)
+            and issubclass(getattr(catalog, n), Optimizer)
+            and n not in ("Optimizer", "LBFGS", "Lookahead")]
+
+
+def catalog_optimizer(name: str) -> Any:
+    """``name`` of the catalog with weight decay and clipping where it takes them (Muon's
+    Newton-Schulz in float32: its bfloat16 rounding would hide a 1e-6 difference)."""
+    import mithril.utils.optimizers as catalog
+
+    cls = getattr(catalog, name)
+    extra = {"ns_dtype": "float32"} if name == "Muon" else {}
+    for kw in ({"weight_decay": 0.02, "clip_norm": 2.0}, {"clip_norm": 2.0}, {}):
+        try:
+            return cls(learning_rate=1e-2, **kw, **extra)
+        except (TypeError, ValueError):
+            continue
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", catalog_cases())
+def test_every_float_of_the_catalog_scheduled_compiles_once(name: str) -> None:
+    """Every optimizer of the catalog, each of its float hyperparameters the program may
+    read (``floats``) changed at every step: the first change rebuilds once, the rest
+    compile nothing, and the results are the separate calls' with the same changes."""
+    from mithril.interop.optax_hyperparams import floats
+
+    names = floats(catalog_optimizer(name))
+    start = {k: getattr(catalog_optimizer(name), k) for k in names}
+
+    def change(opt: Any, driver: Any, i: int) -> None:
+        for k in names:
+            setattr(opt, k, start[k] * (1 - 0.02 * i))
+
+    make = lambda: catalog_optimizer(name)  # noqa: E731
+    sep, _ = run(JaxBackend(dtype="float32"), make, change, fused=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, step = run(JaxBackend(dtype="float32"), make, change, fused=True)
+    assert step.rebuilds == (1 if names else 0) and step._jitted._cache_size() == 1, name
+    assert set(step._traced) == set(names)
+    for k in sep:
+        np.testing.assert_allclose(got[k], sep[k], rtol=2e-6, atol=2e-6, err_msg=k)
