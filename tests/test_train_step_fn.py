@@ -50,6 +50,10 @@ def optimizers() -> dict:
         "lars": lambda: o.LARS(learning_rate=0.1),
         "lion": lambda: o.Lion(learning_rate=1e-3),
         "lookahead": lambda: o.Lookahead(o.Adam(learning_rate=1e-2), sync_period=2),
+        "lookahead_groups": lambda: o.Lookahead(o.AdamW(  # (the inner's groups)
+            learning_rate=1e-2, weight_decay=0.1,
+            param_groups=[{"params": lambda n: "bias" in n or n.endswith("b"),
+                           "weight_decay": 0.0, "lr_scale": 0.5}]), sync_period=2),
         "nadam": lambda: o.NAdam(learning_rate=1e-2),
         "novograd": lambda: o.Novograd(learning_rate=1e-2),
         "radam": lambda: o.RAdam(learning_rate=1e-2),

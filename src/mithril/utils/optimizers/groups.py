@@ -204,25 +204,25 @@ def resolve(opt: Any, names: Sequence[str]
 
 
 def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
-    """One optimizer per row: ``opt`` with the row's overrides (its learning rate scaled)."""
-    out = []
-    for over in rows:
-        if not over:
-            out.append(opt)
-            continue
-        v = copy.copy(opt)
-        over = dict(over)
-        scale = over.pop("lr_scale", None)
-        v.__dict__.update(over)
-        if scale is not None:
-            v.learning_rate = opt.learning_rate * scale
-        out.append(v)
-    return out
+    """One optimizer per row: ``opt`` with the row's overrides (its learning rate scaled;
+    :meth:`GroupsMixin.row_view`)."""
+    return [opt.row_view(dict(over)) if over else opt for over in rows]
 
 
 class GroupsMixin:
     """Parameter groups' half of :class:`~mithril.utils.optimizers.Optimizer`: checking the
     constructor's group options, the shortcuts, and each tensor's row of scalars."""
+
+    def row_view(self, over: dict[str, Any]) -> Any:
+        """A copy of this optimizer with a row's overrides ``over`` set (``lr_scale``: its
+        learning rate times that): what updates the row's tensors. A wrapper whose
+        hyperparameters are its inner optimizer's (Lookahead) sets them there."""
+        v = copy.copy(self)
+        scale = over.pop("lr_scale", None)
+        v.__dict__.update(over)
+        if scale is not None:
+            v.learning_rate = self.learning_rate * scale
+        return v
 
     def _finish_groups(self) -> None:
         raw = self.__dict__.pop("_raw_groups", None)

@@ -228,6 +228,15 @@ class Lookahead(Optimizer):
     def _group(self, group: Any) -> dict[str, Any]:
         return self.inner._group(group)
 
+    def row_view(self, over: dict[str, Any]) -> Lookahead:
+        """This Lookahead around the inner optimizer's view of ``over`` (a group's
+        overrides are the inner's hyperparameters: set on a Lookahead's copy they would be
+        shadowed by its read-only views of them); its own (``slow_step_size``) on it."""
+        own = {k: over.pop(k) for k in list(over) if k in self.__dict__ and k != "inner"}
+        new = self._wrapping(self.inner.row_view(over) if over else self.inner)
+        new.__dict__.update(own)
+        return new
+
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
         """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
         index, views = self.inner.group_rows(state)
