@@ -163,11 +163,13 @@ class _Rows:
         self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
         # adaptive clipping: each tensor with its group's (of opt's own groups, as the
         # optimizer's update clips before its per-tensor rows)
-        from ..utils.optimizers.groups import resolve, views
+        self.plan.agc = None
+        if opt.adaptive_clip is not None or any("adaptive_clip" in g for g in opt._groups):
+            from ..utils.optimizers.groups import resolve, views
 
-        at, group_rows, _ = resolve(opt, names)
-        own = views(opt, group_rows)
-        self.plan.agc = _Plan.adaptive([own[r] for r in at])
+            at, group_rows, _ = resolve(opt, names)
+            own = views(opt, group_rows)
+            self.plan.agc = _Plan.adaptive([own[r] for r in at])
 
 
 def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:

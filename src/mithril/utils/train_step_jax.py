@@ -200,7 +200,7 @@ class HyperparameterWatch:
             from ..interop.optax_special import classify, state_hyperparams
 
             # (a per-tensor optimizer traces what it lists: Muon's momentum)
-            self._elementwise = classify(optimizer) in ("elementwise", "tensorwise")
+            self._traces_floats = classify(optimizer) in ("elementwise", "tensorwise")
             self._state_kept = state_hyperparams(optimizer)  # (schedule-free's beta1)
 
     def _transformation(self) -> Any:
@@ -215,7 +215,7 @@ class HyperparameterWatch:
                 traced.update(floats(self.optimizer))
             self._traced = tuple(sorted(traced))
             self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
-            if self._elementwise:
+            if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer)
             self._hyper_args = self._hyper_arrays()
         return self._tx
@@ -254,10 +254,10 @@ class HyperparameterWatch:
         if self._jitted is None:  # nothing compiled yet (a checkpoint loaded before the
             self._tx = None  # first step): its first call builds with them baked in
             return
-        self._tracing = self._elementwise
+        self._tracing = self._traces_floats
         versions = self._hyper_versions()
         changed = None
-        if self._elementwise and versions[1:] == self._hyper_seen[1:]:
+        if self._traces_floats and versions[1:] == self._hyper_seen[1:]:
             new = hyper_snapshot(self.optimizer)
             changed = traceable_changes(self.optimizer, self._snapshot, new, self._traced)
         if changed is None:
