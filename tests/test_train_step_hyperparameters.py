@@ -3,9 +3,9 @@ see, and compiles as little as it can for them: the learning rate is read on eve
 (nothing recompiles); a float hyperparameter of an elementwise or two-pass optimizer or of one
 of its groups (``beta1``, ``momentum``, ``weight_decay``, ``clip_norm``, a group's learning
 rate) becomes an argument of the program at its first change (one rebuild, ``step.rebuilds``),
-so a schedule changing it at every step compiles once; any other change (a flag,
-``exclude_from_weight_decay``, a Lookahead's inner optimizer) builds the program anew at the
-next call. The results stay those of evaluate + update. Rebuilding at every step warns once,
+so a schedule changing it at every step compiles once (a Lookahead's, its inner optimizer's
+too); any other change (a flag, an integer such as Lookahead's ``sync_period``,
+``exclude_from_weight_decay``) builds the program anew at the next call. The results stay those of evaluate + update. Rebuilding at every step warns once,
 pointing at the separate-calls state."""
 
 from __future__ import annotations
@@ -194,6 +194,11 @@ PER_STEP = {  # name: (optimizer, a change at every step)
     "Muon's momentum warm-up (per-tensor)": (
         lambda: Muon(learning_rate=1e-2, ns_dtype="float32"),
         every_step("momentum", 0.85, 0.02)),
+    "a Lookahead's inner β₁ and weight decay, its slow step size": (
+        lambda: Lookahead(AdamW(learning_rate=1e-2), sync_period=2),
+        lambda opt, d, i: (every_step("beta1", 0.9, -0.04)(opt, d, i),
+                           every_step("weight_decay", 0.01, 0.02)(opt, d, i),
+                           every_step("slow_step_size", 0.5, 0.08)(opt, d, i))),
     "RMSProp's decay and momentum": (
         lambda: RMSProp(learning_rate=1e-2, momentum=0.9),
         lambda opt, d, i: (every_step("decay", 0.99, -0.01)(opt, d, i),
@@ -277,9 +282,9 @@ def test_a_traced_hyperparameter_set_to_an_integer_is_baked_in_again() -> None:
 
 
 def test_a_rebuild_every_step_warns_once() -> None:
-    """A change the program bakes in (here a Lookahead's inner optimizer's) made at every
-    step rebuilds it each time (the results stay right); the eighth says so, naming the
-    separate-calls state."""
+    """A change the program bakes in (here a Lookahead's ``sync_period``, an integer) made
+    at every step rebuilds it each time (the results stay right); the eighth says so, naming
+    the separate-calls state."""
     be = JaxBackend(dtype="float32")
     compiled, batches = problem(be)
     opt = Lookahead(Adam(learning_rate=1e-2), sync_period=2)
@@ -289,7 +294,7 @@ def test_a_rebuild_every_step_warns_once() -> None:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i in range(10):
-            opt.inner.beta1 = 0.85 + 0.01 * i
+            opt.sync_period = 2 + i % 2
             params, state, _ = step(params, state, batches[i % STEPS])
     mine = [w for w in seen if "compiles it again" in str(w.message)]
     assert len(mine) == 1 and mine[0].category is RuntimeWarning

@@ -45,10 +45,9 @@ def is_float(value: Any) -> bool:
 def value(opt: Any, key: str) -> float:
     """The value of ``key`` (see the module docs) on ``opt``."""
     g, name = parse(key)
-    if g is None:
-        return getattr(opt, name)
-    group = opt._group(g)
-    return group.get(name, 1.0 if name == "lr_scale" else getattr(opt, name))
+    if name == "lr_scale":
+        return opt._group(g).get(name, 1.0)
+    return opt._hyperparameter_value(name, g)
 
 
 def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
@@ -130,8 +129,8 @@ def floats(opt: Any) -> tuple[str, ...]:
     schedule starting on another one later compiles nothing more. A 0 is left out: it often
     switches a term off (``weight_decay``, ``momentum``), and a traced 0 would keep the term
     (``0 · inf`` is NaN); such a one is traced at its own first change."""
-    names = set(opt.hyperparameters())
-    for g, group in enumerate(getattr(opt, "_groups", None) or []):
+    names = {k for h in opt.hyper_holders() for k in h.hyperparameters()}
+    for g, group in enumerate(opt.param_groups):
         names.update(f"param_groups[{g}].{k}" for k in ("lr_scale", *group) if k != "params")
     return tuple(sorted(k for k in names if traceable(opt, k) and value(opt, k) != 0))
 

@@ -98,6 +98,9 @@ class _Step:
     def __sub__(self, k: Any) -> Any:
         return _Step(self.t - k) if isinstance(k, int) else self.t - _value(k)
 
+    def __mod__(self, k: Any) -> Any:  # (a count since a period began: Lookahead's reset)
+        return _Step(self.t % k) if isinstance(k, int) else self.t % _value(k)
+
     def __rpow__(self, base: Any) -> Any:
         if isinstance(base, (int, float)) and base > 0:
             return _Power(float(base), self.t)
@@ -248,8 +251,8 @@ def _with_attrs(view: Any, scale: Any, lr: Any, attrs: dict[str, Any] | None) ->
     ``lr_scale`` of ``attrs`` in place of ``scale``), with ``attrs`` set."""
     v = copy.copy(view)
     attrs = dict(attrs or {})
-    v.learning_rate = lr * attrs.pop("lr_scale", scale)
-    v.__dict__.update(attrs)
+    attrs["learning_rate"] = lr * attrs.pop("lr_scale", scale)
+    v.assign(attrs)
     return v
 
 
@@ -261,6 +264,8 @@ def _traced_row(view: Any, scale: float, t: Any, lr: Any,
     ``update``), set on a copy of the view; ``values``: the state's values, those
     ``scalars`` reads passed to it (None: the initial ones)."""
     v = _with_attrs(view, scale, lr, attrs)
+    for inner in v.hyper_holders()[1:]:  # (a wrapper's scalars call its inner's: shimmed too)
+        inner.__dict__["scalars"] = types.MethodType(_traceable(type(inner).scalars), inner)
     scal = [*_scalars(v, t, values), *_averaging_weights(v, t)]
     keep = 1.0 - scal[0] * _value(_prologue_terms(v)[2])
     return [keep, *scal]
@@ -274,8 +279,8 @@ def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
     rows = []
     for r, (v, s) in enumerate(zip(views, scales)):
         a = dict(attrs[r]) if attrs else {}
-        v.learning_rate = lr * a.pop("lr_scale", s)  # (on the view itself: ASGD keeps lrs)
-        v.__dict__.update(a)
+        a["learning_rate"] = lr * a.pop("lr_scale", s)
+        v.assign(a)  # (on the view itself: ASGD keeps lrs)
         scal = v.full_scalars(t, values)
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
@@ -408,7 +413,7 @@ class _Plan:
         self.host_views = [copy.copy(v) for v in views]  # kept: ASGD remembers lrs
         self.widths = [1 + len(copy.copy(v).full_scalars(1)) for v in views]
         self.width = max(self.widths, default=1)  # the host table's (keep factor, scalars), padded
-        now = [{k: (s if k == "lr_scale" else getattr(v, k)) for k in live}
+        now = [{k: (s if k == "lr_scale" else v._hyperparameter_value(k, None)) for k in live}
                for v, s, live in zip(views, scales, self.live)]
         reason = None if mode == "host" else _probe(views, self.scales, attrs=now)
         if mode == "traced" and reason is not None:

@@ -116,8 +116,7 @@ def _as_host(opt: Any, t: int, lr: float, sums: Any, cols: Any, tensors: Any, va
     values as Python floats, the optimizer at learning rate ``lr``): (extras, shape (e, n);
     tensor slots, (s, n); values, (v,))."""
     host = copy.copy(opt)
-    host.learning_rate = lr
-    host.__dict__.update(attrs or {})  # (the traced hyperparameters' values)
+    host.assign({**(attrs or {}), "learning_rate": lr})  # (the traced ones' values)
     n = len(sizes)
     names_t, names_v = tuple(opt.tensor_slots), tuple(opt.state_values)
     f64 = np.float64

@@ -481,8 +481,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         optimizer-wide traced hyperparameters, set on it."""
         if scalars != "host":
             copied = copy.copy(opt)
-            copied.learning_rate = lr
-            copied.__dict__.update(wide)
+            copied.assign({**wide, "learning_rate": lr})
             try:
                 return copied.tensor_scalars(t, sums, cols, dict(tens), dict(values), sizes)
             except Exception as e:  # noqa: BLE001 - not traceable: on the host

@@ -124,15 +124,16 @@ def hyper_snapshot(opt: Any) -> dict[str, Any]:
     each group's slots and update rule (what no traced value can change)."""
     from .optimizers.groups import views
 
-    snap = {k: v for k, v in vars(opt).items() if k[0] != "_" and k != "learning_rate"}
-    groups = getattr(opt, "_groups", None) or []
+    snap = {k: v for h in reversed(opt.hyper_holders()) for k, v in vars(h).items()
+            if k[0] != "_" and k != "learning_rate"}  # (a Lookahead's inner's too)
+    groups = opt.param_groups
     for g, group in enumerate(groups):  # (a group's lr_scale is 1.0 until set)
         snap.update({f"param_groups[{g}].{k}": v for k, v in
                      {"lr_scale": 1.0, **group}.items() if k != "params"})
     rules = [(v.full_slot_names(), v.kernel_math()) for v in
              views(opt, [{}] + [{k: x for k, x in g.items() if k != "params"} for g in groups])]
-    snap["_structure"] = ([g.get("params") for g in groups], getattr(opt, "_wd_mask", None),
-                          list(getattr(opt, "_wd_exclude", None) or ()), rules)
+    snap["_structure"] = ([g.get("params") for g in groups], opt.weight_decay_mask,
+                          list(opt.exclude_weight_decay or ()), rules)
     return snap
 
 
@@ -181,8 +182,12 @@ class HyperparameterWatch:
     def _watch_hyperparameters(self, optimizer: Any) -> None:
         # what the JAX program bakes in besides the learning rate (read every call): the
         # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
-        # fallback), by the counts they keep of their changes (see _hyper_changed)
-        self._hyper_dicts = tuple(vars(o) for o in optimizers_in(optimizer)) \
+        # fallback), by the counts they keep of their changes (see _hyper_changed); first
+        # those its names reach (hyper_holders: the snapshot covers them)
+        held = optimizer.hyper_holders() if self._fused else ()
+        self._held = len(held)
+        self._hyper_dicts = tuple(vars(o) for o in (*held, *(
+            o for o in optimizers_in(optimizer) if all(o is not h for h in held)))) \
             if self._fused else ()
         for d in self._hyper_dicts:  # (an optimizer that never changed one counts 0)
             d.setdefault("_hyper_version", 0)
@@ -257,7 +262,7 @@ class HyperparameterWatch:
         self._tracing = self._traces_floats
         versions = self._hyper_versions()
         changed = None
-        if self._traces_floats and versions[1:] == self._hyper_seen[1:]:
+        if self._traces_floats and versions[self._held:] == self._hyper_seen[self._held:]:
             new = hyper_snapshot(self.optimizer)
             changed = traceable_changes(self.optimizer, self._snapshot, new, self._traced)
         if changed is None:

@@ -215,14 +215,37 @@ class GroupsMixin:
 
     def row_view(self, over: dict[str, Any]) -> Any:
         """A copy of this optimizer with a row's overrides ``over`` set (``lr_scale``: its
-        learning rate times that): what updates the row's tensors. A wrapper whose
-        hyperparameters are its inner optimizer's (Lookahead) sets them there."""
+        learning rate times that): what updates the row's tensors."""
         v = copy.copy(self)
         scale = over.pop("lr_scale", None)
-        v.__dict__.update(over)
         if scale is not None:
-            v.learning_rate = self.learning_rate * scale
+            over["learning_rate"] = self.learning_rate * scale
+        v.assign(over)
         return v
+
+    # -- whose hyperparameters a name reaches ----------------------------------------------
+    def hyper_holders(self) -> tuple[Any, ...]:
+        """This optimizer, then those whose hyperparameters it takes as its own under the
+        same names (a Lookahead's inner optimizer: ``Lookahead(Adam()).hyperparameter(
+        "beta1")`` is the inner's ``beta1``). The last one keeps the parameter groups."""
+        return (self,)
+
+    def _holder(self, name: str) -> Any:
+        """The optimizer of :meth:`hyper_holders` that keeps hyperparameter ``name`` (this
+        one where none does)."""
+        holders = self.hyper_holders()
+        if len(holders) > 1:
+            for h in holders:
+                if name in h.hyperparameters():
+                    return h
+        return self
+
+    def assign(self, attrs: Mapping[str, Any]) -> None:
+        """Set ``attrs`` (hyperparameter name -> value) as they are, unchecked and not
+        counted as changes, each on the optimizer that keeps it (:meth:`hyper_holders`):
+        how a copy becomes a row's view, or takes the values a traced program reads."""
+        for name, value in attrs.items():
+            self._holder(name).__dict__[name] = value
 
     def _finish_groups(self) -> None:
         raw = self.__dict__.pop("_raw_groups", None)
@@ -292,13 +315,16 @@ class GroupsMixin:
         accepted for ``learning_rate`` and ``epsilon``."""
         name = _HP_ALIASES.get(name, name) if isinstance(name, str) else name
         self._drivable(name, group)
-        return Hyperparameter(self, name, group)
+        return Hyperparameter(self._holder(name), name, group)
 
     def _drivable(self, name: Any, group: int | None) -> None:
         """Raise unless ``name`` is a numeric hyperparameter a handle may drive (for
         ``param_groups[group]`` when ``group`` is not None)."""
         if not isinstance(name, str):
             raise TypeError(f"a hyperparameter name must be a string, got {type(name).__name__}")
+        holder = self._holder(name)
+        if holder is not self:
+            return holder._drivable(name, group)
         hp = self.hyperparameters()
         own = sorted(k for k, v in hp.items() if k not in GROUP_KEYS and _is_number(v))
         if name not in hp or name in GROUP_KEYS:
@@ -316,6 +342,9 @@ class GroupsMixin:
 
     def _hyperparameter_value(self, name: str, group: int | None) -> Any:
         """The value of ``name`` for the optimizer or ``param_groups[group]``."""
+        holder = self._holder(name)
+        if holder is not self:
+            return holder._hyperparameter_value(name, group)
         if name == "learning_rate":
             return self.get_learning_rate(group)
         if group is None:

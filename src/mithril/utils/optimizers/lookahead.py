@@ -228,14 +228,28 @@ class Lookahead(Optimizer):
     def _group(self, group: Any) -> dict[str, Any]:
         return self.inner._group(group)
 
-    def row_view(self, over: dict[str, Any]) -> Lookahead:
-        """This Lookahead around the inner optimizer's view of ``over`` (a group's
-        overrides are the inner's hyperparameters: set on a Lookahead's copy they would be
-        shadowed by its read-only views of them); its own (``slow_step_size``) on it."""
-        own = {k: over.pop(k) for k in list(over) if k in self.__dict__ and k != "inner"}
-        new = self._wrapping(self.inner.row_view(over) if over else self.inner)
-        new.__dict__.update(own)
-        return new
+    def _drivable(self, name: Any, group: int | None) -> None:
+        if name in _OWN and group is not None:  # (its rows are the inner's groups')
+            raise ValueError(f"Lookahead: {name} holds for every parameter and cannot "
+                             f"differ per group (drive it with group=None)")
+        super()._drivable(name, group)
+
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None) -> Any:
+        """Lookahead's own ``sync_period`` / ``slow_step_size`` checked as the constructor
+        checks them (what a scheduler driving them sets); the inner's by the inner."""
+        checks = {"sync_period": _check_sync_period, "slow_step_size": _check_slow_step_size}
+        if name not in checks:
+            return self.inner._checked_hyperparameter(name, value, group)
+        try:
+            return checks[name](value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"Lookahead: {name}={value!r} refused: {e}") from None
+
+    def hyper_holders(self) -> tuple[Any, ...]:
+        """This Lookahead, then its inner optimizer's: a name other than Lookahead's own
+        (``beta1``, ``weight_decay``, a group's) is the inner's hyperparameter, on its
+        handle, its groups' rows and in a traced program."""
+        return (self, *self.inner.hyper_holders())
 
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
         """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
@@ -255,7 +269,7 @@ class Lookahead(Optimizer):
         the inner slots' initial values)."""
         k = self.sync_period
         inner_step = (step - 1) % k + 1 if self.reset_state else step
-        sync = 1.0 if step % k == 0 else 0.0
+        sync = (step % k == 0) * 1.0  # (arithmetic: traceable in a JAX program)
         out = (*self.inner.scalars(inner_step), sync, self.slow_step_size)
         if self.reset_state:
             out += tuple(float(self.inner.slot_init(s)) for s in self.inner.slot_names())
