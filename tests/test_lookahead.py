@@ -466,3 +466,89 @@ def test_kernel_math_is_cached_and_copies_are_independent():
     twin.set_learning_rate(0.5)
     assert opt.get_learning_rate() == 0.01 and twin.get_learning_rate() == 0.5
     assert "Lookahead(inner={'optimizer': 'Adam'" in repr(opt)
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameters driven through the Lookahead: its own and its inner optimizer's
+# ---------------------------------------------------------------------------------------------
+
+def _driven(t: int) -> tuple[float, float]:
+    """(slow_step_size, the inner's β₁) of step ``t``: what the schedules below set."""
+    return 0.3 + 0.05 * t, 0.9 - 0.02 * t
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_schedules_through_the_lookahead_match_optax(reset):
+    """Lookahead's own ``slow_step_size`` and its inner Adam's ``beta1`` changed at every
+    step through the Lookahead's handles (a scheduler's interface), on the NumPy engine and
+    in the optax transformation with both traced and its scalars traced too (no host
+    callback), against ``optax.inject_hyperparams(optax.lookahead)`` around an injected
+    ``optax.adam`` with the same values set in its state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mithril.interop import optax_transformation
+    from mithril.interop.optax_hyperparams import pair
+
+    p0, grads = problem("float32", 12)
+    opt = Lookahead(Adam(0.02), sync_period=3, slow_step_size=0.3, reset_state=reset)
+    slow_h, beta_h = opt.hyperparameter("slow_step_size"), opt.hyperparameter("beta1")
+    assert beta_h.optimizer is opt.inner  # (the inner's own handle)
+    tx = optax_transformation(opt, scalars="traced",
+                              traced_hyperparams=("beta1", "slow_step_size"))
+    fast = optax.inject_hyperparams(optax.adam)(learning_rate=0.02)
+    ref = optax.inject_hyperparams(optax.lookahead, static_args=("sync_period", "reset_state"))(
+        fast_optimizer=fast, sync_period=3, slow_step_size=0.3, reset_state=reset)
+
+    tx_step = jax.jit(lambda g, s, p, h: tx.update(g, s, p, new_params=True, hyper=h))
+
+    @jax.jit
+    def ref_step(params, g, s):
+        u, s = ref.update(g, s, params)
+        return optax.apply_updates(params, u), s
+
+    ours = {k: v.copy() for k, v in p0.items()}
+    state = opt.init(ours)
+    traced = {k: jnp.asarray(v) for k, v in p0.items()}
+    tstate = tx.init(traced)
+    theirs = optax.LookaheadParams.init_synced({k: jnp.asarray(v) for k, v in p0.items()})
+    s = ref.init(theirs)
+    for t in range(12):
+        a, b1 = _driven(t)
+        slow_h.set(a)
+        beta_h.set(b1)
+        ours, state = opt.update(ours, grads[t], state)
+        g = {k: jnp.asarray(v) for k, v in grads[t].items()}
+        hyper = np.stack([pair(b1, np.float32), pair(a, np.float32)])  # (names sorted)
+        traced, tstate = tx_step(g, tstate, traced, hyper)
+        s.hyperparams["slow_step_size"] = jnp.asarray(a, jnp.float32)
+        s.inner_state.fast_state.hyperparams["b1"] = jnp.asarray(b1, jnp.float32)
+        theirs, s = ref_step(theirs, g, s)
+    assert opt.slow_step_size == pytest.approx(_driven(11)[0]) and opt.inner.beta1 == 0.68
+    for k in SHAPES:
+        want = np.asarray(theirs.fast[k])
+        np.testing.assert_allclose(ours[k], want, rtol=2e-5, atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(np.asarray(traced[k]), want, rtol=2e-5, atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(opt.slow_params(state)[k], np.asarray(theirs.slow[k]),
+                                   rtol=2e-5, atol=2e-6, err_msg=k)
+    assert rel_err(ours["big"], p0["big"]) > 1e-3
+
+
+def test_driving_the_lookahead_refuses_bad_values_naming_them():
+    """A value the constructor refuses, or Lookahead's own per group, raises naming it and
+    changes nothing."""
+    opt = Lookahead(Adam(0.01, param_groups=[{"params": ["b"]}]), sync_period=3)
+    with pytest.raises(ValueError, match="slow_step_size"):
+        opt.hyperparameter("slow_step_size").set(1.5)
+    with pytest.raises(ValueError, match="sync_period"):
+        opt.hyperparameter("sync_period").set(0)
+    with pytest.raises(ValueError, match="per group"):
+        opt.hyperparameter("slow_step_size", group=0)
+    with pytest.raises(ValueError, match="beta1"):
+        opt.hyperparameter("beta1", group=0).set(1.5)
+    assert (opt.slow_step_size, opt.sync_period, opt.param_groups[0]) == (
+        0.5, 3, {"params": ["b"]})
+    opt.hyperparameter("sync_period").set(4)
+    opt.hyperparameter("beta1", group=0).set(0.8)
+    assert opt.sync_period == 4 and opt.inner.param_groups[0]["beta1"] == 0.8

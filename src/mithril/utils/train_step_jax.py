@@ -249,11 +249,12 @@ class HyperparameterWatch:
         """A hyperparameter other than the learning rate changed since the program was
         built. For an elementwise or two-pass optimizer, the first change builds the
         program anew with every float hyperparameter of the optimizer and of its groups
-        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate; one at 0 from
-        its own first change on: :func:`~mithril.interop.optax_hyperparams.floats`) as an
-        argument: later changes of them compile nothing, whichever begins when. Any other
-        change (an integer, a flag, the groups' matching, a new group override, a nested
-        optimizer's, a per-tensor optimizer's) builds it anew each time. Before the
+        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate, a Lookahead's
+        inner optimizer's; one at 0 from its own first change on:
+        :func:`~mithril.interop.optax_hyperparams.floats`) as an argument: later changes of
+        them compile nothing, whichever begins when. Any other change (an integer, a flag,
+        the groups' matching, a new group override, a Muon's fallback optimizer's, a
+        per-tensor optimizer's) builds it anew each time. Before the
         first call compiled anything, a change is only baked into the program it makes."""
         self._resync = True  # (the state keeps some: schedule-free's beta1)
         if self._jitted is None:  # nothing compiled yet (a checkpoint loaded before the
