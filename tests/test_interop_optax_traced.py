@@ -167,7 +167,8 @@ def test_every_float_traced_gives_the_baked_steps(name: str) -> None:
 @pytest.mark.parametrize("make", [
     lambda: Muon(1e-2, ns_dtype="float32", clip_norm=5.0, clip_value=1.0),
     lambda: Muon(1e-2, ns_dtype="float32", nesterov=False, fallback=None),
-    lambda: catalog.Adafactor(1e-2, clip_norm=3.0)], ids=["muon", "muon-plain", "adafactor"])
+    lambda: catalog.Adafactor(1e-2, clip_norm=3.0, weight_decay=0.05)],
+    ids=["muon", "muon-plain", "adafactor"])
 def test_a_per_tensor_optimizers_floats_every_step(make: Any) -> None:
     """Muon's momentum (a warm-up) and ε, Adafactor's β₂ decay and d, the clipping's bounds
     and the decoupled weight decay, all changed at every step: one program, the steps of
@@ -175,7 +176,8 @@ def test_a_per_tensor_optimizers_floats_every_step(make: Any) -> None:
     their own weight decay)."""
     opt = make()
     names = floats(opt)
-    assert {"momentum", "epsilon"} <= set(names) or {"beta2_decay", "d"} <= set(names)
+    assert {"momentum", "epsilon"} <= set(names) or {"beta2_decay", "d",
+                                                      "weight_decay"} <= set(names)
     start = {k: value(opt, k) for k in names}
 
     def change(o: Any, i: int) -> None:
@@ -228,8 +230,8 @@ def test_the_pair_keeps_float64() -> None:
     (Muon(1e-2), ("ns_steps",), TypeError, "per-tensor update bakes 'ns_steps'"),
     (Muon(1e-2, param_groups=[{"params": ["b"], "momentum": 0.9}]),
      ("param_groups[0].momentum",), TypeError, "optimizer-wide"),
-    (catalog.Adafactor(1e-2, weight_decay=0.1), ("weight_decay",), TypeError,
-     "per-tensor update bakes 'weight_decay'"),
+    (catalog.Adafactor(1e-2, weight_decay=0.1), ("clip_tensor_norm",), ValueError,
+     "cannot be traced"),
     (Adam(1e-2, clip_tensor_norm=1.0), ("clip_tensor_norm",), ValueError, "cannot be traced"),
     (Adam(1e-2, adaptive_clip=0.1), ("adaptive_clip_eps",), ValueError, "cannot be traced"),
     (catalog.Ftrl(1e-2), ("learning_rate_power",), ValueError, "-0.5 picks its update rule"),

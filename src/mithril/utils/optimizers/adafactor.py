@@ -52,7 +52,7 @@ class Adafactor(TensorwiseOptimizer):
 
     slots = ("row_var", "col_var", "variance")
     weight_decay_in_math = True
-    traced_in_update = ("beta2_decay", "d")  # (weight_decay: a branch on 0 in tensor_update)
+    traced_in_update = ("beta2_decay", "d", "weight_decay")
 
     def __init__(self, learning_rate: float = 1e-2, beta2_decay: float = -0.8,
                  epsilon: Sequence[float | None] = (None, 1e-3), d: float = 1.0,
@@ -97,8 +97,9 @@ class Adafactor(TensorwiseOptimizer):
             g = -g
         size = int(p.size) if not callable(p.size) else p.numel()
         alpha = max(eps2, xp.norm(p) / size ** 0.5) * rho
-        if self.weight_decay != 0:
-            p = p * (1 - lr * self.weight_decay)
+        wd = self.weight_decay
+        if not isinstance(wd, (int, float)) or wd != 0:  # (traced: always; p · 1 is p at 0)
+            p = p * (1 - lr * wd)
         out = dict(slots)
         if g.ndim > 1:
             row = xp.lerp(slots["row_var"], xp.norm_axis(g, -1) ** 2 / g.shape[-1], w)

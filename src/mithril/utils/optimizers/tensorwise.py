@@ -179,9 +179,10 @@ class TensorwiseOptimizer(Optimizer):
     """Base class of optimizers updating each tensor with array operations (module docs)."""
 
     #: the float hyperparameters :meth:`tensor_update` and ``scalars`` compute with as
-    #: values only (arithmetic, ``xp`` operations, ``math``, ``max`` / ``min``; no Python
-    #: branch on them), so that an optax transformation's program may take them as traced
-    #: values (``traced_hyperparams``: a schedule of them compiles once). The gradient
+    #: values only (arithmetic, ``xp`` operations, ``math``, ``max`` / ``min``; a Python
+    #: branch only on a Python number: a traced one is a JAX value), so that an optax
+    #: transformation's program may take them as traced values (``traced_hyperparams``:
+    #: a schedule of them compiles once). The gradient
     #: clipping's ``clip_norm`` / ``clip_value`` and a decoupled ``weight_decay`` are
     #: applied outside ``tensor_update`` and may be traced anyway.
     traced_in_update: tuple[str, ...] = ()
