@@ -109,8 +109,7 @@ def _picks_rule(opt: Any, group: int | None, name: str, v: float) -> bool:
                                     if k != "params"}
     near = v + 2.0 ** -20 * max(abs(v), 1.0)
     here, there = views(opt, [row, {**row, name: near}])
-    return (tuple(here.full_slot_names()), here.kernel_math()) != (
-        tuple(there.full_slot_names()), there.kernel_math())
+    return here.rule() != there.rule()
 
 
 def traceable(opt: Any, key: str) -> bool:

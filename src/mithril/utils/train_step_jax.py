@@ -130,8 +130,8 @@ def hyper_snapshot(opt: Any) -> dict[str, Any]:
     for g, group in enumerate(groups):  # (a group's lr_scale is 1.0 until set)
         snap.update({f"param_groups[{g}].{k}": v for k, v in
                      {"lr_scale": 1.0, **group}.items() if k != "params"})
-    rules = [(v.full_slot_names(), v.kernel_math()) for v in
-             views(opt, [{}] + [{k: x for k, x in g.items() if k != "params"} for g in groups])]
+    rules = [v.rule() for v in views(opt, [{}] + [{k: x for k, x in g.items() if k != "params"}
+                                                  for g in groups])]
     snap["_structure"] = ([g.get("params") for g in groups], opt.weight_decay_mask,
                           list(opt.exclude_weight_decay or ()), rules)
     return snap

@@ -137,9 +137,8 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         norm = {k: getattr(view, k) for k in over}
         for k in norm:
             probe = copy.copy(opt)
-            probe.__dict__.update({k: norm[k]})
-            if (probe.full_slot_names() != opt.full_slot_names()
-                    or probe.kernel_math() is not opt.kernel_math()):
+            probe.assign({k: norm[k]})
+            if probe.rule() != opt.rule():
                 raise ValueError(f"{where}: {k}={g[k]!r} changes {type(opt).__name__}'s state "
                                  f"slots or update rule ({k}={hp[k]!r} elsewhere); parameters "
                                  f"that need it take a separate optimizer")
@@ -222,6 +221,12 @@ class GroupsMixin:
             over["learning_rate"] = self.learning_rate * scale
         v.assign(over)
         return v
+
+    def rule(self) -> tuple[Any, ...]:
+        """What this optimizer's steps are made of besides their scalars: its state slots
+        and its elementwise math. A value that changes it picks the update rule: it cannot
+        differ per group, be driven to or traced in a program."""
+        return (tuple(self.full_slot_names()), self.kernel_math())
 
     # -- whose hyperparameters a name reaches ----------------------------------------------
     def hyper_holders(self) -> tuple[Any, ...]:
@@ -372,9 +377,8 @@ class GroupsMixin:
             raise type(e)(f"{where}: {name}={value!r} refused: {e}") from None
         new = getattr(view, name)
         probe = copy.copy(self)
-        probe.__dict__.update({**over, name: new})
-        if (probe.full_slot_names() != self.full_slot_names()
-                or probe.kernel_math() is not self.kernel_math()):
+        probe.assign({**over, name: new})
+        if probe.rule() != self.rule():
             now = self._hyperparameter_value(name, group)
             raise ValueError(f"{where}: {name}={value!r} changes {type(self).__name__}'s state "
                              f"slots or update rule ({name}={now!r} now); build the optimizer "
