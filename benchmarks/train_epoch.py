@@ -24,12 +24,18 @@ wall clock: less sensitive to other processes on a shared machine.
                                      [--clock wall|cpu] [--no-torch] [--shared]
                                      [--device cuda] [--batch 128]
                                      [--schedule none|lr|momentum]
+                                     [--optimizer adam|sgd|lookahead]
 
 ``--schedule lr`` changes the learning rate at every step (a cosine over the epoch),
 ``--schedule momentum`` also β₁ (a momentum cycle, 0.95 to 0.85), in every variant: torch
 through ``param_groups[0]``, optax as ``optax.inject_hyperparams(optax.adam)`` with the
 values set in its state, Mithril through ``opt.set_learning_rate`` / ``opt.beta1`` (the
 one-program JAX step then takes them as the program's arguments: it compiles once).
+
+``--optimizer sgd``: SGD with momentum 0.9 everywhere (torch's fused SGD, ``optax.sgd``;
+``--schedule momentum`` then cycles the momentum); ``--optimizer lookahead``: Lookahead
+(``sync_period`` 5, ``slow_step_size`` 0.5) around Adam, against ``optax.lookahead`` (torch
+has none: no torch reference; the schedule drives the inner Adam's).
 
 ``--device cuda``: the torch loop and Mithril's torch backend on the GPU (JAX on its default
 device: the GPU where jax[cuda] is installed); an epoch still ends with its last loss on the
@@ -56,7 +62,7 @@ import torch.nn.functional as F
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.cli.networks import mlp_spec
-from mithril.utils.optimizers import Adam
+from mithril.utils.optimizers import SGD, Adam, Lookahead
 from mithril.utils.training import make_train_step
 
 FEATURES, CLASSES, STEPS, LR = 64, 10, 40, 1e-3
@@ -66,6 +72,27 @@ BATCH = int(os.environ.get("MITHRIL_BENCH_BATCH", "128"))
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 #: ``--schedule``: which hyperparameters change at every step
 SCHEDULE = os.environ.get("MITHRIL_BENCH_SCHEDULE", "none")
+#: ``--optimizer``: adam, sgd (momentum 0.9) or lookahead (around Adam)
+OPTIMIZER = os.environ.get("MITHRIL_BENCH_OPTIMIZER", "adam")
+MOMENTUM, SYNC, ALPHA = 0.9, 5, 0.5
+
+
+def ours() -> Any:
+    """The Mithril optimizer of ``--optimizer``."""
+    if OPTIMIZER == "sgd":
+        return SGD(learning_rate=LR, momentum=MOMENTUM)
+    adam = Adam(learning_rate=LR)
+    return Lookahead(adam, sync_period=SYNC, slow_step_size=ALPHA) \
+        if OPTIMIZER == "lookahead" else adam
+
+
+def set_scheduled(opt: Any, h: tuple[float, float]) -> None:
+    """Set step's (learning rate, β₁ or momentum) on a Mithril optimizer."""
+    opt.set_learning_rate(h[0])
+    if OPTIMIZER == "sgd":
+        opt.momentum = h[1]
+    else:
+        (opt.inner if OPTIMIZER == "lookahead" else opt).beta1 = h[1]
 
 
 def scheduled(k: int) -> tuple[float, float] | None:
@@ -95,7 +122,7 @@ def mithril_epoch(backend: str, hidden: list[int], fused: bool,
     compiled = ml.compile(spec.model, be, shapes=spec.shapes)
     params = compiled.get_parameters()
     init = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
-    opt = Adam(learning_rate=LR)
+    opt = ours()
     feed = [{"input": be.array(a), "target": be.array(b, be.int_dtype)} for a, b in batches(x, y)]
     box: dict[str, Any] = {"params": params}
     if fused:
@@ -106,8 +133,7 @@ def mithril_epoch(backend: str, hidden: list[int], fused: bool,
             p, s = box["params"], box["state"]
             for k, d in enumerate(feed):
                 if (h := scheduled(k)) is not None:
-                    opt.set_learning_rate(h[0])
-                    opt.beta1 = h[1]
+                    set_scheduled(opt, h)
                 p, s, out = step(p, s, d)
             box["params"], box["state"] = p, s
             return float(be.to_numpy(out["loss"]))
@@ -119,8 +145,7 @@ def mithril_epoch(backend: str, hidden: list[int], fused: bool,
             p, s = box["params"], box["state"]
             for k, d in enumerate(feed):
                 if (h := scheduled(k)) is not None:
-                    opt.set_learning_rate(h[0])
-                    opt.beta1 = h[1]
+                    set_scheduled(opt, h)
                 out, g = compiled.evaluate(p, d, output_gradients=cots)
                 p, s = opt.update(p, g, s)
             box["params"], box["state"] = p, s
@@ -152,7 +177,9 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
     for W, b in layers:
         ps += [torch.tensor(W.copy(), device=DEVICE, requires_grad=True),
                torch.tensor(b.copy(), device=DEVICE, requires_grad=True)]
-    opt = torch.optim.Adam(ps, lr=LR, fused=True)
+    opt = torch.optim.SGD(ps, lr=LR, momentum=MOMENTUM, fused=True) if OPTIMIZER == "sgd" \
+        else torch.optim.Adam(ps, lr=LR, fused=True)
+    beta = "momentum" if OPTIMIZER == "sgd" else "betas"
     feed = [(torch.from_numpy(a.copy()).to(DEVICE), torch.from_numpy(b.copy()).to(DEVICE))
             for a, b in batches(x, y)]
 
@@ -160,7 +187,7 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
         for k, (a, b) in enumerate(feed):
             if (hp := scheduled(k)) is not None:
                 opt.param_groups[0]["lr"] = hp[0]
-                opt.param_groups[0]["betas"] = (hp[1], 0.999)
+                opt.param_groups[0][beta] = hp[1] if OPTIMIZER == "sgd" else (hp[1], 0.999)
             h = a
             for i in range(0, len(ps), 2):
                 h = h @ ps[i] + ps[i + 1]
@@ -175,9 +202,15 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
 
 
 def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
-    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=LR, b1=0.9) \
-        if SCHEDULE != "none" else optax.adam(LR)
+    params: Any = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
+    base, beta = (optax.sgd, "momentum") if OPTIMIZER == "sgd" else (optax.adam, "b1")
+    start = {beta: MOMENTUM if OPTIMIZER == "sgd" else 0.9}
+    tx = optax.inject_hyperparams(base)(learning_rate=LR, **start) \
+        if SCHEDULE != "none" else base(LR, **start)
+    if OPTIMIZER == "lookahead":
+        tx = optax.lookahead(tx, sync_period=SYNC, slow_step_size=ALPHA)
+        params = optax.LookaheadParams(params, jax.tree.map(jnp.copy, params))  # (donated:
+        # init_synced's fast and slow are the same buffers)
     feed = [(jnp.asarray(a), jnp.asarray(b)) for a, b in batches(x, y)]
 
     def loss_fn(p: list, a: Any, b: Any) -> Any:
@@ -189,8 +222,8 @@ def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
         return optax.softmax_cross_entropy_with_integer_labels(h, b).mean()
 
     @jax.jit
-    def _step(p: list, s: Any, a: Any, b: Any) -> tuple:
-        loss, g = jax.value_and_grad(loss_fn)(p, a, b)
+    def _step(p: list, s: Any, a: Any, b: Any) -> tuple:  # (Lookahead's: of the fast weights)
+        loss, g = jax.value_and_grad(loss_fn)(p.fast if OPTIMIZER == "lookahead" else p, a, b)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
@@ -201,7 +234,8 @@ def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
         p, s = box["p"], box["s"]
         for k, (a, b) in enumerate(feed):
             if (h := scheduled(k)) is not None:  # (Python floats: no array made per step)
-                s.hyperparams["learning_rate"], s.hyperparams["b1"] = h
+                hp = (s.fast_state if OPTIMIZER == "lookahead" else s).hyperparams
+                hp["learning_rate"], hp[beta] = h
             p, s, loss = step(p, s, a, b)
         box["p"], box["s"] = p, s
         return float(loss)
@@ -223,7 +257,7 @@ def build(name: str, hidden: list[int]) -> Callable[[], float]:
 #: seconds between two variants' turns: a library's idle threads spin-wait after its work
 #: (OpenBLAS's up to 2^28 cycles, ~0.1 s), which would take a core from the next variant
 GAP = 0.3
-TORCH_REF, OPTAX_REF = "torch loop (fused Adam)", "jax+optax jitted step"
+TORCH_REF, OPTAX_REF = "torch loop (fused step)", "jax+optax jitted step"
 
 
 def _worker(name: str, hidden: list[int], clock: str, conn: Any) -> None:
@@ -271,19 +305,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 128)")
     ap.add_argument("--schedule", choices=("none", "lr", "momentum"), default="none",
                     help="hyperparameters changed at every step (see the module docs)")
+    ap.add_argument("--optimizer", choices=("adam", "sgd", "lookahead"), default="adam",
+                    help="the optimizer of every variant (see the module docs)")
     ap.add_argument("--shared", action="store_true",
                     help="every variant in this one process (their thread pools then contend: "
                          "not how anyone trains), instead of one process each")
     args = ap.parse_args()
-    global DEVICE, BATCH, SCHEDULE
+    global DEVICE, BATCH, SCHEDULE, OPTIMIZER
     SCHEDULE = os.environ["MITHRIL_BENCH_SCHEDULE"] = args.schedule
+    OPTIMIZER = os.environ["MITHRIL_BENCH_OPTIMIZER"] = args.optimizer
     if args.device:
         DEVICE = os.environ["MITHRIL_BENCH_DEVICE"] = args.device
     if args.batch:
         BATCH = args.batch
         os.environ["MITHRIL_BENCH_BATCH"] = str(args.batch)
     names = [f"mithril {b} {k}" for b in args.backend for k in ("step", "separate")]
-    names += ([] if args.no_torch else [TORCH_REF]) + [OPTAX_REF]
+    torch_ref = not args.no_torch and OPTIMIZER != "lookahead"  # (torch has no Lookahead)
+    names += ([TORCH_REF] if torch_ref else []) + [OPTAX_REF]
     first: dict[str, float] = {}
     variants: dict[str, Callable[[], float]] = {}
     if args.shared:
@@ -321,7 +359,7 @@ def main() -> None:
     refs = [r for r in (TORCH_REF, OPTAX_REF) if r in med]
     best_ref = min(med[r] for r in refs)
     opt = times[OPTAX_REF]
-    print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + Adam, "
+    print(f"one epoch: MLP {[FEATURES, *args.hidden, CLASSES]} + cross-entropy + {OPTIMIZER}, "
           f"{STEPS} steps of {BATCH}, float32, torch on {DEVICE}, schedule {SCHEDULE}; "
           f"torch threads "
           f"{torch.get_num_threads()}; "

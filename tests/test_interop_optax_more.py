@@ -252,7 +252,8 @@ def _configs():
     flags = {"amsgrad": True, "nesterov": True, "momentum": 0.9, "centered": True,
              "weight_decay": 1e-2, "maximize": True, "bias_correction": False,
              "decoupled_weight_decay": True, "lr_power": -0.5, "trust_clip": True,
-             "adaptive": True, "grad_averaging": True}
+             "adaptive": True, "grad_averaging": True, "dampening": 0.1,
+             "convention": "keras"}
     for name in O.__all__:
         cls = getattr(O, name)
         if not inspect.isclass(cls) or cls.__dict__.get("scalars") not in _known_traceable():
@@ -261,7 +262,8 @@ def _configs():
         yield name, lambda cls=cls: cls(1e-2)
         for k, v in flags.items():
             if k in accepted:
-                kw = {k: v, **({"momentum": 0.9} if k == "nesterov" else {})}
+                kw = {k: v, **({"momentum": 0.9} if k in ("nesterov", "dampening", "convention")
+                               and "momentum" in accepted else {})}
                 try:
                     cls(1e-2, **kw)
                 except (TypeError, ValueError):  # a flag this class spells otherwise

@@ -292,11 +292,11 @@ def _known_traceable() -> frozenset[Any]:
     """The built-in ``scalars`` methods that are arithmetic in (step, hyperparameters) for
     every configuration: no probe needed (``tests/test_interop_optax_more.py`` probes each
     in several configurations). Not here: those with Python control flow on the step
-    (RAdam, ADOPT, Adan, SGD with momentum, schedule-free warm-up), with state values
-    (Prodigy, ASGD)."""
+    (RAdam, ADOPT, Adan, schedule-free warm-up), with state values (Prodigy, ASGD)."""
     from ..utils.optimizers import (
         LAMB,
         LARS,
+        SGD,
         AdaBelief,
         Adadelta,
         AdaGrad,
@@ -314,7 +314,7 @@ def _known_traceable() -> frozenset[Any]:
 
     return frozenset(c.__dict__["scalars"] for c in (
         Adam, AdaBelief, Adadelta, AdaGrad, Adamax, AdEMAMix, Ftrl, LAMB, LARS, Lion,
-        NAdam, Novograd, RMSProp, Rprop, Yogi))
+        NAdam, Novograd, RMSProp, Rprop, SGD, Yogi))
 
 
 def _needs_no_probe(views: list[Any]) -> bool:

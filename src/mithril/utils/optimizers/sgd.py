@@ -99,12 +99,14 @@ class SGD(Optimizer):
         return ("momentum",) if self.momentum else ()
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        if not self.momentum:
+        # (arithmetic in the step, so that a JAX program traces it: no host callback. A
+        # momentum that is not a Python number is a traced one, never 0: a 0 picks _plain)
+        if isinstance(self.momentum, (int, float)) and not self.momentum:
             return (self.learning_rate,)
         if self.convention == "keras":
             return (self.learning_rate, self.momentum)
-        first = step == 1
-        mu_t, c_t = (0.0, 1.0) if first else (self.momentum, 1.0 - self.dampening)
+        later = (step != 1) * 1.0  # the first step's buffer is the gradient itself (torch)
+        mu_t, c_t = self.momentum * later, 1.0 - self.dampening * later
         return (self.learning_rate, mu_t, c_t, self.momentum) if self.nesterov else \
             (self.learning_rate, mu_t, c_t)
 
