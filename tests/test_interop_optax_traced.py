@@ -31,13 +31,13 @@ def data() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     return params, grads
 
 
-def ours(opt: Any, traced: tuple[str, ...], change: Any, problem: tuple | None = None
-         ) -> tuple[dict[str, np.ndarray], int]:
+def ours(opt: Any, traced: tuple[str, ...], change: Any, problem: tuple | None = None,
+         scalars: str = "auto") -> tuple[dict[str, np.ndarray], int]:
     """STEPS jitted updates in float32, ``change(opt, i)`` before step i (its values passed
     as ``hyper``); the final params and how many programs were compiled. ``problem``:
     (params, gradients), :func:`data`'s by default."""
     params, grads = problem or data()
-    tx = optax_transformation(opt, traced_hyperparams=traced)
+    tx = optax_transformation(opt, traced_hyperparams=traced, scalars=scalars)
     p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
     state = tx.init(p)
     upd = jax.jit(lambda g, s, p, h: tx.update(g, s, p, new_params=True, hyper=h))
@@ -130,7 +130,7 @@ def test_every_float_traced_gives_the_baked_steps(name: str) -> None:
     """What make_train_step's program does from the first change of any hyperparameter:
     every float one of the optimizer traced (:func:`floats`) gives the steps of the same
     transformation with them baked in, for every elementwise optimizer of the catalog (with
-    weight decay and clipping where it takes them)."""
+    weight decay and clipping where it takes them), and each is read."""
     try:
         opt = make(name, weight_decay=0.02, clip_norm=2.0)
     except TypeError:
@@ -138,20 +138,52 @@ def test_every_float_traced_gives_the_baked_steps(name: str) -> None:
     names = floats(opt)
     assert names or name in ("Rprop", "SGD")
     assert name != "Lookahead" or {"beta1", "slow_step_size"} <= set(names)
+    every_float_read(opt)
+
+
+#: configurations whose per-step scalars took a host callback once their floats were traced
+#: (a branch on the step or on a momentum, an ln of a traced β₂), or at all (Lookahead's)
+IN_THE_PROGRAM = {
+    "SGD-momentum": lambda: SGD(1e-2, momentum=0.9),
+    "SGD-nesterov": lambda: SGD(1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "SGD-dampening": lambda: SGD(1e-2, momentum=0.9, dampening=0.1),
+    "RMSProp-momentum-centered": lambda: catalog.RMSProp(1e-2, momentum=0.9, centered=True),
+    "RAdam": lambda: catalog.RAdam(1e-2, weight_decay=0.01),
+    "ADOPT": lambda: catalog.ADOPT(1e-2),
+    "Lookahead-Adam-reset": lambda: catalog.Lookahead(Adam(1e-2), sync_period=2,
+                                                      reset_state=True),
+    "Lookahead-SGD": lambda: catalog.Lookahead(SGD(1e-2, momentum=0.9), sync_period=3),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_THE_PROGRAM))
+def test_traced_floats_keep_the_scalars_in_the_program(name: str) -> None:
+    """With every float traced, these optimizers' per-step scalars are computed in the
+    program (``scalars="traced"`` refuses a host callback), equal to the baked steps and,
+    each float changed from step 3, to the optimizer's own steps."""
+    opt = IN_THE_PROGRAM[name]()
+    assert floats(opt)
+    every_float_read(opt, scalars="traced")
+
+
+def every_float_read(opt: Any, scalars: str = "auto") -> None:
+    """``opt``'s floats (:func:`floats`) traced give the baked steps, and changed from step
+    3 (through the optimizer's handles: a Lookahead's reach its inner's), its own."""
+    names = floats(opt)
     assert all(value(opt, k) != 0 for k in names)
     want, _ = ours(opt, (), lambda o, i: None)
-    got, programs = ours(opt, names, lambda o, i: None)
+    got, programs = ours(opt, names, lambda o, i: None, scalars=scalars)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-6, err_msg=k)
     assert programs == 1
     # and each is read: all of them changed from step 3 on, against the optimizer's own steps
     start = {k: value(opt, k) for k in names}
 
-    def change(o: Any, i: int) -> None:  # (through its handle: a Lookahead's reach the inner)
+    def change(o: Any, i: int) -> None:
         for k in names:
             o.hyperparameter(k).set(start[k] * (0.97 if i >= 3 else 1.0))
 
-    got, programs = ours(opt, names, change)
+    got, programs = ours(opt, names, change, scalars=scalars)
     for k in names:
         opt.hyperparameter(k).set(start[k])
     params, grads = data()

@@ -155,6 +155,12 @@ class _Hyper:
     def value(self) -> Any:
         return self.hi + self.lo
 
+    def log(self) -> Any:
+        """``ln h`` as ``ln hi + lo/hi`` (float32's ``ln(hi + lo)`` loses ``lo``)."""
+        import jax.numpy as jnp
+
+        return jnp.log(self.hi) + self.lo / self.hi
+
     def __rsub__(self, c: Any) -> Any:
         if isinstance(c, (int, float)):
             return (c - self.hi) - self.lo
@@ -162,9 +168,7 @@ class _Hyper:
 
     def __pow__(self, e: Any) -> Any:
         if isinstance(e, _Step):
-            import jax.numpy as jnp
-
-            return _Power(1.0, e.t, jnp.log(self.hi) + self.lo / self.hi)
+            return _Power(1.0, e.t, self.log())
         return self.value() ** _value(e)
 
 

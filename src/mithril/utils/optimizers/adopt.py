@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
-from .elementwise import maximum, sqrt, where
+from .elementwise import maximum, sqrt
 
 
 def _adopt(p, g, m, v, lr, b1, b1c, b2, b2c, eps, clip):
@@ -61,12 +61,14 @@ class ADOPT(Optimizer):
         self.nesterov = check_flag("nesterov", nesterov)
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        # (where, not if: the step may be traced, inside an optax transformation's program)
+        # (arithmetic, not if: the step and the betas may be traced, in an optax
+        # transformation's program; each the same on the host: x · 1.0 is x, x + 0.0 is x)
         # (each complement from the float64 setting: 1 − β₂ after β₂'s float32 rounding
         # would lose ~1e-4 of its precision for β₂ = 0.9999)
-        first = step == 1
-        b1, b2 = where(first, 1.0, self.beta1), where(first, 0.0, self.beta2)
-        b1c, b2c = where(first, 0.0, 1 - self.beta1), where(first, 1.0, 1 - self.beta2)
+        later = (step != 1) * 1.0
+        first = 1.0 - later
+        b1, b2 = self.beta1 * later + first, self.beta2 * later
+        b1c, b2c = (1 - self.beta1) * later, (1 - self.beta2) * later + first
         return (self.learning_rate, b1, b1c, b2, b2c, self.epsilon, (step - 1) ** 0.25)
 
     def kernel_math(self) -> Any:

@@ -114,6 +114,13 @@ def state_dict_count(d: Mapping[str, Any], key: str) -> int:
     return int(v)
 
 
+def switched_on(value: Any) -> bool:
+    """Whether a hyperparameter that switches a term on when non-zero (a momentum) is
+    non-zero. A value that is no Python number is a traced one (an optax transformation's
+    program reads it per step), never 0: a 0 picks another update rule, and is not traced."""
+    return not isinstance(value, (int, float)) or value != 0
+
+
 def check_flag(name: str, value: Any) -> bool:
     """A bool hyperparameter (``bool("no")`` would be True: only bools, 0 and 1 pass)."""
     if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):

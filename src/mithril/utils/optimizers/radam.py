@@ -22,11 +22,12 @@ def _traced_rho(step: Any, b2: float, rho_inf: float) -> Any:
 
     dt = jnp.result_type(float)  # (float64 under jax_enable_x64: torch's formula, as the host)
     t = jnp.asarray(step).astype(dt)
-    if b2 <= 0.0:  # β₂ᵗ = 0: ρₜ = ρ∞
+    if isinstance(b2, (int, float)) and b2 <= 0.0:  # β₂ᵗ = 0: ρₜ = ρ∞ (a traced β₂ is not 0)
         return jnp.full((), rho_inf, dt)
     if dt == jnp.float64:
         return rho_inf - 2 * t * b2**t / (1 - b2**t)
-    c = -math.log(b2)
+    # (a traced β₂ gives its own ln, from its float64 value: float32's would be 1e-4 off)
+    c = -(b2.log() if hasattr(b2, "log") else math.log(b2))
     y = t * c
     s = jnp.minimum(y, 0.5)
     series = s * (0.5 - s * (1 / 12 - s * s * (1 / 720 - s * s / 30240)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_flag, check_positive, check_unit, switched_on
 from .elementwise import maximum, sqrt
 from .sgd import check_convention
 
@@ -114,7 +114,7 @@ class RMSProp(Optimizer):
         # 1 − α passed in (torch computes it in Python too; an int literal in the kernel
         # would also promote float32 math to float64)
         s = (self.learning_rate, self.decay, 1 - self.decay, self.epsilon)
-        return s + (self.momentum,) if self.momentum else s
+        return s + (self.momentum,) if switched_on(self.momentum) else s
 
     def kernel_math(self) -> Any:
         table = _MATH if self.convention == "torch" else _MATH_IN

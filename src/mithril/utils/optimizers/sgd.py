@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_flag, check_positive, check_unit, switched_on
 
 #: the libraries whose conventions SGD, Adam, RMSProp, AdaGrad and NAdam can follow
 CONVENTIONS = ("torch", "optax", "keras")
@@ -99,9 +99,8 @@ class SGD(Optimizer):
         return ("momentum",) if self.momentum else ()
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        # (arithmetic in the step, so that a JAX program traces it: no host callback. A
-        # momentum that is not a Python number is a traced one, never 0: a 0 picks _plain)
-        if isinstance(self.momentum, (int, float)) and not self.momentum:
+        # (arithmetic in the step, so that a JAX program traces it: no host callback)
+        if not switched_on(self.momentum):
             return (self.learning_rate,)
         if self.convention == "keras":
             return (self.learning_rate, self.momentum)
