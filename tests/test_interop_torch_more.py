@@ -505,3 +505,51 @@ def test_every_optimizer_is_wrapped_or_refused_by_name(name, flat_tensor_engine)
     assert all(not torch.equal(p, q) for p, q in zip(full.parameters(), start)), name
     for (n, p), q in zip(full.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), f"{name}: {n} differs after resuming"
+
+
+def test_a_lookaheads_group_holds_its_inner_optimizers_hyperparameters():
+    """A Lookahead's torch param group holds its inner Adam's hyperparameters under torch's
+    names (``betas``, ``eps``, ``weight_decay``) beside its own: ``OneCycleLR`` with
+    ``cycle_momentum`` drives the learning rate and β₁, 30 steps in float64 against
+    ``torch.optim.Adam`` under the same scheduler with Lookahead's few lines written by hand
+    (<= 1e-10); ``slow_step_size`` set in the group mid-run reaches it; the state dict keeps
+    the group's values."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    ours_m, ref_m = mlp(), mlp()
+    opt = torch_optimizer(mo.Lookahead(mo.Adam(0.01, weight_decay=0.01), sync_period=3),
+                          ours_m.named_parameters())
+    assert {"betas", "eps", "weight_decay", "slow_step_size", "sync_period"} <= set(
+        opt.param_groups[0])
+    ref = torch.optim.Adam(ref_m.parameters(), lr=0.01, weight_decay=0.01)
+    slow = [p.detach().clone() for p in ref_m.parameters()]
+    scheds = [OneCycleLR(o, max_lr=0.05, total_steps=30, cycle_momentum=True)
+              for o in (opt, ref)]
+    x, y = data(torch.float64)
+    alpha, betas = 0.5, set()
+    for t in range(1, 31):
+        if t == 16:
+            opt.param_groups[0]["slow_step_size"] = alpha = 0.8
+        for m, o in ((ours_m, opt), (ref_m, ref)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+        if t % 3 == 0:  # Lookahead: slow ← slow + α·(fast − slow), fast ← slow
+            with torch.no_grad():
+                for s, p in zip(slow, ref_m.parameters()):
+                    s.add_(alpha * (p - s))
+                    p.copy_(s)
+        betas.add(opt._mithril.inner.beta1)
+        for s in scheds:
+            s.step()
+    assert err(ours_m, ref_m) <= 1e-10 and len(betas) > 20  # (β₁ did cycle)
+    assert opt._mithril.slow_step_size == 0.8
+    hp = opt.state_dict()["mithril"]["hyperparameters"]
+    assert hp["slow_step_size"] == 0.8
+    assert hp["inner"]["hyperparameters"]["beta1"] == opt.param_groups[0]["betas"][0]
+    assert hp["inner"]["hyperparameters"]["learning_rate"] == opt.param_groups[0]["lr"]
+    opt.param_groups[0]["betas"] = (0.9, 1.5)  # refused at the next step, naming it
+    before = [p.detach().clone() for p in ours_m.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['betas'\].*beta2"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours_m.parameters(), before))

@@ -30,7 +30,8 @@ How it works:
   hyperparameters under torch's names where torch has one (``betas`` for ``beta1, beta2[,
   beta3]``, a lone ``beta1`` keeping its name; ``eps`` for ``epsilon``, ``alpha`` for
   RMSProp's ``decay``; the rest, e.g. ``momentum``, ``weight_decay``, ``amsgrad``,
-  ``clip_norm``, under their own). Every :meth:`step` reads the group: ``lr`` is passed to
+  ``clip_norm``, under their own; a ``Lookahead``'s group holds its inner optimizer's
+  beside its own ``sync_period`` / ``slow_step_size``). Every :meth:`step` reads the group: ``lr`` is passed to
   ``set_learning_rate`` (a scheduler or a user may change it at will, nothing recompiles),
   and any other changed value is applied after the constructor's checks (so
   ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A change
@@ -119,6 +120,7 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
     restore,
     scalar,
     slot_names_for_torch,
+    with_group,
 )
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
@@ -141,13 +143,14 @@ def _count_in_place(stepped: list[torch.Tensor]) -> None:
 def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
     """(param-group key, the hyperparameters it holds) for ``opt``: ``lr`` first, ``betas``
     for ``beta1, beta2[, beta3...]``, ``eps`` for ``epsilon``, ``alpha`` for RMSProp's
-    ``decay``; every other hyperparameter under its own name."""
-    hp = opt.hyperparameters()
+    ``decay``; every other hyperparameter under its own name (a Lookahead's inner
+    optimizer's too: ``flat_hyperparameters``)."""
+    hp = opt.flat_hyperparameters()
     betas = tuple(sorted((k for k in hp if _BETA.fullmatch(k)), key=lambda k: int(k[4:])))
     if len(betas) < 2:  # a lone beta1 (schedule-free SGD) keeps its name: torch's "betas"
         betas = ()  # is a tuple, which OneCycleLR's momentum cycling indexes
     rename = {"epsilon": "eps"}
-    if isinstance(opt, RMSProp):
+    if any(isinstance(h, RMSProp) for h in opt.hyper_holders()):
         rename["decay"] = "alpha"
     out: list[tuple[str, tuple[str, ...]]] = [("lr", ("learning_rate",))]
     taken = {"lr", "params", "param_names"}
@@ -367,7 +370,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _value_of(self, ours: tuple[str, ...]) -> Any:
         if ours == ("learning_rate",):
             return self._mithril.get_learning_rate()
-        hp = self._mithril.hyperparameters()
+        hp = self._mithril.flat_hyperparameters()
         return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
 
     def _sync(self, group: Mapping[str, Any]) -> None:
@@ -399,11 +402,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         hp: dict[str, Any] = {}
         for key, value in changed.items():
             hp.update(group_value(key, keys[key], value))
-        old = opt.hyperparameters()
-        before = {k: old[k] for k in hp}
+        old = opt.flat_hyperparameters()
+        before = opt.nested_hyperparameters({k: old[k] for k in hp})
         where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
         try:
-            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
+            opt.load_state_dict({"optimizer": type(opt).__name__,
+                                 "hyperparameters": opt.nested_hyperparameters(hp)})
         except (TypeError, ValueError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
@@ -425,11 +429,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         packed = {k: v for k, v in group.items() if k != "params"}
         packed["params"] = list(range(len(self._params)))
         state, meta = export(self._mithril, self._opt_state, self._names)
-        hp = meta["hyperparameters"]
         for key, ours_keys in self._keys:  # what the next step will use (a scheduler may
-            try:  # have changed lr since the last one; Lookahead's is its inner optimizer's)
-                if all(k in hp for k in ours_keys):
-                    hp.update(group_value(key, ours_keys, group[key]))
+            try:  # have changed lr since the last one)
+                meta["hyperparameters"] = with_group(self._mithril, meta["hyperparameters"],
+                                                     {key: group[key]}, [(key, ours_keys)])
             except (KeyError, ValueError):  # the next step refuses it, and says why
                 pass
         meta["param_names"] = list(self._names)

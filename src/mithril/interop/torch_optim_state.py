@@ -76,6 +76,27 @@ def group_value(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
     return {k: scalar(v) for k, v in zip(ours, values)}
 
 
+def with_group(opt: Optimizer, hp: Mapping[str, Any], group: Mapping[str, Any],
+               keys: Sequence[tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
+    """``hp`` (a state dict's hyperparameters) with the values of ``group`` (a param group)
+    of ``keys`` set in it (a Lookahead's inner's under its ``"inner"``); a value that is
+    not the shape of its key's raises ``ValueError``."""
+    flat = opt.flat_hyperparameters()
+    upd: dict[str, Any] = {}
+    for key, ours in keys:
+        if key in group and all(k in flat for k in ours):
+            upd.update(group_value(key, ours, group[key]))
+    return _merged(hp, opt.nested_hyperparameters(upd))
+
+
+def _merged(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        both = isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+        out[k] = _merged(out[k], v) if both else v
+    return out
+
+
 def to_numpy(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         x = x.detach()
@@ -176,10 +197,7 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         got = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
         raise ValueError(f"state dict's parameter group has {got} parameters, this "
                          f"optimizer {n}")
-    hp = dict(meta["hyperparameters"])
-    for key, ours in keys:  # (Lookahead's lr is its inner optimizer's: the group has it)
-        if key in saved_group and all(k in hp for k in ours):
-            hp.update(group_value(key, ours, saved_group[key]))
+    hp = with_group(opt, meta["hyperparameters"], saved_group, keys)
     out: dict[str, Any] = {"optimizer": type(opt).__name__, "hyperparameters": hp,
                            **{k: meta.get(k, 0) for k in COUNTERS}}
     if "values" in meta:

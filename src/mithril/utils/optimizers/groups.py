@@ -235,6 +235,17 @@ class GroupsMixin:
         "beta1")`` is the inner's ``beta1``). The last one keeps the parameter groups."""
         return (self,)
 
+    def flat_hyperparameters(self) -> dict[str, Any]:
+        """:meth:`hyperparameters` with those of the optimizers whose hyperparameters this
+        one takes as its own (:meth:`hyper_holders`) by their names, at the top level (a
+        Lookahead's inner Adam's ``beta1`` as ``"beta1"``)."""
+        return self.hyperparameters()
+
+    def nested_hyperparameters(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """``flat`` (names as :meth:`flat_hyperparameters` has them) as a state dict's
+        ``"hyperparameters"`` holds them (what ``load_state_dict`` takes)."""
+        return dict(flat)
+
     def _holder(self, name: str) -> Any:
         """The optimizer of :meth:`hyper_holders` that keeps hyperparameter ``name`` (this
         one where none does)."""

@@ -248,8 +248,20 @@ class Lookahead(Optimizer):
     def hyper_holders(self) -> tuple[Any, ...]:
         """This Lookahead, then its inner optimizer's: a name other than Lookahead's own
         (``beta1``, ``weight_decay``, a group's) is the inner's hyperparameter, on its
-        handle, its groups' rows and in a traced program."""
+        handle, its groups' rows, in a traced program and in a torch param group."""
         return (self, *self.inner.hyper_holders())
+
+    def flat_hyperparameters(self) -> dict[str, Any]:
+        own = {k: v for k, v in self.hyperparameters().items() if k != "inner"}
+        return {**self.inner.flat_hyperparameters(), **own}
+
+    def nested_hyperparameters(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in flat.items() if k in _OWN}
+        rest = {k: v for k, v in flat.items() if k not in _OWN}
+        if rest:
+            out["inner"] = {"optimizer": type(self.inner).__name__,
+                            "hyperparameters": self.inner.nested_hyperparameters(rest)}
+        return out
 
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
         """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
