@@ -25,7 +25,7 @@ import pytest
 from conftest import host, native, optimizer_engine
 
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
-from mithril.utils.lr_schedulers import StepLR
+from mithril.utils.lr_schedulers import OneCycleLR, StepLR
 from mithril.utils.optimizers import SGD, Adam, AdamW, Lookahead, Optimizer
 from mithril.utils.optimizers.lookahead import lookahead_math
 
@@ -552,3 +552,29 @@ def test_driving_the_lookahead_refuses_bad_values_naming_them():
     opt.hyperparameter("sync_period").set(4)
     opt.hyperparameter("beta1", group=0).set(0.8)
     assert opt.sync_period == 4 and opt.inner.param_groups[0]["beta1"] == 0.8
+
+
+@pytest.mark.parametrize("inner", ["Adam", "SGD"])
+def test_momentum_cycling_drives_the_inner_optimizer(inner):
+    """``OneCycleLR(..., cycle_momentum=True)`` on a Lookahead cycles its inner optimizer's
+    β₁ (Adam) or momentum (SGD) with the learning rate: the values torch's scheduler gives
+    its own optimizer, step by step."""
+    import torch
+
+    opt = Lookahead(Adam(0.01) if inner == "Adam" else SGD(0.01, momentum=0.9))
+    sched = OneCycleLR(opt, max_lr=0.1, total_steps=12, cycle_momentum=True)
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    ref_opt = torch.optim.Adam(p, lr=0.01) if inner == "Adam" else \
+        torch.optim.SGD(p, lr=0.01, momentum=0.9)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=12,
+                                              cycle_momentum=True)
+    name = "beta1" if inner == "Adam" else "momentum"
+    assert sched.momentum_hyperparameter == name
+    for _ in range(11):
+        g = ref_opt.param_groups[0]
+        want = g["betas"][0] if inner == "Adam" else g["momentum"]
+        assert getattr(opt.inner, name) == pytest.approx(want, rel=1e-14, abs=0)
+        assert opt.get_learning_rate() == pytest.approx(g["lr"], rel=1e-14, abs=0)
+        ref_opt.step()
+        ref.step()
+        sched.step()

@@ -27,7 +27,8 @@ def _momentum_handle(owner: str, optimizer: Any) -> Any:
     hp: Mapping[str, Any] = {}
     if callable(getattr(opt, "hyperparameter", None)) and \
             callable(getattr(opt, "hyperparameters", None)):
-        hp = opt.hyperparameters()
+        # (a Lookahead's are its inner optimizer's too)
+        hp = getattr(opt, "flat_hyperparameters", opt.hyperparameters)()
     name = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
     if name is None:
         raise ValueError(f"{owner}: cycle_momentum=True needs an optimizer with a momentum or "
