@@ -237,8 +237,10 @@ def test_floats_leaves_out_zeros_and_what_is_not_a_float() -> None:
     opt = AdamW(1e-2, weight_decay=0.0, clip_norm=1.0, param_groups=[
         {"params": ["b"], "beta1": 0.8}, {"params": ["w"], "learning_rate": 2e-2}])
     assert floats(opt) == ("beta1", "beta2", "clip_norm", "epsilon",
-                           "param_groups[0].beta1", "param_groups[0].lr_scale",
-                           "param_groups[1].lr_scale")
+                           "param_groups[0].beta1", "param_groups[0].beta2",
+                           "param_groups[0].epsilon", "param_groups[0].lr_scale",
+                           "param_groups[1].beta1", "param_groups[1].beta2",
+                           "param_groups[1].epsilon", "param_groups[1].lr_scale")
     # Ftrl's learning_rate_power of -0.5 picks a square root: not traced (at another, it is)
     assert floats(catalog.Ftrl(1e-2)) == ("initial_accumulator_value",)
     assert "learning_rate_power" in floats(catalog.Ftrl(1e-2, learning_rate_power=-0.6))

@@ -125,12 +125,16 @@ def floats(opt: Any) -> tuple[str, ...]:
     """The names (sorted) of every hyperparameter of ``opt`` and of its groups that
     :func:`check` takes now and whose value is not 0: what a step whose hyperparameters
     have begun to change traces all at once (``make_train_step``'s JAX program), so that a
-    schedule starting on another one later compiles nothing more. A 0 is left out: it often
-    switches a term off (``weight_decay``, ``momentum``), and a traced 0 would keep the term
-    (``0 · inf`` is NaN); such a one is traced at its own first change."""
-    names = {k for h in opt.hyper_holders() for k in h.hyperparameters()}
+    schedule starting on another one later compiles nothing more. A group's are all it may
+    override, not only those it does (its value is then the optimizer's): a schedule
+    that begins on a group's own value later compiles nothing either. A 0 is left out: it
+    often switches a term off (``weight_decay``, ``momentum``), and a traced 0 would keep
+    the term (``0 · inf`` is NaN); such a one is traced at its own first change."""
+    wide = {k for h in opt.hyper_holders() for k in h.hyperparameters()}
+    names = set(wide)
     for g, group in enumerate(opt.param_groups):
-        names.update(f"param_groups[{g}].{k}" for k in ("lr_scale", *group) if k != "params")
+        names.update(f"param_groups[{g}].{k}" for k in ("lr_scale", *group, *wide)
+                     if k not in ("params", "learning_rate"))
     return tuple(sorted(k for k in names if traceable(opt, k) and value(opt, k) != 0))
 
 

@@ -117,11 +117,13 @@ def optimizers_in(opt: Any) -> list[Any]:
     return found
 
 
-def hyper_snapshot(opt: Any) -> dict[str, Any]:
+def hyper_snapshot(opt: Any, traced: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every hyperparameter of ``opt`` but the learning rate, by the names
     :mod:`~mithril.interop.optax_hyperparams` traces them under (its own, each group's
-    overrides), and under ``"_structure"`` what the groups match and the optimizer's and
-    each group's slots and update rule (what no traced value can change)."""
+    overrides, and the value each ``traced`` group name has now, overridden or not), and
+    under ``"_structure"`` what the groups match and the optimizer's and each group's slots
+    and update rule (what no traced value can change)."""
+    from ..interop.optax_hyperparams import parse, value
     from .optimizers.groups import views
 
     snap = {k: v for h in reversed(opt.hyper_holders()) for k, v in vars(h).items()
@@ -130,6 +132,9 @@ def hyper_snapshot(opt: Any) -> dict[str, Any]:
     for g, group in enumerate(groups):  # (a group's lr_scale is 1.0 until set)
         snap.update({f"param_groups[{g}].{k}": v for k, v in
                      {"lr_scale": 1.0, **group}.items() if k != "params"})
+    # (a traced group name's value, so that a group's first override of it is a change of
+    # a value the program reads, not a new name)
+    snap.update({k: value(opt, k) for k in traced if parse(k)[0] is not None and k not in snap})
     rules = [v.rule() for v in views(opt, [{}] + [{k: x for k, x in g.items() if k != "params"}
                                                   for g in groups])]
     snap["_structure"] = ([g.get("params") for g in groups], opt.weight_decay_mask,
@@ -142,7 +147,8 @@ def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any],
     """The names whose values differ between the snapshots ``old`` and ``new`` of ``opt``
     (:func:`hyper_snapshot`), where each is a float hyperparameter the program may read
     at every step; None where any change shapes the program (an integer, flag, string,
-    new group override, the groups' matching, the slots or the update rule). ``known``:
+    a group's new override of a name not traced, the groups' matching, the slots or the
+    update rule). ``known``:
     names checked before (traced already: a float is all they need to stay)."""
     from ..interop.optax_hyperparams import check, is_float
     from .optimizers.groups import UNSET, differs
@@ -221,7 +227,7 @@ class HyperparameterWatch:
             self._traced = tuple(sorted(traced))
             self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
             if self._traces_floats:
-                self._snapshot = hyper_snapshot(self.optimizer)
+                self._snapshot = hyper_snapshot(self.optimizer, self._traced)
             self._hyper_args = self._hyper_arrays()
         return self._tx
 
@@ -249,13 +255,13 @@ class HyperparameterWatch:
         """A hyperparameter other than the learning rate changed since the program was
         built. For an elementwise or two-pass optimizer, the first change builds the
         program anew with every float hyperparameter of the optimizer and of its groups
-        (``beta1``, ``momentum``, ``weight_decay``, a group's learning rate, a Lookahead's
-        inner optimizer's; one at 0 from its own first change on:
+        (``beta1``, ``momentum``, ``weight_decay``, each group's, overridden or not, a
+        Lookahead's inner optimizer's; one at 0 from its own first change on:
         :func:`~mithril.interop.optax_hyperparams.floats`) as an argument: later changes of
         them compile nothing, whichever begins when. Any other change (an integer, a flag,
-        the groups' matching, a new group override, a Muon's fallback optimizer's, a
-        per-tensor optimizer's) builds it anew each time. Before the
-        first call compiled anything, a change is only baked into the program it makes."""
+        the groups' matching, a Muon's fallback
+        optimizer's, a per-tensor optimizer's) builds it anew each time. Before the first
+        call compiled anything, a change is only baked into the program it makes."""
         self._resync = True  # (the state keeps some: schedule-free's beta1)
         if self._jitted is None:  # nothing compiled yet (a checkpoint loaded before the
             self._tx = None  # first step): its first call builds with them baked in
@@ -264,7 +270,7 @@ class HyperparameterWatch:
         versions = self._hyper_versions()
         changed = None
         if self._traces_floats and versions[self._held:] == self._hyper_seen[self._held:]:
-            new = hyper_snapshot(self.optimizer)
+            new = hyper_snapshot(self.optimizer, self._traced)
             changed = traceable_changes(self.optimizer, self._snapshot, new, self._traced)
         if changed is None:
             self._rebuild()
