@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import types
 from collections.abc import Callable
@@ -269,7 +270,9 @@ def _traced_row(view: Any, scale: float, t: Any, lr: Any,
     ``scalars`` reads passed to it (None: the initial ones)."""
     v = _with_attrs(view, scale, lr, attrs)
     for inner in v.hyper_holders()[1:]:  # (a wrapper's scalars call its inner's: shimmed too)
-        inner.__dict__["scalars"] = types.MethodType(_traceable(type(inner).scalars), inner)
+        fn = inspect.getattr_static(type(inner), "scalars", None)
+        if isinstance(fn, types.FunctionType):  # (a plain method: not a static one)
+            inner.__dict__["scalars"] = types.MethodType(_traceable(fn), inner)
     scal = [*_scalars(v, t, values), *_averaging_weights(v, t)]
     keep = 1.0 - scal[0] * _value(_prologue_terms(v)[2])
     return [keep, *scal]
