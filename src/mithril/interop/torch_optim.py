@@ -31,10 +31,11 @@ How it works:
   beta3]``, a lone ``beta1`` keeping its name; ``eps`` for ``epsilon``, ``alpha`` for
   RMSProp's ``decay``; the rest, e.g. ``momentum``, ``weight_decay``, ``amsgrad``,
   ``clip_norm``, under their own; a ``Lookahead``'s group holds its inner optimizer's
-  beside its own ``sync_period`` / ``slow_step_size``). Every :meth:`step` reads the group: ``lr`` is passed to
-  ``set_learning_rate`` (a scheduler or a user may change it at will, nothing recompiles),
-  and any other changed value is applied after the constructor's checks (so
-  ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A change
+  beside its own ``sync_period`` / ``slow_step_size``). Every :meth:`step` reads the
+  group: ``lr`` is passed to ``set_learning_rate`` (a scheduler or a user may change it at
+  will, nothing recompiles), and any other changed value is applied after the
+  constructor's checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum``
+  works too). A change
   that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
   step) is refused with a ``ValueError``.
 * **No copy per step.** The first :meth:`step` creates the optimizer state and runs the

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_flag, check_positive, describe, to_float
+from .checks import check_flag, check_positive, describe, switched_on, to_float
 from .elementwise import minimum
 from .engines.common import must_skip, nonfinite_result_error
 from .state import OptimizerState
@@ -97,9 +97,8 @@ class Adafactor(TensorwiseOptimizer):
             g = -g
         size = int(p.size) if not callable(p.size) else p.numel()
         alpha = max(eps2, xp.norm(p) / size ** 0.5) * rho
-        wd = self.weight_decay
-        if not isinstance(wd, (int, float)) or wd != 0:  # (traced: always; p · 1 is p at 0)
-            p = p * (1 - lr * wd)
+        if switched_on(self.weight_decay):  # (a traced one: always; p · 1 is p at 0)
+            p = p * (1 - lr * self.weight_decay)
         out = dict(slots)
         if g.ndim > 1:
             row = xp.lerp(slots["row_var"], xp.norm_axis(g, -1) ** 2 / g.shape[-1], w)

@@ -5,6 +5,7 @@ anything is written). Each error names the value at fault."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -118,7 +119,7 @@ def switched_on(value: Any) -> bool:
     """Whether a hyperparameter that switches a term on when non-zero (a momentum) is
     non-zero. A value that is no Python number is a traced one (an optax transformation's
     program reads it per step), never 0: a 0 picks another update rule, and is not traced."""
-    return not isinstance(value, (int, float)) or value != 0
+    return not isinstance(value, numbers.Real) or value != 0
 
 
 def check_flag(name: str, value: Any) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_flag, check_positive, check_unit, switched_on
 from .elementwise import sqrt, where
 
 
@@ -22,7 +22,7 @@ def _traced_rho(step: Any, b2: float, rho_inf: float) -> Any:
 
     dt = jnp.result_type(float)  # (float64 under jax_enable_x64: torch's formula, as the host)
     t = jnp.asarray(step).astype(dt)
-    if isinstance(b2, (int, float)) and b2 <= 0.0:  # β₂ᵗ = 0: ρₜ = ρ∞ (a traced β₂ is not 0)
+    if not switched_on(b2):  # β₂ᵗ = 0: ρₜ = ρ∞ (a traced β₂ is not 0)
         return jnp.full((), rho_inf, dt)
     if dt == jnp.float64:
         return rho_inf - 2 * t * b2**t / (1 - b2**t)
