@@ -554,6 +554,25 @@ def test_driving_the_lookahead_refuses_bad_values_naming_them():
     assert opt.sync_period == 4 and opt.inner.param_groups[0]["beta1"] == 0.8
 
 
+def test_attributes_of_the_inner_optimizer_are_reached_through_the_lookahead():
+    """``la.beta1`` reads and sets the inner optimizer's (it used to set an attribute of
+    the Lookahead that no step read); Lookahead's own stay its own; the learning rate's
+    setter still checks; a copy's are its own."""
+    opt = Lookahead(Adam(0.01), sync_period=3)
+    assert (opt.beta1, opt.weight_decay, opt.amsgrad) == (0.9, 0.0, False)
+    opt.beta1, opt.weight_decay, opt.slow_step_size = 0.7, 0.1, 0.6
+    assert (opt.inner.beta1, opt.inner.weight_decay) == (0.7, 0.1)
+    assert "beta1" not in vars(opt) and opt.slow_step_size == 0.6
+    with pytest.raises(ValueError, match="learning_rate"):
+        opt.learning_rate = -1.0
+    assert opt.get_learning_rate() == 0.01
+    twin = copy.deepcopy(opt)
+    twin.beta1 = 0.5
+    assert opt.beta1 == 0.7 and twin.inner.beta1 == 0.5
+    with pytest.raises(AttributeError, match="no attribute 'beta3'"):
+        _ = opt.beta3
+
+
 @pytest.mark.parametrize("inner", ["Adam", "SGD"])
 def test_momentum_cycling_drives_the_inner_optimizer(inner):
     """``OneCycleLR(..., cycle_momentum=True)`` on a Lookahead cycles its inner optimizer's

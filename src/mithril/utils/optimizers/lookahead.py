@@ -245,6 +245,29 @@ class Lookahead(Optimizer):
         except (TypeError, ValueError) as e:
             raise type(e)(f"Lookahead: {name}={value!r} refused: {e}") from None
 
+    def _inner_name(self, name: str) -> bool:
+        """Whether ``name`` is one of the inner optimizer's hyperparameters (not Lookahead's
+        own): what attribute access on a Lookahead reaches the inner for."""
+        inner = self.__dict__.get("inner")
+        return (inner is not None and name[0] != "_" and name not in _OWN
+                and name in inner.flat_hyperparameters())
+
+    def __getattr__(self, name: str) -> Any:
+        # (only where normal lookup fails: ``la.beta1`` is the inner's)
+        if self._inner_name(name):
+            return getattr(self.inner, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # (``la.beta1 = 0.9`` sets the inner's, unchecked like any attribute set; before,
+        # it set an attribute no step read. A property with a setter keeps it: the
+        # learning rate's is checked)
+        prop = getattr(type(self), name, None)
+        if self._inner_name(name) and not (isinstance(prop, property) and prop.fset):
+            setattr(self.inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def hyper_holders(self) -> tuple[Any, ...]:
         """This Lookahead, then its inner optimizer's: a name other than Lookahead's own
         (``beta1``, ``weight_decay``, a group's) is the inner's hyperparameter, on its
