@@ -5,8 +5,9 @@ of its groups (``beta1``, ``momentum``, ``weight_decay``, ``clip_norm``, a group
 rate) becomes an argument of the program at its first change (one rebuild, ``step.rebuilds``),
 so a schedule changing it at every step compiles once (a Lookahead's, its inner optimizer's
 too); any other change (a flag, an integer such as Lookahead's ``sync_period``,
-``exclude_from_weight_decay``) builds the program anew at the next call. The results stay those of evaluate + update. Rebuilding at every step warns once,
-pointing at the separate-calls state."""
+``exclude_from_weight_decay``) builds the program anew at the next call. The results stay
+those of evaluate + update. Rebuilding at every step warns once, pointing at the
+separate-calls state."""
 
 from __future__ import annotations
 
