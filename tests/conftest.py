@@ -168,6 +168,23 @@ def host(x) -> np.ndarray:
     return x.detach().cpu().numpy().copy() if hasattr(x, "detach") else np.array(x)
 
 
+def set_traced(opt, key: str, v: float) -> None:
+    """Set the hyperparameter a traced program names ``key`` (a Muon's ``"fallback.beta1"``
+    is its fallback's ``beta1``) as a user would: an attribute, or a group's through its
+    handle (``lr_scale``: the group's learning rate over the optimizer's)."""
+    from mithril.interop.optax_hyperparams import child, parse
+
+    held = child(opt, key)
+    target, key = held if held is not None else (opt, key)
+    g, name = parse(key)
+    if g is None:
+        setattr(target, name, v)
+    elif name == "lr_scale":
+        target.hyperparameter("learning_rate", g).set(v * target.learning_rate)
+    else:
+        target.hyperparameter(name, g).set(v)
+
+
 def shared_file(*parts: str) -> Path:
     """A file of ``../shared`` (beside the checkout, as CI has it; else the sessions'
     /work/shared). Missing, it is an error: the tests that read it must not vanish."""

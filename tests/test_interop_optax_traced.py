@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import set_traced
 
 import mithril.utils.optimizers as catalog
 from mithril.interop import optax_transformation
@@ -196,25 +197,40 @@ def every_float_read(opt: Any, scalars: str = "auto") -> None:
     assert programs == 1
 
 
+def muon_excluding(**kw: Any) -> Muon:
+    opt = Muon(1e-2, ns_dtype="float32", weight_decay=0.1, **kw)
+    opt.exclude_from_weight_decay(["w"])
+    return opt
+
+
 @pytest.mark.parametrize("make", [
     lambda: Muon(1e-2, ns_dtype="float32", clip_norm=5.0, clip_value=1.0),
     lambda: Muon(1e-2, ns_dtype="float32", nesterov=False, fallback=None),
+    lambda: Muon(1e-2, ns_dtype="float32", fallback=catalog.SGD(
+        1e-2, momentum=0.9, weight_decay=1e-3, param_groups=[
+            {"params": ["b"], "momentum": 0.5, "learning_rate": 3e-2}])),
+    lambda: Muon(1e-2, ns_dtype="float32", param_groups=[{"params": ["w"], "momentum": 0.5}]),
+    lambda: muon_excluding(fallback=catalog.AdamW(1e-3, weight_decay=0.05)),
     lambda: catalog.Adafactor(1e-2, clip_norm=3.0, weight_decay=0.05)],
-    ids=["muon", "muon-plain", "adafactor"])
+    ids=["muon", "muon-plain", "muon-fallback-groups", "muon-group", "muon-excluding",
+         "adafactor"])
 def test_a_per_tensor_optimizers_floats_every_step(make: Any) -> None:
-    """Muon's momentum (a warm-up) and ε, Adafactor's β₂ decay and d, the clipping's bounds
-    and the decoupled weight decay, all changed at every step: one program, the steps of
-    the optimizer's own update with the same changes (the fallback's rows, AdamW's, keep
-    their own weight decay)."""
+    """Muon's momentum (a warm-up) and ε, its fallback's hyperparameters (its groups' too)
+    and ``fallback_lr_ratio``, Adafactor's β₂ decay and d, the clipping's bounds and the
+    decoupled weight decay, all changed at every step: one program, the steps of the
+    optimizer's own update with the same changes. A group's own value, and the 0 of a
+    tensor excluded from weight decay, stay theirs."""
     opt = make()
     names = floats(opt)
     assert {"momentum", "epsilon"} <= set(names) or {"beta2_decay", "d",
                                                       "weight_decay"} <= set(names)
+    if getattr(opt, "fallback", None) is not None:
+        assert {"fallback_lr_ratio", "fallback.weight_decay"} <= set(names)
     start = {k: value(opt, k) for k in names}
 
     def change(o: Any, i: int) -> None:
         for k in names:
-            setattr(o, k, start[k] * (1 - 0.03 * i))
+            set_traced(o, k, start[k] * (1 - 0.03 * i))
 
     params, grads = data()
     if getattr(opt, "fallback", 1) is None:  # (matrices only)
@@ -262,6 +278,9 @@ def test_the_pair_keeps_float64() -> None:
      "cannot differ per group"),
     (Adam(1e-2), "beta1", TypeError, "a sequence of names"),
     (Muon(1e-2), ("ns_steps",), TypeError, "per-tensor update bakes 'ns_steps'"),
+    (Muon(1e-2), ("fallback.amsgrad",), TypeError, "Muon's 'fallback.amsgrad': AdamW: amsgrad"),
+    (Muon(1e-2), ("fallback.beta3",), KeyError, "'fallback.beta3': AdamW has no hyperparameter"),
+    (Muon(1e-2, fallback=None), ("fallback_lr_ratio",), TypeError, "ratio=None is not a number"),
     (Muon(1e-2, param_groups=[{"params": ["b"], "momentum": 0.9}]),
      ("param_groups[0].momentum",), TypeError, "optimizer-wide"),
     (catalog.Adafactor(1e-2, weight_decay=0.1), ("clip_tensor_norm",), ValueError,

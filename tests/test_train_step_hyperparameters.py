@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import set_traced
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend
@@ -384,14 +385,14 @@ def test_every_float_of_the_catalog_scheduled_compiles_once(name: str) -> None:
     """Every optimizer of the catalog, each of its float hyperparameters the program may
     read (``floats``) changed at every step: the first change rebuilds once, the rest
     compile nothing, and the results are the separate calls' with the same changes."""
-    from mithril.interop.optax_hyperparams import floats
+    from mithril.interop.optax_hyperparams import floats, value
 
     names = floats(catalog_optimizer(name))
-    start = {k: getattr(catalog_optimizer(name), k) for k in names}
+    start = {k: value(catalog_optimizer(name), k) for k in names}
 
     def change(opt: Any, driver: Any, i: int) -> None:
-        for k in names:
-            setattr(opt, k, start[k] * (1 - 0.02 * i))
+        for k in names:  # (a Muon's fallback's too: "fallback.beta1")
+            set_traced(opt, k, start[k] * (1 - 0.02 * i))
 
     make = lambda: catalog_optimizer(name)  # noqa: E731
     sep, _ = run(JaxBackend(dtype="float32"), make, change, fused=False)

@@ -4,7 +4,9 @@ check of them, their values on the host, and each row of scalars' share of them.
 
 A name is an optimizer-wide hyperparameter (``"beta1"``, ``"weight_decay"``, ``"clip_norm"``)
 or one of a parameter group, ``"param_groups[1].beta1"`` (``"param_groups[1].lr_scale"``: the
-group's learning rate as its ratio to the optimizer's, as the optimizer keeps it). Only
+group's learning rate as its ratio to the optimizer's, as the optimizer keeps it), or one
+of an optimizer it holds under that one's prefix (:meth:`hyper_children`: a Muon's
+fallback's ``"fallback.beta1"``, ``"fallback.param_groups[0].beta1"``). Only
 float hyperparameters are traced: an integer (``ns_steps``, ``swa_start``), a flag or a
 string changes the program itself.
 
@@ -42,8 +44,19 @@ def is_float(value: Any) -> bool:
     return isinstance(value, (float, np.floating))
 
 
+def child(opt: Any, key: str) -> tuple[Any, str] | None:
+    """``(held optimizer, its name)`` where ``key`` names a hyperparameter of an optimizer
+    ``opt`` holds (``"fallback.beta1"``: a Muon's fallback's ``beta1``); else None."""
+    for prefix, held in opt.hyper_children().items():
+        if key.startswith(prefix):
+            return held, key[len(prefix):]
+    return None
+
+
 def value(opt: Any, key: str) -> float:
     """The value of ``key`` (see the module docs) on ``opt``."""
+    if (c := child(opt, key)) is not None:
+        return value(*c)
     g, name = parse(key)
     if name == "lr_scale":
         return opt._group(g).get(name, 1.0)
@@ -60,6 +73,13 @@ def check(opt: Any, names: Sequence[str]) -> tuple[str, ...]:
     for key in names:
         if not isinstance(key, str):
             raise TypeError(f"traced_hyperparams: {key!r} is not a hyperparameter name")
+        if (c := child(opt, key)) is not None:
+            try:
+                check(*c[:1], [c[1]])
+            except (KeyError, TypeError, ValueError) as e:
+                msg = str(e.args[0] if e.args else e).removeprefix("traced_hyperparams: ")
+                raise type(e)(f"traced_hyperparams: {where}'s {key!r}: {msg}") from None
+            continue
         g, name = parse(key)
         if name in _NOT_TRACED:
             raise ValueError(f"traced_hyperparams: {where}'s {key!r} cannot be traced (the "
@@ -93,6 +113,8 @@ def _tensorwise_traceable(opt: Any) -> frozenset[str] | None:
     if not isinstance(opt, TensorwiseOptimizer):
         return None
     extra = {"clip_norm", "clip_value"}
+    if opt.hyper_children():  # (a Muon's fallback: its rows' learning rate factor)
+        extra.add("fallback_lr_ratio")
     if not opt.weight_decay_in_math:
         extra.add("weight_decay")
     return frozenset(opt.traced_in_update) | extra
@@ -135,6 +157,7 @@ def floats(opt: Any) -> tuple[str, ...]:
     for g, group in enumerate(opt.param_groups):
         names.update(f"param_groups[{g}].{k}" for k in ("lr_scale", *group, *wide)
                      if k not in ("params", "learning_rate"))
+    names.update(p + k for p, held in opt.hyper_children().items() for k in floats(held))
     return tuple(sorted(k for k in names if traceable(opt, k) and value(opt, k) != 0))
 
 

@@ -401,8 +401,11 @@ class _Plan:
 
     def __init__(self, index: list[int], views: list[Any], scales: list[float], mode: str,
                  overrides: list[set[str]] | None = None, clips: list[tuple] | None = None,
-                 owners: list[tuple] | None = None, traced: tuple[str, ...] = ()) -> None:
+                 owners: list[tuple] | None = None, traced: tuple[str, ...] = (),
+                 share: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+                 ) -> None:
         self.index = [int(i) for i in index]
+        self.share = share  # (each row's share of the traced values, where not row_attrs')
         self.views = views
         self.scales = scales
         self.overrides = overrides or [set() for _ in views]
@@ -454,6 +457,8 @@ class _Plan:
         :func:`~mithril.interop.optax_hyperparams.row_attrs`), by attribute."""
         from .optax_hyperparams import row_attrs
 
+        if self.share is not None:
+            return self.share(driven)
         return row_attrs(self.owners, self.overrides, driven)
 
 

@@ -149,17 +149,19 @@ class _Rows:
                 seen[id(row)] = len(rows)
                 rows.append(row)
             index.append(seen[id(row)])
+        # what each row's group overrides (a traced optimizer-wide value does not reach
+        # it): its group's of opt (group_rows left them on the holder), a fallback row's own
+        over = [set() for _ in rows]
+        if holder.groups is not None:
+            for i, r in enumerate(index):
+                over[r] = set(holder.groups[2][holder.groups[1][i]])
         sources = [_scalar_source(r) for r in rows]
         clips = [(getattr(r, "clip_tensor_norm", None), getattr(r, "clip_block_rms", None))
                  for r in rows]
         self.rows = rows
         self.n_own = [len(copy.copy(s).scalars(1)) for s in sources]
-        # the traced hyperparameters are opt's own: of them, a fallback's rows take only
-        # the whole step's (the clipping's: Muon's own, as _FallbackRow has them)
-        theirs = set(traced) - {"clip_norm", "clip_value"}
         self.plan = _Plan(index, sources, [float(s.learning_rate) for s in sources], mode,
-                          [set() if s is r else theirs for s, r in zip(sources, rows)],
-                          clips=clips, traced=traced)
+                          clips=clips, traced=traced, share=functools.partial(_share, rows, over))
         self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
         # adaptive clipping: each tensor with its group's (of opt's own groups, as the
         # optimizer's update clips before its per-tensor rows)
@@ -170,6 +172,34 @@ class _Rows:
             at, group_rows, _ = resolve(opt, names)
             own = views(opt, group_rows)
             self.plan.agc = _Plan.adaptive([own[r] for r in at])
+
+
+def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
+           ) -> list[dict[str, Any]]:
+    """Each row's share of the traced values ``driven`` (names as in
+    :mod:`.optax_hyperparams`): the optimizer's rows take its own names but those their
+    group overrides (``over``; a row excluded from weight decay keeps its 0); a Muon's
+    fallback rows take the whole step's clipping (Muon's) and the ``"fallback."`` names as
+    their group of the fallback takes them, their learning rate factor a traced
+    ``fallback_lr_ratio`` times their group's."""
+    from ..utils.optimizers.muon import _FallbackRow
+    from .optax_hyperparams import row_attrs
+
+    own = {k: v for k, v in driven.items() if not k.startswith("fallback")}
+    held = {k.split(".", 1)[1]: v for k, v in driven.items() if k.startswith("fallback.")}
+    ratio = driven.get("fallback_lr_ratio")
+    out = []
+    for r, o in zip(rows, over):
+        if not isinstance(r, _FallbackRow):
+            out.append({k: v for k, v in own.items() if k not in o})
+            continue
+        a = {k: v for k, v in own.items() if k in ("clip_norm", "clip_value")}
+        a.update(row_attrs([r.group], [r.overrides], held)[0])
+        if ratio is not None or "lr_scale" in a:
+            a["lr_scale"] = (r.lr_ratio if ratio is None else ratio) * a.get("lr_scale",
+                                                                               r.lr_scale)
+        out.append(a)
+    return out
 
 
 def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:

@@ -139,7 +139,19 @@ def hyper_snapshot(opt: Any, traced: tuple[str, ...] = ()) -> dict[str, Any]:
                                                   for g in groups])]
     snap["_structure"] = ([g.get("params") for g in groups], opt.weight_decay_mask,
                           list(opt.exclude_weight_decay or ()), rules)
+    for prefix, held in opt.hyper_children().items():  # (a Muon's fallback's, prefixed)
+        sub = hyper_snapshot(held, tuple(k[len(prefix):] for k in traced
+                                         if k.startswith(prefix)))
+        snap["_structure"] += (sub.pop("_structure"),)
+        snap.update({prefix + k: v for k, v in sub.items()})
     return snap
+
+
+def traced_holders(opt: Any) -> tuple[Any, ...]:
+    """The optimizers whose float hyperparameters ``opt``'s traced program can read:
+    :meth:`hyper_holders`, then those of :meth:`hyper_children` (recursively)."""
+    return (*opt.hyper_holders(),
+            *(h for held in opt.hyper_children().values() for h in traced_holders(held)))
 
 
 def traceable_changes(opt: Any, old: dict[str, Any], new: dict[str, Any],
@@ -190,7 +202,7 @@ class HyperparameterWatch:
         # hyperparameters of the optimizer and of those it holds (Lookahead's inner, Muon's
         # fallback), by the counts they keep of their changes (see _hyper_changed); first
         # those its names reach (hyper_holders: the snapshot covers them)
-        held = optimizer.hyper_holders() if self._fused else ()
+        held = traced_holders(optimizer) if self._fused else ()
         self._held = len(held)
         self._hyper_dicts = tuple(vars(o) for o in (*held, *(
             o for o in optimizers_in(optimizer) if all(o is not h for h in held)))) \
@@ -256,11 +268,10 @@ class HyperparameterWatch:
         built. For an elementwise or two-pass optimizer, the first change builds the
         program anew with every float hyperparameter of the optimizer and of its groups
         (``beta1``, ``momentum``, ``weight_decay``, each group's, overridden or not, a
-        Lookahead's inner optimizer's; one at 0 from its own first change on:
-        :func:`~mithril.interop.optax_hyperparams.floats`) as an argument: later changes of
-        them compile nothing, whichever begins when. Any other change (an integer, a flag,
-        the groups' matching, a Muon's fallback
-        optimizer's, a per-tensor optimizer's) builds it anew each time. Before the first
+        Lookahead's inner optimizer's, a Muon's fallback's; one at 0 from its own first
+        change on: :func:`~mithril.interop.optax_hyperparams.floats`) as an argument: later
+        changes of them compile nothing, whichever begins when. Any other change (an
+        integer, a flag, the groups' matching) builds it anew each time. Before the first
         call compiled anything, a change is only baked into the program it makes."""
         self._resync = True  # (the state keeps some: schedule-free's beta1)
         if self._jitted is None:  # nothing compiled yet (a checkpoint loaded before the

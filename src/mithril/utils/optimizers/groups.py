@@ -235,6 +235,12 @@ class GroupsMixin:
         "beta1")`` is the inner's ``beta1``). The last one keeps the parameter groups."""
         return (self,)
 
+    def hyper_children(self) -> dict[str, Any]:
+        """Optimizers this one holds and runs for some of its parameters, each under the
+        prefix its hyperparameters' names take in a traced program (a Muon's fallback:
+        ``"fallback."``, so that ``"fallback.beta1"`` is its ``beta1``). None here."""
+        return {}
+
     def flat_hyperparameters(self) -> dict[str, Any]:
         """:meth:`hyperparameters` with those of the optimizers whose hyperparameters this
         one takes as its own (:meth:`hyper_holders`) by their names, at the top level (a

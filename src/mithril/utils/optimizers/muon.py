@@ -363,6 +363,9 @@ class Muon(TensorwiseOptimizer):
                                "hyperparameters": fb.hyperparameters()}
         return out
 
+    def hyper_children(self) -> dict[str, Any]:
+        return {} if self.fallback is None else {PREFIX[:-1] + ".": self.fallback}
+
     def set_learning_rate(self, lr: float, group: int | None = None) -> None:
         """As :meth:`.Optimizer.set_learning_rate`; the fallback's moves in proportion."""
         super().set_learning_rate(lr, group)
@@ -484,7 +487,8 @@ class Muon(TensorwiseOptimizer):
             cached = self.__dict__["_fallback_rows"] = (key, *_groups.resolve(fb, others))
         base = copy.copy(fb)
         base.learning_rate = self.learning_rate * self.fallback_lr_ratio
-        views = [_FallbackRow(v, self) for v in _groups.views(base, cached[2])]
+        views = [_FallbackRow(v, self, o, r) for v, o, r in
+                 zip(_groups.views(base, cached[2]), cached[3], cached[2])]
         where = dict(zip(others, cached[1]))
         return [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
 
@@ -492,8 +496,14 @@ class Muon(TensorwiseOptimizer):
 class _FallbackRow:
     """The fallback optimizer (one of its groups) updating one tensor inside Muon's step."""
 
-    def __init__(self, fb: Optimizer, owner: Muon) -> None:
+    def __init__(self, fb: Optimizer, owner: Muon, group: tuple[int | None, bool] = (None, True),
+                 overrides: Mapping[str, Any] | None = None) -> None:
         self.fb = fb
+        # (for a traced program: the fallback's group of this row, (index, decays), what
+        # it overrides, and the learning rate's factors, Muon's ratio and the group's)
+        self.group, self.overrides = group, set(overrides or ())
+        self.lr_ratio = owner.fallback_lr_ratio
+        self.lr_scale = float((overrides or {}).get("lr_scale", 1.0))
         self.learning_rate, self.weight_decay = fb.learning_rate, fb.weight_decay
         self.decoupled_weight_decay = fb.decoupled_weight_decay
         self.weight_decay_in_math = fb.weight_decay_in_math
