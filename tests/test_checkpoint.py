@@ -355,6 +355,16 @@ def test_save_refuses_what_load_would_refuse(saved, tmp_path):
         save_checkpoint(path, params, extra=deep)
     with pytest.raises(TypeError, match="finite floats"):
         save_checkpoint(path, params, extra={"loss": float("nan")})
+    # an attribute set out of range is not checked when set (as torch's param_groups and
+    # Keras' attributes): the save refuses it, naming it, rather than writing a file that
+    # load_checkpoint would refuse
+    opt = Adam(0.01)
+    state = opt.init(params)
+    opt.beta1 = 1.5
+    with pytest.raises(ValueError, match=r"Adam's hyperparameters would not load back: "
+                                         r"beta1 must be in \[0, 1\), got 1.5"):
+        save_checkpoint(path, params, opt, state)
+    assert opt.beta1 == 1.5
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
     save_checkpoint(path, params, extra=deep[0])  # 63 levels are fine

@@ -354,8 +354,16 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
                         f"JSON-serialisable (finite floats): {e}") from None
     where = f"save_checkpoint({path!r})"
-    _check_tensors(_check_meta(loads_guarded(header, f"{where}: the metadata"), where),
-                   tensors, where)  # never write what load_checkpoint would refuse
+    checked = _check_meta(loads_guarded(header, f"{where}: the metadata"), where)
+    _check_tensors(checked, tensors, where)  # never write what load_checkpoint would refuse
+    if optimizer is not None:  # (an attribute set out of range, unchecked: opt.beta1 = 1.5)
+        try:
+            copy.copy(optimizer).load_state_dict(
+                {"optimizer": type(optimizer).__name__,
+                 "hyperparameters": checked["optimizer"]["hyperparameters"]})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where}: {type(optimizer).__name__}'s hyperparameters would "
+                             f"not load back: {e}") from None
     write_file(path, header, tensors)
 
 
