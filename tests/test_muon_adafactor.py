@@ -159,6 +159,40 @@ def test_muon_fallback_matches_torch_muon_and_adamw(ns64, backend, wd, fb_wd):
     assert state.slot("fallback_m")["k"].shape == (2, 3, 4)
 
 
+def test_the_fallbacks_learning_rate_is_muons_times_the_ratio():
+    """The fallback's ``learning_rate`` reads what its steps take (Muon's times
+    ``fallback_lr_ratio``, however either was set), and setting it on the fallback (what no
+    step would read) is refused, naming what to set; the fallback's own groups and other
+    hyperparameters stay its own. Against torch's AdamW for the fallback's tensors, with
+    its learning rate halved at SWITCH through ``fallback_lr_ratio``."""
+    opt = Muon(0.02, ns_dtype="float64", fallback=AdamW(3e-4))
+    opt.learning_rate = 0.01  # (an attribute: unchecked, as torch's param_groups)
+    assert opt.fallback.learning_rate == pytest.approx(1.5e-4)
+    opt.fallback_lr_ratio = 0.03
+    assert opt.fallback.learning_rate == pytest.approx(3e-4)
+    before = opt.state_dict()
+    for refused in (lambda: setattr(opt.fallback, "learning_rate", 0.1),
+                    lambda: opt.fallback.set_learning_rate(0.1),
+                    lambda: opt.fallback.hyperparameter("lr").set(0.1),
+                    lambda: StepLR(opt.fallback, step_size=2)):
+        with pytest.raises(ValueError, match="AdamW is a Muon's fallback: its learning rate "
+                                             "is Muon's times fallback_lr_ratio"):
+            refused()
+    assert json.dumps(opt.state_dict()) == json.dumps(before)
+    opt.fallback.beta2 = 0.99  # its other hyperparameters are its own
+    p0, grads = problem(steps=2 * SWITCH)
+    ref = run_torch(p0, grads, [
+        (lambda ps: torch.optim.AdamW(ps, lr=3e-4, betas=(0.9, 0.99)), OTHERS)], [1.5e-4])
+    opt = Muon(0.02, ns_dtype="float64", fallback=AdamW(3e-4, beta2=0.99))
+    state = opt.init(p0)
+    params = dict(p0)
+    for t, g in enumerate(grads):
+        if t == SWITCH:
+            opt.hyperparameter("fallback_lr_ratio").set(0.0075)  # (a scheduler may drive it)
+        params, state = opt.update(params, g, state)
+    assert rel_err({k: params[k] for k in OTHERS}, {k: ref[k] for k in OTHERS}) <= TOL64
+
+
 @pytest.mark.parametrize("clip, fb", [
     ({"clip_norm": 2.0}, ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01))),
     ({"clip_value": 0.5}, ("Adam", dict(lr=1e-3, weight_decay=0.01)))], ids=["norm", "value"])

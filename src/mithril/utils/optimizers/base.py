@@ -244,6 +244,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             self._finish_groups()
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "learning_rate" and "_lr_follows" in self.__dict__:
+            raise ValueError(self._lr_follows)  # (a Muon's fallback: Muon sets it)
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
         if name[0] != "_" and name != "learning_rate" and differs(

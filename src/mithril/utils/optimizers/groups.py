@@ -381,6 +381,9 @@ class GroupsMixin:
         if name == "learning_rate":
             from .checks import check_positive
 
+            if group is None and "_lr_follows" in self.__dict__:
+                raise ValueError(self.__dict__["_lr_follows"])
+
             try:
                 return check_positive("learning_rate", value)
             except (ValueError, TypeError) as e:

@@ -297,7 +297,8 @@ class Muon(TensorwiseOptimizer):
     Keras' Muon uses AdamW for them; torch.optim.Muon refuses them and is paired with
     AdamW). Its learning rate is kept as its ratio to Muon's, ``fallback_lr_ratio``
     (default: the ratio of the two learning rates given), so ``set_learning_rate`` and
-    every scheduler driving Muon move both. Its own ``param_groups`` /
+    every scheduler driving Muon move both (``muon.fallback.learning_rate`` reads it;
+    setting it there is refused: set ``fallback_lr_ratio``). Its own ``param_groups`` /
     ``weight_decay_mask`` apply to the parameters it updates; clipping, ``nonfinite`` and
     weight averaging are Muon's, for every parameter. Its slots are Muon's with the prefix
     ``"fallback_"`` (AdamW: ``"fallback_m"``, ``"fallback_v"``); a slot has shape ``(0,)``
@@ -345,7 +346,19 @@ class Muon(TensorwiseOptimizer):
                                  "kept as a ratio to it: give fallback_lr_ratio")
             fallback_lr_ratio = self.fallback.learning_rate / self.learning_rate
         self.fallback_lr_ratio = check_positive("fallback_lr_ratio", fallback_lr_ratio)
-        self.fallback.learning_rate = self.learning_rate * self.fallback_lr_ratio
+        # (Muon keeps it: set on the fallback, it would be what no step reads)
+        self.fallback.__dict__["_lr_follows"] = (
+            f"{type(self.fallback).__name__} is a Muon's fallback: its learning rate is "
+            f"Muon's times fallback_lr_ratio. Set Muon's learning rate (it moves both) or "
+            f"fallback_lr_ratio, or give a group of the fallback a learning rate of its own")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("learning_rate", "fallback_lr_ratio") and \
+                self.__dict__.get("fallback") is not None:
+            # (the fallback's reads as it is: Muon's times the ratio)
+            fb = self.fallback
+            fb.__dict__["learning_rate"] = self.learning_rate * self.fallback_lr_ratio
 
     def _finish_groups(self) -> None:
         super()._finish_groups()
@@ -365,12 +378,6 @@ class Muon(TensorwiseOptimizer):
 
     def hyper_children(self) -> dict[str, Any]:
         return {} if self.fallback is None else {PREFIX[:-1] + ".": self.fallback}
-
-    def set_learning_rate(self, lr: float, group: int | None = None) -> None:
-        """As :meth:`.Optimizer.set_learning_rate`; the fallback's moves in proportion."""
-        super().set_learning_rate(lr, group)
-        if group is None and self.fallback is not None:
-            self.fallback.learning_rate = self.learning_rate * self.fallback_lr_ratio
 
     def slot_names(self) -> tuple[str, ...]:
         fb = () if self.fallback is None else self.fallback.slot_names()
@@ -486,7 +493,7 @@ class Muon(TensorwiseOptimizer):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_fallback_rows"] = (key, *_groups.resolve(fb, others))
         base = copy.copy(fb)
-        base.learning_rate = self.learning_rate * self.fallback_lr_ratio
+        base.assign({"learning_rate": self.learning_rate * self.fallback_lr_ratio})
         views = [_FallbackRow(v, self, o, r) for v, o, r in
                  zip(_groups.views(base, cached[2]), cached[3], cached[2])]
         where = dict(zip(others, cached[1]))
