@@ -187,6 +187,44 @@ def test_group_learning_rates():
     assert opt.get_learning_rate(1) == pytest.approx(0.5)  # the refused call changed nothing
 
 
+def test_a_group_set_as_a_dict_is_refused_naming_the_call():
+    """torch's idiom ``param_groups[i]["beta1"] = x`` would bypass the check and the count
+    of changes the step's caches compare (the step used the old value while the dict
+    showed the new): it is refused, naming the call that sets it, and changes nothing."""
+    import copy
+    import re
+
+    opt = mo.Adam(1e-2, param_groups=[{"params": ["b"], "beta1": 0.9}])
+    p = {"b": np.ones(3), "w": np.ones(3)}
+    g = opt.param_groups[0]
+    for mutate, call in [(lambda: g.__setitem__("beta1", 0.0), "hyperparameter('beta1', "
+                                                               "group=0).set"),
+                         (lambda: g.update(beta2=0.5), "hyperparameter('beta2', group=0)"),
+                         (lambda: g.__setitem__("lr", 1e-3), "set_learning_rate(lr, group=0)"),
+                         (lambda: g.pop("beta1"), "hyperparameter('beta1'"),
+                         (lambda: g.clear(), "read-only")]:
+        with pytest.raises(TypeError, match=re.escape(call)):
+            mutate()
+    assert opt.param_groups == [{"params": ["b"], "beta1": 0.9}]
+    for other in (copy.copy(opt), copy.deepcopy(opt)):  # copies keep it a group
+        assert other.param_groups == opt.param_groups
+        with pytest.raises(TypeError, match="read-only"):
+            other.param_groups[0]["beta1"] = 0.0
+    # the checked call reaches the step (and only the group's tensors)
+    g1 = {"b": np.full(3, 0.1), "w": np.full(3, 0.1)}
+    g2 = {"b": np.full(3, -0.3), "w": np.full(3, -0.3)}
+    got = {}
+    for change in (False, True):
+        o = mo.Adam(1e-2, param_groups=[{"params": ["b"], "beta1": 0.9}])
+        out, st = o.update({k: v.copy() for k, v in p.items()}, g1, o.init(p))
+        if change:
+            o.hyperparameter("beta1", group=0).set(0.0)
+            assert o.param_groups[0]["beta1"] == 0.0
+        got[change], _ = o.update(out, g2, st)
+    assert abs(got[True]["b"][0] - got[False]["b"][0]) > 1e-3
+    assert got[True]["w"][0] == got[False]["w"][0]
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
 def test_state_dict_and_checkpoint_keep_groups(backend, tmp_path):
     """Saved mid-run and loaded into a fresh optimizer built without groups: the groups come

@@ -274,7 +274,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             raise ValueError("a group's learning rate is kept as a ratio to the optimizer's, "
                              "which is 0")
         if differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
-            g["lr_scale"] = lr / self.learning_rate
+            g._set("lr_scale", lr / self.learning_rate)
             self._groups_version += 1
 
     # -- backend -----------------------------------------------------------------------

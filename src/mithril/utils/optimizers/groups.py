@@ -145,8 +145,41 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         entry = {"params": g["params"], **norm}
         if scale is not None:
             entry["lr_scale"] = scale
-        out.append(entry)
+        out.append(ParamGroup(entry, i))
     return out
+
+
+class ParamGroup(dict):
+    """One of an optimizer's ``param_groups``: a dict the optimizer changes, read-only to
+    its users. Setting a key as torch's ``param_groups[i]["lr"] = ...`` would bypass the
+    checks and the count of changes the steps' caches compare: it is refused, naming the
+    call that does it (``hyperparameter(name, group=i).set(value)``)."""
+
+    def __init__(self, entry: Mapping[str, Any], index: int) -> None:
+        super().__init__(entry)
+        self.index = index
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        i = self.index
+        given = args[0] if args else kwargs
+        keys = [given] if isinstance(given, str) else list(given or kwargs) \
+            if isinstance(given, Mapping) else []
+        key = keys[0] if keys and isinstance(keys[0], str) else "name"
+        call = (f"set_learning_rate(lr, group={i})" if key in ("lr", "learning_rate", "lr_scale")
+                else f"hyperparameter({key!r}, group={i}).set(value)")
+        raise TypeError(f"param_groups[{i}] is read-only: set a value with optimizer.{call}, "
+                        f"which checks it (a group's parameters are fixed when the optimizer "
+                        f"is made)")
+
+    __setitem__ = __delitem__ = setdefault = pop = popitem = clear = update = _refuse
+    __ior__ = _refuse
+
+    def _set(self, key: str, value: Any) -> None:
+        """The optimizer's own write (its caller counts the change)."""
+        dict.__setitem__(self, key, value)
+
+    def __reduce__(self) -> tuple:  # (copies and pickles rebuild it without __setitem__)
+        return ParamGroup, (dict(self), self.index)
 
 
 def resolve(opt: Any, names: Sequence[str]
@@ -422,7 +455,7 @@ class GroupsMixin:
         else:
             g = self._group(group)
             if differs(g.get(name, UNSET), new):
-                g[name] = new
+                g._set(name, new)
                 self._groups_version += 1  # (a value set again changes nothing)
 
     def _group(self, group: Any) -> dict[str, Any]:
