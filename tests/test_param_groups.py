@@ -210,6 +210,13 @@ def test_a_group_set_as_a_dict_is_refused_naming_the_call():
         assert other.param_groups == opt.param_groups
         with pytest.raises(TypeError, match="read-only"):
             other.param_groups[0]["beta1"] = 0.0
+    # adding a group (torch's add_param_group) would be ignored as well
+    for add in (lambda: opt.param_groups.append({"params": ["w"], "beta1": 0.0}),
+                lambda: opt.param_groups.extend([{"params": ["w"]}]),
+                lambda: opt.param_groups.pop()):
+        with pytest.raises(TypeError, match="param_groups are fixed when the optimizer is made"):
+            add()
+    assert len(opt.param_groups) == 1
     # the checked call reaches the step (and only the group's tensors)
     g1 = {"b": np.full(3, 0.1), "w": np.full(3, 0.1)}
     g2 = {"b": np.full(3, -0.3), "w": np.full(3, -0.3)}

@@ -200,8 +200,7 @@ def _snapshot(optimizer: Any) -> Callable[[], None]:
         opt.__dict__.update(own)
         if saved is not None and opt._groups is groups:
             for g, before in zip(groups, saved, strict=True):
-                g.clear()
-                g.update(before)
+                g._restore(before)
             opt._groups_version += 1
 
     return restore

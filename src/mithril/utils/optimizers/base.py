@@ -68,7 +68,7 @@ from . import averaging
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
-from .groups import UNSET, GroupsMixin, differs
+from .groups import UNSET, GroupsMixin, ParamGroups, differs
 from .layout import Layout
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
@@ -237,7 +237,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self._backend = backend
         self._raw_groups = (param_groups, weight_decay_mask, exclude_weight_decay,
                             check_flag("strict", strict))
-        self._groups: list[dict[str, Any]] = []
+        self._groups: list[dict[str, Any]] = ParamGroups()
         self._wd_mask, self._wd_exclude, self._strict = None, [], False
         self._groups_version = 0
         if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap

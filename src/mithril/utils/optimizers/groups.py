@@ -96,7 +96,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
     ``amsgrad``, or momentum between zero and non-zero: those need separate optimizers).
     A ``learning_rate`` becomes ``lr_scale`` (its ratio to ``opt``'s)."""
     if groups is None:
-        return []
+        return ParamGroups()
     if isinstance(groups, Mapping) or not isinstance(groups, Sequence) or isinstance(groups, str):
         raise TypeError(f"param_groups must be a list of dicts, got {type(groups).__name__}")
     hp = opt.hyperparameters()
@@ -146,7 +146,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         if scale is not None:
             entry["lr_scale"] = scale
         out.append(ParamGroup(entry, i))
-    return out
+    return ParamGroups(out)
 
 
 class ParamGroup(dict):
@@ -178,8 +178,30 @@ class ParamGroup(dict):
         """The optimizer's own write (its caller counts the change)."""
         dict.__setitem__(self, key, value)
 
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        """Back to ``saved`` (a refused change rolled back; its caller counts it)."""
+        dict.clear(self)
+        dict.update(self, saved)
+
     def __reduce__(self) -> tuple:  # (copies and pickles rebuild it without __setitem__)
         return ParamGroup, (dict(self), self.index)
+
+
+class ParamGroups(list):
+    """An optimizer's ``param_groups``: a list of :class:`ParamGroup`, fixed when the
+    optimizer is made (or loads a state dict). Adding one as torch's ``add_param_group``
+    does would be ignored by the steps' caches: it is refused, saying so."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("param_groups are fixed when the optimizer is made: give every group "
+                        "to its constructor (param_groups=[...]), or load a state dict that "
+                        "holds them")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self) -> tuple:  # (copies and pickles rebuild it without append)
+        return ParamGroups, (list(self),)
 
 
 def resolve(opt: Any, names: Sequence[str]
