@@ -514,3 +514,36 @@ def test_learning_rate_accessors_and_repr():
         assert type(opt).__name__ in repr(opt)
         json.dumps(opt.hyperparameters())
     assert AdamW().weight_decay == 1e-2 and RMSProp().decay == 0.9 and AdaGrad().epsilon == 1e-8
+
+
+def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
+    """``opt.lr = 0.1`` (torch's name), ``opt.beta_1 = 0.5`` (Keras') or a misspelling would
+    only make an attribute no step reads: refused, naming the hyperparameter meant; the
+    optimizer's own attributes are set as before, and a name of a subclass's own (a cache)
+    is its business."""
+    import mithril.utils.optimizers as catalog
+
+    opt = Adam(1e-2)
+    before = dict(vars(opt))
+    for name, meant in [("lr", "learning_rate"), ("beta_1", "beta1"),
+                        ("betas", "beta1 and beta2"), ("epsiln", "epsilon"),
+                        ("weight_decy", "weight_decay")]:
+        with pytest.raises(AttributeError, match=f"Adam has no hyperparameter '{name}': "
+                                                 f"setting it would change no step "
+                                                 rf"\(did you mean {meant}"):
+            setattr(opt, name, 0.5)
+    assert vars(opt) == before
+    opt.my_cache = {}  # (not meant for a hyperparameter)
+    del opt.my_cache
+    opt.beta1 = 0.5
+    assert opt.beta1 == 0.5
+    with pytest.raises(AttributeError, match="Lookahead has no hyperparameter 'lr'"):
+        catalog.Lookahead(Adam()).lr = 0.1
+    for name in catalog.__all__:  # every optimizer takes its own attributes back
+        cls = getattr(catalog, name)
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer:
+            continue
+        opt = catalog.Lookahead(Adam()) if cls is catalog.Lookahead else cls()
+        for k, v in opt.hyperparameters().items():
+            if k not in ("fallback", "inner", "learning_rate"):
+                setattr(opt, k, v)

@@ -89,6 +89,24 @@ def _bind_backend(method: Callable) -> Callable:
 ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
 
 
+#: other libraries' names of hyperparameters (torch's, Keras')
+_OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_2": "beta2",
+                "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
+                "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay"}
+
+
+def _meant(opt: Any, name: str) -> str:
+    """The hyperparameter(s) of ``opt`` a new attribute ``name`` looks meant for (another
+    library's name, or a near spelling); "" for a name of its own (a subclass's cache)."""
+    import difflib
+
+    known = sorted({"learning_rate", *opt.flat_hyperparameters()})  # (a Lookahead's inner's)
+    other = _OTHER_NAMES.get(name, "")
+    if other and all(k in known for k in other.split(" and ")):
+        return other
+    return " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8))
+
+
 def _constructor(init: Callable) -> Callable:
     """``init`` accepting ``lr=`` / ``eps=`` for ``learning_rate`` / ``epsilon`` where it
     takes those (the signature shown stays ours), and checking the parameter groups once
@@ -246,6 +264,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "learning_rate" and "_lr_follows" in self.__dict__:
             raise ValueError(self._lr_follows)  # (a Muon's fallback: Muon sets it)
+        if "_made" in self.__dict__ and name[0] != "_" and name not in self.__dict__ \
+                and not hasattr(type(self), name) and (meant := _meant(self, name)):
+            raise AttributeError(f"{type(self).__name__} has no hyperparameter {name!r}: "
+                                 f"setting it would change no step (did you mean {meant}?)")
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
         if name[0] != "_" and name != "learning_rate" and differs(

@@ -325,6 +325,8 @@ class GroupsMixin:
             self._holder(name).__dict__[name] = value
 
     def _finish_groups(self) -> None:
+        # (the outermost constructor is done: a new public attribute is a typo from now on)
+        self.__dict__["_made"] = True
         raw = self.__dict__.pop("_raw_groups", None)
         if raw is None:
             return
