@@ -76,6 +76,27 @@ def test_loss_scaler_load_state_dict_refuses_bad_fields(key, value, err, msg):
     assert s.scale == 1024.0 and s.growth_tracker == 0
 
 
+@pytest.mark.parametrize("key, value, err, msg", [
+    (k, v, e, m) for k, v, e, m in SCALER_BAD if k != "scale"], ids=big_id)
+def test_loss_scaler_attribute_set_is_checked_as_the_constructor_checks(key, value, err, msg):
+    """``scaler.growth_factor = x`` is checked (a bad value changes nothing, so the scaler
+    never holds a state ``load_state_dict`` would refuse); torch's ``update(new_scale)`` is
+    refused (our ``update`` takes whether the step found an inf)."""
+    s = LossScaler(1024.0, growth_interval=3)
+    s.update(False)  # tracker 1
+    before = scaler_bits(s)
+    with pytest.raises(err, match=msg) as info:
+        setattr(s, key, value)
+    assert key in str(info.value) and scaler_bits(s) == before
+    with pytest.raises(TypeError, match="found_inf must be a bool .*got 2048.0"):
+        s.update(2048.0)
+    assert scaler_bits(s) == before
+    s.growth_interval = 2  # a good value takes effect at once: the next finite step grows
+    s.update(np.bool_(False))
+    assert s.scale == 2048.0 and s.growth_tracker == 0
+    LossScaler().load_state_dict(s.state_dict())
+
+
 @pytest.mark.parametrize("key", ["scale", "growth_factor", "backoff_factor", "growth_interval",
                                  "growth_tracker"])
 def test_loss_scaler_load_state_dict_missing_key_changes_nothing(key):

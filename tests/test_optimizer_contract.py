@@ -517,8 +517,9 @@ def test_learning_rate_accessors_and_repr():
 
 
 def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
-    """``opt.lr = 0.1`` (torch's name), ``opt.beta_1 = 0.5`` (Keras') or a misspelling would
-    only make an attribute no step reads: refused, naming the hyperparameter meant; the
+    """``opt.lr = 0.1`` (torch's name), ``opt.beta_1 = 0.5`` (Keras'), a misspelling or
+    another optimizer's hyperparameter (``Adam().momentum``) would only make an attribute no
+    step reads: refused, naming the hyperparameter meant (or who takes it); the
     optimizer's own attributes are set as before, and a name of a subclass's own (a cache)
     is its business."""
     import mithril.utils.optimizers as catalog
@@ -532,6 +533,11 @@ def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
                                                  f"setting it would change no step "
                                                  rf"\(did you mean {meant}"):
             setattr(opt, name, 0.5)
+    for name, owners in [("momentum", "LARS, Muon, RMSProp, SGD take it"),
+                         ("nesterov", "ADOPT, AdaBelief, LARS, Muon and 1 more take it")]:
+        with pytest.raises(AttributeError, match=f"Adam has no hyperparameter '{name}': .*"
+                                                 f"{owners}; Adam's are in its"):
+            setattr(opt, name, 0.9)  # (another optimizer's: SGD's momentum)
     assert vars(opt) == before
     opt.my_cache = {}  # (not meant for a hyperparameter)
     del opt.my_cache

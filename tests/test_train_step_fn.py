@@ -276,7 +276,16 @@ def test_bad_loss_and_optimizer() -> None:
         make_train_step(compiled, Adam(), loss="logits")
     with pytest.raises(TypeError, match="mithril optimizer"):
         make_train_step(compiled, object(), loss="loss")
-    assert isinstance(make_train_step(compiled, Adam(), loss="loss"), TrainStep)
+    step = make_train_step(compiled, Adam(), loss="loss")
+    assert isinstance(step, TrainStep)
+    # what the step's program and cotangents were made from cannot change under it
+    for name, value in [("loss", "final_cost"), ("optimizer", Adam()), ("grad_norm", True),
+                        ("compiled", compiled)]:
+        before = getattr(step, name)
+        with pytest.raises(AttributeError, match=f"TrainStep.{name} is fixed when the step is "
+                                                 f"made .*make_train_step"):
+            setattr(step, name, value)
+        assert getattr(step, name) is before
 
 
 def test_bad_data_is_refused_as_evaluate_refuses_it() -> None:

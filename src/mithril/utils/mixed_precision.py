@@ -83,7 +83,8 @@ class LossScaler:
     The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
     > 0 that stays finite and > 0 in float32, ``growth_factor`` a finite number > 1,
     ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool
-    and the growth tracker an integer in ``[0, growth_interval)``. A bad value raises
+    and the growth tracker an integer in ``[0, growth_interval)``; so does setting a field
+    by attribute (``scaler.growth_interval = 500``). A bad value raises
     ``TypeError`` (not a number / not an integer / not a bool) or ``ValueError`` (out of range,
     too large), naming it, and changes nothing.
     """
@@ -91,11 +92,10 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  dynamic: bool = True) -> None:
-        (self._scale, self.growth_factor, self.backoff_factor, self.growth_interval,
-         self.dynamic, self.growth_tracker) = self._checked(
+        self._set(self._checked(
             init_scale, growth_factor, backoff_factor, growth_interval, dynamic, 0,
             names=("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
-                   "dynamic_loss_scaling", "growth_tracker"))
+                   "dynamic_loss_scaling", "growth_tracker")))
 
     @staticmethod
     def _checked(scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
@@ -126,21 +126,40 @@ class LossScaler:
         """The current loss scale."""
         return float(self._scale)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A field set by attribute (``scaler.growth_factor = 4.0``) is checked as the
+        constructor checks it (with the others as they are); a bad value changes nothing."""
+        if name in self._FIELDS and "_scale" in self.__dict__:
+            fields = [self.__dict__[k] for k in ("_scale", *self._FIELDS)]
+            fields[1 + self._FIELDS.index(name)] = value
+            self._set(self._checked(*fields, names=tuple(
+                f"LossScaler attribute '{k}'" for k in ("scale", *self._FIELDS))))
+            return
+        object.__setattr__(self, name, value)
+
+    _FIELDS = ("growth_factor", "backoff_factor", "growth_interval", "dynamic",
+               "growth_tracker")
+
     def update(self, found_inf: bool) -> None:
-        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN."""
+        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
+        bool; torch's ``update(new_scale)`` is :meth:`load_state_dict` here)."""
+        if not isinstance(found_inf, (bool, np.bool_)):
+            raise TypeError(f"LossScaler.update(found_inf): found_inf must be a bool (whether "
+                            f"the step's gradients had an inf/NaN), got {describe(found_inf)}")
         if not self.dynamic:
             return
+        d = self.__dict__  # (the fields stay valid: no checks needed)
         if found_inf:
-            self._scale = np.float32(float(self._scale) * self.backoff_factor)
-            self.growth_tracker = 0
+            d["_scale"] = np.float32(float(self._scale) * self.backoff_factor)
+            d["growth_tracker"] = 0
             return
-        self.growth_tracker += 1
+        d["growth_tracker"] += 1
         if self.growth_tracker == self.growth_interval:
             with np.errstate(over="ignore"):
                 new = np.float32(float(self._scale) * self.growth_factor)
             if np.isfinite(new):
-                self._scale = new
-            self.growth_tracker = 0
+                d["_scale"] = new
+            d["growth_tracker"] = 0
 
     def state_dict(self) -> dict[str, Any]:
         """GradScaler-style state: scale, factors, interval and growth tracker."""
@@ -169,8 +188,7 @@ class LossScaler:
         self._set(self._parse_state(d))
 
     def _set(self, fields: tuple[np.float32, float, float, int, bool, int]) -> None:
-        (self._scale, self.growth_factor, self.backoff_factor, self.growth_interval,
-         self.dynamic, self.growth_tracker) = fields
+        self.__dict__.update(zip(("_scale", *self._FIELDS), fields, strict=True))
 
     def __repr__(self) -> str:
         return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "

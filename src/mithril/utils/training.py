@@ -158,6 +158,18 @@ class TrainStep(HyperparameterWatch):
             import jax
 
             self._jax_array = jax.Array
+        self._made = True
+
+    #: what the step is made of: chosen once (its program, cotangents and state kind follow)
+    _FIXED = ("compiled", "optimizer", "loss", "backend", "grad_norm")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._FIXED and "_made" in self.__dict__:
+            raise AttributeError(f"TrainStep.{name} is fixed when the step is made (the "
+                                 f"step's program and state follow it): make a new step, "
+                                 f"make_train_step(compiled, optimizer, loss=..., "
+                                 f"grad_norm=...)")
+        object.__setattr__(self, name, value)
 
     # -- states ------------------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..optimizers.checks import MAX_INT, describe
+from . import attributes
 from . import lanes as lanes_mod
 
 __all__ = ["LRScheduler", "SupportsLearningRate"]
@@ -239,8 +240,10 @@ def _per_group_constructor(init: Callable) -> Callable:
                 self.__dict__["_depth"] = depth
                 if depth == 0:
                     del self.__dict__["_depth"]
-            return
-        _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
+        else:
+            _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
+        if depth == 0:  # from now on an attribute set is checked (see attributes.py)
+            self.__dict__["_made"] = True
 
     names = list(sig.parameters)
     first = names[1] if len(names) > 1 else "optimizer"  # the optimizer's argument
@@ -467,6 +470,18 @@ class LRScheduler:
                 pass
             raise
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        d = self.__dict__
+        if name[0] == "_" or "_made" not in d or "_inside" in d:
+            object.__setattr__(self, name, value)
+        else:
+            attributes.set_attribute(self, name, value)
+
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        """Set hyperparameter ``name`` of this lane, checked as the constructor checks it
+        (raising before anything is set)."""
+        self._configure(**{**{n: getattr(self, n) for n in self._HPARAMS}, name: value})
+
     def _advance(self, metric: float | None) -> None:
         """One step on behalf of a parent scheduler; ``metric`` is ignored unless needed."""
         self.step()
@@ -517,6 +532,16 @@ class LRScheduler:
             raise
 
     def _load(self, state: Mapping[str, Any]) -> None:
+        d = self.__dict__
+        inside = "_inside" in d
+        d["_inside"] = True  # (the values are checked here)
+        try:
+            self._load_checked(state)
+        finally:
+            if not inside:
+                del d["_inside"]
+
+    def _load_checked(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
         kind = state.get("type")

@@ -79,6 +79,7 @@ def detach(cls: type, arguments: Mapping[str, Any]) -> None:
     lane only, and the composite steps every lane."""
     for name in cls._LANE_CHILDREN:
         for c in children_of(arguments.get(name)):
+            c._lane_mates = c._siblings  # (an attribute set reaches them: attributes.py)
             c._siblings = []
 
 

@@ -72,6 +72,14 @@ class MomentumCycle:
                     raise type(e)(f"{type(self).__name__}: {name}={value}: {e}") from None
         self.base_momentum, self.max_momentum = base, top
 
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if name == "base_momentum":
+            self._set_momentum_bounds(value, self.max_momentum)
+        elif name == "max_momentum":
+            self._set_momentum_bounds(self.base_momentum, value)
+        else:
+            super()._set_hyperparameter(name, value)  # type: ignore[misc]
+
     def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
         if self._momentum is None:
             return []

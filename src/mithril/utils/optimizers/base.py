@@ -95,16 +95,38 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay"}
 
 
+@functools.cache
+def _catalog_takes() -> dict[str, tuple[str, ...]]:
+    """Each hyperparameter name some optimizer's constructor takes -> those optimizers."""
+    takes: dict[str, list[str]] = {}
+    todo = list(Optimizer.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("mithril."):
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    takes.setdefault(p.name, []).append(cls.__name__)
+    return {k: tuple(sorted(set(v))) for k, v in takes.items()}
+
+
 def _meant(opt: Any, name: str) -> str:
-    """The hyperparameter(s) of ``opt`` a new attribute ``name`` looks meant for (another
-    library's name, or a near spelling); "" for a name of its own (a subclass's cache)."""
+    """What a new attribute ``name`` of ``opt`` looks meant for: the hyperparameter(s) of
+    ``opt`` (another library's name, a near spelling), or one of another optimizer of the
+    catalog (``Adam().momentum``); "" for a name of its own (a subclass's cache)."""
     import difflib
 
     known = sorted({"learning_rate", *opt.flat_hyperparameters()})  # (a Lookahead's inner's)
     other = _OTHER_NAMES.get(name, "")
     if other and all(k in known for k in other.split(" and ")):
-        return other
-    return " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8))
+        return f"did you mean {other}?"
+    if near := " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8)):
+        return f"did you mean {near}?"
+    if owners := _catalog_takes().get(name):
+        more = f" and {len(owners) - 4} more" if len(owners) > 4 else ""
+        return (f"{', '.join(owners[:4])}{more} take it; {type(opt).__name__}'s are in "
+                f"its hyperparameters()")
+    return ""
 
 
 def _constructor(init: Callable) -> Callable:
@@ -267,7 +289,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if "_made" in self.__dict__ and name[0] != "_" and name not in self.__dict__ \
                 and not hasattr(type(self), name) and (meant := _meant(self, name)):
             raise AttributeError(f"{type(self).__name__} has no hyperparameter {name!r}: "
-                                 f"setting it would change no step (did you mean {meant}?)")
+                                 f"setting it would change no step ({meant})")
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
         if name[0] != "_" and name != "learning_rate" and differs(

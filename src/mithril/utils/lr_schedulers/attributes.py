@@ -1,0 +1,99 @@
+"""Setting a scheduler's attribute after construction (``sched.gamma = 0.5``).
+
+A hyperparameter (a name of the class's ``_HPARAMS``, the momentum bounds of a cycling
+scheduler) is checked as the constructor checks it and set on every lane of a scheduler
+acting per parameter group, all or nothing: a refused value changes nothing, and a scheduler
+never steps with a value its ``state_dict`` could not be loaded back with. A list sets one
+value per lane for the arguments the constructor takes per group (``OneCycleLR``'s
+``max_lr``). The schedule stays a closed form of the step: from the next :meth:`step` on,
+the rate is the formula's with the new value (torch's chainable schedulers instead apply
+it to the decays still to come).
+
+A new attribute that looks meant for one the scheduler has - torch's ``last_epoch`` or
+``base_lrs``, a misspelling - is refused, naming it: it would change no step. Any other new
+name (a user's own tag) is set as usual.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from ..optimizers.checks import describe
+
+#: torch's names of what ours call otherwise
+OTHER_NAMES = {"last_epoch": "last_step", "base_lrs": "base_lr", "max_lrs": "max_lr"}
+
+#: set once, at construction (the handle they choose is built then)
+FIXED = ("cycle_momentum",)
+
+
+def lanes_of(sched: Any) -> list[Any]:
+    """``sched`` and the schedulers stepping the other parameter groups with it: its own
+    group lanes, or, for the child of a composite acting per group, the children of the
+    composite's other lanes."""
+    d = sched.__dict__
+    return [sched, *(d.get("_siblings") or d.get("_lane_mates", ()))]
+
+
+def settable(sched: Any) -> tuple[str, ...]:
+    """The attributes set through :func:`set_hyperparameter`."""
+    extra = ("base_momentum", "max_momentum") if hasattr(sched, "_set_momentum_bounds") else ()
+    return (*sched._HPARAMS, *extra)
+
+
+def meant(sched: Any, name: str) -> str:
+    """What a new attribute ``name`` looks meant for; "" for a name of the user's own."""
+    known = sorted({*settable(sched), "base_lr", "last_step"})
+    other = OTHER_NAMES.get(name)
+    return other or " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8))
+
+
+def set_attribute(sched: Any, name: str, value: Any) -> None:
+    """``setattr(sched, name, value)`` as this module's docstring says."""
+    owner = type(sched).__name__
+    if name in FIXED and name in sched.__dict__:
+        raise AttributeError(f"{owner}.{name} is fixed at construction: build a new {owner} "
+                             f"(with {name}={value!r}) to change it")
+    if name in settable(sched):
+        set_hyperparameter(sched, name, value)
+        return
+    if name == "base_lr":  # (each lane's own: its group's starting value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                math.isfinite(value) and value >= 0):
+            raise ValueError(f"{owner}.base_lr must be a finite real number >= 0, got "
+                             f"{describe(value)}")
+        value = float(value)
+    elif name not in sched.__dict__ and not hasattr(type(sched), name) and (
+            m := meant(sched, name)):
+        raise AttributeError(f"{owner} has no attribute {name!r}: setting it would change "
+                             f"no step (did you mean {m}?)")
+    object.__setattr__(sched, name, value)
+
+
+def set_hyperparameter(sched: Any, name: str, value: Any) -> None:
+    """Check ``value`` and set ``name`` on every lane of ``sched``, all or nothing."""
+    lanes = lanes_of(sched)
+    values = [value] * len(lanes)
+    if (len(lanes) > 1 and name in sched._GROUP_ARGS and isinstance(value, Sequence)
+            and not isinstance(value, (str, bytes))):
+        if len(value) != len(lanes):
+            raise ValueError(f"{type(sched).__name__}.{name}: {len(value)} values given; it "
+                             f"takes one, or one per parameter group ({len(lanes)} here: the "
+                             f"optimizer's own parameters first)")
+        values = list(value)
+    backups = [lane.state_dict() for lane in lanes]
+    try:
+        for lane, v in zip(lanes, values, strict=True):
+            lane.__dict__["_inside"] = True  # (its own checks set the attributes)
+            try:
+                lane._set_hyperparameter(name, v)
+            finally:
+                del lane.__dict__["_inside"]
+    except Exception:
+        for lane, b in zip(lanes, backups, strict=True):
+            lane._load(b)
+        raise
