@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from mithril.errors import DTypeError, KeyMismatchError, ShapeError
 from mithril.utils.accumulation import Accumulate, GradientAccumulator
-from mithril.utils.optimizers import SGD
+from mithril.utils.optimizers import SGD, Adam
 
 KINDS = ["numpy", "torch", "jax"]
 SHAPES = {"a": (3, 4), "b": (4,), "c": (2, 1)}
@@ -193,7 +193,26 @@ def test_accumulate_k_errors(k, err, msg):
     with pytest.raises(err, match=msg) as info:
         Accumulate(SGD(), k)
     assert str(info.value).startswith("k ")
-    assert Accumulate(SGD(), np.int64(3)).k == 3
+    acc = Accumulate(SGD(), np.int64(3))
+    assert acc.k == 3
+    with pytest.raises(err, match=msg):  # set later: the same check, nothing changed
+        acc.k = k
+    assert acc.k == 3
+
+
+def test_accumulate_attributes_reach_the_wrapped_optimizer_or_are_refused():
+    """``acc.learning_rate = x`` sets the wrapped optimizer's (as ``set_learning_rate``);
+    one of its hyperparameters set on the wrapper would change no step: refused."""
+    acc = Accumulate(Adam(learning_rate=0.1), 2)
+    acc.learning_rate = 0.05
+    assert acc.optimizer.learning_rate == 0.05
+    for name in ("beta1", "weight_decay", "lr"):
+        with pytest.raises(AttributeError, match=f"Accumulate has no attribute '{name}': "
+                                                 f"setting it would change no step; it is "
+                                                 f"the wrapped Adam's"):
+            setattr(acc, name, 0.5)
+        assert name not in vars(acc)
+    acc.note = "mine"  # (a name of the user's own)
 
 
 class Flaky:

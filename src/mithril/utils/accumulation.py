@@ -315,8 +315,25 @@ class Accumulate:
     """
 
     def __init__(self, optimizer: Any, k: int) -> None:
-        self.k = check_int("k", k, minimum=1)
+        self.k = k
         self.optimizer = optimizer
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``k`` is checked whenever it is set (from the next call on, a step every ``k``);
+        a wrapped optimizer's hyperparameter set on the wrapper (``acc.beta1 = 0.5``) would
+        change no step: refused, naming where it goes."""
+        if name == "k":
+            value = check_int("k", value, minimum=1)
+        elif "optimizer" in self.__dict__ and name not in self.__dict__ and \
+                not hasattr(type(self), name):
+            inner = self.optimizer
+            hp = getattr(inner, "hyperparameters", None)
+            if name == "lr" or (callable(hp) and name in hp()):
+                raise AttributeError(
+                    f"Accumulate has no attribute {name!r}: setting it would change no step; "
+                    f"it is the wrapped {type(inner).__name__}'s (acc.optimizer.{name} = ...; "
+                    f"the learning rate: acc.set_learning_rate(lr))")
+        object.__setattr__(self, name, value)
 
     def init(self, params: Mapping[str, Any]) -> AccumulateState:
         return AccumulateState(self.optimizer.init(params))
@@ -353,6 +370,10 @@ class Accumulate:
     @property
     def learning_rate(self) -> float:
         return self.optimizer.get_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
 
     def __repr__(self) -> str:
         return f"Accumulate({self.optimizer!r}, k={self.k})"
