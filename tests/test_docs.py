@@ -64,13 +64,17 @@ COMMANDS = [(w, c) for w, code in SHELL for c in command_lines(code)]
 @pytest.mark.parametrize("where, line", COMMANDS, ids=[f"{w} {c[:60]}" for w, c in COMMANDS])
 def test_shown_command_lines_are_valid(where, line, tmp_path, monkeypatch, capsys):
     """Each command shown is accepted: train/compare check every setting with --dry-run
-    (nothing is trained), plot-schedule runs for real into a temporary folder."""
+    (nothing is trained), plot-schedule runs for real into a temporary folder, and so does
+    cache (on a cache folder of its own)."""
     from mithril.cli import main
 
     argv = shlex.split(line, comments=True)
     argv = argv[3:] if argv[0] == "python" else argv[1:]
     monkeypatch.chdir(tmp_path)
-    argv += ["--out", "out.png"] if argv[0] == "plot-schedule" else ["--dry-run"]
+    if argv[0] == "cache":
+        monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path / "cache"))
+    else:
+        argv += ["--out", "out.png"] if argv[0] == "plot-schedule" else ["--dry-run"]
     try:
         assert main(argv) == 0
     except SystemExit as e:  # pragma: no cover - shows which line is wrong
@@ -79,7 +83,7 @@ def test_shown_command_lines_are_valid(where, line, tmp_path, monkeypatch, capsy
 
 def test_every_command_has_a_page_and_examples():
     commands = {line.split()[1] for _, line in COMMANDS if line.startswith("mithril ")}
-    assert {"train", "compare", "plot-schedule"} <= commands
+    assert {"train", "compare", "plot-schedule", "cache"} <= commands
 
 
 GUIDE_SECTIONS = ["Overview", "Basic Optimization", "Using Optimizer Classes",

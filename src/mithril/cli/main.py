@@ -1,4 +1,5 @@
-"""The ``mithril`` command: ``train``, ``predict``, ``compare`` and ``plot-schedule``.
+"""The ``mithril`` command: ``train``, ``predict``, ``compare``, ``plot-schedule`` and
+``cache``.
 
 Errors in what the user typed (unknown names, bad hyperparameters, unwritable paths) end
 with an argparse-style ``mithril CMD: error: ...`` line and exit status 2, never a traceback.
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import compare, predict, schedule, train
+from . import cache, compare, predict, schedule, train
 from .errors import CLIError
 
 
@@ -23,11 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mithril",
         description="Train models (digits MLP and CNN, your own table, a character model), "
-                    "predict with them, compare Mithril's optimizers, and draw "
-                    "learning-rate schedules. `mithril COMMAND --help` describes each command.")
+                    "predict with them, compare Mithril's optimizers, draw learning-rate "
+                    "schedules, and show or clear the kernel caches. `mithril COMMAND --help` "
+                    "describes each command.")
     parser.add_argument("--version", action="version", version=f"mithril {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, predict, compare, schedule):
+    for module in (train, predict, compare, schedule, cache):
         p = module.add_parser(sub)
         p.set_defaults(parser=p)
     return parser
@@ -43,6 +45,8 @@ def needed_modules(args: argparse.Namespace) -> dict[str, str]:
     what the run would need (it checks that the run can start)."""
     if args.command == "plot-schedule":
         return {"matplotlib": "the figure"}
+    if args.command == "cache":
+        return {}
     needs = {}
     if args.backend in ("jax", "torch"):  # first: other imports may look for it
         needs[args.backend] = f"--backend {args.backend}"

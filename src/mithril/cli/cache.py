@@ -1,0 +1,64 @@
+"""``mithril cache``: what Mithril's disk caches hold, and clearing them
+(:mod:`mithril.utils.cache`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..utils import cache
+from .errors import CLIError
+
+DESCRIPTION = """\
+Mithril compiles its kernels once per machine and keeps them in a cache folder
+($MITHRIL_CACHE_DIR, else the user cache folder): `kernels` (numba's), and `jax` (JAX's
+compilation cache of the programs Mithril jits, kept at most 1 GiB). A kernel whose math,
+numba version or CPU changed gets a new entry, so old entries pile up; clearing removes
+them all, and the next run compiles what it needs again (a few seconds).
+"""
+
+EXAMPLES = """\
+examples:
+  mithril cache                 where the caches are, and what they hold
+  mithril cache clear           remove every entry of both
+  mithril cache clear --jax     only JAX's programs
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("cache", help="show or clear the kernel and JAX compilation caches",
+                       description=DESCRIPTION, epilog=EXAMPLES,
+                       usage="mithril cache [info | clear [--kernels] [--jax]]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="?", choices=("info", "clear"), default="info",
+                   help="info (the default): folders, files and sizes; clear: remove entries")
+    p.add_argument("--kernels", action="store_true", help="clear: only the kernel cache")
+    p.add_argument("--jax", action="store_true", help="clear: only JAX's compilation cache")
+    p.set_defaults(func=run)
+    return p
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "info":
+        if args.kernels or args.jax:
+            raise CLIError("--kernels and --jax choose what `mithril cache clear` removes")
+        for kind, u in cache.usage().items():
+            print(f"{kind:8s} {u['folder']}: {u['files']} files, {_size(int(u['bytes']))}")
+        return 0
+    kinds = tuple(k for k, on in (("kernels", args.kernels), ("jax", args.jax)) if on) or (
+        "kernels", "jax")
+    try:
+        removed = cache.clear(kinds)
+    except OSError as e:
+        raise CLIError(str(e)) from None
+    for kind, n in removed.items():
+        print(f"{kind:8s} {n} files removed")
+    return 0
