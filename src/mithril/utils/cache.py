@@ -42,9 +42,9 @@ def _entries(folder: Path, kind: str) -> list[Path]:
             out += [p for p in pyc.iterdir() if p.is_file() and p.suffix in (
                 ".nbi", ".nbc", ".pyc")]
         return out
-    # JAX's: <program>-<hash>-cache, its -atime companion, its eviction lock
-    return [p for p in folder.iterdir() if p.is_file() and (
-        p.name.endswith(("-cache", "-atime")) or p.name == ".lockfile")]
+    # JAX's: <program>-<hash>-cache and its -atime companion (not the eviction's lock file,
+    # which another process may hold)
+    return [p for p in folder.iterdir() if p.is_file() and p.name.endswith(("-cache", "-atime"))]
 
 
 def usage() -> dict[str, dict[str, int | str]]:
