@@ -15,6 +15,7 @@ from scheduler_parity import FakeOpt
 import mithril.utils.optimizers as mo
 from mithril.utils.lr_schedulers import (
     CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
     CyclicLR,
     ExponentialLR,
     LinearWarmupScheduler,
@@ -35,6 +36,7 @@ CASES: list[tuple[Callable[[FakeOpt], LRScheduler], str, object, object]] = [
     (lambda o: CosineAnnealingLR(o, 40, 1e-3), "T_max", 25, 0),
     (lambda o: CosineAnnealingLR(o, 40, 1e-3), "eta_min", 1e-2, -1.0),
     (lambda o: CosineAnnealingLR(o, 40), "T_mult", 1, 2),  # (2 needs warm restarts)
+    (lambda o: CosineAnnealingWarmRestarts(o, 10, 2), "T_0", 4, 2.5),  # (T_max: torch's name)
     (lambda o: OneCycleLR(o, 1.0, 100), "max_lr", 0.5, 0.0),
     (lambda o: OneCycleLR(o, 1.0, 100), "total_steps", 60, 3),  # (an empty phase)
     (lambda o: OneCycleLR(o, 1.0, 100), "pct_start", 0.5, 1.5),
@@ -74,9 +76,9 @@ def test_a_set_value_is_checked_and_used_from_the_next_step(case: int) -> None:
     setattr(ref, name, good)
     ref.load_state_dict(sched.state_dict())
     assert steps(sched, opt, 30) == steps(ref, ref_opt, 30)
-    state = sched.state_dict()
-    make(FakeOpt(0.1)).load_state_dict(state)  # (a checkpoint of it loads)
-    assert state[name] == good
+    loaded = make(FakeOpt(0.1))
+    loaded.load_state_dict(sched.state_dict())  # (a checkpoint of it loads)
+    assert getattr(loaded, name) == good
 
 
 def test_closed_form_after_a_change_equals_a_scheduler_built_with_it() -> None:

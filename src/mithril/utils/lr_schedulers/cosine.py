@@ -147,5 +147,9 @@ class CosineAnnealingWarmRestarts(CosineAnnealingLR):
 
     @property
     def T_0(self) -> int:
-        """Length of the first cycle (alias of ``T_max``)."""
+        """Length of the first cycle (alias of ``T_max``; setting it sets that)."""
         return int(self.T_max)
+
+    @T_0.setter
+    def T_0(self, value: int) -> None:
+        self.T_max = value
