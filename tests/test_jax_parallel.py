@@ -107,6 +107,11 @@ def test_one_device_in_process_equals_plain_step() -> None:
         got[which] = {n: np.asarray(v) for n, v in params.items()}
         back = step.to_optimizer_state(state, params)
         assert back.step == 3
+        if which == "sharded":  # its mesh and layout are fixed: the program follows them
+            with pytest.raises(AttributeError, match="ShardedTrainStep.shard_state is fixed .*"
+                                                     "make_sharded_train_step"):
+                step.shard_state = False
+            assert step.shard_state is True
     for n in got["plain"]:
         np.testing.assert_allclose(got["sharded"][n], got["plain"][n], rtol=1e-6, atol=1e-7)
 

@@ -158,6 +158,7 @@ class ShardedTrainStep(TrainStep):
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         super().__init__(compiled, optimizer, loss)
+        del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
@@ -175,6 +176,10 @@ class ShardedTrainStep(TrainStep):
         self._data_keys: tuple[str, ...] = ()
         self._tx = None
         self._transformation()  # refuses what cannot be one program (LBFGS, 'raise') now
+        self._made = True
+
+    _FIXED = (*TrainStep._FIXED, "mesh", "num_devices", "shard_state")
+    _MAKER = "make_sharded_train_step(compiled, optimizer, loss=..., devices=..., shard_state=...)"
 
     # -- the state layout ----------------------------------------------------------------
     def _pack(self, st: Any) -> Any:

@@ -162,13 +162,13 @@ class TrainStep(HyperparameterWatch):
 
     #: what the step is made of: chosen once (its program, cotangents and state kind follow)
     _FIXED = ("compiled", "optimizer", "loss", "backend", "grad_norm")
+    _MAKER = "make_train_step(compiled, optimizer, loss=..., grad_norm=...)"
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._FIXED and "_made" in self.__dict__:
-            raise AttributeError(f"TrainStep.{name} is fixed when the step is made (the "
-                                 f"step's program and state follow it): make a new step, "
-                                 f"make_train_step(compiled, optimizer, loss=..., "
-                                 f"grad_norm=...)")
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed when the step is made "
+                                 f"(the step's program and state follow it): make a new step, "
+                                 f"{self._MAKER}")
         object.__setattr__(self, name, value)
 
     # -- states ------------------------------------------------------------------------
