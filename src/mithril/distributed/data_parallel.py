@@ -224,6 +224,14 @@ class DataParallel:
                 f"{list(optimizer.state_values)} computed over all parameters; use "
                 f"shard_state=False")
         self.optimizer, self.shard_state = optimizer, shard_state
+        self._made = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # (the checks above and every state init made hold for these two only)
+        if name in ("optimizer", "shard_state") and "_made" in self.__dict__:
+            raise AttributeError(f"DataParallel.{name} is fixed when it is made: make a new "
+                                 f"DataParallel(optimizer, shard_state=...)")
+        object.__setattr__(self, name, value)
 
     # -- init ------------------------------------------------------------------------------
     def init(self, params: Mapping[str, Any]) -> DistributedState:
