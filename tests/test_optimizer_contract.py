@@ -516,6 +516,37 @@ def test_learning_rate_accessors_and_repr():
     assert AdamW().weight_decay == 1e-2 and RMSProp().decay == 0.9 and AdaGrad().epsilon == 1e-8
 
 
+def test_a_flag_choice_or_integer_set_by_attribute_is_checked():
+    """``opt.nonfinite = "skipp"`` would step as "propagate" (a NaN applied, silently for
+    a typo): a value the constructor refuses is refused when set over a flag, a choice, an
+    integer or an unset value, naming it, and changes nothing. A number over a float stays
+    unchecked (torch's ``param_groups``), and a flag that changes the state's slots may
+    still be set before ``init`` (``init`` then makes them)."""
+    import mithril.utils.optimizers as catalog
+
+    cases = [(Adam(), "nonfinite", "skipp", ValueError), (SGD(0.1), "nesterov", "yes", TypeError),
+             (Adam(), "convention", "Optax", ValueError), (Adam(), "ema_every", 0, ValueError),
+             (Adam(), "clip_norm", -1.0, ValueError), (Adam(), "beta1", "0.9", TypeError),
+             (catalog.Lookahead(Adam()), "amsgrad", "no", TypeError),
+             (catalog.Muon(), "nesterov", 2, TypeError)]
+    for opt, name, bad, err in cases:
+        before = dict(vars(opt))
+        with pytest.raises(err, match=f"{name}={bad!r} refused: {name} must"):
+            setattr(opt, name, bad)
+        assert vars(opt) == before
+    opt = Adam(nonfinite="propagate")
+    opt.nonfinite = "skip"
+    opt.clip_norm = 1  # (as given: checked, not normalised)
+    opt.beta1 = 1.5  # (unchecked: a step reads it as it is, as torch's)
+    assert (opt.nonfinite, opt.clip_norm, opt.beta1) == ("skip", 1, 1.5)
+    opt = Adam()
+    opt.amsgrad = True  # before init: init makes the slot
+    assert "vmax" in opt.init({"w": np.zeros(2)}).slots
+    la = catalog.Lookahead(Adam())
+    la.reset_state = True  # (Lookahead's own flag: not the inner's to check)
+    assert la.reset_state is True
+
+
 def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
     """``opt.lr = 0.1`` (torch's name), ``opt.beta_1 = 0.5`` (Keras'), a misspelling or
     another optimizer's hyperparameter (``Adam().momentum``) would only make an attribute no

@@ -12,9 +12,9 @@ from .errors import CLIError
 DESCRIPTION = """\
 Mithril compiles its kernels once per machine and keeps them in a cache folder
 ($MITHRIL_CACHE_DIR, else the user cache folder): `kernels` (numba's), and `jax` (JAX's
-compilation cache of the programs Mithril jits, kept at most 1 GiB). A kernel whose math,
-numba version or CPU changed gets a new entry, so old entries pile up; clearing removes
-them all, and the next run compiles what it needs again (a few seconds).
+compilation cache of the programs Mithril jits). A kernel whose math, numba version or CPU
+changed gets a new entry, and so does a program of a new model shape, so old entries pile
+up; clearing removes them all, and the next run compiles what it needs again (seconds).
 """
 
 EXAMPLES = """\

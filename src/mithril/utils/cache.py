@@ -8,9 +8,11 @@ folder, e.g. ``~/.cache/mithril``):
   in ``__pycache__``. A kernel whose math, numba or CPU changed gets a new entry; old
   entries are never read again, and stay until cleared.
 * ``jax``: JAX's persistent compilation cache of the programs Mithril jits
-  (``make_train_step``'s, the jitted engine's), where the user configured none. JAX keeps
-  it at most :data:`JAX_CACHE_MAX_BYTES` (it evicts the least recently used programs
-  itself), unless the user set ``jax_compilation_cache_max_size``.
+  (``make_train_step``'s, the jitted engine's), where the user configured none. It is not
+  bounded, as JAX's default: JAX's own bound (``jax_compilation_cache_max_size``) evicts
+  by the access times it records, and fails to write anything into a folder that holds
+  entries written without it (``FileNotFoundError`` on their ``-atime`` files, JAX 0.10),
+  as any folder used before would.
 
 :func:`clear` removes only the files those two caches write (never anything else a shared
 folder may hold); a process running meanwhile compiles what it misses again. From the
@@ -19,16 +21,11 @@ command line: ``mithril cache`` (what they hold) and ``mithril cache clear``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .optimizers.engines.kernel_cache import cache_dir
 
-__all__ = ["JAX_CACHE_MAX_BYTES", "cache_dir", "clear", "usage"]
-
-#: the size JAX's compilation cache is kept at where Mithril configured it (1 GiB;
-#: ``MITHRIL_JAX_CACHE_MAX_BYTES`` overrides it, -1 for no limit)
-JAX_CACHE_MAX_BYTES = 1 << 30
+__all__ = ["cache_dir", "clear", "usage"]
 
 
 def _entries(folder: Path, kind: str) -> list[Path]:
@@ -42,8 +39,8 @@ def _entries(folder: Path, kind: str) -> list[Path]:
             out += [p for p in pyc.iterdir() if p.is_file() and p.suffix in (
                 ".nbi", ".nbc", ".pyc")]
         return out
-    # JAX's: <program>-<hash>-cache and its -atime companion (not the eviction's lock file,
-    # which another process may hold)
+    # JAX's: <program>-<hash>-cache and, where its eviction is on, the -atime companion (not
+    # the eviction's lock file, which another process may hold)
     return [p for p in folder.iterdir() if p.is_file() and p.name.endswith(("-cache", "-atime"))]
 
 
@@ -89,19 +86,3 @@ def clear(kinds: tuple[str, ...] = ("kernels", "jax")) -> dict[str, int]:
                       f"{', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}")
     return removed
 
-
-def jax_cache_max_bytes() -> int:
-    """The size limit :func:`~.optimizers.engines.kernel_cache.configure_jax` gives JAX's
-    cache: ``$MITHRIL_JAX_CACHE_MAX_BYTES`` if set (an integer, -1: none), else
-    :data:`JAX_CACHE_MAX_BYTES`."""
-    env = os.environ.get("MITHRIL_JAX_CACHE_MAX_BYTES", "").strip()
-    if not env:
-        return JAX_CACHE_MAX_BYTES
-    try:
-        value = int(env)
-    except ValueError:
-        raise ValueError(f"MITHRIL_JAX_CACHE_MAX_BYTES must be an integer (bytes; -1: no "
-                         f"limit), got {env!r}") from None
-    if value < -1:
-        raise ValueError(f"MITHRIL_JAX_CACHE_MAX_BYTES must be >= -1, got {value}")
-    return value

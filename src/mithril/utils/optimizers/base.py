@@ -286,10 +286,15 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "learning_rate" and "_lr_follows" in self.__dict__:
             raise ValueError(self._lr_follows)  # (a Muon's fallback: Muon sets it)
-        if "_made" in self.__dict__ and name[0] != "_" and name not in self.__dict__ \
-                and not hasattr(type(self), name) and (meant := _meant(self, name)):
-            raise AttributeError(f"{type(self).__name__} has no hyperparameter {name!r}: "
-                                 f"setting it would change no step ({meant})")
+        d = self.__dict__
+        if "_made" in d and name[0] != "_":
+            if name not in d:
+                if not hasattr(type(self), name) and (meant := _meant(self, name)):
+                    raise AttributeError(f"{type(self).__name__} has no hyperparameter "
+                                         f"{name!r}: setting it would change no step ({meant})")
+            elif (type(d[name]) is not float or isinstance(value, str)) \
+                    and name != "learning_rate":
+                self._check_attribute(name, value)
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
         if name[0] != "_" and name != "learning_rate" and differs(
@@ -297,6 +302,21 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             d = self.__dict__
             d["_hyper_version"] = d.get("_hyper_version", 0) + 1
         object.__setattr__(self, name, value)
+
+    def _check_attribute(self, name: str, value: Any) -> None:
+        """Refuse ``value`` set by attribute over a flag, a choice, an integer or an unset
+        value (``opt.nonfinite = "skipp"``) where the constructor would: such a typo would
+        otherwise pick a default's behaviour silently. The value is set as given (checked,
+        not normalised). A number set over a float stays unchecked, as torch's
+        ``param_groups`` are (a step reads it as it is), and so does the learning rate."""
+        try:
+            self._checked_hyperparameter(name, value, None, rule=False)
+        except (ValueError, TypeError):
+            try:  # (a name the constructor's check cannot take: a nested optimizer's own)
+                self._checked_hyperparameter(name, self.__dict__[name], None, rule=False)
+            except (ValueError, TypeError):
+                return
+            raise
 
     # -- learning rate ---------------------------------------------------------------
     def get_learning_rate(self, group: int | None = None) -> float:

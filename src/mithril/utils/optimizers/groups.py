@@ -430,10 +430,11 @@ class GroupsMixin:
             return getattr(self, name)
         return self._group(group).get(name, getattr(self, name))
 
-    def _checked_hyperparameter(self, name: str, value: Any, group: int | None) -> Any:
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None,
+                                rule: bool = True) -> Any:
         """``value`` as the constructor normalises it, for ``name`` of the optimizer or of
         ``param_groups[group]`` (``ValueError`` / ``TypeError`` naming both otherwise,
-        and for a value that would change the state slots or the kernel)."""
+        and, with ``rule``, for a value that would change the state slots or the kernel)."""
         where = type(self).__name__ + ("" if group is None else f" param_groups[{group}]")
         if name == "learning_rate":
             from .checks import check_positive
@@ -453,6 +454,8 @@ class GroupsMixin:
         except (ValueError, TypeError) as e:
             raise type(e)(f"{where}: {name}={value!r} refused: {e}") from None
         new = getattr(view, name)
+        if not rule:
+            return new
         probe = copy.copy(self)
         probe.assign({**over, name: new})
         if probe.rule() != self.rule():

@@ -234,12 +234,13 @@ class Lookahead(Optimizer):
                              f"differ per group (drive it with group=None)")
         super()._drivable(name, group)
 
-    def _checked_hyperparameter(self, name: str, value: Any, group: int | None) -> Any:
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None,
+                                rule: bool = True) -> Any:
         """Lookahead's own ``sync_period`` / ``slow_step_size`` checked as the constructor
         checks them (what a scheduler driving them sets); the inner's by the inner."""
         checks = {"sync_period": _check_sync_period, "slow_step_size": _check_slow_step_size}
         if name not in checks:
-            return self.inner._checked_hyperparameter(name, value, group)
+            return self.inner._checked_hyperparameter(name, value, group, rule)
         try:
             return checks[name](value)
         except (TypeError, ValueError) as e:

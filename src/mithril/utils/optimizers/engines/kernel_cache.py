@@ -537,10 +537,10 @@ def configure_jax() -> str | None:
     through ``JAX_COMPILATION_CACHE_DIR``), the folder can be written and
     ``MITHRIL_JAX_CACHE`` is not ``0``; then programs that took at least
     :data:`JAX_MIN_COMPILE_SECS` to compile are cached (JAX's default is 1 s), unless the
-    user set ``jax_persistent_cache_min_compile_time_secs`` themselves, and the folder is
-    kept at most :data:`mithril.utils.cache.JAX_CACHE_MAX_BYTES` (least recently used
-    programs evicted by JAX) unless the user set ``jax_compilation_cache_max_size``. Done
-    once per process."""
+    user set ``jax_persistent_cache_min_compile_time_secs`` themselves. The folder is not
+    bounded, as JAX's default (JAX's eviction, ``jax_compilation_cache_max_size``, fails to
+    write anything into a folder holding entries written without it); ``mithril cache
+    clear`` empties it. Done once per process."""
     if _jax_done:
         return None
     _jax_done.append(True)
@@ -560,26 +560,9 @@ def configure_jax() -> str | None:
         log.info("JAX's compilation cache is not configured: %s cannot be written (%s)", folder, e)
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    _bound_jax_cache(jax)
     if ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ
             and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_SECS)
     log.info("JAX's persistent compilation cache: %s", folder)
     return str(folder)
 
-
-def _bound_jax_cache(jax: Any) -> None:
-    """Keep the folder configure_jax set at most ``jax_cache_max_bytes()`` (JAX evicts the
-    least recently used programs), unless the user set a limit; JAX needs ``filelock``."""
-    from ...cache import jax_cache_max_bytes
-
-    limit = jax_cache_max_bytes()
-    if (limit == -1 or "JAX_COMPILATION_CACHE_MAX_SIZE" in os.environ
-            or jax.config.jax_compilation_cache_max_size != -1):
-        return
-    try:
-        import filelock  # noqa: F401 - JAX's eviction locks the folder with it
-    except ImportError:
-        log.info("JAX's compilation cache is not bounded: the filelock package is missing")
-        return
-    jax.config.update("jax_compilation_cache_max_size", limit)
