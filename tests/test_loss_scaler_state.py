@@ -165,6 +165,14 @@ def test_trainer_load_state_dict_checks_everything_before_writing(np_trainer_par
     assert ok and tr.loss_scale == 256.0 and tr.num_steps == 1
     tr.load_state_dict(good)
     assert tr.loss_scale == 32.0 and (tr.num_steps, tr.num_skipped_steps) == (5, 2)
+    # what the masters and the engine were made for cannot change under them
+    for name, value in [("model", compiled), ("optimizer", SGD()), ("compute_dtype", "float32")]:
+        with pytest.raises(AttributeError, match=f"MixedPrecisionTrainer.{name} is fixed"):
+            setattr(tr, name, value)
+    with pytest.raises(TypeError, match="scaler must be a LossScaler, got float"):
+        tr.scaler = 1024.0
+    tr.scaler = LossScaler(64.0)  # (a new scaler is read at the next step)
+    assert tr.loss_scale == 64.0
 
 
 def test_loss_gradient_errors_name_the_output(np_trainer_parts):

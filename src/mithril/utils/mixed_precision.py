@@ -290,6 +290,21 @@ class MixedPrecisionTrainer:
         #: the unscaled float32 gradients of the last backward pass (e.g. for monitoring)
         self.last_gradients: dict[str, Any] | None = None
         self._out_shapes: dict[str, tuple] = {}
+        self._made = True
+
+    #: what the masters, the engine and the state were made for
+    _FIXED = ("model", "optimizer", "compute_dtype", "master_dtype", "master_backend")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_made" in self.__dict__:
+            if name in self._FIXED:
+                raise AttributeError(f"MixedPrecisionTrainer.{name} is fixed when it is made "
+                                     f"(its master params, engine and optimizer state follow "
+                                     f"it): make a new MixedPrecisionTrainer")
+            if name == "scaler" and not isinstance(value, LossScaler):
+                raise TypeError(f"MixedPrecisionTrainer.scaler must be a LossScaler, got "
+                                f"{type(value).__name__}")
+        object.__setattr__(self, name, value)
 
     # -- conversions -----------------------------------------------------------------------
     def _to_master(self, params: Mapping[str, Any]) -> dict[str, Any]:
