@@ -565,4 +565,3 @@ def configure_jax() -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_SECS)
     log.info("JAX's persistent compilation cache: %s", folder)
     return str(folder)
-
