@@ -12,41 +12,29 @@ from collections.abc import Callable
 import pytest
 from scheduler_parity import FakeOpt
 
+import mithril.utils.lr_schedulers as sch
 import mithril.utils.optimizers as mo
-from mithril.utils.lr_schedulers import (
-    CosineAnnealingLR,
-    CosineAnnealingWarmRestarts,
-    CyclicLR,
-    ExponentialLR,
-    LinearWarmupScheduler,
-    LRScheduler,
-    MultiStepLR,
-    OneCycleLR,
-    ReduceLROnPlateau,
-    SequentialLR,
-    StepLR,
-)
 
 # (a scheduler, an attribute, a new value it takes, a value it refuses)
-CASES: list[tuple[Callable[[FakeOpt], LRScheduler], str, object, object]] = [
-    (lambda o: StepLR(o, 5, 0.5), "gamma", 0.8, -1.0),
-    (lambda o: StepLR(o, 5, 0.5), "step_size", 3, 0),
-    (lambda o: MultiStepLR(o, [10, 20], 0.5), "milestones", [4, 12], [12, 4]),
-    (lambda o: ExponentialLR(o, 0.9), "gamma", 0.95, math.nan),
-    (lambda o: CosineAnnealingLR(o, 40, 1e-3), "T_max", 25, 0),
-    (lambda o: CosineAnnealingLR(o, 40, 1e-3), "eta_min", 1e-2, -1.0),
-    (lambda o: CosineAnnealingLR(o, 40), "T_mult", 1, 2),  # (2 needs warm restarts)
-    (lambda o: CosineAnnealingWarmRestarts(o, 10, 2), "T_0", 4, 2.5),  # (T_max: torch's name)
-    (lambda o: OneCycleLR(o, 1.0, 100), "max_lr", 0.5, 0.0),
-    (lambda o: OneCycleLR(o, 1.0, 100), "total_steps", 60, 3),  # (an empty phase)
-    (lambda o: OneCycleLR(o, 1.0, 100), "pct_start", 0.5, 1.5),
-    (lambda o: LinearWarmupScheduler(o, 10, 0.0, 0.2), "end_lr", 0.1, math.inf),
-    (lambda o: ReduceLROnPlateau(o, patience=2), "factor", 0.5, 1.5),
-    (lambda o: CyclicLR(o, 0.01, 0.1, 4), "max_lr", 0.2, -0.1),
+CASES: list[tuple[Callable[[FakeOpt], sch.LRScheduler], str, object, object]] = [
+    (lambda o: sch.StepLR(o, 5, 0.5), "gamma", 0.8, -1.0),
+    (lambda o: sch.StepLR(o, 5, 0.5), "step_size", 3, 0),
+    (lambda o: sch.MultiStepLR(o, [10, 20], 0.5), "milestones", [4, 12], [12, 4]),
+    (lambda o: sch.ExponentialLR(o, 0.9), "gamma", 0.95, math.nan),
+    (lambda o: sch.CosineAnnealingLR(o, 40, 1e-3), "T_max", 25, 0),
+    (lambda o: sch.CosineAnnealingLR(o, 40, 1e-3), "eta_min", 1e-2, -1.0),
+    (lambda o: sch.CosineAnnealingLR(o, 40), "T_mult", 1, 2),  # (2 needs warm restarts)
+    (lambda o: sch.CosineAnnealingWarmRestarts(o, 10, 2), "T_0", 4, 2.5),  # (T_max: torch's name)
+    (lambda o: sch.OneCycleLR(o, 1.0, 100), "max_lr", 0.5, 0.0),
+    (lambda o: sch.OneCycleLR(o, 1.0, 100), "total_steps", 60, 3),  # (an empty phase)
+    (lambda o: sch.OneCycleLR(o, 1.0, 100), "pct_start", 0.5, 1.5),
+    (lambda o: sch.LinearWarmupScheduler(o, 10, 0.0, 0.2), "end_lr", 0.1, math.inf),
+    (lambda o: sch.ReduceLROnPlateau(o, patience=2), "factor", 0.5, 1.5),
+    (lambda o: sch.CyclicLR(o, 0.01, 0.1, 4), "max_lr", 0.2, -0.1),
 ]
 
 
-def steps(sched: LRScheduler, opt: FakeOpt, n: int) -> list[float]:
+def steps(sched: sch.LRScheduler, opt: FakeOpt, n: int) -> list[float]:
     out = []
     for i in range(n):
         if sched.requires_metric:
@@ -83,7 +71,7 @@ def test_a_set_value_is_checked_and_used_from_the_next_step(case: int) -> None:
 
 def test_closed_form_after_a_change_equals_a_scheduler_built_with_it() -> None:
     opt, fresh = FakeOpt(0.1), FakeOpt(0.1)
-    sched, built = StepLR(opt, 4, 0.5), StepLR(fresh, 4, 0.8)
+    sched, built = sch.StepLR(opt, 4, 0.5), sch.StepLR(fresh, 4, 0.8)
     steps(sched, opt, 9)
     steps(built, fresh, 9)
     sched.gamma = 0.8
@@ -92,11 +80,11 @@ def test_closed_form_after_a_change_equals_a_scheduler_built_with_it() -> None:
 
 def test_names_no_step_reads_are_refused_and_others_are_the_users() -> None:
     opt = FakeOpt(0.1)
-    sched = StepLR(opt, 5, 0.5)
+    sched = sch.StepLR(opt, 5, 0.5)
     before = dict(vars(sched))
     for name, meant in [("last_epoch", "last_step"), ("base_lrs", "base_lr"),
                         ("gama", "gamma"), ("step_sise", "step_size")]:
-        with pytest.raises(AttributeError, match=f"StepLR has no attribute '{name}': setting "
+        with pytest.raises(AttributeError, match=f"sch.StepLR has no attribute '{name}': setting "
                                                  f"it would change no step \\(did you mean "
                                                  f"{meant}"):
             setattr(sched, name, 3)
@@ -107,7 +95,7 @@ def test_names_no_step_reads_are_refused_and_others_are_the_users() -> None:
     sched.base_lr = 0.2  # (the closed form's base: steps from it)
     sched.step()
     assert opt.lr == 0.2
-    cyc = CyclicLR(mo.SGD(0.01, momentum=0.9), 0.01, 0.1, 4, cycle_momentum=True)
+    cyc = sch.CyclicLR(mo.SGD(0.01, momentum=0.9), 0.01, 0.1, 4, cycle_momentum=True)
     with pytest.raises(AttributeError, match="cycle_momentum is fixed at construction"):
         cyc.cycle_momentum = False
     with pytest.raises(ValueError, match="max_momentum"):
@@ -122,15 +110,15 @@ def grouped() -> mo.Adam:
 
 def test_every_lane_of_a_per_group_scheduler_takes_the_value() -> None:
     opt, ref_opt = grouped(), grouped()
-    sched = StepLR(opt, 1, 0.5, per_group=True)
-    ref = StepLR(ref_opt, 1, 0.1, per_group=True)
+    sched = sch.StepLR(opt, 1, 0.5, per_group=True)
+    ref = sch.StepLR(ref_opt, 1, 0.1, per_group=True)
     sched.gamma = 0.1
     for _ in range(3):
         sched.step()
         ref.step()
         assert sched.get_last_lrs() == ref.get_last_lrs()
     # a list: one value per lane, for the arguments torch takes per group
-    cyc = OneCycleLR(grouped(), [1.0, 0.4], 50)
+    cyc = sch.OneCycleLR(grouped(), [1.0, 0.4], 50)
     before = cyc.state_dict()
     with pytest.raises(ValueError, match="max_lr"):
         cyc.max_lr = [0.5, -1.0]  # (the second lane refuses: the first is put back)
@@ -139,7 +127,7 @@ def test_every_lane_of_a_per_group_scheduler_takes_the_value() -> None:
         cyc.max_lr = [0.5, 0.2, 0.1]
     assert cyc.state_dict() == before
     cyc.max_lr = [0.5, 0.2]  # (the optimizer's own lane, then the group's)
-    ref = OneCycleLR(grouped(), [0.5, 0.2], 50)
+    ref = sch.OneCycleLR(grouped(), [0.5, 0.2], 50)
     assert [cyc.max_lr, cyc._siblings[0].max_lr] == [0.5, 0.2]
     for _ in range(20):
         cyc.step()
@@ -150,9 +138,9 @@ def test_every_lane_of_a_per_group_scheduler_takes_the_value() -> None:
 def test_the_child_of_a_per_group_composite_reaches_its_lane_mates() -> None:
     opt, ref_opt = grouped(), grouped()
 
-    def composite(o: mo.Adam, gamma: float) -> tuple[SequentialLR, StepLR]:
-        child = StepLR(o, 1, gamma, per_group=True)
-        return SequentialLR(o, [child, ExponentialLR(o, 0.9, per_group=True)], [5]), child
+    def composite(o: mo.Adam, gamma: float) -> tuple[sch.SequentialLR, sch.StepLR]:
+        child = sch.StepLR(o, 1, gamma, per_group=True)
+        return sch.SequentialLR(o, [child, sch.ExponentialLR(o, 0.9, per_group=True)], [5]), child
 
     seq, child = composite(opt, 0.5)
     ref, _ = composite(ref_opt, 0.7)
