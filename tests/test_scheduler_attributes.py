@@ -84,7 +84,7 @@ def test_names_no_step_reads_are_refused_and_others_are_the_users() -> None:
     before = dict(vars(sched))
     for name, meant in [("last_epoch", "last_step"), ("base_lrs", "base_lr"),
                         ("gama", "gamma"), ("step_sise", "step_size")]:
-        with pytest.raises(AttributeError, match=f"sch.StepLR has no attribute '{name}': setting "
+        with pytest.raises(AttributeError, match=f"StepLR has no attribute '{name}': setting "
                                                  f"it would change no step \\(did you mean "
                                                  f"{meant}"):
             setattr(sched, name, 3)
