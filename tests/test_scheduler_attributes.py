@@ -98,6 +98,11 @@ def test_names_no_step_reads_are_refused_and_others_are_the_users() -> None:
     cyc = sch.CyclicLR(mo.SGD(0.01, momentum=0.9), 0.01, 0.1, 4, cycle_momentum=True)
     with pytest.raises(AttributeError, match="cycle_momentum is fixed at construction"):
         cyc.cycle_momentum = False
+    warm = sch.LinearWarmupScheduler(opt, 5, 0.0, 0.1, after_scheduler=sch.StepLR(opt, 2))
+    for name, value in [("optimizer", FakeOpt(0.2)), ("after_scheduler", sch.StepLR(opt, 3))]:
+        with pytest.raises(AttributeError, match=f"LinearWarmupScheduler.{name} is fixed at "
+                                                 f"construction: build a new"):
+            setattr(warm, name, value)
     with pytest.raises(ValueError, match="max_momentum"):
         cyc.max_momentum = 1.5  # (SGD refuses a momentum above 1)
     cyc.max_momentum = 0.97

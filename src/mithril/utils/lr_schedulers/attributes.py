@@ -10,8 +10,9 @@ the rate is the formula's with the new value (torch's chainable schedulers inste
 it to the decays still to come).
 
 A new attribute that looks meant for one the scheduler has - torch's ``last_epoch`` or
-``base_lrs``, a misspelling - is refused, naming it: it would change no step. Any other new
-name (a user's own tag) is set as usual.
+``base_lrs``, a misspelling - is refused, naming it: it would change no step. So is
+replacing what the scheduler was built on (:data:`FIXED`). Any other new name (a user's
+own tag) is set as usual.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from ..optimizers.checks import describe
 #: torch's names of what ours call otherwise
 OTHER_NAMES = {"last_epoch": "last_step", "base_lrs": "base_lr", "max_lrs": "max_lr"}
 
-#: set once, at construction (the handle they choose is built then)
-FIXED = ("cycle_momentum",)
+#: set once, at construction: what the scheduler drives (its lanes, its children's targets
+#: and its momentum handle were built for it) and the children it steps
+FIXED = ("optimizer", "cycle_momentum", "schedulers", "after_scheduler")
 
 
 def lanes_of(sched: Any) -> list[Any]:
