@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
+from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
 from . import process_group as pg
@@ -197,7 +198,7 @@ class DistributedState:
                 f"owned={len(self.owned)}/{len(self.names)} params)")
 
 
-class DataParallel:
+class DataParallel(FixedParts):
     """Data-parallel training with ``optimizer`` (any built-in :class:`Optimizer`)::
 
         dist.init()                                # torchrun's environment
@@ -226,12 +227,9 @@ class DataParallel:
         self.optimizer, self.shard_state = optimizer, shard_state
         self._made = True
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # (the checks above and every state init made hold for these two only)
-        if name in ("optimizer", "shard_state") and "_made" in self.__dict__:
-            raise AttributeError(f"DataParallel.{name} is fixed when it is made: make a new "
-                                 f"DataParallel(optimizer, shard_state=...)")
-        object.__setattr__(self, name, value)
+    #: the checks above and every state init made hold for these only
+    _FIXED = ("optimizer", "shard_state")
+    _MAKER = "DataParallel(optimizer, shard_state=...)"
 
     # -- init ------------------------------------------------------------------------------
     def init(self, params: Mapping[str, Any]) -> DistributedState:

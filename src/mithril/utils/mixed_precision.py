@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
+from .fixed_parts import FixedParts
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
 from .optimizers.checks import check_flag, check_int, describe, to_float
@@ -220,7 +221,7 @@ def _float_dtypes(state: Any, seen: set[int] | None = None) -> set[str]:
     return out
 
 
-class MixedPrecisionTrainer:
+class MixedPrecisionTrainer(FixedParts):
     """Train a half-precision compiled model with float32 master weights and loss scaling.
 
     Parameters
@@ -294,17 +295,13 @@ class MixedPrecisionTrainer:
 
     #: what the masters, the engine and the state were made for
     _FIXED = ("model", "optimizer", "compute_dtype", "master_dtype", "master_backend")
+    _MAKER = "MixedPrecisionTrainer(model, optimizer, params, ...)"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if "_made" in self.__dict__:
-            if name in self._FIXED:
-                raise AttributeError(f"MixedPrecisionTrainer.{name} is fixed when it is made "
-                                     f"(its master params, engine and optimizer state follow "
-                                     f"it): make a new MixedPrecisionTrainer")
-            if name == "scaler" and not isinstance(value, LossScaler):
-                raise TypeError(f"MixedPrecisionTrainer.scaler must be a LossScaler, got "
-                                f"{type(value).__name__}")
-        object.__setattr__(self, name, value)
+        if name == "scaler" and "_made" in self.__dict__ and not isinstance(value, LossScaler):
+            raise TypeError(f"MixedPrecisionTrainer.scaler must be a LossScaler, got "
+                            f"{type(value).__name__}")
+        super().__setattr__(name, value)
 
     # -- conversions -----------------------------------------------------------------------
     def _to_master(self, params: Mapping[str, Any]) -> dict[str, Any]:

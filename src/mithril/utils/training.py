@@ -78,6 +78,7 @@ import numpy as np
 
 from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
+from .fixed_parts import FixedParts
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 from .train_step_jax import (
@@ -105,7 +106,7 @@ def _loss_key(compiled: Any, loss: str) -> str:
     return loss
 
 
-class TrainStep(HyperparameterWatch):
+class TrainStep(FixedParts, HyperparameterWatch):
     """What :func:`make_train_step` returns; see the module docs.
 
     Attributes: ``optimizer``, ``compiled``, ``loss`` (the output key), ``fused`` (whether
@@ -163,13 +164,7 @@ class TrainStep(HyperparameterWatch):
     #: what the step is made of: chosen once (its program, cotangents and state kind follow)
     _FIXED = ("compiled", "optimizer", "loss", "backend", "grad_norm")
     _MAKER = "make_train_step(compiled, optimizer, loss=..., grad_norm=...)"
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._FIXED and "_made" in self.__dict__:
-            raise AttributeError(f"{type(self).__name__}.{name} is fixed when the step is made "
-                                 f"(the step's program and state follow it): make a new step, "
-                                 f"{self._MAKER}")
-        object.__setattr__(self, name, value)
+    _WHAT = "the step"
 
     # -- states ------------------------------------------------------------------------
     @property
