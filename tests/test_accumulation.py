@@ -131,6 +131,40 @@ def test_accumulator_on_jax_float32():
         np.testing.assert_allclose(v, whole[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_accumulate_0d_parameters_equals_optax_multisteps(kind):
+    """A 0-d parameter (a scalar gain, a temperature): the mean of its micro-batch gradients
+    stays an array of its backend (NumPy's arithmetic on 0-d arrays gives scalars), and
+    ``Accumulate`` steps as ``optax.MultiSteps`` does."""
+    import jax.numpy as jnp
+    import optax
+
+    backend = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float64" if kind != "jax" else "float32")
+    rng = np.random.default_rng(3)
+    p0 = {"s": np.array(1.5), "w": rng.standard_normal(3)}
+    gs = [{"s": np.array(rng.standard_normal()), "w": rng.standard_normal(3)} for _ in range(6)]
+    conv = {k: backend.array(v) for k, v in p0.items()}
+    acc = GradientAccumulator()
+    acc.add({k: backend.array(v) for k, v in gs[0].items()})
+    acc.add({k: backend.array(v) for k, v in gs[1].items()})
+    mean = acc.mean()["s"]
+    assert type(mean) is type(conv["s"]) and tuple(mean.shape) == ()
+    opt = Accumulate(SGD(learning_rate=0.1, momentum=0.9), k=2)
+    params, state = conv, opt.init(conv)
+    ref = optax.MultiSteps(optax.sgd(0.1, momentum=0.9), every_k_schedule=2)
+    rp = {k: jnp.asarray(v, jnp.float32) for k, v in p0.items()}
+    rs = ref.init(rp)
+    for g in gs:
+        params, state = opt.update(params, {k: backend.array(v) for k, v in g.items()}, state)
+        u, rs = ref.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, rs, rp)
+        rp = optax.apply_updates(rp, u)
+    assert state.step == 3
+    for k, v in np_tree(backend, params).items():
+        assert v.shape == p0[k].shape
+        np.testing.assert_allclose(v, np.asarray(rp[k]), rtol=2e-6, atol=1e-7)
+
+
 def test_accumulator_copies_inputs_and_checks_keys():
     g1 = {"w": np.ones(3), "b": np.ones(2)}
     acc = GradientAccumulator()

@@ -49,6 +49,7 @@ from mithril.utils.lr_schedulers import (
     SequentialLR,
     StepLR,
 )
+from mithril.utils.optimizers import SGD
 
 # --------------------------------------------------------------------------------------------
 # simple schedules vs torch
@@ -242,6 +243,10 @@ def test_one_cycle_matches_torch_exactly(
     # torch allows exactly total_steps calls to step() after construction
     ref = torch_lrs(lambda o: tl.OneCycleLR(o, max_lr, total_steps, **kw), 123.0, total_steps)
     ours = our_lrs(lambda o: OneCycleLR(o, max_lr, total_steps, **kw), 123.0, total_steps)
+    if anneal_strategy == "linear":  # step total_steps: torch extrapolates below min_lr
+        min_lr = max_lr / div_factor / final_div_factor
+        assert ref[-1] < min_lr and ours[-1] == pytest.approx(min_lr, rel=1e-9)
+        ours, ref = ours[:-1], ref[:-1]
     assert_exact(ours, ref)
     # t=0 is evaluated through the annealing formula (as in torch): initial_lr up to rounding
     assert ours[0] == pytest.approx(max_lr / div_factor, rel=1e-15)
@@ -250,6 +255,32 @@ def test_one_cycle_matches_torch_exactly(
     assert int(np.argmax(ours)) == math.floor(peak_step)
     if peak_step == int(peak_step):
         assert max(ours) == max_lr
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_one_cycle_linear_last_step_of_a_loop_keeps_a_valid_rate(three_phase: bool) -> None:
+    """torch's loop (``scheduler.step()`` after each of ``total_steps`` updates) with a real
+    optimizer: torch's last step extrapolates the linear phase to a negative rate (never
+    used); ours holds ``min_lr`` and ``max_momentum`` there, and every earlier rate and
+    momentum is torch's."""
+    total, max_lr = 100, 0.1
+    w = torch.zeros(1, requires_grad=True)
+    topt = torch.optim.SGD([w], lr=max_lr, momentum=0.9)
+    tsched = tl.OneCycleLR(topt, max_lr, total, anneal_strategy="linear", three_phase=three_phase)
+    opt = SGD(learning_rate=max_lr, momentum=0.9)
+    sched = OneCycleLR(opt, max_lr, total, anneal_strategy="linear", three_phase=three_phase,
+                       cycle_momentum=True)
+    for t in range(1, total + 1):
+        topt.step()
+        tsched.step()
+        sched.step()
+        if t < total:
+            assert opt.learning_rate == topt.param_groups[0]["lr"], t
+            assert opt.momentum == topt.param_groups[0]["momentum"], t
+    assert topt.param_groups[0]["lr"] < 0
+    assert opt.learning_rate == pytest.approx(max_lr / 25.0 / 1e4, rel=1e-9)
+    assert opt.momentum == pytest.approx(0.95, rel=1e-12)
+    assert sched.get_lr_at(total) == opt.learning_rate
 
 
 def test_one_cycle_stepping_past_total_steps_raises_like_torch() -> None:

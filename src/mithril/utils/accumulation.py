@@ -112,8 +112,8 @@ def _added(buf: Any, g: Any, w: float) -> Any:
         return torch.add(buf, g, alpha=w) if w != 1 else torch.add(buf, g)
     if mod == "jax":
         return buf + g * w if w != 1 else buf + g
-    with np.errstate(all="ignore"):
-        return buf + np.multiply(g, w, dtype=buf.dtype) if w != 1 else buf + g
+    with np.errstate(all="ignore"):  # (np.asarray: a 0-d array, not NumPy's scalar, for 0-d)
+        return np.asarray(buf + np.multiply(g, w, dtype=buf.dtype) if w != 1 else buf + g)
 
 
 def _scaled(x: Any, s: float) -> Any:
@@ -124,7 +124,7 @@ def _scaled(x: Any, s: float) -> Any:
     if mod == "torch":
         return x.detach() * s
     with np.errstate(all="ignore"):
-        return x * x.dtype.type(s)
+        return np.asarray(x * x.dtype.type(s))  # (a 0-d array stays an array)
 
 
 def _check_weight(weight: Any) -> float:

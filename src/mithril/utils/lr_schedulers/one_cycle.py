@@ -33,7 +33,11 @@ class OneCycleLR(MomentumCycle, LRScheduler):
     Inside a phase from step ``s`` to ``e`` with ``p = (t - s) / (e - s)``, the ``'cos'``
     strategy gives ``end + (start - end) / 2 * (cos(pi p) + 1)`` and ``'linear'`` gives
     ``(end - start) * p + start``. As in PyTorch, step ``total_steps`` is still allowed (it
-    extrapolates the last phase) and any later step raises :class:`ValueError`.
+    extrapolates the last phase) and any later step raises :class:`ValueError`. Unlike
+    PyTorch, ``'linear'`` holds the last phase's end value there (``min_lr``; the momentum
+    ``max_momentum``): its extrapolation passes ``min_lr``, to a negative rate with the
+    default ``final_div_factor``, which PyTorch sets (a loop that steps the scheduler after
+    each of its ``total_steps`` batches never uses it) and an optimizer here refuses.
 
     Like PyTorch, the optimizer is set to ``initial_lr`` at construction and ``base_lr`` is set
     to ``initial_lr`` (the optimizer's previous learning rate is irrelevant). Unlike PyTorch,
@@ -173,7 +177,8 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         if self.anneal_strategy == "cos":
             cos_out = math.cos(math.pi * pct) + 1
             return end + (start - end) / 2.0 * cos_out
-        return (end - start) * pct + start
+        # (past the end, pct > 1: held at the end, see the class doc)
+        return (end - start) * min(pct, 1.0) + start
 
     def _phase(self, t: int) -> tuple[int, float]:
         """The phase of step ``t`` and the fraction of it done (torch's arithmetic)."""
