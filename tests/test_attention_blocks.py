@@ -413,6 +413,39 @@ def test_small_char_model_backends_agree():
             np.testing.assert_allclose(v, ref_grads[k], rtol=1e-4, atol=1e-4 * scale, err_msg=f"{name} {k}")
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_three_wires_given_one_array_each_get_their_own_gradient(backend_name):
+    """Query, key and value as three trainable wires, called with one array object for all
+    three: each wire's gradient is its own part, as torch's with three leaves (the NumPy
+    VJP's fused self-attention path used to return the sum under 'query' and nothing for
+    'key' and 'value')."""
+    m = ml.Model()
+    m |= ml.MultiHeadAttention(H)(query="q", key="k", value="v", output="output")
+    backend = BACKENDS[backend_name](dtype="float64", seed=0)
+    c = ml.compile(m, backend, shapes={n: [2, 4, E] for n in "qkv"}, trainable_keys={"q", "k", "v"})
+    weights = {k: v for k, v in c.get_parameters().items() if k not in ("q", "k", "v")}
+    rng = np.random.default_rng(0)
+    x, g = rng.standard_normal((2, 4, E)), rng.standard_normal((2, 4, E))
+    xb = backend.array(x)
+    out, grads = c.evaluate({**weights, "q": xb, "k": xb, "v": xb}, {},
+                            output_gradients={"output": backend.array(g)})
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    w = {k.removeprefix("multi_head_attention."): torch.tensor(to_np(backend, v))
+         for k, v in weights.items()}
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(w["in_proj_weight"])
+        mha.in_proj_bias.copy_(w["in_proj_bias"])
+        mha.out_proj.weight.copy_(w["out_proj_weight"])
+        mha.out_proj.bias.copy_(w["out_proj_bias"])
+    leaves = [torch.tensor(x, requires_grad=True) for _ in range(3)]
+    y, _ = mha(*leaves, need_weights=False)
+    y.backward(torch.tensor(g))
+    np.testing.assert_allclose(to_np(backend, out["output"]), y.detach().numpy(), rtol=0, atol=TOL)
+    for name, leaf in zip("qkv", leaves, strict=True):
+        np.testing.assert_allclose(to_np(backend, grads[name]), leaf.grad.numpy(), rtol=0,
+                                   atol=TOL, err_msg=name)
+
+
 def test_causal_outputs_ignore_the_future():
     compiled = ml.compile(ml.TransformerBlock(E, H, 16, is_causal=True), NumpyBackend(dtype="float64"),
                           shapes={"input": [None, None, E]})

@@ -448,8 +448,11 @@ class MultiHeadAttention(Operator):
                 res["in_proj_weight"] = gflat.T @ query.reshape(-1, e)
             if "in_proj_bias" in wrt:
                 res["in_proj_bias"] = gflat.sum(axis=0)
-            if "query" in wrt:
-                res["query"] = gqkv @ w  # the one wire's whole cotangent
+            # one cotangent per key, even where the keys are one wire (the pass adds them):
+            # three wires may carry one array, and each must get its own part
+            for i, name in enumerate(("query", "key", "value")):
+                if name in wrt:
+                    res[name] = gqkv[..., i * e:(i + 1) * e] @ w[i * e:(i + 1) * e]
             return res
         grads = [self._merge(gh) for gh in heads]
         ins = (query, key, value)
