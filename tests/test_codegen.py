@@ -23,7 +23,7 @@ from mithril.models.context import RunContext
 
 def _reference(compiled, params, data, cots, run_args=None):
     """The interpreter's outputs, gradients and new state on the checked inputs."""
-    ps, ins, prog = compiled._prepare(params, data, partial=False)
+    ps, ins, prog, _ = compiled._prepare(params, data, partial=False)
     run = RunContext(*run_args) if run_args else None
     env = run_forward(prog, np, ps, ins, run, residuals=True)
     grads = numpy_backward(prog, env, ps, cots)
@@ -31,7 +31,7 @@ def _reference(compiled, params, data, cots, run_args=None):
 
 
 def _generated(compiled, params, data, cots, run_args=None):
-    ps, ins, prog = compiled._prepare(params, data, partial=False)
+    ps, ins, prog, _ = compiled._prepare(params, data, partial=False)
     run = RunContext(*run_args) if run_args else None
     out, grads = forward_vjp_plan(prog, tuple(cots))(np, ps, ins, cots, run)
     return out, grads, (run.new_state if run else {})
@@ -140,7 +140,7 @@ def test_forward_plan_equals_the_interpreter():
     params = c.get_parameters()
     rng = np.random.default_rng(4)
     data = {"input": rng.standard_normal((5, 4)), "target": rng.integers(0, 3, 5)}
-    ps, ins, prog = c._prepare(params, data, partial=False)
+    ps, ins, prog, _ = c._prepare(params, data, partial=False)
     _same(forward_plan(prog)(np, ps, ins, None), outputs_of(prog, run_forward(prog, np, ps, ins)))
     _same(c.evaluate(params, data), outputs_of(prog, run_forward(prog, np, ps, ins)))
 
@@ -170,7 +170,7 @@ def test_torch_forward_plan_equals_the_interpreter():
     rng = np.random.default_rng(5)
     data = {"input": torch.from_numpy(rng.standard_normal((5, 4))),
             "target": torch.from_numpy(rng.integers(0, 3, 5))}
-    ps, ins, prog = c._prepare(params, data, partial=False)
+    ps, ins, prog, _ = c._prepare(params, data, partial=False)
     xp = c.backend._xp
     want = outputs_of(prog, run_forward(prog, xp, ps, ins))
     got = forward_plan(prog)(xp, ps, ins, None)
@@ -187,7 +187,7 @@ def test_gradients_come_in_the_order_params_were_given():
     c = ml.compile(_mlp(), NumpyBackend(dtype="float64"), shapes={"input": [5, 4]})
     rng = np.random.default_rng(6)
     data = {"input": rng.standard_normal((5, 4)), "target": rng.integers(0, 3, 5)}
-    ps, ins, prog = c._prepare(c.get_parameters(), data, partial=False)
+    ps, ins, prog, _ = c._prepare(c.get_parameters(), data, partial=False)
     backwards = dict(reversed(list(ps.items())))
     cots = {"loss": np.ones(())}
     env = run_forward(prog, np, backwards, ins, None, residuals=True)

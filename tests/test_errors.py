@@ -97,6 +97,21 @@ def test_wrong_output_gradient_shape(setup):
         compiled.evaluate(params, inputs, output_gradients={"output": b.ones(5, 2)})
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_output_gradient_with_another_batch_is_named(setup, rows):
+    """The output's free dimension is bound by this call's inputs (5 rows): a cotangent of
+    another batch is a ShapeError on every backend, not a NumPy broadcast (1 row: the
+    gradient of another loss) or the framework's own error; nothing moves."""
+    b, compiled, params, inputs = setup
+    step = compiled.step
+    with pytest.raises(ml.ShapeError, match=rf"output gradient 'output': expected shape \[5, 3\] "
+                                            rf"\(the output's for these inputs\), got \[{rows}, 3\]"):
+        compiled.evaluate(params, inputs, output_gradients={"output": b.ones(rows, 3)})
+    assert compiled.step == step
+    _, grads = compiled.evaluate(params, inputs, output_gradients={"output": b.ones(5, 3)})
+    assert set(grads) == set(params)
+
+
 # -- dtypes -----------------------------------------------------------------------------------
 def test_wrong_parameter_dtype(setup):
     b, compiled, params, inputs = setup

@@ -295,11 +295,11 @@ class CompiledModel:
         return x
 
     def _validate(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
-        ps, ins, _ = self._prepare(params, inputs, partial=False)
+        ps, ins, _, _ = self._prepare(params, inputs, partial=False)
         return ps, ins
 
     def _prepare(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
-                 partial: bool) -> tuple[dict, dict, Program]:
+                 partial: bool) -> tuple[dict, dict, Program, dict]:
         """Checked params and inputs, and the program to run: the whole one, or with
         ``partial`` and some inputs left out, the part that computes the outputs those inputs
         do not feed (prediction without labels)."""
@@ -313,8 +313,7 @@ class CompiledModel:
         if sig[1] is not None and sig[2] is not None and last is not None and last[0] == sig:
             ins = dict(inputs)
             ins.update(self._consts)
-            self._check_concrete(ins, last[1])
-            return dict(params), ins, last[1]
+            return dict(params), ins, last[1], self._check_concrete(ins, last[1])
         _check_keys(params, p.param_shapes, "params")
         _check_keys(inputs, self.input_keys, "inputs", allow_missing=partial)
         if partial and len(inputs) < len(self.input_keys):
@@ -325,12 +324,12 @@ class CompiledModel:
         ins = {k: check("input", k, v, p.input_shape(k), p.input_kinds[k], fdtype)
                for k, v in inputs.items()}
         ins.update(self._consts)
-        self._check_concrete(ins, p)
+        out_shapes = self._check_concrete(ins, p)
         if (sig[1] is not None and sig[2] is not None and list(ps) == list(params)
                 and all(ps[k] is v for k, v in params.items())
                 and all(ins[k] is v for k, v in inputs.items())):
             self._last_prepared = (sig, p)
-        return ps, ins, p
+        return ps, ins, p, out_shapes
 
     def _partial(self, missing: frozenset[str]) -> Program:
         """The program without the inputs ``missing``: only the outputs they do not feed,
@@ -373,7 +372,7 @@ class CompiledModel:
         return keys
 
     def _check_concrete(self, inputs: Mapping[str, Any], prog: Program | None = None,
-                        every_value: bool = False) -> None:
+                        every_value: bool = False) -> dict[str, Any]:
         """The shape rules again with the concrete input shapes, so free dimensions are bound
         (5 rows of logits against 3 labels is a ``ShapeError``), and each operator's own
         ``check_inputs(shapes, dtypes, arrays, names)`` hook, if it has one: dtype-aware shape
@@ -383,7 +382,8 @@ class CompiledModel:
         no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
         they read. ``prog``: the program to check (default: the whole one). On NumPy, values
         an operator's forward checks itself are read only with ``every_value`` (after that
-        forward refused them: the message names the data key)."""
+        forward refused them: the message names the data key). Returns the outputs' shapes
+        for these inputs (None where a rule cannot tell)."""
         p, b = prog or self.program, self.backend
         # JAX: a reduction on a JAX array compiles a program per shape (tens of ms); on the
         # host, labels are read in place
@@ -399,7 +399,7 @@ class CompiledModel:
                 arrays = {k: host(inputs[t]) for k, t in refs if not _is_traced(inputs[t])}
                 if arrays:
                     hook(in_shapes, dtypes, arrays, names)
-            return
+            return hit[2]
         value_hooks: list[tuple] = []
         shapes: list[Any] = list(p.wire_shapes)
         top = {w: k for k, w in p.inputs.items()}
@@ -427,11 +427,13 @@ class CompiledModel:
                 wires = ", ".join(f"'{k}' <- '{names[k]}' {fmt(in_shapes[k])}" for k in names)
                 raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
                                  f"(inputs: {wires})") from None
+        out_shapes = {k: shapes[w] for k, w in p.outputs.items()}
         if every_value:
-            return
+            return out_shapes
         if len(cache) >= 32:
             cache.clear()
-        cache[key] = (p, value_hooks)
+        cache[key] = (p, value_hooks, out_shapes)
+        return out_shapes
 
     def scalar_output(self) -> str:
         """The output ``evaluate(..., output_gradients=True)`` differentiates: ``final_cost``
@@ -486,7 +488,7 @@ class CompiledModel:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
-        params, inputs, prog = self._prepare({} if params is None else params,
+        params, inputs, prog, out_shapes = self._prepare({} if params is None else params,
                                              {} if inputs is None else inputs, partial=True)
         if output_gradients is not None and prog is not self.program:
             lost = sorted(set(output_gradients) - set(prog.outputs))
@@ -494,6 +496,8 @@ class CompiledModel:
                 raise KeyMismatchError(f"output_gradients: output(s) {lost} need the inputs "
                                        f"{sorted(set(self.input_keys) - set(inputs))}, not given")
         cots = None if output_gradients is None else self._cotangents(output_gradients)
+        if cots is not None:
+            self._check_bound(cots, out_shapes)
         given_state = state
         step_before = self.step
         run = self._run_context(training, state, step)
@@ -524,6 +528,17 @@ class CompiledModel:
             if prog is not None:
                 self._check_concrete(inputs, prog, every_value=True)
             raise
+
+    @staticmethod
+    def _check_bound(cots: Mapping[str, Any], out_shapes: Mapping[str, Any]) -> None:
+        """Each output gradient against its output's shape for this call's inputs: a free
+        dimension is bound there (a (1, 3) cotangent for a (2, 3) output is a ``ShapeError``,
+        not a broadcast)."""
+        for k, g in cots.items():
+            shape = out_shapes.get(k)
+            if shape is not None and not _shape_matches(tuple(g.shape), shape):
+                raise ShapeError(f"output gradient '{k}': expected shape {fmt(shape)} (the "
+                                 f"output's for these inputs), got {fmt(tuple(g.shape))}")
 
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
