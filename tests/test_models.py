@@ -122,6 +122,35 @@ def test_a_block_can_be_added_only_once():
         model += model
 
 
+def test_one_operator_in_two_sub_models_is_refused_at_compile():
+    """One operator instance in two sub-models would be two nodes with their own parameters
+    (a torch or Keras user expects the module's weights shared): refused, naming both
+    places. Sharing by name gives one parameter whose gradient is the sum of both uses."""
+    lin = ml.Linear(4)
+    a, b = ml.Model(), ml.Model()
+    a |= lin(input="input", output="output")
+    b |= ml.Tanh()(input="input", output="t")
+    b |= lin(input="t", output="output")
+    m = ml.Model()
+    m |= a(input="x", output="h")
+    m |= b(input="h", output="y")
+    with pytest.raises(ValueError, match=r"Linear\(4, use_bias=True\) is used twice, as "
+                                         r"'model_0.linear' and 'model_1.linear'"):
+        ml.compile(m, NumpyBackend(dtype="float64"), shapes={"x": [2, 4]})
+    # the same operator compiled alone twice is two programs: fine
+    for _ in range(2):
+        assert ml.compile(lin, NumpyBackend(), shapes={"input": [2, 3]}).shapes["output"] == (2, 4)
+    tied = ml.Model()
+    tied |= ml.Linear(4, use_bias=False)(input="x", weight="w", output="h")
+    tied |= ml.Linear(4, use_bias=False)(input="h", weight="w", output="y")
+    c = ml.compile(tied, NumpyBackend(dtype="float64"), shapes={"x": [2, 4]})
+    assert list(c.parameter_shapes) == ["w"]
+    x, w = np.arange(8.0).reshape(2, 4) / 8, np.eye(4) + 0.1
+    _, g = c.evaluate({"w": w}, {"x": x}, output_gradients={"y": np.ones((2, 4))})
+    np.testing.assert_allclose(g["w"], np.ones((2, 4)).T @ (x @ w.T) + (np.ones((2, 4)) @ w).T @ x,
+                               rtol=1e-12)
+
+
 # -- shapes ------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["set_shapes", "compile"])
 def test_parameter_shapes_are_inferred_from_input_shapes(how):

@@ -79,6 +79,7 @@ class _Builder:
         self.shapes: list[Shape | None] = []
         self.nodes: list[Node] = []
         self.consts: dict[int, np.ndarray] = {}
+        self.paths: dict[int, str] = {}  # id(operator) -> its path (each instance once)
 
     def wire(self, name: str, shape: Shape | None) -> int:
         self.names.append(name)
@@ -116,6 +117,12 @@ class _Builder:
                 if id(c) not in wires:  # internal wire
                     wires[id(c)] = self.conn_wire(c, f"{path}.{key}")
             if isinstance(block, Operator):  # parameter roles given in connect(...) are wires too
+                first = self.paths.setdefault(id(block), path)
+                if first != path:  # (one model refuses it when added; two sub-models meet here)
+                    raise ValueError(
+                        f"{block!r} is used twice, as '{first}' and '{path}': one instance is "
+                        f"one node with its own parameters; create a new instance, or share "
+                        f"parameters by name (connect(weight='w'))")
                 keys = (*block.inputs, *(k for k in param_keys(block) if k in mapping))
                 self.nodes.append(Node(block, path, {k: wires[id(mapping[k])] for k in keys},
                                        {}, wires[id(mapping["output"])]))
