@@ -8,11 +8,13 @@ hyperparameters compiles anything anew.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from optimizer_parity import ALL, host, init, natives, on, rel_err
 
 import mithril.utils.optimizers as mo
@@ -291,6 +293,63 @@ def test_first_group_wins_and_unmatched_groups():
     with pytest.raises(ValueError, match=r"param_groups\[0\] matches no parameter"):
         strict.update(p, {k: np.ones(2) for k in p}, st)
     np.testing.assert_array_equal(p["head.bias"], np.ones(2))
+
+
+_KERAS_EXCLUDE = r"""
+import json, os
+os.environ["KERAS_BACKEND"] = "jax"
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import keras
+import numpy as np
+keras.config.set_floatx("float64")
+names = ["dense.kernel", "dense.bias", "norm.scale", "head.bias"]
+rng = np.random.default_rng(0)
+p0 = {n: rng.standard_normal(3) for n in names}
+grads = [{n: rng.standard_normal(3) for n in names} for _ in range(4)]
+opt = keras.optimizers.SGD(0.1, weight_decay=0.5)
+opt.exclude_from_weight_decay(var_names=["bias", "no.m"])
+vs = [keras.Variable(p0[n], name=n, dtype="float64") for n in names]
+for g in grads:
+    opt.apply([jnp.asarray(g[n]) for n in names], vs)
+print(json.dumps({"p0": {n: p0[n].tolist() for n in names},
+                  "grads": [{n: g[n].tolist() for n in names} for g in grads],
+                  "keras": {n: np.array(v.value).tolist() for n, v in zip(names, vs)}}))
+"""
+
+
+def test_exclude_var_names_equals_keras_and_unknown_names_warn():
+    """``var_names=`` is Keras' rule (one regex of the strings, searched: "no.m" matches
+    "norm"), equal to Keras' SGD with ``weight_decay`` (decoupled there; coupled SGD here,
+    the same step) run side by side; ``names=`` are exact names, and one that names no
+    parameter warns (raises with ``strict``, changing nothing), as a group matching nothing."""
+    ref = json.loads(run_python(_KERAS_EXCLUDE, timeout=300).strip().splitlines()[-1])
+    p0 = {k: np.array(v) for k, v in ref["p0"].items()}
+    opt = mo.SGD(0.1, weight_decay=0.5)
+    opt.exclude_from_weight_decay(var_names=["bias", "no.m"])
+    params, state = {k: v.copy() for k, v in p0.items()}, opt.init(p0)
+    for g in ref["grads"]:
+        params, state = opt.update(params, {k: np.array(v) for k, v in g.items()}, state)
+    for k, v in ref["keras"].items():
+        np.testing.assert_allclose(params[k], v, rtol=1e-13, atol=1e-15, err_msg=k)
+    keras_user = mo.SGD(0.1, weight_decay=0.5)
+    keras_user.exclude_from_weight_decay(names=["bias"])
+    with pytest.warns(UserWarning, match=r"exclude_from_weight_decay entry 0 names unknown "
+                                         r"parameters \['bias'\]"):
+        keras_user.update({k: v.copy() for k, v in p0.items()},
+                          {k: np.zeros(3) for k in p0}, keras_user.init(p0))
+    strict = mo.SGD(0.1, weight_decay=0.5, strict=True)
+    strict.exclude_from_weight_decay(regex=r"^nothing")
+    before = {k: v.copy() for k, v in p0.items()}
+    st = strict.init(before)
+    with pytest.raises(ValueError, match=r"entry 0 \('\^nothing'\) matches no parameter"):
+        strict.update(before, {k: np.ones(3) for k in p0}, st)
+    for k in p0:
+        np.testing.assert_array_equal(before[k], p0[k])
+    assert st.step == 0
+    with pytest.raises(TypeError, match="var_names must be a list of strings"):
+        opt.exclude_from_weight_decay(var_names="bias")
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

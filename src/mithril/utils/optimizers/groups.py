@@ -208,7 +208,8 @@ def resolve(opt: Any, names: Sequence[str]
             ) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[int | None, bool]]]:
     """Each tensor's row, the rows' overrides and each row's (group index or None, whether
     it decays), for parameters ``names`` (row 0: no overrides). Warns for a group or mask
-    that matches nothing (raises with ``strict``)."""
+    that matches nothing, and for an exclusion or mask that names unknown parameters or
+    matches nothing (raises with ``strict``)."""
     groups = opt.param_groups
     matchers = [_matcher(g["params"], f"param_groups[{i}]['params']") for i, g in enumerate(groups)]
     mask = opt.weight_decay_mask
@@ -235,11 +236,26 @@ def resolve(opt: Any, names: Sequence[str]
     # what a callable matched, by name: what state dicts and checkpoints keep
     opt._matched = matched
     unused = [i for i, u in enumerate(used) if not u]
+    msgs = []
     for i in unused:
         listed = groups[i]["params"]
         missing = [x for x in listed if x not in names] if isinstance(listed, list) else []
-        msg = (f"{type(opt).__name__}: param_groups[{i}] matches no parameter"
-               + (f" (unknown names {missing})" if missing else ""))
+        msgs.append(f"{type(opt).__name__}: param_groups[{i}] matches no parameter"
+                    + (f" (unknown names {missing})" if missing else ""))
+    # a name an exclusion or the mask lists that no parameter has (Keras' var_names=["bias"]
+    # given as names=: exact names), or an exclusion matching nothing, is as silent otherwise
+    known = set(names)
+    for j, m in enumerate(excl_m):
+        missing = [x for x in m if x not in known] if isinstance(m, list) else []
+        if missing or f"exclude{j}" not in matched:
+            msgs.append(f"{type(opt).__name__}: exclude_from_weight_decay entry {j} "
+                        + (f"names unknown parameters {missing}" if missing
+                           else f"({excl[j]!r}) matches no parameter")
+                        + " (names= are exact names; var_names= Keras' substrings)")
+    if isinstance(mask_m, list) and (missing := [x for x in mask_m if x not in known]):
+        msgs.append(f"{type(opt).__name__}: weight_decay_mask names unknown parameters "
+                    f"{missing}")
+    for msg in msgs:
         if opt.strict:
             raise ValueError(msg)
         warnings.warn(msg, UserWarning, stacklevel=4)
@@ -359,12 +375,21 @@ class GroupsMixin:
         return self._strict
 
     def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
-                                  regex: str | None = None) -> None:
-        """No weight decay for these parameter names or those ``regex`` matches (Keras'
-        method); takes effect at the next update, in any group."""
-        if names is None and regex is None:
-            raise ValueError("exclude_from_weight_decay needs names= or regex=")
-        new = [x for x in (names, regex) if x is not None]
+                                  regex: str | None = None, *,
+                                  var_names: Sequence[str] | None = None) -> None:
+        """No weight decay for the parameters ``names`` lists (exact names), those
+        ``regex`` matches (searched in the name), or, Keras' rule, those in whose name one of
+        ``var_names`` is found (``var_names=["bias", "norm"]``; joined into one regex with
+        ``|``, as Keras does). Takes effect at
+        the next update, in any group; one naming an unknown parameter or matching nothing
+        then warns (raises with ``strict=True``)."""
+        if var_names is not None:
+            if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
+                raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")
+            var_names = "|".join(var_names) if var_names else None  # (Keras' own pattern)
+        if names is None and regex is None and var_names is None:
+            raise ValueError("exclude_from_weight_decay needs names=, regex= or var_names=")
+        new = [x for x in (names, regex, var_names) if x is not None]
         for x in new:
             _matcher(list(x) if isinstance(x, (list, tuple)) else x,
                                 "exclude_from_weight_decay")

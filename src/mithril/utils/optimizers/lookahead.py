@@ -222,8 +222,9 @@ class Lookahead(Optimizer):
         return self.inner.strict
 
     def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
-                                  regex: str | None = None) -> None:
-        self.inner.exclude_from_weight_decay(names, regex)
+                                  regex: str | None = None, *,
+                                  var_names: Sequence[str] | None = None) -> None:
+        self.inner.exclude_from_weight_decay(names, regex, var_names=var_names)
 
     def _group(self, group: Any) -> dict[str, Any]:
         return self.inner._group(group)
