@@ -547,6 +547,29 @@ def test_a_flag_choice_or_integer_set_by_attribute_is_checked():
     assert la.reset_state is True
 
 
+def test_another_librarys_constructor_argument_names_ours():
+    """``Adam(clipnorm=1.0)`` (Keras), ``Adam(betas=...)`` (torch), a misspelling or another
+    optimizer's argument: the TypeError names the class (not ``Optimizer.__init__``) and the
+    argument meant, as setting the attribute does."""
+    import mithril.utils.optimizers as catalog
+
+    for make, name, meant in [
+            (lambda: Adam(clipnorm=1.0), "clipnorm", "did you mean clip_tensor_norm"),
+            (lambda: Adam(global_clipnorm=1.0), "global_clipnorm", "did you mean clip_norm"),
+            (lambda: Adam(use_ema=True), "use_ema", "did you mean ema_decay"),
+            (lambda: Adam(beta_1=0.9), "beta_1", "did you mean beta1"),
+            (lambda: Adam(betas=(0.9, 0.99)), "betas", "did you mean beta1 and beta2"),
+            (lambda: SGD(momentom=0.9), "momentom", "did you mean momentum"),
+            (lambda: catalog.Lookahead(Adam(), k=5), "k", "did you mean sync_period"),
+            (lambda: Adam(momentum=0.9), "momentum", "LARS, Muon, RMSProp, SGD take it")]:
+        with pytest.raises(TypeError) as info:
+            make()
+        assert f"() got an unexpected keyword argument '{name}' ({meant}" in str(info.value)
+    with pytest.raises(TypeError, match=r"^Lion\(\) got an unexpected keyword argument 'foo'$"):
+        catalog.Lion(foo=1)
+    assert Adam(lr=0.1, eps=1e-6).epsilon == 1e-6  # (the aliases still work)
+
+
 def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
     """``opt.lr = 0.1`` (torch's name), ``opt.beta_1 = 0.5`` (Keras'), a misspelling or
     another optimizer's hyperparameter (``Adam().momentum``) would only make an attribute no

@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import re
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from itertools import repeat
@@ -92,7 +93,8 @@ ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
 #: other libraries' names of hyperparameters (torch's, Keras')
 _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_2": "beta2",
                 "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
-                "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay"}
+                "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
+                "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
 
 
 @functools.cache
@@ -114,9 +116,13 @@ def _meant(opt: Any, name: str) -> str:
     """What a new attribute ``name`` of ``opt`` looks meant for: the hyperparameter(s) of
     ``opt`` (another library's name, a near spelling), or one of another optimizer of the
     catalog (``Adam().momentum``); "" for a name of its own (a subclass's cache)."""
+    known = {"learning_rate", *opt.flat_hyperparameters()}  # (a Lookahead's inner's)
+    return _meant_among(known, type(opt).__name__, name)
+
+
+def _meant_among(known: set[str], who: str, name: str) -> str:
     import difflib
 
-    known = sorted({"learning_rate", *opt.flat_hyperparameters()})  # (a Lookahead's inner's)
     other = _OTHER_NAMES.get(name, "")
     if other and all(k in known for k in other.split(" and ")):
         return f"did you mean {other}?"
@@ -124,9 +130,22 @@ def _meant(opt: Any, name: str) -> str:
         return f"did you mean {near}?"
     if owners := _catalog_takes().get(name):
         more = f" and {len(owners) - 4} more" if len(owners) > 4 else ""
-        return (f"{', '.join(owners[:4])}{more} take it; {type(opt).__name__}'s are in "
+        return (f"{', '.join(owners[:4])}{more} take it; {who}'s are in "
                 f"its hyperparameters()")
     return ""
+
+
+def _takes(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes: its constructor's and, where that passes
+    ``**options`` on, its bases'."""
+    out, todo = set(), [cls]
+    while todo:
+        c = todo.pop()
+        params = list(inspect.signature(c.__init__).parameters.values())[1:]
+        out |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            todo += [b for b in c.__bases__ if b is not object]
+    return out
 
 
 def _constructor(init: Callable) -> Callable:
@@ -147,6 +166,14 @@ def _constructor(init: Callable) -> Callable:
         self.__dict__["_depth"] = depth + 1
         try:
             init(self, *args, **kw)
+        except TypeError as e:  # another library's name (clipnorm=, betas=): say ours
+            bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if depth or bad is None or bad.group(1) not in kw:
+                raise
+            cls = type(self)
+            hint = _meant_among(_takes(cls), cls.__name__, bad.group(1))
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument "
+                            f"'{bad.group(1)}'" + (f" ({hint})" if hint else "")) from None
         finally:
             self.__dict__["_depth"] = depth
         if depth == 0:
