@@ -283,6 +283,26 @@ def test_one_cycle_linear_last_step_of_a_loop_keeps_a_valid_rate(three_phase: bo
     assert sched.get_lr_at(total) == opt.learning_rate
 
 
+def test_one_cycle_epochs_and_steps_per_epoch_as_torch() -> None:
+    """torch's ``OneCycleLR(opt, max_lr, epochs=e, steps_per_epoch=n)``: a cycle of e·n
+    steps, the same rates; missing or disagreeing counts are refused before anything is
+    set (torch silently keeps ``total_steps`` when both are given)."""
+    kw = dict(epochs=4, steps_per_epoch=13, pct_start=0.25)
+    ref = torch_lrs(lambda o: tl.OneCycleLR(o, 0.5, **kw), 0.1, 52)
+    ours = our_lrs(lambda o: OneCycleLR(o, 0.5, **kw), 0.1, 52)
+    assert_exact(ours, ref)
+    per_group = OneCycleLR(SGD(0.1), [0.5], epochs=4, steps_per_epoch=13, per_group=True)
+    assert per_group.total_steps == 52
+    opt = FakeOpt(0.1)
+    for bad, match in [({}, "needs total_steps"), ({"epochs": 4}, "together"),
+                       ({"total_steps": 50, "epochs": 4, "steps_per_epoch": 13},
+                        "total_steps=50 but epochs"),
+                       ({"epochs": 0, "steps_per_epoch": 13}, "epochs")]:
+        with pytest.raises(ValueError, match=match):
+            OneCycleLR(opt, 0.5, **bad)
+        assert opt.lr == 0.1
+
+
 def test_one_cycle_stepping_past_total_steps_raises_like_torch() -> None:
     total = 20
     topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)

@@ -65,7 +65,8 @@ class OneCycleLR(MomentumCycle, LRScheduler):
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         max_lr: peak learning rate, ``> 0``.
-        total_steps: number of steps in the cycle, integer ``>= 1``.
+        total_steps: number of steps in the cycle, integer ``>= 1``; or, as PyTorch,
+            ``epochs`` and ``steps_per_epoch`` (keywords), whose product it then is.
         pct_start: fraction of the cycle spent increasing the rate, in ``[0, 1]``.
         anneal_strategy: ``'cos'`` or ``'linear'``.
         div_factor: ``initial_lr = max_lr / div_factor``, ``> 0``.
@@ -93,7 +94,7 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         self,
         optimizer: SupportsLearningRate,
         max_lr: float,
-        total_steps: int,
+        total_steps: int | None = None,
         pct_start: float = 0.3,
         anneal_strategy: Literal["cos", "linear"] = "cos",
         div_factor: float = 25.0,
@@ -102,7 +103,11 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         cycle_momentum: bool = False,
         base_momentum: float = 0.85,
         max_momentum: float = 0.95,
+        *,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
+        total_steps = _total_steps(total_steps, epochs, steps_per_epoch)
         super().__init__(optimizer)
         self._init_momentum(optimizer, cycle_momentum, base_momentum, max_momentum)
         self._configure(
@@ -217,3 +222,21 @@ class OneCycleLR(MomentumCycle, LRScheduler):
 
     def _rebase(self, lr: float) -> None:
         """No-op: the one-cycle schedule is defined by ``max_lr``, not by ``base_lr``."""
+
+
+def _total_steps(total_steps: int | None, epochs: int | None,
+                 steps_per_epoch: int | None) -> int:
+    """``total_steps``, or PyTorch's ``epochs * steps_per_epoch`` (both given and
+    disagreeing: refused, where PyTorch silently keeps ``total_steps``)."""
+    if epochs is None and steps_per_epoch is None:
+        if total_steps is None:
+            raise ValueError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
+        return total_steps
+    if epochs is None or steps_per_epoch is None:
+        raise ValueError("OneCycleLR: give epochs and steps_per_epoch together (or total_steps)")
+    n = _check_int("epochs", epochs, minimum=1) * _check_int("steps_per_epoch", steps_per_epoch,
+                                                             minimum=1)
+    if total_steps is not None and total_steps != n:
+        raise ValueError(f"OneCycleLR: total_steps={total_steps} but epochs * steps_per_epoch "
+                         f"= {n}; give one of the two")
+    return n
