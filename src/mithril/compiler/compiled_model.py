@@ -488,8 +488,8 @@ class CompiledModel:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
-        params, inputs, prog, out_shapes = self._prepare({} if params is None else params,
-                                             {} if inputs is None else inputs, partial=True)
+        params, inputs, prog, out_shapes = self._prepare(
+            {} if params is None else params, {} if inputs is None else inputs, partial=True)
         if output_gradients is not None and prog is not self.program:
             lost = sorted(set(output_gradients) - set(prog.outputs))
             if lost:

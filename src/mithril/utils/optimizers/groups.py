@@ -380,9 +380,8 @@ class GroupsMixin:
         """No weight decay for the parameters ``names`` lists (exact names), those
         ``regex`` matches (searched in the name), or, Keras' rule, those in whose name one of
         ``var_names`` is found (``var_names=["bias", "norm"]``; joined into one regex with
-        ``|``, as Keras does). Takes effect at
-        the next update, in any group; one naming an unknown parameter or matching nothing
-        then warns (raises with ``strict=True``)."""
+        ``|``, as Keras does). Takes effect at the next update, in any group; one naming an
+        unknown parameter or matching nothing then warns (raises with ``strict=True``)."""
         if var_names is not None:
             if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
                 raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")
