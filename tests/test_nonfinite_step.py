@@ -168,6 +168,36 @@ def test_overflowing_slot_with_finite_params(engine):
         assert state.num_nonfinite == 1 and len(msgs) == 1, msgs
 
 
+@pytest.mark.parametrize("engine", ("numpy", "torch", "jax", "jax-jit"))
+@pytest.mark.parametrize("name", ["Adam", "RMSProp"])
+def test_second_moment_associates_as_torch(engine, name):
+    """``(1 − β₂)·g·g`` is torch's ``((1 − β₂)·g)·g`` (``addcmul_``): a float32 gradient of
+    1e20 leaves Adam's and RMSProp's (decay 0.99) second moment finite (1e37, 1e38, where
+    ``g·g`` alone overflows), and the steps equal torch.optim's, run side by side (the fused
+    kernels used to reassociate it: the moment went inf and the parameter froze)."""
+    import torch
+
+    p0 = np.array([1.0, -2.0, 3.0], np.float32)
+    grads = [np.array([1e20, -1e20, 3e19], np.float32)] + [np.array([0.1, 0.2, -0.3],
+                                                                    np.float32)] * 4
+    ours = Adam(0.01) if name == "Adam" else RMSProp(0.01, decay=0.99)
+    t = torch.tensor(p0, requires_grad=True)
+    ref = (torch.optim.Adam([t], lr=0.01) if name == "Adam"
+           else torch.optim.RMSprop([t], lr=0.01, alpha=0.99))
+    with engine_of(engine):
+        params = _arrays(engine, {"w": p0})
+        state = ours.init(params)
+        for g in grads:
+            params, state, msgs = _update(ours, params, _arrays(engine, {"w": g}), state)
+            assert not msgs, msgs
+            t.grad = torch.tensor(g)
+            ref.step()
+    want = ref.state[t]["exp_avg_sq" if name == "Adam" else "square_avg"].numpy()
+    assert np.isfinite(want).all() and want.max() > 1e36
+    np.testing.assert_allclose(host(state.slot("v")["w"]), want, rtol=1e-6)
+    np.testing.assert_allclose(host(params["w"]), t.detach().numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("engine", ("numpy", "jax-jit"))
 def test_clip_norm_with_skip(engine):
     """With clipping by norm the norm is measured first, then the step is computed dry."""

@@ -12,7 +12,7 @@ from .elementwise import abs_, maximum
 def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
     m = m + b1c * (g - m)                  # torch: m.lerp_(g, 1 − β₁)
     u = maximum(u * b2, abs_(g) + eps)     # torch: max(β₂·u, |g| + ε)
-    return p - clr * (m / u), m, u
+    return p - clr * m / u, m, u           # torch: p.addcdiv_(m, u, −clr): (−clr·m)/u
 
 
 class Adamax(Optimizer):

@@ -24,6 +24,10 @@ from .literals import typed_literals
 
 # Vectorising flags, but not nnan/ninf: NaN/inf must still propagate and be detected.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: an optimizer's math keeps its own association (torch's: ``(1 − β₂)·g·g`` is
+#: ``((1 − β₂)·g)·g``, finite in float32 where ``g·g`` overflows); inlined by LLVM, its
+#: instructions keep these flags inside a loop whose sums are reassociated
+_MATH_FASTMATH = _FASTMATH - {"reassoc"}
 #: elements per tile of an update's inner loop, each tile's g² summed in ``ACC`` (float32
 #: for float32 gradients on AVX2) before it is added to the float64 total (``_INNER_SRC``);
 #: a multiple of 16
@@ -243,7 +247,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": numba.njit(inline="always")(typed_literals(math_fn)), "CLIP": clip, "COPY": copy and not dry,
+                          "MATH": vector_width.njit(fastmath=_MATH_FASTMATH, error_model="numpy", nogil=True,
+                                                    forceinline=True)(typed_literals(math_fn)),
+                          "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
@@ -480,7 +486,10 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "REDUCE": numba.njit(inline="always")(typed_literals(reduce_fn)), "CLIP": clip,
+                          "REDUCE": vector_width.njit(fastmath=_MATH_FASTMATH, error_model="numpy",
+                                                      nogil=True, forceinline=True)(
+                              typed_literals(reduce_fn)),  # (its own association, as MATH)
+                          "CLIP": clip,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "TILE": TILE, "ACC": acc}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
