@@ -11,6 +11,7 @@ however many tensors there are. Σ g² is measured in the same pass.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numba
@@ -32,6 +33,13 @@ _MATH_FASTMATH = _FASTMATH - {"reassoc"}
 #: for float32 gradients on AVX2) before it is added to the float64 total (``_INNER_SRC``);
 #: a multiple of 16
 TILE = 1024
+
+
+def _as_written(fn: Callable[..., Any]) -> Any:
+    """An optimizer's math or reduction compiled apart, in its written association
+    (:data:`_MATH_FASTMATH`), for LLVM to inline into the kernel's loop."""
+    return vector_width.njit(fastmath=_MATH_FASTMATH, error_model="numpy", nogil=True,
+                             forceinline=True)(typed_literals(fn))
 
 
 @intrinsic
@@ -247,8 +255,7 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": vector_width.njit(fastmath=_MATH_FASTMATH, error_model="numpy", nogil=True,
-                                                    forceinline=True)(typed_literals(math_fn)),
+                          "MATH": _as_written(math_fn),
                           "CLIP": clip, "COPY": copy and not dry,
                           "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
                           "store_fence": streaming.store_fence, "address": streaming.address,
@@ -486,9 +493,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "REDUCE": vector_width.njit(fastmath=_MATH_FASTMATH, error_model="numpy",
-                                                      nogil=True, forceinline=True)(
-                              typed_literals(reduce_fn)),  # (its own association, as MATH)
+                          "REDUCE": _as_written(reduce_fn),
                           "CLIP": clip,
                           "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
                           "all_done": atomics.all_done, "TILE": TILE, "ACC": acc}
