@@ -122,8 +122,9 @@ class StateDictMixin:
                                f"{sorted(lay.names)}, got {got}")
             arrays = {}
             for name, shape in zip(lay.names, lay.shapes):
-                a = np.asarray(per_param[name])
-                if a.dtype.kind not in "fiu":
+                a = _numeric(per_param[name])
+                if a is None:
+                    a = np.asarray(per_param[name])
                     raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
                 if a.shape != tuple(shape):
                     what = "the parameter" if lay is state.layout else "the slot's"
@@ -133,3 +134,24 @@ class StateDictMixin:
             out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
         return out
 
+
+
+def _numeric(value: Any) -> np.ndarray | None:
+    """``value`` as a NumPy array of a numeric dtype, or None where it is not numeric. The
+    ml_dtypes floats (bfloat16, the float8s: what a JAX bfloat16 state's ``state_dict``
+    holds, dtype kind 'V' to NumPy) are widened to float32, which holds each of them
+    exactly and which every engine's ``from_numpy`` takes."""
+    a = np.asarray(value)
+    if a.dtype.kind in "fiu":
+        return a
+    if a.dtype.kind == "V" and a.dtype.fields is None:
+        try:
+            import ml_dtypes
+        except ImportError:  # (no ml_dtypes: no such dtype can have been made either)
+            return None
+        try:
+            ml_dtypes.finfo(a.dtype)
+        except (TypeError, ValueError):
+            return None  # (an ml_dtypes integer type is widened by NumPy as 'V' too: refused)
+        return a.astype(np.float32)
+    return None
