@@ -351,10 +351,10 @@ class Model:
         conns = dict(self.conns)
         attrs = [(c, c.name, c.shape, c.value, c.exposed, c.auto_output) for c in conns.values()]
         self._new_roles = []
-        return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output)
+        return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output, self._cout)
 
     def _restore(self, snap: Any) -> None:
-        n_blocks, conns, attrs, wires, last = snap
+        n_blocks, conns, attrs, wires, last, cout = snap
         del self.blocks[n_blocks:]
         self.conns.clear()
         self.conns.update(conns)
@@ -364,7 +364,7 @@ class Model:
             del mapping[key]
         self._expr_wires.clear()
         self._expr_wires.update(wires)
-        self._last_output = last
+        self._last_output, self._cout = last, cout
 
     def _add(self, item: Block | Bound, chain: bool) -> Model:
         """Add ``item`` (a block, or a block bound by ``connect(...)``); if anything raises,
@@ -400,9 +400,11 @@ class Model:
             consumed = block._consumed()
             hidden = {k for k in outs if id(block.conns[k]) in consumed and k not in bound.connections
                       and block.conns[k] is not block._cout}
-        if chain and self._last_output is not None and first_in is not None \
+        # ``+=`` wires the canonical output: the one chosen with set_cout, else the latest
+        prev_out = self._cout if self._cout is not None else self._last_output
+        if chain and prev_out is not None and first_in is not None \
                 and first_in not in bound.connections:
-            mapping[first_in] = self._last_output
+            mapping[first_in] = prev_out
         for key in (*block.terminals, *(k for k in param_keys(block) if k in bound.connections)):
             if key in mapping:
                 continue
@@ -412,7 +414,7 @@ class Model:
                 mapping[key] = Connection(None)
             elif key in outs:
                 prev = self.conns.get(key)
-                if chain and prev is not None and prev.auto_output and prev is self._last_output:
+                if chain and prev is not None and prev.auto_output and prev is prev_out:
                     del self.conns[key]  # demote the previous block's auto-named output
                     prev.name, prev.auto_output = None, False
                 c = self._named(self._fresh_name(key))
@@ -424,6 +426,8 @@ class Model:
         out_key = cout_key(block, hidden)
         if out_key is not None:
             self._last_output = mapping[out_key]
+            if chain:
+                self._cout = None  # after ``+=`` the new block's output is the canonical one
         return self
 
     def __ior__(self, item: Block | Bound) -> Model:
