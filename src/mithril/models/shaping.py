@@ -125,10 +125,32 @@ class Concat(Operator):
         return f"Concat(n={self.n}, axis={self.axis})"
 
 
+def _mask_axes(s: tuple, index: Any) -> tuple:
+    """``s`` with the free dimensions that a boolean mask of ``index`` covers set to the
+    mask's sizes (a mask fixes the axes it reads), so that they are checked, not free."""
+    items = index if isinstance(index, tuple) else (index,)
+    def width(i: Any) -> int:
+        if i is None:
+            return 0
+        return np.ndim(i) if isinstance(i, np.ndarray) and i.dtype == bool else 1
+    cut = next((k for k, i in enumerate(items) if i is Ellipsis), len(items))
+    after = sum(width(i) for i in items[cut + 1:])
+    out = list(s)
+    for part, axis in ((items[:cut], 0), (items[cut + 1:], len(s) - after)):
+        for i in part:
+            if isinstance(i, np.ndarray) and i.dtype == bool:
+                for k, n in enumerate(i.shape):
+                    if 0 <= axis + k < len(out) and out[axis + k] is None:
+                        out[axis + k] = n
+            axis += width(i)
+    return tuple(out)
+
+
 def _index_shape(s: tuple, index: Any) -> tuple:
     """The shape of ``x[index]`` for ``x`` of partial shape ``s``: computed twice on
     stride-0 arrays with two different sizes standing for free dimensions; entries that
     differ depend on a free dimension and are free too."""
+    s = _mask_axes(s, index)
     out = []
     for fill in (10007, 10009):
         dummy = np.broadcast_to(np.empty((), np.int8), tuple(fill if d is None else d for d in s))
@@ -141,8 +163,16 @@ def _index_shape(s: tuple, index: Any) -> tuple:
 
 
 def _as_index(i: Any) -> Any:
-    """Integer lists as integer arrays (JAX refuses lists as indices)."""
-    return np.asarray(i, dtype=np.int64) if isinstance(i, (list, np.ndarray)) else i
+    """Integer lists as integer arrays (JAX refuses lists as indices); boolean lists and
+    arrays stay boolean masks (cast to int they would read entries 0 and 1)."""
+    if not isinstance(i, (list, np.ndarray)):
+        return i
+    a = np.asarray(i)
+    if a.dtype == bool:
+        return a
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"Indexer: an index array must hold ints or bools, got {a.dtype} ({i!r})")
+    return a.astype(np.int64)
 
 
 def _positive_steps(index: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
@@ -173,7 +203,7 @@ def _positive_steps(index: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...]
 class Indexer(Operator):
     """``input[index]`` for a fixed ``index``: an int, a slice (negative steps too), ``None``,
     ``...`` or a tuple of those (integer lists index too; their repeats add up in the
-    gradient)."""
+    gradient; a boolean list or array is a constant mask, as in NumPy)."""
 
     any_dtype_inputs = frozenset({"input"})
 
