@@ -1,5 +1,5 @@
 """The compiled NumPy ReLU loops (:mod:`mithril.models.elementwise_kernels`): bit for bit
-NumPy's ``maximum(x, 0)`` and ``g * (out > 0)`` (NaN, ±0, ±inf included), in place and
+NumPy's ``maximum(x, 0)`` and ``g * ~(out <= 0)`` (torch's mask) (NaN, ±0, ±inf included), in place and
 into new arrays, float32 and float64; other arrays take NumPy's expressions; and a model's
 gradients through ReLU equal torch's."""
 
@@ -43,7 +43,7 @@ def test_relu_vjp_bit_for_bit(dtype):
     out = _values(dtype)
     g = np.roll(_values(dtype), 3)
     with np.errstate(invalid="ignore"):
-        ref = g * (out > 0)
+        ref = g * ~(out <= 0)  # torch's mask: a NaN output passes g
     assert np.array_equal(_bits(ek.relu_vjp(g, out)), _bits(ref))
     h = g.copy()
     assert ek.relu_vjp(h, out, res=h) is h and np.array_equal(_bits(h), _bits(ref))
@@ -64,7 +64,7 @@ def test_other_arrays_take_numpy(make):
         got, want = ek.relu(x), np.maximum(x, 0)
         assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
         g = np.ones(x.shape, np.float32)
-        got, want = ek.relu_vjp(g, x), g * (x > 0)
+        got, want = ek.relu_vjp(g, x), g * ~(x <= 0)
         assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
 
 

@@ -22,8 +22,9 @@ class Relu(Operator):
             return elementwise_kernels.relu(input)
         if hasattr(xp, "t"):  # torch's namespace maps this to torch.relu
             return xp.maximum(input, 0)
-        # jnp.maximum splits the gradient of a tie: it would give 0.5 at x = 0
-        return xp.where(input > 0, input, 0)
+        # jnp.maximum splits the gradient of a tie: it would give 0.5 at x = 0; the test is
+        # x <= 0, not x > 0, so that NaN stays NaN (as torch.relu and jax.nn.relu)
+        return xp.where(input <= 0, 0, input)
 
     def forward_inplace(self, xp: Any, input: Any) -> Any:
         return elementwise_kernels.relu(input, out=input)

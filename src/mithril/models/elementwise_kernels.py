@@ -1,7 +1,7 @@
 """Compiled loops for the NumPy ReLU and Linear's bias, where NumPy's ufuncs are slow.
 
 ``np.maximum(x, 0, out=x)`` runs at ~3 GB/s (NaN-propagating maximum against a broadcast
-scalar: ~5.5 us for a (128, 128) float32 activation), and the VJP ``g * (out > 0)`` is two
+scalar: ~5.5 us for a (128, 128) float32 activation), and the VJP ``g * ~(out <= 0)`` is two
 passes and a boolean temporary. :func:`relu` and :func:`relu_vjp` are one pass each,
 ~1 us there. The same results, bit for bit: ``x`` where ``x > 0`` or NaN, else +0 (NumPy's
 maximum gives +0 for -0 too), and the VJP multiplies ``g`` by 1.0 or 0.0 (a NaN or infinite
@@ -51,18 +51,19 @@ def _kernels() -> tuple[Any, ...]:
             v = x[i]
             x[i] = v if not v <= z else z
 
-    # the VJP: g times the mask as 1 or 0 in g's dtype (0 * NaN = NaN, as NumPy)
+    # the VJP: g times the mask as 1 or 0 in g's dtype (0 * NaN = NaN, as NumPy); a NaN output
+    # passes g, as torch's threshold_backward (out <= 0 picks 0)
     @kernel_cache.jit(nogil=True)
     def relu_vjp(g, out, res, zero):  # pragma: no cover - compiled
         z = zero[0]
         for i in range(g.size):
-            res[i] = g[i] if out[i] > z else g[i] * z
+            res[i] = g[i] if not out[i] <= z else g[i] * z
 
     @kernel_cache.jit(nogil=True)
     def relu_vjp_inplace(g, out, zero):  # pragma: no cover - compiled
         z = zero[0]
         for i in range(g.size):
-            g[i] = g[i] if out[i] > z else g[i] * z
+            g[i] = g[i] if not out[i] <= z else g[i] * z
 
     @kernel_cache.jit(nogil=True)
     def add_rows(y, b):  # pragma: no cover - compiled
@@ -115,14 +116,14 @@ def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def relu_vjp(g: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> np.ndarray:
-    """``g * (out > 0)`` into ``res`` (``g`` itself: in place; None: a new array)."""
+    """``g * ~(out <= 0)`` into ``res`` (``g`` itself: in place; None: a new array)."""
     if res is None:
         if not _flat(g, out):
-            return g * (out > 0)
+            return g * ~(out <= 0)
         res = np.empty_like(g, order="C")
     if not _flat(g, out, res) or (res is not g and np.may_share_memory(res, g)) or (
             np.may_share_memory(res, out)):
-        return np.multiply(g, out > 0, out=res)
+        return np.multiply(g, ~(out <= 0), out=res)
     if res is g:
         _kernels()[3](g.reshape(-1), out.reshape(-1), _zero(g.dtype))
     else:
