@@ -24,7 +24,8 @@ Predict with a model trained by `mithril train --data FILE --target COLUMN`. Rea
 (a CSV with the feature columns the model was trained on, or an .npz with X), standardises it
 with the training statistics and writes --out (default: RUN/predictions.csv): one row per data
 row, `row, prediction` and, for classification, the probability of each class (`p_<label>`).
-If the data hold the target column too, the accuracy (or RMSE and R²) is printed.
+If the data hold the target column too, the accuracy (or RMSE and R²) is printed; rows
+whose target cell is empty are predicted all the same and left out of that score.
 """
 
 
@@ -56,14 +57,19 @@ def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, 
         raise CLIError(f"--run {run_dir}: no such folder")
     pre = Preprocess.load(run_dir / PREPROCESS_FILE)
     outputs = len(pre.labels) if pre.objective == "classification" else 1
-    spec = mlp_spec(len(pre.features), outputs, pre.hidden, pre.activation, pre.objective)
+    try:  # the network preprocess.json describes (an edited file: unknown activation, ...)
+        spec = mlp_spec(len(pre.features), outputs, pre.hidden, pre.activation, pre.objective)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CLIError(f"--run {run_dir}: {PREPROCESS_FILE} is damaged (its network cannot "
+                       f"be built: {exc})") from None
     be = make_backend(backend, "float32", 0)
     compiled = ml.compile(spec.model, be, shapes=spec.shapes, inference=True)
     try:
         ckpt = load_checkpoint(run_dir / MODEL_FILE, params_template=compiled.get_parameters())
     except FileNotFoundError:
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} is missing") from None
-    except ValueError as exc:  # CheckpointError, KeyMismatchError, ShapeError
+    # CheckpointError and ShapeError are ValueErrors; KeyMismatchError is a KeyError
+    except (ValueError, KeyError) as exc:
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
                        f"({exc})") from None
     return pre, compiled, ckpt["params"]
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     table = read_table(args.data, pre.target, pre.features)
     out = Path(args.out) if args.out else run_dir / "predictions.csv"
     if not args.dry_run:
-        ensure_writable_file(out)
+        ensure_writable_file(out, example="predictions.csv")
     print(f"mithril predict: {len(table.x)} rows of {args.data} with the {pre.objective} model "
           f"of {run_dir}")
     if args.dry_run:
@@ -119,8 +125,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
-    """Accuracy, or RMSE and R², against the target column found in the data."""
+def score(pre: Preprocess, pred: list[Any], truth: list[Any | None]) -> str:
+    """Accuracy, or RMSE and R², against the target column found in the data; rows whose
+    target is missing (None) are left out, and the line says how many."""
+    kept = [(p, t) for p, t in zip(pred, truth) if t is not None]
+    blank = len(truth) - len(kept)
+    if not kept:
+        return f"({pre.target!r} is empty in every row: no score)"
+    note = f" ({len(kept)} rows; {blank} without a {pre.target!r} value left out)" if blank \
+        else ""
+    return _score(pre, [p for p, _ in kept], [t for _, t in kept]) + note
+
+
+def _score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
     if pre.objective == "classification":
         same = [str(p) == str(t if not isinstance(t, float) or not t.is_integer() else int(t))
                 for p, t in zip(pred, truth)]

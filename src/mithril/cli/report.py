@@ -52,12 +52,14 @@ def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def ensure_writable_file(path: Path, flag: str = "--out") -> Path:
-    """Check that ``path`` (a file) can be written: its folder is created and probed."""
+def ensure_writable_file(path: Path, flag: str = "--out", example: str = "schedule.png"
+                         ) -> Path:
+    """Check that ``path`` (a file) can be written: its folder is created and probed.
+    ``example`` is the file name the messages suggest (the command's own kind of file)."""
     if not path.name or path.name in (".", ".."):
-        raise CLIError(f"{flag} {path}: give a file name such as schedule.png")
+        raise CLIError(f"{flag} {path}: give a file name such as {example}")
     if path.exists() and path.is_dir():
-        raise CLIError(f"{flag} {path}: is a directory; give a file name such as schedule.png")
+        raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), flag)

@@ -51,7 +51,9 @@ class Table:
     features: list[str]
     x: np.ndarray
     target: str | None
-    y: list[Any] | None  #: floats where every value is a number, else strings
+    #: floats where every value is a number, else strings; for predict (``features`` given)
+    #: None where the target cell is missing: such rows are predicted but not scored
+    y: list[Any] | None
 
 
 def _number(text: str) -> float | None:
@@ -69,7 +71,8 @@ def _missing(text: str) -> bool:
 def read_csv(path: str, target: str | None, features: list[str] | None = None) -> Table:
     """Read and check ``path``: the columns ``features`` (default: every column but
     ``target``) must be numbers, ``target`` (None: not read; ``features`` given: read if
-    present) any non-missing value."""
+    present) any non-missing value; with ``features`` given (predict) a missing target value
+    is None instead of an error (the target is optional there)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -84,8 +87,12 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if target is not None and features is None and target not in header:
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
                                f"{', '.join(header)})")
+            scoring = features is not None  # predict: the target column is optional
             if features is None:
                 features = [h for h in header if h != target]
+            if not features:
+                raise CLIError(f"--data {path}: no feature columns (the only column is the "
+                               f"target {target!r}); a model needs at least one")
             absent = [c for c in features if c not in header]
             if absent:
                 raise CLIError(f"--data {path} lacks the feature column(s) "
@@ -114,6 +121,9 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 rows.append(values)
                 if tcol is not None:
                     cell = row[tcol].strip()
+                    if _missing(cell) and scoring:
+                        ys.append(None)  # predicted, left out of the score
+                        continue
                     if _missing(cell):
                         raise CLIError(f"--data {path}: missing value in the target column "
                                        f"{target!r}, {where}")
@@ -129,10 +139,12 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                  _typed(ys) if tcol is not None else None)
 
 
-def _typed(values: list[str]) -> list[Any]:
-    """Floats if every value is a number, else the strings."""
-    numbers = [_number(v) for v in values]
-    return values if any(v is None for v in numbers) else numbers  # type: ignore[return-value]
+def _typed(values: list[str | None]) -> list[Any]:
+    """Floats if every value is a number, else the strings (None, a missing value, stays)."""
+    numbers = [None if v is None else _number(v) for v in values]
+    if any(n is None and v is not None for n, v in zip(numbers, values)):
+        return values
+    return numbers
 
 
 def read_npz(path: str, target: str | None, features: list[str] | None = None) -> Table:
@@ -159,6 +171,9 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
     if features is not None:
         if names != features:
             raise CLIError(f"--data {path}: features {names} differ from the model's {features}")
+    elif not names:
+        raise CLIError(f"--data {path}: 'X' has no feature columns (shape {x.shape}); a model "
+                       f"needs at least one")
     x = x.astype(np.float64)
     bad = np.argwhere(~np.isfinite(x))
     if len(bad):
@@ -174,11 +189,12 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         if yarr.ndim != 1 or len(yarr) != len(x):
             raise CLIError(f"--data {path}: {name!r} must be 1-d with one value per row of X "
                            f"({len(x)}), got shape {yarr.shape}")
-        if yarr.dtype.kind == "f" and not np.isfinite(yarr).all():
+        if yarr.dtype.kind == "f" and not np.isfinite(yarr).all() and features is None:
             r = int(np.argwhere(~np.isfinite(yarr))[0][0])
             raise CLIError(f"--data {path}: missing value in the target {name!r}, row {r + 1}")
+        # predict: a NaN target is a missing value, predicted but not scored
         y = _typed([str(v) for v in yarr]) if yarr.dtype.kind in "USO" else \
-            [float(v) for v in yarr]
+            [float(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
     if not len(x):
         raise CLIError(f"--data {path}: no data rows")
     return Table(path, names, x, name if y is not None else None, y)
