@@ -12,77 +12,149 @@ will hold, and gives bit for bit the state that was saved.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
 import re
+import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ..utils.checkpoint_io import read_file, write_file
+from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
+from ..utils.checkpoint import FLOAT_DTYPES, _to_numpy
+from ..utils.checkpoint_io import _fsync_folder, read_file, write_file
 from . import process_group as pg
-from .data_parallel import DataParallel, DistributedState, _host
+from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_init
 from .sharding import assign
 
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
+#: a shard written but not yet committed (renamed to its final name)
+_PENDING = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors\.pending-([0-9a-f]+)$")
 
 
-def _barrier() -> None:
-    if pg.world_size() > 1:
-        pg._dist().barrier()
+def _collect(folder: str, params: Any, dp: Any, state: Any
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """This rank's metadata and tensors, everything checked (raises, writing nothing)."""
+    if not isinstance(dp, DataParallel):
+        raise TypeError(f"save_sharded: dp must be a DataParallel, got {type(dp).__name__}")
+    if not isinstance(state, DistributedState):
+        raise TypeError(f"save_sharded: state must be what DataParallel.init returned, got "
+                        f"{type(state).__name__}")
+    world, me = pg.world_size(), pg.rank()
+    if state.world != world:
+        raise ValueError(f"save_sharded: state was made for {state.world} ranks, the world "
+                         f"has {world}")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"save_sharded: {folder!r} exists and is not a folder")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"save_sharded: params must be a dict of arrays, got "
+                        f"{type(params).__name__}")
+    names = state.names
+    missing, unknown = [n for n in names if n not in params], sorted(set(params) - set(names))
+    if missing or unknown:
+        raise KeyMismatchError(f"save_sharded: params must hold exactly the parameters of "
+                               f"init: missing {missing}, unknown {unknown}")
+    want = _dtype_name(state._send)  # the dtype init saw (every slot and buffer's)
+    for n, shape in zip(names, state.shapes):
+        p = params[n]
+        if not hasattr(p, "shape") or not hasattr(p, "dtype"):
+            raise TypeError(f"save_sharded: params['{n}'] is a {type(p).__name__}, not an array")
+        if tuple(p.shape) != shape:
+            raise ShapeError(f"save_sharded: params['{n}'] has shape {tuple(p.shape)}, the "
+                             f"state's parameter {shape}")
+        if _dtype_name(p) != want:
+            raise DTypeError(f"save_sharded: params['{n}'] has dtype {_dtype_name(p)}, the "
+                             f"state's parameters {want}")
+    if want not in FLOAT_DTYPES:
+        raise DTypeError(f"save_sharded: parameters of dtype {want}; checkpoints hold "
+                         f"{list(FLOAT_DTYPES)}")
+    a, b = assign([int(np.prod(s, dtype=np.int64)) for s in state.shapes], world)[me]
+    mine, local = names[a:b], state.local
+    # _to_numpy keeps 0-d arrays 0-d and stores bfloat16 as its exactly equal float32
+    tensors = {f"params/{n}": _to_numpy(params[n]) for n in mine}
+    for s in local.slots:
+        views = local.slot(s)
+        for n in mine:
+            tensors[f"slots/{s}/{n}"] = _to_numpy(views[n])
+    meta = {"format": "mithril-sharded-1", "world": world, "rank": me,
+            "optimizer": type(dp.optimizer).__name__, "shard_state": state.sharded,
+            "names": list(names), "shapes": [list(s) for s in state.shapes], "dtype": want,
+            "held": list(mine), "slots": sorted(local.slots), "step": local.step,
+            "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
+            "values": dict(local.values)}
+    return meta, tensors
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataParallel,
                  state: DistributedState) -> str:
     """Write this rank's share of ``params`` and ``state`` into ``folder`` (every rank calls
-    it; returns this rank's file). Files of an earlier save with another world size are
-    removed first, by rank 0."""
+    it; returns this rank's file).
+
+    As ``torch.distributed.checkpoint``, in phases agreed by all ranks: every rank checks
+    everything (parameters against the state: names, shapes, dtypes); then each writes its
+    shard under a temporary name (``shard-…safetensors.pending-<save id>``); only when
+    every rank has written does each rename its own over the final name; then rank 0
+    removes the shards of an earlier save with another world size and the temporary files
+    of saves killed part-way. A save refused or failed on any rank raises on every rank and
+    leaves the earlier checkpoint in ``folder`` as it was (a process killed while renaming
+    can leave shards of two saves, which :func:`load_sharded` refuses)."""
     folder = os.fspath(folder)
     world, me = pg.world_size(), pg.rank()
-    os.makedirs(folder, exist_ok=True)
-    if me == 0:
-        for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors")):
-            m = _NAME.search(f)
-            if m and int(m.group(2)) != world:
-                os.remove(f)
-    _barrier()
-    names = state.names
-    a, b = assign([int(np.prod(s, dtype=np.int64)) for s in state.shapes], world)[me]
-    mine = names[a:b]
-    local = state.local
-    tensors: dict[str, np.ndarray] = {}
-    for n in mine:
-        tensors[f"params/{n}"] = np.ascontiguousarray(_host(params[n]))
-    for s in local.slots:
-        views = local.slot(s)
-        for n in mine:
-            tensors[f"slots/{s}/{n}"] = np.ascontiguousarray(_host(views[n]))
-    meta = {"format": "mithril-sharded-1", "world": world, "rank": me,
-            "optimizer": type(dp.optimizer).__name__, "shard_state": state.sharded,
-            "names": list(names), "shapes": [list(s) for s in state.shapes],
-            "held": list(mine), "slots": sorted(local.slots), "step": local.step,
-            "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
-            "values": dict(local.values)}
+    error: BaseException | None = None
+    try:
+        meta, tensors = _collect(folder, params, dp, state)
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        error = e
+    pg.agree("save_sharded", error)
+    save_id = pg.all_gather_bytes(secrets.token_hex(8).encode())[0].decode()
+    meta["save"] = save_id
     path = os.path.join(folder, f"shard-{me:05d}-of-{world:05d}.safetensors")
-    write_file(path, json.dumps(meta), tensors)
-    _barrier()
+    pending = f"{path}.pending-{save_id}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_file(pending, json.dumps(meta), tensors)
+    except (OSError, ValueError, TypeError) as e:
+        error = e
+    try:
+        pg.agree("save_sharded (writing)", error)
+    except BaseException:
+        _remove(pending)  # nothing was committed: the earlier checkpoint stands
+        raise
+    os.replace(pending, path)  # commit: every rank has its complete shard on disk
+    _fsync_folder(folder)
+    pg.barrier("save_sharded")
+    if me == 0:  # stale: another world size's shards, and uncommitted files
+        for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors*")):
+            m, p = _NAME.search(f), _PENDING.search(f)
+            if (m and int(m.group(2)) != world) or (p and p.group(1) != save_id):
+                _remove(f)
+    pg.barrier("save_sharded")
     return path
 
 
 def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    found = {}
+    found: dict[int, dict[int, str]] = {}
     for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors")):
         m = _NAME.search(f)
         if m:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
     if len(found) != 1:
-        raise ValueError(f"{folder!r} holds no sharded checkpoint" if not found else
-                         f"{folder!r} mixes checkpoints of world sizes {sorted(found)}")
+        raise CheckpointError(f"{folder!r} holds no sharded checkpoint" if not found else
+                              f"{folder!r} mixes checkpoints of world sizes {sorted(found)}")
     (world, files), = found.items()
     if sorted(files) != list(range(world)):
-        raise ValueError(f"{folder!r}: shards {sorted(set(range(world)) - set(files))} of "
-                         f"{world} are missing")
+        raise CheckpointError(f"{folder!r}: shards {sorted(set(range(world)) - set(files))} "
+                              f"of {world} are missing")
     metas, arrays = [], {}
     for r in range(world):
         text, tensors = read_file(files[r])
@@ -90,11 +162,53 @@ def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]
         arrays.update(tensors)
     first = metas[0]
     for m in metas[1:]:
-        for key in ("names", "shapes", "optimizer", "step", "slots"):
-            if m[key] != first[key]:
-                raise ValueError(f"{folder!r}: shard {m['rank']} disagrees with shard 0 on "
-                                 f"{key} (files of different saves?)")
+        for key in ("names", "shapes", "optimizer", "step", "slots", "save"):
+            if m.get(key) != first.get(key):
+                raise CheckpointError(f"{folder!r}: shard {m['rank']} disagrees with shard 0 "
+                                      f"on {key} (files of different saves?)")
     return metas, arrays
+
+
+def _native(a: np.ndarray, backend: str, dtype: str) -> Any:
+    """A fresh array of ``backend`` holding ``a`` (a torch bfloat16 tensor where the saved
+    parameters were bfloat16: stored as their exactly equal float32 values)."""
+    if backend == "torch":
+        import torch
+
+        t = torch.from_numpy(np.array(a))
+        return t.to(torch.bfloat16) if dtype == "bfloat16" else t
+    return np.array(a)
+
+
+def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: dict[str, Any],
+                params: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """The saved slot arrays of the tensors this rank will hold, checked against what ``dp``'s
+    optimizer makes for them (run on a copy: nothing of ``dp`` changes)."""
+    names, shapes = tuple(first["names"]), [tuple(s) for s in first["shapes"]]
+    if dp.shard_state:
+        a, b = assign([int(np.prod(s, dtype=np.int64)) for s in shapes], pg.world_size())[
+            pg.rank()]
+        names = names[a:b]
+    trial = _local_init(copy.copy(dp.optimizer), {n: params[n] for n in names})
+    if sorted(trial.slots) != first["slots"]:
+        raise CheckpointError(f"{folder!r}: the checkpoint has slots {first['slots']}, "
+                              f"{type(dp.optimizer).__name__} here {sorted(trial.slots)}")
+    if set(first["values"]) != set(trial.values):
+        raise CheckpointError(f"{folder!r}: the checkpoint has values "
+                              f"{sorted(first['values'])}, this optimizer "
+                              f"{sorted(trial.values)}")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for s in trial.slots:
+        out[s] = {}
+        for n, view in trial.slot(s).items():
+            src = arrays.get(f"slots/{s}/{n}")
+            if src is None:
+                raise CheckpointError(f"{folder!r}: no tensor 'slots/{s}/{n}'")
+            if tuple(src.shape) != tuple(view.shape):
+                raise CheckpointError(f"{folder!r}: slot '{s}' of '{n}' has shape "
+                                      f"{tuple(src.shape)}, expected {tuple(view.shape)}")
+            out[s][n] = src
+    return out
 
 
 def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "numpy"
@@ -102,41 +216,41 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     """The parameters and this rank's state saved in ``folder`` by :func:`save_sharded` at
     any world size, for ``dp`` (an optimizer of the kind saved, with the hyperparameters
     wanted) at this world size; every rank calls it. ``backend``: ``"numpy"`` or
-    ``"torch"`` (CPU) arrays."""
-    metas, arrays = _read_all(os.fspath(folder))
-    first = metas[0]
-    if first["optimizer"] != type(dp.optimizer).__name__:
-        raise ValueError(f"the checkpoint is of {first['optimizer']}, not "
-                         f"{type(dp.optimizer).__name__}")
-
-    def native(a: np.ndarray) -> Any:
-        if backend == "torch":
-            import torch
-
-            return torch.from_numpy(np.array(a))
-        if backend != "numpy":
+    ``"torch"`` (CPU) arrays. Everything is checked first, on every rank (the optimizer's
+    slots on a copy of it); a load refused on any rank raises on every rank and changes
+    nothing of ``dp``."""
+    folder = os.fspath(folder)
+    error: BaseException | None = None
+    try:
+        if backend not in ("numpy", "torch"):
             raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
-        return np.array(a)
-
-    params = {n: native(arrays[f"params/{n}"]) for n in first["names"]}
+        if not isinstance(dp, DataParallel):
+            raise TypeError(f"load_sharded: dp must be a DataParallel, got {type(dp).__name__}")
+        metas, arrays = _read_all(folder)
+        first = metas[0]
+        if first["optimizer"] != type(dp.optimizer).__name__:
+            raise CheckpointError(f"{folder!r}: the checkpoint is of {first['optimizer']}, "
+                                  f"not {type(dp.optimizer).__name__}")
+        dtype = first.get("dtype", "")
+        params = {}
+        for n, shape in zip(first["names"], first["shapes"]):
+            src = arrays.get(f"params/{n}")
+            if src is None or list(src.shape) != list(shape):
+                raise CheckpointError(f"{folder!r}: parameter '{n}' is missing or not of the "
+                                      f"shape {tuple(shape)} recorded")
+            params[n] = _native(src, backend, dtype)
+        slots = _held_slots(dp, folder, first, arrays, params)
+    except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
+        error = e
+    pg.agree("load_sharded", error)
     state = dp.init(params)
     local = state.local
-    if sorted(local.slots) != first["slots"]:
-        raise ValueError(f"the checkpoint has slots {first['slots']}, this optimizer "
-                         f"{sorted(local.slots)}")
-    for s in local.slots:
+    for s, per in slots.items():
         views = local.slot(s)
-        for n, view in views.items():
-            src = arrays[f"slots/{s}/{n}"]
-            if tuple(src.shape) != tuple(view.shape):
-                raise ValueError(f"slot '{s}' of '{n}' has shape {src.shape}, expected "
-                                 f"{tuple(view.shape)}")
-            view[...] = native(src)
+        for n, src in per.items():
+            views[n][...] = _native(src, backend, "")
     local.step = int(first["step"])
     local.num_skipped = int(first["num_skipped"])
     local.num_nonfinite = int(first["num_nonfinite"])
-    if set(first["values"]) != set(local.values):
-        raise ValueError(f"the checkpoint has values {sorted(first['values'])}, this "
-                         f"optimizer {sorted(local.values)}")
     local.values = {k: float(v) for k, v in first["values"].items()}
     return params, state

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
@@ -51,9 +51,39 @@ def _empty(n: int, like: Any) -> Any:
 
 
 def _host(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array (a torch bfloat16 tensor as its exactly equal float32 values:
+    NumPy has no bfloat16)."""
     if isinstance(x, np.ndarray):
         return x
-    return x.detach().cpu().numpy()
+    x = x.detach()
+    if str(x.dtype) == "torch.bfloat16":
+        x = x.float()
+    return x.cpu().numpy()
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _holder(opt: Any) -> Any:
+    """The optimizer holding the groups, ``_strict`` and ``clip_norm`` that ``opt`` runs
+    with: a Lookahead's are its inner optimizer's (read-only on the Lookahead itself)."""
+    inner = opt.__dict__.get("inner")
+    return inner if isinstance(inner, Optimizer) else opt
+
+
+def _check_sharded_clip(opt: Any, names: tuple[str, ...]) -> None:
+    """Refuse ``clip_norm`` with per-tensor clipping in sharded mode (checked at ``init`` and
+    again at every ``update``: either may be set in between)."""
+    if opt.clip_norm is None:
+        return
+    _, rows, _ = resolve(_holder(opt), names)
+    per_tensor = [k for k in ("clip_tensor_norm", "clip_block_rms", "adaptive_clip")
+                  if getattr(opt, k) is not None or any(r.get(k) is not None for r in rows)]
+    if per_tensor:
+        raise NotImplementedError(f"shard_state=True: clip_norm together with {per_tensor} "
+                                  f"(the global norm of per-tensor clipped gradients) is not "
+                                  f"supported; nothing changed")
 
 
 _sumsq_kernel: Any = None
@@ -66,7 +96,7 @@ def _sumsq(x: Any) -> float:
     if len(x) == 0:
         return 0.0
     if not isinstance(x, np.ndarray):
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or str(x.dtype) == "torch.bfloat16":  # (no NumPy view)
             import torch
 
             return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
@@ -113,14 +143,15 @@ def _small(values: list[float], like: Any) -> Any:
 
 def broadcast_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """Overwrite every rank's ``params`` (contiguous arrays, in place) with rank 0's, e.g.
-    after an initialisation that was not seeded alike. Returns ``params``."""
+    after an initialisation that was not seeded alike. Returns ``params``. A peer that stops
+    calling is a :class:`~.process_group.PeerError` within the timeout."""
     if pg.world_size() > 1:
-        dist = pg._dist()
-        for name, p in params.items():
-            t = pg.as_torch(p)
+        tensors = [pg.as_torch(p) for p in params.values()]
+        for name, t in zip(params, tensors):  # all checked before any is overwritten
             if not t.is_contiguous():
                 raise ValueError(f"broadcast_params: params['{name}'] is not contiguous")
-            dist.broadcast(t, src=0)
+        for name, t in zip(params, tensors):
+            pg._run(f"broadcast of params['{name}']", pg._dist().broadcast, t, 0)
     return params
 
 
@@ -259,23 +290,8 @@ class DataParallel(FixedParts):
         chunks = ChunkLayout(sizes, assign(sizes, world))
         a, b = chunks.bounds[me]
         own = names[a:b]
-        if opt.clip_norm is not None:
-            _, rows, _ = resolve(opt, names)
-            per_tensor = [k for k in ("clip_tensor_norm", "clip_block_rms", "adaptive_clip")
-                          if getattr(opt, k) is not None or any(r.get(k) is not None
-                                                                 for r in rows)]
-            if per_tensor:
-                raise NotImplementedError(f"shard_state=True: clip_norm together with "
-                                          f"{per_tensor} (the global norm of per-tensor "
-                                          f"clipped gradients) is not supported")
-        strict = opt._strict
-        opt._strict = False
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*matches no parameter")
-                local = opt.init({n: params[n] for n in own})
-        finally:
-            opt._strict = strict
+        _check_sharded_clip(opt, names)
+        local = _local_init(opt, {n: params[n] for n in own})
         state = DistributedState(local, names, shapes, own, True)
         state.chunks = chunks
         state._send = _empty(chunks.total, like)
@@ -337,6 +353,42 @@ class DataParallel(FixedParts):
                                 f"the parameters are {type(view).__name__} of {view.dtype}")
             view[...] = g
 
+    def _check_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                    state: DistributedState) -> None:
+        """Raise, before anything is written, what the step would refuse: parameters and
+        gradients not those of ``init`` (names, shapes, dtypes, array kind) and, sharded, a
+        clipping setting it cannot apply. Every parameter is checked, not only this rank's:
+        the same bad input is then the same error on every rank."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        if not isinstance(gradients, Mapping):
+            raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
+        missing = [n for n in state.names if n not in params]
+        unknown = sorted(set(params) - set(state.names))
+        if missing or unknown:
+            raise KeyMismatchError(f"params must hold exactly the parameters of init: missing "
+                                   f"{missing}, unknown {unknown}")
+        unknown = [n for n in gradients if n not in state._grad_views]
+        if unknown:
+            raise KeyMismatchError(f"gradients for unknown parameter(s) {sorted(unknown)}")
+        ref = state._send
+        want, kind = _dtype_name(ref), type(ref).__name__
+        for i, n in enumerate(state.names):
+            for what, x in (("params", params[n]), ("gradients", gradients.get(n))):
+                if x is None and what == "gradients":
+                    continue
+                if type(x) is not type(ref):
+                    raise TypeError(f"{what}['{n}'] is a {type(x).__name__}; the parameters "
+                                    f"of init are {kind} arrays")
+                if tuple(x.shape) != state.shapes[i]:
+                    raise ShapeError(f"{what}['{n}'] has shape {tuple(x.shape)} but the "
+                                     f"parameter has shape {state.shapes[i]} (as at init)")
+                if _dtype_name(x) != want:
+                    raise DTypeError(f"{what}['{n}'] has dtype {_dtype_name(x)}; the "
+                                     f"parameters of init are {want}")
+        if state.sharded:
+            _check_sharded_clip(self.optimizer, state.names)
+
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
         """One step with this rank's ``gradients``; returns every parameter (updated alike on
@@ -371,7 +423,7 @@ class DataParallel(FixedParts):
     def _sync_groups(self, state: DistributedState) -> None:
         """Resolve parameter groups over all parameters (as one process does), keeping this
         rank's tensors' rows: a group matching only other ranks' tensors is no error."""
-        opt = self.optimizer
+        opt = _holder(self.optimizer)  # (a Lookahead's rows are its inner's)
         key = (opt._groups_version, id(opt._groups))
         cached = state.local.groups
         if cached is None or cached[0] != key:
@@ -393,9 +445,24 @@ def _nbytes(x: Any) -> int:
 @contextlib.contextmanager
 def _no_clip_norm(opt: Any) -> Any:
     """``opt`` with ``clip_norm`` off (the sharded step applies the global one itself)."""
+    opt = _holder(opt)
     saved = opt.clip_norm
     opt.clip_norm = None
     try:
         yield
     finally:
         opt.clip_norm = saved
+
+
+def _local_init(opt: Any, own: Mapping[str, Any]) -> Any:
+    """``opt.init`` of this rank's tensors ``own``: a group or mask matching only other
+    ranks' tensors is no error (``strict`` off) and no warning here."""
+    holder = _holder(opt)
+    strict = holder._strict
+    holder._strict = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*matches no parameter")
+            return opt.init(own)
+    finally:
+        holder._strict = strict

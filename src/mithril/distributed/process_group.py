@@ -164,6 +164,35 @@ def all_gather_bytes(data: bytes) -> list[bytes]:
     return [every[r * width:r * width + int(sizes[r])].tobytes() for r in range(n)]
 
 
+def barrier(what: str) -> None:
+    """Wait for every rank (:class:`PeerError` if a peer stops calling)."""
+    if world_size() > 1:
+        _run(f"barrier ({what})", _dist().barrier)
+
+
+def agree(what: str, error: BaseException | None) -> None:
+    """Every rank learns whether any refused (one :func:`all_gather_bytes`): raise this
+    rank's own ``error``, else, where another rank refused, an error of the class of the
+    first refusing rank's naming it and its message; return where none refused. What a call
+    runs on every rank before it changes anything, so that all refuse alike."""
+    every = all_gather_bytes(b"" if error is None else
+                             f"{type(error).__name__}\0{error}".encode("utf-8", "replace"))
+    if error is not None:
+        raise error
+    for r, text in enumerate(every):
+        if text:
+            from .. import errors
+
+            kind, _, message = text.decode("utf-8", "replace").partition("\0")
+            cls = getattr(errors, kind, None)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls = {c.__name__: c for c in (TypeError, ValueError, KeyError, OSError,
+                                               NotImplementedError, FloatingPointError)
+                       }.get(kind, RuntimeError)
+            raise cls(f"{what}: rank {r} refused, so every rank did (nothing changed): "
+                      f"{message}")
+
+
 def digest(data: bytes) -> bytes:
     """SHA-256 of ``data`` (what ranks compare before exchanging whole descriptions)."""
     return hashlib.sha256(data).digest()

@@ -36,22 +36,31 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     """One sharded step (see the module docstring)."""
     opt, ch, me, world = dp.optimizer, state.chunks, state.rank, state.world
     a, b = ch.bounds[me]
-    if not isinstance(params, Mapping) or params.keys() != set(state.names):
-        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-        raise ValueError(f"params must hold exactly the parameters of init, got {got}")
-    dp._pack(gradients, state, ch.flag)
+    # every rank checks every input before any rank changes anything; a refusal travels in
+    # the norm's all-reduce, so that all ranks raise before any applies its slice
+    refused: Exception | None = None
+    try:
+        dp._check_step(params, gradients, state)
+    except (TypeError, ValueError, KeyError, NotImplementedError) as e:
+        if world == 1:
+            raise
+        refused = e
+    if refused is None:
+        dp._pack(gradients, state, ch.flag)
     recv, data = state._recv, ch.data[me]
     if world > 1:
         pg.reduce_scatter(recv, state._send)
     mine = recv[:data]
     if world > 1:
         _divide(mine, world)
-    local_sq = _sumsq(mine)
-    total = _small([local_sq], mine)
+    local_sq = _sumsq(mine) if refused is None else 0.0
+    total = _small([local_sq, float(refused is not None)], mine)
     pg.all_reduce(total)
+    if float(_host(total)[1]) > 0:
+        pg.agree("DataParallel.update", refused)
     norm = math.sqrt(float(_host(total)[0]))
     state.last_grad_norm = norm
-    sent = {"reduce_scatter": _nbytes(state._send), "all_reduce": 8} if world > 1 else {}
+    sent = {"reduce_scatter": _nbytes(state._send), "all_reduce": 16} if world > 1 else {}
     local = state.local
     name = type(opt).__name__
     if not math.isfinite(norm) and opt.nonfinite in ("skip", "raise"):
@@ -129,3 +138,4 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
             out[n] = state._pfull[lo:hi].reshape(state.shapes[i])
     state._out = out
     return dict(out), state
+
