@@ -102,6 +102,12 @@ class MeanSquaredError(SquaredError):
 _INPUT_TYPES = ("logits", "probs", "log_probs")
 
 
+def _move(xp: Any, a: Any, src: int, dst: int) -> Any:
+    """``a`` with axis ``src`` moved to ``dst`` (NumPy / JAX ``moveaxis``, torch ``movedim``)."""
+    torch = getattr(xp, "t", None) if functional_of(xp) is not None else None
+    return torch.movedim(a, src, dst) if torch is not None else xp.moveaxis(a, src, dst)
+
+
 class CrossEntropy(Operator):
     """Cross-entropy of ``input`` (..., C) against ``target``.
 
@@ -112,6 +118,11 @@ class CrossEntropy(Operator):
     finite loss and gradient, as the published Mithril. ``target`` is either integer class
     indices of shape (...) or one-hot / probability rows of shape (..., C) (told apart by
     dtype). Reduced over the leading dims by ``reduction``.
+
+    ``axis`` is the class axis: the last by default (as optax and Keras, for (B, T, V)
+    logits); ``axis=1`` is torch's ``F.cross_entropy`` and the published Mithril's, for
+    (N, C, d1, ...) logits against (N, d1, ...) indices or (N, C, d1, ...) rows. It is moved
+    last before the loss (and the gradient moved back), so one kernel serves every axis.
     """
 
     inputs = ("input", "target")
@@ -121,12 +132,36 @@ class CrossEntropy(Operator):
     value_checked_inputs = numpy_checked_inputs = frozenset({"target"})
 
     def __init__(self, reduction: str = "mean", input_type: str = "logits", robust: bool = False,
-                 cutoff: float | None = None) -> None:
+                 cutoff: float | None = None, axis: int = -1) -> None:
         self.reduction = _check_reduction(reduction)
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"CrossEntropy: axis must be an int, got {axis!r}")
+        self.axis = int(axis)
         if input_type not in _INPUT_TYPES:
             raise ValueError(f"CrossEntropy: input_type must be one of {_INPUT_TYPES}, got {input_type!r}")
         self.input_type, self.robust = input_type, bool(robust)
         self.cutoff = None if cutoff is None else float(cutoff)
+
+    def _class_axis(self, rank: int) -> int:
+        """The class axis of logits of rank ``rank``, as a non-negative int."""
+        if not -rank <= self.axis < rank:
+            raise ShapeError(f"CrossEntropy: axis {self.axis} is out of range for logits of rank {rank}")
+        return self.axis % rank
+
+    def _last(self, s: Shape) -> Shape:
+        """Shape ``s`` of the logits with the class axis moved last."""
+        ax = self._class_axis(len(s))
+        return (*s[:ax], *s[ax + 1:], s[ax])
+
+    def _moved(self, xp: Any, input: Any, target: Any) -> tuple[int | None, Any, Any]:
+        """The class axis (None: already last) and the logits and target with it last (the
+        target only when it holds rows of the logits' shape)."""
+        ax = self._class_axis(input.ndim)
+        if ax == input.ndim - 1:
+            return None, input, target
+        if target.ndim == input.ndim:
+            target = _move(xp, target, ax, -1)
+        return ax, _move(xp, input, ax, -1), target
 
     def _cutoff(self, dtype: Any) -> float:
         if self.cutoff is not None:
@@ -155,13 +190,15 @@ class CrossEntropy(Operator):
         if s is None or t is None or dt is None or not s:
             return
         key = names["target"]
+        rows = self._last(s)[:-1]  # the logits without their class axis
+        n = s[self._class_axis(len(s))]
         if "int" in dt:
-            if tuple(t) != tuple(s[:-1]):
+            if tuple(t) != tuple(rows):
                 raise ShapeError(f"input '{key}': integer class indices must have shape "
-                                 f"{fmt(s[:-1])} (one per row of logits; {_logits(s, names)}), "
+                                 f"{fmt(rows)} (one per row of logits; {_logits(s, names)}), "
                                  f"got {fmt(t)}")
             labels = arrays.get("target")
-            what = None if labels is None else _out_of_range(labels, s[-1])
+            what = None if labels is None else _out_of_range(labels, n)
             if what is not None:
                 raise ValueError(f"input '{key}': {what} ({_logits(s, names)})")
         elif "float" in dt or dt == "bool":
@@ -178,17 +215,20 @@ class CrossEntropy(Operator):
 
     def infer_shape(self, shapes):
         s, t = shapes.get("input"), shapes.get("target")
-        if s is not None and t is not None:
-            if len(t) == len(s):
-                s = unify(s, t, "input", "target")
-            elif len(t) == len(s) - 1:
-                s = (*unify(s[:-1], t, "input (without its class axis)", "target"), s[-1])
-            else:
-                raise ShapeError(f"'target' shape {fmt(t)} fits neither 'input' {fmt(s)} "
-                                 f"(one-hot) nor {fmt(s[:-1])} (class indices)")
+        if s is not None and not s:
+            raise ShapeError("CrossEntropy: the logits 'input' need a class axis, got shape ()")
         if s is None:
             return None
-        return () if self.reduction != "none" else s[:-1]
+        rows = self._last(s)[:-1]  # one loss per row: the logits without their class axis
+        if t is not None:
+            if len(t) == len(s):
+                rows = self._last(unify(s, t, "input", "target"))[:-1]
+            elif len(t) == len(s) - 1:
+                rows = unify(rows, t, "input (without its class axis)", "target")
+            else:
+                raise ShapeError(f"'target' shape {fmt(t)} fits neither 'input' {fmt(s)} "
+                                 f"(one-hot) nor {fmt(rows)} (class indices)")
+        return () if self.reduction != "none" else rows
 
     @staticmethod
     def _is_index(xp: Any, target: Any) -> bool:
@@ -203,6 +243,24 @@ class CrossEntropy(Operator):
         return dt.itemsize > 1 or "int" in str(dt)  # of the 1-byte ones int8/uint8, not bool
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
+        _, input, target = self._moved(xp, input, target)
+        return self._forward_last(xp, input, target)
+
+    def forward_residuals(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
+        """:meth:`_forward_residuals_last` with the class axis moved last."""
+        _, input, target = self._moved(xp, input, target)
+        return self._forward_residuals_last(xp, input, target)
+
+    def vjp(self, g, out, args, wrt, residuals=None):
+        """:meth:`_vjp_last` of the logits and target with the class axis moved last; the
+        gradients moved back (a loss per row keeps the rows' order, so ``g`` is as is)."""
+        ax, x, t = self._moved(np, args["input"], args["target"])
+        grads = self._vjp_last(g, out, {"input": x, "target": t}, wrt, residuals)
+        if ax is None:
+            return grads
+        return {k: np.moveaxis(v, -1, ax) if np.ndim(v) == x.ndim else v for k, v in grads.items()}
+
+    def _forward_last(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         if F is not None and self.input_type == "logits" and self._is_index(xp, target):
             # one fused log-softmax + NLL each way; rows flattened, as F.cross_entropy wants
@@ -216,7 +274,7 @@ class CrossEntropy(Operator):
                     else nll)
         if (xp is np and self.input_type == "logits" and input.shape[-1]
                 and self._is_index(xp, target)):
-            return self.forward_residuals(xp, input, target)[0]  # the same arithmetic
+            return self._forward_residuals_last(xp, input, target)[0]  # the same arithmetic
         return self._forward(xp, input, target)
 
     def _forward(self, xp: Any, input: Any, target: Any) -> Any:
@@ -231,7 +289,7 @@ class CrossEntropy(Operator):
             return nll
         return xp.mean(nll) if self.reduction == "mean" else xp.sum(nll)
 
-    def forward_residuals(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
+    def _forward_residuals_last(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
         """NumPy: the loss and, for logits against class indices, the softmax rows (N, C)
         its VJP turns into ``g·(softmax − onehot)`` in place: one exp, not two. The loss is
         the same arithmetic as :meth:`forward` on the picked entries only."""
@@ -256,7 +314,7 @@ class CrossEntropy(Operator):
             return nll.reshape(target.shape), e
         return (np.mean(nll) if self.reduction == "mean" else np.sum(nll)), e
 
-    def vjp(self, g, out, args, wrt, residuals=None):
+    def _vjp_last(self, g, out, args, wrt, residuals=None):
         x, t = args["input"], args["target"]
         n = x.size // x.shape[-1]
         gt = g[..., None] if self.reduction == "none" else (g / n if self.reduction == "mean" else g)
@@ -292,4 +350,5 @@ class CrossEntropy(Operator):
 
     def __repr__(self) -> str:
         extra = "" if self.input_type == "logits" else f", input_type={self.input_type!r}"
+        extra += "" if self.axis == -1 else f", axis={self.axis}"
         return f"CrossEntropy(reduction={self.reduction!r}{extra})"
