@@ -379,15 +379,25 @@ class MixedPrecisionTrainer(FixedParts):
         """
         if not isinstance(inputs, Mapping):
             raise TypeError("forward(inputs): inputs must be a dict keyed by name")
-        self._engine.clear()
-        params, ins = self.model._validate(self.compute_params(), self._prepare_inputs(inputs))
-        # the model's mode, seed and step (a training-mode call advances the step counter, so
-        # each step draws new Dropout masks); a model with state (BatchNorm) is refused
-        run = self.model._run_context(None, None, None)
+        # a refused forward changes nothing: the previous forward stays (as torch keeps its
+        # earlier graph), ready for backward_and_update, and the Dropout counter is restored;
+        # the engine replaces what it keeps only once the new forward has run
+        model = self.model
+        params, ins = model._validate(self.compute_params(), self._prepare_inputs(inputs))
+        random_step = getattr(model, "step", None)
         try:
-            out = self._engine.forward(params, ins, run)
-        except InputValueError:  # refused by an operator's NumPy forward: the compiler's
-            self.model._check_concrete(ins, every_value=True)  # checks name the data key
+            # the model's mode, seed and step (a training-mode call advances the step
+            # counter, so each step draws new Dropout masks); a model with state (BatchNorm)
+            # is refused
+            run = model._run_context(None, None, None)
+            try:
+                out = self._engine.forward(params, ins, run)
+            except InputValueError:  # refused by an operator's NumPy forward: the
+                model._check_concrete(ins, every_value=True)  # compiler's checks name the key
+                raise
+        except BaseException:
+            if random_step is not None:
+                model.step = random_step
             raise
         self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
         return out
@@ -434,25 +444,28 @@ class MixedPrecisionTrainer(FixedParts):
                                "forward)")
         cots = self._cotangents(loss_gradients, self._out_shapes)
         scale = self.scaler.scale
+        # the backward pass leaves the forward usable (torch: the graph is retained until
+        # clear()), so that an update that raises changes nothing: the forward, the counters,
+        # the scale and the state all stay, and the same call can be made again
         grads, finite = eng.backward(cots, scale)
-        eng.clear()
         if self._agree is not None:  # data-parallel: skip (and back off) on every rank alike
             finite = self._agree(bool(finite))
-        self.num_steps += 1
-        self.last_gradients = grads
         if finite:
-            self._master, self.optimizer_state = self.optimizer.update(
-                self._master, grads, self.optimizer_state)
+            # (may raise: the optimizer's own checks; it then changed nothing, nor has this)
+            master, state = self.optimizer.update(self._master, grads, self.optimizer_state)
+            self._master, self.optimizer_state = master, state
             self._compute = None
-            st = self.optimizer_state
-            # the optimizer may still refuse the step (e.g. its own checks)
-            success = not getattr(st, "last_step_skipped", False)
+            # the optimizer may still skip the step (nonfinite="skip")
+            success = not getattr(state, "last_step_skipped", False)
         else:
             success = False
             st = getattr(self.optimizer_state, "local", self.optimizer_state)
             if isinstance(st, OptimizerState):
                 st.last_step_skipped = True
                 st.num_skipped += 1
+        eng.clear()  # (one backward per forward)
+        self.num_steps += 1
+        self.last_gradients = grads
         self.scaler.update(found_inf=not finite)
         self.last_step_skipped = not success
         if not success:
