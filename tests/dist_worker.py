@@ -202,7 +202,7 @@ def job_resume4(rank: int, world: int, ckpt: str) -> dict:
     return res
 
 
-def job_faults(rank: int, world: int) -> dict:
+def job_faults(rank: int, world: int, out: str) -> dict:
     from mithril.distributed import DataParallel
 
     res: dict[str, Any] = {}
@@ -239,6 +239,79 @@ def job_faults(rank: int, world: int) -> dict:
     except Exception as e:  # noqa: BLE001 - whatever torch raises is reported
         res["dead_peer"] = f"{type(e).__name__}: {e}"[:300]
     res["waited"] = time.monotonic() - start
+    # rank 1 is gone: the other collectives say so too, and a save writes nothing
+    from mithril.distributed import broadcast_params, save_sharded
+
+    try:
+        broadcast_params(params)
+        res["broadcast"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        res["broadcast"] = f"{type(e).__name__}: {e}"[:300]
+    folder = os.path.join(os.path.dirname(out), "after_death")
+    try:
+        save_sharded(folder, params, dp, state)
+        res["save"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        res["save"] = f"{type(e).__name__}: {e}"[:300]
+    res["save_wrote"] = os.path.exists(folder)
+    return res
+
+
+def job_refusals(rank: int, world: int, folder: str) -> dict:
+    """A step or save refused on one rank or on all: every rank raises, nothing changes
+    (state, params, the checkpoint on disk); bfloat16 torch parameters on 2 ranks."""
+    import hashlib
+
+    import torch
+
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+    from mithril.utils.optimizers import Adam
+
+    res: dict[str, Any] = {}
+    params = {"w": np.ones((8, 4)), "b": np.zeros(4), "c": np.zeros(4)}
+    g = {k: np.full(v.shape, 0.1) for k, v in params.items()}
+    dp = DataParallel(Adam(0.1), shard_state=True)
+    st = dp.init(params)
+    params, st = dp.update(params, g, st)
+    save_sharded(folder, params, dp, st)
+
+    def snapshot() -> str:
+        return hashlib.sha256(b"".join(open(os.path.join(folder, f), "rb").read() + f.encode()
+                                       for f in sorted(os.listdir(folder)))).hexdigest()
+
+    def slots() -> dict:
+        return {s: {n: np.asarray(a).tolist() for n, a in st.slot(s).items()}
+                for s in st.local.slots}
+
+    disk, held, norm = snapshot(), slots(), st.last_grad_norm
+    for case, bad in (("all", True), ("rank1", rank == 1)):
+        p = dict(params, w=np.ones((3, 3))) if bad else params
+        try:
+            dp.update(p, g, st)
+            res[case] = "accepted"
+        except Exception as e:  # noqa: BLE001 - the class and message are the result
+            res[case] = f"{type(e).__name__}: {e}"
+        res[case + "/unchanged"] = (st.step, st.last_grad_norm == norm, slots() == held)
+        p = {"w": params["w"]} if bad else params
+        try:
+            save_sharded(folder, p, dp, st)
+            res[case + "/save"] = "accepted"
+        except Exception as e:  # noqa: BLE001
+            res[case + "/save"] = f"{type(e).__name__}: {e}"
+        res[case + "/disk"] = snapshot() == disk
+    params, st = dp.update(params, g, st)  # the state is as before the refusals
+    res["params"] = {n: np.asarray(a).tolist() for n, a in params.items()}
+    loaded, st2 = load_sharded(folder, DataParallel(Adam(0.1), shard_state=True))
+    res["loaded_step"] = st2.step
+    # bfloat16 torch: both ranks' gradients alike, so the mean is theirs exactly
+    for shard in (False, True):
+        tp = {n: torch.from_numpy(a).to(torch.bfloat16) for n, a in init_params("float64").items()}
+        tg = {n: torch.full_like(a, 0.25) for n, a in tp.items()}
+        dp = DataParallel(Adam(0.01), shard_state=shard)
+        st = dp.init(tp)
+        for _ in range(3):
+            tp, st = dp.update(tp, tg, st)
+        res[f"bf16/{shard}"] = {n: a.float().numpy().tolist() for n, a in tp.items()}
     return res
 
 
@@ -251,10 +324,12 @@ def main() -> None:
         res = job_equivalence(rank, world, out, sys.argv[6])
     elif job == "mixed":
         res = job_mixed(rank, world)
+    elif job == "refusals":
+        res = job_refusals(rank, world, sys.argv[6])
     elif job == "resume4":
         res = job_resume4(rank, world, sys.argv[6])
     else:
-        res = job_faults(rank, world)
+        res = job_faults(rank, world, out)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
     os._exit(0)  # no teardown: a dead peer must not make this rank wait

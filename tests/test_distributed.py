@@ -314,8 +314,52 @@ def test_dead_peer_and_mismatch(tmp_path) -> None:
                                atol=1e-12)
     assert res["one_tensor"]["owned"] == [] and res["one_tensor"]["step"] == 3
     assert res["dead_peer"].startswith("PeerError: mithril.distributed: ")
+    assert res["broadcast"].startswith("PeerError: mithril.distributed: broadcast")
+    assert res["save"].startswith("PeerError: mithril.distributed: ")
+    assert res["save_wrote"] is False
     assert res["waited"] < 15  # within the 10 s timeout (plus slack), not a hang
     assert time.monotonic() - started < 120
+
+
+def test_refusals_two_ranks(tmp_path) -> None:
+    """A sharded step or a save refused on every rank, or on rank 1 only, raises on both
+    ranks and changes nothing: not the state (the next step equals one process's second
+    step), not the checkpoint on disk. bfloat16 torch parameters step on 2 ranks as in one."""
+    import torch
+
+    from mithril.utils.optimizers import Adam
+
+    res = _launch("refusals", str(tmp_path), (str(tmp_path / "ck"),), deadline=180)
+    for r in range(2):
+        got = res[r]
+        assert got["all"].startswith("ShapeError: params['w'] has shape (3, 3)")
+        assert got["rank1"].startswith("ShapeError: " + ("" if r else "DataParallel.update: "
+                                                          "rank 1 refused"))
+        assert "params['w'] has shape (3, 3)" in got["rank1"]
+        assert got["all/save"].startswith("KeyMismatchError: save_sharded: params must hold")
+        assert got["rank1/save"].startswith("KeyMismatchError: save_sharded: " +
+                                            ("" if r else "rank 1 refused"))
+        for case in ("all", "rank1"):
+            assert got[case + "/unchanged"] == [1, True, True]  # step, norm, slots
+            assert got[case + "/disk"] is True
+        assert got["loaded_step"] == 1
+    opt = Adam(0.1)
+    p = {"w": np.ones((8, 4)), "b": np.zeros(4), "c": np.zeros(4)}
+    st = opt.init(p)
+    for _ in range(2):
+        p, st = opt.update(p, {k: np.full(v.shape, 0.1) for k, v in p.items()}, st)
+    for r in range(2):
+        for n in p:
+            np.testing.assert_allclose(np.array(res[r]["params"][n]), p[n], rtol=1e-15)
+    for shard in (False, True):
+        tp = {n: torch.from_numpy(a).to(torch.bfloat16) for n, a in W.init_params("float64").items()}
+        opt = Adam(0.01)
+        st = opt.init(tp)
+        for _ in range(3):
+            tp, st = opt.update(tp, {n: torch.full_like(a, 0.25) for n, a in tp.items()}, st)
+        for r in range(2):
+            for n in tp:
+                assert res[r][f"bf16/{shard}"][n] == tp[n].float().numpy().tolist()
 
 
 def test_init_arguments(monkeypatch) -> None:
