@@ -299,6 +299,17 @@ def job_refusals(rank: int, world: int, folder: str) -> dict:
         except Exception as e:  # noqa: BLE001
             res[case + "/save"] = f"{type(e).__name__}: {e}"
         res[case + "/disk"] = snapshot() == disk
+    # replicated: a bad parameter on rank 1 only is refused by both before either steps
+    rp = {k: v.copy() for k, v in params.items()}
+    rdp = DataParallel(Adam(0.1))
+    rst = rdp.init(rp)
+    try:
+        rdp.update(dict(rp, b=np.ones(5)) if rank == 1 else rp, g, rst)
+        res["replicated"] = "accepted"
+    except Exception as e:  # noqa: BLE001
+        res["replicated"] = f"{type(e).__name__}: {e}"
+    res["replicated/step"] = rst.step
+    res["replicated/m"] = np.asarray(rst.slot("m")["w"]).tolist()
     params, st = dp.update(params, g, st)  # the state is as before the refusals
     res["params"] = {n: np.asarray(a).tolist() for n, a in params.items()}
     loaded, st2 = load_sharded(folder, DataParallel(Adam(0.1), shard_state=True))

@@ -343,6 +343,10 @@ def test_refusals_two_ranks(tmp_path) -> None:
             assert got[case + "/unchanged"] == [1, True, True]  # step, norm, slots
             assert got[case + "/disk"] is True
         assert got["loaded_step"] == 1
+        assert got["replicated"].startswith("ShapeError: " + ("" if r else "DataParallel."
+                                                              "update: rank 1 refused"))
+        assert "params['b'] has shape (5,)" in got["replicated"]
+        assert got["replicated/step"] == 0 and not np.any(got["replicated/m"])
     opt = Adam(0.1)
     p = {"w": np.ones((8, 4)), "b": np.zeros(4), "c": np.zeros(4)}
     st = opt.init(p)

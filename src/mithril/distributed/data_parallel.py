@@ -33,11 +33,15 @@ from . import process_group as pg
 from .sharding import ChunkLayout, assign
 
 
-def _kind(p: Any) -> str:
+def _kind(p: Any, other: Any = "raise") -> Any:
+    """``"numpy"`` or ``"torch"``; for anything else ``other``, or where that is
+    ``"raise"``, a NotImplementedError."""
     if isinstance(p, np.ndarray):
         return "numpy"
     if type(p).__module__.split(".", 1)[0] == "torch":
         return "torch"
+    if other != "raise":
+        return other
     raise NotImplementedError(f"DataParallel works on NumPy and torch arrays (torch.distributed); "
                               f"got a {type(p).__module__}.{type(p).__name__}")
 
@@ -377,7 +381,8 @@ class DataParallel(FixedParts):
             for what, x in (("params", params[n]), ("gradients", gradients.get(n))):
                 if x is None and what == "gradients":
                     continue
-                if type(x) is not type(ref):
+                if (type(x) is not type(ref) if what == "gradients" else
+                        not hasattr(x, "shape") or _kind(x, None) != _kind(ref)):
                     raise TypeError(f"{what}['{n}'] is a {type(x).__name__}; the parameters "
                                     f"of init are {kind} arrays")
                 if tuple(x.shape) != state.shapes[i]:
@@ -408,9 +413,19 @@ class DataParallel(FixedParts):
             state.last_grad_norm = state.local.last_grad_norm
             return new, state
         total = len(state._send) - len(state.names)
-        self._pack(gradients, state, lambda i: total + i)
         buf = state._send
+        # every rank checks its inputs before any applies the step; a refusal is a NaN flag,
+        # which the all-reduce hands every rank, so that all raise and none updates
+        refused: Exception | None = None
+        try:
+            self._check_step(params, gradients, state)
+            self._pack(gradients, state, lambda i: total + i)
+        except (TypeError, ValueError, KeyError) as e:
+            refused = e
+            buf[total] = math.nan
         pg.all_reduce(buf)
+        if math.isnan(float(_host(buf[total:total + 1])[0])):
+            pg.agree("DataParallel.update", refused)
         if state.world > 1:
             _divide(buf[:total], state.world)
         state.bytes_communicated = {"all_reduce": _nbytes(buf)} if state.world > 1 else {}
