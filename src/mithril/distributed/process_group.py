@@ -55,8 +55,7 @@ def init(rank: int | None = None, world_size: int | None = None, *,
     Arguments not given are read from ``torchrun``'s environment: ``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR`` (default ``127.0.0.1``) and ``MASTER_PORT``. ``timeout`` (seconds)
     bounds how long any collective waits for a peer: a rank that died or stopped calling
-    gives a ``RuntimeError`` (``torch.distributed.DistBackendError``) within it, never a
-    hang. ``backend``: ``"gloo"`` (CPU tensors, the default) or ``"nccl"`` (CUDA)."""
+    gives a :class:`PeerError` (a ``RuntimeError``) within it, never a hang. ``backend``: ``"gloo"`` (CPU tensors, the default) or ``"nccl"`` (CUDA)."""
     if is_initialized():
         return
     size = _env_int("WORLD_SIZE", world_size)
