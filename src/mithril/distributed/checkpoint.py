@@ -130,9 +130,13 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     except BaseException:
         _remove(pending)  # nothing was committed: the earlier checkpoint stands
         raise
-    os.replace(pending, path)  # commit: every rank has its complete shard on disk
-    _fsync_folder(folder)
-    pg.barrier("save_sharded")
+    try:  # commit: every rank has its complete shard on disk
+        os.replace(pending, path)
+        _fsync_folder(folder)
+    except OSError as e:
+        error = e
+    pg.agree(f"save_sharded (renaming the shards: {folder!r} may now hold shards of two "
+             f"saves, which load_sharded refuses)", error)
     if me == 0:  # stale: another world size's shards, and uncommitted files
         for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors*")):
             m, p = _NAME.search(f), _PENDING.search(f)

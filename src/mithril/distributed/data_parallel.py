@@ -11,7 +11,7 @@
   wrapped optimizer on those tensors alone (their slots are all the optimizer state it
   holds), then an all-gather gives every rank every updated parameter. The global gradient
   norm (``clip_norm``, ``state.last_grad_norm``, the non-finite policies) is one more
-  all-reduce of one float64.
+  all-reduce of two float64s (with the count of ranks refusing the step's inputs).
 """
 
 from __future__ import annotations
