@@ -314,6 +314,21 @@ def job_refusals(rank: int, world: int, folder: str) -> dict:
     res["params"] = {n: np.asarray(a).tolist() for n, a in params.items()}
     loaded, st2 = load_sharded(folder, DataParallel(Adam(0.1), shard_state=True))
     res["loaded_step"] = st2.step
+    # two saves of the very same state, shards mixed (as a kill during the renames leaves)
+    import shutil
+
+    from mithril.distributed import process_group as pg
+
+    for f in ("x", "y"):
+        save_sharded(folder + f, params, dp, st)
+    if rank == 0:
+        shutil.copy(os.path.join(folder + "y", "shard-00001-of-00002.safetensors"), folder + "x")
+    pg.barrier("test")
+    try:
+        load_sharded(folder + "x", DataParallel(Adam(0.1), shard_state=True))
+        res["mixed"] = "accepted"
+    except Exception as e:  # noqa: BLE001
+        res["mixed"] = f"{type(e).__name__}: {e}"
     # bfloat16 torch: both ranks' gradients alike, so the mean is theirs exactly
     for shard in (False, True):
         tp = {n: torch.from_numpy(a).to(torch.bfloat16) for n, a in init_params("float64").items()}

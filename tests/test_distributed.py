@@ -343,6 +343,7 @@ def test_refusals_two_ranks(tmp_path) -> None:
             assert got[case + "/unchanged"] == [1, True, True]  # step, norm, slots
             assert got[case + "/disk"] is True
         assert got["loaded_step"] == 1
+        assert got["mixed"].startswith("CheckpointError: ") and "on save" in got["mixed"]
         assert got["replicated"].startswith("ShapeError: " + ("" if r else "DataParallel."
                                                               "update: rank 1 refused"))
         assert "params['b'] has shape (5,)" in got["replicated"]
