@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import elementwise_kernels
-from .operator import Operator, backend_of, functional_of, stop_gradient
+from .operator import Operator, ShapeError, backend_of, functional_of, stop_gradient
 
 
 class Relu(Operator):
@@ -147,7 +147,17 @@ class Softmax(Operator):
     vjp_ignores = frozenset({"input"})
 
     def __init__(self, axis: int = -1) -> None:
-        self.axis = axis
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
+        self.axis = int(axis)
+
+    def infer_shape(self, shapes):
+        """The input's shape; an axis out of range is a ShapeError at compile time (the
+        compiler adds the block's path), not a backend's error at evaluate."""
+        s = shapes.get("input")
+        if s is not None and not -len(s) <= self.axis < len(s):
+            raise ShapeError(f"axis {self.axis} is out of range for rank {len(s)}")
+        return s
 
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
