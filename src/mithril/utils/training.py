@@ -79,6 +79,7 @@ import numpy as np
 from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
 from .fixed_parts import FixedParts
+from .optimizers.checks import _check_params as check_params
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 from .train_step_jax import (
@@ -145,6 +146,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
         self._returned: tuple | None = None  # the params tuple the last fused step returned
         self._returned_state: Any = None  # and its opt_state
         self._views_checked: Any = None  # see _model_views
+        self._state_checked: Any = None  # see _check_state
         # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
         # and those the JAX program has run with (compiled: nothing left to warn about)
         self._data_sigs: set[tuple] = set()
@@ -289,21 +291,47 @@ class TrainStep(FixedParts, HyperparameterWatch):
         the optimizer returned (already checked, of the right type, shape and dtype)."""
         c, opt = self.compiled, self.optimizer
         cots = self._cotangents()
+        if self._own:  # the state and params the update would refuse, before the model runs
+            self._check_state(params, opt_state)
         views = opt_state.param_views if isinstance(opt_state, OptimizerState) else None
-        if (views is not None and isinstance(params, Mapping) and len(views) == len(params)
-                and state is None and params.keys() == views.keys()
-                and all(map(operator.is_, params.values(), views.values()))
-                and self._model_views(views)):
-            ins = self._inputs(data, signature(data) if isinstance(data, Mapping) else None)
-            outputs, grads = c._evaluate(params, ins, cots, None)
-        elif state is None:
-            outputs, grads = c.evaluate(params, data, output_gradients=cots)
-        else:
-            outputs, grads, state = c.evaluate(params, data, output_gradients=cots, state=state)
-        params, opt_state = opt.update(params, grads, opt_state)
+        random_step = c.step  # (each training-mode evaluation of a random model moves it)
+        try:
+            if (views is not None and isinstance(params, Mapping) and len(views) == len(params)
+                    and state is None and params.keys() == views.keys()
+                    and all(map(operator.is_, params.values(), views.values()))
+                    and self._model_views(views)):
+                ins = self._inputs(data, signature(data) if isinstance(data, Mapping) else None)
+                outputs, grads = c._evaluate(params, ins, cots, None)
+            elif state is None:
+                outputs, grads = c.evaluate(params, data, output_gradients=cots)
+            else:
+                outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
+                                                   state=state)
+            params, opt_state = opt.update(params, grads, opt_state)
+        except BaseException:  # a refused step (nonfinite="raise", a wrapper's own checks)
+            c.step = random_step  # changes nothing: the next step draws the masks it would
+            raise
         self._norm_of = opt_state  # (read when asked: it may still be on the device)
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, state)
+
+    def _check_state(self, params: Any, opt_state: Any) -> None:
+        """What the optimizer's ``update`` checks of ``opt_state`` and ``params`` (its kind
+        and slots; the params' keys, array type, dtype and shapes against it), before the
+        model runs: a state of another optimizer or of other params, or params the model
+        would convert but the optimizer refuses (NumPy arrays on torch), is refused before
+        anything runs. A state checked with the params it returned is not checked again
+        (the loop's steady state: one identity test)."""
+        if opt_state is self._state_checked and isinstance(params, Mapping) and \
+                opt_state.returned(params):
+            return
+        check_state_kind(self.optimizer, opt_state)
+        same_params("the optimizer state",
+                    dict(zip(opt_state.layout.names, opt_state.layout.shapes)),
+                    self.compiled.program.param_shapes)
+        if isinstance(params, Mapping) and not opt_state.returned(params):
+            check_params(self.optimizer, params, opt_state)
+        self._state_checked = opt_state
 
     def _closure_step(self, params: Mapping[str, Any], opt_state: Any,
                       data: Mapping[str, Any], state: Any) -> tuple:
@@ -500,29 +528,37 @@ class TrainStep(FixedParts, HyperparameterWatch):
                            else jnp.array(a, copy=True) for a in (checked[n] for n in names))
         sig = signature(data) if isinstance(data, Mapping) else None
         ins = self._inputs(data, sig)
-        opt_state = self._fed(opt_state)
-        lr = float(self.optimizer.learning_rate)
-        run = c._run_context(None, state, None)
-        if run is not None:
-            rng, mstate, training = c._eval._rng(run), dict(run.state), run.training
-        else:
-            rng, mstate, training = None, {}, True
-        run_sig = (sig, training)
-        if sig is not None and run_sig in self._run_sigs:  # compiled: nothing to warn about
-            new, opt_state, out, new_mstate, norm = self._jitted(
-                ptuple, opt_state, ins, rng, mstate, lr, self._hyper_args, training=training)
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                # what the program returns is committed to its device: so must be what it is
-                # first given of the same (params, state), or the second step compiles again
-                ptuple, opt_state, mstate = committed((ptuple, opt_state, mstate))
+        # a state the program refuses (of another optimizer, of other params: refused while
+        # tracing, before a buffer is donated) changes nothing, the Dropout counter and the
+        # pending re-read of the state's hyperparameters included
+        random_step, resync = c.step, self._resync
+        try:
+            opt_state = self._fed(opt_state)
+            lr = float(self.optimizer.learning_rate)
+            run = c._run_context(None, state, None)
+            if run is not None:
+                rng, mstate, training = c._eval._rng(run), dict(run.state), run.training
+            else:
+                rng, mstate, training = None, {}, True
+            run_sig = (sig, training)
+            if sig is not None and run_sig in self._run_sigs:  # compiled: nothing to warn about
                 new, opt_state, out, new_mstate, norm = self._jitted(
                     ptuple, opt_state, ins, rng, mstate, lr, self._hyper_args, training=training)
-            if sig is not None:
-                if len(self._run_sigs) >= 256:
-                    self._run_sigs.clear()
-                self._run_sigs.add(run_sig)
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                    # what the program returns is committed to its device: so must be what it is
+                    # first given of the same (params, state), or the second step compiles again
+                    ptuple, opt_state, mstate = committed((ptuple, opt_state, mstate))
+                    new, opt_state, out, new_mstate, norm = self._jitted(
+                        ptuple, opt_state, ins, rng, mstate, lr, self._hyper_args, training=training)
+                if sig is not None:
+                    if len(self._run_sigs) >= 256:
+                        self._run_sigs.clear()
+                    self._run_sigs.add(run_sig)
+        except BaseException:
+            c.step, self._resync = random_step, resync
+            raise
         self._returned, self._returned_state = new, opt_state
         self.last_grad_norm = norm
         params = dict(zip(names, new, strict=True))
