@@ -8,11 +8,12 @@ torch on every backend (``Absolute`` has gradient 0 at 0).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
-from .operator import Operator, broadcast_shapes, torch_of, unbroadcast
+from .operator import Operator, backend_of, broadcast_shapes, torch_of, unbroadcast
 
 
 # -- unary -----------------------------------------------------------------------------------
@@ -133,26 +134,55 @@ class Divide(_Broadcasting):
         return res
 
 
+@functools.cache
+def _jax_power() -> Any:
+    """``base ** exponent`` for JAX with torch's derivatives at base 0 (see :class:`Power`):
+    JAX's own give NaN there (0·0⁻¹ for exponent 0, 0·log 0 for the exponent)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_jvp
+    def power(b: Any, e: Any) -> Any:
+        return b ** e
+
+    @power.defjvp
+    def power_jvp(primals: Any, tangents: Any) -> Any:
+        b, e = primals
+        db, de = tangents
+        out = b ** e
+        d_base = jnp.where(e == 0, 0, e * b ** (e - 1))
+        d_exp = jnp.where((b == 0) & (e >= 0), 0, out * jnp.log(b))
+        return out, d_base * db + d_exp * de
+
+    return power
+
+
 class Power(_Broadcasting):
     """base ** exponent. ``Power(exponent=2.0)`` fixes the exponent: only ``base`` is an input.
-    The exponent's gradient is out·log(base) (NaN for a negative base, as torch)."""
+    The exponent's gradient is out·log(base) (NaN for a negative base, as torch). At base 0
+    the gradients are torch's on every backend: the base's is 0 where the exponent is 0, the
+    exponent's 0 where the exponent is >= 0 (not 0·0⁻¹ or 0·log 0, NaN)."""
 
     def __init__(self, exponent: float | None = None) -> None:
         self._exponent = None if exponent is None else float(exponent)
         self.inputs = ("base",) if exponent is not None else ("base", "exponent")
 
     def forward(self, xp: Any, base: Any, exponent: Any = None) -> Any:
-        return base ** (self._exponent if exponent is None else exponent)
+        e = self._exponent if exponent is None else exponent
+        if backend_of(xp) == "jax":  # torch's derivatives at base 0 (torch has them itself)
+            return _jax_power()(base, xp.asarray(e, dtype=base.dtype))
+        return base ** e
 
     def vjp(self, g, out, args, wrt):
         b = args["base"]
         e = self._exponent if self._exponent is not None else args["exponent"]
         res = {}
-        if "base" in wrt:
-            res["base"] = unbroadcast(g * e * b ** (e - 1), b.shape)
-        if "exponent" in wrt:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                res["exponent"] = unbroadcast(g * out * np.log(b), np.shape(e))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if "base" in wrt:  # 0 where the exponent is 0 (torch), not 0·0⁻¹ at base 0
+                res["base"] = unbroadcast(g * np.where(e == 0, 0, e * b ** (e - 1)), b.shape)
+            if "exponent" in wrt:  # 0 at base 0 for an exponent >= 0 (torch), not 0·log 0
+                d = np.where((b == 0) & (e >= 0), 0, out * np.log(b))
+                res["exponent"] = unbroadcast(g * d, np.shape(e))
         return res
 
     def __repr__(self) -> str:
