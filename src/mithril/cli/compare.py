@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from .common import (
     run_config,
 )
 from .data import load_digits_split
-from .errors import CLIError
+from .errors import CLIError, TrainingError
 from .options import OPTIMIZERS, SCHEDULER_NAMES, check_name, parse_spec
 from .plots import compare_figure
 from .report import (
     default_out_dir,
     ensure_writable_dir,
+    new_dirs,
+    remove_empty_dirs,
     staged_dir,
     table,
     write_csv,
@@ -49,7 +52,9 @@ settings (step_size, gamma, t_max, warmup_steps, ...), which replace the shared 
 Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
 results.json (the ranking), and one folder per configuration with its metrics.csv,
 epochs.csv and summary.json. They are written into a hidden folder beside --out that is
-renamed at the end, so --out never holds a partial set.
+renamed at the end, so --out never holds a partial set. Ctrl-C (status 130), or a
+non-finite gradient in a configuration with nonfinite=raise (one error line naming it, status
+1), stops the comparison: the configurations run so far are ranked and written.
 """
 
 EXAMPLES = """\
@@ -91,16 +96,34 @@ def slug(i: int, text: str) -> str:
 
 def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> list[dict]:
     rows = [{"config": label, **r.final, "steps": len(r.steps), "total_s": r.total_s,
-             "interrupted": r.interrupted, "optimizer": r.optimizer, "schedule": r.schedule,
-             "folder": folder}
+             "interrupted": r.interrupted, "error": r.error, "optimizer": r.optimizer,
+             "schedule": r.schedule, "folder": folder}
             for label, r, folder in zip(labels, results, folders)]
-    rows.sort(key=lambda r: (-r["test_acc"], r["test_loss"]))
+
+    def order(r: dict) -> tuple[bool, float, float]:  # a diverged (NaN) run ranks last
+        acc, loss = r["test_acc"], r["test_loss"]
+        return (math.isnan(acc), -acc if not math.isnan(acc) else 0.0,
+                loss if not math.isnan(loss) else math.inf)
+
+    rows.sort(key=order)
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
+    made: list[Path] = []  # the folders this command creates (--out and missing parents)
+    status = 1
+    try:
+        status = compare_command(args, made)
+        return status
+    finally:
+        if status != 0:  # failed before writing: no empty output folder is left
+            remove_empty_dirs(made)
+
+
+def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
+    """``mithril compare``; the folders it creates are added to ``made`` before it does."""
     data = load_digits_split(args.test_size, args.split_seed)
     runs: list[tuple[str, Run]] = []
     for text in args.configs:
@@ -111,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"config {text!r}: {exc}") from None
     out = Path(args.out) if args.out else default_out_dir("compare", args.name)
     if not args.dry_run:
+        made += new_dirs(out)
         ensure_writable_dir(out)
     first = runs[0][1]
     print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
@@ -124,11 +148,17 @@ def run(args: argparse.Namespace) -> int:
     results: list[RunResult] = []
     folders: list[str] = []
     interrupted = False
+    error: str | None = None
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
         for i, (label, r) in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] {label}: {r.optimizer_repr}; "
                   f"schedule {r.schedule.description}")
             res = r.train(progress=False if args.no_progress else None, desc=label)
+            if res.error is not None:  # nonfinite=raise: stop as Ctrl-C does
+                error = f"config {label!r}: {res.error}"
+                if not res.steps:  # not one step: nothing of it to keep
+                    print(f"    stopped at its first step: {res.error}")
+                    break
             folder = stage / slug(i, label)
             folder.mkdir()
             write_run(res, folder, r.steps_per_epoch, plot=False)
@@ -137,10 +167,13 @@ def run(args: argparse.Namespace) -> int:
             folders.append(folder.name)
             print(f"    test acc {res.final['test_acc']:.2%}, test loss "
                   f"{res.final['test_loss']:.4f} ({res.total_s:.1f} s)")
-            if res.interrupted:
-                interrupted = True
-                print("interrupted: ranking the configurations run so far")
+            if res.interrupted or res.error is not None:
+                interrupted = res.interrupted
+                print(f"{'interrupted' if interrupted else 'stopped on an error'}: ranking "
+                      f"the configurations run so far")
                 break
+        if not results:  # the first configuration failed at once: write nothing
+            raise TrainingError(error)
         rows = ranking(labels, results, folders)
         written = [write_csv(stage / "results.csv", rows, RESULT_FIELDS),
                    write_json(stage / "results.json",
@@ -159,4 +192,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"]
                  for r in rows], align="rlrrrrr"))
     print(f"wrote {', '.join(str(f) for f in files)}")
+    if error is not None:
+        raise TrainingError(f"{error}; the configurations run so far are written to {out}")
     return 130 if interrupted else 0

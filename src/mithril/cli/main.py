@@ -5,7 +5,9 @@ Errors in what the user typed (unknown names, bad hyperparameters, unwritable pa
 with an argparse-style ``mithril CMD: error: ...`` line and exit status 2, never a traceback.
 A missing optional dependency (the ``cli`` extra, or the backend's) is found before any work
 and ends with one line naming the module and the ``pip install`` that brings it, status 1.
-Ctrl-C ends with status 130, after writing what was measured.
+Ctrl-C ends with status 130, after writing what was measured. Training that has to stop (a
+non-finite gradient with ``--nonfinite raise``) ends with one ``mithril CMD: error: ...`` line
+naming the step and status 1, after writing the steps completed before it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import cache, compare, predict, schedule, train
-from .errors import CLIError
+from .errors import CLIError, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: exit status of a missing optional dependency (2 is kept for mistakes on the command line)
 MISSING_MODULE_STATUS = 1
+#: exit status of training that had to stop (:class:`TrainingError`), as a failed process
+TRAINING_ERROR_STATUS = 1
 
 
 def needed_modules(args: argparse.Namespace) -> dict[str, str]:
@@ -92,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CLIError as exc:
         args.parser.error(str(exc))
+    except TrainingError as exc:  # not a usage error: no usage line
+        print(f"mithril {args.command}: error: {exc}", file=sys.stderr)
+        return TRAINING_ERROR_STATUS
     except KeyboardInterrupt:
         print(f"\nmithril {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -52,6 +52,26 @@ def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+def new_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the folders
+    :func:`ensure_writable_dir` is about to create, which a failed command removes again."""
+    made, p = [], Path(path)
+    while p != p.parent and not p.exists() and not p.is_symlink():
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove the folders ``dirs`` (deepest first) while they are empty: a failed command
+    leaves no empty folder it created, and never removes anything that holds a file."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (files were written), or gone: keep it and its parents
+            return
+
+
 def ensure_writable_file(path: Path, flag: str = "--out", example: str = "schedule.png"
                          ) -> Path:
     """Check that ``path`` (a file) can be written: its folder is created and probed.

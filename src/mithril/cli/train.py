@@ -20,6 +20,7 @@ from .common import (
     run_config,
 )
 from .data import Dataset
+from .errors import TrainingError
 from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
 from .parallel import (
     Parallel,
@@ -36,6 +37,8 @@ from .plots import training_figure
 from .report import (
     default_out_dir,
     ensure_writable_dir,
+    new_dirs,
+    remove_empty_dirs,
     staged_dir,
     table,
     write_csv,
@@ -84,7 +87,10 @@ and write, under --out:
   summary.json  the configuration, final metrics and timings
   training.png  loss, accuracy, learning rate and gradient norm against the step
 
-Ctrl-C stops training and still writes everything measured so far (exit status 130). The
+Ctrl-C stops training and still writes everything measured so far (exit status 130); so
+does a non-finite gradient with --nonfinite raise, which then ends with one error line naming
+the step and the parameters, exit status 1 (and nothing is written if it was the first step).
+The
 files are written into a hidden folder beside --out that is renamed at the end, so the folder
 never holds a partial set (a second Ctrl-C while writing leaves it as it was).
 """
@@ -171,7 +177,8 @@ def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
                "label": result.label, "schedule": result.schedule,
                "momentum_hyperparameter": result.momentum, "final": result.final,
                "steps": len(result.steps), "epochs_completed": len(result.epochs),
-               "interrupted": result.interrupted, "total_s": result.total_s,
+               "interrupted": result.interrupted, "error": result.error,
+               "total_s": result.total_s,
                "epoch_s": times, **(extra or {})}
     files.append(write_json(out / "summary.json", summary))
     if plot and result.steps:
@@ -212,6 +219,18 @@ def describe_data(data: Dataset, run: Run) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    made: list[Path] = []  # the folders this command creates (--out and missing parents)
+    status = 1
+    try:
+        status = train_command(args, made)
+        return status
+    finally:
+        if status != 0:  # failed (or stopped before writing): no empty run folder is left
+            remove_empty_dirs(made)
+
+
+def train_command(args: argparse.Namespace, made: list[Path]) -> int:
+    """``mithril train``; the folders it creates are added to ``made`` before it does."""
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
@@ -233,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             raise
     if world is None or world.rank == 0:
         if not args.dry_run:
+            made += new_dirs(out)
             ensure_writable_dir(out)
         if world is None or world.launcher == "torchrun" or world.size == 1 or not world.member:
             print_header(args, job, cfg, training, world)
@@ -279,8 +299,10 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
     lead = world is None or world.rank == 0
     result = training.train(progress=False if args.no_progress or not lead else None,
                             desc="train", log=print)
-    if not lead:
-        return 130 if result.interrupted else 0
+    if not lead:  # rank 0 reports
+        return 1 if result.error else 130 if result.interrupted else 0
+    if result.error is not None and not result.steps:
+        raise TrainingError(result.error)  # not one step completed: nothing to write
     extra, text = job.finish(training, result) if job.finish is not None else ({}, "")
     extra = {**extra, **(world.summary() if world is not None else
                          {"nprocs": 1, "shard_state": False, "launcher": None})}
@@ -291,12 +313,17 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
             written += job.write(training, stage)
     files = [out / f.name for f in written]
     print()
-    if result.interrupted:
-        print(f"interrupted after {len(result.steps)} of {training.total_steps} steps; "
+    if result.interrupted or result.error is not None:
+        why = "interrupted" if result.interrupted else "stopped by an error"
+        print(f"{why} after {len(result.steps)} of {training.total_steps} steps; "
               f"results so far:")
     if text:
         print(text)
     print(final_table(result))
     print(timing_line(result))
     print(f"wrote {', '.join(str(f) for f in files)}")
+    if result.error is not None:
+        n = len(result.steps)
+        raise TrainingError(f"{result.error}; the {n} step{'s' * (n != 1)} before it "
+                            f"{'are' if n != 1 else 'is'} written to {out}")
     return 130 if result.interrupted else 0

@@ -2,7 +2,9 @@
 
 A :class:`Run` is built (and every setting validated) before anything slow
 happens; :meth:`Run.train` then loops over epochs and batches. Ctrl-C inside the loop ends it
-early: the result is marked ``interrupted`` and keeps everything measured so far.
+early: the result is marked ``interrupted`` and keeps everything measured so far. A
+non-finite gradient with ``nonfinite="raise"`` ends it the same way, the result's ``error``
+naming the step, the epoch and the parameters (the commands then exit with an error).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import mithril as ml
 from ..utils.optimizers import global_norm
 from ..utils.training import make_train_step
 from .data import Dataset
-from .errors import CLIError
+from .errors import CLIError, TrainingError
 from .networks import ModelSpec, mlp_spec
 from .options import COMMON_OPTIONS, OPTIMIZERS, Schedule, build_optimizer, build_schedule
 
@@ -96,6 +98,9 @@ class RunResult:
     metric: str = "acc"
     #: what was trained, for the plot's title
     model: str = "digits MLP"
+    #: why training stopped early with an error (a non-finite gradient with
+    #: ``--nonfinite raise``: the step, the epoch, the parameters), or None
+    error: str | None = None
 
 
 def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:
@@ -423,12 +428,15 @@ class Run:
                        disable=None if progress is None else not progress, leave=True)
         show_epochs = log is not None and bar.disable
         interrupted = False
+        error: str | None = None
         start = time.perf_counter()
         try:
             with thread_limit(cfg.threads, cfg.backend):
                 self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc)
         except KeyboardInterrupt:
             interrupted = True
+        except TrainingError as exc:  # kept like an interrupt: the steps before it stand
+            error = str(exc)
         finally:
             bar.close()
         total = time.perf_counter() - start
@@ -436,12 +444,13 @@ class Run:
             last = epochs[-1]
             final = {k: last[k] for k in self.metric_names()}
         else:  # interrupted inside an epoch: measure where the parameters are now
-            with thread_limit(cfg.threads, cfg.backend):
+            # (after a non-finite gradient they may be huge: inf/NaN metrics, no warnings)
+            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"):
                 final = self.measure()
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
                          self.label, self.schedule.description,
                          None if self.momentum is None else self.momentum.name, self.metric,
-                         self.spec.description)
+                         self.spec.description, error)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
               epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
@@ -455,7 +464,11 @@ class Run:
             for xb, yb in self.batches(epoch, rng):
                 lr = self.optimizer.get_learning_rate()
                 momentum = None if self.momentum is None else self.momentum.get()
-                loss, acc, norm, skipped = self.step(xb, yb)
+                try:
+                    loss, acc, norm, skipped = self.step(xb, yb)
+                except FloatingPointError as exc:  # nonfinite="raise": the step is undone
+                    raise TrainingError(f"step {len(steps) + 1} (epoch {epoch}/{cfg.epochs}): "
+                                        f"{exc} (nonfinite=raise)") from exc
                 if not skipped:  # a skipped (non-finite) step does not advance the schedule
                     self.schedule.after_step()
                 steps.append({"step": len(steps) + 1, "epoch": epoch, "loss": loss, key: acc,
