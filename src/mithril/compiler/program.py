@@ -131,6 +131,39 @@ class _Builder:
                 self.flatten(block, inner, path)
 
 
+def _fill_constant(b: _Builder, prog: Program, w: int, want: Shape, where: str, uses: int) -> None:
+    """Broadcast the constant on wire ``w`` (a number for ``Linear``'s weight) to the
+    parameter shape ``want``, as a float array: the operator's forward and VJP read a float
+    parameter of its own shape on every backend. Refused where that shape has a free dimension
+    or where other blocks read the same constant (they would see the broadcast array)."""
+    value = b.consts[w]
+    if value.dtype.kind in "biu":
+        value = value.astype(np.float64)  # an int weight is a float parameter's value
+    if tuple(value.shape) != want and (any(d is None for d in want) or uses > 1):
+        why = "has a free dimension" if uses <= 1 else "is read by other blocks as well"
+        raise ShapeError(f"{where}: a constant of shape {fmt(tuple(b.consts[w].shape))} cannot be "
+                         f"broadcast to the parameter's shape {fmt(want)} (it {why}); give the "
+                         "constant that whole shape")
+    full = np.array(np.broadcast_to(value, want))  # a copy: its own, writable array
+    b.consts[w] = prog.constants[b.names[w]] = full
+    b.shapes[w] = want
+
+
+def _check_disjoint(groups: Mapping[str, tuple[str, ...]]) -> None:
+    """A key in two of ``compile``'s key sets (a constant that is also data, ...) is a
+    ``ValueError`` naming the keys and the sets, as in the published Mithril: which role
+    it would get is otherwise an accident of the order they are applied in."""
+    seen: dict[str, list[str]] = {}
+    for what, keys in groups.items():
+        for key in dict.fromkeys(keys):
+            seen.setdefault(key, []).append(what)
+    common = {k: v for k, v in seen.items() if len(v) > 1}
+    if common:
+        detail = "; ".join(f"'{k}' in {' and '.join(v)}" for k, v in common.items())
+        raise ValueError("compile: constant, data, trainable and discard keys must be disjoint "
+                         f"sets; common keys: {detail}")
+
+
 def build_program(model: Model | Operator, shapes: Mapping[str, object] | None = None,
                   trainable_keys: Iterable[str] = (), *, data_keys: Iterable[str] = (),
                   constant_keys: Mapping[str, object] | None = None,
@@ -141,6 +174,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     "w")``) is a parameter under its name unless named in ``data_keys`` (then a data input)
     or given a value. ``constant_keys`` folds in values for inputs; ``discard_keys`` drops
     outputs."""
+    data_keys, trainable_keys, discard_keys = tuple(data_keys), tuple(trainable_keys), tuple(discard_keys)
+    _check_disjoint({"constant_keys": tuple(constant_keys or ()), "data_keys": data_keys,
+                     "trainable_keys": trainable_keys, "discard_keys": discard_keys})
     if isinstance(model, Operator):
         top = Model()
         top |= model
@@ -240,6 +276,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
                 if broadcast_shapes(want, got, f"{node.path}.{key}") != tuple(want):
                     raise ShapeError(f"{node.path}.{key}: a constant of shape {fmt(got)} does not "
                                      f"broadcast to the parameter's shape {fmt(want)}")
+                if got != tuple(want) or b.consts[w].dtype.kind in "biu":
+                    _fill_constant(b, prog, w, tuple(want), f"{node.path}.{key}",
+                                   len(consumers.get(w, ())))
             else:
                 b.merge_shape(w, want, f"{node.path}.{key}")
             in_shapes[key] = b.shapes[w]
