@@ -469,11 +469,26 @@ def cout_key(block: Block, hidden: AbstractSet[str] = frozenset()) -> str | None
     return "output" if "output" in shown else shown[0]
 
 
+def _as_dim(key: str, shape: Any, d: Any) -> int | None:
+    """One declared dimension: an int, or ``None`` / a symbolic name (``"N"``) for a free one.
+    Anything else (a bool, a float, a numeric string) is refused, not rounded."""
+    if d is None:
+        return None
+    if isinstance(d, str):
+        if d.isidentifier():
+            return None  # a symbolic name is a free dimension (names are not shared here)
+        raise TypeError(f"shape of '{key}': dimension {d!r} is not an int, None or a symbolic "
+                        f"name such as 'N', in {shape!r}")
+    if isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)):
+        if d < 0:
+            raise ValueError(f"shape of '{key}' has a negative dimension: {shape!r}")
+        return int(d)
+    raise TypeError(f"shape of '{key}': dimension {d!r} ({type(d).__name__}) must be an int, "
+                    f"None or a symbolic name such as 'N', in {shape!r}")
+
+
 def _as_shape(key: str, shape: Any) -> Shape:
-    try:
-        s = tuple(None if d is None else int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape of '{key}' must be a sequence of int or None, got {shape!r}") from None
-    if any(d is not None and d < 0 for d in s):
-        raise ValueError(f"shape of '{key}' has a negative dimension: {shape!r}")
-    return s
+    """A declared shape (``[None, 784]``, ``("N", 3)``) as a tuple of ints and ``None``."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape of '{key}' must be a sequence of int or None, got {shape!r}")
+    return tuple(_as_dim(key, shape, d) for d in shape)
