@@ -3,6 +3,7 @@ forward+VJP are each one ``jax.jit`` function (compiled once per input shape).""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,22 @@ class JaxBackend(Backend):
         return _JaxEvaluator(program, jit)
 
 
+def _full_cotangents(out: Mapping[str, Any], cots: Mapping[str, Any]) -> dict[str, Any]:
+    """A cotangent for every output, in that output's dtype (``jax.vjp`` wants them to match:
+    a ``Cast`` to float32 in a float64 model has a float32 output), zeros where none is given."""
+    import jax.numpy as jnp
+
+    full = {}
+    for k, v in out.items():
+        if k not in cots:
+            full[k] = jnp.zeros_like(v)
+        elif cots[k].dtype != v.dtype and jnp.issubdtype(v.dtype, jnp.floating):
+            full[k] = cots[k].astype(v.dtype)
+        else:
+            full[k] = cots[k]
+    return full
+
+
 class _JaxEvaluator(Evaluator):
     """Parameters travel as a tuple in program order: cheaper to flatten than a dict on
     every call, and the gradients come back in the order of ``get_parameters()``."""
@@ -112,7 +129,7 @@ class _JaxEvaluator(Evaluator):
 
         def fwd_vjp(ptuple, inputs, cots):
             out, pull = jax.vjp(lambda p: fwd(p, inputs), ptuple)
-            full = {k: cots[k] if k in cots else jnp.zeros_like(v) for k, v in out.items()}
+            full = _full_cotangents(out, cots)
             return out, pull(full)[0]
 
         self._fwd = jax.jit(fwd) if jit else fwd
@@ -129,7 +146,7 @@ class _JaxEvaluator(Evaluator):
         def fwd_vjp_ctx(ptuple, inputs, rng, state, cots, training):
             out, pull, new_state = jax.vjp(lambda p: fwd_ctx(p, inputs, rng, state, training),
                                            ptuple, has_aux=True)
-            full = {k: cots[k] if k in cots else jnp.zeros_like(v) for k, v in out.items()}
+            full = _full_cotangents(out, cots)
             return out, pull(full)[0], new_state
 
         static = {"static_argnames": ("training",)}

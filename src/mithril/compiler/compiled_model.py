@@ -270,16 +270,28 @@ class CompiledModel:
 
     # -- evaluation --------------------------------------------------------------------
     def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str,
-                     fdtype: Any) -> Any:
+                     fdtype: Any, also: str | None = None) -> Any:
         """``x`` as a native array of shape ``pattern`` and kind ``want`` (``fdtype`` is the
-        backend's native float dtype), or a ``ShapeError`` / ``TypeError`` naming ``key``."""
+        backend's native float dtype; ``also`` another float dtype taken as it is: a ``Cast``
+        output's own, for its gradient), or a ``ShapeError`` / ``TypeError`` naming ``key``."""
         b = self.backend
         if not b.is_native(x):
+            keep = None
+            if want == "float" and kind != "input" and getattr(x, "dtype", None) is not None:
+                # parameters and output gradients must have the model's dtype whatever the
+                # array's framework: checked before converting, as a native array is
+                own = str(x.dtype).removeprefix("torch.")
+                keep = own if own == also else None
+                if own != str(b.dtype).removeprefix("torch.") and keep is None and np.ndim(x) > 0:
+                    raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {own}")
             if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
                 # input data keeps a float16/bfloat16 dtype, to be refused below as on a backend
                 # whose own arrays they are; float32/float64 data is cast (see _CASTABLE)
                 own = _float_name(x) if kind == "input" and want == "float" else None
-                x = b.array(x, own if own is not None and own not in _CASTABLE else None)
+                if keep is None and (own is None or own in _CASTABLE):
+                    x = b.array(x, None)
+                else:
+                    x = b.array(x, keep or own)
             else:
                 raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
         shape = x.shape
@@ -288,7 +300,7 @@ class CompiledModel:
         if want == "float":
             if x.dtype != fdtype and kind == "input" and b.dtype_name(x) in _CASTABLE:
                 x = b.array(x, b.dtype)
-            elif x.dtype != fdtype:
+            elif x.dtype != fdtype and (also is None or b.dtype_name(x) != also):
                 raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
         elif want == "int" and "int" not in b.dtype_name(x):
             raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
@@ -540,6 +552,17 @@ class CompiledModel:
                 raise ShapeError(f"output gradient '{k}': expected shape {fmt(shape)} (the "
                                  f"output's for these inputs), got {fmt(tuple(g.shape))}")
 
+    def _cast_dtype(self, name: str) -> str | None:
+        """The float dtype of output ``name`` when a ``Cast`` to another float dtype makes it
+        (its gradient may have that dtype as well as the model's), else None."""
+        from ..models.primitives import Cast
+
+        w = self.program.outputs.get(name)
+        for node in self.program.nodes:
+            if node.out == w and isinstance(node.op, Cast) and node.op.dtype.startswith(("float", "bfloat")):
+                return node.op.dtype
+        return None
+
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
         # cotangent another reference holds, see codegen)
@@ -562,7 +585,7 @@ class CompiledModel:
                 # a Python or NumPy number (a native one may live on a GPU: kept as it is)
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
-                                        self.backend.native_dtype())
+                                        self.backend.native_dtype(), self._cast_dtype(k))
         if key:
             self._last_cots = (key, cots)
         return cots
