@@ -189,6 +189,21 @@ def same_params(what: str, got: Mapping[str, Any], expected: Mapping[str, Any]) 
                              f"{tuple(shape)}")
 
 
+def state_before_run(optimizer: Any, param_shapes: Mapping[str, Any], params: Any,
+                     opt_state: Any) -> None:
+    """What ``optimizer.update`` checks of ``opt_state`` (its kind and slots, its
+    parameters against the model's ``param_shapes``) and of ``params`` against it (keys,
+    array type, dtype, shapes: the optimizer's own check), for the separate-calls step to
+    refuse them before the model runs (and moves its Dropout counter)."""
+    from .optimizers.checks import _check_params, check_state_kind
+
+    check_state_kind(optimizer, opt_state)
+    same_params("the optimizer state", dict(zip(opt_state.layout.names,
+                                                opt_state.layout.shapes)), param_shapes)
+    if isinstance(params, Mapping) and not opt_state.returned(params):
+        _check_params(optimizer, params, opt_state)
+
+
 class HyperparameterWatch:
     """:class:`~mithril.utils.training.TrainStep`'s watch on the hyperparameters its JAX
     program reads: the learning rate on every call; a float one, after its first change,

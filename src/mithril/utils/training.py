@@ -44,7 +44,9 @@ How each backend runs it:
   ``step.last_grad_norm`` is the global gradient norm of the last step (a 0-d array); by
   default it is not computed (one more reduction per tensor in the program, ~3% of a small
   MLP's step) and stays None. Equal to the separate calls to float32 rounding (~1e-7 relative: the
-  per-step scalars are computed in float32 inside the program).
+  per-step scalars are computed in float32 inside the program). With ``nonfinite="skip"``
+  the program counts the skipped steps in the donated state (``hyperparams["num_skipped"]``;
+  :meth:`TrainStep.to_optimizer_state`'s ``num_skipped``).
 * **JAX with an** :class:`~mithril.utils.optimizers.state.OptimizerState` (what
   ``optimizer.init`` returns): the separate calls, unfused, so that every engine feature
   (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed at every step
@@ -79,7 +81,6 @@ import numpy as np
 from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
 from .fixed_parts import FixedParts
-from .optimizers.checks import _check_params as check_params
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 from .train_step_jax import (
@@ -89,10 +90,13 @@ from .train_step_jax import (
     gradients_norm,
     refuse_consumed,
     same_params,
+    state_before_run,
     step_body,
 )
 
 __all__ = ["TrainStep", "make_train_step"]
+
+_INT32_MAX = 2**31 - 1  # (an OptaxState's count saturates there)
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -190,7 +194,21 @@ class TrainStep(FixedParts, HyperparameterWatch):
             if adopt:
                 self.optimizer.adopt(params, state)
             return state
-        return self._transformation().init(dict(params))
+        return self._counted(self._transformation().init(dict(params)), 0)
+
+    #: where an ``OptaxState`` counts the steps ``nonfinite="skip"`` skipped (its hyperparams)
+    SKIPPED = "num_skipped"
+
+    def _counted(self, state: Any, skipped: int) -> Any:
+        """``state`` (an ``OptaxState``) with the skipped-steps counter at ``skipped`` when
+        the optimizer skips non-finite steps (the program then counts them, as ``update``'s
+        ``state.num_skipped``)."""
+        if self.optimizer.nonfinite != "skip":
+            return state
+        import jax.numpy as jnp
+
+        return state._replace(hyperparams={**state.hyperparams,
+                                           self.SKIPPED: jnp.asarray(skipped, jnp.int32)})
 
     def from_optimizer_state(self, state: OptimizerState) -> Any:
         """``state`` (of ``optimizer.init`` / ``update``, or a loaded checkpoint) as the state
@@ -219,8 +237,9 @@ class TrainStep(FixedParts, HyperparameterWatch):
                        for n, v in state.slot(s).items()} for s in template.tensor_slots}
         values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
                   for k in template.values}
-        return template._replace(count=jnp.asarray(state.step, jnp.int32), slots=slots,
-                                 tensor_slots=tensors, values=values)
+        return self._counted(template, state.num_skipped)._replace(
+            count=jnp.asarray(state.step, jnp.int32), slots=slots, tensor_slots=tensors,
+            values=values)
 
     def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> OptimizerState:
         """The fused JAX step's ``opt_state`` as ``optimizer.init(params)`` would hold it
@@ -254,6 +273,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
             else:
                 eng.np_view(flat)[...] = data
         out.step = int(opt_state.count)
+        if self.SKIPPED in opt_state.hyperparams:  # (nonfinite="skip": the program counts)
+            out.num_skipped = int(opt_state.hyperparams[self.SKIPPED])
         out.values.update({k: float(v) for k, v in opt_state.values.items()})
         return out
 
@@ -316,22 +337,13 @@ class TrainStep(FixedParts, HyperparameterWatch):
             params, opt_state, outputs, state)
 
     def _check_state(self, params: Any, opt_state: Any) -> None:
-        """What the optimizer's ``update`` checks of ``opt_state`` and ``params`` (its kind
-        and slots; the params' keys, array type, dtype and shapes against it), before the
-        model runs: a state of another optimizer or of other params, or params the model
-        would convert but the optimizer refuses (NumPy arrays on torch), is refused before
-        anything runs. A state checked with the params it returned is not checked again
-        (the loop's steady state: one identity test)."""
-        if opt_state is self._state_checked and isinstance(params, Mapping) and \
-                opt_state.returned(params):
-            return
-        check_state_kind(self.optimizer, opt_state)
-        same_params("the optimizer state",
-                    dict(zip(opt_state.layout.names, opt_state.layout.shapes)),
-                    self.compiled.program.param_shapes)
-        if isinstance(params, Mapping) and not opt_state.returned(params):
-            check_params(self.optimizer, params, opt_state)
-        self._state_checked = opt_state
+        """:func:`state_before_run` (what ``update`` would refuse, before the model runs),
+        but once per state while it is given the params it returned (the steady state)."""
+        if opt_state is not self._state_checked or not isinstance(params, Mapping) or \
+                not opt_state.returned(params):
+            state_before_run(self.optimizer, self.compiled.program.param_shapes, params,
+                             opt_state)
+            self._state_checked = opt_state
 
     def _closure_step(self, params: Mapping[str, Any], opt_state: Any,
                       data: Mapping[str, Any], state: Any) -> tuple:
@@ -440,13 +452,21 @@ class TrainStep(FixedParts, HyperparameterWatch):
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
         with_ctx = c.program.has_context
+        skipped_key = self.SKIPPED
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
-            new, opt_state, out, new_mstate, grads = step_body(
+            new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
                 hyper)
-            return new, opt_state, out, new_mstate, (
+            held = opt_state.hyperparams
+            if skipped_key in held:  # a skipped step leaves the count (unless saturated)
+                count = opt_state.count
+                skipped = (new_state.count == count) & (count != _INT32_MAX)
+                new_state = new_state._replace(hyperparams={
+                    **new_state.hyperparams,
+                    skipped_key: held[skipped_key] + skipped.astype(held[skipped_key].dtype)})
+            return new, new_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 
         return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
