@@ -275,3 +275,13 @@ def test_jax_more_devices_than_there_are(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "--devices 3" in res.stderr and "2 cpu device(s)" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_jax_devices_dry_run_checks_like_the_run(tmp_path):
+    """--dry-run with --devices 2 gives JAX its 2 CPU devices before the run's backend starts
+    JAX (it was refused: 'JAX sees 1 cpu device(s)', though the run itself trains)."""
+    res = run_procs(["train", *TINY, "--backend", "jax", "--devices", "2", "--dry-run",
+                     "--out", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 device(s) (jax.sharding)" in res.stdout and "dry run: would train" in res.stdout
+    assert not (tmp_path / "run").exists()

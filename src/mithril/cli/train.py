@@ -238,6 +238,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     cfg.task, cfg.task_settings = job.task, job.settings
     out = Path(args.out) if args.out else default_out_dir("train", args.name)
     if world is not None and (not world.member or args.dry_run):  # check, then start them
+        if world.engine == "jax":  # --devices N: JAX gets its devices before the run starts it
+            check(world, None)
         training = Run(cfg, job.data, job.spec, job.batches)  # validates every setting first
         check(world, training)
     else:
