@@ -51,3 +51,17 @@ def test_a_mask_fixes_the_free_axis_it_reads():
 def test_a_float_index_array_is_refused():
     with pytest.raises(TypeError, match="ints or bools"):
         Indexer(([0.5, 1.0],))
+
+
+def test_a_mask_in_an_expression_indexes_as_numpy():
+    from mithril.models import Buffer, Model
+
+    m = Model()
+    m |= Buffer()(input="x", output="x_copy")
+    m |= Buffer()(input=m.x[:, np.array(MASK)] * 2.0, output="y")
+    b = NumpyBackend(dtype="float64")
+    c = ml.compile(m, b, shapes={"x": [2, 3]})
+    x = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_allclose(c.evaluate({}, {"x": x})["y"], x[:, np.array(MASK)] * 2.0)
+    with pytest.raises(TypeError, match="unsupported index True"):
+        _ = m.x[True]

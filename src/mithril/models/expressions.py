@@ -152,8 +152,9 @@ def _index_text(index: Any) -> str:
 
 
 def _check_index(index: Any, receiver: ConnectionOps) -> None:
-    """Indices the ``Indexer`` operator takes: ints, slices of ints, None, ``...`` and integer
-    lists / arrays, or a tuple of those; booleans are refused (NumPy reads them as masks)."""
+    """Indices the ``Indexer`` operator takes: ints, slices of ints, None, ``...``, integer
+    lists / arrays and boolean masks (lists / arrays of bools), or a tuple of those; a lone
+    boolean is refused (NumPy would read it as a new axis)."""
     _static(index, f"[{index!r}]", receiver)
     for i in index if isinstance(index, tuple) else (index,):
         if i is None or i is Ellipsis:
@@ -165,11 +166,12 @@ def _check_index(index: Any, receiver: ConnectionOps) -> None:
                 continue
         elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
             continue
-        elif isinstance(i, (list, np.ndarray)) and np.asarray(i).dtype.kind in "iu":
+        elif isinstance(i, (list, np.ndarray)) and (np.asarray(i).dtype.kind in "iu" or (
+                np.asarray(i).dtype.kind == "b" and np.ndim(i) > 0)):
             continue
         raise TypeError(f"{receiver!r}[...]: unsupported index {i!r}; an index is an int, a slice "
-                        "of ints (step not 0), None, ..., an integer list or array, or a tuple "
-                        "of those")
+                        "of ints (step not 0), None, ..., an integer list or array, a boolean "
+                        "mask (a list or array of bools), or a tuple of those")
 
 
 class ConnectionOps:
