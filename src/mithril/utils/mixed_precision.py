@@ -436,7 +436,9 @@ class MixedPrecisionTrainer(FixedParts):
         ``loss_gradients`` maps output names to dLoss/dOutput (any float dtype, or a Python
         number for a scalar output such as a loss). Returns ``(master_params,
         optimizer_state, success)``; ``success`` is ``False`` when the step was skipped
-        because a gradient was inf/NaN (the loss scale then backs off).
+        because a gradient was inf/NaN (the loss scale then backs off). A call that raises
+        (bad loss gradients, an update the optimizer refuses) changes nothing: the forward
+        is kept, and the call can be made again.
         """
         eng = self._engine
         if eng._saved is None:
