@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 
 from ..backends.backend import Backend
-from ..errors import DTypeError, InputValueError, KeyMismatchError, ShapeError
+from ..errors import InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
+from .array_checks import cast_dtype, check_array
+from .array_checks import shape_matches as _shape_matches
 from .listing import program_listing, summary_text, write_listing
 from .program import Program, build_program
 
@@ -49,24 +51,6 @@ def _is_traced(x: Any) -> bool:
     """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
     jax = sys.modules.get("jax")
     return jax is not None and isinstance(x, jax.core.Tracer)
-
-
-#: input data in these dtypes is cast to the model's float dtype on every backend (NumPy's and
-#: Python's float64 and float32 data); other float dtypes must be the model's (DTypeError)
-_CASTABLE = ("float32", "float64")
-
-
-def _float_name(x: Any) -> str | None:
-    """The dtype name of array-like ``x`` when it is a float dtype (``None`` otherwise)."""
-    dt = getattr(x, "dtype", None)
-    name = str(dt).removeprefix("torch.") if dt is not None else None
-    return name if name in ("float16", "bfloat16", "float32", "float64") else None
-
-
-def _shape_matches(shape: tuple, pattern: tuple | None) -> bool:
-    if pattern is None:
-        return True
-    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern, strict=True))
 
 
 class CompiledModel:
@@ -271,40 +255,8 @@ class CompiledModel:
     # -- evaluation --------------------------------------------------------------------
     def _check_array(self, kind: str, key: str, x: Any, pattern: tuple | None, want: str,
                      fdtype: Any, also: str | None = None) -> Any:
-        """``x`` as a native array of shape ``pattern`` and kind ``want`` (``fdtype`` is the
-        backend's native float dtype; ``also`` another float dtype taken as it is: a ``Cast``
-        output's own, for its gradient), or a ``ShapeError`` / ``TypeError`` naming ``key``."""
-        b = self.backend
-        if not b.is_native(x):
-            keep = None
-            if want == "float" and kind != "input" and getattr(x, "dtype", None) is not None:
-                # parameters and output gradients must have the model's dtype whatever the
-                # array's framework: checked before converting, as a native array is
-                own = str(x.dtype).removeprefix("torch.")
-                keep = own if own == also else None
-                if own != str(b.dtype).removeprefix("torch.") and keep is None and np.ndim(x) > 0:
-                    raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {own}")
-            if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
-                # input data keeps a float16/bfloat16 dtype, to be refused below as on a backend
-                # whose own arrays they are; float32/float64 data is cast (see _CASTABLE)
-                own = _float_name(x) if kind == "input" and want == "float" else None
-                if keep is None and (own is None or own in _CASTABLE):
-                    x = b.array(x, None)
-                else:
-                    x = b.array(x, keep or own)
-            else:
-                raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
-        shape = x.shape
-        if shape != pattern and not _shape_matches(tuple(shape), pattern):
-            raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(tuple(shape))}")
-        if want == "float":
-            if x.dtype != fdtype and kind == "input" and b.dtype_name(x) in _CASTABLE:
-                x = b.array(x, b.dtype)
-            elif x.dtype != fdtype and (also is None or b.dtype_name(x) != also):
-                raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
-        elif want == "int" and "int" not in b.dtype_name(x):
-            raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
-        return x
+        """``x`` checked and converted for this backend (see :func:`check_array`)."""
+        return check_array(self.backend, kind, key, x, pattern, want, fdtype, also)
 
     def _validate(self, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[dict, dict]:
         ps, ins, _, _ = self._prepare(params, inputs, partial=False)
@@ -552,17 +504,6 @@ class CompiledModel:
                 raise ShapeError(f"output gradient '{k}': expected shape {fmt(shape)} (the "
                                  f"output's for these inputs), got {fmt(tuple(g.shape))}")
 
-    def _cast_dtype(self, name: str) -> str | None:
-        """The float dtype of output ``name`` when a ``Cast`` to another float dtype makes it
-        (its gradient may have that dtype as well as the model's), else None."""
-        from ..models.primitives import Cast
-
-        w = self.program.outputs.get(name)
-        for node in self.program.nodes:
-            if node.out == w and isinstance(node.op, Cast) and node.op.dtype.startswith(("float", "bfloat")):
-                return node.op.dtype
-        return None
-
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
         # cotangent another reference holds, see codegen)
@@ -585,7 +526,7 @@ class CompiledModel:
                 # a Python or NumPy number (a native one may live on a GPU: kept as it is)
                 g = self.backend.array(np.asarray(g, dtype=np.float64))
             cots[k] = self._check_array("output gradient", k, g, pattern, "float",
-                                        self.backend.native_dtype(), self._cast_dtype(k))
+                                        self.backend.native_dtype(), cast_dtype(self.program, k))
         if key:
             self._last_cots = (key, cots)
         return cots

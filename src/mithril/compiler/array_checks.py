@@ -1,0 +1,84 @@
+"""The checks ``evaluate`` makes of each array it is given (parameters, inputs, state,
+output gradients): shape, kind and dtype, by one rule on every backend, converting arrays of
+another framework only after their dtype is checked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DTypeError, ShapeError
+from ..models.operator import fmt
+
+if TYPE_CHECKING:
+    from ..backends.backend import Backend
+    from .program import Program
+
+#: input data in these dtypes is cast to the model's float dtype on every backend (NumPy's and
+#: Python's float64 and float32 data); other float dtypes must be the model's (DTypeError)
+_CASTABLE = ("float32", "float64")
+
+
+def _float_name(x: Any) -> str | None:
+    """The dtype name of array-like ``x`` when it is a float dtype (``None`` otherwise)."""
+    dt = getattr(x, "dtype", None)
+    name = str(dt).removeprefix("torch.") if dt is not None else None
+    return name if name in ("float16", "bfloat16", "float32", "float64") else None
+
+
+def shape_matches(shape: tuple, pattern: tuple | None) -> bool:
+    """``shape`` fits ``pattern`` (``None`` entries, or a ``None`` pattern: any size)."""
+    if pattern is None:
+        return True
+    return len(shape) == len(pattern) and all(p is None or p == s for s, p in zip(shape, pattern, strict=True))
+
+
+def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, want: str,
+                fdtype: Any, also: str | None = None) -> Any:
+    """``x`` as a native array of backend ``b``, of shape ``pattern`` and kind ``want``
+    (``fdtype`` is the backend's native float dtype; ``also`` another float dtype taken as
+    it is: a ``Cast`` output's own, for its gradient), or a ``ShapeError`` /
+    ``TypeError`` naming ``key``."""
+    if not b.is_native(x):
+        keep = None
+        if want == "float" and kind != "input" and getattr(x, "dtype", None) is not None:
+            # parameters and output gradients must have the model's dtype whatever the
+            # array's framework: checked before converting, as a native array is
+            own = str(x.dtype).removeprefix("torch.")
+            keep = own if own == also else None
+            if own != str(b.dtype).removeprefix("torch.") and keep is None and np.ndim(x) > 0:
+                raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {own}")
+        if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)) or hasattr(x, "__array__"):
+            # input data keeps a float16/bfloat16 dtype, to be refused below as on a backend
+            # whose own arrays they are; float32/float64 data is cast (see _CASTABLE)
+            own = _float_name(x) if kind == "input" and want == "float" else None
+            if keep is None and (own is None or own in _CASTABLE):
+                x = b.array(x, None)
+            else:
+                x = b.array(x, keep or own)
+        else:
+            raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
+    shape = x.shape
+    if shape != pattern and not shape_matches(tuple(shape), pattern):
+        raise ShapeError(f"{kind} '{key}': expected shape {fmt(pattern)}, got {fmt(tuple(shape))}")
+    if want == "float":
+        if x.dtype != fdtype and kind == "input" and b.dtype_name(x) in _CASTABLE:
+            x = b.array(x, b.dtype)
+        elif x.dtype != fdtype and (also is None or b.dtype_name(x) != also):
+            raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
+    elif want == "int" and "int" not in b.dtype_name(x):
+        raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
+    return x
+
+
+def cast_dtype(program: Program, name: str) -> str | None:
+    """The float dtype of output ``name`` when a ``Cast`` to another float dtype makes it
+    (its gradient may have that dtype as well as the model's), else None."""
+    from ..models.primitives import Cast
+
+    w = program.outputs.get(name)
+    for node in program.nodes:
+        if node.out == w and isinstance(node.op, Cast) and node.op.dtype.startswith(("float", "bfloat")):
+            return node.op.dtype
+    return None
