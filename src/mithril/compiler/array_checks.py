@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 _CASTABLE = ("float32", "float64")
 
 
+#: arrays that must have the model's float dtype whatever their framework (a NumPy float64
+#: weight is refused by a float32 model on every backend, not cast by torch and JAX only)
+_STRICT = ("parameter", "output gradient")
+
+
 def _float_name(x: Any) -> str | None:
     """The dtype name of array-like ``x`` when it is a float dtype (``None`` otherwise)."""
     dt = getattr(x, "dtype", None)
@@ -42,7 +47,7 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
     ``TypeError`` naming ``key``."""
     if not b.is_native(x):
         keep = None
-        if want == "float" and kind != "input" and getattr(x, "dtype", None) is not None:
+        if want == "float" and kind in _STRICT and getattr(x, "dtype", None) is not None:
             # parameters and output gradients must have the model's dtype whatever the
             # array's framework: checked before converting, as a native array is
             own = str(x.dtype).removeprefix("torch.")
