@@ -301,6 +301,7 @@ def hide_module(monkeypatch, name: str) -> None:
 ])
 def test_missing_extra_is_one_line_and_status_1_before_any_work(tmp_path, capsys, monkeypatch,
                                                                 module, argv, extra):
+    import sklearn  # noqa: F401 - loaded first: it imports threadpoolctl, which a case hides
     hide_module(monkeypatch, module)
     out = tmp_path / "never"
     budget = [] if argv[0] == "plot-schedule" else QUICK[:4]  # in case it did run

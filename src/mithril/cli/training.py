@@ -430,8 +430,8 @@ class Run:
         interrupted = False
         error: str | None = None
         start = time.perf_counter()
-        try:
-            with thread_limit(cfg.threads, cfg.backend):
+        try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
+            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"):
                 self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc)
         except KeyboardInterrupt:
             interrupted = True
@@ -444,7 +444,7 @@ class Run:
             last = epochs[-1]
             final = {k: last[k] for k in self.metric_names()}
         else:  # interrupted inside an epoch: measure where the parameters are now
-            # (after a non-finite gradient they may be huge: inf/NaN metrics, no warnings)
+            # (after a non-finite gradient they may be huge: inf/NaN metrics)
             with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"):
                 final = self.measure()
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
