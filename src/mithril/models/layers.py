@@ -98,6 +98,10 @@ class Embedding(Operator):
         idx, n = arrays.get("input"), self.num_embeddings
         if idx is None or not math.prod(idx.shape):
             return
+        if hasattr(idx, "aminmax"):
+            from .losses import _torch_reducible
+
+            idx = _torch_reducible(idx)
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"input '{names['input']}': embedding index {hi if hi >= n else lo} "
@@ -116,6 +120,8 @@ class Embedding(Operator):
             t = xp.t
             return F.embedding(input if input.dtype in (t.int64, t.int32) else input.long(),
                                weight)
+        if input.dtype.itemsize < 4:  # JAX's index normalisation would build n in that dtype
+            input = input.astype("int32")
         return weight[input]
 
     def vjp(self, g, out, args, wrt):

@@ -33,7 +33,7 @@ def _out_of_range(labels: Any, n: int) -> str | None:
     if not size or _below(labels, n):
         return None
     if hasattr(labels, "aminmax"):  # torch: one pass, one read back (a sync on CUDA)
-        lo, hi = labels.aminmax()
+        lo, hi = _torch_reducible(labels).aminmax()
         if labels.is_cuda:
             import torch
 
@@ -53,6 +53,15 @@ def _refuse(labels: np.ndarray, n: int) -> None:
     what = _out_of_range(labels, n)
     if what is not None:
         raise InputValueError(f"CrossEntropy: target: {what}")
+
+
+def _torch_reducible(t: Any) -> Any:
+    """A torch integer tensor ``t`` as one its min/max reductions take: torch implements
+    none for uint16/32/64 (token ids stored as uint16, as nanoGPT's), so those are widened
+    to int64."""
+    import torch
+
+    return t.to(torch.int64) if t.dtype in (torch.uint16, torch.uint32, torch.uint64) else t
 
 
 def _below(labels: Any, n: int) -> bool:
