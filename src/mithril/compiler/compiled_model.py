@@ -467,6 +467,8 @@ class CompiledModel:
         run = self._run_context(training, state, step)
         try:
             result = self._evaluate(params, inputs, cots, run, self._evaluator_of(prog))
+            if cots is not None:
+                result = (result[0], _distinct(result[1], cots), *result[2:])
         except BaseException:
             self.step = step_before
             raise
@@ -560,3 +562,22 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
     return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
                          inference=inference, constant_keys=constant_keys, data_keys=data_keys,
                          discard_keys=discard_keys, file_path=file_path)
+
+
+def _distinct(grads: dict[str, Any], cots: dict[str, Any]) -> dict[str, Any]:
+    """``grads`` with each gradient its own buffer, as torch's autograd gives: a VJP may pass
+    its cotangent through (``Add``'s, with no broadcast), so two parameters' gradients could
+    be one array, or the caller's output gradient, and an in-place change of one (torch's
+    ``clip_grad_norm_``) would change the others. JAX arrays cannot change: kept."""
+    seen = {id(g) for g in cots.values()}
+    out = grads
+    for k, g in grads.items():
+        if type(g) is not np.ndarray and not hasattr(g, "clone"):
+            continue
+        if id(g) in seen:
+            if out is grads:
+                out = dict(grads)
+            out[k] = g.copy() if type(g) is np.ndarray else g.clone()
+        seen.add(id(g))
+    return out
+
