@@ -92,11 +92,12 @@ class TransformerBlock(Model):
 
         attn = MultiHeadAttention(num_heads, embed_dim=d_model, use_bias=use_bias,
                                   is_causal=is_causal, use_attn_mask=use_attn_mask)
-        self |= layers.LayerNorm(eps)(input="input", output=wire("norm1"))
+        # torch's bias=False removes the LayerNorms' biases too
+        self |= layers.LayerNorm(eps, use_bias=use_bias)(input="input", output=wire("norm1"))
         mask = {"attn_mask": "attn_mask"} if use_attn_mask else {}
         self |= attn(query="norm1", key="norm1", value="norm1", output=wire("attention"), **mask)
         self |= Add()(left="input", right="attention", output=wire("residual"))
-        self |= layers.LayerNorm(eps)(input="residual", output=wire("norm2"))
+        self |= layers.LayerNorm(eps, use_bias=use_bias)(input="residual", output=wire("norm2"))
         self |= Linear(self.dim_feedforward, use_bias=use_bias)(input="norm2", output=wire("hidden"))
         self |= _activation(activation)(input="hidden", output=wire("activated"))
         self |= Linear(self.d_model, use_bias=use_bias)(input="activated", output=wire("feedforward"))
