@@ -329,3 +329,49 @@ def test_cached_update_kernels_inline_their_loops(tmp_path, monkeypatch):
     assert kernel.signatures and not kernel_cache.foreign_functions(
         kernel.overloads[kernel.signatures[0]])
     assert list((tmp_path / "kernels" / "__pycache__").glob("kernel_*.nbi"))  # saved
+
+
+EXEC_SCRIPT = '''
+import json, warnings
+warnings.simplefilter("always")
+import numpy as np
+from mithril.utils.optimizers.engines import kernel_cache
+
+CODE = """
+from mithril.utils.optimizers import Optimizer
+
+
+class Custom(Optimizer):
+    slots = ("m",)
+
+    @staticmethod
+    def math(p, g, m, lr):
+        m = 0.5 * m + g
+        return p - lr * m, m
+"""
+ns = {"__name__": "__made_up__"}  # as a notebook cell runner or a docs test runs code
+exec(compile(CODE, "<cell>", "exec"), ns)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = ns["Custom"](learning_rate=0.1)
+    params, state = opt.update({"w": np.ones(3)}, {"w": np.full(3, 2.0)}, opt.init({"w": np.ones(3)}))
+print(json.dumps({"w": params["w"].tolist(), "warnings": [
+    str(w.message) for w in caught if issubclass(w.category, kernel_cache.KernelCacheWarning)]}))
+'''
+
+
+def test_math_of_code_without_a_module_is_compiled_not_cached(tmp_path):
+    """A math exec'd under a made-up ``__name__`` is inlined with its globals, which another
+    process cannot import: it is compiled in each process, with no warning (its cached
+    kernel failed every load, with a KernelCacheWarning, from the second process on)."""
+    script = tmp_path / "exec_math.py"
+    script.write_text(EXEC_SCRIPT)
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("NUMBA_CACHE_DIR", None)
+    for _ in range(2):
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["warnings"] == []
+        np.testing.assert_allclose(got["w"], [0.8, 0.8, 0.8])

@@ -6,8 +6,10 @@
   counter.
 * ``backward_and_update`` dropped the forward and counted the step (``num_steps``,
   ``last_gradients``) before the optimizer update, which may still raise: the batch could
-  not be retried and ``step_scheduler`` would step. Now the call can simply be repeated,
-  and gives what an uninterrupted run gives, bit for bit.
+  not be retried and ``step_scheduler`` would step. Now the counters, the scale, the state
+  and the Dropout counter stay; the forward is spent (as torch's backward frees its graph),
+  and ``forward`` then ``backward_and_update`` again give an uninterrupted run's result,
+  bit for bit.
 """
 
 from __future__ import annotations
@@ -114,8 +116,11 @@ def test_refused_update_changes_nothing_and_can_be_retried(backend) -> None:
     after = (_host(tr), tr.state_dict(), tr.optimizer_state.step, c.step, tr.last_gradients)
     for k in before[0]:
         np.testing.assert_array_equal(after[0][k], before[0][k])
-    assert after[1:] == before[1:]
+    assert after[1:3] == before[1:3] and after[4] is before[4]
     assert tr.num_steps == 1 and tr.num_skipped_steps == 0 and tr.optimizer_state.step == 1
+    assert c.step == before[3] - 1  # back to where the spent forward found it
+    with pytest.raises(RuntimeError, match="needs a forward"):  # the forward is spent
+        tr.backward_and_update({"loss": 1.0})
 
     class Scheduler:
         steps = 0
@@ -124,7 +129,8 @@ def test_refused_update_changes_nothing_and_can_be_retried(backend) -> None:
             self.steps += 1
 
     opt.nonfinite, opt.learning_rate = "propagate", 1e-2
-    _, _, ok = tr.backward_and_update({"loss": 1.0})  # the same batch, again
+    tr.forward(data)  # the same batch, again
+    _, _, ok = tr.backward_and_update({"loss": 1.0})
     assert ok and tr.num_steps == 2 and tr.optimizer_state.step == 2
     sched = Scheduler()
     assert tr.step_scheduler(sched) and sched.steps == 1

@@ -400,6 +400,7 @@ class MixedPrecisionTrainer(FixedParts):
                 model.step = random_step
             raise
         self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
+        self._step_before_forward = random_step  # (restored if its update is refused)
         return out
 
     def _cotangents(self, loss_gradients: Mapping[str, Any], out_shapes: Mapping[str, Any]
@@ -437,8 +438,11 @@ class MixedPrecisionTrainer(FixedParts):
         number for a scalar output such as a loss). Returns ``(master_params,
         optimizer_state, success)``; ``success`` is ``False`` when the step was skipped
         because a gradient was inf/NaN (the loss scale then backs off). A call that raises
-        (bad loss gradients, an update the optimizer refuses) changes nothing: the forward
-        is kept, and the call can be made again.
+        (bad loss gradients, an update the optimizer refuses) changes nothing: bad loss
+        gradients keep the forward, for the call to be made again; a refused update spends it,
+        as torch's backward frees its graph, and puts the Dropout counter back to where that
+        forward found it, so that ``forward`` then this call again give an uninterrupted run's
+        result.
         """
         eng = self._engine
         if eng._saved is None:
@@ -446,15 +450,20 @@ class MixedPrecisionTrainer(FixedParts):
                                "forward)")
         cots = self._cotangents(loss_gradients, self._out_shapes)
         scale = self.scaler.scale
-        # the backward pass leaves the forward usable (torch: the graph is retained until
-        # clear()), so that an update that raises changes nothing: the forward, the counters,
-        # the scale and the state all stay, and the same call can be made again
+        # torch's backward frees the graph as it goes (retaining it would hold every
+        # activation through the backward pass): a refused update spends the forward
         grads, finite = eng.backward(cots, scale)
         if self._agree is not None:  # data-parallel: skip (and back off) on every rank alike
             finite = self._agree(bool(finite))
         if finite:
-            # (may raise: the optimizer's own checks; it then changed nothing, nor has this)
-            master, state = self.optimizer.update(self._master, grads, self.optimizer_state)
+            try:  # (the optimizer's own checks: it then changed nothing, nor has this)
+                master, state = self.optimizer.update(self._master, grads, self.optimizer_state)
+            except BaseException:
+                eng.clear()
+                step = getattr(self, "_step_before_forward", None)
+                if step is not None:
+                    self.model.step = step
+                raise
             self._master, self.optimizer_state = master, state
             self._compute = None
             # the optimizer may still skip the step (nonfinite="skip")

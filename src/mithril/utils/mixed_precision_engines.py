@@ -94,10 +94,8 @@ class TorchEngine(Engine):
         names = [k for k in cots if out[k].requires_grad]
         sc = [(cots[k].to(device=out[k].device, dtype=torch.float32) * scale).to(out[k].dtype)
               for k in names]
-        # (the graph is kept until clear(): a refused update leaves the forward usable)
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()), sc,
-                                    allow_unused=True, retain_graph=True) \
-            if names else [None] * len(leaves)
+                                    allow_unused=True) if names else [None] * len(leaves)
         inv = 1.0 / scale if scale else float("inf")  # (scale 0: torch's inv_scale, inf)
         g32 = {k: (g.to(self.mdt) * inv) if g is not None else torch.zeros_like(p, dtype=self.mdt)
                for (k, p), g in zip(leaves.items(), grads, strict=True)}

@@ -58,6 +58,7 @@ import __future__
 
 import ast
 import hashlib
+import importlib.util
 import inspect
 import linecache
 import logging
@@ -394,6 +395,11 @@ class _TolerantCache(FunctionCache):
             log.info("%s is not cached: it calls functions compiled apart (%s)",
                      self._py_func.__qualname__, ", ".join(n[:60] for n in foreign))
             return
+        lost = unimportable_environments(data)
+        if lost:  # another process could not load it (numba imports each one's module)
+            log.info("%s is not cached: it uses globals of code with no importable module (%s)",
+                     self._py_func.__qualname__, ", ".join(lost))
+            return
         try:
             with self._locked():
                 super().save_overload(sig, data)
@@ -414,6 +420,29 @@ def foreign_functions(cres: Any) -> list[str]:
                 if not f.is_declaration and f.name not in own and not f.name.startswith("NRT_")]
     except Exception:  # pragma: no cover - numba internals moved
         return []
+
+
+def unimportable_environments(cres: Any) -> list[str]:
+    """The module names of the environments (globals) the object code of ``cres`` refers to
+    that another process could not import: numba rebuilds each by importing its module, so
+    a math inlined from code exec'd under a made-up ``__name__`` (numba's ``<dynamic>``)
+    would fail every load. Empty where numba's internals cannot be inspected."""
+    try:
+        envs = cres._find_referenced_environments()
+    except Exception:  # pragma: no cover - numba internals moved
+        return []
+    lost = []
+    for env in envs:
+        name = getattr(env, "globals", {}).get("__name__")
+        if isinstance(name, str) and name in sys.modules:  # (a kernel's generated module too:
+            continue  # regenerated before its load, as here)
+        try:
+            found = isinstance(name, str) and importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            lost.append(str(name))
+    return lost
 
 
 _twins: dict[int, tuple[Any, Any]] = {}
