@@ -23,7 +23,7 @@ from .report import (
     default_out_dir,
     ensure_writable_dir,
     new_dirs,
-    remove_empty_dirs,
+    run_removing_empty_dirs,
     staged_dir,
     table,
     write_csv,
@@ -112,14 +112,8 @@ def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    made: list[Path] = []  # the folders this command creates (--out and missing parents)
-    status = 1
-    try:
-        status = compare_command(args, made)
-        return status
-    finally:
-        if status != 0:  # failed before writing: no empty output folder is left
-            remove_empty_dirs(made)
+    # (the folders the command creates, --out and missing parents, go again if it fails)
+    return run_removing_empty_dirs(compare_command, args)
 
 
 def compare_command(args: argparse.Namespace, made: list[Path]) -> int:

@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -70,6 +70,19 @@ def remove_empty_dirs(dirs: Sequence[Path]) -> None:
             d.rmdir()
         except OSError:  # not empty (files were written), or gone: keep it and its parents
             return
+
+
+def run_removing_empty_dirs(command: Callable[[Any, list[Path]], int], args: Any) -> int:
+    """``command(args, made)``, where the command lists in ``made`` the folders it creates;
+    unless it returns 0, those left empty are removed (:func:`remove_empty_dirs`)."""
+    made: list[Path] = []
+    status = 1
+    try:
+        status = command(args, made)
+        return status
+    finally:
+        if status != 0:  # failed, or stopped before writing
+            remove_empty_dirs(made)
 
 
 def ensure_writable_file(path: Path, flag: str = "--out", example: str = "schedule.png"

@@ -38,7 +38,7 @@ from .report import (
     default_out_dir,
     ensure_writable_dir,
     new_dirs,
-    remove_empty_dirs,
+    run_removing_empty_dirs,
     staged_dir,
     table,
     write_csv,
@@ -219,14 +219,8 @@ def describe_data(data: Dataset, run: Run) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    made: list[Path] = []  # the folders this command creates (--out and missing parents)
-    status = 1
-    try:
-        status = train_command(args, made)
-        return status
-    finally:
-        if status != 0:  # failed (or stopped before writing): no empty run folder is left
-            remove_empty_dirs(made)
+    # (the folders the command creates, --out and missing parents, go again if it fails)
+    return run_removing_empty_dirs(train_command, args)
 
 
 def train_command(args: argparse.Namespace, made: list[Path]) -> int:
