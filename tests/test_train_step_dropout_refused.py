@@ -107,7 +107,8 @@ def test_refused_state_leaves_the_dropout_counter(backend: str, fused: bool, bad
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_nonfinite_raise_leaves_the_dropout_counter(backend: str) -> None:
     want, _ = _run(backend, False, nonfinite="raise")
-    got, (before, after) = _run(backend, False, _inf_input, nonfinite="raise")
+    with np.errstate(invalid="ignore"):  # (NumPy's forward of the inf input: inf * 0)
+        got, (before, after) = _run(backend, False, _inf_input, nonfinite="raise")
     assert after == before == 1
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
