@@ -55,3 +55,28 @@ def test_float32_arrays_of_any_framework_lists_and_numbers_are_taken(make):
                                 output_gradients={"output": [[1.0, 2.0]]})
         np.testing.assert_allclose(b.to_numpy(out["output"]), [[3.0, 12.0]])
         np.testing.assert_allclose(b.to_numpy(grads["linear.weight"]), [[1.0] * 3, [2.0] * 3])
+
+
+GIVEN = [pytest.param(lambda: np.array([1.0, 2.0]), "float64", id="numpy-float64"),
+         pytest.param(lambda: np.array([1.0, 2.0], np.float32), "float32", id="numpy-float32"),
+         pytest.param(lambda: torch.tensor([1.0, 2.0], dtype=torch.float64), "float64", id="torch-float64"),
+         pytest.param(lambda: [1.5, 2.0], "float64", id="list"),
+         pytest.param(lambda: np.array([True, False]), "bool", id="bool")]
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+@pytest.mark.parametrize(("ids", "given"), GIVEN)
+def test_a_dtype_error_names_the_dtype_passed_not_the_converted_one(make, ids, given):
+    # torch and JAX convert a float64 array to float32 before the integer check: the error
+    # named float32 there and float64 on NumPy for the same call
+    c = ml.compile(ml.Embedding(5, 3), make(), shapes={"input": [2]})
+    with pytest.raises(ml.DTypeError, match=f"input 'input': expected an integer dtype, got {given}$"):
+        c.evaluate(c.randomize_params(), {"input": ids()})
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_float16_input_is_refused_naming_float16_on_every_backend(make):
+    c, p = _compiled(make())
+    for x in (np.ones((1, 3), np.float16), torch.ones(1, 3, dtype=torch.float16)):
+        with pytest.raises(ml.DTypeError, match="input 'input': expected dtype float32, got float16"):
+            c.evaluate(p, {"input": x})

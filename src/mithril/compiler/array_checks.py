@@ -32,6 +32,20 @@ def _float_name(x: Any) -> str | None:
     return name if name in ("float16", "bfloat16", "float32", "float64") else None
 
 
+def _given(orig: Any, b: Backend, x: Any) -> str:
+    """The dtype name of the array the caller passed (``orig``, before any conversion to
+    ``x``): an error names what the user gave, the same on every backend."""
+    dt = getattr(orig, "dtype", None)
+    if dt is not None:
+        return str(dt).removeprefix("torch.")
+    if isinstance(orig, (int, float, bool, list, tuple)):
+        try:
+            return np.asarray(orig).dtype.name
+        except (TypeError, ValueError):
+            pass
+    return b.dtype_name(x)
+
+
 def shape_matches(shape: tuple, pattern: tuple | None) -> bool:
     """``shape`` fits ``pattern`` (``None`` entries, or a ``None`` pattern: any size)."""
     if pattern is None:
@@ -45,6 +59,7 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
     (``fdtype`` is the backend's native float dtype; ``also`` another float dtype taken as
     it is: a ``Cast`` output's own, for its gradient), or a ``ShapeError`` /
     ``TypeError`` naming ``key``."""
+    orig = x
     if not b.is_native(x):
         keep = None
         if want == "float" and kind in _STRICT and getattr(x, "dtype", None) is not None:
@@ -71,9 +86,9 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
         if x.dtype != fdtype and kind == "input" and b.dtype_name(x) in _CASTABLE:
             x = b.array(x, b.dtype)
         elif x.dtype != fdtype and (also is None or b.dtype_name(x) != also):
-            raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {b.dtype_name(x)}")
+            raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {_given(orig, b, x)}")
     elif want == "int" and "int" not in b.dtype_name(x):
-        raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {b.dtype_name(x)}")
+        raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {_given(orig, b, x)}")
     return x
 
 
