@@ -216,7 +216,10 @@ class Flatten(Operator):
         if input.ndim == 0:
             return input.reshape((1,))
         lo, hi = self._span(input.ndim)
-        return input.reshape((*input.shape[:lo], -1, *input.shape[hi:]))
+        # the merged size itself, not -1: -1 is ambiguous when another axis is 0 (an empty
+        # batch: NumPy, JAX and torch refuse it), where torch.flatten gives (0, C·H·W)
+        n = math.prod(int(d) for d in input.shape[lo:hi])
+        return input.reshape((*input.shape[:lo], n, *input.shape[hi:]))
 
     def vjp(self, g, out, args, wrt):
         return {"input": g.reshape(args["input"].shape)}
