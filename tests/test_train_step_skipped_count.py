@@ -48,6 +48,8 @@ def _run(fused: bool, batches: list, nonfinite: str = "skip") -> tuple:
 
 
 def test_fused_step_counts_skipped_steps_as_the_separate_calls() -> None:
+    import jax
+
     batches = [GOOD, BAD, GOOD, BAD, BAD, GOOD]
     step, p, s = _run(True, batches)
     assert step.fused and "num_skipped" in s.hyperparams
@@ -59,8 +61,10 @@ def test_fused_step_counts_skipped_steps_as_the_separate_calls() -> None:
     # the count goes through a checkpoint: from_optimizer_state, then more skipped steps
     s2 = step.from_optimizer_state(got)
     assert int(s2.hyperparams["num_skipped"]) == 3
-    p, s2, _ = step(p, s2, BAD)
-    p, s2, _ = step(p, s2, GOOD)
+    with pytest.warns(RuntimeWarning, match="1 step"):  # (the skip, warned a call later)
+        p, s2, _ = step(p, s2, BAD)
+        jax.block_until_ready(s2)
+        p, s2, _ = step(p, s2, GOOD)
     again = step.to_optimizer_state(s2, p)
     assert (again.step, again.num_skipped) == (4, 4)
 
@@ -70,3 +74,27 @@ def test_no_counter_without_skip() -> None:
     assert "num_skipped" not in s.hyperparams
     got = step.to_optimizer_state(s, p)
     assert (got.step, got.num_skipped) == (2, 0)
+
+
+def test_fused_step_warns_of_skipped_steps_a_call_later() -> None:
+    # update warns of each skipped step; the program cannot, so the next call warns of
+    # those it finds counted (reading the count only once the device has it)
+    import re
+
+    import jax
+
+    b = JaxBackend()
+    c = ml.compile(_model(), b, shapes={"input": [None, 3]})
+    step = make_train_step(c, Adam(learning_rate=1e-2, nonfinite="skip"), loss="loss")
+    p = {k: b.array(np.full(tuple(v.shape), 0.3, np.float32)) for k, v in c.get_parameters().items()}
+    s = step.init(p)
+    warned = []
+    for d in [GOOD, BAD, GOOD, BAD, BAD, GOOD, GOOD]:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            p, s, _ = step(p, s, {k: b.array(v) for k, v in d.items()})
+        jax.block_until_ready(s)
+        got = [x for x in w if "skipped" in str(x.message)]
+        assert all(x.filename == __file__ and x.category is RuntimeWarning for x in got)
+        warned.append(sum(int(re.match(r"Adam: (\d+) step", str(x.message)).group(1)) for x in got))
+    assert warned == [0, 0, 1, 0, 1, 1, 0]

@@ -204,6 +204,34 @@ def state_before_run(optimizer: Any, param_shapes: Mapping[str, Any], params: An
         _check_params(optimizer, params, opt_state)
 
 
+def report_skips(step: Any, opt_state: Any) -> None:
+    """Warn of the steps the one-program JAX step skipped (``nonfinite="skip"``), as
+    ``update`` warns of each: the program counts them in the state it returns, and each call
+    reads the count of the state it is given when the device has computed it (never waiting
+    for it: a loop's dispatch stays ahead of the device), warning once for the steps skipped
+    since it last read (so a call or more late). A state the step did not return (``init``'s,
+    a resumed one) sets the count it starts from."""
+    n = getattr(opt_state, "hyperparams", {}).get("num_skipped")
+    if n is None:
+        return
+    seen = getattr(step, "_skips_seen", None)
+    if opt_state is not step._returned_state or seen is None:
+        try:
+            step._skips_seen = int(n)
+        except RuntimeError:  # a donated (consumed) state: refused, naming it, by the step
+            step._skips_seen = None
+        return
+    if not n.is_ready():
+        return
+    k = int(n)
+    if k > seen:
+        step._skips_seen = k
+        warnings.warn(f"{type(step.optimizer).__name__}: {k - seen} step(s) skipped (a "
+                      f"non-finite gradient, or non-finite params or state after the step); "
+                      f"params and state unchanged by them ({k} in all)", RuntimeWarning,
+                      stacklevel=4)
+
+
 class HyperparameterWatch:
     """:class:`~mithril.utils.training.TrainStep`'s watch on the hyperparameters its JAX
     program reads: the learning rate on every call; a float one, after its first change,

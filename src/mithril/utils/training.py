@@ -46,7 +46,8 @@ How each backend runs it:
   MLP's step) and stays None. Equal to the separate calls to float32 rounding (~1e-7 relative: the
   per-step scalars are computed in float32 inside the program). With ``nonfinite="skip"``
   the program counts the skipped steps in the donated state (``hyperparams["num_skipped"]``;
-  :meth:`TrainStep.to_optimizer_state`'s ``num_skipped``).
+  :meth:`TrainStep.to_optimizer_state`'s ``num_skipped``), and a later call warns of them
+  once the device has the count (never waiting for it).
 * **JAX with an** :class:`~mithril.utils.optimizers.state.OptimizerState` (what
   ``optimizer.init`` returns): the separate calls, unfused, so that every engine feature
   (``last_grad_norm``, ``nonfinite="raise"``, hyperparameters changed at every step
@@ -89,6 +90,7 @@ from .train_step_jax import (
     committed,
     gradients_norm,
     refuse_consumed,
+    report_skips,
     same_params,
     state_before_run,
     step_body,
@@ -502,6 +504,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
 
     def _fused_step(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any],
                     state: Any) -> tuple:
+        if self.optimizer.nonfinite == "skip":  # (the steps skipped before: see report_skips)
+            report_skips(self, opt_state)
         if self._tx is not None and self._hyper_versions() != self._hyper_seen:
             self._hyper_changed()
         if self._steady is not None and state is None:
