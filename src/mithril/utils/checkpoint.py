@@ -9,7 +9,9 @@ safetensors header metadata under the key ``"mithril"``: ``format`` (:data:`FORM
 ``num_skipped``, ``num_nonfinite``, slot names; the per-parameter shapes of slots shaped
 otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
 values, each stored as a float64 scalar ``optv/<name>``), ``scheduler`` (class and
-``scheduler.state_dict()``) and the caller's ``extra`` (any JSON value). Arrays are converted
+``scheduler.state_dict()``), the caller's ``extra`` (any JSON value) and, when saved with
+``model_state=``, ``model_state`` (name -> dtype and shape of the model's state arrays,
+BatchNorm's running statistics: stored as ``model/<name>``, their integers as int32/int64). Arrays are converted
 through NumPy, so a checkpoint written from one backend loads into any other::
 
     save_checkpoint("ckpt.safetensors", params, optimizer, state, scheduler, extra={"epoch": 3})
@@ -63,6 +65,10 @@ FORMAT = "mithril-checkpoint-2"
 FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32",
                 "float64": "float64"}
 _TOP = ("format", "params", "optimizer", "scheduler", "extra")
+#: optional top-level field: the model's state (BatchNorm's running statistics), name ->
+#: dtype and shape, each stored as ``model/<name>``; its integer dtypes (num_batches_tracked)
+_TOP_OPTIONAL = ("model_state",)
+STATE_DTYPES = {**FLOAT_DTYPES, "int32": "int32", "int64": "int64"}
 _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
 #: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
@@ -96,14 +102,21 @@ def _check_mapping(name: str, value: Any) -> None:
 def _check_float_array(what: str, x: Any) -> str:
     """The dtype name of array ``x``; ``TypeError``/``DTypeError`` naming ``what`` unless it
     is a float16/bfloat16/float32/float64 NumPy, torch or JAX array."""
+    return _check_array(what, x, "", FLOAT_DTYPES)
+
+
+def _check_array(what: str, x: Any, name: str, dtypes: Mapping[str, str]) -> str:
+    """:func:`_check_float_array` for the dtypes ``dtypes`` (and, with ``name``, a name that
+    must be a str without '/')."""
     from .optimizers.checks import is_array
 
+    if name != "" and (not isinstance(name, str) or "/" in name):
+        raise TypeError(f"{what}: names must be str without '/', got {name!r}")
     if not is_array(x):
         raise TypeError(f"{what} is a {type(x).__name__}, not a NumPy, torch or JAX array")
     dt = _dtype_name(x)
-    if dt not in FLOAT_DTYPES:
-        raise DTypeError(f"{what} has dtype {dt}; checkpoints hold float16, bfloat16, float32 "
-                         f"or float64 arrays")
+    if dt not in dtypes:
+        raise DTypeError(f"{what} has dtype {dt}; checkpoints hold {', '.join(dtypes)} arrays")
     return dt
 
 
@@ -160,24 +173,28 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: the metadata must be a JSON object, got "
                               f"{type(meta).__name__}")
-    missing, unknown = [k for k in _TOP if k not in meta], sorted(set(meta) - set(_TOP))
+    missing = [k for k in _TOP if k not in meta]
+    unknown = sorted(set(meta) - {*_TOP, *_TOP_OPTIONAL})
     if missing or unknown:
         raise CheckpointError(f"{where}: metadata fields missing {missing}, unknown "
                               f"{[k[:40] for k in unknown]}")
     if meta["format"] != FORMAT:
         raise bad("format", f"is {_short(meta['format'])}; this version reads {FORMAT!r}")
-    if not isinstance(meta["params"], dict):
-        raise bad("params", "must be an object: name -> {dtype, shape}")
-    for n, m in meta["params"].items():
-        if not isinstance(m, dict) or set(m) != {"dtype", "shape"}:
-            raise bad(f"params.{n}", "must be an object with exactly dtype and shape")
-        if not isinstance(m["dtype"], str) or m["dtype"] not in FLOAT_DTYPES:
-            raise bad(f"params.{n}.dtype", f"is {_short(m['dtype'])}, not one of "
-                                            f"{list(FLOAT_DTYPES)}")
-        if not isinstance(m["shape"], list) or not all(
-                type(d) is int and 0 <= d <= MAX_INT for d in m["shape"]):
-            raise bad(f"params.{n}.shape", f"is {_short(m['shape'])}, not a list of "
-                                            f"non-negative integers")
+    for field, dtypes in (("params", FLOAT_DTYPES), ("model_state", STATE_DTYPES)):
+        if field not in meta:
+            continue
+        if not isinstance(meta[field], dict):
+            raise bad(field, "must be an object: name -> {dtype, shape}")
+        for n, m in meta[field].items():
+            if not isinstance(m, dict) or set(m) != {"dtype", "shape"}:
+                raise bad(f"{field}.{n}", "must be an object with exactly dtype and shape")
+            if not isinstance(m["dtype"], str) or m["dtype"] not in dtypes:
+                raise bad(f"{field}.{n}.dtype", f"is {_short(m['dtype'])}, not one of "
+                                                f"{list(dtypes)}")
+            if not isinstance(m["shape"], list) or not all(
+                    type(d) is int and 0 <= d <= MAX_INT for d in m["shape"]):
+                raise bad(f"{field}.{n}.shape", f"is {_short(m['shape'])}, not a list of "
+                                                f"non-negative integers")
     opt = meta["optimizer"]
     if opt is not None:
         if not isinstance(opt, dict) or not set(_OPT) <= set(opt) <= {*_OPT, *_OPT_OPTIONAL}:
@@ -242,6 +259,8 @@ def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where
     expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     for n, m in meta["params"].items():
         expected[f"params/{n}"] = (tuple(m["shape"]), (FLOAT_DTYPES[m["dtype"]],))
+    for n, m in meta.get("model_state", {}).items():
+        expected[f"model/{n}"] = (tuple(m["shape"]), (STATE_DTYPES[m["dtype"]],))
     opt = meta["optimizer"]
     if opt is not None and opt["step"] is not None:
         shapes = opt.get("slot_shapes", {})
@@ -272,7 +291,8 @@ def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where
 
 
 def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimizer: Any = None,
-                    state: Any = None, scheduler: Any = None, extra: Any = None) -> None:
+                    state: Any = None, scheduler: Any = None, extra: Any = None, *,
+                    model_state: Mapping[str, Any] | None = None) -> None:
     """Write ``params`` (and optionally the optimizer, its ``state``, a scheduler and ``extra``)
     to the safetensors file ``path``, atomically (see the module docstring): a save that
     raises, or is killed, leaves the previous file at ``path`` as it was.
@@ -280,8 +300,10 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     ``optimizer`` alone saves its hyperparameters; with ``state`` (what ``optimizer.init`` /
     ``update`` returned) also the step counts and every state slot. ``extra`` must be
     JSON-serialisable (epoch, metrics, data-loader position, ...), nested at most 64 levels.
-    Parameters must be float16/bfloat16/float32/float64 arrays. Everything is checked before
-    anything is written.
+    ``model_state``: the model's state as ``evaluate(..., state=...)`` returns it (BatchNorm's
+    running statistics and ``num_batches_tracked``, as torch's ``state_dict`` holds a model's
+    buffers). Parameters must be float16/bfloat16/float32/float64 arrays, model state arrays
+    those or int32/int64. Everything is checked before anything is written.
     """
     from .optimizers import OptimizerState
 
@@ -297,6 +319,13 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         arr = _to_numpy(p)
         tensors[f"params/{name}"] = arr
         meta["params"][name] = {"dtype": dt, "shape": list(arr.shape)}
+    if model_state is not None:
+        _check_mapping("model_state", model_state)
+        meta["model_state"] = {}
+        for name, x in model_state.items():
+            dt = _check_array(f"model_state['{name}']", x, name, STATE_DTYPES)
+            tensors[f"model/{name}"] = arr = _to_numpy(x)
+            meta["model_state"][name] = {"dtype": dt, "shape": list(arr.shape)}
 
     if state is not None and optimizer is None:
         raise ValueError("save_checkpoint: state given without its optimizer")
@@ -420,8 +449,8 @@ def _trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] | None = None,
-                    optimizer: Any = None, scheduler: Any = None, backend: Any = None
-                    ) -> dict[str, Any]:
+                    optimizer: Any = None, scheduler: Any = None, backend: Any = None, *,
+                    model_state_template: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Returns a dict with ``params`` (arrays of ``backend``; else the backend of
@@ -429,7 +458,9 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     state when ``optimizer`` is given and the checkpoint holds one, else ``None``), ``step``,
     ``extra``, ``optimizer_state_dict`` (hyperparameters, step counts and NumPy slots, for
     ``optimizer.load_state_dict(d, params)`` later; ``None`` without optimizer state),
-    ``scheduler_state_dict`` and the raw ``metadata``.
+    ``scheduler_state_dict``, ``model_state`` (arrays of the backend, in their saved dtypes
+    or ``model_state_template``'s, whose keys and shapes they must have, e.g. the compiled
+    model's ``initial_state_dict``; ``None`` when saved without) and the raw ``metadata``.
 
     A corrupted, truncated, altered or malformed file raises
     :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file and the
@@ -464,6 +495,21 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                                  f"params_template['{n}'] has shape {shape}")
         names = list(params_template)  # the template's order
 
+    mstate = meta.get("model_state")
+    if model_state_template is not None:
+        _check_mapping("model_state_template", model_state_template)
+        if mstate is None:
+            raise ValueError(f"{where} holds no model state (saved without model_state=...)")
+        got = {n: tuple(m["shape"]) for n, m in mstate.items()}
+        want = {n: tuple(int(d) for d in x.shape) for n, x in model_state_template.items()}
+        if set(got) != set(want):
+            raise KeyMismatchError(f"{where}: model state does not match model_state_template: "
+                                   f"missing in checkpoint {sorted(set(want) - set(got))}, "
+                                   f"not in template {sorted(set(got) - set(want))}")
+        for n, shp in want.items():
+            if got[n] != shp:
+                raise ShapeError(f"{where}: model state '{n}' has shape {got[n]} but "
+                                 f"model_state_template['{n}'] has shape {shp}")
     ometa = _component_meta(meta, "optimizer", optimizer, where)
     smeta = _component_meta(meta, "scheduler", scheduler, where)
 
@@ -473,6 +519,10 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         dtype = (backend.dtype_name(params_template[n]) if params_template is not None
                  else pmeta[n]["dtype"])
         params[n] = backend.array(arrays[f"params/{n}"], dtype)
+    model_state = None if mstate is None else {
+        n: backend.array(arrays[f"model/{n}"], backend.dtype_name(model_state_template[n])
+                         if model_state_template is not None else m["dtype"])
+        for n, m in mstate.items()}
 
     opt_sd = None
     if ometa is not None and ometa["step"] is not None:
@@ -524,4 +574,5 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
 
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
             "extra": meta["extra"], "optimizer_state_dict": opt_sd,
-            "scheduler_state_dict": None if smeta is None else smeta["state"], "metadata": meta}
+            "scheduler_state_dict": None if smeta is None else smeta["state"],
+            "model_state": model_state, "metadata": meta}

@@ -15,7 +15,7 @@ The file, as ``safetensors.numpy.save`` writes it::
               (the checkpoint's JSON metadata), ``"mithril_tensor_sha256"`` (a JSON object:
               tensor name -> SHA-256 of its bytes) and ``"mithril_sha256"`` (see below); then
               one entry per tensor, in file order (by decreasing dtype size, then name):
-              ``{"dtype": "F16"|"F32"|"F64", "shape": [...], "data_offsets": [begin, end]}``.
+              ``{"dtype": "F16"|"F32"|"F64"|"I32"|"I64", "shape": [...], "data_offsets": [begin, end]}``.
     the rest  the tensors' little-endian bytes, contiguous, in the same order.
 
 ``"mithril_sha256"`` is the SHA-256 of the first ``8 + N`` bytes of the file with its own 64
@@ -26,7 +26,7 @@ Reading checks, before safetensors reads the file: its size, ``N`` (at most
 :data:`MAX_HEADER_BYTES` and within the file), the header's JSON (no NaN/Infinity, no
 duplicate keys, nesting at most :data:`MAX_DEPTH` levels), that it is exactly its compact
 serialisation (non-ASCII characters as UTF-8, as safetensors writes them, or as ``\\u``
-escapes, as earlier versions did), its digest, and every tensor's entry: a float dtype, at most
+escapes, as earlier versions did), its digest, and every tensor's entry: a dtype of :data:`DTYPES`, at most
 64 dimensions, ``end - begin == prod(shape) * itemsize``. safetensors then decodes the tensors
 one by one, each checked against its digest. Any failure, the library's included, is a
 :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file (and the tensor,
@@ -70,9 +70,11 @@ MAX_DEPTH = 64
 #: the largest integer a counter or a scheduler/optimizer field may hold (int64's largest)
 MAX_INT = 2**63 - 1
 _MAX_NDIM = 64
-#: stored dtype code -> NumPy dtype (floats only: a checkpoint holds float params and slots)
+#: stored dtype code -> NumPy dtype (float params and slots; the integers of a model's state,
+#: as BatchNorm's num_batches_tracked)
 DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
-                               "F64": np.dtype("<f8")}
+                               "F64": np.dtype("<f8"), "I32": np.dtype("<i4"),
+                               "I64": np.dtype("<i8")}
 _META, _TENSOR_SHA, _SHA = "mithril", "mithril_tensor_sha256", "mithril_sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -160,7 +162,7 @@ def encode(meta_json: str, tensors: Mapping[str, np.ndarray]) -> tuple[bytes, in
     arrays, digests = {}, {}
     for name, arr in tensors.items():
         if arr.dtype.newbyteorder("<") not in DTYPES.values():
-            raise TypeError(f"cannot store dtype {arr.dtype} (float16/32/64 only)")
+            raise TypeError(f"cannot store dtype {arr.dtype} (float16/32/64, int32/64 only)")
         arrays[name] = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
         digests[name] = hashlib.sha256(arrays[name].reshape(-1).view(np.uint8)).hexdigest()
     data = safetensors.numpy.save(arrays, metadata={
@@ -289,8 +291,8 @@ def _check_entry(name: str, info: Any, where: str) -> None:
         raise bad("must have exactly the fields dtype, shape, data_offsets")
     dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
-        raise bad(f"has dtype {str(info['dtype'])[:20]!r}; a checkpoint holds only float "
-                  f"tensors ({', '.join(DTYPES)})")
+        raise bad(f"has dtype {str(info['dtype'])[:20]!r}; a checkpoint holds only the "
+                  f"dtypes {', '.join(DTYPES)}")
     shape, offsets = info["shape"], info["data_offsets"]
     if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(
             type(d) is int and d >= 0 for d in shape)):
