@@ -107,6 +107,8 @@ def adaptive_clip(g: Any, p: Any, clipping: float, eps: float = 1e-3) -> Any:
 
     shape = tuple(g.shape)
     n = units(shape)
+    if math.prod(shape) == 0:  # no element to clip, and reshape(-1, 0) is ambiguous (raised)
+        return g * 1
     g2, p2 = g.reshape(-1, n), p.reshape(-1, n)
     g_norm, p_norm = sqrt((g2 * g2).sum(0)), sqrt((p2 * p2).sum(0))
     bound = maximum(p_norm, eps) * clipping
