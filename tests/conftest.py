@@ -44,6 +44,13 @@ def _small_jax_chunks(monkeypatch):
 BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
 
 
+def half_backends() -> list:
+    """One backend per framework in its half-precision dtype (the mixed-precision tests):
+    NumPy and torch float16, JAX bfloat16."""
+    return [NumpyBackend(dtype="float16"), TorchBackend(dtype="float16"),
+            JaxBackend(dtype="bfloat16")]
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend_cls(request):
     return BACKENDS[request.param]

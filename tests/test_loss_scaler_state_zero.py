@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import half_backends
 
 import mithril as ml
 from mithril.utils.mixed_precision import LossScaler, MixedPrecisionTrainer
@@ -58,22 +59,7 @@ def test_constructor_still_refuses_scale_zero() -> None:
         LossScaler().load_state_dict({**LossScaler().state_dict(), "scale": 1e-50})
 
 
-def _backends() -> list:
-    out = [ml.backends.NumpyBackend(dtype="float16")]
-    try:
-        import torch  # noqa: F401
-        out.append(ml.backends.TorchBackend(dtype="float16"))
-    except ImportError:
-        pass
-    try:
-        import jax  # noqa: F401
-        out.append(ml.backends.JaxBackend(dtype="bfloat16"))
-    except ImportError:
-        pass
-    return out
-
-
-@pytest.mark.parametrize("backend", _backends(), ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: b.name)
 def test_training_at_scale_zero_skips_every_step(backend) -> None:
     m = ml.Model()
     m |= ml.Linear(2)(input="input", output=ml.IOKey("out"))

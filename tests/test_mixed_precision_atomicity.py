@@ -16,26 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import half_backends
 
 import mithril as ml
 from mithril.errors import KeyMismatchError
 from mithril.utils.mixed_precision import MixedPrecisionTrainer
 from mithril.utils.optimizers import Adam
-
-
-def _backends() -> list:
-    out = [ml.backends.NumpyBackend(dtype="float16")]
-    try:
-        import torch  # noqa: F401
-        out.append(ml.backends.TorchBackend(dtype="float16"))
-    except ImportError:
-        pass
-    try:
-        import jax  # noqa: F401
-        out.append(ml.backends.JaxBackend(dtype="bfloat16"))
-    except ImportError:
-        pass
-    return out
 
 
 def _model() -> ml.Model:
@@ -74,7 +60,7 @@ def _reference(backend) -> dict[str, np.ndarray]:
     return _host(tr)
 
 
-@pytest.mark.parametrize("backend", _backends(), ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: b.name)
 def test_refused_forward_keeps_the_previous_one(backend) -> None:
     want = _reference(backend)
     c, _, tr, data = _setup(backend)
@@ -102,7 +88,7 @@ def test_refused_forward_keeps_the_previous_one(backend) -> None:
         np.testing.assert_array_equal(got[k], want[k])
 
 
-@pytest.mark.parametrize("backend", _backends(), ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: b.name)
 def test_refused_update_changes_nothing_and_can_be_retried(backend) -> None:
     want = _reference(backend)
     c, opt, tr, data = _setup(backend)
