@@ -45,3 +45,21 @@ def test_flatten_of_an_empty_batch_is_torch_flatten(backend_cls):
     out, grads = _run(b, ml.Flatten(), {"input": x}, ["input"], {"output": g})
     np.testing.assert_array_equal(out["output"], torch.flatten(torch.tensor(x), 1).numpy())
     np.testing.assert_array_equal(grads["input"], g.reshape(2, 3, 4))
+
+
+# -- LayerNorm of a 0-d input ---------------------------------------------------------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_layer_norm_of_a_scalar_is_a_shape_error_and_changes_nothing(backend_cls):
+    """Without scale and bias nothing checked the rank: a 0-d input failed inside the backend
+    (NumPy's AxisError, JAX's and torch's IndexError). Now a ShapeError naming the block, and
+    the same compiled model then normalises a vector as torch's F.layer_norm."""
+    from mithril.errors import ShapeError
+
+    b = backend_cls(dtype="float32")
+    c = ml.compile(ml.LayerNorm(use_scale=False, use_bias=False), b)
+    with pytest.raises(ShapeError, match=r"LayerNorm.*rank >= 1"):
+        c.evaluate({}, {"input": b.array(np.float32(2.0))})
+    x = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+    out = np.asarray(b.to_numpy(c.evaluate({}, {"input": b.array(x)})["output"]))
+    want = torch.nn.functional.layer_norm(torch.tensor(x), (4,)).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)

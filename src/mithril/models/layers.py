@@ -149,6 +149,13 @@ class LayerNorm(Operator):
             return {}
         return {k: (d,) for k, on in (("weight", self.use_scale), ("bias", self.use_bias)) if on}
 
+    def infer_shape(self, shapes):
+        """The input's shape; rank 0 is a ShapeError (there is no last axis to normalise):
+        without scale and bias no parameter shape checks it, and the backends failed deep
+        inside (NumPy's AxisError, an IndexError on JAX and torch)."""
+        _last_dim(shapes, "LayerNorm")
+        return shapes.get("input")
+
     def _normalise(self, xp: Any, x: Any) -> tuple[Any, Any]:
         mu = xp.mean(x, axis=-1, keepdims=True)
         xc = x - mu
