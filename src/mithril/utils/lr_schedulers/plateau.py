@@ -229,16 +229,30 @@ def _warn_no_metric(stacklevel: int = 3) -> None:
     )
 
 
-def _drive_child(child: Any, starts: bool, metric: float | None) -> bool:
-    """Move a combinator's active child one step (``starts``: its first step, a restart).
+def _drive_child(child: Any, local: int, metric: float | None) -> bool:
+    """Move a combinator's active child to its step ``local`` (0: its first step, a restart).
 
     Returns False, after a warning, when a metric-driven child gets no metric: there is
     nothing to observe, so nothing (the combinator included) advances."""
-    if starts:
+    if local == 0:
         child._restart()
-    elif metric is None and child.requires_metric:
+        return True
+    if metric is None and child.requires_metric:
         _warn_no_metric(stacklevel=4)
         return False
-    else:
+    if child.last_step == local - 1 or child.requires_metric:
         child._advance(metric)
+        return True
+    # why: out of step, after a phase boundary was set mid-run (``seq.milestones = ...``, a
+    # new ``warmup_steps``, attributes.py): put a closed-form child at ``local - 1`` first,
+    # where a combinator built with the new value has it, so the step gives ``get_lr_at``
+    # (it used to continue the child from where it stopped); all or nothing
+    backup = child.state_dict()
+    try:
+        lr = child.get_lr_at(local - 1)
+        child.last_step, child._last_lr = local - 1, lr
+        child._advance(metric)
+    except Exception:
+        child._load(backup)
+        raise
     return True

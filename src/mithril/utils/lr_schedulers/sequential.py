@@ -112,7 +112,7 @@ class SequentialLR(ChildrenState, LRScheduler):
         t = _check_step(self.last_step + 1)
         idx, local = self._locate(t)
         child = self.schedulers[idx]
-        if not _drive_child(child, local == 0, metric):
+        if not _drive_child(child, local, metric):
             return
         self.last_step = t
         self._last_lr = child.get_last_lr()

@@ -75,6 +75,14 @@ class LinearWarmupScheduler(LRScheduler):
     def requires_metric(self) -> bool:
         return self.after_scheduler is not None and self.after_scheduler.requires_metric
 
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        super()._set_hyperparameter(name, value)
+        # why: the after_scheduler was re-based to end_lr at construction; a new end_lr
+        # re-bases it too, as a warm-up built with it (else the warm-up ramps to the new
+        # end_lr and the after_scheduler then jumps back to the old one)
+        if name == "end_lr" and self.after_scheduler is not None:
+            self.after_scheduler._rebase(self.end_lr)
+
     def _lr_at(self, t: int) -> float:
         if t < self.warmup_steps:
             return self.start_lr + (self.end_lr - self.start_lr) * t / self.warmup_steps
@@ -102,7 +110,7 @@ class LinearWarmupScheduler(LRScheduler):
         if after is None or t < self.warmup_steps:
             self._set_step(t)
             return
-        if not _drive_child(after, t == self.warmup_steps, metric):
+        if not _drive_child(after, t - self.warmup_steps, metric):
             return
         self.last_step = t
         self._last_lr = after.get_last_lr()
