@@ -44,6 +44,21 @@ def _small_jax_chunks(monkeypatch):
 BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
 
 
+def usage_error(capsys, argv: list[str], *, usage: str | None = None, last: bool = False) -> str:
+    """Run the CLI on ``argv``; assert an argparse-style exit 2 (``error:``, no traceback;
+    with ``usage``, its ``usage: <usage>`` line too); return stderr (``last``: its last
+    line)."""
+    from mithril.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert usage is None or f"usage: {usage}" in err
+    return err.strip().splitlines()[-1] if last else err
+
+
 def half_backends() -> list:
     """One backend per framework in its half-precision dtype (the mixed-precision tests):
     NumPy and torch float16, JAX bfloat16."""

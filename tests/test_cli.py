@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import usage_error
 
 from mithril.cli import main
 from mithril.cli import train as train_mod  # noqa: E402
@@ -32,14 +33,6 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG
 
 
-def usage_error(capsys, argv: list[str]) -> str:
-    """Run ``argv``; assert an argparse-style exit 2 without traceback; return stderr."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
-    return err
 
 
 # -- train -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 
@@ -24,13 +25,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 def usage_error(capsys, argv: list[str]) -> str:
-    """Run ``argv``; assert an argparse-style exit 2 with usage, no traceback; return stderr."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage: mithril train" in err and "error:" in err and "Traceback" not in err
-    return err
+    return conftest.usage_error(capsys, argv, usage="mithril train")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 
@@ -16,13 +17,7 @@ from mithril.cli import main
 
 
 def usage_error(capsys, argv: list[str]) -> str:
-    """The last stderr line of a command that must fail with status 2 and no traceback."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    return conftest.usage_error(capsys, argv, last=True)
 
 
 def write_table(path: Path, n: int = 60, seed: int = 0) -> None:

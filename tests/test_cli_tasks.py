@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 
@@ -23,12 +24,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 def usage_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    return conftest.usage_error(capsys, argv, last=True)
 
 
 def write_table(path: Path, n: int = 200, regression: bool = True, seed: int = 0) -> None:
