@@ -4,6 +4,8 @@ backend (float32 in process; JAX's float64 needs x64, which is process-wide)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +65,43 @@ def test_layer_norm_of_a_scalar_is_a_shape_error_and_changes_nothing(backend_cls
     out = np.asarray(b.to_numpy(c.evaluate({}, {"input": b.array(x)})["output"]))
     want = torch.nn.functional.layer_norm(torch.tensor(x), (4,)).numpy()
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+# -- an empty axis: Softmax over it, MeanSquaredError of nothing ----------------------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_softmax_over_an_empty_axis_is_empty_as_torch(backend_cls):
+    """NumPy and JAX took the max over the empty axis first (a ValueError: no identity)."""
+    b = backend_cls(dtype="float32")
+    x = np.zeros((0, 3), np.float32)
+    out, grads = _run(b, ml.Softmax(axis=0), {"input": x}, ["input"], {"output": np.zeros((0, 3))})
+    assert out["output"].shape == tuple(torch.softmax(torch.tensor(x), 0).shape) == (0, 3)
+    assert grads["input"].shape == (0, 3)
+    # a non-empty axis of the same model class still matches torch, values and gradient
+    x = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]], np.float32)
+    g = np.array([[0.3, -1.0, 2.0], [1.5, 0.2, -0.7]])
+    out, grads = _run(b, ml.Softmax(axis=0), {"input": x}, ["input"], {"output": g})
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    y = torch.softmax(t, 0)
+    (gt,) = torch.autograd.grad(y, t, torch.tensor(g))
+    np.testing.assert_allclose(out["output"], y.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["input"], gt.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_mean_squared_error_of_empty_arrays_is_nan_as_torch(backend_cls):
+    """The NumPy VJP scaled by 2 / size in Python: a ZeroDivisionError for an empty batch."""
+    b = backend_cls(dtype="float32")
+    x = np.zeros((0, 4), np.float32)
+    with warnings.catch_warnings():  # NumPy's "Mean of empty slice": the NaN is the point
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, grads = _run(b, ml.MeanSquaredError(), {"input": x, "target": x}, ["input"],
+                          {"output": np.float64(1.0)})
+    want = torch.nn.functional.mse_loss(torch.tensor(x), torch.tensor(x))
+    assert np.isnan(out["output"]) and torch.isnan(want)
+    assert grads["input"].shape == (0, 4)
+    # and a batch of one: 2·(x − t) / size, as torch
+    x, t = np.array([[1.0, 2.0]], np.float32), np.array([[0.5, -1.0]], np.float32)
+    out, grads = _run(b, ml.MeanSquaredError(), {"input": x, "target": t}, ["input"],
+                      {"output": np.float64(1.0)})
+    np.testing.assert_allclose(out["output"], 4.625, rtol=1e-6)
+    np.testing.assert_allclose(grads["input"], [[0.5, 3.0]], rtol=1e-6)

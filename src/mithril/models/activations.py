@@ -163,6 +163,8 @@ class Softmax(Operator):
         F = functional_of(xp)
         if F is not None:
             return F.softmax(input, dim=self.axis)
+        if input.shape[self.axis] == 0:  # nothing to normalise: the (empty) input, as torch;
+            return input * 1  # the max below has no identity over an empty axis and raised
         e = xp.exp(input - stop_gradient(xp, xp.max(input, axis=self.axis, keepdims=True)))
         return e / xp.sum(e, axis=self.axis, keepdims=True)
 

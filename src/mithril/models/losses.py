@@ -96,7 +96,8 @@ class SquaredError(Operator):
 
     def vjp(self, g, out, args, wrt):
         d = args["input"] - args["target"]
-        scale = 2.0 / d.size if self.reduction == "mean" else 2.0
+        # an empty input's mean has an empty gradient: no 2/0 (a ZeroDivisionError)
+        scale = 2.0 / max(d.size, 1) if self.reduction == "mean" else 2.0
         gi = (g * scale) * d
         return {k: gi if k == "input" else -gi for k in wrt}
 
