@@ -105,3 +105,32 @@ def test_mean_squared_error_of_empty_arrays_is_nan_as_torch(backend_cls):
                       {"output": np.float64(1.0)})
     np.testing.assert_allclose(out["output"], 4.625, rtol=1e-6)
     np.testing.assert_allclose(grads["input"], [[0.5, 3.0]], rtol=1e-6)
+
+
+# -- a model compiled without shapes: a refused first evaluate changes nothing ----------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_a_refused_first_evaluate_does_not_fix_the_shapes(backend_cls):
+    """``compile(Linear(3), backend)`` builds its program for the first evaluate's inputs. A
+    first call refused (a weight of another width, a bad output gradient) kept the program it
+    built for the refused inputs, and every later, correct, call was refused with it."""
+    from mithril.errors import ShapeError
+
+    b = backend_cls(dtype="float32")
+    w = np.arange(21, dtype=np.float32).reshape(3, 7) / 10
+    bias = np.array([0.5, -1.0, 2.0], np.float32)
+    x = np.linspace(-1, 1, 14, dtype=np.float32).reshape(2, 7)
+    params = {"linear.weight": b.array(w), "linear.bias": b.array(bias)}
+    c = ml.compile(ml.Linear(3), b)
+    with pytest.raises(ShapeError, match="linear.weight"):
+        c.evaluate(params, {"input": b.array(np.zeros((2, 5), np.float32))})
+    with pytest.raises(ShapeError, match="output gradient"):
+        c.evaluate(params, {"input": b.array(x)}, output_gradients={"output": b.ones(2, 4)})
+    g = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], np.float32)
+    out, grads = c.evaluate(params, {"input": b.array(x)}, output_gradients={"output": b.array(g)})
+    tw = torch.tensor(w, requires_grad=True)
+    y = torch.nn.functional.linear(torch.tensor(x), tw, torch.tensor(bias))
+    (gw,) = torch.autograd.grad(y, tw, torch.tensor(g))
+    np.testing.assert_allclose(np.asarray(b.to_numpy(out["output"])), y.detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.to_numpy(grads["linear.weight"])), gw.numpy(),
+                               rtol=1e-5, atol=1e-5)

@@ -111,10 +111,7 @@ class CompiledModel:
             if shapes or not str(e).startswith("cannot infer the shape of parameter"):
                 raise
             self._deferred = e
-            if file_path is not None:
-                write_listing(file_path, program_listing(None, backend, jit, note=(
-                    f"Not built yet: {e}. The first evaluate builds the program for the shapes of "
-                    "its inputs and rewrites this file.")))
+            self._write_deferred_listing()
 
     def _set_program(self, prog: Program) -> None:
         self._program = prog
@@ -446,8 +443,31 @@ class CompiledModel:
             if inputs is not None:
                 raise TypeError("evaluate(): give the inputs once, as inputs or as data=")
             inputs = data
-        if self._program is None and inputs:
+        built_here = self._program is None and bool(inputs)
+        if built_here:
             self._build_for(inputs)
+        try:
+            return self._call(params, inputs, output_gradients, state, training, step)
+        except BaseException:
+            if built_here:  # a call that raises changes nothing: the program it built for its
+                self._unbuild()  # (refused) inputs' shapes would refuse every later call
+            raise
+
+    def _unbuild(self) -> None:
+        """Back to a deferred program (see :attr:`program`), as before the first evaluate."""
+        self._program = None
+        self._last_prepared = self._last_cots = None
+        self._write_deferred_listing()
+
+    def _write_deferred_listing(self) -> None:
+        if self.file_path is not None:
+            write_listing(self.file_path, program_listing(None, self.backend, self.jit, note=(
+                f"Not built yet: {self._deferred}. The first evaluate builds the program for the "
+                "shapes of its inputs and rewrites this file.")))
+
+    def _call(self, params: Any, inputs: Any, output_gradients: Any, state: Any,
+              training: Any, step: Any) -> Any:
+        """:meth:`evaluate` once the program is built."""
         if output_gradients is True:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
