@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import pytest
 import torch
 from scheduler_parity import FakeOpt, assert_rel
 
@@ -76,3 +78,99 @@ def test_a_shorter_warmup_mid_run_gives_the_closed_form_of_the_after_scheduler()
         assert warm.get_last_lr() == warm.get_lr_at(t) == opt.lr
     # (before: step 8 restarted nothing and set 0.5, the after scheduler's step 1, not 0.5**3)
     assert_rel(ours[8:], ref[8:])
+
+
+def _torch_sgd_momentum() -> torch.optim.SGD:
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+
+
+def _torch_values(opt: torch.optim.Optimizer) -> tuple[float, float]:
+    return float(opt.param_groups[0]["lr"]), float(opt.param_groups[0]["momentum"])
+
+
+def test_a_refused_chain_step_puts_a_cycled_momentum_back() -> None:
+    from mithril.utils.optimizers import SGD
+
+    ref = _torch_sgd_momentum()
+    ref_cycle = T.OneCycleLR(ref, 0.5, 100)  # (cycle_momentum=True, torch's default)
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    chain = sch.ChainedScheduler([sch.OneCycleLR(opt, 0.5, 100, cycle_momentum=True),
+                                  sch.LambdaLR(opt, lambda t: 1.0 if t < 5 else -1.0)])
+    for _ in range(4):
+        ref.step()
+        ref_cycle.step()
+        chain.step()
+    _, momentum = _torch_values(ref)
+    assert abs(opt.momentum - momentum) <= 1e-15
+    state, lr = chain.state_dict(), opt.learning_rate
+    with pytest.raises(ValueError, match="learning_rate"):
+        chain.step()  # (step 5: the LambdaLR child's rate is negative)
+    # (before: the rate and the children came back, the momentum stayed at step 5's)
+    assert (opt.learning_rate, opt.momentum, chain.state_dict()) == (lr, momentum, state)
+
+
+def _resumed_momenta(make, n: int, stop: int) -> tuple[list, list]:
+    """(uninterrupted, resumed at ``stop`` from JSON) (lr, momentum) after each step, the
+    resumed run's first entry read right after load_state_dict."""
+    from mithril.utils.optimizers import SGD
+
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    sched = make(opt)
+    full = []
+    for _ in range(n):
+        sched.step()
+        full.append((opt.learning_rate, opt.momentum))
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    sched = make(opt)
+    for _ in range(stop):
+        sched.step()
+    saved = json.loads(json.dumps(sched.state_dict()))
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    sched = make(opt)
+    sched.load_state_dict(saved)
+    resumed = [(opt.learning_rate, opt.momentum)]
+    for _ in range(n - stop):
+        sched.step()
+        resumed.append((opt.learning_rate, opt.momentum))
+    return full, resumed
+
+
+# (ours, torch's, whether torch's learning rates are ours too: torch's ChainedScheduler lets
+# a CyclicLR overwrite the rate, so only its momentum is compared there)
+COMPOSITES_WITH_A_MOMENTUM_CYCLE = {
+    "sequential": (
+        lambda o: sch.SequentialLR(o, [sch.LinearLR(o, 0.1, 1.0, 5),
+                                       sch.CyclicLR(o, 0.01, 0.3, 4, cycle_momentum=True)], [5]),
+        lambda o: T.SequentialLR(o, [T.LinearLR(o, 0.1, 1.0, 5), T.CyclicLR(o, 0.01, 0.3, 4)],
+                                 [5]), True),
+    "warmup": (
+        lambda o: sch.LinearWarmupScheduler(
+            o, 5, 0.01, 0.1, sch.CyclicLR(o, 0.01, 0.3, 4, cycle_momentum=True)),
+        lambda o: T.SequentialLR(o, [T.LinearLR(o, 0.1, 1.0, 5), T.CyclicLR(o, 0.01, 0.3, 4)],
+                                 [5]), True),
+    "chained": (
+        lambda o: sch.ChainedScheduler([sch.CyclicLR(o, 0.01, 0.3, 4, cycle_momentum=True),
+                                        sch.ExponentialLR(o, 0.97)]),
+        lambda o: T.CyclicLR(o, 0.01, 0.3, 4), False),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSITES_WITH_A_MOMENTUM_CYCLE))
+def test_load_state_dict_of_a_composite_sets_the_cycled_momentum_as_torchs_run(name) -> None:
+    ours, theirs, same_lr = COMPOSITES_WITH_A_MOMENTUM_CYCLE[name]
+    ref = _torch_sgd_momentum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_sched = theirs(ref)
+        torch_run = []
+        for _ in range(30):
+            ref.step()
+            ref_sched.step()
+            torch_run.append(_torch_values(ref))
+    full, resumed = _resumed_momenta(ours, 30, 12)
+    for (a, b), (c, d) in zip(full, torch_run, strict=True):
+        assert abs(b - d) <= 1e-12 and (not same_lr or abs(a - c) <= 1e-12 * c)
+    # right after loading, the optimizer holds step 12's momentum, as the uninterrupted run
+    # (before: the value the fresh construction had left)
+    assert resumed[0] == full[11]
+    assert resumed == full[11:]

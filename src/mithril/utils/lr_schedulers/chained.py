@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import ChildrenState, LRScheduler, SupportsLearningRate, _check_child, _check_step
+from .base import (
+    ChildrenState,
+    LRScheduler,
+    SupportsLearningRate,
+    _check_child,
+    _check_step,
+    _snapshot,
+)
 
 __all__ = ["ChainedScheduler"]
 
@@ -120,6 +127,12 @@ class ChainedScheduler(ChildrenState, LRScheduler):
         for child in self.schedulers:
             child._rebase(lr)
 
+    def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
+        # why: the children's cycled momentum at step t, so that load_state_dict and a restart
+        # (a milestone of a SequentialLR) set it as they set the learning rate (it was left
+        # as it was until the next step: a resumed run's first update used another momentum)
+        return [x for child in self.schedulers for x in child._extra_targets(t)]
+
     def _reset_state(self) -> None:
         for child in self.schedulers:
             child._reset_state()
@@ -132,11 +145,15 @@ class ChainedScheduler(ChildrenState, LRScheduler):
         lr = self.get_lr_at(t)  # may raise; nothing changed yet
         backup = self.state_dict()
         old_lr = self.optimizer.get_learning_rate()
+        # why: a child cycling the momentum sets it before a later child may be refused; the
+        # snapshot puts it back too (the learning rate alone was restored)
+        restore = _snapshot(self.optimizer)
         try:
             for child in self.schedulers:
                 child._advance(None)
             self.optimizer.set_learning_rate(lr)
         except Exception:
+            restore()
             self._load(backup)
             self.optimizer.set_learning_rate(old_lr)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
+from typing import Any
 
 from .base import (
     ChildrenState,
@@ -92,6 +93,13 @@ class SequentialLR(ChildrenState, LRScheduler):
     def _lr_at(self, t: int) -> float:
         idx, local = self._locate(t)
         return self.schedulers[idx].get_lr_at(local)
+
+    def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
+        # why: the active child's cycled momentum (OneCycleLR / CyclicLR with
+        # cycle_momentum=True) at its step, so that load_state_dict and a restart set it as
+        # they set the learning rate (a resumed run's first update used another momentum)
+        idx, local = self._locate(t)
+        return self.schedulers[idx]._extra_targets(local)
 
     def _rebase(self, lr: float) -> None:
         self.base_lr = float(lr)

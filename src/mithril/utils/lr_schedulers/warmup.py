@@ -90,6 +90,14 @@ class LinearWarmupScheduler(LRScheduler):
             return self.end_lr
         return self.after_scheduler.get_lr_at(t - self.warmup_steps)
 
+    def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
+        # why: after the warm-up, the after_scheduler's cycled momentum at its step, so that
+        # load_state_dict and a restart set it as they set the learning rate
+        after = self.after_scheduler
+        if after is None or t < self.warmup_steps:
+            return []
+        return after._extra_targets(t - self.warmup_steps)
+
     def _reset_state(self) -> None:
         self.last_step = 0
         after = self.after_scheduler
