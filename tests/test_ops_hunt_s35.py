@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -134,3 +135,36 @@ def test_a_refused_first_evaluate_does_not_fix_the_shapes(backend_cls):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(b.to_numpy(grads["linear.weight"])), gw.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# -- float16 means over more than 65504 elements (NumPy VJPs) ---------------------------------
+def _float16_grad(op, x: np.ndarray, data: dict | None = None) -> np.ndarray:
+    b = NumpyBackend(dtype="float16")
+    data = data or {}
+    c = ml.compile(op, b, shapes={"input": x.shape, **{k: v.shape for k, v in data.items()}},
+                   trainable_keys=["input"])
+    cot = np.ones(c.shapes["output"] or (), np.float16)
+    _, g = c.evaluate({"input": x}, data, output_gradients={"output": cot})
+    assert g["input"].dtype == np.float16
+    return g["input"].astype(np.float64)
+
+
+def test_float16_mean_gradients_over_more_than_65504_elements_are_not_zero():
+    """The count, a Python int past float16's largest finite value, became inf in the
+    division (NEP 50): Mean, GlobalAvgPool2D and CrossEntropy(mean) gave 0 gradients on NumPy
+    where torch (and JAX) give 1/n."""
+    x = np.full((70000,), 0.5, np.float16)
+    t = torch.tensor(x, requires_grad=True)
+    (want,) = torch.autograd.grad(t.mean(), t)
+    np.testing.assert_array_equal(_float16_grad(ml.Mean(), x), want.double().numpy())
+    assert want[0] > 0
+    x = np.full((1, 2, 256, 257), 0.25, np.float16)
+    t = torch.tensor(x, requires_grad=True)
+    (want,) = torch.autograd.grad(t.mean((2, 3)), t, torch.ones(1, 2, dtype=torch.float16))
+    np.testing.assert_array_equal(_float16_grad(ml.GlobalAvgPool2D(), x), want.double().numpy())
+    # softmax − one-hot of 2 equal logits is ±0.5; over 70000 rows ±0.5/70000 (float16)
+    x = np.zeros((70000, 2), np.float16)
+    g = _float16_grad(ml.CrossEntropy(), x, {"target": np.zeros(70000, np.int64)})
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(t, torch.zeros(70000, dtype=torch.long)), t)
+    np.testing.assert_allclose(g, want.numpy(), rtol=0, atol=6e-8)  # a float16 subnormal step

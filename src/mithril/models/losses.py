@@ -10,7 +10,16 @@ import numpy as np
 
 from ..errors import DTypeError, InputValueError
 from . import loss_kernels
-from .operator import Operator, Shape, ShapeError, fmt, functional_of, stop_gradient, unify
+from .operator import (
+    Operator,
+    Shape,
+    ShapeError,
+    div_count,
+    fmt,
+    functional_of,
+    stop_gradient,
+    unify,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -327,7 +336,7 @@ class CrossEntropy(Operator):
     def _vjp_last(self, g, out, args, wrt, residuals=None):
         x, t = args["input"], args["target"]
         n = x.size // x.shape[-1]
-        gt = g[..., None] if self.reduction == "none" else (g / n if self.reduction == "mean" else g)
+        gt = g[..., None] if self.reduction == "none" else (div_count(g, n) if self.reduction == "mean" else g)
         if residuals is not None:  # softmax rows of logits against class indices
             gt = np.asarray(gt, dtype=residuals.dtype).reshape(-1, 1) if self.reduction == "none" \
                 else residuals.dtype.type(gt)

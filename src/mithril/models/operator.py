@@ -78,6 +78,15 @@ def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.sum(axis=axes, keepdims=True) if axes else g
 
 
+def div_count(g: np.ndarray, n: int) -> np.ndarray:
+    """``g / n`` for an element count ``n`` (a mean's VJP). float16's largest finite value is
+    65504: a larger Python int divided into a float16 array becomes inf (NEP 50), and the
+    gradient 0; such a quotient is taken in float32 (exact rounding: float32 has the bits)."""
+    if np.asarray(g).dtype == np.float16 and n > 65504:
+        return (np.asarray(g, np.float32) / n).astype(np.float16)
+    return g / n
+
+
 class Operator:
     """Base class of primitive operations (see module docstring)."""
 

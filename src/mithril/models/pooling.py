@@ -38,7 +38,7 @@ from .conv import (
     same_layout,
     stacked_like,
 )
-from .operator import Operator, ShapeError, backend_of, fmt
+from .operator import Operator, ShapeError, backend_of, div_count, fmt
 from .window_kernels import compiled, max_pool, max_pool_vjp
 
 
@@ -300,4 +300,5 @@ class GlobalAvgPool2D(Operator):
 
     def vjp(self, g, out, args, wrt):
         shape = args["input"].shape
-        return {"input": np.broadcast_to((g / (shape[2] * shape[3]))[..., None, None], shape).copy()}
+        return {"input": np.broadcast_to(div_count(g, shape[2] * shape[3])[..., None, None],
+                                         shape).copy()}

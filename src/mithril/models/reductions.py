@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, ShapeError, torch_of
+from .operator import Operator, ShapeError, div_count, torch_of
 
 
 class _Reduce(Operator):
@@ -78,7 +78,7 @@ class Mean(_Reduce):
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         n = int(np.prod([x.shape[a] for a in self._axes(x.ndim)], dtype=np.int64))
-        return {"input": np.broadcast_to(self._keep(g, x) / n, x.shape).copy()}
+        return {"input": np.broadcast_to(div_count(self._keep(g, x), n), x.shape).copy()}
 
 
 class _Extreme(_Reduce):
