@@ -49,7 +49,9 @@ How it works:
   Each step counts in the updated parameters' autograd version counters, as torch's
   in-place updates do: a backward through a graph built before the step fails loudly.
 * Parameters whose ``.grad`` is ``None`` are skipped (left untouched, with their state);
-  a step with no gradient at all does nothing. As everywhere in mithril, the step count
+  a step with no gradient at all does nothing. A sparse ``.grad`` (``nn.Embedding(sparse=
+  True)``) is densified: SGD and AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s
+  sparse numbers, other optimizers their dense update (torch's refuse sparse gradients). As everywhere in mithril, the step count
   (bias corrections) is one per optimizer, not one per parameter as in torch: the two agree
   unless some parameters miss steps (see :class:`~mithril.utils.optimizers.Optimizer`).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
@@ -139,6 +141,15 @@ def _count_in_place(stepped: list[torch.Tensor]) -> None:
     using the new values."""
     if _SET_VERSIONS is not None and stepped:
         _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) as the dense one
+    it stands for (duplicate indices summed). Why: the update reads dense arrays, and a
+    sparse one failed every step with a TypeError where ``torch.optim.SGD`` / ``Adagrad``
+    take it; their sparse updates equal the dense update of the densified gradient (rows
+    without a gradient move only by what a zero gradient gives)."""
+    return g if g.layout == torch.strided else g.to_dense()
 
 
 def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
@@ -256,7 +267,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._sync(self.param_groups[0])
         names, params = self._names, self._params
-        grads = {n: p.grad for n, p in zip(names, params) if p.grad is not None}
+        grads = {n: _dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
         if not grads:
             return loss
         with torch.no_grad():
@@ -317,7 +328,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                                 f"one-element tensor), got "
                                 f"{'None' if loss is None else tuple(loss.shape)}")
             first.setdefault("loss", loss)
-            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+            grads = {n: _dense(p.grad) if p.grad is not None else torch.zeros_like(p)
                      for n, p in zip(names, params)}
             return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 

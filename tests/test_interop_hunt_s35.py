@@ -1,0 +1,76 @@
+"""Bugs found comparing mithril.interop with torch.optim / optax side by side (session 35)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mithril.interop import torch_optimizer  # noqa: E402
+from mithril.utils import optimizers as O  # noqa: E402
+
+
+def _sparse_run(make, bag: bool, steps: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    emb = (torch.nn.EmbeddingBag(6, 3, sparse=True, mode="sum") if bag
+           else torch.nn.Embedding(6, 3, sparse=True)).double()
+    opt = make(emb.parameters())
+    for i in range(steps):
+        opt.zero_grad()
+        idx = torch.tensor([[1, 2, 2], [i % 6, 4, 1]])  # repeated rows: uncoalesced grads
+        (emb(idx) ** 2).sum().backward()
+        assert emb.weight.grad.layout == torch.sparse_coo
+        opt.step()
+    return emb.weight.detach()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # torch's Adagrad
+@pytest.mark.parametrize("bag", [False, True])
+@pytest.mark.parametrize("case", ["sgd", "sgd-momentum", "sgd-nesterov", "adagrad"])
+def test_sparse_gradients_as_torch(case: str, bag: bool) -> None:
+    """nn.Embedding(sparse=True) with SGD / Adagrad: torch.optim takes the sparse .grad; the
+    adapter raised TypeError ("cannot be read as a dense host array") at every step."""
+    peers = {
+        "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1),
+                lambda ps: torch_optimizer(O.SGD(learning_rate=0.1), ps)),
+        "sgd-momentum": (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.2),
+            lambda ps: torch_optimizer(O.SGD(learning_rate=0.1, momentum=0.9, dampening=0.2),
+                                       ps)),
+        "sgd-nesterov": (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+            lambda ps: torch_optimizer(O.SGD(learning_rate=0.1, momentum=0.9, nesterov=True),
+                                       ps)),
+        "adagrad": (
+            lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.1, eps=1e-10),
+            lambda ps: torch_optimizer(O.AdaGrad(learning_rate=0.1, lr_decay=0.1,
+                                                 epsilon=1e-10), ps)),
+    }
+    theirs, ours = peers[case]
+    expected = _sparse_run(theirs, bag)
+    got = _sparse_run(ours, bag)
+    assert not torch.equal(expected, _sparse_run(theirs, bag, steps=0))  # it did move
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_gradients_lbfgs_closure_as_torch() -> None:
+    """LBFGS's closure path reads the sparse .grad too (torch.optim.LBFGS densifies it)."""
+
+    def run(make):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(6, 3, sparse=True).double()
+        opt = make(emb.parameters())
+
+        def closure():
+            opt.zero_grad()
+            loss = ((emb(torch.tensor([1, 2, 2])) - 1) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        return emb.weight.detach()
+
+    expected = run(lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4))
+    got = run(lambda ps: torch_optimizer(O.LBFGS(learning_rate=0.5, max_iter=4), ps))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
