@@ -174,3 +174,25 @@ def test_load_state_dict_of_a_composite_sets_the_cycled_momentum_as_torchs_run(n
     # (before: the value the fresh construction had left)
     assert resumed[0] == full[11]
     assert resumed == full[11:]
+
+
+def test_a_warmup_before_a_plateau_nested_in_a_sequence_steps_without_a_metric() -> None:
+    ref = _torch_run(lambda o: T.LinearLR(o, 0.1, 1.0, 5), 0.1, 5)  # torch's warm-up
+    opt = FakeOpt(0.1)
+    seq = sch.SequentialLR(opt, [sch.LinearWarmupScheduler(opt, 5, 0.01, 0.1,
+                                                           sch.ReduceLROnPlateau(opt)),
+                                 sch.StepLR(opt, 3)], [30])
+    ours = [opt.lr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "called without the monitored metric"
+        for _ in range(5):  # the warm-up, then the plateau's restart: no metric observed
+            seq.step()
+            ours.append(opt.lr)
+    # (before: it warned and stayed at step 0, as LinearWarmupScheduler alone does not)
+    assert_rel(ours, ref)
+    assert seq.last_step == 5
+    with pytest.warns(RuntimeWarning, match="without the monitored metric"):
+        seq.step()  # the plateau's first observation needs the metric
+    assert seq.last_step == 5 and opt.lr == ref[-1]
+    seq.step(1.0)
+    assert seq.last_step == 6

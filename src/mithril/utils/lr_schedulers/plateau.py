@@ -237,7 +237,7 @@ def _drive_child(child: Any, local: int, metric: float | None) -> bool:
     if local == 0:
         child._restart()
         return True
-    if metric is None and child.requires_metric:
+    if metric is None and _needs_metric(child):
         _warn_no_metric(stacklevel=4)
         return False
     if child.last_step == local - 1 or child.requires_metric:
@@ -256,3 +256,15 @@ def _drive_child(child: Any, local: int, metric: float | None) -> bool:
         child._load(backup)
         raise
     return True
+
+
+def _needs_metric(child: Any) -> bool:
+    """Whether ``child``'s next step observes a metric. A composite holding a plateau
+    scheduler (``requires_metric``) needs none while its next step is a warm-up step, or in
+    a phase before the plateau's, or the plateau's restart."""
+    # why: the static requires_metric stalled such a child, nested in a SequentialLR, in its
+    # warm-up (with a warning) where the same scheduler alone steps without a metric
+    if isinstance(child, ReduceLROnPlateau):
+        return True
+    upcoming = getattr(child, "_next_needs_metric", None)
+    return upcoming() if upcoming is not None else bool(child.requires_metric)

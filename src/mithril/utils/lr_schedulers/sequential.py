@@ -14,7 +14,7 @@ from .base import (
     _check_milestones,
     _check_step,
 )
-from .plateau import _drive_child, _metric_value
+from .plateau import _drive_child, _metric_value, _needs_metric
 
 __all__ = ["SequentialLR"]
 
@@ -84,6 +84,11 @@ class SequentialLR(ChildrenState, LRScheduler):
     @property
     def requires_metric(self) -> bool:
         return any(c.requires_metric for c in self.schedulers)
+
+    def _next_needs_metric(self) -> bool:
+        """Whether the next step observes a metric (see :func:`.plateau._needs_metric`)."""
+        idx, local = self._locate(self.last_step + 1)
+        return local > 0 and _needs_metric(self.schedulers[idx])
 
     def _locate(self, t: int) -> tuple[int, int]:
         idx = bisect_right(self.milestones, t)

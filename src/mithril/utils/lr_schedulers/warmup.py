@@ -13,7 +13,7 @@ from .base import (
     _check_real,
     _check_step,
 )
-from .plateau import _drive_child, _metric_value
+from .plateau import _drive_child, _metric_value, _needs_metric
 
 __all__ = ["LinearWarmupScheduler"]
 
@@ -74,6 +74,12 @@ class LinearWarmupScheduler(LRScheduler):
     @property
     def requires_metric(self) -> bool:
         return self.after_scheduler is not None and self.after_scheduler.requires_metric
+
+    def _next_needs_metric(self) -> bool:
+        """Whether the next step observes a metric (see :func:`.plateau._needs_metric`)."""
+        after = self.after_scheduler
+        return (after is not None and self.last_step + 1 > self.warmup_steps
+                and _needs_metric(after))
 
     def _set_hyperparameter(self, name: str, value: Any) -> None:
         super()._set_hyperparameter(name, value)
