@@ -196,3 +196,26 @@ def test_a_warmup_before_a_plateau_nested_in_a_sequence_steps_without_a_metric()
     assert seq.last_step == 5 and opt.lr == ref[-1]
     seq.step(1.0)
     assert seq.last_step == 6
+
+
+def test_the_missing_metric_warning_points_at_the_callers_line() -> None:
+    # torch's plateau after the same two metrics (its step needs one: nothing to compare)
+    ref = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    ref_plateau = T.ReduceLROnPlateau(ref, patience=0, factor=0.5)
+    for m in (1.0, 2.0):
+        ref_plateau.step(m)
+    opt = FakeOpt(0.1)
+    plateau = sch.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    other = FakeOpt(0.1)
+    seq = sch.SequentialLR(other, [sch.StepLR(other, 3), sch.ReduceLROnPlateau(other)], [1])
+    seq.step()
+    for m in (1.0, 2.0):
+        plateau.step(m)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plateau.step()
+        seq.step()
+    # (before: both pointed into lr_schedulers/lanes.py, the wrapper every such step runs in)
+    assert [w.filename for w in caught] == [__file__, __file__]
+    assert opt.lr == plateau.get_last_lr() == ref.param_groups[0]["lr"] == 0.05
+    assert other.lr == 0.1 and seq.last_step == 1

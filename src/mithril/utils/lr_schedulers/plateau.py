@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -21,6 +23,8 @@ from .base import (
 )
 
 __all__ = ["ReduceLROnPlateau"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -220,7 +224,17 @@ def _metric_value(metric: Any) -> float:
     return to_float("metric", metric)
 
 
-def _warn_no_metric(stacklevel: int = 3) -> None:
+def _warn_no_metric(stacklevel: int | None = None) -> None:
+    """Warn that a step got no metric, pointing at the caller's line: the first frame outside
+    this package (``stacklevel``, if given, counts from here as ``warnings.warn``'s)."""
+    if stacklevel is None:
+        # why: a fixed stacklevel pointed into lanes.py (every plateau / composite step runs
+        # inside the lanewise wrapper), never at the user's call
+        level, frame = 2, sys._getframe(1)
+        while frame is not None and os.path.dirname(
+                os.path.abspath(frame.f_code.co_filename)) == _HERE:
+            frame, level = frame.f_back, level + 1
+        stacklevel = level
     warnings.warn(
         "ReduceLROnPlateau.step() called without the monitored metric; learning rate "
         "unchanged (call scheduler.step(val_loss))",
@@ -238,7 +252,7 @@ def _drive_child(child: Any, local: int, metric: float | None) -> bool:
         child._restart()
         return True
     if metric is None and _needs_metric(child):
-        _warn_no_metric(stacklevel=4)
+        _warn_no_metric()
         return False
     if child.last_step == local - 1 or child.requires_metric:
         child._advance(metric)
