@@ -40,3 +40,47 @@ def test_adaptive_clip_with_an_empty_parameter_matches_optax(backend):
     for k in p0:
         assert host(params[k]).shape == p0[k].shape
     assert rel_err(host(params["w"]), np.asarray(ref["w"])) <= 1e-6
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch-ops", "float64"), ("torch", "bfloat16"),
+                                            ("numpy", "float64")])
+def test_ema_and_swa_together_match_torch_averaged_models(backend, dtype):
+    # the tensor-op engine (torch on CUDA; forced here on CPU) wrapped one host buffer
+    # for both averages: the EMA and the SWA mean were one array, averaged twice a step
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(8)]
+    tdt = getattr(torch, dtype)
+    model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.tensor(v, dtype=tdt))
+                                    for k, v in p0.items()})
+    topt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.7))
+    swa_model = AveragedModel(model)
+    with on(backend, "float64" if dtype == "float64" else "float32"):
+        opt = mo.SGD(0.1, momentum=0.9, ema_decay=0.7, swa_start=3)
+
+        def nat(v):
+            return native(backend, v) if dtype == "float64" else torch.tensor(v, dtype=tdt)
+
+        params = {k: nat(v) for k, v in p0.items()}
+        state = opt.init(params)
+        for t, g in enumerate(grads, start=1):
+            params, state = opt.update(params, {k: nat(v) for k, v in g.items()}, state)
+            for k, p in model.items():
+                p.grad = torch.tensor(g[k], dtype=tdt)
+            topt.step()
+            ema_model.update_parameters(model)
+            if t >= 3:
+                swa_model.update_parameters(model)
+    tol = 1e-12 if dtype == "float64" else 2e-2
+    ema, swa = opt.ema_params(state), opt.swa_params(state)
+    for k in p0:
+        want_ema = ema_model.module[k].detach().double().numpy()
+        want_swa = swa_model.module[k].detach().double().numpy()
+        got_ema, got_swa = (host(a[k].double() if hasattr(a[k], "double") else a[k])
+                            for a in (ema, swa))
+        assert rel_err(got_ema, want_ema) <= tol, k
+        assert rel_err(got_swa, want_swa) <= tol, k

@@ -517,8 +517,10 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         averaged = self.full_slot_names()[len(self.slot_names()):]
         if averaged:  # an average starts as the parameters (torch's AveragedModel: a copy)
             flat = layout.flatten_numpy({n: engine.to_numpy(p) for n, p in params.items()})
-            for s in averaged:
-                slots[s] = engine.from_numpy(flat)
+            for i, s in enumerate(averaged):  # each its own buffer: the tensor-op engine's
+                # from_numpy may wrap the host array (torch.from_numpy), and EMA and SWA
+                # sharing one buffer averaged each other (torch-ops / CUDA)
+                slots[s] = engine.from_numpy(flat if i == 0 else flat.copy())
         self._backend = backend
         values = {v: float(self.state_value_init(v)) for v in self.state_values}
         return OptimizerState(type(self).__name__, layout, slots, engine, slot_layouts, values)
