@@ -168,3 +168,22 @@ def test_float16_mean_gradients_over_more_than_65504_elements_are_not_zero():
     t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     (want,) = torch.autograd.grad(F.cross_entropy(t, torch.zeros(70000, dtype=torch.long)), t)
     np.testing.assert_allclose(g, want.numpy(), rtol=0, atol=6e-8)  # a float16 subnormal step
+
+
+# -- JAX: operators share a traced forward only when their settings are the same ------------
+def test_jax_shared_forward_tells_true_from_1_inside_an_index():
+    """Inside ``jax.jit`` equal operators share one traced forward, keyed by their settings;
+    ``(True, 0)`` and ``(1, 0)`` compared (and hashed) equal, so ``x[True, 0]`` (a new axis:
+    row 0 as (1, 2)) ran as ``x[1, 0]`` (a scalar), against its own shape rule and NumPy."""
+    from mithril.models import IOKey
+
+    x = np.arange(6.0, dtype=np.float32).reshape(3, 2)
+    m = ml.Model()
+    m |= ml.Indexer((1, 0))(input="input", output=IOKey("a"))
+    m |= ml.Indexer((True, 0))(input="input", output=IOKey("b"))
+    b = JaxBackend(dtype="float32")
+    out = ml.compile(m, b, shapes={"input": (3, 2)}).evaluate({}, {"input": b.array(x)})
+    t = torch.tensor(x)
+    np.testing.assert_array_equal(np.asarray(out["a"]), t[1, 0].numpy())
+    np.testing.assert_array_equal(np.asarray(out["b"]), t[True, 0].numpy())
+    assert np.asarray(out["b"]).shape == (1, 2)

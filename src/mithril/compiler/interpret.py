@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -82,7 +83,7 @@ def _traced_call(op: Any, args: dict[str, Any]) -> Any:
     if op.context or not args or not all(isinstance(v, jax.core.Tracer) for v in args.values()):
         return None
     try:
-        key = (type(op), tuple((k, type(v), v) for k, v in sorted(vars(op).items())))
+        key = (type(op), tuple((k, _strict(v)) for k, v in sorted(vars(op).items())))
         fn = _JITTED.get(key)
     except TypeError:  # (an attribute that is a list, an array, ...)
         return None
@@ -108,6 +109,20 @@ def _traced_call(op: Any, args: dict[str, Any]) -> Any:
             return op.forward(jnp, **kw)
 
     return call
+
+
+def _strict(v: Any) -> Any:
+    """``v`` as a key that tells apart values that compare equal but index or compute
+    differently: types inside tuples too (``Indexer((True, 0))`` adds an axis where
+    ``Indexer((1, 0))`` picks row 1: both keyed as ``(1, 0)``, the second got the first's
+    traced forward), slices by their fields and the sign of a float zero."""
+    if isinstance(v, (tuple, list)):
+        return (type(v), tuple(_strict(i) for i in v))
+    if isinstance(v, slice):
+        return (slice, _strict((v.start, v.stop, v.step)))
+    if isinstance(v, float):
+        return (type(v), v, math.copysign(1.0, v))
+    return (type(v), v)
 
 
 class _NotArray(Exception):
