@@ -219,3 +219,32 @@ def test_the_missing_metric_warning_points_at_the_callers_line() -> None:
     assert [w.filename for w in caught] == [__file__, __file__]
     assert opt.lr == plateau.get_last_lr() == ref.param_groups[0]["lr"] == 0.05
     assert other.lr == 0.1 and seq.last_step == 1
+
+
+@pytest.mark.parametrize("anneal", [(5, "cos"), (7, "linear"), (0, "cos")])
+def test_swalr_after_a_milestone_anneals_from_the_rate_left_as_torchs(anneal) -> None:
+    epochs, strategy = anneal
+
+    def theirs(o):
+        return T.SequentialLR(o, [T.CosineAnnealingLR(o, 100),
+                                  torch.optim.swa_utils.SWALR(o, 0.05, epochs, strategy)], [75])
+
+    def ours(o):
+        return sch.SequentialLR(o, [sch.CosineAnnealingLR(o, 100),
+                                    sch.SWALR(o, 0.05, epochs, strategy)], [75])
+
+    ref = _torch_run(theirs, 0.1, 100)
+    opt = FakeOpt(0.1)
+    seq = ours(opt)
+    got = [opt.lr]
+    for t in range(1, 101):
+        seq.step()
+        got.append(opt.lr)
+        if t == 80:  # a checkpoint in the SWA phase resumes it exactly
+            saved = json.loads(json.dumps(seq.state_dict()))
+            opt = FakeOpt(0.1)
+            seq = ours(opt)
+            seq.load_state_dict(saved)
+            assert opt.lr == got[-1]
+    # (before: the SWA phase restarted at 0.1, the rate before the cosine, and annealed down)
+    assert_rel(got, ref)

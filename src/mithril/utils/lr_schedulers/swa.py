@@ -33,7 +33,9 @@ class SWALR(LRScheduler):
 
     evaluated in torch's order, so the values are torch's bit for bit. :meth:`get_lr_at`
     is the closed form of the same schedule from ``base_lr``, ``swa_lr·b + base_lr·(1 − b)``
-    (what :meth:`step` gives when nothing else changes the rate, to rounding).
+    (what :meth:`step` gives when nothing else changes the rate, to rounding). Restarted by
+    a parent at its milestone (``SequentialLR([CosineAnnealingLR(...), SWALR(...)],
+    [swa_start])``), it is re-based to the rate the optimizer has then, as torch's.
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
@@ -86,6 +88,23 @@ class SWALR(LRScheduler):
         a, b = self._alphas(t)
         start = self.swa_lr if a == 1 else (lr - a * self.swa_lr) / (1 - a)
         return self.swa_lr * b + start * (1 - b)
+
+    def _restart(self) -> None:
+        # why: a parent restarting it at its milestone (SequentialLR, a warm-up) had re-based
+        # it to the rate before the whole schedule, so the SWA phase jumped back up to it;
+        # torch's SWALR anneals from the rate the previous schedule left (step 0 keeps it)
+        lanes = (self, *self._siblings)
+        rates = [_to_float("the optimizer's learning rate", lane.optimizer.get_learning_rate())
+                 for lane in lanes]
+        bases = [lane.base_lr for lane in lanes]
+        try:
+            for lane, lr in zip(lanes, rates, strict=True):
+                lane._rebase(lr)
+            super()._restart()
+        except Exception:
+            for lane, lr in zip(lanes, bases, strict=True):
+                lane._rebase(lr)
+            raise
 
     def step(self) -> None:
         """Advance one step from the optimizer's current learning rate (as torch)."""
