@@ -187,3 +187,30 @@ def test_jax_shared_forward_tells_true_from_1_inside_an_index():
     np.testing.assert_array_equal(np.asarray(out["a"]), t[1, 0].numpy())
     np.testing.assert_array_equal(np.asarray(out["b"]), t[True, 0].numpy())
     assert np.asarray(out["b"]).shape == (1, 2)
+
+
+# -- Linear and GroupNorm over an empty batch ---------------------------------------------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_linear_of_rank_3_and_group_norm_take_an_empty_batch(backend_cls):
+    """NumPy's Linear (rank > 2) and GroupNorm (NumPy, JAX) reshaped with -1, refused next to
+    an empty axis; torch's F.linear / F.group_norm give empty results. A non-empty batch
+    through the same code still matches torch."""
+    b = backend_cls(dtype="float32")
+    w, bias = np.arange(15, dtype=np.float32).reshape(3, 5) / 10, np.array([1, 0, -1], np.float32)
+    for x in (np.zeros((0, 4, 5), np.float32), np.linspace(-1, 1, 40, dtype=np.float32).reshape(2, 4, 5)):
+        g = np.ones((*x.shape[:-1], 3))
+        out, grads = _run(b, ml.Linear(3), {"input": x}, ["input"], {"output": g},
+                          params={"linear.weight": w, "linear.bias": bias})
+        t = torch.tensor(x, requires_grad=True)
+        y = F.linear(t, torch.tensor(w), torch.tensor(bias))
+        (gt,) = torch.autograd.grad(y, t, torch.ones(y.shape))
+        np.testing.assert_allclose(out["output"], y.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads["input"], gt.numpy(), rtol=1e-5, atol=1e-5)
+    for x in (np.zeros((0, 4, 3), np.float32), np.linspace(-2, 3, 24, dtype=np.float32).reshape(2, 4, 3)):
+        g = np.linspace(0, 1, x.size).reshape(x.shape)
+        out, grads = _run(b, ml.GroupNorm(2, affine=False), {"input": x}, ["input"], {"output": g})
+        t = torch.tensor(x, requires_grad=True)
+        y = F.group_norm(t, 2)
+        (gt,) = torch.autograd.grad(y, t, torch.tensor(g, dtype=torch.float32))
+        np.testing.assert_allclose(out["output"], y.detach().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grads["input"], gt.numpy(), rtol=1e-4, atol=1e-4)

@@ -52,7 +52,8 @@ class Linear(Operator):
             y = _rows(input) @ weight.T
             if bias is not None:
                 elementwise_kernels.add_rows(y, bias)
-            return y if input.ndim == 2 else y.reshape(*input.shape[:-1], -1)
+            # the width itself, not -1: ambiguous (refused) when a leading axis is 0
+            return y if input.ndim == 2 else y.reshape(*input.shape[:-1], y.shape[-1])
         F = functional_of(xp)
         if F is not None:  # one addmm (bias fused), as torch.nn.Linear
             return F.linear(input, weight, bias)
@@ -65,7 +66,7 @@ class Linear(Operator):
         g2 = _rows(g)
         if "input" in wrt:  # 2-D: the matmul's own array, not a view (a ReLU may reuse it)
             gx = g2 @ w
-            res["input"] = gx if g.ndim == 2 else gx.reshape(*g.shape[:-1], -1)
+            res["input"] = gx if g.ndim == 2 else gx.reshape(*g.shape[:-1], gx.shape[-1])
         if "weight" in wrt:
             res["weight"] = g2.T @ _rows(x)
         if "bias" in wrt:

@@ -52,7 +52,8 @@ class GroupNorm(Operator):
 
     def _normalise(self, xp: Any, x: Any) -> tuple[Any, Any]:
         """y and 1/σ, both grouped as (N, G, C/G · prod(spatial))."""
-        xg = x.reshape((x.shape[0], self.num_groups, -1))
+        # the group size itself, not -1: ambiguous (refused) for an empty batch
+        xg = x.reshape((x.shape[0], self.num_groups, math.prod(x.shape[1:]) // self.num_groups))
         xc = xg - xp.mean(xg, axis=-1, keepdims=True)
         inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
         return xc * inv, inv
