@@ -248,3 +248,27 @@ def test_swalr_after_a_milestone_anneals_from_the_rate_left_as_torchs(anneal) ->
             assert opt.lr == got[-1]
     # (before: the SWA phase restarted at 0.1, the rate before the cosine, and annealed down)
     assert_rel(got, ref)
+
+
+def test_a_chain_after_a_warmup_refuses_a_zero_end_lr_by_name() -> None:
+    ref = _torch_run(lambda o: T.ChainedScheduler([T.StepLR(o, 3, 0.5),
+                                                   T.ExponentialLR(o, 0.9)]), 0.1, 10)
+
+    def chain(o):
+        return sch.ChainedScheduler([sch.StepLR(o, 3, 0.5), sch.ExponentialLR(o, 0.9)])
+
+    with pytest.raises(ValueError, match="base_lr"):  # (before: ZeroDivisionError at a step)
+        zero = FakeOpt(0.1)
+        sch.LinearWarmupScheduler(zero, 2, 0.0, 0.0, chain(zero))
+    opt = FakeOpt(0.1)
+    warm = sch.LinearWarmupScheduler(opt, 2, 0.01, 0.1, chain(opt))
+    warm.step()
+    state = warm.state_dict()
+    with pytest.raises(ValueError, match="base_lr"):
+        warm.end_lr = 0.0
+    assert warm.state_dict() == state and warm.end_lr == 0.1
+    got = []
+    for _ in range(11):
+        warm.step()
+        got.append(opt.lr)
+    assert_rel(got, ref)  # the chain from 0.1 after the warm-up, as torch's

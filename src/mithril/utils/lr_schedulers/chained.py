@@ -123,9 +123,19 @@ class ChainedScheduler(ChildrenState, LRScheduler):
         return lr
 
     def _rebase(self, lr: float) -> None:
+        old = (self.base_lr, [child.base_lr for child in self.schedulers])
         self.base_lr = float(lr)
         for child in self.schedulers:
             child._rebase(lr)
+        # why: a parent re-basing the chain to 0 (a warm-up's end_lr = 0) left children that
+        # every later step divides by (ZeroDivisionError); refuse it by name, changing nothing
+        try:
+            self._check_bases()
+        except ValueError:
+            self.base_lr = old[0]
+            for child, base in zip(self.schedulers, old[1], strict=True):
+                child._rebase(base)
+            raise
 
     def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
         # why: the children's cycled momentum at step t, so that load_state_dict and a restart
