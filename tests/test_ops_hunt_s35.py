@@ -214,3 +214,33 @@ def test_linear_of_rank_3_and_group_norm_take_an_empty_batch(backend_cls):
         (gt,) = torch.autograd.grad(y, t, torch.tensor(g, dtype=torch.float32))
         np.testing.assert_allclose(out["output"], y.detach().numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(grads["input"], gt.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# -- attention: a mask that would enlarge the scores ---------------------------------------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_attention_mask_must_broadcast_to_the_scores_not_past_them(backend_cls):
+    """A (2, L, S) mask on (L, E) queries: the shape rule said (L, Ev), NumPy and JAX returned
+    (2, L, Ev) and torch failed inside its kernel; torch's F.scaled_dot_product_attention
+    refuses it. Now a ShapeError when compiled; a mask that fits still matches torch."""
+    from mithril.errors import ShapeError
+
+    b = backend_cls(dtype="float32")
+    shapes = {"query": (3, 5), "key": (4, 5), "value": (4, 2)}
+    with pytest.raises(RuntimeError, match="broadcast"):
+        F.scaled_dot_product_attention(torch.ones(3, 5), torch.ones(4, 5), torch.ones(4, 2),
+                                       attn_mask=torch.ones(2, 3, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="attn_mask.*must broadcast to the scores"):
+        ml.compile(ml.ScaledDotProduct(use_attn_mask=True), b, shapes={**shapes, "attn_mask": (2, 3, 4)})
+    with pytest.raises(ShapeError, match="attn_mask.*must broadcast to the scores"):
+        ml.compile(ml.MultiHeadAttention(2, use_attn_mask=True), b,
+                   shapes={"query": (3, 4), "key": (4, 4), "value": (4, 4), "attn_mask": (3, 2, 3, 4)})
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shapes[n]).astype(np.float32) for n in ("query", "key", "value"))
+    mask = np.array([[True, False, True, True], [True, True, False, False], [False, True, True, True]])
+    c = ml.compile(ml.ScaledDotProduct(use_attn_mask=True), b, shapes={**shapes, "attn_mask": (3, 4)})
+    out = c.evaluate({}, {"query": b.array(q), "key": b.array(k), "value": b.array(v),
+                          "attn_mask": b.array(mask, dtype="bool")})
+    want = F.scaled_dot_product_attention(torch.tensor(q), torch.tensor(k), torch.tensor(v),
+                                          attn_mask=torch.tensor(mask))
+    np.testing.assert_allclose(np.asarray(b.to_numpy(out["output"])), want.numpy(), rtol=1e-5,
+                               atol=1e-6)

@@ -165,6 +165,17 @@ def _rank_at_least(s: Any, n: int, key: str, who: str, layout: str) -> None:
         raise ShapeError(f"{who}: '{key}' must have rank >= {n} ({layout}), got shape {fmt(s)}")
 
 
+def _mask_fits(m: Any, scores: tuple, who: str, layout: str) -> None:
+    """``attn_mask`` of shape ``m`` broadcasts to the ``scores`` shape, not past it: a mask
+    with more or larger batch axes made NumPy / JAX return more than the shape rule said
+    (and torch's kernel refuse it deep inside), where torch's SDPA refuses such a mask."""
+    out = broadcast_shapes(m, scores, f"'attn_mask' and the scores {layout}")
+    if len(m) > len(scores) or any(o is not None and d is not None and o != d
+                                   for o, d in zip(out, scores, strict=True)):
+        raise ShapeError(f"{who}: 'attn_mask' of shape {fmt(m)} must broadcast to the scores "
+                         f"{layout} {fmt(scores)}, not enlarge them (as torch)")
+
+
 def _same(a: int | None, b: int | None) -> bool:
     return a is None or b is None or a == b
 
@@ -207,7 +218,7 @@ class ScaledDotProduct(Operator):
                                  "'query'/'key' and 'value'")
         m = shapes.get("attn_mask") if self.use_attn_mask else None
         if m is not None:
-            broadcast_shapes(m, (*batch, q[-2], k[-2]), "'attn_mask' and the scores (…, L, S)")
+            _mask_fits(m, (*batch, q[-2], k[-2]), "ScaledDotProduct", "(…, L, S)")
         return (*batch, q[-2], v[-1])
 
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
@@ -331,8 +342,8 @@ class MultiHeadAttention(Operator):
                                  "'query'/'key' and 'value'")
         m = shapes.get("attn_mask") if self.use_attn_mask else None
         if m is not None:
-            broadcast_shapes(m, (*batch, self.num_heads, q[-2], k[-2]),
-                             "'attn_mask' and the scores (…, num_heads, L, S)")
+            _mask_fits(m, (*batch, self.num_heads, q[-2], k[-2]), "MultiHeadAttention",
+                       "(…, num_heads, L, S)")
         return (*batch, q[-2], e)
 
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
