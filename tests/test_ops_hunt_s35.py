@@ -244,3 +244,22 @@ def test_attention_mask_must_broadcast_to_the_scores_not_past_them(backend_cls):
                                           attn_mask=torch.tensor(mask))
     np.testing.assert_allclose(np.asarray(b.to_numpy(out["output"])), want.numpy(), rtol=1e-5,
                                atol=1e-6)
+
+
+# -- reductions: a NumPy integer axis ---------------------------------------------------------------
+@pytest.mark.parametrize("backend_cls", BACKENDS, ids=IDS)
+def test_reduction_axis_may_be_a_numpy_integer(backend_cls):
+    """``Sum(axis=np.int64(1))`` iterated the axis (a raw TypeError: not iterable); Softmax,
+    Concat and Flatten took NumPy integers already. A bool axis is refused by name."""
+    b = backend_cls(dtype="float32")
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    g = np.linspace(-1, 1, 8).reshape(2, 4)
+    for op, ref in ((ml.Sum(axis=np.int64(1)), lambda t: t.sum(1)),
+                    (ml.Max(axis=np.int32(-2)), lambda t: t.amax(-2))):
+        out, grads = _run(b, op, {"input": x}, ["input"], {"output": g})
+        t = torch.tensor(x, requires_grad=True)
+        (gt,) = torch.autograd.grad(ref(t), t, torch.tensor(g, dtype=torch.float32))
+        np.testing.assert_allclose(out["output"], ref(torch.tensor(x)).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(grads["input"], gt.numpy(), rtol=1e-6)
+    with pytest.raises(TypeError, match="axis must be"):
+        ml.Mean(axis=True)

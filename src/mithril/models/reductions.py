@@ -14,7 +14,14 @@ from .operator import Operator, ShapeError, div_count, torch_of
 class _Reduce(Operator):
     def __init__(self, axis: int | tuple[int, ...] | list[int] | None = None,
                  keepdim: bool = False) -> None:
-        if axis is not None and not isinstance(axis, int):
+        # a NumPy integer is an int axis (it was iterated: a raw TypeError); a bool is no axis
+        if isinstance(axis, (bool, np.bool_)) or (isinstance(axis, (tuple, list)) and any(
+                isinstance(a, (bool, np.bool_)) for a in axis)):
+            raise TypeError(f"{type(self).__name__}: axis must be None, an int or a tuple of "
+                            f"ints, got {axis!r}")
+        if isinstance(axis, (int, np.integer)):
+            axis = int(axis)
+        elif axis is not None:
             axis = tuple(int(a) for a in axis)
         self.axis, self.keepdim = axis, bool(keepdim)
 
