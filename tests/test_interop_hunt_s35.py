@@ -74,3 +74,40 @@ def test_sparse_gradients_lbfgs_closure_as_torch() -> None:
     expected = run(lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4))
     got = run(lambda ps: torch_optimizer(O.LBFGS(learning_rate=0.5, max_iter=4), ps))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["transpose in place", "new transposed tensor"])
+@pytest.mark.parametrize("case", ["sgd-momentum", "adam", "muon"])
+def test_parameter_data_transposed_between_steps(case: str, how: str) -> None:
+    """``w.data = w.data.t()`` on a square matrix keeps its address and shape: the adapter
+    took it for unchanged and updated the untransposed buffer with the transposed
+    parameter's gradient (0.96 off torch.optim.SGD after two more steps)."""
+    peers = {
+        "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+                         lambda ps: torch_optimizer(O.SGD(learning_rate=0.01, momentum=0.9),
+                                                    ps)),
+        "adam": (lambda ps: torch.optim.Adam(ps, lr=0.05),
+                 lambda ps: torch_optimizer(O.Adam(learning_rate=0.05), ps)),
+        "muon": (lambda ps: torch.optim.Muon(ps, lr=0.05, adjust_lr_fn="original"),
+                 lambda ps: torch_optimizer(O.Muon(learning_rate=0.05, weight_decay=0.1,
+                                                   adjust_lr_fn="original"), ps)),
+    }
+    if case == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon")
+
+    def run(make):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+        opt = make([w])
+        x = torch.randn(5, 3, dtype=torch.float64)
+        for i in range(4):
+            if i == 2:
+                w.data = (w.data.t() if how == "transpose in place"
+                          else w.data.clone().t().contiguous().t() * 1.5)
+            opt.zero_grad()
+            ((x @ w - 1) ** 2).sum().backward()
+            opt.step()
+        return w.detach()
+
+    theirs, ours = peers[case]
+    torch.testing.assert_close(run(ours), run(theirs), rtol=1e-12, atol=1e-12)

@@ -44,7 +44,7 @@ How it works:
   object, its ``.grad`` and every reference to it are unchanged). Later steps write the
   buffer in place, reading the ``.grad`` tensors where they lie. Writing a parameter in
   place (``model.load_state_dict``, ``p.mul_``) writes the buffer and is seen; replacing
-  ``p.data`` is detected (address and shape, per step) and the new tensor is copied in.
+  ``p.data`` is detected (address, shape and strides, per step) and the new tensor is copied in.
   ``torch.save`` of one parameter alone saves the whole buffer (torch saves storages).
   Each step counts in the updated parameters' autograd version counters, as torch's
   in-place updates do: a backward through a graph built before the step fails loudly.
@@ -141,6 +141,12 @@ def _count_in_place(stepped: list[torch.Tensor]) -> None:
     using the new values."""
     if _SET_VERSIONS is not None and stepped:
         _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
+
+
+def _lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
+    square matrix has the first two)."""
+    return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
 
 
 def _dense(g: torch.Tensor) -> torch.Tensor:
@@ -363,7 +369,16 @@ class TorchOptimizer(torch.optim.Optimizer):
             return {n: p.detach() for n, p in zip(self._names, self._params)}
         out = {}
         for (n, v), p in zip(views.items(), self._params):
-            out[n] = v if p.data_ptr() == v.data_ptr() and p.shape == v.shape else p.detach()
+            if _lies_at(p, v):
+                out[n] = v
+            elif p.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                # why: p.data = p.data.t() (a square matrix) kept address and shape, so it
+                # counted as unchanged and the update ran on the untransposed buffer with
+                # the transposed parameter's gradient; a view of the buffer itself is
+                # copied out first (copying it in place would overlap)
+                out[n] = p.detach().clone()
+            else:
+                out[n] = p.detach()
         return out
 
     def _adopt(self, current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -374,7 +389,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 and all(map(operator.is_, current.values(), new.values())))
         if not same:  # a first step, a reloaded state, or a parameter replaced from outside
             for p, v in zip(self._params, new.values()):
-                if p.data_ptr() != v.data_ptr() or p.shape != v.shape:
+                if not _lies_at(p, v):
                     p.data = v
         self._views = new
 
