@@ -111,3 +111,49 @@ def test_parameter_data_transposed_between_steps(case: str, how: str) -> None:
 
     theirs, ours = peers[case]
     torch.testing.assert_close(run(ours), run(theirs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("when", ["before construction", "after a step"])
+def test_parameters_sharing_memory_refused(when: str) -> None:
+    """``b.data = a.data``: torch.optim updates the shared storage with both gradients and
+    the two stay tied; the adapter moved each into its own buffer slice, untying them
+    silently (0.72 off torch.optim.SGD after three steps). It now refuses, naming both, and
+    changes nothing."""
+
+    def setup(make):
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+        b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        t = torch.randn(4, dtype=torch.float64)
+        if when == "before construction":
+            b.data = a.data
+        opt = make([a, b])
+
+        def step():
+            opt.zero_grad()
+            (((a - t) ** 2).sum() + (b ** 4).sum()).backward()
+            opt.step()
+
+        if when == "after a step":
+            step()
+            b.data = a.data
+        return a, b, opt, step
+
+    a, b, opt, step = setup(lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))
+    for _ in range(3):
+        step()
+    assert a.data_ptr() == b.data_ptr()  # torch keeps them tied
+
+    made = lambda ps: torch_optimizer(O.SGD(learning_rate=0.01, momentum=0.9), ps)  # noqa: E731
+    if when == "before construction":
+        with pytest.raises(ValueError, match="'param0' and 'param1' share memory"):
+            setup(made)
+        return
+    a, b, opt, step = setup(made)
+    before = a.detach().clone()
+    buf = opt.state[a]["momentum_buffer"].clone()
+    with pytest.raises(ValueError, match="'param0' and 'param1' share memory"):
+        step()
+    assert torch.equal(a.detach(), before) and a.data_ptr() == b.data_ptr()
+    assert torch.equal(opt.state[a]["momentum_buffer"], buf)
+    assert float(opt.state[a]["step"]) == 1.0

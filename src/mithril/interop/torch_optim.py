@@ -60,7 +60,8 @@ How it works:
   operations tensor by tensor, on any device, into the same flat buffer, bit for bit as
   torch; Adafactor on CPU runs its fused kernel instead unless built with ``fused=False``
   (equal to torch to rounding: it sums its statistics in float64). Parameters must share
-  one dtype and device.
+  one dtype and device, and no two may overlap in memory (``b.data = a.data`` is refused:
+  torch.optim keeps such a tie, one buffer cannot).
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``) needs ``step(closure)``
   with torch's usual closure (clear the gradients, compute the loss, ``backward()``,
   return the loss), as ``torch.optim.LBFGS``; it calls it as often as its iterations and
@@ -147,6 +148,27 @@ def _lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
     square matrix has the first two)."""
     return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
+
+
+def _check_no_overlap(names: list[str], tensors: list[torch.Tensor]) -> None:
+    """``ValueError`` naming two parameters whose memory overlaps (``b.data = a.data``).
+    Why: torch.optim updates such a shared storage with both gradients; here each parameter
+    moves to its own slice of the flat buffer, so the tie was broken silently."""
+    spans = []
+    for name, p in zip(names, tensors):
+        if p.numel():
+            ext = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+            spans.append((p.data_ptr(), p.data_ptr() + ext * p.element_size(), name))
+    spans.sort()
+    end, last = -1, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise ValueError(f"parameters '{last}' and '{name}' share memory (e.g. b.data = "
+                             f"a.data): a mithril torch_optimizer keeps each parameter in its "
+                             f"own slice of one buffer and cannot keep them tied; share one "
+                             f"Parameter instead (pass it once)")
+        if stop > end:
+            end, last = stop, name
 
 
 def _dense(g: torch.Tensor) -> torch.Tensor:
@@ -278,6 +300,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             return loss
         with torch.no_grad():
             if self._opt_state is None:
+                _check_no_overlap(names, params)
                 current = {n: p.detach() for n, p in zip(names, params)}
                 state = self._mithril.init(current)
                 adopt = getattr(state.engine, "adopt_storage", None)
@@ -366,12 +389,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         parameter still lies there (then nothing is copied), else the parameter's tensor."""
         views = self._views
         if views is None:
+            _check_no_overlap(self._names, self._params)
             return {n: p.detach() for n, p in zip(self._names, self._params)}
         out = {}
+        replaced = False
         for (n, v), p in zip(views.items(), self._params):
             if _lies_at(p, v):
                 out[n] = v
-            elif p.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                continue
+            if not replaced:  # (once: a parameter replaced from outside may now share memory)
+                _check_no_overlap(self._names, self._params)
+                replaced = True
+            if p.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
                 # why: p.data = p.data.t() (a square matrix) kept address and shape, so it
                 # counted as unchanged and the update ran on the untransposed buffer with
                 # the transposed parameter's gradient; a view of the buffer itself is
@@ -544,6 +573,7 @@ def _parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"parameter names repeat: {dup}")
+    _check_no_overlap(names, tensors)
     for what, key in (("dtype", lambda p: str(p.dtype)), ("device", lambda p: str(p.device))):
         found: dict[str, list[str]] = {}
         for name, p in zip(names, tensors):
