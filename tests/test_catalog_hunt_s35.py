@@ -84,3 +84,30 @@ def test_ema_and_swa_together_match_torch_averaged_models(backend, dtype):
                             for a in (ema, swa))
         assert rel_err(got_ema, want_ema) <= tol, k
         assert rel_err(got_swa, want_swa) <= tol, k
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_groups_float16_epsilon_that_rounds_to_zero_is_refused_as_the_optimizers(wrap):
+    # torch.optim.Adam on float16 with eps=1e-9 (0 in float16) gives NaN on a zero gradient;
+    # the optimizer-wide epsilon was refused for that, a group's passed and gave NaN params
+    import torch
+
+    p = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    p.grad = torch.zeros(3, dtype=torch.float16)
+    torch.optim.Adam([p], lr=0.01, eps=1e-9).step()
+    assert torch.isnan(p).all()
+
+    inner = mo.Adam(0.01, epsilon=1e-4, param_groups=[{"params": ["b"], "epsilon": 1e-9}])
+    opt = mo.Lookahead(inner) if wrap else inner
+    params = {"w": np.ones(3, np.float16), "b": np.ones(3, np.float16)}
+    state = opt.init(params)
+    zeros = {"w": np.zeros(3, np.float16), "b": np.zeros(3, np.float16)}
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: epsilon=1e-09 is 0 in float16"):
+        opt.update(params, zeros, state)
+    assert state.step == 0
+    np.testing.assert_array_equal(params["b"], np.ones(3, np.float16))
+    with pytest.raises(ValueError, match=r"^epsilon=1e-09 is 0 in float16"):
+        mo.Adam(0.01, epsilon=1e-9).update(params, zeros, mo.Adam(0.01, epsilon=1e-9).init(params))
+    inner.hyperparameter("epsilon", group=0).set_learning_rate(1e-4)  # a valid one steps
+    params, state = opt.update(params, zeros, state)
+    assert state.step == 1 and np.isfinite(params["b"]).all()

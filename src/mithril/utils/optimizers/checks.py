@@ -179,11 +179,17 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
     if not isinstance(gradients, Mapping):
         raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
     lay, eng = state.layout, state.engine
-    eps = getattr(opt, "epsilon", None)
-    if lay.dtype == "float16" and isinstance(eps, float) and rounds_to_zero(eps, lay.dtype):
-        raise ValueError(f"epsilon={eps!r} is 0 in float16: a zero gradient would give 0/0 = "
-                         f"NaN parameters. Use epsilon >= 6e-8 (1e-4 is usual for float16), "
-                         f"or float32 master weights (MixedPrecisionTrainer)")
+    if lay.dtype == "float16":  # the optimizer's epsilon, then each group's own (a group's
+        # used to pass unchecked: NaN parameters at the first zero gradient)
+        groups = getattr(opt, "param_groups", None) or ()
+        for where, eps in (("", getattr(opt, "epsilon", None)),
+                           *((f"param_groups[{i}]: ", g.get("epsilon"))
+                             for i, g in enumerate(groups))):
+            if isinstance(eps, float) and rounds_to_zero(eps, lay.dtype):
+                raise ValueError(f"{where}epsilon={eps!r} is 0 in float16: a zero gradient would "
+                                 f"give 0/0 = NaN parameters. Use epsilon >= 6e-8 (1e-4 is usual "
+                                 f"for float16), or float32 master weights "
+                                 f"(MixedPrecisionTrainer)")
     if eng.backend.name != opt._backend.name:
         raise ValueError(f"state was made for {eng.backend.name} arrays, but this "
                          f"{type(opt).__name__} works on {opt._backend.name} arrays")
