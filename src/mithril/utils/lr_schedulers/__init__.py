@@ -39,7 +39,9 @@ momentum (or beta1) with ``cycle_momentum=True``. See :class:`LRScheduler`.
 Intended differences from PyTorch: without ``per_group`` a scheduler drives one learning rate
 (the optimizer's; its parameter groups follow in proportion); ``cycle_momentum`` defaults to
 ``False``; a composite acts per group when its children do (``per_group=True`` on each); no
-deprecated ``epoch`` argument to ``step``;
+deprecated ``epoch`` argument to ``step`` (count the schedule in updates: torch's
+``CosineAnnealingWarmRestarts.step(epoch + i / iters)`` is ``T_0 = epochs * iters`` stepped
+once per update) and no ``last_epoch=`` / ``verbose=`` (a ``TypeError`` saying what to use);
 :class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
 child; stricter hyper-parameter validation (degenerate settings raise :class:`ValueError`
 instead of producing division by zero or silently odd schedules).

@@ -362,6 +362,15 @@ class LRScheduler:
             cls.step is LRScheduler.step and cls._set_step is LRScheduler._set_step
             and cls._reset_state is LRScheduler._reset_state)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> LRScheduler:
+        if "last_epoch" in kwargs or "verbose" in kwargs:  # torch's, with no meaning here
+            name = "last_epoch" if "last_epoch" in kwargs else "verbose"
+            raise TypeError(
+                f"{cls.__name__}: no {name}= argument (torch's); " + (
+                    "to resume, build the scheduler and load_state_dict(saved)"
+                    if name == "last_epoch" else "read get_last_lr() to log the rate"))
+        return super().__new__(cls)
+
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
@@ -389,8 +398,14 @@ class LRScheduler:
     def _lr_at(self, t: int) -> float:
         raise NotImplementedError
 
-    def step(self) -> None:
+    def step(self, epoch: None = None) -> None:
         """Advance the step counter by one and set the optimizer's learning rate."""
+        if epoch is not None:  # torch's deprecated form (CosineAnnealingWarmRestarts' docs use it)
+            raise TypeError(
+                f"{type(self).__name__}.step() takes no epoch (got {epoch!r}): step once per "
+                f"update with the schedule counted in updates (e.g. T_0 = epochs * "
+                f"batches_per_epoch for torch's step(epoch + i / iters)); to jump to a step, "
+                f"load_state_dict")
         self._set_step(self.last_step + 1)
 
     def get_last_lr(self) -> float:

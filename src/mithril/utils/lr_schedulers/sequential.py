@@ -31,7 +31,10 @@ class SequentialLR(ChildrenState, LRScheduler):
     As in PyTorch (where every scheduler on an optimizer shares the optimizer's ``initial_lr``),
     every child is **re-based to** ``schedulers[0].base_lr`` (the learning rate the optimizer
     had before the first child was constructed), because constructing a child may already have
-    changed the optimizer's learning rate (e.g. a warm-up sets ``start_lr``).
+    changed the optimizer's learning rate (e.g. a warm-up sets ``start_lr``). One exception:
+    torch's ``OneCycleLR`` overwrites that shared ``initial_lr`` with ``max_lr / div_factor``,
+    so in torch the children *before* it start from that value; here they keep
+    ``schedulers[0].base_lr`` (the OneCycleLR child still cycles from its own ``max_lr``).
 
     Unlike PyTorch, a child may be a :class:`ReduceLROnPlateau` (or a composite containing
     one). ``step(metric)`` forwards ``metric`` to the active child if it needs one (otherwise

@@ -1,0 +1,52 @@
+"""torch's scheduler arguments that have no meaning here (``step(epoch)``, ``last_epoch=``,
+``verbose=``) are refused with an error that says what to do instead, and a refused
+``step(epoch)`` changes nothing; the step-counted form gives torch's per-iteration
+``CosineAnnealingWarmRestarts.step(epoch + i / iters)`` sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mithril.utils.lr_schedulers import CosineAnnealingWarmRestarts, ExponentialLR, StepLR
+from mithril.utils.optimizers import SGD
+
+
+def test_step_with_an_epoch_is_refused_and_changes_nothing():
+    opt = SGD(learning_rate=0.1)
+    s = CosineAnnealingWarmRestarts(opt, T_0=4)
+    s.step()
+    before = (s.last_step, s.get_last_lr(), opt.learning_rate, s.state_dict())
+    with pytest.raises(TypeError, match=r"takes no epoch \(got 1.5\).*T_0 = epochs \* batches"):
+        s.step(1.5)
+    assert (s.last_step, s.get_last_lr(), opt.learning_rate, s.state_dict()) == before
+
+
+@pytest.mark.parametrize(("kw", "hint"), [("last_epoch", "load_state_dict"),
+                                          ("verbose", "get_last_lr")])
+def test_torch_constructor_arguments_are_refused_with_a_hint(kw, hint):
+    with pytest.raises(TypeError, match=f"StepLR: no {kw}= argument.*{hint}"):
+        StepLR(SGD(learning_rate=0.1), step_size=2, **{kw: 3})
+    with pytest.raises(TypeError, match=f"ExponentialLR: no {kw}="):
+        ExponentialLR(SGD(learning_rate=0.1), gamma=0.5, **{kw: 3})
+
+
+def test_counted_in_updates_the_restarts_equal_torchs_fractional_epochs():
+    # torch's documented per-iteration use: step(epoch + i / iters) with T_0 in epochs; here
+    # T_0 counts updates (epochs * iters), and the rates are the same
+    iters, t0, t_mult = 5, 2, 2
+    p = torch.nn.Parameter(torch.zeros(1))
+    topt = torch.optim.SGD([p], lr=0.1)
+    ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(topt, T_0=t0, T_mult=t_mult,
+                                                               eta_min=0.01)
+    opt = SGD(learning_rate=0.1)
+    ours = CosineAnnealingWarmRestarts(opt, T_0=t0 * iters, T_mult=t_mult, eta_min=0.01)
+    got, want = [], []
+    for epoch in range(12):
+        for i in range(iters):
+            want.append(topt.param_groups[0]["lr"])
+            got.append(opt.learning_rate)
+            ref.step(epoch + (i + 1) / iters)
+            ours.step()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
