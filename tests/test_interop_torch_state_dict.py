@@ -123,7 +123,8 @@ def bad_dicts(good: dict) -> dict[str, tuple[dict, type, str]]:
 
     return {
         "not a dict": ([1, 2], TypeError, "must be a dict"),
-        "torch.optim's": (edit(lambda d: d.pop("mithril")), ValueError, "no 'mithril' entry"),
+        "torch.optim's": (edit(lambda d: d.pop("mithril") and d["param_groups"][0].pop(
+            "mithril")), ValueError, "no 'mithril' entry"),
         "another optimizer": (edit(lambda d: d["mithril"].update(optimizer="SGD")), ValueError,
                               "is for 'SGD', not Adam"),
         "two groups": (edit(lambda d: d["param_groups"].append(d["param_groups"][0])),

@@ -80,7 +80,9 @@ How it works:
   (entries with no elements; LBFGS history not yet made); the ``"mithril"`` entry holds the
   optimizer's name, hyperparameters, exact counters and, under ``"values"``, its
   optimizer-wide values (Prodigy's ``d``, the schedule-free ``weight_sum``, LBFGS's
-  ``n_iter``, ...; :mod:`.torch_optim_state` has the details). ``load_state_dict``
+  ``n_iter``, ...; :mod:`.torch_optim_state` has the details), also kept in the group
+  (``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``: its
+  ``get/set_optimizer_state_dict`` and ``dcp.save``/``load`` resume exactly). ``load_state_dict``
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
@@ -492,6 +494,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             except (KeyError, ValueError):  # the next step refuses it, and says why
                 pass
         meta["param_names"] = list(self._names)
+        # also in the group: torch.distributed.checkpoint's get_optimizer_state_dict keeps
+        # only "state" and "param_groups" (their keys), and the load needs the counters
+        packed["mithril"] = meta
         out: dict[str, Any] = {"state": state, "param_groups": [packed], "mithril": meta}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, out)

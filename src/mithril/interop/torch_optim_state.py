@@ -176,6 +176,10 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
     the module docs) are not filled in yet: :func:`complete` does that."""
     n = len(params)
     meta = sd.get("mithril")
+    groups = sd.get("param_groups")
+    if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(
+            groups[0], Mapping):  # (a dict that went through torch.distributed.checkpoint)
+        meta = groups[0].get("mithril")
     if not isinstance(meta, Mapping):
         raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
                          "torch_optimizer (torch.optim state dicts are not accepted)")
@@ -184,7 +188,6 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
                          f"{type(opt).__name__}")
     if not isinstance(meta.get("hyperparameters"), Mapping):
         raise TypeError("state dict ['mithril']['hyperparameters'] must be a dict")
-    groups = sd.get("param_groups")
     if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(
             groups[0], Mapping):
         got = (f"{len(groups)} groups" if isinstance(groups, (list, tuple))
@@ -229,7 +232,7 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         out["slots"] = slots
     elif out["step"] != 0:
         raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
-    group = {k: v for k, v in saved_group.items() if k != "params"}
+    group = {k: v for k, v in saved_group.items() if k not in ("params", "mithril")}
     if "param_names" not in group and "param_names" in group_now:
         group["param_names"] = group_now["param_names"]
     group["params"] = params
