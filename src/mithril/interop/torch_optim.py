@@ -45,7 +45,9 @@ How it works:
   buffer in place, reading the ``.grad`` tensors where they lie. Writing a parameter in
   place (``model.load_state_dict``, ``p.mul_``) writes the buffer and is seen; replacing
   ``p.data`` is detected (address, shape and strides, per step) and the new tensor is copied in.
-  ``torch.save`` of one parameter alone saves the whole buffer (torch saves storages).
+  ``torch.save`` of one parameter alone saves the whole buffer (torch saves storages), and
+  ``safetensors.torch.save_model`` refuses the shared storage (``save_file(model.state_dict())``
+  writes each tensor alone).
   Each step counts in the updated parameters' autograd version counters, as torch's
   in-place updates do: a backward through a graph built before the step fails loudly.
 * Parameters whose ``.grad`` is ``None`` are skipped (left untouched, with their state);
