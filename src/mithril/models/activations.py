@@ -53,20 +53,18 @@ class LeakyRelu(Operator):
 
 def _expit(x: np.ndarray) -> np.ndarray:
     """NumPy's 1 / (1 + e^-x) with torch's relative accuracy for x < 0 (float16 / bfloat16
-    through float32): SciPy's expit, else e^-|x| / (1 + e^-|x|) there."""
+    through float32): e^-|x| / (1 + e^-|x|) there, as SciPy's expit (not imported: SciPy is
+    no dependency, and its import would slow a process's first step)."""
     if x.dtype not in (np.float32, np.float64):
         return _expit(x.astype(np.float32)).astype(x.dtype)
-    try:
-        from scipy.special import expit
-    except ImportError:  # pragma: no cover - scipy ships with scikit-learn
-        e = np.exp(-np.abs(x))
-        return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
-    return expit(x)
+    e = np.exp(-np.abs(x))
+    r = 1 / (1 + e)  # sigmoid(|x|)
+    return np.where(x >= 0, r, e * r)
 
 
 class Sigmoid(Operator):
     """1 / (1 + e^-x), never overflowing and, for x < 0, as accurate as torch's (relative):
-    torch.sigmoid, jax.nn.sigmoid, SciPy's expit. (It was (1 + tanh(x/2)) / 2, where the
+    torch.sigmoid, jax.nn.sigmoid and SciPy's expit are. (It was (1 + tanh(x/2)) / 2, where the
     1 + tanh cancels: 0 for x < -17 in float64 (x < -9 in float32), torch's 2e-9 at -20, and
     a log of it -inf.)"""
 
