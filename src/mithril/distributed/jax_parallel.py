@@ -48,6 +48,7 @@ __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
            "make_sharded_train_step", "state_bytes_per_device"]
 
 AXIS = "data"
+_INT32_MAX = 2**31 - 1  # (an OptaxState's count saturates there)
 
 
 class DeviceCountError(ValueError):
@@ -169,12 +170,12 @@ class ShardedTrainStep(TrainStep):
         self._rows = NamedSharding(self.mesh, P(AXIS))
         self._shapes = {n: tuple(int(d) for d in s)
                         for n, s in compiled.program.param_shapes.items()}
-        n = self.num_devices
-        self._padded = {k: -(-max(math.prod(s), 1) // n) * n for k, s in self._shapes.items()}
         #: whether the last call split its batch over the devices (else: replicated)
         self.last_batch_sharded: bool | None = None
         self._data_keys: tuple[str, ...] = ()
         self._tx = None
+        self._slots_of: Any = None  # the transformation _slot_cache was made for
+        self._slot_cache: dict[str, dict[str, tuple[int, ...]]] = {}
         self._transformation()  # refuses what cannot be one program (LBFGS, 'raise') now
         self._made = True
 
@@ -182,20 +183,39 @@ class ShardedTrainStep(TrainStep):
     _MAKER = "make_sharded_train_step(compiled, optimizer, loss=..., devices=..., shard_state=...)"
 
     # -- the state layout ----------------------------------------------------------------
+    def _slot_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Every slot's shape per parameter, from the transformation's abstract ``init``.
+        (Why: a slot need not have its parameter's shape - Adafactor's factored row and
+        column slots, Muon's empty slots of the parameters the other rule updates - so each
+        is padded and sliced back by its own size, not the parameter's.)"""
+        tx = self._transformation()
+        if self._slots_of is not tx:
+            import jax
+
+            dt = self.compiled.backend.native_dtype()
+            st = jax.eval_shape(tx.init, {n: jax.ShapeDtypeStruct(s, dt)
+                                          for n, s in self._shapes.items()})
+            self._slot_cache = {s: {n: tuple(int(d) for d in v.shape) for n, v in per.items()}
+                                for s, per in st.slots.items()}
+            self._slots_of = tx
+        return self._slot_cache
+
     def _pack(self, st: Any) -> Any:
         """Slots as flat vectors padded to a multiple of the device count (sharded mode)."""
         if not self.shard_state:
             return st
         import jax.numpy as jnp
 
-        slots = {s: {n: jnp.pad(jnp.ravel(v), (0, self._padded[n] - math.prod(self._shapes[n])))
-                     for n, v in per.items()} for s, per in st.slots.items()}
+        n = self.num_devices
+        slots = {s: {k: jnp.pad(jnp.ravel(v), (0, -(-v.size // n) * n - v.size))
+                     for k, v in per.items()} for s, per in st.slots.items()}
         return st._replace(slots=slots)
 
     def _unpack(self, st: Any) -> Any:
         if not self.shard_state:
             return st
-        slots = {s: {n: v[:math.prod(self._shapes[n])].reshape(self._shapes[n])
+        shapes = self._slot_shapes()
+        slots = {s: {n: v[:math.prod(shapes[s][n])].reshape(shapes[s][n])
                      for n, v in per.items()} for s, per in st.slots.items()}
         return st._replace(slots=slots)
 
@@ -222,7 +242,10 @@ class ShardedTrainStep(TrainStep):
         import jax.numpy as jnp
 
         host = {n: jnp.asarray(np.asarray(v)) for n, v in params.items()}
-        return self._place_state(self._pack(self._transformation().init(host)))
+        # (_counted: with nonfinite="skip" the state counts the skipped steps, as
+        # TrainStep.init's does; without it to_optimizer_state's num_skipped stayed 0)
+        return self._place_state(self._pack(self._counted(self._transformation().init(host),
+                                                          0)))
 
     def gather_state(self, opt_state: Any) -> Any:
         """``opt_state`` as the plain ``OptaxState`` of :class:`TrainStep` (slots in the
@@ -263,12 +286,22 @@ class ShardedTrainStep(TrainStep):
         with_ctx = c.program.has_context
         rep = self._rep
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
+        skipped_key = self.SKIPPED
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training,
                 lr, hyper)
+            held = opt_state.hyperparams
+            if skipped_key in held:  # nonfinite="skip": a skipped step leaves the count, and
+                # is counted as TrainStep's program counts it (the transformation's update
+                # drops the counter: it stayed 0, nothing warned, a resumed count was lost)
+                count = opt_state.count
+                skipped = (new_state.count == count) & (count != _INT32_MAX)
+                new_state = new_state._replace(hyperparams={
+                    **new_state.hyperparams,
+                    skipped_key: held[skipped_key] + skipped.astype(held[skipped_key].dtype)})
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))
