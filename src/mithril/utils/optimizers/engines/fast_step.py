@@ -217,7 +217,8 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
             or not r.holds(opt, state) or not state.returned(params)):
         return None
     gs = engine.ordered(grads)
-    if gs is None or not all(map(isinstance, gs, repeat(engine.concrete))):
+    if gs is None or not all(map(isinstance, gs, repeat(engine.concrete))) or any(
+            map(operator.is_, gs, params.values())):  # (a param as its gradient: donated)
         return None
     hp = _row(r, opt, state) if r.single else None
     if hp is None:
@@ -233,6 +234,10 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
             r.clip_norm, r.selectors)
     except Unfit:  # (traced, never run: nothing donated)
         return None
+    except ValueError as e:  # a param given as another's gradient: refused before it ran
+        if "donated" not in str(e) or not _aliased(params, gs):
+            raise
+        return None  # (the full step reads such gradients from copies)
     new_params = dict(zip(engine.layout.name_list, new_params))
     state.slots = r.slots = slots.replaced(new_slots)
     r.version = r.slots.version
@@ -242,6 +247,12 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if probe is None:  # "unchecked": nothing read back
         return dict(new_params), True, norm, True
     return dict(new_params), True, engine.report(probe), True  # ("propagate")
+
+
+def _aliased(params: Mapping[str, Any], gs: list[Any]) -> bool:
+    """Whether a gradient is one of the params (arrays the step donates)."""
+    held = {id(v) for v in params.values()}
+    return any(id(g) in held for g in gs)
 
 
 def _row(r: JaxRecipe, opt: Any, state: Any) -> np.ndarray | None:
