@@ -43,7 +43,9 @@ def global_norm(gradients: Mapping[str, Any]) -> float:
 
 def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None,
                    clip_norm: float | None = None) -> dict[str, Any]:
-    """Clipped copies of ``gradients`` (inputs are not modified).
+    """``gradients`` clipped, in a new dict; the arrays given are never modified (those
+    nothing clipped, under ``clip_norm`` alone with the norm within it, are returned as
+    they are, not copied).
 
     ``clip_value``: clamp every element to [−clip_value, clip_value].
     ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + 1e-6))`` where
