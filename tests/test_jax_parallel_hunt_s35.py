@@ -122,3 +122,38 @@ def test_skipped_steps_are_counted_as_the_plain_step_counts_them() -> None:
         assert got[mode][:5] == ref[:5], (mode, got[mode][:5], ref[:5])
         assert max(abs(a - b) for ra, rb in zip(got[mode][5], ref[5])
                    for a, b in zip(ra, rb)) < 1e-12
+
+
+def test_a_state_of_another_layout_is_refused_naming_its_slot() -> None:
+    """shard_state=True given a replicated state (or one of a step on another device count)
+    refuses it, naming the slot, the parameter and both shapes, before anything runs: the
+    state stays usable (it was a bare IndivisibleError from JAX, or ran when the sizes
+    happened to divide); a state of another optimizer is still refused as the plain step
+    refuses it (a KeyError of the slot's name after the first fix)."""
+    got = _run("""
+    out = {}
+    spec = mlp_spec(6, 3, (8, 5))
+    for name, (src, dst) in {"replicated": ((2, False), (2, True)),
+                             "two_to_one": ((2, True), (1, True)),
+                             "sgd": ((2, True), (2, True))}.items():
+        other, p = make(*src, O.SGD(0.1, momentum=0.9) if name == "sgd" else O.Adam(0.05))
+        st = other.init(p)
+        step, _ = make(*dst, O.Adam(0.05))
+        try:
+            step(host(p), st, batch(0))
+            out[name] = ["accepted"]
+        except Exception as e:
+            out[name] = [type(e).__name__, str(e)]
+        out[name].append(not any(x.is_deleted() for x in jax.tree.leaves(st)))
+        p2, st2, _ = other(host(p), st, batch(0))  # still the other step's to use
+        out[name].append(int(st2.count))
+    print(json.dumps(out))
+    """)
+    kind, msg, alive, count = got["replicated"]
+    assert kind == "ShapeError" and alive and count == 1, got
+    assert "slot 'm' for 'mlp.linear_0.weight' has shape (8, 6)" in msg and "(48,)" in msg
+    kind, msg, alive, count = got["two_to_one"]
+    assert kind == "ShapeError" and alive and count == 1, got
+    assert "'mlp.linear_1.bias' has shape (6,)" in msg and "(5,)" in msg
+    kind, msg, alive, count = got["sgd"]
+    assert kind == "ValueError" and "another optimizer" in msg and alive and count == 1, got

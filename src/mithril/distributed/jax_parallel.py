@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ShapeError
 from ..utils.train_step_jax import step_body
 from ..utils.training import TrainStep
 
@@ -215,9 +216,35 @@ class ShardedTrainStep(TrainStep):
         if not self.shard_state:
             return st
         shapes = self._slot_shapes()
+        # (a slot or parameter this optimizer does not have is left as it is: the
+        # transformation's update refuses it, naming them)
         slots = {s: {n: v[:math.prod(shapes[s][n])].reshape(shapes[s][n])
-                     for n, v in per.items()} for s, per in st.slots.items()}
+                     if n in shapes.get(s, {}) else v for n, v in per.items()}
+                 for s, per in st.slots.items()}
         return st._replace(slots=slots)
+
+    def _check_layout(self, st: Any) -> None:
+        """With ``shard_state``: every slot of ``st`` is the flat vector, padded to a
+        multiple of the device count, that this step keeps (why: a replicated state, or one
+        of a step on another number of devices, failed inside JAX with an
+        ``IndivisibleError`` naming neither the slot nor the parameter, or ran when the
+        sizes happened to divide)."""
+        if not self.shard_state:
+            return  # (the transformation checks the slots' shapes itself)
+        shapes, n = self._slot_shapes(), self.num_devices
+        for s, per in st.slots.items():
+            for k, v in per.items():
+                want = shapes.get(s, {}).get(k)
+                if want is None:
+                    continue  # (another optimizer's or model's: the update names it)
+                flat = (-(-math.prod(want) // n) * n,)
+                if tuple(getattr(v, "shape", ())) != flat:
+                    raise ShapeError(
+                        f"opt_state's slot '{s}' for '{k}' has shape {tuple(v.shape)}; with "
+                        f"shard_state on {n} device(s) this step keeps it as {flat} (a flat "
+                        f"vector padded to a multiple of {n}): pass a state of this step's "
+                        f"init or from_optimizer_state (another step's: "
+                        f"step.from_optimizer_state(other.to_optimizer_state(state, params)))")
 
     def state_shardings(self, st: Any) -> Any:
         """The sharding of every array of the state ``st`` (a pytree like it)."""
@@ -346,6 +373,8 @@ class ShardedTrainStep(TrainStep):
         if not isinstance(opt_state, OptaxState):
             raise TypeError(f"opt_state must come from this step's init (an OptaxState on "
                             f"the mesh), got {type(opt_state).__name__}")
+        if opt_state is not self._returned_state:
+            self._check_layout(opt_state)
         if isinstance(data, Mapping):
             self._data_keys = tuple(data)
         return self._fused_step(params, opt_state, data, state)
