@@ -157,3 +157,40 @@ def test_a_state_of_another_layout_is_refused_naming_its_slot() -> None:
     assert "'mlp.linear_1.bias' has shape (6,)" in msg and "(5,)" in msg
     kind, msg, alive, count = got["sgd"]
     assert kind == "ValueError" and "another optimizer" in msg and alive and count == 1, got
+
+
+def test_to_optimizer_state_is_a_jax_state_as_the_plain_steps() -> None:
+    """In this process (one device): the sharded step's to_optimizer_state is the state
+    optimizer.init(params) holds on JAX, as TrainStep's is: optimizer.update continues it
+    with the model's JAX params (it was bound to NumPy, and refused them)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+    from mithril.utils.optimizers import Adam
+    from mithril.utils.training import make_train_step
+
+    spec = mlp_spec(6, 3, (8, 5))
+    c = ml.compile(spec.model, JaxBackend(dtype="float32", seed=0), shapes=spec.shapes)
+    rng = np.random.default_rng(0)
+    data = {"input": rng.normal(size=(4, 6)).astype("float32"), "target": np.array([0, 1, 2, 0])}
+    got = {}
+    for which in ("plain", "sharded"):
+        opt = Adam(0.1)
+        step = make_train_step(c, opt, loss="loss") if which == "plain" else \
+            make_sharded_train_step(c, opt, loss="loss", devices=1, shard_state=True)
+        p = c.get_parameters()
+        st = step.init(p)
+        p, st, _ = step(p, st, data)
+        back = step.to_optimizer_state(st, p)
+        assert back.engine.backend.name == "jax", which
+        params = {k: jnp.asarray(np.asarray(v)) for k, v in p.items()}
+        grads = {k: jnp.full_like(v, 0.5) for k, v in params.items()}
+        p2, st2 = opt.update(params, grads, back)
+        assert st2.step == 2
+        got[which] = {k: np.asarray(v) for k, v in p2.items()}
+    for k in got["plain"]:
+        np.testing.assert_allclose(got["sharded"][k], got["plain"][k], rtol=1e-6, atol=1e-7)

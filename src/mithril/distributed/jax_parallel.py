@@ -291,11 +291,12 @@ class ShardedTrainStep(TrainStep):
 
     def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> Any:
         """The state as ``optimizer.init(params)`` would hold it (e.g. to checkpoint)."""
-        host = {n: np.asarray(v) for n, v in params.items()}
-        return super().to_optimizer_state(self.gather_state(opt_state),
-                                          self.compiled.backend.from_numpy(host)
-                                          if hasattr(self.compiled.backend, "from_numpy")
-                                          else host)
+        import jax.numpy as jnp
+
+        # (JAX arrays, as TrainStep.to_optimizer_state is given: optimizer.init of host
+        # arrays made a NumPy state, which update refused with the model's JAX params)
+        host = {n: jnp.asarray(np.asarray(v)) for n, v in params.items()}
+        return super().to_optimizer_state(self.gather_state(opt_state), host)
 
     def from_optimizer_state(self, state: Any) -> Any:
         """An :class:`~mithril.utils.optimizers.state.OptimizerState` (e.g. a loaded
