@@ -1,7 +1,8 @@
 """mithril.distributed.jax_parallel: the sharded JAX train step against the plain fused step
 (make_train_step) on 2 CPU devices, for what tests/test_jax_parallel.py does not cover:
 optimizers whose slots are not the parameters' shapes (Muon, Adafactor) with sharded state,
-nonfinite="skip"'s count of skipped steps, ...
+nonfinite="skip"'s count of skipped steps, states of another layout refused before anything
+runs, and to_optimizer_state's state bound to JAX as TrainStep's.
 
 Each test runs its script in a fresh interpreter with 2 CPU devices (float64: the sharded
 step must equal the plain one to ~1e-12), which prints a JSON result.
