@@ -375,3 +375,30 @@ def test_math_of_code_without_a_module_is_compiled_not_cached(tmp_path):
         got = json.loads(out.stdout.strip().splitlines()[-1])
         assert got["warnings"] == []
         np.testing.assert_allclose(got["w"], [0.8, 0.8, 0.8])
+
+
+def test_an_entry_that_fails_to_load_warns_once_not_in_every_process(tmp_path):
+    """A cached entry that cannot be loaded is removed with its warning: where the compile
+    that replaces it is not saved (a kernel of code with no importable module, see
+    ``save_overload``), it warned in every later process before."""
+    cache = tmp_path / "cache"
+    _run(tmp_path, cache)
+    for f in (cache / "kernels" / "__pycache__").glob("*.nbc"):
+        f.write_bytes(f.read_bytes()[:20])  # truncated
+    unsaved = SCRIPT.replace(
+        "from mithril.utils.optimizers.engines import kernel_cache\n",
+        "from mithril.utils.optimizers.engines import kernel_cache\n"
+        "kernel_cache._TolerantCache.save_overload = lambda self, sig, data: None\n")
+    script = tmp_path / "unsaved.py"
+    script.write_text(unsaved.format(scale=0.5))
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(cache)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    warned = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert (got["w"], got["b"]) == _expected(0.5)
+        warned.append(len(got["warnings"]))
+    assert warned[0] > 0 and warned[1] == 0, warned

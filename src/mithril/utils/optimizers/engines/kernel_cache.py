@@ -364,9 +364,21 @@ class _TolerantCache(FunctionCache):
                 return super().load_overload(sig, target_context)
         except Exception as e:
             warnings.warn(f"mithril: cannot load the cached kernel {self._py_func.__qualname__} "
-                          f"from {self.cache_path} ({type(e).__name__}: {e}); compiling it again",
-                          KernelCacheWarning, stacklevel=2)
+                          f"from {self.cache_path} ({type(e).__name__}: {e}); compiling it again "
+                          f"(the entry is removed)", KernelCacheWarning, stacklevel=2)
+            self._drop_index()
             return None
+
+    def _drop_index(self) -> None:
+        """Remove this function's index: an entry that failed to load would fail (and warn)
+        in every later process, where the compile that replaces it may not be saved (see
+        :meth:`save_overload`); without it, they compile quietly or load what is saved next."""
+        try:
+            with self._locked():
+                os.remove(self._cache_file._index_path)
+        except Exception as e:  # noqa: BLE001 - a read-only folder, numba internals moved
+            log.debug("cannot remove the index of %s (%s: %s)", self._py_func.__qualname__,
+                      type(e).__name__, e)
 
     def _load_light(self, sig: Any, target_context: Any) -> Any:
         """The cached entry for ``sig`` loaded without numba's ``refresh()`` of its target,
