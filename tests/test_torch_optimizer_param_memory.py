@@ -1,4 +1,7 @@
-"""Bugs found comparing mithril.interop with torch.optim / optax side by side (session 35)."""
+"""``torch_optimizer`` against ``torch.optim`` on how parameters lie in memory: sparse
+``.grad`` tensors (densified: torch's SGD / Adagrad / LBFGS numbers), ``p.data`` replaced by a
+transposed view at the same address (detected by strides), and parameters sharing memory
+(refused by name: one flat buffer cannot keep them tied)."""
 
 from __future__ import annotations
 

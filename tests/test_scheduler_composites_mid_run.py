@@ -1,5 +1,7 @@
-"""Bugs found by running the schedulers side by side with ``torch.optim.lr_scheduler``
-(hunt s35). Each test runs torch's counterpart in the same test and compares the values."""
+"""Composite schedulers (SequentialLR, ChainedScheduler, LinearWarmupScheduler, SWALR in a
+sequence) changed or resumed mid-run, against ``torch.optim.lr_scheduler`` doing the same in
+each test: new milestones / end_lr / warm-up lengths, cycled momentum on load and on a refused
+step, plateau children stepped without a metric, SWALR annealing from the rate it finds."""
 
 from __future__ import annotations
 

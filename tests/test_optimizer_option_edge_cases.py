@@ -1,6 +1,6 @@
-"""Bugs found by running the optimizer catalog side by side with torch.optim, optax and
-Keras 3 over odd settings (the thirty-fifth session's hunt). Each test compares real numbers
-with the peer in the same test."""
+"""Optimizer options at their edges, against the peer in each test: adaptive clipping of a
+parameter without elements (optax), EMA and SWA together (torch's AveragedModel, each average
+its own buffer) and a group's float16 epsilon that rounds to zero (refused as the optimizer's)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Operator-by-operator checks against torch (session 35's hunt): each case is a bug that was
-found and fixed, with its real numbers compared to torch.nn.functional / autograd on every
-backend (float32 in process; JAX's float64 needs x64, which is process-wide)."""
+"""Operators at their edges against torch.nn.functional / autograd on every backend: empty
+batches and axes (Flatten, Linear, GroupNorm, Softmax, MeanSquaredError), 0-d input to
+LayerNorm, float16 means over more than 65504 elements, attention masks larger than the
+scores, NumPy-integer axes, Sigmoid's relative accuracy, a refused first evaluate (float32 in
+process; JAX's float64 needs x64, which is process-wide)."""
 
 from __future__ import annotations
 
