@@ -11,23 +11,11 @@ import warnings
 import pytest
 import torch
 from scheduler_parity import FakeOpt, assert_rel
+from scheduler_parity import torch_lrs as _torch_run
 
 import mithril.utils.lr_schedulers as sch
 
 T = torch.optim.lr_scheduler
-
-
-def _torch_run(make, base: float, n: int) -> list[float]:
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sched = make(opt)
-        out = [float(opt.param_groups[0]["lr"])]
-        for _ in range(n):
-            opt.step()
-            sched.step()
-            out.append(float(opt.param_groups[0]["lr"]))
-    return out
 
 
 def test_a_new_end_lr_rebases_the_after_scheduler_as_a_warmup_built_with_it() -> None:
