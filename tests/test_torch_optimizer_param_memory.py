@@ -160,3 +160,36 @@ def test_parameters_sharing_memory_refused(when: str) -> None:
     assert torch.equal(a.detach(), before) and a.data_ptr() == b.data_ptr()
     assert torch.equal(opt.state[a]["momentum_buffer"], buf)
     assert float(opt.state[a]["step"]) == 1.0
+
+
+def test_a_refused_group_value_leaves_the_learning_rate_as_it_was() -> None:
+    # a step refused for one group value (betas out of range) changes nothing, the new lr
+    # the group also carries included; once the group is fixed the step equals torch.optim's
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    ref = torch.nn.Linear(3, 2).double()
+    ref.load_state_dict(model.state_dict())
+    opt = torch_optimizer(O.Adam(learning_rate=0.01), model.parameters())
+    topt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for m, o in ((model, opt), (ref, topt)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    opt.param_groups[0].update(lr=0.05, betas=(2.0, 0.9))
+    before = (opt.mithril_optimizer.learning_rate, opt.mithril_optimizer.beta1,
+              [p.detach().clone() for p in model.parameters()])
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    with pytest.raises(ValueError, match="betas"):
+        opt.step()
+    assert (opt.mithril_optimizer.learning_rate, opt.mithril_optimizer.beta1) == before[:2]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before[2]))
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    topt.param_groups[0]["lr"] = 0.05
+    opt.step()
+    topt.zero_grad()
+    ref(x).pow(2).sum().backward()
+    topt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

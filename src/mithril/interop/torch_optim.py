@@ -440,21 +440,26 @@ class TorchOptimizer(torch.optim.Optimizer):
             lr = group["lr"]
         except KeyError:
             raise KeyMismatchError("param_groups[0] has no 'lr'") from None
-        lr = scalar(lr)
-        if lr != opt.get_learning_rate():
+        lr, old_lr = scalar(lr), opt.get_learning_rate()
+        if lr != old_lr:
             try:
                 opt.set_learning_rate(lr)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param_groups[0]['lr']: {e}") from e
-        changed = {}
-        for key, ours in self._keys[1:]:
-            if key not in group:
-                raise KeyMismatchError(f"param_groups[0] has no '{key}' (the optimizer's "
-                                       f"{', '.join(ours)})")
-            if not _same(group[key], self._synced[key]):
-                changed[key] = group[key]
-        if changed:
-            self._apply(changed)
+        try:  # a refused value of the group leaves the learning rate as it was too
+            changed = {}
+            for key, ours in self._keys[1:]:
+                if key not in group:
+                    raise KeyMismatchError(f"param_groups[0] has no '{key}' (the "
+                                           f"optimizer's {', '.join(ours)})")
+                if not _same(group[key], self._synced[key]):
+                    changed[key] = group[key]
+            if changed:
+                self._apply(changed)
+        except BaseException:
+            if lr != old_lr:
+                opt.set_learning_rate(old_lr)
+            raise
 
     def _apply(self, changed: dict[str, Any]) -> None:
         opt = self._mithril
