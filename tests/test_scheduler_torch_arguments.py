@@ -50,3 +50,32 @@ def test_counted_in_updates_the_restarts_equal_torchs_fractional_epochs():
             ref.step(epoch + (i + 1) / iters)
             ours.step()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_new_lr_lambda_is_checked_and_drops_the_cached_product():
+    # torch: replace the function mid-run (lr_lambdas[0]); the product continues with it
+    p = torch.nn.Parameter(torch.zeros(1))
+    topt = torch.optim.SGD([p], lr=0.1)
+    ref = torch.optim.lr_scheduler.MultiplicativeLR(topt, lambda t: 0.9)
+    opt = SGD(learning_rate=0.1)
+    from mithril.utils.lr_schedulers import LambdaLR, MultiplicativeLR
+
+    ours = MultiplicativeLR(opt, lambda t: 0.9)
+    want, got = [], []
+    for t in range(1, 11):
+        if t == 4:
+            assert ours.get_lr_at(8) == pytest.approx(0.1 * 0.9**8, rel=1e-12)  # (cached)
+            ref.lr_lambdas[0] = lambda t: 0.5
+            ours.lr_lambda = lambda t: 0.5
+            assert ours.get_lr_at(8) == pytest.approx(0.1 * 0.9**3 * 0.5**5, rel=1e-12)
+        topt.step()
+        ref.step()
+        ours.step()
+        want.append(topt.param_groups[0]["lr"])
+        got.append(opt.learning_rate)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for sched in (ours, LambdaLR(SGD(learning_rate=0.1), lambda t: 1.0)):
+        before = sched.state_dict()
+        with pytest.raises(TypeError, match="lr_lambda"):
+            sched.lr_lambda = 0.5
+        assert sched.state_dict() == before

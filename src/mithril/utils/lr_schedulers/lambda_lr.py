@@ -37,7 +37,18 @@ def _call_number(name: str, fn: Callable[[Any], Any], arg: Any) -> float:
                         f"{describe(value)}") from None
 
 
-class LambdaLR(LRScheduler):
+class _NewLambda:
+    """``sched.lr_lambda = f`` after construction: checked as the constructor checks it, and
+    what was cached for the old function (MultiplicativeLR's product) dropped."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "lr_lambda":
+            value = _check_callable("lr_lambda", value)
+            object.__setattr__(self, "_memo", None)
+        super().__setattr__(name, value)
+
+
+class LambdaLR(_NewLambda, LRScheduler):
     """The base learning rate times a user function of the step, as PyTorch's ``LambdaLR``.
 
     .. math:: \\eta_t = \\eta_{base} \\cdot \\text{lr\\_lambda}(t)
@@ -74,7 +85,7 @@ class LambdaLR(LRScheduler):
         return self.base_lr * _call_number("lr_lambda", self.lr_lambda, t)
 
 
-class MultiplicativeLR(LRScheduler):
+class MultiplicativeLR(_NewLambda, LRScheduler):
     """Multiply the learning rate by a user function of the step at every step, as PyTorch's
     ``MultiplicativeLR``.
 
