@@ -49,7 +49,6 @@ __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
            "make_sharded_train_step", "state_bytes_per_device"]
 
 AXIS = "data"
-_INT32_MAX = 2**31 - 1  # (an OptaxState's count saturates there)
 
 
 class DeviceCountError(ValueError):
@@ -314,22 +313,12 @@ class ShardedTrainStep(TrainStep):
         with_ctx = c.program.has_context
         rep = self._rep
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
-        skipped_key = self.SKIPPED
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training,
                 lr, hyper)
-            held = opt_state.hyperparams
-            if skipped_key in held:  # nonfinite="skip": a skipped step leaves the count, and
-                # is counted as TrainStep's program counts it (the transformation's update
-                # drops the counter: it stayed 0, nothing warned, a resumed count was lost)
-                count = opt_state.count
-                skipped = (new_state.count == count) & (count != _INT32_MAX)
-                new_state = new_state._replace(hyperparams={
-                    **new_state.hyperparams,
-                    skipped_key: held[skipped_key] + skipped.astype(held[skipped_key].dtype)})
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))

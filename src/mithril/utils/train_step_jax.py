@@ -66,6 +66,10 @@ def committed(tree: Any) -> Any:
     return jax.tree_util.tree_map(commit, tree)
 
 
+#: where an ``OptaxState`` counts the steps ``nonfinite="skip"`` skipped (its hyperparams)
+SKIPPED = "num_skipped"
+
+
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
               inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
               hyper: Any = None) -> tuple:
@@ -73,8 +77,12 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     ``ptuple`` and the optimizer's update (``tx``, an optax transformation, at learning rate
     ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
     Returns (new params tuple, new optimizer state, outputs, new model state (the old one
-    where no operator keeps any), gradients)."""
+    where no operator keeps any), gradients). A state holding :data:`SKIPPED`
+    (``nonfinite="skip"``) counts a skipped step there: the update leaves its count then.
+    """
     import jax.numpy as jnp
+
+    from ..interop.optax_scalars import _INT32_MAX
 
     if lr is not None:  # (a Python float argument: no array to make per change, no commit)
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams,
@@ -88,8 +96,14 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
         out, grads = ev._fwd_vjp(ptuple, inputs, cots)
     names = ev.names
     params = dict(zip(names, ptuple, strict=True))
+    old_state = opt_state
     new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
                                       new_params=True, **({} if hyper is None else {"hyper": hyper}))
+    held = old_state.hyperparams
+    if SKIPPED in held:  # a skipped step leaves the count (unless saturated)
+        skipped = (opt_state.count == old_state.count) & (old_state.count != _INT32_MAX)
+        opt_state = opt_state._replace(hyperparams={
+            **opt_state.hyperparams, SKIPPED: held[SKIPPED] + skipped.astype(held[SKIPPED].dtype)})
     new = tuple(new_params[n] for n in names)
     return new, opt_state, out, mstate, grads
 
@@ -211,7 +225,7 @@ def report_skips(step: Any, opt_state: Any) -> None:
     for it: a loop's dispatch stays ahead of the device), warning once for the steps skipped
     since it last read (so a call or more late). A state the step did not return (``init``'s,
     a resumed one) sets the count it starts from."""
-    n = getattr(opt_state, "hyperparams", {}).get("num_skipped")
+    n = getattr(opt_state, "hyperparams", {}).get(SKIPPED)
     if n is None:
         return
     seen = getattr(step, "_skips_seen", None)

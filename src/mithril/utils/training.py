@@ -85,6 +85,7 @@ from .fixed_parts import FixedParts
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
 from .train_step_jax import (
+    SKIPPED,
     HyperparameterWatch,
     SteadyState,
     committed,
@@ -98,7 +99,6 @@ from .train_step_jax import (
 
 __all__ = ["TrainStep", "make_train_step"]
 
-_INT32_MAX = 2**31 - 1  # (an OptaxState's count saturates there)
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -198,8 +198,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
             return state
         return self._counted(self._transformation().init(dict(params)), 0)
 
-    #: where an ``OptaxState`` counts the steps ``nonfinite="skip"`` skipped (its hyperparams)
-    SKIPPED = "num_skipped"
+    SKIPPED = SKIPPED  # (see train_step_jax.SKIPPED)
 
     def _counted(self, state: Any, skipped: int) -> Any:
         """``state`` (an ``OptaxState``) with the skipped-steps counter at ``skipped`` when
@@ -454,20 +453,12 @@ class TrainStep(FixedParts, HyperparameterWatch):
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
         with_ctx = c.program.has_context
-        skipped_key = self.SKIPPED
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
                 hyper)
-            held = opt_state.hyperparams
-            if skipped_key in held:  # a skipped step leaves the count (unless saturated)
-                count = opt_state.count
-                skipped = (new_state.count == count) & (count != _INT32_MAX)
-                new_state = new_state._replace(hyperparams={
-                    **new_state.hyperparams,
-                    skipped_key: held[skipped_key] + skipped.astype(held[skipped_key].dtype)})
             return new, new_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 

@@ -235,7 +235,7 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     except Unfit:  # (traced, never run: nothing donated)
         return None
     except ValueError as e:  # a param given as another's gradient: refused before it ran
-        if "donated" not in str(e) or not _aliased(params, gs):
+        if "donated" not in str(e) or not aliases(params, gs):
             raise
         return None  # (the full step reads such gradients from copies)
     new_params = dict(zip(engine.layout.name_list, new_params))
@@ -249,10 +249,11 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     return dict(new_params), True, engine.report(probe), True  # ("propagate")
 
 
-def _aliased(params: Mapping[str, Any], gs: list[Any]) -> bool:
-    """Whether a gradient is one of the params (arrays the step donates)."""
+def aliases(params: Mapping[str, Any], gs: Any) -> set[int]:
+    """The ids of the gradients ``gs`` that are one of ``params`` (arrays a step donates);
+    empty when none is."""
     held = {id(v) for v in params.values()}
-    return any(id(g) in held for g in gs)
+    return {id(g) for g in gs if id(g) in held}
 
 
 def _row(r: JaxRecipe, opt: Any, state: Any) -> np.ndarray | None:

@@ -512,11 +512,10 @@ class JaxEngine(Engine):
         donate = not refuses(opt)
         if donate and not ours:  # never donate arrays the caller may still hold
             params = {k: jnp.array(v, copy=True) for k, v in params.items()}
-        elif donate:  # a gradient that is a param array (donated below) is read from a copy
-            held = {id(v) for v in params.values()}
-            if any(id(g) in held for g in grads.values()):
-                grads = {k: jnp.array(g, copy=True) if id(g) in held else g
-                         for k, g in grads.items()}
+        elif donate and (same := fast_step.aliases(params, grads.values())):
+            # a gradient that is a param array (donated below) is read from a copy
+            grads = {k: jnp.array(g, copy=True) if id(g) in same else g
+                     for k, g in grads.items()}
         names = opt.full_slot_names()
         math_fn = opt.full_kernel_math(table.shape[1] - 4 + (first.n_extra if first else 0))
         # "unchecked": nothing measured or read back (per-tensor scales: in the program)
