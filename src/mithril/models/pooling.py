@@ -4,7 +4,9 @@
 ``kernel_size``, ``padding`` at most half the kernel (as torch). The NumPy VJP routes each
 cotangent to its window's first maximum in window order (row-major over the kernel), which
 is the element torch's (and XLA's) max pooling picks on ties (and to a NaN, where a window
-holds one: NaN is its maximum, as torch).
+holds one: NaN is its maximum, as torch). A dilated window that reads padding only is −inf
+(as torch) and routes no gradient, on every backend (torch's own backward writes out of
+bounds there: the torch backend pads such inputs explicitly).
 
 NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
 pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
@@ -119,7 +121,25 @@ class _MaxPool(_Pool):
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
+        if self._padding_only(tuple(x.shape[2:])):
+            # torch's implicit padding leaves garbage indices in such a window and its backward
+            # writes out of bounds (a crash); padded explicitly, its maximum is a −inf inside
+            # the padded copy, whose gradient the pad's VJP drops
+            flat = [p for pad in reversed(self.padding) for p in (pad, pad)]
+            return fn(F.pad(x, flat, value=-math.inf), self.kernel_size, self.stride, 0,
+                      self.dilation)
         return fn(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def _padding_only(self, spatial: tuple[int, ...]) -> bool:
+        """Whether some window reads padding only (possible with dilation > 1 alone)."""
+        if all(d == 1 for d in self.dilation):
+            return False
+        out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, self.pads,
+                        type(self).__name__)
+        return any(not any(0 <= j * s + u * d - p < n for u in range(k))
+                   for n, o, k, s, d, p in zip(spatial, out, self.kernel_size, self.stride,
+                                               self.dilation, self.padding)
+                   for j in range(o))  # type: ignore[arg-type]
 
     def _jax(self, x: Any) -> Any:
         from jax import lax

@@ -178,15 +178,21 @@ def _max_pool_kernels() -> tuple[Any, Any]:
                                         if val > m[i, a, b, c] or val != val:  # NaN: the last
                                             m[i, a, b, c] = val
                                             code[i, a, b, c] = k
+                    if first < 0:  # every element in the padding (a dilated window): −inf,
+                        for c in range(nc):  # as torch, and a code no offset has: no gradient
+                            m[i, a, b, c] = -np.inf
+                            code[i, a, b, c] = kh * kw
 
     @kernel_cache.jit(nogil=True)
-    def max_pool_2d_vjp(g, code, gx, ph, pw, sh, sw, dh, dw, kw):  # pragma: no cover - compiled
+    def max_pool_2d_vjp(g, code, gx, ph, pw, sh, sw, dh, dw, kh, kw):  # pragma: no cover
         n, oh, ow, nc = g.shape
         for i in range(n):
             for a in range(oh):
                 for b in range(ow):
                     for c in range(nc):
                         k = code[i, a, b, c]
+                        if k >= kh * kw:  # a window of padding only: nothing to route to
+                            continue
                         gx[i, a * sh + (k // kw) * dh - ph, b * sw + (k % kw) * dw - pw, c] += g[i, a, b, c]
 
     @kernel_cache.jit(nogil=True)
@@ -231,7 +237,9 @@ def max_pool(x: np.ndarray, out: tuple[int, ...], kernel: tuple[int, ...],
     """Max pooling of ``x`` (N, C, *spatial), 1-D or 2-D, in one pass: the maxima (N, C, *out),
     laid out channels-last, and per output the kernel offset (row-major) it came from, as
     torch's: the first maximum in window order, the last NaN where a window holds one, the
-    first element inside the input where a window holds only −inf (padding excluded)."""
+    first element inside the input where a window holds only −inf (padding excluded); a
+    (dilated) window of padding only is −inf with the code ``prod(kernel)``, which routes no
+    gradient (torch's own indices there are garbage: its backward writes out of bounds)."""
     nd = len(out)
     xl = _channels_last(x)
     if nd == 1:
@@ -239,7 +247,7 @@ def max_pool(x: np.ndarray, out: tuple[int, ...], kernel: tuple[int, ...],
         pads, stride, dilation = _as_2d(pads, stride, dilation)
     n, c = x.shape[:2]
     m = np.empty((n, *out, c), dtype=x.dtype)
-    code = np.empty((n, *out, c), dtype=np.uint8 if math.prod(kernel) <= 256 else np.int32)
+    code = np.empty((n, *out, c), dtype=np.uint8 if math.prod(kernel) < 256 else np.int32)
     _max_pool_kernels()[0](xl, m, code, pads[0][0], pads[1][0], *stride, *dilation, *kernel)
     return np.moveaxis(m.reshape(n, *out[2 - nd:], c), -1, 1), code
 
@@ -261,5 +269,5 @@ def max_pool_vjp(g: np.ndarray, code: np.ndarray, like: np.ndarray, kernel: tupl
     if tiles:
         gather(gl, code, gxl, pads[0][0], pads[1][0], *stride, *dilation, *kernel)
     else:
-        scatter(gl, code, gxl, pads[0][0], pads[1][0], *stride, *dilation, kernel[1])
+        scatter(gl, code, gxl, pads[0][0], pads[1][0], *stride, *dilation, *kernel)
     return gx
