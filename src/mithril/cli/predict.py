@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CheckpointError
 from .errors import CLIError
 from .report import ensure_writable_file, write_csv
 from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
@@ -68,7 +69,12 @@ def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, 
         ckpt = load_checkpoint(run_dir / MODEL_FILE, params_template=compiled.get_parameters())
     except FileNotFoundError:
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} is missing") from None
-    # CheckpointError and ShapeError are ValueErrors; KeyMismatchError is a KeyError
+    except OSError as exc:  # a folder of that name, no permission
+        raise CLIError(f"--run {run_dir}: cannot read {MODEL_FILE} "
+                       f"({exc.strerror or exc})") from None
+    except CheckpointError as exc:  # truncated, altered: not a question of fitting
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is damaged ({exc})") from None
+    # ShapeError is a ValueError; KeyMismatchError is a KeyError
     except (ValueError, KeyError) as exc:
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
                        f"({exc})") from None

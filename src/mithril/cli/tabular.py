@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 
 from .data import Dataset
 from .errors import CLIError
-from .networks import mlp_spec
+from .networks import OBJECTIVES, mlp_spec
 
 #: at most this many distinct integer targets are taken for classes
 MAX_INFERRED_CLASSES = 20
@@ -64,6 +65,14 @@ def _number(text: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _missing(text: str) -> bool:
     return text.strip().lower() in MISSING
 
@@ -73,10 +82,13 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
     ``target``) must be numbers, ``target`` (None: not read; ``features`` given: read if
     present) any non-missing value; with ``features`` given (predict) a missing target value
     is None instead of an error (the target is optional there)."""
+    read = 0  # the file's lines read into complete rows (a bad row starts after them)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            # strict: an unclosed quote is an error, not a cell that swallows the rest of the file
+            reader = csv.reader(f, strict=True)
             header = next(reader, None)
+            read = reader.line_num
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
             header = [h.strip() for h in header]
@@ -101,10 +113,13 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             cols = [header.index(c) for c in features]
             tcol = header.index(target) if want_target else None
             rows, ys = [], []
-            for i, row in enumerate(reader, start=1):
-                if not row:
-                    continue  # a blank line
-                where = f"row {i} (line {reader.line_num})"
+            i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
+            for row in reader:
+                start, read = read + 1, reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line (or one of spaces)
+                i += 1
+                where = f"row {i} (line {start})"
                 if len(row) != len(header):
                     raise CLIError(f"--data {path}: {where} has {len(row)} cells, the header "
                                    f"{len(header)}")
@@ -127,11 +142,19 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                     if _missing(cell):
                         raise CLIError(f"--data {path}: missing value in the target column "
                                        f"{target!r}, {where}")
+                    if not scoring and _number(cell) is None and _is_float(cell):
+                        # 'inf' would otherwise turn a numeric target into text labels
+                        raise CLIError(f"--data {path}: target column {target!r}, {where}: "
+                                       f"{cell!r} is not a finite number")
                     ys.append(cell)
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
         raise CLIError(f"--data {path}: not a readable CSV file ({exc})") from None
+    except csv.Error as exc:
+        hint = "; a quoted cell is never closed" if "end of data" in str(exc) else ""
+        raise CLIError(f"--data {path}: line {read + 1}: not a readable CSV row "
+                       f"({exc}{hint})") from None
     if not rows:
         raise CLIError(f"--data {path}: no data rows")
     x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
@@ -151,21 +174,23 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
     """``X`` (rows, features) and the target array (``y``, or ``target``) of an ``.npz``
     (``feature_names`` if it holds them); no pickled objects."""
     name = target or "y"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except OSError as exc:
-        raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise CLIError(f"--data {path}: not a plain .npz of arrays ({exc})") from None
+    arrays = _load_npz(path)
     if "X" not in arrays:
         raise CLIError(f"--data {path}: no array 'X' (it holds {', '.join(arrays) or 'nothing'})")
     x = arrays["X"]
     if x.ndim != 2 or x.dtype.kind not in "biuf":
         raise CLIError(f"--data {path}: 'X' must be a 2-d array of numbers, got {x.dtype} "
                        f"{x.shape}")
-    names = [str(n) for n in arrays["feature_names"]] if "feature_names" in arrays \
-        else [f"x{i}" for i in range(x.shape[1])]
+    names = [f"x{i}" for i in range(x.shape[1])]
+    if "feature_names" in arrays:
+        fn = arrays["feature_names"]
+        if fn.ndim != 1 or fn.dtype.kind not in "US":
+            raise CLIError(f"--data {path}: 'feature_names' must be a 1-d array of strings, got "
+                           f"{fn.dtype} {fn.shape}")
+        names = _strings(fn)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise CLIError(f"--data {path}: duplicate feature name(s) {', '.join(map(repr, dup))}")
     if len(names) != x.shape[1]:
         raise CLIError(f"--data {path}: {len(names)} feature_names for {x.shape[1]} columns")
     if features is not None:
@@ -189,15 +214,48 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         if yarr.ndim != 1 or len(yarr) != len(x):
             raise CLIError(f"--data {path}: {name!r} must be 1-d with one value per row of X "
                            f"({len(x)}), got shape {yarr.shape}")
-        if yarr.dtype.kind == "f" and not np.isfinite(yarr).all() and features is None:
-            r = int(np.argwhere(~np.isfinite(yarr))[0][0])
-            raise CLIError(f"--data {path}: missing value in the target {name!r}, row {r + 1}")
-        # predict: a NaN target is a missing value, predicted but not scored
-        y = _typed([str(v) for v in yarr]) if yarr.dtype.kind in "USO" else \
-            [float(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
+        if yarr.dtype.kind not in "biufUS":  # dates, complex numbers, records: no target
+            raise CLIError(f"--data {path}: {name!r} must hold numbers or strings, got "
+                           f"{yarr.dtype}")
+        if yarr.dtype.kind in "US":  # a missing value as in a CSV cell ('', 'NA', ...)
+            raw: list[str | None] = [None if _missing(v) else v.strip() for v in _strings(yarr)]
+        else:
+            raw = [str(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
+        if features is None and None in raw:
+            raise CLIError(f"--data {path}: missing value in the target {name!r}, row "
+                           f"{raw.index(None) + 1}")
+        # predict: a missing target is predicted but not scored
+        y = _typed(raw)
     if not len(x):
         raise CLIError(f"--data {path}: no data rows")
     return Table(path, names, x, name if y is not None else None, y)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the .npz ``path``, refusing (CLIError) anything else: an .npy, a
+    truncated or non-zip file, pickled objects."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic[:2] != b"PK":  # np.load would try to unpickle it (or read an .npy)
+            what = "an empty file" if not magic else "a single .npy array" \
+                if magic == b"\x93NUM" else "not a zip archive"
+            raise CLIError(f"--data {path}: not an .npz file ({what}); write one with "
+                           f"np.savez(path, X=..., y=...)")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except OSError as exc:
+        raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, pickled objects
+        raise CLIError(f"--data {path}: not a readable .npz of plain arrays "
+                       f"({type(exc).__name__}: {exc})") from None
+
+
+def _strings(a: np.ndarray) -> list[str]:
+    """A string array's values: bytes (dtype S) decoded as UTF-8, not shown as b'...'."""
+    if a.dtype.kind == "S":
+        return [v.decode("utf-8", errors="replace") for v in a.tolist()]
+    return [str(v) for v in a.tolist()]
 
 
 def read_table(path: str, target: str | None, features: list[str] | None = None) -> Table:
@@ -241,15 +299,44 @@ class Preprocess:
     @classmethod
     def load(cls, path: Path) -> Preprocess:
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict):
+                raise ValueError(f"a JSON object expected, got {type(d).__name__}")
             if d.pop("format", None) != PREPROCESS_FORMAT:
                 raise ValueError(f"format is not {PREPROCESS_FORMAT}")
-            return cls(**d)
+            pre = cls(**d)
+            pre.check()
+            return pre
         except OSError as exc:
             raise CLIError(f"--run {path.parent}: not a run of `mithril train --data` "
                            f"({path.name}: {exc.strerror or exc})") from None
         except (ValueError, TypeError) as exc:
             raise CLIError(f"--run {path.parent}: {path.name} is damaged ({exc})") from None
+
+    def check(self) -> None:
+        """ValueError naming the field unless the fields can standardise the features and
+        read the outputs (an edited file: a statistic per feature, finite, std > 0)."""
+        if not isinstance(self.features, list) or not self.features or \
+                not all(isinstance(f, str) for f in self.features):
+            raise ValueError("'features' must be a non-empty list of column names")
+        n = len(self.features)
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if not isinstance(v, list) or len(v) != n or not all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+                    for t in v):
+                raise ValueError(f"{key!r} must hold {n} finite numbers, one per feature")
+        if min(self.std) <= 0:
+            raise ValueError("'std' must be > 0")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"'objective' must be one of {', '.join(OBJECTIVES)}")
+        if not isinstance(self.labels, list) or (self.objective == "classification"
+                                                 and len(self.labels) < 2):
+            raise ValueError("'labels' must list the classes (two at least)")
+        for key in ("target_mean", "target_std"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{key!r} must be a finite number")
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return (x - np.asarray(self.mean)) / np.asarray(self.std)
@@ -278,11 +365,10 @@ def tabular_job(args: argparse.Namespace) -> Any:
         y = np.array([index[v] for v in table.y], dtype=np.int64)
     tr, te = split(y, objective, args.test_size, args.split_seed, table.path)
     x_tr, x_te = table.x[tr], table.x[te]
-    mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
-    std[std == 0] = 1.0
+    mean, std = mean_std(x_tr)
     t_mean = t_std = 0.0
     if objective == "regression":
-        t_mean, t_std = float(y[tr].mean()), float(y[tr].std()) or 1.0
+        t_mean, t_std = (float(v[0]) for v in mean_std(y[tr][:, None]))
         y = ((y - t_mean) / t_std)[:, None]
     data = Dataset((x_tr - mean) / std, y[tr], (x_te - mean) / std, y[te], len(labels))
     spec = mlp_spec(len(table.features), len(labels) or 1, args.hidden, args.activation,
@@ -305,6 +391,19 @@ def tabular_job(args: argparse.Namespace) -> Any:
     settings = {"data": str(table.path), "target": table.target, "objective": objective,
                 "features": len(table.features), "classes": len(labels)}
     return Job("tabular", data, spec, describe, settings, write=write)
+
+
+def mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations (ddof 0, as StandardScaler; a constant column's is
+    1). Computed on the columns scaled by a power of two, which is exact, so that values near
+    1e200 do not overflow the squares to an inf standard deviation (a column silently set to
+    0, and a preprocess.json that predict cannot use)."""
+    peak = np.abs(a).max(axis=0) if len(a) else np.zeros(a.shape[1])
+    exp = np.frexp(np.where(peak > 0, peak, 1.0))[1]
+    scaled = np.ldexp(a, -exp)
+    mean, std = np.ldexp(scaled.mean(axis=0), exp), np.ldexp(scaled.std(axis=0), exp)
+    std[std == 0] = 1.0
+    return mean, std
 
 
 def split(y: np.ndarray, objective: str, test_size: float, seed: int,

@@ -1,0 +1,198 @@
+"""``mithril train --data`` / ``mithril predict`` on the files users really have: blank
+lines, an unclosed quote, an ``inf`` target, an ``.npz`` that is not one (an ``.npy``
+renamed, a truncated or empty file), bytes strings, values too large to square, and a run
+folder whose files were edited or damaged. Each is either read correctly or refused with one
+named error (exit status 2, no traceback) that leaves nothing on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import conftest
+import numpy as np
+import pytest
+
+from mithril.cli import main
+
+TRAIN = ["--epochs", "1", "--hidden", "4", "--no-progress", "--no-plot"]
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    return conftest.usage_error(capsys, argv, last=True)
+
+
+def write_rows(path: Path, rows: list[list], header: tuple[str, ...] = ("a", "b", "y")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def table_rows(n: int = 24, seed: int = 0, big: float = 1.0) -> list[list]:
+    """Two features (the second times ``big``) and a two-class integer target."""
+    x = np.random.default_rng(seed).standard_normal((n, 2))
+    return [[float(a), float(b) * big, int(a > 0)] for a, b in x]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """A CSV and a run trained on it."""
+    root = tmp_path_factory.mktemp("user_data")
+    data = write_rows(root / "t.csv", table_rows())
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(root / "run")]) == 0
+    return data, root / "run"
+
+
+# -- CSV -----------------------------------------------------------------------------------------
+def test_blank_lines_do_not_count_as_data_rows(tmp_path, capsys):
+    # the docs count data rows from 1 after the header; blank lines used to be counted too
+    data = tmp_path / "blank.csv"
+    data.write_text("a,b,y\n1,2,0\n\n  \n3,x,1\n")
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                               "--out", str(tmp_path / "run")])
+    assert "column 'b', row 2 (line 5): 'x' is not a finite number" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_line_of_spaces_is_a_blank_line(tmp_path):
+    rows = table_rows()
+    data = tmp_path / "spaces.csv"
+    data.write_text("a,b,y\n" + "".join(f"{a},{b},{y}\n   \n" for a, b, y in rows))
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(data)]) == 0
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        assert [int(r["row"]) for r in csv.DictReader(f)] == list(range(1, len(rows) + 1))
+
+
+def test_an_unclosed_quote_is_refused_not_merged_into_one_cell(tmp_path, capsys):
+    # csv's lenient mode read the rest of the file into the quoted cell (rows silently lost)
+    rows = "".join(f"{a},{b},{y}\n" for a, b, y in table_rows())
+    data = tmp_path / "quote.csv"
+    data.write_text('a,b,y\n1,2,0\n3,4,"1\n' + rows)
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                               "--out", str(tmp_path / "run")])
+    assert f"--data {data}: line 3: not a readable CSV row" in err
+    assert "a quoted cell is never closed" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_infinite_target_is_named_not_taken_for_a_label(tmp_path, capsys):
+    # 'inf' made the numeric target text, so the run became a classification of its values
+    rows = [[a, b, round(a * 3 + b, 3)] for a, b, _ in table_rows()]
+    rows[4][2] = "inf"
+    data = write_rows(tmp_path / "inf.csv", rows)
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                               "--out", str(tmp_path / "run")])
+    assert "target column 'y', row 5 (line 6): 'inf' is not a finite number" in err
+
+
+def test_huge_values_are_standardised_and_predicted(tmp_path):
+    # the squares overflowed: std inf (the column silently zeroed), written as "inf" to
+    # preprocess.json, and predict then failed with a traceback
+    data = write_rows(tmp_path / "big.csv", table_rows(big=1e200))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN, "--out", str(out)]) == 0
+    pre = json.loads((out / "preprocess.json").read_text())
+    x = np.array([r[:2] for r in table_rows(big=1e200)])
+    assert all(np.isfinite(pre["std"])) and pre["std"][1] > 1e199
+    assert main(["predict", "--run", str(out), "--data", str(data)]) == 0
+    # the same statistics as scikit-learn on ordinary values, to the last bit
+    from sklearn.preprocessing import StandardScaler
+
+    from mithril.cli.tabular import mean_std
+
+    small = x / [1, 1e200]
+    mean, std = mean_std(small)
+    scaler = StandardScaler().fit(small)
+    assert np.array_equal(mean, scaler.mean_) and np.array_equal(std, scaler.scale_)
+
+
+# -- .npz ----------------------------------------------------------------------------------------
+def _npy_renamed(path: Path) -> None:
+    np.save(path.with_suffix(".npy"), np.zeros((4, 2)))
+    path.with_suffix(".npy").rename(path)
+
+
+def _truncated(path: Path) -> None:
+    np.savez(path, X=np.zeros((40, 2)), y=np.arange(40) % 2)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("make, message", [
+    (_npy_renamed, "not an .npz file (a single .npy array)"),
+    (lambda p: p.write_bytes(b""), "not an .npz file (an empty file)"),
+    (lambda p: p.write_bytes(b"hello, world\n" * 4), "not an .npz file (not a zip archive)"),
+    (_truncated, "not a readable .npz of plain arrays"),
+    (lambda p: np.savez(p, X=np.zeros((4, 2)), y=np.arange(4) % 2,
+                        feature_names=np.array("a")),
+     "'feature_names' must be a 1-d array of strings"),
+    (lambda p: np.savez(p, X=np.zeros((4, 2)), y=np.arange(4) % 2,
+                        feature_names=np.array(["a", "a"])), "duplicate feature name(s) 'a'"),
+    (lambda p: np.savez(p, X=np.zeros((4, 2)), y=np.arange(4).astype("datetime64[D]")),
+     "'y' must hold numbers or strings, got datetime64[D]"),
+    (lambda p: np.savez(p, X=np.zeros((4, 2)), y=np.array(["a", "", "b", "a"])),
+     "missing value in the target 'y', row 2"),
+])
+def test_bad_npz_is_a_named_error(tmp_path, capsys, make, message):
+    data, out = tmp_path / "d.npz", tmp_path / "run"
+    make(data)
+    err = usage_error(capsys, ["train", "--data", str(data), "--out", str(out)])
+    assert f"--data {data}" in err and message in err
+    assert not out.exists()
+
+
+def test_bytes_feature_names_and_labels_are_decoded(tmp_path):
+    rows = np.array(table_rows())
+    data, out = tmp_path / "b.npz", tmp_path / "run"
+    np.savez(data, X=rows[:, :2], y=np.array([b"no", b"yes"])[rows[:, 2].astype(int)],
+             feature_names=np.array([b"height", b"width"]))
+    assert main(["train", "--data", str(data), *TRAIN, "--out", str(out)]) == 0
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["features"] == ["height", "width"] and pre["labels"] == ["no", "yes"]
+    new = write_rows(tmp_path / "new.csv", [[1, 2, "yes"]], ("width", "height", "y"))
+    assert main(["predict", "--run", str(out), "--data", str(new)]) == 0
+    with open(out / "predictions.csv", newline="") as f:
+        assert list(next(csv.DictReader(f))) == ["row", "prediction", "p_no", "p_yes"]
+
+
+# -- a damaged run folder ------------------------------------------------------------------------
+@pytest.mark.parametrize("edit, message", [
+    ({"mean": [0.0]}, "'mean' must hold 2 finite numbers"),
+    ({"std": [1.0, 0.0]}, "'std' must be > 0"),
+    ({"std": ["inf", 1.0]}, "'std' must hold 2 finite numbers"),
+    ({"features": "ab"}, "'features' must be a non-empty list"),
+    ({"labels": ["only"]}, "'labels' must list the classes"),
+    ({"target_std": "nan"}, "'target_std' must be a finite number"),
+    ([1, 2], "a JSON object expected, got list"),
+])
+def test_edited_preprocess_json_is_named(run, tmp_path, capsys, edit, message):
+    data, trained = run
+    bad = Path(shutil.copytree(trained, tmp_path / "bad"))
+    pre = json.loads((bad / "preprocess.json").read_text())
+    (bad / "preprocess.json").write_text(json.dumps({**pre, **edit} if isinstance(edit, dict)
+                                                    else edit))
+    out = tmp_path / "p.csv"
+    err = usage_error(capsys, ["predict", "--run", str(bad), "--data", str(data),
+                               "--out", str(out)])
+    assert f"--run {bad}: preprocess.json is damaged ({message}" in err
+    assert not out.exists()
+
+
+def test_damaged_model_file_is_named(run, tmp_path, capsys):
+    data, trained = run
+    bad = Path(shutil.copytree(trained, tmp_path / "bad"))
+    model = bad / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    err = usage_error(capsys, ["predict", "--run", str(bad), "--data", str(data)])
+    assert "model.safetensors is damaged" in err
+    model.unlink()
+    model.mkdir()  # a folder of that name: an OSError, not a traceback
+    err = usage_error(capsys, ["predict", "--run", str(bad), "--data", str(data)])
+    assert "cannot read model.safetensors" in err
+    assert not (bad / "predictions.csv").exists()
