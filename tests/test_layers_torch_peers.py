@@ -55,3 +55,62 @@ def test_max_pool_windows_of_padding_only_are_minus_inf_without_gradient(backend
     # (assert_allclose: equal infinities agree)
     np.testing.assert_allclose(out["output"], want.detach().double().numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(grads["input"], want_g.double().numpy(), rtol=0, atol=0)
+
+
+# -- 2. BatchNorm with eps = 0 -----------------------------------------------------------------
+def _batch_norm_eps0(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch's batch-statistics normalisation with eps = 0, which ``F.batch_norm`` refuses in
+    training mode: ``F.layer_norm`` (eps = 0 allowed) over each channel's values."""
+    c = x.shape[1]
+    flat = x.movedim(1, 0).reshape(c, -1)
+    y = F.layer_norm(flat, (flat.shape[1],), eps=0.0)
+    y = y.reshape(x.movedim(1, 0).shape).movedim(0, 1)
+    per_channel = (1, -1) + (1,) * (x.ndim - 2)
+    return y * w.reshape(per_channel) + b.reshape(per_channel)
+
+
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+@pytest.mark.parametrize("track", [True, False])
+def test_batch_norm_with_eps_0_normalises_by_the_batch_on_every_backend(backend_name, dtype, track):
+    """eps = 0 is accepted (eps >= 0); torch's ``F.batch_norm`` refused it in training mode,
+    so the torch backend raised where NumPy and JAX normalised. Training mode, then inference
+    mode (running statistics, or the batch's again without ``track_running_stats``)."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    rng = np.random.default_rng(7)
+    shape = (4, 3, 2, 3)
+    model = ml.Model()
+    model |= ml.BatchNorm2D(3, eps=0.0, track_running_stats=track)(input="input", output="output")
+    compiled = ml.compile(model, backend, shapes={"input": shape}, trainable_keys=["input"])
+    w, b = rng.standard_normal(3).astype(dtype), rng.standard_normal(3).astype(dtype)
+    state = compiled.initial_state_dict
+    running = (np.zeros(3), np.ones(3))
+    for training in (True, False):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+        cot = rng.standard_normal(shape).astype(dtype)
+        params = {k: backend.array({"weight": w, "bias": b, "input": x}[k.rsplit(".", 1)[-1]])
+                  for k in compiled.parameter_shapes}
+        res = compiled.evaluate(params, {}, output_gradients={"output": backend.array(cot)},
+                                training=training, **({"state": state} if track else {}))
+        out, grads = res[:2]
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in (("input", x), ("weight", w), ("bias", b))}
+        if training or not track:
+            want = _batch_norm_eps0(t["input"], t["weight"], t["bias"])
+        else:
+            want = F.batch_norm(t["input"], *(torch.tensor(r, dtype=t["input"].dtype) for r in running),
+                                t["weight"], t["bias"], False, 0.0, 0.0)
+        want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+        tol = DTYPES[dtype]
+        np.testing.assert_allclose(to_np(backend, out["output"]), want.detach().double().numpy(),
+                                   rtol=0, atol=tol * 10)
+        for k, g in zip(t, want_g):
+            got = grads[next(n for n in grads if n.rsplit(".", 1)[-1] == k)]
+            np.testing.assert_allclose(to_np(backend, got), g.double().numpy(), rtol=0, atol=tol * 10,
+                                       err_msg=k)
+        if track and training:
+            state = res[2]
+            xt = torch.tensor(x, dtype=torch.float64)
+            axes = (0, 2, 3)
+            running = (0.1 * xt.mean(axes).numpy(), 0.9 + 0.1 * xt.var(axes, correction=1).numpy())
+            got = {k.rsplit(".", 1)[-1]: to_np(backend, v) for k, v in state.items()}
+            np.testing.assert_allclose(got["running_mean"], running[0], rtol=0, atol=tol)
+            np.testing.assert_allclose(got["running_var"], running[1], rtol=0, atol=tol * 10)

@@ -203,10 +203,23 @@ class _BatchNorm(Operator):
                     self._count(input)
                     x = input.detach()
                     self._update(ctx, x.mean(dim=self._axes(x)), x.var(dim=self._axes(x), correction=1))
-                return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+                if self.eps > 0:
+                    return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+                return self._torch_batch_stats(input, weight, bias)
             return F.batch_norm(input, ctx.state("running_mean"), ctx.state("running_var"),
                                 weight, bias, False, 0.0, self.eps)
         return self.forward_residuals(xp, input, weight, bias, ctx=ctx)[0]
+
+    def _torch_batch_stats(self, x: Any, weight: Any, bias: Any) -> Any:
+        """torch, eps = 0: the batch-statistics formula, which F.batch_norm refuses in training
+        mode ("eps must be positive") where NumPy and JAX take it."""
+        axes = self._axes(x)
+        xc = x - x.mean(dim=axes, keepdim=True)
+        y = xc * (xc * xc).mean(dim=axes, keepdim=True).rsqrt()
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
+        if weight is not None:
+            y = y * weight.reshape(per_channel)
+        return y if bias is None else y + bias.reshape(per_channel)
 
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *,
                           ctx: Any) -> tuple[Any, Any]:
