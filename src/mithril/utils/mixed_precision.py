@@ -45,6 +45,14 @@ Learning-rate schedules must not advance on skipped steps: call
 :meth:`~MixedPrecisionTrainer.step_scheduler` (steps the scheduler only when the last update
 succeeded) or test :attr:`~MixedPrecisionTrainer.last_step_skipped` yourself.
 
+With an :class:`~mithril.utils.accumulation.Accumulate` as the optimizer each call is one
+micro-batch: ``step_scheduler`` steps only on the calls that update the masters
+(:attr:`~MixedPrecisionTrainer.last_step_applied`, ``state.applied``), an overflowing
+micro-batch is dropped (not buffered; ``state.applied`` False) and the loss scale counts
+micro-batches - Keras' ``LossScaleOptimizer`` over an optimizer with
+``gradient_accumulation_steps``; torch's accumulation loop checks and updates the scale once
+per optimizer step and skips the whole window.
+
 bfloat16 has float32's exponent range, so it rarely needs loss scaling; the trainer still
 keeps float32 masters for it (bfloat16 has only 8 mantissa bits: small updates would round
 away on bfloat16 weights).
@@ -60,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
+from .accumulation import AccumulateState
 from .fixed_parts import FixedParts
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
@@ -307,6 +316,10 @@ class MixedPrecisionTrainer(FixedParts):
         self.num_steps = 0            # backward_and_update calls
         self.num_skipped_steps = 0    # of which skipped (non-finite gradients)
         self.last_step_skipped = False
+        #: whether the last :meth:`backward_and_update` updated the masters (False when it
+        #: was skipped, and when an :class:`~mithril.utils.accumulation.Accumulate` only
+        #: buffered the micro-batch)
+        self.last_step_applied = False
         #: the unscaled float32 gradients of the last backward pass (e.g. for monitoring)
         self.last_gradients: dict[str, Any] | None = None
         self._out_shapes: dict[str, tuple] = {}
@@ -468,26 +481,36 @@ class MixedPrecisionTrainer(FixedParts):
             self._compute = None
             # the optimizer may still skip the step (nonfinite="skip")
             success = not getattr(state, "last_step_skipped", False)
+            # an Accumulate that only buffered this micro-batch made no update
+            applied = success and getattr(state, "applied", True) is not False
         else:
-            success = False
+            success = applied = False
             st = getattr(self.optimizer_state, "local", self.optimizer_state)
             if isinstance(st, OptimizerState):
                 st.last_step_skipped = True
                 st.num_skipped += 1
+            elif isinstance(st, AccumulateState):
+                # the micro-batch is dropped (not buffered): the state must not still say
+                # that the previous call's update was applied
+                st.applied, st.last_step_skipped = False, True
         eng.clear()  # (one backward per forward)
         self.num_steps += 1
         self.last_gradients = grads
         self.scaler.update(found_inf=not finite)
         self.last_step_skipped = not success
+        self.last_step_applied = applied
         if not success:
             self.num_skipped_steps += 1
         return dict(self._master), self.optimizer_state, success
 
     def step_scheduler(self, scheduler: Any, *args: Any, **kwargs: Any) -> bool:
-        """``scheduler.step(*args, **kwargs)`` unless the last update was skipped; returns
-        whether it stepped. Use it instead of ``scheduler.step()`` so that skipped
-        (overflowing) steps do not advance the learning-rate schedule."""
-        if self.last_step_skipped or self.num_steps == 0:
+        """``scheduler.step(*args, **kwargs)`` only if the last :meth:`backward_and_update`
+        updated the masters (:attr:`last_step_applied`); returns whether it stepped. Use it
+        instead of ``scheduler.step()`` so that skipped (overflowing) steps, and the
+        micro-batches an :class:`~mithril.utils.accumulation.Accumulate` only buffers, do not
+        advance the learning-rate schedule (torch's accumulation loop steps it once per
+        optimizer step)."""
+        if not self.last_step_applied:
             return False
         scheduler.step(*args, **kwargs)
         return True

@@ -1,0 +1,213 @@
+"""MixedPrecisionTrainer, LossScaler and Accumulate run side by side with their peers:
+Keras 3's ``LossScaleOptimizer`` over an inner optimizer with ``gradient_accumulation_steps``
+(run in a subprocess, ``KERAS_BACKEND=jax``), torch's manual accumulation loop with
+``torch.amp.GradScaler`` (``unscale_`` then ``clip_grad_norm_``) and ``optax.MultiSteps``.
+
+The data are small dyadic numbers, so the half-precision gradients of the Linear model are
+exact and the peers' float32 runs can be compared to the last bit or nearly.
+
+Conventions checked (``shared/reference/conventions.md`` and the trainer's docs):
+
+* With an :class:`~mithril.utils.accumulation.Accumulate` the loss scale is updated on every
+  micro-batch and an overflowing micro-batch is dropped, not the whole window: Keras'
+  semantics (its ``LossScaleOptimizer`` wraps the accumulating optimizer); torch's loop
+  checks once per optimizer step instead, so it is compared on finite runs only.
+* ``clip_norm`` is torch's ``min(1, c/(‖g‖ + 1e-6))``; Keras' ``global_clipnorm`` has no
+  ε (a relative difference ~1e-7 here).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import half_backends, run_python
+
+import mithril as ml
+from mithril.utils.accumulation import Accumulate
+from mithril.utils.lr_schedulers import StepLR
+from mithril.utils.mixed_precision import MixedPrecisionTrainer
+from mithril.utils.optimizers import SGD
+
+SHAPES = {"linear.weight": (2, 3), "linear.bias": (2,)}
+
+
+def linear(backend):
+    m = ml.Model()
+    m |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    return ml.compile(m, backend, shapes={"input": [None, 3]})
+
+
+def dyadic_batches(n: int, seed: int = 0):
+    """``n`` (input, dL/dout, true parameter gradient) triples, all exact in float16 and
+    bfloat16 (and so are the scaled half-precision VJPs for scales up to 2**10)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.integers(-2, 3, (4, 3)).astype(np.float32) / 2
+        c = rng.integers(-4, 5, (4, 2)).astype(np.float32) / 4
+        out.append((x, c, {"linear.weight": c.T @ x, "linear.bias": c.sum(0)}))
+    return out
+
+
+def host(backend, tree):
+    return {k: np.asarray(backend.to_numpy(v), dtype=np.float32) for k, v in tree.items()}
+
+
+def p0(backend):
+    return {k: backend.array(np.full(s, 0.5, np.float32), "float32") for k, s in SHAPES.items()}
+
+
+class Counter:
+    """A scheduler stand-in that counts its steps."""
+
+    n = 0
+
+    def step(self) -> None:
+        self.n += 1
+
+
+# -- Accumulate + dynamic loss scaling + clipping + schedule, against Keras ---------------------
+_KERAS = r"""
+import json, os
+os.environ["KERAS_BACKEND"] = "jax"
+import jax.numpy as jnp
+import keras
+import numpy as np
+grads, bad = {grads!r}, {bad!r}
+inner = keras.optimizers.SGD(learning_rate=0.25, global_clipnorm=1.5,
+                             gradient_accumulation_steps={k})
+opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=64.0, dynamic_growth_steps=3)
+names = ["linear.weight", "linear.bias"]
+vs = [keras.Variable(np.full(np.shape(grads[0][n]), 0.5, np.float32), name=n.replace(".", "_"))
+      for n in names]
+opt.build(vs)
+ov, tv = [v.value for v in opt.variables], [v.value for v in vs]
+where = {{id(v): i for i, v in enumerate(opt.variables)}}
+i_scale, i_it = where[id(opt.dynamic_scale)], where[id(inner._iterations)]
+scales, updated, params = [], [], []
+for g, b in zip(grads, bad):
+    s = np.float32(np.asarray(ov[i_scale]))
+    scaled = [jnp.asarray(np.asarray(g[n], np.float32) * s) for n in names]
+    if b:
+        scaled[0] = scaled[0].at[0, 0].set(float(b))
+    it = int(np.asarray(ov[i_it]))
+    tv, ov = opt.stateless_apply(ov, scaled, tv)
+    new_it = int(np.asarray(ov[i_it]))
+    scales.append(float(np.asarray(ov[i_scale])))
+    updated.append(new_it > it and new_it % {k} == 0)
+    params.append({{n: np.asarray(v).tolist() for n, v in zip(names, tv)}})
+print(json.dumps({{"scales": scales, "updated": updated, "params": params}}))
+"""
+
+BAD = [None, None, None, "inf", None, None, "nan", None, None, None, "inf", None, None]
+
+
+@pytest.fixture(scope="module")
+def keras_accumulating_run():
+    """Keras' run of the micro-batches of :func:`dyadic_batches` (k = 2), ``BAD[i]`` put
+    into the first gradient of micro-batch i."""
+    data = dyadic_batches(len(BAD))
+    grads = [{n: g.tolist() for n, g in gr.items()} for _, _, gr in data]
+    code = _KERAS.format(grads=grads, bad=BAD, k=2)
+    return data, json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: f"{b.name}-{b.dtype}")
+def test_accumulate_with_loss_scaling_clip_and_schedule_matches_keras(backend,
+                                                                      keras_accumulating_run):
+    """Per micro-batch: the scale, whether the masters were updated (``state.applied``,
+    ``trainer.last_step_applied`` and whether ``step_scheduler`` stepped) and the masters,
+    against Keras. Bugs: ``step_scheduler`` stepped on micro-batches the Accumulate only
+    buffered, and after an update an overflowing micro-batch left ``state.applied`` True.
+    (The learning rate is constant: Keras' schedules count micro-batches, a documented
+    difference; torch's loop, below, steps them per update.)"""
+    data, ref = keras_accumulating_run
+    compiled = linear(backend)
+    sgd = SGD(learning_rate=0.25, clip_norm=1.5)
+    acc = Accumulate(sgd, 2)
+    counted = Counter()
+    trainer = MixedPrecisionTrainer(compiled, acc, p0(backend), loss_scale=64.0,
+                                    growth_interval=3)
+    scales, applied, stepped, flags = [], [], [], []
+    for (x, c, g), bad, want in zip(data, BAD, ref["params"], strict=True):
+        trainer.forward({"input": backend.array(x)})
+        cot = c.copy()
+        if bad:
+            cot[0, 0] = float(bad)
+        _, state, ok = trainer.backward_and_update({"out": backend.array(cot)})
+        assert ok is (bad is None)
+        if ok:  # the half-precision VJP, scaled and unscaled, is exact here
+            for k, v in host(backend, trainer.last_gradients).items():
+                np.testing.assert_array_equal(v, g[k])
+        scales.append(trainer.loss_scale)
+        applied.append(state.applied)
+        stepped.append(trainer.step_scheduler(counted))
+        flags.append((state.last_step_skipped, getattr(trainer, "last_step_applied", None)))
+        got = host(backend, trainer.master_params)
+        for k in SHAPES:
+            np.testing.assert_allclose(got[k], np.asarray(want[k], np.float32), rtol=1e-5,
+                                       atol=1e-7, err_msg=k)
+    assert scales == ref["scales"]
+    assert applied == stepped == ref["updated"]
+    assert flags == [(bad is not None, up) for bad, up in zip(BAD, ref["updated"], strict=True)]
+    assert sum(ref["updated"]) == counted.n == trainer.optimizer_state.inner.step == 5
+
+
+# -- Accumulate + loss scaling + unscale_/clip + schedule, against torch's manual loop -------
+def torch_accumulation_loop(data, k: int, lr: float, clip: float):
+    """torch's documented AMP accumulation recipe: ``scaler.scale(loss / k).backward()`` per
+    micro-batch; every k-th: ``unscale_``, ``clip_grad_norm_``, ``step``, ``update``, then the
+    scheduler. The loss is linear in the parameters, so its gradient is exactly ``g``.
+    Returns the parameters and learning rate after each micro-batch, and the scaler."""
+    ps = {n: torch.nn.Parameter(torch.full(s, 0.5)) for n, s in SHAPES.items()}
+    opt = torch.optim.SGD(list(ps.values()), lr=lr, momentum=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=3)
+    params, lrs = [], []
+    for i, (_, _, g) in enumerate(data):
+        loss = sum((ps[n] * torch.from_numpy(g[n])).sum() for n in ps)
+        scaler.scale(loss / k).backward()
+        if (i + 1) % k == 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(list(ps.values()), clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad()
+        params.append({n: p.detach().numpy().copy() for n, p in ps.items()})
+        lrs.append(opt.param_groups[0]["lr"])
+    return params, lrs, ps, scaler
+
+
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: f"{b.name}-{b.dtype}")
+def test_accumulate_clip_and_schedule_match_torch_loop_with_a_partial_last_window(backend):
+    """8 finite micro-batches, k = 3: two updates (clipped after unscaling, momentum, the
+    schedule stepped once per update) and a partial window of two left buffered, as torch
+    leaves them in ``.grad``. Bug: ``trainer.step_scheduler`` stepped StepLR on every
+    micro-batch (the learning rate fell 3x faster than torch's). The scale itself is not
+    compared: with an Accumulate it counts micro-batches (Keras' convention, above)."""
+    data = dyadic_batches(8, seed=1)
+    want, want_lr, tps, scaler = torch_accumulation_loop(data, 3, 0.25, 1.5)
+    sgd = SGD(learning_rate=0.25, momentum=0.5, clip_norm=1.5)
+    acc = Accumulate(sgd, 3)
+    sched = StepLR(acc, step_size=1, gamma=0.5)
+    trainer = MixedPrecisionTrainer(linear(backend), acc, p0(backend),
+                                    loss_scale=64.0, growth_interval=3)
+    for (x, c, _), w, lr in zip(data, want, want_lr, strict=True):
+        trainer.forward({"input": backend.array(x)})
+        assert trainer.backward_and_update({"out": backend.array(c)})[2]
+        trainer.step_scheduler(sched)
+        assert sgd.get_learning_rate() == lr
+        got = host(backend, trainer.master_params)
+        for n in SHAPES:
+            np.testing.assert_allclose(got[n], w[n], rtol=1e-6, atol=1e-7, err_msg=n)
+    state = trainer.optimizer_state
+    assert (state.micro_step, state.inner.step, sched.last_step) == (2, 2, 2)
+    # the partial window: torch's .grad holds scale·Σg/k, the Accumulate holds Σg
+    partial = host(backend, state.accumulator.sum())
+    for n, p in tps.items():
+        np.testing.assert_allclose(partial[n] / 3, p.grad.numpy() / scaler.get_scale(),
+                                   rtol=1e-6, err_msg=n)
