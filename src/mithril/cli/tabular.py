@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,16 @@ def _number(text: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _duplicates(names: list[str]) -> list[str]:
+    return sorted(n for n, k in Counter(names).items() if k > 1)
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    """``names`` for a message: the first ``limit`` of a wide table, and how many in all."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -92,26 +103,28 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
             header = [h.strip() for h in header]
-            dup = sorted({h for h in header if header.count(h) > 1})
+            dup = _duplicates(header)
             if dup:
                 raise CLIError(f"--data {path}: duplicate column name(s) {', '.join(map(repr, dup))}")
-            want_target = target is not None and (features is None or target in header)
-            if target is not None and features is None and target not in header:
+            # a dict, not list.index: tables of 20,000 columns (genes, pixels) are common
+            position = {h: i for i, h in enumerate(header)}
+            want_target = target is not None and (features is None or target in position)
+            if target is not None and features is None and target not in position:
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
-                               f"{', '.join(header)})")
+                               f"{_names(header)})")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
                 features = [h for h in header if h != target]
             if not features:
                 raise CLIError(f"--data {path}: no feature columns (the only column is the "
                                f"target {target!r}); a model needs at least one")
-            absent = [c for c in features if c not in header]
+            absent = [c for c in features if c not in position]
             if absent:
                 raise CLIError(f"--data {path} lacks the feature column(s) "
-                               f"{', '.join(map(repr, absent))} (the model was trained on "
-                               f"{', '.join(features)})")
-            cols = [header.index(c) for c in features]
-            tcol = header.index(target) if want_target else None
+                               f"{_names([repr(c) for c in absent])} (the model was trained "
+                               f"on {_names(features)})")
+            cols = [position[c] for c in features]
+            tcol = position[target] if want_target else None
             rows, ys = [], []
             i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
             for row in reader:
@@ -188,14 +201,15 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
             raise CLIError(f"--data {path}: 'feature_names' must be a 1-d array of strings, got "
                            f"{fn.dtype} {fn.shape}")
         names = _strings(fn)
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = _duplicates(names)
         if dup:
             raise CLIError(f"--data {path}: duplicate feature name(s) {', '.join(map(repr, dup))}")
     if len(names) != x.shape[1]:
         raise CLIError(f"--data {path}: {len(names)} feature_names for {x.shape[1]} columns")
     if features is not None:
         if names != features:
-            raise CLIError(f"--data {path}: features {names} differ from the model's {features}")
+            raise CLIError(f"--data {path}: features [{_names(names)}] differ from the "
+                           f"model's [{_names(features)}]")
     elif not names:
         raise CLIError(f"--data {path}: 'X' has no feature columns (shape {x.shape}); a model "
                        f"needs at least one")
