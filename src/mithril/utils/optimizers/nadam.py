@@ -52,6 +52,8 @@ class NAdam(Optimizer):
     * ``"keras"`` (``keras.optimizers.Nadam``): the schedule with ψ fixed at 1,
       μₜ = β₁·(1 − ½·0.96ᵗ) (``momentum_decay`` is 1; other values are refused), and Keras's
       decoupled ``weight_decay`` (``decoupled_weight_decay`` is True; False is refused).
+      Πₜ is Keras's one product for the optimizer (``state.values["mu_product"]``),
+      advanced on every step, so a tensor whose gradient misses steps follows Keras.
     * ``"optax"`` (``optax.nadam``): **no μ schedule** (``momentum_decay`` is None; a value
       is refused): Adam's bias corrections with a constant β₁ and a Nesterov look-ahead,
       ``p ← p − lr·(1−β₁)/(1−β₁ᵗ) · g/d − lr·β₁/(1−β₁ᵗ⁺¹) · m/d``. ``weight_decay`` is
@@ -97,11 +99,19 @@ class NAdam(Optimizer):
 
     @property
     def tensor_slots(self) -> tuple[str, ...]:  # type: ignore[override]
-        """torch's per-tensor running product Πₜ, where there is a μ schedule."""
-        return () if self.momentum_decay is None else ("mu_product",)
+        """torch's per-tensor running product Πₜ (a tensor without a gradient skips it)."""
+        return ("mu_product",) if self.convention == "torch" else ()
+
+    @property
+    def state_values(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Keras's one Πₜ for the whole optimizer, advanced on every step."""
+        return ("mu_product",) if self.convention == "keras" else ()
 
     def slot_init(self, slot: str) -> float:
         return 1.0 if slot == "mu_product" else 0.0
+
+    def state_value_init(self, name: str) -> float:
+        return 1.0
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr, b1, b2 = self.learning_rate, self.beta1, self.beta2
@@ -117,10 +127,14 @@ class NAdam(Optimizer):
         lr, b1, psi = scalars[0], scalars[6], scalars[7]
         mu = b1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        prod = tensors["mu_product"] * mu
+        if self.convention == "keras":  # one product, with the first tensor's β₁ (Keras has one)
+            prod = values["mu_product"] * mu[0]
+            values = {"mu_product": prod}
+        else:
+            prod = tensors["mu_product"] = tensors["mu_product"] * mu
         cg = -lr * (1.0 - mu) / (1.0 - prod)
         cm = (-lr * mu_next) / (1.0 - prod * mu_next)
-        return (cg, cm), {"mu_product": prod}, values
+        return (cg, cm), tensors, values
 
     def kernel_math(self) -> Any:
         return _nadam if self.convention == "optax" else _nadam_scheduled
