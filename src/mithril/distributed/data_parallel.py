@@ -76,6 +76,21 @@ def _holder(opt: Any) -> Any:
     return inner if isinstance(inner, Optimizer) else opt
 
 
+def _check_init(params: Any) -> None:
+    """Refuse what no rank can hold: not a non-empty dict, arrays of another library, or
+    of several libraries or dtypes (named: one optimizer needs one of each)."""
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError("DataParallel: params must be a non-empty dict of arrays")
+    for what, key in (("libraries", _kind), ("dtypes", _dtype_name)):
+        groups: dict[str, list[str]] = {}
+        for n, p in params.items():
+            groups.setdefault(key(p), []).append(n)
+        if len(groups) > 1:
+            listing = "; ".join(f"{k}: {v}" for k, v in groups.items())
+            raise TypeError(f"DataParallel: params mix {what} ({listing}); one optimizer "
+                            f"needs one of each")
+
+
 def _check_sharded_clip(opt: Any, names: tuple[str, ...]) -> None:
     """Refuse ``clip_norm`` with per-tensor clipping in sharded mode (checked at ``init`` and
     again at every ``update``: either may be set in between)."""
@@ -147,43 +162,72 @@ def _small(values: list[float], like: Any) -> Any:
 
 def broadcast_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """Overwrite every rank's ``params`` (contiguous arrays, in place) with rank 0's, e.g.
-    after an initialisation that was not seeded alike. Returns ``params``. A peer that stops
-    calling is a :class:`~.process_group.PeerError` within the timeout."""
+    after an initialisation that was not seeded alike. Returns ``params``. Every rank must
+    hold the same names, shapes and dtypes, in the same order: checked on every rank before
+    anything is sent (a mismatch would otherwise reinterpret rank 0's bytes, or abort the
+    process inside gloo), and refused alike on every rank, naming the parameter and the
+    rank. A peer that stops calling is a :class:`~.process_group.PeerError` within the
+    timeout."""
     if pg.world_size() > 1:
-        tensors = [pg.as_torch(p) for p in params.values()]
-        for name, t in zip(params, tensors):  # all checked before any is overwritten
-            if not t.is_contiguous():
-                raise ValueError(f"broadcast_params: params['{name}'] is not contiguous")
+        error: Exception | None = None
+        tensors: list[Any] = []
+        try:
+            if not isinstance(params, Mapping):
+                raise TypeError(f"broadcast_params: params must be a dict of arrays, got "
+                                f"{type(params).__name__}")
+            for name, p in params.items():
+                if _kind(p, None) is None:
+                    raise TypeError(f"broadcast_params: params['{name}'] is a "
+                                    f"{type(p).__name__}, not a NumPy or torch array")
+                t = pg.as_torch(p)
+                if not t.is_contiguous():
+                    raise ValueError(f"broadcast_params: params['{name}'] is not contiguous")
+                tensors.append(t)
+        except (TypeError, ValueError) as e:
+            error = e
+        pg.agree("broadcast_params", error)  # all checked before any is overwritten
+        _same_everywhere("broadcast_params", {
+            "params": [[n, list(p.shape), _dtype_name(p)] for n, p in params.items()]})
         for name, t in zip(params, tensors):
             pg._run(f"broadcast of params['{name}']", pg._dist().broadcast, t, 0)
     return params
 
 
+def _same_everywhere(what: str, desc: dict[str, Any]) -> None:
+    """Refuse, on every rank alike, a description that differs between ranks: a ValueError
+    naming the first differing key, or the first differing ``[name, shape, dtype]`` of
+    ``desc["params"]``, and the rank (a digest first: the whole only where they differ)."""
+    text = json.dumps(desc)
+    label = f"{what} (all-gather)"
+    if len(set(pg.all_gather_bytes(pg.digest(text.encode()), label))) == 1:
+        return
+    every = [json.loads(d) for d in pg.all_gather_bytes(text.encode(), label)]
+    ref = every[0]
+    for r, d in enumerate(every[1:], 1):
+        if d == ref:
+            continue
+        for key in ref:
+            if key != "params" and d.get(key) != ref[key]:
+                raise ValueError(f"{what}: rank {r} has {key}={d.get(key)!r}, rank 0 "
+                                 f"{ref[key]!r}")
+        a, b = ref["params"], d["params"]
+        for i in range(max(len(a), len(b))):
+            x = a[i] if i < len(a) else None
+            y = b[i] if i < len(b) else None
+            if x != y:
+                name = (x or y)[0]
+                raise ValueError(f"{what}: the ranks' parameters differ, first at "
+                                 f"parameter {i} '{name}': rank 0 has {x}, rank {r} has {y} "
+                                 f"([name, shape, dtype]; every rank must hold the same "
+                                 f"parameters, in the same order)")
+
+
 def _agree(params: Mapping[str, Any], opt: Any, sharded: bool) -> None:
     """Refuse, on every rank alike, parameter sets that differ between ranks (naming the
     first differing parameter) and parameter values that differ."""
-    desc = json.dumps({"optimizer": type(opt).__name__, "shard_state": sharded,
-                       "params": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]})
-    if len(set(pg.all_gather_bytes(pg.digest(desc.encode())))) > 1:
-        every = [json.loads(d) for d in pg.all_gather_bytes(desc.encode())]
-        ref = every[0]
-        for r, d in enumerate(every[1:], 1):
-            if d == ref:
-                continue
-            for key in ("optimizer", "shard_state"):
-                if d[key] != ref[key]:
-                    raise ValueError(f"DataParallel: rank {r} has {key}={d[key]!r}, rank 0 "
-                                     f"{ref[key]!r}")
-            a, b = ref["params"], d["params"]
-            for i in range(max(len(a), len(b))):
-                x = a[i] if i < len(a) else None
-                y = b[i] if i < len(b) else None
-                if x != y:
-                    name = (x or y)[0]
-                    raise ValueError(f"DataParallel: the ranks' parameters differ, first at "
-                                     f"parameter {i} '{name}': rank 0 has {x}, rank {r} has {y} "
-                                     f"([name, shape, dtype]; every rank must hold the same "
-                                     f"parameters, in the same order)")
+    _same_everywhere("DataParallel", {
+        "optimizer": type(opt).__name__, "shard_state": sharded,
+        "params": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]})
     values = b"".join(pg.digest(np.ascontiguousarray(_host(p)).tobytes())
                       for p in params.values())
     if len(set(pg.all_gather_bytes(pg.digest(values)))) > 1:
@@ -270,12 +314,17 @@ class DataParallel(FixedParts):
     def init(self, params: Mapping[str, Any]) -> DistributedState:
         """The state of this rank; every rank must call it with the same parameters (names,
         shapes, dtypes and values: refused otherwise, on every rank)."""
-        if not isinstance(params, Mapping) or not params:
-            raise TypeError("params must be a non-empty dict of arrays")
-        kinds = {_kind(p) for p in params.values()}
-        if len(kinds) > 1 or len({str(p.dtype) for p in params.values()}) > 1:
-            raise TypeError("DataParallel: params must be arrays of one backend and one dtype")
         opt = self.optimizer
+        # what one rank refuses, every rank refuses before any collective of the init: a
+        # rank raising alone would leave the others waiting in _agree (a PeerError at best)
+        error: Exception | None = None
+        try:
+            _check_init(params)
+            if self.shard_state:
+                _check_sharded_clip(opt, tuple(params))
+        except (TypeError, ValueError, NotImplementedError) as e:
+            error = e
+        pg.agree("DataParallel.init", error)
         _agree(params, opt, self.shard_state)
         names = tuple(params)
         shapes = tuple(tuple(int(d) for d in p.shape) for p in params.values())
@@ -283,8 +332,7 @@ class DataParallel(FixedParts):
         like = next(iter(params.values()))
         if not self.shard_state:
             state = DistributedState(opt.init(params), names, shapes, names, False)
-            total = sum(sizes)
-            state._send = _empty(total + len(names), like)
+            state._send = _empty(sum(sizes), like)  # (the presence flags travel apart)
             off = 0
             for n, s, shp in zip(names, sizes, shapes):
                 state._grad_views[n] = state._send[off:off + s].reshape(shp)
@@ -294,7 +342,6 @@ class DataParallel(FixedParts):
         chunks = ChunkLayout(sizes, assign(sizes, world))
         a, b = chunks.bounds[me]
         own = names[a:b]
-        _check_sharded_clip(opt, names)
         local = _local_init(opt, {n: params[n] for n in own})
         state = DistributedState(local, names, shapes, own, True)
         state.chunks = chunks
@@ -332,8 +379,9 @@ class DataParallel(FixedParts):
 
     # -- update ----------------------------------------------------------------------------
     def _pack(self, gradients: Mapping[str, Any], state: DistributedState,
-              flag_index: Any) -> None:
-        """Copy the gradients into the send buffer and set the presence flags."""
+              flag_index: Any = None) -> None:
+        """Copy the gradients into the send buffer and set the presence flags (at
+        ``flag_index(i)`` of the buffer: sharded; replicated, they travel apart)."""
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
         unknown = [n for n in gradients if n not in state._grad_views]
@@ -343,7 +391,8 @@ class DataParallel(FixedParts):
         for i, n in enumerate(state.names):
             view = state._grad_views[n]
             g = gradients.get(n)
-            buf[flag_index(i)] = 0 if g is None else 1
+            if flag_index is not None:
+                buf[flag_index(i)] = 0 if g is None else 1
             if g is None:
                 view[...] = 0
                 continue
@@ -355,7 +404,9 @@ class DataParallel(FixedParts):
             if g.dtype != view.dtype or type(g) is not type(view):
                 raise TypeError(f"gradients['{n}'] is a {type(g).__name__} of dtype {g.dtype}; "
                                 f"the parameters are {type(view).__name__} of {view.dtype}")
-            view[...] = g
+            # (detached: a gradient of create_graph=True requires grad, and copying it into
+            # the buffer would make the buffer part of its graph)
+            view[...] = g if isinstance(g, np.ndarray) else g.detach()
 
     def _check_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                     state: DistributedState) -> None:
@@ -412,25 +463,29 @@ class DataParallel(FixedParts):
             new, state.local = self.optimizer.update(params, gradients, state.local)
             state.last_grad_norm = state.local.last_grad_norm
             return new, state
-        total = len(state._send) - len(state.names)
-        buf = state._send
-        # every rank checks its inputs before any applies the step; a refusal is a NaN flag,
-        # which the all-reduce hands every rank, so that all raise and none updates
+        buf, names = state._send, state.names
+        # every rank checks its inputs before any gradient travels: the all-reduce sums the
+        # buffer in place, and that buffer may be the caller's gradient_views (micro-batches
+        # accumulated there, which a refused call must leave as they were). So the refusals
+        # and the presence flags go first, in one all-reduce of len(names) + 1 float64s
         refused: Exception | None = None
         try:
             self._check_step(params, gradients, state)
-            self._pack(gradients, state, lambda i: total + i)
         except (TypeError, ValueError, KeyError) as e:
             refused = e
-            buf[total] = math.nan
-        pg.all_reduce(buf)
-        if math.isnan(float(_host(buf[total:total + 1])[0])):
+        present = [0.0] * len(names) if refused is not None else [
+            float(gradients.get(n) is not None) for n in names]
+        votes = _small([float(refused is not None), *present], buf)
+        pg.all_reduce(votes)
+        flags = _host(votes)
+        if flags[0] > 0:
             pg.agree("DataParallel.update", refused)
-        if state.world > 1:
-            _divide(buf[:total], state.world)
-        state.bytes_communicated = {"all_reduce": _nbytes(buf)} if state.world > 1 else {}
-        flags = _host(buf[total:])
-        grads = {n: state._grad_views[n] for i, n in enumerate(state.names) if flags[i] > 0}
+        self._pack(gradients, state)
+        if len(buf):
+            pg.all_reduce(buf)
+            _divide(buf, state.world)
+        state.bytes_communicated = {"all_reduce": _nbytes(buf) + _nbytes(votes)}
+        grads = {n: state._grad_views[n] for i, n in enumerate(names) if flags[1 + i] > 0}
         new, state.local = self.optimizer.update(params, grads, state.local)
         state.last_grad_norm = state.local.last_grad_norm
         return new, state
@@ -450,7 +505,23 @@ class DataParallel(FixedParts):
                  state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
         from .sharded_step import sharded_step
 
-        return sharded_step(self, params, gradients, state)
+        local = state.local
+        before = (state.last_grad_norm, local.last_grad_norm, local.last_step_skipped,
+                  local.step, local.num_skipped)
+        try:
+            new, state = sharded_step(self, params, gradients, state)
+        except BaseException:
+            # a step refused on every rank ("raise" on a non-finite gradient or result)
+            # changes nothing, as the wrapped optimizer's refused step: not even the norm
+            # and the skipped flag it reports (the step records them before it raises)
+            if state.local is local and local.step == before[3]:
+                state.last_grad_norm, local.last_grad_norm, local.last_step_skipped = \
+                    before[:3]
+            raise
+        if state.local.num_skipped > before[4]:  # as one process: a skipped step returns
+            return dict(params), state            # the params given, not the last step's
+        state.local.last_step_skipped = False  # (a rank holding no tensor never sets it)
+        return new, state
 
 
 def _nbytes(x: Any) -> int:

@@ -137,29 +137,31 @@ def reduce_scatter(out: Any, x: Any) -> None:
     _run("reduce-scatter", fn, as_torch(out), as_torch(x))
 
 
-def all_gather(out: Any, x: Any) -> None:
-    """``out`` ← every rank's ``x`` concatenated in rank order (``len(out) = N·len(x)``)."""
+def all_gather(out: Any, x: Any, what: str = "all-gather") -> None:
+    """``out`` ← every rank's ``x`` concatenated in rank order (``len(out) = N·len(x)``);
+    ``what`` names it in a :class:`PeerError`."""
     if world_size() == 1:
         out[:] = x
         return
     dist = _dist()
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    _run("all-gather", fn, as_torch(out), as_torch(x))
+    _run(what, fn, as_torch(out), as_torch(x))
 
 
-def all_gather_bytes(data: bytes) -> list[bytes]:
-    """Every rank's ``data``, in rank order (two small all-gathers: lengths, then bytes)."""
+def all_gather_bytes(data: bytes, what: str = "all-gather") -> list[bytes]:
+    """Every rank's ``data``, in rank order (two small all-gathers: lengths, then bytes);
+    ``what`` names them in a :class:`PeerError`."""
     n = world_size()
     if n == 1:
         return [data]
     size = np.array([len(data)], dtype=np.int64)
     sizes = np.zeros(n, dtype=np.int64)
-    all_gather(sizes, size)
+    all_gather(sizes, size, what)
     width = int(sizes.max())
     mine = np.zeros(width, dtype=np.uint8)
     mine[:len(data)] = np.frombuffer(data, dtype=np.uint8)
     every = np.zeros(n * width, dtype=np.uint8)
-    all_gather(every, mine)
+    all_gather(every, mine, what)
     return [every[r * width:r * width + int(sizes[r])].tobytes() for r in range(n)]
 
 
@@ -175,7 +177,8 @@ def agree(what: str, error: BaseException | None) -> None:
     first refusing rank's naming it and its message; return where none refused. What a call
     runs on every rank before it changes anything, so that all refuse alike."""
     every = all_gather_bytes(b"" if error is None else
-                             f"{type(error).__name__}\0{error}".encode("utf-8", "replace"))
+                             f"{type(error).__name__}\0{error}".encode("utf-8", "replace"),
+                             f"{what} (all-gather)")
     if error is not None:
         raise error
     for r, text in enumerate(every):
