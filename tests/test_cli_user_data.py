@@ -113,6 +113,15 @@ def test_huge_values_are_standardised_and_predicted(tmp_path):
     assert np.array_equal(mean, scaler.mean_) and np.array_equal(std, scaler.scale_)
 
 
+def test_a_csv_with_a_digits_task_names_the_task(run, capsys):
+    # --task digits-cnn said "give a .csv or .npz file" of the .csv it was given
+    data, _ = run
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                               "--task", "digits-cnn"])
+    assert f"--task digits-cnn trains on the digits; leave --task out to train on --data " \
+           f"{data}" in err
+
+
 def test_a_wide_table_is_read_in_linear_time(tmp_path, capsys):
     # list.count/index per column made 20,000 columns take ~25 s before a row was read
     import time

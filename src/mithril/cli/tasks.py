@@ -127,11 +127,11 @@ class Job:
 
 
 def job_name(args: argparse.Namespace) -> str:
-    if args.data is not None and args.task in (None, "digits") and \
+    if args.data is not None and args.task != "charlm" and \
             Path(args.data).suffix.lower() in (".csv", ".npz"):
-        if args.task == "digits":
-            raise CLIError("--task digits trains on the digits; leave --task out to train on "
-                           f"--data {args.data}")
+        if args.task is not None:  # digits or digits-cnn: not "give a .csv" for a .csv
+            raise CLIError(f"--task {args.task} trains on the digits; leave --task out to "
+                           f"train on --data {args.data}")
         return "tabular"
     if args.data is not None and args.task != "charlm":
         raise CLIError(f"--data {args.data}: give a .csv or .npz file (a table), or a text "
