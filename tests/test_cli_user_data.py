@@ -122,6 +122,17 @@ def test_a_csv_with_a_digits_task_names_the_task(run, capsys):
            f"{data}" in err
 
 
+def test_a_semicolon_separated_file_gets_a_hint(run, tmp_path, capsys):
+    data = tmp_path / "excel.csv"
+    data.write_text("a;b;y\n1;2;0\n3;4;1\n")
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y"])
+    assert "(columns: a;b;y); the header is one cell: is the file separated by ';'?" in err
+    _, trained = run
+    data.write_text("a\tb\n1\t2\n")
+    err = usage_error(capsys, ["predict", "--run", str(trained), "--data", str(data)])
+    assert "lacks the feature column(s) 'a', 'b'" in err and "separated by '\\t'?" in err
+
+
 def test_a_wide_table_is_read_in_linear_time(tmp_path, capsys):
     # list.count/index per column made 20,000 columns take ~25 s before a row was read
     import time

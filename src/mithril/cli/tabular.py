@@ -76,6 +76,14 @@ def _names(names: list[str], limit: int = 20) -> str:
     return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
+def _separator_hint(header: list[str]) -> str:
+    """A hint for a header read as one cell: a file separated by ';' or tabs (the CSV of a
+    spreadsheet in many locales), which is read with commas only."""
+    seps = [s for s in (";", "\t", "|") if len(header) == 1 and s in header[0]]
+    return f"; the header is one cell: is the file separated by {seps[0]!r}? Only commas " \
+           f"separate columns" if seps else ""
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -105,13 +113,14 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             header = [h.strip() for h in header]
             dup = _duplicates(header)
             if dup:
-                raise CLIError(f"--data {path}: duplicate column name(s) {', '.join(map(repr, dup))}")
+                raise CLIError(f"--data {path}: duplicate column name(s) "
+                               f"{_names([repr(d) for d in dup])}")
             # a dict, not list.index: tables of 20,000 columns (genes, pixels) are common
             position = {h: i for i, h in enumerate(header)}
             want_target = target is not None and (features is None or target in position)
             if target is not None and features is None and target not in position:
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
-                               f"{_names(header)})")
+                               f"{_names(header)}){_separator_hint(header)}")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
                 features = [h for h in header if h != target]
@@ -122,7 +131,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if absent:
                 raise CLIError(f"--data {path} lacks the feature column(s) "
                                f"{_names([repr(c) for c in absent])} (the model was trained "
-                               f"on {_names(features)})")
+                               f"on {_names(features)}){_separator_hint(header)}")
             cols = [position[c] for c in features]
             tcol = position[target] if want_target else None
             rows, ys = [], []
