@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, to_np
+from conftest import BACKENDS, assert_arrays_within, to_np
 
 import mithril as ml
 
@@ -114,3 +114,37 @@ def test_batch_norm_with_eps_0_normalises_by_the_batch_on_every_backend(backend_
             got = {k.rsplit(".", 1)[-1]: to_np(backend, v) for k, v in state.items()}
             np.testing.assert_allclose(got["running_mean"], running[0], rtol=0, atol=tol)
             np.testing.assert_allclose(got["running_var"], running[1], rtol=0, atol=tol * 10)
+
+
+# -- 3. recurrent layers: an empty sequence ----------------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_recurrent_empty_sequence_is_named_and_changes_nothing(backend_name, dtype, kind):
+    """T = 0 is a ShapeError naming the input, at compile time or, for a free length, before
+    running (NumPy and torch failed inside ``stack``; JAX returned an empty h_n, where torch
+    refuses the sequence); then one step, bidirectional and stacked, equals torch's."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    block = getattr(ml, kind)(3, batch_first=True, num_layers=2, bidirectional=True)
+    with pytest.raises(ml.ShapeError, match=r"'input' has no time steps \(T = 0 .*\[0, 2, 4\]"):
+        ml.compile(block, backend, shapes={"input": (2, 0, 4)})
+    compiled = ml.compile(block, backend, shapes={"input": (2, None, 4)})
+    ref = getattr(torch.nn, kind)(4, 3, num_layers=2, bidirectional=True, batch_first=True,
+                                  dtype=getattr(torch, dtype))
+    params = block.params_from_torch(ref.state_dict(), backend=backend)
+    with pytest.raises(ml.ShapeError, match=r"'input' has no time steps"):
+        compiled.evaluate(params, {"input": backend.array(np.zeros((2, 0, 4), dtype))})
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1, 4)).astype(dtype)
+    out_t, states = ref(torch.tensor(x))
+    outs = {"output": out_t, **dict(zip(("hidden", "cell"), states if kind == "LSTM" else (states,)))}
+    cots = {k: rng.standard_normal(tuple(v.shape)).astype(dtype) for k, v in outs.items()}
+    leaves = {block.torch_names()[n]: p for n, p in ref.named_parameters()}
+    want_g = torch.autograd.grad(list(outs.values()), list(leaves.values()),
+                                 [torch.tensor(cots[k]) for k in outs])
+    out, grads = compiled.evaluate(params, {"input": backend.array(x)},
+                                   output_gradients={k: backend.array(v) for k, v in cots.items()})
+    tol = DTYPES[dtype]
+    assert_arrays_within({k: to_np(backend, v) for k, v in out.items()},
+                         {k: v.detach().double().numpy() for k, v in outs.items()}, tol, "outputs")
+    assert_arrays_within({k: to_np(backend, v) for k, v in grads.items()},
+                         {k: g.double().numpy() for k, g in zip(leaves, want_g)}, tol, "gradients")

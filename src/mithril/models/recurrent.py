@@ -111,6 +111,9 @@ class Recurrence(Operator):
         s = shapes.get("input")
         if s is not None and len(s) != 3:
             raise ShapeError(f"{who}: 'input' must be (T, N, I) here, got shape {fmt(s)}")
+        if s is not None and s[0] == 0:  # as torch: no final state to give (stack of nothing)
+            raise ShapeError(f"{who}: 'input' has no time steps (T = 0 in its time-major shape "
+                             f"{fmt(s)}); a sequence needs at least one, as torch's")
         if s is not None and self.input_size is not None and s[2] is not None \
                 and s[2] != self.input_size:
             raise ShapeError(f"{who}: 'input' must have input_size = {self.input_size} features "
