@@ -70,7 +70,15 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "RMSprop", {"centered": True, "momentum": 0.9, "clipvalue": 0.5}, ""),
     "lion_wd/missing": ("Lion", {"weight_decay": 0.1}, "Lion", {"weight_decay": 0.1}, "some"),
     "lamb/missing": ("LAMB", {"epsilon": 1e-7}, "Lamb", {}, "some"),
-    "adadelta": ("Adadelta", {"rho": 0.95, "epsilon": 1e-7}, "Adadelta", {}, ""),
+    # convention="keras" where Keras's ε or weight decay differ from torch's / optax's
+    "lamb_wd/missing": ("LAMB", {"epsilon": 1e-7, "weight_decay": 0.1, "convention": "keras"},
+                        "Lamb", {"weight_decay": 0.1}, "some"),
+    "adamax_wd": ("Adamax", {"epsilon": 1e-7, "weight_decay": 0.1, "convention": "keras"},
+                  "Adamax", {"weight_decay": 0.1}, ""),
+    "adamax_eps": ("Adamax", {"epsilon": 0.1, "convention": "keras"},  # ε out of the max
+                   "Adamax", {"epsilon": 0.1}, "some"),
+    "adadelta_wd": ("Adadelta", {"rho": 0.95, "epsilon": 1e-7, "weight_decay": 0.1,
+                                 "convention": "keras"}, "Adadelta", {"weight_decay": 0.1}, ""),
     "ftrl_wd/missing": ("Ftrl", {"weight_decay": 0.1}, "Ftrl", {"weight_decay": 0.1}, "some"),
 }
 LR0 = 0.01
@@ -186,3 +194,14 @@ def test_nadam_keras_product_is_one_for_the_optimizer(runs: dict) -> None:
     _, (_, _, state) = runs["nadam/missing"]
     mu = [0.9 * (1 - 0.5 * 0.96**t) for t in range(1, STEPS + 1)]
     assert state.values["mu_product"] == pytest.approx(float(np.prod(mu)), rel=1e-14)
+
+
+def test_keras_conventions_refuse_what_keras_lacks() -> None:
+    with pytest.raises(ValueError, match="torch has no LAMB"):
+        mo.LAMB(convention="torch")
+    with pytest.raises(ValueError, match="eps_root"):
+        mo.LAMB(eps_root=1e-8, convention="keras")
+    for cls in (mo.Adamax, mo.Adadelta):
+        with pytest.raises(ValueError, match="convention must be one of"):
+            cls(convention="tf")
+

@@ -1,4 +1,4 @@
-"""Adadelta with torch.optim conventions."""
+"""Adadelta; torch.optim conventions by default (optax's are the same), Keras's on request."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive
 from .elementwise import sqrt
+from .sgd import check_convention
 
 
 def _adadelta(p, g, v, u, lr, rho, rhoc, eps):
@@ -29,18 +30,25 @@ class Adadelta(Optimizer):
     rate (lr = 1, torch's default); optax has no default lr, Keras defaults to lr 1e-3,
     ρ = 0.95, ε = 1e-7. ``rho`` may be anything in [0, 1] as in torch (ρ = 1 freezes both
     averages at 0: Δ = g).
-    ``weight_decay`` is coupled L2 (``g ← g + wd·p``, torch).
+    ``weight_decay`` is coupled L2 (``g ← g + wd·p``, torch and optax.adadelta), or with
+    ``convention="keras"`` Keras's decoupled ``p ← p − lr·wd·p`` before the step (the
+    update is the same in all three).
     """
 
     slots = ("square_avg", "acc_delta")
 
     def __init__(self, learning_rate: float = 1.0, rho: float = 0.9, epsilon: float = 1e-6,
-                 weight_decay: float = 0.0, **options: Any) -> None:
+                 weight_decay: float = 0.0, convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.rho = check_positive("rho", rho)
         if self.rho > 1:
             raise ValueError(f"rho must be in [0, 1], got {rho!r}")
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def scalars(self, step: int) -> tuple[float, ...]:
         return (self.learning_rate, self.rho, 1 - self.rho, self.epsilon)

@@ -1,4 +1,4 @@
-"""Adamax with torch.optim conventions."""
+"""Adamax; torch.optim conventions by default (optax's are the same), Keras's on request."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive, check_unit
 from .elementwise import abs_, maximum
+from .sgd import check_convention
 
 
 def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
     m = m + b1c * (g - m)                  # torch: m.lerp_(g, 1 − β₁)
     u = maximum(u * b2, abs_(g) + eps)     # torch: max(β₂·u, |g| + ε)
     return p - clr * m / u, m, u           # torch: p.addcdiv_(m, u, −clr): (−clr·m)/u
+
+
+def _adamax_keras(p, g, m, u, lr, b1c, b2, eps, clr):
+    m = m + b1c * (g - m)
+    u = maximum(u * b2, abs_(g))           # Keras: ε out of the max, added to u below
+    return p - clr * m / (u + eps), m, u
 
 
 class Adamax(Optimizer):
@@ -22,17 +29,23 @@ class Adamax(Optimizer):
         p ← p − lr/(1−β₁ᵗ) · m / u
 
     Slots ``m`` and ``u`` (torch's ``exp_avg`` and ``exp_inf``). ε is added to |g| inside
-    the max, as torch and optax.adamax; Keras takes ``max(β₂·u, |g|)`` and divides by
-    ``u + ε`` instead (the same unless |g| is about ε or smaller). ``weight_decay`` is
-    coupled L2 (``g ← g + wd·p``, torch). Defaults are torch's: lr 2e-3, β = (0.9, 0.999),
-    ε = 1e-8 (optax has no default lr; Keras: lr 1e-3, ε 1e-7).
+    the max, as torch and optax.adamax. ``weight_decay`` is coupled L2 (``g ← g + wd·p``,
+    torch; optax: ``add_decayed_weights`` in front). Defaults are torch's: lr 2e-3,
+    β = (0.9, 0.999), ε = 1e-8 (optax has no default lr; Keras: lr 1e-3, ε 1e-7).
+
+    ``convention="keras"`` (``keras.optimizers.Adamax``): ``u ← max(β₂·u, |g|)`` and
+    ``p ← p − lr/(1−β₁ᵗ) · m / (u + ε)`` (apart where |g| is about ε or smaller), with
+    Keras's decoupled ``weight_decay``,
+    ``p ← p − lr·wd·p`` before the step. ``"optax"`` is the default's update.
     """
 
     slots = ("m", "u")
 
     def __init__(self, learning_rate: float = 2e-3, beta1: float = 0.9, beta2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.0, **options: Any) -> None:
+                 epsilon: float = 1e-8, weight_decay: float = 0.0, convention: str = "torch",
+                 **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = check_convention(convention)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
@@ -41,5 +54,9 @@ class Adamax(Optimizer):
         lr = self.learning_rate
         return (lr, 1 - self.beta1, self.beta2, self.epsilon, lr / (1 - self.beta1**step))
 
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
+
     def kernel_math(self) -> Any:
-        return _adamax
+        return _adamax_keras if self.convention == "keras" else _adamax

@@ -1,4 +1,4 @@
-"""LAMB (layer-wise adaptive moments), optax conventions: a two-pass optimizer."""
+"""LAMB (layer-wise adaptive moments), optax conventions or Keras's: a two-pass optimizer."""
 
 from __future__ import annotations
 
@@ -44,25 +44,43 @@ class LAMB(Optimizer):
     trust ratio, as optax (``add_decayed_weights`` before ``scale_by_trust_ratio``);
     ``weight_decay_mask`` / parameter groups exclude tensors from it. Defaults are optax's
     (ε 1e-6, no decay). torch has no LAMB.
+
+    ``convention="keras"`` (``keras.optimizers.Lamb``, default ε 1e-7: pass it): the same
+    step without ``wd·p`` in ``u``; ``weight_decay`` is Keras's decoupled ``p ← p − lr·wd·p``
+    before the step, so ‖p‖ is the decayed parameter's. Keras has no ``eps_root`` (refused).
     """
 
     slots = ("m", "v")
     reductions = 2
-    weight_decay_in_math = True
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-6, eps_root: float = 0.0, weight_decay: float = 0.0,
-                 **options: Any) -> None:
+                 convention: str = "optax", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        if convention not in ("optax", "keras"):
+            raise ValueError(f"convention must be 'optax' or 'keras' (torch has no LAMB), "
+                             f"got {convention!r}")
+        self.convention = convention
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon)
         self.eps_root = check_positive("eps_root", eps_root)
+        if self.eps_root and convention == "keras":
+            raise ValueError(f"eps_root={eps_root!r}: Keras's Lamb has none "
+                             f"(convention='keras')")
+
+    @property
+    def weight_decay_in_math(self) -> bool:  # type: ignore[override]
+        return self.convention == "optax"
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"
 
     def scalars(self, step: int) -> tuple[float, ...]:
         b1, b2 = self.beta1, self.beta2
         return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, 1 - b1**step, 1 - b2**step,
-                self.epsilon, self.eps_root, self.weight_decay)
+                self.epsilon, self.eps_root, self.weight_decay * self.weight_decay_in_math)
 
     def reduce_math(self) -> Any:
         return _lamb_reduce
