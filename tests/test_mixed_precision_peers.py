@@ -211,3 +211,86 @@ def test_accumulate_clip_and_schedule_match_torch_loop_with_a_partial_last_windo
     for n, p in tps.items():
         np.testing.assert_allclose(partial[n] / 3, p.grad.numpy() / scaler.get_scale(),
                                    rtol=1e-6, err_msg=n)
+
+
+# -- real float16 overflows: the scale trajectory against GradScaler + autocast --------------
+def overflowing_batches(n: int, seed: int = 2):
+    """Dyadic batches of varied magnitude (some overflow float16 at 2**14, some only at
+    2**18) and one NaN input (step 7) and one inf input (step 23). Two rows: a float16 sum
+    of two is what a float32 sum rounds to, so no backend overflows in a partial sum (NumPy
+    and JAX sum float16 in float16, torch in float32)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.integers(-2, 3, (2, 3)).astype(np.float32) / 2
+        c = rng.integers(-4, 5, (2, 2)).astype(np.float32) / 4 * 2.0 ** rng.integers(-3, 2)
+        if i in (7, 23):
+            x[1, 2] = np.nan if i == 7 else np.inf
+        out.append((x, c))
+    return out
+
+
+def torch_autocast_run(batches, lr: float):
+    """torch's AMP recipe on CPU: float32 parameters, the Linear under float16 autocast,
+    ``GradScaler`` (growth_interval 3); the loss ``Σ out·c`` has dL/dout = c. Returns per
+    step the scale, the growth tracker, whether the step was skipped, and the parameters."""
+    ps = {n: torch.nn.Parameter(torch.full(s, 0.5)) for n, s in SHAPES.items()}
+    opt = torch.optim.SGD(list(ps.values()), lr=lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    rows = []
+    for x, c in batches:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
+                                             ps["linear.bias"])
+        scaler.scale((out.float() * torch.from_numpy(c)).sum()).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        skipped = bool(sum(v.item() for v in scaler._found_inf_per_device(opt).values()))
+        scaler.update()
+        sd = scaler.state_dict()
+        rows.append((scaler.get_scale(), sd["_growth_tracker"], skipped, before,
+                     {n: p.detach().numpy().copy() for n, p in ps.items()}))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_scale_trajectory_and_skips_match_gradscaler_with_a_restart(kind):
+    """40 steps where float16 really overflows (and a NaN and an inf input): after every
+    step the scale, the growth tracker (reset on overflow), which steps were skipped and
+    the masters equal torch's AMP run; the trainer is saved after step 20 and a new one
+    (new optimizer, state and scaler from the state dicts) continues, as if uninterrupted."""
+    from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+
+    backend = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float16")
+    batches = overflowing_batches(40)
+    ref = torch_autocast_run(batches, 0.125)
+    compiled = linear(backend)
+
+    def fresh(params):
+        return MixedPrecisionTrainer(compiled, SGD(learning_rate=0.125, momentum=0.9), params,
+                                     growth_interval=3)
+
+    trainer = fresh(p0(backend))
+    for i, ((x, c), (scale, tracker, skipped, used, want)) in enumerate(
+            zip(batches, ref, strict=True)):
+        if i == 20:  # checkpoint and restart
+            saved = (trainer.state_dict(), trainer.optimizer.state_dict(trainer.optimizer_state),
+                     host(backend, trainer.master_params))
+            trainer = fresh({k: backend.array(v, "float32") for k, v in saved[2].items()})
+            trainer.optimizer_state = trainer.optimizer.load_state_dict(saved[1],
+                                                                        trainer.master_params)
+            trainer.load_state_dict(saved[0])
+        assert trainer.loss_scale == used
+        trainer.forward({"input": backend.array(x)})
+        ok = trainer.backward_and_update({"out": backend.array(c)})[2]
+        sd = trainer.state_dict()["scaler"]
+        assert (sd["scale"], sd["growth_tracker"], not ok) == (scale, tracker, skipped), i
+        got = host(backend, trainer.master_params)
+        for n in SHAPES:
+            np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=f"{n} {i}")
+    skips = [r[2] for r in ref]
+    assert skips[7] and skips[23] and 8 <= sum(skips) <= 30  # the run does overflow
+    assert trainer.num_skipped_steps == sum(skips) and trainer.num_steps == 40
+    assert trainer.optimizer_state.step == 40 - sum(skips)
