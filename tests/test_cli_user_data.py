@@ -150,6 +150,18 @@ def test_a_wide_table_is_read_in_linear_time(tmp_path, capsys):
     assert f"g18, g19, ... ({n + 1} in all))" in err and len(err) < 400
 
 
+@pytest.mark.parametrize("flag", ["--run", "--data", "--out"])
+def test_a_nul_byte_in_a_predict_path_is_a_usage_error(run, capsys, flag):
+    # open()/Path.exists() raise ValueError on it: a traceback from main([...])
+    data, trained = run
+    argv = {"--run": str(trained), "--data": str(data), "--out": "p.csv"}
+    argv[flag] = argv[flag] + "\0x"
+    err = usage_error(capsys, ["predict", *(v for kv in argv.items() for v in kv)])
+    assert f"argument {flag}: must not contain a NUL byte" in err
+    err = usage_error(capsys, ["train", "--data", "t\0.csv", "--target", "y"])
+    assert "argument --data: must not contain a NUL byte" in err
+
+
 # -- .npz ----------------------------------------------------------------------------------------
 def _npy_renamed(path: Path) -> None:
     np.save(path.with_suffix(".npy"), np.zeros((4, 2)))

@@ -111,3 +111,13 @@ def out_path(text: str) -> str:
     if "\0" in text:
         raise argparse.ArgumentTypeError("must not contain a NUL byte")
     return text
+
+
+def in_path(text: str) -> str:
+    """A file or folder to read: non-empty, without NUL bytes (``open`` raises ValueError on
+    one, which argparse would not turn into a usage error)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("must not contain a NUL byte")
+    return text

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from .argtypes import in_path, out_path
 from .errors import CLIError
 from .report import ensure_writable_file, write_csv
 from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
@@ -34,10 +35,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict with a model trained by `mithril train --data`",
                        description=DESCRIPTION, usage="mithril predict --run DIR --data FILE "
                        "[options]", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, metavar="DIR",
+    p.add_argument("--run", required=True, metavar="DIR", type=in_path,
                    help="the folder `mithril train --data` wrote (runs/NAME)")
-    p.add_argument("--data", required=True, metavar="FILE", help="FILE.csv or FILE.npz")
-    p.add_argument("--out", metavar="FILE", help="the CSV to write (default: RUN/predictions.csv)")
+    p.add_argument("--data", required=True, metavar="FILE", type=in_path,
+                   help="FILE.csv or FILE.npz")
+    p.add_argument("--out", metavar="FILE", type=out_path,
+                   help="the CSV to write (default: RUN/predictions.csv)")
     p.add_argument("--backend", choices=("numpy", "jax", "torch"), default="numpy",
                    help="where the model runs (default: numpy)")
     p.add_argument("--dry-run", action="store_true",

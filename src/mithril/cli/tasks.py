@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .argtypes import bounded_int, unit_interval
+from .argtypes import bounded_int, in_path, unit_interval
 from .data import Dataset, load_digits_split
 from .errors import CLIError
 from .networks import OBJECTIVES, ModelSpec, cnn_spec, mlp_spec
@@ -69,7 +69,7 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="digits: an MLP on the digits (default); digits-cnn: a CNN on the "
                         "digits as 8x8 images; charlm: a GPT-style character model on "
                         "pydoc_data.topics (or --data FILE.txt)")
-    g.add_argument("--data", metavar="FILE",
+    g.add_argument("--data", metavar="FILE", type=in_path,
                    help="FILE.csv (header row; --target names the column to predict) or "
                         "FILE.npz (arrays X and y): train on your own table; with --task "
                         "charlm a text file")
