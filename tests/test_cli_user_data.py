@@ -162,6 +162,22 @@ def test_a_nul_byte_in_a_predict_path_is_a_usage_error(run, capsys, flag):
     assert "argument --data: must not contain a NUL byte" in err
 
 
+def test_predict_out_cannot_replace_its_inputs(run, tmp_path, capsys):
+    # --out new.csv --data new.csv replaced the user's data with the predictions (and --out
+    # RUN/model.safetensors the model)
+    data, trained = run
+    new = Path(shutil.copy(data, tmp_path / "new.csv"))
+    before = new.read_bytes()
+    err = usage_error(capsys, ["predict", "--run", str(trained), "--data", str(new),
+                               "--out", str(tmp_path / "." / "new.csv")])
+    assert "is --data" in err and new.read_bytes() == before
+    model = trained / "model.safetensors"
+    before = model.read_bytes()
+    err = usage_error(capsys, ["predict", "--run", str(trained), "--data", str(new),
+                               "--out", str(model)])
+    assert "is the run's model" in err and model.read_bytes() == before
+
+
 # -- .npz ----------------------------------------------------------------------------------------
 def _npy_renamed(path: Path) -> None:
     np.save(path.with_suffix(".npy"), np.zeros((4, 2)))

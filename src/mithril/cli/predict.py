@@ -108,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     pre, compiled, params = load_model(run_dir, args.backend)
     table = read_table(args.data, pre.target, pre.features)
     out = Path(args.out) if args.out else run_dir / "predictions.csv"
+    for what, keep in (("--data", Path(args.data)), ("the run's model", run_dir / MODEL_FILE),
+                       ("the run's preprocessing", run_dir / PREPROCESS_FILE)):
+        if _same_file(out, keep):  # the predictions would replace what they come from
+            raise CLIError(f"--out {out} is {what} ({keep}); give another file, such as "
+                           f"{run_dir / 'predictions.csv'}")
     if not args.dry_run:
         ensure_writable_file(out, example="predictions.csv")
     print(f"mithril predict: {len(table.x)} rows of {args.data} with the {pre.objective} model "
@@ -132,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
         print(score(pre, pred, table.y))
     print(f"wrote {out}")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def score(pre: Preprocess, pred: list[Any], truth: list[Any | None]) -> str:
