@@ -294,3 +294,28 @@ def test_scale_trajectory_and_skips_match_gradscaler_with_a_restart(kind):
     assert skips[7] and skips[23] and 8 <= sum(skips) <= 30  # the run does overflow
     assert trainer.num_skipped_steps == sum(skips) and trainer.num_steps == 40
     assert trainer.optimizer_state.step == 40 - sum(skips)
+
+
+def test_a_refused_trainer_leaves_the_optimizer_bound_as_it_was():
+    """A call that raises changes nothing (conventions of this library; torch's GradScaler
+    never touches the optimizer): the trainer re-binds a built-in optimizer to the float32
+    twin of the model's backend before converting the state, and a state it cannot carry
+    over (made for other parameters) raised with the optimizer left re-bound."""
+    from mithril.backends import TorchBackend
+
+    backend = TorchBackend(dtype="float16")
+    compiled = linear(backend)
+    params = compiled.get_parameters()
+    opt = SGD(learning_rate=0.1, momentum=0.9)
+    half_state = opt.init(params)
+    bound = opt.backend
+    w = {"linear.weight": params["linear.weight"]}
+    other = opt.update(w, {"linear.weight": torch.ones(2, 3, dtype=torch.float16)},
+                       opt.init(w))[1]  # a state that took a step, for other parameters
+    with pytest.raises(KeyError, match="linear.bias"):
+        MixedPrecisionTrainer(compiled, opt, params, other)
+    assert opt.backend is bound and opt.backend.dtype == "float16"
+    # and the optimizer still trains the half-precision params as before
+    g = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    new, _ = opt.update(params, g, half_state)
+    assert new["linear.bias"].dtype == torch.float16

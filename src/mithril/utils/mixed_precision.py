@@ -309,9 +309,15 @@ class MixedPrecisionTrainer(FixedParts):
         #: DataParallel: the all-reduce of the overflow flag (and its wrapped optimizer)
         self._agree = getattr(optimizer, "all_finite", None)
         inner = optimizer.optimizer if self._agree is not None else optimizer
+        bound = inner.__dict__.get("_backend") if isinstance(inner, Optimizer) else None
         if isinstance(inner, Optimizer):
             inner.backend = self.master_backend
-        self.optimizer_state = self._master_state(optimizer_state)
+        try:
+            self.optimizer_state = self._master_state(optimizer_state)
+        except BaseException:  # a refused trainer leaves the caller's optimizer as it was
+            if isinstance(inner, Optimizer):
+                inner.backend = bound
+            raise
 
         self.num_steps = 0            # backward_and_update calls
         self.num_skipped_steps = 0    # of which skipped (non-finite gradients)
