@@ -6,6 +6,9 @@ process-wide): cases the per-layer test files do not reach.
    an input of 2): torch gives −inf there, and its backward writes the cotangent through a
    garbage index (out of bounds: a heap corruption), so the reference pads with −inf
    explicitly, where the maximum is a padding element whose gradient the pad drops.
+2. BatchNorm with eps = 0, which torch's F.batch_norm refuses in training mode.
+3. RNN / LSTM / GRU over an empty sequence (refused, as torch), then over one step.
+4. Attention over no keys (S = 0): zeros, as torch.
 """
 
 from __future__ import annotations
@@ -148,3 +151,38 @@ def test_recurrent_empty_sequence_is_named_and_changes_nothing(backend_name, dty
                          {k: v.detach().double().numpy() for k, v in outs.items()}, tol, "outputs")
     assert_arrays_within({k: to_np(backend, v) for k, v in grads.items()},
                          {k: g.double().numpy() for k, g in zip(leaves, want_g)}, tol, "gradients")
+
+
+# -- 4. attention over no keys -----------------------------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+@pytest.mark.parametrize("block", ["sdpa", "mha"])
+def test_attention_over_no_keys_is_zeros_as_torch(backend_name, dtype, block):
+    """S = 0 keys: torch's attention gives zeros (and zero gradients); NumPy and JAX failed
+    with "zero-size array to reduction operation maximum" (the softmax's row maximum)."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    rng = np.random.default_rng(11)
+    arrays = {"query": rng.standard_normal((2, 3, 4)), "key": rng.standard_normal((2, 0, 4)),
+              "value": rng.standard_normal((2, 0, 4))}
+    arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    op = ml.ScaledDotProduct(is_causal=True) if block == "sdpa" else ml.MultiHeadAttention(2)
+    model = ml.Model()
+    model |= op(query="query", key="key", value="value", output="output")
+    params = {}
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    if block == "sdpa":
+        want = F.scaled_dot_product_attention(*t.values(), is_causal=True)
+    else:
+        ref = torch.nn.MultiheadAttention(4, 2, batch_first=True, dtype=getattr(torch, dtype))
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_()  # non-zero biases: the output is out_proj's bias
+        want = ref(*t.values(), need_weights=False)[0]
+        params = {f"multi_head_attention.{n.replace('.', '_')}": p.detach().numpy()
+                  for n, p in ref.named_parameters()}
+        t.update({f"multi_head_attention.{n.replace('.', '_')}": p for n, p in ref.named_parameters()})
+    cot = rng.standard_normal(tuple(want.shape)).astype(dtype)
+    want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+    out, grads = _evaluate(model, backend, arrays, {"output": cot}, params)
+    tol = DTYPES[dtype]
+    assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, "output")
+    assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(t, want_g)}, tol, "gradients")

@@ -85,7 +85,7 @@ def attention_probs(xp: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) 
         s = s + add.astype(s.dtype)
     if keep is not None:
         s = xp.where(keep, s, -np.inf)
-    m = xp.max(s, axis=-1, keepdims=True)
+    m = xp.max(s, axis=-1, keepdims=True, initial=-np.inf)  # no keys (S = 0): zeros, as torch
     m = stop_gradient(xp, xp.where(xp.isfinite(m), m, 0))  # softmax does not depend on the shift
     e = xp.exp(s - m)
     den = xp.sum(e, axis=-1, keepdims=True)
@@ -108,7 +108,7 @@ def _probs_numpy(q: np.ndarray, k: np.ndarray, scale: float, keep: Any, add: Any
             np.copyto(s, -np.inf, where=~keep)
         else:
             s = np.where(keep, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # no keys (S = 0): zeros, as torch
     np.copyto(m, 0, where=~np.isfinite(m))
     s -= m
     e = np.exp(s, out=s)
