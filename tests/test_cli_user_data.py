@@ -233,6 +233,7 @@ def test_bytes_feature_names_and_labels_are_decoded(tmp_path):
     ({"std": ["inf", 1.0]}, "'std' must hold 2 finite numbers"),
     ({"features": "ab"}, "'features' must be a non-empty list"),
     ({"labels": ["only"]}, "'labels' must list the classes"),
+    ({"labels": ["a", "a"]}, "'labels' must not repeat a class"),
     ({"target_std": "nan"}, "'target_std' must be a finite number"),
     ([1, 2], "a JSON object expected, got list"),
 ])

@@ -356,6 +356,8 @@ class Preprocess:
         if not isinstance(self.labels, list) or (self.objective == "classification"
                                                  and len(self.labels) < 2):
             raise ValueError("'labels' must list the classes (two at least)")
+        if len({json.dumps(v) for v in self.labels}) != len(self.labels):
+            raise ValueError("'labels' must not repeat a class (one p_<label> column each)")
         for key in ("target_mean", "target_std"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
