@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from optimizer_parity import rel_err
 
+import mithril.utils.lr_schedulers as ls
 import mithril.utils.optimizers as mo
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 3, 2)}
@@ -83,6 +84,27 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
 }
 LR0 = 0.01
 
+# keras.optimizers.schedules.<expression> -> (ours on an optimizer whose lr is 0.1, what the
+# comparison allows: Keras's CosineDecay computes its cosine in float32)
+SCHEDULE_STEPS = 80
+SCHEDULES: dict[str, tuple[str, Any, float]] = {
+    "ExponentialDecay(0.1, 10, 0.5)":
+        ("ExponentialLR(o, gamma=0.5 ** (1 / 10))", 1e-13),
+    "ExponentialDecay(0.1, 10, 0.5, staircase=True)": ("StepLR(o, step_size=10, gamma=0.5)", 0),
+    "InverseTimeDecay(0.1, 10, 0.5)": ("LambdaLR(o, lambda t: 1 / (1 + 0.5 * t / 10))", 1e-15),
+    "InverseTimeDecay(0.1, 10, 0.5, staircase=True)":
+        ("LambdaLR(o, lambda t: 1 / (1 + 0.5 * (t // 10)))", 1e-15),
+    "PolynomialDecay(0.1, 40, end_learning_rate=0.0, power=2.0)": ("PolynomialLR(o, total_iters=40, power=2.0)", 1e-15),
+    "PiecewiseConstantDecay([10, 30], [0.1, 0.05, 0.01])":
+        ("PiecewiseConstant(o, boundaries=[10, 30], values=[0.1, 0.05, 0.01])", 0),
+    # a warm-up from 0.01 to 0.1, then the cosine down to 0.1·alpha, which stays (torch's
+    # CosineAnnealingLR would rise again past T_max): WSD without a stable phase
+    "CosineDecay(0.01, 40, alpha=0.2, warmup_target=0.1, warmup_steps=10)":
+        ("WSD(o, 10, 0, 40, start_lr=0.01, final_lr=0.02, decay_type='cosine')", 3e-7),
+    "CosineDecay(0.1, 40, alpha=0.2)":
+        ("WSD(o, 0, 0, 40, final_lr=0.02, decay_type='cosine')", 3e-7),
+}
+
 _SCRIPT = r"""
 import json, os
 os.environ["KERAS_BACKEND"] = "jax"
@@ -122,6 +144,10 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
                                              if k not in gone}, state)
         jit_traj.append([np.array(params[k]).tolist() for k in names])
     out[case] = {"keras": keras_traj, "jit": jit_traj, "ema": ema}
+out["schedules"] = {}
+for e in SCHEDULES:  # (step by step: CosineDecay's warm-up branches on a scalar step)
+    sched = eval("keras.optimizers.schedules." + e)
+    out["schedules"][e] = [float(sched(t)) for t in range(SCHEDULE_STEPS)]
 print(json.dumps(out))
 """
 
@@ -131,6 +157,7 @@ def reference_process() -> tuple[subprocess.Popen, Any]:
     started (its stdout a file: it never waits for a reader)."""
     code = "\n".join([
         "import json\nimport numpy as np", f"SHAPES = {SHAPES!r}\nSTEPS = {STEPS!r}\nLR0 = {LR0!r}",
+        f"SCHEDULE_STEPS = {SCHEDULE_STEPS}\nSCHEDULES = {list(SCHEDULES)!r}",
         f"CASES = json.loads({json.dumps(CASES)!r})",
         inspect.getsource(problem), inspect.getsource(missing), inspect.getsource(lr_at),
         _SCRIPT])
@@ -170,7 +197,8 @@ def runs() -> dict:
         assert proc.returncode == 0, err[-4000:]
         out.seek(0)
         refs = json.loads(out.read().strip().splitlines()[-1])
-    return {case: (refs[case], ours[case]) for case in CASES}
+    return {**{case: (refs[case], ours[case]) for case in CASES},
+            "schedules": refs["schedules"]}
 
 
 def worst(a: list, b: list) -> float:
@@ -205,3 +233,18 @@ def test_keras_conventions_refuse_what_keras_lacks() -> None:
         with pytest.raises(ValueError, match="convention must be one of"):
             cls(convention="tf")
 
+
+
+@pytest.mark.parametrize("keras_schedule", list(SCHEDULES))
+def test_schedule_equals_keras(keras_schedule: str, runs: dict) -> None:
+    """Our scheduler driving an optimizer, stepped after each update, gives the learning rate
+    Keras's schedule gives at ``optimizer.iterations`` for that update."""
+    ours, tol = SCHEDULES[keras_schedule]
+    o = mo.SGD(learning_rate=0.1)
+    sched = eval("ls." + ours, {"ls": ls, "o": o})
+    got = []
+    for _ in range(SCHEDULE_STEPS):
+        got.append(o.get_learning_rate())
+        sched.step()
+    want = runs["schedules"][keras_schedule]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=0)
