@@ -250,6 +250,20 @@ def test_edited_preprocess_json_is_named(run, tmp_path, capsys, edit, message):
     assert not out.exists()
 
 
+def test_a_model_of_the_same_shape_from_another_run_is_refused(run, tmp_path, capsys):
+    # same features and network, other data: the shapes fit, so it predicted silently with
+    # statistics the model was not trained with
+    data, trained = run
+    other = write_rows(tmp_path / "other.csv", table_rows(seed=1, big=50.0))
+    assert main(["train", "--data", str(other), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "other")]) == 0
+    mixed = Path(shutil.copytree(trained, tmp_path / "mixed"))
+    shutil.copy(tmp_path / "other" / "model.safetensors", mixed / "model.safetensors")
+    err = usage_error(capsys, ["predict", "--run", str(mixed), "--data", str(data)])
+    assert f"--run {mixed}: model.safetensors was saved with another preprocess.json" in err
+    assert main(["predict", "--run", str(tmp_path / "other"), "--data", str(data)]) == 0
+
+
 def test_damaged_model_file_is_named(run, tmp_path, capsys):
     data, trained = run
     bad = Path(shutil.copytree(trained, tmp_path / "bad"))

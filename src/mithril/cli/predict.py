@@ -81,6 +81,11 @@ def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, 
     except (ValueError, KeyError) as exc:
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
                        f"({exc})") from None
+    saved = ckpt["extra"].get("preprocess_digest") if isinstance(ckpt["extra"], dict) else None
+    if saved is not None and saved != pre.digest():  # (runs before the digest have none)
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} was saved with another "
+                       f"{PREPROCESS_FILE} (copied from another run, or edited); a run's two "
+                       f"files go together")
     return pre, compiled, ckpt["params"]
 
 

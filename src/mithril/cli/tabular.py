@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import zipfile
@@ -336,6 +337,13 @@ class Preprocess:
         except (ValueError, TypeError) as exc:
             raise CLIError(f"--run {path.parent}: {path.name} is damaged ({exc})") from None
 
+    def digest(self) -> str:
+        """A fingerprint of the fields, kept in the model file: a model.safetensors of the same
+        shapes copied from another run (other data, other statistics) would else predict
+        silently with the wrong preprocessing."""
+        text = json.dumps(self.as_dict(), sort_keys=True, allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def check(self) -> None:
         """ValueError naming the field unless the fields can standardise the features and
         read the outputs (an edited file: a statistic per feature, finite, std > 0)."""
@@ -410,7 +418,8 @@ def tabular_job(args: argparse.Namespace) -> Any:
         from .report import write_json
 
         params = run.params if run.trainer is None else run.trainer.master_params
-        save_checkpoint(folder / MODEL_FILE, params, extra={"preprocess": PREPROCESS_FILE})
+        save_checkpoint(folder / MODEL_FILE, params, extra={"preprocess": PREPROCESS_FILE,
+                                                            "preprocess_digest": pre.digest()})
         return [folder / MODEL_FILE, write_json(folder / PREPROCESS_FILE, pre.as_dict())]
 
     settings = {"data": str(table.path), "target": table.target, "objective": objective,
