@@ -312,6 +312,29 @@ def case_create_graph(rank: int, world: int) -> dict:
     return out
 
 
+def case_float16(rank: int, world: int) -> dict:
+    """float16 parameters whose gradients (30000 on every rank) sum over the ranks past
+    float16's range while their mean does not: DDP divides before its all-reduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mithril.distributed import DataParallel
+    from mithril.utils.optimizers import SGD
+
+    dp = DataParallel(SGD(1e-5))
+    p = {"w": torch.ones(4, dtype=torch.float16)}
+    st = dp.init(p)
+    p, st = dp.update(p, {"w": torch.full((4,), 30000.0, dtype=torch.float16)}, st)
+    net = torch.nn.Linear(4, 1, bias=False).to(torch.float16)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    model = DistributedDataParallel(net)
+    topt = torch.optim.SGD(net.parameters(), lr=1e-5)
+    model(torch.full((1, 4), 30000.0, dtype=torch.float16)).sum().backward()
+    topt.step()
+    return {"mithril": p["w"].float().tolist(), "norm": float(st.last_grad_norm),
+            "ddp": net.weight.detach().float().reshape(-1).tolist()}
+
+
 def case_init_refused(rank: int, world: int) -> dict:
     """Rank 1 alone passes a float32 parameter among float64 ones: every rank raises at once
     (not a PeerError after the timeout), naming the parameter and the rank."""
@@ -364,8 +387,8 @@ def case_broadcast(rank: int, world: int) -> dict:
 
 
 #: in this order: the cases that hang or abort a rank on a broken implementation come last
-CASES = [case_parity, case_raise, case_skip, case_views, case_create_graph, case_init_refused,
-         case_broadcast]
+CASES = [case_parity, case_raise, case_skip, case_views, case_create_graph, case_float16,
+         case_init_refused, case_broadcast]
 
 
 def main() -> None:

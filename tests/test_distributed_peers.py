@@ -165,6 +165,31 @@ def test_create_graph_gradients_equal_ddp(peers) -> None:
 
 
 @pytest.mark.slow
+def test_float16_mean_that_fits_where_the_sum_does_not(peers) -> None:
+    """float16 gradients of 30000 on each of 3 ranks: the mean fits float16, their sum does
+    not. The replicated step divides before it sums, as DDP, and gives DDP's and one
+    process's step (it gave -inf params)."""
+    net = torch.nn.Linear(4, 1, bias=False).to(torch.float16)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-5)
+    net(torch.full((1, 4), 30000.0, dtype=torch.float16)).sum().backward()
+    opt.step()
+    ref = net.weight.detach().float().reshape(-1).tolist()
+    from mithril.utils.optimizers import SGD  # one process of ours: it rounds 1 − 0.3 once
+
+    ours = SGD(1e-5)
+    p = {"w": torch.ones(4, dtype=torch.float16)}
+    p, _ = ours.update(p, {"w": torch.full((4,), 30000.0, dtype=torch.float16)}, ours.init(p))
+    mine = p["w"].float().tolist()
+    assert np.isfinite(ref).all() and ref[0] != 1.0
+    np.testing.assert_allclose(mine, ref, atol=1e-3)  # (torch rounds lr·g to float16 first)
+    for got in _case(peers, "float16"):
+        assert got["ddp"] == ref and got["mithril"] == mine
+        assert got["norm"] == 60000.0  # the mean's norm, ‖(30000,)·4‖
+
+
+@pytest.mark.slow
 def test_init_refused_on_one_rank_raises_on_every_rank(peers) -> None:
     """Rank 1 alone passes a float32 parameter: every rank raises a TypeError naming it
     (the others named rank 1) within a second, where they had waited for rank 1 in a

@@ -481,7 +481,10 @@ class DataParallel(FixedParts):
         if flags[0] > 0:
             pg.agree("DataParallel.update", refused)
         self._pack(gradients, state)
-        if len(buf):
+        if len(buf) and _dtype_name(buf) == "float16":  # divided first, as DDP: the sum
+            _divide(buf, state.world)                   # over ranks overflows where the
+            pg.all_reduce(buf)                          # mean does not
+        elif len(buf):
             pg.all_reduce(buf)
             _divide(buf, state.world)
         state.bytes_communicated = {"all_reduce": _nbytes(buf) + _nbytes(votes)}
