@@ -130,7 +130,7 @@ def bad_dicts(good: dict) -> dict[str, tuple[dict, type, str]]:
         "two groups": (edit(lambda d: d["param_groups"].append(d["param_groups"][0])),
                        ValueError, "one group"),
         "fewer params": (edit(lambda d: d["param_groups"][0].update(params=[0, 1])), ValueError,
-                         "has 2 parameters, this optimizer 7"),
+                         "has 2 parameters, this optimizer's 7"),
         "missing entry": (edit(lambda d: d["state"].pop(3)), KeyMismatchError, "missing [3]"),
         "missing slot": (edit(lambda d: pop(d, "state", 2, "exp_avg_sq")), KeyMismatchError,
                          "slot 'v' must have exactly the parameters"),

@@ -26,18 +26,24 @@ parameters on CPU)::
 
 How it works:
 
-* **One parameter group** holding the parameters, ``lr`` and the optimizer's other
-  hyperparameters under torch's names where torch has one (``betas`` for ``beta1, beta2[,
-  beta3]``, a lone ``beta1`` keeping its name; ``eps`` for ``epsilon``, ``alpha`` for
-  RMSProp's ``decay``; the rest, e.g. ``momentum``, ``weight_decay``, ``amsgrad``,
-  ``clip_norm``, under their own; a ``Lookahead``'s group holds its inner optimizer's
-  beside its own ``sync_period`` / ``slow_step_size``). Every :meth:`step` reads the
-  group: ``lr`` is passed to ``set_learning_rate`` (a scheduler or a user may change it at
-  will, nothing recompiles), and any other changed value is applied after the
-  constructor's checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum``
-  works too). A change
-  that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
-  step) is refused with a ``ValueError``.
+* **Parameter groups as torch's.** ``params`` may be torch's list of dicts
+  (``[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]``): each group holds
+  its parameters, ``lr`` and the optimizer's other hyperparameters under torch's names where
+  torch has one (``betas`` for ``beta1, beta2[, beta3]``, a lone ``beta1`` keeping its name;
+  ``eps`` for ``epsilon``, ``alpha`` for RMSProp's ``decay``; the rest, e.g. ``momentum``,
+  ``weight_decay``, ``amsgrad``, ``clip_norm``, under their own; a ``Lookahead``'s group
+  holds its inner optimizer's beside its own ``sync_period`` / ``slow_step_size``), a
+  group's missing values being the optimizer's. Every :meth:`step` reads the groups: a
+  changed ``lr`` is set as the group's rate (a scheduler or a user may change it at will,
+  nothing recompiles), and any other changed value is applied after the constructor's
+  checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A
+  change that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
+  step) is refused with a ``ValueError``. With several groups (:mod:`.torch_optim_groups`)
+  each is one of the mithril optimizer's ``param_groups`` holding all its values, and the
+  optimizer's own rate is fixed at 1.0 (each group's ``lr_scale`` is then its ``lr``);
+  values that hold for the whole step or change the state slots must agree between groups,
+  and LBFGS, Prodigy, the schedule-free optimizers and Muon take one group (give them
+  ``param_groups`` of their own instead). Groups cannot be added after construction.
 * **No copy per step.** The first :meth:`step` creates the optimizer state and runs the
   update; the optimizer then holds every parameter in one flat buffer, and each
   ``nn.Parameter`` is pointed at its slice of it (``param.data = view``: the Parameter
@@ -111,7 +117,7 @@ import inspect
 import operator
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -119,6 +125,14 @@ import torch
 from ..errors import KeyMismatchError
 from ..utils.optimizers import Optimizer, RMSProp
 from ..utils.optimizers.lbfgs import TORCH_OPS
+from .torch_optim_groups import (
+    check_wrappable,
+    grouped_hyperparameters,
+    packed_groups,
+    sync_groups,
+    torch_values,
+)
+from .torch_optim_params import check_no_overlap, parameters, split
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
@@ -126,6 +140,7 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
     live_state,
     parse_state_dict,
     restore,
+    same,
     scalar,
     slot_names_for_torch,
     with_group,
@@ -152,27 +167,6 @@ def _lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
     square matrix has the first two)."""
     return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
-
-
-def _check_no_overlap(names: list[str], tensors: list[torch.Tensor]) -> None:
-    """``ValueError`` naming two parameters whose memory overlaps (``b.data = a.data``).
-    Why: torch.optim updates such a shared storage with both gradients; here each parameter
-    moves to its own slice of the flat buffer, so the tie was broken silently."""
-    spans = []
-    for name, p in zip(names, tensors):
-        if p.numel():
-            ext = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
-            spans.append((p.data_ptr(), p.data_ptr() + ext * p.element_size(), name))
-    spans.sort()
-    end, last = -1, ""
-    for start, stop, name in spans:
-        if start < end:
-            raise ValueError(f"parameters '{last}' and '{name}' share memory (e.g. b.data = "
-                             f"a.data): a mithril torch_optimizer keeps each parameter in its "
-                             f"own slice of one buffer and cannot keep them tied; share one "
-                             f"Parameter instead (pass it once)")
-        if stop > end:
-            end, last = stop, name
 
 
 def _dense(g: torch.Tensor) -> torch.Tensor:
@@ -212,15 +206,6 @@ def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(scalar(a) == scalar(b))
-    except Exception:  # noqa: BLE001 - incomparable values are different
-        return False
-
-
 class TorchOptimizer(torch.optim.Optimizer):
     """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
     with :func:`torch_optimizer`."""
@@ -235,21 +220,41 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{cls.__name__} states no update rule (no math or kernel_math, "
                             f"and no update of its own): it cannot be wrapped; give a "
                             f"concrete optimizer, e.g. Adam")
-        names, tensors, named = _parameters(params)
+        items, extras, counts = split(params)
+        names, tensors, named = parameters(items)
         self._mithril = optimizer
         self._names = names
         self._keys = group_keys(optimizer)
+        self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
         self._opt_state: Any = None  # OptimizerState, created by the first step or a load
         self._views: dict[str, torch.Tensor] | None = None  # what the last update returned
         defaults = {key: self._value_of(ours) for key, ours in self._keys}
+        given = list(zip(names, tensors)) if named else tensors
+        hp = None
+        self._group_names = [names]
+        if extras is not None:  # torch's list of dicts: their values set on the optimizer
+            values = torch_values(extras, self._keys, defaults)
+            ends = [sum(counts[:i + 1]) for i in range(len(counts))]
+            self._group_names = [names[e - c:e] for c, e in zip(counts, ends)]
+            given = [{"params": given[e - c:e], **v} for c, e, v in zip(counts, ends, values)]
+            if len(values) > 1:
+                check_wrappable(optimizer, self._closure_driven)
+                hp = grouped_hyperparameters(optimizer, self._keys, values, self._group_names)
+            else:
+                hp = with_group(optimizer, optimizer.state_dict(None)["hyperparameters"],
+                                values[0], self._keys)
+        self._grouped = len(self._group_names) > 1
         self._constructing = True
         try:
-            super().__init__(list(zip(names, tensors)) if named else tensors, defaults)
+            super().__init__(given, defaults)
         finally:
             self._constructing = False
-        self._params: list[torch.Tensor] = self.param_groups[0]["params"]
-        self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
-        self._synced = {key: copy.deepcopy(defaults[key]) for key, _ in self._keys}
+        if hp is not None:  # (checked as a load is: a refused value changes nothing)
+            optimizer.load_state_dict({"optimizer": type(optimizer).__name__,
+                                       "hyperparameters": hp})
+        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
+                        for g in self.param_groups]
 
     # -- what users see ------------------------------------------------------------------
     @property
@@ -281,8 +286,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self.__dict__.get("_constructing"):
-            raise NotImplementedError("a mithril torch_optimizer has one parameter group: "
-                                      "create another torch_optimizer for more parameters")
+            raise NotImplementedError("a mithril torch_optimizer's parameter groups are fixed "
+                                      "when it is made: pass every group to torch_optimizer "
+                                      "(torch's list of dicts), or make another one")
         super().add_param_group(param_group)
 
     # -- the step -----------------------------------------------------------------------
@@ -297,14 +303,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync(self.param_groups[0])
+        self._sync_all()
         names, params = self._names, self._params
         grads = {n: _dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
         if not grads:
             return loss
         with torch.no_grad():
             if self._opt_state is None:
-                _check_no_overlap(names, params)
+                check_no_overlap(names, params)
                 current = {n: p.detach() for n, p in zip(names, params)}
                 state = self._mithril.init(current)
                 adopt = getattr(state.engine, "adopt_storage", None)
@@ -337,7 +343,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError(f"step(closure): closure must be callable, got "
                             f"{type(closure).__name__}")
-        self._sync(self.param_groups[0])
+        self._sync_all()
         names, params = self._names, self._params
         first: dict[str, Any] = {}  # the point the step starts from, and its loss
 
@@ -393,7 +399,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         parameter still lies there (then nothing is copied), else the parameter's tensor."""
         views = self._views
         if views is None:
-            _check_no_overlap(self._names, self._params)
+            check_no_overlap(self._names, self._params)
             return {n: p.detach() for n, p in zip(self._names, self._params)}
         out = {}
         replaced = False
@@ -402,7 +408,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 out[n] = v
                 continue
             if not replaced:  # (once: a parameter replaced from outside may now share memory)
-                _check_no_overlap(self._names, self._params)
+                check_no_overlap(self._names, self._params)
                 replaced = True
             if p.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
                 # why: p.data = p.data.t() (a square matrix) kept address and shape, so it
@@ -427,6 +433,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._views = new
 
     # -- the group <-> the optimizer's hyperparameters --------------------------------------
+    def _sync_all(self) -> None:
+        if self._grouped:
+            sync_groups(self)
+        else:
+            self._sync(self.param_groups[0])
+
     def _value_of(self, ours: tuple[str, ...]) -> Any:
         if ours == ("learning_rate",):
             return self._mithril.get_learning_rate()
@@ -452,7 +464,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if key not in group:
                     raise KeyMismatchError(f"param_groups[0] has no '{key}' (the "
                                            f"optimizer's {', '.join(ours)})")
-                if not _same(group[key], self._synced[key]):
+                if not same(group[key], self._synced[0][key]):
                     changed[key] = group[key]
             if changed:
                 self._apply(changed)
@@ -483,39 +495,52 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
                              f"{needed}, but its state has {sorted(st.slots)}; set this in "
                              f"the constructor instead")
-        self._synced.update({k: copy.deepcopy(v) for k, v in changed.items()})
+        self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """A torch-shaped state dict (see the module docs); the tensors are copies."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        group = self.param_groups[0]
-        packed = {k: v for k, v in group.items() if k != "params"}
-        packed["params"] = list(range(len(self._params)))
+        packed = packed_groups(self)
         state, meta = export(self._mithril, self._opt_state, self._names)
-        for key, ours_keys in self._keys:  # what the next step will use (a scheduler may
-            try:  # have changed lr since the last one)
-                meta["hyperparameters"] = with_group(self._mithril, meta["hyperparameters"],
-                                                     {key: group[key]}, [(key, ours_keys)])
-            except (KeyError, ValueError):  # the next step refuses it, and says why
-                pass
+        try:  # what the next step will use (a scheduler may have changed lr since the last)
+            meta["hyperparameters"] = self._hyperparameters_of(
+                self.param_groups, meta["hyperparameters"], per_key=True)
+        except (KeyError, ValueError):  # the next step refuses it, and says why
+            pass
         meta["param_names"] = list(self._names)
-        # also in the group: torch.distributed.checkpoint's get_optimizer_state_dict keeps
-        # only "state" and "param_groups" (their keys), and the load needs the counters
-        packed["mithril"] = meta
-        out: dict[str, Any] = {"state": state, "param_groups": [packed], "mithril": meta}
+        # also in the first group: torch.distributed.checkpoint's get_optimizer_state_dict
+        # keeps only "state" and "param_groups" (their keys), and the load needs the counters
+        packed[0]["mithril"] = meta
+        out: dict[str, Any] = {"state": state, "param_groups": packed, "mithril": meta}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, out)
             if result is not None:
                 out = result
         return out
 
+    def _hyperparameters_of(self, groups: list[Mapping[str, Any]], hp: Mapping[str, Any],
+                            per_key: bool = False) -> dict[str, Any]:
+        """``hp`` (the mithril optimizer's) with the values of the torch ``groups`` set (with
+        ``per_key``, one group's keys each on its own, skipping one that is refused)."""
+        if self._grouped:
+            return grouped_hyperparameters(self._mithril, self._keys, groups, self._group_names)
+        if not per_key:
+            return with_group(self._mithril, hp, groups[0], self._keys)
+        out = dict(hp)
+        for key, ours in self._keys:
+            try:
+                out = with_group(self._mithril, out, {key: groups[0][key]}, [(key, ours)])
+            except (KeyError, ValueError):
+                pass
+        return out
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (of a wrapper of the same optimizer class
-        over parameters of the same shapes, matched by position as in torch). Everything is
-        checked before anything changes: on error this optimizer, its group and the
-        parameters are as they were."""
+        over parameters of the same shapes, in groups of the same sizes, matched by position
+        as in torch). Everything is checked before anything changes: on error this
+        optimizer, its groups and the parameters are as they were."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
@@ -523,84 +548,31 @@ class TorchOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        group, ours = parse_state_dict(self._mithril, state_dict, self._names, self._params,
-                                       self._keys, self.param_groups[0])
 
         def refuse(e: BaseException) -> BaseException:
             cls, msg = (KeyMismatchError, e.args[0] if e.args else e) if isinstance(
                 e, KeyError) else (type(e), e)
             return cls(f"state dict refused (nothing changed): {msg}")
 
+        groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
+                                        self.param_groups, self._hyperparameters_of)
         state = restore(self._mithril, ours, self._names, self._params, refuse)
         # nothing fails from here on
         self._opt_state = state
         self._views = None  # the next step copies the parameters into the new buffer
-        for key, ours_keys in self._keys:
-            group.setdefault(key, self._value_of(ours_keys))
-        self.param_groups = [group]
-        self._synced = {key: copy.deepcopy(group[key]) for key, _ in self._keys}
+        for group, now in zip(groups, self.param_groups):
+            for key, _ in self._keys:
+                group.setdefault(key, now[key])
+        self.param_groups = groups
+        self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys} for g in groups]
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-
-def _parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:
-    """(names, tensors, whether named) from an iterable of tensors or (name, tensor) pairs."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors (e.g. model.parameters() or "
-                        "model.named_parameters()), got a single tensor")
-    if not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}")
-    items = list(params.items()) if isinstance(params, Mapping) else list(params)
-    if not items:
-        raise ValueError("torch_optimizer got an empty parameter list")
-    if any(isinstance(x, Mapping) for x in items):
-        raise NotImplementedError("parameter-group dicts are not supported (one group for now): "
-                                  "pass the parameters, or named parameters, themselves")
-    named = isinstance(items[0], tuple)
-    if named:
-        bad = [x for x in items if not (isinstance(x, tuple) and len(x) == 2
-                                        and isinstance(x[0], str))]
-        if bad:
-            raise TypeError(f"params mix (name, tensor) pairs with other items, e.g. "
-                            f"{type(bad[0]).__name__}")
-        names, tensors = [x[0] for x in items], [x[1] for x in items]
-    else:
-        if any(isinstance(x, tuple) for x in items):
-            raise TypeError("params mix tensors with (name, tensor) pairs")
-        names, tensors = [f"param{i}" for i in range(len(items))], items
-    for name, p in zip(names, tensors):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a torch tensor")
-        if not (p.is_leaf or p.retains_grad):
-            raise ValueError(f"parameter '{name}' is not a leaf tensor: can't optimize it")
-        if not p.is_floating_point():
-            raise TypeError(f"parameter '{name}' has dtype {p.dtype}; optimizers need "
-                            f"floating-point parameters")
-    seen: dict[int, str] = {}
-    for name, p in zip(names, tensors):
-        if id(p) in seen:
-            raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}': pass "
-                             f"each parameter once")
-        seen[id(p)] = name
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"parameter names repeat: {dup}")
-    _check_no_overlap(names, tensors)
-    for what, key in (("dtype", lambda p: str(p.dtype)), ("device", lambda p: str(p.device))):
-        found: dict[str, list[str]] = {}
-        for name, p in zip(names, tensors):
-            found.setdefault(key(p), []).append(name)
-        if len(found) > 1:
-            ranked = sorted(found.items(), key=lambda kv: -len(kv[1]))
-            odd = [n for _, ns in ranked[1:] for n in ns]
-            raise TypeError(f"parameters mix {what}s ({'; '.join(f'{k}: {v}' for k, v in ranked)})"
-                            f": one optimizer needs one {what}; the odd one(s) out: {odd}")
-    return names, tensors, named
 
 
 def torch_optimizer(optimizer: Optimizer, params: Any) -> TorchOptimizer:
     """``optimizer`` (a mithril optimizer, e.g. ``Adam(learning_rate=1e-3)``) as a
     ``torch.optim.Optimizer`` over ``params``: an iterable of parameters
-    (``model.parameters()``) or of ``(name, parameter)`` pairs (``model.named_parameters()``;
-    a plain iterable gets the names ``param0, param1, ...``). See the module docs."""
+    (``model.parameters()``), of ``(name, parameter)`` pairs (``model.named_parameters()``;
+    a plain iterable gets the names ``param0, param1, ...``), or torch's list of
+    parameter-group dicts. See the module docs."""
     return TorchOptimizer(optimizer, params)

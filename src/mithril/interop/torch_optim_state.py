@@ -62,6 +62,16 @@ def scalar(v: Any) -> Any:
     return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether two param-group values are equal (tensors as numbers)."""
+    if a is b:
+        return True
+    try:
+        return bool(scalar(a) == scalar(b))
+    except Exception:  # noqa: BLE001 - incomparable values are different
+        return False
+
+
 def group_value(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
     """The hyperparameters the param-group value ``value`` of ``key`` stands for."""
     if len(ours) == 1:
@@ -169,12 +179,14 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
 
 
 def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str],
-                     params: Sequence[Any], keys: Sequence[tuple[str, tuple[str, ...]]],
-                     group_now: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The new param group and the mithril state dict that ``sd`` stands for; raises,
-    naming the entry at fault, if it is malformed. Entries the state dict leaves out (see
-    the module docs) are not filled in yet: :func:`complete` does that."""
-    n = len(params)
+                     groups_now: Sequence[Mapping[str, Any]],
+                     hyper: Callable[[list[Mapping[str, Any]], Mapping[str, Any]], dict]
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The new param groups and the mithril state dict that ``sd`` stands for (``hyper``:
+    the optimizer's hyperparameters with saved groups' values set); raises, naming the entry
+    at fault, if it is malformed. Entries the state dict leaves out (see the module docs)
+    are not filled in yet: :func:`complete` does that."""
+    n = len(names)
     meta = sd.get("mithril")
     groups = sd.get("param_groups")
     if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(
@@ -188,19 +200,24 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
                          f"{type(opt).__name__}")
     if not isinstance(meta.get("hyperparameters"), Mapping):
         raise TypeError("state dict ['mithril']['hyperparameters'] must be a dict")
-    if not isinstance(groups, (list, tuple)) or len(groups) != 1 or not isinstance(
-            groups[0], Mapping):
+    k = len(groups_now)
+    if not isinstance(groups, (list, tuple)) or len(groups) != k or not all(
+            isinstance(g, Mapping) for g in groups):
         got = (f"{len(groups)} groups" if isinstance(groups, (list, tuple))
                else type(groups).__name__)
-        raise ValueError(f"state dict 'param_groups' must be a list of one group (dict), "
-                         f"got {got}")
-    saved_group = copy.deepcopy(dict(groups[0]))
-    ids = saved_group.get("params")
-    if not isinstance(ids, (list, tuple)) or len(ids) != n:
-        got = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
-        raise ValueError(f"state dict's parameter group has {got} parameters, this "
-                         f"optimizer {n}")
-    hp = with_group(opt, meta["hyperparameters"], saved_group, keys)
+        want = "one group" if k == 1 else f"{k} groups"
+        raise ValueError(f"state dict 'param_groups' must be a list of {want} (dicts), as "
+                         f"this optimizer has, got {got}")
+    saved = [copy.deepcopy(dict(g)) for g in groups]
+    ids: list[Any] = []
+    for i, (g, now) in enumerate(zip(saved, groups_now)):
+        got_ids = g.get("params")
+        if not isinstance(got_ids, (list, tuple)) or len(got_ids) != len(now["params"]):
+            got = len(got_ids) if isinstance(got_ids, (list, tuple)) else type(got_ids).__name__
+            raise ValueError(f"state dict's parameter group {i} has {got} parameters, this "
+                             f"optimizer's {len(now['params'])}")
+        ids += list(got_ids)
+    hp = hyper(saved, meta["hyperparameters"])
     out: dict[str, Any] = {"optimizer": type(opt).__name__, "hyperparameters": hp,
                            **{k: meta.get(k, 0) for k in COUNTERS}}
     if "values" in meta:
@@ -232,11 +249,14 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         out["slots"] = slots
     elif out["step"] != 0:
         raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
-    group = {k: v for k, v in saved_group.items() if k not in ("params", "mithril")}
-    if "param_names" not in group and "param_names" in group_now:
-        group["param_names"] = group_now["param_names"]
-    group["params"] = params
-    return group, out
+    out_groups = []
+    for g, now in zip(saved, groups_now):
+        group = {key: v for key, v in g.items() if key not in ("params", "mithril")}
+        if "param_names" not in group and "param_names" in now:
+            group["param_names"] = now["param_names"]
+        group["params"] = now["params"]
+        out_groups.append(group)
+    return out_groups, out
 
 
 def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],

@@ -114,7 +114,10 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             if scale is not None:
                 raise TypeError(f"{where}: give learning_rate or lr_scale, not both")
             lr = over.pop("learning_rate")
-            check = type(opt)(**{**hp, "learning_rate": lr}).learning_rate
+            try:
+                check = type(opt)(**{**hp, "learning_rate": lr}).learning_rate
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{where}['learning_rate']: {e}") from None
             if opt.learning_rate == 0:
                 raise ValueError(f"{where}: a group learning_rate is kept as a ratio to the "
                                  f"optimizer's, which is 0: give lr_scale instead")

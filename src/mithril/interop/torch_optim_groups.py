@@ -1,0 +1,163 @@
+"""torch's parameter groups on one mithril optimizer (:class:`~.torch_optim.TorchOptimizer`).
+
+``torch_optimizer(Adam(), [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])``
+takes torch's list of dicts. Each torch group becomes one of the mithril optimizer's
+``param_groups`` (its parameters by name) holding *every* value the torch group has, so that
+a change to one group never moves another, as in torch. The optimizer's own learning rate
+is fixed at 1.0, which makes each group's ``lr_scale`` its torch ``lr`` exactly (a ratio to
+any other rate would round, and could not hold a group's rate while another's is 0).
+
+Values that hold for the whole step (``clip_norm``, ``nonfinite``) or belong to a wrapper
+(a Lookahead's ``sync_period``) must be equal in every group; values that change the
+update rule or the state slots (``amsgrad``, SGD momentum from 0 to non-zero) cannot differ
+between groups. Both are refused at construction, naming the group and key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import KeyMismatchError
+from ..utils.optimizers import Optimizer
+from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
+from .torch_optim_state import group_value, same, scalar
+
+#: the optimizer's own learning rate when it holds torch's groups (see the module docs)
+REFERENCE_LR = 1.0
+
+
+def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
+                 defaults: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each torch group's entries under ``keys`` (the optimizer's values where a group
+    leaves one out, as torch's ``defaults``); an unknown key is refused, naming it."""
+    known = {k for k, _ in keys} | {"param_names"}
+    out = []
+    for i, g in enumerate(groups):
+        unknown = sorted(set(g) - known)
+        if unknown:
+            raise KeyError(f"param_groups[{i}]: {unknown} are not values of this optimizer "
+                           f"(its group keys: {sorted(k for k, _ in keys)})")
+        out.append({**{k: g.get(k, defaults[k]) for k, _ in keys},
+                    **({"param_names": g["param_names"]} if "param_names" in g else {})})
+    return out
+
+
+def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
+                            groups: Sequence[Mapping[str, Any]],
+                            names: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The hyperparameters (as ``opt.load_state_dict`` takes them) that make ``opt`` run the
+    torch ``groups`` (their values under ``keys``) over the parameters ``names[i]`` of each;
+    raises, naming ``param_groups[i]['key']``, for a value that cannot differ by group."""
+    values = []
+    for i, g in enumerate(groups):
+        v: dict[str, Any] = {}
+        for key, ours in keys:
+            if key not in g:
+                raise KeyMismatchError(f"param_groups[{i}] has no '{key}' (the optimizer's "
+                                       f"{', '.join(ours)})")
+            try:
+                v.update(group_value(key, ours, g[key]))
+            except ValueError as e:
+                raise ValueError(str(e).replace("param_groups[0]", f"param_groups[{i}]")) from None
+        values.append(v)
+    per_group = set(opt.hyper_holders()[-1].hyperparameters()) - GLOBAL - set(GROUP_KEYS)
+    for key, ours in keys:
+        if all(k in per_group for k in ours):
+            continue
+        for i, v in enumerate(values[1:], 1):
+            if any(_differs(v[k], values[0][k]) for k in ours):
+                raise ValueError(f"param_groups[{i}]['{key}'] = {groups[i][key]!r} differs from "
+                                 f"param_groups[0]'s {groups[0][key]!r}: it holds for the whole "
+                                 f"step (or for the wrapping optimizer), the same in every group")
+    flat = {**opt.flat_hyperparameters(), **values[0], "learning_rate": REFERENCE_LR}
+    mithril_groups = [{"params": list(names[i]),
+                       **{k: x for k, x in v.items() if k in per_group}}
+                      for i, v in enumerate(values)]
+    return opt.nested_hyperparameters({**flat, "param_groups": mithril_groups})
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - incomparable values differ
+        return True
+
+
+def check_wrappable(opt: Optimizer, closure_driven: bool) -> None:
+    """Refuse torch's groups for an optimizer that cannot hold them: one that evaluates the
+    loss itself (LBFGS; torch's refuses groups too), one whose optimizer-wide values or
+    held optimizer read its own learning rate (Prodigy's ``d``, the schedule-free
+    ``max_lr``, Muon's fallback: fixed at 1.0 here, they would be wrong), or one given
+    groups of its own."""
+    name = type(opt).__name__
+    if closure_driven:
+        raise ValueError(f"{name} does not take parameter groups (as torch.optim.LBFGS): "
+                         f"pass the parameters themselves")
+    wide = [*opt.state_values, *(k.rstrip(".") for k in opt.hyper_children())]
+    if wide:
+        raise ValueError(f"{name} does not take torch's parameter-group dicts: its {wide} "
+                         f"follow the optimizer's own learning rate; pass the (named) "
+                         f"parameters and give {name} param_groups of its own (by name)")
+    if opt.param_groups or opt.weight_decay_mask is not None or opt.exclude_weight_decay:
+        raise ValueError(f"this {name} has param_groups / weight-decay masks of its own; "
+                         f"give either those or torch's parameter-group dicts, not both")
+
+
+def sync_groups(tw: Any) -> None:
+    """Apply the values of ``tw.param_groups`` (a :class:`~.torch_optim.TorchOptimizer`
+    holding several) that changed since the last step, all or nothing: learning rates
+    alone as each group's rate, anything else by setting every group's values anew."""
+    opt, groups, synced = tw._mithril, tw.param_groups, tw._synced
+    if len(groups) != len(synced):
+        raise ValueError(f"param_groups has {len(groups)} groups, this optimizer was made "
+                         f"with {len(synced)}: groups cannot be added or removed")
+    changed: list[tuple[int, str]] = []
+    for i, (g, old) in enumerate(zip(groups, synced)):
+        for key, ours in tw._keys:
+            if key not in g:
+                raise KeyMismatchError(f"param_groups[{i}] has no '{key}' (the optimizer's "
+                                       f"{', '.join(ours)})")
+            if not same(g[key], old[key]):
+                changed.append((i, key))
+    if not changed:
+        return
+    if all(key == "lr" for _, key in changed):  # a scheduler's step: nothing else to check
+        new = []
+        for i, _ in changed:
+            try:
+                new.append((i, opt.hyperparameter("learning_rate", group=i).check(
+                    scalar(groups[i]["lr"]))))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{i}]['lr']: {e}") from None
+        for i, lr in new:
+            opt.set_learning_rate(lr, group=i)
+    else:
+        hp = grouped_hyperparameters(opt, tw._keys, groups, tw._group_names)
+        before = opt.state_dict(None)["hyperparameters"]
+        where = ", ".join(f"param_groups[{i}]['{k}']" for i, k in changed)
+        try:
+            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
+        except (TypeError, ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
+        st = tw._opt_state
+        if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
+            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
+            raise ValueError(f"{where}: {type(opt).__name__} would then need other state "
+                             f"slots than its state has; set this in the constructor instead")
+    for i, key in changed:
+        synced[i][key] = copy.deepcopy(groups[i][key])
+
+
+def packed_groups(tw: Any) -> list[dict[str, Any]]:
+    """torch's ``state_dict()["param_groups"]``: each group's values and its parameters'
+    positions (counted on across the groups, as torch)."""
+    out, start = [], 0
+    for g in tw.param_groups:
+        packed = {k: v for k, v in g.items() if k != "params"}
+        packed["params"] = list(range(start, start + len(g["params"])))
+        start += len(g["params"])
+        out.append(packed)
+    return out

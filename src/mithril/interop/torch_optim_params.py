@@ -1,0 +1,113 @@
+"""The parameters a :class:`~.torch_optim.TorchOptimizer` is given: checked (floating
+point, leaves, one dtype and device, none repeated or sharing memory) and named, from a plain
+iterable of tensors, of ``(name, tensor)`` pairs, or torch's list of parameter-group dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+
+def split(params: Any) -> tuple[list[Any], list[dict[str, Any]] | None, list[int]]:
+    """(every group's parameter items in order, each torch group's other entries, the
+    number of parameters of each); the entries are None for a plain iterable of tensors or
+    of (name, tensor) pairs."""
+    if isinstance(params, (torch.Tensor, Mapping)) or not isinstance(params, Iterable):
+        return params, None, []
+    items = list(params)
+    if not any(isinstance(x, Mapping) for x in items):
+        return items, None, []
+    flat: list[Any] = []
+    extras, counts = [], []
+    for i, g in enumerate(items):
+        if not isinstance(g, Mapping):
+            raise TypeError(f"params mix parameter-group dicts with a {type(g).__name__} "
+                            f"(item {i}): give a list of dicts, each with 'params'")
+        if "params" not in g:
+            raise KeyError(f"param_groups[{i}] has no 'params'")
+        ps = g["params"]
+        if isinstance(ps, torch.Tensor):
+            ps = [ps]  # (torch takes one tensor there too)
+        elif isinstance(ps, (set, Mapping)) or not isinstance(ps, Iterable):
+            raise TypeError(f"param_groups[{i}]['params'] must be a list of tensors or of "
+                            f"(name, tensor) pairs, got {type(ps).__name__}")
+        ps = list(ps)
+        flat += ps
+        counts.append(len(ps))
+        extras.append({k: v for k, v in g.items() if k != "params"})
+    return flat, extras, counts
+
+
+def parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:
+    """(names, tensors, whether named) from an iterable of tensors or (name, tensor) pairs."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors (e.g. model.parameters() or "
+                        "model.named_parameters()), got a single tensor")
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}")
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    if not items:
+        raise ValueError("torch_optimizer got an empty parameter list")
+    named = isinstance(items[0], tuple)
+    if named:
+        bad = [x for x in items if not (isinstance(x, tuple) and len(x) == 2
+                                        and isinstance(x[0], str))]
+        if bad:
+            raise TypeError(f"params mix (name, tensor) pairs with other items, e.g. "
+                            f"{type(bad[0]).__name__}")
+        names, tensors = [x[0] for x in items], [x[1] for x in items]
+    else:
+        if any(isinstance(x, tuple) for x in items):
+            raise TypeError("params mix tensors with (name, tensor) pairs")
+        names, tensors = [f"param{i}" for i in range(len(items))], items
+    for name, p in zip(names, tensors):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a torch tensor")
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError(f"parameter '{name}' is not a leaf tensor: can't optimize it")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter '{name}' has dtype {p.dtype}; optimizers need "
+                            f"floating-point parameters")
+    seen: dict[int, str] = {}
+    for name, p in zip(names, tensors):
+        if id(p) in seen:
+            raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}': pass "
+                             f"each parameter once")
+        seen[id(p)] = name
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parameter names repeat: {dup}")
+    check_no_overlap(names, tensors)
+    for what, key in (("dtype", lambda p: str(p.dtype)), ("device", lambda p: str(p.device))):
+        found: dict[str, list[str]] = {}
+        for name, p in zip(names, tensors):
+            found.setdefault(key(p), []).append(name)
+        if len(found) > 1:
+            ranked = sorted(found.items(), key=lambda kv: -len(kv[1]))
+            odd = [n for _, ns in ranked[1:] for n in ns]
+            raise TypeError(f"parameters mix {what}s ({'; '.join(f'{k}: {v}' for k, v in ranked)})"
+                            f": one optimizer needs one {what}; the odd one(s) out: {odd}")
+    return names, tensors, named
+
+
+def check_no_overlap(names: list[str], tensors: list[torch.Tensor]) -> None:
+    """``ValueError`` naming two parameters whose memory overlaps (``b.data = a.data``).
+    Why: torch.optim updates such a shared storage with both gradients; here each parameter
+    moves to its own slice of the flat buffer, so the tie was broken silently."""
+    spans = []
+    for name, p in zip(names, tensors):
+        if p.numel():
+            ext = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+            spans.append((p.data_ptr(), p.data_ptr() + ext * p.element_size(), name))
+    spans.sort()
+    end, last = -1, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise ValueError(f"parameters '{last}' and '{name}' share memory (e.g. b.data = "
+                             f"a.data): a mithril torch_optimizer keeps each parameter in its "
+                             f"own slice of one buffer and cannot keep them tied; share one "
+                             f"Parameter instead (pass it once)")
+        if stop > end:
+            end, last = stop, name
