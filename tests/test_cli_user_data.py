@@ -80,6 +80,9 @@ def test_an_unclosed_quote_is_refused_not_merged_into_one_cell(tmp_path, capsys)
     assert f"--data {data}: line 3: not a readable CSV row" in err
     assert "a quoted cell is never closed" in err
     assert not (tmp_path / "run").exists()
+    data.write_text('a,b,y\n1,2,0\n3,4,"1" \n' + rows)
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y"])
+    assert "line 3: not a readable CSV row" in err and "follows a closing quote" in err
 
 
 def test_an_infinite_target_is_named_not_taken_for_a_label(tmp_path, capsys):

@@ -175,7 +175,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
     except UnicodeDecodeError as exc:
         raise CLIError(f"--data {path}: not a readable CSV file ({exc})") from None
     except csv.Error as exc:
-        hint = "; a quoted cell is never closed" if "end of data" in str(exc) else ""
+        hint = "; a quoted cell is never closed" if "end of data" in str(exc) else \
+            "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
         raise CLIError(f"--data {path}: line {read + 1}: not a readable CSV row "
                        f"({exc}{hint})") from None
     if not rows:
