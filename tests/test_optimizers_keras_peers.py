@@ -83,6 +83,8 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
     "ftrl_wd/missing": ("Ftrl", {"weight_decay": 0.1}, "Ftrl", {"weight_decay": 0.1}, "some"),
 }
 LR0 = 0.01
+#: the cases also run on float32 parameters (against Keras's float64 run: ≤ 1e-4)
+FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd")
 
 # keras.optimizers.schedules.<expression> -> (ours on an optimizer whose lr is 0.1, what the
 # comparison allows: Keras's CosineDecay computes its cosine in float32)
@@ -167,10 +169,10 @@ def reference_process() -> tuple[subprocess.Popen, Any]:
     return proc, out
 
 
-def run_ours(case: str):
+def run_ours(case: str, dtype: str = "float64"):
     ours, our_kw, _, _, pattern = CASES[case]
     opt = getattr(mo, ours)(learning_rate=LR0, **our_kw)
-    p0, grads = problem()
+    p0, grads = problem(dtype)
     params = {k: v.copy() for k, v in p0.items()}
     state = opt.init(params)
     traj = []
@@ -179,7 +181,7 @@ def run_ours(case: str):
         gone = missing(pattern, t)
         params, state = opt.update(params, {k: g for k, g in grads[t].items()
                                             if k not in gone}, state)
-        traj.append([np.array(params[k]) for k in SHAPES])
+        traj.append([np.array(params[k], dtype=np.float64) for k in SHAPES])
     return traj, opt, state
 
 
@@ -190,6 +192,7 @@ def runs() -> dict:
     proc, out = reference_process()
     try:
         ours = {case: run_ours(case) for case in CASES}
+        ours32 = {case: run_ours(case, "float32")[0] for case in FLOAT32}
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()  # a no-op once it has exited
@@ -198,7 +201,7 @@ def runs() -> dict:
         out.seek(0)
         refs = json.loads(out.read().strip().splitlines()[-1])
     return {**{case: (refs[case], ours[case]) for case in CASES},
-            "schedules": refs["schedules"]}
+            "schedules": refs["schedules"], "float32": ours32}
 
 
 def worst(a: list, b: list) -> float:
@@ -214,6 +217,11 @@ def test_equals_keras_step_by_step(case: str, runs: dict) -> None:
     if ref["ema"] is not None:
         ema = opt.ema_params(state)
         assert max(rel_err(ema[k], e) for k, e in zip(SHAPES, ref["ema"])) <= TOL
+
+
+@pytest.mark.parametrize("case", FLOAT32)
+def test_float32_follows_keras(case: str, runs: dict) -> None:
+    assert worst(runs["float32"][case], runs[case][0]["keras"]) <= 1e-4
 
 
 def test_nadam_keras_product_is_one_for_the_optimizer(runs: dict) -> None:
