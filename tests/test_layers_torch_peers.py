@@ -9,6 +9,7 @@ process-wide): cases the per-layer test files do not reach.
 2. BatchNorm with eps = 0, which torch's F.batch_norm refuses in training mode.
 3. RNN / LSTM / GRU over an empty sequence (refused, as torch), then over one step.
 4. Attention over no keys (S = 0): zeros, as torch.
+5. Dilated max pooling on JAX: −inf and NaN windows route their gradient as torch.
 """
 
 from __future__ import annotations
@@ -186,3 +187,28 @@ def test_attention_over_no_keys_is_zeros_as_torch(backend_name, dtype, block):
     tol = DTYPES[dtype]
     assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, "output")
     assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(t, want_g)}, tol, "gradients")
+
+
+# -- 5. dilated max pooling on JAX routes as torch ---------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+@pytest.mark.parametrize("nd", [1, 2])
+def test_dilated_max_pool_routes_minus_inf_and_nan_windows_as_torch(backend_name, dtype, nd):
+    """Dilated windows whose real values are all −inf send the gradient to their first real
+    element (JAX sent it to the padding: its argmax took the first −inf) and windows with two
+    NaNs to the last (JAX: the first), as torch; documented to differ only without dilation."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    rng = np.random.default_rng(nd)
+    shape = (2, 2, 7) if nd == 1 else (2, 2, 5, 6)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[1, 0] = -np.inf  # a plane of −inf: every window's real values
+    x[0, 1, ..., 1] = x[0, 1, ..., 3] = np.nan  # two NaNs in the windows that hold offsets 0, 1
+    model = ml.Model()
+    model |= (ml.MaxPool1D if nd == 1 else ml.MaxPool2D)(3, stride=2, padding=1, dilation=2)(
+        input="input", output="output")
+    tx = torch.tensor(x, requires_grad=True)
+    want = (F.max_pool1d if nd == 1 else F.max_pool2d)(tx, 3, 2, 1, 2)
+    cot = rng.standard_normal(tuple(want.shape)).astype(dtype)
+    (want_g,) = torch.autograd.grad(want, tx, torch.tensor(cot))
+    out, grads = _evaluate(model, backend, {"input": x}, {"output": cot})
+    np.testing.assert_allclose(out["output"], want.detach().double().numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(grads["input"], want_g.double().numpy(), rtol=0, atol=DTYPES[dtype])

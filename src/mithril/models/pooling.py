@@ -146,21 +146,38 @@ class _MaxPool(_Pool):
 
         one = (1, 1)
         if any(d > 1 for d in self.dilation):
-            # JAX has no VJP of a dilated max reduce_window: gather the windows and take each
-            # one's first maximum (argmax), so the gradient goes where torch's does on ties
+            # JAX has no VJP of a dilated max reduce_window: gather the windows and pick each
+            # one's element as torch does, so the gradient goes where torch's does
             import jax.numpy as jnp
 
             out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
                             type(self).__name__)
+            offsets = [offset_slices(off, self.stride, self.dilation, out)
+                       for off in np.ndindex(*self.kernel_size)]
             xpad = jnp.pad(x, ((0, 0), (0, 0), *self.pads), constant_values=-np.inf)
-            win = jnp.stack([xpad[offset_slices(off, self.stride, self.dilation, out)]
-                             for off in np.ndindex(*self.kernel_size)], axis=-1)
-            idx = jnp.argmax(win, axis=-1, keepdims=True)
-            return jnp.take_along_axis(win, idx, axis=-1)[..., 0]
+            win = jnp.stack([xpad[sl] for sl in offsets], axis=-1)
+            pick = self._torch_pick(win, offsets, x.shape[2:])
+            return jnp.take_along_axis(win, pick, axis=-1)[..., 0]
         return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max,
                                  (*one, *self.kernel_size), (*one, *self.stride),
                                  ((0, 0), (0, 0), *self.pads),
                                  window_dilation=(*one, *self.dilation))
+
+    def _torch_pick(self, win: Any, offsets: list[tuple[slice, ...]],
+                    spatial: tuple[int, ...]) -> Any:
+        """Per window of ``win`` (…, K), the offset torch's max pooling takes: the last NaN,
+        else the first maximum among the elements inside the input (the first of them where
+        all are −inf; the padding never), else 0 (padding only: −inf, no gradient)."""
+        import jax.numpy as jnp
+
+        k = win.shape[-1]
+        inside = pad_like(np.ones((1, 1, *spatial), bool), self.pads, False)
+        inside = np.stack([inside[sl] for sl in offsets], axis=-1)  # static: shapes are known
+        nan = jnp.isnan(win)
+        last_nan = k - 1 - jnp.argmax(nan[..., ::-1], axis=-1)
+        hit = inside & (win == jnp.max(win, axis=-1, keepdims=True))
+        first = jnp.argmax(hit, axis=-1)  # 0 where none: a window of padding only
+        return jnp.where(nan.any(axis=-1), last_nan, first)[..., None]
 
     def _slices(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
         """The −inf padded input (in ``x``'s memory order) and each kernel offset's slice."""
