@@ -85,6 +85,18 @@ def test_an_unclosed_quote_is_refused_not_merged_into_one_cell(tmp_path, capsys)
     assert "line 3: not a readable CSV row" in err and "follows a closing quote" in err
 
 
+def test_an_unnamed_column_is_refused_not_trained_on(tmp_path, capsys):
+    # pandas' to_csv() writes the row index as a column without a name: it became a feature
+    # named '' (the row number: a leak into the model)
+    data = tmp_path / "pandas.csv"
+    data.write_text(",a,b,y\n" + "".join(f"{i},{a},{b},{y}\n"
+                                         for i, (a, b, y) in enumerate(table_rows())))
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                               "--out", str(tmp_path / "run")])
+    assert "column 1 has no name in the header row" in err and "index=False" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_infinite_target_is_named_not_taken_for_a_label(tmp_path, capsys):
     # 'inf' made the numeric target text, so the run became a classification of its values
     rows = [[a, b, round(a * 3 + b, 3)] for a, b, _ in table_rows()]

@@ -124,6 +124,11 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                                f"{_names(header)}){_separator_hint(header)}")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
+                if "" in position:  # else a feature named '' (pandas' row index: a leak)
+                    raise CLIError(f"--data {path}: column {header.index('') + 1} has no name "
+                                   f"in the header row (the index pandas writes without "
+                                   f"to_csv(index=False), or a trailing comma?); name it or "
+                                   f"remove it")
                 features = [h for h in header if h != target]
             if not features:
                 raise CLIError(f"--data {path}: no feature columns (the only column is the "
