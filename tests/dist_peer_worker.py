@@ -338,10 +338,17 @@ def case_float16(rank: int, world: int) -> dict:
 def case_init_refused(rank: int, world: int) -> dict:
     """Rank 1 alone passes a float32 parameter among float64 ones: every rank raises at once
     (not a PeerError after the timeout), naming the parameter and the rank."""
+    from mithril import distributed as dist
     from mithril.distributed import DataParallel
     from mithril.utils.optimizers import Adam
 
     out: dict[str, Any] = {}
+    for args in ((rank, world), (rank, world + 1), ((rank + 1) % world, world)):
+        try:  # joined already: the same arguments are a no-op, others refused
+            dist.init(*args, master_port=1)
+            out[f"again{args}"] = "accepted"
+        except ValueError as e:
+            out[f"again{args}"] = err(e)
     for shard in (False, True):
         p = init_params()
         if rank == 1:

@@ -191,10 +191,18 @@ def test_float16_mean_that_fits_where_the_sum_does_not(peers) -> None:
 
 @pytest.mark.slow
 def test_init_refused_on_one_rank_raises_on_every_rank(peers) -> None:
-    """Rank 1 alone passes a float32 parameter: every rank raises a TypeError naming it
+    """``init`` called again with another rank or world size is refused (it was silently
+    ignored). Rank 1 alone passes a float32 parameter: every rank raises a TypeError naming it
     (the others named rank 1) within a second, where they had waited for rank 1 in a
     collective until a PeerError."""
     for r, got in enumerate(_case(peers, "init_refused")):
+        # init again: a no-op with this rank's own arguments, refused with others
+        assert got[f"again{(r, WORLD)}"] == "accepted"
+        assert got[f"again{(r, WORLD + 1)}"] == (
+            f"ValueError: init: world_size={WORLD + 1}, but this process already joined a "
+            f"process group as rank {r} of {WORLD}")
+        assert got[f"again{((r + 1) % WORLD, WORLD)}"].startswith(
+            f"ValueError: init: rank={(r + 1) % WORLD}, but")
         for shard in (False, True):
             msg = got[str(shard)]
             assert msg.startswith("TypeError: "), msg

@@ -57,6 +57,14 @@ def init(rank: int | None = None, world_size: int | None = None, *,
     bounds how long any collective waits for a peer: a rank that died or stopped calling
     gives a :class:`PeerError` (a ``RuntimeError``) within it, never a hang. ``backend``: ``"gloo"`` (CPU tensors, the default) or ``"nccl"`` (CUDA)."""
     if is_initialized():
+        # joined already: arguments saying otherwise would be silently ignored, and this
+        # process then take another rank's share of every batch
+        have = {"rank": _dist().get_rank(), "world_size": _dist().get_world_size()}
+        for key, given in (("rank", rank), ("world_size", world_size)):
+            if given is not None and int(given) != have[key]:
+                raise ValueError(f"init: {key}={given}, but this process already joined a "
+                                 f"process group as rank {have['rank']} of "
+                                 f"{have['world_size']}")
         return
     size = _env_int("WORLD_SIZE", world_size)
     me = _env_int("RANK", rank)
