@@ -193,6 +193,15 @@ def test_predict_out_cannot_replace_its_inputs(run, tmp_path, capsys):
     assert "is the run's model" in err and model.read_bytes() == before
 
 
+def test_a_byte_order_mark_is_not_part_of_a_charlm_text(tmp_path):
+    # it was read as the text's first character: a vocabulary entry the model could sample
+    from mithril.cli.charlm import load_text
+
+    text = tmp_path / "notes.txt"
+    text.write_bytes("\ufeffhello\n".encode("utf-8"))
+    assert load_text(str(text)) == ("hello\n", str(text))
+
+
 # -- .npz ----------------------------------------------------------------------------------------
 def _npy_renamed(path: Path) -> None:
     np.save(path.with_suffix(".npy"), np.zeros((4, 2)))

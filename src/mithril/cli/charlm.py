@@ -35,7 +35,8 @@ def load_text(path: str | None) -> tuple[str, str]:
 
         return "".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
     try:
-        return Path(path).read_text(encoding="utf-8"), path
+        # -sig: a byte-order mark (Windows editors) is not a character of the text
+        return Path(path).read_text(encoding="utf-8-sig"), path
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
