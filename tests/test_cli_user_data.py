@@ -85,6 +85,18 @@ def test_an_unclosed_quote_is_refused_not_merged_into_one_cell(tmp_path, capsys)
     assert "line 3: not a readable CSV row" in err and "follows a closing quote" in err
 
 
+def test_a_latin1_file_names_the_line(tmp_path, capsys):
+    # the decoder's position is inside a read buffer: the message named no line of the file
+    data = tmp_path / "latin1.csv"
+    rows = "".join(f"{a},{b},{y}\n" for a, b, y in table_rows(n=400))
+    data.write_bytes(b"a,b,y\n" + rows.encode() + "1,2,café\n".encode("latin-1"))
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y"])
+    assert f"--data {data}: line 402: byte b'\\xe9' is not UTF-8 text" in err
+    data.write_bytes("a,y\n1,0\n".encode("utf-16"))
+    err = usage_error(capsys, ["train", "--data", str(data), "--target", "y"])
+    assert "the file is UTF-16 text; save it as UTF-8" in err
+
+
 def test_an_unnamed_column_is_refused_not_trained_on(tmp_path, capsys):
     # pandas' to_csv() writes the row index as a column without a name: it became a feature
     # named '' (the row number: a leak into the model)

@@ -77,6 +77,24 @@ def _names(names: list[str], limit: int = 20) -> str:
     return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8 (the decoder's position is within a buffer, not the
+    file): its line and byte, and what to do."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            return "the file is UTF-16 text; save it as UTF-8 ('CSV UTF-8' in a spreadsheet)"
+        f.seek(0)
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (f"line {n}: byte {line[bad.start:bad.start + 1]!r} is not UTF-8 text "
+                        f"(latin-1 or cp1252?); save the file as UTF-8 ('CSV UTF-8' in a "
+                        f"spreadsheet)")
+    return f"not UTF-8 text ({exc})"
+
+
 def _separator_hint(header: list[str]) -> str:
     """A hint for a header read as one cell: a file separated by ';' or tabs (the CSV of a
     spreadsheet in many locales), which is read with commas only."""
@@ -178,7 +196,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise CLIError(f"--data {path}: not a readable CSV file ({exc})") from None
+        raise CLIError(f"--data {path}: {_not_utf8(path, exc)}") from None
     except csv.Error as exc:
         hint = "; a quoted cell is never closed" if "end of data" in str(exc) else \
             "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
