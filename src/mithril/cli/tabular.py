@@ -22,6 +22,7 @@ names, standardisation statistics, objective, class labels, the network's shape)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -80,7 +81,7 @@ def _names(names: list[str], limit: int = 20) -> str:
 def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     """Where a file stops being UTF-8 (the decoder's position is within a buffer, not the
     file): its line and byte, and what to do."""
-    with open(path, "rb") as f:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
         head = f.read(2)
         if head in (b"\xff\xfe", b"\xfe\xff"):
             return "the file is UTF-16 text; save it as UTF-8 ('CSV UTF-8' in a spreadsheet)"
