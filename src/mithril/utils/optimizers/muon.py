@@ -304,6 +304,13 @@ class Muon(TensorwiseOptimizer):
     ``"fallback_"`` (AdamW: ``"fallback_m"``, ``"fallback_v"``); a slot has shape ``(0,)``
     for the parameters it does not serve. ``fallback=None``: 2-D parameters only (a
     parameter of another rank is refused by ``init``, naming it), as torch.
+
+    ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
+    "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=0.004,
+    epsilon=1e-7, convention="keras"))``: Keras's buffer ``μ·B + g`` is ours over (1−μ),
+    which the Newton–Schulz normalisation takes out (to ~1e-8: Keras adds 1e-7 to ‖U‖,
+    in float32). Keras also gives AdamW the matrices named like an embedding (or in
+    ``exclude_layers``): give those to an AdamW of their own.
     """
 
     slots = ("momentum_buffer",)
