@@ -163,8 +163,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
             for row in reader:
                 start, read = read + 1, reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # a blank line (or one of spaces)
+                if not row or (len(row) == 1 < len(header) and not row[0].strip()):
+                    continue  # a blank line, or one of spaces (in a one-column file: a cell)
                 i += 1
                 where = f"row {i} (line {start})"
                 if len(row) != len(header):
