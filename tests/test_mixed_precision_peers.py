@@ -319,3 +319,49 @@ def test_a_refused_trainer_leaves_the_optimizer_bound_as_it_was():
     g = {k: torch.full_like(v, 0.5) for k, v in params.items()}
     new, _ = opt.update(params, g, half_state)
     assert new["linear.bias"].dtype == torch.float16
+
+
+def test_an_accumulate_state_from_half_params_is_carried_over_as_torch_continues():
+    """Five micro-batches (two Adam updates and one buffered) run on the float16 params
+    themselves, then the trainer takes that state over and three more micro-batches make two
+    more updates: equal to torch's Adam continuing from the same moments and step count on
+    float32 copies, with the buffered gradient in its first window. Bug: the trainer
+    re-initialised an Accumulate's state (a plain optimizer's it carries over): the moments,
+    the step count and the buffered micro-batch were silently dropped."""
+    from mithril.backends import TorchBackend
+    from mithril.utils.optimizers import Adam
+
+    backend = TorchBackend(dtype="float16")
+    compiled = linear(backend)
+    data = dyadic_batches(8, seed=3)
+    acc = Accumulate(Adam(learning_rate=1e-2, epsilon=1e-4), 2)
+    params = {k: v.half() for k, v in p0(backend).items()}
+    state = acc.init(params)
+    for x, c, _ in data[:5]:  # plain half-precision training first
+        _, g = compiled.evaluate(params, {"input": backend.array(x)},
+                                 output_gradients={"out": backend.array(c)})
+        params, state = acc.update(params, g, state)
+    assert (state.inner.step, state.micro_step) == (2, 1)
+    moments = {s: {k: v.float() for k, v in state.inner.slot(s).items()} for s in ("m", "v")}
+
+    ps = {k: torch.nn.Parameter(v.float()) for k, v in params.items()}
+    ref = torch.optim.Adam(list(ps.values()), lr=1e-2, eps=1e-4)
+    ref.load_state_dict({"state": {i: {"step": torch.tensor(2.0), "exp_avg": moments["m"][k],
+                                       "exp_avg_sq": moments["v"][k]}
+                                   for i, k in enumerate(ps)},
+                         "param_groups": ref.state_dict()["param_groups"]})
+
+    trainer = MixedPrecisionTrainer(compiled, acc, params, state, loss_scale=1024.0)
+    for window in ([data[4], data[5]], [data[6], data[7]]):
+        for n, p in ps.items():  # torch: the window's mean gradient, then one step
+            p.grad = torch.from_numpy((window[0][2][n] + window[1][2][n]) / 2)
+        ref.step()
+        for x, c, _ in window[1 if window[0] is data[4] else 0:]:
+            trainer.forward({"input": backend.array(x)})
+            assert trainer.backward_and_update({"out": backend.array(c)})[2]
+        got = host(backend, trainer.master_params)
+        for n, p in ps.items():
+            np.testing.assert_allclose(got[n], p.detach().numpy(), rtol=1e-6, atol=1e-7,
+                                       err_msg=n)
+    assert trainer.optimizer_state.inner.step == 4 and trainer.optimizer_state.micro_step == 0
+    assert trainer.optimizer_state.inner.layout.dtype == "float32"

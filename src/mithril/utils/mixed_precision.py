@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
-from .accumulation import AccumulateState
+from .accumulation import Accumulate, AccumulateState
 from .fixed_parts import FixedParts
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
@@ -259,9 +259,9 @@ class MixedPrecisionTrainer(FixedParts):
         float dtype is accepted; with float32 this is plain training with loss scaling).
     optimizer:
         A mithril optimizer (or any object with ``init(params)`` / ``update(params, grads,
-        state)``). It updates the float32 masters; a built-in optimizer's backend is re-bound to
-        the float32 twin of the model's backend. With a ``mithril.distributed.DataParallel``
-        all ranks agree on the overflow flag (one all-reduce): all skip, and back off, alike.
+        state)``). It updates the float32 masters; a built-in optimizer's backend (or that of
+        the one an ``Accumulate`` wraps) is re-bound to the float32 twin of the model's
+        backend. With a ``mithril.distributed.DataParallel`` all ranks agree on the overflow flag (one all-reduce): all skip, and back off, alike.
     params:
         Initial parameters, any float dtype (typically ``model.get_parameters()``): copied and
         converted to float32 masters. They are not modified.
@@ -269,8 +269,10 @@ class MixedPrecisionTrainer(FixedParts):
         The state must be for the float32 masters. If it was initialised on half-precision
         params (as in the guide: ``optimizer.init(params)`` on the float16 model's params), it
         is re-initialised on the masters; a built-in ``OptimizerState`` that has already taken
-        steps keeps its step count and slots (converted to float32). Another state type holding
-        half arrays is re-initialised from scratch. ``None`` means ``optimizer.init(masters)``.
+        steps keeps its step count and slots (converted to float32), as does the wrapped state
+        of an :class:`~mithril.utils.accumulation.Accumulate`'s, which also keeps the
+        micro-batches it has buffered. Another state type holding half arrays is
+        re-initialised from scratch. ``None`` means ``optimizer.init(masters)``.
         Read the state in use from :attr:`optimizer_state`.
     loss_scale, dynamic_loss_scaling, growth_factor, backoff_factor, growth_interval:
         See :class:`LossScaler` (``torch.amp.GradScaler`` defaults).
@@ -309,6 +311,8 @@ class MixedPrecisionTrainer(FixedParts):
         #: DataParallel: the all-reduce of the overflow flag (and its wrapped optimizer)
         self._agree = getattr(optimizer, "all_finite", None)
         inner = optimizer.optimizer if self._agree is not None else optimizer
+        if isinstance(inner, Accumulate):  # (its wrapped optimizer updates the masters)
+            inner = inner.optimizer
         bound = inner.__dict__.get("_backend") if isinstance(inner, Optimizer) else None
         if isinstance(inner, Optimizer):
             inner.backend = self.master_backend
@@ -348,8 +352,8 @@ class MixedPrecisionTrainer(FixedParts):
                   for k, v in params.items()}
         return self._engine.to_master(native)
 
-    def _master_state(self, state: Any) -> Any:
-        opt, masters = self.optimizer, self._master
+    def _master_state(self, state: Any, opt: Any = None) -> Any:
+        opt, masters = self.optimizer if opt is None else opt, self._master
         if state is None:
             return opt.init(masters)
         dtypes = _float_dtypes(state)
@@ -359,6 +363,15 @@ class MixedPrecisionTrainer(FixedParts):
                 and (state.step or state.num_skipped):
             # carry step counts and slots over to the masters' dtype
             return opt.load_state_dict(opt.state_dict(state), masters)
+        if isinstance(state, AccumulateState) and isinstance(opt, Accumulate):
+            # the wrapped optimizer's state as a plain one's, and the micro-batches already
+            # buffered (their sums in the masters' dtype): re-initialising dropped both
+            new = AccumulateState(self._master_state(state.inner, opt.optimizer))
+            old, acc = state.accumulator, new.accumulator
+            if old.count:
+                acc._sum = self._engine.cast_tree(old.sum(), self._engine.mdt)
+                acc.count, acc.total_weight = old.count, old.total_weight
+            return new
         return opt.init(masters)
 
     # -- parameters ------------------------------------------------------------------------
