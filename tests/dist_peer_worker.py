@@ -384,6 +384,15 @@ def case_broadcast(rank: int, world: int) -> dict:
         except ValueError as e:
             out[case] = err(e)
         out[case + "/kept"] = all(torch.equal(mine[n], p[n]) for n in p)
+    p = {n: a.numpy() for n, a in init_params(seed=rank).items()}
+    if rank == 1:
+        p["b2"].flags.writeable = False
+    try:
+        broadcast_params(p)
+        out["readonly"] = "accepted"
+    except ValueError as e:
+        out["readonly"] = err(e)
+    out["readonly/kept"] = p["b2"].tolist() == init_params(seed=rank)["b2"].tolist()
     p = init_params(seed=rank)
     broadcast_params(p)
     out["mithril"] = listed(p)

@@ -213,9 +213,10 @@ def test_init_refused_on_one_rank_raises_on_every_rank(peers) -> None:
 @pytest.mark.slow
 def test_broadcast_params_refuses_mismatch_then_equals_ddp(peers) -> None:
     """broadcast_params with rank 1's 'w1' of another shape (same size), or 'b1' of another
-    dtype: a ValueError on every rank naming the parameter and rank 1, nothing overwritten
-    (before: rank 0's bytes silently reshaped, or gloo aborted the process). Then every rank
-    holds rank 0's params, as DDP's constructor gives."""
+    dtype, or a read-only NumPy 'b2': a ValueError on every rank naming the parameter (and rank
+    1), nothing overwritten (before: rank 0's bytes silently reshaped, or gloo aborted the
+    process, or the read-only array written). Then every rank holds rank 0's params, as
+    DDP's constructor gives."""
     rank0 = {n: a.numpy() for n, a in W.init_params(seed=0).items()}
     for got in _case(peers, "broadcast"):
         for case, name in (("shape", "w1"), ("dtype", "b1")):
@@ -223,6 +224,8 @@ def test_broadcast_params_refuses_mismatch_then_equals_ddp(peers) -> None:
                                         f"differ, first at parameter {list(W.SHAPES).index(name)}"
                                         f" '{name}'"), got[case]
             assert "rank 1 has" in got[case] and got[case + "/kept"] is True
+        assert got["readonly"].startswith("ValueError: ") and got["readonly/kept"] is True
+        assert "params['b2'] is a read-only NumPy array" in got["readonly"]
         np.testing.assert_array_equal(np.array(got["mithril"]["w1"]), rank0["w1"])
         for n in W.SHAPES:
             np.testing.assert_array_equal(np.array(got["mithril"][n]), np.array(got["ddp"][n]))

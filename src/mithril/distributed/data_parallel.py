@@ -179,6 +179,10 @@ def broadcast_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
                 if _kind(p, None) is None:
                     raise TypeError(f"broadcast_params: params['{name}'] is a "
                                     f"{type(p).__name__}, not a NumPy or torch array")
+                # (torch.from_numpy would write into a read-only array, a read-only mmap)
+                if isinstance(p, np.ndarray) and not p.flags.writeable:
+                    raise ValueError(f"broadcast_params: params['{name}'] is a read-only "
+                                     f"NumPy array")
                 t = pg.as_torch(p)
                 if not t.is_contiguous():
                     raise ValueError(f"broadcast_params: params['{name}'] is not contiguous")
