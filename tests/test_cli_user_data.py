@@ -248,6 +248,15 @@ def test_bad_npz_is_a_named_error(tmp_path, capsys, make, message):
     assert not out.exists()
 
 
+def test_predict_on_an_npy_says_what_to_save(run, tmp_path, capsys):
+    # it was read as a CSV: "byte b'\\x93' is not UTF-8 text"
+    _, trained = run
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+    err = usage_error(capsys, ["predict", "--run", str(trained), "--data",
+                               str(tmp_path / "x.npy")])
+    assert "an .npy holds one array" in err and "np.savez('data.npz', X=..., y=...)" in err
+
+
 def test_bytes_feature_names_and_labels_are_decoded(tmp_path):
     rows = np.array(table_rows())
     data, out = tmp_path / "b.npz", tmp_path / "run"

@@ -308,8 +308,12 @@ def _strings(a: np.ndarray) -> list[str]:
 
 
 def read_table(path: str, target: str | None, features: list[str] | None = None) -> Table:
-    if Path(path).suffix.lower() == ".npz":
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npz":
         return read_npz(path, target, features)
+    if suffix == ".npy":  # else read as a CSV: "not UTF-8 text"
+        raise CLIError(f"--data {path}: an .npy holds one array; save the features (and the "
+                       f"target) as an .npz: np.savez('data.npz', X=..., y=...)")
     return read_csv(path, target, features)
 
 
