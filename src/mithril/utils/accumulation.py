@@ -20,7 +20,8 @@ Two ways to use it:
   ``k``-th call steps the wrapped optimizer with their mean (in between it returns ``params``
   unchanged). It follows the optimizer contract (``init``/``update``, learning-rate methods
   for schedulers), so it can be used wherever an optimizer is expected; call
-  ``scheduler.step()`` only when ``state.applied`` is true.
+  ``scheduler.step()`` only when ``state.applied`` is true and ``state.last_step_skipped``
+  false (a wrapped optimizer with ``nonfinite="skip"`` may skip the window's step).
 
 The buffers are sums in the gradients' dtype on the gradients' device (in place on NumPy and
 torch); ``mean()`` multiplies by ``1/Σw`` once.
@@ -305,7 +306,7 @@ class Accumulate:
     buffer; on the ``k``-th call it runs ``optimizer.update(params, mean, inner_state)`` and
     clears the buffer, otherwise ``params`` come back unchanged (``state.applied`` is False).
     Learning-rate methods are forwarded, so schedulers work on the wrapper (step them only when
-    ``state.applied``).
+    ``state.applied`` and not ``state.last_step_skipped``).
 
     ``k`` is an integer >= 1 (``TypeError`` for a float, string or bool, ``ValueError`` below
     1 or above int64). An ``update`` that raises changes nothing: the gradients are checked
