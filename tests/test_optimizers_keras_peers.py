@@ -34,11 +34,16 @@ TOL = 1e-10
 LR0 = 0.01
 
 
-def make(name: str, kw: dict):
+def make(name: str, kw: dict, their_kw: dict | None = None):
     """Our optimizer ``name(learning_rate=LR0, **kw)``; a dict value ``{"Class": kwargs}``
-    is built first (a Muon's fallback)."""
+    is built first (a Muon's fallback). Keras's ``gradient_accumulation_steps=k`` is our
+    ``Accumulate(optimizer, k)``."""
+    from mithril.utils.accumulation import Accumulate
+
     kw = {k: make(*next(iter(v.items()))) if isinstance(v, dict) else v for k, v in kw.items()}
-    return getattr(mo, name)(**{"learning_rate": LR0, **kw})
+    opt = getattr(mo, name)(**{"learning_rate": LR0, **kw})
+    k = (their_kw or {}).get("gradient_accumulation_steps")
+    return opt if k is None else Accumulate(opt, k)
 
 
 def problem(dtype: str = "float64"):
@@ -95,6 +100,13 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                           "learning_rate": LR0, "weight_decay": 0.004, "epsilon": 1e-7,
                           "convention": "keras"}}},
              "Muon", {}, "some"),
+    # Keras's gradient_accumulation_steps: our Accumulate wrapper (Keras's iterations, and
+    # so the bias corrections, count the applied steps)
+    "adam_wd/accumulate": ("Adam", {"epsilon": 1e-7, "weight_decay": 0.1, "convention": "keras"},
+                           "Adam", {"weight_decay": 0.1, "gradient_accumulation_steps": 3}, ""),
+    "sgd_clipnorm/accumulate": (
+        "SGD", {"momentum": 0.9, "clip_tensor_norm": 1.0, "convention": "keras"},
+        "SGD", {"momentum": 0.9, "clipnorm": 1.0, "gradient_accumulation_steps": 4}, ""),
 }
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
@@ -151,7 +163,7 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
     ema = [np.array(v.value).tolist() for v in opt._model_variables_moving_average] \
         if their_kw.get("use_ema") else None
     engines.JAX_ENGINE = "jit"  # ours on the jitted JAX engine, in float64
-    mine = make(ours, our_kw)
+    mine = make(ours, our_kw, their_kw)
     params = {k: jnp.asarray(v) for k, v in p0.items()}
     state = mine.init(params)
     jit_traj = []
@@ -186,8 +198,8 @@ def reference_process() -> tuple[subprocess.Popen, Any]:
 
 
 def run_ours(case: str, dtype: str = "float64"):
-    ours, our_kw, _, _, pattern = CASES[case]
-    opt = make(ours, our_kw)
+    ours, our_kw, _, their_kw, pattern = CASES[case]
+    opt = make(ours, our_kw, their_kw)
     p0, grads = problem(dtype)
     params = {k: v.copy() for k, v in p0.items()}
     state = opt.init(params)
