@@ -69,7 +69,7 @@ from . import averaging
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
-from .groups import UNSET, GroupsMixin, ParamGroups, differs
+from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
 from .layout import Layout
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
@@ -347,25 +347,39 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
 
     # -- learning rate ---------------------------------------------------------------
     def get_learning_rate(self, group: int | None = None) -> float:
-        """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it)."""
+        """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it,
+        or the rate it was given while the optimizer's was 0)."""
         if group is None:
             return self.learning_rate
-        return self.learning_rate * self._group(group).get("lr_scale", 1.0)
+        return group_rate(self.learning_rate, self._group(group))
 
     def set_learning_rate(self, lr: float, group: int | None = None) -> None:
         """Change the learning rate (every group's in proportion: each keeps its
         ``lr_scale``), or with ``group`` only that group's. It is an argument of every
-        kernel, so nothing recompiles."""
+        kernel, so nothing recompiles.
+
+        A group's rate is kept as its ratio to the optimizer's. One set while the
+        optimizer's is 0 (a per-group warm-up from 0 in the first lane, as torch's
+        ``LambdaLR`` with a list) is kept as it is until the optimizer's rate is set; the
+        group then follows its last ratio again."""
         if group is None:
             self.learning_rate = check_positive("learning_rate", lr)
+            pinned = [g for g in self._groups if "learning_rate" in g]
+            for g in pinned:
+                g._drop("learning_rate")
+            self._groups_version += bool(pinned)
             return
         g = self._group(group)
         lr = check_positive("learning_rate", lr)
+        before = self.get_learning_rate(group)
+        if "learning_rate" in g:
+            g._drop("learning_rate")
         if self.learning_rate == 0:
-            raise ValueError("a group's learning rate is kept as a ratio to the optimizer's, "
-                             "which is 0")
-        if differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
+            if lr != 0:  # no ratio gives it: kept as it is
+                g._set("learning_rate", lr)
+        elif differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
             g._set("lr_scale", lr / self.learning_rate)
+        if differs(before, self.get_learning_rate(group)) or "learning_rate" in g:
             self._groups_version += 1
 
     # -- backend -----------------------------------------------------------------------

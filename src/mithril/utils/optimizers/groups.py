@@ -12,7 +12,8 @@ kernels read each tensor's row (one read per tensor), so 50 groups cost one pass
 group does. A group's learning rate is kept as its ratio to the optimizer's
 (``lr_scale``): a scheduler driving ``set_learning_rate`` moves every group in proportion,
 as torch's multiplicative schedulers move each group from its own base lr, and a state dict
-restores it exactly.
+restores it exactly. A rate given to a group while the optimizer's is 0, which no ratio
+holds, is kept as it is (the group's ``"learning_rate"``) until the optimizer's is set.
 
 :meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
 optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
@@ -109,19 +110,19 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             raise KeyError(f"{where} has no 'params' (a regex, a list of names or a callable)")
         _matcher(g["params"], f"{where}['params']")
         over = {k: v for k, v in g.items() if k != "params"}
-        scale = over.pop("lr_scale", None)
+        scale, pinned = over.pop("lr_scale", None), None
         if "learning_rate" in over:
-            if scale is not None:
-                raise TypeError(f"{where}: give learning_rate or lr_scale, not both")
             lr = over.pop("learning_rate")
             try:
                 check = type(opt)(**{**hp, "learning_rate": lr}).learning_rate
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{where}['learning_rate']: {e}") from None
-            if opt.learning_rate == 0:
-                raise ValueError(f"{where}: a group learning_rate is kept as a ratio to the "
-                                 f"optimizer's, which is 0: give lr_scale instead")
-            scale = check / opt.learning_rate
+            if opt.learning_rate == 0 and check != 0:  # no ratio gives it: kept as it is
+                pinned = check  # (beside its last ratio, where a state dict holds one)
+            elif scale is not None:
+                raise TypeError(f"{where}: give learning_rate or lr_scale, not both")
+            elif opt.learning_rate != 0:
+                scale = check / opt.learning_rate
         if scale is not None:
             from .checks import check_positive
 
@@ -148,6 +149,8 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         entry = {"params": g["params"], **norm}
         if scale is not None:
             entry["lr_scale"] = scale
+        if pinned is not None:
+            entry["learning_rate"] = pinned
         out.append(ParamGroup(entry, i))
     return ParamGroups(out)
 
@@ -180,6 +183,10 @@ class ParamGroup(dict):
     def _set(self, key: str, value: Any) -> None:
         """The optimizer's own write (its caller counts the change)."""
         dict.__setitem__(self, key, value)
+
+    def _drop(self, key: str) -> None:
+        """The optimizer's own removal (its caller counts the change)."""
+        dict.__delitem__(self, key)
 
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Back to ``saved`` (a refused change rolled back; its caller counts it)."""
@@ -276,6 +283,12 @@ def resolve(opt: Any, names: Sequence[str]
     return np.array([index[c] for c in owner], dtype=np.int64), rows, combos
 
 
+def group_rate(lr: float, group: Mapping[str, Any]) -> float:
+    """The learning rate of ``group`` when the optimizer's is ``lr``: the rate it was given
+    while ``lr`` was 0 (``"learning_rate"``), else its ``lr_scale`` times ``lr``."""
+    return group["learning_rate"] if "learning_rate" in group else lr * group.get("lr_scale", 1.0)
+
+
 def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
     """One optimizer per row: ``opt`` with the row's overrides (its learning rate scaled;
     :meth:`GroupsMixin.row_view`)."""
@@ -291,7 +304,7 @@ class GroupsMixin:
         learning rate times that): what updates the row's tensors."""
         v = copy.copy(self)
         scale = over.pop("lr_scale", None)
-        if scale is not None:
+        if scale is not None and "learning_rate" not in over:  # (else kept as it was set)
             over["learning_rate"] = self.learning_rate * scale
         v.assign(over)
         return v
@@ -498,8 +511,6 @@ class GroupsMixin:
         refused value changes nothing)."""
         new = self._checked_hyperparameter(name, value, group)
         if name == "learning_rate":
-            if group is not None and self.get_learning_rate() == 0 and new == 0:
-                return  # every group's rate is 0 with the optimizer's: nothing to change
             try:
                 self.set_learning_rate(new, group)
             except (ValueError, TypeError) as e:
