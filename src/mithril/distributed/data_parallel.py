@@ -3,9 +3,12 @@
 
 * ``shard_state=False``: the gradients are copied into one flat buffer (skipped when they
   are already the views :meth:`DataParallel.gradient_views` gives), averaged by one
-  all-reduce, and every rank runs the same fused update on all parameters. Clipping,
-  non-finite policies and parameter groups are the wrapped optimizer's own: every rank sees
-  exactly the averaged gradients one process would see.
+  all-reduce (float16 divided before it, as DDP, so that the sum cannot overflow), and every
+  rank runs the same fused update on all parameters. A small all-reduce goes first, with
+  each rank's refusal of its inputs and its presence flags: a refused step moves no
+  gradient (the views are the caller's, and stay as they were). Clipping, non-finite
+  policies and parameter groups are the wrapped optimizer's own: every rank sees exactly
+  the averaged gradients one process would see.
 * ``shard_state=True`` (ZeRO-1/2): a reduce-scatter leaves each rank the averaged gradients
   of the tensors it owns (:mod:`.sharding`: whole tensors, balanced by size); it runs the
   wrapped optimizer on those tensors alone (their slots are all the optimizer state it
