@@ -139,3 +139,20 @@ def test_traced_jax_step_refuses_it_by_name_and_changes_nothing():
     opt.set_learning_rate(0.01)  # the group follows its ratio again: the program runs
     params, state, _ = step(params, state, batches[1])
     assert any(not np.array_equal(np.array(v), before[k]) for k, v in params.items())
+
+
+def test_traced_per_tensor_update_refuses_it_too():
+    """Muon's rows (per-tensor updates) as an optax transformation: the same refusal, where
+    the row's rate was silently 0."""
+    import jax.numpy as jnp
+
+    from mithril.interop import optax_transformation
+    from mithril.utils.optimizers import Muon
+
+    opt = Muon(learning_rate=0.1, param_groups=[{"params": ["w2"], "learning_rate": 0.2}])
+    opt.set_learning_rate(0.0)
+    opt.set_learning_rate(0.3, group=0)
+    tx = optax_transformation(opt)
+    p = {"w": jnp.ones((3, 3)), "w2": jnp.ones((3, 3))}
+    with pytest.raises(ValueError, match=r"Muon param_groups\[0\]: a learning rate set"):
+        tx.update(p, tx.init(p), p)

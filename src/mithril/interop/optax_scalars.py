@@ -448,13 +448,7 @@ class _Plan:
         """The plan of an elementwise optimizer: its parameter groups' rows."""
         from ..utils.optimizers.groups import resolve, views
 
-        pinned = [i for i, g in enumerate(opt.param_groups) if "learning_rate" in g]
-        if pinned:  # (its rate is the optimizer's times lr_scale: 0 here)
-            raise ValueError(
-                f"{type(opt).__name__} param_groups{pinned}: a learning rate set while the "
-                f"optimizer's is 0 cannot be traced (the program holds a group's rate as a "
-                f"ratio to the optimizer's); run the optimizer's own update, or start the "
-                f"first lane's schedule above 0")
+        refuse_pinned(opt)
         index, rows, owners = resolve(opt, names)
         return cls(list(index), views(opt, rows), [float(r.get("lr_scale", 1.0)) for r in rows],
                    mode, [set(r) for r in rows], owners=owners, traced=traced)
@@ -467,6 +461,18 @@ class _Plan:
         if self.share is not None:
             return self.share(driven)
         return row_attrs(self.owners, self.overrides, driven)
+
+
+def refuse_pinned(opt: Any) -> None:
+    """``ValueError`` naming the groups of ``opt`` holding a rate set while the optimizer's
+    was 0: a program's row takes the optimizer's rate times the group's ratio, 0 here."""
+    pinned = [i for i, g in enumerate(opt.param_groups) if "learning_rate" in g]
+    if pinned:
+        raise ValueError(
+            f"{type(opt).__name__} param_groups{pinned}: a learning rate set while the "
+            f"optimizer's is 0 cannot be traced (the program holds a group's rate as a "
+            f"ratio to the optimizer's); run the optimizer's own update, or start the "
+            f"first lane's schedule above 0")
 
 
 def _pair_of(x: Any) -> tuple[Any, Any]:
