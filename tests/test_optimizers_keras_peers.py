@@ -108,6 +108,9 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "SGD", {"momentum": 0.9, "clip_tensor_norm": 1.0, "convention": "keras"},
         "SGD", {"momentum": 0.9, "clipnorm": 1.0, "gradient_accumulation_steps": 4}, ""),
 }
+#: the cases also run on the jitted JAX engine (the others' steps are no different there)
+JIT = ("nadam/missing", "adam_ema_wd/missing", "lamb_wd/missing", "adamax_eps", "muon",
+       "adam_wd/accumulate")
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
 TOLS = {"muon": 1e-7}
@@ -162,6 +165,9 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
         keras_traj.append([np.array(v.value).tolist() for v in vs])
     ema = [np.array(v.value).tolist() for v in opt._model_variables_moving_average] \
         if their_kw.get("use_ema") else None
+    out[case] = {"keras": keras_traj, "ema": ema}
+    if case not in JIT:
+        continue
     engines.JAX_ENGINE = "jit"  # ours on the jitted JAX engine, in float64
     mine = make(ours, our_kw, their_kw)
     params = {k: jnp.asarray(v) for k, v in p0.items()}
@@ -173,11 +179,11 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
         params, state = mine.update(params, {k: jnp.asarray(grads[t][k]) for k in names
                                              if k not in gone}, state)
         jit_traj.append([np.array(params[k]).tolist() for k in names])
-    out[case] = {"keras": keras_traj, "jit": jit_traj, "ema": ema}
+    out[case]["jit"] = jit_traj
 out["schedules"] = {}
-for e in SCHEDULES:  # (step by step: CosineDecay's warm-up branches on a scalar step)
-    sched = eval("keras.optimizers.schedules." + e)
-    out["schedules"][e] = [float(sched(t)) for t in range(SCHEDULE_STEPS)]
+for e in SCHEDULES:  # (step by step, jitted: CosineDecay's warm-up branches on the step)
+    sched = jax.jit(eval("keras.optimizers.schedules." + e))
+    out["schedules"][e] = [float(sched(jnp.asarray(t))) for t in range(SCHEDULE_STEPS)]
 print(json.dumps(out))
 """
 
@@ -188,7 +194,7 @@ def reference_process() -> tuple[subprocess.Popen, Any]:
     code = "\n".join([
         "import json\nimport numpy as np", f"SHAPES = {SHAPES!r}\nSTEPS = {STEPS!r}\nLR0 = {LR0!r}",
         f"SCHEDULE_STEPS = {SCHEDULE_STEPS}\nSCHEDULES = {list(SCHEDULES)!r}",
-        f"CASES = json.loads({json.dumps(CASES)!r})",
+        f"CASES = json.loads({json.dumps(CASES)!r})\nJIT = {JIT!r}",
         inspect.getsource(problem), inspect.getsource(missing), inspect.getsource(lr_at),
         inspect.getsource(make), _SCRIPT])
     out = tempfile.TemporaryFile("w+")
@@ -242,7 +248,8 @@ def test_equals_keras_step_by_step(case: str, runs: dict) -> None:
     ref, (traj, opt, state) = runs[case]
     tol = TOLS.get(case, TOL)
     assert worst(traj, ref["keras"]) <= tol, case
-    assert worst(ref["jit"], ref["keras"]) <= tol, f"{case} (jitted JAX engine)"
+    if case in JIT:
+        assert worst(ref["jit"], ref["keras"]) <= tol, f"{case} (jitted JAX engine)"
     if ref["ema"] is not None:
         ema = opt.ema_params(state)
         assert max(rel_err(ema[k], e) for k, e in zip(SHAPES, ref["ema"])) <= TOL
@@ -284,4 +291,4 @@ def test_schedule_equals_keras(keras_schedule: str, runs: dict) -> None:
         got.append(o.get_learning_rate())
         sched.step()
     want = runs["schedules"][keras_schedule]
-    np.testing.assert_allclose(got, want, rtol=tol, atol=0)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=1e-16)  # (XLA: 1 − 40/40 ≈ 1e-17)
