@@ -172,6 +172,24 @@ def test_float16_mean_gradients_over_more_than_65504_elements_are_not_zero():
     np.testing.assert_allclose(g, want.numpy(), rtol=0, atol=6e-8)  # a float16 subnormal step
 
 
+def test_float16_broadcast_gradient_is_summed_as_torch_sums_it():
+    """The VJP of a broadcast summed float16 partial sums: -32768 - 32768 overflowed to -inf
+    where the total (-57344) fits, and a loss scaler skipped a step torch's AMP takes."""
+    b = NumpyBackend(dtype="float16")
+    m = ml.Model()
+    m |= ml.Add()(left="input", right="b", output="output")
+    c = ml.compile(m, b, shapes={"input": [3, 2], "b": [2]}, trainable_keys=["b"])
+    cot = np.array([[-32768.0, 1.0], [-32768.0, 1.0], [8192.0, 1.0]], np.float16)
+    _, g = c.evaluate({"b": np.zeros(2, np.float16)}, {"input": np.zeros((3, 2), np.float16)},
+                      output_gradients={"output": cot})
+    tb = torch.zeros(2, dtype=torch.float16, requires_grad=True)
+    (want,) = torch.autograd.grad(torch.zeros(3, 2, dtype=torch.float16) + tb, tb,
+                                  torch.tensor(cot))
+    assert g["b"].dtype == np.float16
+    np.testing.assert_array_equal(g["b"], want.numpy())
+    assert np.isfinite(want.numpy()).all()
+
+
 # -- JAX: operators share a traced forward only when their settings are the same ------------
 def test_jax_shared_forward_tells_true_from_1_inside_an_index():
     """Inside ``jax.jit`` equal operators share one traced forward, keyed by their settings;

@@ -70,12 +70,20 @@ def broadcast_shapes(a: Shape, b: Shape, where: str) -> Shape:
 
 
 def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Sum ``g`` down to ``shape`` (the VJP of numpy broadcasting)."""
+    """Sum ``g`` down to ``shape`` (the VJP of numpy broadcasting). A half-precision ``g``
+    is summed in float32, as torch's reductions accumulate: a float16 partial sum overflows
+    to inf where the total fits (-32768 - 32768 + 8192), and a loss scaler then skips a step
+    torch takes."""
     if g.shape == shape:
         return g
-    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
-    axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
-    return g.sum(axis=axes, keepdims=True) if axes else g
+    acc = np.float32 if g.dtype.itemsize < 4 and g.dtype.kind == "f" or \
+        g.dtype.name == "bfloat16" else None
+    lead = tuple(range(g.ndim - len(shape)))
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i - len(shape)] != 1)
+    if not (lead or axes):
+        return g
+    out = g.sum(axis=lead + tuple(a + len(lead) for a in axes), dtype=acc, keepdims=True)
+    return out.reshape(shape).astype(g.dtype, copy=False)
 
 
 def div_count(g: np.ndarray, n: int) -> np.ndarray:
