@@ -292,3 +292,15 @@ def test_schedule_equals_keras(keras_schedule: str, runs: dict) -> None:
         sched.step()
     want = runs["schedules"][keras_schedule]
     np.testing.assert_allclose(got, want, rtol=tol, atol=1e-16)  # (XLA: 1 − 40/40 ≈ 1e-17)
+
+
+def test_nadam_group_of_another_convention_is_refused() -> None:
+    """Keras's one μ product and torch's per-tensor ones cannot share a state: a group that
+    switches convention is refused, naming it (taken, its tensors would step with the
+    optimizer's kind of product)."""
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: convention='torch' changes NAdam"):
+        mo.NAdam(convention="keras", param_groups=[{"params": ["b"], "convention": "torch",
+                                                    "decoupled_weight_decay": True}])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: convention='keras' changes NAdam"):
+        mo.NAdam(param_groups=[{"params": ["b"], "convention": "keras", "momentum_decay": 1.0,
+                                "decoupled_weight_decay": True}])

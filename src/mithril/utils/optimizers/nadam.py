@@ -53,7 +53,8 @@ class NAdam(Optimizer):
       μₜ = β₁·(1 − ½·0.96ᵗ) (``momentum_decay`` is 1; other values are refused), and Keras's
       decoupled ``weight_decay`` (``decoupled_weight_decay`` is True; False is refused).
       Πₜ is Keras's one product for the optimizer (``state.values["mu_product"]``),
-      advanced on every step, so a tensor whose gradient misses steps follows Keras.
+      advanced on every step, so a tensor whose gradient misses steps follows Keras (with
+      the first parameter's β₁: Keras has one). A group of another convention is refused.
     * ``"optax"`` (``optax.nadam``): **no μ schedule** (``momentum_decay`` is None; a value
       is refused): Adam's bias corrections with a constant β₁ and a Nesterov look-ahead,
       ``p ← p − lr·(1−β₁)/(1−β₁ᵗ) · g/d − lr·β₁/(1−β₁ᵗ⁺¹) · m/d``. ``weight_decay`` is
@@ -106,6 +107,11 @@ class NAdam(Optimizer):
     def state_values(self) -> tuple[str, ...]:  # type: ignore[override]
         """Keras's one Πₜ for the whole optimizer, advanced on every step."""
         return ("mu_product",) if self.convention == "keras" else ()
+
+    def rule(self) -> tuple[Any, ...]:
+        # Keras's one product and torch's per-tensor ones cannot mix in one state: a group
+        # of the other convention is refused (as one that changes the slots)
+        return (*super().rule(), self.tensor_slots, self.state_values)
 
     def slot_init(self, slot: str) -> float:
         return 1.0 if slot == "mu_product" else 0.0
