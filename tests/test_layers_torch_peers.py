@@ -10,6 +10,7 @@ process-wide): cases the per-layer test files do not reach.
 3. RNN / LSTM / GRU over an empty sequence (refused, as torch), then over one step.
 4. Attention over no keys (S = 0): zeros, as torch.
 5. Dilated max pooling on JAX: −inf and NaN windows route their gradient as torch.
+6. GroupNorm's eps: checked as BatchNorm's; 0 and ints as torch.
 """
 
 from __future__ import annotations
@@ -212,3 +213,31 @@ def test_dilated_max_pool_routes_minus_inf_and_nan_windows_as_torch(backend_name
     out, grads = _evaluate(model, backend, {"input": x}, {"output": cot})
     np.testing.assert_allclose(out["output"], want.detach().double().numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(grads["input"], want_g.double().numpy(), rtol=0, atol=DTYPES[dtype])
+
+
+# -- 6. GroupNorm's eps --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+def test_group_norm_eps_is_checked_and_eps_0_is_torchs(backend_name, dtype):
+    """A bad eps is named, as BatchNorm's (a string or None raised float()'s unnamed error, a
+    negative or NaN eps gave NaN outputs, True passed as 1.0); eps = 0 and an int eps are
+    torch's."""
+    for eps in ("1e-5", -1e-5, float("nan"), True, None):
+        with pytest.raises(ValueError, match=r"GroupNorm: eps must be a finite float >= 0, got "):
+            ml.GroupNorm(2, eps=eps)
+    backend = BACKENDS[backend_name](dtype=dtype)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 3)).astype(dtype)
+    for eps in (0, 1):
+        model = ml.Model()
+        model |= ml.GroupNorm(2, eps=eps)(input="input", output="output")
+        w, b = rng.standard_normal(4).astype(dtype), rng.standard_normal(4).astype(dtype)
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in (("input", x), ("weight", w), ("bias", b))}
+        want = F.group_norm(t["input"], 2, t["weight"], t["bias"], eps)
+        cot = rng.standard_normal(x.shape).astype(dtype)
+        want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+        params = {"group_norm.weight": w, "group_norm.bias": b}
+        out, grads = _evaluate(model, backend, {"input": x}, {"output": cot}, params)
+        tol = DTYPES[dtype] * 10
+        assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, f"output, eps={eps}")
+        assert_arrays_within(grads, {k: g.double().numpy() for k, g in
+                                     zip(["input", *params], want_g)}, tol, f"gradients, eps={eps}")
