@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
+from . import checkpoint_accumulate as accumulate
+from .accumulation import Accumulate
 from .checkpoint_io import MAX_DEPTH, MAX_INT, depth, loads_guarded, read_file, write_file
 
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
@@ -67,7 +69,7 @@ FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32
 _TOP = ("format", "params", "optimizer", "scheduler", "extra")
 #: optional top-level field: the model's state (BatchNorm's running statistics), name ->
 #: dtype and shape, each stored as ``model/<name>``; its integer dtypes (num_batches_tracked)
-_TOP_OPTIONAL = ("model_state",)
+_TOP_OPTIONAL = ("model_state", "accumulate")
 STATE_DTYPES = {**FLOAT_DTYPES, "int32": "int32", "int64": "int64"}
 _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
@@ -250,6 +252,7 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
         if not isinstance(sched["state"], dict):
             raise bad("scheduler.state", "must be an object (the scheduler's state_dict)")
         _check_ints(sched["state"], "scheduler.state", where)
+    accumulate.check_meta(meta, bad, FLOAT_DTYPES, MAX_INT)
     return meta
 
 
@@ -270,6 +273,7 @@ def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where
                 expected[f"opt/{s}/{n}"] = (tuple(shape), ("float16", "float32", "float64"))
         for v in opt.get("values", []):
             expected[f"optv/{v}"] = ((), ("float64",))
+    expected.update(accumulate.expected(meta, FLOAT_DTYPES))
     missing = sorted(set(expected) - set(arrays))
     unknown = sorted(set(arrays) - set(expected))
     if missing or unknown:
@@ -329,6 +333,10 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
 
     if state is not None and optimizer is None:
         raise ValueError("save_checkpoint: state given without its optimizer")
+    if isinstance(optimizer, Accumulate):  # the wrapped optimizer's, and the window
+        optimizer, state, meta["accumulate"], acc_tensors = accumulate.parts(
+            optimizer, state, params, _check_float_array, _to_numpy)
+        tensors.update(acc_tensors)
     if optimizer is not None:
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
                                     "hyperparameters": optimizer.hyperparameters(),
@@ -477,6 +485,10 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     meta_json, arrays = read_file(path)
     meta = _check_meta(loads_guarded(meta_json, f"{where}: the metadata"), where)
     _check_tensors(meta, arrays, where)
+    accumulate.refuse_plain(meta, optimizer, where)
+    acc = optimizer if isinstance(optimizer, Accumulate) else None
+    if acc is not None:
+        optimizer = acc.optimizer
     pmeta: dict[str, Any] = meta["params"]
     names = list(pmeta)
     if params_template is not None:
@@ -572,6 +584,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
             vars(optimizer).update(old)
         raise
 
+    if acc is not None:  # (cannot fail: the window's fields were checked with the rest)
+        state = accumulate.restore(acc, meta, arrays, state, backend)
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
             "extra": meta["extra"], "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"],

@@ -1,0 +1,112 @@
+"""Checkpoints of an :class:`~mithril.utils.accumulation.Accumulate` run, mid-window.
+
+``save_checkpoint(path, params, acc, acc_state)`` stores the wrapped optimizer and its state
+as for the optimizer alone, and under the metadata field ``"accumulate"`` the window: ``k``,
+the micro-batches buffered (``count``), their ``total_weight`` and the dtype and shape of
+each buffered gradient sum, stored as the tensors ``accumulate/<name>`` (what optax's
+``MultiSteps`` keeps in its state). ``load_checkpoint(path, ..., optimizer=acc)`` returns an
+:class:`~mithril.utils.accumulation.AccumulateState` holding them, so the run goes on as if
+never stopped, and sets ``acc.k``. A checkpoint with buffered micro-batches loaded into the
+plain optimizer is refused (they would be lost silently).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .accumulation import Accumulate, AccumulateState
+
+FIELD = "accumulate"
+PREFIX = "accumulate/"
+
+
+def parts(optimizer: Accumulate, state: Any, params: Mapping[str, Any],
+          check_array: Callable[[str, Any], str], to_numpy: Callable[[Any], np.ndarray]
+          ) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray]]:
+    """(the wrapped optimizer, its state, the ``"accumulate"`` metadata, its tensors) of an
+    Accumulate and its state (None: hyperparameters only)."""
+    if state is not None and not isinstance(state, AccumulateState):
+        raise TypeError(f"state must be what Accumulate.init/update returned (an "
+                        f"AccumulateState), got {type(state).__name__}")
+    acc = None if state is None else state.accumulator
+    meta: dict[str, Any] = {"k": optimizer.k, "count": 0 if acc is None else acc.count,
+                            "total_weight": 0.0 if acc is None else float(acc.total_weight),
+                            "grads": {}}
+    tensors: dict[str, np.ndarray] = {}
+    if acc is not None and acc.count:
+        for name, g in acc.sum().items():
+            if name not in params:
+                raise ValueError(f"the buffered gradients hold '{name}', which is not in params")
+            dt = check_array(f"the buffered gradient '{name}'", g)
+            tensors[PREFIX + name] = arr = to_numpy(g)
+            meta["grads"][name] = {"dtype": dt, "shape": list(arr.shape)}
+    return optimizer.optimizer, None if state is None else state.inner, meta, tensors
+
+
+def check_meta(meta: Mapping[str, Any], bad: Callable[[str, str], Exception],
+               dtypes: Mapping[str, Any], max_int: int) -> None:
+    """The ``"accumulate"`` field of checkpoint metadata ``meta``, if there, checked; ``bad``
+    makes the error naming a field."""
+    m = meta.get(FIELD)
+    if m is None:
+        return
+    if not isinstance(m, dict) or set(m) != {"k", "count", "total_weight", "grads"}:
+        raise bad(FIELD, "must be an object with exactly k, count, total_weight and grads")
+    k, count, w = m["k"], m["count"], m["total_weight"]
+    if type(k) is not int or not 1 <= k <= max_int:
+        raise bad(f"{FIELD}.k", f"is {k!r:.40}, not an integer >= 1")
+    if type(count) is not int or not 0 <= count < k:
+        raise bad(f"{FIELD}.count", f"is {count!r:.40}, not an integer in [0, k)")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or \
+            w < 0 or (w > 0) != (count > 0):
+        raise bad(f"{FIELD}.total_weight", f"is {w!r:.40}, not a finite number >= 0 that is "
+                                           f"0 exactly when nothing is buffered")
+    grads = m["grads"]
+    if not isinstance(grads, dict) or not set(grads) <= set(meta["params"]) or \
+            bool(grads) != (count > 0):
+        raise bad(f"{FIELD}.grads", "must map parameters to {dtype, shape}, one per buffered "
+                                    "gradient (none when nothing is buffered)")
+    for n, g in grads.items():
+        if not isinstance(g, dict) or set(g) != {"dtype", "shape"} or g["dtype"] not in dtypes \
+                or g["shape"] != meta["params"][n]["shape"]:
+            raise bad(f"{FIELD}.grads.{n}", f"must be {{dtype, shape}} with a float dtype and "
+                                            f"parameter '{n}''s shape")
+
+
+def expected(meta: Mapping[str, Any], dtypes: Mapping[str, Any]
+             ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The tensors the ``"accumulate"`` field describes: name -> (shape, stored dtypes)."""
+    m = meta.get(FIELD) or {"grads": {}}
+    return {PREFIX + n: (tuple(g["shape"]), (dtypes[g["dtype"]],)) for n, g in m["grads"].items()}
+
+
+def refuse_plain(meta: Mapping[str, Any], optimizer: Any, where: str) -> None:
+    """``ValueError`` if buffered micro-batches would be dropped by loading into a plain
+    optimizer."""
+    m = meta.get(FIELD)
+    if m and m["count"] and optimizer is not None and not isinstance(optimizer, Accumulate):
+        raise ValueError(f"{where} holds {m['count']} buffered micro-batch(es) of an "
+                         f"Accumulate(k={m['k']}): load it with optimizer=Accumulate(...) "
+                         f"(into {type(optimizer).__name__} they would be lost)")
+
+
+def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+            inner_state: Any, backend: Any) -> AccumulateState | None:
+    """The AccumulateState around ``inner_state`` holding the saved window (an empty one
+    when saved without); sets ``acc.k`` to the saved one. Nothing here can fail."""
+    m = meta.get(FIELD)
+    if m is not None:
+        acc.k = m["k"]
+    if inner_state is None:
+        return None
+    state = AccumulateState(inner_state)
+    if m is not None and m["count"]:
+        buf = state.accumulator
+        buf._sum = {n: backend.array(arrays[PREFIX + n], g["dtype"])
+                    for n, g in m["grads"].items()}
+        buf.count, buf.total_weight = m["count"], float(m["total_weight"])
+    return state
