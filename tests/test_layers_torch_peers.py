@@ -11,6 +11,7 @@ process-wide): cases the per-layer test files do not reach.
 4. Attention over no keys (S = 0): zeros, as torch.
 5. Dilated max pooling on JAX: −inf and NaN windows route their gradient as torch.
 6. GroupNorm's eps: checked as BatchNorm's; 0 and ints as torch.
+7. TransformerBlock's eps: checked; a given one is torch's layer_norm_eps.
 """
 
 from __future__ import annotations
@@ -241,3 +242,39 @@ def test_group_norm_eps_is_checked_and_eps_0_is_torchs(backend_name, dtype):
         assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, f"output, eps={eps}")
         assert_arrays_within(grads, {k: g.double().numpy() for k, g in
                                      zip(["input", *params], want_g)}, tol, f"gradients, eps={eps}")
+
+
+# -- 7. TransformerBlock's eps -----------------------------------------------------------------
+_TORCH_LAYER = {"layer_norm_0": "norm1", "layer_norm_1": "norm2", "linear_0": "linear1",
+                "linear_1": "linear2", "multi_head_attention": "self_attn"}
+
+
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+def test_transformer_block_eps_is_checked_and_is_torchs(backend_name, dtype):
+    """A bad eps is named at construction (None failed inside the first LayerNorm's forward, a
+    negative one gave NaN); a given eps is torch's ``layer_norm_eps``."""
+    for eps in ("x", -1e-5, None, True):
+        with pytest.raises(ValueError, match=r"TransformerBlock: eps must be a finite float >= 0"):
+            ml.TransformerBlock(4, 2, 8, eps=eps)
+    backend = BACKENDS[backend_name](dtype=dtype)
+    model = ml.Model()
+    model |= ml.TransformerBlock(4, 2, 8, eps=0.25, activation="gelu")(input="input", output="output")
+    ref = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu", layer_norm_eps=0.25,
+                                           batch_first=True, norm_first=True, dtype=getattr(torch, dtype))
+    params = {}
+    for name, p in ref.named_parameters():  # norm1.weight -> transformer_block.layer_norm_0.weight
+        layer, role = name.split(".", 1)
+        ours = next(k for k, v in _TORCH_LAYER.items() if v == layer)
+        params[f"transformer_block.{ours}.{role.replace('.', '_')}"] = p
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((2, 3, 4)) * 0.3).astype(dtype)  # small: eps matters
+    tx = torch.tensor(x, requires_grad=True)
+    want = ref(tx)
+    cot = rng.standard_normal(x.shape).astype(dtype)
+    want_g = torch.autograd.grad(want, [tx, *params.values()], torch.tensor(cot))
+    out, grads = _evaluate(model, backend, {"input": x}, {"output": cot},
+                           {k: v.detach().numpy() for k, v in params.items()})
+    tol = DTYPES[dtype] * 10
+    assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, "output")
+    assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(["input", *params], want_g)},
+                         tol, "gradients")

@@ -12,7 +12,8 @@ import numpy as np
 from .operator import Operator, ShapeError, backend_of, fmt
 
 
-def _check_eps(eps: Any, who: str) -> None:
+def check_eps(eps: Any, who: str) -> None:
+    """A normalisation's eps: a finite number >= 0 (not a bool), else a ``ValueError``."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) \
             or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{who}: eps must be a finite float >= 0, got {eps!r}")
@@ -30,7 +31,7 @@ class GroupNorm(Operator):
         if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) \
                 or num_groups <= 0:
             raise ValueError(f"GroupNorm: num_groups must be a positive int, got {num_groups!r}")
-        _check_eps(eps, "GroupNorm")
+        check_eps(eps, "GroupNorm")
         self.num_groups, self.eps, self.affine = int(num_groups), float(eps), bool(affine)
         # the compiler drops parameters switched off by these
         self.use_scale = self.use_bias = self.affine
@@ -135,7 +136,7 @@ class _BatchNorm(Operator):
         if not isinstance(num_features, (int, np.integer)) or isinstance(num_features, bool) \
                 or num_features <= 0:
             raise ValueError(f"{who}: num_features must be a positive int, got {num_features!r}")
-        _check_eps(eps, who)
+        check_eps(eps, who)
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(
                 momentum, (int, float, np.floating)) or not 0.0 <= float(momentum) <= 1.0):
             raise ValueError(f"{who}: momentum must be in [0, 1] or None, got {momentum!r}")

@@ -28,6 +28,7 @@ from .arithmetic import Add
 from .attention import MultiHeadAttention
 from .blocks import _make_activation
 from .model import IOKey, Model
+from .norms import check_eps
 from .operator import Operator
 
 
@@ -85,6 +86,7 @@ class TransformerBlock(Model):
         for name, v in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"TransformerBlock: {name} must be a positive int, got {v!r}")
+        check_eps(eps, "TransformerBlock")  # the LayerNorms take any value (None failed late)
         self.d_model, self.num_heads, self.dim_feedforward = int(d_model), num_heads, int(dim_feedforward)
 
         def wire(name: str) -> IOKey:
