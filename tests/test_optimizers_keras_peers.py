@@ -100,6 +100,13 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                           "learning_rate": LR0, "weight_decay": 0.004, "epsilon": 1e-7,
                           "convention": "keras"}}},
              "Muon", {}, "some"),
+    # Keras's Adafactor (its means in float64, see _SCRIPT)
+    "adafactor_wd/missing": ("Adafactor", {"weight_decay": 0.1, "convention": "keras"},
+                             "Adafactor", {"weight_decay": 0.1}, "some"),
+    "adafactor_options": ("Adafactor", {"epsilon": (1e-20, 1e-2), "d": 2.0, "beta2_decay": -0.5,
+                                        "convention": "keras"},
+                          "Adafactor", {"epsilon_1": 1e-20, "epsilon_2": 1e-2,
+                                        "clip_threshold": 2.0, "beta_2_decay": -0.5}, ""),
     # Keras's gradient_accumulation_steps: our Accumulate wrapper (Keras's iterations, and
     # so the bias corrections, count the applied steps)
     "adam_wd/accumulate": ("Adam", {"epsilon": 1e-7, "weight_decay": 0.1, "convention": "keras"},
@@ -110,12 +117,13 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
 }
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
 JIT = ("nadam/missing", "adam_ema_wd/missing", "lamb_wd/missing", "adamax_eps", "muon",
-       "adam_wd/accumulate")
+       "adam_wd/accumulate", "adafactor_wd/missing")
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
 TOLS = {"muon": 1e-7}
 #: the cases also run on float32 parameters (against Keras's float64 run: ≤ 1e-4)
-FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd")
+FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd",
+           "adafactor_wd/missing")
 
 # keras.optimizers.schedules.<expression> -> (ours on an optimizer whose lr is 0.1, what the
 # comparison allows: Keras's CosineDecay computes its cosine in float32)
@@ -150,10 +158,21 @@ import mithril.utils.optimizers as mo
 import mithril.utils.optimizers.engines as engines
 
 keras.config.set_floatx("float64")
+# Keras 3.15's ops.mean of float64 arrays is float32-accurate (Adafactor's RMS and factors):
+# its Adafactor runs with a float64 mean
+import keras.src.ops as kops
+keras_mean = kops.mean
+
+
+def float64_mean(x, axis=None, keepdims=False):
+    return jnp.mean(jnp.asarray(x), axis=axis, keepdims=keepdims)
+
+
 p0, grads = problem()
 names = list(SHAPES)
 out = {}
 for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
+    kops.mean = float64_mean if theirs == "Adafactor" else keras_mean
     opt = getattr(keras.optimizers, theirs)(learning_rate=LR0, **their_kw)
     vs = [keras.Variable(p0[k], dtype="float64", name=k) for k in names]
     opt.build(vs)

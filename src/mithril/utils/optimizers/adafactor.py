@@ -48,17 +48,26 @@ class Adafactor(TensorwiseOptimizer):
     steps of fixed gradients; in training, where a difference feeds back through the
     gradients, ~1e-13). ``fused=False`` runs :meth:`tensor_update` tensor by tensor with
     the backend's own operations: on torch these are torch.optim's, equal to the last bit.
+
+    ``convention="keras"`` (``keras.optimizers.Adafactor``; its ``epsilon_1``/``epsilon_2``
+    are ``epsilon``, ``clip_threshold`` is ``d``, ``beta_2_decay`` ``beta2_decay``; Keras's
+    lr defaults to 1e-3): ε₁ (None: Keras's 1e-30) is added to g² instead of clamping V,
+    ``V = R·C / mean(R)``, and ``weight_decay`` is Keras's ``p ← p − lr·wd·p`` *before* the
+    step (α then sees the decayed p). It runs the per-tensor path (no fused kernel).
     """
 
     slots = ("row_var", "col_var", "variance")
-    weight_decay_in_math = True
     traced_in_update = ("beta2_decay", "d", "weight_decay")
 
     def __init__(self, learning_rate: float = 1e-2, beta2_decay: float = -0.8,
                  epsilon: Sequence[float | None] = (None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, maximize: bool = False, fused: bool = True,
-                 **options: Any) -> None:
+                 convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        if convention not in ("torch", "keras"):
+            raise ValueError(f"convention must be 'torch' or 'keras' (optax's adafactor is "
+                             f"another algorithm), got {describe(convention)}")
+        self.convention = convention
         self.beta2_decay = to_float("beta2_decay", beta2_decay)
         if not self.beta2_decay <= 0:  # also refuses NaN
             raise ValueError(f"beta2_decay must be <= 0, got {describe(beta2_decay)}")
@@ -68,6 +77,14 @@ class Adafactor(TensorwiseOptimizer):
             raise ValueError(f"d (the clipping threshold) must be >= 1, got {describe(d)}")
         self.maximize = check_flag("maximize", maximize)
         self.fused = check_flag("fused", fused)
+
+    @property
+    def weight_decay_in_math(self) -> bool:  # type: ignore[override]
+        return self.convention == "torch"
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.convention == "keras"  # (before tensor_update: α sees the decayed p)
 
     def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         factored = len(shape) > 1
@@ -91,23 +108,29 @@ class Adafactor(TensorwiseOptimizer):
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
         lr, w, rho = scalars
         eps1, eps2 = self.epsilon
+        keras = self.convention == "keras"
         if eps1 is None:
-            eps1 = xp.eps(p)
+            eps1 = 1e-30 if keras else xp.eps(p)
+
+        def sq(x: Any) -> Any:  # Keras adds ε₁ to g² where torch clamps V at ε₁²
+            return x + eps1 if keras else x
+
         if self.maximize:
             g = -g
         size = int(p.size) if not callable(p.size) else p.numel()
         alpha = max(eps2, xp.norm(p) / size ** 0.5) * rho
-        if switched_on(self.weight_decay):  # (a traced one: always; p · 1 is p at 0)
+        if not keras and switched_on(self.weight_decay):  # (a traced one: always)
             p = p * (1 - lr * self.weight_decay)
         out = dict(slots)
         if g.ndim > 1:
-            row = xp.lerp(slots["row_var"], xp.norm_axis(g, -1) ** 2 / g.shape[-1], w)
-            col = xp.lerp(slots["col_var"], xp.norm_axis(g, -2) ** 2 / g.shape[-2], w)
-            v = (row @ col) / xp.clamp_min(xp.mean(row, -2), eps1)
+            row = xp.lerp(slots["row_var"], sq(xp.norm_axis(g, -1) ** 2 / g.shape[-1]), w)
+            col = xp.lerp(slots["col_var"], sq(xp.norm_axis(g, -2) ** 2 / g.shape[-2]), w)
+            mean = xp.mean(row, -2)
+            v = (row @ col) / (mean if keras else xp.clamp_min(mean, eps1))
             out.update(row_var=row, col_var=col)
         else:
-            v = out["variance"] = xp.lerp(slots["variance"], g * g, w)
-        u = xp.rsqrt(xp.clamp_min(v, eps1 * eps1)) * g
+            v = out["variance"] = xp.lerp(slots["variance"], sq(g * g), w)
+        u = xp.rsqrt(v if keras else xp.clamp_min(v, eps1 * eps1)) * g
         denom = max(1.0, xp.norm(u) / (size ** 0.5 * self.d))
         return xp.add_scaled(p, u, -alpha / denom), out
 
@@ -117,7 +140,7 @@ class Adafactor(TensorwiseOptimizer):
         """The whole step in one numba kernel where the state's engine is the NumbaEngine
         (and every parameter group ``fused``); else None (the per-tensor path)."""
         if type(state.engine).__name__ != "NumbaEngine" or not all(
-                v.fused for v in self.group_rows(state)[1]):
+                v.fused and v.convention == "torch" for v in self.group_rows(state)[1]):
             return None
         return _fused_step(self, params, gradients, state, prepared, ours)
 
