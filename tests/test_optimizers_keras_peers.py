@@ -100,6 +100,11 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                           "learning_rate": LR0, "weight_decay": 0.004, "epsilon": 1e-7,
                           "convention": "keras"}}},
              "Muon", {}, "some"),
+    # Keras's ema_overwrite_frequency=k: the EMA rebound as the parameters after every k-th
+    # update (the recipe of averaging.py)
+    "adam_ema_overwrite": ("Adam", {"epsilon": 1e-7, "ema_decay": 0.9, "convention": "keras"},
+                           "Adam", {"use_ema": True, "ema_momentum": 0.9,
+                                    "ema_overwrite_frequency": 5}, "some"),
     # Keras's Adafactor (its means in float64, see _SCRIPT)
     "adafactor_wd/missing": ("Adafactor", {"weight_decay": 0.1, "convention": "keras"},
                              "Adafactor", {"weight_decay": 0.1}, "some"),
@@ -116,7 +121,7 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "SGD", {"momentum": 0.9, "clipnorm": 1.0, "gradient_accumulation_steps": 4}, ""),
 }
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
-JIT = ("nadam/missing", "adam_ema_wd/missing", "lamb_wd/missing", "adamax_eps", "muon",
+JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite", "lamb_wd/missing", "adamax_eps", "muon",
        "adam_wd/accumulate", "adafactor_wd/missing")
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
@@ -197,6 +202,8 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
         gone = missing(pattern, t)
         params, state = mine.update(params, {k: jnp.asarray(grads[t][k]) for k in names
                                              if k not in gone}, state)
+        if (t + 1) % their_kw.get("ema_overwrite_frequency", STEPS + 1) == 0:
+            params = {k: jnp.array(v) for k, v in mine.ema_params(state).items()}
         jit_traj.append([np.array(params[k]).tolist() for k in names])
     out[case]["jit"] = jit_traj
 out["schedules"] = {}
@@ -234,6 +241,8 @@ def run_ours(case: str, dtype: str = "float64"):
         gone = missing(pattern, t)
         params, state = opt.update(params, {k: g for k, g in grads[t].items()
                                             if k not in gone}, state)
+        if (t + 1) % their_kw.get("ema_overwrite_frequency", STEPS + 1) == 0:
+            params = {k: np.array(v) for k, v in opt.ema_params(state).items()}
         traj.append([np.array(params[k], dtype=np.float64) for k in SHAPES])
     return traj, opt, state
 

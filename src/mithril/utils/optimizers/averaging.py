@@ -19,7 +19,8 @@ alone (nothing more is saved: a state dict or checkpoint restores it with the st
   ``ema_overwrite_frequency`` is another thing: Keras updates its EMA every step and
   *overwrites the model's weights* with it every k steps; here the parameters are never
   overwritten: :meth:`~mithril.utils.optimizers.Optimizer.swap_ema` swaps the average in
-  when you ask.)
+  when you ask. Keras's ``ema_overwrite_frequency=k`` is rebinding ``params`` to a copy of
+  ``opt.ema_params(state)`` (views of the state on NumPy/torch) after every k-th update.)
 * SWA, ``swa_start = s``: the average is the mean of the parameters after steps ``s``,
   ``s + 1``, ... (those that are multiples of ``ema_every`` when it is > 1): ``w = 1/n`` on
   its n-th update. That is torch's ``AveragedModel(model)`` (default average) with
