@@ -12,6 +12,7 @@ process-wide): cases the per-layer test files do not reach.
 5. Dilated max pooling on JAX: −inf and NaN windows route their gradient as torch.
 6. GroupNorm's eps: checked as BatchNorm's; 0 and ints as torch.
 7. TransformerBlock's eps: checked; a given one is torch's layer_norm_eps.
+8. A ReLU RNN at z = 0 (zero-padded steps): torch's zero gradient on JAX too.
 """
 
 from __future__ import annotations
@@ -278,3 +279,32 @@ def test_transformer_block_eps_is_checked_and_is_torchs(backend_name, dtype):
     assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, "output")
     assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(["input", *params], want_g)},
                          tol, "gradients")
+
+
+# -- 8. ReLU RNN at z = 0 --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+def test_relu_rnn_gradient_at_zero_preactivation_is_torchs(backend_name, dtype):
+    """Zero-padded steps (both ends) from zero states with no bias give z = 0 exactly: the
+    gradient there is torch's 0, not ``jnp.maximum``'s ½ (JAX's input gradient was off by
+    O(1))."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    block = ml.RNN(3, nonlinearity="relu", bias=False, bidirectional=True)
+    ref = torch.nn.RNN(2, 3, nonlinearity="relu", bias=False, bidirectional=True,
+                       dtype=getattr(torch, dtype))
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((5, 2, 2)).astype(dtype)
+    x[:2] = x[-1:] = 0
+    tx = torch.tensor(x, requires_grad=True)
+    out_t, h_t = ref(tx)
+    cots = {"output": rng.standard_normal(tuple(out_t.shape)).astype(dtype),
+            "hidden": rng.standard_normal(tuple(h_t.shape)).astype(dtype)}
+    leaves = {"input": tx, **{block.torch_names()[n]: p for n, p in ref.named_parameters()}}
+    want_g = torch.autograd.grad([out_t, h_t], list(leaves.values()),
+                                 [torch.tensor(cots["output"]), torch.tensor(cots["hidden"])])
+    params = {k: v.detach().numpy() for k, v in leaves.items() if k != "input"}
+    out, grads = _evaluate(block, backend, {"input": x}, cots, params)
+    tol = DTYPES[dtype] * 10
+    assert_arrays_within(out, {"output": out_t.detach().double().numpy(),
+                               "hidden": h_t.detach().double().numpy()}, tol, "outputs")
+    assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(leaves, want_g)}, tol,
+                         "gradients")

@@ -43,6 +43,16 @@ def _sigmoid(xp: Any, x: Any) -> Any:
     return t.sigmoid(x) if t is not None else 0.5 * (xp.tanh(0.5 * x) + 1)
 
 
+def _relu(xp: Any, x: Any) -> Any:
+    """max(x, 0) with torch's gradient at 0 (zero): ``jnp.maximum`` splits it, ½ each way,
+    and a ReLU RNN meets z = 0 exactly (zero-padded steps from a zero state, no bias)."""
+    if backend_of(xp) == "jax":
+        import jax
+
+        return jax.nn.relu(x)
+    return xp.maximum(x, 0)  # NumPy (its VJP masks z > 0); torch's namespace: torch.relu
+
+
 def _positive_int(who: str, what: str, v: Any) -> int:
     if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v <= 0:
         raise ValueError(f"{who}: {what} must be a positive int, got {v!r}")
@@ -163,7 +173,7 @@ class Recurrence(Operator):
         H = self.hidden_size
         if self.kind == "rnn":
             z = a + b
-            return (xp.tanh(z) if self.nonlinearity == "tanh" else xp.maximum(z, 0)), c
+            return (xp.tanh(z) if self.nonlinearity == "tanh" else _relu(xp, z)), c
         if self.kind == "lstm":
             z = a + b
             i, f = _sigmoid(xp, z[:, :H]), _sigmoid(xp, z[:, H:2 * H])
