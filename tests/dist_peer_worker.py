@@ -331,8 +331,45 @@ def case_float16(rank: int, world: int) -> dict:
     topt = torch.optim.SGD(net.parameters(), lr=1e-5)
     model(torch.full((1, 4), 30000.0, dtype=torch.float16)).sum().backward()
     topt.step()
+    sdp = DataParallel(SGD(1e-5), shard_state=True)  # the ZeRO step: the same rule
+    q = {"w": torch.ones(4, dtype=torch.float16)}
+    sst = sdp.init(q)
+    q, sst = sdp.update(q, {"w": torch.full((4,), 30000.0, dtype=torch.float16)}, sst)
     return {"mithril": p["w"].float().tolist(), "norm": float(st.last_grad_norm),
+            "sharded": q["w"].float().tolist(), "sharded_norm": float(sst.last_grad_norm),
             "ddp": net.weight.detach().float().reshape(-1).tolist()}
+
+
+def case_empty_rank(rank: int, world: int) -> dict:
+    """3 ranks, 2 tensors (ZeRO): the last rank holds none. Finite gradients whose results
+    overflow on every tensor: under 'skip' every rank skips (the empty one too, its step
+    count as the others'); under 'raise' every rank raises, nothing changed."""
+    import warnings
+
+    from mithril.distributed import DataParallel
+    from mithril.utils.optimizers import SGD
+
+    out: dict[str, Any] = {}
+    for policy in ("skip", "raise"):
+        dp = DataParallel(SGD(1e308, nonfinite=policy), shard_state=True)
+        p = {"a": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+        st = dp.init(p)
+        g = {k: torch.full_like(v, -1e10) for k, v in p.items()}  # p - lr·g = inf
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                new, st = dp.update(p, g, st)
+            got: dict[str, Any] = {"params": listed(new)}
+        except Exception as e:  # noqa: BLE001 - the error is the result
+            got = {"error": err(e)}
+        got.update(owned=list(st.owned), step=st.local.step, skipped=st.local.num_skipped,
+                   last_skipped=bool(st.local.last_step_skipped))
+        # and the next, finite step runs on every rank alike
+        dp.optimizer.learning_rate = 0.5
+        new, st = dp.update(p, {k: torch.ones_like(v) for k, v in p.items()}, st)
+        got.update(after=listed(new), step_after=st.local.step)
+        out[policy] = got
+    return out
 
 
 def case_init_refused(rank: int, world: int) -> dict:
@@ -404,7 +441,7 @@ def case_broadcast(rank: int, world: int) -> dict:
 
 #: in this order: the cases that hang or abort a rank on a broken implementation come last
 CASES = [case_parity, case_raise, case_skip, case_views, case_create_graph, case_float16,
-         case_init_refused, case_broadcast]
+         case_empty_rank, case_init_refused, case_broadcast]
 
 
 def main() -> None:

@@ -187,6 +187,31 @@ def test_float16_mean_that_fits_where_the_sum_does_not(peers) -> None:
     for got in _case(peers, "float16"):
         assert got["ddp"] == ref and got["mithril"] == mine
         assert got["norm"] == 60000.0  # the mean's norm, ‖(30000,)·4‖
+        assert got["sharded"] == mine and got["sharded_norm"] == 60000.0  # (it was -inf)
+
+
+@pytest.mark.slow
+def test_a_rank_holding_no_tensor_follows_the_others_refusal(peers) -> None:
+    """ZeRO with more ranks than tensors: results overflowing on every tensor were reported
+    as ranks diverging (the empty rank voted 'applied'), and its step count moved on alone
+    (a later load_sharded refused the checkpoint). Now every rank skips or raises alike, as
+    one process does, and the next step runs everywhere."""
+    from mithril.utils.optimizers import SGD
+
+    one = SGD(0.5)
+    p = {"a": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+    p, st = one.update(p, {k: torch.ones_like(v) for k, v in p.items()}, one.init(p))
+    want = {k: v.tolist() for k, v in p.items()}
+    got = _case(peers, "empty_rank")
+    assert sorted(len(g["skip"]["owned"]) for g in got) == [0, 1, 1]
+    for g in got:
+        skip, raised = g["skip"], g["raise"]
+        assert skip["params"] == {"a": [1.0] * 3, "b": [1.0] * 2}  # the params given
+        assert (skip["step"], skip["skipped"], skip["last_skipped"]) == (0, 1, True)
+        assert "FloatingPointError" in raised["error"] and raised["step"] == 0
+        assert raised["skipped"] == 0
+        for r in (skip, raised):
+            assert r["after"] == want and r["step_after"] == 1
 
 
 @pytest.mark.slow

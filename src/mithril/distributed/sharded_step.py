@@ -22,6 +22,7 @@ from . import process_group as pg
 from .data_parallel import (
     DistributedState,
     _divide,
+    _dtype_name,
     _host,
     _multiply,
     _nbytes,
@@ -48,10 +49,13 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     if refused is None:
         dp._pack(gradients, state, ch.flag)
     recv, data = state._recv, ch.data[me]
+    half = world > 1 and _dtype_name(recv) == "float16"
+    if half:  # divided first, as DDP: the sum over ranks overflows where the mean does not
+        _divide(state._send, world)
     if world > 1:
         pg.reduce_scatter(recv, state._send)
     mine = recv[:data]
-    if world > 1:
+    if world > 1 and not half:
         _divide(mine, world)
     local_sq = _sumsq(mine) if refused is None else 0.0
     total = _small([local_sq, float(refused is not None)], mine)
@@ -94,6 +98,7 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
                 new, local = opt.update({n: params[n] for n in own}, grads, local)
             else:  # more ranks than tensors: this one holds none, and only counts the step
                 local.step += 1
+                local.last_step_skipped = False
         except FloatingPointError as e:
             error = e
     state.local = local
@@ -105,17 +110,26 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
                       f"now be non-finite", RuntimeWarning, stacklevel=3)
     skipped = local.num_skipped > before
     if opt.nonfinite in ("skip", "raise") and world > 1:
-        votes = _small([float(skipped), float(error is not None)], mine)
+        # (a rank holding no tensor has no results to judge: it abstains, then follows)
+        votes = _small([float(skipped), float(error is not None), float(bool(own))], mine)
         pg.all_reduce(votes)
-        n_skip, n_raise = (int(v) for v in _host(votes))
-        sent["all_reduce"] += 16
-        if n_skip + n_raise and n_skip + n_raise < world:
+        n_skip, n_raise, n_hold = (int(v) for v in _host(votes))
+        sent["all_reduce"] += 24
+        if n_skip + n_raise and n_skip + n_raise < n_hold:
             state.bytes_communicated = sent
-            raise RuntimeError(f"{name}: {n_skip + n_raise} of {world} ranks refused the step "
-                               f"(non-finite results on their tensors, nonfinite="
-                               f"'{opt.nonfinite}') while the others applied theirs: the "
-                               f"sharded state no longer equals one process's; restore a "
-                               f"checkpoint") from error
+            raise RuntimeError(f"{name}: {n_skip + n_raise} of the {n_hold} ranks holding "
+                               f"tensors refused the step (non-finite results on their "
+                               f"tensors, nonfinite='{opt.nonfinite}') while the others "
+                               f"applied theirs: the sharded state no longer equals one "
+                               f"process's; restore a checkpoint") from error
+        if not own and n_skip + n_raise:  # refused where the tensors are: so here
+            local.step -= 1
+            if n_raise:
+                error = FloatingPointError(f"{name}: non-finite results on the other ranks' "
+                                           f"tensors; nothing changed (nonfinite='raise')")
+            else:
+                local.num_skipped += 1
+                local.last_step_skipped = skipped = True
     if error is not None:
         raise error
     if skipped:
