@@ -100,6 +100,10 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                           "learning_rate": LR0, "weight_decay": 0.004, "epsilon": 1e-7,
                           "convention": "keras"}}},
              "Muon", {}, "some"),
+    # Keras's global_clipnorm: clip_gradients(eps=0) before the update (the fused clip_norm
+    # keeps torch's 1e-6: ~1e-7 off here)
+    "adam_global_clipnorm/missing": ("Adam", {"epsilon": 1e-7, "convention": "keras"},
+                                     "Adam", {"global_clipnorm": 3.0}, "some"),
     # Keras's ema_overwrite_frequency=k: the EMA rebound as the parameters after every k-th
     # update (the recipe of averaging.py)
     "adam_ema_overwrite": ("Adam", {"epsilon": 1e-7, "ema_decay": 0.9, "convention": "keras"},
@@ -121,7 +125,7 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "SGD", {"momentum": 0.9, "clipnorm": 1.0, "gradient_accumulation_steps": 4}, ""),
 }
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
-JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite", "lamb_wd/missing", "adamax_eps", "muon",
+JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite", "adam_global_clipnorm/missing", "lamb_wd/missing", "adamax_eps", "muon",
        "adam_wd/accumulate", "adafactor_wd/missing")
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
@@ -200,8 +204,10 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
     for t in range(STEPS):
         mine.learning_rate = lr_at(LR0, t)
         gone = missing(pattern, t)
-        params, state = mine.update(params, {k: jnp.asarray(grads[t][k]) for k in names
-                                             if k not in gone}, state)
+        g = {k: jnp.asarray(grads[t][k]) for k in names if k not in gone}
+        if "global_clipnorm" in their_kw:
+            g = mo.clip_gradients(g, clip_norm=their_kw["global_clipnorm"], eps=0.0)
+        params, state = mine.update(params, g, state)
         if (t + 1) % their_kw.get("ema_overwrite_frequency", STEPS + 1) == 0:
             params = {k: jnp.array(v) for k, v in mine.ema_params(state).items()}
         jit_traj.append([np.array(params[k]).tolist() for k in names])
@@ -239,8 +245,10 @@ def run_ours(case: str, dtype: str = "float64"):
     for t in range(STEPS):
         opt.learning_rate = lr_at(LR0, t)
         gone = missing(pattern, t)
-        params, state = opt.update(params, {k: g for k, g in grads[t].items()
-                                            if k not in gone}, state)
+        g = {k: g for k, g in grads[t].items() if k not in gone}
+        if "global_clipnorm" in their_kw:
+            g = mo.clip_gradients(g, clip_norm=their_kw["global_clipnorm"], eps=0.0)
+        params, state = opt.update(params, g, state)
         if (t + 1) % their_kw.get("ema_overwrite_frequency", STEPS + 1) == 0:
             params = {k: np.array(v) for k, v in opt.ema_params(state).items()}
         traj.append([np.array(params[k], dtype=np.float64) for k in SHAPES])
@@ -332,3 +340,18 @@ def test_nadam_group_of_another_convention_is_refused() -> None:
     with pytest.raises(ValueError, match=r"param_groups\[0\]: convention='keras' changes NAdam"):
         mo.NAdam(param_groups=[{"params": ["b"], "convention": "keras", "momentum_decay": 1.0,
                                 "decoupled_weight_decay": True}])
+
+
+def test_clip_gradients_eps() -> None:
+    """``eps=0``: Keras's / optax's global clip, ``g·c/‖g‖`` exactly; the default keeps torch's
+    1e-6; a bad eps is refused, naming it."""
+    g = {"a": np.array([3.0, 0.0]), "b": np.array(4.0)}
+    out = mo.clip_gradients(g, clip_norm=1.0, eps=0.0)
+    np.testing.assert_allclose(out["a"], [0.6, 0.0], rtol=1e-15)
+    assert float(out["b"]) == pytest.approx(0.8, rel=1e-15)
+    assert float(mo.clip_gradients(g, clip_norm=1.0)["b"]) == pytest.approx(4 / (5 + 1e-6),
+                                                                            rel=1e-15)
+    zero = {"a": np.zeros(2)}
+    np.testing.assert_array_equal(mo.clip_gradients(zero, clip_norm=1.0, eps=0.0)["a"], 0.0)
+    with pytest.raises(ValueError, match="eps"):
+        mo.clip_gradients(g, clip_norm=1.0, eps=-1.0)

@@ -42,27 +42,29 @@ def global_norm(gradients: Mapping[str, Any]) -> float:
 
 
 def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None,
-                   clip_norm: float | None = None) -> dict[str, Any]:
+                   clip_norm: float | None = None, *, eps: float = 1e-6) -> dict[str, Any]:
     """``gradients`` clipped, in a new dict; the arrays given are never modified (those
     nothing clipped, under ``clip_norm`` alone with the norm within it, are returned as
     they are, not copied).
 
     ``clip_value``: clamp every element to [−clip_value, clip_value].
-    ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + 1e-6))`` where
-    ‖g‖₂ is the global norm (torch ``clip_grad_norm_``; optax's ``clip_by_global_norm``
-    has no 1e-6). When both are given the norm is clipped first, then the values: the same
-    order as the optimizers' fused ``clip_norm=``/``clip_value=`` options.
+    ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + eps))`` where
+    ‖g‖₂ is the global norm (torch ``clip_grad_norm_``'s ``eps=1e-6``; ``eps=0`` is optax's
+    ``clip_by_global_norm`` and Keras's ``global_clipnorm``, which the optimizers' fused
+    ``clip_norm=`` is not: it keeps torch's 1e-6). When both are given the norm is clipped
+    first, then the values: the same order as the optimizers' ``clip_norm=``/``clip_value=``.
     """
     if clip_value is None and clip_norm is None:
         raise ValueError("clip_gradients needs clip_value or clip_norm")
     cv = None if clip_value is None else check_positive("clip_value", clip_value, allow_zero=False)
     cn = None if clip_norm is None else check_positive("clip_norm", clip_norm, allow_zero=False)
+    eps = check_positive("eps", eps)
     out = dict(_checked(gradients, "clip_gradients"))
     if cn is not None:
         norm = global_norm(out)
         if not math.isfinite(norm):
             raise FloatingPointError(f"clip_gradients: the global gradient norm is {norm}")
-        scale = min(1.0, cn / (norm + 1e-6))
+        scale = min(1.0, cn / (norm + eps)) if norm + eps > 0 else 1.0  # (all zero, eps 0)
         if scale < 1.0:
             out = {k: _scale(g, scale) for k, g in out.items()}
     if cv is not None:
