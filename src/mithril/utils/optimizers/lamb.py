@@ -80,7 +80,8 @@ class LAMB(Optimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         b1, b2 = self.beta1, self.beta2
         return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, 1 - b1**step, 1 - b2**step,
-                self.epsilon, self.eps_root, self.weight_decay * self.weight_decay_in_math)
+                self.epsilon, self.eps_root,
+                self.weight_decay if self.weight_decay_in_math else 0.0)  # (Keras: decoupled)
 
     def reduce_math(self) -> Any:
         return _lamb_reduce
