@@ -365,3 +365,42 @@ def test_an_accumulate_state_from_half_params_is_carried_over_as_torch_continues
                                        err_msg=n)
     assert trainer.optimizer_state.inner.step == 4 and trainer.optimizer_state.micro_step == 0
     assert trainer.optimizer_state.inner.layout.dtype == "float32"
+
+
+@pytest.mark.parametrize("backend", half_backends(), ids=lambda b: f"{b.name}-{b.dtype}")
+def test_uneven_micro_batches_weighted_through_the_trainer_equal_torchs_whole_batch(backend):
+    """Micro-batches of 3 and 1 rows of a mean-reduced loss, each weighted by its rows
+    (``backward_and_update(..., weight=n)``; the trainer could not pass it): the window's
+    update is torch's SGD step on the whole batch of 4. Any other optimizer refuses a
+    weight, changing nothing."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, (4, 3)).astype(np.float32) / 2
+    t = rng.integers(-2, 3, (4, 2)).astype(np.float32) / 2
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.fill_(0.5)
+        lin.bias.fill_(0.5)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.25)
+    ((lin(torch.from_numpy(x)) - torch.from_numpy(t)) ** 2).sum(1).mean().backward()
+    opt.step()
+    want = {"linear.weight": lin.weight.detach().numpy(), "linear.bias": lin.bias.detach().numpy()}
+
+    trainer = MixedPrecisionTrainer(linear(backend), Accumulate(SGD(learning_rate=0.25), 2),
+                                    p0(backend), loss_scale=64.0)
+    for rows in (slice(0, 3), slice(3, 4)):
+        out = trainer.forward({"input": backend.array(x[rows])})
+        n = x[rows].shape[0]
+        pred = np.asarray(backend.to_numpy(out["out"]), np.float32)
+        cot = 2 * (pred - t[rows]) / n  # d mean_rows sum_cols (out - t)^2 / d out
+        assert trainer.backward_and_update({"out": backend.array(cot)}, weight=n)[2]
+    assert trainer.last_step_applied
+    got = host(backend, trainer.master_params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=5e-3, err_msg=k)
+
+    plain = MixedPrecisionTrainer(linear(backend), SGD(learning_rate=0.25), p0(backend))
+    plain.forward({"input": backend.array(x)})
+    with pytest.raises(TypeError, match=r"weight=4.*for an Accumulate optimizer, not SGD"):
+        plain.backward_and_update({"out": backend.array(np.zeros((4, 2), np.float32))},
+                                  weight=4)
+    assert host(backend, plain.master_params)["linear.bias"].tolist() == [0.5, 0.5]

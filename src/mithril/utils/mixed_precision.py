@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
-from .accumulation import Accumulate, AccumulateState
+from .accumulation import Accumulate, AccumulateState, _check_weight
 from .fixed_parts import FixedParts
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
@@ -462,7 +462,7 @@ class MixedPrecisionTrainer(FixedParts):
             cots[k] = c
         return cots
 
-    def backward_and_update(self, loss_gradients: Mapping[str, Any]
+    def backward_and_update(self, loss_gradients: Mapping[str, Any], *, weight: float = 1.0
                             ) -> tuple[dict[str, Any], Any, bool]:
         """Scaled half-precision backward pass, unscale, finiteness check, optimizer step.
 
@@ -475,7 +475,15 @@ class MixedPrecisionTrainer(FixedParts):
         as torch's backward frees its graph, and puts the Dropout counter back to where that
         forward found it, so that ``forward`` then this call again give an uninterrupted run's
         result.
+
+        ``weight``: with an :class:`~mithril.utils.accumulation.Accumulate` as the optimizer,
+        this micro-batch's weight in the window's mean (its row count, for a mean-reduced
+        loss, when the micro-batches differ in size); any other optimizer takes only 1.
         """
+        w = _check_weight(weight)
+        if w != 1.0 and not isinstance(self.optimizer, Accumulate):
+            raise TypeError(f"backward_and_update(weight={weight!r}): a micro-batch weight is "
+                            f"for an Accumulate optimizer, not {type(self.optimizer).__name__}")
         eng = self._engine
         if eng._saved is None:
             raise RuntimeError("backward_and_update() needs a forward() first (one backward per "
@@ -489,7 +497,9 @@ class MixedPrecisionTrainer(FixedParts):
             finite = self._agree(bool(finite))
         if finite:
             try:  # (the optimizer's own checks: it then changed nothing, nor has this)
-                master, state = self.optimizer.update(self._master, grads, self.optimizer_state)
+                master, state = self.optimizer.update(
+                    self._master, grads, self.optimizer_state,
+                    **({"weight": w} if isinstance(self.optimizer, Accumulate) else {}))
             except BaseException:
                 eng.clear()
                 step = getattr(self, "_step_before_forward", None)
