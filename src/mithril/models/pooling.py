@@ -5,8 +5,8 @@
 cotangent to its window's first maximum in window order (row-major over the kernel), which
 is the element torch's (and XLA's) max pooling picks on ties (and to a NaN, where a window
 holds one: NaN is its maximum, as torch). A dilated window that reads padding only is −inf
-(as torch) and routes no gradient, on every backend (torch's own backward writes out of
-bounds there: the torch backend pads such inputs explicitly).
+(as torch) and routes no gradient, on every backend (torch's own index there is garbage, and
+its backward writes out of bounds: the torch backend replaces those windows).
 
 NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
 pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
@@ -23,6 +23,7 @@ torch's default). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -121,25 +122,34 @@ class _MaxPool(_Pool):
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
-        if self._padding_only(tuple(x.shape[2:])):
-            # torch's implicit padding leaves garbage indices in such a window and its backward
-            # writes out of bounds (a crash); padded explicitly, its maximum is a −inf inside
-            # the padded copy, whose gradient the pad's VJP drops
-            flat = [p for pad in reversed(self.padding) for p in (pad, pad)]
-            return fn(F.pad(x, flat, value=-math.inf), self.kernel_size, self.stride, 0,
-                      self.dilation)
-        return fn(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        inside = self._windows_inside(tuple(x.shape[2:]))
+        if inside is None:
+            return fn(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        # torch's index of a window of padding only is garbage (its backward writes out of
+        # bounds, or onto another element): take torch's index elsewhere, −inf there
+        import torch
 
-    def _padding_only(self, spatial: tuple[int, ...]) -> bool:
-        """Whether some window reads padding only (possible with dilation > 1 alone)."""
+        out, idx = fn(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                      return_indices=True)
+        keep = torch.as_tensor(inside, device=x.device)
+        idx = torch.where(keep, idx, 0).flatten(2)
+        picked = x.flatten(2).gather(2, idx).view_as(out)
+        return torch.where(keep, picked, torch.full_like(picked, -math.inf))
+
+    def _windows_inside(self, spatial: tuple[int, ...]) -> np.ndarray | None:
+        """Per output position, whether its window holds an input element; None when all do
+        (always without dilation: the padding is at most half the kernel)."""
         if all(d == 1 for d in self.dilation):
-            return False
+            return None
         out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, self.pads,
                         type(self).__name__)
-        return any(not any(0 <= j * s + u * d - p < n for u in range(k))
-                   for n, o, k, s, d, p in zip(spatial, out, self.kernel_size, self.stride,
-                                               self.dilation, self.padding)
-                   for j in range(o))  # type: ignore[arg-type]
+        axes = [np.array([any(0 <= j * s + u * d - p < n for u in range(k)) for j in range(o)])
+                for n, o, k, s, d, p in zip(spatial, out, self.kernel_size, self.stride,
+                                            self.dilation, self.padding)]  # type: ignore[arg-type]
+        nd = len(axes)  # the axes' outer AND (np.ix_ would read booleans as masks)
+        mask = functools.reduce(np.logical_and, [a.reshape((1,) * i + (-1,) + (1,) * (nd - 1 - i))
+                                                 for i, a in enumerate(axes)])
+        return None if mask.all() else mask
 
     def _jax(self, x: Any) -> Any:
         from jax import lax
