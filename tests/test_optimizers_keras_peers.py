@@ -355,3 +355,11 @@ def test_clip_gradients_eps() -> None:
     np.testing.assert_array_equal(mo.clip_gradients(zero, clip_norm=1.0, eps=0.0)["a"], 0.0)
     with pytest.raises(ValueError, match="eps"):
         mo.clip_gradients(g, clip_norm=1.0, eps=-1.0)
+
+
+def test_rmsprop_names_keras_rho_and_torch_alpha() -> None:
+    """Keras's ``RMSprop(rho=)`` and torch's ``RMSprop(alpha=)`` are our ``decay``: the error
+    says so (it pointed at Adadelta / ASGD, which take those names)."""
+    for name in ("rho", "alpha"):
+        with pytest.raises(TypeError, match=rf"takes decay= .*\(got {name}=0.9\)"):
+            mo.RMSProp(**{name: 0.9})

@@ -96,6 +96,10 @@ class RMSProp(Optimizer):
     def __init__(self, learning_rate: float = 1e-3, decay: float = 0.9, epsilon: float = 1e-8,
                  momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0,
                  convention: str = "torch", **options: Any) -> None:
+        theirs = [k for k in ("rho", "alpha") if k in options]
+        if theirs:  # (the generic hint names other optimizers that take these names)
+            raise TypeError(f"RMSProp() takes decay= for Keras's rho= and torch's alpha= "
+                            f"(got {theirs[0]}={options[theirs[0]]!r})")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.convention = check_convention(convention)
         self.decay = check_unit("decay", decay)
