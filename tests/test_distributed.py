@@ -40,16 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 240,
-            timeout: float = 20, world: int = 2) -> list[dict | None]:
-    """Run ``job`` on ``world`` ranks; each rank's JSON result (None for a rank that wrote
-    none)."""
-    port, out = _free_port(), os.path.join(tmp, job)
+def run_ranks(argv, out: str, world: int, deadline: float, timeout: float, what: str
+              ) -> tuple[list[dict | None], list[bytes]]:
+    """Start ``world`` ranks (``python *argv(rank)``), each writing ``{out}.{rank}.json``;
+    their results (None for a rank that wrote none) and logs. What outlives ``deadline``
+    is killed and fails the test."""
     env = {**os.environ, "DIST_TIMEOUT": str(timeout), "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, WORKER, job, str(r), str(world), str(port), out,
-                               *extra],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, *argv(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
     logs = []
     end = time.monotonic() + deadline
     for p in procs:
@@ -58,7 +56,7 @@ def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 2
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail(f"{job}: the ranks did not stop within {deadline} s")
+            pytest.fail(f"{what}: the ranks did not stop within {deadline} s")
     results = []
     for r in range(world):
         try:
@@ -66,6 +64,16 @@ def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 2
                 results.append(json.load(f))
         except FileNotFoundError:
             results.append(None)
+    return results, logs
+
+
+def _launch(job: str, tmp: str, extra: tuple[str, ...] = (), deadline: float = 240,
+            timeout: float = 20, world: int = 2) -> list[dict | None]:
+    """Run ``job`` on ``world`` ranks; each rank's JSON result (None for a rank that wrote
+    none)."""
+    port, out = _free_port(), os.path.join(tmp, job)
+    results, logs = run_ranks(lambda r: [WORKER, job, str(r), str(world), str(port), out,
+                                         *extra], out, world, deadline, timeout, job)
     if job != "faults" and None in results:
         pytest.fail("a rank failed:\n" + "\n".join(x.decode()[-3000:] for x in logs))
     return results

@@ -9,11 +9,8 @@ path (``shard_state=True`` with a world of one).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -22,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_peer_worker as W  # noqa: E402
-from test_distributed import _free_port  # noqa: E402
+from test_distributed import _free_port, run_ranks  # noqa: E402
 
 from mithril.distributed import DataParallel  # noqa: E402
 from mithril.utils.optimizers import Adam  # noqa: E402
@@ -46,25 +43,11 @@ def peers(tmp_path_factory) -> list[dict]:
     """Every case's results on each of the 3 ranks (the ranks stop by themselves: each
     collective has a 10 s timeout; what outlives the deadline is killed)."""
     out = str(tmp_path_factory.mktemp("peers") / "out")
-    env = {**os.environ, "DIST_TIMEOUT": "10", "PYTHONWARNINGS": "ignore"}
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(WORLD), str(port), out],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    end, logs = time.monotonic() + 240, []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, end - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the ranks did not stop within 240 s")
-    results = []
-    for r in range(WORLD):
-        try:
-            with open(f"{out}.{r}.json") as f:
-                results.append(json.load(f))
-        except FileNotFoundError:
+    results, logs = run_ranks(lambda r: [WORKER, str(r), str(WORLD), str(port), out], out,
+                              WORLD, 240, 10, "peers")
+    for r, res in enumerate(results):
+        if res is None:
             pytest.fail(f"rank {r} wrote nothing:\n{logs[r].decode()[-3000:]}")
     return results
 
