@@ -363,3 +363,15 @@ def test_rmsprop_names_keras_rho_and_torch_alpha() -> None:
     for name in ("rho", "alpha"):
         with pytest.raises(TypeError, match=rf"takes decay= .*\(got {name}=0.9\)"):
             mo.RMSProp(**{name: 0.9})
+
+
+@pytest.mark.parametrize(("cls", "name", "ours"), [
+    ("Adafactor", "clip_threshold", "ours is d"), ("Adafactor", "epsilon_2", "epsilon=\\("),
+    ("Adafactor", "relative_step", "always min"), ("Muon", "adam_beta_1", "AdamW\\(beta1="),
+    ("Muon", "adam_lr_ratio", "fallback_lr_ratio"), ("Muon", "rms_rate", "match_rms_adamw"),
+    ("Muon", "muon_b", "ns_coefficients")])
+def test_keras_names_say_ours(cls: str, name: str, ours: str) -> None:
+    """Keras's names of Adafactor's and Muon's hyperparameters are refused naming ours (the
+    generic error had no hint for them)."""
+    with pytest.raises(TypeError, match=rf"Keras's {name}=: .*{ours}"):
+        getattr(mo, cls)(**{name: 1.0})

@@ -22,6 +22,14 @@ def _check_eps(value: Any) -> tuple[float | None, float]:
     return eps1, check_positive("epsilon[1]", value[1])
 
 
+#: keras.optimizers.Adafactor's names that are not ours
+_KERAS_NAMES = {"clip_threshold": "ours is d",
+                "epsilon_1": "ours is epsilon=(epsilon_1, epsilon_2)",
+                "epsilon_2": "ours is epsilon=(epsilon_1, epsilon_2)",
+                "relative_step": "the relative step is always min(lr, 1/√t), as Keras's with "
+                                 "either value"}
+
+
 class Adafactor(TensorwiseOptimizer):
     """Adafactor exactly as ``torch.optim.Adafactor`` (same hyperparameters and defaults:
     ``lr=1e-2``, ``beta2_decay=-0.8``, ``eps=(None, 1e-3)``, ``d=1``, ``weight_decay=0``,
@@ -63,6 +71,9 @@ class Adafactor(TensorwiseOptimizer):
                  epsilon: Sequence[float | None] = (None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, maximize: bool = False, fused: bool = True,
                  convention: str = "torch", **options: Any) -> None:
+        keras = [k for k in _KERAS_NAMES if k in options]
+        if keras:  # (the generic hint knows no Adafactor names of Keras's)
+            raise TypeError(f"Adafactor() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]}")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         if convention not in ("torch", "keras"):
             raise ValueError(f"convention must be 'torch' or 'keras' (optax's adafactor is "

@@ -274,6 +274,15 @@ def _build(spec: Any) -> Optimizer | None:
     return copy.copy(spec)
 
 
+#: keras.optimizers.Muon's names that are not ours
+_KERAS_NAMES = {**{f"adam_{k}": f"give fallback=AdamW({v}=...)" for k, v in (
+    ("beta_1", "beta1"), ("beta_2", "beta2"), ("weight_decay", "weight_decay"))},
+    "adam_lr_ratio": "ours is fallback_lr_ratio", "rms_rate": "adjust_lr_fn='match_rms_adamw' "
+    "is its 0.2", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"},
+    "exclude_layers": "give those an AdamW of their own",
+    "exclude_embeddings": "give the embeddings an AdamW of their own"}
+
+
 class Muon(TensorwiseOptimizer):
     """Muon as ``torch.optim.Muon`` (same hyperparameters and defaults: ``lr=1e-3``,
     ``weight_decay=0.1``, ``momentum=0.95``, ``nesterov=True``, torch's Newton–Schulz
@@ -323,6 +332,10 @@ class Muon(TensorwiseOptimizer):
                  ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  ns_dtype: str | None = "bfloat16", fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None, **options: Any) -> None:
+        keras = [k for k in _KERAS_NAMES if k in options]
+        if keras:  # (the generic hint knows no Muon names of Keras's)
+            raise TypeError(f"Muon() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]} (see "
+                            f"Muon's docstring for keras.optimizers.Muon)")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.momentum = check_positive("momentum", momentum)
         self.nesterov = check_flag("nesterov", nesterov)
