@@ -1,11 +1,15 @@
 """Keras 3 side by side: what a Keras user switching to us reproduces, and how.
 
 Each case runs ``keras.optimizers.<X>`` (JAX backend, float64) and ours from the same start on
-the same gradients for 24 steps, on tensors of odd shapes (0-d, 1-d, 2-d, 3-d), and compares
-the parameters after every step in :func:`optimizer_parity.rel_err` (elementwise relative,
-floored at 1e-3 of the tensor's scale), ``<= 1e-10``. Keras needs JAX's process-global x64
-switch: its trajectories, and ours on the jitted JAX engine, come from ONE subprocess
-(:func:`references`); ours on NumPy (the fused numba kernel) run here.
+the same gradients for 24 steps, on tensors of odd shapes (0-d, 1-d, 2-d, 3-d), the learning
+rate changed twice mid-run, and compares the parameters after every step in
+:func:`optimizer_parity.rel_err` (elementwise relative, floored at 1e-3 of the tensor's
+scale), ``<= 1e-10``. The cases cover Keras's options too (clipnorm, clipvalue,
+global_clipnorm, weight_decay, use_ema / ema_momentum / ema_overwrite_frequency,
+gradient_accumulation_steps) and its learning-rate schedules. Keras needs JAX's
+process-global x64 switch: its trajectories, and ours on the jitted JAX engine, come from ONE
+subprocess (:func:`reference_process`), which runs while ours on NumPy (the fused numba
+kernel) run here (the :func:`runs` fixture).
 
 Cases where some tensors get no gradient on some steps (``None`` in Keras, a missing key
 here) cover what Keras keeps per optimizer rather than per tensor (NAdam's running μ product).
@@ -125,7 +129,8 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "SGD", {"momentum": 0.9, "clipnorm": 1.0, "gradient_accumulation_steps": 4}, ""),
 }
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
-JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite", "adam_global_clipnorm/missing", "lamb_wd/missing", "adamax_eps", "muon",
+JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite",
+       "adam_global_clipnorm/missing", "lamb_wd/missing", "adamax_eps", "muon",
        "adam_wd/accumulate", "adafactor_wd/missing")
 #: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
 #: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
@@ -137,7 +142,7 @@ FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd",
 # keras.optimizers.schedules.<expression> -> (ours on an optimizer whose lr is 0.1, what the
 # comparison allows: Keras's CosineDecay computes its cosine in float32)
 SCHEDULE_STEPS = 80
-SCHEDULES: dict[str, tuple[str, Any, float]] = {
+SCHEDULES: dict[str, tuple[str, float]] = {
     "ExponentialDecay(0.1, 10, 0.5)":
         ("ExponentialLR(o, gamma=0.5 ** (1 / 10))", 1e-13),
     "ExponentialDecay(0.1, 10, 0.5, staircase=True)": ("StepLR(o, step_size=10, gamma=0.5)", 0),
