@@ -12,6 +12,7 @@ process-wide): cases the per-layer test files do not reach.
 6. GroupNorm's eps: checked as BatchNorm's; 0 and ints as torch.
 7. TransformerBlock's eps: checked; a given one is torch's layer_norm_eps.
 8. A ReLU RNN at z = 0 (zero-padded steps): torch's zero gradient on JAX too.
+9. GroupNorm of an empty input: zero parameter gradients on torch too, and no warnings.
 """
 
 from __future__ import annotations
@@ -312,4 +313,28 @@ def test_relu_rnn_gradient_at_zero_preactivation_is_torchs(backend_name, dtype):
     assert_arrays_within(out, {"output": out_t.detach().double().numpy(),
                                "hidden": h_t.detach().double().numpy()}, tol, "outputs")
     assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(leaves, want_g)}, tol,
+                         "gradients")
+
+
+# -- 9. GroupNorm of an empty input ------------------------------------------------------------
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+@pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 3)], ids=["no_positions", "no_samples"])
+def test_group_norm_of_an_empty_input_has_zero_parameter_gradients(backend_name, dtype, shape):
+    """torch's ``F.group_norm`` over groups of no positions gives the weight a NaN gradient,
+    which the torch backend passed on (NumPy and JAX: 0, an empty sum); the reference is torch's
+    output and its gradients of ``x̂ · weight + bias``, x̂ empty."""
+    backend = BACKENDS[backend_name](dtype=dtype)
+    model = ml.Model()
+    model |= ml.GroupNorm(2)(input="input", output="output")
+    rng = np.random.default_rng(13)
+    params = {"group_norm.weight": rng.standard_normal(4).astype(dtype),
+              "group_norm.bias": rng.standard_normal(4).astype(dtype)}
+    x = np.zeros(shape, dtype)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in {"input": x, **params}.items()}
+    want = F.group_norm(t["input"], 2, t["group_norm.weight"], t["group_norm.bias"])
+    y = t["input"] * t["group_norm.weight"].view(-1, 1) + t["group_norm.bias"].view(-1, 1)
+    want_g = torch.autograd.grad(y, list(t.values()), torch.zeros(shape, dtype=y.dtype))
+    out, grads = _evaluate(model, backend, {"input": x}, {"output": np.zeros(shape, dtype)}, params)
+    assert_arrays_within(out, {"output": want.detach().double().numpy()}, 0.0, "output")
+    assert_arrays_within(grads, {k: g.double().numpy() for k, g in zip(t, want_g)}, 0.0,
                          "gradients")

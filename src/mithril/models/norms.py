@@ -19,6 +19,12 @@ def check_eps(eps: Any, who: str) -> None:
         raise ValueError(f"{who}: eps must be a finite float >= 0, got {eps!r}")
 
 
+def _group_mean(xp: Any, x: Any) -> Any:
+    """The mean over the last axis (kept), as ``mean`` computes it; 0 over no positions (an
+    empty output), where ``mean`` warns "Mean of empty slice"."""
+    return xp.sum(x, axis=-1, keepdims=True) / max(int(x.shape[-1]), 1)
+
+
 class GroupNorm(Operator):
     """(x − mean) / √(var + eps) over each group of C / num_groups channels (and every spatial
     position) of (N, C, *), biased variance; then ``weight`` · y + ``bias`` per channel when
@@ -62,14 +68,20 @@ class GroupNorm(Operator):
         """y and 1/σ, both grouped as (N, G, C/G · prod(spatial))."""
         # the group size itself, not -1: ambiguous (refused) for an empty batch
         xg = x.reshape((x.shape[0], self.num_groups, math.prod(x.shape[1:]) // self.num_groups))
-        xc = xg - xp.mean(xg, axis=-1, keepdims=True)
-        inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
+        xc = xg - _group_mean(xp, xg)
+        inv = 1 / xp.sqrt(_group_mean(xp, xc * xc) + self.eps)
         return xc * inv, inv
 
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
+            if input.numel() == 0 and weight is not None:
+                # an empty output: torch's kernel gives the weight a NaN gradient (an empty
+                # sum is 0, as on NumPy and JAX)
+                per_channel = (-1,) + (1,) * (input.ndim - 2)
+                y = input * weight.reshape(per_channel)
+                return y if bias is None else y + bias.reshape(per_channel)
             return F.group_norm(input, self.num_groups, weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
@@ -95,7 +107,7 @@ class GroupNorm(Operator):
         if "input" in wrt:
             gx = g * args["weight"].reshape(per_channel) if "weight" in args else g
             gx = gx.reshape(xhat.shape)
-            gi = inv * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
+            gi = inv * (gx - _group_mean(np, gx) - xhat * _group_mean(np, gx * xhat))
             res["input"] = gi.reshape(g.shape)
         return res
 
