@@ -24,6 +24,8 @@ class CosineAnnealingLR(LRScheduler):
     PyTorch's recursive ``CosineAnnealingLR`` produces (its special case at
     ``(t - 1 - T_max) % (2 T_max) == 0`` exists precisely to continue the cosine through the
     minimum); the two agree to about ``1e-13`` relative (verified numerically in the tests).
+    optax's and Keras's ``CosineDecay`` stay at the minimum instead: that is :class:`WSD`
+    with ``decay_type="cosine"``.
     For a non-integer ``T_max`` within ~1e-7 of an integer (with ``eta_min > 0``), PyTorch's
     recursion is ill-conditioned (relative drift up to ~1e-4, or a ``ZeroDivisionError``);
     ours stays the closed form, equal to PyTorch's ``_get_closed_form_lr``.

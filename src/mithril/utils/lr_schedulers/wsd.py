@@ -34,7 +34,10 @@ class WSD(LRScheduler):
     MiniCPM). optax 0.2 has no WSD schedule; the ``'linear'`` and ``'cosine'`` variants equal
     ``optax.join_schedules([linear_schedule(start_lr, base, W), constant_schedule(base),
     linear_schedule(base, final_lr, D)  # or cosine_decay_schedule(base, D, final_lr / base)
-    ], [W, W + S])``.
+    ], [W, W + S])``. Keras's ``CosineDecay(initial, D, alpha, warmup_target, W)`` is the
+    ``'cosine'`` one with ``S = 0``, ``start_lr=initial``, ``final_lr=alpha·warmup_target``
+    on an optimizer whose learning rate is ``warmup_target`` (without a warm-up: ``W = 0``,
+    the rate ``initial``, ``final_lr=alpha·initial``).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate`` (its learning rate
