@@ -380,3 +380,13 @@ def test_keras_names_say_ours(cls: str, name: str, ours: str) -> None:
     generic error had no hint for them)."""
     with pytest.raises(TypeError, match=rf"Keras's {name}=: .*{ours}"):
         getattr(mo, cls)(**{name: 1.0})
+
+
+def test_nadam_keras_without_parameters() -> None:
+    """No parameter at all: the step counts, the product stays 1 (it indexed the first
+    tensor's μ: IndexError)."""
+    from mithril.backends import NumpyBackend
+
+    opt = mo.NAdam(convention="keras", backend=NumpyBackend())
+    _, state = opt.update({}, {}, opt.init({}))
+    assert state.step == 1 and state.values["mu_product"] == 1.0

@@ -133,8 +133,8 @@ class NAdam(Optimizer):
         lr, b1, psi = scalars[0], scalars[6], scalars[7]
         mu = b1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        if self.convention == "keras":  # one product, with the first tensor's β₁ (Keras has one)
-            prod = values["mu_product"] * mu[0]
+        if self.convention == "keras":  # one product, with the first tensor's β₁ (Keras has one;
+            prod = values["mu_product"] * mu[:1].prod()  # no tensor: a product of none, 1)
             values = {"mu_product": prod}
         else:
             prod = tensors["mu_product"] = tensors["mu_product"] * mu
