@@ -473,3 +473,20 @@ def test_raise_policy_explains_an_overflowing_norm_of_finite_gradients():
     with pytest.raises(FloatingPointError, match="overflows float64"):
         opt.update(params, {"w": np.array([1e200, 1e200])}, state)
     assert state.step == 0
+
+
+def test_other_libraries_spellings_and_options_are_named():
+    """Keras' and torch's spellings of our classes, and Keras options that are a wrapper or
+    a recipe here, say what to use (a bare AttributeError / unexpected-keyword before)."""
+    import mithril.utils.optimizers as O
+
+    for theirs, ours in (("RMSprop", "RMSProp"), ("Adagrad", "AdaGrad"), ("Nadam", "NAdam"),
+                         ("Lamb", "LAMB")):
+        with pytest.raises(AttributeError, match=f"no attribute '{theirs}': ours is spelled "
+                                                 f"{ours}"):
+            getattr(O, theirs)
+    for kw, hint in (("gradient_accumulation_steps", "Accumulate"),
+                     ("loss_scale_factor", "LossScaler"),
+                     ("ema_overwrite_frequency", "ema_params")):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{kw}' .*{hint}"):
+            O.Adam(**{kw: 2})

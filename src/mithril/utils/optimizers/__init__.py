@@ -37,3 +37,10 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
+
+def __getattr__(name: str) -> object:
+    """A clear error for another library's spelling of a class here (torch's and Keras'
+    ``RMSprop``, ``Adagrad``, ``Nadam``, ``Lamb``: ours differ in case only)."""
+    ours = next((n for n in __all__ if n.lower() == name.lower()), None)
+    hint = f": ours is spelled {ours}" if ours is not None else ""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}{hint}")

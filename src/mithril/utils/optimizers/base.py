@@ -95,6 +95,15 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
                 "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
                 "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
+#: other libraries' options that are a wrapper or a recipe here, not an argument
+_RECIPES = {
+    "gradient_accumulation_steps": "wrap the optimizer: mithril.utils.accumulation."
+                                   "Accumulate(optimizer, k)",
+    "loss_scale_factor": "scale the loss with mithril.utils.mixed_precision.LossScaler or "
+                         "MixedPrecisionTrainer",
+    "ema_overwrite_frequency": "give ema_decay=, then every k steps set the params to "
+                               "ema_params(state)",
+}
 
 
 @functools.cache
@@ -123,6 +132,8 @@ def _meant(opt: Any, name: str) -> str:
 def _meant_among(known: set[str], who: str, name: str) -> str:
     import difflib
 
+    if name in _RECIPES:
+        return _RECIPES[name]
     other = _OTHER_NAMES.get(name, "")
     if other and all(k in known for k in other.split(" and ")):
         return f"did you mean {other}?"
