@@ -29,14 +29,13 @@ DTYPES = {"float32": 1e-5, "float64": 1e-12}
 CASES = [(bk, dt) for bk in BACKENDS for dt in DTYPES if not (bk == "jax" and dt == "float64")]
 
 
-def _evaluate(block, backend, inputs: dict, cots: dict, params: dict | None = None,
-              data: dict | None = None) -> tuple[dict, dict]:
+def _evaluate(block, backend, inputs: dict, cots: dict,
+              params: dict | None = None) -> tuple[dict, dict]:
     """Outputs and gradients (float64 NumPy) of ``block`` with ``inputs`` trainable."""
-    shapes = {k: v.shape for k, v in {**inputs, **(data or {})}.items()}
-    c = ml.compile(block, backend, shapes=shapes, trainable_keys=list(inputs))
+    c = ml.compile(block, backend, shapes={k: v.shape for k, v in inputs.items()},
+                   trainable_keys=list(inputs))
     p = {k: backend.array(v) for k, v in {**(params or {}), **inputs}.items()}
-    d = {k: backend.array(v) for k, v in (data or {}).items()}
-    out, grads = c.evaluate(p, d, output_gradients={k: backend.array(v) for k, v in cots.items()})
+    out, grads = c.evaluate(p, {}, output_gradients={k: backend.array(v) for k, v in cots.items()})
     return {k: to_np(backend, v) for k, v in out.items()}, {k: to_np(backend, v) for k, v in grads.items()}
 
 
