@@ -46,10 +46,12 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
 
 def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
                             groups: Sequence[Mapping[str, Any]],
-                            names: Sequence[Sequence[str]]) -> dict[str, Any]:
+                            names: Sequence[Sequence[str]], where: str | None = None
+                            ) -> dict[str, Any]:
     """The hyperparameters (as ``opt.load_state_dict`` takes them) that make ``opt`` run the
     torch ``groups`` (their values under ``keys``) over the parameters ``names[i]`` of each;
-    raises, naming ``param_groups[i]['key']``, for a value that cannot differ by group."""
+    raises, naming ``param_groups[i]['key']``, for a value that cannot differ by group
+    (``where``: the changed values an error of the optimizer's own checks is put on)."""
     values = []
     for i, g in enumerate(groups):
         v: dict[str, Any] = {}
@@ -75,7 +77,40 @@ def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str,
     mithril_groups = [{"params": list(names[i]),
                        **{k: x for k, x in v.items() if k in per_group}}
                       for i, v in enumerate(values)]
-    return opt.nested_hyperparameters({**flat, "param_groups": mithril_groups})
+    full = opt.nested_hyperparameters({**flat, "param_groups": mithril_groups})
+    if all(names):
+        return full
+    # torch takes a group with no parameters (an empty no-decay bucket); one in the mithril
+    # optimizer would warn "matches no parameter" at every step after a rate change. Its
+    # values are checked on a copy holding every group (errors name torch's index), and it
+    # is left out (mithril_index maps the indices)
+    try:
+        copy.copy(opt).load_state_dict({"optimizer": type(opt).__name__,
+                                        "hyperparameters": full})
+    except (TypeError, ValueError, KeyError) as e:
+        if where is None:
+            raise
+        raise named(e, where) from e
+    kept = [g for g, n in zip(mithril_groups, names) if n]
+    return opt.nested_hyperparameters({**flat, "param_groups": kept})
+
+
+def named(e: BaseException, where: str) -> BaseException:
+    """The optimizer's error ``e`` on the values ``where`` names (a ``KeyError`` as the
+    ``ValueError`` it means: a value not known there)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}")
+
+
+def mithril_index(names: Sequence[Sequence[str]]) -> list[int | None]:
+    """For each torch group (its parameters' ``names``), the index of its group in the
+    mithril optimizer (None for an empty one, left out: :func:`grouped_hyperparameters`)."""
+    out: list[int | None] = []
+    j = 0
+    for n in names:
+        out.append(j if n else None)
+        j += bool(n)
+    return out
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -125,23 +160,26 @@ def sync_groups(tw: Any) -> None:
         return
     if all(key == "lr" for _, key in changed):  # a scheduler's step: nothing else to check
         new = []
+        index = mithril_index(tw._group_names)
         for i, _ in changed:
-            try:
-                new.append((i, opt.hyperparameter("learning_rate", group=i).check(
+            j = index[i]
+            try:  # (an empty group's rate is checked as any group's, and used nowhere)
+                new.append((j, opt.hyperparameter("learning_rate", group=j or 0).check(
                     scalar(groups[i]["lr"]))))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[{i}]['lr']: {e}") from None
-        for i, lr in new:
-            opt.set_learning_rate(lr, group=i)
+            except (TypeError, ValueError) as e:  # (the check names mithril's index j)
+                msg = str(e).replace(f"param_groups[{j or 0}]: ", "")
+                raise type(e)(f"param_groups[{i}]['lr']: {msg}") from None
+        for j, lr in new:
+            if j is not None:
+                opt.set_learning_rate(lr, group=j)
     else:
-        hp = grouped_hyperparameters(opt, tw._keys, groups, tw._group_names)
-        before = opt.state_dict(None)["hyperparameters"]
         where = ", ".join(f"param_groups[{i}]['{k}']" for i, k in changed)
+        hp = grouped_hyperparameters(opt, tw._keys, groups, tw._group_names, where)
+        before = opt.state_dict(None)["hyperparameters"]
         try:
             opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
         except (TypeError, ValueError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
+            raise named(e, where) from e
         st = tw._opt_state
         if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
             opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})

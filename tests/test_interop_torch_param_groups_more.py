@@ -1,0 +1,68 @@
+"""More of ``torch_optimizer`` given torch's parameter-group dicts, side by side with the
+``torch.optim`` optimizer given the same groups (tests/test_interop_torch_param_groups.py
+has the catalog): groups torch takes that the first version mishandled, each test failing
+on that version."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_interop_torch_more import assert_unchanged, snapshot
+from test_interop_torch_optimizer import TOL64, default_dtype, make_model, model_err, train
+
+from mithril.interop import torch_optimizer
+from mithril.utils import optimizers as mo
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """torch keeps NAdam's and ASGD's step scalars in the default dtype: float64, as ours."""
+    with default_dtype(torch.float64):
+        yield
+
+
+def frozen(model, opt):
+    """The parameters, the state dict and the mithril optimizer's own hyperparameters."""
+    return snapshot(model, opt), copy.deepcopy(opt.mithril_optimizer.state_dict(None))
+
+
+def assert_frozen(model, opt, before):
+    assert_unchanged(model, opt, before[0])
+    assert opt.mithril_optimizer.state_dict(None) == before[1]
+
+
+def with_empty(m) -> list[dict]:
+    """Groups with an empty one between (torch takes it: a model without biases gives an
+    empty no-decay bucket)."""
+    return [{"params": [m.l1.weight, m.l2.weight]},
+            {"params": [], "weight_decay": 0.0, "lr": 0.5},
+            {"params": [m.l1.bias, m.l2.bias, m.scale, m.shift], "lr": 0.02, "eps": 1e-6}]
+
+
+def test_an_empty_group_is_silent_and_others_match_torch():
+    """An empty group warned "matches no parameter" at every step after a rate change (the
+    mithril optimizer held it as a group matching nothing)."""
+    m1 = make_model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch_optimizer(mo.Adam(learning_rate=0.01, weight_decay=0.1), with_empty(m1))
+    o2 = torch.optim.Adam(with_empty(m2), lr=0.01, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m, o in ((m1, o1), (m2, o2)):
+            train(m, o, 12, sched=torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.7))
+            o.param_groups[2]["betas"] = (0.8, 0.99)  # (all groups set anew)
+            train(m, o, 4, start=12)
+    assert [g["lr"] for g in o1.param_groups] == [g["lr"] for g in o2.param_groups]
+    assert model_err(m1, m2) < TOL64
+    # its values are still checked, naming it (torch's index), with nothing changed
+    before = frozen(m1, o1)
+    for key, value, msg in (("lr", float("nan"), r"param_groups\[1\]\['lr'\]: Adam lear"),
+                            ("eps", -1.0, r"param_groups\[1\]\['eps'\]: .*epsilon must be")):
+        o1.param_groups[1][key], old = value, o1.param_groups[1][key]
+        with pytest.raises(ValueError, match=msg):
+            o1.step()
+        o1.param_groups[1][key] = old
+    assert_frozen(m1, o1, before)
