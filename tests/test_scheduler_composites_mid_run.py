@@ -238,6 +238,8 @@ def test_swalr_after_a_milestone_anneals_from_the_rate_left_as_torchs(anneal) ->
             assert opt.lr == got[-1]
     # (before: the SWA phase restarted at 0.1, the rate before the cosine, and annealed down)
     assert_rel(got, ref)
+    # and the closed form plots it (it jumped back to 0.1 at the milestone)
+    assert_rel([ours(FakeOpt(0.1)).get_lr_at(t) for t in range(101)], ref)
 
 
 def test_a_chain_after_a_warmup_refuses_a_zero_end_lr_by_name() -> None:

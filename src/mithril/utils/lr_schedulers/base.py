@@ -341,6 +341,9 @@ class LRScheduler:
     _LANE_CHILDREN: ClassVar[tuple[str, ...]] = ()
     #: the constructor argument naming the optimizer (None: the first after ``self``)
     _OPTIMIZER_ARG: ClassVar[str | None] = None
+    #: restarted by a parent, it starts from the rate the optimizer has then (SWALR), so
+    #: the parent's :meth:`get_lr_at` passes it that rate (:meth:`_lr_at_from`)
+    _STARTS_FROM_CURRENT: ClassVar[bool] = False
 
     @classmethod
     def _normalize_arguments(cls, arguments: dict[str, Any]) -> None:
@@ -397,6 +400,11 @@ class LRScheduler:
 
     def _lr_at(self, t: int) -> float:
         raise NotImplementedError
+
+    def _lr_at_from(self, t: int, start: float) -> float:
+        """:meth:`get_lr_at` of a scheduler restarted when the rate was ``start`` (the same
+        unless it :attr:`_STARTS_FROM_CURRENT`)."""
+        return self.get_lr_at(t)
 
     def step(self, epoch: None = None) -> None:
         """Advance the step counter by one and set the optimizer's learning rate."""

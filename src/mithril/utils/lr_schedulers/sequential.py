@@ -100,7 +100,10 @@ class SequentialLR(ChildrenState, LRScheduler):
 
     def _lr_at(self, t: int) -> float:
         idx, local = self._locate(t)
-        return self.schedulers[idx].get_lr_at(local)
+        child = self.schedulers[idx]
+        if idx and child._STARTS_FROM_CURRENT:  # (from the rate the phase before left)
+            return child._lr_at_from(local, self._lr_at(self.milestones[idx - 1] - 1))
+        return child.get_lr_at(local)
 
     def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
         # why: the active child's cycled momentum (OneCycleLR / CyclicLR with

@@ -47,6 +47,7 @@ class SWALR(LRScheduler):
     _HPARAMS = ("swa_lr", "anneal_epochs", "anneal_strategy")
     _GROUP_ARGS = ("swa_lr",)
     _LANEWISE = True
+    _STARTS_FROM_CURRENT = True
 
     def __init__(
         self,
@@ -81,8 +82,11 @@ class SWALR(LRScheduler):
         return prev, self._alpha(max(0, min(1, step / n)))
 
     def _lr_at(self, t: int) -> float:
-        _, b = self._alphas(t)
-        return self.swa_lr * b + self.base_lr * (1 - b)
+        return self._lr_at_from(t, self.base_lr)
+
+    def _lr_at_from(self, t: int, start: float) -> float:
+        _, b = self._alphas(_check_step(t))
+        return self.swa_lr * b + start * (1 - b)
 
     def _next_lr(self, t: int, lr: float) -> float:
         a, b = self._alphas(t)
