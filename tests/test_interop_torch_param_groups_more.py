@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_interop_torch_more import assert_unchanged, snapshot
 from test_interop_torch_optimizer import TOL64, default_dtype, make_model, model_err, train
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from mithril.interop import torch_optimizer
 from mithril.utils import optimizers as mo
@@ -66,3 +67,32 @@ def test_an_empty_group_is_silent_and_others_match_torch():
             o1.step()
         o1.param_groups[1][key] = old
     assert_frozen(m1, o1, before)
+
+
+def adagrad_groups(m) -> list[dict]:
+    return [{"params": [m.l1.weight, m.l2.weight]},
+            {"params": [m.l1.bias, m.l2.bias, m.scale], "lr": 0.05, "weight_decay": 0.0},
+            {"params": [m.shift, m.extra], "lr": 0.2, "lr_decay": 0.1}]
+
+
+def test_adagrad_state_is_made_with_the_optimizer_as_torchs():
+    """torch.optim.Adagrad makes its state in its constructor, so DCP's
+    ``get_optimizer_state_dict`` (a checkpoint at step 0) leaves it alone; ours had none yet,
+    and DCP ran a step at lr 0 on it: one lr_decay step ahead and weight decay summed in."""
+    m1 = make_model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch_optimizer(mo.AdaGrad(learning_rate=0.1, epsilon=1e-10, lr_decay=0.01,
+                                    weight_decay=0.01, initial_accumulator_value=0.1),
+                         adagrad_groups(m1))
+    o2 = torch.optim.Adagrad(adagrad_groups(m2), lr=0.1, lr_decay=0.01, weight_decay=0.01,
+                             initial_accumulator_value=0.1)
+    for m, o in ((m1, o1), (m2, o2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (DCP's own warnings about a process group)
+            get_optimizer_state_dict(m, o)
+        train(m, o, 10)
+    assert model_err(m1, m2) < TOL64
+    fresh = torch_optimizer(mo.AdaGrad(), adagrad_groups(make_model())).state_dict()["state"]
+    assert {k: sorted(v) for k, v in fresh.items()} == {
+        k: sorted(v) for k, v in torch.optim.Adagrad(adagrad_groups(make_model())).state_dict()[
+            "state"].items()}

@@ -106,7 +106,8 @@ refused with a ``TypeError``; every optimizer of :mod:`mithril.utils.optimizers`
 
 Also: ``opt.state[p]`` gives, per parameter, ``step`` and live views of the slots (torch's
 names); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
-:class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step; its
+:class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step, except
+AdaGrad's, made with the wrapper as ``torch.optim.Adagrad``'s; its
 ``values`` hold the optimizer-wide values).
 """
 
@@ -123,7 +124,7 @@ from typing import Any
 import torch
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import Optimizer, RMSProp
+from ..utils.optimizers import AdaGrad, Optimizer, RMSProp
 from ..utils.optimizers.lbfgs import TORCH_OPS
 from .torch_optim_groups import (
     check_wrappable,
@@ -255,6 +256,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
+        if isinstance(optimizer, AdaGrad):
+            # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
+            # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
+            # step, and weight decay into the sums, that torch's Adagrad never takes)
+            with torch.no_grad():
+                self._opt_state, self._views = self._start()
 
     # -- what users see ------------------------------------------------------------------
     @property
@@ -264,7 +271,8 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     @property
     def mithril_state(self) -> Any:
-        """Its :class:`~mithril.utils.optimizers.OptimizerState` (None before the first step)."""
+        """Its :class:`~mithril.utils.optimizers.OptimizerState` (None before the first step,
+        except AdaGrad's: made with the wrapper, as torch's)."""
         return self._opt_state
 
     @property  # type: ignore[override]
@@ -309,24 +317,29 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not grads:
             return loss
         with torch.no_grad():
-            if self._opt_state is None:
-                check_no_overlap(names, params)
-                current = {n: p.detach() for n, p in zip(names, params)}
-                state = self._mithril.init(current)
-                adopt = getattr(state.engine, "adopt_storage", None)
-                if adopt is not None and state.engine.kind == "torch":
-                    # each parameter moves into the flat buffer before the next is copied:
-                    # the parameters are never held twice (the first step's peak memory)
-                    owner = dict(zip(names, params))
-                    current = adopt(state, current, lambda n, v: setattr(owner[n], "data", v))
-            else:
-                state, current = self._opt_state, self._current()
+            state, current = (self._start() if self._opt_state is None
+                              else (self._opt_state, self._current()))
             new, state = self._mithril.update(current, grads, state)
             self._opt_state = state
             self._adopt(current, new)
             if not state.last_step_skipped:
                 _count_in_place([p for p in params if p.grad is not None])
         return loss
+
+    def _start(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A new optimizer state from the parameters (the first step's, or AdaGrad's at
+        construction) and the arrays to pass to ``update``."""
+        names, params = self._names, self._params
+        check_no_overlap(names, params)
+        current = {n: p.detach() for n, p in zip(names, params)}
+        state = self._mithril.init(current)
+        adopt = getattr(state.engine, "adopt_storage", None)
+        if adopt is not None and state.engine.kind == "torch":
+            # each parameter moves into the flat buffer before the next is copied:
+            # the parameters are never held twice (the first step's peak memory)
+            owner = dict(zip(names, params))
+            current = adopt(state, current, lambda n, v: setattr(owner[n], "data", v))
+        return state, current
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
         """``step(closure)`` of an optimizer whose ``update`` evaluates the loss itself
