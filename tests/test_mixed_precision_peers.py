@@ -404,3 +404,20 @@ def test_uneven_micro_batches_weighted_through_the_trainer_equal_torchs_whole_ba
         plain.backward_and_update({"out": backend.array(np.zeros((4, 2), np.float32))},
                                   weight=4)
     assert host(backend, plain.master_params)["linear.bias"].tolist() == [0.5, 0.5]
+
+
+def test_buffered_micro_batches_keep_the_half_precision_copies():
+    """With an Accumulate, a micro-batch that is only buffered leaves the masters as they
+    were: the half-precision copies the forward uses are kept (they were cast anew on every
+    micro-batch, k casts per update), and made anew once the window updates."""
+    be = half_backends()[0]
+    tr = MixedPrecisionTrainer(linear(be), Accumulate(SGD(learning_rate=0.25), 3), p0(be),
+                               loss_scale=64.0)
+    x, c = be.array(np.ones((4, 3), np.float32)), be.array(np.full((4, 2), 0.25, np.float32))
+    seen = []
+    for _ in range(4):
+        tr.forward({"input": x})
+        seen.append(tr.compute_params)
+        tr.backward_and_update({"out": c})
+    same = [all(a[k] is b[k] for k in a) for a, b in zip(seen, seen[1:])]
+    assert same == [True, True, False]  # the third micro-batch updated the masters

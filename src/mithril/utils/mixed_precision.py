@@ -507,7 +507,8 @@ class MixedPrecisionTrainer(FixedParts):
                     self.model.step = step
                 raise
             self._master, self.optimizer_state = master, state
-            self._compute = None
+            if not (isinstance(state, AccumulateState) and not state.applied):
+                self._compute = None  # (a buffered micro-batch leaves the masters: keep them)
             # the optimizer may still skip the step (nonfinite="skip")
             success = not getattr(state, "last_step_skipped", False)
             # an Accumulate that only buffered this micro-batch made no update
