@@ -417,7 +417,7 @@ def test_buffered_micro_batches_keep_the_half_precision_copies():
     seen = []
     for _ in range(4):
         tr.forward({"input": x})
-        seen.append(tr.compute_params)
+        seen.append(tr.compute_params())
         tr.backward_and_update({"out": c})
     same = [all(a[k] is b[k] for k in a) for a, b in zip(seen, seen[1:])]
     assert same == [True, True, False]  # the third micro-batch updated the masters
