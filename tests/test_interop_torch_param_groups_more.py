@@ -96,3 +96,55 @@ def test_adagrad_state_is_made_with_the_optimizer_as_torchs():
     assert {k: sorted(v) for k, v in fresh.items()} == {
         k: sorted(v) for k, v in torch.optim.Adagrad(adagrad_groups(make_model())).state_dict()[
             "state"].items()}
+
+
+def dcp_groups(m) -> list[dict]:
+    return [{"params": [m.l1.weight, m.l2.weight]},
+            {"params": [m.l1.bias, m.l2.bias, m.scale], "weight_decay": 0.0, "lr": 0.005},
+            {"params": [m.shift, m.extra], "lr": 0.02}]
+
+
+def test_flattened_distributed_checkpoint_resumes_as_torchs(tmp_path):
+    """DCP's ``flatten_optimizer_state_dict=True`` (torchtitan's) unflattens only the keys
+    the live groups have: the "mithril" entry was lost and the load refused ("no 'mithril'
+    entry"). Saved after one group's values changed, loaded into a fresh wrapper, resumed
+    as the unbroken run and as torch.optim.Adam doing the same."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    makers = {"torch": lambda m: torch.optim.Adam(dcp_groups(m), lr=0.01, weight_decay=0.1),
+              "ours": lambda m: torch_optimizer(mo.Adam(learning_rate=0.01, weight_decay=0.1),
+                                                dcp_groups(m))}
+    ends = {}
+    for label, make in makers.items():
+        m = make_model()
+        o = make(m)
+        train(m, o, 3, extra_every=1)
+        o.param_groups[1]["lr"] = 0.002
+        o.param_groups[2]["betas"] = (0.8, 0.9)
+        train(m, o, 2, start=3, extra_every=1)
+        m2 = make_model(seed=5)
+        m2.load_state_dict(m.state_dict())
+        o2 = make(m2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (DCP's own warnings about a process group)
+            dcp.save({"optim": get_optimizer_state_dict(m, o, options=flat)},
+                     checkpoint_id=str(tmp_path / label))
+            holder = {"optim": get_optimizer_state_dict(m2, o2, options=flat)}
+            dcp.load(holder, checkpoint_id=str(tmp_path / label))
+            set_optimizer_state_dict(m2, o2, holder["optim"], options=flat)
+        assert [(g["lr"], g["betas"]) for g in o2.param_groups] == \
+            [(0.01, (0.9, 0.999)), (0.002, (0.9, 0.999)), (0.02, (0.8, 0.9))]
+        train(m, o, 3, start=5, extra_every=1)
+        train(m2, o2, 3, start=5, extra_every=1)
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters())), label
+        ends[label] = m2
+    assert model_err(ends["ours"], ends["torch"]) < TOL64
+    # a state dict of ours that lost the entry some other way is still refused
+    m = make_model()
+    o = makers["ours"](m)
+    sd = o.state_dict()
+    del sd["mithril"], sd["param_groups"][0]["mithril"]
+    with pytest.raises(ValueError, match="no 'mithril' entry"):
+        o.load_state_dict(sd)

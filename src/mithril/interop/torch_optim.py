@@ -90,7 +90,9 @@ How it works:
   optimizer-wide values (Prodigy's ``d``, the schedule-free ``weight_sum``, LBFGS's
   ``n_iter``, ...; :mod:`.torch_optim_state` has the details), also kept in the group
   (``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``: its
-  ``get/set_optimizer_state_dict`` and ``dcp.save``/``load`` resume exactly). ``load_state_dict``
+  ``get/set_optimizer_state_dict`` and ``dcp.save``/``load`` resume exactly; with
+  ``flatten_optimizer_state_dict=True``, which drops the entry, the groups and each
+  parameter's ``step`` rebuild it, except optimizer-wide values). ``load_state_dict``
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A

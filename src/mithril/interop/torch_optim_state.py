@@ -19,6 +19,11 @@ Optimizer-wide values (``OptimizerState.values``: Prodigy's ``d`` and ``numerato
 schedule-free ``weight_sum`` and ``max_lr``, LBFGS's ``n_iter``, ``func_evals``, ``t``,
 ``H_diag``, ``prev_loss``, ``history``, ``ro{i}``, ``last_loss``) are floats in
 ``state_dict()["mithril"]["values"]``, next to the exact step counters.
+
+A state dict that went through ``torch.distributed.checkpoint`` with
+``flatten_optimizer_state_dict=True`` comes back without the ``"mithril"`` entry (DCP
+unflattens only the keys the live param groups have); its groups hold every hyperparameter
+and each parameter's ``step`` the count, which rebuild it (:func:`_rebuilt_meta`).
 """
 
 from __future__ import annotations
@@ -192,6 +197,8 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
     if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(
             groups[0], Mapping):  # (a dict that went through torch.distributed.checkpoint)
         meta = groups[0].get("mithril")
+    if meta is None and _flattened(groups, groups_now):
+        meta = _rebuilt_meta(opt, sd.get("state"))
     if not isinstance(meta, Mapping):
         raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
                          "torch_optimizer (torch.optim state dicts are not accepted)")
@@ -257,6 +264,40 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         group["params"] = now["params"]
         out_groups.append(group)
     return out_groups, out
+
+
+def _flattened(groups: Any, groups_now: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``groups`` (a state dict's param groups without the "mithril" entry) are
+    ours as DCP's ``flatten_optimizer_state_dict=True`` gives them back: its unflattening
+    keeps each group's keys that the live groups have (every value of ours: a torch.optim
+    state dict lacks most), and its ``params`` are the parameters' names (a state dict of
+    ours that lost the entry otherwise is refused)."""
+    return (isinstance(groups, (list, tuple)) and len(groups) == len(groups_now)
+            and all(isinstance(g, Mapping) and set(now) - {"params"} <= set(g)
+                    and isinstance(g.get("params"), (list, tuple))
+                    and all(isinstance(i, str) for i in g["params"])
+                    for g, now in zip(groups, groups_now)))
+
+
+def _rebuilt_meta(opt: Optimizer, state: Any) -> dict[str, Any]:
+    """The "mithril" entry of a DCP-flattened state dict (:func:`_flattened`): its groups
+    hold every hyperparameter and each parameter's ``step`` the count (the counts of skipped
+    and non-finite steps, which no update reads, restart at 0; optimizer-wide ``values``
+    cannot come back: such an optimizer's load is refused, saying so)."""
+    if opt.state_values:
+        raise ValueError(f"state dict has no 'mithril' entry (DCP's flatten_optimizer_state_"
+                         f"dict=True drops it): {type(opt).__name__}'s optimizer-wide values "
+                         f"{list(opt.state_values)} are lost with it; save without flattening")
+    steps = set()
+    for entry in state.values() if isinstance(state, Mapping) else ():
+        if isinstance(entry, Mapping) and "step" in entry:
+            steps.add(float(np.asarray(to_numpy(entry["step"]))))
+    if len(steps) > 1:
+        raise ValueError(f"state dict has no 'mithril' entry and its parameters' 'step' "
+                         f"differ ({sorted(steps)}): not a mithril torch_optimizer's")
+    return {"optimizer": type(opt).__name__,
+            "hyperparameters": opt.state_dict(None)["hyperparameters"],
+            "step": int(steps.pop()) if steps else 0}
 
 
 def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],
