@@ -148,3 +148,23 @@ def test_flattened_distributed_checkpoint_resumes_as_torchs(tmp_path):
     del sd["mithril"], sd["param_groups"][0]["mithril"]
     with pytest.raises(ValueError, match="no 'mithril' entry"):
         o.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("cls,given,msg", [
+    (mo.Adam, [{"eps": -1.0}], r"^param_groups\[0\]\['eps'\]: epsilon must be > 0"),
+    (mo.Adam, [{"lr": -1.0}], r"^param_groups\[0\]\['lr'\]: learning_rate must be >= 0"),
+    (mo.Adam, [{}, {"lr": 0.5, "betas": (0.9, 2.0)}],
+     r"^param_groups\[1\]\['lr'\], param_groups\[1\]\['betas'\]: .*beta2 must be in"),
+    (mo.RMSProp, [{}, {"alpha": 1.5}], r"^param_groups\[1\]\['alpha'\]: .*decay must be in"),
+])
+def test_a_refused_group_value_is_named_by_its_torch_key(cls, given, msg):
+    """A value the optimizer refused at construction was named by mithril's name or not at
+    all (``epsilon must be > 0``; a single group: no group either), where the same value
+    set mid-run names ``param_groups[i]['key']``."""
+    m = make_model()
+    opt = cls(learning_rate=0.01)
+    before = copy.deepcopy(opt.state_dict())
+    params = [[m.l1.weight], [m.l1.bias]]
+    with pytest.raises(ValueError, match=msg):
+        torch_optimizer(opt, [{"params": ps, **g} for ps, g in zip(params, given)])
+    assert opt.state_dict() == before

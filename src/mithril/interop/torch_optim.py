@@ -118,7 +118,6 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -126,11 +125,14 @@ from typing import Any
 import torch
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import AdaGrad, Optimizer, RMSProp
+from ..utils.optimizers import AdaGrad, Optimizer
 from ..utils.optimizers.lbfgs import TORCH_OPS
-from .torch_optim_groups import (
+from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     check_wrappable,
+    given_values,
+    group_keys,
     grouped_hyperparameters,
+    named,
     packed_groups,
     sync_groups,
     torch_values,
@@ -150,8 +152,6 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
 )
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
-
-_BETA = re.compile(r"beta[0-9]+")
 
 #: sets autograd version counters (torch-private; without it, a graph built before a step is
 #: not known to be stale, see TorchOptimizer.step)
@@ -181,34 +181,6 @@ def _dense(g: torch.Tensor) -> torch.Tensor:
     return g if g.layout == torch.strided else g.to_dense()
 
 
-def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
-    """(param-group key, the hyperparameters it holds) for ``opt``: ``lr`` first, ``betas``
-    for ``beta1, beta2[, beta3...]``, ``eps`` for ``epsilon``, ``alpha`` for RMSProp's
-    ``decay``; every other hyperparameter under its own name (a Lookahead's inner
-    optimizer's too: ``flat_hyperparameters``)."""
-    hp = opt.flat_hyperparameters()
-    betas = tuple(sorted((k for k in hp if _BETA.fullmatch(k)), key=lambda k: int(k[4:])))
-    if len(betas) < 2:  # a lone beta1 (schedule-free SGD) keeps its name: torch's "betas"
-        betas = ()  # is a tuple, which OneCycleLR's momentum cycling indexes
-    rename = {"epsilon": "eps"}
-    if any(isinstance(h, RMSProp) for h in opt.hyper_holders()):
-        rename["decay"] = "alpha"
-    out: list[tuple[str, tuple[str, ...]]] = [("lr", ("learning_rate",))]
-    taken = {"lr", "params", "param_names"}
-    for k in hp:
-        if k == "learning_rate" or k in betas[1:]:
-            continue
-        if k in betas:
-            key, ours = "betas", betas
-        else:
-            key, ours = rename.get(k, k), (k,)
-        if key in taken or (key != k and key in hp):  # a clash: keep our own name
-            key = k
-        taken.add(key)
-        out.append((key, ours))
-    return out
-
-
 class TorchOptimizer(torch.optim.Optimizer):
     """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
     with :func:`torch_optimizer`."""
@@ -224,7 +196,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                             f"and no update of its own): it cannot be wrapped; give a "
                             f"concrete optimizer, e.g. Adam")
         items, extras, counts = split(params)
-        names, tensors, named = parameters(items)
+        names, tensors, by_name = parameters(items)
         self._mithril = optimizer
         self._names = names
         self._keys = group_keys(optimizer)
@@ -232,17 +204,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._opt_state: Any = None  # OptimizerState, created by the first step or a load
         self._views: dict[str, torch.Tensor] | None = None  # what the last update returned
         defaults = {key: self._value_of(ours) for key, ours in self._keys}
-        given = list(zip(names, tensors)) if named else tensors
-        hp = None
+        given = list(zip(names, tensors)) if by_name else tensors
+        hp, where = None, ""
         self._group_names = [names]
         if extras is not None:  # torch's list of dicts: their values set on the optimizer
             values = torch_values(extras, self._keys, defaults)
+            where = given_values(extras, self._keys, defaults)
             ends = [sum(counts[:i + 1]) for i in range(len(counts))]
             self._group_names = [names[e - c:e] for c, e in zip(counts, ends)]
             given = [{"params": given[e - c:e], **v} for c, e, v in zip(counts, ends, values)]
             if len(values) > 1:
                 check_wrappable(optimizer, self._closure_driven)
-                hp = grouped_hyperparameters(optimizer, self._keys, values, self._group_names)
+                hp = grouped_hyperparameters(optimizer, self._keys, values, self._group_names,
+                                             where)
             else:
                 hp = with_group(optimizer, optimizer.state_dict(None)["hyperparameters"],
                                 values[0], self._keys)
@@ -253,8 +227,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         finally:
             self._constructing = False
         if hp is not None:  # (checked as a load is: a refused value changes nothing)
-            optimizer.load_state_dict({"optimizer": type(optimizer).__name__,
-                                       "hyperparameters": hp})
+            try:
+                optimizer.load_state_dict({"optimizer": type(optimizer).__name__,
+                                           "hyperparameters": hp})
+            except (TypeError, ValueError, KeyError) as e:  # (named as a change is)
+                raise named(e, where) from e
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]

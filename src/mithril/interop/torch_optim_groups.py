@@ -16,16 +16,47 @@ between groups. Both are refused at construction, naming the group and key.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import Optimizer
+from ..utils.optimizers import Optimizer, RMSProp
 from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
 from .torch_optim_state import group_value, same, scalar
 
 #: the optimizer's own learning rate when it holds torch's groups (see the module docs)
 REFERENCE_LR = 1.0
+
+_BETA = re.compile(r"beta[0-9]+")
+
+
+def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
+    """(param-group key, the hyperparameters it holds) for ``opt``: ``lr`` first, ``betas``
+    for ``beta1, beta2[, beta3...]``, ``eps`` for ``epsilon``, ``alpha`` for RMSProp's
+    ``decay``; every other hyperparameter under its own name (a Lookahead's inner
+    optimizer's too: ``flat_hyperparameters``)."""
+    hp = opt.flat_hyperparameters()
+    betas = tuple(sorted((k for k in hp if _BETA.fullmatch(k)), key=lambda k: int(k[4:])))
+    if len(betas) < 2:  # a lone beta1 (schedule-free SGD) keeps its name: torch's "betas"
+        betas = ()  # is a tuple, which OneCycleLR's momentum cycling indexes
+    rename = {"epsilon": "eps"}
+    if any(isinstance(h, RMSProp) for h in opt.hyper_holders()):
+        rename["decay"] = "alpha"
+    out: list[tuple[str, tuple[str, ...]]] = [("lr", ("learning_rate",))]
+    taken = {"lr", "params", "param_names"}
+    for k in hp:
+        if k == "learning_rate" or k in betas[1:]:
+            continue
+        if k in betas:
+            key, ours = "betas", betas
+        else:
+            key, ours = rename.get(k, k), (k,)
+        if key in taken or (key != k and key in hp):  # a clash: keep our own name
+            key = k
+        taken.add(key)
+        out.append((key, ours))
+    return out
 
 
 def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
@@ -42,6 +73,15 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
         out.append({**{k: g.get(k, defaults[k]) for k, _ in keys},
                     **({"param_names": g["param_names"]} if "param_names" in g else {})})
     return out
+
+
+def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
+                 defaults: Mapping[str, Any]) -> str:
+    """The values the torch ``groups`` give that are not the optimizer's own
+    (``param_groups[i]['key'], ...``): what a refused construction names, as a refused
+    change names the changed values."""
+    return ", ".join(f"param_groups[{i}]['{k}']" for i, g in enumerate(groups)
+                     for k, _ in keys if k in g and not same(g[k], defaults[k])) or "param_groups"
 
 
 def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
