@@ -307,3 +307,42 @@ def test_networks_train_as_torch_on_jax_float64():
         """, timeout=300)
     for label, worst in json.loads(out.strip().splitlines()[-1]).items():
         check(worst, "float64", f"{label} jax float64")
+
+
+def train_mithril(name: str, backend_name: str, via: str) -> tuple[list, dict]:
+    """The losses, and the final params and state, of ``name`` trained by Nesterov SGD with weight decay
+    through the separate calls or the step (float32, the batches of the runs above)."""
+    backend = BACKENDS[backend_name](dtype="float32", seed=0)
+    model, _, _, make_batch, sizes, shapes = network(name)
+    compiled = ml.compile(model, backend, shapes=shapes)
+    params, state = compiled.get_parameters(), compiled.initial_state_dict
+    optimizer = SGD(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    step = make_train_step(compiled, optimizer, loss="loss") if via == "step" else None
+    opt_state = step.init(params) if step else optimizer.init(params)
+    rng, losses = np.random.default_rng(1), []
+    for n in sizes:
+        batch = make_batch(rng, n, "float32")
+        data = {k: backend.array(v, backend.int_dtype) if v.dtype.kind == "i"
+                else backend.array(v) for k, v in batch.items()}
+        kw = {"state": state} if state else {}
+        if step is not None:
+            params, opt_state, outputs, *rest = step(params, opt_state, data, **kw)
+        else:
+            outputs, grads, *rest = compiled.evaluate(params, data,
+                                                      output_gradients={"loss": 1.0}, **kw)
+            params, opt_state = optimizer.update(params, grads, opt_state)
+        state = rest[0] if rest else state
+        losses.append(float(backend.to_numpy(outputs["loss"])))
+    return losses, {k: backend.to_numpy(v).copy() for k, v in {**params, **state}.items()}
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("name", ["cnn", "transformer", "gru"])
+def test_train_step_is_bit_for_bit_the_separate_calls(name, backend_name):
+    """docs/training.md: on NumPy and torch the step's results are those of ``evaluate`` +
+    ``optimizer.update``, bit for bit, through a whole network's training (with its state
+    and a last batch of another size)."""
+    losses, arrays = train_mithril(name, backend_name, "separate")
+    step_losses, step_arrays = train_mithril(name, backend_name, "step")
+    assert step_losses == losses
+    assert all(np.array_equal(step_arrays[k], arrays[k]) for k in arrays)
