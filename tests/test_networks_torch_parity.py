@@ -346,3 +346,25 @@ def test_train_step_is_bit_for_bit_the_separate_calls(name, backend_name):
     step_losses, step_arrays = train_mithril(name, backend_name, "step")
     assert step_losses == losses
     assert all(np.array_equal(step_arrays[k], arrays[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_a_step_without_the_state_of_a_stateful_model_says_how_to_pass_it(backend_name):
+    """The step's refusal names its own ``state=`` (it named only ``evaluate``'s), and
+    changes nothing."""
+    backend = BACKENDS[backend_name](dtype="float32", seed=0)
+    compiled = ml.compile(cnn_mithril(), backend, shapes={"input": [None, 2, 8, 8]})
+    params = compiled.get_parameters()
+    before = {k: backend.to_numpy(v).copy() for k, v in params.items()}
+    step = make_train_step(compiled, SGD(learning_rate=0.1, momentum=0.9), loss="loss")
+    opt_state = step.init(params)
+    batch = cnn_batch(np.random.default_rng(0), 4, "float32")
+    data = {"input": backend.array(batch["input"]),
+            "target": backend.array(batch["target"], backend.int_dtype)}
+    with pytest.raises(ml.KeyMismatchError, match=r"batch_norm2_d\.running_mean.*step\(\.\.\., "
+                       r"state=\.\.\.\)"):
+        step(params, opt_state, data)
+    assert all(np.array_equal(backend.to_numpy(params[k]), before[k]) for k in before)
+    params, opt_state, outputs, state = step(params, opt_state, data,
+                                             state=compiled.initial_state_dict)
+    assert int(backend.to_numpy(state["batch_norm2_d.num_batches_tracked"])) == 1

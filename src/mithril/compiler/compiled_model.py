@@ -238,8 +238,9 @@ class CompiledModel:
         if state is None:
             if p.state_shapes:
                 raise KeyMismatchError(
-                    f"this model keeps state {sorted(p.state_shapes)}: pass evaluate(..., "
-                    "state=compiled.initial_state_dict) and keep the state it returns")
+                    f"this model keeps state {sorted(p.state_shapes)}: pass "
+                    "state=compiled.initial_state_dict to evaluate(..., state=...) or to a "
+                    "train step's step(..., state=...), and keep the state it returns")
         else:
             state = self._validate_state(state)
         if not p.has_context:
