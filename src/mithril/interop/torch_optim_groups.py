@@ -10,7 +10,9 @@ any other rate would round, and could not hold a group's rate while another's is
 Values that hold for the whole step (``clip_norm``, ``nonfinite``) or belong to a wrapper
 (a Lookahead's ``sync_period``) must be equal in every group; values that change the
 update rule or the state slots (``amsgrad``, SGD momentum from 0 to non-zero) cannot differ
-between groups. Both are refused at construction, naming the group and key.
+between groups. Both are refused at construction, naming the group and key. A group with
+no parameters (torch takes one) is checked as any other but left out of the mithril
+optimizer's groups (:func:`mithril_index` maps the indices).
 """
 
 from __future__ import annotations
