@@ -168,3 +168,29 @@ def test_a_refused_group_value_is_named_by_its_torch_key(cls, given, msg):
     with pytest.raises(ValueError, match=msg):
         torch_optimizer(opt, [{"params": ps, **g} for ps, g in zip(params, given)])
     assert opt.state_dict() == before
+
+
+def test_a_refused_saved_group_value_is_named_by_its_torch_key():
+    """A state dict whose group holds a value the optimizer refuses named mithril's name or
+    nothing (``beta2 must be in [0, 1)``); loaded after torch's Adam trained alongside, the
+    good one still resumes as torch's."""
+    m1 = make_model()
+    m2 = copy.deepcopy(m1)
+    o1 = torch_optimizer(mo.Adam(learning_rate=0.01), dcp_groups(m1))
+    o2 = torch.optim.Adam(dcp_groups(m2), lr=0.01)
+    train(m1, o1, 4)
+    train(m2, o2, 4)
+    good = o1.state_dict()
+    before = frozen(m1, o1)
+    for i, key, value, msg in ((0, "betas", (0.9, 2.0), "beta2 must be in"),
+                               (2, "eps", -1.0, "epsilon must be > 0")):
+        bad = copy.deepcopy(good)
+        bad["param_groups"][i][key] = value
+        with pytest.raises(ValueError, match=rf"refused \(nothing changed\): param_groups\[{i}\]"
+                                             rf"\['{key}'\]: .*{msg}"):
+            o1.load_state_dict(bad)
+        assert_frozen(m1, o1, before)
+    o1.load_state_dict(good)
+    train(m1, o1, 4, start=4)
+    train(m2, o2, 4, start=4)
+    assert model_err(m1, m2) < TOL64

@@ -209,7 +209,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._group_names = [names]
         if extras is not None:  # torch's list of dicts: their values set on the optimizer
             values = torch_values(extras, self._keys, defaults)
-            where = given_values(extras, self._keys, defaults)
+            where = given_values(extras, self._keys, [defaults] * len(extras)) or "param_groups"
             ends = [sum(counts[:i + 1]) for i in range(len(counts))]
             self._group_names = [names[e - c:e] for c, e in zip(counts, ends)]
             given = [{"params": given[e - c:e], **v} for c, e, v in zip(counts, ends, values)]
@@ -548,6 +548,13 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
                                         self.param_groups, self._hyperparameters_of)
+        where = given_values(groups, self._keys, self.param_groups)
+        try:  # the groups' values first: a refused one is named (as at construction)
+            copy.copy(self._mithril).load_state_dict({"optimizer": ours["optimizer"],
+                                                      "hyperparameters": ours["hyperparameters"]})
+        except (TypeError, ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise refuse(type(e)(f"{where}: {msg}") if where else e) from e
         state = restore(self._mithril, ours, self._names, self._params, refuse)
         # nothing fails from here on
         self._opt_state = state

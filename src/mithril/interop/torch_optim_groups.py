@@ -78,12 +78,13 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
 
 
 def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
-                 defaults: Mapping[str, Any]) -> str:
-    """The values the torch ``groups`` give that are not the optimizer's own
-    (``param_groups[i]['key'], ...``): what a refused construction names, as a refused
+                 refs: Sequence[Mapping[str, Any]]) -> str:
+    """The values of the torch ``groups`` that are not those of ``refs`` (one mapping per
+    group: the optimizer's own at construction, the live groups' at a load), as
+    ``param_groups[i]['key'], ...``: what a refused construction or load names, as a refused
     change names the changed values."""
-    return ", ".join(f"param_groups[{i}]['{k}']" for i, g in enumerate(groups)
-                     for k, _ in keys if k in g and not same(g[k], defaults[k])) or "param_groups"
+    return ", ".join(f"param_groups[{i}]['{k}']" for i, (g, ref) in enumerate(zip(groups, refs))
+                     for k, _ in keys if k in g and k in ref and not same(g[k], ref[k]))
 
 
 def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
