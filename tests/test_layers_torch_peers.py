@@ -250,6 +250,32 @@ def test_group_norm_eps_is_checked_and_eps_0_is_torchs(backend_name, dtype):
                                      zip(["input", *params], want_g)}, tol, f"gradients, eps={eps}")
 
 
+@pytest.mark.parametrize("backend_name, dtype", CASES)
+def test_layer_norm_eps_is_checked_and_is_torchs(backend_name, dtype):
+    """LayerNorm's eps is checked as GroupNorm's (None failed inside the forward, a negative
+    one gave NaN outputs); a given eps, 0 and an int included, is F.layer_norm's."""
+    for eps in ("1e-5", -1e-5, float("nan"), True, None):
+        with pytest.raises(ValueError, match=r"LayerNorm: eps must be a finite float >= 0, got "):
+            ml.LayerNorm(eps=eps)
+    backend = BACKENDS[backend_name](dtype=dtype)
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 3, 4)) * 0.3).astype(dtype)  # small: eps matters
+    for eps in (0, 1, 0.25):
+        model = ml.Model()
+        model |= ml.LayerNorm(eps=eps)(input="input", output="output")
+        w, b = rng.standard_normal(4).astype(dtype), rng.standard_normal(4).astype(dtype)
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in (("input", x), ("weight", w), ("bias", b))}
+        want = F.layer_norm(t["input"], (4,), t["weight"], t["bias"], eps)
+        cot = rng.standard_normal(x.shape).astype(dtype)
+        want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+        params = {"layer_norm.weight": w, "layer_norm.bias": b}
+        out, grads = _evaluate(model, backend, {"input": x}, {"output": cot}, params)
+        tol = DTYPES[dtype] * 10
+        assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, f"output, eps={eps}")
+        assert_arrays_within(grads, {k: g.double().numpy() for k, g in
+                                     zip(["input", *params], want_g)}, tol, f"gradients, eps={eps}")
+
+
 # -- 7. TransformerBlock's eps -----------------------------------------------------------------
 _TORCH_LAYER = {"layer_norm_0": "norm1", "layer_norm_1": "norm2", "linear_0": "linear1",
                 "linear_1": "linear2", "multi_head_attention": "self_attn"}

@@ -142,6 +142,8 @@ class LayerNorm(Operator):
     vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/σ are the residuals
 
     def __init__(self, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True) -> None:
+        from .norms import check_eps  # (why: eps=None failed inside the forward, and a
+        check_eps(eps, "LayerNorm")  # negative one gave NaN outputs)
         self.eps, self.use_scale, self.use_bias = eps, use_scale, use_bias
 
     def param_shapes(self, shapes):
