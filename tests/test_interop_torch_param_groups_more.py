@@ -60,12 +60,15 @@ def test_an_empty_group_is_silent_and_others_match_torch():
     assert model_err(m1, m2) < TOL64
     # its values are still checked, naming it (torch's index), with nothing changed
     before = frozen(m1, o1)
-    for key, value, msg in (("lr", float("nan"), r"param_groups\[1\]\['lr'\]: Adam lear"),
-                            ("eps", -1.0, r"param_groups\[1\]\['eps'\]: .*epsilon must be")):
-        o1.param_groups[1][key], old = value, o1.param_groups[1][key]
-        with pytest.raises(ValueError, match=msg):
+    for i, key, value, exc, msg in (
+            (1, "lr", float("nan"), ValueError, r"param_groups\[1\]\['lr'\]: Adam lear"),
+            (1, "eps", -1.0, ValueError, r"param_groups\[1\]\['eps'\]: .*epsilon must be"),
+            (2, "eps", "x", TypeError, r"param_groups\[2\]\['eps'\]: .*must be a number")):
+        o1.param_groups[i][key], old = value, o1.param_groups[i][key]
+        assert o1.state_dict()["param_groups"][i][key] is value  # (saved as torch saves it)
+        with pytest.raises(exc, match=msg):
             o1.step()
-        o1.param_groups[1][key] = old
+        o1.param_groups[i][key] = old
     assert_frozen(m1, o1, before)
 
 

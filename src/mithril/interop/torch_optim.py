@@ -499,7 +499,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:  # what the next step will use (a scheduler may have changed lr since the last)
             meta["hyperparameters"] = self._hyperparameters_of(
                 self.param_groups, meta["hyperparameters"], per_key=True)
-        except (KeyError, ValueError):  # the next step refuses it, and says why
+        except (KeyError, ValueError, TypeError):  # the next step refuses it, says why
             pass
         meta["param_names"] = list(self._names)
         # also in the first group: torch.distributed.checkpoint's get_optimizer_state_dict
