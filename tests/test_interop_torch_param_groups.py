@@ -285,3 +285,26 @@ def test_state_dict_of_other_groups_refused_nothing_changed():
     torch.testing.assert_close(opt.state_dict()["state"], before["state"], rtol=0, atol=0)
     assert opt.state_dict()["param_groups"] == before["param_groups"]
     assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+
+
+def test_other_entries_of_a_group_are_carried_along_as_torchs():
+    """A group's entry that is no setting (``"name"``, used to log per group) is kept in
+    the group and its state dict as torch keeps it (it was refused); a near spelling of a
+    key, or another optimizer's setting, is still refused."""
+    model = make_model()
+    tagged = [{**g, "name": n} for g, n in zip(groups(model, 0.01), ("w", "b", "shift"))]
+    ours = torch_optimizer(mo.AdamW(learning_rate=0.01, weight_decay=0.1), tagged)
+    ref = torch.optim.AdamW([dict(g) for g in tagged], lr=0.01, weight_decay=0.1)
+    assert [g["name"] for g in ours.param_groups] == [g["name"] for g in ref.param_groups]
+    train(model, ours, 3)
+    sd = ours.state_dict()
+    assert [g["name"] for g in sd["param_groups"]] == ["w", "b", "shift"]
+    again = make_model()
+    fresh = torch_optimizer(mo.AdamW(learning_rate=0.01, weight_decay=0.1), groups(again, 0.01))
+    fresh.load_state_dict(sd)
+    assert [g["name"] for g in fresh.param_groups] == ["w", "b", "shift"]
+    for bad, msg in (({"weight_decy": 0.0}, "did you mean weight_decay"),
+                     ({"nesterov": True}, r"\['nesterov'\] are not values")):
+        with pytest.raises(KeyError, match=msg):
+            torch_optimizer(mo.AdamW(), [{"params": [again.l1.weight]},
+                                         {"params": [again.l1.bias], **bad}])

@@ -433,3 +433,18 @@ def test_refused_update_with_groups_changes_nothing():
         np.testing.assert_array_equal(params[k], before[k])
         for s in state.slots:
             np.testing.assert_array_equal(state.slot(s)[k], slots[s][k])
+
+
+def test_a_group_matching_nothing_warns_once_not_at_every_group_change():
+    """The rows are resolved anew whenever a group's value changes: a per-group scheduler
+    made a group matching no parameter warn at every step."""
+    opt = mo.Adam(learning_rate=0.1, param_groups=[{"params": ["absent"], "learning_rate": 0.2}])
+    p = {"a": np.ones(3)}
+    st = opt.init(p)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(4):
+            opt.set_learning_rate(0.2 + 0.01 * i, group=0)
+            p, st = opt.update(p, {"a": np.ones(3)}, st)
+    assert [str(w.message) for w in seen] == [
+        "Adam: param_groups[0] matches no parameter (unknown names ['absent'])"]

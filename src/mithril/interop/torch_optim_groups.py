@@ -61,18 +61,38 @@ def group_keys(opt: Optimizer) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
+#: torch.optim's per-group settings: in a group of an optimizer without them they would be
+#: ignored, so they are refused, not carried along
+_TORCH_SETTINGS = frozenset({
+    "lr", "momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered", "lr_decay",
+    "initial_accumulator_value", "rho", "etas", "step_sizes", "lambd", "t0", "amsgrad",
+    "momentum_decay", "decoupled_weight_decay", "weight_decay", "maximize", "foreach",
+    "capturable", "differentiable", "fused"})
+
+
 def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
                  defaults: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each torch group's entries under ``keys`` (the optimizer's values where a group
-    leaves one out, as torch's ``defaults``); an unknown key is refused, naming it."""
+    leaves one out, as torch's ``defaults``), and its other entries carried along as torch
+    does (``"name"`` for logging); a setting of another optimizer (``momentum`` for Adam) or
+    a near spelling of a key is refused, naming it."""
+    import difflib
+
+    from ..utils.optimizers.base import _catalog_takes
+
     known = {k for k, _ in keys} | {"param_names"}
     out = []
     for i, g in enumerate(groups):
-        unknown = sorted(set(g) - known)
-        if unknown:
-            raise KeyError(f"param_groups[{i}]: {unknown} are not values of this optimizer "
-                           f"(its group keys: {sorted(k for k, _ in keys)})")
+        extra = sorted(set(g) - known)
+        near = {k: difflib.get_close_matches(k, known, 1, 0.8) for k in extra}
+        bad = [k for k in extra if near[k] or k in _TORCH_SETTINGS or k in _catalog_takes()]
+        if bad:
+            hint = "; ".join(f"{k}: did you mean {near[k][0]}?" for k in bad if near[k])
+            raise KeyError(f"param_groups[{i}]: {bad} are not values of this optimizer (its "
+                           f"group keys: {sorted(k for k, _ in keys)})"
+                           + (f" ({hint})" if hint else ""))
         out.append({**{k: g.get(k, defaults[k]) for k, _ in keys},
+                    **{k: g[k] for k in extra},
                     **({"param_names": g["param_names"]} if "param_names" in g else {})})
     return out
 

@@ -265,10 +265,13 @@ def resolve(opt: Any, names: Sequence[str]
     if isinstance(mask_m, list) and (missing := [x for x in mask_m if x not in known]):
         msgs.append(f"{type(opt).__name__}: weight_decay_mask names unknown parameters "
                     f"{missing}")
+    warned = opt.__dict__.setdefault("_warned", set())  # (shared with its copies)
     for msg in msgs:
         if opt.strict:
             raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=4)
+        if msg not in warned:  # once: the rows are resolved anew at every group change
+            warned.add(msg)
+            warnings.warn(msg, UserWarning, stacklevel=4)
     combos = sorted(set(owner), key=lambda c: (-1 if c[0] is None else c[0], not c[1]))
     if (None, True) in combos:  # row 0 is the optimizer's own values
         combos.remove((None, True))
