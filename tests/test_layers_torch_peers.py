@@ -222,53 +222,37 @@ def test_dilated_max_pool_routes_minus_inf_and_nan_windows_as_torch(backend_name
     np.testing.assert_allclose(grads["input"], want_g.double().numpy(), rtol=0, atol=DTYPES[dtype])
 
 
-# -- 6. GroupNorm's eps --------------------------------------------------------------------------
+# -- 6. GroupNorm's and LayerNorm's eps ------------------------------------------------------------
+NORMS = {  # name: (block of eps, torch's function of (x, w, b, eps), input shape, param prefix)
+    "GroupNorm": (lambda eps: ml.GroupNorm(2, eps=eps),
+                  lambda x, w, b, eps: F.group_norm(x, 2, w, b, eps), (2, 4, 3), "group_norm"),
+    "LayerNorm": (lambda eps: ml.LayerNorm(eps=eps),
+                  lambda x, w, b, eps: F.layer_norm(x, (4,), w, b, eps), (2, 3, 4), "layer_norm"),
+}
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize("backend_name, dtype", CASES)
-def test_group_norm_eps_is_checked_and_eps_0_is_torchs(backend_name, dtype):
-    """A bad eps is named, as BatchNorm's (a string or None raised float()'s unnamed error, a
-    negative or NaN eps gave NaN outputs, True passed as 1.0); eps = 0 and an int eps are
-    torch's."""
+def test_norm_eps_is_checked_and_is_torchs(backend_name, dtype, norm):
+    """A bad eps is named, as BatchNorm's (a string or None raised float()'s unnamed error or
+    failed inside the forward, a negative or NaN eps gave NaN outputs, True passed as 1.0);
+    a given eps, 0 and an int included, is torch's."""
+    block, ref, shape, prefix = NORMS[norm]
     for eps in ("1e-5", -1e-5, float("nan"), True, None):
-        with pytest.raises(ValueError, match=r"GroupNorm: eps must be a finite float >= 0, got "):
-            ml.GroupNorm(2, eps=eps)
+        with pytest.raises(ValueError, match=fr"{norm}: eps must be a finite float >= 0, got "):
+            block(eps)
     backend = BACKENDS[backend_name](dtype=dtype)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 4, 3)).astype(dtype)
-    for eps in (0, 1):
-        model = ml.Model()
-        model |= ml.GroupNorm(2, eps=eps)(input="input", output="output")
-        w, b = rng.standard_normal(4).astype(dtype), rng.standard_normal(4).astype(dtype)
-        t = {k: torch.tensor(v, requires_grad=True) for k, v in (("input", x), ("weight", w), ("bias", b))}
-        want = F.group_norm(t["input"], 2, t["weight"], t["bias"], eps)
-        cot = rng.standard_normal(x.shape).astype(dtype)
-        want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
-        params = {"group_norm.weight": w, "group_norm.bias": b}
-        out, grads = _evaluate(model, backend, {"input": x}, {"output": cot}, params)
-        tol = DTYPES[dtype] * 10
-        assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, f"output, eps={eps}")
-        assert_arrays_within(grads, {k: g.double().numpy() for k, g in
-                                     zip(["input", *params], want_g)}, tol, f"gradients, eps={eps}")
-
-
-@pytest.mark.parametrize("backend_name, dtype", CASES)
-def test_layer_norm_eps_is_checked_and_is_torchs(backend_name, dtype):
-    """LayerNorm's eps is checked as GroupNorm's (None failed inside the forward, a negative
-    one gave NaN outputs); a given eps, 0 and an int included, is F.layer_norm's."""
-    for eps in ("1e-5", -1e-5, float("nan"), True, None):
-        with pytest.raises(ValueError, match=r"LayerNorm: eps must be a finite float >= 0, got "):
-            ml.LayerNorm(eps=eps)
-    backend = BACKENDS[backend_name](dtype=dtype)
-    rng = np.random.default_rng(6)
-    x = (rng.standard_normal((2, 3, 4)) * 0.3).astype(dtype)  # small: eps matters
+    x = (rng.standard_normal(shape) * 0.3).astype(dtype)  # small: eps matters
     for eps in (0, 1, 0.25):
         model = ml.Model()
-        model |= ml.LayerNorm(eps=eps)(input="input", output="output")
+        model |= block(eps)(input="input", output="output")
         w, b = rng.standard_normal(4).astype(dtype), rng.standard_normal(4).astype(dtype)
         t = {k: torch.tensor(v, requires_grad=True) for k, v in (("input", x), ("weight", w), ("bias", b))}
-        want = F.layer_norm(t["input"], (4,), t["weight"], t["bias"], eps)
+        want = ref(t["input"], t["weight"], t["bias"], eps)
         cot = rng.standard_normal(x.shape).astype(dtype)
         want_g = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
-        params = {"layer_norm.weight": w, "layer_norm.bias": b}
+        params = {f"{prefix}.weight": w, f"{prefix}.bias": b}
         out, grads = _evaluate(model, backend, {"input": x}, {"output": cot}, params)
         tol = DTYPES[dtype] * 10
         assert_arrays_within(out, {"output": want.detach().double().numpy()}, tol, f"output, eps={eps}")

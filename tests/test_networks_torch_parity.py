@@ -204,6 +204,28 @@ def network(name: str):
         {"input": [None, T, IN]}
 
 
+def on(backend, batch: dict) -> dict:
+    """A batch of NumPy arrays as ``backend``'s (integer labels in its int dtype)."""
+    return {k: backend.array(v, backend.int_dtype) if v.dtype.kind == "i" else backend.array(v)
+            for k, v in batch.items()}
+
+
+def advance(step, compiled, optimizer, params, opt_state, data, state, on_grads=None):
+    """One training step through ``step`` (make_train_step's) or, when None, ``evaluate`` +
+    ``optimizer.update`` (``on_grads`` sees the gradients); (params, opt_state, outputs,
+    model state)."""
+    kw = {"state": state} if state else {}
+    if step is not None:
+        params, opt_state, outputs, *rest = step(params, opt_state, data, **kw)
+    else:
+        outputs, grads, *rest = compiled.evaluate(params, data, output_gradients={"loss": 1.0},
+                                                  **kw)
+        if on_grads is not None:
+            on_grads(grads)
+        params, opt_state = optimizer.update(params, grads, opt_state)
+    return params, opt_state, outputs, (rest[0] if rest else state)
+
+
 def train_side_by_side(name: str, backend_name: str, dtype: str, opt: str, via: str) -> dict:
     """Train ``name`` on both sides; the largest difference of each kind over the run."""
     backend = BACKENDS[backend_name](dtype=dtype, seed=0)
@@ -233,23 +255,18 @@ def train_side_by_side(name: str, backend_name: str, dtype: str, opt: str, via: 
 
     for n in sizes:
         batch = make_batch(rng, n, dtype)
-        data = {k: backend.array(v, backend.int_dtype) if v.dtype.kind == "i"
-                else backend.array(v) for k, v in batch.items()}
         reference.zero_grad()
         loss = net(**{k: torch.tensor(v) for k, v in batch.items()})
         loss.backward()
         their_grads = {k: theirs[t].grad.numpy().copy() for k, t in names.items()}
         reference.step()
-        kw = {"state": state} if state else {}
-        if step is not None:
-            params, opt_state, outputs, *rest = step(params, opt_state, data, **kw)
-        else:
-            outputs, grads, *rest = compiled.evaluate(params, data,
-                                                      output_gradients={"loss": 1.0}, **kw)
+
+        def check_grads(grads, want=their_grads):
             for k in names:
-                seen("grad", grads[k], their_grads[k])
-            params, opt_state = optimizer.update(params, grads, opt_state)
-        state = rest[0] if rest else state
+                seen("grad", grads[k], want[k])
+
+        params, opt_state, outputs, state = advance(
+            step, compiled, optimizer, params, opt_state, on(backend, batch), state, check_grads)
         seen("loss", outputs["loss"], loss.item())
         for k, t in names.items():
             seen("param", params[k], theirs[t].detach().numpy())
@@ -322,16 +339,8 @@ def train_mithril(name: str, backend_name: str, via: str) -> tuple[list, dict]:
     rng, losses = np.random.default_rng(1), []
     for n in sizes:
         batch = make_batch(rng, n, "float32")
-        data = {k: backend.array(v, backend.int_dtype) if v.dtype.kind == "i"
-                else backend.array(v) for k, v in batch.items()}
-        kw = {"state": state} if state else {}
-        if step is not None:
-            params, opt_state, outputs, *rest = step(params, opt_state, data, **kw)
-        else:
-            outputs, grads, *rest = compiled.evaluate(params, data,
-                                                      output_gradients={"loss": 1.0}, **kw)
-            params, opt_state = optimizer.update(params, grads, opt_state)
-        state = rest[0] if rest else state
+        params, opt_state, outputs, state = advance(
+            step, compiled, optimizer, params, opt_state, on(backend, batch), state)
         losses.append(float(backend.to_numpy(outputs["loss"])))
     return losses, {k: backend.to_numpy(v).copy() for k, v in {**params, **state}.items()}
 
