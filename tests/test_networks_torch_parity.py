@@ -298,14 +298,17 @@ def check(worst: dict, dtype: str, label: str) -> None:
     assert not bad, f"{label}: {bad}"
 
 
-@pytest.mark.parametrize("backend_name,dtype", [("numpy", "float64"), ("torch", "float64"),
-                                                ("numpy", "float32"), ("torch", "float32"),
-                                                ("jax", "float32")])
-@pytest.mark.parametrize("name,opt,via", CASES)
+#: every case in float64 on NumPy and torch; in float32 and on JAX, the recurrent networks'
+#: SGD runs are left out (the float64 runs and the CNN / transformer cover those paths)
+RUNS = [(*case, backend, dtype) for case in CASES
+        for backend, dtype in (("numpy", "float64"), ("torch", "float64"), ("numpy", "float32"),
+                               ("torch", "float32"), ("jax", "float32"))
+        if dtype == "float64" and backend != "jax" or case[1:] != ("sgd", "separate")
+        or case[0] not in ("lstm", "gru")]
+
+
+@pytest.mark.parametrize("name,opt,via,backend_name,dtype", RUNS)
 def test_network_trains_as_torch(name, opt, via, backend_name, dtype):
-    if backend_name == "jax" or dtype == "float32":
-        if (opt, via) == ("sgd", "separate") and name in ("lstm", "gru"):
-            pytest.skip("the float64 runs and the CNN / transformer cover these paths")
     check(train_side_by_side(name, backend_name, dtype, opt, via), dtype,
           f"{name} {backend_name} {dtype} {opt} {via}")
 
