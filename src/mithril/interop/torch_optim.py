@@ -128,6 +128,7 @@ from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
 from ..utils.optimizers.lbfgs import TORCH_OPS
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
+    apply_values,
     check_wrappable,
     given_values,
     group_keys,
@@ -474,19 +475,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         old = opt.flat_hyperparameters()
         before = opt.nested_hyperparameters({k: old[k] for k in hp})
         where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
-        try:
-            opt.load_state_dict({"optimizer": type(opt).__name__,
-                                 "hyperparameters": opt.nested_hyperparameters(hp)})
-        except (TypeError, ValueError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}") from e
-        st = self._opt_state
-        if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
-            needed = sorted({*opt.full_slot_names(), *opt.tensor_slots})
-            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
-            raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
-                             f"{needed}, but its state has {sorted(st.slots)}; set this in "
-                             f"the constructor instead")
+        apply_values(opt, opt.nested_hyperparameters(hp), before, self._opt_state, where)
         self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -122,17 +122,14 @@ def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str,
             if key not in g:
                 raise KeyMismatchError(f"param_groups[{i}] has no '{key}' (the optimizer's "
                                        f"{', '.join(ours)})")
-            try:
-                v.update(group_value(key, ours, g[key]))
-            except ValueError as e:
-                raise ValueError(str(e).replace("param_groups[0]", f"param_groups[{i}]")) from None
+            v.update(group_value(key, ours, g[key], i))
         values.append(v)
     per_group = set(opt.hyper_holders()[-1].hyperparameters()) - GLOBAL - set(GROUP_KEYS)
     for key, ours in keys:
         if all(k in per_group for k in ours):
             continue
         for i, v in enumerate(values[1:], 1):
-            if any(_differs(v[k], values[0][k]) for k in ours):
+            if not all(same(v[k], values[0][k]) for k in ours):
                 raise ValueError(f"param_groups[{i}]['{key}'] = {groups[i][key]!r} differs from "
                                  f"param_groups[0]'s {groups[0][key]!r}: it holds for the whole "
                                  f"step (or for the wrapping optimizer), the same in every group")
@@ -165,6 +162,23 @@ def named(e: BaseException, where: str) -> BaseException:
     return (ValueError if isinstance(e, KeyError) else type(e))(f"{where}: {msg}")
 
 
+def apply_values(opt: Optimizer, hp: Mapping[str, Any], before: Mapping[str, Any], st: Any,
+                 where: str) -> None:
+    """Load the hyperparameters ``hp`` into ``opt`` (checked; ``where`` names the torch values
+    an error is put on), put back ``before`` if the state ``st`` (None before the first step)
+    would then need other slots, and raise."""
+    try:
+        opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
+    except (TypeError, ValueError, KeyError) as e:
+        raise named(e, where) from e
+    if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
+        needed = sorted({*opt.full_slot_names(), *opt.tensor_slots})
+        opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
+        raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
+                         f"{needed}, but its state has {sorted(st.slots)}; set this in the "
+                         f"constructor instead")
+
+
 def mithril_index(names: Sequence[Sequence[str]]) -> list[int | None]:
     """For each torch group (its parameters' ``names``), the index of its group in the
     mithril optimizer (None for an empty one, left out: :func:`grouped_hyperparameters`)."""
@@ -174,13 +188,6 @@ def mithril_index(names: Sequence[Sequence[str]]) -> list[int | None]:
         out.append(j if n else None)
         j += bool(n)
     return out
-
-
-def _differs(a: Any, b: Any) -> bool:
-    try:
-        return bool(a != b)
-    except Exception:  # noqa: BLE001 - incomparable values differ
-        return True
 
 
 def check_wrappable(opt: Optimizer, closure_driven: bool) -> None:
@@ -238,16 +245,7 @@ def sync_groups(tw: Any) -> None:
     else:
         where = ", ".join(f"param_groups[{i}]['{k}']" for i, k in changed)
         hp = grouped_hyperparameters(opt, tw._keys, groups, tw._group_names, where)
-        before = opt.state_dict(None)["hyperparameters"]
-        try:
-            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": hp})
-        except (TypeError, ValueError, KeyError) as e:
-            raise named(e, where) from e
-        st = tw._opt_state
-        if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
-            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
-            raise ValueError(f"{where}: {type(opt).__name__} would then need other state "
-                             f"slots than its state has; set this in the constructor instead")
+        apply_values(opt, hp, opt.state_dict(None)["hyperparameters"], tw._opt_state, where)
     for i, key in changed:
         synced[i][key] = copy.deepcopy(groups[i][key])
 

@@ -77,8 +77,9 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
-def group_value(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
-    """The hyperparameters the param-group value ``value`` of ``key`` stands for."""
+def group_value(key: str, ours: tuple[str, ...], value: Any, group: int = 0) -> dict[str, Any]:
+    """The hyperparameters the value ``value`` of ``key`` in ``param_groups[group]`` stands
+    for."""
     if len(ours) == 1:
         return {ours[0]: scalar(value)}
     try:
@@ -86,7 +87,7 @@ def group_value(key: str, ours: tuple[str, ...], value: Any) -> dict[str, Any]:
     except TypeError:
         values = ()
     if len(values) != len(ours):
-        raise ValueError(f"param_groups[0]['{key}'] must be a sequence of {len(ours)} "
+        raise ValueError(f"param_groups[{group}]['{key}'] must be a sequence of {len(ours)} "
                          f"numbers ({', '.join(ours)}), got {value!r}")
     return {k: scalar(v) for k, v in zip(ours, values)}
 
