@@ -129,16 +129,16 @@ from ..utils.optimizers import AdaGrad, Optimizer
 from ..utils.optimizers.lbfgs import TORCH_OPS
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
-    check_wrappable,
     given_values,
     group_keys,
     grouped_hyperparameters,
+    hyperparameters_for,
     named,
     packed_groups,
     sync_groups,
-    torch_values,
+    torch_groups,
 )
-from .torch_optim_params import check_no_overlap, parameters, split
+from .torch_optim_params import added_parameters, check_no_overlap, parameters, split
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
@@ -149,6 +149,8 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
     same,
     scalar,
     slot_names_for_torch,
+    torch_initial,
+    with_added,
     with_group,
 )
 
@@ -209,18 +211,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         hp, where = None, ""
         self._group_names = [names]
         if extras is not None:  # torch's list of dicts: their values set on the optimizer
-            values = torch_values(extras, self._keys, defaults)
-            where = given_values(extras, self._keys, [defaults] * len(extras)) or "param_groups"
-            ends = [sum(counts[:i + 1]) for i in range(len(counts))]
-            self._group_names = [names[e - c:e] for c, e in zip(counts, ends)]
-            given = [{"params": given[e - c:e], **v} for c, e, v in zip(counts, ends, values)]
-            if len(values) > 1:
-                check_wrappable(optimizer, self._closure_driven)
-                hp = grouped_hyperparameters(optimizer, self._keys, values, self._group_names,
-                                             where)
-            else:
-                hp = with_group(optimizer, optimizer.state_dict(None)["hyperparameters"],
-                                values[0], self._keys)
+            # (the path of add_param_group's too)
+            given, values, self._group_names, where = torch_groups(
+                extras, counts, names, given, self._keys, defaults)
+            hp = hyperparameters_for(optimizer, self._keys, values, self._group_names, where,
+                                     self._closure_driven, grouped=False)
         self._grouped = len(self._group_names) > 1
         self._constructing = True
         try:
@@ -273,11 +268,50 @@ class TorchOptimizer(torch.optim.Optimizer):
                         "state_dict() and load it into a new one")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not self.__dict__.get("_constructing"):
-            raise NotImplementedError("a mithril torch_optimizer's parameter groups are fixed "
-                                      "when it is made: pass every group to torch_optimizer "
-                                      "(torch's list of dicts), or make another one")
-        super().add_param_group(param_group)
+        """torch's ``add_param_group``: a group of new parameters (``params``: a tensor, a
+        list or a generator of them, or of ``(name, tensor)`` pairs where the groups have
+        ``param_names``) whose missing values are ``defaults``' (the constructor's).
+        Everything is checked before anything changes; the other parameters keep their
+        state bit for bit, the new ones start with a fresh one (see the module docs)."""
+        if self.__dict__.get("_constructing"):
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        k = len(self.param_groups)
+        items, extras, counts = split([param_group], start=k)
+        assert extras is not None  # (a list of one dict)
+        by_name = "param_names" in self.param_groups[0]
+        new_names, new_tensors = added_parameters(items, k, len(self._names), by_name,
+                                                  list(zip(self._names, self._params)))
+        names, _, _ = parameters([*zip(self._names, self._params), *zip(new_names, new_tensors)])
+        given = list(zip(new_names, new_tensors)) if by_name else new_tensors
+        dicts, values, added, where = torch_groups(extras, counts, new_names, given,
+                                                   self._keys, self.defaults, k)
+        group_names = [*self._group_names, *added]
+        hp = hyperparameters_for(self._mithril, self._keys, [*self.param_groups, values[0]],
+                                 group_names, where, self._closure_driven, self._grouped)
+        trial = copy.copy(self._mithril)
+        try:  # checked as a construction's values are, on a copy
+            trial.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})
+        except (TypeError, ValueError, KeyError) as e:
+            raise named(e, where) from e
+        params = [*self._params, *new_tensors]
+        try:
+            state = with_added(trial, self._opt_state, names, params, new_names,
+                               torch_initial(trial, values[0]["lr"], self.defaults))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}; set this in the constructor instead") from e
+        # nothing fails from here on
+        self._mithril.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})
+        super().add_param_group(dicts[0])
+        self._names, self._params, self._group_names = names, params, group_names
+        self._grouped = len(group_names) > 1
+        self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
+                        for g in self.param_groups]
+        if state is not None:
+            self._opt_state = state
+            self._views = None  # the next step copies the parameters into the new buffer
 
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import KeyMismatchError
 from ..utils.optimizers import Optimizer, RMSProp
 from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
-from .torch_optim_state import group_value, same, scalar
+from .torch_optim_state import group_value, same, scalar, with_group
 
 #: the optimizer's own learning rate when it holds torch's groups (see the module docs)
 REFERENCE_LR = 1.0
@@ -71,18 +71,18 @@ _TORCH_SETTINGS = frozenset({
 
 
 def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
-                 defaults: Mapping[str, Any]) -> list[dict[str, Any]]:
+                 defaults: Mapping[str, Any], start: int = 0) -> list[dict[str, Any]]:
     """Each torch group's entries under ``keys`` (the optimizer's values where a group
     leaves one out, as torch's ``defaults``), and its other entries carried along as torch
     does (``"name"`` for logging); a setting of another optimizer (``momentum`` for Adam) or
-    a near spelling of a key is refused, naming it."""
+    a near spelling of a key is refused, naming it (``param_groups[start + i]``)."""
     import difflib
 
     from ..utils.optimizers.base import _catalog_takes
 
     known = {k for k, _ in keys} | {"param_names"}
     out = []
-    for i, g in enumerate(groups):
+    for i, g in enumerate(groups, start):
         extra = sorted(set(g) - known)
         near = {k: difflib.get_close_matches(k, known, 1, 0.8) for k in extra}
         bad = [k for k in extra if near[k] or k in _TORCH_SETTINGS or k in _catalog_takes()]
@@ -97,13 +97,49 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
     return out
 
 
+def torch_groups(extras: Sequence[Mapping[str, Any]], counts: Sequence[int],
+                 names: Sequence[str], given: Sequence[Any],
+                 keys: Sequence[tuple[str, tuple]], defaults: Mapping[str, Any],
+                 start: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                          list[list[str]], str]:
+    """torch's group dicts (``extras``: each one's entries but ``params``; ``counts``: how
+    many of the parameters ``names`` / ``given`` each holds, in order), as
+    ``param_groups[start]`` on: (the dicts to hand to torch's ``add_param_group``, each
+    group's values (:func:`torch_values`), each group's parameter names, the given values
+    an error of the optimizer's checks is put on). The one path of the groups given at
+    construction and of those added later."""
+    values = torch_values(extras, keys, defaults, start)
+    where = (given_values(extras, keys, [defaults] * len(extras), start)
+             or ("param_groups" if start == 0 else f"param_groups[{start}]"))
+    ends = [sum(counts[:i + 1]) for i in range(len(counts))]
+    group_names = [list(names[e - c:e]) for c, e in zip(counts, ends)]
+    dicts = [{"params": list(given[e - c:e]), **v} for c, e, v in zip(counts, ends, values)]
+    return dicts, values, group_names, where
+
+
+def hyperparameters_for(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
+                        groups: Sequence[Mapping[str, Any]], names: Sequence[Sequence[str]],
+                        where: str, closure_driven: bool, grouped: bool) -> dict[str, Any]:
+    """The hyperparameters (as ``opt.load_state_dict`` takes them) that make ``opt`` run the
+    torch ``groups`` over the parameters ``names[i]`` of each: one group's values set on
+    the optimizer itself, several as its ``param_groups`` (:func:`grouped_hyperparameters`;
+    refused, :func:`check_wrappable`, for an optimizer that takes one group unless it holds
+    torch's groups already: ``grouped``). Raises, naming ``where``, for a refused value."""
+    if len(groups) > 1:
+        if not grouped:
+            check_wrappable(opt, closure_driven)
+        return grouped_hyperparameters(opt, keys, groups, names, where)
+    return with_group(opt, opt.state_dict(None)["hyperparameters"], groups[0], keys)
+
+
 def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
-                 refs: Sequence[Mapping[str, Any]]) -> str:
+                 refs: Sequence[Mapping[str, Any]], start: int = 0) -> str:
     """The values of the torch ``groups`` that are not those of ``refs`` (one mapping per
     group: the optimizer's own at construction, the live groups' at a load), as
-    ``param_groups[i]['key'], ...``: what a refused construction or load names, as a refused
-    change names the changed values."""
-    return ", ".join(f"param_groups[{i}]['{k}']" for i, (g, ref) in enumerate(zip(groups, refs))
+    ``param_groups[start + i]['key'], ...``: what a refused construction or load names, as a
+    refused change names the changed values."""
+    return ", ".join(f"param_groups[{i}]['{k}']"
+                     for i, (g, ref) in enumerate(zip(groups, refs), start)
                      for k, _ in keys if k in g and k in ref and not same(g[k], ref[k]))
 
 

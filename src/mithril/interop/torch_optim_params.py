@@ -4,16 +4,19 @@ iterable of tensors, of ``(name, tensor)`` pairs, or torch's list of parameter-g
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..errors import KeyMismatchError
 
-def split(params: Any) -> tuple[list[Any], list[dict[str, Any]] | None, list[int]]:
+
+def split(params: Any, start: int = 0
+          ) -> tuple[list[Any], list[dict[str, Any]] | None, list[int]]:
     """(every group's parameter items in order, each torch group's other entries, the
     number of parameters of each); the entries are None for a plain iterable of tensors or
-    of (name, tensor) pairs."""
+    of (name, tensor) pairs. Errors name ``param_groups[start + i]``."""
     if isinstance(params, (torch.Tensor, Mapping)) or not isinstance(params, Iterable):
         return params, None, []
     items = list(params)
@@ -21,12 +24,12 @@ def split(params: Any) -> tuple[list[Any], list[dict[str, Any]] | None, list[int
         return items, None, []
     flat: list[Any] = []
     extras, counts = [], []
-    for i, g in enumerate(items):
+    for i, g in enumerate(items, start):
         if not isinstance(g, Mapping):
             raise TypeError(f"params mix parameter-group dicts with a {type(g).__name__} "
                             f"(item {i}): give a list of dicts, each with 'params'")
         if "params" not in g:
-            raise KeyError(f"param_groups[{i}] has no 'params'")
+            raise KeyMismatchError(f"param_groups[{i}] has no 'params'")
         ps = g["params"]
         if isinstance(ps, torch.Tensor):
             ps = [ps]  # (torch takes one tensor there too)
@@ -111,3 +114,36 @@ def check_no_overlap(names: list[str], tensors: list[torch.Tensor]) -> None:
                              f"Parameter instead (pass it once)")
         if stop > end:
             end, last = stop, name
+
+
+def added_parameters(items: list[Any], group: int, count: int, by_name: bool,
+                     existing: Sequence[tuple[str, torch.Tensor]]
+                     ) -> tuple[list[str], list[Any]]:
+    """(names, tensors) of the parameter ``items`` of a group added later
+    (``param_groups[group]``; ``count`` parameters before it): ``(name, tensor)`` pairs if
+    the groups have names (``by_name``), else tensors, named ``param{count + i}``. Refused
+    as torch refuses them: names in some groups only, a parameter of another group
+    (``existing``: (name, tensor) of each). The rest is checked by :func:`parameters`."""
+    pairs = [isinstance(x, tuple) for x in items]
+    if any(pairs) and not all(pairs):
+        raise TypeError(f"param_groups[{group}]['params'] mix tensors with (name, tensor) pairs")
+    named = bool(items) and all(pairs)
+    if named != by_name:
+        raise ValueError(f"all optimizer param groups should be with/without names. cannot "
+                         f"add param group {'with' if named else 'without'} names to the "
+                         f"optimizer (param_groups[{group}])")
+    if named:
+        bad = [x for x in items if len(x) != 2 or not isinstance(x[0], str)]
+        if bad:
+            raise TypeError(f"param_groups[{group}]['params'] must be (name, tensor) pairs, "
+                            f"got {bad[0]!r:.80}")
+        names, tensors = [x[0] for x in items], [x[1] for x in items]
+    else:
+        names, tensors = [f"param{count + i}" for i in range(len(items))], list(items)
+    held = {id(p): n for n, p in existing}
+    for name, p in zip(names, tensors):
+        if id(p) in held:
+            raise ValueError(f"some parameters appear in more than one parameter group "
+                             f"(param_groups[{group}]: '{name}' is '{held[id(p)]}', already "
+                             f"optimized)")
+    return names, tensors

@@ -37,7 +37,18 @@ import numpy as np
 import torch
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import LBFGS, SGD, Adam, Adamax, NAdam, Optimizer, RAdam, RMSProp
+from ..utils.optimizers import (
+    ASGD,
+    LBFGS,
+    SGD,
+    AdaGrad,
+    Adam,
+    Adamax,
+    NAdam,
+    Optimizer,
+    RAdam,
+    RMSProp,
+)
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
 #: theirs, which are torch's already for ASGD, Adadelta, Adagrad, Rprop, Adafactor, Muon)
@@ -334,3 +345,48 @@ def restore(opt: Optimizer, ours: dict[str, Any], names: Sequence[str], params: 
         return opt.load_state_dict(ours, {n: p.detach() for n, p in zip(names, params)})
     except (TypeError, ValueError, KeyError) as e:
         raise refuse(e) from e
+
+
+def torch_initial(opt: Optimizer, lr: Any, defaults: Mapping[str, Any]) -> dict[str, float]:
+    """torch's initial state of a parameter added to a running optimizer, per slot, where
+    ``opt.init``'s is not it: ASGD's ``eta`` = its group's ``lr`` and ``mu`` = 1 (mithril sets
+    them at step 1 only), torch's Adagrad's ``sum`` from its ``defaults``'
+    ``initial_accumulator_value`` (a group added later does not use its own)."""
+    if isinstance(opt, ASGD):
+        return {"eta": float(scalar(lr)), "mu": 1.0}
+    if isinstance(opt, AdaGrad) and "initial_accumulator_value" in defaults:
+        return {"sum": float(scalar(defaults["initial_accumulator_value"]))}
+    return {}
+
+
+def with_added(trial: Optimizer, st: Any, names: Sequence[str], params: Sequence[Any],
+               new: Sequence[str], initial: Mapping[str, float]) -> Any:
+    """The state of ``trial`` (the optimizer with its new groups' hyperparameters) over
+    ``params`` (``names``) once the parameters ``new`` are added to those of ``st``: its
+    counters, values and slots for the others, bit for bit, and a fresh state
+    (``trial.init``'s, ``initial`` setting a slot's value) for the new ones. None where
+    ``st`` is (no step yet). Nothing is changed; raises ``ValueError`` if the optimizer
+    would then need other state slots."""
+    if st is None:
+        return None
+    current = {n: p.detach() for n, p in zip(names, params)}
+    fresh = trial.init(current)
+    if set(fresh.slots) != set(st.slots):
+        raise ValueError(f"{type(trial).__name__} would then need the state slots "
+                         f"{sorted(fresh.slots)}, but its state has {sorted(st.slots)}")
+    slots: dict[str, dict[str, Any]] = {}
+    for s in st.slots:
+        kept = {n: np.array(st.engine.to_numpy(v)) for n, v in st.slot(s).items()}
+        made = fresh.slot(s)
+        for n in new:
+            a = np.array(fresh.engine.to_numpy(made[n]))
+            if s in initial:
+                a[...] = initial[s]
+            kept[n] = a
+        slots[s] = kept
+    del fresh  # (its buffers: the load below makes the state anew)
+    ours = {**trial.state_dict(None), "step": st.step, "num_skipped": st.num_skipped,
+            "num_nonfinite": st.num_nonfinite, "slots": slots}
+    if st.values:
+        ours["values"] = dict(st.values)
+    return trial.load_state_dict(ours, current)
