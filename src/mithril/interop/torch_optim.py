@@ -43,7 +43,23 @@ How it works:
   optimizer's own rate is fixed at 1.0 (each group's ``lr_scale`` is then its ``lr``);
   values that hold for the whole step or change the state slots must agree between groups,
   and LBFGS, Prodigy, the schedule-free optimizers and Muon take one group (give them
-  ``param_groups`` of their own instead). Groups cannot be added after construction.
+  ``param_groups`` of their own instead).
+* **Groups added later** (``opt.add_param_group({"params": backbone.parameters(), "lr":
+  1e-5})``, progressive unfreezing) as torch's: ``params`` a tensor, a list or a generator
+  (of ``(name, tensor)`` pairs where the groups are named), missing values from ``defaults``
+  (the constructor's), a parameter already in a group refused with torch's text. It is
+  checked as the constructor's groups are (the same code) before anything changes, and
+  rebuilds the optimizer state with one more group: the other parameters keep theirs bit for
+  bit, the new ones start fresh (torch's initial state: zeros, ASGD's ``eta`` = its ``lr``,
+  Adagrad's sums from ``defaults``' ``initial_accumulator_value``), the next step copies the
+  parameters into the new buffer (for a moment the state is held twice). The new parameters'
+  step count is the optimizer's (one per optimizer, below): the update rules that read it
+  (bias corrections, Adagrad's ``lr_decay``, ASGD, SGD's ``dampening``) count the new
+  parameters' steps from it, where torch counts them from 0; the others give torch's numbers
+  (a torch.optim that loads ``state_dict()`` right after the add gives ours). A scheduler
+  made before the add does as torch's: ``StepLR`` moves the new group too, one holding a
+  value per group (``LambdaLR``) or reading ``initial_lr`` (``OneCycleLR``) raises at its
+  next step; make schedulers after the last add.
 * **No copy per step.** The first :meth:`step` creates the optimizer state and runs the
   update; the optimizer then holds every parameter in one flat buffer, and each
   ``nn.Parameter`` is pointed at its slice of it (``param.data = view``: the Parameter
@@ -138,7 +154,15 @@ from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     sync_groups,
     torch_groups,
 )
-from .torch_optim_params import added_parameters, check_no_overlap, parameters, split
+from .torch_optim_params import (
+    added_parameters,
+    check_no_overlap,
+    count_in_place,
+    dense,
+    lies_at,
+    parameters,
+    split,
+)
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
@@ -155,34 +179,6 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
 )
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
-
-#: sets autograd version counters (torch-private; without it, a graph built before a step is
-#: not known to be stale, see TorchOptimizer.step)
-_SET_VERSIONS = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
-
-
-def _count_in_place(stepped: list[torch.Tensor]) -> None:
-    """Count an update written behind autograd's back as the in-place update it is, so that
-    a backward through a graph built before the step fails as with torch.optim instead of
-    using the new values."""
-    if _SET_VERSIONS is not None and stepped:
-        _SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
-
-
-def _lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
-    square matrix has the first two)."""
-    return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
-
-
-def _dense(g: torch.Tensor) -> torch.Tensor:
-    """A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) as the dense one
-    it stands for (duplicate indices summed). Why: the update reads dense arrays, and a
-    sparse one failed every step with a TypeError where ``torch.optim.SGD`` / ``Adagrad``
-    take it; their sparse updates equal the dense update of the densified gradient (rows
-    without a gradient move only by what a zero gradient gives)."""
-    return g if g.layout == torch.strided else g.to_dense()
-
 
 class TorchOptimizer(torch.optim.Optimizer):
     """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
@@ -327,7 +323,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._sync_all()
         names, params = self._names, self._params
-        grads = {n: _dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
+        grads = {n: dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
         if not grads:
             return loss
         with torch.no_grad():
@@ -337,7 +333,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._opt_state = state
             self._adopt(current, new)
             if not state.last_step_skipped:
-                _count_in_place([p for p in params if p.grad is not None])
+                count_in_place([p for p in params if p.grad is not None])
         return loss
 
     def _start(self) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -394,7 +390,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                                 f"one-element tensor), got "
                                 f"{'None' if loss is None else tuple(loss.shape)}")
             first.setdefault("loss", loss)
-            grads = {n: _dense(p.grad) if p.grad is not None else torch.zeros_like(p)
+            grads = {n: dense(p.grad) if p.grad is not None else torch.zeros_like(p)
                      for n, p in zip(names, params)}
             return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 
@@ -431,7 +427,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         out = {}
         replaced = False
         for (n, v), p in zip(views.items(), self._params):
-            if _lies_at(p, v):
+            if lies_at(p, v):
                 out[n] = v
                 continue
             if not replaced:  # (once: a parameter replaced from outside may now share memory)
@@ -455,7 +451,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 and all(map(operator.is_, current.values(), new.values())))
         if not same:  # a first step, a reloaded state, or a parameter replaced from outside
             for p, v in zip(self._params, new.values()):
-                if not _lies_at(p, v):
+                if not lies_at(p, v):
                     p.data = v
         self._views = new
 

@@ -1,6 +1,9 @@
 """The parameters a :class:`~.torch_optim.TorchOptimizer` is given: checked (floating
 point, leaves, one dtype and device, none repeated or sharing memory) and named, from a plain
-iterable of tensors, of ``(name, tensor)`` pairs, or torch's list of parameter-group dicts."""
+iterable of tensors, of ``(name, tensor)`` pairs, or torch's list of parameter-group dicts,
+or a group added later (:func:`added_parameters`); and what a step does with them (counts
+its update in their version counters, tells whether one still lies in the flat buffer,
+densifies a sparse gradient)."""
 
 from __future__ import annotations
 
@@ -147,3 +150,31 @@ def added_parameters(items: list[Any], group: int, count: int, by_name: bool,
                              f"(param_groups[{group}]: '{name}' is '{held[id(p)]}', already "
                              f"optimized)")
     return names, tensors
+
+
+#: sets autograd version counters (torch-private; without it, a graph built before a step is
+#: not known to be stale, see TorchOptimizer.step)
+SET_VERSIONS = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def count_in_place(stepped: list[torch.Tensor]) -> None:
+    """Count an update written behind autograd's back as the in-place update it is, so that
+    a backward through a graph built before the step fails as with torch.optim instead of
+    using the new values."""
+    if SET_VERSIONS is not None and stepped:
+        SET_VERSIONS(stepped, [p._version + 1 for p in stepped])
+
+
+def lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
+    square matrix has the first two)."""
+    return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
+
+
+def dense(g: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``, ``EmbeddingBag``) as the dense one
+    it stands for (duplicate indices summed). Why: the update reads dense arrays, and a
+    sparse one failed every step with a TypeError where ``torch.optim.SGD`` / ``Adagrad``
+    take it; their sparse updates equal the dense update of the densified gradient (rows
+    without a gradient move only by what a zero gradient gives)."""
+    return g if g.layout == torch.strided else g.to_dense()
