@@ -123,6 +123,18 @@ def test_state_dict_after_add_round_trips_and_loads_into_torch(case):
             train_step((m1, m3, m4), (ours, again, theirs), step)
             assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m3.parameters()))
             assert max_err(m1, m4) <= TOL, step
+        # and back: torch.optim's state dict (it kept our "mithril" entry in its first group
+        # and counted each parameter's steps on) resumes here
+        m6 = two_layers()
+        m6.load_state_dict(m4.state_dict())
+        back = torch_optimizer(cls(**kw), m6[0].parameters())
+        back.add_param_group({"params": [m6[2].weight, m6[2].bias], "lr": lr / 2})
+        back.load_state_dict(theirs.state_dict())
+        # (torch's SGD counts no steps: the entry's count stays, unused after the first step)
+        assert back.state_dict()["mithril"]["step"] == (8 if tname == "SGD" else 13)
+        for step in range(13, 16):
+            train_step((m4, m6), (theirs, back), step)
+            assert max_err(m4, m6) <= TOL, step
         # a state dict of torch.optim's own making is not taken (as before an add)
         m5 = two_layers()
         native = getattr(torch.optim, tname)(m5[0].parameters(), **tkw)
@@ -132,6 +144,22 @@ def test_state_dict_after_add_round_trips_and_loads_into_torch(case):
         with pytest.raises(ValueError, match="torch.optim state dicts are not accepted"):
             ours.load_state_dict(native.state_dict())
         assert_same_dict(ours.state_dict()["state"], before["state"])
+
+
+def test_torch_state_dict_whose_steps_differ_is_refused_unchanged():
+    """A torch.optim that loaded ours before an add counts the new parameters' steps from 0:
+    one step count cannot hold both, refused."""
+    with default_dtype(torch.float64):
+        m1, ours, m2, ref, lr = pair("adam")
+        train_step((m1, m2), (ours, ref), 0)
+        ref.load_state_dict(ours.state_dict())
+        ref.add_param_group({"params": m2[2].parameters()})
+        train_step((m2,), (ref,), 1)
+        ours.add_param_group({"params": m1[2].parameters()})
+        snap = snapshot(ours)
+        with pytest.raises(ValueError, match=r"'step' differ \(\[1.0, 2.0\]\)"):
+            ours.load_state_dict(ref.state_dict())
+        assert_unchanged(ours, snap)
 
 
 def test_add_before_the_first_step_and_params_forms():

@@ -112,7 +112,8 @@ How it works:
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
-  ``torch.optim`` optimizer's own state dict is not accepted.
+  ``torch.optim`` optimizer's own state dict is not accepted; one that loaded ours keeps
+  the entry in its first group and is (its parameters' equal ``step`` being the count).
 * Hyperparameters changed mid-run follow torch (NAdam multiplies each step's β₁ into its
   per-parameter ``mu_product``, as torch).
 * ``torch.amp.GradScaler`` needs nothing special: it unscales the ``.grad`` tensors of the

@@ -23,7 +23,12 @@ schedule-free ``weight_sum`` and ``max_lr``, LBFGS's ``n_iter``, ``func_evals``,
 A state dict that went through ``torch.distributed.checkpoint`` with
 ``flatten_optimizer_state_dict=True`` comes back without the ``"mithril"`` entry (DCP
 unflattens only the keys the live param groups have); its groups hold every hyperparameter
-and each parameter's ``step`` the count, which rebuild it (:func:`_rebuilt_meta`).
+and each parameter's ``step`` the count, which rebuild it (:func:`_rebuilt_meta`). A
+``torch.optim`` optimizer that loaded our state dict keeps the entry in its first group as
+it was while it steps on: its parameters' ``step`` give the count (:func:`_counted_on`).
+
+A group added later (``add_param_group``) gets its state from :func:`with_added`: the
+others' state as it is, a fresh one (:func:`torch_initial`) for the new parameters.
 """
 
 from __future__ import annotations
@@ -207,8 +212,11 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
     meta = sd.get("mithril")
     groups = sd.get("param_groups")
     if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(
-            groups[0], Mapping):  # (a dict that went through torch.distributed.checkpoint)
+            groups[0], Mapping):  # (a dict that went through torch.distributed.checkpoint,
+        # or a torch.optim optimizer that loaded ours: it keeps the entry as it was)
         meta = groups[0].get("mithril")
+        if isinstance(meta, Mapping):
+            meta = _counted_on(opt, meta, sd.get("state"))
     if meta is None and _flattened(groups, groups_now):
         meta = _rebuilt_meta(opt, sd.get("state"))
     if not isinstance(meta, Mapping):
@@ -291,6 +299,34 @@ def _flattened(groups: Any, groups_now: Sequence[Mapping[str, Any]]) -> bool:
                     for g, now in zip(groups, groups_now)))
 
 
+def _steps(state: Any) -> set[float]:
+    """The distinct per-parameter ``step`` values of a state dict's ``state``."""
+    steps = set()
+    for entry in state.values() if isinstance(state, Mapping) else ():
+        if isinstance(entry, Mapping) and "step" in entry:
+            steps.add(float(np.asarray(to_numpy(entry["step"]))))
+    return steps
+
+
+def _counted_on(opt: Optimizer, meta: Mapping[str, Any], state: Any) -> Mapping[str, Any]:
+    """The ``"mithril"`` entry ``meta`` kept in a state dict's first group, with the step
+    count its parameters' ``step`` say. Why: a ``torch.optim`` optimizer that loaded our
+    state dict (after an ``add_param_group`` too) and stepped on counts each parameter's
+    steps on but keeps the entry as it was, and its state dict loaded back here resumed
+    with the old count (wrong bias corrections)."""
+    steps = _steps(state)
+    if not steps or steps == {float(meta.get("step", 0))}:
+        return meta
+    if len(steps) > 1:
+        raise ValueError(f"state dict: its parameters' 'step' differ ({sorted(steps)}): a "
+                         f"mithril optimizer counts one step for all of them")
+    if opt.state_values:
+        raise ValueError(f"state dict: its parameters' 'step' ({steps.pop():g}) is not its "
+                         f"'mithril' entry's ({meta.get('step')}): {type(opt).__name__}'s "
+                         f"optimizer-wide values {list(opt.state_values)} are stale")
+    return {**meta, "step": int(steps.pop())}
+
+
 def _rebuilt_meta(opt: Optimizer, state: Any) -> dict[str, Any]:
     """The "mithril" entry of a DCP-flattened state dict (:func:`_flattened`): its groups
     hold every hyperparameter and each parameter's ``step`` the count (the counts of skipped
@@ -300,10 +336,7 @@ def _rebuilt_meta(opt: Optimizer, state: Any) -> dict[str, Any]:
         raise ValueError(f"state dict has no 'mithril' entry (DCP's flatten_optimizer_state_"
                          f"dict=True drops it): {type(opt).__name__}'s optimizer-wide values "
                          f"{list(opt.state_values)} are lost with it; save without flattening")
-    steps = set()
-    for entry in state.values() if isinstance(state, Mapping) else ():
-        if isinstance(entry, Mapping) and "step" in entry:
-            steps.add(float(np.asarray(to_numpy(entry["step"]))))
+    steps = _steps(state)
     if len(steps) > 1:
         raise ValueError(f"state dict has no 'mithril' entry and its parameters' 'step' "
                          f"differ ({sorted(steps)}): not a mithril torch_optimizer's")
