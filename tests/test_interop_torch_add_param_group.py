@@ -169,8 +169,10 @@ def test_add_before_the_first_step_and_params_forms():
         m1, ours, m2, ref, lr = pair("adam")
         ours.add_param_group({"params": m1[2].weight, "betas": (0.8, 0.9)})
         ref.add_param_group({"params": m2[2].weight, "betas": (0.8, 0.9)})
-        ours.add_param_group({"params": [m1[2].bias], "lr": 0.02, "weight_decay": 0.1})
-        ref.add_param_group({"params": [m2[2].bias], "lr": 0.02, "weight_decay": 0.1})
+        given = [{"params": [m[2].bias], "lr": 0.02, "weight_decay": 0.1} for m in (m1, m2)]
+        ours.add_param_group(given[0])
+        ref.add_param_group(given[1])
+        assert ours.param_groups[2] is given[0] and ref.param_groups[2] is given[1]  # as torch
         assert len(ours.param_groups) == 3 and ours.param_groups[1]["lr"] == lr
         for step in range(10):
             train_step((m1, m2), (ours, ref), step)
@@ -312,6 +314,7 @@ def test_a_change_needing_other_slots_is_refused_after_the_first_step():
     (lambda: mo.LBFGS(learning_rate=1.0), "does not take parameter groups"),
     (lambda: mo.Prodigy(), "does not take torch's parameter-group dicts"),
     (lambda: mo.Muon(learning_rate=0.02), "does not take torch's parameter-group dicts"),
+    (lambda: mo.ScheduleFreeAdamW(), "does not take torch's parameter-group dicts"),
     (lambda: mo.Adam(param_groups=[{"params": "bias", "learning_rate": 0.1}]),
      "has param_groups / weight-decay masks of its own"),
 ])

@@ -273,7 +273,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self.__dict__.get("_constructing"):
             super().add_param_group(param_group)
             return
-        if not isinstance(param_group, Mapping):
+        if not isinstance(param_group, dict):  # (torch's too: the dict itself is the group)
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         k = len(self.param_groups)
         items, extras, counts = split([param_group], start=k)
@@ -301,7 +301,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: {e}; set this in the constructor instead") from e
         # nothing fails from here on
         self._mithril.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})
-        super().add_param_group(dicts[0])
+        param_group.update(dicts[0])  # (torch's: the dict given, its defaults set, is the group)
+        super().add_param_group(param_group)
         self._names, self._params, self._group_names = names, params, group_names
         self._grouped = len(group_names) > 1
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
