@@ -71,9 +71,13 @@ def test_added_group_matches_torch(case):
         for step in range(10):
             train_step((m1, m2), (ours, ref), step)
             assert max_err(m1, m2) <= TOL, step
+        kept = [{k: v.clone() for k, v in ours.state[p].items()} for p in m1[0].parameters()]
         ours.add_param_group({"params": m1[2].parameters(), "lr": lr / 2})  # a generator
         ref.add_param_group({"params": m2[2].parameters(), "lr": lr / 2})
         assert sorted(ours.param_groups[1]) == sorted(ours.param_groups[0])
+        for p, before in zip(m1[0].parameters(), kept):  # the state kept bit for bit
+            assert ours.state[p].keys() == before.keys()
+            assert all(torch.equal(ours.state[p][k], v) for k, v in before.items())
         assert ours.param_groups[1]["lr"] == lr / 2
         for key in ref.defaults.keys() & ours.defaults.keys() - {"params", "lr"}:
             assert ours.param_groups[1][key] == ours.defaults[key], key
