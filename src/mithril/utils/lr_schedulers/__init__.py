@@ -66,6 +66,8 @@ working):
 * :mod:`.inverse_sqrt` -- :class:`InverseSqrt`;
 * :mod:`.piecewise` -- :class:`PiecewiseConstant`, :class:`PiecewiseInterpolate` (optax, Keras);
 * :mod:`.cosine_restarts` -- :class:`CosineDecayRestarts` (Keras);
+* :mod:`.decays` -- :class:`ExponentialDecay`, :class:`PolynomialDecay` (optax, Keras),
+  :class:`InverseTimeDecay` (Keras);
 * :mod:`.swa` -- :class:`SWALR` (torch's ``swa_utils``, for weight averaging).
 """
 
@@ -85,6 +87,7 @@ from .chained import ChainedScheduler
 from .cosine import CosineAnnealingLR, CosineAnnealingWarmRestarts
 from .cosine_restarts import CosineDecayRestarts
 from .cyclic import CyclicLR
+from .decays import ExponentialDecay, InverseTimeDecay, PolynomialDecay
 from .inverse_sqrt import InverseSqrt
 from .join import JoinSchedules
 from .lambda_lr import LambdaLR, MultiplicativeLR
@@ -108,8 +111,10 @@ __all__ = [
     "CosineAnnealingWarmRestarts",
     "CosineDecayRestarts",
     "CyclicLR",
+    "ExponentialDecay",
     "ExponentialLR",
     "InverseSqrt",
+    "InverseTimeDecay",
     "JoinSchedules",
     "LRScheduler",
     "LambdaLR",
@@ -120,6 +125,7 @@ __all__ = [
     "OneCycleLR",
     "PiecewiseConstant",
     "PiecewiseInterpolate",
+    "PolynomialDecay",
     "PolynomialLR",
     "ReduceLROnPlateau",
     "SequentialLR",
