@@ -88,6 +88,13 @@ CASES: dict[str, tuple[str, str, float]] = {
         "optax.warmup_exponential_decay_schedule(0.0, B, 20, 10, 0.8, 15, True, 0.01)", BASE),
     "warmup-cosine": ("WSD(o, 20, 0, 180, 0.001, 0.002, 'cosine')",
                       "optax.warmup_cosine_decay_schedule(0.001, B, 20, 200, 0.002)", BASE),
+    "cosine-exponent": ("WSD(o, 0, 0, 250, 0.0, 0.02, 'cosine', 2.5)",
+                        "optax.cosine_decay_schedule(B, 250, 0.2, 2.5)", BASE),
+    "warmup-cosine-exponent": ("WSD(o, 30, 0, 170, 0.0, 0.001, 'cosine', 0.5)",
+                               "optax.warmup_cosine_decay_schedule(0.0, B, 30, 200, 0.001, 0.5)",
+                               BASE),
+    "cosine-rising": ("WSD(o, 0, 0, 100, 0.0, 0.15, 'cosine')",
+                      "optax.cosine_decay_schedule(B, 100, 1.5)", BASE),
     "sgdr": (
         "JoinSchedules(o, [WSD(o, 10, 0, 90, 0.0, 0.001, 'cosine') for _ in range(3)], "
         "[100, 200])",
@@ -285,3 +292,18 @@ def test_end_value_rules_at_the_edges() -> None:
     cyc = PolynomialDecay(FakeOpt(BASE), 10, 0.001, cycle=True)
     assert [cyc.get_lr_at(t) for t in (0, 10, 20, 30)] == [BASE, 0.001, 0.001, 0.001]
     assert cyc.get_lr_at(11) == pytest.approx(0.001 + (BASE - 0.001) * 0.45, rel=1e-15)
+
+
+def test_wsd_state_saved_before_exponent_existed_loads() -> None:
+    o = FakeOpt(BASE)
+    old = WSD(o, 5, 5, 10, decay_type="cosine")
+    for _ in range(12):
+        old.step()
+    state = old.state_dict()
+    assert state["exponent"] == 1.0
+    del state["exponent"]  # as saved before
+    resumed = WSD(FakeOpt(BASE), 5, 5, 10, decay_type="cosine", exponent=3.0)
+    resumed.load_state_dict(state)
+    assert resumed.exponent == 1.0 and resumed.get_lr_at(17) == old.get_lr_at(17)
+    with pytest.raises(ValueError, match="exponent"):
+        WSD(FakeOpt(BASE), 5, 5, 10, exponent=-1.0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
 
@@ -31,13 +32,19 @@ class WSD(LRScheduler):
     with ``d(p) = 1 - p`` (``'linear'``), ``(1 + cos(pi p)) / 2`` (``'cosine'``) or
     ``1 - sqrt(p)`` (``'1-sqrt'``, the cool-down of Hägele et al., 2024, "Scaling Laws and
     Compute-Optimal Training Beyond Fixed Training Durations"; WSD itself: Hu et al., 2024,
-    MiniCPM). optax 0.2 has no WSD schedule; the ``'linear'`` and ``'cosine'`` variants equal
+    MiniCPM), raised to the power ``exponent`` (1 by default: optax's ``cosine_decay_schedule``
+    has it for the cosine; ``'linear'`` with it is a polynomial decay).
+
+    optax 0.2 has no WSD schedule; the ``'linear'`` and ``'cosine'`` variants equal
     ``optax.join_schedules([linear_schedule(start_lr, base, W), constant_schedule(base),
-    linear_schedule(base, final_lr, D)  # or cosine_decay_schedule(base, D, final_lr / base)
-    ], [W, W + S])``. Keras's ``CosineDecay(initial, D, alpha, warmup_target, W)`` is the
-    ``'cosine'`` one with ``S = 0``, ``start_lr=initial``, ``final_lr=alpha·warmup_target``
-    on an optimizer whose learning rate is ``warmup_target`` (without a warm-up: ``W = 0``,
-    the rate ``initial``, ``final_lr=alpha·initial``).
+    linear_schedule(base, final_lr, D)  # or cosine_decay_schedule(base, D, final_lr / base,
+    exponent)], [W, W + S])``, and ``warmup_cosine_decay_schedule(init_value, peak_value, W,
+    decay_steps, end_value, exponent)`` is ``WSD(opt, W, 0, decay_steps - W, init_value,
+    end_value, 'cosine', exponent)`` on an optimizer at ``peak_value``. Keras's
+    ``CosineDecay(initial, D, alpha, warmup_target, W)`` is the ``'cosine'`` one with
+    ``S = 0``, ``start_lr=initial``, ``final_lr=alpha·warmup_target`` on an optimizer whose
+    learning rate is ``warmup_target`` (without a warm-up: ``W = 0``, the rate ``initial``,
+    ``final_lr=alpha·initial``).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate`` (its learning rate
@@ -48,10 +55,11 @@ class WSD(LRScheduler):
         start_lr: learning rate at step 0 (when ``warmup_steps > 0``), ``>= 0``.
         final_lr: learning rate at the end of the decay and after, ``>= 0``.
         decay_type: ``'linear'``, ``'cosine'`` or ``'1-sqrt'``.
+        exponent: the power of the decay's shape ``d(p)``, real ``>= 0``.
     """
 
     _HPARAMS = ("warmup_steps", "stable_steps", "decay_steps", "start_lr", "final_lr",
-                "decay_type")
+                "decay_type", "exponent")
 
     def __init__(
         self,
@@ -62,6 +70,7 @@ class WSD(LRScheduler):
         start_lr: float = 0.0,
         final_lr: float = 0.0,
         decay_type: Literal["linear", "cosine", "1-sqrt"] = "linear",
+        exponent: float = 1.0,
     ) -> None:
         super().__init__(optimizer)
         self._configure(
@@ -71,6 +80,7 @@ class WSD(LRScheduler):
             start_lr=start_lr,
             final_lr=final_lr,
             decay_type=decay_type,
+            exponent=exponent,
         )
         self._restart()
 
@@ -83,6 +93,7 @@ class WSD(LRScheduler):
         start_lr: float,
         final_lr: float,
         decay_type: str,
+        exponent: float,
     ) -> None:
         w = _check_int("warmup_steps", warmup_steps, minimum=0)
         s = _check_int("stable_steps", stable_steps, minimum=0)
@@ -90,8 +101,15 @@ class WSD(LRScheduler):
         start_lr = _check_real("start_lr", start_lr, ge=0.0)
         final_lr = _check_real("final_lr", final_lr, ge=0.0)
         decay_type = _check_choice("decay_type", decay_type, _DECAYS)
+        exponent = _check_real("exponent", exponent, ge=0.0)
         self.warmup_steps, self.stable_steps, self.decay_steps = w, s, d
         self.start_lr, self.final_lr, self.decay_type = start_lr, final_lr, decay_type
+        self.exponent = exponent
+
+    def _load_checked(self, state: Mapping[str, Any]) -> None:
+        if isinstance(state, Mapping) and "exponent" not in state:  # saved before it existed
+            state = {**state, "exponent": 1.0}
+        super()._load_checked(state)
 
     @property
     def total_steps(self) -> int:
@@ -115,4 +133,6 @@ class WSD(LRScheduler):
             d = 0.5 * (1.0 + math.cos(math.pi * p))
         else:
             d = 1.0 - math.sqrt(p)
+        if self.exponent != 1.0:  # (d ** 1 is d: the rates without it stay bit for bit)
+            d = d**self.exponent
         return self.final_lr + (base - self.final_lr) * d
