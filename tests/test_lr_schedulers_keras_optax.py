@@ -307,3 +307,21 @@ def test_wsd_state_saved_before_exponent_existed_loads() -> None:
     assert resumed.exponent == 1.0 and resumed.get_lr_at(17) == old.get_lr_at(17)
     with pytest.raises(ValueError, match="exponent"):
         WSD(FakeOpt(BASE), 5, 5, 10, exponent=-1.0)
+
+
+def test_per_group_each_group_decays_from_its_own_rate() -> None:
+    """As optax's ``multi_transform`` with one schedule per group, each from its own
+    ``init_value``: ``per_group=True``."""
+    opt = mo.SGD(0.1, param_groups=[{"params": ["b"], "learning_rate": 0.02}])
+    sched = ExponentialDecay(opt, 4, 0.5, transition_begin=2, per_group=True)
+    for _ in range(10):
+        sched.step()
+    assert sched.get_last_lrs() == [0.1 * 0.5**2, 0.02 * 0.5**2]
+    state = json.loads(json.dumps(sched.state_dict()))
+    other = mo.SGD(0.1, param_groups=[{"params": ["b"], "learning_rate": 0.02}])
+    resumed = ExponentialDecay(other, 4, 0.5, transition_begin=2, per_group=True)
+    resumed.load_state_dict(state)
+    resumed.step()
+    sched.step()
+    assert resumed.get_last_lrs() == sched.get_last_lrs() == [0.1 * 0.5**2.25,
+                                                              0.02 * 0.5**2.25]
