@@ -118,20 +118,29 @@ def ours(name: str, lr: float | None = None):
     return eval(expr, {**_NAMES, "o": o}), o
 
 
-# a Keras optimizer with a schedule as its learning rate against ours: (Keras optimizer,
-# its kwargs, the schedule; our optimizer, its kwargs, our scheduler on o)
+# a Keras or optax optimizer with a schedule as its learning rate against ours: (the peer's
+# optimizer, its kwargs, the schedule; our optimizer, its kwargs, our scheduler on o)
 TRAJ_STEPS = 30
 TRAJECTORIES = {
-    "sgd-momentum-exp": ("SGD", {"momentum": 0.9},
-                         "K.ExponentialDecay(0.1, 4, 0.5, staircase=True)",
-                         "SGD", {"momentum": 0.9, "convention": "keras"},
-                         "ExponentialDecay(o, 4, 0.5, staircase=True)"),
-    "adam-poly-cycle": ("Adam", {}, "K.PolynomialDecay(0.1, 7, 0.01, 2.0, cycle=True)",
-                        "Adam", {"epsilon": 1e-7, "convention": "keras"},
-                        "PolynomialDecay(o, 7, 0.01, 2.0, cycle=True)"),
-    "rmsprop-inv": ("RMSprop", {"momentum": 0.5}, "K.InverseTimeDecay(0.1, 3, 1.0)",
-                    "RMSProp", {"epsilon": 1e-7, "momentum": 0.5, "convention": "keras"},
-                    "InverseTimeDecay(o, 3, 1.0)"),
+    "keras-sgd-momentum-exp": ("keras.optimizers.SGD", {"momentum": 0.9},
+                               "K.ExponentialDecay(0.1, 4, 0.5, staircase=True)",
+                               "SGD", {"momentum": 0.9, "convention": "keras"},
+                               "ExponentialDecay(o, 4, 0.5, staircase=True)"),
+    "keras-adam-poly-cycle": ("keras.optimizers.Adam", {},
+                              "K.PolynomialDecay(0.1, 7, 0.01, 2.0, cycle=True)",
+                              "Adam", {"epsilon": 1e-7, "convention": "keras"},
+                              "PolynomialDecay(o, 7, 0.01, 2.0, cycle=True)"),
+    "keras-rmsprop-inv": ("keras.optimizers.RMSprop", {"momentum": 0.5},
+                          "K.InverseTimeDecay(0.1, 3, 1.0)",
+                          "RMSProp", {"epsilon": 1e-7, "momentum": 0.5, "convention": "keras"},
+                          "InverseTimeDecay(o, 3, 1.0)"),
+    "optax-sgd-momentum-exp": ("optax.sgd", {"momentum": 0.9},
+                               "optax.exponential_decay(0.1, 3, 0.7, 5, True, 0.02)",
+                               "SGD", {"momentum": 0.9, "convention": "optax"},
+                               "ExponentialDecay(o, 3, 0.7, 5, True, 0.02)"),
+    "optax-adam-poly": ("optax.adam", {}, "optax.polynomial_schedule(0.1, 0.001, 2, 20, 4)",
+                        "Adam", {"convention": "optax"},
+                        "PolynomialDecay(o, 20, 0.001, 2, 4)"),
 }
 
 SCRIPT = r"""
@@ -167,15 +176,28 @@ float64_ops(False)
 rng = np.random.default_rng(0)
 grads = [rng.standard_normal((3, 2)) for _ in range(%(traj_steps)d)]
 out["grads"] = [g.tolist() for g in grads]
-for name, (kopt, kw, sched, *_rest) in trajectories.items():
-    opt = getattr(keras.optimizers, kopt)(learning_rate=eval(sched), **kw)
-    v = keras.Variable(np.ones((3, 2)), dtype="float64")
-    opt.build([v])
+for name, (popt, kw, sched, *_rest) in trajectories.items():
     traj, lrs = [], []
-    for g in grads:
-        lrs.append(float(opt.learning_rate))  # the rate this update uses
-        opt.apply([jnp.asarray(g)], [v])
-        traj.append(np.array(v.value).tolist())
+    if popt.startswith("keras"):
+        opt = eval(popt)(learning_rate=eval(sched), **kw)
+        v = keras.Variable(np.ones((3, 2)), dtype="float64")
+        opt.build([v])
+        for g in grads:
+            lrs.append(float(opt.learning_rate))  # the rate this update uses
+            opt.apply([jnp.asarray(g)], [v])
+            traj.append(np.array(v.value).tolist())
+    else:  # optax: the schedule at the count before the update increments it; the count
+        # is an int32, which optax's schedules turn into float32 rates: made float64 here
+        f = eval(sched)
+        tx = optax.inject_hyperparams(eval(popt), hyperparam_dtype=jnp.float64)(
+            learning_rate=lambda count, f=f: f(jnp.asarray(count, jnp.float64)), **kw)
+        w = jnp.ones((3, 2))
+        state = tx.init(w)
+        for g in grads:
+            u, state = tx.update(jnp.asarray(g), state, w)
+            lrs.append(float(state.hyperparams["learning_rate"]))  # the rate u used
+            w = optax.apply_updates(w, u)
+            traj.append(np.array(w).tolist())
     out["traj/" + name] = {"params": traj, "lrs": lrs}
 print(json.dumps(out))
 """
@@ -228,10 +250,10 @@ def test_state_dict_round_trip_mid_run(name: str, references: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(TRAJECTORIES))
-def test_keras_optimizer_with_a_schedule(name: str, references: dict) -> None:
-    """Keras evaluates the schedule at ``iterations`` before the update (0 for the first):
-    ours, stepped after each update, gives every update the same rate and the same
-    parameters."""
+def test_peer_optimizer_with_a_schedule(name: str, references: dict) -> None:
+    """Keras evaluates the schedule at ``iterations`` before the update, optax at its count
+    before incrementing it (0 for the first update): ours, stepped after each update, gives
+    every update the same rate and the same parameters."""
     *_, our_opt, our_kw, our_sched = TRAJECTORIES[name]
     ref = references["traj/" + name]
     opt = getattr(mo, our_opt)(learning_rate=0.1, **our_kw)
