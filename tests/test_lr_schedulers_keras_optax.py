@@ -26,6 +26,7 @@ from conftest import run_python
 from scheduler_parity import FakeOpt, N, assert_rel
 
 import mithril.utils.optimizers as mo
+from mithril.utils.accumulation import Accumulate
 from mithril.utils.lr_schedulers import (
     WSD,
     ExponentialDecay,
@@ -134,6 +135,14 @@ TRAJECTORIES = {
                           "K.InverseTimeDecay(0.1, 3, 1.0)",
                           "RMSProp", {"epsilon": 1e-7, "momentum": 0.5, "convention": "keras"},
                           "InverseTimeDecay(o, 3, 1.0)"),
+    # Keras counts the schedule in calls, not in updates: with gradient_accumulation_steps
+    # its rate moves on every call (its ``iterations`` counts the updates); ours stepped after
+    # every call of the Accumulate wrapper gives the same updates
+    "keras-sgd-accumulate": ("keras.optimizers.SGD",
+                             {"momentum": 0.9, "gradient_accumulation_steps": 3},
+                             "K.ExponentialDecay(0.1, 2, 0.5)",
+                             "SGD", {"momentum": 0.9, "convention": "keras", "accumulate": 3},
+                             "ExponentialDecay(o, 2, 0.5)"),
     "optax-sgd-momentum-exp": ("optax.sgd", {"momentum": 0.9},
                                "optax.exponential_decay(0.1, 3, 0.7, 5, True, 0.02)",
                                "SGD", {"momentum": 0.9, "convention": "optax"},
@@ -256,7 +265,10 @@ def test_peer_optimizer_with_a_schedule(name: str, references: dict) -> None:
     every update the same rate and the same parameters."""
     *_, our_opt, our_kw, our_sched = TRAJECTORIES[name]
     ref = references["traj/" + name]
+    our_kw = dict(our_kw)
+    k = our_kw.pop("accumulate", None)  # Keras's gradient_accumulation_steps
     opt = getattr(mo, our_opt)(learning_rate=0.1, **our_kw)
+    opt = opt if k is None else Accumulate(opt, k)
     sched = eval(our_sched, {**_NAMES, "o": opt})
     params = {"w": np.ones((3, 2))}
     state = opt.init(params)
