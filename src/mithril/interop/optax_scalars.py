@@ -473,6 +473,12 @@ def refuse_pinned(opt: Any) -> None:
             f"optimizer's is 0 cannot be traced (the program holds a group's rate as a "
             f"ratio to the optimizer's); run the optimizer's own update, or start the "
             f"first lane's schedule above 0")
+    joined = [i for i, g in enumerate(opt.param_groups) if g.get("step_offset")]
+    if joined:
+        raise ValueError(
+            f"{type(opt).__name__} param_groups{joined}: a group with a 'step_offset' (its "
+            f"parameters joined after the first steps) cannot be traced (the program counts "
+            f"one step for every parameter); run the optimizer's own update")
 
 
 def _pair_of(x: Any) -> tuple[Any, Any]:

@@ -189,7 +189,7 @@ class AveragingMixin:
         """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`).
         ``values``: the state's ``values``, of which :attr:`scalar_values` are passed to
         :meth:`scalars` as keyword arguments (None: each one's ``state_value_init``)."""
-        own = self.scalars(step, **scalar_arguments(self, values))
+        own = self.scalars(self.row_step(step), **scalar_arguments(self, values))
         if self.ema_decay is None and self.swa_start is None:
             return own
         return (*own, *weights(self, step))

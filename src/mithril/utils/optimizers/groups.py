@@ -14,6 +14,11 @@ group does. A group's learning rate is kept as its ratio to the optimizer's
 as torch's multiplicative schedulers move each group from its own base lr, and a state dict
 restores it exactly. A rate given to a group while the optimizer's is 0, which no ratio
 holds, is kept as it is (the group's ``"learning_rate"``) until the optimizer's is set.
+A group's ``"step_offset": k`` (an int >= 0) says its parameters joined after ``k`` steps:
+its rules that read the step count (bias corrections, ``lr_decay``, first-step rules) count
+``t − k``, as torch.optim counts each parameter's own steps after ``add_param_group``
+(``torch_optimizer`` sets it; a state of fewer than ``k + 1`` steps is refused, as are
+the traced JAX program and Lookahead, which count one step for all).
 
 :meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
 optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
@@ -111,6 +116,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         _matcher(g["params"], f"{where}['params']")
         over = {k: v for k, v in g.items() if k != "params"}
         scale, pinned = over.pop("lr_scale", None), None
+        offset = check_step_offset(where, over.pop("step_offset", 0))
         if "learning_rate" in over:
             lr = over.pop("learning_rate")
             try:
@@ -151,8 +157,18 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             entry["lr_scale"] = scale
         if pinned is not None:
             entry["learning_rate"] = pinned
+        if offset:
+            entry["step_offset"] = offset
         out.append(ParamGroup(entry, i))
     return ParamGroups(out)
+
+
+def check_step_offset(where: str, offset: Any) -> int:
+    """A group's ``step_offset`` checked: an int >= 0 (see :class:`GroupsMixin`)."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"{where}['step_offset'] must be an int >= 0 (the optimizer steps "
+                         f"taken before the group's parameters joined), got {offset!r}")
+    return int(offset)
 
 
 class ParamGroup(dict):
@@ -302,10 +318,32 @@ class GroupsMixin:
     """Parameter groups' half of :class:`~mithril.utils.optimizers.Optimizer`: checking the
     constructor's group options, the shortcuts, and each tensor's row of scalars."""
 
+    #: steps the optimizer had taken when this row's parameters joined (a group's
+    #: ``"step_offset"``): the row's rules count ``t − step_offset`` (see :meth:`row_step`)
+    _step_offset = 0
+
+    def row_step(self, t: Any) -> Any:
+        """The step count ``t`` (1-based, the optimizer's) as this row's parameters count
+        it: a group with ``"step_offset": k`` joined after ``k`` steps, so its bias
+        corrections, decays and first-step rules read ``t − k``, as torch.optim counts each
+        parameter's own steps (``add_param_group`` mid-run)."""
+        if not self._step_offset:
+            return t
+        if t <= self._step_offset:  # (checked before the step writes anything)
+            raise ValueError(f"{type(self).__name__}: a param group's step_offset "
+                             f"{self._step_offset} is not below the step count {t}: its "
+                             f"parameters joined after {self._step_offset} steps, so the state "
+                             f"must have taken as many (load one that has)")
+        return t - self._step_offset
+
     def row_view(self, over: dict[str, Any]) -> Any:
         """A copy of this optimizer with a row's overrides ``over`` set (``lr_scale``: its
-        learning rate times that): what updates the row's tensors."""
+        learning rate times that; ``step_offset``: :meth:`row_step`'s): what updates the
+        row's tensors."""
         v = copy.copy(self)
+        offset = over.pop("step_offset", 0)
+        if offset:
+            v._step_offset = offset
         scale = over.pop("lr_scale", None)
         if scale is not None and "learning_rate" not in over:  # (else kept as it was set)
             over["learning_rate"] = self.learning_rate * scale

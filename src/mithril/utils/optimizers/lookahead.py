@@ -291,6 +291,10 @@ class Lookahead(Optimizer):
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
         """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
         index, views = self.inner.group_rows(state)
+        if any(v._step_offset for v in views):  # (its slow weights sync on one count)
+            raise ValueError("Lookahead: param_groups with a 'step_offset' (parameters that "
+                             "joined later) are not supported: every group syncs on the same "
+                             "step count")
         return index, [self if v is self.inner else self._wrapping(v) for v in views]
 
     # -- what the engines run ----------------------------------------------------------

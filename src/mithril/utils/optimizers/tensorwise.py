@@ -281,7 +281,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
                     else:
                         g = g + row.weight_decay * p
                 mine = {s: xp.part(parts[s][name]) for s in row.update_slots()}
-                scal = row.scalars(t, **scalar_arguments(row, state.values))
+                scal = row.scalars(row.row_step(t), **scalar_arguments(row, state.values))
                 new_p[name], out = row.tensor_update(xp, p, g, mine, scal, name)
                 if set(out) != set(mine):
                     raise RuntimeError(f"{type(row).__name__}.tensor_update must return every "

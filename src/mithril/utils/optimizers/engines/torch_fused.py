@@ -44,8 +44,8 @@ _UNFUSED = ("clip_value", "clip_tensor_norm", "clip_block_rms", "adaptive_clip")
 
 def kernel_call(opt: Any) -> str | None:
     """Which fused kernel computes ``opt``'s step exactly ("adam", "sgd"), or None."""
-    if opt.full_slot_names() != opt.slot_names() or opt.two_pass():
-        return None
+    if opt.full_slot_names() != opt.slot_names() or opt.two_pass() or getattr(opt, "_step_offset", 0):
+        return None  # (a group that joined later counts its own steps: not one kernel's)
     if any(getattr(opt, k, None) is not None for k in _UNFUSED):
         return None
     math_fn = opt.kernel_math()
