@@ -87,14 +87,15 @@ def test_torch_gradscaler_state_dict_loads() -> None:
     s = LossScaler()
     s.load_state_dict(d)
     assert s.state_dict() == {"scale": 512.0, "growth_factor": 3.0, "backoff_factor": 0.25,
-                              "growth_interval": 7, "dynamic": True, "growth_tracker": 4}
+                              "growth_interval": 7, "dynamic": True, "growth_tracker": 4,
+                              "_growth_tracker": 4}
     for _ in range(3):  # three finite steps: the tracker reaches 7, the scale grows
         s.update(False)
     assert s.scale == 1536.0 and s.growth_tracker == 0
     before = s.state_dict()
     with pytest.raises(ValueError, match="'growth_tracker' = 1 and torch's '_growth_tracker' = 2"):
         s.load_state_dict({**d, "growth_tracker": 1, "_growth_tracker": 2})
-    with pytest.raises(ValueError, match="'growth_tracker' must be < "):
+    with pytest.raises(ValueError, match="'_growth_tracker' must be < "):
         s.load_state_dict({**d, "_growth_tracker": 7})
     assert s.state_dict() == before
     s.load_state_dict({**d, "growth_tracker": 4})  # both, agreeing

@@ -179,10 +179,16 @@ class LossScaler:
             d["growth_tracker"] = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """GradScaler-style state: scale, factors, interval and growth tracker."""
+        """GradScaler-style state: scale, factors, interval and growth tracker.
+
+        The tracker is given under both ``growth_tracker`` and torch's ``_growth_tracker``,
+        so ``torch.amp.GradScaler(...).load_state_dict(scaler.state_dict())`` works (torch
+        reads ``_growth_tracker`` and ignores ``dynamic``); :meth:`load_state_dict` takes
+        either key or both."""
         return {"scale": self.scale, "growth_factor": self.growth_factor,
                 "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
-                "dynamic": self.dynamic, "growth_tracker": self.growth_tracker}
+                "dynamic": self.dynamic, "growth_tracker": self.growth_tracker,
+                "_growth_tracker": self.growth_tracker}
 
     _KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "dynamic",
              "growth_tracker")
@@ -191,25 +197,27 @@ class LossScaler:
     def _parse_state(cls, d: Any, where: str = "LossScaler state dict"
                      ) -> tuple[np.float32, float, float, int, bool, int]:
         """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True).
-        torch's ``GradScaler.state_dict()`` loads too: its ``_growth_tracker`` is the
-        ``growth_tracker`` (both given: they must agree)."""
+        The tracker may come as ``growth_tracker`` (older checkpoints), torch's
+        ``_growth_tracker`` (``GradScaler.state_dict()``) or both (ours now): each given one
+        is checked on its own, and two must agree."""
         if not isinstance(d, Mapping):
             raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
-        if "_growth_tracker" in d:
-            torch_key = d["_growth_tracker"]
-            ours = d.get("growth_tracker", torch_key)
-            if not (ours is torch_key or (type(ours) is int and type(torch_key) is int
-                                          and ours == torch_key)):
-                raise ValueError(f"{where} has both 'growth_tracker' = "
-                                 f"{describe(d['growth_tracker'])} and torch's "
-                                 f"'_growth_tracker' = {describe(torch_key)}: which one?")
-            d = {**{k: v for k, v in d.items() if k != "_growth_tracker"},
-                 "growth_tracker": torch_key}
-        missing = [k for k in cls._KEYS if k not in d and k != "dynamic"]
+        missing = [k for k in cls._KEYS if k not in d and k not in ("dynamic", "growth_tracker")]
+        if "growth_tracker" not in d and "_growth_tracker" not in d:
+            missing.append("growth_tracker")
         if missing:
             raise KeyMismatchError(f"{where} is missing key(s) {missing}")
-        return cls._checked(*(d.get(k, True) for k in cls._KEYS),
-                            names=tuple(f"{where} '{k}'" for k in cls._KEYS))
+        parsed = []
+        for key in ("growth_tracker", "_growth_tracker"):
+            if key in d:
+                names = (*cls._KEYS[:5], key)
+                parsed.append(cls._checked(
+                    *(d.get(k, True) for k in names),
+                    names=tuple(f"{where} '{k}'" for k in names)))
+        if len(parsed) == 2 and parsed[0][5] != parsed[1][5]:
+            raise ValueError(f"{where} has both 'growth_tracker' = {parsed[0][5]} and torch's "
+                             f"'_growth_tracker' = {parsed[1][5]}: which one?")
+        return parsed[0]
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; every field is checked (as by the constructor)
