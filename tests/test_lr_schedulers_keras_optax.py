@@ -293,7 +293,7 @@ def test_peer_optimizer_with_a_schedule(name: str, references: dict) -> None:
     (lambda o: PolynomialDecay(o, 10, 0.0, power=-1.0), "power"),
     (lambda o: PolynomialDecay(o, 10, float("nan")), "end_value"),
     (lambda o: PolynomialDecay(o, 10, 0.0, cycle=1), "cycle"),
-    (lambda o: InverseTimeDecay(o, 0, 0.5), "decay_steps"),  # Keras: inf / nan
+    (lambda o: InverseTimeDecay(o, 0, 0.5), "decay_steps"),  # (as Keras)
     (lambda o: InverseTimeDecay(o, 10, -0.5), "decay_rate"),  # Keras: negative rates
 ])
 def test_what_the_peers_turn_into_odd_schedules_raises(make, arg: str) -> None:

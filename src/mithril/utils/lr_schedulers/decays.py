@@ -6,10 +6,11 @@ Each takes the optimizer's learning rate as optax's ``init_value`` / Keras's
 the update a scheduler stepped after each update drives is the one the peer's schedule
 drives at that count (both evaluate it before incrementing, the first update at 0).
 
-Where a peer turns a degenerate setting into a constant schedule or a non-finite rate
-(optax's ``transition_steps <= 0``, ``decay_rate == 0`` or a negative ``transition_begin``;
-Keras's ``decay_steps == 0`` in ``InverseTimeDecay``; a negative decay rate), these raise a
-:class:`ValueError` naming the argument instead. Step counts (``transition_begin``) are
+Where a peer turns a degenerate setting into a constant schedule or a non-finite or negative
+rate (optax's ``transition_steps <= 0``, ``decay_rate == 0`` or a negative
+``transition_begin``; Keras's ``ExponentialDecay`` with ``decay_rate == 0``, which drops to 0
+after step 0; negative decay rates in both), these raise a :class:`ValueError` naming the
+argument instead. Step counts (``transition_begin``) are
 integers; ``transition_steps`` / ``decay_steps`` may be any real ``> 0``, as both peers allow.
 """
 
@@ -174,8 +175,7 @@ class InverseTimeDecay(LRScheduler):
 
     with ``T = decay_steps`` and ``r = decay_rate``: Keras's ``InverseTimeDecay(
     initial_learning_rate=base, decay_steps, decay_rate, staircase)``, exactly (Keras accepts
-    ``decay_steps = 0`` and negative rates, which give non-finite or negative rates; here
-    they raise).
+    a negative ``decay_rate``, which gives negative or infinite rates; here it raises).
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
