@@ -52,11 +52,10 @@ How it works:
   rebuilds the optimizer state with one more group: the other parameters keep theirs bit for
   bit, the new ones start fresh (torch's initial state: zeros, ASGD's ``eta`` = its ``lr``,
   Adagrad's sums from ``defaults``' ``initial_accumulator_value``), the next step copies the
-  parameters into the new buffer (for a moment the state is held twice). The new parameters'
-  step count is the optimizer's (one per optimizer, below): the update rules that read it
-  (bias corrections, Adagrad's ``lr_decay``, ASGD, SGD's ``dampening``) count the new
-  parameters' steps from it, where torch counts them from 0; the others give torch's numbers
-  (a torch.optim that loads ``state_dict()`` right after the add gives ours). A scheduler
+  parameters into the new buffer (for a moment the state is held twice). The new parameters
+  count their own steps from the add, as torch's (their group's ``step_offset``: the rules
+  that read the count, bias corrections, Adagrad's ``lr_decay``, ASGD, SGD's first step,
+  give torch's numbers), and ``state_dict()`` shows each parameter's own ``step``. A scheduler
   made before the add does as torch's: ``StepLR`` moves the new group too, one holding a
   value per group (``LambdaLR``) or reading ``initial_lr`` (``OneCycleLR``) raises at its
   next step; make schedulers after the last add.
@@ -76,8 +75,9 @@ How it works:
   a step with no gradient at all does nothing. A sparse ``.grad`` (``nn.Embedding(sparse=
   True)``) is densified: SGD and AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s
   sparse numbers, other optimizers their dense update (torch's refuse sparse gradients). As everywhere in mithril, the step count
-  (bias corrections) is one per optimizer, not one per parameter as in torch: the two agree
-  unless some parameters miss steps (see :class:`~mithril.utils.optimizers.Optimizer`).
+  (bias corrections) is one per optimizer (per group added later), not one per parameter as
+  in torch: the two agree unless some parameters miss steps (see
+  :class:`~mithril.utils.optimizers.Optimizer`).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
   bfloat16) the engines' flat-tensor path. Muon and Adafactor (per-tensor matrix updates,
   :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
@@ -288,6 +288,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         group_names = [*self._group_names, *added]
         hp = hyperparameters_for(self._mithril, self._keys, [*self.param_groups, values[0]],
                                  group_names, where, self._closure_driven, self._grouped)
+        st = self._opt_state
+        if st is not None and st.step and new_names:  # its parameters count their own steps
+            for g in hp.get("param_groups") or ():  # (torch's per-parameter 'step' from 0)
+                if list(g["params"]) == list(new_names):
+                    g["step_offset"] = st.step
         trial = copy.copy(self._mithril)
         try:  # checked as a construction's values are, on a copy
             trial.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})
@@ -538,7 +543,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         """``hp`` (the mithril optimizer's) with the values of the torch ``groups`` set (with
         ``per_key``, one group's keys each on its own, skipping one that is refused)."""
         if self._grouped:
-            return grouped_hyperparameters(self._mithril, self._keys, groups, self._group_names)
+            return grouped_hyperparameters(self._mithril, self._keys, groups, self._group_names,
+                                           offsets_of=hp)
         if not per_key:
             return with_group(self._mithril, hp, groups[0], self._keys)
         out = dict(hp)

@@ -25,7 +25,14 @@ from typing import Any
 from ..errors import KeyMismatchError
 from ..utils.optimizers import Optimizer, RMSProp
 from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
-from .torch_optim_state import group_value, same, scalar, with_group
+from .torch_optim_state import (
+    group_value,
+    live_offsets,
+    same,
+    scalar,
+    step_offsets,
+    with_group,
+)
 
 #: the optimizer's own learning rate when it holds torch's groups (see the module docs)
 REFERENCE_LR = 1.0
@@ -145,12 +152,14 @@ def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
 
 def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...]]],
                             groups: Sequence[Mapping[str, Any]],
-                            names: Sequence[Sequence[str]], where: str | None = None
-                            ) -> dict[str, Any]:
+                            names: Sequence[Sequence[str]], where: str | None = None,
+                            offsets_of: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The hyperparameters (as ``opt.load_state_dict`` takes them) that make ``opt`` run the
     torch ``groups`` (their values under ``keys``) over the parameters ``names[i]`` of each;
     raises, naming ``param_groups[i]['key']``, for a value that cannot differ by group
-    (``where``: the changed values an error of the optimizer's own checks is put on)."""
+    (``where``: the changed values an error of the optimizer's own checks is put on). Each
+    group keeps the ``step_offset`` (a group added after the first steps) that the
+    hyperparameters ``offsets_of`` give its parameters (None: ``opt``'s own)."""
     values = []
     for i, g in enumerate(groups):
         v: dict[str, Any] = {}
@@ -173,6 +182,12 @@ def grouped_hyperparameters(opt: Optimizer, keys: Sequence[tuple[str, tuple[str,
     mithril_groups = [{"params": list(names[i]),
                        **{k: x for k, x in v.items() if k in per_group}}
                       for i, v in enumerate(values)]
+    everyone = [n for ns in names for n in ns]
+    offset = dict(zip(everyone, live_offsets(opt, everyone) if offsets_of is None
+                      else step_offsets(offsets_of, everyone)))
+    for g in mithril_groups:
+        if g["params"] and offset[g["params"][0]]:
+            g["step_offset"] = offset[g["params"][0]]
     full = opt.nested_hyperparameters({**flat, "param_groups": mithril_groups})
     if all(names):
         return full

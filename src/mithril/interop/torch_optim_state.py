@@ -165,6 +165,25 @@ def shown(opt: Optimizer, st: Any) -> list[str]:
     return [s for s in st.slots if s not in unused]
 
 
+def step_offsets(hp: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                 names: Sequence[str]) -> list[int]:
+    """Each parameter's ``step_offset`` (0 but in a group added after the first steps):
+    from a mithril optimizer's hyperparameters ``hp`` (its ``param_groups`` list names
+    the parameters) or from its ``param_groups`` themselves."""
+    groups = hp.get("param_groups") if isinstance(hp, Mapping) else hp
+    offset: dict[str, int] = {}
+    for g in groups if isinstance(groups, (list, tuple)) else ():
+        k = g.get("step_offset", 0) if isinstance(g, Mapping) else 0
+        if k and isinstance(g.get("params"), (list, tuple)):
+            offset.update(dict.fromkeys(g["params"], int(k)))
+    return [offset.get(n, 0) for n in names]
+
+
+def live_offsets(opt: Optimizer, names: Sequence[str]) -> list[int]:
+    """:func:`step_offsets` of the live optimizer ``opt`` (its groups' holder's)."""
+    return step_offsets(list(opt.hyper_holders()[-1].param_groups), names)
+
+
 def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[Any]
                ) -> defaultdict:
     """torch's ``opt.state``: per parameter ``step`` and live views of its slots."""
@@ -173,8 +192,8 @@ def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[A
         return out
     rename = slot_names_for_torch(opt)
     slots = {rename.get(s, s): st.slot(s) for s in shown(opt, st)}
-    for name, p in zip(names, params):
-        out[p] = {"step": torch.tensor(float(st.step)),
+    for name, p, k in zip(names, params, live_offsets(opt, names)):
+        out[p] = {"step": torch.tensor(float(st.step - k)),
                   **{key: per[name] for key, per in slots.items() if per[name].numel()}}
     return out
 
@@ -190,8 +209,9 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
     if st.values:
         meta["values"] = {k: float(v) for k, v in st.values.items()}
     rename = slot_names_for_torch(opt)
-    state: dict[int, dict[str, Any]] = {
-        i: {"step": torch.tensor(float(st.step), dtype=torch.float32)} for i in range(len(names))}
+    state: dict[int, dict[str, Any]] = {  # (each parameter's own count, as torch's)
+        i: {"step": torch.tensor(float(st.step - k), dtype=torch.float32)}
+        for i, k in enumerate(live_offsets(opt, names))}
     for slot in shown(opt, st):
         for i, view in enumerate(st.slot(slot).values()):
             a = np.array(st.engine.to_numpy(view))
@@ -216,7 +236,7 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         # or a torch.optim optimizer that loaded ours: it keeps the entry as it was)
         meta = groups[0].get("mithril")
         if isinstance(meta, Mapping):
-            meta = _counted_on(opt, meta, sd.get("state"))
+            meta = _counted_on(opt, meta, sd.get("state"), groups)
     if meta is None and _flattened(groups, groups_now):
         meta = _rebuilt_meta(opt, sd.get("state"))
     if not isinstance(meta, Mapping):
@@ -308,23 +328,35 @@ def _steps(state: Any) -> set[float]:
     return steps
 
 
-def _counted_on(opt: Optimizer, meta: Mapping[str, Any], state: Any) -> Mapping[str, Any]:
+def _counted_on(opt: Optimizer, meta: Mapping[str, Any], state: Any, groups: Sequence[Any]
+                ) -> Mapping[str, Any]:
     """The ``"mithril"`` entry ``meta`` kept in a state dict's first group, with the step
     count its parameters' ``step`` say. Why: a ``torch.optim`` optimizer that loaded our
     state dict (after an ``add_param_group`` too) and stepped on counts each parameter's
     steps on but keeps the entry as it was, and its state dict loaded back here resumed
-    with the old count (wrong bias corrections)."""
-    steps = _steps(state)
-    if not steps or steps == {float(meta.get("step", 0))}:
+    with the old count (wrong bias corrections). A parameter of a group added later counts
+    ``step_offset`` fewer steps (:func:`step_offsets`): every parameter must be the same
+    number of steps past the entry."""
+    ids = [i for g in groups if isinstance(g, Mapping)
+           for i in (g.get("params") if isinstance(g.get("params"), (list, tuple)) else ())]
+    names = meta.get("param_names")
+    if not isinstance(state, Mapping) or not isinstance(names, (list, tuple)) \
+            or len(names) != len(ids):
         return meta
-    if len(steps) > 1:
-        raise ValueError(f"state dict: its parameters' 'step' differ ({sorted(steps)}): a "
-                         f"mithril optimizer counts one step for all of them")
+    offsets = dict(zip(ids, step_offsets(meta.get("hyperparameters") or {}, names)))
+    past = {float(np.asarray(to_numpy(e["step"]))) + offsets.get(i, 0)
+            for i, e in state.items() if isinstance(e, Mapping) and "step" in e}
+    if not past or past == {float(meta.get("step", 0))}:
+        return meta
+    if len(past) > 1:
+        raise ValueError(f"state dict: its parameters' 'step' differ by other amounts than "
+                         f"their groups joined at (counts {sorted(past)}): a mithril "
+                         f"optimizer counts one step for each group")
     if opt.state_values:
-        raise ValueError(f"state dict: its parameters' 'step' ({steps.pop():g}) is not its "
+        raise ValueError(f"state dict: its parameters' 'step' ({past.pop():g}) is not its "
                          f"'mithril' entry's ({meta.get('step')}): {type(opt).__name__}'s "
                          f"optimizer-wide values {list(opt.state_values)} are stale")
-    return {**meta, "step": int(steps.pop())}
+    return {**meta, "step": int(past.pop())}
 
 
 def _rebuilt_meta(opt: Optimizer, state: Any) -> dict[str, Any]:

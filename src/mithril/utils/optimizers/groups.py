@@ -314,6 +314,12 @@ def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
     return [opt.row_view(dict(over)) if over else opt for over in rows]
 
 
+def row_step(row: Any, t: Any) -> Any:
+    """``row.row_step(t)`` for a row that is an optimizer (a group's view), else ``t``
+    (a wrapper's own row type, e.g. Muon's fallback rows)."""
+    return row.row_step(t) if isinstance(row, GroupsMixin) else t
+
+
 class GroupsMixin:
     """Parameter groups' half of :class:`~mithril.utils.optimizers.Optimizer`: checking the
     constructor's group options, the shortcuts, and each tensor's row of scalars."""

@@ -472,7 +472,7 @@ class Muon(TensorwiseOptimizer):
             return torch.from_numpy(np.require(a, requirements=("C", "W"))) if on_numpy else a
 
         top = torch.finfo(getattr(torch, np.dtype(lay.dtype).name)).max
-        lrs = [adjusted_lr(r.scalars(r.row_step(t))[0], r.adjust_lr_fn, s) for r, s in zip(rows, lay.shapes)]
+        lrs = [adjusted_lr(r.scalars(_groups.row_step(r, t))[0], r.adjust_lr_fn, s) for r, s in zip(rows, lay.shapes)]
         if any(abs(lr) > top for lr in lrs):  # torch's add_ would refuse it midway
             return None
         bufs = state.slot_layout("momentum_buffer").unflatten(state.slots["momentum_buffer"])

@@ -28,6 +28,7 @@ from .averaging import average, weights
 from .base import Optimizer
 from .checks import check_update
 from .engines.common import is_finite, must_skip, nonfinite_result_error
+from .groups import row_step
 from .state import OptimizerState, scalar_arguments
 
 
@@ -281,7 +282,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
                     else:
                         g = g + row.weight_decay * p
                 mine = {s: xp.part(parts[s][name]) for s in row.update_slots()}
-                scal = row.scalars(row.row_step(t), **scalar_arguments(row, state.values))
+                scal = row.scalars(row_step(row, t), **scalar_arguments(row, state.values))
                 new_p[name], out = row.tensor_update(xp, p, g, mine, scal, name)
                 if set(out) != set(mine):
                     raise RuntimeError(f"{type(row).__name__}.tensor_update must return every "
