@@ -159,3 +159,46 @@ def test_tracker_keys_are_checked_each_and_must_agree() -> None:
     s.load_state_dict({k: v for k, v in {**sd, "_growth_tracker": 2}.items()
                        if k != "growth_tracker"})
     assert s.growth_tracker == 2 and s.state_dict()["_growth_tracker"] == 2
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_trainer_unscaled_gradients_equal_gradscaler_unscale(kind) -> None:
+    """40 float16 steps, some overflowing: after each, the trainer's ``last_gradients`` equal
+    the gradients ``GradScaler.unscale_`` leaves in torch's AMP loop (the same inf/NaN
+    entries on the skipped steps, the same values elsewhere)."""
+    from test_mixed_precision_peers import SHAPES, host, linear, overflowing_batches, p0
+
+    from mithril.backends import NumpyBackend, TorchBackend
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+    from mithril.utils.optimizers import SGD
+
+    batches = overflowing_batches(40)
+    ps = {n: torch.nn.Parameter(torch.full(s, 0.5)) for n, s in SHAPES.items()}
+    opt = torch.optim.SGD(list(ps.values()), lr=0.125, momentum=0.9)
+    gs = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    backend = {"numpy": NumpyBackend, "torch": TorchBackend}[kind](dtype="float16")
+    tr = MixedPrecisionTrainer(linear(backend), SGD(learning_rate=0.125, momentum=0.9),
+                               p0(backend), growth_interval=3)
+    n_bad = 0
+    for i, (x, c) in enumerate(batches):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
+                                             ps["linear.bias"])
+        gs.scale((out.float() * torch.from_numpy(c)).sum()).backward()
+        gs.unscale_(opt)
+        want = {n: p.grad.detach().numpy().copy() for n, p in ps.items()}
+        gs.step(opt)
+        gs.update()
+        tr.forward({"input": backend.array(x)})
+        ok = tr.backward_and_update({"out": backend.array(c)})[2]
+        got = host(backend, tr.last_gradients)
+        for n in SHAPES:
+            fin = np.isfinite(want[n])
+            n_bad += int(not fin.all())
+            assert fin.all() or not ok, i  # a non-finite gradient: the step was skipped
+            np.testing.assert_array_equal(np.isfinite(got[n]), fin, err_msg=f"{n} {i}")
+            np.testing.assert_allclose(got[n][fin], want[n][fin], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{n} {i}")
+        assert gs.get_scale() == tr.loss_scale, i
+    assert n_bad >= 8  # the run does overflow
