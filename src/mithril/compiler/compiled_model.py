@@ -182,11 +182,24 @@ class CompiledModel:
         return None
 
     # -- parameters --------------------------------------------------------------------
-    def randomize_params(self) -> dict[str, Any]:
-        """Fresh parameters from the backend's generator (see ``backend.set_seed``)."""
-        self._params = {name: self.backend.init_param(shape, self.program.param_init[name])
-                        for name, shape in self.program.param_shapes.items()}
-        return dict(self._params)
+    def randomize_params(self, excluded_keys: Any = None) -> dict[str, Any]:
+        """Fresh parameters from the backend's generator (see ``backend.set_seed``); those
+        named in ``excluded_keys`` (as published) are neither drawn nor returned, nor is
+        ``get_parameters`` then changed. An unknown name is a ``KeyMismatchError``."""
+        shapes = self.program.param_shapes
+        if excluded_keys is None:
+            excluded: set[str] = set()
+        else:
+            excluded = {excluded_keys} if isinstance(excluded_keys, str) else set(excluded_keys)
+            unknown = sorted(map(str, excluded - set(shapes)))
+            if unknown:
+                raise KeyMismatchError(f"randomize_params(excluded_keys=...): unknown key(s) "
+                                       f"{unknown} (the parameters are {sorted(shapes)})")
+        params = {name: self.backend.init_param(shape, self.program.param_init[name])
+                  for name, shape in shapes.items() if name not in excluded}
+        if not excluded:
+            self._params = params
+        return dict(params)
 
     def get_parameters(self) -> dict[str, Any]:
         """The model's parameters (initialised on first call), keyed by name."""
@@ -558,7 +571,9 @@ class CompiledModel:
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
             jit: bool = True, *, trainable_keys: Any = (), inference: bool = False,
             constant_keys: Mapping[str, Any] | None = None, data_keys: Any = (),
-            discard_keys: Any = (), file_path: str | os.PathLike[str] | None = None) -> CompiledModel:
+            discard_keys: Any = (), file_path: str | os.PathLike[str] | None = None,
+            safe_shapes: bool = True, safe_names: bool = True,
+            use_short_namings: bool = True) -> CompiledModel:
     """Flatten ``model``, infer every shape and build its evaluation for ``backend``.
 
     ``shapes`` declares terminal shapes (``None`` entries are free dimensions);
@@ -579,7 +594,14 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
     follow from its inputs' is built at its first ``evaluate(params, inputs)``, for those
     inputs' shapes, as the published Mithril allows; until then ``randomize_params`` and the
     shape queries raise the ``ShapeError``.
+
+    ``safe_shapes``, ``safe_names``, ``use_short_namings``: the published switches for its
+    generated code, accepted (bools) and without effect: shapes are always checked here.
     """
+    for flag, value in (("safe_shapes", safe_shapes), ("safe_names", safe_names),
+                        ("use_short_namings", use_short_namings)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"compile({flag}=...) must be a bool, got {value!r}")
     return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
                          inference=inference, constant_keys=constant_keys, data_keys=data_keys,
                          discard_keys=discard_keys, file_path=file_path)

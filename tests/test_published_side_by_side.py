@@ -1,0 +1,52 @@
+"""Calls of the published Mithril (synnada-ai/mithril 0.1.x) found, running it side by side
+with this package, to be refused here while the published library takes them. The expected
+values are plain NumPy math, so these run without the published library."""
+import numpy as np
+import pytest
+
+import mithril as ml
+from mithril.models import Linear, Model, Relu
+
+
+def _model() -> Model:
+    model = Model()
+    model |= Linear(3).connect(input="input", output="h")
+    model |= Relu().connect(input="h", output="output")
+    model.expose_keys("h", "output")
+    return model
+
+
+@pytest.mark.parametrize("flags", [{"safe_names": False}, {"use_short_namings": False},
+                                   {"safe_shapes": False},
+                                   {"safe_names": True, "use_short_namings": True, "safe_shapes": True}])
+def test_compile_takes_the_published_code_generation_flags(flags):
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    compiled = ml.compile(_model(), backend, shapes={"input": [3, 4]}, jit=False, **flags)
+    params = compiled.randomize_params()
+    x = np.arange(12.0).reshape(3, 4) / 10
+    out = compiled.evaluate(params, {"input": x})
+    h = x @ params["linear.weight"].T + params["linear.bias"]
+    np.testing.assert_allclose(out["h"], h, rtol=1e-12)
+    np.testing.assert_allclose(out["output"], np.maximum(h, 0), rtol=1e-12)
+    with pytest.raises(ml.ShapeError, match="'input'"):  # safe_shapes=False checks all the same
+        compiled.evaluate(params, {"input": np.ones((3, 5))})
+
+
+def test_compile_flags_must_be_bools():
+    with pytest.raises(TypeError, match=r"compile\(safe_names=...\) must be a bool"):
+        ml.compile(_model(), ml.NumpyBackend(), shapes={"input": [3, 4]}, safe_names="no")
+
+
+def test_randomize_params_excluded_keys():
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    compiled = ml.compile(_model(), backend, shapes={"input": [3, 4]}, jit=False)
+    full = compiled.randomize_params()
+    assert sorted(compiled.randomize_params(excluded_keys={"linear.bias"})) == ["linear.weight"]
+    assert sorted(compiled.randomize_params(excluded_keys="linear.weight")) == ["linear.bias"]
+    assert compiled.randomize_params(excluded_keys=set(full)) == {}
+    # a partial draw leaves the model's own parameters as they were
+    kept = compiled.get_parameters()
+    assert all(kept[k] is full[k] for k in full)
+    with pytest.raises(ml.KeyMismatchError, match=r"unknown key\(s\) \['bias'\].*linear.bias"):
+        compiled.randomize_params(excluded_keys={"bias"})
+    assert all(compiled.get_parameters()[k] is full[k] for k in full)  # unchanged by the error
