@@ -34,6 +34,7 @@ from mithril.utils.lr_schedulers import (
     JoinSchedules,
     PiecewiseInterpolate,
     PolynomialDecay,
+    ReduceLROnPlateau,
 )
 
 BASE = 0.1
@@ -152,6 +153,14 @@ TRAJECTORIES = {
                         "PolynomialDecay(o, 20, 0.001, 2, 4)"),
 }
 
+# optax.contrib.reduce_on_plateau and Keras's ReduceLROnPlateau callback on one metric
+# sequence (a noisy descent): name -> (factor, patience, rtol or atol / min_delta, cooldown,
+# min_scale)
+PLATEAUS = {"default-ish": (0.5, 3, 1e-4, 0, 0.0), "patience-1": (0.5, 1, 0.05, 0, 0.0),
+            "cooldown-floor": (0.7, 5, 0.02, 4, 0.2), "cooldown-1": (0.5, 2, 0.01, 1, 0.0)}
+METRICS = [round(float(v), 1) for v in
+           np.cumsum(np.random.default_rng(1).standard_normal(120) * 0.3 - 0.12) + 50]
+
 SCRIPT = r"""
 import json, os
 os.environ["KERAS_BACKEND"] = "jax"
@@ -173,6 +182,7 @@ def float64_ops(on):  # Keras 3's floor / ceil of float64 compute in float32 (se
 
 
 cases, trajectories = json.loads(%(cases)r), json.loads(%(traj)r)
+plateaus, metrics = json.loads(%(plateaus)r), json.loads(%(metrics)r)
 steps = jnp.concatenate([jnp.arange(%(n)d + 1.0), jnp.asarray(%(huge)r, dtype=jnp.float64)])
 out = {}
 for name, (_, peer, _) in cases.items():
@@ -208,6 +218,38 @@ for name, (popt, kw, sched, *_rest) in trajectories.items():
             w = optax.apply_updates(w, u)
             traj.append(np.array(w).tolist())
     out["traj/" + name] = {"params": traj, "lrs": lrs}
+from optax import contrib
+
+
+class Model:  # what Keras's ReduceLROnPlateau callback reads: model.optimizer
+    optimizer = None
+
+
+for name, (factor, patience, tol, cooldown, min_scale) in plateaus.items():
+    for mode in ("rel", "abs"):
+        tx = contrib.reduce_on_plateau(factor=factor, patience=patience, cooldown=cooldown,
+                                       rtol=tol if mode == "rel" else 0.0,
+                                       atol=tol if mode == "abs" else 0.0, min_scale=min_scale)
+        w = jnp.zeros(1)
+        state = tx.init(w)
+        update = jax.jit(lambda s, v: tx.update(jnp.ones(1), s, w, value=v)[1])
+        lrs = []
+        for v in metrics:
+            state = update(state, jnp.asarray(v))
+            lrs.append(float(%(base)r * state.scale))
+        out[f"plateau/optax-{mode}/{name}"] = lrs
+    cb = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=factor, patience=patience,
+                                           min_delta=tol, cooldown=cooldown,
+                                           min_lr=min_scale * %(base)r)
+    model = Model()
+    model.optimizer = keras.optimizers.SGD(learning_rate=%(base)r)
+    cb.set_model(model)
+    cb.on_train_begin()
+    lrs = []
+    for i, v in enumerate(metrics):
+        cb.on_epoch_end(i, {"loss": v})
+        lrs.append(float(np.asarray(model.optimizer.learning_rate)))
+    out[f"plateau/keras/{name}"] = lrs
 print(json.dumps(out))
 """
 
@@ -215,7 +257,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def references() -> dict:
     code = SCRIPT % {"cases": json.dumps(CASES), "traj": json.dumps(TRAJECTORIES), "n": N,
-                     "huge": HUGE, "base": BASE, "traj_steps": TRAJ_STEPS}
+                     "huge": HUGE, "base": BASE, "traj_steps": TRAJ_STEPS,
+                     "plateaus": json.dumps(PLATEAUS), "metrics": json.dumps(METRICS)}
     return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
 
 
@@ -359,3 +402,25 @@ def test_per_group_each_group_decays_from_its_own_rate() -> None:
     sched.step()
     assert resumed.get_last_lrs() == sched.get_last_lrs() == [0.1 * 0.5**2.25,
                                                               0.02 * 0.5**2.25]
+
+
+@pytest.mark.parametrize("peer", ["optax-rel", "optax-abs", "keras"])
+@pytest.mark.parametrize("name", list(PLATEAUS))
+def test_plateau_as_optax_and_keras(name: str, peer: str, references: dict) -> None:
+    """optax reduces when the bad evaluations reach ``patience`` (torch: exceed it) and has no
+    ``eps``; Keras's callback too, with an absolute ``min_delta`` and a cooldown that counts
+    the evaluation of the reduction: our ReduceLROnPlateau with ``patience - 1``, ``eps=0``
+    (and for Keras ``threshold_mode='abs'``, ``cooldown - 1``) gives their rates."""
+    factor, patience, tol, cooldown, min_scale = PLATEAUS[name]
+    o = FakeOpt(BASE)
+    sched = ReduceLROnPlateau(
+        o, factor=factor, patience=patience - 1, threshold=tol, min_lr=min_scale * BASE,
+        eps=0.0, threshold_mode="rel" if peer == "optax-rel" else "abs",
+        cooldown=max(cooldown - 1, 0) if peer == "keras" else cooldown)
+    got = []
+    for v in METRICS:
+        sched.step(v)
+        got.append(o.lr)
+    want = references[f"plateau/{peer}/{name}"]
+    assert len(set(want)) >= 3  # it did reduce, more than once
+    assert_rel(got, want)

@@ -47,6 +47,15 @@ class ReduceLROnPlateau(LRScheduler):
     The optimizer is not touched at construction (``base_lr`` is its current learning rate).
     This scheduler has no closed form: :meth:`get_lr_at` raises :class:`NotImplementedError`.
 
+    From optax and Keras (both reduce when the bad evaluations *reach* ``patience``, and have
+    no ``eps``): ``optax.contrib.reduce_on_plateau(factor, patience, rtol, atol=0, cooldown,
+    min_scale)`` is ``ReduceLROnPlateau(opt, "min", factor, patience - 1, threshold=rtol,
+    cooldown=cooldown, min_lr=min_scale * base, eps=0)`` (``rtol=0, atol``:
+    ``threshold=atol, threshold_mode="abs"``); Keras's callback ``ReduceLROnPlateau(factor,
+    patience, min_delta, cooldown, min_lr)`` (``mode="min"``) is the same with
+    ``threshold=min_delta, threshold_mode="abs"`` and ``cooldown - 1`` (Keras counts the
+    evaluation of the reduction in its cooldown). Equal step for step in the tests.
+
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         mode: ``'min'`` or ``'max'``.
