@@ -50,3 +50,22 @@ def test_randomize_params_excluded_keys():
     with pytest.raises(ml.KeyMismatchError, match=r"unknown key\(s\) \['bias'\].*linear.bias"):
         compiled.randomize_params(excluded_keys={"bias"})
     assert all(compiled.get_parameters()[k] is full[k] for k in full)  # unchanged by the error
+
+
+def test_repeated_index_gradient_adds_every_repeat():
+    """The published NumPy backend gives [[1, 1, 1], [1, 1, 1]] here; a gather's gradient is a
+    scatter-add, so the twice-taken row gets 2 (torch's and JAX's answer)."""
+    from mithril.models import Buffer
+
+    model = Model()
+    model |= Buffer().connect(input="a", output=ml.IOKey("kept", expose=False))
+    model |= Buffer().connect(input=model.a[[1, 0, 1]], output="y")
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    compiled = ml.compile(model, backend, shapes={"a": [2, 3]}, trainable_keys={"a"}, jit=False)
+    a = np.array([[-2.0, -0.5, 0.0], [0.5, 1.0, 3.0]])
+    g = np.arange(9.0).reshape(3, 3)
+    out, grads = compiled.evaluate({"a": a}, {}, output_gradients={"y": g})
+    np.testing.assert_array_equal(out["y"], a[[1, 0, 1]])
+    expected = np.zeros_like(a)
+    np.add.at(expected, [1, 0, 1], g)
+    np.testing.assert_array_equal(grads["a"], expected)
