@@ -69,3 +69,44 @@ def test_repeated_index_gradient_adds_every_repeat():
     expected = np.zeros_like(a)
     np.add.at(expected, [1, 0, 1], g)
     np.testing.assert_array_equal(grads["a"], expected)
+
+
+def test_compile_key_sets_take_connection_objects():
+    """As published: ``compile(trainable_keys={model.input}, shapes={model.input: ...}, ...)``
+    (ours read the object as an unknown name and raised KeyMismatchError)."""
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    x = np.arange(12.0).reshape(3, 4) / 10 - 0.5
+    model = _model()
+    lin = model.blocks[0][0]
+    compiled = ml.compile(model, backend, shapes={model.input: [3, 4]}, jit=False,
+                          trainable_keys={model.input}, discard_keys=[lin.output])
+    assert compiled.output_keys == ("output",) and compiled.get_shapes()["input"] == [3, 4]
+    params = compiled.randomize_params()
+    out, grads = compiled.evaluate({**params, "input": x}, {}, output_gradients={"output": np.ones((3, 3))})
+    h = x @ params["linear.weight"].T + params["linear.bias"]
+    np.testing.assert_allclose(out["output"], np.maximum(h, 0), rtol=1e-12)
+    np.testing.assert_allclose(grads["input"], (h > 0) @ params["linear.weight"], rtol=1e-12)
+
+    model = _model()
+    compiled = ml.compile(model, backend, constant_keys={model.input: x}, jit=False)
+    params = compiled.randomize_params()
+    h = x @ params["linear.weight"].T + params["linear.bias"]
+    np.testing.assert_allclose(compiled.evaluate(params)["h"], h, rtol=1e-12)
+    model = _model()
+    compiled = ml.compile(model, backend, shapes={ml.IOKey("input"): [3, 4]}, data_keys=model.input)
+    assert compiled.input_keys == ("input",)
+
+
+def test_compile_refuses_an_internal_or_foreign_connection_as_a_key():
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    lin, relu = Linear(3), Relu()
+    model = Model()
+    model |= lin.connect(input="input")
+    model += relu.connect(output="output")
+    with pytest.raises(ml.KeyMismatchError, match=r"discard_keys.*Linear.output.*internal connection"):
+        ml.compile(model, backend, shapes={"input": [3, 4]}, discard_keys={lin.output})
+    with pytest.raises(ml.KeyMismatchError, match=r"trainable_keys.*Linear.input.*not a connection"):
+        ml.compile(model, backend, shapes={"input": [3, 4]}, trainable_keys={Linear(2).input})
+    # the refused calls left the model as it was
+    compiled = ml.compile(model, backend, shapes={"input": [3, 4]})
+    assert compiled.output_keys == ("output",)

@@ -17,6 +17,7 @@ from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
 from .array_checks import cast_dtype, check_array
 from .array_checks import shape_matches as _shape_matches
+from .key_names import key_names, keyed_by_name
 from .listing import program_listing, summary_text, write_listing
 from .program import Program, build_program
 
@@ -101,8 +102,12 @@ class CompiledModel:
         self._program: Program | None = None
         self._last_prepared: tuple | None = None  # see _prepare
         self._last_cots: tuple | None = None  # see _cotangents
-        self._build = dict(model=model, trainable_keys=tuple(trainable_keys), data_keys=tuple(data_keys),
-                           constant_keys=constant_keys, discard_keys=tuple(discard_keys))
+        # keys may be connection objects (model.input), as published: named here
+        self._build = dict(model=model, trainable_keys=key_names(model, trainable_keys, "trainable_keys"),
+                           data_keys=key_names(model, data_keys, "data_keys"),
+                           constant_keys=keyed_by_name(model, constant_keys, "constant_keys"),
+                           discard_keys=key_names(model, discard_keys, "discard_keys"))
+        shapes = keyed_by_name(model, shapes, "shapes")
         try:
             self._set_program(build_program(shapes=shapes, **self._build))  # type: ignore[arg-type]
         except ShapeError as e:

@@ -1,0 +1,53 @@
+"""Connection objects as the keys of ``compile(...)``: the published Mithril takes
+``trainable_keys={model.input}``, ``shapes={model.input: [3, 4]}`` and the like, so each
+key set may name a terminal by object as well as by name."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import KeyMismatchError
+from ..models.model import IOKey, Model, Terminal
+
+
+def key_name(model: Any, key: Any, what: str) -> Any:
+    """The name ``key`` gives in ``compile(what=...)``: a string as is, an ``IOKey`` its
+    name, a connection object (``model.input``, ``child.output``) the name of the model's
+    wire it refers to. Anything else is returned unchanged, for the key checks to refuse."""
+    if isinstance(key, IOKey) and key.name is not None:
+        return key.name
+    if not isinstance(key, Terminal):
+        return key
+    if key.block is model:
+        conn = key.conn
+    elif isinstance(model, Model) and key.conn is not None and model._owns(key.conn):
+        conn = key.conn
+    else:
+        # a direct child's terminal: the wire it is bound to in this model (looked up only,
+        # so that a refused key leaves the model as it was)
+        mapping = next((m for b, m in getattr(model, "blocks", ()) if b is key.block), None)
+        conn = None if mapping is None else mapping.get(key.key)
+        if conn is None:
+            raise KeyMismatchError(f"compile({what}=...): {key!r} is not a connection of the "
+                                   "compiled model or of one of its direct children")
+    name = key.key if conn is None else conn.name
+    if name is None:
+        raise KeyMismatchError(f"compile({what}=...): {key!r} is an internal connection of the "
+                               "model; name it (connect(...) or expose_keys) to use it here")
+    return name
+
+
+def key_names(model: Any, keys: Iterable[Any], what: str) -> tuple[Any, ...]:
+    """``key_name`` of each key of a key set (a single name is one key)."""
+    if isinstance(keys, (str, IOKey, Terminal)):
+        keys = (keys,)
+    return tuple(key_name(model, k, what) for k in keys)
+
+
+def keyed_by_name(model: Any, mapping: Mapping[Any, Any] | None, what: str) -> dict[Any, Any] | None:
+    """``mapping`` with its keys as ``key_name`` gives them."""
+    if mapping is None:
+        return None
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"compile({what}=...) must be a dict, got {type(mapping).__name__}")
+    return {key_name(model, k, what): v for k, v in mapping.items()}
