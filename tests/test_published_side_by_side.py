@@ -110,3 +110,56 @@ def test_compile_refuses_an_internal_or_foreign_connection_as_a_key():
     # the refused calls left the model as it was
     compiled = ml.compile(model, backend, shapes={"input": [3, 4]})
     assert compiled.output_keys == ("output",)
+
+
+def _train_model(reg_input, key_name=None):
+    from mithril.models import L2, Mean, SquaredError, Tanh, TrainModel
+
+    l1, l2 = Linear(4), Linear(2)
+    model = Model()
+    model |= l1.connect(input="input")
+    model += Tanh()
+    model += l2.connect(output="output")
+    train = TrainModel(model)
+    train.add_loss(SquaredError(), reduce_steps=[Mean()], input="output", target="target")
+    train.add_regularization(L2(), coef=0.5, input=reg_input(l1, l2), key_name=key_name)
+    return train
+
+
+def test_add_regularization_takes_a_connection_object():
+    """``input=lin.weight`` (a block's parameter as an object) is the parameter, as published
+    (ours raised TypeError); it is the same regularizer as by name."""
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    rng = np.random.default_rng(0)
+    data = {"input": rng.standard_normal((6, 3)), "target": rng.standard_normal((6, 2))}
+    by_name = ml.compile(_train_model(lambda a, b: "linear_1.weight"), backend,
+                         shapes={"input": [6, 3], "target": [6, 2]})
+    by_object = ml.compile(_train_model(lambda a, b: b.weight), backend,
+                           shapes={"input": [6, 3], "target": [6, 2]})
+    params = by_name.randomize_params()
+    cost = by_object.evaluate(params, data)["final_cost"]
+    assert cost == by_name.evaluate(params, data)["final_cost"]
+    w1, b1, w2, b2 = (params[k] for k in ("linear_0.weight", "linear_0.bias", "linear_1.weight", "linear_1.bias"))
+    pred = np.tanh(data["input"] @ w1.T + b1) @ w2.T + b2
+    expected = np.mean((pred - data["target"]) ** 2) + 0.5 * 0.5 * np.sum(w2**2) / 12
+    np.testing.assert_allclose(cost, expected, rtol=1e-12)
+    with pytest.raises(ml.KeyMismatchError, match=r"Linear.weight is not a parameter or input"):
+        _train_model(lambda a, b: Linear(3).weight)
+
+
+def test_regularization_key_name_is_the_regularizer_value():
+    """As published, ``key_name`` shows R(x) itself (½Σw² for L2); ``final_cost`` takes it
+    times coef over the loss size. Ours showed the scaled term (0.028 for 3.369)."""
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    compiled = ml.compile(_train_model(lambda a, b: "linear_1.weight", key_name="l2"), backend,
+                          shapes={"input": [6, 3], "target": [6, 2]})
+    params = compiled.randomize_params()
+    rng = np.random.default_rng(1)
+    data = {"input": rng.standard_normal((6, 3)), "target": rng.standard_normal((6, 2))}
+    out, grads = compiled.evaluate(params, data, output_gradients=True)
+    np.testing.assert_allclose(out["l2"], 0.5 * np.sum(params["linear_1.weight"] ** 2), rtol=1e-12)
+    w1, b1, w2, b2 = (params[k] for k in ("linear_0.weight", "linear_0.bias", "linear_1.weight", "linear_1.bias"))
+    h = np.tanh(data["input"] @ w1.T + b1)
+    err = h @ w2.T + b2 - data["target"]
+    np.testing.assert_allclose(out["final_cost"], np.mean(err**2) + 0.5 * out["l2"] / 12, rtol=1e-12)
+    np.testing.assert_allclose(grads["linear_1.weight"], 2 * err.T @ h / 12 + 0.5 * w2 / 12, rtol=1e-10)

@@ -290,6 +290,24 @@ class TrainModel(Model):
                                    "with expose_keys(name=...)")
         return c.name
 
+    def _reg_target(self, t: Terminal, what: str) -> str:
+        """The name of the parameter or input a connection object (``lin.weight``,
+        ``model.input``) refers to; looked up only, so that a refused one changes nothing."""
+        from ..compiler.program import _Builder
+
+        if t.block is self._model or t.block is self:
+            return str(t.key)
+        for block, mapping in getattr(self._model, "blocks", ()):
+            c = mapping.get(t.key) if block is t.block else None
+            if c is not None and c.name is not None:  # bound to a named wire ("w", "input")
+                return c.name
+        b = _Builder()
+        b.flatten(self._model, {}, "")
+        for node in b.nodes:  # a parameter role: its compiled name
+            if node.op is t.block and t.key in (getattr(node.op, "param_init", None) or ()):
+                return f"{node.path}.{t.key}"
+        raise KeyMismatchError(f"{what}: {t!r} is not a parameter or input of the model")
+
     def _term(self, what: str, block: Any, steps: Sequence[Any] | None, key_name: str | None,
               connections: dict[str, Any], need_output: bool) -> _Term:
         if not isinstance(block, (Operator, Model)) or isinstance(block, TrainModel):
@@ -367,6 +385,8 @@ class TrainModel(Model):
                 raise TypeError(f"{what}: connection '{k}' must be a name, got {v!r}")
         params, _ = self._analysis()
         sel = connections[reg_key]
+        if isinstance(sel, Terminal):  # as published: input=lin.weight
+            sel = self._reg_target(sel, what)
         if isinstance(sel, re.Pattern):
             targets = [(p, True) for p in params if sel.search(p)]
             if not targets:
@@ -440,16 +460,17 @@ class TrainModel(Model):
             if reg.is_param:
                 target = f"$reg{j}_x"
                 obj |= ParameterRef(reg.target).connect(output=IOKey(target, expose=False))
-            raw = f"$reg{j}_raw"
+            # key_name shows the regularizer's own value R(x), as published; final_cost
+            # takes it scaled (coef and the losses' sizes) through an internal wire
+            raw = reg.key_name or f"$reg{j}_raw"
             obj |= reg.block.connect(**{reg.reg_key: target}, **reg.connections,
-                                     **{reg.out: IOKey(raw, expose=False)})
+                                     **{reg.out: raw if reg.key_name else IOKey(raw, expose=False)})
             groups = [loss_refs[i] for i in range(len(self._losses)) if reg.target in loss_deps[i]]
             scale = RegularizerScale(reg.coef, [[(f"s{i}_{k}", a) for k, (_, a) in enumerate(g)]
                                                  for i, g in enumerate(groups)])
             sized = {f"s{i}_{k}": w for i, g in enumerate(groups) for k, (w, _) in enumerate(g)}
-            name = reg.key_name or f"$reg{j}"
-            obj |= scale.connect(input=raw, **sized,
-                                 output=name if reg.key_name else IOKey(name, expose=False))
+            name = f"$reg{j}"
+            obj |= scale.connect(input=raw, **sized, output=IOKey(name, expose=False))
             reg_names.append(name)
         final = FinalCost(len(loss_names), len(reg_names), self._mean_combiner)
         obj |= final.connect(**{f"loss{i}": n for i, n in enumerate(loss_names)},
