@@ -269,3 +269,49 @@ def test_state_round_trips_through_flatten_and_npz(dtype, tmp_path):
         return out
 
     assert_same(run(optax.adam(1e-2)), run(adam()), dtype)
+
+
+def test_integer_leaves_refused_by_name_and_kept_by_masked_as_optax():
+    p = {"w": jnp.asarray([0.5, -0.5, 1.0]), "step": jnp.asarray(3)}
+    g = {"w": jnp.asarray([0.1, -0.2, 0.3]), "step": jnp.asarray(0)}
+    with pytest.raises(TypeError, match=r"params\['step'\] has dtype int32"):
+        adam().init(p)
+    with pytest.raises(TypeError, match=r"params\['step'\]"):
+        adam().update(g, adam().init({"w": p["w"]}), p)
+    for wrap in (lambda t: optax.masked(t, {"w": True, "step": False}),
+                 lambda t: optax.multi_transform({"a": t, "z": optax.set_to_zero()},
+                                                 {"w": "a", "step": "z"})):
+        out = []
+        for tx in (wrap(optax.adam(1e-2)), wrap(adam())):
+            updates, _ = jax.jit(tx.update)(g, tx.init(p), p)
+            out.append(optax.apply_updates(p, updates))
+        assert int(out[1]["step"]) == 3 and out[1]["step"].dtype == jnp.int32
+        np.testing.assert_allclose(out[1]["w"], out[0]["w"], rtol=0, atol=1e-7)
+        assert float(jnp.max(jnp.abs(out[1]["w"] - p["w"]))) > 5e-3
+
+
+def test_mixed_dtypes_as_documented():
+    """bfloat16 params, float32 gradients: optax's updates are float32, ours bfloat16, the
+    new params the same; float32 params, bfloat16 gradients: ours are optax's with the
+    gradients first cast to float32 (optax squares them in bfloat16)."""
+    g32 = jnp.asarray([0.1, -0.2, 0.3, 1e-3], jnp.float32)
+    p16 = jnp.asarray([0.7, -0.3, 1.5, 0.25], jnp.bfloat16)
+    ref_u, _ = optax.adam(1e-2).update(g32, optax.adam(1e-2).init(p16), p16)
+    our_u, state = adam().update(g32, adam().init(p16), p16)
+    assert ref_u.dtype == jnp.float32 and our_u.dtype == jnp.bfloat16
+    assert state.slots["m"].dtype == jnp.bfloat16
+    ref_p, our_p = optax.apply_updates(p16, ref_u), optax.apply_updates(p16, our_u)
+    assert our_p.dtype == ref_p.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(our_p, np.float32), np.asarray(ref_p, np.float32))
+
+    p32 = jnp.asarray([0.7, -0.3, 1.5, 0.25], jnp.float32)
+    g16 = g32.astype(jnp.bfloat16)
+    tx = optax.adam(1e-2)
+    ref_cast, _ = tx.update(g16.astype(jnp.float32), tx.init(p32), p32)
+    ref_raw, _ = tx.update(g16, tx.init(p32), p32)
+    ours, _ = adam().update(g16, adam().init(p32), p32)
+    assert ours.dtype == jnp.float32
+    # 2e-5: optax's float32 1 - b2 against its bias correction's 1 - b2**t (~7e-6 on a
+    # first step); ours are computed in float64
+    np.testing.assert_allclose(ours, ref_cast, rtol=2e-5)
+    assert float(jnp.max(jnp.abs(ref_raw - ours) / jnp.abs(ours))) > 1e-4  # the difference
