@@ -7,6 +7,7 @@ optimizer run side by side, in float32 and in float64."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,7 +18,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 from mithril.interop import optax_transformation  # noqa: E402
-from mithril.utils.optimizers import SGD, Adam  # noqa: E402
+from mithril.utils.optimizers import SGD, Adam, AdamW  # noqa: E402
 
 STEPS = 4
 
@@ -120,10 +121,9 @@ def test_schedules_match_optax(dtype):
         assert_same(trajectory(optax.adam(sched), p, 6),
                     trajectory(optax_transformation(Adam(1.0), learning_rate=sched), p, 6),
                     dtype)
-        injected = optax.inject_hyperparams(optax_transformation)(Adam(1.0),
-                                                                  learning_rate=sched)
-        assert_same(trajectory(optax.inject_hyperparams(optax.adam)(learning_rate=sched), p, 6),
-                    trajectory(injected, p, 6), dtype)
+    injected = optax.inject_hyperparams(optax_transformation)(Adam(1.0), learning_rate=warm)
+    assert_same(trajectory(optax.inject_hyperparams(optax.adam)(learning_rate=warm), p, 6),
+                trajectory(injected, p, 6), dtype)
 
 
 def test_learning_rate_set_with_tree_set_matches_optax_without_retracing(dtype):
@@ -315,3 +315,24 @@ def test_mixed_dtypes_as_documented():
     # first step); ours are computed in float64
     np.testing.assert_allclose(ours, ref_cast, rtol=2e-5)
     assert float(jnp.max(jnp.abs(ref_raw - ours) / jnp.abs(ours))) > 1e-4  # the difference
+
+
+def test_dataclass_params_named_by_key_path_match_adamw_with_mask():
+    """``flax.struct``-style dataclass nodes: ``exclude_weight_decay`` names the leaves by
+    their key paths ("enc/bias"), as optax's ``adamw(mask=...)`` selects them."""
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Dense:
+        kernel: Any
+        bias: Any
+
+    p0 = {"enc": Dense(jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), jnp.asarray([0.5, -0.5])),
+          "head": [Dense(jnp.ones((2, 2)), jnp.ones(2))]}
+    mask = jax.tree.map(lambda x: x.ndim > 1, p0)
+    ours = optax_transformation(AdamW(1e-2, weight_decay=0.5, exclude_weight_decay=("bias",)))
+    assert_same(trajectory(optax.adamw(1e-2, weight_decay=0.5, mask=mask), p0),
+                trajectory(ours, p0), jnp.dtype(jnp.float32))
+    wrong = optax_transformation(AdamW(1e-2, weight_decay=0.5))  # the mask matters here
+    assert not all(bool(jnp.allclose(x, y, atol=1e-6)) for x, y in zip(
+        jax.tree.leaves(trajectory(wrong, p0)[-1]),
+        jax.tree.leaves(trajectory(optax.adamw(1e-2, weight_decay=0.5, mask=mask), p0)[-1])))
