@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import DTypeError, InputValueError
 from . import loss_kernels
+from .cross_entropy_options import TorchOptions
 from .operator import (
     Operator,
     Shape,
@@ -53,8 +54,10 @@ def _out_of_range(labels: Any, n: int) -> str | None:
     if lo >= 0 and hi < n:
         return None
     count = int(((labels < 0) | (labels >= n)).sum())
+    hint = ("; -100 is torch's default ignore_index: CrossEntropy(ignore_index=-100) "
+            "ignores those rows") if lo <= -100 and bool((labels == -100).any()) else ""
     return (f"{count} of {size} class indices out of range (e.g. "
-            f"{hi if hi >= n else lo}): {n} classes, so labels must be in [0, {n - 1}]")
+            f"{hi if hi >= n else lo}): {n} classes, so labels must be in [0, {n - 1}]{hint}")
 
 
 def _refuse(labels: np.ndarray, n: int) -> None:
@@ -142,6 +145,27 @@ class CrossEntropy(Operator):
     logits); ``axis=1`` is torch's ``F.cross_entropy`` and the published Mithril's, for
     (N, C, d1, ...) logits against (N, d1, ...) indices or (N, C, d1, ...) rows. It is moved
     last before the loss (and the gradient moved back), so one kernel serves every axis.
+
+    torch's ``F.cross_entropy`` options, keyword-only, with torch's semantics on every
+    backend and input type, every axis and reduction (see
+    :mod:`~mithril.models.cross_entropy_options` for the formulas):
+
+    * ``weight``: one weight per class, a constant array (C,) (a length other than C is a
+      ``ShapeError`` naming ``weight`` at compile time). Against class indices a row's loss
+      is scaled by ``weight[target]`` and ``"mean"`` divides by the sum of those; against
+      probability rows each class's term is scaled and ``"mean"`` divides by the number of
+      rows (torch's rule: no weight in the divisor).
+    * ``ignore_index``: an int; rows whose class index equals it have loss 0 and gradient 0,
+      and ``"mean"`` averages over the others only (weighted: divided by their weights' sum),
+      so a batch with every row ignored has a NaN mean, as torch. The default None ignores
+      nothing: a label -100 (torch's default ``ignore_index``) is then an out-of-range error
+      that says to pass ``ignore_index=-100``. Against probability rows only a negative one
+      is taken (it matches nothing), as torch.
+    * ``label_smoothing``: ε in [0, 1]; the target becomes ``(1 − ε)·target + ε/C`` (with
+      ``weight``, the uniform part of a class-index target is weighed by every class's own
+      weight, as torch).
+
+    At their defaults (None, None, 0.0) the loss runs the fast paths it had.
     """
 
     inputs = ("input", "target")
@@ -151,7 +175,8 @@ class CrossEntropy(Operator):
     value_checked_inputs = numpy_checked_inputs = frozenset({"target"})
 
     def __init__(self, reduction: str = "mean", input_type: str = "logits", robust: bool = False,
-                 cutoff: float | None = None, axis: int = -1) -> None:
+                 cutoff: float | None = None, axis: int = -1, *, weight: Any = None,
+                 ignore_index: int | None = None, label_smoothing: float = 0.0) -> None:
         self.reduction = _check_reduction(reduction)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"CrossEntropy: axis must be an int, got {axis!r}")
@@ -160,6 +185,23 @@ class CrossEntropy(Operator):
             raise ValueError(f"CrossEntropy: input_type must be one of {_INPUT_TYPES}, got {input_type!r}")
         self.input_type, self.robust = input_type, bool(robust)
         self.cutoff = None if cutoff is None else float(cutoff)
+        #: torch's options (None at their defaults: the fast paths)
+        self._options = TorchOptions.of(weight, ignore_index, label_smoothing)
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """The class weights (a read-only float64 array (C,)), or None."""
+        return None if self._options is None else self._options.weight
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The class-index value whose rows are ignored, or None."""
+        return None if self._options is None else self._options.ignore_index
+
+    @property
+    def label_smoothing(self) -> float:
+        """The label smoothing ε in [0, 1]."""
+        return 0.0 if self._options is None else self._options.label_smoothing
 
     def _class_axis(self, rank: int) -> int:
         """The class axis of logits of rank ``rank``, as a non-negative int."""
@@ -217,6 +259,9 @@ class CrossEntropy(Operator):
                                  f"{fmt(rows)} (one per row of logits; {_logits(s, names)}), "
                                  f"got {fmt(t)}")
             labels = arrays.get("target")
+            if labels is not None and self._options is not None:
+                keep = self._options.valid(labels)  # (the ignored rows hold any value)
+                labels = labels if keep is None else labels[keep]
             what = None if labels is None else _out_of_range(labels, n)
             if what is not None:
                 raise ValueError(f"input '{key}': {what} ({_logits(s, names)})")
@@ -228,6 +273,8 @@ class CrossEntropy(Operator):
             if tuple(t) != tuple(s):
                 raise ShapeError(f"input '{key}': one-hot / probability targets must have shape "
                                  f"{fmt(s)} ({_logits(s, names)}), got {fmt(t)}")
+            if self._options is not None:
+                self._options.check_rows(t)
         else:
             raise DTypeError(f"input '{key}': expected integer class indices or float one-hot / "
                              f"probability rows, got dtype {dt}")
@@ -239,8 +286,13 @@ class CrossEntropy(Operator):
         if s is None:
             return None
         rows = self._last(s)[:-1]  # one loss per row: the logits without their class axis
+        if self._options is not None:
+            ax = self._class_axis(len(s))
+            self._options.check_classes(s[ax], f"the logits {fmt(s)} (class axis {ax})")
         if t is not None:
             if len(t) == len(s):
+                if self._options is not None:
+                    self._options.check_rows(t)
                 rows = self._last(unify(s, t, "input", "target"))[:-1]
             elif len(t) == len(s) - 1:
                 rows = unify(rows, t, "input (without its class axis)", "target")
@@ -263,18 +315,24 @@ class CrossEntropy(Operator):
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         _, input, target = self._moved(xp, input, target)
+        if self._options is not None:
+            return self._options.forward(self, xp, input, target)
         return self._forward_last(xp, input, target)
 
     def forward_residuals(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
         """:meth:`_forward_residuals_last` with the class axis moved last."""
         _, input, target = self._moved(xp, input, target)
+        if self._options is not None:
+            return self._options.numpy_forward(self, input, target) if xp is np else (
+                self._options.forward(self, xp, input, target), None)
         return self._forward_residuals_last(xp, input, target)
 
     def vjp(self, g, out, args, wrt, residuals=None):
         """:meth:`_vjp_last` of the logits and target with the class axis moved last; the
         gradients moved back (a loss per row keeps the rows' order, so ``g`` is as is)."""
         ax, x, t = self._moved(np, args["input"], args["target"])
-        grads = self._vjp_last(g, out, {"input": x, "target": t}, wrt, residuals)
+        grads = self._vjp_last(g, out, {"input": x, "target": t}, wrt, residuals) \
+            if self._options is None else self._options.numpy_vjp(self, g, x, t, wrt, residuals)
         if ax is None:
             return grads
         return {k: np.moveaxis(v, -1, ax) if np.ndim(v) == x.ndim else v for k, v in grads.items()}
@@ -370,4 +428,5 @@ class CrossEntropy(Operator):
     def __repr__(self) -> str:
         extra = "" if self.input_type == "logits" else f", input_type={self.input_type!r}"
         extra += "" if self.axis == -1 else f", axis={self.axis}"
+        extra += "" if self._options is None else f", {self._options!r}"
         return f"CrossEntropy(reduction={self.reduction!r}{extra})"
