@@ -166,7 +166,14 @@ def test_trainer_unscaled_gradients_equal_gradscaler_unscale(kind) -> None:
     """40 float16 steps, some overflowing: after each, the trainer's ``last_gradients`` equal
     the gradients ``GradScaler.unscale_`` leaves in torch's AMP loop (the same inf/NaN
     entries on the skipped steps, the same values elsewhere)."""
-    from test_mixed_precision_peers import SHAPES, host, linear, overflowing_batches, p0
+    from test_mixed_precision_peers import (
+        SHAPES,
+        autocast_loss,
+        host,
+        linear,
+        overflowing_batches,
+        p0,
+    )
 
     from mithril.backends import NumpyBackend, TorchBackend
     from mithril.utils.mixed_precision import MixedPrecisionTrainer
@@ -182,10 +189,7 @@ def test_trainer_unscaled_gradients_equal_gradscaler_unscale(kind) -> None:
     n_bad = 0
     for i, (x, c) in enumerate(batches):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
-                                             ps["linear.bias"])
-        gs.scale((out.float() * torch.from_numpy(c)).sum()).backward()
+        gs.scale(autocast_loss(ps, x, c)).backward()
         gs.unscale_(opt)
         want = {n: p.grad.detach().numpy().copy() for n, p in ps.items()}
         gs.step(opt)

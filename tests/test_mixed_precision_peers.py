@@ -214,6 +214,15 @@ def test_accumulate_clip_and_schedule_match_torch_loop_with_a_partial_last_windo
 
 
 # -- real float16 overflows: the scale trajectory against GradScaler + autocast --------------
+def autocast_loss(ps, x, c):
+    """The torch peers' loss: the linear map under float16 autocast, weighted by ``c`` and
+    summed in float32 (``ps``: the parameters by name)."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
+                                         ps["linear.bias"])
+    return (out.float() * torch.from_numpy(c)).sum()
+
+
 def overflowing_batches(n: int, seed: int = 2):
     """Dyadic batches of varied magnitude (some overflow float16 at 2**14, some only at
     2**18) and one NaN input (step 7) and one inf input (step 23). Two rows: a float16 sum
@@ -240,10 +249,7 @@ def torch_autocast_run(batches, lr: float):
     rows = []
     for x, c in batches:
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
-                                             ps["linear.bias"])
-        scaler.scale((out.float() * torch.from_numpy(c)).sum()).backward()
+        scaler.scale(autocast_loss(ps, x, c)).backward()
         before = scaler.get_scale()
         scaler.step(opt)
         skipped = bool(sum(v.item() for v in scaler._found_inf_per_device(opt).values()))

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_python
-from test_mixed_precision_peers import SHAPES, host, linear, overflowing_batches, p0
+from test_mixed_precision_peers import (
+    SHAPES,
+    autocast_loss,
+    host,
+    linear,
+    overflowing_batches,
+    p0,
+)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mithril.backends import NumpyBackend, TorchBackend
@@ -34,10 +41,7 @@ def torch_amp_with_averages(batches, decay: float, swa_from: int):
     rows, applied = [], 0
     for x, c in batches:
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.linear(torch.from_numpy(x), ps["linear.weight"],
-                                             ps["linear.bias"])
-        scaler.scale((out.float() * torch.from_numpy(c)).sum()).backward()
+        scaler.scale(autocast_loss(ps, x, c)).backward()
         scaler.step(opt)
         skipped = bool(sum(v.item() for v in scaler._found_inf_per_device(opt).values()))
         scaler.update()
