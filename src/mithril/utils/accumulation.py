@@ -21,7 +21,10 @@ Two ways to use it:
   unchanged). It follows the optimizer contract (``init``/``update``, learning-rate methods
   for schedulers), so it can be used wherever an optimizer is expected; call
   ``scheduler.step()`` only when ``state.applied`` is true and ``state.last_step_skipped``
-  false (a wrapped optimizer with ``nonfinite="skip"`` may skip the window's step).
+  false (a wrapped optimizer with ``nonfinite="skip"`` may skip the window's step): torch's
+  and ``optax.MultiSteps``' count. Keras with ``gradient_accumulation_steps`` counts every
+  call instead (step the scheduler after each ``update`` to reproduce it; see the optimizers
+  guide).
 
 The buffers are sums in the gradients' dtype on the gradients' device (in place on NumPy and
 torch); ``mean()`` multiplies by ``1/Σw`` once.
