@@ -271,7 +271,17 @@ def test_state_round_trips_through_flatten_and_npz(dtype, tmp_path):
     assert_same(run(optax.adam(1e-2)), run(adam()), dtype)
 
 
-def test_integer_leaves_refused_by_name_and_kept_by_masked_as_optax():
+@pytest.fixture
+def x32():
+    """JAX's default precision (``jax_enable_x64`` off, then restored): what these tests'
+    arrays and expected dtypes assume, whatever an earlier test in the process left on."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+def test_integer_leaves_refused_by_name_and_kept_by_masked_as_optax(x32):
     p = {"w": jnp.asarray([0.5, -0.5, 1.0]), "step": jnp.asarray(3)}
     g = {"w": jnp.asarray([0.1, -0.2, 0.3]), "step": jnp.asarray(0)}
     with pytest.raises(TypeError, match=r"params\['step'\] has dtype int32"):
@@ -290,7 +300,7 @@ def test_integer_leaves_refused_by_name_and_kept_by_masked_as_optax():
         assert float(jnp.max(jnp.abs(out[1]["w"] - p["w"]))) > 5e-3
 
 
-def test_mixed_dtypes_as_documented():
+def test_mixed_dtypes_as_documented(x32):
     """bfloat16 params, float32 gradients: optax's updates are float32, ours bfloat16, the
     new params the same; float32 params, bfloat16 gradients: ours are optax's with the
     gradients first cast to float32 (optax squares them in bfloat16)."""
@@ -317,7 +327,7 @@ def test_mixed_dtypes_as_documented():
     assert float(jnp.max(jnp.abs(ref_raw - ours) / jnp.abs(ours))) > 1e-4  # the difference
 
 
-def test_dataclass_params_named_by_key_path_match_adamw_with_mask():
+def test_dataclass_params_named_by_key_path_match_adamw_with_mask(x32):
     """``flax.struct``-style dataclass nodes: ``exclude_weight_decay`` names the leaves by
     their key paths ("enc/bias"), as optax's ``adamw(mask=...)`` selects them."""
     @jax.tree_util.register_dataclass
