@@ -229,9 +229,9 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
     own_end = rows.shape[1] - n_avg
     host = state.engine.to_numpy
     tensors = {s: np.asarray(host(state.slots[s]), dtype=np.float64) for s in opt.tensor_slots}
-    views = opt.group_rows(state)[1]
-    if any(v.row_step(t) != t for v in views):  # groups that joined later: each tensor's t
-        t = np.array([v.row_step(t) for v in views], dtype=np.float64)[index]
+    steps = [v.row_step(t) for v in opt.group_rows(state)[1]]
+    if any(s != t for s in steps):  # groups that joined later: each tensor's own t
+        t = np.array(steps, dtype=np.float64)[index]
     with np.errstate(all="ignore"):  # inf/NaN are found by the second pass's probe
         extra, new_tensors, values = opt.tensor_scalars(
             t, tuple(sums[:, k] for k in range(sums.shape[1])),
