@@ -55,9 +55,7 @@ in ``state.last_grad_norm`` under the first three policies:
 from __future__ import annotations
 
 import functools
-import inspect
 import operator
-import re
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from itertools import repeat
@@ -66,6 +64,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import averaging
+from .argument_names import ALIASES as ALIASES  # (public: kept importable here)
+from .argument_names import _catalog_takes as _catalog_takes  # (interop imports it here)
+from .argument_names import _constructor, _meant
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
@@ -82,114 +83,6 @@ def _bind_backend(method: Callable) -> Callable:
     def wrapper(self: Optimizer, params: Mapping[str, Any], *args: Any, **kw: Any) -> Any:
         self._bind(params)
         return method(self, params, *args, **kw)
-
-    return wrapper
-
-
-#: names torch and optax users type, and ours (the guide's)
-ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
-
-
-#: other libraries' names of hyperparameters (torch's, Keras')
-_OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_2": "beta2",
-                "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
-                "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
-                "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
-#: other libraries' options that are a wrapper or a recipe here, not an argument
-_RECIPES = {
-    "gradient_accumulation_steps": "wrap the optimizer: mithril.utils.accumulation."
-                                   "Accumulate(optimizer, k)",
-    "loss_scale_factor": "scale the loss with mithril.utils.mixed_precision.LossScaler or "
-                         "MixedPrecisionTrainer",
-    "ema_overwrite_frequency": "give ema_decay=, then every k steps set the params to "
-                               "ema_params(state)",
-}
-
-
-@functools.cache
-def _catalog_takes() -> dict[str, tuple[str, ...]]:
-    """Each hyperparameter name some optimizer's constructor takes -> those optimizers."""
-    takes: dict[str, list[str]] = {}
-    todo = list(Optimizer.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if cls.__module__.startswith("mithril."):
-            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                    takes.setdefault(p.name, []).append(cls.__name__)
-    return {k: tuple(sorted(set(v))) for k, v in takes.items()}
-
-
-def _meant(opt: Any, name: str) -> str:
-    """What a new attribute ``name`` of ``opt`` looks meant for: the hyperparameter(s) of
-    ``opt`` (another library's name, a near spelling), or one of another optimizer of the
-    catalog (``Adam().momentum``); "" for a name of its own (a subclass's cache)."""
-    known = {"learning_rate", *opt.flat_hyperparameters()}  # (a Lookahead's inner's)
-    return _meant_among(known, type(opt).__name__, name)
-
-
-def _meant_among(known: set[str], who: str, name: str) -> str:
-    import difflib
-
-    if name in _RECIPES:
-        return _RECIPES[name]
-    other = _OTHER_NAMES.get(name, "")
-    if other and all(k in known for k in other.split(" and ")):
-        return f"did you mean {other}?"
-    if near := " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8)):
-        return f"did you mean {near}?"
-    if owners := _catalog_takes().get(name):
-        more = f" and {len(owners) - 4} more" if len(owners) > 4 else ""
-        return (f"{', '.join(owners[:4])}{more} take it; {who}'s are in "
-                f"its hyperparameters()")
-    return ""
-
-
-def _takes(cls: type) -> set[str]:
-    """The keyword arguments ``cls(...)`` takes: its constructor's and, where that passes
-    ``**options`` on, its bases'."""
-    out, todo = set(), [cls]
-    while todo:
-        c = todo.pop()
-        params = list(inspect.signature(c.__init__).parameters.values())[1:]
-        out |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if any(p.kind is p.VAR_KEYWORD for p in params):
-            todo += [b for b in c.__bases__ if b is not object]
-    return out
-
-
-def _constructor(init: Callable) -> Callable:
-    """``init`` accepting ``lr=`` / ``eps=`` for ``learning_rate`` / ``epsilon`` where it
-    takes those (the signature shown stays ours), and checking the parameter groups once
-    the outermost constructor is done (they may override any hyperparameter it sets)."""
-    takes = set(inspect.signature(init).parameters)
-    aliases = {a: n for a, n in ALIASES.items() if n in takes and a not in takes}
-
-    @functools.wraps(init)
-    def wrapper(self: Any, *args: Any, **kw: Any) -> None:
-        for alias, name in aliases.items():
-            if alias in kw:
-                if name in kw:
-                    raise TypeError(f"{type(self).__name__}: give {name}= or {alias}=, not both")
-                kw[name] = kw.pop(alias)
-        depth = self.__dict__.get("_depth", 0)
-        self.__dict__["_depth"] = depth + 1
-        try:
-            init(self, *args, **kw)
-        except TypeError as e:  # another library's name (clipnorm=, betas=): say ours
-            bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-            if depth or bad is None or bad.group(1) not in kw:
-                raise
-            cls = type(self)
-            hint = _meant_among(_takes(cls), cls.__name__, bad.group(1))
-            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument "
-                            f"'{bad.group(1)}'" + (f" ({hint})" if hint else "")) from None
-        finally:
-            self.__dict__["_depth"] = depth
-        if depth == 0:
-            del self.__dict__["_depth"]
-            self._finish_groups()
 
     return wrapper
 
