@@ -223,7 +223,12 @@ def _averaging_weights(opt: Any, t: Any) -> list[Any]:
     out = []
     if getattr(opt, "ema_decay", None) is not None:
         decay = 1.0 - opt.ema_decay
-        out.append(jnp.where(t % k != 0, 0.0, jnp.where(t // k == 1, 1.0, decay)))
+        s = getattr(opt, "ema_start", 1)
+        if s > _INT32_MAX:  # (an int32 step never reaches it)
+            out.append(jnp.zeros(()))
+        else:  # the first update on or after the start (none before it) copies
+            first = (t - 1) // k == (s - 1) // k
+            out.append(jnp.where((t < s) | (t % k != 0), 0.0, jnp.where(first, 1.0, decay)))
     if getattr(opt, "swa_start", None) is not None:
         s = opt.swa_start
         if s > _INT32_MAX:

@@ -11,11 +11,13 @@ per-step scalar, one more column of the scalar table (so changing
 ``ema_decay`` or the learning rate never recompiles), derived from the step count ``t``
 alone (nothing more is saved: a state dict or checkpoint restores it with the step):
 
-* EMA, ``ema_every = k``: the average is updated on steps ``k, 2k, 3k, ...``; the first
-  update copies the parameters (``w = 1``), each later one takes
-  ``w = 1 − ema_decay``. That is torch's
-  ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` with
-  ``update_parameters(model)`` called after every k-th optimizer step. (Keras'
+* EMA, ``ema_every = k``, ``ema_start = s`` (default 1): the average is updated on the
+  steps that are multiples of ``k`` and ``>= s`` (``k, 2k, 3k, ...`` by default); the first
+  of them copies the parameters (``w = 1``), each later one takes ``w = 1 − ema_decay``,
+  and before it ``w = 0``. That is torch's
+  ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` created after
+  step ``s − 1`` (timm's ``ModelEma`` after a warm-up) with ``update_parameters(model)``
+  called after every later k-th optimizer step. (Keras'
   ``ema_overwrite_frequency`` is another thing: Keras updates its EMA every step and
   *overwrites the model's weights* with it every k steps; here the parameters are never
   overwritten: :meth:`~mithril.utils.optimizers.Optimizer.swap_ema` swaps the average in
@@ -26,6 +28,14 @@ alone (nothing more is saved: a state dict or checkpoint restores it with the st
   its n-th update. That is torch's ``AveragedModel(model)`` (default average) with
   ``update_parameters(model)`` after each of those steps; use it with
   :class:`~mithril.utils.lr_schedulers.SWALR`.
+
+Resuming (:meth:`~mithril.utils.optimizers.Optimizer.load_state_dict`): an optimizer
+constructed with an average that loads a checkpoint saved without it keeps its averaging
+settings and starts the average at the resume, as a fresh ``AveragedModel`` would: the slot
+is a copy of the ``params`` given to ``load_state_dict``, and the start (``ema_start``,
+``swa_start``) becomes the saved step + 1 unless it is later already. An average the
+checkpoint has is restored with the checkpoint's settings (torch's rule: ``load_state_dict``
+restores the hyperparameters), whether or not the optimizer was constructed with it.
 
 Against the peers (``tests/test_weight_averaging_peers.py``, side by side): Keras 3's
 ``use_ema=True, ema_momentum=m`` is ``ema_decay=m`` (its first step copies too); optax's
@@ -92,6 +102,16 @@ def check_swa_start(value: Any) -> int | None:
     return check_int("swa_start", value, minimum=1, maximum=MAX_EVERY)
 
 
+def check_ema_start(value: Any) -> int:
+    return check_int("ema_start", value, minimum=1, maximum=MAX_EVERY)
+
+
+def _updates_before(t: int, s: int, k: int) -> int:
+    """How many averaging steps (multiples of ``k`` that are ``>= s``) come before step
+    ``t``: the multiples of ``k`` in ``[s, t − 1]``."""
+    return (t - 1) // k - (s - 1) // k
+
+
 def slots_of(opt: Any) -> tuple[str, ...]:
     """The averaged slots ``opt`` keeps, in order."""
     out = ()
@@ -104,22 +124,48 @@ def slots_of(opt: Any) -> tuple[str, ...]:
 
 def weights(opt: Any, t: int) -> tuple[float, ...]:
     """The averaging weight of each averaged slot for step ``t`` (1-based): 0 where the
-    step does not average, 1 on the first update (a copy)."""
+    step does not average (not a multiple of ``ema_every``, or before the average's start),
+    1 on the first update (a copy), then ``1 − ema_decay`` (EMA) or ``1/n`` on the n-th
+    (SWA)."""
     k = getattr(opt, "ema_every", 1)
     out: tuple[float, ...] = ()
     if getattr(opt, "ema_decay", None) is not None:
-        if t % k:
+        s = getattr(opt, "ema_start", 1)
+        if t < s or t % k:
             out += (0.0,)
         else:
-            out += (1.0 if t // k == 1 else 1.0 - opt.ema_decay,)
+            out += (1.0 if _updates_before(t, s, k) == 0 else 1.0 - opt.ema_decay,)
     if getattr(opt, "swa_start", None) is not None:
         s = opt.swa_start
         if t < s or t % k:
             out += (0.0,)
-        else:  # updates before this one: the multiples of k in [s, t - 1]
-            done = (t - 1) // k - (s - 1) // k
-            out += (1.0 / (done + 1),)
+        else:
+            out += (1.0 / (_updates_before(t, s, k) + 1),)
     return out
+
+
+def resumed_averages(opt: Any, saved: Mapping[str, Any], step: int | None
+                     ) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """For ``opt`` loading a checkpoint whose hyperparameters are ``saved`` (saved at
+    ``step``; None: a checkpoint without a state): the averages ``opt`` keeps that the
+    checkpoint has not (started at the resume), and the hyperparameters that keep them,
+    to set over the checkpoint's. An average starts after ``step``: its start becomes
+    ``step + 1`` unless ``opt``'s is later. ``ema_every`` is ``opt``'s only where the
+    checkpoint keeps no average (else it paces the restored one). A checkpoint saved
+    before ``ema_start`` existed started its EMA at step 1."""
+    new: dict[str, Any] = {}
+    if "ema_start" not in saved:
+        new["ema_start"] = 1
+    ema = getattr(opt, "ema_decay", None) is not None and saved.get("ema_decay") is None
+    swa = getattr(opt, "swa_start", None) is not None and saved.get("swa_start") is None
+    after = 1 if step is None else step + 1
+    if ema:
+        new.update(ema_decay=opt.ema_decay, ema_start=max(opt.ema_start, after))
+    if swa:
+        new["swa_start"] = max(opt.swa_start, after)
+    if (ema or swa) and saved.get("ema_decay") is None and saved.get("swa_start") is None:
+        new["ema_every"] = opt.ema_every
+    return (EMA,) * ema + (SWA,) * swa, new
 
 
 def average(p: Any, a: Any, w: Any) -> Any:

@@ -144,7 +144,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
     ``swa_start`` an equal average from that step on (slot ``"swa"``, :meth:`swa_params`),
-    ``ema_every`` updates them every k steps; :meth:`swap_ema` swaps an average in for
+    ``ema_every`` updates them every k steps, ``ema_start`` starts the EMA at that step
+    (its first update on or after it copies the parameters); :meth:`swap_ema` swaps an average in for
     evaluation and back.
     """
 
@@ -182,7 +183,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                  nonfinite: str = "propagate", backend: Any = None,
                  param_groups: Any = None, weight_decay_mask: Any = None,
                  exclude_weight_decay: Any = (), strict: bool = False,
-                 ema_decay: float | None = None, ema_every: int = 1,
+                 ema_decay: float | None = None, ema_every: int = 1, ema_start: int = 1,
                  swa_start: int | None = None, clip_tensor_norm: float | None = None,
                  clip_block_rms: float | None = None, adaptive_clip: float | None = None,
                  adaptive_clip_eps: float = 1e-3) -> None:
@@ -202,6 +203,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self.nonfinite = nonfinite
         self.ema_decay = averaging.check_ema_decay(ema_decay)
         self.ema_every = averaging.check_ema_every(ema_every)
+        self.ema_start = averaging.check_ema_start(ema_start)
         self.swa_start = averaging.check_swa_start(swa_start)
         if backend is not None and not callable(getattr(backend, "is_native", None)):
             raise TypeError(f"backend must be a mithril backend (e.g. NumpyBackend()), got {backend!r}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .averaging import _jitable
+from .averaging import _jitable, resumed_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float
 from .elementwise import where
@@ -134,7 +134,7 @@ class Lookahead(Optimizer):
     kernel's math the inner's composed with the synchronisation (:func:`lookahead_math`).
     The learning rate (:meth:`get_learning_rate` / :meth:`set_learning_rate`, hence the
     schedulers driving this optimizer), parameter groups, weight decay, clipping,
-    ``nonfinite`` and weight averaging (``ema_decay``/``swa_start``: averages of the fast
+    ``nonfinite`` and weight averaging (``ema_decay``/``ema_start``/``swa_start``: averages of the fast
     weights after each step) are the inner optimizer's: give them to its constructor.
     ``state_dict`` / ``load_state_dict`` and checkpoints describe the inner optimizer as
     ``{"optimizer": class name, "hyperparameters": ...}`` under ``"inner"``; loading
@@ -183,6 +183,7 @@ class Lookahead(Optimizer):
     nonfinite = _delegated("nonfinite", "propagate")
     ema_decay = _delegated("ema_decay")
     ema_every = _delegated("ema_every", 1)
+    ema_start = _delegated("ema_start", 1)
     swa_start = _delegated("swa_start")
     decoupled_weight_decay = _delegated("decoupled_weight_decay", False)
     weight_decay_in_math = _delegated("weight_decay_in_math", False)
@@ -358,6 +359,7 @@ class Lookahead(Optimizer):
         if unknown:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
         new: dict[str, Any] = {}
+        started: tuple[str, ...] = ()
         if "sync_period" in hp:
             new["sync_period"] = _check_sync_period(hp["sync_period"])
         if "slow_step_size" in hp:
@@ -373,14 +375,16 @@ class Lookahead(Optimizer):
                 raise ValueError(f"state dict's inner optimizer is {spec['optimizer']!r}, but "
                                  f"this Lookahead wraps {type(self.inner).__name__}")
             inner = copy.copy(self.inner)
-            inner.load_state_dict(spec)
+            # (with the step: an average the inner keeps and the checkpoint lacks starts after it)
+            inner.load_state_dict({**spec, "step": d["step"]} if "step" in d else spec)
             new["inner"] = _check_inner(inner)
+            started = resumed_averages(self.inner, spec["hyperparameters"], None)[0]
         trial = copy.copy(self)
         trial.__dict__.update(new)
         state = None
         if params is not None and "slots" in d:
             state = trial.init(params)
-            state.slots = self._loaded_slots(d["slots"], state)
+            state.slots = self._loaded_slots(d["slots"], state, started)
             loaded_values = getattr(self, "_loaded_values", None)  # optimizer-wide scalars
             if loaded_values is not None:
                 state.values = loaded_values(d.get("values", {}), state)

@@ -538,6 +538,7 @@ class _FallbackRow:
         self.clip_value, self.ema_decay = owner.clip_value, owner.ema_decay
         self.clip_tensor_norm, self.clip_block_rms = owner.clip_tensor_norm, owner.clip_block_rms
         self.ema_every, self.swa_start = owner.ema_every, owner.swa_start
+        self.ema_start = owner.ema_start
 
     def update_slots(self) -> tuple[str, ...]:
         return tuple(PREFIX + s for s in self.fb.slot_names())

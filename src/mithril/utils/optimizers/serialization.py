@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ShapeError
+from .averaging import resumed_averages
 from .checks import state_dict_count
 from .groups import GROUP_KEYS
 from .state import OptimizerState
@@ -42,7 +43,13 @@ class StateDictMixin:
         Everything is checked before anything changes: the hyperparameters as the
         constructor checks them (unknown names are refused), every slot present with an
         array of each parameter's exact shape, and non-negative integer counters. On error
-        this optimizer is left as it was."""
+        this optimizer is left as it was.
+
+        Weight averages (:mod:`.averaging`): one this optimizer was constructed with that
+        the checkpoint lacks starts at the resume (as a fresh torch ``AveragedModel``): its
+        settings are kept, its slot is a copy of ``params`` and its start (``ema_start`` /
+        ``swa_start``) becomes the saved step + 1, unless later already. One the checkpoint
+        has is restored with its settings, constructed with it or not."""
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
@@ -55,6 +62,9 @@ class StateDictMixin:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
         grouping = {k: hp[k] for k in GROUP_KEYS if k in hp}  # absent: no groups
         hp = {k: v for k, v in hp.items() if k not in GROUP_KEYS}
+        step = state_dict_count(d, "step") if "step" in d else None
+        started, kept = resumed_averages(self, hp, step)
+        hp.update(kept)
         trial = copy.copy(self)
         trial.__dict__.update(hp)
         plain = {k: v for k, v in trial.hyperparameters().items() if k not in GROUP_KEYS}
@@ -74,7 +84,7 @@ class StateDictMixin:
         state = None
         if params is not None and "slots" in d:
             state = trial.init(params)
-            state.slots = self._loaded_slots(d["slots"], state)
+            state.slots = self._loaded_slots(d["slots"], state, started)
             state.values = self._loaded_values(d.get("values", {}), state)
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
@@ -103,17 +113,20 @@ class StateDictMixin:
         return out
 
     @staticmethod
-    def _loaded_slots(saved: Any, state: OptimizerState) -> dict[str, Any]:
+    def _loaded_slots(saved: Any, state: OptimizerState, started: tuple[str, ...] = ()
+                      ) -> dict[str, Any]:
         """Flat slot buffers from a state dict's per-parameter arrays, checked against
-        ``state`` (a fresh one for the same params)."""
+        ``state`` (a fresh one for the same params), in ``state``'s order. The ``started``
+        slots (averages that start at the resume) are ``state``'s own: the checkpoint must
+        not have them."""
         lay = state.layout
         if not isinstance(saved, Mapping):
             raise TypeError("state dict 'slots' must be a dict of slot -> {param: array}")
-        for label, names in (("unknown to", set(saved) - set(state.slots)),
-                             ("missing for", set(state.slots) - set(saved))):
+        own = set(state.slots) - set(started)
+        for label, names in (("unknown to", set(saved) - own), ("missing for", own - set(saved))):
             if names:
                 raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
-        out = {}
+        out = {s: state.slots[s] for s in state.slots if s in started}
         for slot, per_param in saved.items():
             lay = state.slot_layout(slot)
             if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
@@ -132,7 +145,7 @@ class StateDictMixin:
                                      f"{what} {tuple(shape)}")
                 arrays[name] = a
             out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
-        return out
+        return {s: out[s] for s in state.slots}
 
 
 
