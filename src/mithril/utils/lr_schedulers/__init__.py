@@ -51,6 +51,8 @@ working):
 
 * :mod:`.base` -- :class:`LRScheduler`, :class:`SupportsLearningRate` and the shared
   validation / serialisation helpers;
+* :mod:`.per_group` -- the constructor wrapper every scheduler class gets (per-group lanes)
+  and :func:`~.per_group._apply` (setting several values all or nothing);
 * :mod:`.step` -- :class:`StepLR`, :class:`MultiStepLR`, :class:`ExponentialLR`;
 * :mod:`.cosine` -- :class:`CosineAnnealingLR`, :class:`CosineAnnealingWarmRestarts`;
 * :mod:`.plateau` -- :class:`ReduceLROnPlateau`;

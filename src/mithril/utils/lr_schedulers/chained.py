@@ -11,8 +11,8 @@ from .base import (
     SupportsLearningRate,
     _check_child,
     _check_step,
-    _snapshot,
 )
+from .per_group import _snapshot
 
 __all__ = ["ChainedScheduler"]
 

@@ -95,7 +95,7 @@ def lanewise(step: Callable) -> Callable:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._siblings:
             return step(self, *args, **kwargs)
-        from .base import _apply, _snapshot
+        from .per_group import _apply, _snapshot
 
         backup = self.state_dict()
         restore = _snapshot(self.optimizer)

@@ -1,0 +1,163 @@
+"""Acting on several values at once: :func:`_apply` (all or nothing), and the constructor
+wrapper every scheduler class gets (:func:`_per_group_constructor`), which builds one lane per
+parameter group (``per_group=True`` or lists, as torch; see :class:`~.base.LRScheduler`)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..optimizers.checks import describe
+from . import lanes as lanes_mod
+
+if TYPE_CHECKING:
+    from .base import LRScheduler
+
+
+
+
+def _apply(targets: Sequence[tuple[Any, float]]) -> None:
+    """Set each ``(settable, value)`` in order, all or nothing: if one is refused, every one
+    already set is put back (in the same order, which restores a group's learning rate after
+    the optimizer's, whose change moves it) and the error propagates."""
+    old = [(h, h.get_learning_rate()) for h, _ in targets]
+    done = 0
+    try:
+        for h, value in targets:
+            h.set_learning_rate(value)
+            done += 1
+    except Exception:
+        for h, value in old[: done + 1]:
+            try:
+                h.set_learning_rate(value)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        raise
+
+
+def _group_lanes(owner: str, optimizer: Any) -> list[Any]:
+    """What each lane of a per-group scheduler drives: ``optimizer`` itself (the parameters
+    in no group), then the same hyperparameter of ``param_groups[0]``, ``[1]``, ..."""
+    from ..optimizers.groups import Hyperparameter
+
+    if isinstance(optimizer, Hyperparameter):
+        if optimizer.group is not None:
+            raise ValueError(f"{owner}: per_group needs the optimizer, or a handle on one of its "
+                             f"own hyperparameters (group=None), got {optimizer!r}")
+        opt, name = optimizer.optimizer, optimizer.name
+    else:
+        opt, name = optimizer, "learning_rate"
+    if not callable(getattr(opt, "hyperparameter", None)) or not hasattr(opt, "param_groups"):
+        raise TypeError(f"{owner}: per_group needs a mithril optimizer (with param_groups), got "
+                        f"{type(opt).__name__}")
+    return [optimizer, *(opt.hyperparameter(name, group=i) for i in range(len(opt.param_groups)))]
+
+
+def _snapshot(optimizer: Any) -> Callable[[], None]:
+    """A function putting the hyperparameters of ``optimizer`` (the owner of a handle) and of
+    its groups back as they are now."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    own = {k: v for k, v in vars(opt).items() if not k.startswith("_")} \
+        if hasattr(opt, "__dict__") else {}
+    groups = getattr(opt, "_groups", None)
+    saved = [dict(g) for g in groups] if isinstance(groups, list) else None
+
+    def restore() -> None:
+        opt.__dict__.update(own)
+        if saved is not None and opt._groups is groups:
+            for g, before in zip(groups, saved, strict=True):
+                g._restore(before)
+            opt._groups_version += 1
+
+    return restore
+
+
+def _per_group_constructor(init: Callable) -> Callable:
+    """``init`` taking ``per_group=True``, or one value per parameter group as a list for the
+    arguments the class names in ``_GROUP_ARGS`` (as torch takes them), to build a scheduler
+    acting on every group with its own base value (see :class:`LRScheduler`)."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: LRScheduler, *args: Any, per_group: bool = False, **kwargs: Any) -> None:
+        depth = self.__dict__.get("_depth", 0)
+        cls = type(self)
+        lists: dict[str, Sequence[Any]] = {}
+        bound = None
+        if depth == 0:
+            try:
+                bound = sig.bind(self, *args, **kwargs)
+            except TypeError:
+                bound = None  # init raises its own TypeError below
+            if bound is not None:
+                cls._normalize_arguments(bound.arguments)
+                lists = {n: bound.arguments[n] for n in cls._GROUP_ARGS if n in bound.arguments
+                         and isinstance(bound.arguments[n], (list, tuple))}
+        if not isinstance(per_group, bool):
+            raise TypeError(f"per_group must be a bool, got {describe(per_group)}")
+        # a composite whose children act per group acts per group too (as torch's)
+        if bound is None or not (per_group or lists or lanes_mod.per_group_children(
+                cls, bound.arguments)):
+            self.__dict__["_depth"] = depth + 1
+            try:
+                init(self, *args, **kwargs)
+            finally:
+                self.__dict__["_depth"] = depth
+                if depth == 0:
+                    del self.__dict__["_depth"]
+        else:
+            _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
+        if depth == 0:  # from now on an attribute set is checked (see attributes.py)
+            self.__dict__["_made"] = True
+
+    names = list(sig.parameters)
+    first = names[1] if len(names) > 1 else "optimizer"  # the optimizer's argument
+    return wrapper
+
+
+def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, Any],
+                     lists: Mapping[str, Sequence[Any]], first: str) -> None:
+    cls = type(self)
+    owner = cls.__name__
+    if not cls._acts_per_group():
+        raise TypeError(f"{owner} cannot act per parameter group (per_group=True or lists); "
+                        f"build one per group on optimizer.hyperparameter('learning_rate', "
+                        f"group=i) and step them all")
+    optimizer = arguments[first]
+    lanes = _group_lanes(owner, optimizer)
+    for name, values in lists.items():
+        if len(values) != len(lanes):
+            raise ValueError(
+                f"{owner}: {name} has {len(values)} values; it needs one per parameter group, "
+                f"{len(lanes)} here: the optimizer's own parameters (in no group) first, then "
+                f"param_groups[0..{len(lanes) - 2}]")
+
+    children = (lanes_mod.child_lanes(owner, cls, arguments, len(lanes))
+                if cls._LANE_CHILDREN else None)
+
+    def args(i: int) -> dict[str, Any]:
+        a = {k: v for k, v in arguments.items() if k != "self"}
+        a.update({name: values[i] for name, values in lists.items()})
+        a[first] = lanes[i]
+        if children is not None:  # lane i of a composite drives lane i of each child
+            a.update(children(i))
+        return a
+
+    restore = _snapshot(optimizer)
+    try:
+        # the groups' schedulers first: each reads its group's value as its base before the
+        # optimizer's own scheduler changes the optimizer's learning rate (which moves theirs)
+        siblings = [cls(**args(i)) for i in range(1, len(lanes))]
+        self.__dict__["_depth"] = 1
+        try:
+            init(self, **args(0))
+        finally:
+            del self.__dict__["_depth"]
+        self._siblings = siblings
+        _apply(self._current_targets())
+    except Exception:
+        restore()
+        raise
+    lanes_mod.detach(cls, arguments)
