@@ -238,7 +238,7 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         if isinstance(meta, Mapping):
             meta = _counted_on(opt, meta, sd.get("state"), groups)
     if meta is None and _flattened(groups, groups_now):
-        meta = _rebuilt_meta(opt, sd.get("state"))
+        meta = _rebuilt_meta(opt, sd.get("state"), groups, names)
     if not isinstance(meta, Mapping):
         raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
                          "torch_optimizer (torch.optim state dicts are not accepted)")
@@ -359,22 +359,38 @@ def _counted_on(opt: Optimizer, meta: Mapping[str, Any], state: Any, groups: Seq
     return {**meta, "step": int(past.pop())}
 
 
-def _rebuilt_meta(opt: Optimizer, state: Any) -> dict[str, Any]:
+def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]],
+                  names: Sequence[str]) -> dict[str, Any]:
     """The "mithril" entry of a DCP-flattened state dict (:func:`_flattened`): its groups
     hold every hyperparameter and each parameter's ``step`` the count (the counts of skipped
     and non-finite steps, which no update reads, restart at 0; optimizer-wide ``values``
-    cannot come back: such an optimizer's load is refused, saying so)."""
+    cannot come back: such an optimizer's load is refused, saying so). A group added later
+    (``add_param_group``) counts fewer steps: the count is the largest ``step``, and each
+    group whose parameters count ``k`` fewer gets ``step_offset`` ``k`` (why: such a state
+    dict was refused as "not a mithril torch_optimizer's", where torch.optim's resumes)."""
     if opt.state_values:
         raise ValueError(f"state dict has no 'mithril' entry (DCP's flatten_optimizer_state_"
                          f"dict=True drops it): {type(opt).__name__}'s optimizer-wide values "
                          f"{list(opt.state_values)} are lost with it; save without flattening")
+    hp = opt.state_dict(None)["hyperparameters"]
     steps = _steps(state)
-    if len(steps) > 1:
-        raise ValueError(f"state dict has no 'mithril' entry and its parameters' 'step' "
-                         f"differ ({sorted(steps)}): not a mithril torch_optimizer's")
-    return {"optimizer": type(opt).__name__,
-            "hyperparameters": opt.state_dict(None)["hyperparameters"],
-            "step": int(steps.pop()) if steps else 0}
+    if len(steps) <= 1:
+        return {"optimizer": type(opt).__name__, "hyperparameters": hp,
+                "step": int(steps.pop()) if steps else 0}
+    total, per_group, pos = max(steps), [], 0
+    for i, g in enumerate(groups):
+        ids = list(g["params"])
+        mine = _steps({k: state[k] for k in ids if k in state})
+        if len(mine) > 1:
+            raise ValueError(f"state dict has no 'mithril' entry and the parameters of its "
+                             f"param_groups[{i}] count different steps ({sorted(mine)}): a "
+                             f"mithril torch_optimizer counts one step per group")
+        per_group.append((list(names[pos:pos + len(ids)]), int(total - mine.pop())
+                          if mine else 0))
+        pos += len(ids)
+    joined = [{"params": ns, "step_offset": k} for ns, k in per_group if ns and k]
+    return {"optimizer": type(opt).__name__, "hyperparameters": {**hp, "param_groups": joined},
+            "step": int(total)}
 
 
 def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],

@@ -533,8 +533,9 @@ class GroupsMixin:
                 return check_positive("learning_rate", value)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{where}: {e}") from None
+        # (a group's step_offset is no constructor argument: kept out of the check)
         over = {} if group is None else {k: v for k, v in self._group(group).items()
-                                         if k not in ("params", "lr_scale")}
+                                         if k not in ("params", "lr_scale", "step_offset")}
         hp = {k: v for k, v in self.hyperparameters().items() if k not in GROUP_KEYS}
         try:
             view = type(self)(**{**hp, **over, name: value})  # the constructor's checks

@@ -1,0 +1,144 @@
+"""Edge cases of last session's features, side by side with the peers (torch.optim,
+``torch.distributed.checkpoint``, ``torch.amp.GradScaler``, ``F.cross_entropy``): each test
+was written failing against the bug it names, then the fix made it pass."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from mithril.interop import torch_optimizer
+from mithril.utils import optimizers as mo
+
+TOL = 1e-12
+X = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def _steps(m: nn.Module, o: torch.optim.Optimizer, n: int) -> None:
+    for _ in range(n):
+        o.zero_grad()
+        nn.functional.mse_loss(m(X), Y).backward()
+        o.step()
+
+
+MAKERS = {"torch.optim.Adam": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+          "mithril Adam": lambda ps: torch_optimizer(mo.Adam(learning_rate=0.01,
+                                                              weight_decay=0.1), ps)}
+
+
+def _flattened_resume_after_add(make) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A run that added its head as a group after 2 steps, saved through DCP's flattened
+    state dict after 4, resumed into a new optimizer (the same add made): both runs' params
+    after 3 more steps."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    m = _model()
+    o = make(m[0].parameters())
+    _steps(m, o, 2)
+    o.add_param_group({"params": m[2].parameters(), "lr": 0.02})
+    _steps(m, o, 2)
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    o2 = make(m2[0].parameters())
+    o2.add_param_group({"params": m2[2].parameters(), "lr": 0.02})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (DCP's own warnings about a process group)
+        sd = get_optimizer_state_dict(m, o, options=flat)
+        set_optimizer_state_dict(m2, o2, copy.deepcopy(sd), options=flat)
+    _steps(m, o, 3)
+    _steps(m2, o2, 3)
+    return ([p.detach().clone() for p in m.parameters()],
+            [p.detach().clone() for p in m2.parameters()])
+
+
+def test_dcp_flattened_state_dict_after_add_param_group_resumes_as_torch():
+    """Bug: a flattened DCP state dict (no "mithril" entry) of a wrapper that had added a
+    group was refused ("its parameters' 'step' differ ... not a mithril torch_optimizer's"),
+    where torch.optim.Adam resumes exactly; the per-group steps now rebuild each group's
+    step_offset."""
+    ref, ref_resumed = _flattened_resume_after_add(MAKERS["torch.optim.Adam"])
+    got, got_resumed = _flattened_resume_after_add(MAKERS["mithril Adam"])
+    for a, b, c, d in zip(ref, ref_resumed, got, got_resumed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # torch's resume is exact
+        torch.testing.assert_close(d, c, rtol=0, atol=0)  # and so is ours
+        torch.testing.assert_close(c, a, rtol=0, atol=TOL)  # and ours is torch's run
+
+
+def test_dcp_flattened_state_dict_with_steps_differing_inside_a_group_is_refused():
+    """The rebuild needs one count per group: a group whose parameters' steps differ is
+    refused by name, and nothing changes."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    m = _model()
+    o = MAKERS["mithril Adam"](m[0].parameters())
+    _steps(m, o, 2)
+    o.add_param_group({"params": m[2].parameters()})
+    _steps(m, o, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = get_optimizer_state_dict(m, o, options=flat)
+        sd["state.2.bias.step"] = torch.tensor(2.0)  # (the group's weight counts 1)
+        before = o.state_dict()
+        with pytest.raises(ValueError, match=r"param_groups\[1\] count different steps"):
+            set_optimizer_state_dict(m, o, sd, options=flat)
+    after = o.state_dict()
+    assert after["mithril"] == before["mithril"]
+    for i, entry in before["state"].items():
+        for k, v in entry.items():
+            torch.testing.assert_close(after["state"][i][k], v, rtol=0, atol=0)
+
+
+def test_a_joined_groups_hyperparameter_can_be_driven_as_torchs():
+    """Bug: on a native optimizer whose group has a ``step_offset`` (a group added later),
+    setting any hyperparameter of that group but the rate (``hyperparameter("beta1",
+    group=0).set(0.8)``, what a momentum scheduler does) raised ``TypeError: Adam() got an
+    unexpected keyword argument 'step_offset'``. torch.optim: the added group's ``betas``
+    changed mid-run."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal(5)
+    ga = [rng.standard_normal((3, 4)) for _ in range(8)]
+    gb = [rng.standard_normal(5) for _ in range(8)]
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    ref = torch.optim.Adam([ta], lr=0.1)
+    for i in range(8):
+        if i == 3:
+            ref.add_param_group({"params": [tb]})
+        if i == 5:
+            ref.param_groups[1]["betas"] = (0.8, 0.999)
+        ta.grad, tb.grad = torch.tensor(ga[i]), (torch.tensor(gb[i]) if i >= 3 else None)
+        ref.step()
+    first = mo.Adam(learning_rate=0.1)
+    p = {"a": a.copy()}
+    st = first.init(p)
+    for i in range(3):
+        p, st = first.update(p, {"a": ga[i]}, st)
+    opt = mo.Adam(learning_rate=0.1, param_groups=[{"params": ["b"], "step_offset": 3}])
+    p = {"a": p["a"], "b": b.copy()}
+    saved, fresh = first.state_dict(st), opt.state_dict(opt.init(p))
+    st = opt.load_state_dict({**fresh, "step": saved["step"], "slots": {
+        k: {"a": saved["slots"][k]["a"], "b": fresh["slots"][k]["b"]} for k in fresh["slots"]}}, p)
+    for i in range(3, 8):
+        if i == 5:
+            opt.hyperparameter("beta1", group=0).set(0.8)
+        p, st = opt.update(p, {"a": ga[i], "b": gb[i]}, st)
+    assert opt.param_groups[0]["beta1"] == 0.8 and opt.param_groups[0]["step_offset"] == 3
+    np.testing.assert_allclose(p["a"], ta.detach().numpy(), rtol=0, atol=TOL)
+    np.testing.assert_allclose(p["b"], tb.detach().numpy(), rtol=0, atol=TOL)
+    # a refused value still names the group and changes nothing
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: beta1=1.5 refused"):
+        opt.hyperparameter("beta1", group=0).set(1.5)
+    assert opt.param_groups[0]["beta1"] == 0.8
