@@ -16,7 +16,8 @@ Conventions (shared by all schedulers, identical to ``torch.optim.lr_scheduler``
   *after* the optimizer update, as in PyTorch.
 * ``base_lr`` is the optimizer's learning rate when the scheduler is constructed (a few
   schedulers re-base it explicitly; see :class:`LinearWarmupScheduler`, :class:`OneCycleLR` and
-  :class:`SequentialLR`).
+  :class:`SequentialLR`), or the ``base_lr=`` keyword a closed form takes (kept by parents:
+  each optax schedule's own ``init_value``; see :class:`LRScheduler`).
 * Apart from :class:`ReduceLROnPlateau` (which depends on the observed metric), every schedule is
   a *closed form*: :meth:`LRScheduler.get_lr_at` is a pure function of the integer step ``t`` and
   the hyper-parameters. PyTorch evaluates several schedules recursively (``lr_t = lr_{t-1} *
@@ -70,6 +71,7 @@ working):
 * :mod:`.cosine_restarts` -- :class:`CosineDecayRestarts` (Keras);
 * :mod:`.decays` -- :class:`ExponentialDecay`, :class:`PolynomialDecay` (optax, Keras),
   :class:`InverseTimeDecay` (Keras);
+* :mod:`.sgdr` -- :func:`sgdr_schedule` (optax's, each cycle with its own peak);
 * :mod:`.swa` -- :class:`SWALR` (torch's ``swa_utils``, for weight averaging).
 """
 
@@ -99,6 +101,7 @@ from .piecewise import PiecewiseConstant, PiecewiseInterpolate
 from .plateau import ReduceLROnPlateau
 from .plateau import _warn_no_metric as _warn_no_metric
 from .sequential import SequentialLR
+from .sgdr import sgdr_schedule
 from .step import ExponentialLR, MultiStepLR, StepLR
 from .swa import SWALR
 from .warmup import LinearWarmupScheduler
@@ -133,4 +136,5 @@ __all__ = [
     "SequentialLR",
     "StepLR",
     "SupportsLearningRate",
+    "sgdr_schedule",
 ]

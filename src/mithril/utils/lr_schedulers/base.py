@@ -169,6 +169,15 @@ class LRScheduler:
     (``StepLR(opt.hyperparameter("weight_decay"), 10)`` is a weight-decay schedule), with the
     same formulas.
 
+    **Its own base: ``base_lr=``.** Every closed form whose rates follow ``base_lr`` (all but
+    :class:`OneCycleLR` and :class:`CyclicLR`, whose rates are their arguments) takes the
+    keyword ``base_lr=`` (a real ``>= 0``): the scheduler's ``base_lr`` is then that value
+    instead of the optimizer's learning rate, and a parent (:class:`SequentialLR`,
+    :class:`JoinSchedules`, :class:`ChainedScheduler`, a warm-up) keeps it rather than
+    re-basing it, as optax's schedules each keep their own ``init_value`` / ``peak_value``:
+    ``JoinSchedules(opt, [WSD(opt, ..., base_lr=0.1), WSD(opt, ..., base_lr=0.05)], [b])``
+    peaks at 0.1, then at 0.05. Not with ``per_group`` (each group's own rate is its base).
+
     **Per parameter group, as torch.** With ``per_group=True`` (a keyword every closed-form
     scheduler takes), or a list for an argument torch takes per group (``OneCycleLR``'s
     ``max_lr``, ``CyclicLR``'s ``base_lr`` / ``max_lr``, the momentum bounds, ``LambdaLR``'s
@@ -208,6 +217,26 @@ class LRScheduler:
             cls.step = lanes_mod.lanewise(cls.__dict__["step"])  # type: ignore[method-assign]
 
     @classmethod
+    def _takes_base_lr(cls) -> bool:
+        """Whether the class takes ``base_lr=``: a closed form stepped by the base class whose
+        base a parent may re-base (not explicit rates, children or the current rate)."""
+        return (cls.step is LRScheduler.step and cls._set_step is LRScheduler._set_step
+                and cls._reset_state is LRScheduler._reset_state
+                and cls._rebase is LRScheduler._rebase)
+
+    @classmethod
+    def _check_base_lr(cls, value: Any, grouped: bool) -> float:
+        """The checked ``base_lr=`` keyword (``TypeError`` where the class or ``per_group``
+        cannot take it, ``ValueError`` for a bad value)."""
+        if not cls._takes_base_lr():
+            raise TypeError(f"{cls.__name__} takes no base_lr= (its rates come from its "
+                            f"arguments, its child schedulers or the optimizer's current rate)")
+        if grouped:
+            raise TypeError(f"{cls.__name__}: base_lr= gives one base; acting per parameter "
+                            f"group each group's own rate is its base (set the groups' rates)")
+        return _check_real("base_lr", value, ge=0.0)
+
+    @classmethod
     def _acts_per_group(cls) -> bool:
         """Whether the class can act per group: a closed form stepped by the base class, or
         one stepping each lane in turn (``_LANEWISE``)."""
@@ -227,7 +256,9 @@ class LRScheduler:
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
-        lr = _to_float("the optimizer's learning rate", optimizer.get_learning_rate())
+        lr = self.__dict__.get("_base_given")  # base_lr= (checked by the constructor wrapper)
+        if lr is None:
+            lr = _to_float("the optimizer's learning rate", optimizer.get_learning_rate())
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"the optimizer's learning rate must be finite and >= 0, got {lr!r}")
         self.base_lr: float = lr
@@ -360,8 +391,10 @@ class LRScheduler:
         self.step()
 
     def _rebase(self, lr: float) -> None:
-        """Replace ``base_lr`` (used by parents; does not touch the optimizer)."""
-        self.base_lr = float(lr)
+        """Replace ``base_lr`` (used by parents; does not touch the optimizer), unless it was
+        given as ``base_lr=``."""
+        if "_base_given" not in self.__dict__:
+            self.base_lr = float(lr)
 
     # ---- serialisation -----------------------------------------------------------------------
 

@@ -77,13 +77,16 @@ def _snapshot(optimizer: Any) -> Callable[[], None]:
 def _per_group_constructor(init: Callable) -> Callable:
     """``init`` taking ``per_group=True``, or one value per parameter group as a list for the
     arguments the class names in ``_GROUP_ARGS`` (as torch takes them), to build a scheduler
-    acting on every group with its own base value (see :class:`LRScheduler`)."""
+    acting on every group with its own base value, and ``base_lr=``, the scheduler's own base
+    instead of the optimizer's rate (see :class:`LRScheduler`)."""
     sig = inspect.signature(init)
+    takes_base = "base_lr" not in sig.parameters  # (CyclicLR's base_lr is its own argument)
 
     @functools.wraps(init)
     def wrapper(self: LRScheduler, *args: Any, per_group: bool = False, **kwargs: Any) -> None:
         depth = self.__dict__.get("_depth", 0)
         cls = type(self)
+        base = kwargs.pop("base_lr", None) if takes_base and depth == 0 else None
         lists: dict[str, Sequence[Any]] = {}
         bound = None
         if depth == 0:
@@ -98,8 +101,11 @@ def _per_group_constructor(init: Callable) -> Callable:
         if not isinstance(per_group, bool):
             raise TypeError(f"per_group must be a bool, got {describe(per_group)}")
         # a composite whose children act per group acts per group too (as torch's)
-        if bound is None or not (per_group or lists or lanes_mod.per_group_children(
-                cls, bound.arguments)):
+        grouped = bound is not None and bool(
+            per_group or lists or lanes_mod.per_group_children(cls, bound.arguments))
+        if base is not None:  # checked before anything is built (read by LRScheduler.__init__)
+            self.__dict__["_base_given"] = cls._check_base_lr(base, grouped)
+        if not grouped:
             self.__dict__["_depth"] = depth + 1
             try:
                 init(self, *args, **kwargs)
@@ -108,6 +114,7 @@ def _per_group_constructor(init: Callable) -> Callable:
                 if depth == 0:
                     del self.__dict__["_depth"]
         else:
+            assert bound is not None
             _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
         if depth == 0:  # from now on an attribute set is checked (see attributes.py)
             self.__dict__["_made"] = True

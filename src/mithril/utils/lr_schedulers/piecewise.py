@@ -79,6 +79,9 @@ class PiecewiseConstant(LRScheduler):
         boundaries: Sequence[int] | None = None,
         values: Sequence[float] | None = None,
     ) -> None:
+        if values is not None and "_base_given" in self.__dict__:  # (it would change nothing)
+            raise TypeError("PiecewiseConstant: base_lr= has no effect with values (the Keras "
+                            "form's rates are explicit); scale the optax form instead")
         super().__init__(optimizer)
         if values is None and boundaries is None:
             bounds, scales = _split_mapping("boundaries_and_scales", boundaries_and_scales)

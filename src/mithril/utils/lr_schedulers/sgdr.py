@@ -1,0 +1,114 @@
+"""optax's ``sgdr_schedule`` (cosine cycles, each with its own peak): :func:`sgdr_schedule`."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..optimizers.checks import describe
+from .base import SupportsLearningRate, _check_int, _check_real
+from .join import JoinSchedules
+from .wsd import WSD
+
+__all__ = ["sgdr_schedule"]
+
+_REQUIRED = ("init_value", "peak_value", "warmup_steps", "decay_steps")
+_DEFAULTS = {"end_value": 0.0, "exponent": 1.0}
+
+
+def sgdr_schedule(optimizer: SupportsLearningRate,
+                  cosine_kwargs: Iterable[Mapping[str, Any]]) -> JoinSchedules:
+    """SGD with warm restarts as ``optax.sgdr_schedule(cosine_kwargs)``: one cycle per dict,
+    each optax's ``warmup_cosine_decay_schedule(**kwargs)`` with its own values.
+
+    Cycle ``i`` (``I = init_value``, ``P = peak_value``, ``W = warmup_steps``, ``D =
+    decay_steps``, ``E = end_value``, default 0, ``p = exponent``, default 1) starts at
+    ``B_i = D_0 + ... + D_{i-1}`` and, at ``s = t - B_i``, has the rate
+
+    .. math::
+        \\eta = \\begin{cases}
+            I + (P - I)\\, s / W & s < W \\\\
+            E + (P - E) \\bigl(\\tfrac{1}{2}(1 + \\cos(\\pi \\tfrac{s - W}{D - W}))\\bigr)^p
+                & W \\le s < D
+        \\end{cases}
+
+    (optax's ``P·((1 − α)·c^p + α)`` with ``α = E / P``); after the last cycle the rate
+    stays at its ``E``. Step ``t`` is optax's ``count``: optax evaluates the schedule at the
+    count before incrementing it (0 for the first update), and this scheduler, stepped after
+    each update, gives update ``t`` the rate of step ``t``.
+
+    It is ``JoinSchedules(optimizer, [WSD(optimizer, W, 0, D - W, I, E, "cosine", p,
+    base_lr=P) for each cycle], [B_1, ..., B_{k-1}])`` (returned as such, so its
+    ``state_dict`` is a ``JoinSchedules``'; rebuild with the same dicts to load it). The
+    optimizer's own learning rate is not used: every cycle has its peak.
+
+    Where optax turns a setting into an odd schedule, this raises a :class:`ValueError` naming
+    ``cosine_kwargs[i]['key']``: ``decay_steps <= warmup_steps`` (optax raises too), a
+    negative value, ``peak_value == 0`` with ``end_value != 0`` (optax's ``α`` is then 0:
+    the cycle stays at 0), an unknown or missing key. Everything is checked before the
+    optimizer is touched.
+
+    Args:
+        optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
+        cosine_kwargs: at least one mapping with ``init_value``, ``peak_value``,
+            ``warmup_steps``, ``decay_steps`` and optionally ``end_value``, ``exponent``.
+    """
+    cycles = [_check_cycle(i, kw) for i, kw in enumerate(_as_list(cosine_kwargs))]
+    if not cycles:
+        raise ValueError("cosine_kwargs must hold at least one cycle")
+    old = optimizer.get_learning_rate()
+    try:
+        schedules = [WSD(optimizer, c["warmup_steps"], 0, c["decay_steps"] - c["warmup_steps"],
+                         c["init_value"], c["end_value"], "cosine", c["exponent"],
+                         base_lr=c["peak_value"]) for c in cycles]
+        boundaries, step = [], 0
+        for c in cycles[:-1]:
+            step += c["decay_steps"]
+            boundaries.append(step)
+        return JoinSchedules(optimizer, schedules, boundaries)
+    except Exception:
+        optimizer.set_learning_rate(old)  # (a refused rate: put the first one back)
+        raise
+
+
+def _as_list(cosine_kwargs: Any) -> list[Any]:
+    if isinstance(cosine_kwargs, (str, bytes, Mapping)) or not isinstance(cosine_kwargs,
+                                                                        Iterable):
+        raise ValueError(f"cosine_kwargs must be a list of dicts (one per cycle), got "
+                         f"{describe(cosine_kwargs)}")
+    return list(cosine_kwargs)
+
+
+def _check_cycle(i: int, kwargs: Any) -> dict[str, Any]:
+    """Cycle ``i``'s values, checked, under optax's keys (defaults filled in)."""
+    where = f"cosine_kwargs[{i}]"
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where} must be a dict of optax's warmup_cosine_decay_schedule "
+                         f"arguments, got {describe(kwargs)}")
+    unknown = sorted(map(str, set(kwargs) - {*_REQUIRED, *_DEFAULTS}))
+    missing = [k for k in _REQUIRED if k not in kwargs]
+    if unknown or missing:
+        raise ValueError(f"{where}: " + "; ".join(
+            ([f"unknown key(s) {unknown}"] if unknown else [])
+            + ([f"missing key(s) {missing}"] if missing else []))
+            + f" (keys: {[*_REQUIRED, *_DEFAULTS]})")
+    c = {**_DEFAULTS, **kwargs}
+    out: dict[str, Any] = {}
+    for key in ("init_value", "peak_value", "end_value", "exponent"):
+        out[key] = _check_real(f"{where}[{key!r}]", _number(c[key]), ge=0.0)
+    out["warmup_steps"] = _check_int(f"{where}['warmup_steps']", c["warmup_steps"], minimum=0)
+    out["decay_steps"] = _check_int(f"{where}['decay_steps']", c["decay_steps"],
+                                    minimum=out["warmup_steps"] + 1)
+    if out["peak_value"] == 0 and out["end_value"] != 0:
+        raise ValueError(f"{where}['end_value'] is {out['end_value']} with peak_value 0: optax "
+                         f"then keeps the cycle at 0 after its warm-up (end_value / peak_value "
+                         f"is taken as 0); give end_value 0")
+    return out
+
+
+def _number(value: Any) -> Any:
+    """A 0-d array's number (optax's values may be JAX or NumPy scalars)."""
+    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
