@@ -150,6 +150,7 @@ from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     group_keys,
     grouped_hyperparameters,
     hyperparameters_for,
+    joined_at,
     named,
     packed_groups,
     sync_groups,
@@ -288,11 +289,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         group_names = [*self._group_names, *added]
         hp = hyperparameters_for(self._mithril, self._keys, [*self.param_groups, values[0]],
                                  group_names, where, self._closure_driven, self._grouped)
-        st = self._opt_state
-        if st is not None and st.step and new_names:  # its parameters count their own steps
-            for g in hp.get("param_groups") or ():  # (torch's per-parameter 'step' from 0)
-                if list(g["params"]) == list(new_names):
-                    g["step_offset"] = st.step
+        joined_at(self._mithril, hp, new_names, self._opt_state, k)
         trial = copy.copy(self._mithril)
         try:  # checked as a construction's values are, on a copy
             trial.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})

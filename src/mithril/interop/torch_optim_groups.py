@@ -139,6 +139,26 @@ def hyperparameters_for(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...
     return with_group(opt, opt.state_dict(None)["hyperparameters"], groups[0], keys)
 
 
+def joined_at(opt: Optimizer, hp: dict[str, Any], new: Sequence[str], st: Any,
+              group: int) -> None:
+    """Give the group of the parameters ``new`` (added as ``param_groups[group]``) in ``hp``
+    (:func:`hyperparameters_for`'s) the ``step_offset`` of the state ``st``'s step count, so
+    that they count their own steps from the add, as torch's per-parameter ``step``. Raises,
+    changing nothing, where ``opt`` keeps one count for all (a Lookahead: its groups are its
+    inner optimizer's). Why: there the new parameters' bias corrections silently counted the
+    steps taken before they joined (torch's Adam's first step after the add is ~3x ours)."""
+    if st is None or not st.step or not new:
+        return
+    for g in hp.get("param_groups") or ():
+        if list(g["params"]) == list(new):
+            g["step_offset"] = st.step
+            return
+    name = type(opt).__name__
+    raise ValueError(f"param_groups[{group}]: {name} counts one step for all its parameters "
+                     f"(it cannot hold a group that joined after {st.step} steps, which "
+                     f"torch.optim counts from 0); add the group before the first step")
+
+
 def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
                  refs: Sequence[Mapping[str, Any]], start: int = 0) -> str:
     """The values of the torch ``groups`` that are not those of ``refs`` (one mapping per
