@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed.process_group import PeerError
-from .argtypes import regex, unit_interval
+from ..utils.optimizers.averaging import MAX_EVERY
+from .argtypes import bounded_int, regex, unit_interval
 from .common import (
     add_common_optimizer_flags,
     add_output_flags,
@@ -20,7 +21,7 @@ from .common import (
     run_config,
 )
 from .data import Dataset
-from .errors import TrainingError
+from .errors import CLIError, TrainingError
 from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
 from .parallel import (
     Parallel,
@@ -102,6 +103,7 @@ examples:
   mithril train --backend torch --optimizer adamw --weight-decay 0.05 --warmup-steps 50
   mithril train --scheduler onecycle --max-lr 0.01 --epochs 10 --out runs/onecycle
   mithril train --optimizer adamw --weight-decay 0.05 --no-decay-on bias --ema 0.99
+  mithril train --ema 0.999 --ema-start 200
   mithril train --optimizer sgd --lr 0.05 --momentum 0.9 --momentum-cycle --max-lr 0.2
   mithril train --task digits-cnn
   mithril train --data houses.csv --target price --name houses
@@ -129,6 +131,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--ema", type=unit_interval, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay "
                         "(in [0, 1), e.g. 0.99) and evaluate it beside them after each epoch")
+    g.add_argument("--ema-start", type=bounded_int(1, MAX_EVERY), metavar="STEP",
+                   help="with --ema: start the EMA at this optimizer step (its first update "
+                        "copies the weights; default 1), e.g. after a warm-up")
     add_schedule_flags(p)
     # None: not given (cosine, or onecycle with --momentum-cycle; see resolve_scheduler)
     p.set_defaults(scheduler=None)
@@ -229,6 +234,10 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
     cfg = run_config(args, args.optimizer)
+    if args.ema_start is not None:  # (common.run_config knows --ema, not this flag)
+        if args.ema is None:
+            raise CLIError("--ema-start only applies with --ema")
+        cfg.ema_start = args.ema_start
     cfg.task, cfg.task_settings = job.task, job.settings
     out = Path(args.out) if args.out else default_out_dir("train", args.name)
     if world is not None and (not world.member or args.dry_run):  # check, then start them
@@ -279,7 +288,8 @@ def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
     if training.no_decay:
         print(f"  no weight decay on: {', '.join(training.no_decay)}")
     if cfg.ema is not None:
-        print(f"  EMA of the weights: decay {cfg.ema:g}, evaluated after each epoch")
+        start = f", from step {cfg.ema_start}" if cfg.ema_start != 1 else ""
+        print(f"  EMA of the weights: decay {cfg.ema:g}{start}, evaluated after each epoch")
     if training.momentum is not None and cfg.momentum_cycle is not None:
         base, top = cfg.momentum_cycle
         print(f"  momentum cycle: {training.momentum.name} {top:g} → {base:g} → {top:g}, "

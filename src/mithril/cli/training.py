@@ -60,6 +60,8 @@ class RunConfig:
     no_decay_on: str | None = None
     #: decay of an EMA of the weights, evaluated beside them (``--ema``); None: no EMA
     ema: float | None = None
+    #: the optimizer step the EMA starts at (``--ema-start``; ``ema_start=``)
+    ema_start: int = 1
     #: ``(base, max)`` momentum cycled by the one-cycle schedule (``--momentum-cycle``)
     momentum_cycle: tuple[float, float] | None = None
     #: the job (``--task``: digits, digits-cnn, tabular, charlm) and its own settings
@@ -76,6 +78,7 @@ class RunConfig:
                 "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
                 "hidden": list(self.hidden), "activation": self.activation,
                 "threads": self.threads, "no_decay_on": self.no_decay_on, "ema": self.ema,
+                "ema_start": self.ema_start,
                 "momentum_cycle": None if self.momentum_cycle is None else
                 {"base_momentum": self.momentum_cycle[0],
                  "max_momentum": self.momentum_cycle[1]}}
@@ -236,7 +239,7 @@ class Run:
         if cfg.ema is not None:
             if not (math.isfinite(cfg.ema) and 0 <= cfg.ema < 1):
                 raise CLIError(f"--ema must be in [0, 1), got {cfg.ema}")
-            extra["ema_decay"] = cfg.ema
+            extra["ema_decay"], extra["ema_start"] = cfg.ema, cfg.ema_start
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
         self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
