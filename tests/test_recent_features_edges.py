@@ -184,3 +184,51 @@ def test_lookahead_refuses_a_group_added_after_the_first_step_and_changes_nothin
     _steps(mt, ref, 3)
     for a, b in zip(m.parameters(), mt.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("bad", [[1.0, float("nan"), 2.0], [float("inf"), 1.0, 2.0],
+                                 [1.0, 2.0, -float("inf")]])
+def test_cross_entropy_refuses_a_non_finite_weight(bad):
+    """Bug: a NaN / inf class weight was taken, and every loss was NaN (torch's too: it
+    checks nothing) - a silent non-number. Now refused at construction naming ``weight``
+    and the class; the model being built is unchanged."""
+    import torch.nn.functional as F
+
+    from mithril.models import CrossEntropy, Linear, Model
+
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, 1, 2, 1])
+    assert torch.isnan(F.cross_entropy(x, t, weight=torch.tensor(bad, dtype=torch.float64)))
+    model = Model()
+    model |= Linear(3)(input="input", output="logits")
+    blocks = len(model.blocks)
+    with pytest.raises(ValueError, match=r"weight must be finite, got .* for class"):
+        model |= CrossEntropy(weight=bad)(input="logits", target="target", output="loss")
+    assert len(model.blocks) == blocks
+
+
+def test_cross_entropy_negative_weights_are_torchs_numbers():
+    """Negative class weights are taken as torch takes them (its numbers to 1e-12, values and
+    gradients, NumPy and torch backends, with ignore_index and smoothing)."""
+    import torch.nn.functional as F
+
+    import mithril as ml
+    from mithril.backends import NumpyBackend, TorchBackend
+    from mithril.models import CrossEntropy
+
+    rng = np.random.default_rng(4)
+    x, t = rng.standard_normal((6, 3)), np.array([0, 1, 2, 1, -100, 2])
+    w = np.array([1.0, -2.0, 0.5])
+    kw = dict(weight=w, ignore_index=-100, label_smoothing=0.2)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(t), weight=torch.tensor(w), ignore_index=-100,
+                          label_smoothing=0.2)
+    ref.backward()
+    for b in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        c = ml.compile(CrossEntropy(**kw), b, shapes={"input": [6, 3]}, trainable_keys=["input"])
+        out, grads = c.evaluate({"input": b.array(x)}, {"target": b.array(t)},
+                                output_gradients={"output": b.array(1.0)})
+        np.testing.assert_allclose(np.asarray(b.to_numpy(out["output"])), ref.item(),
+                                   rtol=TOL, atol=0)
+        np.testing.assert_allclose(np.asarray(b.to_numpy(grads["input"])), xt.grad.numpy(),
+                                   rtol=0, atol=TOL)

@@ -331,8 +331,9 @@ def _reduce(xp: Any, reduction: str, rows: Any) -> Any:
 
 
 def _weights(weight: Any) -> np.ndarray:
-    """``weight`` as a read-only float64 array (C,): a ``TypeError`` / ``ValueError`` naming
-    ``weight`` for anything else."""
+    """``weight`` as a read-only float64 array (C,) of finite numbers (negative ones are
+    taken, as torch takes them): a ``TypeError`` / ``ValueError`` naming ``weight`` for
+    anything else."""
     if hasattr(weight, "detach"):  # a torch tensor (on any device)
         weight = weight.detach().cpu().numpy()
     try:
@@ -347,5 +348,9 @@ def _weights(weight: Any) -> np.ndarray:
         raise ValueError(f"CrossEntropy: weight must be a 1-D array of one float per class, got "
                          f"shape {fmt(a.shape)}")
     a = np.array(a, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:  # (torch takes it, and every loss is NaN: a number no one wants, silently)
+        raise ValueError(f"CrossEntropy: weight must be finite, got {a[bad[0]]} for class "
+                         f"{bad[0]} ({bad.size} of {a.size} not finite)")
     a.flags.writeable = False
     return a
