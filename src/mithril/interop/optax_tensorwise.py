@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..utils.optimizers.tensorwise import JaxOps
+from .optax_prologue import _prologue, _wide
 from .optax_scalars import (
     _INT32_MAX,
     _averaging_weights,
@@ -52,10 +53,8 @@ from .optax_transform import (
     _flatten,
     _gradients,
     _initial_hyperparams,
-    _prologue,
     _state_leaves,
     _step_lr,
-    _wide,
 )
 
 __all__ = ["TracedOps", "tensorwise_transformation"]

@@ -113,9 +113,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..utils.optimizers.engines.jax_engine import scaled_norm
 from .optax_hyperparams import check as check_traced
-from .optax_scalars import _INT32_MAX, _Hyper, _pair_of, _Plan, _probe, _row_scalars, _value
+from .optax_prologue import _prologue, _wide
+from .optax_scalars import _INT32_MAX, _Hyper, _pair_of, _Plan, _probe, _row_scalars
 from .optax_special import schedule_free_eval_params
 
 __all__ = ["OptaxState", "optax_transformation", "scalars_on_host",
@@ -182,28 +182,6 @@ def _key_name(path: Any) -> str:
 
 
 
-def _tensor_clip_scales(plan: _Plan, grads: list[Any], dt: Any) -> tuple[list, list]:
-    """Each tensor's factor from ``clip_tensor_norm`` (Keras ``clipnorm``: ``c / max(‖g‖,
-    c)``) then ``clip_block_rms`` (optax ``clip_by_block_rms``: ``1 / max(1, rms(g) / c)``),
-    as the engines' ``clipped_table``, and each tensor's Σ g²."""
-    import jax.numpy as jnp
-
-    factors, sumsq = [], []
-    for i, g in enumerate(grads):
-        w = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-        sq = jnp.sum(w * w).astype(dt)
-        c_norm, c_rms = plan.tensor_clip[plan.index[i]]
-        f = jnp.ones((), dt)
-        if c_norm is not None:
-            f = f * (c_norm / jnp.maximum(jnp.sqrt(sq), c_norm))
-        if c_rms is not None:
-            rms = jnp.sqrt(sq * f * f / max(int(np.prod(g.shape)), 1))
-            f = f / jnp.maximum(1.0, rms / c_rms)
-        factors.append(f)
-        sumsq.append(sq)
-    return factors, sumsq
-
-
 def _check_hyper(opt_name: str, traced: tuple[str, ...], hyper: Any) -> None:
     """``update(hyper=...)`` holds a ``[hi, lo]`` row per traced hyperparameter."""
     got = (0, 2) if hyper is None else tuple(np.shape(hyper))
@@ -211,85 +189,6 @@ def _check_hyper(opt_name: str, traced: tuple[str, ...], hyper: Any) -> None:
         raise ValueError(f"{opt_name}: update(hyper=...) must be the [hi, lo] pairs of "
                          f"the traced hyperparameters {list(traced)} (shape "
                          f"({len(traced)}, 2)), got shape {got}")
-
-
-def _adaptive_clip(g: Any, p: Any, clipping: float, eps: float, name: str) -> Any:
-    """:func:`~mithril.utils.optimizers.clipping.adaptive_clip` (optax
-    ``adaptive_grad_clip``) of one traced gradient, its norms taken in float32 at least; a
-    shape it cannot norm is refused naming the parameter, as the optimizer's ``update``."""
-    import jax.numpy as jnp
-
-    from ..utils.optimizers.clipping import units
-
-    try:
-        n = units(tuple(g.shape))
-    except ValueError as e:
-        raise ValueError(f"adaptive_clip: parameter '{name}': {e}") from None
-    acc = jnp.promote_types(g.dtype, jnp.float32)
-    g2, p2 = g.astype(acc).reshape(-1, n), p.astype(acc).reshape(-1, n)
-    g_norm, p_norm = jnp.sqrt(jnp.sum(g2 * g2, 0)), jnp.sqrt(jnp.sum(p2 * p2, 0))
-    bound = jnp.maximum(p_norm, eps) * clipping
-    scale = jnp.where(g_norm < bound, 1.0, bound / jnp.maximum(g_norm, 1e-6))
-    return (g2 * scale[None, :]).reshape(g.shape).astype(g.dtype)
-
-
-def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
-              rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None,
-              names: list[str] | None = None) -> tuple[list[Any], list[Any], Any]:
-    """The gradients and params the math sees: first each clipped unit-wise against its
-    parameter (``adaptive_clip``, the optimizer's ``update`` does it before anything else),
-    then each by its own norm / RMS, then all by the global norm and by value; coupled
-    weight decay added to the gradient, decoupled applied to the param (``rows[r][0]``, the
-    keep factor). Also the global norm (None when neither clipping nor
-    ``nonfinite="skip"`` needs it). ``attrs``: each row's traced hyperparameters
-    (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
-    import jax.numpy as jnp
-
-    if plan.agc is not None:
-        names = names or [str(i) for i in range(len(leaves))]
-        grads = [g if c is None else _adaptive_clip(g, p, c, eps, n)
-                 for g, p, (c, eps), n in zip(grads, leaves, plan.agc, names)]
-    attrs = attrs or [{} for _ in plan.views]
-    clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
-    norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
-    scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
-    factors: list[Any] = [None] * len(leaves)
-    if scales is not None:
-        if clip_norm is not None:  # the clipped gradients' norm
-            f, sq = scales
-            clipped = jnp.sqrt(sum(s * x * x for s, x in zip(sq, f)))
-            gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, clipped.dtype) / (clipped + 1e-6))
-            factors = [x * gscale for x in f]
-        else:
-            factors = list(scales[0])
-    elif clip_norm is not None:
-        gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, norm.dtype) / (norm + 1e-6))
-        factors = [gscale] * len(leaves)
-    gs, ps = [], []
-    for i, (p, g) in enumerate(zip(leaves, grads)):
-        r = plan.index[i]
-        cv, l2, dwd = plan.static[r]
-        live, a = plan.live[r], attrs[r]
-        g = g.astype(p.dtype)
-        if factors[i] is not None:
-            g = g * factors[i].astype(p.dtype)
-        if cv > 0 or "clip_value" in live:
-            c = jnp.asarray(_value(a.get("clip_value", cv)), p.dtype)
-            g = jnp.clip(g, -c, c)
-        if l2 or ("weight_decay" in live and plan.decay[r] == "l2"):
-            g = g + jnp.asarray(_value(a.get("weight_decay", l2)), p.dtype) * p
-        gs.append(g)
-        decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
-        ps.append(p * rows[r][0].astype(p.dtype) if decays else p)
-    return gs, ps, norm
-
-
-def _wide() -> Any:
-    """The dtype of the per-step scalars and values: float64 with ``jax_enable_x64``."""
-    import jax
-    import jax.numpy as jnp
-
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
 def _flatten(params: Any, opt_name: str) -> tuple[list[Any], Any, list[str]]:
