@@ -139,6 +139,34 @@ SCHEDULER_OPTIONS = [
          metavar="T"),
     _opt("cooldown", "int", "plateau: epochs to wait after a decay (default 0)", metavar="N"),
     _opt("min_lr", "float", "plateau: lowest lr (default 0)", metavar="LR"),
+    # optax's / Keras's decays (their argument names) and warmup-stable-decay
+    _opt("transition_steps", "float", "exponential-decay: steps per factor --decay-rate; "
+         "polynomial-decay: length of the decay (default: the run, after --transition-begin)",
+         metavar="T"),
+    _opt("decay_rate", "float", "exponential-decay: factor per --transition-steps (default "
+         "0.01: 1%% of the lr at the end; > 1 grows); inverse-time-decay: r of "
+         "lr / (1 + r·t/T) (default 1)", metavar="R"),
+    _opt("transition_begin", "int", "exponential-decay, polynomial-decay: steps at the base "
+         "lr before the decay starts (default 0)", metavar="N"),
+    _opt("staircase", "bool", "exponential-decay, inverse-time-decay: decay in whole steps of "
+         "--transition-steps / --decay-steps"),
+    _opt("end_value", "float", "exponential-decay: a floor (a ceiling when --decay-rate > 1; "
+         "default none); polynomial-decay: the lr at the end of the decay (default 0)",
+         metavar="LR"),
+    _opt("power", "float", "polynomial-decay: power of (1 - t/T) (default 1: linear)",
+         metavar="P"),
+    _opt("cycle", "bool", "polynomial-decay: restart the decay after every --transition-steps, "
+         "each time stretched to the next multiple (Keras's cycle)"),
+    _opt("decay_steps", "float", "inverse-time-decay: T of lr / (1 + r·t/T) (default: a tenth "
+         "of the run); wsd: length of the final decay (default: the last 20%% of the run, or "
+         "what --stable-steps leaves)", metavar="T"),
+    _opt("stable_steps", "int", "wsd: steps at the base lr before the decay (default: the run "
+         "minus --decay-steps; its warm-up is --warmup-steps)", metavar="N"),
+    _opt("final_lr", "float", "wsd: lr at the end of the decay and after (default 0)",
+         metavar="LR"),
+    _opt("decay_type", "choice", "wsd: shape of the decay (default linear)",
+         choices=("linear", "cosine", "1-sqrt")),
+    _opt("exponent", "float", "wsd: power of the decay's shape (default 1)", metavar="P"),
 ]
 
 WARMUP_OPTIONS = [
@@ -228,8 +256,30 @@ def _multistep_default(n: int) -> list[int]:
 
 
 def _t_max(p: Mapping[str, Any], n: int) -> float | int:
-    t = p.get("t_max", n)
-    return int(t) if float(t).is_integer() else t
+    return _count(p.get("t_max", n))
+
+
+def _count(t: Any) -> Any:
+    """A step count given as a number: an ``int`` where it is a whole one (else as it is, for
+    the scheduler to accept or refuse)."""
+    return int(t) if isinstance(t, float) and t.is_integer() else t
+
+
+def _decay_length(p: Mapping[str, Any], n: int) -> Any:
+    """``--transition-steps``, by default the run after ``--transition-begin``."""
+    return _count(p.get("transition_steps", max(1, n - p.get("transition_begin", 0))))
+
+
+def _wsd(o: Any, p: Mapping[str, Any], n: int) -> lrs.WSD:
+    """Stable then decay over the ``n`` steps (the warm-up is ``--warmup-steps``'): the decay
+    the last 20%, or what the one given leaves of the run."""
+    decay, stable = _count(p.get("decay_steps")), p.get("stable_steps")
+    if decay is None:
+        decay = n // 5 if stable is None else max(n - stable, 0)
+    if stable is None:
+        stable = max(n - decay, 0) if isinstance(decay, int) else 0
+    return lrs.WSD(o, 0, stable, decay, 0.0, p.get("final_lr", 0.0),
+                   p.get("decay_type", "linear"), p.get("exponent", 1.0))
 
 
 SCHEDULERS: dict[str, tuple[tuple[str, ...], Builder]] = {
@@ -260,6 +310,22 @@ SCHEDULERS: dict[str, tuple[tuple[str, ...], Builder]] = {
         threshold=p.get("threshold", 1e-4), cooldown=p.get("cooldown", 0),
         min_lr=p.get("min_lr", 0.0))),
 }
+SCHEDULERS.update({
+    "exponential-decay": (("transition_steps", "decay_rate", "transition_begin", "staircase",
+                           "end_value"), lambda o, p, n, lr: lrs.ExponentialDecay(
+        o, _decay_length(p, n), p.get("decay_rate", 0.01), p.get("transition_begin", 0),
+        p.get("staircase", False), p.get("end_value"))),
+    "polynomial-decay": (("transition_steps", "end_value", "power", "transition_begin",
+                          "cycle"), lambda o, p, n, lr: lrs.PolynomialDecay(
+        o, _decay_length(p, n), p.get("end_value", 0.0), p.get("power", 1.0),
+        p.get("transition_begin", 0), p.get("cycle", False))),
+    "inverse-time-decay": (("decay_steps", "decay_rate", "staircase"),
+                           lambda o, p, n, lr: lrs.InverseTimeDecay(
+        o, _count(p.get("decay_steps", max(1, n // 10))), p.get("decay_rate", 1.0),
+        p.get("staircase", False))),
+    "wsd": (("stable_steps", "decay_steps", "final_lr", "decay_type", "exponent"),
+            lambda o, p, n, lr: _wsd(o, p, n)),
+})
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
@@ -397,7 +463,10 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
         try:
             return SCHEDULERS[name][1](optimizer, applies, bounds[i + 1] - bounds[i], lr)
         except (ValueError, TypeError) as exc:
-            raise CLIError(f"invalid setting for scheduler {name}: {exc}") from None
+            msg = str(exc)  # the scheduler's message names its argument: name the flag too
+            flags = [OPTIONS[k].flag for k in SCHEDULERS[name][0] if msg.startswith(k + " ")]
+            hint = f" ({flags[0]})" if flags else ""
+            raise CLIError(f"invalid setting for scheduler {name}: {msg}{hint}") from None
 
     children = [make(i) for i in range(len(specs))]  # each sets the lr of its step 0
     plateau = children[0] if names == ["plateau"] else None
