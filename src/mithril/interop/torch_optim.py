@@ -143,7 +143,7 @@ import torch
 
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
-from ..utils.optimizers.lbfgs import TORCH_OPS
+from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
     given_values,
@@ -356,70 +356,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         return state, current
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
-        """``step(closure)`` of an optimizer whose ``update`` evaluates the loss itself
-        (``update(params, None, state, closure=f)``, ``f(params) -> (loss, gradients)``):
-        ``f`` writes the params it is given into the parameters, calls ``closure`` and
-        reads their ``.grad`` (zeros where None, as torch.optim.LBFGS). On any error the
-        parameters are written back and the state is unchanged."""
-        name = type(self._mithril).__name__
-        if closure is None:
-            raise TypeError(f"{name} evaluates the loss several times per step: call "
-                            f"step(closure) with a closure that clears the gradients, "
-                            f"computes the loss, calls loss.backward() and returns the loss "
-                            f"(as for torch.optim.LBFGS)")
-        if not callable(closure):
-            raise TypeError(f"step(closure): closure must be callable, got "
-                            f"{type(closure).__name__}")
-        self._sync_all()
-        names, params = self._names, self._params
-        first: dict[str, Any] = {}  # the point the step starts from, and its loss
-
-        def evaluate(point: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-            with torch.no_grad():
-                if "point" not in first:
-                    first["point"] = point  # the parameters' own values (a copy)
-                else:
-                    first["wrote"] = True
-                    for p, x in zip(params, point.values()):
-                        p.copy_(x)
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            except Exception as e:
-                e.add_note(f"(raised by the closure given to {name}'s step: parameters and "
-                           f"optimizer state left unchanged)")
-                raise
-            if loss is None or isinstance(loss, torch.Tensor) and loss.numel() != 1:
-                raise TypeError(f"{name}: the closure must return the loss (a number or a "
-                                f"one-element tensor), got "
-                                f"{'None' if loss is None else tuple(loss.shape)}")
-            first.setdefault("loss", loss)
-            grads = {n: dense(p.grad) if p.grad is not None else torch.zeros_like(p)
-                     for n, p in zip(names, params)}
-            return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
-
-        current = {n: p.detach() for n, p in zip(names, params)}
-        try:
-            state = self._opt_state
-            if state is None:
-                state = self._mithril.init(current)
-            # drop-in: an LBFGS left at fused=None runs torch's own operations (its numbers)
-            token = TORCH_OPS.set(True)
-            try:
-                new, state = self._mithril.update(current, None, state, closure=evaluate)
-            finally:
-                TORCH_OPS.reset(token)
-        except BaseException:
-            if first.get("wrote"):
-                with torch.no_grad():
-                    for p, x in zip(params, first["point"].values()):
-                        p.copy_(x)
-            raise
-        with torch.no_grad():
-            for p, x in zip(params, new.values()):
-                p.copy_(x)
-        self._opt_state = state
-        return first["loss"]
+        """``step(closure)`` of an optimizer that evaluates the loss itself (LBFGS):
+        :func:`.torch_optim_closure.closure_step`."""
+        return closure_step(self, closure)
 
     def _current(self) -> dict[str, torch.Tensor]:
         """The arrays to pass to ``update``: the ones it returned last time wherever the
