@@ -20,8 +20,10 @@ real scheduler classes drive a real optimizer (SGD) and the learning rate is rea
 each step. Writes the figure to --out and the values to a CSV beside it (same name, .csv).
 
 Any scheduler of `mithril train` works except plateau (it follows the training loss):
-warm-up (--warmup-steps), warm restarts (cosine-restarts) and sequences (several
---scheduler names with --switch-at) included.
+warm-up (--warmup-steps), warm restarts (cosine-restarts), optax's / Keras's decays
+(exponential-decay, polynomial-decay, inverse-time-decay, with their arguments as flags),
+warmup-stable-decay (wsd) and sequences (several --scheduler names with --switch-at)
+included.
 """
 
 #: the most steps drawn (a million points already take a while to plot)
@@ -33,6 +35,8 @@ examples:
   mithril plot-schedule --scheduler cosine-restarts --t-0 100 --t-mult 2 --steps 700
   mithril plot-schedule --scheduler onecycle --max-lr 0.1 --steps 500 --out onecycle.png
   mithril plot-schedule --scheduler "step:step_size=100,gamma=0.5" cosine --switch-at 400
+  mithril plot-schedule --scheduler exponential-decay --transition-steps 100 --decay-rate 0.5
+  mithril plot-schedule --scheduler wsd --warmup-steps 100 --decay-steps 200 --decay-type cosine
 """
 
 
