@@ -15,24 +15,11 @@ from ..errors import InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
-from .array_checks import cast_dtype, check_array
-from .array_checks import shape_matches as _shape_matches
+from .array_checks import check_array
 from .key_names import key_names, keyed_by_name
 from .listing import program_listing, summary_text, write_listing
+from .output_gradients import OutputGradientsMixin, _check_keys, _distinct
 from .program import Program, build_program
-
-
-def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, what: str,
-                allow_missing: bool = False) -> None:
-    if given.keys() == (expected.keys() if isinstance(expected, Mapping) else set(expected)):
-        return
-    exp = set(expected)
-    unknown = sorted(set(given) - exp)
-    missing = [] if allow_missing else sorted(exp - set(given))
-    if unknown or missing:
-        parts = [f"unknown key(s) {unknown}" if unknown else "", f"missing key(s) {missing}" if missing else ""]
-        raise KeyMismatchError(f"{what}: " + "; ".join(p for p in parts if p)
-                               + f" (expected keys: {sorted(exp)})")
 
 
 def signature(arrays: Mapping[str, Any]) -> tuple | None:
@@ -54,7 +41,7 @@ def _is_traced(x: Any) -> bool:
     return jax is not None and isinstance(x, jax.core.Tracer)
 
 
-class CompiledModel:
+class CompiledModel(OutputGradientsMixin):
     """What :func:`mithril.compile` returns.
 
     ``evaluate(params, inputs)`` returns a dict of outputs;
@@ -534,44 +521,6 @@ class CompiledModel:
                 self._check_concrete(inputs, prog, every_value=True)
             raise
 
-    @staticmethod
-    def _check_bound(cots: Mapping[str, Any], out_shapes: Mapping[str, Any]) -> None:
-        """Each output gradient against its output's shape for this call's inputs: a free
-        dimension is bound there (a (1, 3) cotangent for a (2, 3) output is a ``ShapeError``,
-        not a broadcast)."""
-        for k, g in cots.items():
-            shape = out_shapes.get(k)
-            if shape is not None and not _shape_matches(tuple(g.shape), shape):
-                raise ShapeError(f"output gradient '{k}': expected shape {fmt(shape)} (the "
-                                 f"output's for these inputs), got {fmt(tuple(g.shape))}")
-
-    def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
-        # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
-        # cotangent another reference holds, see codegen)
-        try:
-            key = tuple((k, type(g), g) for k, g in output_gradients.items()
-                        if type(g) in (float, int)) if isinstance(output_gradients, dict) else ()
-        except TypeError:
-            key = ()
-        if key and len(key) == len(output_gradients):
-            last = self._last_cots
-            if last is not None and last[0] == key:
-                return last[1]
-        else:
-            key = ()
-        _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)
-        cots = {}
-        for k, g in output_gradients.items():
-            pattern = self.program.output_shape(k)
-            if not self.backend.is_native(g) and np.ndim(g) == 0 and pattern in ((), None):
-                # a Python or NumPy number (a native one may live on a GPU: kept as it is)
-                g = self.backend.array(np.asarray(g, dtype=np.float64))
-            cots[k] = self._check_array("output gradient", k, g, pattern, "float",
-                                        self.backend.native_dtype(), cast_dtype(self.program, k))
-        if key:
-            self._last_cots = (key, cots)
-        return cots
-
 
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
             jit: bool = True, *, trainable_keys: Any = (), inference: bool = False,
@@ -610,22 +559,3 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
     return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
                          inference=inference, constant_keys=constant_keys, data_keys=data_keys,
                          discard_keys=discard_keys, file_path=file_path)
-
-
-def _distinct(grads: dict[str, Any], cots: dict[str, Any]) -> dict[str, Any]:
-    """``grads`` with each gradient its own buffer, as torch's autograd gives: a VJP may pass
-    its cotangent through (``Add``'s, with no broadcast), so two parameters' gradients could
-    be one array, or the caller's output gradient, and an in-place change of one (torch's
-    ``clip_grad_norm_``) would change the others. JAX arrays cannot change: kept."""
-    seen = {id(g) for g in cots.values()}
-    out = grads
-    for k, g in grads.items():
-        if type(g) is not np.ndarray and not hasattr(g, "clone"):
-            continue
-        if id(g) in seen:
-            if out is grads:
-                out = dict(grads)
-            out[k] = g.copy() if type(g) is np.ndarray else g.clone()
-        seen.add(id(g))
-    return out
-
