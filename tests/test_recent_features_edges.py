@@ -232,3 +232,39 @@ def test_cross_entropy_negative_weights_are_torchs_numbers():
                                    rtol=TOL, atol=0)
         np.testing.assert_allclose(np.asarray(b.to_numpy(grads["input"])), xt.grad.numpy(),
                                    rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("case", ["adam", "adagrad"])
+def test_a_start_with_only_empty_groups_then_adds_as_torch(case):
+    """Bug: ``torch_optimizer(opt, [{"params": []}])`` (nothing to train yet, groups added
+    as they unfreeze) was refused ("empty parameter list"); torch.optim takes it. Now taken:
+    steps with no parameters do nothing, and the groups added later run as torch's (their
+    own step counts, AdaGrad's sums from ``initial_accumulator_value``)."""
+    if case == "adam":
+        pair = (lambda ps: torch.optim.Adam(ps, lr=0.01),
+                lambda ps: torch_optimizer(mo.Adam(learning_rate=0.01), ps))
+    else:
+        pair = (lambda ps: torch.optim.Adagrad(ps, lr=0.01, initial_accumulator_value=0.1),
+                lambda ps: torch_optimizer(mo.AdaGrad(learning_rate=0.01, epsilon=1e-10,
+                                                      initial_accumulator_value=0.1), ps))
+    runs = []
+    for make in pair:
+        m = _model()
+        o = make([{"params": []}])
+        _steps(m, o, 1)
+        o.load_state_dict(copy.deepcopy(o.state_dict()))
+        o.add_param_group({"params": m[0].parameters()})
+        _steps(m, o, 2)
+        o.add_param_group({"params": m[2].parameters(), "lr": 0.02})
+        _steps(m, o, 2)
+        sd = o.state_dict()
+        runs.append(([p.detach().clone() for p in m.parameters()],
+                     {i: e["step"].item() for i, e in sd["state"].items()}))
+    (ref, ref_steps), (got, got_steps) = runs
+    assert got_steps == ref_steps == {0: 4.0, 1: 4.0, 2: 2.0, 3: 2.0}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="empty parameter list"):  # as torch's
+        torch_optimizer(mo.Adam(), [])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam([])

@@ -197,7 +197,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                             f"and no update of its own): it cannot be wrapped; give a "
                             f"concrete optimizer, e.g. Adam")
         items, extras, counts = split(params)
-        names, tensors, by_name = parameters(items)
+        names, tensors, by_name = parameters(items, allow_empty=extras is not None)
         self._mithril = optimizer
         self._names = names
         self._keys = group_keys(optimizer)
@@ -229,7 +229,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
-        if isinstance(optimizer, AdaGrad):
+        if isinstance(optimizer, AdaGrad) and self._params:
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
             # step, and weight decay into the sums, that torch's Adagrad never takes)

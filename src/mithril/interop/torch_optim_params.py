@@ -46,17 +46,20 @@ def split(params: Any, start: int = 0
     return flat, extras, counts
 
 
-def parameters(params: Any) -> tuple[list[str], list[torch.Tensor], bool]:
-    """(names, tensors, whether named) from an iterable of tensors or (name, tensor) pairs."""
+def parameters(params: Any, allow_empty: bool = False
+               ) -> tuple[list[str], list[torch.Tensor], bool]:
+    """(names, tensors, whether named) from an iterable of tensors or (name, tensor) pairs
+    (``allow_empty``: none may be given, as torch takes groups that are all empty, e.g.
+    ``[{"params": []}]`` to ``add_param_group`` to later)."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors (e.g. model.parameters() or "
                         "model.named_parameters()), got a single tensor")
     if not isinstance(params, Iterable):
         raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}")
     items = list(params.items()) if isinstance(params, Mapping) else list(params)
-    if not items:
+    if not items and not allow_empty:
         raise ValueError("torch_optimizer got an empty parameter list")
-    named = isinstance(items[0], tuple)
+    named = bool(items) and isinstance(items[0], tuple)
     if named:
         bad = [x for x in items if not (isinstance(x, tuple) and len(x) == 2
                                         and isinstance(x[0], str))]
