@@ -351,6 +351,38 @@ def test_optax_transformation_with_ema_start_is_the_eager_run():
             assert rel_err(r[1][k], e[1][k]) <= TOL
 
 
+def test_optax_transformation_of_muon_with_ema_start_is_the_eager_run():
+    """Muon (its Newton-Schulz matrices and the fallback's rows; the tensorwise traced
+    program): the traced EMA after every step is the eager one, the initial parameters
+    until ``ema_start``."""
+    import jax.numpy as jnp
+    import optax
+    from optimizer_parity import jax_float64
+
+    from mithril.interop import optax_transformation
+
+    p0, grads = problem(seed=14, steps=9)
+
+    def make():
+        return mo.Muon(LR, ema_decay=0.5, ema_start=4, ema_every=2)
+
+    with jax_float64():
+        opt, tx = make(), optax_transformation(make())
+        params = {k: jnp.asarray(v) for k, v in p0.items()}
+        q = dict(params)
+        state, s = opt.init(params), tx.init(q)
+        for t, g in enumerate(grads, 1):
+            gj = {k: jnp.asarray(v) for k, v in g.items()}
+            params, state = opt.update(params, gj, state)
+            u, s = tx.update(gj, s, q)
+            q = optax.apply_updates(q, u)
+            eager = opt.ema_params(state)
+            for k in SHAPES:
+                traced = np.asarray(s.slots["ema"][k])
+                assert rel_err(traced, np.asarray(eager[k])) <= TOL, (t, k)
+                assert np.array_equal(traced, p0[k]) is (t < 4), (t, k)
+
+
 def test_make_train_step_on_jax_with_ema_start():
     """``make_train_step`` on JAX (one program) keeps the EMA that the separate evaluate +
     update does, with ``ema_start=3, ema_every=2`` (float32, as its other tests), after every
