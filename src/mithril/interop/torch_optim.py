@@ -55,7 +55,9 @@ How it works:
   parameters into the new buffer (for a moment the state is held twice). The new parameters
   count their own steps from the add, as torch's (their group's ``step_offset``: the rules
   that read the count, bias corrections, Adagrad's ``lr_decay``, ASGD, SGD's first step,
-  give torch's numbers), and ``state_dict()`` shows each parameter's own ``step``. A scheduler
+  give torch's numbers), and ``state_dict()`` shows each parameter's own ``step`` (a
+  Lookahead, which counts one step for all, refuses a group added after its first step).
+  Groups that are all empty (``[{"params": []}]``) are taken, as torch's. A scheduler
   made before the add does as torch's: ``StepLR`` moves the new group too, one holding a
   value per group (``LambdaLR``) or reading ``initial_lr`` (``OneCycleLR``) raises at its
   next step; make schedulers after the last add.
