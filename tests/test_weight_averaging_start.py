@@ -144,6 +144,43 @@ def test_ema_start_through_muon_and_lookahead():
                                            err_msg=f"{type(opt).__name__} {t} {k}")
 
 
+def test_ema_start_per_parameter_group():
+    """A group with its own ``ema_start`` (``"b"`` and ``"s"`` from step 5, the rest from 1):
+    torch with one ``AveragedModel`` per subset, the second created after step 4, after
+    every step, on NumPy, torch and the jitted JAX engine."""
+    p0, grads = problem(seed=15, steps=12)
+    late = ("b", "s")
+    names = list(p0)
+    with torch_float64():
+        net = Net(p0)
+        opt = torch.optim.Adam(net.ps.parameters(), lr=LR)
+        sub = {w: torch.nn.ParameterList([p for n, p in zip(names, net.ps) if (n in late) == w])
+               for w in (False, True)}
+        avg = {False: AveragedModel(sub[False], multi_avg_fn=get_ema_multi_avg_fn(0.8))}
+        want = []
+        for t, g in enumerate(grads, 1):
+            if t == 5:
+                avg[True] = AveragedModel(sub[True], multi_avg_fn=get_ema_multi_avg_fn(0.8))
+            for p, v in zip(net.ps, g.values()):
+                p.grad = torch.tensor(v)
+            opt.step()
+            row = {}
+            for w, m in avg.items():
+                m.update_parameters(sub[w])
+                row.update(zip([n for n in names if (n in late) == w],
+                               (q.detach().numpy().copy() for q in m.module)))
+            want.append(row)
+    for backend in ("numpy", "torch", "jax-jit"):
+        opt = mo.Adam(LR, ema_decay=0.8, param_groups=[{"params": "^(b|s)$", "ema_start": 5}])
+        rows = ours_rows(opt, backend, p0, grads)
+        for t, (r, w) in enumerate(zip(rows, want, strict=True), 1):
+            for k in SHAPES:
+                if k in w:
+                    assert rel_err(r[1][k], w[k]) <= TOL, (backend, t, k)
+                else:  # not started: the initial parameters
+                    assert np.array_equal(r[1][k], p0[k]), (backend, t, k)
+
+
 # ---------------------------------------------------------------------------------------------
 # resuming into an average
 # ---------------------------------------------------------------------------------------------
