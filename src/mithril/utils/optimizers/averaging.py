@@ -226,7 +226,7 @@ class AveragingMixin:
 
     def averaged_slots(self) -> tuple[str, ...]:
         """The averages this optimizer keeps: ``"ema"`` (``ema_decay``), ``"swa"``
-        (``swa_start``), in that order; empty without weight """
+        (``swa_start``), in that order; empty without weight averaging."""
         return slots_of(self)
 
     def full_slot_names(self) -> tuple[str, ...]:
