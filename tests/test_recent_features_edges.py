@@ -268,3 +268,47 @@ def test_a_start_with_only_empty_groups_then_adds_as_torch(case):
         torch_optimizer(mo.Adam(), [])
     with pytest.raises(ValueError, match="empty parameter list"):
         torch.optim.Adam([])
+
+
+def _flat_resumed(make, clear_grads: bool, raises: str | None = None) -> list[torch.Tensor]:
+    """2 steps, a flattened DCP save, a load into a new optimizer (its parameters' ``.grad``
+    left set, or cleared first), 2 more steps: the parameters."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    m = _model()
+    o = make(m.parameters())
+    _steps(m, o, 2)  # (the last step's .grad stay set)
+    o2 = make(m.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = get_optimizer_state_dict(m, o, options=flat)
+        if clear_grads:
+            o2.zero_grad(set_to_none=True)
+        if raises:
+            with pytest.raises(ValueError, match=raises):
+                set_optimizer_state_dict(m, o2, copy.deepcopy(sd), options=flat)
+            assert o2.mithril_state is None  # nothing changed
+            return []
+        set_optimizer_state_dict(m, o2, copy.deepcopy(sd), options=flat)
+    _steps(m, o2, 2)
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def test_dcp_flattened_load_into_an_uninitialized_optimizer_with_grads_set_says_why():
+    """DCP's ``flatten_optimizer_state_dict=True`` unflattens only the keys the loading
+    optimizer's state has; it makes that state by a step at lr 0 only where every ``.grad``
+    is None. Into an optimizer that has not stepped while the grads are set, torch.optim.Adam
+    silently resumes from empty moments (its run leaves the unbroken one); ours was refused
+    with "slot(s) ['m', 'v'] missing" - now the error says why and what to do, and doing it
+    (``zero_grad(set_to_none=True)``) resumes exactly, as torch's then does."""
+    ref_m = _model()
+    _steps(ref_m, MAKERS["torch.optim.Adam"](ref_m.parameters()), 4)
+    unbroken = [p.detach() for p in ref_m.parameters()]
+    lost = _flat_resumed(MAKERS["torch.optim.Adam"], clear_grads=False)
+    assert max((a - b).abs().max().item() for a, b in zip(lost, unbroken)) > 1e-4
+    _flat_resumed(MAKERS["mithril Adam"], clear_grads=False,
+                  raises=r"had not stepped .* zero_grad\(set_to_none=True\) before")
+    theirs = _flat_resumed(MAKERS["torch.optim.Adam"], clear_grads=True)
+    ours = _flat_resumed(MAKERS["mithril Adam"], clear_grads=True)
+    for a, b, c in zip(ours, theirs, unbroken):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=TOL)

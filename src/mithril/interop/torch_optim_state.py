@@ -374,6 +374,16 @@ def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]
                          f"{list(opt.state_values)} are lost with it; save without flattening")
     hp = opt.state_dict(None)["hyperparameters"]
     steps = _steps(state)
+    slots = {*opt.full_slot_names(), *opt.tensor_slots}
+    if isinstance(state, Mapping) and state and slots and all(
+            isinstance(e, Mapping) and set(e) <= {"step"} for e in state.values()):
+        # (DCP unflattens the keys the live state has: none before a step, and it makes
+        # one by a step at lr 0 only where every .grad is None)
+        raise ValueError("state dict has no 'mithril' entry and its parameters' entries hold "
+                         "no state: DCP's flatten_optimizer_state_dict=True keeps the keys "
+                         "the loading optimizer's state has, and this one had not stepped "
+                         "while its parameters' .grad were set (so DCP did not initialize it); "
+                         "call zero_grad(set_to_none=True) before set_optimizer_state_dict")
     if len(steps) <= 1:
         return {"optimizer": type(opt).__name__, "hyperparameters": hp,
                 "step": int(steps.pop()) if steps else 0}
