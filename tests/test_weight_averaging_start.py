@@ -294,6 +294,24 @@ def test_checkpoint_with_an_ema_restores_it_exactly(tmp_path):
     assert late.ema_start == 1
 
 
+def test_hyperparameters_without_a_state_are_taken_as_given():
+    """A state dict without a state (hyperparameters only: a change of settings, what the
+    torch wrapper's param groups load) sets ``ema_decay=None`` as given: no EMA then, as
+    torch's ``param_groups`` values are applied; a partial one leaves ``ema_start`` alone."""
+    opt = mo.Adam(LR, ema_decay=0.9, ema_start=5)
+    opt.load_state_dict(mo.Adam(LR).state_dict())
+    assert opt.ema_decay is None
+    opt = mo.Adam(LR, ema_decay=0.9, ema_start=5)
+    opt.load_state_dict({"optimizer": "Adam", "hyperparameters": {"learning_rate": 0.5}})
+    assert (opt.learning_rate, opt.ema_decay, opt.ema_start) == (0.5, 0.9, 5)
+    from mithril.interop import TorchOptimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    wrapped = TorchOptimizer(mo.Adam(LR, ema_decay=0.9), [{"params": [w], "ema_decay": None}])
+    assert wrapped.param_groups[0]["ema_decay"] is None
+    assert wrapped._mithril.ema_decay is None
+
+
 def test_a_state_dict_with_an_ema_slot_but_no_ema_is_refused():
     p0, grads = problem(seed=12, steps=2)
     opt = mo.Adam(LR, ema_decay=0.9)

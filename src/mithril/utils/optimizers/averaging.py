@@ -30,7 +30,8 @@ alone (nothing more is saved: a state dict or checkpoint restores it with the st
   :class:`~mithril.utils.lr_schedulers.SWALR`.
 
 Resuming (:meth:`~mithril.utils.optimizers.Optimizer.load_state_dict`): an optimizer
-constructed with an average that loads a checkpoint saved without it keeps its averaging
+constructed with an average that loads a checkpoint (a state dict saved with its state)
+without it keeps its averaging
 settings and starts the average at the resume, as a fresh ``AveragedModel`` would: the slot
 is a copy of the ``params`` given to ``load_state_dict``, and the start (``ema_start``,
 ``swa_start``) becomes the saved step + 1 unless it is later already. An average the
@@ -147,18 +148,21 @@ def weights(opt: Any, t: int) -> tuple[float, ...]:
 def resumed_averages(opt: Any, saved: Mapping[str, Any], step: int | None
                      ) -> tuple[tuple[str, ...], dict[str, Any]]:
     """For ``opt`` loading a checkpoint whose hyperparameters are ``saved`` (saved at
-    ``step``; None: a checkpoint without a state): the averages ``opt`` keeps that the
-    checkpoint has not (started at the resume), and the hyperparameters that keep them,
-    to set over the checkpoint's. An average starts after ``step``: its start becomes
-    ``step + 1`` unless ``opt``'s is later. ``ema_every`` is ``opt``'s only where the
-    checkpoint keeps no average (else it paces the restored one). A checkpoint saved
-    before ``ema_start`` existed started its EMA at step 1."""
+    ``step``): the averages ``opt`` keeps that the checkpoint has not (started at the
+    resume), and the hyperparameters that keep them, to set over the checkpoint's. An
+    average starts after ``step``: its start becomes ``step + 1`` unless ``opt``'s is later.
+    ``ema_every`` is ``opt``'s only where the checkpoint keeps no average (else it paces the
+    restored one). A checkpoint saved before ``ema_start`` existed started its EMA at step 1.
+    ``step`` None (hyperparameters only, no state: a change of settings, as the torch
+    wrapper's groups make): nothing, the hyperparameters are taken as given."""
+    if step is None:
+        return (), {}
     new: dict[str, Any] = {}
-    if "ema_start" not in saved:
+    if saved.get("ema_decay") is not None and "ema_start" not in saved:
         new["ema_start"] = 1
     ema = getattr(opt, "ema_decay", None) is not None and saved.get("ema_decay") is None
     swa = getattr(opt, "swa_start", None) is not None and saved.get("swa_start") is None
-    after = 1 if step is None else step + 1
+    after = step + 1
     if ema:
         new.update(ema_decay=opt.ema_decay, ema_start=max(opt.ema_start, after))
     if swa:

@@ -378,7 +378,8 @@ class Lookahead(Optimizer):
             # (with the step: an average the inner keeps and the checkpoint lacks starts after it)
             inner.load_state_dict({**spec, "step": d["step"]} if "step" in d else spec)
             new["inner"] = _check_inner(inner)
-            started = resumed_averages(self.inner, spec["hyperparameters"], None)[0]
+            step = state_dict_count(d, "step") if "step" in d else None
+            started = resumed_averages(self.inner, spec["hyperparameters"], step)[0]
         trial = copy.copy(self)
         trial.__dict__.update(new)
         state = None

@@ -46,7 +46,7 @@ class StateDictMixin:
         this optimizer is left as it was.
 
         Weight averages (:mod:`.averaging`): one this optimizer was constructed with that
-        the checkpoint lacks starts at the resume (as a fresh torch ``AveragedModel``): its
+        a checkpoint saved with its state (``"step"``) lacks starts at the resume (as a fresh torch ``AveragedModel``): its
         settings are kept, its slot is a copy of ``params`` and its start (``ema_start`` /
         ``swa_start``) becomes the saved step + 1, unless later already. One the checkpoint
         has is restored with its settings, constructed with it or not."""
