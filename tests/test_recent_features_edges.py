@@ -312,3 +312,34 @@ def test_dcp_flattened_load_into_an_uninitialized_optimizer_with_grads_set_says_
     for a, b, c in zip(ours, theirs, unbroken):
         torch.testing.assert_close(b, c, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=TOL)
+
+
+def test_a_state_dict_whose_group_joined_after_its_step_count_is_refused_unchanged():
+    """Bug: a state dict whose group's ``step_offset`` exceeds its step count (edited or
+    mixed up) loaded, and then every step raised ("step_offset 7 is not below the step
+    count 4") - the optimizer could never step again. Now the load refuses it, naming
+    ``step_offset``, and changes nothing; the dict as saved resumes as torch.optim's run."""
+    m, mt = _model(), _model()
+    o = torch_optimizer(mo.Adam(learning_rate=0.01), m[0].parameters())
+    ref = torch.optim.Adam(mt[0].parameters(), lr=0.01)
+    for model, opt in ((m, o), (mt, ref)):
+        _steps(model, opt, 2)
+        opt.add_param_group({"params": model[2].parameters()})
+        _steps(model, opt, 1)
+    sd = o.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["mithril"]["hyperparameters"]["param_groups"][1]["step_offset"] = 7
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    o2 = torch_optimizer(mo.Adam(learning_rate=0.01), m2[0].parameters())
+    o2.add_param_group({"params": m2[2].parameters()})
+    with pytest.raises(ValueError, match=r"joined after 7 steps \('step_offset'\), but its "
+                                         r"step count is 3"):
+        o2.load_state_dict(bad)
+    assert o2.mithril_state is None and not o2.mithril_optimizer.param_groups[1].get(
+        "step_offset")
+    o2.load_state_dict(sd)
+    _steps(m2, o2, 2)
+    _steps(mt, ref, 2)
+    for a, b in zip(m2.parameters(), mt.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
