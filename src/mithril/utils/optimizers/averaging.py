@@ -172,6 +172,17 @@ def resumed_averages(opt: Any, saved: Mapping[str, Any], step: int | None
     return (EMA,) * ema + (SWA,) * swa, new
 
 
+def started_averages(opt: Any, saved: Mapping[str, Any], step: int | None) -> tuple[str, ...]:
+    """The slots of :func:`resumed_averages`: the averages ``opt`` keeps that a checkpoint
+    (hyperparameters ``saved``, saved at ``step``) lacks, which start at the resume. A
+    wrapper's (a Lookahead's, ``saved["inner"]``) are its inner optimizer's."""
+    inner, spec = getattr(opt, "inner", None), saved.get("inner")
+    if inner is not None and isinstance(spec, Mapping):
+        hp = spec.get("hyperparameters")
+        return started_averages(inner, hp, step) if isinstance(hp, Mapping) else ()
+    return resumed_averages(opt, saved, step)[0]
+
+
 def average(p: Any, a: Any, w: Any) -> Any:
     """One averaging step, elementwise: ``a + w·(p − a)``; exactly ``p`` where ``w`` is 1
     (a first update copies, as torch's ``lerp`` and ``AveragedModel`` do), ``a`` itself

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .averaging import _jitable, resumed_averages
+from .averaging import _jitable, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float
 from .elementwise import where
@@ -379,7 +379,7 @@ class Lookahead(Optimizer):
             inner.load_state_dict({**spec, "step": d["step"]} if "step" in d else spec)
             new["inner"] = _check_inner(inner)
             step = state_dict_count(d, "step") if "step" in d else None
-            started = resumed_averages(self.inner, spec["hyperparameters"], step)[0]
+            started = started_averages(self, hp, step)
         trial = copy.copy(self)
         trial.__dict__.update(new)
         state = None
