@@ -72,7 +72,8 @@ from .state import OptimizerState, scalar_arguments
 #: the state slot of each average
 EMA, SWA = "ema", "swa"
 
-#: the largest ``ema_every`` / ``swa_start``: beyond it a step count would overflow int64
+#: the largest ``ema_every`` / ``ema_start`` / ``swa_start``: beyond it a step count would
+#: overflow int64
 MAX_EVERY = 2**62
 
 

@@ -45,11 +45,12 @@ class StateDictMixin:
         array of each parameter's exact shape, and non-negative integer counters. On error
         this optimizer is left as it was.
 
-        Weight averages (:mod:`.averaging`): one this optimizer was constructed with that
-        a checkpoint saved with its state (``"step"``) lacks starts at the resume (as a fresh torch ``AveragedModel``): its
-        settings are kept, its slot is a copy of ``params`` and its start (``ema_start`` /
-        ``swa_start``) becomes the saved step + 1, unless later already. One the checkpoint
-        has is restored with its settings, constructed with it or not."""
+        Weight averages (:mod:`.averaging`): one this optimizer was constructed with that a
+        checkpoint saved with its state (``"step"``) lacks starts at the resume, as a fresh
+        torch ``AveragedModel`` would: its settings are kept, its slot is a copy of
+        ``params`` and its start (``ema_start`` / ``swa_start``) becomes the saved step + 1,
+        unless later already. One the checkpoint has is restored with its settings,
+        constructed with it or not. Hyperparameters alone (no ``"step"``) are set as given."""
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
