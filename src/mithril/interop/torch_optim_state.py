@@ -269,7 +269,7 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
                            **{k: meta.get(k, 0) for k in COUNTERS}}
     count = out["step"]  # (a count that is no number: the optimizer's load names it)
     late = [k for k in step_offsets(hp, names)
-            if isinstance(count, (int, float, np.number)) and k > count]
+            if isinstance(count, (int, float, np.number)) and k > count >= 0]
     if late:  # (a state of fewer steps than a group joined after: no step could run)
         raise ValueError(f"state dict: a group joined after {max(late)} steps "
                          f"('step_offset'), but its step count is {out['step']!r}")
