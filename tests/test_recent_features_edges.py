@@ -343,3 +343,25 @@ def test_a_state_dict_whose_group_joined_after_its_step_count_is_refused_unchang
     _steps(mt, ref, 2)
     for a, b in zip(m2.parameters(), mt.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_another_optimizers_setting_in_a_group_is_a_readable_library_error():
+    """A torch setting of another optimizer in a group (``momentum`` for Adam), at
+    construction or ``add_param_group``, raised a plain ``KeyError`` whose text came out
+    quoted and escaped (``"param_groups[1]: [\\'momentum\\'] ..."``); now a
+    :class:`~mithril.errors.KeyMismatchError` (still a KeyError) with the text as written.
+    torch.optim.Adam takes such a key silently and never reads it."""
+    from mithril.errors import KeyMismatchError
+
+    m = _model()
+    ref = torch.optim.Adam(m[0].parameters(), lr=0.01)
+    ref.add_param_group({"params": m[2].parameters(), "momentum": 0.9})  # ignored by torch
+    o = torch_optimizer(mo.Adam(learning_rate=0.01), m[0].parameters())
+    for call in (lambda: o.add_param_group({"params": m[2].parameters(), "momentum": 0.9}),
+                 lambda: torch_optimizer(mo.Adam(), [{"params": m[0].parameters(),
+                                                      "momentum": 0.9}])):
+        with pytest.raises(KeyMismatchError) as info:
+            call()
+        assert str(info.value).startswith("param_groups[")
+        assert "['momentum'] are not values of this optimizer" in str(info.value)
+    assert len(o.param_groups) == 1

@@ -95,9 +95,11 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
         bad = [k for k in extra if near[k] or k in _TORCH_SETTINGS or k in _catalog_takes()]
         if bad:
             hint = "; ".join(f"{k}: did you mean {near[k][0]}?" for k in bad if near[k])
-            raise KeyError(f"param_groups[{i}]: {bad} are not values of this optimizer (its "
-                           f"group keys: {sorted(k for k, _ in keys)})"
-                           + (f" ({hint})" if hint else ""))
+            # (a KeyMismatchError: a KeyError whose message is not quoted and escaped)
+            raise KeyMismatchError(f"param_groups[{i}]: {bad} are not values of this "
+                                   f"optimizer (its group keys: "
+                                   f"{sorted(k for k, _ in keys)})"
+                                   + (f" ({hint})" if hint else ""))
         out.append({**{k: g.get(k, defaults[k]) for k, _ in keys},
                     **{k: g[k] for k in extra},
                     **({"param_names": g["param_names"]} if "param_names" in g else {})})
