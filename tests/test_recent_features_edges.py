@@ -365,3 +365,30 @@ def test_another_optimizers_setting_in_a_group_is_a_readable_library_error():
         assert str(info.value).startswith("param_groups[")
         assert "['momentum'] are not values of this optimizer" in str(info.value)
     assert len(o.param_groups) == 1
+
+
+def test_loss_scaler_missing_tracker_names_torchs_key_too():
+    """A ``GradScaler.state_dict()`` without its ``_growth_tracker`` was refused naming only
+    ``growth_tracker`` (ours), not the key torch's dict lacks; both are named now, and
+    nothing changes. The full dict loads as torch's own GradScaler loads it."""
+    from mithril.errors import KeyMismatchError
+    from mithril.utils.mixed_precision import LossScaler
+
+    gs = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    p = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    o = torch.optim.SGD([p], lr=0.1)
+    for _ in range(4):
+        o.zero_grad()
+        gs.scale((p * p).sum()).backward()
+        gs.step(o)
+        gs.update()
+    d = gs.state_dict()
+    s = LossScaler(8.0)
+    before = s.state_dict()
+    with pytest.raises(KeyMismatchError, match=r"growth_tracker \(or torch's _growth_tracker\)"):
+        s.load_state_dict({k: v for k, v in d.items() if k != "_growth_tracker"})
+    assert s.state_dict() == before
+    s.load_state_dict(d)
+    back = torch.amp.GradScaler("cpu")
+    back.load_state_dict(s.state_dict())
+    assert back.state_dict() == d == {k: s.state_dict()[k] for k in d}

@@ -203,8 +203,8 @@ class LossScaler:
         if not isinstance(d, Mapping):
             raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
         missing = [k for k in cls._KEYS if k not in d and k not in ("dynamic", "growth_tracker")]
-        if "growth_tracker" not in d and "_growth_tracker" not in d:
-            missing.append("growth_tracker")
+        if "growth_tracker" not in d and "_growth_tracker" not in d:  # (either key: name both)
+            missing.append("growth_tracker (or torch's _growth_tracker)")
         if missing:
             raise KeyMismatchError(f"{where} is missing key(s) {missing}")
         parsed = []
