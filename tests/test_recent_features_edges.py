@@ -392,3 +392,46 @@ def test_loss_scaler_missing_tracker_names_torchs_key_too():
     back = torch.amp.GradScaler("cpu")
     back.load_state_dict(s.state_dict())
     assert back.state_dict() == d == {k: s.state_dict()[k] for k in d}
+
+
+def _frozen_then_unfrozen(make, save_at: int | None = None):
+    """Two groups from the start, the second's ``.grad`` None for 3 steps (frozen), then 3
+    steps of both (``save_at``: a state_dict / load into a new optimizer after that step)."""
+    m = _model()
+    groups = lambda: [{"params": m[0].parameters()},  # noqa: E731
+                      {"params": m[2].parameters(), "lr": 0.02}]
+    o = make(groups())
+    for i in range(6):
+        o.zero_grad()
+        nn.functional.mse_loss(m(X), Y).backward()
+        if i < 3:
+            m[2].weight.grad = m[2].bias.grad = None
+        o.step()
+        if i == save_at:
+            sd = copy.deepcopy(o.state_dict())
+            o = make(groups())
+            o.load_state_dict(sd)
+    steps = {i: e["step"].item() for i, e in o.state_dict()["state"].items() if "step" in e}
+    return [p.detach().clone() for p in m.parameters()], steps
+
+
+@pytest.mark.parametrize("save_at", [None, 1, 2])
+@pytest.mark.parametrize("case", ["adam", "adagrad_lr_decay"])
+def test_a_group_frozen_from_the_start_counts_its_steps_as_torch(case, save_at):
+    """Bug: a group whose parameters had no ``.grad`` for the first steps (frozen, then
+    unfrozen) counted the optimizer's steps: its Adam bias corrections were those of a late
+    step (its first update ~3x torch's), AdaGrad's lr decay too far along. torch.optim counts
+    each parameter's own steps; now a group that has not had a gradient yet keeps its
+    ``step_offset`` at the optimizer's count, so it starts at 1 as torch's (also across a
+    state_dict / load_state_dict while it is frozen)."""
+    makers = {"adam": (lambda gs: torch.optim.Adam(gs, lr=0.01),
+                       lambda gs: torch_optimizer(mo.Adam(learning_rate=0.01), gs)),
+              "adagrad_lr_decay": (
+                  lambda gs: torch.optim.Adagrad(gs, lr=0.05, lr_decay=0.1),
+                  lambda gs: torch_optimizer(mo.AdaGrad(learning_rate=0.05, lr_decay=0.1,
+                                                        epsilon=1e-10), gs))}
+    ref, ref_steps = _frozen_then_unfrozen(makers[case][0], save_at)
+    got, got_steps = _frozen_then_unfrozen(makers[case][1], save_at)
+    assert {i: got_steps[i] for i in ref_steps} == ref_steps == {0: 6.0, 1: 6.0, 2: 3.0, 3: 3.0}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)

@@ -77,9 +77,10 @@ How it works:
   a step with no gradient at all does nothing. A sparse ``.grad`` (``nn.Embedding(sparse=
   True)``) is densified: SGD and AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s
   sparse numbers, other optimizers their dense update (torch's refuse sparse gradients). As everywhere in mithril, the step count
-  (bias corrections) is one per optimizer (per group added later), not one per parameter as
-  in torch: the two agree unless some parameters miss steps (see
-  :class:`~mithril.utils.optimizers.Optimizer`).
+  (bias corrections) is one per group, not one per parameter as in torch: a group counts
+  from its first gradient (a group frozen from the start, or added later, starts at 1 as
+  torch's), and the two agree unless some parameters miss steps after their group's first
+  (see :class:`~mithril.utils.optimizers.Optimizer`).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
   bfloat16) the engines' flat-tensor path. Muon and Adafactor (per-tensor matrix updates,
   :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
@@ -148,10 +149,12 @@ from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
+    follow_idle,
     given_values,
     group_keys,
     grouped_hyperparameters,
     hyperparameters_for,
+    idle_groups,
     joined_at,
     named,
     packed_groups,
@@ -231,6 +234,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
+        self._idle = set(range(len(self.param_groups)))  # (no gradient yet: follow_idle)
         if isinstance(optimizer, AdaGrad) and self._params:
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
@@ -311,6 +315,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._grouped = len(group_names) > 1
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
+        self._idle.add(k)
         if state is not None:
             self._opt_state = state
             self._views = None  # the next step copies the parameters into the new buffer
@@ -340,6 +345,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._adopt(current, new)
             if not state.last_step_skipped:
                 count_in_place([p for p in params if p.grad is not None])
+                if self._idle:
+                    started = {i for i in self._idle if any(
+                        p.grad is not None for p in self.param_groups[i]["params"])}
+                    if self._grouped:
+                        follow_idle(self, started)
+                    else:
+                        self._idle -= started
         return loss
 
     def _start(self) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -529,6 +541,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, now[key])
         self.param_groups = groups
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys} for g in groups]
+        self._idle = idle_groups(self)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
