@@ -435,3 +435,20 @@ def test_a_group_frozen_from_the_start_counts_its_steps_as_torch(case, save_at):
     assert {i: got_steps[i] for i in ref_steps} == ref_steps == {0: 6.0, 1: 6.0, 2: 3.0, 3: 3.0}
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_a_step_offset_given_in_a_torch_group_is_refused():
+    """Bug: ``"step_offset"`` in a torch group dict (the native optimizers' key) was carried
+    along unread and did nothing; the wrapper sets it itself. Refused by name at construction
+    and ``add_param_group``, nothing changed; left out, the group counts as torch's."""
+    from mithril.errors import KeyMismatchError
+
+    m = _model()
+    with pytest.raises(KeyMismatchError, match=r"param_groups\[1\]: 'step_offset' is set by"):
+        torch_optimizer(mo.Adam(), [{"params": m[0].parameters()},
+                                    {"params": m[2].parameters(), "step_offset": 3}])
+    o = torch_optimizer(mo.Adam(learning_rate=0.01), m[0].parameters())
+    _steps(m, o, 1)
+    with pytest.raises(KeyMismatchError, match=r"param_groups\[1\]: 'step_offset'"):
+        o.add_param_group({"params": m[2].parameters(), "step_offset": 3})
+    assert len(o.param_groups) == 1
