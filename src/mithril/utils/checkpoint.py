@@ -58,6 +58,7 @@ from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from . import checkpoint_accumulate as accumulate
 from .accumulation import Accumulate
 from .checkpoint_io import MAX_DEPTH, MAX_INT, depth, loads_guarded, read_file, write_file
+from .optimizers.averaging import started_averages
 
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -548,6 +549,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     state, trial_opt = None, None
     if optimizer is not None:
         hp_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"]}
+        if opt_sd is not None:  # an average the optimizer keeps and the run lacks starts here
+            hp_sd["step"] = ometa["step"]
         trial_opt = copy.copy(optimizer)
         try:
             trial_opt.load_state_dict(hp_sd)
@@ -559,7 +562,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                 state = copy.copy(optimizer).load_state_dict(opt_sd, params)
             except (ValueError, KeyError) as e:  # a TypeError is about params_template
                 raise _refused(where, "optimizer", type(optimizer).__name__, e) from e
-            if set(state.slots) != set(opt_sd["slots"]):
+            started = started_averages(optimizer, ometa["hyperparameters"], ometa["step"])
+            if set(state.slots) - set(started) != set(opt_sd["slots"]):
                 raise CheckpointError(f"{where}: metadata field 'optimizer.slots' is "
                                       f"{sorted(opt_sd['slots'])} but {type(optimizer).__name__} "
                                       f"with the saved hyperparameters uses {sorted(state.slots)}")
