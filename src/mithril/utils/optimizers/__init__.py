@@ -14,6 +14,7 @@ from .averaging import NoAverageError
 from .base import Optimizer
 from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
+from .cocob import COCOB
 from .engines.threads import get_num_threads, set_num_threads
 from .ftrl import Ftrl
 from .lamb import LAMB
@@ -24,18 +25,22 @@ from .lookahead import Lookahead
 from .muon import Muon
 from .nadam import NAdam
 from .novograd import Novograd
+from .optimistic import OptimisticAdam, OptimisticGD
 from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSProp
 from .rprop import Rprop
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
+from .sign_sgd import SignSGD, Signum
+from .simplified_ademamix import SimplifiedAdEMAMix
 from .state import OptimizerState
 from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
+           "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_positive, check_unit
+from .checks import check_flag, check_positive, check_unit
 from .elementwise import abs_, maximum
-from .sgd import check_convention
+from .sgd import BY_CONVENTION, check_convention
 
 
 def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
@@ -37,26 +37,35 @@ class Adamax(Optimizer):
     ``p ← p − lr/(1−β₁ᵗ) · m / (u + ε)`` (apart where |g| is about ε or smaller), with
     Keras's decoupled ``weight_decay``,
     ``p ← p − lr·wd·p`` before the step. ``"optax"`` is the default's update.
+
+    ``decoupled_weight_decay=True`` (default: True for ``"keras"`` only; False is refused
+    there) is optax.adamaxw: ``p ← p − lr·(m̂/u + wd·p)``, i.e. ``p ← p·(1 − lr·wd)`` then
+    the step, on every tensor unless ``weight_decay_mask`` / parameter groups say otherwise
+    (optax's ``mask=None``: all, biases and scalars too). optax.adamaxw's default
+    ``weight_decay`` is 1e-4: pass it (0 here, the plain Adamax's). torch has no AdamaxW.
     """
 
     slots = ("m", "u")
 
     def __init__(self, learning_rate: float = 2e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0, convention: str = "torch",
-                 **options: Any) -> None:
+                 decoupled_weight_decay: bool = BY_CONVENTION, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.convention = check_convention(convention)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        if decoupled_weight_decay is BY_CONVENTION:
+            decoupled_weight_decay = convention == "keras"
+        # an instance attribute: the engines read opt.decoupled_weight_decay
+        self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
+        if convention == "keras" and not self.decoupled_weight_decay:
+            raise ValueError("decoupled_weight_decay=False: Keras's weight decay is decoupled "
+                             "only (convention='keras')")
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr = self.learning_rate
         return (lr, 1 - self.beta1, self.beta2, self.epsilon, lr / (1 - self.beta1**step))
-
-    @property
-    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
-        return self.convention == "keras"
 
     def kernel_math(self) -> Any:
         return _adamax_keras if self.convention == "keras" else _adamax

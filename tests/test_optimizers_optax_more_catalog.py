@@ -1,0 +1,393 @@
+"""SignSGD / Signum, OptimisticGD, OptimisticAdam, Adamax(decoupled_weight_decay=True),
+SimplifiedAdEMAMix and COCOB against optax 0.2.8 (sign_sgd, signum,
+optimistic_gradient_descent, optimistic_adam_v2, adamaxw, contrib.simplified_ademamix,
+contrib.cocob).
+
+float64 parity: every case runs 100 steps side by side with optax (jitted), from the same
+start and gradient sequence on four tensors (a matrix, a vector, a scalar and a 3-D one),
+with optax given a learning-rate *schedule* (``optax.piecewise_constant_schedule``: ×0.5 at
+step 40, ×2 of the start from step 70) and ours following it (``set_learning_rate`` before
+the same step), on the NumPy, torch (fused numba kernel) and JAX (jitted engine) backends,
+and through ``optax_transformation(opt, learning_rate=schedule, scalars="traced")`` inside
+``jax.jit``. Parameters are compared after every step, ``<= 1e-10`` in the measure of
+:func:`rel_err` (as tests/test_optimizers_optax_catalog.py). JAX float64 needs the
+process-global ``jax_enable_x64``: it all runs in ONE fresh subprocess (cached).
+
+In-process (float32): the backends agree, ``torch_optimizer`` drives a torch model exactly
+as the optimizer's own update does, a state_dict round trip mid-run resumes bit-exactly,
+bad hyperparameters raise naming the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+
+import numpy as np
+import pytest
+from conftest import host, native, optimizer_engine, run_python
+
+from mithril.utils.optimizers import (
+    COCOB,
+    Adamax,
+    OptimisticAdam,
+    OptimisticGD,
+    SignSGD,
+    Signum,
+    SimplifiedAdEMAMix,
+)
+
+STEPS = 100
+TOL64 = 1e-10
+SHAPES = {"w": (3, 4), "b": (4,), "s": (), "cube": (2, 3, 5)}
+LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
+DECAYED = ["w", "s", "cube"]  # a weight-decay mask: not "b" (optax: a dict of bools)
+MASK = "{'w': True, 'b': False, 's': True, 'cube': True}"
+
+# name -> (class, kwargs, optax factory of the learning-rate schedule). Coupled weight decay
+# (optimizers without their own in optax) is add_decayed_weights in front.
+CASES: dict[str, tuple[str, dict, str]] = {
+    "sign_sgd": ("SignSGD", {"learning_rate": 0.01}, "lambda lr: optax.sign_sgd(lr)"),
+    "sign_sgd_wd": ("SignSGD", {"learning_rate": 0.01, "weight_decay": 0.1},
+                    "lambda lr: optax.chain(optax.add_decayed_weights(0.1), optax.sign_sgd(lr))"),
+    "signum": ("Signum", {"learning_rate": 0.01}, "lambda lr: optax.signum(lr)"),
+    "signum_wd": ("SignSGD", {"learning_rate": 0.01, "momentum": 0.8, "weight_decay": 0.1},
+                  "lambda lr: optax.chain(optax.add_decayed_weights(0.1), optax.signum(lr, 0.8))"),
+    "ogd": ("OptimisticGD", {"learning_rate": 0.01},
+            "lambda lr: optax.optimistic_gradient_descent(lr)"),
+    "ogd_wd": ("OptimisticGD", {"learning_rate": 0.01, "alpha": 0.5, "beta": 0.3,
+                                "weight_decay": 0.1},
+               "lambda lr: optax.chain(optax.add_decayed_weights(0.1), "
+               "optax.optimistic_gradient_descent(lr, 0.5, 0.3))"),
+    "oadam": ("OptimisticAdam", {"learning_rate": 0.01},
+              "lambda lr: optax.optimistic_adam_v2(lr)"),
+    "oadam_wd": ("OptimisticAdam", {"learning_rate": 0.01, "alpha": 0.7, "beta": 0.4,
+                                    "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6,
+                                    "eps_root": 1e-10, "nesterov": False, "weight_decay": 0.1},
+                 "lambda lr: optax.chain(optax.add_decayed_weights(0.1), optax.optimistic_adam_v2("
+                 "lr, alpha=0.7, beta=0.4, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-10, "
+                 "nesterov=False))"),
+    "adamaxw": ("Adamax", {"learning_rate": 0.01, "weight_decay": 1e-4,
+                           "decoupled_weight_decay": True},
+                "lambda lr: optax.adamaxw(lr)"),
+    "adamaxw_mask": ("Adamax", {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99,
+                                "epsilon": 1e-6, "weight_decay": 0.1,
+                                "decoupled_weight_decay": True, "weight_decay_mask": DECAYED},
+                     f"lambda lr: optax.adamaxw(lr, 0.8, 0.99, 1e-6, 0.1, {MASK})"),
+    "sademamix": ("SimplifiedAdEMAMix", {"learning_rate": 1e-3},
+                  "lambda lr: optax.contrib.simplified_ademamix(lr)"),
+    "sademamix_wd": ("SimplifiedAdEMAMix", {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99,
+                                            "alpha": 2.0, "epsilon": 1e-6, "eps_root": 1e-10,
+                                            "weight_decay": 0.1, "weight_decay_mask": DECAYED},
+                     "lambda lr: optax.contrib.simplified_ademamix(lr, 0.9, 0.99, 2.0, 1e-6, "
+                     f"1e-10, 0.1, {MASK})"),
+    "cocob": ("COCOB", {"learning_rate": 1.0}, "lambda lr: optax.contrib.cocob(lr)"),
+    "cocob_wd": ("COCOB", {"learning_rate": 0.5, "alpha": 50.0, "epsilon": 1e-6,
+                           "weight_decay": 0.1, "weight_decay_mask": DECAYED},
+                 f"lambda lr: optax.contrib.cocob(lr, 50.0, 1e-6, 0.1, {MASK})"),
+}
+CLASSES = {c.__name__: c for c in (SignSGD, Signum, OptimisticGD, OptimisticAdam, Adamax,
+                                   SimplifiedAdEMAMix, COCOB)}
+ENGINES = ("numpy", "torch", "jax-jit", "optax_transformation")
+
+
+def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
+    """Start parameters and a gradient sequence; "b" gets a zero gradient on the first two
+    steps (sign(0) = 0, the optimistic first step, COCOB's zero bet)."""
+    rng = np.random.default_rng(seed)
+    p0 = {k: np.asarray(rng.standard_normal(s), dtype=dtype) for k, s in SHAPES.items()}
+    grads = [{k: np.asarray(rng.standard_normal(s) * (1 + t % 7) * (k != "b" or t >= 2),
+                            dtype=dtype) for k, s in SHAPES.items()} for t in range(steps)]
+    return p0, grads
+
+
+def lr_at(lr0: float, t: int) -> float:
+    f = 1.0
+    for s, x in LR_FACTORS.items():
+        if t >= s:
+            f = x
+    return lr0 * f
+
+
+def rel_err(a, b) -> float:
+    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = np.maximum(np.abs(a), np.abs(b))
+    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
+    return float(np.max(np.abs(a - b) / scale, initial=0.0))
+
+
+_SCRIPT = r"""
+import inspect, json
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+import torch
+import mithril.utils.optimizers.engines as engines
+from mithril.interop import optax_transformation
+from mithril.utils.optimizers import (COCOB, Adamax, OptimisticAdam, OptimisticGD, SignSGD,
+                                      Signum, SimplifiedAdEMAMix)
+
+CLASSES = {c.__name__: c for c in (SignSGD, Signum, OptimisticGD, OptimisticAdam, Adamax,
+                                   SimplifiedAdEMAMix, COCOB)}
+p0, grads = problem("float64")
+names = list(SHAPES)
+
+
+def schedule(lr0):
+    # ×0.5 from step 40, ×2 of the start from step 70 (the scales multiply)
+    return optax.piecewise_constant_schedule(lr0, {40: 0.5, 70: 4.0})
+
+
+def jitted(tx):
+    @jax.jit
+    def step(params, g, s):
+        u, s = tx.update(g, s, params)
+        return optax.apply_updates(params, u), s
+    return step
+
+
+def run_optax(tx):
+    step = jitted(tx)
+    params = {k: jnp.asarray(v) for k, v in p0.items()}
+    s = tx.init(params)
+    for t in range(STEPS):
+        params, s = step(params, {k: jnp.asarray(v) for k, v in grads[t].items()}, s)
+        yield [np.array(params[k]) for k in names]
+    assert np.array(params["w"]).dtype == np.float64
+
+
+def run_mithril(cls_name, kw, engine):
+    if engine == "optax_transformation":
+        engines.JAX_ENGINE = "jit"
+        tx = optax_transformation(CLASSES[cls_name](**kw),
+                                  learning_rate=schedule(kw["learning_rate"]), scalars="traced")
+        yield from run_optax(tx)
+        return
+    engines.JAX_ENGINE = "jit" if engine == "jax-jit" else "auto"
+    conv = {"jax-jit": jnp.asarray, "torch": torch.tensor, "numpy": np.array}[engine]
+    opt = CLASSES[cls_name](**kw)
+    params = {k: conv(v) for k, v in p0.items()}
+    state = opt.init(params)
+    assert type(state.engine).__name__ == ("JaxEngine" if engine == "jax-jit" else "NumbaEngine")
+    lr0 = kw["learning_rate"]
+    for t in range(STEPS):
+        opt.set_learning_rate(lr_at(lr0, t))
+        params, state = opt.update(params, {k: conv(v) for k, v in grads[t].items()}, state)
+        yield [np.array(params[k]) for k in names]
+    assert state.step == STEPS and np.array(params["w"]).dtype == np.float64
+
+
+out = {}
+for case, (cls_name, kw, ref) in CASES.items():
+    traj = list(run_optax(eval(ref)(schedule(kw["learning_rate"]))))
+    for engine in ENGINES:
+        err = 0.0
+        for t, mine in enumerate(run_mithril(cls_name, kw, engine)):
+            err = max(err, *(rel_err(a, b) for a, b in zip(mine, traj[t])))
+        out[f"{case}/{engine}"] = err
+    # how far the parameters moved: a case that does not move would prove nothing
+    out[f"{case}/moved"] = max(rel_err(traj[-1][i], p0[k]) for i, k in enumerate(names))
+
+
+def sig(f):
+    return {k: p.default for k, p in inspect.signature(f).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+refs = {"SignSGD": optax.sign_sgd, "Signum": optax.signum,
+        "OptimisticGD": optax.optimistic_gradient_descent,
+        "OptimisticAdam": optax.optimistic_adam_v2, "Adamax": optax.adamaxw,
+        "SimplifiedAdEMAMix": optax.contrib.simplified_ademamix, "COCOB": optax.contrib.cocob}
+print(json.dumps({"errors": out, "defaults": {c: sig(f) for c, f in refs.items()}},
+                 default=repr))
+"""
+
+
+@functools.cache
+def reference_run() -> dict:
+    """The float64 comparisons (and optax's defaults), in one fresh interpreter."""
+    code = "\n".join([
+        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
+        f"ENGINES = {ENGINES!r}",
+        "import json",
+        f"CASES = json.loads({json.dumps(CASES)!r})",
+        inspect.getsource(problem), inspect.getsource(lr_at), inspect.getsource(rel_err),
+        "import numpy as np", _SCRIPT])
+    return json.loads(run_python(code, timeout=600).strip().splitlines()[-1])
+
+
+# our name -> optax's (Signum's momentum is optax.signum's beta)
+_REF_NAMES = {"beta1": "b1", "beta2": "b2", "epsilon": "eps"}
+
+
+@pytest.mark.slow
+def test_float64_parity_with_optax_and_defaults():
+    """100 steps vs optax with an lr schedule, ≤ 1e-10 on every engine and through
+    optax_transformation; and the defaults are optax's (but the ones documented)."""
+    res = reference_run()
+    errors, defaults = res["errors"], res["defaults"]
+    bad = {f"{case}/{e}": errors[f"{case}/{e}"] for case in CASES for e in ENGINES
+           if not errors[f"{case}/{e}"] <= TOL64}
+    assert not bad, bad
+    still = [case for case in CASES if not errors[f"{case}/moved"] > 1e-3]
+    assert not still, still
+    # documented departures: no default lr in optax (SignSGD, Signum, OptimisticGD,
+    # OptimisticAdam, Adamax, SimplifiedAdEMAMix); optax.adamaxw decays 1e-4 by default,
+    # Adamax (the plain one's default) does not
+    departures = {("Adamax", "weight_decay")}
+    for cls in CLASSES.values():
+        ref = defaults[cls.__name__]
+        ours = {k: p.default for k, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+        names = {**_REF_NAMES, "momentum": "beta"} if cls is Signum else _REF_NAMES
+        checked = 0
+        for name, value in ours.items():
+            theirs = names.get(name, name)
+            if theirs in ref and (cls.__name__, name) not in departures:
+                assert value == ref[theirs], (cls.__name__, name, value, ref[theirs])
+                checked += 1
+        assert checked >= {"SignSGD": 0}.get(cls.__name__, 1), (cls.__name__, checked)
+    assert defaults["Adamax"]["weight_decay"] == 1e-4 and Adamax().weight_decay == 0.0
+    assert COCOB().learning_rate == defaults["COCOB"]["learning_rate"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# float32: the backends agree; torch_optimizer; checkpoints; hyperparameter checks
+# ---------------------------------------------------------------------------------------------
+
+F32_CASES = ["sign_sgd_wd", "signum_wd", "ogd_wd", "oadam", "oadam_wd", "adamaxw_mask",
+             "sademamix_wd", "cocob_wd"]
+F32_STEPS = 20
+
+
+def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None = None):
+    """Final float32 params of ``case`` on ``backend``; with ``stop_at``, the optimizer and
+    state are rebuilt from a state_dict after that many steps (and the params copied)."""
+    cls_name, kw, _ = CASES[case]
+    p0, grads = problem("float32", steps)
+    with optimizer_engine(backend):
+        opt = CLASSES[cls_name](**kw)
+        params = {k: native(backend, v) for k, v in p0.items()}
+        state = opt.init(params)
+        for t in range(steps):
+            if t == 8:
+                opt.set_learning_rate(kw["learning_rate"] * 0.5)
+            if t == stop_at:
+                d = copy.deepcopy(opt.state_dict(state))
+                opt = CLASSES[cls_name]()  # defaults, replaced by the state dict's
+                params = {k: native(backend, host(v)) for k, v in params.items()}
+                state = opt.load_state_dict(d, params)
+                assert state.step == stop_at
+                assert opt.hyperparameters() == CLASSES[cls_name](**kw).hyperparameters() | {
+                    "learning_rate": kw["learning_rate"] * 0.5}
+            g = {k: native(backend, v) for k, v in grads[t].items()}
+            params, state = opt.update(params, g, state)
+        return {k: host(v) for k, v in params.items()}, state
+
+
+@pytest.mark.parametrize("case", F32_CASES)
+def test_float32_backends_agree(case):
+    runs = {b: run32(case, b)[0] for b in ("numpy", "torch", "jax", "jax-jit")}
+    for k in SHAPES:
+        assert runs["numpy"][k].dtype == np.float32
+        # NumPy, torch and JAX on CPU run the same fused kernel: identical bits
+        np.testing.assert_array_equal(runs["numpy"][k], runs["torch"][k])
+        np.testing.assert_array_equal(runs["numpy"][k], runs["jax"][k])
+        x, y = runs["numpy"][k], runs["jax-jit"][k]
+        assert np.max(np.abs(x - y)) <= 3e-6 * max(np.max(np.abs(x)), 1.0), (case, k)
+
+
+@pytest.mark.parametrize("case", F32_CASES)
+def test_state_dict_round_trip_resumes_bit_exactly(case):
+    whole, s1 = run32(case, "numpy")
+    resumed, s2 = run32(case, "numpy", stop_at=11)
+    assert s1.step == s2.step == F32_STEPS
+    assert set(s1.slots) == set(s2.slots)
+    assert bool(s1.slots) == (case != "sign_sgd_wd")  # (plain signSGD keeps none)
+    for k in SHAPES:
+        np.testing.assert_array_equal(whole[k], resumed[k])
+    for slot in s1.slots:
+        for k in SHAPES:
+            np.testing.assert_array_equal(np.asarray(s1.slot(slot)[k]),
+                                          np.asarray(s2.slot(slot)[k]))
+
+
+@pytest.mark.parametrize("case", ["signum_wd", "ogd_wd", "oadam", "adamaxw_mask",
+                                  "sademamix_wd", "cocob_wd"])
+def test_torch_optimizer_drives_a_torch_model_as_update_does(case):
+    """``torch_optimizer(opt, model.named_parameters())`` on a torch model, with real
+    backward passes: each step equals the optimizer's own update on the same gradients."""
+    import torch
+
+    from mithril.interop import torch_optimizer
+
+    cls_name, kw, _ = CASES[case]
+    kw = {k: v for k, v in kw.items() if k != "weight_decay_mask"}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    mine = CLASSES[cls_name](**kw)
+    params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    state = mine.init(params)
+    topt = torch_optimizer(CLASSES[cls_name](**kw), model.named_parameters())
+    losses = []
+    for _ in range(6):
+        topt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+        topt.step()
+        params, state = mine.update(params, grads, state)
+        for n, p in model.named_parameters():
+            np.testing.assert_array_equal(p.detach().numpy(), params[n], err_msg=n)
+    assert losses[-1] != losses[0]
+
+
+BAD = [
+    (SignSGD, {"momentum": 1.0}, ValueError, "momentum"),
+    (SignSGD, {"momentum": "0.9"}, TypeError, "momentum"),
+    (SignSGD, {"learning_rate": -0.1}, ValueError, "learning_rate"),
+    (Signum, {"momentum": 0.0}, ValueError, "momentum"),
+    (Signum, {"weight_decay": -1.0}, ValueError, "weight_decay"),
+    (OptimisticGD, {"alpha": -1.0}, ValueError, "alpha"),
+    (OptimisticGD, {"beta": float("nan")}, ValueError, "beta"),
+    (OptimisticAdam, {"beta1": 1.0}, ValueError, "beta1"),
+    (OptimisticAdam, {"beta2": -0.5}, ValueError, "beta2"),
+    (OptimisticAdam, {"eps_root": -1e-8}, ValueError, "eps_root"),
+    (OptimisticAdam, {"nesterov": "yes"}, TypeError, "nesterov"),
+    (Adamax, {"decoupled_weight_decay": "yes"}, TypeError, "decoupled_weight_decay"),
+    (Adamax, {"decoupled_weight_decay": False, "convention": "keras"}, ValueError,
+     "decoupled_weight_decay"),
+    (SimplifiedAdEMAMix, {"beta1": 1.5}, ValueError, "beta1"),
+    (SimplifiedAdEMAMix, {"alpha": -2.0}, ValueError, "alpha"),
+    (SimplifiedAdEMAMix, {"epsilon": 0.0}, ValueError, "epsilon"),
+    (COCOB, {"alpha": 0.0}, ValueError, "alpha"),
+    (COCOB, {"epsilon": -1e-8}, ValueError, "epsilon"),
+    (COCOB, {"learning_rate": float("inf")}, ValueError, "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("cls, kw, exc, name", BAD,
+                         ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _, _ in BAD])
+def test_bad_hyperparameters_name_the_argument(cls, kw, exc, name):
+    with pytest.raises(exc, match=name):
+        cls(**kw)
+
+
+def test_hyperparameters_round_trip_and_slots():
+    for cls in CLASSES.values():  # every hyperparameter is a constructor argument (checkpoints)
+        o = cls()
+        assert type(o)(**o.hyperparameters()).hyperparameters() == o.hyperparameters()
+    assert SignSGD().slot_names() == () and SignSGD(momentum=0.5).slot_names() == ("m",)
+    assert Signum().momentum == 0.9
+    assert Adamax().decoupled_weight_decay is False
+    assert Adamax(convention="keras").decoupled_weight_decay is True
+    assert Adamax(decoupled_weight_decay=True).hyperparameters()["decoupled_weight_decay"]
+    state = COCOB(epsilon=1e-5).init({"w": np.zeros(3)})
+    np.testing.assert_array_equal(state.slot("scale")["w"], np.full(3, 1e-5))
