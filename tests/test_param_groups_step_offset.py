@@ -129,6 +129,20 @@ def test_offset_the_state_has_not_reached_is_refused_and_changes_nothing():
     assert not st.slots["m"].any()
 
 
+def test_a_state_dict_below_its_offset_is_refused_and_changes_nothing():
+    """A saved state whose step has not reached a group's offset could never step: refused
+    at the load, naming the group, and the optimizer keeps its hyperparameters."""
+    make = lambda g: O.Adam(learning_rate=0.1, **({} if g is None else {"param_groups": g}))  # noqa: E731
+    opt, p, st, _ = _joined_state(make, "numpy")
+    d = opt.state_dict(st)
+    d["step"] = N - 1
+    again = O.Adam(learning_rate=0.2)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['step_offset'\] = {N} is "
+                                         rf"beyond its step count {N - 1}"):
+        again.load_state_dict(d, p)
+    assert again.learning_rate == 0.2 and not again.param_groups
+
+
 def test_traced_program_and_lookahead_refuse_it():
     import jax.numpy as jnp
 

@@ -77,6 +77,11 @@ class StateDictMixin:
                                 f"groups") from None
         else:  # and its normalised values (floats, bools, groups)
             built = type(self)(**plain, **grouping)
+            late = [(i, g["step_offset"]) for i, g in enumerate(built._groups or ())
+                    if step is not None and g.get("step_offset", 0) > step]
+            if late:  # no step could run from such a state
+                raise ValueError(f"state dict param_groups[{late[0][0]}]['step_offset'] = "
+                                 f"{late[0][1]} is beyond its step count {step}")
             hp = {k: v for k, v in vars(built).items() if k in hp}
             hp.update(_groups=built._groups, _wd_mask=built._wd_mask,
                       _wd_exclude=built._wd_exclude, _strict=built._strict,
