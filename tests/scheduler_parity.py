@@ -10,6 +10,7 @@ against our closed forms differ by the recursion's rounding), :func:`assert_exac
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -116,3 +117,37 @@ def assert_rel(ours: list[float], ref: list[float], rel: float = REL_TOL) -> Non
     bad = [(t, a, b) for t, (a, b) in enumerate(zip(ours, ref, strict=True))
            if abs(a - b) > rel * max(abs(a), abs(b))]
     assert not bad, f"first mismatches (t, ours, ref): {bad[:5]}"
+
+
+_PEER_SCRIPT = r"""
+import json, os
+os.environ["KERAS_BACKEND"] = "jax"
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import optax
+import keras
+keras.config.set_floatx("float64")
+from keras.src.backend.jax import numpy as keras_jnp
+keras_jnp.cos = lambda x: jnp.cos(jnp.asarray(x))  # Keras's float64 cos runs in float32
+K = keras.optimizers.schedules
+steps = jnp.arange(%(n)d, dtype=jnp.float64)
+out = {}
+for name, peer in json.loads(%(cases)r).items():
+    values = np.asarray(jax.vmap(eval(peer))(steps))
+    assert values.dtype == np.float64, (name, values.dtype)
+    out[name] = [float(v) for v in values]
+print(json.dumps(out))
+"""
+
+
+def peer_schedules(cases: dict[str, str], n: int) -> dict[str, list[float]]:
+    """Each optax / Keras schedule expression of ``cases`` (``optax.…``, ``K.…`` for
+    ``keras.optimizers.schedules``, or a ``lambda t: …`` of ``jnp``) at the counts
+    ``0 .. n − 1`` in float64, run in a subprocess (``jax_enable_x64`` is process-global;
+    Keras's cosine is computed in float64 there, as it is not by Keras itself)."""
+    from conftest import run_python
+
+    code = _PEER_SCRIPT % {"n": n, "cases": json.dumps(cases)}
+    return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])

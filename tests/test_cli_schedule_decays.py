@@ -12,11 +12,10 @@ x64 switch is process-global).
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
-from conftest import run_python, usage_error
-from scheduler_parity import assert_rel
+from conftest import usage_error
+from scheduler_parity import assert_rel, peer_schedules
 
 from mithril.cli import main
 from mithril.utils.lr_schedulers import (
@@ -92,31 +91,9 @@ CASES = {
                  "optax.polynomial_schedule(0.1, 0.0, 1, 150)], [20, 150])"),
 }
 
-SCRIPT = r"""
-import json, os
-os.environ["KERAS_BACKEND"] = "jax"
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-import optax
-import keras
-keras.config.set_floatx("float64")
-K = keras.optimizers.schedules
-steps = jnp.arange(%(n)d, dtype=jnp.float64)
-out = {}
-for name, peer in json.loads(%(cases)r).items():
-    values = np.asarray(jax.vmap(eval(peer))(steps))
-    assert values.dtype == np.float64, (name, values.dtype)
-    out[name] = [float(v) for v in values]
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def references() -> dict:
-    code = SCRIPT % {"n": STEPS, "cases": json.dumps({k: v[2] for k, v in CASES.items()})}
-    return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
+    return peer_schedules({k: v[2] for k, v in CASES.items()}, STEPS)
 
 
 def _plot(tmp_path, name: str, argv: list[str]) -> list[float]:

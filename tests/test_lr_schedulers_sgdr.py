@@ -16,8 +16,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_python
-from scheduler_parity import FakeOpt, assert_rel
+from scheduler_parity import FakeOpt, assert_rel, peer_schedules
 
 import mithril.utils.optimizers as mo
 from mithril.utils.lr_schedulers import (
@@ -97,33 +96,9 @@ CASES = {
                             "K.CosineDecayRestarts(0.2, 30, 2.0, 0.8, 0.05)"),
 }
 
-SCRIPT = r"""
-import json, os
-os.environ["KERAS_BACKEND"] = "jax"
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-import optax
-import keras
-keras.config.set_floatx("float64")
-from keras.src.backend.jax import numpy as keras_jnp
-keras_jnp.cos = lambda x: jnp.cos(jnp.asarray(x))  # Keras's float64 cos runs in float32
-K = keras.optimizers.schedules
-steps = jnp.arange(%(n)d + 1.0)
-out = {}
-for name, peer in json.loads(%(cases)r).items():
-    values = np.asarray(jax.vmap(eval(peer))(steps))
-    assert values.dtype == np.float64, (name, values.dtype)
-    out[name] = [float(v) for v in values]
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def references() -> dict:
-    code = SCRIPT % {"n": N, "cases": json.dumps({k: v[1] for k, v in CASES.items()})}
-    return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
+    return peer_schedules({k: v[1] for k, v in CASES.items()}, N + 1)
 
 
 def _run(sched, o, n: int) -> list[float]:
