@@ -32,6 +32,9 @@ from conftest import host, native, optimizer_engine, run_python
 from mithril.utils.optimizers import (
     COCOB,
     Adamax,
+    DoG,
+    DoWG,
+    Fromage,
     OptimisticAdam,
     OptimisticGD,
     SignSGD,
@@ -87,9 +90,28 @@ CASES: dict[str, tuple[str, dict, str]] = {
     "cocob_wd": ("COCOB", {"learning_rate": 0.5, "alpha": 50.0, "epsilon": 1e-6,
                            "weight_decay": 0.1, "weight_decay_mask": DECAYED},
                  f"lambda lr: optax.contrib.cocob(lr, 50.0, 1e-6, 0.1, {MASK})"),
+    # two passes: per-tensor norms (Fromage), sums over every parameter (DoG, DoWG)
+    "fromage": ("Fromage", {"learning_rate": 0.01}, "lambda lr: optax.fromage(lr)"),
+    "fromage_wd": ("Fromage", {"learning_rate": 0.05, "min_norm": 1e-3, "weight_decay": 0.1},
+                   "lambda lr: optax.chain(optax.add_decayed_weights(0.1), "
+                   "optax.fromage(lr, 1e-3))"),
+    "dog": ("DoG", {"learning_rate": 1.0}, "lambda lr: optax.contrib.dog(lr)"),
+    "dog_heuristic": ("DoG", {"learning_rate": 1.0, "init_step": ["heuristic", 0.05]},
+                      "lambda lr: optax.contrib.dog(lr, ('heuristic', 0.05))"),
+    "dog_distance_wd": ("DoG", {"learning_rate": 0.5, "init_step": ["distance", 1e-3],
+                                "epsilon": 1e-6, "weight_decay": 0.1,
+                                "weight_decay_mask": DECAYED},
+                        "lambda lr: optax.contrib.dog(lr, ('distance', 1e-3), 1e-6, 0.1, "
+                        f"{MASK})"),
+    "dog_lr": ("DoG", {"learning_rate": 1.0, "init_step": ["learning_rate", 1e-2]},
+               "lambda lr: optax.contrib.dog(lr, ('learning_rate', 1e-2))"),
+    "dowg": ("DoWG", {"learning_rate": 1.0}, "lambda lr: optax.contrib.dowg(lr)"),
+    "dowg_wd": ("DoWG", {"learning_rate": 0.5, "init_estim_sq_dist": 1e-3, "epsilon": 1e-6,
+                         "weight_decay": 0.1},
+                "lambda lr: optax.contrib.dowg(lr, 1e-3, 1e-6, 0.1)"),
 }
 CLASSES = {c.__name__: c for c in (SignSGD, Signum, OptimisticGD, OptimisticAdam, Adamax,
-                                   SimplifiedAdEMAMix, COCOB)}
+                                   SimplifiedAdEMAMix, COCOB, Fromage, DoG, DoWG)}
 ENGINES = ("numpy", "torch", "jax-jit", "optax_transformation")
 
 
@@ -130,11 +152,11 @@ import optax.contrib
 import torch
 import mithril.utils.optimizers.engines as engines
 from mithril.interop import optax_transformation
-from mithril.utils.optimizers import (COCOB, Adamax, OptimisticAdam, OptimisticGD, SignSGD,
-                                      Signum, SimplifiedAdEMAMix)
+from mithril.utils.optimizers import (COCOB, Adamax, DoG, DoWG, Fromage, OptimisticAdam,
+                                      OptimisticGD, SignSGD, Signum, SimplifiedAdEMAMix)
 
 CLASSES = {c.__name__: c for c in (SignSGD, Signum, OptimisticGD, OptimisticAdam, Adamax,
-                                   SimplifiedAdEMAMix, COCOB)}
+                                   SimplifiedAdEMAMix, COCOB, Fromage, DoG, DoWG)}
 p0, grads = problem("float64")
 names = list(SHAPES)
 
@@ -202,7 +224,8 @@ def sig(f):
 refs = {"SignSGD": optax.sign_sgd, "Signum": optax.signum,
         "OptimisticGD": optax.optimistic_gradient_descent,
         "OptimisticAdam": optax.optimistic_adam_v2, "Adamax": optax.adamaxw,
-        "SimplifiedAdEMAMix": optax.contrib.simplified_ademamix, "COCOB": optax.contrib.cocob}
+        "SimplifiedAdEMAMix": optax.contrib.simplified_ademamix, "COCOB": optax.contrib.cocob,
+        "Fromage": optax.fromage, "DoG": optax.contrib.dog, "DoWG": optax.contrib.dowg}
 print(json.dumps({"errors": out, "defaults": {c: sig(f) for c, f in refs.items()}},
                  default=repr))
 """
@@ -234,12 +257,15 @@ def test_float64_parity_with_optax_and_defaults():
     bad = {f"{case}/{e}": errors[f"{case}/{e}"] for case in CASES for e in ENGINES
            if not errors[f"{case}/{e}"] <= TOL64}
     assert not bad, bad
-    still = [case for case in CASES if not errors[f"{case}/moved"] > 1e-3]
+    # (DoG's default r_ε = 1e-6·(1 + ‖x₀‖) grows slowly: it moves ~2e-4 in 100 steps)
+    still = [case for case in CASES if not errors[f"{case}/moved"] > 1e-4]
     assert not still, still
     # documented departures: no default lr in optax (SignSGD, Signum, OptimisticGD,
-    # OptimisticAdam, Adamax, SimplifiedAdEMAMix); optax.adamaxw decays 1e-4 by default,
-    # Adamax (the plain one's default) does not
-    departures = {("Adamax", "weight_decay")}
+    # OptimisticAdam, Adamax, SimplifiedAdEMAMix, Fromage); optax.adamaxw decays 1e-4 by
+    # default, Adamax (the plain one's default) does not; DoG's and DoWG's weight_decay
+    # None is 0 here
+    departures = {("Adamax", "weight_decay"), ("DoG", "weight_decay"),
+                  ("DoWG", "weight_decay")}
     for cls in CLASSES.values():
         ref = defaults[cls.__name__]
         ours = {k: p.default for k, p in inspect.signature(cls).parameters.items()
@@ -249,11 +275,16 @@ def test_float64_parity_with_optax_and_defaults():
         for name, value in ours.items():
             theirs = names.get(name, name)
             if theirs in ref and (cls.__name__, name) not in departures:
-                assert value == ref[theirs], (cls.__name__, name, value, ref[theirs])
+                want = ref[theirs]
+                want = tuple(want) if isinstance(want, list) else want  # (JSON: DoG's init_step)
+                assert value == want, (cls.__name__, name, value, want)
                 checked += 1
         assert checked >= {"SignSGD": 0}.get(cls.__name__, 1), (cls.__name__, checked)
     assert defaults["Adamax"]["weight_decay"] == 1e-4 and Adamax().weight_decay == 0.0
     assert COCOB().learning_rate == defaults["COCOB"]["learning_rate"] == 1.0
+    assert DoG().learning_rate == defaults["DoG"]["learning_rate"] == 1.0
+    assert DoWG().learning_rate == defaults["DoWG"]["learning_rate"] == 1.0
+    assert defaults["DoG"]["weight_decay"] is None and DoG().weight_decay == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +292,7 @@ def test_float64_parity_with_optax_and_defaults():
 # ---------------------------------------------------------------------------------------------
 
 F32_CASES = ["sign_sgd_wd", "signum_wd", "ogd_wd", "oadam", "oadam_wd", "adamaxw_mask",
-             "sademamix_wd", "cocob_wd"]
+             "sademamix_wd", "cocob_wd", "fromage_wd", "dog_distance_wd", "dog_lr", "dowg_wd"]
 F32_STEPS = 20
 
 
@@ -308,7 +339,10 @@ def test_state_dict_round_trip_resumes_bit_exactly(case):
     resumed, s2 = run32(case, "numpy", stop_at=11)
     assert s1.step == s2.step == F32_STEPS
     assert set(s1.slots) == set(s2.slots)
-    assert bool(s1.slots) == (case != "sign_sgd_wd")  # (plain signSGD keeps none)
+    assert bool(s1.slots) == (case not in ("sign_sgd_wd", "fromage_wd"))  # (they keep none)
+    assert s1.values.keys() == s2.values.keys()
+    for name in s1.values:  # DoG's and DoWG's optimizer-wide sums
+        assert float(s1.values[name]) == float(s2.values[name]), name
     for k in SHAPES:
         np.testing.assert_array_equal(whole[k], resumed[k])
     for slot in s1.slots:
@@ -318,7 +352,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(case):
 
 
 @pytest.mark.parametrize("case", ["signum_wd", "ogd_wd", "oadam", "adamaxw_mask",
-                                  "sademamix_wd", "cocob_wd"])
+                                  "sademamix_wd", "cocob_wd", "fromage_wd", "dog_lr", "dowg_wd"])
 def test_torch_optimizer_drives_a_torch_model_as_update_does(case):
     """``torch_optimizer(opt, model.named_parameters())`` on a torch model, with real
     backward passes: each step equals the optimizer's own update on the same gradients."""
@@ -370,6 +404,13 @@ BAD = [
     (COCOB, {"alpha": 0.0}, ValueError, "alpha"),
     (COCOB, {"epsilon": -1e-8}, ValueError, "epsilon"),
     (COCOB, {"learning_rate": float("inf")}, ValueError, "learning_rate"),
+    (Fromage, {"min_norm": -1e-6}, ValueError, "min_norm"),
+    (DoG, {"init_step": ("guess", 1e-6)}, ValueError, "init_step"),
+    (DoG, {"init_step": 1e-6}, ValueError, "init_step"),
+    (DoG, {"init_step": ("distance", -1.0)}, ValueError, "init_step"),
+    (DoG, {"epsilon": float("nan")}, ValueError, "epsilon"),
+    (DoWG, {"init_estim_sq_dist": -1.0}, ValueError, "init_estim_sq_dist"),
+    (DoWG, {"epsilon": -1.0}, ValueError, "epsilon"),
 ]
 
 

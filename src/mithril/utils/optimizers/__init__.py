@@ -15,7 +15,9 @@ from .base import Optimizer
 from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .cocob import COCOB
+from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
+from .fromage import Fromage
 from .ftrl import Ftrl
 from .lamb import LAMB
 from .lars import LARS
@@ -41,6 +43,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
+           "DoG", "DoWG", "Fromage",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:

@@ -1,0 +1,135 @@
+"""DoG and DoWG (distance over gradients: learning-rate free), optax.contrib conventions:
+two-pass optimizers whose one step size comes from sums over every parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Optimizer
+from .checks import check_positive, describe
+from .elementwise import maximum, sqrt, where
+
+_INIT_STEPS = ("heuristic", "distance", "learning_rate")
+
+
+def _dog_reduce(p, g, x0, lr, first):
+    d = x0 + first * p - p       # x₀ − p; x₀ is taken at the first step (0 then)
+    return d * d, g * g, p * p
+
+
+def _dowg_reduce(p, g, x0, lr, first):
+    d = x0 + first * p - p
+    return d * d, g * g
+
+
+def _dog(p, g, x0, lr, first, eta):
+    return p - lr * (eta * g), x0 + first * p
+
+
+def _first(step: int) -> float:
+    # (arithmetic, not if: the step may be traced in an optax transformation's program)
+    return (step == 1) * 1.0
+
+
+class DoG(Optimizer):
+    """DoG (Ivgi et al., 2023) as optax.contrib.dog: one step size for all parameters::
+
+        r ← max(r, ‖x₀ − x‖)            (over every parameter; r starts at r_ε)
+        S ← S + ‖g‖²                     (likewise)
+        p ← p − lr · r / √(S + ε) · g
+
+    ``init_step`` (optax's): ``("heuristic", c)`` r_ε = c·(1 + ‖x₀‖) (default, c = 1e-6),
+    ``("distance", r_ε)``, or ``("learning_rate", η₀)``: r_ε = 0 and the first step size is
+    η₀. The norms are sums over every parameter, taken in a first, read-only pass (see
+    ``Optimizer.reductions``); ``r`` and ``S`` are optimizer-wide values (``state.values``).
+    ``x₀`` (slot ``x0``) is copied from the parameters at the first update (a parameter
+    without a gradient then keeps x₀ = 0; optax copies it at ``init``). Defaults are
+    optax's: lr 1 (a multiplier of the estimate), ε 1e-8, no decay; ``weight_decay`` is
+    optax's coupled ``add_decayed_weights`` in front (``g ← g + wd·p``; its ``mask``:
+    ``weight_decay_mask``). torch 2.x and Keras 3 have none.
+    """
+
+    slots = ("x0",)
+    state_values = ("max_dist", "sum_sq")
+    reductions = 3
+
+    def __init__(self, learning_rate: float = 1.0,
+                 init_step: tuple[str, float] = ("heuristic", 1e-6), epsilon: float = 1e-8,
+                 weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        if (not isinstance(init_step, (tuple, list)) or len(init_step) != 2
+                or init_step[0] not in _INIT_STEPS):
+            raise ValueError(f"init_step must be a pair (kind, value), kind one of "
+                             f"{_INIT_STEPS}, got {describe(init_step)}")
+        self.init_step = (init_step[0], check_positive("init_step", init_step[1]))
+        self.epsilon = check_positive("epsilon", epsilon)
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        return (self.learning_rate, _first(step))
+
+    def reduce_math(self) -> Any:
+        return _dog_reduce
+
+    def kernel_math(self) -> Any:
+        return _dog
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
+        # arithmetic only: it also runs traced (the jitted JAX engine, optax_transformation)
+        kind, c = self.init_step
+        r_eps = {"heuristic": c * (1 + sqrt(sums[2].sum())), "distance": c,
+                 "learning_rate": 0.0}[kind]
+        r = where(step == 1, r_eps, values["max_dist"])
+        max_dist = maximum(r, sqrt(sums[0].sum()))
+        sum_sq = values["sum_sq"] + sums[1].sum()
+        eta = max_dist / sqrt(sum_sq + self.epsilon)
+        if kind == "learning_rate":
+            eta = where(step == 1, c, eta)
+        return (eta,), tensors, {"max_dist": max_dist, "sum_sq": sum_sq}
+
+
+class DoWG(Optimizer):
+    """DoWG (Khaled et al., 2023) as optax.contrib.dowg: DoG with weighted gradients::
+
+        r² ← max(r², ‖x₀ − x‖²)          (over every parameter; r² starts at r₀²)
+        W ← W + r²·‖g‖²
+        p ← p − lr · r² / (√W + ε) · g
+
+    ``init_estim_sq_dist`` r₀² (None: ε, as optax). The sums are over every parameter,
+    taken in a first, read-only pass; ``r²`` and ``W`` are optimizer-wide values
+    (``state.values``); ``x₀`` (slot ``x0``) is copied from the parameters at the first
+    update (a parameter without a gradient then keeps x₀ = 0; optax copies it at
+    ``init``). Defaults are optax's: lr 1, ε 1e-4, no decay; ``weight_decay`` is optax's
+    coupled ``add_decayed_weights`` in front (``g ← g + wd·p``). torch 2.x and Keras 3 have
+    none.
+    """
+
+    slots = ("x0",)
+    state_values = ("estim_sq_dist", "weighted_sq")
+    reductions = 2
+
+    def __init__(self, learning_rate: float = 1.0, init_estim_sq_dist: float | None = None,
+                 epsilon: float = 1e-4, weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.init_estim_sq_dist = (None if init_estim_sq_dist is None else
+                                   check_positive("init_estim_sq_dist", init_estim_sq_dist))
+        self.epsilon = check_positive("epsilon", epsilon)
+
+    def state_value_init(self, name: str) -> float:
+        if name == "weighted_sq":
+            return 0.0
+        return self.epsilon if self.init_estim_sq_dist is None else self.init_estim_sq_dist
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        return (self.learning_rate, _first(step))
+
+    def reduce_math(self) -> Any:
+        return _dowg_reduce
+
+    def kernel_math(self) -> Any:
+        return _dog
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
+        estim = maximum(values["estim_sq_dist"], sums[0].sum())
+        weighted = estim * sums[1].sum() + values["weighted_sq"]
+        eta = estim / (sqrt(weighted) + self.epsilon)
+        return (eta,), tensors, {"estim_sq_dist": estim, "weighted_sq": weighted}
