@@ -432,3 +432,25 @@ def test_hyperparameters_round_trip_and_slots():
     assert Adamax(decoupled_weight_decay=True).hyperparameters()["decoupled_weight_decay"]
     state = COCOB(epsilon=1e-5).init({"w": np.zeros(3)})
     np.testing.assert_array_equal(state.slot("scale")["w"], np.full(3, 1e-5))
+
+
+@pytest.mark.parametrize("case", ["cocob", "dog_lr", "dowg"])
+def test_a_parameter_missing_from_the_first_steps_keeps_its_starting_point(case):
+    """COCOB's p₀ and DoG's / DoWG's x₀ are the parameters' initial values in optax (copied
+    at ``init``). Here a parameter absent from the first two steps' gradients steps
+    exactly as with zero gradients there (what the float64 parity checks against optax):
+    its starting point is its value at its first update, not 0."""
+    cls_name, kw, _ = CASES[case]
+    p0, grads = problem("float32", 12)
+    runs = []
+    for drop in (False, True):
+        opt = CLASSES[cls_name](**kw)
+        params = {k: v.copy() for k, v in p0.items()}
+        state = opt.init(params)
+        for t, g in enumerate(grads):
+            g = {k: v for k, v in g.items() if not (drop and k == "b" and t < 2)}
+            params, state = opt.update(params, g, state)
+        runs.append({k: host(v) for k, v in params.items()})
+    assert not np.array_equal(runs[0]["b"], p0["b"])  # it moved after its first update
+    for k in SHAPES:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)

@@ -6,11 +6,13 @@ from typing import Any
 
 from .base import Optimizer
 from .checks import check_positive
-from .elementwise import abs_, maximum
+from .elementwise import abs_, maximum, where
 
 
-def _cocob(p, g, p0, c, scale, sub, reward, lr, alpha, first):
-    p0 = p0 + first * p                      # the starting point, taken at the first step
+def _cocob(p, g, p0, c, scale, sub, reward, lr, alpha):
+    # the starting point: p itself until a gradient moves it (G = 0 until then, and a zero
+    # gradient leaves p exactly where it is), so p₀ is the initial value, as optax's copy
+    p0 = where(sub == 0.0, p, p0)
     d = lr * g                               # optax scales the gradient by lr first
     scale = maximum(scale, abs_(d))          # L: the largest |gradient| seen (from ε)
     sub = sub + abs_(d)                      # G: the sum of |gradient|
@@ -27,8 +29,9 @@ class COCOB(Optimizer):
         L ← max(L, |c|)       G ← G + |c|       R ← max(R − c·(p − p₀), 0)       θ ← θ − c
         p ← p₀ + θ / (L·max(G + L, α·L)) · (L + R)
 
-    Slots ``p0`` (the starting point, optax's ``init_particles``: 0 until the first step
-    copies the parameters in), ``c`` (θ, optax's ``cumulative_gradients``), ``scale``
+    Slots ``p0`` (the starting point, optax's ``init_particles``: each element's value
+    when its first non-zero gradient comes, which is its initial value: until then the step
+    leaves it exactly in place), ``c`` (θ, optax's ``cumulative_gradients``), ``scale``
     (L, starting at ε), ``sub`` (G, ``subgradients``) and ``reward`` (R). Defaults are
     optax's: lr 1, α 100, ε 1e-8, no decay. ``weight_decay`` is coupled L2 (optax
     chains ``add_decayed_weights`` in front: ``g ← g + wd·p``, then × lr), on every tensor
@@ -48,8 +51,7 @@ class COCOB(Optimizer):
         return self.epsilon if slot == "scale" else 0.0
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        # (arithmetic, not if: the step may be traced in an optax transformation's program)
-        return (self.learning_rate, self.alpha, (step == 1) * 1.0)
+        return (self.learning_rate, self.alpha)
 
     def kernel_math(self) -> Any:
         return _cocob

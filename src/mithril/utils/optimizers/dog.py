@@ -12,23 +12,25 @@ from .elementwise import maximum, sqrt, where
 _INIT_STEPS = ("heuristic", "distance", "learning_rate")
 
 
-def _dog_reduce(p, g, x0, lr, first):
-    d = x0 + first * p - p       # x₀ − p; x₀ is taken at the first step (0 then)
-    return d * d, g * g, p * p
+def _dog_reduce(p, g, x0, lr):
+    d = x0 - p                   # (a tensor's first update: x₀ is not set yet, and its
+    return d * d, g * g, p * p   # distance is left out between the passes)
 
 
-def _dowg_reduce(p, g, x0, lr, first):
-    d = x0 + first * p - p
+def _dowg_reduce(p, g, x0, lr):
+    d = x0 - p
     return d * d, g * g
 
 
 def _dog(p, g, x0, lr, first, eta):
-    return p - lr * (eta * g), x0 + first * p
+    return p - lr * (eta * g), x0 + first * p   # x₀ ← p at the tensor's first update
 
 
-def _first(step: int) -> float:
-    # (arithmetic, not if: the step may be traced in an optax transformation's program)
-    return (step == 1) * 1.0
+def _started(tensors: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Each tensor's "x₀ is set" flag (0 before its first update), and the flags after
+    this step. Arithmetic only: it also runs traced."""
+    started = tensors["started"]
+    return started, {**tensors, "started": started * 0.0 + 1.0}
 
 
 class DoG(Optimizer):
@@ -42,14 +44,16 @@ class DoG(Optimizer):
     ``("distance", r_ε)``, or ``("learning_rate", η₀)``: r_ε = 0 and the first step size is
     η₀. The norms are sums over every parameter, taken in a first, read-only pass (see
     ``Optimizer.reductions``); ``r`` and ``S`` are optimizer-wide values (``state.values``).
-    ``x₀`` (slot ``x0``) is copied from the parameters at the first update (a parameter
-    without a gradient then keeps x₀ = 0; optax copies it at ``init``). Defaults are
+    ``x₀`` (slot ``x0``) is each tensor's value at its first update (optax copies it at
+    ``init``: the same, as nothing moves a tensor before; tensor slot ``started`` says which
+    have it). With ``"heuristic"``, ‖x₀‖ is over the tensors updated at step 1. Defaults are
     optax's: lr 1 (a multiplier of the estimate), ε 1e-8, no decay; ``weight_decay`` is
     optax's coupled ``add_decayed_weights`` in front (``g ← g + wd·p``; its ``mask``:
     ``weight_decay_mask``). torch 2.x and Keras 3 have none.
     """
 
     slots = ("x0",)
+    tensor_slots = ("started",)
     state_values = ("max_dist", "sum_sq")
     reductions = 3
 
@@ -65,7 +69,7 @@ class DoG(Optimizer):
         self.epsilon = check_positive("epsilon", epsilon)
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        return (self.learning_rate, _first(step))
+        return (self.learning_rate,)
 
     def reduce_math(self) -> Any:
         return _dog_reduce
@@ -76,15 +80,16 @@ class DoG(Optimizer):
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
         # arithmetic only: it also runs traced (the jitted JAX engine, optax_transformation)
         kind, c = self.init_step
+        started, tensors = _started(tensors)
         r_eps = {"heuristic": c * (1 + sqrt(sums[2].sum())), "distance": c,
                  "learning_rate": 0.0}[kind]
         r = where(step == 1, r_eps, values["max_dist"])
-        max_dist = maximum(r, sqrt(sums[0].sum()))
+        max_dist = maximum(r, sqrt((started * sums[0]).sum()))
         sum_sq = values["sum_sq"] + sums[1].sum()
         eta = max_dist / sqrt(sum_sq + self.epsilon)
         if kind == "learning_rate":
             eta = where(step == 1, c, eta)
-        return (eta,), tensors, {"max_dist": max_dist, "sum_sq": sum_sq}
+        return (1.0 - started, eta), tensors, {"max_dist": max_dist, "sum_sq": sum_sq}
 
 
 class DoWG(Optimizer):
@@ -96,14 +101,15 @@ class DoWG(Optimizer):
 
     ``init_estim_sq_dist`` r₀² (None: ε, as optax). The sums are over every parameter,
     taken in a first, read-only pass; ``r²`` and ``W`` are optimizer-wide values
-    (``state.values``); ``x₀`` (slot ``x0``) is copied from the parameters at the first
-    update (a parameter without a gradient then keeps x₀ = 0; optax copies it at
-    ``init``). Defaults are optax's: lr 1, ε 1e-4, no decay; ``weight_decay`` is optax's
+    (``state.values``); ``x₀`` (slot ``x0``) is each tensor's value at its first update
+    (optax copies it at ``init``: the same, as nothing moves a tensor before; tensor slot
+    ``started`` says which have it). Defaults are optax's: lr 1, ε 1e-4, no decay; ``weight_decay`` is optax's
     coupled ``add_decayed_weights`` in front (``g ← g + wd·p``). torch 2.x and Keras 3 have
     none.
     """
 
     slots = ("x0",)
+    tensor_slots = ("started",)
     state_values = ("estim_sq_dist", "weighted_sq")
     reductions = 2
 
@@ -120,7 +126,7 @@ class DoWG(Optimizer):
         return self.epsilon if self.init_estim_sq_dist is None else self.init_estim_sq_dist
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        return (self.learning_rate, _first(step))
+        return (self.learning_rate,)
 
     def reduce_math(self) -> Any:
         return _dowg_reduce
@@ -129,7 +135,8 @@ class DoWG(Optimizer):
         return _dog
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
-        estim = maximum(values["estim_sq_dist"], sums[0].sum())
+        started, tensors = _started(tensors)
+        estim = maximum(values["estim_sq_dist"], (started * sums[0]).sum())
         weighted = estim * sums[1].sum() + values["weighted_sq"]
         eta = estim / (sqrt(weighted) + self.epsilon)
-        return (eta,), tensors, {"estim_sq_dist": estim, "weighted_sq": weighted}
+        return (1.0 - started, eta), tensors, {"estim_sq_dist": estim, "weighted_sq": weighted}
