@@ -222,6 +222,21 @@ for case, (cls_name, kw, ref) in CASES.items():
     # how far the parameters moved: a case that does not move would prove nothing
     out[f"{case}/moved"] = max(rel_err(traj[-1][i], p0[k]) for i, k in enumerate(names))
 
+# the deprecated optax.optimistic_adam(lr, optimism) (α = lr, β = optimism, no lr; it takes
+# no schedule) is OptimisticAdam(learning_rate=lr, alpha=1, beta=optimism/lr)
+import warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    traj = list(run_optax(optax.optimistic_adam(0.01, 0.03)))
+opt = OptimisticAdam(learning_rate=0.01, alpha=1.0, beta=0.03 / 0.01)
+params = {k: v.copy() for k, v in p0.items()}
+state = opt.init(params)
+err = 0.0
+for t in range(STEPS):
+    params, state = opt.update(params, grads[t], state)
+    err = max(err, *(rel_err(params[k], traj[t][i]) for i, k in enumerate(names)))
+out["optimistic_adam_v1/numpy"] = err
+
 
 def sig(f):
     return {k: p.default for k, p in inspect.signature(f).parameters.items()
@@ -265,6 +280,9 @@ def test_float64_parity_with_optax_and_defaults():
     bad = {f"{case}/{e}": errors[f"{case}/{e}"] for case in CASES for e in ENGINES
            if not errors[f"{case}/{e}"] <= TOL64}
     assert not bad, bad
+    # the deprecated optimistic_adam: (lr+o)·u − o·u_prev against lr·((1+o/lr)·u − (o/lr)·u_prev)
+    assert errors["optimistic_adam_v1/numpy"] <= TOL64, errors["optimistic_adam_v1/numpy"]
+    OBSERVED["f64/optimistic_adam_v1"] = errors["optimistic_adam_v1/numpy"]
     # (DoG's default r_ε = 1e-6·(1 + ‖x₀‖) grows slowly: it moves ~2e-4 in 100 steps)
     still = [case for case in CASES if not errors[f"{case}/moved"] > 1e-4]
     assert not still, still
