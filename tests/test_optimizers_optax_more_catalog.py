@@ -14,7 +14,7 @@ and through ``optax_transformation(opt, learning_rate=schedule, scalars="traced"
 :func:`rel_err` (as tests/test_optimizers_optax_catalog.py). JAX float64 needs the
 process-global ``jax_enable_x64``: it all runs in ONE fresh subprocess (cached).
 
-In-process (float32): the backends agree, ``torch_optimizer`` drives a torch model exactly
+In-process (float32): the backends agree (the flat tensor-op engine too), ``torch_optimizer`` drives a torch model exactly
 as the optimizer's own update does, a state_dict round trip mid-run resumes bit-exactly,
 bad hyperparameters raise naming the argument.
 """
@@ -331,6 +331,8 @@ def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None =
         opt = CLASSES[cls_name](**kw)
         params = {k: native(backend, v) for k, v in p0.items()}
         state = opt.init(params)
+        assert type(state.engine).__name__ == {"jax-jit": "JaxEngine", "array-torch":
+                                               "ArrayEngine"}.get(backend, "NumbaEngine")
         for t in range(steps):
             if t == 8:
                 opt.set_learning_rate(kw["learning_rate"] * 0.5)
@@ -349,14 +351,19 @@ def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None =
 
 @pytest.mark.parametrize("case", F32_CASES)
 def test_float32_backends_agree(case):
-    runs = {b: run32(case, b)[0] for b in ("numpy", "torch", "jax", "jax-jit")}
+    runs = {b: run32(case, b)[0] for b in ("numpy", "torch", "jax", "jax-jit", "array-torch")}
     for k in SHAPES:
         assert runs["numpy"][k].dtype == np.float32
         # NumPy, torch and JAX on CPU run the same fused kernel: identical bits
         np.testing.assert_array_equal(runs["numpy"][k], runs["torch"][k])
         np.testing.assert_array_equal(runs["numpy"][k], runs["jax"][k])
-        x, y = runs["numpy"][k], runs["jax-jit"][k]
-        assert np.max(np.abs(x - y)) <= 3e-6 * max(np.max(np.abs(x)), 1.0), (case, k)
+        # XLA's fusion and the flat tensor ops (torch's accelerator path, forced here on
+        # CPU) round differently: close, relative to each tensor's scale
+        for other in ("jax-jit", "array-torch"):
+            x, y = runs["numpy"][k], runs[other][k]
+            err = float(np.max(np.abs(x - y)) / max(np.max(np.abs(x)), 1.0))
+            OBSERVED[f"f32/{case}/{other}"] = max(err, OBSERVED.get(f"f32/{case}/{other}", 0.0))
+            assert err <= 3e-6, (case, other, k, err)
 
 
 @pytest.mark.parametrize("case", F32_CASES)
