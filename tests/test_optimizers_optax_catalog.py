@@ -130,13 +130,15 @@ CLASSES = {c.__name__: c for c in (Lion, Yogi, AdaBelief, ADOPT, Adan, AdEMAMix,
 OBSERVED: dict[str, float] = {}
 
 
-def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
-    """Start parameters and a gradient sequence; "b" gets a zero gradient on the first two
-    steps (sign(0) = 0 for Lion, a zero first v for ADOPT, Adan's zero first difference)."""
+def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0, shapes=None):
+    """Start parameters and a gradient sequence (of ``shapes``, default ``SHAPES``); "b" gets
+    a zero gradient on the first two steps (sign(0) = 0 for Lion and SignSGD, a zero first v
+    for ADOPT, Adan's zero first difference, the optimistic first step, COCOB's zero bet)."""
+    shapes = SHAPES if shapes is None else shapes
     rng = np.random.default_rng(seed)
-    p0 = {k: np.asarray(rng.standard_normal(s), dtype=dtype) for k, s in SHAPES.items()}
+    p0 = {k: np.asarray(rng.standard_normal(s), dtype=dtype) for k, s in shapes.items()}
     grads = [{k: np.asarray(rng.standard_normal(s) * (1 + t % 7) * (k != "b" or t >= 2),
-                            dtype=dtype) for k, s in SHAPES.items()} for t in range(steps)]
+                            dtype=dtype) for k, s in shapes.items()} for t in range(steps)]
     return p0, grads
 
 

@@ -29,6 +29,7 @@ import json
 import numpy as np
 import pytest
 from conftest import host, native, optimizer_engine, run_python
+from test_optimizers_optax_catalog import LR_FACTORS, lr_at, problem, rel_err
 
 from mithril.utils.optimizers import (
     COCOB,
@@ -46,7 +47,6 @@ from mithril.utils.optimizers import (
 STEPS = 100
 TOL64 = 1e-10
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "cube": (2, 3, 5)}
-LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
 DECAYED = ["w", "s", "cube"]  # a weight-decay mask: not "b" (optax: a dict of bools)
 MASK = "{'w': True, 'b': False, 's': True, 'cube': True}"
 
@@ -116,32 +116,6 @@ CLASSES = {c.__name__: c for c in (SignSGD, Signum, OptimisticGD, OptimisticAdam
 ENGINES = ("numpy", "torch", "jax", "jax-jit", "optax_transformation")
 #: the largest error of each check (printed after the run: conftest.py)
 OBSERVED: dict[str, float] = {}
-
-
-def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
-    """Start parameters and a gradient sequence; "b" gets a zero gradient on the first two
-    steps (sign(0) = 0, the optimistic first step, COCOB's zero bet)."""
-    rng = np.random.default_rng(seed)
-    p0 = {k: np.asarray(rng.standard_normal(s), dtype=dtype) for k, s in SHAPES.items()}
-    grads = [{k: np.asarray(rng.standard_normal(s) * (1 + t % 7) * (k != "b" or t >= 2),
-                            dtype=dtype) for k, s in SHAPES.items()} for t in range(steps)]
-    return p0, grads
-
-
-def lr_at(lr0: float, t: int) -> float:
-    f = 1.0
-    for s, x in LR_FACTORS.items():
-        if t >= s:
-            f = x
-    return lr0 * f
-
-
-def rel_err(a, b) -> float:
-    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(np.abs(a), np.abs(b))
-    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
-    return float(np.max(np.abs(a - b) / scale, initial=0.0))
 
 
 _SCRIPT = r"""
@@ -326,7 +300,7 @@ def run32(case: str, backend: str, steps: int = F32_STEPS, stop_at: int | None =
     """Final float32 params of ``case`` on ``backend``; with ``stop_at``, the optimizer and
     state are rebuilt from a state_dict after that many steps (and the params copied)."""
     cls_name, kw, _ = CASES[case]
-    p0, grads = problem("float32", steps)
+    p0, grads = problem("float32", steps, shapes=SHAPES)
     with optimizer_engine(backend):
         opt = CLASSES[cls_name](**kw)
         params = {k: native(backend, v) for k, v in p0.items()}
@@ -474,7 +448,7 @@ def test_a_parameter_missing_from_the_first_steps_keeps_its_starting_point(case)
     exactly as with zero gradients there (what the float64 parity checks against optax):
     its starting point is its value at its first update, not 0."""
     cls_name, kw, _ = CASES[case]
-    p0, grads = problem("float32", 12)
+    p0, grads = problem("float32", 12, shapes=SHAPES)
     runs = []
     for drop in (False, True):
         opt = CLASSES[cls_name](**kw)
