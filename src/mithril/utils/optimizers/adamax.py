@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_positive, check_unit
 from .elementwise import abs_, maximum
-from .sgd import BY_CONVENTION, check_convention
+from .sgd import BY_CONVENTION, check_convention, check_decoupled
 
 
 def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
@@ -55,13 +55,8 @@ class Adamax(Optimizer):
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
-        if decoupled_weight_decay is BY_CONVENTION:
-            decoupled_weight_decay = convention == "keras"
         # an instance attribute: the engines read opt.decoupled_weight_decay
-        self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
-        if convention == "keras" and not self.decoupled_weight_decay:
-            raise ValueError("decoupled_weight_decay=False: Keras's weight decay is decoupled "
-                             "only (convention='keras')")
+        self.decoupled_weight_decay = check_decoupled(self.convention, decoupled_weight_decay)
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr = self.learning_rate

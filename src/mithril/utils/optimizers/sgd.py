@@ -29,6 +29,19 @@ def check_convention(convention: Any) -> str:
     return convention
 
 
+def check_decoupled(convention: str, value: Any) -> bool:
+    """``decoupled_weight_decay`` checked (a bool): by default (:data:`BY_CONVENTION`)
+    decoupled under Keras's convention only, whose weight decay is decoupled only (False
+    there is a ValueError)."""
+    if value is BY_CONVENTION:
+        value = convention == "keras"
+    value = check_flag("decoupled_weight_decay", value)
+    if convention == "keras" and not value:
+        raise ValueError("decoupled_weight_decay=False: Keras's weight decay is decoupled "
+                         "only (convention='keras')")
+    return value
+
+
 def _plain(p, g, lr):
     return (p - lr * g,)
 
