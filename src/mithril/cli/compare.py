@@ -17,7 +17,8 @@ from .common import (
 )
 from .data import load_digits_split
 from .errors import CLIError, TrainingError
-from .options import OPTIMIZERS, SCHEDULER_NAMES, check_name, parse_spec
+from .optimizer_catalog import NAMES, parse_optimizer_spec
+from .options import SCHEDULER_NAMES, check_name
 from .plots import compare_figure
 from .report import (
     default_out_dir,
@@ -87,7 +88,7 @@ def parse_config(text: str) -> tuple[str, dict[str, Any]]:
     def scheduler(name: str) -> str:
         return check_name("scheduler", name.lower(), SCHEDULER_NAMES)
 
-    return parse_spec(text, "optimizer", tuple(OPTIMIZERS), special={"scheduler": scheduler})
+    return parse_optimizer_spec(text, run_keys=True, special={"scheduler": scheduler})
 
 
 def slug(i: int, text: str) -> str:

@@ -22,7 +22,8 @@ from .common import (
 )
 from .data import Dataset
 from .errors import CLIError, TrainingError
-from .options import OPTIMIZER_OPTIONS, OPTIMIZERS, add_options
+from .optimizer_catalog import NAMES, parse_optimizer_spec
+from .options import OPTIMIZER_OPTIONS, add_options
 from .parallel import (
     Parallel,
     World,
@@ -118,8 +119,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        description=DESCRIPTION, epilog=EXAMPLES, usage="mithril train [options]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", type=str.lower, choices=tuple(OPTIMIZERS), default=None,
-                   help="default: adam (charlm: adamw)")
+    g.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
+                   help="default: adam (charlm: adamw). One of " + ", ".join(NAMES) +
+                        ". Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
+                        "(the constructor's arguments; learning_rate is lr, epsilon eps); "
+                        "lookahead wraps another: lookahead:inner=sgd,sync_period=5")
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
                 OPTIMIZER_OPTIONS)
     add_common_optimizer_flags(p)
@@ -233,7 +237,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
-    cfg = run_config(args, args.optimizer)
+    optimizer, overrides = parse_optimizer_spec(args.optimizer)
+    cfg = run_config(args, optimizer, overrides)
     if args.ema_start is not None:  # (common.run_config knows --ema, not this flag)
         if args.ema is None:
             raise CLIError("--ema-start only applies with --ema")

@@ -26,7 +26,8 @@ from ..utils.training import make_train_step
 from .data import Dataset
 from .errors import CLIError, TrainingError
 from .networks import ModelSpec, mlp_spec
-from .options import COMMON_OPTIONS, OPTIMIZERS, Schedule, build_optimizer, build_schedule
+from .optimizer_catalog import build_optimizer, optimizer_keys
+from .options import Schedule, build_schedule
 
 BACKENDS = ("numpy", "jax", "torch")
 MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
@@ -174,7 +175,9 @@ def thread_limit(threads: int, backend: str) -> Iterator[None]:
 def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
     """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
     parts = [f"lr={optimizer.get_learning_rate():g}"]
-    for key in (*OPTIMIZERS[name].args, *(o.name for o in COMMON_OPTIONS)):
+    if name == "lookahead":
+        parts.insert(0, f"inner={settings.get('inner') or 'adam'}")
+    for key in optimizer_keys(name, settings):
         value = settings.get(key)
         if key == "lr" or value is None:
             continue

@@ -1,0 +1,323 @@
+"""Every optimizer of :mod:`mithril.utils.optimizers` by a CLI name, with its settings.
+
+The catalog is derived, not hand-written: every class of the library's ``__all__`` that is
+an :class:`~mithril.utils.optimizers.Optimizer` gets a name in the CLI's style (lower case,
+dashes: ``Lion`` -> ``lion``, ``ScheduleFreeAdamW`` -> ``schedule-free-adamw``, ``SignSGD``
+-> ``sign-sgd``), and its settings are its constructor's arguments (``learning_rate`` is
+``lr`` and ``epsilon`` is ``eps``, as the flags call them). A new optimizer in the library
+thus appears here by itself.
+
+Settings come from the flags of :data:`.options.OPTIMIZER_OPTIONS` where the optimizer takes
+them (``--beta1`` for Lion; ``--momentum`` for Lion is an error) and from the spec form
+``NAME:KEY=VALUE,...`` (``lion:beta1=0.95,beta2=0.98``), whose values are parsed by the
+argument's annotation and default (floats, ints, booleans, ``none``, tuples written
+``[a,b]`` or ``a/b``, an optimizer name for ``fallback``/``inner``) and validated by the
+constructor. Two optimizers are special:
+
+* ``lookahead`` wraps another one: ``lookahead:inner=sgd,sync_period=5`` (default inner:
+  adam); the settings that are not Lookahead's own (and the flags) go to the inner optimizer;
+* ``lbfgs`` needs a closure that re-evaluates the loss several times per step, which the
+  training loop (one gradient per batch) cannot give: it is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..utils import optimizers as _optimizers
+from ..utils.optimizers import Lookahead, Optimizer
+from .errors import CLIError
+from .options import (
+    ALIASES,
+    COMMON_OPTIONS,
+    OPTIMIZER_OPTIONS,
+    OPTIMIZERS,
+    OPTIONS,
+    SCHEDULER_OPTIONS,
+    WARMUP_OPTIONS,
+    _split_items,
+)
+
+#: names the generic rule (a dash before each capitalised word) gets wrong
+_NAME_OVERRIDES = {"AdaGrad": "adagrad", "AdaBelief": "adabelief", "AdEMAMix": "ademamix",
+                   "SimplifiedAdEMAMix": "simplified-ademamix", "DoWG": "dowg"}
+#: constructor argument -> CLI key where they differ (the flags' names)
+_KEY_OF_ARG = {"learning_rate": "lr", "epsilon": "eps"}
+#: constructor arguments that are not hyperparameters (engine and placement choices)
+_NOT_SETTINGS = {"backend", "fused"}
+#: run settings (schedule, warm-up): a constructor argument of that name gets this prefix
+#: (schedule-free's own ``warmup_steps`` is ``optimizer_warmup_steps``; ``--warmup-steps``
+#: stays the schedule's warm-up)
+_RUN_KEYS = {o.name for o in SCHEDULER_OPTIONS + WARMUP_OPTIONS}
+_CLASH_PREFIX = "optimizer_"
+
+#: the CLI's learning rate where the class's default does not suit the digits MLP (checked by
+#: tests/test_cli_optimizer_catalog.py: each trains it, the loss falls); learning-rate-free
+#: ones (prodigy, dog, dowg, cocob: a multiplier of 1) and schedule-free ones keep theirs
+DEFAULT_LR: dict[str, float] = {
+    **{name: kind.default_lr for name, kind in OPTIMIZERS.items()},
+    "lion": 3e-4, "lars": 0.1, "ftrl": 0.1, "optimistic-gd": 0.05, "asgd": 0.05,
+    "sign-sgd": 3e-4, "signum": 3e-4, "muon": 0.02, "fromage": 0.01, "schedule-free-sgd": 0.1,
+}
+#: Lookahead's inner optimizer when ``inner=`` is not given
+DEFAULT_INNER = "adam"
+#: optimizers the training loop cannot drive, and why
+REFUSED = {"lbfgs": "L-BFGS needs a closure that re-evaluates the loss several times per "
+                    "step (and a full batch); the training loop takes one gradient per batch. "
+                    "Use mithril.utils.optimizers.LBFGS from Python with step(closure)"}
+
+
+def cli_name(class_name: str) -> str:
+    """The CLI's name of an optimizer class: lower case, a dash before each capitalised word
+    or acronym (``ScheduleFreeAdamW`` -> ``schedule-free-adamw``, ``SignSGD`` -> ``sign-sgd``),
+    but ``AdamW``, ``NAdam``, ``RMSProp`` stay one word."""
+    if class_name in _NAME_OVERRIDES:
+        return _NAME_OVERRIDES[class_name]
+    return re.sub(r"(?<=[a-z])(?=[A-Z][a-z]|[A-Z]{2})", "-", class_name).lower()
+
+
+def _catalog() -> dict[str, type[Optimizer]]:
+    found = {}
+    for attr in _optimizers.__all__:
+        cls = getattr(_optimizers, attr)
+        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer:
+            found[cli_name(attr)] = cls
+    # the CLI's original five first (their order in help texts), then alphabetical
+    return {**{n: found[n] for n in OPTIMIZERS}, **dict(sorted(found.items()))}
+
+
+#: CLI name -> optimizer class, every one of the library's catalog
+CATALOG: dict[str, type[Optimizer]] = _catalog()
+NAMES = tuple(CATALOG)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One constructor argument as a CLI key."""
+
+    key: str  #: the CLI key (``lr``, ``beta1``, ``optimizer_warmup_steps``)
+    arg: str  #: the constructor argument (``learning_rate``)
+    annotation: str
+    default: Any
+
+    def parse(self, text: str, where: str) -> Any:
+        """The value of ``text`` for this argument (its range is the constructor's to check)."""
+        opt = OPTIONS.get(self.key)
+        if opt is not None and opt in OPTIMIZER_OPTIONS:
+            return opt.parse(text, where)  # the flag's own type and checks
+        ann, low = self.annotation, text.strip().lower()
+        if low == "none" and ("None" in ann or self.default is None):
+            return None
+        try:
+            if self.arg in ("fallback", "inner") or ann in ("Any", "Optimizer"):
+                return resolve_name(text, where=f"{where}: {self.key}")
+            if "bool" in ann or isinstance(self.default, bool):
+                return _bool(low)
+            if "tuple" in ann or "Sequence" in ann or isinstance(self.default, tuple):
+                items = text.strip().strip("[]()").replace("/", ",").split(",")
+                return tuple(_scalar(x.strip()) for x in items if x.strip())
+            if ann.startswith("int") or isinstance(self.default, int):
+                return int(text)
+            if ann.startswith("float") or isinstance(self.default, float):
+                return float(text)
+        except ValueError:
+            raise CLIError(f"{where}: {self.key}={text!r} is not a valid value of "
+                           f"{self.key} ({ann})") from None
+        return text.strip()
+
+
+def _bool(low: str) -> bool:
+    if low in ("", "1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(low)
+
+
+def _scalar(text: str) -> Any:
+    """A tuple item: ``none``, a number, or a word (DoG's ``init_step=[heuristic,1e-6]``)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def settings_of(cls: type[Optimizer]) -> dict[str, Setting]:
+    """CLI key -> :class:`Setting` for each hyperparameter of ``cls``'s constructor."""
+    out: dict[str, Setting] = {}
+    hints = getattr(cls.__init__, "__annotations__", {})
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
+                or p.name in _NOT_SETTINGS:
+            continue
+        key = _KEY_OF_ARG.get(p.name, p.name)
+        if key in _RUN_KEYS:
+            key = _CLASH_PREFIX + key
+        ann = hints.get(p.name, "Any")  # a string: the library uses postponed annotations
+        out[key] = Setting(key, p.name, ann if isinstance(ann, str) else getattr(
+                               ann, "__name__", str(ann)),
+                           None if p.default is inspect.Parameter.empty else p.default)
+    return out
+
+
+#: CLI name -> its settings
+SETTINGS: dict[str, dict[str, Setting]] = {n: settings_of(c) for n, c in CATALOG.items()}
+#: Lookahead's own settings (the others go to its inner optimizer)
+LOOKAHEAD = "lookahead"
+
+
+def resolve_name(text: str, where: str = "optimizer") -> str:
+    """The catalog name ``text`` means (case, ``_`` for ``-`` and dash-less forms such as
+    ``signsgd`` are accepted); an unknown one is a :class:`CLIError` listing the names."""
+    name = text.strip().lower().replace("_", "-")
+    if name in CATALOG:
+        return name
+    bare = {n.replace("-", ""): n for n in CATALOG}
+    if name.replace("-", "") in bare:
+        return bare[name.replace("-", "")]
+    raise CLIError(f"unknown {where} {text.strip()!r}; choose from {', '.join(NAMES)}")
+
+
+def keys_text(name: str, inner: str | None = None) -> str:
+    """``"lr, beta1, ..."``: the keys optimizer ``name`` takes in its spec."""
+    keys = list(SETTINGS[name])
+    if name == LOOKAHEAD:
+        keys = [k for k in keys if k != "inner"] + ["inner"]
+        keys += [f"{k} (of {inner or DEFAULT_INNER})"
+                 for k in SETTINGS[inner or DEFAULT_INNER]]
+    return ", ".join(keys + [o.name for o in COMMON_OPTIONS])
+
+
+def parse_optimizer_spec(text: str, run_keys: bool = False,
+                         special: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``"NAME"`` or ``"NAME:KEY=VALUE,..."`` -> ``(catalog name, {key: value})``.
+
+    Keys are the optimizer's constructor arguments as CLI keys (``lr``, ``eps``, ``beta1``,
+    ...; ``-`` may stand for ``_``) and the common options (``clip_norm``, ...); for
+    ``lookahead`` also ``inner`` and the inner optimizer's keys. ``run_keys``: the schedule
+    and warm-up settings are accepted too (``mithril compare``'s configs); ``special``: extra
+    keys and their parsers (``scheduler``). A bare key sets a boolean. An unknown key or a
+    bad value is a :class:`CLIError` naming it and the keys the optimizer takes."""
+    head, _, rest = text.partition(":")
+    name = resolve_name(head)
+    where = f"optimizer {text!r}"
+    items = []
+    for item in _split_items(rest):
+        key, eq, raw = item.partition("=")
+        items.append((key.strip().lower().replace("-", "_"), eq, raw.strip()))
+    inner = None
+    if name == LOOKAHEAD:
+        for key, _eq, raw in items:
+            if key == "inner":
+                inner = SETTINGS[name]["inner"].parse(raw, where)
+        if inner == LOOKAHEAD or inner in REFUSED:
+            raise CLIError(f"{where}: inner={inner} cannot be Lookahead's inner optimizer")
+    own = {**(SETTINGS[inner or DEFAULT_INNER] if name == LOOKAHEAD else {}), **SETTINGS[name]}
+    values: dict[str, Any] = {}
+    for key, eq, raw in items:
+        if special and key in special:
+            values[key] = special[key](raw)
+            continue
+        if key not in own:
+            key = ALIASES.get(key, key)
+        if key in own:
+            setting = own[key]
+            if not eq and not ("bool" in setting.annotation
+                               or isinstance(setting.default, bool)):
+                raise CLIError(f"{where}: {key} needs a value ({key}=...)")
+            values[key] = setting.parse(raw, where)
+            continue
+        allowed = COMMON_OPTIONS + (SCHEDULER_OPTIONS + WARMUP_OPTIONS if run_keys else [])
+        opt = next((o for o in allowed if o.name == key), None)
+        if opt is None:
+            raise CLIError(f"{where}: unknown setting {key!r}; {name} takes "
+                           f"{keys_text(name, inner)}")
+        if not eq and opt.kind != "bool":
+            raise CLIError(f"{where}: {key} needs a value ({key}=...)")
+        values[key] = opt.parse(raw, where)
+    return name, values
+
+
+def optimizer_keys(name: str, settings: Mapping[str, Any]) -> list[str]:
+    """The keys of ``settings`` that set optimizer ``name``'s hyperparameters (for labels)."""
+    inner = settings.get("inner") or DEFAULT_INNER
+    own = {**(SETTINGS[inner] if name == LOOKAHEAD else {}), **SETTINGS[name]}
+    return [k for k in own if k != "inner"] + [o.name for o in COMMON_OPTIONS]
+
+
+def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
+            flags: bool) -> dict[str, Any]:
+    """Constructor arguments of ``name`` from ``settings`` (flags that do not apply: an
+    error) and ``extra``."""
+    own = SETTINGS[name]
+    kwargs: dict[str, Any] = {}
+    if "lr" in own:
+        kwargs["learning_rate"] = DEFAULT_LR.get(name, own["lr"].default)
+    kwargs.update(extra)
+    for opt in OPTIMIZER_OPTIONS:  # the flags: each must apply
+        if flags and settings.get(opt.name) is not None and opt.name not in own:
+            takes = ", ".join(OPTIONS[k].flag for k in own if k in OPTIONS) or "no such flag"
+            raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes {takes}; "
+                           f"and in --optimizer {name}:KEY=VALUE,...: {keys_text(name)})")
+    for key, setting in own.items():
+        if settings.get(key) is not None or (key in settings and key not in OPTIONS):
+            value = settings[key]
+            if setting.arg in ("fallback", "inner") and isinstance(value, str):
+                value = _build(value, {}, {}, flags=False)
+            kwargs[setting.arg] = value
+    for opt in COMMON_OPTIONS:
+        if settings.get(opt.name) is not None:
+            kwargs[opt.name] = settings[opt.name]
+    return kwargs
+
+
+def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
+           flags: bool = True) -> Optimizer:
+    if name in REFUSED:
+        raise CLIError(f"optimizer {name} is not supported by mithril train/compare: "
+                       f"{REFUSED[name]}")
+    cls = CATALOG[name]
+    if name == LOOKAHEAD:  # its own settings; the rest (and the flags) make the inner one
+        inner_name = settings.get("inner") or DEFAULT_INNER
+        own = {k: v for k, v in settings.items() if k in SETTINGS[name] and k != "inner"}
+        rest = {k: v for k, v in settings.items() if k not in own and k != "inner"}
+        inner = _build(inner_name, rest, extra, flags)
+        kwargs = {SETTINGS[name][k].arg: v for k, v in own.items()}
+        return cls(inner, **kwargs)
+    return cls(**_kwargs(name, settings, extra, flags))
+
+
+def build_optimizer(name: str, settings: Mapping[str, Any],
+                    extra: Mapping[str, Any] | None = None) -> Optimizer:
+    """The optimizer ``name`` (a catalog name) with the settings in ``settings`` (``None``
+    values are unset; flags that do not apply to it are an error), its CLI default learning
+    rate (:data:`DEFAULT_LR`) unless ``lr`` is set, and ``extra``: constructor arguments
+    every optimizer takes (``ema_decay``, ``exclude_weight_decay``, ...), passed as they are.
+    The constructor's ``ValueError``/``TypeError`` becomes a :class:`CLIError` naming the
+    optimizer (and the flag, where the message names its argument)."""
+    name = resolve_name(name)
+    try:
+        return _build(name, settings, dict(extra or {}))
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        own = {**SETTINGS[name], **(SETTINGS[settings.get("inner") or DEFAULT_INNER]
+                                    if name == LOOKAHEAD else {})}
+        named = [s.key for s in own.values()
+                 if msg.startswith(s.arg + " ") or msg.startswith(s.arg + "=")]
+        hint = ""
+        if named:
+            key = named[0]
+            hint = f" ({OPTIONS[key].flag})" if key in OPTIONS else f" (key {key})"
+        raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}; {name} takes "
+                       f"{keys_text(name, settings.get('inner'))}") from None
+
+
+def is_lookahead(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a Lookahead wrapper (its hyperparameters are its inner's)."""
+    return isinstance(optimizer, Lookahead)
