@@ -55,13 +55,20 @@ _NOT_SETTINGS = {"backend", "fused"}
 _RUN_KEYS = {o.name for o in SCHEDULER_OPTIONS + WARMUP_OPTIONS}
 _CLASH_PREFIX = "optimizer_"
 
-#: the CLI's learning rate where the class's default does not suit the digits MLP (checked by
-#: tests/test_cli_optimizer_catalog.py: each trains it, the loss falls); learning-rate-free
-#: ones (prodigy, dog, dowg, cocob: a multiplier of 1) and schedule-free ones keep theirs
+#: the CLI's learning rate where the class's default does not suit the digits MLP (2 epochs
+#: of each, tests/test_cli_optimizer_catalog.py: the loss falls). The learning-rate-free ones
+#: (prodigy, dog, dowg, cocob: a multiplier of 1) and the schedule-free ones keep theirs;
+#: dog's default init_step (1e-6) makes it start slowly (it takes off after ~4 epochs)
 DEFAULT_LR: dict[str, float] = {
     **{name: kind.default_lr for name, kind in OPTIMIZERS.items()},
-    "lion": 3e-4, "lars": 0.1, "ftrl": 0.1, "optimistic-gd": 0.05, "asgd": 0.05,
-    "sign-sgd": 3e-4, "signum": 3e-4, "muon": 0.02, "fromage": 0.01, "schedule-free-sgd": 0.1,
+    # trust-ratio (layer-wise) methods: the rate scales the weights' norm
+    "lamb": 1e-2, "lars": 1.0, "novograd": 1e-2,
+    # sign-based: every element moves by the rate; lion's 1e-4 is for large models
+    "lion": 1e-3,
+    # SGD-like: the CLI's sgd rate and the like; ftrl's 1e-3 barely moves
+    "optimistic-gd": 0.05, "asgd": 0.05, "ftrl": 0.1,
+    # radam's first steps are un-adapted momentum SGD; muon as in Keller Jordan's runs
+    "radam": 1e-2, "muon": 0.02,
 }
 #: Lookahead's inner optimizer when ``inner=`` is not given
 DEFAULT_INNER = "adam"

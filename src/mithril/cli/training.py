@@ -293,7 +293,8 @@ class Run:
         which = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
         if which is None:
             raise CLIError(f"--momentum-cycle: optimizer {name} has no momentum or beta1 to cycle "
-                           f"(sgd and rmsprop cycle --momentum, adam and adamw beta1)")
+                           f"(sgd and rmsprop cycle --momentum, adam and adamw beta1; "
+                           f"any optimizer with a momentum or beta1 setting cycles it)")
         if which == "momentum" and not hp["momentum"]:
             raise CLIError(f"--momentum-cycle with {name} needs --momentum > 0 (e.g. --momentum "
                            f"0.9): a momentum buffer cannot appear in the middle of a run")
@@ -383,6 +384,10 @@ class Run:
         """The weights the model evaluates: the training ones or (``ema``) their EMA."""
         if ema:
             return self.ema_params()
+        if self.trainer is None and self.parallel is None and hasattr(self.optimizer,
+                                                                      "eval_params"):
+            # schedule-free: the averaged sequence x, not the gradient point y
+            return dict(self.optimizer.eval_params(self.state, self.params))
         return self.params if self.trainer is None else self.trainer.compute_params()
 
     def evaluate(self, which: str, ema: bool = False) -> dict[str, float]:
