@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .common import (
 )
 from .data import load_digits_split
 from .errors import CLIError, TrainingError
-from .optimizer_catalog import NAMES, parse_optimizer_spec
+from .optimizer_catalog import NAMES, REFUSED, parse_optimizer_spec
 from .options import SCHEDULER_NAMES, check_name
 from .plots import compare_figure
 from .report import (
@@ -45,10 +46,14 @@ DEFAULT_CONFIGS = (
 DESCRIPTION = """\
 Train the digits MLP once per optimizer configuration, all with the same data split,
 initialisation (seed), batch order, epochs and schedule, and rank them by final test
-accuracy. A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the hyperparameters
-of `mithril train` (lr, momentum, nesterov, beta1, beta2, eps, weight_decay, decay,
-amsgrad, centered, dampening, lr_decay, clip_norm, clip_value) plus `scheduler` and its
-settings (step_size, gamma, t_max, warmup_steps, ...), which replace the shared flags.
+accuracy. A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the optimizer's
+constructor arguments (lr for learning_rate, eps for epsilon; e.g. lr, momentum, nesterov,
+beta1, beta2, weight_decay; lion:beta1=0.95,beta2=0.98), clip_norm, clip_value and
+nonfinite, plus `scheduler` and its settings (step_size, gamma, t_max, warmup_steps, ...),
+which replace the shared flags. lookahead wraps another optimizer
+(lookahead:inner=sgd,sync_period=5,momentum=0.9). The optimizers:
+""" + textwrap.fill(", ".join(n for n in NAMES if n not in REFUSED), 88, initial_indent="  ",
+                    subsequent_indent="  ") + """
 
 Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
 results.json (the ranking), and one folder per configuration with its metrics.csv,

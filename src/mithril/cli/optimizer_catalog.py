@@ -114,17 +114,18 @@ class Setting:
     def parse(self, text: str, where: str) -> Any:
         """The value of ``text`` for this argument (its range is the constructor's to check)."""
         opt = OPTIONS.get(self.key)
-        if opt is not None and opt in OPTIMIZER_OPTIONS:
-            return opt.parse(text, where)  # the flag's own type and checks
         ann, low = self.annotation, text.strip().lower()
+        sequence = "tuple" in ann or "Sequence" in ann or isinstance(self.default, tuple)
+        if opt is not None and opt in OPTIMIZER_OPTIONS and not sequence:
+            return opt.parse(text, where)  # the flag's own type and checks
         if low == "none" and ("None" in ann or self.default is None):
             return None
         try:
             if self.arg in ("fallback", "inner") or ann in ("Any", "Optimizer"):
-                return resolve_name(text, where=f"{where}: {self.key}")
+                return resolve_name(text, where=f"{self.key} optimizer")
             if "bool" in ann or isinstance(self.default, bool):
                 return _bool(low)
-            if "tuple" in ann or "Sequence" in ann or isinstance(self.default, tuple):
+            if sequence:  # Adafactor's epsilon=[none,1e-3], Rprop's etas=0.5/1.2
                 items = text.strip().strip("[]()").replace("/", ",").split(",")
                 return tuple(_scalar(x.strip()) for x in items if x.strip())
             if ann.startswith("int") or isinstance(self.default, int):
@@ -316,7 +317,7 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
         own = {**SETTINGS[name], **(SETTINGS[settings.get("inner") or DEFAULT_INNER]
                                     if name == LOOKAHEAD else {})}
         named = [s.key for s in own.values()
-                 if msg.startswith(s.arg + " ") or msg.startswith(s.arg + "=")]
+                 if msg.startswith((s.arg + " ", s.arg + "=", s.arg + "["))]
         hint = ""
         if named:
             key = named[0]
