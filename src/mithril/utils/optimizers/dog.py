@@ -50,11 +50,19 @@ class DoG(Optimizer):
     optax's: lr 1 (a multiplier of the estimate), ε 1e-8, no decay; ``weight_decay`` is
     optax's coupled ``add_decayed_weights`` in front (``g ← g + wd·p``; its ``mask``:
     ``weight_decay_mask``). torch 2.x and Keras 3 have none.
+
+    Parameter groups: a group's ``learning_rate`` / ``lr_scale`` multiplies the one step
+    size (``optax.multi_transform`` with one DoG per group estimates one per group instead:
+    build one optimizer per group for that); ``init_step`` and ``epsilon`` are the
+    optimizer's only (``step_wide``: refused in a group). Likewise for :class:`DoWG`.
     """
 
     slots = ("x0",)
     tensor_slots = ("started",)
     state_values = ("max_dist", "sum_sq")
+    #: they enter the one step size of every parameter: a group cannot have its own
+    #: (tensor_scalars reads them from self; a group's was silently unused)
+    step_wide = ("init_step", "epsilon")
     reductions = 3
 
     def __init__(self, learning_rate: float = 1.0,
@@ -111,6 +119,7 @@ class DoWG(Optimizer):
     slots = ("x0",)
     tensor_slots = ("started",)
     state_values = ("estim_sq_dist", "weighted_sq")
+    step_wide = ("init_estim_sq_dist", "epsilon")  # (as DoG's)
     reductions = 2
 
     def __init__(self, learning_rate: float = 1.0, init_estim_sq_dist: float | None = None,

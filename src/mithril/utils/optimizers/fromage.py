@@ -9,11 +9,11 @@ from .checks import check_positive
 from .elementwise import sqrt, where
 
 
-def _fromage_reduce(p, g, lr, step_scale, shrink):
+def _fromage_reduce(p, g, lr, step_scale, shrink, min_norm):
     return p * p, g * g
 
 
-def _fromage(p, g, lr, step_scale, shrink, ratio):
+def _fromage(p, g, lr, step_scale, shrink, min_norm, ratio):
     # optax's chain: trust ratio, × −lr/√(1+lr²), + (1/√(1+lr²) − 1)·p, then p + u
     return (p + (step_scale * (g * ratio) + shrink * p),)
 
@@ -53,7 +53,8 @@ class Fromage(Optimizer):
         # 1/√(1+lr²) − 1 without the cancellation of optax's ``mult − 1`` (it differs from
         # optax's by an ulp of 1, not of the result: the same step), so that the traced
         # scalars (an optax transformation's) agree with the host's to their precision
-        return (lr, -1 * (lr * (1 / root)), -(lr * lr) / (root * (1 + root)))
+        # min_norm is a scalar column (not read from self): a parameter group's own applies
+        return (lr, -1 * (lr * (1 / root)), -(lr * lr) / (root * (1 + root)), self.min_norm)
 
     def reduce_math(self) -> Any:
         return _fromage_reduce
@@ -62,6 +63,6 @@ class Fromage(Optimizer):
         return _fromage
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
-        pn, un = (_safe_norm(s, self.min_norm) for s in sums)
+        pn, un = (_safe_norm(s, scalars[3]) for s in sums)  # (each tensor's group's min_norm)
         ratio = where((pn == 0) | (un == 0), 1.0, 1.0 * pn / (un + 0.0))
         return (ratio,), tensors, values

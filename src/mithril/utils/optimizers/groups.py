@@ -62,7 +62,8 @@ def differs(old: Any, new: Any) -> bool:
 #: the options that say which tensors take which hyperparameters
 GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "strict")
 
-#: hyperparameters that hold for the whole step, not per tensor
+#: hyperparameters that hold for the whole step, not per tensor (an optimizer adds its own
+#: in a ``step_wide`` class attribute: DoG's ε enters one optimizer-wide step size)
 GLOBAL = frozenset({"clip_norm", "nonfinite", "param_groups", "weight_decay_mask",
                     "exclude_weight_decay"})
 
@@ -139,7 +140,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         if unknown:
             raise KeyError(f"{where}: {unknown} are not hyperparameters of {type(opt).__name__} "
                            f"(it has {sorted(set(hp) - GLOBAL)})")
-        fixed = sorted(set(over) & GLOBAL)
+        fixed = sorted(set(over) & (GLOBAL | set(getattr(opt, "step_wide", ()))))
         if fixed:
             raise ValueError(f"{where}: {fixed} hold for the whole step and cannot differ per group")
         try:
@@ -441,7 +442,7 @@ class GroupsMixin:
                            f"hyperparameters are {own}")
         if group is not None:
             self._group(group)
-            if name in GLOBAL:
+            if name in GLOBAL or name in getattr(self, "step_wide", ()):
                 raise ValueError(f"{type(self).__name__}: {name} holds for the whole step and "
                                  f"cannot differ per group (drive it with group=None)")
         value = self._hyperparameter_value(name, group)

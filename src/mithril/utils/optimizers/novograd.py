@@ -9,11 +9,11 @@ from .checks import check_positive, check_unit
 from .elementwise import sqrt, where
 
 
-def _novograd_reduce(p, g, m, lr, b1, wd):
+def _novograd_reduce(p, g, m, lr, b1, wd, b2, eps_root, eps):
     return (g * g,)
 
 
-def _novograd(p, g, m, lr, b1, wd, denom):
+def _novograd(p, g, m, lr, b1, wd, b2, eps_root, eps, denom):
     m = b1 * m + (g / denom + wd * p)
     return p - lr * m, m
 
@@ -46,7 +46,10 @@ class Novograd(Optimizer):
         self.eps_root = check_positive("eps_root", eps_root)
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        return (self.learning_rate, self.beta1, self.weight_decay)
+        # β₂ and the ε's are columns read between the passes (not self's): a parameter
+        # group's own apply to its tensors (they were silently the optimizer's)
+        return (self.learning_rate, self.beta1, self.weight_decay, self.beta2, self.eps_root,
+                self.epsilon)
 
     def reduce_math(self) -> Any:
         return _novograd_reduce
@@ -56,5 +59,6 @@ class Novograd(Optimizer):
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
         (sq,) = sums
-        nu = where(step == 1, sq, self.beta2 * tensors["nu"] + (1 - self.beta2) * sq)
-        return (sqrt(nu + self.eps_root) + self.epsilon,), {"nu": nu}, values
+        b2, eps_root, eps = scalars[3], scalars[4], scalars[5]
+        nu = where(step == 1, sq, b2 * tensors["nu"] + (1 - b2) * sq)
+        return (sqrt(nu + eps_root) + eps,), {"nu": nu}, values

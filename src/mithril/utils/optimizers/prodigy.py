@@ -65,6 +65,9 @@ class Prodigy(Optimizer):
 
     slots = ("m", "v", "s", "x0")
     state_values = ("d", "numerator")
+    #: read from self between the passes (one d for every parameter): a group cannot have
+    #: its own (a group's was silently unused)
+    step_wide = ("beta3", "epsilon", "estim_lr0", "estim_lr_coef")
     scalar_values = ("d",)  # scalars(step, d=...) reads the state's d
     reductions = 2
     weight_decay_in_math = True
