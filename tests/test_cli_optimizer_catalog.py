@@ -169,13 +169,18 @@ def test_every_optimizer_trains_the_default_task_with_its_cli_defaults(name, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--ema", "0.9"], ["--no-decay-on", "bias"],
                                    ["--clip-norm", "1"], ["--mixed-precision", "bf16"],
-                                   ["--momentum-cycle"]])
+                                   ["--momentum-cycle", "--scheduler", "onecycle"]])
 @pytest.mark.parametrize("name", ["lion", "muon", "prodigy", "schedule-free-adamw", "lamb"])
 def test_run_features_work_with_new_optimizers(name, flags, tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--optimizer", name, *QUICK, "--epochs", "1", *flags, "--out", str(out)]
     assert main(argv) == 0
-    assert len(losses(out)) == 23
+    loss = losses(out)
+    assert len(loss) == 23 and sum(loss[-5:]) < sum(loss[:5])
+    if "--momentum-cycle" in flags:  # the cycled beta1 or momentum, 0.95 → 0.85 → 0.95
+        with open(out / "metrics.csv", newline="") as f:
+            momentum = [float(r["momentum"]) for r in csv.DictReader(f)]
+        assert momentum[0] == pytest.approx(0.95) and min(momentum) == pytest.approx(0.85, abs=0.01)
 
 
 def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
@@ -186,7 +191,9 @@ def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
 
 # -- bad settings --------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, expected", [
-    (["--optimizer", "lionn"], ["unknown optimizer 'lionn'", "lion, ", "schedule-free-adamw"]),
+    (["--optimizer", "lionn"], ["argument --optimizer: invalid choice: 'lionn' (choose from "
+                                "'adam', ", "'lion', ", "'schedule-free-adamw'"]),
+    (["--optimizer", "lionn:beta1=0.9"], ["invalid choice: 'lionn'"]),
     (["--optimizer", "lion:speed=3"], ["unknown setting 'speed'", "lion takes lr, beta1, "
                                        "beta2, weight_decay, clip_norm"]),
     (["--optimizer", "lion:beta1=abc"], ["beta1='abc' is not a valid number"]),
@@ -195,7 +202,11 @@ def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
                                            "(key etas)"]),
     (["--optimizer", "lion", "--momentum", "0.9"], ["--momentum does not apply to optimizer "
                                                     "lion (it takes --lr, --beta1, --beta2, "
-                                                    "--weight-decay"]),
+                                                    "--weight-decay)"]),
+    (["--optimizer", "ademamix", "--momentum", "0.9"], [
+        "--momentum does not apply to optimizer ademamix (it takes --lr, --beta1, --beta2, "
+        "--eps, --weight-decay; its other settings go in --optimizer ademamix:KEY=VALUE,...: "
+        "beta3, alpha, eps_root)"]),
     (["--optimizer", "lookahead:inner=lookahead"], ["inner=lookahead cannot be"]),
     (["--optimizer", "lookahead:inner=nope"], ["unknown inner optimizer 'nope'; choose from adam, "]),
     (["--optimizer", "lbfgs"], ["optimizer lbfgs is not supported", "closure"]),

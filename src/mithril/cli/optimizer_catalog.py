@@ -180,15 +180,19 @@ SETTINGS: dict[str, dict[str, Setting]] = {n: settings_of(c) for n, c in CATALOG
 LOOKAHEAD = "lookahead"
 
 
-def resolve_name(text: str, where: str = "optimizer") -> str:
+def resolve_name(text: str, where: str = "optimizer", flag: str | None = None) -> str:
     """The catalog name ``text`` means (case, ``_`` for ``-`` and dash-less forms such as
-    ``signsgd`` are accepted); an unknown one is a :class:`CLIError` listing the names."""
+    ``signsgd`` are accepted); an unknown one is a :class:`CLIError` listing the names (with
+    ``flag``, in argparse's words for a bad choice: ``argument --optimizer: invalid choice``)."""
     name = text.strip().lower().replace("_", "-")
     if name in CATALOG:
         return name
     bare = {n.replace("-", ""): n for n in CATALOG}
     if name.replace("-", "") in bare:
         return bare[name.replace("-", "")]
+    if flag is not None:
+        raise CLIError(f"argument {flag}: invalid choice: {text.strip()!r} (choose from "
+                       f"{', '.join(map(repr, NAMES))})")
     raise CLIError(f"unknown {where} {text.strip()!r}; choose from {', '.join(NAMES)}")
 
 
@@ -203,17 +207,19 @@ def keys_text(name: str, inner: str | None = None) -> str:
 
 
 def parse_optimizer_spec(text: str, run_keys: bool = False,
-                         special: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+                         special: Mapping[str, Any] | None = None,
+                         flag: str | None = None) -> tuple[str, dict[str, Any]]:
     """``"NAME"`` or ``"NAME:KEY=VALUE,..."`` -> ``(catalog name, {key: value})``.
 
     Keys are the optimizer's constructor arguments as CLI keys (``lr``, ``eps``, ``beta1``,
     ...; ``-`` may stand for ``_``) and the common options (``clip_norm``, ...); for
     ``lookahead`` also ``inner`` and the inner optimizer's keys. ``run_keys``: the schedule
     and warm-up settings are accepted too (``mithril compare``'s configs); ``special``: extra
-    keys and their parsers (``scheduler``). A bare key sets a boolean. An unknown key or a
+    keys and their parsers (``scheduler``); ``flag``: the flag the spec came from (an unknown
+    name is then argparse's "invalid choice"). A bare key sets a boolean. An unknown key or a
     bad value is a :class:`CLIError` naming it and the keys the optimizer takes."""
     head, _, rest = text.partition(":")
-    name = resolve_name(head)
+    name = resolve_name(head, flag=flag)
     where = f"optimizer {text!r}"
     items = []
     for item in _split_items(rest):
@@ -270,9 +276,15 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
     kwargs.update(extra)
     for opt in OPTIMIZER_OPTIONS:  # the flags: each must apply
         if flags and settings.get(opt.name) is not None and opt.name not in own:
-            takes = ", ".join(OPTIONS[k].flag for k in own if k in OPTIONS) or "no such flag"
-            raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes {takes}; "
-                           f"and in --optimizer {name}:KEY=VALUE,...: {keys_text(name)})")
+            # the original five list their flags in their table's order
+            order = list(OPTIMIZERS[name].args) if name in OPTIMIZERS else list(own)
+            flagged = [k for k in order if k in OPTIONS]
+            takes = ", ".join(OPTIONS[k].flag for k in flagged) or "no such flag"
+            others = [k for k in own if k not in flagged]
+            more = (f"; its other settings go in --optimizer {name}:KEY=VALUE,...: "
+                    f"{', '.join(others)}") if others else ""
+            raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes "
+                           f"{takes}{more})")
     for key, setting in own.items():
         if settings.get(key) is not None or (key in settings and key not in OPTIONS):
             value = settings[key]
@@ -322,8 +334,7 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
         if named:
             key = named[0]
             hint = f" ({OPTIONS[key].flag})" if key in OPTIONS else f" (key {key})"
-        raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}; {name} takes "
-                       f"{keys_text(name, settings.get('inner'))}") from None
+        raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}") from None
 
 
 def is_lookahead(optimizer: Any) -> bool:

@@ -237,7 +237,7 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
-    optimizer, overrides = parse_optimizer_spec(args.optimizer)
+    optimizer, overrides = parse_optimizer_spec(args.optimizer, flag="--optimizer")
     cfg = run_config(args, optimizer, overrides)
     if args.ema_start is not None:  # (common.run_config knows --ema, not this flag)
         if args.ema is None:
