@@ -260,3 +260,28 @@ def test_help_lists_the_catalog(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for name in ("schedule-free-adamw", "lion", "lookahead", "prodigy", "sign-sgd"):
             assert name in text, (command, name)
+
+
+# -- schedule-free evaluation, data-parallel -----------------------------------------------------
+def test_schedule_free_runs_evaluate_the_averaged_weights(built, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "schedule-free-sgd", *QUICK, "--epochs", "1",
+                 "--out", str(out)]) == 0
+    run = built[0]
+    x = run.optimizer.eval_params(run.state, run.params)
+    evaluated = run.eval_params()
+    name = next(iter(x))
+    assert np.array_equal(np.asarray(evaluated[name]), np.asarray(x[name]))
+    assert not np.allclose(np.asarray(evaluated[name]), np.asarray(run.params[name]))
+    # the written test loss is the averaged weights' (not the gradient point's)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test_loss"] == pytest.approx(run.evaluate("test")["loss"])
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dog", "dowg", "schedule-free-adamw"])
+def test_shard_state_refused_for_optimizer_wide_values(name, capsys, tmp_path):
+    err = usage_error(capsys, ["train", "--optimizer", name, "--nprocs", "2", "--shard-state",
+                               "--dry-run", "--out", str(tmp_path / "r")])
+    assert "--shard-state: shard_state=True:" in err and "optimizer-wide values" in err

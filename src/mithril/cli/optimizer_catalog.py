@@ -340,3 +340,19 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
 def is_lookahead(optimizer: Any) -> bool:
     """Whether ``optimizer`` is a Lookahead wrapper (its hyperparameters are its inner's)."""
     return isinstance(optimizer, Lookahead)
+
+
+def check_data_parallel(optimizer: Optimizer, shard_state: bool) -> None:
+    """Whether :class:`~mithril.distributed.DataParallel` can wrap ``optimizer`` (with
+    ``shard_state``: optimizers with optimizer-wide values, such as prodigy, dog, dowg and the
+    schedule-free ones, cannot shard their state), as a :class:`CLIError` naming the flag,
+    before any process starts."""
+    import copy
+
+    from ..distributed import DataParallel
+
+    try:
+        DataParallel(copy.copy(optimizer), shard_state=shard_state)
+    except (NotImplementedError, ValueError) as exc:
+        flag = "--shard-state" if shard_state else "--nprocs"
+        raise CLIError(f"{flag}: {exc}") from None

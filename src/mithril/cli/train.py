@@ -22,7 +22,7 @@ from .common import (
 )
 from .data import Dataset
 from .errors import CLIError, TrainingError
-from .optimizer_catalog import NAMES, parse_optimizer_spec
+from .optimizer_catalog import NAMES, check_data_parallel, parse_optimizer_spec
 from .options import OPTIMIZER_OPTIONS, add_options
 from .parallel import (
     Parallel,
@@ -250,12 +250,18 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
             check(world, None)
         training = Run(cfg, job.data, job.spec, job.batches)  # validates every setting first
         check(world, training)
+        if world.engine != "jax":
+            check_data_parallel(training.optimizer, world.shard_state)
     else:
         if world is not None:
             join(world)
         try:
             training = Run(cfg, job.data, job.spec, job.batches,
                            None if world is None else Parallel(world))
+        except NotImplementedError as exc:  # (torchrun) what DataParallel cannot shard
+            if world is not None:
+                leave()
+            raise CLIError(f"--shard-state: {exc}") from None
         except BaseException:
             if world is not None:
                 leave()
