@@ -68,6 +68,7 @@ examples:
   mithril compare
   mithril compare --configs "adam:lr=1e-3" "sgd:lr=0.1,momentum=0.9" --epochs 10
   mithril compare --configs "adam:lr=3e-3" "adam:lr=3e-3,scheduler=onecycle" --scheduler none
+  mithril compare --configs adam "lion:lr=3e-4" lamb prodigy "schedule-free-adamw" --epochs 10
 """
 
 RESULT_FIELDS = ("rank", "config", "test_acc", "test_loss", "train_acc", "train_loss",

@@ -83,18 +83,21 @@ def _opt(name: str, kind: str, help: str, **kw: Any) -> Option:
 #: optimizer hyperparameters (keys of the optimizer specs and flags of ``mithril train``)
 OPTIMIZER_OPTIONS = [
     _opt("lr", "float", "learning rate (default: 1e-3 for adam/adamw/rmsprop, 0.05 for sgd "
-         "and adagrad)", metavar="LR"),
-    _opt("momentum", "float", "momentum μ (sgd, rmsprop; default 0)", metavar="MU"),
+         "and adagrad; the others: see docs/cli-train.md)", metavar="LR"),
+    _opt("momentum", "float", "momentum μ (sgd, rmsprop: default 0; also lars, muon, "
+         "sign-sgd, signum)", metavar="MU"),
     _opt("nesterov", "bool", "Nesterov momentum (sgd; needs --momentum > 0)"),
     _opt("dampening", "float", "momentum dampening τ (sgd; default 0)", metavar="TAU"),
-    _opt("beta1", "float", "first-moment decay β₁ (adam, adamw; default 0.9)", metavar="B1"),
-    _opt("beta2", "float", "second-moment decay β₂ (adam, adamw; default 0.999)", metavar="B2"),
+    _opt("beta1", "float", "first-moment decay β₁ (adam, adamw: default 0.9; and the other "
+         "optimizers with a beta1)", metavar="B1"),
+    _opt("beta2", "float", "second-moment decay β₂ (adam, adamw: default 0.999; and the other "
+         "optimizers with a beta2)", metavar="B2"),
     _opt("amsgrad", "bool", "AMSGrad variant (adam, adamw)"),
     _opt("decay", "float", "squared-gradient decay α (rmsprop; default 0.9)", metavar="ALPHA"),
     _opt("centered", "bool", "centered RMSProp (rmsprop)"),
     _opt("lr_decay", "float", "learning-rate decay per step (adagrad; default 0)", metavar="D"),
-    _opt("eps", "float", "ε added to the denominator (adam, adamw, rmsprop, adagrad; "
-         "default 1e-8)", metavar="EPS"),
+    _opt("eps", "float", "ε added to the denominator (adam, adamw, rmsprop, adagrad: "
+         "default 1e-8; and the other optimizers with an epsilon)", metavar="EPS"),
     _opt("weight_decay", "float", "weight decay: coupled L2 (g ← g + wd·p), decoupled for "
          "adamw (default 0; adamw 1e-2)", metavar="WD"),
 ]

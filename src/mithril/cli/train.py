@@ -106,6 +106,9 @@ examples:
   mithril train --optimizer adamw --weight-decay 0.05 --no-decay-on bias --ema 0.99
   mithril train --ema 0.999 --ema-start 200
   mithril train --optimizer sgd --lr 0.05 --momentum 0.9 --momentum-cycle --max-lr 0.2
+  mithril train --optimizer "lion:beta1=0.95,beta2=0.98" --lr 3e-4
+  mithril train --optimizer "lookahead:inner=sgd,sync_period=5" --lr 0.1 --momentum 0.9
+  mithril train --optimizer prodigy --scheduler none
   mithril train --task digits-cnn
   mithril train --data houses.csv --target price --name houses
   mithril predict --run runs/houses --data new-houses.csv
@@ -146,7 +149,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="cycle the momentum inversely to the learning rate, as torch's "
                         "OneCycleLR(cycle_momentum=True): from --max-momentum down to "
                         "--base-momentum while the lr rises, back up while it falls. sgd and "
-                        "rmsprop cycle --momentum (give one > 0), adam and adamw beta1. It "
+                        "rmsprop cycle --momentum (give one > 0), adam and adamw beta1 (any "
+                        "optimizer: its momentum, else its beta1; none is an error). It "
                         "needs the onecycle scheduler: without --scheduler, onecycle replaces "
                         "the default cosine; another --scheduler is an error")
     g.add_argument("--base-momentum", type=unit_interval, metavar="M",
