@@ -143,3 +143,93 @@ def test_a_setting_of_the_one_step_size_is_refused_per_group(cls, key, value):
     params, state = opt.update({"w": np.ones(3), "b": np.ones(2)},
                                {"w": np.full(3, 0.5), "b": np.full(2, -0.5)}, state)
     assert state.step == 1 and np.all(np.isfinite(params["w"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ema_start / ema_every / swa_start and resuming, against torch's AveragedModel
+# ---------------------------------------------------------------------------------------------
+
+def _torch_averages(traj, ema_decay, ema_start, ema_every, swa_start):
+    """torch's AveragedModel fed the parameter trajectory ``traj`` (traj[t]: after step t,
+    traj[0] the start): the EMA one created after step ema_start − 1, the SWA one after
+    swa_start − 1, each updated after every later step that is a multiple of ema_every.
+    Returns {step: (ema, swa)} for the steps where each exists (None where not)."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def module(v):
+        m = torch.nn.Module()
+        m.w = torch.nn.Parameter(torch.tensor(v, dtype=torch.float64))
+        return m
+
+    model, ema, swa, out = module(traj[0]), None, None, {}
+    for t in range(1, len(traj)):
+        with torch.no_grad():
+            model.w.copy_(torch.tensor(traj[t]))
+        if ema is None and t >= ema_start:  # (created after step ema_start − 1: a copy)
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+        if swa_start is not None and swa is None and t >= swa_start:
+            swa = AveragedModel(model)
+        if t % ema_every == 0:
+            for avg in (ema, swa):
+                if avg is not None:
+                    avg.update_parameters(model)
+        out[t] = tuple(None if a is None or int(a.n_averaged) == 0 else
+                       a.module.w.detach().numpy().copy() for a in (ema, swa))
+    return out
+
+
+def _mithril_run(steps, resume, with_averages_saved, **avg):
+    """SGD with momentum (float64, NumPy) and the averages ``avg``; with ``resume`` = r, the
+    optimizer is rebuilt after step r from a state dict saved by an optimizer with (or
+    without) the same averages. Returns the parameter trajectory and {step: (ema, swa)}."""
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(11)
+    grads = [rng.normal(size=5) for _ in range(steps)]
+    p = {"w": rng.normal(size=5)}
+    make = lambda averaged: SGD(0.05, momentum=0.9, **(avg if averaged else {}))  # noqa: E731
+    opt = make(resume is None or with_averages_saved)
+    state = opt.init(p)
+    traj, got = [p["w"].copy()], {}
+    for t in range(1, steps + 1):
+        if t - 1 == resume:
+            d = opt.state_dict(state)
+            opt = make(True)
+            state = opt.load_state_dict(d, {"w": p["w"].copy()})
+        p, state = opt.update(p, {"w": grads[t - 1]}, state)
+        traj.append(p["w"].copy())
+        got[t] = (opt.ema_params(state)["w"].copy() if avg.get("ema_decay") is not None
+                  and (resume is None or with_averages_saved or t > resume) else None,
+                  opt.swa_params(state)["w"].copy() if avg.get("swa_start") is not None
+                  and (resume is None or with_averages_saved or t > resume) else None)
+    return traj, got
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(ema_start=st.integers(1, 8), ema_every=st.integers(1, 3),
+       swa_start=st.one_of(st.none(), st.integers(1, 8)), resume=st.one_of(
+           st.none(), st.integers(1, 10)), saved_with=st.booleans())
+def test_averages_and_resume_equal_torch_averaged_model(ema_start, ema_every, swa_start,
+                                                        resume, saved_with):
+    """Every (ema_start, ema_every, swa_start, resume step): the EMA and SWA after every
+    step equal torch's AveragedModel created at the right step in float64 (≤ 1e-13).
+    Resuming from a state dict without the averages starts them at the resume (torch: an
+    AveragedModel created then); one with them restores them exactly."""
+    steps = 14
+    avg = dict(ema_decay=0.8, ema_start=ema_start, ema_every=ema_every, swa_start=swa_start)
+    traj, got = _mithril_run(steps, resume, saved_with, **avg)
+    late = resume is not None and not saved_with  # (the averages start at the resume)
+    start = max(ema_start, resume + 1) if late else ema_start
+    swa_at = None if swa_start is None else (max(swa_start, resume + 1) if late else swa_start)
+    want = _torch_averages(traj, 0.8, start, ema_every, swa_at)
+    for t in range(1, steps + 1):
+        for i, (mine, theirs) in enumerate(zip(got[t], want[t])):
+            if theirs is None:
+                continue  # (no average yet: ours holds its starting copy)
+            assert mine is not None, (t, i)
+            np.testing.assert_allclose(mine, theirs, rtol=1e-13, atol=1e-15, err_msg=f"{t}/{i}")
