@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import torch
 import mithril.utils.optimizers.engines as engines
+from mithril.interop import optax_transformation
 from mithril.utils.optimizers import Fromage, Novograd
 
 rng = np.random.default_rng(7)
@@ -90,8 +91,9 @@ tx_plain = {"fromage_min_norm": optax.fromage(0.05, 1e-6),
 out = {}
 for name, (make, tx) in CASES.items():
     ref = run_optax(tx)
-    for engine in ("numpy", "torch", "jax-jit"):
-        mine = run_ours(make, engine)
+    for engine in ("numpy", "torch", "jax-jit", "optax_transformation"):
+        mine = (run_optax(optax_transformation(make())) if engine == "optax_transformation"
+                else run_ours(make, engine))
         out[f"{name}/{engine}"] = max(rel(m[k], r[k]) for m, r in zip(mine, ref) for k in SHAPES)
     # the group's own value matters: the optimizer's value everywhere is far from it
     plain = run_optax(tx_plain[name])
@@ -107,7 +109,7 @@ def _reference() -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["fromage_min_norm", "novograd_beta2_eps"])
-@pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit"])
+@pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit", "optax_transformation"])
 def test_a_groups_own_setting_read_between_the_passes_is_used(case, engine):
     """Fromage's ``min_norm`` and Novograd's ``beta2`` / ``epsilon`` / ``eps_root`` of a
     parameter group equal optax.multi_transform with that group's own transformation in
