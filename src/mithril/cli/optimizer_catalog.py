@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..utils import optimizers as _optimizers
-from ..utils.optimizers import Lookahead, Optimizer
+from ..utils.optimizers import Optimizer
 from .errors import CLIError
 from .options import (
     ALIASES,
@@ -176,7 +176,7 @@ def settings_of(cls: type[Optimizer]) -> dict[str, Setting]:
 
 #: CLI name -> its settings
 SETTINGS: dict[str, dict[str, Setting]] = {n: settings_of(c) for n, c in CATALOG.items()}
-#: Lookahead's own settings (the others go to its inner optimizer)
+#: the wrapper: its spec's keys are its own settings and its inner optimizer's
 LOOKAHEAD = "lookahead"
 
 
@@ -335,11 +335,6 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
             key = named[0]
             hint = f" ({OPTIONS[key].flag})" if key in OPTIONS else f" (key {key})"
         raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}") from None
-
-
-def is_lookahead(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is a Lookahead wrapper (its hyperparameters are its inner's)."""
-    return isinstance(optimizer, Lookahead)
 
 
 def check_data_parallel(optimizer: Optimizer, shard_state: bool) -> None:

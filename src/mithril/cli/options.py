@@ -191,7 +191,8 @@ ALIASES = {"learning_rate": "lr", "epsilon": "eps", "wd": "weight_decay", "alpha
 class OptimizerKind:
     cls: type[Optimizer]
     default_lr: float
-    #: CLI option -> constructor argument
+    #: CLI option -> constructor argument (the flags' order in error messages; the settings
+    #: themselves come from the constructor's signature, see :mod:`.optimizer_catalog`)
     args: Mapping[str, str]
 
 
@@ -221,32 +222,12 @@ def check_name(kind: str, name: str, table: Iterable[str]) -> str:
 
 def build_optimizer(name: str, settings: Mapping[str, Any],
                     extra: Mapping[str, Any] | None = None) -> Optimizer:
-    """The optimizer ``name`` with the optimizer and common options set in ``settings``
-    (``None`` values are unset). Options that do not apply to ``name`` are an error.
-    ``extra``: constructor arguments every optimizer takes (``ema_decay``,
-    ``exclude_weight_decay``, ...), passed as they are."""
-    kind = OPTIMIZERS[check_name("optimizer", name, OPTIMIZERS)]
-    kwargs: dict[str, Any] = {"learning_rate": kind.default_lr, **(extra or {})}
-    for opt in OPTIMIZER_OPTIONS:
-        value = settings.get(opt.name)
-        if value is None:
-            continue
-        if opt.name not in kind.args:
-            takes = ", ".join(OPTIONS[k].flag for k in kind.args)
-            raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes {takes})")
-        kwargs[kind.args[opt.name]] = value
-    for opt in COMMON_OPTIONS:
-        if settings.get(opt.name) is not None:
-            kwargs[opt.name] = settings[opt.name]
-    try:
-        return kind.cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        flags = [OPTIONS[o].flag for o, arg in [*kind.args.items(),
-                                                  *((c.name, c.name) for c in COMMON_OPTIONS)]
-                 if msg.startswith(arg + " ") or msg.startswith(arg + "=")]
-        hint = f" ({flags[0]})" if flags else ""
-        raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}") from None
+    """The optimizer ``name`` of the whole catalog with ``settings``: see
+    :func:`.optimizer_catalog.build_optimizer` (the five above keep their flags, order and
+    default learning rates there)."""
+    from .optimizer_catalog import build_optimizer as build  # (it imports this module)
+
+    return build(name, settings, extra)
 
 
 # -- schedulers ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..utils.training import make_train_step
 from .data import Dataset
 from .errors import CLIError, TrainingError
 from .networks import ModelSpec, mlp_spec
-from .optimizer_catalog import build_optimizer, optimizer_keys
+from .optimizer_catalog import DEFAULT_INNER, LOOKAHEAD, build_optimizer, optimizer_keys
 from .options import Schedule, build_schedule
 
 BACKENDS = ("numpy", "jax", "torch")
@@ -175,8 +175,8 @@ def thread_limit(threads: int, backend: str) -> Iterator[None]:
 def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
     """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
     parts = [f"lr={optimizer.get_learning_rate():g}"]
-    if name == "lookahead":
-        parts.insert(0, f"inner={settings.get('inner') or 'adam'}")
+    if name == LOOKAHEAD:
+        parts.insert(0, f"inner={settings.get('inner') or DEFAULT_INNER}")
     for key in optimizer_keys(name, settings):
         value = settings.get(key)
         if key == "lr" or value is None:
