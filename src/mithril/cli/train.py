@@ -22,7 +22,7 @@ from .common import (
 )
 from .data import Dataset
 from .errors import CLIError, TrainingError
-from .optimizer_catalog import NAMES, check_data_parallel, parse_optimizer_spec
+from .optimizer_catalog import NAMES, REFUSED, check_data_parallel, parse_optimizer_spec
 from .options import OPTIMIZER_OPTIONS, add_options
 from .parallel import (
     Parallel,
@@ -123,8 +123,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
-                   help="default: adam (charlm: adamw). One of " + ", ".join(NAMES) +
-                        ". Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
+                   help="default: adam (charlm: adamw). One of " +
+                        ", ".join(n for n in NAMES if n not in REFUSED) + " (not " +
+                        ", ".join(REFUSED) + ": it needs a closure). Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
                         "(the constructor's arguments; learning_rate is lr, epsilon eps); "
                         "lookahead wraps another: lookahead:inner=sgd,sync_period=5")
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
