@@ -235,3 +235,76 @@ def test_averages_and_resume_equal_torch_averaged_model(ema_start, ema_every, sw
                 continue  # (no average yet: ours holds its starting copy)
             assert mine is not None, (t, i)
             np.testing.assert_allclose(mine, theirs, rtol=1e-13, atol=1e-15, err_msg=f"{t}/{i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_sharded (one process) and the averages, as load_state_dict / load_checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def _dp_run(tmp_path, saved_avg, loaded_avg, steps=12, resume=5):
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+    from mithril.utils.optimizers import OptimisticAdam
+
+    rng = np.random.default_rng(3)
+    grads = [{"w": rng.normal(size=(2, 3))} for _ in range(steps)]
+    p = {"w": rng.normal(size=(2, 3))}
+    dp = DataParallel(OptimisticAdam(0.05, **saved_avg))
+    st = dp.init(p)
+    traj = [p["w"].copy()]
+    for t in range(resume):
+        p, st = dp.update(p, grads[t], st)
+        traj.append(p["w"].copy())
+    save_sharded(str(tmp_path), p, dp, st)
+    dp = DataParallel(OptimisticAdam(0.05, **loaded_avg))
+    p, st = load_sharded(str(tmp_path), dp)
+    got = {}
+    for t in range(resume, steps):
+        p, st = dp.update(p, grads[t], st)
+        traj.append(p["w"].copy())
+        got[t + 1] = tuple(f(st.local)["w"].copy() if k in loaded_avg else None
+                           for f, k in ((dp.optimizer.ema_params, "ema_decay"),
+                                        (dp.optimizer.swa_params, "swa_start")))
+    return traj, got, dp
+
+
+def test_load_sharded_starts_an_average_the_checkpoint_lacks_at_the_resume(tmp_path):
+    """An optimizer with an EMA and SWA loading a sharded checkpoint saved without them
+    starts them at the resume, as load_state_dict and load_checkpoint (was: refused, 'the
+    checkpoint has slots [...]'); equal to torch's AveragedModel created at the resume in
+    float64 after every later step."""
+    traj, got, dp = _dp_run(tmp_path, {}, dict(ema_decay=0.8, ema_start=2, swa_start=3))
+    assert (dp.optimizer.ema_start, dp.optimizer.swa_start) == (6, 6)
+    want = _torch_averages(traj, 0.8, 6, 1, 6)
+    for t, (ema, swa) in got.items():
+        np.testing.assert_allclose(ema, want[t][0], rtol=1e-13, atol=1e-15, err_msg=f"ema {t}")
+        np.testing.assert_allclose(swa, want[t][1], rtol=1e-13, atol=1e-15, err_msg=f"swa {t}")
+
+
+def test_load_sharded_keeps_the_checkpoints_average_settings(tmp_path):
+    """A checkpoint whose EMA had not started (ema_start 10, saved at step 5: its slot is
+    the starting copy) loaded by an optimizer built with ema_start 2: the slot means what
+    the saving run made it, so the checkpoint's settings are restored (as load_state_dict
+    restores them). Was: the optimizer's ema_start 2 blended the stale starting copy into
+    the EMA at step 6 (torch's AveragedModel copies at its first update)."""
+    traj, got, dp = _dp_run(tmp_path, dict(ema_decay=0.9, ema_start=10),
+                            dict(ema_decay=0.5, ema_start=2))
+    assert (dp.optimizer.ema_decay, dp.optimizer.ema_start) == (0.9, 10)
+    want = _torch_averages(traj, 0.9, 10, 1, None)
+    for t, (ema, _) in got.items():
+        if want[t][0] is not None:
+            np.testing.assert_allclose(ema, want[t][0], rtol=1e-13, atol=1e-15, err_msg=str(t))
+    assert got[10][0] is not None and np.array_equal(got[10][0], traj[10])
+
+
+def test_a_refused_load_sharded_changes_nothing(tmp_path):
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+    from mithril.errors import CheckpointError
+    from mithril.utils.optimizers import Adam, OptimisticAdam
+
+    p = {"w": np.ones(3)}
+    dp = DataParallel(Adam(0.1))
+    save_sharded(str(tmp_path), p, dp, dp.init(p))
+    other = DataParallel(OptimisticAdam(0.1, ema_decay=0.9, ema_start=7))
+    with pytest.raises(CheckpointError, match="of Adam, not OptimisticAdam"):
+        load_sharded(str(tmp_path), other)
+    assert other.optimizer.ema_start == 7 and other.optimizer.ema_decay == 0.9

@@ -84,8 +84,40 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
             "names": list(names), "shapes": [list(s) for s in state.shapes], "dtype": want,
             "held": list(mine), "slots": sorted(local.slots), "step": local.step,
             "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
-            "values": dict(local.values)}
+            "values": dict(local.values),
+            # what the averages' slots mean (their start: a slot before it is a copy)
+            "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING}}
     return meta, tensors
+
+
+#: the settings of the weight averages (ema / swa slots) a checkpoint records
+_AVERAGING = ("ema_decay", "ema_every", "ema_start", "swa_start")
+
+
+def _averaging_settings(opt: Any, first: dict[str, Any]) -> tuple[tuple[str, ...],
+                                                                  dict[str, Any]]:
+    """As ``Optimizer.load_state_dict``: the averages ``opt`` keeps that the checkpoint
+    lacks (they start at the resume: slots copied from the parameters, start after the
+    saved step) and the averaging settings to set on ``opt`` (the checkpoint's for an
+    average it has, as its slot was made with them). A checkpoint saved before the settings
+    were recorded: its averages are taken as made with ``opt``'s."""
+    from ..utils.optimizers.averaging import EMA, SWA, resumed_averages
+
+    saved = first.get("averaging")
+    if not isinstance(saved, dict):
+        saved = {k: getattr(opt, k, None) for k in _AVERAGING}
+        saved["ema_decay"] = saved["ema_decay"] if EMA in first["slots"] else None
+        saved["swa_start"] = saved["swa_start"] if SWA in first["slots"] else None
+    started, kept = resumed_averages(opt, saved, int(first["step"]))
+    settings = {}
+    if saved.get("ema_decay") is not None and getattr(opt, "ema_decay", None) is not None:
+        settings.update(ema_decay=saved["ema_decay"], ema_start=saved.get("ema_start", 1))
+    if saved.get("swa_start") is not None and getattr(opt, "swa_start", None) is not None:
+        settings["swa_start"] = saved["swa_start"]
+    if (EMA in first["slots"] or SWA in first["slots"]) and saved.get("ema_every") is not None:
+        settings["ema_every"] = saved["ema_every"]
+    settings.update(kept)
+    return started, {k: v for k, v in settings.items() if hasattr(opt, k)}
 
 
 def _remove(path: str) -> None:
@@ -185,16 +217,21 @@ def _native(a: np.ndarray, backend: str, dtype: str) -> Any:
 
 
 def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: dict[str, Any],
-                params: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+                params: dict[str, Any]
+                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """The saved slot arrays of the tensors this rank will hold, checked against what ``dp``'s
-    optimizer makes for them (run on a copy: nothing of ``dp`` changes)."""
+    optimizer makes for them (run on a copy: nothing of ``dp`` changes), and the averaging
+    settings to set on the optimizer (:func:`_averaging_settings`)."""
     names, shapes = tuple(first["names"]), [tuple(s) for s in first["shapes"]]
     if dp.shard_state:
         a, b = assign([int(np.prod(s, dtype=np.int64)) for s in shapes], pg.world_size())[
             pg.rank()]
         names = names[a:b]
-    trial = _local_init(copy.copy(dp.optimizer), {n: params[n] for n in names})
-    if sorted(trial.slots) != first["slots"]:
+    opt = copy.copy(dp.optimizer)
+    started, settings = _averaging_settings(opt, first)
+    opt.__dict__.update(settings)
+    trial = _local_init(opt, {n: params[n] for n in names})
+    if sorted(set(trial.slots) - set(started)) != first["slots"]:
         raise CheckpointError(f"{folder!r}: the checkpoint has slots {first['slots']}, "
                               f"{type(dp.optimizer).__name__} here {sorted(trial.slots)}")
     if set(first["values"]) != set(trial.values):
@@ -203,6 +240,8 @@ def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: di
                               f"{sorted(trial.values)}")
     out: dict[str, dict[str, np.ndarray]] = {}
     for s in trial.slots:
+        if s in started:  # (init's copy of the parameters: the average starts here)
+            continue
         out[s] = {}
         for n, view in trial.slot(s).items():
             src = arrays.get(f"slots/{s}/{n}")
@@ -212,7 +251,7 @@ def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: di
                 raise CheckpointError(f"{folder!r}: slot '{s}' of '{n}' has shape "
                                       f"{tuple(src.shape)}, expected {tuple(view.shape)}")
             out[s][n] = src
-    return out
+    return out, settings
 
 
 def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "numpy"
@@ -243,10 +282,11 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                 raise CheckpointError(f"{folder!r}: parameter '{n}' is missing or not of the "
                                       f"shape {tuple(shape)} recorded")
             params[n] = _native(src, backend, dtype)
-        slots = _held_slots(dp, folder, first, arrays, params)
+        slots, settings = _held_slots(dp, folder, first, arrays, params)
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
         error = e
     pg.agree("load_sharded", error)
+    dp.optimizer.__dict__.update(settings)  # (checked on the copy above)
     state = dp.init(params)
     local = state.local
     for s, per in slots.items():
