@@ -261,7 +261,11 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     wanted) at this world size; every rank calls it. ``backend``: ``"numpy"`` or
     ``"torch"`` (CPU) arrays. Everything is checked first, on every rank (the optimizer's
     slots on a copy of it); a load refused on any rank raises on every rank and changes
-    nothing of ``dp``."""
+    nothing of ``dp``. Weight averages as ``Optimizer.load_state_dict``: one the checkpoint
+    has keeps the checkpoint's settings (``ema_decay``, ``ema_every``, ``ema_start``,
+    ``swa_start`` are set on ``dp.optimizer``); one ``dp.optimizer`` keeps and the checkpoint
+    lacks starts at the resume (a copy of the parameters, its start the saved step + 1 unless
+    later), as torch's ``AveragedModel`` created then."""
     folder = os.fspath(folder)
     error: BaseException | None = None
     try:
