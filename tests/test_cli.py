@@ -219,7 +219,7 @@ def test_plot_schedule_restarts_and_sequences(tmp_path, capsys):
     (["train", "--scheduler", "cosine:lr=0.1"], ["lr is not a setting of scheduler cosine"]),
     (["train", "--scheduler", "onecycle", "--pct-start", "2"], ["pct_start must be"]),
     (["train", "--warmup-steps", "100000"], ["--warmup-steps (100000) must be smaller"]),
-    (["compare", "--configs", "adam:lr=1e-3", "nadam:lr=1"], ["unknown optimizer 'nadam'"]),
+    (["compare", "--configs", "adam:lr=1e-3", "adamx:lr=1"], ["unknown optimizer 'adamx'"]),
     (["compare", "--configs", "adam:beta1=2"], ["config 'adam:beta1=2'", "beta1 must be"]),
     (["compare", "--configs", "adam:lr=fast"], ["lr='fast' is not a valid number"]),
     (["compare", "--configs", "adam:speed=3"], ["unknown setting 'speed'"]),
