@@ -214,8 +214,8 @@ class Parallel:
         check(self.world, run)
         if self.world.rank:  # other Dropout masks than rank 0's (the params are rank 0's)
             run.compiled.seed = int(run.compiled.seed) + 7919 * self.world.rank
-        self.dp = DataParallel(run.optimizer, shard_state=self.world.shard_state)
-        try:
+        try:  # (DataParallel refuses what it cannot shard: a CLI error, not a traceback)
+            self.dp = DataParallel(run.optimizer, shard_state=self.world.shard_state)
             if run.cfg.mixed_precision != "none":  # float32 masters, the overflow agreed on
                 from ..utils.mixed_precision import MixedPrecisionTrainer
 
