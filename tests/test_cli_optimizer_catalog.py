@@ -280,6 +280,28 @@ def test_schedule_free_runs_evaluate_the_averaged_weights(built, tmp_path):
     assert summary["final"]["test_loss"] == pytest.approx(run.evaluate("test")["loss"])
 
 
+def test_schedule_free_with_mixed_precision_evaluates_the_masters_average(built, tmp_path):
+    """bfloat16 compute, float32 masters: the evaluated weights are the schedule-free
+    average x of the masters, cast to bfloat16 (not the gradient point's compute copy)."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "schedule-free-adamw", *QUICK, "--epochs", "1",
+                 "--backend", "torch", "--mixed-precision", "bf16", "--out", str(out)]) == 0
+    run = built[0]
+    trainer = run.trainer
+    x = run.optimizer.eval_params(run.state, trainer.master_params)
+    evaluated, point = run.eval_params(), trainer.compute_params()
+    name = next(iter(x))
+    as_f32 = lambda a: np.asarray(run.backend.to_numpy(a), dtype=np.float32)  # noqa: E731
+    assert str(evaluated[name].dtype) == str(point[name].dtype) == "torch.bfloat16"
+    want = as_f32(trainer._engine.cast_tree({name: x[name]}, trainer._engine.cdt)[name])
+    assert np.array_equal(as_f32(evaluated[name]), want)
+    assert not np.array_equal(as_f32(evaluated[name]), as_f32(point[name]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test_loss"] == pytest.approx(run.evaluate("test")["loss"])
+
+
 @pytest.mark.parametrize("name", ["prodigy", "dog", "dowg", "schedule-free-adamw"])
 def test_shard_state_refused_for_optimizer_wide_values(name, capsys, tmp_path):
     err = usage_error(capsys, ["train", "--optimizer", name, "--nprocs", "2", "--shard-state",

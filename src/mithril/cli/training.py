@@ -384,12 +384,17 @@ class Run:
         """The weights the model evaluates: the training ones or (``ema``) their EMA."""
         if ema:
             return self.ema_params()
-        if self.trainer is None and hasattr(self.optimizer, "eval_params") and (
+        if hasattr(self.optimizer, "eval_params") and (
                 self.parallel is None or not self.parallel.world.shard_state):
             # schedule-free: the averaged sequence x, not the gradient point y (a process of
-            # a data-parallel run holds the whole state unless it is sharded)
+            # a data-parallel run holds the whole state unless it is sharded); with mixed
+            # precision, x of the float32 masters, cast to the compute dtype as they are
             state = self.state if self.parallel is None else self.state.local
-            return dict(self.optimizer.eval_params(state, self.params))
+            if self.trainer is None:
+                return dict(self.optimizer.eval_params(state, self.params))
+            engine = self.trainer._engine
+            x = self.optimizer.eval_params(state, self.trainer.master_params)
+            return dict(engine.cast_tree(x, engine.cdt))
         return self.params if self.trainer is None else self.trainer.compute_params()
 
     def evaluate(self, which: str, ema: bool = False) -> dict[str, float]:
