@@ -308,3 +308,61 @@ def test_a_refused_load_sharded_changes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="of Adam, not OptimisticAdam"):
         load_sharded(str(tmp_path), other)
     assert other.optimizer.ema_start == 7 and other.optimizer.ema_decay == 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# base_lr= through a state dict: a resumed scheduler re-based as the saved one
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given_saved, given_loaded", [(True, False), (False, True)])
+def test_a_given_base_lr_survives_the_state_dict(given_saved, given_loaded):
+    """A warm-up's after_scheduler built with ``base_lr=0.2`` keeps it when the warm-up's
+    ``end_lr`` changes (a parent's re-base); resumed from a state dict into one built
+    without it (or the other way round), it behaves as the saved one. Before: the state
+    dict did not say the base was given, so the resumed run followed the re-base (0.6 vs
+    0.2 after the warm-up). Checked against optax.join_schedules in float64."""
+    import json as _json
+
+    from scheduler_parity import peer_schedules
+
+    from mithril.utils.lr_schedulers import LinearWarmupScheduler, StepLR
+    from mithril.utils.optimizers import SGD
+
+    def make(o, given):
+        return LinearWarmupScheduler(o, 3, 0.0, 0.5, StepLR(
+            o, 3, 0.5, **({"base_lr": 0.2} if given else {})))
+
+    o = SGD(0.7)
+    w = make(o, given_saved)
+    for _ in range(5):
+        w.step()
+    o2 = SGD(0.7)
+    w2 = make(o2, given_loaded)
+    w2.load_state_dict(_json.loads(_json.dumps(w.state_dict())))
+    w.end_lr = w2.end_lr = 0.6  # the parent re-bases the children that took its base
+    base = 0.2 if given_saved else 0.6
+    ref = peer_schedules({"s": f"optax.join_schedules([optax.linear_schedule(0.0, 0.6, 3), "
+                               f"optax.exponential_decay({base}, 3, 0.5, staircase=True)], [3])"},
+                         12)["s"]
+    for sched in (w, w2):
+        got = [sched.get_lr_at(t) for t in range(12)]
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    assert o2.get_learning_rate() == o.get_learning_rate()
+
+
+def test_a_bad_base_lr_given_flag_is_refused_and_changes_nothing():
+    from mithril.utils.lr_schedulers import StepLR
+    from mithril.utils.optimizers import SGD
+
+    o = SGD(0.7)
+    s = StepLR(o, 3, 0.5, base_lr=0.2)
+    s.step()
+    d = s.state_dict()
+    assert d["base_lr_given"] is True
+    before = (s.state_dict(), o.get_learning_rate())
+    with pytest.raises(ValueError, match="base_lr_given"):
+        StepLR(SGD(0.7), 3, 0.5).load_state_dict({**d, "base_lr_given": "yes"})
+    with pytest.raises(ValueError, match="base_lr_given"):
+        s.load_state_dict({**d, "base_lr_given": 1, "last_step": 2})
+    assert (s.state_dict(), o.get_learning_rate()) == before

@@ -410,6 +410,8 @@ class LRScheduler:
             "base_lr": _encode_float(self.base_lr),
             "last_lr": _encode_float(self._last_lr),
         }
+        if "_base_given" in self.__dict__:  # base_lr= given: a parent's re-base leaves it
+            state["base_lr_given"] = True
         for name in self._HPARAMS:
             value = getattr(self, name)
             if isinstance(value, float):
@@ -463,6 +465,13 @@ class LRScheduler:
         self._configure(**{name: state[name] for name in self._HPARAMS})
         self.last_step = _check_step(state["last_step"])
         self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"], "base_lr"))
+        given = state.get("base_lr_given", False)
+        if not isinstance(given, bool):
+            raise ValueError(f"state_dict 'base_lr_given' must be a bool, got {describe(given)}")
+        if given:  # (as the saved scheduler: its base is kept when a parent re-bases)
+            self.__dict__["_base_given"] = self.base_lr
+        else:
+            self.__dict__.pop("_base_given", None)
         self._last_lr = _check_lr("last_lr", _decode_float(state["last_lr"], "last_lr"))
         self._load_extra(state)
         groups = state.get("groups")
