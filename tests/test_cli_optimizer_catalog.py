@@ -183,6 +183,18 @@ def test_run_features_work_with_new_optimizers(name, flags, tmp_path):
         assert momentum[0] == pytest.approx(0.95) and min(momentum) == pytest.approx(0.85, abs=0.01)
 
 
+def test_momentum_cycle_drives_lookaheads_inner_beta1(tmp_path):
+    """Lookahead's inner Adam's beta1 is cycled (torch's OneCycleLR rule), as Adam's own."""
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "lookahead:inner=adam", *QUICK, "--epochs", "1",
+                 "--momentum-cycle", "--scheduler", "onecycle", "--out", str(out)]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        momentum = [float(r["momentum"]) for r in csv.DictReader(f)]
+    assert momentum[0] == pytest.approx(0.95) and min(momentum) == pytest.approx(0.85, abs=0.01)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["momentum_hyperparameter"] == "beta1"
+
+
 def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
     err = usage_error(capsys, ["train", "--dry-run", "--optimizer", "adafactor",
                                "--momentum-cycle", "--out", str(tmp_path / "r")])

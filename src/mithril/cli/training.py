@@ -290,6 +290,8 @@ class Run:
             return None
         name = self.cfg.optimizer
         hp = self.optimizer.hyperparameters()
+        if isinstance(hp.get("inner"), dict):  # a wrapper (lookahead): its inner's, as it drives
+            hp = hp["inner"]["hyperparameters"]
         which = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
         if which is None:
             raise CLIError(f"--momentum-cycle: optimizer {name} has no momentum or beta1 to cycle "
