@@ -402,7 +402,9 @@ class LRScheduler:
         """The complete scheduler state as a plain, strictly JSON-serialisable ``dict``.
 
         Contains the class name (``"type"``), ``last_step``, ``base_lr``, ``last_lr``, every
-        hyper-parameter and, for composite schedulers, the nested state of their children.
+        hyper-parameter and, for composite schedulers, the nested state of their children;
+        ``base_lr_given: True`` where the base was given as ``base_lr=`` (a parent's re-base
+        leaves it: restored by :meth:`load_state_dict`).
         """
         state: dict[str, Any] = {
             "type": type(self).__name__,
