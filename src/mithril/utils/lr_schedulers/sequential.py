@@ -30,7 +30,8 @@ class SequentialLR(ChildrenState, LRScheduler):
 
     As in PyTorch (where every scheduler on an optimizer shares the optimizer's ``initial_lr``),
     every child is **re-based to** ``schedulers[0].base_lr`` (the learning rate the optimizer
-    had before the first child was constructed), because constructing a child may already have
+    had before the first child was constructed, or the first child's own ``base_lr=``; a
+    later child given ``base_lr=`` keeps it, as in :class:`JoinSchedules`), because constructing a child may already have
     changed the optimizer's learning rate (e.g. a warm-up sets ``start_lr``). One exception:
     torch's ``OneCycleLR`` overwrites that shared ``initial_lr`` with ``max_lr / div_factor``,
     so in torch the children *before* it start from that value; here they keep
