@@ -37,6 +37,11 @@ is a copy of the ``params`` given to ``load_state_dict``, and the start (``ema_s
 ``swa_start``) becomes the saved step + 1 unless it is later already. An average the
 checkpoint has is restored with the checkpoint's settings (torch's rule: ``load_state_dict``
 restores the hyperparameters), whether or not the optimizer was constructed with it.
+Because the weights follow from ``t`` alone, changing ``ema_start`` / ``swa_start`` mid-run
+moves the start as if it had been so from the beginning: set later, the average restarts
+(a copy) there; set to a step already passed before the average's first update, the
+average's starting copy (the parameters given to ``init``) is blended in instead of a fresh
+copy, so set a start at construction or at a resume (``load_state_dict``), not lower mid-run.
 
 Against the peers (``tests/test_weight_averaging_peers.py``, side by side): Keras 3's
 ``use_ema=True, ema_momentum=m`` is ``ema_decay=m`` (its first step copies too); optax's
