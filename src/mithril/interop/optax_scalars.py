@@ -306,6 +306,7 @@ def _known_traceable() -> frozenset[Any]:
     in several configurations). Not here: those with Python control flow on the step
     (RAdam, ADOPT, Adan, schedule-free warm-up), with state values (Prodigy, ASGD)."""
     from ..utils.optimizers import (
+        COCOB,
         LAMB,
         LARS,
         SGD,
@@ -315,18 +316,21 @@ def _known_traceable() -> frozenset[Any]:
         Adam,
         Adamax,
         AdEMAMix,
+        Fromage,
         Ftrl,
         Lion,
         NAdam,
         Novograd,
+        OptimisticGD,
         RMSProp,
         Rprop,
+        SimplifiedAdEMAMix,
         Yogi,
     )
 
     return frozenset(c.__dict__["scalars"] for c in (
-        Adam, AdaBelief, Adadelta, AdaGrad, Adamax, AdEMAMix, Ftrl, LAMB, LARS, Lion,
-        NAdam, Novograd, RMSProp, Rprop, SGD, Yogi))
+        Adam, AdaBelief, Adadelta, AdaGrad, Adamax, AdEMAMix, COCOB, Fromage, Ftrl, LAMB, LARS,
+        Lion, NAdam, Novograd, OptimisticGD, RMSProp, Rprop, SGD, SimplifiedAdEMAMix, Yogi))
 
 
 def _needs_no_probe(views: list[Any]) -> bool:
