@@ -279,3 +279,37 @@ def test_nprocs_2_equals_one_process(name, tmp_path):
     assert main(["train", "--optimizer", name, *QUICK, "--nprocs", "2",
                  "--out", str(tmp_path / "two")]) == 0
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fallback", ["", ":fallback=signum", ":fallback=adamw"])
+def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
+    """``--no-decay-on bias`` with muon: the biases are what the fallback updates, so the
+    exemption must reach it. Reference: torch.optim.AdamW on the bias with weight_decay=0
+    (torch's pairing of Muon with AdamW, the biases in a no-decay group): with a zero
+    gradient the bias stays exactly where it is. (Was: the fallback kept its own decay,
+    AdamW's 1e-2, and --no-decay-on was silently ignored for every bias.)"""
+    import torch
+
+    from mithril.cli import training as training_mod
+
+    runs: list = []
+    init = training_mod.Run.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        runs.append(self)
+
+    monkeypatch.setattr(training_mod.Run, "__init__", record)
+    assert main(["train", "--optimizer", "muon" + fallback, "--dry-run", "--weight-decay",
+                 "0.5", "--no-decay-on", "bias", "--out", str(tmp_path / "r")]) == 0
+    opt = runs[0].optimizer
+    opt.fallback_lr_ratio = 0.5  # a visible decay if there is one: lr·wd = 0.01·0.5 per step
+    p = {"w": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
+    s = opt.init(p)
+    ours, _ = opt.update(p, {k: np.zeros_like(v) for k, v in p.items()}, s)
+
+    bias = torch.nn.Parameter(torch.ones(2))
+    ref = torch.optim.AdamW([bias], lr=0.01, weight_decay=0.0)
+    bias.grad = torch.zeros(2)
+    ref.step()
+    np.testing.assert_array_equal(ours["bias"], bias.detach().numpy())

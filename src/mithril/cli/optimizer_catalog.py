@@ -285,12 +285,20 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
                     f"{', '.join(others)}") if others else ""
             raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes "
                            f"{takes}{more})")
+    # Muon's exclude_weight_decay does not reach its fallback (whose own mask covers the
+    # parameters it updates: the biases), so --no-decay-on goes to the fallback as well
+    nested = {k: v for k, v in extra.items() if k == "exclude_weight_decay"}
     for key, setting in own.items():
         if settings.get(key) is not None or (key in settings and key not in OPTIONS):
             value = settings[key]
             if setting.arg in ("fallback", "inner") and isinstance(value, str):
-                value = _build(value, {}, {}, flags=False)
+                value = _build(value, {}, nested, flags=False)
             kwargs[setting.arg] = value
+        elif setting.arg == "fallback" and nested:
+            # the default fallback (Muon's AdamW()), rebuilt with the exemption
+            default = type(getattr(CATALOG[name](), "fallback", None)).__name__
+            if cli_name(default) in CATALOG:
+                kwargs[setting.arg] = _build(cli_name(default), {}, nested, flags=False)
     for opt in COMMON_OPTIONS:
         if settings.get(opt.name) is not None:
             kwargs[opt.name] = settings[opt.name]
