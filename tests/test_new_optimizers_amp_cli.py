@@ -313,3 +313,27 @@ def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
     bias.grad = torch.zeros(2)
     ref.step()
     np.testing.assert_array_equal(ours["bias"], bias.detach().numpy())
+
+
+@pytest.mark.parametrize("name", ["cocob", "dog", "dowg", "fromage", "sign-sgd"])
+def test_an_ema_the_checkpoint_lacks_starts_at_the_resume(name, tmp_path):
+    """Saved without ``ema_decay``, loaded into the optimizer with it: the EMA starts at the
+    resume, as a torch ``AveragedModel`` created then (its first update copies the weights,
+    then ``ema ← ema + (1 − d)·(p − ema)``), computed by hand beside it."""
+    rng = np.random.default_rng(1)
+    p = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
+    grads = [{"w": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(7)]
+    opt = NEW[name]()
+    s = opt.init(p)
+    for g in grads[:3]:
+        p, s = opt.update(p, g, s)
+    save_checkpoint(tmp_path / "c.safetensors", p, opt, s)
+    cls, hyper = type(opt), opt.hyperparameters()
+    resumed = cls(**{**{k: v for k, v in hyper.items() if k in ("learning_rate", "momentum")},
+                     "ema_decay": 0.5})
+    ck = load_checkpoint(tmp_path / "c.safetensors", {"w": p["w"]}, resumed)
+    p2, s2, ema = ck["params"], ck["state"], None
+    for g in grads[3:]:
+        p2, s2 = resumed.update(p2, g, s2)
+        ema = p2["w"].copy() if ema is None else ema + 0.5 * (p2["w"] - ema)
+    np.testing.assert_array_equal(resumed.ema_params(s2)["w"], ema)
