@@ -315,6 +315,38 @@ def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
     np.testing.assert_array_equal(ours["bias"], bias.detach().numpy())
 
 
+@pytest.mark.parametrize("fallback", ["", ":fallback=adamw"])
+def test_weight_decay_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
+    """``--weight-decay`` applies to every parameter: with muon also to the fallback that
+    updates the biases. Reference: torch.optim.AdamW on the bias with the same decay (a zero
+    gradient: the step is the decay alone). (Was: the fallback kept AdamW's 1e-2.)"""
+    import torch
+
+    from mithril.cli import training as training_mod
+
+    runs: list = []
+    init = training_mod.Run.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        runs.append(self)
+
+    monkeypatch.setattr(training_mod.Run, "__init__", record)
+    assert main(["train", "--optimizer", "muon" + fallback, "--dry-run", "--weight-decay",
+                 "0.5", "--out", str(tmp_path / "r")]) == 0
+    opt = runs[0].optimizer
+    assert opt.fallback.weight_decay == 0.5
+    opt.fallback_lr_ratio = 1.0
+    p = {"w": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
+    ours, _ = opt.update(p, {k: np.zeros_like(v) for k, v in p.items()}, opt.init(p))
+    bias = torch.nn.Parameter(torch.ones(2))
+    ref = torch.optim.AdamW([bias], lr=opt.learning_rate, weight_decay=0.5)
+    bias.grad = torch.zeros(2)
+    ref.step()
+    np.testing.assert_allclose(ours["bias"], bias.detach().numpy(), rtol=1e-7)
+    assert ours["bias"][0] < 1.0
+
+
 @pytest.mark.parametrize("name", ["cocob", "dog", "dowg", "fromage", "sign-sgd"])
 def test_an_ema_the_checkpoint_lacks_starts_at_the_resume(name, tmp_path):
     """Saved without ``ema_decay``, loaded into the optimizer with it: the EMA starts at the

@@ -285,9 +285,12 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
                     f"{', '.join(others)}") if others else ""
             raise CLIError(f"{opt.flag} does not apply to optimizer {name} (it takes "
                            f"{takes}{more})")
-    # Muon's exclude_weight_decay does not reach its fallback (whose own mask covers the
-    # parameters it updates: the biases), so --no-decay-on goes to the fallback as well
+    # Muon's exclude_weight_decay and weight_decay do not reach its fallback (whose own
+    # settings cover the parameters it updates: the biases), so --no-decay-on and
+    # --weight-decay (which apply to every parameter) go to the fallback as well
     nested = {k: v for k, v in extra.items() if k == "exclude_weight_decay"}
+    if "fallback" in own and settings.get("weight_decay") is not None:
+        nested["weight_decay"] = settings["weight_decay"]
     for key, setting in own.items():
         if settings.get(key) is not None or (key in settings and key not in OPTIONS):
             value = settings[key]
