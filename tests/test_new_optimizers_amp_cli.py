@@ -198,6 +198,8 @@ def test_checkpoint_of_signsgd_into_signum_is_refused_by_name(tmp_path):
     "dog:init_step=[heuristic,-1]", "dog:init_step=1e-6", "dowg:init_estim_sq_dist=-1",
     "fromage:lr=[1,2]", "sign-sgd:momentum=[0.1,0.2]", "cocob:foo=1", "signum:beta1=0.9",
     "optimistic-gd:beta=-1", "simplified-ademamix:beta1=1", "optimistic-adam:nesterov=0.5",
+    "lookahead:inner=none", "lookahead:inner=cocob,inner=dog", "lion:beta1=0.9,beta1=0.8",
+    "adam:lr=0.1,learning_rate=0.2",
 ])
 def test_bad_specs_of_the_new_optimizers_exit_2_and_write_nothing(spec, capsys, tmp_path):
     out = tmp_path / "run"
@@ -206,6 +208,12 @@ def test_bad_specs_of_the_new_optimizers_exit_2_and_write_nothing(spec, capsys, 
     key = spec.partition(":")[2].partition("=")[0]
     assert key in err or "inner" in err or "fallback" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheduler_setting_given_twice_exits_2(capsys, tmp_path):
+    err = usage_error(capsys, ["train", *QUICK, "--scheduler", "step:gamma=0.5,gamma=0.1",
+                               "--out", str(tmp_path / "run")], last=True)
+    assert "gamma given more than once" in err and list(tmp_path.iterdir()) == []
 
 
 def _same_hyper(a, b):

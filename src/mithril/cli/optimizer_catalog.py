@@ -225,11 +225,18 @@ def parse_optimizer_spec(text: str, run_keys: bool = False,
     for item in _split_items(rest):
         key, eq, raw = item.partition("=")
         items.append((key.strip().lower().replace("-", "_"), eq, raw.strip()))
+    keys = [ALIASES.get(k, k) if k not in SETTINGS[name] else k for k, _, _ in items]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # (the last would win silently)
+        raise CLIError(f"{where}: {', '.join(twice)} given more than once")
     inner = None
     if name == LOOKAHEAD:
         for key, _eq, raw in items:
             if key == "inner":
                 inner = SETTINGS[name]["inner"].parse(raw, where)
+                if inner is None:
+                    raise CLIError(f"{where}: inner=none: Lookahead needs an inner optimizer "
+                                   f"(default: {DEFAULT_INNER})")
         if inner == LOOKAHEAD or inner in REFUSED:
             raise CLIError(f"{where}: inner={inner} cannot be Lookahead's inner optimizer")
     own = {**(SETTINGS[inner or DEFAULT_INNER] if name == LOOKAHEAD else {}), **SETTINGS[name]}

@@ -331,6 +331,8 @@ def parse_spec(text: str, what: str, names: Sequence[str],
         key = key.strip().lower().replace("-", "_")
         key = ALIASES.get(key, key)
         where = f"{what} {text!r}"
+        if key in values:  # (the last would win silently)
+            raise CLIError(f"{where}: {key} given more than once")
         if special and key in special:
             values[key] = special[key](raw.strip())
             continue
