@@ -285,3 +285,20 @@ def pytest_terminal_summary(terminalreporter):
     for name in sorted(_OBSERVED):
         worst = sorted(_OBSERVED[name].items(), key=lambda kv: -kv[1])[:3]
         terminalreporter.write_line(f"{name}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst))
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The CLI's training runs (``mithril.cli.training.Run``, their optimizers and states)
+    built during a test, recorded in order."""
+    from mithril.cli import training as training_mod
+
+    runs: list = []
+    init = training_mod.Run.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        runs.append(self)
+
+    monkeypatch.setattr(training_mod.Run, "__init__", record)
+    return runs

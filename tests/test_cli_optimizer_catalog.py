@@ -12,7 +12,6 @@ from conftest import usage_error
 
 import mithril.utils.optimizers as optim
 from mithril.cli import main
-from mithril.cli import training as training_mod
 from mithril.cli.optimizer_catalog import (
     CATALOG,
     DEFAULT_LR,
@@ -27,20 +26,6 @@ from mithril.cli.options import OPTIMIZERS
 TRAINABLE = [n for n in NAMES if n not in REFUSED]
 QUICK = ["--epochs", "2", "--hidden", "32", "--scheduler", "none", "--no-progress",
          "--no-plot"]
-
-
-@pytest.fixture
-def built(monkeypatch):
-    """The Runs the CLI builds (their optimizers), recorded."""
-    runs: list = []
-    init = training_mod.Run.__init__
-
-    def record(self, *a, **kw):
-        init(self, *a, **kw)
-        runs.append(self)
-
-    monkeypatch.setattr(training_mod.Run, "__init__", record)
-    return runs
 
 
 def same(a: optim.Optimizer, b: optim.Optimizer) -> None:

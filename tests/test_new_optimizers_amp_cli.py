@@ -231,17 +231,7 @@ def _same_hyper(a, b):
     ("dog:init_step=[distance,1e-3]", "fp16"), ("cocob:alpha=50", "bf16"),
     ("muon:fallback=signum", "bf16"), ("lookahead:inner=signum,momentum=0.5", "fp16"),
 ])
-def test_summary_json_rebuilds_the_optimizer_as_built(spec, mp, tmp_path, monkeypatch):
-    from mithril.cli import training as training_mod
-
-    runs: list = []
-    init = training_mod.Run.__init__
-
-    def record(self, *a, **kw):
-        init(self, *a, **kw)
-        runs.append(self)
-
-    monkeypatch.setattr(training_mod.Run, "__init__", record)
+def test_summary_json_rebuilds_the_optimizer_as_built(spec, mp, tmp_path, built):
     out = tmp_path / "run"
     assert main(["train", "--optimizer", spec, *QUICK, "--mixed-precision", mp, "--ema", "0.9",
                  "--ema-start", "3", "--clip-norm", "1", "--no-decay-on", "bias",
@@ -251,7 +241,7 @@ def test_summary_json_rebuilds_the_optimizer_as_built(spec, mp, tmp_path, monkey
     rebuilt = build_optimizer(cfg["optimizer"], cfg["settings"], {
         "ema_decay": cfg["ema"], "ema_start": cfg["ema_start"],
         "exclude_weight_decay": [cfg["no_decay_on"]]})
-    _same_hyper(rebuilt, runs[0].optimizer)
+    _same_hyper(rebuilt, built[0].optimizer)
     assert summary["optimizer"] == repr(rebuilt)
     assert parse_optimizer_spec(spec)[0] == cfg["optimizer"]
 
@@ -290,7 +280,7 @@ def test_nprocs_2_equals_one_process(name, tmp_path):
 
 
 @pytest.mark.parametrize("fallback", ["", ":fallback=signum", ":fallback=adamw"])
-def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
+def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, built):
     """``--no-decay-on bias`` with muon: the biases are what the fallback updates, so the
     exemption must reach it. Reference: torch.optim.AdamW on the bias with weight_decay=0
     (torch's pairing of Muon with AdamW, the biases in a no-decay group): with a zero
@@ -298,19 +288,9 @@ def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
     AdamW's 1e-2, and --no-decay-on was silently ignored for every bias.)"""
     import torch
 
-    from mithril.cli import training as training_mod
-
-    runs: list = []
-    init = training_mod.Run.__init__
-
-    def record(self, *a, **kw):
-        init(self, *a, **kw)
-        runs.append(self)
-
-    monkeypatch.setattr(training_mod.Run, "__init__", record)
     assert main(["train", "--optimizer", "muon" + fallback, "--dry-run", "--weight-decay",
                  "0.5", "--no-decay-on", "bias", "--out", str(tmp_path / "r")]) == 0
-    opt = runs[0].optimizer
+    opt = built[0].optimizer
     opt.fallback_lr_ratio = 0.5  # a visible decay if there is one: lr·wd = 0.01·0.5 per step
     p = {"w": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
     s = opt.init(p)
@@ -324,25 +304,15 @@ def test_no_decay_on_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fallback", ["", ":fallback=adamw"])
-def test_weight_decay_reaches_muons_fallback(fallback, tmp_path, monkeypatch):
+def test_weight_decay_reaches_muons_fallback(fallback, tmp_path, built):
     """``--weight-decay`` applies to every parameter: with muon also to the fallback that
     updates the biases. Reference: torch.optim.AdamW on the bias with the same decay (a zero
     gradient: the step is the decay alone). (Was: the fallback kept AdamW's 1e-2.)"""
     import torch
 
-    from mithril.cli import training as training_mod
-
-    runs: list = []
-    init = training_mod.Run.__init__
-
-    def record(self, *a, **kw):
-        init(self, *a, **kw)
-        runs.append(self)
-
-    monkeypatch.setattr(training_mod.Run, "__init__", record)
     assert main(["train", "--optimizer", "muon" + fallback, "--dry-run", "--weight-decay",
                  "0.5", "--out", str(tmp_path / "r")]) == 0
-    opt = runs[0].optimizer
+    opt = built[0].optimizer
     assert opt.fallback.weight_decay == 0.5
     opt.fallback_lr_ratio = 1.0
     p = {"w": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
