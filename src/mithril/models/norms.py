@@ -132,7 +132,8 @@ class _BatchNorm(Operator):
 
     Parameters: ``weight`` (C,) ones, ``bias`` (C,) zeros; state: ``running_mean`` (C,) zeros,
     ``running_var`` (C,) ones, ``num_batches_tracked`` () integer 0 (none without
-    ``track_running_stats``). Training mode needs n > 1 (a ``ValueError``, as torch).
+    ``track_running_stats``). Batch statistics (training mode, or either mode without running
+    statistics) need n > 1: a ``ValueError``, as torch.
     """
 
     context = True
@@ -193,7 +194,8 @@ class _BatchNorm(Operator):
     def _count(self, x: Any) -> int:
         n = int(x.shape[0]) * int(np.prod(x.shape[2:], dtype=np.int64))
         if n <= 1:
-            raise ValueError(f"{type(self).__name__}: training mode needs more than one value per "
+            raise ValueError(f"{type(self).__name__}: the batch statistics (training mode, or "
+                             f"track_running_stats=False) need more than one value per "
                              f"channel, got input of shape {tuple(x.shape)}")
         return n
 
@@ -217,8 +219,8 @@ class _BatchNorm(Operator):
             import torch.nn.functional as F
 
             if batch:
+                self._count(input)  # (also without running statistics in inference mode, as torch)
                 if ctx.training:
-                    self._count(input)
                     x = input.detach()
                     self._update(ctx, x.mean(dim=self._axes(x)), x.var(dim=self._axes(x), correction=1))
                 if self.eps > 0:
@@ -255,12 +257,14 @@ class _BatchNorm(Operator):
         running statistics (a VJP recomputing them must not)."""
         per_channel = (1, -1) + (1,) * (x.ndim - 2)
         if self._batch_stats(ctx):
-            n = self._count(x) if ctx.training else None
+            # batch statistics need two values per channel in either mode (torch refuses one:
+            # its x̂ would be 0, the output the bias, whatever the input)
+            n = self._count(x)
             axes = self._axes(x)
             mean = xp.mean(x, axis=axes)
             xc = x - mean.reshape(per_channel)
             var = xp.mean(xc * xc, axis=axes)
-            if n is not None and update:
+            if ctx.training and update:
                 self._update(ctx, mean, var * (n / (n - 1)))
         else:
             mean, var = ctx.state("running_mean"), ctx.state("running_var")

@@ -18,7 +18,8 @@ differentiated also keeps, per offset, which windows take their maximum there fi
 residual), so the VJP is one multiply per offset.
 
 ``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
-torch's default). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N, C).
+torch's default), or not (``count_include_pad=False``: each window's sum divided by the
+number of input elements it covers). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N, C).
 """
 
 from __future__ import annotations
@@ -280,12 +281,30 @@ class MaxPool2D(_MaxPool):
 
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0) -> None:
+                 padding: int | Sequence[int] = 0, count_include_pad: bool = True) -> None:
         super().__init__(kernel_size, stride, padding)
+        if not isinstance(count_include_pad, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}: count_include_pad must be a bool, got "
+                            f"{count_include_pad!r}")
+        self.count_include_pad = bool(count_include_pad)
+
+    def _divisor(self, spatial: Sequence[int], out: Sequence[int], dtype: Any) -> Any:
+        """What each window's sum is divided by: the kernel's size, or (``count_include_pad=
+        False``, with padding) the number of the input's own elements it covers, an array of
+        the output's spatial shape (a window is a box: the product of per-axis counts)."""
+        if self.count_include_pad or not any(self.padding):
+            return math.prod(self.kernel_size)
+        counts = np.ones((), dtype=np.int64)
+        for n, m, k, st, p in zip(spatial, out, self.kernel_size, self.stride, self.padding):
+            start = np.arange(m) * st - p
+            per_axis = np.minimum(start + k, n) - np.maximum(start, 0)
+            counts = np.multiply.outer(counts, per_axis)
+        return counts.astype(dtype)
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.avg_pool1d if self.nd == 1 else F.avg_pool2d
-        return fn(x, self.kernel_size, self.stride, self.padding)
+        return fn(x, self.kernel_size, self.stride, self.padding,
+                  count_include_pad=self.count_include_pad)
 
     def _jax(self, x: Any) -> Any:
         from jax import lax
@@ -293,7 +312,7 @@ class _AvgPool(_Pool):
         one = (1, 1)
         s = lax.reduce_window(x, np.array(0, dtype=x.dtype), lax.add, (*one, *self.kernel_size),
                               (*one, *self.stride), ((0, 0), (0, 0), *self.pads))
-        return s / math.prod(self.kernel_size)
+        return s / self._divisor(x.shape[2:], s.shape[2:], x.dtype)
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
         out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
@@ -304,27 +323,33 @@ class _AvgPool(_Pool):
         s = parts[0].copy(order="K") if len(parts) == 1 else np.add(parts[0], parts[1])
         for part in parts[2:]:
             np.add(s, part, out=s)
-        s /= math.prod(self.kernel_size)
+        s /= self._divisor(x.shape[2:], out, x.dtype)
         return s
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
-        return {"input": self._scatter(x.shape, x, g / math.prod(self.kernel_size), None)}
+        return {"input": self._scatter(x.shape, x, g / self._divisor(x.shape[2:], g.shape[2:],
+                                                                      g.dtype), None)}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, padding={self.padding})"
+        return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, count_include_pad={self.count_include_pad})")
 
 
 class AvgPool1D(_AvgPool):
-    """Mean over windows of (N, C, L), zero padding counted (``torch.nn.AvgPool1d`` defaults)."""
+    """Mean over windows of (N, C, L), as ``torch.nn.AvgPool1d`` (``ceil_mode=False``): the
+    zero padding counted in the mean by default; ``count_include_pad=False`` divides each
+    window's sum by the number of input elements it covers instead."""
 
     nd = 1
     layout = "N, C, L"
 
 
 class AvgPool2D(_AvgPool):
-    """Mean over windows of (N, C, H, W), zero padding counted (``torch.nn.AvgPool2d``
-    defaults: ``count_include_pad=True``, ``ceil_mode=False``)."""
+    """Mean over windows of (N, C, H, W), as ``torch.nn.AvgPool2d`` (``ceil_mode=False``): the
+    zero padding counted in the mean by default (``count_include_pad=True``);
+    ``count_include_pad=False`` divides each window's sum by the number of input elements it
+    covers instead."""
 
     nd = 2
     layout = "N, C, H, W"
