@@ -303,8 +303,11 @@ def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
 def _known_traceable() -> frozenset[Any]:
     """The built-in ``scalars`` methods that are arithmetic in (step, hyperparameters) for
     every configuration: no probe needed (``tests/test_interop_optax_more.py`` probes each
-    in several configurations). Not here: those with Python control flow on the step
-    (RAdam, ADOPT, Adan, schedule-free warm-up), with state values (Prodigy, ASGD)."""
+    in several configurations). SignSGD's covers Signum (which inherits it); its choice
+    between momentum and none is on a Python float, fixed when the plan is made (a traced
+    momentum takes ``attrs``, which are always probed). Not here: those with Python control
+    flow on the step (RAdam, ADOPT, Adan, schedule-free warm-up), with state values
+    (Prodigy, ASGD)."""
     from ..utils.optimizers import (
         COCOB,
         LAMB,
@@ -321,16 +324,19 @@ def _known_traceable() -> frozenset[Any]:
         Lion,
         NAdam,
         Novograd,
+        OptimisticAdam,
         OptimisticGD,
         RMSProp,
         Rprop,
+        SignSGD,
         SimplifiedAdEMAMix,
         Yogi,
     )
 
     return frozenset(c.__dict__["scalars"] for c in (
         Adam, AdaBelief, Adadelta, AdaGrad, Adamax, AdEMAMix, COCOB, Fromage, Ftrl, LAMB, LARS,
-        Lion, NAdam, Novograd, OptimisticGD, RMSProp, Rprop, SGD, SimplifiedAdEMAMix, Yogi))
+        Lion, NAdam, Novograd, OptimisticAdam, OptimisticGD, RMSProp, Rprop, SGD, SignSGD,
+        SimplifiedAdEMAMix, Yogi))
 
 
 def _needs_no_probe(views: list[Any]) -> bool:
@@ -351,15 +357,21 @@ def _probe(views: list[Any], scales: list[float], trust_known: bool = True,
     The state values ``scalars`` reads are traced too (at their initial values), and so
     are each row's ``attrs`` (traced hyperparameters, at their values here).
     ``trust_known``: None at once for :func:`_needs_no_probe` views without ``attrs``."""
+    attrs = attrs or [{} for _ in views]
+    if trust_known and not any(attrs) and _needs_no_probe(views):
+        return None
+    return _probe_traced(views, scales, attrs)
+
+
+def _probe_traced(views: list[Any], scales: list[float], attrs: list[dict[str, float]]
+                  ) -> str | None:
+    """:func:`_probe`'s work: trace the rows (``jax.make_jaxpr``), then compare a jitted
+    program's values at a few steps with the host's (a compile, ~25 ms)."""
     import jax
     import jax.numpy as jnp
 
     from ..utils.optimizers.state import scalar_arguments
     from .optax_hyperparams import pair
-
-    attrs = attrs or [{} for _ in views]
-    if trust_known and not any(attrs) and _needs_no_probe(views):
-        return None
 
     init = scalar_arguments(views[0], None)
     names = sorted(init)
