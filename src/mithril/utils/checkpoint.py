@@ -58,7 +58,7 @@ from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from . import checkpoint_accumulate as accumulate
 from .accumulation import Accumulate
 from .checkpoint_io import MAX_DEPTH, MAX_INT, depth, loads_guarded, read_file, write_file
-from .optimizers.averaging import started_averages
+from .optimizers.averaging import counts_of, saved_counts, started_averages
 
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -76,7 +76,7 @@ _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slo
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
 #: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
 #: stored as a float64 scalar tensor ``optv/<name>``)
-_OPT_OPTIONAL = ("slot_shapes", "values")
+_OPT_OPTIONAL = ("slot_shapes", "values", "averaged")
 _COUNTERS = ("step", "num_skipped", "num_nonfinite")
 
 
@@ -362,6 +362,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                     f"params has {sorted(params)}")
             opt_meta.update(step=state.step, num_skipped=state.num_skipped,
                             num_nonfinite=state.num_nonfinite, slots=sorted(state.slots))
+            if counts_of(optimizer, state) is not None:  # each average's updates so far
+                opt_meta["averaged"] = saved_counts(state)
             if state.slot_layouts:
                 opt_meta["slot_shapes"] = {s: {n: list(shp) for n, shp in zip(lay.names, lay.shapes)}
                                            for s, lay in sorted(state.slot_layouts.items())}
@@ -543,7 +545,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         opt_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"],
                   "step": ometa["step"], "num_skipped": ometa["num_skipped"],
                   "num_nonfinite": ometa["num_nonfinite"], "slots": slots,
-                  "values": {v: float(arrays[f"optv/{v}"]) for v in ometa.get("values", [])}}
+                  "values": {v: float(arrays[f"optv/{v}"]) for v in ometa.get("values", [])},
+                  "averaged": ometa.get("averaged")}  # (None: from before it was kept)
 
     # try everything on copies: the optimizer's hyperparameters and state, then the scheduler
     state, trial_opt = None, None
@@ -589,7 +592,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         raise
 
     if acc is not None:  # (cannot fail: the window's fields were checked with the rest)
-        state = accumulate.restore(acc, meta, arrays, state, backend)
+        state = accumulate.restore(acc, meta, arrays, state, backend, params)
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
             "extra": meta["extra"], "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"],

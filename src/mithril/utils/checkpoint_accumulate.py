@@ -95,9 +95,12 @@ def refuse_plain(meta: Mapping[str, Any], optimizer: Any, where: str) -> None:
 
 
 def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
-            inner_state: Any, backend: Any) -> AccumulateState | None:
+            inner_state: Any, backend: Any, params: Mapping[str, Any]) -> AccumulateState | None:
     """The AccumulateState around ``inner_state`` holding the saved window (an empty one
-    when saved without); sets ``acc.k`` to the saved one. Nothing here can fail."""
+    when saved without); sets ``acc.k`` to the saved one. Each buffered sum takes the dtype
+    of its loaded parameter (``params``, the template's dtypes), as the gradients of the
+    resumed run will have: kept in the saved dtype, the next micro-batch would be refused
+    (a float32 buffer against float64 gradients). Nothing here can fail."""
     m = meta.get(FIELD)
     if m is not None:
         acc.k = m["k"]
@@ -106,7 +109,7 @@ def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.nd
     state = AccumulateState(inner_state)
     if m is not None and m["count"]:
         buf = state.accumulator
-        buf._sum = {n: backend.array(arrays[PREFIX + n], g["dtype"])
-                    for n, g in m["grads"].items()}
+        buf._sum = {n: backend.array(arrays[PREFIX + n], backend.dtype_name(params[n]))
+                    for n in m["grads"]}
         buf.count, buf.total_weight = m["count"], float(m["total_weight"])
     return state

@@ -100,8 +100,9 @@ def _diff_norm_list(before: list[Any], after: list[Any]) -> list[float]:
         return [float(v) for v in jax.device_get(_jax_fn("diff")(list(after), list(before)))]
     out = []
     for b, a in zip(before, after, strict=True):
-        d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).reshape(-1)
-        out.append(math.sqrt(float(np.dot(d, d))))
+        with np.errstate(invalid="ignore", over="ignore"):  # (inf - inf: NaN, reported)
+            d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).reshape(-1)
+            out.append(math.sqrt(float(np.dot(d, d))))
     return out
 
 
@@ -154,7 +155,8 @@ def update_ratios(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[s
     """‖after − before‖₂ / ‖before‖₂ per parameter (keys of ``before``).
 
     A parameter with ‖before‖ = 0 (e.g. a bias initialised to zeros) gives ``inf`` if it
-    moved and ``0.0`` if it did not. ``before`` must be a :func:`snapshot`, not the dict you
+    moved and ``0.0`` if it did not; a NaN in ``before`` or ``after`` gives NaN (as torch's
+    ``(a - b).norm() / b.norm()``). ``before`` must be a :func:`snapshot`, not the dict you
     passed to ``update`` (see the module notes).
     """
     b, a = _check(before, "before"), _check(after, "after")
@@ -170,7 +172,10 @@ def update_ratios(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[s
     deltas, norms = _diff_norm_list(bl, al), _norm_list(bl)
     out = {}
     for k, d, n in zip(names, deltas, norms, strict=True):
-        out[k] = d / n if n > 0 else (math.inf if d > 0 else 0.0)
+        if n > 0 or math.isnan(n) or math.isnan(d):  # (a NaN before or after stays NaN,
+            out[k] = d / n if n > 0 else math.nan  # never "did not move")
+        else:
+            out[k] = math.inf if d > 0 else 0.0
     return out
 
 

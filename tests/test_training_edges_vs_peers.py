@@ -1,0 +1,131 @@
+"""Edges of the training utilities side by side with their peers, in float64 where the peer
+allows: ``Accumulate`` against ``optax.MultiSteps`` and a plain torch accumulation loop
+(checkpoints resumed mid-window into another dtype or backend), the training monitor
+against torch's norms."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from mithril.backends import NumpyBackend, TorchBackend
+from mithril.utils.accumulation import Accumulate
+from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+from mithril.utils.monitoring import TrainingMonitor, update_ratios
+from mithril.utils.optimizers import Adam
+
+K = 3
+
+
+def _dyadic(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Values exact in float16, float32 and float64 (multiples of 1/8 in [-2, 2])."""
+    return np.random.default_rng(seed).integers(-16, 17, shape) / 8.0
+
+
+def _grads(t: int) -> dict[str, np.ndarray]:
+    return {"w": _dyadic((3, 2), 100 + t), "b": _dyadic((2,), 200 + t)}
+
+
+def _start() -> dict[str, np.ndarray]:
+    return {"w": _dyadic((3, 2), 1), "b": _dyadic((2,), 2)}
+
+
+def _multisteps(n: int) -> dict[str, np.ndarray]:
+    """optax.MultiSteps(adam) over the first ``n`` micro-batches, in float64."""
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.adam(0.01), every_k_schedule=K)
+        params = {k: jnp.asarray(v) for k, v in _start().items()}
+        state = tx.init(params)
+        for t in range(n):
+            upd, state = tx.update({k: jnp.asarray(v) for k, v in _grads(t).items()}, state,
+                                   params)
+            params = optax.apply_updates(params, upd)
+        return {k: np.asarray(v) for k, v in params.items()}
+
+
+def _torch_loop(n: int) -> dict[str, np.ndarray]:
+    """torch.optim.Adam with ``.grad`` summed over ``K`` micro-batches and divided by ``K``."""
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in _start().items()}
+    opt = torch.optim.Adam(list(params.values()), lr=0.01)
+    for t in range(n):
+        for k, p in params.items():
+            g = torch.tensor(_grads(t)[k]) / K
+            p.grad = g if p.grad is None else p.grad + g
+        if (t + 1) % K == 0:
+            opt.step()
+            opt.zero_grad()
+    return {k: p.detach().numpy() for k, p in params.items()}
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    ((NumpyBackend, "float32"), (TorchBackend, "float64")),
+    ((TorchBackend, "bfloat16"), (NumpyBackend, "float64")),
+    ((TorchBackend, "float64"), (NumpyBackend, "float32")),
+])
+def test_a_window_resumed_in_another_dtype_takes_the_templates_dtype(saved, loaded, tmp_path):
+    # The buffered gradient sums were restored in the saved dtype while the params and the
+    # optimizer state took the template's: the next micro-batch was refused (DTypeError:
+    # float64 gradients against a float32 buffer). Saved in the first window (the Adam
+    # slots still zero) with values exact in every dtype, the resumed float64 run equals
+    # optax.MultiSteps and torch's accumulation loop, unbroken, in float64.
+    cut, steps = 2, 3 * K
+    sb = saved[0](dtype=saved[1])
+    acc = Accumulate(Adam(learning_rate=0.01), K)
+    p = {k: sb.array(v, saved[1]) for k, v in _start().items()}
+    st = acc.init(p)
+    for t in range(cut):
+        p, st = acc.update(p, {k: sb.array(v, saved[1]) for k, v in _grads(t).items()}, st)
+    save_checkpoint(tmp_path / "ck", p, acc, st)
+
+    lb = loaded[0](dtype=loaded[1])
+    template = {k: lb.array(v, loaded[1]) for k, v in _start().items()}
+    acc2 = Accumulate(Adam(learning_rate=0.01), K)
+    got = load_checkpoint(tmp_path / "ck", params_template=template, optimizer=acc2)
+    q, st2 = got["params"], got["state"]
+    assert {lb.dtype_name(v) for v in st2.accumulator.sum().values()} == {loaded[1]}
+    for t in range(cut, steps):
+        q, st2 = acc2.update(q, {k: lb.array(v, loaded[1]) for k, v in _grads(t).items()}, st2)
+    assert st2.step == steps // K and st2.micro_step == 0
+    ours = {k: np.asarray(lb.to_numpy(v), np.float64) for k, v in q.items()}
+    optax_p, torch_p = _multisteps(steps), _torch_loop(steps)
+    tol = 1e-15 if loaded[1] == "float64" else 1e-6
+    for k in ours:
+        np.testing.assert_allclose(ours[k], optax_p[k], rtol=tol, atol=tol, err_msg=k)
+        np.testing.assert_allclose(ours[k], torch_p[k], rtol=tol, atol=tol, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_update_ratios_of_diverged_parameters_are_nan_as_torchs(kind):
+    # A zero-initialised bias that became NaN was reported 0.0 ("did not move"), and so was
+    # any parameter NaN before the update: torch's (after - before).norm() / before.norm()
+    # is NaN for both. The documented zero-norm conventions (inf if moved, 0 if not) stay.
+    before = {"zero_to_nan": np.zeros(2), "nan_before": np.array([np.nan, 1.0]),
+              "to_nan": np.array([3.0, 4.0]), "zero_moved": np.zeros(2),
+              "zero_still": np.zeros(3), "moved": np.array([3.0, 4.0])}
+    after = {"zero_to_nan": np.array([np.nan, 0.0]), "nan_before": np.array([1.0, 1.0]),
+             "to_nan": np.array([3.0, np.nan]), "zero_moved": np.array([0.0, 1.0]),
+             "zero_still": np.zeros(3), "moved": np.array([3.0, 4.5])}
+    conv = {"numpy": np.asarray, "torch": torch.tensor,
+            "jax": lambda v: jnp.asarray(v, jnp.float32)}[kind]
+    ours = update_ratios({k: conv(v) for k, v in before.items()},
+                         {k: conv(v) for k, v in after.items()})
+    for k in before:
+        b, a = torch.tensor(before[k]), torch.tensor(after[k])
+        peer = float((a - b).norm() / b.norm())
+        if float(b.norm()) == 0 and not math.isnan(float((a - b).norm())):
+            peer = math.inf if float((a - b).norm()) > 0 else 0.0  # (documented)
+        if math.isnan(peer):
+            assert math.isnan(ours[k]), (k, ours[k])
+        else:
+            assert ours[k] == pytest.approx(peer, rel=1e-7), k
+    monitor = TrainingMonitor()
+    monitor.before_update({k: conv(v) for k, v in before.items()})
+    rec = monitor.after_update({k: conv(v) for k, v in after.items()})
+    assert [k for k, r in rec["update_ratios"].items() if math.isnan(r)] == [
+        "zero_to_nan", "nan_before", "to_nan"]
