@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from ..utils.checkpoint import FLOAT_DTYPES, _to_numpy
 from ..utils.checkpoint_io import _fsync_folder, read_file, write_file
+from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
 from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_init
 from .sharding import assign
@@ -73,6 +74,7 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
                          f"{list(FLOAT_DTYPES)}")
     a, b = assign([int(np.prod(s, dtype=np.int64)) for s in state.shapes], world)[me]
     mine, local = names[a:b], state.local
+    counts = saved_counts(local) if counts_of(dp.optimizer, local) is not None else {}
     # _to_numpy keeps 0-d arrays 0-d and stores bfloat16 as its exactly equal float32
     tensors = {f"params/{n}": _to_numpy(params[n]) for n in mine}
     for s in local.slots:
@@ -86,7 +88,9 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
             "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
             "values": dict(local.values),
             # what the averages' slots mean (their start: a slot before it is a copy)
-            "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING}}
+            "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING},
+            # each average's updates so far, for the tensors this rank holds
+            "averaged": {s: {n: c[n] for n in mine if n in c} for s, c in counts.items()}}
     return meta, tensors
 
 
@@ -287,6 +291,8 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                                       f"shape {tuple(shape)} recorded")
             params[n] = _native(src, backend, dtype)
         slots, settings = _held_slots(dp, folder, first, arrays, params)
+        parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
+        merged_counts(dp.optimizer, parts, list(first["names"]))
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
         error = e
     pg.agree("load_sharded", error)
@@ -301,4 +307,6 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     local.num_skipped = int(first["num_skipped"])
     local.num_nonfinite = int(first["num_nonfinite"])
     local.values = {k: float(v) for k, v in first["values"].items()}
+    # (None: saved before the counts were kept, inferred from the step when first used)
+    local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names))
     return params, state

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .averaging import row_counts
 from .checks import check_flag, check_positive, describe, switched_on, to_float
 from .elementwise import minimum
 from .engines.common import must_skip, nonfinite_result_error
@@ -184,8 +185,8 @@ def _scalar_tables(opt: Adafactor, state: OptimizerState, t: int, scale: np.ndar
     index, views = opt.group_rows(state)
     dtype = np.dtype(state.layout.dtype)
     rows = []
-    for v in views:
-        full = v.full_scalars(t, state.values)
+    for v, c in zip(views, row_counts(opt, state, index, len(views))):
+        full = v.full_scalars(t, state.values, c)
         lr, w, rho = full[:3]
         eps1, eps2 = v.epsilon
         eps1 = float(np.finfo(dtype).eps) if eps1 is None else eps1

@@ -129,25 +129,180 @@ def slots_of(opt: Any) -> tuple[str, ...]:
     return out
 
 
-def weights(opt: Any, t: int) -> tuple[float, ...]:
+def _gate(opt: Any, t: int, start: int) -> bool:
+    """Whether step ``t`` updates an average that starts at ``start`` (paced by
+    ``opt.ema_every``)."""
+    return t >= start and not t % getattr(opt, "ema_every", 1)
+
+
+def inferred_counts(opt: Any, t: int) -> tuple[int, ...]:
+    """How many updates each average of ``opt`` (a row) had before step ``t`` if its
+    settings had always been the current ones: what a state saved without its counts
+    (before they were kept) resumes with."""
+    k = getattr(opt, "ema_every", 1)
+    out: tuple[int, ...] = ()
+    if getattr(opt, "ema_decay", None) is not None:
+        out += (max(0, _updates_before(t, getattr(opt, "ema_start", 1), k)),)
+    if getattr(opt, "swa_start", None) is not None:
+        out += (max(0, _updates_before(t, opt.swa_start, k)),)
+    return out
+
+
+def weights(opt: Any, t: int, counts: tuple[int, ...] | None = None) -> tuple[float, ...]:
     """The averaging weight of each averaged slot for step ``t`` (1-based): 0 where the
     step does not average (not a multiple of ``ema_every``, or before the average's start),
-    1 on the first update (a copy), then ``1 − ema_decay`` (EMA) or ``1/n`` on the n-th
-    (SWA)."""
-    k = getattr(opt, "ema_every", 1)
+    1 on its first update (a copy), then ``1 − ema_decay`` (EMA) or ``1/(n+1)`` after ``n``
+    updates (SWA). ``counts``: the updates each average has had (the state's
+    :func:`row_counts`); None infers them from ``t`` and the settings
+    (:func:`inferred_counts`: exact while the settings never changed, as in a traced
+    program)."""
+    if counts is None:
+        counts = inferred_counts(opt, t)
     out: tuple[float, ...] = ()
+    i = 0
     if getattr(opt, "ema_decay", None) is not None:
-        s = getattr(opt, "ema_start", 1)
-        if t < s or t % k:
-            out += (0.0,)
-        else:
-            out += (1.0 if _updates_before(t, s, k) == 0 else 1.0 - opt.ema_decay,)
+        n, i = counts[i], i + 1
+        on = _gate(opt, t, getattr(opt, "ema_start", 1))
+        out += ((1.0 if n == 0 else 1.0 - opt.ema_decay) if on else 0.0,)
     if getattr(opt, "swa_start", None) is not None:
-        s = opt.swa_start
-        if t < s or t % k:
-            out += (0.0,)
-        else:
-            out += (1.0 / (_updates_before(t, s, k) + 1),)
+        n = counts[i]
+        out += (1.0 / (n + 1) if _gate(opt, t, opt.swa_start) else 0.0,)
+    return out
+
+
+def _rows(opt: Any, state: Any) -> list[Any]:
+    """The row (an optimizer view with its group's settings) of each tensor, layout order."""
+    rows = getattr(opt, "tensor_rows", None)
+    if rows is not None:
+        return rows(state)
+    index, views = opt.group_rows(state)
+    return [views[r] for r in index]
+
+
+def counts_of(opt: Any, state: Any) -> dict[str, list[int]] | None:
+    """``state.averaged``: per averaged slot, the updates each tensor's average has had
+    (layout order); None without averages. A state without them (made before they were
+    kept) gets them inferred from its step (:func:`inferred_counts`), once."""
+    avg = slots_of(opt)
+    if not avg:
+        return None
+    got = getattr(state, "averaged", None)
+    if got is None or set(got) != set(avg):
+        rows = _rows(opt, state)
+        per = [inferred_counts(r, state.step + 1) for r in rows]
+        have = got or {}
+        got = {s: list(have[s]) if s in have else [c[j] for c in per]
+               for j, s in enumerate(avg)}
+        state.averaged = got
+    return got
+
+
+def row_counts(opt: Any, state: Any, index: Any, n_rows: int) -> list[tuple[int, ...] | None]:
+    """Per row of the scalar table (``index``: each tensor's row): the updates each average
+    has had, read from the row's first tensor (a row's tensors share its weights, so they
+    agree unless the groups were redrawn: then the row's first tensor's count decides)."""
+    counts = counts_of(opt, state)
+    out: list[tuple[int, ...] | None] = [None] * n_rows
+    if counts is None:
+        return out
+    avg = slots_of(opt)
+    for i, r in enumerate(np.asarray(index).tolist()):
+        if out[r] is None:
+            out[r] = tuple(counts[s][i] for s in avg)
+    return out
+
+
+def tensor_counts(opt: Any, state: Any, i: int) -> tuple[int, ...] | None:
+    """The updates each average of tensor ``i`` (layout order) has had."""
+    counts = counts_of(opt, state)
+    return None if counts is None else tuple(counts[s][i] for s in slots_of(opt))
+
+
+def advance(opt: Any, state: Any, t: int) -> None:
+    """Count applied step ``t``'s averaging updates in ``state.averaged`` (the step the
+    weights of :func:`weights` were taken for): each tensor's average that step ``t``
+    updated (its row's gate) has had one more."""
+    counts = counts_of(opt, state)
+    if counts is None:
+        return
+    rows = _rows(opt, state)
+    if getattr(opt, "ema_decay", None) is not None:
+        c = counts[EMA]
+        for i, r in enumerate(rows):
+            if _gate(r, t, getattr(r, "ema_start", 1)):
+                c[i] += 1
+    if getattr(opt, "swa_start", None) is not None:
+        c = counts[SWA]
+        for i, r in enumerate(rows):
+            if _gate(r, t, r.swa_start):
+                c[i] += 1
+
+
+def saved_counts(state: Any) -> dict[str, dict[str, int]]:
+    """``state.averaged`` per parameter name, for a state dict (empty when none kept)."""
+    got = getattr(state, "averaged", None) or {}
+    names = state.layout.names
+    return {s: {n: int(v) for n, v in zip(names, c)} for s, c in got.items()}
+
+
+def merged_counts(opt: Any, parts: list[Any], names: list[str]) -> dict[str, list[int]] | None:
+    """The counts of a sharded checkpoint for the parameters ``names``: each rank's
+    ``"averaged"`` (its :func:`saved_counts` for the tensors it held) merged; an average
+    none has (one that starts at the resume) at 0. None where a rank's has none (saved
+    before they were kept: inferred from the step when first used)."""
+    avg = slots_of(opt)
+    if not avg or not all(isinstance(p, Mapping) for p in parts):
+        return None
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for s, per in part.items():
+            if s not in avg or not isinstance(per, Mapping):
+                raise ValueError(f"checkpoint 'averaged' has {s!r}: not an average of "
+                                 f"{type(opt).__name__} ({list(avg)}) with per-parameter counts")
+            merged.setdefault(s, {}).update(per)
+    out = {s: [merged.get(s, {}).get(n, 0) for n in names] for s in avg}
+    for s, c in out.items():
+        bad = [v for v in c if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if bad:
+            raise ValueError(f"checkpoint 'averaged' counts of '{s}' must be non-negative "
+                             f"ints, got {bad[0]!r:.80}")
+    return out
+
+
+def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
+                  ) -> dict[str, list[int]] | None:
+    """The counts of a state dict's ``"averaged"`` (:func:`saved_counts`) for ``state`` (a
+    loaded state of ``opt``, its step set), checked: one entry per average the state dict
+    restores (the ``started`` ones start at 0), each with exactly the parameters, each a
+    non-negative int. ``saved`` None (a state dict from before counts were kept): inferred
+    from the step (:func:`counts_of`)."""
+    avg = slots_of(opt)
+    if saved is None:
+        state.averaged = None
+        got = counts_of(opt, state)
+        for s in started:
+            got[s] = [0] * len(got[s])
+        return got
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"state dict 'averaged' must be a dict of average -> {{param: count}}, "
+                        f"got {type(saved).__name__}")
+    want = set(avg) - set(started)
+    if set(saved) != want:
+        raise KeyError(f"state dict 'averaged' must have exactly the averages {sorted(want)}, "
+                       f"got {sorted(saved)}")
+    names = state.layout.names
+    out = {s: [0] * len(names) for s in avg}
+    for s, per in saved.items():
+        if not isinstance(per, Mapping) or set(per) != set(names):
+            got = sorted(per) if isinstance(per, Mapping) else type(per).__name__
+            raise KeyError(f"state dict 'averaged' of '{s}' must have exactly the parameters "
+                           f"{sorted(names)}, got {got}")
+        for i, n in enumerate(names):
+            v = per[n]
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"state dict 'averaged' count of '{s}' for '{n}' must be a "
+                                 f"non-negative int, got {v!r:.80}")
+            out[s][i] = int(v)
     return out
 
 
@@ -262,15 +417,17 @@ class AveragingMixin:
                              f"they clash with weight averaging's")
         return (*own, *avg)
 
-    def full_scalars(self, step: int, values: Mapping[str, Any] | None = None
-                     ) -> tuple[float, ...]:
+    def full_scalars(self, step: int, values: Mapping[str, Any] | None = None,
+                     counts: tuple[int, ...] | None = None) -> tuple[float, ...]:
         """:meth:`scalars`, then each average's weight for ``step`` (see :mod:`.averaging`).
         ``values``: the state's ``values``, of which :attr:`scalar_values` are passed to
-        :meth:`scalars` as keyword arguments (None: each one's ``state_value_init``)."""
+        :meth:`scalars` as keyword arguments (None: each one's ``state_value_init``).
+        ``counts``: the updates each average has had (:func:`row_counts`; None: inferred
+        from ``step``)."""
         own = self.scalars(self.row_step(step), **scalar_arguments(self, values))
         if self.ema_decay is None and self.swa_start is None:
             return own
-        return (*own, *weights(self, step))
+        return (*own, *weights(self, step, counts))
 
     def full_kernel_math(self, n_scalars: int) -> Callable:
         """The elementwise function the engines run, ``(p, g, *full slots, *full scalars)

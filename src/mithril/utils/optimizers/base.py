@@ -490,12 +490,14 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         name = type(self).__name__
         if isinstance(norm, DeviceReport):
             state.step, state.last_step_skipped = t, False
+            averaging.advance(self, state, t)  # (the averages' update counts)
             state.defer(norm, t, name)
             return new_params, state
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         if ok:
             state.step = t
+            averaging.advance(self, state, t)
             if self.nonfinite != "unchecked":  # nothing looked at (engines may not measure)
                 state.note_applied(name, norm, finite)
             return new_params, state

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ShapeError
-from .averaging import resumed_averages
+from .averaging import counts_of, loaded_counts, resumed_averages, saved_counts
 from .checks import state_dict_count
 from .groups import GROUP_KEYS
 from .state import OptimizerState
@@ -34,6 +34,8 @@ class StateDictMixin:
                                 for n, v in state.slot(s).items()} for s in state.slots}
             if state.values:
                 out["values"] = dict(state.values)
+            if counts_of(self, state) is not None:  # each average's updates so far
+                out["averaged"] = saved_counts(state)
         return out
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
@@ -94,6 +96,8 @@ class StateDictMixin:
             state.values = self._loaded_values(d.get("values", {}), state)
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            # (absent from a state dict saved before they were kept: inferred from the step)
+            state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
             # inf/NaN already in what is restored were reported when they appeared: as in
             # the run that saved it, they are not reported again
             eng = state.engine

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .averaging import average, weights
+from .averaging import advance, average, tensor_counts, weights
 from .base import Optimizer
 from .checks import check_update
 from .engines.common import is_finite, must_skip, nonfinite_result_error
@@ -289,7 +289,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
                                        f"slot {sorted(mine)}, got {sorted(out)}")
                 for s, v in out.items():
                     new_s[s][name] = v
-            for s, w in zip(averaged, weights(row, t)):
+            for s, w in zip(averaged, weights(row, t, tensor_counts(self, state, i))):
                 if w != 0:
                     new_s[s][name] = average(new_p.get(name, p), xp.part(parts[s][name]), w)
         bad = [n for n, v in (*new_p.items(), *(x for s in new_s.values() for x in s.items()))
@@ -344,6 +344,7 @@ def _finish(opt: Any, state: OptimizerState, params: dict[str, Any], ok: bool, n
                       RuntimeWarning, stacklevel=3)
         return params, state
     state.step += 1
+    advance(opt, state, state.step)  # (the averages' update counts)
     if grad or (not finite and not state.nonfinite_values):  # new non-finite values: once
         state.num_nonfinite += 1
         what = grad or "finite gradients, but the step made params or state non-finite"

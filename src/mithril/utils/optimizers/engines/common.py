@@ -27,14 +27,17 @@ def scalar_table(opt: Any, state: Any, t: int, norm: float | None, state_values:
     jitted JAX engine's program replaces: nothing is read back for it)."""
     index, views = opt.group_rows(state)
     values = getattr(state, "values", None) if state_values else None
+    from ..averaging import row_counts  # (averaging imports state, which imports this)
+
+    counts = row_counts(opt, state, index, len(views))  # (each average's updates so far)
     if len(views) == 1:  # no groups: one row (its clip bound is its own), built directly
         v = views[0]
-        scal = v.full_scalars(t, values)
+        scal = v.full_scalars(t, values, counts[0])
         row = (*prologue(v, norm, scal[0]), *scal)
         return np.array([row], dtype=np.float64), index, row[1] > 0
     rows = []
-    for v in views:
-        scal = v.full_scalars(t, values)
+    for v, c in zip(views, counts):
+        scal = v.full_scalars(t, values, c)
         rows.append((*prologue(v, norm, scal[0]), *scal))
     table = np.array(rows, dtype=np.float64)
     clip = any(r[1] > 0 for r in rows)  # (Python: NumPy's any on a few values costs ~1.5 us)
