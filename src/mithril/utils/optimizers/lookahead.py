@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .averaging import _jitable, started_averages
+from .averaging import _jitable, loaded_counts, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float
 from .elementwise import where
@@ -391,6 +391,7 @@ class Lookahead(Optimizer):
                 state.values = loaded_values(d.get("values", {}), state)
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
             eng = state.engine  # inf/NaN restored were reported when they appeared
             state.nonfinite_values = not (
                 all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
