@@ -18,7 +18,13 @@ A group's ``"step_offset": k`` (an int >= 0) says its parameters joined after ``
 its rules that read the step count (bias corrections, ``lr_decay``, first-step rules) count
 ``t − k``, as torch.optim counts each parameter's own steps after ``add_param_group``
 (``torch_optimizer`` sets it; a state of fewer than ``k + 1`` steps is refused, as are
-the traced JAX program and Lookahead, which count one step for all).
+the traced JAX program and Lookahead, which count one step for all). Inside a group, a
+state's per-parameter ``missed`` counts (:meth:`~.state.OptimizerState.note_missed`: the
+applied steps a parameter had no gradient at, which ``torch_optimizer`` keeps as torch.optim
+keeps each parameter's own ``step``) add to it: a parameter's rules count
+``t − step_offset − missed``. Each distinct (row, missed) becomes a row of its own (the same
+values, its own count), so the fused kernels still read one row per tensor; a state whose
+counts are all 0 (``missed`` None: the common case) costs nothing.
 
 :meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
 optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
@@ -246,6 +252,24 @@ def resolve(opt: Any, names: Sequence[str]
     return np.array([index[c] for c in owner], dtype=np.int64), rows, combos
 
 
+def own_count_rows(index: np.ndarray, rows: list[dict[str, Any]], missed: np.ndarray
+                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """``index`` and ``rows`` (:func:`resolve`'s) with each distinct (row, missed) pair of
+    a tensor whose ``missed`` count (steps it had no gradient at) is not 0 as a row of its
+    own: the row's values with ``step_offset`` raised by that count. The rows before stay
+    where they were (row 0: the optimizer's own values)."""
+    sel = np.flatnonzero(missed)
+    if not len(sel):
+        return index, rows
+    pairs, inverse = np.unique(np.stack([index[sel], missed[sel]], axis=1), axis=0,
+                               return_inverse=True)
+    out = index.copy()
+    out[sel] = len(rows) + inverse.reshape(-1)
+    extra = [{**rows[r], "step_offset": rows[r].get("step_offset", 0) + int(m)}
+             for r, m in pairs.tolist()]
+    return out, [*rows, *extra]
+
+
 def group_rate(lr: float, group: Mapping[str, Any]) -> float:
     """The learning rate of ``group`` when the optimizer's is ``lr``: the rate it was given
     while ``lr`` was 0 (``"learning_rate"``), else its ``lr_scale`` times ``lr``."""
@@ -404,13 +428,20 @@ class GroupsMixin:
         self._groups_version += 1
 
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
-        """Each tensor's row of scalars and one optimizer per row (row 0: this one)."""
+        """Each tensor's row of scalars and one optimizer per row (row 0: this one); a
+        parameter that missed steps (``state.missed``) gets a row of its own count."""
         key = (self._groups_version, id(self._groups))
         cached = state.groups
         if cached is None or cached[0] != key:
             index, rows, _ = resolve(self, state.layout.name_list)
             cached = state.groups = (key, index, rows)
-        return cached[1], views(self, cached[2])
+        missed = getattr(state, "missed", None)
+        if missed is None:
+            return cached[1], views(self, cached[2])
+        own = state.own_rows
+        if own is None or own[0] is not cached:  # (NumPy only: no per-tensor Python)
+            own = state.own_rows = (cached, *own_count_rows(cached[1], cached[2], missed))
+        return own[1], views(self, own[2])
 
     # -- a handle on one hyperparameter (what a scheduler drives) --------------------------
     def hyperparameter(self, name: str = "learning_rate", group: int | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,11 @@ class OptimizerState:
         self.params_flat: Any = None
         self.param_views: dict[str, Any] | None = None
         self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
+        #: per tensor (layout order), the applied steps it had no gradient at, whose count
+        #: its rules leave out (torch.optim's per-parameter ``step``; None: all 0): see
+        #: :meth:`note_missed`; ``own_rows`` caches the rows it gives (groups.group_rows)
+        self.missed: np.ndarray | None = None
+        self.own_rows: Any = None
         #: how the last plain step ran, for the next to repeat (engines/fast_step.py), and how
         #: many recipes in a row went unused (then none is made: something changes per step)
         self.fast: Any = None
@@ -157,6 +162,35 @@ class OptimizerState:
                           f"(nonfinite='skip' or 'raise' guard against this)",
                           RuntimeWarning, stacklevel=stacklevel)
         self._nonfinite_values = not finite
+
+    def note_missed(self, names: Iterable[str]) -> None:
+        """Count one more missed step for each parameter ``names`` (they had no gradient at
+        the step just applied): their bias corrections, decays and first-step rules then
+        count only their own steps, as torch.optim counts each parameter's ``step``
+        (:mod:`.groups`). ``torch_optimizer`` calls it; a plain ``update`` does not (one
+        count per state, as optax)."""
+        idx = [self.layout.index[n] for n in names]
+        if not idx:
+            return
+        if self.missed is None:
+            self.missed = np.zeros(len(self.layout.names), dtype=np.int64)
+        self.missed[idx] += 1
+        self.own_rows = self.fast = None  # (their rows and a plain step's recipe change)
+
+    def set_missed(self, missed: Mapping[str, int] | None) -> None:
+        """Set every parameter's missed-step count (name -> int >= 0; those left out: 0),
+        as a state dict keeps them (checked by its loader)."""
+        counts = np.zeros(len(self.layout.names), dtype=np.int64)
+        for n, m in (missed or {}).items():
+            counts[self.layout.index[n]] = int(m)
+        self.missed = counts if counts.any() else None
+        self.own_rows = self.fast = None
+
+    def missed_counts(self) -> dict[str, int]:
+        """The parameters that missed steps and how many (empty where none did)."""
+        if self.missed is None:
+            return {}
+        return {n: int(m) for n, m in zip(self.layout.name_list, self.missed.tolist()) if m}
 
     @property
     def values(self) -> dict[str, float]:
