@@ -54,6 +54,7 @@ from ..utils.optimizers import (
     RAdam,
     RMSProp,
 )
+from ..utils.optimizers.averaging import counts_of, saved_counts
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
 #: theirs, which are torch's already for ASGD, Adadelta, Adagrad, Rprop, Adafactor, Muon)
@@ -184,6 +185,14 @@ def live_offsets(opt: Optimizer, names: Sequence[str]) -> list[int]:
     return step_offsets(list(opt.hyper_holders()[-1].param_groups), names)
 
 
+def own_steps(opt: Optimizer, st: Any, names: Sequence[str]) -> list[int]:
+    """Each parameter's own step count in the state ``st``, as torch.optim's per-parameter
+    ``step``: the state's count less its group's ``step_offset`` (joined later) and the
+    steps it had no gradient at (``st.missed``)."""
+    missed = st.missed.tolist() if st.missed is not None else [0] * len(names)
+    return [st.step - k - m for k, m in zip(live_offsets(opt, names), missed)]
+
+
 def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[Any]
                ) -> defaultdict:
     """torch's ``opt.state``: per parameter ``step`` and live views of its slots."""
@@ -192,8 +201,8 @@ def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[A
         return out
     rename = slot_names_for_torch(opt)
     slots = {rename.get(s, s): st.slot(s) for s in shown(opt, st)}
-    for name, p, k in zip(names, params, live_offsets(opt, names)):
-        out[p] = {"step": torch.tensor(float(st.step - k)),
+    for name, p, k in zip(names, params, own_steps(opt, st, names)):
+        out[p] = {"step": torch.tensor(float(k)),
                   **{key: per[name] for key, per in slots.items() if per[name].numel()}}
     return out
 
@@ -208,10 +217,12 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
             "num_nonfinite": st.num_nonfinite}
     if st.values:
         meta["values"] = {k: float(v) for k, v in st.values.items()}
+    if counts_of(opt, st) is not None:  # each average's updates, in the parameters' order
+        meta["averaged"] = {a: [c[n] for n in names] for a, c in saved_counts(st).items()}
     rename = slot_names_for_torch(opt)
     state: dict[int, dict[str, Any]] = {  # (each parameter's own count, as torch's)
-        i: {"step": torch.tensor(float(st.step - k), dtype=torch.float32)}
-        for i, k in enumerate(live_offsets(opt, names))}
+        i: {"step": torch.tensor(float(k), dtype=torch.float32)}
+        for i, k in enumerate(own_steps(opt, st, names))}
     for slot in shown(opt, st):
         for i, view in enumerate(st.slot(slot).values()):
             a = np.array(st.engine.to_numpy(view))
@@ -278,6 +289,13 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
             raise TypeError(f"state dict ['mithril']['values'] must be a dict, got "
                             f"{type(meta['values']).__name__}")
         out["values"] = dict(meta["values"])
+    if "averaged" in meta:  # (the counts, in the parameters' order: the names may differ)
+        got = meta["averaged"]
+        if not isinstance(got, Mapping) or not all(
+                isinstance(c, (list, tuple)) and len(c) == n for c in got.values()):
+            raise ValueError(f"state dict ['mithril']['averaged'] must map each average to "
+                             f"{n} counts (one per parameter), got {got!r:.80}")
+        out["averaged"] = {a: dict(zip(names, c)) for a, c in got.items()}
     state = sd.get("state")
     if not isinstance(state, Mapping):
         raise TypeError(f"state dict 'state' must be a dict, got {type(state).__name__}")
@@ -486,4 +504,7 @@ def with_added(trial: Optimizer, st: Any, names: Sequence[str], params: Sequence
             "num_nonfinite": st.num_nonfinite, "slots": slots}
     if st.values:
         ours["values"] = dict(st.values)
+    if getattr(st, "averaged", None) is not None:  # (the new parameters' averages: fresh)
+        ours["averaged"] = {a: {**c, **dict.fromkeys(new, 0)}
+                            for a, c in saved_counts(st).items()}
     return trial.load_state_dict(ours, current)

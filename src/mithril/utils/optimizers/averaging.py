@@ -7,14 +7,17 @@ same elementwise pass, right after the parameter update::
 
 An average starts as the parameters given to ``init`` (as torch's ``AveragedModel``, a
 copy of the model), so it is never garbage before its first update. The weight ``w`` is a
-per-step scalar, one more column of the scalar table (so changing
-``ema_decay`` or the learning rate never recompiles), derived from the step count ``t``
-alone (nothing more is saved: a state dict or checkpoint restores it with the step):
+per-step scalar, one more column of the scalar table (so changing ``ema_decay`` or the
+learning rate never recompiles). Which steps update an average follows from the step count
+``t`` and the settings in force at that step; how an update weighs follows from the
+average's *update count* ``n``, kept in the state (``state.averaged``, per average and
+tensor; saved with it: state dicts, checkpoints, sharded checkpoints, a ``torch_optimizer``'s
+state dict), as torch's ``AveragedModel`` keeps ``n_averaged``:
 
 * EMA, ``ema_every = k``, ``ema_start = s`` (default 1): the average is updated on the
-  steps that are multiples of ``k`` and ``>= s`` (``k, 2k, 3k, ...`` by default); the first
-  of them copies the parameters (``w = 1``), each later one takes ``w = 1 − ema_decay``,
-  and before it ``w = 0``. That is torch's
+  steps that are multiples of ``k`` and ``>= s`` (``k, 2k, 3k, ...`` by default); an update
+  with ``n = 0`` copies the parameters (``w = 1``), each later one takes
+  ``w = 1 − ema_decay`` (the ``ema_decay`` in force at that step). That is torch's
   ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` created after
   step ``s − 1`` (timm's ``ModelEma`` after a warm-up) with ``update_parameters(model)``
   called after every later k-th optimizer step. (Keras'
@@ -24,24 +27,34 @@ alone (nothing more is saved: a state dict or checkpoint restores it with the st
   when you ask. Keras's ``ema_overwrite_frequency=k`` is rebinding ``params`` to a copy of
   ``opt.ema_params(state)`` (views of the state on NumPy/torch) after every k-th update.)
 * SWA, ``swa_start = s``: the average is the mean of the parameters after steps ``s``,
-  ``s + 1``, ... (those that are multiples of ``ema_every`` when it is > 1): ``w = 1/n`` on
-  its n-th update. That is torch's ``AveragedModel(model)`` (default average) with
+  ``s + 1``, ... (those that are multiples of ``ema_every`` when it is > 1): ``w = 1/(n+1)``
+  on an update after ``n``. That is torch's ``AveragedModel(model)`` (default average) with
   ``update_parameters(model)`` after each of those steps; use it with
   :class:`~mithril.utils.lr_schedulers.SWALR`.
+
+Changing the settings mid-run (``opt.ema_start = ...``, a group's, ``ema_decay``,
+``swa_start``) is a torch loop's ``if step >= start: avg.update_parameters(model)`` with the
+new ``start``, on the same ``AveragedModel``: a start moved later pauses the updates until
+it (a started average then goes on from where it was: its count is kept, an SWA mean goes on
+counting); a start moved earlier (to a step already passed) before the average's first
+update makes the next averaging step its first, a copy (never a blend with the starting
+copy); moved earlier once started it changes nothing. A new ``ema_decay`` weighs the
+updates from then on. Per parameter group (``param_groups`` with their own ``ema_start`` /
+``swa_start`` / ``ema_every`` / ``ema_decay``) each group's tensors count their own updates.
+Where the state holds no count (a state dict or checkpoint saved before they were kept),
+it is inferred from the step as if the settings had always been the current ones (the
+updates in ``[s, t]``), which is what such a run did; so is it in a traced program (the
+optax transformation, ``make_train_step``), whose settings are fixed while it runs.
 
 Resuming (:meth:`~mithril.utils.optimizers.Optimizer.load_state_dict`): an optimizer
 constructed with an average that loads a checkpoint (a state dict saved with its state)
 without it keeps its averaging
 settings and starts the average at the resume, as a fresh ``AveragedModel`` would: the slot
-is a copy of the ``params`` given to ``load_state_dict``, and the start (``ema_start``,
-``swa_start``) becomes the saved step + 1 unless it is later already. An average the
-checkpoint has is restored with the checkpoint's settings (torch's rule: ``load_state_dict``
-restores the hyperparameters), whether or not the optimizer was constructed with it.
-Because the weights follow from ``t`` alone, changing ``ema_start`` / ``swa_start`` mid-run
-moves the start as if it had been so from the beginning: set later, the average restarts
-(a copy) there; set to a step already passed before the average's first update, the
-average's starting copy (the parameters given to ``init``) is blended in instead of a fresh
-copy, so set a start at construction or at a resume (``load_state_dict``), not lower mid-run.
+is a copy of the ``params`` given to ``load_state_dict``, its count 0, and the start
+(``ema_start``, ``swa_start``) becomes the saved step + 1 unless it is later already. An
+average the checkpoint has is restored with the checkpoint's settings and count (torch's
+rule: ``load_state_dict`` restores the hyperparameters), whether or not the optimizer was
+constructed with it.
 
 Against the peers (``tests/test_weight_averaging_peers.py``, side by side): Keras 3's
 ``use_ema=True, ema_momentum=m`` is ``ema_decay=m`` (its first step copies too); optax's
@@ -221,21 +234,19 @@ def tensor_counts(opt: Any, state: Any, i: int) -> tuple[int, ...] | None:
 def advance(opt: Any, state: Any, t: int) -> None:
     """Count applied step ``t``'s averaging updates in ``state.averaged`` (the step the
     weights of :func:`weights` were taken for): each tensor's average that step ``t``
-    updated (its row's gate) has had one more."""
+    updated (its row's gate) has had one more. New lists, never changed in place (a copy
+    of the state keeps its own counts)."""
     counts = counts_of(opt, state)
     if counts is None:
         return
     rows = _rows(opt, state)
-    if getattr(opt, "ema_decay", None) is not None:
-        c = counts[EMA]
-        for i, r in enumerate(rows):
-            if _gate(r, t, getattr(r, "ema_start", 1)):
-                c[i] += 1
-    if getattr(opt, "swa_start", None) is not None:
-        c = counts[SWA]
-        for i, r in enumerate(rows):
-            if _gate(r, t, r.swa_start):
-                c[i] += 1
+    new = dict(counts)
+    if EMA in counts:
+        new[EMA] = [c + _gate(r, t, getattr(r, "ema_start", 1))
+                    for c, r in zip(counts[EMA], rows)]
+    if SWA in counts:
+        new[SWA] = [c + _gate(r, t, r.swa_start) for c, r in zip(counts[SWA], rows)]
+    state.averaged = new
 
 
 def saved_counts(state: Any) -> dict[str, dict[str, int]]:
