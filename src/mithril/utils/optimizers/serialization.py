@@ -23,7 +23,8 @@ class StateDictMixin:
 
     def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
         """Hyperparameters (and, given ``state``, the step count, the skipped and non-finite
-        step counters and the per-parameter slots as numpy)."""
+        step counters, the per-parameter slots as numpy and, under ``"missed"``, the
+        parameters that missed steps and how many: :meth:`OptimizerState.note_missed`)."""
         out: dict[str, Any] = {"optimizer": type(self).__name__,
                                "hyperparameters": self.hyperparameters()}
         if state is not None:
@@ -36,6 +37,8 @@ class StateDictMixin:
                 out["values"] = dict(state.values)
             if counts_of(self, state) is not None:  # each average's updates so far
                 out["averaged"] = saved_counts(state)
+            if state.missed is not None:  # (each parameter's own count, as torch's 'step')
+                out["missed"] = state.missed_counts()
         return out
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
@@ -98,6 +101,8 @@ class StateDictMixin:
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
             # (absent from a state dict saved before they were kept: inferred from the step)
             state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
+            if d.get("missed"):
+                state.set_missed(_loaded_missed(trial, d["missed"], state))
             # inf/NaN already in what is restored were reported when they appeared: as in
             # the run that saved it, they are not reported again
             eng = state.engine
@@ -157,6 +162,29 @@ class StateDictMixin:
             out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
         return {s: out[s] for s in state.slots}
 
+
+
+def _loaded_missed(opt: Any, saved: Any, state: OptimizerState) -> dict[str, int]:
+    """A state dict's ``"missed"`` (parameter -> steps it had no gradient at), checked
+    against ``state`` (loaded, its ``step`` set) and ``opt``'s groups: known names, ints
+    >= 0, none beyond the steps taken since its group joined."""
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"state dict 'missed' must be a dict of parameter -> int, got "
+                        f"{type(saved).__name__}")
+    unknown = sorted(set(saved) - set(state.layout.names), key=repr)
+    if unknown:
+        raise KeyError(f"state dict 'missed' names unknown parameters {unknown}")
+    index, views = opt.group_rows(state)
+    out = {}
+    for name, m in saved.items():
+        if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"state dict 'missed' of '{name}' must be an int >= 0, got {m!r}")
+        joined = views[index[state.layout.index[name]]]._step_offset
+        if joined + m > state.step:
+            raise ValueError(f"state dict 'missed' of '{name}' is {m}, beyond the {state.step - joined} "
+                             f"steps taken since it joined")
+        out[name] = int(m)
+    return out
 
 
 def _numeric(value: Any) -> np.ndarray | None:
