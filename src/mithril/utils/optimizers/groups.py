@@ -17,8 +17,10 @@ holds, is kept as it is (the group's ``"learning_rate"``) until the optimizer's 
 A group's ``"step_offset": k`` (an int >= 0) says its parameters joined after ``k`` steps:
 its rules that read the step count (bias corrections, ``lr_decay``, first-step rules) count
 ``t − k``, as torch.optim counts each parameter's own steps after ``add_param_group``
-(``torch_optimizer`` sets it; a state of fewer than ``k + 1`` steps is refused, as are
-the traced JAX program and Lookahead, which count one step for all). Inside a group, a
+(``torch_optimizer`` sets it; a state of fewer than ``k + 1`` steps is refused). The traced
+JAX program counts it too (``k`` static per row; until its count passes ``k`` a group's
+parameters and slots are kept, as torch's before the add) but for a per-tensor optimizer
+(Muon, Adafactor: refused), and so does Lookahead, its sync included. Inside a group, a
 state's per-parameter ``missed`` counts (:meth:`~.state.OptimizerState.note_missed`: the
 applied steps a parameter had no gradient at, which ``torch_optimizer`` keeps as torch.optim
 keeps each parameter's own ``step``) add to it: a parameter's rules count
