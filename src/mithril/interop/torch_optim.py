@@ -149,12 +149,10 @@ from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
-    follow_idle,
     given_values,
     group_keys,
     grouped_hyperparameters,
     hyperparameters_for,
-    idle_groups,
     joined_at,
     named,
     packed_groups,
@@ -234,7 +232,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
-        self._idle = set(range(len(self.param_groups)))  # (no gradient yet: follow_idle)
+        # each parameter counts its own steps (OptimizerState.note_missed), as torch's,
+        # but where the groups are a wrapped optimizer's (a Lookahead: one count for all)
+        self._own_counts = len(optimizer.hyper_holders()) == 1
         if isinstance(optimizer, AdaGrad) and self._params:
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
@@ -315,7 +315,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._grouped = len(group_names) > 1
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
-        self._idle.add(k)
         if state is not None:
             self._opt_state = state
             self._views = None  # the next step copies the parameters into the new buffer
@@ -345,13 +344,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._adopt(current, new)
             if not state.last_step_skipped:
                 count_in_place([p for p in params if p.grad is not None])
-                if self._idle:
-                    started = {i for i in self._idle if any(
-                        p.grad is not None for p in self.param_groups[i]["params"])}
-                    if self._grouped:
-                        follow_idle(self, started)
-                    else:
-                        self._idle -= started
+                if len(grads) < len(names) and self._own_counts:  # (a C-speed test)
+                    state.note_missed([n for n, p in zip(names, params) if p.grad is None])
         return loss
 
     def _start(self) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -541,7 +535,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, now[key])
         self.param_groups = groups
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys} for g in groups]
-        self._idle = idle_groups(self)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -165,43 +165,6 @@ def joined_at(opt: Optimizer, hp: dict[str, Any], new: Sequence[str], st: Any,
                      f"torch.optim counts from 0); add the group before the first step")
 
 
-def idle_groups(tw: Any) -> set[int]:
-    """The torch groups of ``tw`` (a TorchOptimizer) none of whose parameters has had a
-    gradient at a step yet: those whose parameters all count 0 steps (a new state: all)."""
-    st = tw._opt_state
-    if st is None:
-        return set(range(len(tw.param_groups)))
-    own = dict(zip(tw._names, live_offsets(tw._mithril, tw._names)))
-    return {i for i, ns in enumerate(tw._group_names) if all(st.step == own[n] for n in ns)}
-
-
-def follow_idle(tw: Any, started: set[int]) -> None:
-    """After an applied step of ``tw`` (a TorchOptimizer holding several groups): the idle
-    groups (:func:`idle_groups`) ``started`` took their first; the ones still idle get the
-    new count as ``step_offset``, so that they count their own steps from their first
-    gradient, as torch.optim's per-parameter ``step`` (why: a group frozen from the start,
-    ``.grad`` None, counted the optimizer's steps; its first Adam update after unfreezing
-    was ~3x torch's). Not for an optimizer keeping one count (a Lookahead)."""
-    tw._idle -= started
-    idle = [tw._group_names[i] for i in tw._idle if tw._group_names[i]]
-    if not idle:
-        return
-    opt, st = tw._mithril, tw._opt_state
-    hp = opt.state_dict(None)["hyperparameters"]
-    groups = hp.get("param_groups")
-    if not isinstance(groups, list):
-        tw._idle.clear()
-        return
-    new = []
-    for g in groups:
-        g = dict(g)
-        if list(g["params"]) in idle:
-            g["step_offset"] = st.step
-        new.append(g)
-    opt.load_state_dict({"optimizer": type(opt).__name__,
-                         "hyperparameters": {**hp, "param_groups": new}})
-
-
 def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],
                  refs: Sequence[Mapping[str, Any]], start: int = 0) -> str:
     """The values of the torch ``groups`` that are not those of ``refs`` (one mapping per

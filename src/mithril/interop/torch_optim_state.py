@@ -219,6 +219,8 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
         meta["values"] = {k: float(v) for k, v in st.values.items()}
     if counts_of(opt, st) is not None:  # each average's updates, in the parameters' order
         meta["averaged"] = {a: [c[n] for n in names] for a, c in saved_counts(st).items()}
+    if st.missed is not None:  # (each count is in its 'step' too: see _counted_on)
+        meta["missed"] = st.missed_counts()
     rename = slot_names_for_torch(opt)
     state: dict[int, dict[str, Any]] = {  # (each parameter's own count, as torch's)
         i: {"step": torch.tensor(float(k), dtype=torch.float32)}
@@ -318,6 +320,8 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
                 if key != "step":
                     slots.setdefault(back.get(key, key), {})[name] = to_numpy(value)
         out["slots"] = slots
+        if isinstance(count, (int, np.integer)):  # (else the optimizer's load names it)
+            out["missed"] = _missed(state, index, names, step_offsets(hp, names), int(count))
     elif out["step"] != 0:
         raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
     out_groups = []
@@ -328,6 +332,30 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         group["params"] = now["params"]
         out_groups.append(group)
     return out_groups, out
+
+
+def _missed(state: Mapping[Any, Any], index: Mapping[Any, int], names: Sequence[str],
+            offsets: Sequence[int], count: int) -> dict[str, int]:
+    """The steps each parameter had no gradient at, from the per-parameter ``step`` of a
+    state dict's ``state`` (torch's own count) and the optimizer's ``count``: ``count``
+    less its group's ``step_offset`` less its ``step`` (an entry without one: none)."""
+    out = {}
+    for pid, entry in state.items():
+        if "step" not in entry:
+            continue
+        i = index[pid]
+        try:
+            own = float(np.asarray(to_numpy(entry["step"])))
+        except (TypeError, ValueError):
+            own = float("nan")
+        m = count - offsets[i] - own
+        if not (own >= 0 and own == int(own) and m >= 0):
+            raise ValueError(f"state dict 'state'[{pid!r}]['step'] must be a whole number of "
+                             f"steps from 0 to {count - offsets[i]} (the optimizer's count "
+                             f"since its group joined), got {entry['step']!r}")
+        if m:
+            out[names[i]] = int(m)
+    return out
 
 
 def _flattened(groups: Any, groups_now: Sequence[Mapping[str, Any]]) -> bool:
@@ -358,29 +386,34 @@ def _counted_on(opt: Optimizer, meta: Mapping[str, Any], state: Any, groups: Seq
     count its parameters' ``step`` say. Why: a ``torch.optim`` optimizer that loaded our
     state dict (after an ``add_param_group`` too) and stepped on counts each parameter's
     steps on but keeps the entry as it was, and its state dict loaded back here resumed
-    with the old count (wrong bias corrections). A parameter of a group added later counts
-    ``step_offset`` fewer steps (:func:`step_offsets`): every parameter must be the same
-    number of steps past the entry."""
+    with the old count (wrong bias corrections). Each parameter's own count at the save
+    is the entry's, less its group's ``step_offset`` (:func:`step_offsets`) and its
+    ``missed``; the steps taken since are the most any parameter took (each parameter's
+    missed steps then follow from its ``step``: :func:`_missed`)."""
     ids = [i for g in groups if isinstance(g, Mapping)
            for i in (g.get("params") if isinstance(g.get("params"), (list, tuple)) else ())]
     names = meta.get("param_names")
+    count = meta.get("step", 0)
     if not isinstance(state, Mapping) or not isinstance(names, (list, tuple)) \
-            or len(names) != len(ids):
+            or len(names) != len(ids) or not isinstance(count, (int, np.integer)):
         return meta
-    offsets = dict(zip(ids, step_offsets(meta.get("hyperparameters") or {}, names)))
-    past = {float(np.asarray(to_numpy(e["step"]))) + offsets.get(i, 0)
-            for i, e in state.items() if isinstance(e, Mapping) and "step" in e}
-    if not past or past == {float(meta.get("step", 0))}:
+    missed = meta.get("missed") if isinstance(meta.get("missed"), Mapping) else {}
+    then = {i: count - k - missed.get(n, 0) for i, n, k in zip(
+        ids, names, step_offsets(meta.get("hyperparameters") or {}, names))}
+    since = {i: float(np.asarray(to_numpy(e["step"]))) - then.get(i, 0)
+             for i, e in state.items() if isinstance(e, Mapping) and "step" in e}
+    if not since or max(since.values()) == 0:
         return meta
-    if len(past) > 1:
-        raise ValueError(f"state dict: its parameters' 'step' differ by other amounts than "
-                         f"their groups joined at (counts {sorted(past)}): a mithril "
-                         f"optimizer counts one step for each group")
+    if min(since.values()) < 0:
+        back = sorted((i for i, d in since.items() if d < 0), key=repr)
+        raise ValueError(f"state dict: the 'step' of parameters {back} is below its "
+                         f"'mithril' entry's count for them: not a state dict that went on "
+                         f"from ours")
     if opt.state_values:
-        raise ValueError(f"state dict: its parameters' 'step' ({past.pop():g}) is not its "
-                         f"'mithril' entry's ({meta.get('step')}): {type(opt).__name__}'s "
-                         f"optimizer-wide values {list(opt.state_values)} are stale")
-    return {**meta, "step": int(past.pop())}
+        raise ValueError(f"state dict: its parameters' 'step' are past its 'mithril' "
+                         f"entry's ({count}): {type(opt).__name__}'s optimizer-wide values "
+                         f"{list(opt.state_values)} are stale")
+    return {**meta, "step": int(count + max(since.values()))}
 
 
 def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]],
@@ -412,14 +445,11 @@ def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]
         return {"optimizer": type(opt).__name__, "hyperparameters": hp,
                 "step": int(steps.pop()) if steps else 0}
     total, per_group, pos = max(steps), [], 0
-    for i, g in enumerate(groups):
+    for g in groups:
         ids = list(g["params"])
+        # (a group's parameters that count fewer steps than its most missed them: _missed)
         mine = _steps({k: state[k] for k in ids if k in state})
-        if len(mine) > 1:
-            raise ValueError(f"state dict has no 'mithril' entry and the parameters of its "
-                             f"param_groups[{i}] count different steps ({sorted(mine)}): a "
-                             f"mithril torch_optimizer counts one step per group")
-        per_group.append((list(names[pos:pos + len(ids)]), int(total - mine.pop())
+        per_group.append((list(names[pos:pos + len(ids)]), int(total - max(mine))
                           if mine else 0))
         pos += len(ids)
     joined = [{"params": ns, "step_offset": k} for ns, k in per_group if ns and k]

@@ -1,0 +1,195 @@
+"""Per-parameter step counts inside one param group, as torch.optim keeps them: a parameter
+whose ``.grad`` is None at a ``step()`` is skipped and its ``step`` does not advance, so its
+bias corrections (Adam, AdamW, NAdam, RAdam, Adamax), Adagrad's ``lr_decay`` and SGD's
+undampened first buffer count only its own steps. Side by side with ``torch.optim`` on the
+same float64 model: parameter ``b`` has no gradient for its first steps and again now and
+then after it started, in the same group as ``a`` (stepped every time). While skipped,
+``b``, its moments and its count are untouched (no weight decay either). State dicts carry
+each parameter's count: a resume continues bit for bit, and a ``torch.optim`` optimizer
+that loaded ours and stepped on gives its per-parameter ``step`` back to ours."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_interop_torch_optimizer import default_dtype
+
+from mithril.interop import torch_optimizer
+from mithril.utils import optimizers as O
+
+STEPS = 20
+#: the steps at which ``b`` has no gradient: its first three, then now and then
+NONE_AT = {0, 1, 2, 7, 12, 13, 17}
+
+CASES = {  # ours, torch's (lr 0.05 both)
+    "adam": (O.Adam, {}, torch.optim.Adam, {}),
+    "adam_wd": (O.Adam, {"weight_decay": 0.1}, torch.optim.Adam, {"weight_decay": 0.1}),
+    "adamw_amsgrad": (O.AdamW, {"amsgrad": True, "weight_decay": 0.1}, torch.optim.AdamW,
+                      {"amsgrad": True, "weight_decay": 0.1}),
+    "nadam": (O.NAdam, {}, torch.optim.NAdam, {}),
+    "radam": (O.RAdam, {}, torch.optim.RAdam, {}),
+    "adamax": (O.Adamax, {}, torch.optim.Adamax, {}),
+    "adagrad_lr_decay": (O.AdaGrad, {"lr_decay": 0.1}, torch.optim.Adagrad, {"lr_decay": 0.1}),
+    "sgd_momentum_dampening": (O.SGD, {"momentum": 0.9, "dampening": 0.3}, torch.optim.SGD,
+                               {"momentum": 0.9, "dampening": 0.3}),
+}
+#: torch keeps NAdam's μ product and Adagrad's step scalars in float32 tensors
+TOL = {"nadam": 1e-7, "adagrad_lr_decay": 1e-5}
+
+
+def _grads():
+    rng = np.random.default_rng(0)
+    return ([torch.tensor(rng.standard_normal((3, 4))) for _ in range(STEPS)],
+            [torch.tensor(rng.standard_normal(5)) for _ in range(STEPS)])
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return (torch.nn.Parameter(torch.tensor(rng.standard_normal((3, 4)))),
+            torch.nn.Parameter(torch.tensor(rng.standard_normal(5))))
+
+
+def _pair(case):
+    ours_cls, ours_kw, torch_cls, torch_kw = CASES[case]
+    a1, b1 = _params()
+    a2, b2 = _params()
+    ours = torch_optimizer(ours_cls(learning_rate=0.05, **ours_kw), [("a", a1), ("b", b1)])
+    ref = torch_cls([a2, b2], lr=0.05, **torch_kw)
+    return (a1, b1, ours), (a2, b2, ref)
+
+
+def _step(a, b, opt, i, ga, gb):
+    opt.zero_grad(set_to_none=True)
+    a.grad = ga[i].clone()
+    if i not in NONE_AT:
+        b.grad = gb[i].clone()
+    opt.step()
+
+
+def _steps(p, opt):
+    return float(opt.state[p].get("step", 0))  # (torch: no entry before its first step)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_parameter_missing_steps_counts_its_own_as_torch(case):
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair(case)
+        ga, gb = _grads()
+        tol = TOL.get(case, 1e-12)
+        for i in range(STEPS):
+            b_before = b1.detach().clone()
+            slots_before = {k: v.clone() for k, v in ours.state[b1].items()}
+            for a, b, o in ((a1, b1, ours), (a2, b2, ref)):
+                _step(a, b, o, i, ga, gb)
+            assert torch.allclose(a1, a2, rtol=tol, atol=tol), (case, i)
+            assert torch.allclose(b1, b2, rtol=tol, atol=tol), (
+                case, i, float((b1 - b2).abs().max()))
+            # each parameter's own count, as torch's (SGD keeps none: its momentum buffer
+            # is None until the parameter's first step, the undampened one)
+            own = sum(j not in NONE_AT for j in range(i + 1))
+            assert _steps(a1, ours) == i + 1 and _steps(b1, ours) == own, (case, i)
+            if "sgd" not in case:
+                assert (_steps(a2, ref), _steps(b2, ref)) == (i + 1, own)
+            if i in NONE_AT:  # skipped: the parameter, its slots and its count untouched
+                assert torch.equal(b1.detach(), b_before)
+                for k, v in slots_before.items():
+                    assert torch.equal(ours.state[b1][k], v), (case, i, k)
+        ref_state = ref.state[b2]
+        for k, v in ours.state[b1].items():
+            if k != "step" and k in ref_state:
+                assert torch.allclose(v, ref_state[k], rtol=tol, atol=tol), (case, k)
+
+
+def test_zero_grad_set_to_none_with_an_unused_branch_matches_torch():
+    """A real model whose branch is unused on some steps (its ``.grad`` stays None after
+    ``zero_grad(set_to_none=True)``), AdamW with weight decay: torch's numbers, and the
+    branch neither moves nor decays while unused."""
+    with default_dtype(torch.float64):
+        torch.manual_seed(0)
+        m1 = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 2),
+                                  "aux": torch.nn.Linear(4, 2)})
+        m2 = copy.deepcopy(m1)
+        ours = torch_optimizer(O.AdamW(learning_rate=0.02, weight_decay=0.5),
+                               m1.named_parameters())
+        ref = torch.optim.AdamW(m2.parameters(), lr=0.02, weight_decay=0.5)
+        g = torch.Generator().manual_seed(2)
+        for i in range(STEPS):
+            x = torch.randn(8, 4, generator=g)
+            for m, o in ((m1, ours), (m2, ref)):
+                o.zero_grad(set_to_none=True)
+                h = torch.tanh(m["body"](x))
+                loss = m["head"](h).pow(2).mean()
+                if i not in NONE_AT:
+                    loss = loss + m["aux"](h).pow(2).mean()
+                loss.backward()
+            aux_before = m1["aux"].weight.detach().clone()
+            ours.step()
+            ref.step()
+            if i in NONE_AT:
+                assert m1["aux"].weight.grad is None
+                assert torch.equal(m1["aux"].weight.detach(), aux_before)
+            for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+                assert torch.allclose(p1, p2, rtol=1e-12, atol=1e-12), (i, n)
+                assert _steps(p1, ours) == _steps(p2, ref), (i, n)
+
+
+@pytest.mark.parametrize("case", ["adam", "nadam", "adagrad_lr_decay"])
+def test_state_dict_resume_is_bit_exact_and_carries_each_count(case):
+    """Saved after ``b`` missed steps and loaded into a new wrapper, the run continues bit
+    for bit as the unbroken one; the state dict's per-parameter ``step`` are torch's."""
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair(case)
+        (a3, b3, resumed), _ = _pair(case)
+        ga, gb = _grads()
+        half = 13  # (b missed steps 0-2, 7 and 12)
+        for i in range(half):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a2, b2, ref, i, ga, gb)
+        sd = ours.state_dict()
+        torch_sd = ref.state_dict()
+        assert [float(sd["state"][k]["step"]) for k in (0, 1)] == [
+            float(torch_sd["state"][k]["step"]) for k in (0, 1)] == [13.0, 8.0]
+        with torch.no_grad():
+            a3.copy_(a1)
+            b3.copy_(b1)
+        resumed.load_state_dict(sd)
+        assert _steps(b3, resumed) == 8.0
+        for i in range(half, STEPS):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a3, b3, resumed, i, ga, gb)
+        assert torch.equal(a1, a3) and torch.equal(b1, b3)
+        # the mithril optimizer's own state dict carries the counts too
+        mo, st = ours.mithril_optimizer, ours.mithril_state
+        back = copy.copy(mo).load_state_dict(
+            mo.state_dict(st), {"a": a1.detach().clone(), "b": b1.detach().clone()})
+        assert list(np.asarray(back.missed)) == list(np.asarray(st.missed)) == [0, 7]
+
+
+def test_torch_optim_that_loaded_ours_gives_its_counts_back():
+    """A ``torch.optim.Adam`` that loaded our state dict (after ``b`` missed steps) and
+    stepped on, ``b`` missing more, keeps the ``mithril`` entry as it was: its per-parameter
+    ``step`` give each count, and ours continues as torch's."""
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair("adam")
+        ga, gb = _grads()
+        for i in range(10):
+            _step(a1, b1, ours, i, ga, gb)
+        with torch.no_grad():
+            a2.copy_(a1)
+            b2.copy_(b1)
+        ref.load_state_dict(ours.state_dict())
+        for i in range(10, 15):
+            _step(a2, b2, ref, i, ga, gb)
+        with torch.no_grad():
+            a1.copy_(a2)
+            b1.copy_(b2)
+        ours.load_state_dict(ref.state_dict())
+        assert (_steps(a1, ours), _steps(b1, ours)) == (15.0, 9.0)
+        for i in range(15, STEPS):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a2, b2, ref, i, ga, gb)
+        assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12)
