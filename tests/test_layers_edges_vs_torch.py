@@ -1,0 +1,235 @@
+"""Edge cases of the convolution, pooling, normalisation, activation and loss blocks, side by
+side with ``torch.nn.functional`` in float64 on NumPy, JAX and torch: the output and the
+gradient of every parameter and input within 1e-10 (relative to max(1, |torch|)).
+
+The cases are the corners the per-block suites pass over: a stride larger than the kernel,
+dilation with padding, ``padding="same"`` with an even dilated kernel, depthwise channel
+multipliers, 1x1 and length-1 inputs, non-square kernels, ``count_include_pad=False``,
+LayerNorm without affine parts or over one feature, GroupNorm as instance norm on 1x1 maps,
+BatchNorm with batch 1 (spatial) and in inference mode, ReLU / LeakyReLU at 0 and with a
+negative slope, saturated sigmoid / tanh, a softmax row with -inf, and cross-entropy with
+every combination of class weights, ignore_index and label smoothing per reduction (an
+all-ignored mean is NaN, as torch). Attention and recurrent layers:
+``test_layers_edges_vs_torch_seq.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from layer_edges import Case, compare, jax_column, run_mithril
+
+import mithril as ml
+from mithril.backends import NumpyBackend, TorchBackend
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+def unary(fn):
+    """A torch reference of a block on ``input`` whose parameters are named by their role."""
+    def ref(t, d):
+        roles = {k.rsplit(".", 1)[-1]: v for k, v in t.items() if k != "input"}
+        return {"output": fn(t["input"], **roles)}
+    return ref
+
+
+def ce(**opts):
+    weight = opts.get("weight")
+    kw = {"weight": None if weight is None else torch.tensor(weight),
+          "ignore_index": opts.get("ignore_index", -100),
+          "label_smoothing": opts.get("label_smoothing", 0.0),
+          "reduction": opts.get("reduction", "mean")}
+    return lambda t, d: {"output": F.cross_entropy(t["input"], d["target"], **kw)}
+
+
+_RNG = np.random.default_rng(11)
+_X0 = _RNG.standard_normal((6, 5))
+_X0[0, 0] = _X0[1, 1] = 0.0  # the kinks of ReLU / LeakyReLU
+_LABELS = np.array([0, 4, -100, 2, 2, 1])
+_W = np.array([0.5, 1.5, 2.0, 0.7, 1.1])
+_PROBS = _RNG.random((6, 5))
+_PROBS /= _PROBS.sum(1, keepdims=True)
+
+CASES: dict[str, Case] = {
+    # -- convolutions --------------------------------------------------------------------
+    "conv2d_stride_above_kernel": Case(lambda: ml.Convolution2D(2, 3, stride=3), {"input": (2, 2, 8, 7)},
+                                       unary(lambda x, weight, bias: F.conv2d(x, weight, bias, 3))),
+    "conv2d_dilation_padding": Case(lambda: ml.Convolution2D(3, 3, dilation=2, padding=2), {"input": (1, 2, 6, 6)},
+                                    unary(lambda x, weight, bias: F.conv2d(x, weight, bias, 1, 2, 2))),
+    "conv2d_same_even_dilated": Case(
+        lambda: ml.Convolution2D(4, 3, padding="same", dilation=3), {"input": (1, 2, 9, 10)},
+        unary(lambda x, weight, bias: F.conv2d(x, weight, bias, padding="same", dilation=3))),
+    "conv2d_depthwise_multiplier": Case(
+        lambda: ml.Convolution2D(3, 6, groups=3, padding=1), {"input": (2, 3, 5, 5)},
+        unary(lambda x, weight, bias: F.conv2d(x, weight, bias, padding=1, groups=3))),
+    "conv2d_1x1_input_padded": Case(lambda: ml.Convolution2D(3, 4, padding=1), {"input": (1, 3, 1, 1)},
+                                    unary(lambda x, weight, bias: F.conv2d(x, weight, bias, padding=1))),
+    "conv2d_non_square": Case(lambda: ml.Convolution2D((1, 5), 4, stride=(3, 1)), {"input": (2, 3, 7, 9)},
+                              unary(lambda x, weight, bias: F.conv2d(x, weight, bias, (3, 1)))),
+    "conv1d_stride_above_kernel_dilated": Case(
+        lambda: ml.Convolution1D(2, 4, stride=5, dilation=3, padding=1), {"input": (2, 3, 17)},
+        unary(lambda x, weight, bias: F.conv1d(x, weight, bias, 5, 1, 3))),
+    "conv1d_length_1": Case(lambda: ml.Convolution1D(1, 2), {"input": (1, 3, 1)},
+                            unary(lambda x, weight, bias: F.conv1d(x, weight, bias))),
+    # -- pooling -------------------------------------------------------------------------
+    "max_pool2d_stride_above_kernel": Case(lambda: ml.MaxPool2D(2, stride=3), {"input": (2, 2, 8, 7)},
+                                           unary(lambda x: F.max_pool2d(x, 2, 3))),
+    "max_pool2d_1x1": Case(lambda: ml.MaxPool2D(1), {"input": (1, 2, 1, 1)}, unary(lambda x: F.max_pool2d(x, 1))),
+    "max_pool2d_padding_dilation": Case(lambda: ml.MaxPool2D(3, stride=2, padding=1, dilation=2),
+                                        {"input": (1, 2, 7, 8)}, unary(lambda x: F.max_pool2d(x, 3, 2, 1, 2))),
+    "max_pool2d_non_square": Case(lambda: ml.MaxPool2D((1, 3), stride=(2, 1), padding=(0, 1)),
+                                  {"input": (1, 2, 5, 6)}, unary(lambda x: F.max_pool2d(x, (1, 3), (2, 1), (0, 1)))),
+    "max_pool1d_kernel_1_stride_2": Case(lambda: ml.MaxPool1D(1, stride=2), {"input": (1, 2, 9)},
+                                         unary(lambda x: F.max_pool1d(x, 1, 2))),
+    "avg_pool2d_stride_above_kernel": Case(lambda: ml.AvgPool2D(2, stride=3), {"input": (2, 2, 8, 7)},
+                                           unary(lambda x: F.avg_pool2d(x, 2, 3))),
+    "avg_pool2d_exclude_pad": Case(
+        lambda: ml.AvgPool2D((3, 2), stride=(2, 1), padding=1, count_include_pad=False), {"input": (2, 2, 7, 6)},
+        unary(lambda x: F.avg_pool2d(x, (3, 2), (2, 1), 1, count_include_pad=False))),
+    "avg_pool1d_exclude_pad": Case(
+        lambda: ml.AvgPool1D(5, stride=3, padding=2, count_include_pad=False), {"input": (2, 2, 9)},
+        unary(lambda x: F.avg_pool1d(x, 5, 3, 2, count_include_pad=False))),
+    "avg_pool2d_exclude_pad_no_padding": Case(
+        lambda: ml.AvgPool2D(2, count_include_pad=False), {"input": (2, 2, 5, 6)},
+        unary(lambda x: F.avg_pool2d(x, 2, count_include_pad=False))),
+    "avg_pool2d_exclude_pad_1x1_input": Case(
+        lambda: ml.AvgPool2D(3, stride=1, padding=1, count_include_pad=False), {"input": (1, 2, 1, 1)},
+        unary(lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))),
+    "global_avg_pool_1x1": Case(lambda: ml.GlobalAvgPool2D(), {"input": (1, 2, 1, 1)},
+                                unary(lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1))),
+    # -- normalisation -------------------------------------------------------------------
+    "layer_norm_large_eps": Case(lambda: ml.LayerNorm(eps=0.5), {"input": (2, 3, 5)},
+                                 unary(lambda x, weight, bias: F.layer_norm(x, (5,), weight, bias, 0.5))),
+    "layer_norm_no_affine": Case(lambda: ml.LayerNorm(use_scale=False, use_bias=False), {"input": (2, 3, 5)},
+                                 unary(lambda x: F.layer_norm(x, (5,)))),
+    "layer_norm_scale_only": Case(lambda: ml.LayerNorm(use_bias=False), {"input": (2, 3, 5)},
+                                  unary(lambda x, weight: F.layer_norm(x, (5,), weight))),
+    "layer_norm_one_feature": Case(lambda: ml.LayerNorm(), {"input": (2, 3, 1)},
+                                   unary(lambda x, weight, bias: F.layer_norm(x, (1,), weight, bias))),
+    "group_norm_instance_1x1": Case(lambda: ml.GroupNorm(4), {"input": (2, 4, 1, 1)},
+                                    unary(lambda x, weight, bias: F.group_norm(x, 4, weight, bias))),
+    "group_norm_no_spatial": Case(lambda: ml.GroupNorm(2), {"input": (3, 4)},
+                                  unary(lambda x, weight, bias: F.group_norm(x, 2, weight, bias))),
+    "batch_norm2d_batch_1": Case(lambda: ml.BatchNorm2D(3), {"input": (1, 3, 2, 2)},
+                                 unary(lambda x, weight, bias: F.batch_norm(x, None, None, weight, bias, True))),
+    "batch_norm1d_two_rows": Case(lambda: ml.BatchNorm1D(3), {"input": (2, 3)},
+                                  unary(lambda x, weight, bias: F.batch_norm(x, None, None, weight, bias, True))),
+    "batch_norm1d_no_affine": Case(lambda: ml.BatchNorm1D(3, affine=False), {"input": (4, 3, 2)},
+                                   unary(lambda x: F.batch_norm(x, None, None, None, None, True))),
+    "batch_norm1d_inference": Case(  # the initial running statistics: mean 0, variance 1
+        lambda: ml.BatchNorm1D(3), {"input": (4, 3, 2)},
+        unary(lambda x, weight, bias: F.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype),
+                                                   weight, bias, False)), training=False),
+    "batch_norm1d_inference_no_running_stats": Case(
+        lambda: ml.BatchNorm1D(3, track_running_stats=False), {"input": (4, 3, 2)},
+        unary(lambda x, weight, bias: F.batch_norm(x, None, None, weight, bias, True)), training=False),
+    # -- activations ---------------------------------------------------------------------
+    "relu_at_zero": Case(lambda: ml.Relu(), {"input": _X0}, unary(F.relu)),
+    "leaky_relu_negative_slope": Case(lambda: ml.LeakyRelu(-0.3), {"input": _X0},
+                                      unary(lambda x: F.leaky_relu(x, -0.3))),
+    "leaky_relu_slope_above_1": Case(lambda: ml.LeakyRelu(2.0), {"input": _X0}, unary(lambda x: F.leaky_relu(x, 2.0))),
+    "gelu_tanh_wide": Case(lambda: ml.Gelu(approximate=True), {"input": 5 * _X0},
+                           unary(lambda x: F.gelu(x, approximate="tanh"))),
+    "sigmoid_saturated": Case(lambda: ml.Sigmoid(), {"input": 40 * _X0}, unary(torch.sigmoid)),
+    "tanh_saturated": Case(lambda: ml.Tanh(), {"input": 40 * _X0}, unary(torch.tanh)),
+    "softmax_axis_0": Case(lambda: ml.Softmax(0), {"input": _X0}, unary(lambda x: F.softmax(x, 0))),
+    "softmax_minus_inf": Case(lambda: ml.Softmax(), {"input": np.where(_X0 > 0.5, -np.inf, _X0)},
+                              unary(lambda x: F.softmax(x, -1))),
+    # -- losses --------------------------------------------------------------------------
+    "cross_entropy_probs_weight_smoothing_mean": Case(
+        lambda: ml.CrossEntropy(weight=_W, label_smoothing=0.1), {"input": _X0},
+        ce(weight=_W, label_smoothing=0.1), data={"target": _PROBS}),
+    "cross_entropy_axis1_3d_all_options": Case(
+        lambda: ml.CrossEntropy(axis=1, ignore_index=-100, weight=_W, label_smoothing=0.2), {"input": (2, 5, 4)},
+        ce(weight=_W, label_smoothing=0.2), data={"target": np.array([[0, -100, 4, 2], [1, 1, 3, 0]])}),
+    "cross_entropy_all_ignored_mean_is_nan": Case(
+        lambda: ml.CrossEntropy(ignore_index=3), {"input": _X0}, ce(ignore_index=3), data={"target": np.full(6, 3)}),
+    "cross_entropy_log_probs_weight_ignore": Case(
+        lambda: ml.CrossEntropy(input_type="log_probs", ignore_index=-100, weight=_W),
+        {"input": F.log_softmax(torch.tensor(_X0), -1).numpy()},
+        lambda t, d: {"output": F.nll_loss(t["input"], d["target"], weight=torch.tensor(_W))},
+        data={"target": _LABELS}),
+    "squared_error_sum_both_sides": Case(
+        lambda: ml.SquaredError(reduction="sum"), {"input": (6, 5), "target": (6, 5)},
+        lambda t, d: {"output": F.mse_loss(t["input"], t["target"], reduction="sum")}),
+}
+for _red in ("mean", "sum", "none"):
+    for _opts in ({"ignore_index": -100}, {"ignore_index": -100, "label_smoothing": 0.2},
+                  {"ignore_index": -100, "weight": _W}, {"ignore_index": -100, "weight": _W, "label_smoothing": 0.3}):
+        CASES[f"cross_entropy_{_red}_" + "_".join(k.split("_")[0] for k in _opts)] = Case(
+            (lambda o=_opts, r=_red: ml.CrossEntropy(reduction=r, **o)), {"input": _X0},
+            ce(reduction=_red, **_opts), data={"target": _LABELS})
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_torch(name, backend_name):
+    case = CASES[name]
+    compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
+
+
+@pytest.fixture(scope="module")
+def jax_results():
+    return jax_column("test_layers_edges_vs_torch", list(CASES), os.path.dirname(__file__))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jax_equals_torch(name, jax_results):
+    compare(name, CASES[name], *jax_results[name], what="jax")
+
+
+@pytest.mark.parametrize("backend_cls", [NumpyBackend, TorchBackend])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_without_running_stats_refuses_one_value_per_channel(backend_cls, training):
+    """Batch statistics of one value per channel: torch refuses them in both modes when the
+    module has no running statistics (NumPy gave the bias in inference mode, torch's own
+    error came from the torch backend)."""
+    model = ml.Model()
+    model |= ml.BatchNorm1D(3, track_running_stats=False)(input="input", output="output")
+    compiled = ml.compile(model, backend_cls(dtype="float64"), shapes={"input": [None, 3]})
+    params = compiled.get_parameters()
+    x = compiled.backend.array(np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"BatchNorm1D: the batch statistics .* more than one "
+                                         r"value per channel, got input of shape \(1, 3\)"):
+        compiled.evaluate(params, {"input": x}, training=training)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch's own
+        torch.nn.BatchNorm1d(3, track_running_stats=False, dtype=torch.float64).eval()(
+            torch.ones(1, 3, dtype=torch.float64))
+    two = compiled.evaluate(params, {"input": compiled.backend.array(np.eye(3)[:2])},
+                            training=training)["output"]
+    want = F.batch_norm(torch.tensor(np.eye(3)[:2]), None, None, training=True)
+    assert np.abs(np.asarray(compiled.backend.to_numpy(two)) - want.numpy()).max() <= 1e-12
+
+
+@pytest.mark.parametrize("backend_cls", [NumpyBackend, TorchBackend])
+@pytest.mark.parametrize("momentum", [None, 0.0, 1.0, 0.3])
+def test_batch_norm_running_stats_momentum_edges(backend_cls, momentum):
+    """momentum=None (a cumulative average), 0 (frozen) and 1 (the last batch): the running
+    statistics, the count and the inference output after 4 steps equal torch's."""
+    model = ml.Model()
+    model |= ml.BatchNorm1D(3, momentum=momentum)(input="input", output="output")
+    compiled = ml.compile(model, backend_cls(dtype="float64"), shapes={"input": [None, 3, 4]})
+    params, state = compiled.get_parameters(), compiled.initial_state_dict
+    ref = torch.nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    to_np = lambda a: np.asarray(compiled.backend.to_numpy(a))  # noqa: E731
+    for _ in range(4):
+        x = 2 + 3 * rng.standard_normal((5, 3, 4))
+        out, state = compiled.evaluate(params, {"input": compiled.backend.array(x)}, state=state)
+        assert np.abs(to_np(out["output"]) - ref(torch.tensor(x)).detach().numpy()).max() <= 1e-12
+    assert np.abs(to_np(state["batch_norm1_d.running_mean"]) - ref.running_mean.numpy()).max() <= 1e-12
+    assert np.abs(to_np(state["batch_norm1_d.running_var"]) - ref.running_var.numpy()).max() <= 1e-12
+    assert int(to_np(state["batch_norm1_d.num_batches_tracked"])) == int(ref.num_batches_tracked) == 4
+    x = rng.standard_normal((2, 3, 4))
+    out, _ = compiled.evaluate(params, {"input": compiled.backend.array(x)}, state=state, training=False)
+    assert np.abs(to_np(out["output"]) - ref.eval()(torch.tensor(x)).detach().numpy()).max() <= 1e-12
+
+
+def test_avg_pool_count_include_pad_is_a_bool():
+    with pytest.raises(TypeError, match="AvgPool2D: count_include_pad must be a bool, got 'no'"):
+        ml.AvgPool2D(3, padding=1, count_include_pad="no")
+    assert "count_include_pad=False" in repr(ml.AvgPool1D(3, padding=1, count_include_pad=False))
