@@ -4,9 +4,9 @@ steps and count their own, as torch.optim counts each parameter's steps (a group
 undampened first step at 1). Side by side with torch.optim: a parameter stepped from the
 start, another added after ``N`` steps; ours resumes from a state of ``N`` steps with the
 second parameter in a group of ``step_offset=N``. On the fused NumPy engine, the torch
-array engine, the eager JAX engine and the two-pass (ASGD) path; the traced JAX program
-and Lookahead refuse such a group by name, and an offset the state has not reached is
-refused before anything changes."""
+array engine, the eager JAX engine and the two-pass (ASGD) path (the traced JAX program and
+Lookahead: their own test files); an offset the state has not reached is refused before
+anything changes."""
 
 from __future__ import annotations
 
@@ -143,19 +143,16 @@ def test_a_state_dict_below_its_offset_is_refused_and_changes_nothing():
     assert again.learning_rate == 0.2 and not again.param_groups
 
 
-def test_traced_program_and_lookahead_refuse_it():
+def test_a_per_tensor_program_refuses_it():
+    """The traced program of a per-tensor optimizer (Muon) reads one step count for all its
+    tensors: a group with a ``step_offset`` is refused by name (elementwise and two-pass
+    programs count it, ``tests/test_step_offset_jax.py``; Lookahead too,
+    ``tests/test_lookahead_step_offset.py``)."""
     import jax.numpy as jnp
 
     from mithril.interop import optax_transformation
 
-    opt = O.Adam(learning_rate=0.1, param_groups=[{"params": ["b"], "step_offset": 2}])
-    tx = optax_transformation(opt)
-    p = {"a": jnp.ones(2), "b": jnp.ones(3)}
-    with pytest.raises(ValueError, match="a group with a 'step_offset'.*cannot be traced"):
+    tx = optax_transformation(O.Muon(param_groups=[{"params": ["w"], "step_offset": 2}]))
+    p = {"w": jnp.ones((3, 4))}
+    with pytest.raises(ValueError, match=r"a group with a 'step_offset'.*cannot be traced"):
         tx.update(p, tx.init(p), p)
-    la = O.Lookahead(O.Adam(param_groups=[{"params": ["b"], "step_offset": 2}]))
-    p = {"a": np.ones(2), "b": np.ones(3)}
-    st = la.init(p)
-    with pytest.raises(ValueError, match="Lookahead: param_groups with a 'step_offset'"):
-        la.update(p, {"a": np.ones(2), "b": np.ones(3)}, st)
-    assert st.step == 0

@@ -205,9 +205,48 @@ def _traceable(fn: Callable) -> Callable:
     return new
 
 
+def offset_of(view: Any) -> int:
+    """The ``step_offset`` of a group's view (0 for the optimizer's own row): its
+    parameters joined after that many steps (see :mod:`~mithril.utils.optimizers.groups`)."""
+    return int(getattr(view, "_step_offset", 0) or 0)
+
+
+def row_count(step: Any, offset: int) -> Any:
+    """The traced step ``step`` as a row of ``offset`` counts it: ``step − offset``, at
+    least 1 (before its group joins the row's scalars are computed but not used: its
+    parameters and slots are kept, see :func:`joined`)."""
+    import jax.numpy as jnp
+
+    return jnp.maximum(step - offset, 1) if offset else step
+
+
+def joined(plan: Any, t: Any) -> list[Any] | None:
+    """Per leaf: None where its row has no ``step_offset``, else whether the traced step
+    ``t`` is past it (the leaf's group has joined); None for all when no row has one.
+    Before its group joins, a leaf's gradient takes no part in the step (zeroed before the
+    global norm) and its parameter and slots are kept, as torch leaves a parameter it was
+    not yet given by ``add_param_group``."""
+    if not any(plan.offsets):
+        return None
+    return [t > plan.offsets[r] if plan.offsets[r] else None for r in plan.index]
+
+
+def refuse_offsets(opt: Any, why: str) -> None:
+    """``ValueError`` naming the groups of ``opt`` with a ``step_offset``, which the
+    program for ``opt`` cannot count (``why``)."""
+    late = [i for i, g in enumerate(opt.param_groups) if g.get("step_offset")]
+    if late:
+        raise ValueError(
+            f"{type(opt).__name__} param_groups{late}: a group with a 'step_offset' (its "
+            f"parameters joined after the first steps) cannot be traced for {why} (its "
+            f"per-tensor rules read one step count for all tensors); run the optimizer's "
+            f"own update")
+
+
 def _scalars(view: Any, step: Any, values: dict[str, Any] | None = None) -> tuple[Any, ...]:
     from ..utils.optimizers.state import scalar_arguments
 
+    step = row_count(step, offset_of(view))  # (a group that joined later counts its own)
     fn = getattr(type(view), "scalars", None)
     if not isinstance(fn, types.FunctionType):  # pragma: no cover - a non-function scalars
         fn = type(view).scalars
@@ -293,7 +332,8 @@ def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
         a = dict(attrs[r]) if attrs else {}
         a["learning_rate"] = lr * a.pop("lr_scale", s)
         v.assign(a)  # (on the view itself: ASGD keeps lrs)
-        scal = v.full_scalars(t, values)
+        # (a row whose group has not joined yet: any count will do, its leaves are kept)
+        scal = v.full_scalars(max(t, offset_of(v) + 1), values)
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
     return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
@@ -398,8 +438,9 @@ def _probe_traced(views: list[Any], scales: list[float], attrs: list[dict[str, f
         return f"{type(views[0]).__name__}.scalars(step) is not traceable ({type(e).__name__}: {first[:160]})"
     fresh = [copy.copy(v) for v in views]
     jitted = jax.jit(rows)  # one small program for every step below (eager: one per operation)
+    late = max(map(offset_of, views), default=0)  # (steps each row has joined by)
     with jax.ensure_compile_time_eval():
-        for t in (1, 2, 3, 10, 1000):
+        for t in (late + 1, late + 2, late + 3, late + 10, late + 1000):
             got = padded(jitted(jnp.int32(t), jnp.asarray(lr0), pairs,
                                 *(jnp.asarray(init[k]) for k in names)))
             want = _host_rows(fresh, scales, t, lr0, attrs, init)
@@ -442,7 +483,10 @@ class _Plan:
                      for v in views]
         self.tensor_clip = clips if any(c != (None, None) for c in clips) else None
         self.host_views = [copy.copy(v) for v in views]  # kept: ASGD remembers lrs
-        self.widths = [1 + len(copy.copy(v).full_scalars(1)) for v in views]
+        #: each row's ``step_offset`` (static: a group joining later builds a new plan)
+        self.offsets = [offset_of(v) for v in views]
+        self.widths = [1 + len(copy.copy(v).full_scalars(1 + k))
+                       for v, k in zip(views, self.offsets)]
         self.width = max(self.widths, default=1)  # the host table's (keep factor, scalars), padded
         now = [{k: (s if k == "lr_scale" else v._hyperparameter_value(k, None)) for k in live}
                for v, s, live in zip(views, scales, self.live)]
@@ -494,12 +538,6 @@ def refuse_pinned(opt: Any) -> None:
             f"optimizer's is 0 cannot be traced (the program holds a group's rate as a "
             f"ratio to the optimizer's); run the optimizer's own update, or start the "
             f"first lane's schedule above 0")
-    joined = [i for i, g in enumerate(opt.param_groups) if g.get("step_offset")]
-    if joined:
-        raise ValueError(
-            f"{type(opt).__name__} param_groups{joined}: a group with a 'step_offset' (its "
-            f"parameters joined after the first steps) cannot be traced (the program counts "
-            f"one step for every parameter); run the optimizer's own update")
 
 
 def _pair_of(x: Any) -> tuple[Any, Any]:

@@ -109,7 +109,7 @@ def state_hyperparams(opt: Any) -> tuple[str, ...]:
 
 
 # -- tensor_scalars on the host ----------------------------------------------------------------
-def _as_host(opt: Any, t: int, lr: float, sums: Any, cols: Any, tensors: Any, values: Any,
+def _as_host(opt: Any, t: Any, lr: float, sums: Any, cols: Any, tensors: Any, values: Any,
              sizes: np.ndarray, attrs: dict[str, float] | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``opt.tensor_scalars`` on the host, as the engines call it (float64 arrays, the
@@ -162,7 +162,9 @@ def host_tensor_scalars(opt: Any, t: Any, lr: Any, sums: tuple, cols: tuple,
 
     def callback(step: Any, rate: Any, s: Any, c: Any, ts: Any, vs: Any, hs: Any) -> tuple:
         attrs = {k: float(hs[i, 0]) + float(hs[i, 1]) for i, k in enumerate(names)}
-        got = _as_host(opt, int(step), float(rate), list(s), list(c), list(ts), list(vs),
+        # (an array of each tensor's own count where a group joined later)
+        count = int(step) if np.ndim(step) == 0 else np.asarray(step, np.float64)
+        got = _as_host(opt, count, float(rate), list(s), list(c), list(ts), list(vs),
                        sizes, attrs)
         return tuple(x.astype(out_dt) for x in got)
 

@@ -43,6 +43,7 @@ from .optax_scalars import (
     _Plan,
     _row_scalars,
     _static_prologue,
+    refuse_offsets,
     refuse_pinned,
 )
 from .optax_transform import (
@@ -139,6 +140,7 @@ class _Rows:
         holder = SimpleNamespace(groups=None, layout=SimpleNamespace(
             name_list=list(names), names=tuple(names), shapes=tuple(shapes)))
         refuse_pinned(opt)
+        refuse_offsets(opt, "a per-tensor optimizer")
         unit = copy.copy(opt)
         unit.learning_rate = 1.0  # each row's learning rate is then its ratio to opt's
         per_tensor = unit.tensor_rows(holder)

@@ -115,7 +115,16 @@ import numpy as np
 
 from .optax_hyperparams import check as check_traced
 from .optax_prologue import _prologue, _wide
-from .optax_scalars import _INT32_MAX, _Hyper, _pair_of, _Plan, _probe, _row_scalars
+from .optax_scalars import (
+    _INT32_MAX,
+    _Hyper,
+    _pair_of,
+    _Plan,
+    _probe,
+    _row_scalars,
+    joined,
+    row_count,
+)
 from .optax_special import schedule_free_eval_params
 
 __all__ = ["OptaxState", "optax_transformation", "scalars_on_host",
@@ -434,6 +443,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         n_full = len(rows[0]) - 1
         n_own = n_full - n_avg
         skip = opt.nonfinite == "skip"
+        late = joined(plan, t)  # (groups that join after the first steps: see joined)
+        if late is not None:
+            grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
+                     for g, j in zip(grads, late)]
         gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip, attrs, names)
 
         def own_scalars(i: int) -> list[Any]:
@@ -462,8 +475,12 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
             sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
                              dtype=np.int64)
+            # (per tensor where a group joined later: each tensor's own count, as the
+            # engines' two_pass_table passes it)
+            t_each = t if late is None else jnp.stack(
+                [row_count(t, plan.offsets[r]) for r in plan.index]).astype(dt)
             ext, new_t, new_values = run_tensor_scalars(
-                t, lr, tuple(sums), cols, tens, dict(state.values), sizes,
+                t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
                 {k: v for k, v in driven.items() if k in traced and "[" not in k})
             if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
                 raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
@@ -485,6 +502,15 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             for s, v in zip(full, out[1:]):
                 new_slots[s].append(v)
 
+        if late is not None:  # a group not joined yet keeps its params and slots
+            for i, j in enumerate(late):
+                if j is not None:
+                    new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
+                    for s in full:
+                        new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
+                    for s in new_tensors:
+                        new_tensors[s][i] = jnp.where(j, new_tensors[s][i],
+                                                      tensor_leaves[s][i])
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
             finite = jnp.isfinite(norm)

@@ -290,13 +290,21 @@ class Lookahead(Optimizer):
         return out
 
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
-        """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead."""
+        """The inner optimizer's rows (its parameter groups), each wrapped in Lookahead. A
+        group with a ``step_offset`` ``k`` (its parameters joined after ``k`` steps) counts
+        its own steps ``t − k`` for all its step rules, the sync included: it syncs on every
+        ``sync_period``-th step since it joined, as timm's and torch-optimizer's Lookahead
+        count each param group's steps from its ``add_param_group``."""
         index, views = self.inner.group_rows(state)
-        if any(v._step_offset for v in views):  # (its slow weights sync on one count)
-            raise ValueError("Lookahead: param_groups with a 'step_offset' (parameters that "
-                             "joined later) are not supported: every group syncs on the same "
-                             "step count")
-        return index, [self if v is self.inner else self._wrapping(v) for v in views]
+        return index, [self if v is self.inner else self._joined(self._wrapping(v), v)
+                       for v in views]
+
+    @staticmethod
+    def _joined(row: Lookahead, view: Any) -> Lookahead:
+        """``row`` (wrapping the group's ``view``) counting the steps as its group does."""
+        if view._step_offset:
+            row._step_offset = view._step_offset
+        return row
 
     # -- what the engines run ----------------------------------------------------------
     def slot_names(self) -> tuple[str, ...]:
