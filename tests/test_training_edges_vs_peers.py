@@ -18,7 +18,7 @@ from mithril.backends import NumpyBackend, TorchBackend
 from mithril.utils.accumulation import Accumulate
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.monitoring import TrainingMonitor, update_ratios
-from mithril.utils.optimizers import Adam
+from mithril.utils.optimizers import Adam, AdamW
 
 K = 3
 
@@ -39,7 +39,8 @@ def _start() -> dict[str, np.ndarray]:
 def _multisteps(n: int) -> dict[str, np.ndarray]:
     """optax.MultiSteps(adam) over the first ``n`` micro-batches, in float64."""
     with jax.enable_x64(True):
-        tx = optax.MultiSteps(optax.adam(0.01), every_k_schedule=K)
+        tx = optax.MultiSteps(optax.adam(0.01), every_k_schedule=K,
+                              accumulator_dtype=jnp.float64)  # (float32 by default)
         params = {k: jnp.asarray(v) for k, v in _start().items()}
         state = tx.init(params)
         for t in range(n):
@@ -129,3 +130,75 @@ def test_update_ratios_of_diverged_parameters_are_nan_as_torchs(kind):
     rec = monitor.after_update({k: conv(v) for k, v in after.items()})
     assert [k for k, r in rec["update_ratios"].items() if math.isnan(r)] == [
         "zero_to_nan", "nan_before", "to_nan"]
+
+
+def test_a_scheduled_window_with_an_ema_matches_multisteps_and_torch():
+    # every_k_schedule as a callable of the count of windows applied (optax's
+    # gradient_step) is acc.k set from state.step before each call; the step count and the
+    # EMA move once per window (torch's AveragedModel updated after each opt.step()), the
+    # learning rate from a schedule of the windows applied, weight decay masked by name.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def every_k(s):
+        return 2 if s < 2 else 3
+
+    def lr(s):
+        return 0.05 / (1 + s)
+
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    gs = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(14)]
+    opt = AdamW(learning_rate=lr(0), weight_decay=0.1, exclude_weight_decay=("b",),
+                ema_decay=0.9)
+    acc = Accumulate(opt, 1)
+    p = {k: v.copy() for k, v in p0.items()}
+    st = acc.init(p)
+    steps_seen = []
+    for g in gs:
+        acc.k = every_k(st.step)
+        acc.set_learning_rate(lr(st.step))
+        p, st = acc.update(p, {k: v.copy() for k, v in g.items()}, st)
+        steps_seen.append(st.step)
+    ema = opt.ema_params(st.inner)
+
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(
+            optax.adamw(lambda c: 0.05 / (1 + c), weight_decay=0.1,
+                        mask={"w": True, "b": False}),
+            every_k_schedule=lambda s: jnp.where(s < 2, 2, 3), accumulator_dtype=jnp.float64)
+        q = {k: jnp.asarray(v) for k, v in p0.items()}
+        ostate = tx.init(q)
+        optax_steps = []
+        for g in gs:
+            upd, ostate = tx.update({k: jnp.asarray(v) for k, v in g.items()}, ostate, q)
+            q = optax.apply_updates(q, upd)
+            optax_steps.append(int(ostate.gradient_step))
+    assert steps_seen == optax_steps == [0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
+    assert st.micro_step == int(ostate.mini_step) == 1
+
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
+    holder = torch.nn.ParameterList(list(tp.values()))
+    topt = torch.optim.AdamW([{"params": [tp["w"]], "weight_decay": 0.1},
+                              {"params": [tp["b"]], "weight_decay": 0.0}], lr=lr(0))
+    avg = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
+    done, buffered = 0, 0
+    for g in gs:
+        k = every_k(done)
+        for name, t in tp.items():
+            gt = torch.tensor(g[name])
+            t.grad = gt if t.grad is None else t.grad + gt
+        buffered += 1
+        if buffered == k:
+            for group in topt.param_groups:
+                group["lr"] = lr(done)
+            for t in tp.values():
+                t.grad /= k
+            topt.step()
+            topt.zero_grad()
+            avg.update_parameters(holder)
+            done, buffered = done + 1, 0
+    for i, name in enumerate(tp):
+        np.testing.assert_allclose(p[name], np.asarray(q[name]), rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(p[name], tp[name].detach().numpy(), rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(ema[name]), avg.module[i].detach().numpy(),
+                                   rtol=1e-13, atol=1e-15)
