@@ -92,7 +92,8 @@ class Backend(ArrayHelpers, ABC):
         """A new parameter: ``glorot`` uniform, ``normal`` N(0,1), ``zeros`` or ``ones``;
         ``kaiming_uniform`` is torch's default weight init of ``nn.Linear`` / ``nn.Conv*d``
         (``kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = prod(shape[1:])) and
-        ``fan_in_uniform:<n>`` their bias init, U(±1/√n) with n the weight's fan_in."""
+        ``fan_in_uniform:<n>`` their bias init, U(±1/√n) with n the weight's fan_in;
+        ``normal_zero_row:<k>`` is N(0,1) with row k zeros (an embedding's padding row)."""
         if kind == "kaiming_uniform" or kind.startswith("fan_in_uniform:"):
             fan_in = int(kind.split(":")[1]) if ":" in kind else int(np.prod(shape[1:]))
             limit = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -101,8 +102,10 @@ class Backend(ArrayHelpers, ABC):
             fan_out, fan_in = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (shape[0], shape[0])
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             data = self._rng.uniform(-limit, limit, shape)
-        elif kind == "normal":
+        elif kind == "normal" or kind.startswith("normal_zero_row:"):
             data = self._rng.standard_normal(shape)
+            if ":" in kind:  # nn.Embedding(padding_idx=k): row k starts at zeros
+                data[int(kind.split(":")[1])] = 0.0
         elif kind in ("zeros", "ones"):
             data = np.full(shape, 0.0 if kind == "zeros" else 1.0)
         else:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import elementwise_kernels
-from .operator import Operator, ShapeError, fmt, functional_of
+from .operator import Operator, ShapeError, backend_of, fmt, functional_of, stop_gradient
 
 
 def _last_dim(shapes, who: str) -> int | None:
@@ -83,15 +83,34 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 class Embedding(Operator):
-    """Row lookup ``weight[input]``: integer indices (...) -> (..., dim). Init: N(0, 1)."""
+    """Row lookup ``weight[input]``: integer indices (...) -> (..., dim), as
+    ``torch.nn.Embedding``. Init: N(0, 1).
+
+    ``padding_idx`` (as torch's; a negative one counts from the end): that row starts at
+    zeros and gets no gradient, so it stays what it is set to (the lookup itself is
+    unchanged)."""
 
     int_inputs = frozenset({"input"})
-    param_init = {"weight": "normal"}
     #: the compiler passes this (when it is a model input) to check_inputs
     value_checked_inputs = frozenset({"input"})
 
-    def __init__(self, num_embeddings: int, dim: int) -> None:
+    def __init__(self, num_embeddings: int, dim: int, padding_idx: int | None = None) -> None:
         self.num_embeddings, self.dim = num_embeddings, dim
+        if padding_idx is not None:
+            n = num_embeddings
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) \
+                    or not -n <= padding_idx < n:
+                raise ValueError(f"Embedding: padding_idx must be an int in [-{n}, {n - 1}] "
+                                 f"(num_embeddings={n}), got {padding_idx!r}")
+            padding_idx = int(padding_idx) % n
+        self.padding_idx = padding_idx
+
+    @property
+    def param_init(self) -> dict[str, str]:  # type: ignore[override]
+        """N(0, 1); the padding row zeros (as torch)."""
+        if self.padding_idx is None:
+            return {"weight": "normal"}
+        return {"weight": f"normal_zero_row:{self.padding_idx}"}
 
     def check_inputs(self, shapes: Any, dtypes: Any, arrays: Any, names: Any) -> None:
         """Indices in ``[0, num_embeddings)`` (a ``ValueError`` naming the data key; called by
@@ -120,19 +139,26 @@ class Embedding(Operator):
         if F is not None:  # its backward accumulates rows (embedding_dense_backward)
             t = xp.t
             return F.embedding(input if input.dtype in (t.int64, t.int32) else input.long(),
-                               weight)
+                               weight, padding_idx=self.padding_idx)
         if input.dtype.itemsize < 4:  # JAX's index normalisation would build n in that dtype
             input = input.astype("int32")
-        return weight[input]
+        out = weight[input]
+        if self.padding_idx is not None and backend_of(xp) == "jax":
+            # the same values, but the padding row's lookups send no gradient back
+            out = xp.where((input == self.padding_idx)[..., None], stop_gradient(xp, out), out)
+        return out
 
     def vjp(self, g, out, args, wrt):
         w = args["weight"]
         gw = np.zeros_like(w)
         np.add.at(gw, args["input"].reshape(-1), g.reshape(-1, w.shape[1]))
+        if self.padding_idx is not None:
+            gw[self.padding_idx] = 0
         return {"weight": gw}
 
     def __repr__(self) -> str:
-        return f"Embedding({self.num_embeddings}, {self.dim})"
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"Embedding({self.num_embeddings}, {self.dim}{pad})"
 
 
 class LayerNorm(Operator):
