@@ -153,6 +153,18 @@ CASES: dict[str, Case] = {
         {"input": F.log_softmax(torch.tensor(_X0), -1).numpy()},
         lambda t, d: {"output": F.nll_loss(t["input"], d["target"], weight=torch.tensor(_W))},
         data={"target": _LABELS}),
+    # -- embedding -----------------------------------------------------------------------
+    "embedding_repeated_rows": Case(lambda: ml.Embedding(4, 3), {},
+                                    lambda t, d: {"output": F.embedding(d["input"], t["embedding.weight"])},
+                                    data={"input": np.array([[0, 3, 3], [1, 0, 2], [3, 3, 1]])}),
+    "embedding_padding_idx": Case(  # the padding row is looked up but gets no gradient
+        lambda: ml.Embedding(4, 3, padding_idx=3), {},
+        lambda t, d: {"output": F.embedding(d["input"], t["embedding.weight"], padding_idx=3)},
+        data={"input": np.array([[0, 3, 3], [1, 0, 2], [3, 3, 1]])}),
+    "embedding_negative_padding_idx": Case(
+        lambda: ml.Embedding(4, 3, padding_idx=-4), {},
+        lambda t, d: {"output": F.embedding(d["input"], t["embedding.weight"], padding_idx=0)},
+        data={"input": np.array([[0, 3, 3], [1, 0, 2], [3, 0, 1]])}),
     "squared_error_sum_both_sides": Case(
         lambda: ml.SquaredError(reduction="sum"), {"input": (6, 5), "target": (6, 5)},
         lambda t, d: {"output": F.mse_loss(t["input"], t["target"], reduction="sum")}),
@@ -233,3 +245,33 @@ def test_avg_pool_count_include_pad_is_a_bool():
     with pytest.raises(TypeError, match="AvgPool2D: count_include_pad must be a bool, got 'no'"):
         ml.AvgPool2D(3, padding=1, count_include_pad="no")
     assert "count_include_pad=False" in repr(ml.AvgPool1D(3, padding=1, count_include_pad=False))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_embedding_padding_row_starts_at_zeros_and_stays(backend_name):
+    """As ``nn.Embedding(padding_idx=k)``: row k is initialised to zeros (the others N(0, 1)),
+    and a training step leaves it where it is while the looked-up rows move."""
+    from layer_edges import BACKENDS
+
+    model = ml.Model()
+    model |= ml.Embedding(5, 3, padding_idx=-2)(input="input", output="output")
+    backend = BACKENDS[backend_name](dtype="float64", seed=0)
+    compiled = ml.compile(model, backend, shapes={"input": [4]})
+    params = compiled.get_parameters()
+    w = np.asarray(backend.to_numpy(params["embedding.weight"]))
+    ref = torch.nn.Embedding(5, 3, padding_idx=-2)
+    assert ref.padding_idx == 3 and torch.all(ref.weight[3] == 0)
+    assert np.all(w[3] == 0) and np.all(np.abs(w[[0, 1, 2, 4]]) > 0)
+    idx = backend.array(np.array([3, 1, 3, 0]), backend.int_dtype)
+    _, grads = compiled.evaluate(params, {"input": idx},
+                                 output_gradients={"output": backend.array(np.ones((4, 3)))})
+    g = np.asarray(backend.to_numpy(grads["embedding.weight"]))
+    assert np.all(g[3] == 0) and np.all(g[[0, 1]] == 1) and np.all(g[[2, 4]] == 0)
+    assert repr(ml.Embedding(5, 3, padding_idx=-2)) == "Embedding(5, 3, padding_idx=3)"
+
+
+@pytest.mark.parametrize("bad", [5, -6, 1.0, True, "0"])
+def test_embedding_padding_idx_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"Embedding: padding_idx must be an int in \[-5, 4\] "
+                                         r"\(num_embeddings=5\), got "):
+        ml.Embedding(5, 3, padding_idx=bad)
