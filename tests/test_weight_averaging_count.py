@@ -357,3 +357,31 @@ def test_other_step_paths_count_too(make_opt, backend):
                 for k, q in zip(NAMES, avg.module.ps):
                     assert rel_err(host(got[k]), q.detach().numpy()) <= TOL, (t, k)
         assert state.averaged == {"ema": [14] * 4, "swa": [5] * 4}
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_sharded_checkpoint_keeps_the_count(tmp_path, shard):
+    """``save_sharded`` / ``load_sharded`` (one process) mid-run after ``swa_start`` was
+    raised from 12 to 17 at step 14 (2 updates then) and saved after step 15: the loaded SWA
+    mean goes on counting at step 17 (torch's ``n_averaged``) as the unbroken run, where a
+    count inferred from the saved ``swa_start`` would restart it (a copy)."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    p0, grads = problem(seed=30, steps=20)
+    plan = plan_of(CASES["swa_start raised after start"], {"all": BASE}, ALL)
+    want = torch_rows(p0, grads, plan, ALL)
+    dp = DataParallel(make(ALL, plan(1)), shard_state=shard)
+    params, st = dict(p0), dp.init(dict(p0))
+    for t, g in enumerate(grads[:15], 1):
+        apply(dp.optimizer, plan(t), ALL)
+        params, st = dp.update(params, g, st)
+    save_sharded(tmp_path, params, dp, st)
+    dp2 = DataParallel(make(ALL, plan(1)), shard_state=shard)
+    params, st2 = load_sharded(tmp_path, dp2)
+    assert st2.local.averaged == st.local.averaged
+    assert st2.local.averaged["swa"] == [2] * len(st2.local.averaged["swa"])
+    for g in grads[15:]:  # (the settings stay those saved: swa_start 17)
+        params, st2 = dp2.update(params, g, st2)
+    for k in NAMES:
+        assert rel_err(st2.slot("swa")[k], want[-1][2][k]) <= TOL, k
+        assert rel_err(st2.slot("ema")[k], want[-1][1][k]) <= TOL, k
