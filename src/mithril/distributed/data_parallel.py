@@ -14,7 +14,9 @@
   wrapped optimizer on those tensors alone (their slots are all the optimizer state it
   holds), then an all-gather gives every rank every updated parameter. The global gradient
   norm (``clip_norm``, ``state.last_grad_norm``, the non-finite policies) is one more
-  all-reduce of two float64s (with the count of ranks refusing the step's inputs).
+  all-reduce of two float64s (with the count of ranks refusing the step's inputs). In
+  float16 the refusals travel first, alone (one float64): the send buffer, perhaps the
+  caller's gradient views, is divided by N in place before the reduce-scatter.
 """
 
 from __future__ import annotations

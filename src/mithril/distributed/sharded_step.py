@@ -50,7 +50,15 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         dp._pack(gradients, state, ch.flag)
     recv, data = state._recv, ch.data[me]
     half = world > 1 and _dtype_name(recv) == "float16"
-    if half:  # divided first, as DDP: the sum over ranks overflows where the mean does not
+    if half:
+        # the send buffer is divided in place below, and it may hold the caller's gradient
+        # views (accumulated micro-batches): a refusal must be known to all before that,
+        # or a refused step leaves them divided by N and the retry applies mean/N
+        vote = _small([float(refused is not None)], recv)
+        pg.all_reduce(vote)
+        if float(_host(vote)[0]) > 0:
+            pg.agree("DataParallel.update", refused)
+        # divided first, as DDP: the sum over ranks overflows where the mean does not
         _divide(state._send, world)
     if world > 1:
         pg.reduce_scatter(recv, state._send)
@@ -64,7 +72,8 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         pg.agree("DataParallel.update", refused)
     norm = math.sqrt(float(_host(total)[0]))
     state.last_grad_norm = norm
-    sent = {"reduce_scatter": _nbytes(state._send), "all_reduce": 16} if world > 1 else {}
+    sent = ({"reduce_scatter": _nbytes(state._send), "all_reduce": 16 + 8 * half}
+            if world > 1 else {})
     local = state.local
     name = type(opt).__name__
     if not math.isfinite(norm) and opt.nonfinite in ("skip", "raise"):
