@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,14 +30,16 @@ def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
-                         scalars: str = "auto", traced_hyperparams: Sequence[str] = ()) -> Any:
+                         scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
+                         schedules: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
     """``optimizer`` (a mithril optimizer) as an ``optax.GradientTransformation``
-    with pure, jittable ``init``/``update``; see
+    with pure, jittable ``init``/``update``; ``schedules``: optax schedules of other
+    hyperparameters (``{"alpha": optax.linear_schedule(...)}``); see
     :func:`mithril.interop.optax_transform.optax_transformation`."""
     from .optax_transform import optax_transformation as make
 
     return make(optimizer, learning_rate=learning_rate, scalars=scalars,
-                traced_hyperparams=traced_hyperparams)
+                traced_hyperparams=traced_hyperparams, schedules=schedules)
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

@@ -56,6 +56,7 @@ from .optax_transform import (
     _initial_hyperparams,
     _state_leaves,
     _step_lr,
+    scheduled,
 )
 
 __all__ = ["TracedOps", "tensorwise_transformation"]
@@ -219,10 +220,12 @@ def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
 
 
 def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
-                              traced: tuple[str, ...] = ()) -> Any:
+                              traced: tuple[str, ...] = (),
+                              sched: dict[str, Any] | None = None) -> Any:
     """The transformation of a tensorwise optimizer ``opt`` (already checked and copied by
     :func:`~mithril.interop.optax_transform.optax_transformation`); ``traced``: its checked
-    ``traced_hyperparams``, set on each of its own rows as :class:`_Hyper` values."""
+    ``traced_hyperparams``, set on each of its own rows as :class:`_Hyper` values;
+    ``sched``: its checked ``schedules``, set as the schedules' values."""
     import jax.numpy as jnp
     import optax
 
@@ -233,13 +236,15 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
     copied = _copied_slots(opt)
     xp = TracedOps()
     structures: dict[tuple, _Rows] = {}
+    sched = sched or {}
+    live = tuple(sorted({*traced, *sched}))  # what the program reads at every update
 
     def rows_for(treedef: Any, names: list[str], leaves: list[Any]) -> _Rows:
         shapes = [tuple(p.shape) for p in leaves]  # which tensors are matrices: Muon's rows
         key = (treedef, tuple(shapes))
         got = structures.get(key)
         if got is None:
-            got = structures[key] = _Rows(opt, names, shapes, scalars, traced)
+            got = structures[key] = _Rows(opt, names, shapes, scalars, live)
         return got
 
     def init(params: Any) -> OptaxState:
@@ -254,7 +259,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                 slots[s] = treedef.unflatten([jnp.full(tuple(opt.slot_shape(s, p.shape)), v,
                                                        p.dtype) for p in leaves])
         return OptaxState(jnp.zeros((), jnp.int32), slots, {}, {},
-                          _initial_hyperparams(opt, learning_rate))
+                          _initial_hyperparams(opt, learning_rate, sched))
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, hyper: Any = None) -> tuple[Any, OptaxState]:
@@ -273,6 +278,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         t = count + 1
         lr = _step_lr(learning_rate, state)
         driven = {k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)}
+        now = scheduled(sched, count)
+        driven.update(now)
         table = _row_scalars(plan, t, lr, driven, _wide())
         attrs = plan.attrs(driven)
         skip = opt.nonfinite == "skip"
@@ -332,6 +339,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         hyper = dict(state.hyperparams)
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)
+        hyper.update(now)
         new_state = OptaxState(new_count, {s: treedef.unflatten(v) for s, v in new_slots.items()},
                                dict(state.tensor_slots), dict(state.values), hyper)
         return out_updates, new_state

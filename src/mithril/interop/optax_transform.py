@@ -108,7 +108,7 @@ refused with a ``TypeError`` naming the optimizer and why.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -214,9 +214,11 @@ def _flatten(params: Any, opt_name: str) -> tuple[list[Any], Any, list[str]]:
     return leaves, treedef, [_key_name(p) for p, _ in with_path]
 
 
-def _initial_hyperparams(opt: Any, learning_rate: Any) -> dict[str, Any]:
+def _initial_hyperparams(opt: Any, learning_rate: Any,
+                         schedules: Mapping[str, Callable] | None = None) -> dict[str, Any]:
     """``state.hyperparams`` of a fresh state: the learning rate (weak-typed: a Python
-    float set later does not recompile) and the hyperparameters the state drives."""
+    float set later does not recompile), the hyperparameters the state drives and those
+    ``schedules`` give (their values at count 0)."""
     import jax.numpy as jnp
 
     from .optax_special import state_hyperparams
@@ -228,7 +230,47 @@ def _initial_hyperparams(opt: Any, learning_rate: Any) -> dict[str, Any]:
     else:
         lr = jnp.asarray(learning_rate)
     return {"learning_rate": lr, **{h: jnp.asarray(float(getattr(opt, h)))
-                                    for h in state_hyperparams(opt)}}
+                                    for h in state_hyperparams(opt)},
+            **scheduled(schedules, jnp.zeros((), jnp.int32))}
+
+
+def check_schedules(opt: Any, schedules: Any, traced: tuple[str, ...]) -> dict[str, Callable]:
+    """``schedules`` (hyperparameter name -> optax schedule) checked: each name one that
+    ``traced_hyperparams`` would take (:func:`~.optax_hyperparams.check`), not also in
+    ``traced``, each value a callable. ``TypeError`` / ``KeyError`` / ``ValueError`` naming
+    the name otherwise."""
+    if schedules is None:
+        return {}
+    if not isinstance(schedules, Mapping):
+        raise TypeError(f"schedules must be a dict of hyperparameter name -> optax schedule "
+                        f"(a function of the 0-based step count), got "
+                        f"{type(schedules).__name__}")
+    where = type(opt).__name__
+    for key, fn in schedules.items():
+        if key in ("learning_rate", "lr"):
+            raise ValueError(f"schedules: {where}'s learning rate takes its schedule as "
+                             f"learning_rate=, not in schedules")
+        if not callable(fn):
+            raise TypeError(f"schedules[{key!r}] must be an optax schedule (a function of the "
+                            f"0-based step count), got {type(fn).__name__}; a constant is the "
+                            f"optimizer's own value")
+        if key in traced:
+            raise ValueError(f"schedules: {where}'s {key!r} is in traced_hyperparams too: its "
+                             f"value comes from one of them, not both")
+        try:
+            check_traced(opt, [key])
+        except (KeyError, TypeError, ValueError) as e:
+            msg = str(e.args[0] if e.args else e).replace("traced_hyperparams", "schedules", 1)
+            raise type(e)(msg) from None
+    return dict(schedules)
+
+
+def scheduled(schedules: Mapping[str, Callable] | None, count: Any) -> dict[str, Any]:
+    """Each scheduled hyperparameter's value at the 0-based step ``count`` (as optax calls
+    its ``ScalarOrSchedule`` hyperparameters: ademamix's ``alpha(count)``)."""
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray(fn(count)) for k, fn in (schedules or {}).items()}
 
 
 def _step_lr(learning_rate: Any, state: Any) -> Any:
@@ -312,7 +354,8 @@ def _copy_optimizer(optimizer: Any) -> Any:
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
-                         scalars: str = "auto", traced_hyperparams: Sequence[str] = ()) -> Any:
+                         scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
+                         schedules: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
     """``optimizer`` (a mithril optimizer: elementwise, two-pass, tensorwise; not LBFGS) as
     an ``optax.GradientTransformation`` whose ``init(params)`` / ``update(updates, state,
     params)`` are pure and jittable (see the module docs).
@@ -331,7 +374,16 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     values are then passed to every call as ``update(..., hyper=pairs)``, row ``i`` of
     ``pairs`` the ``[hi, lo]`` of the ``i``-th name (:func:`~.optax_hyperparams.pair`), so
     a change compiles nothing. What :func:`~mithril.utils.training.make_train_step` uses once a
-    hyperparameter has changed; an elementwise or two-pass optimizer's only."""
+    hyperparameter has changed.
+
+    ``schedules``: optax schedules of other hyperparameters, name (as for
+    ``traced_hyperparams``) -> a function of the 0-based step count, called in the program
+    at every update as optax calls its ``ScalarOrSchedule`` arguments:
+    ``schedules={"alpha": optax.linear_schedule(0.0, 8.0, 1000)}`` is
+    ``optax.contrib.ademamix(alpha=optax.linear_schedule(0.0, 8.0, 1000))`` (its ``b3``:
+    ``"beta3"``). The values are traced, so not checked as the constructor checks them (nor
+    by optax): keep them in the hyperparameter's range. ``state.hyperparams`` holds each
+    one's last value under its name. The learning rate's schedule is ``learning_rate=``."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -341,10 +393,12 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         raise ValueError(f"scalars must be one of {_MODES}, got {scalars!r}")
     opt = _copy_optimizer(optimizer)
     traced = check_traced(opt, traced_hyperparams)
+    sched = check_schedules(opt, schedules, traced)
+    live = tuple(sorted({*traced, *sched}))  # what the program reads at every update
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
 
-        return tensorwise_transformation(opt, learning_rate, scalars, traced)
+        return tensorwise_transformation(opt, learning_rate, scalars, traced, sched)
     from .optax_special import host_tensor_scalars, state_hyperparams
 
     opt_name = type(opt).__name__
@@ -379,7 +433,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     def plan_for(treedef: Any, names: list[str]) -> _Plan:
         plan = plans.get(treedef)
         if plan is None:
-            plan = plans[treedef] = _Plan.of_groups(opt, names, scalars, traced)
+            plan = plans[treedef] = _Plan.of_groups(opt, names, scalars, live)
         return plan
 
     def init(params: Any) -> OptaxState:
@@ -396,7 +450,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         values = {v: jnp.asarray(float(opt.state_value_init(v)), _wide())
                   for v in opt.state_values}
         return OptaxState(jnp.zeros((), jnp.int32), slots, tensors, values,
-                          _initial_hyperparams(opt, learning_rate))
+                          _initial_hyperparams(opt, learning_rate, sched))
 
     def run_tensor_scalars(t: Any, lr: Any, sums: tuple, cols: tuple, tens: dict[str, Any],
                            values: dict[str, Any], sizes: np.ndarray, wide: dict[str, Any]
@@ -437,6 +491,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         lr = _step_lr(learning_rate, state)
         driven = {h: state.hyperparams[h] for h in driven_hyper}
         driven.update({k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)})
+        now = scheduled(sched, count)
+        driven.update(now)
         rows = _row_scalars(plan, t, lr, driven, _wide(),
                             {v: state.values[v] for v in scalar_values})
         attrs = plan.attrs(driven)
@@ -481,7 +537,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 [row_count(t, plan.offsets[r]) for r in plan.index]).astype(dt)
             ext, new_t, new_values = run_tensor_scalars(
                 t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
-                {k: v for k, v in driven.items() if k in traced and "[" not in k})
+                {k: v for k, v in driven.items() if k in live and "[" not in k})
             if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
                 raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
                                    f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")
@@ -533,6 +589,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         hyper = dict(state.hyperparams)
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)
+        hyper.update(now)
         new_state = OptaxState(
             new_count,
             {s: treedef.unflatten(v) for s, v in new_slots.items()},

@@ -27,10 +27,16 @@ class AdEMAMix(Optimizer):
     multiplied by lr (optax: update ``−lr·(u + wd·p)``). Defaults as optax.contrib.ademamix
     (α = 5; its scale_by_ademamix defaults to 6).
 
-    ``alpha`` and ``beta3`` are constants here; optax also accepts schedules of them,
-    evaluated at the 0-based count t−1 (the paper warms both up). To follow such a schedule
-    set ``opt.alpha`` / ``opt.beta3`` before each update: they are per-step kernel scalars,
-    so nothing recompiles (as :meth:`set_learning_rate`).
+    **Scheduling α and β₃** (optax accepts schedules of both, evaluated at the 0-based
+    count t−1; the paper warms both up): drive ``opt.hyperparameter("alpha")`` /
+    ``opt.hyperparameter("beta3")`` with any scheduler. On an optimizer built with
+    ``alpha=0.0, beta3=b``, ``PolynomialDecay(opt.hyperparameter("alpha"), T, end_value=α)``
+    is ``alpha=optax.linear_schedule(0.0, α, T)`` and ``PolynomialDecay(
+    opt.hyperparameter("beta3"), T, end_value=β₃, power=p)`` is ``b3=optax.polynomial_schedule(
+    b, β₃, p, T)`` (a scheduler sets step 0's value when made and step k's at its k-th
+    ``step()``, after the k-th update: optax's count). Both are per-step kernel scalars:
+    changing them recompiles nothing. As an optax transformation:
+    ``optax_transformation(opt, schedules={"alpha": ..., "beta3": ...})``.
     """
 
     decoupled_weight_decay = True

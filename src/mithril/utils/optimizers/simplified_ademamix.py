@@ -29,9 +29,16 @@ class SimplifiedAdEMAMix(Optimizer):
     every tensor unless ``weight_decay_mask`` / parameter groups say otherwise: optax's
     ``mask=None``). Defaults are optax's: β₁ 0.99, β₂ 0.95, α 0, ε 1e-8, ε_root 0, no
     decay; lr 1e-3 (optax has none; with β₁ = 0.99, m grows to ~100·g: the paper's lr is
-    correspondingly smaller than Adam's). ``alpha`` is a constant here (optax also accepts
-    a schedule of the 0-based count: set ``opt.alpha`` before each update to follow one).
-    torch 2.x and Keras 3 have none.
+    correspondingly smaller than Adam's). torch 2.x and Keras 3 have none.
+
+    **Scheduling α** (optax's ``alpha`` may be a schedule of the 0-based count): drive
+    ``opt.hyperparameter("alpha")`` with any scheduler, e.g. on an optimizer built with
+    ``alpha=0.0``, ``PolynomialDecay(opt.hyperparameter("alpha"), transition_steps=T,
+    end_value=α)`` is ``alpha=optax.linear_schedule(0.0, α, T)`` (a scheduler sets step
+    0's value when made and step k's at its k-th ``step()``, after the k-th update: the value
+    of update k+1 is the schedule's at count k, as optax's). α is a per-step kernel scalar:
+    changing it recompiles nothing. As an optax transformation:
+    ``optax_transformation(opt, schedules={"alpha": schedule})``.
     """
 
     decoupled_weight_decay = True
