@@ -202,3 +202,65 @@ def test_a_scheduled_window_with_an_ema_matches_multisteps_and_torch():
         np.testing.assert_allclose(p[name], tp[name].detach().numpy(), rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(np.asarray(ema[name]), avg.module[i].detach().numpy(),
                                    rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_float64_trainer_with_an_odd_scale_equals_gradscaler(kind):
+    # A float64 model under MixedPrecisionTrainer rounded its loss gradients to float32
+    # before scaling them (1e-8 relative off GradScaler, which scales in the outputs'
+    # dtype), and the torch engine unscaled by the float64 1/scale where GradScaler uses
+    # its float32 inv_scale (off by 1e-7 at init_scale=1000). Scales 1000 -> 3000 -> ...,
+    # an inf loss gradient skipped (backoff 0.3), SGD with momentum: float64 all along.
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(7)
+    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    xs = [rng.standard_normal((4, 3)) for _ in range(7)]
+    cs = [rng.standard_normal((4, 2)) for _ in range(7)]
+    cs[3][1, 0] = np.inf
+    kw = {"init_scale": 1000.0, "growth_factor": 3.0, "backoff_factor": 0.3,
+          "growth_interval": 2}
+
+    lin = torch.nn.Linear(3, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(w0))
+        lin.bias.copy_(torch.tensor(b0))
+    topt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", **kw)
+    ref = []
+    for x, c in zip(xs, cs, strict=True):
+        topt.zero_grad()
+        scaler.scale((lin(torch.tensor(x)) * torch.tensor(c)).sum()).backward()
+        scaler.unscale_(topt)
+        grad = lin.weight.grad.numpy().copy()
+        scaler.step(topt)
+        scaler.update()
+        ref.append((scaler.get_scale(), grad, lin.weight.detach().numpy().copy(),
+                    lin.bias.detach().numpy().copy()))
+
+    be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float64")
+    model = ml.Model()
+    model |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    compiled = ml.compile(model, be, shapes={"input": [None, 3]})
+    trainer = MixedPrecisionTrainer(
+        compiled, SGD(learning_rate=0.1, momentum=0.9),
+        {"linear.weight": be.array(w0), "linear.bias": be.array(b0)},
+        loss_scale=kw["init_scale"], growth_factor=kw["growth_factor"],
+        backoff_factor=kw["backoff_factor"], growth_interval=kw["growth_interval"])
+    assert trainer.master_dtype == "float64"
+    for i, (x, c) in enumerate(zip(xs, cs, strict=True)):
+        trainer.forward({"input": be.array(x)})
+        ok = trainer.backward_and_update({"out": be.array(c)})[2]
+        scale, grad, w, b = ref[i]
+        assert ok == (i != 3) and trainer.loss_scale == scale, i
+        got = np.asarray(be.to_numpy(trainer.last_gradients["linear.weight"]))
+        if ok:
+            np.testing.assert_allclose(got, grad, rtol=1e-14, atol=1e-14, err_msg=str(i))
+        masters = {k: np.asarray(be.to_numpy(v)) for k, v in trainer.master_params.items()}
+        np.testing.assert_allclose(masters["linear.weight"], w, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(masters["linear.bias"], b, rtol=1e-14, atol=1e-14)
+    assert trainer.optimizer_state.step == 6 and trainer.num_skipped_steps == 1

@@ -23,9 +23,10 @@ What happens in one step:
    backward pass needs (the autograd graph on torch, the VJP residuals on JAX, every wire's
    value on NumPy), so the backward pass does not recompute the forward.
 3. **Loss scaling.** :meth:`~MixedPrecisionTrainer.backward_and_update` multiplies the loss
-   gradients by the current scale (in float32, then cast to the compute dtype), runs the
-   model's VJP in half precision, casts the parameter gradients to float32 and multiplies them by
-   ``1/scale``. Casts stay on the device: ``Tensor.to`` on torch, ``astype`` inside one
+   gradients by the current scale (in float32, or in the compute dtype where it is wider:
+   float64, as ``GradScaler.scale``; then cast to the compute dtype), runs the model's VJP in
+   half precision, casts the parameter gradients to float32 and multiplies them by
+   ``1/scale`` rounded to float32 (GradScaler's ``inv_scale``). Casts stay on the device: ``Tensor.to`` on torch, ``astype`` inside one
    ``jax.jit`` on JAX (scaling, VJP, unscaling and the finiteness check are one jitted call).
 4. **Skip on overflow.** If any unscaled gradient holds inf/NaN the step is skipped: masters,
    compute copies and optimizer state (slots and step count) are unchanged and ``success`` is

@@ -42,6 +42,13 @@ class Engine:
         self._saved = None
 
 
+def inv_scale(scale: float) -> np.float32:
+    """``1/scale`` as ``torch.amp.GradScaler`` unscales by it: the float64 reciprocal rounded
+    to float32 (``scale.double().reciprocal().float()``); inf at a scale backed off to 0."""
+    s = float(scale)
+    return np.float32(1.0 / s) if s else np.float32(np.inf)
+
+
 class NumpyEngine(Engine):
     def cast_tree(self, tree, dtype):
         return {k: np.array(v, dtype=dtype) for k, v in tree.items()}
@@ -59,10 +66,12 @@ class NumpyEngine(Engine):
         from ..backends.numpy_backend import _cast
 
         params, env = self._saved
-        s = np.float32(scale)
+        # the loss gradients scaled in float32, or in the compute dtype if wider (float64: as
+        # GradScaler.scale, in the outputs' dtype), then cast to the compute dtype
+        wide = np.promote_types(self.cdt, np.float32)
+        s, inv = wide.type(np.float32(scale)), inv_scale(scale)
         with np.errstate(all="ignore"):
-            inv = np.float32(1.0) / s  # (inf at a scale backed off to 0, as torch's)
-            sc = {k: (np.asarray(c, dtype=np.float32) * s).astype(self.cdt) for k, c in cots.items()}
+            sc = {k: (np.asarray(c, dtype=wide) * s).astype(self.cdt) for k, c in cots.items()}
             grads = _cast(numpy_backward(self.prog, env, params, sc), self.cdt)
             g32 = {k: g.astype(self.mdt) * inv.astype(self.mdt) for k, g in grads.items()}
             finite = all(bool(np.isfinite(g).all()) for g in g32.values())
@@ -92,11 +101,12 @@ class TorchEngine(Engine):
         torch = self.t
         leaves, out = self._saved
         names = [k for k in cots if out[k].requires_grad]
-        sc = [(cots[k].to(device=out[k].device, dtype=torch.float32) * scale).to(out[k].dtype)
-              for k in names]
+        sc = [(cots[k].to(device=out[k].device,
+                          dtype=torch.promote_types(out[k].dtype, torch.float32)) * scale
+               ).to(out[k].dtype) for k in names]  # (scaled as in NumpyEngine.backward)
         grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()), sc,
                                     allow_unused=True) if names else [None] * len(leaves)
-        inv = 1.0 / scale if scale else float("inf")  # (scale 0: torch's inv_scale, inf)
+        inv = float(inv_scale(scale))  # (torch's float32 inv_scale, exactly)
         g32 = {k: (g.to(self.mdt) * inv) if g is not None else torch.zeros_like(p, dtype=self.mdt)
                for (k, p), g in zip(leaves.items(), grads, strict=True)}
         finite = bool(torch.stack([torch.isfinite(g).all() for g in g32.values()]).all()) \
@@ -123,11 +133,13 @@ class JaxEngine(Engine):
 
             return jax.vjp(f, ptuple)
 
-        def bwd(pull, out, cots, scale):
-            full = {k: (cots[k].astype(jnp.float32) * scale).astype(v.dtype) if k in cots
+        def bwd(pull, out, cots, scale, inv):
+            # (scaled as in NumpyEngine.backward; inv: inv_scale's float32)
+            full = {k: (cots[k].astype(jnp.promote_types(v.dtype, jnp.float32))
+                        * scale).astype(v.dtype) if k in cots
                     else jnp.zeros_like(v) for k, v in out.items()}
             grads = pull(full)[0]
-            inv = (1.0 / scale).astype(mdt)
+            inv = inv.astype(mdt)
             g32 = {k: g.astype(mdt) * inv for k, g in zip(names, grads, strict=True)}
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in g32.values()])) \
                 if g32 else jnp.bool_(True)
@@ -160,7 +172,7 @@ class JaxEngine(Engine):
 
     def backward(self, cots, scale):
         pull, out = self._saved
-        g32, finite = self._bwd(pull, out, dict(cots), np.float32(scale))
+        g32, finite = self._bwd(pull, out, dict(cots), np.float32(scale), inv_scale(scale))
         return dict(g32), bool(np.asarray(finite))  # (bool() of a JAX array: ~25 us)
 
 
