@@ -320,7 +320,8 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
                 if key != "step":
                     slots.setdefault(back.get(key, key), {})[name] = to_numpy(value)
         out["slots"] = slots
-        if isinstance(count, (int, np.integer)):  # (else the optimizer's load names it)
+        if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count >= 0:
+            # (another count: the optimizer's load names it)
             out["missed"] = _missed(state, index, names, step_offsets(hp, names), int(count))
     elif out["step"] != 0:
         raise ValueError(f"state dict has step {out['step']!r} but no per-parameter state")
