@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..utils.optimizers.tensorwise import JaxOps
+from .optax_hyperparams import scheduled
 from .optax_prologue import _prologue, _wide
 from .optax_scalars import (
     _INT32_MAX,
@@ -56,7 +57,6 @@ from .optax_transform import (
     _initial_hyperparams,
     _state_leaves,
     _step_lr,
-    scheduled,
 )
 
 __all__ = ["TracedOps", "tensorwise_transformation"]

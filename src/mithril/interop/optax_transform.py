@@ -114,6 +114,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .optax_hyperparams import check as check_traced
+from .optax_hyperparams import check_schedules, scheduled
 from .optax_prologue import _prologue, _wide
 from .optax_scalars import (
     _INT32_MAX,
@@ -232,45 +233,6 @@ def _initial_hyperparams(opt: Any, learning_rate: Any,
     return {"learning_rate": lr, **{h: jnp.asarray(float(getattr(opt, h)))
                                     for h in state_hyperparams(opt)},
             **scheduled(schedules, jnp.zeros((), jnp.int32))}
-
-
-def check_schedules(opt: Any, schedules: Any, traced: tuple[str, ...]) -> dict[str, Callable]:
-    """``schedules`` (hyperparameter name -> optax schedule) checked: each name one that
-    ``traced_hyperparams`` would take (:func:`~.optax_hyperparams.check`), not also in
-    ``traced``, each value a callable. ``TypeError`` / ``KeyError`` / ``ValueError`` naming
-    the name otherwise."""
-    if schedules is None:
-        return {}
-    if not isinstance(schedules, Mapping):
-        raise TypeError(f"schedules must be a dict of hyperparameter name -> optax schedule "
-                        f"(a function of the 0-based step count), got "
-                        f"{type(schedules).__name__}")
-    where = type(opt).__name__
-    for key, fn in schedules.items():
-        if key in ("learning_rate", "lr"):
-            raise ValueError(f"schedules: {where}'s learning rate takes its schedule as "
-                             f"learning_rate=, not in schedules")
-        if not callable(fn):
-            raise TypeError(f"schedules[{key!r}] must be an optax schedule (a function of the "
-                            f"0-based step count), got {type(fn).__name__}; a constant is the "
-                            f"optimizer's own value")
-        if key in traced:
-            raise ValueError(f"schedules: {where}'s {key!r} is in traced_hyperparams too: its "
-                             f"value comes from one of them, not both")
-        try:
-            check_traced(opt, [key])
-        except (KeyError, TypeError, ValueError) as e:
-            msg = str(e.args[0] if e.args else e).replace("traced_hyperparams", "schedules", 1)
-            raise type(e)(msg) from None
-    return dict(schedules)
-
-
-def scheduled(schedules: Mapping[str, Callable] | None, count: Any) -> dict[str, Any]:
-    """Each scheduled hyperparameter's value at the 0-based step ``count`` (as optax calls
-    its ``ScalarOrSchedule`` hyperparameters: ademamix's ``alpha(count)``)."""
-    import jax.numpy as jnp
-
-    return {k: jnp.asarray(fn(count)) for k, fn in (schedules or {}).items()}
 
 
 def _step_lr(learning_rate: Any, state: Any) -> Any:
