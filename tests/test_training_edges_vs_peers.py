@@ -264,3 +264,81 @@ def test_float64_trainer_with_an_odd_scale_equals_gradscaler(kind):
         np.testing.assert_allclose(masters["linear.weight"], w, rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(masters["linear.bias"], b, rtol=1e-14, atol=1e-14)
     assert trainer.optimizer_state.step == 6 and trainer.num_skipped_steps == 1
+
+
+def _torch_accumulated_adamw(p0, batches, k, steps_lr):
+    """torch.optim.AdamW (biases: half the rate, no decay) over ``k``-micro-batch windows
+    of a two-layer net with F.cross_entropy, clip_grad_norm_(1.0) on the window's mean."""
+    import torch.nn.functional as F
+
+    ps = {n: torch.tensor(v, requires_grad=True) for n, v in p0.items()}
+    weights = [ps[n] for n in ps if n.endswith("weight")]
+    biases = [ps[n] for n in ps if n.endswith("bias")]
+    opt = torch.optim.AdamW([{"params": weights, "weight_decay": 0.1, "lr": steps_lr},
+                             {"params": biases, "weight_decay": 0.0, "lr": steps_lr * 0.5}],
+                            lr=steps_lr)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        h = torch.tensor(x) @ ps["linear_0.weight"].T + ps["linear_0.bias"]
+        logits = h @ ps["linear_1.weight"].T + ps["linear_1.bias"]
+        loss = F.cross_entropy(logits, torch.tensor(y))
+        (loss / k).backward()
+        losses.append(float(loss.detach()))
+        if (i + 1) % k == 0:
+            torch.nn.utils.clip_grad_norm_(list(ps.values()), 1.0)
+            opt.step()
+            opt.zero_grad()
+    return {n: p.detach().numpy() for n, p in ps.items()}, losses
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
+    # make_train_step over Accumulate(AdamW with a bias group: half the rate, no decay;
+    # clip_norm) equals the separate evaluate + update bit for bit, and a torch loop of
+    # (loss / k).backward(), clip_grad_norm_ and AdamW param groups in float64.
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.training import make_train_step
+
+    be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float64")
+    model = ml.Model()
+    model |= ml.Linear(4)(input="input", output="h")
+    model |= ml.Linear(3)(input="h", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    compiled = ml.compile(model, be, shapes={"input": [None, 5]})
+    rng = np.random.default_rng(11)
+    p0 = {n: rng.standard_normal(tuple(s)) for n, s in compiled.program.param_shapes.items()}
+    batches = [(rng.standard_normal((6, 5)), rng.integers(0, 3, 6)) for _ in range(8)]
+
+    def make():
+        return Accumulate(AdamW(
+            learning_rate=0.05, weight_decay=0.1, clip_norm=1.0,
+            param_groups=[{"params": lambda n: n.endswith("bias"), "weight_decay": 0.0,
+                           "lr_scale": 0.5}]), 2)
+
+    def data(x, y):
+        return {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+
+    acc = make()
+    step = make_train_step(compiled, acc, loss="loss")
+    params = {n: be.array(v) for n, v in p0.items()}
+    state = step.init(params)
+    losses = []
+    for x, y in batches:
+        params, state, out = step(params, state, data(x, y))
+        losses.append(float(be.to_numpy(out["loss"])))
+    assert state.step == 4 and state.micro_step == 0
+
+    acc2 = make()
+    sep = {n: be.array(v) for n, v in p0.items()}
+    st2 = acc2.init(sep)
+    for x, y in batches:
+        _, grads = compiled.evaluate(sep, data(x, y), output_gradients={"loss": 1.0})
+        sep, st2 = acc2.update(sep, grads, st2)
+    ref, ref_losses = _torch_accumulated_adamw(p0, batches, 2, 0.05)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-13)
+    for n in p0:
+        got = np.asarray(be.to_numpy(params[n]))
+        np.testing.assert_array_equal(got, np.asarray(be.to_numpy(sep[n])), err_msg=n)
+        np.testing.assert_allclose(got, ref[n], rtol=1e-12, atol=1e-14, err_msg=n)
