@@ -1,4 +1,21 @@
-"""Gradient clipping and the global gradient norm, on any backend's arrays."""
+"""Gradient clipping and the global gradient norm, on any backend's arrays.
+
+The global-norm clip's floor, two conventions (``tests/test_clip_norm_eps.py`` checks both
+against their peers, a tiny norm and a zero one included):
+
+* torch's ``clip_grad_norm_``: scale ``min(1, c / (‖g‖ + 1e-6))``. The optimizers' fused
+  ``clip_norm=c`` (every engine, ``optax_transformation`` too) and :func:`clip_gradients`'s
+  default. The 1e-6 keeps a zero norm finite, and it counts where ``c`` is small: at
+  ‖g‖ = 1e-7 > c the step is ``c/11``, not ``c``; a norm just below ``c`` is still scaled
+  by ``c / (‖g‖ + 1e-6) < 1``.
+* optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm``: ``c / ‖g‖`` where
+  ``‖g‖ >= c``, else unchanged (no floor). ``clip_gradients(grads, clip_norm=c, eps=0.0)``
+  before ``update`` of an optimizer built without ``clip_norm`` (``state.last_grad_norm`` is
+  then the clipped gradients' norm), or ``optax.chain(optax.clip_by_global_norm(c),
+  optax_transformation(opt))`` in a JAX program.
+
+The fused ``clip_norm`` keeps torch's floor and has no switch: the engines take the same
+rule everywhere, and torch parity is what it is for."""
 
 from __future__ import annotations
 
@@ -51,8 +68,11 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
     ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + eps))`` where
     ‖g‖₂ is the global norm (torch ``clip_grad_norm_``'s ``eps=1e-6``; ``eps=0`` is optax's
     ``clip_by_global_norm`` and Keras's ``global_clipnorm``, which the optimizers' fused
-    ``clip_norm=`` is not: it keeps torch's 1e-6). When both are given the norm is clipped
-    first, then the values: the same order as the optimizers' ``clip_norm=``/``clip_value=``.
+    ``clip_norm=`` is not: it keeps torch's 1e-6; an all-zero gradient with ``eps=0`` is
+    left as it is, as optax leaves it). To run an optimizer under optax's convention, clip
+    with ``eps=0`` here and build it without ``clip_norm`` (see the module docs). When both
+    are given the norm is clipped first, then the values: the same order as the
+    optimizers' ``clip_norm=``/``clip_value=``.
     """
     if clip_value is None and clip_norm is None:
         raise ValueError("clip_gradients needs clip_value or clip_norm")
