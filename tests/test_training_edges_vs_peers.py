@@ -342,3 +342,54 @@ def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
         got = np.asarray(be.to_numpy(params[n]))
         np.testing.assert_array_equal(got, np.asarray(be.to_numpy(sep[n])), err_msg=n)
         np.testing.assert_allclose(got, ref[n], rtol=1e-12, atol=1e-14, err_msg=n)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_a_nonfinite_micro_batch_is_dropped_as_multisteps_skip_not_finite(kind):
+    # MixedPrecisionTrainer over Accumulate drops an overflowing micro-batch (not buffered,
+    # the window waits for k finite ones): optax.MultiSteps(..., should_skip_update_fn=
+    # skip_not_finite). Float64 model, fixed scale: the same params, window counts and
+    # skip counts step by step.
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+
+    rng = np.random.default_rng(5)
+    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    xs = [rng.standard_normal((4, 3)) for _ in range(9)]
+    cs = [rng.standard_normal((4, 2)) for _ in range(9)]
+    cs[2][0, 1], cs[5][3, 0] = np.nan, np.inf
+    be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float64")
+    model = ml.Model()
+    model |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    compiled = ml.compile(model, be, shapes={"input": [None, 3]})
+    trainer = MixedPrecisionTrainer(
+        compiled, Accumulate(Adam(learning_rate=0.05), 2),
+        {"linear.weight": be.array(w0), "linear.bias": be.array(b0)}, loss_scale=4.0,
+        dynamic_loss_scaling=False)
+
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.adam(0.05), every_k_schedule=2,
+                              should_skip_update_fn=optax.skip_not_finite,
+                              accumulator_dtype=jnp.float64)
+        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
+        ostate, optax_skips = tx.init(q), 0
+        for i, (x, c) in enumerate(zip(xs, cs, strict=True)):
+            g = {"w": jnp.asarray(c.T @ x), "b": jnp.asarray(c.sum(0))}
+            upd, ostate = tx.update(g, ostate, q)
+            q = optax.apply_updates(q, upd)
+            optax_skips += bool(ostate.skip_state["should_skip"])  # (num_not_finite: elements)
+            trainer.forward({"input": be.array(x)})
+            ok = trainer.backward_and_update({"out": be.array(c)})[2]
+            st = trainer.optimizer_state
+            assert ok == (i not in (2, 5)), i
+            assert (st.micro_step, st.step) == (int(ostate.mini_step),
+                                                int(ostate.gradient_step)), i
+            assert trainer.num_skipped_steps == optax_skips, i
+            m = {k: np.asarray(be.to_numpy(v)) for k, v in trainer.master_params.items()}
+            np.testing.assert_allclose(m["linear.weight"], np.asarray(q["w"]), rtol=1e-13,
+                                       atol=1e-15, err_msg=str(i))
+            np.testing.assert_allclose(m["linear.bias"], np.asarray(q["b"]), rtol=1e-13,
+                                       atol=1e-15, err_msg=str(i))
+    assert st.step == 3 and st.micro_step == 1
