@@ -183,69 +183,79 @@ def weights(opt: Any, t: int, counts: tuple[int, ...] | None = None) -> tuple[fl
     return out
 
 
-def _rows(opt: Any, state: Any) -> list[Any]:
-    """The row (an optimizer view with its group's settings) of each tensor, layout order."""
+def _row_table(opt: Any, state: Any) -> tuple[np.ndarray, list[Any]]:
+    """Each tensor's row (layout order) and the rows: optimizer views with their group's
+    settings (a tensorwise optimizer's own per-tensor rows where it has them)."""
     rows = getattr(opt, "tensor_rows", None)
     if rows is not None:
-        return rows(state)
+        views = rows(state)
+        return np.arange(len(views)), views
     index, views = opt.group_rows(state)
-    return [views[r] for r in index]
+    return np.asarray(index), views
 
 
-def counts_of(opt: Any, state: Any) -> dict[str, list[int]] | None:
+def counts_of(opt: Any, state: Any) -> dict[str, np.ndarray] | None:
     """``state.averaged``: per averaged slot, the updates each tensor's average has had
-    (layout order); None without averages. A state without them (made before they were
-    kept) gets them inferred from its step (:func:`inferred_counts`), once."""
+    (int64, layout order); None without averages. A state without them (made before they
+    were kept) gets them inferred from its step (:func:`inferred_counts`), once."""
     avg = slots_of(opt)
     if not avg:
         return None
     got = getattr(state, "averaged", None)
     if got is None or set(got) != set(avg):
-        rows = _rows(opt, state)
-        per = [inferred_counts(r, state.step + 1) for r in rows]
+        index, views = _row_table(opt, state)
+        per = np.array([inferred_counts(v, state.step + 1) for v in views],
+                       dtype=np.int64).reshape(len(views), len(avg))
         have = got or {}
-        got = {s: list(have[s]) if s in have else [c[j] for c in per]
+        got = {s: np.array(have[s], dtype=np.int64) if s in have else per[index, j]
                for j, s in enumerate(avg)}
         state.averaged = got
     return got
 
 
 def row_counts(opt: Any, state: Any, index: Any, n_rows: int) -> list[tuple[int, ...] | None]:
-    """Per row of the scalar table (``index``: each tensor's row): the updates each average
-    has had, read from the row's first tensor (a row's tensors share its weights, so they
-    agree unless the groups were redrawn: then the row's first tensor's count decides)."""
+    """Per row of the scalar table (``index``: each tensor's row; None: one row for all):
+    the updates each average has had, read from the row's first tensor (a row's tensors
+    share its weights, so they agree unless the groups were redrawn: then the row's first
+    tensor's count decides); None for a row without tensors."""
     counts = counts_of(opt, state)
     out: list[tuple[int, ...] | None] = [None] * n_rows
     if counts is None:
         return out
-    avg = slots_of(opt)
-    for i, r in enumerate(np.asarray(index).tolist()):
-        if out[r] is None:
-            out[r] = tuple(counts[s][i] for s in avg)
+    arrays = [counts[s] for s in slots_of(opt)]
+    if index is None:
+        first = [(0, 0)] if len(arrays[0]) else []
+    else:  # (the index is the object group_rows keeps while the groups stay: cached)
+        held = getattr(state, "_averaged_first", None)
+        if held is None or held[0] is not index:
+            rows, at = np.unique(np.asarray(index), return_index=True)
+            held = state._averaged_first = (index, list(zip(rows.tolist(), at.tolist())))
+        first = held[1]
+    for r, i in first:
+        out[r] = tuple(int(c[i]) for c in arrays)
     return out
 
 
 def tensor_counts(opt: Any, state: Any, i: int) -> tuple[int, ...] | None:
     """The updates each average of tensor ``i`` (layout order) has had."""
     counts = counts_of(opt, state)
-    return None if counts is None else tuple(counts[s][i] for s in slots_of(opt))
+    return None if counts is None else tuple(int(counts[s][i]) for s in slots_of(opt))
 
 
 def advance(opt: Any, state: Any, t: int) -> None:
     """Count applied step ``t``'s averaging updates in ``state.averaged`` (the step the
     weights of :func:`weights` were taken for): each tensor's average that step ``t``
-    updated (its row's gate) has had one more. New lists, never changed in place (a copy
+    updated (its row's gate) has had one more. New arrays, never changed in place (a copy
     of the state keeps its own counts)."""
     counts = counts_of(opt, state)
     if counts is None:
         return
-    rows = _rows(opt, state)
+    index, views = _row_table(opt, state)
     new = dict(counts)
-    if EMA in counts:
-        new[EMA] = [c + _gate(r, t, getattr(r, "ema_start", 1))
-                    for c, r in zip(counts[EMA], rows)]
-    if SWA in counts:
-        new[SWA] = [c + _gate(r, t, r.swa_start) for c, r in zip(counts[SWA], rows)]
+    for s in counts:
+        gates = np.array([_gate(v, t, getattr(v, "ema_start", 1) if s == EMA else v.swa_start)
+                          for v in views], dtype=np.int64)
+        new[s] = counts[s] + gates[index]
     state.averaged = new
 
 
@@ -256,7 +266,8 @@ def saved_counts(state: Any) -> dict[str, dict[str, int]]:
     return {s: {n: int(v) for n, v in zip(names, c)} for s, c in got.items()}
 
 
-def merged_counts(opt: Any, parts: list[Any], names: list[str]) -> dict[str, list[int]] | None:
+def merged_counts(opt: Any, parts: list[Any], names: list[str]
+                  ) -> dict[str, np.ndarray] | None:
     """The counts of a sharded checkpoint for the parameters ``names``: each rank's
     ``"averaged"`` (its :func:`saved_counts` for the tensors it held) merged; an average
     none has (one that starts at the resume) at 0. None where a rank's has none (saved
@@ -277,11 +288,11 @@ def merged_counts(opt: Any, parts: list[Any], names: list[str]) -> dict[str, lis
         if bad:
             raise ValueError(f"checkpoint 'averaged' counts of '{s}' must be non-negative "
                              f"ints, got {bad[0]!r:.80}")
-    return out
+    return {s: np.array(c, dtype=np.int64) for s, c in out.items()}
 
 
 def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
-                  ) -> dict[str, list[int]] | None:
+                  ) -> dict[str, np.ndarray] | None:
     """The counts of a state dict's ``"averaged"`` (:func:`saved_counts`) for ``state`` (a
     loaded state of ``opt``, its step set), checked: one entry per average the state dict
     restores (the ``started`` ones start at 0), each with exactly the parameters, each a
@@ -292,7 +303,7 @@ def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
         state.averaged = None
         got = counts_of(opt, state)
         for s in started:
-            got[s] = [0] * len(got[s])
+            got[s] = np.zeros(len(got[s]), dtype=np.int64)
         return got
     if not isinstance(saved, Mapping):
         raise ValueError(f"state dict 'averaged' must be a dict of average -> {{param: count}}, "
@@ -302,7 +313,7 @@ def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
         raise KeyError(f"state dict 'averaged' must have exactly the averages {sorted(want)}, "
                        f"got {sorted(saved)}")
     names = state.layout.names
-    out = {s: [0] * len(names) for s in avg}
+    out = {s: np.zeros(len(names), dtype=np.int64) for s in avg}
     for s, per in saved.items():
         if not isinstance(per, Mapping) or set(per) != set(names):
             got = sorted(per) if isinstance(per, Mapping) else type(per).__name__

@@ -262,8 +262,7 @@ def _row(r: JaxRecipe, opt: Any, state: Any) -> np.ndarray | None:
     value rounded once, as its float64 table's cast rounds it), or None where a value lies
     beyond the dtype (the full table's cast, under ``errstate``, then makes it inf) or the
     row's length changed."""
-    scal = opt.full_scalars(state.step + 1, state.values,
-                            row_counts(opt, state, (0,) * len(state.layout.names), 1)[0])
+    scal = opt.full_scalars(state.step + 1, state.values, row_counts(opt, state, None, 1)[0])
     row = (*prologue(opt, None, scal[0]), *scal)
     if len(row) != r.shape[1] or not (max(row) <= r.bound and min(row) >= -r.bound):
         return None
