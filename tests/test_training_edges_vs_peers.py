@@ -277,7 +277,7 @@ def _torch_accumulated_adamw(p0, batches, k, steps_lr):
     opt = torch.optim.AdamW([{"params": weights, "weight_decay": 0.1, "lr": steps_lr},
                              {"params": biases, "weight_decay": 0.0, "lr": steps_lr * 0.5}],
                             lr=steps_lr)
-    losses = []
+    losses, norms = [], []
     for i, (x, y) in enumerate(batches):
         h = torch.tensor(x) @ ps["linear_0.weight"].T + ps["linear_0.bias"]
         logits = h @ ps["linear_1.weight"].T + ps["linear_1.bias"]
@@ -285,17 +285,18 @@ def _torch_accumulated_adamw(p0, batches, k, steps_lr):
         (loss / k).backward()
         losses.append(float(loss.detach()))
         if (i + 1) % k == 0:
-            torch.nn.utils.clip_grad_norm_(list(ps.values()), 1.0)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(ps.values()), 1.0)))
             opt.step()
             opt.zero_grad()
-    return {n: p.detach().numpy() for n, p in ps.items()}, losses
+    return {n: p.detach().numpy() for n, p in ps.items()}, losses, norms
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
 def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
     # make_train_step over Accumulate(AdamW with a bias group: half the rate, no decay;
     # clip_norm) equals the separate evaluate + update bit for bit, and a torch loop of
-    # (loss / k).backward(), clip_grad_norm_ and AdamW param groups in float64.
+    # (loss / k).backward(), clip_grad_norm_ and AdamW param groups in float64; its
+    # last_grad_norm (None on every call before) is clip_grad_norm_'s once a window steps.
     import mithril as ml
     from mithril.backends import JaxBackend
     from mithril.utils.training import make_train_step
@@ -324,10 +325,14 @@ def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
     step = make_train_step(compiled, acc, loss="loss")
     params = {n: be.array(v) for n, v in p0.items()}
     state = step.init(params)
-    losses = []
+    losses, norms = [], []
     for x, y in batches:
         params, state, out = step(params, state, data(x, y))
         losses.append(float(be.to_numpy(out["loss"])))
+        # (None was all an Accumulate's step gave: the window's norm after it stepped)
+        assert (step.last_grad_norm is None) != state.applied
+        if state.applied:
+            norms.append(float(step.last_grad_norm))
     assert state.step == 4 and state.micro_step == 0
 
     acc2 = make()
@@ -336,8 +341,9 @@ def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
     for x, y in batches:
         _, grads = compiled.evaluate(sep, data(x, y), output_gradients={"loss": 1.0})
         sep, st2 = acc2.update(sep, grads, st2)
-    ref, ref_losses = _torch_accumulated_adamw(p0, batches, 2, 0.05)
+    ref, ref_losses, ref_norms = _torch_accumulated_adamw(p0, batches, 2, 0.05)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-13)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-13)
     for n in p0:
         got = np.asarray(be.to_numpy(params[n]))
         np.testing.assert_array_equal(got, np.asarray(be.to_numpy(sep[n])), err_msg=n)

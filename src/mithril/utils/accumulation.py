@@ -275,9 +275,10 @@ class AccumulateState:
     """State of :class:`Accumulate`: the wrapped optimizer's state and the gradient buffer.
 
     ``applied`` tells whether the last ``update`` stepped the wrapped optimizer;
-    ``micro_step`` counts micro-batches since the last step; ``step``, ``num_skipped`` and
-    ``last_step_skipped`` (a non-finite step refused by the wrapped optimizer) mirror the
-    wrapped state; ``last_step_skipped`` is False on calls that only accumulated.
+    ``micro_step`` counts micro-batches since the last step; ``step``, ``num_skipped``,
+    ``last_grad_norm`` and ``last_step_skipped`` (a non-finite step refused by the wrapped
+    optimizer) mirror the wrapped state; ``last_step_skipped`` is False and
+    ``last_grad_norm`` None on calls that only accumulated.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -297,6 +298,13 @@ class AccumulateState:
     @property
     def num_skipped(self) -> int:
         return getattr(self.inner, "num_skipped", 0)
+
+    @property
+    def last_grad_norm(self) -> Any:
+        """The wrapped state's ``last_grad_norm`` (the global norm of the window's mean
+        gradient, what torch's ``clip_grad_norm_`` returns before the window's step) after a
+        call that stepped it; None after one that only buffered."""
+        return getattr(self.inner, "last_grad_norm", None) if self.applied else None
 
     def __repr__(self) -> str:
         return f"AccumulateState(micro_step={self.micro_step}, inner={self.inner!r})"
