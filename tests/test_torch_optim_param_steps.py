@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_interop_torch_optimizer import default_dtype
+from test_muon_adafactor import ns64  # noqa: F401 - a fixture
 
 from mithril.interop import torch_optimizer
 from mithril.utils import optimizers as O
@@ -193,3 +194,29 @@ def test_torch_optim_that_loaded_ours_gives_its_counts_back():
             _step(a2, b2, ref, i, ga, gb)
         assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-12)
         assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12)
+
+
+def test_muons_fallback_counts_each_parameters_steps_as_torch_adamw(ns64):
+    """Muon's fallback (AdamW for what is not a matrix) counts a parameter's own steps too:
+    torch.optim.Muon (its Newton-Schulz in float64, as ours) on the matrix and
+    torch.optim.AdamW on the vector, side by side."""
+    with default_dtype(torch.float64):
+        (w1, b1), (w2, b2) = _params(), _params()
+        ours = torch_optimizer(O.Muon(0.02, ns_dtype="float64", weight_decay=0.1,
+                                      fallback=O.AdamW(3e-4, weight_decay=0.01)),
+                               [("w", w1), ("b", b1)])
+        refs = (torch.optim.Muon([w2], lr=0.02, weight_decay=0.1),
+                torch.optim.AdamW([b2], lr=3e-4, weight_decay=0.01))
+        gw, gb = _grads()
+        for i in range(STEPS):
+            _step(w1, b1, ours, i, gw, gb)
+            for o in refs:
+                o.zero_grad(set_to_none=True)
+            w2.grad = gw[i].clone()
+            if i not in NONE_AT:
+                b2.grad = gb[i].clone()
+            for o in refs:
+                o.step()
+            assert torch.allclose(w1, w2, rtol=1e-12, atol=1e-12), i
+            assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), (i, float((b1 - b2).abs().max()))
+            assert _steps(b1, ours) == _steps(b2, refs[1])

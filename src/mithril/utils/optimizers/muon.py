@@ -517,11 +517,22 @@ class Muon(TensorwiseOptimizer):
         views = [_FallbackRow(v, self, o, r) for v, o, r in
                  zip(_groups.views(base, cached[2]), cached[3], cached[2])]
         where = dict(zip(others, cached[1]))
-        return [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
+        out = [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
+        missed = getattr(state, "missed", None)
+        if missed is not None:  # (a tensor that missed steps counts its own: .groups)
+            for i in np.flatnonzero(missed):
+                if lay.names[i] in where:
+                    out[i] = copy.copy(out[i])
+                    out[i].missed = int(missed[i])
+        return out
 
 
 class _FallbackRow:
     """The fallback optimizer (one of its groups) updating one tensor inside Muon's step."""
+
+    #: the steps its tensor had no gradient at (``OptimizerState.missed``): its rules count
+    #: the others only, as the optimizer's own rows do
+    missed = 0
 
     def __init__(self, fb: Optimizer, owner: Muon, group: tuple[int | None, bool] = (None, True),
                  overrides: Mapping[str, Any] | None = None) -> None:
@@ -544,7 +555,7 @@ class _FallbackRow:
         return tuple(PREFIX + s for s in self.fb.slot_names())
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        return self.fb.scalars(step)
+        return self.fb.scalars(step - self.missed)
 
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
