@@ -73,14 +73,23 @@ How it works:
   writes each tensor alone).
   Each step counts in the updated parameters' autograd version counters, as torch's
   in-place updates do: a backward through a graph built before the step fails loudly.
-* Parameters whose ``.grad`` is ``None`` are skipped (left untouched, with their state);
-  a step with no gradient at all does nothing. A sparse ``.grad`` (``nn.Embedding(sparse=
-  True)``) is densified: SGD and AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s
-  sparse numbers, other optimizers their dense update (torch's refuse sparse gradients). As everywhere in mithril, the step count
-  (bias corrections) is one per group, not one per parameter as in torch: a group counts
-  from its first gradient (a group frozen from the start, or added later, starts at 1 as
-  torch's), and the two agree unless some parameters miss steps after their group's first
-  (see :class:`~mithril.utils.optimizers.Optimizer`).
+* Parameters whose ``.grad`` is ``None`` are skipped (left untouched, with their state:
+  no weight decay either); a step with no gradient at all does nothing. **Each parameter
+  counts its own steps**, as torch.optim's per-parameter ``state[p]["step"]``: a step at
+  which its ``.grad`` is None (``zero_grad(set_to_none=True)`` and a branch the forward did
+  not use, a frozen layer, its first steps or now and then) is not counted for it, so its
+  bias corrections (Adam, AdamW, NAdam, RAdam, Adamax, Muon's fallback), Adagrad's
+  ``lr_decay``, ASGD's η/μ and SGD's undampened first buffer give torch's numbers. The
+  wrapper notes those steps in the state (:meth:`~mithril.utils.optimizers.OptimizerState.
+  note_missed`); a parameter with its own count gets its own row of per-step scalars (the
+  same values, its count: :mod:`mithril.utils.optimizers.groups`), still one fused pass,
+  and nothing more is done per step while every parameter has a gradient. ``state_dict()``
+  shows each count as the parameter's ``step``, and a load takes them back (also from a
+  ``torch.optim`` optimizer that loaded ours and stepped on, or a DCP-flattened one). A
+  ``Lookahead`` keeps one count for all its parameters (optax's convention, its sync
+  included). A sparse ``.grad`` (``nn.Embedding(sparse=True)``) is densified: SGD and
+  AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s sparse numbers, other optimizers
+  their dense update (torch's refuse sparse gradients).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
   bfloat16) the engines' flat-tensor path. Muon and Adafactor (per-tensor matrix updates,
   :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
@@ -116,7 +125,8 @@ How it works:
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
   ``torch.optim`` optimizer's own state dict is not accepted; one that loaded ours keeps
-  the entry in its first group and is (its parameters' equal ``step`` being the count).
+  the entry in its first group and is (each parameter's ``step`` its own count: the most
+  steps any took since the entry's are the optimizer's).
 * Hyperparameters changed mid-run follow torch (NAdam multiplies each step's β₁ into its
   per-parameter ``mu_product``, as torch).
 * ``torch.amp.GradScaler`` needs nothing special: it unscales the ``.grad`` tensors of the

@@ -92,8 +92,8 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
     for i, g in enumerate(groups, start):
         if "step_offset" in g:  # (carried along unread, it silently did nothing)
             raise KeyMismatchError(f"param_groups[{i}]: 'step_offset' is set by the wrapper "
-                                   f"itself (a group counts its steps from its first "
-                                   f"gradient, as torch's); leave it out")
+                                   f"itself (each parameter counts its own steps, "
+                                   f"as torch's); leave it out")
         extra = sorted(set(g) - known)
         near = {k: difflib.get_close_matches(k, known, 1, 0.8) for k in extra}
         bad = [k for k in extra if near[k] or k in _TORCH_SETTINGS or k in _catalog_takes()]
