@@ -399,3 +399,57 @@ def test_a_nonfinite_micro_batch_is_dropped_as_multisteps_skip_not_finite(kind):
             np.testing.assert_allclose(m["linear.bias"], np.asarray(q["b"]), rtol=1e-13,
                                        atol=1e-15, err_msg=str(i))
     assert st.step == 3 and st.micro_step == 1
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_a_skipped_train_step_is_optax_apply_if_finite(kind):
+    # make_train_step with Adam(nonfinite="skip") (the one-program step on JAX): a batch
+    # with a NaN leaves params, moments and the step count untouched and is counted,
+    # as optax.apply_if_finite(optax.adam) does; float64 side by side.
+    import warnings
+
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.training import make_train_step
+
+    be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float64")
+    model = ml.Model()
+    model |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    model |= ml.SquaredError()(input="out", target="target", output="se")
+    model |= ml.Mean()(input="se", output=ml.IOKey("loss"))
+    compiled = ml.compile(model, be, shapes={"input": [None, 3], "target": [None, 2]})
+    rng = np.random.default_rng(9)
+    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    xs = [rng.standard_normal((4, 3)) for _ in range(6)]
+    ys = [rng.standard_normal((4, 2)) for _ in range(6)]
+    xs[1][2, 0], xs[4][0, 1] = np.nan, np.inf
+    step = make_train_step(compiled, Adam(learning_rate=0.05, nonfinite="skip"), loss="loss")
+    params = {"linear.weight": be.array(w0), "linear.bias": be.array(b0)}
+    state = step.init(params)
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p["w"].T + p["b"] - y) ** 2)
+
+    with jax.enable_x64(True):
+        tx = optax.apply_if_finite(optax.adam(0.05), max_consecutive_errors=10)
+        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
+        ostate = tx.init(q)
+        for x, y in zip(xs, ys, strict=True):
+            g = jax.grad(loss)(q, jnp.asarray(x), jnp.asarray(y))
+            upd, ostate = tx.update(g, ostate, q)
+            q = optax.apply_updates(q, upd)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                params, state, _ = step(params, state, {"input": be.array(x),
+                                                        "target": be.array(y)})
+    st = step.to_optimizer_state(state, params)
+    assert (st.step, st.num_skipped) == (int(ostate.inner_state[0].count),
+                                         int(ostate.total_notfinite)) == (4, 2)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.weight"])),
+                               np.asarray(q["w"]), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.bias"])),
+                               np.asarray(q["b"]), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(st.slot("m")["linear.weight"])),
+                               np.asarray(ostate.inner_state[0].mu["w"]), rtol=1e-13,
+                               atol=1e-15)
