@@ -19,13 +19,13 @@ import pytest
 import torch
 from conftest import jax_results_in_subprocess
 
-from mithril.backends import NumpyBackend, TorchBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.utils import optimizers as O
 
 N, M, P, ALPHA, LR = 5, 8, 3, 0.5, 0.1  # the late group syncs at t = 8, 11; the first at 3, 6, ...
 TOL = 1e-10
 cases = ["plain", "reset_state"]
-BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend}
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
 
 
 def _data() -> tuple:
@@ -100,7 +100,8 @@ def resumed(case: str, backend: str, offset: int = N) -> dict[str, np.ndarray]:
 
 def run(case: str, backend: str) -> dict[str, np.ndarray]:
     """The traced program: ``optax_transformation`` under ``jax.jit`` from ``init`` (b's
-    gradients given from the start: unused until it joins), float64; its compiles."""
+    gradients given from the start: unused until it joins), float64; its compiles; and
+    the eager JAX engine resuming as :func:`resumed` (``eager#``)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -120,10 +121,11 @@ def run(case: str, backend: str) -> dict[str, np.ndarray]:
     st = tx.init(p)
     for i in range(N + M):
         p, st = step(p, st, {"a": jnp.asarray(ga[i]), "b": jnp.asarray(gb[i])})
+    eager = {f"eager#{k}": np.asarray(v) for k, v in resumed(case, "jax").items()}
     return {"a": np.asarray(p["a"]), "b": np.asarray(p["b"]),
             "slow_a": np.asarray(st.slots["slow"]["a"]),
             "slow_b": np.asarray(st.slots["slow"]["b"]),
-            "compiles": np.array(step._cache_size()), "count": np.asarray(st.count)}
+            "compiles": np.array(step._cache_size()), "count": np.asarray(st.count), **eager}
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +147,11 @@ def test_a_late_group_counts_its_own_steps_and_syncs(case, backend):
 
 
 @pytest.mark.parametrize("case", cases)
-def test_the_traced_program_counts_it_too(case, jax_results):
+def test_the_traced_program_and_the_jax_engine_count_it_too(case, jax_results):
     ref, got = reference(case), jax_results[case]
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=TOL, err_msg=k)
+        np.testing.assert_allclose(got[f"eager#{k}"], ref[k], rtol=0, atol=TOL, err_msg=k)
     assert int(got["compiles"]) == 1 and got["count"].shape == () and int(got["count"]) == N + M
 
 

@@ -127,7 +127,11 @@ class Lookahead(Optimizer):
     optimizer after a sync as ``fast_optimizer.init`` would (its slots back to their initial
     values and its step count, hence bias corrections, from 1 again). Steps skipped under
     ``nonfinite="skip"`` do not count; a parameter absent from a step's gradients is left
-    alone, its slow weights included, even on a sync step.
+    alone, its slow weights included, even on a sync step. A param group of the inner's with
+    a ``step_offset`` ``k`` (its parameters joined after ``k`` steps: ``add_param_group``)
+    counts its own steps ``t − k`` for everything that reads the count, the sync included
+    (as timm's and torch-optimizer's Lookahead count each group's steps from its add); its
+    slow weights are what its state holds, its parameters at the join for a state made then.
 
     Everything runs in the inner optimizer's single fused pass: the slots are the inner's
     plus ``"slow"``, the per-step scalars the inner's plus a sync flag and α, and the
