@@ -61,7 +61,9 @@ How it works:
 * **Everything else of the base class**, per leaf (no flat buffer): ``clip_norm`` (on the
   global norm over all leaves), ``clip_value``, coupled or decoupled ``weight_decay``,
   ``param_groups`` / ``weight_decay_mask`` / ``exclude_weight_decay`` (parameter names are
-  the key paths, ``"layer/w"``), weight averaging (``ema_decay``, ``swa_start``: the
+  the key paths, ``"layer/w"``; a group's ``step_offset`` ``k``: its rules count ``t − k``,
+  and until the count passes ``k`` its params and slots are kept and its gradients left
+  out, as torch's before ``add_param_group``), weight averaging (``ema_decay``, ``swa_start``: the
   averages are ``state.slots["ema"]`` / ``["swa"]``), two-pass optimizers (LAMB, LARS,
   Novograd: the per-tensor sums are per leaf) and ``nonfinite="skip"`` (a step with a
   non-finite gradient, or giving non-finite values, returns zero updates and leaves the
