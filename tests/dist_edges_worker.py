@@ -279,6 +279,71 @@ def case_resume_1to2(rank: int, world: int, folder: str) -> dict:
             "owned": list(st.owned), "step": st.step}
 
 
+def case_save_fails(rank: int, world: int, folder: str) -> dict:
+    """A checkpoint saved at step 1; the save at step 2 fails while rank 1 writes its shard
+    (an OSError: a full disk): every rank raises, the files on disk are byte for byte those
+    of step 1, no temporary file is left, and a load gives step 1's parameters."""
+    import hashlib
+
+    from mithril.distributed import DataParallel, checkpoint, load_sharded, save_sharded
+    from mithril.utils.optimizers import Adam
+
+    dp = DataParallel(Adam(LR), shard_state=True)
+    p = init_params()
+    st = dp.init(p)
+    p, st = dp.update(p, grads(p, 0, rank, world, skip=-1), st)
+    save_sharded(folder, p, dp, st)
+    first = listed(p)
+
+    def disk() -> dict[str, str]:
+        return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+                for f in sorted(os.listdir(folder))}
+
+    before = disk()
+    p, st = dp.update(p, grads(p, 1, rank, world, skip=-1), st)
+    real = checkpoint.write_file
+
+    def full_disk(path: str, *args: Any, **kwargs: Any) -> None:
+        real(path, *args, **kwargs)  # (part of the file is there: then the disk fills)
+        raise OSError(28, "No space left on device", path)
+
+    replace = os.replace
+
+    def locked(src: str, dst: str) -> None:  # (Windows: a reader holds the old shard open)
+        if ".pending-" in os.fspath(src) and ".pending-" not in os.fspath(dst):
+            raise PermissionError(13, "Permission denied", dst)
+        replace(src, dst)
+
+    out: dict[str, Any] = {}
+    for phase, patch in (("write", "write_file"), ("rename", "replace")):
+        if rank == 1:
+            if patch == "write_file":
+                checkpoint.write_file = full_disk
+            else:
+                os.replace = locked
+        try:
+            save_sharded(folder, p, dp, st)
+            out[f"{phase}/error"] = None
+        except Exception as e:  # noqa: BLE001 - the test reads the class and message
+            out[f"{phase}/error"] = err(e)
+        finally:
+            checkpoint.write_file, os.replace = real, replace
+        torch.distributed.barrier()
+        out[f"{phase}/disk_kept"] = disk() == before
+        out[f"{phase}/files"] = sorted(os.listdir(folder))
+        try:
+            q, st2 = load_sharded(folder, DataParallel(Adam(LR), shard_state=True),
+                                  backend="torch")
+            out[f"{phase}/loaded"] = listed(q) == first and st2.step == 1
+        except Exception as e:  # noqa: BLE001
+            out[f"{phase}/loaded"] = err(e)
+    save_sharded(folder, p, dp, st)  # and a save that works commits step 2
+    q, st2 = load_sharded(folder, DataParallel(Adam(LR), shard_state=True), backend="torch")
+    out["saved"] = listed(q) == listed(p) and st2.step == 2
+    out["files"] = sorted(os.listdir(folder))
+    return out
+
+
 def case_fp16_refused_views(rank: int, world: int) -> dict:
     """float16, sharded: rank 1 passes a parameter of the wrong shape while the gradients
     are the accumulated ``gradient_views``: every rank refuses, and the views must be as
@@ -323,6 +388,7 @@ def main() -> None:
              "accumulate": case_accumulate,
              "zero_state": lambda r, w: case_zero_state(r, w, out + ".ckpt"),
              "resume_1to2": lambda r, w: case_resume_1to2(r, w, os.path.dirname(out)),
+             "save_fails": lambda r, w: case_save_fails(r, w, out + ".fails"),
              "fp16_views": case_fp16_refused_views}
     only = sys.argv[5].split(",") if len(sys.argv) > 5 else list(cases)
     for name, fn in cases.items():

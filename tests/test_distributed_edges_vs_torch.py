@@ -217,6 +217,27 @@ def test_jax_two_devices_equal_a_jitted_optax_step_on_the_mean_gradient(tmp_path
                   - got["sgd/optax/mlp.linear_0.weight"]).max() > 1e-3
 
 
+@pytest.mark.slow
+def test_a_save_failing_on_one_rank_keeps_the_previous_checkpoint(ranks) -> None:
+    """Rank 1's save fails while writing (a full disk), then while renaming its shard over
+    the previous one (refused: a reader holds it open on Windows): both ranks raise the
+    class of rank 1's error, the folder is byte for byte the step-1 checkpoint with no
+    stray file, and it loads; before the fix a failed rename left rank 0's new shard next
+    to rank 1's old one (load_sharded: "shard 1 disagrees with shard 0 on step"), and rank 0
+    raised a RuntimeError saying "nothing changed"."""
+    files = ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    for r, g in enumerate(_case(ranks, "save_fails")):
+        for phase, cls, text in (("write", "OSError", "No space left on device"),
+                                 ("rename", "PermissionError", "Permission denied")):
+            assert g[f"{phase}/error"].startswith(f"{cls}: "), g[f"{phase}/error"]
+            assert text in g[f"{phase}/error"]
+            assert ("rank 1 refused" in g[f"{phase}/error"]) == (r == 0)
+            assert g[f"{phase}/disk_kept"] is True
+            assert g[f"{phase}/files"] == files
+            assert g[f"{phase}/loaded"] is True
+        assert g["saved"] is True and g["files"] == files
+
+
 # -- one process (fast) --------------------------------------------------------------------
 
 @pytest.mark.parametrize("shard", [False, True])
@@ -262,3 +283,32 @@ def test_one_process_checkpoint_slots_equal_torch_adam_state(tmp_path) -> None:
     sd = topt.state_dict()["state"]
     for slot, key in (("m", "exp_avg"), ("v", "exp_avg_sq")):
         _close(st2.slot(slot), {n: sd[i][key].numpy() for i, n in enumerate(W.SHAPES)}, slot)
+
+
+def test_one_process_failed_rename_keeps_the_checkpoint(tmp_path, monkeypatch) -> None:
+    """World size 1: the rename of the new shard over the old one fails: the old shard,
+    byte for byte, and no stray file; a file of a save killed mid-commit (the kept previous
+    shard) is removed by the next save that works."""
+    p, _, _, dp, st = _whole_batch_adam(1)
+    folder = tmp_path / "c"
+    save_sharded(folder, p, dp, st)
+    shard = folder / "shard-00000-of-00001.safetensors"
+    before = shard.read_bytes()
+    p, st = dp.update(p, W.grads(p, 1, 0, 1, skip=-1), st)
+    replace = os.replace
+
+    def locked(src, dst) -> None:
+        if ".pending-" in os.fspath(src) and ".pending-" not in os.fspath(dst):
+            raise PermissionError(13, "Permission denied", os.fspath(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", locked)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        save_sharded(folder, p, dp, st)
+    monkeypatch.setattr(os, "replace", replace)
+    assert shard.read_bytes() == before and os.listdir(folder) == [shard.name]
+    stale = folder / (shard.name + ".previous-0123456789abcdef")
+    stale.write_bytes(before)
+    save_sharded(folder, p, dp, st)
+    assert os.listdir(folder) == [shard.name]
+    assert load_sharded(folder, DataParallel(Adam(W.LR), shard_state=True))[1].step == 2

@@ -32,8 +32,9 @@ from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_i
 from .sharding import assign
 
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
-#: a shard written but not yet committed (renamed to its final name)
-_PENDING = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors\.pending-([0-9a-f]+)$")
+#: a shard written but not yet committed (renamed to its final name), or the shard a
+#: commit replaces, kept until every rank has committed
+_PENDING = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors\.(?:pending|previous)-([0-9a-f]+)$")
 
 
 def _collect(folder: str, params: Any, dp: Any, state: Any
@@ -139,11 +140,13 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     As ``torch.distributed.checkpoint``, in phases agreed by all ranks: every rank checks
     everything (parameters against the state: names, shapes, dtypes); then each writes its
     shard under a temporary name (``shard-…safetensors.pending-<save id>``); only when
-    every rank has written does each rename its own over the final name; then rank 0
-    removes the shards of an earlier save with another world size and the temporary files
-    of saves killed part-way. A save refused or failed on any rank raises on every rank and
-    leaves the earlier checkpoint in ``folder`` as it was (a process killed while renaming
-    can leave shards of two saves, which :func:`load_sharded` refuses)."""
+    every rank has written does each rename its own over the final name, keeping the shard
+    it replaces (``….previous-<save id>``, a hard link) until every rank has renamed; then
+    rank 0 removes the shards of an earlier save with another world size and the temporary
+    files of saves killed part-way. A save refused or failed on any rank, a rename
+    included, raises on every rank and leaves the earlier checkpoint in ``folder`` as it
+    was (the renames are undone; a process killed while renaming can leave shards of two
+    saves, which :func:`load_sharded` refuses)."""
     folder = os.fspath(folder)
     world, me = pg.world_size(), pg.rank()
     error: BaseException | None = None
@@ -166,20 +169,65 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     except BaseException:
         _remove(pending)  # nothing was committed: the earlier checkpoint stands
         raise
-    try:  # commit: every rank has its complete shard on disk
+    # commit: every rank has its complete shard on disk. The shard it replaces is kept
+    # (a hard link) until every rank has renamed, so that a rename failing on one rank (a
+    # reader holding the file open on Windows, a permission) is rolled back on all: else the
+    # other ranks' new shards next to its old one made a folder load_sharded refuses
+    previous = f"{path}.previous-{save_id}"
+    had = committed = False
+    try:
+        if os.path.exists(path):
+            _keep(path, previous)
+            had = True
         os.replace(pending, path)
+        committed = True
         _fsync_folder(folder)
     except OSError as e:
         error = e
-    pg.agree(f"save_sharded (renaming the shards: {folder!r} may now hold shards of two "
-             f"saves, which load_sharded refuses)", error)
-    if me == 0:  # stale: another world size's shards, and uncommitted files
+    try:
+        pg.agree("save_sharded (renaming the shards)", error)
+    except BaseException:
+        _roll_back(folder, path, pending, previous, had, committed)
+        raise
+    _remove(previous)
+    if me == 0:  # stale: another world size's shards, and files of saves killed part-way
         for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors*")):
             m, p = _NAME.search(f), _PENDING.search(f)
             if (m and int(m.group(2)) != world) or (p and p.group(1) != save_id):
                 _remove(f)
     pg.barrier("save_sharded")
     return path
+
+
+def _keep(path: str, previous: str) -> None:
+    """``previous`` ← ``path`` (a hard link: no copy; a copy where links are refused)."""
+    try:
+        os.link(path, previous)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, previous)
+
+
+def _roll_back(folder: str, path: str, pending: str, previous: str, had: bool,
+               committed: bool) -> None:
+    """Undo this rank's part of a commit another rank failed: its previous shard back in
+    place (or, where it had none, its new one removed). Where even that fails, the folder
+    may hold shards of two saves (which :func:`load_sharded` refuses): said in the error."""
+    try:
+        if committed:
+            if had:
+                os.replace(previous, path)
+            else:
+                os.remove(path)
+            _fsync_folder(folder)
+        _remove(previous)
+        _remove(pending)
+    except OSError as e:
+        raise CheckpointError(f"save_sharded: a rank failed to commit its shard, and putting "
+                              f"back {path!r} failed too ({e}): {folder!r} may hold shards "
+                              f"of two saves, which load_sharded refuses; the previous shard "
+                              f"is {previous!r}") from e
 
 
 def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:

@@ -194,13 +194,18 @@ def agree(what: str, error: BaseException | None) -> None:
             from .. import errors
 
             kind, _, message = text.decode("utf-8", "replace").partition("\0")
-            cls = getattr(errors, kind, None)
+            import builtins
+
+            # (the refusing rank's class: ours, or a built-in one, PermissionError included)
+            cls = getattr(errors, kind, None) or getattr(builtins, kind, None)
             if not (isinstance(cls, type) and issubclass(cls, Exception)):
-                cls = {c.__name__: c for c in (TypeError, ValueError, KeyError, OSError,
-                                               NotImplementedError, FloatingPointError)
-                       }.get(kind, RuntimeError)
-            raise cls(f"{what}: rank {r} refused, so every rank did (nothing changed): "
-                      f"{message}")
+                cls = RuntimeError
+            text = f"{what}: rank {r} refused, so every rank did (nothing changed): {message}"
+            try:
+                exc = cls(text)
+            except TypeError:  # (a class whose constructor takes more: UnicodeDecodeError)
+                exc = RuntimeError(f"{kind}: {text}")
+            raise exc
 
 
 def digest(data: bytes) -> bytes:
