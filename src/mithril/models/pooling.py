@@ -1,12 +1,16 @@
-"""Pooling over channels-first inputs, with torch's semantics (``ceil_mode=False``).
+"""Pooling over channels-first inputs, with torch's semantics.
 
 ``MaxPool1D`` / ``MaxPool2D``: windows padded with −inf, ``stride`` defaults to
-``kernel_size``, ``padding`` at most half the kernel (as torch). The NumPy VJP routes each
-cotangent to its window's first maximum in window order (row-major over the kernel), which
-is the element torch's (and XLA's) max pooling picks on ties (and to a NaN, where a window
-holds one: NaN is its maximum, as torch). A dilated window that reads padding only is −inf
-(as torch) and routes no gradient, on every backend (torch's own index there is garbage, and
-its backward writes out of bounds: the torch backend replaces those windows).
+``kernel_size``, ``padding`` at most half the kernel (as torch). ``ceil_mode=True`` (every
+pool) rounds the output size up, as torch: the last window may run past the end (it must
+start inside the input or the padding before it); NumPy and JAX pad that part further, with
+−inf (max) or zeros left out of the mean (average), and run the same code; torch gets
+``ceil_mode``. The NumPy VJP routes each cotangent to its window's first maximum in window
+order (row-major over the kernel), which is the element torch's (and XLA's) max pooling
+picks on ties (and to a NaN, where a window holds one: NaN is its maximum, as torch). A
+dilated window that reads padding only is −inf (as torch) and routes no gradient, on every
+backend (torch's own index there is garbage, and its backward writes out of bounds: the
+torch backend replaces those windows).
 
 NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
 pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
@@ -19,7 +23,8 @@ residual), so the VJP is one multiply per offset.
 
 ``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
 torch's default), or not (``count_include_pad=False``: each window's sum divided by the
-number of input elements it covers). ``GlobalAvgPool2D``: the mean over H and W, (N, C, H, W) -> (N, C).
+number of input elements it covers). ``GlobalAvgPool2D``: the mean over H and W,
+(N, C, H, W) -> (N, C).
 """
 
 from __future__ import annotations
@@ -52,8 +57,12 @@ class _Pool(Operator):
     reducer: str = "max"
 
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> None:
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 ceil_mode: bool = False) -> None:
         who = type(self).__name__
+        if not isinstance(ceil_mode, (bool, np.bool_)):
+            raise TypeError(f"{who}: ceil_mode must be a bool, got {ceil_mode!r}")
+        self.ceil_mode = bool(ceil_mode)
         self.kernel_size = ntuple(kernel_size, self.nd, "kernel_size", who)
         self.stride = self.kernel_size if stride is None else ntuple(stride, self.nd, "stride", who)
         self.padding = ntuple(padding, self.nd, "padding", who, minimum=0)
@@ -64,6 +73,26 @@ class _Pool(Operator):
                                  f"got padding {self.padding} for kernel_size {self.kernel_size}")
         self.pads = tuple((p, p) for p in self.padding)
 
+    def _pads(self, spatial: Sequence[int | None]) -> tuple[tuple[int, int], ...]:
+        """``(before, after)`` padding per axis for an input of size ``spatial``: the given
+        padding, and with ``ceil_mode`` as much more after as the last window, rounded up,
+        reaches past it (torch's rule: a window must start inside the input or the padding
+        before it). Pooling pads that with −inf (max) or zeros not counted (average)."""
+        if not self.ceil_mode:
+            return self.pads
+        pads = []
+        for n, k, s, d, p in zip(spatial, self.kernel_size, self.stride, self.dilation,
+                                 self.padding):
+            eff = d * (k - 1) + 1
+            out = None if n is None else -(-(n + 2 * p - eff) // s) + 1
+            if out is not None and (out - 1) * s >= n + p:
+                out -= 1
+            if out is None or out < 1:  # unknown, or too small (out_sizes says so)
+                pads.append((p, p))
+                continue
+            pads.append((p, p + max(0, (out - 1) * s + eff - (n + 2 * p))))
+        return tuple(pads)
+
     def infer_shape(self, shapes):
         s = shapes.get("input")
         who = type(self).__name__
@@ -71,7 +100,7 @@ class _Pool(Operator):
         if s is None:
             return None
         return (*s[:2], *out_sizes(s[2:], self.kernel_size, self.stride, self.dilation,
-                                   self.pads, who))
+                                   self._pads(s[2:]), who))
 
     def forward(self, xp: Any, input: Any) -> Any:
         kind = backend_of(xp)
@@ -90,7 +119,8 @@ class _Pool(Operator):
         cropped. One strided multiply (disjoint windows) or add (overlapping ones) per
         offset, in the memory order of ``like`` (the input or an array laid out as it)."""
         out = g.shape[2:]
-        shape = (*xshape[:2], *(n + lo + hi for n, (lo, hi) in zip(xshape[2:], self.pads)))
+        pads = self._pads(xshape[2:])
+        shape = (*xshape[:2], *(n + lo + hi for n, (lo, hi) in zip(xshape[2:], pads)))
         tiles = disjoint(self.kernel_size, self.stride, self.dilation)
         exact = tiles and all(d == 1 and s == k and n == s * m for k, s, d, n, m in zip(
             self.kernel_size, self.stride, self.dilation, shape[2:], out))
@@ -108,13 +138,13 @@ class _Pool(Operator):
                 np.multiply(g, masks[k], out=dest)
             else:
                 dest += g * masks[k]
-        if not any(lo or hi for lo, hi in self.pads):
+        if not any(lo or hi for lo, hi in pads):
             return gx  # not a view: a ReLU's VJP before it may then write over it
-        return gx[crop(self.pads, xshape[2:])]
+        return gx[crop(pads, xshape[2:])]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation})")
+                f"padding={self.padding}, dilation={self.dilation}, ceil_mode={self.ceil_mode})")
 
 
 class _MaxPool(_Pool):
@@ -125,13 +155,14 @@ class _MaxPool(_Pool):
         fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
         inside = self._windows_inside(tuple(x.shape[2:]))
         if inside is None:
-            return fn(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            return fn(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                      ceil_mode=self.ceil_mode)
         # torch's index of a window of padding only is garbage (its backward writes out of
         # bounds, or onto another element): take torch's index elsewhere, −inf there
         import torch
 
         out, idx = fn(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                      return_indices=True)
+                      ceil_mode=self.ceil_mode, return_indices=True)
         keep = torch.as_tensor(inside, device=x.device)
         idx = torch.where(keep, idx, 0).flatten(2)
         picked = x.flatten(2).gather(2, idx).view_as(out)
@@ -142,7 +173,7 @@ class _MaxPool(_Pool):
         (always without dilation: the padding is at most half the kernel)."""
         if all(d == 1 for d in self.dilation):
             return None
-        out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, self.pads,
+        out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, self._pads(spatial),
                         type(self).__name__)
         axes = [np.array([any(0 <= j * s + u * d - p < n for u in range(k)) for j in range(o)])
                 for n, o, k, s, d, p in zip(spatial, out, self.kernel_size, self.stride,
@@ -161,17 +192,18 @@ class _MaxPool(_Pool):
             # one's element as torch does, so the gradient goes where torch's does
             import jax.numpy as jnp
 
-            out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+            pads = self._pads(x.shape[2:])
+            out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, pads,
                             type(self).__name__)
             offsets = [offset_slices(off, self.stride, self.dilation, out)
                        for off in np.ndindex(*self.kernel_size)]
-            xpad = jnp.pad(x, ((0, 0), (0, 0), *self.pads), constant_values=-np.inf)
+            xpad = jnp.pad(x, ((0, 0), (0, 0), *pads), constant_values=-np.inf)
             win = jnp.stack([xpad[sl] for sl in offsets], axis=-1)
             pick = self._torch_pick(win, offsets, x.shape[2:])
             return jnp.take_along_axis(win, pick, axis=-1)[..., 0]
         return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max,
                                  (*one, *self.kernel_size), (*one, *self.stride),
-                                 ((0, 0), (0, 0), *self.pads),
+                                 ((0, 0), (0, 0), *self._pads(x.shape[2:])),
                                  window_dilation=(*one, *self.dilation))
 
     def _torch_pick(self, win: Any, offsets: list[tuple[slice, ...]],
@@ -182,7 +214,7 @@ class _MaxPool(_Pool):
         import jax.numpy as jnp
 
         k = win.shape[-1]
-        inside = pad_like(np.ones((1, 1, *spatial), bool), self.pads, False)
+        inside = pad_like(np.ones((1, 1, *spatial), bool), self._pads(spatial), False)
         inside = np.stack([inside[sl] for sl in offsets], axis=-1)  # static: shapes are known
         nan = jnp.isnan(win)
         last_nan = k - 1 - jnp.argmax(nan[..., ::-1], axis=-1)
@@ -192,10 +224,11 @@ class _MaxPool(_Pool):
 
     def _slices(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
         """The −inf padded input (in ``x``'s memory order) and each kernel offset's slice."""
-        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+        pads = self._pads(x.shape[2:])
+        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, pads,
                         type(self).__name__)
-        return pad_like(x, self.pads, -np.inf), [offset_slices(off, self.stride, self.dilation, out)
-                                                for off in np.ndindex(*self.kernel_size)]
+        return pad_like(x, pads, -np.inf), [offset_slices(off, self.stride, self.dilation, out)
+                                            for off in np.ndindex(*self.kernel_size)]
 
     @staticmethod
     def _max(xp: np.ndarray, slices: list[tuple[slice, ...]]) -> np.ndarray:
@@ -212,10 +245,11 @@ class _MaxPool(_Pool):
         """NumPy: the output and (per kernel offset, the windows whose first maximum in window
         order is there: one-hot boolean masks of the output's shape and the input's memory
         order; the input's shape)."""
+        pads = self._pads(input.shape[2:])
         if compiled(input):  # one compiled pass: the maxima and where each came from
             out = out_sizes(input.shape[2:], self.kernel_size, self.stride, self.dilation,
-                            self.pads, type(self).__name__)
-            m, code = max_pool(input, out, self.kernel_size, self.pads, self.stride, self.dilation)
+                            pads, type(self).__name__)
+            m, code = max_pool(input, out, self.kernel_size, pads, self.stride, self.dilation)
             return m, (code, input)
         x, slices = self._slices(input)
         m = self._max(x, slices)
@@ -239,11 +273,11 @@ class _MaxPool(_Pool):
                 taken |= at
                 np.greater(eq, nan, out=eq)
                 eq |= at
-        if any(lo or hi for lo, hi in self.pads):
+        if any(lo or hi for lo, hi in pads):
             neg = np.isneginf(m)
             if neg.any():  # a window of −inf values: torch routes to its first element inside
                 # the input (its windows start there), not to the −inf padding
-                inside = pad_like(np.ones((1, 1, *input.shape[2:]), bool), self.pads, False)
+                inside = pad_like(np.ones((1, 1, *input.shape[2:]), bool), pads, False)
                 taken = np.zeros_like(m, dtype=bool)
                 for sl, eq in zip(slices, masks, strict=True):
                     first = inside[sl] & ~taken
@@ -256,15 +290,16 @@ class _MaxPool(_Pool):
             residuals = self.forward_residuals(np, args["input"])[1]
         masks, shape = residuals
         if isinstance(masks, np.ndarray):  # the compiled pass's offsets, and its input
-            return {"input": max_pool_vjp(g, masks, shape, self.kernel_size, self.pads,
-                                          self.stride, self.dilation,
+            return {"input": max_pool_vjp(g, masks, shape, self.kernel_size,
+                                          self._pads(shape.shape[2:]), self.stride, self.dilation,
                                           disjoint(self.kernel_size, self.stride, self.dilation))}
         return {"input": self._scatter(shape, masks[0], g, masks)}
 
 
 class MaxPool1D(_MaxPool):
     """Max over windows of (N, C, L): ``kernel_size``, ``stride`` (default ``kernel_size``),
-    ``padding`` (−inf, at most kernel_size // 2) and ``dilation`` as ``torch.nn.MaxPool1d``."""
+    ``padding`` (−inf, at most kernel_size // 2), ``dilation`` and ``ceil_mode`` as
+    ``torch.nn.MaxPool1d``."""
 
     nd = 1
     layout = "N, C, L"
@@ -272,8 +307,8 @@ class MaxPool1D(_MaxPool):
 
 class MaxPool2D(_MaxPool):
     """Max over windows of (N, C, H, W): ``kernel_size``, ``stride`` (default ``kernel_size``),
-    ``padding`` (−inf, at most half the kernel) and ``dilation`` (each an int or a pair) as
-    ``torch.nn.MaxPool2d``."""
+    ``padding`` (−inf, at most half the kernel), ``dilation`` (each an int or a pair) and
+    ``ceil_mode`` as ``torch.nn.MaxPool2d``."""
 
     nd = 2
     layout = "N, C, H, W"
@@ -281,29 +316,34 @@ class MaxPool2D(_MaxPool):
 
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, count_include_pad: bool = True) -> None:
-        super().__init__(kernel_size, stride, padding)
+                 padding: int | Sequence[int] = 0, count_include_pad: bool = True,
+                 ceil_mode: bool = False) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode)
         if not isinstance(count_include_pad, (bool, np.bool_)):
             raise TypeError(f"{type(self).__name__}: count_include_pad must be a bool, got "
                             f"{count_include_pad!r}")
         self.count_include_pad = bool(count_include_pad)
 
     def _divisor(self, spatial: Sequence[int], out: Sequence[int], dtype: Any) -> Any:
-        """What each window's sum is divided by: the kernel's size, or (``count_include_pad=
-        False``, with padding) the number of the input's own elements it covers, an array of
-        the output's spatial shape (a window is a box: the product of per-axis counts)."""
-        if self.count_include_pad or not any(self.padding):
+        """What each window's sum is divided by, as torch: the kernel's size, or, when windows
+        differ, an array of the output's spatial shape (a window is a box: the product of
+        per-axis counts). ``count_include_pad=False``: the input elements a window covers;
+        ``ceil_mode``: a window past the given padding counts only up to its end."""
+        if not self.ceil_mode and (self.count_include_pad or not any(self.padding)):
             return math.prod(self.kernel_size)
         counts = np.ones((), dtype=np.int64)
         for n, m, k, st, p in zip(spatial, out, self.kernel_size, self.stride, self.padding):
             start = np.arange(m) * st - p
-            per_axis = np.minimum(start + k, n) - np.maximum(start, 0)
+            if self.count_include_pad:
+                per_axis = np.minimum(start + k, n + p) - start
+            else:
+                per_axis = np.minimum(start + k, n) - np.maximum(start, 0)
             counts = np.multiply.outer(counts, per_axis)
         return counts.astype(dtype)
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.avg_pool1d if self.nd == 1 else F.avg_pool2d
-        return fn(x, self.kernel_size, self.stride, self.padding,
+        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode,
                   count_include_pad=self.count_include_pad)
 
     def _jax(self, x: Any) -> Any:
@@ -311,13 +351,14 @@ class _AvgPool(_Pool):
 
         one = (1, 1)
         s = lax.reduce_window(x, np.array(0, dtype=x.dtype), lax.add, (*one, *self.kernel_size),
-                              (*one, *self.stride), ((0, 0), (0, 0), *self.pads))
+                              (*one, *self.stride), ((0, 0), (0, 0), *self._pads(x.shape[2:])))
         return s / self._divisor(x.shape[2:], s.shape[2:], x.dtype)
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
-        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, self.pads,
+        pads = self._pads(x.shape[2:])
+        out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, pads,
                         type(self).__name__)
-        xp = pad_like(x, self.pads)  # zeros count in the mean (count_include_pad)
+        xp = pad_like(x, pads)  # the divisor says which zeros count in the mean
         parts = [xp[offset_slices(off, self.stride, self.dilation, out)]
                  for off in np.ndindex(*self.kernel_size)]
         s = parts[0].copy(order="K") if len(parts) == 1 else np.add(parts[0], parts[1])
@@ -333,11 +374,12 @@ class _AvgPool(_Pool):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, count_include_pad={self.count_include_pad})")
+                f"padding={self.padding}, count_include_pad={self.count_include_pad}, "
+                f"ceil_mode={self.ceil_mode})")
 
 
 class AvgPool1D(_AvgPool):
-    """Mean over windows of (N, C, L), as ``torch.nn.AvgPool1d`` (``ceil_mode=False``): the
+    """Mean over windows of (N, C, L), as ``torch.nn.AvgPool1d`` (``ceil_mode`` too): the
     zero padding counted in the mean by default; ``count_include_pad=False`` divides each
     window's sum by the number of input elements it covers instead."""
 
@@ -346,7 +388,7 @@ class AvgPool1D(_AvgPool):
 
 
 class AvgPool2D(_AvgPool):
-    """Mean over windows of (N, C, H, W), as ``torch.nn.AvgPool2d`` (``ceil_mode=False``): the
+    """Mean over windows of (N, C, H, W), as ``torch.nn.AvgPool2d`` (``ceil_mode`` too): the
     zero padding counted in the mean by default (``count_include_pad=True``);
     ``count_include_pad=False`` divides each window's sum by the number of input elements it
     covers instead."""
