@@ -99,6 +99,23 @@ CASES: dict[str, Case] = {
     "avg_pool2d_exclude_pad_1x1_input": Case(
         lambda: ml.AvgPool2D(3, stride=1, padding=1, count_include_pad=False), {"input": (1, 2, 1, 1)},
         unary(lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))),
+    "max_pool2d_ceil_mode": Case(lambda: ml.MaxPool2D(3, stride=2, padding=1, ceil_mode=True),
+                                 {"input": (2, 2, 6, 7)}, unary(lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True))),
+    "max_pool1d_ceil_mode_dilated": Case(
+        lambda: ml.MaxPool1D(2, stride=3, dilation=2, ceil_mode=True), {"input": (2, 2, 8)},
+        unary(lambda x: F.max_pool1d(x, 2, 3, 0, 2, ceil_mode=True))),
+    "max_pool1d_ceil_mode_kernel_past_input": Case(  # torch: one window, reading past the end
+        lambda: ml.MaxPool1D(3, stride=2, dilation=2, ceil_mode=True), {"input": (1, 2, 4)},
+        unary(lambda x: F.max_pool1d(x, 3, 2, 0, 2, ceil_mode=True))),
+    "avg_pool2d_ceil_mode": Case(lambda: ml.AvgPool2D((3, 2), stride=2, padding=1, ceil_mode=True),
+                                 {"input": (2, 2, 6, 7)},
+                                 unary(lambda x: F.avg_pool2d(x, (3, 2), 2, 1, ceil_mode=True))),
+    "avg_pool2d_ceil_mode_exclude_pad": Case(
+        lambda: ml.AvgPool2D(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        {"input": (2, 2, 6, 7)},
+        unary(lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False))),
+    "avg_pool1d_ceil_mode_no_padding": Case(lambda: ml.AvgPool1D(3, stride=2, ceil_mode=True), {"input": (2, 2, 8)},
+                                            unary(lambda x: F.avg_pool1d(x, 3, 2, ceil_mode=True))),
     "global_avg_pool_1x1": Case(lambda: ml.GlobalAvgPool2D(), {"input": (1, 2, 1, 1)},
                                 unary(lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1))),
     # -- normalisation -------------------------------------------------------------------
@@ -184,6 +201,16 @@ def test_equals_torch(name, backend_name):
     compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("max_pool")])
+def test_numpy_max_pool_without_compiled_loops_equals_torch(name, monkeypatch):
+    """The strided-slice path of dtypes without compiled window loops (float16, bfloat16)."""
+    from mithril.models import window_kernels
+
+    monkeypatch.setattr(window_kernels, "_COMPILED", ())
+    case = CASES[name]
+    compare(name, case, *run_mithril(name, case, "numpy"), what="numpy, no compiled loops")
+
+
 @pytest.fixture(scope="module")
 def jax_results():
     return jax_column("test_layers_edges_vs_torch", list(CASES), os.path.dirname(__file__))
@@ -241,10 +268,30 @@ def test_batch_norm_running_stats_momentum_edges(backend_cls, momentum):
     assert np.abs(to_np(out["output"]) - ref.eval()(torch.tensor(x)).detach().numpy()).max() <= 1e-12
 
 
-def test_avg_pool_count_include_pad_is_a_bool():
+def test_pool_switches_are_bools():
     with pytest.raises(TypeError, match="AvgPool2D: count_include_pad must be a bool, got 'no'"):
         ml.AvgPool2D(3, padding=1, count_include_pad="no")
-    assert "count_include_pad=False" in repr(ml.AvgPool1D(3, padding=1, count_include_pad=False))
+    with pytest.raises(TypeError, match="MaxPool1D: ceil_mode must be a bool, got 1"):
+        ml.MaxPool1D(3, ceil_mode=1)
+    assert repr(ml.AvgPool1D(3, padding=1, count_include_pad=False, ceil_mode=True)).endswith(
+        "count_include_pad=False, ceil_mode=True)")
+
+
+def test_ceil_mode_shapes_and_free_sizes():
+    """The output size rounds up (the last window starting in the input or the padding before
+    it, as torch); a free spatial size stays free until evaluate."""
+    for n in range(3, 12):
+        want = F.max_pool1d(torch.zeros(1, 1, n), 3, 2, 1, ceil_mode=True).shape[-1]
+        model = ml.Model()
+        model |= ml.MaxPool1D(3, stride=2, padding=1, ceil_mode=True)(input="input", output="output")
+        compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [1, 1, n]})
+        assert compiled.program.output_shape("output") == (1, 1, want)
+    model = ml.Model()
+    model |= ml.AvgPool2D(2, ceil_mode=True)(input="input", output="output")
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [1, 1, None, None]})
+    x = np.arange(15.0).reshape(1, 1, 3, 5)
+    out = compiled.evaluate({}, {"input": x})["output"]
+    assert np.array_equal(out, F.avg_pool2d(torch.tensor(x), 2, ceil_mode=True).numpy())
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
