@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from test_interop_torch_optimizer import default_dtype
-from test_muon_adafactor import ns64  # noqa: F401 - a fixture
+from test_muon_adafactor import ns_in_grad_dtype, torch_muon
 
+from mithril.errors import KeyMismatchError
 from mithril.interop import torch_optimizer
 from mithril.utils import optimizers as O
 
@@ -36,9 +37,12 @@ CASES = {  # ours, torch's (lr 0.05 both)
     "adagrad_lr_decay": (O.AdaGrad, {"lr_decay": 0.1}, torch.optim.Adagrad, {"lr_decay": 0.1}),
     "sgd_momentum_dampening": (O.SGD, {"momentum": 0.9, "dampening": 0.3}, torch.optim.SGD,
                                {"momentum": 0.9, "dampening": 0.3}),
+    "asgd": (O.ASGD, {"t0": 3}, torch.optim.ASGD, {"t0": 3}),  # (the two-pass path)
+    "adafactor": (O.Adafactor, {}, torch.optim.Adafactor, {}),  # (its fused kernel)
+    "adafactor_unfused": (O.Adafactor, {"fused": False}, torch.optim.Adafactor, {}),
 }
-#: torch keeps NAdam's μ product and Adagrad's step scalars in float32 tensors
-TOL = {"nadam": 1e-7, "adagrad_lr_decay": 1e-5}
+#: torch keeps NAdam's μ product, Adagrad's and ASGD's step scalars in float32 tensors
+TOL = {"nadam": 1e-7, "adagrad_lr_decay": 1e-5, "asgd": 1e-7}
 
 
 def _grads():
@@ -196,7 +200,13 @@ def test_torch_optim_that_loaded_ours_gives_its_counts_back():
         assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12)
 
 
-def test_muons_fallback_counts_each_parameters_steps_as_torch_adamw(ns64):
+@pytest.fixture
+def muon_ns64(monkeypatch):
+    """torch.optim.Muon's Newton-Schulz in the gradients' dtype (float64), as ours."""
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", ns_in_grad_dtype)
+
+
+def test_muons_fallback_counts_each_parameters_steps_as_torch_adamw(muon_ns64):
     """Muon's fallback (AdamW for what is not a matrix) counts a parameter's own steps too:
     torch.optim.Muon (its Newton-Schulz in float64, as ours) on the matrix and
     torch.optim.AdamW on the vector, side by side."""
@@ -220,3 +230,138 @@ def test_muons_fallback_counts_each_parameters_steps_as_torch_adamw(ns64):
             assert torch.allclose(w1, w2, rtol=1e-12, atol=1e-12), i
             assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), (i, float((b1 - b2).abs().max()))
             assert _steps(b1, ours) == _steps(b2, refs[1])
+
+
+def test_the_array_engine_counts_each_parameters_steps(monkeypatch):
+    """The flat-tensor path (GPU, float16, bfloat16) reads the same rows: torch's numbers."""
+    from mithril.utils.optimizers import engines
+    from mithril.utils.optimizers.engines.array_engine import ArrayEngine
+
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair("adamw_amsgrad")
+        ga, gb = _grads()
+        for i in range(STEPS):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a2, b2, ref, i, ga, gb)
+        assert isinstance(ours.mithril_state.engine, ArrayEngine)
+        assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12)
+        assert _steps(b1, ours) == _steps(b2, ref) == 13
+
+
+def test_a_group_added_later_whose_parameter_misses_steps_matches_torch():
+    """A group added after 5 steps (its ``step_offset``) holding a parameter that then has
+    no gradient now and then: the two offsets add up, as torch's per-parameter count."""
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = (
+            (a, b, cls([a], **kw)) for (a, b), cls, kw in (
+                (_params(), lambda ps, **kw: torch_optimizer(O.Adam(0.05), ps), {}),
+                (_params(), torch.optim.Adam, {"lr": 0.05})))
+        ga, gb = _grads()
+        for i in range(STEPS):
+            if i == 5:
+                for b, o in ((b1, ours), (b2, ref)):
+                    o.add_param_group({"params": [b], "lr": 0.02})
+            for a, b, o in ((a1, b1, ours), (a2, b2, ref)):
+                o.zero_grad(set_to_none=True)
+                a.grad = ga[i].clone()
+                if i >= 5 and i not in NONE_AT:
+                    b.grad = gb[i].clone()
+                o.step()
+            assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-12), i
+            assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), i
+            if i >= 5:
+                assert _steps(b1, ours) == _steps(b2, ref), i
+        assert _steps(b1, ours) == sum(j >= 5 and j not in NONE_AT for j in range(STEPS))
+
+
+def test_a_skipped_step_counts_no_missed_step():
+    """Under ``nonfinite="skip"`` a refused step is no step: the parameter without a
+    gradient at it does not count it as missed."""
+    with default_dtype(torch.float64):
+        a, b = _params()
+        ours = torch_optimizer(O.Adam(0.05, nonfinite="skip"), [("a", a), ("b", b)])
+        ga, gb = _grads()
+        _step(a, b, ours, 3, ga, gb)  # (both have a gradient)
+        ours.zero_grad(set_to_none=True)
+        a.grad = torch.full_like(a, float("inf"))
+        with pytest.warns(RuntimeWarning, match="skip"):
+            ours.step()
+        assert ours.mithril_state.num_skipped == 1 and ours.mithril_state.missed is None
+        assert (_steps(a, ours), _steps(b, ours)) == (1.0, 1.0)
+        _step(a, b, ours, 0, ga, gb)  # (b's gradient None: counted now)
+        assert (_steps(a, ours), _steps(b, ours)) == (2.0, 1.0)
+
+
+def test_the_native_api_counts_them_when_told_as_torch():
+    """A plain ``update`` keeps one count (optax's convention); ``state.note_missed`` after
+    it gives torch's per-parameter count, and the state dict keeps it (NumPy engine)."""
+    rng = np.random.default_rng(3)
+    p0 = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    ga, gb = _grads()
+    ta, tb = (torch.nn.Parameter(torch.tensor(p0[k])) for k in "ab")
+    ref = torch.optim.NAdam([ta, tb], lr=0.05)
+    opt = O.NAdam(0.05)
+    params = {k: v.copy() for k, v in p0.items()}
+    state = opt.init(params)
+    for i in range(STEPS):
+        grads = {"a": ga[i].numpy()} if i in NONE_AT else {"a": ga[i].numpy(), "b": gb[i].numpy()}
+        params, state = opt.update(params, grads, state)
+        if i in NONE_AT:
+            state.note_missed(["b"])
+        ref.zero_grad(set_to_none=True)
+        ta.grad, tb.grad = ga[i].clone(), None if i in NONE_AT else gb[i].clone()
+        ref.step()
+        if i == 9:  # a resume from the state dict, bit for bit
+            sd = opt.state_dict(state)
+            assert sd["missed"] == {"b": 4}
+            copies = {k: v.copy() for k, v in params.items()}
+            params, state = copies, O.NAdam(0.05).load_state_dict(sd, copies)
+            opt = O.NAdam(0.05)
+            assert state.missed_counts() == {"b": 4}
+    np.testing.assert_allclose(params["b"], tb.detach().numpy(), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(params["a"], ta.detach().numpy(), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("missed, exc, match", [
+    ({"c": 1}, KeyError, r"'missed' names unknown parameters \['c'\]"),
+    ({"b": -1}, ValueError, r"'missed' of 'b' must be an int >= 0, got -1"),
+    ({"b": 1.5}, ValueError, r"'missed' of 'b' must be an int >= 0"),
+    ({"b": 4}, ValueError, r"'missed' of 'b' is 4, beyond the 3 steps taken"),
+    ([1], TypeError, r"'missed' must be a dict of parameter -> int, got list"),
+])
+def test_a_bad_missed_entry_is_refused_and_changes_nothing(missed, exc, match):
+    params = {"a": np.ones(3), "b": np.ones(2)}
+    opt = O.Adam(0.05)
+    state = opt.init(params)
+    for _ in range(3):
+        params, state = opt.update(params, {"a": np.full(3, 0.5), "b": np.full(2, 0.5)}, state)
+    sd = {**opt.state_dict(state), "missed": missed}
+    before = opt.state_dict(None)
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(sd, {k: v.copy() for k, v in params.items()})
+    assert opt.state_dict(None) == before
+
+
+def test_a_torch_state_dict_with_a_bad_step_is_refused_unchanged():
+    """A parameter's ``step`` beyond the optimizer's count, or not a whole number, is
+    refused by its entry, nothing changed; a ``torch.optim`` state dict is still refused."""
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair("adam")
+        ga, gb = _grads()
+        for i in range(10):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a2, b2, ref, i, ga, gb)
+        sd = ours.state_dict()
+        for bad in (11.0, 2.5, -1.0):
+            broken = copy.deepcopy(sd)
+            broken["state"][1]["step"] = torch.tensor(bad)
+            with pytest.raises(ValueError, match=r"'state'\[1\]\['step'\] must be a whole "
+                                                 r"number of steps from 0 to 10"):
+                ours.load_state_dict(broken)
+            assert _steps(b1, ours) == 6.0
+        with pytest.raises(ValueError, match="torch.optim state dicts are not accepted"):
+            ours.load_state_dict(ref.state_dict())
+        with pytest.raises(KeyMismatchError, match="'step_offset' is set by the wrapper"):
+            ours.add_param_group({"params": [("c", torch.nn.Parameter(torch.ones(2)))],
+                                  "step_offset": 3})
