@@ -365,3 +365,23 @@ def test_a_torch_state_dict_with_a_bad_step_is_refused_unchanged():
         with pytest.raises(KeyMismatchError, match="'step_offset' is set by the wrapper"):
             ours.add_param_group({"params": [("c", torch.nn.Parameter(torch.ones(2)))],
                                   "step_offset": 3})
+
+
+def test_the_fused_jax_step_refuses_a_state_with_own_counts():
+    """The fused JAX train step counts one step per group: a state whose parameters count
+    their own is refused by name (its counts were dropped silently), nothing changed."""
+    from test_train_step_atomicity import compiled_mlp
+
+    from mithril.utils.training import make_train_step
+
+    compiled = compiled_mlp("jax", [16, 12])
+    opt = O.Adam(learning_rate=1e-2)
+    step = make_train_step(compiled, opt, loss="loss")
+    params = compiled.get_parameters()
+    state = opt.init(params)
+    first = sorted(params)[0]
+    state.note_missed([first])
+    with pytest.raises(ValueError, match=r"fused JAX step counts one step per parameter "
+                                         r"group: this state's parameters \['" + first):
+        step.from_optimizer_state(state)
+    assert state.missed_counts() == {first: 1}

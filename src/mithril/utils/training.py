@@ -225,6 +225,11 @@ class TrainStep(FixedParts, HyperparameterWatch):
                      self.compiled.program.param_shapes)
         if not self.fused:
             return state
+        if getattr(state, "missed", None) is not None:  # (it would be dropped silently)
+            raise ValueError(f"the fused JAX step counts one step per parameter group: this "
+                             f"state's parameters {sorted(state.missed_counts())} missed "
+                             f"steps and count their own (OptimizerState.note_missed, "
+                             f"torch_optimizer); step it with optimizer.update instead")
         import jax.numpy as jnp
 
         template = self._transformation().init(
