@@ -293,9 +293,10 @@ def test_a_skipped_step_counts_no_missed_step():
         assert (_steps(a, ours), _steps(b, ours)) == (2.0, 1.0)
 
 
-def test_the_native_api_counts_them_when_told_as_torch():
+def test_the_native_api_counts_them_when_told_as_torch(tmp_path):
     """A plain ``update`` keeps one count (optax's convention); ``state.note_missed`` after
-    it gives torch's per-parameter count, and the state dict keeps it (NumPy engine)."""
+    it gives torch's per-parameter count, and the state dict and a checkpoint keep it (NumPy
+    engine)."""
     rng = np.random.default_rng(3)
     p0 = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
     ga, gb = _grads()
@@ -319,6 +320,15 @@ def test_the_native_api_counts_them_when_told_as_torch():
             params, state = copies, O.NAdam(0.05).load_state_dict(sd, copies)
             opt = O.NAdam(0.05)
             assert state.missed_counts() == {"b": 4}
+        if i == 14:  # and a resume from a checkpoint file
+            from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+            path = tmp_path / "ckpt.safetensors"
+            save_checkpoint(path, params, opt, state)
+            opt = O.NAdam(0.05)
+            got = load_checkpoint(path, params, opt)
+            params, state = got["params"], got["state"]
+            assert state.missed_counts() == {"b": 6}
     np.testing.assert_allclose(params["b"], tb.detach().numpy(), rtol=1e-7, atol=1e-7)
     np.testing.assert_allclose(params["a"], ta.detach().numpy(), rtol=1e-7, atol=1e-7)
 

@@ -76,7 +76,7 @@ _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slo
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
 #: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
 #: stored as a float64 scalar tensor ``optv/<name>``)
-_OPT_OPTIONAL = ("slot_shapes", "values", "averaged")
+_OPT_OPTIONAL = ("slot_shapes", "values", "averaged", "missed")
 _COUNTERS = ("step", "num_skipped", "num_nonfinite")
 
 
@@ -364,6 +364,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                             num_nonfinite=state.num_nonfinite, slots=sorted(state.slots))
             if counts_of(optimizer, state) is not None:  # each average's updates so far
                 opt_meta["averaged"] = saved_counts(state)
+            if state.missed is not None:  # (each parameter's own count: note_missed)
+                opt_meta["missed"] = state.missed_counts()
             if state.slot_layouts:
                 opt_meta["slot_shapes"] = {s: {n: list(shp) for n, shp in zip(lay.names, lay.shapes)}
                                            for s, lay in sorted(state.slot_layouts.items())}
@@ -546,7 +548,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                   "step": ometa["step"], "num_skipped": ometa["num_skipped"],
                   "num_nonfinite": ometa["num_nonfinite"], "slots": slots,
                   "values": {v: float(arrays[f"optv/{v}"]) for v in ometa.get("values", [])},
-                  "averaged": ometa.get("averaged")}  # (None: from before it was kept)
+                  "averaged": ometa.get("averaged"),  # (None: from before it was kept)
+                  "missed": ometa.get("missed")}  # (checked by the optimizer's load)
 
     # try everything on copies: the optimizer's hyperparameters and state, then the scheduler
     state, trial_opt = None, None
