@@ -395,3 +395,26 @@ def test_the_fused_jax_step_refuses_a_state_with_own_counts():
                                          r"group: this state's parameters \['" + first):
         step.from_optimizer_state(state)
     assert state.missed_counts() == {first: 1}
+
+
+def test_counts_survive_an_added_group():
+    """``add_param_group`` rebuilds the state: a parameter that had missed steps keeps its
+    own count (torch's numbers after the add)."""
+    with default_dtype(torch.float64):
+        (a1, b1, ours), (a2, b2, ref) = _pair("adam")
+        c1, c2 = (torch.nn.Parameter(torch.ones(4)) for _ in range(2))
+        ga, gb = _grads()
+        for i in range(STEPS):
+            if i == 10:
+                ours.add_param_group({"params": [("c", c1)]})
+                ref.add_param_group({"params": [c2]})
+            for a, b, c, o in ((a1, b1, c1, ours), (a2, b2, c2, ref)):
+                _step(a, b, o, i, ga, gb)
+                if i >= 10:  # (a second step for c alone: torch's counts c's own)
+                    o.zero_grad(set_to_none=True)
+                    c.grad = gb[i][:4].clone()
+                    o.step()
+            assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), i
+            assert torch.allclose(c1, c2, rtol=1e-12, atol=1e-12), i
+            for p1, p2 in ((a1, a2), (b1, b2), (c1, c2)):
+                assert _steps(p1, ours) == _steps(p2, ref), i

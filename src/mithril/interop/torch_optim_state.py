@@ -425,7 +425,8 @@ def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]
     cannot come back: such an optimizer's load is refused, saying so). A group added later
     (``add_param_group``) counts fewer steps: the count is the largest ``step``, and each
     group whose parameters count ``k`` fewer gets ``step_offset`` ``k`` (why: such a state
-    dict was refused as "not a mithril torch_optimizer's", where torch.optim's resumes)."""
+    dict was refused as "not a mithril torch_optimizer's", where torch.optim's resumes); a
+    parameter counting fewer than the most of its group missed as many (:func:`_missed`)."""
     if opt.state_values:
         raise ValueError(f"state dict has no 'mithril' entry (DCP's flatten_optimizer_state_"
                          f"dict=True drops it): {type(opt).__name__}'s optimizer-wide values "
@@ -538,4 +539,6 @@ def with_added(trial: Optimizer, st: Any, names: Sequence[str], params: Sequence
     if getattr(st, "averaged", None) is not None:  # (the new parameters' averages: fresh)
         ours["averaged"] = {a: {**c, **dict.fromkeys(new, 0)}
                             for a, c in saved_counts(st).items()}
+    if st.missed is not None:  # (each parameter's own count; the new ones': their group's)
+        ours["missed"] = st.missed_counts()
     return trial.load_state_dict(ours, current)
