@@ -162,39 +162,75 @@ class Embedding(Operator):
 
 
 class LayerNorm(Operator):
-    """(x − mean) / √(var + eps) · weight + bias over the last axis (biased variance, as torch)."""
+    """(x − mean) / √(var + eps) · weight + bias over the last axis (biased variance, as torch).
+
+    ``normalized_shape`` (torch's; an int or a tuple of ints): normalise over that many
+    trailing axes, which must have those sizes (a ``ShapeError`` at compile time otherwise),
+    with ``weight`` and ``bias`` of that shape, as ``nn.LayerNorm(normalized_shape)``. None
+    (the default): the last axis, its size taken from the input."""
 
     param_init = {"weight": "ones", "bias": "zeros"}
     vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/σ are the residuals
 
-    def __init__(self, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True) -> None:
+    def __init__(self, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
+                 normalized_shape: int | tuple[int, ...] | None = None) -> None:
         from .norms import check_eps  # (why: eps=None failed inside the forward, and a
         check_eps(eps, "LayerNorm")  # negative one gave NaN outputs)
         self.eps, self.use_scale, self.use_bias = eps, use_scale, use_bias
+        if normalized_shape is not None:
+            dims = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) \
+                else normalized_shape
+            if not isinstance(dims, (tuple, list)) or not dims or not all(
+                    isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+                    for d in dims):
+                raise ValueError(f"LayerNorm: normalized_shape must be a positive int or a "
+                                 f"non-empty tuple of them, got {normalized_shape!r}")
+            normalized_shape = tuple(int(d) for d in dims)
+        self.normalized_shape = normalized_shape
+
+    def _shape(self, shapes) -> tuple[int | None, ...] | None:
+        """The normalised trailing shape (None entries: not known yet), or None."""
+        if self.normalized_shape is None:
+            d = _last_dim(shapes, "LayerNorm")
+            return None if d is None else (d,)
+        s, want = shapes.get("input"), self.normalized_shape
+        if s is None:
+            return want
+        if len(s) < len(want) or any(a is not None and a != b
+                                     for a, b in zip(s[len(s) - len(want):], want)):
+            raise ShapeError(f"LayerNorm: 'input' of shape {fmt(s)} does not end in "
+                             f"normalized_shape {want}")
+        return want
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        k = 1 if self.normalized_shape is None else len(self.normalized_shape)
+        return tuple(range(ndim - k, ndim))
 
     def param_shapes(self, shapes):
-        d = _last_dim(shapes, "LayerNorm")
+        d = self._shape(shapes)
         if d is None:
             return {}
-        return {k: (d,) for k, on in (("weight", self.use_scale), ("bias", self.use_bias)) if on}
+        return {k: d for k, on in (("weight", self.use_scale), ("bias", self.use_bias)) if on}
 
     def infer_shape(self, shapes):
         """The input's shape; rank 0 is a ShapeError (there is no last axis to normalise):
         without scale and bias no parameter shape checks it, and the backends failed deep
         inside (NumPy's AxisError, an IndexError on JAX and torch)."""
-        _last_dim(shapes, "LayerNorm")
+        self._shape(shapes)
         return shapes.get("input")
 
     def _normalise(self, xp: Any, x: Any) -> tuple[Any, Any]:
-        mu = xp.mean(x, axis=-1, keepdims=True)
+        axes = self._axes(x.ndim)
+        mu = xp.mean(x, axis=axes, keepdims=True)
         xc = x - mu
-        inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
+        inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=axes, keepdims=True) + self.eps)
         return xc * inv, inv
 
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
         F = functional_of(xp)
         if F is not None:  # one kernel each way
-            return F.layer_norm(input, (input.shape[-1],), weight, bias, self.eps)
+            k = len(self._axes(input.ndim))
+            return F.layer_norm(input, tuple(input.shape[-k:]), weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None,
@@ -206,7 +242,8 @@ class LayerNorm(Operator):
 
     def vjp(self, g, out, args, wrt, residuals=None):
         xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
-        lead = tuple(range(g.ndim - 1))
+        axes = self._axes(g.ndim)
+        lead = tuple(range(axes[0]))
         res = {}
         if "weight" in wrt:
             res["weight"] = (g * xhat).sum(axis=lead)
@@ -214,9 +251,15 @@ class LayerNorm(Operator):
             res["bias"] = g.sum(axis=lead)
         if "input" in wrt:
             gx = g * args["weight"] if "weight" in args else g
-            res["input"] = inv * (gx - gx.mean(-1, keepdims=True)
-                                  - xhat * (gx * xhat).mean(-1, keepdims=True))
+            res["input"] = inv * (gx - gx.mean(axis=axes, keepdims=True)
+                                  - xhat * (gx * xhat).mean(axis=axes, keepdims=True))
         return res
+
+    def __repr__(self) -> str:
+        shape = "" if self.normalized_shape is None else \
+            f", normalized_shape={self.normalized_shape}"
+        return (f"LayerNorm(eps={self.eps}, use_scale={self.use_scale}, "
+                f"use_bias={self.use_bias}{shape})")
 
 
 class Flatten(Operator):
