@@ -127,6 +127,14 @@ CASES: dict[str, Case] = {
                                   unary(lambda x, weight: F.layer_norm(x, (5,), weight))),
     "layer_norm_one_feature": Case(lambda: ml.LayerNorm(), {"input": (2, 3, 1)},
                                    unary(lambda x, weight, bias: F.layer_norm(x, (1,), weight, bias))),
+    "layer_norm_normalized_shape_3_dims": Case(
+        lambda: ml.LayerNorm(normalized_shape=(3, 4, 5)), {"input": (2, 3, 4, 5)},
+        unary(lambda x, weight, bias: F.layer_norm(x, (3, 4, 5), weight, bias))),
+    "layer_norm_normalized_shape_2_dims_no_affine": Case(
+        lambda: ml.LayerNorm(eps=0.1, use_scale=False, use_bias=False, normalized_shape=[4, 5]),
+        {"input": (2, 3, 4, 5)}, unary(lambda x: F.layer_norm(x, (4, 5), eps=0.1))),
+    "layer_norm_normalized_shape_int": Case(lambda: ml.LayerNorm(normalized_shape=5), {"input": (2, 3, 4, 5)},
+                                            unary(lambda x, weight, bias: F.layer_norm(x, (5,), weight, bias))),
     "group_norm_instance_1x1": Case(lambda: ml.GroupNorm(4), {"input": (2, 4, 1, 1)},
                                     unary(lambda x, weight, bias: F.group_norm(x, 4, weight, bias))),
     "group_norm_no_spatial": Case(lambda: ml.GroupNorm(2), {"input": (3, 4)},
@@ -322,3 +330,22 @@ def test_embedding_padding_idx_out_of_range(bad):
     with pytest.raises(ValueError, match=r"Embedding: padding_idx must be an int in \[-5, 4\] "
                                          r"\(num_embeddings=5\), got "):
         ml.Embedding(5, 3, padding_idx=bad)
+
+
+def test_layer_norm_normalized_shape_errors():
+    """A trailing shape other than ``normalized_shape`` is a ShapeError naming both at compile
+    time (torch: a RuntimeError at the call); a bad ``normalized_shape`` a ValueError."""
+    model = ml.Model()
+    model |= ml.LayerNorm(normalized_shape=(3, 5))(input="input")
+    with pytest.raises(ml.ShapeError, match=r"LayerNorm: 'input' of shape \[2, 4, 5\] does not end "
+                                            r"in normalized_shape \(3, 5\)"):
+        ml.compile(model, NumpyBackend(), shapes={"input": [2, 4, 5]})
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        F.layer_norm(torch.zeros(2, 4, 5), (3, 5))
+    for bad in (0, (), (2.0,), "4", True):
+        with pytest.raises(ValueError, match="LayerNorm: normalized_shape must be a positive int"):
+            ml.LayerNorm(normalized_shape=bad)
+    model = ml.Model()
+    model |= ml.LayerNorm(normalized_shape=(4, 5))(input="input", output="output")
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [None, None, 4, 5]})
+    assert compiled.parameter_shapes == {"layer_norm.weight": (4, 5), "layer_norm.bias": (4, 5)}
