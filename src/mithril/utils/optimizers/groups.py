@@ -19,8 +19,8 @@ its rules that read the step count (bias corrections, ``lr_decay``, first-step r
 ``t − k``, as torch.optim counts each parameter's own steps after ``add_param_group``
 (``torch_optimizer`` sets it; a state of fewer than ``k + 1`` steps is refused). The traced
 JAX program counts it too (``k`` static per row; until its count passes ``k`` a group's
-parameters and slots are kept, as torch's before the add) but for a per-tensor optimizer
-(Muon, Adafactor: refused), and so does Lookahead, its sync included. Inside a group, a
+parameters and slots are kept, as torch's before the add), and so does Lookahead, its sync
+included (each group syncs on its own count). Inside a group, a
 state's per-parameter ``missed`` counts (:meth:`~.state.OptimizerState.note_missed`: the
 applied steps a parameter had no gradient at, which ``torch_optimizer`` keeps as torch.optim
 keeps each parameter's own ``step``) add to it: a parameter's rules count
