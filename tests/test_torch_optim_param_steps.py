@@ -418,3 +418,26 @@ def test_counts_survive_an_added_group():
             assert torch.allclose(c1, c2, rtol=1e-12, atol=1e-12), i
             for p1, p2 in ((a1, a2), (b1, b2), (c1, c2)):
                 assert _steps(p1, ours) == _steps(p2, ref), i
+
+
+def test_a_lookahead_keeps_one_count_for_all():
+    """A Lookahead (no torch.optim peer) counts one step for all its parameters, optax's
+    convention, its sync included: a parameter without a gradient is left alone (and its
+    slow weights), and the others step and sync as with every gradient given."""
+    with default_dtype(torch.float64):
+        a1, b1 = _params()
+        a2, b2 = _params()
+        ours = torch_optimizer(O.Lookahead(O.Adam(0.05), sync_period=3), [("a", a1), ("b", b1)])
+        alone = torch_optimizer(O.Lookahead(O.Adam(0.05), sync_period=3), [("a", a2)])
+        ga, gb = _grads()
+        for i in range(STEPS):
+            b_before = b1.detach().clone()
+            _step(a1, b1, ours, i, ga, gb)
+            alone.zero_grad(set_to_none=True)
+            a2.grad = ga[i].clone()
+            alone.step()
+            assert torch.equal(a1, a2), i
+            if i in NONE_AT:
+                assert torch.equal(b1.detach(), b_before), i
+        assert ours.mithril_state.missed is None
+        assert _steps(b1, ours) == _steps(a1, ours) == STEPS
