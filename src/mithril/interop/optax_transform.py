@@ -42,7 +42,9 @@ How it works:
   = 0.01``, a Python float or a 0-d array) and nothing recompiles. Or give
   ``learning_rate=`` a number, or an optax schedule (a function of the 0-based step count),
   or wrap the factory in ``optax.inject_hyperparams(optax_transformation)(opt,
-  learning_rate=...)``. Parameter groups keep their ``lr_scale`` relative to it.
+  learning_rate=...)``. Parameter groups keep their ``lr_scale`` relative to it. Other float
+  hyperparameters take optax schedules too: ``schedules={"alpha": optax.linear_schedule(
+  ...)}`` (AdEMAMix's α, as optax's ``ScalarOrSchedule`` arguments), read at every update.
 * **Per-step scalars** (bias corrections, ...) come from the step count in the state.
   Where the optimizer's ``scalars(step)`` is plain arithmetic (most are: ``1 - b**step``)
   it is traced with the step as a JAX value, so the update is one XLA program: ``math.sqrt``
