@@ -141,18 +141,3 @@ def test_a_state_dict_below_its_offset_is_refused_and_changes_nothing():
                                          rf"beyond its step count {N - 1}"):
         again.load_state_dict(d, p)
     assert again.learning_rate == 0.2 and not again.param_groups
-
-
-def test_a_per_tensor_program_refuses_it():
-    """The traced program of a per-tensor optimizer (Muon) reads one step count for all its
-    tensors: a group with a ``step_offset`` is refused by name (elementwise and two-pass
-    programs count it, ``tests/test_step_offset_jax.py``; Lookahead too,
-    ``tests/test_lookahead_step_offset.py``)."""
-    import jax.numpy as jnp
-
-    from mithril.interop import optax_transformation
-
-    tx = optax_transformation(O.Muon(param_groups=[{"params": ["w"], "step_offset": 2}]))
-    p = {"w": jnp.ones((3, 4))}
-    with pytest.raises(ValueError, match=r"a group with a 'step_offset'.*cannot be traced"):
-        tx.update(p, tx.init(p), p)

@@ -1,6 +1,7 @@
 """A param group's ``step_offset`` in the traced JAX program: ``optax_transformation`` under
 ``jax.jit`` and ``make_train_step`` on JAX. The group's step rules (bias corrections,
-``lr_decay``, RAdam's and NAdam's step terms) count ``t − k``, ``k`` a static int per row:
+``lr_decay``, RAdam's and NAdam's step terms, Adafactor's per-tensor β̂) count ``t − k``,
+``k`` a static int per row:
 one program for every step, the state's count one int32 array. Before its group joins
 (count ≤ k, a state begun by ``init``) a parameter is kept as torch keeps one it was not
 yet given by ``add_param_group``: its params and slots unchanged, its gradient out of the
@@ -33,6 +34,7 @@ CASES = {  # ours, torch's (lr 0.05 both)
     "radam": (O.RAdam, {}, torch.optim.RAdam, {}),
     "adagrad_lr_decay": (O.AdaGrad, {"lr_decay": 0.1, "epsilon": 1e-10}, torch.optim.Adagrad,
                          {"lr_decay": 0.1}),
+    "adafactor": (O.Adafactor, {}, torch.optim.Adafactor, {}),  # (per tensor: β̂ from t)
 }
 cases = sorted(CASES)
 LR = 0.05
@@ -214,19 +216,3 @@ def test_without_the_offset_the_late_parameters_differ_from_torch():
         p, st = opt.update(p, g, st)
     late = [k for k in p if LATE in k]
     assert max(np.abs(p[k] - ref[k]).max() for k in late) > 1e-3
-
-
-def test_a_per_tensor_optimizer_still_refuses_it_by_name():
-    """Muon (per-tensor updates, one step count for all its tensors in the program): its
-    groups with a ``step_offset`` stay refused at the first update (while tracing), naming
-    the group."""
-    import jax.numpy as jnp
-
-    from mithril.interop import optax_transformation
-
-    muon = O.Muon(param_groups=[{"params": ["w"], "step_offset": 2}])
-    tx = optax_transformation(muon)
-    p = {"w": jnp.ones((3, 4), jnp.float32)}
-    with pytest.raises(ValueError, match=r"Muon param_groups\[0\]: a group with a "
-                                         r"'step_offset'.*per-tensor optimizer"):
-        tx.update(p, tx.init(p), p)

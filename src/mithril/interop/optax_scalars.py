@@ -231,18 +231,6 @@ def joined(plan: Any, t: Any) -> list[Any] | None:
     return [t > plan.offsets[r] if plan.offsets[r] else None for r in plan.index]
 
 
-def refuse_offsets(opt: Any, why: str) -> None:
-    """``ValueError`` naming the groups of ``opt`` with a ``step_offset``, which the
-    program for ``opt`` cannot count (``why``)."""
-    late = [i for i, g in enumerate(opt.param_groups) if g.get("step_offset")]
-    if late:
-        raise ValueError(
-            f"{type(opt).__name__} param_groups{late}: a group with a 'step_offset' (its "
-            f"parameters joined after the first steps) cannot be traced for {why} (its "
-            f"per-tensor rules read one step count for all tensors); run the optimizer's "
-            f"own update")
-
-
 def _scalars(view: Any, step: Any, values: dict[str, Any] | None = None) -> tuple[Any, ...]:
     from ..utils.optimizers.state import scalar_arguments
 

@@ -44,7 +44,7 @@ from .optax_scalars import (
     _Plan,
     _row_scalars,
     _static_prologue,
-    refuse_offsets,
+    joined,
     refuse_pinned,
 )
 from .optax_transform import (
@@ -141,7 +141,6 @@ class _Rows:
         holder = SimpleNamespace(groups=None, layout=SimpleNamespace(
             name_list=list(names), names=tuple(names), shapes=tuple(shapes)))
         refuse_pinned(opt)
-        refuse_offsets(opt, "a per-tensor optimizer")
         unit = copy.copy(opt)
         unit.learning_rate = 1.0  # each row's learning rate is then its ratio to opt's
         per_tensor = unit.tensor_rows(holder)
@@ -283,6 +282,10 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         table = _row_scalars(plan, t, lr, driven, _wide())
         attrs = plan.attrs(driven)
         skip = opt.nonfinite == "skip"
+        late = joined(plan, t)  # (groups that join after the first steps: see joined)
+        if late is not None:
+            grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
+                     for g, j in zip(grads, late)]
         gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, attrs, names)
         avg_w = _averaging_weights(opt, t)
 
@@ -323,6 +326,10 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                 w = w.astype(a.dtype)
                 new_slots[s][i] = jnp.where(w == 1, new_p,
                                             jnp.where(w != 0, a + w * (new_p - a), a))
+            if late is not None and late[i] is not None:  # not joined yet: all kept
+                new_ps[i] = jnp.where(late[i], new_ps[i], leaves[i])
+                for s in full:
+                    new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
