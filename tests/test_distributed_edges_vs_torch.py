@@ -238,6 +238,40 @@ def test_a_save_failing_on_one_rank_keeps_the_previous_checkpoint(ranks) -> None
         assert g["saved"] is True and g["files"] == files
 
 
+@pytest.mark.slow
+def test_jax_two_processes_equal_a_jitted_optax_step(tmp_path) -> None:
+    """JAX, 2 processes joined by ``init_jax`` (jax.distributed), one CPU device each,
+    sharded state over both: 4 Adam steps equal optax.adam on the whole batch's gradient
+    (float64, 1e-12), and the gathered state counts 4 steps."""
+    import subprocess
+
+    from test_distributed import _free_port
+
+    out = str(tmp_path / "jmp.npz")
+    port = str(_free_port())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
+    env.pop("XLA_FLAGS", None)
+    worker = os.path.join(os.path.dirname(__file__), "jax_multiprocess_optax_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(r), port, out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    logs = []
+    try:
+        for q in procs:
+            logs.append(q.communicate(timeout=240)[0].decode()[-3000:])
+    finally:
+        for q in procs:
+            q.kill()
+    assert all(q.returncode == 0 for q in procs), "\n".join(logs)
+    with np.load(out) as z:
+        got = {k: z[k] for k in z.files}
+    ours = {k[5:]: v for k, v in got.items() if k.startswith("ours/")}
+    assert len(ours) == 4 and int(got["ours_step"]) == 4 and got["split"].all()
+    for n, v in ours.items():
+        assert v.dtype == np.float64
+        np.testing.assert_allclose(v, got[f"optax/{n}"], rtol=TOL, atol=TOL, err_msg=n)
+
+
 # -- one process (fast) --------------------------------------------------------------------
 
 @pytest.mark.parametrize("shard", [False, True])
