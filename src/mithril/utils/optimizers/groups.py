@@ -263,12 +263,12 @@ def own_count_rows(index: np.ndarray, rows: list[dict[str, Any]], missed: np.nda
     sel = np.flatnonzero(missed)
     if not len(sel):
         return index, rows
-    pairs, inverse = np.unique(np.stack([index[sel], missed[sel]], axis=1), axis=0,
-                               return_inverse=True)
+    span = int(missed.max()) + 1  # (one int per pair: a 1-D unique, ~10x axis=0's speed)
+    keys, inverse = np.unique(index[sel] * span + missed[sel], return_inverse=True)
     out = index.copy()
     out[sel] = len(rows) + inverse.reshape(-1)
-    extra = [{**rows[r], "step_offset": rows[r].get("step_offset", 0) + int(m)}
-             for r, m in pairs.tolist()]
+    extra = [{**rows[r], "step_offset": rows[r].get("step_offset", 0) + m}
+             for r, m in zip((keys // span).tolist(), (keys % span).tolist())]
     return out, [*rows, *extra]
 
 
