@@ -42,6 +42,9 @@ class LeakyRelu(Operator):
     vjp_ignores = frozenset({"output"})
 
     def __init__(self, slope: float = 0.01) -> None:
+        if isinstance(slope, (bool, np.bool_)) or not isinstance(
+                slope, (int, float, np.integer, np.floating)):
+            raise ValueError(f"LeakyRelu: slope must be a number, got {slope!r}")
         self.slope = float(slope)
 
     def forward(self, xp: Any, input: Any) -> Any:
@@ -113,11 +116,17 @@ class Gelu(Operator):
     """GELU. ``approximate=False`` (the default, as torch and the published Mithril): the exact
     x·Φ(x) = ½·x·(1 + erf(x/√2)); ``approximate=True``: the tanh approximation
     ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (``jax.nn.gelu`` default; torch
-    ``approximate="tanh"``)."""
+    ``approximate="tanh"``). torch's strings ``"none"`` / ``"tanh"`` are taken too."""
 
     vjp_ignores = frozenset({"output"})
 
-    def __init__(self, approximate: bool = False) -> None:
+    def __init__(self, approximate: bool | str = False) -> None:
+        # torch's strings too: "none" is the exact form (bool("none") was True: the tanh one)
+        if isinstance(approximate, str) and approximate in ("none", "tanh"):
+            approximate = approximate == "tanh"
+        if not isinstance(approximate, (bool, np.bool_)):
+            raise ValueError(f"Gelu: approximate must be a bool, 'none' or 'tanh' (torch's), "
+                             f"got {approximate!r}")
         self.approximate = bool(approximate)
 
     def forward(self, xp: Any, input: Any) -> Any:
