@@ -159,6 +159,10 @@ CASES: dict[str, Case] = {
     "leaky_relu_slope_above_1": Case(lambda: ml.LeakyRelu(2.0), {"input": _X0}, unary(lambda x: F.leaky_relu(x, 2.0))),
     "gelu_tanh_wide": Case(lambda: ml.Gelu(approximate=True), {"input": 5 * _X0},
                            unary(lambda x: F.gelu(x, approximate="tanh"))),
+    "gelu_torch_string_none": Case(lambda: ml.Gelu(approximate="none"), {"input": 5 * _X0},
+                                   unary(lambda x: F.gelu(x, approximate="none"))),
+    "gelu_torch_string_tanh": Case(lambda: ml.Gelu(approximate="tanh"), {"input": 5 * _X0},
+                                   unary(lambda x: F.gelu(x, approximate="tanh"))),
     "sigmoid_saturated": Case(lambda: ml.Sigmoid(), {"input": 40 * _X0}, unary(torch.sigmoid)),
     "tanh_saturated": Case(lambda: ml.Tanh(), {"input": 40 * _X0}, unary(torch.tanh)),
     "softmax_axis_0": Case(lambda: ml.Softmax(0), {"input": _X0}, unary(lambda x: F.softmax(x, 0))),
@@ -349,3 +353,16 @@ def test_layer_norm_normalized_shape_errors():
     model |= ml.LayerNorm(normalized_shape=(4, 5))(input="input", output="output")
     compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [None, None, 4, 5]})
     assert compiled.parameter_shapes == {"layer_norm.weight": (4, 5), "layer_norm.bias": (4, 5)}
+
+
+def test_activation_arguments():
+    """torch's GELU strings: "none" was read as a true bool (the tanh form, 1e-3 off the
+    exact GELU); other values and a non-number LeakyReLU slope are named errors."""
+    assert ml.Gelu(approximate="none").approximate is False
+    assert ml.Gelu(approximate="tanh").approximate is True
+    for bad in ("erf", None, 1):
+        with pytest.raises(ValueError, match="Gelu: approximate must be a bool, 'none' or 'tanh'"):
+            ml.Gelu(approximate=bad)
+    for bad in ("0.1", True, None):
+        with pytest.raises(ValueError, match="LeakyRelu: slope must be a number"):
+            ml.LeakyRelu(bad)
