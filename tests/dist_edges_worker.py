@@ -1,8 +1,10 @@
 """One rank of ``tests/test_distributed_edges_vs_torch.py`` (``python
-tests/dist_edges_worker.py RANK WORLD INIT_FILE OUT [CASE,...]``, joined by a ``FileStore``): each case
-runs :class:`mithril.distributed.DataParallel` and its torch peer (``DistributedDataParallel``
-with ``find_unused_parameters``, ``ZeroRedundancyOptimizer``) on this rank's share of the
-same float64 batches, and writes both results to ``OUT.RANK.json`` after each case.
+tests/dist_edges_worker.py RANK WORLD INIT_FILE OUT [CASE,...]``, joined by a ``file://``
+``init_method``): each case runs :class:`mithril.distributed.DataParallel` and its torch
+peer (``DistributedDataParallel`` with ``find_unused_parameters``,
+``ZeroRedundancyOptimizer``) on this rank's share of the same float64 batches, and writes
+both results to ``OUT.RANK.json`` after each case; the last two cases are ours alone (a
+save failing on rank 1; a float16 step refused by rank 1).
 
 The batch of 9 rows is split 5/4 over the 2 ranks (an uneven last share); each rank scales
 its loss by ``N·n_r/B`` so that the mean over ranks is the whole batch's gradient, on both
