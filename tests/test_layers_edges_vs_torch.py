@@ -15,6 +15,8 @@ all-ignored mean is NaN, as torch). Attention and recurrent layers:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 
 import numpy as np
@@ -366,3 +368,43 @@ def test_activation_arguments():
     for bad in ("0.1", True, None):
         with pytest.raises(ValueError, match="LeakyRelu: slope must be a number"):
             ml.LeakyRelu(bad)
+
+
+def _ceil_grid():
+    """Pools torch takes in ceil mode: kernel 2-3, stride 1-3, padding 0-1, dilation 1-2 (max
+    only), lengths 4, 5, 7; 1-D and 2-D."""
+    for nd, k, s, p, d, n in itertools.product((1, 2), (2, 3), (1, 2, 3), (0, 1), (1, 2), (4, 5, 7)):
+        if p <= k // 2:
+            for kind in ("max", "avg_include_pad", "avg_exclude_pad")[: 1 if d > 1 else 3]:
+                yield nd, kind, k, s, p, d, n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_ceil_mode_grid_equals_torch(backend_name):
+    """Every pool of the grid, output and input gradient, against torch in ceil mode."""
+    count = 0
+    for nd, kind, k, s, p, d, n in _ceil_grid():
+        shape = (1, 2, n) if nd == 1 else (1, 2, n, n + 1)
+        suffix = "1D" if nd == 1 else "2D"
+        if kind == "max":
+            block = functools.partial(getattr(ml, "MaxPool" + suffix), k, stride=s, padding=p,
+                                      dilation=d, ceil_mode=True)
+            fn = getattr(F, f"max_pool{nd}d")
+            ref = functools.partial(fn, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=True)
+        else:
+            include = kind == "avg_include_pad"
+            block = functools.partial(getattr(ml, "AvgPool" + suffix), k, stride=s, padding=p,
+                                      count_include_pad=include, ceil_mode=True)
+            fn = getattr(F, f"avg_pool{nd}d")
+            ref = functools.partial(fn, kernel_size=k, stride=s, padding=p, ceil_mode=True,
+                                    count_include_pad=include)
+        try:
+            ref(torch.zeros(shape))
+        except RuntimeError:  # torch's output would be empty
+            continue
+        name = f"ceil {kind} {nd}d k{k} s{s} p{p} d{d} n{n}"
+        case = Case(block, {"input": shape}, unary(ref))
+        compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
+        count += 1
+    assert count > 250
