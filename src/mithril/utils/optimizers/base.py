@@ -19,7 +19,8 @@ them must have finished by then (nothing waits for it, unlike a donated buffer).
 The step count ``t`` (bias corrections, AdaGrad's lr decay, SGD's undampened first
 buffer) is one per optimizer state, as in optax; torch counts per parameter, which differs
 only for parameters that missed steps (absent from ``gradients``: such parameters and their
-slots are left untouched).
+slots are left untouched). A state counts those as torch does once told which they were
+(:meth:`OptimizerState.note_missed`, what ``torch_optimizer`` does).
 
 Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
 in ``state.last_grad_norm`` under the first three policies:
