@@ -453,3 +453,60 @@ def test_a_skipped_train_step_is_optax_apply_if_finite(kind):
     np.testing.assert_allclose(np.asarray(be.to_numpy(st.slot("m")["linear.weight"])),
                                np.asarray(ostate.inner_state[0].mu["w"]), rtol=1e-13,
                                atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_half_precision_windows_accumulate_in_float32_as_multisteps(kind, tmp_path):
+    # Four float16 micro-batches of gradients ~3e4: their float16 sum overflowed (inf, the
+    # window's step NaN) where their mean, optax.MultiSteps' float32 accumulator and
+    # torch's (loss / k).backward() loop are finite. The buffers are float32 now: the
+    # window's mean equals MultiSteps' bit for bit; a window saved mid-way resumes
+    # exactly, its float32 sums kept.
+    from mithril.backends import JaxBackend
+    from mithril.utils.accumulation import GradientAccumulator
+    from mithril.utils.optimizers import SGD
+
+    be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
+        dtype="float16")
+    rng = np.random.default_rng(4)
+    gs = [(3e4 + 2e3 * rng.standard_normal((3, 2))).astype(np.float16) for _ in range(8)]
+    acc = GradientAccumulator()
+    for g in gs[:4]:
+        acc.add({"w": be.array(g, "float16")})
+    mean = acc.mean()["w"]
+    assert be.dtype_name(mean) == "float16"
+    tx = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=4)
+    q = jnp.zeros((3, 2), jnp.float16)
+    ostate = tx.init(q)
+    for g in gs[:4]:
+        upd, ostate = tx.update(jnp.asarray(g), ostate, q)
+    np.testing.assert_array_equal(np.asarray(be.to_numpy(mean)), -np.asarray(upd))
+    assert np.isfinite(np.asarray(be.to_numpy(mean), np.float64)).all()
+    tw = torch.zeros(3, 2, dtype=torch.float16, requires_grad=True)
+    for g in gs[:4]:
+        ((tw * torch.tensor(g)).sum() / 4).backward()
+    np.testing.assert_allclose(np.asarray(be.to_numpy(mean), np.float64),
+                               tw.grad.double().numpy(), rtol=2e-3)  # (float16 rounding)
+
+    def run(acc, p, st, t0, t1):
+        for g in gs[t0:t1]:
+            p, st = acc.update(p, {"w": be.array(g, "float16")}, st)
+        return p, st
+
+    def make():
+        return Accumulate(SGD(learning_rate=2.0**-16), 4)
+
+    a1 = make()
+    p0 = {"w": be.array(np.ones((3, 2)), "float16")}
+    full, _ = run(a1, p0, a1.init(p0), 0, 8)
+    a2 = make()
+    part, st = run(a2, {"w": be.array(np.ones((3, 2)), "float16")},
+                   a2.init({"w": be.array(np.ones((3, 2)), "float16")}), 0, 6)
+    save_checkpoint(tmp_path / "ck", part, a2, st)
+    a3 = make()
+    got = load_checkpoint(tmp_path / "ck", params_template=part, optimizer=a3)
+    resumed, st3 = run(a3, got["params"], got["state"], 6, 8)
+    assert st3.step == 2 and be.dtype_name(resumed["w"]) == "float16"
+    np.testing.assert_array_equal(np.asarray(be.to_numpy(resumed["w"])),
+                                  np.asarray(be.to_numpy(full["w"])))
+    assert np.isfinite(np.asarray(be.to_numpy(full["w"]), np.float64)).all()

@@ -26,8 +26,11 @@ Two ways to use it:
   call instead (step the scheduler after each ``update`` to reproduce it; see the optimizers
   guide).
 
-The buffers are sums in the gradients' dtype on the gradients' device (in place on NumPy and
-torch); ``mean()`` multiplies by ``1/Σw`` once.
+The buffers are sums on the gradients' device (in place on NumPy and torch), in the
+gradients' dtype, but in float32 for float16 / bfloat16 gradients (as ``optax.MultiSteps``'
+default ``accumulator_dtype``): a half-precision sum of ``k`` micro-batches would overflow
+float16 (65504) where their mean does not, and round at each add. ``mean()`` multiplies by
+``1/Σw`` once and gives the gradients' dtype back.
 
 Every gradient is checked before anything is written, so a call that raises changes nothing:
 the first ``add`` takes floating-point NumPy, torch or JAX arrays, all of one kind; every
@@ -80,20 +83,49 @@ def _is_float(x: Any, kind: str) -> bool:
     return bool(np.issubdtype(x.dtype, np.floating))
 
 
+_HALF = ("float16", "bfloat16")
+
+
+def _is_half_dtype(dtype: Any) -> bool:
+    return str(dtype).removeprefix("torch.") in _HALF
+
+
+def _is_half(x: Any) -> bool:
+    return _is_half_dtype(x.dtype)
+
+
+def _widen(x: Any) -> Any:
+    """``x`` itself, or a float32 copy of a float16 / bfloat16 ``x`` (the buffers' dtype)."""
+    return _copy(x) if _is_half(x) else x
+
+
 def _copy(x: Any) -> Any:
+    """A copy of ``x``, in float32 if ``x`` is float16 / bfloat16 (the buffers' dtype)."""
     mod = _kind(x)
+    half = _is_half(x)
     if mod == "torch":
-        return x.detach().clone()
+        import torch
+
+        return x.detach().to(torch.float32) if half else x.detach().clone()
     if mod == "jax":
         import jax.numpy as jnp
 
-        return jnp.array(x, copy=True)  # on CPU, optimizer-owned JAX arrays change in place
-    return np.array(x, copy=True)
+        # (a copy: on CPU, optimizer-owned JAX arrays change in place)
+        return jnp.array(x, dtype=jnp.float32 if half else None, copy=True)
+    return np.array(x, dtype=np.float32 if half else None, copy=True)
+
+
+def _as(x: Any, like: Any) -> Any:
+    """``x`` in the dtype of ``like`` (same kind)."""
+    if x.dtype == like.dtype:
+        return x
+    return x.to(like.dtype) if _kind(x) == "torch" else x.astype(like.dtype)
 
 
 def _add_into(buf: Any, g: Any, w: float) -> Any:
     """``buf + w·g``, in place where the array type allows (``buf`` and ``g`` checked alike)."""
     mod = _kind(buf)
+    g = _as(g, buf)  # (a half gradient into its float32 buffer)
     if mod == "torch":
         return buf.add_(g.detach(), alpha=w) if w != 1 else buf.add_(g.detach())
     if mod == "jax":
@@ -109,6 +141,7 @@ def _add_into(buf: Any, g: Any, w: float) -> Any:
 def _added(buf: Any, g: Any, w: float) -> Any:
     """``buf + w·g`` as a new array, with the same arithmetic as :func:`_add_into`."""
     mod = _kind(buf)
+    g = _as(g, buf)
     if mod == "torch":
         import torch
 
@@ -155,6 +188,8 @@ class GradientAccumulator:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self._sum: dict[str, Any] | None = None
+        #: the gradients' dtype per key where the buffer's differs (float32 for half)
+        self._dtypes: dict[str, Any] = {}
         self.count = 0
         self.total_weight = 0.0
 
@@ -207,9 +242,10 @@ class GradientAccumulator:
             if tuple(g.shape) != tuple(buf.shape):
                 raise ShapeError(f"gradients['{k}'] has shape {tuple(g.shape)}, the accumulated "
                                  f"gradient has shape {tuple(buf.shape)} (no broadcasting)")
-            if g.dtype != buf.dtype:
+            want = self._dtypes.get(k, buf.dtype)
+            if g.dtype != want:
                 raise DTypeError(f"gradients['{k}'] has dtype {g.dtype}, the accumulated "
-                                 f"gradient has dtype {buf.dtype}")
+                                 f"gradients have dtype {want}")
             if kind == "torch" and (g.device != buf.device or g.layout != buf.layout):
                 raise ValueError(f"gradients['{k}'] is a {g.layout} tensor on {g.device}, the "
                                  f"accumulated gradient a {buf.layout} one on {buf.device}")
@@ -225,7 +261,9 @@ class GradientAccumulator:
         """
         w = self._check(gradients, weight)
         if self._sum is None:
-            self._sum = {k: _scaled(g, w) if w != 1 else _copy(g) for k, g in gradients.items()}
+            self._sum = {k: _scaled(_widen(g), w) if w != 1 else _copy(g)
+                         for k, g in gradients.items()}
+            self._dtypes = {k: g.dtype for k, g in gradients.items() if _is_half(g)}
         else:
             for k, g in gradients.items():
                 self._sum[k] = _add_into(self._sum[k], g, w)
@@ -238,11 +276,14 @@ class GradientAccumulator:
         w = self._check(gradients, weight)
         inv = 1.0 / (self.total_weight + w)
         if self._sum is None:
-            return {k: _scaled(_scaled(g, w) if w != 1 else g, inv) for k, g in gradients.items()}
-        return {k: _scaled(_added(self._sum[k], g, w), inv) for k, g in gradients.items()}
+            return {k: _as(_scaled(_scaled(_widen(g), w) if w != 1 else _widen(g), inv), g)
+                    for k, g in gradients.items()}
+        return {k: _as(_scaled(_added(self._sum[k], g, w), inv), g)
+                for k, g in gradients.items()}
 
     def sum(self) -> dict[str, Any]:
-        """The weighted sum Σ wᵢ·gᵢ (the internal buffers; do not modify)."""
+        """The weighted sum Σ wᵢ·gᵢ (the internal buffers, in float32 for half-precision
+        gradients; do not modify)."""
         if self._sum is None:
             raise RuntimeError("nothing accumulated yet")
         return dict(self._sum)
@@ -251,7 +292,19 @@ class GradientAccumulator:
         """Σ wᵢ·gᵢ / Σ wᵢ (new arrays)."""
         s = self.sum()
         inv = 1.0 / self.total_weight
-        return {k: _scaled(v, inv) for k, v in s.items()}
+        out = {k: _scaled(v, inv) for k, v in s.items()}
+        for k, dt in self._dtypes.items():  # (back to the gradients' half dtype)
+            out[k] = out[k].to(dt) if _kind(out[k]) == "torch" else out[k].astype(dt)
+        return out
+
+    def _restore(self, sums: Mapping[str, Any], dtypes: Mapping[str, Any], count: int,
+                 total_weight: float) -> None:
+        """Hold ``sums`` (buffers, as :meth:`sum` gives them) of gradients of ``dtypes``
+        (key -> the gradients' dtype), ``count`` micro-batches weighing ``total_weight``:
+        a saved window resumed (half-precision sums widened to float32)."""
+        self._sum = {k: _copy(v) if _is_half(v) else v for k, v in sums.items()}
+        self._dtypes = {k: dtypes[k] for k, v in sums.items() if _is_half_dtype(dtypes[k])}
+        self.count, self.total_weight = count, float(total_weight)
 
     def __repr__(self) -> str:
         return f"GradientAccumulator(count={self.count}, total_weight={self.total_weight})"

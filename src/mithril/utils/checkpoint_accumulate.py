@@ -97,9 +97,9 @@ def refuse_plain(meta: Mapping[str, Any], optimizer: Any, where: str) -> None:
 def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
             inner_state: Any, backend: Any, params: Mapping[str, Any]) -> AccumulateState | None:
     """The AccumulateState around ``inner_state`` holding the saved window (an empty one
-    when saved without); sets ``acc.k`` to the saved one. Each buffered sum takes the dtype
-    of its loaded parameter (``params``, the template's dtypes), as the gradients of the
-    resumed run will have: kept in the saved dtype, the next micro-batch would be refused
+    when saved without); sets ``acc.k`` to the saved one. Each buffered sum is for
+    gradients of its loaded parameter's dtype (``params``, the template's dtypes), as the
+    resumed run's will be: kept in the saved dtype, the next micro-batch would be refused
     (a float32 buffer against float64 gradients). Nothing here can fail."""
     m = meta.get(FIELD)
     if m is not None:
@@ -108,8 +108,10 @@ def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.nd
         return None
     state = AccumulateState(inner_state)
     if m is not None and m["count"]:
-        buf = state.accumulator
-        buf._sum = {n: backend.array(arrays[PREFIX + n], backend.dtype_name(params[n]))
-                    for n in m["grads"]}
-        buf.count, buf.total_weight = m["count"], float(m["total_weight"])
+        names = {n: backend.dtype_name(params[n]) for n in m["grads"]}
+        # (a half-precision run's buffers are float32: see GradientAccumulator)
+        state.accumulator._restore(
+            {n: backend.array(arrays[PREFIX + n], "float32" if dt in ("float16", "bfloat16")
+                              else dt) for n, dt in names.items()},
+            {n: params[n].dtype for n in names}, m["count"], m["total_weight"])
     return state

@@ -378,8 +378,9 @@ class MixedPrecisionTrainer(FixedParts):
             new = AccumulateState(self._master_state(state.inner, opt.optimizer))
             old, acc = state.accumulator, new.accumulator
             if old.count:
-                acc._sum = self._engine.cast_tree(old.sum(), self._engine.mdt)
-                acc.count, acc.total_weight = old.count, old.total_weight
+                sums = self._engine.cast_tree(old.sum(), self._engine.mdt)
+                acc._restore(sums, {k: v.dtype for k, v in sums.items()}, old.count,
+                             old.total_weight)
             return new
         return opt.init(masters)
 
