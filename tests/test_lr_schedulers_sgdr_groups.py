@@ -197,3 +197,34 @@ def test_per_group_needs_a_mithril_optimizer():
     with pytest.raises(TypeError, match="per_group needs a mithril optimizer"):
         sgdr_schedule(o, C_A, per_group=True)
     assert o.get_learning_rate() == 0.5
+
+
+def test_checkpoint_with_the_scheduler_goes_on_as_optax(tmp_path):
+    """``save_checkpoint`` of SGD (momentum) and a per-lane sgdr after 40 updates;
+    ``load_checkpoint`` into a new optimizer and scheduler built with the same arguments: the
+    remaining updates are optax ``multi_transform``'s, as the unbroken run's bit for bit."""
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    kwargs, per_group, lanes = CASES["one list per lane"]
+    p0, grads = problem(2)
+    want = optax_params(lanes, p0, grads, 0.9)
+    opt = mo.SGD(0.7, momentum=0.9, param_groups=GROUPS)
+    sched = sgdr_schedule(opt, kwargs, per_group=per_group)
+    params, state = dict(p0), opt.init(dict(p0))
+    for g in grads[:40]:
+        params, state = opt.update(params, g, state)
+        sched.step()
+    save_checkpoint(tmp_path / "c.mtl", params, opt, state, scheduler=sched)
+    opt2 = mo.SGD(0.1, momentum=0.9, param_groups=GROUPS)
+    sched2 = sgdr_schedule(opt2, kwargs, per_group=per_group)
+    got = load_checkpoint(tmp_path / "c.mtl", params, opt2, scheduler=sched2)
+    assert group_rates(opt2) == group_rates(opt)
+    p1, s1, p2, s2 = params, state, got["params"], got["state"]
+    for t, g in enumerate(grads[40:], 40):
+        p1, s1 = opt.update(p1, g, s1)
+        sched.step()
+        p2, s2 = opt2.update(p2, g, s2)
+        sched2.step()
+        for k in SHAPES:
+            assert np.array_equal(p1[k], p2[k]), (t, k)
+            assert rel_err(p2[k], want[t][k]) <= TOL, (t, k)
