@@ -217,6 +217,48 @@ def case_accumulate(rank: int, world: int) -> dict:
     return out
 
 
+def case_join(rank: int, world: int) -> dict:
+    """Uneven numbers of batches: rank 1 has none at the last step and passes no gradient
+    (``{}``: zero there); the peer: DDP under ``model.join()`` (rank 1 runs one batch fewer,
+    its collectives shadowed with zeros, the sum divided by the initial world size), SGD with
+    momentum, AdamW; both modes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mithril.distributed import DataParallel
+    from mithril.utils.optimizers import SGD, AdamW
+
+    mine = STEPS - (rank == 1)
+    out: dict[str, Any] = {}
+    for name, ours, theirs in (
+            ("sgd", lambda: SGD(LR, momentum=0.9),
+             lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9)),
+            ("adamw", lambda: AdamW(LR, weight_decay=0.1),
+             lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.1))):
+        for shard in (False, True):
+            dp = DataParallel(ours(), shard_state=shard)
+            p = init_params()
+            st = dp.init(p)
+            for t in range(STEPS):
+                g = grads(p, t, rank, world, skip=-1) if t < mine else {}
+                p, st = dp.update(p, g, st)
+            out[f"{name}/mithril/{shard}"] = listed(p)
+        net = Net(init_params())
+        model = DistributedDataParallel(net, find_unused_parameters=True)
+        topt = theirs(net.parameters())
+        with model.join():
+            for t in range(mine):
+                x, y, sc = share(t, rank, world)
+                topt.zero_grad(set_to_none=True)
+                (model(x, y, t, rank, -1) * sc).backward()
+                topt.step()
+        # (the rank that ran out stepped one time fewer: it takes the others' parameters,
+        # as DDP's join leaves the optimizer of a joined rank to the caller)
+        for q in net.parameters():
+            torch.distributed.broadcast(q.data, 0)
+        out[f"{name}/ddp"] = listed(dict(net.named_parameters()))
+    return out
+
+
 def case_zero_state(rank: int, world: int, folder: str) -> dict:
     """Adam sharded against ZeroRedundancyOptimizer: which tensors each rank holds state
     of, then ``save_sharded`` into ``folder`` and, on rank 0, torch's consolidated state
@@ -387,7 +429,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     results: dict[str, Any] = {}
     cases = {"unused": case_unused, "adamw_groups": case_adamw_groups,
-             "accumulate": case_accumulate,
+             "accumulate": case_accumulate, "join": case_join,
              "zero_state": lambda r, w: case_zero_state(r, w, out + ".ckpt"),
              "resume_1to2": lambda r, w: case_resume_1to2(r, w, os.path.dirname(out)),
              "save_fails": lambda r, w: case_save_fails(r, w, out + ".fails"),

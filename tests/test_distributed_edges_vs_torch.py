@@ -123,6 +123,18 @@ def test_accumulation_in_gradient_views_equals_ddp_no_sync(ranks) -> None:
 
 
 @pytest.mark.slow
+def test_a_rank_out_of_batches_equals_ddp_join(ranks) -> None:
+    """Rank 1 has no batch at the last step and passes ``{}`` (its gradients count as
+    zero, the mean over both ranks): equal to DDP under ``model.join()`` (SGD with
+    momentum, AdamW), both modes, to 1e-12 on every rank."""
+    for r, g in enumerate(_case(ranks, "join")):
+        for name in ("sgd", "adamw"):
+            for shard in (False, True):
+                _close(g[f"{name}/mithril/{shard}"], g[f"{name}/ddp"],
+                       f"rank {r} {name} shard={shard}")
+
+
+@pytest.mark.slow
 def test_zero_state_consolidated_equals_ours_loaded_at_world_one(ranks) -> None:
     """Sharded Adam at world size 2: each rank holds the state of the tensors ZeRO's rank
     holds; saved by ``save_sharded`` and loaded here at world size 1, every slot equals
