@@ -232,21 +232,61 @@ def test_muons_fallback_counts_each_parameters_steps_as_torch_adamw(muon_ns64):
             assert _steps(b1, ours) == _steps(b2, refs[1])
 
 
-def test_the_array_engine_counts_each_parameters_steps(monkeypatch):
-    """The flat-tensor path (GPU, float16, bfloat16) reads the same rows: torch's numbers."""
+@pytest.mark.parametrize("engine", ["array", "fused-ops"])
+def test_the_other_torch_engines_count_each_parameters_steps(monkeypatch, engine):
+    """The flat-tensor path (float16, bfloat16) and torch's fused kernels (CUDA's engine,
+    run on CPU here) read the same rows: torch's numbers."""
     from mithril.utils.optimizers import engines
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
+    from mithril.utils.optimizers.engines.torch_fused import TorchFusedEngine
 
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    if engine == "array":
+        monkeypatch.setattr(engines, "engine_for",
+                            lambda backend, layout: ArrayEngine(backend, layout))
+    else:
+        monkeypatch.setattr(engines, "TORCH_ENGINE", "fused-ops")
     with default_dtype(torch.float64):
         (a1, b1, ours), (a2, b2, ref) = _pair("adamw_amsgrad")
         ga, gb = _grads()
         for i in range(STEPS):
             _step(a1, b1, ours, i, ga, gb)
             _step(a2, b2, ref, i, ga, gb)
-        assert isinstance(ours.mithril_state.engine, ArrayEngine)
-        assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), i
+        kind = ArrayEngine if engine == "array" else TorchFusedEngine
+        assert type(ours.mithril_state.engine) is kind
+        assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-12)
         assert _steps(b1, ours) == _steps(b2, ref) == 13
+
+
+def test_the_jitted_jax_engine_counts_them_when_told(monkeypatch):
+    """The jitted JAX engine (accelerators; forced on CPU here) reads the same rows."""
+    import jax.numpy as jnp
+    from optimizer_parity import jax_float64
+
+    from mithril.utils.optimizers import engines
+    from mithril.utils.optimizers.engines.jax_engine import JaxEngine
+
+    monkeypatch.setattr(engines, "JAX_ENGINE", "jit")
+    ga, gb = _grads()
+    (a0, b0), (ta, tb) = _params(), _params()
+    ref = torch.optim.Adam([ta, tb], lr=0.05)
+    with jax_float64():
+        opt = O.Adam(0.05)
+        params = {"a": jnp.asarray(a0.detach().numpy()), "b": jnp.asarray(b0.detach().numpy())}
+        state = opt.init(params)
+        for i in range(STEPS):
+            grads = {"a": jnp.asarray(ga[i].numpy())}
+            if i not in NONE_AT:
+                grads["b"] = jnp.asarray(gb[i].numpy())
+            params, state = opt.update(params, grads, state)
+            if i in NONE_AT:
+                state.note_missed(["b"])
+            _step(ta, tb, ref, i, ga, gb)
+        assert isinstance(state.engine, JaxEngine)
+        np.testing.assert_allclose(np.asarray(params["b"]), tb.detach().numpy(), rtol=1e-12,
+                                   atol=1e-12)
+        np.testing.assert_allclose(np.asarray(params["a"]), ta.detach().numpy(), rtol=1e-12,
+                                   atol=1e-12)
 
 
 def test_a_group_added_later_whose_parameter_misses_steps_matches_torch():
