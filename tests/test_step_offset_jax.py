@@ -35,6 +35,8 @@ CASES = {  # ours, torch's (lr 0.05 both)
     "adagrad_lr_decay": (O.AdaGrad, {"lr_decay": 0.1, "epsilon": 1e-10}, torch.optim.Adagrad,
                          {"lr_decay": 0.1}),
     "adafactor": (O.Adafactor, {}, torch.optim.Adafactor, {}),  # (per tensor: β̂ from t)
+    # the global-norm clip over the optimizer's parameters: the late ones' only once joined
+    "adam_clip_norm": (O.Adam, {"clip_norm": 0.05}, torch.optim.Adam, {}),
 }
 cases = sorted(CASES)
 LR = 0.05
@@ -147,6 +149,10 @@ def torch_run(case: str) -> dict[str, np.ndarray]:
             g = gradients(c, {k: t.detach().numpy() for k, t in ts.items()}, data[i])
             for k, t in ts.items():
                 t.grad = torch.tensor(g[k])
+            if "clip_norm" in CASES[case][1]:  # (torch's clip: max_norm / (norm + 1e-6))
+                torch.nn.utils.clip_grad_norm_([t for grp in opt.param_groups
+                                                for t in grp["params"]],
+                                               CASES[case][1]["clip_norm"])
             opt.step()
     return {k: t.detach().numpy().copy() for k, t in ts.items()}
 
