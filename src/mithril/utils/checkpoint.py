@@ -349,6 +349,9 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                         "step.to_optimizer_state(opt_state, params), and resume with "
                         "step.from_optimizer_state(loaded['state'])"
                         if type(state).__name__ == "OptaxState" else
+                        "an Accumulate's state: pass the Accumulate itself as optimizer (its "
+                        "window is saved with it)"
+                        if type(state).__name__ == "AccumulateState" else
                         "save custom states through params or extra")
                 raise TypeError(f"state must be what {type(optimizer).__name__}.init/update "
                                 f"returned (an OptimizerState), got {type(state).__name__}: "
