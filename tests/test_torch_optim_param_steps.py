@@ -481,3 +481,20 @@ def test_a_lookahead_keeps_one_count_for_all():
                 assert torch.equal(b1.detach(), b_before), i
         assert ours.mithril_state.missed is None
         assert _steps(b1, ours) == _steps(a1, ours) == STEPS
+
+
+def test_a_whole_group_missing_steps_now_and_then_matches_torch():
+    """torch's group dicts: the second group (its own ``lr``) has no gradient at its first
+    steps and again now and then; it was counted from its first gradient on, every step
+    after counting (torch's Adam: its own count)."""
+    with default_dtype(torch.float64):
+        (a1, b1), (a2, b2) = _params(), _params()
+        ours = torch_optimizer(O.Adam(0.05), [{"params": [a1]}, {"params": [b1], "lr": 0.02}])
+        ref = torch.optim.Adam([{"params": [a2]}, {"params": [b2], "lr": 0.02}], lr=0.05)
+        ga, gb = _grads()
+        for i in range(STEPS):
+            _step(a1, b1, ours, i, ga, gb)
+            _step(a2, b2, ref, i, ga, gb)
+            assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-12), i
+            assert torch.allclose(b1, b2, rtol=1e-12, atol=1e-12), i
+            assert (_steps(a1, ours), _steps(b1, ours)) == (_steps(a2, ref), _steps(b2, ref))
