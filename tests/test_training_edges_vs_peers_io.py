@@ -54,3 +54,31 @@ def test_a_refused_load_into_an_accumulate_changes_nothing(tmp_path, bad):
     with pytest.raises(error, match=named):
         load_checkpoint(path, params_template=template, optimizer=acc2, scheduler=sched2)
     assert (acc2.k, acc2.get_learning_rate(), sched2.state_dict()) == (2, 0.7, before)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_weighted_half_precision_means_agree_across_backends(kind):
+    # The float32 buffers make a weighted float16 mean one rounding of the float32
+    # weighted sum (optax.MultiSteps' accumulator dtype): the same bits on every backend,
+    # whether formed by mean() or by the window's last update (_mean_with).
+    import jax.numpy as jnp
+    import torch
+
+    from mithril.utils.accumulation import GradientAccumulator
+
+    rng = np.random.default_rng(0)
+    gs = [rng.standard_normal(50).astype(np.float16) for _ in range(3)]
+    ws = [1.0, 2.5, 0.7]
+    want = (sum(g.astype(np.float32) * np.float32(w) for g, w in zip(gs, ws, strict=True))
+            * np.float32(1 / sum(ws))).astype(np.float16)
+    conv = {"numpy": np.asarray, "torch": torch.tensor, "jax": jnp.asarray}[kind]
+    acc = GradientAccumulator()
+    for g, w in zip(gs[:2], ws[:2], strict=True):
+        acc.add({"g": conv(g)}, weight=w)
+    last = acc._mean_with({"g": conv(gs[2])}, ws[2])["g"]
+    acc.add({"g": conv(gs[2])}, weight=ws[2])
+    mean = acc.mean()["g"]
+    for got in (mean, last):
+        host = got.numpy() if kind == "torch" else np.asarray(got)
+        assert host.dtype == np.float16
+        np.testing.assert_array_equal(host, want)

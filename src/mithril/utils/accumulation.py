@@ -125,10 +125,10 @@ def _as(x: Any, like: Any) -> Any:
 def _add_into(buf: Any, g: Any, w: float) -> Any:
     """``buf + w·g``, in place where the array type allows (``buf`` and ``g`` checked alike)."""
     mod = _kind(buf)
-    g = _as(g, buf)  # (a half gradient into its float32 buffer)
-    if mod == "torch":
+    if mod == "torch":  # (a half gradient into its float32 buffer: promoted in the kernel)
         return buf.add_(g.detach(), alpha=w) if w != 1 else buf.add_(g.detach())
     if mod == "jax":
+        g = _as(g, buf)  # (else g * w would round in the half dtype)
         return buf + g * w if w != 1 else buf + g
     with np.errstate(all="ignore"):  # an overflow to inf is the optimizer's to report
         if w != 1:
@@ -141,13 +141,13 @@ def _add_into(buf: Any, g: Any, w: float) -> Any:
 def _added(buf: Any, g: Any, w: float) -> Any:
     """``buf + w·g`` as a new array, with the same arithmetic as :func:`_add_into`."""
     mod = _kind(buf)
-    g = _as(g, buf)
     if mod == "torch":
         import torch
 
         g = g.detach()
         return torch.add(buf, g, alpha=w) if w != 1 else torch.add(buf, g)
     if mod == "jax":
+        g = _as(g, buf)
         return buf + g * w if w != 1 else buf + g
     with np.errstate(all="ignore"):  # (np.asarray: a 0-d array, not NumPy's scalar, for 0-d)
         return np.asarray(buf + np.multiply(g, w, dtype=buf.dtype) if w != 1 else buf + g)
