@@ -55,8 +55,10 @@ How it works:
   parameters into the new buffer (for a moment the state is held twice). The new parameters
   count their own steps from the add, as torch's (their group's ``step_offset``: the rules
   that read the count, bias corrections, Adagrad's ``lr_decay``, ASGD, SGD's first step,
-  give torch's numbers), and ``state_dict()`` shows each parameter's own ``step`` (a
-  Lookahead, which counts one step for all, refuses a group added after its first step).
+  give torch's numbers), and ``state_dict()`` shows each parameter's own ``step``. A
+  ``Lookahead``'s new group (its inner optimizer's) counts its own steps too, its sync
+  included: every ``sync_period``-th step since the add, its slow weights starting as its
+  parameters at the add (timm's Lookahead, which counts each group's steps).
   Groups that are all empty (``[{"params": []}]``) are taken, as torch's. A scheduler
   made before the add does as torch's: ``StepLR`` moves the new group too, one holding a
   value per group (``LambdaLR``) or reading ``initial_lr`` (``OneCycleLR``) raises at its
@@ -86,8 +88,10 @@ How it works:
   and nothing more is done per step while every parameter has a gradient. ``state_dict()``
   shows each count as the parameter's ``step``, and a load takes them back (also from a
   ``torch.optim`` optimizer that loaded ours and stepped on, or a DCP-flattened one). A
-  ``Lookahead`` keeps one count for all its parameters (optax's convention, its sync
-  included). A sparse ``.grad`` (``nn.Embedding(sparse=True)``) is densified: SGD and
+  ``Lookahead``'s inner optimizer counts each parameter's own steps as well, while its sync
+  counts the group's (timm's: a parameter syncs on its group's sync steps that it has a
+  gradient at; one that never had one keeps slow weights equal to its fast ones); with
+  ``reset_state`` it keeps one count for all (its inner's count restarts at each sync). A sparse ``.grad`` (``nn.Embedding(sparse=True)``) is densified: SGD and
   AdaGrad then give ``torch.optim.SGD``'s / ``Adagrad``'s sparse numbers, other optimizers
   their dense update (torch's refuse sparse gradients).
 * On CPU float32/float64 the update is the fused numba kernel; elsewhere (GPU, float16,
@@ -242,9 +246,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
-        # each parameter counts its own steps (OptimizerState.note_missed), as torch's,
-        # but where the groups are a wrapped optimizer's (a Lookahead: one count for all)
-        self._own_counts = len(optimizer.hyper_holders()) == 1
         if isinstance(optimizer, AdaGrad) and self._params:
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
@@ -354,7 +355,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._adopt(current, new)
             if not state.last_step_skipped:
                 count_in_place([p for p in params if p.grad is not None])
-                if len(grads) < len(names) and self._own_counts:  # (a C-speed test)
+                # each parameter counts its own steps (OptimizerState.note_missed), as
+                # torch's; but a Lookahead with reset_state: its inner's count restarts at
+                # each sync, one count since then for all (read now: a group may change it)
+                if len(grads) < len(names) and not getattr(self._mithril, "reset_state",
+                                                            False):  # (a C-speed test first)
                     state.note_missed([n for n, p in zip(names, params) if p.grad is None])
         return loss
 

@@ -27,6 +27,7 @@ from ..utils.optimizers import Optimizer, RMSProp
 from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
 from .torch_optim_state import (
     group_value,
+    groups_holder,
     live_offsets,
     same,
     scalar,
@@ -148,21 +149,24 @@ def hyperparameters_for(opt: Optimizer, keys: Sequence[tuple[str, tuple[str, ...
 def joined_at(opt: Optimizer, hp: dict[str, Any], new: Sequence[str], st: Any,
               group: int) -> None:
     """Give the group of the parameters ``new`` (added as ``param_groups[group]``) in ``hp``
-    (:func:`hyperparameters_for`'s) the ``step_offset`` of the state ``st``'s step count, so
-    that they count their own steps from the add, as torch's per-parameter ``step``. Raises,
-    changing nothing, where ``opt`` keeps one count for all (a Lookahead: its groups are its
-    inner optimizer's). Why: there the new parameters' bias corrections silently counted the
-    steps taken before they joined (torch's Adam's first step after the add is ~3x ours)."""
+    (:func:`hyperparameters_for`'s; a Lookahead's groups are its inner optimizer's, under
+    ``hp["inner"]["hyperparameters"]``: :func:`groups_holder`) the ``step_offset`` of the
+    state ``st``'s step count, so that they count their own steps from the add, as torch's
+    per-parameter ``step`` (a Lookahead's sync too: each group on its own count, as timm's).
+    Raises, changing nothing, where ``hp`` holds no such group. Why: without it the new
+    parameters' bias corrections silently counted the steps taken before they joined
+    (torch's Adam's first step after the add is ~3x ours)."""
     if st is None or not st.step or not new:
         return
-    for g in hp.get("param_groups") or ():
+    for g in groups_holder(hp).get("param_groups") or ():
         if list(g["params"]) == list(new):
             g["step_offset"] = st.step
             return
     name = type(opt).__name__
-    raise ValueError(f"param_groups[{group}]: {name} counts one step for all its parameters "
-                     f"(it cannot hold a group that joined after {st.step} steps, which "
-                     f"torch.optim counts from 0); add the group before the first step")
+    raise ValueError(f"param_groups[{group}]: {name} keeps no parameter group of its own "
+                     f"for the new parameters (it cannot hold a group that joined after "
+                     f"{st.step} steps, which torch.optim counts from 0); add the group "
+                     f"before the first step")
 
 
 def given_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],

@@ -166,12 +166,26 @@ def shown(opt: Optimizer, st: Any) -> list[str]:
     return [s for s in st.slots if s not in unused]
 
 
+def groups_holder(hp: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The mapping of a mithril optimizer's hyperparameters ``hp`` that holds its
+    ``param_groups``: ``hp`` itself, or a Lookahead's inner optimizer's (under
+    ``hp["inner"]["hyperparameters"]``, as ``hyper_holders()[-1]`` keeps the groups)."""
+    while "param_groups" not in hp:
+        inner = hp.get("inner")
+        if not (isinstance(inner, Mapping) and isinstance(inner.get("hyperparameters"),
+                                                           Mapping)):
+            break
+        hp = inner["hyperparameters"]
+    return hp
+
+
 def step_offsets(hp: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                  names: Sequence[str]) -> list[int]:
     """Each parameter's ``step_offset`` (0 but in a group added after the first steps):
     from a mithril optimizer's hyperparameters ``hp`` (its ``param_groups`` list names
-    the parameters) or from its ``param_groups`` themselves."""
-    groups = hp.get("param_groups") if isinstance(hp, Mapping) else hp
+    the parameters; a Lookahead's, its inner's: :func:`groups_holder`) or from its
+    ``param_groups`` themselves."""
+    groups = groups_holder(hp).get("param_groups") if isinstance(hp, Mapping) else hp
     offset: dict[str, int] = {}
     for g in groups if isinstance(groups, (list, tuple)) else ():
         k = g.get("step_offset", 0) if isinstance(g, Mapping) else 0
@@ -455,7 +469,8 @@ def _rebuilt_meta(opt: Optimizer, state: Any, groups: Sequence[Mapping[str, Any]
                           if mine else 0))
         pos += len(ids)
     joined = [{"params": ns, "step_offset": k} for ns, k in per_group if ns and k]
-    return {"optimizer": type(opt).__name__, "hyperparameters": {**hp, "param_groups": joined},
+    flat = {**opt.flat_hyperparameters(), "param_groups": joined}  # (a Lookahead's: its inner's)
+    return {"optimizer": type(opt).__name__, "hyperparameters": opt.nested_hyperparameters(flat),
             "step": int(total)}
 
 

@@ -13,6 +13,7 @@ from .averaging import _jitable, loaded_counts, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float
 from .elementwise import where
+from .serialization import _loaded_missed
 from .state import OptimizerState
 
 #: the state slot of the slow weights
@@ -132,6 +133,14 @@ class Lookahead(Optimizer):
     counts its own steps ``t − k`` for everything that reads the count, the sync included
     (as timm's and torch-optimizer's Lookahead count each group's steps from its add); its
     slow weights are what its state holds, its parameters at the join for a state made then.
+    A state that counts each parameter's own steps (:meth:`OptimizerState.note_missed`, what
+    ``torch_optimizer`` does for a ``.grad`` that is None) gives the inner's rules a
+    parameter's own count ``t − k − missed``, as torch.optim's per-parameter ``step``, while
+    the sync counts its group's ``t − k`` (timm's Lookahead syncs each group on its own
+    count, passing over a parameter without a gradient): a parameter that missed steps
+    syncs with its group, on the group's sync steps it has a gradient at; one that never had
+    one keeps slow weights equal to its fast ones. With ``reset_state`` the inner's count
+    since the last sync is the group's (missed steps are not left out of it).
 
     Everything runs in the inner optimizer's single fused pass: the slots are the inner's
     plus ``"slow"``, the per-step scalars the inner's plus a sync flag and α, and the
@@ -300,14 +309,24 @@ class Lookahead(Optimizer):
         ``sync_period``-th step since it joined, as timm's and torch-optimizer's Lookahead
         count each param group's steps from its ``add_param_group``."""
         index, views = self.inner.group_rows(state)
-        return index, [self if v is self.inner else self._joined(self._wrapping(v), v)
-                       for v in views]
+        missed = getattr(state, "missed", None)
+        own = [0] * len(views)
+        if missed is not None:  # (a row's tensors all missed as many steps: own_count_rows)
+            first = np.zeros(len(views), dtype=np.int64)
+            first[index] = missed
+            own = first.tolist()
+        return index, [self if v is self.inner else self._joined(self._wrapping(v), v, m)
+                       for v, m in zip(views, own)]
 
     @staticmethod
-    def _joined(row: Lookahead, view: Any) -> Lookahead:
-        """``row`` (wrapping the group's ``view``) counting the steps as its group does."""
+    def _joined(row: Lookahead, view: Any, missed: int = 0) -> Lookahead:
+        """``row`` (wrapping the group's ``view``) counting the steps as its group does,
+        its tensors' ``missed`` steps (in the view's offset) left out of the inner's count
+        only: the sync counts the group's."""
         if view._step_offset:
             row._step_offset = view._step_offset
+        if missed:
+            row._missed = missed
         return row
 
     # -- what the engines run ----------------------------------------------------------
@@ -317,13 +336,21 @@ class Lookahead(Optimizer):
     def slot_init(self, slot: str) -> float:
         return 0.0 if slot == SLOW else self.inner.slot_init(slot)
 
+    #: steps this row's tensors had no gradient at (``state.missed``, in its
+    #: ``_step_offset`` too): the inner's rules leave them out, the sync counts them
+    _missed = 0
+
     def scalars(self, step: int) -> tuple[float, ...]:
         """The inner optimizer's scalars (for the step count since the last sync with
         ``reset_state``), then the sync flag of ``step`` and α (then, with ``reset_state``,
-        the inner slots' initial values)."""
+        the inner slots' initial values). ``step`` is the row's own count (its missed
+        steps left out, as torch.optim's per-parameter ``step``); the sync reads its
+        group's, ``step + missed`` (timm's per-group count), as does ``reset_state``'s
+        restarted count (a count since the last sync has no per-parameter form here)."""
         k = self.sync_period
-        inner_step = (step - 1) % k + 1 if self.reset_state else step
-        sync = (step % k == 0) * 1.0  # (arithmetic: traceable in a JAX program)
+        group_step = step + self._missed
+        inner_step = (group_step - 1) % k + 1 if self.reset_state else step
+        sync = (group_step % k == 0) * 1.0  # (arithmetic: traceable in a JAX program)
         out = (*self.inner.scalars(inner_step), sync, self.slow_step_size)
         if self.reset_state:
             out += tuple(float(self.inner.slot_init(s)) for s in self.inner.slot_names())
@@ -358,8 +385,9 @@ class Lookahead(Optimizer):
                         ) -> OptimizerState | None:
         """Restore the hyperparameters (the inner optimizer's through its own
         ``load_state_dict``, which must be of the saved class) and, given ``params``, the
-        state. Everything is checked first; on error nothing changes. The inner optimizer
-        is replaced by a restored copy (never changed in place)."""
+        state (with each parameter's missed steps, ``"missed"``, where saved). Everything
+        is checked first; on error nothing changes. The inner optimizer is replaced by a
+        restored copy (never changed in place)."""
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
@@ -404,6 +432,8 @@ class Lookahead(Optimizer):
             state.step, state.num_skipped, state.num_nonfinite = (
                 state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
             state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
+            if d.get("missed"):  # (each parameter's own count: OptimizerState.note_missed)
+                state.set_missed(_loaded_missed(trial, d["missed"], state))
             eng = state.engine  # inf/NaN restored were reported when they appeared
             state.nonfinite_values = not (
                 all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
