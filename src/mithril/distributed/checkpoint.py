@@ -7,7 +7,9 @@ arrays of its run of tensors (:func:`.sharding.assign`, the tensors a sharded ra
 replicated rank writes the same share, so saving is parallel in both modes). Because the
 shards are whole tensors, loading at another world size is picking tensors by name:
 :func:`load_sharded` reads every file, takes all parameters and the slots of the tensors it
-will hold, and gives bit for bit the state that was saved.
+will hold, and gives bit for bit the state that was saved (the weight averages' update
+counts and the steps each tensor had no gradient at, ``OptimizerState.note_missed``,
+included: saved by the rank that writes the tensor, merged at the load).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
                          f"{list(FLOAT_DTYPES)}")
     a, b = assign([int(np.prod(s, dtype=np.int64)) for s in state.shapes], world)[me]
     mine, local = names[a:b], state.local
+    held = set(mine)
     counts = saved_counts(local) if counts_of(dp.optimizer, local) is not None else {}
     # _to_numpy keeps 0-d arrays 0-d and stores bfloat16 as its exactly equal float32
     tensors = {f"params/{n}": _to_numpy(params[n]) for n in mine}
@@ -91,7 +94,9 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
             # what the averages' slots mean (their start: a slot before it is a copy)
             "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING},
             # each average's updates so far, for the tensors this rank holds
-            "averaged": {s: {n: c[n] for n in mine if n in c} for s, c in counts.items()}}
+            "averaged": {s: {n: c[n] for n in mine if n in c} for s, c in counts.items()},
+            # the steps each of them had no gradient at (OptimizerState.note_missed)
+            "missed": {n: m for n, m in local.missed_counts().items() if n in held}}
     return meta, tensors
 
 
@@ -268,12 +273,50 @@ def _native(a: np.ndarray, backend: str, dtype: str) -> Any:
     return np.array(a)
 
 
-def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: dict[str, Any],
-                params: dict[str, Any]
-                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+def _held_missed(opt: Any, folder: str, metas: list[dict[str, Any]], held: Any
+                 ) -> dict[str, int]:
+    """The missed-step counts (:meth:`~mithril.utils.optimizers.OptimizerState.note_missed`)
+    of the tensors ``held`` (this rank's names): every rank's ``"missed"`` merged (a shard
+    saved before they were kept has none: 0), checked as ``Optimizer.load_state_dict``
+    checks them: known names, ints >= 0, no more than the saved steps since the tensor's
+    group joined (its ``step_offset``, resolved over all the parameters as the step does)."""
+    from ..utils.optimizers.groups import resolve
+    from .data_parallel import _holder
+
+    first = metas[0]
+    merged: dict[str, Any] = {}
+    for m in metas:
+        part = m.get("missed", {})
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{folder!r}: shard {m.get('rank')}'s 'missed' must be a dict "
+                                  f"of parameter -> int, got {type(part).__name__}")
+        merged.update(part)
+    names = list(first["names"])
+    unknown = sorted(set(merged) - set(names))
+    if unknown:
+        raise CheckpointError(f"{folder!r}: 'missed' names unknown parameters {unknown}")
+    index, rows, _ = resolve(_holder(opt), names)
+    where = {n: i for i, n in enumerate(names)}
+    step = int(first["step"])
+    for n, m in merged.items():
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise CheckpointError(f"{folder!r}: 'missed' of '{n}' must be an int >= 0, got "
+                                  f"{m!r:.80}")
+        joined = rows[index[where[n]]].get("step_offset", 0)
+        if joined + m > step:
+            raise CheckpointError(f"{folder!r}: 'missed' of '{n}' is {m}, beyond the "
+                                  f"{step - joined} steps taken since it joined")
+    return {n: m for n, m in merged.items() if n in set(held)}
+
+
+def _held_slots(dp: DataParallel, folder: str, metas: list[dict[str, Any]],
+                arrays: dict[str, Any], params: dict[str, Any]
+                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict[str, int]]:
     """The saved slot arrays of the tensors this rank will hold, checked against what ``dp``'s
-    optimizer makes for them (run on a copy: nothing of ``dp`` changes), and the averaging
-    settings to set on the optimizer (:func:`_averaging_settings`)."""
+    optimizer makes for them (run on a copy: nothing of ``dp`` changes), the averaging
+    settings to set on the optimizer (:func:`_averaging_settings`) and those tensors'
+    missed-step counts (:func:`_held_missed`)."""
+    first = metas[0]
     names, shapes = tuple(first["names"]), [tuple(s) for s in first["shapes"]]
     if dp.shard_state:
         a, b = assign([int(np.prod(s, dtype=np.int64)) for s in shapes], pg.world_size())[
@@ -283,6 +326,7 @@ def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: di
     started, settings = _averaging_settings(opt, first)
     opt.__dict__.update(settings)
     trial = _local_init(opt, {n: params[n] for n in names})
+    missed = _held_missed(opt, folder, metas, names)
     if sorted(set(trial.slots) - set(started)) != first["slots"]:
         raise CheckpointError(f"{folder!r}: the checkpoint has slots {first['slots']}, "
                               f"{type(dp.optimizer).__name__} here {sorted(trial.slots)}")
@@ -303,7 +347,7 @@ def _held_slots(dp: DataParallel, folder: str, first: dict[str, Any], arrays: di
                 raise CheckpointError(f"{folder!r}: slot '{s}' of '{n}' has shape "
                                       f"{tuple(src.shape)}, expected {tuple(view.shape)}")
             out[s][n] = src
-    return out, settings
+    return out, settings, missed
 
 
 def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "numpy"
@@ -338,7 +382,7 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                 raise CheckpointError(f"{folder!r}: parameter '{n}' is missing or not of the "
                                       f"shape {tuple(shape)} recorded")
             params[n] = _native(src, backend, dtype)
-        slots, settings = _held_slots(dp, folder, first, arrays, params)
+        slots, settings, missed = _held_slots(dp, folder, metas, arrays, params)
         parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
         merged_counts(dp.optimizer, parts, list(first["names"]))
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
@@ -357,4 +401,5 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     local.values = {k: float(v) for k, v in first["values"].items()}
     # (None: saved before the counts were kept, inferred from the step when first used)
     local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names))
+    local.set_missed(missed)  # (each tensor's own step count; none in an older checkpoint)
     return params, state

@@ -1,0 +1,134 @@
+"""Sharded checkpoints (``save_sharded`` / ``load_sharded``) keep each tensor's missed-step
+count (:meth:`OptimizerState.note_missed`: the applied steps it had no gradient at, which
+its bias corrections leave out, as torch.optim's per-parameter ``step``). Each rank saves
+the counts of the tensors it writes; the load merges them. Before, they were dropped: the
+resumed run's Adam bias corrections for ``b`` counted its missed steps (off the unbroken
+run by ~1e-3). Side by side: the unbroken run, and torch.optim.Adam (whose per-parameter
+``step`` is the reference for what the counts mean), float64. A checkpoint saved before the
+counts were kept still loads (counts 0); bad counts are refused, naming them."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mithril.distributed import DataParallel, load_sharded, save_sharded
+from mithril.errors import CheckpointError
+from mithril.utils.checkpoint_io import read_file, write_file
+from mithril.utils.optimizers import Adam
+
+STEPS, SAVE_AT, LR = 12, 7, 0.05
+#: the steps at which ``b`` has no gradient (its first two, then now and then)
+NONE_AT = {0, 1, 4, 9}
+TOL = 1e-12
+
+
+def _problem() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(3)
+    p = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3),
+         "c": rng.standard_normal(2)}
+    grads = [{n: rng.standard_normal(a.shape) for n, a in p.items() if n != "b" or i not in
+              NONE_AT} for i in range(STEPS)]
+    return p, grads
+
+
+def _step(dp: DataParallel, p: dict, g: dict, st):
+    p, st = dp.update(p, g, st)
+    st.local.note_missed([n for n in p if n not in g])  # (what torch_optimizer does)
+    return p, st
+
+
+def _unbroken(shard: bool) -> dict[str, np.ndarray]:
+    p0, grads = _problem()
+    dp = DataParallel(Adam(LR), shard_state=shard)
+    p, st = dict(p0), dp.init(dict(p0))
+    for g in grads:
+        p, st = _step(dp, p, g, st)
+    return {n: np.array(a) for n, a in p.items()}
+
+
+def _torch() -> dict[str, np.ndarray]:
+    p0, grads = _problem()
+    x = {n: torch.tensor(a, requires_grad=True) for n, a in p0.items()}
+    opt = torch.optim.Adam(list(x.values()), lr=LR)
+    for g in grads:
+        for n, t in x.items():
+            t.grad = torch.tensor(g[n]) if n in g else None
+        opt.step()
+    return {n: t.detach().numpy().copy() for n, t in x.items()}
+
+
+def _saved(folder, shard: bool) -> tuple[dict, DataParallel]:
+    p0, grads = _problem()
+    dp = DataParallel(Adam(LR), shard_state=shard)
+    p, st = dict(p0), dp.init(dict(p0))
+    for g in grads[:SAVE_AT]:
+        p, st = _step(dp, p, g, st)
+    assert st.local.missed_counts() == {"b": 3}
+    save_sharded(folder, p, dp, st)
+    return p, dp
+
+
+def _strip_missed(folder) -> None:
+    """The shards as a save before the counts were kept wrote them: no ``"missed"``."""
+    for f in glob.glob(os.path.join(folder, "shard-*.safetensors")):
+        text, tensors = read_file(f)
+        meta = json.loads(text)
+        del meta["missed"]
+        write_file(f, json.dumps(meta), tensors)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_the_resume_continues_bit_for_bit(tmp_path, shard):
+    whole, ref = _unbroken(shard), _torch()
+    for n in whole:  # what the counts mean: torch's per-parameter step
+        np.testing.assert_allclose(whole[n], ref[n], rtol=0, atol=TOL, err_msg=n)
+    _saved(tmp_path, shard)
+    dp = DataParallel(Adam(LR), shard_state=shard)
+    p, st = load_sharded(tmp_path, dp)
+    assert st.local.missed_counts() == {"b": 3} and st.step == SAVE_AT
+    for g in _problem()[1][SAVE_AT:]:
+        p, st = _step(dp, p, g, st)
+    for n in whole:
+        np.testing.assert_array_equal(np.asarray(p[n]), whole[n], err_msg=n)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_checkpoint_without_the_counts_loads_as_before(tmp_path, shard):
+    """An older checkpoint (no ``"missed"``) loads with counts 0: ``b``'s count is then the
+    optimizer's, off the unbroken run by far more than rounding (what dropping them did)."""
+    _saved(tmp_path, shard)
+    _strip_missed(tmp_path)
+    dp = DataParallel(Adam(LR), shard_state=shard)
+    p, st = load_sharded(tmp_path, dp)
+    assert st.local.missed is None and st.step == SAVE_AT
+    for g in _problem()[1][SAVE_AT:]:
+        p, st = _step(dp, p, g, st)
+    whole = _unbroken(shard)
+    np.testing.assert_array_equal(np.asarray(p["w"]), whole["w"])
+    assert np.abs(np.asarray(p["b"]) - whole["b"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"b": 8}, r"'missed' of 'b' is 8, beyond the 7 steps"),
+    ({"b": -1}, r"'missed' of 'b' must be an int >= 0, got -1"),
+    ({"b": 1.5}, r"'missed' of 'b' must be an int >= 0, got 1.5"),
+    ({"z": 1}, r"'missed' names unknown parameters \['z'\]"),
+    ([1], r"'missed' must be a dict of parameter -> int, got list"),
+])
+def test_bad_counts_are_refused_and_change_nothing(tmp_path, bad, msg):
+    _saved(tmp_path, True)
+    for f in glob.glob(os.path.join(tmp_path, "shard-*.safetensors")):
+        text, tensors = read_file(f)
+        write_file(f, json.dumps({**json.loads(text), "missed": bad}), tensors)
+    opt = Adam(LR, ema_decay=0.9)
+    dp = DataParallel(opt, shard_state=True)
+    before = dict(vars(opt))
+    with pytest.raises(CheckpointError, match=msg):
+        load_sharded(tmp_path, dp)
+    assert vars(opt) == before
