@@ -5,13 +5,18 @@ the counts of the tensors it writes; the load merges them. Before, they were dro
 resumed run's Adam bias corrections for ``b`` counted its missed steps (off the unbroken
 run by ~1e-3). Side by side: the unbroken run, and torch.optim.Adam (whose per-parameter
 ``step`` is the reference for what the counts mean), float64. A checkpoint saved before the
-counts were kept still loads (counts 0); bad counts are refused, naming them."""
+counts were kept still loads (counts 0); bad counts are refused, naming them. Two ranks
+(``@pytest.mark.slow``: this file run as the worker, ``python
+tests/test_sharded_missed_counts.py RANK WORLD INIT_FILE OUT FOLDER``, gloo on a
+``file://`` init): each saves the counts of its tensors, and 2 -> 2, 2 -> 1 and 1 -> 2
+resumes continue as the unbroken run."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -39,7 +44,8 @@ def _problem() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
 
 def _step(dp: DataParallel, p: dict, g: dict, st):
     p, st = dp.update(p, g, st)
-    st.local.note_missed([n for n in p if n not in g])  # (what torch_optimizer does)
+    # (what torch_optimizer does; a sharded rank counts the tensors it holds)
+    st.local.note_missed([n for n in p if n not in g and n in st.local.layout.index])
     return p, st
 
 
@@ -132,3 +138,87 @@ def test_bad_counts_are_refused_and_change_nothing(tmp_path, bad, msg):
     with pytest.raises(CheckpointError, match=msg):
         load_sharded(tmp_path, dp)
     assert vars(opt) == before
+
+
+# -- two processes -------------------------------------------------------------------------
+
+def _listed(p: dict) -> dict[str, list]:
+    return {n: np.asarray(a).tolist() for n, a in p.items()}
+
+
+def _worker(rank: int, world: int, init: str, out: str, folder: str) -> None:
+    """One rank: for each mode, SAVE_AT steps (both ranks' gradients the whole batch's:
+    their mean is it exactly), a save, the rest of the run (``whole``); then the 2-rank
+    and the 1-process checkpoints loaded and run to the end (``resumed``, ``from_one``)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    results: dict = {}
+    p0, grads = _problem()
+    for shard in (False, True):
+        key = f"shard={shard}"
+        dp = DataParallel(Adam(LR), shard_state=shard)
+        p, st = dict(p0), dp.init(dict(p0))
+        for g in grads[:SAVE_AT]:
+            p, st = _step(dp, p, g, st)
+        two = os.path.join(folder, f"two-{shard}")
+        save_sharded(two, p, dp, st)
+        held = st.local.missed_counts()
+        for g in grads[SAVE_AT:]:
+            p, st = _step(dp, p, g, st)
+        results[key] = {"whole": _listed(p), "held": list(st.local.layout.names),
+                        "missed": held}
+        for name, src in (("resumed", two), ("from_one", os.path.join(folder, f"one-{shard}"))):
+            dp = DataParallel(Adam(LR), shard_state=shard)
+            p, st = load_sharded(src, dp)
+            results[key][name + "/missed"] = st.local.missed_counts()
+            for g in grads[SAVE_AT:]:
+                p, st = _step(dp, p, g, st)
+            results[key][name] = _listed(p)
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_save_and_merge_the_counts(tmp_path):
+    from test_distributed import run_ranks
+
+    for shard in (False, True):  # the 1 -> 2 checkpoint
+        _saved(tmp_path / f"one-{shard}", shard)
+    out, init = str(tmp_path / "out"), str(tmp_path / "init")
+    results, logs = run_ranks(lambda r: [__file__, str(r), "2", init, out, str(tmp_path)],
+                              out, 2, 240, 30, "sharded missed counts")
+    for r, res in enumerate(results):
+        if res is None:
+            pytest.fail(f"rank {r} wrote nothing:\n{logs[r].decode()[-3000:]}")
+    for shard in (False, True):
+        whole = _unbroken(shard)
+        key = f"shard={shard}"
+        if shard:  # b is held (and its count saved) by one rank only
+            assert [("b" in res[key]["held"]) for res in results] == [False, True]
+            assert [res[key]["missed"] for res in results] == [{}, {"b": 3}]
+        for r, res in enumerate(results):
+            want_missed = {"b": 3} if "b" in res[key]["held"] else {}
+            for name in ("whole", "resumed", "from_one"):
+                for n in whole:
+                    np.testing.assert_allclose(np.array(res[key][name][n]), whole[n], rtol=0,
+                                               atol=TOL, err_msg=f"rank {r} {key} {name} {n}")
+            for name in ("resumed", "from_one"):
+                assert res[key][name + "/missed"] == want_missed, (r, key, name)
+        # 2 -> 1: the merged counts, and the run on as the unbroken one
+        dp = DataParallel(Adam(LR), shard_state=shard)
+        p, st = load_sharded(tmp_path / f"two-{shard}", dp)
+        assert st.local.missed_counts() == {"b": 3}
+        for g in _problem()[1][SAVE_AT:]:
+            p, st = _step(dp, p, g, st)
+        for n in whole:
+            np.testing.assert_allclose(np.asarray(p[n]), whole[n], rtol=0, atol=TOL, err_msg=n)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
