@@ -227,3 +227,18 @@ def test_reset_state_keeps_one_count():
             opt.step()
         assert opt.mithril_state.missed is None
         assert float(opt.state[x["b"]]["step"]) == STEPS
+
+
+def test_a_dcp_flattened_state_dict_after_a_late_group_resumes_exactly():
+    """DCP's ``flatten_optimizer_state_dict=True`` drops the "mithril" entry: the late
+    group's ``step_offset`` is rebuilt from the parameters' ``step`` into the Lookahead's
+    inner groups (it was put beside them, where a Lookahead refuses it), and the resumed
+    run (its slow weights included) is the unbroken one bit for bit."""
+    from test_recent_features_edges import _flattened_resume_after_add
+
+    def make(ps):
+        return torch_optimizer(O.Lookahead(O.Adam(0.01, weight_decay=0.1), sync_period=2), ps)
+
+    whole, resumed = _flattened_resume_after_add(make)
+    for a, b in zip(whole, resumed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
