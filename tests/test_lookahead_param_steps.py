@@ -242,3 +242,29 @@ def test_a_dcp_flattened_state_dict_after_a_late_group_resumes_exactly():
     whole, resumed = _flattened_resume_after_add(make)
     for a, b in zip(whole, resumed):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_native_api_on_each_engine_matches_the_reference(backend):
+    """The native API (``update`` then ``note_missed``, what the wrapper does) on the NumPy
+    engine and the torch backend's: the reference's numbers, slow weights included."""
+    from mithril.backends import NumpyBackend, TorchBackend
+
+    be = {"numpy": NumpyBackend, "torch": TorchBackend}[backend](dtype="float64")
+    with default_dtype(torch.float64):
+        ref, ref_slow, _ = reference(False)
+    init, grads = _data()
+    la = O.Lookahead(O.Adam(LR), sync_period=P, slow_step_size=ALPHA)
+    p = {n: be.array(init[n]) for n in "abd"}
+    st = la.init(p)
+    for i in range(STEPS):
+        g = {n: be.array(grads[n][i]) for n in "abd" if _grad(n, i)}
+        p, st = la.update(p, g, st)
+        st.note_missed([n for n in "abd" if n not in g])
+        for n in "abd":
+            np.testing.assert_allclose(be.to_numpy(p[n]), ref[n][i], rtol=0, atol=TOL,
+                                       err_msg=f"{n} after step {i + 1}")
+    slow = la.slow_params(st)
+    for n in "abd":
+        np.testing.assert_allclose(be.to_numpy(slow[n]), ref_slow[n], rtol=0, atol=TOL,
+                                   err_msg=f"slow {n}")
