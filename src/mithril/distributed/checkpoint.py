@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
-from ..utils.checkpoint import FLOAT_DTYPES, _to_numpy
+from ..utils.checkpoint_format import FLOAT_DTYPES, to_numpy
 from ..utils.checkpoint_io import _fsync_folder, read_file, write_file
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
@@ -79,12 +79,12 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
     mine, local = names[a:b], state.local
     held = set(mine)
     counts = saved_counts(local) if counts_of(dp.optimizer, local) is not None else {}
-    # _to_numpy keeps 0-d arrays 0-d and stores bfloat16 as its exactly equal float32
-    tensors = {f"params/{n}": _to_numpy(params[n]) for n in mine}
+    # to_numpy keeps 0-d arrays 0-d and stores bfloat16 as its exactly equal float32
+    tensors = {f"params/{n}": to_numpy(params[n]) for n in mine}
     for s in local.slots:
         views = local.slot(s)
         for n in mine:
-            tensors[f"slots/{s}/{n}"] = _to_numpy(views[n])
+            tensors[f"slots/{s}/{n}"] = to_numpy(views[n])
     meta = {"format": "mithril-sharded-1", "world": world, "rank": me,
             "optimizer": type(dp.optimizer).__name__, "shard_state": state.sharded,
             "names": list(names), "shapes": [list(s) for s in state.shapes], "dtype": want,

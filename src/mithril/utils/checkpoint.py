@@ -57,238 +57,20 @@ import numpy as np
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from . import checkpoint_accumulate as accumulate
 from .accumulation import Accumulate
-from .checkpoint_io import MAX_DEPTH, MAX_INT, depth, loads_guarded, read_file, write_file
+from .checkpoint_format import (
+    FORMAT,
+    STATE_DTYPES,
+    check_array,
+    check_float_array,
+    check_mapping,
+    check_meta,
+    check_tensors,
+    to_numpy,
+)
+from .checkpoint_io import MAX_DEPTH, depth, loads_guarded, read_file, write_file
 from .optimizers.averaging import counts_of, saved_counts, started_averages
 
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
-
-#: format tag stored in every checkpoint
-FORMAT = "mithril-checkpoint-2"
-#: parameter dtypes a checkpoint holds (-> the dtype code they are stored with)
-FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32",
-                "float64": "float64"}
-_TOP = ("format", "params", "optimizer", "scheduler", "extra")
-#: optional top-level field: the model's state (BatchNorm's running statistics), name ->
-#: dtype and shape, each stored as ``model/<name>``; its integer dtypes (num_batches_tracked)
-_TOP_OPTIONAL = ("model_state", "accumulate")
-STATE_DTYPES = {**FLOAT_DTYPES, "int32": "int32", "int64": "int64"}
-_OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
-#: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
-#: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
-#: stored as a float64 scalar tensor ``optv/<name>``)
-_OPT_OPTIONAL = ("slot_shapes", "values", "averaged", "missed")
-_COUNTERS = ("step", "num_skipped", "num_nonfinite")
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    mod = type(x).__module__.split(".", 1)[0]
-    if mod == "torch":
-        import torch
-
-        x = x.detach()
-        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as (exact) float32
-            x = x.float()
-        x = x.cpu().numpy()
-    a = np.asarray(x, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
-    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # JAX's ml_dtypes
-
-
-def _dtype_name(x: Any) -> str:
-    return str(x.dtype).removeprefix("torch.")
-
-
-def _check_mapping(name: str, value: Any) -> None:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a dict of arrays, got {type(value).__name__}")
-
-
-def _check_float_array(what: str, x: Any) -> str:
-    """The dtype name of array ``x``; ``TypeError``/``DTypeError`` naming ``what`` unless it
-    is a float16/bfloat16/float32/float64 NumPy, torch or JAX array."""
-    return _check_array(what, x, "", FLOAT_DTYPES)
-
-
-def _check_array(what: str, x: Any, name: str, dtypes: Mapping[str, str]) -> str:
-    """:func:`_check_float_array` for the dtypes ``dtypes`` (and, with ``name``, a name that
-    must be a str without '/')."""
-    from .optimizers.checks import is_array
-
-    if name != "" and (not isinstance(name, str) or "/" in name):
-        raise TypeError(f"{what}: names must be str without '/', got {name!r}")
-    if not is_array(x):
-        raise TypeError(f"{what} is a {type(x).__name__}, not a NumPy, torch or JAX array")
-    dt = _dtype_name(x)
-    if dt not in dtypes:
-        raise DTypeError(f"{what} has dtype {dt}; checkpoints hold {', '.join(dtypes)} arrays")
-    return dt
-
-
-# ---------------------------------------------------------------------------------------------
-# metadata checks (shared by save and load: save refuses what load would refuse)
-# ---------------------------------------------------------------------------------------------
-
-
-def _counter(value: Any, field: str, where: str) -> int:
-    if type(value) is not int or not 0 <= value <= MAX_INT:
-        raise CheckpointError(f"{where}: metadata field '{field}' must be an integer in "
-                              f"[0, 2**63), got {_short(value)}")
-    return value
-
-
-def _short(value: Any) -> str:
-    if type(value) is int and abs(value) > MAX_INT:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_ints(value: Any, field: str, where: str) -> None:
-    """Every integer nested in ``value`` lies in int64's range (iteratively: no recursion)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif type(v) is int and not -MAX_INT - 1 <= v <= MAX_INT:
-            raise CheckpointError(f"{where}: metadata field '{field}' holds {_short(v)}, "
-                                  f"outside int64's range")
-
-
-def _plain_json(v: Any) -> bool:
-    """A number, bool, string or null, or lists / string-keyed objects of those (the JSON
-    parse has bounded the depth)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if isinstance(v, list):
-        return all(map(_plain_json, v))
-    return isinstance(v, dict) and all(isinstance(k, str) and _plain_json(x) for k, x in v.items())
-
-
-def _check_meta(meta: Any, where: str) -> dict[str, Any]:
-    """``meta`` (the parsed metadata) checked field by field; ``CheckpointError`` naming
-    ``where`` and the field on the first problem."""
-    def bad(field: str, what: str) -> CheckpointError:
-        field = field if len(field) <= 120 else field[:117] + "..."
-        return CheckpointError(f"{where}: metadata field '{field}' {what}")
-
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where}: the metadata must be a JSON object, got "
-                              f"{type(meta).__name__}")
-    missing = [k for k in _TOP if k not in meta]
-    unknown = sorted(set(meta) - {*_TOP, *_TOP_OPTIONAL})
-    if missing or unknown:
-        raise CheckpointError(f"{where}: metadata fields missing {missing}, unknown "
-                              f"{[k[:40] for k in unknown]}")
-    if meta["format"] != FORMAT:
-        raise bad("format", f"is {_short(meta['format'])}; this version reads {FORMAT!r}")
-    for field, dtypes in (("params", FLOAT_DTYPES), ("model_state", STATE_DTYPES)):
-        if field not in meta:
-            continue
-        if not isinstance(meta[field], dict):
-            raise bad(field, "must be an object: name -> {dtype, shape}")
-        for n, m in meta[field].items():
-            if not isinstance(m, dict) or set(m) != {"dtype", "shape"}:
-                raise bad(f"{field}.{n}", "must be an object with exactly dtype and shape")
-            if not isinstance(m["dtype"], str) or m["dtype"] not in dtypes:
-                raise bad(f"{field}.{n}.dtype", f"is {_short(m['dtype'])}, not one of "
-                                                f"{list(dtypes)}")
-            if not isinstance(m["shape"], list) or not all(
-                    type(d) is int and 0 <= d <= MAX_INT for d in m["shape"]):
-                raise bad(f"{field}.{n}.shape", f"is {_short(m['shape'])}, not a list of "
-                                                f"non-negative integers")
-    opt = meta["optimizer"]
-    if opt is not None:
-        if not isinstance(opt, dict) or not set(_OPT) <= set(opt) <= {*_OPT, *_OPT_OPTIONAL}:
-            raise bad("optimizer", f"must be null or an object with exactly the fields {_OPT} "
-                                   f"(and optionally {_OPT_OPTIONAL})")
-        if not isinstance(opt["class"], str) or not opt["class"]:
-            raise bad("optimizer.class", f"is {_short(opt['class'])}, not a class name")
-        hp = opt["hyperparameters"]
-        if not isinstance(hp, dict):
-            raise bad("optimizer.hyperparameters", "must be an object")
-        for k, v in hp.items():
-            if not _plain_json(v):
-                raise bad(f"optimizer.hyperparameters.{k}", f"is {_short(v)}, not a number, "
-                                                            f"bool, string, null, or a list or "
-                                                            f"object of those (parameter groups)")
-        _check_ints(hp, "optimizer.hyperparameters", where)
-        if opt["step"] is None:
-            if opt["num_skipped"] is not None or opt["num_nonfinite"] is not None or \
-                    opt["slots"] != []:
-                raise bad("optimizer", "without a step (hyperparameters only) must have "
-                                       "num_skipped and num_nonfinite null and no slots")
-        else:
-            for c in _COUNTERS:
-                _counter(opt[c], f"optimizer.{c}", where)
-            slots = opt["slots"]
-            if not isinstance(slots, list) or not all(
-                    isinstance(s, str) and s and "/" not in s for s in slots) or \
-                    len(set(slots)) != len(slots):
-                raise bad("optimizer.slots", f"is {_short(slots)}, not a list of distinct "
-                                             f"names without '/'")
-            values = opt.get("values", [])
-            if not isinstance(values, list) or not all(
-                    isinstance(v, str) and v and "/" not in v for v in values) or \
-                    len(set(values)) != len(values):
-                raise bad("optimizer.values", f"is {_short(values)}, not a list of distinct "
-                                              f"names without '/'")
-            shapes = opt.get("slot_shapes", {})
-            if not isinstance(shapes, dict) or not set(shapes) <= set(slots):
-                raise bad("optimizer.slot_shapes", "must be an object: slot (one of "
-                                                   "optimizer.slots) -> parameter -> shape")
-            for sl, per in shapes.items():
-                if not isinstance(per, dict) or set(per) != set(meta["params"]) or not all(
-                        isinstance(d, list) and all(type(x) is int and 0 <= x <= MAX_INT
-                                                    for x in d) for d in per.values()):
-                    raise bad(f"optimizer.slot_shapes.{sl}", "must give every parameter a "
-                                                             "list of non-negative integers")
-    sched = meta["scheduler"]
-    if sched is not None:
-        if not isinstance(sched, dict) or set(sched) != {"class", "state"}:
-            raise bad("scheduler", "must be null or an object with exactly class and state")
-        if not isinstance(sched["class"], str) or not sched["class"]:
-            raise bad("scheduler.class", f"is {_short(sched['class'])}, not a class name")
-        if not isinstance(sched["state"], dict):
-            raise bad("scheduler.state", "must be an object (the scheduler's state_dict)")
-        _check_ints(sched["state"], "scheduler.state", where)
-    accumulate.check_meta(meta, bad, FLOAT_DTYPES, MAX_INT)
-    return meta
-
-
-def _check_tensors(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], where: str) -> None:
-    """The stored tensors are exactly those the metadata describes, with its shapes and the
-    dtypes its parameter dtypes are stored as."""
-    expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
-    for n, m in meta["params"].items():
-        expected[f"params/{n}"] = (tuple(m["shape"]), (FLOAT_DTYPES[m["dtype"]],))
-    for n, m in meta.get("model_state", {}).items():
-        expected[f"model/{n}"] = (tuple(m["shape"]), (STATE_DTYPES[m["dtype"]],))
-    opt = meta["optimizer"]
-    if opt is not None and opt["step"] is not None:
-        shapes = opt.get("slot_shapes", {})
-        for s in opt["slots"]:
-            for n, m in meta["params"].items():
-                shape = shapes[s][n] if s in shapes else m["shape"]
-                expected[f"opt/{s}/{n}"] = (tuple(shape), ("float16", "float32", "float64"))
-        for v in opt.get("values", []):
-            expected[f"optv/{v}"] = ((), ("float64",))
-    expected.update(accumulate.expected(meta, FLOAT_DTYPES))
-    missing = sorted(set(expected) - set(arrays))
-    unknown = sorted(set(arrays) - set(expected))
-    if missing or unknown:
-        raise CheckpointError(f"{where}: the stored tensors do not match the metadata: missing "
-                              f"{missing[:10]}, not described {unknown[:10]}")
-    for k, (shape, dtypes) in expected.items():
-        a = arrays[k]
-        if a.shape != shape:
-            raise CheckpointError(f"{where}: tensor '{k}' is stored with shape {a.shape}, the "
-                                  f"metadata says {shape}")
-        if a.dtype.name not in dtypes:
-            raise CheckpointError(f"{where}: tensor '{k}' is stored as {a.dtype.name}, "
-                                  f"expected {' or '.join(dtypes)}")
-
 
 # ---------------------------------------------------------------------------------------------
 # save
@@ -313,30 +95,30 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     from .optimizers import OptimizerState
 
     path = os.fspath(path)
-    _check_mapping("params", params)
+    check_mapping("params", params)
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"format": FORMAT, "params": {}, "optimizer": None,
                             "scheduler": None, "extra": extra}
     for name, p in params.items():
         if not isinstance(name, str):
             raise TypeError(f"parameter names must be str, got {name!r}")
-        dt = _check_float_array(f"params['{name}']", p)
-        arr = _to_numpy(p)
+        dt = check_float_array(f"params['{name}']", p)
+        arr = to_numpy(p)
         tensors[f"params/{name}"] = arr
         meta["params"][name] = {"dtype": dt, "shape": list(arr.shape)}
     if model_state is not None:
-        _check_mapping("model_state", model_state)
+        check_mapping("model_state", model_state)
         meta["model_state"] = {}
         for name, x in model_state.items():
-            dt = _check_array(f"model_state['{name}']", x, name, STATE_DTYPES)
-            tensors[f"model/{name}"] = arr = _to_numpy(x)
+            dt = check_array(f"model_state['{name}']", x, name, STATE_DTYPES)
+            tensors[f"model/{name}"] = arr = to_numpy(x)
             meta["model_state"][name] = {"dtype": dt, "shape": list(arr.shape)}
 
     if state is not None and optimizer is None:
         raise ValueError("save_checkpoint: state given without its optimizer")
     if isinstance(optimizer, Accumulate):  # the wrapped optimizer's, and the window
         optimizer, state, meta["accumulate"], acc_tensors = accumulate.parts(
-            optimizer, state, params, _check_float_array, _to_numpy)
+            optimizer, state, params, check_float_array, to_numpy)
         tensors.update(acc_tensors)
     if optimizer is not None:
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
@@ -382,7 +164,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                 if "/" in slot:
                     raise ValueError(f"state slot names must not contain '/': {slot!r}")
                 for name, v in state.slot(slot).items():
-                    arr = _to_numpy(v)
+                    arr = to_numpy(v)
                     if arr.dtype.name not in ("float16", "float32", "float64"):
                         raise DTypeError(f"optimizer state slot '{slot}' of '{name}' has dtype "
                                          f"{arr.dtype}, not a float")
@@ -399,8 +181,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
                         f"JSON-serialisable (finite floats): {e}") from None
     where = f"save_checkpoint({path!r})"
-    checked = _check_meta(loads_guarded(header, f"{where}: the metadata"), where)
-    _check_tensors(checked, tensors, where)  # never write what load_checkpoint would refuse
+    checked = check_meta(loads_guarded(header, f"{where}: the metadata"), where)
+    check_tensors(checked, tensors, where)  # never write what load_checkpoint would refuse
     if optimizer is not None:  # (an attribute set out of range, unchecked: opt.beta1 = 1.5)
         try:
             copy.copy(optimizer).load_state_dict(
@@ -491,8 +273,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     path = os.fspath(path)
     where = f"checkpoint {path!r}"
     meta_json, arrays = read_file(path)
-    meta = _check_meta(loads_guarded(meta_json, f"{where}: the metadata"), where)
-    _check_tensors(meta, arrays, where)
+    meta = check_meta(loads_guarded(meta_json, f"{where}: the metadata"), where)
+    check_tensors(meta, arrays, where)
     accumulate.refuse_plain(meta, optimizer, where)
     acc = optimizer if isinstance(optimizer, Accumulate) else None
     if acc is not None:
@@ -500,14 +282,14 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     pmeta: dict[str, Any] = meta["params"]
     names = list(pmeta)
     if params_template is not None:
-        _check_mapping("params_template", params_template)
+        check_mapping("params_template", params_template)
         missing = sorted(set(params_template) - set(names))
         unknown = sorted(set(names) - set(params_template))
         if missing or unknown:
             raise KeyMismatchError(f"{where}: parameters do not match params_template: "
                                    f"missing in checkpoint {missing}, not in template {unknown}")
         for n in params_template:
-            _check_float_array(f"params_template['{n}']", params_template[n])
+            check_float_array(f"params_template['{n}']", params_template[n])
             shape = tuple(int(d) for d in params_template[n].shape)
             stored = arrays[f"params/{n}"].shape
             if shape != stored:
@@ -517,7 +299,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
 
     mstate = meta.get("model_state")
     if model_state_template is not None:
-        _check_mapping("model_state_template", model_state_template)
+        check_mapping("model_state_template", model_state_template)
         if mstate is None:
             raise ValueError(f"{where} holds no model state (saved without model_state=...)")
         got = {n: tuple(m["shape"]) for n, m in mstate.items()}
