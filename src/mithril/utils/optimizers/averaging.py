@@ -83,7 +83,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ...errors import KeyMismatchError, ShapeError
-from .checks import check_int, describe, is_array, to_float
+from .checks import check_int, describe, is_array, to_float, unwrapped
 from .elementwise import where
 from .state import OptimizerState, scalar_arguments
 
@@ -475,6 +475,7 @@ class AveragingMixin:
         return self._average(state, SWA, "swa_params")
 
     def _average(self, state: Any, slot: str, what: str) -> dict[str, Any]:
+        state = unwrapped(state)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"{what}: state must be what {type(self).__name__}.init returned, "
                             f"got {type(state).__name__}")
@@ -505,6 +506,7 @@ class AveragingMixin:
         own) are copied into the state, and the average comes back as arrays over the
         buffer the state held it in (on JAX, new arrays). While swapped, :meth:`update`, the average's
         accessors and saving the state refuse (the slot holds the training parameters)."""
+        state = unwrapped(state)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"swap_ema: state must be what {type(self).__name__}.init "
                             f"returned, got {type(state).__name__}")

@@ -49,6 +49,15 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
 MAX_INT = 2**63 - 1
 
 
+def unwrapped(state: Any) -> Any:
+    """``state.inner`` for an :class:`~mithril.utils.accumulation.AccumulateState`, else
+    ``state``: an optimizer's state readers (``ema_params``, ``eval_params``, ...) take the
+    state of an ``Accumulate`` wrapping it, as optax's readers look through ``MultiSteps``."""
+    from ..accumulation import AccumulateState
+
+    return state.inner if isinstance(state, AccumulateState) else state
+
+
 def describe(value: Any) -> str:
     """``repr(value)``, shortened for huge integers and long texts (``repr`` of an int with
     more than 4300 digits raises, and a 400-digit number makes an unreadable message)."""

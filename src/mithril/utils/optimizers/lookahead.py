@@ -11,7 +11,7 @@ import numpy as np
 
 from .averaging import _jitable, loaded_counts, started_averages
 from .base import Optimizer
-from .checks import check_flag, check_int, describe, state_dict_count, to_float
+from .checks import check_flag, check_int, describe, state_dict_count, to_float, unwrapped
 from .elementwise import where
 from .serialization import _loaded_missed
 from .state import OptimizerState
@@ -372,6 +372,7 @@ class Lookahead(Optimizer):
         """The slow weights kept in ``state``, per parameter, to evaluate with: views of the
         state's slot on NumPy/torch (the next update changes them: copy to keep), arrays
         on JAX."""
+        state = unwrapped(state)  # (an Accumulate's state: its wrapped one)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"slow_params: state must be what Lookahead.init returned, got "
                             f"{type(state).__name__}")

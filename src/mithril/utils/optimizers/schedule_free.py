@@ -12,7 +12,7 @@ import numpy as np
 
 from ...errors import KeyMismatchError, ShapeError
 from .base import Optimizer
-from .checks import check_int, check_positive, check_unit, describe, is_array, to_float
+from .checks import check_int, check_positive, check_unit, describe, is_array, to_float, unwrapped
 from .elementwise import helper, maximum, sqrt, where
 from .state import OptimizerState
 
@@ -152,6 +152,7 @@ class _ScheduleFree(Optimizer):
         parameters it started from; one restored from a state dict or checkpoint, not yet
         updated, needs ``params``). A state of another optimizer raises ``ValueError``."""
         cls = type(self).__name__
+        state = unwrapped(state)  # (an Accumulate's state: its wrapped one)
         if not isinstance(state, OptimizerState):
             raise TypeError(f"eval_params: state must be what {cls}.init returned, got "
                             f"{type(state).__name__}")
