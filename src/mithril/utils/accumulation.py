@@ -44,6 +44,7 @@ that step raises, the buffer is as it was before the call (the last micro-batch 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -332,6 +333,15 @@ class AccumulateState:
     ``last_grad_norm`` and ``last_step_skipped`` (a non-finite step refused by the wrapped
     optimizer) mirror the wrapped state; ``last_step_skipped`` is False and
     ``last_grad_norm`` None on calls that only accumulated.
+
+    Two counts of windows: ``windows`` counts the windows emitted (every ``k``-th call that
+    ran the wrapped optimizer's update, whether or not that optimizer skipped a non-finite
+    step: ``optax.MultiSteps``' ``gradient_step``), and ``step`` the steps the wrapped
+    optimizer applied (its own count, what its schedules read: the count of
+    ``optax.apply_if_finite``'s inner transformation, torch's ``scheduler.step()`` calls
+    when stepped only after applied steps). They differ only after skipped steps. A callable
+    ``k`` (an every-``k`` schedule) reads ``windows``, as ``MultiSteps`` reads
+    ``gradient_step``.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -339,6 +349,7 @@ class AccumulateState:
         self.accumulator = GradientAccumulator()
         self.applied = False
         self.last_step_skipped = False
+        self.windows = 0
 
     @property
     def micro_step(self) -> int:
@@ -360,7 +371,8 @@ class AccumulateState:
         return getattr(self.inner, "last_grad_norm", None) if self.applied else None
 
     def __repr__(self) -> str:
-        return f"AccumulateState(micro_step={self.micro_step}, inner={self.inner!r})"
+        return (f"AccumulateState(micro_step={self.micro_step}, windows={self.windows}, "
+                f"inner={self.inner!r})")
 
 
 class Accumulate:
@@ -373,7 +385,11 @@ class Accumulate:
     ``state.applied`` and not ``state.last_step_skipped``).
 
     ``k`` is an integer >= 1 (``TypeError`` for a float, string or bool, ``ValueError`` below
-    1 or above int64). An ``update`` that raises changes nothing: the gradients are checked
+    1 or above int64), or a callable of the windows emitted so far (``state.windows``)
+    giving that integer: ``optax.MultiSteps``' ``every_k_schedule``, which reads its
+    ``gradient_step`` (windows emitted, skipped steps included), not the wrapped
+    optimizer's count (``state.step``, which a skipped step does not advance); it is called
+    once per ``update``, constant within a window. An ``update`` that raises changes nothing: the gradients are checked
     (as :meth:`GradientAccumulator.add`, and against ``params``' keys and shapes) before they
     are added, and on the ``k``-th call the mean is formed in new arrays and the buffer
     emptied only after the wrapped optimizer has stepped.
@@ -388,7 +404,7 @@ class Accumulate:
         a wrapped optimizer's hyperparameter set on the wrapper (``acc.beta1 = 0.5``) would
         change no step: refused, naming where it goes."""
         if name == "k":
-            value = check_int("k", value, minimum=1)
+            value = value if callable(value) else check_int("k", value, minimum=1)
         elif "optimizer" in self.__dict__ and name not in self.__dict__ and \
                 not hasattr(type(self), name):
             inner = self.optimizer
@@ -410,9 +426,10 @@ class Accumulate:
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
         acc = state.accumulator
+        k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
             _check_against_params(gradients, params)
-        if acc.count + 1 < self.k:
+        if acc.count + 1 < k:
             acc.add(gradients, weight)
             state.applied = False
             state.last_step_skipped = False
@@ -421,9 +438,82 @@ class Accumulate:
         params, inner = self.optimizer.update(params, mean, state.inner)
         state.inner = inner
         acc.reset()
+        state.windows += 1
         state.applied = True
         state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
         return params, state
+
+    def k_for(self, state: AccumulateState) -> int:
+        """The micro-batches in ``state``'s current window: ``k``, or ``k(state.windows)``
+        for a callable ``k`` (checked as an integer >= 1, naming it)."""
+        k = self.k
+        if not callable(k):
+            return k
+        v = k(state.windows)
+        if not isinstance(v, (bool, np.bool_)) and hasattr(v, "__index__") and \
+                not isinstance(v, (int, np.integer)):
+            v = operator.index(v)  # (a 0-d integer array: what a jnp.where schedule gives)
+        return check_int(f"k(windows={state.windows})", v, minimum=1)
+
+    # -- state dicts (in memory; see :mod:`mithril.utils.accumulate_state_dict`) ------------
+    def state_dict(self, state: AccumulateState | None = None) -> dict[str, Any]:
+        """``k`` and the wrapped optimizer's state dict (``"inner"``) and, given ``state``,
+        the window: windows emitted, micro-batches buffered, their total weight and the
+        buffered gradient sums (NumPy). Plain Python and NumPy values, as the optimizers'
+        own ``state_dict`` (``torch.save`` / ``torch.load(weights_only=True)``)."""
+        from .accumulate_state_dict import state_dict
+
+        return state_dict(self, state)
+
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> AccumulateState | None:
+        """Restore ``k`` and the wrapped optimizer; given ``params``, return the state with
+        the saved window (the run goes on as if never stopped). Checked first: a call that
+        raises changes nothing."""
+        from .accumulate_state_dict import load_state_dict
+
+        return load_state_dict(self, d, params)
+
+    # -- the wrapped optimizer's state readers, on the accumulated state ------------------
+    def _reader(self, name: str) -> Any:
+        fn = getattr(self.optimizer, name, None)
+        if not callable(fn):
+            raise AttributeError(f"Accumulate.{name}: the wrapped {type(self.optimizer).__name__}"
+                                 f" has no {name}")
+        return fn
+
+    @staticmethod
+    def _inner(state: Any, name: str) -> Any:
+        if not isinstance(state, AccumulateState):
+            raise TypeError(f"{name}: state must come from Accumulate.init/update (an "
+                            f"AccumulateState), got {type(state).__name__}")
+        return state.inner
+
+    def ema_params(self, state: AccumulateState) -> dict[str, Any]:
+        """The wrapped optimizer's ``ema_params`` of ``state.inner`` (the EMA moves once per
+        applied window, as torch's ``AveragedModel`` updated after each ``opt.step()``)."""
+        return self._reader("ema_params")(self._inner(state, "ema_params"))
+
+    def swa_params(self, state: AccumulateState) -> dict[str, Any]:
+        """The wrapped optimizer's ``swa_params`` of ``state.inner``."""
+        return self._reader("swa_params")(self._inner(state, "swa_params"))
+
+    def swap_ema(self, params: Mapping[str, Any], state: AccumulateState,
+                 average: str | None = None) -> dict[str, Any]:
+        """The wrapped optimizer's ``swap_ema`` on ``state.inner`` (the buffered window is
+        untouched: gradients are of the training parameters, so swap back before the next
+        ``update``)."""
+        return self._reader("swap_ema")(params, self._inner(state, "swap_ema"), average)
+
+    def slow_params(self, state: AccumulateState) -> dict[str, Any]:
+        """The wrapped ``Lookahead``'s ``slow_params`` of ``state.inner``."""
+        return self._reader("slow_params")(self._inner(state, "slow_params"))
+
+    def eval_params(self, state: AccumulateState, params: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+        """The wrapped schedule-free optimizer's ``eval_params`` of ``state.inner`` (optax's
+        ``schedule_free_eval_params``)."""
+        return self._reader("eval_params")(self._inner(state, "eval_params"), params)
 
     # learning rate (for schedulers)
     def get_learning_rate(self) -> float:

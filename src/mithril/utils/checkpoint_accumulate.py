@@ -6,7 +6,8 @@ the micro-batches buffered (``count``), their ``total_weight`` and the dtype and
 each buffered gradient sum, stored as the tensors ``accumulate/<name>`` (what optax's
 ``MultiSteps`` keeps in its state). ``load_checkpoint(path, ..., optimizer=acc)`` returns an
 :class:`~mithril.utils.accumulation.AccumulateState` holding them, so the run goes on as if
-never stopped, and sets ``acc.k``. A checkpoint with buffered micro-batches loaded into the
+never stopped, and sets ``acc.k`` (an ``acc`` with a callable ``k``, an every-``k``
+schedule, keeps it: ``k`` stored is the saved window's). A checkpoint with buffered micro-batches loaded into the
 plain optimizer is refused (they would be lost silently).
 """
 
@@ -33,9 +34,14 @@ def parts(optimizer: Accumulate, state: Any, params: Mapping[str, Any],
         raise TypeError(f"state must be what Accumulate.init/update returned (an "
                         f"AccumulateState), got {type(state).__name__}")
     acc = None if state is None else state.accumulator
-    meta: dict[str, Any] = {"k": optimizer.k, "count": 0 if acc is None else acc.count,
+    k = optimizer.k if state is None else optimizer.k_for(state)
+    if callable(k):  # (a schedule, without a state: its first window's)
+        k = optimizer.k_for(AccumulateState(None))
+    meta: dict[str, Any] = {"k": k, "count": 0 if acc is None else acc.count,
                             "total_weight": 0.0 if acc is None else float(acc.total_weight),
                             "grads": {}}
+    if state is not None:
+        meta["windows"] = state.windows
     tensors: dict[str, np.ndarray] = {}
     if acc is not None and acc.count:
         for name, g in acc.sum().items():
@@ -54,8 +60,12 @@ def check_meta(meta: Mapping[str, Any], bad: Callable[[str, str], Exception],
     m = meta.get(FIELD)
     if m is None:
         return
-    if not isinstance(m, dict) or set(m) != {"k", "count", "total_weight", "grads"}:
-        raise bad(FIELD, "must be an object with exactly k, count, total_weight and grads")
+    if not isinstance(m, dict) or set(m) - {"windows"} != {"k", "count", "total_weight", "grads"}:
+        raise bad(FIELD, "must be an object with exactly k, count, total_weight, grads and "
+                         "(optionally) windows")
+    windows = m.get("windows", 0)
+    if type(windows) is not int or not 0 <= windows <= max_int:
+        raise bad(f"{FIELD}.windows", f"is {windows!r:.40}, not an integer >= 0")
     k, count, w = m["k"], m["count"], m["total_weight"]
     if type(k) is not int or not 1 <= k <= max_int:
         raise bad(f"{FIELD}.k", f"is {k!r:.40}, not an integer >= 1")
@@ -102,11 +112,13 @@ def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.nd
     resumed run's will be: kept in the saved dtype, the next micro-batch would be refused
     (a float32 buffer against float64 gradients). Nothing here can fail."""
     m = meta.get(FIELD)
-    if m is not None:
+    if m is not None and not callable(acc.k):
         acc.k = m["k"]
     if inner_state is None:
         return None
     state = AccumulateState(inner_state)
+    # (absent from older checkpoints: the applied steps, equal unless a step was skipped)
+    state.windows = m.get("windows", state.step) if m is not None else state.step
     if m is not None and m["count"]:
         names = {n: backend.dtype_name(params[n]) for n in m["grads"]}
         # (a half-precision run's buffers are float32: see GradientAccumulator)
