@@ -8,7 +8,7 @@ from .dropout import Dropout
 from .layers import Embedding, Flatten, LayerNorm, Linear
 from .losses import CrossEntropy, MeanSquaredError, SquaredError
 from .model import Bound, Connection, Model
-from .norms import BatchNorm1D, BatchNorm2D, GroupNorm
+from .norms import BatchNorm1D, BatchNorm2D, GroupNorm, RMSNorm
 from .operator import Operator
 from .pooling import AvgPool1D, AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D
 
@@ -17,7 +17,7 @@ __all__ = [
     "LeakyRelu", "Linear", "MLP", "MatrixMultiply", "MeanSquaredError", "Model", "Multiply",
     "Operator", "Relu", "Sigmoid", "Softmax", "SquaredError", "Tanh",
     "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
-    "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout",
+    "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
 ]
 
 # primitives (the published Mithril's names)

@@ -1,5 +1,6 @@
-"""Normalisation over channels-first inputs: ``GroupNorm`` and ``BatchNorm1D`` /
-``BatchNorm2D``, as ``torch.nn.GroupNorm`` / ``BatchNorm1d`` / ``BatchNorm2d``."""
+"""Normalisation: ``GroupNorm`` and ``BatchNorm1D`` / ``BatchNorm2D`` over channels-first
+inputs, as ``torch.nn.GroupNorm`` / ``BatchNorm1d`` / ``BatchNorm2d``, and ``RMSNorm`` over
+trailing axes, as ``torch.nn.RMSNorm``."""
 
 from __future__ import annotations
 
@@ -309,3 +310,98 @@ class BatchNorm2D(_BatchNorm):
         + (_BatchNorm.__doc__ or "")
     ranks = (4,)
     layout = "(N, C, H, W)"
+
+
+class RMSNorm(Operator):
+    """Root-mean-square normalisation over the trailing axes ``normalized_shape``, as
+    ``torch.nn.RMSNorm`` / ``F.rms_norm``:
+
+        y = x / √(mean(x²) + eps) · weight
+
+    the mean over the last ``len(normalized_shape)`` axes, which must have those sizes (a
+    ``ShapeError`` at compile time otherwise); no centring and no bias. ``weight`` has shape
+    ``normalized_shape`` and starts at ones; ``elementwise_affine=False`` drops it.
+    ``eps=None`` (the default) is torch's: the machine epsilon of the computation type,
+    ``finfo(float64).eps`` (2.2e-16) for float64 inputs and ``finfo(float32).eps`` (1.19e-7)
+    for float32, float16 and bfloat16 ones.
+    """
+
+    param_init = {"weight": "ones"}
+    vjp_ignores = frozenset({"input", "output"})  # x̂ and 1/rms are the residuals
+    use_bias = False
+
+    def __init__(self, normalized_shape: int | tuple[int, ...] | list[int],
+                 eps: float | None = None, elementwise_affine: bool = True) -> None:
+        dims = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) \
+            else normalized_shape
+        if not isinstance(dims, (tuple, list)) or not dims or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) and d > 0
+                for d in dims):
+            raise ValueError(f"RMSNorm: normalized_shape must be a positive int or a non-empty "
+                             f"tuple of them, got {normalized_shape!r}")
+        if eps is not None:
+            check_eps(eps, "RMSNorm")
+        if not isinstance(elementwise_affine, (bool, np.bool_)):
+            raise ValueError(f"RMSNorm: elementwise_affine must be a bool, got {elementwise_affine!r}")
+        self.normalized_shape = tuple(int(d) for d in dims)
+        self.eps = None if eps is None else float(eps)
+        self.elementwise_affine = self.use_scale = bool(elementwise_affine)
+
+    def _check(self, shapes) -> None:
+        s, want = shapes.get("input"), self.normalized_shape
+        if s is not None and (len(s) < len(want) or any(
+                a is not None and a != b for a, b in zip(s[len(s) - len(want):], want))):
+            raise ShapeError(f"RMSNorm: 'input' of shape {fmt(s)} does not end in "
+                             f"normalized_shape {want}")
+
+    def param_shapes(self, shapes):
+        self._check(shapes)
+        return {"weight": self.normalized_shape} if self.elementwise_affine else {}
+
+    def infer_shape(self, shapes):
+        self._check(shapes)
+        return shapes.get("input")
+
+    def eps_for(self, dtype: Any) -> float:
+        """The eps used for inputs of ``dtype`` (torch's finfo convention when ``eps=None``)."""
+        if self.eps is not None:
+            return self.eps
+        wide = np.dtype(dtype) == np.float64 if isinstance(dtype, (type, np.dtype)) \
+            else str(dtype).rsplit(".", 1)[-1] == "float64"  # (torch's, bfloat16: not NumPy's)
+        return float(np.finfo(np.float64 if wide else np.float32).eps)
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim - len(self.normalized_shape), ndim))
+
+    def _normalise(self, xp: Any, x: Any) -> tuple[Any, Any]:
+        inv = 1 / xp.sqrt(xp.mean(x * x, axis=self._axes(x.ndim), keepdims=True)
+                          + self.eps_for(x.dtype))
+        return x * inv, inv
+
+    def forward(self, xp: Any, input: Any, weight: Any = None) -> Any:
+        if backend_of(xp) == "torch":  # one kernel each way (eps None: torch's own default)
+            import torch.nn.functional as F
+
+            return F.rms_norm(input, self.normalized_shape, weight, self.eps)
+        return self.forward_residuals(xp, input, weight)[0]
+
+    def forward_residuals(self, xp: Any, input: Any, weight: Any = None) -> tuple[Any, Any]:
+        """The output and ``(x̂, 1/rms)``, which the NumPy VJP reuses."""
+        xhat, inv = self._normalise(xp, input)
+        return (xhat if weight is None else xhat * weight), (xhat, inv)
+
+    def vjp(self, g, out, args, wrt, residuals=None):
+        # with u = g·weight: dx = (u − x̂ · mean(u · x̂)) / rms (the mean over the normalised axes)
+        xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
+        axes = self._axes(g.ndim)
+        res = {}
+        if "weight" in wrt:
+            res["weight"] = (g * xhat).sum(axis=tuple(range(axes[0])))
+        if "input" in wrt:
+            u = g * args["weight"] if "weight" in args else g
+            res["input"] = inv * (u - xhat * (u * xhat).mean(axis=axes, keepdims=True))
+        return res
+
+    def __repr__(self) -> str:
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine})")
