@@ -1,0 +1,231 @@
+"""``Accumulate.state_dict`` / ``load_state_dict`` (in memory, mid-window), the wrapped
+optimizer's state readers on the accumulated state, and the two window counts
+(``state.windows``, optax.MultiSteps' ``gradient_step``; ``state.step``, the applied steps)
+after a skipped window, side by side with optax.MultiSteps and a torch accumulation loop,
+in float64."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import optax
+import pytest
+import torch
+from conftest import jax_results_in_subprocess
+
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+from mithril.errors import KeyMismatchError, ShapeError
+from mithril.utils.accumulation import Accumulate, AccumulateState
+from mithril.utils.optimizers import Adam, AdamW, ScheduleFreeAdamW
+
+K, STEPS, CUT = 3, 11, 5  # the cut falls after 2 micro-batches of the second window
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+CASES = ("resume",)
+
+
+def _grads(t: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(t)
+    return {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+
+
+def _start() -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 2), 0.5), "b": np.full(2, -0.25)}
+
+
+#: what torch.load(weights_only=True) needs allowed to read NumPy arrays back (the
+#: optimizers' state dicts, and so the nested one, hold NumPy arrays)
+NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                 np.dtypes.Float64DType, np.dtypes.Float32DType]
+
+
+def _through_torch_save(d: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals(NUMPY_GLOBALS):
+        return torch.load(buf, weights_only=True)
+
+
+def _run(be, acc, params, state, start, stop):
+    for t in range(start, stop):
+        params, state = acc.update(params, {k: be.array(v) for k, v in _grads(t).items()},
+                                   state)
+    return params, state
+
+
+def run(case: str, backend: str) -> dict[str, np.ndarray]:
+    """The unbroken run and the run saved at ``CUT`` (through torch.save / torch.load with
+    weights_only=True) and resumed in a fresh Accumulate, on ``backend`` in float64."""
+    be = BACKENDS[backend](dtype="float64")
+    p0 = {k: be.array(v) for k, v in _start().items()}
+    acc = Accumulate(Adam(learning_rate=0.01), K)
+    full, _ = _run(be, acc, p0, acc.init(p0), 0, STEPS)
+    acc1 = Accumulate(Adam(learning_rate=0.01), K)
+    p, st = _run(be, acc1, p0, acc1.init(p0), 0, CUT)
+    d = _through_torch_save(acc1.state_dict(st))
+    acc2 = Accumulate(Adam(learning_rate=0.3), 7)  # k and the learning rate come back
+    st2 = acc2.load_state_dict(d, p)
+    meta = np.array([acc2.k, acc2.get_learning_rate(), st2.micro_step, st2.windows,
+                     st2.step, st2.accumulator.total_weight])
+    resumed, _ = _run(be, acc2, p, st2, CUT, STEPS)
+    out = {"meta": meta}
+    for k in full:
+        out["full_" + k] = np.asarray(be.to_numpy(full[k]))
+        out["resumed_" + k] = np.asarray(be.to_numpy(resumed[k]))
+    return out
+
+
+def _multisteps(n: int) -> dict[str, np.ndarray]:
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.adam(0.01), every_k_schedule=K,
+                              accumulator_dtype=jnp.float64)
+        q = {k: jnp.asarray(v) for k, v in _start().items()}
+        s = tx.init(q)
+        for t in range(n):
+            u, s = tx.update({k: jnp.asarray(v) for k, v in _grads(t).items()}, s, q)
+            q = optax.apply_updates(q, u)
+        return {k: np.asarray(v) for k, v in q.items()}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, np.ndarray]]:
+    out = {b: run("resume", b) for b in ("numpy", "torch")}
+    out["jax"] = jax_results_in_subprocess("test_accumulate_state_dict", "CASES", "run")["resume"]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_resume_mid_window_is_exact_and_equals_multisteps(results, backend):
+    r = results[backend]
+    # k, lr restored; 2 micro-batches buffered, 1 window emitted and applied, weight 2
+    np.testing.assert_array_equal(r["meta"], [K, 0.01, CUT % K, CUT // K, CUT // K, 2.0])
+    ref = _multisteps(STEPS)
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(r["resumed_" + k], r["full_" + k], err_msg=k)
+        np.testing.assert_allclose(r["full_" + k], ref[k], rtol=0, atol=1e-14, err_msg=k)
+        assert not np.array_equal(r["full_" + k], _start()[k])  # (it moved)
+
+
+def test_a_window_saved_on_numpy_resumes_on_torch():
+    nb, tb = NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")
+    acc1 = Accumulate(Adam(learning_rate=0.01), K)
+    p0 = {k: nb.array(v) for k, v in _start().items()}
+    p, st = _run(nb, acc1, p0, acc1.init(p0), 0, CUT)
+    d = _through_torch_save(acc1.state_dict(st))
+    acc2 = Accumulate(Adam(learning_rate=0.01), K)
+    tp = {k: tb.array(np.asarray(v)) for k, v in p.items()}
+    st2 = acc2.load_state_dict(d, tp)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64
+               for v in st2.accumulator.sum().values())
+    resumed, _ = _run(tb, acc2, tp, st2, CUT, STEPS)
+    ref = _multisteps(STEPS)
+    for k in ref:
+        np.testing.assert_allclose(resumed[k].numpy(), ref[k], rtol=0, atol=1e-14, err_msg=k)
+
+
+def _saved():
+    acc = Accumulate(Adam(learning_rate=0.01), K)
+    p0 = _start()
+    p, st = _run(NumpyBackend(dtype="float64"), acc, p0, acc.init(p0), 0, CUT)
+    return acc.state_dict(st), p
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda d: d.update(count=K), ValueError, "'count' is 3, not below k = 3"),
+    (lambda d: d.update(k=1.5), TypeError, "state dict 'k'"),
+    (lambda d: d.update(k=None), ValueError, "'k' is None"),
+    (lambda d: d.update(windows=-1), ValueError, "state dict 'windows'"),
+    (lambda d: d.update(total_weight=0.0), ValueError, "'total_weight'"),
+    (lambda d: d.update(applied="yes"), TypeError, "'applied'"),
+    (lambda d: d.pop("sums"), KeyError, "missing \\['sums'\\]"),
+    (lambda d: d.update(extra=1), KeyError, "unknown \\['extra'\\]"),
+    (lambda d: d["sums"].update(w=np.zeros((2, 3))), ShapeError, "'sums' of 'w'"),
+    (lambda d: d["sums"].update(z=np.zeros(2)), KeyMismatchError, "\\['z'\\]"),
+    (lambda d: d["sums"].update(w=np.array(["a"] * 6).reshape(3, 2)), TypeError, "'sums' of 'w'"),
+    (lambda d: d["inner"]["slots"]["m"].update(w=np.zeros(2)), ShapeError, "slot 'm' of 'w'"),
+    (lambda d: d.update(optimizer="Adam"), ValueError, "not Accumulate"),
+])
+def test_bad_state_dicts_are_refused_by_name_and_change_nothing(edit, error, match):
+    d, p = _saved()
+    edit(d)
+    acc = Accumulate(Adam(learning_rate=0.3), 7)
+    with pytest.raises(error, match=match):
+        acc.load_state_dict(d, p)
+    assert acc.k == 7 and acc.get_learning_rate() == 0.3
+
+
+def test_state_dict_without_a_state_and_a_callable_k():
+    def sched(w):
+        return 2 if w < 1 else K
+
+    acc = Accumulate(Adam(learning_rate=0.01), sched)
+    d = acc.state_dict()
+    assert d["k"] is None and "count" not in d and d["inner"]["hyperparameters"][
+        "learning_rate"] == 0.01
+    other = Accumulate(Adam(learning_rate=0.5), sched)
+    assert other.load_state_dict(d) is None and other.k is sched
+    assert other.get_learning_rate() == 0.01
+    with pytest.raises(ValueError, match="'k' is None"):
+        Accumulate(Adam(), 2).load_state_dict(d)
+    with pytest.raises(TypeError, match="AccumulateState"):
+        acc.state_dict(acc.optimizer.init(_start()))
+
+
+def test_state_readers_on_the_accumulated_state_match_torch_and_optax():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    gs = [_grads(t) for t in range(8)]
+    opt = AdamW(learning_rate=0.05, weight_decay=0.0, ema_decay=0.9)
+    acc = Accumulate(opt, 2)
+    p = _start()
+    st = acc.init(p)
+    for g in gs:
+        p, st = acc.update(p, g, st)
+    ema = acc.ema_params(st)
+    for got in (opt.ema_params(st), opt.ema_params(st.inner)):  # the natural calls agree
+        for k in ema:
+            np.testing.assert_array_equal(got[k], ema[k])
+    holder = torch.nn.ParameterList([torch.tensor(v) for v in _start().values()])
+    tp = dict(zip(_start(), holder))  # (the Parameters the list made)
+    topt = torch.optim.AdamW(holder, lr=0.05, weight_decay=0.0)
+    avg = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
+    for i in range(0, len(gs), 2):
+        for k, t in tp.items():
+            t.grad = torch.tensor((gs[i][k] + gs[i + 1][k]) / 2)
+        topt.step()
+        avg.update_parameters(holder)
+    for i, k in enumerate(tp):
+        np.testing.assert_allclose(ema[k], avg.module[i].detach().numpy(), rtol=0, atol=1e-14)
+    with pytest.raises(AttributeError, match="Accumulate.slow_params: the wrapped AdamW"):
+        acc.slow_params(st)
+
+    # schedule-free: eval params through the wrapper and through the optimizer itself,
+    # against optax.MultiSteps(schedule_free_adamw) + schedule_free_eval_params
+    import jax
+    import jax.numpy as jnp
+
+    sf = ScheduleFreeAdamW(learning_rate=0.05, warmup_steps=0, weight_decay=0.0)
+    acc = Accumulate(sf, 2)
+    p = _start()
+    st = acc.init(p)
+    for g in gs:
+        p, st = acc.update(p, g, st)
+    x = acc.eval_params(st)
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.contrib.schedule_free_adamw(0.05, weight_decay=0.0),
+                              every_k_schedule=2, accumulator_dtype=jnp.float64)
+        q = {k: jnp.asarray(v) for k, v in _start().items()}
+        s = tx.init(q)
+        for g in gs:
+            u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+            q = optax.apply_updates(q, u)
+        ref = optax.contrib.schedule_free_eval_params(s.inner_opt_state, q)
+        ref = {k: np.asarray(v) for k, v in ref.items()}
+    for k in ref:
+        np.testing.assert_allclose(x[k], ref[k], rtol=0, atol=1e-13, err_msg=k)
+        np.testing.assert_array_equal(sf.eval_params(st)[k], x[k])
+    assert isinstance(st, AccumulateState)
