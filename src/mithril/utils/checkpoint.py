@@ -6,8 +6,8 @@ float16/float32/float64 only (torch and JAX bfloat16 arrays are stored as the ex
 float32 values, the metadata keeping ``"bfloat16"``). Everything else is JSON stored in the
 safetensors header metadata under the key ``"mithril"``: ``format`` (:data:`FORMAT`),
 ``params`` (name -> dtype and shape), ``optimizer`` (class, hyperparameters, ``step``,
-``num_skipped``, ``num_nonfinite``, slot names; the per-parameter shapes of slots shaped
-otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
+``num_skipped``, ``num_nonfinite``, ``consecutive_skips`` where not 0, slot names; the
+per-parameter shapes of slots shaped otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
 values, each stored as a float64 scalar ``optv/<name>``), ``scheduler`` (class and
 ``scheduler.state_dict()``), the caller's ``extra`` (any JSON value) and, when saved with
 ``model_state=``, ``model_state`` (name -> dtype and shape of the model's state arrays,
@@ -147,6 +147,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
                     f"params has {sorted(params)}")
             opt_meta.update(step=state.step, num_skipped=state.num_skipped,
                             num_nonfinite=state.num_nonfinite, slots=sorted(state.slots))
+            if state.consecutive_skips:  # (optional: absent reads as 0)
+                opt_meta["consecutive_skips"] = state.consecutive_skips
             if counts_of(optimizer, state) is not None:  # each average's updates so far
                 opt_meta["averaged"] = saved_counts(state)
             if state.missed is not None:  # (each parameter's own count: note_missed)
@@ -332,6 +334,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
         opt_sd = {"optimizer": ometa["class"], "hyperparameters": ometa["hyperparameters"],
                   "step": ometa["step"], "num_skipped": ometa["num_skipped"],
                   "num_nonfinite": ometa["num_nonfinite"], "slots": slots,
+                  "consecutive_skips": ometa.get("consecutive_skips", 0),
                   "values": {v: float(arrays[f"optv/{v}"]) for v in ometa.get("values", [])},
                   "averaged": ometa.get("averaged"),  # (None: from before it was kept)
                   "missed": ometa.get("missed")}  # (checked by the optimizer's load)

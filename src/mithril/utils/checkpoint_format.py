@@ -25,8 +25,9 @@ STATE_DTYPES = {**FLOAT_DTYPES, "int32": "int32", "int64": "int64"}
 _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
 #: parameters' (slot -> name -> shape), and the names of the optimizer-wide values (each
-#: stored as a float64 scalar tensor ``optv/<name>``)
-_OPT_OPTIONAL = ("slot_shapes", "values", "averaged", "missed")
+#: stored as a float64 scalar tensor ``optv/<name>``), and the non-finite steps in a row
+#: (``consecutive_skips``: 0 where absent, a checkpoint from before it was kept)
+_OPT_OPTIONAL = ("slot_shapes", "values", "averaged", "missed", "consecutive_skips")
 _COUNTERS = ("step", "num_skipped", "num_nonfinite")
 
 
@@ -166,12 +167,14 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
         _check_ints(hp, "optimizer.hyperparameters", where)
         if opt["step"] is None:
             if opt["num_skipped"] is not None or opt["num_nonfinite"] is not None or \
-                    opt["slots"] != []:
+                    opt["slots"] != [] or "consecutive_skips" in opt:
                 raise bad("optimizer", "without a step (hyperparameters only) must have "
                                        "num_skipped and num_nonfinite null and no slots")
         else:
             for c in _COUNTERS:
                 _counter(opt[c], f"optimizer.{c}", where)
+            if "consecutive_skips" in opt:
+                _counter(opt["consecutive_skips"], "optimizer.consecutive_skips", where)
             slots = opt["slots"]
             if not isinstance(slots, list) or not all(
                     isinstance(s, str) and s and "/" not in s for s in slots) or \

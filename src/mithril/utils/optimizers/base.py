@@ -40,6 +40,13 @@ in ``state.last_grad_norm`` under the first three policies:
   untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
   a ``RuntimeWarning`` is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer`
   skips itself.)
+  ``max_consecutive_skips=N`` (None: skip forever) gives up as optax's ``apply_if_finite(
+  inner, max_consecutive_errors=N)``: ``state.consecutive_skips`` counts the non-finite steps
+  in a row (optax's ``notfinite_count``; a finite step resets it); a step taken with it at
+  ``N`` or more is applied as under ``"propagate"`` (a run that stays broken surfaces as NaN
+  params instead of silently not training), counted in ``num_nonfinite``, not ``num_skipped``
+  (optax's ``total_notfinite`` is their sum). Optax looks at the gradients only; here a step
+  is non-finite if its gradients or results are (once params hold NaN, the count grows).
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
   nothing changed.
 * ``"unchecked"``: the step is applied and nothing is looked at, as torch.optim and optax
@@ -187,7 +194,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                  ema_decay: float | None = None, ema_every: int = 1, ema_start: int = 1,
                  swa_start: int | None = None, clip_tensor_norm: float | None = None,
                  clip_block_rms: float | None = None, adaptive_clip: float | None = None,
-                 adaptive_clip_eps: float = 1e-3) -> None:
+                 adaptive_clip_eps: float = 1e-3, max_consecutive_skips: int | None = None
+                 ) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.clip_tensor_norm = (None if clip_tensor_norm is None else
                                  check_positive("clip_tensor_norm", clip_tensor_norm, False))
@@ -201,7 +209,14 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if max_consecutive_skips is not None:
+            max_consecutive_skips = averaging.check_int("max_consecutive_skips",
+                                                        max_consecutive_skips)
+            if nonfinite != "skip":
+                raise ValueError(f"max_consecutive_skips={max_consecutive_skips} needs "
+                                 f"nonfinite='skip' (got nonfinite={nonfinite!r})")
         self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
         self.ema_decay = averaging.check_ema_decay(ema_decay)
         self.ema_every = averaging.check_ema_every(ema_every)
         self.ema_start = averaging.check_ema_start(ema_start)
@@ -449,6 +464,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
+        if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
+                and self.nonfinite == "skip":  # (a policy of "propagate": no recursion)
+            return self._give_up(params, gradients, state, n)
         if getattr(state, "fast", None) is not None:  # a loop's steady state (fast_step.py)
             try:
                 got = state.engine.fast_step(self, state, params, gradients)
@@ -497,16 +515,36 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         state.last_grad_norm = norm
         state.last_step_skipped = not ok
         if ok:
-            state.step = t
+            state.step, state.consecutive_skips = t, 0
             averaging.advance(self, state, t)
             if self.nonfinite != "unchecked":  # nothing looked at (engines may not measure)
                 state.note_applied(name, norm, finite)
             return new_params, state
         state.num_skipped += 1
+        state.consecutive_skips += 1
         what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
                 "the step would give non-finite params or state")
         warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
                       RuntimeWarning, stacklevel=3)
+        return new_params, state
+
+    def _give_up(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                 state: OptimizerState, n: int) -> tuple[dict[str, Any], OptimizerState]:
+        """A step after ``n`` or more non-finite ones in a row, applied as under "propagate"."""
+        owner, k = self, state.consecutive_skips
+        while isinstance(getattr(type(owner), "nonfinite", None), property):
+            owner = owner.inner  # (a Lookahead's is its inner's)
+        state.fast, owner.__dict__["nonfinite"] = None, "propagate"  # (restored below)
+        try:
+            new_params, state = self.update(params, gradients, state)
+        finally:  # (and no recipe made under "propagate" kept)
+            owner.__dict__["nonfinite"], state.fast = "skip", None
+        state.settle()
+        bad = not is_finite(state._last_grad_norm) or state._nonfinite_values
+        state.consecutive_skips = k + 1 if bad else 0
+        if bad:
+            warnings.warn(f"{type(self).__name__}: {k + 1} non-finite steps in a row (max_"
+                          f"consecutive_skips={n}): step {state.step} applied", RuntimeWarning, 2)
         return new_params, state
 
     def adopt(self, params: MutableMapping[str, Any], state: OptimizerState) -> dict[str, Any]:

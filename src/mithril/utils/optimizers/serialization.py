@@ -31,6 +31,7 @@ class StateDictMixin:
             out["step"] = state.step
             out["num_skipped"] = state.num_skipped
             out["num_nonfinite"] = state.num_nonfinite
+            out["consecutive_skips"] = state.consecutive_skips
             out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
             if state.values:
@@ -97,8 +98,9 @@ class StateDictMixin:
             state = trial.init(params)
             state.slots = self._loaded_slots(d["slots"], state, started)
             state.values = self._loaded_values(d.get("values", {}), state)
-            state.step, state.num_skipped, state.num_nonfinite = (
-                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
+            state.step, state.num_skipped, state.num_nonfinite, state.consecutive_skips = (
+                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite",
+                                                 "consecutive_skips"))
             # (absent from a state dict saved before they were kept: inferred from the step)
             state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
             if d.get("missed"):

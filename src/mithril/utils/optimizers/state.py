@@ -96,6 +96,9 @@ class OptimizerState:
         self.pending: Any = None
         self.step = 0
         self.num_skipped = 0
+        #: non-finite steps in a row, skipped or not (optax apply_if_finite's
+        #: ``notfinite_count``; 0 after a finite step): see ``max_consecutive_skips``
+        self.consecutive_skips = 0
         #: the last applied step's report still on the device: (report, step, optimizer name)
         self._report: tuple[DeviceReport, int, str] | None = None
         self._num_nonfinite = 0  # steps applied that gave non-finite values ("propagate")
