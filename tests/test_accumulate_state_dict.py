@@ -229,3 +229,76 @@ def test_state_readers_on_the_accumulated_state_match_torch_and_optax():
         np.testing.assert_allclose(x[k], ref[k], rtol=0, atol=1e-13, err_msg=k)
         np.testing.assert_array_equal(sf.eval_params(st)[k], x[k])
     assert isinstance(st, AccumulateState)
+
+
+def test_windows_count_skipped_windows_as_multisteps_gradient_step():
+    # A callable k reads state.windows (windows emitted, skipped ones included: MultiSteps'
+    # gradient_step), state.step the wrapped optimizer's applied steps (apply_if_finite's
+    # inner count; torch's Adam state 'step' when a non-finite window's opt.step() is
+    # skipped, as GradScaler does). Window 2 (calls 4-6) holds a NaN and is skipped.
+    import jax
+    import jax.numpy as jnp
+
+    def every_k(w):
+        return 2 if w < 2 else 3
+
+    nan_at, n = 5, 15
+    gs = [_grads(100 + t) for t in range(n)]
+    gs[nan_at]["w"][1, 0] = np.nan
+
+    acc = Accumulate(Adam(learning_rate=0.01, nonfinite="skip"), every_k)
+    p = _start()
+    st = acc.init(p)
+    ours = []
+    with pytest.warns(RuntimeWarning):
+        for g in gs:
+            p, st = acc.update(p, {k: v.copy() for k, v in g.items()}, st)
+            ours.append((st.windows, st.step, {k: v.copy() for k, v in p.items()}))
+
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.apply_if_finite(optax.adam(0.01), max_consecutive_errors=99),
+                              every_k_schedule=lambda s: jnp.where(s < 2, 2, 3),
+                              accumulator_dtype=jnp.float64)
+        q = {k: jnp.asarray(v) for k, v in _start().items()}
+        s = tx.init(q)
+        peer = []
+        for g in gs:
+            u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+            q = optax.apply_updates(q, u)
+            peer.append((int(s.gradient_step), int(s.inner_opt_state.inner_state[0].count),
+                         {k: np.asarray(v) for k, v in q.items()}))
+    assert [o[0] for o in ours] == [r[0] for r in peer] == \
+        [0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    assert [o[1] for o in ours] == [0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert st.windows == 5 and st.step == 4 and st.num_skipped == 1
+    # up to the skipped window's end optax's applied count and params are ours; after it
+    # optax's accumulator stays NaN (its reset is 0·acc), so every later window is skipped
+    end = 6
+    assert [o[1] for o in ours[:end + 1]] == [r[1] for r in peer[:end + 1]]
+    for o, r in zip(ours[:end + 1], peer[:end + 1]):
+        for k in o[2]:
+            np.testing.assert_allclose(o[2][k], r[2][k], rtol=0, atol=1e-14)
+    assert int(s.inner_opt_state.total_notfinite) == 3  # (windows 2, 3 and 4: the quirk)
+
+    # the whole run: a torch accumulation loop, k from the windows emitted
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in _start().items()}
+    topt = torch.optim.Adam(list(tp.values()), lr=0.01)
+    windows, buffered, applied = 0, 0, 0
+    for t, g in enumerate(gs):
+        for k, x in tp.items():
+            gt = torch.tensor(g[k])
+            x.grad = gt if x.grad is None else x.grad + gt
+        buffered += 1
+        if buffered == every_k(windows):
+            if all(torch.isfinite(x.grad).all() for x in tp.values()):
+                for x in tp.values():
+                    x.grad /= buffered
+                topt.step()
+                applied += 1
+            topt.zero_grad()
+            windows, buffered = windows + 1, 0
+        assert (ours[t][0], ours[t][1]) == (windows, applied), t
+        for k in tp:
+            np.testing.assert_allclose(ours[t][2][k], tp[k].detach().numpy(), rtol=0,
+                                       atol=1e-14, err_msg=f"{k} at {t}")
+    assert topt.state[tp["w"]]["step"].item() == st.step == 4
