@@ -29,6 +29,39 @@ def unary(fn):
 _RNG = np.random.default_rng(95)
 _SMALL = 1e-8 * _RNG.standard_normal((3, 4, 6))  # mean(x²) ~ 1e-16: torch's float64 eps matters
 
+
+def _around(*points, spread=1e-9):
+    """A (k, 7) array: each point, ±1 ulp, ±spread around it, and two far values. Around 0
+    the smallest normal numbers stand for ±1 ulp: XLA on CPU reads subnormal inputs as 0
+    (5e-324 > 0 is false on JAX), so an ELU's branch there is the platform's, not torch's."""
+    tiny = np.finfo(np.float64).tiny
+    rows = [[p, np.nextafter(p, -np.inf) if p else -tiny, np.nextafter(p, np.inf) if p else tiny,
+             p - spread, p + spread, p - 50.0, p + 50.0] for p in points]
+    return np.array(rows, np.float64)
+
+
+_KINKS = _around(-3.0, 0.0, 3.0)  # Hardswish / Hardsigmoid / the ELUs' switch points
+_WIDE = np.concatenate([_RNG.standard_normal((2, 7)) * 4, _around(0.0),
+                        [[-800.0, -40.0, -1e-300, 1e-300, 40.0, 700.0, 800.0]]])
+
+class _ExactHardsigmoid(torch.autograd.Function):
+    """F.hardsigmoid's forward and backward with its 1/6 in float64: torch's own backward
+    multiplies by 1/6 rounded to float32 (test_hardsigmoid_gradient_vs_torchs_float32_sixth
+    measures that)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.hardsigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.where((x > -3) & (x < 3), g / 6, 0 * g)
+
+
+_hardsigmoid = _ExactHardsigmoid.apply
+
 CASES: dict[str, Case] = {
     # -- RMSNorm -------------------------------------------------------------------------
     "rms_norm_last_axis": Case(lambda: ml.RMSNorm(6), {"input": (3, 4, 6)},
@@ -47,6 +80,34 @@ CASES: dict[str, Case] = {
                                  unary(lambda x, weight: F.rms_norm(x, (6,), weight))),
     "rms_norm_one_feature": Case(lambda: ml.RMSNorm(1), {"input": (5, 1)},
                                  unary(lambda x, weight: F.rms_norm(x, (1,), weight))),
+    # -- activations ---------------------------------------------------------------------
+    "softplus_default": Case(lambda: ml.Softplus(), {"input": _WIDE}, unary(F.softplus)),
+    "softplus_at_threshold": Case(lambda: ml.Softplus(), {"input": _around(20.0, -20.0)},
+                                  unary(F.softplus)),
+    "softplus_beta_threshold": Case(lambda: ml.Softplus(beta=2.5, threshold=3.0),
+                                    {"input": _around(1.2, 0.0)},
+                                    unary(lambda x: F.softplus(x, 2.5, 3.0))),
+    "softplus_small_beta": Case(lambda: ml.Softplus(beta=1e-3), {"input": 100 * _WIDE[:3]},
+                                unary(lambda x: F.softplus(x, 1e-3))),
+    "softplus_negative_threshold": Case(lambda: ml.Softplus(threshold=-1.0), {"input": _around(-1.0, 0.0)},
+                                        unary(lambda x: F.softplus(x, 1.0, -1.0))),
+    "elu_default": Case(lambda: ml.Elu(), {"input": _WIDE}, unary(F.elu)),
+    "elu_alpha_2_at_zero": Case(lambda: ml.Elu(2.0), {"input": _KINKS}, unary(lambda x: F.elu(x, 2.0))),
+    "elu_negative_alpha": Case(lambda: ml.Elu(-0.5), {"input": _KINKS}, unary(lambda x: F.elu(x, -0.5))),
+    "elu_alpha_0": Case(lambda: ml.Elu(0.0), {"input": _KINKS}, unary(lambda x: F.elu(x, 0.0))),
+    "selu": Case(lambda: ml.Selu(), {"input": _WIDE}, unary(F.selu)),
+    "selu_at_zero": Case(lambda: ml.Selu(), {"input": _KINKS}, unary(F.selu)),
+    "celu_default": Case(lambda: ml.Celu(), {"input": _WIDE}, unary(F.celu)),
+    # (an α float32 holds exactly: torch's CELU backward rounds 1/α through float32, see below)
+    "celu_small_alpha": Case(lambda: ml.Celu(0.125), {"input": _KINKS}, unary(lambda x: F.celu(x, 0.125))),
+    "celu_negative_alpha": Case(lambda: ml.Celu(-0.5), {"input": _KINKS}, unary(lambda x: F.celu(x, -0.5))),
+    "celu_large_alpha": Case(lambda: ml.Celu(30.0), {"input": _WIDE}, unary(lambda x: F.celu(x, 30.0))),
+    "mish": Case(lambda: ml.Mish(), {"input": _WIDE}, unary(F.mish)),
+    "mish_at_zero": Case(lambda: ml.Mish(), {"input": _KINKS}, unary(F.mish)),
+    "hardswish_kinks": Case(lambda: ml.Hardswish(), {"input": _KINKS}, unary(F.hardswish)),
+    "hardswish_wide": Case(lambda: ml.Hardswish(), {"input": _WIDE}, unary(F.hardswish)),
+    "hardsigmoid_kinks": Case(lambda: ml.Hardsigmoid(), {"input": _KINKS}, unary(_hardsigmoid)),
+    "hardsigmoid_wide": Case(lambda: ml.Hardsigmoid(), {"input": _WIDE}, unary(_hardsigmoid)),
 }
 
 
@@ -107,3 +168,96 @@ def test_rms_norm_shape_and_argument_errors():
     assert compiled.parameter_shapes == {"rmsnorm.weight": (4, 5)}
     assert np.array_equal(compiled.get_parameters()["rmsnorm.weight"], np.ones((4, 5)))
     assert repr(ml.RMSNorm(5)) == "RMSNorm((5,), eps=None, elementwise_affine=True)"
+
+
+# -- activations: arguments, names and the kinks' gradients --------------------------------
+
+def test_activation_argument_errors():
+    for bad in (0, -1.0, float("inf"), float("nan"), "1", True, None):
+        with pytest.raises(ValueError, match="Softplus: beta must be a finite number > 0"):
+            ml.Softplus(beta=bad)
+    for bad in (float("inf"), float("nan"), "20", False):
+        with pytest.raises(ValueError, match="Softplus: threshold must be a finite number"):
+            ml.Softplus(threshold=bad)
+    for bad in (float("nan"), float("-inf"), "1", True):
+        with pytest.raises(ValueError, match="Elu: alpha must be a finite number"):
+            ml.Elu(bad)
+    for bad in (0, 0.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="Celu: alpha must be a finite number != 0"):
+            ml.Celu(bad)
+    with pytest.raises(RuntimeError):  # torch's own: CELU's α divides the input
+        F.celu(torch.zeros(2), 0.0)
+
+
+@pytest.mark.parametrize("name", ["softplus", "elu", "selu", "celu", "mish", "hardswish",
+                                  "hardsigmoid"])
+def test_mlp_takes_the_activation_names(name):
+    model = ml.MLP([name, None], [3, 2])
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [4, 5]})
+    params = compiled.get_parameters()
+    x = np.random.default_rng(0).standard_normal((4, 5))
+    out = compiled.evaluate(params, {"input": x})["output"]
+    p = {k: torch.tensor(v) for k, v in params.items()}
+    lin = sorted({k.rsplit(".", 1)[0] for k in p})  # the two Linear layers, in order
+    assert len(lin) == 2 and p[lin[0] + ".weight"].shape == (3, 5)
+    h = getattr(F, name)(F.linear(torch.tensor(x), p[lin[0] + ".weight"], p[lin[0] + ".bias"]))
+    want = F.linear(h, p[lin[1] + ".weight"], p[lin[1] + ".bias"])
+    assert np.abs(out - want.numpy()).max() <= 1e-12
+
+
+def test_hardswish_gradient_at_the_kinks_is_torchs():
+    """torch's backward takes the outer branches at ±3: 0 at −3 and 1 at 3 (not the middle
+    formula's −½ and 1.5), and Hardsigmoid's gradient is 0 at both: Mithril's the same."""
+    x = torch.tensor([-3.0, 3.0], dtype=torch.float64, requires_grad=True)
+    F.hardswish(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0]
+    x.grad = None
+    F.hardsigmoid(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0]
+    for block, want in ((ml.Hardswish, [0.0, 1.0]), (ml.Hardsigmoid, [0.0, 0.0])):
+        model = ml.Model()
+        model |= block()(input="input", output="output")
+        compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [2]},
+                              trainable_keys={"input"})
+        _, grads = compiled.evaluate({"input": np.array([-3.0, 3.0])}, {},
+                                     output_gradients={"output": np.ones(2)})
+        assert grads["input"].tolist() == want
+
+
+def test_celu_gradient_is_exact_where_torchs_rounds_alpha_to_float32():
+    """torch's CELU backward takes 1/α from α rounded to float32 (derivatives.yaml:
+    ``1.0 / alpha.toFloat()``), so for α = 0.1 its float64 gradient is off the derivative
+    e^(x/α) by ~1.5e-8 relative; Celu's is the derivative itself (and equals torch's to
+    1e-10 wherever α is a float32 value: the cases above)."""
+    x = np.array([-0.3, -0.05, 0.0, 0.4])
+    model = ml.Model()
+    model |= ml.Celu(0.1)(input="input", output="output")
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [4]},
+                          trainable_keys={"input"})
+    out, grads = compiled.evaluate({"input": x}, {}, output_gradients={"output": np.ones(4)})
+    exact = np.where(x > 0, 1.0, np.exp(np.minimum(x, 0) / 0.1))
+    assert np.abs(grads["input"] - exact).max() <= 1e-15
+    xt = torch.tensor(x, requires_grad=True)
+    y = F.celu(xt, 0.1)
+    y.sum().backward()
+    assert np.abs(out["output"] - y.detach().numpy()).max() <= 1e-15  # the forward: torch's
+    a32 = float(np.float32(0.1))
+    torchs = np.where(x > 0, 1.0, 0.1 * np.exp(x / 0.1 * 0.1 * (1 / a32)) * (1 / a32))
+    assert np.abs(xt.grad.numpy() - torchs).max() <= 1e-15
+    assert 1e-9 < np.abs(xt.grad.numpy() - exact).max() < 1e-7
+
+
+def test_hardsigmoid_gradient_vs_torchs_float32_sixth():
+    """Hardsigmoid's gradient is 1/6 (float64) inside (−3, 3); torch's own backward gives
+    float32's 1/6, 0.16666667163 (3e-8 relative off), which the cases above replace."""
+    x = np.array([-3.0, -2.9, 0.0, 2.9, 3.0])
+    xt = torch.tensor(x, requires_grad=True)
+    F.hardsigmoid(xt).sum().backward()
+    assert xt.grad.tolist() == [0.0] + [float(np.float32(1 / 6))] * 3 + [0.0]
+    model = ml.Model()
+    model |= ml.Hardsigmoid()(input="input", output="output")
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [5]},
+                          trainable_keys={"input"})
+    out, grads = compiled.evaluate({"input": x}, {}, output_gradients={"output": np.ones(5)})
+    assert grads["input"].tolist() == [0.0, 1 / 6, 1 / 6, 1 / 6, 0.0]
+    assert np.array_equal(out["output"], F.hardsigmoid(torch.tensor(x)).numpy())

@@ -1,6 +1,20 @@
 """Logical models: operators, composite blocks and :class:`Model`."""
 
-from .activations import Gelu, LeakyRelu, Relu, Sigmoid, Softmax, Tanh
+from .activations import (
+    Celu,
+    Elu,
+    Gelu,
+    Hardsigmoid,
+    Hardswish,
+    LeakyRelu,
+    Mish,
+    Relu,
+    Selu,
+    Sigmoid,
+    Softmax,
+    Softplus,
+    Tanh,
+)
 from .arithmetic import Add, MatrixMultiply, Multiply
 from .blocks import MLP
 from .conv import Convolution1D, Convolution2D
@@ -18,6 +32,7 @@ __all__ = [
     "Operator", "Relu", "Sigmoid", "Softmax", "SquaredError", "Tanh",
     "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
     "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
+    "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
 ]
 
 # primitives (the published Mithril's names)

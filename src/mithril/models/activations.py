@@ -202,3 +202,183 @@ class Softmax(Operator):
 
     def vjp(self, g, out, args, wrt):
         return {"input": out * (g - (g * out).sum(axis=self.axis, keepdims=True))}
+
+
+def _number(value: Any, who: str, name: str, *, positive: bool = False,
+            nonzero: bool = False) -> float:
+    """An activation's argument as a float: a finite number (not a bool), else a
+    ``ValueError`` naming it."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    if ok and positive and not value > 0:
+        ok = False
+    if ok and nonzero and value == 0:
+        ok = False
+    if not ok:
+        rule = " > 0" if positive else " != 0" if nonzero else ""
+        raise ValueError(f"{who}: {name} must be a finite number{rule}, got {value!r}")
+    return float(value)
+
+
+class Softplus(Operator):
+    """log(1 + e^(β·x)) / β, and x itself where β·x > ``threshold`` (for numerical
+    stability), as ``torch.nn.Softplus(beta=1, threshold=20)`` / ``F.softplus``. The gradient
+    is sigmoid(β·x) = e^(β·x) / (e^(β·x) + 1), and 1 above the threshold. ``beta`` > 0,
+    ``threshold`` any finite number."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
+        self.beta = _number(beta, "Softplus", "beta", positive=True)
+        self.threshold = _number(threshold, "Softplus", "threshold")
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.softplus(input, self.beta, self.threshold)
+        bx = input * self.beta
+        # e^ of the clipped value: the linear part's e^(βx) would overflow (and on JAX give a
+        # NaN gradient through the branch where() does not pick); where, not minimum: JAX
+        # splits minimum's gradient at a tie, β·x = threshold
+        with np.errstate(over="ignore"):
+            soft = xp.log1p(xp.exp(xp.where(bx > self.threshold, self.threshold, bx))) / self.beta
+        return xp.where(bx > self.threshold, input, soft)
+
+    def vjp(self, g, out, args, wrt):
+        bx = args["input"] * self.beta
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = np.exp(np.minimum(bx, self.threshold))
+            return {"input": np.where(bx > self.threshold, g, g * z / (z + 1))}
+
+    def __repr__(self) -> str:
+        return f"Softplus(beta={self.beta}, threshold={self.threshold})"
+
+
+class _EluFamily(Operator):
+    """scale · (x if x > 0 else α·(e^(x/α_in) − 1)): ELU, SELU and CELU are torch's one
+    kernel with these constants; the gradient at x = 0 is the negative side's
+    (scale·α/α_in), as torch's."""
+
+    vjp_ignores = frozenset({"output"})
+    alpha: float = 1.0
+    scale: float = 1.0
+    input_scale: float = 1.0
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        # e^ of min(x, 0): the positive side's would overflow (a NaN gradient on JAX); where,
+        # not minimum: JAX splits minimum's gradient at the tie x = 0
+        neg = xp.expm1(xp.where(input > 0, 0.0, input) * self.input_scale) * self.alpha
+        y = xp.where(input > 0, input, neg)
+        return y if self.scale == 1.0 else y * self.scale
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        d = np.exp(np.minimum(x, 0) * self.input_scale) * (self.alpha * self.input_scale)
+        gx = np.where(x > 0, g, g * d)
+        return {"input": gx if self.scale == 1.0 else gx * self.scale}
+
+
+class Elu(_EluFamily):
+    """ELU: x if x > 0 else α·(e^x − 1), as ``torch.nn.ELU(alpha=1.0)`` / ``F.elu``; the
+    gradient α·e^x for x <= 0 (α at 0, as torch). ``alpha`` any finite number."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = _number(alpha, "Elu", "alpha")
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        return F.elu(input, self.alpha) if F is not None else super().forward(xp, input)
+
+    def __repr__(self) -> str:
+        return f"Elu(alpha={self.alpha})"
+
+
+class Selu(_EluFamily):
+    """SELU: λ·(x if x > 0 else α·(e^x − 1)) with torch's constants α = 1.6732632423543772,
+    λ = 1.0507009873554805, as ``torch.nn.SELU`` / ``F.selu``."""
+
+    alpha = 1.6732632423543772848170429916717
+    scale = 1.0507009873554804934193349852946
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        return F.selu(input) if F is not None else super().forward(xp, input)
+
+
+class Celu(_EluFamily):
+    """CELU: x if x > 0 else α·(e^(x/α) − 1), as ``torch.nn.CELU(alpha=1.0)`` / ``F.celu``;
+    the gradient e^(x/α) for x <= 0. ``alpha`` a finite number != 0.
+
+    The gradient is the derivative on every backend. torch's own CELU backward takes 1/α from
+    α rounded to float32 (``1.0 / alpha.toFloat()``), ~1e-8 relative off it in float64 where
+    α is no float32 value (0.1); the torch backend runs ``aten.elu`` with 1/α in float64."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = _number(alpha, "Celu", "alpha", nonzero=True)
+        self.input_scale = 1 / self.alpha
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:  # F.celu's forward, with its gradient's 1/α in float64 (see above)
+            return xp.t.ops.aten.elu(input, self.alpha, 1.0, 1.0 / self.alpha)
+        return super().forward(xp, input)
+
+    def __repr__(self) -> str:
+        return f"Celu(alpha={self.alpha})"
+
+
+class Mish(Operator):
+    """x · tanh(softplus(x)), softplus(x) = log(1 + e^x), as ``torch.nn.Mish`` / ``F.mish``.
+    The gradient is tanh(sp) + x·sigmoid(x)·(1 − tanh(sp)²)."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.mish(input)
+        return input * xp.tanh(xp.logaddexp(input, 0))  # softplus that never overflows
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        t = np.tanh(np.logaddexp(x, 0))
+        return {"input": g * (t + x * _expit(x) * (1 - t * t))}
+
+
+class Hardswish(Operator):
+    """x · min(max(x + 3, 0), 6) / 6, as ``torch.nn.Hardswish`` / ``F.hardswish``: 0 up to
+    −3, x from 3, x·(x + 3)/6 between. The gradient is torch's: 0 for x <= −3, x/3 + ½ for
+    −3 < x < 3, 1 for x >= 3 (so 0 at −3 and 1 at 3)."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.hardswish(input)
+        # the branches picked as torch's backward picks them, so JAX's gradient is torch's
+        return xp.where(input <= -3, 0 * input,
+                        xp.where(input < 3, input * (input + 3) / 6, input))
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        return {"input": np.where(x <= -3, 0 * g, np.where(x < 3, g * (x / 3 + 0.5), g))}
+
+
+class Hardsigmoid(Operator):
+    """min(max(x + 3, 0), 6) / 6, as ``torch.nn.Hardsigmoid`` / ``F.hardsigmoid``; the
+    gradient 1/6 for −3 < x < 3 and 0 elsewhere (at ±3 too, as torch).
+
+    The gradient is 1/6 in the input's dtype on every backend: torch's own backward
+    multiplies by 1/6 rounded to float32 (0.16666667163), 3e-8 relative off in float64, so
+    the torch backend runs this formula, not ``F.hardsigmoid``."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        inside = (input > -3) & (input < 3)
+        return xp.where(inside, (input + 3) / 6, xp.where(input >= 3, 1 + 0 * input, 0 * input))
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        return {"input": np.where((x > -3) & (x < 3), g / 6, 0 * g)}

@@ -11,7 +11,10 @@ from .operator import Operator
 
 _ACTIVATIONS = {"relu": activations.Relu, "leaky_relu": activations.LeakyRelu,
                 "sigmoid": activations.Sigmoid, "tanh": activations.Tanh,
-                "gelu": activations.Gelu, "softmax": activations.Softmax}
+                "gelu": activations.Gelu, "softmax": activations.Softmax,
+                "softplus": activations.Softplus, "elu": activations.Elu,
+                "selu": activations.Selu, "celu": activations.Celu, "mish": activations.Mish,
+                "hardswish": activations.Hardswish, "hardsigmoid": activations.Hardsigmoid}
 
 
 class MLP(Model):
