@@ -228,3 +228,122 @@ def test_zero_applies_every_step_and_lookahead_delegates():
         p, st = la.update(p, _grads("a"), st)
     assert (st.step, st.num_skipped, st.consecutive_skips) == (2, 1, 2)
     assert la.nonfinite == "skip" and np.isnan(p["w"][1])
+
+
+_TRACED = r"""
+import json, warnings
+import numpy as np
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, optax
+from mithril.interop import optax_transformation
+from mithril.utils.optimizers import Adam
+from mithril.utils.optimizers.adafactor import Adafactor
+
+N, PATTERN = __N__, __PATTERN__
+warnings.simplefilter("ignore")
+rng = np.random.default_rng(1)
+p0 = {"a": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=(5,)))}
+grads = []
+for kind in PATTERN:
+    g = {k: rng.normal(size=v.shape) for k, v in p0.items()}
+    if "a" in kind:
+        g["a"][1, 2] = np.nan
+    if "b" in kind:
+        g["b"][0] = np.inf
+    grads.append({k: jnp.asarray(v) for k, v in g.items()})
+
+def run(tx, count_of):
+    up = jax.jit(tx.update)
+    p, s, rows = p0, tx.init(p0), []
+    for g in grads:
+        u, s = up(g, s, p)
+        p = optax.apply_updates(p, u)
+        rows.append((np.concatenate([np.asarray(p[k]).ravel() for k in "ab"]).tolist(),
+                     *count_of(s)))
+    return rows
+
+def ours(s):
+    return int(s.hyperparams["consecutive_skips"]), int(s.count)
+
+def theirs(s):
+    inner = s.inner_state
+    return int(s.notfinite_count), int(inner.count if type(inner).__name__ == "OptaxState"
+                                         else inner[0].count)  # (optax.adam's: a chain)
+
+out = {
+    "adam": run(optax_transformation(Adam(0.05, beta1=0.9, beta2=0.99, epsilon=1e-8,
+                                          nonfinite="skip", max_consecutive_skips=N)), ours),
+    "adam/ref": run(optax.apply_if_finite(optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-8), N),
+                    theirs),
+    # tensorwise (Adafactor): against optax's wrapper around our own transformation
+    "adafactor": run(optax_transformation(Adafactor(0.05, nonfinite="skip",
+                                                    max_consecutive_skips=N)), ours),
+    "adafactor/ref": run(optax.apply_if_finite(optax_transformation(Adafactor(0.05)), N),
+                         theirs),
+}
+print(json.dumps(out))
+"""
+
+
+def test_optax_transformation_under_jit_vs_apply_if_finite():
+    code = _TRACED.replace("__N__", str(N)).replace("__PATTERN__", repr(PATTERN))
+    out = json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
+    for name in ("adam", "adafactor"):
+        ours, ref = out[name], out[name + "/ref"]
+        assert len(ours) == len(ref) == len(PATTERN)
+        for i, (o, r) in enumerate(zip(ours, ref)):
+            assert _same(o[0], r[0], 1e-12), (name, i)
+            assert o[2] == r[2], (name, i)  # the step count: a skipped step leaves it
+            if i <= GIVE_UP + 1:
+                assert o[1] == r[1], (name, i, o[1], r[1])
+        assert [o[1] for o in ours] == [0, 0, 1, 0, 1, 2, 0, 0, 1, 2, 3, 4, 5, 6], name
+        assert [o[2] for o in ours] == [1, 2, 2, 3, 3, 3, 4, 5, 5, 5, 6, 7, 8, 9], name
+        assert np.isnan(ours[GIVE_UP][0]).any() and not np.isnan(ours[GIVE_UP - 1][0]).any()
+
+
+def test_make_train_step_jax_vs_separate_calls():
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.training import make_train_step
+
+    m = ml.Model()
+    m |= ml.Linear(2)(input="input", output="out")
+    m |= ml.SquaredError()(input="out", target="target", output="se")
+    m |= ml.Mean()(input="se", output=ml.IOKey("loss"))
+    good = {"input": np.ones((4, 3), np.float32), "target": np.zeros((4, 2), np.float32)}
+    bad = {"input": np.full((4, 3), np.inf, np.float32), "target": good["target"]}
+    batches = [good, bad, good, bad, bad, good, bad, bad, bad, bad]
+    b = JaxBackend()
+    c = ml.compile(m, b, shapes={"input": [None, 3]})
+
+    def run(fused: bool, upto: int | None = None, resume: bool = False):
+        step = make_train_step(c, Adam(1e-2, nonfinite="skip", max_consecutive_skips=N),
+                               loss="loss")
+        p = {k: b.array(np.full(tuple(v.shape), 0.3, np.float32))
+             for k, v in c.get_parameters().items()}
+        s = step.init(p) if fused else step.optimizer.init(p)
+        rows = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for i, d in enumerate(batches[:upto]):
+                if resume and i == 8:  # mid-run of skips: through an OptimizerState
+                    s = step.from_optimizer_state(step.to_optimizer_state(s, p))
+                p, s, _ = step(p, s, {k: b.array(v) for k, v in d.items()})
+                st = step.to_optimizer_state(s, p) if fused else s
+                rows.append((np.concatenate([np.asarray(v).ravel() for v in p.values()]),
+                             st.step, st.num_skipped, st.consecutive_skips))
+        return step, rows
+
+    step, fused = run(True)
+    assert step.fused
+    _, plain = run(False)
+    _, resumed = run(True, resume=True)
+    for i, (f, q, r) in enumerate(zip(fused, plain, resumed)):
+        assert f[1:] == q[1:] == r[1:], i
+        np.testing.assert_allclose(f[0], q[0], rtol=1e-6, atol=0)
+        assert np.array_equal(f[0], r[0], equal_nan=True), i
+    # runs of 1 and 2 skipped; of 4: the 3rd and 4th applied (the params NaN)
+    assert [r[3] for r in plain] == [0, 1, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert [r[2] for r in plain] == [0, 1, 1, 2, 3, 3, 4, 5, 5, 5]
+    assert np.isnan(plain[-2][0]).all() and np.isfinite(plain[-3][0]).all()

@@ -29,7 +29,7 @@ _GROUP = re.compile(r"param_groups\[(\d+)\]\.(\w+)$")
 #: and the per-tensor clipping's bounds (read where each tensor's factors are made)
 _NOT_TRACED = frozenset({"learning_rate", "nonfinite", "param_groups", "weight_decay_mask",
                          "exclude_weight_decay", "strict", "adaptive_clip", "adaptive_clip_eps",
-                         "clip_tensor_norm", "clip_block_rms"})
+                         "clip_tensor_norm", "clip_block_rms", "max_consecutive_skips"})
 
 
 def parse(key: str) -> tuple[int | None, str]:

@@ -113,3 +113,25 @@ def _wide() -> Any:
     import jax.numpy as jnp
 
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+#: where an ``OptaxState`` counts the non-finite steps in a row (``max_consecutive_skips``)
+CONSECUTIVE = "consecutive_skips"
+
+
+def given_up(opt: Any, hyperparams: Any, finite: Any) -> tuple[Any, dict[str, Any]]:
+    """``nonfinite="skip"`` inside the program: ``(apply, counts)``, whether the step is
+    applied (``finite``, or ``max_consecutive_skips=N`` non-finite steps or more in a row
+    before it: optax ``apply_if_finite``'s rule) and the new count for ``state.hyperparams``
+    (none without ``N``: skipped forever)."""
+    import jax.numpy as jnp
+
+    from .optax_scalars import _INT32_MAX
+
+    n = opt.max_consecutive_skips
+    if n is None:
+        return finite, {}
+    held = hyperparams.get(CONSECUTIVE, jnp.zeros((), jnp.int32))  # (an older state's: 0)
+    more = jnp.minimum(held, _INT32_MAX - 1) + 1
+    return finite | (held >= n), {CONSECUTIVE: jnp.where(finite, 0, more).astype(jnp.int32)}
+

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..utils.optimizers.tensorwise import JaxOps
 from .optax_hyperparams import scheduled
-from .optax_prologue import _prologue, _wide
+from .optax_prologue import _prologue, _wide, given_up
 from .optax_scalars import (
     _INT32_MAX,
     _averaging_weights,
@@ -336,6 +336,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
             finite = jnp.isfinite(norm)
             for x in [*new_ps, *(v for vs in new_slots.values() for v in vs)]:
                 finite = finite & jnp.all(jnp.isfinite(x))
+            finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
             new_ps = [jnp.where(finite, a, b) for a, b in zip(new_ps, leaves)]
             new_slots = {s: [jnp.where(finite, a, b) for a, b in zip(vs, slot_leaves[s])]
                          for s, vs in new_slots.items()}
@@ -347,6 +348,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)
         hyper.update(now)
+        if skip:
+            hyper.update(counts)
         new_state = OptaxState(new_count, {s: treedef.unflatten(v) for s, v in new_slots.items()},
                                dict(state.tensor_slots), dict(state.values), hyper)
         return out_updates, new_state

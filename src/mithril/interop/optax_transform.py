@@ -119,7 +119,7 @@ import numpy as np
 
 from .optax_hyperparams import check as check_traced
 from .optax_hyperparams import check_schedules, scheduled
-from .optax_prologue import _prologue, _wide
+from .optax_prologue import CONSECUTIVE, _prologue, _wide, given_up
 from .optax_scalars import (
     _INT32_MAX,
     _Hyper,
@@ -234,9 +234,11 @@ def _initial_hyperparams(opt: Any, learning_rate: Any,
         lr = jnp.asarray(learning_rate(jnp.zeros((), jnp.int32)))
     else:
         lr = jnp.asarray(learning_rate)
+    counted = opt.nonfinite == "skip" and opt.max_consecutive_skips is not None
     return {"learning_rate": lr, **{h: jnp.asarray(float(getattr(opt, h)))
                                     for h in state_hyperparams(opt)},
-            **scheduled(schedules, jnp.zeros((), jnp.int32))}
+            **scheduled(schedules, jnp.zeros((), jnp.int32)),
+            **({CONSECUTIVE: jnp.zeros((), jnp.int32)} if counted else {})}
 
 
 def _step_lr(learning_rate: Any, state: Any) -> Any:
@@ -538,6 +540,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             finite = jnp.isfinite(norm)
             for x in [*new_ps, *(v for vs in new_slots.values() for v in vs)]:
                 finite = finite & jnp.all(jnp.isfinite(x))
+            finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
 
             def pick(new: Any, old: Any) -> Any:
                 return jnp.where(finite, new, old)
@@ -556,6 +559,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         if learning_rate is not None:
             hyper["learning_rate"] = jnp.asarray(lr)
         hyper.update(now)
+        if skip:
+            hyper.update(counts)
         new_state = OptaxState(
             new_count,
             {s: treedef.unflatten(v) for s, v in new_slots.items()},

@@ -70,6 +70,33 @@ def committed(tree: Any) -> Any:
 SKIPPED = "num_skipped"
 
 
+def carry_counts(opt_state: Any, state: Any) -> Any:
+    """``opt_state`` (an ``OptaxState``) with the non-finite steps in a row of ``state`` (an
+    ``OptimizerState``), where it counts them (``max_consecutive_skips``)."""
+    from ..interop.optax_prologue import CONSECUTIVE
+
+    if CONSECUTIVE not in opt_state.hyperparams:
+        return opt_state
+    import jax.numpy as jnp
+
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, CONSECUTIVE: jnp.asarray(
+        state.consecutive_skips, jnp.int32)})
+
+
+def read_counts(opt_state: Any, out: Any) -> None:
+    """The counts of ``opt_state`` (its step count and those the program keeps in its
+    ``hyperparams``: the skipped steps, the non-finite ones in a row) set on ``out``, an
+    ``OptimizerState``."""
+    from ..interop.optax_prologue import CONSECUTIVE
+
+    out.step = int(opt_state.count)
+    held = opt_state.hyperparams
+    if SKIPPED in held:
+        out.num_skipped = int(held[SKIPPED])
+    if CONSECUTIVE in held:
+        out.consecutive_skips = int(held[CONSECUTIVE])
+
+
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
               inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
               hyper: Any = None) -> tuple:

@@ -88,8 +88,10 @@ from .train_step_jax import (
     SKIPPED,
     HyperparameterWatch,
     SteadyState,
+    carry_counts,
     committed,
     gradients_norm,
+    read_counts,
     refuse_consumed,
     report_skips,
     same_params,
@@ -243,7 +245,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
                        for n, v in state.slot(s).items()} for s in template.tensor_slots}
         values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
                   for k in template.values}
-        return self._counted(template, state.num_skipped)._replace(
+        return carry_counts(self._counted(template, state.num_skipped), state)._replace(
             count=jnp.asarray(state.step, jnp.int32), slots=slots, tensor_slots=tensors,
             values=values)
 
@@ -278,9 +280,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
                 out.slots[s] = eng.from_numpy(data)
             else:
                 eng.np_view(flat)[...] = data
-        out.step = int(opt_state.count)
-        if self.SKIPPED in opt_state.hyperparams:  # (nonfinite="skip": the program counts)
-            out.num_skipped = int(opt_state.hyperparams[self.SKIPPED])
+        read_counts(opt_state, out)  # (the step; with nonfinite="skip", the skips)
         out.values.update({k: float(v) for k, v in opt_state.values.items()})
         return out
 
