@@ -302,3 +302,43 @@ def test_windows_count_skipped_windows_as_multisteps_gradient_step():
             np.testing.assert_allclose(ours[t][2][k], tp[k].detach().numpy(), rtol=0,
                                        atol=1e-14, err_msg=f"{k} at {t}")
     assert topt.state[tp["w"]]["step"].item() == st.step == 4
+
+
+@pytest.mark.parametrize("via", ["state_dict", "checkpoint"])
+def test_a_scheduled_run_resumes_after_a_skipped_window(via, tmp_path):
+    # windows (not the applied steps) are saved, so the resumed schedule picks the same k
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    def every_k(w):
+        return 2 if w < 2 else 3
+
+    gs = [_grads(100 + t) for t in range(15)]
+    gs[5]["w"][1, 0] = np.nan  # window 2 (calls 4-6) is skipped
+    cut = 8  # one micro-batch into window 3
+
+    def run(acc, p, st, start, stop):
+        for g in gs[start:stop]:
+            p, st = acc.update(p, {k: v.copy() for k, v in g.items()}, st)
+        return p, st
+
+    def make():
+        return Accumulate(Adam(learning_rate=0.01, nonfinite="skip"), every_k)
+
+    with pytest.warns(RuntimeWarning):
+        acc = make()
+        full, fst = run(acc, _start(), acc.init(_start()), 0, len(gs))
+        acc1 = make()
+        p, st = run(acc1, _start(), acc1.init(_start()), 0, cut)
+    assert (st.windows, st.step, st.micro_step) == (3, 2, 1)
+    acc2 = make()
+    if via == "state_dict":
+        st2 = acc2.load_state_dict(_through_torch_save(acc1.state_dict(st)), p)
+    else:
+        save_checkpoint(tmp_path / "ck", p, acc1, st)
+        got = load_checkpoint(tmp_path / "ck", p, acc2)
+        p, st2 = got["params"], got["state"]
+    assert acc2.k is every_k and (st2.windows, st2.step, st2.micro_step) == (3, 2, 1)
+    resumed, rst = run(acc2, p, st2, cut, len(gs))
+    assert (rst.windows, rst.step) == (fst.windows, fst.step) == (5, 4)
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
