@@ -111,6 +111,43 @@ CASES: dict[str, Case] = {
 }
 
 
+def _loss(fn, **kw):
+    return lambda t, d: {"output": fn(t["input"], t["target"], **kw)}
+
+
+_ZEROS = np.zeros((3, 7))
+for _red in ("mean", "sum", "none"):
+    CASES[f"huber_{_red}"] = Case(lambda r=_red: ml.HuberLoss(reduction=r),
+                                  {"input": 2 * _WIDE[:3], "target": (3, 7)},
+                                  _loss(F.huber_loss, reduction=_red))
+    CASES[f"smooth_l1_{_red}"] = Case(lambda r=_red: ml.SmoothL1Loss(reduction=r),
+                                      {"input": 2 * _WIDE[:3], "target": (3, 7)},
+                                      _loss(F.smooth_l1_loss, reduction=_red))
+    CASES[f"smooth_l1_beta_0_{_red}"] = Case(  # L1, the gradient 0 where input = target
+        lambda r=_red: ml.SmoothL1Loss(beta=0.0, reduction=r), {"input": _around(0.0, 1.0), "target": _ZEROS[:2]},
+        _loss(F.smooth_l1_loss, reduction=_red, beta=0.0))
+CASES.update({
+    # d = input − 0 exactly at, and an ulp and 1e-9 either side of, ±delta / ±beta
+    "huber_at_delta": Case(lambda: ml.HuberLoss(delta=1.5, reduction="none"),
+                           {"input": _around(1.5, -1.5, 0.0), "target": _ZEROS},
+                           _loss(F.huber_loss, reduction="none", delta=1.5)),
+    "huber_tiny_delta": Case(lambda: ml.HuberLoss(delta=1e-12, reduction="sum"),
+                             {"input": _around(1e-12, 0.0, spread=1e-13), "target": _ZEROS[:2]},
+                             _loss(F.huber_loss, reduction="sum", delta=1e-12)),
+    "huber_huge_values": Case(lambda: ml.HuberLoss(delta=1e3),
+                              {"input": 1e150 * _WIDE[:2], "target": (2, 7)},
+                              _loss(F.huber_loss, delta=1e3)),
+    "smooth_l1_at_beta": Case(lambda: ml.SmoothL1Loss(beta=0.25, reduction="none"),
+                              {"input": _around(0.25, -0.25, 0.0), "target": _ZEROS},
+                              _loss(F.smooth_l1_loss, reduction="none", beta=0.25)),
+    "smooth_l1_tiny_beta": Case(lambda: ml.SmoothL1Loss(beta=1e-12, reduction="sum"),
+                                {"input": _around(1e-12, 0.0, spread=1e-13), "target": _ZEROS[:2]},
+                                _loss(F.smooth_l1_loss, reduction="sum", beta=1e-12)),
+    "smooth_l1_large_beta": Case(lambda: ml.SmoothL1Loss(beta=1e6), {"input": 1e3 * _WIDE[:3], "target": (3, 7)},
+                                 _loss(F.smooth_l1_loss, beta=1e6)),
+})
+
+
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_torch(name, backend_name):
@@ -261,3 +298,42 @@ def test_hardsigmoid_gradient_vs_torchs_float32_sixth():
     out, grads = compiled.evaluate({"input": x}, {}, output_gradients={"output": np.ones(5)})
     assert grads["input"].tolist() == [0.0, 1 / 6, 1 / 6, 1 / 6, 0.0]
     assert np.array_equal(out["output"], F.hardsigmoid(torch.tensor(x)).numpy())
+
+
+# -- losses: arguments and shapes ---------------------------------------------------------
+
+def test_loss_argument_errors_and_shapes():
+    for bad in (0, -1.0, float("inf"), float("nan"), "1", True, None):
+        with pytest.raises(ValueError, match="HuberLoss: delta must be a finite number > 0"):
+            ml.HuberLoss(delta=bad)
+    with pytest.raises(RuntimeError, match="delta"):  # torch's own
+        F.huber_loss(torch.zeros(2), torch.zeros(2), delta=0.0)
+    for bad in (-1e-9, float("inf"), float("nan"), "1", False):
+        with pytest.raises(ValueError, match="SmoothL1Loss: beta must be a finite number >= 0"):
+            ml.SmoothL1Loss(beta=bad)
+    with pytest.raises(RuntimeError, match="beta"):
+        F.smooth_l1_loss(torch.zeros(2), torch.zeros(2), beta=-1.0)
+    for cls in (ml.HuberLoss, ml.SmoothL1Loss):
+        with pytest.raises(ValueError, match=f"{cls.__name__}: reduction must be one of"):
+            cls(reduction="avg")
+        model = ml.Model()
+        model |= cls()(input="input", target="target", output="output")
+        with pytest.raises(ml.ShapeError, match=r"'input' has shape \[2, 3\] but 'target' has shape \[2, 4\]"):
+            ml.compile(model, NumpyBackend(), shapes={"input": [2, 3], "target": [2, 4]})
+    from mithril.models.losses import HuberLoss
+    assert HuberLoss is ml.HuberLoss
+    assert repr(ml.SmoothL1Loss(0)) == "SmoothL1Loss(beta=0.0, reduction='mean')"
+
+
+def test_huber_is_delta_times_smooth_l1():
+    """HuberLoss(delta=b) = b · SmoothL1Loss(beta=b), as torch documents."""
+    x = np.random.default_rng(1).standard_normal((4, 5)) * 3
+    outs = []
+    for block in (ml.HuberLoss(delta=0.7, reduction="none"), ml.SmoothL1Loss(beta=0.7, reduction="none")):
+        model = ml.Model()
+        model |= block(input="input", target="target", output="output")
+        compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [4, 5], "target": [4, 5]})
+        outs.append(compiled.evaluate({}, {"input": x, "target": np.zeros((4, 5))})["output"])
+    assert np.abs(outs[0] - 0.7 * outs[1]).max() <= 1e-15
+    want = F.huber_loss(torch.tensor(x), torch.zeros(4, 5, dtype=torch.float64), reduction="none", delta=0.7)
+    assert np.abs(outs[0] - want.numpy()).max() <= 1e-15

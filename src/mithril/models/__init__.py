@@ -20,7 +20,7 @@ from .blocks import MLP
 from .conv import Convolution1D, Convolution2D
 from .dropout import Dropout
 from .layers import Embedding, Flatten, LayerNorm, Linear
-from .losses import CrossEntropy, MeanSquaredError, SquaredError
+from .losses import CrossEntropy, HuberLoss, MeanSquaredError, SmoothL1Loss, SquaredError
 from .model import Bound, Connection, Model
 from .norms import BatchNorm1D, BatchNorm2D, GroupNorm, RMSNorm
 from .operator import Operator
@@ -33,6 +33,7 @@ __all__ = [
     "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
     "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
     "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
+    "HuberLoss", "SmoothL1Loss",
 ]
 
 # primitives (the published Mithril's names)

@@ -430,3 +430,6 @@ class CrossEntropy(Operator):
         extra += "" if self.axis == -1 else f", axis={self.axis}"
         extra += "" if self._options is None else f", {self._options!r}"
         return f"CrossEntropy(reduction={self.reduction!r}{extra})"
+
+
+from .robust_losses import HuberLoss, SmoothL1Loss  # noqa: E402, F401  (the losses' module path)
