@@ -376,6 +376,7 @@ class MixedPrecisionTrainer(FixedParts):
             # the wrapped optimizer's state as a plain one's, and the micro-batches already
             # buffered (their sums in the masters' dtype): re-initialising dropped both
             new = AccumulateState(self._master_state(state.inner, opt.optimizer))
+            new.windows = state.windows  # (a callable k reads it)
             old, acc = state.accumulator, new.accumulator
             if old.count:
                 sums = self._engine.cast_tree(old.sum(), self._engine.mdt)
