@@ -36,7 +36,7 @@ def _start() -> dict[str, np.ndarray]:
 #: what torch.load(weights_only=True) needs allowed to read NumPy arrays back (the
 #: optimizers' state dicts, and so the nested one, hold NumPy arrays)
 NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                 np.dtypes.Float64DType, np.dtypes.Float32DType]
+                 np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Float16DType]
 
 
 def _through_torch_save(d: dict) -> dict:
@@ -342,3 +342,33 @@ def test_a_scheduled_run_resumes_after_a_skipped_window(via, tmp_path):
     assert (rst.windows, rst.step) == (fst.windows, fst.step) == (5, 4)
     for k in full:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+
+
+def test_a_half_precision_window_keeps_its_float32_sums():
+    # float16 gradients are summed in float32 (MultiSteps' accumulator_dtype default); the
+    # state dict holds the float32 sums and the resumed run is the unbroken one, bit for bit
+    tb = TorchBackend(dtype="float16")
+
+    def run(acc, p, st, start, stop):
+        for t in range(start, stop):
+            g = {k: torch.tensor(v * 1e3).to(torch.float16) for k, v in _grads(t).items()}
+            p, st = acc.update(p, g, st)
+        return p, st
+
+    p0 = {k: tb.array(v) for k, v in _start().items()}
+    acc = Accumulate(Adam(learning_rate=0.01, epsilon=1e-4), K)
+    full, _ = run(acc, p0, acc.init(p0), 0, STEPS)
+    acc1 = Accumulate(Adam(learning_rate=0.01, epsilon=1e-4), K)
+    p, st = run(acc1, p0, acc1.init(p0), 0, CUT)
+    d = _through_torch_save(acc1.state_dict(st))
+    assert {k: v.dtype for k, v in d["sums"].items()} == {"w": np.float32, "b": np.float32}
+    sums = {k: sum(_grads(t)[k] * 1e3 for t in (3, 4)) for k in ("w", "b")}
+    for k in sums:  # (each gradient rounded to float16 first, as the run's were)
+        want = sum(np.float32(np.float16(_grads(t)[k] * 1e3)) for t in (3, 4))
+        np.testing.assert_array_equal(d["sums"][k], want)
+        np.testing.assert_allclose(d["sums"][k], sums[k], rtol=0, atol=2.0)  # (fp16 ulp at 2048)
+    acc2 = Accumulate(Adam(learning_rate=0.01, epsilon=1e-4), K)
+    resumed, _ = run(acc2, p, acc2.load_state_dict(d, p), CUT, STEPS)
+    for k in full:
+        assert resumed[k].dtype == torch.float16
+        assert torch.equal(resumed[k], full[k]), k
