@@ -25,6 +25,12 @@ Two ways to use it:
   and ``optax.MultiSteps``' count. Keras with ``gradient_accumulation_steps`` counts every
   call instead (step the scheduler after each ``update`` to reproduce it; see the optimizers
   guide).
+  ``state.windows`` counts the windows emitted (``MultiSteps``' ``gradient_step``, skipped
+  steps included; what a callable ``k`` reads), ``state.step`` the applied ones. The wrapped
+  optimizer's state readers (``ema_params``, ``swa_params``, ``swap_ema``, ``slow_params``,
+  ``eval_params``) are on the wrapper too, and take its state; ``state_dict`` /
+  ``load_state_dict`` save and restore a run mid-window in memory
+  (:mod:`mithril.utils.accumulate_state_dict`).
 
 The buffers are sums on the gradients' device (in place on NumPy and torch), in the
 gradients' dtype, but in float32 for float16 / bfloat16 gradients (as ``optax.MultiSteps``'
