@@ -148,6 +148,44 @@ CASES.update({
 })
 
 
+
+def _torch_conv(nd, out, k, **kw):
+    """The reference: torch's own nn.Conv1d / Conv2d module (its padding_mode) with the
+    block's weight and bias."""
+    def ref(t, d):
+        x = t["input"]
+        params = {k2.rsplit(".", 1)[-1]: v for k2, v in t.items() if k2 != "input"}
+        cls = torch.nn.Conv1d if nd == 1 else torch.nn.Conv2d
+        mod = cls(x.shape[1], out, k, dtype=torch.float64, bias="bias" in params, **kw)
+        return {"output": torch.func.functional_call(mod, params, (x,))}
+    return ref
+
+
+for _mode in ("reflect", "replicate", "circular"):
+    CASES.update({
+        f"conv2d_{_mode}": Case(lambda m=_mode: ml.Convolution2D(3, 4, padding=1, padding_mode=m),
+                                {"input": (2, 3, 5, 6)}, _torch_conv(2, 4, 3, padding=1, padding_mode=_mode)),
+        f"conv2d_{_mode}_stride_dilation_groups": Case(
+            lambda m=_mode: ml.Convolution2D((3, 2), 4, stride=(2, 1), padding=(2, 1), dilation=(1, 2),
+                                             groups=2, padding_mode=m),
+            {"input": (2, 4, 6, 5)},
+            _torch_conv(2, 4, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2,
+                        padding_mode=_mode)),
+        f"conv2d_{_mode}_same_even_kernel": Case(  # torch: the odd element after
+            lambda m=_mode: ml.Convolution2D((2, 4), 3, padding="same", use_bias=False, padding_mode=m),
+            {"input": (1, 2, 5, 5)}, _torch_conv(2, 3, (2, 4), padding="same", padding_mode=_mode)),
+        f"conv2d_{_mode}_largest_padding": Case(  # reflect: size − 1; the others: the size
+            lambda m=_mode: ml.Convolution2D(3, 2, padding=(2, 3) if m == "reflect" else (3, 4), padding_mode=m),
+            {"input": (1, 2, 3, 4)},
+            _torch_conv(2, 2, 3, padding=(2, 3) if _mode == "reflect" else (3, 4), padding_mode=_mode)),
+        f"conv1d_{_mode}": Case(lambda m=_mode: ml.Convolution1D(3, 4, padding=2, dilation=2, padding_mode=m),
+                                {"input": (2, 3, 7)}, _torch_conv(1, 4, 3, padding=2, dilation=2, padding_mode=_mode)),
+        f"conv1d_{_mode}_asymmetric": Case(  # (before, after): F.pad then F.conv1d, as torch's module does
+            lambda m=_mode: ml.Convolution1D(4, 2, padding=[(3, 1)], padding_mode=m), {"input": (2, 3, 6)},
+            unary(lambda x, weight, bias, m=_mode: F.conv1d(F.pad(x, (3, 1), mode=m), weight, bias))),
+    })
+
+
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_torch(name, backend_name):
@@ -337,3 +375,37 @@ def test_huber_is_delta_times_smooth_l1():
     assert np.abs(outs[0] - 0.7 * outs[1]).max() <= 1e-15
     want = F.huber_loss(torch.tensor(x), torch.zeros(4, 5, dtype=torch.float64), reduction="none", delta=0.7)
     assert np.abs(outs[0] - want.numpy()).max() <= 1e-15
+
+
+# -- convolution padding_mode ----------------------------------------------------------------
+
+def test_conv_padding_mode_errors_and_repr():
+    with pytest.raises(ValueError, match=r"Convolution2D: padding_mode must be one of \('zeros', "
+                                         r"'reflect', 'replicate', 'circular'\), got 'mirror'"):
+        ml.Convolution2D(3, 4, padding=1, padding_mode="mirror")
+    for mode, n, pad in (("reflect", 3, 3), ("circular", 3, 4)):
+        model = ml.Model()
+        model |= ml.Convolution2D(3, 2, padding=pad, padding_mode=mode)(input="input")
+        with pytest.raises(ml.ShapeError, match=f"Convolution2D: padding_mode='{mode}' needs each "
+                                                f"padding .* spatial axis 0 of size {n}"):
+            ml.compile(model, NumpyBackend(), shapes={"input": [1, 2, n, 8]})
+        with pytest.raises(RuntimeError):  # torch refuses the same
+            torch.nn.Conv2d(2, 2, 3, padding=pad, padding_mode=mode)(torch.zeros(1, 2, n, 8))
+    assert repr(ml.Convolution1D(3, 2, padding=1, padding_mode="circular")).endswith(
+        "use_bias=True, padding_mode='circular')")
+    assert ml.Convolution2D(3, 2, padding_mode="reflect").mode_pads is None  # no padding: nothing to do
+
+
+def test_conv_padding_mode_free_size_checked_at_evaluate():
+    """A spatial size left free at compile time is checked when the input comes."""
+    model = ml.Model()
+    model |= ml.Convolution1D(3, 2, padding=2, padding_mode="reflect")(input="input", output="output")
+    compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [1, 1, None]})
+    params = compiled.get_parameters()
+    with pytest.raises(ml.ShapeError, match="padding_mode='reflect' needs each padding less than"):
+        compiled.evaluate(params, {"input": np.ones((1, 1, 2))})
+    x = np.arange(5.0).reshape(1, 1, 5)
+    out = compiled.evaluate(params, {"input": x})["output"]
+    w, b = (torch.tensor(params[k]) for k in ("convolution1_d.weight", "convolution1_d.bias"))
+    want = F.conv1d(F.pad(torch.tensor(x), (2, 2), mode="reflect"), w, b)
+    assert np.abs(out - want.numpy()).max() <= 1e-12

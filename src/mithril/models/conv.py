@@ -146,6 +146,35 @@ def disjoint(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[i
     return all(s >= d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
 
 
+#: torch's ``padding_mode``s: F.pad's "reflect" / "replicate" / "circular" before the convolution
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def source_index(n: int, lo: int, hi: int, mode: str) -> np.ndarray:
+    """Per position of an axis of size ``n`` padded by ``lo`` / ``hi``, the input position it
+    copies under ``mode`` (torch's F.pad: "reflect" mirrors without repeating the edge,
+    "replicate" repeats the edge, "circular" wraps around)."""
+    j = np.arange(-lo, n + hi)
+    if mode == "replicate":
+        return np.clip(j, 0, n - 1)
+    if mode == "circular":
+        return j % n
+    j = np.abs(j)  # reflect (every pad < n: one reflection at each end)
+    return np.where(j > n - 1, 2 * (n - 1) - j, j)
+
+
+def check_mode_pads(spatial: Sequence[int | None], pads: Pads, mode: str, who: str) -> None:
+    """torch's limits: a reflect padding below the axis's size, a circular one at most it."""
+    for i, (n, (lo, hi)) in enumerate(zip(spatial, pads)):
+        if n is None or mode == "replicate":
+            continue
+        if mode == "reflect" and max(lo, hi) >= n or mode == "circular" and max(lo, hi) > n:
+            rule = "less than" if mode == "reflect" else "at most"
+            raise ShapeError(f"{who}: padding_mode={mode!r} needs each padding {rule} the input "
+                             f"size along its axis, got padding {lo}+{hi} on spatial axis {i} of "
+                             f"size {n}")
+
+
 # -- convolution ------------------------------------------------------------------------------
 class _Convolution(Operator):
     nd: int = 2
@@ -155,7 +184,8 @@ class _Convolution(Operator):
 
     def __init__(self, kernel_size: int | Sequence[int], out_channels: int | None = None,
                  stride: int | Sequence[int] = 1, padding: Any = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, use_bias: bool = True) -> None:
+                 dilation: int | Sequence[int] = 1, groups: int = 1, use_bias: bool = True,
+                 padding_mode: str = "zeros") -> None:
         who = type(self).__name__
         if not isinstance(out_channels, (int, np.integer)) or isinstance(out_channels, bool) \
                 or out_channels <= 0:
@@ -170,6 +200,14 @@ class _Convolution(Operator):
         self.dilation = ntuple(dilation, self.nd, "dilation", who)
         self.pads = padding_pairs(padding, self.nd, self.kernel_size, self.dilation, self.stride, who)
         self.padding = padding
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"{who}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        #: a non-zeros mode's padding, applied to the input before a convolution without any
+        #: (as torch's ConvNd); ``pads`` is then all zeros
+        self.mode_pads: Pads | None = None
+        if padding_mode != "zeros" and any(lo or hi for lo, hi in self.pads):
+            self.mode_pads, self.pads = self.pads, ((0, 0),) * self.nd
         self.out_channels, self.groups, self.use_bias = int(out_channels), int(groups), use_bias
         self._fan_in: int | None = None
 
@@ -204,23 +242,58 @@ class _Convolution(Operator):
         s = shapes.get("input")
         if s is None:
             return None
-        sp = out_sizes(s[2:], self.kernel_size, self.stride, self.dilation, self.pads,
-                       type(self).__name__)
+        who = type(self).__name__
+        if self.mode_pads is not None:
+            check_mode_pads(s[2:], self.mode_pads, self.padding_mode, who)
+        sp = out_sizes(s[2:], self.kernel_size, self.stride, self.dilation,
+                       self.mode_pads or self.pads, who)
         return (s[0], self.out_channels, *sp)
+
+    def _mode_pad(self, xp: Any, x: Any) -> Any:
+        """``x`` padded by ``padding_mode`` (as is for "zeros"): F.pad on torch, a gather of
+        :func:`source_index` per axis on NumPy and JAX."""
+        if self.mode_pads is None:
+            return x
+        if backend_of(xp) == "torch":
+            import torch.nn.functional as F
+
+            flat = [p for pair in reversed(self.mode_pads) for p in pair]  # last axis first
+            return F.pad(x, flat, mode=self.padding_mode)
+        check_mode_pads(x.shape[2:], self.mode_pads, self.padding_mode, type(self).__name__)
+        for ax, (lo, hi) in enumerate(self.mode_pads, start=2):
+            x = xp.take(x, source_index(x.shape[ax], lo, hi, self.padding_mode), axis=ax)
+        return x
+
+    def _mode_unpad(self, g: np.ndarray) -> np.ndarray:
+        """The VJP of :meth:`_mode_pad` (NumPy): each padded position's gradient added onto
+        the input position it copies, axis by axis from the last."""
+        assert self.mode_pads is not None
+        for ax in reversed(range(2, 2 + self.nd)):
+            lo, hi = self.mode_pads[ax - 2]
+            n = g.shape[ax] - lo - hi
+            src = source_index(n, lo, hi, self.padding_mode)
+            gm = np.moveaxis(g, ax, -1)
+            out = gm[..., lo:lo + n].copy()
+            for j in (*range(lo), *range(lo + n, lo + n + hi)):  # the pad positions only
+                out[..., src[j]] += gm[..., j]
+            g = np.moveaxis(out, -1, ax)
+        return g
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
         kind = backend_of(xp)
         if kind == "torch":
-            return self._torch(xp.t, input, weight, bias)
+            return self._torch(xp.t, self._mode_pad(xp, input), weight, bias)
         if kind == "jax":
-            return self._jax(input, weight, bias)
+            return self._jax(self._mode_pad(xp, input), weight, bias)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     def forward_residuals(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
         """NumPy: the output and (the input, and its im2col rows when they took one chunk):
         the VJP rebuilds the rows of a larger input chunk by chunk, as the forward does,
-        rather than keeping them (9x the input for a 3×3 kernel, and cold by then)."""
+        rather than keeping them (9x the input for a 3×3 kernel, and cold by then). With a
+        ``padding_mode`` other than "zeros", "the input" is the padded one."""
+        input = self._mode_pad(np, input)
         out = self._out(input)
         n, p = input.shape[0], math.prod(out)
         g, o = self.groups, self.out_channels
@@ -299,7 +372,7 @@ class _Convolution(Operator):
         """Chunk by chunk of images (as the forward): the weight gradient g·cols summed over
         the chunks, and the input gradient's columns g·W gathered back onto the input
         (:func:`~mithril.models.window_kernels.col2im`) while they are in cache."""
-        x, kept = residuals if residuals is not None else (args["input"], None)
+        x, kept = residuals if residuals is not None else (self._mode_pad(np, args["input"]), None)
         n, c = x.shape[:2]
         gr, o = self.groups, self.out_channels
         og, cg = o // gr, c // gr
@@ -340,18 +413,25 @@ class _Convolution(Operator):
             res["weight"] = np.ascontiguousarray(gw)
         if want_x:
             res["input"] = np.moveaxis(gx, -1, 1)
+            if self.mode_pads is not None:
+                res["input"] = self._mode_unpad(res["input"])
         return res
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, {self.out_channels}, "
                 f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
-                f"groups={self.groups}, use_bias={self.use_bias})")
+                f"groups={self.groups}, use_bias={self.use_bias}"
+                + ("" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}")
+                + ")")
 
 
 class Convolution1D(_Convolution):
     """1-D convolution (cross-correlation, as torch) of (N, C, L) into (N, out_channels, L');
     weight (out_channels, C / groups, k), bias (out_channels,). ``padding``: an int, a
-    ``(before, after)`` pair in a 1-sequence, ``"valid"`` or ``"same"`` (stride 1)."""
+    ``(before, after)`` pair in a 1-sequence, ``"valid"`` or ``"same"`` (stride 1).
+    ``padding_mode``: torch's "zeros" (default), "reflect", "replicate" or "circular" (the
+    input padded so by ``F.pad`` first, as ``nn.Conv1d``; reflect needs each padding below
+    the length, circular at most it: a ``ShapeError`` otherwise)."""
 
     nd = 1
     layout = "N, C, L"
@@ -361,7 +441,10 @@ class Convolution2D(_Convolution):
     """2-D convolution (cross-correlation, as torch) of (N, C, H, W) into
     (N, out_channels, H', W'); weight (out_channels, C / groups, kh, kw), bias (out_channels,).
     ``kernel_size``, ``stride``, ``dilation``: an int or a pair; ``padding``: an int, a pair,
-    a pair of ``(before, after)`` pairs, ``"valid"`` or ``"same"`` (stride 1)."""
+    a pair of ``(before, after)`` pairs, ``"valid"`` or ``"same"`` (stride 1).
+    ``padding_mode``: torch's "zeros" (default), "reflect", "replicate" or "circular" (the
+    input padded so by ``F.pad`` first, as ``nn.Conv2d``; reflect needs each padding below
+    its axis's size, circular at most it: a ``ShapeError`` otherwise)."""
 
     nd = 2
     layout = "N, C, H, W"
