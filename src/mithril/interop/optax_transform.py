@@ -69,7 +69,9 @@ How it works:
   averages are ``state.slots["ema"]`` / ``["swa"]``), two-pass optimizers (LAMB, LARS,
   Novograd: the per-tensor sums are per leaf) and ``nonfinite="skip"`` (a step with a
   non-finite gradient, or giving non-finite values, returns zero updates and leaves the
-  state as it was, the count included). ``nonfinite="raise"`` cannot raise inside
+  state as it was, the count included; with ``max_consecutive_skips=N``, as optax's
+  ``apply_if_finite``, one after ``N`` in a row is applied: ``state.hyperparams
+  ["consecutive_skips"]`` counts them). ``nonfinite="raise"`` cannot raise inside
   ``jax.jit`` and is refused. Leaves may have different floating-point dtypes.
 * **Dtypes, where optax differs.** Each gradient is cast to its parameter's dtype before
   the math, and the slots and the update returned have the parameter's dtype: with

@@ -40,13 +40,12 @@ in ``state.last_grad_norm`` under the first three policies:
   untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
   a ``RuntimeWarning`` is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer`
   skips itself.)
-  ``max_consecutive_skips=N`` (None: skip forever) gives up as optax's ``apply_if_finite(
-  inner, max_consecutive_errors=N)``: ``state.consecutive_skips`` counts the non-finite steps
-  in a row (optax's ``notfinite_count``; a finite step resets it); a step taken with it at
-  ``N`` or more is applied as under ``"propagate"`` (a run that stays broken surfaces as NaN
-  params instead of silently not training), counted in ``num_nonfinite``, not ``num_skipped``
-  (optax's ``total_notfinite`` is their sum). Optax looks at the gradients only; here a step
-  is non-finite if its gradients or results are (once params hold NaN, the count grows).
+  ``max_consecutive_skips=N`` (None: skip forever) gives up as optax's ``apply_if_finite(inner,
+  max_consecutive_errors=N)``: ``state.consecutive_skips`` counts non-finite steps in a row
+  (its ``notfinite_count``; a finite step resets it); a step taken with it at ``N`` or more is
+  applied as under ``"propagate"`` (a broken run shows NaN params, not silently no training),
+  counted in ``num_nonfinite``, not ``num_skipped`` (their sum: its ``total_notfinite``). Optax
+  looks at gradients only; here results count too (once params hold NaN, the count grows).
 * ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
   nothing changed.
 * ``"unchecked"``: the step is applied and nothing is looked at, as torch.optim and optax
@@ -137,7 +136,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     Common options: ``weight_decay`` (coupled L2, ``g ← g + wd·p``, as torch.optim),
     ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
     ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
-    ``nonfinite`` (see module docs) and ``backend`` (else inferred from the params).
+    ``nonfinite`` and ``max_consecutive_skips`` (see module docs) and ``backend`` (else
+    inferred from the params).
     Per tensor, before those: ``clip_tensor_norm`` (Keras ``clipnorm``: each tensor scaled
     by ``c / max(‖g‖, c)``) and ``clip_block_rms`` (optax ``clip_by_block_rms``: by
     ``1 / max(1, rms(g) / c)``), measured in one more read-only pass over the gradients;
@@ -209,12 +209,11 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if max_consecutive_skips is not None:
-            max_consecutive_skips = averaging.check_int("max_consecutive_skips",
-                                                        max_consecutive_skips)
+        if (n := max_consecutive_skips) is not None:
+            n = max_consecutive_skips = averaging.check_int("max_consecutive_skips", n)
             if nonfinite != "skip":
-                raise ValueError(f"max_consecutive_skips={max_consecutive_skips} needs "
-                                 f"nonfinite='skip' (got nonfinite={nonfinite!r})")
+                raise ValueError(f"max_consecutive_skips={n} needs nonfinite='skip' (got "
+                                 f"nonfinite={nonfinite!r})")
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.ema_decay = averaging.check_ema_decay(ema_decay)
@@ -465,7 +464,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above)."""
         if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
-                and self.nonfinite == "skip":  # (a policy of "propagate": no recursion)
+                and self.nonfinite == "skip":  # (_give_up's "propagate": no recursion)
             return self._give_up(params, gradients, state, n)
         if getattr(state, "fast", None) is not None:  # a loop's steady state (fast_step.py)
             try:
