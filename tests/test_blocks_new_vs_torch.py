@@ -1,8 +1,11 @@
-"""RMSNorm, the torch activations (Softplus, ELU, SELU, CELU, Mish, Hardswish, Hardsigmoid)
-and the Huber / smooth-L1 losses side by side with ``torch.nn.functional`` in float64 on
-NumPy, JAX and torch: the output and every gradient within 1e-10 (relative to
-max(1, |torch|)), at the edges: inputs at and around each threshold or kink, tiny and huge
-values, and the arguments' edge values (eps from torch's finfo default, beta = 0, ...)."""
+"""RMSNorm, the torch activations (Softplus, ELU, SELU, CELU, Mish, Hardswish, Hardsigmoid),
+the Huber / smooth-L1 losses and the convolutions' ``padding_mode`` side by side with torch
+(``torch.nn.functional``, or torch's own Conv modules) in float64 on NumPy, JAX and torch:
+the output and every gradient within 1e-10 (relative to max(1, |torch|)), at the edges:
+inputs at and around each threshold or kink, tiny and huge values, and the arguments' edge
+values (eps from torch's finfo default, beta = 0, the largest reflect / circular padding).
+Two torch gradients rounded through float32 (Hardsigmoid's 1/6, CELU's 1/α) are replaced by
+the exact derivative, and the tests below measure torch's own."""
 
 from __future__ import annotations
 
