@@ -68,7 +68,7 @@ TORCH_SLOTS: tuple[tuple[type, dict[str, str]], ...] = (
 )
 
 #: the counters kept next to the hyperparameters in ``state_dict()["mithril"]``
-COUNTERS = ("step", "num_skipped", "num_nonfinite")
+COUNTERS = ("step", "num_skipped", "num_nonfinite", "consecutive_skips")
 
 
 def slot_names_for_torch(opt: Optimizer) -> dict[str, str]:
@@ -227,8 +227,7 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
     ours = opt.state_dict(None)
     if st is None:
         return {}, {**ours, **dict.fromkeys(COUNTERS, 0)}
-    meta = {**ours, "step": st.step, "num_skipped": st.num_skipped,
-            "num_nonfinite": st.num_nonfinite}
+    meta = {**ours, **{k: getattr(st, k) for k in COUNTERS}}
     if st.values:
         meta["values"] = {k: float(v) for k, v in st.values.items()}
     if counts_of(opt, st) is not None:  # each average's updates, in the parameters' order
@@ -547,8 +546,8 @@ def with_added(trial: Optimizer, st: Any, names: Sequence[str], params: Sequence
             kept[n] = a
         slots[s] = kept
     del fresh  # (its buffers: the load below makes the state anew)
-    ours = {**trial.state_dict(None), "step": st.step, "num_skipped": st.num_skipped,
-            "num_nonfinite": st.num_nonfinite, "slots": slots}
+    ours = {**trial.state_dict(None), **{k: getattr(st, k) for k in COUNTERS},
+            "slots": slots}
     if st.values:
         ours["values"] = dict(st.values)
     if getattr(st, "averaged", None) is not None:  # (the new parameters' averages: fresh)
