@@ -35,6 +35,7 @@ from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
 from . import process_group as pg
+from .missed_steps import note_missed
 from .sharding import ChunkLayout, assign
 
 
@@ -296,10 +297,13 @@ class DataParallel(FixedParts):
 
     ``update`` takes this rank's gradients (of its share of the batch: a mean over it) and
     applies the mean over ranks, as one process would on the whole batch (the ranks' shares
-    being of equal size). A gradient absent on some ranks counts as zero there (torch DDP's
-    ``find_unused_parameters``); absent on all, the parameter is left untouched. The
+    being of equal size). A gradient absent (or None) on some ranks counts as zero there
+    (torch DDP's ``find_unused_parameters``); absent on all, the parameter and its slots are
+    left untouched and its own step count does not advance, as DDP leaves its ``.grad`` None
+    and ``torch.optim`` skips it (:mod:`.missed_steps`; at every world size). The
     ownership rule of :mod:`mithril.utils.optimizers.base` holds: rebind to what ``update``
-    returns. Without a process group (one process) it is the wrapped optimizer."""
+    returns. Without a process group (one process) it is the wrapped optimizer (counting
+    each parameter's own steps, as above)."""
 
     def __init__(self, optimizer: Any, shard_state: bool = False) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -471,6 +475,8 @@ class DataParallel(FixedParts):
         if state.world == 1:  # nothing to average: the wrapped optimizer, bit for bit
             new, state.local = self.optimizer.update(params, gradients, state.local)
             state.last_grad_norm = state.local.last_grad_norm
+            note_missed(self.optimizer, state.local,
+                        [n for n in state.names if gradients.get(n) is None])
             return new, state
         buf, names = state._send, state.names
         # every rank checks its inputs before any gradient travels: the all-reduce sums the
@@ -500,6 +506,8 @@ class DataParallel(FixedParts):
         grads = {n: state._grad_views[n] for i, n in enumerate(names) if flags[1 + i] > 0}
         new, state.local = self.optimizer.update(params, grads, state.local)
         state.last_grad_norm = state.local.last_grad_norm
+        # (no rank's gradient: DDP leaves .grad None, torch.optim skips it: missed_steps.py)
+        note_missed(self.optimizer, state.local, [n for n in names if n not in grads])
         return new, state
 
     def _sync_groups(self, state: DistributedState) -> None:

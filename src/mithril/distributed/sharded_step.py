@@ -30,6 +30,7 @@ from .data_parallel import (
     _small,
     _sumsq,
 )
+from .missed_steps import note_missed
 
 
 def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
@@ -144,6 +145,9 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     if skipped:
         state.bytes_communicated = sent
         return (dict(state._out) if state._out else dict(params)), state
+    # this rank's tensors that no rank had a gradient for (their flags, summed over the
+    # ranks by the reduce-scatter, are 0): their own step counts stay (missed_steps.py)
+    note_missed(opt, local, [n for n in own if n not in grads])
     pchunk = state._pchunk
     for k, n in enumerate(own):
         lo = int(ch.local_offset[a + k])
