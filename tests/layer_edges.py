@@ -147,3 +147,26 @@ def jax_column(module: str, names: list[str], tests_dir: str) -> dict[str, Any]:
         name, kind, k = key.split("|", 2)
         res.setdefault(name, {"p": {}, "c": {}, "o": {}, "g": {}})[kind][k] = v
     return {n: (d["p"], d["c"], d["o"], d["g"]) for n, d in res.items()}
+
+
+def parity_tests(module: str, cases: dict[str, Case]) -> tuple[Any, Any, Any]:
+    """The tests every table of cases gets, to be bound in ``module`` (the test file, whose
+    ``CASES`` is ``cases``): on the NumPy and torch backends, and the JAX column (float64, in
+    a fresh process), each case's outputs and every gradient against torch autograd."""
+    import pytest
+
+    @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+    @pytest.mark.parametrize("name", list(cases))
+    def test_equals_torch(name: str, backend_name: str) -> None:
+        case = cases[name]
+        compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
+
+    @pytest.fixture(scope="module")
+    def jax_results() -> dict[str, Any]:
+        return jax_column(module, list(cases), os.path.dirname(__file__))
+
+    @pytest.mark.parametrize("name", list(cases))
+    def test_jax_equals_torch(name: str, jax_results: dict[str, Any]) -> None:
+        compare(name, cases[name], *jax_results[name], what="jax")
+
+    return test_equals_torch, jax_results, test_jax_equals_torch

@@ -9,13 +9,11 @@ the exact derivative, and the tests below measure torch's own."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, run_mithril
+from layer_edges import Case, parity_tests
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -189,21 +187,7 @@ for _mode in ("reflect", "replicate", "circular"):
     })
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_equals_torch(name, backend_name):
-    case = CASES[name]
-    compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
-
-
-@pytest.fixture(scope="module")
-def jax_results():
-    return jax_column("test_blocks_new_vs_torch", list(CASES), os.path.dirname(__file__))
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_jax_equals_torch(name, jax_results):
-    compare(name, CASES[name], *jax_results[name], what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES)
 
 
 # -- RMSNorm: defaults, shapes and arguments -------------------------------------------------

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, run_mithril
+from layer_edges import Case, compare, parity_tests, run_mithril
 
 import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
@@ -208,11 +207,7 @@ for _red in ("mean", "sum", "none"):
             ce(reduction=_red, **_opts), data={"target": _LABELS})
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_equals_torch(name, backend_name):
-    case = CASES[name]
-    compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("max_pool")])
@@ -223,16 +218,6 @@ def test_numpy_max_pool_without_compiled_loops_equals_torch(name, monkeypatch):
     monkeypatch.setattr(window_kernels, "_COMPILED", ())
     case = CASES[name]
     compare(name, case, *run_mithril(name, case, "numpy"), what="numpy, no compiled loops")
-
-
-@pytest.fixture(scope="module")
-def jax_results():
-    return jax_column("test_layers_edges_vs_torch", list(CASES), os.path.dirname(__file__))
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_jax_equals_torch(name, jax_results):
-    compare(name, CASES[name], *jax_results[name], what="jax")
 
 
 @pytest.mark.parametrize("backend_cls", [NumpyBackend, TorchBackend])

@@ -15,13 +15,10 @@ with the same weights through ``torch.func.functional_call``).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, run_mithril
+from layer_edges import Case, parity_tests, run_mithril
 
 import mithril as ml
 
@@ -136,21 +133,7 @@ CASES["rnn_relu_2_layers_bidirectional"] = recurrent("RNN", 5, 2, 2, True, True,
                                                      nonlinearity="relu")
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_equals_torch(name, backend_name):
-    case = CASES[name]
-    compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
-
-
-@pytest.fixture(scope="module")
-def jax_results():
-    return jax_column("test_layers_edges_vs_torch_seq", list(CASES), os.path.dirname(__file__))
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_jax_equals_torch(name, jax_results):
-    compare(name, CASES[name], *jax_results[name], what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES)
 
 
 def test_fully_masked_rows_give_zeros_with_zero_gradients():
