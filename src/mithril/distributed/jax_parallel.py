@@ -27,6 +27,11 @@ and XLA inserts the collectives.
   1/N of it. Inside the program it is sliced back to the parameter's shape; the per-step
   scalars, the count and the per-tensor scalars stay replicated. How the update is
   partitioned (where to reduce-scatter, all-gather) is XLA's choice.
+* **One step count for all parameters**, as optax keeps: the program differentiates the
+  whole loss, so a parameter it does not reach gets a zero gradient (none is ever missing)
+  and steps with it (moments decay, the count advances), as under DDP with
+  ``zero_grad(set_to_none=False)``; :class:`~.data_parallel.DataParallel`'s absent gradient
+  (torch.optim's skipped ``.grad`` None: :mod:`.missed_steps`) has no counterpart here.
 * **Several processes** (:func:`init_jax`): ``jax.distributed`` with CPU collectives (gloo);
   the mesh then spans every process's devices, and every process passes the *same global*
   batch (each contributes the rows of its own devices).
