@@ -19,6 +19,10 @@ state dict nested under ``"inner"``, everything checked before anything changes.
                        half-precision gradients), for the parameters with gradients
     applied            whether the last update stepped the wrapped optimizer
     last_step_skipped  whether that step was skipped (non-finite)
+    # optional, with the window (absent from older state dicts: 0)
+    num_skipped_micro_batches   micro-batches a should_skip_update_fn skipped
+                                (``state.skip_state``, the predicate's last output, is not
+                                saved: None when loaded)
 
 Loaded, each buffered sum is for gradients of its parameter's dtype (float32 buffers for
 float16 / bfloat16 parameters) on its parameter's backend and device, as the resumed run's
@@ -41,6 +45,7 @@ __all__ = ["load_state_dict", "state_dict"]
 
 _TOP = ("optimizer", "k", "inner")
 _WINDOW = ("windows", "count", "total_weight", "sums", "applied", "last_step_skipped")
+_SKIPPED = "num_skipped_micro_batches"
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -67,7 +72,8 @@ def state_dict(acc: Accumulate, state: AccumulateState | None = None) -> dict[st
         out.update(windows=int(state.windows), count=int(buf.count),
                    total_weight=float(buf.total_weight),
                    sums={n: _to_numpy(v) for n, v in (buf._sum or {}).items()},
-                   applied=bool(state.applied), last_step_skipped=bool(state.last_step_skipped))
+                   applied=bool(state.applied), last_step_skipped=bool(state.last_step_skipped),
+                   num_skipped_micro_batches=int(state.num_skipped_micro_batches))
     return out
 
 
@@ -127,7 +133,9 @@ def load_state_dict(acc: Accumulate, d: Mapping[str, Any],
         raise ValueError(f"state dict is for {d.get('optimizer')!r}, not Accumulate")
     missing = sorted(set(_TOP) - set(d))
     window = [key for key in _WINDOW if key in d]
-    unknown = sorted(map(str, set(d) - set(_TOP) - set(_WINDOW)))
+    unknown = sorted(map(str, set(d) - set(_TOP) - set(_WINDOW) - {_SKIPPED}))
+    if _SKIPPED in d and not window:
+        unknown.append(_SKIPPED)  # (a count of the window's, without it)
     if missing or unknown or window not in ([], list(_WINDOW)):
         raise KeyError(f"state dict keys: missing {missing or sorted(set(_WINDOW) - set(d))}, "
                        f"unknown {unknown} (the window's {list(_WINDOW)} go all together)")
@@ -146,6 +154,7 @@ def load_state_dict(acc: Accumulate, d: Mapping[str, Any],
                          "(no 'step'), yet the window's keys are there")
     windows = check_int("state dict 'windows'", d["windows"])
     count = check_int("state dict 'count'", d["count"])
+    skipped = check_int(f"state dict '{_SKIPPED}'", d.get(_SKIPPED, 0))
     probe = AccumulateState(None)
     probe.windows = windows
     k_now = acc.k_for(probe) if callable(k) else k
@@ -156,7 +165,7 @@ def load_state_dict(acc: Accumulate, d: Mapping[str, Any],
             not math.isfinite(w) or w < 0 or (w > 0) != (count > 0):
         raise ValueError(f"state dict 'total_weight' is {describe(w)}, not a finite number "
                          f">= 0 that is 0 exactly when nothing is buffered (count={count})")
-    applied, skipped = _flag(d, "applied"), _flag(d, "last_step_skipped")
+    applied, last_skipped = _flag(d, "applied"), _flag(d, "last_step_skipped")
     sums = d["sums"]
     if not isinstance(sums, Mapping) or bool(sums) != (count > 0):
         raise TypeError(f"state dict 'sums' must be a dict of parameter -> array, non-empty "
@@ -168,7 +177,8 @@ def load_state_dict(acc: Accumulate, d: Mapping[str, Any],
     state = AccumulateState(acc.optimizer.load_state_dict(d["inner"], params))
     # (the wrapped optimizer has checked and loaded; what follows cannot fail)
     acc.k = k
-    state.windows, state.applied, state.last_step_skipped = windows, applied, skipped
+    state.windows, state.applied, state.last_step_skipped = windows, applied, last_skipped
+    state.num_skipped_micro_batches = skipped
     if count:
         state.accumulator._restore(buffers, {n: params[n].dtype for n in buffers}, count,
                                    float(w))

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError, KeyMismatchError, ShapeError
+from .accumulate_skip import ShouldSkipUpdateFn, ask
 from .optimizers.checks import check_int, describe, to_float
 
 __all__ = ["Accumulate", "AccumulateState", "GradientAccumulator"]
@@ -348,6 +349,12 @@ class AccumulateState:
     when stepped only after applied steps). They differ only after skipped steps. A callable
     ``k`` (an every-``k`` schedule) reads ``windows``, as ``MultiSteps`` reads
     ``gradient_step``.
+
+    With a ``should_skip_update_fn``, ``num_skipped_micro_batches`` counts the micro-batches
+    it skipped and ``skip_state`` is what it returned on the last call (``MultiSteps``'
+    ``skip_state``); a call that skipped its micro-batch leaves ``applied`` False and
+    ``last_step_skipped`` True (as a micro-batch that
+    :class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer` drops for overflowing).
     """
 
     def __init__(self, inner: Any) -> None:
@@ -356,6 +363,10 @@ class AccumulateState:
         self.applied = False
         self.last_step_skipped = False
         self.windows = 0
+        #: micro-batches a ``should_skip_update_fn`` skipped (never buffered), in all
+        self.num_skipped_micro_batches = 0
+        #: the ``skip_state`` its last call gave (``MultiSteps``' ``skip_state``; None before)
+        self.skip_state: Any = None
 
     @property
     def micro_step(self) -> int:
@@ -378,6 +389,7 @@ class AccumulateState:
 
     def __repr__(self) -> str:
         return (f"AccumulateState(micro_step={self.micro_step}, windows={self.windows}, "
+                f"num_skipped_micro_batches={self.num_skipped_micro_batches}, "
                 f"inner={self.inner!r})")
 
 
@@ -399,10 +411,19 @@ class Accumulate:
     (as :meth:`GradientAccumulator.add`, and against ``params``' keys and shapes) before they
     are added, and on the ``k``-th call the mean is formed in new arrays and the buffer
     emptied only after the wrapped optimizer has stepped.
+
+    ``should_skip_update_fn`` (``MultiSteps``' argument; None: buffer every micro-batch) is
+    asked ``fn(gradients, state.windows, params) -> (should_skip, skip_state)`` about each
+    checked micro-batch; one it skips is not buffered nor counted toward ``k``, and nothing
+    changes but ``state.skip_state`` and ``state.num_skipped_micro_batches``
+    (:mod:`mithril.utils.accumulate_skip`: ``skip_not_finite``, ``skip_large_updates``, on
+    every backend).
     """
 
-    def __init__(self, optimizer: Any, k: int) -> None:
+    def __init__(self, optimizer: Any, k: int,
+                 should_skip_update_fn: ShouldSkipUpdateFn | None = None) -> None:
         self.k = k
+        self.should_skip_update_fn = should_skip_update_fn
         self.optimizer = optimizer
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -411,6 +432,9 @@ class Accumulate:
         change no step: refused, naming where it goes."""
         if name == "k":
             value = value if callable(value) else check_int("k", value, minimum=1)
+        elif name == "should_skip_update_fn" and value is not None and not callable(value):
+            raise TypeError(f"should_skip_update_fn must be callable (as optax."
+                            f"skip_not_finite) or None, got {describe(value)}")
         elif "optimizer" in self.__dict__ and name not in self.__dict__ and \
                 not hasattr(type(self), name):
             inner = self.optimizer
@@ -435,10 +459,19 @@ class Accumulate:
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
             _check_against_params(gradients, params)
+        fn, info = self.should_skip_update_fn, None
+        if fn is not None:
+            acc._check(gradients, weight)  # (a bad micro-batch raises, is not skipped)
+            skip, info = ask(fn, gradients, state.windows, params)
+            if skip:
+                state.num_skipped_micro_batches += 1
+                state.skip_state, state.applied, state.last_step_skipped = info, False, True
+                return params, state
         if acc.count + 1 < k:
             acc.add(gradients, weight)
             state.applied = False
             state.last_step_skipped = False
+            state.skip_state = info if fn is not None else state.skip_state
             return params, state
         mean = acc._mean_with(gradients, weight)  # checks; the buffer stays as it is
         params, inner = self.optimizer.update(params, mean, state.inner)
@@ -447,6 +480,7 @@ class Accumulate:
         state.windows += 1
         state.applied = True
         state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
+        state.skip_state = info if fn is not None else state.skip_state
         return params, state
 
     def k_for(self, state: AccumulateState) -> int:
@@ -537,4 +571,6 @@ class Accumulate:
         self.optimizer.set_learning_rate(lr)
 
     def __repr__(self) -> str:
-        return f"Accumulate({self.optimizer!r}, k={self.k})"
+        skip = self.should_skip_update_fn
+        return f"Accumulate({self.optimizer!r}, k={self.k}" + (
+            f", should_skip_update_fn={getattr(skip, '__name__', skip)!r})" if skip else ")")

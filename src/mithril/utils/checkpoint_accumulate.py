@@ -2,8 +2,9 @@
 
 ``save_checkpoint(path, params, acc, acc_state)`` stores the wrapped optimizer and its state
 as for the optimizer alone, and under the metadata field ``"accumulate"`` the window: ``k``,
-the micro-batches buffered (``count``), their ``total_weight`` and the dtype and shape of
-each buffered gradient sum, stored as the tensors ``accumulate/<name>`` (what optax's
+the micro-batches buffered (``count``), their ``total_weight``, the windows emitted, the
+micro-batches a ``should_skip_update_fn`` skipped (``num_skipped_micro_batches``) and the
+dtype and shape of each buffered gradient sum, stored as the tensors ``accumulate/<name>`` (what optax's
 ``MultiSteps`` keeps in its state). ``load_checkpoint(path, ..., optimizer=acc)`` returns an
 :class:`~mithril.utils.accumulation.AccumulateState` holding them, so the run goes on as if
 never stopped, and sets ``acc.k`` (an ``acc`` with a callable ``k``, an every-``k``
@@ -23,6 +24,8 @@ from .accumulation import Accumulate, AccumulateState
 
 FIELD = "accumulate"
 PREFIX = "accumulate/"
+#: micro-batches a should_skip_update_fn skipped (optional, as "windows": 0 when absent)
+SKIPPED = "num_skipped_micro_batches"
 
 
 def parts(optimizer: Accumulate, state: Any, params: Mapping[str, Any],
@@ -42,6 +45,7 @@ def parts(optimizer: Accumulate, state: Any, params: Mapping[str, Any],
                             "grads": {}}
     if state is not None:
         meta["windows"] = state.windows
+        meta[SKIPPED] = state.num_skipped_micro_batches
     tensors: dict[str, np.ndarray] = {}
     if acc is not None and acc.count:
         for name, g in acc.sum().items():
@@ -60,12 +64,14 @@ def check_meta(meta: Mapping[str, Any], bad: Callable[[str, str], Exception],
     m = meta.get(FIELD)
     if m is None:
         return
-    if not isinstance(m, dict) or set(m) - {"windows"} != {"k", "count", "total_weight", "grads"}:
-        raise bad(FIELD, "must be an object with exactly k, count, total_weight, grads and "
-                         "(optionally) windows")
-    windows = m.get("windows", 0)
-    if type(windows) is not int or not 0 <= windows <= max_int:
-        raise bad(f"{FIELD}.windows", f"is {windows!r:.40}, not an integer >= 0")
+    if not isinstance(m, dict) or \
+            set(m) - {"windows", SKIPPED} != {"k", "count", "total_weight", "grads"}:
+        raise bad(FIELD, f"must be an object with exactly k, count, total_weight, grads and "
+                         f"(optionally) windows, {SKIPPED}")
+    for key in ("windows", SKIPPED):
+        v = m.get(key, 0)
+        if type(v) is not int or not 0 <= v <= max_int:
+            raise bad(f"{FIELD}.{key}", f"is {v!r:.40}, not an integer >= 0")
     k, count, w = m["k"], m["count"], m["total_weight"]
     if type(k) is not int or not 1 <= k <= max_int:
         raise bad(f"{FIELD}.k", f"is {k!r:.40}, not an integer >= 1")
@@ -119,6 +125,7 @@ def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.nd
     state = AccumulateState(inner_state)
     # (absent from older checkpoints: the applied steps, equal unless a step was skipped)
     state.windows = m.get("windows", state.step) if m is not None else state.step
+    state.num_skipped_micro_batches = m.get(SKIPPED, 0) if m is not None else 0
     if m is not None and m["count"]:
         names = {n: backend.dtype_name(params[n]) for n in m["grads"]}
         # (a half-precision run's buffers are float32: see GradientAccumulator)
