@@ -86,6 +86,16 @@ def _counter(value: Any, field: str, where: str) -> int:
     return value
 
 
+def _check_counts(value: Any, field: str, where: str) -> None:
+    """``value`` is an object: parameter name -> counter (the optimizer's load checks the
+    names and the counts against its state)."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: metadata field '{field}' is {_short(value)}, not an "
+                              f"object: parameter -> count")
+    for n, v in value.items():
+        _counter(v, f"{field}.{n}", where)
+
+
 def _short(value: Any) -> str:
     if type(value) is int and abs(value) > MAX_INT:
         return f"an integer of {value.bit_length()} bits"
@@ -167,9 +177,10 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
         _check_ints(hp, "optimizer.hyperparameters", where)
         if opt["step"] is None:
             if opt["num_skipped"] is not None or opt["num_nonfinite"] is not None or \
-                    opt["slots"] != [] or "consecutive_skips" in opt:
-                raise bad("optimizer", "without a step (hyperparameters only) must have "
-                                       "num_skipped and num_nonfinite null and no slots")
+                    opt["slots"] != [] or set(opt) & set(_OPT_OPTIONAL):
+                raise bad("optimizer", f"without a step (hyperparameters only) must have "
+                                       f"num_skipped and num_nonfinite null, no slots and none "
+                                       f"of {_OPT_OPTIONAL}")
         else:
             for c in _COUNTERS:
                 _counter(opt[c], f"optimizer.{c}", where)
@@ -187,6 +198,14 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
                     len(set(values)) != len(values):
                 raise bad("optimizer.values", f"is {_short(values)}, not a list of distinct "
                                               f"names without '/'")
+            _check_counts(opt.get("missed", {}), "optimizer.missed", where)
+            averaged = opt.get("averaged")
+            if averaged is not None:  # (None or absent: saved before they were kept)
+                if not isinstance(averaged, dict):
+                    raise bad("optimizer.averaged", f"is {_short(averaged)}, not an object: "
+                                                    f"average -> parameter -> count")
+                for s, per in averaged.items():
+                    _check_counts(per, f"optimizer.averaged.{s}", where)
             shapes = opt.get("slot_shapes", {})
             if not isinstance(shapes, dict) or not set(shapes) <= set(slots):
                 raise bad("optimizer.slot_shapes", "must be an object: slot (one of "

@@ -17,6 +17,11 @@ from .checks import state_dict_count
 from .groups import GROUP_KEYS
 from .state import OptimizerState
 
+#: the keys a state dict may have (one saved by a newer version with more is refused, not
+#: resumed without them)
+KEYS = frozenset({"optimizer", "hyperparameters", "step", "num_skipped", "num_nonfinite",
+                  "consecutive_skips", "slots", "values", "averaged", "missed"})
+
 
 class StateDictMixin:
     """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
@@ -61,6 +66,10 @@ class StateDictMixin:
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
             raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+        unknown = sorted(map(repr, set(d) - KEYS))
+        if unknown:
+            raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
+                           f"{type(self).__name__} (a state dict has {sorted(KEYS)})")
         hp = d.get("hyperparameters")
         if not isinstance(hp, Mapping):
             raise TypeError("state dict 'hyperparameters' must be a dict")
@@ -95,23 +104,35 @@ class StateDictMixin:
             trial.__dict__.update(hp)
         state = None
         if params is not None and "slots" in d:
-            state = trial.init(params)
-            state.slots = self._loaded_slots(d["slots"], state, started)
-            state.values = self._loaded_values(d.get("values", {}), state)
-            state.step, state.num_skipped, state.num_nonfinite, state.consecutive_skips = (
-                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite",
-                                                 "consecutive_skips"))
-            # (absent from a state dict saved before they were kept: inferred from the step)
-            state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
-            if d.get("missed"):
-                state.set_missed(_loaded_missed(trial, d["missed"], state))
-            # inf/NaN already in what is restored were reported when they appeared: as in
-            # the run that saved it, they are not reported again
-            eng = state.engine
-            state.nonfinite_values = not (
-                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
-                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
+            state = self._loaded_state(trial, d, params, started)
         self.__dict__.update(hp)
+        return state
+
+    @staticmethod
+    def _loaded_state(trial: Any, d: Mapping[str, Any], params: Mapping[str, Any],
+                      started: tuple[str, ...] = ()) -> OptimizerState:
+        """The state of state dict ``d`` (which has ``"slots"``) for ``params``, built by
+        ``trial`` (a copy of the optimizer, its hyperparameters loaded), every field checked;
+        the ``started`` averages start here (see :meth:`load_state_dict`)."""
+        if "step" not in d:
+            raise KeyError("state dict has 'slots' but no 'step' (the steps they were made by)")
+        state = trial.init(params)
+        state.slots = trial._loaded_slots(d["slots"], state, started)
+        state.values = trial._loaded_values(d.get("values", {}), state)
+        state.step, state.num_skipped, state.num_nonfinite, state.consecutive_skips = (
+            state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite",
+                                             "consecutive_skips"))
+        # (absent from a state dict saved before they were kept: inferred from the step)
+        state.averaged = loaded_counts(trial, _within_step(d.get("averaged"), state.step),
+                                       state, started)
+        if d.get("missed") is not None:  # (absent: none missed, or saved before they were kept)
+            state.set_missed(_loaded_missed(trial, d["missed"], state))
+        # inf/NaN already in what is restored were reported when they appeared: as in the
+        # run that saved it, they are not reported again
+        eng = state.engine
+        state.nonfinite_values = not (
+            all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
+            and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
         return state
 
     @staticmethod
@@ -151,19 +172,34 @@ class StateDictMixin:
                 raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
                                f"{sorted(lay.names)}, got {got}")
             arrays = {}
+            dtype = np.asarray(state.engine.to_numpy(state.slots[slot])).dtype
             for name, shape in zip(lay.names, lay.shapes):
-                a = _numeric(per_param[name])
-                if a is None:
-                    a = np.asarray(per_param[name])
-                    raise TypeError(f"state dict slot '{slot}' of '{name}' is not numeric ({a.dtype})")
+                where = f"state dict slot '{slot}' of '{name}'"
+                a = _numeric(per_param[name], where)
                 if a.shape != tuple(shape):
                     what = "the parameter" if lay is state.layout else "the slot's"
-                    raise ShapeError(f"state dict slot '{slot}' of '{name}' has shape {a.shape}, "
-                                     f"{what} {tuple(shape)}")
+                    raise ShapeError(f"{where} has shape {a.shape}, {what} {tuple(shape)}")
+                if a.dtype != dtype:  # (a finite value the state's dtype cannot hold: refused)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        lost = np.isfinite(a) & ~np.isfinite(a.astype(dtype))
+                    if lost.any():
+                        raise ValueError(f"{where} holds {a[lost].flat[0]!r}, beyond the range "
+                                         f"of the state's {dtype}")
                 arrays[name] = a
             out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
         return {s: out[s] for s in state.slots}
 
+
+def _within_step(saved: Any, step: int) -> Any:
+    """``saved`` (a state dict's ``"averaged"``), its counts refused where beyond ``step``:
+    an average is updated at most once per step (its other checks: :func:`loaded_counts`)."""
+    for s, per in (saved.items() if isinstance(saved, Mapping) else ()):
+        for n, v in (per.items() if isinstance(per, Mapping) else ()):
+            if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) \
+                    and v > step:
+                raise ValueError(f"state dict 'averaged' count of '{s}' for '{n}' is {v}, "
+                                 f"beyond the {step} steps taken")
+    return saved
 
 
 def _loaded_missed(opt: Any, saved: Any, state: OptimizerState) -> dict[str, int]:
@@ -189,22 +225,30 @@ def _loaded_missed(opt: Any, saved: Any, state: OptimizerState) -> dict[str, int
     return out
 
 
-def _numeric(value: Any) -> np.ndarray | None:
-    """``value`` as a NumPy array of a numeric dtype, or None where it is not numeric. The
-    ml_dtypes floats (bfloat16, the float8s: what a JAX bfloat16 state's ``state_dict``
-    holds, dtype kind 'V' to NumPy) are widened to float32, which holds each of them
-    exactly and which every engine's ``from_numpy`` takes."""
-    a = np.asarray(value)
+def _numeric(value: Any, where: str) -> np.ndarray:
+    """``value`` (a NumPy, torch or JAX array, or nested lists of numbers) as a NumPy array
+    of a numeric dtype; a ``TypeError`` starting with ``where`` if it is none. bfloat16 and
+    the other ml_dtypes floats (a JAX bfloat16 state's ``state_dict`` holds them, dtype kind
+    'V' to NumPy; torch's, from ``arrays="torch"``) are widened to float32, which holds each
+    of them exactly and which every engine's ``from_numpy`` takes."""
+    if type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "detach"):
+        value = value.detach().cpu()  # (a torch.load(map_location=...) may put it anywhere)
+        if value.is_floating_point() and value.dtype.itemsize < 4 and \
+                str(value.dtype) != "torch.float16":
+            value = value.float()  # bfloat16, the float8s: no NumPy dtype
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # (ragged lists, foreign objects)
+        raise TypeError(f"{where} is no array: {e}") from None
     if a.dtype.kind in "fiu":
         return a
     if a.dtype.kind == "V" and a.dtype.fields is None:
         try:
             import ml_dtypes
-        except ImportError:  # (no ml_dtypes: no such dtype can have been made either)
-            return None
-        try:
+
             ml_dtypes.finfo(a.dtype)
-        except (TypeError, ValueError):
-            return None  # (an ml_dtypes integer type is widened by NumPy as 'V' too: refused)
-        return a.astype(np.float32)
-    return None
+        except (ImportError, TypeError, ValueError):  # (an ml_dtypes integer type: refused)
+            pass
+        else:
+            return a.astype(np.float32)
+    raise TypeError(f"{where} is not numeric ({a.dtype})")
