@@ -153,11 +153,11 @@ def attend_vjp(g: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale
     return (gs @ k) * scale, (_swap(gs) @ q) * scale, gv, gs
 
 
-def _check_mask_dtype(dtypes: Any, names: Any, who: str) -> None:
-    dt = dtypes.get("attn_mask")
+def _check_mask_dtype(dtypes: Any, names: Any, who: str, key: str = "attn_mask") -> None:
+    dt = dtypes.get(key)
     if dt is not None and "bool" not in dt and "float" not in dt:
-        raise DTypeError(f"{who}: input '{names['attn_mask']}' (attn_mask) must be booleans or "
-                         f"floats, got dtype {dt}")
+        raise DTypeError(f"{who}: input '{names[key]}' ({key}) must be booleans or floats, got "
+                         f"dtype {dt}")
 
 
 def _rank_at_least(s: Any, n: int, key: str, who: str, layout: str) -> None:
@@ -269,13 +269,18 @@ class MultiHeadAttention(Operator):
     docstring): query (…, L, E), key (…, S, E), value (…, S, E) -> (…, L, E), with E inferred
     from the query (``embed_dim``, when given, is checked against it). For self-attention
     connect one wire to query, key and value. ``is_causal`` masks as ``ScaledDotProduct``;
-    ``use_attn_mask`` adds an ``attn_mask`` input (booleans: True masks, as torch's module)."""
+    ``use_attn_mask`` adds an ``attn_mask`` input (booleans: True masks, as torch's module).
+    ``use_key_padding_mask`` adds torch's ``key_padding_mask`` input (…, S): per batch entry
+    and key, booleans (True: the key is padding, ignored) or floats added to its scores; it
+    combines with ``attn_mask`` / ``is_causal`` (a pair is kept if both keep it, float masks
+    add)."""
 
-    any_dtype_inputs = frozenset({"attn_mask"})
+    any_dtype_inputs = frozenset({"attn_mask", "key_padding_mask"})
     vjp_ignores = frozenset({"output"})
 
     def __init__(self, num_heads: int, embed_dim: int | None = None, use_bias: bool = True,
-                 is_causal: bool = False, use_attn_mask: bool = False) -> None:
+                 is_causal: bool = False, use_attn_mask: bool = False,
+                 use_key_padding_mask: bool = False) -> None:
         if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) \
                 or num_heads <= 0:
             raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {num_heads!r}")
@@ -294,7 +299,9 @@ class MultiHeadAttention(Operator):
         self.embed_dim = None if embed_dim is None else int(embed_dim)
         self.use_bias, self.is_causal, self.use_attn_mask = bool(use_bias), bool(is_causal), \
             bool(use_attn_mask)
-        self.inputs = ("query", "key", "value") + (("attn_mask",) if use_attn_mask else ())
+        self.use_key_padding_mask = bool(use_key_padding_mask)
+        self.inputs = ("query", "key", "value") + (("attn_mask",) if use_attn_mask else ()) \
+            + (("key_padding_mask",) if use_key_padding_mask else ())
 
     @property
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
@@ -341,13 +348,21 @@ class MultiHeadAttention(Operator):
         batch = broadcast_shapes(broadcast_shapes(q[:-2], k[:-2], "'query' and 'key'"), v[:-2],
                                  "'query'/'key' and 'value'")
         m = shapes.get("attn_mask") if self.use_attn_mask else None
+        scores = (*batch, self.num_heads, q[-2], k[-2])
         if m is not None:
-            _mask_fits(m, (*batch, self.num_heads, q[-2], k[-2]), "MultiHeadAttention",
-                       "(…, num_heads, L, S)")
+            _mask_fits(m, scores, "MultiHeadAttention", "(…, num_heads, L, S)")
+        pad = shapes.get("key_padding_mask") if self.use_key_padding_mask else None
+        if pad is not None:
+            if len(pad) < 1 or not _same(pad[-1], k[-2]):
+                raise ShapeError(f"MultiHeadAttention: 'key_padding_mask' must be (…, S) with S "
+                                 f"= {k[-2]} keys (the length of 'key' {fmt(k)}), got {fmt(pad)}")
+            _mask_fits((*pad[:-1], 1, 1, pad[-1]), scores, "MultiHeadAttention",
+                       "(…, num_heads, L, S); 'key_padding_mask' (…, S) is (…, 1, 1, S)")
         return (*batch, q[-2], e)
 
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
         _check_mask_dtype(dtypes, names, "MultiHeadAttention")
+        _check_mask_dtype(dtypes, names, "MultiHeadAttention", "key_padding_mask")
 
     # -- pieces shared by forward and VJP ----------------------------------------------------
     def _heads(self, x: Any) -> Any:
@@ -390,22 +405,37 @@ class MultiHeadAttention(Operator):
     def _scale(self, e: int) -> float:
         return 1.0 / math.sqrt(e // self.num_heads)
 
+    def _masks(self, xp: Any, attn_mask: Any, pad: Any, n_query: int,
+               n_key: int) -> tuple[Any, Any]:
+        """``(keep, add)`` of ``attn_mask`` / ``is_causal`` and the key padding mask (…, S),
+        as (…, 1, 1, S): booleans True mark padding (not kept), floats add."""
+        keep, add = _masks(attn_mask, self.is_causal, n_query, n_key, True)
+        if pad is None:
+            return keep, add
+        pad = pad[..., None, None, :]
+        if not _is_bool(pad):
+            return keep, pad if add is None else add + pad
+        if isinstance(keep, np.ndarray) and backend_of(xp) == "torch":  # the causal triangle
+            keep = xp.t.as_tensor(keep, device=pad.device)
+        return ~pad if keep is None else ~pad & keep, add
+
     def forward(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
                 out_proj_weight: Any, in_proj_bias: Any = None, out_proj_bias: Any = None,
-                attn_mask: Any = None) -> Any:
+                attn_mask: Any = None, key_padding_mask: Any = None) -> Any:
         kind = backend_of(xp)
         if kind == "numpy":
             return self.forward_residuals(xp, query, key, value, in_proj_weight, out_proj_weight,
-                                          in_proj_bias, out_proj_bias, attn_mask)[0]
+                                          in_proj_bias, out_proj_bias, attn_mask,
+                                          key_padding_mask)[0]
         F = functional_of(xp)
         q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
                                                           in_proj_bias, F))
         e = in_proj_weight.shape[1]
-        if F is not None and attn_mask is None:
+        if F is not None and attn_mask is None and key_padding_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal,
                                                scale=self._scale(e))
         else:
-            keep, add = _masks(attn_mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+            keep, add = self._masks(xp, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
             o = attend(xp, q, k, v, self._scale(e), keep, add)
         if F is not None:
             return F.linear(self._merge(o), out_proj_weight, out_proj_bias)
@@ -414,12 +444,13 @@ class MultiHeadAttention(Operator):
 
     def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
                           out_proj_weight: Any, in_proj_bias: Any = None,
-                          out_proj_bias: Any = None, attn_mask: Any = None) -> tuple[Any, Any]:
+                          out_proj_bias: Any = None, attn_mask: Any = None,
+                          key_padding_mask: Any = None) -> tuple[Any, Any]:
         """NumPy: the output and ``(q, k, v, p, o)``: the projected heads, the attention
         probabilities and the merged attention output (the out-projection's input)."""
         q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
                                                           in_proj_bias))
-        keep, add = _masks(attn_mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+        keep, add = self._masks(np, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
         p = attention_probs(np, q, k, self._scale(in_proj_weight.shape[1]), keep, add)
         o = self._merge(p @ v)
         y = o @ out_proj_weight.T
@@ -430,12 +461,12 @@ class MultiHeadAttention(Operator):
     def vjp(self, g, out, args, wrt, residuals=None):
         query, key, value = args["query"], args["key"], args["value"]
         w, b, wo = args["in_proj_weight"], args.get("in_proj_bias"), args["out_proj_weight"]
-        mask = args.get("attn_mask")
+        mask, pad = args.get("attn_mask"), args.get("key_padding_mask")
         e = w.shape[1]
         if residuals is None:
             residuals = self.forward_residuals(np, **args)[1]
         q, k, v, p, o = residuals
-        keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], True)
+        keep, add = self._masks(np, mask, pad, q.shape[-2], k.shape[-2])
         res: dict[str, np.ndarray] = {}
         g2 = g.reshape(-1, e)
         if "out_proj_weight" in wrt:
@@ -443,8 +474,11 @@ class MultiHeadAttention(Operator):
         if "out_proj_bias" in wrt:
             res["out_proj_bias"] = g2.sum(axis=0)
         gq, gk, gv, gs = attend_vjp(self._heads(g @ wo), q, k, v, self._scale(e), keep, add, p)
-        if "attn_mask" in wrt and add is not None:
+        if "attn_mask" in wrt and not _is_bool(mask):
             res["attn_mask"] = unbroadcast(gs, mask.shape)
+        if "key_padding_mask" in wrt and not _is_bool(pad):  # a float one: (…, 1, 1, S)
+            res["key_padding_mask"] = unbroadcast(gs, (*pad.shape[:-1], 1, 1, pad.shape[-1])
+                                                  ).reshape(pad.shape)
         heads = [unbroadcast(gx, x.shape) for gx, x in ((gq, q), (gk, k), (gv, v))]
         if self._self(query, key, value):
             # the three heads' cotangents straight into one (…, L, 3, heads, d) array: the
@@ -485,4 +519,5 @@ class MultiHeadAttention(Operator):
     def __repr__(self) -> str:
         return (f"MultiHeadAttention({self.num_heads}, embed_dim={self.embed_dim}, "
                 f"use_bias={self.use_bias}, is_causal={self.is_causal}, "
-                f"use_attn_mask={self.use_attn_mask})")
+                f"use_attn_mask={self.use_attn_mask}"
+                + (", use_key_padding_mask=True)" if self.use_key_padding_mask else ")"))

@@ -1,0 +1,217 @@
+"""torch options of attention and the transformer blocks against torch, side by side.
+
+``MultiHeadAttention(use_key_padding_mask=True)`` against ``nn.MultiheadAttention``'s
+``key_padding_mask`` (booleans and floats, a batch entry with every key padded, with
+``attn_mask`` booleans / floats per head, with ``is_causal``, cross attention, unbatched);
+``TransformerBlock`` post-norm (``norm_first=False``, torch's default), ``eps`` and
+``src_key_padding_mask``; ``TransformerDecoderBlock`` against ``nn.TransformerDecoderLayer``
+(masks on both attentions, pre- and post-norm, no bias). float64 on NumPy, torch and JAX (a
+subprocess, x64): the output and the gradient of every parameter and float input within 1e-10
+(relative to the output's scale), with our parameters loaded into torch's module through
+``torch.func.functional_call``. Then the NumPy VJPs against finite differences and the named
+errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import BACKENDS, run_python, to_np
+from test_attention_blocks import _causal, max_error, mha_ref
+
+import mithril as ml
+from mithril.backends import NumpyBackend
+from mithril.errors import DTypeError, ShapeError
+
+TOL = 1e-10
+E, H = 8, 2
+
+
+def _pad(shape, seed=0, full_row=True):
+    """Booleans (True: padding), the last key of every entry padded, and entry 0 wholly
+    padded when ``full_row`` (torch's need_weights=False path gives zeros there)."""
+    m = np.random.default_rng(seed).random(shape) > 0.6
+    m[..., -1] = True
+    if full_row:
+        m[0] = True
+    return m
+
+
+def _mha(block, cross=False, mask=False):
+    m = ml.Model()
+    qkv = {"query": "query", "key": "key", "value": "value"} if cross else \
+        {"query": "x", "key": "x", "value": "x"}
+    extra = {"attn_mask": "attn_mask"} if mask else {}
+    m |= block(**qkv, key_padding_mask="key_padding_mask", output="output", **extra)
+    return m
+
+
+def _kpm(t):
+    return t["key_padding_mask"]
+
+
+# name -> (model factory, trainable input shapes, fixed inputs, torch reference(t))
+CASES = {
+    "mha_kpm_bool": (lambda: _mha(ml.MultiHeadAttention(H, use_key_padding_mask=True)),
+                     {"x": (3, 5, E)}, {"key_padding_mask": _pad((3, 5))},
+                     mha_ref("x", "x", "x", key_padding_mask=_kpm)),
+    "mha_kpm_float": (lambda: _mha(ml.MultiHeadAttention(H, use_key_padding_mask=True)),
+                      {"x": (2, 5, E), "key_padding_mask": (2, 5)}, {},
+                      mha_ref("x", "x", "x", key_padding_mask=_kpm)),
+    "mha_kpm_bool_cross_bool_mask": (
+        lambda: _mha(ml.MultiHeadAttention(H, use_attn_mask=True, use_key_padding_mask=True),
+                     cross=True, mask=True),
+        {"query": (3, 4, E), "key": (3, 6, E), "value": (3, 6, E)},
+        {"key_padding_mask": _pad((3, 6), full_row=False),
+         "attn_mask": np.random.default_rng(1).random((4, 6)) > 0.7},
+        mha_ref("query", "key", "value", key_padding_mask=_kpm, attn_mask=lambda t: t["attn_mask"])),
+    "mha_kpm_bool_float_mask_per_head": (
+        lambda: _mha(ml.MultiHeadAttention(H, use_attn_mask=True, use_key_padding_mask=True),
+                     mask=True),
+        {"x": (2, 5, E), "attn_mask": (2, H, 5, 5)}, {"key_padding_mask": _pad((2, 5), 2)},
+        mha_ref("x", "x", "x", key_padding_mask=_kpm,
+                attn_mask=lambda t: t["attn_mask"].reshape(2 * H, 5, 5))),
+    "mha_kpm_float_float_mask": (
+        lambda: _mha(ml.MultiHeadAttention(H, use_attn_mask=True, use_key_padding_mask=True),
+                     mask=True),
+        {"x": (2, 4, E), "attn_mask": (4, 4), "key_padding_mask": (2, 4)}, {},
+        mha_ref("x", "x", "x", key_padding_mask=_kpm, attn_mask=lambda t: t["attn_mask"])),
+    "mha_kpm_bool_causal": (lambda: _mha(ml.MultiHeadAttention(4, is_causal=True, use_key_padding_mask=True)),
+                            {"x": (3, 6, E)}, {"key_padding_mask": _pad((3, 6), 3)},
+                            mha_ref("x", "x", "x", heads=4, key_padding_mask=_kpm,
+                                    attn_mask=lambda t: _causal(6), is_causal=True)),
+    "mha_kpm_unbatched": (lambda: _mha(ml.MultiHeadAttention(H, use_key_padding_mask=True), cross=True),
+                          {"query": (3, E), "key": (5, E), "value": (5, E)},
+                          {"key_padding_mask": np.array([False, True, False, False, True])},
+                          mha_ref("query", "key", "value", key_padding_mask=_kpm)),
+}
+
+
+# -- the harness: our block on one backend, torch's on our parameters ---------------------------
+def make(case: str, backend):
+    factory, trainable, fixed, _ = CASES[case]
+    compiled = ml.compile(factory(), backend, shapes={**trainable, **{k: v.shape for k, v in fixed.items()}},
+                          trainable_keys=list(trainable))
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    params = {n: rng.standard_normal(s) * (0.5 if n not in trainable else 1.0)
+              for n, s in compiled.parameter_shapes.items()}
+    cot = rng.standard_normal(compiled.program.output_shape("output"))
+    return compiled, params, dict(fixed), cot
+
+
+def run_mithril(case: str, backend_name: str):
+    backend = BACKENDS[backend_name](dtype="float64")
+    compiled, params, fixed, cot = make(case, backend)
+    native = {k: backend.array(v) for k, v in params.items()}
+    ins = {k: backend.array(v) for k, v in fixed.items()}
+    out, grads = compiled.evaluate(native, ins, output_gradients={"output": backend.array(cot)})
+    return to_np(backend, out["output"]), {k: to_np(backend, g) for k, g in grads.items()}
+
+
+def compare(case: str, out, grads, what: str) -> None:
+    _, params, fixed, cot = make(case, NumpyBackend(dtype="float64"))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    want = CASES[case][3]({**t, **{k: torch.tensor(v) for k, v in fixed.items()}})
+    assert not torch.isnan(want).any(), "torch gave NaN: not a comparable case"
+    tg = torch.autograd.grad(want, list(t.values()), torch.tensor(cot), allow_unused=True)
+    want_grads = {k: np.zeros_like(params[k]) if g is None else g.numpy() for k, g in zip(t, tg)}
+    assert set(grads) == set(want_grads)
+    errs = {"output": max_error(out, want.detach().numpy()),
+            **{f"gradient of {k}": max_error(grads[k], want_grads[k]) for k in want_grads}}
+    bad = {k: e for k, e in errs.items() if not e <= TOL}
+    assert not bad, f"{what} {case}: {bad}"
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_torch(case, backend_name):
+    compare(case, *run_mithril(case, backend_name), what=backend_name)
+
+
+@pytest.fixture(scope="module")
+def jax_results():
+    """Every case on JAX float64 (jit), run once in a fresh interpreter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "jax.npz")
+        run_python(f"""
+            import sys
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            import numpy as np
+            import test_attention_torch_options as t
+            flat = {{}}
+            for case in t.CASES:
+                out, grads = t.run_mithril(case, "jax")
+                flat[case + "|output"] = out
+                flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
+            np.savez({path!r}, **flat)
+            """, timeout=300)
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_jax_equals_torch(case, jax_results):
+    grads = {k.split("|", 2)[2]: v for k, v in jax_results.items() if k.startswith(case + "|grad|")}
+    compare(case, jax_results[case + "|output"], grads, what="jax")
+
+
+# -- finite differences of the NumPy VJPs (float masks are differentiable inputs) ---------------
+FD_CASES = {
+    "mha_kpm_float_float_mask": (
+        lambda: _mha(ml.MultiHeadAttention(2, use_attn_mask=True, use_key_padding_mask=True), mask=True),
+        {"x": (2, 3, 4), "attn_mask": (3, 3), "key_padding_mask": (2, 3)}, {}),
+    "mha_kpm_bool_causal_cross": (
+        lambda: _mha(ml.MultiHeadAttention(2, is_causal=True, use_key_padding_mask=True), cross=True),
+        {"query": (2, 3, 4), "key": (2, 3, 4), "value": (2, 3, 4)},
+        {"key_padding_mask": np.array([[False, True, False], [True, False, False]])}),
+}
+
+
+@pytest.mark.parametrize("case", list(FD_CASES))
+def test_numpy_vjp_matches_finite_differences(case, eps=1e-6):
+    factory, trainable, fixed = FD_CASES[case]
+    compiled = ml.compile(factory(), NumpyBackend(dtype="float64"),
+                          shapes={**trainable, **{k: v.shape for k, v in fixed.items()}},
+                          trainable_keys=list(trainable))
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    params = {k: rng.standard_normal(v) for k, v in compiled.parameter_shapes.items()}
+    cot = rng.standard_normal(compiled.program.output_shape("output"))
+    _, grads = compiled.evaluate(params, fixed, output_gradients={"output": cot})
+    assert set(grads) == set(params)
+    for name, p in params.items():
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            orig, sums = p[i], []
+            for x in (orig + eps, orig - eps):
+                p[i] = x
+                sums.append(float(np.sum(compiled.evaluate(params, fixed)["output"] * cot)))
+            p[i] = orig
+            numeric[i] = (sums[0] - sums[1]) / (2 * eps)
+        np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8,
+                                   err_msg=f"{case}: gradient of '{name}'")
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shapes, match", [
+    ({"x": [2, 5, E], "key_padding_mask": [2, 4]}, r"'key_padding_mask' must be \(…, S\) with S = 5"),
+    ({"x": [2, 5, E], "key_padding_mask": [3, 5]}, "key_padding_mask"),
+    ({"x": [2, 5, E], "key_padding_mask": [4, 2, 5]}, "not enlarge them"),
+])
+def test_bad_key_padding_mask_shapes_are_named(shapes, match):
+    with pytest.raises(ShapeError, match=match):
+        ml.compile(_mha(ml.MultiHeadAttention(H, use_key_padding_mask=True)), NumpyBackend(),
+                   shapes=shapes)
+
+
+def test_integer_key_padding_mask_is_a_dtype_error(backend):
+    compiled = ml.compile(_mha(ml.MultiHeadAttention(H, use_key_padding_mask=True)), backend,
+                          shapes={"x": [2, 3, E]})
+    x = backend.randn(2, 3, E)
+    with pytest.raises(DTypeError, match="key_padding_mask.*booleans or floats"):
+        compiled.evaluate(compiled.get_parameters(),
+                          {"x": x, "key_padding_mask": np.zeros((2, 3), dtype=np.int64)})
