@@ -9,7 +9,8 @@ shards are whole tensors, loading at another world size is picking tensors by na
 :func:`load_sharded` reads every file, takes all parameters and the slots of the tensors it
 will hold, and gives bit for bit the state that was saved (the weight averages' update
 counts and the steps each tensor had no gradient at, ``OptimizerState.note_missed``,
-included: saved by the rank that writes the tensor, merged at the load).
+included: saved by the rank that writes the tensor, merged at the load; the non-finite
+steps in a row of ``max_consecutive_skips``, one count for all ranks, too).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
             "names": list(names), "shapes": [list(s) for s in state.shapes], "dtype": want,
             "held": list(mine), "slots": sorted(local.slots), "step": local.step,
             "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
-            "values": dict(local.values),
+            # the non-finite steps in a row (max_consecutive_skips), alike on every rank
+            "consecutive_skips": local.consecutive_skips, "values": dict(local.values),
             # what the averages' slots mean (their start: a slot before it is a copy)
             "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING},
             # each average's updates so far, for the tensors this rank holds
@@ -255,7 +257,8 @@ def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]
         arrays.update(tensors)
     first = metas[0]
     for m in metas[1:]:
-        for key in ("names", "shapes", "optimizer", "step", "slots", "save"):
+        for key in ("names", "shapes", "optimizer", "step", "consecutive_skips", "slots",
+                    "save"):
             if m.get(key) != first.get(key):
                 raise CheckpointError(f"{folder!r}: shard {m['rank']} disagrees with shard 0 "
                                       f"on {key} (files of different saves?)")
@@ -383,6 +386,10 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                                       f"shape {tuple(shape)} recorded")
             params[n] = _native(src, backend, dtype)
         slots, settings, missed = _held_slots(dp, folder, metas, arrays, params)
+        run = first.get("consecutive_skips", 0)  # (0: saved before it was kept)
+        if isinstance(run, bool) or not isinstance(run, int) or run < 0:
+            raise CheckpointError(f"{folder!r}: 'consecutive_skips' must be an int >= 0, got "
+                                  f"{run!r:.80}")
         parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
         merged_counts(dp.optimizer, parts, list(first["names"]))
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
@@ -398,6 +405,7 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     local.step = int(first["step"])
     local.num_skipped = int(first["num_skipped"])
     local.num_nonfinite = int(first["num_nonfinite"])
+    local.consecutive_skips = run
     local.values = {k: float(v) for k, v in first["values"].items()}
     # (None: saved before the counts were kept, inferred from the step when first used)
     local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names))

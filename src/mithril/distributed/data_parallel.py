@@ -271,6 +271,7 @@ class DistributedState:
     num_skipped = property(lambda self: self.local.num_skipped)
     num_nonfinite = property(lambda self: self.local.num_nonfinite)
     last_step_skipped = property(lambda self: self.local.last_step_skipped)
+    consecutive_skips = property(lambda self: self.local.consecutive_skips)
 
     def slot(self, name: str) -> dict[str, Any]:
         """Per-parameter arrays of slot ``name`` for the parameters this rank holds state of."""

@@ -9,6 +9,12 @@ non-finite is judged by each rank on its own tensors; with ``"skip"`` / ``"raise
 ranks then compare (one more all-reduce of two numbers): if only some refused, the others
 have applied their slice and the sharded state no longer equals one process's, which is
 reported as a ``RuntimeError`` on every rank.
+
+``max_consecutive_skips=N`` (optax ``apply_if_finite``): every rank keeps the count of
+non-finite steps in a row (``state.consecutive_skips``), set alike from what all ranks
+know (the global norm; the votes above, with one more number on a step taken after ``N``
+in a row: whether any rank's results were non-finite), so that all give up, warn and
+count on at the same step, as one process does.
 """
 
 from __future__ import annotations
@@ -77,13 +83,19 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
             if world > 1 else {})
     local = state.local
     name = type(opt).__name__
-    if not math.isfinite(norm) and opt.nonfinite in ("skip", "raise"):
+    # max_consecutive_skips: the run of non-finite steps is one for all ranks (each keeps
+    # it, set alike below), so every rank gives up at the same step
+    limit = opt.max_consecutive_skips if opt.nonfinite == "skip" else None
+    run = local.consecutive_skips
+    forced = limit is not None and run >= limit
+    if not math.isfinite(norm) and opt.nonfinite in ("skip", "raise") and not forced:
         local.last_grad_norm, local.last_step_skipped = norm, True
         state.bytes_communicated = sent
         if opt.nonfinite == "raise":
             raise FloatingPointError(f"{name}: non-finite gradient (global norm {norm}); "
                                      f"nothing changed (nonfinite='raise')")
         local.num_skipped += 1
+        local.consecutive_skips += 1
         warnings.warn(f"{name}: non-finite gradient (global norm {norm}); step skipped, "
                       f"params and state unchanged", RuntimeWarning, stacklevel=3)
         return (dict(state._out) if state._out else dict(params)), state
@@ -102,7 +114,10 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     before = local.num_skipped
     error: BaseException | None = None
     new: dict[str, Any] = {}
-    with _no_clip_norm(opt):
+    with _no_clip_norm(opt), warnings.catch_warnings():
+        # (a forced step's warning is given below, by every rank alike: not by the wrapped
+        # optimizer, which judges this rank's tensors only)
+        warnings.filterwarnings("ignore", message=".* non-finite steps in a row")
         try:
             if own:
                 new, local = opt.update({n: params[n] for n in own}, grads, local)
@@ -119,12 +134,17 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         warnings.warn(f"{name}: non-finite gradient (global norm {norm}) applied; params may "
                       f"now be non-finite", RuntimeWarning, stacklevel=3)
     skipped = local.num_skipped > before
+    # a forced step (applied as under "propagate") is bad where its gradients or results
+    # are non-finite: the wrapped optimizer's _give_up then counted the run on, here
+    bad = forced and (not math.isfinite(norm) or local.consecutive_skips > run)
     if opt.nonfinite in ("skip", "raise") and world > 1:
         # (a rank holding no tensor has no results to judge: it abstains, then follows)
-        votes = _small([float(skipped), float(error is not None), float(bool(own))], mine)
+        votes = _small([float(skipped), float(error is not None), float(bool(own)),
+                        *([float(bad)] if forced else [])], mine)
         pg.all_reduce(votes)
-        n_skip, n_raise, n_hold = (int(v) for v in _host(votes))
-        sent["all_reduce"] += 24
+        n_skip, n_raise, n_hold, *n_bad = (int(v) for v in _host(votes))
+        sent["all_reduce"] += 8 * len(votes)
+        bad = bool(n_bad) and n_bad[0] > 0
         if n_skip + n_raise and n_skip + n_raise < n_hold:
             state.bytes_communicated = sent
             raise RuntimeError(f"{name}: {n_skip + n_raise} of the {n_hold} ranks holding "
@@ -142,6 +162,12 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
                 local.last_step_skipped = skipped = True
     if error is not None:
         raise error
+    if opt.nonfinite == "skip":  # (the wrapped optimizer's own rule, every rank alike)
+        local.consecutive_skips = run + 1 if skipped or bad else 0
+        if bad:
+            warnings.warn(f"{name}: {run + 1} non-finite steps in a row (max_consecutive_"
+                          f"skips={limit}): step {local.step} applied", RuntimeWarning,
+                          stacklevel=3)
     if skipped:
         state.bytes_communicated = sent
         return (dict(state._out) if state._out else dict(params)), state
