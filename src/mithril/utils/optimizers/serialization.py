@@ -65,7 +65,8 @@ class StateDictMixin:
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+            raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
+                             f"{type(self).__name__} (its 'optimizer')")
         unknown = sorted(map(repr, set(d) - KEYS))
         if unknown:
             raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
@@ -163,12 +164,14 @@ class StateDictMixin:
         own = set(state.slots) - set(started)
         for label, names in (("unknown to", set(saved) - own), ("missing for", own - set(saved))):
             if names:
-                raise KeyError(f"state dict slot(s) {sorted(names)} {label} {state.kind}")
+                raise KeyError(f"state dict slot(s) {sorted(names, key=repr)} {label} "
+                               f"{state.kind}")
         out = {s: state.slots[s] for s in state.slots if s in started}
         for slot, per_param in saved.items():
             lay = state.slot_layout(slot)
             if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
-                got = sorted(per_param) if isinstance(per_param, Mapping) else type(per_param).__name__
+                got = (sorted(per_param, key=repr) if isinstance(per_param, Mapping)
+                       else type(per_param).__name__)
                 raise KeyError(f"state dict slot '{slot}' must have exactly the parameters "
                                f"{sorted(lay.names)}, got {got}")
             arrays = {}
@@ -191,9 +194,14 @@ class StateDictMixin:
 
 
 def _within_step(saved: Any, step: int) -> Any:
-    """``saved`` (a state dict's ``"averaged"``), its counts refused where beyond ``step``:
-    an average is updated at most once per step (its other checks: :func:`loaded_counts`)."""
+    """``saved`` (a state dict's ``"averaged"``), its names refused unless str and its
+    counts where beyond ``step``: an average is updated at most once per step (its other
+    checks: :func:`loaded_counts`)."""
     for s, per in (saved.items() if isinstance(saved, Mapping) else ()):
+        keys = [s, *(per if isinstance(per, Mapping) else ())]
+        if not all(isinstance(k, str) for k in keys):
+            raise KeyError(f"state dict 'averaged' must name averages and parameters by "
+                           f"str, got {next(k for k in keys if not isinstance(k, str))!r:.80}")
         for n, v in (per.items() if isinstance(per, Mapping) else ()):
             if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) \
                     and v > step:
