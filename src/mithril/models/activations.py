@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import elementwise_kernels
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, ShapeError, backend_of, functional_of, stop_gradient
 
 
@@ -174,7 +175,8 @@ class Gelu(Operator):
 
 
 class Softmax(Operator):
-    """exp(x - max) / Σ exp(x - max) along ``axis`` (default last)."""
+    """exp(x - max) / Σ exp(x - max) along ``axis`` (default last); float16 / bfloat16 in
+    float32, rounded once (:mod:`~mithril.models.half_precision`), as torch."""
 
     vjp_ignores = frozenset({"input"})
 
@@ -191,6 +193,7 @@ class Softmax(Operator):
             raise ShapeError(f"axis {self.axis} is out of range for rank {len(s)}")
         return s
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -200,6 +203,7 @@ class Softmax(Operator):
         e = xp.exp(input - stop_gradient(xp, xp.max(input, axis=self.axis, keepdims=True)))
         return e / xp.sum(e, axis=self.axis, keepdims=True)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         return {"input": out * (g - (g * out).sum(axis=self.axis, keepdims=True))}
 

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import DTypeError, InputValueError
 from . import loss_kernels
 from .cross_entropy_options import TorchOptions
+from .half_precision import float32_forward, float32_vjp
 from .operator import (
     Operator,
     Shape,
@@ -313,12 +314,14 @@ class CrossEntropy(Operator):
             return False
         return dt.itemsize > 1 or "int" in str(dt)  # of the 1-byte ones int8/uint8, not bool
 
+    @float32_forward
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         _, input, target = self._moved(xp, input, target)
         if self._options is not None:
             return self._options.forward(self, xp, input, target)
         return self._forward_last(xp, input, target)
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any, target: Any) -> tuple[Any, Any]:
         """:meth:`_forward_residuals_last` with the class axis moved last."""
         _, input, target = self._moved(xp, input, target)
@@ -327,6 +330,7 @@ class CrossEntropy(Operator):
                 self._options.forward(self, xp, input, target), None)
         return self._forward_residuals_last(xp, input, target)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         """:meth:`_vjp_last` of the logits and target with the class axis moved last; the
         gradients moved back (a loss per row keeps the rows' order, so ``g`` is as is)."""

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .half_precision import float32_forward, float32_vjp, narrow
 from .operator import Operator, ShapeError, backend_of, fmt
 
 
@@ -73,6 +74,7 @@ class GroupNorm(Operator):
         inv = 1 / xp.sqrt(_group_mean(xp, xc * xc) + self.eps)
         return xc * inv, inv
 
+    @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
@@ -86,6 +88,7 @@ class GroupNorm(Operator):
             return F.group_norm(input, self.num_groups, weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None,
                           bias: Any = None) -> tuple[Any, Any]:
         """The output and ``(x̂, 1/σ)``, grouped as (N, G, C/G · prod(spatial))."""
@@ -96,6 +99,7 @@ class GroupNorm(Operator):
             y = y * weight.reshape(per_channel)
         return (y if bias is None else y + bias.reshape(per_channel)), (xhat, inv)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
         per_channel = (-1,) + (1,) * (g.ndim - 2)  # g has the input's shape
@@ -210,10 +214,12 @@ class _BatchNorm(Operator):
         m = self.momentum
         if m is None:  # cumulative average: 1 / count (+ 0·rm[:1]: in the statistics' dtype)
             m = 1.0 / (count + rm[:1] * 0)
-        ctx.update("running_mean", (1 - m) * rm + m * mean)
-        ctx.update("running_var", (1 - m) * rv + m * var_unbiased)
+        # (half precision: the statistics are float32, the state rounded once, as torch)
+        ctx.update("running_mean", narrow((1 - m) * rm + m * mean, rm.dtype))
+        ctx.update("running_var", narrow((1 - m) * rv + m * var_unbiased, rv.dtype))
         ctx.update("num_batches_tracked", count)
 
+    @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *, ctx: Any) -> Any:
         batch = self._batch_stats(ctx)
         if backend_of(xp) == "torch":
@@ -242,6 +248,7 @@ class _BatchNorm(Operator):
             y = y * weight.reshape(per_channel)
         return y if bias is None else y + bias.reshape(per_channel)
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *,
                           ctx: Any) -> tuple[Any, Any]:
         """NumPy / JAX: the output and ``(x̂, 1/σ)`` (1/σ shaped per channel); training mode
@@ -273,6 +280,7 @@ class _BatchNorm(Operator):
         inv = (1 / xp.sqrt(var + self.eps)).reshape(per_channel)
         return xc * inv, inv
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         ctx = args["ctx"]
         axes = self._axes(g)  # g has the input's shape
@@ -378,6 +386,7 @@ class RMSNorm(Operator):
                           + self.eps_for(x.dtype))
         return x * inv, inv
 
+    @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None) -> Any:
         if backend_of(xp) == "torch":  # one kernel each way (eps None: torch's own default)
             import torch.nn.functional as F
@@ -385,11 +394,13 @@ class RMSNorm(Operator):
             return F.rms_norm(input, self.normalized_shape, weight, self.eps)
         return self.forward_residuals(xp, input, weight)[0]
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None) -> tuple[Any, Any]:
         """The output and ``(x̂, 1/rms)``, which the NumPy VJP reuses."""
         xhat, inv = self._normalise(xp, input)
         return (xhat if weight is None else xhat * weight), (xhat, inv)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         # with u = g·weight: dx = (u − x̂ · mean(u · x̂)) / rms (the mean over the normalised axes)
         xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])

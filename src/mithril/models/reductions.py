@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .half_precision import float32_forward
 from .operator import Operator, ShapeError, div_count, torch_of
 
 
@@ -60,6 +61,7 @@ class _Reduce(Operator):
 class Sum(_Reduce):
     """Σ over ``axis``."""
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         torch = torch_of(xp)
         if torch is not None:
@@ -75,6 +77,7 @@ class Sum(_Reduce):
 class Mean(_Reduce):
     """Mean over ``axis``."""
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         torch = torch_of(xp)
         if torch is not None:

@@ -1,0 +1,87 @@
+"""The half-precision rule for statistics: one place for every norm, softmax and loss.
+
+torch (CPU and CUDA) computes a norm's mean and variance, a softmax's or log-softmax's
+log-sum-exp and a reduction's sum of float16 / bfloat16 inputs in float32 (its "opmath"
+type) and rounds the result to the input dtype once; JAX's ``jax.nn`` and flax's norms
+upcast too. Computed in float16 itself, a sum of squares over 4096 values of 10 already
+overflows (65504), and each rounded partial result costs ulps. So an operator whose NumPy /
+JAX forward computes such a statistic wraps it in :func:`float32_forward` and its NumPy VJP
+in :func:`float32_vjp`: for a float16 or bfloat16 input they run the method on float32
+copies of the float arrays and round its output (or gradients) to the input's dtype once.
+Other dtypes pass through untouched (float32 and float64 results are bitwise as before),
+and so does the torch backend, whose forwards are torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .operator import backend_of
+
+try:
+    import ml_dtypes
+
+    _BF16: tuple[Any, ...] = (np.dtype(ml_dtypes.bfloat16),)
+except ImportError:  # pragma: no cover - ml_dtypes ships with jax
+    _BF16 = ()
+
+#: the dtypes computed in float32 (NumPy dtypes: JAX arrays carry them too)
+HALF = frozenset({np.dtype(np.float16), *_BF16})
+
+
+def is_half(x: Any) -> bool:
+    """Whether ``x`` is a float16 / bfloat16 NumPy or JAX array (or scalar)."""
+    return getattr(x, "dtype", None) in HALF
+
+
+def widen(x: Any) -> Any:
+    """``x`` in float32 when it is a half-precision array, else ``x`` itself."""
+    return x.astype(np.float32) if getattr(x, "dtype", None) in HALF else x
+
+
+def narrow(y: Any, dtype: Any) -> Any:
+    """``y`` rounded to ``dtype`` (once); ``y`` itself when it has it already."""
+    if y is None or getattr(y, "dtype", None) == dtype:
+        return y
+    return y.astype(dtype) if hasattr(y, "astype") else np.asarray(y, dtype)
+
+
+def float32_forward(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an operator's ``forward`` / ``forward_residuals`` (``(self, xp, **arrays)``):
+    with a half-precision first input on NumPy or JAX, every half array argument is taken
+    in float32 and the output rounded to the input's dtype (``forward_residuals``: the
+    output only; its residuals stay float32 for :func:`float32_vjp`)."""
+    residuals = method.__name__ == "forward_residuals"
+
+    @functools.wraps(method)
+    def wrapper(self: Any, xp: Any, *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else kwargs.get(self.inputs[0])
+        if getattr(first, "dtype", None) not in HALF or backend_of(xp) == "torch":
+            return method(self, xp, *args, **kwargs)
+        out = method(self, xp, *map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+        if residuals:
+            return narrow(out[0], first.dtype), out[1]
+        return narrow(out, first.dtype)
+
+    return wrapper
+
+
+def float32_vjp(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an operator's NumPy ``vjp`` (``(self, g, out, args, wrt, ...)``): with a
+    half-precision cotangent, ``g``, ``out`` and the float arguments are taken in float32 and
+    each gradient is rounded once to its argument's dtype (else the cotangent's)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, g: Any, out: Any, args: Any, wrt: Any, *rest: Any, **kw: Any) -> Any:
+        if getattr(g, "dtype", None) not in HALF:
+            return method(self, g, out, args, wrt, *rest, **kw)
+        grads = method(self, widen(g), widen(out), {k: widen(v) for k, v in args.items()},
+                       wrt, *rest, **kw)
+        return {k: narrow(v, args[k].dtype if is_half(args.get(k)) else g.dtype)
+                for k, v in grads.items()}
+
+    return wrapper
