@@ -27,6 +27,7 @@ from test_attention_blocks import _causal, max_error, mha_ref
 import mithril as ml
 from mithril.backends import NumpyBackend
 from mithril.errors import DTypeError, ShapeError
+from mithril.models.transformer import TransformerDecoderBlock
 
 TOL = 1e-10
 E, H = 8, 2
@@ -90,6 +91,73 @@ CASES = {
                           {"key_padding_mask": np.array([False, True, False, False, True])},
                           mha_ref("query", "key", "value", key_padding_mask=_kpm)),
 }
+
+
+_TORCH_NAMES = {"multi_head_attention": "self_attn", "multi_head_attention_0": "self_attn",
+                "multi_head_attention_1": "multihead_attn", "linear_0": "linear1",
+                "linear_1": "linear2", "layer_norm_0": "norm1", "layer_norm_1": "norm2",
+                "layer_norm_2": "norm3"}
+
+
+def layer_ref(decoder, activation="relu", norm_first=True, eps=1e-5, bias=True, **masks):
+    """torch's ``TransformerEncoderLayer`` / ``DecoderLayer`` on our parameters; ``masks``:
+    torch's forward keyword -> our input name (or a callable of ``t``)."""
+    def ref(t):
+        cls = torch.nn.TransformerDecoderLayer if decoder else torch.nn.TransformerEncoderLayer
+        layer = cls(E, H, 16, dropout=0.0, activation=activation, layer_norm_eps=eps,
+                    batch_first=True, norm_first=norm_first, bias=bias, dtype=torch.float64)
+        params = {}
+        for k, v in t.items():
+            if "." in k:
+                mod, role = k.rsplit(".", 1)
+                params[f"{_TORCH_NAMES[mod]}.{role.replace('out_proj_', 'out_proj.')}"] = v
+        assert sorted(params) == sorted(layer.state_dict())
+        kw = {a: f(t) if callable(f) else t[f] for a, f in masks.items()}
+        args = (t["input"], t["memory"]) if decoder else (t["input"],)
+        return torch.func.functional_call(layer, params, args, kw)
+    return ref
+
+
+def _dec(**opts):
+    return TransformerDecoderBlock(E, H, 16, **opts)
+
+
+CASES.update({
+    "encoder_post_norm_relu_eps": (lambda: ml.TransformerBlock(E, H, 16, eps=1e-2, norm_first=False),
+                                   {"input": (2, 5, E)}, {}, layer_ref(False, norm_first=False, eps=1e-2)),
+    "encoder_post_norm_gelu_kpm": (
+        lambda: ml.TransformerBlock(E, H, 16, activation="gelu", norm_first=False,
+                                    use_key_padding_mask=True),
+        {"input": (3, 5, E)}, {"key_padding_mask": _pad((3, 5), 4)},
+        layer_ref(False, "gelu", norm_first=False, src_key_padding_mask="key_padding_mask")),
+    "encoder_causal_float_kpm": (
+        lambda: ml.TransformerBlock(E, H, 16, is_causal=True, use_key_padding_mask=True),
+        {"input": (2, 6, E), "key_padding_mask": (2, 6)}, {},
+        layer_ref(False, src_key_padding_mask="key_padding_mask", is_causal=lambda t: True,
+                  src_mask=lambda t: _causal(6))),
+    "encoder_post_norm_no_bias_mask": (
+        lambda: ml.TransformerBlock(E, H, 16, use_attn_mask=True, use_bias=False, norm_first=False),
+        {"input": (2, 4, E)}, {"attn_mask": np.random.default_rng(5).random((4, 4)) > 0.7},
+        layer_ref(False, norm_first=False, bias=False, src_mask="attn_mask")),
+    "decoder_causal_memory_kpm": (
+        lambda: _dec(is_causal=True, use_memory_key_padding_mask=True),
+        {"input": (3, 5, E), "memory": (3, 6, E)}, {"memory_key_padding_mask": _pad((3, 6), 6, False)},
+        layer_ref(True, tgt_mask=lambda t: _causal(5), tgt_is_causal=lambda t: True,
+                  memory_key_padding_mask="memory_key_padding_mask")),
+    "decoder_post_norm_gelu_all_masks": (
+        lambda: _dec(activation="gelu", eps=1e-3, norm_first=False, use_tgt_mask=True,
+                     use_memory_mask=True, use_tgt_key_padding_mask=True,
+                     use_memory_key_padding_mask=True),
+        {"input": (2, 4, E), "memory": (2, 5, E), "tgt_mask": (4, 4)},
+        {"memory_mask": np.random.default_rng(7).random((4, 5)) > 0.8,
+         "tgt_key_padding_mask": _pad((2, 4), 8, False),
+         "memory_key_padding_mask": _pad((2, 5), 9, False)},
+        layer_ref(True, "gelu", norm_first=False, eps=1e-3, tgt_mask="tgt_mask",
+                  memory_mask="memory_mask", tgt_key_padding_mask="tgt_key_padding_mask",
+                  memory_key_padding_mask="memory_key_padding_mask")),
+    "decoder_no_bias_unbatched": (lambda: _dec(use_bias=False), {"input": (4, E), "memory": (3, E)}, {},
+                                  layer_ref(True, bias=False)),
+})
 
 
 # -- the harness: our block on one backend, torch's on our parameters ---------------------------
@@ -215,3 +283,19 @@ def test_integer_key_padding_mask_is_a_dtype_error(backend):
     with pytest.raises(DTypeError, match="key_padding_mask.*booleans or floats"):
         compiled.evaluate(compiled.get_parameters(),
                           {"x": x, "key_padding_mask": np.zeros((2, 3), dtype=np.int64)})
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: _dec(is_causal=True, use_tgt_mask=True), "TransformerDecoderBlock: is_causal and use_tgt_mask"),
+    (lambda: _dec(eps=-1.0), "TransformerDecoderBlock: eps must be"),
+    (lambda: TransformerDecoderBlock(E, H, 0), "TransformerDecoderBlock: dim_feedforward must be"),
+    (lambda: TransformerDecoderBlock(E, 3), "must be divisible by num_heads"),
+])
+def test_bad_decoder_arguments_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_decoder_memory_of_another_width_is_named():
+    with pytest.raises(ShapeError, match=r"'key' must have the query's embed_dim \(8\).*'memory' \[2, 5, 10\]"):
+        ml.compile(_dec(), NumpyBackend(), shapes={"input": [2, 4, E], "memory": [2, 5, E + 2]})

@@ -165,14 +165,14 @@ def _rank_at_least(s: Any, n: int, key: str, who: str, layout: str) -> None:
         raise ShapeError(f"{who}: '{key}' must have rank >= {n} ({layout}), got shape {fmt(s)}")
 
 
-def _mask_fits(m: Any, scores: tuple, who: str, layout: str) -> None:
+def _mask_fits(m: Any, scores: tuple, who: str, layout: str, key: str = "attn_mask") -> None:
     """``attn_mask`` of shape ``m`` broadcasts to the ``scores`` shape, not past it: a mask
     with more or larger batch axes made NumPy / JAX return more than the shape rule said
     (and torch's kernel refuse it deep inside), where torch's SDPA refuses such a mask."""
-    out = broadcast_shapes(m, scores, f"'attn_mask' and the scores {layout}")
+    out = broadcast_shapes(m, scores, f"'{key}' and the scores {layout}")
     if len(m) > len(scores) or any(o is not None and d is not None and o != d
                                    for o, d in zip(out, scores, strict=True)):
-        raise ShapeError(f"{who}: 'attn_mask' of shape {fmt(m)} must broadcast to the scores "
+        raise ShapeError(f"{who}: '{key}' of shape {fmt(m)} must broadcast to the scores "
                          f"{layout} {fmt(scores)}, not enlarge them (as torch)")
 
 
@@ -357,7 +357,7 @@ class MultiHeadAttention(Operator):
                 raise ShapeError(f"MultiHeadAttention: 'key_padding_mask' must be (…, S) with S "
                                  f"= {k[-2]} keys (the length of 'key' {fmt(k)}), got {fmt(pad)}")
             _mask_fits((*pad[:-1], 1, 1, pad[-1]), scores, "MultiHeadAttention",
-                       "(…, num_heads, L, S); 'key_padding_mask' (…, S) is (…, 1, 1, S)")
+                       "(…, num_heads, L, S), as (…, 1, 1, S)", "key_padding_mask")
         return (*batch, q[-2], e)
 
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
