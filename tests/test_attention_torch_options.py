@@ -299,3 +299,12 @@ def test_bad_decoder_arguments_are_named(make, match):
 def test_decoder_memory_of_another_width_is_named():
     with pytest.raises(ShapeError, match=r"'key' must have the query's embed_dim \(8\).*'memory' \[2, 5, 10\]"):
         ml.compile(_dec(), NumpyBackend(), shapes={"input": [2, 4, E], "memory": [2, 5, E + 2]})
+
+
+def test_torchs_per_head_mask_layout_is_named():
+    """torch's 3-D (N·num_heads, L, S) mask is (N, num_heads, L, S) here: the error says so."""
+    m = ml.Model()
+    m |= ml.MultiHeadAttention(H, use_attn_mask=True)(query="x", key="x", value="x",
+                                                      attn_mask="attn_mask", output="output")
+    with pytest.raises(ShapeError, match=r"\(N·num_heads, L, S\) per-head mask is \(N, num_heads, L, S\)"):
+        ml.compile(m, NumpyBackend(), shapes={"x": [3, 5, E], "attn_mask": [3 * H, 5, 5]})

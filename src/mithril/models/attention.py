@@ -350,7 +350,8 @@ class MultiHeadAttention(Operator):
         m = shapes.get("attn_mask") if self.use_attn_mask else None
         scores = (*batch, self.num_heads, q[-2], k[-2])
         if m is not None:
-            _mask_fits(m, scores, "MultiHeadAttention", "(…, num_heads, L, S)")
+            _mask_fits(m, scores, "MultiHeadAttention", "(…, num_heads, L, S) (torch's (N·num_heads, "
+                       "L, S) per-head mask is (N, num_heads, L, S) here)")
         pad = shapes.get("key_padding_mask") if self.use_key_padding_mask else None
         if pad is not None:
             if len(pad) < 1 or not _same(pad[-1], k[-2]):
