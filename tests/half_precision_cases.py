@@ -46,8 +46,9 @@ def values(name: str, case: Case, dtype: str) -> dict[str, np.ndarray]:
 
 
 def run_mithril(case: Case, ins: dict, cot: np.ndarray, backend_name: str,
-                dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The output and the inputs' gradients (as float64 arrays) of ``case`` on a backend."""
+                dtype: str) -> tuple[np.ndarray, dict[str, np.ndarray], set[str]]:
+    """The output and the inputs' gradients (as float64 arrays) of ``case`` on a backend, and
+    the dtypes the backend returned them in."""
     backend = BACKENDS[backend_name](dtype=dtype)
     model = ml.Model()
     model |= case.block()(**{k: k for k in (*ins, *case.data)}, output="output")
@@ -59,7 +60,8 @@ def run_mithril(case: Case, ins: dict, cot: np.ndarray, backend_name: str,
                             output_gradients={"output": backend.array(cot)},
                             **({"state": state} if state else {}))
     f64 = lambda a: np.asarray(backend.to_numpy(a)).astype(np.float64)  # noqa: E731
-    return f64(res[0]["output"]), {k: f64(res[1][k]) for k in ins}
+    dtypes = {str(a.dtype).removeprefix("torch.") for a in (res[0]["output"], *res[1].values())}
+    return f64(res[0]["output"]), {k: f64(res[1][k]) for k in ins}, dtypes
 
 
 def run_torch(case: Case, ins: dict, cot: np.ndarray,
@@ -73,25 +75,27 @@ def run_torch(case: Case, ins: dict, cot: np.ndarray,
     return f64(y), {k: f64(g) for k, g in zip(t, grads)}
 
 
-def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
-    """The largest |got − want| in ulps of ``dtype`` at ``want`` (at least its smallest normal
-    spacing); inf where exactly one of them is not finite (or they are infinities of
-    different sign), NaN against NaN counts as equal."""
+def ulps(got: np.ndarray, want: np.ndarray, dtype: str, at: np.ndarray | None = None) -> float:
+    """The largest |got − want| in ulps of ``dtype`` at ``at`` (default ``want``; the spacing
+    of its binade, at least the smallest normal one); inf where exactly one of ``got`` and
+    ``want`` is finite (or they are infinities of different sign); NaN against NaN is equal."""
     got, want = np.broadcast_arrays(np.asarray(got, np.float64), np.asarray(want, np.float64))
     fin_g, fin_w = np.isfinite(got), np.isfinite(want)
-    if (fin_g != fin_w).any() or (got[~fin_w] != want[~fin_w]).any() and not (
-            np.isnan(got[~fin_w]) & np.isnan(want[~fin_w])).all():
+    if (fin_g != fin_w).any() or ((got[~fin_w] != want[~fin_w]) & ~(
+            np.isnan(got[~fin_w]) & np.isnan(want[~fin_w]))).any():
         return float("inf")
+    at = want if at is None else np.broadcast_to(np.asarray(at, np.float64), want.shape)
     fi = ml_dtypes.finfo(NP_DTYPES[dtype])
-    ulp = np.maximum(np.abs(want[fin_w]), float(fi.smallest_normal)) * float(fi.eps)
-    ulp = 2.0 ** np.floor(np.log2(ulp))  # the spacing of the binade of |want|
+    scale = np.where(np.isfinite(at[fin_w]), np.abs(at[fin_w]), 0.0)
+    ulp = 2.0 ** np.floor(np.log2(np.maximum(scale, float(fi.smallest_normal)) * float(fi.eps)))
     return float((np.abs(got[fin_w] - want[fin_w]) / ulp).max(initial=0.0))
 
 
 def measure(name: str, case: Case, backend_name: str, dtype: str = "float16") -> dict[str, Any]:
-    """Errors in ulps of the output (``"y"``) and every gradient (``"d<key>"``) of the
-    backend against torch in ``dtype`` (``torch``) and against the float64 truth (``truth``),
-    and torch's own error against the truth (``torch_vs_truth``)."""
+    """Per output (``"y"``) and gradient (``"d<key>"``), in ulps of ``dtype`` at the float64
+    truth: the backend against the truth (``ours``), torch.nn.functional in ``dtype`` on CPU
+    against the truth (``torch``) and the backend against torch (``side``); and the dtypes
+    the backend returned (``dtypes``)."""
     ins = values(name, case, dtype)
     rng = np.random.default_rng(zlib.crc32(name.encode()) + 1)
     probe = case.torch_fn({k: torch.tensor(v) for k, v in ins.items()},
@@ -100,14 +104,12 @@ def measure(name: str, case: Case, backend_name: str, dtype: str = "float16") ->
     got = run_mithril(case, ins, cot, backend_name, dtype)
     peer = run_torch(case, ins, cot, TORCH_DTYPES[dtype])
     truth = run_torch(case, ins, cot, torch.float64)
-
-    def errs(a, b):
-        return {"y": ulps(a[0], b[0], dtype), **{f"d{k}": ulps(a[1][k], b[1][k], dtype) for k in ins}}
-
-    return {"torch": errs(got, peer), "truth": errs(got, truth), "torch_vs_truth": errs(peer, truth),
-            "inf": {"y": bool(np.isinf(got[0]).any()) and not np.isinf(peer[0]).any(),
-                    **{f"d{k}": bool(np.isinf(got[1][k]).any()) and not np.isinf(peer[1][k]).any()
-                       for k in ins}}}
+    pairs = {"y": (got[0], peer[0], truth[0]), **{f"d{k}": (got[1][k], peer[1][k], truth[1][k])
+                                                    for k in ins}}
+    return {"ours": {k: ulps(a, t, dtype) for k, (a, p, t) in pairs.items()},
+            "torch": {k: ulps(p, t, dtype) for k, (a, p, t) in pairs.items()},
+            "side": {k: ulps(a, p, dtype, at=t) for k, (a, p, t) in pairs.items()},
+            "dtypes": got[2]}
 
 
 def _labels(n: int, c: int, seed: int = 0) -> np.ndarray:
