@@ -93,8 +93,10 @@ def ask(fn: ShouldSkipUpdateFn, gradients: Mapping[str, Any], windows: int, para
     flag, info = out
     if isinstance(flag, (bool, np.bool_)):
         return bool(flag), info
-    dtype, shape = getattr(flag, "dtype", None), getattr(flag, "shape", None)
-    if shape is None or tuple(shape) != () or str(dtype).removeprefix("torch.") != "bool":
+    dtype = str(getattr(flag, "dtype", None)).removeprefix("torch.")
+    shape = getattr(flag, "shape", None)
+    shape = None if shape is None else tuple(shape)
+    if shape != () or dtype != "bool":
         raise ValueError(f"should_skip_update_fn must return a boolean scalar first, got "
                          f"{type(flag).__name__} of dtype {dtype} and shape {shape}")
     return bool(flag), info
