@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..optimizers.checks import describe
-from .base import LRScheduler, SupportsLearningRate
+from .base import LRScheduler, SupportsLearningRate, _check_step, _to_float
 
 __all__ = ["LambdaLR", "MultiplicativeLR"]
 
@@ -101,6 +101,12 @@ class MultiplicativeLR(_NewLambda, LRScheduler):
     the scheduler with the same function, then ``load_state_dict`` restores the step counter and
     ``last_lr``, which carries the product so far.
 
+    Restarted by a parent (a later child of :class:`SequentialLR` / :class:`JoinSchedules`, the
+    ``after_scheduler`` of a warm-up) it goes on multiplying the rate it finds there, as
+    torch's in its ``SequentialLR``: the restart step is ``lr·lr_lambda(0)`` (as torch 2.13,
+    whose restart is not its initial step; older releases keep ``lr`` there), then
+    ``·lr_lambda(1)``, ... (given ``base_lr=``, it restarts from that base).
+
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         lr_lambda: ``t -> factor`` applied at step ``t >= 1``, or a list of them, one per
@@ -108,28 +114,63 @@ class MultiplicativeLR(_NewLambda, LRScheduler):
     """
 
     _GROUP_ARGS = ("lr_lambda",)
+    _STARTS_FROM_CURRENT = True
 
     def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
         super().__init__(optimizer)
         self.lr_lambda = _check_callable("lr_lambda", lr_lambda)
         self._memo: tuple[float, int, float] | None = None  # (base_lr, t, lr): a cache only
         self._configure()
-        self._restart()
+        LRScheduler._restart(self)  # (built: from base_lr; a parent's restart is _restart)
 
     def _configure(self) -> None:
         return None
 
     def _lr_at(self, t: int) -> float:
-        start, lr = 0, self.base_lr
-        if 0 < self.last_step <= t:
+        return self._product(self.base_lr, t)
+
+    def _lr_at_from(self, t: int, start: float) -> float:
+        if "_base_given" in self.__dict__:
+            return self.get_lr_at(t)
+        return self._product(start * _call_number("lr_lambda", self.lr_lambda, 0), _check_step(t))
+
+    def _restart(self) -> None:
+        # why: restarted by a parent at its milestone it jumped back to the base (re-based to
+        # the first child's); torch's goes on from the rate it finds, times lr_lambda(0)
+        if "_base_given" in self.__dict__:
+            super()._restart()
+            return
+        lanes = (self, *self._siblings)
+        bases = [lane.base_lr for lane in lanes]
+        starts = []
+        for lane in lanes:
+            lr = _to_float("the optimizer's learning rate", lane.optimizer.get_learning_rate())
+            factor = _call_number("lr_lambda", lane.lr_lambda, 0)
+            if not (math.isfinite(lr * factor) and lr * factor >= 0):
+                raise ValueError(f"MultiplicativeLR restarted at the rate {lr}: times "
+                                 f"lr_lambda(0) = {factor} it is {lr * factor}")
+            starts.append(lr * factor)
+        try:
+            for lane, lr in zip(lanes, starts, strict=True):
+                lane._rebase(lr)
+            super()._restart()
+        except Exception:
+            for lane, lr in zip(lanes, bases, strict=True):
+                lane._rebase(lr)
+            raise
+
+    def _product(self, base: float, t: int) -> float:
+        """``base · lr_lambda(1) ⋯ lr_lambda(t)``, from the nearest known point."""
+        start, lr = 0, base
+        if base == self.base_lr and 0 < self.last_step <= t:
             start, lr = self.last_step, self._last_lr
         memo = self._memo
-        if memo is not None and memo[0] == self.base_lr and start < memo[1] <= t:
+        if memo is not None and memo[0] == base and start < memo[1] <= t:
             start, lr = memo[1], memo[2]
         for k in range(start + 1, t + 1):
             lr = lr * _call_number("lr_lambda", self.lr_lambda, k)
             if not math.isfinite(lr):
                 break  # get_lr_at reports it
         if math.isfinite(lr):
-            self._memo = (self.base_lr, t, lr)
+            self._memo = (base, t, lr)
         return lr

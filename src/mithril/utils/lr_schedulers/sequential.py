@@ -36,6 +36,8 @@ class SequentialLR(ChildrenState, LRScheduler):
     torch's ``OneCycleLR`` overwrites that shared ``initial_lr`` with ``max_lr / div_factor``,
     so in torch the children *before* it start from that value; here they keep
     ``schedulers[0].base_lr`` (the OneCycleLR child still cycles from its own ``max_lr``).
+    A later child that goes on from the rate it finds, as torch's (:class:`SWALR`,
+    :class:`MultiplicativeLR`), starts from the rate of step ``m_i - 1`` instead.
 
     Unlike PyTorch, a child may be a :class:`ReduceLROnPlateau` (or a composite containing
     one). ``step(metric)`` forwards ``metric`` to the active child if it needs one (otherwise

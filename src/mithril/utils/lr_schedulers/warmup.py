@@ -31,7 +31,10 @@ class LinearWarmupScheduler(LRScheduler):
 
     The ``after_scheduler``'s ``base_lr`` is **re-based to** ``end_lr`` (whatever the optimizer's
     learning rate was when it was constructed), so a base-relative schedule continues seamlessly
-    from the end of the warm-up. Schedules with explicit rates (:class:`OneCycleLR`) ignore this.
+    from the end of the warm-up. Schedules with explicit rates (:class:`OneCycleLR`) ignore this;
+    those going on from the rate they find (:class:`SWALR`, :class:`MultiplicativeLR`) start
+    from the warm-up's last one (step ``warmup_steps - 1``), as in torch's
+    ``SequentialLR([LinearLR(...), it], [warmup_steps])``.
     ``after_scheduler`` may be a :class:`ReduceLROnPlateau`; then ``step(metric)`` forwards the
     metric to it after the warm-up (the metric is ignored during the warm-up and on the step
     that ends it, since it measures the warm-up phase).
@@ -92,9 +95,14 @@ class LinearWarmupScheduler(LRScheduler):
     def _lr_at(self, t: int) -> float:
         if t < self.warmup_steps:
             return self.start_lr + (self.end_lr - self.start_lr) * t / self.warmup_steps
-        if self.after_scheduler is None:
+        after = self.after_scheduler
+        if after is None:
             return self.end_lr
-        return self.after_scheduler.get_lr_at(t - self.warmup_steps)
+        if after._STARTS_FROM_CURRENT and self.warmup_steps:
+            # why: stepped, it restarts from the warm-up's last rate (as in torch's
+            # SequentialLR); the closed form took end_lr, so get_lr_at was not the run
+            return after._lr_at_from(t - self.warmup_steps, self._lr_at(self.warmup_steps - 1))
+        return after.get_lr_at(t - self.warmup_steps)
 
     def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
         # why: after the warm-up, the after_scheduler's cycled momentum at its step, so that
