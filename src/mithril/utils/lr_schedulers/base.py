@@ -455,6 +455,11 @@ class LRScheduler:
         if not isinstance(state, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state).__name__}")
         kind = state.get("type")
+        if kind is None and "last_epoch" in state:  # (a user switching from torch)
+            raise ValueError(
+                f"state_dict is torch.optim.lr_scheduler's (it has 'last_epoch', no 'type'), "
+                f"not a {type(self).__name__}.state_dict(): build this scheduler with the "
+                f"same arguments and step it last_epoch times to carry a torch run on")
         if not isinstance(kind, str) or kind != type(self).__name__:
             raise ValueError(
                 f"state_dict is for {describe(kind)}, cannot load it into "
@@ -483,8 +488,8 @@ class LRScheduler:
                 raise ValueError(f"state_dict must hold the states of {len(self._siblings)} "
                                  f"parameter groups under 'groups' (this {type(self).__name__} "
                                  f"acts per group), got {describe(groups)}")
-            for sibling, sub in zip(self._siblings, groups, strict=True):
-                sibling._load(sub)
+            for i, (sibling, sub) in enumerate(zip(self._siblings, groups, strict=True)):
+                _load_nested(sibling, sub, f"['groups'][{i}]")
         elif groups is not None:
             raise ValueError(f"state_dict was saved by a {type(self).__name__} acting per "
                              f"parameter group ('groups'); build this one per group "
@@ -499,6 +504,17 @@ class LRScheduler:
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._HPARAMS)
         return f"{type(self).__name__}({hp}, last_step={self.last_step}, last_lr={self._last_lr!r})"
+
+
+def _load_nested(child: LRScheduler, sub: Any, key: str) -> None:
+    """``child._load(sub)``, an error saying where ``sub`` is in the state dict loaded
+    (``state_dict['schedulers'][1]['after_scheduler']: ...``)."""
+    try:
+        child._load(sub)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        rest = msg[len("state_dict"):] if msg.startswith("state_dict[") else f": {msg}"
+        raise type(exc)(f"state_dict{key}{rest}") from None
 
 
 def _check_child(owner: str, optimizer: Any, child: Any, what: str) -> LRScheduler:
@@ -518,9 +534,21 @@ class ChildrenState:
     def _extra_state(self) -> dict[str, Any]:
         return {"schedulers": [c.state_dict() for c in self.schedulers]}
 
+    def _load_checked(self, state: Mapping[str, Any]) -> None:
+        # why: first, as the children are what differs (a state of 2 children loaded into 3
+        # was refused by the milestones' count)
+        if isinstance(state, Mapping) and state.get("type") == type(self).__name__:
+            subs = state.get("schedulers")
+            n = len(self.schedulers)
+            if isinstance(subs, (str, bytes)) or not isinstance(subs, Sequence):
+                raise ValueError(f"state_dict['schedulers'] must be a list of {n} child "
+                                 f"scheduler states, got {describe(subs)}")
+            if len(subs) != n:
+                raise ValueError(f"state_dict['schedulers'] holds {len(subs)} child scheduler "
+                                 f"states, this {type(self).__name__} has {n} children: build "
+                                 f"it with the children it was saved with")
+        super()._load_checked(state)  # type: ignore[misc]
+
     def _load_extra(self, state: Mapping[str, Any]) -> None:
-        subs = state.get("schedulers")
-        if not isinstance(subs, Sequence) or len(subs) != len(self.schedulers):
-            raise ValueError(f"state_dict must hold {len(self.schedulers)} child scheduler states")
-        for child, sub in zip(self.schedulers, subs, strict=True):
-            child._load(sub)
+        for i, (child, sub) in enumerate(zip(self.schedulers, state["schedulers"], strict=True)):
+            _load_nested(child, sub, f"['schedulers'][{i}]")

@@ -12,6 +12,7 @@ from .base import (
     _check_int,
     _check_real,
     _check_step,
+    _load_nested,
 )
 from .plateau import _drive_child, _metric_value, _needs_metric
 
@@ -151,4 +152,4 @@ class LinearWarmupScheduler(LRScheduler):
                 "state_dict and scheduler disagree on the presence of an after_scheduler"
             )
         if self.after_scheduler is not None:
-            self.after_scheduler._load(sub)
+            _load_nested(self.after_scheduler, sub, "['after_scheduler']")
