@@ -79,3 +79,25 @@ def test_a_new_lr_lambda_is_checked_and_drops_the_cached_product():
         with pytest.raises(TypeError, match="lr_lambda"):
             sched.lr_lambda = 0.5
         assert sched.state_dict() == before
+
+
+def test_reading_torchs_names_says_ours() -> None:
+    # torch's scheduler has them (a loop that logs sched.last_epoch or sched.base_lrs[0]);
+    # ours: an AttributeError naming ours (before: the bare "has no attribute")
+    p = torch.nn.Parameter(torch.zeros(1))
+    ref = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([p], lr=0.1), step_size=2)
+    sched = StepLR(SGD(learning_rate=0.1), step_size=2)
+    for _ in range(3):
+        ref.optimizer.step()
+        ref.step()
+        sched.step()
+    assert (ref.last_epoch, ref.base_lrs, ref.get_last_lr()) == (sched.last_step, [sched.base_lr],
+                                                                 sched.get_last_lrs())
+    for name, ours in [("last_epoch", "last_step"), ("base_lrs", "base_lr"),
+                       ("get_lr", r"get_last_lr\(\) or get_lr_at\(t\)")]:
+        assert hasattr(ref, name)
+        with pytest.raises(AttributeError, match=f"'StepLR' object has no attribute '{name}' "
+                                                 f"\\(torch's name; here: {ours}\\)"):
+            getattr(sched, name)
+    with pytest.raises(AttributeError, match="no attribute 'gama'$"):
+        sched.gama  # noqa: B018 - (any other name: the plain error)

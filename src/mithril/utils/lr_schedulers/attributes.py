@@ -26,7 +26,8 @@ from typing import Any
 from ..optimizers.checks import describe
 
 #: torch's names of what ours call otherwise
-OTHER_NAMES = {"last_epoch": "last_step", "base_lrs": "base_lr", "max_lrs": "max_lr"}
+OTHER_NAMES = {"last_epoch": "last_step", "base_lrs": "base_lr", "max_lrs": "max_lr",
+               "get_lr": "get_last_lr() or get_lr_at(t)"}
 
 #: set once, at construction: what the scheduler drives (its lanes, its children's targets
 #: and its momentum handle were built for it) and the children it steps

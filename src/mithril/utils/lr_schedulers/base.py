@@ -374,6 +374,13 @@ class LRScheduler:
                 pass
             raise
 
+    def __getattr__(self, name: str) -> Any:
+        # (only for a name the scheduler lacks) torch's names say what ours are called
+        other = attributes.OTHER_NAMES.get(name)
+        hint = f" (torch's name; here: {other})" if other else ""
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}{hint}",
+                             name=name, obj=self)
+
     def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__
         if name[0] == "_" or "_made" not in d or "_inside" in d:
