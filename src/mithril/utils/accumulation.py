@@ -278,11 +278,12 @@ class GradientAccumulator:
         self.count += 1
         self.total_weight += w
 
-    def _mean_with(self, gradients: Mapping[str, Any], weight: float) -> dict[str, Any]:
-        """The :meth:`mean` that ``add(gradients, weight)`` would give, as new arrays, leaving
-        the accumulator unchanged (checked as :meth:`add`)."""
+    def _mean_with(self, gradients: Mapping[str, Any], weight: float, mean: bool = True
+                   ) -> dict[str, Any]:
+        """The :meth:`mean` (``mean=False``: the sum) that ``add(gradients, weight)`` would
+        give, as new arrays, leaving the accumulator unchanged (checked as :meth:`add`)."""
         w = self._check(gradients, weight)
-        inv = 1.0 / (self.total_weight + w)
+        inv = 1.0 / (self.total_weight + w) if mean else 1.0
         if self._sum is None:
             return {k: _as(_scaled(_scaled(_widen(g), w) if w != 1 else _widen(g), inv), g)
                     for k, g in gradients.items()}
@@ -417,13 +418,17 @@ class Accumulate:
     checked micro-batch; one it skips is not buffered nor counted toward ``k``, and nothing
     changes but ``state.skip_state`` and ``state.num_skipped_micro_batches``
     (:mod:`mithril.utils.accumulate_skip`: ``skip_not_finite``, ``skip_large_updates``, on
-    every backend).
+    every backend). ``use_grad_mean=False`` (``MultiSteps``' argument) steps with the sum
+    Σ wᵢ·gᵢ instead of the mean (a torch loop calling ``loss.backward()`` on each
+    micro-batch without dividing the loss by ``k``).
     """
 
     def __init__(self, optimizer: Any, k: int,
-                 should_skip_update_fn: ShouldSkipUpdateFn | None = None) -> None:
+                 should_skip_update_fn: ShouldSkipUpdateFn | None = None,
+                 use_grad_mean: bool = True) -> None:
         self.k = k
         self.should_skip_update_fn = should_skip_update_fn
+        self.use_grad_mean = use_grad_mean
         self.optimizer = optimizer
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -435,6 +440,10 @@ class Accumulate:
         elif name == "should_skip_update_fn" and value is not None and not callable(value):
             raise TypeError(f"should_skip_update_fn must be callable (as optax."
                             f"skip_not_finite) or None, got {describe(value)}")
+        elif name == "use_grad_mean":
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"use_grad_mean must be a bool, got {describe(value)}")
+            value = bool(value)
         elif "optimizer" in self.__dict__ and name not in self.__dict__ and \
                 not hasattr(type(self), name):
             inner = self.optimizer
@@ -473,7 +482,8 @@ class Accumulate:
             state.last_step_skipped = False
             state.skip_state = info if fn is not None else state.skip_state
             return params, state
-        mean = acc._mean_with(gradients, weight)  # checks; the buffer stays as it is
+        # (checks; the buffer stays as it is)
+        mean = acc._mean_with(gradients, weight, mean=self.use_grad_mean)
         params, inner = self.optimizer.update(params, mean, state.inner)
         state.inner = inner
         acc.reset()
@@ -573,4 +583,5 @@ class Accumulate:
     def __repr__(self) -> str:
         skip = self.should_skip_update_fn
         return f"Accumulate({self.optimizer!r}, k={self.k}" + (
-            f", should_skip_update_fn={getattr(skip, '__name__', skip)!r})" if skip else ")")
+            f", should_skip_update_fn={getattr(skip, '__name__', skip)!r}" if skip else "") + (
+            "" if self.use_grad_mean else ", use_grad_mean=False") + ")"
