@@ -32,7 +32,7 @@ from optimizer_parity import rel_err
 import mithril.utils.lr_schedulers as ls
 import mithril.utils.optimizers as mo
 
-SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 3, 2)}
+SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 3, 2), "t": (5, 3)}  # t: a tall matrix
 STEPS = 24
 TOL = 1e-10
 LR0 = 0.01
@@ -104,6 +104,31 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                           "learning_rate": LR0, "weight_decay": 0.004, "epsilon": 1e-7,
                           "convention": "keras"}}},
              "Muon", {}, "some"),
+    # Keras's Muon options: adam_lr_ratio r is fallback_lr_ratio, its AdamW's decay
+    # adam_weight_decay / r (Keras decays by lr·adam_weight_decay), rms_rate adjust_lr_fn
+    "muon_options/missing": (
+        "Muon", {"weight_decay": 0.02, "momentum": 0.9, "nesterov": False, "ns_steps": 3,
+                 "adjust_lr_fn": 0.35, "ns_dtype": None, "fallback": {"AdamW": {
+                     "learning_rate": LR0 * 0.1, "weight_decay": 0.1, "beta1": 0.8,
+                     "epsilon": 1e-7, "convention": "keras"}}},
+        "Muon", {"weight_decay": 0.02, "momentum": 0.9, "nesterov": False, "ns_steps": 3,
+                 "rms_rate": 0.35, "adam_lr_ratio": 0.1, "adam_weight_decay": 0.01,
+                 "adam_beta_1": 0.8}, "some"),
+    "muon_rms_rate_none": ("Muon", {"weight_decay": 0.004, "adjust_lr_fn": "none",
+                                    "ns_dtype": None, "fallback": {"AdamW": {
+                                        "weight_decay": 0.004, "epsilon": 1e-7,
+                                        "convention": "keras"}}},
+                           "Muon", {"rms_rate": None}, ""),
+    # Keras's ScheduleFreeAdamW: its warm-up (lr·min(t/W, 1)), 1/t weights, decay of y
+    "sfadamw_warmup_wd/missing": (
+        "ScheduleFreeAdamW", {"warmup_steps": 10, "weight_decay": 0.1, "epsilon": 1e-3,
+                              "beta1": 0.8, "convention": "keras"},
+        "ScheduleFreeAdamW", {"warmup_steps": 10, "weight_decay": 0.1, "epsilon": 1e-3,
+                              "beta_1": 0.8}, "some"),
+    # Keras's loss_scale_factor=s (Keras gets the gradients of the loss times s): a fixed
+    # scale, the recipe divides the gradients by s before the update
+    "adagrad_loss_scale": ("AdaGrad", {"epsilon": 1e-7, "convention": "keras"},
+                           "Adagrad", {"loss_scale_factor": 1000.0}, ""),
     # Keras's global_clipnorm: clip_gradients(eps=0) before the update (the fused clip_norm
     # keeps torch's 1e-6: ~1e-7 off here)
     "adam_global_clipnorm/missing": ("Adam", {"epsilon": 1e-7, "convention": "keras"},
@@ -131,13 +156,13 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
 JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite",
        "adam_global_clipnorm/missing", "lamb_wd/missing", "adamax_eps", "muon",
-       "adam_wd/accumulate", "adafactor_wd/missing")
-#: Keras's Muon takes its Newton–Schulz norm in float32 (ops.norm of a float64 matrix), and
-#: ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε)
-TOLS = {"muon": 1e-7}
+       "adam_wd/accumulate", "adafactor_wd/missing", "sfadamw_warmup_wd/missing")
+#: Keras's Muon scales by ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε) (its float32
+#: ops.norm is replaced by a float64 one, see _SCRIPT)
+TOLS = {"muon": 3e-7, "muon_options/missing": 3e-7, "muon_rms_rate_none": 3e-7}
 #: the cases also run on float32 parameters (against Keras's float64 run: ≤ 1e-4)
 FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd",
-           "adafactor_wd/missing")
+           "adafactor_wd/missing", "sfadamw_warmup_wd/missing")
 
 # keras.optimizers.schedules.<expression> -> (ours on an optimizer whose lr is 0.1, what the
 # comparison allows: Keras's CosineDecay computes its cosine in float32)
@@ -172,14 +197,18 @@ import mithril.utils.optimizers as mo
 import mithril.utils.optimizers.engines as engines
 
 keras.config.set_floatx("float64")
-# Keras 3.15's ops.mean of float64 arrays is float32-accurate (Adafactor's RMS and factors):
-# its Adafactor runs with a float64 mean
+# Keras 3.15's ops.mean of float64 arrays is float32-accurate (Adafactor's RMS and factors),
+# its ops.norm float32 (Muon's Newton–Schulz scaling): those run with float64 ones
 import keras.src.ops as kops
-keras_mean = kops.mean
+keras_mean, keras_norm = kops.mean, kops.norm
 
 
 def float64_mean(x, axis=None, keepdims=False):
     return jnp.mean(jnp.asarray(x), axis=axis, keepdims=keepdims)
+
+
+def float64_norm(x, ord=None, axis=None, keepdims=False):
+    return jnp.linalg.norm(jnp.asarray(x), ord=ord, axis=axis, keepdims=keepdims)
 
 
 p0, grads = problem()
@@ -187,6 +216,7 @@ names = list(SHAPES)
 out = {}
 for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
     kops.mean = float64_mean if theirs == "Adafactor" else keras_mean
+    kops.norm = float64_norm if theirs == "Muon" else keras_norm
     opt = getattr(keras.optimizers, theirs)(learning_rate=LR0, **their_kw)
     vs = [keras.Variable(p0[k], dtype="float64", name=k) for k in names]
     opt.build(vs)
@@ -194,7 +224,9 @@ for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
     for t in range(STEPS):
         opt.learning_rate = lr_at(LR0, t)
         gone = missing(pattern, t)
-        opt.apply([None if k in gone else jnp.asarray(grads[t][k]) for k in names], vs)
+        scale = their_kw.get("loss_scale_factor") or 1.0  # (the loss's gradients, scaled)
+        opt.apply([None if k in gone else jnp.asarray(grads[t][k] * scale) for k in names],
+                  vs)
         keras_traj.append([np.array(v.value).tolist() for v in vs])
     ema = [np.array(v.value).tolist() for v in opt._model_variables_moving_average] \
         if their_kw.get("use_ema") else None
@@ -251,6 +283,9 @@ def run_ours(case: str, dtype: str = "float64"):
         opt.learning_rate = lr_at(LR0, t)
         gone = missing(pattern, t)
         g = {k: g for k, g in grads[t].items() if k not in gone}
+        if "loss_scale_factor" in their_kw:  # the recipe: the scaled loss's gradients / s
+            s = their_kw["loss_scale_factor"]
+            g = {k: np.asarray(v * s / s) for k, v in g.items()}
         if "global_clipnorm" in their_kw:
             g = mo.clip_gradients(g, clip_norm=their_kw["global_clipnorm"], eps=0.0)
         params, state = opt.update(params, g, state)
@@ -390,3 +425,25 @@ def test_nadam_keras_without_parameters() -> None:
     opt = mo.NAdam(convention="keras", backend=NumpyBackend())
     _, state = opt.update({}, {}, opt.init({}))
     assert state.step == 1 and state.values["mu_product"] == 1.0
+
+
+def test_keras_options_of_muon_and_schedule_free_are_checked() -> None:
+    """Keras's ScheduleFreeAdamW weights every step alike: another weight_lr_power is refused
+    under its convention (0 by default there, optax's 2 otherwise); Muon's adjust_lr_fn
+    takes Keras's rms_rate (a number, "none") and refuses anything else, naming it."""
+    assert mo.ScheduleFreeAdamW(convention="keras").weight_lr_power == 0.0
+    assert mo.ScheduleFreeAdamW().weight_lr_power == 2.0
+    with pytest.raises(ValueError, match="weight_lr_power=2.0: Keras's ScheduleFreeAdamW"):
+        mo.ScheduleFreeAdamW(convention="keras", weight_lr_power=2.0)
+    with pytest.raises(ValueError, match="convention must be 'optax' or 'keras'"):
+        mo.ScheduleFreeAdamW(convention="torch")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: convention='keras' changes"):
+        mo.ScheduleFreeAdamW(param_groups=[{"params": ["b"], "convention": "keras",
+                                            "weight_lr_power": 0.0}])
+    assert mo.Muon(adjust_lr_fn=0.3).adjust_lr_fn == 0.3
+    with pytest.raises(ValueError, match="adjust_lr_fn must be one of .* or a number > 0"):
+        mo.Muon(adjust_lr_fn="None")
+    with pytest.raises(ValueError, match="adjust_lr_fn must be >= 0"):
+        mo.Muon(adjust_lr_fn=-0.2)
+    with pytest.raises(TypeError, match="adjust_lr_fn must be a number"):
+        mo.Muon(adjust_lr_fn=True)

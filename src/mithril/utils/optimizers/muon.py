@@ -24,7 +24,7 @@ from .tensorwise import NumpyOps, TensorwiseOptimizer, TorchOps, ops_for
 #: torch's (Keller Jordan's) quintic Newton–Schulz coefficients, steps and epsilon
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = ("bfloat16", "float32", "float64", None)
-ADJUST_LR = (None, "original", "match_rms_adamw")
+ADJUST_LR = (None, "original", "match_rms_adamw", "none")
 #: the prefix of the fallback optimizer's slots in Muon's state
 PREFIX = "fallback_"
 
@@ -228,13 +228,17 @@ def newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: in
     return xp.T(X) if tall else X
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+def adjusted_lr(lr: float, adjust_lr_fn: str | float | None, shape: Sequence[int]) -> float:
     """torch's ``_adjust_lr``: ``"original"`` (None) scales by √max(1, A/B),
-    ``"match_rms_adamw"`` by 0.2·√max(A, B)."""
+    ``"match_rms_adamw"`` by 0.2·√max(A, B); Keras's ``rms_rate``: a number r by
+    r·√max(A, B), ``"none"`` not at all."""
     A, B = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1, A / B))
-    return lr * (0.2 * math.sqrt(max(A, B)))
+    if adjust_lr_fn == "none":
+        return lr
+    rate = 0.2 if adjust_lr_fn == "match_rms_adamw" else adjust_lr_fn
+    return lr * (rate * math.sqrt(max(A, B)))
 
 
 def _build(spec: Any) -> Optimizer | None:
@@ -277,8 +281,8 @@ def _build(spec: Any) -> Optimizer | None:
 #: keras.optimizers.Muon's names that are not ours
 _KERAS_NAMES = {**{f"adam_{k}": f"give fallback=AdamW({v}=...)" for k, v in (
     ("beta_1", "beta1"), ("beta_2", "beta2"), ("weight_decay", "weight_decay"))},
-    "adam_lr_ratio": "ours is fallback_lr_ratio", "rms_rate": "adjust_lr_fn='match_rms_adamw' "
-    "is its 0.2", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"},
+    "adam_lr_ratio": "ours is fallback_lr_ratio", "rms_rate": "ours is adjust_lr_fn=rms_rate "
+    "('match_rms_adamw' is its 0.2, 'none' its None)", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"},
     "exclude_layers": "give those an AdamW of their own",
     "exclude_embeddings": "give the embeddings an AdamW of their own"}
 
@@ -295,11 +299,13 @@ class Muon(TensorwiseOptimizer):
 
     ``adjust_lr_fn``: None / ``"original"`` gives ``lr·√max(1, rows/cols)``,
     ``"match_rms_adamw"`` ``0.2·lr·√max(rows, cols)`` (Moonshot's, to reuse AdamW's lr and
-    weight decay). ``ns_dtype``: the Newton–Schulz iteration's precision; ``"bfloat16"`` as
-    torch (on torch the very same operations; on NumPy too, through zero-copy torch views,
-    where torch is installed; else, and on JAX, emulated: float32 arithmetic, each result
-    rounded to bfloat16, which agrees with torch's to bfloat16 rounding), or
-    ``"float32"``, ``"float64"``, None (the parameters' dtype, as Keras).
+    weight decay); Keras's ``rms_rate``: a number r gives ``r·lr·√max(rows, cols)``,
+    ``"none"`` ``lr`` itself (``rms_rate=None``). ``ns_dtype``: the Newton–Schulz
+    iteration's precision; ``"bfloat16"`` as torch (on torch the very same operations; on
+    NumPy too, through zero-copy torch views, where torch is installed; else, and on JAX,
+    emulated: float32 arithmetic, each result rounded to bfloat16, which agrees with
+    torch's to bfloat16 rounding), or ``"float32"``, ``"float64"``, None (the parameters'
+    dtype, as Keras).
 
     Every parameter that is not a matrix (biases, norms, scalars, conv kernels) is updated
     by ``fallback``, an elementwise optimizer (default ``AdamW()`` with torch's defaults, as
@@ -315,8 +321,10 @@ class Muon(TensorwiseOptimizer):
     parameter of another rank is refused by ``init``, naming it), as torch.
 
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
-    "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=0.004,
-    epsilon=1e-7, convention="keras"))``: Keras's buffer ``μ·B + g`` is ours over (1−μ),
+    "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=
+    0.004/adam_lr_ratio, epsilon=1e-7, convention="keras"))`` (Keras decays the AdamW
+    tensors by ``lr·adam_weight_decay``, without the ratio; ``adjust_lr_fn=rms_rate``
+    where that is not 0.2): Keras's buffer ``μ·B + g`` is ours over (1−μ),
     which the Newton–Schulz normalisation takes out (to ~1e-8: Keras adds 1e-7 to ‖U‖,
     in float32). Keras also gives AdamW the matrices named like an embedding (or in
     ``exclude_layers``): give those to an AdamW of their own.
@@ -329,7 +337,7 @@ class Muon(TensorwiseOptimizer):
     def __init__(self, learning_rate: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
                  ns_coefficients: Sequence[float] = NS_COEFFICIENTS, epsilon: float = 1e-7,
-                 ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 ns_steps: int = 5, adjust_lr_fn: str | float | None = None,
                  ns_dtype: str | None = "bfloat16", fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None, **options: Any) -> None:
         keras = [k for k in _KERAS_NAMES if k in options]
@@ -349,8 +357,10 @@ class Muon(TensorwiseOptimizer):
             raise ValueError(f"ns_coefficients must be finite, got {self.ns_coefficients}")
         self.epsilon = check_positive("epsilon", epsilon)
         self.ns_steps = check_int("ns_steps", ns_steps, maximum=99)  # torch: < 100
-        if adjust_lr_fn not in ADJUST_LR:
-            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR}, got "
+        if not isinstance(adjust_lr_fn, (str, type(None))):  # Keras's rms_rate
+            adjust_lr_fn = check_positive("adjust_lr_fn", adjust_lr_fn)
+        elif adjust_lr_fn not in ADJUST_LR:
+            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR} or a number > 0, got "
                              f"{describe(adjust_lr_fn)}")
         self.adjust_lr_fn = adjust_lr_fn
         if ns_dtype not in NS_DTYPES:

@@ -13,7 +13,7 @@ import numpy as np
 from ...errors import KeyMismatchError, ShapeError
 from .base import Optimizer
 from .checks import check_int, check_positive, check_unit, describe, is_array, to_float, unwrapped
-from .elementwise import helper, maximum, sqrt, where
+from .elementwise import helper, maximum, minimum, sqrt, where
 from .state import OptimizerState
 
 
@@ -35,6 +35,14 @@ def _sf_sgd(p, g, z, lr, b1, omb1, wd, ck, omck):
 def _sf_adamw(p, g, z, nu, lr, b1, omb1, b2, omb2, bc2, eps, wd, ck, omck):
     nu = omb2 * (g * g) + b2 * nu
     z_new = z + -lr * (g / (sqrt(nu / bc2) + eps) + wd * p)
+    p, z = _interpolate(p, z, z_new, b1, omb1, ck, omck)
+    return p, z, nu
+
+
+def _sf_adamw_keras(p, g, z, nu, lr, b1, omb1, b2, omb2, bc2, eps, wd, lr_wd, ck, omck):
+    p = p - p * wd * lr_wd  # Keras's decoupled decay of y (raw lr) before the step
+    nu = omb2 * (g * g) + b2 * nu
+    z_new = z + -lr * (g / (sqrt(nu / bc2) + eps))
     p, z = _interpolate(p, z, z_new, b1, omb1, ck, omck)
     return p, z, nu
 
@@ -99,6 +107,14 @@ def host_flat(state: OptimizerState, params: Mapping[str, Any], what: str) -> np
             raise ShapeError(f"{what}: params['{name}'] must be an array of shape {shape}, "
                              f"got {type(p).__name__} {tuple(getattr(p, 'shape', ()))}")
     return lay.flatten_numpy({n: np.asarray(eng.to_numpy(p)) for n, p in params.items()})
+
+
+class _Default(float):
+    """optax's ``weight_lr_power`` default, 2.0, told apart from a 2.0 given: Keras's
+    convention replaces it by its 0."""
+
+
+_WEIGHT_LR_POWER = _Default(2.0)
 
 
 def _check_b1(value: Any) -> float:
@@ -244,26 +260,50 @@ class ScheduleFreeAdamW(_ScheduleFree):
     warm-up, where the bias correction enters).
     Defaults are optax's (lr 0.0025, β₁ 0.9, β₂ 0.999, ε 1e-8, weight_lr_power 2, no
     warm-up, no decay).
+
+    ``convention="keras"`` is ``keras.optimizers.ScheduleFreeAdamW`` (its ``beta_1``,
+    ``beta_2`` are ``beta1``, ``beta2``): the warm-up ``lr_t = lr·min(t/W, 1)`` from step 1
+    (optax's is one step behind), every step weighted alike (``c = 1/t``:
+    ``weight_lr_power`` is 0, another value is refused) and ``weight_decay`` Keras's
+    decoupled ``y ← y − lr·wd·y`` (the raw lr) before the step, nothing added to z's.
     """
 
     slots = ("z", "nu")
 
     def __init__(self, learning_rate: float = 0.0025, warmup_steps: int | None = None,
                  beta1: float = 0.9, beta2: float = 0.999, epsilon: float = 1e-8,
-                 weight_decay: float = 0.0, weight_lr_power: float = 2.0,
-                 **options: Any) -> None:
+                 weight_decay: float = 0.0, weight_lr_power: float = _WEIGHT_LR_POWER,
+                 convention: str = "optax", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        if convention not in ("optax", "keras"):
+            raise ValueError(f"convention must be 'optax' or 'keras', got {describe(convention)}")
+        self.convention = convention
+        keras = convention == "keras"
+        if keras and weight_lr_power is _WEIGHT_LR_POWER:
+            weight_lr_power = 0.0
         self._common(beta1, warmup_steps, weight_lr_power)
+        if keras and self.weight_lr_power != 0:  # (Keras's weight is 1/t)
+            raise ValueError(f"weight_lr_power={describe(weight_lr_power)}: Keras's "
+                             f"ScheduleFreeAdamW weights every step alike (convention='keras' "
+                             f"takes 0 only)")
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon)
 
+    def _base_lr(self, step: int) -> float:
+        if self.convention == "optax":
+            return super()._base_lr(step)
+        if not self.warmup_steps:  # Keras: lr·min(t/W, 1), t the 1-based step
+            return self.learning_rate
+        return self.learning_rate * minimum(step / self.warmup_steps, 1.0)
+
     def scalars(self, step: int) -> tuple[float, ...]:
         b1, b2 = self.beta1, self.beta2
+        keras = (self.learning_rate,) if self.convention == "keras" else ()
         return (self._base_lr(step), b1, 1.0 - b1, b2, 1.0 - b2, 1.0 - b2**step, self.epsilon,
-                self.weight_decay)
+                self.weight_decay, *keras)
 
     def kernel_math(self) -> Any:
-        return _sf_adamw
+        return _sf_adamw_keras if self.convention == "keras" else _sf_adamw
 
 
 def _init(self: _ScheduleFree, params: Mapping[str, Any]) -> OptimizerState:
