@@ -305,3 +305,36 @@ def test_an_edited_checkpoint_count_is_refused(tmp_path):
     del meta["accumulate"]["num_skipped_micro_batches"]  # (older checkpoints: 0)
     (tmp_path / "old").write_bytes(build(json.dumps(meta), tensors))
     assert load_checkpoint(tmp_path / "old", p, _fresh())["state"].num_skipped_micro_batches == 0
+
+
+def test_mixed_precision_trainer_reports_a_skipped_micro_batch():
+    """Under :class:`MixedPrecisionTrainer` a micro-batch the predicate skips (finite, too
+    large) is reported as the trainer's own dropped ones: not applied, the scheduler not
+    stepped, the loss scale not backed off; the masters are SGD on the kept ones' means."""
+    from test_mixed_precision_peers import Counter, dyadic_batches, host, linear, p0
+
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+
+    be = TorchBackend(dtype="float16")
+    data = dyadic_batches(7, seed=3)
+    sq = [sum(float((g ** 2).sum()) for g in gr.values()) for _, _, gr in data]
+    bound = sorted(sq)[-2]  # the two largest skipped
+    acc = Accumulate(SGD(learning_rate=0.25), 2,
+                     should_skip_update_fn=functools.partial(skip_large_updates,
+                                                             max_squared_norm=bound))
+    trainer = MixedPrecisionTrainer(linear(be), acc, p0(be), loss_scale=64.0)
+    counted, kept = Counter(), []
+    want = {k: np.full(v.shape, 0.5, np.float32) for k, v in host(be, p0(be)).items()}
+    for (x, c, g), s in zip(data, sq, strict=True):
+        trainer.forward({"input": be.array(x)})
+        _, state, ok = trainer.backward_and_update({"out": be.array(c)})
+        assert ok is (s < bound) and state.last_step_skipped is (s >= bound)
+        assert trainer.step_scheduler(counted) is state.applied
+        kept += [g] if s < bound else []
+        if len(kept) == 2:
+            want = {k: want[k] - 0.25 * (kept[0][k] + kept[1][k]) / 2 for k in want}
+            kept = []
+        for k, v in host(be, trainer.master_params).items():
+            np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert state.num_skipped_micro_batches == 2 and counted.n == state.windows == 2
+    assert trainer.loss_scale == 64.0 and state.micro_step == 1
