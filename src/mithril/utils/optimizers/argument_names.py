@@ -25,8 +25,9 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
 _RECIPES = {
     "gradient_accumulation_steps": "wrap the optimizer: mithril.utils.accumulation."
                                    "Accumulate(optimizer, k)",
-    "loss_scale_factor": "scale the loss with mithril.utils.mixed_precision.LossScaler or "
-                         "MixedPrecisionTrainer",
+    "loss_scale_factor": "a fixed loss scale: multiply the loss by it and divide the "
+                         "gradients by it before update (mithril.utils.mixed_precision."
+                         "LossScaler / MixedPrecisionTrainer: a dynamic one)",
     "ema_overwrite_frequency": "give ema_decay=, then every k steps set the params to "
                                "ema_params(state)",
 }
