@@ -64,7 +64,7 @@ class StateDictMixin:
         constructed with it or not. Hyperparameters alone (no ``"step"``) are set as given."""
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
-        if d.get("optimizer") != type(self).__name__:
+        if not isinstance(d.get("optimizer"), str) or d["optimizer"] != type(self).__name__:
             raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
                              f"{type(self).__name__} (its 'optimizer')")
         unknown = sorted(map(repr, set(d) - KEYS))
@@ -140,7 +140,7 @@ class StateDictMixin:
     def _loaded_values(saved: Any, state: OptimizerState) -> dict[str, float]:
         """The optimizer-wide scalars of a state dict: exactly those of ``state``, as floats."""
         if not isinstance(saved, Mapping) or set(saved) != set(state.values):
-            got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            got = sorted(saved, key=repr) if isinstance(saved, Mapping) else type(saved).__name__
             raise KeyError(f"state dict 'values' must have exactly {sorted(state.values)}, "
                            f"got {got}")
         out = {}
@@ -164,7 +164,7 @@ class StateDictMixin:
         own = set(state.slots) - set(started)
         for label, names in (("unknown to", set(saved) - own), ("missing for", own - set(saved))):
             if names:
-                raise KeyError(f"state dict slot(s) {sorted(names, key=repr)} {label} "
+                raise KeyError(f"state dict 'slots': slot(s) {sorted(names, key=repr)} {label} "
                                f"{state.kind}")
         out = {s: state.slots[s] for s in state.slots if s in started}
         for slot, per_param in saved.items():
@@ -189,7 +189,11 @@ class StateDictMixin:
                         raise ValueError(f"{where} holds {a[lost].flat[0]!r}, beyond the range "
                                          f"of the state's {dtype}")
                 arrays[name] = a
-            out[slot] = state.engine.from_numpy(lay.flatten_numpy(arrays))
+            common = np.result_type(*arrays.values()) if arrays else dtype  # (mixed: the
+            # flat buffer must hold each, not take the first's dtype: an int or float16 first
+            # would round the others)
+            out[slot] = state.engine.from_numpy(lay.flatten_numpy(
+                {n: a.astype(common, copy=False) for n, a in arrays.items()}))
         return {s: out[s] for s in state.slots}
 
 
