@@ -356,3 +356,14 @@ def test_torch_tensor_slots_load_bitwise(saved):
         np.testing.assert_array_equal(again["slots"]["m"][n], a)
         np.testing.assert_array_equal(again["slots"]["v"][n], torch.tensor(
             saved["slots"]["v"][n]).to(torch.bfloat16).float().numpy())
+
+
+def test_slots_of_mixed_dtypes_keep_every_value(saved):
+    """A slot whose first parameter's array is float16 (or int64) and the others float32:
+    each loads as its value in the state's float32 (the flat buffer took the first array's
+    dtype, rounding 'b' to float16: 0.1234567 loaded as 0.12347412)."""
+    for first in (np.float16, np.int64):
+        d = deep_copy(saved)
+        d["slots"]["m"] = {"w": np.zeros((3, 4), first), "b": np.full(4, 0.1234567, np.float32)}
+        opt, st_ = _load(d)
+        np.testing.assert_array_equal(st_.slot("m")["b"], np.full(4, 0.1234567, np.float32))
