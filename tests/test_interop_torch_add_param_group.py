@@ -136,15 +136,21 @@ def test_state_dict_after_add_round_trips_and_loads_into_torch(case):
         for step in range(13, 16):
             train_step((m4, m6), (theirs, back), step)
             assert max_err(m4, m6) <= TOL, step
-        # a state dict of torch.optim's own making is not taken (as before an add)
-        m5 = two_layers()
+        # a state dict of torch.optim's own making (its group added after 2 steps) is taken:
+        # each parameter's step is its count, and both continue with the same numbers
+        m5, m7 = two_layers(), two_layers()
         native = getattr(torch.optim, tname)(m5[0].parameters(), **tkw)
+        for step in range(2):
+            train_step((m5,), (native,), step)
         native.add_param_group({"params": [m5[2].weight, m5[2].bias], "lr": lr / 2})
-        train_step((m5,), (native,), 0)
-        before = ours.state_dict()
-        with pytest.raises(ValueError, match="torch.optim state dicts are not accepted"):
-            ours.load_state_dict(native.state_dict())
-        assert_same_dict(ours.state_dict()["state"], before["state"])
+        train_step((m5,), (native,), 2)
+        m7.load_state_dict(m5.state_dict())
+        mine = torch_optimizer(cls(**kw), m7[0].parameters())
+        mine.add_param_group({"params": [m7[2].weight, m7[2].bias], "lr": lr / 2})
+        mine.load_state_dict(native.state_dict())
+        for step in range(3, 7):
+            train_step((m5, m7), (native, mine), step)
+            assert max_err(m5, m7) <= TOL, step
 
 
 def test_torch_state_dict_whose_steps_differ_is_refused_unchanged():

@@ -123,8 +123,9 @@ def bad_dicts(good: dict) -> dict[str, tuple[dict, type, str]]:
 
     return {
         "not a dict": ([1, 2], TypeError, "must be a dict"),
-        "torch.optim's": (edit(lambda d: d.pop("mithril") and d["param_groups"][0].pop(
-            "mithril")), ValueError, "no 'mithril' entry"),
+        "neither ours nor torch's": (edit(lambda d: d.pop("mithril") and d["param_groups"][0]
+                                          .pop("mithril") and d["param_groups"][0].update(
+            params=[0.5] * 7)), ValueError, "no 'mithril' entry and is not a torch.optim"),
         "another optimizer": (edit(lambda d: d["mithril"].update(optimizer="SGD")), ValueError,
                               "is for 'SGD', not Adam"),
         "two groups": (edit(lambda d: d["param_groups"].append(d["param_groups"][0])),
@@ -132,7 +133,7 @@ def bad_dicts(good: dict) -> dict[str, tuple[dict, type, str]]:
         "fewer params": (edit(lambda d: d["param_groups"][0].update(params=[0, 1])), ValueError,
                          "has 2 parameters, this optimizer's 7"),
         "missing entry": (edit(lambda d: d["state"].pop(3)), KeyMismatchError, "missing [3]"),
-        "missing slot": (edit(lambda d: pop(d, "state", 2, "exp_avg_sq")), KeyMismatchError,
+        "missing slot": (edit(lambda d: pop(d, "state", 3, "exp_avg_sq")), KeyMismatchError,
                          "slot 'v' must have exactly the parameters"),
         "unknown slot": (edit(lambda d: d["state"][0].update(bogus=torch.zeros(1))),
                          KeyMismatchError, "['bogus'] unknown to Adam"),

@@ -395,7 +395,7 @@ def test_a_bad_missed_entry_is_refused_and_changes_nothing(missed, exc, match):
 
 def test_a_torch_state_dict_with_a_bad_step_is_refused_unchanged():
     """A parameter's ``step`` beyond the optimizer's count, or not a whole number, is
-    refused by its entry, nothing changed; a ``torch.optim`` state dict is still refused."""
+    refused by its entry, nothing changed; in a ``torch.optim`` state dict too."""
     with default_dtype(torch.float64):
         (a1, b1, ours), (a2, b2, ref) = _pair("adam")
         ga, gb = _grads()
@@ -410,8 +410,11 @@ def test_a_torch_state_dict_with_a_bad_step_is_refused_unchanged():
                                                  r"number of steps from 0 to 10"):
                 ours.load_state_dict(broken)
             assert _steps(b1, ours) == 6.0
-        with pytest.raises(ValueError, match="torch.optim state dicts are not accepted"):
-            ours.load_state_dict(ref.state_dict())
+        broken = ref.state_dict()  # (a torch.optim state dict: its steps checked the same)
+        broken["state"][1]["step"] = torch.tensor(2.5)
+        with pytest.raises(ValueError, match=r"'state'\[1\]\['step'\] must be a whole"):
+            ours.load_state_dict(broken)
+        assert _steps(b1, ours) == 6.0
         with pytest.raises(KeyMismatchError, match="'step_offset' is set by the wrapper"):
             ours.add_param_group({"params": [("c", torch.nn.Parameter(torch.ones(2)))],
                                   "step_offset": 3})

@@ -128,11 +128,23 @@ How it works:
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
-  ``torch.optim`` optimizer's own state dict is not accepted; one that loaded ours keeps
-  the entry in its first group and is (each parameter's ``step`` its own count: the most
-  steps any took since the entry's are the optimizer's).
+  ``torch.optim`` optimizer's own state dict (of the same kind and groups) is taken: its
+  groups' values, each parameter's ``step`` as its count (the most any took is the
+  optimizer's), its slots; a parameter it keeps no entry for (no gradient yet) starts
+  fresh, as one whose ``step`` is 0 always does. Such a parameter's entry in ours holds
+  what torch's first step reads (ASGD's ``eta`` = ``lr``, ``mu`` = 1; Rprop's
+  ``step_size`` = ``lr``; no SGD ``momentum_buffer``), so a ``torch.optim`` optimizer
+  loads ours either way; ``opt.state[p]`` shows mithril's own initial values. One that
+  loaded ours keeps the entry in its first group and is taken too (each parameter's
+  ``step`` its own count: the most steps any took since the entry's are the optimizer's).
 * Hyperparameters changed mid-run follow torch (NAdam multiplies each step's β₁ into its
-  per-parameter ``mu_product``, as torch).
+  per-parameter ``mu_product``, as torch). torch's ``maximize`` and
+  ``decoupled_weight_decay`` (in a group by hand or from a torch state dict) are refused
+  at the step unless they say what the optimizer does (``maximize=False``; AdamW's
+  ``decoupled_weight_decay=True``, Adam's ``False``) rather than ignored; changes that
+  would need other state slots (SGD momentum 0 -> 0.9, ``amsgrad``, ``centered``, or a
+  ``nesterov`` toggle that breaks its own rule) are refused with a ``ValueError`` where
+  torch.optim raises a ``KeyError`` or runs on.
 * ``torch.amp.GradScaler`` needs nothing special: it unscales the ``.grad`` tensors of the
   group's parameters in place, checks them for inf/NaN and calls :meth:`step` only when
   they are finite (``_step_supports_amp_scaling`` is deliberately not set).
@@ -163,6 +175,7 @@ from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
+    check_torch_flags,
     given_values,
     group_keys,
     grouped_hyperparameters,
@@ -423,6 +436,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     # -- the group <-> the optimizer's hyperparameters --------------------------------------
     def _sync_all(self) -> None:
+        check_torch_flags(self._mithril, self.param_groups, self._keys)
         if self._grouped:
             sync_groups(self)
         else:
@@ -480,7 +494,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         packed = packed_groups(self)
-        state, meta = export(self._mithril, self._opt_state, self._names)
+        state, meta = export(self._mithril, self._opt_state, self._names,
+                             [g["lr"] for g in self.param_groups for _ in g["params"]])
         try:  # what the next step will use (a scheduler may have changed lr since the last)
             meta["hyperparameters"] = self._hyperparameters_of(
                 self.param_groups, meta["hyperparameters"], per_key=True)
@@ -534,6 +549,10 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
                                         self.param_groups, self._hyperparameters_of)
+        try:  # (a torch.optim state dict's groups hold torch's flags)
+            check_torch_flags(self._mithril, groups, self._keys)
+        except ValueError as e:
+            raise refuse(e) from e
         where = given_values(groups, self._keys, self.param_groups)
         try:  # the groups' values first: a refused one is named (as at construction)
             copy.copy(self._mithril).load_state_dict({"optimizer": ours["optimizer"],

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import KeyMismatchError
-from ..utils.optimizers import Optimizer, RMSProp
+from ..utils.optimizers import AdamW, Optimizer, RMSProp
 from ..utils.optimizers.groups import GLOBAL, GROUP_KEYS
 from .torch_optim_state import (
     group_value,
@@ -76,6 +76,31 @@ _TORCH_SETTINGS = frozenset({
     "initial_accumulator_value", "rho", "etas", "step_sizes", "lambd", "t0", "amsgrad",
     "momentum_decay", "decoupled_weight_decay", "weight_decay", "maximize", "foreach",
     "capturable", "differentiable", "fused"})
+
+
+#: torch.optim's per-group flags that change the update (torch's optimizers read them at
+#: every step); where the optimizer has no such value, a group's must say what it does
+#: (why: ``param_groups[0]["maximize"] = True`` on Adam was silently ignored, descending)
+TORCH_FLAGS = ("maximize", "decoupled_weight_decay")
+
+
+def check_torch_flags(opt: Optimizer, groups: Sequence[Mapping[str, Any]],
+                      keys: Sequence[tuple[str, tuple]]) -> None:
+    """Refuse groups holding one of torch's :data:`TORCH_FLAGS` that ``opt`` does not have
+    at another value than what it does (``maximize`` False; ``decoupled_weight_decay``
+    True for AdamW, else False), as a torch.optim state dict or a user may set them."""
+    for i, g in enumerate(groups):
+        for flag in TORCH_FLAGS:
+            if flag not in g or any(flag == k for k, _ in keys):
+                continue
+            want = flag == "decoupled_weight_decay" and any(
+                isinstance(h, AdamW) for h in opt.hyper_holders())
+            if bool(g[flag]) != want:
+                hint = ("negate the loss instead" if flag == "maximize" else
+                        "Adam and AdamW are two optimizers here: wrap the other one")
+                raise ValueError(f"param_groups[{i}]['{flag}'] = {g[flag]!r}: "
+                                 f"{type(opt).__name__} has no '{flag}' (it always runs "
+                                 f"as {flag}={want}; {hint})")
 
 
 def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],

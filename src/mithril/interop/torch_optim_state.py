@@ -26,6 +26,8 @@ unflattens only the keys the live param groups have); its groups hold every hype
 and each parameter's ``step`` the count, which rebuild it (:func:`_rebuilt_meta`). A
 ``torch.optim`` optimizer that loaded our state dict keeps the entry in its first group as
 it was while it steps on: its parameters' ``step`` give the count (:func:`_counted_on`).
+A ``torch.optim`` optimizer's own state dict, and a parameter that has not stepped yet:
+:mod:`.torch_optim_interchange`.
 
 A group added later (``add_param_group``) gets its state from :func:`with_added`: the
 others' state as it is, a fresh one (:func:`torch_initial`) for the new parameters.
@@ -55,6 +57,7 @@ from ..utils.optimizers import (
     RMSProp,
 )
 from ..utils.optimizers.averaging import counts_of, saved_counts
+from .torch_optim_interchange import is_zero, torch_state, torchs, unstepped
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
 #: theirs, which are torch's already for ASGD, Adadelta, Adagrad, Rprop, Adafactor, Muon)
@@ -221,9 +224,10 @@ def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[A
     return out
 
 
-def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any], dict]:
+def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float]
+           ) -> tuple[dict[int, Any], dict]:
     """The ``state`` entry of a state dict (copies) and the ``"mithril"`` counters and
-    values of ``st`` (None: no step yet)."""
+    values of ``st`` (None: no step yet); ``lrs``: each parameter's group's rate."""
     ours = opt.state_dict(None)
     if st is None:
         return {}, {**ours, **dict.fromkeys(COUNTERS, 0)}
@@ -235,14 +239,17 @@ def export(opt: Optimizer, st: Any, names: Sequence[str]) -> tuple[dict[int, Any
     if st.missed is not None:  # (each count is in its 'step' too: see _counted_on)
         meta["missed"] = st.missed_counts()
     rename = slot_names_for_torch(opt)
+    counts = own_steps(opt, st, names)
     state: dict[int, dict[str, Any]] = {  # (each parameter's own count, as torch's)
-        i: {"step": torch.tensor(float(k), dtype=torch.float32)}
-        for i, k in enumerate(own_steps(opt, st, names))}
+        i: {"step": torch.tensor(float(k), dtype=torch.float32)} for i, k in enumerate(counts)}
     for slot in shown(opt, st):
         for i, view in enumerate(st.slot(slot).values()):
             a = np.array(st.engine.to_numpy(view))
             if a.size:
                 state[i][rename.get(slot, slot)] = to_tensor(a)
+    for i, k in enumerate(counts):
+        if k == 0:
+            unstepped(opt, state[i], float(scalar(lrs[i])))
     return state, meta
 
 
@@ -265,9 +272,15 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
             meta = _counted_on(opt, meta, sd.get("state"), groups)
     if meta is None and _flattened(groups, groups_now):
         meta = _rebuilt_meta(opt, sd.get("state"), groups, names)
+    state = given = sd.get("state")
+    native = meta is None and torchs(groups) and isinstance(state, Mapping)
+    if native:  # a torch.optim optimizer's own (its groups hold its values, its state steps)
+        state = torch_state(given, groups)
+        meta = _rebuilt_meta(opt, state, groups, names)
     if not isinstance(meta, Mapping):
-        raise ValueError("state dict has no 'mithril' entry: it was not made by a mithril "
-                         "torch_optimizer (torch.optim state dicts are not accepted)")
+        raise ValueError("state dict has no 'mithril' entry and is not a torch.optim "
+                         "state dict of as many groups and parameters: it was not made by "
+                         "a mithril torch_optimizer or a torch.optim optimizer")
     if meta.get("optimizer") != type(opt).__name__:
         raise ValueError(f"state dict is for {meta.get('optimizer')!r}, not "
                          f"{type(opt).__name__}")
@@ -282,6 +295,11 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
         raise ValueError(f"state dict 'param_groups' must be a list of {want} (dicts), as "
                          f"this optimizer has, got {got}")
     saved = [copy.deepcopy(dict(g)) for g in groups]
+    if native:  # torch's groups: the live group's values where they have none
+        for g, now in zip(saved, groups_now):
+            for k, v in now.items():
+                if k not in ("params", "param_names"):
+                    g.setdefault(k, copy.deepcopy(v))
     ids: list[Any] = []
     for i, (g, now) in enumerate(zip(saved, groups_now)):
         got_ids = g.get("params")
@@ -311,7 +329,6 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
             raise ValueError(f"state dict ['mithril']['averaged'] must map each average to "
                              f"{n} counts (one per parameter), got {got!r:.80}")
         out["averaged"] = {a: dict(zip(names, c)) for a, c in got.items()}
-    state = sd.get("state")
     if not isinstance(state, Mapping):
         raise TypeError(f"state dict 'state' must be a dict, got {type(state).__name__}")
     if state:
@@ -332,7 +349,13 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
             for key, value in entry.items():
                 if key != "step":
                     slots.setdefault(back.get(key, key), {})[name] = to_numpy(value)
-        out["slots"] = slots
+        # a parameter that has not stepped starts fresh (complete): torch's keeps no entry
+        # for it, ours holds torch's first-step values (unstepped)
+        fresh = [names[index[i]] for i, e in state.items()
+                 if isinstance(e, Mapping) and is_zero(e.get("step"))]
+        out["slots"] = {s: {n: a for n, a in per.items() if n not in fresh}
+                        for s, per in slots.items()}
+        out["absent"] = fresh
         if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count >= 0:
             # (another count: the optimizer's load names it)
             out["missed"] = _missed(state, index, names, step_offsets(hp, names), int(count))
@@ -481,11 +504,18 @@ def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],
     trial = copy.copy(opt)
     trial.load_state_dict({"optimizer": ours["optimizer"],
                            "hyperparameters": ours["hyperparameters"]})
-    slots = ours["slots"]
+    slots, absent = ours["slots"], ours.pop("absent", ())
     unused = unused_slots(trial, ours.get("values", {}))
+    fresh = None
     for s in (*trial.full_slot_names(), *trial.tensor_slots):
         for name, p in zip(names, params):
             if name in slots.get(s, {}):
+                continue
+            if name in absent:  # (torch's: no entry, fresh: _torch_state)
+                if fresh is None:
+                    fresh = trial.init({n: q.detach() for n, q in zip(names, params)})
+                slots.setdefault(s, {})[name] = np.array(fresh.engine.to_numpy(
+                    fresh.slot(s)[name]))
                 continue
             shape = tuple(p.shape) if s in unused else tuple(trial.slot_shape(s, tuple(p.shape)))
             if s in unused or not int(np.prod(shape, dtype=np.int64)):
