@@ -101,3 +101,26 @@ def test_reading_torchs_names_says_ours() -> None:
             getattr(sched, name)
     with pytest.raises(AttributeError, match="no attribute 'gama'$"):
         sched.gama  # noqa: B018 - (any other name: the plain error)
+
+
+def test_plateau_takes_torchs_metrics_keyword_and_refuses_an_epoch() -> None:
+    from mithril.utils.lr_schedulers import ReduceLROnPlateau
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    topt = torch.optim.SGD([p], lr=0.1)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=1, factor=0.5)
+    opt = SGD(learning_rate=0.1)
+    sched = ReduceLROnPlateau(opt, patience=1, factor=0.5)
+    want, got = [], []
+    for m in [1.0, 0.9, 0.95, 0.97, 0.99, 0.98, 0.97]:
+        ref.step(metrics=m)  # (torch's keyword: before, a TypeError here)
+        sched.step(metrics=m)
+        want.append(topt.param_groups[0]["lr"])
+        got.append(opt.learning_rate)
+    assert got == want and len(set(got)) == 3
+    before = (sched.state_dict(), opt.learning_rate)
+    with pytest.raises(TypeError, match=r"takes no epoch \(got 7\).*load_state_dict"):
+        sched.step(0.5, 7)  # (torch's deprecated form: sets last_epoch = 7)
+    with pytest.raises(TypeError, match="got metric and metrics"):
+        sched.step(0.5, metrics=0.4)
+    assert (sched.state_dict(), opt.learning_rate) == before

@@ -168,9 +168,11 @@ class ReduceLROnPlateau(LRScheduler):
             return a > best * (self.threshold + 1.0)
         return a > best + self.threshold
 
-    def step(self, metric: float | None = None) -> None:  # type: ignore[override]
+    def step(self, metric: float | None = None,  # type: ignore[override]
+             epoch: None = None, *, metrics: float | None = None) -> None:
         """Observe ``metric`` (a number: anything ``float()`` accepts but a string) and maybe
-        reduce the learning rate.
+        reduce the learning rate. ``metrics=`` is torch's name of it; torch's deprecated
+        ``epoch`` is refused (a ``TypeError`` changing nothing).
 
         Without a metric there is nothing to observe: a ``RuntimeWarning`` says so and
         nothing changes (no epoch is counted). A loop written for epoch-driven schedulers
@@ -179,6 +181,14 @@ class ReduceLROnPlateau(LRScheduler):
         A metric that is not a number (``TypeError``) or too large for a float
         (``ValueError``) changes nothing; neither does a learning rate the optimizer refuses.
         """
+        if epoch is not None:
+            raise TypeError(f"ReduceLROnPlateau.step() takes no epoch (got {epoch!r}): it counts "
+                            f"its own steps; to jump to a step, load_state_dict")
+        if metrics is not None:  # (torch's keyword)
+            if metric is not None:
+                raise TypeError("ReduceLROnPlateau.step() got metric and metrics (torch's name "
+                                "of it): pass one")
+            metric = metrics
         if metric is None:
             _warn_no_metric()
             return
