@@ -21,21 +21,19 @@ stacked or bidirectional layer holds one ``Recurrence`` per layer and direction.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import KeyMismatchError
+from ..errors import InputValueError, KeyMismatchError
 from .dropout import Dropout
 from .model import Bound, IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
+from .recurrent_state_dict import GATES, ROLES, _TorchNames
 from .shaping import Concat, Indexer, Transpose
-
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def _sigmoid(xp: Any, x: Any) -> Any:
@@ -86,15 +84,20 @@ class Recurrence(Operator):
     ``input_size``: the feature size ``input`` must have (checked; None: any).
     ``state_names``: the names a shape error gives ``h0`` / ``c0``, the enclosing block's
     terminals (``("initial_hidden", "initial_cell")``); None: ``h0`` / ``c0``.
+    ``lengths=True``: an input ``lengths`` (N,) of ints in [1, T], each sequence's length, as
+    torch's packed sequences: a step t ≥ lengths[n] leaves that entry's states as they are
+    (so the reverse direction starts at its last step), and the output gets a first slot
+    holding the hidden states with zeros at those steps: (1 + S, T, N, H).
     """
 
     param_init: dict[str, str]  # per instance: U(±1/√H) for every weight and bias
+    int_inputs = value_checked_inputs = frozenset({"lengths"})
 
     def __init__(self, kind: str, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", *, reverse: bool = False, initial_state: bool = True,
                  num_states: int | None = None, state_index: int = 0,
-                 input_size: int | None = None,
-                 state_names: tuple[str, ...] | None = None) -> None:
+                 input_size: int | None = None, state_names: tuple[str, ...] | None = None,
+                 lengths: bool = False) -> None:
         if kind not in GATES:
             raise ValueError(f"Recurrence: kind must be one of {sorted(GATES)}, got {kind!r}")
         who = kind.upper()
@@ -109,7 +112,9 @@ class Recurrence(Operator):
             raise ValueError(f"{who}: state_index {state_index!r} is not in [0, {self.num_states})")
         self.input_size = None if input_size is None else _positive_int(who, "input_size", input_size)
         states = ("h0", "c0") if kind == "lstm" else ("h0",)
-        self.inputs = ("input", *states) if self.initial_state else ("input",)  # type: ignore[misc]
+        self.lengths = bool(lengths)
+        self.inputs = ("input", *(("lengths",) if self.lengths else ()),  # type: ignore[misc]
+                       *(states if self.initial_state else ()))
         self.state_names = dict(zip(states, state_names or states))
         init = f"fan_in_uniform:{self.hidden_size}"
         keys = ROLES if self.bias else ROLES[:2]
@@ -129,9 +134,15 @@ class Recurrence(Operator):
             raise ShapeError(f"{who}: 'input' must have input_size = {self.input_size} features "
                              f"(its last axis here), got shape {fmt(s)}")
         n = None if s is None else s[1]
+        ls = shapes.get("lengths") if self.lengths else None
+        if ls is not None and (len(ls) != 1 or not (n is None or ls[0] is None or ls[0] == n)):
+            raise ShapeError(f"{who}: 'lengths' must be (N,), one length per sequence of the "
+                             f"batch of 'input' {fmt(s)}, got shape {fmt(ls)}")
         k = self.num_states
         for key in self.inputs[1:]:
             hs = shapes.get(key)
+            if key == "lengths":
+                continue
             if hs is None:
                 continue
             lead = () if k is None else (k,)
@@ -162,7 +173,19 @@ class Recurrence(Operator):
     def infer_shape(self, shapes):
         self._check(shapes)
         s = shapes.get("input")
-        return None if s is None else (2 if self.kind == "lstm" else 1, s[0], s[1], self.hidden_size)
+        slots = (2 if self.kind == "lstm" else 1) + self.lengths
+        return None if s is None else (slots, s[0], s[1], self.hidden_size)
+
+    def check_inputs(self, shapes, dtypes, arrays, names) -> None:
+        """Every length in [1, T] (reads the min and max), as torch's packed sequences."""
+        lens, s = arrays.get("lengths"), shapes.get("input")
+        if lens is None or s is None or not math.prod(lens.shape):
+            return
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 1 or hi > s[0]:
+            raise InputValueError(f"input '{names['lengths']}': sequence length "
+                                  f"{lo if lo < 1 else hi} out of range: every length must be in "
+                                  f"[1, {s[0]}] (the {s[0]} time steps of 'input')")
 
     # -- one step, any namespace ---------------------------------------------------------
     def _step(self, xp: Any, a: Any, h: Any, c: Any, w_hh: Any, b_hh: Any) -> tuple[Any, Any]:
@@ -195,40 +218,54 @@ class Recurrence(Operator):
         """The time positions in the order they are computed."""
         return range(steps - 1, -1, -1) if self.reverse else range(steps)
 
-    def forward(self, xp: Any, input: Any, h0: Any = None, c0: Any = None, weight_ih: Any = None,
-                weight_hh: Any = None, bias_ih: Any = None, bias_hh: Any = None) -> Any:
+    def forward(self, xp: Any, input: Any, lengths: Any = None, h0: Any = None, c0: Any = None,
+                weight_ih: Any = None, weight_hh: Any = None, bias_ih: Any = None,
+                bias_hh: Any = None) -> Any:
         a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
         if bias_ih is not None:
             a = a + bias_ih
         h = self._initial(xp, h0, a)
         c = self._initial(xp, c0, a) if self.kind == "lstm" else h  # a placeholder carry
-        kind = backend_of(xp)
+        steps, kind = int(a.shape[0]), backend_of(xp)
+        t_ = torch_of(xp)
+        ns = t_ if t_ is not None else np if kind == "numpy" else xp  # where, arange, stack
+        # (T, N, 1): the steps each entry has (None: all); a step past the end keeps the states
+        valid = None if lengths is None else \
+            (ns.arange(steps, device=lengths.device) if t_ is not None else ns.arange(steps)
+             )[:, None, None] < lengths[:, None]
+
+        def step(a_t: Any, v: Any, h: Any, c: Any) -> tuple[Any, Any]:
+            h2, c2 = self._step(xp, a_t, h, c, weight_hh, bias_hh)
+            return (h2, c2) if v is None else (ns.where(v, h2, h), ns.where(v, c2, c))
+
         if kind == "jax":
             import jax
 
-            def body(carry, a_t):
-                h2, c2 = self._step(xp, a_t, *carry, weight_hh, bias_hh)
+            def body(carry, xs):
+                h2, c2 = step(*xs, *carry)
                 return (h2, c2), (h2, c2)
 
-            _, (hs, cs) = jax.lax.scan(body, (h, c), a, reverse=self.reverse)
-            return xp.stack([hs, cs]) if self.kind == "lstm" else hs[None]
-        steps = int(a.shape[0])
-        hs: list[Any] = [None] * steps
-        cs: list[Any] = [None] * steps
-        for t in self._order(steps):
-            h, c = self._step(xp, a[t], h, c, weight_hh, bias_hh)
-            hs[t], cs[t] = h, c
-        stack = torch_of(xp).stack if kind == "torch" else np.stack
-        return stack([stack(hs), stack(cs)]) if self.kind == "lstm" else stack(hs)[None]
+            _, (hs, cs) = jax.lax.scan(body, (h, c), (a, valid), reverse=self.reverse)
+        else:
+            hl: list[Any] = [None] * steps
+            cl: list[Any] = [None] * steps
+            for t in self._order(steps):
+                h, c = step(a[t], None if valid is None else valid[t], h, c)
+                hl[t], cl[t] = h, c
+            hs, cs = ns.stack(hl), ns.stack(cl)
+        slots = [hs, cs] if self.kind == "lstm" else [hs]
+        if valid is not None:  # the outputs: zeros past each sequence's end, as torch's padding
+            slots.insert(0, ns.where(valid, hs, 0))
+        return ns.stack(slots)
 
     # -- backpropagation through time (NumPy) ---------------------------------------------
     def vjp(self, g, out, args, wrt):
         x, w_ih, w_hh = args["input"], args["weight_ih"], args["weight_hh"]
         b_ih, b_hh = args.get("bias_ih"), args.get("bias_hh")
         H, T = self.hidden_size, x.shape[0]
-        lstm = self.kind == "lstm"
+        lstm, off = self.kind == "lstm", int(self.lengths)
         a = x @ w_ih.T + (0 if b_ih is None else b_ih)
-        hs, cs = out[0], (out[1] if lstm else out[0])
+        hs, cs = out[off], (out[off + 1] if lstm else out[off])
         order = list(self._order(T))
         h_prev: list[Any] = [None] * T  # the state each step starts from
         c_prev: list[Any] = [None] * T
@@ -236,8 +273,12 @@ class Recurrence(Operator):
         for t in order:
             h_prev[t], c_prev[t] = hp, cp
             hp, cp = hs[t], cs[t]
-        gh_seq = g[0]
-        gc_seq = g[1] if lstm else None
+        gh_seq = g[off]  # the cotangents of the carried states
+        gc_seq = g[off + 1] if lstm else None
+        valid = None
+        if self.lengths:  # outputs = valid · hidden states
+            valid = (np.arange(T)[:, None] < args["lengths"])[..., None]
+            gh_seq = gh_seq + g[0] * valid
         da_all = np.zeros_like(a)  # cotangent of the input part, per step
         dw_hh = np.zeros_like(w_hh)
         db_hh = np.zeros(w_hh.shape[0], dtype=w_hh.dtype)
@@ -247,7 +288,10 @@ class Recurrence(Operator):
         for t in reversed(order):
             hp = h_prev[t]
             b = hp @ w_hh.T + (0 if b_hh is None else b_hh)
-            dh = gh_seq[t] + dh_next
+            dh_all = gh_seq[t] + dh_next
+            dc_all = gc_seq[t] + dc_next if lstm else None
+            v = None if valid is None else valid[t]  # a step past the end passes them through
+            dh = dh_all if v is None else dh_all * v
             if self.kind == "rnn":
                 h = hs[t]
                 dz = dh * (1 - h * h) if self.nonlinearity == "tanh" else dh * (a[t] + b > 0)
@@ -258,7 +302,7 @@ class Recurrence(Operator):
                 i, f = sig(z[:, :H]), sig(z[:, H:2 * H])
                 gg, o = np.tanh(z[:, 2 * H:3 * H]), sig(z[:, 3 * H:])
                 tc = np.tanh(cs[t])
-                dc = gc_seq[t] + dc_next + dh * o * (1 - tc * tc)
+                dc = (dc_all if v is None else dc_all * v) + dh * o * (1 - tc * tc)
                 dz = np.concatenate([dc * gg * i * (1 - i), dc * c_prev[t] * f * (1 - f),
                                      dc * i * (1 - gg * gg), dh * tc * o * (1 - o)], axis=1)
                 da = db = dz
@@ -273,6 +317,9 @@ class Recurrence(Operator):
                 da = np.concatenate([dr, dzz, dn], axis=1)
                 db = np.concatenate([dr, dzz, dn * r], axis=1)
                 dh_next = dh * z + db @ w_hh
+            if v is not None:
+                dh_next = dh_next + dh_all * ~v
+                dc_next = dc_next + dc_all * ~v if lstm else dc_next
             da_all[t] = da
             dw_hh += db.T @ hp
             db_hh += db.sum(axis=0)
@@ -290,7 +337,8 @@ class Recurrence(Operator):
     def __repr__(self) -> str:
         opts = {"reverse": True if self.reverse else None,
                 "initial_state": None if self.initial_state else False,
-                "num_states": self.num_states, "input_size": self.input_size}
+                "num_states": self.num_states, "input_size": self.input_size,
+                "lengths": True if self.lengths else None}
         extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
         return f"Recurrence({self.kind!r}, {self.hidden_size}, bias={self.bias}{extra})"
 
@@ -321,58 +369,6 @@ def __getattr__(name: str) -> Any:
 def _path(layer: int, direction: int) -> str:
     """The block name of a stacked layer's ``Recurrence``: ``l0``, ``l0_reverse``, ``l1``, ..."""
     return f"l{layer}" + ("_reverse" if direction else "")
-
-
-# -- torch state dicts ----------------------------------------------------------------------------
-class _TorchNames:
-    """Name mapping to / from torch's ``state_dict`` (shared by the cells and the sequences)."""
-
-    kind: ClassVar[str]
-    hidden_size: int
-    bias: bool
-
-    def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
-        """(torch name, mithril name relative to this block, role, ``weight_ih``'s input
-        features or 0: any)."""
-        raise NotImplementedError
-
-    def torch_names(self, prefix: str = "") -> dict[str, str]:
-        """``{torch name: mithril parameter name}`` for this block, e.g. ``weight_ih_l1_reverse
-        -> prefix + "l1_reverse.weight_ih"``, ``weight_ih_l0 -> prefix + "recurrence.weight_ih"``
-        (one layer, one direction), ``weight_ih -> prefix + "recurrence.weight_ih"`` (a cell). ``prefix``: the block's path in the compiled
-        model followed by a dot (``"lstm."`` when it is a block ``lstm`` of the compiled model;
-        ``""`` when it is the compiled model itself)."""
-        return {t: prefix + m for t, m, _, _ in self._torch_pairs()}
-
-    def params_from_torch(self, state_dict: Mapping[str, Any], prefix: str = "",
-                          backend: Any = None) -> dict[str, Any]:
-        """This block's parameters from the ``state_dict()`` of the matching ``torch.nn``
-        module (``torch.nn.LSTM(I, H, num_layers, bias, bidirectional=...)``, ...), keyed by
-        mithril name (see :meth:`torch_names` for ``prefix``): NumPy arrays, or ``backend``'s
-        arrays when a backend is given. Missing or unexpected keys (``proj_size``'s
-        ``weight_hr_*``, another ``num_layers``) are a ``KeyMismatchError``, a wrong shape a
-        ``ShapeError``, before anything is converted."""
-        pairs = self._torch_pairs()
-        want = {t for t, _, _, _ in pairs}
-        who = type(self).__name__
-        missing, unexpected = sorted(want - set(state_dict)), sorted(set(state_dict) - want)
-        if missing or unexpected:
-            raise KeyMismatchError(f"{who}.params_from_torch: missing key(s) {missing}, unexpected "
-                                   f"key(s) {unexpected} (expected {sorted(want)})")
-        gh, h = GATES[self.kind] * self.hidden_size, self.hidden_size
-        for t, _, role, i in pairs:
-            shape = tuple(state_dict[t].shape)
-            expect: tuple[int | None, ...] = {
-                "weight_ih": (gh, i or None), "weight_hh": (gh, h)}.get(role, (gh,))
-            if len(shape) != len(expect) or any(e is not None and e != d for d, e in zip(shape, expect)):
-                raise ShapeError(f"{who}.params_from_torch: '{t}' must have shape {fmt(expect)}, "
-                                 f"got {fmt(shape)}")
-        out = {}
-        for t, m, _, _ in pairs:
-            v = state_dict[t]
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-            out[prefix + m] = v if backend is None else backend.array(v)
-        return out
 
 
 # -- cells: one step ------------------------------------------------------------------------------
@@ -435,7 +431,7 @@ class _Sequence(Model, _TorchNames):
     def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True,
                  nonlinearity: str = "tanh", *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, initial_states: bool = False,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, lengths: bool = False) -> None:
         super().__init__()
         who = self.kind.upper()
         if self.kind != "rnn" and nonlinearity != "tanh":  # LSTM and GRU have their own gates
@@ -451,6 +447,7 @@ class _Sequence(Model, _TorchNames):
                           UserWarning, stacklevel=2 if type(self).__init__ is _Sequence.__init__ else 3)
         self.batch_first, self.bidirectional = bool(batch_first), bool(bidirectional)
         self.initial_states, self.dropout = bool(initial_states), float(dropout)
+        self.lengths = bool(lengths)
         self.num_directions = 2 if self.bidirectional else 1
         k = self.num_layers * self.num_directions
         states = ("h0", "c0") if self.kind == "lstm" else ("h0",)
@@ -472,15 +469,17 @@ class _Sequence(Model, _TorchNames):
                          initial_state=self.initial_states, num_states=k,
                          state_index=layer * self.num_directions + d,
                          input_size=input_size if layer == 0 else None,
-                         state_names=tuple(given[s] for s in states))
+                         state_names=tuple(given[s] for s in states), lengths=self.lengths)
                 conns: dict[str, Any] = {"input": layer_in, "output": _wire(f"_stacked{sfx}")}
+                if self.lengths:
+                    conns["lengths"] = "lengths"
                 if self.initial_states:
                     conns.update({s: given[s] for s in states})
                 self |= rec(**conns)
                 at = slice(0, 1) if d == 1 else slice(-1, None)  # h_n: t = T - 1, reverse: t = 0
                 for j, (s, out_key) in enumerate(zip(states, ("hidden", "cell"))):
                     name = out_key if k == 1 else f"_final_{s}{sfx}"
-                    self |= Indexer((j, at))(input=f"_stacked{sfx}", output=_wire(name))
+                    self |= Indexer((j + self.lengths, at))(input=f"_stacked{sfx}", output=_wire(name))
                     finals[s].append(name)
                 seq = layer_out if self.num_directions == 1 else f"_seq{sfx}"
                 self |= Indexer(0)(input=f"_stacked{sfx}", output=_wire(seq))
@@ -549,7 +548,11 @@ _SEQ_DOC = """A {name} over a whole sequence, as ``torch.nn.{name}``: input ``in
     Keyword-only options: ``num_layers`` (stacked layers, each reading the previous one's
     output), ``bidirectional``, ``dropout`` (Dropout on the output of every layer but the
     last, in training mode, with the same masks on every backend), ``initial_states`` (see
-    above) and ``input_size`` (checked against ``input``; inferred when None).
+    above), ``input_size`` (checked against ``input``; inferred when None) and ``lengths``:
+    an input ``lengths`` (N,) of ints in [1, T], torch's ``pack_padded_sequence(input,
+    lengths, enforce_sorted=False)`` then ``pad_packed_sequence(total_length=T)`` on the
+    padded batch: each sequence's states stop at its last step (h_n, c_n are there; the
+    reverse direction starts there) and ``output`` is zero past it.
 
     Parameters: ``weight_ih`` (G·H, I), ``weight_hh`` (G·H, H), ``bias_ih``, ``bias_hh``
     (G·H,) per layer and direction, U(−1/√H, 1/√H). With one layer and one direction they are
