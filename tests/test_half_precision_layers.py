@@ -18,7 +18,7 @@ from mithril.models.half_precision import float32_forward, float32_vjp
 #: LayerNorm lives in models/layers.py, which does not use the float32 rule yet
 LAYER_NORM_OPEN = {"layer_norm", "layer_norm_big_long", "layer_norm_offset"}
 BF16 = ["rms_norm_big_long", "group_norm_big_long", "batch_norm_big_long", "softmax_long",
-        "cross_entropy", "mean", "sum"]
+        "cross_entropy", "mean", "sum", "mse", "huber"]
 
 
 def cases(names: list[str]) -> list:
@@ -88,6 +88,22 @@ def test_float16_batch_norm_running_statistics_vs_torch(kind: str) -> None:
         assert got.dtype == np.float16
         assert hp.ulps(got, ref.numpy(), "float16") <= 1, (key, got, ref)
     assert np.asarray(out["output"]).dtype == np.float16
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_float16_robust_probabilities_keep_their_cutoff(kind: str) -> None:
+    """Robust probabilities with the default cutoff, float16's smallest normal 2^-14, stay in
+    float16 (in float32 the cutoff would be 2^-126 and the gradient at p = 0, -1/(2·c) per
+    row of a mean, an overflow): -1/(2·2^-14) = -8192, finite."""
+    backend = hp.BACKENDS[kind](dtype="float16")
+    model = ml.Model()
+    model |= ml.CrossEntropy(input_type="probs", robust=True)(input="input", target="target",
+                                                               output="output")
+    compiled = ml.compile(model, backend, shapes={"input": [2, 3]}, trainable_keys={"input"})
+    p = np.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]], np.float16)
+    _, grads = compiled.evaluate({"input": backend.array(p)}, {"target": backend.array(np.array([0, 1]))},
+                                 output_gradients={"output": backend.array(np.float16(1))})
+    assert np.asarray(grads["input"])[0, 0] == -8192
 
 
 def test_float32_and_float64_pass_through_bitwise() -> None:

@@ -50,6 +50,19 @@ def narrow(y: Any, dtype: Any) -> Any:
     return y.astype(dtype) if hasattr(y, "astype") else np.asarray(y, dtype)
 
 
+def accumulate(fn: Callable[[Any], Any], x: Any) -> Any:
+    """``fn(x)`` (a sum or mean, e.g. ``xp.mean``) of a half-precision ``x`` accumulated in
+    float32 and rounded to its dtype once; ``fn(x)`` itself otherwise."""
+    return narrow(fn(x.astype(np.float32)), x.dtype) if getattr(x, "dtype", None) in HALF \
+        else fn(x)
+
+
+def _widens(op: Any, x: Any) -> bool:
+    """Whether ``op`` computes with a float32 copy of ``x``: a half-precision ``x``, unless
+    the operator's ``half_in_float32`` says no (a cutoff that is the input dtype's own)."""
+    return getattr(x, "dtype", None) in HALF and getattr(op, "half_in_float32", True)
+
+
 def float32_forward(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap an operator's ``forward`` / ``forward_residuals`` (``(self, xp, **arrays)``):
     with a half-precision first input on NumPy or JAX, every half array argument is taken
@@ -60,7 +73,7 @@ def float32_forward(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(self: Any, xp: Any, *args: Any, **kwargs: Any) -> Any:
         first = args[0] if args else kwargs.get(self.inputs[0])
-        if getattr(first, "dtype", None) not in HALF or backend_of(xp) == "torch":
+        if not _widens(self, first) or backend_of(xp) == "torch":
             return method(self, xp, *args, **kwargs)
         out = method(self, xp, *map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
         if residuals:
@@ -77,7 +90,7 @@ def float32_vjp(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: Any, g: Any, out: Any, args: Any, wrt: Any, *rest: Any, **kw: Any) -> Any:
-        if getattr(g, "dtype", None) not in HALF:
+        if not _widens(self, g):
             return method(self, g, out, args, wrt, *rest, **kw)
         grads = method(self, widen(g), widen(out), {k: widen(v) for k, v in args.items()},
                        wrt, *rest, **kw)

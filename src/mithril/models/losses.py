@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import DTypeError, InputValueError
 from . import loss_kernels
 from .cross_entropy_options import TorchOptions
-from .half_precision import float32_forward, float32_vjp
+from .half_precision import accumulate, float32_forward, float32_vjp
 from .operator import (
     Operator,
     Shape,
@@ -105,7 +105,7 @@ class SquaredError(Operator):
         sq = d * d
         if self.reduction == "none":
             return sq
-        return xp.mean(sq) if self.reduction == "mean" else xp.sum(sq)
+        return accumulate(xp.mean if self.reduction == "mean" else xp.sum, sq)
 
     def vjp(self, g, out, args, wrt):
         d = args["input"] - args["target"]
@@ -224,6 +224,12 @@ class CrossEntropy(Operator):
         if target.ndim == input.ndim:
             target = _move(xp, target, ax, -1)
         return ax, _move(xp, input, ax, -1), target
+
+    @property
+    def half_in_float32(self) -> bool:
+        """Whether float16 / bfloat16 logits are computed in float32 (``half_precision``):
+        all but robust probabilities with the default cutoff, which is their own dtype's."""
+        return not (self.robust and self.input_type == "probs" and self.cutoff is None)
 
     def _cutoff(self, dtype: Any) -> float:
         if self.cutoff is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .half_precision import accumulate
 from .operator import Operator, div_count, functional_of, unify
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -48,7 +49,8 @@ class _ElementwiseLoss(Operator):
         loss = self._elementwise(xp, input - target)
         if self.reduction == "none":
             return loss
-        return xp.mean(loss) if self.reduction == "mean" else xp.sum(loss)
+        # (the elementwise loss in the input dtype, its reduction in float32: as torch)
+        return accumulate(xp.mean if self.reduction == "mean" else xp.sum, loss)
 
     def vjp(self, g, out, args, wrt):
         d = args["input"] - args["target"]
