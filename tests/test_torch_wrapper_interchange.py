@@ -105,7 +105,8 @@ def test_torchs_state_dict_loads_into_ours_and_both_go_on(case):
     assert_same_state(ours, back)
 
 
-@pytest.mark.parametrize("case", ["adam", "sgd_nesterov", "asgd", "adagrad"])
+@pytest.mark.parametrize("case", ["adam", "sgd_momentum", "sgd_nesterov", "asgd", "adagrad",
+                                  "rprop"])
 def test_ours_loads_into_torchs_with_groups_and_a_frozen_parameter(case):
     """Two groups (the second at half the rate), a parameter that never had a gradient:
     ours saved, torch's loads it and both go on; then torch's own saved back into ours."""
