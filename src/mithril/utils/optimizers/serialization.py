@@ -26,10 +26,20 @@ KEYS = frozenset({"optimizer", "hyperparameters", "step", "num_skipped", "num_no
 class StateDictMixin:
     """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
 
-    def state_dict(self, state: OptimizerState | None = None) -> dict[str, Any]:
+    def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
+                   ) -> dict[str, Any]:
         """Hyperparameters (and, given ``state``, the step count, the skipped and non-finite
-        step counters, the per-parameter slots as numpy and, under ``"missed"``, the
-        parameters that missed steps and how many: :meth:`OptimizerState.note_missed`)."""
+        step counters, the per-parameter slots and, under ``"missed"``, the parameters that
+        missed steps and how many: :meth:`OptimizerState.note_missed`).
+
+        ``arrays``: the slots' type, ``"numpy"`` (NumPy arrays) or ``"torch"`` (CPU torch
+        tensors of the same dtypes and values; a bfloat16 state's are bfloat16). Everything
+        else is a plain Python value, so a ``"torch"`` dict goes through ``torch.save`` and
+        ``torch.load(weights_only=True)`` (torch's default) with no allowed globals; a NumPy
+        array in a pickle needs ``numpy._core.multiarray._reconstruct``, which torch refuses
+        unless allowed. :meth:`load_state_dict` takes either."""
+        if arrays not in ("numpy", "torch"):
+            raise ValueError(f"state_dict: arrays must be 'numpy' or 'torch', got {arrays!r:.40}")
         out: dict[str, Any] = {"optimizer": type(self).__name__,
                                "hyperparameters": self.hyperparameters()}
         if state is not None:
@@ -37,7 +47,8 @@ class StateDictMixin:
             out["num_skipped"] = state.num_skipped
             out["num_nonfinite"] = state.num_nonfinite
             out["consecutive_skips"] = state.consecutive_skips
-            out["slots"] = {s: {n: np.array(state.engine.to_numpy(v))
+            host = _torch_tensor if arrays == "torch" else np.array
+            out["slots"] = {s: {n: host(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
             if state.values:
                 out["values"] = dict(state.values)
@@ -235,6 +246,20 @@ def _loaded_missed(opt: Any, saved: Any, state: OptimizerState) -> dict[str, int
                              f"steps taken since it joined")
         out[name] = int(m)
     return out
+
+
+def _torch_tensor(value: Any) -> Any:
+    """A CPU torch tensor (its own copy) of the same dtype and values as the host array
+    ``value``; an ml_dtypes bfloat16 (a JAX bfloat16 state's) as torch's bfloat16, bit for
+    bit, other ml_dtypes floats as float32 (exact)."""
+    import torch
+
+    a = np.array(value)
+    if a.dtype.kind == "V":
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        a = a.astype(np.float32)
+    return torch.from_numpy(a)
 
 
 def _numeric(value: Any, where: str) -> np.ndarray:
