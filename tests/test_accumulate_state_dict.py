@@ -372,3 +372,27 @@ def test_a_half_precision_window_keeps_its_float32_sums():
     for k in full:
         assert resumed[k].dtype == torch.float16
         assert torch.equal(resumed[k], full[k]), k
+
+
+def test_a_window_past_a_lowered_k_is_not_saved(tmp_path):
+    """``acc.k`` lowered below the micro-batches buffered: the next update emits them all
+    (the wrapped optimizer steps with their mean); a state dict or checkpoint of that state
+    would be refused by every load, so saving it is refused (nothing written) until then."""
+    from mithril.utils.checkpoint import save_checkpoint
+
+    acc = Accumulate(Adam(learning_rate=0.01), 4)
+    p, st = _run(NumpyBackend(dtype="float64"), acc, _start(), acc.init(_start()), 0, 3)
+    acc.k = 2
+    with pytest.raises(ValueError, match=r"buffers 3 micro-batch\(es\) but k is now 2"):
+        acc.state_dict(st)
+    with pytest.raises(ValueError, match=r"buffers 3 micro-batch\(es\) but k is now 2"):
+        save_checkpoint(tmp_path / "ck", p, acc, st)
+    assert not list(tmp_path.iterdir()) and st.micro_step == 3
+    q, st = acc.update(p, _grads(3), st)  # the window of 4 emitted, as Adam on their mean
+    ref = Adam(learning_rate=0.01)
+    want, _ = ref.update(_start(), {k: sum(_grads(t)[k] for t in range(4)) / 4
+                                    for k in ("w", "b")}, ref.init(_start()))
+    for k in want:
+        np.testing.assert_allclose(q[k], want[k], rtol=0, atol=1e-15)
+    fresh = Accumulate(Adam(), 3)
+    assert fresh.load_state_dict(acc.state_dict(st), q).micro_step == 0 and fresh.k == 2

@@ -41,7 +41,7 @@ from ..errors import KeyMismatchError, ShapeError
 from .accumulation import Accumulate, AccumulateState, _is_half_dtype, _kind
 from .optimizers.checks import check_int, describe
 
-__all__ = ["load_state_dict", "state_dict"]
+__all__ = ["check_window", "load_state_dict", "state_dict"]
 
 _TOP = ("optimizer", "k", "inner")
 _WINDOW = ("windows", "count", "total_weight", "sums", "applied", "last_step_skipped")
@@ -53,6 +53,15 @@ def _to_numpy(x: Any) -> np.ndarray:
     if _kind(x) == "torch":
         return x.detach().cpu().numpy().copy()
     return np.array(x, copy=True)
+
+
+def check_window(acc: Accumulate, state: AccumulateState) -> None:
+    """``ValueError`` if ``state`` buffers ``k`` or more micro-batches (``acc.k`` lowered
+    mid-window: the next update emits them all), which no load would take back."""
+    k, count = acc.k_for(state), state.accumulator.count
+    if count >= k:
+        raise ValueError(f"the state buffers {count} micro-batch(es) but k is now {k} (set "
+                         f"mid-window): the next update emits them; save after it")
 
 
 def state_dict(acc: Accumulate, state: AccumulateState | None = None) -> dict[str, Any]:
@@ -68,6 +77,7 @@ def state_dict(acc: Accumulate, state: AccumulateState | None = None) -> dict[st
                            "k": None if callable(acc.k) else int(acc.k),
                            "inner": inner_sd(None if state is None else state.inner)}
     if state is not None:
+        check_window(acc, state)
         buf = state.accumulator
         out.update(windows=int(state.windows), count=int(buf.count),
                    total_weight=float(buf.total_weight),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .accumulate_state_dict import check_window
 from .accumulation import Accumulate, AccumulateState
 
 FIELD = "accumulate"
@@ -36,6 +37,8 @@ def parts(optimizer: Accumulate, state: Any, params: Mapping[str, Any],
     if state is not None and not isinstance(state, AccumulateState):
         raise TypeError(f"state must be what Accumulate.init/update returned (an "
                         f"AccumulateState), got {type(state).__name__}")
+    if state is not None:
+        check_window(optimizer, state)
     acc = None if state is None else state.accumulator
     k = optimizer.k if state is None else optimizer.k_for(state)
     if callable(k):  # (a schedule, without a state: its first window's)
