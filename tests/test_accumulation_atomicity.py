@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mithril.errors import DTypeError, KeyMismatchError, ShapeError
+from mithril.utils.accumulate_skip import skip_not_finite
 from mithril.utils.accumulation import Accumulate, GradientAccumulator
 from mithril.utils.optimizers import SGD, Adam
 
@@ -359,44 +360,61 @@ def check_accumulator_sequence(kind: str, calls: list) -> dict[str, int]:
     return stats
 
 
-def check_accumulate_sequence(kind: str, k: int, calls: list) -> dict[str, int]:
+def wrap_snapshot(inner: Any, state: Any, params: dict) -> tuple:
+    """What an Accumulate call may change, bitwise (its per-call flags aside)."""
+    return (acc_snapshot(state.accumulator), {n: bits(v) for n, v in params.items()},
+            repr(inner.opt.state_dict(state.inner)), state.step, state.windows)
+
+
+def check_accumulate_sequence(kind: str, k: int, calls: list, skip: bool = False
+                              ) -> dict[str, int]:
     """The same on ``Accumulate(SGD(momentum=0.9, nonfinite="raise"), k)``, with steps that
     the wrapped optimizer refuses (on purpose, or a non-finite mean); params and the
-    optimizer state are compared too, and the final params against a float64 model."""
+    optimizer state are compared too, and the final params against a float64 model. With
+    ``skip``, ``should_skip_update_fn=skip_not_finite``: an inf micro-batch anywhere in a
+    window is skipped, changing nothing but the skip count and skip_state."""
     lr, mu = 0.1, 0.9
     inner = Flaky(SGD(learning_rate=lr, momentum=mu, nonfinite="raise"))
-    wrapped = Accumulate(inner, k)
+    wrapped = Accumulate(inner, k, should_skip_update_fn=skip_not_finite if skip else None)
     params = params_of(kind)
     state = wrapped.init(params)
     ref = {n: host(v).astype(np.float64) for n, v in params.items()}
     buf: dict[str, np.ndarray] | None = None
     pending: list[tuple[dict[str, np.ndarray], float]] = []
-    stats = {"calls": 0, "raised": 0}
+    stats = {"calls": 0, "raised": 0, "skipped": 0}
     for (variant, key, weight, seed), fail in calls:
         empty = state.accumulator._sum is None
         if empty and variant in ("dtype16", "missing_key"):
             variant = "good"
         steps = state.micro_step + 1 == k
-        nonfinite = fail == "nonfinite" and steps and variant == "good"
+        nonfinite = fail == "nonfinite" and (steps or skip) and variant == "good"
         g = make_grads(kind, variant, key, seed)
         if nonfinite:
             g[key] = arr(kind, np.full(SHAPES[key], np.inf, np.float32))
         inner.fail = fail == "refuse"
         expect_ok = variant == "good" and weight_ok(weight) and not (
-            steps and (inner.fail or nonfinite))
-        before = (acc_snapshot(state.accumulator), {n: bits(v) for n, v in params.items()},
-                  repr(inner.opt.state_dict(state.inner)), state.applied, state.step)
+            steps and not skip and (inner.fail or nonfinite)) and not (
+            steps and inner.fail and not nonfinite)
+        before = wrap_snapshot(inner, state, params) + (
+            state.applied, state.num_skipped_micro_batches, repr(state.skip_state))
         stats["calls"] += 1
         try:
             new_params, state = wrapped.update(params, g, state, weight=weight)
         except (*ALLOWED, FloatingPointError) as e:
             stats["raised"] += 1
             assert not expect_ok, f"a good update raised {e!r}"
-            after = (acc_snapshot(state.accumulator), {n: bits(v) for n, v in params.items()},
-                     repr(inner.opt.state_dict(state.inner)), state.applied, state.step)
+            after = wrap_snapshot(inner, state, params) + (
+                state.applied, state.num_skipped_micro_batches, repr(state.skip_state))
             assert after == before, f"{variant}/{weight!r}/{fail} changed something"
             continue
         assert expect_ok, f"{variant}/{weight!r}/{fail} was accepted"
+        if skip and nonfinite:  # skipped: as if it never came
+            stats["skipped"] += 1
+            assert new_params is params and wrap_snapshot(inner, state, params) == before[:5]
+            assert (state.applied, state.last_step_skipped) == (False, True)
+            assert state.num_skipped_micro_batches == stats["skipped"]
+            assert state.skip_state["num_not_finite"] == int(np.prod(SHAPES[key]))
+            continue
         pending.append(({n: host(v).astype(np.float64) for n, v in g.items()}, float(weight)))
         assert state.applied is steps
         if steps:
@@ -431,6 +449,13 @@ def test_property_accumulator_add_is_all_or_nothing(kind, calls):
 @given(seq=WRAP_SEQS)
 def test_property_accumulate_update_is_all_or_nothing(kind, seq):
     check_accumulate_sequence(kind, *seq)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(seq=WRAP_SEQS)
+def test_property_accumulate_skipping_non_finite_micro_batches(kind, seq):
+    check_accumulate_sequence(kind, *seq, skip=True)
 
 
 # -- slow: the same with many more examples (pytest -m slow) --------------------------------------
