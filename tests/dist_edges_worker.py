@@ -131,7 +131,7 @@ def torch_run(kind: str, make: Any, rank: int, world: int, steps: int = STEPS,
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         topt.step()
-    return {"params": listed(dict(net.named_parameters())), "opt": topt}
+    return {"params": listed(dict(net.named_parameters())), "opt": topt, "net": net}
 
 
 # -- the cases -----------------------------------------------------------------------------
@@ -161,7 +161,9 @@ def case_unused(rank: int, world: int) -> dict:
 def case_adamw_groups(rank: int, world: int) -> dict:
     """AdamW, the biases in a group of their own lr (torch: a second group; ZeRO:
     ``add_param_group``), that lr changed before step 2, both modes; ``u`` reached on rank
-    0 only (b2 on every step: torch counts Adam's steps per parameter, we per state)."""
+    0 only, ``b2`` on no rank at step SKIP (its ``.grad`` None: torch.optim skips it and
+    its own ``step`` stays; ours: absent, its count stays too, :mod:`.missed_steps`), in
+    the group of its own lr."""
     from mithril.distributed import DataParallel
     from mithril.utils.optimizers import AdamW
 
@@ -175,14 +177,20 @@ def case_adamw_groups(rank: int, world: int) -> dict:
         for t in range(STEPS):
             if t == 2:
                 opt.set_learning_rate(0.02, group=0)
-            p, st = dp.update(p, grads(p, t, rank, world, skip=-1), st)
+            p, st = dp.update(p, grads(p, t, rank, world), st)
         out[f"mithril/{shard}"] = listed(p)
         out[f"owned/{shard}"] = list(st.owned)
+        out[f"missed/{shard}"] = st.local.missed_counts()
     make = (torch.optim.AdamW, {"lr": LR, "weight_decay": 0.1})
     for kind in ("ddp", "zero"):
-        run = torch_run(kind, make, rank, world, skip=-1, lr_at=(2, 1, 0.02),
-                        groups={"lr": 0.01})
+        run = torch_run(kind, make, rank, world, lr_at=(2, 1, 0.02), groups={"lr": 0.01})
         out[kind] = run["params"]
+        topt = run["opt"]
+        inner = topt.optim if kind == "zero" else topt  # (ZeRO: this rank's tensors)
+        names = {id(a): n for n, a in run["net"].named_parameters()}
+        out[f"steps/{kind}"] = {names[id(q)]: int(inner.state[q]["step"])
+                                for g in inner.param_groups for q in g["params"]
+                                if q in inner.state}
     return out
 
 

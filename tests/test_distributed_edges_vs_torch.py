@@ -107,12 +107,19 @@ def test_unused_on_one_rank_sgd_nesterov_clip_equals_ddp_and_zero(ranks) -> None
 @pytest.mark.slow
 def test_adamw_group_lr_changed_mid_run_equals_ddp_and_zero_add_param_group(ranks) -> None:
     """AdamW, the biases in a group of their own lr (ZeRO: ``add_param_group``) set to 0.02
-    before step 2; the state sharded as ZeRO shards it (the same tensors per rank)."""
+    before step 2; the state sharded as ZeRO shards it (the same tensors per rank); ``b2``
+    (in that group) reached on no rank at step SKIP: its own step count stays, as torch's
+    ``state[p]['step']`` (DDP: on every rank; ZeRO and ours sharded: on its holder)."""
     got = _case(ranks, "adamw_groups")
     for r, g in enumerate(got):
         for k in ("mithril/False", "mithril/True", "zero"):
             _close(g[k], g["ddp"], f"rank {r} {k}")
+        assert g["steps/ddp"] == {n: W.STEPS - (n == "b2") for n in W.SHAPES}, r
+        assert g["missed/False"] == {"b2": 1}, r
+        assert g["steps/zero"] == {n: W.STEPS - (n == "b2") for n in g["steps/zero"]}, r
+        assert g["missed/True"] == ({"b2": 1} if "b2" in g["owned/True"] else {}), r
     assert got[0]["owned/True"] + got[1]["owned/True"] == list(W.SHAPES)
+    assert sorted([*got[0]["steps/zero"], *got[1]["steps/zero"]]) == sorted(W.SHAPES)
 
 
 @pytest.mark.slow
