@@ -69,7 +69,7 @@ def test_float16_rms_norm_numbers() -> None:
     assert np.abs(got.astype(np.float32) - want).max() <= 2 ** -9  # (|y| < 4: ulp <= 2^-9)
 
 
-@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("kind", ["numpy", "jax", "torch"])
 def test_float16_batch_norm_running_statistics_vs_torch(kind: str) -> None:
     """Training mode on float16: the batch statistics in float32, the running ones rounded
     to float16 once per step, as torch.nn.BatchNorm2d(dtype=float16) on CPU."""

@@ -39,15 +39,20 @@ def is_half(x: Any) -> bool:
 
 
 def widen(x: Any) -> Any:
-    """``x`` in float32 when it is a half-precision array, else ``x`` itself."""
-    return x.astype(np.float32) if getattr(x, "dtype", None) in HALF else x
+    """``x`` in float32 when it is a half-precision array (or torch tensor), else ``x``."""
+    dt = getattr(x, "dtype", None)
+    if dt in HALF:
+        return x.astype(np.float32)
+    return x.float() if getattr(dt, "is_floating_point", False) and dt.itemsize == 2 else x
 
 
 def narrow(y: Any, dtype: Any) -> Any:
     """``y`` rounded to ``dtype`` (once); ``y`` itself when it has it already."""
     if y is None or getattr(y, "dtype", None) == dtype:
         return y
-    return y.astype(dtype) if hasattr(y, "astype") else np.asarray(y, dtype)
+    if hasattr(y, "astype"):
+        return y.astype(dtype)
+    return y.to(dtype) if hasattr(y, "to") else np.asarray(y, dtype)  # (a torch tensor)
 
 
 def accumulate(fn: Callable[[Any], Any], x: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .half_precision import float32_forward, float32_vjp, narrow
+from .half_precision import float32_forward, float32_vjp, narrow, widen
 from .operator import Operator, ShapeError, backend_of, fmt
 
 
@@ -228,7 +228,7 @@ class _BatchNorm(Operator):
             if batch:
                 self._count(input)  # (also without running statistics in inference mode, as torch)
                 if ctx.training:
-                    x = input.detach()
+                    x = widen(input.detach())  # (half precision: float32 statistics, as torch)
                     self._update(ctx, x.mean(dim=self._axes(x)), x.var(dim=self._axes(x), correction=1))
                 if self.eps > 0:
                     return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
