@@ -168,3 +168,35 @@ def test_torchs_flags_at_what_the_optimizer_does_are_taken():
     opt.param_groups[1]["maximize"] = True
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['maximize'\] = True"):
         steps(m, opt, 1)
+
+
+@pytest.mark.parametrize("how", ["replaced", "cut", "appended to", "a group appended"])
+def test_a_groups_parameters_changed_by_hand_are_refused(how):
+    """torch.optim steps what ``param_groups[i]["params"]`` holds at each step; ours holds
+    its parameters in one buffer, taken at construction / ``add_param_group``: a list
+    changed by hand is refused at the step (it was silently ignored: every parameter still
+    stepped), nothing changed; put back, the run goes on as torch's."""
+    m1, o1, m2, o2 = both("adam")
+    steps(m1, o1, 2)
+    steps(m2, o2, 2)
+    group = o1.param_groups[0]
+    kept = group["params"]
+    if how == "replaced":
+        group["params"] = kept[:3]
+    elif how == "cut":
+        group["params"] = list(kept)
+        del group["params"][-1]
+    elif how == "appended to":
+        group["params"] = [*kept, torch.nn.Parameter(torch.ones(2))]
+    else:
+        o1.param_groups.append({**group, "params": [torch.nn.Parameter(torch.ones(2))]})
+    before = [p.detach().clone() for p in m1.parameters()]
+    with pytest.raises(ValueError, match="param_groups changed their parameters .* "
+                                         "add_param_group"):
+        steps(m1, o1, 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, m1.parameters()))
+    group["params"] = kept
+    del o1.param_groups[1:]
+    steps(m1, o1, 3, start=2)
+    steps(m2, o2, 3, start=2)
+    assert model_err(m1, m2) <= TOL

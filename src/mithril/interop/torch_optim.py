@@ -62,7 +62,9 @@ How it works:
   Groups that are all empty (``[{"params": []}]``) are taken, as torch's. A scheduler
   made before the add does as torch's: ``StepLR`` moves the new group too, one holding a
   value per group (``LambdaLR``) or reading ``initial_lr`` (``OneCycleLR``) raises at its
-  next step; make schedulers after the last add.
+  next step; make schedulers after the last add. A group's ``params`` changed by hand, or a
+  dict appended to ``param_groups``, is refused at the next step (torch's steps whatever
+  the lists hold; ours holds its parameters in one buffer): use ``add_param_group``.
 * **No copy per step.** The first :meth:`step` creates the optimizer state and runs the
   update; the optimizer then holds every parameter in one flat buffer, and each
   ``nn.Parameter`` is pointed at its slice of it (``param.data = view``: the Parameter
@@ -436,7 +438,18 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     # -- the group <-> the optimizer's hyperparameters --------------------------------------
     def _sync_all(self) -> None:
-        check_torch_flags(self._mithril, self.param_groups, self._keys)
+        groups = self.param_groups
+        if len(groups) != len(self._group_names) or not all(
+                len(g["params"]) == len(n) for g, n in zip(groups, self._group_names)) \
+                or not all(map(operator.is_, (p for g in groups for p in g["params"]),
+                               self._params)):
+            # why: a group's "params" replaced or cut was silently ignored (every parameter
+            # still stepped), where torch's steps those the groups hold
+            raise ValueError(f"param_groups changed their parameters (or groups) since the "
+                             f"optimizer took them ({len(self._params)} parameters in "
+                             f"{len(self._group_names)} groups): add them with "
+                             f"add_param_group; to drop some, make a new optimizer")
+        check_torch_flags(self._mithril, groups, self._keys)
         if self._grouped:
             sync_groups(self)
         else:

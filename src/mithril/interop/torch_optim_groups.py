@@ -320,10 +320,7 @@ def sync_groups(tw: Any) -> None:
     """Apply the values of ``tw.param_groups`` (a :class:`~.torch_optim.TorchOptimizer`
     holding several) that changed since the last step, all or nothing: learning rates
     alone as each group's rate, anything else by setting every group's values anew."""
-    opt, groups, synced = tw._mithril, tw.param_groups, tw._synced
-    if len(groups) != len(synced):
-        raise ValueError(f"param_groups has {len(groups)} groups, this optimizer was made "
-                         f"with {len(synced)}: groups cannot be added or removed")
+    opt, groups, synced = tw._mithril, tw.param_groups, tw._synced  # (as many: _sync_all)
     changed: list[tuple[int, str]] = []
     for i, (g, old) in enumerate(zip(groups, synced)):
         for key, ours in tw._keys:
