@@ -487,7 +487,7 @@ def test_sequence_longer_than_the_table_is_named_before_running(block, backend):
     (lambda: ml.MultiHeadAttention(2, embed_dim=6), {"query": [2, 4, 8], "key": [2, 4, 8], "value": [2, 4, 8]},
      "'query' has 8 features but embed_dim is 6"),
     (lambda: ml.MultiHeadAttention(2), {"query": [2, 4, 8], "key": [2, 4, 6], "value": [2, 4, 6]},
-     "no kdim / vdim"),
+     r"or give kdim and embed_dim"),
     (lambda: ml.MultiHeadAttention(2), {"query": [2, 4, 8], "key": [2, 5, 8], "value": [2, 4, 8]},
      "same length"),
     (lambda: ml.ScaledDotProduct(), {"query": [2, 4, 8], "key": [2, 5, 7], "value": [2, 5, 3]},

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BACKENDS, run_python, to_np
-from test_attention_blocks import _causal, max_error, mha_ref
+from test_attention_blocks import _causal, _mha_params, max_error, mha_ref
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -160,6 +160,40 @@ CASES.update({
 })
 
 
+def mha_dims_ref(kdim, vdim, bias=True, heads=H, **extra):
+    """``nn.MultiheadAttention(E, heads, kdim=kdim, vdim=vdim)`` on our parameters."""
+    def ref(t):
+        mod = torch.nn.MultiheadAttention(E, heads, bias=bias, kdim=kdim, vdim=vdim,
+                                          batch_first=True, dtype=torch.float64)
+        params = _mha_params(t, "multi_head_attention.")
+        assert sorted(params) == sorted(mod.state_dict())
+        kw = {"need_weights": False, **{a: f(t) for a, f in extra.items()}}
+        return torch.func.functional_call(mod, params, (t["query"], t["key"], t["value"]), kw)[0]
+    return ref
+
+
+def _kv_dims(**opts):
+    return ml.MultiHeadAttention(H, embed_dim=E, **opts)
+
+
+CASES.update({
+    "mha_kdim_vdim": (lambda: _kv_dims(kdim=5, vdim=3),
+                      {"query": (2, 4, E), "key": (2, 6, 5), "value": (2, 6, 3)}, {},
+                      mha_dims_ref(5, 3)),
+    "mha_kdim_no_bias_kpm_causal": (
+        lambda: _mha(ml.MultiHeadAttention(4, embed_dim=E, use_bias=False, is_causal=True,
+                                           use_key_padding_mask=True, kdim=6), cross=True),
+        {"query": (3, 5, E), "key": (3, 5, 6), "value": (3, 5, E)}, {"key_padding_mask": _pad((3, 5), 11)},
+        mha_dims_ref(6, None, bias=False, heads=4, key_padding_mask=_kpm,
+                     attn_mask=lambda t: _causal(5), is_causal=lambda t: True)),
+    "mha_vdim_float_mask_unbatched": (
+        lambda: _mha(ml.MultiHeadAttention(H, embed_dim=E, use_attn_mask=True, use_key_padding_mask=True,
+                                           vdim=2), cross=True, mask=True),
+        {"query": (3, E), "key": (4, E), "value": (4, 2), "attn_mask": (3, 4), "key_padding_mask": (4,)}, {},
+        mha_dims_ref(None, 2, key_padding_mask=_kpm, attn_mask=lambda t: t["attn_mask"])),
+})
+
+
 # -- the harness: our block on one backend, torch's on our parameters ---------------------------
 def make(case: str, backend):
     factory, trainable, fixed, _ = CASES[case]
@@ -233,6 +267,10 @@ FD_CASES = {
     "mha_kpm_float_float_mask": (
         lambda: _mha(ml.MultiHeadAttention(2, use_attn_mask=True, use_key_padding_mask=True), mask=True),
         {"x": (2, 3, 4), "attn_mask": (3, 3), "key_padding_mask": (2, 3)}, {}),
+    "mha_kdim_vdim_kpm_float": (
+        lambda: _mha(ml.MultiHeadAttention(2, embed_dim=4, use_key_padding_mask=True, kdim=3, vdim=2),
+                     cross=True),
+        {"query": (2, 2, 4), "key": (2, 3, 3), "value": (2, 3, 2), "key_padding_mask": (2, 3)}, {}),
     "mha_kpm_bool_causal_cross": (
         lambda: _mha(ml.MultiHeadAttention(2, is_causal=True, use_key_padding_mask=True), cross=True),
         {"query": (2, 3, 4), "key": (2, 3, 4), "value": (2, 3, 4)},
@@ -308,3 +346,38 @@ def test_torchs_per_head_mask_layout_is_named():
                                                       attn_mask="attn_mask", output="output")
     with pytest.raises(ShapeError, match=r"\(N·num_heads, L, S\) per-head mask is \(N, num_heads, L, S\)"):
         ml.compile(m, NumpyBackend(), shapes={"x": [3, 5, E], "attn_mask": [3 * H, 5, 5]})
+
+
+def test_kdim_vdim_names_and_init_are_torchs():
+    """The three in-projections under torch's names and shapes, each xavier_uniform_ over
+    its own shape; the out-projection U(±1/√E); zero biases."""
+    e, kdim, vdim = 64, 48, 80
+    params = ml.compile(ml.MultiHeadAttention(4, embed_dim=e, kdim=kdim, vdim=vdim),
+                        NumpyBackend(dtype="float64", seed=3),
+                        shapes={"query": [2, 3, e], "key": [2, 5, kdim], "value": [2, 5, vdim]}).get_parameters()
+    ref = torch.nn.MultiheadAttention(e, 4, kdim=kdim, vdim=vdim, batch_first=True, dtype=torch.float64)
+    theirs = {k.replace("out_proj.", "out_proj_"): v.numpy() for k, v in ref.state_dict().items()}
+    ours = {k.removeprefix("multi_head_attention."): v for k, v in params.items()}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    for name, arr in ours.items():
+        if name.endswith("bias"):
+            assert not arr.any() and not theirs[name].any(), name
+            continue
+        bound = np.sqrt(6 / sum(arr.shape)) if name != "out_proj_weight" else 1 / np.sqrt(e)
+        for a in (arr, theirs[name]):
+            assert bound * 0.95 < np.abs(a).max() <= bound, name
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ml.MultiHeadAttention(H, kdim=4), "kdim must be a positive int given with embed_dim"),
+    (lambda: ml.MultiHeadAttention(H, embed_dim=E, vdim=0), "vdim must be a positive int"),
+])
+def test_bad_kdim_vdim_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_key_of_another_width_than_kdim_is_named():
+    with pytest.raises(ShapeError, match=r"'key' must have kdim = 5 features.*\[2, 6, 4\]"):
+        ml.compile(_kv_dims(kdim=5, vdim=3), NumpyBackend(),
+                   shapes={"query": [2, 4, E], "key": [2, 6, 4], "value": [2, 6, 3]})

@@ -8,13 +8,15 @@ torch). ``use_attn_mask=True`` adds an ``attn_mask`` input that broadcasts to (�
 booleans (True: the pair takes part, as ``F.scaled_dot_product_attention``) or floats (added
 to the scores; ``-inf`` masks). A row with every key masked gives zeros, as torch.
 
-``MultiHeadAttention`` is ``torch.nn.MultiheadAttention(batch_first=True)`` (no dropout, no
-``kdim`` / ``vdim``): one operator whose parameters are torch's, under torch's names with
-``_`` for ``.``: ``in_proj_weight`` (3E, E) with the query, key and value rows in that order,
-``in_proj_bias`` (3E,), ``out_proj_weight`` (E, E) and ``out_proj_bias`` (E,). So copying a
-torch module's ``state_dict`` in is a rename. Its ``attn_mask`` follows torch's
+``MultiHeadAttention`` is ``torch.nn.MultiheadAttention(batch_first=True)`` (no dropout):
+one operator whose parameters are torch's, under torch's names with ``_`` for ``.``:
+``in_proj_weight`` (3E, E) with the query, key and value rows in that order (with ``kdim`` /
+``vdim`` other than E, torch's ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
+instead), ``in_proj_bias`` (3E,), ``out_proj_weight`` (E, E) and ``out_proj_bias`` (E,). So
+copying a torch module's ``state_dict`` in is a rename. Its ``attn_mask`` follows torch's
 ``MultiheadAttention`` instead: booleans mark the pairs that may **not** attend (True: masked)
-and floats are added; it broadcasts to (…, num_heads, L, S), e.g. (L, S) or (N, num_heads, L, S).
+and floats are added; it broadcasts to (…, num_heads, L, S), e.g. (L, S) or (N, num_heads, L, S);
+``key_padding_mask`` (…, S) masks keys per batch entry.
 Init as torch: ``xavier_uniform_`` of ``in_proj_weight`` (Glorot over its (3E, E) shape),
 ``kaiming_uniform_(a=√5)`` of ``out_proj_weight`` (U(±1/√E)) and zero biases.
 
@@ -273,14 +275,17 @@ class MultiHeadAttention(Operator):
     ``use_key_padding_mask`` adds torch's ``key_padding_mask`` input (…, S): per batch entry
     and key, booleans (True: the key is padding, ignored) or floats added to its scores; it
     combines with ``attn_mask`` / ``is_causal`` (a pair is kept if both keep it, float masks
-    add)."""
+    add). ``kdim`` / ``vdim`` (with ``embed_dim``): key and value features other than E; as
+    torch's, the in-projection is then three weights ``q_proj_weight`` (E, E),
+    ``k_proj_weight`` (E, kdim) and ``v_proj_weight`` (E, vdim), each ``xavier_uniform_``."""
 
     any_dtype_inputs = frozenset({"attn_mask", "key_padding_mask"})
     vjp_ignores = frozenset({"output"})
 
     def __init__(self, num_heads: int, embed_dim: int | None = None, use_bias: bool = True,
                  is_causal: bool = False, use_attn_mask: bool = False,
-                 use_key_padding_mask: bool = False) -> None:
+                 use_key_padding_mask: bool = False, *, kdim: int | None = None,
+                 vdim: int | None = None) -> None:
         if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) \
                 or num_heads <= 0:
             raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {num_heads!r}")
@@ -295,6 +300,14 @@ class MultiHeadAttention(Operator):
         if is_causal and use_attn_mask:
             raise ValueError("MultiHeadAttention: is_causal and use_attn_mask exclude each other; "
                              "give one attn_mask that combines both")
+        for name, d in (("kdim", kdim), ("vdim", vdim)):
+            if d is not None and (not isinstance(d, (int, np.integer)) or isinstance(d, bool)
+                                  or d <= 0 or embed_dim is None):
+                raise ValueError(f"MultiHeadAttention: {name} must be a positive int given with "
+                                 f"embed_dim (as torch's), got {name}={d!r}, embed_dim={embed_dim!r}")
+        # torch's layout: one (3E, E) in-projection unless the key / value widths differ
+        self.kdim, self.vdim = (None if d is None else int(d) for d in (kdim, vdim))
+        self.separate = any(d is not None and d != embed_dim for d in (kdim, vdim))
         self.num_heads = int(num_heads)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
         self.use_bias, self.is_causal, self.use_attn_mask = bool(use_bias), bool(is_causal), \
@@ -307,7 +320,9 @@ class MultiHeadAttention(Operator):
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
         """torch's: ``xavier_uniform_`` in-projection, ``kaiming_uniform_(a=√5)`` out-projection,
         zero biases."""
-        init = {"in_proj_weight": "glorot", "out_proj_weight": "kaiming_uniform"}
+        names = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if self.separate \
+            else ("in_proj_weight",)
+        init = {**dict.fromkeys(names, "glorot"), "out_proj_weight": "kaiming_uniform"}
         if self.use_bias:
             init.update(in_proj_bias="zeros", out_proj_bias="zeros")
         return init
@@ -323,10 +338,13 @@ class MultiHeadAttention(Operator):
         if e is not None and e % self.num_heads:
             raise ShapeError(f"{who}: embed_dim ({e}, the last dimension of 'query') must be "
                              f"divisible by num_heads ({self.num_heads})")
-        for name, s in (("key", k), ("value", v)):
-            if s is not None and not _same(e, s[-1]):
+        for name, s, d in (("key", k, self.kdim), ("value", v, self.vdim)):
+            if s is not None and d is not None and s[-1] is not None and s[-1] != d:
+                raise ShapeError(f"{who}: '{name}' must have {name[0]}dim = {d} features (its last "
+                                 f"dimension), got {fmt(s)}")
+            if s is not None and d is None and not _same(e, s[-1]):
                 raise ShapeError(f"{who}: '{name}' must have the query's embed_dim ({e}) as its "
-                                 f"last dimension (no kdim / vdim), got {fmt(s)}")
+                                 f"last dimension (or give {name[0]}dim and embed_dim), got {fmt(s)}")
         if k is not None and v is not None and not _same(k[-2], v[-2]):
             raise ShapeError(f"{who}: 'key' and 'value' must have the same length (axis -2), "
                              f"got {fmt(k)} and {fmt(v)}")
@@ -336,8 +354,13 @@ class MultiHeadAttention(Operator):
         e = self._embed(shapes)
         if e is None:
             return {}
-        out = {"in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,), "out_proj_weight": (e, e),
-               "out_proj_bias": (e,)}  # torch's order
+        if self.separate:
+            out = {"q_proj_weight": (e, e), "k_proj_weight": (e, self.kdim or e),
+                   "v_proj_weight": (e, self.vdim or e)}
+        else:
+            out = {"in_proj_weight": (3 * e, e)}
+        out.update({"in_proj_bias": (3 * e,), "out_proj_weight": (e, e),
+                    "out_proj_bias": (e,)})  # torch's order
         return out if self.use_bias else {k: v for k, v in out.items() if "bias" not in k}
 
     def infer_shape(self, shapes):
@@ -381,26 +404,35 @@ class MultiHeadAttention(Operator):
     def _self(query: Any, key: Any, value: Any) -> bool:
         return query is key and key is value
 
+    @staticmethod
+    def _in_weights(args: Any) -> Any:
+        """The in-projection: the (3E, E) ``in_proj_weight``, or with kdim / vdim the tuple
+        (``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``)."""
+        w = args.get("in_proj_weight")
+        return w if w is not None else tuple(args[f"{r}_proj_weight"] for r in "qkv")
+
     def _project(self, query: Any, key: Any, value: Any, w: Any, b: Any,
                  F: Any = None) -> tuple[Any, Any, Any]:
-        """The q, k, v projections (``F``: torch.nn.functional, whose ``linear`` fuses the
-        bias; self-attention projects once with the whole in-projection)."""
-        e = w.shape[1]
-        if F is not None:
-            if self._self(query, key, value):
+        """The q, k, v projections (``w``: see :meth:`_in_weights`; ``F``:
+        torch.nn.functional, whose ``linear`` fuses the bias; self-attention projects once
+        with the whole (3E, E) in-projection)."""
+        fused = not isinstance(w, tuple)
+        e = w.shape[1] if fused else w[0].shape[0]
+        if fused and self._self(query, key, value):
+            if F is not None:
                 return F.linear(query, w, b).split(e, dim=-1)
-            return tuple(F.linear(x, w[i * e:(i + 1) * e], None if b is None
-                                  else b[i * e:(i + 1) * e])
-                         for i, x in enumerate((query, key, value)))
-        if self._self(query, key, value):
             qkv = query @ w.T
             if b is not None:
                 qkv = qkv + b
             return qkv[..., :e], qkv[..., e:2 * e], qkv[..., 2 * e:]
+        ws = [w[i * e:(i + 1) * e] for i in range(3)] if fused else w
+        bs = [None] * 3 if b is None else [b[i * e:(i + 1) * e] for i in range(3)]
+        if F is not None:
+            return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), ws, bs))
         out = []
-        for i, x in enumerate((query, key, value)):
-            y = x @ w[i * e:(i + 1) * e].T
-            out.append(y if b is None else y + b[i * e:(i + 1) * e])
+        for x, wi, bi in zip((query, key, value), ws, bs):
+            y = x @ wi.T
+            out.append(y if bi is None else y + bi)
         return out[0], out[1], out[2]
 
     def _scale(self, e: int) -> float:
@@ -420,18 +452,19 @@ class MultiHeadAttention(Operator):
             keep = xp.t.as_tensor(keep, device=pad.device)
         return ~pad if keep is None else ~pad & keep, add
 
-    def forward(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
-                out_proj_weight: Any, in_proj_bias: Any = None, out_proj_bias: Any = None,
-                attn_mask: Any = None, key_padding_mask: Any = None) -> Any:
+    def forward(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
+                in_proj_bias: Any = None, out_proj_bias: Any = None, attn_mask: Any = None,
+                key_padding_mask: Any = None, **in_proj: Any) -> Any:
         kind = backend_of(xp)
         if kind == "numpy":
-            return self.forward_residuals(xp, query, key, value, in_proj_weight, out_proj_weight,
-                                          in_proj_bias, out_proj_bias, attn_mask,
-                                          key_padding_mask)[0]
+            return self.forward_residuals(xp, query, key, value, out_proj_weight, in_proj_bias,
+                                          out_proj_bias, attn_mask, key_padding_mask,
+                                          **in_proj)[0]
         F = functional_of(xp)
-        q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
+        q, k, v = (self._heads(t) for t in self._project(query, key, value,
+                                                          self._in_weights(in_proj),
                                                           in_proj_bias, F))
-        e = in_proj_weight.shape[1]
+        e = out_proj_weight.shape[0]
         if F is not None and attn_mask is None and key_padding_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal,
                                                scale=self._scale(e))
@@ -443,16 +476,18 @@ class MultiHeadAttention(Operator):
         y = self._merge(o) @ out_proj_weight.T
         return y if out_proj_bias is None else y + out_proj_bias
 
-    def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, in_proj_weight: Any,
-                          out_proj_weight: Any, in_proj_bias: Any = None,
-                          out_proj_bias: Any = None, attn_mask: Any = None,
-                          key_padding_mask: Any = None) -> tuple[Any, Any]:
+    def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
+                          in_proj_bias: Any = None, out_proj_bias: Any = None,
+                          attn_mask: Any = None, key_padding_mask: Any = None,
+                          **in_proj: Any) -> tuple[Any, Any]:
         """NumPy: the output and ``(q, k, v, p, o)``: the projected heads, the attention
-        probabilities and the merged attention output (the out-projection's input)."""
-        q, k, v = (self._heads(t) for t in self._project(query, key, value, in_proj_weight,
-                                                          in_proj_bias))
+        probabilities and the merged attention output (the out-projection's input).
+        ``in_proj``: ``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight``,
+        ``v_proj_weight``."""
+        q, k, v = (self._heads(t) for t in self._project(query, key, value,
+                                                          self._in_weights(in_proj), in_proj_bias))
         keep, add = self._masks(np, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
-        p = attention_probs(np, q, k, self._scale(in_proj_weight.shape[1]), keep, add)
+        p = attention_probs(np, q, k, self._scale(out_proj_weight.shape[0]), keep, add)
         o = self._merge(p @ v)
         y = o @ out_proj_weight.T
         if out_proj_bias is not None:
@@ -461,9 +496,9 @@ class MultiHeadAttention(Operator):
 
     def vjp(self, g, out, args, wrt, residuals=None):
         query, key, value = args["query"], args["key"], args["value"]
-        w, b, wo = args["in_proj_weight"], args.get("in_proj_bias"), args["out_proj_weight"]
+        w, b, wo = self._in_weights(args), args.get("in_proj_bias"), args["out_proj_weight"]
         mask, pad = args.get("attn_mask"), args.get("key_padding_mask")
-        e = w.shape[1]
+        e = wo.shape[0]
         if residuals is None:
             residuals = self.forward_residuals(np, **args)[1]
         q, k, v, p, o = residuals
@@ -481,7 +516,7 @@ class MultiHeadAttention(Operator):
             res["key_padding_mask"] = unbroadcast(gs, (*pad.shape[:-1], 1, 1, pad.shape[-1])
                                                   ).reshape(pad.shape)
         heads = [unbroadcast(gx, x.shape) for gx, x in ((gq, q), (gk, k), (gv, v))]
-        if self._self(query, key, value):
+        if not self.separate and self._self(query, key, value):
             # the three heads' cotangents straight into one (…, L, 3, heads, d) array: the
             # (…, L, 3E) cotangent of the fused projection, in one copy
             gqkv = np.empty((*query.shape[:-1], 3, self.num_heads, e // self.num_heads),
@@ -502,17 +537,20 @@ class MultiHeadAttention(Operator):
             return res
         grads = [self._merge(gh) for gh in heads]
         ins = (query, key, value)
-        gw, gb = np.zeros_like(w), None if b is None else np.zeros_like(b)
+        ws = w if self.separate else [w[i * e:(i + 1) * e] for i in range(3)]
+        gws, gb = [], None if b is None else np.zeros_like(b)
         for i, (name, gx, x) in enumerate(zip(("query", "key", "value"), grads, ins)):
-            rows = slice(i * e, (i + 1) * e)
             gflat = gx.reshape(-1, e)
-            gw[rows] = gflat.T @ x.reshape(-1, e)
+            gws.append(gflat.T @ x.reshape(-1, x.shape[-1]))
             if gb is not None:
-                gb[rows] = gflat.sum(axis=0)
+                gb[i * e:(i + 1) * e] = gflat.sum(axis=0)
             if name in wrt:
-                res[name] = gx @ w[rows]
-        if "in_proj_weight" in wrt:
-            res["in_proj_weight"] = gw
+                res[name] = gx @ ws[i]
+        if self.separate:
+            res.update({f"{r}_proj_weight": gw for r, gw in zip("qkv", gws)
+                        if f"{r}_proj_weight" in wrt})
+        elif "in_proj_weight" in wrt:
+            res["in_proj_weight"] = np.concatenate(gws)
         if "in_proj_bias" in wrt and gb is not None:
             res["in_proj_bias"] = gb
         return res
@@ -521,4 +559,6 @@ class MultiHeadAttention(Operator):
         return (f"MultiHeadAttention({self.num_heads}, embed_dim={self.embed_dim}, "
                 f"use_bias={self.use_bias}, is_causal={self.is_causal}, "
                 f"use_attn_mask={self.use_attn_mask}"
-                + (", use_key_padding_mask=True)" if self.use_key_padding_mask else ")"))
+                + (", use_key_padding_mask=True" if self.use_key_padding_mask else "")
+                + "".join(f", {n}={d}" for n, d in (("kdim", self.kdim), ("vdim", self.vdim)) if d)
+                + ")")
