@@ -64,8 +64,12 @@ def accumulate(fn: Callable[[Any], Any], x: Any) -> Any:
 
 def _widens(op: Any, x: Any) -> bool:
     """Whether ``op`` computes with a float32 copy of ``x``: a half-precision ``x``, unless
-    the operator's ``half_in_float32`` says no (a cutoff that is the input dtype's own)."""
-    return getattr(x, "dtype", None) in HALF and getattr(op, "half_in_float32", True)
+    the operator's ``half_in_float32`` property says no (a cutoff that is the input dtype's
+    own). (Looked up on the class: a missing instance attribute runs Operator.__getattr__.)"""
+    if getattr(x, "dtype", None) not in HALF:
+        return False
+    hook = getattr(type(op), "half_in_float32", None)
+    return hook is None or bool(hook.fget(op))
 
 
 def float32_forward(method: Callable[..., Any]) -> Callable[..., Any]:
