@@ -8,6 +8,8 @@ overflows (65504), and each rounded partial result costs ulps. So an operator wh
 JAX forward computes such a statistic wraps it in :func:`float32_forward` and its NumPy VJP
 in :func:`float32_vjp`: for a float16 or bfloat16 input they run the method on float32
 copies of the float arrays and round its output (or gradients) to the input's dtype once.
+A loss of an elementwise term (squared error, Huber) keeps the term in the input dtype and
+takes only its mean or sum in float32 (:func:`accumulate`), as torch's ``mse_loss`` does.
 Other dtypes pass through untouched (float32 and float64 results are bitwise as before),
 and so does the torch backend, whose forwards are torch's own kernels.
 """
