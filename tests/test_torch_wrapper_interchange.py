@@ -199,3 +199,71 @@ def test_a_torch_state_dict_before_any_step_loads_as_a_fresh_state():
     assert model_err(m1, m2) <= TOL
     assert_same_state(ours, theirs)
     assert isinstance(ours.mithril_optimizer, mo.Adam)
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8, bias=False), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3, bias=False))
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon"])
+def test_adafactor_and_muon_interchange_both_ways(name):
+    """torch.optim's Adafactor (float64) and Muon (its bfloat16 Newton-Schulz, float32):
+    torch's state dict into ours and ours into torch's, each going on as the other."""
+    dtype = torch.float32 if name == "Muon" else torch.float64
+    make_ours = {"Adafactor": lambda m: torch_optimizer(mo.Adafactor(learning_rate=0.01),
+                                                        m.named_parameters()),
+                 "Muon": lambda m: torch_optimizer(mo.Muon(learning_rate=0.02),
+                                                   m.named_parameters())}[name]
+    lr = 0.02 if name == "Muon" else 0.01
+    with default_dtype(dtype):
+        m2 = _mlp()
+        m1 = copy.deepcopy(m2)
+        x, y = torch.randn(32, 5), torch.randn(32, 3)
+
+        def run(m, o, n):
+            for _ in range(n):
+                o.zero_grad()
+                torch.nn.functional.mse_loss(m(x), y).backward()
+                o.step()
+
+        theirs = getattr(torch.optim, name)(m2.parameters(), lr=lr)
+        run(m2, theirs, 3)
+        ours = make_ours(m1)
+        with torch.no_grad():
+            for p, q in zip(m1.parameters(), m2.parameters()):
+                p.copy_(q)
+        ours.load_state_dict(theirs.state_dict())
+        run(m1, ours, 3)
+        run(m2, theirs, 3)
+        assert model_err(m1, m2) <= TOL
+        m3 = copy.deepcopy(m1)
+        back = getattr(torch.optim, name)(m3.parameters(), lr=lr)
+        back.load_state_dict(ours.state_dict())
+        run(m1, ours, 3)
+        run(m3, back, 3)
+        assert model_err(m1, m3) <= TOL
+
+
+def test_torchs_lbfgs_state_dict_is_refused_by_name():
+    """torch.optim.LBFGS keeps its history its own way; ours needs its optimizer-wide
+    values: refused, saying so, nothing changed."""
+    m2 = _mlp().double()
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    theirs = torch.optim.LBFGS(m2.parameters())
+
+    def closure():
+        theirs.zero_grad()
+        loss = torch.nn.functional.mse_loss(m2(x), y)
+        loss.backward()
+        return loss
+
+    theirs.step(closure)
+    m1 = copy.deepcopy(m2)
+    ours = torch_optimizer(mo.LBFGS(), m1.named_parameters())
+    before = snapshot(m1, ours)
+    with pytest.raises(ValueError, match=r"a torch.optim optimizer's holds none of LBFGS's "
+                                         r"optimizer-wide values"):
+        ours.load_state_dict(theirs.state_dict())
+    assert before[1:] == snapshot(m1, ours)[1:]

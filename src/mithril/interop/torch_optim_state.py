@@ -275,6 +275,11 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
     state = given = sd.get("state")
     native = meta is None and torchs(groups) and isinstance(state, Mapping)
     if native:  # a torch.optim optimizer's own (its groups hold its values, its state steps)
+        if opt.state_values:
+            raise ValueError(f"state dict has no 'mithril' entry: a torch.optim optimizer's "
+                             f"holds none of {type(opt).__name__}'s optimizer-wide values "
+                             f"{list(opt.state_values)}; resume from a state dict of a "
+                             f"mithril torch_optimizer")
         state = torch_state(given, groups)
         meta = _rebuilt_meta(opt, state, groups, names)
     if not isinstance(meta, Mapping):
