@@ -41,11 +41,14 @@ LR0 = 0.01
 def make(name: str, kw: dict, their_kw: dict | None = None):
     """Our optimizer ``name(learning_rate=LR0, **kw)``; a dict value ``{"Class": kwargs}``
     is built first (a Muon's fallback). Keras's ``gradient_accumulation_steps=k`` is our
-    ``Accumulate(optimizer, k)``."""
+    ``Accumulate(optimizer, k)``, its ``exclude_from_weight_decay`` (``"exclude"`` here)
+    ours."""
     from mithril.utils.accumulation import Accumulate
 
     kw = {k: make(*next(iter(v.items()))) if isinstance(v, dict) else v for k, v in kw.items()}
     opt = getattr(mo, name)(**{"learning_rate": LR0, **kw})
+    if "exclude" in (their_kw or {}):  # Keras's exclude_from_weight_decay(var_names=...)
+        opt.exclude_from_weight_decay(var_names=their_kw["exclude"])
     k = (their_kw or {}).get("gradient_accumulation_steps")
     return opt if k is None else Accumulate(opt, k)
 
@@ -119,6 +122,17 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                                         "weight_decay": 0.004, "epsilon": 1e-7,
                                         "convention": "keras"}}},
                            "Muon", {"rms_rate": None}, ""),
+    # Keras's exclude_from_weight_decay(var_names=...) ("exclude"): on Muon it holds for
+    # the fallback's tensors too
+    "muon_exclude/missing": (
+        "Muon", {"weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw", "ns_dtype": None,
+                 "fallback": {"AdamW": {"weight_decay": 0.1, "epsilon": 1e-7,
+                                        "convention": "keras"}}},
+        "Muon", {"weight_decay": 0.1, "adam_weight_decay": 0.1, "exclude": ["b", "^w"]},
+        "some"),
+    "adam_wd_exclude/missing": ("Adam", {"epsilon": 1e-7, "weight_decay": 0.1,
+                                         "convention": "keras"},
+                                "Adam", {"weight_decay": 0.1, "exclude": ["b", "c"]}, "some"),
     # Keras's ScheduleFreeAdamW: its warm-up (lr·min(t/W, 1)), 1/t weights, decay of y
     "sfadamw_warmup_wd/missing": (
         "ScheduleFreeAdamW", {"warmup_steps": 10, "weight_decay": 0.1, "epsilon": 1e-3,
@@ -162,10 +176,12 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
 #: the cases also run on the jitted JAX engine (the others' steps are no different there)
 JIT = ("nadam/missing", "adam_ema_wd/missing", "adam_ema_overwrite",
        "adam_global_clipnorm/missing", "lamb_wd/missing", "adamax_eps", "muon",
-       "adam_wd/accumulate", "adafactor_wd/missing", "sfadamw_warmup_wd/missing")
+       "adam_wd/accumulate", "adafactor_wd/missing", "sfadamw_warmup_wd/missing",
+       "muon_exclude/missing", "adam_wd_exclude/missing")
 #: Keras's Muon scales by ‖x‖ + 1e-7 where torch (and we) take max(‖x‖, ε) (its float32
 #: ops.norm is replaced by a float64 one, see _SCRIPT)
-TOLS = {"muon": 3e-7, "muon_options/missing": 3e-7, "muon_rms_rate_none": 3e-7}
+TOLS = {"muon": 3e-7, "muon_options/missing": 3e-7, "muon_rms_rate_none": 3e-7,
+        "muon_exclude/missing": 3e-7}
 #: the cases also run on float32 parameters (against Keras's float64 run: ≤ 1e-4)
 FLOAT32 = ("nadam/missing", "lamb_wd/missing", "adamax_eps", "adadelta_wd",
            "adafactor_wd/missing", "sfadamw_warmup_wd/missing")
@@ -223,7 +239,10 @@ out = {}
 for case, (ours, our_kw, theirs, their_kw, pattern) in CASES.items():
     kops.mean = float64_mean if theirs == "Adafactor" else keras_mean
     kops.norm = float64_norm if theirs == "Muon" else keras_norm
-    opt = getattr(keras.optimizers, theirs)(learning_rate=LR0, **their_kw)
+    opt = getattr(keras.optimizers, theirs)(
+        learning_rate=LR0, **{k: v for k, v in their_kw.items() if k != "exclude"})
+    if "exclude" in their_kw:
+        opt.exclude_from_weight_decay(var_names=their_kw["exclude"])
     vs = [keras.Variable(p0[k], dtype="float64", name=k) for k in names]
     opt.build(vs)
     keras_traj = []

@@ -42,7 +42,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -182,12 +182,13 @@ def check_step_offset(where: str, offset: Any) -> int:
     return int(offset)
 
 
-def resolve(opt: Any, names: Sequence[str]
+def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
             ) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[int | None, bool]]]:
     """Each tensor's row, the rows' overrides and each row's (group index or None, whether
-    it decays), for parameters ``names`` (row 0: no overrides). Warns for a group or mask
-    that matches nothing, and for an exclusion or mask that names unknown parameters or
-    matches nothing (raises with ``strict``)."""
+    it decays), for parameters ``names`` (row 0: no overrides); ``no_decay``: names that do
+    not decay whatever ``opt``'s own mask and exclusions say (a Muon's, for its fallback's
+    tensors). Warns for a group or mask that matches nothing, and for an exclusion or mask
+    that names unknown parameters or matches nothing (raises with ``strict``)."""
     groups = opt.param_groups
     matchers = [_matcher(g["params"], f"param_groups[{i}]['params']") for i, g in enumerate(groups)]
     mask = opt.weight_decay_mask
@@ -206,6 +207,7 @@ def resolve(opt: Any, names: Sequence[str]
         decay = mask_m is None or _matches(mask_m, n, "weight_decay_mask")
         if decay:
             matched["mask"].append(n)
+        decay = decay and n not in no_decay
         for j, m in enumerate(excl_m):
             if _matches(m, n, "exclude_from_weight_decay"):
                 decay = False

@@ -314,8 +314,9 @@ class Muon(TensorwiseOptimizer):
     (default: the ratio of the two learning rates given), so ``set_learning_rate`` and
     every scheduler driving Muon move both (``muon.fallback.learning_rate`` reads it;
     setting it there is refused: set ``fallback_lr_ratio``). Its own ``param_groups`` /
-    ``weight_decay_mask`` apply to the parameters it updates; clipping, ``nonfinite`` and
-    weight averaging are Muon's, for every parameter. Its slots are Muon's with the prefix
+    ``weight_decay_mask`` apply to the parameters it updates; clipping, ``nonfinite``,
+    weight averaging and Muon's own ``weight_decay_mask`` / ``exclude_from_weight_decay``
+    (as Keras's Muon's) hold for every parameter. Its slots are Muon's with the prefix
     ``"fallback_"`` (AdamW: ``"fallback_m"``, ``"fallback_v"``); a slot has shape ``(0,)``
     for the parameters it does not serve. ``fallback=None``: 2-D parameters only (a
     parameter of another rank is refused by ``init``, naming it), as torch.
@@ -518,10 +519,12 @@ class Muon(TensorwiseOptimizer):
             return rows
         lay = state.layout
         others = [n for n, s in zip(lay.names, lay.shapes) if len(s) != 2]
-        key = (id(fb._groups), fb._groups_version, id(fb._wd_exclude), tuple(others))
+        key = (id(fb._groups), fb._groups_version, id(fb._wd_exclude), tuple(others),
+               self._groups_version, id(self._wd_exclude), id(self.weight_decay_mask))
         cached = self.__dict__.get("_fallback_rows")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_fallback_rows"] = (key, *_groups.resolve(fb, others))
+            cached = self.__dict__["_fallback_rows"] = (
+                key, *_groups.resolve(fb, others, self._undecayed(others)))
         base = copy.copy(fb)
         base.assign({"learning_rate": self.learning_rate * self.fallback_lr_ratio})
         views = [_FallbackRow(v, self, o, r) for v, o, r in
@@ -535,6 +538,18 @@ class Muon(TensorwiseOptimizer):
                     out[i] = copy.copy(out[i])
                     out[i].missed = int(missed[i])
         return out
+
+
+    def _undecayed(self, names: Sequence[str]) -> set[str]:
+        """Those of ``names`` that Muon's own ``weight_decay_mask`` / exclusions keep from
+        decaying: they hold for the fallback's tensors too (as Keras's Muon's
+        ``exclude_from_weight_decay``); the fallback's own add to them."""
+        what = "exclude_from_weight_decay"
+        excl = [_groups._matcher(e, what) for e in self.exclude_weight_decay]
+        mask = self.weight_decay_mask
+        mask = None if mask is None else _groups._matcher(mask, "weight_decay_mask")
+        return {n for n in names if any(_groups._matches(m, n, what) for m in excl)
+                or (mask is not None and not _groups._matches(mask, n, "weight_decay_mask"))}
 
 
 class _FallbackRow:
