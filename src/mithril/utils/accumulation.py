@@ -461,14 +461,15 @@ class Accumulate:
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: AccumulateState, weight: float = 1.0) -> tuple[Any, AccumulateState]:
         """Buffer ``weight·gradients``; on every ``k``-th call step the wrapped optimizer with
-        the mean. Returns ``(params, state)``; if it raises, nothing changed."""
+        the mean (the sum with ``use_grad_mean=False``). Returns ``(params, state)``; if it
+        raises, nothing changed."""
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
         acc = state.accumulator
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
             _check_against_params(gradients, params)
-        fn, info = self.should_skip_update_fn, None
+        fn, info = self.should_skip_update_fn, state.skip_state
         if fn is not None:
             acc._check(gradients, weight)  # (a bad micro-batch raises, is not skipped)
             skip, info = ask(fn, gradients, state.windows, params)
@@ -480,7 +481,7 @@ class Accumulate:
             acc.add(gradients, weight)
             state.applied = False
             state.last_step_skipped = False
-            state.skip_state = info if fn is not None else state.skip_state
+            state.skip_state = info
             return params, state
         # (checks; the buffer stays as it is)
         mean = acc._mean_with(gradients, weight, mean=self.use_grad_mean)
@@ -490,7 +491,7 @@ class Accumulate:
         state.windows += 1
         state.applied = True
         state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
-        state.skip_state = info if fn is not None else state.skip_state
+        state.skip_state = info
         return params, state
 
     def k_for(self, state: AccumulateState) -> int:
