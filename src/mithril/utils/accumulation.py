@@ -30,7 +30,8 @@ Two ways to use it:
   optimizer's state readers (``ema_params``, ``swa_params``, ``swap_ema``, ``slow_params``,
   ``eval_params``) are on the wrapper too, and take its state; ``state_dict`` /
   ``load_state_dict`` save and restore a run mid-window in memory
-  (:mod:`mithril.utils.accumulate_state_dict`).
+  (:mod:`mithril.utils.accumulate_state_dict`). ``should_skip_update_fn`` skips single
+  micro-batches (a NaN one, say) as ``MultiSteps``' does (:mod:`mithril.utils.accumulate_skip`).
 
 The buffers are sums on the gradients' device (in place on NumPy and torch), in the
 gradients' dtype, but in float32 for float16 / bfloat16 gradients (as ``optax.MultiSteps``'
