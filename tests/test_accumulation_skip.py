@@ -338,3 +338,18 @@ def test_mixed_precision_trainer_reports_a_skipped_micro_batch():
             np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert state.num_skipped_micro_batches == 2 and counted.n == state.windows == 2
     assert trainer.loss_scale == 64.0 and state.micro_step == 1
+
+
+def test_skip_large_updates_sums_half_precision_gradients_without_overflow():
+    """A float16 micro-batch of Σ‖g‖² = 9e6 (each entry 300, exact): optax sums its squares
+    in float16 (inf past 65504) and skips it under a bound of 1e7; ours sums in float64 on
+    NumPy and torch and float32 on JAX (float64 there needs x64), and keeps it."""
+    import jax.numpy as jnp
+
+    g = np.full(100, 300.0, np.float16)
+    theirs = optax.skip_large_updates({"w": jnp.asarray(g)}, 0, None, max_squared_norm=1e7)
+    assert bool(theirs[0]) and np.isinf(float(theirs[1]["norm_squared"]))
+    for arr in (g, torch.from_numpy(g), jnp.asarray(g)):
+        skip, info = skip_large_updates({"w": arr}, 0, None, max_squared_norm=1e7)
+        assert skip is False and info == {"should_skip": False, "norm_squared": 9e6}
+        assert skip_large_updates({"w": arr}, 0, None, max_squared_norm=9e6)[0] is True

@@ -18,7 +18,9 @@ optax's, on any backend's gradients (optax's own take JAX and NumPy gradients on
   (``{"should_skip", "num_not_finite"}``);
 * :func:`skip_large_updates` with ``max_squared_norm`` bound (``functools.partial``): skip
   one whose squared global norm Σ‖g‖² is not below it, NaN included
-  (``{"should_skip", "norm_squared"}``).
+  (``{"should_skip", "norm_squared"}``). Σ‖g‖² is summed in float64 on NumPy and torch, in
+  at least float32 on JAX (optax sums in the gradients' dtype: float16 overflows past
+  65504, skipping micro-batches whose norm is finite).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _squared_norm(x: Any) -> float:
     if lib in ("jax", "jaxlib"):
         import jax.numpy as jnp
 
-        return float(jnp.sum(jnp.square(x)))  # (in x's dtype, as optax)
+        # (float64 needs JAX's x64: at least float32, a float16 sum overflowing at 65504)
+        return float(jnp.sum(jnp.square(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)))))
     with np.errstate(all="ignore"):
         return float(np.sum(np.square(x, dtype=np.float64)))
 
