@@ -179,7 +179,7 @@ class Recurrence(Operator):
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
         """Every length in [1, T] (reads the min and max), as torch's packed sequences."""
         lens, s = arrays.get("lengths"), shapes.get("input")
-        if lens is None or s is None or not math.prod(lens.shape):
+        if lens is None or s is None or s[0] is None or not math.prod(lens.shape):
             return
         lo, hi = int(lens.min()), int(lens.max())
         if lo < 1 or hi > s[0]:
