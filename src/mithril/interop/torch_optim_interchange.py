@@ -41,8 +41,9 @@ def torch_state(state: Mapping[Any, Any], groups: Sequence[Mapping[str, Any]]
                 ) -> dict[Any, Any]:
     """A ``torch.optim`` state dict's ``state`` as ours holds it: torch keeps no entry for a
     parameter that never had a gradient (here: ``step`` 0, its slots made fresh by
-    :func:`~.torch_optim_state.complete`), and no ``step`` in SGD's (an entry holding a ``momentum_buffer``
-    has stepped: 1, which SGD's rule reads only as "not the first step")."""
+    :func:`~.torch_optim_state.complete`), and no ``step`` in SGD's (an entry holding a
+    ``momentum_buffer`` has stepped: 1, which SGD's rule reads only as "not the first
+    step")."""
     if not state:
         return {}
     out = {i: {"step": 0.0} for g in groups for i in g["params"]}
@@ -58,7 +59,8 @@ def unstepped(opt: Optimizer, entry: dict[str, Any], lr: float) -> None:
     first step), and SGD's ``momentum_buffer`` left out (torch's first step copies the
     gradient where there is none, a zero buffer would be dampened). Why: torch.optim's
     Rprop that loaded ours stepped a never-stepped parameter by ``+1`` against the
-    gradient. A load here starts such a parameter fresh (:func:`~.torch_optim_state.parse_state_dict`)."""
+    gradient. A load here starts such a parameter fresh
+    (:func:`~.torch_optim_state.parse_state_dict`)."""
     if isinstance(opt, ASGD):
         entry["eta"] = torch.full_like(entry["eta"], lr)
         entry["mu"] = torch.ones_like(entry["mu"])
