@@ -53,8 +53,8 @@ def both(case: str):
 #: a 0-d lr tensor in float64 (a float32 one rounds torch's Adam step size ``lr / (1 - β₁ᵗ)``
 #: to float32, its dtype: ~2e-8 off the float64 run; ours takes the tensor's value)
 EDITS = [
-    ("adam", "lr", 0.003), ("adam", "lr", torch.tensor(0.003, dtype=torch.float64)), ("adam", "weight_decay", 0.05),
-    ("adam", "betas", (0.5, 0.9)), ("adam", "eps", 1e-3), ("adamw", "weight_decay", 0.3),
+    ("adam", "lr", 0.003), ("adam", "lr", torch.tensor(0.003, dtype=torch.float64)),
+    ("adam", "weight_decay", 0.05), ("adam", "betas", (0.5, 0.9)), ("adam", "eps", 1e-3), ("adamw", "weight_decay", 0.3),
     ("amsgrad", "betas", (0.8, 0.95)), ("sgd_momentum", "momentum", 0.5),
     ("sgd_momentum", "dampening", 0.0), ("sgd_nesterov", "nesterov", False),
     ("sgd_wd", "lr", torch.tensor(0.01, dtype=torch.float64)), ("rmsprop", "alpha", 0.5),
