@@ -44,8 +44,10 @@ deprecated ``epoch`` argument to ``step`` (count the schedule in updates: torch'
 ``CosineAnnealingWarmRestarts.step(epoch + i / iters)`` is ``T_0 = epochs * iters`` stepped
 once per update) and no ``last_epoch=`` / ``verbose=`` (a ``TypeError`` saying what to use);
 :class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
-child; stricter hyper-parameter validation (degenerate settings raise :class:`ValueError`
-instead of producing division by zero or silently odd schedules).
+child; two schedulers stepped back to back on one optimizer (torch's "chaining") are refused
+(``RuntimeError``) at the step that would discard the other's change: combine them with
+:class:`ChainedScheduler`; stricter hyper-parameter validation (degenerate settings raise
+:class:`ValueError` instead of producing division by zero or silently odd schedules).
 
 Layout (every name is re-exported here, so ``from mithril.utils.lr_schedulers import X`` keeps
 working):

@@ -203,6 +203,9 @@ class LRScheduler:
     #: restarted by a parent, it starts from the rate the optimizer has then (SWALR), so
     #: the parent's :meth:`get_lr_at` passes it that rate (:meth:`_lr_at_from`)
     _STARTS_FROM_CURRENT: ClassVar[bool] = False
+    #: each step goes on from the optimizer's current rate (ReduceLROnPlateau, SWALR), so
+    #: it keeps what another scheduler did to it (see :func:`.lanes.alone`)
+    _STEPS_FROM_CURRENT: ClassVar[bool] = False
 
     @classmethod
     def _normalize_arguments(cls, arguments: dict[str, Any]) -> None:
@@ -213,8 +216,10 @@ class LRScheduler:
         super().__init_subclass__(**kw)
         if "__init__" in cls.__dict__:
             cls.__init__ = _per_group_constructor(cls.__dict__["__init__"])  # type: ignore[method-assign]
-        if "step" in cls.__dict__ and cls._LANEWISE:
-            cls.step = lanes_mod.lanewise(cls.__dict__["step"])  # type: ignore[method-assign]
+        if "step" in cls.__dict__:
+            step = cls.__dict__["step"]
+            cls.step = lanes_mod.alone(  # type: ignore[method-assign]
+                lanes_mod.lanewise(step) if cls._LANEWISE else step)
 
     @classmethod
     def _takes_base_lr(cls) -> bool:
@@ -524,11 +529,15 @@ def _load_nested(child: LRScheduler, sub: Any, key: str) -> None:
         raise type(exc)(f"state_dict{key}{rest}") from None
 
 
+LRScheduler.step = lanes_mod.alone(LRScheduler.step)  # type: ignore[method-assign]
+
+
 def _check_child(owner: str, optimizer: Any, child: Any, what: str) -> LRScheduler:
     if not isinstance(child, LRScheduler):
         raise TypeError(f"{owner}: {what} must be an LRScheduler, got {type(child).__name__}")
     if not lanes_mod.same_target(child.optimizer, optimizer):
         raise ValueError(f"{owner}: {what} must drive the same optimizer object")
+    child.__dict__["_owned"] = True  # (stepped by its parent: see lanes.alone)
     return child
 
 

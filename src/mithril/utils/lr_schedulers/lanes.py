@@ -12,6 +12,7 @@ group of per-group children.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -112,3 +113,51 @@ def lanewise(step: Callable) -> Callable:
 
     wrapper.__wrapped_lanes__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+#: the schedulers stepped by the user (not a composite's children), by their last step
+_stepped: list[weakref.ref[Any]] = []
+
+
+def alone(step: Callable) -> Callable:
+    """``step``, refused (``RuntimeError``, nothing changed) where another scheduler stepped
+    by the user on the same target has stepped since this one's last step and moved the
+    rate this one set: two schedulers stepped back to back on one optimizer, as torch chains
+    them (this step would discard the other's change)."""
+
+    @functools.wraps(step)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.__dict__.get("_owned"):
+            _note_step(self)
+        return step(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _note_step(sched: Any) -> None:
+    # why: torch documents "chaining" schedulers by stepping each in turn (each scales the rate
+    # the one before left); ours set closed-form values, so the last one stepped silently won
+    live = [s for s in (r() for r in _stepped) if s is not None]
+    mine = next((i for i, s in enumerate(live) if s is sched), None)
+    if mine is not None and not sched._STEPS_FROM_CURRENT:  # (those keep the other's change)
+        other = next((s for s in live[mine + 1:] if same_target(s.optimizer, sched.optimizer)),
+                     None)
+        if other is not None and _moved(sched):
+            raise RuntimeError(
+                f"{type(sched).__name__}.step(): {type(other).__name__} on the same optimizer "
+                f"stepped since this scheduler's last step and moved its rate. torch chains "
+                f"schedulers stepped back to back (each scales the rate the other left); here "
+                f"each sets its own value, and this step would discard the other's: combine "
+                f"them in one scheduler, ChainedScheduler([a, b]) (their product, as torch's "
+                f"chain; not with a ReduceLROnPlateau) or SequentialLR(optimizer, [a, b], "
+                f"milestones) (one after the other)")
+    _stepped[:] = [weakref.ref(s) for s in live if s is not sched] + [weakref.ref(sched)]
+
+
+def _moved(sched: Any) -> bool:
+    """Whether a lane's value is no longer the one ``sched`` set last."""
+    for lane in (sched, *sched._siblings):
+        now, mine = float(lane.optimizer.get_learning_rate()), lane._last_lr
+        if abs(now - mine) > 1e-12 * max(abs(now), abs(mine)):
+            return True
+    return False

@@ -81,6 +81,7 @@ class ReduceLROnPlateau(LRScheduler):
     )
     _GROUP_ARGS = ("min_lr",)
     _LANEWISE = True
+    _STEPS_FROM_CURRENT = True
 
     def __init__(
         self,

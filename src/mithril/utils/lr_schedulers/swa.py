@@ -48,6 +48,7 @@ class SWALR(LRScheduler):
     _GROUP_ARGS = ("swa_lr",)
     _LANEWISE = True
     _STARTS_FROM_CURRENT = True
+    _STEPS_FROM_CURRENT = True
 
     def __init__(
         self,
