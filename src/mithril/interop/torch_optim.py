@@ -168,6 +168,7 @@ import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from itertools import chain
 from typing import Any
 
 import torch
@@ -441,8 +442,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         if len(groups) != len(self._group_names) or not all(
                 len(g["params"]) == len(n) for g, n in zip(groups, self._group_names)) \
-                or not all(map(operator.is_, (p for g in groups for p in g["params"]),
-                               self._params)):
+                or not all(map(operator.is_, chain.from_iterable(g["params"] for g in groups),
+                               self._params)):  # (C-speed: every step)
             # why: a group's "params" replaced or cut was silently ignored (every parameter
             # still stepped), where torch's steps those the groups hold
             raise ValueError(f"param_groups changed their parameters (or groups) since the "
