@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKENDS, run_python, to_np
 from test_attention_blocks import _causal, _mha_params, max_error, mha_ref
 
@@ -194,6 +195,29 @@ CASES.update({
 })
 
 
+def _gqa(**kw):
+    def ref(t):
+        mask = {"attn_mask": t["attn_mask"]} if "attn_mask" in t else {}
+        return F.scaled_dot_product_attention(t["query"], t["key"], t["value"], enable_gqa=True,
+                                              **mask, **kw)
+    return ref
+
+
+CASES.update({
+    "sdpa_gqa": (lambda: ml.ScaledDotProduct(enable_gqa=True),
+                 {"query": (2, 4, 5, 3), "key": (2, 2, 6, 3), "value": (2, 2, 6, 2)}, {}, _gqa()),
+    "sdpa_gqa_causal_scale_broadcast": (lambda: ml.ScaledDotProduct(is_causal=True, scale=0.4, enable_gqa=True),
+                                        {"query": (2, 6, 5, 3), "key": (2, 5, 3), "value": (2, 5, 4)}, {},
+                                        _gqa(is_causal=True, scale=0.4)),
+    "sdpa_mqa_bool_mask": (lambda: ml.ScaledDotProduct(use_attn_mask=True, enable_gqa=True),
+                           {"query": (3, 4, 3), "key": (1, 5, 3), "value": (1, 5, 2)},
+                           {"attn_mask": np.random.default_rng(12).random((4, 5)) > 0.3}, _gqa()),
+    "sdpa_gqa_float_mask": (lambda: ml.ScaledDotProduct(use_attn_mask=True, enable_gqa=True),
+                            {"query": (2, 4, 3, 2), "key": (2, 2, 4, 2), "value": (2, 2, 4, 3),
+                             "attn_mask": (2, 4, 3, 4)}, {}, _gqa()),
+})
+
+
 # -- the harness: our block on one backend, torch's on our parameters ---------------------------
 def make(case: str, backend):
     factory, trainable, fixed, _ = CASES[case]
@@ -271,6 +295,8 @@ FD_CASES = {
         lambda: _mha(ml.MultiHeadAttention(2, embed_dim=4, use_key_padding_mask=True, kdim=3, vdim=2),
                      cross=True),
         {"query": (2, 2, 4), "key": (2, 3, 3), "value": (2, 3, 2), "key_padding_mask": (2, 3)}, {}),
+    "sdpa_gqa_causal": (lambda: ml.ScaledDotProduct(is_causal=True, enable_gqa=True),
+                        {"query": (1, 4, 3, 2), "key": (1, 2, 3, 2), "value": (1, 2, 3, 2)}, {}),
     "mha_kpm_bool_causal_cross": (
         lambda: _mha(ml.MultiHeadAttention(2, is_causal=True, use_key_padding_mask=True), cross=True),
         {"query": (2, 3, 4), "key": (2, 3, 4), "value": (2, 3, 4)},
@@ -381,3 +407,14 @@ def test_key_of_another_width_than_kdim_is_named():
     with pytest.raises(ShapeError, match=r"'key' must have kdim = 5 features.*\[2, 6, 4\]"):
         ml.compile(_kv_dims(kdim=5, vdim=3), NumpyBackend(),
                    shapes={"query": [2, 4, E], "key": [2, 6, 4], "value": [2, 6, 3]})
+
+
+@pytest.mark.parametrize("shapes, match", [
+    ({"query": [2, 4, 5, 3], "key": [2, 3, 6, 3], "value": [2, 3, 6, 2]},
+     r"heads of 'key' / 'value' \(3, axis -3\) must divide the heads of 'query'"),
+    ({"query": [2, 4, 5, 3], "key": [2, 2, 6, 3], "value": [2, 1, 6, 2]}, "same heads"),
+    ({"query": [5, 3], "key": [6, 3], "value": [6, 2]}, "rank >= 3"),
+])
+def test_bad_gqa_shapes_are_named(shapes, match):
+    with pytest.raises(ShapeError, match=match):
+        ml.compile(ml.ScaledDotProduct(enable_gqa=True), NumpyBackend(), shapes=shapes)
