@@ -353,3 +353,24 @@ def test_skip_large_updates_sums_half_precision_gradients_without_overflow():
         skip, info = skip_large_updates({"w": arr}, 0, None, max_squared_norm=1e7)
         assert skip is False and info == {"should_skip": False, "norm_squared": 9e6}
         assert skip_large_updates({"w": arr}, 0, None, max_squared_norm=9e6)[0] is True
+
+
+def test_mixed_precision_trainer_keeps_the_skip_count_of_a_state_it_casts_to_its_masters():
+    """A float16 Accumulate state handed to :class:`MixedPrecisionTrainer` is rebuilt in the
+    masters' float32: the skipped micro-batch's count and ``skip_state`` come along with the
+    buffered one (the rebuild dropped both)."""
+    from test_mixed_precision_peers import linear, p0
+
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+
+    be = TorchBackend(dtype="float16")
+    params = {k: v.half() for k, v in p0(be).items()}
+    acc = Accumulate(SGD(learning_rate=0.25), 2, should_skip_update_fn=skip_not_finite)
+    state = acc.init(params)
+    for fill in (float("nan"), 0.5):
+        params, state = acc.update(params, {k: torch.full_like(v, fill)
+                                            for k, v in params.items()}, state)
+    trainer = MixedPrecisionTrainer(linear(be), acc, p0(be), optimizer_state=state)
+    cast = trainer.optimizer_state
+    assert cast is not state and cast.accumulator.count == 1
+    assert cast.num_skipped_micro_batches == 1 and cast.skip_state == state.skip_state

@@ -377,6 +377,8 @@ class MixedPrecisionTrainer(FixedParts):
             # buffered (their sums in the masters' dtype): re-initialising dropped both
             new = AccumulateState(self._master_state(state.inner, opt.optimizer))
             new.windows = state.windows  # (a callable k reads it)
+            new.num_skipped_micro_batches = state.num_skipped_micro_batches
+            new.skip_state = state.skip_state
             old, acc = state.accumulator, new.accumulator
             if old.count:
                 sums = self._engine.cast_tree(old.sum(), self._engine.mdt)
