@@ -85,6 +85,11 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
         "SGD", {"momentum": 0.9, "nesterov": True, "clip_tensor_norm": 1.0,
                 "convention": "keras"},
         "SGD", {"momentum": 0.9, "nesterov": True, "clipnorm": 1.0}, ""),
+    # Keras takes Nesterov without momentum: plain SGD (torch, and our torch convention,
+    # refuse it)
+    "sgd_nesterov_no_momentum/missing": (
+        "SGD", {"nesterov": True, "weight_decay": 0.1, "convention": "keras"},
+        "SGD", {"nesterov": True, "weight_decay": 0.1}, "some"),
     "rmsprop_centered_clipvalue": (
         "RMSProp", {"epsilon": 1e-7, "centered": True, "momentum": 0.9, "clip_value": 0.5,
                     "convention": "keras"},

@@ -86,6 +86,9 @@ class SGD(Optimizer):
       ``v ← μ·v − lr·g``, ``p ← p + v`` (Nesterov: ``p ← p + μ·v − lr·g``); the slot holds
       that velocity. Equal to torch only while lr is constant. ``weight_decay`` is Keras's
       decoupled ``p ← p − lr·wd·p`` before the step. No dampening (refused).
+
+    Nesterov without momentum is plain SGD under ``"optax"`` and ``"keras"``, as theirs;
+    torch's convention refuses it, as torch.
     """
 
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
@@ -100,7 +103,9 @@ class SGD(Optimizer):
         if self.dampening and convention != "torch":
             raise ValueError(f"dampening={dampening!r}: {convention} SGD has no dampening "
                              f"(convention='torch' has)")
-        if check_flag("nesterov", nesterov) and (self.momentum == 0 or self.dampening != 0):
+        # (optax and Keras take Nesterov without momentum: plain SGD; torch refuses it)
+        if check_flag("nesterov", nesterov) and convention == "torch" and (
+                self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
         self.nesterov = bool(nesterov)
 
