@@ -68,6 +68,26 @@ def committed(tree: Any) -> Any:
 
 #: where an ``OptaxState`` counts the steps ``nonfinite="skip"`` skipped (its hyperparams)
 SKIPPED = "num_skipped"
+#: where it counts the non-finite steps applied after ``max_consecutive_skips`` in a row
+#: (what ``update`` warns of at each: the program keeps the count, a later call warns)
+GIVEN_UP = "num_given_up"
+
+
+def counting_given_up(tx: Any) -> Any:
+    """``tx`` (an optax transformation of an optimizer) whose ``init`` adds the
+    :data:`GIVEN_UP` counter where the state counts non-finite steps in a row."""
+    from ..interop.optax_prologue import CONSECUTIVE
+
+    def init(params: Any) -> Any:
+        state = tx.init(params)
+        if CONSECUTIVE not in state.hyperparams:
+            return state
+        import jax.numpy as jnp
+
+        return state._replace(hyperparams={**state.hyperparams,
+                                           GIVEN_UP: jnp.zeros((), jnp.int32)})
+
+    return tx._replace(init=init)
 
 
 def carry_counts(opt_state: Any, state: Any) -> Any:
@@ -105,7 +125,9 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
     Returns (new params tuple, new optimizer state, outputs, new model state (the old one
     where no operator keeps any), gradients). A state holding :data:`SKIPPED`
-    (``nonfinite="skip"``) counts a skipped step there: the update leaves its count then.
+    (``nonfinite="skip"``) counts a skipped step there: the update leaves its count then;
+    one holding :data:`GIVEN_UP` counts a step applied with the run of non-finite steps
+    going on (``max_consecutive_skips`` reached: what ``update`` warns of).
     """
     import jax.numpy as jnp
 
@@ -129,8 +151,14 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     held = old_state.hyperparams
     if SKIPPED in held:  # a skipped step leaves the count (unless saturated)
         skipped = (opt_state.count == old_state.count) & (old_state.count != _INT32_MAX)
-        opt_state = opt_state._replace(hyperparams={
-            **opt_state.hyperparams, SKIPPED: held[SKIPPED] + skipped.astype(held[SKIPPED].dtype)})
+        counts = {SKIPPED: held[SKIPPED] + skipped.astype(held[SKIPPED].dtype)}
+        from ..interop.optax_prologue import CONSECUTIVE
+
+        run = opt_state.hyperparams.get(CONSECUTIVE)
+        if GIVEN_UP in held and run is not None:  # applied, and the run goes on: given up
+            bad = (opt_state.count != old_state.count) & (run > 0)
+            counts[GIVEN_UP] = held[GIVEN_UP] + bad.astype(held[GIVEN_UP].dtype)
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **counts})
     new = tuple(new_params[n] for n in names)
     return new, opt_state, out, mstate, grads
 
@@ -246,31 +274,63 @@ def state_before_run(optimizer: Any, param_shapes: Mapping[str, Any], params: An
 
 
 def report_skips(step: Any, opt_state: Any) -> None:
-    """Warn of the steps the one-program JAX step skipped (``nonfinite="skip"``), as
-    ``update`` warns of each: the program counts them in the state it returns, and each call
-    reads the count of the state it is given when the device has computed it (never waiting
-    for it: a loop's dispatch stays ahead of the device), warning once for the steps skipped
-    since it last read (so a call or more late). A state the step did not return (``init``'s,
-    a resumed one) sets the count it starts from."""
-    n = getattr(opt_state, "hyperparams", {}).get(SKIPPED)
+    """Warn of the steps the one-program JAX step skipped (``nonfinite="skip"``), and of
+    those it applied after ``max_consecutive_skips`` non-finite ones in a row, as ``update``
+    warns of each: the program counts them in the state it returns (:data:`SKIPPED`,
+    :data:`GIVEN_UP`), and each call reads the counts of the state it is given when the
+    device has computed them (never waiting for them: a loop's dispatch stays ahead of the
+    device), warning once for the steps since it last read (so a call or more late; a
+    single step given up in ``update``'s very words). A state the step did not return
+    (``init``'s, a resumed one) sets the counts it starts from. Only the skipped count is
+    read while no run of non-finite steps can have reached the limit (none was at it at the
+    last read, and none was skipped since): one read, as without the limit."""
+    held = getattr(opt_state, "hyperparams", {})
+    n = held.get(SKIPPED)
     if n is None:
         return
     seen = getattr(step, "_skips_seen", None)
     if opt_state is not step._returned_state or seen is None:
         try:
-            step._skips_seen = int(n)
+            step._skips_seen = _counts(step, opt_state)
         except RuntimeError:  # a donated (consumed) state: refused, naming it, by the step
             step._skips_seen = None
         return
-    if not n.is_ready():
+    if not n.is_ready() or (int(n) == seen[0] and not seen[2]):
         return
-    k = int(n)
-    if k > seen:
-        step._skips_seen = k
-        warnings.warn(f"{type(step.optimizer).__name__}: {k - seen} step(s) skipped (a "
-                      f"non-finite gradient, or non-finite params or state after the step); "
-                      f"params and state unchanged by them ({k} in all)", RuntimeWarning,
-                      stacklevel=4)
+    now = _counts(step, opt_state)
+    if now == seen:
+        return
+    step._skips_seen = now
+    (k, j, _), name = now, type(step.optimizer).__name__
+    if k > seen[0]:
+        warnings.warn(f"{name}: {k - seen[0]} step(s) skipped (a non-finite gradient, or "
+                      f"non-finite params or state after the step); params and state "
+                      f"unchanged by them ({k} in all)", RuntimeWarning, stacklevel=4)
+    if j is None or seen[1] is None or j <= seen[1]:
+        return
+    from ..interop.optax_prologue import CONSECUTIVE
+
+    limit = step.optimizer.max_consecutive_skips
+    run, t = int(opt_state.hyperparams[CONSECUTIVE]), int(opt_state.count)
+    if j - seen[1] == 1 and limit is not None and run > limit:  # (the last step: update's words)
+        what = f"{run} non-finite steps in a row (max_consecutive_skips={limit}): step {t} applied"
+    else:
+        what = (f"{j - seen[1]} steps applied after {limit} or more non-finite steps in a row "
+                f"(max_consecutive_skips={limit}); params may now be non-finite ({j} in all; "
+                f"{run} non-finite steps in a row at step {t})")
+    warnings.warn(f"{name}: {what}", RuntimeWarning, stacklevel=4)
+
+
+def _counts(step: Any, opt_state: Any) -> tuple[int, int | None, bool]:
+    """What :func:`report_skips` keeps of a state: its skipped and given-up counts, and
+    whether its run of non-finite steps is at the limit (a step may then be given up
+    without a skip first)."""
+    from ..interop.optax_prologue import CONSECUTIVE
+
+    held, limit = opt_state.hyperparams, step.optimizer.max_consecutive_skips
+    g, run = held.get(GIVEN_UP), held.get(CONSECUTIVE)
+    return (int(held[SKIPPED]), None if g is None else int(g),
+            g is not None and run is not None and limit is not None and int(run) >= limit)
 
 
 class HyperparameterWatch:
@@ -321,7 +381,8 @@ class HyperparameterWatch:
             if self._tracing:  # (every float one: a schedule begun later compiles nothing)
                 traced.update(floats(self.optimizer))
             self._traced = tuple(sorted(traced))
-            self._tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
+            self._tx = counting_given_up(optax_transformation(
+                self.optimizer, traced_hyperparams=self._traced))
             if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer, self._traced)
             self._hyper_args = self._hyper_arrays()
