@@ -62,8 +62,8 @@ def assert_same_state(ours, theirs) -> None:
             continue
         for key, value in b[pid].items():
             got = entry[key]
-            if key == "step":
-                assert sgd or float(got) == float(value), (pid, key)
+            if key == "step":  # (torch's scalar dtype: float64 where that is the default)
+                assert sgd or (float(got) == float(value) and got.dtype == value.dtype), pid
             else:
                 torch.testing.assert_close(got, value, rtol=TOL, atol=1e-15, msg=(pid, key))
 

@@ -240,8 +240,11 @@ def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float]
         meta["missed"] = st.missed_counts()
     rename = slot_names_for_torch(opt)
     counts = own_steps(opt, st, names)
-    state: dict[int, dict[str, Any]] = {  # (each parameter's own count, as torch's)
-        i: {"step": torch.tensor(float(k), dtype=torch.float32)} for i, k in enumerate(counts)}
+    # each parameter's own count, as torch's: a tensor of torch's scalar dtype (float64
+    # where that is the default dtype, else float32: torch.optim.optimizer._get_scalar_dtype)
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    state: dict[int, dict[str, Any]] = {
+        i: {"step": torch.tensor(float(k), dtype=dtype)} for i, k in enumerate(counts)}
     for slot in shown(opt, st):
         for i, view in enumerate(st.slot(slot).values()):
             a = np.array(st.engine.to_numpy(view))
