@@ -292,9 +292,10 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def _base_lr(self, step: int) -> float:
         if self.convention == "optax":
             return super()._base_lr(step)
-        if not self.warmup_steps:  # Keras: lr·min(t/W, 1), t the 1-based step
+        w = self.warmup_steps  # Keras: lr·min(t/W, 1), t the 1-based step
+        if w is None or (isinstance(w, (int, np.integer)) and w == 0):
             return self.learning_rate
-        return self.learning_rate * minimum(step / self.warmup_steps, 1.0)
+        return self.learning_rate * minimum(step / w, 1.0)  # (a traced W = 0: t/0 = inf)
 
     def scalars(self, step: int) -> tuple[float, ...]:
         b1, b2 = self.beta1, self.beta2
