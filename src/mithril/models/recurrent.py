@@ -8,7 +8,8 @@ Weights are ``weight_ih`` (G·H, I) and ``weight_hh`` (G·H, H), biases ``bias_i
 with a = x·W_ihᵀ + b_ih and b = h·W_hhᵀ + b_hh:
 
 * RNN:  h' = tanh(a + b) (or relu);
-* LSTM: i, f, g, o = σ, σ, tanh, σ of the four blocks of a + b; c' = f·c + i·g; h' = o·tanh(c');
+* LSTM: i, f, g, o = σ, σ, tanh, σ of the four blocks of a + b; c' = f·c + i·g; h' = o·tanh(c')
+  (with ``proj_size``: h' = (o·tanh(c'))·W_hrᵀ);
 * GRU:  r, z = σ of the first two blocks of a + b; n = tanh(a_n + r·b_n); h' = (1 − z)·n + z·h.
 
 One operator, :class:`Recurrence`, runs the whole time loop of one layer in one direction:
@@ -32,6 +33,7 @@ from ..errors import InputValueError, KeyMismatchError
 from .dropout import Dropout
 from .model import Bound, IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
+from .recurrent_bptt import bptt
 from .recurrent_state_dict import GATES, ROLES, _TorchNames
 from .shaping import Concat, Indexer, Transpose
 
@@ -97,7 +99,7 @@ class Recurrence(Operator):
                  nonlinearity: str = "tanh", *, reverse: bool = False, initial_state: bool = True,
                  num_states: int | None = None, state_index: int = 0,
                  input_size: int | None = None, state_names: tuple[str, ...] | None = None,
-                 lengths: bool = False) -> None:
+                 lengths: bool = False, proj_size: int = 0) -> None:
         if kind not in GATES:
             raise ValueError(f"Recurrence: kind must be one of {sorted(GATES)}, got {kind!r}")
         who = kind.upper()
@@ -111,13 +113,19 @@ class Recurrence(Operator):
         if self.num_states is not None and not 0 <= self.state_index < self.num_states:
             raise ValueError(f"{who}: state_index {state_index!r} is not in [0, {self.num_states})")
         self.input_size = None if input_size is None else _positive_int(who, "input_size", input_size)
+        if proj_size and (kind != "lstm" or not 0 < _positive_int(who, "proj_size", proj_size)
+                          < self.hidden_size):
+            raise ValueError(f"{who}: proj_size ({proj_size!r}) must be an int in [0, hidden_size"
+                             f" = {self.hidden_size}), for an LSTM only (as torch)")
+        self.proj_size = int(proj_size)
+        self.state_size = self.proj_size or self.hidden_size  # h's features
         states = ("h0", "c0") if kind == "lstm" else ("h0",)
         self.lengths = bool(lengths)
         self.inputs = ("input", *(("lengths",) if self.lengths else ()),  # type: ignore[misc]
                        *(states if self.initial_state else ()))
         self.state_names = dict(zip(states, state_names or states))
         init = f"fan_in_uniform:{self.hidden_size}"
-        keys = ROLES if self.bias else ROLES[:2]
+        keys = (ROLES if self.bias else ROLES[:2]) + (("weight_hr",) if self.proj_size else ())
         self.param_init = {k: init for k in keys}  # type: ignore[misc]
 
     # -- shapes --------------------------------------------------------------------------
@@ -146,6 +154,7 @@ class Recurrence(Operator):
             if hs is None:
                 continue
             lead = () if k is None else (k,)
+            h = self.state_size if key == "h0" else self.hidden_size  # proj_size: h is narrower
             ok = len(hs) == len(lead) + 2 and (hs[-1] is None or hs[-1] == h) \
                 and (n is None or hs[-2] is None or hs[-2] == n) \
                 and (k is None or hs[0] is None or hs[0] == k)
@@ -165,9 +174,11 @@ class Recurrence(Operator):
         if i is None:
             return {}
         gh = GATES[self.kind] * self.hidden_size
-        out = {"weight_ih": (gh, i), "weight_hh": (gh, self.hidden_size)}
+        out = {"weight_ih": (gh, i), "weight_hh": (gh, self.state_size)}
         if self.bias:
             out.update({"bias_ih": (gh,), "bias_hh": (gh,)})
+        if self.proj_size:
+            out["weight_hr"] = (self.proj_size, self.hidden_size)
         return out
 
     def infer_shape(self, shapes):
@@ -188,7 +199,8 @@ class Recurrence(Operator):
                                   f"[1, {s[0]}] (the {s[0]} time steps of 'input')")
 
     # -- one step, any namespace ---------------------------------------------------------
-    def _step(self, xp: Any, a: Any, h: Any, c: Any, w_hh: Any, b_hh: Any) -> tuple[Any, Any]:
+    def _step(self, xp: Any, a: Any, h: Any, c: Any, w_hh: Any, b_hh: Any,
+              w_hr: Any = None) -> tuple[Any, Any]:
         """(h', c') from a = x_t·W_ihᵀ + b_ih and the previous (h, c) (c unused but by LSTM)."""
         b = h @ w_hh.T
         if b_hh is not None:
@@ -202,16 +214,17 @@ class Recurrence(Operator):
             i, f = _sigmoid(xp, z[:, :H]), _sigmoid(xp, z[:, H:2 * H])
             g, o = xp.tanh(z[:, 2 * H:3 * H]), _sigmoid(xp, z[:, 3 * H:])
             c2 = f * c + i * g
-            return o * xp.tanh(c2), c2
+            h2 = o * xp.tanh(c2)
+            return (h2 if w_hr is None else h2 @ w_hr.T), c2
         r = _sigmoid(xp, a[:, :H] + b[:, :H])
         z = _sigmoid(xp, a[:, H:2 * H] + b[:, H:2 * H])
         n = xp.tanh(a[:, 2 * H:] + r * b[:, 2 * H:])
         return (1 - z) * n + z * h, c
 
-    def _initial(self, xp: Any, state: Any, a: Any) -> Any:
-        """This layer's and direction's initial state (N, H): the given one, or zeros."""
+    def _initial(self, xp: Any, state: Any, a: Any, width: int) -> Any:
+        """This layer's and direction's initial state (N, width): the given one, or zeros."""
         if state is None:
-            return _zeros(xp, a, (int(a.shape[1]), self.hidden_size))
+            return _zeros(xp, a, (int(a.shape[1]), width))
         return state if self.num_states is None else state[self.state_index]
 
     def _order(self, steps: int) -> range:
@@ -220,12 +233,12 @@ class Recurrence(Operator):
 
     def forward(self, xp: Any, input: Any, lengths: Any = None, h0: Any = None, c0: Any = None,
                 weight_ih: Any = None, weight_hh: Any = None, bias_ih: Any = None,
-                bias_hh: Any = None) -> Any:
+                bias_hh: Any = None, weight_hr: Any = None) -> Any:
         a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
         if bias_ih is not None:
             a = a + bias_ih
-        h = self._initial(xp, h0, a)
-        c = self._initial(xp, c0, a) if self.kind == "lstm" else h  # a placeholder carry
+        h = self._initial(xp, h0, a, self.state_size)
+        c = self._initial(xp, c0, a, self.hidden_size) if self.kind == "lstm" else h  # a placeholder
         steps, kind = int(a.shape[0]), backend_of(xp)
         t_ = torch_of(xp)
         ns = t_ if t_ is not None else np if kind == "numpy" else xp  # where, arange, stack
@@ -235,7 +248,7 @@ class Recurrence(Operator):
              )[:, None, None] < lengths[:, None]
 
         def step(a_t: Any, v: Any, h: Any, c: Any) -> tuple[Any, Any]:
-            h2, c2 = self._step(xp, a_t, h, c, weight_hh, bias_hh)
+            h2, c2 = self._step(xp, a_t, h, c, weight_hh, bias_hh, weight_hr)
             return (h2, c2) if v is None else (ns.where(v, h2, h), ns.where(v, c2, c))
 
         if kind == "jax":
@@ -253,6 +266,9 @@ class Recurrence(Operator):
                 h, c = step(a[t], None if valid is None else valid[t], h, c)
                 hl[t], cl[t] = h, c
             hs, cs = ns.stack(hl), ns.stack(cl)
+        if self.proj_size:  # h (T, N, P) padded with zeros to c's H features, to stack them
+            pad = _zeros(xp, hs, (*hs.shape[:2], self.hidden_size - self.proj_size))
+            hs = (t_.cat if t_ is not None else ns.concatenate)([hs, pad], -1)
         slots = [hs, cs] if self.kind == "lstm" else [hs]
         if valid is not None:  # the outputs: zeros past each sequence's end, as torch's padding
             slots.insert(0, ns.where(valid, hs, 0))
@@ -260,85 +276,13 @@ class Recurrence(Operator):
 
     # -- backpropagation through time (NumPy) ---------------------------------------------
     def vjp(self, g, out, args, wrt):
-        x, w_ih, w_hh = args["input"], args["weight_ih"], args["weight_hh"]
-        b_ih, b_hh = args.get("bias_ih"), args.get("bias_hh")
-        H, T = self.hidden_size, x.shape[0]
-        lstm, off = self.kind == "lstm", int(self.lengths)
-        a = x @ w_ih.T + (0 if b_ih is None else b_ih)
-        hs, cs = out[off], (out[off + 1] if lstm else out[off])
-        order = list(self._order(T))
-        h_prev: list[Any] = [None] * T  # the state each step starts from
-        c_prev: list[Any] = [None] * T
-        hp, cp = self._initial(np, args.get("h0"), a), self._initial(np, args.get("c0"), a)
-        for t in order:
-            h_prev[t], c_prev[t] = hp, cp
-            hp, cp = hs[t], cs[t]
-        gh_seq = g[off]  # the cotangents of the carried states
-        gc_seq = g[off + 1] if lstm else None
-        valid = None
-        if self.lengths:  # outputs = valid · hidden states
-            valid = (np.arange(T)[:, None] < args["lengths"])[..., None]
-            gh_seq = gh_seq + g[0] * valid
-        da_all = np.zeros_like(a)  # cotangent of the input part, per step
-        dw_hh = np.zeros_like(w_hh)
-        db_hh = np.zeros(w_hh.shape[0], dtype=w_hh.dtype)
-        dh_next = np.zeros((x.shape[1], H), dtype=a.dtype)
-        dc_next = np.zeros_like(dh_next)
-        sig = lambda v: 0.5 * (np.tanh(0.5 * v) + 1)  # noqa: E731
-        for t in reversed(order):
-            hp = h_prev[t]
-            b = hp @ w_hh.T + (0 if b_hh is None else b_hh)
-            dh_all = gh_seq[t] + dh_next
-            dc_all = gc_seq[t] + dc_next if lstm else None
-            v = None if valid is None else valid[t]  # a step past the end passes them through
-            dh = dh_all if v is None else dh_all * v
-            if self.kind == "rnn":
-                h = hs[t]
-                dz = dh * (1 - h * h) if self.nonlinearity == "tanh" else dh * (a[t] + b > 0)
-                da = db = dz
-                dh_next = dz @ w_hh
-            elif lstm:
-                z = a[t] + b
-                i, f = sig(z[:, :H]), sig(z[:, H:2 * H])
-                gg, o = np.tanh(z[:, 2 * H:3 * H]), sig(z[:, 3 * H:])
-                tc = np.tanh(cs[t])
-                dc = (dc_all if v is None else dc_all * v) + dh * o * (1 - tc * tc)
-                dz = np.concatenate([dc * gg * i * (1 - i), dc * c_prev[t] * f * (1 - f),
-                                     dc * i * (1 - gg * gg), dh * tc * o * (1 - o)], axis=1)
-                da = db = dz
-                dh_next, dc_next = dz @ w_hh, dc * f
-            else:
-                r = sig(a[t, :, :H] + b[:, :H])
-                z = sig(a[t, :, H:2 * H] + b[:, H:2 * H])
-                n = np.tanh(a[t, :, 2 * H:] + r * b[:, 2 * H:])
-                dn = dh * (1 - z) * (1 - n * n)
-                dr = dn * b[:, 2 * H:] * r * (1 - r)
-                dzz = dh * (hp - n) * z * (1 - z)
-                da = np.concatenate([dr, dzz, dn], axis=1)
-                db = np.concatenate([dr, dzz, dn * r], axis=1)
-                dh_next = dh * z + db @ w_hh
-            if v is not None:
-                dh_next = dh_next + dh_all * ~v
-                dc_next = dc_next + dc_all * ~v if lstm else dc_next
-            da_all[t] = da
-            dw_hh += db.T @ hp
-            db_hh += db.sum(axis=0)
-        flat = da_all.reshape(-1, da_all.shape[-1])
-        res = {"input": da_all @ w_ih, "weight_ih": flat.T @ x.reshape(-1, x.shape[-1]),
-               "weight_hh": dw_hh, "bias_ih": flat.sum(axis=0), "bias_hh": db_hh}
-        for key, d in (("h0", dh_next), ("c0", dc_next)):
-            if key in wrt and self.num_states is not None:
-                full = np.zeros_like(args[key])
-                full[self.state_index] = d
-                d = full
-            res[key] = d
-        return {k: v for k, v in res.items() if k in wrt}
+        return bptt(self, g, out, args, wrt)
 
     def __repr__(self) -> str:
         opts = {"reverse": True if self.reverse else None,
                 "initial_state": None if self.initial_state else False,
                 "num_states": self.num_states, "input_size": self.input_size,
-                "lengths": True if self.lengths else None}
+                "lengths": True if self.lengths else None, "proj_size": self.proj_size or None}
         extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
         return f"Recurrence({self.kind!r}, {self.hidden_size}, bias={self.bias}{extra})"
 
@@ -431,7 +375,8 @@ class _Sequence(Model, _TorchNames):
     def __init__(self, hidden_size: int, batch_first: bool = False, bias: bool = True,
                  nonlinearity: str = "tanh", *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, initial_states: bool = False,
-                 input_size: int | None = None, lengths: bool = False) -> None:
+                 input_size: int | None = None, lengths: bool = False,
+                 proj_size: int = 0) -> None:
         super().__init__()
         who = self.kind.upper()
         if self.kind != "rnn" and nonlinearity != "tanh":  # LSTM and GRU have their own gates
@@ -448,6 +393,9 @@ class _Sequence(Model, _TorchNames):
         self.batch_first, self.bidirectional = bool(batch_first), bool(bidirectional)
         self.initial_states, self.dropout = bool(initial_states), float(dropout)
         self.lengths = bool(lengths)
+        if proj_size and self.kind != "lstm":
+            raise ValueError(f"{who}: proj_size is for LSTM only (as torch), got {proj_size!r}")
+        self.proj_size = proj_size
         self.num_directions = 2 if self.bidirectional else 1
         k = self.num_layers * self.num_directions
         states = ("h0", "c0") if self.kind == "lstm" else ("h0",)
@@ -469,7 +417,8 @@ class _Sequence(Model, _TorchNames):
                          initial_state=self.initial_states, num_states=k,
                          state_index=layer * self.num_directions + d,
                          input_size=input_size if layer == 0 else None,
-                         state_names=tuple(given[s] for s in states), lengths=self.lengths)
+                         state_names=tuple(given[s] for s in states), lengths=self.lengths,
+                         proj_size=proj_size)
                 conns: dict[str, Any] = {"input": layer_in, "output": _wire(f"_stacked{sfx}")}
                 if self.lengths:
                     conns["lengths"] = "lengths"
@@ -479,10 +428,12 @@ class _Sequence(Model, _TorchNames):
                 at = slice(0, 1) if d == 1 else slice(-1, None)  # h_n: t = T - 1, reverse: t = 0
                 for j, (s, out_key) in enumerate(zip(states, ("hidden", "cell"))):
                     name = out_key if k == 1 else f"_final_{s}{sfx}"
-                    self |= Indexer((j + self.lengths, at))(input=f"_stacked{sfx}", output=_wire(name))
+                    self |= Indexer((j + self.lengths, at) + self._narrow(s))(
+                        input=f"_stacked{sfx}", output=_wire(name))
                     finals[s].append(name)
                 seq = layer_out if self.num_directions == 1 else f"_seq{sfx}"
-                self |= Indexer(0)(input=f"_stacked{sfx}", output=_wire(seq))
+                narrow = self._narrow("h0")
+                self |= Indexer((0, *narrow) if narrow else 0)(input=f"_stacked{sfx}", output=_wire(seq))
                 seqs.append(seq)
             if self.num_directions == 2:  # forward features first, as torch
                 self |= Concat(2, axis=2)(input1=seqs[0], input2=seqs[1], output=_wire(layer_out))
@@ -513,15 +464,20 @@ class _Sequence(Model, _TorchNames):
 
     __call__ = connect
 
+    def _narrow(self, state: str) -> tuple[Any, ...]:
+        """The index of h's P features in a ``Recurrence`` slot (``proj_size``), else ()."""
+        return (Ellipsis, slice(0, self.proj_size)) if self.proj_size and state == "h0" else ()
+
     @staticmethod
     def _suffix(layer: int, direction: int) -> str:
         return f"_l{layer}" + ("_reverse" if direction else "")
 
     def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
-        roles = ROLES if self.bias else ROLES[:2]
+        roles = (ROLES if self.bias else ROLES[:2]) + (("weight_hr",) if self.proj_size else ())
         out = []
         for layer in range(self.num_layers):
-            feats = self.hidden_size * self.num_directions if layer else (self.input_size or 0)
+            feats = (self.proj_size or self.hidden_size) * self.num_directions if layer \
+                else (self.input_size or 0)
             for d in range(self.num_directions):
                 sfx = self._suffix(layer, d)
                 path = "recurrence" if self.num_layers * self.num_directions == 1 else _path(layer, d)
@@ -572,7 +528,12 @@ class RNN(_Sequence):
 
 class LSTM(_Sequence):
     __doc__ = _SEQ_DOC.format(name="LSTM", cell_in=" and ``initial_cell`` (K, N, H)",
-                              cell_out=" and ``cell`` = c_n (K, N, H)", torch_states="(h0, c0)")
+                              cell_out=" and ``cell`` = c_n (K, N, H)", torch_states="(h0, c0)") + """
+
+    ``proj_size`` P (0 < P < H), as torch's: h = (o·tanh(c))·W_hrᵀ has P features, so
+    ``output`` is (T, N, D·P), ``hidden`` / ``initial_hidden`` (K, N, P) (``cell`` stays
+    (K, N, H)); each layer and direction adds ``weight_hr`` (P, H) (torch's ``weight_hr_l0``)
+    and its ``weight_hh`` is (4H, P)."""
     kind = "lstm"
 
 

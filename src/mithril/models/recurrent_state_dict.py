@@ -22,6 +22,7 @@ class _TorchNames:
     kind: ClassVar[str]
     hidden_size: int
     bias: bool
+    proj_size: int = 0  # LSTM's projection: weight_hr (P, H), weight_hh (G·H, P)
 
     def _torch_pairs(self) -> list[tuple[str, str, str, int]]:
         """(torch name, mithril name relative to this block, role, ``weight_ih``'s input
@@ -51,11 +52,12 @@ class _TorchNames:
         if missing or unexpected:
             raise KeyMismatchError(f"{who}.params_from_torch: missing key(s) {missing}, unexpected "
                                    f"key(s) {unexpected} (expected {sorted(want)})")
-        gh, h = GATES[self.kind] * self.hidden_size, self.hidden_size
+        gh, h, p = GATES[self.kind] * self.hidden_size, self.hidden_size, self.proj_size
         for t, _, role, i in pairs:
             shape = tuple(state_dict[t].shape)
             expect: tuple[int | None, ...] = {
-                "weight_ih": (gh, i or None), "weight_hh": (gh, h)}.get(role, (gh,))
+                "weight_ih": (gh, i or None), "weight_hh": (gh, p or h),
+                "weight_hr": (p, h)}.get(role, (gh,))
             if len(shape) != len(expect) or any(e is not None and e != d for d, e in zip(shape, expect)):
                 raise ShapeError(f"{who}.params_from_torch: '{t}' must have shape {fmt(expect)}, "
                                  f"got {fmt(shape)}")
