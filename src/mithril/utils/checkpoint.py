@@ -6,7 +6,9 @@ float16/float32/float64 only (torch and JAX bfloat16 arrays are stored as the ex
 float32 values, the metadata keeping ``"bfloat16"``). Everything else is JSON stored in the
 safetensors header metadata under the key ``"mithril"``: ``format`` (:data:`FORMAT`),
 ``params`` (name -> dtype and shape), ``optimizer`` (class, hyperparameters, ``step``,
-``num_skipped``, ``num_nonfinite``, ``consecutive_skips`` where not 0, slot names; the
+``num_skipped``, ``num_nonfinite``, ``consecutive_skips`` where not 0, slot names, where
+kept ``averaged`` (each average's updates per parameter) and ``missed`` (the parameters that
+missed steps, and how many: ``OptimizerState.note_missed``); the
 per-parameter shapes of slots shaped otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
 values, each stored as a float64 scalar ``optv/<name>``), ``scheduler`` (class and
 ``scheduler.state_dict()``), the caller's ``extra`` (any JSON value) and, when saved with

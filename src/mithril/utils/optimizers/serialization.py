@@ -62,10 +62,13 @@ class StateDictMixin:
                         ) -> OptimizerState | None:
         """Restore hyperparameters; given ``params``, also rebuild and return the state.
 
-        Everything is checked before anything changes: the hyperparameters as the
-        constructor checks them (unknown names are refused), every slot present with an
-        array of each parameter's exact shape, and non-negative integer counters. On error
-        this optimizer is left as it was.
+        Everything is checked before anything changes: the keys (one this version does not
+        know, a newer version's, is refused), the hyperparameters as the constructor checks
+        them (unknown names are refused), every slot present with a numeric array (NumPy,
+        torch or JAX) of each parameter's exact shape whose finite values the state's dtype
+        holds, non-negative integer counters, each average's update counts and each
+        parameter's missed steps at most the steps taken. On error this optimizer and ``d``
+        are left as they were.
 
         Weight averages (:mod:`.averaging`): one this optimizer was constructed with that a
         checkpoint saved with its state (``"step"``) lacks starts at the resume, as a fresh
