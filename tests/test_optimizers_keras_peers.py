@@ -164,6 +164,8 @@ CASES: dict[str, tuple[str, dict, str, dict, str]] = {
                                         "convention": "keras"},
                           "Adafactor", {"epsilon_1": 1e-20, "epsilon_2": 1e-2,
                                         "clip_threshold": 2.0, "beta_2_decay": -0.5}, ""),
+    "adafactor_clip_below_one": ("Adafactor", {"d": 0.3, "convention": "keras"},  # (torch: d >= 1)
+                                 "Adafactor", {"clip_threshold": 0.3}, ""),
     # Keras's gradient_accumulation_steps: our Accumulate wrapper (Keras's iterations, and
     # so the bias corrections, count the applied steps)
     "adam_wd/accumulate": ("Adam", {"epsilon": 1e-7, "weight_decay": 0.1, "convention": "keras"},
@@ -475,8 +477,9 @@ def test_nadam_keras_without_parameters() -> None:
 
 def test_keras_options_of_muon_and_schedule_free_are_checked() -> None:
     """Keras's ScheduleFreeAdamW weights every step alike: another weight_lr_power is refused
-    under its convention (0 by default there, optax's 2 otherwise); Muon's adjust_lr_fn
-    takes Keras's rms_rate (a number, "none") and refuses anything else, naming it."""
+    under its convention (0 by default there, optax's 2 otherwise); Adafactor's d is >= 1
+    under torch's, > 0 under Keras's; Muon's adjust_lr_fn takes Keras's rms_rate (a number,
+    "none") and refuses anything else, naming it."""
     assert mo.ScheduleFreeAdamW(convention="keras").weight_lr_power == 0.0
     assert mo.ScheduleFreeAdamW().weight_lr_power == 2.0
     with pytest.raises(ValueError, match="weight_lr_power=2.0: Keras's ScheduleFreeAdamW"):
@@ -486,6 +489,10 @@ def test_keras_options_of_muon_and_schedule_free_are_checked() -> None:
     with pytest.raises(ValueError, match=r"param_groups\[0\]: convention='keras' changes"):
         mo.ScheduleFreeAdamW(param_groups=[{"params": ["b"], "convention": "keras",
                                             "weight_lr_power": 0.0}])
+    with pytest.raises(ValueError, match=r"d \(the clipping threshold\) must be >= 1"):
+        mo.Adafactor(d=0.3)  # (torch's rule; Keras's clip_threshold is any number > 0)
+    with pytest.raises(ValueError, match=r"must be > 0, got 0.0"):
+        mo.Adafactor(d=0.0, convention="keras")
     assert mo.Muon(adjust_lr_fn=0.3).adjust_lr_fn == 0.3
     with pytest.raises(ValueError, match="adjust_lr_fn must be one of .* or a number > 0"):
         mo.Muon(adjust_lr_fn="None")

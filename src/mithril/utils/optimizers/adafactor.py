@@ -59,7 +59,8 @@ class Adafactor(TensorwiseOptimizer):
     the backend's own operations: on torch these are torch.optim's, equal to the last bit.
 
     ``convention="keras"`` (``keras.optimizers.Adafactor``; its ``epsilon_1``/``epsilon_2``
-    are ``epsilon``, ``clip_threshold`` is ``d``, ``beta_2_decay`` ``beta2_decay``; Keras's
+    are ``epsilon``, ``clip_threshold`` is ``d``, any > 0 (torch's is >= 1), ``beta_2_decay``
+    ``beta2_decay``; Keras's
     lr defaults to 1e-3): ε₁ (None: Keras's 1e-30) is added to g² instead of clamping V,
     ``V = R·C / mean(R)``, and ``weight_decay`` is Keras's ``p ← p − lr·wd·p`` *before* the
     step (α then sees the decayed p). It runs the per-tensor path (no fused kernel).
@@ -85,8 +86,10 @@ class Adafactor(TensorwiseOptimizer):
             raise ValueError(f"beta2_decay must be <= 0, got {describe(beta2_decay)}")
         self.epsilon = _check_eps(epsilon)
         self.d = check_positive("d", d)
-        if not self.d >= 1:
-            raise ValueError(f"d (the clipping threshold) must be >= 1, got {describe(d)}")
+        keras = convention == "keras"  # (Keras takes any clip_threshold > 0, torch d >= 1)
+        if not (self.d > 0 if keras else self.d >= 1):
+            raise ValueError(f"d (the clipping threshold) must be {'> 0' if keras else '>= 1'}, "
+                             f"got {describe(d)}")
         self.maximize = check_flag("maximize", maximize)
         self.fused = check_flag("fused", fused)
 
