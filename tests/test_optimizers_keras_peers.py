@@ -5,8 +5,9 @@ the same gradients for 24 steps, on tensors of odd shapes (0-d, 1-d, 2-d, 3-d), 
 rate changed twice mid-run, and compares the parameters after every step in
 :func:`optimizer_parity.rel_err` (elementwise relative, floored at 1e-3 of the tensor's
 scale), ``<= 1e-10``. The cases cover Keras's options too (clipnorm, clipvalue,
-global_clipnorm, weight_decay, use_ema / ema_momentum / ema_overwrite_frequency,
-gradient_accumulation_steps) and its learning-rate schedules. Keras needs JAX's
+global_clipnorm, weight_decay, exclude_from_weight_decay, use_ema / ema_momentum /
+ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, with use_ema too),
+Muon's and ScheduleFreeAdamW's own, and its learning-rate schedules. Keras needs JAX's
 process-global x64 switch: its trajectories, and ours on the jitted JAX engine, come from ONE
 subprocess (:func:`reference_process`), which runs while ours on NumPy (the fused numba
 kernel) run here (the :func:`runs` fixture).
