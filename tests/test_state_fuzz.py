@@ -55,6 +55,8 @@ def native(backend: str, a):
 
 def host(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":  # (no data)
+            return np.full(x.shape, np.nan, np.float32)
         x = x.detach().cpu()
         return (x.float() if x.dtype == torch.bfloat16 else x).numpy().copy()
     return np.array(x)
@@ -132,7 +134,7 @@ def _array(draw, like):
         a = np.zeros(a.shape, np.float32)
     how = draw(st.sampled_from(["shape", "transposed", "scalar", "f64", "f16", "int", "uint",
                                 "bool", "complex", "list", "ragged", "str", "torch", "torch-bf16",
-                                "huge", "nan", "object"]))
+                                "huge", "nan", "object", "meta"]))
     return {
         "shape": lambda: np.zeros((*a.shape, 2), a.dtype),
         "transposed": lambda: a.T.copy() if a.ndim == 2 else a[None],
@@ -151,6 +153,7 @@ def _array(draw, like):
         "huge": lambda: np.full(a.shape, 1e300),
         "nan": lambda: np.full(a.shape, np.nan, a.dtype),
         "object": lambda: np.array([object()] * max(a.size, 1), dtype=object),
+        "meta": lambda: torch.empty(a.shape, device="meta"),  # (no data: a bare error before)
     }[how]()
 
 

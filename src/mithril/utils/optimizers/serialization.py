@@ -271,15 +271,15 @@ def _numeric(value: Any, where: str) -> np.ndarray:
     the other ml_dtypes floats (a JAX bfloat16 state's ``state_dict`` holds them, dtype kind
     'V' to NumPy; torch's, from ``arrays="torch"``) are widened to float32, which holds each
     of them exactly and which every engine's ``from_numpy`` takes."""
-    if type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "detach"):
-        value = value.detach().cpu()  # (a torch.load(map_location=...) may put it anywhere)
-        if value.is_floating_point() and value.dtype.itemsize < 4 and \
-                str(value.dtype) != "torch.float16":
-            value = value.float()  # bfloat16, the float8s: no NumPy dtype
     try:
+        if type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "detach"):
+            value = value.detach().cpu()  # (torch.load(map_location=...) puts it anywhere)
+            if value.is_floating_point() and value.dtype.itemsize < 4 and \
+                    str(value.dtype) != "torch.float16":
+                value = value.float()  # bfloat16, the float8s: no NumPy dtype
         a = np.asarray(value)
-    except (TypeError, ValueError, RuntimeError) as e:  # (ragged lists, foreign objects)
-        raise TypeError(f"{where} is no array: {e}") from None
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # (ragged lists,
+        raise TypeError(f"{where} is no array: {e}") from None  # a meta tensor, objects)
     if a.dtype.kind in "fiu":
         return a
     if a.dtype.kind == "V" and a.dtype.fields is None:
