@@ -122,7 +122,8 @@ def deep_copy(d):
 
 _scalar = st.sampled_from([-1, -2**70, 2**63, 2**70, 1.5, float("nan"), float("inf"), True,
                            "3", None, [], {}, [1], b"x", np.int64(-1), np.float64(2.0),
-                           np.array(3), np.array([1, 2]), torch.tensor(2)])
+                           np.array(3), np.array([1, 2]), torch.tensor(2)]).map(deep_copy)
+# (a fresh copy each time: a later mutation may add to a drawn {})
 _small_int = st.integers(0, 12)
 
 
