@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,24 @@ class CompiledModel(OutputGradientsMixin):
     @property
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self.program.param_shapes)
+
+    def reached_parameters(self, outputs: str | Iterable[str] | None = None) -> tuple[str, ...]:
+        """The parameters (trainable inputs included, in ``parameter_shapes`` order) that the
+        outputs ``outputs`` (a key, keys, or None: every output) depend on: those whose
+        gradient ``evaluate(..., output_gradients={...})`` can make nonzero when only these
+        outputs have cotangents. The others get zeros there, where torch leaves their
+        ``.grad`` None (and ``torch.optim`` skips them). Read from the program's structure,
+        not from values: a parameter met through a zero derivative (a dead ReLU) counts, as
+        torch gives it a zero ``.grad``. Model state (BatchNorm's running statistics) is no
+        parameter. Cached per set of outputs."""
+        p = self.program
+        keys = tuple(p.outputs) if outputs is None else (outputs,) if isinstance(outputs, str) \
+            else tuple(outputs)
+        unknown = sorted(str(k) for k in keys if k not in p.outputs)
+        if unknown:
+            raise KeyMismatchError(f"reached_parameters: unknown output key(s) {unknown} (the "
+                                   f"outputs are {sorted(p.outputs)})")
+        return p.reached_params(keys)
 
     def get_shapes(self) -> dict[str, list[int | None] | None]:
         """The shapes of the inputs, outputs and parameters as lists (``None``: a free

@@ -61,6 +61,29 @@ class Program:
     has_context: bool = False
     #: some operator draws random bits (``Operator.random``)
     has_random: bool = False
+    #: reached_params's answers, by output set
+    _reached: dict[frozenset[str], tuple[str, ...]] = field(default_factory=dict, init=False,
+                                                           repr=False, compare=False)
+
+    def reached_params(self, outputs: Iterable[str]) -> tuple[str, ...]:
+        """The parameters (in ``param_shapes`` order) that some output of ``outputs`` (known
+        output names) depends on: the nodes are walked backwards from the outputs' wires
+        through the inputs a gradient flows to (``Node.wrt``), taking the parameters each
+        node met reads and the trainable inputs (``param_wires``) met. Structural: one met
+        through a zero derivative (a dead ReLU) counts, as torch gives it a zero ``.grad``.
+        Cached per set of outputs."""
+        key = frozenset(outputs)
+        got = self._reached.get(key)
+        if got is None:
+            live = {self.outputs[k] for k in key}
+            names: set[str] = set()
+            for node in reversed(self.nodes):  # (topological order: consumers first)
+                if node.out in live:
+                    live.update(w for k, w in node.ins.items() if k in node.wrt)
+                    names.update(node.params.values())
+            names.update(n for n, w in self.param_wires.items() if w in live)
+            got = self._reached[key] = tuple(n for n in self.param_shapes if n in names)
+        return got
 
     def input_shape(self, name: str) -> Shape | None:
         return self.wire_shapes[self.inputs[name]]

@@ -19,7 +19,9 @@ How each backend runs it:
   reads every gradient where the backward pass left it (by address: no gather, no copy, no
   per-tensor Python call between the two; the params are views of the flat buffer the
   kernel writes). The model's checks of the params are skipped when they are the very
-  arrays the previous step returned. Bit for bit the separate calls.
+  arrays the previous step returned. Bit for bit the separate calls. Params the loss does
+  not reach are left out of the update, as torch.optim skips a ``.grad`` None (see
+  :mod:`~mithril.utils.unreached_params`; on JAX too, by the separate calls).
 * **JAX**, with the state of :meth:`TrainStep.init` (an
   :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
   but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging) are **one**
@@ -98,9 +100,9 @@ from .train_step_jax import (
     state_before_run,
     step_body,
 )
+from .unreached_params import unreached_params, update_reached
 
 __all__ = ["TrainStep", "make_train_step"]
-
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -137,13 +139,15 @@ class TrainStep(FixedParts, HyperparameterWatch):
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend
+        # params the loss does not reach: left out of each update, as torch.optim's .grad None
+        self._unreached = unreached_params(compiled, self.loss) if own else frozenset()
         # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
         self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
-            optimizer.nonfinite != "raise"
+            optimizer.nonfinite != "raise" and not self._unreached
         self._cots: dict[str, Any] | None = None
         self._last_grad_norm: Any = None
         self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
@@ -181,7 +185,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
     def fused(self) -> bool:
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``): on JAX,
         for every optimizer but a closure-driven one (LBFGS) or one made with
-        ``nonfinite="raise"``."""
+        ``nonfinite="raise"``, where the loss reaches every parameter."""
         return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
@@ -334,7 +338,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
             else:
                 outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
                                                    state=state)
-            params, opt_state = opt.update(params, grads, opt_state)
+            params, opt_state = update_reached(opt, self._unreached, params, grads, opt_state) \
+                if self._unreached else opt.update(params, grads, opt_state)
         except BaseException:  # a refused step (nonfinite="raise", a wrapper's own checks)
             c.step = random_step  # changes nothing: the next step draws the masks it would
             raise

@@ -1,0 +1,41 @@
+"""The parameters a training step's loss does not reach, left out of its update as
+``torch.optim`` leaves out a parameter whose ``.grad`` is None.
+
+``compiled.evaluate(..., output_gradients={loss: 1.0})`` gives every parameter a gradient,
+zeros for those the loss does not depend on (the other head of a two-head model, a
+parameter no path leads from to the loss). Torch's ``backward`` leaves their ``.grad`` None
+(``zero_grad(set_to_none=True)``, its default), so ``torch.optim`` skips them: no weight
+decay, no momentum, and their own ``state[p]["step"]`` does not advance. A
+:class:`~mithril.utils.training.TrainStep` does the same: the gradients it passes to
+``update`` leave them out (their params and slots stay as they were), and the state counts
+the step as missed for them (:meth:`OptimizerState.note_missed
+<mithril.utils.optimizers.OptimizerState.note_missed>`, as ``torch_optimizer`` does), so
+their bias corrections count their own steps. Which they are is a property of the model and
+the loss (:meth:`~mithril.compiler.compiled_model.CompiledModel.reached_parameters`), known
+when the step is made: where the loss reaches every parameter (the usual case) nothing of
+this runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def unreached_params(compiled: Any, loss: str) -> frozenset[str]:
+    """The parameters of ``compiled`` that its output ``loss`` does not depend on."""
+    reached = set(compiled.reached_parameters(loss))
+    return frozenset(n for n in compiled.program.param_shapes if n not in reached)
+
+
+def update_reached(optimizer: Any, unreached: frozenset[str], params: Mapping[str, Any],
+                   gradients: Mapping[str, Any], opt_state: Any) -> tuple[Any, Any]:
+    """``optimizer.update`` with the gradients of ``unreached`` left out, then their missed
+    step counted in the state (not for a skipped step, nor for a Lookahead with
+    ``reset_state``: see :func:`mithril.distributed.missed_steps.note_missed`)."""
+    from ..distributed.missed_steps import note_missed  # (only where some are unreached)
+
+    params, opt_state = optimizer.update(
+        params, {k: g for k, g in gradients.items() if k not in unreached}, opt_state)
+    note_missed(optimizer, opt_state, [n for n in params if n in unreached])
+    return params, opt_state
