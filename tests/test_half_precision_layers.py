@@ -15,19 +15,13 @@ import mithril as ml
 from mithril.backends import NumpyBackend
 from mithril.models.half_precision import float32_forward, float32_vjp
 
-#: LayerNorm lives in models/layers.py, which does not use the float32 rule yet
-LAYER_NORM_OPEN = {"layer_norm", "layer_norm_big_long", "layer_norm_offset"}
-BF16 = ["rms_norm_big_long", "group_norm_big_long", "batch_norm_big_long", "softmax_long",
+BF16 = ["layer_norm_big_long", "rms_norm_big_long", "group_norm_big_long", "batch_norm_big_long", "softmax_long",
         "cross_entropy", "mean", "sum", "mse", "huber"]
 
 
 def cases(names: list[str]) -> list:
-    """``(name, backend)`` pairs; LayerNorm on NumPy / JAX a strict xfail (a fix turns it
-    into a failure here, to drop the mark)."""
-    open_ = pytest.mark.xfail(strict=True, reason="LayerNorm (models/layers.py) computes "
-                              "half-precision statistics in half precision")
-    return [pytest.param(n, b, marks=open_) if b != "torch" and n in LAYER_NORM_OPEN
-            else (n, b) for n in names for b in ("numpy", "jax", "torch")]
+    """``(name, backend)`` pairs."""
+    return [(n, b) for n in names for b in ("numpy", "jax", "torch")]
 
 
 def check(name: str, backend: str, dtype: str) -> None:

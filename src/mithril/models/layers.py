@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import elementwise_kernels
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, ShapeError, backend_of, fmt, functional_of, stop_gradient
 
 
@@ -226,6 +227,7 @@ class LayerNorm(Operator):
         inv = 1 / xp.sqrt(xp.mean(xc * xc, axis=axes, keepdims=True) + self.eps)
         return xc * inv, inv
 
+    @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
         F = functional_of(xp)
         if F is not None:  # one kernel each way
@@ -233,6 +235,7 @@ class LayerNorm(Operator):
             return F.layer_norm(input, tuple(input.shape[-k:]), weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any, weight: Any = None,
                           bias: Any = None) -> tuple[Any, Any]:
         """The output and ``(x̂, 1/σ)``, which the NumPy VJP reuses."""
@@ -240,6 +243,7 @@ class LayerNorm(Operator):
         y = xhat if weight is None else xhat * weight
         return (y if bias is None else y + bias), (xhat, inv)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         xhat, inv = residuals if residuals is not None else self._normalise(np, args["input"])
         axes = self._axes(g.ndim)
