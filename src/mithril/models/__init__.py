@@ -63,12 +63,13 @@ __all__ += [
 
 # attention, transformer blocks and position embeddings
 from .attention import MultiHeadAttention, ScaledDotProduct  # noqa: E402
+from .attention_weights import AttentionWeights  # noqa: E402
 from .positional import PositionalEmbedding, PositionalEncoding  # noqa: E402
-from .transformer import ExactGelu, TransformerBlock  # noqa: E402
+from .transformer import ExactGelu, TransformerBlock, TransformerDecoderBlock  # noqa: E402
 
 __all__ += [
-    "ExactGelu", "MultiHeadAttention", "PositionalEmbedding", "PositionalEncoding",
-    "ScaledDotProduct", "TransformerBlock",
+    "AttentionWeights", "ExactGelu", "MultiHeadAttention", "PositionalEmbedding",
+    "PositionalEncoding", "ScaledDotProduct", "TransformerBlock", "TransformerDecoderBlock",
 ]
 
 # training models (the published Mithril's TrainModel)
