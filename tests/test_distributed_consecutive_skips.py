@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 
 from mithril.distributed import DataParallel, load_sharded, save_sharded  # noqa: E402
 from mithril.errors import CheckpointError  # noqa: E402
-from mithril.utils.optimizers import Adam  # noqa: E402
+from mithril.utils.optimizers import SGD, Adam  # noqa: E402
 
 N, LR = 2, 0.05
 SHAPES = {"a": (3, 4), "b": (5,), "c": (2,)}  # sharded over 2: a on rank 0, b and c on 1
@@ -81,7 +81,12 @@ def run(update: Any, p: dict, st: Any, steps: range, grads: Any) -> tuple[list, 
     return rows, p, st
 
 
-def alone() -> list:
+def make_clipped() -> SGD:
+    """Global-norm clipping: the inf of a step given up scales every gradient by 0."""
+    return SGD(LR, momentum=0.9, clip_norm=0.5, nonfinite="skip", max_consecutive_skips=1)
+
+
+def alone(make: Any = make) -> list:
     """The wrapped optimizer alone on the mean gradients (one process)."""
     opt = make()
     p = init_params()
@@ -113,12 +118,12 @@ def same(a: list, b: list, tol: float) -> None:
     np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=0, atol=tol)
 
 
-def check_rows(got: list, want: list, what: str) -> None:
+def check_rows(got: list, want: list, what: str, tol: float = 0.0) -> None:
     """``got`` (a DataParallel's rows) equal the wrapped optimizer's alone: params bit for
-    bit, every counter, the same warnings at the same steps."""
+    bit (``tol``), every counter, the same warnings at the same steps."""
     assert len(got) == len(want), what
     for t, (g, w) in enumerate(zip(got, want)):
-        same(g[0], w[0], 0.0)
+        same(g[0], w[0], tol)
         assert g[1:] == w[1:], (what, t, g[1:], w[1:])
 
 
@@ -148,6 +153,42 @@ def test_world_one_equals_the_optimizer_alone(shard) -> None:
     p = init_params()
     rows = run(dp.update, p, dp.init(p), range(len(PATTERN)), mean_grads)[0]
     check_rows(rows, alone(), f"world 1 shard={shard}")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_sharded_clip_of_an_applied_inf_gradient_as_one_process_and_torch(name) -> None:
+    """``clip_norm`` with an inf gradient applied (``"propagate"``): one process and torch's
+    ``clip_grad_norm_`` scale every gradient by ``c / (inf + 1e-6) = 0`` (the inf element
+    becomes NaN, the others no step of their own). The sharded step skipped clipping when the
+    norm was not finite: the finite gradients applied unclipped (SGD: ``a[1]`` -0.2321 where
+    both have -0.1321) and -inf for NaN. A NaN norm scales by ``min(1, NaN) = 1`` in one
+    process (torch: NaN everywhere), and so sharded."""
+    import torch
+
+    ours, theirs = {"SGD": (SGD, torch.optim.SGD), "Adam": (Adam, torch.optim.Adam)}[name]
+    rng = np.random.default_rng(0)
+    p0 = {"a": rng.normal(size=3), "b": rng.normal(size=2)}
+    for bad in (np.inf, np.nan):
+        g = {"a": np.array([bad, 1.0, 2.0]), "b": np.array([0.5, -0.5])}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt = ours(0.1, clip_norm=1.0)
+            one = opt.update(dict(p0), g, opt.init(dict(p0)))[0]
+            dp = DataParallel(ours(0.1, clip_norm=1.0), shard_state=True)
+            got, st = dp.update(dict(p0), g, dp.init(dict(p0)))
+        def cat(q: dict) -> list:
+            return np.concatenate([np.asarray(q[n]).ravel() for n in "ab"]).tolist()
+
+        np.testing.assert_array_equal(cat(got), cat(one))
+        assert st.num_nonfinite == 1
+        if bad == np.inf:
+            x = [torch.nn.Parameter(torch.tensor(p0[n])) for n in "ab"]
+            topt = theirs(x, lr=0.1)
+            for q, n in zip(x, "ab"):
+                q.grad = torch.tensor(g[n])
+            torch.nn.utils.clip_grad_norm_(x, 1.0)
+            topt.step()
+            same(cat(got), cat({n: q.detach().numpy() for n, q in zip("ab", x)}), 1e-12)
 
 
 def test_a_bad_saved_count_is_refused(tmp_path) -> None:
@@ -203,6 +244,10 @@ def _worker(rank: int, world: int, init: str, out: str, folder: str) -> None:
                                       lambda t: rank_grads(t, rank))[0]
         res[f"rows/{shard}"] = head + tail
         res[f"owned/{shard}"] = list(st.owned)
+        dp = DataParallel(make_clipped(), shard_state=shard)
+        p = init_params()
+        res[f"clipped/{shard}"] = run(dp.update, p, dp.init(p), range(len(PATTERN)),
+                                      lambda t: rank_grads(t, rank))[0]
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -239,6 +284,20 @@ def test_two_ranks_give_up_as_one_process_and_optax(two_ranks, shard) -> None:
         check_rows(res[f"rows/{shard}"], want, f"rank {r} shard={shard}")
     ref = optax_reference()
     same(results[0][f"rows/{shard}"][GIVE_UP][0], ref[GIVE_UP][0], 1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [False, True])
+def test_two_ranks_clip_steps_given_up_as_one_process(two_ranks, shard) -> None:
+    """SGD with momentum and ``clip_norm``, ``max_consecutive_skips=1``: the steps given up
+    with an inf gradient (held by rank 1) clip as one process does (every gradient scaled
+    by 0); before, sharded, they applied the finite gradients unclipped (0.07 off at the
+    first, growing)."""
+    results, _ = two_ranks
+    want = alone(make_clipped)
+    assert sum(bool(w[6]) for w in want) >= 4  # (steps given up, inf ones among them)
+    for r, res in enumerate(results):
+        check_rows(res[f"clipped/{shard}"], want, f"rank {r} shard={shard}", tol=1e-12)
 
 
 @pytest.mark.slow
