@@ -165,7 +165,8 @@ for shard in (False, True):
         rows.append([str(x.message) for x in w if "in a row" in str(x.message)])
     st = step.to_optimizer_state(s, p)
     out[str(shard)] = [rows, [st.step, st.num_skipped, st.consecutive_skips],
-                       bool(step.last_batch_sharded)]
+                       bool(step.last_batch_sharded),
+                       np.concatenate([np.asarray(p[k]).ravel() for k in sorted(p)]).tolist()]
 print(json.dumps(out))
 """
 
@@ -173,7 +174,7 @@ print(json.dumps(out))
 def test_two_device_mesh_warns_alike() -> None:
     """``make_sharded_train_step`` on a 2-device mesh (replicated and sharded state): the
     same warnings at the same calls as the one-device program, once each (not per device),
-    and the counts of the separate calls."""
+    and the params (NaN where they are NaN) and counts of the separate calls."""
     import json
 
     from conftest import run_python
@@ -187,7 +188,10 @@ def test_two_device_mesh_warns_alike() -> None:
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).strip().splitlines()[-1])
     want = [[f"Adam: {k} non-finite steps in a row (max_consecutive_skips=2): step {t} applied"]
             for k, t in ((3, 2), (4, 3), (5, 4), (6, 5))]
-    for shard, (rows, counts, split) in got.items():
+    flat = np.concatenate([np.asarray(p[k]).ravel() for k in sorted(p)])
+    for shard, (rows, counts, split, params) in got.items():
+        np.testing.assert_allclose(np.array(params, dtype=np.float64), flat, rtol=1e-6,
+                                   atol=1e-7, equal_nan=True, err_msg=shard)
         assert split, shard  # (the batch of 4 over the 2 devices)
         assert rows == [[], [], [], []] + want, shard
         assert counts == [s.step, s.num_skipped, s.consecutive_skips] == [6, 2, 7], shard
