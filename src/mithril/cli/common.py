@@ -40,14 +40,16 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="parameter and compute dtype without mixed precision (default: float32)")
     g.add_argument("--epochs", type=bounded_int(1, MAX_EPOCHS), default=20,
-                   help=f"passes over the training set (default: 20; at most {MAX_EPOCHS})")
+                   help=f"passes over the training set (default: 20; train --data: 50; at most "
+                        f"{MAX_EPOCHS})")
     g.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64, help="default: 64")
     g.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
                    help="seed of the parameter initialisation and batch order (default: 0)")
     g.add_argument("--split-seed", type=bounded_int(0, MAX_SEED), default=0,
                    help="seed of the train/test split, fixed so runs compare (default: 0)")
     g.add_argument("--test-size", type=fraction, default=0.2,
-                   help="fraction of the digits held out for testing (default: 0.2)")
+                   help="fraction of the data held out for testing (default: 0.2; train --task "
+                        "charlm: 0.1, the end of the text)")
     g.add_argument("--hidden", type=bounded_int(1, MAX_HIDDEN), nargs="+", default=[128, 64], metavar="SIZE",
                    help="hidden layer sizes of the MLP (default: 128 64)")
     g.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid", "leaky_relu"),

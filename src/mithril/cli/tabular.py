@@ -131,6 +131,10 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
             header = [h.strip() for h in header]
+            if all(_is_float(h) for h in header):  # a data row would be lost as the header
+                raise CLIError(f"--data {path}: line {read} holds only numbers "
+                               f"({_names(header, 5)}): the file has no header row? Add one "
+                               f"naming the columns (--target names one of them)")
             dup = _duplicates(header)
             if dup:
                 raise CLIError(f"--data {path}: duplicate column name(s) "
@@ -241,10 +245,17 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
             raise CLIError(f"--data {path}: duplicate feature name(s) {', '.join(map(repr, dup))}")
     if len(names) != x.shape[1]:
         raise CLIError(f"--data {path}: {len(names)} feature_names for {x.shape[1]} columns")
-    if features is not None:
-        if names != features:
-            raise CLIError(f"--data {path}: features [{_names(names)}] differ from the "
-                           f"model's [{_names(features)}]")
+    if features is not None:  # predict: the model's columns by name, as in a CSV
+        if "feature_names" not in arrays and names != features:
+            raise CLIError(f"--data {path}: 'X' has {len(names)} columns and no "
+                           f"'feature_names'; the model was trained on {len(features)} "
+                           f"([{_names(features)}]): save feature_names=... to pick them")
+        absent = [c for c in features if c not in names]
+        if absent:
+            raise CLIError(f"--data {path} lacks the feature(s) {_names([repr(c) for c in absent])}"
+                           f" (the model was trained on {_names(features)})")
+        position = {n: i for i, n in enumerate(names)}
+        x, names = x[:, [position[c] for c in features]], list(features)
     elif not names:
         raise CLIError(f"--data {path}: 'X' has no feature columns (shape {x.shape}); a model "
                        f"needs at least one")
@@ -261,8 +272,10 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
                            f"{', '.join(arrays)})")
         yarr = arrays[name]
         if yarr.ndim != 1 or len(yarr) != len(x):
+            hint = f" (a column: save {name}.ravel(); one-hot rows: {name}.argmax(axis=1))" \
+                if yarr.ndim == 2 and len(yarr) == len(x) else ""
             raise CLIError(f"--data {path}: {name!r} must be 1-d with one value per row of X "
-                           f"({len(x)}), got shape {yarr.shape}")
+                           f"({len(x)}), got shape {yarr.shape}{hint}")
         if yarr.dtype.kind not in "biufUS":  # dates, complex numbers, records: no target
             raise CLIError(f"--data {path}: {name!r} must hold numbers or strings, got "
                            f"{yarr.dtype}")

@@ -1,0 +1,170 @@
+"""``mithril train --data`` / ``mithril predict`` as a torch or Keras user tries them on their
+own files: the numbers the CLI trains are those of a plain torch loop from the same initial
+weights, runs repeat exactly, a CSV without a header row is refused instead of losing its
+first row, and ``predict`` picks an ``.npz``'s columns by ``feature_names`` as it picks a
+CSV's by name."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import conftest
+import numpy as np
+import pytest
+
+import mithril as ml
+from mithril.cli import main
+from mithril.cli.networks import mlp_spec
+from mithril.cli.tabular import mean_std, read_table, split
+from mithril.cli.training import make_backend
+from mithril.utils.checkpoint import load_checkpoint
+
+TRAIN = ["--epochs", "1", "--hidden", "4", "--no-progress", "--no-plot"]
+
+
+def write_table(path: Path, n: int = 40, header: bool = True, seed: int = 0) -> Path:
+    """Three features, a two-class integer ``label`` and a regression target ``t``."""
+    x = np.random.default_rng(seed).standard_normal((n, 3)).round(4)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(["a", "b", "c", "label", "t"])
+        w.writerows([[*r, int(r[0] + r[1] > 0), round(2.5 * r[0] - r[2] + 0.3, 4)] for r in x])
+    return path
+
+
+def torch_losses(path: Path, target: str, objective: str, epochs: int, batch: int, seed: int,
+                 hidden: list[int]) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Per-step losses and final weights of torch's AdamW + CosineAnnealingLR on the CLI's
+    split and standardisation, from the CLI's initial weights and batch order."""
+    import torch
+
+    table = read_table(str(path), target)
+    y = np.asarray(table.y, dtype=np.float64)
+    if objective == "classification":
+        y = y.astype(np.int64)
+    tr, _ = split(y, objective, 0.2, 0, str(path))
+    mean, std = mean_std(table.x[tr])
+    x, y = (table.x[tr] - mean) / std, y[tr]
+    if objective == "regression":
+        y = (y - y.mean()) / y.std()
+    spec = mlp_spec(3, 2 if objective == "classification" else 1, hidden, "relu", objective)
+    init = ml.compile(spec.model, make_backend("numpy", "float64", seed),
+                      shapes=spec.shapes).get_parameters()
+    p = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in init.items()}
+    opt = torch.optim.AdamW(p.values(), lr=0.01, weight_decay=0.1)
+    steps = epochs * -(-len(y) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    rng, losses = np.random.default_rng(seed), []
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for i in range(0, len(y), batch):
+            idx = order[i:i + batch]
+            h = torch.tensor(x[idx])
+            for k in range(len(hidden) + 1):
+                h = h @ p[f"mlp.linear_{k}.weight"].T + p[f"mlp.linear_{k}.bias"]
+                h = torch.relu(h) if k < len(hidden) else h
+            yb = torch.tensor(y[idx])
+            loss = torch.nn.functional.cross_entropy(h, yb) if objective == "classification" \
+                else torch.nn.functional.mse_loss(h[:, 0], yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    return losses, {k: v.detach().numpy() for k, v in p.items()}
+
+
+@pytest.mark.parametrize("target, objective", [("label", "classification"), ("t", "regression")])
+def test_training_is_a_plain_torch_loop(tmp_path, target, objective):
+    """48 rows in batches of 7 (a last batch of 4): every step's loss in metrics.csv and the
+    saved weights agree with torch.optim.AdamW under CosineAnnealingLR to rounding."""
+    data = write_table(tmp_path / "t.csv", n=40)
+    other = "t" if target == "label" else "label"  # the other target is a feature here
+    with open(data) as f:
+        rows = [{k: v for k, v in r.items() if k != other} for r in csv.DictReader(f)]
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", target, "--epochs", "3",
+                 "--batch-size", "7", "--hidden", "5", "4", "--dtype", "float64", "--seed", "3",
+                 "--optimizer", "adamw", "--weight-decay", "0.1", "--lr", "0.01",
+                 "--no-progress", "--no-plot", "--out", str(out)]) == 0
+    losses, weights = torch_losses(data, target, objective, 3, 7, 3, [5, 4])
+    with open(out / "metrics.csv") as f:
+        cli = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert len(cli) == len(losses) == 3 * 5
+    np.testing.assert_allclose(cli, losses, rtol=1e-12, atol=1e-12)
+    assert losses[-1] < losses[0]
+    saved = load_checkpoint(out / "model.safetensors")["params"]
+    for k, v in weights.items():
+        np.testing.assert_allclose(np.asarray(saved[k]), v, rtol=1e-10, atol=1e-12)
+
+
+def test_the_same_seed_repeats_a_run_exactly(tmp_path):
+    """Every step and weight again (the safetensors header's key order may differ: compare
+    the tensors, not the bytes); another --seed gives other numbers."""
+    data = write_table(tmp_path / "t.csv")
+    runs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main(["train", "--data", str(data), "--target", "label", "--seed", seed,
+                     "--batch-size", "5", *TRAIN, "--out", str(tmp_path / name)]) == 0
+        params = load_checkpoint(tmp_path / name / "model.safetensors")["params"]
+        runs.append(((tmp_path / name / "metrics.csv").read_text(),
+                     np.concatenate([np.ravel(params[k]) for k in sorted(params)])))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+    assert runs[0][0] != runs[2][0] and not np.allclose(runs[0][1], runs[2][1])
+
+
+def test_a_csv_without_a_header_row_is_refused(tmp_path, capsys):
+    """Its first data row would be taken for the column names and lost (and ``--target 3``
+    would name a value, not the fourth column)."""
+    data = write_table(tmp_path / "t.csv", header=False)
+    first = data.read_text().splitlines()[0].split(",")
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", first[3],
+                                        *TRAIN, "--out", str(tmp_path / "run")], last=True)
+    assert f"--data {data}: line 1 holds only numbers" in err and "no header row" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_picks_npz_columns_by_feature_names(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "t.npz", X=x, y=y, feature_names=np.array(["a", "b", "c"]))
+    assert main(["train", "--data", str(tmp_path / "t.npz"), *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    # another order and an extra column: the same predictions
+    np.savez(tmp_path / "p.npz", X=np.c_[x[:, [2, 0]], x[:, :1] * 9, x[:, 1]], y=y,
+             feature_names=np.array(["c", "a", "extra", "b"]))
+    outs = []
+    for name in ("t", "p"):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", "--run", str(tmp_path / "run"), "--data",
+                     str(tmp_path / f"{name}.npz"), "--out", str(out)]) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 31
+    capsys.readouterr()
+    np.savez(tmp_path / "m.npz", X=x[:, :2], feature_names=np.array(["a", "c"]))
+    err = conftest.usage_error(capsys, ["predict", "--run", str(tmp_path / "run"), "--data",
+                                        str(tmp_path / "m.npz"), "--out",
+                                        str(tmp_path / "m.csv")], last=True)
+    assert "lacks the feature(s) 'b'" in err and not (tmp_path / "m.csv").exists()
+    np.savez(tmp_path / "n.npz", X=x)  # no names: the columns cannot be matched
+    err = conftest.usage_error(capsys, ["predict", "--run", str(tmp_path / "run"), "--data",
+                                        str(tmp_path / "n.npz"), "--out",
+                                        str(tmp_path / "n.csv")], last=True)
+    assert "no 'feature_names'" in err and not (tmp_path / "n.csv").exists()
+
+
+@pytest.mark.parametrize("shape", [(20, 1), (20, 2)])
+def test_a_2d_target_says_how_to_save_it(tmp_path, capsys, shape):
+    """Keras's (N, 1) labels or one-hot rows: named with the fix, nothing written."""
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    np.savez(tmp_path / "t.npz", X=x, y=np.zeros(shape))
+    err = conftest.usage_error(capsys, ["train", "--data", str(tmp_path / "t.npz"), *TRAIN,
+                                        "--out", str(tmp_path / "run")], last=True)
+    assert f"got shape {shape}" in err and "y.ravel()" in err and "y.argmax(axis=1)" in err
+    assert not (tmp_path / "run").exists()
