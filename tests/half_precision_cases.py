@@ -160,6 +160,10 @@ CASES: dict[str, Case] = {
     "sum": Case(lambda: ml.Sum(axis=-1), {"input": ((4, 8192), 1.0, 1.0)}, lambda t, d: t["input"].sum(-1)),
     "mse": Case(lambda: ml.MeanSquaredError(), {"input": ((64, 512), 10.0, 0.0), "target": ((64, 512), 1.0, 0.0)},
                 lambda t, d: F.mse_loss(t["input"], t["target"])),
+    "attention_long": Case(lambda: ml.ScaledDotProduct(),
+                           {"query": ((1, 2, 8, 32), 1.0, 0.0), "key": ((1, 2, 4096, 32), 1.0, 0.0),
+                            "value": ((1, 2, 4096, 32), 1.0, 0.0)},
+                           lambda t, d: F.scaled_dot_product_attention(t["query"], t["key"], t["value"])),
     "huber": Case(lambda: ml.HuberLoss(), {"input": ((64, 512), 10.0, 0.0), "target": ((64, 512), 1.0, 0.0)},
                   lambda t, d: F.huber_loss(t["input"], t["target"])),
 }

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError
+from .half_precision import float32_forward, float32_vjp
 from .operator import (
     Operator,
     ShapeError,
@@ -257,6 +258,7 @@ class ScaledDotProduct(Operator):
         return tuple(x.repeat_interleave(g, dim=-3) if t is not None else xp.repeat(x, g, axis=-3)
                      for x in xs)
 
+    @float32_forward
     def forward(self, xp: Any, query: Any, key: Any, value: Any, attn_mask: Any = None) -> Any:
         kind = backend_of(xp)
         if kind == "numpy":
@@ -271,6 +273,7 @@ class ScaledDotProduct(Operator):
                            key.shape[-2], true_masks=False)
         return attend(xp, query, key, value, self._scale(query), keep, add)
 
+    @float32_forward
     def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any,
                           attn_mask: Any = None) -> tuple[Any, Any]:
         """NumPy: the output and the attention probabilities."""
@@ -279,6 +282,7 @@ class ScaledDotProduct(Operator):
         p = attention_probs(np, query, key, self._scale(query), keep, add)
         return p @ value, p
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
         keep, add = _masks(mask, self.is_causal, q.shape[-2], k.shape[-2], False)
@@ -487,6 +491,7 @@ class MultiHeadAttention(Operator):
             keep = xp.t.as_tensor(keep, device=pad.device)
         return ~pad if keep is None else ~pad & keep, add
 
+    @float32_forward
     def forward(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
                 in_proj_bias: Any = None, out_proj_bias: Any = None, attn_mask: Any = None,
                 key_padding_mask: Any = None, **in_proj: Any) -> Any:
@@ -511,6 +516,7 @@ class MultiHeadAttention(Operator):
         y = self._merge(o) @ out_proj_weight.T
         return y if out_proj_bias is None else y + out_proj_bias
 
+    @float32_forward
     def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
                           in_proj_bias: Any = None, out_proj_bias: Any = None,
                           attn_mask: Any = None, key_padding_mask: Any = None,
@@ -529,6 +535,7 @@ class MultiHeadAttention(Operator):
             y += out_proj_bias
         return y, (q, k, v, p, o)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         query, key, value = args["query"], args["key"], args["value"]
         w, b, wo = self._in_weights(args), args.get("in_proj_bias"), args["out_proj_weight"]
