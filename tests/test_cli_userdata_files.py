@@ -7,6 +7,7 @@ CSV's by name."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import conftest
@@ -168,3 +169,24 @@ def test_a_2d_target_says_how_to_save_it(tmp_path, capsys, shape):
                                         "--out", str(tmp_path / "run")], last=True)
     assert f"got shape {shape}" in err and "y.ravel()" in err and "y.argmax(axis=1)" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["schedule-free-sgd", "adam"])
+def test_the_saved_model_is_the_one_the_final_metrics_measure(tmp_path, optimizer):
+    """Schedule-free runs are measured with their averaged weights: model.safetensors must
+    hold those, so that predict on the test rows gives the test RMSE the run reported (it held
+    the gradient point, whose predictions are others)."""
+    data = write_table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "t", "--optimizer", optimizer,
+                 "--lr", "0.05", "--epochs", "5", "--batch-size", "8", "--test-size", "0.5",
+                 "--hidden", "8", "--dtype", "float64", "--no-progress", "--no-plot", "--out", str(out)]) == 0
+    assert main(["predict", "--run", str(out), "--data", str(data)]) == 0
+    with open(out / "predictions.csv") as f:
+        pred = np.array([float(r["prediction"]) for r in csv.DictReader(f)])
+    table = read_table(str(data), "t")
+    y = np.asarray(table.y, dtype=np.float64)
+    _, test = split(y, "regression", 0.5, 0, str(data))
+    rmse = float(np.sqrt(np.mean((pred[test] - y[test]) ** 2)))
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert rmse == pytest.approx(final["test_rmse"], rel=1e-5)  # predict computes in float32

@@ -459,9 +459,9 @@ def tabular_job(args: argparse.Namespace) -> Any:
         from ..utils.checkpoint import save_checkpoint
         from .report import write_json
 
-        params = run.params if run.trainer is None else run.trainer.master_params
-        save_checkpoint(folder / MODEL_FILE, params, extra={"preprocess": PREPROCESS_FILE,
-                                                            "preprocess_digest": pre.digest()})
+        # the weights the final metrics measure (schedule-free: the averaged ones)
+        save_checkpoint(folder / MODEL_FILE, run.saved_params(),
+                        extra={"preprocess": PREPROCESS_FILE, "preprocess_digest": pre.digest()})
         return [folder / MODEL_FILE, write_json(folder / PREPROCESS_FILE, pre.as_dict())]
 
     settings = {"data": str(table.path), "target": table.target, "objective": objective,

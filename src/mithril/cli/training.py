@@ -382,6 +382,17 @@ class Run:
             ema = engine.cast_tree(ema, engine.cdt)
         return dict(ema)
 
+    def saved_params(self) -> dict[str, Any]:
+        """The weights a run saves: those its final metrics measure (schedule-free: the
+        averaged x, as :meth:`eval_params`; not the EMA), in the parameter dtype (with mixed
+        precision the float32 masters)."""
+        params = self.params if self.trainer is None else self.trainer.master_params
+        if hasattr(self.optimizer, "eval_params") and (
+                self.parallel is None or not self.parallel.world.shard_state):
+            state = self.state if self.parallel is None else self.state.local
+            params = self.optimizer.eval_params(state, params)
+        return dict(params)
+
     def eval_params(self, ema: bool = False) -> dict[str, Any]:
         """The weights the model evaluates: the training ones or (``ema``) their EMA."""
         if ema:
