@@ -373,3 +373,22 @@ def test_slots_of_mixed_dtypes_keep_every_value(saved):
         d["slots"]["m"] = {"w": np.zeros((3, 4), first), "b": np.full(4, 0.1234567, np.float32)}
         opt, st_ = _load(d)
         np.testing.assert_array_equal(st_.slot("m")["b"], np.full(4, 0.1234567, np.float32))
+
+
+def test_note_missed_and_set_missed_refuse_bad_input_unchanged():
+    """Unknown names (a bare KeyError 'zz' before), counts that are no int, negative or
+    beyond the step: refused, naming them, the counts as they were."""
+    from mithril.errors import KeyMismatchError
+
+    _, _, state = trained("adam", "numpy")
+    for call, exc, words in [
+            (lambda: state.note_missed(["b", "zz"]), KeyMismatchError, "note_missed: 'zz'"),
+            (lambda: state.set_missed({"zz": 1}), KeyMismatchError, "set_missed: 'zz'"),
+            (lambda: state.set_missed({"b": -1}), ValueError, "'b' must be an int in [0, step=3]"),
+            (lambda: state.set_missed({"b": 4}), ValueError, "got 4"),
+            (lambda: state.set_missed({"b": 1.0}), ValueError, "got 1.0")]:
+        with pytest.raises(exc, match=None) as e:
+            call()
+        assert words in str(e.value) and state.missed_counts() == {"b": 2}
+    state.set_missed({"b": 3, "w": 0})
+    assert state.missed_counts() == {"b": 3}

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import KeyMismatchError
 from .engines.common import is_finite
 from .layout import Layout
 
@@ -172,7 +173,7 @@ class OptimizerState:
         count only their own steps, as torch.optim counts each parameter's ``step``
         (:mod:`.groups`). ``torch_optimizer`` calls it; a plain ``update`` does not (one
         count per state, as optax)."""
-        idx = [self.layout.index[n] for n in names]
+        idx = [self._index(n, "note_missed") for n in names]
         if not idx:
             return
         if self.missed is None:
@@ -185,9 +186,22 @@ class OptimizerState:
         as a state dict keeps them (checked by its loader)."""
         counts = np.zeros(len(self.layout.names), dtype=np.int64)
         for n, m in (missed or {}).items():
-            counts[self.layout.index[n]] = int(m)
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)) or \
+                    not 0 <= m <= self.step:
+                raise ValueError(f"set_missed: the count of '{n}' must be an int in [0, "
+                                 f"step={self.step}], got {m!r:.40}")
+            counts[self._index(n, "set_missed")] = m
         self.missed = counts if counts.any() else None
         self.own_rows = self.fast = None
+
+    def _index(self, name: Any, caller: str) -> int:
+        """The layout position of parameter ``name``; a ``KeyMismatchError`` naming it if
+        this state has none of that name."""
+        i = self.layout.index.get(name) if isinstance(name, str) else None
+        if i is None:
+            raise KeyMismatchError(f"{caller}: {name!r:.80} is not a parameter of this state "
+                                   f"({len(self.layout.names)} parameters)")
+        return i
 
     def missed_counts(self) -> dict[str, int]:
         """The parameters that missed steps and how many (empty where none did)."""
