@@ -543,7 +543,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         state.consecutive_skips = k + 1 if bad else 0
         if bad:
             warnings.warn(f"{type(self).__name__}: {k + 1} non-finite steps in a row (max_"
-                          f"consecutive_skips={n}): step {state.step} applied", RuntimeWarning, 2)
+                          f"consecutive_skips={n}): step {state.step} applied", RuntimeWarning, 3)
         return new_params, state
 
     def adopt(self, params: MutableMapping[str, Any], state: OptimizerState) -> dict[str, Any]:
