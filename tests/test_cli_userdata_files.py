@@ -190,3 +190,22 @@ def test_the_saved_model_is_the_one_the_final_metrics_measure(tmp_path, optimize
     rmse = float(np.sqrt(np.mean((pred[test] - y[test]) ** 2)))
     final = json.loads((out / "summary.json").read_text())["final"]
     assert rmse == pytest.approx(final["test_rmse"], rel=1e-5)  # predict computes in float32
+
+
+@pytest.mark.parametrize("kind, message", [("gzip", "gzip-compressed: decompress it"),
+                                           ("zip", "a zip archive (an .xlsx workbook")])
+def test_a_compressed_csv_is_named_not_taken_for_latin1(tmp_path, capsys, kind, message):
+    import gzip
+    import zipfile
+
+    data = tmp_path / "t.csv"
+    text = write_table(tmp_path / "plain.csv").read_bytes()
+    if kind == "gzip":
+        data.write_bytes(gzip.compress(text))
+    else:
+        with zipfile.ZipFile(data, "w") as z:
+            z.writestr("t.csv", text)
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "label",
+                                        *TRAIN, "--out", str(tmp_path / "run")], last=True)
+    assert f"--data {data}: the file is {message}" in err and "latin-1" not in err
+    assert not (tmp_path / "run").exists()

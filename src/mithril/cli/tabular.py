@@ -85,6 +85,10 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
         head = f.read(2)
         if head in (b"\xff\xfe", b"\xfe\xff"):
             return "the file is UTF-16 text; save it as UTF-8 ('CSV UTF-8' in a spreadsheet)"
+        if head in (b"\x1f\x8b", b"PK"):  # not text at all: latin-1 would be a wrong guess
+            what = "gzip-compressed: decompress it" if head == b"\x1f\x8b" else \
+                "a zip archive (an .xlsx workbook, an .npz?): save the table as CSV UTF-8"
+            return f"the file is {what}"
         f.seek(0)
         for n, line in enumerate(f, start=1):
             try:
