@@ -164,6 +164,11 @@ CASES: dict[str, Case] = {
                            {"query": ((1, 2, 8, 32), 1.0, 0.0), "key": ((1, 2, 4096, 32), 1.0, 0.0),
                             "value": ((1, 2, 4096, 32), 1.0, 0.0)},
                            lambda t, d: F.scaled_dot_product_attention(t["query"], t["key"], t["value"])),
+    "global_avg_pool": Case(lambda: ml.GlobalAvgPool2D(), {"input": ((2, 3, 64, 64), 10.0, 5.0)},
+                            lambda t, d: t["input"].mean((2, 3))),
+    "l2": Case(lambda: ml.L2(), {"input": ((4, 4096), 1.0, 0.0)},
+               lambda t, d: 0.5 * (t["input"] * t["input"]).sum()),
+    "l1": Case(lambda: ml.L1(), {"input": ((4, 4096), 1.0, 0.0)}, lambda t, d: t["input"].abs().sum()),
     "huber": Case(lambda: ml.HuberLoss(), {"input": ((64, 512), 10.0, 0.0), "target": ((64, 512), 1.0, 0.0)},
                   lambda t, d: F.huber_loss(t["input"], t["target"])),
 }

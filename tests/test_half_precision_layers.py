@@ -15,7 +15,7 @@ import mithril as ml
 from mithril.backends import NumpyBackend
 from mithril.models.half_precision import float32_forward, float32_vjp
 
-BF16 = ["attention_long", "layer_norm_big_long", "rms_norm_big_long", "group_norm_big_long", "batch_norm_big_long", "softmax_long",
+BF16 = ["attention_long", "global_avg_pool", "l1", "l2", "layer_norm_big_long", "rms_norm_big_long", "group_norm_big_long", "batch_norm_big_long", "softmax_long",
         "cross_entropy", "mean", "sum", "mse", "huber"]
 
 

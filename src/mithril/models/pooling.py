@@ -47,6 +47,7 @@ from .conv import (
     same_layout,
     stacked_like,
 )
+from .half_precision import float32_forward
 from .operator import Operator, ShapeError, backend_of, div_count, fmt
 from .window_kernels import compiled, max_pool, max_pool_vjp
 
@@ -409,6 +410,7 @@ class GlobalAvgPool2D(Operator):
             raise ShapeError(f"GlobalAvgPool2D: 'input' has an empty spatial axis: {fmt(s)}")
         return s[:2]
 
+    @float32_forward  # (a half-precision mean accumulates in float32, as torch's)
     def forward(self, xp: Any, input: Any) -> Any:
         return xp.mean(input, axis=(2, 3))
 

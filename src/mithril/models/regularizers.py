@@ -1,6 +1,8 @@
 """Regularizers for :meth:`TrainModel.add_regularization`: ``L1`` (Σ|x|) and ``L2`` (½·Σx²),
 each a scalar of one ``input``, as in the published Mithril. The gradient of ``L1`` at
-exactly 0 is 0 on every backend (torch's ``abs``)."""
+exactly 0 is 0 on every backend (torch's ``abs``). A half-precision input is summed in float32
+and the result rounded once (``half_precision``), so ½·Σx² of float16 values does not overflow
+at 65504."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .half_precision import float32_forward
 from .operator import Operator, torch_of
 
 
@@ -17,6 +20,7 @@ class L2(Operator):
     def infer_shape(self, shapes):
         return ()
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         return 0.5 * xp.sum(input * input)
 
@@ -30,6 +34,7 @@ class L1(Operator):
     def infer_shape(self, shapes):
         return ()
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         if xp is np or torch_of(xp) is not None:
             return xp.sum(abs(input))
