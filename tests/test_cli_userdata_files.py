@@ -160,6 +160,15 @@ def test_predict_picks_npz_columns_by_feature_names(tmp_path, capsys):
     assert "no 'feature_names'" in err and not (tmp_path / "n.csv").exists()
 
 
+def test_images_for_the_mlp_say_how_to_flatten_them(tmp_path, capsys):
+    """N×H×W×C images (the CNN is the digits' only): the MLP's 2-d X, with the reshape."""
+    np.savez(tmp_path / "t.npz", X=np.zeros((20, 8, 8, 1)), y=np.arange(20) % 2)
+    err = conftest.usage_error(capsys, ["train", "--data", str(tmp_path / "t.npz"), *TRAIN,
+                                        "--out", str(tmp_path / "run")], last=True)
+    assert "got float64 (20, 8, 8, 1)" in err and "X.reshape(len(X), -1)" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("shape", [(20, 1), (20, 2)])
 def test_a_2d_target_says_how_to_save_it(tmp_path, capsys, shape):
     """Keras's (N, 1) labels or one-hot rows: named with the fix, nothing written."""

@@ -235,8 +235,10 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         raise CLIError(f"--data {path}: no array 'X' (it holds {', '.join(arrays) or 'nothing'})")
     x = arrays["X"]
     if x.ndim != 2 or x.dtype.kind not in "biuf":
+        hint = " (images or sequences: the MLP takes X.reshape(len(X), -1))" \
+            if x.ndim > 2 and x.dtype.kind in "biuf" else ""
         raise CLIError(f"--data {path}: 'X' must be a 2-d array of numbers, got {x.dtype} "
-                       f"{x.shape}")
+                       f"{x.shape}{hint}")
     names = [f"x{i}" for i in range(x.shape[1])]
     if "feature_names" in arrays:
         fn = arrays["feature_names"]
