@@ -9,10 +9,11 @@ value per lane for the arguments the constructor takes per group (``OneCycleLR``
 the rate is the formula's with the new value (torch's chainable schedulers instead apply
 it to the decays still to come).
 
-A new attribute that looks meant for one the scheduler has - torch's ``last_epoch`` or
-``base_lrs``, a misspelling - is refused, naming it: it would change no step. So is
-replacing what the scheduler was built on (:data:`FIXED`). Any other new name (a user's
-own tag) is set as usual.
+A new attribute that looks meant for one the scheduler has - torch's ``base_lrs``, a
+misspelling - is refused, naming it: it would change no step. So is replacing what the
+scheduler was built on (:data:`FIXED`). The step counter ``last_step`` (torch's
+``last_epoch``) is read-only: only :meth:`step` and ``load_state_dict`` move it, with the
+rate. Any other new name (a user's own tag) is set as usual.
 """
 
 from __future__ import annotations
@@ -55,12 +56,25 @@ def meant(sched: Any, name: str) -> str:
     return other or " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8))
 
 
+def refuse_step(sched: Any, name: str, value: Any) -> None:
+    """Refuse setting the step counter ``last_step`` (or torch's ``last_epoch``): it would
+    move no rate (torch's own moves the counter only, its next rate chained from the current)."""
+    owner = type(sched).__name__
+    raise AttributeError(
+        f"{owner}.last_step (torch's last_epoch) is read-only, {name} = {describe(value)} "
+        f"refused: step() advances it with the rate, get_last_lr() and any child scheduler; "
+        f"to go on from a saved run, build the {owner} with the same arguments and "
+        f"load_state_dict(saved_state)")
+
+
 def set_attribute(sched: Any, name: str, value: Any) -> None:
     """``setattr(sched, name, value)`` as this module's docstring says."""
     owner = type(sched).__name__
     if name in FIXED and name in sched.__dict__:
         raise AttributeError(f"{owner}.{name} is fixed at construction: build a new {owner} "
                              f"(with {name}={value!r}) to change it")
+    if name == "last_epoch":
+        refuse_step(sched, name, value)
     if name in settable(sched):
         set_hyperparameter(sched, name, value)
         return

@@ -267,7 +267,7 @@ class LRScheduler:
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"the optimizer's learning rate must be finite and >= 0, got {lr!r}")
         self.base_lr: float = lr
-        self.last_step: int = 0
+        self._last_step: int = 0
         self._last_lr: float = self.base_lr
         self._siblings: list[LRScheduler] = []  # the groups' lanes (per_group)
 
@@ -316,6 +316,16 @@ class LRScheduler:
         return [self.get_lr_at(t), *(s.get_lr_at(t) for s in self._siblings)]
 
     @property
+    def last_step(self) -> int:
+        """The step counter: ``0`` at construction, one more per :meth:`step` (read-only: the
+        rate, :meth:`get_last_lr` and a composite's children follow it)."""
+        return self._last_step
+
+    @last_step.setter
+    def last_step(self, value: Any) -> None:
+        attributes.refuse_step(self, "last_step", value)
+
+    @property
     def per_group(self) -> bool:
         """Whether the scheduler acts on every parameter group with its own base value."""
         return bool(self._siblings)
@@ -355,13 +365,13 @@ class LRScheduler:
         # checks each value first; a refused one puts every value set back
         _apply([x for lane in targets for x in lane])
         for lane, values in zip(lanes, targets, strict=True):
-            lane.last_step = t
+            lane._last_step = t
             lane._last_lr = values[0][1]
 
     def _reset_state(self) -> None:
         """Go back to step 0 without touching the optimizer."""
         self._last_lr = self.get_lr_at(0)
-        self.last_step = 0
+        self._last_step = 0
         for sibling in self._siblings:
             sibling._reset_state()
 
@@ -482,7 +492,7 @@ class LRScheduler:
             raise ValueError(f"state_dict for {type(self).__name__} is missing keys {missing}")
         # hyper-parameters are validated finite, so they are stored verbatim
         self._configure(**{name: state[name] for name in self._HPARAMS})
-        self.last_step = _check_step(state["last_step"])
+        self._last_step = _check_step(state["last_step"])
         self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"], "base_lr"))
         given = state.get("base_lr_given", False)
         if not isinstance(given, bool):

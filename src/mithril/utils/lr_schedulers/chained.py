@@ -147,7 +147,7 @@ class ChainedScheduler(ChildrenState, LRScheduler):
         for child in self.schedulers:
             child._reset_state()
         self._last_lr = self.get_lr_at(0)
-        self.last_step = 0
+        self._last_step = 0
 
     def step(self) -> None:
         """Step every child (in order), then set the optimizer to the product."""
@@ -167,7 +167,7 @@ class ChainedScheduler(ChildrenState, LRScheduler):
             self._load(backup)
             self.optimizer.set_learning_rate(old_lr)
             raise
-        self.last_step = t
+        self._last_step = t
         self._last_lr = lr
 
     def _load_extra(self, state: Mapping[str, Any]) -> None:

@@ -154,7 +154,7 @@ class ReduceLROnPlateau(LRScheduler):
         )
 
     def _reset_state(self) -> None:
-        self.last_step = 0
+        self._last_step = 0
         self.best: float = self.mode_worse
         self.num_bad_epochs: int = 0
         self.cooldown_counter: int = 0
@@ -214,7 +214,7 @@ class ReduceLROnPlateau(LRScheduler):
             cooldown_counter = self.cooldown
             bad = 0
 
-        self.last_step, self.best = last_step, best
+        self._last_step, self.best = last_step, best
         self.num_bad_epochs, self.cooldown_counter = bad, cooldown_counter
         self._last_lr = float(self.optimizer.get_learning_rate())
 
@@ -284,7 +284,7 @@ def _drive_child(child: Any, local: int, metric: float | None) -> bool:
     backup = child.state_dict()
     try:
         lr = child.get_lr_at(local - 1)
-        child.last_step, child._last_lr = local - 1, lr
+        child._last_step, child._last_lr = local - 1, lr
         child._advance(metric)
     except Exception:
         child._load(backup)

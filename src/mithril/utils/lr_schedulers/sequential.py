@@ -121,7 +121,7 @@ class SequentialLR(ChildrenState, LRScheduler):
             child._rebase(lr)
 
     def _reset_state(self) -> None:
-        self.last_step = 0
+        self._last_step = 0
         for child in self.schedulers:
             child._reset_state()
         self._last_lr = self.schedulers[0].get_last_lr()
@@ -136,7 +136,7 @@ class SequentialLR(ChildrenState, LRScheduler):
         child = self.schedulers[idx]
         if not _drive_child(child, local, metric):
             return
-        self.last_step = t
+        self._last_step = t
         self._last_lr = child.get_last_lr()
 
     def _advance(self, metric: float | None) -> None:

@@ -119,4 +119,4 @@ class SWALR(LRScheduler):
         if not math.isfinite(lr):
             raise ValueError(f"SWALR: the learning rate at step {t} is {lr}")
         self.optimizer.set_learning_rate(lr)  # checks first: a refused lr changes nothing
-        self.last_step, self._last_lr = t, lr
+        self._last_step, self._last_lr = t, lr

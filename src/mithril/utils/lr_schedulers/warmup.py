@@ -114,7 +114,7 @@ class LinearWarmupScheduler(LRScheduler):
         return after._extra_targets(t - self.warmup_steps)
 
     def _reset_state(self) -> None:
-        self.last_step = 0
+        self._last_step = 0
         after = self.after_scheduler
         if after is not None:
             after._reset_state()
@@ -135,7 +135,7 @@ class LinearWarmupScheduler(LRScheduler):
             return
         if not _drive_child(after, t - self.warmup_steps, metric):
             return
-        self.last_step = t
+        self._last_step = t
         self._last_lr = after.get_last_lr()
 
     def _advance(self, metric: float | None) -> None:
