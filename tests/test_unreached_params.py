@@ -182,6 +182,36 @@ def test_a_parameter_no_loss_uses_stays_as_torch_leaves_it(backend):
     assert state.missed_counts() == {"linear_1.weight": 4, "linear_1.bias": 4}
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulated_steps_skip_the_unreached_head_as_torch(backend):
+    """``Accumulate(AdamW, k=2)`` in the step against torch's loop stepping every two
+    backward passes of ``loss / 2``: head b, reached by no pass, keeps ``.grad`` None there."""
+    from mithril.utils.accumulation import Accumulate
+
+    b = BACKENDS[backend](dtype="float64")
+    c = ml.compile(two_heads(), b, shapes={"input": [8, 3]})
+    acc = Accumulate(AdamW(learning_rate=1e-2, weight_decay=0.1), k=2)
+    step = make_train_step(c, acc, loss="loss_a")
+    params = c.get_parameters()
+    module = TorchTwoHeads().double()
+    torch_copy(module, params)
+    topt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    state = step.init(params)
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        data = data_of(rng)
+        params, state, _ = step(params, state, {k: b.array(v) for k, v in data.items()})
+        (module(torch.from_numpy(data["input"]), "loss_a", data) / 2).backward()
+        if i % 2:
+            topt.step()
+            topt.zero_grad()
+    for n, p in module.named_parameters():
+        np.testing.assert_allclose(host(params[n]), p.detach().numpy(), rtol=0, atol=1e-12,
+                                   err_msg=n)
+    assert state.inner.step == 3
+    assert state.inner.missed_counts() == {"linear_2.weight": 3, "linear_2.bias": 3}
+
 # -- the step is still the separate calls ---------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_equals_evaluate_and_update(backend):

@@ -67,7 +67,8 @@ How each backend runs it:
   an ``OptimizerState``; :meth:`TrainStep.init` is ``optimizer.init``.
 * **A wrapper of the optimizer contract** that is not a mithril optimizer
   (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
-  backend; :meth:`TrainStep.init` is its ``init``.
+  backend (an ``Accumulate``'s without the params the loss does not reach, as above);
+  :meth:`TrainStep.init` is its ``init``.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend
         # params the loss does not reach: left out of each update, as torch.optim's .grad None
-        self._unreached = unreached_params(compiled, self.loss) if own else frozenset()
+        self._unreached = unreached_params(compiled, self.loss, optimizer)
         # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters

@@ -10,7 +10,11 @@ decay, no momentum, and their own ``state[p]["step"]`` does not advance. A
 ``update`` leave them out (their params and slots stay as they were), and the state counts
 the step as missed for them (:meth:`OptimizerState.note_missed
 <mithril.utils.optimizers.OptimizerState.note_missed>`, as ``torch_optimizer`` does), so
-their bias corrections count their own steps. Which they are is a property of the model and
+their bias corrections count their own steps. With an
+:class:`~mithril.utils.accumulation.Accumulate` (torch's loop that steps every ``k``
+backward passes: a parameter no pass of the window reached keeps ``.grad`` None) the
+gradients of every micro-batch leave them out, and the wrapped optimizer's state counts the
+missed step at each window's step. Which they are is a property of the model and
 the loss (:meth:`~mithril.compiler.compiled_model.CompiledModel.reached_parameters`), known
 when the step is made: where the loss reaches every parameter (the usual case) nothing of
 this runs.
@@ -22,8 +26,15 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def unreached_params(compiled: Any, loss: str) -> frozenset[str]:
-    """The parameters of ``compiled`` that its output ``loss`` does not depend on."""
+def unreached_params(compiled: Any, loss: str, optimizer: Any) -> frozenset[str]:
+    """The parameters of ``compiled`` that its output ``loss`` does not depend on; none for
+    an ``optimizer`` that is neither a mithril optimizer nor an ``Accumulate`` (another
+    wrapper's ``update`` may need every gradient)."""
+    from .accumulation import Accumulate
+    from .optimizers.base import Optimizer
+
+    if not isinstance(optimizer, (Optimizer, Accumulate)):
+        return frozenset()
     reached = set(compiled.reached_parameters(loss))
     return frozenset(n for n in compiled.program.param_shapes if n not in reached)
 
@@ -32,10 +43,17 @@ def update_reached(optimizer: Any, unreached: frozenset[str], params: Mapping[st
                    gradients: Mapping[str, Any], opt_state: Any) -> tuple[Any, Any]:
     """``optimizer.update`` with the gradients of ``unreached`` left out, then their missed
     step counted in the state (not for a skipped step, nor for a Lookahead with
-    ``reset_state``: see :func:`mithril.distributed.missed_steps.note_missed`)."""
+    ``reset_state``: see :func:`mithril.distributed.missed_steps.note_missed`); for an
+    ``Accumulate``, in its wrapped optimizer's state when the window's step was taken."""
     from ..distributed.missed_steps import note_missed  # (only where some are unreached)
+    from .accumulation import Accumulate
 
     params, opt_state = optimizer.update(
         params, {k: g for k, g in gradients.items() if k not in unreached}, opt_state)
-    note_missed(optimizer, opt_state, [n for n in params if n in unreached])
+    opt, state = optimizer, opt_state
+    if isinstance(optimizer, Accumulate):  # (its wrapped optimizer steps once a window)
+        if not opt_state.applied:
+            return params, opt_state
+        opt, state = optimizer.optimizer, opt_state.inner
+    note_missed(opt, state, [n for n in params if n in unreached])
     return params, opt_state
