@@ -218,3 +218,21 @@ def test_a_compressed_csv_is_named_not_taken_for_latin1(tmp_path, capsys, kind, 
                                         *TRAIN, "--out", str(tmp_path / "run")], last=True)
     assert f"--data {data}: the file is {message}" in err and "latin-1" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_model_scores_nothing_and_predicts_nothing(tmp_path, capsys):
+    """NaN logits are never right (argmax took them for class 0: a NaN model scored the share
+    of class 0), and predict refuses a model of NaN weights before writing anything."""
+    data = write_table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "label", "--optimizer", "sgd",
+                 "--lr", "1e30", "--batch-size", "8", *TRAIN, "--out", str(out)]) == 0
+    with open(out / "metrics.csv") as f:  # the first step measures the initial weights
+        assert [r["acc"] for r in csv.DictReader(f)][1:] == ["0.0"] * 3
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert final["train_acc"] == final["test_acc"] == 0 and final["test_loss"] == "nan"
+    capsys.readouterr()
+    err = conftest.usage_error(capsys, ["predict", "--run", str(out), "--data", str(data)],
+                               last=True)
+    assert f"--run {out}: model.safetensors holds inf/NaN weights (mlp.linear_0.weight" in err
+    assert not (out / "predictions.csv").exists()

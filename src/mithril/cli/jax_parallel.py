@@ -123,7 +123,9 @@ class JaxParallel:
         skipped = int(np.asarray(run.state.count)) == before
         pred = np.asarray(out[run.spec.output])
         if run.metric == "acc":
-            metric = float(np.mean(np.argmax(pred, axis=-1) == y))
+            from .training import correct
+
+            metric = float(np.mean(correct(pred, y)))
         else:
             metric = float(np.sqrt(np.mean((pred - y) ** 2))) * run.spec.target_scale
         return float(np.asarray(out["loss"])), metric, float(np.asarray(step.last_grad_norm)), \

@@ -250,7 +250,9 @@ class Parallel:
         if hi > lo:
             pred = be.to_numpy(out[run.spec.output])
             if run.metric == "acc":
-                right = float(np.sum(np.argmax(pred, axis=-1) == ys))
+                from .training import correct
+
+                right = float(np.sum(correct(pred, ys)))
             else:
                 right = float(np.sum((pred - ys) ** 2))
             sums[:] = (float(be.to_numpy(out["loss"])) * (hi - lo), right, hi - lo, ys.size)

@@ -86,6 +86,12 @@ def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, 
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} was saved with another "
                        f"{PREPROCESS_FILE} (copied from another run, or edited); a run's two "
                        f"files go together")
+    bad = [k for k, v in ckpt["params"].items()
+           if not np.isfinite(compiled.backend.to_numpy(v)).all()]
+    if bad:  # a diverged run: its predictions would be NaN, argmax'ed to the first class
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} holds inf/NaN weights ({', '.join(bad)})"
+                       f": the training diverged (see its metrics.csv); train again, e.g. with "
+                       f"a smaller --lr or --nonfinite skip")
     return pre, compiled, ckpt["params"]
 
 

@@ -113,6 +113,12 @@ def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu
     return mlp_spec(1, num_classes, hidden, activation).model
 
 
+def correct(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether each prediction is the label; one with an inf/NaN logit is wrong (argmax would
+    take a NaN for the first class: a diverged model scoring the share of class 0)."""
+    return (np.argmax(logits, axis=-1) == y) & np.isfinite(logits).all(axis=-1)
+
+
 class ShuffledRows:
     """The batches of an epoch: the training rows in a new random order, ``batch_size`` at a
     time (the last batch may be smaller)."""
@@ -346,7 +352,7 @@ class Run:
             skipped = self.state.last_step_skipped
         pred = be.to_numpy(out[self.spec.output])
         if self.metric == "acc":
-            metric = float(np.mean(np.argmax(pred, axis=-1) == y))
+            metric = float(np.mean(correct(pred, y)))
         else:  # the RMSE in the target's units
             metric = float(np.sqrt(np.mean((pred - y) ** 2))) * self.spec.target_scale
         return float(be.to_numpy(out["loss"])), metric, \
@@ -426,7 +432,7 @@ class Run:
             loss += float(out["loss"]) * len(ys)
             pred = out[self.spec.output]
             if self.metric == "acc":
-                right += float(np.sum(np.argmax(pred, axis=-1) == ys))
+                right += float(np.sum(correct(pred, ys)))
             else:
                 sse += float(np.sum((pred - ys) ** 2))
         res = {"loss": loss / n}
