@@ -236,3 +236,23 @@ def test_a_diverged_model_scores_nothing_and_predicts_nothing(tmp_path, capsys):
                                last=True)
     assert f"--run {out}: model.safetensors holds inf/NaN weights (mlp.linear_0.weight" in err
     assert not (out / "predictions.csv").exists()
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_run_before(tmp_path, capsys):
+    """A table's run, then a digits run with --no-plot into the same --out: the old model,
+    preprocessing and plot go (predict would else use a model the summary does not describe);
+    a file of the user's stays."""
+    data = write_table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "label", "--epochs", "1",
+                 "--hidden", "4", "--no-progress", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert {"model.safetensors", "preprocess.json", "training.png"} <= {
+        p.name for p in out.iterdir()}
+    assert main(["train", *TRAIN, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["epochs.csv", "metrics.csv", "notes.txt",
+                                                     "summary.json"]
+    capsys.readouterr()
+    err = conftest.usage_error(capsys, ["predict", "--run", str(out), "--data", str(data)],
+                               last=True)
+    assert "not a run of `mithril train --data`" in err

@@ -176,6 +176,13 @@ def resolve_scheduler(args: argparse.Namespace) -> None:
         args.scheduler = ["onecycle" if getattr(args, "momentum_cycle", False) else "cosine"]
 
 
+#: every file a run of any job writes: a rerun into the same --out removes those it does not
+#: write again (another job's model, the plot of a run before --no-plot), so the folder never
+#: mixes two runs
+RUN_FILES = ("metrics.csv", "epochs.csv", "summary.json", "training.png", "model.safetensors",
+             "preprocess.json", "sample.txt")
+
+
 def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
               extra: dict[str, Any] | None = None) -> list[Path]:
     """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
@@ -334,6 +341,10 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
         if job.write is not None:
             written += job.write(training, stage)
     files = [out / f.name for f in written]
+    for name in set(RUN_FILES) - {f.name for f in files}:
+        with contextlib.suppress(OSError):  # absent (the usual case), or a folder: kept
+            if (out / name).is_file():
+                (out / name).unlink()
     print()
     if result.interrupted or result.error is not None:
         why = "interrupted" if result.interrupted else "stopped by an error"
