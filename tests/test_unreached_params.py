@@ -2,8 +2,9 @@
 expectations, and ``make_train_step`` leaving them out of the update as torch.optim leaves
 out a ``.grad`` None (no weight decay, no momentum, their own step count), side by side with
 a plain torch loop: a two-head model trained on one head's loss and then the other's, and a
-model with a parameter no loss uses, AdamW and SGD (momentum + weight decay), float64 NumPy
-and torch to 1e-12."""
+model with a parameter no loss uses, AdamW and SGD (momentum + weight decay), Accumulate
+against torch's accumulation loop, float64 NumPy and torch to 1e-12; every optimizer of the
+catalog leaves an unreached head bit for bit."""
 
 from __future__ import annotations
 
