@@ -32,9 +32,6 @@ MISSED_AT = (1, K + 1)
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
          and n not in ("Optimizer", "LBFGS", "Lookahead")]  # (closure; a wrapper: own tests)
-#: DoG with a missed count (per-parameter step counts) raises a bare TypeError at the next
-#: step (engines/common.py: state.values gets an array per row); reported, not ours to fix
-BROKEN = {"DoG": "DoG's values become arrays once a parameter missed a step"}
 
 
 def make(name: str):
@@ -128,8 +125,7 @@ def _compare(want: dict, got: dict, exact: bool, label: str) -> None:
 def _params():
     for name in NAMES:
         for backend in ("numpy", "torch", "jax-jit"):
-            marks = [pytest.mark.xfail(strict=True, raises=TypeError, reason=BROKEN[name])] \
-                if name in BROKEN else []
+            marks = []
             if backend == "jax-jit":
                 marks.append(pytest.mark.slow)
             yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")

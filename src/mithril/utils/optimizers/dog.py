@@ -89,14 +89,18 @@ class DoG(Optimizer):
         # arithmetic only: it also runs traced (the jitted JAX engine, optax_transformation)
         kind, c = self.init_step
         started, tensors = _started(tensors)
+        # the estimate's first step: no tensor has x₀ yet. Not ``step == 1``: ``step`` is
+        # each tensor's own count where they differ (a group's step_offset, a parameter's
+        # missed steps), and r, S are one value for all of them
+        first = (started == 0.0).all()
         r_eps = {"heuristic": c * (1 + sqrt(sums[2].sum())), "distance": c,
                  "learning_rate": 0.0}[kind]
-        r = where(step == 1, r_eps, values["max_dist"])
+        r = where(first, r_eps, values["max_dist"])
         max_dist = maximum(r, sqrt((started * sums[0]).sum()))
         sum_sq = values["sum_sq"] + sums[1].sum()
         eta = max_dist / sqrt(sum_sq + self.epsilon)
         if kind == "learning_rate":
-            eta = where(step == 1, c, eta)
+            eta = where(first, c, eta)
         return (1.0 - started, eta), tensors, {"max_dist": max_dist, "sum_sq": sum_sq}
 
 
