@@ -291,10 +291,7 @@ def test_jax_runs_the_separate_calls_where_some_parameter_is_unreached():
 def _catalog() -> list:
     from test_train_step_fn import optimizers
 
-    names = [n for n in optimizers() if n != "lbfgs"]  # (LBFGS: update(closure=), below)
-    return [pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="DoG: a missed count makes its next step raise "
-        "(test_optimizer_resume_catalog)")) if n == "dog" else n for n in names]
+    return [n for n in optimizers() if n != "lbfgs"]  # (LBFGS: update(closure=) instead)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
