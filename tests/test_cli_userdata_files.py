@@ -256,3 +256,28 @@ def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_run_before(tmp_path,
     err = conftest.usage_error(capsys, ["predict", "--run", str(out), "--data", str(data)],
                                last=True)
     assert "not a run of `mithril train --data`" in err
+
+
+def test_test_rows_of_classes_never_trained_on_are_warned_of(tmp_path, capsys):
+    """An identifier taken for the target: every class has one row, so no test row's class
+    is in the training rows; the run says so (and trains: a rare class is the user's call)."""
+    data = tmp_path / "t.csv"
+    data.write_text("x,id\n" + "".join(f"{i},row{i}\n" for i in range(20)))
+    assert main(["train", "--data", str(data), "--target", "id", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "20 classes (warning: 4 test row(s) of class(es) 'row" in out
+    assert "that no training row has" in out
+    assert main(["train", "--data", str(write_table(tmp_path / "ok.csv")), "--target", "label",
+                 *TRAIN, "--out", str(tmp_path / "ok")]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_text_feature_says_how_to_encode_it(tmp_path, capsys):
+    data = tmp_path / "t.csv"
+    data.write_text("color,size,y\n" + "".join(f"{'red' if i % 2 else 'blue'},{i},{i % 2}\n"
+                                                for i in range(10)))
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "y", *TRAIN,
+                                        "--out", str(tmp_path / "run")], last=True)
+    assert "column 'color', row 1 (line 2): 'blue' is not a finite number" in err
+    assert "pandas.get_dummies" in err and not (tmp_path / "run").exists()

@@ -186,7 +186,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                     v = _number(cell)
                     if v is None:
                         raise CLIError(f"--data {path}: column {name!r}, {where}: {cell.strip()!r} "
-                                       f"is not a finite number (features must be numeric)")
+                                       f"is not a finite number (features must be numeric: encode a text "
+                                       f"column first, e.g. with pandas.get_dummies)")
                     values.append(v)
                 rows.append(values)
                 if tcol is not None:
@@ -460,6 +461,11 @@ def tabular_job(args: argparse.Namespace) -> Any:
     what = f"{len(labels)} classes" if labels else f"regression on {table.target!r}"
     describe = (f"{table.path}: {len(tr)} train / {len(te)} test rows of {n}, "
                 f"{len(table.features)} features, {what}")
+    unseen = sorted(set(y[te].tolist()) - set(y[tr].tolist())) if labels else []
+    if unseen:  # rare classes (or an identifier taken for the target): say so, train anyway
+        shown = _names([repr(_label(labels[i])) for i in unseen], 5)
+        describe += (f" (warning: {int(np.isin(y[te], unseen).sum())} test row(s) of "
+                     f"class(es) {shown} that no training row has: it cannot learn them)")
 
     def write(run: Any, folder: Path) -> list[Path]:
         from ..utils.checkpoint import save_checkpoint
