@@ -281,3 +281,22 @@ def test_a_text_feature_says_how_to_encode_it(tmp_path, capsys):
                                         "--out", str(tmp_path / "run")], last=True)
     assert "column 'color', row 1 (line 2): 'blue' is not a finite number" in err
     assert "pandas.get_dummies" in err and not (tmp_path / "run").exists()
+
+
+def test_predict_reads_a_header_of_years_and_hints_at_a_missing_one(tmp_path, capsys):
+    """Training on columns named 2019, 2020 (the target is not a number): predict finds them
+    by name in a file of features only, and names a file without a header row."""
+    x = np.random.default_rng(0).standard_normal((20, 2)).round(3)
+    data = tmp_path / "t.csv"
+    data.write_text("2019,2020,y\n" + "".join(f"{a},{b},{int(a > 0)}\n" for a, b in x))
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    new = tmp_path / "new.csv"
+    new.write_text("2020,2019\n" + "".join(f"{b},{a}\n" for a, b in x))
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(new)]) == 0
+    capsys.readouterr()
+    new.write_text("".join(f"{a},{b}\n" for a, b in x))
+    err = conftest.usage_error(capsys, ["predict", "--run", str(tmp_path / "run"), "--data",
+                                        str(new), "--out", str(tmp_path / "p.csv")], last=True)
+    assert "lacks the feature column(s) '2019', '2020'" in err and "no header row?" in err
+    assert not (tmp_path / "p.csv").exists()

@@ -135,7 +135,9 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
             header = [h.strip() for h in header]
-            if all(_is_float(h) for h in header):  # a data row would be lost as the header
+            # training: a data row would be lost as the header (predict finds its columns by
+            # name, so a header of numbers, e.g. years, is one there)
+            if features is None and all(_is_float(h) for h in header):
                 raise CLIError(f"--data {path}: line {read} holds only numbers "
                                f"({_names(header, 5)}): the file has no header row? Add one "
                                f"naming the columns (--target names one of them)")
@@ -164,7 +166,9 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if absent:
                 raise CLIError(f"--data {path} lacks the feature column(s) "
                                f"{_names([repr(c) for c in absent])} (the model was trained "
-                               f"on {_names(features)}){_separator_hint(header)}")
+                               f"on {_names(features)}){_separator_hint(header)}"
+                               + ("; its line 1 holds only numbers: no header row?"
+                                  if all(_is_float(h) for h in header) else ""))
             cols = [position[c] for c in features]
             tcol = position[target] if want_target else None
             rows, ys = [], []
