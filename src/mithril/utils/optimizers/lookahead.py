@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .averaging import _jitable, loaded_counts, started_averages
+from .averaging import _jitable, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float, unwrapped
 from .elementwise import where
-from .serialization import _loaded_missed
+from .serialization import KEYS
 from .state import OptimizerState
 
 #: the state slot of the slow weights
@@ -386,13 +386,20 @@ class Lookahead(Optimizer):
                         ) -> OptimizerState | None:
         """Restore the hyperparameters (the inner optimizer's through its own
         ``load_state_dict``, which must be of the saved class) and, given ``params``, the
-        state (with each parameter's missed steps, ``"missed"``, where saved). Everything
+        state, checked and restored as every optimizer's (``Optimizer.load_state_dict``:
+        the keys, the counters ``consecutive_skips`` included, the slots, each average's
+        counts and each parameter's missed steps, ``"missed"``, at most the step). Everything
         is checked first; on error nothing changes. The inner optimizer is replaced by a
         restored copy (never changed in place)."""
         if not isinstance(d, Mapping):
             raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
         if d.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state dict is for {d.get('optimizer')}, not {type(self).__name__}")
+            raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
+                             f"{type(self).__name__}")
+        unknown = sorted(map(repr, set(d) - KEYS))
+        if unknown:
+            raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
+                           f"{type(self).__name__} (a state dict has {sorted(KEYS)})")
         hp = d.get("hyperparameters")
         if not isinstance(hp, Mapping):
             raise TypeError("state dict 'hyperparameters' must be a dict")
@@ -424,21 +431,8 @@ class Lookahead(Optimizer):
         trial = copy.copy(self)
         trial.__dict__.update(new)
         state = None
-        if params is not None and "slots" in d:
-            state = trial.init(params)
-            state.slots = self._loaded_slots(d["slots"], state, started)
-            loaded_values = getattr(self, "_loaded_values", None)  # optimizer-wide scalars
-            if loaded_values is not None:
-                state.values = loaded_values(d.get("values", {}), state)
-            state.step, state.num_skipped, state.num_nonfinite = (
-                state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite"))
-            state.averaged = loaded_counts(trial, d.get("averaged"), state, started)
-            if d.get("missed"):  # (each parameter's own count: OptimizerState.note_missed)
-                state.set_missed(_loaded_missed(trial, d["missed"], state))
-            eng = state.engine  # inf/NaN restored were reported when they appeared
-            state.nonfinite_values = not (
-                all(np.isfinite(eng.to_numpy(v)).all() for v in state.slots.values())
-                and all(np.isfinite(eng.to_numpy(p)).all() for p in params.values()))
+        if params is not None and "slots" in d:  # (the optimizers' own checks and restore)
+            state = self._loaded_state(trial, d, params, started)
         self.__dict__.update(new)
         return state
 
