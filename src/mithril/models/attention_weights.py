@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .attention import MultiHeadAttention, _swap, attention_probs
+from .attention import MultiHeadAttention
+from .attention_core import _swap, attention_probs
 from .operator import Operator, backend_of, torch_of, unbroadcast
 
 
