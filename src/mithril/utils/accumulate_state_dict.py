@@ -3,9 +3,11 @@ included: :func:`state_dict` / :func:`load_state_dict`, behind
 :meth:`Accumulate.state_dict <mithril.utils.accumulation.Accumulate.state_dict>` and
 :meth:`Accumulate.load_state_dict <mithril.utils.accumulation.Accumulate.load_state_dict>`.
 
-The same conventions as the optimizers' own ``state_dict``: plain Python values and NumPy
-arrays (``torch.save``-able, ``torch.load(weights_only=True)``-able), the wrapped optimizer's
-state dict nested under ``"inner"``, everything checked before anything changes. Keys::
+The same conventions as the optimizers' own ``state_dict``: plain Python values and arrays,
+NumPy ones or, with ``arrays="torch"``, CPU torch tensors (``torch.save`` then
+``torch.load(weights_only=True)`` with no allowed globals; a load takes either), the wrapped
+optimizer's state dict (of the same ``arrays``) nested under ``"inner"``, everything checked
+before anything changes. Keys::
 
     optimizer          "Accumulate"
     k                  the int k, or None for a callable k (an every-k schedule: code, which
@@ -15,8 +17,9 @@ state dict nested under ``"inner"``, everything checked before anything changes.
     windows            windows emitted (optax.MultiSteps' gradient_step)
     count              micro-batches buffered in the current window (MultiSteps' mini_step)
     total_weight       their summed weights (0.0 when none)
-    sums               parameter -> the buffered weighted gradient sum (NumPy; float32 for
-                       half-precision gradients), for the parameters with gradients
+    sums               parameter -> the buffered weighted gradient sum (an array of
+                       ``arrays``; float32 for half-precision gradients), for the
+                       parameters with gradients
     applied            whether the last update stepped the wrapped optimizer
     last_step_skipped  whether that step was skipped (non-finite)
     # optional, with the window (absent from older state dicts: 0)
@@ -40,6 +43,7 @@ import numpy as np
 from ..errors import KeyMismatchError, ShapeError
 from .accumulation import Accumulate, AccumulateState, _is_half_dtype, _kind
 from .optimizers.checks import check_int, describe
+from .optimizers.serialization import _numeric, _torch_tensor
 
 __all__ = ["check_window", "load_state_dict", "state_dict"]
 
@@ -64,8 +68,14 @@ def check_window(acc: Accumulate, state: AccumulateState) -> None:
                          f"mid-window): the next update emits them; save after it")
 
 
-def state_dict(acc: Accumulate, state: AccumulateState | None = None) -> dict[str, Any]:
-    """``acc``'s state dict (see the module docs); with ``state``, the window too."""
+def state_dict(acc: Accumulate, state: AccumulateState | None = None, *,
+               arrays: str = "numpy") -> dict[str, Any]:
+    """``acc``'s state dict (see the module docs); with ``state``, the window too.
+    ``arrays``: the wrapped optimizer's slots' and the buffered sums' type, ``"numpy"`` or
+    ``"torch"`` (CPU tensors: ``torch.load(weights_only=True)`` with no allowed globals)."""
+    if arrays not in ("numpy", "torch"):
+        raise ValueError(f"Accumulate.state_dict: arrays must be 'numpy' or 'torch', got "
+                         f"{arrays!r:.40}")
     inner_sd = getattr(acc.optimizer, "state_dict", None)
     if not callable(inner_sd):
         raise TypeError(f"Accumulate.state_dict: the wrapped {type(acc.optimizer).__name__} "
@@ -75,13 +85,15 @@ def state_dict(acc: Accumulate, state: AccumulateState | None = None) -> dict[st
                         f"(an AccumulateState), got {type(state).__name__}")
     out: dict[str, Any] = {"optimizer": "Accumulate",
                            "k": None if callable(acc.k) else int(acc.k),
-                           "inner": inner_sd(None if state is None else state.inner)}
+                           "inner": inner_sd(None if state is None else state.inner,
+                                             **({"arrays": arrays} if arrays != "numpy" else {}))}
     if state is not None:
         check_window(acc, state)
         buf = state.accumulator
+        host = _torch_tensor if arrays == "torch" else np.asarray
         out.update(windows=int(state.windows), count=int(buf.count),
                    total_weight=float(buf.total_weight),
-                   sums={n: _to_numpy(v) for n, v in (buf._sum or {}).items()},
+                   sums={n: host(_to_numpy(v)) for n, v in (buf._sum or {}).items()},
                    applied=bool(state.applied), last_step_skipped=bool(state.last_step_skipped),
                    num_skipped_micro_batches=int(state.num_skipped_micro_batches))
     return out
@@ -108,9 +120,7 @@ def _flag(d: Mapping[str, Any], key: str) -> bool:
 
 def _buffer(name: str, saved: Any, p: Any) -> Any:
     """The saved sum of ``name`` as a buffer for gradients like parameter ``p``."""
-    a = np.asarray(saved)
-    if a.dtype.kind not in "fiu" or isinstance(saved, (bool, np.bool_)):
-        raise TypeError(f"state dict 'sums' of '{name}' is not numeric ({a.dtype})")
+    a = _numeric(saved, f"state dict 'sums' of '{name}'")  # (NumPy, or a torch tensor)
     if a.shape != tuple(p.shape):
         raise ShapeError(f"state dict 'sums' of '{name}' has shape {a.shape}, the parameter "
                          f"{tuple(p.shape)}")

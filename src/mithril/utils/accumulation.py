@@ -508,14 +508,17 @@ class Accumulate:
         return check_int(f"k(windows={state.windows})", v, minimum=1)
 
     # -- state dicts (in memory; see :mod:`mithril.utils.accumulate_state_dict`) ------------
-    def state_dict(self, state: AccumulateState | None = None) -> dict[str, Any]:
+    def state_dict(self, state: AccumulateState | None = None, *, arrays: str = "numpy"
+                   ) -> dict[str, Any]:
         """``k`` and the wrapped optimizer's state dict (``"inner"``) and, given ``state``,
         the window: windows emitted, micro-batches buffered, their total weight and the
-        buffered gradient sums (NumPy). Plain Python and NumPy values, as the optimizers'
-        own ``state_dict`` (``torch.save`` / ``torch.load(weights_only=True)``)."""
+        buffered gradient sums. Plain Python values and arrays, as the optimizers' own
+        ``state_dict``: ``arrays="numpy"`` (NumPy) or ``"torch"`` (CPU tensors, the
+        wrapped optimizer's too: ``torch.save`` then ``torch.load(weights_only=True)``
+        with no allowed globals). :meth:`load_state_dict` takes either."""
         from .accumulate_state_dict import state_dict
 
-        return state_dict(self, state)
+        return state_dict(self, state, arrays=arrays)
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
                         ) -> AccumulateState | None:

@@ -83,7 +83,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from ...errors import KeyMismatchError, ShapeError
-from .checks import check_int, describe, is_array, to_float, unwrapped
+from .checks import MAX_INT, check_int, describe, is_array, to_float, unwrapped
 from .elementwise import where
 from .state import OptimizerState, scalar_arguments
 
@@ -266,12 +266,13 @@ def saved_counts(state: Any) -> dict[str, dict[str, int]]:
     return {s: {n: int(v) for n, v in zip(names, c)} for s, c in got.items()}
 
 
-def merged_counts(opt: Any, parts: list[Any], names: list[str]
+def merged_counts(opt: Any, parts: list[Any], names: list[str], step: int | None = None
                   ) -> dict[str, np.ndarray] | None:
     """The counts of a sharded checkpoint for the parameters ``names``: each rank's
     ``"averaged"`` (its :func:`saved_counts` for the tensors it held) merged; an average
     none has (one that starts at the resume) at 0. None where a rank's has none (saved
-    before they were kept: inferred from the step when first used)."""
+    before they were kept: inferred from the step when first used). Each count is an int
+    in [0, ``step``] (the checkpoint's step; None: at most ``MAX_INT``)."""
     avg = slots_of(opt)
     if not avg or not all(isinstance(p, Mapping) for p in parts):
         return None
@@ -282,21 +283,30 @@ def merged_counts(opt: Any, parts: list[Any], names: list[str]
                 raise ValueError(f"checkpoint 'averaged' has {s!r}: not an average of "
                                  f"{type(opt).__name__} ({list(avg)}) with per-parameter counts")
             merged.setdefault(s, {}).update(per)
-    out = {s: [merged.get(s, {}).get(n, 0) for n in names] for s in avg}
-    for s, c in out.items():
-        bad = [v for v in c if isinstance(v, bool) or not isinstance(v, int) or v < 0]
-        if bad:
-            raise ValueError(f"checkpoint 'averaged' counts of '{s}' must be non-negative "
-                             f"ints, got {bad[0]!r:.80}")
-    return {s: np.array(c, dtype=np.int64) for s, c in out.items()}
+    return {s: np.array([_count(merged.get(s, {}).get(n, 0), step, "checkpoint", s, n)
+                         for n in names], dtype=np.int64) for s in avg}
+
+
+def _count(v: Any, step: int | None, what: str, s: str, n: str) -> int:
+    """An average's update count ``v`` (of average ``s`` for parameter ``n``), checked: an
+    int in [0, ``step``] (an average is updated at most once per step; None: at most
+    ``MAX_INT``, what its int64 holds)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{what} 'averaged' count of '{s}' for '{n}' must be a non-negative "
+                         f"int, got {describe(v)}")
+    bound = MAX_INT if step is None else step
+    if v > bound:
+        raise ValueError(f"{what} 'averaged' count of '{s}' for '{n}' is {v}, beyond "
+                         + (f"the {step} steps taken" if step is not None else f"{MAX_INT}"))
+    return int(v)
 
 
 def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
                   ) -> dict[str, np.ndarray] | None:
     """The counts of a state dict's ``"averaged"`` (:func:`saved_counts`) for ``state`` (a
     loaded state of ``opt``, its step set), checked: one entry per average the state dict
-    restores (the ``started`` ones start at 0), each with exactly the parameters, each a
-    non-negative int. ``saved`` None (a state dict from before counts were kept): inferred
+    restores (the ``started`` ones start at 0), each with exactly the parameters, each an
+    int in [0, ``state.step``]. ``saved`` None (a state dict from before counts were kept): inferred
     from the step (:func:`counts_of`)."""
     avg = slots_of(opt)
     if saved is None:
@@ -320,11 +330,7 @@ def loaded_counts(opt: Any, saved: Any, state: Any, started: tuple[str, ...]
             raise KeyError(f"state dict 'averaged' of '{s}' must have exactly the parameters "
                            f"{sorted(names)}, got {got}")
         for i, n in enumerate(names):
-            v = per[n]
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"state dict 'averaged' count of '{s}' for '{n}' must be a "
-                                 f"non-negative int, got {v!r:.80}")
-            out[s][i] = int(v)
+            out[s][i] = _count(per[n], state.step, "state dict", s, n)
     return out
 
 
