@@ -300,3 +300,26 @@ def test_predict_reads_a_header_of_years_and_hints_at_a_missing_one(tmp_path, ca
                                         str(new), "--out", str(tmp_path / "p.csv")], last=True)
     assert "lacks the feature column(s) '2019', '2020'" in err and "no header row?" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_schedule_free_on_two_jax_devices_measures_and_saves_its_average(tmp_path):
+    """--devices 2 with a schedule-free optimizer: its state is the sharded step's (it ended
+    in an AttributeError traceback after the first epoch); the averaged weights are measured
+    and saved, as on one device."""
+    import subprocess
+    import sys
+
+    data = write_table(tmp_path / "t.csv")
+    flags = ["--data", str(data), "--target", "t", "--optimizer", "schedule-free-adamw",
+             "--backend", "jax", "--batch-size", "8", *TRAIN]
+    assert main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
+    res = subprocess.run([sys.executable, "-m", "mithril", "train", *flags, "--devices", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text())["final"]
+                for d in ("one", "two"))
+    assert two["test_rmse"] == pytest.approx(one["test_rmse"], rel=1e-5)
+    a, b = (load_checkpoint(tmp_path / d / "model.safetensors")["params"] for d in ("one", "two"))
+    for k in a:
+        np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-5, atol=1e-6)

@@ -106,6 +106,15 @@ class JaxParallel:
         the outputs use: views, valid until the next step, which donates the arrays)."""
         return {k: v.addressable_data(0) for k, v in tree.items()}
 
+    def eval_params(self, run: Any) -> dict[str, Any]:
+        """A schedule-free optimizer's averaged x (replicated state: this process's copy);
+        before the first step x is the initial weights."""
+        if self._global is None:
+            return dict(run.params)
+        from ..interop import schedule_free_eval_params
+
+        return self._local(schedule_free_eval_params(run.state, self._global))
+
     def step(self, run: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, bool]:
         """One update on the global batch ``(x, y)``, split over the mesh."""
         step = self.step_fn

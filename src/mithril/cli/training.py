@@ -395,9 +395,16 @@ class Run:
         params = self.params if self.trainer is None else self.trainer.master_params
         if hasattr(self.optimizer, "eval_params") and (
                 self.parallel is None or not self.parallel.world.shard_state):
-            state = self.state if self.parallel is None else self.state.local
-            params = self.optimizer.eval_params(state, params)
+            params = self._averaged(params)
         return dict(params)
+
+    def _averaged(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A schedule-free optimizer's averaged x at the training weights ``params`` (y): of
+        this process's state, or on the JAX mesh (whose state is the sharded step's)."""
+        if hasattr(self.parallel, "eval_params"):
+            return self.parallel.eval_params(self)
+        state = self.state if self.parallel is None else self.state.local
+        return dict(self.optimizer.eval_params(state, params))
 
     def eval_params(self, ema: bool = False) -> dict[str, Any]:
         """The weights the model evaluates: the training ones or (``ema``) their EMA."""
@@ -408,11 +415,10 @@ class Run:
             # schedule-free: the averaged sequence x, not the gradient point y (a process of
             # a data-parallel run holds the whole state unless it is sharded); with mixed
             # precision, x of the float32 masters, cast to the compute dtype as they are
-            state = self.state if self.parallel is None else self.state.local
             if self.trainer is None:
-                return dict(self.optimizer.eval_params(state, self.params))
+                return self._averaged(self.params)
             engine = self.trainer._engine
-            x = self.optimizer.eval_params(state, self.trainer.master_params)
+            x = self._averaged(self.trainer.master_params)
             return dict(engine.cast_tree(x, engine.cdt))
         return self.params if self.trainer is None else self.trainer.compute_params()
 
