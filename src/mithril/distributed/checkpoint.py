@@ -391,7 +391,7 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
             raise CheckpointError(f"{folder!r}: 'consecutive_skips' must be an int >= 0, got "
                                   f"{run!r:.80}")
         parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
-        merged_counts(dp.optimizer, parts, list(first["names"]))
+        merged_counts(dp.optimizer, parts, list(first["names"]), step=int(first["step"]))
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
         error = e
     pg.agree("load_sharded", error)
@@ -408,6 +408,6 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     local.consecutive_skips = run
     local.values = {k: float(v) for k, v in first["values"].items()}
     # (None: saved before the counts were kept, inferred from the step when first used)
-    local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names))
+    local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names), local.step)
     local.set_missed(missed)  # (each tensor's own step count; none in an older checkpoint)
     return params, state
