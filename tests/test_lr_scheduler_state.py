@@ -217,12 +217,12 @@ def test_setting_lr_is_cheap_one_call_per_step() -> None:
 VALIDATION_CASES = [
     (lambda o: StepLR(o, 0), "step_size"),
     (lambda o: StepLR(o, 2.5), "step_size"),  # type: ignore[arg-type]
-    (lambda o: StepLR(o, 5, gamma=0.0), "gamma"),
+    (lambda o: StepLR(o, 5, gamma=math.inf), "gamma"),
     (lambda o: StepLR(o, 5, gamma=-1.0), "gamma"),
-    (lambda o: MultiStepLR(o, [10, 5]), "milestones"),
-    (lambda o: MultiStepLR(o, [0, 5]), "milestones"),
-    (lambda o: MultiStepLR(o, [5, 10], gamma=0), "gamma"),
-    (lambda o: ExponentialLR(o, 0.0), "gamma"),
+    (lambda o: MultiStepLR(o, [10, -5]), "milestones"),
+    (lambda o: MultiStepLR(o, [0, 5.5]), "milestones"),  # type: ignore[list-item]
+    (lambda o: MultiStepLR(o, [5, 10], gamma=-0.5), "gamma"),
+    (lambda o: ExponentialLR(o, -0.1), "gamma"),
     (lambda o: ExponentialLR(o, math.nan), "gamma"),
     (lambda o: CosineAnnealingLR(o, 0), "T_max"),
     (lambda o: CosineAnnealingLR(o, -3), "T_max"),
@@ -246,11 +246,11 @@ VALIDATION_CASES = [
     (lambda o: OneCycleLR(o, 0.0, 100), "max_lr"),
     (lambda o: OneCycleLR(o, 1.0, 0), "total_steps"),
     (lambda o: OneCycleLR(o, 1.0, 100, pct_start=1.5), "pct_start"),
-    (lambda o: OneCycleLR(o, 1.0, 3, pct_start=0.3), "pct_start"),  # empty warm-up phase
+    (lambda o: OneCycleLR(o, 1.0, 10, pct_start=0.1), "pct_start"),  # torch: 0 / 0 at step 0
     (lambda o: OneCycleLR(o, 1.0, 100, anneal_strategy="exp"), "anneal_strategy"),  # type: ignore[arg-type]
     (lambda o: OneCycleLR(o, 1.0, 100, div_factor=0.0), "div_factor"),
     (lambda o: OneCycleLR(o, 1.0, 100, final_div_factor=-1.0), "final_div_factor"),
-    (lambda o: SequentialLR(o, [StepLR(o, 2), StepLR(o, 3)], [0]), "milestones"),
+    (lambda o: SequentialLR(o, [StepLR(o, 2), StepLR(o, 3)], [-1]), "milestones"),
 ]
 
 

@@ -488,7 +488,7 @@ def test_sequential_rejects_foreign_or_bad_children() -> None:
     with pytest.raises(ValueError, match="milestones"):
         SequentialLR(opt, [a, StepLR(opt, 5)], milestones=[3, 4])
     with pytest.raises(ValueError, match="milestones"):
-        SequentialLR(opt, [a, StepLR(opt, 5), StepLR(opt, 5)], milestones=[4, 4])
+        SequentialLR(opt, [a, StepLR(opt, 5), StepLR(opt, 5)], milestones=[4, 3])
     with pytest.raises(ValueError, match="distinct"):
         SequentialLR(opt, [a, a], milestones=[3])
     with pytest.raises(ValueError, match="at least one"):

@@ -464,7 +464,7 @@ VALIDATION_CASES = [
     (lambda o: CyclicLR(o, 0.01, 0.1, HUGE), "step_size_up"),
     (lambda o: CyclicLR(o, 0.01, 0.1, 5, -1), "step_size_down"),
     (lambda o: CyclicLR(o, 0.01, 0.1, mode="sine"), "mode"),  # type: ignore[arg-type]
-    (lambda o: CyclicLR(o, 0.01, 0.1, gamma=0.0), "gamma"),
+    (lambda o: CyclicLR(o, 0.01, 0.1, gamma=-0.5), "gamma"),
     (lambda o: CyclicLR(o, 0.01, 0.1, scale_mode="epoch"), "scale_mode"),  # type: ignore[arg-type]
     (lambda o: CyclicLR(o, 0.01, 0.1, scale_fn=3.0), "scale_fn"),  # type: ignore[arg-type]
     (lambda o: CyclicLR(o, 0.01, 0.1, cycle_momentum=True), "cycle_momentum"),
@@ -492,7 +492,7 @@ VALIDATION_CASES = [
     (lambda o: PiecewiseInterpolate(o, "cubic", {5: 0.5}), "interpolate_type"),  # type: ignore[arg-type]
     (lambda o: PiecewiseInterpolate(o, "linear", {5.5: 0.5}), "boundaries_and_scales"),  # type: ignore[dict-item]
     (lambda o: PiecewiseInterpolate(o, "linear", {5: HUGE}), "boundaries_and_scales"),
-    (lambda o: JoinSchedules(o, [StepLR(o, 2), StepLR(o, 3)], [0]), "boundaries"),
+    (lambda o: JoinSchedules(o, [StepLR(o, 2), StepLR(o, 3)], [-1]), "boundaries"),
     (lambda o: JoinSchedules(o, [StepLR(o, 2), StepLR(o, 3)], [5, 6]), "boundaries"),
     (lambda o: JoinSchedules(o, [StepLR(o, 2), StepLR(o, 3)], [HUGE]), "boundaries"),
     (lambda o: CosineDecayRestarts(o, 0), "first_decay_steps"),

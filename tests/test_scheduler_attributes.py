@@ -19,14 +19,14 @@ import mithril.utils.optimizers as mo
 CASES: list[tuple[Callable[[FakeOpt], sch.LRScheduler], str, object, object]] = [
     (lambda o: sch.StepLR(o, 5, 0.5), "gamma", 0.8, -1.0),
     (lambda o: sch.StepLR(o, 5, 0.5), "step_size", 3, 0),
-    (lambda o: sch.MultiStepLR(o, [10, 20], 0.5), "milestones", [4, 12], [12, 4]),
+    (lambda o: sch.MultiStepLR(o, [10, 20], 0.5), "milestones", [4, 12], [12, -4]),
     (lambda o: sch.ExponentialLR(o, 0.9), "gamma", 0.95, math.nan),
     (lambda o: sch.CosineAnnealingLR(o, 40, 1e-3), "T_max", 25, 0),
     (lambda o: sch.CosineAnnealingLR(o, 40, 1e-3), "eta_min", 1e-2, -1.0),
     (lambda o: sch.CosineAnnealingLR(o, 40), "T_mult", 1, 2),  # (2 needs warm restarts)
     (lambda o: sch.CosineAnnealingWarmRestarts(o, 10, 2), "T_0", 4, 2.5),  # (T_max: torch's name)
     (lambda o: sch.OneCycleLR(o, 1.0, 100), "max_lr", 0.5, 0.0),
-    (lambda o: sch.OneCycleLR(o, 1.0, 100), "total_steps", 60, 3),  # (an empty phase)
+    (lambda o: sch.OneCycleLR(o, 1.0, 100, pct_start=0.2), "total_steps", 60, 5),  # (0 / 0)
     (lambda o: sch.OneCycleLR(o, 1.0, 100), "pct_start", 0.5, 1.5),
     (lambda o: sch.LinearWarmupScheduler(o, 10, 0.0, 0.2), "end_lr", 0.1, math.inf),
     (lambda o: sch.ReduceLROnPlateau(o, patience=2), "factor", 0.5, 1.5),

@@ -99,13 +99,17 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _check_milestones(name: str, milestones: Any) -> list[int]:
+def _check_milestones(name: str, milestones: Any, *, any_order: bool = False) -> list[int]:
+    """Integers ``>= 0``, non-decreasing (a repeat: a phase of no steps), or with
+    ``any_order`` sorted (a repeat counts once per occurrence: torch's ``Counter``)."""
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
         raise ValueError(f"{name} must be a sequence of integers, got {describe(milestones)}")
-    out = [_check_int(f"{name}[{i}]", m, minimum=1) for i, m in enumerate(milestones)]
+    out = [_check_int(f"{name}[{i}]", m, minimum=0) for i, m in enumerate(milestones)]
+    if any_order:
+        return sorted(out)
     for prev, cur in zip(out, out[1:], strict=False):
-        if cur <= prev:
-            raise ValueError(f"{name} must be strictly increasing, got {out}")
+        if cur < prev:  # (torch's bisect would run the schedulers out of order)
+            raise ValueError(f"{name} must be non-decreasing, got {out}")
     return out
 
 

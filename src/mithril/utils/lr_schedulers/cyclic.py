@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -61,10 +62,11 @@ class CyclicLR(MomentumCycle, LRScheduler):
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         base_lr: lower bound of the cycle, ``>= 0``.
         max_lr: upper bound of the cycle, ``>= 0``.
-        step_size_up: steps of the rising half, integer ``>= 1``.
-        step_size_down: steps of the falling half, integer ``>= 0`` (``None``: ``step_size_up``).
+        step_size_up: steps of the rising half, a real number ``> 0`` (PyTorch's arithmetic is
+            in floats: ``2.5`` is a cycle of 5 steps with ``step_size_down=None``).
+        step_size_down: steps of the falling half, real ``>= 0`` (``None``: ``step_size_up``).
         mode: ``'triangular'``, ``'triangular2'`` or ``'exp_range'``.
-        gamma: base of ``'exp_range'``, ``> 0``.
+        gamma: base of ``'exp_range'``, ``>= 0``.
         scale_fn: optional callable returning the amplitude scale (overrides ``mode``).
         scale_mode: ``'cycle'`` or ``'iterations'`` (only used with ``scale_fn``; the modes
             fix it as PyTorch does).
@@ -118,11 +120,13 @@ class CyclicLR(MomentumCycle, LRScheduler):
         scale_mode: str,
     ) -> None:
         max_lr = _check_real("max_lr", max_lr, ge=0.0)
-        up = _check_int("step_size_up", step_size_up, minimum=1)
-        down = None if step_size_down is None else _check_int(
-            "step_size_down", step_size_down, minimum=0)
+        up = _step_size("step_size_up", step_size_up)
+        if up == 0:
+            raise ValueError(f"step_size_up must be > 0, got {up} (torch's CyclicLR divides by "
+                             f"zero at step 0)")
+        down = None if step_size_down is None else _step_size("step_size_down", step_size_down)
         mode = _check_choice("mode", mode, _MODES)
-        gamma = _check_real("gamma", gamma, gt=0.0)
+        gamma = _check_real("gamma", gamma, ge=0.0)
         scale_mode = _check_choice("scale_mode", scale_mode, ("cycle", "iterations"))
         if self.scale_fn is None:  # torch's _init_scale_fn
             scale_mode = "iterations" if mode == "exp_range" else "cycle"
@@ -187,3 +191,11 @@ class CyclicLR(MomentumCycle, LRScheduler):
                 f"{'with' if custom else 'without'} a scale_fn; scale_fn is not saved: build "
                 "the scheduler with the same one)"
             )
+
+
+def _step_size(name: str, value: Any) -> int | float:
+    """A half cycle's length ``>= 0``: a real number, as torch computes in floats (an integer
+    is kept one, as given)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return _check_int(name, value, minimum=0)
+    return _check_real(name, value, ge=0.0)

@@ -13,8 +13,8 @@ __all__ = ["JoinSchedules"]
 class JoinSchedules(SequentialLR):
     """Schedulers one after another, under the names of ``optax.join_schedules``.
 
-    With ``boundaries = [b_1, ..., b_{k-1}]`` (strictly increasing positive integers, ``b_0 =
-    0``), schedule ``i`` is active for ``b_i <= t < b_{i+1}`` and sees the step ``t - b_i``:
+    With ``boundaries = [b_1, ..., b_{k-1}]`` (non-decreasing integers ``>= 0``, ``b_0 =
+    0``; a repeat or a ``0`` gives a schedule no steps, as in optax), schedule ``i`` is active for ``b_i <= t < b_{i+1}`` and sees the step ``t - b_i``:
 
     .. math:: \\eta_t = \\text{schedules}_i.\\text{get\\_lr\\_at}(t - b_i)
 
@@ -29,7 +29,7 @@ class JoinSchedules(SequentialLR):
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         schedules: at least one distinct scheduler, all on ``optimizer``.
-        boundaries: ``len(schedules) - 1`` strictly increasing positive integers.
+        boundaries: ``len(schedules) - 1`` non-decreasing integers ``>= 0``.
     """
 
     _HPARAMS = ("boundaries",)

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 from .base import LRScheduler, SupportsLearningRate, _check_int, _check_real
 
 __all__ = ["ConstantLR", "LinearLR", "PolynomialLR"]
+
+
+def _check_total_iters(value: Any, torch_with_zero: str) -> int:
+    """``total_iters``, an integer ``>= 1``; torch takes 0, and ``torch_with_zero`` says
+    what it then does (nothing a schedule of 0 steps means)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == 0:
+        raise ValueError(f"total_iters must be an integer >= 1, got 0 (torch's {torch_with_zero})")
+    return _check_int("total_iters", value, minimum=1)
 
 
 class ConstantLR(LRScheduler):
@@ -36,7 +47,9 @@ class ConstantLR(LRScheduler):
 
     def _configure(self, *, factor: float, total_iters: int) -> None:
         factor = _check_real("factor", factor, ge=0.0, le=1.0)
-        total_iters = _check_int("total_iters", total_iters, minimum=1)
+        total_iters = _check_total_iters(
+            total_iters, "ConstantLR keeps factor forever on step(), where its closed form "
+                         "never applies it")
         self.factor, self.total_iters = factor, total_iters
 
     def _lr_at(self, t: int) -> float:
@@ -55,7 +68,8 @@ class LinearLR(LRScheduler):
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         start_factor: factor at step 0, in ``(0, 1]`` (as PyTorch).
         end_factor: factor from step ``total_iters`` on, in ``[0, 1]`` (as PyTorch).
-        total_iters: length of the ramp, integer ``>= 1``.
+        total_iters: length of the ramp, integer ``>= 1`` (PyTorch takes 0, then keeps
+            ``start_factor`` forever, its closed form dividing by zero: refused).
     """
 
     _HPARAMS = ("start_factor", "end_factor", "total_iters")
@@ -74,7 +88,9 @@ class LinearLR(LRScheduler):
     def _configure(self, *, start_factor: float, end_factor: float, total_iters: int) -> None:
         start_factor = _check_real("start_factor", start_factor, gt=0.0, le=1.0)
         end_factor = _check_real("end_factor", end_factor, ge=0.0, le=1.0)
-        total_iters = _check_int("total_iters", total_iters, minimum=1)
+        total_iters = _check_total_iters(
+            total_iters, "LinearLR keeps start_factor forever on step(), never reaching "
+                         "end_factor, and its closed form divides by zero")
         self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
 
     def _lr_at(self, t: int) -> float:
@@ -90,7 +106,8 @@ class PolynomialLR(LRScheduler):
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        total_iters: decay length, integer ``>= 1``.
+        total_iters: decay length, integer ``>= 1`` (PyTorch takes 0, then never decays, its
+            closed form dividing by zero: refused).
         power: exponent, ``>= 0``.
     """
 
@@ -104,7 +121,9 @@ class PolynomialLR(LRScheduler):
         self._restart()
 
     def _configure(self, *, total_iters: int, power: float) -> None:
-        total_iters = _check_int("total_iters", total_iters, minimum=1)
+        total_iters = _check_total_iters(
+            total_iters, "PolynomialLR never decays on step(), and its closed form divides "
+                         "by zero")
         power = _check_real("power", power, ge=0.0)
         self.total_iters, self.power = total_iters, power
 

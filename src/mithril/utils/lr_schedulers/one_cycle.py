@@ -40,10 +40,12 @@ class OneCycleLR(MomentumCycle, LRScheduler):
     each of its ``total_steps`` batches never uses it) and an optimizer here refuses.
 
     Like PyTorch, the optimizer is set to ``initial_lr`` at construction and ``base_lr`` is set
-    to ``initial_lr`` (the optimizer's previous learning rate is irrelevant). Unlike PyTorch,
-    configurations with an empty or negative-length phase (e.g. ``pct_start * total_steps <=
-    1``), which PyTorch turns into a division by zero or a schedule that never reaches
-    ``max_lr``, raise :class:`ValueError`.
+    to ``initial_lr`` (the optimizer's previous learning rate is irrelevant). A phase may have
+    no steps, as in PyTorch: ``pct_start = 0`` (or ``pct_start * total_steps < 1``) starts
+    part-way down the anneal from ``max_lr``, never reached; ``pct_start = 1`` with
+    ``three_phase`` ends on the way back down. Where a step ``0 .. total_steps`` falls in a
+    phase of length 0, PyTorch divides by zero (``pct_start * total_steps = 1``; two-phase
+    ``pct_start = 1`` at step ``total_steps``), and this raises :class:`ValueError`.
 
     ``cycle_momentum=True`` cycles the momentum inversely to the rate, as PyTorch: annealed
     (same strategy, same phases) from ``max_momentum`` down to ``base_momentum`` while the
@@ -162,15 +164,19 @@ class OneCycleLR(MomentumCycle, LRScheduler):
                 (float(pct_start * total_steps) - 1, initial_lr, max_lr),
                 (float(total_steps - 1), max_lr, min_lr),
             ]
-        start = 0.0
+        # why: torch's phases as they are, one of no steps included (pct_start 0 or 1); a
+        # step 0..total_steps landing in a phase of length 0 is refused: torch divides by
+        # zero there (in one of negative length, only step total_steps, torch runs it back)
+        start, before, last = 0.0, -math.inf, len(phases) - 1
         for i, (end, _, _) in enumerate(phases):
-            if not end > start:
+            first = 0 if i == 0 else max(0, math.floor(before) + 1)  # its first step
+            if end == start and first <= (total_steps if i == last else min(end, total_steps)):
                 raise ValueError(
-                    f"pct_start={pct_start} and total_steps={total_steps} give an empty or "
-                    f"negative-length phase {i} (from step {start} to {end}); increase "
-                    f"total_steps or choose pct_start so that every phase lasts > 0 steps"
-                )
-            start = end
+                    f"pct_start={pct_start} and total_steps={total_steps} give phase {i} a "
+                    f"length of 0 steps (from step {start} to {end}) and step {first} falls "
+                    f"in it: torch's OneCycleLR divides by zero there; change pct_start or "
+                    f"total_steps")
+            start, before = end, max(before, end)
 
         self.max_lr, self.total_steps, self.pct_start = max_lr, total_steps, pct_start
         self.anneal_strategy, self.div_factor = anneal_strategy, div_factor

@@ -22,9 +22,9 @@ __all__ = ["SequentialLR"]
 class SequentialLR(ChildrenState, LRScheduler):
     """Run several schedulers one after another, switching at the given milestones.
 
-    Like PyTorch's ``SequentialLR``: with ``milestones = [m_1, ..., m_{k-1}]`` (strictly
-    increasing), child ``i`` is active for ``m_i <= t < m_{i+1}`` (``m_0 = 0``) and restarts
-    its own step counter at ``0`` on its milestone, so
+    Like PyTorch's ``SequentialLR``: with ``milestones = [m_1, ..., m_{k-1}]`` (non-decreasing
+    integers ``>= 0``), child ``i`` is active for ``m_i <= t < m_{i+1}`` (``m_0 = 0``) and
+    restarts its own step counter at ``0`` on its milestone, so
 
     .. math:: \\eta_t = \\text{child}_i.\\text{get\\_lr\\_at}(t - m_i).
 
@@ -37,7 +37,9 @@ class SequentialLR(ChildrenState, LRScheduler):
     so in torch the children *before* it start from that value; here they keep
     ``schedulers[0].base_lr`` (the OneCycleLR child still cycles from its own ``max_lr``).
     A later child that goes on from the rate it finds, as torch's (:class:`SWALR`,
-    :class:`MultiplicativeLR`), starts from the rate of step ``m_i - 1`` instead.
+    :class:`MultiplicativeLR`), starts from the rate of step ``m_i - 1`` instead (at ``m_i =
+    0`` as built, from ``base_lr``). A repeated milestone, or ``0``, gives a child no steps,
+    as in PyTorch.
 
     Unlike PyTorch, a child may be a :class:`ReduceLROnPlateau` (or a composite containing
     one). ``step(metric)`` forwards ``metric`` to the active child if it needs one (otherwise
@@ -52,7 +54,7 @@ class SequentialLR(ChildrenState, LRScheduler):
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         schedulers: at least one distinct scheduler, all on ``optimizer``.
-        milestones: ``len(schedulers) - 1`` strictly increasing positive integers.
+        milestones: ``len(schedulers) - 1`` non-decreasing integers ``>= 0``.
     """
 
     _HPARAMS = ("milestones",)
@@ -104,8 +106,9 @@ class SequentialLR(ChildrenState, LRScheduler):
     def _lr_at(self, t: int) -> float:
         idx, local = self._locate(t)
         child = self.schedulers[idx]
-        if idx and child._STARTS_FROM_CURRENT:  # (from the rate the phase before left)
-            return child._lr_at_from(local, self._lr_at(self.milestones[idx - 1] - 1))
+        m = self.milestones[idx - 1] if idx else 0
+        if m and child._STARTS_FROM_CURRENT:  # (from the rate the phase before left; at 0
+            return child._lr_at_from(local, self._lr_at(m - 1))  # it starts as built)
         return child.get_lr_at(local)
 
     def _extra_targets(self, t: int) -> list[tuple[Any, float]]:
@@ -124,7 +127,7 @@ class SequentialLR(ChildrenState, LRScheduler):
         self._last_step = 0
         for child in self.schedulers:
             child._reset_state()
-        self._last_lr = self.schedulers[0].get_last_lr()
+        self._last_lr = self.schedulers[self._locate(0)[0]].get_last_lr()
 
     def step(self, metric: float | None = None) -> None:  # type: ignore[override]
         """Advance one step; ``metric`` goes to the active child if it is metric-driven (a

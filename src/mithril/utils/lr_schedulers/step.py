@@ -18,7 +18,7 @@ class StepLR(LRScheduler):
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         step_size: period of the decay, integer ``>= 1``.
-        gamma: multiplicative factor, ``> 0``.
+        gamma: multiplicative factor, ``>= 0`` (0: the rate is 0 from the first decay on).
     """
 
     _HPARAMS = ("step_size", "gamma")
@@ -30,7 +30,7 @@ class StepLR(LRScheduler):
 
     def _configure(self, *, step_size: int, gamma: float) -> None:
         step_size = _check_int("step_size", step_size, minimum=1)
-        gamma = _check_real("gamma", gamma, gt=0.0)
+        gamma = _check_real("gamma", gamma, ge=0.0)
         self.step_size, self.gamma = step_size, gamma
 
     def _lr_at(self, t: int) -> float:
@@ -44,9 +44,9 @@ class MultiStepLR(LRScheduler):
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        milestones: strictly increasing positive integers (PyTorch also accepts unsorted or
-            repeated milestones; here they raise :class:`ValueError`).
-        gamma: multiplicative factor, ``> 0``.
+        milestones: integers ``>= 0`` in any order, as PyTorch's; a repeated one decays by
+            ``gamma`` once per repeat (PyTorch's ``Counter``); kept sorted.
+        gamma: multiplicative factor, ``>= 0``.
     """
 
     _HPARAMS = ("milestones", "gamma")
@@ -59,8 +59,8 @@ class MultiStepLR(LRScheduler):
         self._restart()
 
     def _configure(self, *, milestones: Sequence[int], gamma: float) -> None:
-        ms = _check_milestones("milestones", milestones)
-        gamma = _check_real("gamma", gamma, gt=0.0)
+        ms = _check_milestones("milestones", milestones, any_order=True)
+        gamma = _check_real("gamma", gamma, ge=0.0)
         self.milestones, self.gamma = ms, gamma
 
     def _lr_at(self, t: int) -> float:
@@ -74,7 +74,7 @@ class ExponentialLR(LRScheduler):
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        gamma: multiplicative factor, ``> 0``.
+        gamma: multiplicative factor, ``>= 0`` (0: the rate is 0 from the first decay on).
     """
 
     _HPARAMS = ("gamma",)
@@ -85,7 +85,7 @@ class ExponentialLR(LRScheduler):
         self._restart()
 
     def _configure(self, *, gamma: float) -> None:
-        self.gamma = _check_real("gamma", gamma, gt=0.0)
+        self.gamma = _check_real("gamma", gamma, ge=0.0)
 
     def _lr_at(self, t: int) -> float:
         return self.base_lr * self.gamma**t
