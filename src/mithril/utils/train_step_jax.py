@@ -71,42 +71,58 @@ SKIPPED = "num_skipped"
 #: where it counts the non-finite steps applied after ``max_consecutive_skips`` in a row
 #: (what ``update`` warns of at each: the program keeps the count, a later call warns)
 GIVEN_UP = "num_given_up"
+#: where it counts the applied steps that were non-finite (``OptimizerState.num_nonfinite``:
+#: a non-finite gradient each time, params or state made non-finite once until a step
+#: leaves them finite again) and whether the last applied step left them non-finite
+NONFINITE, NONFINITE_VALUES = "num_nonfinite", "nonfinite_values"
 
 
-def counting_given_up(tx: Any) -> Any:
-    """``tx`` (an optax transformation of an optimizer) whose ``init`` adds the
-    :data:`GIVEN_UP` counter where the state counts non-finite steps in a row."""
+def counting(tx: Any, optimizer: Any) -> Any:
+    """``tx`` (an optax transformation of ``optimizer``) whose ``init`` adds the
+    :data:`GIVEN_UP` counter where the state counts non-finite steps in a row, and the
+    :data:`NONFINITE` ones where a step may be applied non-finite (``"propagate"``, or
+    given up after ``max_consecutive_skips``)."""
     from ..interop.optax_prologue import CONSECUTIVE
 
     def init(params: Any) -> Any:
         state = tx.init(params)
-        if CONSECUTIVE not in state.hyperparams:
+        run = CONSECUTIVE in state.hyperparams
+        applies = run or getattr(optimizer, "nonfinite", None) == "propagate"
+        if not applies:
             return state
         import jax.numpy as jnp
 
-        return state._replace(hyperparams={**state.hyperparams,
-                                           GIVEN_UP: jnp.zeros((), jnp.int32)})
+        added = {NONFINITE: jnp.zeros((), jnp.int32), NONFINITE_VALUES: jnp.zeros((), bool)}
+        if run:
+            added[GIVEN_UP] = jnp.zeros((), jnp.int32)
+        return state._replace(hyperparams={**state.hyperparams, **added})
 
     return tx._replace(init=init)
 
 
 def carry_counts(opt_state: Any, state: Any) -> Any:
     """``opt_state`` (an ``OptaxState``) with the non-finite steps in a row of ``state`` (an
-    ``OptimizerState``), where it counts them (``max_consecutive_skips``)."""
+    ``OptimizerState``), where it counts them (``max_consecutive_skips``), and its applied
+    non-finite steps, where it counts those."""
     from ..interop.optax_prologue import CONSECUTIVE
 
-    if CONSECUTIVE not in opt_state.hyperparams:
+    held = opt_state.hyperparams
+    if CONSECUTIVE not in held and NONFINITE not in held:
         return opt_state
     import jax.numpy as jnp
 
-    return opt_state._replace(hyperparams={**opt_state.hyperparams, CONSECUTIVE: jnp.asarray(
-        state.consecutive_skips, jnp.int32)})
+    got = {CONSECUTIVE: jnp.asarray(state.consecutive_skips, jnp.int32)} \
+        if CONSECUTIVE in held else {}
+    if NONFINITE in held:
+        got[NONFINITE] = jnp.asarray(state.num_nonfinite, jnp.int32)
+        got[NONFINITE_VALUES] = jnp.asarray(bool(state.nonfinite_values))
+    return opt_state._replace(hyperparams={**held, **got})
 
 
 def read_counts(opt_state: Any, out: Any) -> None:
     """The counts of ``opt_state`` (its step count and those the program keeps in its
-    ``hyperparams``: the skipped steps, the non-finite ones in a row) set on ``out``, an
-    ``OptimizerState``."""
+    ``hyperparams``: the skipped steps, the non-finite ones in a row, the non-finite ones
+    applied) set on ``out``, an ``OptimizerState``."""
     from ..interop.optax_prologue import CONSECUTIVE
 
     out.step = int(opt_state.count)
@@ -115,6 +131,29 @@ def read_counts(opt_state: Any, out: Any) -> None:
         out.num_skipped = int(held[SKIPPED])
     if CONSECUTIVE in held:
         out.consecutive_skips = int(held[CONSECUTIVE])
+    if NONFINITE in held:
+        out.num_nonfinite = int(held[NONFINITE])
+        out.nonfinite_values = bool(held[NONFINITE_VALUES])
+
+
+def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: Any
+                     ) -> dict[str, Any]:
+    """The :data:`NONFINITE` counts after a step (traced), as ``OptimizerState.note_applied``
+    keeps them: an ``applied`` step counts if its gradients (``grads``) are non-finite, or if
+    its new params (``new``) or state (``opt_state``) are and the last applied step's were
+    not."""
+    import jax
+    import jax.numpy as jnp
+
+    bad_grad = ~jnp.isfinite(gradients_norm(list(grads)))
+    finite = jnp.asarray(True)
+    for x in jax.tree_util.tree_leaves((new, opt_state.slots, opt_state.tensor_slots,
+                                        opt_state.values)):
+        finite = finite & jnp.all(jnp.isfinite(x))
+    was = held[NONFINITE_VALUES]
+    counted = applied & (bad_grad | (~finite & ~was))
+    return {NONFINITE: held[NONFINITE] + counted.astype(held[NONFINITE].dtype),
+            NONFINITE_VALUES: jnp.where(applied, ~finite, was)}
 
 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
@@ -127,7 +166,8 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     where no operator keeps any), gradients). A state holding :data:`SKIPPED`
     (``nonfinite="skip"``) counts a skipped step there: the update leaves its count then;
     one holding :data:`GIVEN_UP` counts a step applied with the run of non-finite steps
-    going on (``max_consecutive_skips`` reached: what ``update`` warns of).
+    going on (``max_consecutive_skips`` reached: what ``update`` warns of); one holding
+    :data:`NONFINITE` counts the non-finite steps applied (:func:`nonfinite_counts`).
     """
     import jax.numpy as jnp
 
@@ -148,16 +188,20 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     old_state = opt_state
     new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
                                       new_params=True, **({} if hyper is None else {"hyper": hyper}))
-    held = old_state.hyperparams
+    held, counts, applied = old_state.hyperparams, {}, jnp.asarray(True)
     if SKIPPED in held:  # a skipped step leaves the count (unless saturated)
         skipped = (opt_state.count == old_state.count) & (old_state.count != _INT32_MAX)
-        counts = {SKIPPED: held[SKIPPED] + skipped.astype(held[SKIPPED].dtype)}
+        applied = ~skipped
+        counts[SKIPPED] = held[SKIPPED] + skipped.astype(held[SKIPPED].dtype)
         from ..interop.optax_prologue import CONSECUTIVE
 
         run = opt_state.hyperparams.get(CONSECUTIVE)
         if GIVEN_UP in held and run is not None:  # applied, and the run goes on: given up
             bad = (opt_state.count != old_state.count) & (run > 0)
             counts[GIVEN_UP] = held[GIVEN_UP] + bad.astype(held[GIVEN_UP].dtype)
+    if NONFINITE in held:
+        counts.update(nonfinite_counts(held, applied, grads, new_params, opt_state))
+    if counts:
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **counts})
     new = tuple(new_params[n] for n in names)
     return new, opt_state, out, mstate, grads
@@ -381,8 +425,8 @@ class HyperparameterWatch:
             if self._tracing:  # (every float one: a schedule begun later compiles nothing)
                 traced.update(floats(self.optimizer))
             self._traced = tuple(sorted(traced))
-            self._tx = counting_given_up(optax_transformation(
-                self.optimizer, traced_hyperparams=self._traced))
+            self._tx = counting(optax_transformation(
+                self.optimizer, traced_hyperparams=self._traced), self.optimizer)
             if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer, self._traced)
             self._hyper_args = self._hyper_arrays()
