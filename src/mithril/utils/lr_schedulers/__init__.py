@@ -10,14 +10,20 @@ scheduler may call ``set_learning_rate`` on every step.
 
 Conventions (shared by all schedulers, identical to ``torch.optim.lr_scheduler``):
 
-* The step counter ``t`` (attribute ``last_step``) starts at ``0``. Constructing a scheduler puts
+* The step counter ``t`` (attribute ``last_step``, read-only: torch's ``last_epoch``; jump to a
+  saved step with ``load_state_dict``) starts at ``0``. Constructing a scheduler puts
   the optimizer at the value of step ``0``; each call to :meth:`LRScheduler.step` advances ``t``
   by one and sets the optimizer's learning rate to the value of the new step. Call ``step()``
   *after* the optimizer update, as in PyTorch.
 * ``base_lr`` is the optimizer's learning rate when the scheduler is constructed (a few
   schedulers re-base it explicitly; see :class:`LinearWarmupScheduler`, :class:`OneCycleLR` and
   :class:`SequentialLR`), or the ``base_lr=`` keyword a closed form takes (kept by parents:
-  each optax schedule's own ``init_value``; see :class:`LRScheduler`).
+  each optax schedule's own ``init_value``; see :class:`LRScheduler`). Built after another
+  scheduler moved the rate, a scheduler starts from the rate it finds, as torch's chainable
+  ones do in effect; torch's :class:`LambdaLR` and :class:`CosineAnnealingWarmRestarts` instead
+  take the group's first ``initial_lr`` (the rate before the first scheduler: pass it as
+  ``base_lr=`` for theirs), its :class:`CosineAnnealingLR` mixes that in after ``T_max`` and its
+  :class:`CyclicLR`'s step 0 is it.
 * Apart from :class:`ReduceLROnPlateau` (which depends on the observed metric), every schedule is
   a *closed form*: :meth:`LRScheduler.get_lr_at` is a pure function of the integer step ``t`` and
   the hyper-parameters. PyTorch evaluates several schedules recursively (``lr_t = lr_{t-1} *
