@@ -18,9 +18,9 @@ them must have finished by then (nothing waits for it, unlike a donated buffer).
 
 The step count ``t`` (bias corrections, AdaGrad's lr decay, SGD's undampened first
 buffer) is one per optimizer state, as in optax; torch counts per parameter, which differs
-only for parameters that missed steps (absent from ``gradients``: such parameters and their
-slots are left untouched). A state counts those as torch does once told which they were
-(:meth:`OptimizerState.note_missed`, what ``torch_optimizer`` does).
+only for parameters that missed steps (absent from ``gradients``: left untouched). A state
+counts those as torch does once told (:meth:`OptimizerState.note_missed`, ``torch_optimizer``
+does), unless the class sets ``counts_missed = False`` (its reference counts per group).
 
 Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
 in ``state.last_grad_norm`` under the first three policies:
@@ -373,12 +373,12 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         each) and :attr:`state_values`, return ``(extra, tensors, values)``: the extra
         scalars the second pass appends to :meth:`math`'s (arrays with one value per
         tensor, or floats), and the new tensor slots and values, kept only if the step is
-        applied. ``sizes`` holds each tensor's element count. Written with arithmetic and
-        :mod:`.elementwise` functions only, so that it runs on NumPy and traced JAX arrays
-        alike: the jitted JAX engine and the optax transformation then run it inside their
-        program, in the parameters' float width (float32 for float32 parameters, where
-        the host computes in float64), and keep the values on the device between steps
-        (``state.values`` reads them back)."""
+        applied. ``sizes`` holds each tensor's element count. ``step``: each tensor's own
+        count (an array where they differ: a group's ``step_offset``, missed steps), or the
+        optimizer's, one number, where the class sets ``tensor_scalars_step = "optimizer"``
+        (what optimizer-wide values read). Written with arithmetic and :mod:`.elementwise`
+        functions only: the jitted JAX engine and the optax transformation run it traced,
+        in the parameters' float width, the values kept on the device (``state.values``)."""
         return (), tensors, values
 
     def two_pass(self) -> bool:

@@ -433,13 +433,13 @@ class GroupsMixin:
 
     def group_rows(self, state: OptimizerState) -> tuple[np.ndarray, list[Any]]:
         """Each tensor's row of scalars and one optimizer per row (row 0: this one); a
-        parameter that missed steps (``state.missed``) gets a row of its own count."""
+        parameter that missed steps gets a row of its own count, unless ``counts_missed`` is False."""
         key = (self._groups_version, id(self._groups))
         cached = state.groups
         if cached is None or cached[0] != key:
             index, rows, _ = resolve(self, state.layout.name_list)
             cached = state.groups = (key, index, rows)
-        missed = getattr(state, "missed", None)
+        missed = getattr(state, "missed", None) if getattr(self, "counts_missed", True) else None
         if missed is None:
             return cached[1], views(self, cached[2])
         own = state.own_rows

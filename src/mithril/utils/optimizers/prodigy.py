@@ -68,6 +68,9 @@ class Prodigy(Optimizer):
     #: read from self between the passes (one d for every parameter): a group cannot have
     #: its own (a group's was silently unused)
     step_wide = ("beta3", "epsilon", "estim_lr0", "estim_lr_coef")
+    #: a parameter's missed steps leave its bias correction on the optimizer's count (the
+    #: reference's per-group ``k``, optax's one count): ``d`` sums every tensor's ``dlr``
+    counts_missed = False
     scalar_values = ("d",)  # scalars(step, d=...) reads the state's d
     reductions = 2
     weight_decay_in_math = True

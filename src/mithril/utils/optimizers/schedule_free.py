@@ -131,6 +131,12 @@ class _ScheduleFree(Optimizer):
 
     state_values = ("weight_sum", "max_lr")
     weight_decay_in_math = True
+    # a parameter without a gradient skips its z and y update, but not the count: the
+    # reference counts per group (its k: warm-up, bias correction), optax per optimizer
+    counts_missed = False
+    # the weight sum and largest lr are optimizer-wide: they read the optimizer's step,
+    # not a late group's own count (a group's step_offset)
+    tensor_scalars_step = "optimizer"
 
     def _common(self, beta1: Any, warmup_steps: Any, weight_lr_power: Any) -> None:
         self.beta1 = _check_b1(beta1)
@@ -217,7 +223,10 @@ class ScheduleFreeSGD(_ScheduleFree):
     it, see :func:`warmup`). A learning-rate change (``set_learning_rate``, a scheduler)
     acts as optax's ``inject_hyperparams``; ``max_lr`` then keeps the largest so far. With
     parameter groups, each group's lr scales its own ``z`` step; the averaging weight uses
-    the optimizer's learning rate.
+    the optimizer's learning rate and step count. A parameter without a gradient
+    (``note_missed``: ``torch_optimizer``, ``make_train_step``) keeps its ``y`` and ``z``
+    but not its count: its warm-up and bias correction read its group's step, as the
+    reference's per-group ``k`` does (a group that joined later counts from its join).
 
     Conventions (optax's): ``beta1`` is the interpolation ``β₁`` (no momentum buffer),
     ``weight_decay`` is added to the gradient (``add_decayed_weights`` before ``sgd``, so it

@@ -232,8 +232,9 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
     own_end = rows.shape[1] - n_avg
     host = state.engine.to_numpy
     tensors = {s: np.asarray(host(state.slots[s]), dtype=np.float64) for s in opt.tensor_slots}
-    steps = [v.row_step(t) for v in opt.group_rows(state)[1]]
-    if any(s != t for s in steps):  # groups that joined later: each tensor's own t
+    steps = [v.row_step(t) for v in opt.group_rows(state)[1]]  # (also checks the offsets)
+    # groups that joined later: each tensor's own t, unless the optimizer-wide values read t
+    if getattr(opt, "tensor_scalars_step", "tensor") == "tensor" and any(s != t for s in steps):
         t = np.array(steps, dtype=np.float64)[index]
     with np.errstate(all="ignore"):  # inf/NaN are found by the second pass's probe
         extra, new_tensors, values = opt.tensor_scalars(
