@@ -46,6 +46,7 @@ from .jax_per_tensor import (
     own_table,
     second_table,
     settings_hold,
+    tensor_steps,
 )
 
 _UNSEEN = object()
@@ -273,7 +274,7 @@ class JaxEngine(Engine):
             sels, masks, offsets = selectors
             wide, table = table, table.astype(lay.dtype)
             if first is not None and first.own is not None:  # own scalars of the values
-                wide = own_table(first, wide, t, values, own_numbers)
+                wide = own_table(first, wide, t[0], values, own_numbers)  # (each tensor's)
                 table = wide.astype(lay.dtype)
             if tclip is not None:  # each tensor's clipping scale, from its Σ g²
                 wide = clip_scales(parts, tclip, wide, parts.flat(_adaptive(lay, params,
@@ -535,7 +536,7 @@ class JaxEngine(Engine):
         kernel_slots = {s: slots.chunks(s) for s in names}
         extra = ()
         if first:  # the step, the tensor slots and the settings tensor_scalars reads
-            extra = (np.int32(t), {s: slots[s] for s in first.tensor_slots},
+            extra = (tensor_steps(opt, state, t), {s: slots[s] for s in first.tensor_slots},
                      np.array([getattr(opt, k) for k in first.names], dtype=hp.dtype)
                      if first.names else None, self._values(state, first, hp.dtype),
                      None if own_nums is None else own_nums.astype(hp.dtype))

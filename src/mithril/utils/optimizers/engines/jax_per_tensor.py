@@ -207,6 +207,17 @@ class First(NamedTuple):
     own: tuple | None  # own_columns' spec: the own scalars made in the program (scalar_values)
 
 
+def tensor_steps(opt: Any, state: Any, t: int) -> tuple[Any, Any]:
+    """The program's step argument: each tensor's own count (its row's, a group's
+    ``step_offset`` and missed steps left out; ``t`` itself where every tensor's is ``t``)
+    and the optimizer's ``t``, as the host's :func:`~.common.two_pass_table` reads them."""
+    from ..groups import row_step
+
+    index, views = opt.group_rows(state)
+    steps = np.array([row_step(v, t) for v in views], dtype=np.int32)
+    return (np.int32(t) if (steps == t).all() else steps[index]), np.int32(t)
+
+
 def second_table(parts: Any, first: First, wide: Any, ps: list, gs: list, cols: list,
                  slots: Any, t: Any, tensors: dict[str, Any], numbers: Any,
                  values: dict[str, Any], present: np.ndarray | None
@@ -218,7 +229,8 @@ def second_table(parts: Any, first: First, wide: Any, ps: list, gs: list, cols: 
     the host); the new tensor slots (a tensor without a gradient, ``present`` False,
     keeps its own) and the new state values. ``tensors``: the tensor slots (per tensor,
     in ``wide``'s dtype); ``numbers``: the settings ``tensor_scalars`` reads (``first``'s
-    names, in order); ``values``: the state values (0-d)."""
+    names, in order); ``values``: the state values (0-d); ``t``: :func:`tensor_steps`'s
+    pair, the optimizer's count where ``tensor_scalars_step`` is ``"optimizer"``."""
     import jax.numpy as jnp
 
     own_end = 4 + first.n_own  # (the prologue's four columns, then the optimizer's own)
@@ -234,7 +246,7 @@ def second_table(parts: Any, first: First, wide: Any, ps: list, gs: list, cols: 
     me = _Traced(first.cls, {k: numbers[i].astype(dt) for i, k in enumerate(first.names)},
                  first.statics)
     extra, new, new_values = first.fn(
-        me, t, tuple(sums[:, k] for k in range(sums.shape[1])),
+        me, t[getattr(first.cls, "tensor_scalars_step", "tensor") == "optimizer"], tuple(sums[:, k] for k in range(sums.shape[1])),
         tuple(wide[:, j] for j in range(4, own_end)), dict(tensors),
         {k: v.astype(dt) for k, v in values.items()}, parts.lay.sizes)
     extra = [jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in extra]
