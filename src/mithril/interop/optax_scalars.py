@@ -310,18 +310,20 @@ def _traced_row(view: Any, scale: float, t: Any, lr: Any,
     return [keep, *scal]
 
 
-def _host_rows(views: list[Any], scales: list[float], t: int, lr: float,
+def _host_rows(views: list[Any], scales: list[float], t: Any, lr: float,
                attrs: list[dict[str, Any]] | None = None,
                values: dict[str, float] | None = None) -> np.ndarray:
     """The same rows in float64, computed by the optimizer itself (the JAX engine's), each
-    padded with zeros to the longest (``values``: as for :func:`_traced_row`)."""
+    padded with zeros to the longest (``values``: as for :func:`_traced_row`; ``t``: the
+    step, or each row's)."""
     rows = []
     for r, (v, s) in enumerate(zip(views, scales)):
         a = dict(attrs[r]) if attrs else {}
         a["learning_rate"] = lr * a.pop("lr_scale", s)
         v.assign(a)  # (on the view itself: ASGD keeps lrs)
         # (a row whose group has not joined yet: any count will do, its leaves are kept)
-        scal = v.full_scalars(max(t, offset_of(v) + 1), values)
+        tr = t if isinstance(t, int) else int(t[r])  # (per row: its own missed steps out)
+        scal = v.full_scalars(max(tr, offset_of(v) + 1), values)
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
     return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
@@ -496,13 +498,18 @@ class _Plan:
         return agc if any(c is not None for c, _ in agc) else None
 
     @classmethod
-    def of_groups(cls, opt: Any, names: list[str], mode: str, traced: tuple[str, ...] = ()
-                  ) -> _Plan:
-        """The plan of an elementwise optimizer: its parameter groups' rows."""
+    def of_groups(cls, opt: Any, names: list[str], mode: str, traced: tuple[str, ...] = (),
+                  per_leaf: bool = False) -> _Plan:
+        """The plan of an elementwise optimizer: its parameter groups' rows; ``per_leaf``:
+        one row per leaf (its group's), for leaves that count their own steps (the
+        ``missed`` counts of :func:`_row_scalars`, as the engines' ``own_count_rows``)."""
         from ..utils.optimizers.groups import resolve, views
 
         refuse_pinned(opt)
         index, rows, owners = resolve(opt, names)
+        if per_leaf and len(index):
+            rows, owners = [rows[r] for r in index], [owners[r] for r in index]
+            index = range(len(index))
         return cls(list(index), views(opt, rows), [float(r.get("lr_scale", 1.0)) for r in rows],
                    mode, [set(r) for r in rows], owners=owners, traced=traced)
 
@@ -547,6 +554,7 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
 
     attrs = plan.attrs(driven)
     values = dict(values or {})
+    per_row = getattr(t, "ndim", 0) == 1  # (each row's own count: see _Plan.of_groups)
     if plan.host:
         names, vnames = sorted(driven), sorted(values)
         out_dt = np.dtype(dt)
@@ -556,7 +564,8 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
             n = 2 * len(names)  # (each driven value as hi, lo: its float64 value)
             hyper = {k: got[2 * i] + got[2 * i + 1] for i, k in enumerate(names)}
             state_values = dict(zip(vnames, got[n:]))
-            return _host_rows(plan.host_views, plan.scales, int(step), float(rate),
+            return _host_rows(plan.host_views, plan.scales,
+                              np.asarray(step) if per_row else int(step), float(rate),
                               plan.attrs(hyper), state_values).astype(out_dt)
 
         table = jax.pure_callback(
@@ -565,5 +574,6 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
                                    for x in _pair_of(driven[k])),
             *(jnp.asarray(values[k], dt) for k in vnames), vmap_method="sequential")
         return [[table[r, j] for j in range(w)] for r, w in enumerate(plan.widths)]
-    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t, jnp.asarray(lr, dt), a, values)]
-            for v, s, a in zip(plan.views, plan.scales, attrs)]
+    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t[r] if per_row else t,
+                                                     jnp.asarray(lr, dt), a, values)]
+            for r, (v, s, a) in enumerate(zip(plan.views, plan.scales, attrs))]

@@ -400,10 +400,11 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             fn = leaf_fns[math_fn] = jax.jit(one)
         return fn
 
-    def plan_for(treedef: Any, names: list[str]) -> _Plan:
-        plan = plans.get(treedef)
+    def plan_for(treedef: Any, names: list[str], per_leaf: bool = False) -> _Plan:
+        plan = plans.get((treedef, per_leaf))
         if plan is None:
-            plan = plans[treedef] = _Plan.of_groups(opt, names, scalars, live)
+            plan = plans[(treedef, per_leaf)] = _Plan.of_groups(opt, names, scalars, live,
+                                                                per_leaf)
         return plan
 
     def init(params: Any) -> OptaxState:
@@ -443,16 +444,22 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                                    {k: _pair_of(v) for k, v in wide.items()})
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
-               new_params: bool = False, hyper: dict[str, Any] | None = None
-               ) -> tuple[Any, OptaxState]:
+               new_params: bool = False, hyper: dict[str, Any] | None = None,
+               missed: Any = None) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
-        values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows."""
+        values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows; ``missed``:
+        per leaf (flattening order, int32), the applied steps it had no gradient at, left
+        out of its rules' count (``t − step_offset − missed``, torch.optim's per-parameter
+        ``step``: each leaf its own row of scalars)."""
         _check_update(opt_name, state, params)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
-        plan = plan_for(treedef, names)
+        if missed is not None and np.shape(missed) != (len(leaves),):
+            raise ValueError(f"{opt_name}: update(missed=...) must hold one count per "
+                             f"parameter ({len(leaves)}), got shape {np.shape(missed)}")
+        plan = plan_for(treedef, names, missed is not None)
         slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves)
         tensor_leaves = _state_leaves(opt_name, state, "tensor_slots", tensor_slots, treedef,
                                       names, leaves)
@@ -463,7 +470,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         driven.update({k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)})
         now = scheduled(sched, count)
         driven.update(now)
-        rows = _row_scalars(plan, t, lr, driven, _wide(),
+        t_rows = t if missed is None or not leaves else t - jnp.asarray(missed, t.dtype)
+        rows = _row_scalars(plan, t_rows, lr, driven, _wide(),
                             {v: state.values[v] for v in scalar_values})
         attrs = plan.attrs(driven)
         n_full = len(rows[0]) - 1
@@ -503,8 +511,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                              dtype=np.int64)
             # (per tensor where a group joined later: each tensor's own count, as the
             # engines' two_pass_table passes it)
-            t_each = t if late is None else jnp.stack(
-                [row_count(t, plan.offsets[r]) for r in plan.index]).astype(dt)
+            t_each = t if late is None and missed is None else jnp.stack(
+                [row_count(t if missed is None else t_rows[r], plan.offsets[r])
+                 for r in plan.index]).astype(dt)
             ext, new_t, new_values = run_tensor_scalars(
                 t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
                 {k: v for k, v in driven.items() if k in live and "[" not in k})

@@ -75,6 +75,9 @@ GIVEN_UP = "num_given_up"
 #: a non-finite gradient each time, params or state made non-finite once until a step
 #: leaves them finite again) and whether the last applied step left them non-finite
 NONFINITE, NONFINITE_VALUES = "num_nonfinite", "nonfinite_values"
+#: where it counts, per parameter (the model's order, int32), the applied steps it had no
+#: gradient at (``OptimizerState.missed``: the loss did not reach it)
+MISSED = "missed"
 
 
 def counting(tx: Any, optimizer: Any) -> Any:
@@ -156,9 +159,34 @@ def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: 
             NONFINITE_VALUES: jnp.where(applied, ~finite, was)}
 
 
+def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: Any,
+                   opt_state: Any, params: dict[str, Any], missed: Any, kw: dict) -> tuple:
+    """``tx.update`` (new params) of the parameters not in ``unreached``, each counting
+    its own steps (``missed``: per parameter of ``names``, the applied steps it had no
+    gradient at); the others and their slots as they were, as torch.optim passes over a
+    ``.grad`` None. Returns (new params, new state)."""
+    idx = [i for i, n in enumerate(names) if n not in unreached]
+    on = [names[i] for i in idx]
+
+    def part(tree: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {s: {n: per[n] for n in on} for s, per in tree.items()}
+
+    sub = opt_state._replace(slots=part(opt_state.slots),
+                             tensor_slots=part(opt_state.tensor_slots))
+    new, sub = tx.update({names[i]: grads[i] for i in idx}, sub, {n: params[n] for n in on},
+                         new_params=True, missed=missed[np.array(idx, dtype=np.int32)], **kw)
+
+    def whole(old: dict, got: dict) -> dict:
+        return {s: {**per, **got[s]} for s, per in old.items()}
+
+    return {**params, **new}, sub._replace(
+        slots=whole(opt_state.slots, sub.slots),
+        tensor_slots=whole(opt_state.tensor_slots, sub.tensor_slots))
+
+
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
               inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
-              hyper: Any = None) -> tuple:
+              hyper: Any = None, unreached: frozenset[str] = frozenset()) -> tuple:
     """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
     ``ptuple`` and the optimizer's update (``tx``, an optax transformation, at learning rate
     ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
@@ -167,7 +195,10 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     (``nonfinite="skip"``) counts a skipped step there: the update leaves its count then;
     one holding :data:`GIVEN_UP` counts a step applied with the run of non-finite steps
     going on (``max_consecutive_skips`` reached: what ``update`` warns of); one holding
-    :data:`NONFINITE` counts the non-finite steps applied (:func:`nonfinite_counts`).
+    :data:`NONFINITE` counts the non-finite steps applied (:func:`nonfinite_counts`); one
+    holding :data:`MISSED` updates the parameters the loss reaches (all but ``unreached``)
+    on their own counts and counts an applied step as missed for the others
+    (:func:`update_reached`).
     """
     import jax.numpy as jnp
 
@@ -186,8 +217,16 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     names = ev.names
     params = dict(zip(names, ptuple, strict=True))
     old_state = opt_state
-    new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state, params,
-                                      new_params=True, **({} if hyper is None else {"hyper": hyper}))
+    kw = {} if hyper is None else {"hyper": hyper}
+    missed = opt_state.hyperparams.get(MISSED)
+    if missed is None and unreached:  # (a state of a step that reached them all: none yet)
+        missed = jnp.zeros(len(names), jnp.int32)
+    if missed is None:
+        new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state,
+                                          params, new_params=True, **kw)
+    else:
+        new_params, opt_state = update_reached(tx, names, unreached, grads, opt_state, params,
+                                               missed, kw)
     held, counts, applied = old_state.hyperparams, {}, jnp.asarray(True)
     if SKIPPED in held:  # a skipped step leaves the count (unless saturated)
         skipped = (opt_state.count == old_state.count) & (old_state.count != _INT32_MAX)
@@ -201,6 +240,9 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
             counts[GIVEN_UP] = held[GIVEN_UP] + bad.astype(held[GIVEN_UP].dtype)
     if NONFINITE in held:
         counts.update(nonfinite_counts(held, applied, grads, new_params, opt_state))
+    if missed is not None and unreached:  # (an applied step: note_missed's count)
+        mask = np.array([n in unreached for n in names])
+        counts[MISSED] = missed + (applied & mask).astype(missed.dtype)
     if counts:
         opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **counts})
     new = tuple(new_params[n] for n in names)

@@ -21,7 +21,8 @@ How each backend runs it:
   kernel writes). The model's checks of the params are skipped when they are the very
   arrays the previous step returned. Bit for bit the separate calls. Params the loss does
   not reach are left out of the update, as torch.optim skips a ``.grad`` None (see
-  :mod:`~mithril.utils.unreached_params`; on JAX too, by the separate calls).
+  :mod:`~mithril.utils.unreached_params`; on JAX too, in the program: each parameter
+  counts its own steps there, :mod:`~mithril.utils.train_step_states`).
 * **JAX**, with the state of :meth:`TrainStep.init` (an
   :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
   but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging) are **one**
@@ -91,16 +92,15 @@ from .train_step_jax import (
     SKIPPED,
     HyperparameterWatch,
     SteadyState,
-    carry_counts,
     committed,
     gradients_norm,
-    read_counts,
     refuse_consumed,
     report_skips,
     same_params,
     state_before_run,
     step_body,
 )
+from .train_step_states import counts_own_steps, optax_state_of, optimizer_state_of, with_missed
 from .unreached_params import unreached_params, update_reached
 
 __all__ = ["TrainStep", "make_train_step"]
@@ -148,7 +148,10 @@ class TrainStep(FixedParts, HyperparameterWatch):
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
         self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
-            optimizer.nonfinite != "raise" and not self._unreached
+            optimizer.nonfinite != "raise"
+        # (each parameter's own step count in the program: see train_step_states)
+        self._own_counts = self._fused and counts_own_steps(optimizer)
+        self._fused = self._fused and (self._own_counts or not self._unreached)
         self._cots: dict[str, Any] | None = None
         self._last_grad_norm: Any = None
         self._norm_of: OptimizerState | None = None  # (see last_grad_norm)
@@ -186,7 +189,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
     def fused(self) -> bool:
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``): on JAX,
         for every optimizer but a closure-driven one (LBFGS) or one made with
-        ``nonfinite="raise"``, where the loss reaches every parameter."""
+        ``nonfinite="raise"``; where the loss does not reach every parameter, for one whose
+        program counts each parameter's steps (not Muon, Adafactor, Lookahead)."""
         return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
@@ -203,7 +207,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
             if adopt:
                 self.optimizer.adopt(params, state)
             return state
-        return self._counted(self._transformation().init(dict(params)), 0)
+        return with_missed(self, self._counted(self._transformation().init(dict(params)), 0),
+                           None)
 
     SKIPPED = SKIPPED  # (see train_step_jax.SKIPPED)
 
@@ -232,27 +237,13 @@ class TrainStep(FixedParts, HyperparameterWatch):
                      self.compiled.program.param_shapes)
         if not self.fused:
             return state
-        if getattr(state, "missed", None) is not None:  # (it would be dropped silently)
-            raise ValueError(f"the fused JAX step counts one step per parameter group: this "
-                             f"state's parameters {sorted(state.missed_counts())} missed "
-                             f"steps and count their own (OptimizerState.note_missed, "
-                             f"torch_optimizer); step it with optimizer.update instead")
-        import jax.numpy as jnp
-
-        template = self._transformation().init(
-            {n: jnp.zeros(s, self.backend.native_dtype())
-             for n, s in self.compiled.program.param_shapes.items()})
-        slots = {s: {n: jnp.asarray(np.asarray(state.engine.to_numpy(v))).astype(
-            template.slots[s][n].dtype) for n, v in state.slot(s).items()}
-            for s in template.slots}
-        tensors = {s: {n: jnp.asarray(np.asarray(state.engine.to_numpy(v))).reshape(())
-                       .astype(template.tensor_slots[s][n].dtype)
-                       for n, v in state.slot(s).items()} for s in template.tensor_slots}
-        values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
-                  for k in template.values}
-        return carry_counts(self._counted(template, state.num_skipped), state)._replace(
-            count=jnp.asarray(state.step, jnp.int32), slots=slots, tensor_slots=tensors,
-            values=values)
+        if getattr(state, "missed", None) is not None and not self._own_counts:
+            raise ValueError(f"the fused JAX step counts one step per parameter group for "
+                             f"{type(self.optimizer).__name__}: this state's parameters "
+                             f"{sorted(state.missed_counts())} missed steps and count their "
+                             f"own (OptimizerState.note_missed, torch_optimizer); step it "
+                             f"with optimizer.update instead")
+        return optax_state_of(self, state)
 
     def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> OptimizerState:
         """The fused JAX step's ``opt_state`` as ``optimizer.init(params)`` would hold it
@@ -265,29 +256,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
         if not isinstance(opt_state, OptaxState):
             raise TypeError(f"opt_state must come from step.init (an OptaxState), got "
                             f"{type(opt_state).__name__}")
-        out = self.optimizer.init(params)
-        held = {*opt_state.slots, *opt_state.tensor_slots}
-        if held != set(out.slots):
-            raise ValueError(f"opt_state holds the slots {sorted(held)}, this "
-                             f"{type(self.optimizer).__name__}'s are {sorted(out.slots)}: a "
-                             f"state of another optimizer?")
-        held_per = {s: opt_state.slots[s] if s in opt_state.slots else opt_state.tensor_slots[s]
-                    for s in out.slots}
-        for s, per in held_per.items():  # every slot checked before any is written
-            lay = out.slot_layout(s)
-            same_params(f"opt_state's slot '{s}'", {n: np.shape(v) for n, v in per.items()},
-                         dict(zip(lay.names, lay.shapes)))
-        eng = out.engine
-        for s, flat in out.slots.items():
-            host = {n: np.asarray(v) for n, v in held_per[s].items()}
-            data = out.slot_layout(s).flatten_numpy(host).astype(out.layout.dtype)
-            if eng.backend.name == "jax" and not isinstance(flat, np.ndarray):
-                out.slots[s] = eng.from_numpy(data)
-            else:
-                eng.np_view(flat)[...] = data
-        read_counts(opt_state, out)  # (the step; with nonfinite="skip", the skips)
-        out.values.update({k: float(v) for k, v in opt_state.values.items()})
-        return out
+        return optimizer_state_of(self, opt_state, params)
 
     # -- one step ------------------------------------------------------------------------
     def __call__(self, params: Mapping[str, Any], opt_state: Any, data: Mapping[str, Any], *,
@@ -469,7 +438,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
-                hyper)
+                hyper, self._unreached)
             return new, new_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 

@@ -17,7 +17,9 @@ gradients of every micro-batch leave them out, and the wrapped optimizer's state
 missed step at each window's step. Which they are is a property of the model and
 the loss (:meth:`~mithril.compiler.compiled_model.CompiledModel.reached_parameters`), known
 when the step is made: where the loss reaches every parameter (the usual case) nothing of
-this runs.
+this runs. The one-program JAX step does the same inside its program
+(:func:`mithril.utils.train_step_jax.update_reached`; its state counts the missed steps in
+``hyperparams["missed"]``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The one-program JAX step with parameters the loss does not reach: it leaves them out of
+the update as torch.optim leaves out a ``.grad`` None (no weight decay, no momentum), and
+each parameter counts its own steps (``t − missed`` in its bias corrections, its own row of
+scalars: :func:`~mithril.interop.optax_transformation`'s ``update(missed=)``), as the NumPy
+step does (``tests/test_unreached_params.py`` checks that one against torch). Before, a
+loss that did not reach every parameter made the JAX step the separate calls, and the
+program refused a state with missed counts."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+from test_unreached_params import SCHEDULE, data_of, two_heads  # noqa: E402
+
+import mithril as ml  # noqa: E402
+from mithril.backends import JaxBackend, NumpyBackend  # noqa: E402
+from mithril.utils.optimizers import SGD, AdamW  # noqa: E402
+from mithril.utils.training import make_train_step  # noqa: E402
+
+OPTIMIZERS = {"adamw": lambda: AdamW(learning_rate=1e-2, weight_decay=0.1),
+              "sgd": lambda: SGD(learning_rate=0.05, momentum=0.9, weight_decay=0.1)}
+SHAPES = {"input": [8, 3]}
+
+
+def _steps(backend, make) -> tuple:
+    c = ml.compile(two_heads(), backend, shapes=SHAPES)
+    opt = make()
+    return c, {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
+
+
+def _numpy_run(make, schedule) -> tuple:
+    c, steps = _steps(NumpyBackend(), make)
+    params = c.get_parameters()
+    state = steps[schedule[0]].init(params)
+    rng = np.random.default_rng(1)
+    for loss in schedule:
+        data = {k: v.astype(np.float32) for k, v in data_of(rng).items()}
+        params, state, _ = steps[loss](params, state, data)
+    return c, params, state
+
+
+def _close(got: dict, want: dict) -> None:
+    for n in want:
+        np.testing.assert_allclose(np.asarray(got[n]), want[n], rtol=1e-6, atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_two_heads_alternately_in_one_program_as_numpy(opt: str) -> None:
+    cn, pn, sn = _numpy_run(OPTIMIZERS[opt], SCHEDULE)
+    cj, steps = _steps(JaxBackend(), OPTIMIZERS[opt])
+    assert all(s.fused for s in steps.values())
+    params = {n: cj.backend.array(v) for n, v in cn.get_parameters().items()}
+    state = steps["loss_a"].init(params)
+    assert "num_nonfinite" in state.hyperparams and state.hyperparams["missed"].shape == (6,)
+    rng = np.random.default_rng(1)
+    for loss in SCHEDULE:
+        data = {k: cj.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
+        params, state, _ = steps[loss](params, state, data)
+    assert type(state).__name__ == "OptaxState"
+    _close(params, pn)
+    got = steps["loss_a"].to_optimizer_state(state, params)
+    assert got.missed_counts() == sn.missed_counts() != {}
+    assert got.step == sn.step == len(SCHEDULE)
+    for s in sn.slots:
+        _close(got.slot(s), {n: np.asarray(v) for n, v in sn.slot(s).items()})
+
+
+def test_unreached_head_stays_bit_for_bit() -> None:
+    cj, steps = _steps(JaxBackend(), OPTIMIZERS["adamw"])
+    params = cj.get_parameters()
+    before = {n: np.asarray(v).copy() for n, v in params.items()}
+    state = steps["loss_a"].init(params)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        params, state, _ = steps["loss_a"](params, state, {k: cj.backend.array(v.astype(
+            np.float32)) for k, v in data_of(rng).items()})
+    moved = {n for n in params if not np.array_equal(np.asarray(params[n]), before[n])}
+    assert moved == set(cj.reached_parameters("loss_a"))
+    assert np.asarray(state.hyperparams["missed"]).tolist().count(3) == 2
+    assert all(not np.any(np.asarray(state.slots[s]["linear_2.weight"]))
+               for s in state.slots)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_a_state_with_missed_counts_resumes_in_the_program(opt: str) -> None:
+    """The first steps by the separate calls (``optimizer.init``'s state: ``note_missed``
+    counts the missed steps), the rest in the program from ``from_optimizer_state``: the
+    NumPy step's numbers, each parameter its own count."""
+    cn, pn, sn = _numpy_run(OPTIMIZERS[opt], SCHEDULE)
+    cj, steps = _steps(JaxBackend(), OPTIMIZERS[opt])
+    params = {n: cj.backend.array(v) for n, v in cn.get_parameters().items()}
+    state = steps["loss_a"].optimizer.init(params)
+    rng = np.random.default_rng(1)
+    for i, loss in enumerate(SCHEDULE):
+        if i == 3:
+            assert state.missed_counts()
+            state = steps[loss].from_optimizer_state(state)
+            assert np.asarray(state.hyperparams["missed"]).any()
+        data = {k: cj.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
+        params, state, _ = steps[loss](params, state, data)
+    _close(params, pn)
+    assert steps["loss_a"].to_optimizer_state(state, params).missed_counts() == \
+        sn.missed_counts()
+
+
+def _catalog() -> list:
+    from test_train_step_fn import optimizers
+
+    return [n for n in optimizers() if n != "lbfgs"]  # (LBFGS: update(closure=) instead)
+
+
+@pytest.mark.parametrize("name", _catalog())
+def test_every_optimizer_leaves_the_unreached_head_alone(name: str) -> None:
+    """Every optimizer of the catalog on JAX: the head the loss does not reach keeps its
+    values bit for bit and counts its missed steps, the other parameters move (in the
+    program where it counts each parameter's steps, else by the separate calls)."""
+    from test_train_step_fn import optimizers
+
+    c = ml.compile(two_heads(), JaxBackend(), shapes=SHAPES)
+    step = make_train_step(c, optimizers()[name](), loss="loss_a")
+    params = c.get_parameters()
+    before = {n: np.asarray(p).copy() for n, p in params.items()}
+    state = step.init(params)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        params, state, _ = step(params, state, {k: c.backend.array(v.astype(np.float32))
+                                                for k, v in data_of(rng).items()})
+    assert {n for n in params if not np.array_equal(np.asarray(params[n]), before[n])} == \
+        set(c.reached_parameters("loss_a"))
+    assert step.to_optimizer_state(state, params).missed_counts() == {
+        "linear_2.weight": 3, "linear_2.bias": 3}
+
+
+def test_a_skipped_step_counts_no_missed_step_and_a_state_without_counts() -> None:
+    """``nonfinite="skip"``: a skipped step is not counted as missed (torch_optimizer's
+    rule); a state made by a step that reaches every parameter (no counts in it) is counted
+    from 0 by one that does not."""
+    from mithril.utils.optimizers import Adam
+
+    cj = ml.compile(two_heads(), JaxBackend(), shapes=SHAPES)
+    opt = Adam(learning_rate=1e-2, nonfinite="skip")
+    step = make_train_step(cj, opt, loss="loss_a")
+    params = cj.get_parameters()
+    state = step.init(params)
+    state = state._replace(hyperparams={k: v for k, v in state.hyperparams.items()
+                                        if k != "missed"})
+    data = {k: cj.backend.array(v.astype(np.float32))
+            for k, v in data_of(np.random.default_rng(4)).items()}
+    params, state, _ = step(params, state, data)
+    with warnings.catch_warnings():  # (the skip is warned of a call or more later)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        params, state, _ = step(params, state, {**data, "ta": cj.backend.array(
+            np.full((8, 1), np.inf, np.float32))})
+        params, state, _ = step(params, state, data)
+    got = step.to_optimizer_state(state, params)
+    assert (got.step, got.num_skipped) == (2, 1)
+    assert got.missed_counts() == {"linear_2.weight": 2, "linear_2.bias": 2}
