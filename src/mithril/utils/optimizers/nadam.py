@@ -103,6 +103,12 @@ class NAdam(Optimizer):
         """Keras's one Πₜ for the whole optimizer, advanced on every step."""
         return ("mu_product",) if self.convention == "keras" else ()
 
+    @property
+    def counts_missed(self) -> bool:
+        """Keras counts one step for the optimizer (its ``iterations``, which Πₜ reads): a
+        parameter's missed steps (``note_missed``) leave its count there."""
+        return self.convention != "keras"
+
     def rule(self) -> tuple[Any, ...]:
         # Keras's one product and torch's per-tensor ones cannot mix in one state: a group
         # of the other convention is refused (as one that changes the slots)
