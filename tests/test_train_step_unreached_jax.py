@@ -160,3 +160,43 @@ def test_a_skipped_step_counts_no_missed_step_and_a_state_without_counts() -> No
     got = step.to_optimizer_state(state, params)
     assert (got.step, got.num_skipped) == (2, 1)
     assert got.missed_counts() == {"linear_2.weight": 2, "linear_2.bias": 2}
+
+
+def test_a_torch_optimizer_state_resumes_in_the_program() -> None:
+    """The first steps by ``torch_optimizer`` on the torch twin (a ``.grad`` None: its own
+    count), its state then resumed by the one-program JAX step: torch.optim.AdamW's numbers
+    all the way (the same loop in torch alone)."""
+    import torch
+    from test_unreached_params import TorchTwoHeads, torch_copy
+
+    from mithril.interop import torch_optimizer
+
+    cj, steps = _steps(JaxBackend(), OPTIMIZERS["adamw"])
+    start = {n: np.asarray(v) for n, v in cj.get_parameters().items()}
+    twin, ref = TorchTwoHeads(), TorchTwoHeads()
+    torch_copy(twin, start)
+    torch_copy(ref, start)
+    ours = torch_optimizer(AdamW(learning_rate=1e-2, weight_decay=0.1), twin.named_parameters())
+    theirs = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    batches = [{k: v.astype(np.float32) for k, v in data_of(rng).items()} for _ in SCHEDULE]
+    for loss, data in zip(SCHEDULE, batches):
+        theirs.zero_grad()
+        ref(torch.from_numpy(data["input"]), loss, data).backward()
+        theirs.step()
+    for loss, data in zip(SCHEDULE[:3], batches):
+        ours.zero_grad()
+        twin(torch.from_numpy(data["input"]), loss, data).backward()
+        ours.step()
+    held = ours.mithril_state
+    assert held.missed_counts() == {"linear_2.weight": 2, "linear_2.bias": 2,
+                                    "linear_1.weight": 1, "linear_1.bias": 1}
+    state = steps["loss_a"].from_optimizer_state(held)
+    params = {n: cj.backend.array(p.detach().numpy().copy()) for n, p in twin.named_parameters()}
+    for loss, data in zip(SCHEDULE[3:], batches[3:]):
+        params, state, _ = steps[loss](params, state, {k: cj.backend.array(v)
+                                                       for k, v in data.items()})
+    _close(params, {n: p.detach().numpy() for n, p in ref.named_parameters()})
+    assert steps["loss_a"].to_optimizer_state(state, params).missed_counts() == {
+        n: len(SCHEDULE) - int(theirs.state[p]["step"]) for n, p in ref.named_parameters()
+        if len(SCHEDULE) - int(theirs.state[p]["step"])}
