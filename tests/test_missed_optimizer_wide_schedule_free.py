@@ -181,3 +181,26 @@ def test_the_reference_is_optax_where_every_gradient_is_there(adam):
                                    atol=2e-6, err_msg=n)
         np.testing.assert_allclose(np.asarray(s.z[n]), want[f"z/{n}"], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(float(s.weight_sum), want["weight_sum"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("adam", [True, False], ids=["adamw", "sgd"])
+def test_torch_optimizer_with_grad_none(adam):
+    """``torch_optimizer`` with ``b.grad`` None at some steps (the missed counts it keeps):
+    the reference, and the plain noted run bit for bit."""
+    import torch
+
+    from mithril.interop import torch_optimizer
+
+    x = {n: torch.nn.Parameter(torch.tensor(a)) for n, a in start().items()}
+    opt = torch_optimizer(make(adam), list(x.items()))
+    for t in range(1, STEPS + 1):
+        g = grads(t, ABSENT)
+        for n, v in x.items():
+            v.grad = torch.tensor(g[n]) if n in g else None
+        opt.step()
+    got = {n: v.detach().numpy().copy() for n, v in x.items()}
+    want = reference(adam, ABSENT)
+    noted, _ = run(adam, "torch", ABSENT)
+    for n in SHAPES:
+        np.testing.assert_allclose(got[n], want[f"p/{n}"], rtol=RTOL, atol=RTOL * 1e-2)
+        np.testing.assert_array_equal(got[n], noted[f"p/{n}"], err_msg=n)
