@@ -24,9 +24,9 @@ included (each group syncs on its own count). Inside a group, a
 state's per-parameter ``missed`` counts (:meth:`~.state.OptimizerState.note_missed`: the
 applied steps a parameter had no gradient at, which ``torch_optimizer`` keeps as torch.optim
 keeps each parameter's own ``step``) add to it: a parameter's rules count
-``t − step_offset − missed``. Each distinct (row, missed) becomes a row of its own (the same
-values, its own count), so the fused kernels still read one row per tensor; a state whose
-counts are all 0 (``missed`` None: the common case) costs nothing.
+``t − step_offset − missed`` (not where ``counts_missed`` is False: schedule-free, Prodigy,
+Keras's NAdam count per group or optimizer). Each distinct (row, missed) becomes a row of its
+own, so the kernels still read one row per tensor; counts all 0 (``missed`` None) cost nothing.
 
 :meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
 optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
