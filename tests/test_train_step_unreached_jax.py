@@ -200,3 +200,27 @@ def test_a_torch_optimizer_state_resumes_in_the_program() -> None:
     assert steps["loss_a"].to_optimizer_state(state, params).missed_counts() == {
         n: len(SCHEDULE) - int(theirs.state[p]["step"]) for n, p in ref.named_parameters()
         if len(SCHEDULE) - int(theirs.state[p]["step"])}
+
+
+
+def test_a_tensorwise_state_with_missed_counts_is_refused_by_name() -> None:
+    """Muon's program has no per-parameter count: with a head the loss does not reach its
+    step is the separate calls, and its one-program step (a loss reaching every parameter)
+    refuses a state whose parameters count their own, naming them, leaving it as it was."""
+    from mithril.utils.optimizers import Muon
+
+    opt = Muon(learning_rate=1e-2)
+    assert not make_train_step(ml.compile(two_heads(), JaxBackend(), shapes=SHAPES), opt,
+                               loss="loss_a").fused
+    m = ml.Model()
+    m |= ml.Linear(4)(input="input", output="h")
+    m |= ml.MeanSquaredError()(input="h", target="t", output=ml.IOKey("loss"))
+    c = ml.compile(m, JaxBackend(), shapes=SHAPES)
+    step = make_train_step(c, opt, loss="loss")
+    assert step.fused
+    state = opt.init(c.get_parameters())
+    state.note_missed(["linear.bias"])
+    with pytest.raises(ValueError, match=r"this state's parameters \['linear.bias'\] missed "
+                                         r"steps.*cannot for a Muon"):
+        step.from_optimizer_state(state)
+    assert state.missed_counts() == {"linear.bias": 1}

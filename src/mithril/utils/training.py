@@ -238,11 +238,12 @@ class TrainStep(FixedParts, HyperparameterWatch):
         if not self.fused:
             return state
         if getattr(state, "missed", None) is not None and not self._own_counts:
-            raise ValueError(f"the fused JAX step counts one step per parameter group for "
-                             f"{type(self.optimizer).__name__}: this state's parameters "
-                             f"{sorted(state.missed_counts())} missed steps and count their "
-                             f"own (OptimizerState.note_missed, torch_optimizer); step it "
-                             f"with optimizer.update instead")
+            raise ValueError(f"the fused JAX step counts one step per parameter group: this "
+                             f"state's parameters {sorted(state.missed_counts())} missed "
+                             f"steps and count their own (OptimizerState.note_missed, "
+                             f"torch_optimizer), which its program cannot for a "
+                             f"{type(self.optimizer).__name__} (tensorwise, or a Lookahead); "
+                             f"step it with optimizer.update instead")
         return optax_state_of(self, state)
 
     def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> OptimizerState:
