@@ -65,7 +65,9 @@ How it works:
   ``param_groups`` / ``weight_decay_mask`` / ``exclude_weight_decay`` (parameter names are
   the key paths, ``"layer/w"``; a group's ``step_offset`` ``k``: its rules count ``t − k``,
   and until the count passes ``k`` its params and slots are kept and its gradients left
-  out, as torch's before ``add_param_group``), weight averaging (``ema_decay``, ``swa_start``: the
+  out, as torch's before ``add_param_group``; ``update(..., missed=m)``, one int per leaf:
+  each leaf's rules count ``t − k − m``, its own row of scalars, as torch.optim's
+  per-parameter ``step`` after steps the leaf had no gradient at), weight averaging (``ema_decay``, ``swa_start``: the
   averages are ``state.slots["ema"]`` / ``["swa"]``), two-pass optimizers (LAMB, LARS,
   Novograd: the per-tensor sums are per leaf) and ``nonfinite="skip"`` (a step with a
   non-finite gradient, or giving non-finite values, returns zero updates and leaves the
