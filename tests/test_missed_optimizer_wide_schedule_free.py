@@ -206,10 +206,6 @@ def test_torch_optimizer_with_grad_none(adam):
         np.testing.assert_array_equal(got[n], noted[f"p/{n}"], err_msg=n)
 
 
-@pytest.mark.xfail(strict=True, reason="interop/optax_transform.py: update(missed=) still "
-                   "gives schedule-free each leaf's count (t_rows, t_each), not the group's "
-                   "(counts_missed False) and the optimizer's (tensor_scalars_step): the "
-                   "weight sum becomes one per leaf")
 @pytest.mark.parametrize("adam", [True, False], ids=["adamw", "sgd"])
 def test_optax_update_missed_counts_change_nothing(adam):
     """optax_transformation's ``update(missed=)`` (make_train_step's per-leaf counts):

@@ -420,15 +420,16 @@ def test_a_torch_state_dict_with_a_bad_step_is_refused_unchanged():
                                   "step_offset": 3})
 
 
-def test_the_fused_jax_step_refuses_a_state_with_own_counts():
-    """The fused JAX train step counts one step per group: a state whose parameters count
-    their own is refused by name (its counts were dropped silently), nothing changed."""
+def test_the_fused_jax_step_refuses_a_muon_state_with_own_counts():
+    """The fused JAX train step counts each parameter's own steps, except for Muon, Adafactor
+    and Lookahead, whose programs count one per group: such a state with missed counts is
+    refused by name (its counts were dropped silently), nothing changed."""
     from test_train_step_atomicity import compiled_mlp
 
     from mithril.utils.training import make_train_step
 
     compiled = compiled_mlp("jax", [16, 12])
-    opt = O.Adam(learning_rate=1e-2)
+    opt = O.Muon(learning_rate=1e-2)
     step = make_train_step(compiled, opt, loss="loss")
     params = compiled.get_parameters()
     state = opt.init(params)

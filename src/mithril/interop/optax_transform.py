@@ -472,7 +472,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         driven.update({k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)})
         now = scheduled(sched, count)
         driven.update(now)
-        t_rows = t if missed is None or not leaves else t - jnp.asarray(missed, t.dtype)
+        # (an optimizer whose reference counts per group keeps missed steps out: counts_missed)
+        t_rows = t if missed is None or not leaves or not getattr(opt, "counts_missed", True) \
+            else t - jnp.asarray(missed, t.dtype)
         rows = _row_scalars(plan, t_rows, lr, driven, _wide(),
                             {v: state.values[v] for v in scalar_values})
         attrs = plan.attrs(driven)
@@ -513,8 +515,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                              dtype=np.int64)
             # (per tensor where a group joined later: each tensor's own count, as the
             # engines' two_pass_table passes it)
-            t_each = t if late is None and missed is None else jnp.stack(
-                [row_count(t if missed is None else t_rows[r], plan.offsets[r])
+            t_each = t if (late is None and missed is None) or getattr(
+                opt, "tensor_scalars_step", "tensor") == "optimizer" else jnp.stack(
+                [row_count(t_rows if jnp.ndim(t_rows) == 0 else t_rows[r], plan.offsets[r])
                  for r in plan.index]).astype(dt)
             ext, new_t, new_values = run_tensor_scalars(
                 t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
