@@ -13,7 +13,7 @@ from .averaging import _jitable, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float, unwrapped
 from .elementwise import where
-from .serialization import KEYS
+from .serialization import checked_head
 from .state import OptimizerState
 
 #: the state slot of the slow weights
@@ -391,18 +391,7 @@ class Lookahead(Optimizer):
         counts and each parameter's missed steps, ``"missed"``, at most the step). Everything
         is checked first; on error nothing changes. The inner optimizer is replaced by a
         restored copy (never changed in place)."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
-        if d.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
-                             f"{type(self).__name__}")
-        unknown = sorted(map(repr, set(d) - KEYS))
-        if unknown:
-            raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
-                           f"{type(self).__name__} (a state dict has {sorted(KEYS)})")
-        hp = d.get("hyperparameters")
-        if not isinstance(hp, Mapping):
-            raise TypeError("state dict 'hyperparameters' must be a dict")
+        hp = checked_head(self, d)
         unknown = sorted(set(hp) - {"inner", *_OWN})
         if unknown:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")

@@ -23,6 +23,24 @@ KEYS = frozenset({"optimizer", "hyperparameters", "step", "num_skipped", "num_no
                   "consecutive_skips", "slots", "values", "averaged", "missed"})
 
 
+def checked_head(opt: Any, d: Any) -> Mapping[str, Any]:
+    """``d``'s hyperparameters, once ``d`` is a dict for ``opt``'s class with no key unknown
+    to a state dict (a newer version's would be half restored); refused by name otherwise."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
+    if not isinstance(d.get("optimizer"), str) or d["optimizer"] != type(opt).__name__:
+        raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
+                         f"{type(opt).__name__} (its 'optimizer')")
+    unknown = sorted(map(repr, set(d) - KEYS))
+    if unknown:
+        raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
+                       f"{type(opt).__name__} (a state dict has {sorted(KEYS)})")
+    hp = d.get("hyperparameters")
+    if not isinstance(hp, Mapping):
+        raise TypeError("state dict 'hyperparameters' must be a dict")
+    return hp
+
+
 class StateDictMixin:
     """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
 
@@ -76,18 +94,7 @@ class StateDictMixin:
         ``params`` and its start (``ema_start`` / ``swa_start``) becomes the saved step + 1,
         unless later already. One the checkpoint has is restored with its settings,
         constructed with it or not. Hyperparameters alone (no ``"step"``) are set as given."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"state dict must be a dict, got {type(d).__name__}")
-        if not isinstance(d.get("optimizer"), str) or d["optimizer"] != type(self).__name__:
-            raise ValueError(f"state dict is for {d.get('optimizer')!r:.80}, not "
-                             f"{type(self).__name__} (its 'optimizer')")
-        unknown = sorted(map(repr, set(d) - KEYS))
-        if unknown:
-            raise KeyError(f"state dict key(s) {', '.join(unknown)} unknown to "
-                           f"{type(self).__name__} (a state dict has {sorted(KEYS)})")
-        hp = d.get("hyperparameters")
-        if not isinstance(hp, Mapping):
-            raise TypeError("state dict 'hyperparameters' must be a dict")
+        hp = checked_head(self, d)
         unknown = sorted(set(hp) - set(self.hyperparameters()) - set(GROUP_KEYS))
         if unknown:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
