@@ -166,8 +166,8 @@ class StateDictMixin:
                            f"got {got}")
         out = {}
         for k, v in saved.items():
-            a = np.asarray(v)
-            if a.shape != () or a.dtype.kind not in "fiu" or isinstance(v, bool):
+            a = _numeric(v, f"state dict value '{k}'")  # (a torch tensor on any device too)
+            if a.shape != () or isinstance(v, bool):
                 raise TypeError(f"state dict value '{k}' must be a number, got {v!r:.80}")
             out[k] = float(a)
         return out
