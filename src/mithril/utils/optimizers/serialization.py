@@ -166,9 +166,13 @@ class StateDictMixin:
                            f"got {got}")
         out = {}
         for k, v in saved.items():
-            a = _numeric(v, f"state dict value '{k}'")  # (a torch tensor on any device too)
+            bad = TypeError(f"state dict value '{k}' must be a number, got {v!r:.80}")
+            try:
+                a = _numeric(v, "")  # (a torch tensor on any device too)
+            except TypeError:
+                raise bad from None
             if a.shape != () or isinstance(v, bool):
-                raise TypeError(f"state dict value '{k}' must be a number, got {v!r:.80}")
+                raise bad
             out[k] = float(a)
         return out
 
