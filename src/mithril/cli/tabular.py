@@ -1,5 +1,5 @@
-"""``mithril train --data FILE.csv --target COLUMN`` (or ``FILE.npz``): an MLP on the user's
-table, and what ``mithril predict`` needs to use it.
+"""``mithril train --data FILE.csv --target COLUMN`` (or ``FILE.tsv``, tab-separated, or
+``FILE.npz``): an MLP on the user's table, and what ``mithril predict`` needs to use it.
 
 Reading checks everything before any work: a missing file, a target column that does not
 exist, a row with the wrong number of cells, a missing value (an empty cell, ``NA``, ``NaN``,
@@ -45,6 +45,14 @@ MAX_CLASSES = 1000
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
 PREPROCESS_FORMAT = "mithril-tabular-1"
+#: the text tables by suffix -> their separator (any other suffix but .npz is read as a CSV)
+SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+def separator_of(path: str) -> str:
+    """The cell separator of the text table ``path``: a tab for ``.tsv``/``.tab``, else a
+    comma."""
+    return SEPARATORS.get(Path(path).suffix.lower(), ",")
 
 
 @dataclass
@@ -100,12 +108,19 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
     return f"not UTF-8 text ({exc})"
 
 
-def _separator_hint(header: list[str]) -> str:
+def _separator_hint(header: list[str], sep: str = ",") -> str:
     """A hint for a header read as one cell: a file separated by ';' or tabs (the CSV of a
-    spreadsheet in many locales), which is read with commas only."""
-    seps = [s for s in (";", "\t", "|") if len(header) == 1 and s in header[0]]
-    return f"; the header is one cell: is the file separated by {seps[0]!r}? Only commas " \
-           f"separate columns" if seps else ""
+    spreadsheet in many locales), which is read with commas only (a .tsv with tabs only)."""
+    seps = [s for s in (";", "\t", "|", ",") if s != sep and len(header) == 1 and s in header[0]]
+    if not seps:
+        return ""
+    if sep == ",":
+        tsv = " (name a tab-separated file .tsv)" if seps[0] == "\t" else ""
+        return f"; the header is one cell: is the file separated by {seps[0]!r}? Only commas " \
+               f"separate columns{tsv}"
+    return f"; the header is one cell: is the file separated by {seps[0]!r}? Only tabs " \
+           f"separate the columns of a .tsv" + ("; name a comma-separated file .csv"
+                                                if seps[0] == "," else "")
 
 
 def _is_float(text: str) -> bool:
@@ -121,15 +136,17 @@ def _missing(text: str) -> bool:
 
 
 def read_csv(path: str, target: str | None, features: list[str] | None = None) -> Table:
-    """Read and check ``path``: the columns ``features`` (default: every column but
+    """Read and check ``path`` (comma-separated, or tab-separated: see :func:`separator_of`),
+    with the same rules either way: the columns ``features`` (default: every column but
     ``target``) must be numbers, ``target`` (None: not read; ``features`` given: read if
     present) any non-missing value; with ``features`` given (predict) a missing target value
     is None instead of an error (the target is optional there)."""
     read = 0  # the file's lines read into complete rows (a bad row starts after them)
+    sep = separator_of(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             # strict: an unclosed quote is an error, not a cell that swallows the rest of the file
-            reader = csv.reader(f, strict=True)
+            reader = csv.reader(f, strict=True, delimiter=sep)
             header = next(reader, None)
             read = reader.line_num
             if header is None or not any(h.strip() for h in header):
@@ -150,7 +167,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             want_target = target is not None and (features is None or target in position)
             if target is not None and features is None and target not in position:
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
-                               f"{_names(header)}){_separator_hint(header)}")
+                               f"{_names(header)}){_separator_hint(header, sep)}")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
                 if "" in position:  # else a feature named '' (pandas' row index: a leak)
@@ -166,7 +183,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             if absent:
                 raise CLIError(f"--data {path} lacks the feature column(s) "
                                f"{_names([repr(c) for c in absent])} (the model was trained "
-                               f"on {_names(features)}){_separator_hint(header)}"
+                               f"on {_names(features)}){_separator_hint(header, sep)}"
                                + ("; its line 1 holds only numbers: no header row?"
                                   if all(_is_float(h) for h in header) else ""))
             cols = [position[c] for c in features]

@@ -2,7 +2,7 @@
 
 * ``digits`` (default): the MLP on scikit-learn's digits (64 standardised pixels);
 * ``digits-cnn``: a small CNN on the same digits as 1×8×8 images;
-* ``tabular`` (chosen by ``--data FILE.csv|.npz``): an MLP on the user's table, classification
+* ``tabular`` (chosen by ``--data FILE.csv|.tsv|.npz``): an MLP on the user's table, classification
   or regression;
 * ``charlm``: a GPT-style character model on ``pydoc_data.topics`` or ``--data FILE.txt``.
 
@@ -27,6 +27,8 @@ from .errors import CLIError
 from .networks import OBJECTIVES, ModelSpec, cnn_spec, mlp_spec
 
 TASKS = ("digits", "digits-cnn", "charlm")
+#: the --data suffixes of a table (the tabular job): text tables (.csv, .tsv, .tab) and .npz
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".npz")
 
 #: per job, the value of each flag left unset (flags not listed keep their parser default)
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -70,7 +72,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                         "digits as 8x8 images; charlm: a GPT-style character model on "
                         "pydoc_data.topics (or --data FILE.txt)")
     g.add_argument("--data", metavar="FILE", type=in_path,
-                   help="FILE.csv (header row; --target names the column to predict) or "
+                   help="FILE.csv or FILE.tsv (tab-separated; a header row; --target names "
+                        "the column to predict) or "
                         "FILE.npz (arrays X and y): train on your own table; with --task "
                         "charlm a text file")
     g.add_argument("--target", metavar="COLUMN", help="the CSV column to predict (--data)")
@@ -128,13 +131,13 @@ class Job:
 
 def job_name(args: argparse.Namespace) -> str:
     if args.data is not None and args.task != "charlm" and \
-            Path(args.data).suffix.lower() in (".csv", ".npz"):
+            Path(args.data).suffix.lower() in TABLE_SUFFIXES:
         if args.task is not None:  # digits or digits-cnn: not "give a .csv" for a .csv
             raise CLIError(f"--task {args.task} trains on the digits; leave --task out to "
                            f"train on --data {args.data}")
         return "tabular"
     if args.data is not None and args.task != "charlm":
-        raise CLIError(f"--data {args.data}: give a .csv or .npz file (a table), or a text "
+        raise CLIError(f"--data {args.data}: give a .csv, .tsv or .npz file (a table), or a text "
                        f"file with --task charlm")
     return args.task or "digits"
 
@@ -158,7 +161,7 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
             setattr(args, name, value)
     if task == "charlm" and args.warmup_steps is None:
         args.warmup_steps = min(100, args.steps // 10)
-    if task == "tabular" and args.target is None and Path(args.data).suffix.lower() == ".csv":
+    if task == "tabular" and args.target is None and Path(args.data).suffix.lower() != ".npz":
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
 
 
