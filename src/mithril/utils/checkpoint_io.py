@@ -11,7 +11,8 @@ The file, as ``safetensors.numpy.save`` writes it::
 
     8 bytes   N, the header length (little-endian u64); N % 8 == 0, N <= MAX_HEADER_BYTES
     N bytes   the header: compact JSON padded with spaces. ``__metadata__`` comes first and
-              holds three strings (in any order: safetensors does not keep one): ``"mithril"``
+              holds three strings, in this order (written so: safetensors keeps no order, and
+              a reader takes any): ``"mithril"``
               (the checkpoint's JSON metadata), ``"mithril_tensor_sha256"`` (a JSON object:
               tensor name -> SHA-256 of its bytes) and ``"mithril_sha256"`` (see below); then
               one entry per tensor, in file order (by decreasing dtype size, then name):
@@ -156,9 +157,13 @@ def _sha_field(digest: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode(meta_json: str, tensors: Mapping[str, np.ndarray]) -> tuple[bytes, int, bytes]:
-    """The file of metadata ``meta_json`` and float ``tensors`` (name -> array) as (its bytes
-    with a zero header digest, the digest's offset, the digest), to be written without a copy."""
+def encode(meta_json: str, tensors: Mapping[str, np.ndarray]) -> tuple[bytes, memoryview]:
+    """The file of metadata ``meta_json`` and float ``tensors`` (name -> array) as (its first
+    ``8 + N`` bytes, digest included, and a view of the tensor bytes that follow, to be written
+    without a copy). The same inputs give the same bytes in any process: safetensors keeps
+    ``__metadata__`` in a hash map, whose order changes from one process to the next, so the
+    header is written again with its three fields in one order (the same length: only the
+    order changes)."""
     arrays, digests = {}, {}
     for name, arr in tensors.items():
         if arr.dtype.newbyteorder("<") not in DTYPES.values():
@@ -173,11 +178,16 @@ def encode(meta_json: str, tensors: Mapping[str, np.ndarray]) -> tuple[bytes, in
         raise ValueError(f"the checkpoint header would be {n} bytes, more than "
                          f"{MAX_HEADER_BYTES} (too many tensors or too large metadata)")
     zero = _sha_field("0" * 64)
-    if data.count(zero, 8, 8 + n) != 1 or _compact(json.loads(data[8:8 + n]), False) != \
-            data[8:8 + n]:  # what read_file requires (a later safetensors might differ)
+    header = json.loads(data[8:8 + n])
+    raw = _compact({"__metadata__": {k: header["__metadata__"][k] for k in (_META, _TENSOR_SHA,
+                                                                           _SHA)},
+                    **{k: v for k, v in header.items() if k != "__metadata__"}}, False)
+    if data.count(zero, 8, 8 + n) != 1 or _compact(header, False) != data[8:8 + n] or \
+            len(raw) != n:  # what read_file requires (a later safetensors might differ)
         raise RuntimeError("safetensors wrote a header of unexpected form; mithril cannot use it")
-    digest = hashlib.sha256(memoryview(data)[:8 + n]).hexdigest().encode("ascii")
-    return data, data.find(zero, 8) + len(zero) - 65, digest
+    head = data[:8] + raw
+    digest = hashlib.sha256(head).hexdigest()
+    return head.replace(zero, _sha_field(digest)), memoryview(data)[8 + n:]
 
 
 def _host_tag() -> str:
@@ -248,7 +258,7 @@ def _fsync_folder(folder: str) -> None:
 def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a checkpoint file atomically (see the module docstring): the file at ``path`` is
     either left as it was or replaced by the complete new one, and no temporary file stays."""
-    data, at, digest = encode(meta_json, tensors)
+    head, body = encode(meta_json, tensors)
     folder = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(folder, path)
     tmp = os.path.join(folder, f".ckpt-{_stem(path)}-{_host_tag()}-{os.getpid()}-"
@@ -257,10 +267,8 @@ def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> 
         _active.add(tmp)
     try:
         with open(tmp, "xb") as f:
-            view = memoryview(data)
-            f.write(view[:at])
-            f.write(digest)
-            f.write(view[at + len(digest):])
+            f.write(head)
+            f.write(body)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
