@@ -27,11 +27,17 @@ and XLA inserts the collectives.
   1/N of it. Inside the program it is sliced back to the parameter's shape; the per-step
   scalars, the count and the per-tensor scalars stay replicated. How the update is
   partitioned (where to reduce-scatter, all-gather) is XLA's choice.
-* **One step count for all parameters**, as optax keeps: the program differentiates the
-  whole loss, so a parameter it does not reach gets a zero gradient (none is ever missing)
-  and steps with it (moments decay, the count advances), as under DDP with
-  ``zero_grad(set_to_none=False)``; :class:`~.data_parallel.DataParallel`'s absent gradient
-  (torch.optim's skipped ``.grad`` None: :mod:`.missed_steps`) has no counterpart here.
+* **Parameters the loss does not reach** (``compiled.reached_parameters(loss)``) are left
+  out of the update, as on one device (:mod:`~mithril.utils.train_step_jax`'s
+  ``update_reached``) and as torch.optim skips a ``.grad`` None: no weight decay, no
+  momentum, their slots untouched, and each parameter counts its own steps (the state's
+  ``hyperparams["missed"]``, replicated: per parameter, the applied steps it missed;
+  ``to_optimizer_state`` carries them into a checkpoint, ``from_optimizer_state`` back). A
+  loss that reaches every parameter runs the very program it ran before (``init`` keeps
+  no count).
+  An optimizer whose program cannot count each parameter's steps (Muon, Adafactor,
+  Lookahead) is refused then, naming the parameters (the one-device step falls back to
+  the separate calls, which a mesh has no counterpart of).
 * **Several processes** (:func:`init_jax`): ``jax.distributed`` with CPU collectives (gloo);
   the mesh then spans every process's devices, and every process passes the *same global*
   batch (each contributes the rows of its own devices).
@@ -48,6 +54,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..utils.train_step_jax import step_body
+from ..utils.train_step_states import with_missed
 from ..utils.training import TrainStep
 
 __all__ = ["DeviceCountError", "ShardedTrainStep", "device_mesh", "init_jax",
@@ -164,6 +171,14 @@ class ShardedTrainStep(TrainStep):
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         super().__init__(compiled, optimizer, loss)
+        if self._unreached and not self._own_counts:
+            # (TrainStep falls back to the separate calls here; a mesh has no such path)
+            raise ValueError(
+                f"make_sharded_train_step: the loss {self.loss!r} does not reach "
+                f"{sorted(self._unreached)}, which are left out of the update with their own "
+                f"step counts, which the program of a {type(optimizer).__name__} (tensorwise, "
+                f"or a Lookahead) cannot keep: use a loss that reaches every parameter, or "
+                f"make_train_step on one device (the separate calls there)")
         del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -274,9 +289,10 @@ class ShardedTrainStep(TrainStep):
 
         host = {n: jnp.asarray(np.asarray(v)) for n, v in params.items()}
         # (_counted: with nonfinite="skip" the state counts the skipped steps, as
-        # TrainStep.init's does; without it to_optimizer_state's num_skipped stayed 0)
-        return self._place_state(self._pack(self._counted(self._transformation().init(host),
-                                                          0)))
+        # TrainStep.init's does; without it to_optimizer_state's num_skipped stayed 0;
+        # with_missed: each parameter's missed steps, where the loss leaves some out)
+        return self._place_state(self._pack(with_missed(
+            self, self._counted(self._transformation().init(host), 0), None)))
 
     def gather_state(self, opt_state: Any) -> Any:
         """``opt_state`` as the plain ``OptaxState`` of :class:`TrainStep` (slots in the
@@ -318,12 +334,13 @@ class ShardedTrainStep(TrainStep):
         with_ctx = c.program.has_context
         rep = self._rep
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
+        unreached = self._unreached
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training,
-                lr, hyper)
+                lr, hyper, unreached)
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))
