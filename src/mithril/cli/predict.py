@@ -32,6 +32,12 @@ whose target cell is empty are predicted all the same and left out of that score
 """
 
 
+#: the dtypes ``--dtype`` offers (half precision: what ``--mixed-precision`` computed in)
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: the dtype of a run whose model file records none (saved before it was recorded)
+LEGACY_DTYPE = "float32"
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict with a model trained by `mithril train --data`",
                        description=DESCRIPTION, usage="mithril predict --run DIR --data FILE "
@@ -44,17 +50,61 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="the CSV to write (default: RUN/predictions.csv)")
     p.add_argument("--backend", choices=("numpy", "jax", "torch"), default="numpy",
                    help="where the model runs (default: numpy)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="the dtype to compute in (default: the one the run was trained in, "
+                        "as its model file records: --dtype, or with --mixed-precision "
+                        "bfloat16/float16; float32 for a run saved before it was recorded)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the run and the data, and stop before predicting or writing")
     p.set_defaults(func=run, no_progress=True, no_plot=True)
     return p
 
 
-def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, dict[str, Any]]:
-    """The run's preprocessing, the compiled model and its parameters."""
+def _read_checkpoint(run_dir: Path, template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``load_checkpoint`` of the run's model file, its errors as one CLIError line."""
+    from ..utils.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(run_dir / MODEL_FILE, params_template=template)
+    except FileNotFoundError:
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is missing") from None
+    except OSError as exc:  # a folder of that name, no permission
+        raise CLIError(f"--run {run_dir}: cannot read {MODEL_FILE} "
+                       f"({exc.strerror or exc})") from None
+    except CheckpointError as exc:  # truncated, altered: not a question of fitting
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is damaged ({exc})") from None
+    # ShapeError is a ValueError; KeyMismatchError is a KeyError
+    except (ValueError, KeyError) as exc:
+        raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
+                       f"({exc})") from None
+
+
+def model_dtype(run_dir: Path, extra: Any, stored: set[str], dtype: str | None
+                ) -> tuple[str, str | None]:
+    """The dtype to predict in and a note to print (or None): ``dtype`` (``--dtype``) if
+    given, else the one the run computed in, as its model file records it (``compute_dtype``);
+    a file saved before that was recorded predicts in float32, as it did, with a note."""
+    if dtype is not None:
+        return dtype, None
+    recorded = extra.get("compute_dtype") if isinstance(extra, dict) else None
+    if recorded is not None:
+        if recorded not in DTYPES:
+            raise CLIError(f"--run {run_dir}: {MODEL_FILE} records the unknown compute dtype "
+                           f"{recorded!r}; give --dtype ({', '.join(DTYPES)})")
+        return recorded, None
+    kept = ", ".join(sorted(stored))
+    return LEGACY_DTYPE, (f"note: {MODEL_FILE} of {run_dir} does not record the dtype it was "
+                          f"trained in (saved by an older mithril); predicting in "
+                          f"{LEGACY_DTYPE} as before (its parameters are stored in {kept}: "
+                          f"give --dtype to choose)")
+
+
+def load_model(run_dir: Path, backend: str = "numpy", dtype: str | None = None
+               ) -> tuple[Preprocess, Any, dict[str, Any], str | None]:
+    """The run's preprocessing, the compiled model, its parameters in ``dtype`` (None: the
+    dtype the run computed in; see :func:`model_dtype`) and a note to print (or None)."""
     import mithril as ml
 
-    from ..utils.checkpoint import load_checkpoint
     from .networks import mlp_spec
     from .training import make_backend
 
@@ -67,33 +117,32 @@ def load_model(run_dir: Path, backend: str = "numpy") -> tuple[Preprocess, Any, 
     except (ValueError, TypeError, KeyError) as exc:
         raise CLIError(f"--run {run_dir}: {PREPROCESS_FILE} is damaged (its network cannot "
                        f"be built: {exc})") from None
-    be = make_backend(backend, "float32", 0)
-    compiled = ml.compile(spec.model, be, shapes=spec.shapes, inference=True)
+    raw = _read_checkpoint(run_dir)  # as stored: what it records, and its values
+    stored = {str(np.asarray(v).dtype) for v in raw["params"].values()}
+    dtype, note = model_dtype(run_dir, raw["extra"], stored, dtype)
     try:
-        ckpt = load_checkpoint(run_dir / MODEL_FILE, params_template=compiled.get_parameters())
-    except FileNotFoundError:
-        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is missing") from None
-    except OSError as exc:  # a folder of that name, no permission
-        raise CLIError(f"--run {run_dir}: cannot read {MODEL_FILE} "
-                       f"({exc.strerror or exc})") from None
-    except CheckpointError as exc:  # truncated, altered: not a question of fitting
-        raise CLIError(f"--run {run_dir}: {MODEL_FILE} is damaged ({exc})") from None
-    # ShapeError is a ValueError; KeyMismatchError is a KeyError
-    except (ValueError, KeyError) as exc:
-        raise CLIError(f"--run {run_dir}: {MODEL_FILE} does not fit {PREPROCESS_FILE} "
-                       f"({exc})") from None
+        be = make_backend(backend, dtype, 0)
+    except ValueError as exc:  # e.g. bfloat16 without ml_dtypes
+        raise CLIError(f"--dtype {dtype} on --backend {backend}: {exc}") from None
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes, inference=True)
+    with np.errstate(over="ignore"):  # a --dtype too narrow is named below
+        ckpt = _read_checkpoint(run_dir, compiled.get_parameters())  # checked, cast to dtype
     saved = ckpt["extra"].get("preprocess_digest") if isinstance(ckpt["extra"], dict) else None
     if saved is not None and saved != pre.digest():  # (runs before the digest have none)
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} was saved with another "
                        f"{PREPROCESS_FILE} (copied from another run, or edited); a run's two "
                        f"files go together")
-    bad = [k for k, v in ckpt["params"].items()
-           if not np.isfinite(compiled.backend.to_numpy(v)).all()]
+    bad = [k for k, v in raw["params"].items() if not np.isfinite(np.asarray(v)).all()]
     if bad:  # a diverged run: its predictions would be NaN, argmax'ed to the first class
         raise CLIError(f"--run {run_dir}: {MODEL_FILE} holds inf/NaN weights ({', '.join(bad)})"
                        f": the training diverged (see its metrics.csv); train again, e.g. with "
                        f"a smaller --lr or --nonfinite skip")
-    return pre, compiled, ckpt["params"]
+    over = [k for k, v in ckpt["params"].items()
+            if not np.isfinite(be.to_numpy(v).astype(np.float64)).all()]
+    if over:  # finite as stored, not in a narrower --dtype
+        raise CLIError(f"--dtype {dtype}: weights of {MODEL_FILE} overflow it "
+                       f"({', '.join(over)}); predict in the run's own dtype (leave --dtype out)")
+    return pre, compiled, ckpt["params"], note
 
 
 def predict(pre: Preprocess, compiled: Any, params: dict[str, Any], x: np.ndarray
@@ -117,7 +166,9 @@ def predict(pre: Preprocess, compiled: Any, params: dict[str, Any], x: np.ndarra
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
-    pre, compiled, params = load_model(run_dir, args.backend)
+    pre, compiled, params, note = load_model(run_dir, args.backend, args.dtype)
+    if note:
+        print(note)
     table = read_table(args.data, pre.target, pre.features)
     out = Path(args.out) if args.out else run_dir / "predictions.csv"
     for what, keep in (("--data", Path(args.data)), ("the run's model", run_dir / MODEL_FILE),
@@ -128,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         ensure_writable_file(out, example="predictions.csv")
     print(f"mithril predict: {len(table.x)} rows of {args.data} with the {pre.objective} model "
-          f"of {run_dir}")
+          f"of {run_dir} in {compiled.backend.dtype}")
     if args.dry_run:
         print(f"dry run: would write {out}")
         return 0

@@ -491,10 +491,16 @@ def tabular_job(args: argparse.Namespace) -> Any:
     def write(run: Any, folder: Path) -> list[Path]:
         from ..utils.checkpoint import save_checkpoint
         from .report import write_json
+        from .training import MIXED_PRECISION
 
         # the weights the final metrics measure (schedule-free: the averaged ones)
+        # the dtype the model computed in (predict computes in it); mixed precision's compute
+        # dtype, its parameters being the float32 masters
+        cfg = run.cfg
         save_checkpoint(folder / MODEL_FILE, run.saved_params(),
-                        extra={"preprocess": PREPROCESS_FILE, "preprocess_digest": pre.digest()})
+                        extra={"preprocess": PREPROCESS_FILE, "preprocess_digest": pre.digest(),
+                               "compute_dtype": MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype,
+                               "mixed_precision": cfg.mixed_precision})
         return [folder / MODEL_FILE, write_json(folder / PREPROCESS_FILE, pre.as_dict())]
 
     settings = {"data": str(table.path), "target": table.target, "objective": objective,
