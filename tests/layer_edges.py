@@ -109,11 +109,25 @@ def error(got: np.ndarray, want: np.ndarray) -> float:
     return float(d.max(initial=0.0)) / scale
 
 
-def compare(name: str, case: Case, params, cots, out, grads, what: str) -> None:
+def nonfinite_error(got: np.ndarray, want: np.ndarray) -> float:
+    """:func:`error` where ``want`` may hold infinities too: ±inf must be met by the same
+    infinity (inf − inf is NaN, which :func:`error` reads as a mismatch), NaN by NaN; the
+    finite elements are compared as :func:`error` does."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    inf_w = np.isinf(want)
+    if (np.isinf(got) != inf_w).any() or (got[inf_w] != want[inf_w]).any():
+        return float("inf")
+    return error(np.where(inf_w, 0.0, got), np.where(inf_w, 0.0, want))
+
+
+def compare(name: str, case: Case, params, cots, out, grads, what: str,
+            err: Callable[[np.ndarray, np.ndarray], float] = error) -> None:
+    """Each output and gradient of a run of ``case`` against torch's within :data:`TOL` by
+    ``err`` (:func:`error`, or :func:`nonfinite_error` where the outputs hold infinities)."""
     want_out, want_grads = run_torch(case, params, cots)
     assert set(grads) == set(want_grads), set(grads) ^ set(want_grads)
-    errs = {**{o: error(out[o], want_out[o]) for o in case.outputs},
-            **{f"d/d {k}": error(grads[k], want_grads[k]) for k in want_grads}}
+    errs = {**{o: err(out[o], want_out[o]) for o in case.outputs},
+            **{f"d/d {k}": err(grads[k], want_grads[k]) for k in want_grads}}
     bad = {k: e for k, e in errs.items() if not e <= TOL}
     assert not bad, f"{what} {name}: {bad}"
 
@@ -149,17 +163,19 @@ def jax_column(module: str, names: list[str], tests_dir: str) -> dict[str, Any]:
     return {n: (d["p"], d["c"], d["o"], d["g"]) for n, d in res.items()}
 
 
-def parity_tests(module: str, cases: dict[str, Case]) -> tuple[Any, Any, Any]:
+def parity_tests(module: str, cases: dict[str, Case],
+                 err: Callable[[np.ndarray, np.ndarray], float] = error) -> tuple[Any, Any, Any]:
     """The tests every table of cases gets, to be bound in ``module`` (the test file, whose
     ``CASES`` is ``cases``): on the NumPy and torch backends, and the JAX column (float64, in
-    a fresh process), each case's outputs and every gradient against torch autograd."""
+    a fresh process), each case's outputs and every gradient against torch autograd (compared
+    by ``err``: :func:`error`, or :func:`nonfinite_error` for outputs with infinities)."""
     import pytest
 
     @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
     @pytest.mark.parametrize("name", list(cases))
     def test_equals_torch(name: str, backend_name: str) -> None:
         case = cases[name]
-        compare(name, case, *run_mithril(name, case, backend_name), what=backend_name)
+        compare(name, case, *run_mithril(name, case, backend_name), what=backend_name, err=err)
 
     @pytest.fixture(scope="module")
     def jax_results() -> dict[str, Any]:
@@ -167,6 +183,6 @@ def parity_tests(module: str, cases: dict[str, Case]) -> tuple[Any, Any, Any]:
 
     @pytest.mark.parametrize("name", list(cases))
     def test_jax_equals_torch(name: str, jax_results: dict[str, Any]) -> None:
-        compare(name, cases[name], *jax_results[name], what="jax")
+        compare(name, cases[name], *jax_results[name], what="jax", err=err)
 
     return test_equals_torch, jax_results, test_jax_equals_torch

@@ -7,9 +7,11 @@ start inside the input or the padding before it); NumPy and JAX pad that part fu
 −inf (max) or zeros left out of the mean (average), and run the same code; torch gets
 ``ceil_mode``. The NumPy VJP routes each cotangent to its window's first maximum in window
 order (row-major over the kernel), which is the element torch's (and XLA's) max pooling
-picks on ties (and to a NaN, where a window holds one: NaN is its maximum, as torch). A
-dilated window that reads padding only is −inf (as torch) and routes no gradient, on every
-backend (torch's own index there is garbage, and its backward writes out of bounds: the
+picks on ties (and to its last NaN, where a window holds one: NaN is its maximum, as torch;
+where a window's elements inside the input are all −inf, to the first of them, never the
+padding). JAX's forward is XLA's ``reduce_window`` with a JVP that picks the same element
+(XLA's own derivative picks others for those windows). A dilated window that reads padding
+only is −inf (as torch) and routes no gradient, on every backend (torch's own index there is garbage, and its backward writes out of bounds: the
 torch backend replaces those windows).
 
 NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
@@ -185,43 +187,60 @@ class _MaxPool(_Pool):
         return None if mask.all() else mask
 
     def _jax(self, x: Any) -> Any:
+        """XLA's ``reduce_window`` max (NaN propagates, as torch), with a JVP that takes each
+        window's tangent at torch's element (:meth:`_jax_codes`): XLA's own derivative sends
+        a NaN window's gradient past the NaN, an all −inf window's to the −inf padding, and
+        has none for a dilated window. A JVP, so forward mode works too; JAX transposes it."""
+        import jax
+        import jax.numpy as jnp
         from jax import lax
 
         one = (1, 1)
-        if any(d > 1 for d in self.dilation):
-            # JAX has no VJP of a dilated max reduce_window: gather the windows and pick each
-            # one's element as torch does, so the gradient goes where torch's does
-            import jax.numpy as jnp
+        spatial = tuple(x.shape[2:])
+        pads = self._pads(spatial)
+        out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, pads,
+                        type(self).__name__)
+        offsets = [offset_slices(off, self.stride, self.dilation, out)
+                   for off in np.ndindex(*self.kernel_size)]
 
-            pads = self._pads(x.shape[2:])
-            out = out_sizes(x.shape[2:], self.kernel_size, self.stride, self.dilation, pads,
-                            type(self).__name__)
-            offsets = [offset_slices(off, self.stride, self.dilation, out)
-                       for off in np.ndindex(*self.kernel_size)]
-            xpad = jnp.pad(x, ((0, 0), (0, 0), *pads), constant_values=-np.inf)
-            win = jnp.stack([xpad[sl] for sl in offsets], axis=-1)
-            pick = self._torch_pick(win, offsets, x.shape[2:])
-            return jnp.take_along_axis(win, pick, axis=-1)[..., 0]
-        return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max,
-                                 (*one, *self.kernel_size), (*one, *self.stride),
-                                 ((0, 0), (0, 0), *self._pads(x.shape[2:])),
-                                 window_dilation=(*one, *self.dilation))
+        @jax.custom_jvp
+        def pool(v: Any) -> Any:
+            return lax.reduce_window(v, np.array(-np.inf, dtype=v.dtype), lax.max,
+                                     (*one, *self.kernel_size), (*one, *self.stride),
+                                     ((0, 0), (0, 0), *pads), window_dilation=(*one, *self.dilation))
 
-    def _torch_pick(self, win: Any, offsets: list[tuple[slice, ...]],
-                    spatial: tuple[int, ...]) -> Any:
-        """Per window of ``win`` (…, K), the offset torch's max pooling takes: the last NaN,
-        else the first maximum among the elements inside the input (the first of them where
-        all are −inf; the padding never), else 0 (padding only: −inf, no gradient)."""
+        @pool.defjvp
+        def pool_jvp(primals: Any, tangents: Any) -> Any:
+            (v,), (t,) = primals, tangents
+            m = pool(v)
+            code = self._jax_codes(jnp.pad(v, ((0, 0), (0, 0), *pads), constant_values=-np.inf),
+                                   m, offsets, spatial)
+            tp = jnp.pad(t, ((0, 0), (0, 0), *pads))
+            dm = sum(jnp.where(code == k, tp[sl], 0) for k, sl in enumerate(offsets))
+            return m, dm
+
+        return pool(x)
+
+    def _jax_codes(self, xpad: Any, m: Any, offsets: list[tuple[slice, ...]],
+                   spatial: tuple[int, ...]) -> Any:
+        """Per output, the kernel offset (row-major) torch's max pooling takes, from the
+        −inf padded input and the maxima ``m``: the last NaN where the window holds one, else
+        the first element equal to the maximum among those inside the input (an all −inf
+        window: its first element inside, never the padding), else ``len(offsets)`` (a
+        dilated window of padding only: −inf, no gradient). Elementwise, one offset at a time
+        (no (…, K) stack of windows)."""
         import jax.numpy as jnp
 
-        k = win.shape[-1]
+        k_none = len(offsets)
         inside = pad_like(np.ones((1, 1, *spatial), bool), self._pads(spatial), False)
-        inside = np.stack([inside[sl] for sl in offsets], axis=-1)  # static: shapes are known
-        nan = jnp.isnan(win)
-        last_nan = k - 1 - jnp.argmax(nan[..., ::-1], axis=-1)
-        hit = inside & (win == jnp.max(win, axis=-1, keepdims=True))
-        first = jnp.argmax(hit, axis=-1)  # 0 where none: a window of padding only
-        return jnp.where(nan.any(axis=-1), last_nan, first)[..., None]
+        first = jnp.full(m.shape, k_none, dtype=np.int32)
+        last_nan = jnp.full(m.shape, k_none, dtype=np.int32)
+        for k, sl in enumerate(offsets):
+            v = xpad[sl]
+            hit = (v == m) & inside[sl]  # static mask: shapes are known at trace time
+            first = jnp.where((first == k_none) & hit, k, first)
+            last_nan = jnp.where(jnp.isnan(v), k, last_nan)
+        return jnp.where(jnp.isnan(m), last_nan, first)
 
     def _slices(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
         """The −inf padded input (in ``x``'s memory order) and each kernel offset's slice."""
