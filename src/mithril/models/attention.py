@@ -8,7 +8,7 @@ torch). ``use_attn_mask=True`` adds an ``attn_mask`` input that broadcasts to (�
 booleans (True: the pair takes part, as ``F.scaled_dot_product_attention``) or floats (added
 to the scores; ``-inf`` masks). A row with every key masked gives zeros, as torch.
 
-``MultiHeadAttention`` is ``torch.nn.MultiheadAttention(batch_first=True)`` (no dropout):
+``MultiHeadAttention`` is ``torch.nn.MultiheadAttention(batch_first=True)``:
 one operator whose parameters are torch's, under torch's names with ``_`` for ``.``:
 ``in_proj_weight`` (3E, E) with the query, key and value rows in that order (with ``kdim`` /
 ``vdim`` other than E, torch's ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
@@ -19,6 +19,15 @@ and floats are added; it broadcasts to (…, num_heads, L, S), e.g. (L, S) or (N
 ``key_padding_mask`` (…, S) masks keys per batch entry.
 Init as torch: ``xavier_uniform_`` of ``in_proj_weight`` (Glorot over its (3E, E) shape),
 ``kaiming_uniform_(a=√5)`` of ``out_proj_weight`` (U(±1/√E)) and zero biases.
+``add_bias_kv=True``: learned ``bias_k`` and ``bias_v`` (1, 1, E) appended to the projected
+keys and values (S -> S + 1); ``add_zero_attn=True``: then a row of zeros per head (S + 1 more);
+the masks take part for the new keys (``attn_mask`` gets a False / 0 column,
+``key_padding_mask`` a False / 0 entry), as torch pads them. ``dropout=p``: in training mode
+the attention probabilities are multiplied by m / (1 − p) before the weighted sum, m ∈ {0, 1}
+per (batch, head, query, key), P(m = 0) = p, as torch's (inverted dropout; inference mode:
+none); the mask is counter based as :class:`~mithril.models.dropout.Dropout`'s (the same on
+every backend for a seed and step; ``dropout_key`` names the stream in place of the block's
+path, so that :class:`~mithril.models.attention_weights.AttentionWeights` can draw the same).
 
 The softmax subtracts each row's maximum first, so large scores never overflow. Forward per
 backend: ``F.scaled_dot_product_attention`` on torch, the same formula in ``jax.numpy`` and
@@ -43,9 +52,13 @@ from .attention_core import (
     _masks,
     _rank_at_least,
     _same,
+    append_rows,
     attend,
     attend_vjp,
     attention_probs,
+    check_dropout,
+    dropout_factor,
+    pad_keys,
 )
 from .half_precision import float32_forward, float32_vjp
 from .operator import (
@@ -192,7 +205,11 @@ class MultiHeadAttention(Operator):
     combines with ``attn_mask`` / ``is_causal`` (a pair is kept if both keep it, float masks
     add). ``kdim`` / ``vdim`` (with ``embed_dim``): key and value features other than E; as
     torch's, the in-projection is then three weights ``q_proj_weight`` (E, E),
-    ``k_proj_weight`` (E, kdim) and ``v_proj_weight`` (E, vdim), each ``xavier_uniform_``."""
+    ``k_proj_weight`` (E, kdim) and ``v_proj_weight`` (E, vdim), each ``xavier_uniform_``.
+    ``add_bias_kv`` (parameters ``bias_k``, ``bias_v`` (1, 1, E), as torch's), ``add_zero_attn``
+    and ``dropout`` (on the attention probabilities in training mode; ``dropout_key``: the
+    name its random stream is drawn under, default the block's path) as torch's (see the
+    module docstring)."""
 
     any_dtype_inputs = frozenset({"attn_mask", "key_padding_mask"})
     vjp_ignores = frozenset({"output"})
@@ -200,7 +217,15 @@ class MultiHeadAttention(Operator):
     def __init__(self, num_heads: int, embed_dim: int | None = None, use_bias: bool = True,
                  is_causal: bool = False, use_attn_mask: bool = False,
                  use_key_padding_mask: bool = False, *, kdim: int | None = None,
-                 vdim: int | None = None) -> None:
+                 vdim: int | None = None, dropout: float = 0.0, add_bias_kv: bool = False,
+                 add_zero_attn: bool = False, dropout_key: str | None = None) -> None:
+        who = type(self).__name__
+        self.dropout = check_dropout(dropout, who)
+        for name, flag in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{who}: {name} must be True or False, got {flag!r}")
+        if dropout_key is not None and not isinstance(dropout_key, str):
+            raise ValueError(f"{who}: dropout_key must be a str or None, got {dropout_key!r}")
         if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) \
                 or num_heads <= 0:
             raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {num_heads!r}")
@@ -230,6 +255,15 @@ class MultiHeadAttention(Operator):
         self.use_key_padding_mask = bool(use_key_padding_mask)
         self.inputs = ("query", "key", "value") + (("attn_mask",) if use_attn_mask else ()) \
             + (("key_padding_mask",) if use_key_padding_mask else ())
+        self.add_bias_kv, self.add_zero_attn = bool(add_bias_kv), bool(add_zero_attn)
+        self.dropout_key = dropout_key
+        if self.dropout:  # reads the mode and draws random bits (the step counter advances)
+            self.context = self.random = True  # type: ignore[misc]
+
+    @property
+    def n_extra(self) -> int:
+        """Keys appended to the S given: ``bias_k`` and / or the zero key."""
+        return int(self.add_bias_kv) + int(self.add_zero_attn)
 
     @property
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
@@ -240,6 +274,8 @@ class MultiHeadAttention(Operator):
         init = {**dict.fromkeys(names, "glorot"), "out_proj_weight": "kaiming_uniform"}
         if self.use_bias:
             init.update(in_proj_bias="zeros", out_proj_bias="zeros")
+        if self.add_bias_kv:  # torch: xavier_normal_, N(0, 1/E); the nearest here: Glorot uniform
+            init.update(bias_k="glorot", bias_v="glorot")
         return init
 
     def _embed(self, shapes) -> int | None:
@@ -274,9 +310,12 @@ class MultiHeadAttention(Operator):
                    "v_proj_weight": (e, self.vdim or e)}
         else:
             out = {"in_proj_weight": (3 * e, e)}
-        out.update({"in_proj_bias": (3 * e,), "out_proj_weight": (e, e),
-                    "out_proj_bias": (e,)})  # torch's order
-        return out if self.use_bias else {k: v for k, v in out.items() if "bias" not in k}
+        out["in_proj_bias"] = (3 * e,)
+        if self.add_bias_kv:
+            out.update(bias_k=(1, 1, e), bias_v=(1, 1, e))
+        out.update({"out_proj_weight": (e, e), "out_proj_bias": (e,)})  # torch's order
+        return out if self.use_bias else {k: v for k, v in out.items()
+                                          if k not in ("in_proj_bias", "out_proj_bias")}
 
     def infer_shape(self, shapes):
         e = self._embed(shapes)
@@ -356,32 +395,61 @@ class MultiHeadAttention(Operator):
     def _masks(self, xp: Any, attn_mask: Any, pad: Any, n_query: int,
                n_key: int) -> tuple[Any, Any]:
         """``(keep, add)`` of ``attn_mask`` / ``is_causal`` and the key padding mask (…, S),
-        as (…, 1, 1, S): booleans True mark padding (not kept), floats add."""
-        keep, add = _masks(attn_mask, self.is_causal, n_query, n_key, True)
+        as (…, 1, 1, S): booleans True mark padding (not kept), floats add. ``n_key``: the
+        keys with the extra ones (:attr:`n_extra`), for which every mask is padded with
+        "take part" (True / 0), as torch pads them."""
+        n, s = self.n_extra, n_key - self.n_extra
+        keep, add = _masks(attn_mask, self.is_causal, n_query, s, True)
+        keep, add = pad_keys(xp, keep, s, n, True), pad_keys(xp, add, s, n, 0)
         if pad is None:
             return keep, add
-        pad = pad[..., None, None, :]
+        pad = pad_keys(xp, pad[..., None, None, :], s, n, False if _is_bool(pad) else 0)
         if not _is_bool(pad):
             return keep, pad if add is None else add + pad
         if isinstance(keep, np.ndarray) and backend_of(xp) == "torch":  # the causal triangle
             keep = xp.t.as_tensor(keep, device=pad.device)
         return ~pad if keep is None else ~pad & keep, add
 
+    def _extend(self, xp: Any, k: Any, v: Any, bias_k: Any, bias_v: Any) -> tuple[Any, Any]:
+        """The projected keys and values (…, S, E) with ``bias_k`` / ``bias_v`` and the zero
+        row appended (torch's order)."""
+        if not self.n_extra:
+            return k, v
+        bias = self.add_bias_kv
+        zero = [None] if self.add_zero_attn else []
+        return (append_rows(xp, k, ([bias_k] if bias else []) + zero),
+                append_rows(xp, v, ([bias_v] if bias else []) + zero))
+
+    def _drop(self, xp: Any, ctx: Any, p: Any, v: Any = None) -> Any:
+        """The dropout factor over the probabilities ``p`` (…, heads, L, S) (at the batch
+        shape of the output: ``v``'s batch axes too), or None when no dropout applies."""
+        if not self.dropout or ctx is None or not ctx.training:
+            return None
+        shape = tuple(p.shape) if v is None else \
+            np.broadcast_shapes(tuple(p.shape), (*v.shape[:-2], 1, 1))
+        return dropout_factor(xp, ctx, shape, self.dropout, self.dropout_key, p)
+
     @float32_forward
     def forward(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
                 in_proj_bias: Any = None, out_proj_bias: Any = None, attn_mask: Any = None,
-                key_padding_mask: Any = None, **in_proj: Any) -> Any:
+                key_padding_mask: Any = None, bias_k: Any = None, bias_v: Any = None,
+                ctx: Any = None, **in_proj: Any) -> Any:
         kind = backend_of(xp)
         if kind == "numpy":
             return self.forward_residuals(xp, query, key, value, out_proj_weight, in_proj_bias,
-                                          out_proj_bias, attn_mask, key_padding_mask,
-                                          **in_proj)[0]
+                                          out_proj_bias, attn_mask, key_padding_mask, bias_k,
+                                          bias_v, ctx, **in_proj)[0]
         F = functional_of(xp)
-        q, k, v = (self._heads(t) for t in self._project(query, key, value,
-                                                          self._in_weights(in_proj),
-                                                          in_proj_bias, F))
+        q, k, v = self._project(query, key, value, self._in_weights(in_proj), in_proj_bias, F)
+        k, v = self._extend(xp, k, v, bias_k, bias_v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         e = out_proj_weight.shape[0]
-        if F is not None and attn_mask is None and key_padding_mask is None:
+        training = self.dropout and ctx is not None and ctx.training
+        if training:  # the probabilities themselves, for the mask to multiply
+            keep, add = self._masks(xp, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
+            p = attention_probs(xp, q, k, self._scale(e), keep, add)
+            o = (p * self._drop(xp, ctx, p, v)) @ v
+        elif F is not None and attn_mask is None and key_padding_mask is None and not self.n_extra:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal,
                                                scale=self._scale(e))
         else:
@@ -396,20 +464,38 @@ class MultiHeadAttention(Operator):
     def forward_residuals(self, xp: Any, query: Any, key: Any, value: Any, out_proj_weight: Any,
                           in_proj_bias: Any = None, out_proj_bias: Any = None,
                           attn_mask: Any = None, key_padding_mask: Any = None,
+                          bias_k: Any = None, bias_v: Any = None, ctx: Any = None,
                           **in_proj: Any) -> tuple[Any, Any]:
-        """NumPy: the output and ``(q, k, v, p, o)``: the projected heads, the attention
-        probabilities and the merged attention output (the out-projection's input).
+        """NumPy: the output and ``(q, k, v, p, o, drop)``: the projected heads (the keys and
+        values with the extra rows), the attention probabilities, the merged attention
+        output (the out-projection's input) and the dropout factor (None without dropout).
         ``in_proj``: ``in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight``,
         ``v_proj_weight``."""
-        q, k, v = (self._heads(t) for t in self._project(query, key, value,
-                                                          self._in_weights(in_proj), in_proj_bias))
+        q, k, v = self._project(query, key, value, self._in_weights(in_proj), in_proj_bias)
+        k, v = self._extend(np, k, v, bias_k, bias_v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         keep, add = self._masks(np, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
         p = attention_probs(np, q, k, self._scale(out_proj_weight.shape[0]), keep, add)
-        o = self._merge(p @ v)
+        drop = self._drop(np, ctx, p, v)
+        o = self._merge((p if drop is None else p * drop) @ v)
         y = o @ out_proj_weight.T
         if out_proj_bias is not None:
             y += out_proj_bias
-        return y, (q, k, v, p, o)
+        return y, (q, k, v, p, o, drop)
+
+    def _extra_grads(self, res: dict, wrt: Any, heads: list, n_key: int) -> list:
+        """``bias_k`` / ``bias_v``'s cotangents (into ``res``) from those of the key and value
+        heads (…, heads, S + extra, d), which come back without the extra rows."""
+        if not self.n_extra:
+            return heads
+        s = n_key - self.n_extra
+        if self.add_bias_kv:
+            for name, gh in (("bias_k", heads[1]), ("bias_v", heads[2])):
+                if name in wrt:
+                    row = gh[..., s, :]  # (…, heads, d) -> (1, 1, E)
+                    res[name] = row.reshape((-1, row.shape[-2] * row.shape[-1])).sum(
+                        axis=0).reshape(1, 1, -1)
+        return [heads[0], heads[1][..., :s, :], heads[2][..., :s, :]]
 
     @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
@@ -419,7 +505,7 @@ class MultiHeadAttention(Operator):
         e = wo.shape[0]
         if residuals is None:
             residuals = self.forward_residuals(np, **args)[1]
-        q, k, v, p, o = residuals
+        q, k, v, p, o, drop = residuals
         keep, add = self._masks(np, mask, pad, q.shape[-2], k.shape[-2])
         res: dict[str, np.ndarray] = {}
         g2 = g.reshape(-1, e)
@@ -427,13 +513,16 @@ class MultiHeadAttention(Operator):
             res["out_proj_weight"] = g2.T @ o.reshape(-1, e)
         if "out_proj_bias" in wrt:
             res["out_proj_bias"] = g2.sum(axis=0)
-        gq, gk, gv, gs = attend_vjp(self._heads(g @ wo), q, k, v, self._scale(e), keep, add, p)
+        gq, gk, gv, gs = attend_vjp(self._heads(g @ wo), q, k, v, self._scale(e), keep, add, p,
+                                    drop)
+        s = k.shape[-2] - self.n_extra  # the masks' cotangents leave out the extra keys
         if "attn_mask" in wrt and not _is_bool(mask):
-            res["attn_mask"] = unbroadcast(gs, mask.shape)
+            res["attn_mask"] = unbroadcast(gs[..., :s], mask.shape)
         if "key_padding_mask" in wrt and not _is_bool(pad):  # a float one: (…, 1, 1, S)
-            res["key_padding_mask"] = unbroadcast(gs, (*pad.shape[:-1], 1, 1, pad.shape[-1])
-                                                  ).reshape(pad.shape)
+            res["key_padding_mask"] = unbroadcast(gs[..., :s], (*pad.shape[:-1], 1, 1,
+                                                                pad.shape[-1])).reshape(pad.shape)
         heads = [unbroadcast(gx, x.shape) for gx, x in ((gq, q), (gk, k), (gv, v))]
+        heads = self._extra_grads(res, wrt, heads, k.shape[-2])
         if not self.separate and self._self(query, key, value):
             # the three heads' cotangents straight into one (…, L, 3, heads, d) array: the
             # (…, L, 3E) cotangent of the fused projection, in one copy
@@ -479,4 +568,8 @@ class MultiHeadAttention(Operator):
                 f"use_attn_mask={self.use_attn_mask}"
                 + (", use_key_padding_mask=True" if self.use_key_padding_mask else "")
                 + "".join(f", {n}={d}" for n, d in (("kdim", self.kdim), ("vdim", self.vdim)) if d)
+                + (f", dropout={self.dropout}" if self.dropout else "")
+                + (", add_bias_kv=True" if self.add_bias_kv else "")
+                + (", add_zero_attn=True" if self.add_zero_attn else "")
+                + (f", dropout_key={self.dropout_key!r}" if self.dropout_key is not None else "")
                 + ")")

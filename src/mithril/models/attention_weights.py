@@ -8,6 +8,12 @@ names as the attention's, so they are one parameter) and gives softmax(q·kᵀ/�
 head (…, num_heads, L, S), or their mean over the heads (…, L, S) with
 ``average_attn_weights=True``, as torch. A row whose keys are all masked is zeros (torch: NaN).
 The value rows of the in-projection get zero gradient from it.
+
+With ``add_bias_kv`` (connect ``bias_k`` to the attention's; ``bias_v`` takes no part) and
+``add_zero_attn`` the weights cover the extra keys too, (…, L, S + 1 or 2), as torch's. With
+``dropout=p`` in training mode they are torch's returned ones, after dropout (p·m/(1 − p),
+then the mean over the heads); give the attention and this block the same ``dropout_key`` so
+that both draw the same mask (for a value batch no larger than the query's and key's).
 """
 
 from __future__ import annotations
@@ -17,23 +23,11 @@ from typing import Any
 import numpy as np
 
 from .attention import MultiHeadAttention
-from .attention_core import _swap, attention_probs
-from .operator import Operator, backend_of, torch_of, unbroadcast
+from .attention_core import _swap, append_rows, attention_probs
+from .operator import Operator, backend_of, unbroadcast
 
-
-def _probs_torch(t: Any, q: Any, k: Any, scale: float, keep: Any, add: Any) -> Any:
-    """:func:`attention_probs` with torch's functions (zeros where a row keeps nothing)."""
-    s = (q @ _swap(k)) * scale
-    if add is not None:
-        s = s + add.to(s.dtype)
-    if keep is not None:
-        keep = t.as_tensor(keep, device=s.device) if isinstance(keep, np.ndarray) else keep
-        s = s.masked_fill(~keep, -float("inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = t.where(t.isfinite(m), m, t.zeros_like(m)).detach()  # the shift does not matter
-    e = t.exp(s - m)
-    den = e.sum(dim=-1, keepdim=True)
-    return e / t.where(den == 0, t.ones_like(den), den)
+#: the attention's parameters this block does not read
+_UNUSED = ("out_proj_weight", "out_proj_bias", "bias_v")
 
 
 class AttentionWeights(MultiHeadAttention):
@@ -51,10 +45,10 @@ class AttentionWeights(MultiHeadAttention):
 
     @property
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
-        return {k: v for k, v in super().param_init.items() if not k.startswith("out_proj")}
+        return {k: v for k, v in super().param_init.items() if k not in _UNUSED}
 
     def param_shapes(self, shapes):
-        return {k: v for k, v in super().param_shapes(shapes).items() if not k.startswith("out_proj")}
+        return {k: v for k, v in super().param_shapes(shapes).items() if k not in _UNUSED}
 
     def infer_shape(self, shapes):
         q, k = shapes.get("query"), shapes.get("key")
@@ -63,47 +57,61 @@ class AttentionWeights(MultiHeadAttention):
         out = super().infer_shape({**shapes, "value": k[:-1] + (self.vdim or q[-1],)})
         if out is None:
             return None
-        per_head = (*out[:-2], self.num_heads, q[-2], k[-2])
+        s = None if k[-2] is None else k[-2] + self.n_extra
+        per_head = (*out[:-2], self.num_heads, q[-2], s)
         return per_head[:-3] + per_head[-2:] if self.average_attn_weights else per_head
 
-    def _qk(self, query: Any, key: Any, in_proj: Any, b: Any) -> tuple[Any, Any, Any, Any]:
-        """The projected query and key heads and their (E, ·) weights."""
+    def _qk(self, xp: Any, query: Any, key: Any, in_proj: Any, b: Any,
+            bias_k: Any) -> tuple[Any, Any, Any, Any]:
+        """The projected query and key heads (the keys with ``bias_k`` and the zero key) and
+        their (E, ·) weights."""
         w = self._in_weights(in_proj)
         e = w.shape[1] if not isinstance(w, tuple) else w[0].shape[0]
         wq, wk = (w[0], w[1]) if isinstance(w, tuple) else (w[:e], w[e:2 * e])
         q, k = query @ wq.T, key @ wk.T
         if b is not None:
             q, k = q + b[:e], k + b[e:2 * e]
+        k = append_rows(xp, k, ([bias_k] if self.add_bias_kv else [])
+                        + ([None] if self.add_zero_attn else []))
         return self._heads(q), self._heads(k), wq, wk
 
     def forward(self, xp: Any, query: Any, key: Any, in_proj_bias: Any = None,
-                attn_mask: Any = None, key_padding_mask: Any = None, **in_proj: Any) -> Any:
-        q, k, _, _ = self._qk(query, key, in_proj, in_proj_bias)
+                attn_mask: Any = None, key_padding_mask: Any = None, bias_k: Any = None,
+                ctx: Any = None, **in_proj: Any) -> Any:
+        xp = np if backend_of(xp) == "numpy" else xp
+        q, k, _, _ = self._qk(xp, query, key, in_proj, in_proj_bias, bias_k)
         keep, add = self._masks(xp, attn_mask, key_padding_mask, q.shape[-2], k.shape[-2])
-        scale = self._scale(q.shape[-1] * self.num_heads)
-        t = torch_of(xp)
-        p = _probs_torch(t, q, k, scale, keep, add) if t is not None else \
-            attention_probs(np if backend_of(xp) == "numpy" else xp, q, k, scale, keep, add)
+        p = attention_probs(xp, q, k, self._scale(q.shape[-1] * self.num_heads), keep, add)
+        drop = self._drop(xp, ctx, p)
+        if drop is not None:  # torch returns the weights after dropout
+            p = p * drop
         return p.mean(-3) if self.average_attn_weights else p
 
     def vjp(self, g, out, args, wrt):
         query, key, b = args["query"], args["key"], args.get("in_proj_bias")
         mask, pad = args.get("attn_mask"), args.get("key_padding_mask")
-        q, k, wq, wk = self._qk(query, key, args, b)
+        q, k, wq, wk = self._qk(np, query, key, args, b, args.get("bias_k"))
         keep, add = self._masks(np, mask, pad, q.shape[-2], k.shape[-2])
         e = wq.shape[0]
         scale = self._scale(e)
         p = attention_probs(np, q, k, scale, keep, add)
         gp = g[..., None, :, :] / self.num_heads if self.average_attn_weights else g
+        drop = self._drop(np, args.get("ctx"), p)  # the same mask as the forward's
+        if drop is not None:
+            gp = gp * drop
         gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))  # softmax backward
         gq = self._merge(unbroadcast((gs @ k) * scale, q.shape))
-        gk = self._merge(unbroadcast((_swap(gs) @ q) * scale, k.shape))
-        res: dict[str, Any] = {"query": gq @ wq, "key": gk @ wk}
+        gkh = unbroadcast((_swap(gs) @ q) * scale, k.shape)
+        res: dict[str, Any] = {}
+        gkh = self._extra_grads(res, wrt, [None, gkh, gkh], k.shape[-2])[1]
+        gk = self._merge(gkh)
+        s = k.shape[-2] - self.n_extra  # the masks' cotangents leave out the extra keys
+        res.update(query=gq @ wq, key=gk @ wk)
         if "attn_mask" in wrt:
-            res["attn_mask"] = unbroadcast(gs, mask.shape)
+            res["attn_mask"] = unbroadcast(gs[..., :s], mask.shape)
         if "key_padding_mask" in wrt:
-            res["key_padding_mask"] = unbroadcast(gs, (*pad.shape[:-1], 1, 1, pad.shape[-1])
-                                                  ).reshape(pad.shape)
+            res["key_padding_mask"] = unbroadcast(gs[..., :s], (*pad.shape[:-1], 1, 1,
+                                                                pad.shape[-1])).reshape(pad.shape)
         gwq, gwk = (gx.reshape(-1, e).T @ x.reshape(-1, x.shape[-1]) for gx, x in ((gq, query), (gk, key)))
         if self.separate:
             res.update(q_proj_weight=gwq, k_proj_weight=gwk,
