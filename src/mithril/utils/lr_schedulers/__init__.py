@@ -11,7 +11,8 @@ scheduler may call ``set_learning_rate`` on every step.
 Conventions (shared by all schedulers, identical to ``torch.optim.lr_scheduler``):
 
 * The step counter ``t`` (attribute ``last_step``, read-only: torch's ``last_epoch``; jump to a
-  saved step with ``load_state_dict``) starts at ``0``. Constructing a scheduler puts
+  saved step with ``load_state_dict``) starts at ``0``, or at ``n`` given ``last_step=n`` (torch's
+  ``last_epoch=n - 1``) to any constructor: see :mod:`.start`. Constructing a scheduler puts
   the optimizer at the value of step ``0``; each call to :meth:`LRScheduler.step` advances ``t``
   by one and sets the optimizer's learning rate to the value of the new step. Call ``step()``
   *after* the optimizer update, as in PyTorch.
@@ -48,7 +49,10 @@ Intended differences from PyTorch: without ``per_group`` a scheduler drives one 
 ``False``; a composite acts per group when its children do (``per_group=True`` on each); no
 deprecated ``epoch`` argument to ``step`` (count the schedule in updates: torch's
 ``CosineAnnealingWarmRestarts.step(epoch + i / iters)`` is ``T_0 = epochs * iters`` stepped
-once per update) and no ``last_epoch=`` / ``verbose=`` (a ``TypeError`` saying what to use);
+once per update) and no ``verbose=`` (a ``TypeError`` saying what to use); ``last_epoch=k`` is
+the uninterrupted run's step ``k + 1`` for every scheduler (torch's ``SequentialLR`` and
+``SWALR`` ignore it for the rate, its ``CosineAnnealingWarmRestarts`` past the first cycle with
+``T_mult > 1`` miscounts it; refused for ``ReduceLROnPlateau``);
 :class:`SequentialLR` and :class:`LinearWarmupScheduler` accept a :class:`ReduceLROnPlateau`
 child; two schedulers stepped back to back on one optimizer (torch's "chaining") are refused
 (``RuntimeError``) at the step that would discard the other's change: combine them with
@@ -62,6 +66,7 @@ working):
   validation / serialisation helpers;
 * :mod:`.per_group` -- the constructor wrapper every scheduler class gets (per-group lanes)
   and :func:`~.per_group._apply` (setting several values all or nothing);
+* :mod:`.start` -- building a scheduler at a given step (``last_step=`` / ``last_epoch=``);
 * :mod:`.step` -- :class:`StepLR`, :class:`MultiStepLR`, :class:`ExponentialLR`;
 * :mod:`.cosine` -- :class:`CosineAnnealingLR`, :class:`CosineAnnealingWarmRestarts`;
 * :mod:`.plateau` -- :class:`ReduceLROnPlateau`;

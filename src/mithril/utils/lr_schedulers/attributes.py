@@ -64,7 +64,7 @@ def refuse_step(sched: Any, name: str, value: Any) -> None:
         f"{owner}.last_step (torch's last_epoch) is read-only, {name} = {describe(value)} "
         f"refused: step() advances it with the rate, get_last_lr() and any child scheduler; "
         f"to go on from a saved run, build the {owner} with the same arguments and "
-        f"load_state_dict(saved_state)")
+        f"load_state_dict(saved_state) (without one: build it with last_step=n)")
 
 
 def set_attribute(sched: Any, name: str, value: Any) -> None:

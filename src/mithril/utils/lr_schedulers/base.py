@@ -159,7 +159,9 @@ class LRScheduler:
     """Base class of all learning-rate schedulers.
 
     At construction the scheduler records ``base_lr = optimizer.get_learning_rate()`` and the
-    step counter ``last_step = 0``; subclasses then set the optimizer to the value of step ``0``.
+    step counter ``last_step = 0``; subclasses then set the optimizer to the value of step ``0``
+    (every constructor takes ``last_step=n`` / torch's ``last_epoch=n - 1``: then as if
+    stepped ``n`` times, see :mod:`.start`).
     :meth:`step` advances ``last_step`` by one and sets the optimizer's learning rate to
     ``get_lr_at(last_step)``, a closed-form function of the integer step (never a recursive
     multiplication of the previous value).
@@ -210,6 +212,8 @@ class LRScheduler:
     #: each step goes on from the optimizer's current rate (ReduceLROnPlateau, SWALR), so
     #: it keeps what another scheduler did to it (see :func:`.lanes.alone`)
     _STEPS_FROM_CURRENT: ClassVar[bool] = False
+    #: its state follows the metrics it is given (ReduceLROnPlateau): no start step
+    _METRIC_DRIVEN: ClassVar[bool] = False
 
     @classmethod
     def _normalize_arguments(cls, arguments: dict[str, Any]) -> None:
@@ -254,12 +258,9 @@ class LRScheduler:
             and cls._reset_state is LRScheduler._reset_state)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> LRScheduler:
-        if "last_epoch" in kwargs or "verbose" in kwargs:  # torch's, with no meaning here
-            name = "last_epoch" if "last_epoch" in kwargs else "verbose"
-            raise TypeError(
-                f"{cls.__name__}: no {name}= argument (torch's); " + (
-                    "to resume, build the scheduler and load_state_dict(saved)"
-                    if name == "last_epoch" else "read get_last_lr() to log the rate"))
+        if "verbose" in kwargs:  # torch's, with no meaning here
+            raise TypeError(f"{cls.__name__}: no verbose= argument (torch's); read "
+                            f"get_last_lr() to log the rate")
         return super().__new__(cls)
 
     def __init__(self, optimizer: SupportsLearningRate) -> None:

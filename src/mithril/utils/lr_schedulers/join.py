@@ -33,6 +33,8 @@ class JoinSchedules(SequentialLR):
     """
 
     _HPARAMS = ("boundaries",)
+    #: (the constructor's name: per group, its lanes drive the children's lanes)
+    _LANE_CHILDREN = ("schedules",)
 
     def __init__(
         self,

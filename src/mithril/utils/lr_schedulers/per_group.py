@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..optimizers.checks import describe
 from . import lanes as lanes_mod
+from . import start as start_mod
 
 if TYPE_CHECKING:
     from .base import LRScheduler
-
-
 
 
 def _apply(targets: Sequence[tuple[Any, float]]) -> None:
@@ -89,6 +88,8 @@ def _per_group_constructor(init: Callable) -> Callable:
         base = kwargs.pop("base_lr", None) if takes_base and depth == 0 else None
         lists: dict[str, Sequence[Any]] = {}
         bound = None
+        # (popped before binding: no constructor names them; checked once bound, below)
+        at = {n: kwargs.pop(n) for n in start_mod.NAMES if n in kwargs} if depth == 0 else {}
         if depth == 0:
             try:
                 bound = sig.bind(self, *args, **kwargs)
@@ -105,6 +106,10 @@ def _per_group_constructor(init: Callable) -> Callable:
             per_group or lists or lanes_mod.per_group_children(cls, bound.arguments))
         if base is not None:  # checked before anything is built (read by LRScheduler.__init__)
             self.__dict__["_base_given"] = cls._check_base_lr(base, grouped)
+        args_seen = bound.arguments if bound is not None else None
+        start = start_mod.start_step(cls, at, args_seen)
+        restore = (start_mod.snapshot(cls, _optimizer_of(args_seen, cls._OPTIMIZER_ARG or first),
+                                      args_seen) if start else None)
         if not grouped:
             self.__dict__["_depth"] = depth + 1
             try:
@@ -116,12 +121,28 @@ def _per_group_constructor(init: Callable) -> Callable:
         else:
             assert bound is not None
             _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
+        if restore is not None:  # last_step= / last_epoch=: n steps on, all or nothing
+            try:
+                start_mod.go_to(self, start)
+            except Exception:
+                restore()
+                raise
         if depth == 0:  # from now on an attribute set is checked (see attributes.py)
             self.__dict__["_made"] = True
 
     names = list(sig.parameters)
     first = names[1] if len(names) > 1 else "optimizer"  # the optimizer's argument
     return wrapper
+
+
+def _optimizer_of(arguments: Mapping[str, Any] | None, name: str) -> Any:
+    """The optimizer among a constructor's bound ``arguments`` (a child's if not given)."""
+    arguments = arguments or {}
+    opt = arguments.get(name)
+    if opt is None:
+        children = lanes_mod.children_of(arguments.get("schedulers"))
+        opt = children[0].optimizer if children else None
+    return opt
 
 
 def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, Any],

@@ -82,6 +82,7 @@ class ReduceLROnPlateau(LRScheduler):
     _GROUP_ARGS = ("min_lr",)
     _LANEWISE = True
     _STEPS_FROM_CURRENT = True
+    _METRIC_DRIVEN = True
 
     def __init__(
         self,

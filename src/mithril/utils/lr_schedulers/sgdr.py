@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..optimizers.checks import describe
+from . import start as start_mod
 from .base import SupportsLearningRate, _check_int, _check_real
 from .join import JoinSchedules
 from .per_group import _apply, _group_lanes, _snapshot
@@ -19,7 +20,8 @@ _DEFAULTS = {"end_value": 0.0, "exponent": 1.0}
 
 
 def sgdr_schedule(optimizer: SupportsLearningRate, cosine_kwargs: Iterable[Any],
-                  per_group: bool = False) -> JoinSchedules:
+                  per_group: bool = False, *, last_step: int | None = None,
+                  last_epoch: int | None = None) -> JoinSchedules:
     """SGD with warm restarts as ``optax.sgdr_schedule(cosine_kwargs)``: one cycle per dict,
     each optax's ``warmup_cosine_decay_schedule(**kwargs)`` with its own values.
 
@@ -74,7 +76,27 @@ def sgdr_schedule(optimizer: SupportsLearningRate, cosine_kwargs: Iterable[Any],
             (per group: values as lists, one per lane, or one such list of mappings per
             lane).
         per_group: act on every parameter group (see above).
+        last_step: build it at this step (torch's ``last_epoch=k`` is ``last_step=k+1``), as
+            every scheduler (:mod:`.start`).
     """
+    given = {k: v for k, v in (("last_step", last_step), ("last_epoch", last_epoch))
+             if v is not None}
+    n = start_mod.start_step(JoinSchedules, given, None)
+    if not n:
+        return _sgdr(optimizer, cosine_kwargs, per_group)
+    restore = _snapshot(optimizer)
+    sched = _sgdr(optimizer, cosine_kwargs, per_group)
+    try:
+        start_mod.go_to(sched, n)
+    except Exception:
+        restore()
+        raise
+    return sched
+
+
+def _sgdr(optimizer: SupportsLearningRate, cosine_kwargs: Iterable[Any],
+          per_group: bool) -> JoinSchedules:
+    """:func:`sgdr_schedule` built at step 0."""
     if not isinstance(per_group, bool):
         raise TypeError(f"per_group must be a bool, got {describe(per_group)}")
     spec = _as_list(cosine_kwargs)
