@@ -186,3 +186,23 @@ def parity_tests(module: str, cases: dict[str, Case],
         compare(name, cases[name], *jax_results[name], what="jax", err=err)
 
     return test_equals_torch, jax_results, test_jax_equals_torch
+
+
+def scalar_loss(case: Case, params: dict[str, np.ndarray], cots: dict[str, np.ndarray],
+                backend_name: str = "numpy") -> Callable[[dict[str, np.ndarray]], float]:
+    """``p -> sum over outputs of <output(p), cotangent>`` for ``case`` on a float64 backend:
+    the scalar whose gradient :func:`run_mithril` returns (for central differences)."""
+    backend = BACKENDS[backend_name](dtype="float64")
+    model = ml.Model()
+    model |= case.block()(**{k: k for k in [*case.inputs, *case.data]},
+                          **{o: o for o in case.outputs})
+    shapes = {k: list(np.shape(v)) for k, v in {**params, **case.data}.items()
+              if k in case.inputs or k in case.data}
+    compiled = ml.compile(model, backend, shapes=shapes, trainable_keys=set(case.inputs))
+
+    def f(p: dict[str, np.ndarray]) -> float:
+        out = compiled.evaluate({k: backend.array(v) for k, v in p.items()},
+                                {k: backend.array(v) for k, v in case.data.items()})
+        return float(sum(np.sum(np.asarray(backend.to_numpy(out[o])) * cots[o])
+                         for o in case.outputs))
+    return f

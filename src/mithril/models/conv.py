@@ -192,6 +192,8 @@ class _Convolution(Operator):
             raise ValueError(f"{who}: out_channels must be a positive int, got {out_channels!r}")
         if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups <= 0:
             raise ValueError(f"{who}: groups must be a positive int, got {groups!r}")
+        if not isinstance(use_bias, (bool, np.bool_)):  # "no" or None: not read as truthiness
+            raise TypeError(f"{who}: use_bias must be a bool, got {use_bias!r}")
         if out_channels % groups:
             raise ValueError(f"{who}: out_channels ({out_channels}) must be divisible by "
                              f"groups ({groups})")
@@ -208,7 +210,7 @@ class _Convolution(Operator):
         self.mode_pads: Pads | None = None
         if padding_mode != "zeros" and any(lo or hi for lo, hi in self.pads):
             self.mode_pads, self.pads = self.pads, ((0, 0),) * self.nd
-        self.out_channels, self.groups, self.use_bias = int(out_channels), int(groups), use_bias
+        self.out_channels, self.groups, self.use_bias = int(out_channels), int(groups), bool(use_bias)
         self._fan_in: int | None = None
 
     @property
