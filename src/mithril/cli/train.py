@@ -46,6 +46,14 @@ from .report import (
     write_csv,
     write_json,
 )
+from .resume import (
+    CHECKPOINT_FILE,
+    add_resume_flags,
+    check_supported,
+    restore,
+    resumed_args,
+    write_checkpoint,
+)
 from .tasks import add_job_flags, prepare
 from .training import Run, RunResult
 
@@ -165,6 +173,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.set_defaults(epochs=None, batch_size=None, test_size=None, hidden=None, activation=None)
     add_parallel_flags(p)
     add_output_flags(p, "train")
+    add_resume_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -180,7 +189,7 @@ def resolve_scheduler(args: argparse.Namespace) -> None:
 #: write again (another job's model, the plot of a run before --no-plot), so the folder never
 #: mixes two runs
 RUN_FILES = ("metrics.csv", "epochs.csv", "summary.json", "training.png", "model.safetensors",
-             "preprocess.json", "sample.txt")
+             "preprocess.json", "sample.txt", CHECKPOINT_FILE)
 
 
 def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
@@ -246,9 +255,13 @@ def run(args: argparse.Namespace) -> int:
 
 def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     """``mithril train``; the folders it creates are added to ``made`` before it does."""
+    resumed = None
+    if args.resume:  # the run's flags, those given now on top
+        args, resumed = resumed_args(args)
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
+    check_supported(args, world)
     optimizer, overrides = parse_optimizer_spec(args.optimizer, flag="--optimizer")
     cfg = run_config(args, optimizer, overrides)
     if args.ema_start is not None:  # (common.run_config knows --ema, not this flag)
@@ -278,6 +291,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
             if world is not None:
                 leave()
             raise
+        if resumed is not None:  # checks everything, loads the state; writes nothing
+            training.resumed_line = restore(training, resumed)
     if world is None or world.rank == 0:
         if not args.dry_run:
             made += new_dirs(out)
@@ -320,6 +335,8 @@ def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
     if world is not None:
         print(describe(world, cfg.batch_size))
     print(f"  {job.describe}; {training.steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
+    if getattr(training, "resumed_line", None):
+        print(training.resumed_line)
 
 
 def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path,
@@ -340,6 +357,12 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                             extra=extra)
         if job.write is not None:
             written += job.write(training, stage)
+        if args.checkpoint or args.resume:
+            saved = write_checkpoint(training, stage, args, len(result.steps), len(result.epochs))
+            written += [saved] if saved is not None else []
+            if saved is None:
+                print(f"(no {CHECKPOINT_FILE}: interrupted inside a step, where parameters and "
+                      f"logs do not agree)")
     files = [out / f.name for f in written]
     for name in set(RUN_FILES) - {f.name for f in files}:
         with contextlib.suppress(OSError):  # absent (the usual case), or a folder: kept

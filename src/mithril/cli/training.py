@@ -9,7 +9,6 @@ naming the step, the epoch and the parameters (the commands then exit with an er
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -28,6 +27,9 @@ from .errors import CLIError, TrainingError
 from .networks import ModelSpec, mlp_spec
 from .optimizer_catalog import DEFAULT_INNER, LOOKAHEAD, build_optimizer, optimizer_keys
 from .options import Schedule, build_schedule
+from .runtime import HeldInterrupt, NoBar, Position, thread_limit
+
+__all__ = ["BACKENDS", "MIXED_PRECISION", "Run", "RunConfig", "RunResult", "thread_limit"]
 
 BACKENDS = ("numpy", "jax", "torch")
 MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
@@ -151,33 +153,6 @@ def make_backend(name: str, dtype: str, seed: int) -> Any:
                        f"pip install 'mithril[{name}]'") from None
 
 
-@contextlib.contextmanager
-def thread_limit(threads: int, backend: str) -> Iterator[None]:
-    """At most ``threads`` BLAS/OpenMP threads, optimizer threads (``set_num_threads``) and
-    torch intra-op threads inside."""
-    from threadpoolctl import threadpool_limits
-
-    from ..utils.optimizers.engines import threads as opt_threads
-
-    before_opt = opt_threads._threads
-    opt_threads.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            if backend != "torch":
-                yield
-                return
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(before)
-    finally:
-        opt_threads._threads = before_opt
-
-
 def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
     """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
     parts = [f"lr={optimizer.get_learning_rate():g}"]
@@ -190,21 +165,6 @@ def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
         parts.append(key if value is True else f"{key}={value:g}" if isinstance(value, float)
                      else f"{key}={value}")
     return f"{name}({', '.join(parts)})"
-
-
-class _NoBar:
-    """What the loop needs of a tqdm bar, without tqdm (``--no-progress``)."""
-
-    disable = True
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Run:
@@ -286,6 +246,11 @@ class Run:
             self.state = self.trainer.optimizer_state
         self.sets = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
         self.metric = "acc" if spec.objective == "classification" else "rmse"
+        #: where the loop stands after the last step logged (what a checkpoint saves); None
+        #: before training, or while a step runs (an interrupt there leaves no clean point)
+        self.position: Position | None = None
+        #: ``--resume``: the position and the logs (steps, epochs) to continue from
+        self.start: tuple[Position, list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     def _momentum_handle(self) -> Any:
         """The optimizer's ``momentum`` (sgd, rmsprop) or ``beta1`` (adam, adamw) handle that
@@ -462,20 +427,24 @@ class Run:
         rng = np.random.default_rng(cfg.seed)
         steps: list[dict[str, Any]] = []
         epochs: list[dict[str, Any]] = []
+        if self.start is not None:  # --resume: the logs so far (the data order: _loop)
+            steps, epochs = list(self.start[1]), list(self.start[2])
         if progress is False:
-            bar: Any = _NoBar()
+            bar: Any = NoBar()
         else:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, desc=desc, unit="step", dynamic_ncols=True,
-                       disable=None if progress is None else not progress, leave=True)
+                       disable=None if progress is None else not progress, leave=True,
+                       initial=len(steps))
         show_epochs = log is not None and bar.disable
         interrupted = False
         error: str | None = None
         start = time.perf_counter()
         try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
-            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"):
-                self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc)
+            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"), \
+                    HeldInterrupt() as held:
+                self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc, held)
         except KeyboardInterrupt:
             interrupted = True
         except TrainingError as exc:  # kept like an interrupt: the steps before it stand
@@ -496,20 +465,31 @@ class Run:
                          self.spec.description, error)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
-              epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str) -> None:
-        """The epochs; appends to ``steps`` and ``epochs`` as it goes (so an interrupt keeps
-        every row written so far)."""
+              epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str,
+              held: HeldInterrupt) -> None:
+        """The epochs (from :attr:`start` with ``--resume``); appends to ``steps`` and
+        ``epochs`` as it goes (so an interrupt keeps every row written so far) and keeps
+        :attr:`position` after each step."""
         cfg, key = self.cfg, self.metric
-        for epoch in range(1, cfg.epochs + 1):
+        at = self.start[0] if self.start is not None else Position(1, 0, rng.bit_generator.state,
+                                                                   (0.0, 0.0, 0))
+        rng.bit_generator.state = at.rng_state
+        self.position = at
+        for epoch in range(at.epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            epoch_loss = epoch_metric = 0.0
-            n = 0
-            for xb, yb in self.batches(epoch, rng):
+            begun = rng.bit_generator.state  # the epoch's data order is drawn from here
+            skip, (epoch_loss, epoch_metric, n) = (at.batch, at.sums) if epoch == at.epoch \
+                else (0, (0.0, 0.0, 0))
+            for b, (xb, yb) in enumerate(self.batches(epoch, rng)):
+                if b < skip:  # --resume: done before the checkpoint (drawn again, skipped)
+                    continue
+                last, self.position = self.position, None  # None until the step is logged
                 lr = self.optimizer.get_learning_rate()
                 momentum = None if self.momentum is None else self.momentum.get()
                 try:
                     loss, acc, norm, skipped = self.step(xb, yb)
                 except FloatingPointError as exc:  # nonfinite="raise": the step is undone
+                    self.position = last
                     raise TrainingError(f"step {len(steps) + 1} (epoch {epoch}/{cfg.epochs}): "
                                         f"{exc} (nonfinite=raise)") from exc
                 if not skipped:  # a skipped (non-finite) step does not advance the schedule
@@ -523,10 +503,13 @@ class Run:
                 epoch_loss += loss * len(yb)
                 epoch_metric += acc * len(yb)
                 n += len(yb)
+                self.position = Position(epoch, b + 1, begun, (epoch_loss, epoch_metric, n))
+                held.check()
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
                                 **{key: f"{acc:.3f}"}, lr=f"{lr:.3g}", refresh=False)
             train_s = time.perf_counter() - t0
+            self.position = None  # until the epoch is logged
             self.schedule.after_epoch(epoch_loss / n)
             m = self.measure()
             lr = self.optimizer.get_learning_rate()
@@ -535,9 +518,11 @@ class Run:
                            "lr": lr, "time_s": train_s})
             if self.momentum is not None:
                 epochs[-1]["momentum"] = self.momentum.get()
+            self.position = Position(epoch + 1, 0, rng.bit_generator.state, (0.0, 0.0, 0))
             if log is not None:
                 log(f"{desc}: epoch {epoch}/{cfg.epochs}  {self.epoch_line(m)}  "
                     f"lr {lr:.3g}  ({train_s:.2f} s)")
+            held.check()
 
     def epoch_line(self, m: dict[str, float]) -> str:
         """The measured metrics of an epoch, e.g. ``loss 0.1 train acc 99% test acc 97%``."""

@@ -1,0 +1,101 @@
+"""What surrounds the training loop of :mod:`.training`: the thread limit, the stand-in for a
+progress bar, where the loop stands (:class:`Position`, what ``--resume`` continues from) and
+Ctrl-C held back to the end of the step it lands in."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int, backend: str) -> Iterator[None]:
+    """At most ``threads`` BLAS/OpenMP threads, optimizer threads (``set_num_threads``) and
+    torch intra-op threads inside."""
+    from threadpoolctl import threadpool_limits
+
+    from ..utils.optimizers.engines import threads as opt_threads
+
+    before_opt = opt_threads._threads
+    opt_threads.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            if backend != "torch":
+                yield
+                return
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
+    finally:
+        opt_threads._threads = before_opt
+
+
+class NoBar:
+    """What the loop needs of a tqdm bar, without tqdm (``--no-progress``)."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Position:
+    """Where a training loop stands between two steps: what a checkpoint saves and
+    ``--resume`` continues from."""
+
+    #: the epoch under way (1-based; one past the last when the run is complete)
+    epoch: int
+    #: its batches done
+    batch: int
+    #: the data-order generator's ``bit_generator.state`` at the start of that epoch (its
+    #: batches are drawn again, and those done skipped)
+    rng_state: dict[str, Any]
+    #: the epoch's sums so far: loss × rows, metric × rows, rows
+    sums: tuple[float, float, int]
+
+
+class HeldInterrupt:
+    """Ctrl-C (SIGINT) held back while a step runs: the first one sets :attr:`requested`
+    and the loop stops after the step (its parameters, optimizer state and logs agree, so a
+    checkpoint can be written); a second one interrupts at once. Only in the main thread
+    (signal handlers can be set there only); elsewhere Ctrl-C interrupts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._before: Any = None
+
+    def __enter__(self) -> HeldInterrupt:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second Ctrl-C: now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C came during the step just done."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
