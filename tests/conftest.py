@@ -114,6 +114,19 @@ def central_differences(f, params: dict, eps: float) -> dict:
     return out
 
 
+def torch_results(outs: dict, leaves: dict, cots: dict) -> dict:
+    """A torch reference's results as the layer parity tests compare them: ``"out|k"`` for
+    each output ``outs[k]`` and ``"grad|k"`` for each leaf ``leaves[k]`` (inputs and
+    parameters), the gradient of ``sum(outs[k] · cots[k])``."""
+    import torch
+
+    grads = torch.autograd.grad(list(outs.values()), list(leaves.values()),
+                                [torch.as_tensor(cots[k]) for k in outs])
+    res = {f"out|{k}": v.detach().numpy() for k, v in outs.items()}
+    res.update({f"grad|{k}": v.numpy() for k, v in zip(leaves, grads)})
+    return res
+
+
 def assert_arrays_within(got: dict, want: dict, tol: float, label: str) -> float:
     """Both dicts hold the same keys and every array of ``got`` is within ``tol`` (max
     absolute difference) of ``want``'s; returns the largest difference."""

@@ -20,6 +20,7 @@ from conftest import (
     central_differences,
     jax_results_in_subprocess,
     to_np,
+    torch_results,
 )
 
 import mithril as ml
@@ -129,12 +130,7 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
             o, hn = ref(x, h)
             outs = {"output": o, "hidden": hn}
     named = {n.removesuffix("_l0"): p for n, p in ref.named_parameters()}
-    all_leaves = {**leaves, **named}
-    grads = torch.autograd.grad(list(outs.values()), list(all_leaves.values()),
-                                [torch.tensor(d[f"cot|{k}"]) for k in outs])
-    res = {f"out|{k}": v.detach().numpy() for k, v in outs.items()}
-    res.update({f"grad|{k}": v.numpy() for k, v in zip(all_leaves, grads)})
-    return res
+    return torch_results(outs, {**leaves, **named}, {k: d[f"cot|{k}"] for k in outs})
 
 
 def compare(case: str, got: dict[str, np.ndarray], what: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np
+from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np, torch_results
 
 import mithril as ml
 
@@ -78,12 +78,7 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
     args = (leaves["input"],) + ((tuple(states) if len(states) == 2 else states[0],) if states else ())
     o, s = ref(*args)
     outs = {"output": o, **(dict(zip(("hidden", "cell"), s)) if isinstance(s, tuple) else {"hidden": s})}
-    all_leaves = {**leaves, **dict(ref.named_parameters())}
-    grads = torch.autograd.grad(list(outs.values()), list(all_leaves.values()),
-                                [torch.tensor(cots[k]) for k in outs])
-    res = {f"out|{k}": v.detach().numpy() for k, v in outs.items()}
-    res.update({f"grad|{k}": v.numpy() for k, v in zip(all_leaves, grads)})
-    return res
+    return torch_results(outs, {**leaves, **dict(ref.named_parameters())}, cots)
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])

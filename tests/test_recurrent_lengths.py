@@ -13,7 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    central_differences,
+    jax_results_in_subprocess,
+    to_np,
+    torch_results,
+)
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import mithril as ml
@@ -86,12 +93,7 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
     o, s = ref(*args)
     o, _ = pad_packed_sequence(o, batch_first=bf, total_length=T)
     outs = {"output": o, **(dict(zip(("hidden", "cell"), s)) if isinstance(s, tuple) else {"hidden": s})}
-    all_leaves = {**leaves, **dict(ref.named_parameters())}
-    grads = torch.autograd.grad(list(outs.values()), list(all_leaves.values()),
-                                [torch.tensor(cots[k]) for k in outs])
-    res = {f"out|{k}": v.detach().numpy() for k, v in outs.items()}
-    res.update({f"grad|{k}": v.numpy() for k, v in zip(all_leaves, grads)})
-    return res
+    return torch_results(outs, {**leaves, **dict(ref.named_parameters())}, cots)
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
@@ -149,20 +151,12 @@ def test_numpy_bptt_matches_finite_differences(make, eps=1e-6):
     data = {"lengths": np.array([4, 1, 3])}
     cots = {k: rng.standard_normal(compiled.program.output_shape(k)) for k in compiled.output_keys}
 
-    def loss():
-        out = compiled.evaluate(params, data)
+    def loss(ps):
+        out = compiled.evaluate(ps, data)
         return sum(float(np.sum(out[k] * cots[k])) for k in cots)
 
     _, grads = compiled.evaluate(params, data, output_gradients=cots)
-    for name, p in params.items():
-        numeric = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            orig = p[i]
-            p[i] = orig + eps
-            up = loss()
-            p[i] = orig - eps
-            numeric[i] = (up - loss()) / (2 * eps)
-            p[i] = orig
+    for name, numeric in central_differences(loss, params, eps).items():
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name)
 
 

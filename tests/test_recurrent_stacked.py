@@ -21,6 +21,7 @@ from conftest import (
     central_differences,
     jax_results_in_subprocess,
     to_np,
+    torch_results,
 )
 
 import mithril as ml
@@ -120,12 +121,7 @@ def run_torch(case: str) -> dict[str, np.ndarray]:
     else:
         o, hn = ref(x, leaves["initial_hidden"]) if "initial_hidden" in leaves else ref(x)
         outs = {"output": o, "hidden": hn}
-    all_leaves = {**leaves, **dict(ref.named_parameters())}
-    grads = torch.autograd.grad(list(outs.values()), list(all_leaves.values()),
-                                [torch.tensor(d[f"cot|{k}"]) for k in outs])
-    res = {f"out|{k}": v.detach().numpy() for k, v in outs.items()}
-    res.update({f"grad|{k}": v.numpy() for k, v in zip(all_leaves, grads)})
-    return res
+    return torch_results(outs, {**leaves, **dict(ref.named_parameters())}, {k: d[f"cot|{k}"] for k in outs})
 
 
 def compare(case: str, got: dict[str, np.ndarray], what: str) -> float:
