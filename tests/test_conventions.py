@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from float64_reference import lr_at, reference_code, rel_err
 
 from mithril.utils.optimizers import SGD, AdaGrad, Adam, AdamW, NAdam, RMSProp
 
 STEPS = 100
 TOL64 = 1e-10
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
-LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
 CLASSES = {c.__name__: c for c in (SGD, Adam, AdamW, RMSProp, AdaGrad, NAdam)}
 
 # name -> (class, our kwargs, reference). A reference is ("torch", class, kwargs without lr),
@@ -179,22 +179,6 @@ def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
     return p0, grads
 
 
-def lr_at(lr0: float, t: int) -> float:
-    f = 1.0
-    for s, x in LR_FACTORS.items():
-        if t >= s:
-            f = x
-    return lr0 * f
-
-
-def rel_err(a, b) -> float:
-    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(np.abs(a), np.abs(b))
-    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
-    return float(np.max(np.abs(a - b) / scale, initial=0.0))
-
-
 # ---------------------------------------------------------------------------------------------
 # float64 parity. optax, Keras and our jitted JAX engine need the process-global
 # jax_enable_x64: they run in ONE fresh subprocess, started first and awaited last, so that
@@ -276,12 +260,7 @@ print(json.dumps({"refs": refs, "jax-jit": errors}))
 def reference_process() -> tuple[subprocess.Popen, Any, Any]:
     """The subprocess computing optax's and Keras's trajectories and our jitted JAX errors,
     started once, with its stdout and stderr (files: it never waits for a reader)."""
-    code = "\n".join([
-        _SCRIPT,
-        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
-        f"CASES = json.loads({json.dumps(CASES)!r})",
-        inspect.getsource(problem), inspect.getsource(lr_at), inspect.getsource(rel_err),
-        _SCRIPT_MAIN])
+    code = reference_code(_SCRIPT, _SCRIPT_MAIN, problem, STEPS, SHAPES, CASES)
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})

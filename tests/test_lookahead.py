@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import tempfile
 import numpy as np
 import pytest
 from conftest import host, native, optimizer_engine
+from float64_reference import lr_at, reference_code, rel_err
 
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.lr_schedulers import OneCycleLR, StepLR
@@ -33,7 +33,6 @@ STEPS = 100
 TOL64 = 1e-10
 TOL32 = 3e-6
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "big": (20, 20)}
-LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
 
 # name -> (our inner class, its kwargs, Lookahead kwargs, optax inner factory of the lr)
 CASES = {
@@ -67,22 +66,6 @@ def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
     grads = [{k: np.asarray(rng.standard_normal(s) * (1 + t % 5), dtype=dtype)
               for k, s in SHAPES.items()} for t in range(steps)]
     return p0, grads
-
-
-def lr_at(lr0: float, t: int) -> float:
-    f = 1.0
-    for s, x in LR_FACTORS.items():
-        if t >= s:
-            f = x
-    return lr0 * f
-
-
-def rel_err(a, b) -> float:
-    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(np.abs(a), np.abs(b))
-    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
-    return float(np.max(np.abs(a - b) / scale, initial=0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,11 +114,7 @@ def optax_reference():
     here; yields a function that waits for them, so that our side runs meanwhile."""
     tmp = tempfile.mkdtemp(prefix="mithril-lookahead-")
     path = os.path.join(tmp, "optax.npz")
-    code = "\n".join([
-        "import numpy as np",
-        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
-        f"import json\nCASES = json.loads({json.dumps(CASES)!r})\nPATH = {path!r}",
-        inspect.getsource(problem), inspect.getsource(lr_at), _SCRIPT])
+    code = reference_code("", _SCRIPT, problem, STEPS, SHAPES, CASES, f"PATH = {path!r}")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -25,6 +25,7 @@ import json
 import numpy as np
 import pytest
 from conftest import host, native, optimizer_engine, run_python
+from float64_reference import reference_code
 
 from mithril.utils.optimizers.adabelief import AdaBelief
 from mithril.utils.optimizers.adan import Adan
@@ -41,7 +42,6 @@ STEPS = 100
 TOL64 = 1e-10
 TOL32 = 3e-6  # measured up to ~9e-7 (Ftrl, Lion; tensor ops vs the fused kernel)
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "big": (130, 130)}
-LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
 
 # name -> (class, kwargs, reference). A reference is an optax factory of the learning rate
 # (given to optax.inject_hyperparams) or ("keras", kwargs of keras.optimizers.Ftrl).
@@ -140,22 +140,6 @@ def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0, shapes=No
     grads = [{k: np.asarray(rng.standard_normal(s) * (1 + t % 7) * (k != "b" or t >= 2),
                             dtype=dtype) for k, s in shapes.items()} for t in range(steps)]
     return p0, grads
-
-
-def lr_at(lr0: float, t: int) -> float:
-    f = 1.0
-    for s, x in LR_FACTORS.items():
-        if t >= s:
-            f = x
-    return lr0 * f
-
-
-def rel_err(a, b) -> float:
-    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(np.abs(a), np.abs(b))
-    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
-    return float(np.max(np.abs(a - b) / scale, initial=0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,12 +249,7 @@ print(json.dumps({"errors": out, "defaults": defaults}, default=repr))
 @functools.cache
 def reference_run() -> dict:
     """The float64 comparisons (and the references' defaults), in one fresh interpreter."""
-    code = "\n".join([
-        _SCRIPT,
-        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
-        f"CASES = json.loads({json.dumps(CASES)!r})",
-        inspect.getsource(problem), inspect.getsource(lr_at), inspect.getsource(rel_err),
-        _SCRIPT_MAIN])
+    code = reference_code(_SCRIPT, _SCRIPT_MAIN, problem, STEPS, SHAPES, CASES)
     return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
 
 

@@ -29,7 +29,8 @@ import json
 import numpy as np
 import pytest
 from conftest import host, native, optimizer_engine, run_python
-from test_optimizers_optax_catalog import LR_FACTORS, lr_at, problem, rel_err
+from float64_reference import reference_code
+from test_optimizers_optax_catalog import problem
 
 from mithril.utils.optimizers import (
     COCOB,
@@ -229,13 +230,7 @@ print(json.dumps({"errors": out, "defaults": {c: sig(f) for c, f in refs.items()
 @functools.cache
 def reference_run() -> dict:
     """The float64 comparisons (and optax's defaults), in one fresh interpreter."""
-    code = "\n".join([
-        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
-        f"ENGINES = {ENGINES!r}",
-        "import json",
-        f"CASES = json.loads({json.dumps(CASES)!r})",
-        inspect.getsource(problem), inspect.getsource(lr_at), inspect.getsource(rel_err),
-        "import numpy as np", _SCRIPT])
+    code = reference_code("", _SCRIPT, problem, STEPS, SHAPES, CASES, f"ENGINES = {ENGINES!r}")
     return json.loads(run_python(code, timeout=600).strip().splitlines()[-1])
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import host, native, optimizer_engine, run_python
+from float64_reference import lr_at, reference_code
 
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.optimizers import Adam, Prodigy, ScheduleFreeAdamW, ScheduleFreeSGD
@@ -38,7 +39,6 @@ STEPS = 100
 TOL64 = 1e-10
 TOL32 = 3e-6
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "big": (40, 50)}
-LR_FACTORS = {40: 0.5, 70: 2.0}  # step index -> factor of the initial lr, from that step on
 
 # name -> (class, kwargs, optax factory of the learning rate, run optax jitted)
 CASES: dict[str, tuple[str, dict, str, bool]] = {
@@ -82,22 +82,6 @@ def problem(dtype: str = "float64", steps: int = STEPS, seed: int = 0):
                             * (k != "b" or t >= 2), dtype=dtype) for k, s in SHAPES.items()}
              for t in range(steps)]
     return p0, grads
-
-
-def lr_at(lr0: float, t: int) -> float:
-    f = 1.0
-    for s, x in LR_FACTORS.items():
-        if t >= s:
-            f = x
-    return lr0 * f
-
-
-def rel_err(a, b) -> float:
-    """``max |a - b| / max(|a|, |b|, 1e-3 * M)``, ``M`` the largest magnitude of either."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.maximum(np.abs(a), np.abs(b))
-    scale = np.maximum(scale, max(1e-3 * float(np.max(scale, initial=0.0)), 1e-300))
-    return float(np.max(np.abs(a - b) / scale, initial=0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +177,7 @@ print(json.dumps({"errors": out, "defaults": defaults}, default=repr))
 @functools.cache
 def reference_run() -> dict:
     """The float64 comparisons (and optax's defaults), in one fresh interpreter."""
-    code = "\n".join([
-        _SCRIPT,
-        f"STEPS = {STEPS!r}\nSHAPES = {SHAPES!r}\nLR_FACTORS = {LR_FACTORS!r}",
-        f"CASES = json.loads({json.dumps(CASES)!r})",
-        inspect.getsource(problem), inspect.getsource(lr_at), inspect.getsource(rel_err),
-        _SCRIPT_MAIN])
+    code = reference_code(_SCRIPT, _SCRIPT_MAIN, problem, STEPS, SHAPES, CASES)
     return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
 
 
