@@ -325,7 +325,9 @@ def test_dead_peer_and_mismatch(tmp_path) -> None:
     assert res["broadcast"].startswith("PeerError: mithril.distributed: broadcast")
     assert res["save"].startswith("PeerError: mithril.distributed: ")
     assert res["save_wrote"] is False
-    assert res["waited"] < 15  # within the 10 s timeout (plus slack), not a hang
+    # within the 10 s timeout, not a hang (which would run to the 120 s deadline); the slack
+    # is for a loaded CI machine: 15 s failed once with the suite running beside it
+    assert res["waited"] < 30
     assert time.monotonic() - started < 120
 
 
