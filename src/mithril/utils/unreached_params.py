@@ -24,6 +24,7 @@ this runs. The one-program JAX step does the same inside its program
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,15 +48,28 @@ def update_reached(optimizer: Any, unreached: frozenset[str], params: Mapping[st
     step counted in the state (not for a skipped step, nor for a Lookahead with
     ``reset_state``: see :func:`mithril.distributed.missed_steps.note_missed`); for an
     ``Accumulate``, in its wrapped optimizer's state when the window's step was taken."""
-    from ..distributed.missed_steps import note_missed  # (only where some are unreached)
-    from .accumulation import Accumulate
-
     params, opt_state = optimizer.update(
         params, {k: g for k, g in gradients.items() if k not in unreached}, opt_state)
     opt, state = optimizer, opt_state
-    if isinstance(optimizer, Accumulate):  # (its wrapped optimizer steps once a window)
+    if isinstance(optimizer, _accumulate()):  # (its wrapped optimizer steps once a window)
         if not opt_state.applied:
             return params, opt_state
         opt, state = optimizer.optimizer, opt_state.inner
-    note_missed(opt, state, [n for n in params if n in unreached])
+    # (over the few unreached, not every parameter: the same names in the same order at
+    # every step, which note_missed recognises)
+    _note_missed()(opt, state, [n for n in unreached if n in params])
     return params, opt_state
+
+
+@functools.cache
+def _accumulate() -> type:
+    from .accumulation import Accumulate  # (imported once it is needed: a cycle otherwise)
+
+    return Accumulate
+
+
+@functools.cache
+def _note_missed() -> Any:
+    from ..distributed.missed_steps import note_missed  # (only where some are unreached)
+
+    return note_missed

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .own_rows import OwnRows, own_count_rows  # noqa: F401 - own_count_rows: importable here
 from .readonly_groups import ParamGroup, ParamGroups  # noqa: F401 - importable from here
 
 if TYPE_CHECKING:
@@ -256,24 +257,6 @@ def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
     return np.array([index[c] for c in owner], dtype=np.int64), rows, combos
 
 
-def own_count_rows(index: np.ndarray, rows: list[dict[str, Any]], missed: np.ndarray
-                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """``index`` and ``rows`` (:func:`resolve`'s) with each distinct (row, missed) pair of
-    a tensor whose ``missed`` count (steps it had no gradient at) is not 0 as a row of its
-    own: the row's values with ``step_offset`` raised by that count. The rows before stay
-    where they were (row 0: the optimizer's own values)."""
-    sel = np.flatnonzero(missed)
-    if not len(sel):
-        return index, rows
-    span = int(missed.max()) + 1  # (one int per pair: a 1-D unique, ~10x axis=0's speed)
-    keys, inverse = np.unique(index[sel] * span + missed[sel], return_inverse=True)
-    out = index.copy()
-    out[sel] = len(rows) + inverse.reshape(-1)
-    extra = [{**rows[r], "step_offset": rows[r].get("step_offset", 0) + m}
-             for r, m in zip((keys // span).tolist(), (keys % span).tolist())]
-    return out, [*rows, *extra]
-
-
 def group_rate(lr: float, group: Mapping[str, Any]) -> float:
     """The learning rate of ``group`` when the optimizer's is ``lr``: the rate it was given
     while ``lr`` was 0 (``"learning_rate"``), else its ``lr_scale`` times ``lr``."""
@@ -442,10 +425,10 @@ class GroupsMixin:
         missed = getattr(state, "missed", None) if getattr(self, "counts_missed", True) else None
         if missed is None:
             return cached[1], views(self, cached[2])
-        own = state.own_rows
-        if own is None or own[0] is not cached:  # (NumPy only: no per-tensor Python)
-            own = state.own_rows = (cached, *own_count_rows(cached[1], cached[2], missed))
-        return own[1], views(self, own[2])
+        own = state.own_rows  # (kept while the rows stay: see own_rows.OwnRows)
+        if own is None or own.base is not cached or not own.current:
+            own = state.own_rows = OwnRows(cached, missed, own)
+        return own.index, own.views_of(self)
 
     # -- a handle on one hyperparameter (what a scheduler drives) --------------------------
     def hyperparameter(self, name: str = "learning_rate", group: int | None = None

@@ -111,9 +111,10 @@ class OptimizerState:
         self.groups: Any = None  # (key, row of each tensor, rows): see Optimizer.group_rows
         #: per tensor (layout order), the applied steps it had no gradient at, whose count
         #: its rules leave out (torch.optim's per-parameter ``step``; None: all 0): see
-        #: :meth:`note_missed`; ``own_rows`` caches the rows it gives (groups.group_rows)
+        #: :meth:`note_missed`; ``own_rows`` the rows it gives (an :class:`~.own_rows.OwnRows`)
         self.missed: np.ndarray | None = None
         self.own_rows: Any = None
+        self._missed_at: tuple | None = None  # (names, their positions): see note_missed
         #: how the last plain step ran, for the next to repeat (engines/fast_step.py), and how
         #: many recipes in a row went unused (then none is made: something changes per step)
         self.fast: Any = None
@@ -173,13 +174,31 @@ class OptimizerState:
         count only their own steps, as torch.optim counts each parameter's ``step``
         (:mod:`.groups`). ``torch_optimizer`` calls it; a plain ``update`` does not (one
         count per state, as optax)."""
-        idx = [self._index(n, "note_missed") for n in names]
+        names = tuple(names)
+        seen = getattr(self, "_missed_at", None)  # (a loop names the same parameters step after step)
+        if seen is None or seen[0] != names:
+            at = self.layout.index
+            idx = list(dict.fromkeys(  # (each once, as missed[idx] += 1 counts them)
+                at[n] if isinstance(n, str) and n in at else self._index(n, "note_missed")
+                for n in names))
+            seen = self._missed_at = (names, idx, np.array(idx, dtype=np.int64))
+        idx = seen[1]
         if not idx:
             return
-        if self.missed is None:
-            self.missed = np.zeros(len(self.layout.names), dtype=np.int64)
-        self.missed[idx] += 1
-        self.own_rows = self.fast = None  # (their rows and a plain step's recipe change)
+        missed = self.missed
+        if missed is None:
+            missed = self.missed = np.zeros(len(self.layout.names), dtype=np.int64)
+        if len(idx) <= 16:  # (a few items: ~0.1 us each, where fancy indexing costs ~2)
+            for i in idx:
+                missed[i] += 1
+        else:
+            missed[seen[2]] += 1
+        # their rows: the same ones, their offsets raised, while the same tensors miss
+        # steps (else made anew); a recipe that reads the rows anew at each step holds
+        own = self.own_rows
+        if own is not None:
+            own.bump(idx)
+        self._recipe_rows_changed()
 
     def set_missed(self, missed: Mapping[str, int] | None) -> None:
         """Set every parameter's missed-step count (name -> int >= 0; those left out: 0),
@@ -192,7 +211,16 @@ class OptimizerState:
                                  f"step={self.step}], got {m!r:.40}")
             counts[self._index(n, "set_missed")] = m
         self.missed = counts if counts.any() else None
-        self.own_rows = self.fast = None
+        if self.own_rows is not None:  # (made anew, from its views)
+            self.own_rows.current = False
+        self._recipe_rows_changed()
+
+    def _recipe_rows_changed(self) -> None:
+        """Drop the recipe of a plain step (:attr:`fast`) unless it reads the rows of the
+        scalar table anew at every step (``follows_rows``: the fused NumPy / torch one);
+        the jitted JAX engine's holds them (see ``engines/fast_step.py``)."""
+        if not getattr(self.fast, "follows_rows", False):
+            self.fast = None
 
     def _index(self, name: Any, caller: str) -> int:
         """The layout position of parameter ``name``; a ``KeyMismatchError`` naming it if

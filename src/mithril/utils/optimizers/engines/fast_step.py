@@ -76,7 +76,11 @@ class Recipe:
     """What a plain step decided (see the module docs), and what it depended on."""
 
     __slots__ = ("opt", "engine", "attrs", "groups", "names", "slots", "n_slots", "flat",
-                 "written", "before", "kernel_args", "kernels", "two_pass", "used")
+                 "written", "before", "kernel_args", "kernels", "two_pass", "used", "partial")
+
+    #: the rows of the scalar table are read anew at every step (:func:`run`), so the
+    #: recipe holds while a state's missed counts change (``OptimizerState.note_missed``)
+    follows_rows = True
 
     def __init__(self, opt: Any, state: Any, engine: Any, math_fn: Any, n_scal: int,
                  n_avg: int) -> None:
@@ -96,6 +100,9 @@ class Recipe:
         self.kernels: dict[bool, Any] = {}
         self.two_pass = opt.two_pass()
         self.used = False  # (a recipe never used: see keep)
+        #: readers of gradient dicts that leave some parameters out, by their keys (see
+        #: :func:`_partial`); None for a key order that has none
+        self.partial: dict[tuple, Any] = {}
 
     def holds(self, opt: Any, state: Any) -> bool:
         """Whether the answers still hold for ``opt`` and ``state``."""
@@ -149,7 +156,9 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     views, lay = state.param_views, engine.layout
     gptr = engine.prepare(grads)
     if gptr is None:
-        return None
+        gptr = _partial(r, engine, grads)
+        if gptr is None:
+            return None
     norm = engine._grad_norm(gptr) if opt.clip_norm is not None else None  # (its scale)
     t = state.step + 1
     table, index, clip = scalar_table(opt, state, t, norm)
@@ -167,6 +176,64 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if math.isfinite(total):
         return dict(views), True, math.sqrt(total) if norm is None else norm, True
     return dict(views), True, engine._grad_norm(gptr) if norm is None else norm, False
+
+
+#: the most key orders of partial gradient dicts a recipe keeps a reader for
+_PARTIAL_KEYS = 8
+
+
+def _partial(r: Recipe, engine: Any, grads: Mapping) -> np.ndarray | None:
+    """The gradients' addresses in layout order, 0 where a parameter has none (left out of
+    the step: its params and slots stay as they are, as the full path's ``_pointers``
+    gives them), for a gradient dict that leaves some parameters out (a loss that does not
+    reach them, :mod:`~mithril.utils.unreached_params`); None where a gradient is not a
+    dense, C-contiguous array of its parameter's shape and dtype, a key is unknown, or
+    the engine has no C-speed scan (the full path then checks them one by one). The scan
+    of each key order is made once (a loop leaves out the same parameters step after
+    step, or alternates among a few sets)."""
+    keys = tuple(grads)
+    reader = r.partial.get(keys, False)
+    if reader is False:
+        reader = _reader(engine, keys)
+        if len(r.partial) >= _PARTIAL_KEYS:
+            r.partial.clear()
+        r.partial[keys] = reader
+    if reader is None:
+        return None
+    sel, scan = reader
+    sub = scan(list(grads.values()))
+    if sub is None:
+        return None
+    gptr = np.zeros(len(engine.layout.names), dtype=np.int64)
+    gptr[sel] = sub
+    return gptr
+
+
+def _reader(engine: Any, keys: tuple) -> tuple[np.ndarray, Any] | None:
+    """(layout positions of ``keys``, a scan of arrays of their shapes and dtype) for
+    :func:`_partial`; None where a key is not a parameter's, none is given, or the
+    engine's arrays have no C-speed scan."""
+    lay = engine.layout
+    at = [lay.index.get(k) if isinstance(k, str) else None for k in keys]
+    if not keys or None in at or len(keys) >= len(lay.names):
+        return None
+    shapes = [lay.shape_list[i] for i in at]
+    if engine.kind == "numpy":
+        from . import ndarray_fields
+
+        expected = ndarray_fields.Expected(shapes, lay.dtype)
+
+        def scan(vals: list) -> np.ndarray | None:
+            return ndarray_fields.scan(vals, expected)
+    elif engine.kind == "torch":
+        from . import torch_scan
+
+        scan = torch_scan.make(shapes, engine.native_dtype)
+        if scan is None:
+            return None
+    else:
+        return None
+    return np.array(at, dtype=np.int64), scan
 
 
 class JaxRecipe:
