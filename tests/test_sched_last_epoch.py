@@ -300,3 +300,17 @@ def test_a_refused_rate_at_the_start_step_changes_nothing():
     with pytest.raises(ValueError, match=r"at step 6 is inf"):
         S.ExponentialLR(opt, 1e200, last_step=6)
     assert opt.lr == BASE and math.isfinite(opt.lr)
+
+
+def test_a_far_start_jumps_for_a_closed_form_and_is_refused_past_the_stepping_limit():
+    from mithril.utils.lr_schedulers.start import MAX_STEPPED
+
+    opt = FakeOpt(BASE)
+    sched = S.CosineAnnealingLR(opt, 7, 0.01, last_step=10**12)  # at once, as get_lr_at
+    assert (sched.last_step, opt.lr) == (10**12, sched.get_lr_at(10**12))
+    first = S.StepLR(opt, 2)
+    before = (opt.lr, first.state_dict())
+    with pytest.raises(ValueError, match=rf"SequentialLR: last_step={MAX_STEPPED + 1} is too "
+                                         rf"large: a SequentialLR is stepped one step at a time"):
+        S.SequentialLR(opt, [first, S.ExponentialLR(opt, 0.9)], [3], last_step=MAX_STEPPED + 1)
+    assert (opt.lr, first.state_dict()) == before
