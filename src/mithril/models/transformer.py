@@ -1,9 +1,14 @@
 """Transformer encoder and decoder blocks, as ``torch.nn.TransformerEncoderLayer`` /
-``TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout=0.0, activation=...,
+``TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout=dropout, activation=...,
 layer_norm_eps=eps, batch_first=True, norm_first=..., bias=...)``. Each sub-layer f (self-
 attention, cross-attention on ``memory``, the feed-forward Linear(d_model)(act(Linear(
 dim_feedforward)(·)))) is wrapped as x + f(LayerNorm(x)) with ``norm_first=True`` (pre-norm,
 our default) or LayerNorm(x + f(x)) with ``norm_first=False`` (post-norm, torch's default).
+
+``dropout=p`` (default 0, where torch's is 0.1) as torch's layers: in training mode the
+attentions drop attention probabilities (:class:`MultiHeadAttention`'s ``dropout``) and a
+:class:`~mithril.models.dropout.Dropout` follows each sub-layer's f and the feed-forward's
+activation; with p = 0 the blocks hold no Dropout (the graph of a block without dropout).
 
 Parameter names map onto torch's modules as: ``layer_norm_<k>`` ↔ ``norm<k+1>``, the
 attentions (``in_proj_weight``, ``in_proj_bias``, ``out_proj_weight`` ↔ ``out_proj.weight``,
@@ -29,7 +34,9 @@ from . import layers
 from .activations import Gelu, Relu
 from .arithmetic import Add
 from .attention import MultiHeadAttention
+from .attention_core import check_dropout
 from .blocks import _make_activation
+from .dropout import Dropout
 from .model import IOKey, Model
 from .norms import check_eps
 from .operator import Operator
@@ -94,12 +101,28 @@ def _sublayer(block: Model, x: str, out: str, tag: str, f: Callable[[Model, str,
 
 
 def _feedforward(d_model: int, dim_feedforward: int, activation: Any,
-                 use_bias: bool) -> Callable[[Model, str, Any], None]:
+                 use_bias: bool, p: float = 0.0) -> Callable[[Model, str, Any], None]:
     def f(block: Model, x: str, out: Any) -> None:
         block |= Linear(dim_feedforward, use_bias=use_bias)(input=x, output=_wire("hidden"))
-        block |= _activation(activation)(input="hidden", output=_wire("activated"))
+        act = "activated_undropped" if p else "activated"
+        block |= _activation(activation)(input="hidden", output=_wire(act))
+        if p:  # torch's TransformerEncoderLayer.dropout, between the two Linears
+            block |= Dropout(p)(input=act, output=_wire("activated"))
         block |= Linear(d_model, use_bias=use_bias)(input="activated", output=out)
-    return f
+    return _dropped(f, p, "feedforward")
+
+
+def _dropped(f: Callable[[Model, str, Any], None], p: float,
+             tag: str) -> Callable[[Model, str, Any], None]:
+    """The sub-layer ``f`` followed by ``Dropout(p)`` (torch's ``dropout1`` / ``2`` / ``3``);
+    ``f`` itself for p = 0."""
+    if not p:
+        return f
+
+    def g(block: Model, x: str, out: Any) -> None:
+        f(block, x, _wire(f"{tag}_undropped"))
+        block |= Dropout(p)(input=f"{tag}_undropped", output=out)
+    return g
 
 
 def _attention(attn: MultiHeadAttention, memory: str | None,
@@ -129,24 +152,26 @@ class TransformerBlock(Model):
     ``norm_first=False``. Terminals: ``input``, ``output``; with ``use_attn_mask``,
     ``attn_mask`` (torch's ``src_mask``), with ``use_key_padding_mask``, ``key_padding_mask``
     (…, L) (torch's ``src_key_padding_mask``), as :class:`MultiHeadAttention`'s (booleans True
-    = masked, or floats added)."""
+    = masked, or floats added). ``dropout``: torch's, in training mode (module docstring)."""
 
     def __init__(self, d_model: int, num_heads: int, dim_feedforward: int = 2048,
                  activation: Any = "relu", eps: float = 1e-5, is_causal: bool = False,
                  use_attn_mask: bool = False, use_bias: bool = True, *, norm_first: bool = True,
-                 use_key_padding_mask: bool = False) -> None:
+                 use_key_padding_mask: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         _check_sizes("TransformerBlock", d_model, dim_feedforward, eps)
+        p = self.dropout = check_dropout(dropout, "TransformerBlock")
         self.d_model, self.num_heads, self.dim_feedforward = int(d_model), num_heads, int(dim_feedforward)
         self.norm_first = bool(norm_first)
         attn = MultiHeadAttention(num_heads, embed_dim=d_model, use_bias=use_bias,
                                   is_causal=is_causal, use_attn_mask=use_attn_mask,
-                                  use_key_padding_mask=use_key_padding_mask)
+                                  use_key_padding_mask=use_key_padding_mask, dropout=p)
         masks = {k: k for k in attn.inputs[3:]}
-        _sublayer(self, "input", "residual", "attention", _attention(attn, None, masks),
+        _sublayer(self, "input", "residual", "attention",
+                  _dropped(_attention(attn, None, masks), p, "attention"),
                   self.norm_first, eps, use_bias)
         _sublayer(self, "residual", "output", "feedforward",
-                  _feedforward(self.d_model, self.dim_feedforward, activation, use_bias),
+                  _feedforward(self.d_model, self.dim_feedforward, activation, use_bias, p),
                   self.norm_first, eps, use_bias)
 
 
@@ -159,15 +184,16 @@ class TransformerDecoderBlock(Model):
     ``memory_mask`` (L, S) and ``memory_key_padding_mask`` (…, S) on the cross-attention, each
     as :class:`MultiHeadAttention`'s (booleans True = masked, or floats added).
     ``is_causal``: the self-attention is causal (torch's ``tgt_is_causal`` with the causal
-    ``tgt_mask``); it excludes ``use_tgt_mask``."""
+    ``tgt_mask``); it excludes ``use_tgt_mask``. ``dropout``: torch's, in training mode."""
 
     def __init__(self, d_model: int, num_heads: int, dim_feedforward: int = 2048,
                  activation: Any = "relu", eps: float = 1e-5, is_causal: bool = False,
                  use_bias: bool = True, *, norm_first: bool = True, use_tgt_mask: bool = False,
                  use_memory_mask: bool = False, use_tgt_key_padding_mask: bool = False,
-                 use_memory_key_padding_mask: bool = False) -> None:
+                 use_memory_key_padding_mask: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         _check_sizes("TransformerDecoderBlock", d_model, dim_feedforward, eps)
+        p = self.dropout = check_dropout(dropout, "TransformerDecoderBlock")
         if is_causal and use_tgt_mask:
             raise ValueError("TransformerDecoderBlock: is_causal and use_tgt_mask exclude each "
                              "other; give one tgt_mask that combines both")
@@ -175,18 +201,18 @@ class TransformerDecoderBlock(Model):
         self.norm_first = bool(norm_first)
         self_attn = MultiHeadAttention(num_heads, embed_dim=d_model, use_bias=use_bias,
                                        is_causal=is_causal, use_attn_mask=use_tgt_mask,
-                                       use_key_padding_mask=use_tgt_key_padding_mask)
+                                       use_key_padding_mask=use_tgt_key_padding_mask, dropout=p)
         cross = MultiHeadAttention(num_heads, embed_dim=d_model, use_bias=use_bias,
                                    use_attn_mask=use_memory_mask,
-                                   use_key_padding_mask=use_memory_key_padding_mask)
+                                   use_key_padding_mask=use_memory_key_padding_mask, dropout=p)
         tgt = {"attn_mask": "tgt_mask", "key_padding_mask": "tgt_key_padding_mask"}
         mem = {"attn_mask": "memory_mask", "key_padding_mask": "memory_key_padding_mask"}
         _sublayer(self, "input", "residual", "attention",
-                  _attention(self_attn, None, {k: tgt[k] for k in self_attn.inputs[3:]}),
-                  self.norm_first, eps, use_bias)
+                  _dropped(_attention(self_attn, None, {k: tgt[k] for k in self_attn.inputs[3:]}),
+                           p, "attention"), self.norm_first, eps, use_bias)
         _sublayer(self, "residual", "residual2", "cross_attention",
-                  _attention(cross, "memory", {k: mem[k] for k in cross.inputs[3:]}),
-                  self.norm_first, eps, use_bias)
+                  _dropped(_attention(cross, "memory", {k: mem[k] for k in cross.inputs[3:]}),
+                           p, "cross_attention"), self.norm_first, eps, use_bias)
         _sublayer(self, "residual2", "output", "feedforward",
-                  _feedforward(self.d_model, self.dim_feedforward, activation, use_bias),
+                  _feedforward(self.d_model, self.dim_feedforward, activation, use_bias, p),
                   self.norm_first, eps, use_bias)
