@@ -314,3 +314,27 @@ def test_a_far_start_jumps_for_a_closed_form_and_is_refused_past_the_stepping_li
                                          rf"large: a SequentialLR is stepped one step at a time"):
         S.SequentialLR(opt, [first, S.ExponentialLR(opt, 0.9)], [3], last_step=MAX_STEPPED + 1)
     assert (opt.lr, first.state_dict()) == before
+
+
+def test_a_torch_state_dicts_last_epoch_is_our_last_step():
+    # a torch run's saved scheduler state: refused by load_state_dict, which names the way
+    make_torch, make_ours, _ = CASES["MultiStepLR"]
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=BASE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = make_torch(topt)
+        for _ in range(7):
+            topt.step()
+            ref.step()
+    saved = ref.state_dict()
+    with pytest.raises(ValueError, match=r"build it with last_step=state_dict\['last_epoch'\]"):
+        make_ours(FakeOpt(BASE)).load_state_dict(saved)
+    opt = FakeOpt(BASE)
+    ours = make_ours(opt, last_step=saved["last_epoch"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(30):
+            assert [ours.get_last_lr()] == ref.get_last_lr() == [opt.lr]
+            topt.step()
+            ref.step()
+            ours.step()

@@ -486,7 +486,8 @@ class LRScheduler:
             raise ValueError(
                 f"state_dict is torch.optim.lr_scheduler's (it has 'last_epoch', no 'type'), "
                 f"not a {type(self).__name__}.state_dict(): build this scheduler with the "
-                f"same arguments and step it last_epoch times to carry a torch run on")
+                f"same arguments and step it last_epoch times to carry a torch run on (or "
+                f"build it with last_step=state_dict['last_epoch'])")
         if not isinstance(kind, str) or kind != type(self).__name__:
             raise ValueError(
                 f"state_dict is for {describe(kind)}, cannot load it into "
