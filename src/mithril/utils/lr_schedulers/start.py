@@ -10,6 +10,19 @@ a user resuming a torch run without the scheduler's state: torch's ``StepLR(opt,
 last_epoch=k)`` with ``initial_lr`` in the groups is ``StepLR(opt, 30, last_epoch=k)`` here on
 an optimizer at that ``initial_lr`` (or ``base_lr=initial_lr``).
 
+torch 2.13's numbers, and where they come from: its constructor steps once from ``k``, by the
+chained formula from the group's ``lr`` for :class:`StepLR`, :class:`MultiStepLR` and
+:class:`ConstantLR` (the resumed run's when ``lr`` is the rate of step ``k``), keeping
+``lr`` for :class:`ExponentialLR`, :class:`LinearLR`, :class:`PolynomialLR`,
+:class:`CosineAnnealingLR` and :class:`MultiplicativeLR` (the resumed run's when ``lr`` is
+the rate of step ``k + 1``), by a closed form of ``initial_lr`` for :class:`LambdaLR`,
+:class:`CyclicLR`, :class:`OneCycleLR` and :class:`CosineAnnealingWarmRestarts`. Ours are
+that resumed run's in every case (tests/test_sched_last_epoch.py). Where torch's gives no
+resumed run, ours still do: its ``SequentialLR`` restarts its first child at any
+``last_epoch``, its ``SWALR`` anneals from its own step count, its
+``CosineAnnealingWarmRestarts`` with ``T_mult > 1`` takes ``T_0`` for the cycle of step
+``k``; its ``ChainedScheduler`` takes no ``last_epoch``.
+
 A closed form jumps to step ``n`` at once; a scheduler with its own ``step`` (a composite,
 :class:`SWALR`) is stepped ``n`` times. Refused (nothing built, nothing changed): a
 metric-driven scheduler (:class:`ReduceLROnPlateau`, a composite with one: its state follows
