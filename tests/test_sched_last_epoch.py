@@ -338,3 +338,47 @@ def test_a_torch_state_dicts_last_epoch_is_our_last_step():
             topt.step()
             ref.step()
             ours.step()
+
+
+_PG = {"per_group": True}
+PER_GROUP = {
+    "SequentialLR": lambda o, **k: S.SequentialLR(
+        o, [S.StepLR(o, 2, 0.5, **_PG), S.MultiplicativeLR(o, [_mult] * 2),
+            S.SWALR(o, 0.01, **_PG)], [4, 9], **k),
+    "ChainedScheduler": lambda o, **k: S.ChainedScheduler(
+        [S.StepLR(o, 4, 0.5, **_PG),
+         S.CyclicLR(o, [0.01, 0.001], [0.2, 0.02], 3, cycle_momentum=True)], **k),
+    "LinearWarmupScheduler": lambda o, **k: S.LinearWarmupScheduler(
+        o, 4, [0.01, 0.001], [0.1, 0.02], after_scheduler=S.CosineAnnealingLR(o, 9, **_PG), **k),
+    "JoinSchedules": lambda o, **k: S.JoinSchedules(
+        o, [S.LinearLR(o, 0.1, 1.0, 4, **_PG), S.CosineAnnealingWarmRestarts(o, 3, 2, **_PG)],
+        [4], **k),
+    "sgdr_schedule": lambda o, **k: S.sgdr_schedule(
+        o, [{"init_value": 0.0, "peak_value": [0.1, 0.02], "warmup_steps": 2,
+             "decay_steps": 6}] * 2, **k),
+    "OneCycleLR": lambda o, **k: S.OneCycleLR(o, [0.4, 0.04], total_steps=50,
+                                              cycle_momentum=True, **k),
+}
+
+
+@pytest.mark.parametrize("name", list(PER_GROUP))
+def test_per_group_built_at_n_is_built_at_0_and_stepped_n_times(name):
+    def opt():
+        return SGD(learning_rate=BASE, momentum=0.9, param_groups=[
+            {"params": ["b"], "learning_rate": 0.02, "momentum": 0.5}])
+
+    def values(o):
+        return [o.hyperparameter(h, g).get() for h in ("learning_rate", "momentum")
+                for g in (None, 0)]
+
+    for n in [1, 3, 7, 13]:
+        opt_a, opt_b = opt(), opt()
+        stepped = PER_GROUP[name](opt_a)
+        for _ in range(n):
+            stepped.step()
+        at = PER_GROUP[name](opt_b, last_step=n)
+        assert at.per_group and at.state_dict() == stepped.state_dict()
+        for _ in range(5):
+            assert values(opt_a) == values(opt_b)
+            stepped.step()
+            at.step()
