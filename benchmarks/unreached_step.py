@@ -23,7 +23,7 @@ of ``unreached`` did not, and its missed count is the number of steps it took.
 
     python benchmarks/unreached_step.py [--backend numpy torch] [--part step|update]
                                         [--rounds 9] [--steps 200] [--dtype float64]
-                                        [--clock wall|cpu]
+                                        [--clock wall|cpu] [--scheduled]
 
 ``--clock cpu`` times the process's CPU time instead of the wall clock: on a machine that
 other jobs load, the steadier measure (time spent waiting for a core is not counted).
@@ -64,8 +64,9 @@ class Variant:
     """One variant's step(s), parameters and state, stepped ``n`` times by :meth:`run`."""
 
     def __init__(self, name: str, compiled: Any, batches: list[dict], part: str,
-                 host: Any) -> None:
+                 host: Any, scheduled: bool = False) -> None:
         self.name, self.batches, self.part, self.host = name, batches, part, host
+        self.scheduled = scheduled
         self.opt = Adam(learning_rate=1e-3)
         losses = {"all": ["loss"], "unreached": ["loss_a"],
                   "alternating": ["loss_a", "loss_b"]}[name]
@@ -95,6 +96,8 @@ class Variant:
                 i = self.taken % k
                 g, left = self.grads[i]
                 t0 = clock()
+                if self.scheduled:
+                    opt.learning_rate = 1e-3 * 0.999 ** (self.taken % 1000)
                 p, s = opt.update(p, g, s)
                 if left:
                     s.note_missed(left)
@@ -105,6 +108,8 @@ class Variant:
                 i = self.taken
                 step = steps[i % len(steps)]
                 t0 = clock()
+                if self.scheduled:  # (a scheduler's step: a new rate before each)
+                    self.opt.learning_rate = 1e-3 * 0.999 ** (i % 1000)
                 p, s, _ = step(p, s, batches[i % k])
                 out.append(clock() - t0)
                 self.taken += 1
@@ -134,6 +139,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                     help="cpu: the process's CPU time (steadier on a loaded machine)")
+    ap.add_argument("--scheduled", action="store_true",
+                    help="set a new learning rate before every step (as a scheduler does)")
     ap.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=32)
@@ -152,7 +159,7 @@ def main() -> None:
             "ta": rng.standard_normal((args.batch, 1)),
             "tb": rng.standard_normal((args.batch, args.out_b))}.items()} for _ in range(4)]
         host = (lambda x: x.detach().cpu().numpy()) if name == "torch" else np.asarray
-        runs[name] = [Variant(v, c, batches, args.part, host) for v in VARIANTS]
+        runs[name] = [Variant(v, c, batches, args.part, host, args.scheduled) for v in VARIANTS]
         for v in runs[name]:
             v.run(args.warmup)
 
@@ -165,7 +172,8 @@ def main() -> None:
                 medians.setdefault((name, v.name), []).append(
                     statistics.median(v.run(args.steps, clock)))
 
-    print(f"{args.part}, {args.clock} clock, {args.dtype}, two-head MLP {args.inputs}-{args.hidden}-(1 | "
+    sched = ", rate set every step" if args.scheduled else ""
+    print(f"{args.part}{sched}, {args.clock} clock, {args.dtype}, two-head MLP {args.inputs}-{args.hidden}-(1 | "
           f"{args.out_b}), batch {args.batch}, Adam; median over {args.rounds} rounds of the "
           f"per-step median of {args.steps} steps")
     for name, variants in runs.items():

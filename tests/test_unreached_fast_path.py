@@ -220,7 +220,7 @@ def test_kept_rows_equal_rows_made_from_scratch():
     for k in range(300):
         if rng.random() < 0.4:  # another set (else the same again: the rows may stay)
             last = list(rng.choice(names, size=int(rng.integers(1, 5)), replace=False))
-        if k % 50 == 49:  # a new learning rate: views made anew, at its value
+        if k % 7 == 6:  # a new learning rate: the views take it
             opt.learning_rate = 1e-2 * (k + 1)
         before = state.own_rows
         state.note_missed(last)

@@ -176,11 +176,13 @@ class OwnRows:
 
     def views_of(self, opt: Any) -> list[Any]:
         """One optimizer per row, as :func:`~.groups.views` makes them from :attr:`rows`:
-        those made before while ``opt``'s attributes stay as they were then, else made
-        anew (an own row reusing an earlier one's view of the same group row, its offset
-        set)."""
+        those made before while ``opt``'s attributes stay as they were then (its learning
+        rate apart: a scheduler sets it every step, and the views take it as ``row_view``
+        gives it them), else made anew (an own row reusing an earlier one's view of the
+        same group row, its offset set)."""
         views = self._views
-        same = opt is self._opt and _same_attrs(self._attrs, opt.__dict__)
+        same = opt is self._opt and (_same_attrs(self._attrs, opt.__dict__)
+                                     or self._new_rate(opt))
         if views is not None and same:
             return list(views)
         pool = self._pool if same else {}
@@ -191,7 +193,7 @@ class OwnRows:
             spare = pool.get(b)
             if spare:  # (a copy of the same group row's view: only its offset differs)
                 v = spare.pop()
-                v._step_offset = row["step_offset"]
+                v.__dict__["_step_offset"] = row["step_offset"]
             else:
                 v = opt.row_view(dict(row))
             made.append(v)
@@ -200,3 +202,42 @@ class OwnRows:
         self._base_views = None
         self._opt, self._attrs, self._views = opt, dict(opt.__dict__), made
         return list(made)
+
+    def _new_rate(self, opt: Any) -> bool:
+        """Whether ``opt``'s attributes are those the views were made with but for its
+        learning rate; if so, the views (and those kept to reuse) take the new rate as
+        :meth:`~.groups.GroupsMixin.row_view` sets it: a group's pinned rate stays, its
+        ``lr_scale`` times the new one, else the new one. Only for an optimizer that keeps
+        its own rate (no wrapper's: :meth:`~.groups.GroupsMixin.hyper_holders`)."""
+        then, now = self._attrs, opt.__dict__
+        if then is None or "learning_rate" not in then or "learning_rate" not in now:
+            return False
+        then["learning_rate"] = now["learning_rate"]  # (a snapshot: ours to change)
+        if not _same_attrs(then, now) or len(opt.hyper_holders()) != 1:
+            return False
+        lr, n_base = now["learning_rate"], self.n_base
+        base = [_rate_rule(over, False) for over in self.base[2]]
+        own = [_rate_rule(over, True) for over in self.base[2]]  # (by their group row)
+        views = self._views or ()
+        held = [*zip(base, views[:n_base]), *zip(base, self._base_views or ()),
+                *((own[b], v) for b, v in zip(self.origin, views[n_base:])),
+                *((own[b], v) for b, spare in self._pool.items() for v in spare)]
+        for rule, v in held:
+            if rule is not None and v is not opt:
+                v.__dict__["learning_rate"] = lr if rule is _SAME else lr * rule
+        return True
+
+
+#: a view whose learning rate is the optimizer's (see :func:`_rate_rule`)
+_SAME = object()
+
+
+def _rate_rule(over: dict[str, Any], own: bool) -> Any:
+    """How the view of a group row with overrides ``over`` (``own``: of an own row made
+    from it, always a copy) takes the optimizer's learning rate, as ``row_view`` sets it:
+    None where it keeps its own (the optimizer itself, or a rate pinned in the group),
+    :data:`_SAME` where it is the optimizer's, else its ``lr_scale`` (times the
+    optimizer's)."""
+    if "learning_rate" in over or not (over or own):
+        return None
+    return over.get("lr_scale", _SAME)
