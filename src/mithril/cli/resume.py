@@ -40,10 +40,11 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "mithril-train-resume-1"
 #: flags a resumed run does not take from its checkpoint (where to write, how to show it)
 NOT_KEPT = frozenset({"out", "name", "resume", "checkpoint", "dry_run", "no_plot",
-                      "no_progress", "func", "parser", "argv"})
+                      "no_progress", "func", "parser", "argv", "snapshot"})
 #: configuration keys a resumed run may change: the length (a schedule replayed over the
 #: steps done must agree), where it runs, the data file's name (its content is checked)
-MAY_CHANGE = frozenset({"epochs", "threads", "backend", "task_settings.data"})
+MAY_CHANGE = frozenset({"epochs", "threads", "backend", "task_settings.data",
+                        "task_settings.steps"})
 #: metrics.csv / epochs.csv columns that hold integers
 INT_FIELDS = frozenset({"step", "epoch", "skipped"})
 
@@ -61,7 +62,8 @@ def add_resume_flags(p: argparse.ArgumentParser) -> None:
 
 
 def snapshot(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags a resumed run takes again: the parsed values (after the job's defaults)."""
+    """The flags a resumed run takes again: the parsed values, before the job fills in its
+    defaults (a flag left unset stays unset)."""
     kept = {}
     for k, v in vars(args).items():
         if k in NOT_KEPT:
@@ -83,9 +85,6 @@ def _load(path: Path, flag: str = "--resume", **kwargs: Any) -> dict[str, Any]:
 
     try:
         return load_checkpoint(path, **kwargs)
-    except FileNotFoundError:
-        raise CLIError(f"{flag} {path.parent}: no {CHECKPOINT_FILE} (a run trained with "
-                       f"--checkpoint writes one)") from None
     except OSError as exc:
         raise CLIError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     except CheckpointError as exc:
@@ -98,7 +97,14 @@ def _load(path: Path, flag: str = "--resume", **kwargs: Any) -> dict[str, Any]:
 def resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The flags of the run ``--resume`` names with those given now on top, and its
     checkpoint (as :func:`load_checkpoint` returns it, the arrays NumPy's)."""
-    path = _where(Path(args.resume))
+    given = Path(args.resume)
+    if not given.exists():
+        raise CLIError(f"--resume {given}: no such folder (a run folder of `mithril train "
+                       f"--checkpoint`)")
+    path = _where(given)
+    if not path.is_file():
+        raise CLIError(f"--resume {given}: no {CHECKPOINT_FILE} in it (a run trained with "
+                       f"--checkpoint writes one)")
     ckpt = _load(path)
     extra = ckpt["extra"]
     if not isinstance(extra, dict) or extra.get("format") != FORMAT:
@@ -152,15 +158,16 @@ def position_record(pos: Position) -> dict[str, Any]:
             "sums": [_float(pos.sums[0]), _float(pos.sums[1]), int(pos.sums[2])]}
 
 
-def write_checkpoint(run: Any, folder: Path, args: argparse.Namespace,
+def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
                      steps: int, epochs: int) -> Path | None:
-    """``checkpoint.safetensors`` of ``run`` in ``folder``; None (nothing written) when the
-    loop stopped inside a step (a second Ctrl-C), where no consistent state exists."""
+    """``checkpoint.safetensors`` of ``run`` in ``folder`` (``flags``: :func:`snapshot` of
+    the command's); None (nothing written) when the loop stopped inside a step (a second
+    Ctrl-C), where no consistent state exists."""
     from ..utils.checkpoint import save_checkpoint
 
     if run.position is None:
         return None
-    extra = {"format": FORMAT, "args": snapshot(args), "config": run.cfg.as_dict(),
+    extra = {"format": FORMAT, "args": flags, "config": run.cfg.as_dict(),
              "data": data_fingerprint(run.data), "position": position_record(run.position),
              "steps": steps, "epochs": epochs, "compiled_step": int(run.compiled.step)}
     path = folder / CHECKPOINT_FILE
@@ -234,8 +241,8 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
               if k not in MAY_CHANGE and saved.get(k) != now.get(k)]
     if differ:
         raise CLIError(f"{flag}: this command changes the run's {'; '.join(differ)}; a "
-                       f"resumed run keeps them (only --epochs, --backend, --threads and the "
-                       f"output flags may change)")
+                       f"resumed run keeps them (only --epochs (charlm: --steps), --backend, "
+                       f"--threads and the output flags may change)")
     fp, fp_now = extra["data"], data_fingerprint(run.data)
     what = [f"{k} {fp[k]} then, {fp_now[k]} now" for k in ("train", "test", "classes")
             if fp[k] != fp_now[k]]

@@ -52,6 +52,7 @@ from .resume import (
     check_supported,
     restore,
     resumed_args,
+    snapshot,
     write_checkpoint,
 )
 from .tasks import add_job_flags, prepare
@@ -258,6 +259,7 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     resumed = None
     if args.resume:  # the run's flags, those given now on top
         args, resumed = resumed_args(args)
+    args.snapshot = snapshot(args)  # as given, before the job's defaults: what --resume takes
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
@@ -358,7 +360,8 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
         if job.write is not None:
             written += job.write(training, stage)
         if args.checkpoint or args.resume:
-            saved = write_checkpoint(training, stage, args, len(result.steps), len(result.epochs))
+            saved = write_checkpoint(training, stage, args.snapshot, len(result.steps),
+                                     len(result.epochs))
             written += [saved] if saved is not None else []
             if saved is None:
                 print(f"(no {CHECKPOINT_FILE}: interrupted inside a step, where parameters and "
