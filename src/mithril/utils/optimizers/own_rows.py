@@ -97,8 +97,8 @@ class OwnRows:
     pair, in that order (what :func:`own_count_rows` gives); :meth:`views_of`: one
     optimizer per row."""
 
-    __slots__ = ("_at", "_attrs", "_base_views", "_keys", "_opt", "_pool", "_views", "base",
-                 "current", "index", "n_base", "origin", "rows", "sizes")
+    __slots__ = ("_at", "_attrs", "_base_views", "_keys", "_opt", "_pool", "_rated", "_views",
+                 "base", "current", "index", "n_base", "origin", "rows", "sizes")
 
     def __init__(self, base: tuple, missed: np.ndarray, previous: OwnRows | None = None) -> None:
         self.base = base
@@ -113,6 +113,7 @@ class OwnRows:
         self._opt: Any = None  # the optimizer the views are of, and its attributes then
         self._attrs: dict[str, Any] | None = None
         self._views: list[Any] | None = None
+        self._rated: list[tuple[Any, Any]] = []  # (view, how it takes the rate): _new_rate
         #: earlier own rows' views by their base row, for :meth:`views_of` to reuse
         self._pool: dict[int, list[Any]] = {}
         self._base_views: list[Any] | None = None
@@ -201,11 +202,18 @@ class OwnRows:
             self._pool = {}  # (what is left of it is kept for the next rows: see __init__)
         self._base_views = None
         self._opt, self._attrs, self._views = opt, dict(opt.__dict__), made
+        # the views that take the optimizer's rate, and how (see _new_rate)
+        rules = self.base[2]
+        rated = [(v, _rate_rule(over, False)) for v, over in zip(made, rules)]
+        rated += [(v, _rate_rule(rules[b], True)) for v, b in zip(made[n_base:], self.origin)]
+        self._rated = [(v, rule) for v, rule in rated if rule is not None and v is not opt]
+        if same and "learning_rate" in opt.__dict__:  # (views kept from earlier rates)
+            self._set_rate(opt.__dict__["learning_rate"])
         return list(made)
 
     def _new_rate(self, opt: Any) -> bool:
         """Whether ``opt``'s attributes are those the views were made with but for its
-        learning rate; if so, the views (and those kept to reuse) take the new rate as
+        learning rate; if so, the views take the new rate as
         :meth:`~.groups.GroupsMixin.row_view` sets it: a group's pinned rate stays, its
         ``lr_scale`` times the new one, else the new one. Only for an optimizer that keeps
         its own rate (no wrapper's: :meth:`~.groups.GroupsMixin.hyper_holders`)."""
@@ -215,17 +223,13 @@ class OwnRows:
         then["learning_rate"] = now["learning_rate"]  # (a snapshot: ours to change)
         if not _same_attrs(then, now) or len(opt.hyper_holders()) != 1:
             return False
-        lr, n_base = now["learning_rate"], self.n_base
-        base = [_rate_rule(over, False) for over in self.base[2]]
-        own = [_rate_rule(over, True) for over in self.base[2]]  # (by their group row)
-        views = self._views or ()
-        held = [*zip(base, views[:n_base]), *zip(base, self._base_views or ()),
-                *((own[b], v) for b, v in zip(self.origin, views[n_base:])),
-                *((own[b], v) for b, spare in self._pool.items() for v in spare)]
-        for rule, v in held:
-            if rule is not None and v is not opt:
-                v.__dict__["learning_rate"] = lr if rule is _SAME else lr * rule
+        self._set_rate(now["learning_rate"])
         return True
+
+    def _set_rate(self, lr: Any) -> None:
+        """The optimizer's learning rate ``lr`` in the views that take it."""
+        for v, rule in self._rated:
+            v.__dict__["learning_rate"] = lr if rule is _SAME else lr * rule
 
 
 #: a view whose learning rate is the optimizer's (see :func:`_rate_rule`)
