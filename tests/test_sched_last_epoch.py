@@ -314,6 +314,10 @@ def test_a_far_start_jumps_for_a_closed_form_and_is_refused_past_the_stepping_li
                                          rf"large: a SequentialLR is stepped one step at a time"):
         S.SequentialLR(opt, [first, S.ExponentialLR(opt, 0.9)], [3], last_step=MAX_STEPPED + 1)
     assert (opt.lr, first.state_dict()) == before
+    calls = opt.set_calls
+    with pytest.raises(ValueError, match=r"MultiplicativeLR: last_epoch=\d+ is too large"):
+        S.MultiplicativeLR(opt, _mult, last_epoch=MAX_STEPPED)  # (a product of 10**6 calls)
+    assert (opt.lr, opt.set_calls) == (before[0], calls)
 
 
 def test_a_torch_state_dicts_last_epoch_is_our_last_step():

@@ -115,6 +115,9 @@ class MultiplicativeLR(_NewLambda, LRScheduler):
 
     _GROUP_ARGS = ("lr_lambda",)
     _STARTS_FROM_CURRENT = True
+    #: its value at step n takes n calls of lr_lambda: a start step past
+    #: start.MAX_STEPPED is refused
+    _VALUE_PER_STEP = True
 
     def __init__(self, optimizer: SupportsLearningRate, lr_lambda: Callable[[int], float]) -> None:
         super().__init__(optimizer)

@@ -73,7 +73,8 @@ def start_step(cls: type, given: Mapping[str, Any], arguments: Mapping[str, Any]
         raise TypeError(f"{owner}: no {name}= ({what} follows the metrics it is given, not "
                         f"the step count; torch's ReduceLROnPlateau takes none either): build "
                         f"it at step 0, or load_state_dict(saved) to resume")
-    if n > MAX_STEPPED and not _jumps(cls):
+    # (_VALUE_PER_STEP: a product over every past step, MultiplicativeLR's: a call a step)
+    if n > MAX_STEPPED and (not _jumps(cls) or getattr(cls, "_VALUE_PER_STEP", False)):
         raise ValueError(f"{owner}: {name}={value} is too large: a {owner} is stepped one "
                          f"step at a time to get there (at most {MAX_STEPPED} steps)")
     return n
