@@ -274,8 +274,8 @@ def test_an_optimizer_that_cannot_count_per_parameter_is_refused_by_name() -> No
 
 
 def test_a_loss_reaching_every_parameter_keeps_no_count() -> None:
-    """Every parameter reached: the state holds no missed counts, the program is the one
-    that steps them all together (``update``, not ``update_reached``)."""
+    """Every parameter reached: the state holds no missed counts (the program then steps
+    them all together, ``update``, as before: its compiled HLO is the old one's)."""
     import mithril as ml
     from mithril.backends import JaxBackend
     from mithril.distributed.jax_parallel import make_sharded_train_step

@@ -34,8 +34,7 @@ and XLA inserts the collectives.
   ``hyperparams["missed"]``, replicated: per parameter, the applied steps it missed;
   ``to_optimizer_state`` carries them into a checkpoint, ``from_optimizer_state`` back). A
   loss that reaches every parameter runs the very program it ran before (``init`` keeps
-  no count).
-  An optimizer whose program cannot count each parameter's steps (Muon, Adafactor,
+  no count). An optimizer whose program cannot count each parameter's steps (Muon, Adafactor,
   Lookahead) is refused then, naming the parameters (the one-device step falls back to
   the separate calls, which a mesh has no counterpart of).
 * **Several processes** (:func:`init_jax`): ``jax.distributed`` with CPU collectives (gloo);
@@ -175,10 +174,10 @@ class ShardedTrainStep(TrainStep):
             # (TrainStep falls back to the separate calls here; a mesh has no such path)
             raise ValueError(
                 f"make_sharded_train_step: the loss {self.loss!r} does not reach "
-                f"{sorted(self._unreached)}, which are left out of the update with their own "
-                f"step counts, which the program of a {type(optimizer).__name__} (tensorwise, "
-                f"or a Lookahead) cannot keep: use a loss that reaches every parameter, or "
-                f"make_train_step on one device (the separate calls there)")
+                f"{sorted(self._unreached)}: leaving them out of the update needs a step "
+                f"count per parameter, which the program of a {type(optimizer).__name__} "
+                f"(tensorwise, or a Lookahead) does not keep; use a loss that reaches every "
+                f"parameter, or make_train_step on one device (the separate calls there)")
         del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
