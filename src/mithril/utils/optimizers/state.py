@@ -114,7 +114,7 @@ class OptimizerState:
         #: :meth:`note_missed`; ``own_rows`` the rows it gives (an :class:`~.own_rows.OwnRows`)
         self.missed: np.ndarray | None = None
         self.own_rows: Any = None
-        self._missed_at: tuple | None = None  # (names, their positions): see note_missed
+        self._missed_at: dict[tuple, tuple] = {}  # names -> their positions: note_missed
         #: how the last plain step ran, for the next to repeat (engines/fast_step.py), and how
         #: many recipes in a row went unused (then none is made: something changes per step)
         self.fast: Any = None
@@ -175,14 +175,23 @@ class OptimizerState:
         (:mod:`.groups`). ``torch_optimizer`` calls it; a plain ``update`` does not (one
         count per state, as optax)."""
         names = tuple(names)
-        seen = getattr(self, "_missed_at", None)  # (a loop names the same parameters step after step)
-        if seen is None or seen[0] != names:
+        # (a loop names the same parameters step after step, or a few sets in turn)
+        known = self.__dict__.setdefault("_missed_at", {})
+        try:
+            seen, hashable = known.get(names), True
+        except TypeError:  # (an unhashable name: refused below, by _index)
+            seen, hashable = None, False
+        if seen is None:
             at = self.layout.index
             idx = list(dict.fromkeys(  # (each once, as missed[idx] += 1 counts them)
                 at[n] if isinstance(n, str) and n in at else self._index(n, "note_missed")
                 for n in names))
-            seen = self._missed_at = (names, idx, np.array(idx, dtype=np.int64))
-        idx = seen[1]
+            if len(known) >= 8:
+                known.clear()
+            seen = (idx, np.array(idx, dtype=np.int64))
+            if hashable:
+                known[names] = seen
+        idx = seen[0]
         if not idx:
             return
         missed = self.missed
@@ -192,7 +201,7 @@ class OptimizerState:
             for i in idx:
                 missed[i] += 1
         else:
-            missed[seen[2]] += 1
+            missed[seen[1]] += 1
         # their rows: the same ones, their offsets raised, while the same tensors miss
         # steps (else made anew); a recipe that reads the rows anew at each step holds
         own = self.own_rows
