@@ -389,6 +389,34 @@ def test_make_train_step_draws_the_step_mask(backend_name, fused):
                                    err_msg=k)
 
 
+def test_refused_step_leaves_the_counter():
+    """As for Dropout (test_train_step_dropout_refused): a train step refused for its optimizer
+    state neither runs the model nor moves the counter, so later masks are the ones an
+    uninterrupted run draws."""
+    from mithril.utils.optimizers import SGD, Adam
+    from mithril.utils.training import make_train_step
+
+    rng = np.random.default_rng(0)
+    data = {"input": rng.standard_normal((4, 5, E)), "target": rng.standard_normal((4, 5, E))}
+    finals = []
+    for bad in (False, True):
+        c = ml.compile(_train_model(), NumpyBackend(dtype="float64", seed=0),
+                       shapes={"input": [4, 5, E]})
+        step = make_train_step(c, Adam(learning_rate=1e-2), loss="loss")
+        p = {k: np.full(v, 0.3) for k, v in c.parameter_shapes.items()}
+        s = step.optimizer.init(p)
+        p, s, _ = step(p, s, data)
+        if bad:
+            other = make_train_step(c, SGD(learning_rate=0.1, momentum=0.9), loss="loss")
+            with pytest.raises(ValueError, match=r"SGD|\['momentum'\]"):
+                step(p, other.optimizer.init(p), data)
+            assert c.step == 1
+        p, s, _ = step(p, s, data)
+        finals.append(p)
+    for k in finals[0]:
+        np.testing.assert_array_equal(finals[0][k], finals[1][k])
+
+
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
