@@ -123,6 +123,18 @@ def _separator_hint(header: list[str], sep: str = ",") -> str:
                                                 if seps[0] == "," else "")
 
 
+def _not_number_hint(cell: str) -> str:
+    """Why a feature cell is not a number, and the fix: a comma in digits (a decimal comma,
+    as spreadsheets write in many locales, or digit grouping), else text."""
+    text = cell.strip()
+    if "," in text and any(c.isdigit() for c in text) and \
+            not text.strip("+-").replace(",", "").replace(".", "").strip("0123456789"):
+        return ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
+                "point and no grouping, e.g. 1234.5")
+    return ("features must be numeric: encode a text column first, e.g. with "
+            "pandas.get_dummies")
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -207,8 +219,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                     v = _number(cell)
                     if v is None:
                         raise CLIError(f"--data {path}: column {name!r}, {where}: {cell.strip()!r} "
-                                       f"is not a finite number (features must be numeric: encode a text "
-                                       f"column first, e.g. with pandas.get_dummies)")
+                                       f"is not a finite number ({_not_number_hint(cell)})")
                     values.append(v)
                 rows.append(values)
                 if tcol is not None:
@@ -462,8 +473,10 @@ def tabular_job(args: argparse.Namespace) -> Any:
     else:
         labels = sorted(set(table.y), key=lambda v: (isinstance(v, str), v))
         if not 2 <= len(labels) <= MAX_CLASSES:
+            only = f" (its {n} row{'s' * (n != 1)} all hold {_label(labels[0])!r})" \
+                if len(labels) == 1 else ""
             raise CLIError(f"classification needs 2 to {MAX_CLASSES} classes; the target "
-                           f"{table.target!r} has {len(labels)}")
+                           f"{table.target!r} has {len(labels)}{only}")
         index = {v: i for i, v in enumerate(labels)}
         y = np.array([index[v] for v in table.y], dtype=np.int64)
     tr, te = split(y, objective, args.test_size, args.split_seed, table.path)
