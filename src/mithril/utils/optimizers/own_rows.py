@@ -15,8 +15,13 @@ rows and views :func:`own_count_rows` would make anew, without making them. Only
 that changes which tensors share a row (a tensor's first missed step, a row that splits
 or merges with another) makes them anew, reusing the views it can (their
 ``_step_offset`` set again). The views are kept while the optimizer's attributes stay
-what they were (a new learning rate makes them anew, as :func:`~.groups.views` does at
-every call without this cache).
+what they were; a new learning rate (a scheduler's, every step) is set in them as
+``row_view`` sets it (a group's ``lr_scale`` times it, a pinned rate kept), any other
+change makes them anew. The views are the state's: a caller reads them during the step,
+and does not keep them (the next steps change their offsets and rates in place).
+
+The results are those of rows made anew at every step, bit for bit (the same rows in the
+same order, views with the same attributes): ``tests/test_unreached_fast_path.py``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ changed: the same optimizer object with the same attributes (its learning
 rate apart: a scheduler sets it every step, and it is only ever a per-step scalar), the
 same parameter groups (their version), the same slot and parameter buffers, and the
 gradients pass the same address scan (the complete, ordered, well-typed set the kernel can
-read). Everything per step is computed as the full path computes it (the scalar table, the
+read; or a set that leaves some parameters out, as a loss that does not reach them does:
+the scan of its keys is made once, and the left-out tensors get no address, as the full
+path gives them). The recipe reads the rows of the scalar table anew at every step, so it
+holds while the state's missed counts change (``note_missed``; a two-head model's step on
+one head, NumPy: 1.86x → ~1.1x the time of the step that reaches both,
+``benchmarks/unreached_step.py``). Everything per step is computed as the full path computes it (the scalar table, the
 aliasing check, the kernel's Σ g²), so the result is bit for bit the same; anything else
 falls back to the full path, which raises the errors. A two-pass optimizer's recipe (LAMB,
 LARS, Novograd, Prodigy) repeats its first pass and per-tensor table as the full path takes
