@@ -33,8 +33,9 @@ import numpy as np
 #: the most views of a group row's own rows kept unused (for rows that split again)
 _SPARE = 4
 
-#: at most this many tensors that missed steps are sorted into rows in Python (a set and a
-#: sort of pairs: ~3 µs for a few tensors, where ``np.unique`` takes ~20); more, by NumPy
+#: at most this many tensors (of the layout, or that missed steps) are sorted into rows in
+#: Python (a set and a sort of pairs: ~2 µs for a few tensors, where ``np.unique`` takes
+#: ~20); more, by NumPy
 _PYTHON_ROWS = 64
 
 
@@ -61,6 +62,19 @@ def _split(index: np.ndarray, n_base: int, missed: np.ndarray
     """Each tensor's row once those that missed steps have rows of their own (``index``
     itself where none did), the (base row, missed) key of each new row in order, and how
     many tensors each new row has."""
+    if len(missed) <= _PYTHON_ROWS:  # a few tensors: Python lists (no array op's overhead)
+        counts, rows = missed.tolist(), index.tolist()
+        pairs = [(r, m) for r, m in zip(rows, counts) if m]
+        if not pairs:
+            return index, [], []
+        keys = sorted(set(pairs))
+        at = {k: n_base + j for j, k in enumerate(keys)}
+        sizes = [0] * len(keys)
+        for i, m in enumerate(counts):
+            if m:
+                rows[i] = j = at[(rows[i], m)]
+                sizes[j - n_base] += 1
+        return np.array(rows, dtype=index.dtype), keys, sizes
     sel = np.flatnonzero(missed)
     if not len(sel):
         return index, [], []
@@ -102,8 +116,8 @@ class OwnRows:
     pair, in that order (what :func:`own_count_rows` gives); :meth:`views_of`: one
     optimizer per row."""
 
-    __slots__ = ("_at", "_attrs", "_base_views", "_keys", "_opt", "_pool", "_rated", "_views",
-                 "base", "current", "index", "n_base", "origin", "rows", "sizes")
+    __slots__ = ("_at", "_attrs", "_base_views", "_keys", "_opt", "_pool", "_rated", "_rules",
+                 "_views", "base", "current", "index", "n_base", "origin", "rows", "sizes")
 
     def __init__(self, base: tuple, missed: np.ndarray, previous: OwnRows | None = None) -> None:
         self.base = base
@@ -119,13 +133,15 @@ class OwnRows:
         self._attrs: dict[str, Any] | None = None
         self._views: list[Any] | None = None
         self._rated: list[tuple[Any, Any]] = []  # (view, how it takes the rate): _new_rate
+        self._rules: tuple[list[Any], list[Any]] | None = None  # see _make_rules
         #: earlier own rows' views by their base row, for :meth:`views_of` to reuse
         self._pool: dict[int, list[Any]] = {}
         self._base_views: list[Any] | None = None
         #: False once a bump changed the rows: the next ones are made anew, from this
         self.current = True
         if previous is not None and previous.base is base:  # its views, to reuse
-            self._opt, self._attrs = previous._opt, previous._attrs
+            self._opt, self._attrs, self._rules = previous._opt, previous._attrs, \
+                previous._rules
             pool = self._pool
             for b, spare in previous._pool.items():  # (left unused: rows that merged)
                 pool[b] = spare[:_SPARE]
@@ -205,16 +221,23 @@ class OwnRows:
             made.append(v)
         if not same:
             self._pool = {}  # (what is left of it is kept for the next rows: see __init__)
-        self._base_views = None
-        self._opt, self._attrs, self._views = opt, dict(opt.__dict__), made
+            self._attrs = dict(opt.__dict__)  # (else the snapshot holds)
+        self._base_views, self._opt, self._views = None, opt, made
         # the views that take the optimizer's rate, and how (see _new_rate)
-        rules = self.base[2]
-        rated = [(v, _rate_rule(over, False)) for v, over in zip(made, rules)]
-        rated += [(v, _rate_rule(rules[b], True)) for v, b in zip(made[n_base:], self.origin)]
+        base, own = self._rules or self._make_rules()
+        rated = [*zip(made, base), *zip(made[n_base:], [own[b] for b in self.origin])]
         self._rated = [(v, rule) for v, rule in rated if rule is not None and v is not opt]
-        if same and "learning_rate" in opt.__dict__:  # (views kept from earlier rates)
-            self._set_rate(opt.__dict__["learning_rate"])
+        if same and self._rated and "learning_rate" in opt.__dict__:  # (views kept from
+            self._set_rate(opt.__dict__["learning_rate"])  # earlier rates)
         return list(made)
+
+    def _make_rules(self) -> tuple[list[Any], list[Any]]:
+        """:func:`_rate_rule` of each group row, for its view and for its own rows' (kept
+        while the group rows stay, by the rows made after these)."""
+        rows = self.base[2]
+        self._rules = ([_rate_rule(over, False) for over in rows],
+                       [_rate_rule(over, True) for over in rows])
+        return self._rules
 
     def _new_rate(self, opt: Any) -> bool:
         """Whether ``opt``'s attributes are those the views were made with but for its
