@@ -147,7 +147,7 @@ def test_resume_refuses_what_differs_and_writes_nothing(
         (["--resume", str(run), "--epochs", "4", "--nprocs", "2"],
          "--resume does not apply to data-parallel runs"),
         (["--resume", str(run), "--epochs", "4", "--precision", "bf16"],
-         "--resume does not apply to --mixed-precision yet"),
+         "changes the run's mixed_precision ('none' in the run, 'bf16' now)"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -160,11 +160,22 @@ def test_resume_refuses_what_differs_and_writes_nothing(
         ["t.csv", "more.csv", "other.csv", "run", "cosine", "plain"])
 
 
-def test_checkpoint_refuses_mixed_precision(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_mixed_precision_resumes_with_its_loss_scale(tmp_path: Path) -> None:
+    """fp16 with a loss scale too large: the first steps overflow and halve it, on across the
+    resume (after step 12); the scaler, the float32 masters and Adam's state carry over."""
     data = str(_table(tmp_path / "t.csv"))
-    with pytest.raises(SystemExit):
-        _train("--data", data, *FLAGS, "--checkpoint", "--precision", "bf16", "--out",
-               str(tmp_path / "never"))
-    assert "--checkpoint does not apply to --mixed-precision yet" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
+    common = ["--data", data, *FLAGS, "--precision", "fp16", "--loss-scale", "1e9",
+              "--checkpoint"]
+    assert _train(*common, "--epochs", "6", "--out", str(tmp_path / "whole")) == 0
+    assert _train(*common, "--epochs", "3", "--out", str(tmp_path / "half")) == 0
+    half = load_checkpoint(tmp_path / "half" / "checkpoint.safetensors")
+    assert half["params"]["mlp.linear_0.weight"].dtype == np.float32  # the masters
+    assert half["extra"]["mixed_precision_trainer"]["num_skipped_steps"] == 12
+    assert _train("--resume", str(tmp_path / "half"), "--epochs", "6", "--no-progress") == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "half")
+    rows = list(csv.DictReader(open(tmp_path / "half" / "metrics.csv")))
+    skipped = [int(r["skipped"]) for r in rows]
+    first = skipped.index(0)
+    assert first > 12 and skipped[:first] == [1] * first  # the backoff goes on after the resume
+    scales = [float(r["loss_scale"]) for r in rows[:first]]
+    assert all(b == a / 2 for a, b in zip(scales, scales[1:]))

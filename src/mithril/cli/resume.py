@@ -170,23 +170,24 @@ def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
     extra = {"format": FORMAT, "args": flags, "config": run.cfg.as_dict(),
              "data": data_fingerprint(run.data), "position": position_record(run.position),
              "steps": steps, "epochs": epochs, "compiled_step": int(run.compiled.step)}
+    params = run.params
+    if run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
+        params = run.trainer.master_params
+        extra["mixed_precision_trainer"] = run.trainer.state_dict()
     path = folder / CHECKPOINT_FILE
-    save_checkpoint(path, run.params, run.optimizer, run.state, extra=extra,
+    save_checkpoint(path, params, run.optimizer, run.state, extra=extra,
                     model_state=run.model_state)
     return path
 
 
 def check_supported(args: argparse.Namespace, world: Any) -> None:
-    """--checkpoint and --resume train in one process at full precision."""
+    """--checkpoint and --resume train in one process."""
     if not (args.checkpoint or args.resume):
         return
     flag = "--resume" if args.resume else "--checkpoint"
     if world is not None:
         raise CLIError(f"{flag} does not apply to data-parallel runs (--nprocs, --devices, "
                        f"torchrun) yet: train in one process")
-    if args.mixed_precision != "none":
-        raise CLIError(f"{flag} does not apply to --mixed-precision yet (its loss scale and "
-                       f"float32 masters are not checkpointed)")
 
 
 def _read_log(path: Path, rows: int) -> list[dict[str, Any]]:
@@ -268,7 +269,8 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
         epochs[-1]["lr"] = run.optimizer.get_learning_rate()
         if run.momentum is not None and "momentum" in epochs[-1]:
             epochs[-1]["momentum"] = run.momentum.get()
-    loaded = _load(Path(ckpt["path"]), flag, params_template=run.params,
+    masters = run.params if run.trainer is None else run.trainer.master_params
+    loaded = _load(Path(ckpt["path"]), flag, params_template=masters,
                    model_state_template=run.model_state)
     sd = dict(loaded["optimizer_state_dict"] or {})
     if not sd:
@@ -280,6 +282,18 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
         raise CLIError(f"{flag}: the checkpoint's optimizer state does not fit this "
                        f"command's optimizer ({exc})") from None
     run.params = dict(loaded["params"])
+    if run.trainer is not None:  # a trainer on the saved masters and state, its scaler's
+        from ..utils.mixed_precision import MixedPrecisionTrainer
+
+        try:
+            run.trainer = MixedPrecisionTrainer(run.compiled, run.optimizer, run.params,
+                                                run.state, loss_scale=run.cfg.loss_scale,
+                                                dynamic_loss_scaling=True)
+            run.trainer.load_state_dict(extra["mixed_precision_trainer"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CLIError(f"{flag}: the checkpoint's mixed-precision state does not load "
+                           f"({type(exc).__name__}: {exc})") from None
+        run.state, run.params = run.trainer.optimizer_state, run.trainer.master_params
     if run.model_state is not None:
         run.model_state = dict(loaded["model_state"])
     run.compiled.step = int(extra["compiled_step"])  # Dropout's masks go on from there
