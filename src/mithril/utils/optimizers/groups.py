@@ -26,7 +26,8 @@ applied steps a parameter had no gradient at, which ``torch_optimizer`` keeps as
 keeps each parameter's own ``step``) add to it: a parameter's rules count
 ``t − step_offset − missed`` (not where ``counts_missed`` is False: schedule-free, Prodigy,
 Keras's NAdam count per group or optimizer). Each distinct (row, missed) becomes a row of its
-own, so the kernels still read one row per tensor; counts all 0 (``missed`` None) cost nothing.
+own, so the kernels still read one row per tensor; counts all 0 (``missed`` None) cost nothing,
+and the rows are kept between steps while the same tensors miss them (:mod:`.own_rows`).
 
 :meth:`GroupsMixin.hyperparameter` gives a handle on any one numeric hyperparameter of the
 optimizer or of one group, with the ``get_learning_rate`` / ``set_learning_rate`` pair every
