@@ -183,7 +183,8 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     return dict(views), True, engine._grad_norm(gptr) if norm is None else norm, False
 
 
-#: the most key orders of partial gradient dicts a recipe keeps a reader for
+#: the most key orders of partial gradient dicts a recipe makes a reader for (others take
+#: the full path)
 _PARTIAL_KEYS = 8
 
 
@@ -199,10 +200,9 @@ def _partial(r: Recipe, engine: Any, grads: Mapping) -> np.ndarray | None:
     keys = tuple(grads)
     reader = r.partial.get(keys, False)
     if reader is False:
-        reader = _reader(engine, keys)
-        if len(r.partial) >= _PARTIAL_KEYS:
-            r.partial.clear()
-        r.partial[keys] = reader
+        if len(r.partial) >= _PARTIAL_KEYS:  # (sets that change every step: the full path,
+            return None  # not a scan made per step)
+        reader = r.partial[keys] = _reader(engine, keys)
     if reader is None:
         return None
     sel, scan = reader
