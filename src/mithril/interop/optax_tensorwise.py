@@ -345,7 +345,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         out_updates = treedef.unflatten(new_ps if new_params else
                                         [a - b for a, b in zip(new_ps, leaves)])
         hyper = dict(state.hyperparams)
-        if learning_rate is not None:
+        if callable(learning_rate):  # (a fixed one is not in the state: see _initial_hyperparams)
             hyper["learning_rate"] = jnp.asarray(lr)
         hyper.update(now)
         if skip:

@@ -42,7 +42,9 @@ How it works:
   = 0.01``, a Python float or a 0-d array) and nothing recompiles. Or give
   ``learning_rate=`` a number, or an optax schedule (a function of the 0-based step count),
   or wrap the factory in ``optax.inject_hyperparams(optax_transformation)(opt,
-  learning_rate=...)``. Parameter groups keep their ``lr_scale`` relative to it. Other float
+  learning_rate=...)`` (a fixed one is then not kept in the state: ``optax.tree_utils.
+  tree_get(state, "learning_rate")`` finds inject_hyperparams' one; a schedule's value at
+  the last update is). Parameter groups keep their ``lr_scale`` relative to it. Other float
   hyperparameters take optax schedules too: ``schedules={"alpha": optax.linear_schedule(
   ...)}`` (AdEMAMix's α, as optax's ``ScalarOrSchedule`` arguments), read at every update.
 * **Per-step scalars** (bias corrections, ...) come from the step count in the state.
@@ -233,13 +235,13 @@ def _initial_hyperparams(opt: Any, learning_rate: Any,
     from .optax_special import state_hyperparams
 
     if learning_rate is None:
-        lr = jnp.asarray(float(opt.learning_rate))
+        lr = {"learning_rate": jnp.asarray(float(opt.learning_rate))}
     elif callable(learning_rate):
-        lr = jnp.asarray(learning_rate(jnp.zeros((), jnp.int32)))
-    else:
-        lr = jnp.asarray(learning_rate)
+        lr = {"learning_rate": jnp.asarray(learning_rate(jnp.zeros((), jnp.int32)))}
+    else:  # (a fixed rate, as optax.adam(0.01)'s: not in the state, which then holds one
+        lr = {}  # "learning_rate" under optax.inject_hyperparams, as tree_get needs)
     counted = opt.nonfinite == "skip" and opt.max_consecutive_skips is not None
-    return {"learning_rate": lr, **{h: jnp.asarray(float(getattr(opt, h)))
+    return {**lr, **{h: jnp.asarray(float(getattr(opt, h)))
                                     for h in state_hyperparams(opt)},
             **scheduled(schedules, jnp.zeros((), jnp.int32)),
             **({CONSECUTIVE: jnp.zeros((), jnp.int32)} if counted else {})}
@@ -334,8 +336,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
 
     ``learning_rate``: None (default) reads it from ``state.hyperparams["learning_rate"]``,
     initially the optimizer's (set it there between steps: nothing recompiles); a number or
-    0-d array (what ``optax.inject_hyperparams`` passes) uses that; a callable is an optax
-    schedule of the 0-based step count. ``scalars``: ``"auto"`` (traced where the
+    0-d array (what ``optax.inject_hyperparams`` passes) uses that (and is not kept in the
+    state); a callable is an optax schedule of the 0-based step count. ``scalars``: ``"auto"`` (traced where the
     optimizer's ``scalars(step)`` (and a two-pass optimizer's ``tensor_scalars``) is
     arithmetic, else computed on the host by a ``jax.pure_callback``), ``"traced"`` (refuse
     otherwise) or ``"host"``.
@@ -572,7 +574,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         out_updates = treedef.unflatten(new_ps if new_params else
                                         [a - b for a, b in zip(new_ps, leaves)])
         hyper = dict(state.hyperparams)
-        if learning_rate is not None:
+        if callable(learning_rate):
             hyper["learning_rate"] = jnp.asarray(lr)
         hyper.update(now)
         if skip:
