@@ -5,7 +5,7 @@ parameters, so a name rebuilds its case anywhere: :data:`CASES` builds cases fro
 for the JAX column in a fresh x64 process): ``Convolution1D/2D`` with every argument we
 offer (kernel, stride, dilation, padding as an int, per-axis ints, ``(before, after)`` pairs,
 ``"same"`` or ``"valid"``, every ``padding_mode``, groups with depthwise multipliers,
-``use_bias``), ``MaxPool1D/2D`` (dilation, ``ceil_mode``, inputs with −inf and NaN) and
+``use_bias``), ``MaxPool1D/2D`` (dilation, ``ceil_mode``, inputs with −inf and NaN, or ties) and
 ``AvgPool1D/2D`` (``count_include_pad``, ``ceil_mode``), batches of 1 and 2, axes of size 1.
 
 * The torch reference is torch's own module or function with the same arguments
@@ -78,7 +78,7 @@ def pool_configs(draw: Any) -> dict[str, Any]:
            "c": draw(st.integers(1, 3)), "size": _axes(draw, nd, 1, 9)}
     if op == "max":
         cfg["d"] = _axes(draw, nd, 1, 3)
-        cfg["special"] = draw(st.sampled_from(["", "-inf", "nan", "both"]))
+        cfg["special"] = draw(st.sampled_from(["", "-inf", "nan", "both", "ties"]))
     else:
         cfg["include_pad"] = draw(st.booleans())
     return cfg
@@ -125,9 +125,12 @@ def _conv_case(cfg: dict[str, Any]) -> Case:
 
 def _pool_input(cfg: dict[str, Any]) -> np.ndarray:
     """Standard normal values; with ``special``, a few −inf (a whole channel's leading block,
-    so windows hold nothing else) and NaN elements."""
+    so windows hold nothing else) and NaN elements, or ("ties") integers from −1 to 1 (as a
+    ReLU's zeros: windows with several maxima, torch takes the first)."""
     rng = np.random.default_rng(zlib.crc32(name_of(cfg).encode()))
     x = rng.standard_normal((cfg["n"], cfg["c"], *cfg["size"]))
+    if cfg.get("special") == "ties":
+        return np.round(x.clip(-1, 1))
     flat = x.reshape(-1)
     if cfg.get("special") in ("-inf", "both"):
         x[0, 0, ..., : max(1, cfg["size"][-1] // 2)] = -np.inf
