@@ -84,3 +84,28 @@ def test_unicode_paths_train_predict_resume(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(run / "predictions.csv", encoding="utf-8")))
     assert len(rows) == 24 and {r["prediction"] for r in rows} <= {"groß", "klein"}
     assert set(rows[0]) == {"row", "prediction", "p_groß", "p_klein"}
+
+
+def test_out_never_replaces_the_data_or_the_run_logs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A data file named as a run file (metrics.csv) in --out would be overwritten by the
+    run; predictions written over a run's metrics.csv would lose the training log."""
+    monkeypatch.chdir(tmp_path)
+    text = "a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20))
+    Path("metrics.csv").write_text(text)
+    err = _fails(["train", "--data", "metrics.csv", "--target", "y", "--out", "."], capsys)
+    assert err.endswith("--out . would replace --data metrics.csv (the run writes its "
+                        "metrics.csv there); give another --out, or rename the data file")
+    assert Path("metrics.csv").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+    assert main(["train", "--data", "metrics.csv", "--target", "y", "--epochs", "1",
+                 "--no-progress", "--no-plot", "--out", "run"]) == 0
+    log = Path("run/metrics.csv").read_text()
+    for name in ("metrics.csv", "epochs.csv", "checkpoint.safetensors"):
+        err = _fails(["predict", "--run", "run", "--data", "metrics.csv", "--out",
+                      f"run/{name}"], capsys)
+        assert err.endswith(f"--out run/{name} is the run's {name} (run/{name}); give another "
+                            f"file, such as run/predictions.csv")
+    assert Path("run/metrics.csv").read_text() == log
+    assert not Path("run/checkpoint.safetensors").exists()

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .argtypes import in_path, out_path
 from .errors import CLIError
-from .report import ensure_writable_file, write_csv
+from .report import ensure_writable_file, same_file, write_csv
 from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
 
 DESCRIPTION = """\
@@ -34,6 +34,9 @@ whose target cell is empty are predicted all the same and left out of that score
 
 #: the dtypes ``--dtype`` offers (half precision: what ``--mixed-precision`` computed in)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: the other files of a run folder, which --out must not replace either
+RUN_LOGS = ("metrics.csv", "epochs.csv", "summary.json", "training.png",
+            "checkpoint.safetensors", "sample.txt")
 #: the dtype of a run whose model file records none (saved before it was recorded)
 LEGACY_DTYPE = "float32"
 
@@ -172,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
     table = read_table(args.data, pre.target, pre.features)
     out = Path(args.out) if args.out else run_dir / "predictions.csv"
     for what, keep in (("--data", Path(args.data)), ("the run's model", run_dir / MODEL_FILE),
-                       ("the run's preprocessing", run_dir / PREPROCESS_FILE)):
-        if _same_file(out, keep):  # the predictions would replace what they come from
+                       ("the run's preprocessing", run_dir / PREPROCESS_FILE),
+                       *((f"the run's {name}", run_dir / name) for name in RUN_LOGS)):
+        if same_file(out, keep):  # the predictions would replace what they come from
             raise CLIError(f"--out {out} is {what} ({keep}); give another file, such as "
                            f"{run_dir / 'predictions.csv'}")
     if not args.dry_run:
@@ -200,13 +204,6 @@ def run(args: argparse.Namespace) -> int:
         print(score(pre, pred, table.y))
     print(f"wrote {out}")
     return 0
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
-        return False
 
 
 def score(pre: Preprocess, pred: list[Any], truth: list[Any | None]) -> str:

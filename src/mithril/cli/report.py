@@ -243,3 +243,12 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | Non
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in body)])
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file (the same path once resolved, or a
+    link to it)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False

@@ -41,6 +41,7 @@ from .report import (
     ensure_writable_dir,
     new_dirs,
     run_removing_empty_dirs,
+    same_file,
     staged_dir,
     table,
     write_csv,
@@ -272,6 +273,10 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
         cfg.ema_start = args.ema_start
     cfg.task, cfg.task_settings = job.task, job.settings
     out = Path(args.out) if args.out else default_out_dir("train", args.name)
+    clash = [n for n in RUN_FILES if args.data is not None and same_file(out / n, Path(args.data))]
+    if clash:  # the run would write over (or remove) the data it trains on
+        raise CLIError(f"--out {out} would replace --data {args.data} (the run writes its "
+                       f"{clash[0]} there); give another --out, or rename the data file")
     if world is not None and (not world.member or args.dry_run):  # check, then start them
         if world.engine == "jax":  # --devices N: JAX gets its devices before the run starts it
             check(world, None)
