@@ -32,7 +32,8 @@ POWERS = (-1.5, -1.0, 0.5, 2.0, 3.0)
 
 @dataclasses.dataclass
 class Graph:
-    """``leaves``: name -> (shape, "float" | "int"); ``nodes``: (op, ...) tuples on earlier
+    """``leaves``: name -> (shape, "float" | "data" | "int") (a trainable input, a float or
+    an integer data input); ``free``: data leaves compiled with some dimensions None; ``nodes``: (op, ...) tuples on earlier
     node indices; ``outputs``: the node of each output ``out<i>``; ``cots``: the outputs given
     a cotangent (indices into ``outputs``); ``fd_ok``: central differences apply (no
     rounding to float32 inside)."""
@@ -43,6 +44,7 @@ class Graph:
     outputs: list[int]
     cots: list[int]
     fd_ok: bool = True
+    free: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         lines = [f"leaves={self.leaves}"]
@@ -71,8 +73,8 @@ def operands(node: tuple) -> list[int]:
     op = node[0]
     if op == "leaf":
         return []
-    if op in ("bin", "where"):
-        return [node[2], node[3]] if op == "bin" else [node[1], node[2], node[3]]
+    if op in ("bin", "where", "concat"):
+        return [node[2], node[3]] if op == "bin" else [node[1], node[2], node[3]][op == "concat":]
     if op == "const":
         return [node[2]]
     if op in ("unary", "reduce"):
@@ -100,6 +102,8 @@ def _numpy_apply(node: tuple, vals: list[np.ndarray]) -> np.ndarray:
         return (c @ a if node[4] else a @ c) if node[1] == "matmul" else a + c
     if op == "where":
         return np.where(vals[node[1]], vals[node[2]], vals[node[3]])
+    if op == "concat":
+        return np.concatenate([vals[node[2]], vals[node[3]]], axis=node[1])
     if op == "unary":
         return vals[node[2]]
     if op == "index":
@@ -206,7 +210,7 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
         return len(nodes) - 1
 
     def leaf(shape: tuple[int, ...], kind: str = "float") -> int:
-        name = f"{'x' if kind == 'float' else 'k'}{len(leaves)}"
+        name = f"{dict(float='x', data='d', int='k')[kind]}{len(leaves)}"
         leaves[name] = (shape, kind)
         return add(("leaf", name), kind == "int")
 
@@ -217,12 +221,12 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
         return candidates[draw(st.integers(0, len(candidates) - 1))]
 
     for _ in range(draw(st.integers(1, 3))):
-        leaf(_shape(draw))
+        leaf(_shape(draw), "data" if draw(st.integers(0, 3)) == 0 else "float")
     if draw(st.integers(0, 2)) == 0:
         leaf(_shape(draw), "int")
     ops = ["add", "sub", "mul", "div", "pow", "matmul", "neg", "abs", "exp", "sqrt", "log",
            "square", "relu", "tanh", "sigmoid", "index", "reshape", "transpose", "reduce",
-           "linear", "where", "castf", "roundtrip"] + (["cast32"] if with_cast32 else [])
+           "linear", "where", "castf", "roundtrip", "concat"] + (["cast32"] if with_cast32 else [])
     for _ in range(draw(st.integers(1, max_ops))):
         op = draw(st.sampled_from(ops))
         a = floats[-1] if draw(st.booleans()) else pick(floats)  # chains (linear -> relu) too
@@ -237,7 +241,10 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
                      if mode == "scalar" else np.round(np.linspace(-1.5, 2.0, math.prod(
                          s := _broadcastable(draw, sa))).reshape(s), 3))
                 if op == "pow":  # a positive base to a fixed power, or 2.5 ** tanh(x)
-                    if draw(st.booleans()):
+                    base = draw(st.sampled_from(["pos", "pos", "any", "tanh"]))
+                    if base == "any":  # any sign, to a whole power
+                        add(("const", "pow", a, draw(st.sampled_from([2.0, 3, 1.0])), False))
+                    elif base == "pos":
                         add(("const", "pow", unary("pos", a), draw(st.sampled_from(POWERS)), False))
                     else:
                         add(("const", "pow", unary("tanh", a), 2.5, True))
@@ -248,7 +255,7 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
                 add(("const", op, a, c, left))
                 continue
             else:
-                b = leaf(_broadcastable(draw, sa))
+                b = leaf(_broadcastable(draw, sa), "data" if draw(st.integers(0, 3)) == 0 else "float")
             if draw(st.booleans()):
                 a, b = b, a
             if op == "div":
@@ -308,6 +315,20 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
             b = pick([j for j in floats if _broadcasts(sa, shapes[j])] or [a])
             if _broadcasts(np.broadcast_shapes(sa, shapes[b]), shapes[k]):
                 add(("where", k, a, b))
+        elif op == "concat":
+            if not sa:
+                continue
+            axis = draw(st.integers(-len(sa), len(sa) - 1))
+            fits = [j for j in floats if len(shapes[j]) == len(sa) and all(
+                x == y for i, (x, y) in enumerate(zip(shapes[j], sa, strict=True)) if i != axis % len(sa))]
+            if draw(st.booleans()) and fits:
+                b = pick(fits)
+            else:
+                other = list(sa)
+                other[axis] = draw(st.integers(1, 3))
+                b = leaf(tuple(other))
+            if (sa[axis] + shapes[b][axis]) * math.prod(sa) // sa[axis] <= MAX_SIZE:
+                add(("concat", axis, a, b) if draw(st.booleans()) else ("concat", axis, b, a))
         elif op == "castf":
             if not ints:
                 leaf(_shape(draw), "int")
@@ -325,7 +346,9 @@ def graphs(draw: Any, max_ops: int = 8, with_cast32: bool = False) -> Graph:
     last = floats[-1]
     outputs = [last] + draw(st.lists(st.sampled_from(floats), max_size=3))
     cots = sorted({0} | set(draw(st.lists(st.integers(0, len(outputs) - 1), max_size=3))))
-    return Graph(leaves, nodes, shapes, outputs, cots, fd_ok)
+    free = {k: tuple(None if draw(st.booleans()) else d for d in s)
+            for k, (s, kind) in leaves.items() if kind != "float" and s and draw(st.booleans())}
+    return Graph(leaves, nodes, shapes, outputs, cots, fd_ok, free)
 
 
 def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -385,6 +408,12 @@ def _mithril_node(m: Model, node: tuple, c: list[Any], dtype: str, i: int) -> An
         m |= w(cond=c[node[1]], input1=c[node[2]], input2=c[node[3]],
                output=IOKey(f"h{i}", expose=False))
         return w.output
+    if op == "concat":
+        from mithril.models import Concat
+
+        cat = Concat(2, axis=node[1])
+        m |= cat(input1=c[node[2]], input2=c[node[3]], output=IOKey(f"h{i}", expose=False))
+        return cat.output
     return c[node[1]].cast(dtype)  # castf
 
 
@@ -402,11 +431,20 @@ def build_model(g: Graph, dtype: str) -> Model:
 
 
 def compile_graph(g: Graph, backend: Any, dtype: str, jit: bool = True) -> Any:
-    """``g`` compiled on ``backend`` (float ``dtype``): float leaves trainable, int leaves data."""
+    """``g`` compiled on ``backend`` (float ``dtype``): float leaves trainable, the others
+    data, those of ``g.free`` with free dimensions, unless a parameter's shape then cannot
+    be inferred (a ``Linear`` on a free last dimension): then all fixed."""
     used = g.used_leaves()
-    return ml.compile(build_model(g, dtype), backend, shapes={k: list(s) for k, (s, _) in used.items()},
-                      trainable_keys=[k for k, (_, kind) in used.items() if kind == "float"],
-                      jit=jit)
+    trainable = [k for k, (_, kind) in used.items() if kind == "float"]
+    if g.free:
+        try:
+            return ml.compile(build_model(g, dtype), backend, trainable_keys=trainable, jit=jit,
+                              shapes={k: list(g.free.get(k, s)) for k, (s, _) in used.items()})
+        except ml.ShapeError as e:
+            if "cannot infer" not in str(e) and "needs a known shape" not in str(e):
+                raise
+    return ml.compile(build_model(g, dtype), backend, trainable_keys=trainable, jit=jit,
+                      shapes={k: list(s) for k, (s, _) in used.items()})
 
 
 # -- the torch reference -----------------------------------------------------------------------
@@ -467,6 +505,8 @@ def torch_node(node: tuple, v: list[Any], params: dict[str, torch.Tensor],
         return y if node[4] is None else y + params[node[4]]
     if op == "where":
         return torch.where(v[node[1]] != 0, v[node[2]], v[node[3]])
+    if op == "concat":
+        return torch.cat([v[node[2]], v[node[3]]], dim=node[1])
     return v[node[1]].to(torch.float64)  # castf
 
 

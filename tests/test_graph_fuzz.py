@@ -59,7 +59,8 @@ def values(g: Graph, compiled: Any, dtype: str, seed: int) -> tuple[dict, dict, 
     """(params, data, cotangents) as NumPy arrays: normal floats, ints in [-2, 2]."""
     rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s).astype(dtype) for k, s in compiled.parameter_shapes.items()}
-    data = {k: rng.integers(-2, 3, s) for k, (s, kind) in g.used_leaves().items() if kind == "int"}
+    data = {k: rng.integers(-2, 3, s) if kind == "int" else rng.standard_normal(s).astype(dtype)
+            for k, (s, kind) in g.used_leaves().items() if kind != "float"}
     cots = {f"out{k}": rng.standard_normal(g.shapes[g.outputs[k]]).astype(dtype) for k in g.cots}
     return params, data, cots
 
@@ -128,7 +129,8 @@ def corruptions(params: dict, data: dict, cots: dict) -> list[tuple[str, dict, d
             bigger = np.zeros((*v.shape, 2), v.dtype)
             rest = {**d, k: bigger}
             args = (rest, data, cots) if kind == "parameter" else (params, rest, cots)
-            out.append((f"{kind} {k} shape", *args, ShapeError, [k, str(list(v.shape)), "2]"]))
+            words = [k, str(list(bigger.shape))] + [str(list(v.shape))] * (kind == "parameter")
+            out.append((f"{kind} {k} shape", *args, ShapeError, words))
             if kind == "parameter":
                 out.append((f"{k} as int", {**d, k: v.astype(np.int64)}, data, cots, DTypeError, [k, "int"]))
                 out.append((f"{k} missing", {a: b for a, b in d.items() if a != k}, data, cots,

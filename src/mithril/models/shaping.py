@@ -218,9 +218,22 @@ class Indexer(Operator):
         s = shapes.get("input")
         return None if s is None else _index_shape(s, self.index)
 
+    def _ints_with_arrays(self) -> bool:
+        """The index holds an int and an index array (list or mask): NumPy then reads the
+        ints as index arrays too, and puts the result axes first when a slice, None or
+        ``...`` separates them (``x[0, :, [1]]`` is (1, n)); torch selects the ints first
+        ((n, 1))."""
+        items = self.index if isinstance(self.index, tuple) else (self.index,)
+        return (any(isinstance(i, np.ndarray) for i in items)
+                and any(isinstance(i, (int, np.integer)) for i in items))
+
     def forward(self, xp: Any, input: Any) -> Any:
         torch = torch_of(xp)
         if torch is not None:
+            if self._ints_with_arrays():  # NumPy's order: the positions NumPy reads, gathered
+                pos = np.arange(math.prod(input.shape)).reshape(tuple(input.shape))[self.index]
+                flat = torch.as_tensor(np.array(pos, np.int64, order="C"), device=input.device)
+                return input.reshape(-1)[flat]
             flips, index = _positive_steps(self.index, tuple(input.shape))
             return (torch.flip(input, flips) if flips else input)[index]
         return input[self.index]

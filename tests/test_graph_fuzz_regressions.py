@@ -1,0 +1,47 @@
+"""The failures the graph fuzzer (:mod:`tests.test_graph_fuzz`) found, each minimised and named.
+
+Every case runs on NumPy, torch and JAX (float32 here: JAX's float64 is process-global) and
+checks the numbers against NumPy's own semantics written out by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BACKENDS
+
+import mithril as ml
+from mithril.models import Buffer, IOKey, Model
+
+# -- Indexer: an int and an index array apart ---------------------------------------------------
+# NumPy reads an int as an index array when the index holds one (a list or a mask), and puts
+# the result axes first when a slice, None or ``...`` separates them: x[0, :, [1]] of a
+# (2, 3, 2) array is (1, 3). torch selects the int first and gave (3, 1): a different shape
+# from NumPy's and JAX's, for the shape the compiler inferred (found as x[0, :, [True]] of a
+# (1, 3, 1) input).
+INDICES = {
+    "int_slice_mask": (0, slice(None), [True, False]),
+    "int_slice_list": (1, slice(None), [1, 0, 1]),
+    "slice_int_none_list": (slice(None), 1, None, [0, 0]),
+    "int_none_reversed_mask": (0, None, slice(None, None, -1), [True, True]),
+    "list_slice_int": ([1, 0], slice(None), -1),
+}
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("case", list(INDICES))
+def test_indexer_ints_apart_from_index_arrays_follow_numpy(case, backend_name):
+    index = INDICES[case]
+    b = BACKENDS[backend_name](dtype="float32")
+    m = Model()
+    m |= Buffer()(input=IOKey("x")[index] * 2.0, output="y")
+    c = ml.compile(m, b, shapes={"x": [2, 3, 2]}, trainable_keys=["x"])
+    x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    want = x[index] * 2
+    assert tuple(c.get_shapes()["y"]) == want.shape
+    cot = np.arange(1, want.size + 1, dtype=np.float32).reshape(want.shape)
+    out, grads = c.evaluate({"x": b.array(x)}, {}, output_gradients={"y": b.array(cot)})
+    want_grad = np.zeros_like(x)
+    np.add.at(want_grad, index, 2 * cot)  # (repeats add up)
+    np.testing.assert_array_equal(b.to_numpy(out["y"]), want)
+    np.testing.assert_array_equal(b.to_numpy(grads["x"]), want_grad)
