@@ -82,3 +82,10 @@ __all__ += ["L1", "L2", "TrainModel"]
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, Recurrence, RNNCell  # noqa: E402
 
 __all__ += ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "Recurrence"]
+
+# the published Mithril's elementwise and probability losses
+from .pointwise_losses import AbsoluteError, HingeLoss, QuadHingeLoss, QuantileLoss  # noqa: E402
+from .probability_losses import BinaryCrossEntropy, KLDivergence  # noqa: E402
+
+__all__ += ["AbsoluteError", "BinaryCrossEntropy", "HingeLoss", "KLDivergence", "QuadHingeLoss",
+            "QuantileLoss"]

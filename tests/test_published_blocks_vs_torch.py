@@ -1,0 +1,224 @@
+"""The published Mithril's blocks added for its test cases (the losses AbsoluteError,
+QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence) side by side
+with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
+within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
+the loss and a direct torch expression with autograd where it has none; the NumPy gradients
+against central differences; bad arguments refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import central_differences
+from layer_edges import Case, arrays, error, parity_tests, run_mithril, scalar_loss
+
+import mithril as ml
+from mithril.backends import NumpyBackend, TorchBackend
+
+_RNG = np.random.default_rng(119)
+
+
+def _tight(got: np.ndarray, want: np.ndarray) -> float:
+    """:func:`layer_edges.error` scaled so that the harness's 1e-10 bound reads 1e-12."""
+    return error(got, want) * 100
+
+
+def pair(fn):
+    """A torch reference of a loss of ``input`` and ``target`` (inputs or data)."""
+    return lambda t, d: {"output": fn(t["input"], t["target"] if "target" in t else d["target"])}
+
+
+_X = _RNG.standard_normal((4, 5))
+_T = _RNG.standard_normal((4, 5))
+_T[0, :3] = _X[0, :3]  # ties: input == target
+_PM = np.sign(_RNG.standard_normal((4, 5)))  # hinge targets ±1
+_HX = _RNG.standard_normal((4, 5)) * 2
+_HX[0, :] = [1.0, -1.0, 0.5, -0.25, 3.0]  # margins exactly 1 at the first two (ties)
+_PM[0, :] = [1.0, -1.0, 2.0, -4.0, 1.0]  # ... and target·input = 1 at the next two
+_P = _RNG.uniform(0.02, 0.98, (4, 5))  # probabilities
+_Q = _RNG.uniform(0.02, 0.98, (4, 5))
+_LOGITS = np.concatenate([_RNG.standard_normal((3, 6)) * 4,
+                          [[-800.0, -40.0, 0.0, 1e-300, 40.0, 800.0]]])
+_SOFT = _RNG.uniform(0, 1, (4, 6))
+
+
+def _quantile(q):
+    return lambda x, t: torch.maximum(q * (t - x), (q - 1) * (t - x))
+
+
+def _hinge(x, t):
+    return torch.maximum(1 - t * x, torch.zeros_like(x))
+
+
+def _bce_logits(w):
+    return lambda x, t, r="none": F.binary_cross_entropy_with_logits(
+        x, t, reduction=r, pos_weight=None if w == 1 else torch.tensor(w, dtype=x.dtype))
+
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+def _robust_log(x, c=_TINY):
+    """The published robust log, written in torch."""
+    return torch.where(x < c, np.log(c) + x / c - 1, torch.log(torch.where(x < c, 1.0, x)))
+
+
+CASES: dict[str, Case] = {
+    "absolute_error": Case(lambda: ml.AbsoluteError(), {"input": _X, "target": _T},
+                           pair(lambda x, t: F.l1_loss(x, t, reduction="none"))),
+    "absolute_error_mean": Case(lambda: ml.AbsoluteError(reduction="mean"), {"input": _X, "target": _T},
+                                pair(F.l1_loss)),
+    "absolute_error_sum": Case(lambda: ml.AbsoluteError(reduction="sum"), {"input": _X, "target": _T},
+                               pair(lambda x, t: F.l1_loss(x, t, reduction="sum"))),
+    "quantile_0.1": Case(lambda: ml.QuantileLoss(0.1), {"input": _X, "target": _T}, pair(_quantile(0.1))),
+    "quantile_0.9_sum": Case(lambda: ml.QuantileLoss(0.9, reduction="sum"), {"input": _X, "target": _T},
+                             pair(lambda x, t: _quantile(0.9)(x, t).sum())),
+    "quantile_0": Case(lambda: ml.QuantileLoss(0), {"input": _X, "target": _T}, pair(_quantile(0.0))),
+    "quantile_1": Case(lambda: ml.QuantileLoss(1), {"input": _X, "target": _T}, pair(_quantile(1.0))),
+    "hinge": Case(lambda: ml.HingeLoss(), {"input": _HX, "target": _PM}, pair(_hinge)),
+    "hinge_data_target_mean": Case(lambda: ml.HingeLoss(reduction="mean"), {"input": _HX},
+                                   pair(lambda x, t: _hinge(x, t).mean()), data={"target": _PM}),
+    "quad_hinge": Case(lambda: ml.QuadHingeLoss(), {"input": _HX, "target": _PM},
+                       pair(lambda x, t: _hinge(x, t) ** 2)),
+    "bce_probs_soft_targets": Case(lambda: ml.BinaryCrossEntropy("probs", reduction="none"),
+                                   {"input": _P, "target": _Q},
+                                   pair(lambda p, t: F.binary_cross_entropy(p, t, reduction="none"))),
+    "bce_probs_mean": Case(lambda: ml.BinaryCrossEntropy("probs"), {"input": _P},
+                           pair(F.binary_cross_entropy), data={"target": (_Q > 0.5) * 1.0}),
+    "bce_probs_pos_weight_sum": Case(
+        lambda: ml.BinaryCrossEntropy("probs", pos_weight=2.5, reduction="sum"), {"input": _P, "target": _Q},
+        pair(lambda p, t: -(2.5 * t * torch.log(p) + (1 - t) * torch.log(1 - p)).sum())),
+    # (no subnormal inputs: XLA on CPU reads them as 0)
+    "bce_probs_robust": Case(lambda: ml.BinaryCrossEntropy("probs", robust=True, reduction="none"),
+                             {"input": np.array([[0.0, 1e-300, 0.3, 1.0]])},
+                             pair(lambda p, t: -(t * _robust_log(p) + (1 - t) * _robust_log(1 - p))),
+                             data={"target": np.array([[1.0, 0.5, 0.2, 0.0]])}),
+    "bce_probs_robust_cutoff": Case(
+        lambda: ml.BinaryCrossEntropy("probs", robust=True, cutoff=1e-3, reduction="none"),
+        {"input": np.array([[0.0, 1e-4, 0.3, 1 - 1e-4, 1.0]]), "target": np.array([[1.0, 0.5, 0.2, 0.7, 0.0]])},
+        pair(lambda p, t: -(t * _robust_log(p, 1e-3) + (1 - t) * _robust_log(1 - p, 1e-3)))),
+    "bce_logits_mean": Case(lambda: ml.BinaryCrossEntropy(), {"input": _LOGITS, "target": _SOFT},
+                            pair(lambda x, t: _bce_logits(1)(x, t, "mean"))),
+    "bce_logits_pos_weight": Case(lambda: ml.BinaryCrossEntropy(pos_weight=3.0, reduction="none"),
+                                  {"input": _LOGITS, "target": _SOFT}, pair(_bce_logits(3.0))),
+    "bce_logits_pos_weight_sum": Case(lambda: ml.BinaryCrossEntropy(pos_weight=0.25, reduction="sum"),
+                                      {"input": _LOGITS, "target": _SOFT},
+                                      pair(lambda x, t: _bce_logits(0.25)(x, t, "sum"))),
+    "kl_div": Case(lambda: ml.KLDivergence(), {"input": _Q, "target": _P},
+                   pair(lambda q, p: F.kl_div(torch.log(q), p, reduction="none"))),
+    "kl_div_sum": Case(lambda: ml.KLDivergence(reduction="sum"), {"input": _Q, "target": _P},
+                       pair(lambda q, p: F.kl_div(torch.log(q), p, reduction="sum"))),
+    "kl_div_mean_zero_targets": Case(lambda: ml.KLDivergence(reduction="mean"), {"input": _Q},
+                                     pair(lambda q, p: F.kl_div(torch.log(q), p, reduction="sum") / p.numel()),
+                                     data={"target": np.where(_P > 0.5, _P, 0.0)}),
+}
+
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
+test_jax_equals_torch = pytest.mark.slow(test_jax_equals_torch)  # (a JAX process: ~40 s)
+
+#: cases whose gradient has no kink near the inputs (central differences apply)
+SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", "bce_logits_mean",
+          "bce_logits_pos_weight", "kl_div", "kl_div_sum", "quad_hinge"]
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_numpy_gradients_match_central_differences(name):
+    case = CASES[name]
+    params, cots, _, grads = run_mithril(name, case, "numpy")
+    if name == "quantile_0.1":  # away from its ties
+        params = {k: v + (0.5 if k == "input" else 0.0) for k, v in arrays(name, case).items()}
+        params["input"][0, :3] += 0.5
+        _, _, _, grads = _numpy_grads(case, params, cots)
+    if name == "bce_logits_mean":  # the ±800 logits' steps would be lost in their losses
+        params = {k: v[:3] for k, v in params.items()}
+        case = Case(case.block, {k: v[:3] for k, v in case.inputs.items()}, case.torch_fn)
+        _, _, _, grads = _numpy_grads(case, params, cots)
+    fd = central_differences(scalar_loss(case, params, cots), params, 1e-6)
+    # (at the squared hinge's kink a central difference is eps/4-sized, not 0)
+    atol = 1e-5 if name == "quad_hinge" else 1e-7
+    for k in params:
+        np.testing.assert_allclose(grads[k], fd[k], rtol=1e-6, atol=atol, err_msg=f"{name} d/d{k}")
+
+
+def _numpy_grads(case, params, cots):
+    b = NumpyBackend(dtype="float64")
+    m = ml.Model()
+    m |= case.block()(**{k: k for k in [*case.inputs, *case.data]}, output="output")
+    c = ml.compile(m, b, shapes={k: list(v.shape) for k, v in {**params, **case.data}.items()},
+                   trainable_keys=set(case.inputs))
+    out, g = c.evaluate(params, dict(case.data), output_gradients=cots)
+    return params, cots, out, g
+
+
+def _run(block, backend, data: dict, wrt=("input",)):
+    """Output and gradients (cotangent 1) of ``block`` on ``data``."""
+    m = ml.Model()
+    m |= block(**{k: k for k in data}, output="output")
+    c = ml.compile(m, backend, shapes={k: list(v.shape) for k, v in data.items()}, trainable_keys=set(wrt))
+    p = {k: backend.array(v) for k, v in data.items() if k in wrt}
+    d = {k: backend.array(v) for k, v in data.items() if k not in wrt}
+    out, g = c.evaluate(p, d, output_gradients={"output": backend.array(np.ones(c.shapes["output"]))})
+    return backend.to_numpy(out["output"]), {k: backend.to_numpy(v) for k, v in g.items()}
+
+
+def test_bce_probabilities_at_0_and_1_as_torch_values_exact_gradients():
+    """torch floors each log at -100 (a probability of 0 or 1 gives 100 or 0, never NaN):
+    ours too, on every backend here; the gradient is the exact -t/p + (1-t)/(1-p), which is
+    torch's own wherever p(1-p) >= 1e-12 (torch divides by max(p(1-p), 1e-12))."""
+    p = np.array([0.0, 0.0, 1.0, 1.0, 1e-20, 1e-20, 1e-13, 0.5, 1 - 1e-9])
+    t = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.3, 1.0])
+    want = F.binary_cross_entropy(torch.tensor(p), torch.tensor(t), reduction="none").numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exact = np.where(p > 0, -t / np.where(p > 0, p, 1), 0) + np.where(p < 1, (1 - t) / (1 - p), 0)
+    pt = torch.tensor(p, requires_grad=True)
+    tg = torch.autograd.grad(F.binary_cross_entropy(pt, torch.tensor(t), reduction="sum"), pt)[0].numpy()
+    usual = p * (1 - p) >= 1e-12
+    np.testing.assert_allclose(exact[usual], tg[usual], rtol=1e-12)
+    for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        out, g = _run(ml.BinaryCrossEntropy("probs", reduction="none"), backend,
+                      {"input": p[None], "target": t[None]})
+        np.testing.assert_allclose(out[0], want, rtol=1e-12, err_msg=backend.name)
+        np.testing.assert_allclose(g["input"][0], exact, rtol=1e-12, err_msg=backend.name)
+
+
+def test_kl_divergence_of_a_zero_prediction_is_finite():
+    """The robust log: q = 0 gives p·(log p − log c + 1) and the gradient −p/c (the
+    published Mithril's), where torch's log gives inf."""
+    c = np.finfo(np.float64).tiny
+    for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        out, g = _run(ml.KLDivergence(), backend, {"input": np.array([[0.0, 0.5]]),
+                                                   "target": np.array([[0.25, 0.0]])})
+        np.testing.assert_allclose(out, [[0.25 * (np.log(0.25) - np.log(c) + 1), 0.0]], rtol=1e-14)
+        np.testing.assert_allclose(g["input"], [[-0.25 / c, 0.0]], rtol=1e-14)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ml.AbsoluteError(reduction="avg"), "AbsoluteError: reduction must be one of"),
+    (lambda: ml.QuantileLoss(quantile=1.5), r"QuantileLoss: quantile must be a finite number in \[0, 1\], got 1.5"),
+    (lambda: ml.QuantileLoss(quantile=True), "QuantileLoss: quantile must be"),
+    (lambda: ml.HingeLoss(reduction=None), "HingeLoss: reduction must be one of"),
+    (lambda: ml.QuadHingeLoss(reduction="batchmean"), "QuadHingeLoss: reduction must be one of"),
+    (lambda: ml.BinaryCrossEntropy(input_type="log_probs"), "BinaryCrossEntropy: input_type must be"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight=0), "BinaryCrossEntropy: pos_weight must be a finite number > 0"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight="auto"), "pos_weight must be a positive number .*'auto'"),
+    (lambda: ml.BinaryCrossEntropy(cutoff=-1.0), "BinaryCrossEntropy: cutoff must be"),
+    (lambda: ml.BinaryCrossEntropy(reduction="avg"), "BinaryCrossEntropy: reduction must be one of"),
+    (lambda: ml.KLDivergence(reduction="batchmean"), "KLDivergence: reduction must be one of"),
+    (lambda: ml.KLDivergence(cutoff=float("nan")), "KLDivergence: cutoff must be"),
+])
+def test_bad_arguments_are_refused_by_name(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+    with pytest.raises(TypeError, match="BinaryCrossEntropy: robust must be a bool"):
+        ml.BinaryCrossEntropy(robust="yes")
+
+
+@pytest.mark.parametrize("block", [ml.AbsoluteError, ml.HingeLoss, ml.QuantileLoss,
+                                   ml.BinaryCrossEntropy, ml.KLDivergence])
+def test_input_and_target_shapes_must_agree(block):
+    m = ml.Model()
+    m |= block()(input="input", target="target", output="output")
+    with pytest.raises(ml.ShapeError, match="'input' has shape \\[2, 3\\] but 'target' has shape \\[2, 4\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"input": [2, 3], "target": [2, 4]})
