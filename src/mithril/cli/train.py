@@ -104,7 +104,8 @@ does a non-finite gradient with --nonfinite raise, which then ends with one erro
 the step and the parameters, exit status 1 (and nothing is written if it was the first step).
 The
 files are written into a hidden folder beside --out that is renamed at the end, so the folder
-never holds a partial set (a second Ctrl-C while writing leaves it as it was).
+never holds a partial set (a second Ctrl-C while writing leaves it as it was). With
+--checkpoint the folder also gets checkpoint.safetensors, and --resume DIR continues the run.
 """
 
 EXAMPLES = """\
@@ -122,6 +123,8 @@ examples:
   mithril train --task digits-cnn
   mithril train --data houses.csv --target price --name houses
   mithril predict --run runs/houses --data new-houses.csv
+  mithril train --data houses.tsv --target price --checkpoint --name houses
+  mithril train --resume runs/houses --epochs 100
   mithril train --task charlm --backend jax --steps 1500
 """
 
