@@ -62,175 +62,21 @@ away on bfloat16 weights).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
 from .accumulation import Accumulate, AccumulateState, _check_weight
 from .fixed_parts import FixedParts
+from .loss_scaler import LossScaler
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
-from .optimizers.checks import check_flag, check_int, describe, to_float
+from .optimizers.checks import check_int, describe
 from .optimizers.state import OptimizerState
 
 __all__ = ["LossScaler", "MixedPrecisionTrainer"]
 
 _HALF = ("float16", "bfloat16")
-
-
-class LossScaler:
-    """Loss scale bookkeeping with ``torch.amp.GradScaler`` semantics.
-
-    ``update(found_inf)`` after every step: on inf/NaN the scale is multiplied by
-    ``backoff_factor`` and the growth tracker reset to 0; otherwise the tracker grows by one
-    and when it reaches ``growth_interval`` the scale is multiplied by ``growth_factor`` (kept
-    only if finite) and the tracker reset. The scale is stored in float32 (as torch), products
-    are formed in float64 and rounded to float32 (as torch's ``_amp_update_scale_``).
-    ``dynamic=False`` keeps the scale fixed.
-
-    The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
-    > 0 that stays finite and > 0 in float32 (:meth:`load_state_dict` also takes 0.0, which
-    the scaler reaches itself after ~165 backoffs in a row, as torch's), ``growth_factor`` a finite number > 1,
-    ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool
-    and the growth tracker an integer in ``[0, growth_interval)``; so does setting a field
-    by attribute (``scaler.growth_interval = 500``). A bad value raises
-    ``TypeError`` (not a number / not an integer / not a bool) or ``ValueError`` (out of range,
-    too large), naming it, and changes nothing.
-    """
-
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000,
-                 dynamic: bool = True) -> None:
-        self._set(self._checked(
-            init_scale, growth_factor, backoff_factor, growth_interval, dynamic, 0,
-            names=("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
-                   "dynamic_loss_scaling", "growth_tracker"), zero_scale=False))
-
-    @staticmethod
-    def _checked(scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
-                 dynamic: Any, growth_tracker: Any, names: tuple[str, ...],
-                 zero_scale: bool = True) -> tuple[np.float32, float, float, int, bool, int]:
-        """All six fields validated and converted (nothing is stored here). ``zero_scale``:
-        a scale of exactly 0.0 is taken - one the scaler reaches itself, backing off through
-        float32's subnormals after ~165 non-finite steps in a row, so its state dict must
-        load back (torch's ``GradScaler.load_state_dict`` takes it too); only the
-        constructor refuses it (a scale 0 asked for is a mistake: every step is skipped)."""
-        s = to_float(names[0], scale)
-        with np.errstate(over="ignore", under="ignore"):
-            s32 = np.float32(s)
-        if not (math.isfinite(s) and np.isfinite(s32)
-                and ((s > 0 and s32 > 0) or (zero_scale and s == 0))):
-            what = "finite and >= 0" if zero_scale else "positive and finite"
-            raise ValueError(f"{names[0]} must be {what} in float32 (a positive value must "
-                             f"not round to 0), got {describe(scale)}")
-        g = to_float(names[1], growth_factor)
-        if not (math.isfinite(g) and g > 1.0):
-            raise ValueError(f"{names[1]} must be finite and > 1, got {describe(growth_factor)}")
-        b = to_float(names[2], backoff_factor)
-        if not 0.0 < b < 1.0:
-            raise ValueError(f"{names[2]} must be in (0, 1), got {describe(backoff_factor)}")
-        interval = check_int(names[3], growth_interval, minimum=1)
-        dyn = check_flag(names[4], dynamic)
-        tracker = check_int(names[5], growth_tracker, minimum=0)
-        if tracker >= interval:
-            raise ValueError(f"{names[5]} must be < {names[3]} = {interval}, got {tracker}")
-        return s32, g, b, interval, dyn, tracker
-
-    @property
-    def scale(self) -> float:
-        """The current loss scale."""
-        return float(self._scale)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """A field set by attribute (``scaler.growth_factor = 4.0``) is checked as the
-        constructor checks it (with the others as they are); a bad value changes nothing."""
-        if name in self._FIELDS and "_scale" in self.__dict__:
-            fields = [self.__dict__[k] for k in ("_scale", *self._FIELDS)]
-            fields[1 + self._FIELDS.index(name)] = value
-            self._set(self._checked(*fields, names=tuple(
-                f"LossScaler attribute '{k}'" for k in ("scale", *self._FIELDS))))
-            return
-        object.__setattr__(self, name, value)
-
-    _FIELDS = ("growth_factor", "backoff_factor", "growth_interval", "dynamic",
-               "growth_tracker")
-
-    def update(self, found_inf: bool) -> None:
-        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
-        bool; torch's ``update(new_scale)`` is :meth:`load_state_dict` here)."""
-        if not isinstance(found_inf, (bool, np.bool_)):
-            raise TypeError(f"LossScaler.update(found_inf): found_inf must be a bool (whether "
-                            f"the step's gradients had an inf/NaN), got {describe(found_inf)}")
-        if not self.dynamic:
-            return
-        d = self.__dict__  # (the fields stay valid: no checks needed)
-        if found_inf:
-            d["_scale"] = np.float32(float(self._scale) * self.backoff_factor)
-            d["growth_tracker"] = 0
-            return
-        d["growth_tracker"] += 1
-        if self.growth_tracker == self.growth_interval:
-            with np.errstate(over="ignore"):
-                new = np.float32(float(self._scale) * self.growth_factor)
-            if np.isfinite(new):
-                d["_scale"] = new
-            d["growth_tracker"] = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """GradScaler-style state: scale, factors, interval and growth tracker.
-
-        The tracker is given under both ``growth_tracker`` and torch's ``_growth_tracker``,
-        so ``torch.amp.GradScaler(...).load_state_dict(scaler.state_dict())`` works (torch
-        reads ``_growth_tracker`` and ignores ``dynamic``); :meth:`load_state_dict` takes
-        either key or both."""
-        return {"scale": self.scale, "growth_factor": self.growth_factor,
-                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
-                "dynamic": self.dynamic, "growth_tracker": self.growth_tracker,
-                "_growth_tracker": self.growth_tracker}
-
-    _KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "dynamic",
-             "growth_tracker")
-
-    @classmethod
-    def _parse_state(cls, d: Any, where: str = "LossScaler state dict"
-                     ) -> tuple[np.float32, float, float, int, bool, int]:
-        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True).
-        The tracker may come as ``growth_tracker`` (older checkpoints), torch's
-        ``_growth_tracker`` (``GradScaler.state_dict()``) or both (ours now): each given one
-        is checked on its own, and two must agree."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
-        missing = [k for k in cls._KEYS if k not in d and k not in ("dynamic", "growth_tracker")]
-        if "growth_tracker" not in d and "_growth_tracker" not in d:  # (either key: name both)
-            missing.append("growth_tracker (or torch's _growth_tracker)")
-        if missing:
-            raise KeyMismatchError(f"{where} is missing key(s) {missing}")
-        parsed = []
-        for key in ("growth_tracker", "_growth_tracker"):
-            if key in d:
-                names = (*cls._KEYS[:5], key)
-                parsed.append(cls._checked(
-                    *(d.get(k, True) for k in names),
-                    names=tuple(f"{where} '{k}'" for k in names)))
-        if len(parsed) == 2 and parsed[0][5] != parsed[1][5]:
-            raise ValueError(f"{where} has both 'growth_tracker' = {parsed[0][5]} and torch's "
-                             f"'_growth_tracker' = {parsed[1][5]}: which one?")
-        return parsed[0]
-
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; every field is checked (as by the constructor)
-        before any is written, so a bad dict changes nothing."""
-        self._set(self._parse_state(d))
-
-    def _set(self, fields: tuple[np.float32, float, float, int, bool, int]) -> None:
-        self.__dict__.update(zip(("_scale", *self._FIELDS), fields, strict=True))
-
-    def __repr__(self) -> str:
-        return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
-                f"dynamic={self.dynamic})")
 
 
 def _float_dtypes(state: Any, seen: set[int] | None = None) -> set[str]:
@@ -312,8 +158,10 @@ class MixedPrecisionTrainer(FixedParts):
         self.master_backend = copy.copy(backend)
         self.master_backend.dtype = self.master_dtype
         self._engine: Engine = ENGINES[backend.name](model, self.compute_dtype, self.master_dtype)
-        self.scaler = LossScaler(loss_scale, growth_factor, backoff_factor, growth_interval,
-                                 dynamic=dynamic_loss_scaling)
+        self.scaler = LossScaler._named(
+            ("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
+             "dynamic_loss_scaling"),
+            loss_scale, growth_factor, backoff_factor, growth_interval, dynamic_loss_scaling)
 
         self._master = self._to_master(params)
         self._compute: dict[str, Any] | None = None
