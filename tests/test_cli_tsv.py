@@ -117,3 +117,13 @@ def test_tsv_with_only_a_header_is_refused(tmp_path: Path,
     with pytest.raises(SystemExit):
         _train(tmp_path, path, "never")
     assert f"--data {path}: no data rows" in capsys.readouterr().err
+
+
+def test_trailing_tab_names_the_unnamed_column(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "export.tsv"
+    path.write_text("a\tb\tlabel\t\n1\t2\tyes\t\n3\t4\tno\t\n")
+    with pytest.raises(SystemExit):
+        _train(tmp_path, path, "never")
+    assert (f"--data {path}: column 4 has no name in the header row (the index pandas writes "
+            f"without to_csv(index=False), or a trailing tab?)") in capsys.readouterr().err

@@ -185,7 +185,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 if "" in position:  # else a feature named '' (pandas' row index: a leak)
                     raise CLIError(f"--data {path}: column {header.index('') + 1} has no name "
                                    f"in the header row (the index pandas writes without "
-                                   f"to_csv(index=False), or a trailing comma?); name it or "
+                                   f"to_csv(index=False), or a trailing "
+                                   f"{'tab' if sep == chr(9) else 'comma'}?); name it or "
                                    f"remove it")
                 features = [h for h in header if h != target]
             if not features:
