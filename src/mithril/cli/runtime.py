@@ -76,12 +76,15 @@ class HeldInterrupt:
     checkpoint can be written); a second one interrupts at once. Only in the main thread
     (signal handlers can be set there only); elsewhere Ctrl-C interrupts as usual."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        """``enabled`` False: Ctrl-C interrupts at once (processes of a data-parallel run: one
+        stopping a step after another would leave that one waiting in the next all-reduce)."""
         self.requested = False
         self._before: Any = None
+        self.enabled = enabled
 
     def __enter__(self) -> HeldInterrupt:
-        if threading.current_thread() is threading.main_thread() and \
+        if self.enabled and threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._before = signal.signal(signal.SIGINT, self._handle)
         return self

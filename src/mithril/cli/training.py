@@ -443,7 +443,7 @@ class Run:
         start = time.perf_counter()
         try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
             with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"), \
-                    HeldInterrupt() as held:
+                    HeldInterrupt(enabled=self.parallel is None) as held:
                 self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc, held)
         except KeyboardInterrupt:
             interrupted = True
