@@ -6,7 +6,7 @@ for the JAX column in a fresh x64 process): ``Convolution1D/2D`` with every argu
 offer (kernel, stride, dilation, padding as an int, per-axis ints, ``(before, after)`` pairs,
 ``"same"`` or ``"valid"``, every ``padding_mode``, groups with depthwise multipliers,
 ``use_bias``), ``MaxPool1D/2D`` (dilation, ``ceil_mode``, inputs with −inf and NaN, or ties) and
-``AvgPool1D/2D`` (``count_include_pad``, ``ceil_mode``), batches of 1 and 2, axes of size 1.
+``AvgPool1D/2D`` (``count_include_pad``, ``ceil_mode``, ``divisor_override``), batches of 1 and 2, axes of size 1.
 
 * The torch reference is torch's own module or function with the same arguments
   (``nn.Conv1d/2d`` through ``torch.func.functional_call``, ``F.max_pool*``,
@@ -81,6 +81,7 @@ def pool_configs(draw: Any) -> dict[str, Any]:
         cfg["special"] = draw(st.sampled_from(["", "-inf", "nan", "both", "ties"]))
     else:
         cfg["include_pad"] = draw(st.booleans())
+        cfg["div"] = draw(st.sampled_from([None, None, 1, 3, -2]))
     return cfg
 
 
@@ -169,13 +170,20 @@ def _pool_case(cfg: dict[str, Any]) -> Case:
 
         return Case(lambda: block(k, stride=s, padding=p, dilation=d, ceil_mode=ceil),
                     {"input": _pool_input(cfg)}, ref)
-    inc = cfg["include_pad"]
-    fn = F.avg_pool1d if nd == 1 else F.avg_pool2d
+    inc, div = cfg["include_pad"], cfg.get("div")
     block = ml.AvgPool1D if nd == 1 else ml.AvgPool2D
-    return Case(lambda: block(k, stride=s, padding=p, count_include_pad=inc, ceil_mode=ceil),
-                {"input": _pool_input(cfg)},
-                lambda t, _: {"output": fn(t["input"], k, s, p, ceil_mode=ceil,
-                                           count_include_pad=inc)})
+
+    def avg(t: dict, _: dict) -> dict:
+        x = t["input"]
+        if nd == 1 and div is None:
+            return {"output": F.avg_pool1d(x, k, s, p, ceil_mode=ceil, count_include_pad=inc)}
+        if nd == 1:  # F.avg_pool1d has no divisor_override: as 2-D with one row
+            return {"output": F.avg_pool2d(x[:, :, None], (1, *k), None if s is None else
+                                           (1, *s), (0, *p), ceil, inc, div)[:, :, 0]}
+        return {"output": F.avg_pool2d(x, k, s, p, ceil, inc, div)}
+
+    return Case(lambda: block(k, stride=s, padding=p, count_include_pad=inc, ceil_mode=ceil,
+                              divisor_override=div), {"input": _pool_input(cfg)}, avg)
 
 
 def case_of(name: str) -> Case:
@@ -284,10 +292,12 @@ FD_CONFIGS = [
      "n": 1, "c": 2, "size": [4, 5], "special": ""},
     {"op": "avg", "nd": 2, "k": [3, 2], "s": [2, 3], "p": [1, 1], "ceil": True, "n": 1, "c": 2,
      "size": [5, 5], "include_pad": False},
+    {"op": "avg", "nd": 1, "k": [3], "s": [2], "p": [1], "ceil": True, "n": 2, "c": 1,
+     "size": [6], "include_pad": True, "div": -2},
 ]
 
 
-@pytest.mark.parametrize("cfg", FD_CONFIGS, ids=lambda c: f"{c['op']}{c['nd']}d")
+@pytest.mark.parametrize("cfg", FD_CONFIGS, ids=lambda c: f"{c['op']}{c['nd']}d{c.get('div') or ''}")
 def test_numpy_gradients_equal_central_differences(cfg: dict[str, Any]) -> None:
     """The input, weight and bias gradients on NumPy against central differences of
     <output, cotangent> (and torch's, side by side)."""

@@ -1,10 +1,10 @@
 """The arguments of torch's convolution and pooling layers we do not offer, or offer under
 another name, and inputs in other memory layouts.
 
-1. torch's ``bias=``, ``output_padding=`` (transposed convolution), ``return_indices=``,
-   ``divisor_override=`` and average pooling's ``dilation=`` (torch's has none either): a
-   ``TypeError`` that names the argument. ``use_bias`` must be a bool (it was read as
-   truthiness: ``"no"`` made a bias, ``None`` none).
+1. torch's ``bias=``, ``output_padding=`` (transposed convolution), ``return_indices=``
+   and average pooling's ``dilation=`` (torch's has none either): a ``TypeError`` that names
+   the argument. ``use_bias`` must be a bool (it was read as truthiness: ``"no"`` made a
+   bias, ``None`` none); ``divisor_override`` a nonzero int, as torch.
 2. Channels-last inputs (an NHWC array seen as NCHW; torch's ``channels_last``): the output
    and gradients of Convolution2D, MaxPool2D and AvgPool2D equal torch's in float64 on NumPy
    and torch.
@@ -25,7 +25,6 @@ from mithril.backends import NumpyBackend, TorchBackend
     (lambda: ml.Convolution2D(3, 4, bias=False), "bias"),
     (lambda: ml.Convolution1D(3, 4, output_padding=1), "output_padding"),
     (lambda: ml.MaxPool2D(2, return_indices=True), "return_indices"),
-    (lambda: ml.AvgPool2D(2, divisor_override=3), "divisor_override"),
     (lambda: ml.AvgPool1D(2, dilation=2), "dilation"),
 ])
 def test_torch_arguments_not_offered_are_named(make, arg: str) -> None:
@@ -39,6 +38,12 @@ def test_use_bias_must_be_a_bool(value) -> None:
     with pytest.raises(TypeError, match="Convolution2D: use_bias must be a bool"):
         ml.Convolution2D(3, 4, use_bias=value)
     assert ml.Convolution2D(3, 4, use_bias=np.bool_(False)).use_bias is False
+
+
+@pytest.mark.parametrize("value", [0, True, 1.5, "2"])
+def test_divisor_override_must_be_a_nonzero_int(value) -> None:
+    with pytest.raises(ValueError, match="AvgPool2D: divisor_override must be None or a nonzero"):
+        ml.AvgPool2D(2, divisor_override=value)
 
 
 BLOCKS = {  # name: (block, torch reference of (x, weight, bias))

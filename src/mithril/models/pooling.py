@@ -25,7 +25,9 @@ residual), so the VJP is one multiply per offset.
 
 ``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
 torch's default), or not (``count_include_pad=False``: each window's sum divided by the
-number of input elements it covers). ``GlobalAvgPool2D``: the mean over H and W,
+number of input elements it covers); ``divisor_override`` (a nonzero int) divides every
+window's sum by itself instead (torch's; on the torch backend 1-D runs as 2-D with one row:
+``F.avg_pool1d`` has none). ``GlobalAvgPool2D``: the mean over H and W,
 (N, C, H, W) -> (N, C).
 """
 
@@ -337,18 +339,27 @@ class MaxPool2D(_MaxPool):
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
                  padding: int | Sequence[int] = 0, count_include_pad: bool = True,
-                 ceil_mode: bool = False) -> None:
+                 ceil_mode: bool = False, divisor_override: int | None = None) -> None:
         super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode)
+        who = type(self).__name__
         if not isinstance(count_include_pad, (bool, np.bool_)):
-            raise TypeError(f"{type(self).__name__}: count_include_pad must be a bool, got "
-                            f"{count_include_pad!r}")
+            raise TypeError(f"{who}: count_include_pad must be a bool, got {count_include_pad!r}")
         self.count_include_pad = bool(count_include_pad)
+        if divisor_override is not None and (
+                not isinstance(divisor_override, (int, np.integer))
+                or isinstance(divisor_override, (bool, np.bool_)) or divisor_override == 0):
+            raise ValueError(f"{who}: divisor_override must be None or a nonzero int (as "
+                             f"torch), got {divisor_override!r}")
+        self.divisor_override = None if divisor_override is None else int(divisor_override)
 
     def _divisor(self, spatial: Sequence[int], out: Sequence[int], dtype: Any) -> Any:
         """What each window's sum is divided by, as torch: the kernel's size, or, when windows
         differ, an array of the output's spatial shape (a window is a box: the product of
         per-axis counts). ``count_include_pad=False``: the input elements a window covers;
-        ``ceil_mode``: a window past the given padding counts only up to its end."""
+        ``ceil_mode``: a window past the given padding counts only up to its end.
+        ``divisor_override``: that number for every window (torch: padding counts or not)."""
+        if self.divisor_override is not None:
+            return self.divisor_override
         if not self.ceil_mode and (self.count_include_pad or not any(self.padding)):
             return math.prod(self.kernel_size)
         counts = np.ones((), dtype=np.int64)
@@ -362,9 +373,18 @@ class _AvgPool(_Pool):
         return counts.astype(dtype)
 
     def _torch(self, F: Any, x: Any) -> Any:
-        fn = F.avg_pool1d if self.nd == 1 else F.avg_pool2d
-        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode,
-                  count_include_pad=self.count_include_pad)
+        if self.nd == 2:
+            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                                ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
+                                divisor_override=self.divisor_override)
+        if self.divisor_override is None:
+            return F.avg_pool1d(x, self.kernel_size, self.stride, self.padding,
+                                ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad)
+        # F.avg_pool1d has no divisor_override: as 2-D with one row
+        return F.avg_pool2d(x[:, :, None], (1, *self.kernel_size), (1, *self.stride),
+                            (0, *self.padding), ceil_mode=self.ceil_mode,
+                            count_include_pad=self.count_include_pad,
+                            divisor_override=self.divisor_override)[:, :, 0]
 
     def _jax(self, x: Any) -> Any:
         from jax import lax
@@ -395,13 +415,16 @@ class _AvgPool(_Pool):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, count_include_pad={self.count_include_pad}, "
-                f"ceil_mode={self.ceil_mode})")
+                f"ceil_mode={self.ceil_mode}"
+                + ("" if self.divisor_override is None else
+                   f", divisor_override={self.divisor_override}") + ")")
 
 
 class AvgPool1D(_AvgPool):
     """Mean over windows of (N, C, L), as ``torch.nn.AvgPool1d`` (``ceil_mode`` too): the
     zero padding counted in the mean by default; ``count_include_pad=False`` divides each
-    window's sum by the number of input elements it covers instead."""
+    window's sum by the number of input elements it covers instead; ``divisor_override``
+    divides every window's sum by that int (``F.avg_pool2d``'s; ``nn.AvgPool1d`` has none)."""
 
     nd = 1
     layout = "N, C, L"
@@ -411,7 +434,7 @@ class AvgPool2D(_AvgPool):
     """Mean over windows of (N, C, H, W), as ``torch.nn.AvgPool2d`` (``ceil_mode`` too): the
     zero padding counted in the mean by default (``count_include_pad=True``);
     ``count_include_pad=False`` divides each window's sum by the number of input elements it
-    covers instead."""
+    covers instead; ``divisor_override`` divides every window's sum by that int, as torch."""
 
     nd = 2
     layout = "N, C, H, W"
