@@ -1,5 +1,6 @@
 """The published Mithril's blocks added for its test cases (the losses AbsoluteError,
-QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence) side by side
+QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence; Variance, Sine,
+Cosine, StopGradient and StableReciprocal) side by side
 with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
 within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
 the loss and a direct torch expression with autograd where it has none; the NumPy gradients
@@ -65,6 +66,29 @@ def _robust_log(x, c=_TINY):
     return torch.where(x < c, np.log(c) + x / c - 1, torch.log(torch.where(x < c, 1.0, x)))
 
 
+_WIDE = np.concatenate([_RNG.standard_normal((2, 6)) * 3,
+                        [[-1e3, -np.pi, 0.0, 1e-300, np.pi / 2, 1e4]]])
+_RECIP = np.array([[-3.0, -0.5, -0.25, -1e-3, 0.0, 1e-3, 0.25, 0.5, 0.75, 1e100]])
+
+
+def unary(fn):
+    return lambda t, d: {"output": fn(t["input"])}
+
+
+def _held_times_input():
+    """StopGradient(x) · x: the gradient is the held x alone (torch: x.detach() · x)."""
+    m = ml.Model()
+    m |= ml.StopGradient()(input="input", output=ml.IOKey("held", expose=False))
+    m |= ml.Multiply()(left="held", right="input", output="output")
+    return m
+
+
+def _stable_reciprocal(x, c):
+    """The published stable reciprocal, written in torch."""
+    side = torch.where(x < 0, -2.0 / c, 2.0 / c).to(x.dtype)
+    return torch.where(x.abs() < c, side - x / c**2, 1 / torch.where(x.abs() < c, 1.0, x))
+
+
 CASES: dict[str, Case] = {
     "absolute_error": Case(lambda: ml.AbsoluteError(), {"input": _X, "target": _T},
                            pair(lambda x, t: F.l1_loss(x, t, reduction="none"))),
@@ -113,6 +137,23 @@ CASES: dict[str, Case] = {
     "kl_div_mean_zero_targets": Case(lambda: ml.KLDivergence(reduction="mean"), {"input": _Q},
                                      pair(lambda q, p: F.kl_div(torch.log(q), p, reduction="sum") / p.numel()),
                                      data={"target": np.where(_P > 0.5, _P, 0.0)}),
+    # -- statistics and elementwise primitives -----------------------------------------------
+    "sine": Case(lambda: ml.Sine(), {"input": _WIDE}, unary(torch.sin)),
+    "cosine": Case(lambda: ml.Cosine(), {"input": _WIDE}, unary(torch.cos)),
+    "stop_gradient_times_input": Case(_held_times_input, {"input": _X},
+                                      unary(lambda x: x.detach() * x)),
+    "stable_reciprocal_outside": Case(lambda: ml.StableReciprocal(), {"input": _RECIP[:, _RECIP[0] != 0]},
+                                      unary(torch.reciprocal)),
+    "stable_reciprocal_inside": Case(lambda: ml.StableReciprocal(threshold=0.5), {"input": _RECIP},
+                                     unary(lambda x: _stable_reciprocal(x, 0.5))),
+    "variance_all": Case(lambda: ml.Variance(), {"input": (3, 4, 5)},
+                         unary(lambda x: torch.var(x, correction=0))),
+    "variance_axis_keepdim_unbiased": Case(lambda: ml.Variance(axis=1, keepdim=True, correction=1),
+                                           {"input": (3, 4, 5)},
+                                           unary(lambda x: torch.var(x, dim=1, keepdim=True))),
+    "variance_two_axes_fractional": Case(lambda: ml.Variance(axis=(0, -1), correction=2.5),
+                                         {"input": (3, 4, 5)},
+                                         unary(lambda x: torch.var(x, dim=(0, 2), correction=2.5))),
 }
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
@@ -120,7 +161,9 @@ test_jax_equals_torch = pytest.mark.slow(test_jax_equals_torch)  # (a JAX proces
 
 #: cases whose gradient has no kink near the inputs (central differences apply)
 SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", "bce_logits_mean",
-          "bce_logits_pos_weight", "kl_div", "kl_div_sum", "quad_hinge"]
+          "bce_logits_pos_weight", "kl_div", "kl_div_sum", "quad_hinge", "sine", "cosine",
+          "variance_all", "variance_axis_keepdim_unbiased",
+          "variance_two_axes_fractional"]
 
 
 @pytest.mark.parametrize("name", SMOOTH)
@@ -131,7 +174,7 @@ def test_numpy_gradients_match_central_differences(name):
         params = {k: v + (0.5 if k == "input" else 0.0) for k, v in arrays(name, case).items()}
         params["input"][0, :3] += 0.5
         _, _, _, grads = _numpy_grads(case, params, cots)
-    if name == "bce_logits_mean":  # the ±800 logits' steps would be lost in their losses
+    if name in ("bce_logits_mean", "sine", "cosine"):  # the huge inputs' steps would be lost
         params = {k: v[:3] for k, v in params.items()}
         case = Case(case.block, {k: v[:3] for k, v in case.inputs.items()}, case.torch_fn)
         _, _, _, grads = _numpy_grads(case, params, cots)
@@ -222,3 +265,31 @@ def test_input_and_target_shapes_must_agree(block):
     m |= block()(input="input", target="target", output="output")
     with pytest.raises(ml.ShapeError, match="'input' has shape \\[2, 3\\] but 'target' has shape \\[2, 4\\]"):
         ml.compile(m, NumpyBackend(), shapes={"input": [2, 3], "target": [2, 4]})
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: ml.Variance(axis="rows"), TypeError, "Variance: axis must be None, an int or a tuple of ints"),
+    (lambda: ml.Variance(axis=(1, 1)), ValueError, "Variance: axis must not repeat an axis"),
+    (lambda: ml.Variance(correction=-1), ValueError, "Variance: correction must be a finite number >= 0"),
+    (lambda: ml.Variance(keepdim="yes"), TypeError, "Variance: keepdim must be a bool"),
+    (lambda: ml.StableReciprocal(threshold=0.0), ValueError, "StableReciprocal: threshold must be"),
+])
+def test_bad_statistics_arguments_are_refused_by_name(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("axis", [2, -3, (0, -2)])
+def test_variance_axis_out_of_range_or_repeated_for_the_rank(axis):
+    m = ml.Model()
+    m |= ml.Variance(axis=axis)(input="input", output="output")
+    with pytest.raises(ml.ShapeError, match="Variance: axis"):
+        ml.compile(m, NumpyBackend(), shapes={"input": [3, 4]})
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+def test_variance_of_fewer_elements_than_the_correction_is_inf_as_torch():
+    x = np.arange(3.0)[None]
+    for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        out, _ = _run(ml.Variance(axis=1, correction=3), backend, {"input": x})
+        assert np.isinf(out).all() and torch.var(torch.tensor(x), dim=1, correction=3).isinf().all()

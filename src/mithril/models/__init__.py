@@ -89,3 +89,9 @@ from .probability_losses import BinaryCrossEntropy, KLDivergence  # noqa: E402
 
 __all__ += ["AbsoluteError", "BinaryCrossEntropy", "HingeLoss", "KLDivergence", "QuadHingeLoss",
             "QuantileLoss"]
+
+# the published Mithril's statistics and elementwise primitives
+from .statistics import Variance  # noqa: E402
+from .unary_primitives import Cosine, Sine, StableReciprocal, StopGradient  # noqa: E402
+
+__all__ += ["Cosine", "Sine", "StableReciprocal", "StopGradient", "Variance"]
