@@ -21,7 +21,7 @@ from conftest import run_python
 import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
 from mithril.utils.lr_schedulers import StepLR
-from mithril.utils.mixed_precision import MixedPrecisionTrainer
+from mithril.utils.mixed_precision import LossScaler, MixedPrecisionTrainer
 from mithril.utils.optimizers import SGD
 
 W, B = "linear.weight", "linear.bias"
@@ -257,3 +257,71 @@ def test_ema_is_not_moved_by_a_skipped_step_as_in_torchs_guarded_averaged_model(
     assert np.abs(ema[W] - other[W]).max() > 1e-3
     np.testing.assert_allclose(host(backend, trainer.master_params)[W],
                                lin.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# -- a floor under the scale: jmp's min_loss_scale ------------------------------------------------
+def jmp_adjust(scale: np.float32, counter: int, finite: bool, period: int, factor: float,
+               floor: np.float32) -> tuple[np.float32, int]:
+    """``jmp.DynamicLossScale.adjust`` (jmp 0.0.4, ``jmp/_src/loss_scale.py``) on host
+    float32 scalars: finite - grow by ``factor`` when ``counter == period - 1`` (if finite);
+    else ``max(min_loss_scale, scale / factor)``; ``counter = (counter + 1) % period`` if
+    finite, else 0."""
+    if finite:
+        grown = np.float32(scale * np.float32(factor))
+        new = (grown if np.isfinite(grown) else scale) if counter == period - 1 else scale
+    else:
+        new = np.maximum(floor, np.float32(scale / np.float32(factor)))
+    return np.float32(new), (counter + 1) % period if finite else 0
+
+
+def test_min_scale_floors_backoffs_as_jmps_min_loss_scale():
+    """jmp's ``DynamicLossScale`` stops backing off at ``min_loss_scale`` (1.0 by default);
+    torch's ``GradScaler`` and Keras have no floor. Before, ``LossScaler`` had no way to say
+    it: 12 overflows in a row from 2**4 took the scale to 2**-8 (torch's too). With
+    ``min_scale=1.0`` (the trainer's ``min_loss_scale``) the scale and the growth tracker
+    after every step equal jmp's rule: 16, 8, 4, 2, 1, 1, ..., then 2 after 3 finite
+    steps; the masters follow torch's with the same steps skipped."""
+    finite = [False] * 12 + [True] * 7 + [False, True, True, True]
+    ours, jmp_side = LossScaler(16.0, growth_interval=3, min_scale=1.0), []
+    scale, counter = np.float32(16.0), 0
+    for f in finite:
+        scale, counter = jmp_adjust(scale, counter, f, 3, 2.0, np.float32(1.0))
+        jmp_side.append((float(scale), counter))
+        ours.update(not f)
+        assert (ours.scale, ours.growth_tracker) == jmp_side[-1]
+    assert [s for s, _ in jmp_side] == [8, 4, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 4,
+                                        4, 2, 2, 2, 4]
+    p = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([p], lr=0.25)
+    torch_side = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=3)
+    for _ in range(12):  # 12 inf gradients in a row
+        opt.zero_grad()
+        torch_side.scale(p * np.inf).backward()
+        torch_side.step(opt)
+        torch_side.update()
+    assert torch_side.get_scale() == 2.0**-8 and LossScaler(16.0).scale == 16.0  # no floor
+    plain = LossScaler(16.0, growth_interval=3)
+    for _ in range(12):
+        plain.update(True)
+    assert plain.scale == 2.0**-8
+
+    backend = NumpyBackend(dtype="float16")
+    trainer = MixedPrecisionTrainer(linear(backend), SGD(learning_rate=0.25), start(backend),
+                                    loss_scale=16.0, growth_interval=3, min_loss_scale=1.0)
+    rng = np.random.default_rng(6)
+    for f, (want, _) in zip(finite, jmp_side, strict=True):
+        x = rng.integers(-2, 3, (2, 3)).astype(np.float32) / 2
+        if not f:
+            x[1, 0] = np.nan
+        trainer.forward({"input": backend.array(x)})
+        assert trainer.backward_and_update({"out": backend.array(np.ones((2, 2)))})[2] == f
+        assert trainer.loss_scale == want
+    sd = trainer.state_dict()
+    assert sd["scaler"]["min_scale"] == 1.0
+    back = LossScaler()
+    back.load_state_dict(sd["scaler"])
+    assert (back.scale, back.min_scale) == (4.0, 1.0)
+    with pytest.raises(ValueError, match="min_scale"):
+        LossScaler(0.5, min_scale=1.0)  # (a floor above the scale)
+    with pytest.raises(ValueError, match="min_loss_scale"):
+        MixedPrecisionTrainer(linear(backend), SGD(), start(backend), min_loss_scale=-1.0)

@@ -22,7 +22,10 @@ __all__ = ["LossScaler"]
 #: the constructor's arguments, as its errors name them (the scale's says what it is: the
 #: trainer calls it ``loss_scale``)
 _ARGS = ("init_scale: the initial loss_scale", "growth_factor", "backoff_factor",
-         "growth_interval", "dynamic", "growth_tracker")
+         "growth_interval", "dynamic", "growth_tracker", "min_scale")
+
+#: scale, growth_factor, backoff_factor, growth_interval, dynamic, growth_tracker, min_scale
+_Fields = tuple[np.float32, float, float, int, bool, int, np.float32]
 
 
 class LossScaler:
@@ -33,13 +36,16 @@ class LossScaler:
     and when it reaches ``growth_interval`` the scale is multiplied by ``growth_factor`` (kept
     only if finite) and the tracker reset. The scale is stored in float32 (as torch), products
     are formed in float64 and rounded to float32 (as torch's ``_amp_update_scale_``).
-    ``dynamic=False`` keeps the scale fixed.
+    ``dynamic=False`` keeps the scale fixed. ``min_scale``: a backoff never takes the scale
+    below it (jmp's ``DynamicLossScale(min_loss_scale=1.0)``: ``max(min_scale, s·backoff)``);
+    the default 0 is torch's and Keras' (no floor: ~165 overflows in a row reach 0).
 
     The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
     > 0 that stays finite and > 0 in float32 (:meth:`load_state_dict` also takes 0.0, which
     the scaler reaches itself after ~165 backoffs in a row, as torch's), ``growth_factor`` a finite number > 1,
-    ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool
-    and the growth tracker an integer in ``[0, growth_interval)``; so does setting a field
+    ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool,
+    the growth tracker an integer in ``[0, growth_interval)`` and ``min_scale`` a number in
+    ``[0, scale]`` (rounded to float32, a positive one not to 0); so does setting a field
     by attribute (``scaler.growth_interval = 500``). A bad value raises
     ``TypeError`` (not a number / not an integer / not a bool) or ``ValueError`` (out of range,
     too large), naming it, and changes nothing.
@@ -47,23 +53,26 @@ class LossScaler:
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
-                 dynamic: bool = True) -> None:
+                 dynamic: bool = True, min_scale: float = 0.0) -> None:
         self._set(self._checked(init_scale, growth_factor, backoff_factor, growth_interval,
-                                dynamic, 0, names=_ARGS, zero_scale=False))
+                                dynamic, 0, min_scale, names=_ARGS, zero_scale=False))
 
     @classmethod
     def _named(cls, names: tuple[str, ...], *fields: Any) -> LossScaler:
         """A scaler built from ``fields`` (the constructor's, in its order) whose errors name
         the arguments ``names`` (a wrapper's own: the trainer's ``loss_scale``)."""
         self = cls.__new__(cls)
-        self._set(cls._checked(*fields, 0, names=(*names, "growth_tracker"), zero_scale=False))
+        *head, floor = fields
+        *first, last = names
+        self._set(cls._checked(*head, 0, floor, names=(*first, "growth_tracker", last),
+                               zero_scale=False))
         return self
 
     @staticmethod
     def _checked(scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any,
-                 dynamic: Any, growth_tracker: Any, names: tuple[str, ...],
-                 zero_scale: bool = True) -> tuple[np.float32, float, float, int, bool, int]:
-        """All six fields validated and converted (nothing is stored here). ``zero_scale``:
+                 dynamic: Any, growth_tracker: Any, min_scale: Any, names: tuple[str, ...],
+                 zero_scale: bool = True) -> _Fields:
+        """All seven fields validated and converted (nothing is stored here). ``zero_scale``:
         a scale of exactly 0.0 is taken - one the scaler reaches itself, backing off through
         float32's subnormals after ~165 non-finite steps in a row, so its state dict must
         load back (torch's ``GradScaler.load_state_dict`` takes it too); only the
@@ -87,7 +96,16 @@ class LossScaler:
         tracker = check_int(names[5], growth_tracker, minimum=0)
         if tracker >= interval:
             raise ValueError(f"{names[5]} must be < {names[3]} = {interval}, got {tracker}")
-        return s32, g, b, interval, dyn, tracker
+        m = to_float(names[6], min_scale)
+        with np.errstate(over="ignore", under="ignore"):
+            m32 = np.float32(m)
+        if not (math.isfinite(m) and np.isfinite(m32) and m >= 0 and (m == 0 or m32 > 0)):
+            raise ValueError(f"{names[6]} must be finite and >= 0 in float32 (a positive value "
+                             f"must not round to 0), got {describe(min_scale)}")
+        if m32 > s32:
+            raise ValueError(f"{names[6]} = {float(m32)} must not exceed {names[0]} = "
+                             f"{float(s32)} (backoffs stop at it)")
+        return s32, g, b, interval, dyn, tracker, m32
 
     @property
     def scale(self) -> float:
@@ -106,7 +124,7 @@ class LossScaler:
         object.__setattr__(self, name, value)
 
     _FIELDS = ("growth_factor", "backoff_factor", "growth_interval", "dynamic",
-               "growth_tracker")
+               "growth_tracker", "min_scale")
 
     def update(self, found_inf: bool) -> None:
         """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
@@ -118,7 +136,8 @@ class LossScaler:
             return
         d = self.__dict__  # (the fields stay valid: no checks needed)
         if found_inf:
-            d["_scale"] = np.float32(float(self._scale) * self.backoff_factor)
+            d["_scale"] = max(np.float32(float(self._scale) * self.backoff_factor),
+                              self.min_scale)
             d["growth_tracker"] = 0
             return
         d["growth_tracker"] += 1
@@ -134,26 +153,33 @@ class LossScaler:
 
         The tracker is given under both ``growth_tracker`` and torch's ``_growth_tracker``,
         so ``torch.amp.GradScaler(...).load_state_dict(scaler.state_dict())`` works (torch
-        reads ``_growth_tracker`` and ignores ``dynamic``); :meth:`load_state_dict` takes
-        either key or both."""
-        return {"scale": self.scale, "growth_factor": self.growth_factor,
-                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
-                "dynamic": self.dynamic, "growth_tracker": self.growth_tracker,
-                "_growth_tracker": self.growth_tracker}
+        reads ``_growth_tracker`` and ignores ``dynamic`` and ``min_scale``, given only when
+        not 0); :meth:`load_state_dict` takes either key or both."""
+        d = {"scale": self.scale, "growth_factor": self.growth_factor,
+             "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+             "dynamic": self.dynamic, "growth_tracker": self.growth_tracker,
+             "_growth_tracker": self.growth_tracker}
+        if self.min_scale:  # (0, no floor, is left out: torch's layout, older checkpoints')
+            d["min_scale"] = float(self.min_scale)
+        return d
 
     _KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "dynamic",
-             "growth_tracker")
+             "growth_tracker", "min_scale")
+    #: keys a state dict may leave out (torch's, older checkpoints), and their values then
+    _DEFAULTS = {"dynamic": True, "min_scale": 0.0}
 
     @classmethod
     def _parse_state(cls, d: Any, where: str = "LossScaler state dict"
-                     ) -> tuple[np.float32, float, float, int, bool, int]:
-        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True).
+                     ) -> _Fields:
+        """The fields of a :meth:`state_dict`, validated (``dynamic`` may be absent: True;
+        ``min_scale`` too: 0).
         The tracker may come as ``growth_tracker`` (older checkpoints), torch's
         ``_growth_tracker`` (``GradScaler.state_dict()``) or both (ours now): each given one
         is checked on its own, and two must agree."""
         if not isinstance(d, Mapping):
             raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
-        missing = [k for k in cls._KEYS if k not in d and k not in ("dynamic", "growth_tracker")]
+        missing = [k for k in cls._KEYS if k not in d
+                   and k not in ("growth_tracker", *cls._DEFAULTS)]
         if "growth_tracker" not in d and "_growth_tracker" not in d:  # (either key: name both)
             missing.append("growth_tracker (or torch's _growth_tracker)")
         if missing:
@@ -161,9 +187,9 @@ class LossScaler:
         parsed = []
         for key in ("growth_tracker", "_growth_tracker"):
             if key in d:
-                names = (*cls._KEYS[:5], key)
+                names = (*cls._KEYS[:5], key, "min_scale")
                 parsed.append(cls._checked(
-                    *(d.get(k, True) for k in names),
+                    *(d[k] if k in d else cls._DEFAULTS[k] for k in names),
                     names=tuple(f"{where} '{k}'" for k in names)))
         if len(parsed) == 2 and parsed[0][5] != parsed[1][5]:
             raise ValueError(f"{where} has both 'growth_tracker' = {parsed[0][5]} and torch's "
@@ -175,9 +201,10 @@ class LossScaler:
         before any is written, so a bad dict changes nothing."""
         self._set(self._parse_state(d))
 
-    def _set(self, fields: tuple[np.float32, float, float, int, bool, int]) -> None:
+    def _set(self, fields: _Fields) -> None:
         self.__dict__.update(zip(("_scale", *self._FIELDS), fields, strict=True))
 
     def __repr__(self) -> str:
+        floor = f", min_scale={float(self.min_scale)}" if self.min_scale else ""
         return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
-                f"dynamic={self.dynamic})")
+                f"dynamic={self.dynamic}{floor})")

@@ -131,6 +131,9 @@ class MixedPrecisionTrainer(FixedParts):
         Read the state in use from :attr:`optimizer_state`.
     loss_scale, dynamic_loss_scaling, growth_factor, backoff_factor, growth_interval:
         See :class:`LossScaler` (``torch.amp.GradScaler`` defaults).
+    min_loss_scale:
+        :class:`LossScaler`'s ``min_scale``: backoffs stop there (jmp's ``min_loss_scale``,
+        1.0 by default there; 0 here, torch's and Keras' no floor).
 
     :meth:`backward_and_update` returns ``(params, optimizer_state, success)`` where ``params``
     are the **float32 master parameters** (:attr:`master_params`); :meth:`compute_params`
@@ -143,7 +146,8 @@ class MixedPrecisionTrainer(FixedParts):
     def __init__(self, model: Any, optimizer: Any, params: Mapping[str, Any],
                  optimizer_state: Any = None, loss_scale: float = 2.0**16,
                  dynamic_loss_scaling: bool = True, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 min_loss_scale: float = 0.0) -> None:
         backend = getattr(model, "backend", None)
         if backend is None or getattr(backend, "name", None) not in ENGINES:
             raise TypeError("model must be a CompiledModel on a NumPy, JAX or torch backend, "
@@ -160,8 +164,9 @@ class MixedPrecisionTrainer(FixedParts):
         self._engine: Engine = ENGINES[backend.name](model, self.compute_dtype, self.master_dtype)
         self.scaler = LossScaler._named(
             ("loss_scale", "growth_factor", "backoff_factor", "growth_interval",
-             "dynamic_loss_scaling"),
-            loss_scale, growth_factor, backoff_factor, growth_interval, dynamic_loss_scaling)
+             "dynamic_loss_scaling", "min_loss_scale"),
+            loss_scale, growth_factor, backoff_factor, growth_interval, dynamic_loss_scaling,
+            min_loss_scale)
 
         self._master = self._to_master(params)
         self._compute: dict[str, Any] | None = None
