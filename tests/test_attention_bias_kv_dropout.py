@@ -445,3 +445,24 @@ def test_repr_and_parameters():
     assert {k.split(".")[-1]: v for k, v in c.parameter_shapes.items()} == {
         "in_proj_weight": (3 * E, E), "bias_k": (1, 1, E), "bias_v": (1, 1, E),
         "out_proj_weight": (E, E)}
+
+
+def test_bias_kv_init_is_torchs_xavier_normal():
+    """``bias_k`` / ``bias_v`` start as torch's ``xavier_normal_`` of a (1, 1, E) tensor:
+    N(0, 1/E) (torch's fans: E each), on every backend; their moments against torch's own."""
+    e, n = 1024, 4
+    ours = []
+    for backend in (NumpyBackend(dtype="float64", seed=4), TorchBackend(dtype="float64", seed=4)):
+        m = ml.Model()
+        m |= ml.MultiHeadAttention(n, add_bias_kv=True)(query="x", key="x", value="x",
+                                                        bias_k="bk", bias_v="bv",
+                                                        output=ml.IOKey("output"))
+        params = ml.compile(m, backend, shapes={"x": (1, 2, e)}).get_parameters()
+        ours += [to_np(backend, params["bk"]), to_np(backend, params["bv"])]
+    ref = torch.nn.MultiheadAttention(e, n, add_bias_kv=True, dtype=torch.float64)
+    theirs = [ref.bias_k.detach().numpy(), ref.bias_v.detach().numpy()]
+    for arr in ours + theirs:
+        assert arr.shape == (1, 1, e)
+        assert abs(arr.mean()) < 4 / e  # 4 standard errors of the mean (std 1/√E, E draws)
+        assert abs(arr.var() * e - 1) < 0.2  # the variance 1/E (±~4.5% one standard error)
+    assert not np.array_equal(ours[0], ours[1])  # two draws

@@ -93,7 +93,9 @@ class Backend(ArrayHelpers, ABC):
         ``kaiming_uniform`` is torch's default weight init of ``nn.Linear`` / ``nn.Conv*d``
         (``kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = prod(shape[1:])) and
         ``fan_in_uniform:<n>`` their bias init, U(±1/√n) with n the weight's fan_in;
-        ``normal_zero_row:<k>`` is N(0,1) with row k zeros (an embedding's padding row)."""
+        ``normal_zero_row:<k>`` is N(0,1) with row k zeros (an embedding's padding row);
+        ``xavier_normal`` is torch's ``xavier_normal_``: N(0, 2/(fan_in + fan_out)) with torch's
+        fans (fan_in = shape[1]·r, fan_out = shape[0]·r, r = prod(shape[2:]))."""
         if kind == "kaiming_uniform" or kind.startswith("fan_in_uniform:"):
             fan_in = int(kind.split(":")[1]) if ":" in kind else int(np.prod(shape[1:]))
             limit = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -102,6 +104,12 @@ class Backend(ArrayHelpers, ABC):
             fan_out, fan_in = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (shape[0], shape[0])
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             data = self._rng.uniform(-limit, limit, shape)
+        elif kind == "xavier_normal":
+            if len(shape) < 2:
+                raise ValueError(f"xavier_normal needs at least 2 dimensions, got shape {shape}")
+            r = int(np.prod(shape[2:]))
+            std = np.sqrt(2.0 / (shape[0] * r + shape[1] * r)) if shape[0] * shape[1] * r else 0.0
+            data = self._rng.normal(0.0, std, shape)
         elif kind == "normal" or kind.startswith("normal_zero_row:"):
             data = self._rng.standard_normal(shape)
             if ":" in kind:  # nn.Embedding(padding_idx=k): row k starts at zeros

@@ -268,14 +268,14 @@ class MultiHeadAttention(Operator):
     @property
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
         """torch's: ``xavier_uniform_`` in-projection, ``kaiming_uniform_(a=√5)`` out-projection,
-        zero biases."""
+        zero biases, ``xavier_normal_`` ``bias_k`` / ``bias_v``."""
         names = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if self.separate \
             else ("in_proj_weight",)
         init = {**dict.fromkeys(names, "glorot"), "out_proj_weight": "kaiming_uniform"}
         if self.use_bias:
             init.update(in_proj_bias="zeros", out_proj_bias="zeros")
-        if self.add_bias_kv:  # torch: xavier_normal_, N(0, 1/E); the nearest here: Glorot uniform
-            init.update(bias_k="glorot", bias_v="glorot")
+        if self.add_bias_kv:  # torch's xavier_normal_ of (1, 1, E): N(0, 1/E)
+            init.update(bias_k="xavier_normal", bias_v="xavier_normal")
         return init
 
     def _embed(self, shapes) -> int | None:
