@@ -213,3 +213,72 @@ def test_trainer_constructor_errors_name_the_trainers_arguments(kwargs, name):
     with pytest.raises((TypeError, ValueError)) as info:
         MixedPrecisionTrainer(compiled, Adam(), compiled.get_parameters(), **kwargs)
     assert str(info.value).startswith(name) and "init_scale" not in str(info.value)
+
+
+# -- Accumulate: torch's loop skips the whole window, the trainer drops one micro-batch ---------
+def torch_accumulating_loop(batches, k: int):
+    """torch's recipe: ``scaler.scale(loss / k).backward()`` on each of ``k`` micro-batches,
+    then one ``scaler.step`` + ``update``; SGD(0.25, momentum 0.5). Returns the params after
+    each window, the scale after each window, and whether each window was skipped."""
+    ps = {W: torch.nn.Parameter(torch.full((2, 3), 0.5)), B: torch.nn.Parameter(torch.zeros(2))}
+    opt = torch.optim.SGD(list(ps.values()), lr=0.25, momentum=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=1000)
+    params, scales, skipped = [], [], []
+    for i in range(0, len(batches) - k + 1, k):
+        opt.zero_grad()
+        for x, c in batches[i:i + k]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = torch.nn.functional.linear(torch.from_numpy(x), ps[W], ps[B])
+            scaler.scale((out.float() * torch.from_numpy(c)).sum() / k).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+        scales.append(scaler.get_scale())
+        params.append({n: p.detach().numpy().copy() for n, p in ps.items()})
+    return params, scales, skipped
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_accumulate_drops_the_overflowing_micro_batch_where_torch_skips_the_window(kind):
+    """Six micro-batches, k = 2, a NaN in micro-batch 3. torch's loop skips the whole second
+    window (micro-batches 2 and 3: three updates made of 0+1 and 4+5, two of them applied).
+    The trainer (Keras' ``LossScaleOptimizer`` over an accumulating optimizer) drops only
+    micro-batch 3: its windows are 0+1 and 2+4, micro-batch 5 waits in the buffer. Its
+    masters equal torch's loop run without micro-batch 3, and differ from torch's run on
+    all six - what a torch user switching over gets."""
+    from mithril.utils.accumulation import Accumulate
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(8)
+    batches = []
+    for i in range(6):
+        x = rng.integers(-2, 3, (2, 3)).astype(np.float32) / 2
+        if i == 3:
+            x[0, 2] = np.nan
+        batches.append((x, rng.integers(-4, 5, (2, 2)).astype(np.float32) / 4))
+    full, full_scales, full_skipped = torch_accumulating_loop(batches, 2)
+    assert full_skipped == [False, True, False] and full_scales == [64.0, 32.0, 32.0]
+    dropped, _, dropped_skipped = torch_accumulating_loop(batches[:3] + batches[4:], 2)
+    assert dropped_skipped == [False, False]
+
+    backend = BACKENDS[kind](dtype="float16")
+    m = ml.Model()
+    m |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    compiled = ml.compile(m, backend, shapes={"input": [2, 3]})
+    trainer = MixedPrecisionTrainer(
+        compiled, Accumulate(SGD(learning_rate=0.25, momentum=0.5), 2),
+        {W: backend.array(np.full((2, 3), 0.5, np.float32), "float32"),
+         B: backend.array(np.zeros(2, np.float32), "float32")},
+        loss_scale=2.0**6, growth_interval=1000)
+    applied = []
+    for x, c in batches:
+        trainer.forward({"input": backend.array(x)})
+        trainer.backward_and_update({"out": backend.array(c)})
+        applied.append(trainer.last_step_applied)
+    assert applied == [False, True, False, False, True, False]
+    assert trainer.loss_scale == 32.0 and trainer.optimizer_state.micro_step == 1
+    got = host(backend, trainer.master_params)
+    for n in (W, B):
+        np.testing.assert_allclose(got[n], dropped[-1][n], rtol=0, atol=1e-7, err_msg=n)
+        assert np.abs(got[n] - full[-1][n]).max() > 1e-3
