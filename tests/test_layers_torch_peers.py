@@ -8,7 +8,7 @@ process-wide): cases the per-layer test files do not reach.
 2. BatchNorm with eps = 0, which torch's F.batch_norm refuses in training mode.
 3. RNN / LSTM / GRU over an empty sequence (refused, as torch), then over one step.
 4. Attention over no keys (S = 0): zeros, as torch.
-5. Dilated max pooling on JAX: −inf and NaN windows route their gradient as torch.
+5. Max pooling on JAX, dilated or not: −inf and NaN windows route their gradient as torch.
 6. GroupNorm's eps: checked as BatchNorm's; 0 and ints as torch.
 7. TransformerBlock's eps: checked; a given one is torch's layer_norm_eps.
 8. A ReLU RNN at z = 0 (zero-padded steps): torch's zero gradient on JAX too.
@@ -203,7 +203,8 @@ def test_attention_over_no_keys_is_zeros_as_torch(backend_name, dtype, block):
 def test_dilated_max_pool_routes_minus_inf_and_nan_windows_as_torch(backend_name, dtype, nd):
     """Dilated windows whose real values are all −inf send the gradient to their first real
     element (JAX sent it to the padding: its argmax took the first −inf) and windows with two
-    NaNs to the last (JAX: the first), as torch; documented to differ only without dilation."""
+    NaNs to the last (JAX: the first), as torch on every backend, dilated or not
+    (tests/test_pool_nonfinite.py covers the undilated windows)."""
     backend = BACKENDS[backend_name](dtype=dtype)
     rng = np.random.default_rng(nd)
     shape = (2, 2, 7) if nd == 1 else (2, 2, 5, 6)
