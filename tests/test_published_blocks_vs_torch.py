@@ -1,6 +1,6 @@
 """The published Mithril's blocks added for its test cases (the losses AbsoluteError,
 QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence; Variance, Sine,
-Cosine, StopGradient and StableReciprocal) side by side
+Cosine, StopGradient, StableReciprocal and PermuteTensor) side by side
 with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
 within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
 the loss and a direct torch expression with autograd where it has none; the NumPy gradients
@@ -154,6 +154,12 @@ CASES: dict[str, Case] = {
     "variance_two_axes_fractional": Case(lambda: ml.Variance(axis=(0, -1), correction=2.5),
                                          {"input": (3, 4, 5)},
                                          unary(lambda x: torch.var(x, dim=(0, 2), correction=2.5))),
+    "permute_tensor": Case(lambda: ml.PermuteTensor(), {"input": (4, 3, 2)},
+                           lambda t, d: {"output": t["input"][d["indices"]]},
+                           data={"indices": np.array([2, 0, 3, 1])}),
+    "permute_tensor_repeated_negative": Case(lambda: ml.PermuteTensor(), {"input": (4, 3)},
+                                             lambda t, d: {"output": t["input"][d["indices"]]},
+                                             data={"indices": np.array([0, -1, 0, 2])}),
 }
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
@@ -163,7 +169,7 @@ test_jax_equals_torch = pytest.mark.slow(test_jax_equals_torch)  # (a JAX proces
 SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", "bce_logits_mean",
           "bce_logits_pos_weight", "kl_div", "kl_div_sum", "quad_hinge", "sine", "cosine",
           "variance_all", "variance_axis_keepdim_unbiased",
-          "variance_two_axes_fractional"]
+          "variance_two_axes_fractional", "permute_tensor_repeated_negative"]
 
 
 @pytest.mark.parametrize("name", SMOOTH)
@@ -293,3 +299,33 @@ def test_variance_of_fewer_elements_than_the_correction_is_inf_as_torch():
     for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
         out, _ = _run(ml.Variance(axis=1, correction=3), backend, {"input": x})
         assert np.isinf(out).all() and torch.var(torch.tensor(x), dim=1, correction=3).isinf().all()
+
+
+def _permute(indices: np.ndarray, rows: int = 4):
+    m = ml.Model()
+    m |= ml.PermuteTensor()(input="input", indices="order", output="output")
+    return m, {"input": [rows, 3], "order": list(indices.shape)}
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")],
+                         ids=["numpy", "torch"])
+def test_permute_tensor_refuses_indices_out_of_range_by_key(backend):
+    m, shapes = _permute(np.zeros(4, np.int64))
+    c = ml.compile(m, backend, shapes=shapes)
+    x = backend.array(np.ones((4, 3)))
+    for bad, shown in ((np.array([0, 1, 2, 4]), 4), (np.array([-5, 0, 1, 2]), -5)):
+        with pytest.raises(ValueError, match=f"PermuteTensor: indices 'order': index {shown} is "
+                                             "out of range for 4 rows"):
+            c.evaluate({}, {"input": x, "order": backend.array(bad)})
+    with pytest.raises(ml.DTypeError, match="input 'order': expected an integer dtype, got float64"):
+        c.evaluate({}, {"input": x, "order": backend.array(np.zeros(4))})
+
+
+@pytest.mark.parametrize("indices, rows, match", [
+    (np.zeros((2, 2), np.int64), 4, "'indices' must be a vector, got shape \\[2, 2\\]"),
+    (np.zeros(3, np.int64), 4, "'indices' \\[3\\] must be as long as the first axis of 'input' \\[4, 3\\]"),
+])
+def test_permute_tensor_shapes(indices, rows, match):
+    m, shapes = _permute(indices, rows)
+    with pytest.raises(ml.ShapeError, match=match):
+        ml.compile(m, NumpyBackend(), shapes=shapes)

@@ -91,7 +91,8 @@ __all__ += ["AbsoluteError", "BinaryCrossEntropy", "HingeLoss", "KLDivergence", 
             "QuantileLoss"]
 
 # the published Mithril's statistics and elementwise primitives
+from .permute_tensor import PermuteTensor  # noqa: E402
 from .statistics import Variance  # noqa: E402
 from .unary_primitives import Cosine, Sine, StableReciprocal, StopGradient  # noqa: E402
 
-__all__ += ["Cosine", "Sine", "StableReciprocal", "StopGradient", "Variance"]
+__all__ += ["Cosine", "PermuteTensor", "Sine", "StableReciprocal", "StopGradient", "Variance"]
