@@ -321,7 +321,12 @@ def test_min_scale_floors_backoffs_as_jmps_min_loss_scale():
     back = LossScaler()
     back.load_state_dict(sd["scaler"])
     assert (back.scale, back.min_scale) == (4.0, 1.0)
-    with pytest.raises(ValueError, match="min_scale"):
+    with pytest.raises(ValueError, match="min_scale = 1.0 must not exceed init_scale = 0.5"):
         LossScaler(0.5, min_scale=1.0)  # (a floor above the scale)
+    before = back.state_dict()
+    for bad, err in ((8.0, ValueError), (-1.0, ValueError), ("1", TypeError)):
+        with pytest.raises(err, match="'min_scale'"):
+            back.min_scale = bad  # (refused: nothing changes)
+    assert back.state_dict() == before
     with pytest.raises(ValueError, match="min_loss_scale"):
         MixedPrecisionTrainer(linear(backend), SGD(), start(backend), min_loss_scale=-1.0)

@@ -42,8 +42,8 @@ class LossScaler:
 
     The constructor and :meth:`load_state_dict` apply the same rules: the scale is a number
     > 0 that stays finite and > 0 in float32 (:meth:`load_state_dict` also takes 0.0, which
-    the scaler reaches itself after ~165 backoffs in a row, as torch's), ``growth_factor`` a finite number > 1,
-    ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool,
+    the scaler reaches itself after ~165 backoffs in a row, as torch's), ``growth_factor`` a
+    finite number > 1, ``backoff_factor`` one in (0, 1), ``growth_interval`` an integer >= 1, ``dynamic`` a bool,
     the growth tracker an integer in ``[0, growth_interval)`` and ``min_scale`` a number in
     ``[0, scale]`` (rounded to float32, a positive one not to 0); so does setting a field
     by attribute (``scaler.growth_interval = 500``). A bad value raises
@@ -103,7 +103,8 @@ class LossScaler:
             raise ValueError(f"{names[6]} must be finite and >= 0 in float32 (a positive value "
                              f"must not round to 0), got {describe(min_scale)}")
         if m32 > s32:
-            raise ValueError(f"{names[6]} = {float(m32)} must not exceed {names[0]} = "
+            scale_name = names[0].split(":")[0]  # (the constructor's "init_scale: ...")
+            raise ValueError(f"{names[6]} = {float(m32)} must not exceed {scale_name} = "
                              f"{float(s32)} (backoffs stop at it)")
         return s32, g, b, interval, dyn, tracker, m32
 

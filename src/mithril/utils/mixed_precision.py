@@ -36,7 +36,8 @@ What happens in one step:
 5. **Dynamic scale** (:class:`LossScaler`, ``torch.amp.GradScaler`` semantics): on inf/NaN the
    scale is multiplied by ``backoff_factor`` and the growth tracker reset; after
    ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
-   result is finite in float32). The scale is held in float32 as in torch. With
+   result is finite in float32). The scale is held in float32 as in torch; ``min_loss_scale``
+   puts a floor under backoffs (jmp's ``min_loss_scale``; none by default, as torch). With
    ``dynamic_loss_scaling=False`` the scale stays fixed (non-finite steps are still skipped).
    Note that float16's largest value is 65504: with the default scale 2**16 a loss gradient of
    1.0 (``{"loss": 1.0}``) already overflows, so the first step is skipped and the scale
