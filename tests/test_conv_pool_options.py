@@ -21,14 +21,16 @@ import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
 
 
-@pytest.mark.parametrize("make, arg", [
-    (lambda: ml.Convolution2D(3, 4, bias=False), "bias"),
-    (lambda: ml.Convolution1D(3, 4, output_padding=1), "output_padding"),
-    (lambda: ml.MaxPool2D(2, return_indices=True), "return_indices"),
-    (lambda: ml.AvgPool1D(2, dilation=2), "dilation"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: ml.Convolution2D(3, 4, bias=False), r"Convolution2D: no bias= argument \(ours is use_bias"),
+    (lambda: ml.Convolution1D(3, 4, output_padding=1),
+     r"Convolution1D: no output_padding= argument \(transposed"),
+    (lambda: ml.MaxPool2D(2, return_indices=True), r"MaxPool2D: no return_indices= argument"),
+    (lambda: ml.AvgPool1D(2, dilation=2), r"AvgPool1D: no dilation= argument"),
 ])
-def test_torch_arguments_not_offered_are_named(make, arg: str) -> None:
-    with pytest.raises(TypeError, match=arg):
+def test_torch_arguments_not_offered_are_named(make, message: str) -> None:
+    """The public layer is named (not an internal base class), with what to use instead."""
+    with pytest.raises(TypeError, match=message):
         make()
 
 

@@ -176,6 +176,22 @@ def check_mode_pads(spatial: Sequence[int | None], pads: Pads, mode: str, who: s
 
 
 # -- convolution ------------------------------------------------------------------------------
+#: torch's arguments of the convolution and pooling layers that are not ours: what instead
+TORCH_ONLY = {"bias": "ours is use_bias, a bool", "in_channels": "read from the input's shape",
+              "output_padding": "transposed convolutions are not offered",
+              "return_indices": "a max pool's indices are not returned",
+              "device": "the backend places the arrays", "dtype": "the backend's dtype is used"}
+
+
+def refuse_unknown(who: str, unknown: dict[str, Any]) -> None:
+    """A ``TypeError`` naming the public layer and the first argument it does not take (with
+    what to use instead where it is torch's), rather than Python's about an internal class."""
+    if unknown:
+        name = next(iter(unknown))
+        raise TypeError(f"{who}: no {name}= argument "
+                        f"({TORCH_ONLY.get(name, 'not an argument of this layer')})")
+
+
 class _Convolution(Operator):
     nd: int = 2
     layout: str = "N, C, H, W"
@@ -185,8 +201,9 @@ class _Convolution(Operator):
     def __init__(self, kernel_size: int | Sequence[int], out_channels: int | None = None,
                  stride: int | Sequence[int] = 1, padding: Any = 0,
                  dilation: int | Sequence[int] = 1, groups: int = 1, use_bias: bool = True,
-                 padding_mode: str = "zeros") -> None:
+                 padding_mode: str = "zeros", **unknown: Any) -> None:
         who = type(self).__name__
+        refuse_unknown(who, unknown)
         if not isinstance(out_channels, (int, np.integer)) or isinstance(out_channels, bool) \
                 or out_channels <= 0:
             raise ValueError(f"{who}: out_channels must be a positive int, got {out_channels!r}")

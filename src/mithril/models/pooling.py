@@ -48,6 +48,7 @@ from .conv import (
     offset_slices,
     out_sizes,
     pad_like,
+    refuse_unknown,
     same_layout,
     stacked_like,
 )
@@ -63,8 +64,9 @@ class _Pool(Operator):
 
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
                  padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
-                 ceil_mode: bool = False) -> None:
+                 ceil_mode: bool = False, **unknown: Any) -> None:
         who = type(self).__name__
+        refuse_unknown(who, unknown)
         if not isinstance(ceil_mode, (bool, np.bool_)):
             raise TypeError(f"{who}: ceil_mode must be a bool, got {ceil_mode!r}")
         self.ceil_mode = bool(ceil_mode)
@@ -339,7 +341,9 @@ class MaxPool2D(_MaxPool):
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
                  padding: int | Sequence[int] = 0, count_include_pad: bool = True,
-                 ceil_mode: bool = False, divisor_override: int | None = None) -> None:
+                 ceil_mode: bool = False, divisor_override: int | None = None,
+                 **unknown: Any) -> None:
+        refuse_unknown(type(self).__name__, unknown)
         super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode)
         who = type(self).__name__
         if not isinstance(count_include_pad, (bool, np.bool_)):
