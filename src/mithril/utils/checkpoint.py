@@ -268,7 +268,9 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file and the
     tensor or field. ``params_template``: the checkpoint must have exactly its keys and the
     shapes of its (float) arrays (else :class:`~mithril.errors.KeyMismatchError` /
-    :class:`~mithril.errors.ShapeError`); arrays take the template's dtypes. ``optimizer``:
+    :class:`~mithril.errors.ShapeError`); arrays take the template's dtypes (a float64
+    checkpoint loaded with a float32 template is rounded to float32: build the template in
+    the saved dtype, ``metadata["params"][name]["dtype"]``, to keep every bit). ``optimizer``:
     must be of the saved class (else ``ValueError``); its hyperparameters are restored.
     ``scheduler``: restored with ``load_state_dict`` (which sets the optimizer's learning
     rate). Everything is validated - the optimizer's and the scheduler's states tried on
