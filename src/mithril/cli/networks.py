@@ -100,7 +100,9 @@ def charlm_spec(vocab: int, context: int, d_model: int = 128, layers: int = 4, h
                 dropout: float = 0.0, eval_chunk: int = 64) -> ModelSpec:
     """GPT-style: token embedding + learned position embedding → ``layers`` pre-LayerNorm
     causal :class:`~mithril.TransformerBlock` (GELU, feed-forward 4·d) → LayerNorm → linear
-    head over the ``vocab`` characters; input and target (N, context) character indices."""
+    head over the ``vocab`` characters; input and target (N, context) character indices.
+    ``dropout``: after the embeddings and inside every block (its attention weights, after
+    each sub-layer and the feed-forward activation, as torch's layers)."""
     model = ml.Model()
     model |= ml.Embedding(vocab, d_model)(input="input", output=_hidden("tokens"))
     model |= ml.PositionalEmbedding(context, d_model)(input="tokens", output=_hidden("h0"))
@@ -109,7 +111,8 @@ def charlm_spec(vocab: int, context: int, d_model: int = 128, layers: int = 4, h
         model |= ml.Dropout(dropout)(input=prev, output=_hidden("h0_dropped"))
         prev = "h0_dropped"
     for i in range(layers):
-        block = ml.TransformerBlock(d_model, heads, 4 * d_model, activation="gelu", is_causal=True)
+        block = ml.TransformerBlock(d_model, heads, 4 * d_model, activation="gelu", is_causal=True,
+                                    dropout=dropout)  # (attention, sub-layers: as nanoGPT)
         model |= block(input=prev, output=_hidden(f"h{i + 1}"))
         prev = f"h{i + 1}"
     model |= ml.LayerNorm()(input=prev, output=_hidden("final"))
