@@ -45,3 +45,31 @@ def test_indexer_ints_apart_from_index_arrays_follow_numpy(case, backend_name):
     np.add.at(want_grad, index, 2 * cot)  # (repeats add up)
     np.testing.assert_array_equal(b.to_numpy(out["y"]), want)
     np.testing.assert_array_equal(b.to_numpy(grads["x"]), want_grad)
+
+
+# -- Max / Min over an empty axis ------------------------------------------------------------------
+# The maximum of no values has no identity: x[1:1].max(axis=0) compiled, then raised NumPy's
+# "zero-size array to reduction operation maximum", torch's IndexError from amax() and JAX's
+# ValueError at evaluate. It is a ShapeError naming the block, the axis and the shape: at
+# compile time for a known shape, before the run for a free dimension (naming the input).
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_max_min_over_an_empty_axis_is_a_shape_error(reduce, backend_name):
+    b = BACKENDS[backend_name](dtype="float32")
+    m = Model()
+    m |= Buffer()(input=getattr(IOKey("x")[1:1], reduce)(axis=0), output="y")
+    with pytest.raises(ml.ShapeError, match=rf"{reduce.capitalize()} over axis 0 of size 0 \(shape \[0, 3\]\)"):
+        ml.compile(m, b, shapes={"x": [2, 3]})
+    m = Model()  # the other axis of an empty array: an empty result, as NumPy
+    m |= Buffer()(input=getattr(IOKey("x")[1:1], reduce)(axis=1), output="y")
+    out = ml.compile(m, b, shapes={"x": [2, 3]}).evaluate({}, {"x": b.ones(2, 3)})
+    assert tuple(b.to_numpy(out["y"]).shape) == (0,)
+
+    m = Model()  # a free dimension: refused before the run, naming the input
+    m |= Buffer()(input=getattr(IOKey("d"), reduce)(axis=0), output="y")
+    c = ml.compile(m, b, shapes={"d": [None, 3]})
+    with pytest.raises(ml.ShapeError, match=r"of size 0 .*'input' <- 'd' \[0, 3\]"):
+        c.evaluate({}, {"d": b.array(np.zeros((0, 3), np.float32))})
+    d = np.array([[1.0, -2.0, 3.0], [0.5, 4.0, -1.0]], np.float32)
+    want = d.max(axis=0) if reduce == "max" else d.min(axis=0)
+    np.testing.assert_array_equal(b.to_numpy(c.evaluate({}, {"d": b.array(d)})["y"]), want)

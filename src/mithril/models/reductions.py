@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .half_precision import float32_forward
-from .operator import Operator, ShapeError, div_count, torch_of
+from .operator import Operator, ShapeError, div_count, fmt, torch_of
 
 
 class _Reduce(Operator):
@@ -93,6 +93,16 @@ class Mean(_Reduce):
 
 class _Extreme(_Reduce):
     _name: str  # "max" or "min"
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is not None:  # no identity: an empty axis was a raw NumPy / torch / JAX error
+            empty = [a for a in self._axes(len(s)) if s[a] == 0]
+            if empty:
+                raise ShapeError(f"{type(self).__name__} over axis {empty[0]} of size 0 "
+                                 f"(shape {fmt(s)}): the {self._name}imum of no values is "
+                                 "undefined")
+        return super().infer_shape(shapes)
 
     def forward(self, xp: Any, input: Any) -> Any:
         torch = torch_of(xp)
