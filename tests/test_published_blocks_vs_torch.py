@@ -1,6 +1,7 @@
 """The published Mithril's blocks added for its test cases (the losses AbsoluteError,
 QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence; Variance, Sine,
-Cosine, StopGradient, StableReciprocal and PermuteTensor) side by side
+Cosine, StopGradient, StableReciprocal, PermuteTensor; PolynomialFeatures,
+PolynomialRegression and LogisticRegression) side by side
 with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
 within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
 the loss and a direct torch expression with autograd where it has none; the NumPy gradients
@@ -89,6 +90,34 @@ def _stable_reciprocal(x, c):
     return torch.where(x.abs() < c, side - x / c**2, 1 / torch.where(x.abs() < c, 1.0, x))
 
 
+_POLY_X = np.array([[0.0, 1.5], [-2.0, 0.0], [0.5, -0.25], [3.0, 2.0]])
+
+
+def _monomials(x, degree):
+    """scikit-learn's PolynomialFeatures(degree, include_bias=False), written in torch."""
+    from itertools import combinations_with_replacement
+
+    cols = []
+    for combo in combinations_with_replacement(range(x.shape[1] + 1), degree):
+        if any(combo):
+            picked = [x[:, i - 1] for i in combo if i]
+            col = picked[0]
+            for c in picked[1:]:
+                col = col * c
+            cols.append(col)
+    return torch.stack(cols, dim=1)
+
+
+def _linear(t):
+    """The Linear's weight and bias among the harness's full names (``<model>.linear.weight``)."""
+    return [next(v for k, v in t.items() if k.endswith(f"linear.{r}")) for r in ("weight", "bias")]
+
+
+def _logistic(t, d):
+    logit = F.linear(t["input"], *_linear(t))
+    return {"output": logit, "probs_output": torch.sigmoid(logit)}
+
+
 CASES: dict[str, Case] = {
     "absolute_error": Case(lambda: ml.AbsoluteError(), {"input": _X, "target": _T},
                            pair(lambda x, t: F.l1_loss(x, t, reduction="none"))),
@@ -160,6 +189,16 @@ CASES: dict[str, Case] = {
     "permute_tensor_repeated_negative": Case(lambda: ml.PermuteTensor(), {"input": (4, 3)},
                                              lambda t, d: {"output": t["input"][d["indices"]]},
                                              data={"indices": np.array([0, -1, 0, 2])}),
+    # -- regression models ---------------------------------------------------------------------
+    "polynomial_features_degree_2": Case(lambda: ml.PolynomialFeatures(2), {"input": _POLY_X},
+                                         unary(lambda x: _monomials(x, 2))),
+    "polynomial_features_degree_3": Case(lambda: ml.PolynomialFeatures(3), {"input": (4, 3)},
+                                         unary(lambda x: _monomials(x, 3))),
+    "polynomial_regression": Case(lambda: ml.PolynomialRegression(3, 2), {"input": (5, 2)},
+                                  lambda t, d: {"output": F.linear(_monomials(t["input"], 3),
+                                                                   *_linear(t))}),
+    "logistic_regression": Case(lambda: ml.LogisticRegression(), {"input": (5, 3)}, _logistic,
+                                outputs=("output", "probs_output")),
 }
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
@@ -169,7 +208,9 @@ test_jax_equals_torch = pytest.mark.slow(test_jax_equals_torch)  # (a JAX proces
 SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", "bce_logits_mean",
           "bce_logits_pos_weight", "kl_div", "kl_div_sum", "quad_hinge", "sine", "cosine",
           "variance_all", "variance_axis_keepdim_unbiased",
-          "variance_two_axes_fractional", "permute_tensor_repeated_negative"]
+          "variance_two_axes_fractional", "permute_tensor_repeated_negative",
+          "polynomial_features_degree_2", "polynomial_features_degree_3", "polynomial_regression",
+          "logistic_regression"]
 
 
 @pytest.mark.parametrize("name", SMOOTH)
@@ -329,3 +370,22 @@ def test_permute_tensor_shapes(indices, rows, match):
     m, shapes = _permute(indices, rows)
     with pytest.raises(ml.ShapeError, match=match):
         ml.compile(m, NumpyBackend(), shapes=shapes)
+
+
+def test_polynomial_features_column_order_is_scikit_learns():
+    """For d = 2, degree 2: x1, x2, x1², x1·x2, x2² (scikit-learn's order)."""
+    out, _ = _run(ml.PolynomialFeatures(2), NumpyBackend(dtype="float64"), {"input": np.array([[2.0, 3.0]])})
+    np.testing.assert_array_equal(out, [[2.0, 3.0, 4.0, 6.0, 9.0]])
+
+
+@pytest.mark.parametrize("degree", [0, 1.5, True, "2"])
+def test_polynomial_features_refuses_a_bad_degree(degree):
+    with pytest.raises(ValueError, match="PolynomialFeatures: degree must be an int >= 1"):
+        ml.PolynomialFeatures(degree)
+
+
+def test_polynomial_features_needs_a_matrix():
+    m = ml.Model()
+    m |= ml.PolynomialFeatures(2)(input="input", output="output")
+    with pytest.raises(ml.ShapeError, match="PolynomialFeatures: 'input' must be \\(N, d\\), got shape \\[2, 3, 4\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"input": [2, 3, 4]})

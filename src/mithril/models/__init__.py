@@ -96,3 +96,12 @@ from .statistics import Variance  # noqa: E402
 from .unary_primitives import Cosine, Sine, StableReciprocal, StopGradient  # noqa: E402
 
 __all__ += ["Cosine", "PermuteTensor", "Sine", "StableReciprocal", "StopGradient", "Variance"]
+
+# the published Mithril's regression models
+from .regression_models import (  # noqa: E402
+    LogisticRegression,
+    PolynomialFeatures,
+    PolynomialRegression,
+)
+
+__all__ += ["LogisticRegression", "PolynomialFeatures", "PolynomialRegression"]
