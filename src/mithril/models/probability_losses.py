@@ -29,9 +29,12 @@ def tiny(dtype: Any) -> float:
 
 
 def robust_log(xp: Any, x: Any, c: float) -> Any:
-    """log(x) for x >= c, log(c) + x/c − 1 below (the inner where keeps the unpicked log's
-    gradient finite on JAX and torch)."""
-    return xp.where(x < c, math.log(c) + x / c - 1, xp.log(xp.where(x < c, 1.0, x)))
+    """log(x) for x >= c, log(c) + x/c − 1 below (the inner wheres keep the unpicked
+    branches finite: the log's gradient on JAX and torch, and x/c, which overflows for
+    x > 8 in float64)."""
+    below = x < c
+    return xp.where(below, math.log(c) + xp.where(below, x, 0.0) / c - 1,
+                    xp.log(xp.where(below, 1.0, x)))
 
 
 def robust_log_slope(x: np.ndarray, c: float) -> np.ndarray:
