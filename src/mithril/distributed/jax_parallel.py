@@ -34,9 +34,12 @@ and XLA inserts the collectives.
   ``hyperparams["missed"]``, replicated: per parameter, the applied steps it missed;
   ``to_optimizer_state`` carries them into a checkpoint, ``from_optimizer_state`` back). A
   loss that reaches every parameter runs the very program it ran before (``init`` keeps
-  no count). An optimizer whose program cannot count each parameter's steps (Muon, Adafactor,
-  Lookahead) is refused then, naming the parameters (the one-device step falls back to
-  the separate calls, which a mesh has no counterpart of).
+  no count). Muon and Adafactor count them too (each tensor its own row of scalars:
+  :mod:`~mithril.utils.train_step_own_counts`); an optimizer whose program cannot count
+  each parameter's steps (a Lookahead: its sync counts the group's steps; a tensorwise one
+  with weight averaging or a group's ``step_offset``) is refused then, naming the
+  parameters (the one-device step falls back to the separate calls, which a mesh has no
+  counterpart of).
 * **Several processes** (:func:`init_jax`): ``jax.distributed`` with CPU collectives (gloo);
   the mesh then spans every process's devices, and every process passes the *same global*
   batch (each contributes the rows of its own devices).
@@ -176,8 +179,9 @@ class ShardedTrainStep(TrainStep):
                 f"make_sharded_train_step: the loss {self.loss!r} does not reach "
                 f"{sorted(self._unreached)}: leaving them out of the update needs a step "
                 f"count per parameter, which the program of a {type(optimizer).__name__} "
-                f"(tensorwise, or a Lookahead) does not keep; use a loss that reaches every "
-                f"parameter, or make_train_step on one device (the separate calls there)")
+                f"(a Lookahead, or a tensorwise one with weight averaging or a group's "
+                f"step_offset) does not keep; use a loss that reaches every parameter, or "
+                f"make_train_step on one device (the separate calls there)")
         del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -362,6 +366,7 @@ class ShardedTrainStep(TrainStep):
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
                 return jitted(ptuple, opt_state, ins, rng, mstate, lr, hyper, training=training)
 
+        call._cache_size = jitted._cache_size  # type: ignore[attr-defined] - its compiles
         return call
 
     def _place_inputs(self, ins: dict[str, Any]) -> dict[str, Any]:

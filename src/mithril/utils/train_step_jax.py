@@ -171,10 +171,14 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
     def part(tree: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return {s: {n: per[n] for n in on} for s, per in tree.items()}
 
+    import jax
+
     sub = opt_state._replace(slots=part(opt_state.slots),
                              tensor_slots=part(opt_state.tensor_slots))
+    # (the counts in the order the transformation flattens the dict: its keys sorted)
+    order = jax.tree_util.tree_leaves({names[i]: i for i in idx})
     new, sub = tx.update({names[i]: grads[i] for i in idx}, sub, {n: params[n] for n in on},
-                         new_params=True, missed=missed[np.array(idx, dtype=np.int32)], **kw)
+                         new_params=True, missed=missed[np.array(order, dtype=np.int32)], **kw)
 
     def whole(old: dict, got: dict) -> dict:
         return {s: {**per, **got[s]} for s, per in old.items()}
@@ -453,7 +457,8 @@ class HyperparameterWatch:
             from ..interop.optax_special import classify, state_hyperparams
 
             # (a per-tensor optimizer traces what it lists: Muon's momentum)
-            self._traces_floats = classify(optimizer) in ("elementwise", "tensorwise")
+            self._kind = classify(optimizer)
+            self._traces_floats = self._kind in ("elementwise", "tensorwise")
             self._state_kept = state_hyperparams(optimizer)  # (schedule-free's beta1)
 
     def _transformation(self) -> Any:
@@ -467,8 +472,12 @@ class HyperparameterWatch:
             if self._tracing:  # (every float one: a schedule begun later compiles nothing)
                 traced.update(floats(self.optimizer))
             self._traced = tuple(sorted(traced))
-            self._tx = counting(optax_transformation(
-                self.optimizer, traced_hyperparams=self._traced), self.optimizer)
+            tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
+            if getattr(self, "_own_counts", False) and self._kind == "tensorwise":
+                from .train_step_own_counts import own_counts  # (update(missed=): its module)
+
+                tx = own_counts(tx, self.optimizer, self._traced)
+            self._tx = counting(tx, self.optimizer)
             if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer, self._traced)
             self._hyper_args = self._hyper_arrays()

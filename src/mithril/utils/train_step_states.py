@@ -88,13 +88,20 @@ def optimizer_state_of(step: Any, opt_state: Any, params: Any) -> Any:
 
 
 def counts_own_steps(optimizer: Any) -> bool:
-    """Whether the program can count each parameter's own steps for ``optimizer`` (an
-    elementwise or two-pass one, each parameter its own row of scalars: ``update(missed=)``
-    of :func:`~mithril.interop.optax_transformation`); not for a tensorwise one (Muon,
-    Adafactor) nor a Lookahead (its syncs count the group's steps)."""
+    """Whether the program can count each parameter's own steps for ``optimizer``: an
+    elementwise or two-pass one (each parameter its own row of scalars: ``update(missed=)``
+    of :func:`~mithril.interop.optax_transformation`), a tensorwise one (Muon, Adafactor:
+    :mod:`.train_step_own_counts`) without weight averaging or a group's ``step_offset``;
+    not a Lookahead (its sync counts the group's steps, its inner rules each parameter's:
+    its program's rows hold one count)."""
     from ..interop.optax_special import classify
 
     try:
-        return classify(optimizer) == "elementwise" and not hasattr(optimizer, "inner")
+        kind = classify(optimizer)
     except TypeError:  # (refused as a transformation: the step says why when it is made)
         return False
+    if kind == "tensorwise":
+        from .train_step_own_counts import why_not
+
+        return why_not(optimizer) is None
+    return not hasattr(optimizer, "inner")

@@ -354,7 +354,7 @@ class Muon(TensorwiseOptimizer):
                 if lay.names[i] in where:
                     out[i] = copy.copy(out[i])
                     out[i].missed = int(missed[i])
-        return out
+        return self.own_rows_if_asked(out)
 
 
     def _undecayed(self, names: Sequence[str]) -> set[str]:

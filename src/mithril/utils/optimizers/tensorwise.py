@@ -17,6 +17,7 @@ None, the per-tensor path above runs."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Mapping
@@ -212,11 +213,29 @@ class TensorwiseOptimizer(Optimizer):
         """The slots :meth:`tensor_update` reads and returns (by default all)."""
         return self.slot_names()
 
+    #: one row object per tensor (a copy where tensors share their group's view): set on
+    #: the copy an optax transformation is made from when each tensor's row of scalars is
+    #: to count its own steps (the one-program JAX step's per-parameter counts:
+    #: :mod:`mithril.utils.train_step_own_counts`)
+    _rows_per_tensor = False
+
     def tensor_rows(self, state: OptimizerState) -> list[Any]:
         """What updates each tensor (layout order; by default its group's view of this
         optimizer): ``tensor_update``, ``update_slots``, ``scalars``, hyperparameters."""
         index, views = self.group_rows(state)
-        return [views[r] for r in index]
+        return self.own_rows_if_asked([views[r] for r in index])
+
+    def own_rows_if_asked(self, rows: list[Any]) -> list[Any]:
+        """``rows`` as they are, or with :attr:`_rows_per_tensor` each tensor's its own
+        object (copies of the shared ones: the same values)."""
+        if not self._rows_per_tensor:
+            return rows
+        seen: set[int] = set()
+        out = []
+        for r in rows:
+            out.append(copy.copy(r) if id(r) in seen else r)
+            seen.add(id(r))
+        return out
 
 
 def _tensor_clip(row: Any, sumsq: float, size: int) -> float:
