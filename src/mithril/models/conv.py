@@ -53,9 +53,11 @@ def ntuple(value: Any, nd: int, name: str, who: str, minimum: int = 1) -> tuple[
 
 def padding_pairs(padding: Any, nd: int, kernel: tuple[int, ...], dilation: tuple[int, ...],
                   stride: tuple[int, ...], who: str) -> Pads:
-    """Per spatial axis ``(before, after)`` zero padding from an int, ``nd`` ints, ``nd``
-    ``(before, after)`` pairs, ``"valid"`` (none) or ``"same"`` (output size = input size,
-    stride 1 only; an odd total puts the extra element after, as torch)."""
+    """Per spatial axis ``(before, after)`` padding from an int, ``nd`` ints (each both before
+    and after, as torch), ``nd`` ``(before, after)`` pairs (for 1-D also one bare pair
+    ``(before, after)``: torch's 1-tuple ``(p,)`` is the symmetric form), ``"valid"`` (none) or
+    ``"same"`` (output size = input size, stride 1 only; an odd total puts the extra element
+    after, as torch)."""
     if isinstance(padding, str):
         if padding == "valid":
             return ((0, 0),) * nd
@@ -65,16 +67,39 @@ def padding_pairs(padding: Any, nd: int, kernel: tuple[int, ...], dilation: tupl
             total = [d * (k - 1) for k, d in zip(kernel, dilation)]
             return tuple((t // 2, t - t // 2) for t in total)
         raise ValueError(f"{who}: padding must be an int, a sequence, 'same' or 'valid', got {padding!r}")
-    if isinstance(padding, Sequence) and len(padding) == nd and all(
-            isinstance(p, Sequence) and not isinstance(p, str) for p in padding):
-        pairs = tuple(tuple(ntuple(p, 2, "padding pair", who, minimum=0)) for p in padding)
-        return pairs  # type: ignore[return-value]
+    return int_padding_pairs(padding, nd, who)
+
+
+def int_padding_pairs(padding: Any, nd: int, who: str) -> Pads:
+    """:func:`padding_pairs` without the strings (pooling's form): an int, ``nd`` ints, ``nd``
+    ``(before, after)`` pairs, or for 1-D one ``(before, after)`` pair; every number >= 0."""
+    if isinstance(padding, Sequence) and not isinstance(padding, str):
+        if any(isinstance(p, Sequence) and not isinstance(p, str) for p in padding):
+            if len(padding) != nd or not all(isinstance(p, Sequence) for p in padding):
+                raise ValueError(f"{who}: padding must hold one (before, after) pair per spatial "
+                                 f"axis ({nd}), got {padding!r}")
+            return tuple(ntuple(p, 2, "padding pair (before, after)", who, minimum=0)  # type: ignore[misc]
+                         for p in padding)
+        if nd == 1 and len(padding) == 2:  # 1-D: a bare (before, after) pair
+            return (ntuple(padding, 2, "padding pair (before, after)", who, minimum=0),)  # type: ignore[return-value]
+        if nd == 1 and len(padding) != 1:
+            raise ValueError(f"{who}: padding must be an int, (p,), a (before, after) pair or "
+                             f"((before, after),), got {padding!r}")
     return tuple((p, p) for p in ntuple(padding, nd, "padding", who, minimum=0))
 
 
-def check_rank(s: tuple | None, nd: int, who: str, layout: str) -> None:
-    if s is not None and len(s) != nd + 2:
-        raise ShapeError(f"{who}: 'input' must have rank {nd + 2} ({layout}), got shape {fmt(s)}")
+def check_rank(s: tuple | None, nd: int, who: str, layout: str, unbatched_ok: bool = True) -> None:
+    """An input of rank ``nd + 2`` (batched) or, ``unbatched_ok``, ``nd + 1`` (one example, no
+    batch axis: as torch's ConvNd and pooling layers take it)."""
+    if s is not None and len(s) not in ((nd + 1, nd + 2) if unbatched_ok else (nd + 2,)):
+        alt = f" or {nd + 1} (without the batch axis)" if unbatched_ok else ""
+        raise ShapeError(f"{who}: 'input' must have rank {nd + 2} ({layout}){alt}, got shape "
+                         f"{fmt(s)}")
+
+
+def unbatched(x: Any, nd: int) -> bool:
+    """``x`` (an array or a cotangent) has no batch axis: rank ``nd + 1``."""
+    return x is not None and len(x.shape) == nd + 1
 
 
 def out_sizes(spatial: Sequence[int | None], kernel: tuple[int, ...], stride: tuple[int, ...],
@@ -242,7 +267,7 @@ class _Convolution(Operator):
         s = shapes.get("input")
         who = type(self).__name__
         check_rank(s, self.nd, who, self.layout)
-        c = None if s is None else s[1]
+        c = None if s is None else s[-self.nd - 1]
         if c is not None and c % self.groups:
             raise ShapeError(f"{who}: input channels ({c}) must be divisible by groups "
                              f"({self.groups}); 'input' has shape {fmt(s)}")
@@ -262,11 +287,12 @@ class _Convolution(Operator):
         if s is None:
             return None
         who = type(self).__name__
+        spatial = s[-self.nd:]
         if self.mode_pads is not None:
-            check_mode_pads(s[2:], self.mode_pads, self.padding_mode, who)
-        sp = out_sizes(s[2:], self.kernel_size, self.stride, self.dilation,
+            check_mode_pads(spatial, self.mode_pads, self.padding_mode, who)
+        sp = out_sizes(spatial, self.kernel_size, self.stride, self.dilation,
                        self.mode_pads or self.pads, who)
-        return (s[0], self.out_channels, *sp)
+        return (*s[:-self.nd - 1], self.out_channels, *sp)
 
     def _mode_pad(self, xp: Any, x: Any) -> Any:
         """``x`` padded by ``padding_mode`` (as is for "zeros"): F.pad on torch, a gather of
@@ -300,6 +326,8 @@ class _Convolution(Operator):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
+        if unbatched(input, self.nd):  # (C, *spatial): as a batch of one, as torch
+            return self.forward(xp, input[None], weight, bias)[0]
         kind = backend_of(xp)
         if kind == "torch":
             return self._torch(xp.t, self._mode_pad(xp, input), weight, bias)
@@ -311,7 +339,11 @@ class _Convolution(Operator):
         """NumPy: the output and (the input, and its im2col rows when they took one chunk):
         the VJP rebuilds the rows of a larger input chunk by chunk, as the forward does,
         rather than keeping them (9x the input for a 3×3 kernel, and cold by then). With a
-        ``padding_mode`` other than "zeros", "the input" is the padded one."""
+        ``padding_mode`` other than "zeros", "the input" is the padded one. An input without a
+        batch axis: as a batch of one (the residuals too)."""
+        if unbatched(input, self.nd):
+            y, res = self.forward_residuals(xp, input[None], weight, bias)
+            return y[0], res
         input = self._mode_pad(np, input)
         out = self._out(input)
         n, p = input.shape[0], math.prod(out)
@@ -390,7 +422,15 @@ class _Convolution(Operator):
     def vjp(self, g, out, args, wrt, residuals=None):
         """Chunk by chunk of images (as the forward): the weight gradient g·cols summed over
         the chunks, and the input gradient's columns g·W gathered back onto the input
-        (:func:`~mithril.models.window_kernels.col2im`) while they are in cache."""
+        (:func:`~mithril.models.window_kernels.col2im`) while they are in cache. A cotangent
+        without a batch axis (an unbatched input): as a batch of one."""
+        if unbatched(g, self.nd):
+            x = args.get("input")
+            res = self.vjp(g[None], None if out is None else out[None],
+                           {**args, "input": None if x is None else x[None]}, wrt, residuals)
+            if "input" in res:
+                res["input"] = res["input"][0]
+            return res
         x, kept = residuals if residuals is not None else (self._mode_pad(np, args["input"]), None)
         n, c = x.shape[:2]
         gr, o = self.groups, self.out_channels

@@ -44,6 +44,7 @@ from .conv import (
     check_rank,
     crop,
     disjoint,
+    int_padding_pairs,
     ntuple,
     offset_slices,
     out_sizes,
@@ -51,6 +52,7 @@ from .conv import (
     refuse_unknown,
     same_layout,
     stacked_like,
+    unbatched,
 )
 from .half_precision import float32_forward
 from .operator import Operator, ShapeError, backend_of, div_count, fmt
@@ -63,7 +65,7 @@ class _Pool(Operator):
     reducer: str = "max"
 
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 padding: Any = 0, dilation: int | Sequence[int] = 1,
                  ceil_mode: bool = False, **unknown: Any) -> None:
         who = type(self).__name__
         refuse_unknown(who, unknown)
@@ -72,13 +74,21 @@ class _Pool(Operator):
         self.ceil_mode = bool(ceil_mode)
         self.kernel_size = ntuple(kernel_size, self.nd, "kernel_size", who)
         self.stride = self.kernel_size if stride is None else ntuple(stride, self.nd, "stride", who)
-        self.padding = ntuple(padding, self.nd, "padding", who, minimum=0)
+        self.pads = int_padding_pairs(padding, self.nd, who)
+        #: the padding as given: one int per axis when before = after (torch's form), else the
+        #: (before, after) pairs
+        self.padding: tuple = tuple(lo for lo, _ in self.pads) if self.symmetric else self.pads
         self.dilation = ntuple(dilation, self.nd, "dilation", who)
-        for k, p in zip(self.kernel_size, self.padding):
-            if p > k // 2:
-                raise ValueError(f"{who}: padding must be at most half the kernel size (as torch), "
-                                 f"got padding {self.padding} for kernel_size {self.kernel_size}")
-        self.pads = tuple((p, p) for p in self.padding)
+        for k, (lo, hi) in zip(self.kernel_size, self.pads):
+            if max(lo, hi) > k // 2:
+                raise ValueError(f"{who}: padding must be at most half the kernel size (as torch; "
+                                 f"before and after each), got padding {self.padding} for "
+                                 f"kernel_size {self.kernel_size}")
+
+    @property
+    def symmetric(self) -> bool:
+        """The same padding before and after on every axis (torch's pooling's only form)."""
+        return all(lo == hi for lo, hi in self.pads)
 
     def _pads(self, spatial: Sequence[int | None]) -> tuple[tuple[int, int], ...]:
         """``(before, after)`` padding per axis for an input of size ``spatial``: the given
@@ -88,16 +98,16 @@ class _Pool(Operator):
         if not self.ceil_mode:
             return self.pads
         pads = []
-        for n, k, s, d, p in zip(spatial, self.kernel_size, self.stride, self.dilation,
-                                 self.padding):
+        for n, k, s, d, (lo, hi) in zip(spatial, self.kernel_size, self.stride, self.dilation,
+                                        self.pads):
             eff = d * (k - 1) + 1
-            out = None if n is None else -(-(n + 2 * p - eff) // s) + 1
-            if out is not None and (out - 1) * s >= n + p:
+            out = None if n is None else -(-(n + lo + hi - eff) // s) + 1
+            if out is not None and (out - 1) * s >= n + lo:  # torch's pooling_output_shape_pad_lr
                 out -= 1
             if out is None or out < 1:  # unknown, or too small (out_sizes says so)
-                pads.append((p, p))
+                pads.append((lo, hi))
                 continue
-            pads.append((p, p + max(0, (out - 1) * s + eff - (n + 2 * p))))
+            pads.append((lo, hi + max(0, (out - 1) * s + eff - (n + lo + hi))))
         return tuple(pads)
 
     def infer_shape(self, shapes):
@@ -106,10 +116,13 @@ class _Pool(Operator):
         check_rank(s, self.nd, who, self.layout)
         if s is None:
             return None
-        return (*s[:2], *out_sizes(s[2:], self.kernel_size, self.stride, self.dilation,
-                                   self._pads(s[2:]), who))
+        sp = s[-self.nd:]
+        return (*s[:-self.nd], *out_sizes(sp, self.kernel_size, self.stride, self.dilation,
+                                          self._pads(sp), who))
 
     def forward(self, xp: Any, input: Any) -> Any:
+        if unbatched(input, self.nd):  # (C, *spatial): as a batch of one, as torch
+            return self.forward(xp, input[None])[0]
         kind = backend_of(xp)
         if kind == "torch":
             import torch.nn.functional as F
@@ -153,6 +166,18 @@ class _Pool(Operator):
         return (f"{type(self).__name__}({self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, ceil_mode={self.ceil_mode})")
 
+    def _flat_pads(self) -> list[int]:
+        """The padding in ``F.pad``'s order: (before, after) per axis, the last axis first."""
+        return [p for pair in reversed(self.pads) for p in pair]
+
+    def _crop_torch(self, y: Any, spatial: tuple[int, ...]) -> Any:
+        """torch's ceil_mode output of the explicitly padded input, cut to this pool's size:
+        on the padded input a window may start anywhere in it, here only inside the input or
+        the padding before it (torch's rule with padding given per side)."""
+        out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation,
+                        self._pads(spatial), type(self).__name__)
+        return y[(slice(None), slice(None), *(slice(0, o) for o in out))]
+
 
 class _MaxPool(_Pool):
     vjp_ignores = frozenset({"input", "output"})  # the residual masks are laid out as the input
@@ -160,6 +185,8 @@ class _MaxPool(_Pool):
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
+        if not self.symmetric:
+            return self._torch_asymmetric(fn, F, x)
         inside = self._windows_inside(tuple(x.shape[2:]))
         if inside is None:
             return fn(x, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -175,6 +202,39 @@ class _MaxPool(_Pool):
         picked = x.flatten(2).gather(2, idx).view_as(out)
         return torch.where(keep, picked, torch.full_like(picked, -math.inf))
 
+    def _torch_asymmetric(self, fn: Any, F: Any, x: Any) -> Any:
+        """Padding that differs before and after (torch pools pad symmetrically): torch's max
+        pooling of the input padded with −inf by ``F.pad``, and its indices, except where a
+        window's maximum is −inf: there the first element inside the input (as the NumPy and
+        JAX backends and torch's own padding; on the padded input torch would pick the −inf
+        padding) or, a window of padding only, −inf and no gradient."""
+        import torch
+
+        spatial = tuple(x.shape[2:])
+        xp = F.pad(x, self._flat_pads(), value=-math.inf)
+        y, idx = fn(xp, self.kernel_size, self.stride, 0, self.dilation,
+                    ceil_mode=self.ceil_mode, return_indices=True)
+        y, idx = self._crop_torch(y, spatial), self._crop_torch(idx, spatial)
+        first = torch.as_tensor(self._first_inside(spatial, tuple(y.shape[2:])), device=x.device)
+        idx = torch.where((y == -math.inf) & (first >= 0), first, idx)
+        idx = torch.where(first >= 0, idx, 0)
+        picked = xp.flatten(2).gather(2, idx.flatten(2)).view_as(y)
+        return torch.where(first >= 0, picked, torch.full_like(picked, -math.inf))
+
+    def _first_inside(self, spatial: tuple[int, ...], out: tuple[int, ...]) -> np.ndarray:
+        """Per output position, the flat index into the padded input (its spatial axes) of
+        its window's first element inside the input, in window order; −1 for a window of
+        padding only. A window's inside elements are a box, so per axis the first one."""
+        flat, keep = np.zeros((), np.int64), np.ones((), bool)
+        for n, o, k, st, d, (lo, hi) in zip(spatial, out, self.kernel_size, self.stride,
+                                            self.dilation, self.pads):
+            pos = np.full(o, -1, np.int64)
+            for j in range(o):
+                pos[j] = next((j * st + u * d for u in range(k) if 0 <= j * st + u * d - lo < n), -1)
+            flat = np.add.outer(flat * (n + lo + hi), np.maximum(pos, 0))
+            keep = np.logical_and.outer(keep, pos >= 0)
+        return np.where(keep, flat, -1)
+
     def _windows_inside(self, spatial: tuple[int, ...]) -> np.ndarray | None:
         """Per output position, whether its window holds an input element; None when all do
         (always without dilation: the padding is at most half the kernel)."""
@@ -183,8 +243,8 @@ class _MaxPool(_Pool):
         out = out_sizes(spatial, self.kernel_size, self.stride, self.dilation, self._pads(spatial),
                         type(self).__name__)
         axes = [np.array([any(0 <= j * s + u * d - p < n for u in range(k)) for j in range(o)])
-                for n, o, k, s, d, p in zip(spatial, out, self.kernel_size, self.stride,
-                                            self.dilation, self.padding)]  # type: ignore[arg-type]
+                for n, o, k, s, d, (p, _) in zip(spatial, out, self.kernel_size, self.stride,
+                                                 self.dilation, self.pads)]  # type: ignore[arg-type]
         nd = len(axes)  # the axes' outer AND (np.ix_ would read booleans as masks)
         mask = functools.reduce(np.logical_and, [a.reshape((1,) * i + (-1,) + (1,) * (nd - 1 - i))
                                                  for i, a in enumerate(axes)])
@@ -268,7 +328,10 @@ class _MaxPool(_Pool):
     def forward_residuals(self, xp: Any, input: Any) -> tuple[np.ndarray, Any]:
         """NumPy: the output and (per kernel offset, the windows whose first maximum in window
         order is there: one-hot boolean masks of the output's shape and the input's memory
-        order; the input's shape)."""
+        order; the input's shape). An input without a batch axis: as a batch of one."""
+        if unbatched(input, self.nd):
+            m, res = self.forward_residuals(xp, input[None])
+            return m[0], res
         pads = self._pads(input.shape[2:])
         if compiled(input):  # one compiled pass: the maxima and where each came from
             out = out_sizes(input.shape[2:], self.kernel_size, self.stride, self.dilation,
@@ -310,6 +373,10 @@ class _MaxPool(_Pool):
         return m, (masks, input.shape)
 
     def vjp(self, g, out, args, wrt, residuals=None):
+        if unbatched(g, self.nd):  # an input without a batch axis: as a batch of one
+            x = args.get("input")
+            return {"input": self.vjp(g[None], None, {"input": None if x is None else x[None]},
+                                      wrt, residuals)["input"][0]}
         if residuals is None:
             residuals = self.forward_residuals(np, args["input"])[1]
         masks, shape = residuals
@@ -340,7 +407,7 @@ class MaxPool2D(_MaxPool):
 
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: int | Sequence[int] = 0, count_include_pad: bool = True,
+                 padding: Any = 0, count_include_pad: bool = True,
                  ceil_mode: bool = False, divisor_override: int | None = None,
                  **unknown: Any) -> None:
         refuse_unknown(type(self).__name__, unknown)
@@ -364,19 +431,21 @@ class _AvgPool(_Pool):
         ``divisor_override``: that number for every window (torch: padding counts or not)."""
         if self.divisor_override is not None:
             return self.divisor_override
-        if not self.ceil_mode and (self.count_include_pad or not any(self.padding)):
+        if not self.ceil_mode and (self.count_include_pad or not any(map(any, self.pads))):
             return math.prod(self.kernel_size)
         counts = np.ones((), dtype=np.int64)
-        for n, m, k, st, p in zip(spatial, out, self.kernel_size, self.stride, self.padding):
-            start = np.arange(m) * st - p
-            if self.count_include_pad:
-                per_axis = np.minimum(start + k, n + p) - start
+        for n, m, k, st, (lo, hi) in zip(spatial, out, self.kernel_size, self.stride, self.pads):
+            start = np.arange(m) * st - lo
+            if self.count_include_pad:  # the padding after ends the counted part
+                per_axis = np.minimum(start + k, n + hi) - start
             else:
                 per_axis = np.minimum(start + k, n) - np.maximum(start, 0)
             counts = np.multiply.outer(counts, per_axis)
         return counts.astype(dtype)
 
     def _torch(self, F: Any, x: Any) -> Any:
+        if not self.symmetric:
+            return self._torch_asymmetric(F, x)
         if self.nd == 2:
             return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
                                 ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
@@ -389,6 +458,19 @@ class _AvgPool(_Pool):
                             (0, *self.padding), ceil_mode=self.ceil_mode,
                             count_include_pad=self.count_include_pad,
                             divisor_override=self.divisor_override)[:, :, 0]
+
+    def _torch_asymmetric(self, F: Any, x: Any) -> Any:
+        """Padding that differs before and after: torch's window sums (``divisor_override=1``)
+        of the zero-padded input (``F.pad``), divided by :meth:`_divisor`."""
+        xp = F.pad(x, self._flat_pads())
+        if self.nd == 1:
+            xp = xp[:, :, None]
+        s = F.avg_pool2d(xp, (1,) * (2 - self.nd) + self.kernel_size,
+                         (1,) * (2 - self.nd) + self.stride, 0, ceil_mode=self.ceil_mode,
+                         divisor_override=1)
+        s = self._crop_torch(s[:, :, 0] if self.nd == 1 else s, tuple(x.shape[2:]))
+        d = self._divisor(tuple(x.shape[2:]), tuple(s.shape[2:]), np.float64)
+        return s / (d if isinstance(d, int) else x.new_tensor(d))
 
     def _jax(self, x: Any) -> Any:
         from jax import lax
@@ -413,6 +495,8 @@ class _AvgPool(_Pool):
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
+        if unbatched(x, self.nd):  # as a batch of one
+            return {"input": self.vjp(g[None], None, {"input": x[None]}, wrt)["input"][0]}
         return {"input": self._scatter(x.shape, x, g / self._divisor(x.shape[2:], g.shape[2:],
                                                                       g.dtype), None)}
 
@@ -449,7 +533,7 @@ class GlobalAvgPool2D(Operator):
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
-        check_rank(s, 2, "GlobalAvgPool2D", "N, C, H, W")
+        check_rank(s, 2, "GlobalAvgPool2D", "N, C, H, W", unbatched_ok=False)
         if s is None:
             return None
         if any(d == 0 for d in s[2:]):
