@@ -1,7 +1,7 @@
 """The published Mithril's blocks added for its test cases (the losses AbsoluteError,
 QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence; Variance, Sine,
 Cosine, StopGradient, StableReciprocal, PermuteTensor; PolynomialFeatures,
-PolynomialRegression and LogisticRegression) side by side
+PolynomialRegression, LogisticRegression and EncoderDistanceMatrix) side by side
 with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
 within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
 the loss and a direct torch expression with autograd where it has none; the NumPy gradients
@@ -118,6 +118,17 @@ def _logistic(t, d):
     return {"output": logit, "probs_output": torch.sigmoid(logit)}
 
 
+def _order(norm):
+    """The published norm modifier, written in torch."""
+    return 4.0 * (1.0 - 2.0 * torch.abs(((norm - 1.0) % 8) / 8 - 0.5)) + 1.0
+
+
+def _minkowski(t, root):
+    p = _order(t["norm"][0])
+    d = (t["input1"][:, None, :] - t["input2"][None, :, :]).abs().pow(p).sum(-1)
+    return d.pow(1 / p) if root else d
+
+
 CASES: dict[str, Case] = {
     "absolute_error": Case(lambda: ml.AbsoluteError(), {"input": _X, "target": _T},
                            pair(lambda x, t: F.l1_loss(x, t, reduction="none"))),
@@ -199,6 +210,15 @@ CASES: dict[str, Case] = {
                                                                    *_linear(t))}),
     "logistic_regression": Case(lambda: ml.LogisticRegression(), {"input": (5, 3)}, _logistic,
                                 outputs=("output", "probs_output")),
+    "distance_matrix_minkowski": Case(lambda: ml.EncoderDistanceMatrix(),
+                                      {"input1": (4, 3), "input2": (5, 3), "norm": np.array([2.3])},
+                                      lambda t, d: {"output": _minkowski(t, root=True)}),
+    "distance_matrix_not_robust": Case(lambda: ml.EncoderDistanceMatrix(robust=False),
+                                       {"input1": (4, 3), "input2": (5, 3), "norm": np.array([7.5])},
+                                       lambda t, d: {"output": _minkowski(t, root=True)}),
+    "distance_matrix_powered": Case(lambda: ml.EncoderDistanceMatrix(get_final_distance=False),
+                                    {"input1": (4, 2), "input2": (3, 2), "norm": np.array([6.5])},
+                                    lambda t, d: {"output": _minkowski(t, root=False)}),
 }
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
@@ -210,7 +230,7 @@ SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", 
           "variance_all", "variance_axis_keepdim_unbiased",
           "variance_two_axes_fractional", "permute_tensor_repeated_negative",
           "polynomial_features_degree_2", "polynomial_features_degree_3", "polynomial_regression",
-          "logistic_regression"]
+          "logistic_regression", "distance_matrix_minkowski", "distance_matrix_powered"]
 
 
 @pytest.mark.parametrize("name", SMOOTH)
@@ -389,3 +409,25 @@ def test_polynomial_features_needs_a_matrix():
     m |= ml.PolynomialFeatures(2)(input="input", output="output")
     with pytest.raises(ml.ShapeError, match="PolynomialFeatures: 'input' must be \\(N, d\\), got shape \\[2, 3, 4\\]"):
         ml.compile(m, NumpyBackend(), shapes={"input": [2, 3, 4]})
+
+
+def test_distance_matrix_is_torch_cdist_of_the_modified_order():
+    """norm 2.3 gives p = 2.3 (the modifier is the identity on [1, 5])."""
+    rng = np.random.default_rng(3)
+    x1, x2 = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    want = torch.cdist(torch.tensor(x1), torch.tensor(x2), p=2.3).numpy()
+    for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        out, _ = _run(ml.EncoderDistanceMatrix(), backend, {"input1": x1, "input2": x2, "norm": np.array([2.3])},
+                      wrt=("input1",))
+        np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+def test_distance_matrix_arguments_and_shapes():
+    with pytest.raises(TypeError, match="EncoderDistanceMatrix: robust must be a bool"):
+        ml.EncoderDistanceMatrix(robust=1)
+    m = ml.Model()
+    m |= ml.EncoderDistanceMatrix()(input1="a", input2="b", norm="n", output="output")
+    with pytest.raises(ml.ShapeError, match="input1 \\(features\\)' has shape \\[3\\] but 'input2 \\(features\\)' has shape \\[2\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 2], "n": [1]})
+    with pytest.raises(ml.ShapeError, match="'norm' must hold one number, got shape \\[2\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 3], "n": [2]})

@@ -43,7 +43,7 @@ BLOCKS = {**_BLOCKS, **{n: getattr(ml.models, n) for n in (
     "MaxPool2D", "Softplus", "AbsoluteError", "QuantileLoss", "HingeLoss", "QuadHingeLoss",
     "KLDivergence", "BinaryCrossEntropy", "Variance", "Sine", "Cosine", "StopGradient",
     "StableReciprocal", "PermuteTensor", "PolynomialFeatures", "PolynomialRegression",
-    "LogisticRegression")}}
+    "LogisticRegression", "EncoderDistanceMatrix")}}
 #: arguments whose published value is also our default (accepted, then dropped)
 DEFAULTS = {"robust": False}
 #: our arguments that give a block the published form (the published losses are elementwise)
@@ -208,44 +208,46 @@ BUILT = {
         test_conv2d_6 test_cos test_cross_entropy_1 test_cross_entropy_10
         test_cross_entropy_11 test_cross_entropy_12 test_cross_entropy_2
         test_cross_entropy_3 test_cross_entropy_4 test_cross_entropy_5 test_cross_entropy_6
-        test_cross_entropy_7 test_cross_entropy_8 test_cross_entropy_9 test_div_1 test_div_2
-        test_div_3 test_div_4 test_div_5 test_div_6 test_embedding_1 test_embedding_2
-        test_embedding_3 test_exp test_flatten test_flatten2 test_flatten3 test_flatten4
-        test_flatten5 test_gelu_1 test_gelu_2 test_hinge_loss_1 test_hinge_loss_2
-        test_hinge_loss_3 test_kl_div_1 test_kl_div_3 test_kl_div_4 test_layernorm_1
-        test_layernorm_2 test_leaky_relu_1 test_leaky_relu_2 test_leaky_relu_3 test_linear_1
-        test_linear_2 test_linear_3 test_linear_4 test_logistic_1_logits_ignored
-        test_logistic_1_probs_ignored test_logistic_2_no_ignore test_matmul_1
-        test_maxpool1d_1 test_maxpool1d_2 test_maxpool1d_3 test_maxpool2d_1 test_maxpool2d_2
-        test_maxpool2d_3 test_maxpool2d_4 test_mult_1 test_mult_2 test_mult_3 test_mult_4
-        test_mult_5 test_mult_6 test_mult_7 test_multilabel_3_binary_w_logits_1 test_nn_1
-        test_permute_tensor_1 test_permute_tensor_2 test_poly_features_1
-        test_poly_features_2 test_poly_features_3 test_poly_features_4
-        test_polynomial_1D_Degree_1 test_polynomial_1D_Degree_2 test_polynomial_1D_Degree_3
-        test_polynomial_2D_Degree_1 test_polynomial_2D_Degree_2 test_power_2 test_power_3
-        test_power_4 test_power_5 test_power_6 test_quad_hinge_loss_1 test_quad_hinge_loss_2
-        test_quad_hinge_loss_3 test_quantile_loss_1 test_quantile_loss_2
-        test_quantile_loss_3 test_quantile_loss_4 test_reduce_max_1 test_reduce_max_2
-        test_reduce_max_3 test_reduce_max_4 test_reduce_max_5 test_reduce_max_6
-        test_reduce_max_7 test_reduce_mean_1 test_reduce_mean_2 test_reduce_mean_3
-        test_reduce_mean_4 test_reduce_mean_5 test_reduce_mean_6 test_reduce_mean_7
-        test_reduce_min_1 test_reduce_min_2 test_reduce_min_3 test_reduce_min_4
-        test_reduce_min_5 test_reduce_min_6 test_reduce_min_7 test_reduce_sum_1
-        test_reduce_sum_2 test_reduce_sum_3 test_reduce_sum_4 test_reduce_sum_5
-        test_reduce_sum_6 test_reduce_sum_7 test_relu_1 test_relu_2 test_relu_3 test_relu_4
-        test_sigmoid_1 test_sigmoid_2 test_sigmoid_3 test_sigmoid_4 test_sigmoid_5
-        test_sigmoid_6 test_sin test_softmax_1 test_softmax_2 test_softmax_3 test_softmax_4
-        test_softmax_5 test_softmax_6 test_softmax_7 test_softmax_8 test_softplus_1
-        test_softplus_2 test_softplus_3 test_softplus_4 test_sqrt_1 test_sqrt_2 test_sqrt_3
-        test_squared_error_1 test_squared_error_2 test_squared_error_3 test_squared_error_4
-        test_stable_reciprocal_1 test_stable_reciprocal_2 test_stable_reciprocal_3
-        test_stop_gradient_1 test_stop_gradient_2 test_sub_1 test_sub_2 test_sub_3
-        test_sub_4 test_sub_5 test_sub_6 test_sum_1 test_sum_2 test_sum_3 test_sum_4
-        test_sum_5 test_sum_6 test_sum_7 test_sum_8 test_sum_9 test_tanh_1 test_tanh_2
-        test_tanh_3 test_tanh_4 test_tanh_5 test_transpose test_transpose_axis_1
-        test_transpose_axis_2 test_transpose_axis_3 test_transpose_axis_4 test_var_1
-        test_var_2 test_var_3 test_var_4 test_where_1 test_where_2 test_where_3 test_where_4
-        test_where_5
+        test_cross_entropy_7 test_cross_entropy_8 test_cross_entropy_9
+        test_distance_matrix_1 test_distance_matrix_2 test_distance_matrix_3
+        test_distance_matrix_4 test_distance_matrix_5 test_distance_matrix_6 test_div_1
+        test_div_2 test_div_3 test_div_4 test_div_5 test_div_6 test_embedding_1
+        test_embedding_2 test_embedding_3 test_exp test_flatten test_flatten2 test_flatten3
+        test_flatten4 test_flatten5 test_gelu_1 test_gelu_2 test_hinge_loss_1
+        test_hinge_loss_2 test_hinge_loss_3 test_kl_div_1 test_kl_div_3 test_kl_div_4
+        test_layernorm_1 test_layernorm_2 test_leaky_relu_1 test_leaky_relu_2
+        test_leaky_relu_3 test_linear_1 test_linear_2 test_linear_3 test_linear_4
+        test_logistic_1_logits_ignored test_logistic_1_probs_ignored
+        test_logistic_2_no_ignore test_matmul_1 test_maxpool1d_1 test_maxpool1d_2
+        test_maxpool1d_3 test_maxpool2d_1 test_maxpool2d_2 test_maxpool2d_3 test_maxpool2d_4
+        test_mult_1 test_mult_2 test_mult_3 test_mult_4 test_mult_5 test_mult_6 test_mult_7
+        test_multilabel_3_binary_w_logits_1 test_nn_1 test_permute_tensor_1
+        test_permute_tensor_2 test_poly_features_1 test_poly_features_2 test_poly_features_3
+        test_poly_features_4 test_polynomial_1D_Degree_1 test_polynomial_1D_Degree_2
+        test_polynomial_1D_Degree_3 test_polynomial_2D_Degree_1 test_polynomial_2D_Degree_2
+        test_power_2 test_power_3 test_power_4 test_power_5 test_power_6
+        test_quad_hinge_loss_1 test_quad_hinge_loss_2 test_quad_hinge_loss_3
+        test_quantile_loss_1 test_quantile_loss_2 test_quantile_loss_3 test_quantile_loss_4
+        test_reduce_max_1 test_reduce_max_2 test_reduce_max_3 test_reduce_max_4
+        test_reduce_max_5 test_reduce_max_6 test_reduce_max_7 test_reduce_mean_1
+        test_reduce_mean_2 test_reduce_mean_3 test_reduce_mean_4 test_reduce_mean_5
+        test_reduce_mean_6 test_reduce_mean_7 test_reduce_min_1 test_reduce_min_2
+        test_reduce_min_3 test_reduce_min_4 test_reduce_min_5 test_reduce_min_6
+        test_reduce_min_7 test_reduce_sum_1 test_reduce_sum_2 test_reduce_sum_3
+        test_reduce_sum_4 test_reduce_sum_5 test_reduce_sum_6 test_reduce_sum_7 test_relu_1
+        test_relu_2 test_relu_3 test_relu_4 test_sigmoid_1 test_sigmoid_2 test_sigmoid_3
+        test_sigmoid_4 test_sigmoid_5 test_sigmoid_6 test_sin test_softmax_1 test_softmax_2
+        test_softmax_3 test_softmax_4 test_softmax_5 test_softmax_6 test_softmax_7
+        test_softmax_8 test_softplus_1 test_softplus_2 test_softplus_3 test_softplus_4
+        test_sqrt_1 test_sqrt_2 test_sqrt_3 test_squared_error_1 test_squared_error_2
+        test_squared_error_3 test_squared_error_4 test_stable_reciprocal_1
+        test_stable_reciprocal_2 test_stable_reciprocal_3 test_stop_gradient_1
+        test_stop_gradient_2 test_sub_1 test_sub_2 test_sub_3 test_sub_4 test_sub_5
+        test_sub_6 test_sum_1 test_sum_2 test_sum_3 test_sum_4 test_sum_5 test_sum_6
+        test_sum_7 test_sum_8 test_sum_9 test_tanh_1 test_tanh_2 test_tanh_3 test_tanh_4
+        test_tanh_5 test_transpose test_transpose_axis_1 test_transpose_axis_2
+        test_transpose_axis_3 test_transpose_axis_4 test_var_1 test_var_2 test_var_3
+        test_var_4 test_where_1 test_where_2 test_where_3 test_where_4 test_where_5
     """.split()),
     "primitives_directed_test.json": set("""
         test_abs test_absolute_error_1 test_absolute_error_2 test_absolute_error_3

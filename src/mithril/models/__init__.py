@@ -105,3 +105,7 @@ from .regression_models import (  # noqa: E402
 )
 
 __all__ += ["LogisticRegression", "PolynomialFeatures", "PolynomialRegression"]
+
+from .distance_models import EncoderDistanceMatrix  # noqa: E402
+
+__all__ += ["EncoderDistanceMatrix"]
