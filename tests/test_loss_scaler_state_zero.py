@@ -51,7 +51,7 @@ def test_scale_zero_state_dict_round_trips() -> None:
 
 
 def test_constructor_still_refuses_scale_zero() -> None:
-    with pytest.raises(ValueError, match="loss_scale must be positive"):
+    with pytest.raises(ValueError, match="init_scale must be positive"):
         LossScaler(0.0)
     with pytest.raises(ValueError, match="'scale' must be finite and >= 0"):
         LossScaler().load_state_dict({**LossScaler().state_dict(), "scale": -0.5})

@@ -200,7 +200,7 @@ def test_loss_scaler_constructor_errors_name_its_own_arguments(kwargs, err, name
     with pytest.raises(err) as info:
         LossScaler(**kwargs)
     assert str(info.value).startswith(f"{name}")
-    assert "dynamic_loss_scaling" not in str(info.value)
+    assert "dynamic_loss_scaling" not in str(info.value) and "loss_scale" not in str(info.value)
 
 
 @pytest.mark.parametrize("kwargs, name", [({"loss_scale": -1.0}, "loss_scale"),

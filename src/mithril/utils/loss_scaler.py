@@ -19,9 +19,8 @@ from .optimizers.checks import check_flag, check_int, describe, to_float
 
 __all__ = ["LossScaler"]
 
-#: the constructor's arguments, as its errors name them (the scale's says what it is: the
-#: trainer calls it ``loss_scale``)
-_ARGS = ("init_scale: the initial loss_scale", "growth_factor", "backoff_factor",
+#: the constructor's arguments, as its errors name them
+_ARGS = ("init_scale", "growth_factor", "backoff_factor",
          "growth_interval", "dynamic", "growth_tracker", "min_scale")
 
 #: scale, growth_factor, backoff_factor, growth_interval, dynamic, growth_tracker, min_scale
@@ -103,8 +102,7 @@ class LossScaler:
             raise ValueError(f"{names[6]} must be finite and >= 0 in float32 (a positive value "
                              f"must not round to 0), got {describe(min_scale)}")
         if m32 > s32:
-            scale_name = names[0].split(":")[0]  # (the constructor's "init_scale: ...")
-            raise ValueError(f"{names[6]} = {float(m32)} must not exceed {scale_name} = "
+            raise ValueError(f"{names[6]} = {float(m32)} must not exceed {names[0]} = "
                              f"{float(s32)} (backoffs stop at it)")
         return s32, g, b, interval, dyn, tracker, m32
 
