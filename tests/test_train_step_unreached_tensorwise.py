@@ -38,6 +38,8 @@ SHAPES = {"input": [8, 3]}
 SAVE_AT = 4  # the step after which the state is converted, saved and resumed
 #: one device fused, the separate calls (optimizer.init's state), 2 devices replicated/sharded
 KINDS = ("one", "separate", "rep", "shard")
+#: the worker's (2 devices, a fresh interpreter per dtype); the others run in this process
+WORKER_KINDS = {"float32": ("one", "rep", "shard"), "float64": ("one", "shard")}
 
 
 def optimizers() -> dict:
@@ -135,7 +137,7 @@ def main() -> None:
     assert jax.device_count() == 2, jax.devices()
     flat: dict[str, np.ndarray] = {}
     for name in optimizers():
-        for kind in KINDS if dtype == "float32" else ("one", "shard"):
+        for kind in WORKER_KINDS[dtype]:
             got = _run(name, kind, dtype)
             assert all(np.array_equal(flat.get(k, v), v) for k, v in got.items()
                        if k.startswith("start/"))  # (every run from the seed's params)
@@ -144,8 +146,7 @@ def main() -> None:
 
 
 # -- the tests -------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=[
-    "float32", pytest.param("float64", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["float32", "float64"])
 def results(request, tmp_path_factory) -> tuple[str, dict[str, np.ndarray]]:
     dtype = request.param
     out = str(tmp_path_factory.mktemp("tensorwise") / f"{dtype}.npz")
@@ -213,42 +214,58 @@ def _close(got: dict, want: dict, tol: float, what: str) -> float:
                default=0.0)
 
 
+def _check_run(res: dict, prefix: str, want: dict, want_state, tol: float) -> None:
+    """A fused run (``prefix``): one compile per loss's step, the params ``want`` and the
+    state ``want_state`` (step, missed counts, slots) to ``tol``, and its resumed half (from
+    the state dict made mid-run) the unbroken run bit for bit."""
+    assert bool(res[f"{prefix}/fused"]) and bool(res[f"{prefix}/optax"]), prefix
+    assert res[f"{prefix}/compiles"].tolist() == [1, 1], prefix  # (the counts are traced)
+    _close(_of(res, prefix), want, tol, prefix)
+    assert int(res[f"{prefix}/step"]) == len(SCHEDULE)
+    assert {n: int(v) for n, v in _of(res, prefix, "missed").items() if v} == \
+        want_state.missed_counts() == {"linear_1.weight": 3, "linear_1.bias": 3,
+                                       "linear_2.weight": 4, "linear_2.bias": 4}
+    for s in want_state.slots:
+        _close(_of(res, prefix, f"slot/{s}"),
+               {n: np.asarray(v) for n, v in want_state.slot(s).items()}, tol, f"slot {s}")
+    whole = {k: v for k, v in _of(res, prefix, "").items()
+             if not k.startswith(("resumed/", "fused", "compiles", "optax"))}
+    got = _of(res, f"{prefix}/resumed", "")
+    assert set(got) == set(whole) and len(whole) > 13, prefix
+    for k in whole:
+        assert np.array_equal(got[k], whole[k]), (prefix, k)
+
+
 @pytest.mark.parametrize("name", list(optimizers()))
-def test_fused_equals_separate_calls_numpy_torch_and_two_devices(results, name: str) -> None:
+def test_one_device_equals_separate_calls_numpy_and_torch(name: str) -> None:
+    """float32, one device: the fused step as the separate calls (``note_missed``) on JAX,
+    the NumPy step (to 1e-6) and torch.optim (to 1e-5)."""
+    res = {**_run(name, "one", "float32"), **_run(name, "separate", "float32")}
+    start = {n[len("start/"):]: v for n, v in res.items() if n.startswith("start/")}
+    one = _of(res, f"{name}/one")
+    ref, ref_state = _numpy_run(name, "float32", start)
+    _check_run(res, f"{name}/one", ref, ref_state, 1e-6)
+    assert not bool(res[f"{name}/separate/optax"])  # (optimizer.init's state kept)
+    _close(one, _of(res, f"{name}/separate"), 1e-6, "fused vs separate calls")
+    _close(one, _torch_run(name, "float32", start), 1e-5, "fused vs torch.optim")
+    assert all(np.any(one[n] != start[n]) for n in start)  # (each head reached at times)
+
+
+@pytest.mark.slow  # (~30 s of CPU per dtype)
+@pytest.mark.parametrize("name", list(optimizers()))
+def test_two_devices_equal_one_device_numpy_and_torch(results, name: str) -> None:
+    """2 devices, the optimizer state replicated and sharded, float32 (to 1e-6) and float64
+    (to 1e-12, torch.optim to 1e-10): the one-device step's and the NumPy step's numbers."""
     dtype, res = results
     tol = 1e-12 if dtype == "float64" else 1e-6
     start = {n[len("start/"):]: v for n, v in res.items() if n.startswith("start/")}
-    one = _of(res, f"{name}/one")
-    assert bool(res[f"{name}/one/fused"])
-    assert res[f"{name}/one/compiles"].tolist() == [1, 1]  # (the counts traced: one compile)
     ref, ref_state = _numpy_run(name, dtype, start)
-    _close(one, ref, tol, "fused vs NumPy")
-    if dtype == "float32":
-        assert not bool(res[f"{name}/separate/optax"])  # (optimizer.init's state kept)
-        _close(one, _of(res, f"{name}/separate"), tol, "fused vs separate calls")
-        _close(one, _torch_run(name, dtype, start), 1e-5, "fused vs torch.optim")
-    else:  # (torch.optim's own numbers in float64)
+    one = _of(res, f"{name}/one")
+    if dtype == "float64":
         _close(one, _torch_run(name, dtype, start), 1e-10, "fused vs torch.optim")
-    assert all(np.any(one[n] != start[n]) for n in start)  # (each head reached at times)
-    want_missed = ref_state.missed_counts()
-    assert want_missed == {"linear_1.weight": 3, "linear_1.bias": 3,
-                           "linear_2.weight": 4, "linear_2.bias": 4}
-    kinds = ("rep", "shard") if dtype == "float32" else ("shard",)
-    for prefix in (f"{name}/one", *(f"{name}/{k}" for k in kinds)):
-        assert bool(res[f"{prefix}/fused"]), prefix
-        _close(_of(res, prefix), one, tol, f"{prefix} vs one device")
-        assert int(res[f"{prefix}/step"]) == len(SCHEDULE)
-        assert {n: int(v) for n, v in _of(res, prefix, "missed").items() if v} == want_missed
-        for s in ref_state.slots:
-            _close(_of(res, prefix, f"slot/{s}"),
-                   {n: np.asarray(v) for n, v in ref_state.slot(s).items()}, tol, f"slot {s}")
-        # resumed from the state dict made mid-run: the unbroken run, bit for bit
-        whole = {k: v for k, v in _of(res, prefix, "").items()
-                 if not k.startswith(("resumed/", "fused", "compiles", "optax"))}
-        got = _of(res, f"{prefix}/resumed", "")
-        assert set(got) == set(whole) and len(whole) > 13, prefix
-        for k in whole:
-            assert np.array_equal(got[k], whole[k]), (prefix, k)
+    for kind in WORKER_KINDS[dtype]:
+        _check_run(res, f"{name}/{kind}", ref, ref_state, tol)
+        _close(_of(res, f"{name}/{kind}"), one, tol, f"{kind} vs one device")
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
