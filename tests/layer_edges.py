@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -206,3 +207,90 @@ def scalar_loss(case: Case, params: dict[str, np.ndarray], cots: dict[str, np.nd
         return float(sum(np.sum(np.asarray(backend.to_numpy(out[o])) * cots[o])
                          for o in case.outputs))
     return f
+
+
+# -- torch references of padding that differs before and after (torch pads symmetrically) --
+Pairs = tuple[tuple[int, int], ...]
+
+
+def torch_pad_order(pads: Pairs) -> list[int]:
+    """``F.pad``'s order: (before, after) per axis, the last axis first."""
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def pool_out_size_pad_lr(n: int, k: int, s: int, d: int, lo: int, hi: int, ceil: bool) -> int:
+    """torch's ``pooling_output_shape_pad_lr`` (aten/src/ATen/native/Pool.h)."""
+    out = (n + lo + hi - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    return out - 1 if ceil and (out - 1) * s >= n + lo else out
+
+
+def cut_to(y: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    return y[(..., *(slice(0, o) for o in sizes))]
+
+
+def conv_padded_ref(nd: int, stride: Any, dilation: Any, groups: int, pads: Pairs, mode: str):
+    """torch's convolution of the input padded by ``F.pad`` in ``mode`` (constant for
+    "zeros"), unpadded: as ``nn.ConvNd`` pads for a non-zeros mode."""
+    conv = F.conv1d if nd == 1 else F.conv2d
+
+    def ref(t: dict, _: dict) -> dict:
+        w = next(v for k, v in t.items() if k.endswith(".weight"))
+        b = next((v for k, v in t.items() if k.endswith(".bias")), None)
+        x = F.pad(t["input"], torch_pad_order(pads), mode="constant" if mode == "zeros" else mode)
+        return {"output": conv(x, w, b, stride, 0, dilation, groups)}
+    return ref
+
+
+def max_pool_padded_ref(nd: int, k: tuple, s: tuple, d: tuple, pads: Pairs, ceil: bool):
+    """torch's max pooling of the −inf padded input (indices into it), its −inf windows'
+    index moved to their first element inside the input, padding-only windows −inf."""
+    fn = F.max_pool1d if nd == 1 else F.max_pool2d
+
+    def ref(t: dict, _: dict) -> dict:
+        x = t["input"]
+        batched = x.ndim == nd + 2
+        xb = x if batched else x[None]
+        spatial = xb.shape[2:]
+        sizes = [pool_out_size_pad_lr(n, *a, ceil) for n, a in
+                 zip(spatial, zip(k, s, d, *zip(*pads)))]
+        xp = F.pad(xb, torch_pad_order(pads), value=-torch.inf)
+        y, idx = fn(xp, k, s, 0, d, ceil_mode=ceil, return_indices=True)
+        y, idx = cut_to(y, sizes), cut_to(idx, sizes)
+        first = torch.full(y.shape[2:], -1, dtype=torch.int64)
+        for pos in np.ndindex(*sizes):  # the first inside element, in window order
+            for off in np.ndindex(*k):
+                at = [j * si + u * di for j, u, si, di in zip(pos, off, s, d)]
+                if all(0 <= a - lo < n for a, (lo, _), n in zip(at, pads, spatial)):
+                    first[pos] = at[0] if nd == 1 else at[0] * xp.shape[3] + at[1]
+                    break
+        idx = torch.where((y == -torch.inf) & (first >= 0), first, idx)
+        picked = xp.flatten(2).gather(2, torch.where(first >= 0, idx, 0).flatten(2)).view_as(y)
+        out = torch.where(first >= 0, picked, -torch.inf)
+        return {"output": out if batched else out[0]}
+    return ref
+
+
+def avg_pool_padded_ref(nd: int, k: tuple, s: tuple, pads: Pairs, ceil: bool, include: bool,
+                        div: int | None):
+    """torch's window sums (``divisor_override=1``) of the zero-padded input, over
+    ``div``, or over the window sums of a ones mask padded with ones (``include``: the
+    padding counts, the ``ceil_mode`` part past it not) or zeros (input elements only)."""
+    def sums(x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        xp = F.pad(x, torch_pad_order(pads), value=value)
+        if nd == 1:
+            return F.avg_pool2d(xp[:, :, None], (1, *k), (1, *s), 0, ceil,
+                                divisor_override=1)[:, :, 0]
+        return F.avg_pool2d(xp, k, s, 0, ceil, divisor_override=1)
+
+    def ref(t: dict, _: dict) -> dict:
+        x = t["input"]
+        xb = x if x.ndim == nd + 2 else x[None]
+        sizes = [pool_out_size_pad_lr(n, ki, si, 1, lo, hi, ceil)
+                 for n, ki, si, (lo, hi) in zip(xb.shape[2:], k, s, pads)]
+        total = cut_to(sums(xb), sizes)
+        if div is not None:
+            out = total / div
+        else:  # the elements counted: padding too (ones there) or the input's only
+            out = total / cut_to(sums(torch.ones_like(xb), 1.0 if include else 0.0), sizes)
+        return {"output": out if x.ndim == nd + 2 else out[0]}
+    return ref

@@ -31,97 +31,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import central_differences
-from layer_edges import Case, nonfinite_error, parity_tests, run_mithril, scalar_loss
+from layer_edges import (
+    Case,
+    avg_pool_padded_ref,
+    conv_padded_ref,
+    max_pool_padded_ref,
+    nonfinite_error,
+    parity_tests,
+    run_mithril,
+    scalar_loss,
+)
 
 import mithril as ml
 from mithril.errors import ShapeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 TIGHT = 1e-12
-Pairs = tuple[tuple[int, int], ...]
 
 
 def _err(got: np.ndarray, want: np.ndarray) -> float:
     """:func:`nonfinite_error`, failing (inf) anything above 1e-12."""
     e = nonfinite_error(got, want)
     return e if e <= TIGHT else float("inf")
-
-
-def _flat(pads: Pairs) -> list[int]:
-    """``F.pad``'s order: (before, after) per axis, the last axis first."""
-    return [p for pair in reversed(pads) for p in pair]
-
-
-def _torch_out_size(n: int, k: int, s: int, d: int, lo: int, hi: int, ceil: bool) -> int:
-    """torch's ``pooling_output_shape_pad_lr`` (aten/src/ATen/native/Pool.h)."""
-    out = (n + lo + hi - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
-    return out - 1 if ceil and (out - 1) * s >= n + lo else out
-
-
-def _cut(y: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    return y[(..., *(slice(0, o) for o in sizes))]
-
-
-# -- references ---------------------------------------------------------------------------------
-def conv_ref(nd: int, stride: Any, dilation: Any, groups: int, pads: Pairs, mode: str):
-    conv = F.conv1d if nd == 1 else F.conv2d
-
-    def ref(t: dict, _: dict) -> dict:
-        w = next(v for k, v in t.items() if k.endswith(".weight"))
-        b = next((v for k, v in t.items() if k.endswith(".bias")), None)
-        x = F.pad(t["input"], _flat(pads), mode="constant" if mode == "zeros" else mode)
-        return {"output": conv(x, w, b, stride, 0, dilation, groups)}
-    return ref
-
-
-def max_ref(nd: int, k: tuple, s: tuple, d: tuple, pads: Pairs, ceil: bool):
-    """torch's max pooling of the −inf padded input (indices into it), its −inf windows'
-    index moved to their first element inside the input, padding-only windows −inf."""
-    fn = F.max_pool1d if nd == 1 else F.max_pool2d
-
-    def ref(t: dict, _: dict) -> dict:
-        x = t["input"]
-        batched = x.ndim == nd + 2
-        xb = x if batched else x[None]
-        spatial = xb.shape[2:]
-        sizes = [_torch_out_size(n, *a, ceil) for n, a in
-                 zip(spatial, zip(k, s, d, *zip(*pads)))]
-        xp = F.pad(xb, _flat(pads), value=-torch.inf)
-        y, idx = fn(xp, k, s, 0, d, ceil_mode=ceil, return_indices=True)
-        y, idx = _cut(y, sizes), _cut(idx, sizes)
-        first = torch.full(y.shape[2:], -1, dtype=torch.int64)
-        for pos in np.ndindex(*sizes):  # the first inside element, in window order
-            for off in np.ndindex(*k):
-                at = [j * si + u * di for j, u, si, di in zip(pos, off, s, d)]
-                if all(0 <= a - lo < n for a, (lo, _), n in zip(at, pads, spatial)):
-                    first[pos] = at[0] if nd == 1 else at[0] * xp.shape[3] + at[1]
-                    break
-        idx = torch.where((y == -torch.inf) & (first >= 0), first, idx)
-        picked = xp.flatten(2).gather(2, torch.where(first >= 0, idx, 0).flatten(2)).view_as(y)
-        out = torch.where(first >= 0, picked, -torch.inf)
-        return {"output": out if batched else out[0]}
-    return ref
-
-
-def avg_ref(nd: int, k: tuple, s: tuple, pads: Pairs, ceil: bool, include: bool, div: int | None):
-    def sums(x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
-        xp = F.pad(x, _flat(pads), value=value)
-        if nd == 1:
-            return F.avg_pool2d(xp[:, :, None], (1, *k), (1, *s), 0, ceil, divisor_override=1)[:, :, 0]
-        return F.avg_pool2d(xp, k, s, 0, ceil, divisor_override=1)
-
-    def ref(t: dict, _: dict) -> dict:
-        x = t["input"]
-        xb = x if x.ndim == nd + 2 else x[None]
-        sizes = [_torch_out_size(n, ki, si, 1, lo, hi, ceil)
-                 for n, ki, si, (lo, hi) in zip(xb.shape[2:], k, s, pads)]
-        total = _cut(sums(xb), sizes)
-        if div is not None:
-            out = total / div
-        else:  # the elements counted: padding too (ones there) or the input's only
-            out = total / _cut(sums(torch.ones_like(xb), 1.0 if include else 0.0), sizes)
-        return {"output": out if x.ndim == nd + 2 else out[0]}
-    return ref
 
 
 def unbatched_ref(fn: Any, *args: Any, **kw: Any):
@@ -148,17 +79,17 @@ CASES: dict[str, Case] = {}
 for _mode in ("zeros", "reflect", "replicate", "circular"):
     CASES[f"conv1d_pair_{_mode}"] = Case(
         lambda m=_mode: ml.Convolution1D(3, 4, stride=2, padding=(2, 1), padding_mode=m),
-        {"input": (2, 3, 7)}, conv_ref(1, 2, 1, 1, ((2, 1),), _mode))
+        {"input": (2, 3, 7)}, conv_padded_ref(1, 2, 1, 1, ((2, 1),), _mode))
     CASES[f"conv2d_pairs_{_mode}"] = Case(
         lambda m=_mode: ml.Convolution2D((2, 3), 4, stride=(2, 1), padding=((0, 2), (3, 1)),
                                          dilation=(1, 2), groups=2, padding_mode=m),
-        {"input": (2, 4, 5, 6)}, conv_ref(2, (2, 1), (1, 2), 2, ((0, 2), (3, 1)), _mode))
+        {"input": (2, 4, 5, 6)}, conv_padded_ref(2, (2, 1), (1, 2), 2, ((0, 2), (3, 1)), _mode))
     CASES[f"conv2d_pairs_unbatched_{_mode}"] = Case(
         lambda m=_mode: ml.Convolution2D(3, 2, padding=((1, 0), (0, 2)), padding_mode=m),
-        {"input": (3, 4, 5)}, conv_ref(2, 1, 1, 1, ((1, 0), (0, 2)), _mode))
+        {"input": (3, 4, 5)}, conv_padded_ref(2, 1, 1, 1, ((1, 0), (0, 2)), _mode))
 CASES["conv1d_published_form"] = Case(  # test_conv1d_7's arguments
     lambda: ml.Convolution1D(3, 1, stride=2, padding=(0, 1)), {"input": (1, 2, 4)},
-    conv_ref(1, 2, 1, 1, ((0, 1),), "zeros"))
+    conv_padded_ref(1, 2, 1, 1, ((0, 1),), "zeros"))
 CASES["conv1d_unbatched"] = Case(
     lambda: ml.Convolution1D(3, 4, stride=2, padding=1, dilation=2), {"input": (3, 9)},
     unbatched_ref(F.conv1d, stride=2, padding=1, dilation=2))
@@ -170,38 +101,38 @@ for _ceil in (False, True):
     c = "_ceil" if _ceil else ""
     CASES[f"max1d_pair{c}"] = Case(
         lambda ce=_ceil: ml.MaxPool1D(3, stride=2, padding=(0, 1), ceil_mode=ce),
-        {"input": _pool_input((2, 3, 8), False)}, max_ref(1, (3,), (2,), (1,), ((0, 1),), _ceil))
+        {"input": _pool_input((2, 3, 8), False)}, max_pool_padded_ref(1, (3,), (2,), (1,), ((0, 1),), _ceil))
     CASES[f"max2d_pairs_dilated{c}"] = Case(
         lambda ce=_ceil: ml.MaxPool2D((3, 2), stride=(2, 1), padding=((1, 0), (0, 1)),
                                       dilation=(2, 3), ceil_mode=ce),
         {"input": _pool_input((1, 2, 6, 7), False)},
-        max_ref(2, (3, 2), (2, 1), (2, 3), ((1, 0), (0, 1)), _ceil))
+        max_pool_padded_ref(2, (3, 2), (2, 1), (2, 3), ((1, 0), (0, 1)), _ceil))
     CASES[f"max2d_pairs_nonfinite{c}"] = Case(
         lambda ce=_ceil: ml.MaxPool2D(3, stride=2, padding=((0, 1), (1, 0)), ceil_mode=ce),
         {"input": _pool_input((2, 2, 5, 6), True)},
-        max_ref(2, (3, 3), (2, 2), (1, 1), ((0, 1), (1, 0)), _ceil))
+        max_pool_padded_ref(2, (3, 3), (2, 2), (1, 1), ((0, 1), (1, 0)), _ceil))
     for _inc in (True, False):
         i = "_incl" if _inc else "_excl"
         CASES[f"avg1d_pair{i}{c}"] = Case(
             lambda ce=_ceil, inc=_inc: ml.AvgPool1D(3, stride=2, padding=(1, 0), ceil_mode=ce,
                                                     count_include_pad=inc),
-            {"input": (2, 3, 8)}, avg_ref(1, (3,), (2,), ((1, 0),), _ceil, _inc, None))
+            {"input": (2, 3, 8)}, avg_pool_padded_ref(1, (3,), (2,), ((1, 0),), _ceil, _inc, None))
         CASES[f"avg2d_pairs{i}{c}"] = Case(
             lambda ce=_ceil, inc=_inc: ml.AvgPool2D((3, 2), stride=(2, 3), padding=((0, 1), (1, 0)),
                                                     ceil_mode=ce, count_include_pad=inc),
-            {"input": (1, 2, 6, 7)}, avg_ref(2, (3, 2), (2, 3), ((0, 1), (1, 0)), _ceil, _inc, None))
+            {"input": (1, 2, 6, 7)}, avg_pool_padded_ref(2, (3, 2), (2, 3), ((0, 1), (1, 0)), _ceil, _inc, None))
 CASES["avg2d_pairs_divisor"] = Case(
     lambda: ml.AvgPool2D(3, stride=2, padding=((1, 0), (0, 1)), divisor_override=-2),
-    {"input": (2, 1, 5, 6)}, avg_ref(2, (3, 3), (2, 2), ((1, 0), (0, 1)), False, True, -2))
+    {"input": (2, 1, 5, 6)}, avg_pool_padded_ref(2, (3, 3), (2, 2), ((1, 0), (0, 1)), False, True, -2))
 CASES["max1d_published_unbatched_pair"] = Case(  # test_maxpool1d_4_2d_input
     lambda: ml.MaxPool1D(2, padding=(0, 1)), {"input": _pool_input((1, 5), False)},
-    max_ref(1, (2,), (2,), (1,), ((0, 1),), False))
+    max_pool_padded_ref(1, (2,), (2,), (1,), ((0, 1),), False))
 CASES["max2d_published_unbatched_pairs"] = Case(  # test_maxpool2d_4_3d_input
     lambda: ml.MaxPool2D(2, padding=((1, 0), (0, 1))), {"input": _pool_input((1, 5, 5), False)},
-    max_ref(2, (2, 2), (2, 2), (1, 1), ((1, 0), (0, 1)), False))
+    max_pool_padded_ref(2, (2, 2), (2, 2), (1, 1), ((1, 0), (0, 1)), False))
 CASES["avg2d_pairs_unbatched_ceil"] = Case(
     lambda: ml.AvgPool2D(2, padding=((1, 0), (0, 1)), ceil_mode=True, count_include_pad=False),
-    {"input": (3, 5, 6)}, avg_ref(2, (2, 2), (2, 2), ((1, 0), (0, 1)), True, False, None))
+    {"input": (3, 5, 6)}, avg_pool_padded_ref(2, (2, 2), (2, 2), ((1, 0), (0, 1)), True, False, None))
 CASES["max1d_unbatched"] = Case(
     lambda: ml.MaxPool1D(3, stride=2, padding=1, ceil_mode=True), {"input": _pool_input((3, 8), True)},
     unbatched_ref(F.max_pool1d, 3, 2, 1, ceil_mode=True))

@@ -5,13 +5,16 @@ parameters, so a name rebuilds its case anywhere: :data:`CASES` builds cases fro
 for the JAX column in a fresh x64 process): ``Convolution1D/2D`` with every argument we
 offer (kernel, stride, dilation, padding as an int, per-axis ints, ``(before, after)`` pairs,
 ``"same"`` or ``"valid"``, every ``padding_mode``, groups with depthwise multipliers,
-``use_bias``), ``MaxPool1D/2D`` (dilation, ``ceil_mode``, inputs with −inf and NaN, or ties) and
-``AvgPool1D/2D`` (``count_include_pad``, ``ceil_mode``, ``divisor_override``), batches of 1 and 2, axes of size 1.
+``use_bias``; 1-D also as one bare ``(before, after)`` pair), ``MaxPool1D/2D`` (dilation,
+``ceil_mode``, inputs with −inf and NaN, or ties) and ``AvgPool1D/2D``
+(``count_include_pad``, ``ceil_mode``, ``divisor_override``), pools with symmetric or
+``(before, after)`` padding, batches of 1 and 2 or no batch axis (``n`` 0), axes of size 1.
 
 * The torch reference is torch's own module or function with the same arguments
   (``nn.Conv1d/2d`` through ``torch.func.functional_call``, ``F.max_pool*``,
   ``F.avg_pool*``; asymmetric pairs, which torch's layers do not take, as ``F.pad`` then an
-  unpadded convolution). Where torch refuses a configuration, ours must refuse it too, with
+  unpadded convolution or pool: :func:`layer_edges.max_pool_padded_ref` and
+  :func:`layer_edges.avg_pool_padded_ref`). Where torch refuses a configuration, ours must refuse it too, with
   an error naming the block.
 * NumPy and torch in process, JAX float64 in one fresh process per example (a list of
   configurations): the output and the gradients of the input, weight and bias within 1e-12
@@ -35,7 +38,17 @@ import torch.nn.functional as F
 from conftest import central_differences
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layer_edges import Case, compare, jax_column, nonfinite_error, run_mithril, scalar_loss
+from layer_edges import (
+    Case,
+    avg_pool_padded_ref,
+    compare,
+    conv_padded_ref,
+    jax_column,
+    max_pool_padded_ref,
+    nonfinite_error,
+    run_mithril,
+    scalar_loss,
+)
 
 import mithril as ml
 from mithril.errors import ShapeError
@@ -56,13 +69,14 @@ def conv_configs(draw: Any) -> dict[str, Any]:
     groups = draw(st.integers(1, 3))
     kind = draw(st.sampled_from(["int", "ints", "pairs", "same", "valid"]))
     pad: Any = {"int": lambda: draw(st.integers(0, 3)), "ints": lambda: _axes(draw, nd, 0, 3),
-                "pairs": lambda: [_axes(draw, 2, 0, 3) for _ in range(nd)],
+                "pairs": lambda: (_axes(draw, 2, 0, 3) if nd == 1 and draw(st.booleans()) else
+                                  [_axes(draw, 2, 0, 3) for _ in range(nd)]),
                 "same": lambda: "same", "valid": lambda: "valid"}[kind]()
     return {"op": "conv", "nd": nd, "k": _axes(draw, nd, 1, 4),
             "s": [1] * nd if kind == "same" and draw(st.booleans()) else _axes(draw, nd, 1, 4),
             "d": _axes(draw, nd, 1, 3), "pad": pad, "mode": draw(st.sampled_from(MODES)),
             "groups": groups, "cg": draw(st.integers(1, 2)), "mult": draw(st.integers(1, 2)),
-            "bias": draw(st.booleans()), "n": draw(st.integers(1, 2)),
+            "bias": draw(st.booleans()), "n": draw(st.integers(0, 2)),
             "size": _axes(draw, nd, 1, 8)}
 
 
@@ -74,7 +88,7 @@ def pool_configs(draw: Any) -> dict[str, Any]:
     cfg = {"op": op, "nd": nd, "k": k,
            "s": None if draw(st.booleans()) else _axes(draw, nd, 1, 5),
            "p": [draw(st.integers(0, ki // 2 + (draw(st.integers(0, 9)) == 0))) for ki in k],
-           "ceil": draw(st.booleans()), "n": draw(st.integers(1, 2)),
+           "ceil": draw(st.booleans()), "n": draw(st.integers(0, 2)),
            "c": draw(st.integers(1, 3)), "size": _axes(draw, nd, 1, 9)}
     if op == "max":
         cfg["d"] = _axes(draw, nd, 1, 3)
@@ -82,7 +96,24 @@ def pool_configs(draw: Any) -> dict[str, Any]:
     else:
         cfg["include_pad"] = draw(st.booleans())
         cfg["div"] = draw(st.sampled_from([None, None, 1, 3, -2]))
+    if draw(st.booleans()):  # (before, after) per axis
+        cfg["p"] = [[draw(st.integers(0, ki // 2 + (draw(st.integers(0, 9)) == 0)))
+                     for _ in range(2)] for ki in k]
     return cfg
+
+
+def _batch(cfg: dict[str, Any], *rest: int) -> tuple[int, ...]:
+    """The input's shape: ``n`` 0 is one example without a batch axis."""
+    return (*(cfg["n"],) * bool(cfg["n"]), *rest)
+
+
+def _pairs(pad: Any, nd: int) -> tuple[tuple[int, int], ...] | None:
+    """The (before, after) pairs of a JSON padding given as pairs (a bare 1-D pair too)."""
+    if not isinstance(pad, list):
+        return None
+    if nd == 1 and len(pad) == 2 and not isinstance(pad[0], list):
+        return (tuple(pad),)  # type: ignore[return-value]
+    return tuple(tuple(p) for p in pad) if isinstance(pad[0], list) else None  # type: ignore[misc]
 
 
 def name_of(cfg: dict[str, Any]) -> str:
@@ -104,16 +135,17 @@ def _conv_case(cfg: dict[str, Any]) -> Case:
     kw = dict(stride=tuple(cfg["s"]), padding=_padding(cfg["pad"]), dilation=tuple(cfg["d"]),
               groups=g, use_bias=cfg["bias"], padding_mode=cfg["mode"])
 
+    pairs = _pairs(cfg["pad"], nd)
+    padded = None if pairs is None else conv_padded_ref(nd, tuple(cfg["s"]), tuple(cfg["d"]), g,
+                                                        pairs, cfg["mode"])
+
     def ref(t: dict, _: dict) -> dict:
+        if padded is not None:  # asymmetric: F.pad first
+            return padded(t, _)
         x = t["input"]
         w = next(v for k, v in t.items() if k.endswith(".weight"))
         b = next((v for k, v in t.items() if k.endswith(".bias")), None)
         pad = cfg["pad"]
-        if isinstance(pad, list) and isinstance(pad[0], list):  # asymmetric: F.pad first
-            flat = [p for pair in reversed(pad) for p in pair]
-            x = F.pad(x, flat, mode="constant" if cfg["mode"] == "zeros" else cfg["mode"])
-            conv = F.conv1d if nd == 1 else F.conv2d
-            return {"output": conv(x, w, b, tuple(cfg["s"]), 0, tuple(cfg["d"]), g)}
         mod = (torch.nn.Conv1d if nd == 1 else torch.nn.Conv2d)(
             c, o, tuple(cfg["k"]), tuple(cfg["s"]), pad if isinstance(pad, (int, str)) else
             tuple(pad), tuple(cfg["d"]), g, bias=cfg["bias"], padding_mode=cfg["mode"],
@@ -121,7 +153,7 @@ def _conv_case(cfg: dict[str, Any]) -> Case:
         p = {"weight": w} if b is None else {"weight": w, "bias": b}
         return {"output": torch.func.functional_call(mod, p, (x,))}
 
-    return Case(lambda: block(tuple(cfg["k"]), o, **kw), {"input": (cfg["n"], c, *cfg["size"])}, ref)
+    return Case(lambda: block(tuple(cfg["k"]), o, **kw), {"input": _batch(cfg, c, *cfg["size"])}, ref)
 
 
 def _pool_input(cfg: dict[str, Any]) -> np.ndarray:
@@ -129,12 +161,12 @@ def _pool_input(cfg: dict[str, Any]) -> np.ndarray:
     so windows hold nothing else) and NaN elements, or ("ties") integers from −1 to 1 (as a
     ReLU's zeros: windows with several maxima, torch takes the first)."""
     rng = np.random.default_rng(zlib.crc32(name_of(cfg).encode()))
-    x = rng.standard_normal((cfg["n"], cfg["c"], *cfg["size"]))
+    x = rng.standard_normal(_batch(cfg, cfg["c"], *cfg["size"]))
     if cfg.get("special") == "ties":
         return np.round(x.clip(-1, 1))
     flat = x.reshape(-1)
     if cfg.get("special") in ("-inf", "both"):
-        x[0, 0, ..., : max(1, cfg["size"][-1] // 2)] = -np.inf
+        x[(0,) * (x.ndim - cfg["nd"]) + (..., slice(0, max(1, cfg["size"][-1] // 2)))] = -np.inf
         flat[rng.integers(0, flat.size, 2)] = -np.inf
     if cfg.get("special") in ("nan", "both"):
         flat[rng.integers(0, flat.size, 2)] = np.nan
@@ -149,37 +181,47 @@ def _inside(spatial: Any, out: Any, k: tuple, s: tuple, p: tuple, d: tuple) -> n
 
 
 def _pool_case(cfg: dict[str, Any]) -> Case:
-    nd, k, p, ceil = cfg["nd"], tuple(cfg["k"]), tuple(cfg["p"]), cfg["ceil"]
+    nd, k, ceil = cfg["nd"], tuple(cfg["k"]), cfg["ceil"]
+    pairs = _pairs(cfg["p"], nd)
+    p = _padding(cfg["p"]) if pairs is not None else tuple(cfg["p"])
     s = None if cfg["s"] is None else tuple(cfg["s"])
     if cfg["op"] == "max":
         d = tuple(cfg["d"])
         fn = F.max_pool1d if nd == 1 else F.max_pool2d
         block = ml.MaxPool1D if nd == 1 else ml.MaxPool2D
+        if pairs is not None:
+            return Case(lambda: block(k, stride=s, padding=p, dilation=d, ceil_mode=ceil),
+                        {"input": _pool_input(cfg)},
+                        max_pool_padded_ref(nd, k, s or k, d, pairs, ceil))
 
         def ref(t: dict, _: dict) -> dict:
             x = t["input"]
             y, idx = fn(x, k, s, p, d, ceil_mode=ceil, return_indices=True)
-            inside = torch.tensor(_inside(x.shape[2:], y.shape[2:], k, s or k, p, d))
+            inside = torch.tensor(_inside(x.shape[-nd:], y.shape[-nd:], k, s or k, p, d))
             if bool(inside.all()):
                 return {"output": fn(x, k, s, p, d, ceil_mode=ceil)}
             # a dilated window of padding only: torch's index there is garbage and its
             # backward writes through it (out of bounds: a bus error); −inf, no gradient
             # (as the torch backend), torch's index elsewhere, through a gather
-            picked = x.flatten(2).gather(2, torch.where(inside, idx, 0).flatten(2)).view_as(y)
+            picked = x.flatten(-nd).gather(-1, torch.where(inside, idx, 0).flatten(-nd)).view_as(y)
             return {"output": torch.where(inside, picked, -torch.inf)}
 
         return Case(lambda: block(k, stride=s, padding=p, dilation=d, ceil_mode=ceil),
                     {"input": _pool_input(cfg)}, ref)
     inc, div = cfg["include_pad"], cfg.get("div")
     block = ml.AvgPool1D if nd == 1 else ml.AvgPool2D
+    if pairs is not None:
+        return Case(lambda: block(k, stride=s, padding=p, count_include_pad=inc, ceil_mode=ceil,
+                                  divisor_override=div), {"input": _pool_input(cfg)},
+                    avg_pool_padded_ref(nd, k, s or k, pairs, ceil, inc, div))
 
     def avg(t: dict, _: dict) -> dict:
         x = t["input"]
         if nd == 1 and div is None:
             return {"output": F.avg_pool1d(x, k, s, p, ceil_mode=ceil, count_include_pad=inc)}
         if nd == 1:  # F.avg_pool1d has no divisor_override: as 2-D with one row
-            return {"output": F.avg_pool2d(x[:, :, None], (1, *k), None if s is None else
-                                           (1, *s), (0, *p), ceil, inc, div)[:, :, 0]}
+            return {"output": F.avg_pool2d(x[..., None, :], (1, *k), None if s is None else
+                                           (1, *s), (0, *p), ceil, inc, div)[..., 0, :]}
         return {"output": F.avg_pool2d(x, k, s, p, ceil, inc, div)}
 
     return Case(lambda: block(k, stride=s, padding=p, count_include_pad=inc, ceil_mode=ceil,
@@ -208,6 +250,10 @@ def torch_refuses(name: str) -> BaseException | None:
     x = case.inputs["input"]
     t = {"input": torch.tensor(np.zeros(x) if isinstance(x, tuple) else x)}
     cfg = json.loads(name)
+    pairs = _pairs(cfg.get("p"), cfg["nd"]) if cfg["op"] != "conv" else None
+    if pairs is not None and any(max(pr) > ki // 2 for pr, ki in zip(pairs, cfg["k"])):
+        # torch's pooling rule (F.pad + pool does not see the padding): at most half the kernel
+        return ValueError("pad should be at most half of effective kernel size")
     if cfg["op"] == "conv":
         o = cfg["groups"] * cfg["mult"]
         t["w.weight"] = torch.zeros((o, cfg["cg"], *cfg["k"]), dtype=torch.float64)
