@@ -1,7 +1,7 @@
 """The published Mithril's blocks added for its test cases (the losses AbsoluteError,
 QuantileLoss, HingeLoss, QuadHingeLoss, BinaryCrossEntropy and KLDivergence; Variance, Sine,
 Cosine, StopGradient, StableReciprocal, PermuteTensor; PolynomialFeatures,
-PolynomialRegression, LogisticRegression and EncoderDistanceMatrix) side by side
+PolynomialRegression, LogisticRegression, EncoderDistanceMatrix, RBFKernel and PolynomialKernel) side by side
 with torch in float64 on NumPy, JAX and torch: outputs and every gradient (input and target)
 within 1e-12 relative to max(1, |torch|), against ``torch.nn.functional`` where torch has
 the loss and a direct torch expression with autograd where it has none; the NumPy gradients
@@ -129,6 +129,11 @@ def _minkowski(t, root):
     return d.pow(1 / p) if root else d
 
 
+def _rbf(t):
+    sq = ((t["input1"][:, None, :] - t["input2"][None, :, :]) ** 2).sum(-1)
+    return t["l_scale"][0] ** 2 * torch.exp(-sq / (2 * t["sigma"][0] ** 2))
+
+
 CASES: dict[str, Case] = {
     "absolute_error": Case(lambda: ml.AbsoluteError(), {"input": _X, "target": _T},
                            pair(lambda x, t: F.l1_loss(x, t, reduction="none"))),
@@ -219,6 +224,13 @@ CASES: dict[str, Case] = {
     "distance_matrix_powered": Case(lambda: ml.EncoderDistanceMatrix(get_final_distance=False),
                                     {"input1": (4, 2), "input2": (3, 2), "norm": np.array([6.5])},
                                     lambda t, d: {"output": _minkowski(t, root=False)}),
+    "rbf_kernel": Case(lambda: ml.RBFKernel(), {"input1": (4, 3), "input2": (5, 3), "l_scale": np.array([1.3]),
+                                                 "sigma": np.array([0.8])}, lambda t, d: {"output": _rbf(t)}),
+    "polynomial_kernel": Case(lambda: ml.PolynomialKernel(), {"input1": (4, 3), "input2": (5, 3),
+                                                              "poly_coef": np.array([0.7]),
+                                                              "degree": np.array([2.5])},
+                              lambda t, d: {"output": (t["input1"] @ t["input2"].T
+                                                       + t["poly_coef"][0]).abs() ** t["degree"][0]}),
 }
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES, _tight)
@@ -230,7 +242,8 @@ SMOOTH = ["quantile_0.1", "bce_probs_soft_targets", "bce_probs_pos_weight_sum", 
           "variance_all", "variance_axis_keepdim_unbiased",
           "variance_two_axes_fractional", "permute_tensor_repeated_negative",
           "polynomial_features_degree_2", "polynomial_features_degree_3", "polynomial_regression",
-          "logistic_regression", "distance_matrix_minkowski", "distance_matrix_powered"]
+          "logistic_regression", "distance_matrix_minkowski", "distance_matrix_powered",
+          "rbf_kernel", "polynomial_kernel"]
 
 
 @pytest.mark.parametrize("name", SMOOTH)
@@ -431,3 +444,17 @@ def test_distance_matrix_arguments_and_shapes():
         ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 2], "n": [1]})
     with pytest.raises(ml.ShapeError, match="'norm' must hold one number, got shape \\[2\\]"):
         ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 3], "n": [2]})
+
+
+@pytest.mark.parametrize("block", [ml.RBFKernel, ml.PolynomialKernel])
+def test_kernels_refuse_mismatched_features_and_non_scalar_coefficients(block):
+    scalars = ("l_scale", "sigma") if block is ml.RBFKernel else ("poly_coef", "degree")
+    m = ml.Model()
+    m |= block()(input1="a", input2="b", **{k: k for k in scalars}, output="output")
+    with pytest.raises(ml.ShapeError, match="'input2 \\(features\\)' has shape \\[2\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 2], **{k: [1] for k in scalars}})
+    with pytest.raises(ml.ShapeError, match=f"'{scalars[1]}' must hold one number, got shape \\[3\\]"):
+        ml.compile(m, NumpyBackend(), shapes={"a": [4, 3], "b": [5, 3], scalars[0]: [1], scalars[1]: [3]})
+    if block is ml.PolynomialKernel:
+        with pytest.raises(TypeError, match="PolynomialKernel: robust must be a bool"):
+            block(robust="no")

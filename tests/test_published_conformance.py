@@ -43,7 +43,7 @@ BLOCKS = {**_BLOCKS, **{n: getattr(ml.models, n) for n in (
     "MaxPool2D", "Softplus", "AbsoluteError", "QuantileLoss", "HingeLoss", "QuadHingeLoss",
     "KLDivergence", "BinaryCrossEntropy", "Variance", "Sine", "Cosine", "StopGradient",
     "StableReciprocal", "PermuteTensor", "PolynomialFeatures", "PolynomialRegression",
-    "LogisticRegression", "EncoderDistanceMatrix")}}
+    "LogisticRegression", "EncoderDistanceMatrix", "RBFKernel", "PolynomialKernel")}}
 #: arguments whose published value is also our default (accepted, then dropped)
 DEFAULTS = {"robust": False}
 #: our arguments that give a block the published form (the published losses are elementwise)
@@ -196,7 +196,8 @@ def _report(file: str, res: dict[str, str]) -> None:
 #: the cases built and matching, per file (the rest are listed by reason when the test runs)
 BUILT = {
     "models_directed_test.json": set("""
-        test_abs test_absolute_error_1 test_absolute_error_2 test_absolute_error_3
+        test_PolynomialKernel test_RBFKernel_1 test_RBFKernel_2 test_abs
+        test_absolute_error_1 test_absolute_error_2 test_absolute_error_3
         test_absolute_error_4 test_binary_cross_entropy_1 test_binary_cross_entropy_2
         test_binary_cross_entropy_3 test_binary_cross_entropy_4 test_binary_cross_entropy_5
         test_binary_cross_entropy_6 test_binary_cross_entropy_7 test_binary_cross_entropy_8

@@ -107,5 +107,6 @@ from .regression_models import (  # noqa: E402
 __all__ += ["LogisticRegression", "PolynomialFeatures", "PolynomialRegression"]
 
 from .distance_models import EncoderDistanceMatrix  # noqa: E402
+from .kernel_models import PolynomialKernel, RBFKernel  # noqa: E402
 
-__all__ += ["EncoderDistanceMatrix"]
+__all__ += ["EncoderDistanceMatrix", "PolynomialKernel", "RBFKernel"]
