@@ -10,7 +10,8 @@ as the separate calls with ``note_missed`` do on JAX (to 1e-6), as the NumPy ste
 carries the counts and resumes bit for bit as the unbroken run. Before, these optimizers'
 step fell back to the separate calls and the sharded step refused them.
 
-Also: a state whose counts differ inside a layer (``note_missed`` of a bias only) resumes
+Also: the global-norm clipping, `nonfinite="skip"` and hyperparameters changed mid-run, as
+the NumPy step; weight averaging keeps the separate calls; a state whose counts differ inside a layer (``note_missed`` of a bias only) resumes
 in the program as the NumPy step runs it (the counts were given in the model's order where
 the transformation reads them in its sorted one: an elementwise optimizer's too).
 
@@ -266,6 +267,61 @@ def test_two_devices_equal_one_device_numpy_and_torch(results, name: str) -> Non
     for kind in WORKER_KINDS[dtype]:
         _check_run(res, f"{name}/{kind}", ref, ref_state, tol)
         _close(_of(res, f"{name}/{kind}"), one, tol, f"{kind} vs one device")
+
+
+def whole_step() -> dict:
+    """Optimizers with what stays the whole step's beside each tensor's own count."""
+    from mithril.utils.optimizers import Adafactor, AdamW, Muon
+
+    return {"muon-clip-skip": lambda: Muon(1e-2, weight_decay=0.1, ns_dtype=None,
+                                           clip_norm=0.05, nonfinite="skip",
+                                           fallback=AdamW(1e-2, weight_decay=0.1)),
+            "adafactor-clip-skip": lambda: Adafactor(0.5, clip_norm=0.05, nonfinite="skip"),
+            "muon-hyperparameters": optimizers()["muon"]}
+
+
+@pytest.mark.parametrize("name", list(whole_step()))
+def test_global_clipping_skips_and_hyperparameter_changes_as_numpy(name: str) -> None:
+    """The clipping by the global norm and ``nonfinite="skip"`` (an inf target at step 6:
+    skipped, no missed step counted) decide for the whole step, and hyperparameters changed
+    mid-run (Muon's, its fallback's: traced from their first change) are read, as the NumPy
+    step does: the same params (1e-6), step, skips and missed counts; each program compiled
+    once."""
+    import warnings
+
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend
+    from mithril.utils.training import make_train_step
+
+    got = []
+    for backend in (NumpyBackend(), JaxBackend()):
+        c = ml.compile(two_heads(), backend, shapes=SHAPES)
+        opt = whole_step()[name]()
+        steps = {k: make_train_step(c, opt, loss=k) for k in LOSSES}
+        params = {n: backend.array(np.asarray(v)) for n, v in
+                  (got[0][0] if got else c.get_parameters()).items()}
+        start = {n: np.asarray(v).copy() for n, v in params.items()}
+        state = steps["loss_a"].init(params)
+        for i, (loss, d) in enumerate(zip(SCHEDULE * 2, batches("float32") * 2)):
+            if i == 5 and "skip" in name:
+                d = {**d, "ta": np.full((8, 1), np.inf, "float32"),
+                     "tb": np.full((8, 2), np.inf, "float32")}
+            if i in (4, 9) and name == "muon-hyperparameters":
+                opt.weight_decay, opt.momentum = (0.05, 0.8) if i == 4 else (0.02, 0.7)
+                opt.fallback.beta1 = 0.8
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # (the skip's)
+                params, state, _ = steps[loss](params, state, {k: backend.array(v)
+                                                               for k, v in d.items()})
+        held = steps["loss_a"].to_optimizer_state(state, params)
+        assert steps["loss_a"].fused == (backend.name == "jax")
+        if backend.name == "jax":
+            assert [s._jitted._cache_size() for s in steps.values()] == [1, 1]
+        got.append((start, {n: np.asarray(v) for n, v in params.items()},
+                    (held.step, held.num_skipped, held.missed_counts())))
+    _close(got[1][1], got[0][1], 1e-6, "fused vs NumPy")
+    assert got[1][2] == got[0][2]
+    assert got[0][2][:2] == ((14, 0) if name == "muon-hyperparameters" else (13, 1))
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
