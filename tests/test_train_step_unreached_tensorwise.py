@@ -10,10 +10,11 @@ as the separate calls with ``note_missed`` do on JAX (to 1e-6), as the NumPy ste
 carries the counts and resumes bit for bit as the unbroken run. Before, these optimizers'
 step fell back to the separate calls and the sharded step refused them.
 
-Also: the global-norm clipping, `nonfinite="skip"` and hyperparameters changed mid-run, as
-the NumPy step; weight averaging keeps the separate calls; a state whose counts differ inside a layer (``note_missed`` of a bias only) resumes
-in the program as the NumPy step runs it (the counts were given in the model's order where
-the transformation reads them in its sorted one: an elementwise optimizer's too).
+Also: the global-norm clipping, ``nonfinite="skip"`` and hyperparameters changed mid-run,
+as the NumPy step; weight averaging keeps the separate calls; a state whose counts differ
+inside a layer (``note_missed`` of a bias only) resumes in the program as the NumPy step
+runs it (the counts were given in the model's order where the transformation reads them in
+its sorted one: an elementwise optimizer's too).
 
 The 2-device runs need ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` before JAX
 starts: this file is the worker too (``python tests/test_train_step_unreached_tensorwise.py
