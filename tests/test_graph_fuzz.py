@@ -19,7 +19,7 @@ cotangents on one or more. Each graph is compiled on NumPy, torch and JAX (jit),
   shape, both shapes), and the correct call after it gives the same numbers bit for bit.
 
 float64 runs in a fresh interpreter (JAX's x64 is process-global); float32 in this one.
-The default run draws 50 graphs in float64 and 30 in float32; ``pytest -m slow`` 2,000 and
+The default run draws 40 graphs in float64 and 25 in float32; ``pytest -m slow`` 2,000 and
 1,000. Failures found are minimised in :mod:`tests.test_graph_fuzz_regressions`.
 """
 
@@ -190,7 +190,8 @@ def check_graph(g: Graph, dtype: str, seed: int, which_bad: int = 0, jit: bool =
             outs = {k: v for k, v in results["numpy"][0].items() if k in ref_out}
             compare("numpy outputs vs torch autograd", outs, ref_out, REF_TOL)
             compare("numpy gradients vs torch autograd", results["numpy"][1], ref_grads, REF_TOL)
-            if g.fd_ok:
+            finite = all(np.isfinite(v).all() for v in results["numpy"][0].values())
+            if g.fd_ok and finite:  # (a mean of no values is NaN)
                 fd = finite_differences(compiled["numpy"][0], params, data, cots)
                 compare("numpy gradients vs central differences", results["numpy"][1], fd, FD_TOL)
         name = ("numpy", "torch", "jax")[which_bad % 3]
@@ -224,11 +225,11 @@ def _in_subprocess(dtype: str, examples: int, timeout: float) -> None:
 
 
 def test_float64_graphs_agree_across_backends_torch_and_finite_differences():
-    _in_subprocess("float64", 50, 300)
+    _in_subprocess("float64", 40, 300)
 
 
 def test_float32_graphs_agree_across_backends():
-    assert fuzz("float32", 30) == 30
+    assert fuzz("float32", 25) == 25
 
 
 @pytest.mark.slow
