@@ -1,6 +1,7 @@
 """Convolutions over channels-first inputs, with torch's layouts, numerics and initialisation.
 
-``Convolution1D`` takes (N, C, L) and ``Convolution2D`` (N, C, H, W); the weight is
+``Convolution1D`` takes (N, C, L) and ``Convolution2D`` (N, C, H, W), or one example without
+the batch axis, (C, L) / (C, H, W), as torch (run as a batch of one); the weight is
 (out_channels, C / groups, *kernel_size) and the bias (out_channels,), as ``torch.nn.Conv1d`` /
 ``Conv2d``. Weights start as torch's ``kaiming_uniform_(a=√5)``, U(±1/√fan_in), and biases as
 U(±1/√fan_in), with fan_in = C / groups · prod(kernel_size).
@@ -486,8 +487,9 @@ class _Convolution(Operator):
 
 class Convolution1D(_Convolution):
     """1-D convolution (cross-correlation, as torch) of (N, C, L) into (N, out_channels, L');
-    weight (out_channels, C / groups, k), bias (out_channels,). ``padding``: an int, a
-    ``(before, after)`` pair in a 1-sequence, ``"valid"`` or ``"same"`` (stride 1).
+    weight (out_channels, C / groups, k), bias (out_channels,); (C, L) without a batch axis
+    gives (out_channels, L'). ``padding``: an int, ``(p,)``, a ``(before, after)`` pair (bare
+    or in a 1-sequence), ``"valid"`` or ``"same"`` (stride 1).
     ``padding_mode``: torch's "zeros" (default), "reflect", "replicate" or "circular" (the
     input padded so by ``F.pad`` first, as ``nn.Conv1d``; reflect needs each padding below
     the length, circular at most it: a ``ShapeError`` otherwise)."""
@@ -498,7 +500,8 @@ class Convolution1D(_Convolution):
 
 class Convolution2D(_Convolution):
     """2-D convolution (cross-correlation, as torch) of (N, C, H, W) into
-    (N, out_channels, H', W'); weight (out_channels, C / groups, kh, kw), bias (out_channels,).
+    (N, out_channels, H', W') (or (C, H, W) into (out_channels, H', W'), as torch); weight
+    (out_channels, C / groups, kh, kw), bias (out_channels,).
     ``kernel_size``, ``stride``, ``dilation``: an int or a pair; ``padding``: an int, a pair,
     a pair of ``(before, after)`` pairs, ``"valid"`` or ``"same"`` (stride 1).
     ``padding_mode``: torch's "zeros" (default), "reflect", "replicate" or "circular" (the

@@ -1,11 +1,17 @@
 """Pooling over channels-first inputs, with torch's semantics.
 
+Every pool but ``GlobalAvgPool2D`` also takes one example without the batch axis, (C, L) /
+(C, H, W), as torch (run as a batch of one). ``padding``: an int, one per axis, or a
+``(before, after)`` pair per axis (1-D: also one bare pair), each side at most half the
+kernel; torch's pools pad symmetrically only, so the torch backend runs pairs as ``F.pad``
+(−inf or zeros) then an unpadded pool (keeping the −inf windows' gradient routing below).
+
 ``MaxPool1D`` / ``MaxPool2D``: windows padded with −inf, ``stride`` defaults to
 ``kernel_size``, ``padding`` at most half the kernel (as torch). ``ceil_mode=True`` (every
 pool) rounds the output size up, as torch: the last window may run past the end (it must
-start inside the input or the padding before it); NumPy and JAX pad that part further, with
-−inf (max) or zeros left out of the mean (average), and run the same code; torch gets
-``ceil_mode``. The NumPy VJP routes each cotangent to its window's first maximum in window
+start inside the input or the padding before it: torch's ``pooling_output_shape_pad_lr``);
+NumPy and JAX pad that part further, with −inf (max) or zeros left out of the mean
+(average), and run the same code; torch gets ``ceil_mode``. The NumPy VJP routes each cotangent to its window's first maximum in window
 order (row-major over the kernel), which is the element torch's (and XLA's) max pooling
 picks on ties (and to its last NaN, where a window holds one: NaN is its maximum, as torch;
 where a window's elements inside the input are all −inf, to the first of them, never the
@@ -23,8 +29,8 @@ activations stay channels-last): the max is a running ``np.maximum``; a forward 
 differentiated also keeps, per offset, which windows take their maximum there first (the
 residual), so the VJP is one multiply per offset.
 
-``AvgPool1D`` / ``AvgPool2D``: zero padding counted in the mean (``count_include_pad=True``,
-torch's default), or not (``count_include_pad=False``: each window's sum divided by the
+``AvgPool1D`` / ``AvgPool2D``: zero padding (both sides, not the ``ceil_mode`` part past it)
+counted in the mean (``count_include_pad=True``, torch's default), or not (``count_include_pad=False``: each window's sum divided by the
 number of input elements it covers); ``divisor_override`` (a nonzero int) divides every
 window's sum by itself instead (torch's; on the torch backend 1-D runs as 2-D with one row:
 ``F.avg_pool1d`` has none). ``GlobalAvgPool2D``: the mean over H and W,
@@ -388,8 +394,9 @@ class _MaxPool(_Pool):
 
 
 class MaxPool1D(_MaxPool):
-    """Max over windows of (N, C, L): ``kernel_size``, ``stride`` (default ``kernel_size``),
-    ``padding`` (−inf, at most kernel_size // 2), ``dilation`` and ``ceil_mode`` as
+    """Max over windows of (N, C, L) or (C, L): ``kernel_size``, ``stride`` (default
+    ``kernel_size``), ``padding`` (−inf, at most kernel_size // 2; an int or a
+    ``(before, after)`` pair), ``dilation`` and ``ceil_mode`` as
     ``torch.nn.MaxPool1d``."""
 
     nd = 1
@@ -397,8 +404,9 @@ class MaxPool1D(_MaxPool):
 
 
 class MaxPool2D(_MaxPool):
-    """Max over windows of (N, C, H, W): ``kernel_size``, ``stride`` (default ``kernel_size``),
-    ``padding`` (−inf, at most half the kernel), ``dilation`` (each an int or a pair) and
+    """Max over windows of (N, C, H, W) or (C, H, W): ``kernel_size``, ``stride`` (default
+    ``kernel_size``), ``padding`` (−inf, at most half the kernel; also a ``(before, after)``
+    pair per axis), ``dilation`` (each an int or a pair) and
     ``ceil_mode`` as ``torch.nn.MaxPool2d``."""
 
     nd = 2
