@@ -242,6 +242,11 @@ def test_norm_eps_is_checked_and_is_torchs(backend_name, dtype, norm):
     for eps in ("1e-5", -1e-5, float("nan"), True, None):
         with pytest.raises(ValueError, match=fr"{norm}: eps must be a finite float >= 0, got "):
             block(eps)
+    # torch's first argument (LayerNorm(16)'s normalized_shape, GroupNorm(2, 6)'s channels)
+    # landing on our eps is named, not taken as eps = 16
+    with pytest.raises(ValueError, match=fr"{norm}: eps=16 is an int >= 2, which looks like "
+                                         fr"torch's normalized_shape"):
+        block(16)
     backend = BACKENDS[backend_name](dtype=dtype)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(shape) * 0.3).astype(dtype)  # small: eps matters

@@ -15,10 +15,16 @@ from .operator import Operator, ShapeError, backend_of, fmt
 
 
 def check_eps(eps: Any, who: str) -> None:
-    """A normalisation's eps: a finite number >= 0 (not a bool), else a ``ValueError``."""
+    """A normalisation's eps: a finite number >= 0 (not a bool), else a ``ValueError``. An
+    int >= 2 is refused too: it is torch's first argument (``LayerNorm(16)``'s
+    normalized_shape, ``GroupNorm(2, 6)``'s num_channels) landing on our eps."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) \
             or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{who}: eps must be a finite float >= 0, got {eps!r}")
+    if isinstance(eps, (int, np.integer)) and eps >= 2:
+        raise ValueError(f"{who}: eps={eps} is an int >= 2, which looks like torch's "
+                         f"normalized_shape / num_channels / num_features: ours are read from "
+                         f"the input's shape (pass eps by name, as a float, if {eps} is meant)")
 
 
 def _group_mean(xp: Any, x: Any) -> Any:
