@@ -73,10 +73,15 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
             # input data keeps a float16/bfloat16 dtype, to be refused below as on a backend
             # whose own arrays they are; float32/float64 data is cast (see _CASTABLE)
             own = _float_name(x) if kind == "input" and want == "float" else None
-            if keep is None and (own is None or own in _CASTABLE):
-                x = b.array(x, None)
-            else:
-                x = b.array(x, keep or own)
+            try:
+                x = b.array(x, None if keep is None and (own is None or own in _CASTABLE)
+                            else keep or own)
+            except (DTypeError, ShapeError):
+                raise
+            except (RuntimeError, TypeError, ValueError) as e:  # (a torch tensor that requires
+                # grad, a ragged list: the framework's own message named no key)
+                raise TypeError(f"{kind} '{key}': cannot make a {b.name} array of this "
+                                f"{type(orig).__name__}: {e}") from None
         else:
             raise TypeError(f"{kind} '{key}': expected an array, got {type(x).__name__}")
     shape = x.shape
