@@ -14,6 +14,8 @@ cotangents on one or more. Each graph is compiled on NumPy, torch and JAX (jit),
   to the array's largest entry (or 1); the outputs of a call without gradients too;
 * in float64, they agree with the same formula on torch tensors (autograd) to 1e-10 and the
   gradients with central differences (step 1e-6) to 1e-6;
+* a call leaves the arrays it was given as they were, and (NumPy) a later call leaves the
+  arrays an earlier one returned;
 * a call with a parameter or input of the wrong shape or dtype, a missing or unknown key or
   a cotangent of the wrong shape raises the library's error naming the key (and, for a
   shape, both shapes), and the correct call after it gives the same numbers bit for bit.
