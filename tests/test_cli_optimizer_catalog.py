@@ -306,3 +306,13 @@ def test_shard_state_refused_for_optimizer_wide_values(name, capsys, tmp_path):
     err = usage_error(capsys, ["train", "--optimizer", name, "--nprocs", "2", "--shard-state",
                                "--dry-run", "--out", str(tmp_path / "r")])
     assert "--shard-state: shard_state=True:" in err and "optimizer-wide values" in err
+
+
+@pytest.mark.parametrize("argv", [["compare", "--configs", "adamx"],
+                                  ["train", "--optimizer", "adamx", "--dry-run"]])
+def test_an_unknown_name_lists_only_usable_optimizers(capsys, argv):
+    """The choices listed are those the command takes: L-BFGS (refused by train and compare:
+    it needs a closure) was listed, and then refused when chosen."""
+    err = usage_error(capsys, argv)
+    assert "adamx" in err and "lion" in err and "yogi" in err
+    assert not any(name in err for name in REFUSED), err

@@ -190,10 +190,11 @@ def resolve_name(text: str, where: str = "optimizer", flag: str | None = None) -
     bare = {n.replace("-", ""): n for n in CATALOG}
     if name.replace("-", "") in bare:
         return bare[name.replace("-", "")]
+    usable = [n for n in NAMES if n not in REFUSED]  # (a refused name is not a choice)
     if flag is not None:
         raise CLIError(f"argument {flag}: invalid choice: {text.strip()!r} (choose from "
-                       f"{', '.join(map(repr, NAMES))})")
-    raise CLIError(f"unknown {where} {text.strip()!r}; choose from {', '.join(NAMES)}")
+                       f"{', '.join(map(repr, usable))})")
+    raise CLIError(f"unknown {where} {text.strip()!r}; choose from {', '.join(usable)}")
 
 
 def keys_text(name: str, inner: str | None = None) -> str:

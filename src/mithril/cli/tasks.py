@@ -86,7 +86,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                    help="digits-cnn: no BatchNorm after the convolutions")
     g.add_argument("--dropout", type=unit_interval, metavar="P",
                    help="digits-cnn: dropout before the linear layer; charlm: after the "
-                        "embeddings (default: 0.25 for digits-cnn, 0 for charlm)")
+                        "embeddings and inside every transformer block (default: 0.25 for "
+                        "digits-cnn, 0 for charlm)")
     g.add_argument("--precision", choices=("fp16", "bf16"),
                    help="the same as --mixed-precision (e.g. --precision bf16)")
     g = p.add_argument_group("charlm (GPT-style character model)")
