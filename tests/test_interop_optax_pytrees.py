@@ -169,3 +169,19 @@ def test_what_is_refused_is_named(x32):
         tx.update({**g, "b": [jnp.ones(3), g["b"][1]]}, state, p)
     updates, new = tx.update(g, state, p)  # what raised changed nothing: the state steps
     assert int(new.count) == 1 and float(jnp.max(jnp.abs(updates["w"]))) > 1e-3
+
+
+def test_params_cast_after_init_are_refused_by_name(x32):
+    """Regression: params cast to bfloat16 after ``init`` (float32) silently turned the
+    state's slots into bfloat16 (``m``: float32 -> bfloat16 after one update; optax keeps its
+    float32 moments), and a ``lax.scan`` / ``MultiSteps`` carry then failed deep in JAX; now
+    a ``ValueError`` names the slot, the key and both dtypes."""
+    tx = optax_transformation(Adam(1e-2))
+    state = tx.init({"w": jnp.ones(3)})
+    half = {"w": jnp.ones(3, jnp.bfloat16)}
+    with pytest.raises(ValueError, match=r"slot 'm' for 'w' has dtype float32, the parameter "
+                                         r"bfloat16"):
+        tx.update(half, state, half)
+    ref = optax.adam(1e-2)
+    _, ref_state = ref.update(half, ref.init({"w": jnp.ones(3)}), half)
+    assert ref_state[0].mu["w"].dtype == jnp.float32  # what optax keeps

@@ -293,6 +293,12 @@ def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[s
                 raise ValueError(f"{opt_name}: the state's slot '{s}' for '{n}' has shape "
                                  f"{tuple(getattr(x, 'shape', ()))}, expected {tuple(want)} (a "
                                  f"state of other params?)")
+            # (elementwise: init makes each slot in its param's dtype; a param cast since
+            # would silently turn the slot into the new dtype, where optax keeps the state's)
+            if shape_of is None and getattr(x, "dtype", p.dtype) != p.dtype:
+                raise ValueError(f"{opt_name}: the state's slot '{s}' for '{n}' has dtype "
+                                 f"{x.dtype}, the parameter {p.dtype} (params cast after "
+                                 f"init? init the state from the params as they are now)")
     return out
 
 
