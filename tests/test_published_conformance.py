@@ -104,12 +104,6 @@ def _block(spec: dict, data: dict):
     args.update(PUBLISHED_FORM.get(name, {}))
     if name.startswith("Convolution") and "out_channels" not in args:  # published: from the weight
         args["out_channels"] = len(data["weight"])
-    if name.startswith("MaxPool") and data["input"].ndim != int(name[-2]) + 2:
-        raise Unbuilt(f"{name} of an input without a batch axis not offered")
-    pad = args.get("padding", 0)
-    if isinstance(pad, (list, tuple)) and (name.endswith("1D") or any(isinstance(p, (list, tuple))
-                                                                       for p in pad)):
-        raise Unbuilt(f"{name} with different padding before and after not offered")
     block, names = _build({**spec, "args": args}, data, BLOCKS)
     names = names or dict(PUBLISHED_PARAMS.get(name, {}))
     if name != "Model" and not names:  # published role names: our block path + role
@@ -204,24 +198,28 @@ BUILT = {
         test_binary_w_logits_1 test_binary_w_logits_2 test_binary_w_logits_3 test_buffer_1
         test_buffer_2 test_buffer_3 test_composite_4_extend_from_inputs
         test_composite_5_extend_from_inputs test_composite_6_extend_from_inputs
-        test_conv1d_1 test_conv1d_2 test_conv1d_3 test_conv1d_4 test_conv1d_5 test_conv1d_8
-        test_conv1d_9 test_conv2d_1 test_conv2d_2 test_conv2d_3 test_conv2d_4 test_conv2d_5
-        test_conv2d_6 test_cos test_cross_entropy_1 test_cross_entropy_10
-        test_cross_entropy_11 test_cross_entropy_12 test_cross_entropy_2
-        test_cross_entropy_3 test_cross_entropy_4 test_cross_entropy_5 test_cross_entropy_6
-        test_cross_entropy_7 test_cross_entropy_8 test_cross_entropy_9
-        test_distance_matrix_1 test_distance_matrix_2 test_distance_matrix_3
-        test_distance_matrix_4 test_distance_matrix_5 test_distance_matrix_6 test_div_1
-        test_div_2 test_div_3 test_div_4 test_div_5 test_div_6 test_embedding_1
-        test_embedding_2 test_embedding_3 test_exp test_flatten test_flatten2 test_flatten3
-        test_flatten4 test_flatten5 test_gelu_1 test_gelu_2 test_hinge_loss_1
-        test_hinge_loss_2 test_hinge_loss_3 test_kl_div_1 test_kl_div_3 test_kl_div_4
-        test_layernorm_1 test_layernorm_2 test_leaky_relu_1 test_leaky_relu_2
+        test_conv1d_1 test_conv1d_2 test_conv1d_3 test_conv1d_4 test_conv1d_5 test_conv1d_6
+        test_conv1d_7 test_conv1d_8 test_conv1d_9 test_conv2d_1 test_conv2d_2 test_conv2d_3
+        test_conv2d_4 test_conv2d_5 test_conv2d_6 test_conv2d_7 test_conv2d_8 test_conv2d_9
+        test_cos test_cross_entropy_1 test_cross_entropy_10 test_cross_entropy_11
+        test_cross_entropy_12 test_cross_entropy_2 test_cross_entropy_3 test_cross_entropy_4
+        test_cross_entropy_5 test_cross_entropy_6 test_cross_entropy_7 test_cross_entropy_8
+        test_cross_entropy_9 test_distance_matrix_1 test_distance_matrix_2
+        test_distance_matrix_3 test_distance_matrix_4 test_distance_matrix_5
+        test_distance_matrix_6 test_div_1 test_div_2 test_div_3 test_div_4 test_div_5
+        test_div_6 test_embedding_1 test_embedding_2 test_embedding_3 test_exp test_flatten
+        test_flatten2 test_flatten3 test_flatten4 test_flatten5 test_gelu_1 test_gelu_2
+        test_hinge_loss_1 test_hinge_loss_2 test_hinge_loss_3 test_kl_div_1 test_kl_div_3
+        test_kl_div_4 test_layernorm_1 test_layernorm_2 test_leaky_relu_1 test_leaky_relu_2
         test_leaky_relu_3 test_linear_1 test_linear_2 test_linear_3 test_linear_4
         test_logistic_1_logits_ignored test_logistic_1_probs_ignored
-        test_logistic_2_no_ignore test_matmul_1 test_maxpool1d_1 test_maxpool1d_2
-        test_maxpool1d_3 test_maxpool2d_1 test_maxpool2d_2 test_maxpool2d_3 test_maxpool2d_4
-        test_mult_1 test_mult_2 test_mult_3 test_mult_4 test_mult_5 test_mult_6 test_mult_7
+        test_logistic_2_no_ignore test_matmul_1 test_maxpool1d_1 test_maxpool1d_1_2d_input
+        test_maxpool1d_2 test_maxpool1d_2_2d_input test_maxpool1d_3
+        test_maxpool1d_3_2d_input test_maxpool1d_4 test_maxpool1d_4_2d_input
+        test_maxpool2d_1 test_maxpool2d_1_3d_input test_maxpool2d_2
+        test_maxpool2d_2_3d_input test_maxpool2d_3 test_maxpool2d_3_3d_input
+        test_maxpool2d_4 test_maxpool2d_4_3d_input test_maxpool2d_5 test_mult_1 test_mult_2
+        test_mult_3 test_mult_4 test_mult_5 test_mult_6 test_mult_7
         test_multilabel_3_binary_w_logits_1 test_nn_1 test_permute_tensor_1
         test_permute_tensor_2 test_poly_features_1 test_poly_features_2 test_poly_features_3
         test_poly_features_4 test_polynomial_1D_Degree_1 test_polynomial_1D_Degree_2
