@@ -43,7 +43,7 @@ BLOCKS = {**_BLOCKS, **{n: getattr(ml.models, n) for n in (
     "MaxPool2D", "Softplus", "AbsoluteError", "QuantileLoss", "HingeLoss", "QuadHingeLoss",
     "KLDivergence", "BinaryCrossEntropy", "Variance", "Sine", "Cosine", "StopGradient",
     "StableReciprocal", "PermuteTensor", "PolynomialFeatures", "PolynomialRegression",
-    "LogisticRegression", "EncoderDistanceMatrix", "RBFKernel", "PolynomialKernel")}}
+    "LogisticRegression", "EncoderDistanceMatrix", "RBFKernel", "PolynomialKernel", "Concat")}}
 #: arguments whose published value is also our default (accepted, then dropped)
 DEFAULTS = {"robust": False}
 #: our arguments that give a block the published form (the published losses are elementwise)
@@ -251,22 +251,22 @@ BUILT = {
     "primitives_directed_test.json": set("""
         test_abs test_absolute_error_1 test_absolute_error_2 test_absolute_error_3
         test_absolute_error_4 test_binary_w_logits_1 test_binary_w_logits_2
-        test_binary_w_logits_3 test_buffer_1 test_buffer_2 test_buffer_3 test_cos
-        test_cross_entropy_1 test_cross_entropy_10 test_cross_entropy_11
-        test_cross_entropy_2 test_cross_entropy_3 test_cross_entropy_4 test_cross_entropy_5
-        test_cross_entropy_6 test_cross_entropy_7 test_cross_entropy_8 test_cross_entropy_9
-        test_div_1 test_div_2 test_div_3 test_div_4 test_div_5 test_div_6 test_exp
-        test_gelu_1 test_gelu_2 test_hinge_loss_1 test_hinge_loss_2 test_hinge_loss_3
-        test_kl_div_1 test_kl_div_3 test_kl_div_4 test_leaky_relu_1 test_leaky_relu_2
-        test_leaky_relu_3 test_matmul_1 test_mult_1 test_mult_2 test_mult_3 test_mult_4
-        test_mult_5 test_mult_6 test_multilabel_3_binary_w_logits_1 test_permute_tensor_1
-        test_permute_tensor_2 test_power_2 test_power_3 test_power_4 test_power_5
-        test_power_6 test_primitive_binary_cross_entropy_1
-        test_primitive_binary_cross_entropy_2 test_primitive_binary_cross_entropy_3
-        test_primitive_binary_cross_entropy_4 test_primitive_binary_cross_entropy_5
-        test_primitive_binary_cross_entropy_6 test_primitive_binary_cross_entropy_7
-        test_primitive_binary_cross_entropy_8 test_primitive_hinge_loss_1
-        test_primitive_hinge_loss_2 test_primitive_hinge_loss_3
+        test_binary_w_logits_3 test_buffer_1 test_buffer_2 test_buffer_3 test_concat
+        test_concat_last_axis_1 test_concat_last_axis_2 test_cos test_cross_entropy_1
+        test_cross_entropy_10 test_cross_entropy_11 test_cross_entropy_2
+        test_cross_entropy_3 test_cross_entropy_4 test_cross_entropy_5 test_cross_entropy_6
+        test_cross_entropy_7 test_cross_entropy_8 test_cross_entropy_9 test_div_1 test_div_2
+        test_div_3 test_div_4 test_div_5 test_div_6 test_exp test_gelu_1 test_gelu_2
+        test_hinge_loss_1 test_hinge_loss_2 test_hinge_loss_3 test_kl_div_1 test_kl_div_3
+        test_kl_div_4 test_leaky_relu_1 test_leaky_relu_2 test_leaky_relu_3 test_matmul_1
+        test_mult_1 test_mult_2 test_mult_3 test_mult_4 test_mult_5 test_mult_6
+        test_multilabel_3_binary_w_logits_1 test_permute_tensor_1 test_permute_tensor_2
+        test_power_2 test_power_3 test_power_4 test_power_5 test_power_6
+        test_primitive_binary_cross_entropy_1 test_primitive_binary_cross_entropy_2
+        test_primitive_binary_cross_entropy_3 test_primitive_binary_cross_entropy_4
+        test_primitive_binary_cross_entropy_5 test_primitive_binary_cross_entropy_6
+        test_primitive_binary_cross_entropy_7 test_primitive_binary_cross_entropy_8
+        test_primitive_hinge_loss_1 test_primitive_hinge_loss_2 test_primitive_hinge_loss_3
         test_primitive_squared_error_1 test_primitive_squared_error_2
         test_primitive_squared_error_3 test_primitive_squared_error_4 test_quad_hinge_loss_1
         test_quad_hinge_loss_2 test_quad_hinge_loss_3 test_quantile_loss_1
