@@ -254,7 +254,7 @@ def test_a_tensorwise_state_with_missed_counts_is_refused_by_name() -> None:
     refuses a state whose parameters count their own, naming them, leaving it as it was."""
     from mithril.utils.optimizers import Muon
 
-    opt = Muon(learning_rate=1e-2)
+    opt = Muon(learning_rate=1e-2, ema_decay=0.9)
     assert not make_train_step(ml.compile(two_heads(), JaxBackend(), shapes=SHAPES), opt,
                                loss="loss_a").fused
     m = ml.Model()
