@@ -35,6 +35,9 @@ TOL = 1e-10
 #: slope of the linear continuation; see docs/mithril-compat.md)
 NUMPY_RESULT = {"test_cross_entropy_5", "test_cross_entropy_7",  # models_directed
                 "test_cross_entropy_8", "test_cross_entropy_10"}  # primitives_directed
+#: cases with subnormal inputs (1e-311): XLA on CPU flushes them to 0, as the published JAX
+#: results show; not run on JAX
+JAX_SUBNORMAL = {"test_robust_log_3", "test_robust_power_7"}
 
 #: published block name -> our constructor (beyond the curated table of test_mithril_api)
 BLOCKS = {**_BLOCKS, **{n: getattr(ml.models, n) for n in (
@@ -84,7 +87,8 @@ def _normalize(case: dict) -> dict:
     expected outputs and gradients, discarded keys."""
     spec = case["model"] if isinstance(case["model"], dict) else {"name": case["model"]}
     res = case["results"]
-    if "output_grads" in case or isinstance(res.get("eval"), dict):  # models_directed
+    ev = res.get("eval")  # primitives_directed: the output itself, or one per backend
+    if "output_grads" in case or isinstance(ev, dict) and not set(ev) <= {"numpy", "jax", "torch"}:
         return {"spec": spec, "inputs": case["inputs"], "static": case.get("static_keys", {}),
                 "cots": case.get("output_grads", {}), "eval": res["eval"], "grad": res.get("grad", {}),
                 "discard": case.get("discard_keys", [])}
@@ -163,6 +167,9 @@ def results(backend, file: str) -> dict[str, str]:
         if name in CONTRADICTORY:
             out[name] = f"unbuilt: {CONTRADICTORY[name]}"
             continue
+        if name in JAX_SUBNORMAL and backend.name == "jax":
+            out[name] = "unbuilt: subnormal inputs (XLA on CPU flushes them to 0)"
+            continue
         try:
             out[name] = run_case(case, backend, name in NUMPY_RESULT)
         except Unbuilt as e:
@@ -235,6 +242,10 @@ BUILT = {
         test_reduce_min_7 test_reduce_sum_1 test_reduce_sum_2 test_reduce_sum_3
         test_reduce_sum_4 test_reduce_sum_5 test_reduce_sum_6 test_reduce_sum_7 test_relu_1
         test_relu_2 test_relu_3 test_relu_4 test_sigmoid_1 test_sigmoid_2 test_sigmoid_3
+        test_robust_log_1 test_robust_log_2 test_robust_log_3
+        test_robust_power_1 test_robust_power_2 test_robust_power_3 test_robust_power_4
+        test_robust_power_5 test_robust_power_6 test_robust_power_7
+        test_robust_sqrt_1 test_robust_sqrt_2 test_robust_sqrt_3 test_robust_sqrt_4 test_robust_sqrt_5
         test_sigmoid_4 test_sigmoid_5 test_sigmoid_6 test_sin test_softmax_1 test_softmax_2
         test_softmax_3 test_softmax_4 test_softmax_5 test_softmax_6 test_softmax_7
         test_softmax_8 test_softplus_1 test_softplus_2 test_softplus_3 test_softplus_4
@@ -279,6 +290,10 @@ BUILT = {
         test_reduce_sum_1 test_reduce_sum_2 test_reduce_sum_3 test_reduce_sum_4
         test_reduce_sum_5 test_reduce_sum_6 test_reduce_sum_7 test_relu_1 test_relu_2
         test_relu_3 test_relu_4 test_sigmoid_1 test_sigmoid_2 test_sigmoid_3 test_sigmoid_4
+        test_robust_log_1 test_robust_log_2 test_robust_log_3
+        test_robust_power_1 test_robust_power_2 test_robust_power_3 test_robust_power_4
+        test_robust_power_5 test_robust_power_6 test_robust_power_7
+        test_robust_sqrt_1 test_robust_sqrt_2 test_robust_sqrt_3 test_robust_sqrt_4 test_robust_sqrt_5
         test_sigmoid_5 test_sigmoid_6 test_sin test_softmax_1 test_softmax_2 test_softmax_3
         test_softmax_4 test_softmax_5 test_softmax_6 test_softmax_7 test_softplus_1
         test_softplus_2 test_softplus_3 test_softplus_4 test_sqrt_1 test_sqrt_2 test_sqrt_3
@@ -296,7 +311,8 @@ BUILT = {
 def _check(file: str, res: dict[str, str], backend: str) -> None:
     _report(f"{file} on {backend}", res)
     assert not {k: r for k, r in res.items() if r != "ok" and not r.startswith("unbuilt")}, res
-    assert {k for k, r in res.items() if r == "ok"} == BUILT[file]
+    assert {k for k, r in res.items() if r == "ok"} == BUILT[file] - (
+        JAX_SUBNORMAL if backend == "jax" else set())
 
 
 @pytest.mark.parametrize("file", FILES)

@@ -9,11 +9,13 @@ torch on every backend (``Absolute`` has gradient 0 at 0).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
 
 from .operator import Operator, backend_of, broadcast_shapes, torch_of, unbroadcast
+from .probability_losses import robust_log, robust_log_slope, tiny
 
 
 # -- unary -----------------------------------------------------------------------------------
@@ -39,24 +41,97 @@ class Exponential(Operator):
         return {"input": g * out}
 
 
+def _robust_args(name: str, robust: Any, threshold: Any) -> tuple[bool, float | None]:
+    """Check ``robust`` (a bool) and ``threshold`` (``None`` or a positive finite number)."""
+    if not isinstance(robust, (bool, np.bool_)):
+        raise TypeError(f"{name}: robust must be a bool, got {robust!r}")
+    if threshold is not None:
+        if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.number)) \
+                or not (0 < float(threshold) < float("inf")):
+            raise ValueError(f"{name}: threshold must be a positive finite number, got {threshold!r}")
+        if not robust:
+            raise ValueError(f"{name}: threshold is read only with robust=True")
+        threshold = float(threshold)
+    return bool(robust), threshold
+
+
+def _robust_repr(name: str, robust: bool, threshold: float | None, *extra: str) -> str:
+    parts = [*extra, *(["robust=True"] if robust else []),
+             *([f"threshold={threshold!r}"] if threshold is not None else [])]
+    return f"{name}({', '.join(parts)})"
+
+
+def _abs(xp: Any, x: Any) -> Any:
+    """|x| with gradient sign(x), 0 at 0, on every backend (as :class:`Absolute`)."""
+    if xp is np or torch_of(xp) is not None:
+        return abs(x)
+    return x * xp.sign(x)
+
+
 class Log(Operator):
-    """Natural logarithm."""
+    """Natural logarithm. ``Log(robust=True)`` is the published Mithril's robust log, finite
+    everywhere: with c = ``threshold`` (default: the dtype's smallest normal number),
+
+        log(c) + |x|/c − 1   where |x| < c,   log|x| elsewhere,
+
+    gradient sign(x)/c below c (0 at x = 0, torch's published gradient) and 1/x elsewhere."""
+
+    def __init__(self, robust: bool = False, threshold: float | None = None) -> None:
+        self.robust, self.threshold = _robust_args("Log", robust, threshold)
+
+    def _c(self, dtype: Any) -> float:
+        return self.threshold if self.threshold is not None else tiny(dtype)
 
     def forward(self, xp: Any, input: Any) -> Any:
-        return xp.log(input)
+        if not self.robust:
+            return xp.log(input)
+        return robust_log(xp, _abs(xp, input), self._c(input.dtype))
 
     def vjp(self, g, out, args, wrt):
-        return {"input": g / args["input"]}
+        x = args["input"]
+        if not self.robust:
+            return {"input": g / x}
+        return {"input": g * np.sign(x) * robust_log_slope(np.abs(x), self._c(x.dtype))}
+
+    def __repr__(self) -> str:
+        return _robust_repr("Log", self.robust, self.threshold)
 
 
 class Sqrt(Operator):
-    """√x."""
+    """√x. ``Sqrt(robust=True)`` is the published Mithril's robust square root: with
+    c = ``threshold`` (default: the dtype's smallest normal number),
+
+        |x|/√c   where |x| < c,   √|x| elsewhere,
+
+    gradient sign(x)/√c below c (0 at x = 0, torch's published gradient) and
+    sign(x)/(2√|x|) elsewhere."""
+
+    def __init__(self, robust: bool = False, threshold: float | None = None) -> None:
+        self.robust, self.threshold = _robust_args("Sqrt", robust, threshold)
+
+    def _c(self, dtype: Any) -> float:
+        return self.threshold if self.threshold is not None else tiny(dtype)
 
     def forward(self, xp: Any, input: Any) -> Any:
-        return xp.sqrt(input)
+        if not self.robust:
+            return xp.sqrt(input)
+        c = self._c(input.dtype)
+        a = _abs(xp, input)
+        below = a < c  # (the inner wheres keep the unpicked branches' gradients finite)
+        return xp.where(below, xp.where(below, a, 0.0) / math.sqrt(c),
+                        xp.sqrt(xp.where(below, 1.0, a)))
 
     def vjp(self, g, out, args, wrt):
-        return {"input": g / (2 * out)}
+        if not self.robust:
+            return {"input": g / (2 * out)}
+        x = args["input"]
+        c = self._c(x.dtype)
+        below = np.abs(x) < c
+        slope = np.where(below, 1 / math.sqrt(c), 1 / (2 * np.where(below, 1.0, out)))
+        return {"input": g * np.sign(x) * slope}
+
+    def __repr__(self) -> str:
+        return _robust_repr("Sqrt", self.robust, self.threshold)
 
 
 class Absolute(Operator):
@@ -161,22 +236,62 @@ class Power(_Broadcasting):
     """base ** exponent. ``Power(exponent=2.0)`` fixes the exponent: only ``base`` is an input.
     The exponent's gradient is out·log(base) (NaN for a negative base, as torch). At base 0
     the gradients are torch's on every backend: the base's is 0 where the exponent is 0, the
-    exponent's 0 where the exponent is >= 0 (not 0·0⁻¹ or 0·log 0, NaN)."""
+    exponent's 0 where the exponent is >= 0 (not 0·0⁻¹ or 0·log 0, NaN).
 
-    def __init__(self, exponent: float | None = None) -> None:
+    ``Power(robust=True)`` is the published Mithril's robust power, with gradients finite at
+    base 0: with b the base, e the exponent and c = ``threshold`` (default: the dtype's
+    smallest normal number),
+
+        |b|/c    where |b| < c and e < 1 − log c / log|b|,   |b|^e elsewhere
+
+    (the two agree on the boundary in e). Gradients, of the branch taken: sign(b)/c and 0 for
+    the exponent on the linear one; sign(b)·e·|b|^(e−1) and |b|^e·log|b| elsewhere (the
+    base's 0 at b = 0, the exponent's 0 at b = 0 for e >= 0, as torch)."""
+
+    def __init__(self, exponent: float | None = None, robust: bool = False,
+                 threshold: float | None = None) -> None:
         self._exponent = None if exponent is None else float(exponent)
         self.inputs = ("base",) if exponent is not None else ("base", "exponent")
+        self.robust, self.threshold = _robust_args("Power", robust, threshold)
+
+    def _c(self, dtype: Any) -> float:
+        return self.threshold if self.threshold is not None else tiny(dtype)
+
+    def _linear(self, xp: Any, a: Any, e: Any, c: float) -> Any:
+        """Where the robust power takes its linear branch (a = |base|; a boolean array)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (e < 1 - math.log(c) / xp.log(a)) & (a < c)
 
     def forward(self, xp: Any, base: Any, exponent: Any = None) -> Any:
         e = self._exponent if exponent is None else exponent
+        if self.robust:
+            c = self._c(base.dtype)
+            a = _abs(xp, base)
+            lin = self._linear(xp, a, e, c)
+            # (the inner wheres keep the unpicked branches' gradients finite: 1^e there)
+            a_lin = xp.where(lin, a, 0.0) / c
+            base = xp.where(lin, 1.0, a)
         if backend_of(xp) == "jax":  # torch's derivatives at base 0 (torch has them itself)
-            return _jax_power()(base, xp.asarray(e, dtype=base.dtype))
-        return base ** e
+            out = _jax_power()(base, xp.asarray(e, dtype=base.dtype))
+        else:
+            out = base ** e
+        return xp.where(lin, a_lin, out) if self.robust else out
 
     def vjp(self, g, out, args, wrt):
         b = args["base"]
         e = self._exponent if self._exponent is not None else args["exponent"]
         res = {}
+        if self.robust:
+            a, s = np.abs(b), np.sign(b)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lin = self._linear(np, a, e, self._c(b.dtype))
+                if "base" in wrt:
+                    d = np.where(lin, 1 / self._c(b.dtype), np.where(e == 0, 0, e * a ** (e - 1)))
+                    res["base"] = unbroadcast(g * np.where(s == 0, 0, s * d), b.shape)
+                if "exponent" in wrt:
+                    d = np.where(lin | ((a == 0) & (e >= 0)), 0, out * np.log(a))
+                    res["exponent"] = unbroadcast(g * d, np.shape(e))
+            return res
         with np.errstate(divide="ignore", invalid="ignore"):
             if "base" in wrt:  # 0 where the exponent is 0 (torch), not 0·0⁻¹ at base 0
                 res["base"] = unbroadcast(g * np.where(e == 0, 0, e * b ** (e - 1)), b.shape)
@@ -186,7 +301,8 @@ class Power(_Broadcasting):
         return res
 
     def __repr__(self) -> str:
-        return "Power()" if self._exponent is None else f"Power(exponent={self._exponent})"
+        return _robust_repr("Power", self.robust, self.threshold,
+                            *([] if self._exponent is None else [f"exponent={self._exponent}"]))
 
 
 class Where(_Broadcasting):
