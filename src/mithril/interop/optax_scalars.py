@@ -295,12 +295,13 @@ def _with_attrs(view: Any, scale: Any, lr: Any, attrs: dict[str, Any] | None) ->
 
 def _traced_row(view: Any, scale: float, t: Any, lr: Any,
                 attrs: dict[str, Any] | None = None,
-                values: dict[str, Any] | None = None) -> list[Any]:
+                values: dict[str, Any] | None = None, missed: Any = None) -> list[Any]:
     """(decoupled keep factor, *full scalars) of one group for step ``t`` (traced);
     ``attrs``: hyperparameters traced in the program (driven by the state, or given to
     ``update``), set on a copy of the view; ``values``: the state's values, those
     ``scalars`` reads passed to it (None: the initial ones)."""
     v = _with_attrs(view, scale, lr, attrs)
+    _count_missed(v, missed)
     for inner in v.hyper_holders()[1:]:  # (a wrapper's scalars call its inner's: shimmed too)
         fn = inspect.getattr_static(type(inner), "scalars", None)
         if isinstance(fn, types.FunctionType):  # (a plain method: not a static one)
@@ -540,8 +541,16 @@ def _pair_of(x: Any) -> tuple[Any, Any]:
     return (x.hi, x.lo) if isinstance(x, _Hyper) else (x, 0.0)
 
 
+def _count_missed(view: Any, missed: Any) -> None:
+    """Give a row that reads its group's count beside its own (a Lookahead's sync: its
+    ``_missed``, ``t − missed`` being the step it is given) its tensor's missed steps."""
+    if missed is not None and hasattr(type(view), "_missed"):
+        view._missed = missed
+
+
 def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
-                 values: dict[str, Any] | None = None) -> list[list[Any]]:
+                 values: dict[str, Any] | None = None, missed: Any = None
+                 ) -> list[list[Any]]:
     """Each row's (keep factor, *full scalars) for step ``t`` (traced), as JAX values of
     dtype ``dt``: traced, or computed on the host by a ``jax.pure_callback``. ``driven``:
     the hyperparameters the program reads (from the state, or :class:`_Hyper` pairs given
@@ -560,6 +569,10 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
         out_dt = np.dtype(dt)
 
         def callback(step: Any, rate: Any, *vals: Any) -> np.ndarray:
+            if missed is not None:  # (the first operand after the rate: each row's count)
+                for v, m in zip(plan.host_views, np.asarray(vals[0]).tolist()):
+                    _count_missed(v, int(m))
+                vals = vals[1:]
             got = [float(v) for v in vals]
             n = 2 * len(names)  # (each driven value as hi, lo: its float64 value)
             hyper = {k: got[2 * i] + got[2 * i + 1] for i, k in enumerate(names)}
@@ -570,10 +583,12 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
 
         table = jax.pure_callback(
             callback, jax.ShapeDtypeStruct((len(plan.views), plan.width), dt), t,
-            jnp.asarray(lr, dt), *(jnp.asarray(x, dt) for k in names
+            jnp.asarray(lr, dt), *(() if missed is None else (missed,)),
+            *(jnp.asarray(x, dt) for k in names
                                    for x in _pair_of(driven[k])),
             *(jnp.asarray(values[k], dt) for k in vnames), vmap_method="sequential")
         return [[table[r, j] for j in range(w)] for r, w in enumerate(plan.widths)]
-    return [[jnp.asarray(x, dt) for x in _traced_row(v, s, t[r] if per_row else t,
-                                                     jnp.asarray(lr, dt), a, values)]
+    return [[jnp.asarray(x, dt) for x in _traced_row(
+        v, s, t[r] if per_row else t, jnp.asarray(lr, dt), a, values,
+        None if missed is None else missed[r])]
             for r, (v, s, a) in enumerate(zip(plan.views, plan.scales, attrs))]

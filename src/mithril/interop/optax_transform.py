@@ -481,10 +481,11 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         now = scheduled(sched, count)
         driven.update(now)
         # (an optimizer whose reference counts per group keeps missed steps out: counts_missed)
-        t_rows = t if missed is None or not leaves or not getattr(opt, "counts_missed", True) \
-            else t - jnp.asarray(missed, t.dtype)
+        lost = jnp.asarray(missed, t.dtype) if missed is not None and leaves and getattr(
+            opt, "counts_missed", True) else None
+        t_rows = t if lost is None else t - lost
         rows = _row_scalars(plan, t_rows, lr, driven, _wide(),
-                            {v: state.values[v] for v in scalar_values})
+                            {v: state.values[v] for v in scalar_values}, lost)
         attrs = plan.attrs(driven)
         n_full = len(rows[0]) - 1
         n_own = n_full - n_avg

@@ -91,9 +91,11 @@ def counts_own_steps(optimizer: Any) -> bool:
     """Whether the program can count each parameter's own steps for ``optimizer``: an
     elementwise or two-pass one (each parameter its own row of scalars: ``update(missed=)``
     of :func:`~mithril.interop.optax_transformation`), a tensorwise one (Muon, Adafactor:
-    :mod:`.train_step_own_counts`) without weight averaging or a group's ``step_offset``;
-    not a Lookahead (its sync counts the group's steps, its inner rules each parameter's:
-    its program's rows hold one count)."""
+    :mod:`.train_step_own_counts`) without weight averaging or a group's ``step_offset``,
+    and a Lookahead (its sync counts the group's steps, its inner rules each parameter's:
+    each row is given its tensor's missed steps beside the group's count), except one with
+    ``reset_state`` (its inner count restarts at each sync, one for all: no missed step is
+    counted, which the program's count of them would contradict)."""
     from ..interop.optax_special import classify
 
     try:
@@ -104,4 +106,4 @@ def counts_own_steps(optimizer: Any) -> bool:
         from .train_step_own_counts import why_not
 
         return why_not(optimizer) is None
-    return not hasattr(optimizer, "inner")
+    return not (hasattr(optimizer, "inner") and getattr(optimizer, "reset_state", False))
