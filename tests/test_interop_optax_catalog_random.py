@@ -3,7 +3,8 @@
 through ``optax_transformation`` against optax's own, side by side on the same pytree
 (nested dict and list, a 0-d leaf) and gradients, jitted; the params compared after every
 step in the measure of :func:`rel` (elementwise relative, floored at 1e-3 of the tensor's
-largest magnitude). float32: one configuration each; float64 (``jax_enable_x64``, slow): 20.
+largest magnitude). float32: one configuration each; float64 (``jax_enable_x64``, slow): 8
+(each a few JAX compiles: 20 took ~1 min per optimizer, 28 optimizers).
 
 Known differences, kept out of the draws (each measured in float64, 8 steps, 20 draws):
 
@@ -443,7 +444,7 @@ def test_one_random_configuration_float32(name, x32):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_twenty_random_configurations_float64(name, x64):
+def test_random_configurations_float64(name, x64):
     tol = 1e-12
-    errors = [worst_error(name, seed, jnp.float64) for seed in range(20)]
+    errors = [worst_error(name, seed, jnp.float64) for seed in range(8)]
     assert max(errors) < tol, (name, int(np.argmax(errors)), max(errors))
