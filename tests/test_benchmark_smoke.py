@@ -34,6 +34,8 @@ RUNS = {
     "train_step.py": (["--case", "mlp", "--backend", "numpy", "--rounds", "1"],
                       r"mlp\s+numpy\s+\d+\.\d+\s+\d+\.\d+\s+\d\.\d+"),
     "charlm.py": (["--backend", "numpy", "--steps", "5", "--eval-every", "5"], r"\d+\.\d+"),
+    "unreached_step.py": (["--backend", "numpy", "--rounds", "1", "--steps", "5",
+                           "--warmup", "2"], r"unreached\s+\d+\.\d+ us\s+x\d\.\d+"),
 }
 
 
