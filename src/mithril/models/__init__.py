@@ -110,3 +110,9 @@ from .distance_models import EncoderDistanceMatrix  # noqa: E402
 from .kernel_models import PolynomialKernel, RBFKernel  # noqa: E402
 
 __all__ += ["EncoderDistanceMatrix", "PolynomialKernel", "RBFKernel"]
+
+# the published Mithril's integer primitives and product reduction
+from .integer_primitives import FloorDivide, ShiftLeft, ShiftRight  # noqa: E402
+from .reductions import Prod  # noqa: E402
+
+__all__ += ["FloorDivide", "Prod", "ShiftLeft", "ShiftRight"]

@@ -12,30 +12,45 @@ from .half_precision import float32_forward
 from .operator import Operator, ShapeError, div_count, fmt, torch_of
 
 
+def axes_arg(who: str, axis: Any) -> int | tuple[int, ...] | None:
+    """``axis`` checked: None, an int, or a tuple / list of distinct ints (a NumPy integer is
+    an int; a bool is none). A TypeError or ValueError naming ``who`` otherwise."""
+    if axis is None:
+        return None
+    is_int = lambda a: isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))  # noqa: E731
+    if is_int(axis):
+        return int(axis)
+    if not isinstance(axis, (tuple, list)) or not all(is_int(a) for a in axis):
+        raise TypeError(f"{who}: axis must be None, an int or a tuple of ints, got {axis!r}")
+    if len(set(int(a) for a in axis)) != len(axis):
+        raise ValueError(f"{who}: axis must not repeat an axis, got {axis!r}")
+    return tuple(int(a) for a in axis)
+
+
 class _Reduce(Operator):
+    """A reduction over ``axis`` (None: every axis; an int or a tuple of ints, negative ones
+    counted from the end), keeping the reduced axes with size 1 if ``keepdim``."""
+
     def __init__(self, axis: int | tuple[int, ...] | list[int] | None = None,
                  keepdim: bool = False) -> None:
-        # a NumPy integer is an int axis (it was iterated: a raw TypeError); a bool is no axis
-        if isinstance(axis, (bool, np.bool_)) or (isinstance(axis, (tuple, list)) and any(
-                isinstance(a, (bool, np.bool_)) for a in axis)):
-            raise TypeError(f"{type(self).__name__}: axis must be None, an int or a tuple of "
-                            f"ints, got {axis!r}")
-        if isinstance(axis, (int, np.integer)):
-            axis = int(axis)
-        elif axis is not None:
-            axis = tuple(int(a) for a in axis)
-        self.axis, self.keepdim = axis, bool(keepdim)
+        self.axis = axes_arg(type(self).__name__, axis)
+        if not isinstance(keepdim, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}: keepdim must be a bool, got {keepdim!r}")
+        self.keepdim = bool(keepdim)
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         """The reduced axes, non-negative and sorted (a ShapeError if out of range)."""
         if self.axis is None:
             return tuple(range(ndim))
         axes = (self.axis,) if isinstance(self.axis, int) else self.axis
-        if any(not -ndim <= a < ndim for a in axes):
-            raise ShapeError(f"axis {self.axis} is out of range for rank {ndim}")
+        bad = [a for a in axes if not -ndim <= a < ndim]
+        if bad:
+            raise ShapeError(f"{type(self).__name__}: axis {bad[0]} is out of range for an input "
+                             f"of rank {ndim}")
         out = tuple(sorted(a % ndim for a in axes))
         if len(set(out)) != len(out):
-            raise ShapeError(f"axis {self.axis} repeats an axis")
+            raise ShapeError(f"{type(self).__name__}: axis {self.axis} names one axis twice for "
+                             f"rank {ndim}")
         return out
 
     def infer_shape(self, shapes):
@@ -131,3 +146,40 @@ class Min(_Extreme):
 
     _name = "min"
 
+
+
+def _exclusive_products(x: np.ndarray) -> np.ndarray:
+    """Π_{j≠i} x_j along the last axis, from prefix and suffix products: exact where x holds
+    zeros (one zero: the others' product there, 0 elsewhere; two: 0 everywhere), where
+    out / x divides 0 by 0."""
+    ones = np.ones_like(x[..., :1])
+    before = np.cumprod(np.concatenate([ones, x[..., :-1]], axis=-1), axis=-1)
+    after = np.cumprod(np.concatenate([ones, x[..., :0:-1]], axis=-1), axis=-1)[..., ::-1]
+    return before * after
+
+
+class Prod(_Reduce):
+    """Π over ``axis``, as the published Mithril's ``Prod`` and ``torch.prod``. The
+    gradient of each entry is the product of the others in its slice (times the output's
+    cotangent), exact where the input holds zeros, as torch's and JAX's (not out / x)."""
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        torch = torch_of(xp)
+        if torch is not None:  # (torch.prod takes one dim: the highest first keeps the others)
+            out = input
+            for d in reversed(self._axes(input.ndim)):
+                out = torch.prod(out, dim=d, keepdim=self.keepdim)
+            return out if self._axes(input.ndim) else input.clone()
+        return xp.prod(input, axis=self._np_axis(input.ndim), keepdims=self.keepdim)
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        axes = self._axes(x.ndim)
+        rest = [a for a in range(x.ndim) if a not in axes]
+        # the reduced axes last, flattened into one: (kept..., n)
+        moved = np.transpose(x, rest + list(axes))
+        n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        flat = moved.reshape(*moved.shape[:len(rest)], n)
+        others = _exclusive_products(flat).reshape(moved.shape)
+        gx = np.transpose(others, np.argsort(rest + list(axes)))
+        return {"input": gx * self._keep(g, x)}
