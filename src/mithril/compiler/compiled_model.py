@@ -503,6 +503,8 @@ class CompiledModel(OutputGradientsMixin):
             if lost:
                 raise KeyMismatchError(f"output_gradients: output(s) {lost} need the inputs "
                                        f"{sorted(set(self.input_keys) - set(inputs))}, not given")
+        if output_gradients is not None:
+            self._check_differentiable(output_gradients, inputs, prog)
         cots = None if output_gradients is None else self._cotangents(output_gradients)
         if cots is not None:
             self._check_bound(cots, out_shapes)

@@ -6,14 +6,18 @@ own buffer."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.operator import fmt
-from .array_checks import cast_dtype
+from .array_checks import _given, cast_dtype
 from .array_checks import shape_matches as _shape_matches
+
+if TYPE_CHECKING:
+    from ..backends.backend import Backend
+    from .program import Program
 
 
 def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, what: str,
@@ -28,6 +32,32 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
         raise KeyMismatchError(f"{what}: " + "; ".join(p for p in parts if p)
                                + f" (expected keys: {sorted(exp)})")
 
+
+def output_dtypes(prog: Program, inputs: Mapping[str, Any], backend: Backend) -> dict[str, str]:
+    """The dtype name of each output of ``prog`` for this call's (checked) ``inputs``.
+
+    The rule: a ``Cast`` gives its dtype; an operator whose one data input takes any dtype
+    (``Buffer``, ``Reshape``, ``Transpose``, an indexer: they move elements) keeps that
+    input's; every other operator computes in the model's float dtype. An input's dtype is
+    its array's; a parameter's is the model's."""
+    from ..models.primitives import Cast
+
+    model = str(backend.dtype).removeprefix("torch.")
+    dt = {w: backend.dtype_name(inputs[k]) if k in inputs else model for k, w in prog.inputs.items()}
+    dt.update({w: model for w in prog.param_wires.values()})
+    for node in prog.nodes:
+        op = node.op
+        if isinstance(op, Cast):
+            dt[node.out] = op.dtype
+        elif tuple(op.inputs) == ("input",) and "input" in op.any_dtype_inputs and "input" in node.ins:
+            dt[node.out] = dt.get(node.ins["input"], model)
+        else:
+            dt[node.out] = model
+    return {k: dt.get(w, model) for k, w in prog.outputs.items()}
+
+
+def _differentiable(name: str) -> bool:
+    return name.startswith(("float", "bfloat"))
 
 
 class OutputGradientsMixin:
@@ -44,6 +74,33 @@ class OutputGradientsMixin:
             if shape is not None and not _shape_matches(tuple(g.shape), shape):
                 raise ShapeError(f"output gradient '{k}': expected shape {fmt(shape)} (the "
                                  f"output's for these inputs), got {fmt(tuple(g.shape))}")
+
+    def _check_differentiable(self, output_gradients: Mapping[str, Any], inputs: Mapping[str, Any],
+                              prog: Program) -> None:
+        """A ``DTypeError`` naming the output and both dtypes for a cotangent given to an
+        integer or bool output, checked before anything runs. Such an output has no
+        gradient: torch refuses ``backward`` into an integer tensor and ``jax.grad`` an integer
+        output (``jax.vjp`` takes a float cotangent there and gives zeros); leave it out of
+        ``output_gradients`` (zero cotangents are implied). Keys that are no output are left to :meth:`_cotangents`."""
+        if not isinstance(output_gradients, Mapping):
+            return
+        keys = [k for k in output_gradients if k in prog.outputs]
+        if not keys:
+            return
+        # a loop calls with inputs of the same dtypes: the walk is done once for them
+        sig = tuple(self.backend.dtype_name(inputs[k]) for k in prog.inputs
+                    if k in inputs and prog.input_kinds.get(k) != "float")
+        last = getattr(self, "_last_out_dtypes", None)
+        if last is None or last[0] is not prog or last[1] != sig:
+            last = self._last_out_dtypes = (prog, sig, output_dtypes(prog, inputs, self.backend))
+        for k in keys:
+            have = last[2][k]
+            if not _differentiable(have):
+                g = output_gradients[k]
+                raise DTypeError(f"output gradient '{k}': output '{k}' has dtype {have}, which has "
+                                 f"no gradient (got a {_given(g, self.backend, g)} cotangent); "
+                                 "leave it out of output_gradients (torch refuses backward into an "
+                                 "integer tensor)")
 
     def _cotangents(self, output_gradients: Mapping[str, Any]) -> dict[str, Any]:
         # Python numbers (a loss's 1.0): their arrays are made once (no pass writes over a
