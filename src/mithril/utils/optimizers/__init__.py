@@ -1,5 +1,6 @@
 """Backend-agnostic optimizers: the math is written once, each backend runs it fast."""
 
+from .acprop import AcProp
 from .adabelief import AdaBelief
 from .adadelta import Adadelta
 from .adafactor import Adafactor
@@ -15,6 +16,7 @@ from .base import Optimizer
 from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .cocob import COCOB
+from .dadapt_adamw import DAdaptAdamW
 from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
 from .fromage import Fromage
@@ -36,6 +38,7 @@ from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 from .sign_sgd import SignSGD, Signum
 from .simplified_ademamix import SimplifiedAdEMAMix
+from .sm3 import SM3
 from .state import OptimizerState
 from .yogi import Yogi
 
@@ -43,7 +46,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
-           "DoG", "DoWG", "Fromage",
+           "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
