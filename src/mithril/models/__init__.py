@@ -116,3 +116,21 @@ from .integer_primitives import FloorDivide, ShiftLeft, ShiftRight  # noqa: E402
 from .reductions import Prod  # noqa: E402
 
 __all__ += ["FloorDivide", "Prod", "ShiftLeft", "ShiftRight"]
+
+# the published Mithril's Gaussian-process regression and its linear-algebra primitives
+from .gp_regression import (  # noqa: E402
+    AddDiagonal,
+    GaussProcessRegressionCore,
+    GPRLoss,
+    SymmetricSolve,
+    TransposedDiagonal,
+)
+
+__all__ += ["AddDiagonal", "GPRLoss", "GaussProcessRegressionCore", "SymmetricSolve",
+            "TransposedDiagonal"]
+
+# the published Mithril's multidimensional scaling
+from .mds import MDS, MDSCore  # noqa: E402
+from .unary_primitives import NormModifier  # noqa: E402
+
+__all__ += ["MDS", "MDSCore", "NormModifier"]

@@ -1,5 +1,5 @@
-"""Elementwise primitives of the published Mithril: ``Sine``, ``Cosine``, ``StopGradient``
-and ``StableReciprocal``."""
+"""Elementwise primitives of the published Mithril: ``Sine``, ``Cosine``, ``StopGradient``,
+``StableReciprocal`` and ``NormModifier``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from .operator import Operator, backend_of, stop_gradient
 from .pointwise_losses import check_number
+from .primitives import _abs
 
 #: the published Mithril's stable-reciprocal threshold per float dtype (about sqrt of the
 #: smallest normal number: 1/threshold² stays finite)
@@ -106,3 +107,22 @@ class StableReciprocal(Operator):
         return "StableReciprocal()" if self.threshold is None else \
             f"StableReciprocal(threshold={self.threshold})"
 
+
+
+class NormModifier(Operator):
+    """The published Mithril's ``NormModifier``: a norm order n mapped into [1, 5] by a
+    triangle wave of period 8,
+
+        4·(1 − 2·|u|) + 1,   u = ((n − 1) mod 8)/8 − ½
+
+    (1 at n = 1, 5 at n = 5, modulo as Python's and ``torch.remainder``: the sign of the
+    divisor). The gradient is −sign(u): 0 at the peaks n = 5 + 8k, as torch's |·|."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        u = ((input - 1.0) % 8) / 8 - 0.5
+        return 4.0 * (1.0 - 2.0 * _abs(xp, u)) + 1.0
+
+    def vjp(self, g, out, args, wrt):
+        return {"input": -g * np.sign(((args["input"] - 1.0) % 8) / 8 - 0.5)}
