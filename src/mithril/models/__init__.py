@@ -134,3 +134,8 @@ from .mds import MDS, MDSCore  # noqa: E402
 from .unary_primitives import NormModifier  # noqa: E402
 
 __all__ += ["MDS", "MDSCore", "NormModifier"]
+
+# the published Mithril's recurrent cells, in its layout
+from .published_cells import PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa: E402
+
+__all__ += ["PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
