@@ -9,8 +9,10 @@ in a subprocess under ``-m slow``. The data is read from ``../shared`` at test t
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import operator
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from test_mithril_api import _BLOCKS, _build
 
 import mithril as ml
 from mithril.compiler.program import _snake
+from mithril.models import Concat, IOKey, Model
+from mithril.models.connection_types import Tensor
 
 FILES = ("models_directed_test.json", "primitives_directed_test.json")
 #: the published loaders drop these cases: their expected values are wrong
@@ -76,10 +80,6 @@ def _check_blocks(spec: dict) -> None:
                 raise Unbuilt(f"argument {name}({a}=...) not offered")
     for sub in (spec.get("submodels") or {}).values():
         _check_blocks(sub)
-    for conns in (spec.get("connections") or {}).values():
-        for c in conns.values():
-            if isinstance(c, dict) and "key" in c and {"type", "differentiable"} & set(c["key"]):
-                raise Unbuilt("IOKey(type=..., differentiable=...) not offered")
 
 
 def _normalize(case: dict) -> dict:
@@ -99,12 +99,78 @@ def _normalize(case: dict) -> dict:
             "cots": cots, "eval": {"output": res["eval"]}, "grad": res.get("grad", {}), "discard": []}
 
 
+def _type(t):
+    """A published serialized type (``{"Tensor": ["int", "float", "bool"]}``) as ours."""
+    if isinstance(t, dict) and list(t) == ["Tensor"]:
+        return Tensor[functools.reduce(operator.or_, ({"int": int, "float": float, "bool": bool}[k]
+                                                       for k in t["Tensor"]))]
+    return {"int": int, "float": float, "bool": bool}.get(t, t)  # (refused by IOKey, by name)
+
+
+def _declared(spec: dict) -> set[str]:
+    """The names ``spec`` (and its submodels) declare differentiable."""
+    names = {k for k, flag in spec.get("assigned_differentiabilities") or () if flag}
+    for conns in (spec.get("connections") or {}).values():
+        for c in conns.values():
+            if isinstance(c, dict) and (c.get("key") or {}).get("differentiable"):
+                names.add(c["key"]["name"])
+    for sub in (spec.get("submodels") or {}).values():
+        names |= _declared(sub)
+    return names
+
+
+def _model(spec: dict, data: dict):
+    """A published ``Model`` spec as the published user writes it here: ``_build``'s wiring
+    (test_mithril_api) with each ``IOKey(type=..., differentiable=...)`` and the model's
+    ``set_differentiability`` (``assigned_differentiabilities``) as given."""
+    if spec["name"] != "Model":
+        return _build(spec, data, BLOCKS)[0]
+    model, group = Model(), {}  # (submodel, key) -> its "connect" group (union-find)
+
+    def find(x):
+        while group.get(x, x) != x:
+            x = group[x]
+        return x
+
+    conn_of = spec["connections"]
+    for m, conns in conn_of.items():
+        for key, c in conns.items():
+            for other in (c.get("key", {}).get("connect", []) if isinstance(c, dict) else []):
+                group[find(tuple(other))] = find((m, key))
+    names = {}  # group root -> the name one of its members was given
+    for m, conns in conn_of.items():
+        for key, c in conns.items():
+            given = c if isinstance(c, str) else c.get("key", {}).get("name") if isinstance(c, dict) else None
+            if given:
+                names[find((m, key))] = given
+    for m, sub in spec["submodels"].items():
+        block = _model(sub, data)
+        conns = {}
+        for key in block.terminals:
+            c = conn_of.get(m, {}).get(key)
+            root = find((m, key))
+            k = c.get("key", {}) if isinstance(c, dict) else {}
+            if isinstance(c, dict) and "tensor" in c:
+                conns[key] = IOKey(value=float(c["tensor"]))
+            elif root in names:
+                conns[key] = IOKey(names[root], type=None if "type" not in k else _type(k["type"]),
+                                   differentiable=k.get("differentiable"))
+            elif root != (m, key) or root in group.values():
+                conns[key] = IOKey(f"_{root[0]}_{root[1]}", expose=False)
+        model |= block.connect(**conns)
+    for name, flag in spec.get("assigned_differentiabilities") or ():
+        model.set_differentiability(**{name: flag})
+    return model
+
+
 def _block(spec: dict, data: dict):
     """Our block for ``spec`` and its parameter names, published -> ours."""
     args = {k: v for k, v in (spec.get("args") or {}).items() if DEFAULTS.get(k, object()) != v}
     args.update({k: tuple(args[k]) for k in spec.get("tuples", ()) if isinstance(args.get(k), list)})
     args.update({k: str(args[k]).lower() for k in spec.get("enums", {}) if isinstance(args.get(k), str)})
     name = spec["name"]
+    if name == "Model":
+        return _model(spec, data), {}
     args.update(PUBLISHED_FORM.get(name, {}))
     if name.startswith("Convolution") and "out_channels" not in args:  # published: from the weight
         args["out_channels"] = len(data["weight"])
@@ -126,13 +192,15 @@ def run_case(case: dict, backend, numpy_result: bool = False) -> str:
     """'ok' or 'mismatch: <keys>'; ``Unbuilt`` for a case we do not build."""
     c = _normalize(case)
     if "is_list" in c["inputs"]:
-        raise Unbuilt("a list-valued input (Concat's published input) not offered")
+        return _run_list_case(c, backend)
     _check_blocks(c["spec"])
     data = {k: np.asarray(v) for k, v in {**c["inputs"], **c["static"]}.items()}
     block, pnames = _block(c["spec"], data)
     grads = c["grad"]
-    trainable = [k for k in c["inputs"] if k not in pnames and k in grads]
-    data_keys = [k for k in data if k not in pnames and k not in trainable]
+    declared = _declared(c["spec"]) if c["spec"]["name"] == "Model" else set()
+    # what the model declares differentiable is trainable through that declaration alone
+    trainable = [k for k in c["inputs"] if k not in pnames and k in grads and k not in declared]
+    data_keys = [k for k in data if k not in pnames and k not in trainable and k not in declared]
     consts = {pnames[k]: np.asarray(v, dtype=np.float64) for k, v in c["static"].items() if k in pnames}
     compiled = ml.compile(block, backend, shapes={k: v.shape for k, v in data.items() if k not in pnames},
                           trainable_keys=trainable, data_keys=data_keys, constant_keys=consts,
@@ -149,10 +217,34 @@ def run_case(case: dict, backend, numpy_result: bool = False) -> str:
     bad = [k for k, want in c["eval"].items() if k not in out or not np.allclose(
         backend.to_numpy(out[k]), _expected(want, numpy_result), rtol=TOL, atol=TOL)]
     if cots:
+        bad += [f"no gradient for {p}" for p in grads if p not in ours.values()]
         for o, p in ours.items():
             if p in grads and not np.allclose(backend.to_numpy(got[o]), _expected(grads[p], numpy_result),
                                               rtol=TOL, atol=TOL):
                 bad.append(f"grad {p}")
+    return "ok" if not bad else "mismatch: " + ", ".join(bad)
+
+
+def _run_list_case(c: dict, backend) -> str:
+    """A case whose ``input`` is a list (the published ``Concat``'s input): our ``Concat()``
+    connected to one differentiable ``IOKey`` per element (``connect(input=[...])``, as a
+    published model wires a list); its gradient is one per element."""
+    items = [np.asarray(v, dtype=np.float64) for v in c["inputs"]["input"]]
+    if c["spec"]["name"] != "Concat":
+        raise Unbuilt(f"a list-valued input of {c['spec']['name']} not offered")
+    names = [f"input_{i}" for i in range(len(items))]
+    model = Model()
+    model |= Concat(**(c["spec"].get("args") or {})).connect(
+        input=[IOKey(n, differentiable=True) for n in names], output="output")
+    compiled = ml.compile(model, backend, shapes={n: x.shape for n, x in zip(names, items, strict=True)})
+    params = {n: backend.array(x) for n, x in zip(names, items, strict=True)}
+    cots = {"output": backend.array(np.asarray(c["cots"]["output"], dtype=np.float64))}
+    out, got = compiled.evaluate(params, {}, output_gradients=cots)
+    bad = [] if np.allclose(backend.to_numpy(out["output"]), _expected(c["eval"]["output"], False),
+                            rtol=TOL, atol=TOL) else ["output"]
+    for i, (n, want) in enumerate(zip(names, c["grad"]["input"], strict=True)):
+        if not np.allclose(backend.to_numpy(got[n]), np.asarray(want), rtol=TOL, atol=TOL):
+            bad.append(f"grad input[{i}]")
     return "ok" if not bad else "mismatch: " + ", ".join(bad)
 
 
@@ -203,8 +295,14 @@ BUILT = {
         test_binary_cross_entropy_3 test_binary_cross_entropy_4 test_binary_cross_entropy_5
         test_binary_cross_entropy_6 test_binary_cross_entropy_7 test_binary_cross_entropy_8
         test_binary_w_logits_1 test_binary_w_logits_2 test_binary_w_logits_3 test_buffer_1
-        test_buffer_2 test_buffer_3 test_composite_4_extend_from_inputs
+        test_buffer_2 test_buffer_3 test_composite_1 test_composite_2 test_composite_3
+        test_composite_4 test_composite_5 test_composite_extend_numbers
+        test_composite_1_extend_from_inputs test_composite_2_extend_from_inputs
+        test_composite_3_extend_from_inputs test_composite_4_extend_from_inputs
         test_composite_5_extend_from_inputs test_composite_6_extend_from_inputs
+        test_concat test_concat_1 test_concat_2 test_concat_3 test_concat_4
+        test_concat_1_last_axis test_concat_2_last_axis test_concat_axis_none_1
+        test_concat_axis_none_2 test_concat_axis_none_3 test_concat_axis_none_4
         test_conv1d_1 test_conv1d_2 test_conv1d_3 test_conv1d_4 test_conv1d_5 test_conv1d_6
         test_conv1d_7 test_conv1d_8 test_conv1d_9 test_conv2d_1 test_conv2d_2 test_conv2d_3
         test_conv2d_4 test_conv2d_5 test_conv2d_6 test_conv2d_7 test_conv2d_8 test_conv2d_9

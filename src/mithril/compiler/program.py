@@ -212,7 +212,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     terminals = set(model.terminals) | set(model.output_keys)
     top_wires = {name: i for i, name in enumerate(b.names) if name in terminals}
     # parameters named in constant_keys / data_keys by their compiled names (param_roles.py)
-    extra, data_keys, trainable_keys = name_param_roles(b, top_wires, constant_keys, data_keys, trainable_keys)
+    extra, data_keys, trainable_keys = name_param_roles(b, top_wires, constant_keys, data_keys,
+                                                        trainable_keys, model)
     top_wires.update(extra)
     for key, shape in (shapes or {}).items():
         if key not in top_wires:

@@ -34,13 +34,14 @@ A call that raises (``|=``, ``+=``) leaves the model as it was.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Union
 
 import numpy as np
 
 from ..errors import KeyMismatchError
+from .connection_types import check_fed, kinds_of, merged, type_name, value_kind
 from .expressions import ConnectionOps, Expression, wire_expression
 from .operator import Operator, Shape, fmt, unify
 
@@ -51,19 +52,47 @@ class IOKey(ConnectionOps):
     terminal is no longer an input), a ``shape`` (``None`` entries are free dimensions)
     and ``expose`` (``False``: a named wire that other blocks of the same model can bind
     to by name but that is not a terminal of the model). Operators on it build an expression
-    over the named connection (``IOKey("x") * 2``)."""
+    over the named connection (``IOKey("x") * 2``).
 
-    __slots__ = ("name", "value", "shape", "expose")
+    As published, ``type`` constrains the element kinds (``Tensor[float]``, ``Tensor[int |
+    float | bool]``: see :mod:`mithril.models.connection_types`; checked against the inputs
+    the connection feeds and against ``value``) and ``differentiable`` says whether an input
+    gets a gradient: ``True`` makes it trainable (given in ``params``, as with
+    ``compile(trainable_keys=...)``; its type becomes ``Tensor[float]``), ``False`` keeps it
+    a data input (a parameter role connected to it, ``connect(weight=IOKey("w",
+    differentiable=False))``, is then a data input, as with ``compile(data_keys=...)``).
+    ``compile``'s ``trainable_keys`` / ``data_keys`` / ``constant_keys`` win over it, as
+    published. On a connection some block computes it means nothing (its gradient follows
+    from its inputs') and is refused when given for an output."""
+
+    __slots__ = ("name", "value", "shape", "expose", "kinds", "differentiable")
 
     def __init__(self, name: str | None = None, value: Any = None,
-                 shape: Sequence[int | None] | None = None, expose: bool | None = None) -> None:
+                 shape: Sequence[int | None] | None = None, expose: bool | None = None,
+                 type: Any = None, differentiable: bool | None = None) -> None:  # noqa: A002
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"IOKey name must be a str, got {type(name).__name__}")
+            raise TypeError(f"IOKey name must be a str, got {builtins_type(name).__name__}")
+        if differentiable is not None and not isinstance(differentiable, (bool, np.bool_)):
+            raise TypeError(f"IOKey '{name}': differentiable must be a bool or None, got "
+                            f"{differentiable!r}")
         self.name, self.expose = name, expose
+        self.differentiable = None if differentiable is None else bool(differentiable)
+        self.kinds = None if type is None else kinds_of(type, str(name))
+        if self.differentiable:  # (published: a differentiable connection is Tensor[float])
+            if self.kinds is not None and "float" not in self.kinds:
+                raise TypeError(f"IOKey '{name}': a differentiable connection is Tensor[float], "
+                                f"got type={type_name(self.kinds)}")
+            self.kinds = frozenset({"float"})
+            if value is not None:
+                raise ValueError(f"IOKey '{name}': a constant value gets no gradient; give "
+                                 "value= or differentiable=True, not both")
         self.value = None if value is None else np.asarray(value)
         self.shape = None if shape is None else _as_shape(name or "IOKey", shape)
         if self.value is not None:
             self.shape = unify(self.shape, self.value.shape, f"{name} (shape)", f"{name} (value)")
+            if self.kinds is not None and value_kind(self.value) not in self.kinds:
+                raise TypeError(f"IOKey '{name}': its value holds {value_kind(self.value)} "
+                                f"elements, but its type is {type_name(self.kinds)}")
 
     def __repr__(self) -> str:
         return f"IOKey(name={self.name!r}, shape={fmt(self.shape)})"
@@ -72,7 +101,7 @@ class IOKey(ConnectionOps):
 class Connection:
     """A wire inside one model. ``name`` is ``None`` for internal wires."""
 
-    __slots__ = ("name", "shape", "auto_output", "value", "exposed")
+    __slots__ = ("name", "shape", "auto_output", "value", "exposed", "kinds", "differentiable")
 
     def __init__(self, name: str | None, shape: Shape | None = None) -> None:
         self.name = name
@@ -80,6 +109,8 @@ class Connection:
         self.auto_output = False  # exposed only because a block's output was left unnamed
         self.value: np.ndarray | None = None  # a constant (IOKey(value=...))
         self.exposed = True  # False: named in its model, but not one of its terminals
+        self.kinds: frozenset[str] | None = None  # IOKey(type=...): the element kinds allowed
+        self.differentiable: bool | None = None  # IOKey(differentiable=...), set_differentiability
 
     def __repr__(self) -> str:
         return f"Connection({self.name!r}, {fmt(self.shape)})"
@@ -161,6 +192,8 @@ class Model:
         self._expr_wires: dict[int, tuple[Expression, Connection]] = {}
         #: during ``_add``: the (mapping, key) of parameter roles that became wires (to undo)
         self._new_roles: list[tuple[dict[str, Connection], str]] | None = None
+        #: during ``_add``: (connection, kinds, differentiable) before a declaration changed them
+        self._declared: list[tuple[Connection, Any, Any]] | None = None
 
     def __getattr__(self, name: str) -> Terminal:
         """``model.input``: a terminal (or a named internal wire) of this model as an object."""
@@ -334,6 +367,7 @@ class Model:
             c.value = key.value
         if key.expose is not None:
             c.exposed = bool(key.expose)
+        _declare(c, key.kinds, key.differentiable, key.name or "?", is_output, self._declared)
         return c
 
     def _fresh_name(self, key: str) -> str:
@@ -350,7 +384,7 @@ class Model:
         the named connections only."""
         conns = dict(self.conns)
         attrs = [(c, c.name, c.shape, c.value, c.exposed, c.auto_output) for c in conns.values()]
-        self._new_roles = []
+        self._new_roles, self._declared = [], []
         return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output, self._cout)
 
     def _restore(self, snap: Any) -> None:
@@ -360,6 +394,8 @@ class Model:
         self.conns.update(conns)
         for c, name, shape, value, exposed, auto_output in attrs:
             c.name, c.shape, c.value, c.exposed, c.auto_output = name, shape, value, exposed, auto_output
+        for c, kinds, diff in reversed(self._declared or ()):
+            c.kinds, c.differentiable = kinds, diff
         for mapping, key in self._new_roles or ():
             del mapping[key]
         self._expr_wires.clear()
@@ -380,7 +416,7 @@ class Model:
                 block._used = bool(was_used)
             raise
         finally:
-            self._new_roles = None
+            self._new_roles = self._declared = None
 
     def _add_block(self, item: Block | Bound, chain: bool) -> Model:
         bound = item if isinstance(item, Bound) else Bound(item, {})
@@ -422,6 +458,12 @@ class Model:
                 mapping[key] = c
             else:
                 mapping[key] = self._named(self._fresh_name(key))
+        for key, c in mapping.items():
+            if isinstance(block, Model):  # a child's declarations hold for the wire it is bound to
+                inner = block.conns[key]
+                _declare(c, inner.kinds, inner.differentiable, c.name or key, False, self._declared)
+            if key not in outs:
+                check_fed(c.kinds, c.name, block, key)
         self.blocks.append((block, mapping))
         out_key = cout_key(block, hidden)
         if out_key is not None:
@@ -436,6 +478,35 @@ class Model:
     def __iadd__(self, item: Block | Bound) -> Model:
         return self._add(item, chain=True)
 
+    def set_differentiability(self, config: Mapping[str | Terminal, bool] | None = None, /,
+                              **kwargs: bool) -> Model:
+        """As published: whether inputs of this model get gradients, by name or connection
+        (``set_differentiability(x=True)``, ``set_differentiability({model.x: False})``);
+        the same as ``IOKey(differentiable=...)`` (see :class:`IOKey`). Everything is
+        checked before anything is set."""
+        todo = []
+        for given, flag in (*(config or {}).items(), *kwargs.items()):
+            c = self._resolve(given, "set_differentiability")
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"set_differentiability: the value for '{c.name}' must be a bool, "
+                                f"got {flag!r}")
+            if id(c) in self._produced():
+                raise ValueError(f"set_differentiability: '{c.name}' is computed by a block: its "
+                                 "gradient follows from its inputs'")
+            todo.append((c, bool(flag)))
+        for c, flag in todo:  # (set each as given: a later call may change an earlier one)
+            if flag and c.value is not None:
+                raise ValueError(f"set_differentiability: '{c.name}' is a constant: it gets no "
+                                 "gradient")
+            if flag and c.kinds is not None and "float" not in c.kinds:
+                raise TypeError(f"set_differentiability: '{c.name}' is {type_name(c.kinds)}; a "
+                                "differentiable connection is Tensor[float]")
+        for c, flag in todo:
+            c.differentiable = flag
+            if flag:
+                c.kinds = frozenset({"float"})
+        return self
+
     # -- shapes ------------------------------------------------------------------
     def set_shapes(self, **shapes: Sequence[int | None]) -> Model:
         """Declare terminal shapes, e.g. ``set_shapes(input=[None, 784])`` (None: free dim)."""
@@ -449,6 +520,34 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(inputs={list(self.input_keys)}, outputs={list(self.output_keys)})"
+
+
+builtins_type = type  # (IOKey's ``type`` argument shadows it there)
+
+
+def _declare(c: Connection, kinds: frozenset[str] | None, differentiable: bool | None,
+             key: str, is_output: bool, log: list | None) -> None:
+    """Add an ``IOKey``'s (or a child model's) type and differentiability to ``c``: types
+    intersect; two different differentiabilities, or one given for an output or a constant,
+    are errors naming ``key``. ``log`` gets what ``c`` had, to put back if ``_add`` fails."""
+    if kinds is None and differentiable is None:
+        return
+    if log is not None:
+        log.append((c, c.kinds, c.differentiable))
+    c.kinds = merged(c.kinds, kinds, key)
+    if differentiable is None:
+        return
+    if is_output:
+        raise ValueError(f"'{key}' is an output: its gradient follows from its inputs', it takes "
+                         "no differentiable=")
+    if c.differentiable is not None and c.differentiable != differentiable:
+        raise ValueError(f"connection '{key}' is declared differentiable={c.differentiable} and "
+                         f"differentiable={differentiable}")
+    if differentiable and c.value is not None:
+        raise ValueError(f"connection '{key}' is a constant: it gets no gradient")
+    if differentiable:
+        c.kinds = merged(c.kinds, frozenset({"float"}), key)
+    c.differentiable = differentiable
 
 
 def cin_key(block: Block) -> str | None:

@@ -82,18 +82,59 @@ class Transpose(Operator):
 
 
 class Concat(Operator):
-    """``n`` inputs ``input1`` .. ``input<n>`` joined along ``axis``."""
+    """Arrays joined along ``axis``; ``axis=None`` (as published and ``numpy.concatenate``)
+    flattens each first and joins the flat arrays.
 
-    def __init__(self, n: int = 2, axis: int = 0) -> None:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"Concat: n must be a positive int, got {n!r}")
-        self.n, self.axis = n, int(axis)
-        self.inputs = tuple(f"input{i + 1}" for i in range(n))
+    Two forms of its inputs: ``Concat(n)`` takes ``input1`` .. ``input<n>``; ``Concat()``,
+    the published form, takes one ``input`` that is a list, given in ``connect(input=[a, b,
+    ...])`` (names, ``IOKey``s, connections, expressions or constants; its gradient is one per
+    element). A wire carries one array here, so the list's length fixes ``n``: the block then
+    is ``Concat(n)`` (``input1`` .. ``input<n>`` bound to the list's elements in order)."""
+
+    def __init__(self, n: int | None = None, axis: int | None = 0) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"Concat: n must be a positive int (or None: a list input), got {n!r}")
+        if axis is not None and (isinstance(axis, (bool, np.bool_))
+                                 or not isinstance(axis, (int, np.integer))):
+            raise TypeError(f"Concat: axis must be an int or None, got {axis!r}")
+        self.axis = None if axis is None else int(axis)
+        self._set_n(n)
+
+    def _set_n(self, n: int | None) -> None:
+        self.n = None if n is None else int(n)
+        self.inputs = ("input",) if n is None else tuple(f"input{i + 1}" for i in range(int(n)))
+
+    def connect(self, **connections: Any) -> Any:
+        """Bind terminals as any block does; ``input=[a, b, ...]`` (a list or tuple) binds the
+        published list input: ``input1`` .. ``input<len>``, fixing ``n`` (see the class)."""
+        items = connections.get("input")
+        if not isinstance(items, (list, tuple)):
+            return super().connect(**connections)
+        if not items:
+            raise ValueError("Concat.connect(input=[...]): the list is empty")
+        if self.n is not None and self.n != len(items):
+            raise ValueError(f"Concat.connect(input=[...]): this Concat takes {self.n} inputs "
+                             f"(input1 .. input{self.n}), got a list of {len(items)}")
+        rest = {k: v for k, v in connections.items() if k != "input"}
+        named = {f"input{i + 1}": v for i, v in enumerate(items)}
+        before = self.n
+        self._set_n(len(items))
+        try:
+            return super().connect(**named, **rest)
+        except BaseException:
+            self._set_n(before)  # a call that raises changes nothing
+            raise
 
     def infer_shape(self, shapes):
+        if self.n is None:
+            raise ShapeError("Concat() takes a list input: connect(input=[a, b, ...]), or "
+                             "Concat(n) with input1 .. input<n>")
         ins = [shapes.get(k) for k in self.inputs]
         if any(s is None for s in ins):
             return None
+        if self.axis is None:
+            sizes = [None if any(d is None for d in s) else math.prod(s) for s in ins]
+            return (None if None in sizes else sum(sizes),)
         r = len(ins[0])
         if not -r <= self.axis < r:
             raise ShapeError(f"axis {self.axis} is out of range for rank {r}")
@@ -111,12 +152,19 @@ class Concat(Operator):
 
     def forward(self, xp: Any, **inputs: Any) -> Any:
         arrays = [inputs[k] for k in self.inputs]
+        if self.axis is None:
+            arrays = [a.reshape(-1) for a in arrays]
         torch = torch_of(xp)
         if torch is not None:
-            return torch.cat(arrays, dim=self.axis)
-        return xp.concatenate(arrays, axis=self.axis)
+            return torch.cat(arrays, dim=self.axis or 0)
+        return xp.concatenate(arrays, axis=self.axis or 0)
 
     def vjp(self, g, out, args, wrt):
+        if self.axis is None:
+            sizes = [args[k].size for k in self.inputs]
+            parts = np.split(g, np.cumsum(sizes)[:-1])
+            return {k: p.reshape(args[k].shape) for k, p in zip(self.inputs, parts, strict=True)
+                    if k in wrt}
         sizes = [args[k].shape[self.axis] for k in self.inputs]
         parts = np.split(g, np.cumsum(sizes)[:-1], axis=self.axis)
         return {k: p for k, p in zip(self.inputs, parts, strict=True) if k in wrt}
