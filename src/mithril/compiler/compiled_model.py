@@ -78,6 +78,8 @@ class CompiledModel(OutputGradientsMixin):
             raise TypeError(f"backend must be a mithril Backend, got {type(backend).__name__}")
         if not isinstance(inference, (bool, np.bool_)):
             raise TypeError(f"compile(inference=...) must be a bool, got {inference!r}")
+        if isinstance(model, Model) and not model.output_keys:  # as published (a KeyError)
+            raise KeyMismatchError("compile: the model has no outputs (no blocks, or none exposed)")
         self.backend = backend
         self.jit = jit
         self.inference = bool(inference)
