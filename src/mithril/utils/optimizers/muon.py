@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from . import groups as _groups
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .engines import muon_kernels as _mk
+from .layout import Layout
 from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from here too)
     _TORCH,
     _add_scaled_scratch,
@@ -34,6 +36,11 @@ NS_DTYPES = ("bfloat16", "float32", "float64", None)
 ADJUST_LR = (None, "original", "match_rms_adamw", "none")
 #: the prefix of the fallback optimizer's slots in Muon's state
 PREFIX = "fallback_"
+#: ``exclude_embeddings``: the parameters of an ``Embedding`` / ``PositionalEmbedding``
+#: block, by the names the compiler gives them (the block's class in snake_case, ``_i`` when
+#: its parent holds several: ``embedding.weight``, ``encoder.embedding_1.weight``,
+#: ``positional_embedding.weight``); the optimizer sees names only
+EMBEDDING = re.compile(r"(?:^|\.)(?:positional_)?embedding(?:_\d+)?\.weight$")
 
 
 class _Default:
@@ -99,9 +106,25 @@ def _build(spec: Any) -> Optimizer | None:
 _KERAS_NAMES = {**{f"adam_{k}": f"give fallback=AdamW({v}=...)" for k, v in (
     ("beta_1", "beta1"), ("beta_2", "beta2"), ("weight_decay", "weight_decay"))},
     "adam_lr_ratio": "ours is fallback_lr_ratio", "rms_rate": "ours is adjust_lr_fn=rms_rate "
-    "('match_rms_adamw' is its 0.2, 'none' its None)", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"},
-    "exclude_layers": "give those an AdamW of their own",
-    "exclude_embeddings": "give the embeddings an AdamW of their own"}
+    "('match_rms_adamw' is its 0.2, 'none' its None)", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"}}
+
+
+def _check_layers(exclude_layers: Any) -> list[str]:
+    """Keras's ``exclude_layers``: None or regexes (a bare string is refused: Keras would
+    search each of its characters)."""
+    if exclude_layers is None:
+        return []
+    if isinstance(exclude_layers, (str, bytes)) or not isinstance(exclude_layers, Sequence):
+        raise TypeError(f"exclude_layers must be a list of regexes (searched in each "
+                        f"parameter's name), got {describe(exclude_layers)}")
+    for i, e in enumerate(exclude_layers):
+        if not isinstance(e, str):
+            raise TypeError(f"exclude_layers[{i}] must be a regex string, got {describe(e)}")
+        try:
+            re.compile(e)
+        except re.error as err:
+            raise ValueError(f"exclude_layers[{i}] = {e!r} is not a regex: {err}") from None
+    return list(exclude_layers)
 
 
 class Muon(TensorwiseOptimizer):
@@ -138,14 +161,24 @@ class Muon(TensorwiseOptimizer):
     for the parameters it does not serve. ``fallback=None``: 2-D parameters only (a
     parameter of another rank is refused by ``init``, naming it), as torch.
 
+    Keras's ``exclude_layers`` and ``exclude_embeddings`` send matrices to the fallback too:
+    those whose name a regex of ``exclude_layers`` is found in (``re.search``, Keras's rule
+    on its variable paths; ours are dotted, ``"head.weight"``), and with
+    ``exclude_embeddings=True`` (Keras's default; ours False, as torch) the tables of our
+    ``Embedding`` and ``PositionalEmbedding`` blocks, recognised by the names the compiler
+    gives them (:data:`EMBEDDING`: ``embedding.weight``, ``enc.embedding_1.weight``,
+    ``positional_embedding.weight``; Keras takes any path with "embedding" in it). Both
+    need a fallback, are fixed at construction (the state's slots are laid out by them),
+    and need the parameters' names (the optax transformation and torch state paths, which
+    ask ``slot_shape`` by shape alone, refuse them).
+
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
     "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=
-    0.004/adam_lr_ratio, epsilon=1e-7, convention="keras"))`` (Keras decays the AdamW
-    tensors by ``lr·adam_weight_decay``, without the ratio; ``adjust_lr_fn=rms_rate``
-    where that is not 0.2): Keras's buffer ``μ·B + g`` is ours over (1−μ),
-    which the Newton–Schulz normalisation takes out (to ~1e-8: Keras adds 1e-7 to ‖U‖,
-    in float32). Keras also gives AdamW the matrices named like an embedding (or in
-    ``exclude_layers``): give those to an AdamW of their own.
+    0.004/adam_lr_ratio, epsilon=1e-7, convention="keras"), exclude_embeddings=True)``
+    (Keras decays the AdamW tensors by ``lr·adam_weight_decay``, without the ratio;
+    ``adjust_lr_fn=rms_rate`` where that is not 0.2; ``exclude_layers`` the same): Keras's
+    buffer ``μ·B + g`` is ours over (1−μ), which the Newton–Schulz normalisation takes out
+    (to ~1e-8: Keras adds 1e-7 to ‖U‖, in float32).
     """
 
     slots = ("momentum_buffer",)
@@ -157,7 +190,9 @@ class Muon(TensorwiseOptimizer):
                  ns_coefficients: Sequence[float] = NS_COEFFICIENTS, epsilon: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | float | None = None,
                  ns_dtype: str | None = "bfloat16", fallback: Any = DEFAULT_FALLBACK,
-                 fallback_lr_ratio: float | None = None, **options: Any) -> None:
+                 fallback_lr_ratio: float | None = None,
+                 exclude_layers: Sequence[str] | None = None, exclude_embeddings: bool = False,
+                 **options: Any) -> None:
         keras = [k for k in _KERAS_NAMES if k in options]
         if keras:  # (the generic hint knows no Muon names of Keras's)
             raise TypeError(f"Muon() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]} (see "
@@ -185,6 +220,15 @@ class Muon(TensorwiseOptimizer):
             raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {describe(ns_dtype)}")
         self.ns_dtype = ns_dtype
         self.fallback = _build(fallback)
+        layers, embeddings = _check_layers(exclude_layers), check_flag(
+            "exclude_embeddings", exclude_embeddings)
+        if self.fallback is None and (layers or embeddings):
+            raise ValueError("exclude_layers / exclude_embeddings give matrices to the "
+                             "fallback: Muon(fallback=None) has none (give e.g. "
+                             "fallback=AdamW(...))")
+        # (set once: the state's slots are laid out by them, see __setattr__)
+        self.__dict__["exclude_layers"], self.__dict__["exclude_embeddings"] = layers, embeddings
+        self.__dict__["_layer_res"] = [re.compile(e) for e in layers]
         if self.fallback is None:
             self.fallback_lr_ratio = None
             return
@@ -201,6 +245,9 @@ class Muon(TensorwiseOptimizer):
             f"fallback_lr_ratio, or give a group of the fallback a learning rate of its own")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("exclude_layers", "exclude_embeddings"):
+            raise AttributeError(f"Muon's {name} is fixed at construction (a state's slots "
+                                 f"are laid out by it): build another Muon")
         super().__setattr__(name, value)
         if name in ("learning_rate", "fallback_lr_ratio") and \
                 self.__dict__.get("fallback") is not None:
@@ -211,7 +258,8 @@ class Muon(TensorwiseOptimizer):
     def _finish_groups(self) -> None:
         super()._finish_groups()
         for i, g in enumerate(self._groups):
-            bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype"} & set(g))
+            bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
+                          "exclude_embeddings"} & set(g))
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} configure Muon as a whole, not a "
                                  f"group (the fallback takes param_groups of its own)")
@@ -239,11 +287,31 @@ class Muon(TensorwiseOptimizer):
             return self.fallback.slot_init(slot[len(PREFIX):])
         return 0.0
 
-    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def excluded(self, name: str) -> bool:
+        """Whether ``exclude_layers`` / ``exclude_embeddings`` give the matrix ``name`` to
+        the fallback."""
+        return (self.exclude_embeddings and EMBEDDING.search(name) is not None) or any(
+            r.search(name) for r in self._layer_res)
+
+    def to_fallback(self, name: str, shape: Sequence[int]) -> bool:
+        """Whether the fallback updates the parameter ``name`` of ``shape`` (Keras's
+        ``_should_use_adamw``): not a matrix, or a matrix :meth:`excluded`."""
+        return len(shape) != 2 or (self.fallback is not None and self.excluded(name))
+
+    def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
+                   ) -> tuple[int, ...]:
+        """As :meth:`.Optimizer.slot_shape`; with exclusions a matrix's depend on its
+        ``name`` (a caller that gives none is refused)."""
+        if name is None and len(shape) == 2 and (self.exclude_layers or self.exclude_embeddings) \
+                and not self.__dict__.get("_shapes_alone") and slot in self.slot_names():
+            raise ValueError(f"Muon with exclude_layers / exclude_embeddings routes matrices by "
+                             f"name: slot {slot!r} of a {shape} parameter was asked by shape "
+                             f"alone (this path does not take them)")
+        fb = len(shape) != 2 if name is None else self.to_fallback(name, shape)
         if slot == "momentum_buffer":
-            return shape if len(shape) == 2 else (0,)
+            return (0,) if fb else shape
         if slot.startswith(PREFIX):
-            return (0,) if len(shape) == 2 else shape
+            return shape if fb else (0,)
         return shape  # weight averages
 
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
@@ -287,7 +355,8 @@ class Muon(TensorwiseOptimizer):
                 or self.nonfinite in ("skip", "raise") or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
                 or set(gradients) != set(lay.names)
-                or any(len(s) != 2 or 0 in s for s in lay.shapes)):
+                or any(len(s) != 2 or 0 in s for s in lay.shapes)
+                or any(map(self.excluded, lay.names))):
             return None
         rows = self.tensor_rows(state)
         if any(not isinstance(r, Muon) or r.clip_value or r.clip_tensor_norm is not None
@@ -335,11 +404,12 @@ class Muon(TensorwiseOptimizer):
         if fb is None:
             return rows
         lay = state.layout
-        others = [n for n, s in zip(lay.names, lay.shapes) if len(s) != 2]
+        others = [n for n, s in zip(lay.names, lay.shapes) if self.to_fallback(n, s)]
         key = (id(fb._groups), fb._groups_version, id(fb._wd_exclude), tuple(others),
                self._groups_version, id(self._wd_exclude), id(self.weight_decay_mask))
         cached = self.__dict__.get("_fallback_rows")
         if cached is None or cached[0] != key:
+            _check_routing(self, state, set(others))
             cached = self.__dict__["_fallback_rows"] = (
                 key, *_groups.resolve(fb, others, self._undecayed(others)))
         base = copy.copy(fb)
@@ -406,9 +476,40 @@ class _FallbackRow:
         return out[0], {PREFIX + s: v for s, v in zip(own, out[1:])}
 
 
+def _check_routing(self: Muon, state: Any, others: set[str]) -> None:
+    """A state laid out for another routing (a Muon with other exclusions, or without) is
+    refused, naming the first parameter it differs on (its slots would not fit)."""
+    if not hasattr(state, "slot_layout"):  # (an optax transformation's rows: its init
+        return  # laid them out)
+    lay = state.slot_layout("momentum_buffer")
+    for n, s, m in zip(lay.names, state.layout.shapes, lay.shapes):
+        if len(s) == 2 and (m == (0,)) != (n in others) and 0 not in s:
+            by = "the fallback" if n in others else "Muon"
+            raise ValueError(f"this Muon state was initialised with other exclusions "
+                             f"(exclude_layers / exclude_embeddings): '{n}' is updated by "
+                             f"{by} here; init a state with this Muon")
+
+
+def _reroute(self: Muon, state: OptimizerState) -> OptimizerState:
+    """The momentum and fallback slots laid out by name (``exclude_layers`` /
+    ``exclude_embeddings``): :meth:`.Optimizer.init` asks their shapes by shape alone."""
+    lay, engine = state.layout, state.engine
+    for s in self.slot_names():
+        shapes = tuple(tuple(self.slot_shape(s, shp, n)) for n, shp in zip(lay.names, lay.shapes))
+        if shapes == state.slot_layout(s).shapes:
+            continue
+        new = lay if shapes == lay.shapes else Layout(lay.names, shapes, lay.dtype)
+        state.slots[s] = engine.full(new.total, self.slot_init(s))
+        if new is lay:
+            state.slot_layouts.pop(s, None)
+        else:
+            state.slot_layouts[s] = new
+    return state
+
+
 def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
     """As :meth:`.Optimizer.init`; without a fallback, a parameter that is not 2-D is
-    refused, named."""
+    refused, named; with exclusions the slots laid out by name (:func:`_reroute`)."""
     if self.fallback is None and isinstance(params, Mapping):
         for name, p in params.items():
             shape = getattr(p, "shape", None)
@@ -417,7 +518,14 @@ def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
                                  f"torch.optim.Muon); params['{name}'] has shape "
                                  f"{tuple(shape)}: give Muon a fallback (e.g. "
                                  f"fallback=AdamW()) for the others")
-    return Optimizer.init(self, params)
+    if not (self.exclude_layers or self.exclude_embeddings):
+        return Optimizer.init(self, params)
+    self.__dict__["_shapes_alone"] = True  # (shape-rule slots, laid out by name after)
+    try:
+        state = Optimizer.init(self, params)
+    finally:
+        del self.__dict__["_shapes_alone"]
+    return _reroute(self, state)
 
 
 # assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the
