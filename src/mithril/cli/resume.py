@@ -218,10 +218,11 @@ def _replay(run: Any, steps: list[dict[str, Any]], epochs: list[dict[str, Any]],
         if not (lr == row["lr"] or (math.isnan(lr) and math.isnan(row["lr"]))):
             raise CLIError(f"{flag}: this command's learning-rate schedule differs from the "
                            f"run's: step {row['step']} used lr {row['lr']!r}, it gives "
-                           f"{lr!r} (a schedule over the whole run, such as cosine or "
-                           f"onecycle, cannot be stretched: keep --epochs "
-                           f"{saved_epochs}, or train with a schedule that does not "
-                           f"depend on the length, e.g. step or exponential)")
+                           f"{lr!r} (a schedule sized to the run, such as cosine, onecycle "
+                           f"or the defaults of step, multistep and exponential, cannot be "
+                           f"stretched: keep --epochs {saved_epochs}, or train with a "
+                           f"schedule whose lengths are given, e.g. --scheduler step "
+                           f"--step-size 100, or --scheduler none or plateau)")
         if run.momentum is not None and "momentum" in row and \
                 run.momentum.get() != row["momentum"]:
             raise CLIError(f"{flag}: the momentum cycle differs from the run's at step "

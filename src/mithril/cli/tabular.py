@@ -3,7 +3,7 @@
 
 Reading checks everything before any work: a missing file, a target column that does not
 exist, a row with the wrong number of cells, a missing value (an empty cell, ``NA``, ``NaN``,
-``null``, ``?``) or a feature that is not a finite number is a
+``null``, ``?``, Excel's ``#N/A``: :data:`MISSING`) or a feature that is not a finite number is a
 :class:`~mithril.cli.errors.CLIError` naming the file, the column and the row (data rows are
 counted from 1 after the header; the file line is given too).
 
@@ -42,7 +42,10 @@ from .networks import OBJECTIVES, mlp_spec
 #: at most this many distinct integer targets are taken for classes
 MAX_INFERRED_CLASSES = 20
 MAX_CLASSES = 1000
-MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+#: missing-value markers, compared lower-cased: pandas' ``read_csv`` defaults (Excel's ``#N/A``
+#: among them: read as text, it would turn a numeric target into one class per value) and ``?``
+MISSING = frozenset({"", "na", "n/a", "nan", "-nan", "null", "none", "?", "#n/a", "#n/a n/a",
+                     "#na", "<na>", "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"})
 MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
 PREPROCESS_FORMAT = "mithril-tabular-1"
 #: the text tables by suffix -> their separator (any other suffix but .npz is read as a CSV)
@@ -123,16 +126,37 @@ def _separator_hint(header: list[str], sep: str = ",") -> str:
                                                 if seps[0] == "," else "")
 
 
+def _comma_number(cell: str) -> bool:
+    """Whether ``cell`` is digits with commas: a decimal comma (as spreadsheets write in many
+    locales) or digit grouping, which ``float`` does not read."""
+    text = cell.strip()
+    return "," in text and any(c.isdigit() for c in text) and \
+        not text.strip("+-").replace(",", "").replace(".", "").strip("0123456789")
+
+
+COMMA_HINT = ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
+              "point and no grouping, e.g. 1234.5")
+
+
 def _not_number_hint(cell: str) -> str:
     """Why a feature cell is not a number, and the fix: a comma in digits (a decimal comma,
-    as spreadsheets write in many locales, or digit grouping), else text."""
-    text = cell.strip()
-    if "," in text and any(c.isdigit() for c in text) and \
-            not text.strip("+-").replace(",", "").replace(".", "").strip("0123456789"):
-        return ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
-                "point and no grouping, e.g. 1234.5")
+    or digit grouping), else text."""
+    if _comma_number(cell):
+        return COMMA_HINT
     return ("features must be numeric: encode a text column first, e.g. with "
             "pandas.get_dummies")
+
+
+def _target_hint(target: str, header: list[str]) -> str:
+    """A hint for a ``--target`` not in ``header``: the column it differs from only in case or
+    spaces, or (a number, as a column index of Keras or NumPy) that it takes a name."""
+    near = [h for h in header if h.lower() == target.strip().lower()]
+    if near:
+        return f"; did you mean {near[0]!r}? (names are case-sensitive)"
+    if target.strip().lstrip("-").isdigit() and len(header) > 1:
+        return (f"; --target takes a column's name from the header row, not its position "
+                f"(the last column is {header[-1]!r})")
+    return ""
 
 
 def _is_float(text: str) -> bool:
@@ -179,7 +203,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             want_target = target is not None and (features is None or target in position)
             if target is not None and features is None and target not in position:
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
-                               f"{_names(header)}){_separator_hint(header, sep)}")
+                               f"{_names(header)}){_separator_hint(header, sep)}"
+                               f"{_target_hint(target, header)}")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
                 if "" in position:  # else a feature named '' (pandas' row index: a leak)
@@ -242,6 +267,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
         raise CLIError(f"--data {path}: {_not_utf8(path, exc)}") from None
     except csv.Error as exc:
         hint = "; a quoted cell is never closed" if "end of data" in str(exc) else \
+            "; a quote opened on this line is never closed?" if "field limit" in str(exc) else \
             "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
         raise CLIError(f"--data {path}: line {read + 1}: not a readable CSV row "
                        f"({exc}{hint})") from None
@@ -345,7 +371,20 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
             raise CLIError(f"--data {path}: not an .npz file ({what}); write one with "
                            f"np.savez(path, X=..., y=...)")
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {}
+            for k in z.files:
+                try:
+                    arrays[k] = z[k]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+                    # pandas' .values / .to_numpy() of a text column: dtype object
+                    raise CLIError(f"--data {path}: the array {k!r} holds Python objects "
+                                   f"(dtype object, as pandas' .to_numpy() of a text column "
+                                   f"gives), which are not loaded (no pickle); save "
+                                   f"{k}.astype(str) (text) or {k}.astype(float) (numbers)"
+                                   ) from None
+            return arrays
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
     except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, pickled objects
@@ -464,11 +503,19 @@ def tabular_job(args: argparse.Namespace) -> Any:
     assert table.y is not None
     objective = args.objective or infer_objective(table.y)
     n = len(table.y)
+    text = [i for i, v in enumerate(table.y) if isinstance(v, str) and _number(v) is None]
+    if text and args.objective is None and all(_comma_number(table.y[i]) for i in text):
+        # numbers written with commas ('1,234.5', '3,5'): else one class per value, silently
+        raise CLIError(f"--data {table.path}: the target {table.target!r} holds "
+                       f"{table.y[text[0]]!r} in row {text[0] + 1}: {COMMA_HINT} "
+                       f"(--objective classification takes such values as class labels)")
     if objective == "regression":
-        bad = next((i for i, v in enumerate(table.y) if isinstance(v, str)), None)
-        if bad is not None:
-            raise CLIError(f"--objective regression: the target {table.target!r} has the "
-                           f"non-numeric value {table.y[bad]!r} in row {bad + 1}")
+        if text:
+            bad = table.y[text[0]]
+            hint = f" ({COMMA_HINT})" if _comma_number(bad) else ""
+            raise CLIError(f"--objective regression: the target {table.target!r} of "
+                           f"{table.path} has the non-numeric value {bad!r} in row "
+                           f"{text[0] + 1}{hint}")
         labels: list[Any] = []
         y = np.asarray(table.y, dtype=np.float64)
     else:

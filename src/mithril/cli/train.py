@@ -123,7 +123,7 @@ examples:
   mithril train --task digits-cnn
   mithril train --data houses.csv --target price --name houses
   mithril predict --run runs/houses --data new-houses.csv
-  mithril train --data houses.tsv --target price --checkpoint --name houses
+  mithril train --data houses.tsv --target price --scheduler plateau --checkpoint --name houses
   mithril train --resume runs/houses --epochs 100
   mithril train --task charlm --backend jax --steps 1500
 """

@@ -1,0 +1,195 @@
+"""``mithril train --data`` / ``predict`` / ``--resume`` as a newcomer from Keras, scikit-learn
+or torch tries them on messy files of their own, following the docs as written: Excel's
+``#N/A`` and pandas' other missing-value markers, numbers written with commas in the target,
+a ``--target`` given as a position or in the wrong case, an ``.npz`` saved from pandas' object
+columns, an unclosed quote in a long file, and the documented checkpoint-and-resume example."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import conftest
+import numpy as np
+import pytest
+
+from mithril.cli import main
+
+QUICK = ["--hidden", "4", "--no-progress", "--no-plot"]
+
+
+def houses(path: Path, n: int = 120, seed: int = 3, price=None) -> Path:
+    """``rooms, area, price``: a regression table (``price`` formatted by ``price(i, p)``)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rooms", "area", "price"])
+        for i in range(n):
+            a, b = rng.uniform(1, 6), rng.uniform(30, 200)
+            p = 1000 * b + 5000 * a + rng.normal() * 100
+            w.writerow([round(a, 1), round(b, 1), price(i, p) if price else round(p)])
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+# -- checkpoint and resume, as docs/cli-train.md and `train --help` show it ---------------------
+
+@pytest.mark.parametrize("schedule", [["plateau"], ["step", "--step-size", "5"]])
+def test_the_documented_resume_example_continues_the_run(tmp_path, schedule):
+    """The docs' example (``--checkpoint`` then ``--resume --epochs`` larger) used the default
+    cosine schedule, which a resume refuses to stretch: with the schedule it now names, the
+    resumed run is the uninterrupted one, step for step."""
+    data = houses(tmp_path / "houses.csv")
+    args = ["--data", str(data), "--target", "price", "--scheduler", *schedule, *QUICK]
+    assert main(["train", *args, "--epochs", "2", "--checkpoint",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "a"), "--epochs", "4", *QUICK[2:]]) == 0
+    assert main(["train", *args, "--epochs", "4", "--out", str(tmp_path / "b")]) == 0
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 4 * 2 and a == b
+    fa = json.loads((tmp_path / "a" / "summary.json").read_text())["final"]
+    fb = json.loads((tmp_path / "b" / "summary.json").read_text())["final"]
+    assert fa == fb
+
+
+def test_a_resume_refused_for_a_default_step_schedule_names_the_fix(tmp_path, capsys):
+    """``--scheduler step`` without ``--step-size`` is sized to the run (a third of it): the
+    refusal used to recommend exactly that ("e.g. step or exponential")."""
+    data = houses(tmp_path / "houses.csv")
+    assert main(["train", "--data", str(data), "--target", "price", "--scheduler", "step",
+                 "--epochs", "3", "--checkpoint", "--out", str(tmp_path / "a"), *QUICK]) == 0
+    capsys.readouterr()
+    err = conftest.usage_error(capsys, ["train", "--resume", str(tmp_path / "a"), "--epochs",
+                                        "6", *QUICK[2:]], last=True)
+    assert "the defaults of step, multistep and exponential" in err
+    assert "--scheduler step --step-size 100" in err and "keep --epochs 3" in err
+    assert "e.g. step or exponential" not in err
+
+
+# -- missing values and numbers the way spreadsheets write them --------------------------------
+
+@pytest.mark.parametrize("marker", ["#N/A", "-nan", "<NA>", "None", "#NA", "1.#QNAN"])
+def test_pandas_missing_markers_in_the_target_are_missing_not_a_class(tmp_path, capsys, marker):
+    """Excel writes ``#N/A`` in a numeric column: read as text it made the whole target text,
+    and a price column silently became a classifier of one class per price (pandas' read_csv
+    reads these markers as NaN)."""
+    data = houses(tmp_path / "h.csv", n=60, price=lambda i, p: marker if i == 7 else round(p))
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "price",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith(f"--data {data}: missing value in the target column 'price', "
+                        f"row 8 (line 9)")
+
+
+def test_pandas_missing_markers_in_a_feature_are_named_missing(tmp_path, capsys):
+    data = houses(tmp_path / "h.csv", n=20)
+    rows = data.read_text().splitlines()
+    rows[4] = "#N/A" + rows[4][rows[4].index(","):]
+    data.write_text("\n".join(rows) + "\n")
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "price",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith("missing value in column 'rooms', row 4 (line 5)")
+
+
+def test_predict_leaves_a_na_target_out_of_the_score(tmp_path, capsys):
+    """At predict the target is optional: ``#N/A`` there is a row predicted, not scored (it
+    used to turn the whole column to text: 'no RMSE')."""
+    data = houses(tmp_path / "h.csv", n=60)
+    assert main(["train", "--data", str(data), "--target", "price", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), *QUICK]) == 0
+    new = houses(tmp_path / "new.csv", n=10, seed=5,
+                 price=lambda i, p: "#N/A" if i < 3 else round(p))
+    capsys.readouterr()
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "(7 rows; 3 without a 'price' value left out)" in out and "RMSE" in out
+
+
+@pytest.mark.parametrize("text", ["{:,.0f}", "{:.1f}"])
+def test_a_target_of_numbers_with_commas_is_refused_not_one_class_each(tmp_path, capsys, text):
+    """``"102,097"`` (digit grouping) or ``3,5`` (a decimal comma) in the target: every value
+    was text, so a regression target trained a classifier with a class per row, with only a
+    warning about unseen test classes. Features already got this hint."""
+    def fmt(i, p):
+        s = text.format(p)
+        return s if "," in s else s.replace(".", ",")
+
+    data = houses(tmp_path / "h.csv", n=60, price=fmt)
+    first = next(csv.DictReader(open(data)))["price"]
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "price",
+                                        "--dry-run", *QUICK], last=True)
+    assert f"the target 'price' holds {first!r} in row 1: a decimal comma, or commas " \
+           f"grouping digits?" in err
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "price",
+                                        "--objective", "regression", "--dry-run", *QUICK],
+                               last=True)
+    assert f"non-numeric value {first!r} in row 1 (a decimal comma" in err
+    # asked for, they are labels: one class per distinct value, as a scikit-learn classifier
+    assert main(["train", "--data", str(data), "--target", "price", "--objective",
+                 "classification", "--dry-run", *QUICK]) == 0
+    classes = len({r["price"] for r in csv.DictReader(open(data))})
+    assert f"{classes} classes" in capsys.readouterr().out
+
+
+def test_a_categorical_target_with_commas_in_its_labels_still_trains(tmp_path, capsys):
+    """Labels that are text, some with commas ('small, cheap'), are classes as before."""
+    data = houses(tmp_path / "h.csv", n=40,
+                  price=lambda i, p: "small, cheap" if p < 120000 else "large")
+    assert main(["train", "--data", str(data), "--target", "price", "--dry-run", *QUICK]) == 0
+    assert "2 classes" in capsys.readouterr().out
+
+
+# -- naming the target ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target, hint", [
+    ("PRICE", "did you mean 'price'? (names are case-sensitive)"),
+    (" price ", "did you mean 'price'?"),
+    ("2", "--target takes a column's name from the header row, not its position (the last "
+          "column is 'price')"),
+    ("-1", "--target takes a column's name from the header row, not its position"),
+])
+def test_a_target_given_by_position_or_in_another_case_is_pointed_to(tmp_path, capsys, target,
+                                                                      hint):
+    data = houses(tmp_path / "h.csv", n=10)
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", target,
+                                        "--dry-run", *QUICK], last=True)
+    assert f"--target {target!r} is not a column of {data} (columns: rooms, area, price); " \
+           f"{hint}" in err
+
+
+def test_an_unknown_target_without_a_near_name_gets_no_guess(tmp_path, capsys):
+    data = houses(tmp_path / "h.csv", n=10)
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "cost",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith("(columns: rooms, area, price)")
+
+
+# -- files from pandas and spreadsheets ------------------------------------------------------------
+
+def test_an_npz_of_object_arrays_names_the_array_and_the_fix(tmp_path, capsys):
+    """``np.savez(..., y=df['label'].to_numpy())`` saves dtype object, which loads only with
+    pickle: the error named no array and gave no fix."""
+    x = np.random.default_rng(0).standard_normal((10, 2))
+    np.savez(tmp_path / "t.npz", X=x, y=np.array(["a", "b"] * 5, dtype=object))
+    err = conftest.usage_error(capsys, ["train", "--data", str(tmp_path / "t.npz"),
+                                        "--dry-run", *QUICK], last=True)
+    assert "the array 'y' holds Python objects" in err and "save y.astype(str)" in err
+    # the fix it names trains, with the same classes
+    np.savez(tmp_path / "t.npz", X=x, y=np.array(["a", "b"] * 5, dtype=object).astype(str))
+    assert main(["train", "--data", str(tmp_path / "t.npz"), "--dry-run", *QUICK]) == 0
+    assert "2 classes" in capsys.readouterr().out
+
+
+def test_an_unclosed_quote_in_a_long_file_is_named(tmp_path, capsys):
+    """Past 128 KiB the csv module stops at its field limit, not at the end of the file: the
+    message named the line but not the likely cause."""
+    data = tmp_path / "q.csv"
+    data.write_text('a,b,y\n1,2,0\n3,"4,1\n' + "".join(f"{i},{i},1\n" for i in range(30000)))
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith("line 3: not a readable CSV row (field larger than field limit "
+                        "(131072); a quote opened on this line is never closed?)")
