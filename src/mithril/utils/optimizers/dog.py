@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_positive, describe
+from .checks import check_flag, check_positive, describe
 from .elementwise import maximum, sqrt, where
 
 _INIT_STEPS = ("heuristic", "distance", "learning_rate")
@@ -33,7 +33,42 @@ def _started(tensors: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return started, {**tensors, "started": started * 0.0 + 1.0}
 
 
-class DoG(Optimizer):
+class _Estimates:
+    """Where DoG's / DoWG's two running estimates live: optimizer-wide values (optax, one
+    step size for all parameters) or, ``layer_wise``, tensor slots (one per tensor)."""
+
+    _estimates: tuple[str, str]
+    layer_wise: bool
+    #: they enter the step size(s) whatever the tensor's group: a group cannot have its own
+    #: (tensor_scalars reads them from self; a group's was silently unused)
+    step_wide = ("layer_wise", "epsilon")
+
+    @property
+    def tensor_slots(self) -> tuple[str, ...]:
+        return ("started", *self._estimates) if self.layer_wise else ("started",)
+
+    @property
+    def state_values(self) -> tuple[str, ...]:
+        return () if self.layer_wise else self._estimates
+
+    def rule(self) -> tuple[Any, ...]:
+        # one estimate or one per tensor: not both in one state
+        return (*super().rule(), self.layer_wise)  # type: ignore[misc]
+
+    def _split(self, tensors: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """The estimates as they were: the tensors' or the state's."""
+        return tensors if self.layer_wise else values
+
+    def _store(self, tensors: dict[str, Any], values: dict[str, Any],
+               new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ({**tensors, **new}, values) if self.layer_wise else (tensors, new)
+
+    def _total(self, x: Any) -> Any:
+        """A per-tensor sum as the estimate takes it: per tensor, or over all of them."""
+        return x if self.layer_wise else x.sum()
+
+
+class DoG(_Estimates, Optimizer):
     """DoG (Ivgi et al., 2023) as optax.contrib.dog: one step size for all parameters::
 
         r ← max(r, ‖x₀ − x‖)            (over every parameter; r starts at r_ε)
@@ -55,20 +90,27 @@ class DoG(Optimizer):
     size (``optax.multi_transform`` with one DoG per group estimates one per group instead:
     build one optimizer per group for that); ``init_step`` and ``epsilon`` are the
     optimizer's only (``step_wide``: refused in a group). Likewise for :class:`DoWG`.
+
+    ``layer_wise=True``: L-DoG (the paper's layer-wise variant, the ``dog-optimizer``
+    package's ``LDoG``): every tensor has its own r, S and step size, the same formulas with
+    the norms of that tensor only (r_ε = c·(1 + ‖x₀‖) of the tensor, ε added to each S);
+    ``optax.multi_transform`` with one ``contrib.dog`` per tensor computes the same. r and S
+    are then tensor slots ``max_dist`` and ``sum_sq``, and a tensor's first step is its own
+    first update. The package's ``DoG(reps_rel=c)`` is ``init_step=("heuristic", c)``; its
+    ``init_eta=η₀`` is ``("learning_rate", η₀)`` at lr 1 (optax multiplies η₀ by lr, the
+    package does not); its estimate per *parameter group* is one DoG per group here.
     """
 
     slots = ("x0",)
-    tensor_slots = ("started",)
-    state_values = ("max_dist", "sum_sq")
-    #: they enter the one step size of every parameter: a group cannot have its own
-    #: (tensor_scalars reads them from self; a group's was silently unused)
-    step_wide = ("init_step", "epsilon")
+    _estimates = ("max_dist", "sum_sq")
+    step_wide = ("init_step", *_Estimates.step_wide)
     reductions = 3
 
     def __init__(self, learning_rate: float = 1.0,
                  init_step: tuple[str, float] = ("heuristic", 1e-6), epsilon: float = 1e-8,
-                 weight_decay: float = 0.0, **options: Any) -> None:
+                 weight_decay: float = 0.0, layer_wise: bool = False, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.layer_wise = check_flag("layer_wise", layer_wise)
         if (not isinstance(init_step, (tuple, list)) or len(init_step) != 2
                 or init_step[0] not in _INIT_STEPS):
             raise ValueError(f"init_step must be a pair (kind, value), kind one of "
@@ -89,22 +131,24 @@ class DoG(Optimizer):
         # arithmetic only: it also runs traced (the jitted JAX engine, optax_transformation)
         kind, c = self.init_step
         started, tensors = _started(tensors)
-        # the estimate's first step: no tensor has x₀ yet. Not ``step == 1``: ``step`` is
-        # each tensor's own count where they differ (a group's step_offset, a parameter's
-        # missed steps), and r, S are one value for all of them
-        first = (started == 0.0).all()
-        r_eps = {"heuristic": c * (1 + sqrt(sums[2].sum())), "distance": c,
+        old, total = self._split(tensors, values), self._total
+        # the estimate's first step: no tensor (layer-wise: this tensor) has x₀ yet. Not
+        # ``step == 1``: ``step`` is each tensor's own count where they differ (a group's
+        # step_offset, a parameter's missed steps), and r, S are one value for all of them
+        first = total(started == 0.0) if self.layer_wise else (started == 0.0).all()
+        r_eps = {"heuristic": c * (1 + sqrt(total(sums[2]))), "distance": c,
                  "learning_rate": 0.0}[kind]
-        r = where(first, r_eps, values["max_dist"])
-        max_dist = maximum(r, sqrt((started * sums[0]).sum()))
-        sum_sq = values["sum_sq"] + sums[1].sum()
+        r = where(first, r_eps, old["max_dist"])
+        max_dist = maximum(r, sqrt(total(started * sums[0])))
+        sum_sq = old["sum_sq"] + total(sums[1])
         eta = max_dist / sqrt(sum_sq + self.epsilon)
         if kind == "learning_rate":
             eta = where(first, c, eta)
-        return (1.0 - started, eta), tensors, {"max_dist": max_dist, "sum_sq": sum_sq}
+        tensors, values = self._store(tensors, values, {"max_dist": max_dist, "sum_sq": sum_sq})
+        return (1.0 - started, eta), tensors, values
 
 
-class DoWG(Optimizer):
+class DoWG(_Estimates, Optimizer):
     """DoWG (Khaled et al., 2023) as optax.contrib.dowg: DoG with weighted gradients::
 
         r² ← max(r², ‖x₀ − x‖²)          (over every parameter; r² starts at r₀²)
@@ -118,25 +162,33 @@ class DoWG(Optimizer):
     ``started`` says which have it). Defaults are optax's: lr 1, ε 1e-4, no decay; ``weight_decay`` is optax's
     coupled ``add_decayed_weights`` in front (``g ← g + wd·p``). torch 2.x and Keras 3 have
     none.
+
+    ``layer_wise=True``: one r², W and step size per tensor (DoG's layer-wise variant, as
+    :class:`DoG`'s; ``optax.multi_transform`` with one ``contrib.dowg`` per tensor), kept in
+    the tensor slots ``estim_sq_dist`` and ``weighted_sq``.
     """
 
     slots = ("x0",)
-    tensor_slots = ("started",)
-    state_values = ("estim_sq_dist", "weighted_sq")
-    step_wide = ("init_estim_sq_dist", "epsilon")  # (as DoG's)
+    _estimates = ("estim_sq_dist", "weighted_sq")
+    step_wide = ("init_estim_sq_dist", *_Estimates.step_wide)  # (as DoG's)
     reductions = 2
 
     def __init__(self, learning_rate: float = 1.0, init_estim_sq_dist: float | None = None,
-                 epsilon: float = 1e-4, weight_decay: float = 0.0, **options: Any) -> None:
+                 epsilon: float = 1e-4, weight_decay: float = 0.0, layer_wise: bool = False,
+                 **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.layer_wise = check_flag("layer_wise", layer_wise)
         self.init_estim_sq_dist = (None if init_estim_sq_dist is None else
                                    check_positive("init_estim_sq_dist", init_estim_sq_dist))
         self.epsilon = check_positive("epsilon", epsilon)
 
     def state_value_init(self, name: str) -> float:
-        if name == "weighted_sq":
+        if name != "estim_sq_dist":
             return 0.0
         return self.epsilon if self.init_estim_sq_dist is None else self.init_estim_sq_dist
+
+    def slot_init(self, slot: str) -> float:  # (layer-wise, the estimates are tensor slots)
+        return self.state_value_init(slot)
 
     def scalars(self, step: int) -> tuple[float, ...]:
         return (self.learning_rate,)
@@ -149,7 +201,10 @@ class DoWG(Optimizer):
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
         started, tensors = _started(tensors)
-        estim = maximum(values["estim_sq_dist"], (started * sums[0]).sum())
-        weighted = estim * sums[1].sum() + values["weighted_sq"]
+        old, total = self._split(tensors, values), self._total
+        estim = maximum(old["estim_sq_dist"], total(started * sums[0]))
+        weighted = estim * total(sums[1]) + old["weighted_sq"]
         eta = estim / (sqrt(weighted) + self.epsilon)
-        return (1.0 - started, eta), tensors, {"estim_sq_dist": estim, "weighted_sq": weighted}
+        tensors, values = self._store(tensors, values,
+                                      {"estim_sq_dist": estim, "weighted_sq": weighted})
+        return (1.0 - started, eta), tensors, values

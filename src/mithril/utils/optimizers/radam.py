@@ -1,4 +1,4 @@
-"""RAdam with torch.optim conventions."""
+"""RAdam; torch.optim conventions by default, optax's on request."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit, switched_on
-from .elementwise import sqrt, where
+from .checks import check_flag, check_positive, check_unit, describe, switched_on, to_float
+from .elementwise import helper, sqrt, where
 
 
 def _traced_rho(step: Any, b2: float, rho_inf: float) -> Any:
@@ -43,6 +43,27 @@ def _radam(p, g, m, v, lr, b1c, b2, b2c, bc1, bc2_sqrt, eps, rect):
     return p - where(rect > 0, u * (bc2_sqrt / (sqrt(v) + eps)) * rect, u), m, v
 
 
+@helper
+def _rectified_optax(p, mh, v, lr, bc2, eps_root, eps, on, rect):
+    # optax: ε on the bias-corrected √(v̂ + ε_root); below the threshold, SGD with momentum
+    return p - lr * where(on > 0, rect * mh / (sqrt(v / bc2 + eps_root) + eps), mh)
+
+
+def _radam_optax(p, g, m, v, lr, b1c, b2, b2c, b1, bc1, bc1_next, bc2, eps_root, eps, on,
+                 rect):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    return _rectified_optax(p, m / bc1, v, lr, bc2, eps_root, eps, on, rect), m, v
+
+
+def _radam_optax_nesterov(p, g, m, v, lr, b1c, b2, b2c, b1, bc1, bc1_next, bc2, eps_root,
+                          eps, on, rect):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    mh = b1 * (m / bc1_next) + b1c * (g / bc1)     # optax's Nesterov look-ahead
+    return _rectified_optax(p, mh, v, lr, bc2, eps_root, eps, on, rect), m, v
+
+
 class RAdam(Optimizer):
     """RAdam (Liu et al., 2019, rectified Adam) as torch.optim.RAdam::
 
@@ -52,23 +73,60 @@ class RAdam(Optimizer):
                  p ← p − lr·m̂ · √(1−β₂ᵗ)/(√v + ε) · rₜ
         else:    p ← p − lr·m̂                                (SGD with momentum)
 
-    Slots ``m`` and ``v`` (torch's ``exp_avg``/``exp_avg_sq``). ε is added to the raw √v
-    and the threshold is ρₜ > 5 (torch); optax.radam adds ε to the bias-corrected √v̂ and
-    rectifies from ρₜ ≥ 5 (``threshold=5.0``). Keras has no RAdam. ``weight_decay`` is
-    coupled L2 (``g ← g + wd·p``, torch's default), or with ``decoupled_weight_decay=True``
-    ``p ← p·(1 − lr·wd)`` first (torch's option, AdamW style). Defaults are torch's: lr 1e-3,
-    β = (0.9, 0.999), ε = 1e-8.
+    Slots ``m`` and ``v`` (torch's ``exp_avg``/``exp_avg_sq``). ``weight_decay`` is coupled
+    L2 (``g ← g + wd·p``, torch's default; optax: ``add_decayed_weights`` chained in front),
+    or with ``decoupled_weight_decay=True`` ``p ← p·(1 − lr·wd)`` first (torch's option,
+    AdamW style). Defaults are torch's and optax's: lr 1e-3, β = (0.9, 0.999), ε = 1e-8.
+    Keras has no RAdam.
+
+    ``convention`` (default ``"torch"``, the above: ε on the raw √v, rectified where ρₜ > 5):
+
+    * ``"optax"`` (``optax.radam``): ε is added to the bias-corrected √(v̂ + ε_root), and
+      the rectified step is taken where ρₜ ≥ ``threshold`` (default 5)::
+
+          ρₜ ≥ threshold:  p ← p − lr·rₜ · m̂ / (√(v/(1−β₂ᵗ) + ε_root) + ε)
+          else:            p ← p − lr·m̂
+
+      ``nesterov=True``: m̂ = β₁·m/(1−β₁ᵗ⁺¹) + (1−β₁)·g/(1−β₁ᵗ) (optax's look-ahead).
+      ``eps_root`` (default 0), ``threshold`` (default 5) and ``nesterov`` are optax's only:
+      torch's RAdam has none (given under ``"torch"``, they are refused; unset, they are
+      None there).
+
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` and optax's
+    ``mu_dtype`` are not arguments: negate the loss to maximise; the fused kernels choose
+    the loop; slots are kept in the parameters' dtype.
     """
 
     slots = ("m", "v")
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False, **options: Any) -> None:
+                 decoupled_weight_decay: bool = False, convention: str = "torch",
+                 eps_root: float | None = None, threshold: float | None = None,
+                 nesterov: bool = False, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        if convention not in ("torch", "optax"):
+            raise ValueError(f"convention must be 'torch' or 'optax' (Keras has no RAdam), "
+                             f"got {describe(convention)}")
+        self.convention = convention
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
+        self.nesterov = check_flag("nesterov", nesterov)
+        # optax's only: None under torch's convention (no hyperparameter to drive or trace)
+        self.eps_root = self.threshold = None
+        if convention == "optax":
+            self.eps_root = check_positive("eps_root", 0.0 if eps_root is None else eps_root)
+            self.threshold = to_float("threshold", 5.0 if threshold is None else threshold)
+            if not 4.0 <= self.threshold < float("inf"):  # (below 4: rₜ = √ of a negative)
+                raise ValueError(f"threshold must be a finite number >= 4, got "
+                                 f"{describe(threshold)}")
+        else:
+            for name, value in (("eps_root", eps_root), ("threshold", threshold),
+                                ("nesterov", nesterov or None)):
+                if value is not None:
+                    raise ValueError(f"{name}={describe(value)}: torch.optim.RAdam has no "
+                                     f"{name} (use convention='optax', optax.radam's)")
         # an instance attribute: the engines read opt.decoupled_weight_decay
         self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
 
@@ -86,18 +144,24 @@ class RAdam(Optimizer):
         bc2 = 1 - b2**step
         rho_inf = 2 / (1 - b2) - 1
         rho_t = self.rho(step)
-        if isinstance(rho_t, float):  # the host's step: torch's branch
+        optax = self.convention == "optax"
+        on = rho_t >= self.threshold if optax else rho_t > 5.0  # (optax's ≥, torch's >)
+        if isinstance(on, (bool, np.bool_)):  # the host's step and threshold: torch's branch
             rect = 0.0
-            if rho_t > 5.0:
+            if on:
                 rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        else:  # a traced step (an optax transformation's program): no branch on its value
-            on = rho_t > 5.0
+        else:  # a traced step or threshold (an optax transformation's program): no branch
             r = where(on, rho_t, 6.0)  # (the root's argument positive where it is unused)
             rect = where(on, ((r - 4) * (r - 2) * rho_inf
                               / ((rho_inf - 4) * (rho_inf - 2) * r)) ** 0.5, 0.0)
+        if optax:
+            return (self.learning_rate, 1 - b1, b2, 1 - b2, b1, 1 - b1**step,
+                    1 - b1 ** (step + 1), bc2, self.eps_root, self.epsilon, on * 1.0, rect)
         return (self.learning_rate, 1 - b1, b2, 1 - b2, 1 - b1**step, bc2**0.5,
                 self.epsilon, rect)
 
     def kernel_math(self) -> Any:
+        if self.convention == "optax":
+            return _radam_optax_nesterov if self.nesterov else _radam_optax
         return _radam
