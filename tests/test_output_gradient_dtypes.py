@@ -27,13 +27,15 @@ G = rng.standard_normal((3, 2)).astype(np.float32)
 
 def _model() -> Model:
     """y = x W^T + b (float), lab = labels (int, moved by Buffer), yi = int64(y),
-    yb = bool(y), xc = x (float, reached by no parameter)."""
+    yb = bool(y), xc = x (float, reached by no parameter), yd = dropout(y) (a training-mode
+    call advances the step counter)."""
     m = Model()
     m |= Linear(2).connect(input="x", output="y")
     m |= Buffer().connect(input="labels", output="lab")
     m |= Cast("int64").connect(input="y", output="yi")
     m |= Cast("bool").connect(input="y", output="yb")
     m |= Buffer().connect(input="x", output="xc")
+    m |= ml.models.Dropout(0.5).connect(input="y", output="yd")
     return m
 
 
@@ -75,7 +77,9 @@ def test_integer_or_bool_output_cotangent_is_refused(backend_cls, key):
     b, c = _compiled(backend_cls)
     params, data = _params(b), _data(b)
     before = {k: b.to_numpy(v).copy() for k, v in params.items()}
+    c.evaluate(params, data, output_gradients={"y": b.array(G)})  # advances the step
     step, last = c.step, c._last_cots
+    assert step == 1
     out_dtype = {"lab": "int64" if b.name != "jax" else "int32", "yi": "int64", "yb": "bool"}[key]
     with pytest.raises(ml.DTypeError, match=f"output gradient '{key}': output '{key}' has dtype "
                                             f"{out_dtype}, which has no gradient \\(got a float32"):
@@ -84,6 +88,7 @@ def test_integer_or_bool_output_cotangent_is_refused(backend_cls, key):
     for k, v in params.items():
         np.testing.assert_array_equal(b.to_numpy(v), before[k])
     _, grads = c.evaluate(params, data, output_gradients={"y": b.array(G)})
+    assert c.step == step + 1
     w = torch.tensor(W, requires_grad=True)
     bias = torch.tensor(B, requires_grad=True)
     (torch.tensor(X) @ w.T + bias).backward(torch.tensor(G))
