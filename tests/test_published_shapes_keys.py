@@ -312,9 +312,12 @@ BUILT = {
     "error_test.json": set(),
 }
 _M01, _M1 = "Multiply_0_output, Multiply_1_output", "Multiply_1_output"
-#: where a shape the published gives is left open here: the published picks one of the
-#: shapes the model allows (a Multiply's other operand, of any rank that broadcasts), and
-#: what is computed from it; see test_open_shapes_are_the_published_guesses
+#: where shapes the published gives are left open here. The input's is open: the published
+#: picks one of the shapes the model allows (a Multiply's other operand, of any rank that
+#: broadcasts; see test_open_shapes_are_the_published_guesses). The wires after it follow
+#: from the model's structure (``Add(x, x)`` is x's shape; ``Multiply(b, Multiply(a, b))``
+#: the inner one's), which the published symbolic shapes see and our inference, by known
+#: shapes forward, does not; declaring the input's shape gives them all.
 UNDETERMINED = {
     _C1 + "init_shapes_3": f"{_M01}, input2", _C1 + "init_shapes_4": f"{_M1}, input2, output",
     _C1 + "init_shapes_5": f"{_M01}, input1", _C1 + "static_shapes_2": f"{_M01}, input2",
