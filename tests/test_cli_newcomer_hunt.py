@@ -193,3 +193,72 @@ def test_an_unclosed_quote_in_a_long_file_is_named(tmp_path, capsys):
                                         "--dry-run", *QUICK], last=True)
     assert err.endswith("line 3: not a readable CSV row (field larger than field limit "
                         "(131072); a quote opened on this line is never closed?)")
+
+
+# -- predict's score against the data's own target column -------------------------------------
+
+def labelled(path: Path, labels: list[str], n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "y"])
+        w.writerows([[*rng.standard_normal(2).round(3), labels[i % len(labels)]]
+                     for i in range(n)])
+    return path
+
+
+def scored(capsys, run: Path, data: Path, out: Path) -> tuple[str, list[str], list[str]]:
+    """predict's accuracy line, its predictions and the data's target column."""
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--data", str(data), "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "accuracy" in x)
+    with open(out, newline="") as f:
+        pred = [r["prediction"] for r in csv.DictReader(f)]
+    with open(data, newline="") as f:
+        truth = [r["y"] for r in csv.DictReader(f)]
+    return line, pred, truth
+
+
+def test_text_labels_that_look_like_numbers_are_scored_as_written(tmp_path, capsys):
+    """A model of the text classes '1.0', '2.50', 'x': a file to predict whose target holds
+    only '1.0' and '2.50' was read as the numbers 1 and 2.5, which matched no label: 0%
+    accuracy whatever the predictions. scikit-learn's accuracy_score on the same strings is
+    the reference."""
+    from sklearn.metrics import accuracy_score
+
+    train = labelled(tmp_path / "t.csv", ["1.0", "x", "2.50"], 60, 0)
+    assert main(["train", "--data", str(train), "--target", "y", "--epochs", "30", "--lr",
+                 "0.05", "--out", str(tmp_path / "run"), *QUICK]) == 0
+    new = labelled(tmp_path / "new.csv", ["1.0", "2.50"], 20, 1)
+    line, pred, truth = scored(capsys, tmp_path / "run", new, tmp_path / "p.csv")
+    want = accuracy_score(truth, pred)
+    assert 0 < want and line.endswith(f"accuracy against 'y': {want:.2%}")
+
+
+def test_number_labels_are_scored_as_numbers(tmp_path, capsys):
+    """Integer classes 0/1 against a target written 0.0/1.0 (a float column saved by
+    pandas): the same classes."""
+    from sklearn.metrics import accuracy_score
+
+    train = labelled(tmp_path / "t.csv", ["0", "1"], 60, 0)
+    assert main(["train", "--data", str(train), "--target", "y", "--epochs", "30", "--lr",
+                 "0.05", "--out", str(tmp_path / "run"), *QUICK]) == 0
+    new = labelled(tmp_path / "new.csv", ["0.0", "1.0"], 20, 1)
+    line, pred, truth = scored(capsys, tmp_path / "run", new, tmp_path / "p.csv")
+    want = accuracy_score([float(t) for t in truth], [float(p) for p in pred])
+    assert 0 < want < 1 and line.endswith(f"accuracy against 'y': {want:.2%}")
+
+
+def test_rows_of_classes_the_model_never_saw_are_counted_wrong_and_named(tmp_path, capsys):
+    """As scikit-learn's accuracy_score, a row of an unseen class counts as wrong; the line
+    now says so instead of leaving a low accuracy unexplained."""
+    from sklearn.metrics import accuracy_score
+
+    train = labelled(tmp_path / "t.csv", ["yes", "no"], 40, 0)
+    assert main(["train", "--data", str(train), "--target", "y", "--epochs", "2",
+                 "--out", str(tmp_path / "run"), *QUICK]) == 0
+    new = labelled(tmp_path / "new.csv", ["yes", "maybe", "no", "perhaps"], 12, 1)
+    line, pred, truth = scored(capsys, tmp_path / "run", new, tmp_path / "p.csv")
+    assert line == (f"accuracy against 'y': {accuracy_score(truth, pred):.2%} (6 row(s) of "
+                    f"class(es) the model was not trained on, 'maybe', 'perhaps': counted as "
+                    f"wrong)")

@@ -201,28 +201,60 @@ def run(args: argparse.Namespace) -> int:
         fields = ["row", "prediction"]
     write_csv(out, rows, fields)
     if table.y is not None:
-        print(score(pre, pred, table.y))
+        print(score(pre, pred, table.y, table.y_text))
     print(f"wrote {out}")
     return 0
 
 
-def score(pre: Preprocess, pred: list[Any], truth: list[Any | None]) -> str:
+def score(pre: Preprocess, pred: list[Any], truth: list[Any | None],
+          text: list[str | None] | None = None) -> str:
     """Accuracy, or RMSE and R², against the target column found in the data; rows whose
-    target is missing (None) are left out, and the line says how many."""
-    kept = [(p, t) for p, t in zip(pred, truth) if t is not None]
+    target is missing (None) are left out, and the line says how many. ``text``: the target
+    as written, which text class labels are compared with (else ``truth``)."""
+    if text is None:
+        text = [None if t is None else str(t) for t in truth]
+    kept = [(p, t, w) for p, t, w in zip(pred, truth, text) if t is not None]
     blank = len(truth) - len(kept)
     if not kept:
         return f"({pre.target!r} is empty in every row: no score)"
     note = f" ({len(kept)} rows; {blank} without a {pre.target!r} value left out)" if blank \
         else ""
-    return _score(pre, [p for p, _ in kept], [t for _, t in kept]) + note
+    if pre.objective == "classification":
+        return _accuracy(pre, [p for p, _, _ in kept], [t for _, t, _ in kept],
+                         [w for _, _, w in kept]) + note
+    return _score(pre, [p for p, _, _ in kept], [t for _, t, _ in kept]) + note
+
+
+def _accuracy(pre: Preprocess, pred: list[Any], truth: list[Any], text: list[Any]) -> str:
+    """The share of rows whose class is the predicted one: text labels (a model trained on
+    text classes) compared as written, number labels as numbers ('1.0' is class 1); rows of
+    classes the model was not trained on count as wrong, and the line says how many."""
+    if any(isinstance(v, str) for v in pre.labels):
+        known: set[Any] = set(pre.labels)
+        given = [str(w) for w in text]
+        same = [str(p) == w for p, w in zip(pred, given)]
+    else:  # a text cell of a number-label model ('1' among 'x' cells) is read as a number
+        given = [t if not isinstance(t, str) else _as_number(t) for t in truth]
+        known = {float(v) for v in pre.labels}
+        same = [g is not None and g == float(p) for p, g in zip(pred, given)]
+    line = f"accuracy against {pre.target!r}: {np.mean(same):.2%}"
+    unknown = [w for g, w in zip(given, text) if g not in known]
+    if unknown:
+        shown = ", ".join(repr(v) for v in sorted(set(unknown))[:5])
+        line += (f" ({len(unknown)} row(s) of class(es) the model was not trained on, "
+                 f"{shown}{', ...' if len(set(unknown)) > 5 else ''}: counted as wrong)")
+    return line
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
 
 
 def _score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
-    if pre.objective == "classification":
-        same = [str(p) == str(t if not isinstance(t, float) or not t.is_integer() else int(t))
-                for p, t in zip(pred, truth)]
-        return f"accuracy against {pre.target!r}: {np.mean(same):.2%}"
     if any(isinstance(t, str) for t in truth):
         return f"({pre.target!r} holds text: no RMSE)"
     y, p = np.asarray(truth, dtype=np.float64), np.asarray(pred)

@@ -69,6 +69,9 @@ class Table:
     #: floats where every value is a number, else strings; for predict (``features`` given)
     #: None where the target cell is missing: such rows are predicted but not scored
     y: list[Any] | None
+    #: the target's values as written (stripped; None where missing): predict compares text
+    #: class labels with them ('2.50' is a label of its own, not the number 2.5)
+    y_text: list[str | None] | None = None
 
 
 def _number(text: str) -> float | None:
@@ -275,7 +278,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
         raise CLIError(f"--data {path}: no data rows")
     x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
     return Table(path, features, x, target if tcol is not None else None,
-                 _typed(ys) if tcol is not None else None)
+                 _typed(ys) if tcol is not None else None, ys if tcol is not None else None)
 
 
 def _typed(values: list[str | None]) -> list[Any]:
@@ -331,7 +334,8 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         r, c = bad[0]
         raise CLIError(f"--data {path}: missing or non-finite value in column {names[c]!r}, "
                        f"row {r + 1}")
-    y = None
+    y: list[Any] | None = None
+    raw: list[str | None] | None = None
     if features is None or name in arrays:
         if name not in arrays:
             raise CLIError(f"--target {name!r}: {path} has no array {name!r} (it holds "
@@ -346,7 +350,7 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
             raise CLIError(f"--data {path}: {name!r} must hold numbers or strings, got "
                            f"{yarr.dtype}")
         if yarr.dtype.kind in "US":  # a missing value as in a CSV cell ('', 'NA', ...)
-            raw: list[str | None] = [None if _missing(v) else v.strip() for v in _strings(yarr)]
+            raw = [None if _missing(v) else v.strip() for v in _strings(yarr)]
         else:
             raw = [str(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
         if features is None and None in raw:
@@ -356,7 +360,7 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         y = _typed(raw)
     if not len(x):
         raise CLIError(f"--data {path}: no data rows")
-    return Table(path, names, x, name if y is not None else None, y)
+    return Table(path, names, x, name if y is not None else None, y, raw)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
