@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW
+from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW, NoisySGD
 
 TOL = 1e-12
 
@@ -36,7 +36,9 @@ import optax.contrib as oc
 import torch
 import mithril.utils.optimizers.engines as engines
 from mithril.interop import optax_transformation
-from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW
+from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW, NoisySGD
+from mithril.utils.optimizers.noisy_sgd import gaussian_noise
+from mithril.utils.optimizers.tensorwise import NumpyOps
 
 STEPS = 25
 SHAPES = {"w": (3, 4), "b": (4,), "c": (2, 3, 2), "s": ()}
@@ -90,16 +92,39 @@ CASES = {
                                       estim_lr0=1e-2, weight_decay=0.1),
                   lambda: oc.dadapt_adamw(sched(0.5), betas=(0.8, 0.99), eps=1e-6,
                                           estim_lr0=1e-2, weight_decay=0.1)),
+    "noisy_sgd": (lambda: NoisySGD(0.1, eta=0.3), lambda: optax.noisy_sgd(sched(0.1), eta=0.3)),
+    "noisy_sgd_wd": (lambda: NoisySGD(0.05, eta=0.1, gamma=0.3, seed=7, weight_decay=0.01),
+                     lambda: optax.chain(optax.add_decayed_weights(0.01), optax.noisy_sgd(
+                         sched(0.05), eta=0.1, gamma=0.3))),
 }
+SEEDS = {"noisy_sgd": 0, "noisy_sgd_wd": 7}
 
 
-def reference(make_tx, keys):
+class OurNoise:
+    # optax.tree.random_like as optax.add_noise calls it, drawing our counter-based noise
+    # (the seed's, step t at its t-th call) in place of jax.random's: optax.noisy_sgd's own
+    # σ_t, order and scaling then apply to the very noise ours adds
+
+    def __init__(self, seed):
+        self.seed, self.t = seed, 0
+
+    def __call__(self, rng_key, target_tree, sampler=None, dtype=None):
+        self.t += 1
+        return {k: jnp.asarray(gaussian_noise(NumpyOps(), v.shape, self.seed, k, self.t,
+                                              np.float64)) for k, v in target_tree.items()}
+
+
+def reference(make_tx, keys, seed=None):
     tx = make_tx()
 
-    @jax.jit
     def step(params, g, s):
         u, s = tx.update(g, s, params)
         return optax.apply_updates(params, u), s
+
+    if seed is None:
+        step = jax.jit(step)
+    else:  # optax.noisy_sgd, op by op, with our noise
+        optax.tree.random_like = OurNoise(seed)
 
     params = {k: jnp.asarray(P0[k]) for k in keys}
     s = tx.init(params)
@@ -135,7 +160,7 @@ for case, (make, make_tx) in CASES.items():
     # optax's scale_by_sm3 fails on a 0-d parameter (IndexError: no axis); ours treats it
     # as a vector's element (tested below, in-process)
     keys = [k for k in SHAPES if k != "s" or not case.startswith("sm3")]
-    want = reference(make_tx, keys)
+    want = reference(make_tx, keys, SEEDS.get(case))
     assert np.max(np.abs(want[-1]["w"] - P0["w"])) > 1e-3, case  # it moved
     for path in ("numpy", "torch", "jax-jit", "optax_transformation"):
         errors[f"{case}/{path}"] = max(rel_err(got[k], want[t][k])
@@ -149,7 +174,8 @@ def sig(f):
 
 
 defaults = {"SM3": {**sig(optax.scale_by_sm3), **sig(optax.sm3)},
-            "AcProp": sig(oc.acprop), "DAdaptAdamW": sig(oc.dadapt_adamw)}
+            "AcProp": sig(oc.acprop), "DAdaptAdamW": sig(oc.dadapt_adamw),
+            "NoisySGD": sig(optax.noisy_sgd)}
 print(json.dumps({"errors": errors, "defaults": defaults}))
 """
 
@@ -162,7 +188,7 @@ def reference_run() -> dict:
 def test_float64_parity_with_optax():
     """25 steps under a schedule, four paths, each ≤ 1e-12 from optax."""
     errors = reference_run()["errors"]
-    assert len(errors) == 7 * 4
+    assert len(errors) == 9 * 4
     bad = {k: e for k, e in errors.items() if not e <= TOL}
     assert not bad, bad
 
@@ -171,7 +197,7 @@ def test_float64_parity_with_optax():
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2", "epsilon": "eps", "estim_lr0": "estim_lr0"}
 
 
-@pytest.mark.parametrize("cls", [SM3, AcProp, DAdaptAdamW])
+@pytest.mark.parametrize("cls", [SM3, AcProp, DAdaptAdamW, NoisySGD])
 def test_defaults_are_optax(cls):
     import inspect
 
@@ -183,6 +209,8 @@ def test_defaults_are_optax(cls):
         assert float(ref["learning_rate"]) == ours["learning_rate"]
     if cls is SM3:
         assert float(ref["momentum"]) == ours["momentum"]
+    if cls is NoisySGD:  # optax's key=None is key 0 (with a warning); its seed= is deprecated
+        assert ref["key"] == "None" and ours.pop("seed") == 0
     checked = 0
     for name, value in ours.items():
         theirs = _OPTAX_NAMES.get(name, name)
@@ -257,3 +285,73 @@ def test_sm3_slots_are_per_axis():
     acc = grads[0]["w"] ** 2  # first step: μ = max of g² over the other axis
     got = state.slot_layout("mu").unflatten(state.slots["mu"])["w"]
     np.testing.assert_allclose(got, np.concatenate([acc.max(1), acc.max(0)]), rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# NoisySGD's noise: reproducible, the same on every backend, with the stated statistics
+# ---------------------------------------------------------------------------------------------
+
+def _noisy_run(conv, seed=0, steps=3, eta=0.5, gamma=0.55):
+    """NoisySGD on zero gradients (what moves is -lr·σ_t·ξ_t), lr 1: each step's noise."""
+    p0 = {"w": np.zeros((400, 250)), "b": np.zeros(7)}
+    opt = NoisySGD(1.0, eta=eta, gamma=gamma, seed=seed)
+    params = {k: conv(v) for k, v in p0.items()}
+    state = opt.init(params)
+    prev, out = {k: v.copy() for k, v in p0.items()}, []
+    for _ in range(steps):
+        params, state = opt.update(params, {k: conv(np.zeros_like(v)) for k, v in p0.items()},
+                                   state)
+        now = {k: np.array(v.numpy() if hasattr(v, "numpy") else v) for k, v in params.items()}
+        out.append({k: prev[k] - now[k] for k in now})
+        prev = now
+    return out
+
+
+def test_noisy_sgd_noise_statistics_and_reproducibility():
+    import torch
+
+    steps = _noisy_run(np.array)
+    for t, d in enumerate(steps, 1):
+        sigma = (0.5 / t**0.55) ** 0.5
+        z = d["w"].ravel() / sigma  # 1e5 draws: mean ±0.013, std ±0.0067 at 3 sigma
+        assert abs(z.mean()) < 0.015 and abs(z.std() - 1) < 0.008, (t, z.mean(), z.std())
+        assert abs(np.mean(z**4) - 3) < 0.1  # Gaussian kurtosis
+    a, b = steps[0]["w"].ravel(), steps[1]["w"].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.015  # independent across steps
+    assert not np.array_equal(steps[0]["b"], steps[0]["w"].ravel()[:7])
+    # the same seed: the same noise (on torch to its log / cos's last bit); another seed:
+    # other noise
+    again, on_torch = _noisy_run(np.array), _noisy_run(torch.tensor)
+    for t in range(3):
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(again[t][k], steps[t][k])
+            np.testing.assert_allclose(on_torch[t][k], steps[t][k], rtol=1e-14, atol=1e-15)
+    other = _noisy_run(np.array, seed=1, steps=1)
+    assert abs(np.corrcoef(other[0]["w"].ravel(), a)[0, 1]) < 0.015
+
+
+def test_noisy_sgd_resumes_the_same_noise():
+    """The noise is a function of (seed, name, step, index): a run resumed from a state dict
+    continues the uninterrupted run's noise bit for bit."""
+    p0, grads = _problem("float64")
+    opt = NoisySGD(0.1, eta=0.2, seed=5)
+    params, state = dict(p0), opt.init(p0)
+    for g in grads:
+        params, state = opt.update(params, g, state)
+    want = {k: np.array(v) for k, v in params.items()}
+    params, state = dict(p0), opt.init(p0)
+    for g in grads[:3]:
+        params, state = opt.update(params, g, state)
+    saved, params = opt.state_dict(state), {k: np.array(v) for k, v in params.items()}
+    opt2 = NoisySGD(0.1, eta=0.2, seed=5)
+    state2 = opt2.load_state_dict(saved, params)
+    for g in grads[3:]:
+        params, state2 = opt2.update(params, g, state2)
+    for k in p0:
+        np.testing.assert_array_equal(np.array(params[k]), want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
+def test_noisy_sgd_refuses_a_bad_seed(seed):
+    with pytest.raises(ValueError, match="seed"):
+        NoisySGD(seed=seed)

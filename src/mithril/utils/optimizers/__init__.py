@@ -28,6 +28,7 @@ from .lion import Lion
 from .lookahead import Lookahead
 from .muon import Muon
 from .nadam import NAdam
+from .noisy_sgd import NoisySGD
 from .novograd import Novograd
 from .optimistic import OptimisticAdam, OptimisticGD
 from .prodigy import Prodigy
@@ -47,6 +48,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
+           "NoisySGD",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
