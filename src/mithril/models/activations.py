@@ -159,7 +159,7 @@ class Gelu(Operator):
         x = args["input"]
         r = residuals if residuals is not None else self.forward_residuals(np, x)[1]
         if not self.approximate:  # g·(Φ(x) + x·φ(x)), in place on one temporary
-            d = x * x
+            d = np.asarray(x * x)  # (an array: a 0-d input's square is a NumPy scalar)
             d *= -0.5
             np.exp(d, out=d)
             d *= x
@@ -360,9 +360,11 @@ class Hardswish(Operator):
         F = functional_of(xp)
         if F is not None:
             return F.hardswish(input)
-        # the branches picked as torch's backward picks them, so JAX's gradient is torch's
-        return xp.where(input <= -3, 0 * input,
-                        xp.where(input < 3, input * (input + 3) / 6, input))
+        # the branches picked as torch's backward picks them, so JAX's gradient is torch's;
+        # the quadratic of the input only where it is picked (a NaN input's gradient there
+        # is NaN, and where() multiplies it by 0: NaN, where torch's is 1)
+        mid = xp.where((input > -3) & (input < 3), input, 0.0)
+        return xp.where(input <= -3, 0 * input, xp.where(input < 3, mid * (mid + 3) / 6, input))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]

@@ -83,15 +83,16 @@ class GroupNorm(Operator):
     @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None) -> Any:
         if backend_of(xp) == "torch":
-            import torch.nn.functional as F
-
             if input.numel() == 0 and weight is not None:
                 # an empty output: torch's kernel gives the weight a NaN gradient (an empty
                 # sum is 0, as on NumPy and JAX)
                 per_channel = (-1,) + (1,) * (input.ndim - 2)
                 y = input * weight.reshape(per_channel)
                 return y if bias is None else y + bias.reshape(per_channel)
-            return F.group_norm(input, self.num_groups, weight, bias, self.eps)
+            # the op, not F.group_norm: that one also refuses one value per group when
+            # N · C / num_groups is 1 (its batch-norm check: an unnamed torch ValueError
+            # where NumPy and JAX normalise)
+            return xp.t.group_norm(input, self.num_groups, weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     @float32_forward
