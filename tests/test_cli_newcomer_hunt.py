@@ -262,3 +262,45 @@ def test_rows_of_classes_the_model_never_saw_are_counted_wrong_and_named(tmp_pat
     assert line == (f"accuracy against 'y': {accuracy_score(truth, pred):.2%} (6 row(s) of "
                     f"class(es) the model was not trained on, 'maybe', 'perhaps': counted as "
                     f"wrong)")
+
+
+# -- flags ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", ["train", "compare"])
+def test_float64_with_mixed_precision_is_refused_not_dropped(tmp_path, capsys, cmd):
+    """``--mixed-precision bf16 --dtype float64`` trained with float32 masters in bfloat16
+    while summary.json recorded dtype float64."""
+    err = conftest.usage_error(capsys, [cmd, "--mixed-precision", "bf16", "--dtype", "float64",
+                                        "--epochs", "1", "--dry-run", "--no-plot",
+                                        "--out", str(tmp_path / "r")], last=True)
+    assert err.endswith("--dtype float64 does not apply with --mixed-precision bf16 (float32 "
+                        "master weights, computing in bf16); give one of them")
+    assert not (tmp_path / "r").exists()
+
+
+def test_plot_schedule_does_not_write_over_a_csv_of_yours_beside_its_out(tmp_path, capsys):
+    """``--out data.png`` wrote the values to ``data.csv`` beside it, silently replacing the
+    user's training table there; a values CSV of an earlier plot is replaced as before."""
+    data = houses(tmp_path / "data.csv", n=5)
+    before = data.read_bytes()
+    err = conftest.usage_error(capsys, ["plot-schedule", "--steps", "10", "--out",
+                                        str(tmp_path / "data.png")], last=True)
+    assert f"the values go beside it to {tmp_path / 'data.csv'}, which exists and is not a " \
+           f"schedule of this command" in err
+    assert data.read_bytes() == before and not (tmp_path / "data.png").exists()
+    out = tmp_path / "cos.png"
+    for steps in (10, 4):  # the second replaces the first's values
+        assert main(["plot-schedule", "--steps", str(steps), "--lr", "0.5",
+                     "--out", str(out)]) == 0
+    with open(out.with_suffix(".csv"), newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    import torch  # the values are torch's CosineAnnealingLR over the 4 steps
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    want = []
+    for _ in range(4):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)

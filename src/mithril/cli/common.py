@@ -119,6 +119,12 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
                overrides: dict[str, Any] | None = None) -> RunConfig:
     """A :class:`RunConfig` from the parsed flags (``overrides``: option values that replace
     the flags', e.g. from a ``compare`` spec; its ``scheduler`` key replaces ``--scheduler``)."""
+    if args.mixed_precision != "none" and args.dtype != "float32":
+        # the masters are float32 and the model computes in half precision: float64 would be
+        # silently dropped (summary.json recording it as if it had been used)
+        raise CLIError(f"--dtype {args.dtype} does not apply with --mixed-precision "
+                       f"{args.mixed_precision} (float32 master weights, computing in "
+                       f"{args.mixed_precision}); give one of them")
     settings = settings_from(args, OPTIONS.values())
     specs = scheduler_specs(args)
     if overrides:

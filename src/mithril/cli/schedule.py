@@ -75,6 +75,18 @@ def learning_rates(specs: list[tuple[str, dict[str, Any]]], settings: dict[str, 
     return values, schedule.description
 
 
+def _not_a_schedule(path: Path) -> bool:
+    """Whether ``path`` exists and is not a CSV this command wrote (its header ``step,lr``):
+    the values CSV is written beside ``--out`` unasked, so it must not replace another file."""
+    if not path.exists():
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() != "step,lr"
+    except OSError:  # a folder of that name, no permission
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     specs = scheduler_specs(args)
     settings = settings_from(args, OPTIONS.values())
@@ -84,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise CLIError(f"--out {out}: give a .png, .svg or .pdf file name")
     ensure_writable_file(out)
+    values_csv = out.with_suffix(".csv")
+    if _not_a_schedule(values_csv):  # e.g. --out data.png beside the user's data.csv
+        raise CLIError(f"--out {out}: the values go beside it to {values_csv}, which exists and "
+                       f"is not a schedule of this command (a file of yours?); give another "
+                       f"--out name")
     marks = []
     warmup = settings.get("warmup_steps") or 0
     if warmup:
@@ -91,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     marks += [(s, f"→ {n}") for s, (n, _) in zip(settings.get("switch_at") or [], specs[1:])]
     title = f"{description} · base lr {args.lr:g} · {args.steps} steps"
     schedule_figure(values, out, title, marks)
-    csv_path = write_csv(out.with_suffix(".csv"),
+    csv_path = write_csv(values_csv,
                          [{"step": i, "lr": v} for i, v in enumerate(values)], ("step", "lr"))
     peak = max(range(len(values)), key=values.__getitem__)
     print(f"mithril plot-schedule: {description}")
