@@ -43,6 +43,9 @@ class Adamax(Optimizer):
     the step, on every tensor unless ``weight_decay_mask`` / parameter groups say otherwise
     (optax's ``mask=None``: all, biases and scalars too). optax.adamaxw's default
     ``weight_decay`` is 1e-4: pass it (0 here, the plain Adamax's). torch has no AdamaxW.
+
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
+    arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("m", "u")

@@ -45,7 +45,8 @@ class ADOPT(Optimizer):
     ``clip_value_fn`` evaluated at the 0-based count, (t−1)^¼; other clip functions are not
     offered. ε is a floor on √v (``max``), not added. optax's ADOPT has no weight decay:
     ``weight_decay`` here is coupled L2 (``g ← g + wd·p``, optax.add_decayed_weights chained
-    in front). torch 2.x has no ADOPT.
+    in front). torch 2.x has no ADOPT. optax's ``clip_value_fn`` is its default only
+    (``use_clipping``), its ``mu_dtype`` not offered: ``m`` is kept in the parameters' dtype.
     """
 
     slots = ("m", "v")

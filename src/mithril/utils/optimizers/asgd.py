@@ -34,6 +34,9 @@ class ASGD(Optimizer):
     ``torch.set_default_dtype(torch.float64)``). ``weight_decay`` is coupled L2
     (``g ← g + wd·p``, torch). Defaults are torch's: lr 1e-2, λ (``lambd``) 1e-4, α 0.75,
     t₀ 1e6. optax and Keras have no ASGD.
+
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
+    arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("ax",)

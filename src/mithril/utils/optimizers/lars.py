@@ -38,7 +38,7 @@ class LARS(Optimizer):
     norms from decay and from the ratio with parameter groups, e.g.
     ``param_groups=[{"params": r"bias|norm", "weight_decay": 0.0, "trust_coefficient":
     None}]`` (``trust_coefficient=None``: no trust ratio for that group, optax's
-    ``trust_ratio_mask``).
+    ``trust_ratio_mask``; optax's ``weight_decay_mask`` is ``weight_decay_mask`` here).
     """
 
     slots = ("m",)

@@ -27,6 +27,7 @@ class Lion(Optimizer):
     ``p ← p·(1 − lr·wd)``). Default ``weight_decay=1e-3`` as optax (Keras: none).
     optax has no default learning rate; 1e-4 here (the paper's advice: 3-10× smaller than
     AdamW's; Keras defaults to 1e-3). Defaults β₁ = 0.9, β₂ = 0.99 as optax and Keras.
+    optax's ``mu_dtype`` is not offered: ``m`` is kept in the parameters' dtype.
     """
 
     decoupled_weight_decay = True

@@ -18,6 +18,13 @@ def _nadam(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm):
     return p + cg * (g / d) + cm * (m / d), m, v   # torch: two addcdiv_, g's first
 
 
+def _nadam_optax(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm, eps_root):
+    m = m + b1c * (g - m)
+    v = v * b2 + b2c * g * g
+    d = sqrt(v / bc2 + eps_root) + eps                 # optax: ε_root inside the root
+    return p + cg * (g / d) + cm * (m / d), m, v
+
+
 def _nadam_scheduled(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, b1, psi, cg, cm):
     # (β₁ and ψ are read between the passes, by tensor_scalars, which gives cg and cm)
     return _nadam(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm)
@@ -60,6 +67,13 @@ class NAdam(Optimizer):
       ``p ← p − lr·(1−β₁)/(1−β₁ᵗ) · g/d − lr·β₁/(1−β₁ᵗ⁺¹) · m/d``. ``weight_decay`` is
       coupled (``optax.chain(add_decayed_weights(wd), nadam(...))``), or with
       ``decoupled_weight_decay=True`` ``optax.nadamw``'s ``p ← p − lr·(step + wd·p)``.
+      ``eps_root`` (optax's, default 0): ``d = √(v/(1−β₂ᵗ) + ε_root) + ε``; torch and Keras
+      have none (refused there). optax's ``nesterov`` is this (True); False is
+      ``optax.adam`` (:class:`Adam` with ``convention="optax"``). Its ``mu_dtype`` is not
+      offered (slots are in the parameters' dtype).
+
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
+    arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("m", "v")
@@ -68,13 +82,20 @@ class NAdam(Optimizer):
                  epsilon: float = 1e-8, weight_decay: float = 0.0,
                  momentum_decay: float | None = BY_CONVENTION,
                  decoupled_weight_decay: bool = BY_CONVENTION, convention: str = "torch",
-                 **options: Any) -> None:
+                 eps_root: float | None = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.convention = check_convention(convention)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.momentum_decay = self._check_momentum_decay(momentum_decay)
+        # optax's only: None under the others (no hyperparameter to drive or trace)
+        self.eps_root = None if eps_root is None else check_positive("eps_root", eps_root)
+        if self.convention == "optax" and self.eps_root is None:
+            self.eps_root = 0.0
+        elif self.convention != "optax" and self.eps_root is not None:
+            raise ValueError(f"eps_root={eps_root!r}: only optax's NAdam has one "
+                             f"(convention='optax')")
         # an instance attribute: the engines read opt.decoupled_weight_decay
         self.decoupled_weight_decay = check_decoupled(self.convention, decoupled_weight_decay)
 
@@ -125,7 +146,7 @@ class NAdam(Optimizer):
         if self.convention == "optax":  # constant β₁, Adam's bias corrections
             cg = -lr * (1.0 - b1) / (1.0 - b1**step)
             cm = -lr * b1 / (1.0 - b1 ** (step + 1))
-            return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, cg, cm)
+            return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, cg, cm, self.eps_root)
         return (lr, 1 - b1, b2, 1 - b2, 1 - b2**step, self.epsilon, b1, self.momentum_decay)
 
     def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
@@ -144,4 +165,4 @@ class NAdam(Optimizer):
         return (cg, cm), tensors, values
 
     def kernel_math(self) -> Any:
-        return _nadam if self.convention == "optax" else _nadam_scheduled
+        return _nadam_optax if self.convention == "optax" else _nadam_scheduled

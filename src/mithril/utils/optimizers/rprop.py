@@ -49,6 +49,12 @@ class Rprop(Optimizer):
     state); Keras has no Rprop. torch's Rprop has
     no weight decay; ``weight_decay`` here is the usual coupled L2 (``g ← g + wd·p``), i.e.
     torch's Rprop given ``g + wd·p``.
+
+    optax.rprop's ``eta_minus``/``eta_plus`` and ``min_step_size``/``max_step_size`` are
+    ``etas`` and ``step_sizes`` here. Its update (0.2.8) is the *previous* step's signed step
+    (the first update is 0: google-deepmind/optax#1725, "one-step-stale"), not reproduced.
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
+    arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("prev", "step_size")

@@ -30,7 +30,9 @@ class SignSGD(Optimizer):
     optax has no weight decay for either: ``weight_decay`` here is coupled L2
     (``g ← g + wd·p``, optax.add_decayed_weights chained in front, as the paper's Signum).
     Default lr 1e-3 (optax has none); momentum 0 (optax.sign_sgd; optax.signum's β is 0.9:
-    :class:`Signum`). torch 2.x and Keras 3 have neither.
+    :class:`Signum`). torch 2.x and Keras 3 have neither. optax.signum's ``beta`` is
+    ``momentum`` here; its ``accumulator_dtype`` is not offered (``m`` is in the parameters'
+    dtype).
     """
 
     def __init__(self, learning_rate: float = 1e-3, momentum: float = 0.0,
@@ -56,7 +58,8 @@ class Signum(SignSGD):
 
         m ← β·m + (1−β)·g        p ← p − lr·sign(m)
 
-    ``momentum=0`` is refused here (that is :class:`SignSGD`).
+    ``momentum=0`` is refused here (that is :class:`SignSGD`). optax's
+    ``accumulator_dtype`` is not offered (``m`` is in the parameters' dtype).
     """
 
     def __init__(self, learning_rate: float = 1e-3, momentum: float = 0.9,
