@@ -304,3 +304,26 @@ def test_plot_schedule_does_not_write_over_a_csv_of_yours_beside_its_out(tmp_pat
         opt.step()
         sched.step()
     np.testing.assert_allclose(lrs, want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_headerless_file_with_a_text_label_is_refused_not_read_without_its_first_row(
+        tmp_path, capsys):
+    """UCI's iris.data saved as .csv: no header, four measurements and a text class. Its first
+    row was taken for the column names (the all-numbers check missed the text cell), so a
+    ``--target Iris-setosa`` trained on one row fewer, with measurements for feature names.
+    A header of whole numbers (pandas' default columns 0, 1, 2) is still a header."""
+    rng = np.random.default_rng(0)
+    rows = [[*rng.uniform(4, 7, 4).round(1), ["Iris-setosa", "Iris-virginica"][i % 2]]
+            for i in range(30)]
+    data = tmp_path / "iris.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "Iris-setosa",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith(f"line 1 holds numbers such as {str(rows[0][0])!r} "
+                        f"({', '.join(map(str, rows[0]))}), not column names: the file has no "
+                        f"header row? Add one naming the columns (--target names one of them)")
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([["0", "1", "2", "3", "label"], *rows])
+    assert main(["train", "--data", str(data), "--target", "label", "--dry-run", *QUICK]) == 0
+    assert "rows of 30, 4 features, 2 classes" in capsys.readouterr().out

@@ -162,6 +162,15 @@ def _target_hint(target: str, header: list[str]) -> str:
     return ""
 
 
+def _looks_like_data(header: list[str]) -> bool:
+    """Whether a header row is rather a data row: every cell but one (a text label, as in
+    UCI's ``iris.data``) a number, one of them with a fraction. Whole numbers are names
+    (pandas writes a DataFrame's default columns 0, 1, ...; years)."""
+    numbers = [h for h in header if _is_float(h)]
+    return len(header) > 2 and len(numbers) >= len(header) - 1 and \
+        any(not float(h).is_integer() for h in numbers if _number(h) is not None)
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -197,6 +206,12 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 raise CLIError(f"--data {path}: line {read} holds only numbers "
                                f"({_names(header, 5)}): the file has no header row? Add one "
                                f"naming the columns (--target names one of them)")
+            if features is None and _looks_like_data(header):  # UCI's iris.data, ...
+                raise CLIError(f"--data {path}: line {read} holds numbers such as "
+                               f"{next(h for h in header if _is_float(h))!r} "
+                               f"({_names(header, 5)}), not column names: the file has no "
+                               f"header row? Add one naming the columns (--target names one "
+                               f"of them)")
             dup = _duplicates(header)
             if dup:
                 raise CLIError(f"--data {path}: duplicate column name(s) "
