@@ -214,3 +214,24 @@ def test_types_are_checked_against_what_the_connection_feeds():
     ok |= Multiply().connect(left=IOKey("x", type=Tensor), right=IOKey("y", type=Tensor[float]),
                              output="output")
     assert ml.compile(ok, ml.NumpyBackend(), shapes={"x": [2], "y": [2]}).input_keys == ("x", "y")
+
+
+def test_set_types_as_published():
+    """Model.set_types(x=Tensor[...]) declares as IOKey(type=...) does: checked against what
+    the connection feeds, intersected with earlier declarations; a refusal sets nothing."""
+    model = Model()
+    model |= Multiply().connect(left="x", right="y", output="output")
+    model |= Embedding(4, 2).connect(input="ids", output="emb")
+    with pytest.raises(TypeError, match="'x' is declared Tensor\\[int\\], but it feeds Multiply.left"):
+        model.set_types(y=Tensor[float], x=Tensor[int])
+    assert model.conns["x"].kinds is None and model.conns["y"].kinds is None
+    with pytest.raises(TypeError, match="'ids' is declared Tensor\\[float\\], but it feeds Embedding.input"):
+        model.set_types(ids=Tensor[float])
+    model.set_types({model.x: Tensor[int | float]}, ids=Tensor[int])
+    assert model.conns["x"].kinds == {"int", "float"} and model.conns["ids"].kinds == {"int"}
+    with pytest.raises(TypeError, match="'x' is declared Tensor\\[int \\| float\\] and Tensor\\[bool\\]"):
+        model.set_types(x=Tensor[bool])
+    with pytest.raises(TypeError, match="type=<class 'float'> is not offered"):
+        model.set_types(y=float)
+    with pytest.raises(ml.KeyMismatchError, match="no connection 'z'"):
+        model.set_types(z=Tensor)

@@ -507,6 +507,24 @@ class Model:
                 c.kinds = frozenset({"float"})
         return self
 
+    def set_types(self, config: Mapping[str | Terminal, Any] | None = None, /, **kwargs: Any) -> Model:
+        """As published: tensor types of connections, by name or connection
+        (``set_types(x=Tensor[int])``), as ``IOKey(type=...)`` (intersected with what was
+        declared, checked against what each feeds). Everything is checked before anything is set."""
+        new: dict[int, tuple[Connection, Any]] = {}
+        for given, t in (*(config or {}).items(), *kwargs.items()):
+            c = self._resolve(given, "set_types")
+            kinds = new.get(id(c), (c, c.kinds))[1]
+            new[id(c)] = (c, merged(kinds, kinds_of(t, str(c.name)), str(c.name)))
+        todo = list(new.values())
+        for c, kinds in todo:
+            for block, mapping in self.blocks:
+                for key in (k for k, v in mapping.items() if v is c and k not in block.output_keys):
+                    check_fed(kinds, c.name, block, key)
+        for c, kinds in todo:
+            c.kinds = kinds
+        return self
+
     # -- shapes ------------------------------------------------------------------
     def set_shapes(self, **shapes: Sequence[int | None]) -> Model:
         """Declare terminal shapes, e.g. ``set_shapes(input=[None, 784])`` (None: free dim)."""
