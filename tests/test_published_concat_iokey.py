@@ -87,7 +87,7 @@ def test_concat_list_refusals_change_nothing():
         Concat(n=0)
     with pytest.raises(TypeError, match="axis must be an int or None"):
         Concat(axis="0")
-    bound = Concat(axis=1).connect(input=("p", "q"), output="out")
+    bound = Concat(axis=1)(input=("p", "q"), output="out")  # (calling the block is connect)
     assert bound.block.n == 2 and set(bound.connections) == {"input1", "input2", "output"}
 
 

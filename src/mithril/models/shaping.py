@@ -125,6 +125,8 @@ class Concat(Operator):
             self._set_n(before)  # a call that raises changes nothing
             raise
 
+    __call__ = connect
+
     def infer_shape(self, shapes):
         if self.n is None:
             raise ShapeError("Concat() takes a list input: connect(input=[a, b, ...]), or "
