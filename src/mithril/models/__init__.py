@@ -139,3 +139,8 @@ __all__ += ["MDS", "MDSCore", "NormModifier"]
 from .published_cells import PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa: E402
 
 __all__ += ["PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
+
+# the published Mithril's support-vector machines
+from .svm import KernelizedSVM, LinearSVM, Sign  # noqa: E402
+
+__all__ += ["KernelizedSVM", "LinearSVM", "Sign"]
