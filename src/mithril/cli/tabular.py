@@ -3,8 +3,8 @@
 
 Reading checks everything before any work: a missing file, a target column that does not
 exist, a row with the wrong number of cells, a missing value (an empty cell, ``NA``, ``NaN``,
-``null``, ``?``, Excel's ``#N/A``: :data:`MISSING`) or a feature that is not a finite number is a
-:class:`~mithril.cli.errors.CLIError` naming the file, the column and the row (data rows are
+``null``, ``?``, Excel's ``#N/A``: :data:`.table_text.MISSING`) or a feature that is not a
+finite number is a :class:`~mithril.cli.errors.CLIError` naming the file, the column and the row (data rows are
 counted from 1 after the header; the file line is given too).
 
 Classification or regression is inferred from the target (``--objective`` overrides): text
@@ -22,13 +22,11 @@ names, standardisation statistics, objective, class labels, the network's shape)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import json
 import math
 import zipfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,24 @@ import numpy as np
 from .data import Dataset
 from .errors import CLIError
 from .networks import OBJECTIVES, mlp_spec
+from .table_text import (
+    COMMA_HINT,
+    _comma_number,
+    _duplicates,
+    _is_float,
+    _looks_like_data,
+    _missing,
+    _names,
+    _not_number_hint,
+    _not_utf8,
+    _number,
+    _separator_hint,
+    _target_hint,
+)
 
 #: at most this many distinct integer targets are taken for classes
 MAX_INFERRED_CLASSES = 20
 MAX_CLASSES = 1000
-#: missing-value markers, compared lower-cased: pandas' ``read_csv`` defaults (Excel's ``#N/A``
-#: among them: read as text, it would turn a numeric target into one class per value) and ``?``
-MISSING = frozenset({"", "na", "n/a", "nan", "-nan", "null", "none", "?", "#n/a", "#n/a n/a",
-                     "#na", "<na>", "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"})
 MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
 PREPROCESS_FORMAT = "mithril-tabular-1"
 #: the text tables by suffix -> their separator (any other suffix but .npz is read as a CSV)
@@ -72,115 +80,6 @@ class Table:
     #: the target's values as written (stripped; None where missing): predict compares text
     #: class labels with them ('2.50' is a label of its own, not the number 2.5)
     y_text: list[str | None] | None = None
-
-
-def _number(text: str) -> float | None:
-    try:
-        v = float(text)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _duplicates(names: list[str]) -> list[str]:
-    return sorted(n for n, k in Counter(names).items() if k > 1)
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    """``names`` for a message: the first ``limit`` of a wide table, and how many in all."""
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
-
-
-def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
-    """Where a file stops being UTF-8 (the decoder's position is within a buffer, not the
-    file): its line and byte, and what to do."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        head = f.read(2)
-        if head in (b"\xff\xfe", b"\xfe\xff"):
-            return "the file is UTF-16 text; save it as UTF-8 ('CSV UTF-8' in a spreadsheet)"
-        if head in (b"\x1f\x8b", b"PK"):  # not text at all: latin-1 would be a wrong guess
-            what = "gzip-compressed: decompress it" if head == b"\x1f\x8b" else \
-                "a zip archive (an .xlsx workbook, an .npz?): save the table as CSV UTF-8"
-            return f"the file is {what}"
-        f.seek(0)
-        for n, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                return (f"line {n}: byte {line[bad.start:bad.start + 1]!r} is not UTF-8 text "
-                        f"(latin-1 or cp1252?); save the file as UTF-8 ('CSV UTF-8' in a "
-                        f"spreadsheet)")
-    return f"not UTF-8 text ({exc})"
-
-
-def _separator_hint(header: list[str], sep: str = ",") -> str:
-    """A hint for a header read as one cell: a file separated by ';' or tabs (the CSV of a
-    spreadsheet in many locales), which is read with commas only (a .tsv with tabs only)."""
-    seps = [s for s in (";", "\t", "|", ",") if s != sep and len(header) == 1 and s in header[0]]
-    if not seps:
-        return ""
-    if sep == ",":
-        tsv = " (name a tab-separated file .tsv)" if seps[0] == "\t" else ""
-        return f"; the header is one cell: is the file separated by {seps[0]!r}? Only commas " \
-               f"separate columns{tsv}"
-    return f"; the header is one cell: is the file separated by {seps[0]!r}? Only tabs " \
-           f"separate the columns of a .tsv" + ("; name a comma-separated file .csv"
-                                                if seps[0] == "," else "")
-
-
-def _comma_number(cell: str) -> bool:
-    """Whether ``cell`` is digits with commas: a decimal comma (as spreadsheets write in many
-    locales) or digit grouping, which ``float`` does not read."""
-    text = cell.strip()
-    return "," in text and any(c.isdigit() for c in text) and \
-        not text.strip("+-").replace(",", "").replace(".", "").strip("0123456789")
-
-
-COMMA_HINT = ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
-              "point and no grouping, e.g. 1234.5")
-
-
-def _not_number_hint(cell: str) -> str:
-    """Why a feature cell is not a number, and the fix: a comma in digits (a decimal comma,
-    or digit grouping), else text."""
-    if _comma_number(cell):
-        return COMMA_HINT
-    return ("features must be numeric: encode a text column first, e.g. with "
-            "pandas.get_dummies")
-
-
-def _target_hint(target: str, header: list[str]) -> str:
-    """A hint for a ``--target`` not in ``header``: the column it differs from only in case or
-    spaces, or (a number, as a column index of Keras or NumPy) that it takes a name."""
-    near = [h for h in header if h.lower() == target.strip().lower()]
-    if near:
-        return f"; did you mean {near[0]!r}? (names are case-sensitive)"
-    if target.strip().lstrip("-").isdigit() and len(header) > 1:
-        return (f"; --target takes a column's name from the header row, not its position "
-                f"(the last column is {header[-1]!r})")
-    return ""
-
-
-def _looks_like_data(header: list[str]) -> bool:
-    """Whether a header row is rather a data row: every cell but one (a text label, as in
-    UCI's ``iris.data``) a number, one of them with a fraction. Whole numbers are names
-    (pandas writes a DataFrame's default columns 0, 1, ...; years)."""
-    numbers = [h for h in header if _is_float(h)]
-    return len(header) > 2 and len(numbers) >= len(header) - 1 and \
-        any(not float(h).is_integer() for h in numbers if _number(h) is not None)
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _missing(text: str) -> bool:
-    return text.strip().lower() in MISSING
 
 
 def read_csv(path: str, target: str | None, features: list[str] | None = None) -> Table:
