@@ -4,8 +4,8 @@
 Reading checks everything before any work: a missing file, a target column that does not
 exist, a row with the wrong number of cells, a missing value (an empty cell, ``NA``, ``NaN``,
 ``null``, ``?``, Excel's ``#N/A``: :data:`.table_text.MISSING`) or a feature that is not a
-finite number is a :class:`~mithril.cli.errors.CLIError` naming the file, the column and the row (data rows are
-counted from 1 after the header; the file line is given too).
+finite number is a :class:`~mithril.cli.errors.CLIError` naming the file, the column and the
+row (data rows are counted from 1 after the header; the file line is given too).
 
 Classification or regression is inferred from the target (``--objective`` overrides): text
 values, or at most :data:`MAX_INFERRED_CLASSES` distinct integers, are classes; other numbers
