@@ -206,6 +206,8 @@ def test_types_are_checked_against_what_the_connection_feeds():
         IOKey("n", type=int)
     with pytest.raises(TypeError, match="a differentiable connection is Tensor\\[float\\]"):
         IOKey("n", type=Tensor[int], differentiable=True)
+    with pytest.raises(TypeError, match="expose must be a bool or None, got Tensor\\[float\\]"):
+        IOKey("x", None, [3], Tensor[float])  # the published 4th argument is type=
     with pytest.raises(TypeError, match="Tensor\\[...\\] takes int, float, bool"):
         Tensor[str]
     with pytest.raises(TypeError, match="values are not offered"):

@@ -72,6 +72,9 @@ class IOKey(ConnectionOps):
                  type: Any = None, differentiable: bool | None = None) -> None:  # noqa: A002
         if name is not None and not isinstance(name, str):
             raise TypeError(f"IOKey name must be a str, got {builtins_type(name).__name__}")
+        if expose is not None and not isinstance(expose, (bool, np.bool_)):  # (4th: type= published)
+            raise TypeError(f"IOKey '{name}': expose must be a bool or None, got {expose!r}; "
+                            "give a type as IOKey(..., type=...)")
         if differentiable is not None and not isinstance(differentiable, (bool, np.bool_)):
             raise TypeError(f"IOKey '{name}': differentiable must be a bool or None, got "
                             f"{differentiable!r}")
