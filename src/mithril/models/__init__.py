@@ -141,6 +141,6 @@ from .published_cells import PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa
 __all__ += ["PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
 
 # the published Mithril's support-vector machines
-from .svm import KernelizedSVM, LinearSVM, Sign  # noqa: E402
+from .svm import KernelizedSVM, LinearSVM, QuadraticFormRegularizer, Sign  # noqa: E402
 
-__all__ += ["KernelizedSVM", "LinearSVM", "Sign"]
+__all__ += ["KernelizedSVM", "LinearSVM", "QuadraticFormRegularizer", "Sign"]

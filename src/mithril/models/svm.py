@@ -1,7 +1,8 @@
 """The published Mithril's support-vector machines: ``LinearSVM`` and ``KernelizedSVM(kernel)``,
 as composites of ``Linear`` (and a kernel block), with the published terminal names: their
 parameters are ``weight`` and ``bias`` (the terminals of the same names), trained with a
-hinge loss (``HingeLoss`` / ``QuadHingeLoss``) against targets in {−1, 1}."""
+hinge loss (``HingeLoss`` / ``QuadHingeLoss``) against targets in {−1, 1}; and the
+kernel machine's regularizer ``QuadraticFormRegularizer``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyMismatchError
+from .arithmetic import MatrixMultiply, Multiply
 from .layers import Linear
-from .model import Model
+from .model import IOKey, Model
 from .operator import Operator
+from .shaping import Transpose
 from .unary_primitives import _full
 
 
@@ -88,3 +91,19 @@ class KernelizedSVM(Model):
         self |= Linear(1).connect(input="kernel", weight="weight", bias="bias", output="output")
         self.set_cin(ins[0])
         self.set_cout("output")
+
+
+class QuadraticFormRegularizer(Model):
+    """½·w K wᵀ for a (1, N) ``input`` w and an (N, N) ``kernel`` K: the squared RKHS norm
+    of a kernel machine's decision function, as the published Mithril's
+    ``QuadraticFormRegularizer``. ``output`` is (1, 1). Regularize a ``KernelizedSVM``'s
+    weight with it: ``train_model.add_regularization(QuadraticFormRegularizer(), coef=0.1,
+    input="weight", kernel="kernel")``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transpose, wk, wkw = Transpose(), MatrixMultiply(), MatrixMultiply()
+        self |= transpose.connect(input="input", output=IOKey("input_t", expose=False))
+        self |= wk.connect(left="input", right="kernel", output=IOKey("wk", expose=False))
+        self |= wkw.connect(left="wk", right="input_t", output=IOKey("wkw", expose=False))
+        self |= Multiply().connect(left="wkw", right=0.5, output="output")
