@@ -105,7 +105,7 @@ def test_float32_jax_and_optax_transformation():
         assert rel_err(optax_run(tx, STEPS, np.float32), want) < 1e-6
 
 
-@pytest.mark.parametrize("cls", [DoG, DoWG])
+@pytest.mark.parametrize("cls", [DoG, pytest.param(DoWG, marks=pytest.mark.slow)])
 def test_make_train_step_one_program(cls):
     from test_train_step_fn import fused, problem, separate
 

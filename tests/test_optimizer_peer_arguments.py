@@ -6,8 +6,10 @@ that gains an argument fails this test until it is looked at.
 
 Side by side for what the sweep added besides RAdam's and DoG's (tests/test_radam_optax.py,
 tests/test_dog_layerwise.py): NAdam's ``eps_root`` (optax convention) against optax.nadam /
-optax.nadamw in float64 (1e-12, 25 steps) and float32 (1e-6, JAX and optax_transformation);
-refused under torch's and Keras's conventions."""
+optax.nadamw, Lion's ``mode`` / ``smooth_beta`` against optax.scale_by_lion chained as
+optax.lion chains it, in float64 (1e-12, 25 steps) and float32 (1e-6, JAX and
+optax_transformation; the one-program make_train_step); eps_root refused under torch's and
+Keras's conventions."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ PEERS = {
     o.Novograd: [(optax.novograd, {})],
     o.Yogi: [(optax.yogi, {}), (optax.scale_by_yogi, {})],
     o.Adan: [(optax.adan, {})],
-    o.Lion: [(optax.lion, {"mu_dtype": None})],
+    o.Lion: [(optax.lion, {"mu_dtype": None}), (optax.scale_by_lion, {"mu_dtype": None})],
     o.ADOPT: [(optax.contrib.adopt, {"mu_dtype": None, "clip_value_fn": None})],
     o.SignSGD: [(optax.sign_sgd, {})],
     o.Signum: [(optax.signum, {"accumulator_dtype": None})],
@@ -97,9 +99,19 @@ NADAM = {
 }
 
 
+LION = {
+    f"lion_{mode}": ({"learning_rate": 0.02, "beta1": 0.8, "beta2": 0.95, "weight_decay": 0.1,
+                      "mode": mode, "smooth_beta": 2.5},
+                     f"optax.chain(optax.scale_by_lion(0.8, 0.95, mode={mode!r}, "
+                     f"smooth_beta=2.5), optax.add_decayed_weights(0.1), "
+                     f"optax.scale_by_learning_rate(0.02))")
+    for mode in ("hard", "smooth", "refined")}
+
+
 @pytest.fixture(scope="module")
 def optax64():
-    return optax_float64({name: src for name, (_, src) in NADAM.items()})
+    return optax_float64({name: src for name, (_, src) in {**NADAM, **LION}.items()}
+                         | {"lion": "optax.lion(0.02, 0.8, 0.95, weight_decay=0.1)"})
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -149,3 +161,49 @@ def test_nadam_eps_root_is_optax_only(convention):
     assert o.NAdam(convention=convention).eps_root is None
     with pytest.raises(ValueError, match="eps_root must be >= 0"):
         o.NAdam(convention="optax", eps_root=-1.0)
+
+
+# -- Lion's mode (optax.scale_by_lion's) ----------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("name", list(LION))
+def test_lion_mode_float64(optax64, name, backend):
+    want = optax64[name]
+    assert moved(want) > 0.1
+    assert rel_err(ours(o.Lion(**LION[name][0]), backend), want) < 1e-12
+
+
+def test_lion_modes_differ_and_hard_is_optax_lion(optax64):
+    assert rel_err(optax64["lion_hard"], optax64["lion"]) < 1e-15
+    for mode in ("smooth", "refined"):
+        assert rel_err(optax64[f"lion_{mode}"], optax64["lion"]) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["smooth", "refined"])
+def test_lion_mode_float32_and_optax_transformation(optax64, mode):
+    from mithril.interop import optax_transformation
+
+    kw = LION[f"lion_{mode}"][0]
+    want = optax64[f"lion_{mode}"]
+    assert rel_err(ours(o.Lion(**kw), "jax", "float32"), want) < 1e-6
+    assert rel_err(optax_run(optax_transformation(o.Lion(**kw)), STEPS, np.float32), want) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["smooth", pytest.param("refined", marks=pytest.mark.slow)])
+def test_lion_mode_make_train_step(mode):
+    """(``"refined"``'s where / abs / sign are every program's; tanh is Lion's own.)"""
+    from test_train_step_fn import fused, problem, separate
+
+    compiled, _, batches = problem("jax")
+    ref, _ = separate(compiled, o.Lion(1e-3, mode=mode), batches)
+    compiled2, _, _ = problem("jax")
+    got, _, (step, _, _) = fused(compiled2, o.Lion(1e-3, mode=mode), batches)
+    assert step.fused
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_lion_bad_mode_names_it():
+    with pytest.raises(ValueError, match=r"mode must be one of \('hard', 'smooth', 'refined'\)"):
+        o.Lion(mode="soft")
+    with pytest.raises(ValueError, match="smooth_beta must be > 0"):
+        o.Lion(mode="smooth", smooth_beta=0.0)

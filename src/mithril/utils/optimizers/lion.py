@@ -4,13 +4,51 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from numba.extending import overload
+
 from .base import Optimizer
-from .checks import check_unit
-from .elementwise import sign
+from .checks import check_positive, check_unit, describe
+from .elementwise import abs_, sign, where
+
+_MODES = ("hard", "smooth", "refined")
+
+
+def tanh(x: Any) -> Any:
+    """``tanh`` of a NumPy, torch or JAX array (and in numba kernels), for ``mode="smooth"``
+    (elementwise.py has no tanh: it is Lion's only use)."""
+    mod = type(x).__module__.split(".", 1)[0]
+    if mod == "torch":
+        import torch
+
+        return torch.tanh(x)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.tanh(x)
+    return np.tanh(x)
+
+
+@overload(tanh)
+def _tanh_nb(x):  # pragma: no cover - compiled by numba
+    return lambda x: np.tanh(x)
 
 
 def _lion(p, g, m, lr, b1, b1c, b2, b2c):
     u = sign(b1c * g + b1 * m)      # interpolate with the *old* momentum, then take the sign
+    m = b2 * m + b2c * g
+    return p - lr * u, m
+
+
+def _lion_smooth(p, g, m, lr, b1, b1c, b2, b2c, sb):
+    u = tanh(sb * (b1c * g + b1 * m))
+    m = b2 * m + b2c * g
+    return p - lr * u, m
+
+
+def _lion_refined(p, g, m, lr, b1, b1c, b2, b2c):
+    x = b1c * g + b1 * m
+    u = where(abs_(x) < 1.0, x, sign(x))  # linear below 1, the sign above (optax's)
     m = b2 * m + b2c * g
     return p - lr * u, m
 
@@ -28,19 +66,29 @@ class Lion(Optimizer):
     optax has no default learning rate; 1e-4 here (the paper's advice: 3-10× smaller than
     AdamW's; Keras defaults to 1e-3). Defaults β₁ = 0.9, β₂ = 0.99 as optax and Keras.
     optax's ``mu_dtype`` is not offered: ``m`` is kept in the parameters' dtype.
+
+    ``mode`` (optax.scale_by_lion's, default ``"hard"``, the above): ``"smooth"`` takes
+    u ← tanh(``smooth_beta``·x) for x = β₁·m + (1−β₁)·g, ``"refined"`` u ← x where |x| < 1,
+    else sign(x) (i.e. x clipped to [−1, 1]).
     """
 
     decoupled_weight_decay = True
     slots = ("m",)
 
     def __init__(self, learning_rate: float = 1e-4, beta1: float = 0.9, beta2: float = 0.99,
-                 weight_decay: float = 1e-3, **options: Any) -> None:
+                 weight_decay: float = 1e-3, mode: str = "hard", smooth_beta: float = 1.0,
+                 **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
+        if not isinstance(mode, str) or mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {describe(mode)}")
+        self.mode = mode
+        self.smooth_beta = check_positive("smooth_beta", smooth_beta, allow_zero=False)
 
     def scalars(self, step: int) -> tuple[float, ...]:
-        return (self.learning_rate, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2)
+        head = (self.learning_rate, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2)
+        return (*head, self.smooth_beta) if self.mode == "smooth" else head
 
     def kernel_math(self) -> Any:
-        return _lion
+        return {"hard": _lion, "smooth": _lion_smooth, "refined": _lion_refined}[self.mode]
