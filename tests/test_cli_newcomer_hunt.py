@@ -327,3 +327,24 @@ def test_a_headerless_file_with_a_text_label_is_refused_not_read_without_its_fir
         csv.writer(f).writerows([["0", "1", "2", "3", "label"], *rows])
     assert main(["train", "--data", str(data), "--target", "label", "--dry-run", *QUICK]) == 0
     assert "rows of 30, 4 features, 2 classes" in capsys.readouterr().out
+
+
+def test_resuming_a_run_whose_data_moved_says_to_give_it_again(tmp_path, capsys, monkeypatch):
+    """The run's ``--data`` is kept as typed (relative to where it was trained): resumed
+    after the file moved, or from another folder, the error named a flag not given
+    ("--data h.csv: cannot read it"). ``--data NEW`` resumes it, as the uninterrupted run."""
+    monkeypatch.chdir(tmp_path)
+    houses(tmp_path / "h.csv", n=60)
+    args = ["--target", "price", "--scheduler", "none", *QUICK]
+    assert main(["train", "--data", "h.csv", *args, "--epochs", "1", "--checkpoint",
+                 "--out", "a"]) == 0
+    assert main(["train", "--data", "h.csv", *args, "--epochs", "2", "--out", "b"]) == 0
+    (tmp_path / "h.csv").rename(tmp_path / "moved.csv")
+    err = conftest.usage_error(capsys, ["train", "--resume", "a", "--epochs", "2", *QUICK[2:]],
+                               last=True)
+    assert err.endswith("--resume a: the run's data file h.csv is not there (moved or renamed, "
+                        "or a path relative to the folder it was trained from?); give it with "
+                        "--data FILE (its content is checked against the run's)")
+    assert main(["train", "--resume", "a", "--epochs", "2", "--data", "moved.csv",
+                 *QUICK[2:]]) == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

@@ -120,6 +120,13 @@ def resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str
             break
     new = args.parser.parse_args(given, namespace=argparse.Namespace(**extra["args"]))
     new.argv, new.resume = args.argv, args.resume
+    data = getattr(new, "data", None)
+    if data is not None and data == extra["args"].get("data") and not Path(data).exists():
+        # the run's own path, as typed then: else "--data X: cannot read it", a flag not given
+        raise CLIError(f"--resume {args.resume}: the run's data file {data} is not there "
+                       f"(moved or renamed, or a path relative to the folder it was trained "
+                       f"from?); give it with --data FILE (its content is checked against the "
+                       f"run's)")
     ckpt["path"] = str(path)
     if args.out is None and args.name is None:
         new.out = str(path.parent)
