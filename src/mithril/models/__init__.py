@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 # primitives (the published Mithril's names)
+from .connection_types import Tensor  # noqa: E402 (IOKey(type=Tensor[float]), as published)
 from .model import IOKey  # noqa: E402
 from .primitives import (  # noqa: E402
     Absolute,
@@ -56,7 +57,7 @@ from .reductions import Max, Mean, Min, Sum  # noqa: E402
 from .shaping import Concat, Indexer, Reshape, Split, Transpose  # noqa: E402
 
 __all__ += [
-    "Absolute", "Buffer", "Cast", "Concat", "Divide", "Exponential", "IOKey", "Indexer", "Log", "Max",
+    "Absolute", "Buffer", "Cast", "Concat", "Tensor", "Divide", "Exponential", "IOKey", "Indexer", "Log", "Max",
     "Mean", "Min", "Negate", "Power", "Reshape", "Split", "Sqrt", "Square", "Subtract", "Sum",
     "Transpose", "Where",
 ]
