@@ -348,3 +348,32 @@ def test_resuming_a_run_whose_data_moved_says_to_give_it_again(tmp_path, capsys,
     assert main(["train", "--resume", "a", "--epochs", "2", "--data", "moved.csv",
                  *QUICK[2:]]) == 0
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("arrays, hint", [
+    ({"X": np.arange(10.0), "y": np.arange(10) % 2},
+     "'X' must be a 2-d array of numbers, got float64 (10,) (one feature: save "
+     "X.reshape(-1, 1), as scikit-learn asks)"),
+    ({"x": np.zeros((10, 2)), "y": np.arange(10) % 2},
+     "no array 'X' (it holds x, y); save the features as X, e.g. np.savez(path, X=x, y=...)"),
+    ({"x_train": np.zeros((10, 2)), "y_train": np.arange(10) % 2},
+     "no array 'X' (it holds x_train, y_train); save the features as X, e.g. "
+     "np.savez(path, X=x_train, y=...)"),
+])
+def test_npz_layouts_of_keras_and_numpy_users_get_the_fix(tmp_path, capsys, arrays, hint):
+    np.savez(tmp_path / "t.npz", **arrays)
+    err = conftest.usage_error(capsys, ["train", "--data", str(tmp_path / "t.npz"),
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith(f"--data {tmp_path / 't.npz'}: {hint}")
+
+
+def test_predict_names_a_feature_column_in_another_case(tmp_path, capsys):
+    data = houses(tmp_path / "h.csv", n=30)
+    assert main(["train", "--data", str(data), "--target", "price", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), *QUICK]) == 0
+    new = tmp_path / "new.csv"
+    new.write_text(data.read_text().replace("rooms,area", "Rooms,area", 1))
+    err = conftest.usage_error(capsys, ["predict", "--run", str(tmp_path / "run"), "--data",
+                                        str(new)], last=True)
+    assert err.endswith("lacks the feature column(s) 'rooms' (the model was trained on rooms, "
+                        "area); the file has 'Rooms' for 'rooms' (names are case-sensitive)")

@@ -102,6 +102,17 @@ def _target_hint(target: str, header: list[str]) -> str:
     return ""
 
 
+def _case_hint(absent: list[str], header: list[str]) -> str:
+    """A hint for columns a model needs that ``header`` has in another case or spacing
+    (predict finds its columns by exact name, as pandas does)."""
+    lower = {h.lower(): h for h in header}
+    pairs = [(c, lower[c.strip().lower()]) for c in absent if c.strip().lower() in lower]
+    if not pairs:
+        return ""
+    shown = ", ".join(f"{h!r} for {c!r}" for c, h in pairs[:5])
+    return f"; the file has {shown}{', ...' if len(pairs) > 5 else ''} (names are case-sensitive)"
+
+
 def _looks_like_data(header: list[str]) -> bool:
     """Whether a header row is rather a data row: every cell but one (a text label, as in
     UCI's ``iris.data``) a number, one of them with a fraction. Whole numbers are names

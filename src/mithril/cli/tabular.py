@@ -38,6 +38,7 @@ from .errors import CLIError
 from .networks import OBJECTIVES, mlp_spec
 from .table_text import (
     COMMA_HINT,
+    _case_hint,
     _comma_number,
     _duplicates,
     _is_float,
@@ -139,6 +140,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 raise CLIError(f"--data {path} lacks the feature column(s) "
                                f"{_names([repr(c) for c in absent])} (the model was trained "
                                f"on {_names(features)}){_separator_hint(header, sep)}"
+                               f"{_case_hint(absent, header)}"
                                + ("; its line 1 holds only numbers: no header row?"
                                   if all(_is_float(h) for h in header) else ""))
             cols = [position[c] for c in features]
@@ -209,11 +211,17 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
     name = target or "y"
     arrays = _load_npz(path)
     if "X" not in arrays:
-        raise CLIError(f"--data {path}: no array 'X' (it holds {', '.join(arrays) or 'nothing'})")
+        near = next((k for k in arrays if k.lower() in ("x", "x_train", "features", "data")),
+                    None)  # x (names are case-sensitive), Keras datasets' x_train, ...
+        hint = f"; save the features as X, e.g. np.savez(path, X={near}, y=...)" if near else ""
+        raise CLIError(f"--data {path}: no array 'X' (it holds {', '.join(arrays) or 'nothing'})"
+                       f"{hint}")
     x = arrays["X"]
     if x.ndim != 2 or x.dtype.kind not in "biuf":
         hint = " (images or sequences: the MLP takes X.reshape(len(X), -1))" \
-            if x.ndim > 2 and x.dtype.kind in "biuf" else ""
+            if x.ndim > 2 and x.dtype.kind in "biuf" else \
+            " (one feature: save X.reshape(-1, 1), as scikit-learn asks)" \
+            if x.ndim == 1 and x.dtype.kind in "biuf" else ""
         raise CLIError(f"--data {path}: 'X' must be a 2-d array of numbers, got {x.dtype} "
                        f"{x.shape}{hint}")
     names = [f"x{i}" for i in range(x.shape[1])]
