@@ -61,6 +61,9 @@ class Program:
     has_context: bool = False
     #: some operator draws random bits (``Operator.random``)
     has_random: bool = False
+    #: inputs (and data / constant parameter roles) that ``discard_keys`` left unread: no
+    #: longer inputs (an ``evaluate`` given one refuses it as an unknown key)
+    pruned: tuple[str, ...] = ()
     #: reached_params's answers, by output set
     _reached: dict[frozenset[str], tuple[str, ...]] = field(default_factory=dict, init=False,
                                                            repr=False, compare=False)
@@ -245,8 +248,17 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             raise KeyMismatchError(f"compile(discard_keys=...): '{key}' is not an output; the outputs "
                                    f"are {sorted(outputs)}")
         del outputs[key]
+    pruned: tuple[str, ...] = ()
+    if discard_keys:  # as the published infer_ignore: what no output left reads goes too
+        nodes, live = _prune(nodes, outputs)
+        pruned = tuple(n for n, w in inputs.items() if w not in live)
+        for name in pruned:
+            del inputs[name]
+        b.consts = {w: v for w, v in b.consts.items() if w in live}
+        trainable_keys = tuple(k for k in trainable_keys if k not in pruned)
     prog = Program(nodes, b.names, b.shapes, inputs, outputs)
     prog.constants = {b.names[w]: v for w, v in b.consts.items()}
+    prog.pruned = pruned
     # wires feeding a parameter role: parameters (named as the wire), unless data or constant
     slot_wires: dict[int, tuple[Node, str]] = {}
     for node in nodes:
@@ -351,6 +363,21 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     prog.has_random = any(n.op.random for n in nodes)
     _plan_drops(prog)
     return prog
+
+
+def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], set[int]]:
+    """The nodes (in order) that some output of ``outputs`` reads, directly or through
+    other nodes, and those that update state (BatchNorm's running statistics, kept as
+    the published keeps state updates); and the wires those nodes and outputs read. The
+    parameters of the nodes dropped are never made, and the inputs only they read are no
+    longer inputs (the published ``infer_ignore`` after ``discard_keys``)."""
+    live = set(outputs.values())
+    kept = []
+    for node in reversed(nodes):  # (topological order: consumers first)
+        if node.out in live or node.op.state_init:
+            kept.append(node)
+            live.update(node.ins.values())
+    return kept[::-1], live
 
 
 def _plan_drops(prog: Program) -> None:
