@@ -156,7 +156,7 @@ def test_nadam_eps_root_make_train_step():
 
 @pytest.mark.parametrize("convention", ["torch", "keras"])
 def test_nadam_eps_root_is_optax_only(convention):
-    with pytest.raises(ValueError, match="eps_root=1e-08: only optax's NAdam has one"):
+    with pytest.raises(ValueError, match="eps_root=1e-08: only the optax convention has it"):
         o.NAdam(convention=convention, eps_root=1e-8)
     assert o.NAdam(convention=convention).eps_root is None
     with pytest.raises(ValueError, match="eps_root must be >= 0"):

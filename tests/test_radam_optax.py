@@ -113,10 +113,10 @@ def test_make_train_step_one_program(kw):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"convention": "keras"}, "Keras has no RAdam"),
-    ({"eps_root": 1e-8}, "torch.optim.RAdam has no eps_root"),
-    ({"nesterov": True}, "torch.optim.RAdam has no nesterov"),
-    ({"threshold": 6.0}, "torch.optim.RAdam has no threshold"),
+    ({"convention": "keras"}, r"convention must be one of \('torch', 'optax'\) \(Keras has no RAdam\), got 'keras'"),
+    ({"eps_root": 1e-8}, "eps_root=1e-08: only the optax convention has it"),
+    ({"nesterov": True}, "nesterov=True: only the optax convention has it"),
+    ({"threshold": 6.0}, r"threshold=6.0: only the optax convention has it \(convention='optax'\), not 'torch'"),
     ({"convention": "optax", "threshold": 3.0}, "threshold must be a finite number >= 4"),
     ({"convention": "optax", "eps_root": -1.0}, "eps_root must be >= 0"),
 ])

@@ -131,6 +131,23 @@ def switched_on(value: Any) -> bool:
     return not isinstance(value, numbers.Real) or value != 0
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...], why: str = "") -> str:
+    """``value`` if it is one of the strings ``choices``, else a ValueError naming them
+    (``why``: what the message adds, e.g. which peer lacks the others)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}{why}, got {describe(value)}")
+    return value
+
+
+def refuse_unless(convention: str, owner: str, **given: Any) -> None:
+    """Arguments that only ``owner``'s convention has (RAdam's ``eps_root`` is optax's):
+    each one given (not None) under another ``convention`` is a ValueError naming it."""
+    for name, value in given.items():
+        if convention != owner and value is not None:
+            raise ValueError(f"{name}={describe(value)}: only the {owner} convention has it "
+                             f"(convention={owner!r}), not {convention!r}")
+
+
 def check_flag(name: str, value: Any) -> bool:
     """A bool hyperparameter (``bool("no")`` would be True: only bools, 0 and 1 pass)."""
     if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):

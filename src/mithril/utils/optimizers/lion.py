@@ -8,7 +8,7 @@ import numpy as np
 from numba.extending import overload
 
 from .base import Optimizer
-from .checks import check_positive, check_unit, describe
+from .checks import check_choice, check_positive, check_unit
 from .elementwise import abs_, sign, where
 
 _MODES = ("hard", "smooth", "refined")
@@ -81,9 +81,7 @@ class Lion(Optimizer):
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {describe(mode)}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, _MODES)
         self.smooth_beta = check_positive("smooth_beta", smooth_beta, allow_zero=False)
 
     def scalars(self, step: int) -> tuple[float, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_positive, check_unit
+from .checks import check_positive, check_unit, refuse_unless
 from .elementwise import helper, sqrt
 from .sgd import BY_CONVENTION, check_convention, check_decoupled
 
@@ -90,12 +90,9 @@ class NAdam(Optimizer):
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.momentum_decay = self._check_momentum_decay(momentum_decay)
         # optax's only: None under the others (no hyperparameter to drive or trace)
-        self.eps_root = None if eps_root is None else check_positive("eps_root", eps_root)
-        if self.convention == "optax" and self.eps_root is None:
-            self.eps_root = 0.0
-        elif self.convention != "optax" and self.eps_root is not None:
-            raise ValueError(f"eps_root={eps_root!r}: only optax's NAdam has one "
-                             f"(convention='optax')")
+        refuse_unless(self.convention, "optax", eps_root=eps_root)
+        self.eps_root = (check_positive("eps_root", 0.0 if eps_root is None else eps_root)
+                         if self.convention == "optax" else None)
         # an instance attribute: the engines read opt.decoupled_weight_decay
         self.decoupled_weight_decay = check_decoupled(self.convention, decoupled_weight_decay)
 

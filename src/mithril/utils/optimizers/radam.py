@@ -8,7 +8,16 @@ from typing import Any
 import numpy as np
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit, describe, switched_on, to_float
+from .checks import (
+    check_choice,
+    check_flag,
+    check_positive,
+    check_unit,
+    describe,
+    refuse_unless,
+    switched_on,
+    to_float,
+)
 from .elementwise import helper, sqrt, where
 
 
@@ -105,15 +114,15 @@ class RAdam(Optimizer):
                  eps_root: float | None = None, threshold: float | None = None,
                  nesterov: bool = False, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        if convention not in ("torch", "optax"):
-            raise ValueError(f"convention must be 'torch' or 'optax' (Keras has no RAdam), "
-                             f"got {describe(convention)}")
-        self.convention = convention
+        self.convention = check_choice("convention", convention, ("torch", "optax"),
+                                       " (Keras has no RAdam)")
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.nesterov = check_flag("nesterov", nesterov)
         # optax's only: None under torch's convention (no hyperparameter to drive or trace)
+        refuse_unless(convention, "optax", eps_root=eps_root, threshold=threshold,
+                      nesterov=self.nesterov or None)
         self.eps_root = self.threshold = None
         if convention == "optax":
             self.eps_root = check_positive("eps_root", 0.0 if eps_root is None else eps_root)
@@ -121,12 +130,6 @@ class RAdam(Optimizer):
             if not 4.0 <= self.threshold < float("inf"):  # (below 4: rₜ = √ of a negative)
                 raise ValueError(f"threshold must be a finite number >= 4, got "
                                  f"{describe(threshold)}")
-        else:
-            for name, value in (("eps_root", eps_root), ("threshold", threshold),
-                                ("nesterov", nesterov or None)):
-                if value is not None:
-                    raise ValueError(f"{name}={describe(value)}: torch.optim.RAdam has no "
-                                     f"{name} (use convention='optax', optax.radam's)")
         # an instance attribute: the engines read opt.decoupled_weight_decay
         self.decoupled_weight_decay = check_flag("decoupled_weight_decay", decoupled_weight_decay)
 
