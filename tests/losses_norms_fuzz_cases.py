@@ -212,8 +212,8 @@ def _pair_inputs(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         t = rng.random(shape)
         if cfg["special"] == "hard":  # 0 / 1 labels (KL: some zero probabilities)
             t = np.round(t) if op != "kl_div" else np.where(t < 0.3, 0.0, t)
-    if op == "bce_probs":  # p(1 − p) above torch's 1e-12 clamp of its backward
-        x = 1 / (1 + np.exp(-np.clip(x, -20, 20)))
+    if op == "bce_probs":  # p(1 − p) above torch's 1e-12 clamp of its backward (float32 too)
+        x = 1 / (1 + np.exp(-np.clip(x, -12, 12)))
     elif op == "kl_div":
         x = rng.random(shape) + 1e-3
     elif op in ("hinge", "quad_hinge"):
@@ -318,7 +318,8 @@ def _ce_case(cfg: dict[str, Any]) -> Case:
         tt = d["target"]
         if tt.is_floating_point() and ax != min(1, len(shape) - 1):
             tt = tt.movedim(ax, 1)
-        kw = {k: torch.tensor(v) if k == "weight" else v for k, v in opts.items()}
+        kw = {k: torch.tensor(v, dtype=xt.dtype) if k == "weight" else v
+              for k, v in opts.items()}
         xt = torch.log(xt) if it == "probs" else xt
         if it == "logits":
             out = F.cross_entropy(xt, tt, reduction=r, **kw)
@@ -399,7 +400,8 @@ def _norm_case(cfg: dict[str, Any]) -> Case:
     block = ml.BatchNorm1D if cfg["nd"] == 1 else ml.BatchNorm2D
 
     def bn(a: dict, _: dict) -> dict:
-        rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+        dt = a["input"].dtype
+        rm, rv = torch.zeros(c, dtype=dt), torch.ones(c, dtype=dt)
         batch = tr or not cfg["track"]
         return {"output": F.batch_norm(a["input"], None if batch else rm, None if batch else rv,
                                        _named(a, "weight") if aff else None,

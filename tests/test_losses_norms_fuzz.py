@@ -21,6 +21,7 @@ The default variant draws a handful of examples; ``-m slow`` draws many.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -28,13 +29,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layer_edges import compare, jax_column, nonfinite_error, run_mithril, run_torch
+from layer_edges import BACKENDS, compare, jax_column, nonfinite_error, run_mithril, run_torch
 from losses_norms_fuzz_cases import CASES, configs, name_of, norm_gain, unspecified_gradients
 
 import mithril as ml
-from mithril.backends import NumpyBackend
+from mithril.backends import NumpyBackend, TorchBackend
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss:UserWarning")
 TOL = 1e-10
@@ -139,3 +141,140 @@ def test_jax_float64_equals_torch_functional(cfgs: list[dict[str, Any]]) -> None
 @given(st.lists(configs, min_size=150, max_size=150))
 def test_jax_float64_equals_torch_functional_many(cfgs: list[dict[str, Any]]) -> None:
     check_jax([name_of(c) for c in cfgs])
+
+
+# -- BatchNorm's running statistics over several steps ------------------------------------------
+@st.composite
+def running_stats_configs(draw: Any) -> dict[str, Any]:
+    nd = draw(st.sampled_from([1, 2]))
+    rank = draw(st.sampled_from([2, 3])) if nd == 1 else 4
+    return {"nd": nd, "c": draw(st.integers(1, 3)), "rest": [draw(st.integers(1, 3))
+                                                             for _ in range(rank - 2)],
+            "batches": [draw(st.integers(2, 4)) for _ in range(draw(st.integers(1, 4)))],
+            "momentum": draw(st.sampled_from([0.1, None, 0.0, 1.0, 0.7])),
+            "eps": draw(st.sampled_from([1e-5, 0.5])), "affine": draw(st.booleans()),
+            "seed": draw(st.integers(0, 99))}
+
+
+def check_running_stats(cfg: dict[str, Any], backend_cls: Any) -> None:
+    """Steps of batches of changing sizes in training mode, then one in inference mode: the
+    outputs, running mean / variance and count equal ``nn.BatchNorm*d``'s (float64)."""
+    block = ml.BatchNorm1D if cfg["nd"] == 1 else ml.BatchNorm2D
+    ref_cls = torch.nn.BatchNorm1d if cfg["nd"] == 1 else torch.nn.BatchNorm2d
+    c, m = cfg["c"], cfg["momentum"]
+    model = ml.Model()
+    model |= block(c, cfg["eps"], m, cfg["affine"])(input="input", output="output")
+    compiled = ml.compile(model, backend_cls(dtype="float64"),
+                          shapes={"input": [None, c, *cfg["rest"]]})
+    ref = ref_cls(c, cfg["eps"], m, cfg["affine"], dtype=torch.float64)
+    rng = np.random.default_rng(cfg["seed"])
+    params = {k: rng.standard_normal(compiled.parameter_shapes[k])
+              for k in compiled.get_parameters()}
+    with torch.no_grad():
+        for k, v in params.items():
+            getattr(ref, k.rsplit(".", 1)[1]).copy_(torch.tensor(v))
+    be = compiled.backend
+    params = {k: be.array(v) for k, v in params.items()}
+    state = compiled.initial_state_dict
+    to_np = lambda a: np.asarray(be.to_numpy(a))  # noqa: E731
+    for n in [*cfg["batches"], 0]:  # 0: the inference step
+        training = n > 0
+        x = 2 + 3 * rng.standard_normal((max(n, 2), c, *cfg["rest"]))
+        out, new = compiled.evaluate(params, {"input": be.array(x)}, state=state,
+                                     training=training)
+        state = new if training else state
+        want = ref.train(training)(torch.tensor(x)).detach().numpy()
+        assert np.abs(to_np(out["output"]) - want).max() <= 1e-12 * max(1, np.abs(want).max())
+    for k, v in state.items():
+        want = getattr(ref, k.rsplit(".", 1)[1]).numpy()
+        assert np.abs(to_np(v) - want).max() <= 1e-12 * max(1, np.abs(want).max()), k
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(running_stats_configs(), st.sampled_from([NumpyBackend, TorchBackend]))
+def test_batch_norm_running_stats_equal_torch(cfg: dict[str, Any], backend_cls: Any) -> None:
+    check_running_stats(cfg, backend_cls)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None)
+@given(running_stats_configs(), st.sampled_from([NumpyBackend, TorchBackend]))
+def test_batch_norm_running_stats_equal_torch_many(cfg: dict[str, Any], backend_cls: Any) -> None:
+    check_running_stats(cfg, backend_cls)
+
+
+# -- float32 ----------------------------------------------------------------------------------
+TOL32 = 2e-5
+
+
+def _float32(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.float32)
+    return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0), v)
+
+
+def run_float32(name: str, backend_name: str) -> tuple[dict, dict, dict, dict]:
+    """:func:`run_mithril` in float32: the case's inputs, parameters, cotangents and float
+    data rounded to float32 (subnormals flushed to 0: XLA on CPU flushes them itself, so
+    a probability of 1e-40 is 0 on JAX, finite on NumPy and torch), then ours on
+    ``backend_name`` in float32 (returned as float32 NumPy arrays)."""
+    case = CASES[name]
+    params64, cots64, _, _ = run_mithril(name, case, "numpy")
+    params = {k: _float32(v) for k, v in params64.items()}
+    cots = {k: _float32(v) for k, v in cots64.items()}
+    data = {k: _float32(v) if v.dtype.kind == "f" else v for k, v in case.data.items()}
+    backend = BACKENDS[backend_name](dtype="float32")
+    model = ml.Model()
+    model |= case.block()(**{k: k for k in [*case.inputs, *data]}, output="output")
+    shapes = {k: list(np.shape(v)) for k, v in {**case.inputs, **data}.items()}
+    compiled = ml.compile(model, backend, shapes=shapes, trainable_keys=set(case.inputs))
+    kw: dict[str, Any] = {"state": compiled.initial_state_dict} if compiled.initial_state_dict \
+        else {}
+    if case.training is not None:
+        kw["training"] = case.training
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in params.items()},
+                                   {k: backend.array(v) for k, v in data.items()},
+                                   output_gradients={"output": backend.array(cots["output"])},
+                                   **kw)[:2]
+    to_np = lambda a: np.asarray(backend.to_numpy(a))  # noqa: E731
+    return params, cots, {"output": to_np(out["output"])}, {k: to_np(g) for k, g in grads.items()}
+
+
+def check_float32(name: str) -> None:
+    """Ours in float32 on the three backends against torch's functional in float32 on the
+    same (rounded) values: within :data:`TOL32` relative to max(1, |torch|) (more for a norm
+    at a tiny variance, by :func:`norm_gain` in float32's epsilon)."""
+    case, cfg = CASES[name], json.loads(name)
+    if torch_refuses(name) is not None:
+        return
+    if cfg["op"] == "gelu" and cfg["special"] == "inf":
+        # torch's float32 GELU of +inf is NaN (its float64 one, ours and JAX's: inf)
+        assert torch.isnan(F.gelu(torch.tensor(np.inf, dtype=torch.float32)))
+        return
+    tol = TOL32 + 1e2 * float(np.finfo(np.float32).eps) * norm_gain(name)
+    for backend_name in ("numpy", "torch", "jax"):
+        params, cots, out, grads = _masked(name, run_float32(name, backend_name))
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+        d = {k: torch.tensor(_float32(v) if v.dtype.kind == "f" else v)
+             for k, v in case.data.items()}
+        y = case.torch_fn(t, d)["output"]
+        want_g = torch.autograd.grad(y, list(t.values()), torch.tensor(cots["output"]),
+                                     allow_unused=True)
+        errs = {"output": nonfinite_error(out["output"], y.detach().numpy())}
+        errs |= {k: nonfinite_error(grads[k], np.zeros_like(params[k]) if g is None
+                                    else g.numpy()) for k, g in zip(t, want_g)}
+        bad = {k: e for k, e in errs.items() if not e <= tol}
+        assert not bad, f"{backend_name} float32 {name}: {bad}"
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_float32_on_three_backends_equals_torch_float32(cfg: dict[str, Any]) -> None:
+    check_float32(name_of(cfg))
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_float32_on_three_backends_equals_torch_float32_many(cfg: dict[str, Any]) -> None:
+    check_float32(name_of(cfg))
