@@ -91,6 +91,23 @@ def test_concat_list_refusals_change_nothing():
     assert bound.block.n == 2 and set(bound.connections) == {"input1", "input2", "output"}
 
 
+
+def test_concat_without_n_connected_by_numbered_names():
+    """``Concat()`` bound by name to input1 .. input<k> is Concat(k) (before the list form,
+    n defaulted to 2 and such code ran): the same values as numpy.concatenate; a connect
+    that raises leaves it as it was."""
+    model = Model()
+    model |= Concat(axis=0).connect(input1="a", input2="b", input3="c", output="out")
+    compiled = ml.compile(model, ml.NumpyBackend(dtype="float64"),
+                          shapes={"a": [2], "b": [3], "c": [1]})
+    x = {k: np.arange(n, dtype=np.float64) + i for i, (k, n) in enumerate((("a", 2), ("b", 3), ("c", 1)))}
+    out = compiled.evaluate({}, x)["out"]
+    np.testing.assert_array_equal(out, np.concatenate([x["a"], x["b"], x["c"]]))
+    cat = Concat()
+    with pytest.raises(ml.KeyMismatchError, match="inputx"):
+        cat.connect(input1="a", inputx="b")
+    assert cat.n is None and cat.inputs == ("input",)
+
 # -- IOKey(differentiable=...) -----------------------------------------------------------------
 def _product_model(**keys) -> Model:
     """output = left * right + right, with the IOKeys given."""

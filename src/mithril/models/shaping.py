@@ -89,7 +89,8 @@ class Concat(Operator):
     the published form, takes one ``input`` that is a list, given in ``connect(input=[a, b,
     ...])`` (names, ``IOKey``s, connections, expressions or constants; its gradient is one per
     element). A wire carries one array here, so the list's length fixes ``n``: the block then
-    is ``Concat(n)`` (``input1`` .. ``input<n>`` bound to the list's elements in order)."""
+    is ``Concat(n)`` (``input1`` .. ``input<n>`` bound to the list's elements in order).
+    ``Concat()`` connected by name to ``input1`` .. ``input<k>`` is ``Concat(k)``."""
 
     def __init__(self, n: int | None = None, axis: int | None = 0) -> None:
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
@@ -109,7 +110,16 @@ class Concat(Operator):
         published list input: ``input1`` .. ``input<len>``, fixing ``n`` (see the class)."""
         items = connections.get("input")
         if not isinstance(items, (list, tuple)):
-            return super().connect(**connections)
+            numbered = [int(k[5:]) for k in connections if k[:5] == "input" and k[5:].isdigit()]
+            if self.n is not None or not numbered or min(numbered) < 1:
+                return super().connect(**connections)
+            # Concat() given input1 .. input<k> by name is Concat(k) (n once defaulted to 2)
+            self._set_n(max(numbered))
+            try:
+                return super().connect(**connections)
+            except BaseException:
+                self._set_n(None)  # a call that raises changes nothing
+                raise
         if not items:
             raise ValueError("Concat.connect(input=[...]): the list is empty")
         if self.n is not None and self.n != len(items):
