@@ -377,3 +377,31 @@ def test_predict_names_a_feature_column_in_another_case(tmp_path, capsys):
                                         str(new)], last=True)
     assert err.endswith("lacks the feature column(s) 'rooms' (the model was trained on rooms, "
                         "area); the file has 'Rooms' for 'rooms' (names are case-sensitive)")
+
+
+def test_a_dry_run_refuses_the_out_the_run_would_refuse(tmp_path, capsys):
+    """``--dry-run`` said "would ... write to data.csv" for an --out that is a file (the run
+    then refused it): it checks the same, and still creates nothing."""
+    data = houses(tmp_path / "h.csv", n=30)
+    assert main(["train", "--data", str(data), "--target", "price", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), *QUICK]) == 0
+    cases = [
+        (["train", "--data", str(data), "--target", "price", "--out", str(data)],
+         f"--out {data}: exists and is not a directory"),
+        (["train", "--data", str(data), "--target", "price", "--out", str(data / "sub")],
+         f"--out {data / 'sub'}: cannot write there ("),  # (the OS's words, or the file)
+        (["compare", "--epochs", "1", "--out", str(data)],
+         f"--out {data}: exists and is not a directory"),
+        (["predict", "--run", str(tmp_path / "run"), "--data", str(data), "--out",
+          str(tmp_path / "run")],
+         f"--out {tmp_path / 'run'}: is a directory; give a file name such as predictions.csv"),
+    ]
+    for argv, message in cases:
+        for dry in ([], ["--dry-run"]):  # the run and its dry run say the same
+            extra = ["--no-plot"] if argv[0] != "predict" else []
+            err = conftest.usage_error(capsys, [*argv, *dry, *extra], last=True)
+            assert message in err and err.index(message) == err.index("--out"), (argv, dry)
+    new = tmp_path / "new" / "deeper"
+    assert main(["train", "--data", str(data), "--target", "price", "--out", str(new),
+                 "--dry-run", *QUICK]) == 0
+    assert not (tmp_path / "new").exists()

@@ -22,6 +22,7 @@ from .optimizer_catalog import NAMES, REFUSED, parse_optimizer_spec
 from .options import SCHEDULER_NAMES, check_name
 from .plots import compare_figure
 from .report import (
+    check_out_dir,
     default_out_dir,
     ensure_writable_dir,
     new_dirs,
@@ -137,6 +138,8 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     if not args.dry_run:
         made += new_dirs(out)
         ensure_writable_dir(out)
+    else:
+        check_out_dir(out)
     first = runs[0][1]
     print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
           f"{args.seed}, {args.backend}; {describe_data(data, first)}")

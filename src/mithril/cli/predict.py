@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .argtypes import in_path, out_path
 from .errors import CLIError
-from .report import ensure_writable_file, same_file, write_csv
+from .report import check_out_file, ensure_writable_file, same_file, write_csv
 from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
 
 DESCRIPTION = """\
@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
                            f"{run_dir / 'predictions.csv'}")
     if not args.dry_run:
         ensure_writable_file(out, example="predictions.csv")
+    else:
+        check_out_file(out, example="predictions.csv")
     print(f"mithril predict: {len(table.x)} rows of {args.data} with the {pre.objective} model "
           f"of {run_dir} in {compiled.backend.dtype}")
     if args.dry_run:

@@ -52,6 +52,33 @@ def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+def check_out_dir(path: Path, flag: str = "--out") -> Path:
+    """What :func:`ensure_writable_dir` refuses, found without creating or writing anything
+    (``--dry-run`` checks the run: it must not say it would write where the run cannot)."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path}: exists and is not a directory")
+    p = path
+    while not p.exists() and p != p.parent:  # the folder that would hold the new ones
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{flag} {path}: cannot write there ({p} is a file)")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
+    return path
+
+
+def check_out_file(path: Path, flag: str = "--out", example: str = "schedule.png") -> Path:
+    """What :func:`ensure_writable_file` refuses, found without creating anything."""
+    if not path.name or path.name in (".", ".."):
+        raise CLIError(f"{flag} {path}: give a file name such as {example}")
+    if path.exists() and path.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
+    check_out_dir(path.parent if str(path.parent) else Path("."), flag)
+    return path
+
+
 def new_dirs(path: Path) -> list[Path]:
     """``path`` and those of its parents that do not exist yet, deepest first: the folders
     :func:`ensure_writable_dir` is about to create, which a failed command removes again."""

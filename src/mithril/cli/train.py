@@ -37,6 +37,7 @@ from .parallel import (
 )
 from .plots import training_figure
 from .report import (
+    check_out_dir,
     default_out_dir,
     ensure_writable_dir,
     new_dirs,
@@ -307,6 +308,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
         if not args.dry_run:
             made += new_dirs(out)
             ensure_writable_dir(out)
+        else:
+            check_out_dir(out)
         if world is None or world.launcher == "torchrun" or world.size == 1 or not world.member:
             print_header(args, job, cfg, training, world)
     if args.dry_run:
