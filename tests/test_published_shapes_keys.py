@@ -140,13 +140,30 @@ def _linear_model(case: dict) -> tuple[Model, dict[str, str]]:
     return tm, names
 
 
+def _kernelized_svm(case: dict) -> tuple[TrainModel, dict[str, str], dict]:
+    """The old-format ``KernelizedSVM`` case (``input_models``: its kernel; the RBF kernel's
+    ``l`` is ``l_scale`` now; ``w`` (in, out), ``b``), trained with its loss and the
+    kernel machine's quadratic-form regularizer of ``w``; published names -> ours."""
+    (kernel,) = case["model"]["input_models"].values()
+    if kernel["model"] != "RBFKernel":
+        raise Unbuilt(f"kernel {kernel['model']}")
+    tm = TrainModel(ml.KernelizedSVM(ml.RBFKernel()))
+    spec_out = case["output_specs"]["output"]
+    tm.add_loss(ml.HingeLoss(), [_reduce(spec_out["reduce"])], input="output", target=spec_out["target_key"])
+    tm.add_regularization(ml.QuadraticFormRegularizer(), coef=case["regularizations"]["w"]["coef"],
+                          input="weight", kernel="kernel")
+    tm.set_loss_combiner(ml.Mean())
+    names = {"l": "l_scale", "w": "weight^T", "b": "bias", "RBFKernel_output_0": "kernel"}
+    return tm, names, {names.get(k, k): v for k, v in case["input_shapes"].items()}
+
+
 def _shape_case(case: dict, backend, extra: dict | None = None) -> str:
     """'ok', or what differs; ``Unbuilt``. ``extra``: more shapes to declare."""
     spec = case["model"]
-    if "model" in spec:
-        raise Unbuilt("a model given by input_models / regularizations (KernelizedSVM)")
     hidden: dict = {}
-    if spec["name"] in ("Linear", "MLP"):
+    if spec.get("model") == "KernelizedSVM":
+        model, names, init = _kernelized_svm(case)
+    elif spec["name"] in ("Linear", "MLP"):
         model, names = _linear_model(case)
         init = (spec.get("args") or {}).get("shapes", {})
     elif spec["name"] == "Flatten":
@@ -304,6 +321,7 @@ _C1, _C2, _C3 = "test_composite_1_", "test_composite_2_", "test_composite_3_"
 BUILT = {
     "shape_directed_test.json": {
         "test_Linear_1_init_shapes", "test_Linear_1_static_inputs", "test_Linear_1_static_shapes",
+        "test_KernelizedSVM_1",
         "test_MLP_1_init_shapes", "test_MLP_1_static_inputs", "test_MLP_1_static_shapes",
         *(_C1 + k for k in ("init_shapes_1", "init_shapes_2", "static_inputs_1", "static_shapes_1")),
         *(_C2 + k for k in ("init_shapes_1", "init_shapes_2", "static_input_shapes_1")),
@@ -337,8 +355,7 @@ OTHERS = {
     "shape_directed_test.json": {
         **{k: f"underdetermined: {v}" for k, v in UNDETERMINED.items()},
         _C1 + "static_inputs_2": "unbuilt: m1 (Multiply) given both 'rhs' and another name of our "
-                                 "'right': the published data names terminals of two versions",
-        "test_KernelizedSVM_1": "unbuilt: a model given by input_models / regularizations (KernelizedSVM)"},
+                                 "'right': the published data names terminals of two versions"},
     # the published lists 'output_3' for the output named 'output4', and 'input2', given as a
     # constant (every other case lists only the inputs left to give)
     "static_keys_directed_test.json": {
