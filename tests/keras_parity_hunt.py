@@ -88,7 +88,7 @@ def config(cls: str, seed: int) -> dict:
     clip = rng.choice(["", "clipnorm", "clipvalue", "global_clipnorm"])
     if clip:
         opts[str(clip)] = _u(rng, 0.3, 3.0)
-    if rng.random() < 0.6 and cls not in ("Ftrl",):
+    if rng.random() < 0.6:
         opts["weight_decay"] = _u(rng, 0.01, 0.3)
         if rng.random() < 0.5:
             opts["exclude"] = ["b"]
@@ -140,15 +140,10 @@ def ours(cfg: dict) -> list:
     if "fallback" in kw:
         fb = dict(kw["fallback"]["AdamW"])
         kw["fallback"] = mo.AdamW(learning_rate=lr * fb.pop("rel_lr"), **fb)
-    if "weight_decay" in opts:
-        if cfg["ours"] == "Muon":
-            kw["weight_decay"] = opts["weight_decay"]
-        else:
-            kw["weight_decay"] = opts["weight_decay"]
-    elif cfg["ours"] == "AdamW":
-        kw["weight_decay"] = 0.004  # (Keras's AdamW default)
-    elif cfg["ours"] == "Muon":
-        kw["weight_decay"] = 0.004
+    if "weight_decay" in opts:  # (decoupled, before the step: convention="keras")
+        kw["weight_decay"] = opts["weight_decay"]
+    elif cfg["ours"] in ("AdamW", "Muon"):
+        kw["weight_decay"] = 0.004  # (Keras's AdamW's and Muon's default)
     if "clipnorm" in opts:
         kw["clip_tensor_norm"] = opts["clipnorm"]
     if "clipvalue" in opts:

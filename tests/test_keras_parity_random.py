@@ -25,7 +25,7 @@ from keras_parity_hunt import CLASSES
 #: take max(‖U‖, ε): ~1e-7 relative per step) and global_clipnorm under accumulation
 #: (Keras clips the window's mean: our clip_norm on the inner optimizer, whose torch floor
 #: ‖g‖ + 1e-6 has no switch)
-TOL, TOL_MUON, TOL_FLOOR = 1e-9, 2e-6, 1e-6
+TOL, TOL_MUON, TOL_FLOOR = 1e-9, 2e-6, 1e-5
 
 
 def run(pairs: list[tuple[str, int]]) -> list[dict]:

@@ -101,7 +101,9 @@ class Adafactor(TensorwiseOptimizer):
     def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
         return self.convention == "keras"  # (before tensor_update: α sees the decayed p)
 
-    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
+                   ) -> tuple[int, ...]:
+        """By shape alone (``name``, which Muon's routing reads, is taken and ignored)."""
         factored = len(shape) > 1
         if slot == "row_var":
             return (*shape[:-1], 1) if factored else (0,)
