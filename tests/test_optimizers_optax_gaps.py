@@ -1,5 +1,7 @@
 """The optimizers that filled gaps against optax's catalog: SM3 (optax.sm3 /
-scale_by_sm3), AcProp (optax.contrib.acprop), DAdaptAdamW (optax.contrib.dadapt_adamw).
+scale_by_sm3), AcProp (optax.contrib.acprop), DAdaptAdamW (optax.contrib.dadapt_adamw),
+NoisySGD (optax.noisy_sgd, with our noise injected into optax's: see ``OurNoise``), MADGRAD
+(optax.contrib.madgrad, its float32 √t made float64: see ``Float64Sqrt``).
 
 float64 parity: each case runs 25 steps side by side with optax (jitted), from the same start
 and gradients, under a piecewise-constant learning-rate schedule (optax: the schedule as the
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW, NoisySGD
+from mithril.utils.optimizers import MADGRAD, SM3, AcProp, DAdaptAdamW, NoisySGD
 
 TOL = 1e-12
 
@@ -36,7 +38,7 @@ import optax.contrib as oc
 import torch
 import mithril.utils.optimizers.engines as engines
 from mithril.interop import optax_transformation
-from mithril.utils.optimizers import SM3, AcProp, DAdaptAdamW, NoisySGD
+from mithril.utils.optimizers import MADGRAD, SM3, AcProp, DAdaptAdamW, NoisySGD
 from mithril.utils.optimizers.noisy_sgd import gaussian_noise
 from mithril.utils.optimizers.tensorwise import NumpyOps
 
@@ -47,7 +49,23 @@ P0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
 # "b" gets a zero gradient on the first two steps (SM3's zero accumulator, AcProp's first v)
 GRADS = [{k: rng.standard_normal(s) * (1 + t % 5) * (k != "b" or t >= 2)
           for k, s in SHAPES.items()} for t in range(STEPS)]
-FACTORS = {10: 0.5, 18: 4.0}  # optax.piecewise_constant_schedule's scales at these counts
+FACTORS = {10: 0.5, 18: 4.0}
+
+
+class Float64Sqrt:
+    # optax.contrib.madgrad's λ = (lr + ε)·jnp.sqrt(count + 1) takes the root of its int32
+    # count in float32 even under x64 (~3e-8 relative off in float64 runs); its module is
+    # given a jnp whose sqrt of an integer is float64, the rest untouched
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+    def sqrt(self, x):
+        x = jnp.asarray(x)
+        return jnp.sqrt(x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.integer) else x)
+
+
+import optax.contrib._madgrad  # noqa: E402
+optax.contrib._madgrad.jnp = Float64Sqrt()  # optax.piecewise_constant_schedule's scales at these counts
 
 
 def sched(lr0):
@@ -96,6 +114,9 @@ CASES = {
     "noisy_sgd_wd": (lambda: NoisySGD(0.05, eta=0.1, gamma=0.3, seed=7, weight_decay=0.01),
                      lambda: optax.chain(optax.add_decayed_weights(0.01), optax.noisy_sgd(
                          sched(0.05), eta=0.1, gamma=0.3))),
+    "madgrad": (lambda: MADGRAD(0.05), lambda: oc.madgrad(sched(0.05))),
+    "madgrad_wd": (lambda: MADGRAD(0.02, momentum=0.5, epsilon=1e-4, weight_decay=0.1),
+                   lambda: oc.madgrad(sched(0.02), momentum=0.5, eps=1e-4, weight_decay=0.1)),
 }
 SEEDS = {"noisy_sgd": 0, "noisy_sgd_wd": 7}
 
@@ -175,7 +196,7 @@ def sig(f):
 
 defaults = {"SM3": {**sig(optax.scale_by_sm3), **sig(optax.sm3)},
             "AcProp": sig(oc.acprop), "DAdaptAdamW": sig(oc.dadapt_adamw),
-            "NoisySGD": sig(optax.noisy_sgd)}
+            "NoisySGD": sig(optax.noisy_sgd), "MADGRAD": sig(oc.madgrad)}
 print(json.dumps({"errors": errors, "defaults": defaults}))
 """
 
@@ -188,7 +209,7 @@ def reference_run() -> dict:
 def test_float64_parity_with_optax():
     """25 steps under a schedule, four paths, each ≤ 1e-12 from optax."""
     errors = reference_run()["errors"]
-    assert len(errors) == 9 * 4
+    assert len(errors) == 11 * 4
     bad = {k: e for k, e in errors.items() if not e <= TOL}
     assert not bad, bad
 
@@ -197,7 +218,7 @@ def test_float64_parity_with_optax():
 _OPTAX_NAMES = {"beta1": "b1", "beta2": "b2", "epsilon": "eps", "estim_lr0": "estim_lr0"}
 
 
-@pytest.mark.parametrize("cls", [SM3, AcProp, DAdaptAdamW, NoisySGD])
+@pytest.mark.parametrize("cls", [SM3, AcProp, DAdaptAdamW, NoisySGD, MADGRAD])
 def test_defaults_are_optax(cls):
     import inspect
 
@@ -230,7 +251,8 @@ def _problem(dtype="float32"):
 
 
 @pytest.mark.parametrize("make", [lambda: SM3(0.1, weight_decay=0.01), lambda: AcProp(1e-2),
-                                  lambda: DAdaptAdamW(estim_lr0=1e-3)])
+                                  lambda: DAdaptAdamW(estim_lr0=1e-3),
+                                  lambda: MADGRAD(0.05, weight_decay=0.01)])
 def test_float32_numpy_torch_agree_and_state_dict_resumes(make):
     """float32: NumPy and torch agree to rounding; a state_dict round trip mid-run resumes
     exactly."""
@@ -268,7 +290,8 @@ def test_float32_numpy_torch_agree_and_state_dict_resumes(make):
     (SM3, {"momentum": 1.0}, "momentum"), (SM3, {"beta2": 1.5}, "beta2"),
     (SM3, {"epsilon": -1.0}, "epsilon"), (AcProp, {"beta1": 1.0}, "beta1"),
     (AcProp, {"epsilon": 0.0}, "epsilon"), (AcProp, {"eps_root": -1e-8}, "eps_root"),
-    (DAdaptAdamW, {"estim_lr0": 0.0}, "estim_lr0"), (DAdaptAdamW, {"beta2": 1.0}, "beta2")])
+    (DAdaptAdamW, {"estim_lr0": 0.0}, "estim_lr0"), (DAdaptAdamW, {"beta2": 1.0}, "beta2"),
+    (MADGRAD, {"momentum": 1.0}, "momentum"), (MADGRAD, {"epsilon": -1e-6}, "epsilon")])
 def test_bad_hyperparameters_name_the_argument(cls, kw, what):
     with pytest.raises(ValueError, match=what):
         cls(**kw)

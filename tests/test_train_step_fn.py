@@ -78,6 +78,7 @@ def optimizers() -> dict:
         "dadapt_adamw": lambda: o.DAdaptAdamW(estim_lr0=1e-3),
         "sm3": lambda: o.SM3(learning_rate=1e-2),
         "noisy_sgd": lambda: o.NoisySGD(learning_rate=0.05, eta=0.1, seed=3),
+        "madgrad": lambda: o.MADGRAD(learning_rate=1e-2, weight_decay=1e-3),
         "adafactor": lambda: o.Adafactor(learning_rate=1e-2),
         "muon": lambda: o.Muon(learning_rate=1e-2),
         "lbfgs": lambda: o.LBFGS(learning_rate=0.5, max_iter=4, line_search_fn="strong_wolfe"),

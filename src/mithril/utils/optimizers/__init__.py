@@ -26,6 +26,7 @@ from .lars import LARS
 from .lbfgs import LBFGS
 from .lion import Lion
 from .lookahead import Lookahead
+from .madgrad import MADGRAD
 from .muon import Muon
 from .nadam import NAdam
 from .noisy_sgd import NoisySGD
@@ -48,7 +49,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
-           "NoisySGD",
+           "NoisySGD", "MADGRAD",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
