@@ -405,3 +405,20 @@ def test_a_dry_run_refuses_the_out_the_run_would_refuse(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--target", "price", "--out", str(new),
                  "--dry-run", *QUICK]) == 0
     assert not (tmp_path / "new").exists()
+
+
+def test_whole_number_targets_taken_for_classes_say_how_to_regress(tmp_path, capsys):
+    """An age or a count with at most 20 distinct values is taken for classes (as
+    scikit-learn's type_of_target calls it multiclass); the header now says so, and how to
+    predict a number instead. Two classes (0/1, -1/1) need no note."""
+    from sklearn.utils.multiclass import type_of_target
+
+    data = houses(tmp_path / "h.csv", n=40, price=lambda i, p: 20 + i % 7)
+    ages = [float(r["price"]) for r in csv.DictReader(open(data))]
+    assert type_of_target(np.array(ages)) == "multiclass"
+    assert main(["train", "--data", str(data), "--target", "price", "--dry-run", *QUICK]) == 0
+    assert "7 classes (its 7 distinct whole numbers taken for classes; --objective regression " \
+           "predicts a number)" in capsys.readouterr().out
+    binary = houses(tmp_path / "b.csv", n=40, price=lambda i, p: i % 2)
+    assert main(["train", "--data", str(binary), "--target", "price", "--dry-run", *QUICK]) == 0
+    assert "2 classes;" in capsys.readouterr().out

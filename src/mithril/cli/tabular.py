@@ -467,6 +467,10 @@ def tabular_job(args: argparse.Namespace) -> Any:
                      str(table.target), [_label(v) for v in labels], t_mean, t_std,
                      list(args.hidden), args.activation)
     what = f"{len(labels)} classes" if labels else f"regression on {table.target!r}"
+    if args.objective is None and len(labels) > 2 and not any(isinstance(v, str) for v in labels):
+        # ages, counts, prices in whole units: a newcomer may have meant a number
+        what += (f" (its {len(labels)} distinct whole numbers taken for classes; --objective "
+                 f"regression predicts a number)")
     describe = (f"{table.path}: {len(tr)} train / {len(te)} test rows of {n}, "
                 f"{len(table.features)} features, {what}")
     unseen = sorted(set(y[te].tolist()) - set(y[tr].tolist())) if labels else []
