@@ -3,7 +3,9 @@ default ones, nesting, top-level names, IOKey and trainable inputs."""
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from conftest import run_python, shared_file
 
 import mithril as ml
+from mithril import Tensor
 from mithril.backends import NumpyBackend
 from mithril.models import Add, LeakyRelu, Linear, Model, Relu
 
@@ -266,11 +269,24 @@ def _build(spec: dict, data: dict, blocks: dict | None = None):
             if isinstance(c, dict) and "tensor" in c:
                 conns[key] = ml.IOKey(value=float(c["tensor"]))
             elif root in names:
-                conns[key] = names[root]
+                k = c.get("key", {}) if isinstance(c, dict) else {}
+                conns[key] = names[root] if not {"type", "differentiable"} & set(k) else ml.IOKey(
+                    names[root], type=_type(k["type"]) if "type" in k else None,
+                    differentiable=k.get("differentiable"))
             elif root != (m, key) or root in group.values():
                 conns[key] = ml.IOKey(f"_{root[0]}_{root[1]}", expose=False)
         model |= block.connect(**conns)
+    for name, flag in spec.get("assigned_differentiabilities") or ():
+        model.set_differentiability(**{name: flag})
     return model, {}
+
+
+def _type(t):
+    """A published serialized type (``{"Tensor": ["int", "float", "bool"]}``) as ours."""
+    if isinstance(t, dict) and list(t) == ["Tensor"]:
+        return Tensor[functools.reduce(operator.or_, ({"int": int, "float": float, "bool": bool}[k]
+                                                       for k in t["Tensor"]))]
+    return {"int": int, "float": float, "bool": bool}.get(t, t)  # (refused by IOKey, by name)
 
 
 def conformance_results(backend) -> dict[str, str]:

@@ -9,10 +9,8 @@ in a subprocess under ``-m slow``. The data is read from ``../shared`` at test t
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import operator
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from test_mithril_api import _BLOCKS, _build
 import mithril as ml
 from mithril.compiler.program import _snake
 from mithril.models import Concat, IOKey, Model
-from mithril.models.connection_types import Tensor
 
 FILES = ("models_directed_test.json", "primitives_directed_test.json")
 #: the published loaders drop these cases: their expected values are wrong
@@ -106,14 +103,6 @@ def _normalize(case: dict) -> dict:
             "cots": cots, "eval": {"output": res["eval"]}, "grad": res.get("grad", {}), "discard": []}
 
 
-def _type(t):
-    """A published serialized type (``{"Tensor": ["int", "float", "bool"]}``) as ours."""
-    if isinstance(t, dict) and list(t) == ["Tensor"]:
-        return Tensor[functools.reduce(operator.or_, ({"int": int, "float": float, "bool": bool}[k]
-                                                       for k in t["Tensor"]))]
-    return {"int": int, "float": float, "bool": bool}.get(t, t)  # (refused by IOKey, by name)
-
-
 def _declared(spec: dict) -> set[str]:
     """The names ``spec`` (and its submodels) declare differentiable."""
     names = {k for k, flag in spec.get("assigned_differentiabilities") or () if flag}
@@ -126,50 +115,6 @@ def _declared(spec: dict) -> set[str]:
     return names
 
 
-def _model(spec: dict, data: dict):
-    """A published ``Model`` spec as the published user writes it here: ``_build``'s wiring
-    (test_mithril_api) with each ``IOKey(type=..., differentiable=...)`` and the model's
-    ``set_differentiability`` (``assigned_differentiabilities``) as given."""
-    if spec["name"] != "Model":
-        return _build(spec, data, BLOCKS)[0]
-    model, group = Model(), {}  # (submodel, key) -> its "connect" group (union-find)
-
-    def find(x):
-        while group.get(x, x) != x:
-            x = group[x]
-        return x
-
-    conn_of = spec["connections"]
-    for m, conns in conn_of.items():
-        for key, c in conns.items():
-            for other in (c.get("key", {}).get("connect", []) if isinstance(c, dict) else []):
-                group[find(tuple(other))] = find((m, key))
-    names = {}  # group root -> the name one of its members was given
-    for m, conns in conn_of.items():
-        for key, c in conns.items():
-            given = c if isinstance(c, str) else c.get("key", {}).get("name") if isinstance(c, dict) else None
-            if given:
-                names[find((m, key))] = given
-    for m, sub in spec["submodels"].items():
-        block = _model(sub, data)
-        conns = {}
-        for key in block.terminals:
-            c = conn_of.get(m, {}).get(key)
-            root = find((m, key))
-            k = c.get("key", {}) if isinstance(c, dict) else {}
-            if isinstance(c, dict) and "tensor" in c:
-                conns[key] = IOKey(value=float(c["tensor"]))
-            elif root in names:
-                conns[key] = IOKey(names[root], type=None if "type" not in k else _type(k["type"]),
-                                   differentiable=k.get("differentiable"))
-            elif root != (m, key) or root in group.values():
-                conns[key] = IOKey(f"_{root[0]}_{root[1]}", expose=False)
-        model |= block.connect(**conns)
-    for name, flag in spec.get("assigned_differentiabilities") or ():
-        model.set_differentiability(**{name: flag})
-    return model
-
-
 def _block(spec: dict, data: dict):
     """Our block for ``spec`` and its parameter names, published -> ours."""
     args = {k: v for k, v in (spec.get("args") or {}).items() if DEFAULTS.get(k, object()) != v}
@@ -177,7 +122,7 @@ def _block(spec: dict, data: dict):
     args.update({k: str(args[k]).lower() for k in spec.get("enums", {}) if isinstance(args.get(k), str)})
     name = spec["name"]
     if name == "Model":
-        return _model(spec, data), {}
+        return _build(spec, data, BLOCKS)[0], {}
     args.update(PUBLISHED_FORM.get(name, {}))
     if name.startswith("Convolution") and "out_channels" not in args:  # published: from the weight
         args["out_channels"] = len(data["weight"])

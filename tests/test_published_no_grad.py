@@ -7,7 +7,7 @@ must match; here also torch autograd's with ``grad_outputs`` for the same output
 ``CompiledModel.reached_parameters`` names the inputs those outputs reach.
 
 Built with the same reading of the published model specs as the models_directed cases
-(``test_published_conformance._model``), compiled with no ``trainable_keys``."""
+(``test_mithril_api._build`` with the conformance table), compiled with no ``trainable_keys``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_file
-from test_published_conformance import _model
+from test_mithril_api import _build
+from test_published_conformance import BLOCKS
 
 import mithril as ml
 
@@ -52,7 +53,7 @@ def test_no_grad_inference_case(name, backend_name):
     b = BACKENDS[backend_name]()
     inputs = {k: np.asarray(v, dtype=np.float64) for k, v in case["inputs"].items()}
     cots = {k: np.asarray(v, dtype=np.float64) for k, v in case["output_grads"].items()}
-    model = _model(case["model"], inputs)
+    model = _build(case["model"], inputs, BLOCKS)[0]
     compiled = ml.compile(model, b, shapes={k: v.shape for k, v in inputs.items()})
     declared = {k for k, flag in case["model"]["assigned_differentiabilities"] if flag}
     assert set(compiled.parameter_shapes) == declared and compiled.input_keys == ()
@@ -76,7 +77,7 @@ def test_an_output_reaching_fewer_inputs():
     gives None there: it is unused)."""
     case = CASES["test_no_grad_1"]
     inputs = {k: np.asarray(v, dtype=np.float64) for k, v in case["inputs"].items()}
-    compiled = ml.compile(_model(case["model"], inputs), ml.NumpyBackend(dtype="float64"),
+    compiled = ml.compile(_build(case["model"], inputs, BLOCKS)[0], ml.NumpyBackend(dtype="float64"),
                           shapes={k: v.shape for k, v in inputs.items()})
     assert compiled.reached_parameters("output3") == ("input1", "input3")
     _, grads = compiled.evaluate(inputs, {}, output_gradients={"output3": np.array([2.0])})
