@@ -22,7 +22,7 @@ QUICK = ["--hidden", "4", "--no-progress", "--no-plot"]
 def houses(path: Path, n: int = 120, seed: int = 3, price=None) -> Path:
     """``rooms, area, price``: a regression table (``price`` formatted by ``price(i, p)``)."""
     rng = np.random.default_rng(seed)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["rooms", "area", "price"])
         for i in range(n):
@@ -422,3 +422,31 @@ def test_whole_number_targets_taken_for_classes_say_how_to_regress(tmp_path, cap
     binary = houses(tmp_path / "b.csv", n=40, price=lambda i, p: i % 2)
     assert main(["train", "--data", str(binary), "--target", "price", "--dry-run", *QUICK]) == 0
     assert "2 classes;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["${:.2f}", "{:.0f} €", "{:,.0f}%", "{:,.0f}"])
+def test_a_target_with_currency_percent_or_spaces_is_refused_not_one_class_each(
+        tmp_path, capsys, fmt):
+    """'$77399.02', '77399 €', '16.6%', '201 838' (a no-break space grouping digits, as
+    French spreadsheets write): text, so one class per row, as with commas."""
+    def written(i, p):
+        s = fmt.format(p)
+        return s.replace(",", "\u00a0") if fmt == "{:,.0f}" else s.replace(",", "")
+
+    data = houses(tmp_path / "h.csv", n=40, price=written)
+    first = next(csv.DictReader(open(data, encoding="utf-8")))["price"]
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "price",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith(f"the target 'price' holds {first!r} in row 1: a currency or percent "
+                        f"sign, or spaces grouping digits? Numbers are read plain, e.g. 1234.5 "
+                        f"(--objective classification takes such values as class labels)")
+
+
+def test_a_feature_with_a_currency_sign_gets_the_number_hint_not_get_dummies(tmp_path, capsys):
+    data = tmp_path / "f.csv"
+    data.write_text("rooms,cost,y\n1,$5,0\n2,$6,1\n")
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                                        "--dry-run", *QUICK], last=True)
+    assert err.endswith("column 'cost', row 1 (line 2): '$5' is not a finite number (a currency "
+                        "or percent sign, or spaces grouping digits? Numbers are read plain, "
+                        "e.g. 1234.5)")

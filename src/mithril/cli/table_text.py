@@ -79,15 +79,30 @@ def _comma_number(cell: str) -> bool:
 
 COMMA_HINT = ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
               "point and no grouping, e.g. 1234.5")
+SIGN_HINT = ("a currency or percent sign, or spaces grouping digits? Numbers are read plain, "
+             "e.g. 1234.5")
+#: what spreadsheets write around or inside numbers: currency, percent, (thin, no-break) spaces
+DECORATIONS = "$€£¥%\u00a0\u2009\u202f "
+
+
+def written_number_hint(cell: str) -> str | None:
+    """Why ``cell`` is a number as a spreadsheet writes it but not as ``float`` reads it (a
+    comma in digits; a currency or percent sign, or spaces grouping digits), or None."""
+    if _comma_number(cell):
+        return COMMA_HINT
+    plain = cell.strip()
+    for c in DECORATIONS:
+        plain = plain.replace(c, "")
+    if plain != cell.strip() and any(c.isdigit() for c in plain) and _is_float(plain):
+        return SIGN_HINT
+    return None
 
 
 def _not_number_hint(cell: str) -> str:
-    """Why a feature cell is not a number, and the fix: a comma in digits (a decimal comma,
-    or digit grouping), else text."""
-    if _comma_number(cell):
-        return COMMA_HINT
-    return ("features must be numeric: encode a text column first, e.g. with "
-            "pandas.get_dummies")
+    """Why a feature cell is not a number, and the fix: a number as a spreadsheet writes it
+    (:func:`written_number_hint`), else text."""
+    return written_number_hint(cell) or ("features must be numeric: encode a text column "
+                                         "first, e.g. with pandas.get_dummies")
 
 
 def _target_hint(target: str, header: list[str]) -> str:

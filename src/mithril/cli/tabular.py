@@ -37,9 +37,7 @@ from .data import Dataset
 from .errors import CLIError
 from .networks import OBJECTIVES, mlp_spec
 from .table_text import (
-    COMMA_HINT,
     _case_hint,
-    _comma_number,
     _duplicates,
     _is_float,
     _looks_like_data,
@@ -50,6 +48,7 @@ from .table_text import (
     _number,
     _separator_hint,
     _target_hint,
+    written_number_hint,
 )
 
 #: at most this many distinct integer targets are taken for classes
@@ -430,15 +429,17 @@ def tabular_job(args: argparse.Namespace) -> Any:
     objective = args.objective or infer_objective(table.y)
     n = len(table.y)
     text = [i for i, v in enumerate(table.y) if isinstance(v, str) and _number(v) is None]
-    if text and args.objective is None and all(_comma_number(table.y[i]) for i in text):
-        # numbers written with commas ('1,234.5', '3,5'): else one class per value, silently
+    if text and args.objective is None and all(written_number_hint(table.y[i]) for i in text):
+        # numbers as spreadsheets write them ('1,234.5', '3,5', '$12', '5%'): else one class
+        # per value, silently
         raise CLIError(f"--data {table.path}: the target {table.target!r} holds "
-                       f"{table.y[text[0]]!r} in row {text[0] + 1}: {COMMA_HINT} "
-                       f"(--objective classification takes such values as class labels)")
+                       f"{table.y[text[0]]!r} in row {text[0] + 1}: "
+                       f"{written_number_hint(table.y[text[0]])} (--objective classification "
+                       f"takes such values as class labels)")
     if objective == "regression":
         if text:
             bad = table.y[text[0]]
-            hint = f" ({COMMA_HINT})" if _comma_number(bad) else ""
+            hint = f" ({written_number_hint(bad)})" if written_number_hint(bad) else ""
             raise CLIError(f"--objective regression: the target {table.target!r} of "
                            f"{table.path} has the non-numeric value {bad!r} in row "
                            f"{text[0] + 1}{hint}")
