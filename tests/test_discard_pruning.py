@@ -48,7 +48,7 @@ def test_the_discarded_heads_blocks_inputs_and_parameters_go(make):
     assert list(c.parameter_shapes) == ["linear_0.weight", "linear_0.bias"]
     assert c.input_keys == ("x",) and c.output_keys == ("y1",)
     assert [n.path for n in c.program.nodes] == ["linear_0", "relu"]
-    assert c.program.pruned == ("x2",)
+    assert c.program.pruned == ("x2", *(f"linear_{i}.{r}" for i in (1, 2, 3) for r in ("weight", "bias")))
     params = c.randomize_params()
     assert sorted(params) == ["linear_0.bias", "linear_0.weight"]
     # what remains is torch's relu(linear(x)), gradients included
@@ -80,7 +80,7 @@ def test_a_pruned_key_given_to_evaluate_is_refused_by_name():
 
 def test_a_shared_input_stays_and_only_the_unread_parameters_go():
     c = _compile(NumpyBackend(dtype="float64"), discard_keys=["y3"])
-    assert c.input_keys == ("x", "x2") and c.program.pruned == ()
+    assert c.input_keys == ("x", "x2") and c.program.pruned == ("linear_3.weight", "linear_3.bias")
     assert "linear_3.weight" not in c.parameter_shapes and "linear_2.weight" in c.parameter_shapes
     c = _compile(NumpyBackend(dtype="float64"), discard_keys=["y1", "y3"])
     assert c.input_keys == ("x", "x2") and "linear_0.weight" not in c.parameter_shapes

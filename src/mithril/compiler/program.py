@@ -61,8 +61,9 @@ class Program:
     has_context: bool = False
     #: some operator draws random bits (``Operator.random``)
     has_random: bool = False
-    #: inputs (and data / constant parameter roles) that ``discard_keys`` left unread: no
-    #: longer inputs (an ``evaluate`` given one refuses it as an unknown key)
+    #: what ``discard_keys`` left unread: the inputs (data / constant parameter roles
+    #: included) only the dropped blocks read, then those blocks' own parameters (by their
+    #: would-be names); an ``evaluate`` given one refuses it as an unknown key
     pruned: tuple[str, ...] = ()
     #: reached_params's answers, by output set
     _reached: dict[frozenset[str], tuple[str, ...]] = field(default_factory=dict, init=False,
@@ -250,12 +251,16 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         del outputs[key]
     pruned: tuple[str, ...] = ()
     if discard_keys:  # as the published infer_ignore: what no output left reads goes too
-        nodes, live = _prune(nodes, outputs)
-        pruned = tuple(n for n, w in inputs.items() if w not in live)
-        for name in pruned:
+        kept, live = _prune(nodes, outputs)
+        unread = tuple(n for n, w in inputs.items() if w not in live)
+        for name in unread:
             del inputs[name]
         b.consts = {w: v for w, v in b.consts.items() if w in live}
-        trainable_keys = tuple(k for k in trainable_keys if k not in pruned)
+        trainable_keys = tuple(k for k in trainable_keys if k not in unread)
+        stay = {id(n) for n in kept}
+        pruned = unread + tuple(f"{n.path}.{k}" for n in nodes if id(n) not in stay  # their parameters
+                                for k in n.op.param_init if k not in n.ins and k not in _optional_params(n.op))
+        nodes = kept
     prog = Program(nodes, b.names, b.shapes, inputs, outputs)
     prog.constants = {b.names[w]: v for w, v in b.consts.items()}
     prog.pruned = pruned
