@@ -378,3 +378,28 @@ def test_noisy_sgd_resumes_the_same_noise():
 def test_noisy_sgd_refuses_a_bad_seed(seed):
     with pytest.raises(ValueError, match="seed"):
         NoisySGD(seed=seed)
+
+
+def test_torch_sparse_adam_on_a_full_gradient_is_keras_convention_adam():
+    """torch.optim.SparseAdam (not added: gradients here are dense) on a sparse gradient
+    storing every entry steps as ``Adam(convention="keras")``, ε added to the uncorrected
+    √v (docs/optimizers.md): 25 float64 steps."""
+    import torch
+
+    from mithril.utils.optimizers import Adam
+
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal((5, 3))
+    w = torch.tensor(p0, requires_grad=True)
+    ref = torch.optim.SparseAdam([w], lr=0.01, betas=(0.8, 0.99), eps=1e-3)
+    opt = Adam(0.01, beta1=0.8, beta2=0.99, epsilon=1e-3, convention="keras")
+    params = {"w": p0.copy()}
+    state = opt.init(params)
+    for _ in range(25):
+        g = rng.standard_normal((5, 3))
+        w.grad = torch.tensor(g).to_sparse()
+        ref.step()
+        params, state = opt.update(params, {"w": g}, state)
+        want = w.detach().numpy()
+        np.testing.assert_allclose(np.array(params["w"]), want, rtol=0, atol=1e-14)
+    assert np.abs(want - p0).max() > 0.1
