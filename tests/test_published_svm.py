@@ -7,11 +7,14 @@ published integration cases (``test_linearSVM_*``, ``test_kernelizedSVM_*``) thr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import test_train_model as runner
 import torch
-from conftest import central_differences, jax_results_in_subprocess
+from conftest import central_differences, jax_results_in_subprocess, run_python
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -166,6 +169,24 @@ def test_published_integration_cases_match(mapped, backend):
     assert [k for k in cases if "SVM" in k] == SVM_CASES
     got = {n: runner.run_integration_case(cases[n], backend) for n in SVM_CASES}
     assert got == {n: [] for n in SVM_CASES}
+
+
+@pytest.mark.slow
+def test_published_integration_cases_match_on_jax():
+    """The same 10 cases on JAX float64 (x64 is process-global: a subprocess)."""
+    here = Path(__file__).resolve().parent
+    res = json.loads(run_python(f"""
+        import json, sys
+        sys.path.insert(0, {str(here)!r})
+        import pytest
+        import test_published_svm as t
+        from mithril.backends import JaxBackend
+        t.mapped.__wrapped__(pytest.MonkeyPatch())
+        cases = t.runner.all_cases()
+        print(json.dumps({{n: t.runner.run_integration_case(cases[n], JaxBackend(dtype="float64"))
+                          for n in t.SVM_CASES}}))
+    """, timeout=600).strip().splitlines()[-1])
+    assert res == {n: [] for n in SVM_CASES}
 
 
 def test_the_svm_cases_discard_what_they_do_not_train():
