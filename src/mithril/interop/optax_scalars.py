@@ -306,14 +306,17 @@ def _traced_row(view: Any, scale: float, t: Any, lr: Any,
         fn = inspect.getattr_static(type(inner), "scalars", None)
         if isinstance(fn, types.FunctionType):  # (a plain method: not a static one)
             inner.__dict__["scalars"] = types.MethodType(_traceable(fn), inner)
-    scal = [*_scalars(v, t, values), *_averaging_weights(v, t)]
+    # (the averages count the optimizer's steps: its t, each row's missed steps put back)
+    scal = [*_scalars(v, t, values),
+            *_averaging_weights(v, t if missed is None else t + missed)]
     keep = 1.0 - scal[0] * _value(_prologue_terms(v)[2])
     return [keep, *scal]
 
 
 def _host_rows(views: list[Any], scales: list[float], t: Any, lr: float,
                attrs: list[dict[str, Any]] | None = None,
-               values: dict[str, float] | None = None) -> np.ndarray:
+               values: dict[str, float] | None = None,
+               missed: list[int] | None = None) -> np.ndarray:
     """The same rows in float64, computed by the optimizer itself (the JAX engine's), each
     padded with zeros to the longest (``values``: as for :func:`_traced_row`; ``t``: the
     step, or each row's)."""
@@ -325,6 +328,11 @@ def _host_rows(views: list[Any], scales: list[float], t: Any, lr: float,
         # (a row whose group has not joined yet: any count will do, its leaves are kept)
         tr = t if isinstance(t, int) else int(t[r])  # (per row: its own missed steps out)
         scal = v.full_scalars(max(tr, offset_of(v) + 1), values)
+        if missed is not None and missed[r]:  # (the averages count the optimizer's t)
+            from ..utils.optimizers.averaging import weights
+
+            n = len(v.averaged_slots())
+            scal = (*scal[:len(scal) - n], *weights(v, tr + missed[r]))
         rows.append([1.0 - scal[0] * _static_prologue(v)[2], *scal])
     width = max(map(len, rows))
     return np.array([r + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
@@ -569,9 +577,11 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
         out_dt = np.dtype(dt)
 
         def callback(step: Any, rate: Any, *vals: Any) -> np.ndarray:
+            lost = None
             if missed is not None:  # (the first operand after the rate: each row's count)
-                for v, m in zip(plan.host_views, np.asarray(vals[0]).tolist()):
-                    _count_missed(v, int(m))
+                lost = [int(m) for m in np.asarray(vals[0]).tolist()]
+                for v, m in zip(plan.host_views, lost):
+                    _count_missed(v, m)
                 vals = vals[1:]
             got = [float(v) for v in vals]
             n = 2 * len(names)  # (each driven value as hi, lo: its float64 value)
@@ -579,7 +589,7 @@ def _row_scalars(plan: _Plan, t: Any, lr: Any, driven: dict[str, Any], dt: Any,
             state_values = dict(zip(vnames, got[n:]))
             return _host_rows(plan.host_views, plan.scales,
                               np.asarray(step) if per_row else int(step), float(rate),
-                              plan.attrs(hyper), state_values).astype(out_dt)
+                              plan.attrs(hyper), state_values, lost).astype(out_dt)
 
         table = jax.pure_callback(
             callback, jax.ShapeDtypeStruct((len(plan.views), plan.width), dt), t,

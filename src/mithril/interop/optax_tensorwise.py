@@ -58,6 +58,7 @@ from .optax_transform import (
     _state_leaves,
     _step_lr,
 )
+from .optax_unreached import averages_only
 
 __all__ = ["TracedOps", "tensorwise_transformation"]
 
@@ -261,10 +262,16 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                           _initial_hyperparams(opt, learning_rate, sched))
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
-               new_params: bool = False, hyper: Any = None) -> tuple[Any, OptaxState]:
+               new_params: bool = False, hyper: Any = None, missed: Any = None,
+               average_only: Any = ()) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
-        ``[hi, lo]`` rows of the traced hyperparameters."""
+        ``[hi, lo]`` rows of the traced hyperparameters; ``missed``: per row of scalars
+        (one per tensor: :mod:`mithril.utils.train_step_own_counts`), the applied steps its
+        tensor had no gradient at, left out of the row's count (``t − missed``), not out of
+        the optimizer's (the averages, a group's joining); ``average_only``: names of leaves
+        that had no gradient: only their averages move, ``updates`` are not read
+        (:mod:`.optax_unreached`)."""
         _check_update(opt_name, state, params)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
@@ -279,15 +286,19 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         driven = {k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)}
         now = scheduled(sched, count)
         driven.update(now)
-        table = _row_scalars(plan, t, lr, driven, _wide())
+        avg_w = _averaging_weights(opt, t)
+        late = joined(plan, t)  # (groups that join after the first steps: see joined)
+        if average_only:
+            return averages_only(state, treedef, leaves, names, average_only, slot_leaves,
+                                 averaged, lambda i: avg_w, late, new_params)
+        t_rows = t if missed is None else t - jnp.asarray(missed).astype(t.dtype)
+        table = _row_scalars(plan, t_rows, lr, driven, _wide())
         attrs = plan.attrs(driven)
         skip = opt.nonfinite == "skip"
-        late = joined(plan, t)  # (groups that join after the first steps: see joined)
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
         gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, attrs, names)
-        avg_w = _averaging_weights(opt, t)
 
         new_ps: list[Any] = []
         new_slots: dict[str, list[Any]] = {s: list(slot_leaves[s]) for s in full}

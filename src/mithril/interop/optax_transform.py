@@ -137,6 +137,7 @@ from .optax_scalars import (
     row_count,
 )
 from .optax_special import schedule_free_eval_params
+from .optax_unreached import averages_only
 
 __all__ = ["OptaxState", "optax_transformation", "scalars_on_host",
            "schedule_free_eval_params"]
@@ -455,13 +456,15 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, hyper: dict[str, Any] | None = None,
-               missed: Any = None) -> tuple[Any, OptaxState]:
+               missed: Any = None, average_only: Any = ()) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
         values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows; ``missed``:
         per leaf (flattening order, int32), the applied steps it had no gradient at, left
         out of its rules' count (``t − step_offset − missed``, torch.optim's per-parameter
-        ``step``: each leaf its own row of scalars)."""
+        ``step``: each leaf its own row of scalars; the averages' weights count the
+        optimizer's ``t``); ``average_only``: names of leaves that had no gradient this
+        step: only their averages move, ``updates`` are not read (:mod:`.optax_unreached`)."""
         _check_update(opt_name, state, params)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
@@ -491,6 +494,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         n_own = n_full - n_avg
         skip = opt.nonfinite == "skip"
         late = joined(plan, t)  # (groups that join after the first steps: see joined)
+        if average_only:
+            return averages_only(state, treedef, leaves, names, average_only, slot_leaves,
+                                 full[len(own):],
+                                 lambda i: rows[plan.index[i]][1 + n_own:], late, new_params)
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]

@@ -103,6 +103,20 @@ def counting(tx: Any, optimizer: Any) -> Any:
     return tx._replace(init=init)
 
 
+def group_counts(tx: Any) -> Any:
+    """``tx`` (a Lookahead's with ``reset_state``) whose ``update`` counts no missed steps:
+    its inner count restarts at each sync, one for all (the group's), so each row takes the
+    group's count and no parameter keeps a count of its own (``note_missed``'s rule, what
+    ``torch_optimizer`` does); ``step_body`` then keeps no :data:`MISSED` counts."""
+
+    def update(updates: Any, state: Any, params: Any = None, *, missed: Any = None,
+               **kw: Any) -> tuple[Any, Any]:
+        return tx.update(updates, state, params, **kw)
+
+    update.counts_missed = False  # type: ignore[attr-defined]
+    return tx._replace(update=update)
+
+
 def carry_counts(opt_state: Any, state: Any) -> Any:
     """``opt_state`` (an ``OptaxState``) with the non-finite steps in a row of ``state`` (an
     ``OptimizerState``), where it counts them (``max_consecutive_skips``), and its applied
@@ -163,29 +177,47 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
                    opt_state: Any, params: dict[str, Any], missed: Any, kw: dict) -> tuple:
     """``tx.update`` (new params) of the parameters not in ``unreached``, each counting
     its own steps (``missed``: per parameter of ``names``, the applied steps it had no
-    gradient at); the others and their slots as they were, as torch.optim passes over a
-    ``.grad`` None. Returns (new params, new state)."""
+    gradient at; None: the group's count for all, a Lookahead's with ``reset_state``); the
+    others and their own slots as they were, as torch.optim passes over a ``.grad`` None,
+    their weight averages moved toward them as the optimizer's ``update`` moves them
+    (``average_only``: :mod:`~mithril.interop.optax_unreached`) unless the step was skipped.
+    Returns (new params, new state)."""
     idx = [i for i, n in enumerate(names) if n not in unreached]
     on = [names[i] for i in idx]
 
-    def part(tree: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return {s: {n: per[n] for n in on} for s, per in tree.items()}
+    def part(tree: dict[str, dict[str, Any]], keep: list[str]) -> dict[str, dict[str, Any]]:
+        return {s: {n: per[n] for n in keep} for s, per in tree.items()}
 
     import jax
+    import jax.numpy as jnp
 
-    sub = opt_state._replace(slots=part(opt_state.slots),
-                             tensor_slots=part(opt_state.tensor_slots))
-    # (the counts in the order the transformation flattens the dict: its keys sorted)
-    order = jax.tree_util.tree_leaves({names[i]: i for i in idx})
+    from ..interop.optax_scalars import _INT32_MAX
+    from .optimizers.averaging import EMA, SWA
+
+    sub = opt_state._replace(slots=part(opt_state.slots, on),
+                             tensor_slots=part(opt_state.tensor_slots, on))
+    if missed is not None:  # (the counts in the order the transformation flattens the dict:
+        # its keys sorted)
+        order = jax.tree_util.tree_leaves({names[i]: i for i in idx})
+        kw = {**kw, "missed": missed[np.array(order, dtype=np.int32)]}
     new, sub = tx.update({names[i]: grads[i] for i in idx}, sub, {n: params[n] for n in on},
-                         new_params=True, missed=missed[np.array(order, dtype=np.int32)], **kw)
-
-    def whole(old: dict, got: dict) -> dict:
-        return {s: {**per, **got[s]} for s, per in old.items()}
-
+                         new_params=True, **kw)
+    slots = {s: {**per, **sub.slots[s]} for s, per in opt_state.slots.items()}
+    off = [n for n in names if n in unreached]
+    if off and {EMA, SWA} & set(opt_state.slots):  # (their averages take the step too)
+        kw = {k: v for k, v in kw.items() if k != "missed"}
+        _, rest = tx.update(params, opt_state, params, new_params=True,
+                            average_only=frozenset(off), **kw)
+        old = opt_state.count  # (a skipped step leaves the count, unless saturated)
+        applied = (sub.count != old) | (old == _INT32_MAX)
+        for s in (EMA, SWA):
+            if s in slots:
+                slots[s].update({n: jnp.where(applied, rest.slots[s][n], opt_state.slots[s][n])
+                                 for n in off})
     return {**params, **new}, sub._replace(
-        slots=whole(opt_state.slots, sub.slots),
-        tensor_slots=whole(opt_state.tensor_slots, sub.tensor_slots))
+        slots=slots,
+        tensor_slots={s: {**per, **sub.tensor_slots[s]}
+                      for s, per in opt_state.tensor_slots.items()})
 
 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
@@ -223,9 +255,10 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     old_state = opt_state
     kw = {} if hyper is None else {"hyper": hyper}
     missed = opt_state.hyperparams.get(MISSED)
-    if missed is None and unreached:  # (a state of a step that reached them all: none yet)
-        missed = jnp.zeros(len(names), jnp.int32)
-    if missed is None:
+    counts_missed = getattr(tx.update, "counts_missed", True)
+    if missed is None and unreached and counts_missed:  # (a state of a step that reached
+        missed = jnp.zeros(len(names), jnp.int32)  # them all: none yet)
+    if not unreached and missed is None:
         new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state,
                                           params, new_params=True, **kw)
     else:
@@ -477,6 +510,8 @@ class HyperparameterWatch:
                 from .train_step_own_counts import own_counts  # (update(missed=): its module)
 
                 tx = own_counts(tx, self.optimizer, self._traced)
+            if getattr(self.optimizer, "reset_state", False):
+                tx = group_counts(tx)
             self._tx = counting(tx, self.optimizer)
             if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer, self._traced)

@@ -22,6 +22,8 @@ def with_missed(step: Any, opt_state: Any, missed: np.ndarray | None) -> Any:
     per-parameter ``step``; else as it is (the program then counts one step for all)."""
     if not step._unreached and (missed is None or not missed.any()):
         return opt_state
+    if getattr(step.optimizer, "reset_state", False):  # (none counted: group_counts)
+        return opt_state
     import jax.numpy as jnp
 
     n = len(step.compiled._eval.names)
@@ -46,6 +48,12 @@ def optax_state_of(step: Any, state: Any) -> Any:
     values = {k: jnp.asarray(float(state.values[k]), template.values[k].dtype)
               for k in template.values}
     missed = None
+    if state.missed is not None and state.missed.any() and getattr(
+            step.optimizer, "reset_state", False):  # (its program counts none: group_counts)
+        raise ValueError(f"this state's parameters {sorted(state.missed_counts())} missed "
+                         f"steps and count their own (OptimizerState.note_missed), which a "
+                         f"Lookahead with reset_state does not (its inner count restarts at "
+                         f"each sync, one for all); step it with optimizer.update instead")
     if state.missed is not None:  # (the layout's order to the model's)
         got = state.missed_counts()
         missed = np.array([got.get(n, 0) for n in step.compiled._eval.names], np.int64)
@@ -88,22 +96,19 @@ def optimizer_state_of(step: Any, opt_state: Any, params: Any) -> Any:
 
 
 def counts_own_steps(optimizer: Any) -> bool:
-    """Whether the program can count each parameter's own steps for ``optimizer``: an
-    elementwise or two-pass one (each parameter its own row of scalars: ``update(missed=)``
-    of :func:`~mithril.interop.optax_transformation`), a tensorwise one (Muon, Adafactor:
-    :mod:`.train_step_own_counts`) without weight averaging or a group's ``step_offset``,
-    and a Lookahead (its sync counts the group's steps, its inner rules each parameter's:
-    each row is given its tensor's missed steps beside the group's count), except one with
-    ``reset_state`` (its inner count restarts at each sync, one for all: no missed step is
-    counted, which the program's count of them would contradict)."""
+    """Whether the program can leave out the parameters a step does not reach, each
+    counting its own steps: every optimizer its transformation takes. An elementwise or
+    two-pass one gives each parameter its own row of scalars (``update(missed=)`` of
+    :func:`~mithril.interop.optax_transformation`), a tensorwise one (Muon, Adafactor) each
+    tensor (:mod:`.train_step_own_counts`), the weight averages and a group's
+    ``step_offset`` reading the optimizer's count beside them; a Lookahead's sync counts the
+    group's steps and its inner rules each parameter's, except with ``reset_state``, whose
+    inner count restarts at each sync, one for all (no missed step counted:
+    :func:`~.train_step_jax.group_counts`)."""
     from ..interop.optax_special import classify
 
     try:
-        kind = classify(optimizer)
+        classify(optimizer)
     except TypeError:  # (refused as a transformation: the step says why when it is made)
         return False
-    if kind == "tensorwise":
-        from .train_step_own_counts import why_not
-
-        return why_not(optimizer) is None
-    return not (hasattr(optimizer, "inner") and getattr(optimizer, "reset_state", False))
+    return True
