@@ -101,9 +101,8 @@ class RAdam(Optimizer):
       torch's RAdam has none (given under ``"torch"``, they are refused; unset, they are
       None there).
 
-    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` and optax's
-    ``mu_dtype`` are not arguments: negate the loss to maximise; the fused kernels choose
-    the loop; slots are kept in the parameters' dtype.
+    torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
+    arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("m", "v")
