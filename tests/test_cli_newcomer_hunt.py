@@ -450,3 +450,15 @@ def test_a_feature_with_a_currency_sign_gets_the_number_hint_not_get_dummies(tmp
     assert err.endswith("column 'cost', row 1 (line 2): '$5' is not a finite number (a currency "
                         "or percent sign, or spaces grouping digits? Numbers are read plain, "
                         "e.g. 1234.5)")
+
+
+@pytest.mark.parametrize("sep", [";", ","])
+def test_excels_sep_line_is_named(tmp_path, capsys, sep):
+    """Excel may write a first line ``sep=;`` naming the separator: it was read as the header
+    (and, for ';', got the semicolon hint only)."""
+    data = tmp_path / "x.csv"
+    data.write_text(f"sep={sep}\n" + f"a{sep}b{sep}y\n1{sep}2{sep}0\n")
+    err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "y",
+                                        "--dry-run", *QUICK], last=True)
+    assert f"line 1 is Excel's 'sep={sep}' line, not a header: remove it (and separate the " \
+           f"cells by commas)" in err

@@ -57,6 +57,11 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> str:
 def _separator_hint(header: list[str], sep: str = ",") -> str:
     """A hint for a header read as one cell: a file separated by ';' or tabs (the CSV of a
     spreadsheet in many locales), which is read with commas only (a .tsv with tabs only)."""
+    if header and header[0].lower().startswith("sep=") and len(header[0]) <= 5:
+        # Excel's first line naming the separator, read as the header ('sep=,' is 2 cells)
+        return (f"; line 1 is Excel's {header[0] + ',' * (len(header) - 1)!r} line, not a "
+                f"header: remove it (and separate the cells by "
+                f"{'tabs' if sep == chr(9) else 'commas'})")
     seps = [s for s in (";", "\t", "|", ",") if s != sep and len(header) == 1 and s in header[0]]
     if not seps:
         return ""
