@@ -46,7 +46,7 @@ def check(results: list[dict]) -> None:
         cfg = r["cfg"]
         tol = TOL_MUON if cfg["cls"] == "Muon" else TOL_FLOOR if {
             "global_clipnorm", "gradient_accumulation_steps"} <= set(cfg["opts"]) else TOL
-        if r["traj"] > tol or r.get("ema", 0.0) > TOL:
+        if r["traj"] > tol or r.get("ema", 0.0) > tol:  # (the EMA averages those)
             bad.append(f"{cfg['cls']} seed {cfg['seed']}: {r['traj']:.1e} from step "
                        f"{r['step']}, EMA {r.get('ema')}; {cfg['opts']} {cfg['our_kw']}")
     assert not bad, "\n".join(bad)
