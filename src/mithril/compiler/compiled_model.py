@@ -301,6 +301,10 @@ class CompiledModel(OutputGradientsMixin):
             ins = dict(inputs)
             ins.update(self._consts)
             return dict(params), ins, last[1], self._check_concrete(ins, last[1])
+        gone = sorted(k for k in (*params, *inputs) if k in p.pruned)
+        if gone:  # (else "unknown key": say why it is unknown)
+            raise KeyMismatchError(f"evaluate: {gone} only fed blocks that compile(discard_keys=...) "
+                                   "dropped; leave them out")
         _check_keys(params, p.param_shapes, "params")
         _check_keys(inputs, self.input_keys, "inputs", allow_missing=partial)
         if partial and len(inputs) < len(self.input_keys):
