@@ -321,12 +321,23 @@ def test_a_headerless_file_with_a_text_label_is_refused_not_read_without_its_fir
     err = conftest.usage_error(capsys, ["train", "--data", str(data), "--target", "Iris-setosa",
                                         "--dry-run", *QUICK], last=True)
     assert err.endswith(f"line 1 holds numbers such as {str(rows[0][0])!r} "
-                        f"({', '.join(map(str, rows[0]))}), not column names: the file has no "
-                        f"header row? Add one naming the columns (--target names one of them)")
+                        f"({', '.join(map(str, rows[0]))}), and 'Iris-setosa' is a value of its "
+                        f"column too: the file has no header row? Add one naming the columns "
+                        f"(--target names one of them)")
     with open(data, "w", newline="") as f:
         csv.writer(f).writerows([["0", "1", "2", "3", "label"], *rows])
     assert main(["train", "--data", str(data), "--target", "label", "--dry-run", *QUICK]) == 0
     assert "rows of 30, 4 features, 2 classes" in capsys.readouterr().out
+    # spectra: wavelengths for column names, a numeric target: a header
+    spectra = tmp_path / "nir.csv"
+    with open(spectra, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["908.1", "909.7", "911.3", "protein"])
+        w.writerows([[*rng.uniform(0, 1, 3).round(3), round(float(rng.uniform(8, 14)), 2)]
+                     for _ in range(20)])
+    assert main(["train", "--data", str(spectra), "--target", "protein", "--dry-run",
+                 *QUICK]) == 0
+    assert "rows of 20, 3 features, regression on 'protein'" in capsys.readouterr().out
 
 
 def test_resuming_a_run_whose_data_moved_says_to_give_it_again(tmp_path, capsys, monkeypatch):

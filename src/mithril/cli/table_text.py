@@ -134,9 +134,10 @@ def _case_hint(absent: list[str], header: list[str]) -> str:
 
 
 def _looks_like_data(header: list[str]) -> bool:
-    """Whether a header row is rather a data row: every cell but one (a text label, as in
-    UCI's ``iris.data``) a number, one of them with a fraction. Whole numbers are names
-    (pandas writes a DataFrame's default columns 0, 1, ...; years)."""
+    """Whether a header row may be a data row: every cell but one (a text label, as in UCI's
+    ``iris.data``) a number, one of them with a fraction. Whole numbers are names (pandas
+    writes a DataFrame's default columns 0, 1, ...; years); so are wavelengths (908.1, ...)
+    over a target column of numbers, which the caller tells apart."""
     numbers = [h for h in header if _is_float(h)]
     return len(header) > 2 and len(numbers) >= len(header) - 1 and \
         any(not float(h).is_integer() for h in numbers if _number(h) is not None)

@@ -105,12 +105,6 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 raise CLIError(f"--data {path}: line {read} holds only numbers "
                                f"({_names(header, 5)}): the file has no header row? Add one "
                                f"naming the columns (--target names one of them)")
-            if features is None and _looks_like_data(header):  # UCI's iris.data, ...
-                raise CLIError(f"--data {path}: line {read} holds numbers such as "
-                               f"{next(h for h in header if _is_float(h))!r} "
-                               f"({_names(header, 5)}), not column names: the file has no "
-                               f"header row? Add one naming the columns (--target names one "
-                               f"of them)")
             dup = _duplicates(header)
             if dup:
                 raise CLIError(f"--data {path}: duplicate column name(s) "
@@ -191,6 +185,13 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                        f"({exc}{hint})") from None
     if not rows:
         raise CLIError(f"--data {path}: no data rows")
+    if tcol is not None and not scoring and _looks_like_data(header) and target in ys:
+        # UCI's iris.data: numbers and a class, the class a value of its column too (a
+        # header of wavelengths, 908.1, 909.7, ..., protein, names a column of numbers)
+        raise CLIError(f"--data {path}: line 1 holds numbers such as "
+                       f"{next(h for h in header if _is_float(h))!r} ({_names(header, 5)}), "
+                       f"and {target!r} is a value of its column too: the file has no header "
+                       f"row? Add one naming the columns (--target names one of them)")
     x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
     return Table(path, features, x, target if tcol is not None else None,
                  _typed(ys) if tcol is not None else None, ys if tcol is not None else None)
