@@ -406,7 +406,8 @@ class Muon(TensorwiseOptimizer):
         lay = state.layout
         others = [n for n, s in zip(lay.names, lay.shapes) if self.to_fallback(n, s)]
         key = (id(fb._groups), fb._groups_version, id(fb._wd_exclude), tuple(others),
-               self._groups_version, id(self._wd_exclude), id(self.weight_decay_mask))
+               self._groups_version, id(self._wd_exclude), id(self.weight_decay_mask),
+               id(getattr(state, "slot_layouts", {}).get("momentum_buffer")))
         cached = self.__dict__.get("_fallback_rows")
         if cached is None or cached[0] != key:
             _check_routing(self, state, set(others))
