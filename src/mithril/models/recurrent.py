@@ -84,6 +84,7 @@ class Recurrence(Operator):
     inputs, the states start at zero. ``num_states`` K: ``h0`` / ``c0`` hold the initial
     states of K layers and directions, (K, N, H), and this one reads ``[state_index]``.
     ``input_size``: the feature size ``input`` must have (checked; None: any).
+    ``cell``: the one step of a cell (its errors name the cell and its (N, I) input).
     ``state_names``: the names a shape error gives ``h0`` / ``c0``, the enclosing block's
     terminals (``("initial_hidden", "initial_cell")``); None: ``h0`` / ``c0``.
     ``lengths=True``: an input ``lengths`` (N,) of ints in [1, T], each sequence's length, as
@@ -99,10 +100,11 @@ class Recurrence(Operator):
                  nonlinearity: str = "tanh", *, reverse: bool = False, initial_state: bool = True,
                  num_states: int | None = None, state_index: int = 0,
                  input_size: int | None = None, state_names: tuple[str, ...] | None = None,
-                 lengths: bool = False, proj_size: int = 0) -> None:
+                 lengths: bool = False, proj_size: int = 0, cell: bool = False) -> None:
         if kind not in GATES:
             raise ValueError(f"Recurrence: kind must be one of {sorted(GATES)}, got {kind!r}")
-        who = kind.upper()
+        who = kind.upper() + ("Cell" if cell else "")
+        self.cell = bool(cell)  # one step of a cell: its error messages name the cell's shapes
         self.hidden_size = _positive_int(who, "hidden_size", hidden_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -130,10 +132,13 @@ class Recurrence(Operator):
 
     # -- shapes --------------------------------------------------------------------------
     def _check(self, shapes: Any) -> int | None:
-        who, h = self.kind.upper(), self.hidden_size
+        who, h = self.kind.upper() + ("Cell" if self.cell else ""), self.hidden_size
         s = shapes.get("input")
         if s is not None and len(s) != 3:
-            raise ShapeError(f"{who}: 'input' must be (T, N, I) here, got shape {fmt(s)}")
+            # a cell's input arrives here as (1, N, I): name the shape its user gave
+            given, want = (s[1:], "(N, I)") if self.cell else (s, "(T, N, I)")
+            raise ShapeError(f"{who}: 'input' must be {want} (batched; unlike torch, an unbatched "
+                             f"input is not taken: add a batch axis of 1), got shape {fmt(given)}")
         if s is not None and s[0] == 0:  # as torch: no final state to give (stack of nothing)
             raise ShapeError(f"{who}: 'input' has no time steps (T = 0 in its time-major shape "
                              f"{fmt(s)}); a sequence needs at least one, as torch's")
@@ -142,6 +147,8 @@ class Recurrence(Operator):
             raise ShapeError(f"{who}: 'input' must have input_size = {self.input_size} features "
                              f"(its last axis here), got shape {fmt(s)}")
         n = None if s is None else s[1]
+        if self.cell and s is not None:
+            s = s[1:]  # the messages below name the cell's own (N, I) input
         ls = shapes.get("lengths") if self.lengths else None
         if ls is not None and (len(ls) != 1 or not (n is None or ls[0] is None or ls[0] == n)):
             raise ShapeError(f"{who}: 'lengths' must be (N,), one length per sequence of the "
@@ -167,7 +174,7 @@ class Recurrence(Operator):
             raise ShapeError(f"{who}: '{name}' must be (N, {h}) per layer and direction, ({k}, N, "
                              f"{h}) in all (num_layers · num_directions = {k}), with N the batch "
                              f"of 'input' {fmt(s)}, got shape {fmt(hs)}")
-        return None if s is None else s[2]
+        return None if s is None else s[-1]
 
     def param_shapes(self, shapes):
         i = self._check(shapes)
@@ -315,6 +322,26 @@ def _path(layer: int, direction: int) -> str:
     return f"l{layer}" + ("_reverse" if direction else "")
 
 
+class _TimeMajor(Transpose):
+    """(N, T, I) -> (T, N, I), a ``batch_first`` sequence's input: a 3-D input is checked
+    first, so an unbatched (T, I) one is named as the block's error, not as a bad permutation."""
+
+    def __init__(self, who: str) -> None:
+        super().__init__((1, 0, 2))
+        self.who = who
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is not None and len(s) != 3:
+            raise ShapeError(f"{self.who}: 'input' must be (N, T, I) with batch_first (batched; "
+                             f"unlike torch, an unbatched input is not taken: add a batch axis of "
+                             f"1), got shape {fmt(s)}")
+        return super().infer_shape(shapes)
+
+
+_TimeMajor.__name__ = "Transpose"  # the compiler names a block after its class: as before
+
+
 # -- cells: one step ------------------------------------------------------------------------------
 class _Cell(Model, _TorchNames):
     kind: ClassVar[str]
@@ -323,7 +350,7 @@ class _Cell(Model, _TorchNames):
         super().__init__()
         states = {"h0": "prev_hidden"} | ({"c0": "prev_cell"} if self.kind == "lstm" else {})
         rec = Recurrence(self.kind, hidden_size, bias, nonlinearity,
-                         state_names=tuple(states.values()))
+                         state_names=tuple(states.values()), cell=True)
         self.hidden_size, self.bias = rec.hidden_size, rec.bias
         self |= Indexer(None)(input="input", output=IOKey(expose=False, name="_steps"))
         self |= rec(input="_steps", output=IOKey("_stacked", expose=False), **states)
@@ -402,7 +429,7 @@ class _Sequence(Model, _TorchNames):
         given = {"h0": "initial_hidden", "c0": "initial_cell"}
         self.bias, self.input_size = bool(bias), input_size
         if self.batch_first:  # (N, T, I) -> (T, N, I)
-            self |= Transpose((1, 0, 2))(input="input", output=IOKey("_steps", expose=False))
+            self |= _TimeMajor(who)(input="input", output=IOKey("_steps", expose=False))
         layer_in = "_steps" if self.batch_first else "input"
         finals: dict[str, list[str]] = {"h0": [], "c0": []}
         for layer in range(self.num_layers):
