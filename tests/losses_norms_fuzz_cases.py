@@ -100,8 +100,12 @@ def cross_entropy_configs(draw: Any) -> dict[str, Any]:
                            "scale": draw(st.sampled_from([1.0, 1.0, 30.0, 1e4])),
                            "weight": draw(st.booleans()), "smoothing":
                            draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0]))}
+    if draw(st.integers(0, 4)) == 0:  # −inf logits (a masked class), one per row at most
+        cfg["neg_inf"] = True
     if target == "index":
         cfg["ignore_index"] = draw(st.sampled_from([None, None, -100, 0, c]))
+    else:  # soft targets are differentiable too (torch's too)
+        cfg["target_grad"] = draw(st.booleans())
     return cfg
 
 
@@ -288,6 +292,9 @@ def _ce_case(cfg: dict[str, Any]) -> Case:
     rng, shape, ax = _rng(cfg), cfg["shape"], cfg["axis"] % len(cfg["shape"])
     c = shape[ax]
     x = rng.standard_normal(shape) * cfg["scale"]
+    if cfg.get("neg_inf") and c > 1:  # class 0 masked where a coin says so
+        first = (slice(None),) * ax + (0,)
+        x[first] = np.where(rng.random(x[first].shape) < 0.5, -np.inf, x[first])
     if cfg["input_type"] != "logits":  # probabilities along the class axis (or their log)
         e = np.exp(x - x.max(axis=ax, keepdims=True, initial=-np.inf)) if x.size else x
         x = e / e.sum(axis=ax, keepdims=True) if x.size else x
@@ -315,7 +322,7 @@ def _ce_case(cfg: dict[str, Any]) -> Case:
         xt = a["input"]
         if ax != min(1, len(shape) - 1):  # torch's class axis: 1 (0 unbatched); contiguous:
             xt = xt.movedim(ax, 1).contiguous()  # nll_loss2d's backward refuses others
-        tt = d["target"]
+        tt = d["target"] if "target" in d else a["target"]
         if tt.is_floating_point() and ax != min(1, len(shape) - 1):
             tt = tt.movedim(ax, 1)
         kw = {k: torch.tensor(v, dtype=xt.dtype) if k == "weight" else v
@@ -329,8 +336,10 @@ def _ce_case(cfg: dict[str, Any]) -> Case:
             out = cross_entropy_of_log_probs(xt, tt, reduction=r, **kw)
         return {"output": out}
 
-    return Case(lambda: ml.CrossEntropy(r, it, axis=cfg["axis"], **opts), {"input": x}, ref,
-                data={"target": t})
+    block = lambda: ml.CrossEntropy(r, it, axis=cfg["axis"], **opts)  # noqa: E731
+    if cfg.get("target_grad"):
+        return Case(block, {"input": x, "target": t}, ref)
+    return Case(block, {"input": x}, ref, data={"target": t})
 
 
 def cross_entropy_of_log_probs(logp: torch.Tensor, target: torch.Tensor, reduction: str,
