@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from ..utils import cache
+from .common import HelpFormatter
 from .errors import CLIError
 
 DESCRIPTION = """\
@@ -29,7 +30,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="show or clear the kernel and JAX compilation caches",
                        description=DESCRIPTION, epilog=EXAMPLES,
                        usage="mithril cache [info | clear [--kernels] [--jax]]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("action", nargs="?", choices=("info", "clear"), default="info",
                    help="info (the default): folders, files and sizes; clear: remove entries")
     p.add_argument("--kernels", action="store_true", help="clear: only the kernel cache")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Any
 
 from .argtypes import (
@@ -31,6 +32,14 @@ MOMENTUM_CYCLE_DEFAULT = (0.85, 0.95)
 
 #: bounds of the task flags: beyond them a run would not fit in memory or in a lifetime
 MAX_EPOCHS, MAX_BATCH, MAX_HIDDEN, MAX_THREADS = 10_000, 1_000_000, 8192, 1024
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help: descriptions as written, option help wrapped at spaces only (the
+    default also breaks at hyphens: "sign-" / "sgd", "docs/cli-" / "train.md")."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    HelpFormatter,
     add_common_optimizer_flags,
     add_output_flags,
     add_schedule_flags,
@@ -54,7 +55,7 @@ nonfinite, plus `scheduler` and its settings (step_size, gamma, t_max, warmup_st
 which replace the shared flags. lookahead wraps another optimizer
 (lookahead:inner=sgd,sync_period=5,momentum=0.9). The optimizers:
 """ + textwrap.fill(", ".join(n for n in NAMES if n not in REFUSED), 88, initial_indent="  ",
-                    subsequent_indent="  ") + """
+                    subsequent_indent="  ", break_on_hyphens=False) + """
 
 Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
 results.json (the ranking), and one folder per configuration with its metrics.csv,
@@ -79,7 +80,7 @@ RESULT_FIELDS = ("rank", "config", "test_acc", "test_loss", "train_acc", "train_
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare optimizer configurations on the same task",
                        description=DESCRIPTION, epilog=EXAMPLES, usage="mithril compare [options]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--configs", nargs="+", metavar="OPTIMIZER[:KEY=VALUE,...]",
                    default=list(DEFAULT_CONFIGS),
                    help="configurations to compare (default: " + " ".join(DEFAULT_CONFIGS) + ")")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .argtypes import in_path, out_path
+from .common import HelpFormatter
 from .errors import CLIError
 from .report import check_out_file, ensure_writable_file, same_file, write_csv
 from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
@@ -44,7 +45,7 @@ LEGACY_DTYPE = "float32"
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict with a model trained by `mithril train --data`",
                        description=DESCRIPTION, usage="mithril predict --run DIR --data FILE "
-                       "[options]", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "[options]", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, metavar="DIR", type=in_path,
                    help="the folder `mithril train --data` wrote (runs/NAME)")
     p.add_argument("--data", required=True, metavar="FILE", type=in_path,

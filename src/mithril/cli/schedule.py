@@ -8,7 +8,7 @@ from typing import Any
 
 from ..utils.optimizers import SGD
 from .argtypes import bounded_int, finite_float, out_path
-from .common import add_schedule_flags, scheduler_specs
+from .common import HelpFormatter, add_schedule_flags, scheduler_specs
 from .errors import CLIError
 from .options import OPTIONS, build_schedule, settings_from
 from .plots import schedule_figure
@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("plot-schedule", help="draw a learning-rate schedule to a PNG",
                        description=DESCRIPTION, epilog=EXAMPLES,
                        usage="mithril plot-schedule [options]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("what to draw")
     g.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=1000,
                    help="number of optimizer steps (default: 1000)")

@@ -14,6 +14,7 @@ from ..distributed.process_group import PeerError
 from ..utils.optimizers.averaging import MAX_EVERY
 from .argtypes import bounded_int, regex, unit_interval
 from .common import (
+    HelpFormatter,
     add_common_optimizer_flags,
     add_output_flags,
     add_schedule_flags,
@@ -134,7 +135,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (digits MLP or CNN, your table, a character "
                                      "model) and plot the metrics",
                        description=DESCRIPTION, epilog=EXAMPLES, usage="mithril train [options]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="default: adam (charlm: adamw). One of " +
