@@ -178,7 +178,15 @@ def _expected_missed(name: str) -> dict[str, int]:
             "linear_2.bias": 4}
 
 
-@pytest.mark.parametrize("name", list(optimizers()))
+#: run by default (each ~5-9 s of CPU); the others are @pytest.mark.slow
+FAST = ("adamw-ema", "adafactor-offset-ema", "lookahead-reset")
+
+
+def _cases(fast: tuple[str, ...]) -> list:
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in optimizers()]
+
+
+@pytest.mark.parametrize("name", _cases(FAST))
 def test_one_device_equals_separate_calls_and_numpy(name: str) -> None:
     """float32, one device: fused (one compile per loss), as the NumPy step and the separate
     calls on JAX (to 1e-6), the same counts, and resumed mid-run bit for bit."""
@@ -243,7 +251,8 @@ def test_two_devices_equal_one_device_and_numpy(results, name: str) -> None:
         _check(res, f"{name}/{kind}", ref, tol)
 
 
-@pytest.mark.parametrize("name", ["adamw-ema", "adamw-swa"])
+@pytest.mark.parametrize("name", ["adamw-ema", pytest.param("adamw-swa",
+                                                              marks=pytest.mark.slow)])
 def test_averages_equal_torch_averaged_model(name: str) -> None:
     """float64: the fused step's params and averages as torch.optim.AdamW with ``.grad =
     None`` on the head not reached and ``AveragedModel.update_parameters(model)`` after each
