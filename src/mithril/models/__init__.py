@@ -18,6 +18,7 @@ from .activations import (
 from .arithmetic import Add, MatrixMultiply, Multiply
 from .blocks import MLP
 from .conv import Convolution1D, Convolution2D
+from .conv_transpose import ConvTranspose1D, ConvTranspose2D
 from .dropout import Dropout
 from .layers import Embedding, Flatten, LayerNorm, Linear
 from .losses import CrossEntropy, HuberLoss, MeanSquaredError, SmoothL1Loss, SquaredError
@@ -30,7 +31,8 @@ __all__ = [
     "Add", "Bound", "Connection", "CrossEntropy", "Embedding", "Flatten", "Gelu", "LayerNorm",
     "LeakyRelu", "Linear", "MLP", "MatrixMultiply", "MeanSquaredError", "Model", "Multiply",
     "Operator", "Relu", "Sigmoid", "Softmax", "SquaredError", "Tanh",
-    "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "GlobalAvgPool2D", "GroupNorm",
+    "AvgPool1D", "AvgPool2D", "Convolution1D", "Convolution2D", "ConvTranspose1D", "ConvTranspose2D",
+    "GlobalAvgPool2D", "GroupNorm",
     "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
     "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
     "HuberLoss", "SmoothL1Loss",
