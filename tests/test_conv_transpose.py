@@ -234,6 +234,8 @@ def test_state_dict_copy_gives_torchs_output():
     (dict(kernel_size=0, out_channels=2), "kernel_size"),
     (dict(kernel_size=3, out_channels=2, padding=-1), "padding"),
     (dict(kernel_size=3, out_channels=2, use_bias="no"), "use_bias"),
+    (dict(kernel_size=3, out_channels=2, bias=False), "no bias= argument .ours is use_bias"),
+    (dict(kernel_size=3, out_channels=2, padding_mode="zeros"), "no padding_mode= argument"),
 ])
 def test_bad_arguments_are_refused_and_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
-from .conv import check_rank, ntuple, unbatched
+from .conv import check_rank, ntuple, refuse_unknown, unbatched
 from .operator import Operator, backend_of, fmt
 from .window_kernels import col2im, im2col
 
@@ -52,8 +52,9 @@ class _ConvTranspose(Operator):
     def __init__(self, kernel_size: int | Sequence[int], out_channels: int | None = None,
                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                  output_padding: int | Sequence[int] = 0, groups: int = 1,
-                 use_bias: bool = True, dilation: int | Sequence[int] = 1) -> None:
+                 use_bias: bool = True, dilation: int | Sequence[int] = 1, **unknown: Any) -> None:
         who = type(self).__name__
+        refuse_unknown(who, unknown)  # torch's bias= / in_channels= / padding_mode=: named
         self.out_channels = _positive_int(out_channels, "out_channels", who)
         self.groups = _positive_int(groups, "groups", who)
         if not isinstance(use_bias, (bool, np.bool_)):
