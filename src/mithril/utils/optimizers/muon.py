@@ -246,7 +246,9 @@ class Muon(TensorwiseOptimizer):
             f"fallback_lr_ratio, or give a group of the fallback a learning rate of its own")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("exclude_layers", "exclude_embeddings"):
+        if name in ("exclude_layers", "exclude_embeddings") and name in self.__dict__:
+            if value == self.__dict__[name]:  # (setting what it is changes nothing)
+                return
             raise AttributeError(f"Muon's {name} is fixed at construction (a state's slots "
                                  f"are laid out by it): build another Muon")
         super().__setattr__(name, value)
