@@ -69,14 +69,19 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
 
 def check_out_file(path: Path, flag: str = "--out", example: str = "schedule.png") -> Path:
     """What :func:`ensure_writable_file` refuses, found without creating anything."""
+    _check_file_name(path, flag, example)
+    check_out_dir(path.parent if str(path.parent) else Path("."), flag)
+    return path
+
+
+def _check_file_name(path: Path, flag: str, example: str) -> None:
+    """``path`` names a file (not a folder) that may be written, if it exists."""
     if not path.name or path.name in (".", ".."):
         raise CLIError(f"{flag} {path}: give a file name such as {example}")
     if path.exists() and path.is_dir():
         raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
-    check_out_dir(path.parent if str(path.parent) else Path("."), flag)
-    return path
 
 
 def new_dirs(path: Path) -> list[Path]:
@@ -116,12 +121,7 @@ def ensure_writable_file(path: Path, flag: str = "--out", example: str = "schedu
                          ) -> Path:
     """Check that ``path`` (a file) can be written: its folder is created and probed.
     ``example`` is the file name the messages suggest (the command's own kind of file)."""
-    if not path.name or path.name in (".", ".."):
-        raise CLIError(f"{flag} {path}: give a file name such as {example}")
-    if path.exists() and path.is_dir():
-        raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
+    _check_file_name(path, flag, example)
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), flag)
     return path
 
