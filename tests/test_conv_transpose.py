@@ -135,9 +135,13 @@ def test_numpy_without_compiled_loops_equals_torch(case, monkeypatch):
     compare(case, *run_mithril(case, "numpy"), what="numpy, no compiled loops")
 
 
-@pytest.fixture(scope="module")
-def jax_results():
-    """Every case on JAX float64 (jit), run once in a fresh interpreter."""
+#: JAX by default on the fixed cases and the first fuzz ones (its subprocess compiles each
+#: case); every fuzz case in the slow test
+JAX_CASES = list(CASES)[:15]
+
+
+def jax_run(cases: list[str]) -> dict[str, np.ndarray]:
+    """Every case of ``cases`` on JAX float64 (jit), run in a fresh interpreter."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jax.npz")
         run_python(f"""
@@ -146,21 +150,38 @@ def jax_results():
             import numpy as np
             import test_conv_transpose as t
             flat = {{}}
-            for case in t.CASES:
+            for case in {cases!r}:
                 params, cot, out, grads = t.run_mithril(case, "jax")
                 flat[case + "|output"] = out
                 flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
             np.savez({path!r}, **flat)
-            """, timeout=240)
+            """, timeout=300)
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_jax_equals_torch(case, jax_results):
+def jax_compare(case: str, results: dict[str, np.ndarray]) -> None:
     params, cot, _, _ = run_mithril(case, "numpy")  # the same params and cotangent as in there
-    grads = {k.rsplit("|", 1)[1]: v for k, v in jax_results.items() if k.startswith(case + "|grad|")}
-    compare(case, params, cot, jax_results[case + "|output"], grads, what="jax")
+    grads = {k.rsplit("|", 1)[1]: v for k, v in results.items() if k.startswith(case + "|grad|")}
+    compare(case, params, cot, results[case + "|output"], grads, what="jax")
+
+
+@pytest.fixture(scope="module")
+def jax_results():
+    return jax_run(JAX_CASES)
+
+
+@pytest.mark.parametrize("case", JAX_CASES)
+def test_jax_equals_torch(case, jax_results):
+    jax_compare(case, jax_results)
+
+
+@pytest.mark.slow
+def test_jax_equals_torch_every_fuzz_case():
+    rest = [c for c in CASES if c not in JAX_CASES]
+    results = jax_run(rest)
+    for case in rest:
+        jax_compare(case, results)
 
 
 # -- finite differences of the NumPy VJP -------------------------------------------------------
