@@ -59,6 +59,9 @@ CASES: dict[str, tuple[int, dict, tuple]] = {
     "1d_all": (1, dict(kernel_size=3, out_channels=6, stride=3, padding=2, output_padding=1,
                        dilation=2, groups=2), (2, 4, 5)),
     "1d_unbatched": (1, dict(kernel_size=2, out_channels=3, stride=2), (2, 5)),
+    # padding beyond dilation·(k − 1): JAX's equivalent convolution has negative padding
+    "1d_padding_beyond_kernel": (1, dict(kernel_size=1, out_channels=2, stride=2, padding=1),
+                                 (1, 3, 5)),
     "2d": (2, dict(kernel_size=3, out_channels=2), (2, 3, 4, 5)),
     "2d_all": (2, dict(kernel_size=(3, 2), out_channels=4, stride=(2, 3), padding=(1, 0),
                        output_padding=(1, 2), dilation=(1, 2), groups=2, use_bias=False),
@@ -137,7 +140,7 @@ def test_numpy_without_compiled_loops_equals_torch(case, monkeypatch):
 
 #: JAX by default on the fixed cases and the first fuzz ones (its subprocess compiles each
 #: case); every fuzz case in the slow test
-JAX_CASES = list(CASES)[:15]
+JAX_CASES = list(CASES)[:16]
 
 
 def jax_run(cases: list[str]) -> dict[str, np.ndarray]:
@@ -280,3 +283,21 @@ def test_bad_shapes_are_named(shape, match):
     m |= ml.ConvTranspose2D(1, 2, groups=2, padding=1)(input="input", output="output")
     with pytest.raises(ShapeError, match=match):
         ml.compile(m, BACKENDS["numpy"](), shapes={"input": shape})
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_float32_equals_torch(backend_name):
+    """The default float32 (the NumPy compiled loops' other dtype) to float32 rounding."""
+    case = "2d_all"
+    backend = BACKENDS[backend_name](dtype="float32")
+    compiled = ml.compile(build(case), backend)
+    params, cot, _, _ = run_mithril(case, "numpy")
+    names = {role(n): n for n in compiled.parameter_shapes}
+    native = {names[k]: backend.array(v.astype(np.float32)) for k, v in params.items()}
+    out, grads = compiled.evaluate(native, {}, output_gradients={
+        "output": backend.array(cot.astype(np.float32))})
+    assert str(out["output"].dtype).endswith("float32")
+    want_out, want_grads = run_torch(case, params, cot)
+    assert max_error(to_np(backend, out["output"]).astype(np.float64), want_out) <= 1e-5
+    for k, n in names.items():
+        assert max_error(to_np(backend, grads[n]).astype(np.float64), want_grads[k]) <= 1e-5, k
