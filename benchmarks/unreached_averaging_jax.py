@@ -5,10 +5,12 @@ averaging of a tensorwise optimizer (Muon, Adafactor), a group's ``step_offset``
 
 The two-head model of ``benchmarks/unreached_step.py`` (trunk ``Linear(hidden)`` + ReLU, heads
 ``Linear(1)`` / ``Linear(out_b)``), the ``loss_a`` and ``loss_b`` steps in turn on one state
-(each head misses every other step), fresh device batches (four rotate). Medians over rounds
+(each head misses every other step; ``--one-head``: the ``loss_a`` step alone), fresh
+device batches (four rotate). Medians over rounds
 of the time per step (after a warm-up that compiles), and whether the step is one program.
 
     python benchmarks/unreached_averaging_jax.py [--rounds 7] [--steps 100] [--hidden 256]
+                                                 [--one-head]
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--inputs", type=int, default=32)
     ap.add_argument("--out-b", type=int, default=4)
+    ap.add_argument("--one-head", action="store_true",
+                    help="the loss_a step only (head b never reached), not the two in turn")
     a = ap.parse_args()
     backend = JaxBackend()
     c = ml.compile(model(a.hidden, a.out_b), backend, shapes={"input": [a.batch, a.inputs]})
@@ -71,8 +75,8 @@ def main() -> None:
         steps, params, state = runs[name]
         t0 = time.perf_counter()
         for i in range(n):
-            params, state, out = steps[i % 2](params, state, data[i % 4])
-        np.asarray(out["loss_a" if (n - 1) % 2 == 0 else "loss_b"])  # (waits for the device)
+            params, state, out = steps[0 if a.one_head else i % 2](params, state, data[i % 4])
+        np.asarray(out["loss_a" if a.one_head or (n - 1) % 2 == 0 else "loss_b"])  # (waits)
         runs[name][1:] = [params, state]
         return (time.perf_counter() - t0) / n
 
