@@ -199,11 +199,12 @@ def _activation_case(cfg: dict[str, Any]) -> Case:
 
 
 def unspecified_gradients(name: str) -> np.ndarray | None:
-    """Where the input gradient is not torch's to define: at a NaN input of the ELU family,
-    torch's backward gives NaN in its vectorised loop but the positive side's slope in its
-    scalar tail, so an element's gradient depends on its position (ours is NaN)."""
+    """Where the input gradient is not torch's to define: at a NaN input of the ELU family
+    and Hardswish, torch's backward gives NaN in its vectorised loop but the positive side's
+    slope in its scalar tail, so an element's gradient depends on its position (ours: NaN
+    for the ELU family, 1 for Hardswish, on every backend)."""
     cfg = json.loads(name)
-    if cfg["op"] in ("elu", "selu", "celu") and cfg["special"] == "nan":
+    if cfg["op"] in ("elu", "selu", "celu", "hardswish") and cfg["special"] == "nan":
         return np.isnan(activation_input(cfg))
     return None
 

@@ -17,7 +17,7 @@ from losses_norms_fuzz_cases import CASES, cross_entropy_of_log_probs, name_of
 from test_losses_norms_fuzz import _err, check_jax, check_numpy_torch
 
 import mithril as ml
-from mithril.backends import NumpyBackend, TorchBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.errors import DTypeError, ShapeError
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss:UserWarning")
@@ -35,9 +35,9 @@ REGRESSIONS = [
      "special": "large"},
     # L1's gradient at a NaN input: NaN on NumPy and JAX, torch's 0 (sgn(NaN) = 0)
     {"op": "l1", "scale": 1.0, "shape": [1, 1, 3], "special": "nan"},
-    # Hardswish's JAX gradient at a NaN input: NaN (where() times the quadratic's NaN slope
-    # by 0), torch's 1
-    {"op": "hardswish", "scale": 1000.0, "shape": [2, 2], "special": "nan"},
+    # Hardswish at NaN inputs: torch's gradient there is NaN or 1 by position (compared
+    # elsewhere; NumPy's and JAX's at NaN: test_hardswish_gradient_at_nan_is_one_everywhere)
+    {"op": "hardswish", "scale": 30.0, "shape": [4, 3, 4], "special": "nan"},
     # reference checks: torch's nll_loss2d backward refuses a non-contiguous input (the
     # reference's moved class axis); all rows ignored with label smoothing on log-probs
     {"axis": -1, "ignore_index": 4, "input_type": "log_probs", "op": "cross_entropy",
@@ -67,6 +67,25 @@ def test_regression_numpy_and_torch(name: str) -> None:
 
 def test_regressions_jax_float64() -> None:
     check_jax(NAMES)
+
+
+@pytest.mark.parametrize("backend_cls", [NumpyBackend, JaxBackend, TorchBackend])
+def test_hardswish_gradient_at_nan_is_one_everywhere(backend_cls) -> None:
+    """Hardswish's gradient at a NaN input is 1 (the x >= 3 branch, as torch's scalar loop)
+    on NumPy and JAX (JAX's was NaN: where() multiplied the quadratic branch's NaN slope
+    by 0), and torch's own on the torch backend (NaN in its vectorised loop, 1 in its
+    tail: either); the output NaN everywhere."""
+    model = ml.Model()
+    model |= ml.Hardswish()(input="input", output="output")
+    c = ml.compile(model, backend_cls(dtype="float32"), shapes={"input": [3]},
+                   trainable_keys={"input"})
+    x = np.array([np.nan, -1.0, 4.0], np.float32)
+    out, grads = c.evaluate({"input": c.backend.array(x)}, {},
+                            output_gradients={"output": c.backend.array(np.ones(3, np.float32))})
+    g = np.asarray(c.backend.to_numpy(grads["input"]))
+    assert np.isnan(np.asarray(c.backend.to_numpy(out["output"]))[0])
+    np.testing.assert_allclose(g[1:], [1 / 6, 1.0], rtol=1e-6)
+    assert g[0] == 1.0 or (backend_cls is TorchBackend and np.isnan(g[0]))
 
 
 # -- the reference itself ----------------------------------------------------------------------
