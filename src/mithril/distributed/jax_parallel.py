@@ -35,12 +35,10 @@ and XLA inserts the collectives.
   ``to_optimizer_state`` carries them into a checkpoint, ``from_optimizer_state`` back). A
   loss that reaches every parameter runs the very program it ran before (``init`` keeps
   no count). Muon and Adafactor count them too (each tensor its own row of scalars:
-  :mod:`~mithril.utils.train_step_own_counts`), and a Lookahead (each row given its
-  tensor's missed steps beside the group's count); an optimizer whose program cannot count
-  each parameter's steps (a Lookahead with ``reset_state``; a tensorwise one with weight
-  averaging or a group's ``step_offset``) is refused then, naming the
-  parameters (the one-device step falls back to the separate calls, which a mesh has no
-  counterpart of).
+  :mod:`~mithril.utils.train_step_own_counts`), weight averages and a group's
+  ``step_offset`` read the optimizer's count, a Lookahead gives each row its tensor's missed
+  steps beside the group's count (with ``reset_state``, the group's count for all: it
+  counts no missed step), as the one-device step does.
 * **Several processes** (:func:`init_jax`): ``jax.distributed`` with CPU collectives (gloo);
   the mesh then spans every process's devices, and every process passes the *same global*
   batch (each contributes the rows of its own devices).
@@ -180,9 +178,7 @@ class ShardedTrainStep(TrainStep):
                 f"make_sharded_train_step: the loss {self.loss!r} does not reach "
                 f"{sorted(self._unreached)}: leaving them out of the update needs a step "
                 f"count per parameter, which the program of a {type(optimizer).__name__} "
-                f"(a Lookahead with reset_state, or a tensorwise one with weight averaging "
-                f"or a group's "
-                f"step_offset) does not keep; use a loss that reaches every parameter, or "
+                f"does not keep; use a loss that reaches every parameter, or "
                 f"make_train_step on one device (the separate calls there)")
         del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
