@@ -8,9 +8,12 @@ The two-head model of ``benchmarks/unreached_step.py`` (trunk ``Linear(hidden)``
 (each head misses every other step; ``--one-head``: the ``loss_a`` step alone), fresh
 device batches (four rotate). Medians over rounds
 of the time per step (after a warm-up that compiles), and whether the step is one program.
+``--all-reached``: one head, both losses of it (every parameter reached by each step);
+``--optimizers adamw,adam``: plain ones (all: ``--help``).
 
     python benchmarks/unreached_averaging_jax.py [--rounds 7] [--steps 100] [--hidden 256]
-                                                 [--one-head]
+                                                 [--one-head] [--all-reached]
+                                                 [--optimizers adamw-ema,adamw]
 """
 
 from __future__ import annotations
@@ -31,15 +34,22 @@ OPTIMIZERS = {
     "muon-ema": lambda: Muon(1e-3, ema_decay=0.99, fallback=AdamW(1e-3)),
     "adafactor-swa": lambda: Adafactor(1e-2, swa_start=10),
     "lookahead-reset": lambda: Lookahead(Adam(1e-3), sync_period=5, reset_state=True),
+    "adamw": lambda: AdamW(1e-3),
+    "adam": lambda: Adam(1e-3),
 }
+DEFAULT = "adamw-ema,muon-ema,adafactor-swa,lookahead-reset"
 
 
-def model(hidden: int, out_b: int) -> ml.Model:
+def model(hidden: int, out_b: int, all_reached: bool = False) -> ml.Model:
     m = ml.Model()
     m |= ml.Linear(hidden)(input="input", output="h0")
     m |= ml.Relu()(input="h0", output="h")
-    m |= ml.Linear(1)(input="h", output="ya")
     m |= ml.Linear(out_b)(input="h", output="yb")
+    if all_reached:  # (loss_a of the one head too: each step reaches every parameter)
+        m |= ml.MeanSquaredError()(input="yb", target="ta", output=ml.IOKey("loss_a"))
+        m |= ml.MeanSquaredError()(input="yb", target="tb", output=ml.IOKey("loss_b"))
+        return m
+    m |= ml.Linear(1)(input="h", output="ya")
     m |= ml.MeanSquaredError()(input="ya", target="ta", output=ml.IOKey("loss_a"))
     m |= ml.MeanSquaredError()(input="yb", target="tb", output=ml.IOKey("loss_b"))
     return m
@@ -55,17 +65,23 @@ def main() -> None:
     ap.add_argument("--out-b", type=int, default=4)
     ap.add_argument("--one-head", action="store_true",
                     help="the loss_a step only (head b never reached), not the two in turn")
+    ap.add_argument("--all-reached", action="store_true",
+                    help="one head, both losses of it: every parameter reached by each step")
+    ap.add_argument("--optimizers", default=DEFAULT,
+                    help=f"comma-separated, of {', '.join(OPTIMIZERS)} (default {DEFAULT})")
     a = ap.parse_args()
     backend = JaxBackend()
-    c = ml.compile(model(a.hidden, a.out_b), backend, shapes={"input": [a.batch, a.inputs]})
+    c = ml.compile(model(a.hidden, a.out_b, a.all_reached), backend,
+                   shapes={"input": [a.batch, a.inputs]})
     rng = np.random.default_rng(0)
+    out_a = a.out_b if a.all_reached else 1
     data = [{"input": backend.array(rng.standard_normal((a.batch, a.inputs), np.float32)),
-             "ta": backend.array(rng.standard_normal((a.batch, 1), np.float32)),
+             "ta": backend.array(rng.standard_normal((a.batch, out_a), np.float32)),
              "tb": backend.array(rng.standard_normal((a.batch, a.out_b), np.float32))}
             for _ in range(4)]
     runs = {}
-    for name, make in OPTIMIZERS.items():
-        opt = make()
+    for name in a.optimizers.split(","):
+        opt = OPTIMIZERS[name]()
         steps = [make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")]
         params = c.get_parameters()
         runs[name] = [steps, params, steps[0].init(params)]

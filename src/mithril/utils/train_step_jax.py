@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,35 @@ class SteadyState:
         self.avals = list(map(self.aval, vals))
         self.value_index = tuple(i for i, k in enumerate(data) if k in step._value_keys)
         return self
+
+
+class Returned:
+    """The params tuple and ``opt_state`` the last fused step on a compiled model returned,
+    whichever :class:`~mithril.utils.training.TrainStep` of that model ran it (steps of
+    two losses taking turns on one state): they are the steps' own arrays, which the next
+    step donates by the ownership rule, so any step of the same model takes them as its
+    own (no params check, no copy that keeps the user's arrays undonated). Only the latest
+    return: the earlier ones were consumed. With ``nonfinite="skip"``, also the counts
+    :func:`report_skips` last read of that state's line (``skips_seen``): each skip warned
+    once, by whichever step reads it, without a host read per call."""
+
+    __slots__ = ("ptuple", "opt_state", "skips_seen", "__weakref__")
+
+    def __init__(self) -> None:
+        self.ptuple: tuple | None = None
+        self.opt_state: Any = None
+        self.skips_seen: tuple | None = None
+
+
+_RETURNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def returned_of(compiled: Any) -> Returned:
+    """The :class:`Returned` record the steps of ``compiled`` share (dropped with it)."""
+    rec = _RETURNED.get(compiled)
+    if rec is None:
+        rec = _RETURNED[compiled] = Returned()
+    return rec
 
 
 def refuse_consumed(what: str, tree: Any) -> None:
@@ -412,7 +442,9 @@ def report_skips(step: Any, opt_state: Any) -> None:
     if n is None:
         return
     seen = getattr(step, "_skips_seen", None)
-    if opt_state is not step._returned_state or seen is None:
+    # (a state another step of the model returned continues the counts read: Returned)
+    if seen is None or (opt_state is not step._returned_state
+                        and opt_state is not step._shared.opt_state):
         try:
             step._skips_seen = _counts(step, opt_state)
         except RuntimeError:  # a donated (consumed) state: refused, naming it, by the step

@@ -91,11 +91,13 @@ from .optimizers.state import OptimizerState
 from .train_step_jax import (
     SKIPPED,
     HyperparameterWatch,
+    Returned,
     SteadyState,
     committed,
     gradients_norm,
     refuse_consumed,
     report_skips,
+    returned_of,
     same_params,
     state_before_run,
     step_body,
@@ -161,6 +163,11 @@ class TrainStep(FixedParts, HyperparameterWatch):
         self._jitted: Callable | None = None
         self._returned: tuple | None = None  # the params tuple the last fused step returned
         self._returned_state: Any = None  # and its opt_state
+        # what the last fused step of this model returned, whichever step ran it: steps of
+        # two losses taking turns on one state take each other's params without the copy
+        # that keeps a user's arrays undonated (a sharded step keeps its own: its arrays
+        # live on its mesh)
+        self._shared = returned_of(compiled) if type(self) is TrainStep else Returned()
         self._views_checked: Any = None  # see _model_views
         self._state_checked: Any = None  # see _check_state
         # the (key, type, shape, dtype) signatures of data that passed the checks unchanged,
@@ -190,7 +197,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
         """Whether :meth:`init` gives the one-program JAX state (an ``OptaxState``): on JAX,
         for every optimizer but a closure-driven one (LBFGS) or one made with
         ``nonfinite="raise"``; where the loss does not reach every parameter, for one whose
-        program counts each parameter's steps (not Muon, Adafactor, Lookahead)."""
+        program counts each parameter's steps."""
         return self._fused
 
     def init(self, params: Mapping[str, Any], *, adopt: bool = False) -> Any:
@@ -211,6 +218,16 @@ class TrainStep(FixedParts, HyperparameterWatch):
                            None)
 
     SKIPPED = SKIPPED  # (see train_step_jax.SKIPPED)
+
+    @property
+    def _skips_seen(self) -> tuple | None:
+        """What :func:`~.train_step_jax.report_skips` last read, shared with the steps of
+        this model taking turns on one state (:class:`~.train_step_jax.Returned`)."""
+        return self._shared.skips_seen
+
+    @_skips_seen.setter
+    def _skips_seen(self, value: tuple | None) -> None:
+        self._shared.skips_seen = value
 
     def _counted(self, state: Any, skipped: int) -> Any:
         """``state`` (an ``OptaxState``) with the skipped-steps counter at ``skipped`` when
@@ -237,13 +254,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
                      self.compiled.program.param_shapes)
         if not self.fused:
             return state
-        if getattr(state, "missed", None) is not None and not self._own_counts:
-            raise ValueError(f"the fused JAX step counts one step per parameter group: this "
-                             f"state's parameters {sorted(state.missed_counts())} missed "
-                             f"steps and count their own (OptimizerState.note_missed, "
-                             f"torch_optimizer), which its program cannot for a "
-                             f"{type(self.optimizer).__name__} (tensorwise, or a Lookahead); "
-                             f"step it with optimizer.update instead")
+        # (a fused step counts each parameter's own steps for every optimizer it takes:
+        # counts_own_steps; a Lookahead with reset_state's missed steps are refused there)
         return optax_state_of(self, state)
 
     def to_optimizer_state(self, opt_state: Any, params: Mapping[str, Any]) -> OptimizerState:
@@ -480,7 +492,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
             report_skips(self, opt_state)
         if self._tx is not None and self._hyper_versions() != self._hyper_seen:
             self._hyper_changed()
-        if self._steady is not None and state is None:
+        if self._steady is not None and state is None and opt_state is self._shared.opt_state:
             args = self._steady_args(params, opt_state, data)
             if args is not None:
                 if self._resync:
@@ -490,6 +502,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
                     self._hyper_args, training=True)
                 self._returned = self._steady.ptuple = new
                 self._steady.opt_state = self._returned_state = opt_state
+                self._shared.ptuple, self._shared.opt_state = new, opt_state
                 self.last_grad_norm = norm
                 return dict(zip(self.compiled._eval.names, new)), opt_state, out
         self._steady = None
@@ -507,14 +520,15 @@ class TrainStep(FixedParts, HyperparameterWatch):
                                                                       self._state_type):
             raise TypeError(f"opt_state must come from step.init (an OptaxState) or "
                             f"optimizer.init (an OptimizerState), got {type(opt_state).__name__}")
-        if opt_state is not self._returned_state:
+        shared = self._shared  # (the last return of any step of this model: see __init__)
+        if opt_state is not shared.opt_state:
             refuse_consumed("opt_state", opt_state)
         c = self.compiled
         names = c._eval.names
         # (.get: a missing key is refused by _validate, naming it)
         ptuple = tuple(map(params.get, names)) if isinstance(params, Mapping) else None
-        if ptuple is None or self._returned is None or len(params) != len(names) or any(
-                a is not b for a, b in zip(ptuple, self._returned)):
+        if ptuple is None or shared.ptuple is None or len(params) != len(names) or any(
+                a is not b for a, b in zip(ptuple, shared.ptuple)):
             if ptuple is not None:
                 refuse_consumed("params", params)
             checked, _ = c._validate(params, data)
@@ -556,6 +570,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
             c.step, self._resync = random_step, resync
             raise
         self._returned, self._returned_state = new, opt_state
+        shared.ptuple, shared.opt_state = new, opt_state
         self.last_grad_norm = norm
         params = dict(zip(names, new, strict=True))
         if state is None:
