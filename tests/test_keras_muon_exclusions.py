@@ -260,17 +260,38 @@ def test_a_state_of_another_routing_is_refused() -> None:
         plain.update(params, grads, state)
 
 
-def test_paths_asking_slot_shapes_by_shape_alone_refuse_exclusions() -> None:
-    """The optax transformation lays out its slots by shape alone: with exclusions it
-    refuses, saying why (it would give an excluded matrix Muon's slots)."""
+def test_the_optax_transformation_routes_exclusions_by_name() -> None:
+    """The optax transformation lays its slots out by each parameter's name too: with
+    ``exclude_layers`` the excluded matrix has the AdamW fallback's slots and its updates
+    equal the NumPy optimizer's (float32, 5 steps)."""
     pytest.importorskip("optax")
     import jax.numpy as jnp
+    import optax
 
     from mithril.interop import optax_transformation
 
-    tx = optax_transformation(mo.Muon(exclude_layers=["head"]))
-    with pytest.raises(ValueError, match="routes matrices by name"):
-        tx.init({"head.weight": jnp.ones((3, 2))})
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(shp).astype(np.float32) for k, shp in
+              (("head.weight", (3, 2)), ("body.weight", (4, 3)), ("body.bias", (4,)))}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+             for _ in range(5)]
+    make = lambda: mo.Muon(learning_rate=0.05, exclude_layers=["head"], ns_dtype="float32")  # noqa: E731
+    opt = make()
+    p, st = dict(params), opt.init(dict(params))
+    tx = optax_transformation(make())
+    q = {k: jnp.asarray(v) for k, v in params.items()}
+    s = tx.init(q)
+    assert s.slots["momentum_buffer"]["head.weight"].shape == (0,)
+    assert s.slots["momentum_buffer"]["body.weight"].shape == (4, 3)
+    for g in grads:
+        p, st = opt.update(p, g, st)
+        u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+        q = optax.apply_updates(q, u)
+    for k in params:
+        assert np.abs(np.asarray(q[k]) - p[k]).max() < 2e-6, k
+
+
+def test_a_muon_without_fallback_refuses_a_vector() -> None:
     with pytest.raises(ShapeError, match="2-D parameters only"):
         mo.Muon(fallback=None).init({"b": np.ones(3)})
 

@@ -272,7 +272,7 @@ def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[s
                   shape_of: Any = None) -> dict[str, list[Any]]:
     """The leaves of ``state``'s slots of ``kind`` (``"slots"`` or ``"tensor_slots"``), each
     slot a tree of the params' structure whose leaf for parameter ``p`` has shape
-    ``shape_of(slot, p.shape)`` (default: ``p``'s; ``()`` for tensor slots); a
+    ``shape_of(slot, p.shape, name)`` (default: ``p``'s; ``()`` for tensor slots); a
     ``ValueError`` naming the slot (and key) for a state of another optimizer or other params
     (raised while tracing, before a buffer is donated)."""
     held = getattr(state, kind)
@@ -289,7 +289,7 @@ def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[s
                              f"structure (a state of other params?): {e}") from None
         for n, x, p in zip(names, out[s], leaves):
             want = (() if kind == "tensor_slots" else p.shape) if shape_of is None else \
-                shape_of(s, p.shape)
+                shape_of(s, p.shape, n)
             if tuple(getattr(x, "shape", ())) != tuple(want):
                 raise ValueError(f"{opt_name}: the state's slot '{s}' for '{n}' has shape "
                                  f"{tuple(getattr(x, 'shape', ()))}, expected {tuple(want)} (a "

@@ -525,7 +525,8 @@ def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],
                 slots.setdefault(s, {})[name] = np.array(fresh.engine.to_numpy(
                     fresh.slot(s)[name]))
                 continue
-            shape = tuple(p.shape) if s in unused else tuple(trial.slot_shape(s, tuple(p.shape)))
+            shape = tuple(p.shape) if s in unused else tuple(trial.slot_shape(s, tuple(p.shape),
+                                                                              name))
             if s in unused or not int(np.prod(shape, dtype=np.int64)):
                 # the parameter's dtype: the first array of a slot sets its buffer's dtype
                 dtype = to_numpy(p.detach().reshape(-1)[:0]).dtype

@@ -341,10 +341,12 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         raise NotImplementedError
 
     # -- per-tensor reductions (see ``reductions``) -----------------------------------------
-    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
+                   ) -> tuple[int, ...]:
         """The shape of ``slot``'s part for a parameter of ``shape``: the parameter's own
         for the slots the elementwise math updates, ``()`` for :attr:`tensor_slots`. An
-        optimizer that overrides ``update`` may return others (factored statistics)."""
+        optimizer that overrides ``update`` may return others (factored statistics);
+        ``name``: the parameter's, for one that routes by it (Muon's exclusions)."""
         return () if slot in self.tensor_slots else shape
 
     def state_value_init(self, name: str) -> float:
@@ -444,7 +446,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         layout = engine.layout  # an engine may pad offsets for alignment
         slots, slot_layouts = {}, {}
         for s in (*self.slot_names(), *self.tensor_slots):
-            shapes = tuple(tuple(self.slot_shape(s, shp)) for shp in layout.shapes)
+            shapes = tuple(tuple(self.slot_shape(s, shp, n)) for n, shp in zip(layout.names, layout.shapes))
             lay = layout if shapes == layout.shapes else Layout(layout.names, shapes, layout.dtype)
             if lay is not layout:
                 slot_layouts[s] = lay

@@ -168,10 +168,9 @@ class Muon(TensorwiseOptimizer):
     ``Embedding`` and ``PositionalEmbedding`` blocks, recognised by the names the compiler
     gives them (:data:`EMBEDDING`: ``embedding.weight``, ``enc.embedding_1.weight``,
     ``positional_embedding.weight``; Keras takes any path with "embedding" in it). Both
-    need a fallback, are fixed at construction (the state's slots are laid out by them),
-    and need the parameters' names (the optax transformation, the JAX ``make_train_step``
-    built on it and the torch state paths ask ``slot_shape`` by shape alone: they refuse
-    them, saying so).
+    need a fallback and are fixed at construction (the state's slots are laid out by them,
+    ``slot_shape`` given each parameter's name: the optax transformation and the JAX
+    ``make_train_step`` built on it too).
 
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
     "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=

@@ -50,7 +50,8 @@ class SM3(TensorwiseOptimizer):
             raise ValueError(f"beta2 must be in [0, 1], got {beta2!r}")
         self.epsilon = check_positive("epsilon", epsilon)
 
-    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
+                   ) -> tuple[int, ...]:
         if slot == "mu" and len(shape) >= 2:
             return (sum(shape),)
         return shape  # m, the weight averages, mu of a rank < 2 tensor
