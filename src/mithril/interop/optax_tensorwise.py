@@ -32,6 +32,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from ..utils.optimizers.base import slot_shape_of
 from ..utils.optimizers.tensorwise import JaxOps
 from .optax_hyperparams import scheduled
 from .optax_prologue import _prologue, _wide, given_up
@@ -256,7 +257,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                 slots[s] = treedef.unflatten([jnp.array(p, copy=True) for p in leaves])
             else:
                 v = opt.slot_init(s)
-                slots[s] = treedef.unflatten([jnp.full(tuple(opt.slot_shape(s, p.shape, n)), v,
+                slots[s] = treedef.unflatten([jnp.full(tuple(slot_shape_of(opt, s, p.shape, n)), v,
                                                        p.dtype) for n, p in zip(names, leaves)])
         return OptaxState(jnp.zeros((), jnp.int32), slots, {}, {},
                           _initial_hyperparams(opt, learning_rate, sched))
@@ -279,7 +280,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         rows = rows_for(treedef, names, leaves)
         plan = rows.plan
         slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves,
-                                    lambda s, shape, n: opt.slot_shape(s, shape, n))
+                                    lambda s, shape, n: slot_shape_of(opt, s, shape, n))
         count = state.count
         t = count + 1
         lr = _step_lr(learning_rate, state)

@@ -57,6 +57,7 @@ from ..utils.optimizers import (
     RMSProp,
 )
 from ..utils.optimizers.averaging import counts_of, saved_counts
+from ..utils.optimizers.base import slot_shape_of
 from .torch_optim_interchange import is_zero, torch_state, torchs, unstepped
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
@@ -525,8 +526,8 @@ def complete(opt: Optimizer, ours: dict[str, Any], names: Sequence[str],
                 slots.setdefault(s, {})[name] = np.array(fresh.engine.to_numpy(
                     fresh.slot(s)[name]))
                 continue
-            shape = tuple(p.shape) if s in unused else tuple(trial.slot_shape(s, tuple(p.shape),
-                                                                              name))
+            shape = tuple(p.shape) if s in unused else tuple(slot_shape_of(trial, s, tuple(p.shape),
+                                                                                 name))
             if s in unused or not int(np.prod(shape, dtype=np.int64)):
                 # the parameter's dtype: the first array of a slot sets its buffer's dtype
                 dtype = to_numpy(p.detach().reshape(-1)[:0]).dtype

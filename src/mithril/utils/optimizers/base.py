@@ -62,6 +62,7 @@ in ``state.last_grad_norm`` under the first three policies:
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -102,6 +103,19 @@ def _without_none(gradients: Any) -> Any:
                                                   repeat(None))):
         return {k: g for k, g in gradients.items() if g is not None}
     return gradients
+
+
+def slot_shape_of(opt: Any, slot: str, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """``opt.slot_shape(slot, shape, name)``, or without ``name`` for an override written
+    before it was passed (a user's ``slot_shape(self, slot, shape)``)."""
+    f = type(opt).slot_shape
+    takes = _TAKES_NAME.get(f)
+    if takes is None:
+        takes = _TAKES_NAME[f] = "name" in inspect.signature(f).parameters
+    return opt.slot_shape(slot, shape, name) if takes else opt.slot_shape(slot, shape)
+
+
+_TAKES_NAME: dict[Any, bool] = {}
 
 
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
@@ -446,7 +460,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         layout = engine.layout  # an engine may pad offsets for alignment
         slots, slot_layouts = {}, {}
         for s in (*self.slot_names(), *self.tensor_slots):
-            shapes = tuple(tuple(self.slot_shape(s, shp, n)) for n, shp in zip(layout.names, layout.shapes))
+            shapes = tuple(tuple(slot_shape_of(self, s, shp, n))
+                           for n, shp in zip(layout.names, layout.shapes))
             lay = layout if shapes == layout.shapes else Layout(layout.names, shapes, layout.dtype)
             if lay is not layout:
                 slot_layouts[s] = lay
