@@ -172,14 +172,6 @@ class ShardedTrainStep(TrainStep):
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
         super().__init__(compiled, optimizer, loss)
-        if self._unreached and not self._own_counts:
-            # (TrainStep falls back to the separate calls here; a mesh has no such path)
-            raise ValueError(
-                f"make_sharded_train_step: the loss {self.loss!r} does not reach "
-                f"{sorted(self._unreached)}: leaving them out of the update needs a step "
-                f"count per parameter, which the program of a {type(optimizer).__name__} "
-                f"does not keep; use a loss that reaches every parameter, or "
-                f"make_train_step on one device (the separate calls there)")
         del self.__dict__["_made"]  # (this constructor still sets its own fixed parts)
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
