@@ -36,6 +36,8 @@ RUNS = {
     "charlm.py": (["--backend", "numpy", "--steps", "5", "--eval-every", "5"], r"\d+\.\d+"),
     "unreached_step.py": (["--backend", "numpy", "--rounds", "1", "--steps", "5",
                            "--warmup", "2"], r"unreached\s+\d+\.\d+ us\s+x\d\.\d+"),
+    "unreached_averaging_jax.py": (["--rounds", "1", "--steps", "3", "--optimizers", "adamw"],
+                                   r"one program: True\s+median\s+\d+\.\d+"),
 }
 
 
