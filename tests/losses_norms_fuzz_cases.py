@@ -24,7 +24,8 @@ from layer_edges import Case
 import mithril as ml
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "softplus", "elu",
-               "selu", "celu", "mish", "hardswish", "hardsigmoid", "l1", "l2")
+               "selu", "celu", "mish", "hardswish", "hardsigmoid", "l1", "l2",
+               "silu", "log_softmax", "glu", "hardtanh")
 PAIR_LOSSES = ("mse", "l1_loss", "huber", "smooth_l1", "bce_logits", "bce_probs", "kl_div",
                "hinge", "quad_hinge", "quantile")
 NORMS = ("layer_norm", "group_norm", "batch_norm", "rms_norm")
@@ -57,9 +58,16 @@ def activation_configs(draw: Any) -> dict[str, Any]:
         cfg["slope"] = draw(st.sampled_from([0.01, 0.2, -0.5, 1.5, 0.0]))
     elif op == "gelu":
         cfg["approximate"] = draw(st.sampled_from(["none", "tanh"]))
-    elif op == "softmax":
+    elif op in ("softmax", "log_softmax"):
         cfg["shape"] = _shape(draw, 1, 3)
         cfg["axis"] = draw(st.integers(-len(cfg["shape"]), len(cfg["shape"]) - 1))
+    elif op == "glu":  # an even, nonzero length along the halved axis (torch refuses 0)
+        cfg["shape"] = _shape(draw, 1, 3)
+        cfg["axis"] = draw(st.integers(-len(cfg["shape"]), len(cfg["shape"]) - 1))
+        cfg["shape"][cfg["axis"]] = 2 * draw(st.integers(1, 2))
+    elif op == "hardtanh":
+        cfg["min_val"], cfg["max_val"] = draw(st.sampled_from(
+            [(-1.0, 1.0), (0.0, 6.0), (-2.5, 0.5), (1.0, 1.0), (-0.25, 3.0)]))
     elif op == "softplus":
         cfg["beta"] = draw(st.sampled_from([1.0, 0.5, 2.0, 10.0]))
         cfg["threshold"] = draw(st.sampled_from([20.0, 1.0, 0.0, -2.0, 5.0]))
@@ -154,6 +162,8 @@ def _kinks(cfg: dict[str, Any]) -> list[float]:
         return [cfg["threshold"] / cfg["beta"], 0.0]
     if op in ("hardswish", "hardsigmoid"):
         return [-3.0, 3.0, 0.0]
+    if op == "hardtanh":
+        return [cfg["min_val"], cfg["max_val"], 0.0]
     return [0.0]
 
 
@@ -191,6 +201,12 @@ def _activation_case(cfg: dict[str, Any]) -> Case:
                      lambda x: F.softplus(x, cfg["beta"], cfg["threshold"])),
         "elu": (lambda: ml.Elu(cfg["alpha"]), lambda x: F.elu(x, cfg["alpha"])),
         "celu": (lambda: ml.Celu(cfg["alpha"]), lambda x: F.celu(x, cfg["alpha"])),
+        "silu": (ml.Silu, F.silu),
+        "log_softmax": (lambda: ml.LogSoftmax(cfg["axis"]),
+                        lambda x: F.log_softmax(x, cfg["axis"])),
+        "glu": (lambda: ml.Glu(cfg["axis"]), lambda x: F.glu(x, cfg["axis"])),
+        "hardtanh": (lambda: ml.Hardtanh(cfg["min_val"], cfg["max_val"]),
+                     lambda x: F.hardtanh(x, cfg["min_val"], cfg["max_val"])),
     }
     block, fn = blocks[op]
     # (hardsigmoid's reference is its formula: torch's backward multiplies by 1/6 in float32)
@@ -199,12 +215,13 @@ def _activation_case(cfg: dict[str, Any]) -> Case:
 
 
 def unspecified_gradients(name: str) -> np.ndarray | None:
-    """Where the input gradient is not torch's to define: at a NaN input of the ELU family
-    and Hardswish, torch's backward gives NaN in its vectorised loop but the positive side's
-    slope in its scalar tail, so an element's gradient depends on its position (ours: NaN
-    for the ELU family, 1 for Hardswish, on every backend)."""
+    """Where the input gradient is not torch's to define: at a NaN input of the ELU family,
+    Hardswish and Hardtanh, torch's backward gives NaN (Hardtanh: 0) in its vectorised loop
+    but the positive side's slope in its scalar tail, so an element's gradient depends on its position (ours: NaN
+    for the ELU family, 1 for Hardswish, the cotangent for Hardtanh, on every backend)."""
     cfg = json.loads(name)
-    if cfg["op"] in ("elu", "selu", "celu", "hardswish") and cfg["special"] == "nan":
+    if cfg["op"] in ("elu", "selu", "celu", "hardswish", "hardtanh") and \
+            cfg["special"] == "nan":
         return np.isnan(activation_input(cfg))
     return None
 

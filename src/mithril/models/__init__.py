@@ -4,13 +4,17 @@ from .activations import (
     Celu,
     Elu,
     Gelu,
+    Glu,
     Hardsigmoid,
     Hardswish,
+    Hardtanh,
     LeakyRelu,
+    LogSoftmax,
     Mish,
     Relu,
     Selu,
     Sigmoid,
+    Silu,
     Softmax,
     Softplus,
     Tanh,
@@ -36,6 +40,7 @@ __all__ = [
     "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
     "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
     "HuberLoss", "SmoothL1Loss",
+    "Glu", "Hardtanh", "LogSoftmax", "Silu",
 ]
 
 # primitives (the published Mithril's names)

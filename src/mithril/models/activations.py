@@ -182,7 +182,7 @@ class Softmax(Operator):
 
     def __init__(self, axis: int = -1) -> None:
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
+            raise TypeError(f"{type(self).__name__}: axis must be an int, got {axis!r}")
         self.axis = int(axis)
 
     def infer_shape(self, shapes):
@@ -388,3 +388,135 @@ class Hardsigmoid(Operator):
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         return {"input": np.where((x > -3) & (x < 3), g / 6, 0 * g)}
+
+
+class Silu(Operator):
+    """SiLU (Swish): x · sigmoid(x), as ``torch.nn.SiLU`` / ``F.silu``. The gradient is
+    s·(1 + x·(1 − s)), s = sigmoid(x)."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.silu(input)
+        if backend_of(xp) == "jax":
+            import jax
+
+            return jax.nn.silu(input)
+        return input * _expit(input)
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        s = _expit(x)
+        return {"input": g * (s * (1 + x * (1 - s)))}
+
+
+class LogSoftmax(Softmax):
+    """log(softmax(x)) = x − max − log Σ exp(x − max) along ``axis`` (default last; torch's
+    ``dim``), as ``torch.nn.LogSoftmax`` / ``F.log_softmax``; never log(0) = −inf from an
+    underflowing softmax. The gradient is g − softmax(x)·Σ g along the axis."""
+
+    @float32_forward
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.log_softmax(input, dim=self.axis)
+        if input.shape[self.axis] == 0:  # as Softmax: an empty axis has no max
+            return input * 1
+        z = input - stop_gradient(xp, xp.max(input, axis=self.axis, keepdims=True))
+        return z - xp.log(xp.sum(xp.exp(z), axis=self.axis, keepdims=True))
+
+    @float32_vjp
+    def vjp(self, g, out, args, wrt):
+        return {"input": g - np.exp(out) * g.sum(axis=self.axis, keepdims=True)}
+
+    def __repr__(self) -> str:
+        return f"LogSoftmax(axis={self.axis})"
+
+
+class Glu(Operator):
+    """Gated linear unit: the input split in halves a, b along ``axis`` (default last;
+    torch's ``dim``), a · sigmoid(b), as ``torch.nn.GLU`` / ``F.glu``. That axis must have
+    an even length; the output has half of it."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def __init__(self, axis: int = -1) -> None:
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"Glu: axis must be an int, got {axis!r}")
+        self.axis = int(axis)
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        if s is None:
+            return None
+        if not -len(s) <= self.axis < len(s):
+            raise ShapeError(f"Glu: axis {self.axis} is out of range for rank {len(s)}")
+        n = s[self.axis]
+        if n is None:
+            return tuple(None if i == self.axis % len(s) else d for i, d in enumerate(s))
+        if n % 2:
+            raise ShapeError(f"Glu: the input's axis {self.axis} must have an even length "
+                             f"(halved), got {n}")
+        return tuple(n // 2 if i == self.axis % len(s) else d for i, d in enumerate(s))
+
+    def _halves(self, xp: Any, x: Any) -> tuple[Any, Any]:
+        n = x.shape[self.axis] // 2
+        idx = [slice(None)] * x.ndim
+        a, b = list(idx), list(idx)
+        a[self.axis], b[self.axis] = slice(0, n), slice(n, None)
+        return x[tuple(a)], x[tuple(b)]
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.glu(input, dim=self.axis)
+        a, b = self._halves(xp, input)
+        if backend_of(xp) == "jax":
+            import jax
+
+            return a * jax.nn.sigmoid(b)
+        return a * _expit(b)
+
+    def vjp(self, g, out, args, wrt):
+        a, b = self._halves(np, args["input"])
+        s = _expit(b)
+        return {"input": np.concatenate([g * s, g * a * s * (1 - s)], axis=self.axis)}
+
+    def __repr__(self) -> str:
+        return f"Glu(axis={self.axis})"
+
+
+class Hardtanh(Operator):
+    """min(max(x, min_val), max_val), as ``torch.nn.Hardtanh(min_val=-1, max_val=1)`` /
+    ``F.hardtanh``; the gradient 1 strictly inside (min_val, max_val), 0 elsewhere (at the
+    bounds too, as torch), and passed through at a NaN input on every backend (torch's
+    backward gives 0 there in its vectorised loop, 1 in its scalar tail: by position).
+    ``min_val <= max_val``, both finite."""
+
+    vjp_ignores = frozenset({"output"})
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0) -> None:
+        self.min_val = _number(min_val, "Hardtanh", "min_val")
+        self.max_val = _number(max_val, "Hardtanh", "max_val")
+        if self.min_val > self.max_val:
+            raise ValueError(f"Hardtanh: max_val ({max_val!r}) must be >= min_val "
+                             f"({min_val!r})")
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.hardtanh(input, self.min_val, self.max_val)
+        # where, not clip: JAX's clip gives gradient 1 at the bounds (torch 0); NaN stays NaN
+        lo, hi = input <= self.min_val, input >= self.max_val
+        inside = xp.where(lo | hi, 0.0, input)  # the input only where picked (JAX's gradient)
+        return xp.where(lo, self.min_val + 0 * inside, xp.where(hi, self.max_val + 0 * inside,
+                                                                 inside))
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        return {"input": np.where((x <= self.min_val) | (x >= self.max_val), 0 * g, g)}
+
+    def __repr__(self) -> str:
+        return f"Hardtanh(min_val={self.min_val}, max_val={self.max_val})"
