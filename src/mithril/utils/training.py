@@ -88,9 +88,9 @@ from ..errors import KeyMismatchError, ShapeError
 from .fixed_parts import FixedParts
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
+from .train_step_hyper import HyperparameterWatch
 from .train_step_jax import (
     SKIPPED,
-    HyperparameterWatch,
     Returned,
     SteadyState,
     committed,
