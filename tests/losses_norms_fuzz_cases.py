@@ -28,7 +28,7 @@ ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "soft
                "silu", "log_softmax", "glu", "hardtanh")
 PAIR_LOSSES = ("mse", "l1_loss", "huber", "smooth_l1", "bce_logits", "bce_probs", "kl_div",
                "hinge", "quad_hinge", "quantile")
-NORMS = ("layer_norm", "group_norm", "batch_norm", "rms_norm")
+NORMS = ("layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm")
 REDUCTIONS = ("mean", "sum", "none")
 #: alphas exact in float32: torch's CELU backward rounds 1/α through float32
 ALPHAS = (1.0, 0.5, 2.0, 0.25, 1.5, -0.75)
@@ -134,6 +134,11 @@ def norm_configs(draw: Any) -> dict[str, Any]:
     elif op == "group_norm":
         g, cg = draw(st.integers(1, 3)), draw(st.integers(1, 3))
         cfg.update(groups=g, shape=[draw(st.integers(1, 3)), g * cg, *_shape(draw, 0, 2, 3)],
+                   affine=draw(st.booleans()))
+    elif op == "instance_norm":  # more than one spatial element (torch refuses one)
+        nd = draw(st.sampled_from([1, 2]))
+        spatial = [draw(st.integers(2, 4)), *_shape(draw, nd - 1, nd - 1, 3, zero=False)]
+        cfg.update(nd=nd, shape=[draw(st.integers(1, 3)), draw(st.integers(1, 3)), *spatial],
                    affine=draw(st.booleans()))
     else:
         nd = draw(st.sampled_from([1, 2]))
@@ -423,6 +428,12 @@ def _norm_case(cfg: dict[str, Any]) -> Case:
             # n · C / G is 1 (its batch-norm check), a quirk of the functional's, not the op's)
             "output": _group_norm(a["input"], g, _named(a, "weight") if aff else None,
                                    _named(a, "bias") if aff else None, eps)})
+    if op == "instance_norm":
+        c = cfg["shape"][1]
+        block = ml.InstanceNorm1D if cfg["nd"] == 1 else ml.InstanceNorm2D
+        return Case(lambda: block(c, eps, aff), {"input": x}, lambda a, _: {
+            "output": F.instance_norm(a["input"], weight=_named(a, "weight") if aff else None,
+                                      bias=_named(a, "bias") if aff else None, eps=eps)})
     c, tr, mom = cfg["shape"][1], cfg["training"], cfg["momentum"]
     block = ml.BatchNorm1D if cfg["nd"] == 1 else ml.BatchNorm2D
 
@@ -487,6 +498,8 @@ def norm_gain(name: str) -> float:
         rows = x.reshape(-1, math.prod(x.shape[-k:]))
     elif cfg["op"] == "group_norm":
         rows = x.reshape(x.shape[0] * cfg["groups"], -1)
+    elif cfg["op"] == "instance_norm":
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
     else:
         rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
     if rows.size == 0:

@@ -1,5 +1,5 @@
-"""SiLU, LogSoftmax, GLU and Hardtanh (torch's ``F.silu`` / ``log_softmax`` / ``glu`` /
-``hardtanh``) side by side with torch.
+"""SiLU, LogSoftmax, GLU, Hardtanh (torch's ``F.silu`` / ``log_softmax`` / ``glu`` /
+``hardtanh``) and InstanceNorm1D/2D (``F.instance_norm``) side by side with torch.
 
 Fixed configurations of :mod:`losses_norms_fuzz_cases` (which also draws them at random):
 the output and the input gradient on NumPy and torch in process and on JAX float64 in a
@@ -38,6 +38,16 @@ NAMES = [
     _cfg("hardtanh", [3, 3], "", min_val=1.0, max_val=1.0),
     _cfg("hardtanh", [2, 5], "inf", min_val=-2.5, max_val=0.5),
 ]
+
+
+def _norm(nd: int, shape: list[int], affine: bool, eps: float = 1e-5,
+          special: str = "") -> str:
+    return name_of({"op": "instance_norm", "nd": nd, "shape": shape, "affine": affine,
+                    "eps": eps, "special": special})
+
+
+NAMES += [_norm(1, [2, 3, 5], False), _norm(1, [3, 2, 4], True, 0.1),
+          _norm(2, [2, 3, 3, 2], True), _norm(2, [1, 2, 2, 3], False, 1e-5, "tiny_var")]
 CASES = {n: FUZZ_CASES[n] for n in NAMES}
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
@@ -49,14 +59,15 @@ def test_numpy_gradient_equals_central_differences(name: str) -> None:
     case = CASES[name]
     params, cots, _, grads = run_mithril(name, case, "numpy")
     f = scalar_loss(case, params, cots)
-    x, h = params["input"], 1e-6
-    fd = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        up, dn = x.copy(), x.copy()
-        up[i] += h
-        dn[i] -= h
-        fd[i] = (f({"input": up}) - f({"input": dn})) / (2 * h)
-    assert np.abs(grads["input"] - fd).max() < 1e-6 * max(1.0, np.abs(fd).max())
+    h = 1e-6
+    for key, x in params.items():  # the input and an affine norm's weight and bias
+        fd = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            up, dn = x.copy(), x.copy()
+            up[i] += h
+            dn[i] -= h
+            fd[i] = (f({**params, key: up}) - f({**params, key: dn})) / (2 * h)
+        assert np.abs(grads[key] - fd).max() < 1e-6 * max(1.0, np.abs(fd).max()), key
 
 
 def test_hardtanh_gradient_is_zero_at_the_bounds() -> None:
@@ -78,6 +89,11 @@ def test_hardtanh_gradient_is_zero_at_the_bounds() -> None:
     (lambda: ml.Hardtanh(max_val="1"), r"Hardtanh: max_val must be a finite"),
     (lambda: ml.Glu(axis=1.5), r"Glu: axis must be an int"),
     (lambda: ml.LogSoftmax(axis=True), r"LogSoftmax: axis must be an int"),
+    (lambda: ml.InstanceNorm1D(0), r"InstanceNorm1D: num_features must be a positive int"),
+    (lambda: ml.InstanceNorm2D(3, eps=-1.0), r"InstanceNorm2D: eps must be"),
+    (lambda: ml.InstanceNorm2D(3, affine="yes"), r"InstanceNorm2D: affine must be a bool"),
+    (lambda: ml.InstanceNorm1D(3, track_running_stats=True),
+     r"InstanceNorm1D: track_running_stats must be False"),
 ])
 def test_bad_arguments_are_named(make: Any, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
@@ -88,6 +104,10 @@ def test_bad_arguments_are_named(make: Any, match: str) -> None:
     (lambda: ml.Glu(axis=1), [2, 3], r"Glu: the input's axis 1 must have an even length"),
     (lambda: ml.Glu(axis=2), [2, 4], r"Glu: axis 2 is out of range"),
     (lambda: ml.LogSoftmax(axis=-3), [2, 4], r"axis -3 is out of range"),
+    (lambda: ml.InstanceNorm1D(3), [2, 3, 4, 4], r"InstanceNorm1D: 'input' must have rank 3"),
+    (lambda: ml.InstanceNorm2D(3), [2, 4, 4, 4], r"InstanceNorm2D: input channels \(4\) must "
+     r"equal num_features \(3\)"),
+    (lambda: ml.InstanceNorm1D(3), [2, 3, 1], r"more than 1 spatial element"),
 ])
 def test_bad_shapes_are_refused_at_compile(block: Any, shape: list[int], match: str) -> None:
     model = ml.Model()

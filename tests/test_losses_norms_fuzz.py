@@ -5,7 +5,7 @@ loss (``CrossEntropy`` with every ``input_type``, class-index / one-hot / probab
 ``weight``, ``ignore_index``, ``label_smoothing``, either class axis; ``BinaryCrossEntropy``
 on logits and probabilities with ``pos_weight``; ``SquaredError``, ``AbsoluteError``,
 ``HuberLoss``, ``SmoothL1Loss``, ``KLDivergence``, the hinge and quantile losses), every norm
-(``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm1D/2D`` in both modes, with and without
+(``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1D/2D``, ``BatchNorm1D/2D`` in both modes, with and without
 running statistics) and every activation (and the ``L1`` / ``L2`` regularizers), each with
 every argument torch's function has and ours offers, against ``torch.nn.functional`` (or, for
 the blocks torch lacks, a torch expression), with autograd for the gradients:
@@ -40,7 +40,7 @@ from mithril.backends import NumpyBackend, TorchBackend
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss:UserWarning")
 TOL = 1e-10
-BLOCK_NAMES = r"(BatchNorm[12]D|GroupNorm|LayerNorm|RMSNorm|CrossEntropy)"
+BLOCK_NAMES = r"(BatchNorm[12]D|InstanceNorm[12]D|GroupNorm|LayerNorm|RMSNorm|CrossEntropy)"
 #: a norm's tolerance grows by this times :func:`norm_gain` (rounding amplified by 1/σ²)
 ROUNDING = 1e3 * float(np.finfo(np.float64).eps)
 

@@ -27,7 +27,7 @@ from .dropout import Dropout
 from .layers import Embedding, Flatten, LayerNorm, Linear
 from .losses import CrossEntropy, HuberLoss, MeanSquaredError, SmoothL1Loss, SquaredError
 from .model import Bound, Connection, Model
-from .norms import BatchNorm1D, BatchNorm2D, GroupNorm, RMSNorm
+from .norms import BatchNorm1D, BatchNorm2D, GroupNorm, InstanceNorm1D, InstanceNorm2D, RMSNorm
 from .operator import Operator
 from .pooling import AvgPool1D, AvgPool2D, GlobalAvgPool2D, MaxPool1D, MaxPool2D
 
@@ -40,7 +40,7 @@ __all__ = [
     "MaxPool1D", "MaxPool2D", "BatchNorm1D", "BatchNorm2D", "Dropout", "RMSNorm",
     "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
     "HuberLoss", "SmoothL1Loss",
-    "Glu", "Hardtanh", "LogSoftmax", "Silu",
+    "Glu", "Hardtanh", "LogSoftmax", "Silu", "InstanceNorm1D", "InstanceNorm2D",
 ]
 
 # primitives (the published Mithril's names)
