@@ -32,7 +32,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ..utils.optimizers.base import slot_shape_of
+from ..utils.optimizers.layout import slot_shape_of
 from ..utils.optimizers.tensorwise import JaxOps
 from .optax_hyperparams import scheduled
 from .optax_prologue import _prologue, _wide, given_up

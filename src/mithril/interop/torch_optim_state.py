@@ -57,7 +57,7 @@ from ..utils.optimizers import (
     RMSProp,
 )
 from ..utils.optimizers.averaging import counts_of, saved_counts
-from ..utils.optimizers.base import slot_shape_of
+from ..utils.optimizers.layout import slot_shape_of
 from .torch_optim_interchange import is_zero, torch_state, torchs, unstepped
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep

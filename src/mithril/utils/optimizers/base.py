@@ -62,7 +62,6 @@ in ``state.last_grad_norm`` under the first three policies:
 from __future__ import annotations
 
 import functools
-import inspect
 import operator
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -79,7 +78,7 @@ from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .engines.common import is_finite
 from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
-from .layout import Layout
+from .layout import Layout, slot_shape_of
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
 
@@ -105,17 +104,6 @@ def _without_none(gradients: Any) -> Any:
     return gradients
 
 
-def slot_shape_of(opt: Any, slot: str, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
-    """``opt.slot_shape(slot, shape, name)``, or without ``name`` for an override written
-    before it was passed (a user's ``slot_shape(self, slot, shape)``)."""
-    f = type(opt).slot_shape
-    takes = _TAKES_NAME.get(f)
-    if takes is None:
-        takes = _TAKES_NAME[f] = "name" in inspect.signature(f).parameters
-    return opt.slot_shape(slot, shape, name) if takes else opt.slot_shape(slot, shape)
-
-
-_TAKES_NAME: dict[Any, bool] = {}
 
 
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):

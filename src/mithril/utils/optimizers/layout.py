@@ -6,6 +6,7 @@ flat buffer: one fused kernel then touches each byte once, whatever the number o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,3 +59,16 @@ class Layout:
 
     def __hash__(self) -> int:
         return hash((self.names, self.shapes, self.dtype, self.align))
+
+
+def slot_shape_of(opt: Any, slot: str, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """``opt.slot_shape(slot, shape, name)``, or without ``name`` for an override written
+    before it was passed (a user's ``slot_shape(self, slot, shape)``)."""
+    f = type(opt).slot_shape
+    takes = _TAKES_NAME.get(f)
+    if takes is None:
+        takes = _TAKES_NAME[f] = "name" in inspect.signature(f).parameters
+    return opt.slot_shape(slot, shape, name) if takes else opt.slot_shape(slot, shape)
+
+
+_TAKES_NAME: dict[Any, bool] = {}
