@@ -104,8 +104,6 @@ def _without_none(gradients: Any) -> Any:
     return gradients
 
 
-
-
 class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     """Base class. Construct with hyperparameters only; then::
 
