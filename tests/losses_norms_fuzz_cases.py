@@ -91,6 +91,9 @@ def pair_loss_configs(draw: Any) -> dict[str, Any]:
         cfg["pos_weight"] = draw(st.sampled_from([1.0, 1.0, 3.0, 0.25]))
     elif op == "quantile":
         cfg["q"] = draw(st.sampled_from([0.5, 0.1, 0.9, 0.0, 1.0]))
+    elif op == "kl_div":
+        cfg["log_target"] = draw(st.booleans())
+        cfg["reduction"] = draw(st.sampled_from([*REDUCTIONS, "batchmean"]))
     return cfg
 
 
@@ -243,6 +246,8 @@ def _pair_inputs(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         x = 1 / (1 + np.exp(-np.clip(x, -12, 12)))
     elif op == "kl_div":
         x = rng.random(shape) + 1e-3
+        if cfg.get("log_target"):  # log p (a zero probability: e^-50)
+            t = np.log(np.where(t > 0, t, np.exp(-50.0)))
     elif op in ("hinge", "quad_hinge"):
         t = rng.choice([-1.0, 1.0], shape)
         if cfg["special"] == "ties":  # margins exactly 1
@@ -280,7 +285,8 @@ def _pair_ref(cfg: dict[str, Any]) -> Any:
         return lambda x, t: reduce(-(w * t * torch.log(x).clamp_min(-100)
                                      + (1 - t) * torch.log1p(-x).clamp_min(-100)))
     if op == "kl_div":
-        return lambda x, t: F.kl_div(torch.log(x), t, reduction=r)
+        return lambda x, t: F.kl_div(torch.log(x), t, reduction=r,
+                                     log_target=cfg.get("log_target", False))
     if op == "hinge":
         return lambda x, t: reduce(torch.maximum(1 - t * x, torch.zeros_like(x)))
     if op == "quad_hinge":
@@ -298,7 +304,8 @@ def _pair_case(cfg: dict[str, Any]) -> Case:
         "smooth_l1": lambda: ml.SmoothL1Loss(cfg["beta"], r),
         "bce_logits": lambda: ml.BinaryCrossEntropy("logits", w, reduction=r),
         "bce_probs": lambda: ml.BinaryCrossEntropy("probs", w, reduction=r),
-        "kl_div": lambda: ml.KLDivergence(reduction=r), "hinge": lambda: ml.HingeLoss(r),
+        "kl_div": lambda: ml.KLDivergence(reduction=r, log_target=cfg.get("log_target", False)),
+        "hinge": lambda: ml.HingeLoss(r),
         "quad_hinge": lambda: ml.QuadHingeLoss(r),
         "quantile": lambda: ml.QuantileLoss(cfg["q"], r)}
     x, t = _pair_inputs(cfg)

@@ -1,5 +1,6 @@
 """SiLU, LogSoftmax, GLU, Hardtanh (torch's ``F.silu`` / ``log_softmax`` / ``glu`` /
-``hardtanh``) and InstanceNorm1D/2D (``F.instance_norm``) side by side with torch.
+``hardtanh``), InstanceNorm1D/2D (``F.instance_norm``) and KLDivergence's ``log_target`` and
+"batchmean" (``F.kl_div``) side by side with torch.
 
 Fixed configurations of :mod:`losses_norms_fuzz_cases` (which also draws them at random):
 the output and the input gradient on NumPy and torch in process and on JAX float64 in a
@@ -48,6 +49,16 @@ def _norm(nd: int, shape: list[int], affine: bool, eps: float = 1e-5,
 
 NAMES += [_norm(1, [2, 3, 5], False), _norm(1, [3, 2, 4], True, 0.1),
           _norm(2, [2, 3, 3, 2], True), _norm(2, [1, 2, 2, 3], False, 1e-5, "tiny_var")]
+
+
+def _kl(shape: list[int], reduction: str, log_target: bool, special: str = "") -> str:
+    return name_of({"op": "kl_div", "shape": shape, "reduction": reduction, "scale": 1.0,
+                    "special": special, "log_target": log_target})
+
+
+NAMES += [_kl([3, 4], "batchmean", False), _kl([3, 4], "batchmean", True),
+          _kl([2, 3, 2], "none", True), _kl([4, 2], "mean", True, "hard"),
+          _kl([5], "batchmean", True, "hard"), _kl([], "batchmean", False)]
 CASES = {n: FUZZ_CASES[n] for n in NAMES}
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
@@ -89,6 +100,8 @@ def test_hardtanh_gradient_is_zero_at_the_bounds() -> None:
     (lambda: ml.Hardtanh(max_val="1"), r"Hardtanh: max_val must be a finite"),
     (lambda: ml.Glu(axis=1.5), r"Glu: axis must be an int"),
     (lambda: ml.LogSoftmax(axis=True), r"LogSoftmax: axis must be an int"),
+    (lambda: ml.KLDivergence(reduction="batch"), r"KLDivergence: reduction must be one of"),
+    (lambda: ml.KLDivergence(log_target=1), r"KLDivergence: log_target must be a bool"),
     (lambda: ml.InstanceNorm1D(0), r"InstanceNorm1D: num_features must be a positive int"),
     (lambda: ml.InstanceNorm2D(3, eps=-1.0), r"InstanceNorm2D: eps must be"),
     (lambda: ml.InstanceNorm2D(3, affine="yes"), r"InstanceNorm2D: affine must be a bool"),

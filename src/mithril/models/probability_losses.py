@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from .operator import Operator, backend_of, functional_of, unify
-from .pointwise_losses import check_number, check_reduction, elementwise_cotangent, reduce
+from .pointwise_losses import (
+    REDUCTIONS,
+    check_number,
+    check_reduction,
+    elementwise_cotangent,
+    reduce,
+)
 
 #: torch's F.binary_cross_entropy clamps each log at -100: below e^-100 the log is -100
 _LOG_FLOOR = -100.0
@@ -169,31 +175,60 @@ class KLDivergence(Operator):
     ``F.kl_div(log q, p, reduction="none")`` takes the *log* of the prediction first; here
     ``input`` is the probability q itself. For p, q >= the cutoff the two agree; a target of
     0 gives 0 (torch's 0·log 0 = 0), a prediction of 0 a finite loss. ``reduction``: "none"
-    (default, the published form), "mean" (over every element, torch's "mean") or "sum";
-    torch's "batchmean" is "sum" divided by the batch size. Both inputs are differentiable:
-    d/dq = −p/q, d/dp = log p + 1 − log q (above the cutoff)."""
+    (default, the published form), "mean" (over every element, torch's "mean"), "sum" or
+    "batchmean" (torch's: the sum divided by the first axis's length, the true KL divergence
+    per sample). ``log_target=True`` (torch's): ``target`` is log p, the terms
+    e^t·(t − log q). Both inputs are differentiable: d/dq = −p/q, d/dp = log p + 1 − log q
+    (above the cutoff)."""
 
     inputs = ("input", "target")
 
-    def __init__(self, cutoff: float | None = None, reduction: str = "none") -> None:
+    def __init__(self, cutoff: float | None = None, reduction: str = "none",
+                 log_target: bool = False) -> None:
         self.cutoff = None if cutoff is None else check_number(
             "KLDivergence", "cutoff", cutoff, 0.0, open_lo=True)
-        self.reduction = check_reduction("KLDivergence", reduction)
+        if reduction not in (*REDUCTIONS, "batchmean"):  # torch's "batchmean" too
+            raise ValueError(f"KLDivergence: reduction must be one of "
+                             f"{(*REDUCTIONS, 'batchmean')}, got {reduction!r}")
+        self.reduction = reduction
+        if not isinstance(log_target, (bool, np.bool_)):
+            raise ValueError(f"KLDivergence: log_target must be a bool, got {log_target!r}")
+        self.log_target = bool(log_target)
 
     def infer_shape(self, shapes):
         s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
         return s if self.reduction == "none" else ()
 
+    @staticmethod
+    def _batch(shape: tuple[int, ...]) -> int:
+        """torch's "batchmean" divisor: the first axis's length (1 for a 0-d input)."""
+        return shape[0] if len(shape) else 1
+
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         c = self.cutoff or tiny(input.dtype)
-        loss = target * (robust_log(xp, target, c) - robust_log(xp, input, c))
+        if self.log_target:  # target = log p: p·(log p − log q) without a log of p
+            loss = xp.exp(target) * (target - robust_log(xp, input, c))
+        else:
+            loss = target * (robust_log(xp, target, c) - robust_log(xp, input, c))
+        if self.reduction == "batchmean":
+            return reduce(xp, loss, "sum") / self._batch(input.shape)
         return reduce(xp, loss, self.reduction)
 
     def vjp(self, g, out, args, wrt):
         q, p = args["input"], args["target"]
         c = self.cutoff or tiny(q.dtype)
-        ge = elementwise_cotangent(g, q.shape, self.reduction)
+        if self.reduction == "batchmean":
+            ge = np.broadcast_to(g / self._batch(q.shape), q.shape)
+        else:
+            ge = elementwise_cotangent(g, q.shape, self.reduction)
         res = {}
+        if self.log_target:  # p = e^t: d/dq = −e^t/q, d/dt = e^t·(t − log q + 1)
+            e = np.exp(p)
+            if "input" in wrt:
+                res["input"] = ge * (-e * robust_log_slope(q, c))
+            if "target" in wrt:
+                res["target"] = ge * (e * (p - robust_log(np, q, c) + 1))
+            return res
         if "input" in wrt:
             res["input"] = ge * (-p * robust_log_slope(q, c))
         if "target" in wrt:
@@ -203,4 +238,5 @@ class KLDivergence(Operator):
 
     def __repr__(self) -> str:
         extra = "" if self.cutoff is None else f"cutoff={self.cutoff}, "
+        extra += "log_target=True, " if self.log_target else ""
         return f"KLDivergence({extra}reduction={self.reduction!r})"
