@@ -89,6 +89,10 @@ def pair_loss_configs(draw: Any) -> dict[str, Any]:
         cfg["beta"] = draw(st.sampled_from([1.0, 0.0, 0.3, 4.0]))
     elif op in ("bce_logits", "bce_probs"):
         cfg["pos_weight"] = draw(st.sampled_from([1.0, 1.0, 3.0, 0.25]))
+        if cfg["shape"] and cfg["shape"][-1] and draw(st.booleans()):  # one per class
+            cfg["pos_weight"] = draw(st.lists(st.sampled_from([1.0, 3.0, 0.25, 0.5]),
+                                              min_size=cfg["shape"][-1],
+                                              max_size=cfg["shape"][-1]))
     elif op == "quantile":
         cfg["q"] = draw(st.sampled_from([0.5, 0.1, 0.9, 0.0, 1.0]))
     elif op == "kl_div":
@@ -282,7 +286,8 @@ def _pair_ref(cfg: dict[str, Any]) -> Any:
     if op == "bce_probs":
         if w == 1.0:
             return lambda x, t: F.binary_cross_entropy(x, t, reduction=r)
-        return lambda x, t: reduce(-(w * t * torch.log(x).clamp_min(-100)
+        return lambda x, t: reduce(-(torch.tensor(w, dtype=x.dtype) * t
+                                     * torch.log(x).clamp_min(-100)
                                      + (1 - t) * torch.log1p(-x).clamp_min(-100)))
     if op == "kl_div":
         return lambda x, t: F.kl_div(torch.log(x), t, reduction=r,

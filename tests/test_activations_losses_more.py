@@ -1,6 +1,7 @@
 """SiLU, LogSoftmax, GLU, Hardtanh (torch's ``F.silu`` / ``log_softmax`` / ``glu`` /
 ``hardtanh``), InstanceNorm1D/2D (``F.instance_norm``) and KLDivergence's ``log_target`` and
-"batchmean" (``F.kl_div``) side by side with torch.
+"batchmean" (``F.kl_div``) and BinaryCrossEntropy's per-class ``pos_weight`` side by side
+with torch.
 
 Fixed configurations of :mod:`losses_norms_fuzz_cases` (which also draws them at random):
 the output and the input gradient on NumPy and torch in process and on JAX float64 in a
@@ -59,6 +60,19 @@ def _kl(shape: list[int], reduction: str, log_target: bool, special: str = "") -
 NAMES += [_kl([3, 4], "batchmean", False), _kl([3, 4], "batchmean", True),
           _kl([2, 3, 2], "none", True), _kl([4, 2], "mean", True, "hard"),
           _kl([5], "batchmean", True, "hard"), _kl([], "batchmean", False)]
+
+
+def _bce(op: str, shape: list[int], reduction: str, pos_weight: list[float],
+         special: str = "", scale: float = 4.0) -> str:
+    return name_of({"op": op, "shape": shape, "reduction": reduction, "scale": scale,
+                    "special": special, "pos_weight": pos_weight})
+
+
+NAMES += [_bce("bce_logits", [4, 3], "mean", [3.0, 0.25, 1.0]),
+          _bce("bce_logits", [2, 2, 3], "none", [0.5, 3.0, 3.0], "hard"),
+          _bce("bce_probs", [3, 2], "sum", [3.0, 0.5], scale=1.0),  # p not near 0, 1: for
+          _bce("bce_probs", [3, 2], "mean", [0.25, 3.0], "hard"),  # central differences
+          _bce("bce_logits", [5, 1], "sum", [3.0])]
 CASES = {n: FUZZ_CASES[n] for n in NAMES}
 
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
@@ -102,6 +116,10 @@ def test_hardtanh_gradient_is_zero_at_the_bounds() -> None:
     (lambda: ml.LogSoftmax(axis=True), r"LogSoftmax: axis must be an int"),
     (lambda: ml.KLDivergence(reduction="batch"), r"KLDivergence: reduction must be one of"),
     (lambda: ml.KLDivergence(log_target=1), r"KLDivergence: log_target must be a bool"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight=[1.0, -2.0]),
+     r"BinaryCrossEntropy: pos_weight must be a positive number or a 1-d sequence"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight=[[1.0]]), r"BinaryCrossEntropy: pos_weight must"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight=[]), r"BinaryCrossEntropy: pos_weight must"),
     (lambda: ml.InstanceNorm1D(0), r"InstanceNorm1D: num_features must be a positive int"),
     (lambda: ml.InstanceNorm2D(3, eps=-1.0), r"InstanceNorm2D: eps must be"),
     (lambda: ml.InstanceNorm2D(3, affine="yes"), r"InstanceNorm2D: affine must be a bool"),
@@ -121,9 +139,13 @@ def test_bad_arguments_are_named(make: Any, match: str) -> None:
     (lambda: ml.InstanceNorm2D(3), [2, 4, 4, 4], r"InstanceNorm2D: input channels \(4\) must "
      r"equal num_features \(3\)"),
     (lambda: ml.InstanceNorm1D(3), [2, 3, 1], r"more than 1 spatial element"),
+    (lambda: ml.BinaryCrossEntropy(pos_weight=[1.0, 2.0, 3.0]), [4, 2],
+     r"BinaryCrossEntropy: pos_weight has 3 classes"),
 ])
 def test_bad_shapes_are_refused_at_compile(block: Any, shape: list[int], match: str) -> None:
     model = ml.Model()
-    model |= block()(input="input", output="output")
+    b = block()
+    ins = {k: k for k in b.inputs}  # a loss's target too, of the input's shape
+    model |= b(**ins, output="output")
     with pytest.raises(ValueError, match=match):
-        ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": shape})
+        ml.compile(model, NumpyBackend(dtype="float64"), shapes={k: shape for k in ins})

@@ -10,11 +10,12 @@ finite log and gradient (1/c). ``KLDivergence`` always takes it; ``BinaryCrossEn
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .operator import Operator, backend_of, functional_of, unify
+from .operator import Operator, ShapeError, backend_of, fmt, functional_of, unify
 from .pointwise_losses import (
     REDUCTIONS,
     check_number,
@@ -81,13 +82,15 @@ class BinaryCrossEntropy(Operator):
       only where p·(1 − p) < 1e−12). With ``robust=True`` the logs are the robust log
       (module docstring) with cutoff ``cutoff``, not floored, as the published Mithril's.
 
-    ``pos_weight`` is a positive number (the published "auto", a weight from the batch's
-    labels, is not offered); ``robust`` changes nothing for logits (the log there is of a
+    ``pos_weight`` is a positive number, or a sequence of them, one per class: broadcast over
+    the last axis (its length that axis's, or 1), as torch's ``pos_weight`` tensor (the
+    published "auto", a weight from the batch's labels, is not offered); ``robust`` changes nothing for logits (the log there is of a
     number >= 1). Both ``input`` and ``target`` are differentiable."""
 
     inputs = ("input", "target")
 
-    def __init__(self, input_type: str = "logits", pos_weight: float = 1.0, robust: bool = False,
+    def __init__(self, input_type: str = "logits",
+                 pos_weight: float | Sequence[float] | np.ndarray = 1.0, robust: bool = False,
                  cutoff: float | None = None, reduction: str = "mean") -> None:
         if input_type not in ("logits", "probs"):
             raise ValueError("BinaryCrossEntropy: input_type must be 'logits' or 'probs', got "
@@ -95,8 +98,17 @@ class BinaryCrossEntropy(Operator):
         if isinstance(pos_weight, str):
             raise ValueError("BinaryCrossEntropy: pos_weight must be a positive number (the "
                              f"published 'auto' is not offered), got {pos_weight!r}")
-        self.pos_weight = check_number("BinaryCrossEntropy", "pos_weight", pos_weight, 0.0,
-                                       open_lo=True)
+        self.pos_weight: float | np.ndarray
+        if isinstance(pos_weight, (list, tuple, np.ndarray)):  # per class (the last axis)
+            pw = np.asarray(pos_weight)
+            if pw.ndim != 1 or not pw.size or pw.dtype.kind not in "iuf" \
+                    or not (np.isfinite(pw) & (pw > 0)).all():
+                raise ValueError("BinaryCrossEntropy: pos_weight must be a positive number or a "
+                                 f"1-d sequence of them (one per class), got {pos_weight!r}")
+            self.pos_weight = pw.astype(np.float64)
+        else:
+            self.pos_weight = check_number("BinaryCrossEntropy", "pos_weight", pos_weight,
+                                           0.0, open_lo=True)
         if not isinstance(robust, (bool, np.bool_)):
             raise TypeError(f"BinaryCrossEntropy: robust must be a bool, got {robust!r}")
         self.input_type, self.robust = input_type, bool(robust)
@@ -106,7 +118,24 @@ class BinaryCrossEntropy(Operator):
 
     def infer_shape(self, shapes):
         s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
+        pw = self.pos_weight
+        if isinstance(pw, np.ndarray) and pw.size != 1 and s is not None and (
+                not len(s) or s[-1] not in (None, pw.size)):
+            raise ShapeError(f"BinaryCrossEntropy: pos_weight has {pw.size} classes, the "
+                             f"input's last axis must have as many, got shape {fmt(s)}")
         return s if self.reduction == "none" else ()
+
+    def _weight(self, xp: Any, like: Any) -> Any:
+        """pos_weight: the float, or the per-class array in ``like``'s backend and dtype."""
+        w = self.pos_weight
+        if not isinstance(w, np.ndarray):
+            return w
+        if backend_of(xp) == "torch":
+            return like.new_tensor(w)
+        return xp.asarray(w, dtype=like.dtype)
+
+    def _unit(self) -> bool:
+        return not isinstance(self.pos_weight, np.ndarray) and self.pos_weight == 1.0
 
     def _logs(self, xp: Any, p: Any) -> tuple[Any, Any]:
         if self.robust:
@@ -115,11 +144,11 @@ class BinaryCrossEntropy(Operator):
         return _floored_log(xp, p), _floored_log1m(xp, p)
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
-        w = self.pos_weight
+        w = self._weight(xp, input)
         if self.input_type == "logits":
             F = functional_of(xp)
             if F is not None:
-                pw = None if w == 1.0 else input.new_tensor(w)
+                pw = None if self._unit() else input.new_tensor(self.pos_weight)
                 return F.binary_cross_entropy_with_logits(input, target, reduction=self.reduction,
                                                           pos_weight=pw)
             if backend_of(xp) == "jax":
@@ -128,15 +157,16 @@ class BinaryCrossEntropy(Operator):
                 sp = jax.nn.softplus(-input)
             else:
                 sp = xp.logaddexp(0.0, -input)
-            lw = 1.0 if w == 1.0 else (w - 1) * target + 1
+            lw = 1.0 if self._unit() else (w - 1) * target + 1
             loss = (1 - target) * input + lw * sp
         else:
             lp, l1p = self._logs(xp, input)
-            loss = -((w * target if w != 1.0 else target) * lp + (1 - target) * l1p)
+            loss = -((target if self._unit() else w * target) * lp + (1 - target) * l1p)
         return reduce(xp, loss, self.reduction)
 
     def vjp(self, g, out, args, wrt):
-        x, t, w = args["input"], args["target"], self.pos_weight
+        x, t = args["input"], args["target"]
+        w = self._weight(np, x)
         ge = elementwise_cotangent(g, x.shape, self.reduction)
         res = {}
         if self.input_type == "logits":
@@ -160,7 +190,9 @@ class BinaryCrossEntropy(Operator):
         return res
 
     def __repr__(self) -> str:
-        extra = "" if self.pos_weight == 1.0 else f", pos_weight={self.pos_weight}"
+        pw = self.pos_weight
+        extra = "" if self._unit() else \
+            f", pos_weight={pw.tolist() if isinstance(pw, np.ndarray) else pw}"
         extra += ", robust=True" if self.robust else ""
         extra += "" if self.cutoff is None else f", cutoff={self.cutoff}"
         return (f"BinaryCrossEntropy(input_type={self.input_type!r}{extra}, "
