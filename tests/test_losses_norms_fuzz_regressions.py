@@ -215,7 +215,7 @@ BAD = [
     (lambda: ml.BinaryCrossEntropy(pos_weight=-1), ValueError, r"pos_weight must be"),
     (lambda: ml.CrossEntropy(label_smoothing=1.5), ValueError, r"label_smoothing must be"),
     (lambda: ml.CrossEntropy(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
-    (lambda: ml.KLDivergence(reduction="batchmean"), ValueError, r"KLDivergence: reduction"),
+    (lambda: ml.KLDivergence(reduction="batch"), ValueError, r"KLDivergence: reduction"),
     (lambda: ml.Softplus(beta=0), ValueError, r"Softplus: beta must be"),
     (lambda: ml.Gelu("fast"), ValueError, r"Gelu: approximate must be"),
     (lambda: ml.Celu(alpha=0), ValueError, r"Celu: alpha must be"),

@@ -328,7 +328,7 @@ def test_kl_divergence_of_a_zero_prediction_is_finite():
     (lambda: ml.BinaryCrossEntropy(pos_weight="auto"), "pos_weight must be a positive number .*'auto'"),
     (lambda: ml.BinaryCrossEntropy(cutoff=-1.0), "BinaryCrossEntropy: cutoff must be"),
     (lambda: ml.BinaryCrossEntropy(reduction="avg"), "BinaryCrossEntropy: reduction must be one of"),
-    (lambda: ml.KLDivergence(reduction="batchmean"), "KLDivergence: reduction must be one of"),
+    (lambda: ml.KLDivergence(reduction="batch"), "KLDivergence: reduction must be one of"),
     (lambda: ml.KLDivergence(cutoff=float("nan")), "KLDivergence: cutoff must be"),
 ])
 def test_bad_arguments_are_refused_by_name(make, match):

@@ -262,8 +262,8 @@ def test_a_skipped_step_counts_no_missed_step():
 
 def test_jax_one_program_leaves_the_unreached_out_as_numpy():
     """The one-program JAX step leaves out a parameter the loss does not reach (``fused``
-    True), equal to NumPy's step; an optimizer whose program cannot count per parameter
-    (Muon with weight averaging) makes it the separate calls. (Alternating losses and resumed states:
+    True), equal to NumPy's step; Muon with weight averaging too (its averages read the
+    optimizer's count: test_train_step_unreached_averaging). (Alternating losses and resumed states:
     ``tests/test_train_step_unreached_jax.py``.)"""
     from mithril.utils.optimizers import Muon
 
@@ -273,7 +273,7 @@ def test_jax_one_program_leaves_the_unreached_out_as_numpy():
     sj, sn = (make_train_step(c, AdamW(learning_rate=1e-2, weight_decay=0.1), loss="loss_a")
               for c in (cj, cn))
     assert sj.fused and not sn.fused
-    assert not make_train_step(cj, Muon(ema_decay=0.9), loss="loss_a").fused
+    assert make_train_step(cj, Muon(ema_decay=0.9), loss="loss_a").fused
     pn = cn.get_parameters()
     pj = {n: cj.backend.array(v) for n, v in pn.items()}
     before = {n: v.copy() for n, v in pn.items()}

@@ -12,10 +12,12 @@ from .schedule_free import init_from_params
 from .state import OptimizerState
 
 
-def _madgrad(p, g, x0, s, v, lr, lamb, mom, omm, eps):
+def _madgrad(p, g, x0, s, v, lr, lamb, mom, omm, eps, third):
     v = v + lamb * (g * g)                       # optax's grad_sum_sq
     s = s + lamb * g
-    z = x0 - s / (v ** (1.0 / 3.0) + eps)        # the dual-averaged point (∛ of v)
+    # the dual-averaged point (∛ of v; ⅓ a scalar of the step's dtype: a float64 literal
+    # would run a float32 kernel in float64)
+    z = x0 - s / (v ** third + eps)
     return p + (omm * z + mom * p - p), x0, s, v  # (optax's update x_new − p, then applied)
 
 
@@ -48,7 +50,8 @@ class MADGRAD(Optimizer):
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr, eps = self.learning_rate, self.epsilon
-        return (lr, (lr + eps) * (step * 1.0) ** 0.5, self.momentum, 1 - self.momentum, eps)
+        return (lr, (lr + eps) * (step * 1.0) ** 0.5, self.momentum, 1 - self.momentum, eps,
+                1.0 / 3.0)
 
     def kernel_math(self) -> Any:
         return _madgrad
