@@ -252,7 +252,7 @@ def test_activation_argument_errors():
 
 
 @pytest.mark.parametrize("name", ["softplus", "elu", "selu", "celu", "mish", "hardswish",
-                                  "hardsigmoid"])
+                                  "hardsigmoid", "silu", "hardtanh"])
 def test_mlp_takes_the_activation_names(name):
     model = ml.MLP([name, None], [3, 2])
     compiled = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [4, 5]})

@@ -14,7 +14,8 @@ _ACTIVATIONS = {"relu": activations.Relu, "leaky_relu": activations.LeakyRelu,
                 "gelu": activations.Gelu, "softmax": activations.Softmax,
                 "softplus": activations.Softplus, "elu": activations.Elu,
                 "selu": activations.Selu, "celu": activations.Celu, "mish": activations.Mish,
-                "hardswish": activations.Hardswish, "hardsigmoid": activations.Hardsigmoid}
+                "hardswish": activations.Hardswish, "hardsigmoid": activations.Hardsigmoid,
+                "silu": activations.Silu, "hardtanh": activations.Hardtanh}
 
 
 class MLP(Model):
