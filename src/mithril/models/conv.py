@@ -218,7 +218,30 @@ def refuse_unknown(who: str, unknown: dict[str, Any]) -> None:
                         f"({TORCH_ONLY.get(name, 'not an argument of this layer')})")
 
 
-class _Convolution(Operator):
+class ConvParams:
+    """What a convolution and a transposed one share: torch's init (weight
+    ``kaiming_uniform_(a=√5)``, bias U(±1/√fan_in), ``_fan_in`` set by ``param_shapes``) and
+    the input channels' check against ``groups``."""
+
+    @property
+    def param_init(self) -> dict[str, str]:
+        init = {"weight": "kaiming_uniform"}
+        if self.use_bias:
+            init["bias"] = f"fan_in_uniform:{self._fan_in}" if self._fan_in else "zeros"
+        return init
+
+    def _in_channels(self, shapes) -> int | None:
+        s = shapes.get("input")
+        who = type(self).__name__
+        check_rank(s, self.nd, who, self.layout)
+        c = None if s is None else s[-self.nd - 1]
+        if c is not None and c % self.groups:
+            raise ShapeError(f"{who}: input channels ({c}) must be divisible by groups "
+                             f"({self.groups}); 'input' has shape {fmt(s)}")
+        return c
+
+
+class _Convolution(ConvParams, Operator):
     nd: int = 2
     layout: str = "N, C, H, W"
     vjp_ignores = frozenset({"input", "bias", "output"})  # the im2col residual has the input
@@ -255,24 +278,6 @@ class _Convolution(Operator):
             self.mode_pads, self.pads = self.pads, ((0, 0),) * self.nd
         self.out_channels, self.groups, self.use_bias = int(out_channels), int(groups), bool(use_bias)
         self._fan_in: int | None = None
-
-    @property
-    def param_init(self) -> dict[str, str]:  # type: ignore[override]
-        """torch's defaults: weight ``kaiming_uniform_(a=√5)``, bias U(±1/√fan_in)."""
-        init = {"weight": "kaiming_uniform"}
-        if self.use_bias:
-            init["bias"] = f"fan_in_uniform:{self._fan_in}" if self._fan_in else "zeros"
-        return init
-
-    def _in_channels(self, shapes) -> int | None:
-        s = shapes.get("input")
-        who = type(self).__name__
-        check_rank(s, self.nd, who, self.layout)
-        c = None if s is None else s[-self.nd - 1]
-        if c is not None and c % self.groups:
-            raise ShapeError(f"{who}: input channels ({c}) must be divisible by groups "
-                             f"({self.groups}); 'input' has shape {fmt(s)}")
-        return c
 
     def param_shapes(self, shapes):
         c = self._in_channels(shapes)

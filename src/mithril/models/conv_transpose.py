@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
-from .conv import check_rank, ntuple, refuse_unknown, unbatched
-from .operator import Operator, backend_of, fmt
+from .conv import ConvParams, ntuple, refuse_unknown, unbatched
+from .operator import Operator, backend_of
 from .window_kernels import col2im, im2col
 
 
@@ -44,7 +44,7 @@ def _positive_int(value: Any, name: str, who: str) -> int:
     return int(value)
 
 
-class _ConvTranspose(Operator):
+class _ConvTranspose(ConvParams, Operator):
     nd: int = 2
     layout: str = "N, C, H, W"
     inputs = ("input",)
@@ -79,32 +79,12 @@ class _ConvTranspose(Operator):
     def pads(self) -> tuple[tuple[int, int], ...]:
         return tuple((p, p) for p in self.padding)
 
-    @property
-    def param_init(self) -> dict[str, str]:  # type: ignore[override]
-        """torch's defaults: weight ``kaiming_uniform_(a=√5)`` (fan_in = prod(shape[1:]) =
-        out_channels / groups · prod(kernel), as torch computes it for a transposed weight),
-        bias U(±1/√fan_in)."""
-        init = {"weight": "kaiming_uniform"}
-        if self.use_bias:
-            init["bias"] = f"fan_in_uniform:{self._fan_in}" if self._fan_in else "zeros"
-        return init
-
-    def _in_channels(self, shapes) -> int | None:
-        s = shapes.get("input")
-        who = type(self).__name__
-        check_rank(s, self.nd, who, self.layout)
-        c = None if s is None else s[-self.nd - 1]
-        if c is not None and c % self.groups:
-            raise ShapeError(f"{who}: input channels ({c}) must be divisible by groups "
-                             f"({self.groups}); 'input' has shape {fmt(s)}")
-        return c
-
     def param_shapes(self, shapes):
         c = self._in_channels(shapes)
         if c is None:
             return {}
         w = (c, self.out_channels // self.groups, *self.kernel_size)
-        self._fan_in = math.prod(w[1:])
+        self._fan_in = math.prod(w[1:])  # (torch's for a transposed weight: out/groups · prod(k))
         return {"weight": w, "bias": (self.out_channels,)} if self.use_bias else {"weight": w}
 
     def _sizes(self, spatial: Sequence[int | None]) -> tuple[int | None, ...]:
