@@ -19,6 +19,7 @@ from .activations import (
     Softplus,
     Tanh,
 )
+from .activations_more import Hardshrink, LogSigmoid, PReLU, Softshrink, Softsign
 from .arithmetic import Add, MatrixMultiply, Multiply
 from .blocks import MLP
 from .conv import Convolution1D, Convolution2D
@@ -41,6 +42,7 @@ __all__ = [
     "Celu", "Elu", "Hardsigmoid", "Hardswish", "Mish", "Selu", "Softplus",
     "HuberLoss", "SmoothL1Loss",
     "Glu", "Hardtanh", "LogSoftmax", "Silu", "InstanceNorm1D", "InstanceNorm2D",
+    "Hardshrink", "LogSigmoid", "PReLU", "Softshrink", "Softsign",
 ]
 
 # primitives (the published Mithril's names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import activations
+from . import activations, activations_more
 from .layers import Linear
 from .model import Model
 from .operator import Operator
@@ -15,7 +15,9 @@ _ACTIVATIONS = {"relu": activations.Relu, "leaky_relu": activations.LeakyRelu,
                 "softplus": activations.Softplus, "elu": activations.Elu,
                 "selu": activations.Selu, "celu": activations.Celu, "mish": activations.Mish,
                 "hardswish": activations.Hardswish, "hardsigmoid": activations.Hardsigmoid,
-                "silu": activations.Silu, "hardtanh": activations.Hardtanh}
+                "silu": activations.Silu, "hardtanh": activations.Hardtanh,
+                "logsigmoid": activations_more.LogSigmoid,
+                "softsign": activations_more.Softsign}
 
 
 class MLP(Model):
