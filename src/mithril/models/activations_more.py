@@ -72,7 +72,10 @@ class PReLU(Operator):
         F = functional_of(xp)
         if F is not None:
             return F.prelu(input, weight)
-        return xp.where(input > 0, input, self._slope(weight, input.ndim) * input)
+        # the slope times the non-positive part only: JAX's weight gradient would be
+        # x·0 = NaN at x = +inf where() does not pick (torch's: 0)
+        neg = xp.where(input > 0, 0.0, input)
+        return xp.where(input > 0, input, self._slope(weight, input.ndim) * neg)
 
     def vjp(self, g, out, args, wrt):
         x, w = args["input"], args["weight"]
@@ -124,7 +127,8 @@ class Softsign(Operator):
         F = functional_of(xp)
         if F is not None:
             return F.softsign(input)
-        return input / (xp.abs(input) + 1)
+        with np.errstate(invalid="ignore"):  # ±inf / inf: NaN, as torch
+            return input / (xp.abs(input) + 1)
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
@@ -143,7 +147,9 @@ def _lambd(value: Any, who: str, *, nonnegative: bool) -> float:
 class Softshrink(Operator):
     """x − λ for x > λ, x + λ for x < −λ, 0 between, as ``torch.nn.Softshrink(lambd=0.5)`` /
     ``F.softshrink`` (λ a finite number >= 0, as torch demands). The gradient is torch's:
-    0 for −λ <= x <= λ (so 0 at exactly ±λ), 1 elsewhere (a NaN input too; its output NaN)."""
+    0 for −λ <= x <= λ (so 0 at exactly ±λ), 1 elsewhere. At a NaN input (output NaN) the
+    gradient is passed through (1) on every backend: torch's backward gives 0 there in its
+    vectorised loop and 1 in its scalar tail, by position (as Hardtanh's)."""
 
     vjp_ignores = frozenset({"output"})
 
@@ -151,12 +157,10 @@ class Softshrink(Operator):
         self.lambd = _lambd(lambd, "Softshrink", nonnegative=True)
 
     def forward(self, xp: Any, input: Any) -> Any:
-        F = functional_of(xp)
-        if F is not None:
-            return F.softshrink(input, self.lambd)
+        # where() on torch too (not F.softshrink): the gradient at NaN passes through
         lam = self.lambd
         inside = (input >= -lam) & (input <= lam)
-        return xp.where(inside, 0 * input, xp.where(input < -lam, input + lam, input - lam))
+        return xp.where(inside, 0.0, xp.where(input < -lam, input + lam, input - lam))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
@@ -169,7 +173,8 @@ class Softshrink(Operator):
 class Hardshrink(Operator):
     """x for |x| > λ, 0 for −λ <= x <= λ, as ``torch.nn.Hardshrink(lambd=0.5)`` /
     ``F.hardshrink`` (λ any finite number, as torch; a negative one is the identity). The
-    gradient is torch's: 0 for −λ <= x <= λ (so 0 at exactly ±λ), 1 elsewhere (NaN too)."""
+    gradient is torch's: 0 for −λ <= x <= λ (so 0 at exactly ±λ), 1 elsewhere; 1 at a NaN
+    input on every backend (torch's is 0 or 1 by position, see :class:`Softshrink`)."""
 
     vjp_ignores = frozenset({"output"})
 
@@ -177,11 +182,9 @@ class Hardshrink(Operator):
         self.lambd = _lambd(lambd, "Hardshrink", nonnegative=False)
 
     def forward(self, xp: Any, input: Any) -> Any:
-        F = functional_of(xp)
-        if F is not None:
-            return F.hardshrink(input, self.lambd)
+        # where() on torch too (not F.hardshrink): the gradient at NaN passes through
         inside = (input >= -self.lambd) & (input <= self.lambd)
-        return xp.where(inside, 0 * input, input)
+        return xp.where(inside, 0.0, input)
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
