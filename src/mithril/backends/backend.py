@@ -94,6 +94,7 @@ class Backend(ArrayHelpers, ABC):
         (``kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = prod(shape[1:])) and
         ``fan_in_uniform:<n>`` their bias init, U(±1/√n) with n the weight's fan_in;
         ``normal_zero_row:<k>`` is N(0,1) with row k zeros (an embedding's padding row);
+        ``constant:<v>`` every entry v;
         ``xavier_normal`` is torch's ``xavier_normal_``: N(0, 2/(fan_in + fan_out)) with torch's
         fans (fan_in = shape[1]·r, fan_out = shape[0]·r, r = prod(shape[2:]))."""
         if kind == "kaiming_uniform" or kind.startswith("fan_in_uniform:"):
@@ -116,6 +117,8 @@ class Backend(ArrayHelpers, ABC):
                 data[int(kind.split(":")[1])] = 0.0
         elif kind in ("zeros", "ones"):
             data = np.full(shape, 0.0 if kind == "zeros" else 1.0)
+        elif kind.startswith("constant:"):  # (PReLU's init=0.25)
+            data = np.full(shape, float(kind.split(":", 1)[1]))
         else:
             raise ValueError(f"unknown initialiser {kind!r}")
         return self.array(data)
