@@ -206,6 +206,15 @@ SPECS: dict[str, Spec] = {
                 "pass 1 reads p, g, x0 (sums over all); pass 2 reads p, g, x0, writes p, x0"),
     "DoWG": Spec(lambda o: o.DoWG(1.0), optax_peer("contrib.dowg", 1.0), 32,
                  "pass 1 reads p, g, x0 (sums over all); pass 2 reads p, g, x0, writes p, x0"),
+    "AcProp": Spec(lambda o: o.AcProp(1e-3), optax_peer("contrib.acprop", 1e-3), 28,
+                   RW.format(s="m, v")),
+    "MADGRAD": Spec(lambda o: o.MADGRAD(1e-2), optax_peer("contrib.madgrad", 1e-2), 32,
+                    "read p, g, x0, s, v; write p, s, v"),
+    "DAdaptAdamW": Spec(lambda o: o.DAdaptAdamW(1.0), optax_peer("contrib.dadapt_adamw", 1.0), 48,
+                        "pass 1 reads g, v, s (sums over all); pass 2 reads p, g, m, v, s, "
+                        "writes p, m, v, s"),
+    "SM3": Spec(lambda o: o.SM3(1e-3), optax_peer("sm3", 1e-3), 20,
+                "read p, g, m; write p, m (and a few per-axis accumulators per tensor)"),
     "Ftrl": Spec(lambda o: o.Ftrl(1e-3), None, 28, RW.format(s="n, z"),
                  note="no torch/optax FTRL; Keras's step is too slow to be a fair peer"),
 }
