@@ -82,8 +82,7 @@ def test_torch_convention_is_torch_radam():
 def test_float32_jax_and_optax_transformation():
     """float32 JAX: our JAX backend, and ``optax_transformation`` of ours in ``jax.jit``,
     both within 1e-6 of optax.radam in float32 (the same gradients)."""
-    import jax
-    import optax
+    import optax  # noqa: F401 (the case's source, eval'd below, names it)
     from optimizer_peer_arguments import optax_run
 
     from mithril.interop import optax_transformation
@@ -93,7 +92,6 @@ def test_float32_jax_and_optax_transformation():
     assert rel_err(ours(RAdam(convention="optax", **kw), "jax", "float32"), want) < 1e-6
     tx = optax_transformation(RAdam(convention="optax", **kw))
     assert rel_err(optax_run(tx, STEPS, np.float32), want) < 1e-6
-    assert jax.config.jax_enable_x64 is False and optax is not None
 
 
 @pytest.mark.parametrize("kw", [{"convention": "optax", "nesterov": True, "eps_root": 1e-8},
