@@ -17,6 +17,7 @@ from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
 from .array_checks import check_array
 from .key_names import key_names, keyed_by_name
+from .list_inputs import ListInputsMixin, ListLengthError
 from .listing import program_listing, summary_text, write_listing
 from .output_gradients import OutputGradientsMixin, _check_keys, _distinct
 from .program import Program, build_program
@@ -102,7 +103,8 @@ class CompiledModel(OutputGradientsMixin):
         except ShapeError as e:
             # as published, a model compiled without any shapes may wait for its first
             # evaluate's inputs to give them; anything else is an error now
-            if shapes or not str(e).startswith("cannot infer the shape of parameter"):
+            if shapes or not (str(e).startswith("cannot infer the shape of parameter")
+                              or isinstance(e, ListLengthError)):
                 raise
             self._deferred = e
             self._write_deferred_listing()
@@ -138,6 +140,10 @@ class CompiledModel(OutputGradientsMixin):
     # -- description -----------------------------------------------------------------
     @property
     def input_keys(self) -> tuple[str, ...]:
+        return self._program_inputs
+
+    @property
+    def _program_inputs(self) -> tuple[str, ...]:  # (a list input's elements one by one)
         return tuple(k for k in self.program.inputs if k not in self.program.constants)
 
     @property
@@ -147,7 +153,7 @@ class CompiledModel(OutputGradientsMixin):
     @property
     def shapes(self) -> dict[str, tuple | None]:
         p = self.program
-        return {**{k: p.input_shape(k) for k in self.input_keys}, **{k: p.output_shape(k) for k in p.outputs},
+        return {**{k: p.input_shape(k) for k in self._program_inputs}, **{k: p.output_shape(k) for k in p.outputs},
                 **p.param_shapes}
 
     @property
@@ -306,9 +312,9 @@ class CompiledModel(OutputGradientsMixin):
             raise KeyMismatchError(f"evaluate: {gone} only fed blocks that compile(discard_keys=...) "
                                    "dropped; leave them out")
         _check_keys(params, p.param_shapes, "params")
-        _check_keys(inputs, self.input_keys, "inputs", allow_missing=partial)
-        if partial and len(inputs) < len(self.input_keys):
-            p = self._partial(frozenset(k for k in self.input_keys if k not in inputs))
+        _check_keys(inputs, self._program_inputs, "inputs", allow_missing=partial)
+        if partial and len(inputs) < len(self._program_inputs):
+            p = self._partial(frozenset(k for k in self._program_inputs if k not in inputs))
         check, fdtype = self._check_array, self.backend.native_dtype()
         ps = {k: check("parameter", k, params[k], shape, "float", fdtype)
               for k, shape in p.param_shapes.items()}
@@ -337,7 +343,7 @@ class CompiledModel(OutputGradientsMixin):
         if not outs:
             raise KeyMismatchError(f"inputs: missing key(s) {sorted(missing)}: every output "
                                    f"{sorted(p.outputs)} needs them (expected keys: "
-                                   f"{sorted(self.input_keys)})")
+                                   f"{sorted(self._program_inputs)})")
         need = set(outs.values())
         nodes = []
         for node in reversed(p.nodes):
@@ -508,7 +514,7 @@ class CompiledModel(OutputGradientsMixin):
             lost = sorted(set(output_gradients) - set(prog.outputs))
             if lost:
                 raise KeyMismatchError(f"output_gradients: output(s) {lost} need the inputs "
-                                       f"{sorted(set(self.input_keys) - set(inputs))}, not given")
+                                       f"{sorted(set(self._program_inputs) - set(inputs))}, not given")
         if output_gradients is not None:
             self._check_differentiable(output_gradients, inputs, prog)
         cots = None if output_gradients is None else self._cotangents(output_gradients)
@@ -548,6 +554,10 @@ class CompiledModel(OutputGradientsMixin):
             raise
 
 
+class ListInputsCompiledModel(ListInputsMixin, CompiledModel):
+    """A :class:`CompiledModel` whose list inputs take lists (:mod:`.list_inputs`)."""
+
+
 def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any] | None = None,
             jit: bool = True, *, trainable_keys: Any = (), inference: bool = False,
             constant_keys: Mapping[str, Any] | None = None, data_keys: Any = (),
@@ -582,6 +592,6 @@ def compile(model: Model | Operator, backend: Backend, shapes: Mapping[str, Any]
                         ("use_short_namings", use_short_namings)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"compile({flag}=...) must be a bool, got {value!r}")
-    return CompiledModel(model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys,
-                         inference=inference, constant_keys=constant_keys, data_keys=data_keys,
-                         discard_keys=discard_keys, file_path=file_path)
+    return ListInputsCompiledModel(
+        model, backend, shapes=shapes, jit=jit, trainable_keys=trainable_keys, inference=inference,
+        constant_keys=constant_keys, data_keys=data_keys, discard_keys=discard_keys, file_path=file_path)

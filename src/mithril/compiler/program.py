@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
+from .list_inputs import expand_list_inputs
 from .param_roles import name_param_roles
 
 
@@ -65,6 +66,8 @@ class Program:
     #: included) only the dropped blocks read, then those blocks' own parameters (by their
     #: would-be names); an ``evaluate`` given one refuses it as an unknown key
     pruned: tuple[str, ...] = ()
+    #: list inputs (the published Concat's list input) by name: their element inputs' names
+    lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: reached_params's answers, by output set
     _reached: dict[frozenset[str], tuple[str, ...]] = field(default_factory=dict, init=False,
                                                            repr=False, compare=False)
@@ -219,7 +222,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     extra, data_keys, trainable_keys = name_param_roles(b, top_wires, constant_keys, data_keys,
                                                         trainable_keys, model)
     top_wires.update(extra)
-    for key, shape in (shapes or {}).items():
+    shapes, constant_keys, data_keys, trainable_keys, lists = expand_list_inputs(
+        b, top_wires, shapes, constant_keys, data_keys, trainable_keys)
+    for key, shape in shapes.items():
         if key not in top_wires:
             raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}'; "
                            f"its terminals are {sorted(top_wires)}")
@@ -264,6 +269,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     prog = Program(nodes, b.names, b.shapes, inputs, outputs)
     prog.constants = {b.names[w]: v for w, v in b.consts.items()}
     prog.pruned = pruned
+    prog.lists = lists
     # wires feeding a parameter role: parameters (named as the wire), unless data or constant
     slot_wires: dict[int, tuple[Node, str]] = {}
     for node in nodes:
