@@ -1,0 +1,139 @@
+"""What :class:`~.sam.SAM` and :class:`~.mechanize.Mechanize` share: an optimizer that runs a
+whole base optimizer's ``update`` inside its own (not its elementwise math, as Lookahead
+does), so any base optimizer here but a closure-driven one (LBFGS) can be wrapped."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ...errors import KeyMismatchError
+from .base import Optimizer
+from .checks import check_update, describe
+from .serialization import checked_head
+from .state import OptimizerState
+
+
+def check_base(base: Any, who: str) -> Optimizer:
+    """``base`` if ``who`` can run its update, else a TypeError saying why."""
+    if not isinstance(base, Optimizer) or type(base) is Optimizer:
+        raise TypeError(f"{who}: base_optimizer must be a mithril optimizer (e.g. Adam()), "
+                        f"got {describe(base)}")
+    if "closure" in inspect.signature(base.update).parameters:
+        raise TypeError(f"{who}: base_optimizer {type(base).__name__} evaluates the loss "
+                        f"itself (its update takes closure=) and cannot be wrapped")
+    return base
+
+
+def copied(a: Any) -> Any:
+    """A copy of the backend array ``a`` that no later update writes (NumPy, torch, JAX)."""
+    return a.detach().clone() if hasattr(a, "detach") else a.copy()
+
+
+def vdot(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """``Σ a·b`` over every tensor, as a Python float (optax's ``tree.vdot``)."""
+    return math.fsum(float((a[n] * b[n]).sum()) for n in a)
+
+
+def check_full(base: Optimizer, params: Mapping[str, Any], grads: Any, state: Any,
+               what: str) -> None:
+    """``grads`` (``what``: which) for every parameter, checked as ``base.update`` checks
+    them (backend, shape, dtype) against ``params`` and ``state`` (which ``base`` made)."""
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"{what} must be a dict of arrays, got {describe(grads)}")
+    if grads.keys() != params.keys():
+        raise KeyMismatchError(f"{what} must have exactly the params' names: missing "
+                               f"{sorted(set(params) - set(grads))}, unknown "
+                               f"{sorted(set(grads) - set(params))}")
+    if any(g is None for g in grads.values()):
+        raise TypeError(f"{what}: {[n for n, g in grads.items() if g is None]} are None "
+                        f"(every parameter needs a gradient)")
+    check_update(base, params, grads, state)
+
+
+class OuterWrapper(Optimizer):
+    """Holds ``base_optimizer`` and hands it the learning rate (hence schedulers),
+    ``state_dict`` / ``load_state_dict`` (:attr:`OWN` are the wrapper's hyperparameters,
+    ``"base_optimizer"`` the base's class and hyperparameters)."""
+
+    OWN: tuple[str, ...] = ()
+
+    def __copy__(self) -> OuterWrapper:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__["base_optimizer"] = copy.copy(self.base_optimizer)
+        return new
+
+    @property
+    def learning_rate(self) -> float:
+        """The base optimizer's learning rate."""
+        return self.base_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, lr: float) -> None:
+        self.base_optimizer.set_learning_rate(lr)
+
+    def get_learning_rate(self, group: int | None = None) -> float:
+        return self.base_optimizer.get_learning_rate(group)
+
+    def set_learning_rate(self, lr: float, group: int | None = None) -> None:
+        self.base_optimizer.set_learning_rate(lr, group)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base_optimizer.param_groups
+
+    def hyperparameters(self) -> dict[str, Any]:
+        base = self.base_optimizer
+        return {"base_optimizer": {"optimizer": type(base).__name__,
+                                   "hyperparameters": base.hyperparameters()},
+                **{k: getattr(self, k) for k in self.OWN}}
+
+    def check_own(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """The wrapper's own hyperparameters of a state dict, checked as the constructor
+        checks them (a subclass's)."""
+        raise NotImplementedError
+
+    def _base_state(self, state: Any) -> OptimizerState:
+        """``state`` if the base optimizer made it (the wrapper's state is the base's)."""
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"state must be what {type(self).__name__}.init returned, got "
+                            f"{type(state).__name__}")
+        return state
+
+    def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
+                   ) -> dict[str, Any]:
+        """The base optimizer's state dict (of ``state``), under this class's name and
+        hyperparameters."""
+        if state is not None:
+            self._base_state(state)
+        out = self.base_optimizer.state_dict(state, arrays=arrays)
+        return {**out, "optimizer": type(self).__name__,
+                "hyperparameters": self.hyperparameters()}
+
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        """Restore the hyperparameters (the base optimizer's through its own
+        ``load_state_dict``, which must be of the saved class) and, given ``params``, the
+        state. Everything is checked first; on error nothing changes."""
+        hp = checked_head(self, d)
+        unknown = sorted(set(hp) - {"base_optimizer", *self.OWN})
+        if unknown:
+            raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to "
+                           f"{type(self).__name__}")
+        own = self.check_own(hp)
+        base = copy.copy(self.base_optimizer)
+        spec = hp.get("base_optimizer", {"optimizer": type(base).__name__,
+                                         "hyperparameters": {}})
+        if not isinstance(spec, Mapping) or set(spec) != {"optimizer", "hyperparameters"}:
+            raise TypeError("state dict hyperparameter 'base_optimizer' must be a dict with "
+                            "exactly 'optimizer' (a class name) and 'hyperparameters'")
+        if spec["optimizer"] != type(base).__name__:
+            raise ValueError(f"state dict's base optimizer is {spec['optimizer']!r}, but this "
+                             f"{type(self).__name__} wraps {type(base).__name__}")
+        state = base.load_state_dict({**d, **spec}, params)
+        self.__dict__.update(own, base_optimizer=base)
+        return state
