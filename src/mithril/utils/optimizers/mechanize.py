@@ -80,28 +80,18 @@ class Mechanize(OuterWrapper):
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
         """The base optimizer's state plus Mechanic's: ``x0`` a copy of ``params`` (replaced
         by the params of the first update, as optax's), ``s = s_init``, ``r = m = v = 0``."""
-        state = self.base_optimizer.init(params)
-        self._backend = self.base_optimizer._backend
+        state = super().init(params)
         k = len(self.betas)
         state.mechanic = {"count": 0, **{n: np.zeros(k) for n in _VECTORS}}
         state.mechanic["s"][:] = self.s_init
         state.mechanic_x0 = {n: copied(p) for n, p in params.items()}
         return state
 
-    def _base_state(self, state: Any) -> OptimizerState:
-        super()._base_state(state)
-        if getattr(state, "mechanic", None) is None:
-            raise ValueError(f"state was made by {state.kind}.init, not Mechanize.init (it "
-                             f"has no Mechanic scalars)")
-        return state
-
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One Mechanic step (class docs); on any error neither ``params`` nor ``state``
         has changed."""
-        base = self.base_optimizer
-        self._base_state(state)
-        check_full(base, params, gradients, state, "gradients")
+        check_full(self, params, gradients, state, "gradients")
         mech = state.mechanic
         first = mech["count"] == 0
         x0 = {n: copied(p) for n, p in params.items()} if first else state.mechanic_x0
@@ -113,7 +103,7 @@ class Mechanize(OuterWrapper):
             prev = {n: (x0[n] - p) / (s_sum + eps) for n, p in params.items()}
             h = vdot({n: g + coef * params[n] for n, g in gradients.items()}, prev)
             old = {n: copied(p) for n, p in params.items()}  # (the base step may write them)
-        new, state = base.update(params, gradients, state)
+        new, state = self.base_update(params, gradients, state)
         if state.last_step_skipped:  # (the base skipped: nothing changed, nor here)
             return dict(old), state
         betas = np.array(self.betas)

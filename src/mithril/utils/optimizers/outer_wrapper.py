@@ -12,7 +12,7 @@ from typing import Any
 
 from ...errors import KeyMismatchError
 from .base import Optimizer
-from .checks import check_update, describe
+from .checks import check_state_kind, check_update, describe
 from .serialization import checked_head
 from .state import OptimizerState
 
@@ -38,10 +38,10 @@ def vdot(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     return math.fsum(float((a[n] * b[n]).sum()) for n in a)
 
 
-def check_full(base: Optimizer, params: Mapping[str, Any], grads: Any, state: Any,
+def check_full(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: Any,
                what: str) -> None:
-    """``grads`` (``what``: which) for every parameter, checked as ``base.update`` checks
-    them (backend, shape, dtype) against ``params`` and ``state`` (which ``base`` made)."""
+    """``grads`` (``what``: which) for every parameter, checked as ``update`` checks them
+    (backend, shape, dtype) against ``params`` and ``state`` (which ``opt`` made)."""
     if not isinstance(grads, Mapping):
         raise TypeError(f"{what} must be a dict of arrays, got {describe(grads)}")
     if grads.keys() != params.keys():
@@ -51,7 +51,7 @@ def check_full(base: Optimizer, params: Mapping[str, Any], grads: Any, state: An
     if any(g is None for g in grads.values()):
         raise TypeError(f"{what}: {[n for n, g in grads.items() if g is None]} are None "
                         f"(every parameter needs a gradient)")
-    check_update(base, params, grads, state)
+    check_update(opt, params, grads, state)
 
 
 class OuterWrapper(Optimizer):
@@ -97,19 +97,41 @@ class OuterWrapper(Optimizer):
         checks them (a subclass's)."""
         raise NotImplementedError
 
-    def _base_state(self, state: Any) -> OptimizerState:
-        """``state`` if the base optimizer made it (the wrapper's state is the base's)."""
-        if not isinstance(state, OptimizerState):
-            raise TypeError(f"state must be what {type(self).__name__}.init returned, got "
-                            f"{type(state).__name__}")
+    @property
+    def nonfinite(self) -> str:
+        """The base optimizer's ``nonfinite`` policy."""
+        return self.base_optimizer.nonfinite
+
+    @property
+    def tensor_slots(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.base_optimizer.tensor_slots
+
+    def full_slot_names(self) -> tuple[str, ...]:
+        return self.base_optimizer.full_slot_names()
+
+    def init(self, params: Mapping[str, Any]) -> OptimizerState:
+        """The base optimizer's state for ``params``, under this class's name (a state of
+        the base optimizer alone is refused, and this one by the base alone)."""
+        state = self.base_optimizer.init(params)
+        self._backend = self.base_optimizer._backend
+        state.kind = type(self).__name__
         return state
+
+    def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                    state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
+        """The base optimizer's update of ``state`` (its kind the base's meanwhile)."""
+        state.kind = type(self.base_optimizer).__name__
+        try:
+            return self.base_optimizer.update(params, gradients, state)
+        finally:
+            state.kind = type(self).__name__
 
     def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
                    ) -> dict[str, Any]:
         """The base optimizer's state dict (of ``state``), under this class's name and
         hyperparameters."""
         if state is not None:
-            self._base_state(state)
+            check_state_kind(self, state)
         out = self.base_optimizer.state_dict(state, arrays=arrays)
         return {**out, "optimizer": type(self).__name__,
                 "hyperparameters": self.hyperparameters()}
@@ -135,5 +157,7 @@ class OuterWrapper(Optimizer):
             raise ValueError(f"state dict's base optimizer is {spec['optimizer']!r}, but this "
                              f"{type(self).__name__} wraps {type(base).__name__}")
         state = base.load_state_dict({**d, **spec}, params)
+        if state is not None:
+            state.kind = type(self).__name__
         self.__dict__.update(own, base_optimizer=base)
         return state

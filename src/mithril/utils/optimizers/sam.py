@@ -53,7 +53,7 @@ class SAM(OuterWrapper):
     BatchNorm statistics would see them. Here the perturbation never leaves ``update``, as in
     optax's ``opaque_mode=True`` and the torch recipe.
 
-    The state is the base optimizer's (``init`` is its ``init``): the learning rate,
+    The state is the base optimizer's, under ``"SAM"``: the learning rate,
     schedulers, parameter groups, weight decay, clipping and ``nonfinite`` are the base's;
     ``state_dict`` / ``load_state_dict`` are the base's under ``"SAM"``. Every gradient
     (the given ones and the closure's) must cover every parameter. A call that raises (no
@@ -77,9 +77,7 @@ class SAM(OuterWrapper):
         return {k: checks[k](v) for k, v in hp.items() if k in checks}
 
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
-        """The base optimizer's state for ``params``."""
-        state = self.base_optimizer.init(params)
-        self._backend = self.base_optimizer._backend
+        state = super().init(params)
         state.last_loss = None
         return state
 
@@ -96,29 +94,30 @@ class SAM(OuterWrapper):
             return {n: g * scale for n, g in gradients.items()}
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any] | None,
-               state: OptimizerState, closure: Callable | None = None
-               ) -> tuple[dict[str, Any], OptimizerState]:
+               state: OptimizerState, closure: Callable | None = None, *,
+               loss: Any = None) -> tuple[dict[str, Any], OptimizerState]:
         """One SAM step (class docs): ``closure(params) -> (loss, gradients)`` evaluates at
-        the perturbed params (and at ``params`` where ``gradients`` is None). On any error
-        neither ``params`` nor ``state`` has changed."""
-        base = self.base_optimizer
+        the perturbed params (and at ``params`` where ``gradients`` is None). ``loss``: the
+        loss at ``params``, if you have it (LBFGS's contract, what make_train_step passes;
+        SAM does not need it). On any error neither ``params`` nor ``state`` has changed."""
         if closure is None:
             raise TypeError("SAM.update needs closure=: a function params -> (loss, gradients) "
                             "giving the gradients at the perturbed params it is called with")
         if not callable(closure):
             raise TypeError(f"SAM: closure must be callable, got {describe(closure)}")
-        self._base_state(state)
+        if loss is not None:
+            to_float("SAM: loss", loss)
         # (a copy: a closure may write the points it is given into the params, as the torch
         # drop-in's does, and the base step must start from the params as they were)
-        check_update(base, params, {}, state)  # (the params against the state, first)
+        check_update(self, params, {}, state)  # (the params against the state, first)
         params = {n: copied(p) for n, p in params.items()}
         if gradients is None:
             _, gradients = self._evaluate(closure, params, params, state, "at params")
-        check_full(base, params, gradients, state, "gradients")
+        check_full(self, params, gradients, state, "gradients")
         e = self.perturbation(params, gradients)
         loss, adv = self._evaluate(closure, {n: params[n] + e[n] for n in params}, params,
                                    state, "at the perturbed params")
-        params, state = base.update(params, adv, state)
+        params, state = self.base_update(params, adv, state)
         state.last_loss = loss
         return params, state
 
@@ -134,5 +133,5 @@ class SAM(OuterWrapper):
         if not isinstance(out, Mapping):
             raise TypeError(f"SAM: the closure must return (loss, gradients) or gradients (a "
                             f"dict of arrays), got {describe(out)}")
-        check_full(self.base_optimizer, params, out, state, what)
+        check_full(self, params, out, state, what)
         return loss, out
