@@ -168,7 +168,8 @@ class ListInputsMixin:
                  **(inputs if isinstance(inputs, Mapping) else {})}
         if not any(is_array_list(v) for v in given.values()):
             return False
-        shapes = {k: [tuple(e.shape) for e in v] if is_array_list(v) else tuple(np.shape(v))
+        shapes = {k: [tuple(e.shape) for e in v] if is_array_list(v)
+                  else tuple(getattr(v, "shape", None) or np.shape(v))
                   for k, v in given.items() if k in (inputs or {}) or is_array_list(v)}
         from .program import build_program  # (program.py imports this module)
         try:
@@ -218,6 +219,9 @@ class ListInputsMixin:
             excluded = [excluded_keys] if isinstance(excluded_keys, str) else list(excluded_keys)
             excluded_keys = [e for k in excluded for e in lists.get(k, (k,))]
         return self._pack(super().randomize_params(excluded_keys))  # type: ignore[misc]
+
+    def reached_parameters(self, outputs: Any = None) -> tuple[str, ...]:
+        return tuple(self._pack(dict.fromkeys(super().reached_parameters(outputs))))  # type: ignore[misc]
 
     def get_parameters(self) -> dict[str, Any]:
         return self._pack(super().get_parameters())  # type: ignore[misc]
