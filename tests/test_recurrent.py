@@ -268,9 +268,9 @@ def test_bad_arguments_are_named(make, match):
 
 
 @pytest.mark.parametrize("block, shapes, match", [
-    (lambda: ml.LSTM(3), {"input": [7, 2]}, r"'input' must be \(T, N, I\)"),
+    (lambda: ml.LSTM(3), {"input": [7, 2, 2, 2]}, r"'input' must be \(T, N, I\) or unbatched"),
     (lambda: ml.LSTM(3, initial_states=True), {"input": [7, 2], "initial_hidden": [1, 2, 3]},
-     r"'input' must be \(T, N, I\)"),
+     r"'initial_hidden' must be \(1, 3\) .* for the unbatched 'input' \[7, 2\]"),
     (lambda: ml.GRU(3, initial_states=True), {"input": [7, 2, 4], "initial_hidden": [1, 2, 4]},
      r"'initial_hidden' must be \(N, 3\) .*got shape \[1, 2, 4\]"),
     (lambda: ml.LSTM(3, initial_states=True), {"input": [7, 2, 4], "initial_cell": [1, 3, 3]},

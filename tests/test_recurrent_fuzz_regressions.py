@@ -1,11 +1,11 @@
 """Minimal cases found by :mod:`test_recurrent_fuzz`: bad input to the recurrent blocks named
 as the block the user made, in the shapes the user gave.
 
-torch takes unbatched inputs ((T, I) for a sequence, (I,) for a cell); ours does not (a batch
-axis of 1 gives the same numbers, checked side by side). Before the fix, a cell's unbatched
-input was named as ``GRU: 'input' must be (T, N, I) here, got shape [1, 2]`` (the wrong block
-and its internal shape), and a ``batch_first`` sequence's as ``axes [1, 0, 2] are not a
-permutation of 2 axes``.
+Unbatched inputs ((T, I) for a sequence, (I,) for a cell) are taken, as torch's (see
+test_recurrent_unbatched_vs_torch); a batch axis of 1 gives the same numbers. Before the fix,
+a cell's bad input was named as ``GRU: 'input' must be (T, N, I) here, got shape [1, 2]``
+(the wrong block and its internal shape), and a ``batch_first`` sequence's as ``axes [1, 0,
+2] are not a permutation of 2 axes``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from mithril.errors import InputValueError, ShapeError
 
 
 @pytest.mark.parametrize("block, shapes, match", [
-    (lambda: ml.LSTM(3), {"input": [4, 2]},
-     r"LSTM: 'input' must be \(T, N, I\) \(batched; unlike torch, an unbatched .* got shape \[4, 2\]"),
-    (lambda: ml.GRU(3, batch_first=True), {"input": [4, 2]},
-     r"GRU: 'input' must be \(N, T, I\) with batch_first .* got shape \[4, 2\]"),
-    (lambda: ml.GRUCell(3), {"input": [2], "prev_hidden": [3]},
-     r"GRUCell: 'input' must be \(N, I\) \(batched; .* got shape \[2\]"),
+    (lambda: ml.LSTM(3), {"input": [4, 2, 2, 2]},
+     r"LSTM: 'input' must be \(T, N, I\) or unbatched \(T, I\), got shape \[4, 2, 2, 2\]"),
+    (lambda: ml.GRU(3, batch_first=True), {"input": [4]},
+     r"GRU: 'input' must be \(N, T, I\) with batch_first, or unbatched .* got shape \[4\]"),
+    (lambda: ml.GRUCell(3), {"input": [2], "prev_hidden": [2, 3]},
+     r"GRUCell: 'prev_hidden' must be \(3,\) for the unbatched 'input' \[2\]"),
     (lambda: ml.RNNCell(3), {"input": [5, 2, 2]}, r"RNNCell: 'input' must be \(N, I\).* \[5, 2, 2\]"),
     (lambda: ml.LSTMCell(3), {"input": [2, 2], "prev_hidden": [2, 4], "prev_cell": [2, 3]},
      r"LSTMCell: 'prev_hidden' must be \(N, 3\) with N the batch of 'input' \[2, 2\], got "
@@ -39,7 +39,7 @@ def test_unbatched_and_bad_shapes_are_named_as_the_users_block(block, shapes, ma
 
 
 def test_a_batch_of_one_is_torchs_unbatched_call() -> None:
-    """The refusal's advice: (T, 1, I) gives torch's unbatched (T, I) numbers."""
+    """(T, 1, I) gives torch's unbatched (T, I) numbers."""
     torch.manual_seed(0)
     ref = torch.nn.GRU(2, 3, num_layers=2, bidirectional=True).double()
     x = np.random.default_rng(0).standard_normal((4, 2))

@@ -35,6 +35,7 @@ from .model import Bound, IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
 from .recurrent_bptt import bptt
 from .recurrent_state_dict import GATES, ROLES, _TorchNames
+from .recurrent_unbatched import batch_of_one, check_unbatched, unbatched_vjp
 from .shaping import Concat, Indexer, Transpose
 
 
@@ -77,7 +78,8 @@ class Recurrence(Operator):
 
     Inputs: ``input`` (T, N, I), time-major, and ``h0`` (N, H) (and ``c0`` for an LSTM); the
     output stacks the hidden states, and for an LSTM the cell states: (S, T, N, H) with S = 2
-    for an LSTM, else 1, each at its time position.
+    for an LSTM, else 1, each at its time position. Unbatched (torch's): ``input`` (T, I),
+    ``h0`` / ``c0`` without the N axis, output (S, T, H): run as a batch of one.
 
     ``reverse``: run from t = T − 1 down to 0 (the reverse direction of a bidirectional layer);
     the final state is then the one at t = 0. ``initial_state=False``: no ``h0`` / ``c0``
@@ -134,21 +136,24 @@ class Recurrence(Operator):
     def _check(self, shapes: Any) -> int | None:
         who, h = self.kind.upper() + ("Cell" if self.cell else ""), self.hidden_size
         s = shapes.get("input")
-        if s is not None and len(s) != 3:
+        if s is not None and len(s) not in (2, 3):
             # a cell's input arrives here as (1, N, I): name the shape its user gave
-            given, want = (s[1:], "(N, I)") if self.cell else (s, "(T, N, I)")
-            raise ShapeError(f"{who}: 'input' must be {want} (batched; unlike torch, an unbatched "
-                             f"input is not taken: add a batch axis of 1), got shape {fmt(given)}")
+            given, want = (s[1:], "(N, I) or unbatched (I,)") if self.cell \
+                else (s, "(T, N, I) or unbatched (T, I)")
+            raise ShapeError(f"{who}: 'input' must be {want}, got shape {fmt(given)}")
+        one = s is not None and len(s) == 2  # unbatched (T, I), as torch (a cell's: (1, I))
         if s is not None and s[0] == 0:  # as torch: no final state to give (stack of nothing)
             raise ShapeError(f"{who}: 'input' has no time steps (T = 0 in its time-major shape "
                              f"{fmt(s)}); a sequence needs at least one, as torch's")
-        if s is not None and self.input_size is not None and s[2] is not None \
-                and s[2] != self.input_size:
+        if s is not None and self.input_size is not None and s[-1] is not None \
+                and s[-1] != self.input_size:
             raise ShapeError(f"{who}: 'input' must have input_size = {self.input_size} features "
                              f"(its last axis here), got shape {fmt(s)}")
-        n = None if s is None else s[1]
+        n = None if s is None or one else s[1]
         if self.cell and s is not None:
             s = s[1:]  # the messages below name the cell's own (N, I) input
+        if one:
+            check_unbatched(who, s, self.lengths)
         ls = shapes.get("lengths") if self.lengths else None
         if ls is not None and (len(ls) != 1 or not (n is None or ls[0] is None or ls[0] == n)):
             raise ShapeError(f"{who}: 'lengths' must be (N,), one length per sequence of the "
@@ -156,18 +161,20 @@ class Recurrence(Operator):
         k = self.num_states
         for key in self.inputs[1:]:
             hs = shapes.get(key)
-            if key == "lengths":
-                continue
-            if hs is None:
+            if key == "lengths" or hs is None:
                 continue
             lead = () if k is None else (k,)
             h = self.state_size if key == "h0" else self.hidden_size  # proj_size: h is narrower
-            ok = len(hs) == len(lead) + 2 and (hs[-1] is None or hs[-1] == h) \
-                and (n is None or hs[-2] is None or hs[-2] == n) \
+            ok = len(hs) == len(lead) + 2 - one and (hs[-1] is None or hs[-1] == h) \
+                and (one or n is None or hs[-2] is None or hs[-2] == n) \
                 and (k is None or hs[0] is None or hs[0] == k)
             if ok:
                 continue
             name = self.state_names.get(key, key)
+            if one:  # as torch: an unbatched input takes unbatched states
+                want = f"({h},)" if k is None else f"({k}, {h}) (num_layers · num_directions = {k})"
+                raise ShapeError(f"{who}: '{name}' must be {want} for the unbatched 'input' "
+                                 f"{fmt(s)}, got shape {fmt(hs)}")
             if k is None:
                 raise ShapeError(f"{who}: '{name}' must be (N, {h}) with N the batch of 'input' "
                                  f"{fmt(s)}, got shape {fmt(hs)}")
@@ -192,7 +199,7 @@ class Recurrence(Operator):
         self._check(shapes)
         s = shapes.get("input")
         slots = (2 if self.kind == "lstm" else 1) + self.lengths
-        return None if s is None else (slots, s[0], s[1], self.hidden_size)
+        return None if s is None else (slots, *s[:-1], self.hidden_size)  # (unbatched: no N)
 
     def check_inputs(self, shapes, dtypes, arrays, names) -> None:
         """Every length in [1, T] (reads the min and max), as torch's packed sequences."""
@@ -241,6 +248,10 @@ class Recurrence(Operator):
     def forward(self, xp: Any, input: Any, lengths: Any = None, h0: Any = None, c0: Any = None,
                 weight_ih: Any = None, weight_hh: Any = None, bias_ih: Any = None,
                 bias_hh: Any = None, weight_hr: Any = None) -> Any:
+        if input.ndim == 2:  # unbatched (T, I): a batch of one, its axis dropped from the output
+            h0, c0 = (None if v is None else batch_of_one(v) for v in (h0, c0))
+            return self.forward(xp, batch_of_one(input), lengths, h0, c0, weight_ih, weight_hh,
+                                bias_ih, bias_hh, weight_hr)[..., 0, :]
         a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
         if bias_ih is not None:
             a = a + bias_ih
@@ -283,6 +294,8 @@ class Recurrence(Operator):
 
     # -- backpropagation through time (NumPy) ---------------------------------------------
     def vjp(self, g, out, args, wrt):
+        if args["input"].ndim == 2:
+            return unbatched_vjp(self.vjp, g, out, args, wrt)
         return bptt(self, g, out, args, wrt)
 
     def __repr__(self) -> str:
@@ -323,19 +336,22 @@ def _path(layer: int, direction: int) -> str:
 
 
 class _TimeMajor(Transpose):
-    """(N, T, I) -> (T, N, I), a ``batch_first`` sequence's input: a 3-D input is checked
-    first, so an unbatched (T, I) one is named as the block's error, not as a bad permutation."""
+    """(N, T, I) <-> (T, N, I), a ``batch_first`` sequence's input and output; an unbatched
+    (T, I) one as it is (torch ignores ``batch_first`` there). Any other rank is named as the
+    block's error, not as a bad permutation."""
 
     def __init__(self, who: str) -> None:
         super().__init__((1, 0, 2))
         self.who = who
 
+    def _perm(self, ndim: int) -> tuple[int, ...]:
+        return (0, 1) if ndim == 2 else super()._perm(ndim)
+
     def infer_shape(self, shapes):
         s = shapes.get("input")
-        if s is not None and len(s) != 3:
-            raise ShapeError(f"{self.who}: 'input' must be (N, T, I) with batch_first (batched; "
-                             f"unlike torch, an unbatched input is not taken: add a batch axis of "
-                             f"1), got shape {fmt(s)}")
+        if s is not None and len(s) not in (2, 3):
+            raise ShapeError(f"{self.who}: 'input' must be (N, T, I) with batch_first, or "
+                             f"unbatched (T, I), got shape {fmt(s)}")
         return super().infer_shape(shapes)
 
 
@@ -370,7 +386,8 @@ class RNNCell(_Cell):
 
     Unlike torch's ``hx=None``, the previous state of a cell (here and in ``LSTMCell`` /
     ``GRUCell``) is a required input: a cell is fed its own output step after step, which an
-    input that defaults to zeros could not be; give zeros for a first step."""
+    input that defaults to zeros could not be; give zeros for a first step. Every cell also
+    takes torch's unbatched step: ``input`` (I,), states and outputs (H,)."""
 
     kind = "rnn"
 
@@ -463,13 +480,13 @@ class _Sequence(Model, _TorchNames):
                 self |= Indexer((0, *narrow) if narrow else 0)(input=f"_stacked{sfx}", output=_wire(seq))
                 seqs.append(seq)
             if self.num_directions == 2:  # forward features first, as torch
-                self |= Concat(2, axis=2)(input1=seqs[0], input2=seqs[1], output=_wire(layer_out))
+                self |= Concat(2, axis=-1)(input1=seqs[0], input2=seqs[1], output=_wire(layer_out))
             if not last and self.dropout:
                 self |= Dropout(self.dropout)(input=layer_out, output=_wire(f"_dropped_l{layer}"))
                 layer_out = f"_dropped_l{layer}"
             layer_in = layer_out
         if self.batch_first:
-            self |= Transpose((1, 0, 2))(input=layer_in, output="output")
+            self |= _TimeMajor(who)(input=layer_in, output="output")
         if k > 1:  # h_n (K, N, H): layer by layer, forward before reverse
             for s, out_key in zip(states, ("hidden", "cell")):
                 self |= Concat(k, axis=0)(**{f"input{i + 1}": p for i, p in enumerate(finals[s])},
@@ -513,7 +530,8 @@ class _Sequence(Model, _TorchNames):
 
 
 _SEQ_DOC = """A {name} over a whole sequence, as ``torch.nn.{name}``: input ``input`` (T, N, I), or
-    (N, T, I) with ``batch_first``; outputs ``output``, the last layer's hidden states,
+    (N, T, I) with ``batch_first``, or unbatched (T, I) (states and outputs then without the
+    N axis, as torch); outputs ``output``, the last layer's hidden states,
     (T, N, D·H) or (N, T, D·H) with D = 2 if ``bidirectional`` else 1 (the forward direction's
     features first), and ``hidden`` = h_n (K, N, H){cell_out}, with K = num_layers ·
     num_directions, layer by layer, forward before reverse.
