@@ -110,6 +110,17 @@ def expand_list_inputs(b: Any, top_wires: dict[str, int], shapes: Mapping[str, A
     return shapes, constants, expand(data_keys), expand(trainable_keys), lists
 
 
+def _refuse_lists(d: Any, what: str) -> None:
+    """A list of arrays given for a key that takes one array is refused by name (NumPy
+    would stack it into one array)."""
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            if type(v) in (list, tuple) and is_array_list(v):
+                raise TypeError(f"{what} '{k}' takes one array, got a {type(v).__name__} of "
+                                f"{len(v)} arrays (only a model input feeding Concat's list input "
+                                "holds a list)")
+
+
 class ListInputsMixin:
     """The list inputs of :mod:`this module <mithril.compiler.list_inputs>` at the API of
     :class:`~mithril.compiler.compiled_model.CompiledModel` (which holds the program)."""
@@ -151,12 +162,9 @@ class ListInputsMixin:
                     raise ShapeError(f"{what} '{k}': expected a list of {len(elems)} arrays, got "
                                      f"{len(v)}")
                 out.update(zip(elems, v, strict=True))
-            elif is_array_list(v):
-                raise TypeError(f"{what} '{k}' takes one array, got a {type(v).__name__} of "
-                                f"{len(v)} arrays (only a model input feeding Concat's list input "
-                                "holds a list)")
             else:
                 out[k] = v
+        _refuse_lists({k: v for k, v in d.items() if k not in lists}, what)
         return out
 
     def _build_with_lists(self, params: Any, inputs: Any) -> bool:
@@ -181,8 +189,15 @@ class ListInputsMixin:
     def evaluate(self, params: Mapping[str, Any] | None = None,
                  inputs: Mapping[str, Any] | None = None,
                  output_gradients: Mapping[str, Any] | bool | None = None, **kw: Any) -> Any:
+        """:meth:`CompiledModel.evaluate <mithril.compiler.compiled_model.CompiledModel.evaluate>`,
+        a list input given (and a trainable one's gradient returned) as a list."""
         if kw.get("data") is not None and inputs is None:
             inputs = kw.pop("data")
+        prog = self._program  # type: ignore[attr-defined]
+        if prog is not None and not prog.lists:  # the common case: a list is only refused
+            _refuse_lists(params, "parameter")
+            _refuse_lists(inputs, "input")
+            return super().evaluate(params, inputs, output_gradients, **kw)  # type: ignore[misc]
         built = self._build_with_lists(params, inputs)
         try:
             result = super().evaluate(self._unpack(params, "parameter"),  # type: ignore[misc]
@@ -191,8 +206,7 @@ class ListInputsMixin:
             if built:
                 self._unbuild()  # type: ignore[attr-defined]
             raise
-        if isinstance(result, tuple) and len(result) >= 2 and isinstance(output_gradients, Mapping | bool) \
-                and output_gradients is not False:
+        if isinstance(result, tuple) and output_gradients is not None and output_gradients is not False:
             return (result[0], self._pack(result[1]), *result[2:])
         return result
 
