@@ -154,3 +154,22 @@ __all__ += ["PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
 from .svm import KernelizedSVM, LinearSVM, QuadraticFormRegularizer, Sign  # noqa: E402
 
 __all__ += ["KernelizedSVM", "LinearSVM", "QuadraticFormRegularizer", "Sign"]
+
+# torch's margin, embedding and likelihood losses
+from .likelihood_losses import GaussianNLLLoss, PoissonNLLLoss  # noqa: E402
+from .margin_losses import (  # noqa: E402
+    CosineEmbeddingLoss,
+    HingeEmbeddingLoss,
+    MarginRankingLoss,
+    SoftMarginLoss,
+    TripletMarginLoss,
+)
+from .multiclass_margin_losses import (  # noqa: E402
+    MultiLabelMarginLoss,
+    MultiLabelSoftMarginLoss,
+    MultiMarginLoss,
+)
+
+__all__ += ["CosineEmbeddingLoss", "GaussianNLLLoss", "HingeEmbeddingLoss", "MarginRankingLoss",
+            "MultiLabelMarginLoss", "MultiLabelSoftMarginLoss", "MultiMarginLoss",
+            "PoissonNLLLoss", "SoftMarginLoss", "TripletMarginLoss"]
