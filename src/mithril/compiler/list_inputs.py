@@ -35,8 +35,10 @@ def element_names(name: str, k: int) -> tuple[str, ...]:
 
 
 def is_array_list(v: Any) -> bool:
-    """``v`` is a list or tuple of arrays (not a nested list of numbers, which is one array)."""
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(hasattr(e, "shape") for e in v)
+    """``v`` is a list or tuple of arrays of rank 1 or more (not a nested list of numbers,
+    nor of scalars such as ``np.float64``: those are one array)."""
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(len(getattr(e, "shape", ())) > 0
+                                                               for e in v)
 
 
 def _element_shapes(name: str, shapes: Mapping[str, Any], constants: Mapping[str, Any]) -> list | None:
