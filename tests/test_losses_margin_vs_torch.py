@@ -15,6 +15,8 @@ an error naming the block and the argument, shape or data key."""
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import central_differences
-from layer_edges import Case, parity_tests, run_mithril, scalar_loss
+from layer_edges import Case, compare, jax_column, parity_tests, run_mithril, scalar_loss
 
 import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
@@ -247,8 +249,28 @@ _add("gaussian clamp", Case(  # var 0, below eps, at eps: the clamped value's gr
     {"input": (2, 3), "target": (2, 3), "var": np.array([[0.0, 1e-4, 1e-3], [2e-3, 0.5, 0.0]])},
     _ref(F.gaussian_nll_loss, "input", "target", "var", eps=1e-3, reduction="none")))
 
-test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
-    "test_losses_margin_vs_torch", CASES)
+# The JAX column (a fresh x64 process, a compile per case) runs every edge case and one case
+# of each option by default, and the rest with ``-m slow``.
+_EDGES = re.compile(r"ties|edges|zero-norm|clamp|1-d|\(C,\)|\(D,\)|0-d|3-d|target grad")
+JAX_NAMES = [n for n in CASES if _EDGES.search(n)] + [
+    "margin_ranking m=-0.25 none", "hinge_embedding m=2.0 mean", "soft_margin x30.0 none",
+    "cosine m=0.3 none", "triplet p=3.0 swap=True none", "triplet p=inf swap=True sum",
+    "multi_margin p=2 m=0.5 w=True none", "multi_margin p=1 m=-0.25 w=False sum",
+    "multilabel_margin none", "multilabel_soft_margin w=[0.5, 2.0, 1.0] none",
+    *(f"poisson log={a} full={b} none" for a in (True, False) for b in (False, True)),
+    *(f"gaussian full=True var={v} none" for v in ("same", "rows", "axis1", "last1")),
+    "gaussian full=False var=rows mean"]
+test_equals_torch, _, _ = parity_tests("test_losses_margin_vs_torch", CASES)
+_, jax_results, test_jax_equals_torch = parity_tests(
+    "test_losses_margin_vs_torch", {n: CASES[n] for n in JAX_NAMES})
+
+
+@pytest.mark.slow
+def test_jax_equals_torch_every_case() -> None:
+    rest = [n for n in CASES if n not in JAX_NAMES]
+    for name, res in jax_column("test_losses_margin_vs_torch", rest,
+                                os.path.dirname(__file__)).items():
+        compare(name, CASES[name], *res, what="jax")
 
 
 # -- central differences of the NumPy VJP, every differentiable input ---------------------
