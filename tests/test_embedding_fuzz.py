@@ -9,9 +9,9 @@ float64 weights. The output and the weight's gradient (zero on the padding row, 
 within 1e-12 (float64) or 1e-6 (float32) relative to max(1, |torch|), on NumPy and torch in
 process and JAX in a fresh x64 process; the NumPy gradient against central differences.
 
-torch's ``max_norm``, ``norm_type``, ``scale_grad_by_freq`` and ``sparse`` are not offered:
-passing one is Python's ``TypeError`` naming it. Bad indices (float, out of range) are named
-errors before anything runs.
+torch's ``max_norm``, ``norm_type`` and ``scale_grad_by_freq`` are tested in
+test_embedding_options_vs_torch; ``sparse=True`` is refused by name (gradients are dense).
+Bad indices (float, out of range) are named errors before anything runs.
 """
 
 from __future__ import annotations
@@ -153,10 +153,10 @@ def test_numpy_gradient_equals_central_differences() -> None:
     assert np.abs(fd[3]).max() > 0  # the padding row's lookup does depend on it: torch's choice
 
 
-@pytest.mark.parametrize("arg", ["max_norm", "norm_type", "scale_grad_by_freq", "sparse"])
-def test_torch_only_arguments_are_named(arg: str) -> None:
-    with pytest.raises(TypeError, match=arg):
-        ml.Embedding(4, 2, **{arg: 1.0})
+def test_sparse_is_named() -> None:
+    with pytest.raises(ValueError, match=r"Embedding: sparse must be False, got True: gradients "
+                                         r"are dense"):
+        ml.Embedding(4, 2, sparse=True)
 
 
 def test_bad_indices_and_padding_idx_are_named() -> None:

@@ -89,13 +89,31 @@ class Embedding(Operator):
 
     ``padding_idx`` (as torch's; a negative one counts from the end): that row starts at
     zeros and gets no gradient, so it stays what it is set to (the lookup itself is
-    unchanged)."""
+    unchanged).
+
+    ``max_norm`` m (> 0) with ``norm_type`` p (> 0, ``inf`` allowed; 2 by default): each
+    looked-up row r whose p-norm exceeds m is returned as r · m / (‖r‖_p + 1e-7), as torch's
+    ``embedding_renorm_``; the weight's gradient is torch's, the plain lookup's (no term
+    through the rescaling). **Side effect:** torch rescales those rows of the weight itself,
+    in place, before the lookup; a compiled model leaves its parameters alone.
+    :meth:`renormed_weight` gives the weight torch would hold after the forward pass: apply
+    it before the optimizer step (``w ← renormed_weight(w, indices) − lr · grad``) for
+    torch's training trajectory.
+
+    ``scale_grad_by_freq``: the gradient of row k is divided by the number of times k occurs
+    in ``input`` (the whole batch), as torch's.
+
+    ``sparse=True`` (torch's sparse COO gradient) is refused by name: every backend here
+    keeps gradients as dense arrays of the parameter's shape (the optimizers, accumulation
+    and checkpoints read them so); the dense gradient has the same values."""
 
     int_inputs = frozenset({"input"})
     #: the compiler passes this (when it is a model input) to check_inputs
     value_checked_inputs = frozenset({"input"})
 
-    def __init__(self, num_embeddings: int, dim: int, padding_idx: int | None = None) -> None:
+    def __init__(self, num_embeddings: int, dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
         self.num_embeddings, self.dim = num_embeddings, dim
         if padding_idx is not None:
             n = num_embeddings
@@ -105,6 +123,24 @@ class Embedding(Operator):
                                  f"(num_embeddings={n}), got {padding_idx!r}")
             padding_idx = int(padding_idx) % n
         self.padding_idx = padding_idx
+        number = (int, float, np.integer, np.floating)
+        if max_norm is not None and (isinstance(max_norm, (bool, np.bool_)) or not isinstance(
+                max_norm, number) or not 0 < max_norm < math.inf):
+            raise ValueError(f"Embedding: max_norm must be a finite number > 0 or None, got "
+                             f"{max_norm!r}")
+        if isinstance(norm_type, (bool, np.bool_)) or not isinstance(norm_type, number) \
+                or not norm_type > 0:
+            raise ValueError(f"Embedding: norm_type must be a number > 0 (inf: the max norm), "
+                             f"got {norm_type!r}")
+        if not isinstance(scale_grad_by_freq, (bool, np.bool_)):
+            raise ValueError(f"Embedding: scale_grad_by_freq must be a bool, got "
+                             f"{scale_grad_by_freq!r}")
+        if sparse is not False:
+            raise ValueError(f"Embedding: sparse must be False, got {sparse!r}: gradients are "
+                             f"dense arrays of the weight's shape on every backend (torch's "
+                             f"sparse gradient has the same values)")
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.norm_type, self.scale_grad_by_freq = float(norm_type), bool(scale_grad_by_freq)
 
     @property
     def param_init(self) -> dict[str, str]:  # type: ignore[override]
@@ -136,30 +172,94 @@ class Embedding(Operator):
         return None if s is None else (*s, self.dim)
 
     def forward(self, xp: Any, input: Any, weight: Any) -> Any:
-        F = functional_of(xp)
+        F, kind = functional_of(xp), backend_of(xp)
         if F is not None:  # its backward accumulates rows (embedding_dense_backward)
             t = xp.t
-            return F.embedding(input if input.dtype in (t.int64, t.int32) else input.long(),
-                               weight, padding_idx=self.padding_idx)
-        if input.dtype.itemsize < 4:  # JAX's index normalisation would build n in that dtype
-            input = input.astype("int32")
-        out = weight[input]
-        if self.padding_idx is not None and backend_of(xp) == "jax":
-            # the same values, but the padding row's lookups send no gradient back
-            out = xp.where((input == self.padding_idx)[..., None], stop_gradient(xp, out), out)
-        return out
+            out = F.embedding(input if input.dtype in (t.int64, t.int32) else input.long(),
+                              weight, padding_idx=self.padding_idx,
+                              scale_grad_by_freq=self.scale_grad_by_freq)
+        else:
+            if input.dtype.itemsize < 4:  # JAX's index normalisation would build n in that dtype
+                input = input.astype("int32")
+            out = weight[input]
+            if self.scale_grad_by_freq and kind == "jax":  # the same values, gradient / count
+                count = xp.zeros(weight.shape[0], out.dtype).at[input.reshape(-1)].add(1)
+                out = stop_gradient(xp, out) + (out - stop_gradient(xp, out)) \
+                    * (1 / count[input])[..., None]
+            if self.padding_idx is not None and kind == "jax":
+                # the same values, but the padding row's lookups send no gradient back
+                out = xp.where((input == self.padding_idx)[..., None], stop_gradient(xp, out), out)
+        if self.max_norm is None:
+            return out
+        if kind == "numpy":
+            return self._renormed(kind, out)
+        # the renormed values, the gradient of the lookup (out − out is 0 exactly), as torch's
+        return stop_gradient(xp, self._renormed(kind, out)) + (out - stop_gradient(xp, out))
+
+    def _renormed(self, kind: str, rows: Any) -> Any:
+        """``rows`` (..., dim) scaled by m / (‖row‖_p + 1e-7) where ‖row‖_p > m = max_norm."""
+        m, p = self.max_norm, self.norm_type
+        if kind == "torch":
+            import torch
+
+            norm, where = torch.linalg.vector_norm(rows, p, dim=-1, keepdim=True), torch.where
+        else:
+            lib: Any = np
+            if kind == "jax":
+                import jax.numpy as lib
+            norm, where = lib.linalg.norm(rows, ord=p, axis=-1, keepdims=True), lib.where
+        return where(norm > m, rows * (m / (norm + 1e-7)), rows)
+
+    def renormed_weight(self, weight: Any, input: Any) -> Any:
+        """The weight torch's ``Embedding(max_norm=...)`` holds after a forward pass on the
+        indices ``input``: the looked-up rows whose norm exceeds ``max_norm`` rescaled (see
+        the class), the others as they are. A new array of ``weight``'s kind (NumPy, JAX or
+        torch); nothing is changed in place."""
+        if self.max_norm is None:
+            raise ValueError("Embedding: renormed_weight needs max_norm (this block has none)")
+        kind = type(weight).__module__.split(".")[0]
+        kind = kind if kind in ("torch", "jax", "jaxlib") else "numpy"
+        kind = "jax" if kind == "jaxlib" else kind
+        n = self.num_embeddings
+        if tuple(weight.shape) != (n, self.dim):
+            raise ShapeError(f"Embedding: renormed_weight: 'weight' must be ({n}, {self.dim}), "
+                             f"got shape {tuple(weight.shape)}")
+        idx = input.reshape(-1)
+        if kind == "torch":
+            import torch
+
+            idx = torch.as_tensor(idx, device=weight.device).long()
+        if idx.shape[0] and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"Embedding: renormed_weight: indices must be in [0, {n - 1}], got "
+                             f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
+        if kind == "torch":
+            used = torch.bincount(idx, minlength=n)[:, None] > 0
+            return torch.where(used, self._renormed(kind, weight.detach()), weight.detach())
+        if kind == "jax":
+            import jax.numpy as jnp
+
+            used = jnp.zeros((n, 1), bool).at[idx].set(True)
+            return jnp.where(used, self._renormed(kind, weight), weight)
+        used = np.bincount(np.asarray(idx, dtype=np.int64), minlength=n)[:, None] > 0
+        return np.where(used, self._renormed(kind, weight), weight)
 
     def vjp(self, g, out, args, wrt):
-        w = args["weight"]
+        w, idx = args["weight"], args["input"].reshape(-1)
+        rows = g.reshape(-1, w.shape[1])
+        if self.scale_grad_by_freq:  # torch: each lookup's gradient times 1 / its row's count
+            rows = rows * (1 / np.bincount(idx, minlength=w.shape[0])[idx])[:, None]
         gw = np.zeros_like(w)
-        np.add.at(gw, args["input"].reshape(-1), g.reshape(-1, w.shape[1]))
+        np.add.at(gw, idx, rows)
         if self.padding_idx is not None:
             gw[self.padding_idx] = 0
         return {"weight": gw}
 
     def __repr__(self) -> str:
-        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
-        return f"Embedding({self.num_embeddings}, {self.dim}{pad})"
+        opts = {"padding_idx": self.padding_idx, "max_norm": self.max_norm,
+                "norm_type": None if self.norm_type == 2.0 else self.norm_type,
+                "scale_grad_by_freq": self.scale_grad_by_freq or None}
+        extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
+        return f"Embedding({self.num_embeddings}, {self.dim}{extra})"
 
 
 class LayerNorm(Operator):
