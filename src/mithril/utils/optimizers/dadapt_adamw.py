@@ -60,6 +60,7 @@ class DAdaptAdamW(Optimizer):
     #: every tensor's ``dlr``
     counts_missed = False
     scalar_values = ("d",)  # scalars(step, d=...) reads the state's d
+    loaded_domains = {"d": "positive"}  # (d only grows from estim_lr0 > 0)
     reductions = 2
     weight_decay_in_math = True
 

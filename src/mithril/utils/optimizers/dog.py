@@ -103,6 +103,7 @@ class DoG(_Estimates, Optimizer):
 
     slots = ("x0",)
     _estimates = ("max_dist", "sum_sq")
+    loaded_domains = {"started": "flag", "max_dist": "nonnegative", "sum_sq": "nonnegative"}
     step_wide = ("init_step", *_Estimates.step_wide)
     reductions = 3
 
@@ -170,6 +171,8 @@ class DoWG(_Estimates, Optimizer):
 
     slots = ("x0",)
     _estimates = ("estim_sq_dist", "weighted_sq")
+    loaded_domains = {"started": "flag", "estim_sq_dist": "nonnegative",
+                      "weighted_sq": "nonnegative"}
     step_wide = ("init_estim_sq_dist", *_Estimates.step_wide)  # (as DoG's)
     reductions = 2
 

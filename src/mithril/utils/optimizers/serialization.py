@@ -41,8 +41,20 @@ def checked_head(opt: Any, d: Any) -> Mapping[str, Any]:
     return hp
 
 
+#: the domains a saved slot or optimizer-wide value may be restricted to (a class's
+#: ``loaded_domains``): a test of the array, elementwise, and its text
+_DOMAINS = {"positive": (lambda a: ~(a <= 0), "> 0"),
+            "nonnegative": (lambda a: ~(a < 0), ">= 0"),
+            "flag": (lambda a: (a == 0) | (a == 1), "0 or 1")}
+
+
 class StateDictMixin:
     """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
+
+    #: slots or state values whose saved values :meth:`load_state_dict` restricts, name ->
+    #: a kind of ``_DOMAINS`` (a value no step could give: DAdaptAdamW's ``d`` <= 0, DoG's
+    #: ``started`` flag 0.5); NaN passes where not a flag (a diverged run's state resumes)
+    loaded_domains: dict[str, str] = {}
 
     def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
                    ) -> dict[str, Any]:
@@ -141,6 +153,16 @@ class StateDictMixin:
         state = trial.init(params)
         state.slots = trial._loaded_slots(d["slots"], state, started)
         state.values = trial._loaded_values(d.get("values", {}), state)
+        for key, kind in trial.loaded_domains.items():  # (values no step could give)
+            test, text = _DOMAINS[kind]
+            saved = (d["slots"].get(key, {}) if key in state.slots else
+                     {None: d["values"][key]} if key in state.values else {})
+            for name, v in saved.items():
+                where = (f"state dict value '{key}'" if name is None else
+                         f"state dict slot '{key}' of '{name}'")
+                a = _numeric(v, where)
+                if not (ok := test(a)).all():
+                    raise ValueError(f"{where} must be {text}, got {float(a[~ok].flat[0])}")
         state.step, state.num_skipped, state.num_nonfinite, state.consecutive_skips = (
             state_dict_count(d, k) for k in ("step", "num_skipped", "num_nonfinite",
                                              "consecutive_skips"))
