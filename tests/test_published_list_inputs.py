@@ -70,6 +70,21 @@ def test_a_list_data_input_inside_a_model_built_at_first_evaluate(name):
         compiled.evaluate({}, {"xs": arrays[:2]})  # built: the length is fixed now
 
 
+def test_a_trainable_list_built_from_the_first_params():
+    """As the published runner calls it: Concat compiled with trainable_keys and no shapes,
+    the list given in params only; built for its shapes (float64, vs torch autograd)."""
+    b = ml.NumpyBackend(dtype="float64")
+    compiled = ml.compile(Concat(axis=-1), b, trainable_keys=["input"])
+    arrays = [RNG.standard_normal(s) for s in SHAPES[-1]]
+    cot = RNG.standard_normal((3, 2, 8))
+    out, grads = compiled.evaluate({"input": arrays}, {}, output_gradients={"output": cot})
+    want, want_grads = _torch_cat(arrays, -1, cot)
+    np.testing.assert_array_equal(out["output"], want)
+    for g, w in zip(grads["input"], want_grads, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert compiled.parameter_shapes == {"input": SHAPES[-1]}
+
+
 def test_a_declared_differentiable_list_and_central_differences():
     """IOKey('xs', differentiable=True) on the list makes it trainable with no trainable_keys;
     float64 NumPy: each element's gradient of sum(w · concat) by central differences."""
