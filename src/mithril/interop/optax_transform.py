@@ -125,6 +125,7 @@ import numpy as np
 
 from .optax_hyperparams import check as check_traced
 from .optax_hyperparams import check_schedules, scheduled
+from .optax_loss import extra_args, with_loss
 from .optax_prologue import CONSECUTIVE, _prologue, _wide, given_up
 from .optax_scalars import (
     _INT32_MAX,
@@ -456,7 +457,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, hyper: dict[str, Any] | None = None,
-               missed: Any = None, average_only: Any = ()) -> tuple[Any, OptaxState]:
+               missed: Any = None, average_only: Any = (), value: Any = None
+               ) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
         values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows; ``missed``:
@@ -464,8 +466,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         out of its rules' count (``t − step_offset − missed``, torch.optim's per-parameter
         ``step``: each leaf its own row of scalars; the averages' weights count the
         optimizer's ``t``); ``average_only``: names of leaves that had no gradient this
-        step: only their averages move, ``updates`` are not read (:mod:`.optax_unreached`)."""
+        step: only their averages move, ``updates`` are not read (:mod:`.optax_unreached`);
+        ``value``: the loss at ``params``, for a loss-aware optimizer (:mod:`.optax_loss`)."""
         _check_update(opt_name, state, params)
+        held, state = state.values, with_loss(opt, state, value)  # (held: a skip keeps them)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
@@ -582,7 +586,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          for s, vs in new_slots.items()}
             new_tensors = {s: [pick(a, b) for a, b in zip(vs, tensor_leaves[s])]
                            for s, vs in new_tensors.items()}
-            new_values = {k: pick(v, state.values[k]) for k, v in new_values.items()}
+            new_values = {k: pick(v, held[k]) for k, v in new_values.items()}
             new_count = jnp.where(finite, new_count, count)
 
         out_updates = treedef.unflatten(new_ps if new_params else
@@ -602,4 +606,5 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             hyper)
         return out_updates, new_state
 
-    return optax.GradientTransformation(init, update)
+    return extra_args(init, update) if opt.needs_loss else optax.GradientTransformation(
+        init, update)

@@ -283,6 +283,8 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     params = dict(zip(names, ptuple, strict=True))
     old_state = opt_state
     kw = {} if hyper is None else {"hyper": hyper}
+    if getattr(tx.update, "takes_value", False):  # a loss-aware optimizer: the step's loss
+        kw["value"] = out[loss]
     missed = opt_state.hyperparams.get(MISSED)
     counts_missed = getattr(tx.update, "counts_missed", True)
     if missed is None and unreached and counts_missed:  # (a state of a step that reached

@@ -79,6 +79,7 @@ from .checks import check_flag, check_positive, check_uniform, check_update, inf
 from .engines.common import is_finite
 from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
 from .layout import Layout, slot_shape_of
+from .loss_aware import LOSS, loss_step
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
 
@@ -173,9 +174,16 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     scalar_values: ClassVar[tuple[str, ...]] = ()
     #: how many per-tensor sums :meth:`reduce_math` gives (0: one pass, no reduction)
     reductions: ClassVar[int] = 0
+    #: the step needs the loss at ``params``: ``update(..., loss=f)`` (optax's ``value=``),
+    #: state value ``"loss"`` during the step (added to :attr:`state_values`), which
+    #: :meth:`tensor_scalars` reads (:mod:`.loss_aware`)
+    needs_loss: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        if cls.needs_loss and isinstance(cls.state_values, tuple) \
+                and LOSS not in cls.state_values:
+            cls.state_values = (*cls.state_values, LOSS)
         odd = [v for v in cls.scalar_values if v not in cls.state_values]
         if odd:
             raise TypeError(f"{cls.__name__}.scalar_values {odd} are not among its "
@@ -464,8 +472,17 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         return OptimizerState(type(self).__name__, layout, slots, engine, slot_layouts, values)
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
-        """One step; returns the new params and state (see the ownership rule above)."""
+               state: OptimizerState, *, loss: Any = None
+               ) -> tuple[dict[str, Any], OptimizerState]:
+        """One step; returns the new params and state (see the ownership rule above).
+        ``loss``: the loss at ``params`` (a finite real scalar), which an optimizer with
+        :attr:`needs_loss` requires and the others refuse."""
+        if loss is not None or self.needs_loss:
+            return loss_step(self, params, gradients, state, loss)
+        return self._update(params, gradients, state)
+
+    def _update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
                 and self.nonfinite == "skip":  # (_give_up's "propagate": no recursion)
             return self._give_up(params, gradients, state, n)
@@ -538,7 +555,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             owner = owner.inner  # (a Lookahead's is its inner's)
         state.fast, owner.__dict__["nonfinite"] = None, "propagate"  # (restored below)
         try:
-            new_params, state = self.update(params, gradients, state)
+            new_params, state = self.update(params, gradients, state, **(
+                {LOSS: state.values[LOSS]} if self.needs_loss else {}))
         finally:  # (and no recipe made under "propagate" kept)
             owner.__dict__["nonfinite"], state.fast = "skip", None
         state.settle()
