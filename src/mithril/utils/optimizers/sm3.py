@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from .checks import check_positive, check_unit
+from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer
 
 
@@ -82,3 +84,16 @@ class SM3(TensorwiseOptimizer):
         inv = xp.m.where(pos, 1 / xp.m.sqrt(xp.m.where(pos, acc, 1.0) + self.epsilon), 0.0)
         m = (1 - b1) * (g * inv) + b1 * m
         return p - lr * m, {"mu": new_mu, "m": m}
+
+    def fused_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+                   state: OptimizerState, prepared: Any, ours: bool
+                   ) -> tuple[dict[str, Any], bool, float, bool] | None:
+        """The whole step in one numba kernel where the state's engine is the NumbaEngine
+        (NumPy, torch-CPU, JAX-CPU in float32/float64; :mod:`.engines.sm3_kernels`: one
+        pass over p, g, m, the same operations as :meth:`tensor_update` on NumPy, hence
+        the same bits); else None (the per-tensor path)."""
+        if type(state.engine).__name__ != "NumbaEngine":
+            return None
+        from .engines import sm3_kernels
+
+        return sm3_kernels.fused_step(self, params, gradients, state, prepared, ours)

@@ -1,0 +1,397 @@
+"""The fused SM3 step (:class:`~mithril.utils.optimizers.SM3`) that the
+:class:`~.numba_engine.NumbaEngine` runs: one numba kernel over every tensor, one pass
+over each tensor's p, g and m.
+
+Each tensor is one piece of work (claimed largest first, as :mod:`.factored_kernels`),
+done whole by the thread that claims it: the results do not depend on the thread count.
+Gradients are read where they lie (a table of addresses). Per element, with ``x`` the
+scaled, clipped gradient (plus ``wd·p``, the coupled decay)::
+
+    ν = c·x² + β₂·mn        mn: μ itself (rank < 2), else the least of the element's μᵢ
+    u = x / √(ν + ε) where ν > 0, else 0;   m ← (1 − β₁)·u + β₁·m;   p ← p − lr·m
+
+The new accumulators of a tensor of rank r ≥ 2 (the max of ν over every axis but i) are
+built in a scratch copy of the ``mu`` buffer while the pass reads the old ones (the last
+axis's as an elementwise max over rows, the others from each row's max), and copied over
+the tensor's ``mu`` once its pass ends. The elementwise math is the per-tensor path's
+(:meth:`.SM3.tensor_update` on NumPy) operation by operation, with no fastmath flags
+(no FMA, no reassociation): the same bits. Only the Σ g² of a row (float64, the norm)
+is summed in any order. Nothing is written in ``dry`` mode: the new values are only
+probed for inf/NaN (the largest exponent field, :func:`.kernels.exponent_bits`), which
+the ``skip``/``raise`` policies run first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numba
+import numpy as np
+
+from ..averaging import _jitable, average, row_counts
+from ..tensorwise import _tensor_clip
+from . import atomics, kernel_cache, threads
+from .common import must_skip, nonfinite_result_error
+from .kernels import exponent_bits, segment_sumsq_kernel, voidptr
+from .workers import share
+
+#: the largest rank the kernel takes (a state with a larger one runs the per-tensor path)
+MAX_RANK = 8
+#: columns of the int64 geometry table (one row per tensor): offset in the flat parameter
+#: buffer, size, rank, offset in the ``mu`` buffer, then the shape (``MAX_RANK`` columns)
+OFF, SIZE, RANK, MOFF, DIMS = range(5)
+#: columns of the scalar table (one row per tensor, in the parameters' dtype): gradient
+#: scale (clipping), clip value (inf: none), coupled weight decay, lr, c (of x²), β₂, ε,
+#: 1 − β₁, β₁, then the averaging weights
+GS, CV, WD, LR, C, B2, EPS, C1, B1, AVG = range(10)
+#: elements of a rank < 2 tensor per block (its Σ g² is summed while the block is in cache)
+BLOCK = 2048
+
+
+def geometry(shapes: list[tuple[int, ...]], offsets: Any, mu_offsets: Any) -> np.ndarray:
+    """The geometry table of tensors of ``shapes`` (see :data:`OFF`); ranks ≤ MAX_RANK."""
+    geo = np.zeros((len(shapes), DIMS + MAX_RANK), dtype=np.int64)
+    for i, shape in enumerate(shapes):
+        geo[i, :DIMS] = (offsets[i], int(np.prod(shape, dtype=np.int64)), len(shape),
+                         mu_offsets[i])
+        geo[i, DIMS:DIMS + len(shape)] = shape
+    return geo
+
+
+@functools.cache
+def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any:
+    """The kernel for ``dtype``; ``dry``: probe only; ``copy``: parameters are read from
+    ``P`` and written to ``Q`` (JAX's double buffer; else in place); ``clip``: clipping
+    by value compiled in; ``n_avg``: how many weight averages (``A0``, ``A1``) move."""
+    DT = np.dtype(dtype).type
+    wide = np.dtype(dtype).itemsize == 8
+    EXP = np.int64(0x7FF0000000000000) if wide else np.int32(0x7F800000)
+    IT = np.int64 if wide else np.int32
+    UT = np.uint64 if wide else np.uint32
+    INF_BITS = UT(0x7FF0000000000000) if wide else UT(0x7F800000)
+    one, zero = DT(1.0), DT(0.0)
+    U = np.uint64  # unsigned indices: no wraparound test, so that the loops vectorise
+    avg = _jitable(average)
+    jit = kernel_cache.jit(error_model="numpy", nogil=True)  # IEEE ops, as NumPy's
+    inline = numba.njit(inline="always", error_model="numpy", nogil=True)
+
+    @inline
+    def least(a, b):  # pragma: no cover - np.minimum: NaN if either is
+        return a if (a != a or a <= b) else b
+
+    @inline
+    def most(a, b):  # pragma: no cover - np.maximum: NaN if either is
+        return a if (a != a or a >= b) else b
+
+    @inline
+    def element(p, g, m, mn, gs, cv, wd, lr, c, b2, eps, c1, b1):  # pragma: no cover
+        """SM3.tensor_update's math, operation by operation: (p, m, ν)."""
+        x = g * gs
+        if clip:
+            x = -cv if x < -cv else x
+            x = cv if x > cv else x
+        if wd != 0:
+            x = x + wd * p
+        acc = c * (x * x) + b2 * mn
+        pos = acc > 0
+        inv = one / np.sqrt((acc if pos else one) + eps)
+        m = c1 * (x * (inv if pos else zero)) + b1 * m
+        return p - lr * m, m, acc
+
+    @inline
+    def averaged(p, x0, x1, a0, a1):  # pragma: no cover - scalars only (an array argument
+        # of an inlined function keeps its loop from being vectorised)
+        v0 = avg(p, x0, a0) if n_avg > 0 else p
+        v1 = avg(p, x1, a1) if n_avg > 1 else p
+        return v0, v1, IT(max(exponent_bits(v0), exponent_bits(v1)))
+
+    @kernel_cache.jit(fastmath={"reassoc", "contract"}, nogil=True)
+    def sumsq(G, a, b):  # pragma: no cover - Σ g² (float64, any order)
+        s = 0.0
+        for i in range(a, b):
+            gd = np.float64(G[U(i)])
+            s += gd * gd
+        return s
+
+    @jit
+    def row_max(row, rowb, n):  # pragma: no cover
+        """max(row[:n]) as np.amax: the bits' unsigned max (vectorised), exact for values
+        ≥ +0; any NaN or negative value: the float max, NaN first."""
+        r = UT(0)
+        for j in range(n):
+            b = rowb[j]
+            r = b if b > r else r
+        if r <= INF_BITS:
+            for j in range(n):
+                if rowb[j] == r:
+                    return row[j]
+        v = row[0]
+        for j in range(1, n):
+            v = most(v, row[j])
+        return v
+
+    @jit
+    def vector(P, Q, G, M, MU, A0, A1, hd, a0, a1):  # pragma: no cover
+        """A tensor of rank 0 or 1 (μ = ν, elementwise): (Σ g², probe)."""
+        n, gsq, z = G.shape[0], 0.0, IT(0)
+        gs, cv, wd, lr, c, b2, eps, c1, b1 = hd[GS], hd[CV], hd[WD], hd[LR], hd[C], hd[B2], \
+            hd[EPS], hd[C1], hd[B1]
+        for a in range(0, n, BLOCK):
+            b = min(a + BLOCK, n)
+            gsq += sumsq(G, a, b)
+            for i in range(a, b):
+                j = U(i)
+                p, m, acc = element(P[j], G[j], M[j], MU[j], gs, cv, wd, lr, c, b2, eps, c1,
+                                    b1)
+                z = IT(max(z, max(exponent_bits(acc), exponent_bits(p), exponent_bits(m))))
+                if not dry:
+                    MU[j] = acc
+                    M[j] = m
+                    if copy:
+                        Q[j] = p
+                    else:
+                        P[j] = p
+                if n_avg > 0:
+                    v0, v1, za = averaged(p, A0[j], A1[j] if n_avg > 1 else p, a0, a1)
+                    z = IT(max(z, za))
+                    if not dry:
+                        A0[j] = v0
+                        if n_avg > 1:
+                            A1[j] = v1
+        return gsq, z
+
+    @jit
+    def axes(P, Q, G, M, MU, MUn, A0, A1, dims, rank, row, rowb, hd, a0, a1
+             ):  # pragma: no cover
+        """A tensor of rank ≥ 2 (``MU``: its accumulators, concatenated; ``MUn``: their
+        new values, built here): (Σ g², probe)."""
+        inner = dims[rank - 1]
+        last = MU.shape[0] - inner  # the last axis's μ
+        idx = np.zeros(rank, dtype=np.int64)
+        start = np.zeros(rank, dtype=np.int64)
+        for k in range(1, rank):
+            start[k] = start[k - 1] + dims[k - 1]
+        for k in range(MU.shape[0]):
+            MUn[k] = -np.inf
+        gsq, z = 0.0, IT(0)
+        gs, cv, wd, lr, c, b2, eps, c1, b1 = hd[GS], hd[CV], hd[WD], hd[LR], hd[C], hd[B2], \
+            hd[EPS], hd[C1], hd[B1]
+        for o in range(0, G.shape[0], inner):
+            mo = MU[idx[0]]  # the least μ of the leading axes at this row
+            for k in range(1, rank - 1):
+                mo = least(mo, MU[start[k] + idx[k]])
+            gsq += sumsq(G, o, o + inner)
+            for j in range(inner):
+                e, lj = U(o + j), U(last + j)
+                p, m, acc = element(P[e], G[e], M[e], least(mo, MU[lj]), gs, cv, wd, lr,
+                                    c, b2, eps, c1, b1)
+                row[j] = acc
+                MUn[lj] = most(MUn[lj], acc)
+                z = IT(max(z, max(exponent_bits(p), exponent_bits(m))))
+                if not dry:
+                    M[e] = m
+                    if copy:
+                        Q[e] = p
+                    else:
+                        P[e] = p
+                if n_avg > 0:
+                    v0, v1, za = averaged(p, A0[e], A1[e] if n_avg > 1 else p, a0, a1)
+                    z = IT(max(z, za))
+                    if not dry:
+                        A0[e] = v0
+                        if n_avg > 1:
+                            A1[e] = v1
+            r = row_max(row, rowb, inner)
+            for k in range(rank - 1):
+                MUn[start[k] + idx[k]] = most(MUn[start[k] + idx[k]], r)
+            k = rank - 2  # the leading axes' odometer
+            idx[k] += 1
+            while k > 0 and idx[k] == dims[k]:
+                idx[k] = 0
+                k -= 1
+                idx[k] += 1
+        for k in range(MU.shape[0]):
+            z = IT(max(z, exponent_bits(MUn[k])))
+            if not dry:
+                MU[k] = MUn[k]
+        return gsq, z
+
+    @jit
+    def no_grad(P, Q, A0, A1, a0, a1):  # pragma: no cover
+        """A tensor without gradient: unchanged (copied to Q), its averages move."""
+        z = IT(0)
+        for j in range(P.shape[0]):
+            p = P[j]
+            if copy and not dry:
+                Q[j] = p
+            if n_avg > 0:
+                v0 = avg(p, A0[j], a0)
+                z = IT(max(z, exponent_bits(v0)))
+                if not dry:
+                    A0[j] = v0
+            if n_avg > 1:
+                v1 = avg(p, A1[j], a1)
+                z = IT(max(z, exponent_bits(v1)))
+                if not dry:
+                    A1[j] = v1
+        return z
+
+    @jit
+    def kernel(P, Q, M, MU, MUn, A0, A1, gptr, geo, Hd, order, row, out, bad, sync, spins
+               ):  # pragma: no cover
+        """Claim tensors (in ``order``) until none is left; ``out[t]``: Σ g² of tensor
+        ``t``'s raw gradient, ``bad[t]``: one of its new values is inf/NaN."""
+        n = order.shape[0]
+        rowb = row.view(UT)
+        slot = atomics.arrive(sync)
+        k = atomics.claim(sync, slot)
+        while k < n:
+            t = order[k]
+            a, size, rank, mo = geo[t, OFF], geo[t, SIZE], geo[t, RANK], geo[t, MOFF]
+            b = a + size
+            hd = Hd[t]
+            a0 = hd[AVG] if n_avg > 0 else hd[0]
+            a1 = hd[AVG + 1] if n_avg > 1 else hd[0]
+            base = gptr[t]
+            if base == 0:
+                z = no_grad(P[a:b], Q[a:b], A0[a:b], A1[a:b], a0, a1)
+            elif rank < 2:
+                G = numba.carray(voidptr(base), (size,), DT)
+                out[t], z = vector(P[a:b], Q[a:b], G, M[a:b], MU[mo:mo + size], A0[a:b],
+                                   A1[a:b], hd, a0, a1)
+            else:
+                G = numba.carray(voidptr(base), (size,), DT)
+                dims = geo[t, DIMS:DIMS + rank]
+                nm = 0
+                for d in range(rank):
+                    nm += dims[d]
+                out[t], z = axes(P[a:b], Q[a:b], G, M[a:b], MU[mo:mo + nm], MUn[mo:mo + nm],
+                                 A0[a:b], A1[a:b], dims, rank, row, rowb, hd, a0, a1)
+            bad[t] = z == EXP
+            atomics.piece_done(sync)
+            k = atomics.claim(sync, slot)
+        return atomics.all_done(sync, n, spins)
+
+    return kernel
+
+
+def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndarray,
+        order: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``kernel`` on this thread and up to ``get_num_threads() - 1`` pool threads
+    (each claims whole tensors, ``order`` first); returns ``out`` (per tensor: Σ g² of the
+    raw gradient, float64) and ``bad`` (a new value is inf/NaN)."""
+    n = len(order)
+    out = np.zeros(len(geo), dtype=np.float64)
+    bad = np.zeros(len(geo), dtype=np.bool_)
+    sync = atomics.new_sync(n, 1)  # one queue: the largest tensors first
+    ranked = np.flatnonzero(geo[:, RANK] >= 2)
+    inner = int(geo[ranked, DIMS + geo[ranked, RANK] - 1].max()) if len(ranked) else 0
+    workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
+    dtype = Hd.dtype
+    # each thread its own row of ν (for the row's max)
+    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(max(inner, 1), dtype),  # noqa: E731
+                               out, bad, sync, spins)
+    share(job, sync, n, workers, threads.SPINS)
+    return out, bad
+
+
+def _geometry(opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The geometry table and the order tensors are claimed in (largest first, empty ones
+    left out), cached per layout; None where a tensor's rank exceeds :data:`MAX_RANK`."""
+    lay = state.layout
+    cache = opt.__dict__.setdefault("_sm3_geometry", {})
+    hit = cache.get(id(lay))
+    if hit is None or hit[0] is not lay:
+        if len(cache) >= 4:
+            cache.clear()
+        if any(len(s) > MAX_RANK for s in lay.shape_list):
+            hit = cache[id(lay)] = (lay, None, None)
+        else:
+            geo = geometry(lay.shape_list, lay.offsets, state.slot_layout("mu").offsets)
+            sizes = geo[:, SIZE]
+            order = np.argsort(-sizes, kind="stable")
+            hit = cache[id(lay)] = (lay, geo, order[sizes[order] > 0].astype(np.int64))
+    return None if hit[1] is None else (hit[1], hit[2])
+
+
+def _scalar_table(opt: Any, state: Any, t: int, scale: np.ndarray, n_avg: int
+                  ) -> tuple[np.ndarray, bool]:
+    """The kernel's per-tensor scalars in the parameters' dtype (columns: :data:`GS` ...;
+    each rounded once from its float64 value, as NumPy rounds a Python float operand),
+    and whether any tensor is clipped by value."""
+    index, views = opt.group_rows(state)
+    rows = []
+    for v, c in zip(views, row_counts(opt, state, index, len(views))):
+        full = v.full_scalars(t, state.values, c)
+        b1, b2 = v.momentum, v.beta2
+        rows.append((1.0, v.clip_value or np.inf, v.weight_decay, full[0],
+                     1.0 if b2 == 1.0 else 1.0 - b2, b2, v.epsilon, 1 - b1, b1,
+                     *full[1:1 + n_avg]))
+    H = np.array(rows, dtype=np.float64)[index]
+    H[:, GS] *= scale
+    with np.errstate(over="ignore"):  # a scalar too large for the dtype: the probe tells
+        return H.astype(state.layout.dtype), any(v.clip_value for v in views)
+
+
+def fused_step(opt: Any, params: Any, gradients: Any, state: Any, prepared: Any, ours: bool
+               ) -> tuple[dict[str, Any], bool, float, bool] | None:
+    """:meth:`.SM3.fused_step`: (params to return, applied, global norm, finite), as the
+    engines' ``step``; None where a tensor's rank exceeds :data:`MAX_RANK`. Nothing is
+    written unless the step is applied."""
+    found = _geometry(opt, state)
+    if found is None:
+        return None
+    geo, order = found
+    eng, lay, t = state.engine, state.layout, state.step + 1
+    keep: list = []  # contiguous copies the kernel reads, alive until it returns
+    gptr = prepared if prepared is not None else eng._pointers(gradients, keep)
+    index, views = opt.group_rows(state)
+    norm, scale = None, np.ones(len(geo))
+    per_tensor = any(getattr(v, "clip_tensor_norm", None) is not None
+                     or getattr(v, "clip_block_rms", None) is not None for v in views)
+    if opt.clip_norm is not None or per_tensor:  # the norms first (a read-only pass)
+        plan = eng._plan
+        seg = np.zeros(len(plan.seg_t), dtype=np.float64)
+        plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (seg,), with_offsets=False)
+        sq = np.zeros(len(geo), dtype=np.float64)
+        np.add.at(sq, plan.seg_t, seg)  # segments in order: thread-count independent
+        norm = math.sqrt(sq.sum())
+        if must_skip(opt, norm, gradients, eng.to_numpy):
+            return dict(params), False, norm, True
+        if per_tensor:
+            scale = np.array([_tensor_clip(views[index[i]], sq[i], int(geo[i, SIZE]))
+                              for i in range(len(geo))])
+        if opt.clip_norm is not None:
+            clipped = math.sqrt(float(np.sum(scale * scale * sq)))
+            scale = scale * min(1.0, opt.clip_norm / (clipped + 1e-6))
+    full = opt.full_slot_names()
+    n_avg = len(full) - len(opt.slot_names())
+    Hd, clip = _scalar_table(opt, state, t, scale, n_avg)
+    view = eng.np_view
+    MU, M = view(state.slots["mu"]), view(state.slots["m"])
+    MUn = np.empty_like(MU)  # the new accumulators of rank ≥ 2 tensors, before they are kept
+    none = np.empty(0, dtype=lay.dtype)
+    A0, A1 = ([view(state.slots[s]) for s in full[len(opt.slots):]] + [none, none])[:2]
+    tables = (gptr, geo, Hd, order, int(lay.sizes.sum()))
+    if opt.nonfinite in ("skip", "raise"):  # computed once without being stored: then decide
+        flat = eng._current(state, params, ours)
+        dry = sm3_kernel(lay.dtype, True, False, clip, n_avg)
+        out, bad = run(dry, (flat, flat, M, MU, MUn, A0, A1), *tables)
+        if norm is None:
+            norm = math.sqrt(float(out.sum()))
+            if must_skip(opt, norm, gradients, eng.to_numpy):
+                return dict(params), False, norm, True
+        if bad.any():
+            if opt.nonfinite == "raise":
+                raise nonfinite_result_error(opt, [lay.name_list[i] for i in np.flatnonzero(bad)])
+            return dict(params), False, norm, False
+    src, out_views = eng._adopt(state, params, ours)
+    dst = state.params_flat
+    gptr = eng._unaliased(gptr, gradients, keep, (dst, *state.slots.values()))
+    kernel = sm3_kernel(lay.dtype, False, src is not dst, clip, n_avg)
+    out, bad = run(kernel, (view(src), view(dst), M, MU, MUn, A0, A1), gptr, *tables[1:])
+    if norm is None:
+        norm = math.sqrt(float(out.sum()))
+    return dict(out_views), True, norm, not bad.any()
