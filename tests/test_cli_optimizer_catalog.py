@@ -23,7 +23,11 @@ from mithril.cli.optimizer_catalog import (
 )
 from mithril.cli.options import OPTIMIZERS
 
-TRAINABLE = [n for n in NAMES if n not in REFUSED]
+#: wrappers of a base optimizer the CLI cannot build yet (SAM also needs a closure): a named
+#: error, checked below (the CLI's REFUSED, or a ``base=`` spec as Lookahead's ``inner=``,
+#: would take them)
+NEEDS_A_BASE = ("sam", "mechanize")
+TRAINABLE = [n for n in NAMES if n not in REFUSED and n not in NEEDS_A_BASE]
 QUICK = ["--epochs", "2", "--hidden", "32", "--scheduler", "none", "--no-progress",
          "--no-plot"]
 
@@ -66,6 +70,13 @@ def test_the_five_original_tables_are_what_the_signatures_give():
 
 
 # -- every optimizer: the dry run builds the library's optimizer -------------------------------
+@pytest.mark.parametrize("name", NEEDS_A_BASE)
+def test_a_wrapper_without_its_base_is_refused_by_name(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dry-run", "--optimizer", name, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and f"for {name}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_dry_run_builds_the_library_optimizer(name, built, tmp_path):
     out = tmp_path / "run"

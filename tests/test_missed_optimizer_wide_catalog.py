@@ -30,7 +30,9 @@ STEPS = 6
 ABSENT = (2, 4, 5)  # 'b' has no gradient at these steps
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
-         and n not in ("Optimizer", "LBFGS", "Lookahead")]  # (closure; a wrapper: own tests)
+         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM", "Mechanize")]
+# (LBFGS: a closure; the wrappers Lookahead, SAM (closure) and Mechanize (every parameter's
+# gradient each step): their own tests)
 KW = {"ScheduleFreeAdamW": {"warmup_steps": 3}, "ScheduleFreeSGD": {"warmup_steps": 3},
       "Adafactor": {"learning_rate": 0.01}}
 #: counts_missed optimizers whose step reads an optimizer-wide value (their own tests)

@@ -603,7 +603,8 @@ def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
         cls = getattr(catalog, name)
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer:
             continue
-        opt = catalog.Lookahead(Adam()) if cls is catalog.Lookahead else cls()
+        wrapper = cls in (catalog.Lookahead, catalog.SAM, catalog.Mechanize)
+        opt = cls(Adam()) if wrapper else cls()
         for k, v in opt.hyperparameters().items():
-            if k not in ("fallback", "inner", "learning_rate"):
+            if k not in ("fallback", "inner", "base_optimizer", "learning_rate"):
                 setattr(opt, k, v)

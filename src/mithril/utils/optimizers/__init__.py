@@ -27,6 +27,7 @@ from .lbfgs import LBFGS
 from .lion import Lion
 from .lookahead import Lookahead
 from .madgrad import MADGRAD
+from .mechanize import Mechanize
 from .muon import Muon
 from .nadam import NAdam
 from .noisy_sgd import NoisySGD
@@ -36,6 +37,7 @@ from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSProp
 from .rprop import Rprop
+from .sam import SAM
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd import SGD
 from .sign_sgd import SignSGD, Signum
@@ -49,7 +51,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
-           "NoisySGD", "MADGRAD",
+           "NoisySGD", "MADGRAD", "Mechanize", "SAM",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:

@@ -9,15 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import KeyMismatchError, ShapeError
 from .checks import check_int, check_positive, describe, to_float
 from .outer_wrapper import OuterWrapper, check_base, check_full, copied, vdot
-from .serialization import _numeric
 from .state import OptimizerState
 
-#: Mechanic's scalars, each one value per beta, then the step count (state.mechanic)
+#: Mechanic's scalars, one value per beta each (state.values "mechanic_r0", ...)
 _VECTORS = ("r", "m", "v", "s")
-#: the state dict's slot of the reference point x0 (beside the base optimizer's slots)
+#: the slot of the reference point x0 (beside the base optimizer's slots)
 X0 = "mechanic_x0"
 
 
@@ -49,11 +47,11 @@ class Mechanize(OuterWrapper):
     parameter. The base optimizer's state, learning rate (schedulers drive it), parameter
     groups, weight decay and ``nonfinite`` are its own; a step it skips (``nonfinite="skip"``)
     is skipped here too (params and Mechanic's scalars unchanged). The state is the base
-    optimizer's with Mechanic's scalars (``state.mechanic``: ``r``, ``m``, ``v``, ``s`` per
-    beta in float64 and the count) and ``x0`` (``state.mechanic_x0``, per parameter)
-    added; ``state_dict`` keeps them as values ``mechanic_r0`` … and the slot
-    ``"mechanic_x0"``. The scalars are float64 on the host (optax keeps them in the params'
-    dtype: float32 params differ by float32 rounding). A call that raises (a missing or
+    optimizer's (under ``"Mechanize"``) with Mechanic's added: the slot ``"mechanic_x0"``
+    and the values ``"mechanic_count"``, ``"mechanic_r0"`` … ``"mechanic_s{k-1}"``
+    (:meth:`vectors` reads ``r``, ``m``, ``v``, ``s``), which ``state_dict``, checkpoints and
+    the torch drop-in keep with the base's. The scalars are float64 on the host (optax keeps
+    them in the params' dtype: float32 params differ by float32 rounding). A call that raises (a missing or
     misshapen gradient) changes neither the params nor the state.
     """
 
@@ -77,24 +75,48 @@ class Mechanize(OuterWrapper):
                   "s_init": lambda v: check_positive("s_init", v), "betas": _check_betas}
         return {k: checks[k](v) for k, v in hp.items() if k in checks}
 
+    own_slots = (X0,)
+
+    def own_values(self) -> tuple[str, ...]:
+        return ("mechanic_count", *(f"mechanic_{k}{i}" for k in _VECTORS
+                                    for i in range(len(self.betas))))
+
+    def checked_value(self, name: str, value: Any) -> float:
+        v = super().checked_value(name, value)
+        if name == "mechanic_count" and not (v >= 0 and v.is_integer()):
+            raise ValueError(f"state dict value 'mechanic_count' must be a count, got "
+                             f"{describe(value)}")
+        return v
+
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
-        """The base optimizer's state plus Mechanic's: ``x0`` a copy of ``params`` (replaced
-        by the params of the first update, as optax's), ``s = s_init``, ``r = m = v = 0``."""
+        """The base optimizer's state plus Mechanic's: the slot ``x0`` a copy of ``params``
+        (replaced by the params of the first update, as optax's), and the values ``s =
+        s_init``, ``r = m = v = 0`` (per beta) and the count."""
         state = super().init(params)
-        k = len(self.betas)
-        state.mechanic = {"count": 0, **{n: np.zeros(k) for n in _VECTORS}}
-        state.mechanic["s"][:] = self.s_init
-        state.mechanic_x0 = {n: copied(p) for n, p in params.items()}
+        state.slots[X0] = _flat(state, params)
+        state.values.update(dict.fromkeys(self.own_values(), 0.0))
+        self._set_vectors(state, {"s": np.full(len(self.betas), self.s_init)})
         return state
+
+    def vectors(self, state: OptimizerState) -> dict[str, np.ndarray]:
+        """Mechanic's ``r``, ``m``, ``v``, ``s`` (one float64 per beta) in ``state``."""
+        k = len(self.betas)
+        return {v: np.array([state.values[f"mechanic_{v}{i}"] for i in range(k)])
+                for v in _VECTORS}
+
+    @staticmethod
+    def _set_vectors(state: OptimizerState, vectors: Mapping[str, np.ndarray]) -> None:
+        state.values.update({f"mechanic_{v}{i}": float(x) for v, a in vectors.items()
+                             for i, x in enumerate(a)})
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One Mechanic step (class docs); on any error neither ``params`` nor ``state``
         has changed."""
         check_full(self, params, gradients, state, "gradients")
-        mech = state.mechanic
-        first = mech["count"] == 0
-        x0 = {n: copied(p) for n, p in params.items()} if first else state.mechanic_x0
+        mech = self.vectors(state)
+        first = state.values["mechanic_count"] == 0
+        x0 = {n: copied(p) for n, p in params.items()} if first else state.slot(X0)
         s_sum = float(mech["s"].sum())
         eps, wd = self.eps, self.weight_decay
         with np.errstate(all="ignore"):
@@ -114,82 +136,15 @@ class Mechanize(OuterWrapper):
             s = (self.s_init / len(betas) * m + np.maximum(r, 0.0)) / (np.sqrt(v) + eps)
             total = float(s.sum())
             out = {n: x0[n] - total * (prev[n] - (new[n] - old[n])) for n in old}
-        state.mechanic = {"count": mech["count"] + 1, "r": r, "m": m, "v": v, "s": s}
-        state.mechanic_x0 = x0
+        self._set_vectors(state, {"r": r, "m": m, "v": v, "s": s})
+        state.values["mechanic_count"] += 1
+        if first:
+            state.slots[X0] = _flat(state, x0)
         return out, state
 
-    # -- state dicts: Mechanic's scalars and x0 beside the base optimizer's ---------------
-    def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
-                   ) -> dict[str, Any]:
-        out = super().state_dict(state, arrays=arrays)
-        if state is not None:
-            mech, host = state.mechanic, state.engine.to_numpy
-            out["values"] = {**out.get("values", {}), "mechanic_count": mech["count"],
-                             **{f"mechanic_{k}{i}": float(x) for k in _VECTORS
-                                for i, x in enumerate(mech[k])}}
-            x0 = {n: np.array(host(a)) for n, a in state.mechanic_x0.items()}
-            if arrays == "torch":
-                import torch
 
-                x0 = {n: torch.from_numpy(a) for n, a in x0.items()}
-            out["slots"] = {**out["slots"], X0: x0}
-        return out
-
-    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
-                        ) -> OptimizerState | None:
-        """As the base optimizer's (:class:`OuterWrapper`), Mechanic's scalars and ``x0``
-        checked first and restored with the state; on error nothing changes."""
-        if params is None or not isinstance(d, Mapping) or "slots" not in d:
-            return super().load_state_dict(d, params)
-        values, slots = dict(d.get("values") or {}), dict(d.get("slots") or {})
-        hp = d.get("hyperparameters")
-        k = len(_check_betas(hp["betas"]) if isinstance(hp, Mapping) and "betas" in hp
-                else self.betas)
-        names = ["mechanic_count", *(f"mechanic_{v}{i}" for v in _VECTORS for i in range(k))]
-        missing = [n for n in names if n not in values] + ([X0] if X0 not in slots else [])
-        if missing:
-            raise KeyError(f"state dict lacks Mechanize's {missing}")
-        mech = {v: np.array([to_float(f"state dict value 'mechanic_{v}{i}'",
-                                      values.pop(f"mechanic_{v}{i}")) for i in range(k)])
-                for v in _VECTORS}
-        count = values.pop("mechanic_count")
-        count = check_int("state dict value 'mechanic_count'",
-                          int(count) if isinstance(count, float) and count.is_integer() else count)
-        x0 = _checked_x0(slots.pop(X0), params)
-        rest = {**d, "slots": slots, "values": values}
-        if not values:
-            del rest["values"]
-        state = super().load_state_dict(rest, params)
-        state.mechanic = {"count": count, **mech}
-        state.mechanic_x0 = {n: _like(a, params[n]) for n, a in x0.items()}
-        return state
-
-
-def _checked_x0(saved: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The state dict's ``x0``: exactly the params' names, each a numeric array of its
-    parameter's shape (as NumPy arrays)."""
-    if not isinstance(saved, Mapping) or saved.keys() != params.keys():
-        got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-        raise KeyMismatchError(f"state dict slot '{X0}' must have exactly the parameters "
-                               f"{sorted(params)}, got {got}")
-    out = {}
-    for n, p in params.items():
-        a = _numeric(saved[n], f"state dict slot '{X0}' of '{n}'")
-        if a.shape != tuple(p.shape):
-            raise ShapeError(f"state dict slot '{X0}' of '{n}' has shape {a.shape}, the "
-                             f"parameter {tuple(p.shape)}")
-        out[n] = a
-    return out
-
-
-def _like(a: np.ndarray, p: Any) -> Any:
-    """``a`` as a new array of ``p``'s backend, dtype (and torch device)."""
-    if hasattr(p, "detach"):
-        import torch
-
-        return torch.tensor(a, dtype=p.dtype, device=p.device)
-    if isinstance(p, np.ndarray):
-        return np.array(a, dtype=p.dtype)
-    import jax.numpy as jnp
-
-    return jnp.array(a, dtype=p.dtype)
+def _flat(state: OptimizerState, arrays: Mapping[str, Any]) -> Any:
+    """A new flat buffer of ``state``'s layout holding ``arrays`` (one per parameter)."""
+    eng = state.engine
+    return eng.from_numpy(state.layout.flatten_numpy({n: np.array(eng.to_numpy(a))
+                                                      for n, a in arrays.items()}))

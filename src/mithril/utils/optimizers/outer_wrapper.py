@@ -12,8 +12,8 @@ from typing import Any
 
 from ...errors import KeyMismatchError
 from .base import Optimizer
-from .checks import check_state_kind, check_update, describe
-from .serialization import checked_head
+from .checks import check_state_kind, check_update, describe, to_float
+from .serialization import StateDictMixin, checked_head
 from .state import OptimizerState
 
 
@@ -51,7 +51,12 @@ def check_full(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: Any
     if any(g is None for g in grads.values()):
         raise TypeError(f"{what}: {[n for n, g in grads.items() if g is None]} are None "
                         f"(every parameter needs a gradient)")
-    check_update(opt, params, grads, state)
+    try:
+        check_update(opt, params, grads, state)
+    except (TypeError, ValueError) as e:  # (say whose: the closure's, or those given)
+        if what == "gradients":
+            raise
+        raise type(e)(f"{what}: {e}") from None
 
 
 class OuterWrapper(Optimizer):
@@ -106,25 +111,41 @@ class OuterWrapper(Optimizer):
     def tensor_slots(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.base_optimizer.tensor_slots
 
+    #: the wrapper's own slots (one value per parameter element), beside the base's
+    own_slots: tuple[str, ...] = ()
+
+    def own_values(self) -> tuple[str, ...]:
+        """The wrapper's own optimizer-wide scalars in ``state.values``, beside the base's."""
+        return ()
+
     def full_slot_names(self) -> tuple[str, ...]:
-        return self.base_optimizer.full_slot_names()
+        return (*self.base_optimizer.full_slot_names(), *self.own_slots)
 
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
         """The base optimizer's state for ``params``, under this class's name (a state of
         the base optimizer alone is refused, and this one by the base alone)."""
         state = self.base_optimizer.init(params)
         self._backend = self.base_optimizer._backend
+        return self.loaded(state)
+
+    def loaded(self, state: OptimizerState) -> OptimizerState:
+        """``state`` (the base optimizer's, new or loaded) as this wrapper's."""
         state.kind = type(self).__name__
         return state
 
     def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                     state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
-        """The base optimizer's update of ``state`` (its kind the base's meanwhile)."""
+        """The base optimizer's update of ``state``: meanwhile its kind is the base's and
+        the wrapper's own slots and values are held aside (the base checks its own)."""
+        slots = {k: state.slots.pop(k) for k in self.own_slots}
+        values = {k: state.values.pop(k) for k in self.own_values()}
         state.kind = type(self.base_optimizer).__name__
         try:
             return self.base_optimizer.update(params, gradients, state)
-        finally:
+        finally:  # (a two-pass base may have replaced state.values)
             state.kind = type(self).__name__
+            state.slots.update(slots)
+            state.values = {**state.values, **values}
 
     def state_dict(self, state: OptimizerState | None = None, *, arrays: str = "numpy"
                    ) -> dict[str, Any]:
@@ -140,24 +161,47 @@ class OuterWrapper(Optimizer):
                         ) -> OptimizerState | None:
         """Restore the hyperparameters (the base optimizer's through its own
         ``load_state_dict``, which must be of the saved class) and, given ``params``, the
-        state. Everything is checked first; on error nothing changes."""
+        state, the wrapper's own slots and values with it. Everything is checked first; on
+        error nothing changes."""
         hp = checked_head(self, d)
         unknown = sorted(set(hp) - {"base_optimizer", *self.OWN})
         if unknown:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to "
                            f"{type(self).__name__}")
-        own = self.check_own(hp)
-        base = copy.copy(self.base_optimizer)
-        spec = hp.get("base_optimizer", {"optimizer": type(base).__name__,
+        trial = copy.copy(self)
+        trial.__dict__.update(self.check_own(hp))
+        spec = hp.get("base_optimizer", {"optimizer": type(trial.base_optimizer).__name__,
                                          "hyperparameters": {}})
         if not isinstance(spec, Mapping) or set(spec) != {"optimizer", "hyperparameters"}:
             raise TypeError("state dict hyperparameter 'base_optimizer' must be a dict with "
                             "exactly 'optimizer' (a class name) and 'hyperparameters'")
-        if spec["optimizer"] != type(base).__name__:
+        if spec["optimizer"] != type(trial.base_optimizer).__name__:
             raise ValueError(f"state dict's base optimizer is {spec['optimizer']!r}, but this "
-                             f"{type(self).__name__} wraps {type(base).__name__}")
-        state = base.load_state_dict({**d, **spec}, params)
+                             f"{type(self).__name__} wraps {type(trial.base_optimizer).__name__}")
+        with_state = params is not None and "slots" in d
+        values, slots = dict(d.get("values") or {}), dict(d.get("slots") or {})
+        if with_state:  # (the wrapper's own, beside what the base loads)
+            missing = [k for k in trial.own_values() if k not in values] + [
+                k for k in trial.own_slots if k not in slots]
+            if missing:
+                raise KeyError(f"state dict lacks {type(self).__name__}'s {missing}")
+            d = {**d, "slots": {k: v for k, v in slots.items() if k not in trial.own_slots},
+                 "values": {k: v for k, v in values.items() if k not in trial.own_values()}}
+            if not d["values"]:
+                del d["values"]
+        state = trial.base_optimizer.load_state_dict({**d, **spec}, params)
         if state is not None:
-            state.kind = type(self).__name__
-        self.__dict__.update(own, base_optimizer=base)
+            probe = OptimizerState(state.kind, state.layout, {k: state.engine.full(
+                state.layout.total, 0.0) for k in trial.own_slots}, state.engine)
+            own_slots = StateDictMixin._loaded_slots({k: slots[k] for k in trial.own_slots},
+                                                     probe)
+            own_values = {k: trial.checked_value(k, values[k]) for k in trial.own_values()}
+            trial.loaded(state)
+            state.slots.update(own_slots)
+            state.values.update(own_values)
+        self.__dict__.update(trial.__dict__)
         return state
+
+    def checked_value(self, name: str, value: Any) -> float:
+        """One of the wrapper's own values of a state dict, as a float (checked)."""
+        return to_float(f"state dict value {name!r}", value)

@@ -76,10 +76,9 @@ class SAM(OuterWrapper):
                   "eps": _check_eps}
         return {k: checks[k](v) for k, v in hp.items() if k in checks}
 
-    def init(self, params: Mapping[str, Any]) -> OptimizerState:
-        state = super().init(params)
+    def loaded(self, state: OptimizerState) -> OptimizerState:
         state.last_loss = None
-        return state
+        return super().loaded(state)
 
     def perturbation(self, params: Mapping[str, Any], gradients: Mapping[str, Any]
                      ) -> dict[str, Any]:
