@@ -86,7 +86,7 @@ def expand_list_inputs(b: Any, top_wires: dict[str, int], shapes: Mapping[str, A
                              "input<n>")
         if w not in elements:
             other = [f"{n.path} ({type(n.op).__name__})" for n in b.nodes
-                     if n not in uses and w in n.ins.values()]
+                     if not (isinstance(n.op, Concat) and n.op.n is None) and w in n.ins.values()]
             if other:
                 raise TypeError(f"'{name}' feeds Concat's list input and {', '.join(other)}, which "
                                 "take(s) one array: give them separate inputs")
@@ -95,14 +95,12 @@ def expand_list_inputs(b: Any, top_wires: dict[str, int], shapes: Mapping[str, A
                 raise ListLengthError(f"cannot infer the length of list input '{name}' (Concat's "
                                       "list input): declare its elements' shapes, compile(shapes="
                                       f"{{'{name}': [[2, 3], [4, 3]]}}), or give its value")
-            elements[w] = [b.wire(n, s) for n, s in zip(element_names(name, len(found)), found,
-                                                         strict=True)]
             lists[name] = element_names(name, len(found))
+            elements[w] = [b.wire(n, s) for n, s in zip(lists[name], found, strict=True)]
         node.op = Concat(len(elements[w]), axis=node.op.axis)
         node.ins = {f"input{i + 1}": e for i, e in enumerate(elements[w])}
     for name, elems in lists.items():
-        del top_wires[name]
-        top_wires.update({e: b.names.index(e) for e in elems})
+        top_wires.update(zip(elems, elements[top_wires.pop(name)], strict=True))
         shapes.pop(name, None)
         if name in constants:
             constants.update(zip(elems, constants.pop(name), strict=True))
