@@ -1,0 +1,474 @@
+"""The newest optimizers under data-parallel training: ``DataParallel`` replicated (DDP)
+and sharded (ZeRO) on 2 gloo ranks, and the JAX sharded step on 2 CPU devices, each against
+one process on the whole batch (float64, to 1e-12).
+
+Every case has a StepLR on every group, weight decay, two parameter groups (the biases at
+half the rate and without decay), clipping by the global norm (active: the norms exceed
+it) and parameters the loss does not reach: ``u`` on no step, ``b2`` on the steps of
+``NONE_AT`` (absent on every rank: left untouched, its own steps counted, as DDP +
+torch.optim). The one-process reference is the bare optimizer on the whole batch's
+gradients, told of the missed steps (``state.note_missed``, what DDP + torch.optim count).
+
+ZeRO splits by whole tensors (:mod:`mithril.distributed.sharding`), so the tensor-wise math
+(SM3's accumulators, Muon's Newton–Schulz, Adafactor's factors, LAMB's / LARS's trust
+ratios, DoG's / DoWG's ``layer_wise`` estimates) runs on whole tensors and gives the one
+process's numbers. Optimizers whose state holds sums over *all* parameters (DAdaptAdamW,
+Prodigy, DoG / DoWG without ``layer_wise``, NAdam of Keras's convention: ``state_values``)
+are refused by ``DataParallel(..., shard_state=True)``, naming the class; replicated they
+equal one process. The sharded runs of ``CKPT`` are also saved (``save_sharded``) after
+SAVE_AT steps, loaded into a fresh ``DataParallel`` and run on: the same to the bit.
+
+The two-rank runs use this file as the worker (``python tests/test_distributed_new_optimizers.py
+torch RANK INIT OUT FOLDER CASES``; ``... jax OUT CASES`` for 2 JAX devices, x64 on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mithril.utils import optimizers as O  # noqa: E402
+from mithril.utils.lr_schedulers import StepLR  # noqa: E402
+
+SHAPES = {"w1": (5, 6), "b1": (6,), "w2": (6, 3), "b2": (3,), "u": (4, 3)}
+ROWS, STEPS, SAVE_AT, CLIP, TOL = 8, 6, 3, 0.5, 1e-12
+#: ``b2`` is reached by no rank's loss at these steps; ``u`` at none
+NONE_AT = {2}
+#: the biases at half the rate, without weight decay
+#: (``bias``: the JAX model's names, ``linear_0.bias``)
+GROUPS = [{"params": "^b|bias", "lr_scale": 0.5, "weight_decay": 0.0}]
+
+
+def _opt(cls: Any, lr: float, wd: float = 1e-2, **kw: Any) -> Any:
+    return lambda groups=GROUPS: cls(lr, weight_decay=wd, clip_norm=CLIP,
+                                     param_groups=groups, **kw)
+
+
+#: name -> a maker of the optimizer (``groups``: the parameter groups, by regex or callable)
+CASES = {
+    "sm3": _opt(O.SM3, 0.05),
+    "acprop": _opt(O.AcProp, 0.02),
+    "dadapt_adamw": _opt(O.DAdaptAdamW, 1.0, wd=0.1, estim_lr0=1e-2),
+    "noisy_sgd": _opt(O.NoisySGD, 0.05, seed=3),
+    "madgrad": _opt(O.MADGRAD, 0.02),
+    "radam_optax": _opt(O.RAdam, 0.02, convention="optax"),
+    "nadam_optax": _opt(O.NAdam, 0.02, convention="optax"),
+    "nadam_keras": _opt(O.NAdam, 0.02, convention="keras"),
+    "lion_smooth": _opt(O.Lion, 0.01, mode="smooth"),
+    "lion_refined": _opt(O.Lion, 0.01, mode="refined"),
+    "dog_layer_wise": _opt(O.DoG, 1.0, init_step=("heuristic", 1e-2), layer_wise=True),
+    "dowg_layer_wise": _opt(O.DoWG, 1.0, layer_wise=True),
+    "dog": _opt(O.DoG, 1.0, init_step=("heuristic", 1e-2)),
+    "muon_exclude": _opt(O.Muon, 0.02, exclude_layers=["w2|linear_2"], ns_dtype="float64"),
+    "lamb": _opt(O.LAMB, 0.02),
+    "lars": _opt(O.LARS, 0.1),
+    "adafactor": _opt(O.Adafactor, 0.05),
+    "prodigy": _opt(O.Prodigy, 1.0, estim_lr0=1e-2),
+    "cocob": _opt(O.COCOB, 1.0),
+}
+#: refused by shard_state=True (optimizer-wide values over every parameter)
+WIDE = {"dadapt_adamw", "nadam_keras", "dog", "prodigy"}
+#: saved and loaded mid-run (sharded)
+CKPT = ("sm3", "muon_exclude", "dog_layer_wise")
+#: the default suite's cases (one start of two ranks); the others: @slow
+FAST = ("sm3", "dadapt_adamw", "muon_exclude", "dog_layer_wise", "noisy_sgd")
+#: the default suite's cases on 2 JAX devices
+JAX_FAST = ("dog_layer_wise",)
+
+
+def init_params() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in SHAPES.items()}
+
+
+def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(70 + t)
+    return (torch.randn(ROWS, 5, generator=g, dtype=torch.float64),
+            torch.randn(ROWS, 3, generator=g, dtype=torch.float64))
+
+
+def grads(p: dict[str, Any], t: int, rank: int, world: int) -> dict[str, np.ndarray]:
+    """The mean squared error's gradients on this rank's rows of batch ``t`` (all rows:
+    ``world`` 1); parameters the loss does not reach are absent."""
+    q = {n: torch.from_numpy(np.array(a, dtype=np.float64)).requires_grad_(True)
+         for n, a in p.items()}
+    x, y = batch(t)
+    k = ROWS // world
+    x, y = x[rank * k:(rank + 1) * k], y[rank * k:(rank + 1) * k]
+    out = torch.tanh(x @ q["w1"] + q["b1"]) @ q["w2"]
+    if t not in NONE_AT:
+        out = out + q["b2"]
+    used = [n for n in q if n != "u" and (n != "b2" or t not in NONE_AT)]
+    g = torch.autograd.grad(((out - y) ** 2).mean(), [q[n] for n in used])
+    return {n: a.numpy() for n, a in zip(used, g)}
+
+
+def listed(p: dict[str, Any]) -> dict[str, list]:
+    return {n: np.asarray(a, dtype=np.float64).tolist() for n, a in p.items()}
+
+
+def one_process(name: str) -> dict[str, Any]:
+    """The bare optimizer on the whole batch (told of the missed steps): params, norms."""
+    opt = CASES[name]()
+    sched = StepLR(opt, 2, 0.5)
+    p = {n: a.numpy() for n, a in init_params().items()}
+    st = opt.init(p)
+    norms = []
+    for t in range(STEPS):
+        g = grads(p, t, 0, 1)
+        p, st = opt.update(p, g, st)
+        st.note_missed([n for n in SHAPES if n not in g])
+        norms.append(float(st.last_grad_norm))
+        sched.step()
+    return {"params": listed(p), "norms": norms, "missed": st.missed_counts()}
+
+
+# -- the torch worker (one rank) -----------------------------------------------------------
+def ranks_run(name: str, shard: bool, rank: int, world: int, folder: str) -> dict[str, Any]:
+    """DataParallel on this rank's rows; sharded cases of CKPT saved at SAVE_AT and resumed
+    by a fresh DataParallel (``resumed``). A refused construction: its error."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    try:
+        dp = DataParallel(CASES[name](), shard_state=shard)
+    except NotImplementedError as e:
+        return {"refused": str(e)}
+    sched = StepLR(dp.optimizer, 2, 0.5)
+    p = {n: a.numpy() for n, a in init_params().items()}
+    st = dp.init(p)
+    norms, out = [], {}
+    path = os.path.join(folder, f"{name}-{shard}")
+    for t in range(STEPS):
+        if t == SAVE_AT and shard and name in CKPT:
+            save_sharded(path, p, dp, st)
+            sd = sched.state_dict()
+        p, st = dp.update(p, grads(p, t, rank, world), st)
+        norms.append(float(st.last_grad_norm))
+        sched.step()
+    out.update(params=listed(p), norms=norms, missed=st.local.missed_counts(),
+               owned=list(st.owned))
+    if shard and name in CKPT:
+        dp = DataParallel(CASES[name](), shard_state=True)
+        sched = StepLR(dp.optimizer, 2, 0.5)
+        sched.load_state_dict(sd)
+        p, st = load_sharded(path, dp)
+        for t in range(SAVE_AT, STEPS):
+            p, st = dp.update(p, grads(p, t, rank, world), st)
+            sched.step()
+        out["resumed"] = listed(p)
+    return out
+
+
+def switched(rank: int) -> dict[str, str]:
+    """``DoG(layer_wise=True)`` set to ``layer_wise=False`` after ``DataParallel(...,
+    shard_state=True)`` (its estimates then over all parameters): ``init`` refuses it, and
+    so does ``update`` where it is set after ``init``, on every rank, params unchanged."""
+    from mithril.distributed import DataParallel
+
+    out = {}
+    dp = DataParallel(CASES["dog_layer_wise"](), shard_state=True)
+    dp.optimizer.layer_wise = False
+    p = {n: a.numpy() for n, a in init_params().items()}
+    try:
+        dp.init(p)
+    except NotImplementedError as e:
+        out["init"] = str(e)
+    dp.optimizer.layer_wise = True
+    st = dp.init(p)
+    dp.optimizer.layer_wise = False
+    before = {n: a.copy() for n, a in p.items()}
+    try:
+        dp.update(p, grads(p, 0, rank, 2), st)
+    except NotImplementedError as e:
+        out["update"] = str(e)
+    out["unchanged"] = st.step == 0 and all(np.array_equal(p[n], before[n]) for n in p)
+    return out
+
+
+def torch_worker(rank: int, init: str, out: str, folder: str, names: list[str]) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    res: dict[str, Any] = {}
+    for name in names:
+        for shard in (False, True):
+            try:
+                res[f"{name}/{shard}"] = ranks_run(name, shard, rank, 2, folder)
+            except Exception as e:  # (reported by the test, naming the case)
+                res[f"{name}/{shard}"] = {"crashed": f"{type(e).__name__}: {e}"}
+    res["switched"] = switched(rank)
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def two_ranks(folder: str, names: tuple[str, ...]) -> list[dict]:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_distributed import run_ranks
+
+    out, init = os.path.join(folder, "out"), os.path.join(folder, "init")
+    results, logs = run_ranks(lambda r: [__file__, "torch", str(r), init, out, folder,
+                                         ",".join(names)], out, 2, 600, 60, "new optimizers")
+    for r, res in enumerate(results):
+        if res is None:
+            pytest.fail(f"rank {r} wrote nothing:\n{logs[r].decode()[-3000:]}")
+    return results
+
+
+def check_ranks(results: list[dict], name: str) -> None:
+    """Both modes on both ranks equal one process (or sharded is refused, naming the
+    class, exactly for the optimizers of WIDE); the resumed runs equal the unbroken."""
+    want = one_process(name)
+    assert max(want["norms"]) > CLIP  # (clipping is active)
+    assert want["missed"] == {"u": STEPS, "b2": len(NONE_AT)}
+    for shard in (False, True):
+        got = [res[f"{name}/{shard}"] for res in results]
+        for r, g in enumerate(got):
+            assert "crashed" not in g, (name, shard, r, g.get("crashed"))
+            if shard and name in WIDE:
+                cls = type(CASES[name]()).__name__
+                assert g["refused"].startswith(f"shard_state=True: {cls} keeps optimizer-wide")
+                continue
+            for n in SHAPES:
+                np.testing.assert_allclose(g["params"][n], want["params"][n], rtol=0, atol=TOL,
+                                           err_msg=f"{name} shard={shard} rank {r} {n}")
+            np.testing.assert_allclose(g["norms"], want["norms"], rtol=1e-13, atol=0)
+            if "resumed" in g:
+                assert g["resumed"] == g["params"], (name, r)
+        if shard and name not in WIDE:
+            assert sorted(got[0]["owned"] + got[1]["owned"]) == sorted(SHAPES)
+            held = {n: c for g in got for n, c in g["missed"].items()}
+            assert held == want["missed"], name
+        elif not shard:
+            assert got[0]["missed"] == got[1]["missed"] == want["missed"]
+
+
+@pytest.fixture(scope="module")
+def fast_ranks(tmp_path_factory) -> list[dict]:
+    return two_ranks(str(tmp_path_factory.mktemp("newopt")), FAST)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_two_ranks_equal_one_process(fast_ranks, name) -> None:
+    check_ranks(fast_ranks, name)
+
+
+def test_optimizer_wide_values_set_after_construction_are_refused(fast_ranks) -> None:
+    """Before, ``init`` took a DoG switched to ``layer_wise=False`` after construction, and
+    each rank's DoG took its estimates over its own tensors: 9.1e-3 off one process's (``w1``
+    0.45125 vs 0.46036 after 6 steps on 2 ranks). Now refused at ``init`` and ``update``."""
+    for res in fast_ranks:
+        got = res["switched"]
+        for when in ("init", "update"):
+            assert got[when].startswith("shard_state=True: DoG keeps optimizer-wide values "
+                                        "['max_dist', 'sum_sq']"), when
+        assert got["unchanged"] is True
+
+
+@pytest.mark.parametrize("when", ["init", "update"])
+def test_one_process_refuses_optimizer_wide_values_set_later(when) -> None:
+    """The same rule at a world of one (no process group): refused, nothing changed."""
+    from mithril.distributed import DataParallel
+
+    dp = DataParallel(CASES["dog_layer_wise"](), shard_state=True)
+    p = {n: a.numpy() for n, a in init_params().items()}
+    if when == "update":
+        st = dp.init(p)
+        before = {n: a.copy() for n, a in p.items()}
+    dp.optimizer.layer_wise = False
+    with pytest.raises(NotImplementedError, match=r"DoG keeps optimizer-wide values"):
+        if when == "init":
+            dp.init(p)
+        else:
+            dp.update(p, grads(p, 0, 0, 1), st)
+    if when == "update":
+        assert st.step == 0 and all(np.array_equal(p[n], before[n]) for n in p)
+        dp.optimizer.layer_wise = True  # (set back: the step runs)
+        p, st = dp.update(p, grads(p, 0, 0, 1), st)
+        assert st.step == 1
+
+
+@pytest.fixture(scope="module")
+def all_ranks(tmp_path_factory) -> list[dict]:
+    names = tuple(n for n in CASES if n not in FAST)
+    return two_ranks(str(tmp_path_factory.mktemp("newopt_all")), names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in CASES if n not in FAST])
+def test_two_ranks_equal_one_process_all(all_ranks, name) -> None:
+    check_ranks(all_ranks, name)
+
+
+# -- the JAX worker (2 devices) -------------------------------------------------------------
+LOSSES = ("loss_a", "loss_b")
+
+
+def jax_run(name: str, kind: str) -> dict[str, np.ndarray]:
+    """The schedule of losses (each head unreached at some steps) on the one-device step
+    (``one``) or on 2 devices, state replicated (``rep``) or sharded (``shard``): the params
+    and the state as ``optimizer.init`` holds it. Sharded cases of CKPT are converted
+    (``to_optimizer_state``, a state dict) after SAVE_AT steps and resumed by a new
+    optimizer and steps (``resumed/``)."""
+    from test_unreached_params import SCHEDULE, data_of, two_heads
+
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+    from mithril.utils.training import make_train_step
+
+    c = ml.compile(two_heads(), JaxBackend(dtype="float64", seed=0), shapes={"input": [8, 3]})
+
+    def steps_of(opt: Any) -> dict[str, Any]:
+        if kind == "one":
+            return {k: make_train_step(c, opt, loss=k) for k in LOSSES}
+        return {k: make_sharded_train_step(c, opt, loss=k, devices=2, shard_state=kind == "shard")
+                for k in LOSSES}
+
+    def held(prefix: str, steps: dict, state: Any, params: dict) -> dict[str, np.ndarray]:
+        st = steps["loss_a"].to_optimizer_state(state, params)
+        got = {f"{prefix}/p/{n}": np.asarray(v) for n, v in params.items()}
+        got.update({f"{prefix}/missed/{n}": np.array(k) for n, k in st.missed_counts().items()})
+        for s in st.slots:
+            got.update({f"{prefix}/slot/{s}/{n}": np.asarray(v) for n, v in st.slot(s).items()})
+        got.update({f"{prefix}/value/{k}": np.array(v) for k, v in st.values.items()})
+        got[f"{prefix}/step"] = np.array(st.step)
+        return got
+
+    rng = np.random.default_rng(1)
+    data = [{k: c.backend.array(v) for k, v in data_of(rng).items()} for _ in SCHEDULE]
+    opt = CASES[name]()
+    sched = StepLR(opt, 2, 0.5)
+    steps = steps_of(opt)
+    params = c.get_parameters()
+    out = {f"start/{n}": np.asarray(v).copy() for n, v in params.items()}
+    state = steps["loss_a"].init(params)
+    ckpt = kind == "shard" and name in CKPT
+    for i, (loss, d) in enumerate(zip(SCHEDULE, data)):
+        if i == SAVE_AT and ckpt:
+            sd = opt.state_dict(steps[loss].to_optimizer_state(state, params))
+            saved, sched_sd = {n: np.asarray(v).copy() for n, v in params.items()}, \
+                sched.state_dict()
+        params, state, _ = steps[loss](params, state, d)
+        sched.step()
+    out.update(held(f"{name}/{kind}", steps, state, params))
+    if ckpt:
+        opt = CASES[name]()
+        sched = StepLR(opt, 2, 0.5)
+        sched.load_state_dict(sched_sd)
+        steps = steps_of(opt)
+        params = {n: c.backend.array(v) for n, v in saved.items()}
+        state = steps[SCHEDULE[SAVE_AT]].from_optimizer_state(opt.load_state_dict(sd, params))
+        for loss, d in zip(SCHEDULE[SAVE_AT:], data[SAVE_AT:]):
+            params, state, _ = steps[loss](params, state, d)
+            sched.step()
+        out.update(held(f"{name}/{kind}/resumed", steps, state, params))
+    return out
+
+
+def jax_worker(out: str, names: list[str]) -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 2, jax.devices()
+    warnings.simplefilter("ignore")
+    flat: dict[str, np.ndarray] = {}
+    for name in names:
+        for kind in ("one", "rep", "shard"):
+            try:
+                flat.update(jax_run(name, kind))
+            except Exception as e:  # (reported by the test, naming the case)
+                flat[f"{name}/{kind}/crashed"] = np.array(f"{type(e).__name__}: {e}")
+    np.savez(out, **flat)
+
+
+def two_devices(folder: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    pytest.importorskip("jax")
+    out = os.path.join(folder, "jax.npz")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    res = subprocess.run([sys.executable, __file__, "jax", out, ",".join(names)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _under(res: dict, prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in res.items() if k.startswith(prefix)}
+
+
+def check_devices(res: dict, name: str) -> None:
+    """2 devices, state replicated and sharded, equal the one-device step to 1e-12: params,
+    slots, optimizer-wide values, each parameter's missed steps; the resumed run the
+    unbroken one, bit for bit."""
+    for kind in ("one", "rep", "shard"):
+        assert f"{name}/{kind}/crashed" not in res, str(res.get(f"{name}/{kind}/crashed"))
+    one = {k: v for k, v in _under(res, f"{name}/one/").items()}
+    start = _under(res, "start/")
+    assert all(np.max(np.abs(one[f"p/{n}"] - v)) > 1e-4 for n, v in start.items()), name
+    assert {k: int(v) for k, v in _under(one, "missed/").items() if v} == {
+        "linear_1.weight": 3, "linear_1.bias": 3, "linear_2.weight": 4, "linear_2.bias": 4}
+    for kind in ("rep", "shard"):
+        got = {k: v for k, v in _under(res, f"{name}/{kind}/").items()
+               if not k.startswith("resumed/")}
+        assert set(got) == set(one), (name, kind, set(got) ^ set(one))
+        for k in one:
+            np.testing.assert_allclose(got[k], one[k], rtol=0, atol=TOL,
+                                       err_msg=f"{name} {kind} {k}")
+        resumed = _under(res, f"{name}/{kind}/resumed/")
+        if resumed:
+            assert set(resumed) == set(got)
+            for k in got:
+                assert np.array_equal(resumed[k], got[k]), (name, k)
+
+
+@pytest.fixture(scope="module")
+def fast_devices(tmp_path_factory) -> dict[str, np.ndarray]:
+    return two_devices(str(tmp_path_factory.mktemp("newopt_jax")), JAX_FAST)
+
+
+@pytest.mark.parametrize("name", JAX_FAST)
+def test_two_devices_equal_one_device(fast_devices, name) -> None:
+    check_devices(fast_devices, name)
+
+
+@pytest.fixture(scope="module")
+def all_devices(tmp_path_factory) -> dict[str, np.ndarray]:
+    names = [n for n in CASES if n not in JAX_FAST]
+    res: dict[str, np.ndarray] = {}
+    for i in range(0, len(names), 4):  # (each run within its own timeout)
+        folder = str(tmp_path_factory.mktemp("newopt_jax_all"))
+        res.update(two_devices(folder, tuple(names[i:i + 4])))
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in CASES if n not in JAX_FAST])
+def test_two_devices_equal_one_device_all(all_devices, name) -> None:
+    check_devices(all_devices, name)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if sys.argv[1] == "torch":
+        torch_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5],
+                     sys.argv[6].split(","))
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        jax_worker(sys.argv[2], sys.argv[3].split(","))
