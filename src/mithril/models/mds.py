@@ -11,6 +11,7 @@ import numpy as np
 from .arithmetic import Multiply
 from .distance_models import EncoderDistanceMatrix
 from .model import IOKey, Model
+from .operator import Operator, ShapeError, fmt
 from .primitives import Absolute, Buffer, Power, Subtract
 from .reductions import Sum
 from .unary_primitives import NormModifier, StableReciprocal
@@ -22,6 +23,37 @@ def _bool(who: str, name: str, v: Any) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{who}: {name} must be a bool, got {v!r}")
     return bool(v)
+
+
+class _SquarePair(Operator):
+    """``input`` as is, once it and ``like`` are square matrices of one size (N, N): the
+    published MDSCore's shapes ``["N", "N"]`` (a broadcast, say of (1, 1) against (N, N),
+    or an (N, M) pair gave a number). ``like`` is read for its shape only."""
+
+    inputs = ("input", "like")
+    any_dtype_inputs = frozenset({"like"})
+
+    def __init__(self, keys: tuple[str, str]) -> None:
+        self.keys = keys  # (the MDSCore terminals, for the message)
+
+    def infer_shape(self, shapes):
+        got = [shapes.get("input"), shapes.get("like")]
+        for key, s in zip(self.keys, got):
+            if s is not None and (len(s) != 2 or None not in s and s[0] != s[1]):
+                raise ShapeError(f"MDSCore: '{key}' must be a square matrix (N, N), got "
+                                 f"shape {fmt(s)}")
+        sizes = {d for s in got if s is not None for d in s if d is not None}
+        if len(sizes) > 1:
+            raise ShapeError(f"MDSCore: '{self.keys[0]}' {fmt(got[0])} and '{self.keys[1]}' "
+                             f"{fmt(got[1])} must be (N, N) of one N")
+        return got[0]
+
+    def forward(self, xp: Any, input: Any, like: Any) -> Any:
+        return input
+
+    def vjp(self, g, out, args, wrt):
+        res = {"input": g, "like": np.zeros(np.shape(args["like"]), dtype=g.dtype)}
+        return {k: v for k, v in res.items() if k in wrt}
 
 
 class MDSCore(Model):
@@ -46,17 +78,20 @@ class MDSCore(Model):
         self |= inv.connect(input=order.output)
         pred = Power(robust=self.robust)
         self |= pred.connect(base="pred_distances", exponent=inv.output)
+        square = _SquarePair(("distances", "pred_distances"))
+        self |= square.connect(input="distances", like="pred_distances")
+        distances = square.output
         diff = Subtract()
         if self.exact_distances:
-            self |= diff.connect(left="distances", right=pred.output)
+            self |= diff.connect(left=distances, right=pred.output)
             scale = Power(robust=self.robust)
-            self |= scale.connect(base="distances", exponent=order.output)
+            self |= scale.connect(base=distances, exponent=order.output)
             scale_out = scale.output
         else:
             rooted = Power(robust=self.robust)
-            self |= rooted.connect(base="distances", exponent=inv.output)
+            self |= rooted.connect(base=distances, exponent=inv.output)
             self |= diff.connect(left=rooted.output, right=pred.output)
-            scale_out = "distances"
+            scale_out = distances
         gap, gap_p, total, norm_sum, norm_inv, ratio, out = (
             Absolute(), Power(robust=self.robust), Sum(), Sum(), StableReciprocal(), Multiply(),
             Power(robust=self.robust))
@@ -67,7 +102,6 @@ class MDSCore(Model):
         self |= norm_inv.connect(input=norm_sum.output)
         self |= ratio.connect(left=total.output, right=norm_inv.output)
         self |= out.connect(base=ratio.output, exponent=inv.output, output=IOKey("output"))
-        self.set_shapes(distances=[None, None], pred_distances=[None, None])
 
 
 class MDS(Model):

@@ -82,7 +82,8 @@ class BinaryCrossEntropy(Operator):
       only where p·(1 − p) < 1e−12). With ``robust=True`` the logs are the robust log
       (module docstring) with cutoff ``cutoff``, not floored, as the published Mithril's.
 
-    ``pos_weight`` is a positive number, or a sequence of them, one per class: broadcast over
+    ``pos_weight`` is a positive number, or a 1-d sequence of them (a list, a NumPy array or
+    a torch tensor, as torch's ``pos_weight``), one per class: broadcast over
     the last axis (its length that axis's, or 1), as torch's ``pos_weight`` tensor (the
     published "auto", a weight from the batch's labels, is not offered); ``robust`` changes nothing for logits (the log there is of a
     number >= 1). Both ``input`` and ``target`` are differentiable."""
@@ -99,6 +100,10 @@ class BinaryCrossEntropy(Operator):
             raise ValueError("BinaryCrossEntropy: pos_weight must be a positive number (the "
                              f"published 'auto' is not offered), got {pos_weight!r}")
         self.pos_weight: float | np.ndarray
+        if hasattr(pos_weight, "detach"):  # a torch tensor, as torch's pos_weight (no grad)
+            pos_weight = pos_weight.detach().cpu().numpy()
+        if isinstance(pos_weight, np.ndarray) and pos_weight.ndim == 0:  # one number
+            pos_weight = pos_weight.item()
         if isinstance(pos_weight, (list, tuple, np.ndarray)):  # per class (the last axis)
             pw = np.asarray(pos_weight)
             if pw.ndim != 1 or not pw.size or pw.dtype.kind not in "iuf" \
@@ -224,7 +229,7 @@ class KLDivergence(Operator):
                              f"{(*REDUCTIONS, 'batchmean')}, got {reduction!r}")
         self.reduction = reduction
         if not isinstance(log_target, (bool, np.bool_)):
-            raise ValueError(f"KLDivergence: log_target must be a bool, got {log_target!r}")
+            raise TypeError(f"KLDivergence: log_target must be a bool, got {log_target!r}")
         self.log_target = bool(log_target)
 
     def infer_shape(self, shapes):

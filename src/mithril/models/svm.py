@@ -107,3 +107,6 @@ class QuadraticFormRegularizer(Model):
         self |= wk.connect(left="input", right="kernel", output=IOKey("wk", expose=False))
         self |= wkw.connect(left="wk", right="input_t", output=IOKey("wkw", expose=False))
         self |= Multiply().connect(left="wkw", right=0.5, output="output")
+        # the published shapes (1, N) and (N, N): the products check the Ns, not a w of
+        # several rows (which gave a (k, k) matrix)
+        self.set_shapes(input=[1, None], kernel=[None, None])
