@@ -286,6 +286,12 @@ def test_sam_bad_arguments():
             SAM(Adam(), **kw)
     with pytest.raises(TypeError, match="LBFGS evaluates the loss itself"):
         SAM(LBFGS())
+    opt = SAM(Adam(), rho=0.1)
+    for name, value, exc in [("rho", "0.1", TypeError), ("adaptive", "yes", TypeError),
+                             ("base_optimizer", "adam", TypeError)]:
+        with pytest.raises(exc, match=f"SAM: {name}"):
+            setattr(opt, name, value)
+    assert (opt.rho, opt.adaptive, type(opt.base_optimizer)) == (0.1, False, Adam)
     with pytest.raises(TypeError, match="base_optimizer must be a mithril optimizer"):
         SAM("adam")
 
@@ -330,6 +336,15 @@ def test_mechanize_bad_arguments():
             Mechanize(Adam(1.0), **kw)
     with pytest.raises(TypeError, match="LBFGS evaluates the loss itself"):
         Mechanize(LBFGS())
+    opt = Mechanize(Adam(1.0))
+    with pytest.raises(ValueError, match=r"Mechanize: betas=\(0.9, 2.0\) refused"):
+        opt.betas = (0.9, 2.0)
+    params, closure = problem("numpy")
+    state = opt.init(params)
+    opt.betas = (0.9, 0.99)  # (a state made with six: refused, not read in part)
+    with pytest.raises(ValueError, match="for 6 betas, this Mechanize has 2"):
+        opt.update(params, closure(params)[1], state)
+    assert state.step == 0 and state.values["mechanic_count"] == 0
 
 
 # -- state dicts, the interop paths ----------------------------------------------------------

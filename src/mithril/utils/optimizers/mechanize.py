@@ -114,6 +114,10 @@ class Mechanize(OuterWrapper):
         """One Mechanic step (class docs); on any error neither ``params`` nor ``state``
         has changed."""
         check_full(self, params, gradients, state, "gradients")
+        have = {k for k in state.values if k.startswith("mechanic_")}
+        if have != set(self.own_values()):
+            raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} betas, "
+                             f"this Mechanize has {len(self.betas)} (betas changed since init?)")
         mech = self.vectors(state)
         first = state.values["mechanic_count"] == 0
         x0 = {n: copied(p) for n, p in params.items()} if first else state.slot(X0)

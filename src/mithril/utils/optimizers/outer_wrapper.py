@@ -102,6 +102,23 @@ class OuterWrapper(Optimizer):
         checks them (a subclass's)."""
         raise NotImplementedError
 
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None,
+                                rule: bool = True) -> Any:
+        """The wrapper's own hyperparameters checked as its constructor checks them (what
+        setting one as an attribute or a scheduler meets); the base's by the base."""
+        who = type(self).__name__
+        if name == "base_optimizer":
+            return check_base(value, who)
+        if name not in self.OWN:
+            return self.base_optimizer._checked_hyperparameter(name, value, group, rule)
+        if group is not None:
+            raise ValueError(f"{who}: {name} holds for every parameter and cannot differ per "
+                             f"group")
+        try:
+            return self.check_own({name: value})[name]
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{who}: {name}={value!r} refused: {e}") from None
+
     @property
     def nonfinite(self) -> str:
         """The base optimizer's ``nonfinite`` policy."""
