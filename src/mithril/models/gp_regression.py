@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputValueError
 from .arithmetic import Add, MatrixMultiply
 from .model import IOKey, Model
 from .operator import Operator, ShapeError, fmt, torch_of, unify
@@ -81,7 +82,13 @@ class SymmetricSolve(Operator):
         return (a[0] if a[0] is not None else b[0], b[1])
 
     def forward(self, xp: Any, matrix: Any, input: Any) -> Any:
-        return _linalg(xp).solve(_sym(matrix), input)
+        linalg = _linalg(xp)
+        try:
+            return linalg.solve(_sym(matrix), input)
+        except getattr(linalg, "LinAlgError", np.linalg.LinAlgError) as e:  # (JAX: NaN)
+            raise InputValueError(f"SymmetricSolve: the symmetric part of 'matrix' is singular "
+                                  f"(a Gaussian process's K = k + s·I must be positive "
+                                  f"definite): {e}") from None
 
     def vjp(self, g, out, args, wrt):
         gb = np.linalg.solve(_sym(args["matrix"]), g)
