@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from layer_edges import Case
+from margin_losses_fuzz_cases import MARGIN_LOSSES, margin_case, margin_loss_configs
 
 import mithril as ml
 
@@ -159,7 +160,7 @@ def norm_configs(draw: Any) -> dict[str, Any]:
 
 
 configs = st.one_of(activation_configs(), pair_loss_configs(), cross_entropy_configs(),
-                    norm_configs())
+                    norm_configs(), margin_loss_configs())
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -482,6 +483,8 @@ def case_of(name: str) -> Case:
         return _pair_case(cfg)
     if op == "cross_entropy":
         return _ce_case(cfg)
+    if op in MARGIN_LOSSES:  # (torch's margin, embedding and likelihood losses)
+        return margin_case(cfg)
     return _norm_case(cfg)
 
 
