@@ -234,8 +234,13 @@ def unchanged(params, state, snap):
     assert all(np.array_equal(host(state.slots[k]), v) for k, v in slots.items())
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sam_bad_input_changes_nothing(backend):
+    with jax_float64():
+        _test_sam_bad_input_changes_nothing(backend)
+
+
+def _test_sam_bad_input_changes_nothing(backend):
     params, closure = problem(backend)
     opt, ref = SAM(Adam(0.05), rho=0.1), SAM(Adam(0.05), rho=0.1)
     state, p_ref = opt.init(params), dict(params)
@@ -296,8 +301,13 @@ def test_sam_bad_arguments():
         SAM("adam")
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mechanize_bad_input_changes_nothing(backend):
+    with jax_float64():
+        _test_mechanize_bad_input_changes_nothing(backend)
+
+
+def _test_mechanize_bad_input_changes_nothing(backend):
     params, closure = problem(backend)
     opt, ref = Mechanize(Adam(1.0), s_init=0.05), Mechanize(Adam(1.0), s_init=0.05)
     state, p_ref = opt.init(params), dict(params)
