@@ -118,15 +118,15 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
     @jit
     def row_max(row, rowb, n):  # pragma: no cover
         """max(row[:n]) as np.amax: the bits' unsigned max (vectorised), exact for values
-        ≥ +0; any NaN or negative value: the float max, NaN first."""
+        ≥ +0 (read back as a float through ``row[n]``); any NaN or negative value: the
+        float max, NaN first."""
         r = UT(0)
         for j in range(n):
             b = rowb[j]
             r = b if b > r else r
         if r <= INF_BITS:
-            for j in range(n):
-                if rowb[j] == r:
-                    return row[j]
+            rowb[n] = r
+            return row[n]
         v = row[0]
         for j in range(1, n):
             v = most(v, row[j])
@@ -290,8 +290,8 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
     inner = int(geo[ranked, DIMS + geo[ranked, RANK] - 1].max()) if len(ranked) else 0
     workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
     dtype = Hd.dtype
-    # each thread its own row of ν (for the row's max)
-    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(max(inner, 1), dtype),  # noqa: E731
+    # each thread its own row of ν (for the row's max; one more element: a bit cast)
+    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(inner + 1, dtype),  # noqa: E731
                                out, bad, sync, spins)
     share(job, sync, n, workers, threads.SPINS)
     return out, bad
