@@ -431,3 +431,45 @@ def test_negative_variance_is_named(backend: Any) -> None:
     with pytest.raises(ValueError, match=r"GaussianNLLLoss: var 'var' has negative entries"):
         _run(ml.GaussianNLLLoss(), {"var": np.array([1.0, -0.5])},
              {"input": np.zeros(2), "target": np.zeros(2)}, backend(dtype="float64"))
+
+
+# -- in a training model: parameter gradients through the losses --------------------------
+@pytest.mark.parametrize("backend_cls", [NumpyBackend, TorchBackend])
+def test_train_model_gradients_equal_torch(backend_cls: Any) -> None:
+    """A Linear layer under MultiMarginLoss + CosineEmbeddingLoss + GaussianNLLLoss (var per
+    row) as TrainModel losses: final_cost and the weight and bias gradients equal torch's."""
+    from mithril.models import Mean, TrainModel
+
+    model = ml.Model()
+    model |= ml.Linear(4)(input="input", output=ml.IOKey("emb"))
+    tm = TrainModel(model)
+    tm.add_loss(ml.MultiMarginLoss(p=2, margin=0.5, weight=_W4), [Mean()], input="emb",
+                target="labels")
+    tm.add_loss(ml.CosineEmbeddingLoss(margin=0.2), [Mean()], input1="emb", input2="other",
+                target="same")
+    tm.add_loss(ml.GaussianNLLLoss(full=True), [Mean()], input="emb", target="obs", var="var")
+    backend = backend_cls(dtype="float64")
+    c = ml.compile(tm, backend, shapes={"input": [6, 3], "other": [6, 4], "obs": [6, 4],
+                                        "var": [6], "labels": [6], "same": [6]})
+    rng = np.random.default_rng(7)
+    params = {k: rng.standard_normal(c.parameter_shapes[k]) for k in c.get_parameters()}
+    data = {"input": rng.standard_normal((6, 3)), "other": rng.standard_normal((6, 4)),
+            "obs": rng.standard_normal((6, 4)), "var": rng.uniform(0.1, 2.0, 6),
+            "labels": np.array([0, 3, 1, 2, 2, 0]), "same": _signs(6)}
+    out, grads = c.evaluate({k: backend.array(v) for k, v in params.items()},
+                            {k: backend.array(v) for k, v in data.items()},
+                            output_gradients=True)[:2]
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    d = {k: torch.tensor(v) for k, v in data.items()}
+    w_key = next(k for k in t if k.endswith("weight"))
+    b_key = next(k for k in t if k.endswith("bias"))
+    emb = F.linear(d["input"], t[w_key], t[b_key])
+    cost = (F.multi_margin_loss(emb, d["labels"], p=2, margin=0.5,
+                                weight=torch.tensor(_W4, dtype=torch.float64))
+            + F.cosine_embedding_loss(emb, d["other"], d["same"], margin=0.2)
+            + F.gaussian_nll_loss(emb, d["obs"], d["var"], full=True))
+    cost.backward()
+    assert abs(float(backend.to_numpy(out["final_cost"])) - cost.item()) < 1e-12
+    for k in (w_key, b_key):
+        np.testing.assert_allclose(np.asarray(backend.to_numpy(grads[k])), t[k].grad.numpy(),
+                                   rtol=0, atol=1e-12)
