@@ -167,7 +167,8 @@ class MultiLabelMarginLoss(_ClassIndexLoss):
 
     ``input`` and ``target`` (integers in [−1, C), torch's check) have one shape, (N, C) or
     (C,). Only ``input`` is differentiable; a term at exactly 0 has no gradient (torch's
-    strict ``> 0``)."""
+    strict ``> 0``). The NumPy and JAX forms hold every (listed slot, class) pair of a row
+    at once: N·C² elements (torch's kernel loops over them)."""
 
     _lowest = -1
 
