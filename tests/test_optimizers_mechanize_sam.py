@@ -411,3 +411,25 @@ def test_optax_transformation_refuses_both_by_name():
     for opt in (SAM(Adam()), Mechanize(Adam(1.0))):
         with pytest.raises(TypeError, match=f"{type(opt).__name__} overrides update"):
             optax_transformation(opt)
+
+
+def test_a_step_the_base_skips_is_skipped_whole():
+    """``nonfinite="skip"`` on the base: a NaN gradient leaves the params and Mechanic's
+    scalars and x0 as they were (and the run goes on as one without that call)."""
+    params, closure = problem("numpy")
+    opt, ref = (Mechanize(Adam(1.0, nonfinite="skip"), s_init=0.05) for _ in range(2))
+    state, p_ref = opt.init(params), dict(params)
+    s_ref = ref.init(p_ref)
+    for _ in range(2):
+        params, state = opt.update(params, closure(params)[1], state)
+        p_ref, s_ref = ref.update(p_ref, closure(p_ref)[1], s_ref)
+    snap, values = snapshot(params, state), dict(state.values)
+    nan = {k: np.full_like(v, np.nan) for k, v in closure(params)[1].items()}
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        params, state = opt.update(params, nan, state)
+    assert state.last_step_skipped and state.values == values
+    unchanged(params, state, snap)
+    for _ in range(2):
+        params, state = opt.update(params, closure(params)[1], state)
+        p_ref, s_ref = ref.update(p_ref, closure(p_ref)[1], s_ref)
+    assert err(params, copies(p_ref)) == 0
