@@ -106,9 +106,9 @@ class SAM(OuterWrapper):
             raise TypeError(f"SAM: closure must be callable, got {describe(closure)}")
         if loss is not None:
             to_float("SAM: loss", loss)
+        check_update(self, params, {}, state)  # (the params against the state, first)
         # (a copy: a closure may write the points it is given into the params, as the torch
         # drop-in's does, and the base step must start from the params as they were)
-        check_update(self, params, {}, state)  # (the params against the state, first)
         params = {n: copied(p) for n, p in params.items()}
         if gradients is None:
             _, gradients = self._evaluate(closure, params, params, state, "at params")
