@@ -135,6 +135,8 @@ def test_wrong_lists_are_refused_by_name_and_change_nothing():
              r"parameter 'input\[1\]': expected shape \[1, 3\], got \[1, 2\]")):
         with pytest.raises(err, match=msg):
             compiled.evaluate({"input": bad}, {}, output_gradients={"output": np.ones((3, 3))})
+    with pytest.raises(TypeError, match="output gradient 'output' takes one array, got a list of 2"):
+        compiled.evaluate(ok, {}, output_gradients={"output": [np.ones((1, 3)), np.ones((2, 3))]})
     assert all(np.array_equal(p, q) for p, q in zip(params["input"], before, strict=True))
     assert compiled.evaluate(ok, {})["output"].shape == (3, 3)
 

@@ -193,6 +193,7 @@ class ListInputsMixin:
         a list input given (and a trainable one's gradient returned) as a list."""
         if kw.get("data") is not None and inputs is None:
             inputs = kw.pop("data")
+        _refuse_lists(output_gradients, "output gradient")  # (no output is a list)
         prog = self._program  # type: ignore[attr-defined]
         if prog is not None and not prog.lists:  # the common case: a list is only refused
             _refuse_lists(params, "parameter")
