@@ -97,6 +97,8 @@ OPTIONS = {
     "b2_wd": lambda: SM3(0.05, momentum=0.5, beta2=0.9, epsilon=1e-6, weight_decay=0.01),
     "clip_value": lambda: SM3(0.1, clip_value=0.8, weight_decay=0.1),
     "averages": lambda: SM3(0.1, ema_decay=0.9, swa_start=3),
+    "wd_exclude": lambda: SM3(0.1, weight_decay=0.1, exclude_weight_decay=["w"]),
+    "adaptive_clip": lambda: SM3(0.1, adaptive_clip=0.01),
     "groups": lambda: SM3(0.1, weight_decay=0.01, param_groups=[
         {"params": ["c", "v"], "learning_rate": 0.02, "momentum": 0.0, "beta2": 0.5},
         {"params": "q", "weight_decay": 0.0, "clip_value": 0.5, "epsilon": 1e-3}]),
@@ -115,7 +117,9 @@ def test_fused_equals_the_per_tensor_path(backend, dtype, option):
     ref, s_ref, _ = run(OPTIONS[option], p0, grads, backend, False, drop, 0.03)
     # torch's sqrt is not always IEEE's (float32: ~0.7% of values one ulp off)
     equal({"p": ours, **s_ours}, {"p": ref, **s_ref}, 8 if backend == "torch" else 0)
-    if backend == "torch":  # the kernel's: NumPy's per-tensor path, bit for bit
+    # the kernel's: NumPy's per-tensor path, bit for bit (adaptive clipping scales the
+    # gradients by each backend's own norms before the step: not the same inputs)
+    if backend == "torch" and option != "adaptive_clip":
         ref, s_ref, _ = run(OPTIONS[option], p0, grads, "numpy", False, drop, 0.03)
         equal({"p": ours, **s_ours}, {"p": ref, **s_ref})
     assert state.step == STEPS and not np.array_equal(ours["w"], p0["w"])
