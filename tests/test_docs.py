@@ -43,7 +43,21 @@ def test_python_block_runs(where, code, tmp_path, monkeypatch):
     from mithril.utils.optimizers.engines import threads
 
     monkeypatch.setattr(threads, "_threads", threads._threads)  # undo set_num_threads
-    exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+    x64 = _jax_x64()
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+    finally:  # a block's JaxBackend(dtype="float64") turns x64 on (documented): not for the
+        if _jax_x64() != x64:  # worker's later tests
+            import jax
+
+            jax.config.update("jax_enable_x64", x64)
+
+
+def _jax_x64() -> bool:
+    import sys
+
+    jax = sys.modules.get("jax")
+    return jax is not None and bool(jax.config.jax_enable_x64)
 
 
 def command_lines(code: str) -> list[str]:
