@@ -394,9 +394,10 @@ def test_noisy_sgd_resumes_the_same_noise():
         np.testing.assert_array_equal(np.array(params[k]), want[k], err_msg=k)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
-def test_noisy_sgd_refuses_a_bad_seed(seed):
-    with pytest.raises(ValueError, match="seed"):
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (2**32, ValueError),
+                                         (1.5, TypeError), (True, TypeError), ("0", TypeError)])
+def test_noisy_sgd_refuses_a_bad_seed(seed, error):
+    with pytest.raises(error, match="seed"):
         NoisySGD(seed=seed)
 
 

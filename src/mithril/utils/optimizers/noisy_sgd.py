@@ -7,7 +7,7 @@ import math
 import zlib
 from typing import Any
 
-from .checks import check_positive
+from .checks import check_int, check_positive
 from .tensorwise import NumpyOps, TensorwiseOptimizer
 
 _MASK = 0xFFFFFFFF
@@ -81,9 +81,9 @@ class NoisySGD(TensorwiseOptimizer):
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.eta = check_positive("eta", eta)
         self.gamma = check_positive("gamma", gamma)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-        self.seed = seed
+        # (as every integer hyperparameter: TypeError for a float, bool or text, ValueError
+        # out of [0, 2**32), the hash's 32 bits)
+        self.seed = check_int("seed", seed, maximum=2**32 - 1)
 
     def scalars(self, step: int) -> tuple[Any, ...]:
         # σ_t = √(η / t^γ), as optax's add_noise (arithmetic: the step may be traced)
