@@ -430,8 +430,20 @@ def test_torch_wrapper_refuses_and_changes_nothing(name: str) -> None:
             del broken["state"][0][slot]
         else:
             broken["state"][0][slot] = bad
-        refused(lambda b=broken: opt.load_state_dict(b), error, "nothing changed", *names)
+        refused(partial(opt.load_state_dict, broken), error, "nothing changed", *names)
         assert _torch_snapshot(model, opt) == before
+    # values no step could give, in torch's layout too
+    broken = copy.deepcopy(sd)
+    if name == "DAdaptAdamW":
+        broken["mithril"]["values"]["d"] = -1.0
+        names = ("value 'd'", "> 0")
+    elif name == "DoWG-layer_wise":
+        broken["state"][0]["started"] = torch.tensor(0.5)
+        names = ("slot 'started' of '0.weight'", "0 or 1")
+    else:
+        return
+    refused(partial(opt.load_state_dict, broken), ValueError, "nothing changed", *names)
+    assert _torch_snapshot(model, opt) == before
 
 
 # -- blocks -----------------------------------------------------------------------------------
