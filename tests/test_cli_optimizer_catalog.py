@@ -23,11 +23,8 @@ from mithril.cli.optimizer_catalog import (
 )
 from mithril.cli.options import OPTIMIZERS
 
-#: wrappers of a base optimizer the CLI cannot build yet (SAM also needs a closure): a named
-#: error, checked below (the CLI's REFUSED, or a ``base=`` spec as Lookahead's ``inner=``,
-#: would take them)
-NEEDS_A_BASE = ("sam", "mechanize")
-TRAINABLE = [n for n in NAMES if n not in REFUSED and n not in NEEDS_A_BASE]
+TRAINABLE = [n for n in NAMES if n not in REFUSED]
+WRAPPERS = ("lookahead", "sam", "mechanize")
 QUICK = ["--epochs", "2", "--hidden", "32", "--scheduler", "none", "--no-progress",
          "--no-plot"]
 
@@ -70,25 +67,19 @@ def test_the_five_original_tables_are_what_the_signatures_give():
 
 
 # -- every optimizer: the dry run builds the library's optimizer -------------------------------
-@pytest.mark.parametrize("name", NEEDS_A_BASE)
-def test_a_wrapper_without_its_base_is_refused_by_name(name, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--dry-run", "--optimizer", name, "--out", str(tmp_path / "run")])
-    assert e.value.code == 2 and f"for {name}" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_dry_run_builds_the_library_optimizer(name, built, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--dry-run", "--optimizer", name, "--out", str(out)]) == 0
     lr = DEFAULT_LR.get(name, SETTINGS[name].get("lr") and SETTINGS[name]["lr"].default)
-    expected = optim.Lookahead(optim.Adam(learning_rate=1e-3)) if name == "lookahead" \
+    expected = CATALOG[name](optim.Adam(learning_rate=1e-3)) if name in WRAPPERS \
         else CATALOG[name](learning_rate=lr)
     same(built[0].optimizer, expected)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINABLE if "weight_decay" in SETTINGS[n]])
+@pytest.mark.parametrize("name", [n for n in TRAINABLE if "weight_decay" in SETTINGS[n]
+                                  and n not in WRAPPERS])  # (theirs: the spec cases below)
 def test_flags_and_spec_settings_reach_the_constructor(name, built, tmp_path):
     argv = ["train", "--dry-run", "--optimizer", f"{name}:weight_decay=0.003,clip_norm=2",
             "--lr", "0.0123", "--out", str(tmp_path / "r")]
@@ -116,6 +107,10 @@ def test_flags_and_spec_settings_reach_the_constructor(name, built, tmp_path):
     ("lookahead:inner=sgd,sync_period=5,momentum=0.9", optim.Lookahead(
         optim.SGD(learning_rate=0.05, momentum=0.9), sync_period=5)),
     ("SignSGD:momentum=0.5", optim.SignSGD(momentum=0.5)),
+    ("sam:base_optimizer=sgd,rho=0.1,momentum=0.9,adaptive", optim.SAM(
+        optim.SGD(learning_rate=0.05, momentum=0.9), rho=0.1, adaptive=True)),
+    ("mechanize:base_optimizer=adam,eps=1e-6,lr=2e-3", optim.Mechanize(
+        optim.Adam(learning_rate=2e-3), eps=1e-6)),  # (its own eps: the wrapper's wins)
 ])
 def test_spec_values_are_parsed_by_the_argument_type(spec, expected, built, tmp_path):
     assert main(["train", "--dry-run", "--optimizer", spec, "--out", str(tmp_path / "r")]) == 0
@@ -137,6 +132,7 @@ def test_lookahead_flags_go_to_the_inner_optimizer(built, tmp_path):
     "adafactor",  # tensorwise (factored second moment)
     "prodigy",  # learning-rate free
     "lookahead:inner=adam,lr=3e-3",
+    "sam:base_optimizer=adam,lr=3e-3",  # a second gradient at the perturbed params
     "schedule-free-sgd",  # evaluated with its averaged weights
 ])
 def test_short_run_loss_falls(spec, tmp_path):
@@ -147,9 +143,8 @@ def test_short_run_loss_falls(spec, tmp_path):
     assert last < 0.6 * first, (first, last)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["optimizer"] == spec.partition(":")[0]
-    assert summary["optimizer"].startswith(type(CATALOG[spec.partition(":")[0]]()
-                                                if "lookahead" not in spec else
-                                                optim.Lookahead(optim.Adam())).__name__)
+    name = spec.partition(":")[0]
+    assert summary["optimizer"].startswith(CATALOG[name].__name__)
     assert summary["final"]["test_acc"] > 0.6
 
 
@@ -221,6 +216,10 @@ def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
         "beta3, alpha, eps_root)"]),
     (["--optimizer", "lookahead:inner=lookahead"], ["inner=lookahead cannot be"]),
     (["--optimizer", "lookahead:inner=nope"], ["unknown inner optimizer 'nope'; choose from adam, "]),
+    (["--optimizer", "sam:base_optimizer=mechanize"], ["base_optimizer=mechanize cannot be "
+                                                       "sam's inner optimizer"]),
+    (["--optimizer", "sam:base_optimizer=lbfgs"], ["cannot be sam's inner optimizer"]),
+    (["--optimizer", "sam:rho=-1"], ["invalid hyperparameter for sam: ", "rho", "(key rho)"]),
     (["--optimizer", "lbfgs"], ["optimizer lbfgs is not supported", "closure"]),
     (["--optimizer", "muon:fallback=lbfgs"], ["optimizer lbfgs is not supported"]),
     (["--optimizer", "adam:step_size=3"], ["unknown setting 'step_size'"]),

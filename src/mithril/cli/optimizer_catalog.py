@@ -12,10 +12,13 @@ them (``--beta1`` for Lion; ``--momentum`` for Lion is an error) and from the sp
 ``NAME:KEY=VALUE,...`` (``lion:beta1=0.95,beta2=0.98``), whose values are parsed by the
 argument's annotation and default (floats, ints, booleans, ``none``, tuples written
 ``[a,b]`` or ``a/b``, an optimizer name for ``fallback``/``inner``) and validated by the
-constructor. Two optimizers are special:
+constructor. Some optimizers are special:
 
-* ``lookahead`` wraps another one: ``lookahead:inner=sgd,sync_period=5`` (default inner:
-  adam); the settings that are not Lookahead's own (and the flags) go to the inner optimizer;
+* the wrappers take another one: ``lookahead:inner=sgd,sync_period=5``,
+  ``sam:base_optimizer=sgd,rho=0.1``, ``mechanize:base_optimizer=adam`` (default: adam);
+  the settings that are not the wrapper's own (and the flags) go to the inner optimizer
+  (SAM's second gradient: the training step evaluates the model again at the perturbed
+  parameters);
 * ``lbfgs`` needs a closure that re-evaluates the loss several times per step, which the
   training loop (one gradient per batch) cannot give: it is refused with that reason.
 """
@@ -71,7 +74,7 @@ DEFAULT_LR: dict[str, float] = {
     # radam's first steps are un-adapted momentum SGD; muon as in Keller Jordan's runs
     "radam": 1e-2, "muon": 0.02,
 }
-#: Lookahead's inner optimizer when ``inner=`` is not given
+#: a wrapper's inner optimizer when ``inner=`` / ``base_optimizer=`` is not given
 DEFAULT_INNER = "adam"
 #: optimizers the training loop cannot drive, and why
 REFUSED = {"lbfgs": "L-BFGS needs a closure that re-evaluates the loss several times per "
@@ -177,8 +180,16 @@ def settings_of(cls: type[Optimizer]) -> dict[str, Setting]:
 
 #: CLI name -> its settings
 SETTINGS: dict[str, dict[str, Setting]] = {n: settings_of(c) for n, c in CATALOG.items()}
-#: the wrapper: its spec's keys are its own settings and its inner optimizer's
+#: the wrappers (Lookahead, SAM, Mechanize) -> the key naming the optimizer they wrap: a
+#: wrapper's spec keys are its own settings and its inner optimizer's
+WRAPPERS: dict[str, str] = {n: k for n, s in SETTINGS.items() for k, v in s.items()
+                            if v.arg in ("inner", "base_optimizer")}
 LOOKAHEAD = "lookahead"
+
+
+def inner_name(name: str, settings: Mapping[str, Any]) -> str | None:
+    """The catalog name of the optimizer wrapper ``name`` wraps (None: not a wrapper)."""
+    return (settings.get(WRAPPERS[name]) or DEFAULT_INNER) if name in WRAPPERS else None
 
 
 def resolve_name(text: str, where: str = "optimizer", flag: str | None = None) -> str:
@@ -201,10 +212,10 @@ def resolve_name(text: str, where: str = "optimizer", flag: str | None = None) -
 def keys_text(name: str, inner: str | None = None) -> str:
     """``"lr, beta1, ..."``: the keys optimizer ``name`` takes in its spec."""
     keys = list(SETTINGS[name])
-    if name == LOOKAHEAD:
-        keys = [k for k in keys if k != "inner"] + ["inner"]
+    if name in WRAPPERS:
+        keys = [k for k in keys if k != WRAPPERS[name]] + [WRAPPERS[name]]
         keys += [f"{k} (of {inner or DEFAULT_INNER})"
-                 for k in SETTINGS[inner or DEFAULT_INNER]]
+                 for k in SETTINGS[inner or DEFAULT_INNER] if k not in SETTINGS[name]]
     return ", ".join(keys + [o.name for o in COMMON_OPTIONS])
 
 
@@ -215,7 +226,8 @@ def parse_optimizer_spec(text: str, run_keys: bool = False,
 
     Keys are the optimizer's constructor arguments as CLI keys (``lr``, ``eps``, ``beta1``,
     ...; ``-`` may stand for ``_``) and the common options (``clip_norm``, ...); for
-    ``lookahead`` also ``inner`` and the inner optimizer's keys. ``run_keys``: the schedule
+    a wrapper (``lookahead``, ``sam``, ``mechanize``) also ``inner`` / ``base_optimizer``
+    and the inner optimizer's keys (the wrapper's own win a clash: Mechanize's ``eps``). ``run_keys``: the schedule
     and warm-up settings are accepted too (``mithril compare``'s configs); ``special``: extra
     keys and their parsers (``scheduler``); ``flag``: the flag the spec came from (an unknown
     name is then argparse's "invalid choice"). A bare key sets a boolean. An unknown key or a
@@ -232,16 +244,17 @@ def parse_optimizer_spec(text: str, run_keys: bool = False,
     if twice:  # (the last would win silently)
         raise CLIError(f"{where}: {', '.join(twice)} given more than once")
     inner = None
-    if name == LOOKAHEAD:
+    if name in WRAPPERS:
+        wk = WRAPPERS[name]
         for key, _eq, raw in items:
-            if key == "inner":
-                inner = SETTINGS[name]["inner"].parse(raw, where)
+            if key == wk:
+                inner = SETTINGS[name][wk].parse(raw, where)
                 if inner is None:
-                    raise CLIError(f"{where}: inner=none: Lookahead needs an inner optimizer "
+                    raise CLIError(f"{where}: {wk}=none: {name} needs an optimizer to wrap "
                                    f"(default: {DEFAULT_INNER})")
-        if inner == LOOKAHEAD or inner in REFUSED:
-            raise CLIError(f"{where}: inner={inner} cannot be Lookahead's inner optimizer")
-    own = {**(SETTINGS[inner or DEFAULT_INNER] if name == LOOKAHEAD else {}), **SETTINGS[name]}
+        if inner in WRAPPERS or inner in REFUSED:
+            raise CLIError(f"{where}: {wk}={inner} cannot be {name}'s inner optimizer")
+    own = {**(SETTINGS[inner or DEFAULT_INNER] if name in WRAPPERS else {}), **SETTINGS[name]}
     values: dict[str, Any] = {}
     for key, eq, raw in items:
         if special and key in special:
@@ -269,9 +282,9 @@ def parse_optimizer_spec(text: str, run_keys: bool = False,
 
 def optimizer_keys(name: str, settings: Mapping[str, Any]) -> list[str]:
     """The keys of ``settings`` that set optimizer ``name``'s hyperparameters (for labels)."""
-    inner = settings.get("inner") or DEFAULT_INNER
-    own = {**(SETTINGS[inner] if name == LOOKAHEAD else {}), **SETTINGS[name]}
-    return [k for k in own if k != "inner"] + [o.name for o in COMMON_OPTIONS]
+    inner = inner_name(name, settings)
+    own = {**(SETTINGS[inner] if inner else {}), **SETTINGS[name]}
+    return [k for k in own if k != WRAPPERS.get(name)] + [o.name for o in COMMON_OPTIONS]
 
 
 def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
@@ -323,11 +336,11 @@ def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
         raise CLIError(f"optimizer {name} is not supported by mithril train/compare: "
                        f"{REFUSED[name]}")
     cls = CATALOG[name]
-    if name == LOOKAHEAD:  # its own settings; the rest (and the flags) make the inner one
-        inner_name = settings.get("inner") or DEFAULT_INNER
-        own = {k: v for k, v in settings.items() if k in SETTINGS[name] and k != "inner"}
-        rest = {k: v for k, v in settings.items() if k not in own and k != "inner"}
-        inner = _build(inner_name, rest, extra, flags)
+    if name in WRAPPERS:  # its own settings; the rest (and the flags) make the inner one
+        wk = WRAPPERS[name]
+        own = {k: v for k, v in settings.items() if k in SETTINGS[name] and k != wk}
+        rest = {k: v for k, v in settings.items() if k not in own and k != wk}
+        inner = _build(inner_name(name, settings) or DEFAULT_INNER, rest, extra, flags)
         kwargs = {SETTINGS[name][k].arg: v for k, v in own.items()}
         return cls(inner, **kwargs)
     return cls(**_kwargs(name, settings, extra, flags))
@@ -346,8 +359,8 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
         return _build(name, settings, dict(extra or {}))
     except (ValueError, TypeError) as exc:
         msg = str(exc)
-        own = {**SETTINGS[name], **(SETTINGS[settings.get("inner") or DEFAULT_INNER]
-                                    if name == LOOKAHEAD else {})}
+        inner = inner_name(name, settings)
+        own = {**SETTINGS[name], **(SETTINGS[inner] if inner else {})}
         named = [s.key for s in own.values()
                  if msg.startswith((s.arg + " ", s.arg + "=", s.arg + "["))]
         hint = ""

@@ -25,7 +25,7 @@ from ..utils.training import make_train_step
 from .data import Dataset
 from .errors import CLIError, TrainingError
 from .networks import ModelSpec, mlp_spec
-from .optimizer_catalog import DEFAULT_INNER, LOOKAHEAD, build_optimizer, optimizer_keys
+from .optimizer_catalog import WRAPPERS, build_optimizer, inner_name, optimizer_keys
 from .options import Schedule, build_schedule
 from .runtime import HeldInterrupt, NoBar, Position, thread_limit
 
@@ -156,8 +156,8 @@ def make_backend(name: str, dtype: str, seed: int) -> Any:
 def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
     """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
     parts = [f"lr={optimizer.get_learning_rate():g}"]
-    if name == LOOKAHEAD:
-        parts.insert(0, f"inner={settings.get('inner') or DEFAULT_INNER}")
+    if name in WRAPPERS:
+        parts.insert(0, f"{WRAPPERS[name]}={inner_name(name, settings)}")
     for key in optimizer_keys(name, settings):
         value = settings.get(key)
         if key == "lr" or value is None:
@@ -260,9 +260,7 @@ class Run:
         if cycle is None:
             return None
         name = self.cfg.optimizer
-        hp = self.optimizer.hyperparameters()
-        if isinstance(hp.get("inner"), dict):  # a wrapper (lookahead): its inner's, as it drives
-            hp = hp["inner"]["hyperparameters"]
+        hp = self.optimizer.flat_hyperparameters()  # a wrapper's: its inner's too
         which = "momentum" if "momentum" in hp else "beta1" if "beta1" in hp else None
         if which is None:
             raise CLIError(f"--momentum-cycle: optimizer {name} has no momentum or beta1 to cycle "

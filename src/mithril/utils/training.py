@@ -64,8 +64,10 @@ How each backend runs it:
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
   program).
-* **JAX with** ``nonfinite="raise"`` (a program cannot raise): the separate calls, as with
-  an ``OptimizerState``; :meth:`TrainStep.init` is ``optimizer.init``.
+* **JAX with** ``nonfinite="raise"`` (a program cannot raise), **or an optimizer whose
+  update is its own** (a wrapper such as Mechanize, that no optax transformation runs): the
+  separate calls, as with an ``OptimizerState``; :meth:`TrainStep.init` is
+  ``optimizer.init``.
 * **A wrapper of the optimizer contract** that is not a mithril optimizer
   (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
   backend (an ``Accumulate``'s without the params the loss does not reach, as above);
@@ -106,6 +108,19 @@ from .train_step_states import counts_own_steps, optax_state_of, optimizer_state
 from .unreached_params import unreached_params, update_reached
 
 __all__ = ["TrainStep", "make_train_step"]
+
+
+def _one_program(optimizer: Any) -> bool:
+    """Whether the JAX program can hold ``optimizer``'s update: it is made of the slots,
+    scalars and math (or tensor_update) an optax transformation runs; a wrapper whose
+    ``update`` is its own (Mechanize) takes the separate calls."""
+    from ..interop.optax_special import classify
+
+    try:
+        classify(optimizer)
+    except TypeError:
+        return False
+    return True
 
 
 def _loss_key(compiled: Any, loss: str) -> str:
@@ -150,7 +165,7 @@ class TrainStep(FixedParts, HyperparameterWatch):
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
         self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
-            optimizer.nonfinite != "raise"
+            optimizer.nonfinite != "raise" and _one_program(optimizer)
         # (each parameter's own step count in the program: see train_step_states)
         self._own_counts = self._fused and counts_own_steps(optimizer)
         self._fused = self._fused and (self._own_counts or not self._unreached)

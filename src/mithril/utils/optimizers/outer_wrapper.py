@@ -97,6 +97,25 @@ class OuterWrapper(Optimizer):
                                    "hyperparameters": base.hyperparameters()},
                 **{k: getattr(self, k) for k in self.OWN}}
 
+    def hyper_holders(self) -> tuple[Any, ...]:
+        """This wrapper, then its base's: a name other than the wrapper's own (``beta1``, a
+        group's ``momentum``) is the base's hyperparameter, as a Lookahead's inner's (what
+        a scheduler's ``cycle_momentum`` and ``hyperparameter("beta1")`` reach)."""
+        return (self, *self.base_optimizer.hyper_holders())
+
+    def flat_hyperparameters(self) -> dict[str, Any]:
+        own = {k: getattr(self, k) for k in self.OWN}
+        return {**self.base_optimizer.flat_hyperparameters(), **own}
+
+    def nested_hyperparameters(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in flat.items() if k in self.OWN}
+        rest = {k: v for k, v in flat.items() if k not in self.OWN}
+        if rest:
+            base = self.base_optimizer
+            out["base_optimizer"] = {"optimizer": type(base).__name__,
+                                     "hyperparameters": base.nested_hyperparameters(rest)}
+        return out
+
     def check_own(self, hp: Mapping[str, Any]) -> dict[str, Any]:
         """The wrapper's own hyperparameters of a state dict, checked as the constructor
         checks them (a subclass's)."""
