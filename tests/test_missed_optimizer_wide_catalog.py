@@ -30,9 +30,11 @@ STEPS = 6
 ABSENT = (2, 4, 5)  # 'b' has no gradient at these steps
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
-         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM", "Mechanize")]
+         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM", "Mechanize", "PolyakSGD",
+                       "Momo", "MomoAdam")]
 # (LBFGS: a closure; the wrappers Lookahead, SAM (closure) and Mechanize (every parameter's
-# gradient each step): their own tests)
+# gradient each step); the loss-aware PolyakSGD, Momo, MomoAdam (update(..., loss=):
+# tests/test_optimizers_loss_aware.py): their own tests)
 KW = {"ScheduleFreeAdamW": {"warmup_steps": 3}, "ScheduleFreeSGD": {"warmup_steps": 3},
       "Adafactor": {"learning_rate": 0.01}}
 #: counts_missed optimizers whose step reads an optimizer-wide value (their own tests)

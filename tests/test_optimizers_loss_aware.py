@@ -158,7 +158,8 @@ got = reference(chained(optax_transformation(PolyakSGD(0.7, max_learning_rate=0.
 errors["polyak/chain"] = max(rel_err(g[k], w[k]) for g, w in zip(got, want) for k in P0)
 
 # make_train_step's one JAX program (the loss it computes goes to the update) against the
-# separate evaluate + update(loss=) on the same float64 model
+# separate evaluate + update(loss=) on the same float64 model, the learning rate and weight
+# decay changed mid-run
 import mithril as ml
 from mithril.backends import JaxBackend
 from mithril.cli.networks import mlp_spec
@@ -177,15 +178,17 @@ for name, make in [("polyak", lambda: PolyakSGD(0.5, max_learning_rate=0.3)),
                     "target": be.array(r.integers(0, 3, 16), be.int_dtype)} for _ in range(6)]
         params, opt = compiled.get_parameters(), make()
         start = {k: np.array(v) for k, v in params.items()}
-        if fused:
-            step = make_train_step(compiled, opt, loss="loss")
-            assert step.fused
-            state = step.init(params)
-            for d in batches:
+        step = make_train_step(compiled, opt, loss="loss") if fused else None
+        state = step.init(params) if fused else opt.init(params)
+        assert step is None or step.fused
+        lr0 = opt.learning_rate
+        for i, d in enumerate(batches):  # (changed hyperparameters: traced in the program)
+            opt.set_learning_rate(lr0 * (0.5 if i >= 2 else 1.0))
+            if i == 3:
+                opt.weight_decay = 0.02
+            if fused:
                 params, state, out = step(params, state, d)
-        else:
-            state = opt.init(params)
-            for d in batches:
+            else:
                 out, g = compiled.evaluate(params, d, output_gradients={"loss": 1.0})
                 params, state = opt.update(params, g, state, loss=out["loss"])
         runs.append({k: np.array(v) for k, v in params.items()})

@@ -28,11 +28,13 @@ from .lion import Lion
 from .lookahead import Lookahead
 from .madgrad import MADGRAD
 from .mechanize import Mechanize
+from .momo import Momo, MomoAdam
 from .muon import Muon
 from .nadam import NAdam
 from .noisy_sgd import NoisySGD
 from .novograd import Novograd
 from .optimistic import OptimisticAdam, OptimisticGD
+from .polyak_sgd import PolyakSGD
 from .prodigy import Prodigy
 from .radam import RAdam
 from .rmsprop import RMSProp
@@ -51,7 +53,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
-           "NoisySGD", "MADGRAD", "Mechanize", "SAM",
+           "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
