@@ -446,6 +446,43 @@ def test_torch_wrapper_refuses_and_changes_nothing(name: str) -> None:
     assert _torch_snapshot(model, opt) == before
 
 
+def test_muon_exclusions_loaded_from_a_state_dict_are_the_ones_used() -> None:
+    """load_state_dict may set other exclusions: the routing follows them (it kept the
+    constructor's regexes while hyperparameters() reported the new list), and a state laid
+    out by the old ones is refused by name, nothing changed."""
+    p = {"w": np.ones((4, 3), np.float32), "v": np.ones((3, 3), np.float32)}
+    g = {k: np.full_like(v, 0.1) for k, v in p.items()}
+    opt = Muon(exclude_layers=["w"])
+    state = opt.init(p)
+    params, state = opt.update(dict(p), g, state)
+    params = {k: np.array(v) for k, v in params.items()}
+    hp = {**opt.state_dict()["hyperparameters"], "exclude_layers": []}
+    opt.load_state_dict({"optimizer": "Muon", "hyperparameters": hp})
+    assert opt.exclude_layers == [] and not opt.excluded("w")
+    assert opt.init(p).slot("momentum_buffer")["w"].shape == (4, 3)
+    before = snapshot(opt, params, state)
+    refused(lambda: opt.update(params, g, state), ValueError, "other exclusions", "'w'")
+    assert snapshot(opt, params, state) == before
+
+
+def test_torch_wrapper_refuses_a_muon_exclusion_change_that_moves_the_state() -> None:
+    """A group's exclude_layers that would route a matrix elsewhere (other slot shapes,
+    same slot names) is refused at the step, the optimizer and its state as they were; one
+    that routes the same way is taken."""
+    model, opt, _ = _torch_setup("Muon-exclusions")  # (exclude_layers=["0.bias"]: a vector)
+    group = opt.param_groups[0]
+    before = _torch_snapshot(model, opt)
+    group["exclude_layers"] = ["1.weight"]
+    refused(opt.step, ValueError, "param_groups[0]['exclude_layers']", "lay out",
+            "momentum_buffer")
+    assert opt.mithril_optimizer.exclude_layers == ["0.bias"]
+    group["exclude_layers"] = ["0.bias"]
+    assert _torch_snapshot(model, opt) == before
+    group["exclude_layers"] = ["0\\.bias", "nothing"]  # (the same routing)
+    opt.step()
+    assert opt.mithril_optimizer.exclude_layers == ["0\\.bias", "nothing"]
+
+
 # -- blocks -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("block, kwargs, names", [
     (ml.ConvTranspose1D, dict(kernel_size=3, out_channels=4, stride=0), ("stride",)),

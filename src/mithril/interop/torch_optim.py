@@ -175,6 +175,7 @@ import torch
 
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
+from ..utils.optimizers.layout import slot_shape_of
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     apply_values,
@@ -499,7 +500,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         old = opt.flat_hyperparameters()
         before = opt.nested_hyperparameters({k: old[k] for k in hp})
         where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
-        apply_values(opt, opt.nested_hyperparameters(hp), before, self._opt_state, where)
+        st = self._opt_state
+        apply_values(opt, opt.nested_hyperparameters(hp), before, st, where)
+        moved = [] if st is None else [  # (slots of the same names laid out otherwise:
+            s for s in (*opt.slot_names(), *opt.tensor_slots) if s in st.slots and  # Muon's
+            [tuple(slot_shape_of(opt, s, tuple(shape), n)) for n, shape in  # exclusions)
+             zip(st.layout.names, st.layout.shapes)] != list(st.slot_layout(s).shapes)]
+        if moved:
+            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
+            raise ValueError(f"{where}: {type(opt).__name__} would then lay out its state "
+                             f"slots {moved} otherwise than its state holds them; set this "
+                             f"in the constructor instead")
         self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
 
     # -- checkpoints ------------------------------------------------------------------------

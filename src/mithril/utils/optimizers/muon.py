@@ -228,7 +228,6 @@ class Muon(TensorwiseOptimizer):
                              "fallback=AdamW(...))")
         # (set once: the state's slots are laid out by them, see __setattr__)
         self.__dict__["exclude_layers"], self.__dict__["exclude_embeddings"] = layers, embeddings
-        self.__dict__["_layer_res"] = [re.compile(e) for e in layers]
         if self.fallback is None:
             self.fallback_lr_ratio = None
             return
@@ -292,8 +291,10 @@ class Muon(TensorwiseOptimizer):
     def excluded(self, name: str) -> bool:
         """Whether ``exclude_layers`` / ``exclude_embeddings`` give the matrix ``name`` to
         the fallback."""
+        # (read from exclude_layers each time, not compiled once: load_state_dict may set
+        # another list, and re caches the patterns)
         return (self.exclude_embeddings and EMBEDDING.search(name) is not None) or any(
-            r.search(name) for r in self._layer_res)
+            re.search(e, name) for e in self.exclude_layers)
 
     def to_fallback(self, name: str, shape: Sequence[int]) -> bool:
         """Whether the fallback updates the parameter ``name`` of ``shape`` (Keras's
