@@ -46,7 +46,8 @@ OFF, SIZE, RANK, MOFF, DIMS = range(5)
 #: scale (clipping), clip value (inf: none), coupled weight decay, lr, c (of x²), β₂, ε,
 #: 1 − β₁, β₁, then the averaging weights
 GS, CV, WD, LR, C, B2, EPS, C1, B1, AVG = range(10)
-#: elements of a rank < 2 tensor per block (its Σ g² is summed while the block is in cache)
+#: elements per block (whole rows of the last axis where longer): the elementwise math
+#: runs over a block, whose Σ g² is summed while it is in cache
 BLOCK = 2048
 
 
@@ -116,102 +117,107 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
         return s
 
     @jit
-    def row_max(row, rowb, n):  # pragma: no cover
-        """max(row[:n]) as np.amax: the bits' unsigned max (vectorised), exact for values
-        ≥ +0 (read back as a float through ``row[n]``); any NaN or negative value: the
-        float max, NaN first."""
-        r = UT(0)
-        for j in range(n):
-            b = rowb[j]
-            r = b if b > r else r
-        if r <= INF_BITS:
-            rowb[n] = r
-            return row[n]
-        v = row[0]
+    def nan_max(vals, a, n):  # pragma: no cover
+        """max(vals[a:a + n]) as np.amax, NaN first (a row with a NaN or a negative value)."""
+        v = vals[a]
         for j in range(1, n):
-            v = most(v, row[j])
+            v = most(v, vals[a + j])
         return v
 
     @jit
-    def vector(P, Q, G, M, MU, A0, A1, hd, a0, a1):  # pragma: no cover
-        """A tensor of rank 0 or 1 (μ = ν, elementwise): (Σ g², probe)."""
-        n, gsq, z = G.shape[0], 0.0, IT(0)
+    def block(P, Q, G, M, MN, ACC, A0, A1, o, n, hd, a0, a1):  # pragma: no cover
+        """Elements ``o … o + n`` of a tensor, ``MN[k]`` the least of element ``o + k``'s
+        accumulators (μ itself for rank < 2): its ν into ``ACC[k]``; p, m and the averages
+        written (not in ``dry`` mode); the probe of every new value but ν."""
         gs, cv, wd, lr, c, b2, eps, c1, b1 = hd[GS], hd[CV], hd[WD], hd[LR], hd[C], hd[B2], \
             hd[EPS], hd[C1], hd[B1]
+        z = IT(0)
+        for k in range(n):
+            e, kk = U(o + k), U(k)
+            p, m, acc = element(P[e], G[e], M[e], MN[kk], gs, cv, wd, lr, c, b2, eps, c1, b1)
+            ACC[kk] = acc
+            z = IT(max(z, max(exponent_bits(p), exponent_bits(m))))
+            if not dry:
+                M[e] = m
+                if copy:
+                    Q[e] = p
+                else:
+                    P[e] = p
+            if n_avg > 0:
+                v0, v1, za = averaged(p, A0[e], A1[e] if n_avg > 1 else p, a0, a1)
+                z = IT(max(z, za))
+                if not dry:
+                    A0[e] = v0
+                    if n_avg > 1:
+                        A1[e] = v1
+        return z
+
+    @jit
+    def vector(P, Q, G, M, MU, A0, A1, acc, hd, a0, a1):  # pragma: no cover
+        """A tensor of rank 0 or 1 (μ = ν, elementwise), a block at a time: (Σ g², probe)."""
+        n, gsq, z = G.shape[0], 0.0, IT(0)
         for a in range(0, n, BLOCK):
             b = min(a + BLOCK, n)
             gsq += sumsq(G, a, b)
-            for i in range(a, b):
-                j = U(i)
-                p, m, acc = element(P[j], G[j], M[j], MU[j], gs, cv, wd, lr, c, b2, eps, c1,
-                                    b1)
-                z = IT(max(z, max(exponent_bits(acc), exponent_bits(p), exponent_bits(m))))
+            z = IT(max(z, block(P, Q, G, M, MU[a:b], acc, A0, A1, a, b - a, hd, a0, a1)))
+            for k in range(b - a):  # ν is the new μ
+                z = IT(max(z, exponent_bits(acc[k])))
                 if not dry:
-                    MU[j] = acc
-                    M[j] = m
-                    if copy:
-                        Q[j] = p
-                    else:
-                        P[j] = p
-                if n_avg > 0:
-                    v0, v1, za = averaged(p, A0[j], A1[j] if n_avg > 1 else p, a0, a1)
-                    z = IT(max(z, za))
-                    if not dry:
-                        A0[j] = v0
-                        if n_avg > 1:
-                            A1[j] = v1
+                    MU[a + k] = acc[k]
         return gsq, z
 
     @jit
-    def axes(P, Q, G, M, MU, MUn, A0, A1, dims, rank, row, rowb, hd, a0, a1
+    def axes(P, Q, G, M, MU, MUn, A0, A1, dims, rank, mn, acc, accb, cell, cellb, hd, a0, a1
              ):  # pragma: no cover
         """A tensor of rank ≥ 2 (``MU``: its accumulators, concatenated; ``MUn``: their
-        new values, built here): (Σ g², probe)."""
+        new values, built here), whole rows (of the last axis) at a time: (Σ g², probe).
+        The least μ of each element is gathered first (``mn``), so that the elementwise
+        math runs over a block, not a row (rows are often short)."""
         inner = dims[rank - 1]
         last = MU.shape[0] - inner  # the last axis's μ
-        idx = np.zeros(rank, dtype=np.int64)
+        idx = np.zeros(rank, dtype=np.int64)  # the leading axes' index of the row: filled
+        jdx = np.zeros(rank, dtype=np.int64)  # ... and reduced
         start = np.zeros(rank, dtype=np.int64)
         for k in range(1, rank):
             start[k] = start[k - 1] + dims[k - 1]
         for k in range(MU.shape[0]):
             MUn[k] = -np.inf
         gsq, z = 0.0, IT(0)
-        gs, cv, wd, lr, c, b2, eps, c1, b1 = hd[GS], hd[CV], hd[WD], hd[LR], hd[C], hd[B2], \
-            hd[EPS], hd[C1], hd[B1]
-        for o in range(0, G.shape[0], inner):
-            mo = MU[idx[0]]  # the least μ of the leading axes at this row
-            for k in range(1, rank - 1):
-                mo = least(mo, MU[start[k] + idx[k]])
-            gsq += sumsq(G, o, o + inner)
-            for j in range(inner):
-                e, lj = U(o + j), U(last + j)
-                p, m, acc = element(P[e], G[e], M[e], least(mo, MU[lj]), gs, cv, wd, lr,
-                                    c, b2, eps, c1, b1)
-                row[j] = acc
-                MUn[lj] = most(MUn[lj], acc)
-                z = IT(max(z, max(exponent_bits(p), exponent_bits(m))))
-                if not dry:
-                    M[e] = m
-                    if copy:
-                        Q[e] = p
-                    else:
-                        P[e] = p
-                if n_avg > 0:
-                    v0, v1, za = averaged(p, A0[e], A1[e] if n_avg > 1 else p, a0, a1)
-                    z = IT(max(z, za))
-                    if not dry:
-                        A0[e] = v0
-                        if n_avg > 1:
-                            A1[e] = v1
-            r = row_max(row, rowb, inner)
-            for k in range(rank - 1):
-                MUn[start[k] + idx[k]] = most(MUn[start[k] + idx[k]], r)
-            k = rank - 2  # the leading axes' odometer
-            idx[k] += 1
-            while k > 0 and idx[k] == dims[k]:
-                idx[k] = 0
-                k -= 1
+        rows, per = G.shape[0] // inner, max(1, BLOCK // inner)
+        for r0 in range(0, rows, per):
+            nr = min(per, rows - r0)
+            for r in range(nr):
+                mo = MU[idx[0]]  # the least μ of the leading axes at this row
+                for k in range(1, rank - 1):
+                    mo = least(mo, MU[start[k] + idx[k]])
+                for j in range(inner):
+                    mn[U(r * inner + j)] = least(mo, MU[U(last + j)])
+                k = rank - 2  # the odometer
                 idx[k] += 1
+                while k > 0 and idx[k] == dims[k]:
+                    idx[k] = 0
+                    k -= 1
+                    idx[k] += 1
+            o = r0 * inner
+            gsq += sumsq(G, o, o + nr * inner)
+            z = IT(max(z, block(P, Q, G, M, mn, acc, A0, A1, o, nr * inner, hd, a0, a1)))
+            for r in range(nr):
+                rb = UT(0)  # the row's max: its bits' unsigned max, exact for values ≥ +0
+                for j in range(inner):
+                    q, lj = U(r * inner + j), U(last + j)
+                    MUn[lj] = most(MUn[lj], acc[q])
+                    b = accb[q]
+                    rb = b if b > rb else rb
+                cellb[0] = rb  # (read back as a float)
+                v = cell[0] if rb <= INF_BITS else nan_max(acc, r * inner, inner)
+                for k in range(rank - 1):
+                    MUn[start[k] + jdx[k]] = most(MUn[start[k] + jdx[k]], v)
+                k = rank - 2
+                jdx[k] += 1
+                while k > 0 and jdx[k] == dims[k]:
+                    jdx[k] = 0
+                    k -= 1
+                    jdx[k] += 1
         for k in range(MU.shape[0]):
             z = IT(max(z, exponent_bits(MUn[k])))
             if not dry:
@@ -239,12 +245,15 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
         return z
 
     @jit
-    def kernel(P, Q, M, MU, MUn, A0, A1, gptr, geo, Hd, order, row, out, bad, sync, spins
+    def kernel(P, Q, M, MU, MUn, A0, A1, gptr, geo, Hd, order, work, out, bad, sync, spins
                ):  # pragma: no cover
         """Claim tensors (in ``order``) until none is left; ``out[t]``: Σ g² of tensor
-        ``t``'s raw gradient, ``bad[t]``: one of its new values is inf/NaN."""
-        n = order.shape[0]
-        rowb = row.view(UT)
+        ``t``'s raw gradient, ``bad[t]``: one of its new values is inf/NaN. ``work``: this
+        thread's scratch, two blocks (the least μ, ν) and a cell."""
+        n, w = order.shape[0], (work.shape[0] - 1) // 2
+        bits = work.view(UT)
+        mn, acc, accb, cell, cellb = work[:w], work[w:2 * w], bits[w:2 * w], work[2 * w:], \
+            bits[2 * w:]
         slot = atomics.arrive(sync)
         k = atomics.claim(sync, slot)
         while k < n:
@@ -260,7 +269,7 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
             elif rank < 2:
                 G = numba.carray(voidptr(base), (size,), DT)
                 out[t], z = vector(P[a:b], Q[a:b], G, M[a:b], MU[mo:mo + size], A0[a:b],
-                                   A1[a:b], hd, a0, a1)
+                                   A1[a:b], acc, hd, a0, a1)
             else:
                 G = numba.carray(voidptr(base), (size,), DT)
                 dims = geo[t, DIMS:DIMS + rank]
@@ -268,7 +277,8 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
                 for d in range(rank):
                     nm += dims[d]
                 out[t], z = axes(P[a:b], Q[a:b], G, M[a:b], MU[mo:mo + nm], MUn[mo:mo + nm],
-                                 A0[a:b], A1[a:b], dims, rank, row, rowb, hd, a0, a1)
+                                 A0[a:b], A1[a:b], dims, rank, mn, acc, accb, cell, cellb,
+                                 hd, a0, a1)
             bad[t] = z == EXP
             atomics.piece_done(sync)
             k = atomics.claim(sync, slot)
@@ -289,9 +299,8 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
     ranked = np.flatnonzero(geo[:, RANK] >= 2)
     inner = int(geo[ranked, DIMS + geo[ranked, RANK] - 1].max()) if len(ranked) else 0
     workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
-    dtype = Hd.dtype
-    # each thread its own row of ν (for the row's max; one more element: a bit cast)
-    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(inner + 1, dtype),  # noqa: E731
+    w = max(BLOCK, inner)  # each thread its own scratch (see the kernel)
+    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(2 * w + 1, Hd.dtype),  # noqa: E731
                                out, bad, sync, spins)
     share(job, sync, n, workers, threads.SPINS)
     return out, bad
