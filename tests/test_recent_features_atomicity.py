@@ -564,11 +564,12 @@ def test_block_shape_errors_name_the_key_and_change_nothing(backend) -> None:
         state = c.initial_state_dict
         x = b.array(np.linspace(-1, 1, int(np.prod(good))).reshape(good).astype(np.float32))
         ref = c.evaluate(params, {"x": x}, state=state)
-        before = frozen({"params": params, "state": state})
+        before, step = frozen({"params": params, "state": state}), c.step
         for shape, error, names in bad_cases:
             xb = b.array(np.ones(shape, np.float32))
             refused(partial(c.evaluate, params, {"x": xb}, state=state), error, *names)
             assert frozen({"params": params, "state": state}) == before, (block, shape)
+            assert c.step == step  # (a training call's counter did not move)
         assert frozen(c.evaluate(params, {"x": x}, state=state)) == frozen(ref)
 
 
