@@ -176,6 +176,29 @@ def test_refused_update_changes_nothing(stepped, name: str, case: str) -> None:
         assert frozen(other.slots) == other_before
 
 
+@pytest.mark.parametrize("kind, name", [("torch", n) for n in OPTIMIZERS] + [
+    ("jax", "DAdaptAdamW"), ("jax", "DoG-layer_wise")])
+def test_refused_update_on_torch_and_jax_changes_nothing(kind: str, name: str) -> None:
+    """The same refusals on the torch and JAX engines (JAX-on-CPU aliases its host buffers
+    and donates on accelerators: a refused step must not have written them)."""
+    arr = jnp.asarray if kind == "jax" else (lambda a: torch.from_numpy(np.array(a)))
+    opt = OPTIMIZERS[name](nonfinite="raise")
+    params = {k: arr(v) for k, v in _params().items()}
+    g = {k: arr(v) for k, v in _grads().items()}
+    state = opt.init(params)
+    params, state = opt.update(params, g, state)
+    before = snapshot(opt, params, state)
+    refused(lambda: opt.update(params, {**g, "b": arr(np.array([0.1, np.nan, 0.1],
+                                                              np.float32))}, state),
+            FloatingPointError, "['b']")
+    refused(lambda: opt.update(params, {**g, "w": arr(np.ones((3, 4), np.float32))}, state),
+            ShapeError, "gradients['w']")
+    refused(lambda: opt.update(params, [g["w"], g["b"]], state), TypeError, "dict")
+    assert snapshot(opt, params, state) == before
+    params, state = opt.update(params, g, state)  # (and the next good step is taken)
+    assert state.step == 2
+
+
 def _set(d: dict, path: tuple, value: Any) -> dict:
     """A deep copy of state dict ``d`` with ``path`` set to ``value`` (``...``: deleted)."""
     d = copy.deepcopy(d)
