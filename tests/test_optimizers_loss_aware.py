@@ -490,3 +490,20 @@ def test_a_loss_aware_optimizer_of_your_own():
             want = {k: want[k] - 0.1 * f * g[k] for k in want}
         for k in p0:
             np.testing.assert_allclose(_host(params[k]), want[k], rtol=1e-13)
+
+
+def test_given_up_after_a_run_of_skips_the_step_takes_its_loss():
+    """``max_consecutive_skips``: the step applied after the run (as under "propagate")
+    gets the loss it was given."""
+    opt = Momo(0.5, nonfinite="skip", max_consecutive_skips=1)
+    params = {"w": np.ones(3)}
+    state = opt.init(params)
+    params, state = opt.update(params, {"w": np.ones(3)}, state, loss=1.0)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        params, state = opt.update(params, {"w": np.full(3, np.nan)}, state, loss=2.0)
+    assert state.values["loss"] == 1.0 and state.step == 1
+    with pytest.warns(RuntimeWarning) as got:  # (and: params now non-finite)
+        params, state = opt.update(params, {"w": np.full(3, np.nan)}, state, loss=3.0)
+    assert any("2 non-finite steps in a row" in str(w.message) for w in got)
+    assert state.step == 2 and state.values["loss"] == 3.0
+    assert state.values["barf"] == pytest.approx(0.9 * 1.0 + 0.1 * 3.0, rel=1e-15)

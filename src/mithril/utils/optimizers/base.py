@@ -79,7 +79,7 @@ from .checks import check_flag, check_positive, check_uniform, check_update, inf
 from .engines.common import is_finite
 from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
 from .layout import Layout, slot_shape_of
-from .loss_aware import LOSS, loss_step
+from .loss_aware import LOSS, WRITTEN, loss_step
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
 
@@ -174,15 +174,13 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
     scalar_values: ClassVar[tuple[str, ...]] = ()
     #: how many per-tensor sums :meth:`reduce_math` gives (0: one pass, no reduction)
     reductions: ClassVar[int] = 0
-    #: the step needs the loss at ``params``: ``update(..., loss=f)`` (optax's ``value=``),
-    #: state value ``"loss"`` during the step (added to :attr:`state_values`), which
-    #: :meth:`tensor_scalars` reads (:mod:`.loss_aware`)
+    #: the step needs the loss: ``update(..., loss=f)``, state value ``"loss"`` (added to
+    #: :attr:`state_values`) for :meth:`tensor_scalars` (:mod:`.loss_aware`)
     needs_loss: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        if cls.needs_loss and isinstance(cls.state_values, tuple) \
-                and LOSS not in cls.state_values:
+        if cls.needs_loss and LOSS not in cls.state_values:
             cls.state_values = (*cls.state_values, LOSS)
         odd = [v for v in cls.scalar_values if v not in cls.state_values]
         if odd:
@@ -475,14 +473,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                state: OptimizerState, *, loss: Any = None
                ) -> tuple[dict[str, Any], OptimizerState]:
         """One step; returns the new params and state (see the ownership rule above).
-        ``loss``: the loss at ``params`` (a finite real scalar), which an optimizer with
-        :attr:`needs_loss` requires and the others refuse."""
-        if loss is not None or self.needs_loss:
-            return loss_step(self, params, gradients, state, loss)
-        return self._update(params, gradients, state)
-
-    def _update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
+        ``loss``: the loss at ``params``, for an optimizer with :attr:`needs_loss` only."""
+        if loss is not WRITTEN and (loss is not None or self.needs_loss):
+            return loss_step(self, params, gradients, state, loss)  # (back with WRITTEN)
         if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
                 and self.nonfinite == "skip":  # (_give_up's "propagate": no recursion)
             return self._give_up(params, gradients, state, n)

@@ -24,6 +24,8 @@ from .checks import describe
 
 #: the state value that holds the step's loss
 LOSS = "loss"
+#: ``Optimizer.update(..., loss=WRITTEN)``: the loss is in the state's values already
+WRITTEN = object()
 
 
 def check_loss(name: str, loss: Any, arg: str = "loss") -> float:
@@ -63,12 +65,14 @@ def loss_step(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
         raise TypeError(f"{name}.update takes no loss= (its step does not use the loss; "
                         f"optimizers whose step does have needs_loss = True)")
     value = check_loss(name, loss)
+    from .base import Optimizer
+
     if not isinstance(state, OptimizerState):  # (the step's own check refuses it)
-        return opt._update(params, gradients, state)
+        return Optimizer.update(opt, params, gradients, state, loss=WRITTEN)
     before = state.values  # (on JAX, values held on the device are brought back)
     state.values = {**before, LOSS: value}
     try:
-        new_params, state = opt._update(params, gradients, state)
+        new_params, state = Optimizer.update(opt, params, gradients, state, loss=WRITTEN)
     except BaseException:
         state.values = before
         raise
