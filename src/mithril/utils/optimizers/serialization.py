@@ -97,8 +97,9 @@ class StateDictMixin:
         them (unknown names are refused), every slot present with a numeric array (NumPy,
         torch or JAX) of each parameter's exact shape whose finite values the state's dtype
         holds, non-negative integer counters, each average's update counts and each
-        parameter's missed steps at most the steps taken. On error this optimizer and ``d``
-        are left as they were.
+        parameter's missed steps at most the steps taken, and the values no step could give
+        (:attr:`loaded_domains`: DAdaptAdamW's ``d`` <= 0, DoG's ``started`` not 0 or 1). On
+        error this optimizer and ``d`` are left as they were.
 
         Weight averages (:mod:`.averaging`): one this optimizer was constructed with that a
         checkpoint saved with its state (``"step"``) lacks starts at the resume, as a fresh
