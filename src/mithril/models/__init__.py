@@ -173,3 +173,51 @@ from .multiclass_margin_losses import (  # noqa: E402
 __all__ += ["CosineEmbeddingLoss", "GaussianNLLLoss", "HingeEmbeddingLoss", "MarginRankingLoss",
             "MultiLabelMarginLoss", "MultiLabelSoftMarginLoss", "MultiMarginLoss",
             "PoissonNLLLoss", "SoftMarginLoss", "TripletMarginLoss"]
+
+# torch.nn's small modules (and torch-named aliases of blocks Mithril names its own way)
+from .activations_torch_extra import (  # noqa: E402
+    CELU,
+    SELU,
+    Identity,
+    ReLU6,
+    RReLU,
+    Softmin,
+    Tanhshrink,
+    Threshold,
+)
+from .bilinear import Bilinear  # noqa: E402
+from .local_response_norm import LocalResponseNorm  # noqa: E402
+from .nll_loss import NLLLoss  # noqa: E402
+from .similarity import CosineSimilarity, PairwiseDistance  # noqa: E402
+from .unflatten import Unflatten  # noqa: E402
+
+__all__ += ["Bilinear", "CELU", "CosineSimilarity", "Identity", "LocalResponseNorm", "NLLLoss",
+            "PairwiseDistance", "RReLU", "ReLU6", "SELU", "Softmin", "Tanhshrink", "Threshold",
+            "Unflatten"]
+
+# torch's adaptive pools, padding layers and resizing
+from .adaptive_pooling import (  # noqa: E402
+    AdaptiveAvgPool1D,
+    AdaptiveAvgPool2D,
+    AdaptiveMaxPool1D,
+    AdaptiveMaxPool2D,
+)
+from .padding import (  # noqa: E402
+    CircularPad1D,
+    CircularPad2D,
+    ConstantPad1D,
+    ConstantPad2D,
+    Pad,
+    ReflectionPad1D,
+    ReflectionPad2D,
+    ReplicationPad1D,
+    ReplicationPad2D,
+    ZeroPad1D,
+    ZeroPad2D,
+)
+from .resampling import PixelShuffle, PixelUnshuffle, Upsample  # noqa: E402
+
+__all__ += ["AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveMaxPool1D", "AdaptiveMaxPool2D",
+            "CircularPad1D", "CircularPad2D", "ConstantPad1D", "ConstantPad2D", "Pad",
+            "PixelShuffle", "PixelUnshuffle", "ReflectionPad1D", "ReflectionPad2D",
+            "ReplicationPad1D", "ReplicationPad2D", "Upsample", "ZeroPad1D", "ZeroPad2D"]

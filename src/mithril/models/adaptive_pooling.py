@@ -1,0 +1,166 @@
+"""Adaptive pooling, as torch's ``nn.AdaptiveAvgPool1d/2d`` and ``nn.AdaptiveMaxPool1d/2d``.
+
+The output has ``output_size`` positions per spatial axis (an int, or one per axis; ``None``
+keeps that axis's size, as torch). Output i of an axis of size n pools the input's
+[⌊i·n/o⌋, ⌈(i + 1)·n/o⌉): windows of unequal size that overlap when o does not divide n
+(torch's ``start_index`` / ``end_index``). Inputs (N, C, L) / (C, L) and (N, C, H, W) /
+(C, H, W).
+
+Average: a linear map per axis (:class:`~mithril.models.resampling.Separable`: each row 1/len
+on its window), so the VJP spreads each cotangent evenly over its window. Max: the window's
+first maximum in row-major window order, or its last NaN (torch's ``val > max || isnan``),
+and the gradient goes to that one element (ties: the first, as torch). NumPy and JAX gather
+the windows padded to the longest with −inf (after the real elements: never picked before
+one), take the argmax and read that element (JAX differentiates the read, so one element
+gets the gradient); the NumPy VJP adds each cotangent there. torch: its own kernels.
+``return_indices=True`` is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .conv import check_rank, unbatched
+from .operator import Operator, ShapeError, backend_of, fmt
+from .resampling import Separable, apply_axes
+
+
+def windows(n: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's adaptive window of each output: start ⌊i·n/o⌋, end ⌈(i + 1)·n/o⌉."""
+    i = np.arange(out)
+    return (i * n) // out, -((-(i + 1) * n) // out)
+
+
+class _Adaptive(Operator):
+    nd: int = 2
+    layout: str = "N, C, H, W"
+
+    def __init__(self, output_size: int | None | Sequence[int | None],
+                 return_indices: bool = False) -> None:
+        who = type(self).__name__
+        if return_indices:
+            raise ValueError(f"{who}: return_indices=True is not supported (the indices are not "
+                             f"returned)")
+        vals = tuple(output_size) if isinstance(output_size, Sequence) else (output_size,) * self.nd
+        if len(vals) != self.nd or not all(
+                v is None or isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                for v in vals):
+            raise ValueError(f"{who}: output_size must be a positive int (or None) or {self.nd} "
+                             f"of them, got {output_size!r}")
+        self.output_size = tuple(None if v is None else int(v) for v in vals)
+
+    def out_sizes(self, spatial: Sequence[int]) -> list[int]:
+        return [n if o is None else o for n, o in zip(spatial, self.output_size)]
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        who = type(self).__name__
+        check_rank(s, self.nd, who, self.layout)
+        if s is None:
+            return None
+        sp = s[-self.nd:]
+        if any(n == 0 for n in sp):
+            raise ShapeError(f"{who}: 'input' has an empty spatial axis: {fmt(s)} (torch refuses it)")
+        return (*s[:-self.nd], *(n if o is None else o for n, o in zip(sp, self.output_size)))
+
+    def __repr__(self) -> str:
+        size = self.output_size[0] if self.nd == 1 else self.output_size
+        return f"{type(self).__name__}({size})"
+
+
+class _AdaptiveAvg(_Adaptive, Separable):
+    def matrices(self, spatial: Sequence[int]) -> list[np.ndarray]:
+        mats = []
+        for n, o in zip(spatial, self.out_sizes(spatial)):
+            start, end = windows(n, o)
+            j = np.arange(n)
+            inside = (j >= start[:, None]) & (j < end[:, None])
+            mats.append(inside / (end - start)[:, None])
+        return mats
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        if backend_of(xp) == "torch":
+            import torch.nn.functional as F
+
+            fn = F.adaptive_avg_pool1d if self.nd == 1 else F.adaptive_avg_pool2d
+            return fn(input, self.output_size[0] if self.nd == 1 else self.output_size)
+        return apply_axes(xp, input, self.matrices(input.shape[-self.nd:]))
+
+
+class _AdaptiveMax(_Adaptive):
+    def _gather(self, spatial: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per output position and window slot (row-major), the flat spatial index it reads
+        and whether the slot is inside the window: arrays of shape (*out, K)."""
+        axes = []
+        for n, o in zip(spatial, self.out_sizes(spatial)):
+            start, end = windows(n, o)
+            pos = start[:, None] + np.arange(int((end - start).max()))
+            axes.append((np.minimum(pos, n - 1), pos < end[:, None]))
+        if self.nd == 1:
+            return axes[0]
+        (ph, kh), (pw, kw) = axes
+        o = (len(ph), len(pw), -1)  # (out_h, out_w, slot_h · slot_w), slots row-major
+        flat = ph[:, None, :, None] * spatial[1] + pw[None, :, None, :]
+        return flat.reshape(o), (kh[:, None, :, None] & kw[None, :, None, :]).reshape(o)
+
+    def _pick(self, xp: Any, x: Any) -> tuple[Any, Any, Any]:
+        """The maxima, each one's slot and the flat index table (see :meth:`_gather`)."""
+        spatial = tuple(x.shape[-self.nd:])
+        idx, keep = self._gather(spatial)
+        xf = x.reshape(*x.shape[:-self.nd], -1)
+        w = xf[..., idx]  # (..., *out, K)
+        w = xp.where(keep, w, -np.inf)
+        isnan = xp.isnan(w)
+        k = w.shape[-1]
+        last_nan = k - 1 - xp.argmax(isnan[..., ::-1], axis=-1)
+        slot = xp.where(isnan.any(axis=-1), last_nan, xp.argmax(xp.where(isnan, -np.inf, w), axis=-1))
+        m = xp.take_along_axis(w, slot[..., None], axis=-1)[..., 0]
+        return m, slot, idx
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        if backend_of(xp) == "torch":
+            import torch.nn.functional as F
+
+            fn = F.adaptive_max_pool1d if self.nd == 1 else F.adaptive_max_pool2d
+            return fn(input, self.output_size[0] if self.nd == 1 else self.output_size)
+        return self._pick(xp, input)[0]
+
+    def vjp(self, g, out, args, wrt):
+        x = args["input"]
+        if unbatched(x, self.nd):
+            x, g = x[None], g[None]
+        _, slot, idx = self._pick(np, x)
+        src = np.take_along_axis(np.broadcast_to(idx, (*slot.shape, idx.shape[-1])),
+                                 slot[..., None], axis=-1)[..., 0]
+        rows = int(np.prod(x.shape[:-self.nd]))
+        gx = np.zeros((rows, int(np.prod(x.shape[-self.nd:]))), g.dtype)
+        np.add.at(gx, (np.arange(rows)[:, None], src.reshape(rows, -1)), g.reshape(rows, -1))
+        return {"input": gx.reshape(args["input"].shape)}
+
+
+class AdaptiveAvgPool1D(_AdaptiveAvg):
+    """Mean over torch's adaptive windows of (N, C, L) or (C, L), as
+    ``nn.AdaptiveAvgPool1d(output_size)``."""
+
+    nd, layout = 1, "N, C, L"
+
+
+class AdaptiveAvgPool2D(_AdaptiveAvg):
+    """Mean over torch's adaptive windows of (N, C, H, W) or (C, H, W), as
+    ``nn.AdaptiveAvgPool2d(output_size)`` (an int, a pair, None keeps an axis)."""
+
+
+class AdaptiveMaxPool1D(_AdaptiveMax):
+    """Max over torch's adaptive windows of (N, C, L) or (C, L), as
+    ``nn.AdaptiveMaxPool1d(output_size)``; the gradient goes to the first maximum."""
+
+    nd, layout = 1, "N, C, L"
+
+
+class AdaptiveMaxPool2D(_AdaptiveMax):
+    """Max over torch's adaptive windows of (N, C, H, W) or (C, H, W), as
+    ``nn.AdaptiveMaxPool2d(output_size)``; the gradient goes to the first maximum in
+    row-major window order."""

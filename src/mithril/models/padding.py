@@ -1,0 +1,204 @@
+"""Padding layers, as torch's ``nn.ConstantPad1d/2d``, ``ZeroPad1d/2d``, ``ReflectionPad1d/2d``,
+``ReplicationPad1d/2d`` and ``CircularPad1d/2d`` (and ``F.pad``'s modes on the last one or two
+axes).
+
+:class:`Pad` takes ``padding`` in ``F.pad``'s order, the last axis first: ``(left, right)``
+(1-D) or ``(left, right, top, bottom)`` (2-D); an int pads every side by it (the named classes,
+as torch's modules). ``mode``:
+
+* ``"constant"``: ``value`` outside the input;
+* ``"reflect"``: mirrored without repeating the edge (x[1], x[0] | x[0], x[1], ...), each
+  padding below the axis's size (as torch: a ``ShapeError`` otherwise);
+* ``"replicate"``: the edge element repeated;
+* ``"circular"``: wrapped around (x[n−1] | x[0], ...), each padding at most the axis's size.
+
+Inputs (N, C, L) / (C, L) for 1-D and (N, C, H, W) / (C, H, W) for 2-D, as torch's reflection
+and replication modules take them. Paddings are >= 0 (torch's negative padding, a crop, is
+refused by name). Forward: ``F.pad`` on torch, ``pad`` (constant) or a gather of the source
+index per axis on NumPy / JAX. The NumPy VJP adds each padded position's cotangent onto the
+input element it copies (constant: the cotangent cropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .conv import check_mode_pads, check_rank, source_index
+from .operator import Operator, ShapeError, backend_of
+
+#: F.pad's modes
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+class Pad(Operator):
+    """The input padded on its last ``nd`` axes (``nd`` = len(padding) // 2) as
+    ``F.pad(input, padding, mode, value)``; see the module docstring."""
+
+    fresh_output = True
+
+    def __init__(self, padding: Sequence[int], mode: str = "constant", value: float = 0.0) -> None:
+        who = type(self).__name__
+        if mode not in PAD_MODES:
+            raise ValueError(f"{who}: mode must be one of {PAD_MODES}, got {mode!r}")
+        flat = tuple(padding) if isinstance(padding, Sequence) and not isinstance(padding, str) \
+            else None
+        if flat is None or len(flat) not in (2, 4) or not all(
+                isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in flat):
+            raise ValueError(f"{who}: padding must be 2 ints (left, right) or 4 (left, right, "
+                             f"top, bottom), got {padding!r}")
+        if any(p < 0 for p in flat):
+            raise ValueError(f"{who}: padding must be >= 0 (torch's negative padding crops; "
+                             f"not supported), got {padding!r}")
+        if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+            raise TypeError(f"{who}: value must be a number, got {value!r}")
+        self.padding = tuple(int(p) for p in flat)
+        self.nd = len(flat) // 2
+        self.mode, self.value = mode, float(value)
+        #: (before, after) per padded axis, in axis order (the first padded axis first)
+        self.pads = tuple((self.padding[2 * i], self.padding[2 * i + 1])
+                          for i in reversed(range(self.nd)))
+
+    @property
+    def layout(self) -> str:
+        return "N, C, L" if self.nd == 1 else "N, C, H, W"
+
+    def _check(self, spatial: Sequence[int | None]) -> None:
+        who = type(self).__name__
+        if self.mode == "constant":
+            return
+        if self.mode == "replicate" and any(n == 0 for n in spatial):
+            raise ShapeError(f"{who}: mode='replicate' needs a non-empty input, got spatial "
+                             f"sizes {tuple(spatial)}")
+        check_mode_pads(spatial, self.pads, self.mode, who)
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        check_rank(s, self.nd, type(self).__name__, self.layout)
+        if s is None:
+            return None
+        self._check(s[-self.nd:])
+        return (*s[:-self.nd], *(None if n is None else n + lo + hi
+                                 for n, (lo, hi) in zip(s[-self.nd:], self.pads)))
+
+    def forward(self, xp: Any, input: Any) -> Any:
+        if backend_of(xp) == "torch":
+            import torch.nn.functional as F
+
+            if self.mode == "constant":
+                return F.pad(input, self.padding, value=self.value)
+            if len(input.shape) == self.nd + 1:  # torch's non-constant modes want a batch axis
+                return F.pad(input[None], self.padding, mode=self.mode)[0]
+            return F.pad(input, self.padding, mode=self.mode)
+        self._check(input.shape[-self.nd:])  # a size left free at compile time
+        lead = len(input.shape) - self.nd
+        if self.mode == "constant":
+            return xp.pad(input, ((0, 0),) * lead + self.pads, constant_values=self.value)
+        for ax, (lo, hi) in enumerate(self.pads, start=lead):
+            input = xp.take(input, source_index(input.shape[ax], lo, hi, self.mode), axis=ax)
+        return input
+
+    def vjp(self, g, out, args, wrt):
+        lead = g.ndim - self.nd
+        if self.mode == "constant":
+            return {"input": g[(slice(None),) * lead + tuple(
+                slice(lo, g.shape[ax] - hi) for ax, (lo, hi) in enumerate(self.pads, lead))].copy()}
+        for ax in reversed(range(lead, g.ndim)):  # each padded position onto its source
+            lo, hi = self.pads[ax - lead]
+            n = g.shape[ax] - lo - hi
+            src = source_index(n, lo, hi, self.mode)
+            gm = np.moveaxis(g, ax, -1)
+            acc = gm[..., lo:lo + n].copy()
+            for j in (*range(lo), *range(lo + n, lo + n + hi)):
+                acc[..., src[j]] += gm[..., j]
+            g = np.moveaxis(acc, -1, ax)
+        return {"input": np.ascontiguousarray(g)}
+
+    def __repr__(self) -> str:
+        value = f", value={self.value}" if self.mode == "constant" else ""
+        return f"{type(self).__name__}({self.padding}, mode={self.mode!r}{value})"
+
+
+def _pairs(padding: int | Sequence[int], nd: int, who: str) -> Sequence[int]:
+    """torch's module padding: an int for every side, else the sides in F.pad's order."""
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        return (int(padding),) * (2 * nd)
+    if not isinstance(padding, Sequence) or len(padding) != 2 * nd:
+        raise ValueError(f"{who}: padding must be an int or {2 * nd} ints, got {padding!r}")
+    return padding
+
+
+class _NamedPad(Pad):
+    nd_of_class: int = 1
+    mode_of_class: str = "constant"
+
+    def __init__(self, padding: int | Sequence[int]) -> None:
+        super().__init__(_pairs(padding, self.nd_of_class, type(self).__name__),
+                         self.mode_of_class)
+
+
+class ConstantPad1D(Pad):
+    """``value`` on both ends of the last axis, as ``nn.ConstantPad1d(padding, value)``:
+    ``padding`` an int or (left, right)."""
+
+    def __init__(self, padding: int | Sequence[int], value: float) -> None:
+        super().__init__(_pairs(padding, 1, type(self).__name__), "constant", value)
+
+
+class ConstantPad2D(Pad):
+    """``value`` around the last two axes, as ``nn.ConstantPad2d(padding, value)``:
+    ``padding`` an int or (left, right, top, bottom)."""
+
+    def __init__(self, padding: int | Sequence[int], value: float) -> None:
+        super().__init__(_pairs(padding, 2, type(self).__name__), "constant", value)
+
+
+class ZeroPad1D(_NamedPad):
+    """Zeros on both ends of the last axis, as ``nn.ZeroPad1d``."""
+
+
+class ZeroPad2D(_NamedPad):
+    """Zeros around the last two axes, as ``nn.ZeroPad2d``."""
+
+    nd_of_class = 2
+
+
+class ReflectionPad1D(_NamedPad):
+    """The last axis mirrored at its ends without repeating the edge, as ``nn.ReflectionPad1d``
+    (each padding below the length)."""
+
+    mode_of_class = "reflect"
+
+
+class ReflectionPad2D(_NamedPad):
+    """The last two axes mirrored without repeating the edge, as ``nn.ReflectionPad2d``
+    (each padding below its axis's size)."""
+
+    nd_of_class, mode_of_class = 2, "reflect"
+
+
+class ReplicationPad1D(_NamedPad):
+    """The last axis's edge elements repeated, as ``nn.ReplicationPad1d``."""
+
+    mode_of_class = "replicate"
+
+
+class ReplicationPad2D(_NamedPad):
+    """The last two axes' edge elements repeated, as ``nn.ReplicationPad2d``."""
+
+    nd_of_class, mode_of_class = 2, "replicate"
+
+
+class CircularPad1D(_NamedPad):
+    """The last axis wrapped around, as ``nn.CircularPad1d`` (each padding at most the length)."""
+
+    mode_of_class = "circular"
+
+
+class CircularPad2D(_NamedPad):
+    """The last two axes wrapped around, as ``nn.CircularPad2d`` (each padding at most its
+    axis's size)."""
+
+    nd_of_class, mode_of_class = 2, "circular"
