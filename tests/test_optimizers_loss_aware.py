@@ -507,3 +507,32 @@ def test_given_up_after_a_run_of_skips_the_step_takes_its_loss():
     assert any("2 non-finite steps in a row" in str(w.message) for w in got)
     assert state.step == 2 and state.values["loss"] == 3.0
     assert state.values["barf"] == pytest.approx(0.9 * 1.0 + 0.1 * 3.0, rel=1e-15)
+
+
+def test_optax_transformation_takes_value_and_refuses_it_missing_or_bad():
+    """``update(..., value=loss)`` (float32 here): missing, non-scalar or NaN refused by name
+    before anything runs; a skipped step (``nonfinite="skip"``) keeps the state's values,
+    its loss included. Optimizers that do not use the loss keep their plain transformation."""
+    import jax.numpy as jnp
+    import optax
+
+    from mithril.interop import optax_transformation
+
+    tx = optax_transformation(Momo(0.5, nonfinite="skip"))
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    assert type(optax_transformation(Adam(0.01))) is optax.GradientTransformation
+    params = {"w": jnp.ones(3, jnp.float32)}
+    state = tx.init(params)
+    g = {"w": jnp.full(3, 0.5, jnp.float32)}
+    with pytest.raises(TypeError, match=r"value=loss"):
+        tx.update(g, state, params)
+    with pytest.raises(ValueError, match=r"value must be a scalar"):
+        tx.update(g, state, params, value=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"value=nan is not finite"):
+        tx.update(g, state, params, value=float("nan"))
+    _, state = tx.update(g, state, params, value=jnp.float32(2.0))
+    assert int(state.count) == 1 and float(state.values["loss"]) == 2.0
+    before = {k: float(v) for k, v in state.values.items()}
+    _, state = tx.update({"w": jnp.full(3, jnp.nan, jnp.float32)}, state, params, value=5.0)
+    assert int(state.count) == 1
+    assert {k: float(v) for k, v in state.values.items()} == before
