@@ -279,6 +279,21 @@ def test_corrupted_state_dict_is_refused_and_changes_nothing(stepped, name: str)
     assert frozen(opt.state_dict(loaded)) == frozen(sd)
 
 
+@pytest.mark.parametrize("make, value", [(DoG, "max_dist"), (DoG, "sum_sq"),
+                                         (DoWG, "estim_sq_dist"), (DoWG, "weighted_sq")])
+def test_optimizer_wide_estimates_below_zero_are_refused(make, value: str) -> None:
+    """DoG's / DoWG's one estimate (not layer-wise: a state value) can't be negative."""
+    opt = make()
+    params = _params()
+    state = opt.init(params)
+    params, state = opt.update(params, _grads(), state)
+    params = {k: np.array(v) for k, v in params.items()}
+    before = snapshot(opt, params, state)
+    bad = _set(opt.state_dict(state), ("values", value), -1e-3)
+    refused(lambda: opt.load_state_dict(bad, params), ValueError, f"value '{value}'", ">= 0")
+    assert snapshot(opt, params, state) == before
+
+
 def test_a_diverged_state_still_loads() -> None:
     """NaN in slots and in DAdaptAdamW's d (a run that went NaN under "propagate") loads, as
     torch's and optax's states do: only values no step can give are refused."""
