@@ -294,6 +294,19 @@ def test_optimizer_wide_estimates_below_zero_are_refused(make, value: str) -> No
     assert snapshot(opt, params, state) == before
 
 
+def test_note_missed_refuses_a_bare_name() -> None:
+    """A string was iterated: note_missed("w") counted a parameter named "w" by luck, and
+    "weight" failed on 'e'. It is refused, naming the fix; unknown names change nothing."""
+    opt = DAdaptAdamW()
+    params = _params()
+    state = opt.init(params)
+    params, state = opt.update(params, _grads(), state)
+    state.note_missed(["b"])
+    refused(lambda: state.note_missed("w"), TypeError, "'w'", "['w']")
+    refused(lambda: state.note_missed(["w", "zz"]), KeyMismatchError, "'zz'")
+    assert state.missed_counts() == {"b": 1}
+
+
 def test_a_diverged_state_still_loads() -> None:
     """NaN in slots and in DAdaptAdamW's d (a run that went NaN under "propagate") loads, as
     torch's and optax's states do: only values no step can give are refused."""

@@ -174,6 +174,9 @@ class OptimizerState:
         count only their own steps, as torch.optim counts each parameter's ``step``
         (:mod:`.groups`). ``torch_optimizer`` calls it; a plain ``update`` does not (one
         count per state, as optax)."""
+        if isinstance(names, (str, bytes)):  # (its characters were taken as the names)
+            raise TypeError(f"note_missed takes an iterable of parameter names, got the "
+                            f"string {names!r:.80} (one name: [{names!r:.80}])")
         names = tuple(names)
         # (a loop names the same parameters step after step, or a few sets in turn)
         known = self.__dict__.setdefault("_missed_at", {})
