@@ -536,3 +536,28 @@ def test_optax_transformation_takes_value_and_refuses_it_missing_or_bad():
     _, state = tx.update({"w": jnp.full(3, jnp.nan, jnp.float32)}, state, params, value=5.0)
     assert int(state.count) == 1
     assert {k: float(v) for k, v in state.values.items()} == before
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_float32_numpy_torch_jax_agree(make):
+    """float32 params: the fused kernel, torch and the jitted JAX engine agree (to float32
+    rounding) over 10 steps, and keep float32."""
+    import jax.numpy as jnp
+    import torch
+
+    p0, loss_and_grads = _problem()
+    outs = []
+    for conv in (np.array, torch.tensor, jnp.asarray):
+        opt = make()
+        params = {k: conv(v.astype(np.float32)) for k, v in p0.items()}
+        state = opt.init(params)
+        for _ in range(10):
+            f, g = loss_and_grads({k: _host(v).astype(np.float64) for k, v in params.items()})
+            params, state = opt.update(params, {k: conv(v.astype(np.float32))
+                                                for k, v in g.items()}, state, loss=f)
+        outs.append({k: _host(v) for k, v in params.items()})
+        assert all(v.dtype == np.float32 for v in outs[-1].values())
+    for got in outs[1:]:
+        for k in p0:
+            np.testing.assert_allclose(got[k], outs[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert max(np.abs(outs[0][k] - p0[k]).max() for k in p0) > 1e-2
