@@ -1,0 +1,172 @@
+"""torch's similarity modules of two inputs: ``CosineSimilarity`` and ``PairwiseDistance``,
+as ``F.cosine_similarity`` / ``F.pairwise_distance`` (broadcasting included)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .activations import _number
+from .operator import (
+    Operator,
+    ShapeError,
+    broadcast_shapes,
+    fmt,
+    functional_of,
+    stop_gradient,
+    unbroadcast,
+)
+
+
+def _pair(shapes: Any, who: str) -> tuple | None:
+    a, b = shapes.get("input1"), shapes.get("input2")
+    if a is None or b is None:
+        return None
+    return broadcast_shapes(a, b, f"{who}: 'input1' and 'input2'")
+
+
+class CosineSimilarity(Operator):
+    """x1·x2 / (max(‖x1‖, eps) · max(‖x2‖, eps)) along ``dim`` (default 1), as
+    ``torch.nn.CosineSimilarity(dim=1, eps=1e-8)`` / ``F.cosine_similarity``: each norm is
+    clamped on its own (so a zero vector gives 0, not NaN), the inputs broadcast against each
+    other, and ``dim`` is removed from the output.
+
+    The gradient is torch's, whose clamp does not enter its autograd graph: with r the
+    norms, n̂ = max(r, eps), b̂ = x2/n̂2 and y the output, d/dx1 = g·(b̂ − y·x1/r1)/n̂1 (and
+    the same for x2), a norm below eps included: ‖x‖'s derivative stays x/r there, 0 at a
+    zero vector (torch's masking)."""
+
+    inputs = ("input1", "input2")
+    vjp_ignores = frozenset({"output"})
+
+    def __init__(self, dim: int = 1, eps: float = 1e-8) -> None:
+        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"CosineSimilarity: dim must be an int, got {dim!r}")
+        self.dim = int(dim)
+        self.eps = _number(eps, "CosineSimilarity", "eps")
+
+    def _axis(self, rank: int) -> int:
+        if not -rank <= self.dim < max(rank, 1):
+            raise ShapeError(f"CosineSimilarity: dim {self.dim} is out of range for inputs of "
+                             f"rank {rank}")
+        return self.dim % max(rank, 1)
+
+    def infer_shape(self, shapes):
+        s = _pair(shapes, "CosineSimilarity")
+        if s is None:
+            return None
+        ax = self._axis(len(s))
+        return s[:ax] + s[ax + 1:]
+
+    def _norm(self, xp: Any, x: Any, ax: int) -> Any:
+        """max(‖x‖, eps) whose gradient is ‖x‖'s, x/‖x‖ (0 at 0), as torch's (its clamp is
+        not differentiated): the clamped value plus a term of value 0 with that gradient."""
+        sq = xp.sum(x * x, axis=ax, keepdims=True)
+        nz = sq > 0
+        r = xp.where(nz, xp.sqrt(xp.where(nz, sq, 1.0)), 0.0)  # (no NaN gradient at 0)
+        return stop_gradient(xp, xp.maximum(r, self.eps)) + (r - stop_gradient(xp, r))
+
+    def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.cosine_similarity(input1, input2, self.dim, self.eps)
+        ax = self._axis(max(input1.ndim, input2.ndim))
+        a, b = xp.broadcast_arrays(input1, input2)
+        return xp.sum((a / self._norm(xp, a, ax)) * (b / self._norm(xp, b, ax)), axis=ax)
+
+    def vjp(self, g, out, args, wrt):
+        x1, x2 = args["input1"], args["input2"]
+        ax = self._axis(max(x1.ndim, x2.ndim))
+        a, b = np.broadcast_arrays(x1, x2)
+        r1, r2 = (np.sqrt((v * v).sum(ax, keepdims=True)) for v in (a, b))
+        n1, n2 = np.maximum(r1, self.eps), np.maximum(r2, self.eps)
+        g, y = np.expand_dims(g, ax), np.expand_dims(out, ax)
+        with np.errstate(divide="ignore", invalid="ignore"):  # x/r: 0 at a zero vector
+            u1, u2 = np.where(r1 > 0, a / r1, 0.0), np.where(r2 > 0, b / r2, 0.0)
+        res = {}
+        if "input1" in wrt:
+            res["input1"] = unbroadcast(g * (b / n2 - y * u1) / n1, x1.shape)
+        if "input2" in wrt:
+            res["input2"] = unbroadcast(g * (a / n1 - y * u2) / n2, x2.shape)
+        return res
+
+    def __repr__(self) -> str:
+        return f"CosineSimilarity(dim={self.dim}, eps={self.eps})"
+
+
+class PairwiseDistance(Operator):
+    """‖x1 − x2 + eps‖_p over the last axis, as ``torch.nn.PairwiseDistance(p=2.0,
+    eps=1e-6, keepdim=False)`` / ``F.pairwise_distance`` (the inputs broadcast; ``keepdim``
+    keeps the last axis with size 1). ``p`` >= 0 or ``inf``: p = 0 counts the non-zero
+    differences (gradient 0), p = inf is the largest |difference| (its gradient shared
+    evenly among ties, as torch), otherwise (Σ |d|^p)^(1/p) with gradient
+    sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 (torch's masking)."""
+
+    inputs = ("input1", "input2")
+    vjp_ignores = frozenset({"output"})
+
+    def __init__(self, p: float = 2.0, eps: float = 1e-6, keepdim: bool = False) -> None:
+        ok = not isinstance(p, (bool, np.bool_)) and isinstance(
+            p, (int, float, np.integer, np.floating)) and (p >= 0 and not math.isnan(p))
+        if not ok:
+            raise ValueError(f"PairwiseDistance: p must be a number >= 0 (or inf), got {p!r}")
+        self.p = float(p)
+        self.eps = _number(eps, "PairwiseDistance", "eps")
+        if not isinstance(keepdim, (bool, np.bool_)):
+            raise ValueError(f"PairwiseDistance: keepdim must be a bool, got {keepdim!r}")
+        self.keepdim = bool(keepdim)
+
+    def infer_shape(self, shapes):
+        s = _pair(shapes, "PairwiseDistance")
+        if s is None:
+            return None
+        if not s:
+            raise ShapeError(f"PairwiseDistance: the inputs need at least 1 axis, got shape "
+                             f"{fmt(s)}")
+        return s[:-1] + (1,) * self.keepdim
+
+    def _norm(self, xp: Any, d: Any) -> Any:
+        k, p = self.keepdim, self.p
+        if p == math.inf:
+            return xp.max(xp.abs(d), axis=-1, keepdims=k)
+        if p == 0:
+            return xp.sum((d != 0) + 0 * d, axis=-1, keepdims=k)
+        s = xp.sum(d * d if p == 2 else xp.abs(d) ** p, axis=-1, keepdims=k)
+        # the root only where s > 0: JAX's gradient at a zero distance is then 0 (torch's)
+        nz = s > 0
+        return xp.where(nz, xp.where(nz, s, 1.0) ** (1 / p), 0.0)
+
+    def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
+        F = functional_of(xp)
+        if F is not None:
+            return F.pairwise_distance(input1, input2, self.p, self.eps, self.keepdim)
+        return self._norm(xp, input1 - input2 + self.eps)
+
+    def vjp(self, g, out, args, wrt):
+        x1, x2 = args["input1"], args["input2"]
+        d = x1 - x2 + self.eps
+        n = self._norm(np, d)
+        if not self.keepdim:
+            g, n = g[..., None], n[..., None]
+        p = self.p
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if p == 0:
+                gd = 0 * d * g
+            elif p == math.inf:
+                tie = np.abs(d) == n
+                gd = g * np.sign(d) * tie / tie.sum(-1, keepdims=True)
+            elif p == 2:
+                gd = np.where(n == 0, 0.0, g * d / n)
+            else:
+                gd = np.where(n == 0, 0.0, g * np.sign(d) * np.abs(d) ** (p - 1) / n ** (p - 1))
+        res = {}
+        if "input1" in wrt:
+            res["input1"] = unbroadcast(gd, x1.shape)
+        if "input2" in wrt:
+            res["input2"] = unbroadcast(-gd, x2.shape)
+        return res
+
+    def __repr__(self) -> str:
+        return f"PairwiseDistance(p={self.p}, eps={self.eps}, keepdim={self.keepdim})"
