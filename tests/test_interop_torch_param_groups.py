@@ -308,3 +308,24 @@ def test_other_entries_of_a_group_are_carried_along_as_torchs():
         with pytest.raises(KeyError, match=msg):
             torch_optimizer(mo.AdamW(), [{"params": [again.l1.weight]},
                                          {"params": [again.l1.bias], **bad}])
+
+
+@pytest.mark.parametrize("cls", [mo.DoG, mo.DoWG])
+def test_plain_groups_of_an_optimizer_with_step_wide_values(cls):
+    """A torch group repeats every default, the step-wide ones (DoG's layer_wise, eps,
+    init_step) included: the same values are no change (they were refused, naming values the
+    user never set); the run equals one group's bit for bit."""
+    m1, m2 = make_model(), make_model()
+    m2.load_state_dict(m1.state_dict())
+    o1 = torch_optimizer(cls(layer_wise=True), [{"params": [m1.l1.weight]},
+                                                {"params": [p for n, p in m1.named_parameters()
+                                                            if n != "l1.weight"]}])
+    o2 = torch_optimizer(cls(layer_wise=True), m2.parameters())
+    for t in range(3):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            x, y = data(torch.float64, seed=t + 1)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert not torch.equal(m1.l1.weight, make_model().l1.weight)  # (the steps moved it)

@@ -150,7 +150,10 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         if unknown:
             raise KeyError(f"{where}: {unknown} are not hyperparameters of {type(opt).__name__} "
                            f"(it has {sorted(set(hp) - GLOBAL)})")
-        fixed = sorted(set(over) & (GLOBAL | set(getattr(opt, "step_wide", ()))))
+        wide = set(over) & (GLOBAL | set(getattr(opt, "step_wide", ())))
+        for k in [k for k in wide if not differs(hp[k], over[k])]:
+            del over[k]  # (a torch group repeats every default: the same value is no change)
+        fixed = sorted(set(over) & wide)
         if fixed:
             raise ValueError(f"{where}: {fixed} hold for the whole step and cannot differ per group")
         try:
