@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, parity_tests, run_mithril, scalar_loss
+from layer_edges import Case, nonfinite_error, parity_tests, run_mithril, scalar_loss
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -136,10 +136,31 @@ def test_numpy_vjp_matches_finite_differences(name: str) -> None:
     assert np.abs(fd - grads["input"]).max() < 1e-7
 
 
-def _compile(block, shape):
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("block, ref", [
+    (lambda: ml.Upsample(scale_factor=2), lambda x: F.interpolate(x, scale_factor=2)),
+    (lambda: ml.Upsample(scale_factor=1.5, mode="bilinear"),
+     lambda x: F.interpolate(x, scale_factor=1.5, mode="bilinear")),
+    (lambda: ml.AdaptiveAvgPool2D((2, 3)), lambda x: F.adaptive_avg_pool2d(x, (2, 3))),
+    (lambda: ml.AdaptiveMaxPool2D((2, 3)), lambda x: F.adaptive_max_pool2d(x, (2, 3))),
+    (lambda: ml.ReflectionPad2D(2), lambda x: F.pad(x, (2,) * 4, mode="reflect")),
+])
+def test_nan_and_inf_stay_where_torch_puts_them(block, ref, backend_name: str) -> None:
+    """Regression: resizing by dense per-axis matrices spread one NaN over whole rows
+    (0 · NaN); an inf became NaN the same way. Now as torch's: only the outputs reading it."""
+    from conftest import BACKENDS
+
+    x = np.arange(20.0).reshape(1, 1, 4, 5)
+    x[0, 0, 1, 2], x[0, 0, 0, 0], x[0, 0, 3, 4] = np.nan, np.inf, -np.inf
+    backend = BACKENDS[backend_name](dtype="float64")
+    out = _compile(block(), x.shape, backend).evaluate({}, {"input": backend.array(x)})["output"]
+    assert nonfinite_error(np.asarray(backend.to_numpy(out)), ref(torch.tensor(x)).numpy()) <= 1e-12
+
+
+def _compile(block, shape, backend=None):
     model = ml.Model()
     model |= block(input="input", output="output")
-    return ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": list(shape)})
+    return ml.compile(model, backend or NumpyBackend(dtype="float64"), shapes={"input": list(shape)})
 
 
 @pytest.mark.parametrize("block, shape, mode, torch_pad, message", [

@@ -6,10 +6,11 @@ keeps that axis's size, as torch). Output i of an axis of size n pools the input
 (torch's ``start_index`` / ``end_index``). Inputs (N, C, L) / (C, L) and (N, C, H, W) /
 (C, H, W).
 
-Average: a linear map per axis (:class:`~mithril.models.resampling.Separable`: each row 1/len
-on its window), so the VJP spreads each cotangent evenly over its window. Max: the window's
-first maximum in row-major window order, or its last NaN (torch's ``val > max || isnan``),
-and the gradient goes to that one element (ties: the first, as torch). NumPy and JAX gather
+Average: a linear map per axis (:class:`~mithril.models.resampling.Separable`: weight
+1/len on each window element), so the VJP spreads each cotangent evenly over its window.
+Max: the window's first maximum in row-major window order, or its last NaN (torch's
+``val > max || isnan``), and the gradient goes to that one element (ties: the first, as
+torch). NumPy and JAX gather
 the windows padded to the longest with −inf (after the real elements: never picked before
 one), take the argmax and read that element (JAX differentiates the read, so one element
 gets the gradient); the NumPy VJP adds each cotangent there. torch: its own kernels.
@@ -25,13 +26,22 @@ import numpy as np
 
 from .conv import check_rank, unbatched
 from .operator import Operator, ShapeError, backend_of, fmt
-from .resampling import Separable, apply_axes
+from .resampling import Separable, Taps, apply_taps
 
 
 def windows(n: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     """torch's adaptive window of each output: start ⌊i·n/o⌋, end ⌈(i + 1)·n/o⌉."""
     i = np.arange(out)
     return (i * n) // out, -((-(i + 1) * n) // out)
+
+
+def window_taps(n: int, out: int) -> Taps:
+    """Each output's window as taps: its positions (padded to the longest window: the padding
+    slots masked off, their index clipped into the axis) with weight 1/len."""
+    start, end = windows(n, out)
+    pos = start[:, None] + np.arange(int((end - start).max()))
+    return np.minimum(pos, n - 1), np.broadcast_to(1.0 / (end - start)[:, None], pos.shape), \
+        pos < end[:, None]
 
 
 class _Adaptive(Operator):
@@ -72,14 +82,8 @@ class _Adaptive(Operator):
 
 
 class _AdaptiveAvg(_Adaptive, Separable):
-    def matrices(self, spatial: Sequence[int]) -> list[np.ndarray]:
-        mats = []
-        for n, o in zip(spatial, self.out_sizes(spatial)):
-            start, end = windows(n, o)
-            j = np.arange(n)
-            inside = (j >= start[:, None]) & (j < end[:, None])
-            mats.append(inside / (end - start)[:, None])
-        return mats
+    def taps(self, spatial: Sequence[int]) -> list[Taps]:
+        return [window_taps(n, o) for n, o in zip(spatial, self.out_sizes(spatial))]
 
     def forward(self, xp: Any, input: Any) -> Any:
         if backend_of(xp) == "torch":
@@ -87,18 +91,15 @@ class _AdaptiveAvg(_Adaptive, Separable):
 
             fn = F.adaptive_avg_pool1d if self.nd == 1 else F.adaptive_avg_pool2d
             return fn(input, self.output_size[0] if self.nd == 1 else self.output_size)
-        return apply_axes(xp, input, self.matrices(input.shape[-self.nd:]))
+        return apply_taps(xp, input, self.taps(input.shape[-self.nd:]))
 
 
 class _AdaptiveMax(_Adaptive):
     def _gather(self, spatial: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per output position and window slot (row-major), the flat spatial index it reads
         and whether the slot is inside the window: arrays of shape (*out, K)."""
-        axes = []
-        for n, o in zip(spatial, self.out_sizes(spatial)):
-            start, end = windows(n, o)
-            pos = start[:, None] + np.arange(int((end - start).max()))
-            axes.append((np.minimum(pos, n - 1), pos < end[:, None]))
+        axes = [(idx, keep) for idx, _, keep in
+                (window_taps(n, o) for n, o in zip(spatial, self.out_sizes(spatial)))]
         if self.nd == 1:
             return axes[0]
         (ph, kh), (pw, kw) = axes

@@ -1,10 +1,12 @@
 """Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, linear, bilinear)
 and ``nn.PixelShuffle`` / ``nn.PixelUnshuffle``.
 
-Nearest and linear resizing map each spatial axis by a fixed (out, in) matrix M, so the
-output is ``x ×_axis M`` axis by axis (bilinear = linear along H, then along W) and the VJP is
-the cotangent times Mᵀ. :class:`Separable` holds that: an operator gives
-:meth:`Separable.matrices` for the input's spatial sizes; adaptive average pooling is one too.
+Nearest and linear resizing, and adaptive average pooling, are a fixed linear map along each
+spatial axis whose output j reads a few taps: sum_k w[j, k] · x[idx[j, k]] over the slots k
+where mask[j, k] (:class:`Separable`; bilinear = linear along H, then along W). A gather, not
+a dense matrix: a NaN or inf stays in the outputs that read it (0 · inf would spread it), and
+a tap of weight 0 is still read where torch's kernel reads it (linear: λ = 0). The NumPy VJP
+adds w · g onto idx (one ``bincount`` per axis).
 
 Sizes and source positions as torch (aten/src/ATen/native/UpSample.h): the output size is
 ``size``, or floor(n · scale_factor). The scale ``r`` is in/out when ``size`` is given or
@@ -15,7 +17,7 @@ an output of size n or 2n reads j or j // 2. Linear: source s = r · j with
 output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋.
 
 Forward: ``F.interpolate`` / ``F.pixel_shuffle`` on torch; on NumPy and JAX one ``tensordot``
-per axis (nearest reads one element: M is 0/1), the pixel shuffles a reshape and transpose.
+per axis (nearest: a gather), the pixel shuffles a reshape and transpose.
 """
 
 from __future__ import annotations
@@ -32,24 +34,44 @@ from .operator import Operator, backend_of, fmt
 UPSAMPLE_MODES = ("nearest", "linear", "bilinear")
 
 
-def apply_axes(xp: Any, x: Any, mats: Sequence[np.ndarray], transpose: bool = False) -> Any:
-    """``x`` with its last ``len(mats)`` axes each multiplied by its (out, in) matrix (or, for
-    ``transpose``, by Mᵀ: the VJP)."""
-    nd = len(mats)
-    for i, m in enumerate(mats):
-        ax = x.ndim - nd + i
-        m = (m.T if transpose else m).astype(x.dtype)
-        if backend_of(xp) == "jax":
-            import jax.numpy as jnp
+#: per axis: (idx, weight, mask), each (out, K): output j is sum over the slots k where
+#: mask[j, k] of weight[j, k] · x[idx[j, k]]
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-            m = jnp.asarray(m)
-        x = xp.moveaxis(xp.tensordot(x, m, axes=([ax], [1])), -1, ax)
+
+def apply_taps(xp: Any, x: Any, taps: Sequence[Taps]) -> Any:
+    """``x`` with its last ``len(taps)`` axes each mapped by its taps (the forward)."""
+    nd = len(taps)
+    for i, (idx, w, mask) in enumerate(taps):
+        ax = len(x.shape) - nd + i
+        xm = xp.moveaxis(x, ax, -1)
+        terms = xm[..., idx] * w.astype(x.dtype)  # (..., out, K)
+        if not mask.all():
+            terms = xp.where(mask, terms, 0)
+        x = xp.moveaxis(terms.sum(axis=-1), -1, ax)
     return x
 
 
+def scatter_taps(g: np.ndarray, shape: Sequence[int], taps: Sequence[Taps]) -> np.ndarray:
+    """The VJP of :func:`apply_taps` (NumPy) for an input of ``shape``: along each axis, from
+    the last, each output's cotangent times its weights added onto the positions it read."""
+    nd = len(taps)
+    for i in reversed(range(nd)):
+        idx, w, mask = taps[i]
+        ax, n = len(shape) - nd + i, shape[len(shape) - nd + i]
+        gm = np.moveaxis(g, ax, -1)
+        lead = gm.shape[:-1]
+        rows = int(np.prod(lead))
+        contrib = gm[..., None] * np.where(mask, w, 0)  # (..., out, K)
+        flat = (np.arange(rows)[:, None] * n + idx.reshape(-1)).reshape(-1)
+        gx = np.bincount(flat, weights=contrib.reshape(-1), minlength=rows * n)
+        g = np.moveaxis(gx.astype(g.dtype, copy=False).reshape(*lead, n), -1, ax)
+    return np.ascontiguousarray(g)
+
+
 class Separable(Operator):
-    """A linear map along each of the last ``nd`` axes: ``matrices(spatial)`` gives the (out,
-    in) matrices; forward ``x ×_axis M``, VJP ``g ×_axis Mᵀ``."""
+    """A linear map along each of the last ``nd`` axes given by ``taps(spatial)`` (see the
+    module docstring): forward :func:`apply_taps`, NumPy VJP :func:`scatter_taps`."""
 
     nd: int = 2
 
@@ -57,33 +79,30 @@ class Separable(Operator):
         """How many trailing axes are mapped, for an input of rank ``rank``."""
         return self.nd
 
-    def matrices(self, spatial: Sequence[int]) -> list[np.ndarray]:
+    def taps(self, spatial: Sequence[int]) -> list[Taps]:
         raise NotImplementedError
 
     def vjp(self, g, out, args, wrt):
-        nd = self.spatial_nd(g.ndim)
-        return {"input": np.ascontiguousarray(
-            apply_axes(np, g, self.matrices(args["input"].shape[-nd:]), transpose=True))}
+        shape = args["input"].shape
+        return {"input": scatter_taps(g, shape, self.taps(shape[-self.spatial_nd(g.ndim):]))}
 
 
-def nearest_matrix(n: int, out: int, scale: float | None) -> np.ndarray:
-    """(out, n) 0/1 matrix of torch's nearest source index (``nearest_idx``)."""
+def nearest_taps(n: int, out: int, scale: float | None) -> Taps:
+    """torch's nearest source index (``nearest_idx``), one tap of weight 1 per output."""
     j = np.arange(out)
     if out == n:
         src = j
     elif out == 2 * n:
         src = j >> 1
-    else:
+    else:  # in float32, as torch's kernel (floorf; the scale rounded to float)
         r = np.float32(1.0 / scale) if scale is not None and scale > 0 else \
             np.float32(n) / np.float32(out)
         src = np.minimum(np.floor(j.astype(np.float32) * r).astype(np.int64), n - 1)
-    m = np.zeros((out, n))
-    m[j, src] = 1.0
-    return m
+    return src[:, None], np.ones((out, 1)), np.ones((out, 1), bool)
 
 
-def linear_matrix(n: int, out: int, scale: float | None, align_corners: bool) -> np.ndarray:
-    """(out, n) matrix of torch's linear interpolation weights (two per row)."""
+def linear_taps(n: int, out: int, scale: float | None, align_corners: bool) -> Taps:
+    """torch's linear interpolation: taps ⌊s⌋ and min(⌊s⌋ + 1, n − 1), weights 1 − λ, λ."""
     j = np.arange(out, dtype=np.float64)
     if align_corners:
         s = j * ((n - 1) / (out - 1) if out > 1 else 0.0)
@@ -92,11 +111,8 @@ def linear_matrix(n: int, out: int, scale: float | None, align_corners: bool) ->
         s = np.maximum(r * (j + 0.5) - 0.5, 0.0)
     lo = np.minimum(np.floor(s).astype(np.int64), n - 1)
     lam = np.clip(s - lo, 0.0, 1.0)
-    hi = np.minimum(lo + 1, n - 1)
-    m = np.zeros((out, n))
-    np.add.at(m, (np.arange(out), lo), 1.0 - lam)
-    np.add.at(m, (np.arange(out), hi), lam)
-    return m
+    return (np.stack([lo, np.minimum(lo + 1, n - 1)], 1), np.stack([1.0 - lam, lam], 1),
+            np.ones((out, 2), bool))
 
 
 class Upsample(Separable):
@@ -169,11 +185,11 @@ class Upsample(Separable):
             raise ShapeError(f"Upsample: input {fmt(s)} gives an empty output size {tuple(out)}")
         return (*s[:-nd], *out)
 
-    def matrices(self, spatial: Sequence[int]) -> list[np.ndarray]:
+    def taps(self, spatial: Sequence[int]) -> list[Taps]:
         out, scales = self.sizes(spatial)
         if self.mode == "nearest":
-            return [nearest_matrix(n, o, r) for n, o, r in zip(spatial, out, scales)]
-        return [linear_matrix(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
+            return [nearest_taps(n, o, r) for n, o, r in zip(spatial, out, scales)]
+        return [linear_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
 
     def forward(self, xp: Any, input: Any) -> Any:
         nd = self.spatial_nd(len(input.shape))
@@ -184,7 +200,7 @@ class Upsample(Separable):
             return F.interpolate(input, size=self.size, scale_factor=self.scale_factor,
                                  mode=self.mode, recompute_scale_factor=self.recompute_scale_factor
                                  if self.scale_factor is not None else None, **kw)
-        return apply_axes(xp, input, self.matrices(input.shape[-nd:]))
+        return apply_taps(xp, input, self.taps(input.shape[-nd:]))
 
     def __repr__(self) -> str:
         return (f"Upsample(size={self.size}, scale_factor={self.scale_factor}, mode={self.mode!r}"
