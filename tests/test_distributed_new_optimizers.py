@@ -25,6 +25,7 @@ torch RANK INIT OUT FOLDER CASES``; ``... jax OUT CASES`` for 2 JAX devices, x64
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -282,8 +283,14 @@ def resumed_alone(path: str, name: str, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def fast_ranks(tmp_path_factory) -> tuple[list[dict], str]:
-    return two_ranks(str(tmp_path_factory.mktemp("newopt")), FAST)
+def fast_ranks(tmp_path_factory) -> Any:
+    if importlib.util.find_spec("jax") is not None:  # (its worker runs beside the ranks)
+        start_devices(str(tmp_path_factory.mktemp("newopt_jax")), JAX_FAST)
+    yield two_ranks(str(tmp_path_factory.mktemp("newopt")), FAST)
+    for proc, _ in _STARTED.values():  # (not collected: its tests were not selected)
+        proc.kill()
+        proc.wait()
+    _STARTED.clear()
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -420,15 +427,36 @@ def jax_worker(out: str, names: list[str]) -> None:
     np.savez(out, **flat)
 
 
-def two_devices(folder: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    pytest.importorskip("jax")
-    out = os.path.join(folder, "jax.npz")
+#: JAX workers started and not yet collected, by their cases: (process, folder)
+_STARTED: dict[tuple[str, ...], tuple[Any, str]] = {}
+
+
+def start_devices(folder: str, names: tuple[str, ...]) -> None:
+    """Start the JAX worker on ``names`` (once), e.g. beside the torch ranks."""
+    if names in _STARTED:
+        return
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    res = subprocess.run([sys.executable, __file__, "jax", out, ",".join(names)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    with np.load(out) as z:
+    with open(os.path.join(folder, "jax.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "jax",
+                                 os.path.join(folder, "jax.npz"), ",".join(names)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    _STARTED[names] = (proc, folder)
+
+
+def two_devices(folder: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """What the JAX worker gave for ``names`` (started here unless it was already)."""
+    pytest.importorskip("jax")
+    start_devices(folder, names)
+    proc, folder = _STARTED.pop(names)
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the JAX worker on {names} did not stop within 600 s")
+    with open(os.path.join(folder, "jax.log")) as log:
+        assert proc.returncode == 0, log.read()[-4000:]
+    with np.load(os.path.join(folder, "jax.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -463,7 +491,9 @@ def check_devices(res: dict, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def fast_devices(tmp_path_factory) -> dict[str, np.ndarray]:
-    return two_devices(str(tmp_path_factory.mktemp("newopt_jax")), JAX_FAST)
+    folder = _STARTED[JAX_FAST][1] if JAX_FAST in _STARTED else \
+        str(tmp_path_factory.mktemp("newopt_jax"))
+    return two_devices(folder, JAX_FAST)
 
 
 @pytest.mark.parametrize("name", JAX_FAST)
