@@ -139,6 +139,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             cols = [position[c] for c in features]
             tcol = position[target] if want_target else None
             rows, ys = [], []
+            holes: dict[str, list[str]] = {}  # column -> the rows missing it (all named at once)
             i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
             for row in reader:
                 start, read = read + 1, reader.line_num
@@ -153,7 +154,9 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                 for c, name in zip(cols, features):
                     cell = row[c]
                     if _missing(cell):
-                        raise CLIError(f"--data {path}: missing value in column {name!r}, {where}")
+                        holes.setdefault(name, []).append(where)
+                        values.append(math.nan)
+                        continue
                     v = _number(cell)
                     if v is None:
                         raise CLIError(f"--data {path}: column {name!r}, {where}: {cell.strip()!r} "
@@ -183,6 +186,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
         raise CLIError(f"--data {path}: line {read + 1}: not a readable CSV row "
                        f"({exc}{hint})") from None
+    if holes:
+        raise CLIError(_missing_message(path, holes, scoring))
     if not rows:
         raise CLIError(f"--data {path}: no data rows")
     if tcol is not None and not scoring and _looks_like_data(header) and target in ys:
@@ -195,6 +200,22 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
     x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
     return Table(path, features, x, target if tcol is not None else None,
                  _typed(ys) if tcol is not None else None, ys if tcol is not None else None)
+
+
+def _missing_message(path: str, holes: dict[str, list[str]], predicting: bool) -> str:
+    """Every column with missing cells and its count, what to do (the model takes numbers only,
+    and neither command guesses a value: a fill is preprocessing of its own, to repeat the same
+    at prediction), then the first missing cell."""
+    cells = sum(len(w) for w in holes.values())
+    counts = ", ".join(f"{name!r} ({len(w)})" for name, w in holes.items())
+    fix = ("fill them as the training data were filled" if predicting else
+           "drop those rows or fill the cells first (pandas: df.dropna(), or "
+           "df.fillna(df.mean(numeric_only=True)) and the same fill before `mithril predict`; "
+           "then df.to_csv(path, index=False))")
+    name, where = next((n, w[0]) for n, w in holes.items())
+    return (f"--data {path}: {cells} missing value{'s' * (cells != 1)} (empty, NA, NaN, ...) in "
+            f"{counts}: the model takes numbers only; {fix}. The first: missing value in "
+            f"column {name!r}, {where}")
 
 
 def _typed(values: list[str | None]) -> list[Any]:

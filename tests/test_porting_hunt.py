@@ -1,0 +1,256 @@
+"""Four typical training scripts of torch, optax, Keras 3 and a CSV user, each ported to
+Mithril from the README and docs/*.md only, run side by side with the original on the same data
+and initial weights (float64). Where the maths is the same the numbers agree to 1e-9; where
+they do not, the test pins down why:
+
+* optax evaluates ``warmup_cosine_decay_schedule`` at its int32 step count, which gives float32
+  learning rates even under ``jax_enable_x64`` (7.6e-9 on the weights after 40 steps): the peer
+  runs with its schedule evaluated in float64 for the 1e-9 comparison;
+* the optimizers' fused ``clip_norm`` is torch's ``clip_grad_norm_`` (``c / (‖g‖ + 1e-6)``);
+  optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm`` have no 1e-6. The separate
+  calls take theirs (``clip_gradients(eps=0)``), ``make_train_step`` cannot yet: 1.9e-7 on the
+  weights after 40 steps (xfail below);
+* torch's ``OneCycleLR`` cycles AdamW's β₁ by default (``cycle_momentum=True``); ours does only
+  when asked.
+
+The optax and Keras halves run in a fresh interpreter (``tests/porting_hunt_peers.py``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_python, usage_error
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import mithril as ml
+from mithril.cli import main
+from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+from mithril.utils.lr_schedulers import CosineAnnealingLR, OneCycleLR
+from mithril.utils.optimizers import Adam, AdamW
+from mithril.utils.training import make_train_step
+
+TOL = 1e-9
+HERE = Path(__file__).parent
+
+# -- 1. torch: a small CNN, AdamW + OneCycleLR per batch + clip_grad_norm_ ---------------------
+
+EPOCHS, BATCH, MAX_LR, WD = 3, 32, 5e-2, 0.05
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+    d = load_digits()
+    x, y = (d.images[:320] / 16.0)[:, None], d.target[:320]  # (N, 1, 8, 8), channels first
+    return x[:256], y[:256], x[256:], y[256:]
+
+
+def _cnn() -> ml.Model:
+    model = ml.Model()
+    model |= ml.Convolution2D(3, 4, padding=1)(input="input")
+    model += ml.Relu()
+    model += ml.MaxPool2D(2)
+    model += ml.Flatten()
+    model += ml.Linear(10)(output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    return model
+
+
+def _torch_run(p0: dict[str, np.ndarray], x, y, orders) -> tuple[torch.nn.Module, list[float]]:
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 10)).double()
+    with torch.no_grad():  # the same names' order and layouts: (out, in, kh, kw), (out, in)
+        for t, name in zip(net.parameters(), p0):
+            t.copy_(torch.from_numpy(p0[name]))
+    opt = torch.optim.AdamW(net.parameters(), lr=MAX_LR, weight_decay=WD)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MAX_LR,
+                                                total_steps=EPOCHS * len(x) // BATCH)
+    loss_fn, losses = torch.nn.CrossEntropyLoss(), []
+    for order in orders:
+        for i in range(0, len(x), BATCH):
+            b = order[i:i + BATCH]
+            opt.zero_grad()
+            loss = loss_fn(net(torch.from_numpy(x[b])), torch.from_numpy(y[b]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    return net, losses
+
+
+def _port(compiled):
+    opt = AdamW(learning_rate=MAX_LR, weight_decay=WD, clip_norm=1.0)
+    # torch's OneCycleLR cycles β₁ (0.85 <-> 0.95) unless told not to; ours only when asked
+    sched = OneCycleLR(opt, max_lr=MAX_LR, total_steps=EPOCHS * 256 // BATCH,
+                       cycle_momentum=True)
+    return opt, sched, make_train_step(compiled, opt, loss="loss")
+
+
+def _epochs(step, sched, params, state, x, y, orders, losses):
+    for order in orders:
+        for i in range(0, len(x), BATCH):
+            b = order[i:i + BATCH]
+            params, state, out = step(params, state, {"input": x[b], "target": y[b]})
+            sched.step()
+            losses.append(float(out["loss"]))
+    return params, state
+
+
+def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path):
+    x, y, x_test, y_test = _digits()
+    orders = [np.random.default_rng(e).permutation(len(x)) for e in range(EPOCHS)]
+    compiled = ml.compile(_cnn(), ml.NumpyBackend(dtype="float64"),
+                          shapes={"input": [None, 1, 8, 8]})
+    p0 = {k: v.copy() for k, v in compiled.get_parameters().items()}
+    net, ref_losses = _torch_run(p0, x, y, orders)
+
+    opt, sched, step = _port(compiled)
+    params = {k: v.copy() for k, v in p0.items()}
+    losses: list[float] = []
+    params, state = _epochs(step, sched, params, step.init(params), x, y, orders, losses)
+    assert np.abs(np.array(losses) - ref_losses).max() < TOL
+    for t, name in zip(net.parameters(), params):
+        assert np.abs(t.detach().numpy() - params[name]).max() < TOL, name
+    logits = compiled.evaluate(params, {"input": x_test, "target": y_test})["logits"]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x_test)).numpy()
+    assert np.abs(logits - ref).max() < TOL
+    accuracy = np.mean(logits.argmax(1) == y_test)
+    assert accuracy == np.mean(ref.argmax(1) == y_test) and accuracy > 0.6
+
+    # stop after an epoch, save, rebuild everything, load, go on: the uninterrupted run
+    opt, sched, step = _port(compiled)
+    half = {k: v.copy() for k, v in p0.items()}
+    resumed: list[float] = []
+    half, half_state = _epochs(step, sched, half, step.init(half), x, y, orders[:1], resumed)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, half, opt, half_state, sched, extra={"epoch": 1})
+    opt, sched, step = _port(compiled)
+    ckpt = load_checkpoint(path, params_template=p0, optimizer=opt, scheduler=sched)
+    again, _ = _epochs(step, sched, ckpt["params"], ckpt["state"], x, y,
+                       orders[ckpt["extra"]["epoch"]:], resumed)
+    assert resumed == losses
+    assert all(np.array_equal(again[k], params[k]) for k in params)
+
+
+# -- 2. optax: clip_by_global_norm + adamw(warmup cosine, mask) in a jitted step ---------------
+
+def _peers(what: str) -> dict:
+    out = run_python(f"import sys, json\nsys.path.insert(0, {str(HERE)!r})\n"
+                     f"import porting_hunt_peers as p\nprint(json.dumps(p.{what}()))",
+                     timeout=300)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def optax_numbers() -> dict:
+    return _peers("optax_run")
+
+
+def test_optax_chain_ported_to_make_train_step_on_jax(optax_numbers):
+    n = optax_numbers
+    assert n["fused_vs_optax_f64_schedule"] < TOL
+    # the peer's own float32 learning rates: ~1e-8, the only difference
+    assert n["schedule_dtype_at_int32"] == "float32"
+    assert TOL < n["fused_vs_optax_as_is"] < 1e-6
+    # a binding clip, optax's convention, through the separate calls
+    assert n["separate_eps0_vs_optax_clipping"] < TOL
+
+
+@pytest.mark.xfail(strict=True, reason="make_train_step's fused clip_norm has torch's 1e-6 in "
+                   "the norm and no switch for optax's/Keras's (1.9e-7 after 40 steps)")
+def test_optax_clip_by_global_norm_in_make_train_step(optax_numbers):
+    assert optax_numbers["fused_vs_optax_clipping"] < TOL
+
+
+# -- 3. Keras 3: compile(Adam(global_clipnorm, use_ema)) + fit + evaluate ----------------------
+
+@pytest.mark.slow
+def test_keras_fit_adam_global_clipnorm_ema():
+    n = _peers("keras_run")
+    assert n["loss_history"] < TOL and n["eval_loss"] < TOL and n["eval_acc"] == 0
+    # after fit, Keras's model holds the EMA (finalize_variable_values), not the last step
+    assert n["weights_vs_ema"] < TOL and n["weights_vs_raw"] > 1e-3
+
+
+# -- 4. a CSV of your own: text labels, missing values, `mithril train` / `predict` ------------
+
+def _flowers(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((150, 3))
+    label = np.where(x[:, 0] + x[:, 1] > 0.3, "setosa",
+                     np.where(x[:, 2] > 0, "virginica", "versicolor"))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sepal", "petal", "stem", "species"])
+        for i in range(len(x)):
+            row = [round(v, 4) for v in x[i]]
+            if i in (3, 17):
+                row[1] = ""
+            if i == 40:
+                row[2] = "NA"
+            w.writerow([*row, label[i]])
+
+
+def test_csv_with_missing_values_cli_then_the_same_model_from_python(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    _flowers(Path("flowers.csv"))
+    quick = ["--epochs", "5", "--batch-size", "32", "--hidden", "16", "--dtype", "float64",
+             "--lr", "1e-2", "--no-progress", "--no-plot"]
+    err = usage_error(capsys, ["train", "--data", "flowers.csv", "--target", "species", *quick,
+                               "--out", "runs/f"])
+    assert "3 missing values" in err and "'petal' (2), 'stem' (1)" in err
+    assert "drop those rows or fill" in err and "row 4 (line 5)" in err
+    assert not Path("runs/f").exists()
+
+    with open("flowers.csv", newline="") as f:  # the user drops the incomplete rows
+        header, *body = list(csv.reader(f))
+    body = [r for r in body if all(c not in ("", "NA") for c in r)]
+    with open("clean.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    assert main(["train", "--data", "clean.csv", "--target", "species", *quick,
+                 "--out", "runs/c"]) == 0
+    assert main(["predict", "--run", "runs/c", "--data", "clean.csv"]) == 0
+    with open("runs/c/predictions.csv", newline="") as f:
+        predicted = list(csv.DictReader(f))
+
+    # the same run from Python: the split, the standardisation, the model, the batches
+    labels = sorted({r[-1] for r in body})
+    y = np.array([labels.index(r[-1]) for r in body])
+    x = np.array([[float(c) for c in r[:-1]] for r in body])
+    train, _ = (np.sort(i) for i in train_test_split(np.arange(len(y)), test_size=0.2,
+                                                     random_state=0, stratify=y))
+    z = (x - x[train].mean(0)) / x[train].std(0)
+    model = ml.Model()
+    model |= ml.MLP(["relu", None], [16, len(labels)])(input="input", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output="loss")
+    compiled = ml.compile(model, ml.NumpyBackend(dtype="float64", seed=0),
+                          shapes={"input": [None, 3]})
+    params = compiled.get_parameters()
+    opt = Adam(learning_rate=1e-2)
+    sched = CosineAnnealingLR(opt, T_max=5 * -(-len(train) // 32))
+    step = make_train_step(compiled, opt, loss="loss")
+    state, rng = step.init(params), np.random.default_rng(0)
+    for _ in range(5):
+        order = train[rng.permutation(len(train))]
+        for i in range(0, len(order), 32):
+            b = order[i:i + 32]
+            params, state, _ = step(params, state, {"input": z[b], "target": y[b]})
+            sched.step()
+    saved = load_checkpoint("runs/c/model.safetensors")["params"]
+    assert all(np.array_equal(saved[k], params[k]) for k in params)
+
+    # predict's probabilities: torch.nn.functional's softmax of a torch forward pass
+    w = {k: torch.from_numpy(v) for k, v in saved.items()}
+    h = torch.relu(torch.from_numpy(z) @ w["mlp.linear_0.weight"].T + w["mlp.linear_0.bias"])
+    probs = torch.softmax(h @ w["mlp.linear_1.weight"].T + w["mlp.linear_1.bias"], 1).numpy()
+    for j, r in enumerate(predicted):
+        assert r["prediction"] == labels[int(probs[j].argmax())]
+        assert max(abs(float(r[f"p_{c}"]) - probs[j, i]) for i, c in enumerate(labels)) < TOL
