@@ -126,6 +126,33 @@ for _red in ("mean", "sum", "none"):
                                       nll(weight=torch.tensor(_W), reduction=_red), data={"target": np.array(3)}),
     })
 
+def _instance_norm(nd, c, affine=False, running=False, eps=1e-5):
+    """torch's own nn.InstanceNormNd on the unbatched input (its unsqueeze / squeeze), with
+    the block's weight and bias; ``running``: inference mode by the initial statistics."""
+    def ref(t, d):
+        cls = torch.nn.InstanceNorm1d if nd == 1 else torch.nn.InstanceNorm2d
+        mod = cls(c, eps=eps, affine=affine, track_running_stats=running, dtype=torch.float64)
+        mod.train(not running)
+        params = {k.rsplit(".", 1)[-1]: v for k, v in t.items() if k != "input"}
+        return {"output": torch.func.functional_call(mod, params, (t["input"],))}
+    return ref
+
+
+CASES.update({
+    "instance_norm1d_unbatched": Case(lambda: ml.InstanceNorm1D(3), {"input": (3, 7)}, _instance_norm(1, 3)),
+    "instance_norm1d_unbatched_affine": Case(lambda: ml.InstanceNorm1D(4, eps=0.1, affine=True), {"input": (4, 5)},
+                                             _instance_norm(1, 4, affine=True, eps=0.1)),
+    "instance_norm2d_unbatched_affine": Case(lambda: ml.InstanceNorm2D(2, affine=True), {"input": (2, 3, 4)},
+                                             _instance_norm(2, 2, affine=True)),
+    "instance_norm2d_unbatched_running_train": Case(
+        lambda: ml.InstanceNorm2D(2, affine=True, track_running_stats=True), {"input": (2, 3, 4)},
+        _instance_norm(2, 2, affine=True), training=True),
+    "instance_norm1d_unbatched_running_eval": Case(  # one position: allowed by the running stats
+        lambda: ml.InstanceNorm1D(3, track_running_stats=True), {"input": 5 * _RNG.standard_normal((3, 1))},
+        _instance_norm(1, 3, running=True), training=False),
+})
+
+
 test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, CASES)
 
 
@@ -133,7 +160,7 @@ test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, C
 _FD = ["tanhshrink", "softmin", "cosine_similarity_dim0", "cosine_similarity_broadcast",
        "pairwise_distance_p3", "pairwise_distance_p1_broadcast", "bilinear_no_bias_nd",
        "local_response_norm_even_size_2d", "local_response_norm_window_wider_than_channels",
-       "nll_weight_ignore_mean"]
+       "nll_weight_ignore_mean", "instance_norm2d_unbatched_affine"]
 
 
 @pytest.mark.parametrize("name", _FD)
@@ -245,3 +272,26 @@ def test_parameters_are_torchs_layout_and_init():
     assert float(torch_w.abs().max()) <= 0.25
     assert ml.CELU is ml.Celu and ml.SELU is ml.Selu
     assert _compile(ml.Unflatten(0, (-1, 2)), {"input": [None, 3]}).program.output_shape is not None
+
+
+def test_instance_norm_unbatched_running_statistics_are_torchs():
+    x = np.random.default_rng(3).standard_normal((3, 6)) * 2 + 1
+    model = ml.Model()
+    model |= ml.InstanceNorm1D(3, track_running_stats=True, momentum=0.3)(input="input", output="output")
+    c = ml.compile(model, NumpyBackend(dtype="float64"), shapes={"input": [3, 6]})
+    out, state = c.evaluate({}, {"input": x}, state=c.initial_state_dict, training=True)
+    mod = torch.nn.InstanceNorm1d(3, track_running_stats=True, momentum=0.3, dtype=torch.float64)
+    want = mod(torch.tensor(x))
+    assert np.allclose(out["output"], want.detach().numpy(), rtol=0, atol=1e-12)
+    (rm,) = (v for k, v in state.items() if k.endswith("running_mean"))
+    (rv,) = (v for k, v in state.items() if k.endswith("running_var"))
+    assert np.allclose(rm, mod.running_mean.numpy(), atol=1e-14)
+    assert np.allclose(rv, mod.running_var.numpy(), atol=1e-14)
+
+
+def test_instance_norm_unbatched_shapes_named():
+    for block, shape, match in ((ml.InstanceNorm1D(3), [4, 6], r"input channels \(4\) must equal num_features"),
+                                (ml.InstanceNorm1D(3), [6], "must have rank 3 .* or 2"),
+                                (ml.InstanceNorm2D(3), [3, 1, 1], "more than 1 spatial element")):
+        with pytest.raises(ml.ShapeError, match=match):
+            _compile(block, {"input": shape})

@@ -37,7 +37,11 @@ class _InstanceNorm(GroupNorm):
     allowed, as torch. torch's ``num_batches_tracked`` buffer is not kept: its InstanceNorm
     never counts (it stays 0). Batch statistics need more than one spatial position: a
     ``ShapeError`` at compile time without running statistics, a ``ValueError`` in training
-    mode with them."""
+    mode with them.
+
+    An unbatched input, (C, L) / (C, H, W), is normalised (and tracked) as a batch of one
+    and the output has its shape, as torch's modules (``unsqueeze(0)`` ... ``squeeze(0)``);
+    its channels must equal ``num_features`` (torch only warns without ``affine``)."""
 
     rank: ClassVar[int]
 
@@ -66,18 +70,20 @@ class _InstanceNorm(GroupNorm):
         if s is None:
             return None
         who = type(self).__name__
-        if len(s) != self.rank:
-            raise ShapeError(f"{who}: 'input' must have rank {self.rank} (N, C, "
-                             f"{'L' if self.rank == 3 else 'H, W'}), got shape {fmt(s)}")
-        if s[1] is not None and s[1] != self.num_groups:
-            raise ShapeError(f"{who}: input channels ({s[1]}) must equal num_features "
+        if len(s) not in (self.rank, self.rank - 1):
+            spatial = "L" if self.rank == 3 else "H, W"
+            raise ShapeError(f"{who}: 'input' must have rank {self.rank} (N, C, {spatial}) or "
+                             f"{self.rank - 1} (C, {spatial}: unbatched), got shape {fmt(s)}")
+        c, spatial = s[len(s) - self.rank + 1], s[len(s) - self.rank + 2:]
+        if c is not None and c != self.num_groups:
+            raise ShapeError(f"{who}: input channels ({c}) must equal num_features "
                              f"({self.num_groups}); 'input' has shape {fmt(s)}")
-        if not self.track_running_stats and all(d is not None for d in s[2:]) \
-                and math.prod(s[2:]) == 1:
+        if not self.track_running_stats and all(d is not None for d in spatial) \
+                and math.prod(spatial) == 1:
             # as torch: one value per instance has no variance to normalise by
             raise ShapeError(f"{who}: 'input' must have more than 1 spatial element, got "
                              f"shape {fmt(s)}")
-        return s[1]
+        return c
 
     def state_shapes(self, shapes):
         c = self.num_groups
@@ -110,6 +116,8 @@ class _InstanceNorm(GroupNorm):
     @float32_forward
     def forward(self, xp: Any, input: Any, weight: Any = None, bias: Any = None, *,
                 ctx: Any = None) -> Any:
+        if input.ndim == self.rank - 1:  # unbatched: a batch of one, as torch
+            return self.forward(xp, input[None], weight, bias, ctx=ctx)[0]
         if ctx is None:
             return super().forward(xp, input, weight, bias)
         if backend_of(xp) == "torch" and self._running(ctx):
@@ -127,6 +135,9 @@ class _InstanceNorm(GroupNorm):
                           ctx: Any = None) -> tuple[Any, Any]:
         """NumPy / JAX: the output and ``(x̂, 1/σ)``: grouped as GroupNorm's with the
         instance statistics, shaped as the input and per channel with the running ones."""
+        if input.ndim == self.rank - 1:  # unbatched: a batch of one (residuals batched)
+            out, res = self.forward_residuals(xp, input[None], weight, bias, ctx=ctx)
+            return out[0], res
         if ctx is None or not self._running(ctx):
             if ctx is not None and ctx.training:
                 self._update(xp, input, ctx)
@@ -143,6 +154,10 @@ class _InstanceNorm(GroupNorm):
 
     @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
+        if g.ndim == self.rank - 1:  # unbatched (g has the input's shape): a batch of one
+            args = {k: v[None] if k == "input" and v is not None else v for k, v in args.items()}
+            res = self.vjp(g[None], None if out is None else out[None], args, wrt, residuals)
+            return {k: v[0] if k == "input" else v for k, v in res.items()}
         ctx = args.get("ctx")
         if ctx is None or not self._running(ctx):
             return super().vjp(g, out, args, wrt, residuals)
@@ -167,12 +182,14 @@ class _InstanceNorm(GroupNorm):
 
 
 class InstanceNorm1D(_InstanceNorm):
-    """Instance normalisation of (N, C, L) over L, as ``torch.nn.InstanceNorm1d``."""
+    """Instance normalisation of (N, C, L) or unbatched (C, L) over L, as
+    ``torch.nn.InstanceNorm1d``."""
 
     rank = 3
 
 
 class InstanceNorm2D(_InstanceNorm):
-    """Instance normalisation of (N, C, H, W) over H·W, as ``torch.nn.InstanceNorm2d``."""
+    """Instance normalisation of (N, C, H, W) or unbatched (C, H, W) over H·W, as
+    ``torch.nn.InstanceNorm2d``."""
 
     rank = 4
