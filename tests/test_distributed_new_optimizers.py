@@ -171,6 +171,35 @@ def ranks_run(name: str, shard: bool, rank: int, world: int, folder: str) -> dic
     return out
 
 
+def mechanize() -> Any:
+    return O.Mechanize(O.AdamW(0.02, weight_decay=1e-2, clip_norm=CLIP, param_groups=GROUPS),
+                       s_init=0.1)
+
+
+def full(g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``g`` with zeros for the parameters the loss did not reach (Mechanize takes a
+    gradient for every parameter)."""
+    return {n: g[n] if n in g else np.zeros(s) for n, s in SHAPES.items()}
+
+
+def mechanize_run(rank: int, world: int) -> dict[str, Any]:
+    """Mechanize (around AdamW with groups and clipping, under a StepLR) on this rank's rows
+    (every parameter's gradient given: zeros where not reached), replicated; world 1 on the
+    whole batch is the one-process reference."""
+    from mithril.distributed import DataParallel
+
+    opt = mechanize()
+    sched = StepLR(opt, 2, 0.5)
+    dp = DataParallel(opt) if world > 1 else None
+    p = {n: a.numpy() for n, a in init_params().items()}
+    st = dp.init(p) if dp else opt.init(p)
+    for t in range(STEPS):
+        g = full(grads(p, t, rank, world))
+        p, st = dp.update(p, g, st) if dp else opt.update(p, g, st)
+        sched.step()
+    return {"params": listed(p), "values": dict((st.local if dp else st).values)}
+
+
 def switched(rank: int) -> dict[str, str]:
     """``DoG(layer_wise=True)`` set to ``layer_wise=False`` after ``DataParallel(...,
     shard_state=True)`` (its estimates then over all parameters): ``init`` refuses it, and
@@ -214,6 +243,7 @@ def torch_worker(rank: int, init: str, out: str, folder: str, names: list[str]) 
             except Exception as e:  # (reported by the test, naming the case)
                 res[f"{name}/{shard}"] = {"crashed": f"{type(e).__name__}: {e}"}
     res["switched"] = switched(rank)
+    res["mechanize"] = mechanize_run(rank, 2)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -308,6 +338,38 @@ def test_optimizer_wide_values_set_after_construction_are_refused(fast_ranks) ->
             assert got[when].startswith("shard_state=True: DoG keeps optimizer-wide values "
                                         "['max_dist', 'sum_sq']"), when
         assert got["unchanged"] is True
+
+
+def test_mechanize_replicated_equals_one_process(fast_ranks) -> None:
+    """Mechanize's norms and inner products over all parameters are the averaged
+    gradients' when replicated: both ranks equal one process (its scalars too)."""
+    want = mechanize_run(0, 1)
+    for r, res in enumerate(fast_ranks[0]):
+        got = res["mechanize"]
+        for n in SHAPES:
+            np.testing.assert_allclose(got["params"][n], want["params"][n], rtol=0, atol=TOL,
+                                       err_msg=f"rank {r} {n}")
+        assert got["values"].keys() == want["values"].keys()
+        np.testing.assert_allclose(list(got["values"].values()), list(want["values"].values()),
+                                   rtol=1e-12, atol=1e-300)
+    assert np.abs(np.subtract(want["params"]["w1"], init_params()["w1"].numpy())).max() > 1e-3
+
+
+@pytest.mark.parametrize("make, shard, match", [
+    (O.LBFGS, False, "LBFGS evaluates the loss itself"),
+    (O.LBFGS, True, "LBFGS evaluates the loss itself"),
+    (lambda: O.SAM(O.SGD(0.1)), False, "SAM evaluates the loss itself"),
+    (lambda: O.SAM(O.SGD(0.1)), True, "SAM evaluates the loss itself"),
+    (mechanize, True, "shard_state=True: Mechanize runs its base optimizer's whole update")])
+def test_what_data_parallel_cannot_run_is_refused_by_name(make, shard, match) -> None:
+    """Refused at construction, naming the class: before, SAM and L-BFGS raised at the first
+    update (after ``mithril train --nprocs 2`` had started its processes), and sharded
+    SAM / Mechanize failed in ``init`` on a missing ``clip_norm`` (each rank would have taken
+    Mechanize's norms and inner products over its own tensors)."""
+    from mithril.distributed import DataParallel
+
+    with pytest.raises(NotImplementedError, match=match):
+        DataParallel(make(), shard_state=shard)
 
 
 @pytest.mark.parametrize("when", ["init", "update"])

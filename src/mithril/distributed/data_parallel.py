@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import warnings
@@ -34,6 +35,7 @@ from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
+from ..utils.optimizers.outer_wrapper import OuterWrapper
 from . import process_group as pg
 from .missed_steps import note_missed
 from .sharding import ChunkLayout, assign
@@ -327,6 +329,21 @@ class DataParallel(FixedParts):
                             f"got {type(optimizer).__name__}")
         if not isinstance(shard_state, bool):
             raise TypeError(f"shard_state must be True or False, got {shard_state!r}")
+        name = type(optimizer).__name__
+        if "closure" in inspect.signature(optimizer.update).parameters:
+            # (refused at the first update before, after the processes had started; and
+            # the closure's gradients, of this rank's share, would not be averaged)
+            raise NotImplementedError(
+                f"DataParallel: {name} evaluates the loss itself (its update takes closure=: "
+                f"L-BFGS's line search, SAM's gradient at the perturbed params); "
+                f"DataParallel.update takes each rank's gradients only")
+        if shard_state and isinstance(optimizer, OuterWrapper):
+            # (its init failed on a missing clip_norm; each rank would take those sums over
+            # its own tensors)
+            raise NotImplementedError(
+                f"shard_state=True: {name} runs its base optimizer's whole update and takes "
+                f"norms and inner products over all parameters every step; use "
+                f"shard_state=False")
         if shard_state:
             _check_sharded_values(optimizer)
         self.optimizer, self.shard_state = optimizer, shard_state
