@@ -37,6 +37,16 @@ def batched(fn):
     return lambda x: fn(x[None])[0]
 
 
+def nearest_1d_by_gather(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's 1-D nearest forward as a gather of the indices it reads (so autograd gives
+    that forward's true gradient); equal to F.interpolate's output, checked here."""
+    n = x.shape[-1]
+    idx = F.interpolate(torch.arange(float(n)).reshape(1, 1, n), scale_factor=scale)[0, 0].long()
+    y = x[..., idx]
+    assert torch.equal(y, F.interpolate(x, scale_factor=scale))
+    return y
+
+
 def pad_case(block, shape, torch_pad, mode="constant", value=0.0, unbatched=False):
     def ref(x):
         return F.pad(x, torch_pad, value=value) if mode == "constant" else F.pad(x, torch_pad, mode=mode)
@@ -92,7 +102,15 @@ CASES: dict[str, Case] = {
            ("scale_odd", dict(scale_factor=(1.7, 0.6)), (2, 2, 5, 7)),
            ("recompute", dict(scale_factor=1.7, recompute_scale_factor=True), (2, 2, 5, 7)),
            ("size_down", dict(size=(3, 2)), (1, 2, 7, 5)),
-           ("size_int_1d", dict(size=7), (2, 3, 3))]},
+           ("size_int_1d", dict(size=7), (2, 3, 3)),
+           ("same_size_2d", dict(scale_factor=1.2), (2, 2, 3, 4)),  # out = n: reads j (2-D)
+           ("double_size_2d", dict(scale_factor=(2.1, 1)), (1, 2, 3, 2)),  # out = 2n: j // 2
+           ("half", dict(scale_factor=0.5), (1, 2, 5, 7))]},
+    # 1-D, out = n or 2n off scale 1 / 2: torch's forward and backward disagree (see
+    # test_torch_1d_nearest_backward_disagrees_with_its_forward): its forward, differentiated
+    **{f"nearest_1d_scale_{s}": Case(lambda s=s: ml.Upsample(scale_factor=s), {"input": (2, 2, 3)},
+                                     unary(lambda x, s=s: nearest_1d_by_gather(x, s)))
+       for s in (1.2, 2.1)},
     **{f"{mode}_{name}": Case(lambda kw=kw, mode=mode: ml.Upsample(mode=mode, **kw), {"input": shape},
                               unary(lambda x, kw=kw, mode=mode: F.interpolate(x, mode=mode, **kw)))
        for mode, shape in (("linear", (2, 3, 5)), ("bilinear", (2, 2, 4, 5)))
@@ -122,7 +140,7 @@ test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(__name__, C
 
 @pytest.mark.parametrize("name", ["reflect_2d", "circular_1d_full", "replicate_2d_unbatched",
                                   "avg_2d_odd", "max_1d_overlap", "max_2d_odd_unbatched",
-                                  "nearest_scale_odd", "bilinear_down", "linear_scale_align",
+                                  "nearest_scale_odd", "nearest_1d_scale_2.1", "bilinear_down", "linear_scale_align",
                                   "pixel_shuffle", "pixel_unshuffle_unbatched"])
 def test_numpy_vjp_matches_finite_differences(name: str) -> None:
     case = CASES[name]
@@ -155,6 +173,17 @@ def test_nan_and_inf_stay_where_torch_puts_them(block, ref, backend_name: str) -
     backend = BACKENDS[backend_name](dtype="float64")
     out = _compile(block(), x.shape, backend).evaluate({}, {"input": backend.array(x)})["output"]
     assert nonfinite_error(np.asarray(backend.to_numpy(out)), ref(torch.tensor(x)).numpy()) <= 1e-12
+
+
+def test_torch_1d_nearest_backward_disagrees_with_its_forward():
+    """What the 1-D cases above work around, measured: torch 2.x's 1-D nearest forward with
+    scale_factor=1.2 on 3 elements reads [x0, x0, x1], its backward sends [1, 1, 1]. If torch
+    fixes it, this fails and the gather reference can go."""
+    x = torch.arange(3.0, requires_grad=True)
+    y = F.interpolate(x.reshape(1, 1, 3), scale_factor=1.2)
+    assert y.flatten().tolist() == [0.0, 0.0, 1.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]  # the forward's gradient is [2, 1, 0]
 
 
 def _compile(block, shape, backend=None):

@@ -12,7 +12,10 @@ Sizes and source positions as torch (aten/src/ATen/native/UpSample.h): the outpu
 ``size``, or floor(n · scale_factor). The scale ``r`` is in/out when ``size`` is given or
 ``recompute_scale_factor=True``, else 1/scale_factor. Nearest: output j reads
 min(floor(j · r), n − 1), in float32 as torch's kernel (``floorf``; r rounded to float32);
-an output of size n or 2n reads j or j // 2. Linear: source s = r · j with
+in 2-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D forward
+takes no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backward does (as if it
+were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is the 1-D
+forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
 output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋.
 
@@ -87,12 +90,13 @@ class Separable(Operator):
         return {"input": scatter_taps(g, shape, self.taps(shape[-self.spatial_nd(g.ndim):]))}
 
 
-def nearest_taps(n: int, out: int, scale: float | None) -> Taps:
-    """torch's nearest source index (``nearest_idx``), one tap of weight 1 per output."""
+def nearest_taps(n: int, out: int, scale: float | None, fast: bool = True) -> Taps:
+    """torch's nearest source index, one tap of weight 1 per output: ``nearest_idx`` with its
+    out = n and out = 2n shortcuts (``fast``), or without them (torch's 1-D forward)."""
     j = np.arange(out)
-    if out == n:
+    if fast and out == n:
         src = j
-    elif out == 2 * n:
+    elif fast and out == 2 * n:
         src = j >> 1
     else:  # in float32, as torch's kernel (floorf; the scale rounded to float)
         r = np.float32(1.0 / scale) if scale is not None and scale > 0 else \
@@ -188,11 +192,18 @@ class Upsample(Separable):
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         out, scales = self.sizes(spatial)
         if self.mode == "nearest":
-            return [nearest_taps(n, o, r) for n, o, r in zip(spatial, out, scales)]
+            # torch's 1-D forward skips nearest_idx's shortcuts (its backward takes them)
+            return [nearest_taps(n, o, r, fast=len(spatial) == 2)
+                    for n, o, r in zip(spatial, out, scales)]
         return [linear_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
 
     def forward(self, xp: Any, input: Any) -> Any:
         nd = self.spatial_nd(len(input.shape))
+        if backend_of(xp) == "torch" and self.mode == "nearest" and nd == 1:
+            import torch  # a gather: F.interpolate's 1-D backward disagrees with its forward
+
+            idx = self.taps(input.shape[-1:])[0][0][:, 0]
+            return input[..., torch.as_tensor(idx, device=input.device)]
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
