@@ -19,8 +19,8 @@ forward's and its true gradient (on torch too: a gather there). Linear: source s
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
 output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋.
 
-Forward: ``F.interpolate`` / ``F.pixel_shuffle`` on torch; on NumPy and JAX one ``tensordot``
-per axis (nearest: a gather), the pixel shuffles a reshape and transpose.
+Forward: ``F.interpolate`` / ``F.pixel_shuffle`` on torch; on NumPy and JAX the taps gathered
+and summed per axis, the pixel shuffles a reshape and transpose.
 """
 
 from __future__ import annotations
