@@ -127,6 +127,7 @@ def keras_run() -> dict[str, float]:
 
     import mithril as ml
     from mithril.utils.optimizers import Adam, clip_gradients
+    from mithril.utils.training import make_train_step
 
     keras.config.set_floatx("float64")
     x, y = _data()
@@ -140,14 +141,18 @@ def keras_run() -> dict[str, float]:
     def as_keras(p):  # Dense kernels are (in, out)
         return [p[names[0]].T, p[names[1]], p[names[2]].T, p[names[3]]]
 
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(3)])
-    model.set_weights(as_keras(p0))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=2e-2, global_clipnorm=clip,
-                                                  use_ema=True, ema_momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+    def keras_fit(global_clipnorm: float | None):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3)])
+        model.set_weights(as_keras(p0))
+        model.compile(optimizer=keras.optimizers.Adam(
+            learning_rate=2e-2, global_clipnorm=global_clipnorm, use_ema=True, ema_momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"])
+        history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+        return model, history
+
+    model, history = keras_fit(clip)
     k_loss, k_acc = model.evaluate(x_test, y_test, verbose=0)
 
     # Keras's Adam: ε = 1e-7 added to the uncorrected √v (convention="keras"); use_ema is
@@ -168,7 +173,24 @@ def keras_run() -> dict[str, float]:
     ema = opt.ema_params(s)
     test = compiled.evaluate(ema, {"input": x_test, "target": y_test})
     ours, raw = as_keras(ema), as_keras(p)
+
+    # without the clip, the one-program JAX step; its EMA read through to_optimizer_state
+    unclipped, _ = keras_fit(None)
+    backend = ml.JaxBackend(dtype="float64")
+    opt = Adam(learning_rate=2e-2, epsilon=1e-7, convention="keras", ema_decay=0.9)
+    step = make_train_step(_mlp(backend), opt, loss="loss")
+    p = {k: backend.array(v) for k, v in p0.items()}
+    s = step.init(p)
+    for _ in range(epochs):
+        for i in range(0, len(y), BATCH):
+            p, s, _ = step(p, s, {"input": backend.array(x[i:i + BATCH]),
+                                  "target": backend.array(y[i:i + BATCH], backend.int_dtype)})
+    assert step.fused
+    fused_ema = {k: np.asarray(v) for k, v in
+                 opt.ema_params(step.to_optimizer_state(s, p)).items()}
     return {
+        "fused_weights_vs_ema": max(float(np.abs(a - b).max()) for a, b in
+                                    zip(unclipped.get_weights(), as_keras(fused_ema))),
         "loss_history": float(np.abs(np.array(history.history["loss"]) - losses).max()),
         "weights_vs_ema": max(float(np.abs(a - b).max())
                               for a, b in zip(model.get_weights(), ours)),

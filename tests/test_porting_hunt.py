@@ -70,18 +70,18 @@ def _torch_run(p0: dict[str, np.ndarray], x, y, orders) -> tuple[torch.nn.Module
     opt = torch.optim.AdamW(net.parameters(), lr=MAX_LR, weight_decay=WD)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MAX_LR,
                                                 total_steps=EPOCHS * len(x) // BATCH)
-    loss_fn, losses = torch.nn.CrossEntropyLoss(), []
+    loss_fn, losses, norms = torch.nn.CrossEntropyLoss(), [], []
     for order in orders:
         for i in range(0, len(x), BATCH):
             b = order[i:i + BATCH]
             opt.zero_grad()
             loss = loss_fn(net(torch.from_numpy(x[b])), torch.from_numpy(y[b]))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)))
             opt.step()
             sched.step()
             losses.append(loss.item())
-    return net, losses
+    return net, losses, norms
 
 
 def _port(compiled):
@@ -92,32 +92,42 @@ def _port(compiled):
     return opt, sched, make_train_step(compiled, opt, loss="loss")
 
 
-def _epochs(step, sched, params, state, x, y, orders, losses):
+def _epochs(step, sched, params, state, x, y, orders, losses, norms=None):
+    be = step.backend
     for order in orders:
         for i in range(0, len(x), BATCH):
             b = order[i:i + BATCH]
-            params, state, out = step(params, state, {"input": x[b], "target": y[b]})
+            data = {"input": be.array(x[b]), "target": be.array(y[b], be.int_dtype)}
+            params, state, out = step(params, state, data)
             sched.step()
             losses.append(float(out["loss"]))
+            if norms is not None:  # the norm before clipping, as clip_grad_norm_ returns it
+                norms.append(float(state.last_grad_norm))
     return params, state
 
 
-def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path, backend):
+    be = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend}[backend](dtype="float64")
     x, y, x_test, y_test = _digits()
     orders = [np.random.default_rng(e).permutation(len(x)) for e in range(EPOCHS)]
-    compiled = ml.compile(_cnn(), ml.NumpyBackend(dtype="float64"),
-                          shapes={"input": [None, 1, 8, 8]})
-    p0 = {k: v.copy() for k, v in compiled.get_parameters().items()}
-    net, ref_losses = _torch_run(p0, x, y, orders)
+    compiled = ml.compile(_cnn(), be, shapes={"input": [None, 1, 8, 8]})
+    p0 = {k: be.to_numpy(v).copy() for k, v in compiled.get_parameters().items()}
+    net, ref_losses, ref_norms = _torch_run(p0, x, y, orders)
 
     opt, sched, step = _port(compiled)
-    params = {k: v.copy() for k, v in p0.items()}
+    params = {k: be.array(v) for k, v in p0.items()}
     losses: list[float] = []
-    params, state = _epochs(step, sched, params, step.init(params), x, y, orders, losses)
+    norms: list[float] = []
+    params, state = _epochs(step, sched, params, step.init(params), x, y, orders, losses, norms)
     assert np.abs(np.array(losses) - ref_losses).max() < TOL
+    assert np.abs(np.array(norms) - ref_norms).max() < TOL and max(norms) > 1.0  # it clipped
+    params = {k: be.to_numpy(v) for k, v in params.items()}
     for t, name in zip(net.parameters(), params):
         assert np.abs(t.detach().numpy() - params[name]).max() < TOL, name
-    logits = compiled.evaluate(params, {"input": x_test, "target": y_test})["logits"]
+    logits = be.to_numpy(compiled.evaluate(
+        {k: be.array(v) for k, v in params.items()},
+        {"input": be.array(x_test), "target": be.array(y_test, be.int_dtype)})["logits"])
     with torch.no_grad():
         ref = net(torch.from_numpy(x_test)).numpy()
     assert np.abs(logits - ref).max() < TOL
@@ -126,17 +136,18 @@ def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path):
 
     # stop after an epoch, save, rebuild everything, load, go on: the uninterrupted run
     opt, sched, step = _port(compiled)
-    half = {k: v.copy() for k, v in p0.items()}
+    half = {k: be.array(v) for k, v in p0.items()}
     resumed: list[float] = []
     half, half_state = _epochs(step, sched, half, step.init(half), x, y, orders[:1], resumed)
     path = tmp_path / "ckpt.safetensors"
     save_checkpoint(path, half, opt, half_state, sched, extra={"epoch": 1})
     opt, sched, step = _port(compiled)
-    ckpt = load_checkpoint(path, params_template=p0, optimizer=opt, scheduler=sched)
+    ckpt = load_checkpoint(path, params_template=compiled.get_parameters(), optimizer=opt,
+                           scheduler=sched)
     again, _ = _epochs(step, sched, ckpt["params"], ckpt["state"], x, y,
                        orders[ckpt["extra"]["epoch"]:], resumed)
     assert resumed == losses
-    assert all(np.array_equal(again[k], params[k]) for k in params)
+    assert all(np.array_equal(be.to_numpy(again[k]), params[k]) for k in params)
 
 
 # -- 2. optax: clip_by_global_norm + adamw(warmup cosine, mask) in a jitted step ---------------
@@ -177,6 +188,9 @@ def test_keras_fit_adam_global_clipnorm_ema():
     assert n["loss_history"] < TOL and n["eval_loss"] < TOL and n["eval_acc"] == 0
     # after fit, Keras's model holds the EMA (finalize_variable_values), not the last step
     assert n["weights_vs_ema"] < TOL and n["weights_vs_raw"] > 1e-3
+    # make_train_step's one JAX program, its EMA through step.to_optimizer_state (no clip:
+    # the fused clip_norm is torch's rule, not global_clipnorm's)
+    assert n["fused_weights_vs_ema"] < TOL
 
 
 # -- 4. a CSV of your own: text labels, missing values, `mithril train` / `predict` ------------
