@@ -26,7 +26,9 @@ import mithril as ml
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax", "softplus", "elu",
                "selu", "celu", "mish", "hardswish", "hardsigmoid", "l1", "l2",
-               "silu", "log_softmax", "glu", "hardtanh")
+               "silu", "log_softmax", "glu", "hardtanh",
+               # torch.nn's small modules (test_small_modules_vs_torch.py)
+               "identity", "softmin", "tanhshrink", "threshold", "relu6", "rrelu")
 PAIR_LOSSES = ("mse", "l1_loss", "huber", "smooth_l1", "bce_logits", "bce_probs", "kl_div",
                "hinge", "quad_hinge", "quantile")
 NORMS = ("layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm")
@@ -59,7 +61,7 @@ def activation_configs(draw: Any) -> dict[str, Any]:
         cfg["slope"] = draw(st.sampled_from([0.01, 0.2, -0.5, 1.5, 0.0]))
     elif op == "gelu":
         cfg["approximate"] = draw(st.sampled_from(["none", "tanh"]))
-    elif op in ("softmax", "log_softmax"):
+    elif op in ("softmax", "log_softmax", "softmin"):
         cfg["shape"] = _shape(draw, 1, 3)
         cfg["axis"] = draw(st.integers(-len(cfg["shape"]), len(cfg["shape"]) - 1))
     elif op == "glu":  # an even, nonzero length along the halved axis (torch refuses 0)
@@ -74,6 +76,12 @@ def activation_configs(draw: Any) -> dict[str, Any]:
         cfg["threshold"] = draw(st.sampled_from([20.0, 1.0, 0.0, -2.0, 5.0]))
     elif op in ("elu", "celu"):
         cfg["alpha"] = draw(st.sampled_from(ALPHAS))
+    elif op == "threshold":
+        cfg["threshold"], cfg["value"] = draw(st.sampled_from(
+            [(0.0, 0.0), (0.5, -2.0), (-1.0, 20.0), (2.0, 2.0)]))
+    elif op == "rrelu":  # inference mode: the fixed slope (lower + upper) / 2
+        cfg["lower"], cfg["upper"] = draw(st.sampled_from(
+            [(1 / 8, 1 / 3), (0.0, 0.0), (0.1, 0.9), (0.5, 0.5)]))
     return cfg
 
 
@@ -159,8 +167,19 @@ def norm_configs(draw: Any) -> dict[str, Any]:
     return cfg
 
 
+@st.composite
+def nll_loss_configs(draw: Any) -> dict[str, Any]:
+    """NLLLoss: (C,) or (N, C, d1, ...) log-probabilities (any values), torch's layout."""
+    c = draw(st.integers(1, 5))
+    batch = _shape(draw, 0, 3, 3)
+    return {"op": "nll_loss", "shape": batch[:1] + [c] + batch[1:],
+            "reduction": draw(st.sampled_from(REDUCTIONS)),
+            "scale": draw(st.sampled_from([1.0, 30.0])), "weight": draw(st.booleans()),
+            "ignore_index": draw(st.sampled_from([-100, 0, c, None]))}
+
+
 configs = st.one_of(activation_configs(), pair_loss_configs(), cross_entropy_configs(),
-                    norm_configs(), margin_loss_configs())
+                    norm_configs(), margin_loss_configs(), nll_loss_configs())
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -177,6 +196,10 @@ def _kinks(cfg: dict[str, Any]) -> list[float]:
         return [-3.0, 3.0, 0.0]
     if op == "hardtanh":
         return [cfg["min_val"], cfg["max_val"], 0.0]
+    if op == "relu6":
+        return [0.0, 6.0]
+    if op == "threshold":
+        return [cfg["threshold"], 0.0]
     return [0.0]
 
 
@@ -220,11 +243,19 @@ def _activation_case(cfg: dict[str, Any]) -> Case:
         "glu": (lambda: ml.Glu(cfg["axis"]), lambda x: F.glu(x, cfg["axis"])),
         "hardtanh": (lambda: ml.Hardtanh(cfg["min_val"], cfg["max_val"]),
                      lambda x: F.hardtanh(x, cfg["min_val"], cfg["max_val"])),
+        "identity": (ml.Identity, lambda x: x * 1), "tanhshrink": (ml.Tanhshrink, F.tanhshrink),
+        "softmin": (lambda: ml.Softmin(cfg["axis"]), lambda x: F.softmin(x, cfg["axis"])),
+        "threshold": (lambda: ml.Threshold(cfg["threshold"], cfg["value"]),
+                      lambda x: F.threshold(x, cfg["threshold"], cfg["value"])),
+        "relu6": (ml.ReLU6, F.relu6),
+        "rrelu": (lambda: ml.RReLU(cfg["lower"], cfg["upper"]),
+                  lambda x: F.rrelu(x, cfg["lower"], cfg["upper"])),
     }
     block, fn = blocks[op]
     # (hardsigmoid's reference is its formula: torch's backward multiplies by 1/6 in float32)
     return Case(block, {"input": activation_input(cfg)},
-                lambda t, _: {"output": fn(t["input"])})
+                lambda t, _: {"output": fn(t["input"])},
+                training=False if op == "rrelu" else None)
 
 
 def unspecified_gradients(name: str) -> np.ndarray | None:
@@ -233,7 +264,7 @@ def unspecified_gradients(name: str) -> np.ndarray | None:
     but the positive side's slope in its scalar tail, so an element's gradient depends on its position (ours: NaN
     for the ELU family, 1 for Hardswish, the cotangent for Hardtanh, on every backend)."""
     cfg = json.loads(name)
-    if cfg["op"] in ("elu", "selu", "celu", "hardswish", "hardtanh") and \
+    if cfg["op"] in ("elu", "selu", "celu", "hardswish", "hardtanh", "relu6") and \
             cfg["special"] == "nan":
         return np.isnan(activation_input(cfg))
     return None
@@ -409,6 +440,24 @@ def cross_entropy_of_log_probs(logp: torch.Tensor, target: torch.Tensor, reducti
     return (1 - eps) * nll + eps / c * smooth.sum() / den
 
 
+def _nll_case(cfg: dict[str, Any]) -> Case:
+    rng, shape = _rng(cfg), cfg["shape"]
+    c, ii = shape[min(1, len(shape) - 1)], cfg["ignore_index"]
+    x = rng.standard_normal(shape) * cfg["scale"]
+    t = rng.integers(0, c, shape[:1] + shape[2:] if len(shape) > 1 else [])
+    if ii is not None:
+        t[rng.random(t.shape) < 1 / 3] = ii
+    w = rng.uniform(0.2, 2.0, c) if cfg["weight"] else None
+    kw: dict[str, Any] = {} if ii is None else {"ignore_index": ii}
+
+    def ref(a: dict, d: dict) -> dict:
+        wt = None if w is None else torch.tensor(w, dtype=a["input"].dtype)
+        return {"output": F.nll_loss(a["input"], d["target"], wt, reduction=cfg["reduction"],
+                                     **kw)}
+    return Case(lambda: ml.NLLLoss(w, ii, cfg["reduction"]), {"input": x}, ref,
+                data={"target": t})
+
+
 def _norm_input(cfg: dict[str, Any]) -> np.ndarray:
     rng = _rng(cfg)
     x = rng.standard_normal(cfg["shape"])
@@ -485,6 +534,8 @@ def case_of(name: str) -> Case:
         return _ce_case(cfg)
     if op in MARGIN_LOSSES:  # (torch's margin, embedding and likelihood losses)
         return margin_case(cfg)
+    if op == "nll_loss":
+        return _nll_case(cfg)
     return _norm_case(cfg)
 
 
