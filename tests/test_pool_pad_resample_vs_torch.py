@@ -19,13 +19,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, nonfinite_error, parity_tests, run_mithril, scalar_loss
+from layer_edges import (
+    Case,
+    compare,
+    nonfinite_error,
+    parity_tests,
+    run_mithril,
+    scalar_loss,
+)
 
 import mithril as ml
 from mithril.backends import NumpyBackend
 from mithril.utils.optimizers import SGD
 
 _TIES = np.round(1.5 * np.random.default_rng(7).standard_normal((2, 3, 7, 5)))
+
+
+_NONFINITE = np.round(np.random.default_rng(8).standard_normal((1, 2, 5, 5)))
+_NONFINITE[0, 0, 0, :2] = _NONFINITE[0, 0, 1, 1] = np.nan  # a window's last NaN (torch's pick)
+_NONFINITE[0, 1, :3, :3] = -np.inf  # a window of -inf only: its first element
 
 
 def unary(fn):
@@ -175,6 +187,16 @@ def test_nan_and_inf_stay_where_torch_puts_them(block, ref, backend_name: str) -
     assert nonfinite_error(np.asarray(backend.to_numpy(out)), ref(torch.tensor(x)).numpy()) <= 1e-12
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_adaptive_max_nan_and_all_minus_inf_windows_as_torch(backend_name: str) -> None:
+    """A window's last NaN is its maximum and gets the gradient; a window of -inf only gives
+    -inf and its first element the gradient (torch's ``val > max || isnan`` from -inf)."""
+    case = Case(lambda: ml.AdaptiveMaxPool2D((2, 3)), {"input": _NONFINITE},
+                unary(lambda x: F.adaptive_max_pool2d(x, (2, 3))))
+    compare("max_2d_nan_inf", case, *run_mithril("max_2d_nan_inf", case, backend_name),
+            what=backend_name, err=nonfinite_error)
+
+
 def test_torch_1d_nearest_backward_disagrees_with_its_forward():
     """What the 1-D cases above work around, measured: torch 2.x's 1-D nearest forward with
     scale_factor=1.2 on 3 elements reads [x0, x0, x1], its backward sends [1, 1, 1]. If torch
@@ -194,12 +216,12 @@ def _compile(block, shape, backend=None):
 
 @pytest.mark.parametrize("block, shape, mode, torch_pad, message", [
     (lambda: ml.ReflectionPad1D(3), (1, 2, 3), "reflect", (3, 3),
-     r"ReflectionPad1D: padding_mode='reflect' needs each padding less than the input size.* "
+     r"ReflectionPad1D: mode='reflect' needs each padding less than the input size.* "
      r"padding 3\+3 on spatial axis 0 of size 3"),
     (lambda: ml.ReflectionPad2D((0, 0, 0, 4)), (1, 1, 4, 6), "reflect", (0, 0, 0, 4),
      r"ReflectionPad2D: .*padding 0\+4 on spatial axis 0 of size 4"),
     (lambda: ml.CircularPad1D((0, 4)), (1, 2, 3), "circular", (0, 4),
-     r"CircularPad1D: padding_mode='circular' needs each padding at most the input size"),
+     r"CircularPad1D: mode='circular' needs each padding at most the input size"),
 ])
 def test_padding_beyond_the_input_is_refused_as_torch(block, shape, mode, torch_pad, message):
     with pytest.raises(ml.ShapeError, match=message):

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .conv import check_mode_pads, check_rank, source_index
+from .conv import check_rank, source_index
 from .operator import Operator, ShapeError, backend_of
 
 #: F.pad's modes
@@ -72,7 +72,13 @@ class Pad(Operator):
         if self.mode == "replicate" and any(n == 0 for n in spatial):
             raise ShapeError(f"{who}: mode='replicate' needs a non-empty input, got spatial "
                              f"sizes {tuple(spatial)}")
-        check_mode_pads(spatial, self.pads, self.mode, who)
+        for i, (n, (lo, hi)) in enumerate(zip(spatial, self.pads)):  # torch's limits
+            if n is not None and (self.mode == "reflect" and max(lo, hi) >= n
+                                  or self.mode == "circular" and max(lo, hi) > n):
+                rule = "less than" if self.mode == "reflect" else "at most"
+                raise ShapeError(f"{who}: mode={self.mode!r} needs each padding {rule} the input "
+                                 f"size along its axis, got padding {lo}+{hi} on spatial axis "
+                                 f"{i} of size {n}")
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
