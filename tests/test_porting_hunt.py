@@ -150,6 +150,78 @@ def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path, backend)
     assert all(np.array_equal(be.to_numpy(again[k]), params[k]) for k in params)
 
 
+def test_torch_cnn_batchnorm_running_stats_eval_and_checkpoint(tmp_path):
+    """Conv2d(bias=False) -> BatchNorm2d -> ...: the running statistics are model state
+    (``state=``), saved with ``model_state=``. (With a conv bias before BatchNorm the bias's
+    true gradient is 0: Adam steps on its rounding noise, ~1e-7 apart from torch's.)"""
+    x, y, x_test, y_test = _digits()
+    orders = [np.random.default_rng(e).permutation(len(x)) for e in range(2)]
+    model = ml.Model()
+    model |= ml.Convolution2D(3, 4, padding=1, use_bias=False)(input="input")
+    model += ml.BatchNorm2D(4)
+    model += ml.Relu()
+    model += ml.MaxPool2D(2)
+    model += ml.Flatten()
+    model += ml.Linear(10)(output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    compiled = ml.compile(model, ml.NumpyBackend(dtype="float64"),
+                          shapes={"input": [None, 1, 8, 8]})
+    p0 = {k: v.copy() for k, v in compiled.get_parameters().items()}
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False),
+                              torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    with torch.no_grad():
+        for t, name in zip(net.parameters(), p0):
+            t.copy_(torch.from_numpy(p0[name]))
+    ref_opt = torch.optim.AdamW(net.parameters(), lr=MAX_LR, weight_decay=WD)
+
+    def run(params, opt_state, model_state, step, epochs):
+        for order in epochs:
+            for i in range(0, len(x), BATCH):
+                b = order[i:i + BATCH]
+                params, opt_state, _, model_state = step(
+                    params, opt_state, {"input": x[b], "target": y[b]}, state=model_state)
+        return params, opt_state, model_state
+
+    for order in orders:
+        for i in range(0, len(x), BATCH):
+            b = order[i:i + BATCH]
+            ref_opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(torch.from_numpy(x[b])),
+                                              torch.from_numpy(y[b])).backward()
+            ref_opt.step()
+    step = make_train_step(compiled, AdamW(learning_rate=MAX_LR, weight_decay=WD), loss="loss")
+    params = {k: v.copy() for k, v in p0.items()}
+    params, _, stats = run(params, step.init(params), compiled.initial_state_dict, step, orders)
+    for t, name in zip(net.parameters(), params):
+        assert np.abs(t.detach().numpy() - params[name]).max() < TOL, name
+    buffers = net.state_dict()
+    for ours, theirs in (("running_mean", "1.running_mean"), ("running_var", "1.running_var"),
+                         ("num_batches_tracked", "1.num_batches_tracked")):
+        assert np.abs(np.asarray(stats[f"batch_norm2_d.{ours}"])
+                      - buffers[theirs].numpy()).max() < TOL, ours
+    net.eval()
+    test, _ = compiled.evaluate(params, {"input": x_test, "target": y_test}, state=stats,
+                                training=False)
+    with torch.no_grad():
+        assert np.abs(test["logits"] - net(torch.from_numpy(x_test)).numpy()).max() < TOL
+
+    opt = AdamW(learning_rate=MAX_LR, weight_decay=WD)
+    step = make_train_step(compiled, opt, loss="loss")
+    half = {k: v.copy() for k, v in p0.items()}
+    half, half_state, half_stats = run(half, step.init(half), compiled.initial_state_dict, step,
+                                       orders[:1])
+    save_checkpoint(tmp_path / "bn.safetensors", half, opt, half_state, model_state=half_stats)
+    opt = AdamW()
+    ckpt = load_checkpoint(tmp_path / "bn.safetensors", params_template=p0, optimizer=opt,
+                           model_state_template=compiled.initial_state_dict)
+    step = make_train_step(compiled, opt, loss="loss")
+    again, _, again_stats = run(ckpt["params"], ckpt["state"], ckpt["model_state"], step,
+                                orders[1:])
+    assert all(np.array_equal(again[k], params[k]) for k in params)
+    assert all(np.array_equal(np.asarray(again_stats[k]), np.asarray(stats[k])) for k in stats)
+
+
 # -- 2. optax: clip_by_global_norm + adamw(warmup cosine, mask) in a jitted step ---------------
 
 def _peers(what: str) -> dict:
