@@ -427,38 +427,40 @@ def test_groups_and_hyperparameters():
     np.testing.assert_array_equal(moves[1]["W"], moves[0]["W"])
 
 
-def test_the_separate_paths_refuse_them_by_name():
-    """torch.optim's wrapper and the separate-calls train step (NumPy, torch) do not pass
-    the loss to ``update`` yet: they refuse a loss-aware optimizer naming ``loss=``, and the
-    refused step changes nothing."""
+def test_torch_step_closure_gives_the_loss():
+    """torch.optim's wrapper: ``step(closure)`` passes the closure's loss to ``update`` (the
+    run equals ``Momo.update(..., loss=)`` on NumPy bit for bit); ``step()`` without a
+    closure is refused by name and changes nothing. (The separate-calls train step passes
+    its loss: tests/test_train_step_fn.py runs the three there.)"""
     import torch
 
-    import mithril as ml
-    from mithril.backends import NumpyBackend
-    from mithril.cli.networks import mlp_spec
     from mithril.interop import torch_optimizer
-    from mithril.utils.training import make_train_step
 
-    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = torch_optimizer(Momo(0.5), [w])
+    w0 = np.array([1.0, -2.0, 0.5])
+    w = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch_optimizer(Momo(0.5, beta=0.8), [w])
+    ours, ref = Momo(0.5, beta=0.8), {"w": w0.copy()}
+    state = ours.init(ref)
     w.grad = torch.full((3,), 0.5, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"Momo\.update needs loss="):
-        opt.step(lambda: (w * w).sum())
-    assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"Momo steps with the loss: call step\(closure\)"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.tensor(w0))
 
-    spec = mlp_spec(4, 2, [5])
-    be = NumpyBackend(dtype="float64")
-    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
-    params = compiled.get_parameters()
-    start = {k: np.array(v) for k, v in params.items()}
-    step = make_train_step(compiled, PolyakSGD(0.5), loss="loss")
-    state = step.init(params)
-    data = {"input": np.ones((3, 4)), "target": np.array([0, 1, 1])}
-    with pytest.raises(TypeError, match=r"PolyakSGD\.update needs loss="):
-        step(params, state, data)
-    assert state.step == 0
-    for k in start:
-        np.testing.assert_array_equal(np.array(params[k]), start[k])
+    def closure():
+        opt.zero_grad()
+        loss = (w * w * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        p = ref["w"]
+        loss = float((p * p * np.array([1.0, 2.0, 3.0])).sum())
+        ref, state = ours.update(ref, {"w": 2 * p * np.array([1.0, 2.0, 3.0])}, state,
+                                 loss=loss)
+        ref = {"w": np.array(ref["w"])}
+        assert float(opt.step(closure).detach()) == loss
+        np.testing.assert_array_equal(w.detach().numpy(), ref["w"])
+    assert not np.array_equal(ref["w"], w0)
 
 
 def test_a_loss_aware_optimizer_of_your_own():

@@ -84,6 +84,10 @@ def optimizers() -> dict:
         "lbfgs": lambda: o.LBFGS(learning_rate=0.5, max_iter=4, line_search_fn="strong_wolfe"),
         "sam": lambda: o.SAM(o.Adam(learning_rate=1e-2), rho=0.05, adaptive=True),
         "mechanize": lambda: o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3),
+        # the loss-aware: update(..., loss=) with the step's loss
+        "polyak_sgd": lambda: o.PolyakSGD(max_learning_rate=0.5, f_min=0.0),
+        "momo": lambda: o.Momo(learning_rate=0.5),
+        "momo_adam": lambda: o.MomoAdam(learning_rate=1e-2),
     }
 
 
@@ -94,10 +98,8 @@ CLOSURE = (LBFGS, catalog.SAM)
 def test_every_optimizer_is_here() -> None:
     """A new optimizer of the catalog joins ``optimizers()`` (and so every test above)."""
     exported = {getattr(catalog, n) for n in catalog.__all__}
-    # (the loss-aware PolyakSGD, Momo, MomoAdam: tests/test_optimizers_loss_aware.py, whose
-    # one-program step takes the loss; the separate calls give update no loss yet)
     classes = {c for c in exported if isinstance(c, type) and issubclass(c, Optimizer)
-               and c is not Optimizer and c.__name__ not in ("PolyakSGD", "Momo", "MomoAdam")}
+               and c is not Optimizer}
     assert classes == {type(make()) for make in optimizers().values()}
 
 
@@ -127,6 +129,8 @@ def separate(compiled, opt, batches: list) -> tuple[dict, list]:
                 o, g = compiled.evaluate(p, data, output_gradients={"loss": 1.0})
                 return o["loss"], g
             params, state = opt.update(params, grads, state, closure=closure, loss=out["loss"])
+        elif opt.needs_loss:
+            params, state = opt.update(params, grads, state, loss=out["loss"])
         else:
             params, state = opt.update(params, grads, state)
         losses.append(float(compiled.backend.to_numpy(out["loss"])))

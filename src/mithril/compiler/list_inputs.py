@@ -214,7 +214,7 @@ class ListInputsMixin:
     @property
     def input_keys(self) -> tuple[str, ...]:
         keys = super().input_keys  # type: ignore[misc]
-        return tuple(self._pack(dict.fromkeys(keys)))
+        return tuple(self._pack(dict.fromkeys(keys))) if self._lists() else keys
 
     @property
     def parameter_shapes(self) -> dict[str, Any]:
@@ -236,7 +236,9 @@ class ListInputsMixin:
         return self._pack(super().randomize_params(excluded_keys))  # type: ignore[misc]
 
     def reached_parameters(self, outputs: Any = None) -> tuple[str, ...]:
-        return tuple(self._pack(dict.fromkeys(super().reached_parameters(outputs))))  # type: ignore[misc]
+        reached = super().reached_parameters(outputs)  # type: ignore[misc]
+        # (without lists: the program's cached tuple itself, which callers compare by identity)
+        return tuple(self._pack(dict.fromkeys(reached))) if self._lists() else reached
 
     def get_parameters(self) -> dict[str, Any]:
         return self._pack(super().get_parameters())  # type: ignore[misc]

@@ -352,13 +352,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         """One update from the parameters' ``.grad`` (those with none are skipped). With
         ``closure``, it is called first under ``torch.enable_grad()`` and its loss returned.
         An optimizer that evaluates the loss itself (LBFGS) needs ``closure`` and calls it
-        as often as it needs (see the module docs)."""
+        as often as it needs (see the module docs); one that steps with the loss (PolyakSGD,
+        Momo: ``needs_loss``) needs it once, for that loss."""
         if self._closure_driven:
             return self._closure_step(closure)
+        needs_loss = getattr(self._mithril, "needs_loss", False)
+        if needs_loss and closure is None:  # (before anything runs: nothing changes)
+            raise TypeError(f"{type(self._mithril).__name__} steps with the loss: call "
+                            f"step(closure), the closure returning the loss at the current "
+                            f"parameters (after its backward, as torch's step(closure))")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        at = {"loss": loss.detach() if isinstance(loss, torch.Tensor) else loss} \
+            if needs_loss else {}
         self._sync_all()
         names, params = self._names, self._params
         grads = {n: dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
@@ -367,7 +375,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             state, current = (self._start() if self._opt_state is None
                               else (self._opt_state, self._current()))
-            new, state = self._mithril.update(current, grads, state)
+            new, state = self._mithril.update(current, grads, state, **at)
             self._opt_state = state
             self._adopt(current, new)
             if not state.last_step_skipped:

@@ -336,8 +336,10 @@ class TrainStep(FixedParts, HyperparameterWatch):
             else:
                 outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
                                                    state=state)
-            params, opt_state = update_reached(opt, self._unreached, params, grads, opt_state) \
-                if self._unreached else opt.update(params, grads, opt_state)
+            loss = {"loss": outputs[self.loss]} if getattr(opt, "needs_loss", False) else {}
+            params, opt_state = update_reached(opt, self._unreached, params, grads, opt_state,
+                                               **loss) \
+                if self._unreached else opt.update(params, grads, opt_state, **loss)
         except BaseException:  # a refused step (nonfinite="raise", a wrapper's own checks)
             c.step = random_step  # changes nothing: the next step draws the masks it would
             raise

@@ -43,13 +43,14 @@ def unreached_params(compiled: Any, loss: str, optimizer: Any) -> frozenset[str]
 
 
 def update_reached(optimizer: Any, unreached: frozenset[str], params: Mapping[str, Any],
-                   gradients: Mapping[str, Any], opt_state: Any) -> tuple[Any, Any]:
+                   gradients: Mapping[str, Any], opt_state: Any, **loss: Any
+                   ) -> tuple[Any, Any]:
     """``optimizer.update`` with the gradients of ``unreached`` left out, then their missed
     step counted in the state (not for a skipped step, nor for a Lookahead with
     ``reset_state``: see :func:`mithril.distributed.missed_steps.note_missed`); for an
     ``Accumulate``, in its wrapped optimizer's state when the window's step was taken."""
     params, opt_state = optimizer.update(
-        params, {k: g for k, g in gradients.items() if k not in unreached}, opt_state)
+        params, {k: g for k, g in gradients.items() if k not in unreached}, opt_state, **loss)
     opt, state = optimizer, opt_state
     if isinstance(optimizer, _accumulate()):  # (its wrapped optimizer steps once a window)
         if not opt_state.applied:
