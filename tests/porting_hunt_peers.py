@@ -199,3 +199,30 @@ def keras_run() -> dict[str, float]:
         "eval_loss": abs(k_loss - float(test["loss"])),
         "eval_acc": abs(k_acc - float(np.mean(test["logits"].argmax(1) == y_test))),
     }
+
+
+def torch_cnn_on_jax_run() -> dict[str, float]:
+    """The torch CNN script of ``tests/test_porting_hunt.py`` (AdamW, OneCycleLR cycling β₁ per
+    batch, clip_grad_norm_) against its port on ``make_train_step``'s one JAX program, float64:
+    β₁ and the learning rate change every step (traced arguments: one rebuild)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import test_porting_hunt as t
+
+    import mithril as ml
+
+    x, y, _, _ = t._digits()
+    orders = [np.random.default_rng(e).permutation(len(x)) for e in range(t.EPOCHS)]
+    backend = ml.JaxBackend(dtype="float64")
+    compiled = ml.compile(t._cnn(), backend, shapes={"input": [None, 1, 8, 8]})
+    p0 = {k: np.asarray(v).copy() for k, v in compiled.get_parameters().items()}
+    net, ref_losses, _ = t._torch_run(p0, x, y, orders)
+    _, sched, step = t._port(compiled)
+    params = {k: backend.array(v) for k, v in p0.items()}
+    losses: list[float] = []
+    params, _ = t._epochs(step, sched, params, step.init(params), x, y, orders, losses)
+    return {"fused": float(step.fused), "rebuilds": float(step.rebuilds),
+            "losses": float(np.abs(np.array(losses) - ref_losses).max()),
+            "params": max(float(np.abs(w.detach().numpy() - np.asarray(params[k])).max())
+                          for w, k in zip(net.parameters(), params))}

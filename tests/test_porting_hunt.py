@@ -150,6 +150,13 @@ def test_torch_cnn_adamw_onecycle_clip_then_checkpoint_resume(tmp_path, backend)
     assert all(np.array_equal(be.to_numpy(again[k]), params[k]) for k in params)
 
 
+@pytest.mark.slow
+def test_torch_cnn_on_the_one_program_jax_step():
+    n = _peers("torch_cnn_on_jax_run")
+    assert n["fused"] == 1 and n["rebuilds"] == 1  # β₁ and the rate: traced from the 1st change
+    assert n["losses"] < TOL and n["params"] < TOL
+
+
 def test_torch_cnn_batchnorm_running_stats_eval_and_checkpoint(tmp_path):
     """Conv2d(bias=False) -> BatchNorm2d -> ...: the running statistics are model state
     (``state=``), saved with ``model_state=``. (With a conv bias before BatchNorm the bias's
