@@ -10,15 +10,17 @@ scaled, clipped gradient (plus ``wd·p``, the coupled decay)::
     ν = c·x² + β₂·mn        mn: μ itself (rank < 2), else the least of the element's μᵢ
     u = x / √(ν + ε) where ν > 0, else 0;   m ← (1 − β₁)·u + β₁·m;   p ← p − lr·m
 
-The new accumulators of a tensor of rank r ≥ 2 (the max of ν over every axis but i) are
-built in a scratch copy of the ``mu`` buffer while the pass reads the old ones (the last
-axis's as an elementwise max over rows, the others from each row's max), and copied over
-the tensor's ``mu`` once its pass ends. The elementwise math is the per-tensor path's
-(:meth:`.SM3.tensor_update` on NumPy) operation by operation, with no fastmath flags
-(no FMA, no reassociation): the same bits. Only the Σ g² of a row (float64, the norm)
-is summed in any order. Nothing is written in ``dry`` mode: the new values are only
-probed for inf/NaN (the largest exponent field, :func:`.kernels.exponent_bits`), which
-the ``skip``/``raise`` policies run first.
+A tensor goes a block at a time (:data:`BLOCK` elements, whole rows of its last axis):
+for rank ≥ 2 the least μ of each element is gathered first, then the elementwise math
+runs over the block (vectorised: rows are often short), then ν's maxima are taken (the
+last axis's elementwise over rows, the others from each row's max). The new
+accumulators are built in a scratch copy of the ``mu`` buffer while the old ones are
+read, and copied over the tensor's ``mu`` once its pass ends. The elementwise math is the
+per-tensor path's (:meth:`.SM3.tensor_update` on NumPy) operation by operation, with no
+fastmath flags (no FMA, no reassociation): the same bits. Only the Σ g² of a block
+(float64, the norm) is summed in any order. Nothing is written in ``dry`` mode: the new
+values are only probed for inf/NaN (the largest exponent field,
+:func:`.kernels.exponent_bits`), which the ``skip``/``raise`` policies run first.
 """
 
 from __future__ import annotations
