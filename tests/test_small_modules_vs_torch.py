@@ -7,6 +7,8 @@ shapes named."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -201,6 +203,32 @@ def test_rrelu_training_slopes_in_range_and_the_same_on_numpy_and_torch():
     tx = torch.tensor(x)
     at = (F.rrelu(tx, 0.1, 0.3, training=True) / tx)[tx < 0]
     assert 0.1 <= float(at.min()) and float(at.max()) <= 0.3
+
+
+def test_rrelu_training_slopes_on_jax_are_numpys(tmp_path):
+    """JAX draws the same slopes (its uint32 bits): the outputs agree to rounding."""
+    from conftest import run_python
+
+    x = np.random.default_rng(0).standard_normal((20, 30))
+    g = np.random.default_rng(1).standard_normal(x.shape)
+    np.savez(tmp_path / "in.npz", x=x, g=g)
+    run_python(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import numpy as np
+        from test_small_modules_vs_torch import _rrelu_train
+        from mithril.backends import JaxBackend
+        d = np.load({str(tmp_path / "in.npz")!r})
+        y, gx = _rrelu_train(JaxBackend(dtype="float64"), d["x"], d["g"])
+        np.savez({str(tmp_path / "out.npz")!r}, y=y, gx=gx)
+    """)
+    want_y, want_g = _rrelu_train(NumpyBackend(dtype="float64"), x, g)
+    got = np.load(tmp_path / "out.npz")
+    assert np.allclose(got["y"], want_y, rtol=1e-14, atol=1e-15)
+    assert np.allclose(got["gx"], want_g, rtol=1e-14, atol=1e-15)
+    assert not np.allclose(want_y[x < 0] / x[x < 0], want_y[x < 0][0] / x[x < 0][0])
 
 
 # -- NLLLoss and the other arguments and shapes -------------------------------------------
