@@ -80,6 +80,12 @@ CASES: dict[str, Case] = {
                                        (3, 0, 1, 4), "replicate", unbatched=True),
     "circular_1d_full": pad_case(lambda: ml.CircularPad1D((3, 2)), (2, 2, 3), (3, 2), "circular"),
     "circular_2d": pad_case(lambda: ml.CircularPad2D((1, 2, 3, 1)), (1, 2, 3, 4), (1, 2, 3, 1), "circular"),
+    "constant_negative_crops": pad_case(lambda: ml.ConstantPad2D((-1, 2, 1, -2), 0.5), (2, 2, 4, 5),
+                                        (-1, 2, 1, -2), value=0.5),
+    "zero_1d_negative_both": pad_case(lambda: ml.ZeroPad1D((-1, -2)), (2, 2, 5), (-1, -2)),
+    **{f"{mode}_negative": pad_case(lambda mode=mode: ml.Pad((-1, 2, 2, -1), mode=mode),
+                                    (2, 2, 4, 5), (-1, 2, 2, -1), mode)
+       for mode in ("reflect", "replicate", "circular")},
     "pad_reflect_generic": pad_case(lambda: ml.Pad((1, 1, 2, 2), mode="reflect"), (1, 2, 3, 4),
                                     (1, 1, 2, 2), "reflect"),
     # -- adaptive pools ---------------------------------------------------------------------
@@ -244,6 +250,8 @@ def test_size_free_at_compile_time_checked_at_evaluate():
 @pytest.mark.parametrize("block, shape, message", [
     (lambda: ml.ReflectionPad2D(1), (4, 5), r"ReflectionPad2D: 'input' must have rank 4"),
     (lambda: ml.ZeroPad1D(1), (1, 2, 3, 4), r"ZeroPad1D: 'input' must have rank 3"),
+    (lambda: ml.ZeroPad1D((-2, -2)), (1, 2, 3), r"ZeroPad1D: the negative padding \(-2, -2\) crops "
+     r"more than the input's last 1 axes hold \(sizes \(-1,\) left\)"),  # torch: narrow()
     (lambda: ml.AdaptiveAvgPool2D(2), (2, 3, 4, 5, 6), r"AdaptiveAvgPool2D: 'input' must have rank 4"),
     (lambda: ml.AdaptiveMaxPool1D(2), (2, 3, 0), r"AdaptiveMaxPool1D: 'input' has an empty spatial axis"),
     (lambda: ml.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 4),
@@ -264,7 +272,6 @@ def test_wrong_shapes_are_named(block, shape, message):
     (lambda: ml.Pad((1, 1), mode="mirror"), r"Pad: mode must be one of \('constant', 'reflect'"),
     (lambda: ml.Pad((1, 1, 1)), r"Pad: padding must be 2 ints"),
     (lambda: ml.ZeroPad2D((1, 1)), r"ZeroPad2D: padding must be an int or 4 ints"),
-    (lambda: ml.ConstantPad1D(-1, 0.0), r"ConstantPad1D: padding must be >= 0"),
     (lambda: ml.AdaptiveMaxPool2D(2, return_indices=True),
      r"AdaptiveMaxPool2D: return_indices=True is not supported"),
     (lambda: ml.AdaptiveAvgPool1D(0), r"AdaptiveAvgPool1D: output_size must be a positive int"),

@@ -13,8 +13,8 @@ as torch's modules). ``mode``:
 * ``"circular"``: wrapped around (x[n−1] | x[0], ...), each padding at most the axis's size.
 
 Inputs (N, C, L) / (C, L) for 1-D and (N, C, H, W) / (C, H, W) for 2-D, as torch's reflection
-and replication modules take them. Paddings are >= 0 (torch's negative padding, a crop, is
-refused by name). Forward: ``F.pad`` on torch, ``pad`` (constant) or a gather of the source
+and replication modules take them. A negative padding crops that side first (as ``F.pad``:
+the mode then pads the cropped input; its limits are on the cropped size). Forward: ``F.pad`` on torch, ``pad`` (constant) or a gather of the source
 index per axis on NumPy / JAX. The NumPy VJP adds each padded position's cotangent onto the
 input element it copies (constant: the cotangent cropped).
 """
@@ -49,17 +49,16 @@ class Pad(Operator):
                 isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in flat):
             raise ValueError(f"{who}: padding must be 2 ints (left, right) or 4 (left, right, "
                              f"top, bottom), got {padding!r}")
-        if any(p < 0 for p in flat):
-            raise ValueError(f"{who}: padding must be >= 0 (torch's negative padding crops; "
-                             f"not supported), got {padding!r}")
         if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
             raise TypeError(f"{who}: value must be a number, got {value!r}")
         self.padding = tuple(int(p) for p in flat)
         self.nd = len(flat) // 2
         self.mode, self.value = mode, float(value)
-        #: (before, after) per padded axis, in axis order (the first padded axis first)
-        self.pads = tuple((self.padding[2 * i], self.padding[2 * i + 1])
-                          for i in reversed(range(self.nd)))
+        signed = [(self.padding[2 * i], self.padding[2 * i + 1]) for i in reversed(range(self.nd))]
+        #: (before, after) per padded axis, in axis order (the first padded axis first): the
+        #: padding added, and what negative padding crops first (as F.pad: crop, then pad)
+        self.pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in signed)
+        self.crops = tuple((max(-lo, 0), max(-hi, 0)) for lo, hi in signed)
 
     @property
     def layout(self) -> str:
@@ -67,6 +66,10 @@ class Pad(Operator):
 
     def _check(self, spatial: Sequence[int | None]) -> None:
         who = type(self).__name__
+        spatial = [None if n is None else n - a - b for n, (a, b) in zip(spatial, self.crops)]
+        if any(n is not None and n < 0 for n in spatial):  # torch: size 0 is fine
+            raise ShapeError(f"{who}: the negative padding {self.padding} crops more than the "
+                             f"input's last {self.nd} axes hold (sizes {tuple(spatial)} left)")
         if self.mode == "constant":
             return
         if self.mode == "replicate" and any(n == 0 for n in spatial):
@@ -86,8 +89,8 @@ class Pad(Operator):
         if s is None:
             return None
         self._check(s[-self.nd:])
-        return (*s[:-self.nd], *(None if n is None else n + lo + hi
-                                 for n, (lo, hi) in zip(s[-self.nd:], self.pads)))
+        return (*s[:-self.nd], *(None if n is None else n + lo + hi - a - b for n, (lo, hi), (a, b)
+                                 in zip(s[-self.nd:], self.pads, self.crops)))
 
     def forward(self, xp: Any, input: Any) -> Any:
         if backend_of(xp) == "torch":
@@ -100,6 +103,7 @@ class Pad(Operator):
             return F.pad(input, self.padding, mode=self.mode)
         self._check(input.shape[-self.nd:])  # a size left free at compile time
         lead = len(input.shape) - self.nd
+        input = input[self._cropped(input.shape)]
         if self.mode == "constant":
             return xp.pad(input, ((0, 0),) * lead + self.pads, constant_values=self.value)
         for ax, (lo, hi) in enumerate(self.pads, start=lead):
@@ -109,8 +113,9 @@ class Pad(Operator):
     def vjp(self, g, out, args, wrt):
         lead = g.ndim - self.nd
         if self.mode == "constant":
-            return {"input": g[(slice(None),) * lead + tuple(
-                slice(lo, g.shape[ax] - hi) for ax, (lo, hi) in enumerate(self.pads, lead))].copy()}
+            g = g[(slice(None),) * lead + tuple(
+                slice(lo, g.shape[ax] - hi) for ax, (lo, hi) in enumerate(self.pads, lead))]
+            return {"input": self._uncrop(g.copy(), args["input"].shape)}
         for ax in reversed(range(lead, g.ndim)):  # each padded position onto its source
             lo, hi = self.pads[ax - lead]
             n = g.shape[ax] - lo - hi
@@ -120,7 +125,21 @@ class Pad(Operator):
             for j in (*range(lo), *range(lo + n, lo + n + hi)):
                 acc[..., src[j]] += gm[..., j]
             g = np.moveaxis(acc, -1, ax)
-        return {"input": np.ascontiguousarray(g)}
+        return {"input": self._uncrop(g, args["input"].shape)}
+
+    def _cropped(self, shape: Sequence[int]) -> tuple[slice, ...]:
+        """What of an input of ``shape`` negative padding keeps."""
+        lead = len(shape) - self.nd
+        return (slice(None),) * lead + tuple(slice(a, shape[ax] - b) for ax, (a, b)
+                                             in enumerate(self.crops, lead))
+
+    def _uncrop(self, g: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """The cotangent of the cropped input as the input's: zeros where it was cropped."""
+        if not any(map(any, self.crops)):
+            return np.ascontiguousarray(g)
+        gx = np.zeros(shape, g.dtype)
+        gx[self._cropped(shape)] = g
+        return gx
 
     def __repr__(self) -> str:
         value = f", value={self.value}" if self.mode == "constant" else ""
