@@ -248,6 +248,8 @@ def test_nll_loss_refuses_what_torch_refuses():
         c.evaluate({}, {"input": x, "target": np.array([0, 4, 1])})
     with pytest.raises(ml.ShapeError, match="NLLLoss: 'target' must hold class indices of shape"):
         _compile(ml.NLLLoss(), {"input": [3, 4], "target": [3, 4]})
+    with pytest.raises(ml.ShapeError, match="NLLLoss: weight has 2 entries but .* 4 classes"):
+        _compile(ml.NLLLoss([1.0, 2.0]), {"input": [3, 4], "target": [3]})
     with pytest.raises(TypeError, match="NLLLoss: ignore_index must be an int"):
         ml.NLLLoss(ignore_index=1.5)
     with pytest.raises(ValueError, match="NLLLoss: weight must be finite"):

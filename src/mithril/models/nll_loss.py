@@ -43,7 +43,10 @@ class NLLLoss(CrossEntropy):
             raise ShapeError(f"NLLLoss: 'target' must hold class indices of shape "
                              f"{fmt(s[:1] + s[2:])} for 'input' {fmt(s)}, got {fmt(t)} "
                              f"(probability targets: CrossEntropy)")
-        return super().infer_shape(shapes)
+        try:
+            return super().infer_shape(shapes)
+        except ShapeError as e:  # (CrossEntropy's weight-length message)
+            raise ShapeError(str(e).replace("CrossEntropy", "NLLLoss")) from None
 
     def check_inputs(self, shapes: Mapping[str, Shape | None], dtypes: Mapping[str, str],
                      arrays: Mapping[str, Any], names: Mapping[str, str]) -> None:
