@@ -259,6 +259,71 @@ def test_optax_clip_by_global_norm_in_make_train_step(optax_numbers):
     assert optax_numbers["fused_vs_optax_clipping"] < TOL
 
 
+def test_optax_port_checkpoint_resume_with_a_callable_mask_on_jax(tmp_path):
+    """An optax user's port (a mask as a function of the names) on the one-program JAX step
+    (float32 here), saved mid-run through ``step.to_optimizer_state`` and resumed through
+    ``step.from_optimizer_state``: the uninterrupted run, bit for bit. The program matches the
+    mask on its own copy of the optimizer; the checkpoint keeps the names it matched."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    import porting_hunt_peers as peers
+
+    from mithril.utils.lr_schedulers import WSD
+
+    x, y = peers._data()
+    x = x.astype(np.float32)
+    backend = ml.JaxBackend()
+    compiled = peers._mlp(backend)
+    p0 = {k: np.asarray(v).copy() for k, v in compiled.get_parameters().items()}
+
+    def port():
+        opt = AdamW(learning_rate=5e-2, weight_decay=0.1, clip_norm=1.0,
+                    weight_decay_mask=lambda name: name.endswith("weight"))
+        return opt, WSD(opt, 5, 0, 15, 0.0, 1e-4, "cosine"), make_train_step(compiled, opt,
+                                                                            loss="loss")
+
+    def run(step, sched, params, state, steps):
+        for t in steps:
+            b = np.random.default_rng(100 + t).choice(len(y), 32, replace=False)
+            params, state, _ = step(params, state, {
+                "input": backend.array(x[b]), "target": backend.array(y[b], backend.int_dtype)})
+            sched.step()
+        return params, state
+
+    opt, sched, step = port()
+    params = {k: backend.array(v) for k, v in p0.items()}
+    full, _ = run(step, sched, params, step.init(params), range(20))
+    opt, sched, step = port()
+    params = {k: backend.array(v) for k, v in p0.items()}
+    params, state = run(step, sched, params, step.init(params), range(10))
+    save_checkpoint(tmp_path / "o.safetensors", params, opt, step.to_optimizer_state(state, params),
+                    sched)
+    assert callable(opt.weight_decay_mask)  # (the save matched it on a copy)
+    opt, sched, step = port()
+    ckpt = load_checkpoint(tmp_path / "o.safetensors", params_template=p0, optimizer=opt,
+                           scheduler=sched, backend=backend)
+    assert ckpt["metadata"]["optimizer"]["hyperparameters"]["weight_decay_mask"] == [
+        "mlp.linear_0.weight", "mlp.linear_1.weight"]
+    again, _ = run(step, sched, ckpt["params"], step.from_optimizer_state(ckpt["state"]),
+                   range(10, 20))
+    assert all(np.array_equal(np.asarray(again[k]), np.asarray(full[k])) for k in full)
+
+
+def test_a_checkpoint_that_cannot_be_json_names_the_field(tmp_path):
+    """Without a state to match it against, a callable mask cannot be saved: the error names
+    it (and ``extra``), and nothing is written."""
+    params = {"w": np.ones((2, 2)), "b": np.ones(2)}
+    opt = AdamW(weight_decay_mask=lambda name: name == "w")
+    with pytest.raises(TypeError, match="in the optimizer's 'weight_decay_mask', extra"):
+        save_checkpoint(tmp_path / "c.safetensors", params, opt, extra={"f": print})
+    assert not list(tmp_path.iterdir())
+    state = opt.init(params)  # with the state: the names it matches
+    save_checkpoint(tmp_path / "c.safetensors", params, opt, state)
+    meta = load_checkpoint(tmp_path / "c.safetensors")["metadata"]
+    assert meta["optimizer"]["hyperparameters"]["weight_decay_mask"] == ["w"]
+
+
 # -- 3. Keras 3: compile(Adam(global_clipnorm, use_ema)) + fit + evaluate ----------------------
 
 @pytest.mark.slow

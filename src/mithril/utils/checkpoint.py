@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,7 +125,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         tensors.update(acc_tensors)
     if optimizer is not None:
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
-                                    "hyperparameters": optimizer.hyperparameters(),
+                                    "hyperparameters": _hyperparameters(optimizer, state),
                                     "step": None, "num_skipped": None, "num_nonfinite": None,
                                     "slots": []}
         if state is not None:
@@ -182,8 +183,12 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     try:
         header = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:
+        hyper = (meta["optimizer"] or {}).get("hyperparameters", {})
+        bad = [f"the optimizer's {k!r}" for k, v in hyper.items() if not _json_field(v)] + \
+            [k for k in ("scheduler", "extra") if not _json_field(meta[k])]
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
-                        f"JSON-serialisable (finite floats): {e}") from None
+                        f"JSON-serialisable (finite floats): {e}"
+                        + (f" (in {', '.join(bad)})" if bad else "")) from None
     where = f"save_checkpoint({path!r})"
     checked = check_meta(loads_guarded(header, f"{where}: the metadata"), where)
     check_tensors(checked, tensors, where)  # never write what load_checkpoint would refuse
@@ -196,6 +201,33 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
             raise ValueError(f"{where}: {type(optimizer).__name__}'s hyperparameters would "
                              f"not load back: {e}") from None
     write_file(path, header, tensors)
+
+
+def _json_field(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _hyperparameters(optimizer: Any, state: Any) -> dict[str, Any]:
+    """``optimizer.hyperparameters()``, a callable group, mask or exclusion saved as the names
+    it matches in ``state``'s parameters. ``update`` records those; the one-program JAX step
+    matches them on its own copy of the optimizer, so a checkpoint of its state would hold the
+    function. Matched on a copy: the optimizer is left as it is."""
+    from .optimizers import OptimizerState
+    from .optimizers.groups import resolve
+
+    hyper = optimizer.hyperparameters()
+    if _json_field(hyper) or not isinstance(state, OptimizerState) or \
+            not hasattr(optimizer, "param_groups"):
+        return hyper
+    named = copy.copy(optimizer)
+    with warnings.catch_warnings():  # (a group matching nothing warned when the step began)
+        warnings.simplefilter("ignore")
+        resolve(named, state.layout.name_list)
+    return named.hyperparameters()
 
 
 # ---------------------------------------------------------------------------------------------
