@@ -376,6 +376,10 @@ def test_csv_with_missing_values_cli_then_the_same_model_from_python(tmp_path, m
     assert main(["train", "--data", "clean.csv", "--target", "species", *quick,
                  "--out", "runs/c"]) == 0
     assert main(["predict", "--run", "runs/c", "--data", "clean.csv"]) == 0
+    err = usage_error(capsys, ["predict", "--run", "runs/c", "--data", "flowers.csv",
+                               "--out", "other.csv"])
+    assert "3 missing values" in err and "fill them as the training data were filled" in err
+    assert not Path("other.csv").exists()
     with open("runs/c/predictions.csv", newline="") as f:
         predicted = list(csv.DictReader(f))
 
