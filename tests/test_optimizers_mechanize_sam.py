@@ -271,6 +271,10 @@ def _test_sam_bad_input_changes_nothing(backend):
         unchanged(params, state, snap)
     with pytest.raises(ShapeError, match=r"gradients\['w'\] has shape \(5,\)"):
         opt.update(params, {**g, "w": x}, state, closure=closure)
+    with pytest.raises(KeyMismatchError, match=r"gradients: unknown \['z'\]"):
+        opt.update(params, {**g, "z": g["b"]}, state, closure=closure)
+    with pytest.raises(KeyMismatchError, match=r"perturbed params\): missing \['w'\]"):
+        opt.update(params, {"w": g["w"]}, state, closure=lambda p: {"b": g["b"]})
     with pytest.raises(ValueError, match="made by Adam"):
         opt.update(params, g, Adam(0.05).init(params), closure=closure)
     with pytest.raises(ValueError, match="made by SAM"):  # (the base alone refuses it too)
@@ -319,7 +323,7 @@ def _test_mechanize_bad_input_changes_nothing(backend):
     g = closure(params)[1]
     f32 = {k: native(backend, host(v).astype(np.float32)) for k, v in g.items()}
     for exc, match, grads in [
-            (KeyMismatchError, r"missing \['b'\]", {"w": g["w"]}),
+            (KeyMismatchError, r"unknown \['z'\]", {**g, "z": g["b"]}),
             (ShapeError, r"gradients\['b'\] has shape \(4, 3\)", {**g, "b": g["w"]}),
             (TypeError, "dtype float32", f32), (TypeError, "are None", {**g, "b": None}),
             (TypeError, "dict of arrays", [g["w"]])]:

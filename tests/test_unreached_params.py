@@ -4,7 +4,8 @@ out a ``.grad`` None (no weight decay, no momentum, their own step count), side 
 a plain torch loop: a two-head model trained on one head's loss and then the other's, and a
 model with a parameter no loss uses, AdamW and SGD (momentum + weight decay), Accumulate
 against torch's accumulation loop, float64 NumPy and torch to 1e-12; every optimizer of the
-catalog leaves an unreached head bit for bit."""
+catalog leaves an unreached head bit for bit; SAM (closure-driven) against the torch SAM recipe
+with ``.grad`` None, Mechanize against itself on the model without the head."""
 
 from __future__ import annotations
 
@@ -315,3 +316,99 @@ def test_every_optimizer_leaves_the_unreached_head_alone(backend, name):
     assert {n for n in params if not np.array_equal(host(params[n]), before[n])} == \
         set(c.reached_parameters("loss_a"))
     assert state.missed_counts() == {"linear_2.weight": 3, "linear_2.bias": 3}
+
+
+# -- the wrappers: SAM (closure-driven) and Mechanize ---------------------------------------
+def torch_sam_step(module, topt, rho: float, adaptive: bool, loss: str, data: dict) -> None:
+    """The torch SAM recipe (davda54/sam's first_step / second_step) written out: a ``.grad``
+    None is neither in the norm nor perturbed, and the base step skips it."""
+    def loss_fn() -> torch.Tensor:
+        return module(torch.from_numpy(data["input"]), loss, data)
+
+    topt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    ps = [p for p in module.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.norm(torch.stack([((p.abs() if adaptive else 1.0) * p.grad).norm(2)
+                                       for p in ps]), 2)
+        old = [p.clone() for p in ps]
+        for p in ps:
+            p.add_((p * p if adaptive else 1.0) * p.grad * (rho / (norm + 1e-12)))
+    topt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    with torch.no_grad():
+        for p, o in zip(ps, old):
+            p.copy_(o)
+    topt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_leaves_the_unreached_head_out_as_torch(backend, adaptive):
+    """``SAM(AdamW)`` in make_train_step, trained on one head's loss and then the other's,
+    against the torch recipe by hand where the other head has ``.grad`` None: not perturbed,
+    not in the norm, not decayed, its own AdamW step count."""
+    from mithril.utils.optimizers import SAM
+
+    b = BACKENDS[backend](dtype="float64")
+    c = ml.compile(two_heads(), b, shapes={"input": [8, 3]})
+    optimizer = SAM(AdamW(learning_rate=1e-2, weight_decay=0.1), rho=0.1, adaptive=adaptive)
+    steps = {k: make_train_step(c, optimizer, loss=k) for k in ("loss_a", "loss_b")}
+    params = c.get_parameters()
+    module = TorchTwoHeads().double()
+    torch_copy(module, params)
+    topt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    state = steps["loss_a"].init(params)
+    rng = np.random.default_rng(8)
+    for loss in SCHEDULE:
+        data = data_of(rng)
+        params, state, _ = steps[loss](params, state, {k: b.array(v) for k, v in data.items()})
+        torch_sam_step(module, topt, 0.1, adaptive, loss, data)
+    for n, p in module.named_parameters():
+        np.testing.assert_allclose(host(params[n]), p.detach().numpy(), rtol=0, atol=1e-12,
+                                   err_msg=n)
+    assert {n: len(SCHEDULE) - state.missed_counts().get(n, 0) for n in params} == {
+        n: int(topt.state[p]["step"]) for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mechanize_with_an_unreached_head_is_mechanize_without_it(backend):
+    """``Mechanize(AdamW)`` in make_train_step on head a's loss of the two-head model equals
+    it on the model without head b (whose parameters it is never given): params and
+    Mechanic's scalars; head b stays bit for bit and counts its missed steps."""
+    from mithril.utils.optimizers import Mechanize
+
+    b = BACKENDS[backend](dtype="float64")
+    c = ml.compile(two_heads(), b, shapes={"input": [8, 3]})
+    m = ml.Model()
+    m |= ml.Linear(4)(input="input", output="h0")
+    m |= ml.Relu()(input="h0", output="h")
+    m |= ml.Linear(1)(input="h", output="ya")
+    m |= ml.MeanSquaredError()(input="ya", target="ta", output=ml.IOKey("loss_a"))
+    alone = ml.compile(m, b, shapes={"input": [8, 3]})
+
+    def mechanize():
+        return Mechanize(AdamW(learning_rate=1.0, weight_decay=0.1), s_init=1e-2)
+
+    (o1, step1), (o2, step2) = ((o, make_train_step(cm, o, loss="loss_a"))
+                                for cm, o in ((c, mechanize()), (alone, mechanize())))
+    params = c.get_parameters()
+    before = {n: host(p).copy() for n, p in params.items()}
+    p2 = {n: b.array(before[n].copy()) for n in alone.parameter_shapes}
+    s1, s2 = step1.init(params), step2.init(p2)
+    rng = np.random.default_rng(9)
+    for _ in range(4):
+        data = data_of(rng)
+        params, s1, _ = step1(params, s1, {k: b.array(v) for k, v in data.items()})
+        p2, s2, _ = step2(p2, s2, {k: b.array(v) for k, v in data.items() if k != "tb"})
+    for n in p2:
+        np.testing.assert_allclose(host(params[n]), host(p2[n]), rtol=0, atol=1e-12,
+                                   err_msg=n)
+    for k, v in o2.vectors(s2).items():
+        np.testing.assert_allclose(o1.vectors(s1)[k], v, rtol=1e-12, atol=0, err_msg=k)
+    assert not np.allclose(o1.vectors(s1)["s"], 1e-2)  # (Mechanic's s moved from s_init)
+    for n in ("linear_2.weight", "linear_2.bias"):
+        assert np.array_equal(host(params[n]), before[n])
+        assert not np.any(host(s1.slot("m")[n]))
+    assert s1.missed_counts() == {"linear_2.weight": 4, "linear_2.bias": 4}
+    assert not s2.missed_counts()

@@ -358,11 +358,11 @@ class TrainStep(FixedParts, HyperparameterWatch):
 
     def _closure_step(self, params: Mapping[str, Any], opt_state: Any,
                       data: Mapping[str, Any], state: Any) -> tuple:
-        """An optimizer that evaluates the loss itself (LBFGS): one ``update(params, grads,
-        opt_state, closure=f, loss=...)``, with the loss and gradients at ``params`` from the
-        step's own ``evaluate`` and ``f(p)`` the model's loss and gradients at ``p`` on the
-        same data (torch's ``step(closure)``). The outputs are those at ``params``; a model's
-        state goes through every evaluation, as a torch closure's forward passes update it."""
+        """An optimizer that evaluates the loss itself (LBFGS, SAM): one ``update(params,
+        grads, opt_state, closure=f, loss=...)`` (:func:`update_reached` where the loss does
+        not reach some), ``grads`` and loss at ``params`` from the step's own ``evaluate``,
+        ``f(p)`` the model's at ``p`` on the same data (torch's ``step(closure)``). The
+        outputs are those at ``params``; a model's state goes through every evaluation."""
         check_state_kind(self.optimizer, opt_state)  # before the model runs
         c, cots, loss = self.compiled, self._cotangents(), self.loss
         random_step = c.step  # (each training-mode evaluation of a random model moves it)
@@ -380,8 +380,8 @@ class TrainStep(FixedParts, HyperparameterWatch):
 
         try:
             outputs, grads = evaluate(params)
-            params, opt_state = self.optimizer.update(params, grads, opt_state,
-                                                      closure=closure, loss=outputs[loss])
+            params, opt_state = update_reached(self.optimizer, self._unreached, params, grads,
+                                               opt_state, closure=closure, loss=outputs[loss])
         except BaseException:  # a refused step changes nothing, the model's counter included
             c.step = random_step
             raise

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_int, check_positive, describe, to_float
-from .outer_wrapper import OuterWrapper, check_base, check_full, copied, vdot
+from .outer_wrapper import OuterWrapper, check_base, check_grads, copied, vdot
 from .state import OptimizerState
 
 #: Mechanic's scalars, one value per beta each (state.values "mechanic_r0", ...)
@@ -43,8 +43,12 @@ class Mechanize(OuterWrapper):
             s ← (s_init/num_betas · m + max(r, 0)) / (√v + eps)
         x ← x0 − Σ s · Δ
 
-    ‖·‖ and ⟨·,·⟩ are global over every parameter, so every step needs a gradient for every
-    parameter. The base optimizer's state, learning rate (schedulers drive it), parameter
+    ‖·‖ and ⟨·,·⟩ are global over the parameters given gradients: ``gradients`` may leave
+    some out (those a loss does not reach), as the authors' torch ``mechanize`` treats a
+    ``.grad`` None: they are in neither ‖g‖, ‖x‖ nor ``h``, the base optimizer's step leaves
+    them out and so does Mechanic's (values and slots as they were; the caller counts their
+    missed step, as :func:`~mithril.utils.training.make_train_step` does); ``x0`` holds every
+    parameter's value at the first step. The base optimizer's state, learning rate (schedulers drive it), parameter
     groups, weight decay and ``nonfinite`` are its own; a step it skips (``nonfinite="skip"``)
     is skipped here too (params and Mechanic's scalars unchanged). The state is the base
     optimizer's (under ``"Mechanize"``) with Mechanic's added: the slot ``"mechanic_x0"``
@@ -52,7 +56,7 @@ class Mechanize(OuterWrapper):
     (:meth:`vectors` reads ``r``, ``m``, ``v``, ``s``), which ``state_dict``, checkpoints and
     the torch drop-in keep with the base's. The scalars are float64 on the host (optax keeps
     them in the params' dtype: float32 params differ by float32 rounding). A call that raises (a missing or
-    misshapen gradient) changes neither the params nor the state.
+    misshapen or unknown gradient) changes neither the params nor the state.
     """
 
     OWN = ("weight_decay", "eps", "s_init", "betas")
@@ -113,7 +117,7 @@ class Mechanize(OuterWrapper):
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One Mechanic step (class docs); on any error neither ``params`` nor ``state``
         has changed."""
-        check_full(self, params, gradients, state, "gradients")
+        check_grads(self, params, gradients, state, "gradients")
         have = {k for k in state.values if k.startswith("mechanic_")}
         if have != set(self.own_values()):
             raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} betas, "
@@ -124,9 +128,11 @@ class Mechanize(OuterWrapper):
         s_sum = float(mech["s"].sum())
         eps, wd = self.eps, self.weight_decay
         with np.errstate(all="ignore"):
+            # (over the parameters given gradients: the others sit this step out)
+            given = {n: params[n] for n in gradients}
             coef = wd * s_sum * math.sqrt(vdot(gradients, gradients)) / (
-                math.sqrt(vdot(params, params)) + eps)
-            prev = {n: (x0[n] - p) / (s_sum + eps) for n, p in params.items()}
+                math.sqrt(vdot(given, given)) + eps)
+            prev = {n: (x0[n] - p) / (s_sum + eps) for n, p in given.items()}
             h = vdot({n: g + coef * params[n] for n, g in gradients.items()}, prev)
             old = {n: copied(p) for n, p in params.items()}  # (the base step may write them)
         new, state = self.base_update(params, gradients, state)
@@ -139,7 +145,8 @@ class Mechanize(OuterWrapper):
         with np.errstate(all="ignore"):
             s = (self.s_init / len(betas) * m + np.maximum(r, 0.0)) / (np.sqrt(v) + eps)
             total = float(s.sum())
-            out = {n: x0[n] - total * (prev[n] - (new[n] - old[n])) for n in old}
+            out = {n: x0[n] - total * (prev[n] - (new[n] - old[n])) if n in prev else new[n]
+                   for n in old}
         self._set_vectors(state, {"r": r, "m": m, "v": v, "s": s})
         state.values["mechanic_count"] += 1
         if first:

@@ -38,19 +38,23 @@ def vdot(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     return math.fsum(float((a[n] * b[n]).sum()) for n in a)
 
 
-def check_full(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: Any,
-               what: str) -> None:
-    """``grads`` (``what``: which) for every parameter, checked as ``update`` checks them
-    (backend, shape, dtype) against ``params`` and ``state`` (which ``opt`` made)."""
+def check_grads(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: Any,
+                what: str, need: Any = None) -> None:
+    """``grads`` (``what``: which) checked as ``update`` checks them (backend, shape, dtype)
+    against ``params`` and ``state`` (which ``opt`` made): for some of the parameters (a
+    parameter left out has no gradient, as a torch ``.grad`` None), for at least the names
+    ``need`` where given (a closure's, for the params it was given gradients of)."""
     if not isinstance(grads, Mapping):
         raise TypeError(f"{what} must be a dict of arrays, got {describe(grads)}")
-    if grads.keys() != params.keys():
-        raise KeyMismatchError(f"{what} must have exactly the params' names: missing "
-                               f"{sorted(set(params) - set(grads))}, unknown "
-                               f"{sorted(set(grads) - set(params))}")
+    missing = sorted(set(need or ()) - set(grads))
+    unknown = sorted(set(grads) - set(params))
+    if missing or unknown:
+        raise KeyMismatchError(f"{what}: " + ", ".join(
+            ([f"missing {missing} (given gradients at params)"] if missing else []) +
+            ([f"unknown {unknown} (no such parameter)"] if unknown else [])))
     if any(g is None for g in grads.values()):
         raise TypeError(f"{what}: {[n for n, g in grads.items() if g is None]} are None "
-                        f"(every parameter needs a gradient)")
+                        f"(leave a parameter without a gradient out of the dict)")
     try:
         check_update(opt, params, grads, state)
     except (TypeError, ValueError) as e:  # (say whose: the closure's, or those given)

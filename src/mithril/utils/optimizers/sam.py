@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_flag, check_positive, check_update, describe, to_float
-from .outer_wrapper import OuterWrapper, check_base, check_full, copied, vdot
+from .outer_wrapper import OuterWrapper, check_base, check_grads, copied, vdot
 from .state import OptimizerState
 
 
@@ -30,7 +30,7 @@ class SAM(OuterWrapper):
     opaque_mode=True)``::
 
         g  = ∇L(w)                            (``gradients``, or the closure's at w)
-        e  = rho · g / (‖g‖ + eps)            ‖·‖: the global norm over every parameter
+        e  = rho · g / (‖g‖ + eps)            ‖·‖: the global norm over the gradients
         (ASAM, adaptive=True: e = rho · w²·g / (‖|w|·g‖ + eps), elementwise)
         g' = ∇L(w + e)                        (the closure's, at the perturbed point)
         w  ← base step at w with g'           (the base optimizer's update and state)
@@ -55,10 +55,17 @@ class SAM(OuterWrapper):
 
     The state is the base optimizer's, under ``"SAM"``: the learning rate,
     schedulers, parameter groups, weight decay, clipping and ``nonfinite`` are the base's;
-    ``state_dict`` / ``load_state_dict`` are the base's under ``"SAM"``. Every gradient
-    (the given ones and the closure's) must cover every parameter. A call that raises (no
-    closure, a closure that raises or returns other names, shapes or dtype) changes neither
-    the params nor the state.
+    ``state_dict`` / ``load_state_dict`` are the base's under ``"SAM"``.
+
+    ``gradients`` may leave parameters out (those a loss does not reach), as the torch recipe
+    treats a ``.grad`` None: they are not perturbed and not in ‖g‖, their gradients from the
+    closure at the perturbed point are not used (mithril's ``evaluate`` gives zeros there),
+    and the base optimizer's step leaves them out (values and slots as they were; the caller
+    counts their missed step, as :func:`~mithril.utils.training.make_train_step` does).
+    Where ``gradients`` is None, the closure's at ``params`` tell which have one. The
+    closure's gradients at the perturbed point must cover those. A call that raises (no
+    closure, a closure that raises or returns too few or unknown names, other shapes or
+    dtype) changes neither the params nor the state.
     """
 
     OWN = ("rho", "adaptive", "eps")
@@ -112,16 +119,19 @@ class SAM(OuterWrapper):
         params = {n: copied(p) for n, p in params.items()}
         if gradients is None:
             _, gradients = self._evaluate(closure, params, params, state, "at params")
-        check_full(self, params, gradients, state, "gradients")
+        else:
+            check_grads(self, params, gradients, state, "gradients")
         e = self.perturbation(params, gradients)
-        loss, adv = self._evaluate(closure, {n: params[n] + e[n] for n in params}, params,
-                                   state, "at the perturbed params")
-        params, state = self.base_update(params, adv, state)
+        # (those without a gradient stay where they are, in new arrays too)
+        point = {n: params[n] + e[n] if n in e else copied(params[n]) for n in params}
+        loss, adv = self._evaluate(closure, point, params, state, "at the perturbed params",
+                                   gradients)
+        params, state = self.base_update(params, {n: adv[n] for n in gradients}, state)
         state.last_loss = loss
         return params, state
 
     def _evaluate(self, closure: Callable, point: dict[str, Any], params: Mapping[str, Any],
-                  state: OptimizerState, where: str) -> tuple[Any, Any]:
+                  state: OptimizerState, where: str, need: Any = None) -> tuple[Any, Any]:
         out = closure(point)
         loss = None
         if isinstance(out, (tuple, list)) and len(out) == 2:
@@ -132,5 +142,5 @@ class SAM(OuterWrapper):
         if not isinstance(out, Mapping):
             raise TypeError(f"SAM: the closure must return (loss, gradients) or gradients (a "
                             f"dict of arrays), got {describe(out)}")
-        check_full(self, params, out, state, what)
+        check_grads(self, params, out, state, what, need)
         return loss, out
