@@ -27,6 +27,10 @@ from mithril.backends import NumpyBackend, TorchBackend
      r"Convolution1D: no output_padding= argument \(transposed"),
     (lambda: ml.MaxPool2D(2, return_indices=True), r"MaxPool2D: no return_indices= argument"),
     (lambda: ml.AvgPool1D(2, dilation=2), r"AvgPool1D: no dilation= argument"),
+    (lambda: ml.Linear(4, bias=False), r"Linear: no bias= argument \(ours is use_bias"),
+    (lambda: ml.Linear(in_features=3, out_features=4),
+     r"Linear: no in_features= argument \(read from the input's shape"),
+    (lambda: ml.MLP(["relu", None], [4, 2], bias=False), r"MLP: no bias= argument \(ours is"),
 ])
 def test_torch_arguments_not_offered_are_named(make, message: str) -> None:
     """The public layer is named (not an internal base class), with what to use instead."""
@@ -40,6 +44,9 @@ def test_use_bias_must_be_a_bool(value) -> None:
     with pytest.raises(TypeError, match="Convolution2D: use_bias must be a bool"):
         ml.Convolution2D(3, 4, use_bias=value)
     assert ml.Convolution2D(3, 4, use_bias=np.bool_(False)).use_bias is False
+    with pytest.raises(TypeError, match="Linear: use_bias must be a bool"):
+        ml.Linear(4, use_bias=value)
+    assert ml.Linear(4, use_bias=np.bool_(False)).use_bias is False
 
 
 @pytest.mark.parametrize("value", [0, True, 1.5, "2"])

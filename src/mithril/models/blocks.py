@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from . import activations, activations_more
 from .layers import Linear
@@ -28,7 +29,12 @@ class MLP(Model):
     """
 
     def __init__(self, activations: Sequence[Operator | type | str | None],
-                 dimensions: Sequence[int], use_bias: bool = True) -> None:
+                 dimensions: Sequence[int], use_bias: bool = True, **torch_only: Any) -> None:
+        if "bias" in torch_only:  # (torch's name: ours, rather than Python's message)
+            raise TypeError("MLP: no bias= argument (ours is use_bias, a bool)")
+        if torch_only:
+            raise TypeError(f"MLP: no {next(iter(torch_only))}= argument (MLP takes "
+                            f"activations, dimensions, use_bias)")
         super().__init__()
         if len(activations) != len(dimensions):
             raise ValueError(f"MLP: got {len(activations)} activations for {len(dimensions)} "

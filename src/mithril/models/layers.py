@@ -21,6 +21,12 @@ def _last_dim(shapes, who: str) -> int | None:
     return s[-1]
 
 
+#: torch.nn.Linear's arguments that are not ours: what instead
+TORCH_LINEAR = {"bias": "ours is use_bias, a bool", "out_features": "ours is dimension",
+                "in_features": "read from the input's shape",
+                "device": "the backend places the arrays", "dtype": "the backend's dtype is used"}
+
+
 class Linear(Operator):
     """y = x·Wᵀ + b with ``weight`` of shape (dimension, in_features) (torch layout) and
     ``bias`` of shape (dimension,). Weight init: Glorot uniform; bias: zeros."""
@@ -29,11 +35,18 @@ class Linear(Operator):
     vjp_ignores = frozenset({"output"})
     fresh_output = True
 
-    def __init__(self, dimension: int, use_bias: bool = True) -> None:
-        if not isinstance(dimension, int) or dimension <= 0:
+    def __init__(self, dimension: int | None = None, use_bias: bool = True,
+                 **torch_only: Any) -> None:
+        if torch_only:  # torch.nn.Linear's names: say ours (not Python's "unexpected keyword")
+            name = next(iter(torch_only))
+            instead = TORCH_LINEAR.get(name, "not an argument of Linear")
+            raise TypeError(f"Linear: no {name}= argument ({instead})")
+        if not isinstance(dimension, int) or isinstance(dimension, bool) or dimension <= 0:
             raise ValueError(f"Linear: dimension must be a positive int, got {dimension!r}")
+        if not isinstance(use_bias, (bool, np.bool_)):  # "no" or None: not read as truthiness
+            raise TypeError(f"Linear: use_bias must be a bool, got {use_bias!r}")
         self.dimension = dimension
-        self.use_bias = use_bias
+        self.use_bias = bool(use_bias)
 
     def param_shapes(self, shapes):
         d_in = _last_dim(shapes, "Linear")
