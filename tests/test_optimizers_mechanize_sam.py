@@ -3,7 +3,8 @@ peers, side by side in each test, float64, 20 steps, on the NumPy, torch and JAX
 
 * ``Mechanize(Adam(1.0))`` / ``Mechanize(SGD(0.1, momentum=0.9))`` against
   ``optax.contrib.mechanize`` (0.2.8) around ``optax.adam`` / ``optax.sgd``: params and
-  Mechanic's ``s`` within 1e-12 after every step;
+  Mechanic's ``s`` within 1e-12 after every step; gradients for some params only (a torch
+  ``.grad`` None) against optax's on those alone;
 * ``SAM(base, rho, eps=0)`` against ``optax.contrib.sam(base, chain(normalize(), sgd(rho)),
   sync_period=2, opaque_mode=True)`` (and its default transparent mode, two calls a step);
 * ``SAM(..., adaptive=True)`` (ASAM) and plain SAM against the common PyTorch recipe
@@ -86,6 +87,36 @@ def test_mechanize_matches_optax(backend, base):
             assert err(params, q) <= 1e-12
             assert np.max(np.abs(opt.vectors(state)["s"] - np.asarray(s.s))) <= 1e-12
         assert err(params, P0) > 0.3 and state.values["mechanic_count"] == int(s.count) == STEPS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mechanize_leaves_out_a_parameter_without_gradient_as_optax_without_it(backend):
+    """Gradients for ``w`` only (``b`` as a torch ``.grad`` None): optax's mechanize on ``w``
+    alone (``b`` held where it is), ``b`` bit for bit; and ``torch_optimizer(Mechanize)``
+    with ``b.grad`` None the same."""
+    kw = {"weight_decay": 0.01, "s_init": 0.05}
+    with jax_float64():
+        params, closure = problem(backend)
+        opt = Mechanize(Adam(1.0), **kw)
+        state = opt.init(params)
+        tx = optax.contrib.mechanize(optax.adam(1.0), **kw)
+        q = {"w": jnp.asarray(P0["w"])}
+        s = tx.init(q)
+        if backend == "torch":
+            w, b = (torch.nn.Parameter(torch.tensor(P0[k])) for k in ("w", "b"))
+            drop_in = torch_optimizer(Mechanize(Adam(1.0), **kw), [("w", w), ("b", b)])
+        for _ in range(STEPS):
+            params, state = opt.update(params, {"w": closure(params)[1]["w"]}, state)
+            u, s = tx.update({"w": ref_grads({**q, "b": P0["b"]})["w"]}, s, q)
+            q = optax.apply_updates(q, u)
+            assert err(params, q) <= 1e-12 and np.array_equal(host(params["b"]), P0["b"])
+            assert np.max(np.abs(opt.vectors(state)["s"] - np.asarray(s.s))) <= 1e-12
+            if backend == "torch":
+                w.grad = closure({"w": w.detach(), "b": b.detach()})[1]["w"]
+                drop_in.step()
+                assert err({"w": w, "b": b}, copies(params)) == 0
+        assert err(params, {"w": P0["w"]}) > 0.3
+        assert state.missed_counts() == {}  # (update leaves counting to the caller)
 
 
 def test_mechanize_num_betas_and_betas():
