@@ -216,6 +216,31 @@ def test_sam_matches_the_torch_recipe(backend, base, adaptive):
         assert err(params, theirs) <= 1e-12 and err(params, P0) > 0.3
 
 
+def test_sam_with_a_parameter_without_gradient():
+    """``b`` without a gradient (a torch ``.grad`` None), whether the closure at params leaves
+    it out (``gradients=None``) or the given gradients do (the closure's ``b`` then unused):
+    ``w`` as SAM on ``w`` alone with ``b`` held, ``b`` bit for bit."""
+    params, closure = problem("numpy")
+    runs = []
+    for variant in ("closure", "given", "alone"):
+        opt = SAM(Adam(0.05), rho=0.1)
+        p = {"w": params["w"]} if variant == "alone" else dict(params)
+        state = opt.init(p)
+        for _ in range(5):
+            if variant == "closure":
+                p, state = opt.update(p, None, state, closure=lambda q: (
+                    closure(q)[0], {"w": closure(q)[1]["w"]}))
+            else:
+                f = (lambda q: {"w": closure({**q, "b": params["b"]})[1]["w"]}) \
+                    if variant == "alone" else closure
+                p, state = opt.update(p, {"w": closure({**params, **p})[1]["w"]}, state,
+                                      closure=f)
+        runs.append(p)
+    assert err(runs[0], runs[2]) == err(runs[1], runs[2]) == 0 < err(runs[2], {"w": P0["w"]})
+    assert np.array_equal(runs[0]["b"], params["b"]) and np.array_equal(runs[1]["b"],
+                                                                         params["b"])
+
+
 def test_sam_through_torch_optimizer_step_closure():
     """``torch_optimizer(SAM(SGD)).step(closure)`` on an nn.Module: the recipe's numbers."""
     def run(ours: bool):
