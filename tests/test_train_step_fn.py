@@ -129,7 +129,7 @@ def separate(compiled, opt, batches: list) -> tuple[dict, list]:
                 o, g = compiled.evaluate(p, data, output_gradients={"loss": 1.0})
                 return o["loss"], g
             params, state = opt.update(params, grads, state, closure=closure, loss=out["loss"])
-        elif opt.needs_loss:
+        elif getattr(opt, "needs_loss", False):
             params, state = opt.update(params, grads, state, loss=out["loss"])
         else:
             params, state = opt.update(params, grads, state)
