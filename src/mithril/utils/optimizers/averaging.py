@@ -483,8 +483,10 @@ class AveragingMixin:
     def _average(self, state: Any, slot: str, what: str) -> dict[str, Any]:
         state = unwrapped(state)
         if not isinstance(state, OptimizerState):
+            hint = ("; a make_train_step's JAX state: step.to_optimizer_state(opt_state, params) "
+                    "first") if type(state).__name__ == "OptaxState" else ""
             raise TypeError(f"{what}: state must be what {type(self).__name__}.init returned, "
-                            f"got {type(state).__name__}")
+                            f"got {type(state).__name__}{hint}")
         if slot not in state.slots:
             option = "ema_decay=" if slot == EMA else "swa_start="
             raise NoAverageError(
