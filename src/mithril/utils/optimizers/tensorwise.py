@@ -8,7 +8,8 @@ the math's), parameter groups, weight averaging and the non-finite policies (eve
 is computed before anything is written: a skipped or refused step changes nothing). On
 NumPy/torch the results are written into the state's flat buffers and the returned arrays
 are views of its parameter buffer (the ownership rule of :mod:`.base`); on JAX the params
-returned are new arrays and jax.Array slot buffers are replaced.
+returned are new arrays and jax.Array slot buffers are replaced, the whole step one
+``jax.jit`` program (:mod:`.engines.tensorwise_jit`; eagerly where it does not trace).
 
 A subclass may also take the whole step at once after the input checks
 (:meth:`~TensorwiseOptimizer.fused_step`, e.g. Adafactor's numba kernel); where it returns
@@ -270,6 +271,13 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
         return _finish(self, state, *fused)
     t, lay, eng = state.step + 1, state.layout, state.engine
     xp = ops_for(eng.backend)
+    if xp.name == "jax":  # the same step as one jax.jit program (None: eagerly, below)
+        from .engines import tensorwise_jit
+
+        with np.errstate(all="ignore"):
+            jitted = tensorwise_jit.step(self, state, params, gradients)
+        if jitted is not None:
+            return _finish(self, state, *jitted)
     views = state.param_views or {}
     grad_ctx = xp.m.no_grad() if xp.name == "torch" else contextlib.nullcontext()
     with grad_ctx, np.errstate(all="ignore"):
