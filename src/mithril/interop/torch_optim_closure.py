@@ -21,7 +21,8 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
     evaluates the loss itself (``update(params, None, state, closure=f)``, ``f(params) ->
     (loss, gradients)``):
     ``f`` writes the params it is given into the parameters, calls ``closure`` and
-    reads their ``.grad`` (zeros where None, as torch.optim.LBFGS). On any error the
+    reads their ``.grad`` (zeros where None for LBFGS, as torch.optim.LBFGS; left out for the
+    others, as torch's SAM recipe, their missed step counted). On any error the
     parameters are written back and the state is unchanged."""
     name = type(tw._mithril).__name__
     if closure is None:
@@ -34,6 +35,9 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
                         f"{type(closure).__name__}")
     tw._sync_all()
     names, params = tw._names, tw._params
+    from ..utils.optimizers.lbfgs import LBFGS
+
+    zeros = isinstance(tw._mithril, LBFGS)  # torch.optim.LBFGS reads a .grad None as zeros
     first: dict[str, Any] = {}  # the point the step starts from, and its loss
 
     def evaluate(point: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -56,8 +60,12 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
                             f"one-element tensor), got "
                             f"{'None' if loss is None else tuple(loss.shape)}")
         first.setdefault("loss", loss)
-        grads = {n: dense(p.grad) if p.grad is not None else torch.zeros_like(p)
-                 for n, p in zip(names, params)}
+        if zeros:
+            grads = {n: dense(p.grad) if p.grad is not None else torch.zeros_like(p)
+                     for n, p in zip(names, params)}
+        else:  # a .grad None is left out (SAM: neither perturbed nor stepped, as torch's recipe)
+            grads = {n: dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
+        first.setdefault("none", [n for n, p in zip(names, params) if p.grad is None])
         return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 
     current = {n: p.detach() for n, p in zip(names, params)}
@@ -81,4 +89,6 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
         for p, x in zip(params, new.values()):
             p.copy_(x)
     tw._opt_state = state
+    if not zeros and first["none"] and not state.last_step_skipped:
+        state.note_missed(first["none"])  # (each parameter counts its own steps, as torch's)
     return first["loss"]
