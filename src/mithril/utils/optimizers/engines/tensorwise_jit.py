@@ -163,8 +163,10 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
     else:
         out = fn(*args)
     new_p, new_s, probe = out
-    probe = np.asarray(probe, dtype=np.float64)
-    norm, ok_all = float(probe[0]), probe[1:] != 0
+    probe, k = np.asarray(probe, dtype=np.float64), len(grads)
+    with np.errstate(all="ignore"):  # (inf/NaN gradients: a non-finite norm)
+        norm = math.sqrt(float(np.sum(np.square(probe[:k] * probe[k:2 * k]))))
+    ok_all = probe[2 * k:] != 0
     for s, v in new_s.items():  # (donated: the program's, the old values if refused)
         if not host[s]:
             state.slots[s] = v
@@ -189,32 +191,38 @@ def _decide(opt: Any, state: OptimizerState, params: Mapping[str, Any],
             raise nonfinite_result_error(opt, sorted(n for n, ok in zip(lay.names, ok_all)
                                                      if not ok))
         return dict(params), False, norm, False
-    for s, v in new_s.items():
+    for s, values in new_s.items():
         if host[s]:
-            np.copyto(state.slots[s], np.asarray(v))
+            dst = state.slot_layout(s).unflatten(state.slots[s])
+            for n, v in values.items():
+                dst[n][...] = np.asarray(v)
     return {n: new_p.get(n, params[n]) for n in lay.names}, True, norm, finite
 
 
 def _norms(gs: list[Any], wide: Any) -> Any:
-    """Each gradient's ‖g‖₂ (traced, in ``wide``): from Σ g², or where some sum overflows
-    (finite gradients beyond ~1e19 in float32) or is not finite, scaled by max|g|."""
+    """Each gradient's ‖g‖₂ as two factors (traced, in ``wide``; rows (a, r), ‖g‖₂ = a·r):
+    (1, √Σ g²), or where some sum overflows (finite gradients beyond ~1e19 in float32) or is
+    not finite, (max|g|, ‖g / max|g|‖₂): the host takes the global norm from them in
+    float64, as the eager path (finite gradients whose norm float32 cannot hold included)."""
     import jax
     import jax.numpy as jnp
 
     if not gs:
-        return jnp.zeros((0,), wide)
+        return jnp.zeros((2, 0), wide)
     sq = jnp.stack([jnp.sum(jnp.square(g.astype(wide))) for g in gs])
 
     def scaled() -> Any:
-        out = []
+        a, r = [], []
         for g in gs:
             g = g.astype(wide)
-            a = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), wide)
-            safe = jnp.where((a > 0) & jnp.isfinite(a), a, jnp.ones((), wide))
-            out.append(safe * jnp.sqrt(jnp.sum(jnp.square(g / safe))))
-        return jnp.stack(out)
+            m = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), wide)
+            safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones((), wide))
+            a.append(safe)
+            r.append(jnp.sqrt(jnp.sum(jnp.square(g / safe))))
+        return jnp.stack([jnp.stack(a), jnp.stack(r)])
 
-    return jax.lax.cond(jnp.isfinite(jnp.sum(sq)), lambda: jnp.sqrt(sq), scaled)
+    return jax.lax.cond(jnp.isfinite(jnp.sum(sq)),
+                        lambda: jnp.stack([jnp.ones_like(sq), jnp.sqrt(sq)]), scaled)
 
 
 def _hypot(n: Any) -> Any:
@@ -260,9 +268,12 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
         per = any(getattr(v, "clip_tensor_norm", None) is not None
                   or getattr(v, "clip_block_rms", None) is not None for v in rowsv)
         scale = {}
+        ar = _norms([gs[i] for i in upd], wide)
+        n = ar[0] * ar[1]
+        # the norm's finiteness as the host sees it (a finite norm beyond float32's range
+        # is finite): every factor finite
+        nf = jnp.all(jnp.isfinite(ar))
         if gs and (clip_on or per):
-            n = _norms([gs[i] for i in upd], wide)
-            norm = _hypot(n)
             f = []
             for j, i in enumerate(upd):
                 row, fi = rowsv[i], jnp.ones((), wide)
@@ -278,8 +289,6 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
             if clip_on:
                 gscale = jnp.minimum(1.0, table[0] / (_hypot(f * n) + 1e-6))
             scale = {i: f[j] * gscale for j, i in enumerate(upd)}
-        else:
-            norm = _hypot(_norms([gs[i] for i in upd], wide))
         new_p, new_s = {}, {s: {} for s in allslots}
         ok = []
         for i, (r, at, kinds, wz, u) in enumerate(spec):
@@ -317,7 +326,7 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
             ok.append(jnp.isfinite(sum(jnp.sum(v - v) for v in vals)) if vals
                       else jnp.ones((), bool))
         ok = jnp.stack(ok) if ok else jnp.ones((0,), bool)
-        nf, fin = jnp.isfinite(norm), jnp.all(ok)
+        fin = jnp.all(ok)
         keep = None
         if policy != "propagate":  # the eager path's decision, for the slots
             keep = (nf | (not refuses(opt))) & (fin | ~nf)
@@ -327,12 +336,14 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
                 if s in slots:
                     out_s[s] = slots[s]
                 continue
+            if s in host_slots:  # (written into the host buffer's views, which may
+                out_s[s] = values  # have gaps between them)
+                continue
             old = parts[s]
             flat = jnp.concatenate([values.get(n, old[n]).reshape(-1).astype(dtypes[s])
                                     for n in slays[s].names])
-            out_s[s] = flat if keep is None or s in host_slots else jnp.where(
-                keep, flat, allslots[s])
-        probe = jnp.concatenate([norm.astype(wide)[None], ok.astype(wide)])
+            out_s[s] = flat if keep is None else jnp.where(keep, flat, allslots[s])
+        probe = jnp.concatenate([ar.reshape(-1), ok.astype(wide)])
         return tuple(new_p[names[i]] for i in upd), out_s, probe
 
     def row_traced(row: Any, r: int) -> tuple[str, ...]:
