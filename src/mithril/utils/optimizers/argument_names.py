@@ -21,6 +21,11 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
                 "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
                 "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
+#: where ours of those is another rule than the peer's: what gives the peer's exactly
+_EXACTLY = {"global_clipnorm": " It is torch's rule, min(1, c/(‖g‖ + 1e-6)): Keras's and "
+                               "optax's exact c/max(‖g‖, c) is mithril.utils.optimizers."
+                               "clip_gradients(grads, clip_norm=c, eps=0.0) before update, on "
+                               "an optimizer without clip_norm"}
 #: other libraries' options that are a wrapper or a recipe here, not an argument
 _RECIPES = {
     "gradient_accumulation_steps": "wrap the optimizer: mithril.utils.accumulation."
@@ -65,7 +70,7 @@ def _meant_among(known: set[str], who: str, name: str) -> str:
         return _RECIPES[name]
     other = _OTHER_NAMES.get(name, "")
     if other and all(k in known for k in other.split(" and ")):
-        return f"did you mean {other}?"
+        return f"did you mean {other}?{_EXACTLY.get(name, '')}"
     if near := " or ".join(difflib.get_close_matches(name, known, 2, cutoff=0.8)):
         return f"did you mean {near}?"
     if owners := _catalog_takes().get(name):

@@ -80,6 +80,7 @@ from .engines.common import is_finite
 from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
 from .layout import Layout, slot_shape_of
 from .loss_aware import LOSS, WRITTEN, loss_step
+from .name_patterns import check_mask
 from .serialization import StateDictMixin
 from .state import DeviceReport, OptimizerState
 
@@ -448,6 +449,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         if params and layout.dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
                             f"optimizers need floating-point parameters")
+        check_mask(self, layout.names)  # (a dict missing a name, an optax-style function)
         engine = engine_for(backend, layout)
         layout = engine.layout  # an engine may pad offsets for alignment
         slots, slot_layouts = {}, {}

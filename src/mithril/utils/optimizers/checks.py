@@ -77,6 +77,15 @@ def to_float(name: str, value: Any) -> float:
     ``float(True)`` would pass), ``ValueError`` for a number too large for a float."""
     if isinstance(value, (str, bytes, bool, np.bool_)):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
+    if callable(value):  # an optax / Keras schedule (a function of the step): a scheduler here
+        raise TypeError(f"{name} must be a number, got {describe(value)}: for a schedule give "
+                        f"its initial value and step a scheduler of mithril.utils.lr_schedulers "
+                        f"after each update (docs/optimizers.md, \"From optax or Keras\", lists "
+                        f"each optax / Keras schedule's)" + (
+                            "; optax_transformation(opt, learning_rate=schedule) takes an optax "
+                            "schedule as it is" if "learning_rate" in name else
+                            "; one drives any hyperparameter through optimizer.hyperparameter("
+                            "name, group)"))
     try:
         return float(value)
     except OverflowError:

@@ -1,6 +1,7 @@
 """Parameter groups: per-tensor hyperparameters inside one optimizer and one fused pass.
 
-``param_groups=[{"params": <regex | list of names | callable(name) -> bool>, **overrides}]``
+``param_groups=[{"params": <regex | list of names | callable(name) -> bool | dict of name ->
+bool>, **overrides}]`` (the patterns: :mod:`.name_patterns`)
 gives the parameters a group matches (the *first* group that matches a name owns it) other
 values of any hyperparameter the optimizer has; unmatched parameters keep the constructor's.
 ``weight_decay_mask`` (optax ``masked``: decay only where it matches) and
@@ -41,13 +42,13 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import re
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .name_patterns import _matcher, _matches
 from .own_rows import OwnRows, own_count_rows  # noqa: F401 - own_count_rows: importable here
 from .readonly_groups import ParamGroup, ParamGroups  # noqa: F401 - importable from here
 
@@ -76,36 +77,6 @@ GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "stri
 #: in a ``step_wide`` class attribute: DoG's ε enters one optimizer-wide step size)
 GLOBAL = frozenset({"clip_norm", "nonfinite", "max_consecutive_skips", "param_groups",
                     "weight_decay_mask", "exclude_weight_decay"})
-
-
-def _matcher(spec: Any, where: str) -> Callable[[str], bool] | list[str]:
-    """A predicate for a name pattern (regex searched in the name, or callable), or the
-    list of names it lists."""
-    if isinstance(spec, str):
-        try:
-            rx = re.compile(spec)
-        except re.error as e:
-            raise ValueError(f"{where}: {spec!r} is not a valid regular expression: {e}") from None
-        return lambda name: rx.search(name) is not None
-    if callable(spec):
-        return spec
-    if isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
-        return list(spec)
-    raise TypeError(f"{where} must be a regex string, a list of names or a callable(name) -> "
-                    f"bool, got {type(spec).__name__}")
-
-
-def _matches(m: Callable[[str], bool] | list[str], name: str, where: str) -> bool:
-    if isinstance(m, list):
-        return name in m
-    try:
-        hit = m(name)
-    except Exception as e:  # noqa: BLE001 - the user's callable: name it
-        raise ValueError(f"{where}: the callable raised on parameter '{name}': {e!r}") from e
-    if not isinstance(hit, (bool, np.bool_)):
-        raise TypeError(f"{where}: the callable must return a bool, got {type(hit).__name__} "
-                        f"for '{name}'")
-    return bool(hit)
 
 
 def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
@@ -231,13 +202,13 @@ def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
     # given as names=: exact names), or an exclusion matching nothing, is as silent otherwise
     known = set(names)
     for j, m in enumerate(excl_m):
-        missing = [x for x in m if x not in known] if isinstance(m, list) else []
+        missing = [x for x in m if x not in known] if isinstance(m, (list, dict)) else []
         if missing or f"exclude{j}" not in matched:
             msgs.append(f"{type(opt).__name__}: exclude_from_weight_decay entry {j} "
                         + (f"names unknown parameters {missing}" if missing
                            else f"({excl[j]!r}) matches no parameter")
                         + " (names= are exact names; var_names= Keras' substrings)")
-    if isinstance(mask_m, list) and (missing := [x for x in mask_m if x not in known]):
+    if isinstance(mask_m, (list, dict)) and (missing := [x for x in mask_m if x not in known]):
         msgs.append(f"{type(opt).__name__}: weight_decay_mask names unknown parameters "
                     f"{missing}")
     warned = opt.__dict__.setdefault("_warned", set())  # (shared with its copies)
@@ -370,8 +341,9 @@ class GroupsMixin:
             return
         groups, mask, exclude, strict = raw
         normalized = normalize(self, groups)
-        if mask is not None:
-            _matcher(mask, "weight_decay_mask")
+        if mask is not None:  # (a dict kept flat, of plain bools: a state dict's JSON)
+            m = _matcher(mask, "weight_decay_mask")
+            mask = m if isinstance(mask, Mapping) else mask
         if isinstance(exclude, (str, Mapping)) or not isinstance(exclude, (list, tuple)):
             raise TypeError("exclude_weight_decay must be a list of regexes, name lists or callables")
         for e in exclude:
