@@ -248,7 +248,8 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
     names, sizes = list(lay.names), [int(x) for x in lay.sizes]
     slays = {s: sl for s, sl, _ in key[1]}
     dtypes = {s: d for s, _, d in key[1]}
-    policy, clip_on = opt.nonfinite, opt.clip_norm is not None
+    # (the program keeps no reference to the optimizer or the state)
+    policy, clip_on, refusing = opt.nonfinite, opt.clip_norm is not None, refuses(opt)
     xp = TracedOps()
 
     def program(params, grads, slots, host_slots, table):
@@ -329,7 +330,7 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
         fin = jnp.all(ok)
         keep = None
         if policy != "propagate":  # the eager path's decision, for the slots
-            keep = (nf | (not refuses(opt))) & (fin | ~nf)
+            keep = (nf | (not refusing)) & (fin | ~nf)
         out_s = {}
         for s, values in new_s.items():
             if not values:  # (a donated buffer comes back as it was)
