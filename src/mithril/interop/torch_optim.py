@@ -168,17 +168,14 @@ import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from itertools import chain
 from typing import Any
 
 import torch
 
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
-from ..utils.optimizers.layout import slot_shape_of
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
-    apply_values,
     check_torch_flags,
     given_values,
     group_keys,
@@ -187,7 +184,6 @@ from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     joined_at,
     named,
     packed_groups,
-    sync_groups,
     torch_groups,
 )
 from .torch_optim_params import (
@@ -202,21 +198,19 @@ from .torch_optim_params import (
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
-    group_value,
     live_state,
     parse_state_dict,
     restore,
-    same,
-    scalar,
     slot_names_for_torch,
     torch_initial,
     with_added,
     with_group,
 )
+from .torch_optim_sync import TorchGroupSync
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
 
-class TorchOptimizer(torch.optim.Optimizer):
+class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
     """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
     with :func:`torch_optimizer`."""
 
@@ -445,81 +439,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if not lies_at(p, v):
                     p.data = v
         self._views = new
-
-    # -- the group <-> the optimizer's hyperparameters --------------------------------------
-    def _sync_all(self) -> None:
-        groups = self.param_groups
-        if len(groups) != len(self._group_names) or not all(
-                len(g["params"]) == len(n) for g, n in zip(groups, self._group_names)) \
-                or not all(map(operator.is_, chain.from_iterable(g["params"] for g in groups),
-                               self._params)):  # (C-speed: every step)
-            # why: a group's "params" replaced or cut was silently ignored (every parameter
-            # still stepped), where torch's steps those the groups hold
-            raise ValueError(f"param_groups changed their parameters (or groups) since the "
-                             f"optimizer took them ({len(self._params)} parameters in "
-                             f"{len(self._group_names)} groups): add them with "
-                             f"add_param_group; to drop some, make a new optimizer")
-        check_torch_flags(self._mithril, groups, self._keys)
-        if self._grouped:
-            sync_groups(self)
-        else:
-            self._sync(self.param_groups[0])
-
-    def _value_of(self, ours: tuple[str, ...]) -> Any:
-        if ours == ("learning_rate",):
-            return self._mithril.get_learning_rate()
-        hp = self._mithril.flat_hyperparameters()
-        return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
-
-    def _sync(self, group: Mapping[str, Any]) -> None:
-        """Apply the group's values that changed since the last step to the optimizer."""
-        opt = self._mithril
-        try:
-            lr = group["lr"]
-        except KeyError:
-            raise KeyMismatchError("param_groups[0] has no 'lr'") from None
-        lr, old_lr = scalar(lr), opt.get_learning_rate()
-        if lr != old_lr:
-            try:
-                opt.set_learning_rate(lr)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[0]['lr']: {e}") from e
-        try:  # a refused value of the group leaves the learning rate as it was too
-            changed = {}
-            for key, ours in self._keys[1:]:
-                if key not in group:
-                    raise KeyMismatchError(f"param_groups[0] has no '{key}' (the "
-                                           f"optimizer's {', '.join(ours)})")
-                if not same(group[key], self._synced[0][key]):
-                    changed[key] = group[key]
-            if changed:
-                self._apply(changed)
-        except BaseException:
-            if lr != old_lr:
-                opt.set_learning_rate(old_lr)
-            raise
-
-    def _apply(self, changed: dict[str, Any]) -> None:
-        opt = self._mithril
-        keys = dict(self._keys)
-        hp: dict[str, Any] = {}
-        for key, value in changed.items():
-            hp.update(group_value(key, keys[key], value))
-        old = opt.flat_hyperparameters()
-        before = opt.nested_hyperparameters({k: old[k] for k in hp})
-        where = ", ".join(f"param_groups[0]['{k}']" for k in changed)
-        st = self._opt_state
-        apply_values(opt, opt.nested_hyperparameters(hp), before, st, where)
-        moved = [] if st is None else [  # (slots of the same names laid out otherwise:
-            s for s in (*opt.slot_names(), *opt.tensor_slots) if s in st.slots and  # Muon's
-            [tuple(slot_shape_of(opt, s, tuple(shape), n)) for n, shape in  # exclusions)
-             zip(st.layout.names, st.layout.shapes)] != list(st.slot_layout(s).shapes)]
-        if moved:
-            opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
-            raise ValueError(f"{where}: {type(opt).__name__} would then lay out its state "
-                             f"slots {moved} otherwise than its state holds them; set this "
-                             f"in the constructor instead")
-        self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
