@@ -13,7 +13,7 @@ from .checks import check_flag, check_positive, describe, switched_on, to_float
 from .elementwise import minimum
 from .engines.common import must_skip, nonfinite_result_error
 from .state import OptimizerState
-from .tensorwise import NumpyOps, TensorwiseOptimizer, _tensor_clip
+from .tensorwise import NumpyOps, TensorwiseOptimizer
 
 
 def _check_eps(value: Any) -> tuple[float | None, float]:
@@ -212,31 +212,16 @@ def _fused_step(opt: Adafactor, params: Mapping[str, Any], gradients: Mapping[st
     """:meth:`Adafactor.fused_step`: (params to return, applied, global norm, finite), as
     the engines' ``step``. Nothing is written unless the step is applied."""
     from .engines import factored_kernels as fk
-    from .engines.kernels import segment_sumsq_kernel
+    from .engines.tensor_norms import clip_scales
 
     eng, lay, t = state.engine, state.layout, state.step + 1
     keep: list = []  # contiguous copies the kernel reads, alive until it returns
     gptr = prepared if prepared is not None else eng._pointers(gradients, keep)
     geo, order = _geometry(opt, state)
     index, views = opt.group_rows(state)
-    norm, scale = None, np.ones(len(geo))
-    per_tensor = any(getattr(v, "clip_tensor_norm", None) is not None
-                     or getattr(v, "clip_block_rms", None) is not None for v in views)
-    if opt.clip_norm is not None or per_tensor:  # the norms first (a read-only pass)
-        plan = eng._plan
-        seg = np.zeros(len(plan.seg_t), dtype=np.float64)
-        plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (seg,), with_offsets=False)
-        sumsq = np.zeros(len(geo), dtype=np.float64)
-        np.add.at(sumsq, plan.seg_t, seg)  # segments in order: thread-count independent
-        norm = math.sqrt(sumsq.sum())
-        if must_skip(opt, norm, gradients, eng.to_numpy):
-            return dict(params), False, norm, True
-        if per_tensor:
-            scale = np.array([_tensor_clip(views[index[i]], sumsq[i], int(geo[i, fk.SIZE]))
-                              for i in range(len(geo))])
-        if opt.clip_norm is not None:
-            clipped = math.sqrt(float(np.sum(scale * scale * sumsq)))
-            scale = scale * min(1.0, opt.clip_norm / (clipped + 1e-6))
+    norm, scale, skip = clip_scales(opt, state, gptr, gradients, geo[:, fk.SIZE], index, views)
+    if skip:
+        return dict(params), False, norm, True
     full = opt.full_slot_names()
     n_avg = len(full) - len(opt.slot_names())
     H, Hd, clip = _scalar_tables(opt, state, t, scale, n_avg)

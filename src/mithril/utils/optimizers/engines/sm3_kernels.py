@@ -33,10 +33,10 @@ import numba
 import numpy as np
 
 from ..averaging import _jitable, average, row_counts
-from ..tensorwise import _tensor_clip
 from . import atomics, kernel_cache, threads
 from .common import must_skip, nonfinite_result_error
-from .kernels import exponent_bits, segment_sumsq_kernel, voidptr
+from .kernels import exponent_bits, voidptr
+from .tensor_norms import clip_scales
 from .workers import share
 
 #: the largest rank the kernel takes (a state with a larger one runs the per-tensor path)
@@ -359,24 +359,9 @@ def fused_step(opt: Any, params: Any, gradients: Any, state: Any, prepared: Any,
     keep: list = []  # contiguous copies the kernel reads, alive until it returns
     gptr = prepared if prepared is not None else eng._pointers(gradients, keep)
     index, views = opt.group_rows(state)
-    norm, scale = None, np.ones(len(geo))
-    per_tensor = any(getattr(v, "clip_tensor_norm", None) is not None
-                     or getattr(v, "clip_block_rms", None) is not None for v in views)
-    if opt.clip_norm is not None or per_tensor:  # the norms first (a read-only pass)
-        plan = eng._plan
-        seg = np.zeros(len(plan.seg_t), dtype=np.float64)
-        plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (seg,), with_offsets=False)
-        sq = np.zeros(len(geo), dtype=np.float64)
-        np.add.at(sq, plan.seg_t, seg)  # segments in order: thread-count independent
-        norm = math.sqrt(sq.sum())
-        if must_skip(opt, norm, gradients, eng.to_numpy):
-            return dict(params), False, norm, True
-        if per_tensor:
-            scale = np.array([_tensor_clip(views[index[i]], sq[i], int(geo[i, SIZE]))
-                              for i in range(len(geo))])
-        if opt.clip_norm is not None:
-            clipped = math.sqrt(float(np.sum(scale * scale * sq)))
-            scale = scale * min(1.0, opt.clip_norm / (clipped + 1e-6))
+    norm, scale, skip = clip_scales(opt, state, gptr, gradients, geo[:, SIZE], index, views)
+    if skip:
+        return dict(params), False, norm, True
     full = opt.full_slot_names()
     n_avg = len(full) - len(opt.slot_names())
     Hd, clip = _scalar_table(opt, state, t, scale, n_avg)
