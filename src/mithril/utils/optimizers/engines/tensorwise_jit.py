@@ -243,6 +243,7 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
     import jax.numpy as jnp
 
     from ....interop.optax_tensorwise import TracedOps, _traceable_update
+    from .jax_engine import _barrier
 
     lay = state.layout
     names, sizes = list(lay.names), [int(x) for x in lay.sizes]
@@ -317,16 +318,20 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
                                        f"every slot {sorted(mine)}, got {sorted(out)}")
                 for s, v in out.items():
                     new_s[s][name] = v
-                vals += [new_p[name], *out.values()]
+                vals += [("p", name), *((s, name) for s in out)]
             nw = len(row_traced(row, r)) + sum(k is None for k in kinds)
             for j, (s, nz) in enumerate(zip(averaged, wz)):
                 if nz:
                     w = _weak(table[at + nw + j])
                     new_s[s][name] = average(new_p.get(name, p), parts[s][name], w)
-                    vals.append(new_s[s][name])
-            ok.append(jnp.isfinite(sum(jnp.sum(v - v) for v in vals)) if vals
-                      else jnp.ones((), bool))
-        ok = jnp.stack(ok) if ok else jnp.ones((0,), bool)
+                    vals.append((s, name))
+            ok.append(vals)
+        # the finite probe, a reduction of its own (jax_engine._barrier: XLA's CPU backend
+        # slows the update's loops where it fuses the reduction into them)
+        new_p, new_s = _barrier((new_p, new_s))
+        vals = {"p": new_p, **new_s}
+        ok = jnp.stack([jnp.isfinite(sum(jnp.sum(x - x) for x in (vals[s][n] for s, n in v)))
+                        if v else jnp.ones((), bool) for v in ok]) if ok else jnp.ones((0,), bool)
         fin = jnp.all(ok)
         keep = None
         if policy != "propagate":  # the eager path's decision, for the slots
