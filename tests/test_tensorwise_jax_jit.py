@@ -155,3 +155,25 @@ def test_bfloat16_stays_bfloat16(monkeypatch):
         assert ours[k].dtype == jnp.bfloat16
         np.testing.assert_allclose(ours[k].astype(np.float32), eager[k].astype(np.float32),
                                    rtol=1e-2, atol=1e-2)
+
+
+class _HostBranch(SM3):
+    """An update with Python control flow on a per-step scalar: it does not trace."""
+
+    def tensor_update(self, xp, p, g, slots, scalars, name):
+        lr = 0.5 * scalars[0] if float(scalars[0]) > 0.04 else scalars[0]
+        return super().tensor_update(xp, p, g, slots, (lr,), name)
+
+
+def test_an_update_that_does_not_trace_runs_eagerly(monkeypatch):
+    p0, grads = problem(2, {"w": (2, 5), "b": (4,)}, seed=5)
+    eager, s_eager, _, _ = run(lambda: _HostBranch(0.05), p0, grads, False, monkeypatch)
+    before = tensorwise_jit.TRACES
+    ours, s_ours, _, _ = run(lambda: _HostBranch(0.05), p0, grads, True, monkeypatch)
+    assert tensorwise_jit.TRACES == before + 1  # tried once, then eagerly
+    ref, _, _, _ = run(lambda: SM3(0.025), p0, grads, False, monkeypatch)
+    for k in p0:
+        np.testing.assert_array_equal(ours[k], eager[k])
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6)
+    for s in s_eager:
+        np.testing.assert_array_equal(s_ours[s], s_eager[s])

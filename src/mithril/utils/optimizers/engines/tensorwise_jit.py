@@ -151,8 +151,9 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
         if len(_COMPILED) >= 32:
             _COMPILED.clear()
         protos = [copy.copy(row) for _, row in prints.values()]
-        fn = jax.jit(_program(opt, state, protos, spec, averaged, key), donate_argnums=(2,))
         try:
+            fn = jax.jit(_program(opt, state, protos, spec, averaged, key),
+                         donate_argnums=(2,))
             out = fn(*args)
         except Exception:
             if any(getattr(v, "is_deleted", lambda: False)() for v in slots.values()):
