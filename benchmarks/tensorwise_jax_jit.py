@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--eager-steps", type=int, default=3)
     ap.add_argument("--only", default="sm3,adafactor,muon")
     a = ap.parse_args()
+    unknown = [n for n in a.only.split(",") if n not in CASES]
+    if unknown:
+        ap.error(f"--only: unknown {unknown}; choose from {', '.join(CASES)}")
     start, grads = data()
     print(f"{len(start)} tensors, {sum(v.size for v in start.values()):,} params, float32, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, optax {optax.__version__}")

@@ -38,6 +38,7 @@ RUNS = {
                            "--warmup", "2"], r"unreached\s+\d+\.\d+ us\s+x\d\.\d+"),
     "unreached_averaging_jax.py": (["--rounds", "1", "--steps", "3", "--optimizers", "adamw"],
                                    r"one program: True\s+median\s+\d+\.\d+"),
+    "tensorwise_jax_jit.py": (["--steps", "2", "--only", "sm3"], r"jit\s+\d+\.\d+ ms \(\s*\d+\.\d\dx\)"),
 }
 
 

@@ -31,12 +31,16 @@ SHAPES = {"w": (3, 4), "b": (4,)}
 MISSED_AT = (1, K + 1)
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
-         and n not in ("Optimizer", "LBFGS", "Lookahead")]  # (closure; a wrapper: own tests)
+         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM")]  # (closures; a wrapper: own
+# tests, tests/test_lookahead.py, tests/test_optimizers_mechanize_sam.py)
 
 
 def make(name: str):
-    return getattr(mo, name)(ema_decay=0.9, swa_start=2,
-                             param_groups=[{"params": ["b"], "learning_rate": 0.003}])
+    options = dict(ema_decay=0.9, swa_start=2,
+                   param_groups=[{"params": ["b"], "learning_rate": 0.003}])
+    if name == "Mechanize":  # (a wrapper: its base keeps the averages and groups)
+        return mo.Mechanize(mo.Adam(**options))
+    return getattr(mo, name)(**options)
 
 
 def native(backend: str, a: np.ndarray):
@@ -60,7 +64,9 @@ def _steps(opt, params, state, grads, steps, backend):
         warnings.simplefilter("ignore", RuntimeWarning)
         for t in steps:
             g = {k: native(backend, v) for k, v in grads[t].items()}
-            params, state = opt.update(params, g, state)
+            # (the loss-aware: a loss of each step's, the same in every run)
+            loss = {"loss": 1.0 + 0.5 * t} if opt.needs_loss else {}
+            params, state = opt.update(params, g, state, **loss)
             if t in MISSED_AT:
                 state.note_missed(["b"])
     return params, state
