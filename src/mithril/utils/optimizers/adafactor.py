@@ -11,7 +11,6 @@ import numpy as np
 from .averaging import row_counts
 from .checks import check_flag, check_positive, describe, switched_on, to_float
 from .elementwise import minimum
-from .engines.common import must_skip, nonfinite_result_error
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer
 
@@ -212,7 +211,7 @@ def _fused_step(opt: Adafactor, params: Mapping[str, Any], gradients: Mapping[st
     """:meth:`Adafactor.fused_step`: (params to return, applied, global norm, finite), as
     the engines' ``step``. Nothing is written unless the step is applied."""
     from .engines import factored_kernels as fk
-    from .engines.tensor_norms import clip_scales
+    from .engines.tensor_norms import clip_scales, dry_run_verdict
 
     eng, lay, t = state.engine, state.layout, state.step + 1
     keep: list = []  # contiguous copies the kernel reads, alive until it returns
@@ -235,14 +234,9 @@ def _fused_step(opt: Adafactor, params: Mapping[str, Any], gradients: Mapping[st
         dry = fk.adafactor_kernel(lay.dtype, True, False, clip, n_avg)
         out, bad = fk.run(dry, (flat, flat, R, C, V, np.empty_like(R), np.empty_like(C),
                                 A0, A1), *tables)
-        if norm is None:
-            norm = math.sqrt(float(out.sum()))
-            if must_skip(opt, norm, gradients, eng.to_numpy):
-                return dict(params), False, norm, True
-        if bad.any():
-            if opt.nonfinite == "raise":
-                raise nonfinite_result_error(opt, [lay.name_list[i] for i in np.flatnonzero(bad)])
-            return dict(params), False, norm, False
+        norm, verdict = dry_run_verdict(opt, state, params, gradients, norm, out, bad)
+        if verdict is not None:
+            return verdict
     src, out_views = eng._adopt(state, params, ours)
     dst = state.params_flat
     gptr = eng._unaliased(gptr, gradients, keep, (dst, *state.slots.values()))

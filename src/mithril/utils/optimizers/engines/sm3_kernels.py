@@ -34,9 +34,8 @@ import numpy as np
 
 from ..averaging import _jitable, average, row_counts
 from . import atomics, kernel_cache, threads
-from .common import must_skip, nonfinite_result_error
 from .kernels import exponent_bits, voidptr
-from .tensor_norms import clip_scales
+from .tensor_norms import clip_scales, dry_run_verdict
 from .workers import share
 
 #: the largest rank the kernel takes (a state with a larger one runs the per-tensor path)
@@ -375,14 +374,9 @@ def fused_step(opt: Any, params: Any, gradients: Any, state: Any, prepared: Any,
         flat = eng._current(state, params, ours)
         dry = sm3_kernel(lay.dtype, True, False, clip, n_avg)
         out, bad = run(dry, (flat, flat, M, MU, MUn, A0, A1), *tables)
-        if norm is None:
-            norm = math.sqrt(float(out.sum()))
-            if must_skip(opt, norm, gradients, eng.to_numpy):
-                return dict(params), False, norm, True
-        if bad.any():
-            if opt.nonfinite == "raise":
-                raise nonfinite_result_error(opt, [lay.name_list[i] for i in np.flatnonzero(bad)])
-            return dict(params), False, norm, False
+        norm, verdict = dry_run_verdict(opt, state, params, gradients, norm, out, bad)
+        if verdict is not None:
+            return verdict
     src, out_views = eng._adopt(state, params, ours)
     dst = state.params_flat
     gptr = eng._unaliased(gptr, gradients, keep, (dst, *state.slots.values()))

@@ -45,3 +45,24 @@ def clip_scales(opt: Any, state: Any, gptr: Any, gradients: Any, sizes: np.ndarr
         clipped = math.sqrt(float(np.sum(scale * scale * sq)))
         scale = scale * min(1.0, opt.clip_norm / (clipped + 1e-6))
     return norm, scale, False
+
+
+def dry_run_verdict(opt: Any, state: Any, params: Any, gradients: Any, norm: float | None,
+                    out: np.ndarray, bad: np.ndarray) -> tuple[float, tuple | None]:
+    """After a fused per-tensor step's dry run (``nonfinite="skip"`` / ``"raise"``: every
+    new value computed, nothing stored): the global norm (from the run's per-tensor Σ g²
+    where no clipping pass took it) and, where the step must not be applied, the engines'
+    result for it ``(params, False, norm, finite)``; None: apply it. ``"raise"`` raises
+    naming the tensors whose new values are not finite."""
+    from .common import nonfinite_result_error
+
+    if norm is None:
+        norm = math.sqrt(float(out.sum()))
+        if must_skip(opt, norm, gradients, state.engine.to_numpy):
+            return norm, (dict(params), False, norm, True)
+    if bad.any():
+        if opt.nonfinite == "raise":
+            names = state.layout.name_list
+            raise nonfinite_result_error(opt, [names[i] for i in np.flatnonzero(bad)])
+        return norm, (dict(params), False, norm, False)
+    return norm, None
