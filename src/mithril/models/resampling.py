@@ -1,9 +1,11 @@
-"""Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, linear, bilinear)
+"""Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, linear, bilinear,
+trilinear)
 and ``nn.PixelShuffle`` / ``nn.PixelUnshuffle``.
 
 Nearest and linear resizing, and adaptive average pooling, are a fixed linear map along each
 spatial axis whose output j reads a few taps: sum_k w[j, k] · x[idx[j, k]] over the slots k
-where mask[j, k] (:class:`Separable`; bilinear = linear along H, then along W). A gather, not
+where mask[j, k] (:class:`Separable`; bilinear = linear along H, then along W; trilinear
+along D, H, W). A gather, not
 a dense matrix: a NaN or inf stays in the outputs that read it (0 · inf would spread it), and
 a tap of weight 0 is still read where torch's kernel reads it (linear: λ = 0). The NumPy VJP
 adds w · g onto idx (one ``bincount`` per axis).
@@ -12,7 +14,7 @@ Sizes and source positions as torch (aten/src/ATen/native/UpSample.h): the outpu
 ``size``, or floor(n · scale_factor). The scale ``r`` is in/out when ``size`` is given or
 ``recompute_scale_factor=True``, else 1/scale_factor. Nearest: output j reads
 min(floor(j · r), n − 1), in float32 as torch's kernel (``floorf``; r rounded to float32);
-in 2-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D forward
+in 2-D and 3-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D forward
 takes no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backward does (as if it
 were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is the 1-D
 forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
@@ -34,7 +36,7 @@ import numpy as np
 from ..errors import ShapeError
 from .operator import Operator, backend_of, fmt
 
-UPSAMPLE_MODES = ("nearest", "linear", "bilinear")
+UPSAMPLE_MODES = ("nearest", "linear", "bilinear", "trilinear")
 
 
 #: per axis: (idx, weight, mask), each (out, K): output j is sum over the slots k where
@@ -120,8 +122,8 @@ def linear_taps(n: int, out: int, scale: float | None, align_corners: bool) -> T
 
 
 class Upsample(Separable):
-    """``nn.Upsample`` / ``F.interpolate`` on (N, C, L) (nearest, linear) or (N, C, H, W)
-    (nearest, bilinear): exactly one of ``size`` (an int or one per axis) and
+    """``nn.Upsample`` / ``F.interpolate`` on (N, C, L) (nearest, linear), (N, C, H, W)
+    (nearest, bilinear) or (N, C, D, H, W) (nearest, trilinear): exactly one of ``size`` (an int or one per axis) and
     ``scale_factor`` (a positive number or one per axis); ``align_corners`` (linear modes
     only; default False) and ``recompute_scale_factor`` as torch (see the module docstring)."""
 
@@ -150,13 +152,13 @@ class Upsample(Separable):
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
         self.align_corners = bool(align_corners)
         self.recompute_scale_factor = bool(recompute_scale_factor)
-        self.mode_nd = {"linear": 1, "bilinear": 2}.get(mode, 0)  # 0: from the input (nearest)
+        self.mode_nd = {"linear": 1, "bilinear": 2, "trilinear": 3}.get(mode, 0)  # 0: from the input (nearest)
 
     def spatial_nd(self, rank: int) -> int:
         nd = rank - 2
-        if nd not in (1, 2) or self.mode_nd and nd != self.mode_nd:
-            want = {1: "3 (N, C, L)", 2: "4 (N, C, H, W)"}
-            ranks = want[self.mode_nd] if self.mode_nd else f"{want[1]} or {want[2]}"
+        if nd not in (1, 2, 3) or self.mode_nd and nd != self.mode_nd:
+            want = {1: "3 (N, C, L)", 2: "4 (N, C, H, W)", 3: "5 (N, C, D, H, W)"}
+            ranks = want[self.mode_nd] if self.mode_nd else f"{want[1]}, {want[2]} or {want[3]}"
             raise ShapeError(f"Upsample: mode={self.mode!r} needs an 'input' of rank {ranks}, "
                              f"got rank {rank}")
         for name, v in (("size", self.size), ("scale_factor", self.scale_factor)):
@@ -193,7 +195,7 @@ class Upsample(Separable):
         out, scales = self.sizes(spatial)
         if self.mode == "nearest":
             # torch's 1-D forward skips nearest_idx's shortcuts (its backward takes them)
-            return [nearest_taps(n, o, r, fast=len(spatial) == 2)
+            return [nearest_taps(n, o, r, fast=len(spatial) > 1)
                     for n, o, r in zip(spatial, out, scales)]
         return [linear_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
 
