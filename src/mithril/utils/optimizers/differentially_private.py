@@ -1,0 +1,160 @@
+"""Differentially private training (Abadi et al., 2016): per-example gradients clipped to a
+global norm, summed, noised and averaged before any base optimizer's step, as
+``optax.contrib.differentially_private_aggregate``; :class:`DPSGD` is
+``optax.contrib.dpsgd``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ...errors import ShapeError
+from .checks import check_int, check_positive, describe
+from .noisy_sgd import gaussian_noise
+from .outer_wrapper import OuterWrapper, check_base, check_grads
+from .sgd import SGD
+from .state import OptimizerState
+from .tensorwise import ops_for
+
+#: the state's count of aggregated steps (the noise's counter: step = count + 1)
+COUNT = "dp_count"
+_HINT = ("one row per example along a leading batch axis: compute them with "
+         "mithril.utils.per_example.per_example_gradients")
+
+
+def _check_seed(value: Any) -> int:
+    return check_int("seed", value, maximum=2**32 - 1)
+
+
+class DifferentiallyPrivate(OuterWrapper):
+    """DP-SGD's aggregation around ``base_optimizer`` (any optimizer here but LBFGS), equal
+    to ``optax.chain(optax.contrib.differentially_private_aggregate(l2_norm_clip,
+    noise_multiplier), base)`` (0.2.8). ``update`` takes **per-example gradients**: for
+    each parameter an array of shape ``(B, *param.shape)``, row ``i`` the gradient of
+    example ``i``'s own loss (:func:`~mithril.utils.per_example.per_example_gradients`).
+    Per step ``t`` (the batch size ``B``, C = ``l2_norm_clip``, σ = ``noise_multiplier``)::
+
+        n_i = ‖(g_i[p] for every parameter p)‖₂       example i's global norm
+        c_i = min(C / n_i, 1)        (1 where C / n_i is NaN: 0/0)
+        ḡ   = (Σ_i c_i · g_i + C·σ · ξ_t) / B         ξ_t ~ N(0, I), per parameter
+        the base optimizer's step with ḡ
+
+    The noise is :func:`~.noisy_sgd.gaussian_noise`: a pure function of ``seed``, the
+    parameter's name and ``t`` (the same draws on NumPy, torch and JAX, resumed runs
+    included); optax's ``jax.random`` draws differ, the distribution is the same. With
+    ``noise_multiplier=0`` the step is optax's exactly (clipping only: no privacy).
+
+    The state is the base optimizer's (its learning rate, schedulers, groups, weight
+    decay and ``nonfinite`` are the base's) plus the value ``"dp_count"`` (aggregated
+    steps), which ``state_dict`` and checkpoints keep. ``gradients`` may leave parameters out
+    (not in ``n_i``, no noise, no step for them, as the base treats a missing gradient). A
+    call that raises (a gradient without the batch axis, batch sizes that disagree, a row of
+    another shape or dtype) changes neither the params nor the state (nor the count).
+    """
+
+    OWN = ("l2_norm_clip", "noise_multiplier", "seed")
+
+    def __init__(self, base_optimizer: Any, l2_norm_clip: float = 1.0,
+                 noise_multiplier: float = 1.0, seed: int = 0) -> None:
+        self.__dict__["base_optimizer"] = check_base(base_optimizer, type(self).__name__)
+        self.l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
+        self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier)
+        self.seed = _check_seed(seed)
+        self._backend = base_optimizer._backend
+
+    def check_own(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        checks = {"l2_norm_clip": lambda v: check_positive("l2_norm_clip", v),
+                  "noise_multiplier": lambda v: check_positive("noise_multiplier", v),
+                  "seed": _check_seed}
+        return {k: checks[k](v) for k, v in hp.items() if k in checks}
+
+    def own_values(self) -> tuple[str, ...]:
+        return (COUNT,)
+
+    def checked_value(self, name: str, value: Any) -> float:
+        v = super().checked_value(name, value)
+        if not (v >= 0 and v.is_integer()):
+            raise ValueError(f"state dict value {name!r} must be a count, got {describe(value)}")
+        return v
+
+    def init(self, params: Mapping[str, Any]) -> OptimizerState:
+        state = super().init(params)
+        state.values[COUNT] = 0.0
+        return state
+
+    def check_per_example(self, params: Mapping[str, Any], gradients: Any,
+                          state: OptimizerState) -> int:
+        """The batch size of ``gradients`` (per-example, checked against ``params`` and
+        ``state``), or the error naming the key and shapes."""
+        who = type(self).__name__
+        check_grads(self, params, {}, state, "gradients")  # (the params and state first)
+        if COUNT not in state.values:
+            raise ValueError(f"{who}: state lacks {COUNT!r} (not made by {who}.init?)")
+        if not isinstance(gradients, Mapping) or not gradients:
+            raise TypeError(f"{who}.update takes per-example gradients, a non-empty dict of "
+                            f"arrays ({_HINT}), got {describe(gradients)}")
+        shapes = {n: tuple(getattr(g, "shape", ())) for n, g in gradients.items()}
+        for n, s in shapes.items():
+            want = tuple(params[n].shape) if n in params else None
+            if want is not None and s[1:] != want:
+                raise ShapeError(f"{who}: gradients[{n!r}] has shape {s} but the parameter has "
+                                 f"shape {want}: per-example gradients have shape (batch, "
+                                 f"{', '.join(map(str, want))}), {_HINT}")
+        sizes = {s[0] for n, s in shapes.items() if n in params}
+        if len(sizes) > 1:
+            raise ShapeError(f"{who}: the per-example gradients disagree on the batch size "
+                             f"(axis 0): {', '.join(f'{n!r} {s}' for n, s in shapes.items())}")
+        if sizes == {0}:
+            raise ShapeError(f"{who}: per-example gradients of an empty batch (shapes {shapes})")
+        # (each row as a gradient: the backend, dtype and names, as the base would check)
+        check_grads(self, params, {n: g[0] for n, g in gradients.items()}, state, "gradients")
+        return sizes.pop()
+
+    def aggregate(self, gradients: Mapping[str, Any], batch: int, step: Any) -> dict[str, Any]:
+        """``ḡ`` of the class docs for the per-example ``gradients`` at 1-based ``step``."""
+        xp = ops_for(self._backend)
+        rows = {n: g.reshape(batch, -1) for n, g in gradients.items()}
+        sq = sum((r * r).sum(1) for r in rows.values())
+        with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
+            ratio = self.l2_norm_clip / xp.m.sqrt(sq)
+        scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
+        std = self.l2_norm_clip * self.noise_multiplier
+        out = {}
+        for n, g in gradients.items():
+            s = (scale @ rows[n]).reshape(tuple(g.shape[1:]))
+            if std:  # (no draw for σ = 0: optax's numbers exactly)
+                s = s + std * gaussian_noise(xp, tuple(s.shape), self.seed, f"dp/{n}", step,
+                                             s.dtype)
+            out[n] = s / batch
+        return out
+
+    def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
+               state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
+        """One step from per-example ``gradients`` (class docs); on any error neither
+        ``params`` nor ``state`` has changed."""
+        batch = self.check_per_example(params, gradients, state)
+        count = state.values[COUNT]
+        mean = self.aggregate(gradients, batch, int(count) + 1)
+        params, state = self.base_update(params, mean, state)
+        state.values[COUNT] = count + 1
+        return params, state
+
+
+class DPSGD(DifferentiallyPrivate):
+    """``optax.contrib.dpsgd(learning_rate, l2_norm_clip, noise_multiplier, seed, momentum,
+    nesterov)``: :class:`DifferentiallyPrivate` around ``SGD(learning_rate, momentum,
+    nesterov, convention="optax")`` (``momentum=None``: plain SGD, as optax's identity;
+    ``optax.trace``'s momentum is torch's without dampening). ``update`` takes per-example
+    gradients; the math, noise and state are :class:`DifferentiallyPrivate`'s."""
+
+    def __init__(self, learning_rate: float = 1e-2, l2_norm_clip: float = 1.0,
+                 noise_multiplier: float = 1.0, seed: int = 0, momentum: float | None = None,
+                 nesterov: bool = False) -> None:
+        base = SGD(learning_rate, 0.0 if momentum is None else momentum,
+                   nesterov=nesterov and momentum is not None, convention="optax")
+        super().__init__(base, l2_norm_clip, noise_multiplier, seed)
+
+
+__all__ = ["DPSGD", "DifferentiallyPrivate"]
