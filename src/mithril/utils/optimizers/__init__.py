@@ -17,6 +17,7 @@ from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .cocob import COCOB
 from .dadapt_adamw import DAdaptAdamW
+from .differentially_private import DPSGD, DifferentiallyPrivate
 from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
 from .fromage import Fromage
@@ -54,6 +55,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
            "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD",
+           "DPSGD", "DifferentiallyPrivate",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
