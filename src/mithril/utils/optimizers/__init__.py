@@ -22,6 +22,7 @@ from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
 from .fromage import Fromage
 from .ftrl import Ftrl
+from .galore import GaLore
 from .lamb import LAMB
 from .lars import LARS
 from .lbfgs import LBFGS
@@ -54,7 +55,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
-           "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD",
+           "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD", "GaLore",
            "DPSGD", "DifferentiallyPrivate",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
