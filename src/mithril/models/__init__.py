@@ -221,3 +221,21 @@ __all__ += ["AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveMaxPool1D", "Adap
             "CircularPad1D", "CircularPad2D", "ConstantPad1D", "ConstantPad2D", "Pad",
             "PixelShuffle", "PixelUnshuffle", "ReflectionPad1D", "ReflectionPad2D",
             "ReplicationPad1D", "ReplicationPad2D", "Upsample", "ZeroPad1D", "ZeroPad2D"]
+
+# torch's 3-D (volumetric) layers
+from .adaptive_pooling import AdaptiveAvgPool3D, AdaptiveMaxPool3D  # noqa: E402
+from .conv import Convolution3D  # noqa: E402
+from .conv_transpose import ConvTranspose3D  # noqa: E402
+from .norms import BatchNorm3D, InstanceNorm3D  # noqa: E402
+from .padding import (  # noqa: E402
+    CircularPad3D,
+    ConstantPad3D,
+    ReflectionPad3D,
+    ReplicationPad3D,
+    ZeroPad3D,
+)
+from .pooling import AvgPool3D, MaxPool3D  # noqa: E402
+
+__all__ += ["AdaptiveAvgPool3D", "AdaptiveMaxPool3D", "AvgPool3D", "BatchNorm3D", "CircularPad3D",
+            "ConstantPad3D", "ConvTranspose3D", "Convolution3D", "InstanceNorm3D", "MaxPool3D",
+            "ReflectionPad3D", "ReplicationPad3D", "ZeroPad3D"]

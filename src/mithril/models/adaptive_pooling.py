@@ -1,10 +1,10 @@
-"""Adaptive pooling, as torch's ``nn.AdaptiveAvgPool1d/2d`` and ``nn.AdaptiveMaxPool1d/2d``.
+"""Adaptive pooling, as torch's ``nn.AdaptiveAvgPool1d/2d/3d`` and ``nn.AdaptiveMaxPool1d/2d/3d``.
 
 The output has ``output_size`` positions per spatial axis (an int, or one per axis; ``None``
 keeps that axis's size, as torch). Output i of an axis of size n pools the input's
 [⌊i·n/o⌋, ⌈(i + 1)·n/o⌉): windows of unequal size that overlap when o does not divide n
-(torch's ``start_index`` / ``end_index``). Inputs (N, C, L) / (C, L) and (N, C, H, W) /
-(C, H, W).
+(torch's ``start_index`` / ``end_index``). Inputs (N, C, L) / (C, L), (N, C, H, W) /
+(C, H, W) and (N, C, D, H, W) / (C, D, H, W).
 
 Average: a linear map per axis (:class:`~mithril.models.resampling.Separable`: weight
 1/len on each window element), so the VJP spreads each cotangent evenly over its window.
@@ -19,6 +19,7 @@ gets the gradient); the NumPy VJP adds each cotangent there. torch: its own kern
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,7 +90,7 @@ class _AdaptiveAvg(_Adaptive, Separable):
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
-            fn = F.adaptive_avg_pool1d if self.nd == 1 else F.adaptive_avg_pool2d
+            fn = getattr(F, f"adaptive_avg_pool{self.nd}d")
             return fn(input, self.output_size[0] if self.nd == 1 else self.output_size)
         return apply_taps(xp, input, self.taps(input.shape[-self.nd:]))
 
@@ -100,12 +101,20 @@ class _AdaptiveMax(_Adaptive):
         and whether the slot is inside the window: arrays of shape (*out, K)."""
         axes = [(idx, keep) for idx, _, keep in
                 (window_taps(n, o) for n, o in zip(spatial, self.out_sizes(spatial)))]
-        if self.nd == 1:
+        nd = self.nd
+        if nd == 1:
             return axes[0]
-        (ph, kh), (pw, kw) = axes
-        o = (len(ph), len(pw), -1)  # (out_h, out_w, slot_h · slot_w), slots row-major
-        flat = ph[:, None, :, None] * spatial[1] + pw[None, :, None, :]
-        return flat.reshape(o), (kh[:, None, :, None] & kw[None, :, None, :]).reshape(o)
+
+        def spread(a: np.ndarray, i: int) -> np.ndarray:  # (out_i, K_i) at axes i and nd + i
+            shape = [1] * (2 * nd)
+            shape[i], shape[nd + i] = a.shape
+            return a.reshape(shape)
+
+        o = (*(len(idx) for idx, _ in axes), -1)  # (*out, prod(slots)), slots row-major
+        flat = sum(spread(idx, i) * int(np.prod(spatial[i + 1:], dtype=np.int64))
+                   for i, (idx, _) in enumerate(axes))
+        keep = functools.reduce(np.logical_and, [spread(k, i) for i, (_, k) in enumerate(axes)])
+        return np.broadcast_to(flat, keep.shape).reshape(o), keep.reshape(o)
 
     def _pick(self, xp: Any, x: Any) -> tuple[Any, Any, Any]:
         """The maxima, each one's slot and the flat index table (see :meth:`_gather`)."""
@@ -125,7 +134,7 @@ class _AdaptiveMax(_Adaptive):
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
-            fn = F.adaptive_max_pool1d if self.nd == 1 else F.adaptive_max_pool2d
+            fn = getattr(F, f"adaptive_max_pool{self.nd}d")
             return fn(input, self.output_size[0] if self.nd == 1 else self.output_size)
         return self._pick(xp, input)[0]
 
@@ -165,3 +174,18 @@ class AdaptiveMaxPool2D(_AdaptiveMax):
     """Max over torch's adaptive windows of (N, C, H, W) or (C, H, W), as
     ``nn.AdaptiveMaxPool2d(output_size)``; the gradient goes to the first maximum in
     row-major window order."""
+
+
+class AdaptiveAvgPool3D(_AdaptiveAvg):
+    """Mean over torch's adaptive windows of (N, C, D, H, W) or (C, D, H, W), as
+    ``nn.AdaptiveAvgPool3d(output_size)`` (an int, a triple, None keeps an axis)."""
+
+    nd, layout = 3, "N, C, D, H, W"
+
+
+class AdaptiveMaxPool3D(_AdaptiveMax):
+    """Max over torch's adaptive windows of (N, C, D, H, W) or (C, D, H, W), as
+    ``nn.AdaptiveMaxPool3d(output_size)``; the gradient goes to the first maximum in
+    row-major window order."""
+
+    nd, layout = 3, "N, C, D, H, W"

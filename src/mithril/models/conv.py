@@ -1,12 +1,12 @@
 """Convolutions over channels-first inputs, with torch's layouts, numerics and initialisation.
 
-``Convolution1D`` takes (N, C, L) and ``Convolution2D`` (N, C, H, W), or one example without
-the batch axis, (C, L) / (C, H, W), as torch (run as a batch of one); the weight is
-(out_channels, C / groups, *kernel_size) and the bias (out_channels,), as ``torch.nn.Conv1d`` /
-``Conv2d``. Weights start as torch's ``kaiming_uniform_(a=√5)``, U(±1/√fan_in), and biases as
+``Convolution1D`` takes (N, C, L), ``Convolution2D`` (N, C, H, W) and ``Convolution3D``
+(N, C, D, H, W), or one example without the batch axis, (C, *spatial), as torch (run as a
+batch of one); the weight is (out_channels, C / groups, *kernel_size) and the bias
+(out_channels,), as ``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d``. Weights start as torch's ``kaiming_uniform_(a=√5)``, U(±1/√fan_in), and biases as
 U(±1/√fan_in), with fan_in = C / groups · prod(kernel_size).
 
-Forward per backend: ``torch.nn.functional.conv1d/conv2d`` on torch,
+Forward per backend: ``torch.nn.functional.conv1d/2d/3d`` on torch,
 ``jax.lax.conv_general_dilated`` on JAX, and on NumPy an im2col (each window copied into a
 row) times the weight: a matmul of (images·out positions, C·kernel) by
 (C·kernel, out_channels) per group. The NumPy side works channels-last in memory: the
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .operator import Operator, ShapeError, backend_of, fmt
-from .window_kernels import col2im, im2col
+from .window_nd import col2im, im2col
 
 Pads = tuple[tuple[int, int], ...]
 #: the im2col rows of one chunk of images, about: in cache while the matmuls read them
@@ -41,6 +41,12 @@ CHUNK_BYTES = 1 << 21
 
 
 # -- argument normalisation -------------------------------------------------------------------
+def jax_spec(nd: int) -> tuple[str, str, str]:
+    """``lax.conv_general_dilated``'s dimension numbers of a channels-first ``nd``-D convolution."""
+    sp = "DHW"[3 - nd:]
+    return f"NC{sp}", f"OI{sp}", f"NC{sp}"
+
+
 def ntuple(value: Any, nd: int, name: str, who: str, minimum: int = 1) -> tuple[int, ...]:
     """``value`` (an int or a sequence of ``nd`` ints) as an ``nd``-tuple of ints >= ``minimum``."""
     vals = (value,) * nd if isinstance(value, (int, np.integer)) else tuple(value) \
@@ -204,7 +210,7 @@ def check_mode_pads(spatial: Sequence[int | None], pads: Pads, mode: str, who: s
 # -- convolution ------------------------------------------------------------------------------
 #: torch's arguments of the convolution and pooling layers that are not ours: what instead
 TORCH_ONLY = {"bias": "ours is use_bias, a bool", "in_channels": "read from the input's shape",
-              "output_padding": "transposed convolutions have it: ConvTranspose1D / 2D",
+              "output_padding": "transposed convolutions have it: ConvTranspose1D / 2D / 3D",
               "return_indices": "a max pool's indices are not returned",
               "device": "the backend places the arrays", "dtype": "the backend's dtype is used"}
 
@@ -373,7 +379,7 @@ class _Convolution(ConvParams, Operator):
     def _torch(self, torch: Any, x: Any, w: Any, b: Any) -> Any:
         import torch.nn.functional as F
 
-        conv = F.conv1d if self.nd == 1 else F.conv2d
+        conv = getattr(F, f"conv{self.nd}d")
         if all(lo == hi for lo, hi in self.pads):
             return conv(x, w, b, self.stride, tuple(lo for lo, _ in self.pads), self.dilation,
                         self.groups)
@@ -383,9 +389,8 @@ class _Convolution(ConvParams, Operator):
     def _jax(self, x: Any, w: Any, b: Any) -> Any:
         from jax import lax
 
-        spec = ("NCH", "OIH", "NCH") if self.nd == 1 else ("NCHW", "OIHW", "NCHW")
         y = lax.conv_general_dilated(x, w, self.stride, list(self.pads),
-                                     rhs_dilation=self.dilation, dimension_numbers=spec,
+                                     rhs_dilation=self.dilation, dimension_numbers=jax_spec(self.nd),
                                      feature_group_count=self.groups,
                                      precision=lax.Precision.HIGHEST)
         return y if b is None else y + b.reshape((-1,) + (1,) * self.nd)
@@ -515,3 +520,16 @@ class Convolution2D(_Convolution):
 
     nd = 2
     layout = "N, C, H, W"
+
+
+class Convolution3D(_Convolution):
+    """3-D convolution (cross-correlation, as torch) of (N, C, D, H, W) into
+    (N, out_channels, D', H', W') (or (C, D, H, W) into (out_channels, D', H', W'), as torch);
+    weight (out_channels, C / groups, kd, kh, kw), bias (out_channels,), as ``nn.Conv3d``.
+    ``kernel_size``, ``stride``, ``dilation``: an int or a triple; ``padding``: an int, a
+    triple, three ``(before, after)`` pairs, ``"valid"`` or ``"same"`` (stride 1);
+    ``padding_mode`` as :class:`Convolution2D`'s. NumPy: im2col / col2im one kernel offset at
+    a time (:mod:`mithril.models.window_nd`)."""
+
+    nd = 3
+    layout = "N, C, D, H, W"

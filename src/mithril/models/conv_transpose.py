@@ -1,6 +1,7 @@
-"""Transposed convolutions, as ``torch.nn.ConvTranspose1d`` / ``ConvTranspose2d``.
+"""Transposed convolutions, as ``torch.nn.ConvTranspose1d`` / ``2d`` / ``3d``.
 
-``ConvTranspose1D`` takes (N, C_in, L) and ``ConvTranspose2D`` (N, C_in, H, W), or one example
+``ConvTranspose1D`` takes (N, C_in, L), ``ConvTranspose2D`` (N, C_in, H, W) and
+``ConvTranspose3D`` (N, C_in, D, H, W), or one example
 without the batch axis; the weight is (C_in, out_channels / groups, *kernel_size) and the bias
 (out_channels,), as torch's (a state_dict copies by name). Per spatial axis the output size is
 
@@ -12,7 +13,7 @@ every input element x[c, i] adds x[c, i]·W[c, o, u] onto output position i·str
 − padding. ``output_padding`` (< stride or < dilation, as torch) adds positions at the end of
 each axis, which pick the extra ambiguity of a strided convolution's input size.
 
-Forward per backend: ``F.conv_transpose1d/2d`` on torch; on JAX ``lax.conv_general_dilated``
+Forward per backend: ``F.conv_transpose1d/2d/3d`` on torch; on JAX ``lax.conv_general_dilated``
 with the input dilated by the stride (``lhs_dilation``), the kernel flipped and its in/out
 channels swapped per group, and padding dilation·(k − 1) − padding before and that plus
 output_padding after; on NumPy the convolution's own column gradient: per input position the
@@ -33,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
-from .conv import ConvParams, ntuple, refuse_unknown, unbatched
+from .conv import ConvParams, jax_spec, ntuple, refuse_unknown, unbatched
 from .operator import Operator, backend_of
-from .window_kernels import col2im, im2col
+from .window_nd import col2im, im2col
 
 
 def _positive_int(value: Any, name: str, who: str) -> int:
@@ -116,7 +117,7 @@ class _ConvTranspose(ConvParams, Operator):
         if kind == "torch":
             import torch.nn.functional as F
 
-            conv = F.conv_transpose1d if self.nd == 1 else F.conv_transpose2d
+            conv = getattr(F, f"conv_transpose{self.nd}d")
             return conv(input, weight, bias, self.stride, self.padding, self.output_padding,
                         self.groups, self.dilation)
         if kind == "jax":
@@ -134,9 +135,8 @@ class _ConvTranspose(ConvParams, Operator):
         wk = jnp.flip(wk.reshape(g * og, cin // g, *self.kernel_size), axis=tuple(range(2, 2 + nd)))
         pads = [(d * (k - 1) - p, d * (k - 1) - p + op) for k, d, p, op in
                 zip(self.kernel_size, self.dilation, self.padding, self.output_padding)]
-        spec = ("NCH", "OIH", "NCH") if nd == 1 else ("NCHW", "OIHW", "NCHW")
         y = lax.conv_general_dilated(x, wk, (1,) * nd, pads, lhs_dilation=self.stride,
-                                     rhs_dilation=self.dilation, dimension_numbers=spec,
+                                     rhs_dilation=self.dilation, dimension_numbers=jax_spec(nd),
                                      feature_group_count=g, precision=lax.Precision.HIGHEST)
         return y if b is None else y + b.reshape((-1,) + (1,) * nd)
 
@@ -222,3 +222,14 @@ class ConvTranspose2D(_ConvTranspose):
 
     nd = 2
     layout = "N, C, H, W"
+
+
+class ConvTranspose3D(_ConvTranspose):
+    """3-D transposed convolution (``torch.nn.ConvTranspose3d``) of (N, C, D, H, W) into
+    (N, out_channels, D', H', W') (or (C, D, H, W) into (out_channels, D', H', W')), per axis
+    (n − 1)·stride − 2·padding + dilation·(k − 1) + output_padding + 1; weight
+    (C, out_channels / groups, kd, kh, kw), bias (out_channels,). ``kernel_size``, ``stride``,
+    ``padding``, ``output_padding``, ``dilation``: an int or a triple."""
+
+    nd = 3
+    layout = "N, C, D, H, W"

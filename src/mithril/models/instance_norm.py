@@ -1,4 +1,4 @@
-"""``InstanceNorm1D`` / ``InstanceNorm2D``, as ``torch.nn.InstanceNorm1d/2d``, running
+"""``InstanceNorm1D`` / ``2D`` / ``3D``, as ``torch.nn.InstanceNorm1d/2d/3d``, running
 statistics (``track_running_stats=True``) included. Imported by :mod:`mithril.models.norms`
 (the public path)."""
 
@@ -39,7 +39,7 @@ class _InstanceNorm(GroupNorm):
     ``ShapeError`` at compile time without running statistics, a ``ValueError`` in training
     mode with them.
 
-    An unbatched input, (C, L) / (C, H, W), is normalised (and tracked) as a batch of one
+    An unbatched input, (C, L) / (C, H, W) / (C, D, H, W), is normalised (and tracked) as a batch of one
     and the output has its shape, as torch's modules (``unsqueeze(0)`` ... ``squeeze(0)``);
     its channels must equal ``num_features`` (torch only warns without ``affine``)."""
 
@@ -71,7 +71,7 @@ class _InstanceNorm(GroupNorm):
             return None
         who = type(self).__name__
         if len(s) not in (self.rank, self.rank - 1):
-            spatial = "L" if self.rank == 3 else "H, W"
+            spatial = {3: "L", 4: "H, W", 5: "D, H, W"}[self.rank]
             raise ShapeError(f"{who}: 'input' must have rank {self.rank} (N, C, {spatial}) or "
                              f"{self.rank - 1} (C, {spatial}: unbatched), got shape {fmt(s)}")
         c, spatial = s[len(s) - self.rank + 1], s[len(s) - self.rank + 2:]
@@ -193,3 +193,10 @@ class InstanceNorm2D(_InstanceNorm):
     ``torch.nn.InstanceNorm2d``."""
 
     rank = 4
+
+
+class InstanceNorm3D(_InstanceNorm):
+    """Instance normalisation of (N, C, D, H, W) or unbatched (C, D, H, W) over D·H·W, as
+    ``torch.nn.InstanceNorm3d``."""
+
+    rank = 5

@@ -1,6 +1,6 @@
-"""Normalisation: ``GroupNorm``, ``InstanceNorm1D`` / ``InstanceNorm2D`` (in :mod:`.instance_norm`)
-and ``BatchNorm1D`` / ``BatchNorm2D`` over channels-first
-inputs, as ``torch.nn.GroupNorm`` / ``BatchNorm1d`` / ``BatchNorm2d``, and ``RMSNorm`` over
+"""Normalisation: ``GroupNorm``, ``InstanceNorm1D`` / ``2D`` / ``3D`` (in :mod:`.instance_norm`)
+and ``BatchNorm1D`` / ``BatchNorm2D`` / ``BatchNorm3D`` over channels-first
+inputs, as ``torch.nn.GroupNorm`` / ``BatchNorm1d`` / ``2d`` / ``3d``, and ``RMSNorm`` over
 trailing axes, as ``torch.nn.RMSNorm``."""
 
 from __future__ import annotations
@@ -329,6 +329,13 @@ class BatchNorm2D(_BatchNorm):
     layout = "(N, C, H, W)"
 
 
+class BatchNorm3D(_BatchNorm):
+    __doc__ = "Batch normalisation of (N, C, D, H, W), as ``torch.nn.BatchNorm3d``.\n" \
+        + (_BatchNorm.__doc__ or "")
+    ranks = (5,)
+    layout = "(N, C, D, H, W)"
+
+
 class RMSNorm(Operator):
     """Root-mean-square normalisation over the trailing axes ``normalized_shape``, as
     ``torch.nn.RMSNorm`` / ``F.rms_norm``:
@@ -427,5 +434,5 @@ class RMSNorm(Operator):
                 f"elementwise_affine={self.elementwise_affine})")
 
 
-# InstanceNorm1D / 2D live in their own module (GroupNorm's subclasses); this stays their path
-from .instance_norm import InstanceNorm1D, InstanceNorm2D  # noqa: E402, F401
+# InstanceNorm1D / 2D / 3D live in their own module (GroupNorm's subclasses); this stays their path
+from .instance_norm import InstanceNorm1D, InstanceNorm2D, InstanceNorm3D  # noqa: E402, F401

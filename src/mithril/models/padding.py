@@ -1,9 +1,10 @@
-"""Padding layers, as torch's ``nn.ConstantPad1d/2d``, ``ZeroPad1d/2d``, ``ReflectionPad1d/2d``,
-``ReplicationPad1d/2d`` and ``CircularPad1d/2d`` (and ``F.pad``'s modes on the last one or two
-axes).
+"""Padding layers, as torch's ``nn.ConstantPad1d/2d/3d``, ``ZeroPad1d/2d/3d``,
+``ReflectionPad1d/2d/3d``, ``ReplicationPad1d/2d/3d`` and ``CircularPad1d/2d/3d`` (and
+``F.pad``'s modes on the last one, two or three axes).
 
 :class:`Pad` takes ``padding`` in ``F.pad``'s order, the last axis first: ``(left, right)``
-(1-D) or ``(left, right, top, bottom)`` (2-D); an int pads every side by it (the named classes,
+(1-D), ``(left, right, top, bottom)`` (2-D) or ``(left, right, top, bottom, front, back)``
+(3-D); an int pads every side by it (the named classes,
 as torch's modules). ``mode``:
 
 * ``"constant"``: ``value`` outside the input;
@@ -12,7 +13,8 @@ as torch's modules). ``mode``:
 * ``"replicate"``: the edge element repeated;
 * ``"circular"``: wrapped around (x[n−1] | x[0], ...), each padding at most the axis's size.
 
-Inputs (N, C, L) / (C, L) for 1-D and (N, C, H, W) / (C, H, W) for 2-D, as torch's reflection
+Inputs (N, C, L) / (C, L) for 1-D, (N, C, H, W) / (C, H, W) for 2-D and (N, C, D, H, W) /
+(C, D, H, W) for 3-D, as torch's reflection
 and replication modules take them. A negative padding crops that side first (as ``F.pad``:
 the mode then pads the cropped input; its limits are on the cropped size). Forward: ``F.pad`` on torch, ``pad`` (constant) or a gather of the source
 index per axis on NumPy / JAX. The NumPy VJP adds each padded position's cotangent onto the
@@ -45,10 +47,10 @@ class Pad(Operator):
             raise ValueError(f"{who}: mode must be one of {PAD_MODES}, got {mode!r}")
         flat = tuple(padding) if isinstance(padding, Sequence) and not isinstance(padding, str) \
             else None
-        if flat is None or len(flat) not in (2, 4) or not all(
+        if flat is None or len(flat) not in (2, 4, 6) or not all(
                 isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in flat):
-            raise ValueError(f"{who}: padding must be 2 ints (left, right) or 4 (left, right, "
-                             f"top, bottom), got {padding!r}")
+            raise ValueError(f"{who}: padding must be 2 ints (left, right), 4 (left, right, "
+                             f"top, bottom) or 6 (..., front, back), got {padding!r}")
         if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
             raise TypeError(f"{who}: value must be a number, got {value!r}")
         self.padding = tuple(int(p) for p in flat)
@@ -62,7 +64,7 @@ class Pad(Operator):
 
     @property
     def layout(self) -> str:
-        return "N, C, L" if self.nd == 1 else "N, C, H, W"
+        return {1: "N, C, L", 2: "N, C, H, W", 3: "N, C, D, H, W"}[self.nd]
 
     def _check(self, spatial: Sequence[int | None]) -> None:
         who = type(self).__name__
@@ -180,6 +182,14 @@ class ConstantPad2D(Pad):
         super().__init__(_pairs(padding, 2, type(self).__name__), "constant", value)
 
 
+class ConstantPad3D(Pad):
+    """``value`` around the last three axes, as ``nn.ConstantPad3d(padding, value)``:
+    ``padding`` an int or (left, right, top, bottom, front, back)."""
+
+    def __init__(self, padding: int | Sequence[int], value: float) -> None:
+        super().__init__(_pairs(padding, 3, type(self).__name__), "constant", value)
+
+
 class ZeroPad1D(_NamedPad):
     """Zeros on both ends of the last axis, as ``nn.ZeroPad1d``."""
 
@@ -227,3 +237,29 @@ class CircularPad2D(_NamedPad):
     axis's size)."""
 
     nd_of_class, mode_of_class = 2, "circular"
+
+
+class ZeroPad3D(_NamedPad):
+    """Zeros around the last three axes, as ``nn.ZeroPad3d``."""
+
+    nd_of_class = 3
+
+
+class ReflectionPad3D(_NamedPad):
+    """The last three axes mirrored without repeating the edge, as ``nn.ReflectionPad3d``
+    (each padding below its axis's size)."""
+
+    nd_of_class, mode_of_class = 3, "reflect"
+
+
+class ReplicationPad3D(_NamedPad):
+    """The last three axes' edge elements repeated, as ``nn.ReplicationPad3d``."""
+
+    nd_of_class, mode_of_class = 3, "replicate"
+
+
+class CircularPad3D(_NamedPad):
+    """The last three axes wrapped around, as ``nn.CircularPad3d`` (each padding at most its
+    axis's size)."""
+
+    nd_of_class, mode_of_class = 3, "circular"

@@ -1,12 +1,12 @@
 """Pooling over channels-first inputs, with torch's semantics.
 
 Every pool but ``GlobalAvgPool2D`` also takes one example without the batch axis, (C, L) /
-(C, H, W), as torch (run as a batch of one). ``padding``: an int, one per axis, or a
+(C, H, W) / (C, D, H, W), as torch (run as a batch of one). ``padding``: an int, one per axis, or a
 ``(before, after)`` pair per axis (1-D: also one bare pair), each side at most half the
 kernel; torch's pools pad symmetrically only, so the torch backend runs pairs as ``F.pad``
 (−inf or zeros) then an unpadded pool (keeping the −inf windows' gradient routing below).
 
-``MaxPool1D`` / ``MaxPool2D``: windows padded with −inf, ``stride`` defaults to
+``MaxPool1D`` / ``MaxPool2D`` / ``MaxPool3D``: windows padded with −inf, ``stride`` defaults to
 ``kernel_size``, ``padding`` at most half the kernel (as torch). ``ceil_mode=True`` (every
 pool) rounds the output size up, as torch: the last window may run past the end (it must
 start inside the input or the padding before it: torch's ``pooling_output_shape_pad_lr``);
@@ -20,16 +20,16 @@ padding). JAX's forward is XLA's ``reduce_window`` with a JVP that picks the sam
 only is −inf (as torch) and routes no gradient, on every backend (torch's own index there is garbage, and its backward writes out of bounds: the
 torch backend replaces those windows).
 
-NumPy (float32/float64) finds each window's maximum and where it came from in one compiled
+NumPy (float32/float64, 1-D and 2-D) finds each window's maximum and where it came from in one compiled
 pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
 byte), and the VJP puts the cotangents there (a gather when the windows are disjoint: every
-input element written once). Other dtypes work one kernel offset at a time on strided slices
+input element written once). 3-D pools and other dtypes work one kernel offset at a time on strided slices
 (a loop over the kernel, never over pixels), in the input's memory order (channels-last
 activations stay channels-last): the max is a running ``np.maximum``; a forward that will be
 differentiated also keeps, per offset, which windows take their maximum there first (the
 residual), so the VJP is one multiply per offset.
 
-``AvgPool1D`` / ``AvgPool2D``: zero padding (both sides, not the ``ceil_mode`` part past it)
+``AvgPool1D`` / ``AvgPool2D`` / ``AvgPool3D``: zero padding (both sides, not the ``ceil_mode`` part past it)
 counted in the mean (``count_include_pad=True``, torch's default), or not (``count_include_pad=False``: each window's sum divided by the
 number of input elements it covers); ``divisor_override`` (a nonzero int) divides every
 window's sum by itself instead (torch's; on the torch backend 1-D runs as 2-D with one row:
@@ -190,7 +190,7 @@ class _MaxPool(_Pool):
     fresh_output = True
 
     def _torch(self, F: Any, x: Any) -> Any:
-        fn = F.max_pool1d if self.nd == 1 else F.max_pool2d
+        fn = getattr(F, f"max_pool{self.nd}d")
         if not self.symmetric:
             return self._torch_asymmetric(fn, F, x)
         inside = self._windows_inside(tuple(x.shape[2:]))
@@ -339,7 +339,7 @@ class _MaxPool(_Pool):
             m, res = self.forward_residuals(xp, input[None])
             return m[0], res
         pads = self._pads(input.shape[2:])
-        if compiled(input):  # one compiled pass: the maxima and where each came from
+        if self.nd <= 2 and compiled(input):  # one compiled pass: the maxima and their offsets
             out = out_sizes(input.shape[2:], self.kernel_size, self.stride, self.dilation,
                             pads, type(self).__name__)
             m, code = max_pool(input, out, self.kernel_size, pads, self.stride, self.dilation)
@@ -413,6 +413,16 @@ class MaxPool2D(_MaxPool):
     layout = "N, C, H, W"
 
 
+class MaxPool3D(_MaxPool):
+    """Max over windows of (N, C, D, H, W) or (C, D, H, W): ``kernel_size``, ``stride``
+    (default ``kernel_size``), ``padding`` (−inf, at most half the kernel; also a
+    ``(before, after)`` pair per axis), ``dilation`` (each an int or a triple) and
+    ``ceil_mode`` as ``torch.nn.MaxPool3d``."""
+
+    nd = 3
+    layout = "N, C, D, H, W"
+
+
 class _AvgPool(_Pool):
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
                  padding: Any = 0, count_include_pad: bool = True,
@@ -454,10 +464,11 @@ class _AvgPool(_Pool):
     def _torch(self, F: Any, x: Any) -> Any:
         if not self.symmetric:
             return self._torch_asymmetric(F, x)
-        if self.nd == 2:
-            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
-                                ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
-                                divisor_override=self.divisor_override)
+        if self.nd >= 2:
+            pool = F.avg_pool3d if self.nd == 3 else F.avg_pool2d
+            return pool(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode,
+                        count_include_pad=self.count_include_pad,
+                        divisor_override=self.divisor_override)
         if self.divisor_override is None:
             return F.avg_pool1d(x, self.kernel_size, self.stride, self.padding,
                                 ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad)
@@ -473,9 +484,10 @@ class _AvgPool(_Pool):
         xp = F.pad(x, self._flat_pads())
         if self.nd == 1:
             xp = xp[:, :, None]
-        s = F.avg_pool2d(xp, (1,) * (2 - self.nd) + self.kernel_size,
-                         (1,) * (2 - self.nd) + self.stride, 0, ceil_mode=self.ceil_mode,
-                         divisor_override=1)
+        pool = F.avg_pool3d if self.nd == 3 else F.avg_pool2d
+        one = (1,) * max(0, 2 - self.nd)
+        s = pool(xp, one + self.kernel_size, one + self.stride, 0, ceil_mode=self.ceil_mode,
+                 divisor_override=1)
         s = self._crop_torch(s[:, :, 0] if self.nd == 1 else s, tuple(x.shape[2:]))
         d = self._divisor(tuple(x.shape[2:]), tuple(s.shape[2:]), np.float64)
         return s / (d if isinstance(d, int) else x.new_tensor(d))
@@ -534,6 +546,14 @@ class AvgPool2D(_AvgPool):
 
     nd = 2
     layout = "N, C, H, W"
+
+
+class AvgPool3D(_AvgPool):
+    """Mean over windows of (N, C, D, H, W) or (C, D, H, W), as ``torch.nn.AvgPool3d``
+    (``ceil_mode``, ``count_include_pad``, ``divisor_override`` as :class:`AvgPool2D`)."""
+
+    nd = 3
+    layout = "N, C, D, H, W"
 
 
 class GlobalAvgPool2D(Operator):
