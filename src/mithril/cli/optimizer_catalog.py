@@ -48,7 +48,7 @@ from .options import (
 #: names the generic rule (a dash before each capitalised word) gets wrong
 _NAME_OVERRIDES = {"AdaGrad": "adagrad", "AdaBelief": "adabelief", "AdEMAMix": "ademamix",
                    "SimplifiedAdEMAMix": "simplified-ademamix", "DoWG": "dowg",
-                   "AcProp": "acprop"}
+                   "AcProp": "acprop", "GaLore": "galore"}
 #: constructor argument -> CLI key where they differ (the flags' names)
 _KEY_OF_ARG = {"learning_rate": "lr", "epsilon": "eps"}
 #: constructor arguments that are not hyperparameters (engine and placement choices)
