@@ -118,11 +118,10 @@ def test_refusals() -> None:
 
     with pytest.raises(TypeError, match="wraps an optimizer"):
         DataParallel(object())
-    with pytest.raises(NotImplementedError, match="optimizer-wide values"):
-        DataParallel(Prodigy(), shard_state=True)
+    DataParallel(Prodigy(), shard_state=True)  # (every rank's sums gathered: global_sums)
     dp = DataParallel(Prodigy())
     with pytest.raises(AttributeError, match="DataParallel.shard_state is fixed"):
-        dp.shard_state = True  # (would skip the check above)
+        dp.shard_state = True  # (would skip the construction's checks)
     assert dp.shard_state is False
     with pytest.raises(NotImplementedError, match="per-tensor|clip_tensor_norm"):
         DataParallel(Adam(clip_norm=1.0, clip_tensor_norm=1.0), shard_state=True).init(

@@ -14,8 +14,9 @@ ZeRO splits by whole tensors (:mod:`mithril.distributed.sharding`), so the tenso
 ratios, DoG's / DoWG's ``layer_wise`` estimates) runs on whole tensors and gives the one
 process's numbers. Optimizers whose state holds sums over *all* parameters (DAdaptAdamW,
 Prodigy, DoG / DoWG without ``layer_wise``, NAdam of Keras's convention: ``state_values``)
-are refused by ``DataParallel(..., shard_state=True)``, naming the class; replicated they
-equal one process. The sharded runs of ``CKPT`` are also saved (``save_sharded``) after
+gather every rank's per-tensor sums before ``tensor_scalars`` (:mod:`mithril.distributed.
+global_sums`): sharded too they equal one process; only a rank holding no tensor refuses
+them. The sharded runs of ``CKPT`` are also saved (``save_sharded``) after
 SAVE_AT steps, loaded into a fresh ``DataParallel`` and run on: the same to the bit, and on
 one process (2 -> 1) to 1e-12.
 
@@ -71,6 +72,7 @@ CASES = {
     "dog_layer_wise": _opt(O.DoG, 1.0, init_step=("heuristic", 1e-2), layer_wise=True),
     "dowg_layer_wise": _opt(O.DoWG, 1.0, layer_wise=True),
     "dog": _opt(O.DoG, 1.0, init_step=("heuristic", 1e-2)),
+    "dowg": _opt(O.DoWG, 1.0),
     "muon_exclude": _opt(O.Muon, 0.02, exclude_layers=["w2|linear_2"], ns_dtype="float64"),
     "lamb": _opt(O.LAMB, 0.02),
     "lars": _opt(O.LARS, 0.1),
@@ -78,12 +80,11 @@ CASES = {
     "prodigy": _opt(O.Prodigy, 1.0, estim_lr0=1e-2),
     "cocob": _opt(O.COCOB, 1.0),
 }
-#: refused by shard_state=True (optimizer-wide values over every parameter)
-WIDE = {"dadapt_adamw", "nadam_keras", "dog", "prodigy"}
 #: saved and loaded mid-run (sharded)
 CKPT = ("sm3", "muon_exclude", "dog_layer_wise")
 #: the default suite's cases (one start of two ranks); the others: @slow
-FAST = ("sm3", "dadapt_adamw", "muon_exclude", "dog_layer_wise", "noisy_sgd")
+FAST = ("sm3", "dadapt_adamw", "prodigy", "dog", "muon_exclude", "dog_layer_wise",
+        "noisy_sgd")
 #: the default suite's cases on 2 JAX devices
 JAX_FAST = ("dog_layer_wise",)
 
@@ -200,29 +201,30 @@ def mechanize_run(rank: int, world: int) -> dict[str, Any]:
     return {"params": listed(p), "values": dict((st.local if dp else st).values)}
 
 
-def switched(rank: int) -> dict[str, str]:
-    """``DoG(layer_wise=True)`` set to ``layer_wise=False`` after ``DataParallel(...,
-    shard_state=True)`` (its estimates then over all parameters): ``init`` refuses it, and
-    so does ``update`` where it is set after ``init``, on every rank, params unchanged."""
+def idle_rank(rank: int) -> dict[str, Any]:
+    """One tensor on 2 ranks: rank 0 holds none, and cannot join the gathering of the
+    per-tensor sums. ``init`` refuses DoG (``layer_wise=False``) on every rank; a
+    ``layer_wise`` DoG (per-tensor estimates: no gathering) inits, steps, and is refused at
+    ``update`` once set to ``layer_wise=False``, params and state unchanged."""
     from mithril.distributed import DataParallel
 
-    out = {}
-    dp = DataParallel(CASES["dog_layer_wise"](), shard_state=True)
-    dp.optimizer.layer_wise = False
-    p = {n: a.numpy() for n, a in init_params().items()}
+    out: dict[str, Any] = {}
+    p = {"w1": init_params()["w1"].numpy()}
+    g = {"w1": grads(init_params(), 0, rank, 2)["w1"]}
     try:
-        dp.init(p)
+        DataParallel(CASES["dog"](), shard_state=True).init(p)
     except NotImplementedError as e:
         out["init"] = str(e)
-    dp.optimizer.layer_wise = True
+    dp = DataParallel(CASES["dog_layer_wise"](), shard_state=True)
     st = dp.init(p)
+    p, st = dp.update(p, g, st)
     dp.optimizer.layer_wise = False
-    before = {n: a.copy() for n, a in p.items()}
+    before = p["w1"].copy()
     try:
-        dp.update(p, grads(p, 0, rank, 2), st)
+        dp.update(p, g, st)
     except NotImplementedError as e:
         out["update"] = str(e)
-    out["unchanged"] = st.step == 0 and all(np.array_equal(p[n], before[n]) for n in p)
+    out["unchanged"] = st.step == 1 and np.array_equal(p["w1"], before)
     return out
 
 
@@ -242,7 +244,7 @@ def torch_worker(rank: int, init: str, out: str, folder: str, names: list[str]) 
                 res[f"{name}/{shard}"] = ranks_run(name, shard, rank, 2, folder)
             except Exception as e:  # (reported by the test, naming the case)
                 res[f"{name}/{shard}"] = {"crashed": f"{type(e).__name__}: {e}"}
-    res["switched"] = switched(rank)
+    res["idle_rank"] = idle_rank(rank)
     res["mechanize"] = mechanize_run(rank, 2)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
@@ -263,8 +265,8 @@ def two_ranks(folder: str, names: tuple[str, ...]) -> tuple[list[dict], str]:
 
 
 def check_ranks(ranks: tuple[list[dict], str], name: str) -> None:
-    """Both modes on both ranks equal one process (or sharded is refused, naming the
-    class, exactly for the optimizers of WIDE); the resumed runs equal the unbroken, and
+    """Both modes on both ranks equal one process (sharded optimizer-wide values
+    included: every rank's sums gathered); the resumed runs equal the unbroken, and
     the checkpoint loaded by one process (2 -> 1) runs on as one process."""
     results, folder = ranks
     want = one_process(name)
@@ -274,21 +276,18 @@ def check_ranks(ranks: tuple[list[dict], str], name: str) -> None:
         got = [res[f"{name}/{shard}"] for res in results]
         for r, g in enumerate(got):
             assert "crashed" not in g, (name, shard, r, g.get("crashed"))
-            if shard and name in WIDE:
-                cls = type(CASES[name]()).__name__
-                assert g["refused"].startswith(f"shard_state=True: {cls} keeps optimizer-wide")
-                continue
+            assert "refused" not in g, (name, shard, r, g["refused"])
             for n in SHAPES:
                 np.testing.assert_allclose(g["params"][n], want["params"][n], rtol=0, atol=TOL,
                                            err_msg=f"{name} shard={shard} rank {r} {n}")
             np.testing.assert_allclose(g["norms"], want["norms"], rtol=1e-13, atol=0)
             if "resumed" in g:
                 assert g["resumed"] == g["params"], (name, r)
-        if shard and name not in WIDE:
+        if shard:
             assert sorted(got[0]["owned"] + got[1]["owned"]) == sorted(SHAPES)
             held = {n: c for g in got for n, c in g["missed"].items()}
             assert held == want["missed"], name
-        elif not shard:
+        else:
             assert got[0]["missed"] == got[1]["missed"] == want["missed"]
     if name in CKPT:
         resumed_alone(os.path.join(folder, f"{name}-True"), name, want)
@@ -328,16 +327,35 @@ def test_two_ranks_equal_one_process(fast_ranks, name) -> None:
     check_ranks(fast_ranks, name)
 
 
-def test_optimizer_wide_values_set_after_construction_are_refused(fast_ranks) -> None:
-    """Before, ``init`` took a DoG switched to ``layer_wise=False`` after construction, and
-    each rank's DoG took its estimates over its own tensors: 9.1e-3 off one process's (``w1``
-    0.45125 vs 0.46036 after 6 steps on 2 ranks). Now refused at ``init`` and ``update``."""
+def test_optimizer_wide_values_refused_where_a_rank_holds_no_tensor(fast_ranks) -> None:
+    """Every rank joins the gathering of the per-tensor sums with its own tensors: one
+    holding none refuses, at ``init`` and at an ``update`` after a switch to optimizer-wide
+    values (``layer_wise=False``), on every rank alike, nothing changed."""
     for res in fast_ranks[0]:
-        got = res["switched"]
+        got = res["idle_rank"]
         for when in ("init", "update"):
             assert got[when].startswith("shard_state=True: DoG keeps optimizer-wide values "
-                                        "['max_dist', 'sum_sq']"), when
+                                        "['max_dist', 'sum_sq'] computed over all parameters, "
+                                        "and rank(s) [0] hold no tensor"), (when, got)
         assert got["unchanged"] is True
+
+
+@pytest.mark.parametrize("name", ["dog", "prodigy", "dadapt_adamw"])
+def test_one_process_sharded_equals_the_optimizer(name) -> None:
+    """A world of one (no process group) holds every tensor: the sharded step is the
+    optimizer's own (no gathering)."""
+    from mithril.distributed import DataParallel
+
+    want = one_process(name)
+    dp = DataParallel(CASES[name](), shard_state=True)
+    sched = StepLR(dp.optimizer, 2, 0.5)
+    p = {n: a.numpy() for n, a in init_params().items()}
+    st = dp.init(p)
+    for t in range(STEPS):
+        p, st = dp.update(p, grads(p, t, 0, 1), st)
+        sched.step()
+    for n in SHAPES:
+        np.testing.assert_allclose(p[n], want["params"][n], rtol=0, atol=TOL)
 
 
 def test_mechanize_replicated_equals_one_process(fast_ranks) -> None:
@@ -370,29 +388,6 @@ def test_what_data_parallel_cannot_run_is_refused_by_name(make, shard, match) ->
 
     with pytest.raises(NotImplementedError, match=match):
         DataParallel(make(), shard_state=shard)
-
-
-@pytest.mark.parametrize("when", ["init", "update"])
-def test_one_process_refuses_optimizer_wide_values_set_later(when) -> None:
-    """The same rule at a world of one (no process group): refused, nothing changed."""
-    from mithril.distributed import DataParallel
-
-    dp = DataParallel(CASES["dog_layer_wise"](), shard_state=True)
-    p = {n: a.numpy() for n, a in init_params().items()}
-    if when == "update":
-        st = dp.init(p)
-        before = {n: a.copy() for n, a in p.items()}
-    dp.optimizer.layer_wise = False
-    with pytest.raises(NotImplementedError, match=r"DoG keeps optimizer-wide values"):
-        if when == "init":
-            dp.init(p)
-        else:
-            dp.update(p, grads(p, 0, 0, 1), st)
-    if when == "update":
-        assert st.step == 0 and all(np.array_equal(p[n], before[n]) for n in p)
-        dp.optimizer.layer_wise = True  # (set back: the step runs)
-        p, st = dp.update(p, grads(p, 0, 0, 1), st)
-        assert st.step == 1
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from .arrays import (  # noqa: F401 - the sharded step and checkpoint import the
     _small,
     _sumsq,
 )
+from .global_sums import needs_global_sums
 from .missed_steps import note_missed
 from .sharding import ChunkLayout, assign
 
@@ -74,24 +75,28 @@ def _check_init(params: Any) -> None:
                             f"needs one of each")
 
 
-def _check_sharded_values(opt: Any) -> None:
+def _check_sharded_values(opt: Any, chunks: ChunkLayout) -> None:
     """Refuse, in sharded mode, an optimizer whose state keeps values computed over all
-    parameters (``state_values``: Prodigy's and DAdaptAdamW's ``d``, DoG's estimates): a
-    rank holding some tensors would compute them over those alone. Checked at construction,
-    at ``init`` and at every ``update``: a setting changed in between may turn them on
-    (``DoG(layer_wise=True)`` set to ``layer_wise=False``: each rank's DoG then took the
-    distance over its own tensors, 9e-3 off one process's after 6 steps on 2 ranks)."""
-    if opt.state_values:
+    parameters (``state_values``: Prodigy's and DAdaptAdamW's ``d``, DoG's estimates, MoMo's)
+    where some rank holds no tensor: each step gathers every rank's per-tensor sums
+    (:mod:`.global_sums`), which a rank without a first pass cannot join. Checked at
+    ``init`` and at every ``update``: a setting changed in between may turn them on
+    (``DoG(layer_wise=True)`` set to ``layer_wise=False``)."""
+    idle = [r for r, (a, b) in enumerate(chunks.bounds) if a == b]
+    if needs_global_sums(opt) and idle:
         raise NotImplementedError(
             f"shard_state=True: {type(opt).__name__} keeps optimizer-wide values "
-            f"{list(opt.state_values)} computed over all parameters; use shard_state=False")
+            f"{list(opt.state_values)} computed over all parameters, and rank(s) {idle} "
+            f"hold no tensor ({len(chunks.sizes)} tensors, {chunks.world} ranks); use "
+            f"shard_state=False or fewer ranks")
 
 
-def _check_sharded(opt: Any, names: tuple[str, ...]) -> None:
+def _check_sharded(opt: Any, names: tuple[str, ...], chunks: ChunkLayout) -> None:
     """Refuse what the sharded step cannot compute on a rank's own tensors: optimizer-wide
-    values (:func:`_check_sharded_values`) and ``clip_norm`` with per-tensor clipping
-    (checked at ``init`` and again at every ``update``: either may be set in between)."""
-    _check_sharded_values(opt)
+    values on a rank holding none (:func:`_check_sharded_values`) and ``clip_norm`` with
+    per-tensor clipping (checked at ``init`` and again at every ``update``: either may be
+    set in between)."""
+    _check_sharded_values(opt, chunks)
     if opt.clip_norm is None:
         return
     _, rows, _ = resolve(_holder(opt), names)
@@ -264,8 +269,6 @@ class DataParallel(FixedParts):
                 f"shard_state=True: {name} runs its base optimizer's whole update and takes "
                 f"norms and inner products over all parameters every step; use "
                 f"shard_state=False")
-        if shard_state:
-            _check_sharded_values(optimizer)
         self.optimizer, self.shard_state = optimizer, shard_state
         self._made = True
 
@@ -284,7 +287,9 @@ class DataParallel(FixedParts):
         try:
             _check_init(params)
             if self.shard_state:
-                _check_sharded(opt, tuple(params))
+                sizes = [math.prod(int(d) for d in p.shape) for p in params.values()]
+                _check_sharded(opt, tuple(params),
+                               ChunkLayout(sizes, assign(sizes, pg.world_size())))
         except (TypeError, ValueError, NotImplementedError) as e:
             error = e
         pg.agree("DataParallel.init", error)
@@ -406,7 +411,7 @@ class DataParallel(FixedParts):
                     raise DTypeError(f"{what}['{n}'] has dtype {_dtype_name(x)}; the "
                                      f"parameters of init are {want}")
         if state.sharded:
-            _check_sharded(self.optimizer, state.names)
+            _check_sharded(self.optimizer, state.names, state.chunks)
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: DistributedState) -> tuple[dict[str, Any], DistributedState]:

@@ -36,6 +36,7 @@ from .data_parallel import (
     _small,
     _sumsq,
 )
+from .global_sums import global_sums
 from .missed_steps import note_missed
 
 
@@ -115,7 +116,9 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     before = local.num_skipped
     error: BaseException | None = None
     new: dict[str, Any] = {}
-    with _no_clip_norm(opt), warnings.catch_warnings():
+    # (optimizer-wide values: each rank's tensor_scalars sees every rank's sums)
+    with _no_clip_norm(opt), global_sums(opt, (a, b), len(state.names)), \
+            warnings.catch_warnings():
         # (a forced step's warning is given below, by every rank alike: not by the wrapped
         # optimizer, which judges this rank's tensors only)
         warnings.filterwarnings("ignore", message=".* non-finite steps in a row")
