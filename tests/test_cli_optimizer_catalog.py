@@ -130,6 +130,7 @@ def test_lookahead_flags_go_to_the_inner_optimizer(built, tmp_path):
     "lion",  # elementwise
     "lamb",  # two passes (trust ratio)
     "adafactor",  # tensorwise (factored second moment)
+    "galore:rank=8,update_proj_gap=10",  # tensorwise (low-rank projection, refreshed)
     "prodigy",  # learning-rate free
     "lookahead:inner=adam,lr=3e-3",
     "sam:base_optimizer=adam,lr=3e-3",  # a second gradient at the perturbed params
@@ -270,7 +271,8 @@ def test_help_lists_the_catalog(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        for name in ("schedule-free-adamw", "lion", "lookahead", "prodigy", "sign-sgd"):
+        for name in ("schedule-free-adamw", "lion", "lookahead", "prodigy", "sign-sgd",
+                     "galore"):
             assert name in text, (command, name)
 
 

@@ -73,6 +73,8 @@ DEFAULT_LR: dict[str, float] = {
     "optimistic-gd": 0.05, "asgd": 0.05, "ftrl": 0.1,
     # radam's first steps are un-adapted momentum SGD; muon as in Keller Jordan's runs
     "radam": 1e-2, "muon": 0.02,
+    # Adam in a rotated (SVD) basis: 1e-3 moves the digits MLP too slowly in 2 epochs
+    "galore": 1e-2,
 }
 #: a wrapper's inner optimizer when ``inner=`` / ``base_optimizer=`` is not given
 DEFAULT_INNER = "adam"
