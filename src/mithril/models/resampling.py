@@ -14,9 +14,9 @@ Sizes and source positions as torch (aten/src/ATen/native/UpSample.h): the outpu
 ``size``, or floor(n · scale_factor). The scale ``r`` is in/out when ``size`` is given or
 ``recompute_scale_factor=True``, else 1/scale_factor. Nearest: output j reads
 min(floor(j · r), n − 1), in float32 as torch's kernel (``floorf``; r rounded to float32);
-in 2-D and 3-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D forward
-takes no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backward does (as if it
-were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is the 1-D
+in 2-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D and 3-D
+forwards take no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backward does (as if it
+were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is that
 forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
 output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋.
@@ -139,7 +139,7 @@ class Upsample(Separable):
                              f"size={size!r}, scale_factor={scale_factor!r}")
         if align_corners is not None and mode == "nearest":
             raise ValueError(f"{who}: align_corners can only be set with the interpolating modes "
-                             f"linear / bilinear (as torch), got mode='nearest'")
+                             f"linear / bilinear / trilinear (as torch), got mode='nearest'")
         if recompute_scale_factor and size is not None:
             raise ValueError(f"{who}: recompute_scale_factor is not meaningful with an explicit "
                              f"size (as torch)")
@@ -194,18 +194,19 @@ class Upsample(Separable):
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         out, scales = self.sizes(spatial)
         if self.mode == "nearest":
-            # torch's 1-D forward skips nearest_idx's shortcuts (its backward takes them)
-            return [nearest_taps(n, o, r, fast=len(spatial) > 1)
+            # torch's 1-D and 3-D forwards skip nearest_idx's shortcuts (their backwards take them)
+            return [nearest_taps(n, o, r, fast=len(spatial) == 2)
                     for n, o, r in zip(spatial, out, scales)]
         return [linear_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
 
     def forward(self, xp: Any, input: Any) -> Any:
         nd = self.spatial_nd(len(input.shape))
-        if backend_of(xp) == "torch" and self.mode == "nearest" and nd == 1:
-            import torch  # a gather: F.interpolate's 1-D backward disagrees with its forward
+        if backend_of(xp) == "torch" and self.mode == "nearest" and nd != 2:
+            import torch  # a gather: F.interpolate's 1-D / 3-D backward disagrees with its forward
 
-            idx = self.taps(input.shape[-1:])[0][0][:, 0]
-            return input[..., torch.as_tensor(idx, device=input.device)]
+            for ax, (idx, _, _) in enumerate(self.taps(input.shape[-nd:]), len(input.shape) - nd):
+                input = input.index_select(ax, torch.as_tensor(idx[:, 0], device=input.device))
+            return input
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
