@@ -550,10 +550,21 @@ class AvgPool2D(_AvgPool):
 
 class AvgPool3D(_AvgPool):
     """Mean over windows of (N, C, D, H, W) or (C, D, H, W), as ``torch.nn.AvgPool3d``
-    (``ceil_mode``, ``count_include_pad``, ``divisor_override`` as :class:`AvgPool2D`)."""
+    (``ceil_mode``, ``count_include_pad``, ``divisor_override`` as :class:`AvgPool2D`). As
+    torch's ``avg_pool3d`` (not its 2-D one), each spatial size must be at least the kernel's,
+    padding or not: a ``ShapeError`` otherwise."""
 
     nd = 3
     layout = "N, C, D, H, W"
+
+    def infer_shape(self, shapes):
+        out = super().infer_shape(shapes)
+        s = shapes.get("input")
+        if s is not None and any(n is not None and n < k for n, k in zip(s[-3:], self.kernel_size)):
+            raise ShapeError(f"AvgPool3D: 'input' of shape {fmt(s)} is smaller than the kernel "
+                             f"size {self.kernel_size} along a spatial axis (torch's avg_pool3d "
+                             "refuses it, padding or not)")
+        return out
 
 
 class GlobalAvgPool2D(Operator):
