@@ -53,8 +53,12 @@ GROUPS = [{"params": "^b|bias", "lr_scale": 0.5, "weight_decay": 0.0}]
 
 
 def _opt(cls: Any, lr: float, wd: float = 1e-2, **kw: Any) -> Any:
-    return lambda groups=GROUPS: cls(lr, weight_decay=wd, clip_norm=CLIP,
-                                     param_groups=groups, **kw)
+    def make(groups: Any = None) -> Any:
+        if groups is None:
+            groups = LOSS_GROUPS if cls.needs_loss else GROUPS
+        clip = None if cls.needs_loss else CLIP
+        return cls(lr, weight_decay=wd, clip_norm=clip, param_groups=groups, **kw)
+    return make
 
 
 #: name -> a maker of the optimizer (``groups``: the parameter groups, by regex or callable)
@@ -79,12 +83,23 @@ CASES = {
     "adafactor": _opt(O.Adafactor, 0.05),
     "prodigy": _opt(O.Prodigy, 1.0, estim_lr0=1e-2),
     "cocob": _opt(O.COCOB, 1.0),
+    # loss-aware: the step takes the mean of the ranks' losses. Their groups set lr_scale
+    # only (the decay and the step size are optimizer-wide), and they clip nothing: the
+    # clipped gradients' small norm made every Polyak step size its cap (α), which the loss
+    # then did not change (a loss 1% off moved nothing; now ~8e-3)
+    "momo": _opt(O.Momo, 1.0, wd=1e-2, adapt_lower_bound=True),
+    "momo_adam": _opt(O.MomoAdam, 0.5, wd=1e-2),
+    "polyak_sgd": _opt(O.PolyakSGD, 1.0, wd=1e-2, max_learning_rate=1.0),
 }
+#: the loss-aware cases' groups
+LOSS_GROUPS = [{"params": "^b|bias", "lr_scale": 0.5}]
+#: the cases run with shares of 3 and 5 rows (the losses and gradients scaled to match)
+UNEVEN_CASES = ("momo",)
 #: saved and loaded mid-run (sharded)
 CKPT = ("sm3", "muon_exclude", "dog_layer_wise")
 #: the default suite's cases (one start of two ranks); the others: @slow
 FAST = ("sm3", "dadapt_adamw", "prodigy", "dog", "muon_exclude", "dog_layer_wise",
-        "noisy_sgd")
+        "noisy_sgd", "momo")
 #: the default suite's cases on 2 JAX devices
 JAX_FAST = ("dog_layer_wise",)
 
@@ -100,20 +115,45 @@ def batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(ROWS, 3, generator=g, dtype=torch.float64))
 
 
-def grads(p: dict[str, Any], t: int, rank: int, world: int) -> dict[str, np.ndarray]:
-    """The mean squared error's gradients on this rank's rows of batch ``t`` (all rows:
-    ``world`` 1); parameters the loss does not reach are absent."""
+#: rank 0's rows of a batch in the uneven split (rank 1: the rest)
+UNEVEN = 3
+
+
+def _forward(p: dict[str, Any], t: int, rank: int, world: int, uneven: bool
+             ) -> tuple[dict[str, Any], Any, list[str]]:
+    """The leaf tensors, this rank's loss (the mean squared error over its rows of batch
+    ``t``, all rows at ``world`` 1; ``uneven``: rows split 3 / 5, the loss scaled by
+    ``world·n_r/n`` so that the mean over ranks is the whole batch's) and the parameters
+    it reaches."""
     q = {n: torch.from_numpy(np.array(a, dtype=np.float64)).requires_grad_(True)
          for n, a in p.items()}
     x, y = batch(t)
     k = ROWS // world
-    x, y = x[rank * k:(rank + 1) * k], y[rank * k:(rank + 1) * k]
+    lo, hi = rank * k, (rank + 1) * k
+    if uneven and world > 1:
+        lo, hi = (0, UNEVEN) if rank == 0 else (UNEVEN, ROWS)
+    x, y = x[lo:hi], y[lo:hi]
     out = torch.tanh(x @ q["w1"] + q["b1"]) @ q["w2"]
     if t not in NONE_AT:
         out = out + q["b2"]
     used = [n for n in q if n != "u" and (n != "b2" or t not in NONE_AT)]
-    g = torch.autograd.grad(((out - y) ** 2).mean(), [q[n] for n in used])
+    return q, ((out - y) ** 2).mean() * (world * (hi - lo) / ROWS), used
+
+
+def grads(p: dict[str, Any], t: int, rank: int, world: int, uneven: bool = False
+          ) -> dict[str, np.ndarray]:
+    """The gradients of :func:`_forward`'s loss; parameters it does not reach are absent."""
+    q, loss, used = _forward(p, t, rank, world, uneven)
+    g = torch.autograd.grad(loss, [q[n] for n in used])
     return {n: a.numpy() for n, a in zip(used, g)}
+
+
+def loss_of(opt: Any, p: dict[str, Any], t: int, rank: int, world: int,
+            uneven: bool = False) -> dict[str, float]:
+    """``{"loss": this rank's loss}`` for a loss-aware optimizer, else nothing."""
+    if not opt.needs_loss:
+        return {}
+    return {"loss": float(_forward(p, t, rank, world, uneven)[1].detach())}
 
 
 def listed(p: dict[str, Any]) -> dict[str, list]:
@@ -129,7 +169,7 @@ def one_process(name: str) -> dict[str, Any]:
     norms = []
     for t in range(STEPS):
         g = grads(p, t, 0, 1)
-        p, st = opt.update(p, g, st)
+        p, st = opt.update(p, g, st, **loss_of(opt, p, t, 0, 1))
         st.note_missed([n for n in SHAPES if n not in g])
         norms.append(float(st.last_grad_norm))
         sched.step()
@@ -137,9 +177,12 @@ def one_process(name: str) -> dict[str, Any]:
 
 
 # -- the torch worker (one rank) -----------------------------------------------------------
-def ranks_run(name: str, shard: bool, rank: int, world: int, folder: str) -> dict[str, Any]:
-    """DataParallel on this rank's rows; sharded cases of CKPT saved at SAVE_AT and resumed
-    by a fresh DataParallel (``resumed``). A refused construction: its error."""
+def ranks_run(name: str, shard: bool, rank: int, world: int, folder: str,
+              uneven: bool = False) -> dict[str, Any]:
+    """DataParallel on this rank's rows (``uneven``: 3 / 5 rows, the losses and gradients
+    scaled to match), with this rank's loss for a loss-aware optimizer; sharded cases of
+    CKPT saved at SAVE_AT and resumed by a fresh DataParallel (``resumed``). A refused
+    construction: its error."""
     from mithril.distributed import DataParallel, load_sharded, save_sharded
 
     try:
@@ -155,7 +198,8 @@ def ranks_run(name: str, shard: bool, rank: int, world: int, folder: str) -> dic
         if t == SAVE_AT and shard and name in CKPT:
             save_sharded(path, p, dp, st)
             sd = sched.state_dict()
-        p, st = dp.update(p, grads(p, t, rank, world), st)
+        p, st = dp.update(p, grads(p, t, rank, world, uneven), st,
+                          **loss_of(dp.optimizer, p, t, rank, world, uneven))
         norms.append(float(st.last_grad_norm))
         sched.step()
     out.update(params=listed(p), norms=norms, missed=st.local.missed_counts(),
@@ -228,6 +272,28 @@ def idle_rank(rank: int) -> dict[str, Any]:
     return out
 
 
+def bad_loss(rank: int) -> dict[str, Any]:
+    """Rank 1 gives a NaN loss to Momo, replicated and sharded: every rank refuses the step
+    (naming the loss on rank 1), params and state unchanged."""
+    from mithril.distributed import DataParallel
+
+    out: dict[str, Any] = {}
+    for shard in (False, True):
+        dp = DataParallel(CASES["momo"](), shard_state=shard)
+        p = {n: a.numpy() for n, a in init_params().items()}
+        st = dp.init(p)
+        before = {n: a.copy() for n, a in p.items()}
+        loss = loss_of(dp.optimizer, p, 0, rank, 2)["loss"] if rank == 0 else float("nan")
+        try:
+            dp.update(p, grads(p, 0, rank, 2), st, loss=loss)
+        except ValueError as e:
+            out[f"{shard}/error"] = str(e)
+        out[f"{shard}/unchanged"] = st.step == 0 and dict(st.local.values) == {
+            "barf": 0.0, "gamma": 0.0, "lb": 0.0, "loss": 0.0} and all(
+                np.array_equal(p[n], before[n]) for n in p)
+    return out
+
+
 def torch_worker(rank: int, init: str, out: str, folder: str, names: list[str]) -> None:
     import datetime
 
@@ -244,7 +310,10 @@ def torch_worker(rank: int, init: str, out: str, folder: str, names: list[str]) 
                 res[f"{name}/{shard}"] = ranks_run(name, shard, rank, 2, folder)
             except Exception as e:  # (reported by the test, naming the case)
                 res[f"{name}/{shard}"] = {"crashed": f"{type(e).__name__}: {e}"}
+            if name in UNEVEN_CASES:
+                res[f"{name}/{shard}/uneven"] = ranks_run(name, shard, rank, 2, folder, True)
     res["idle_rank"] = idle_rank(rank)
+    res["bad_loss"] = bad_loss(rank)
     res["mechanize"] = mechanize_run(rank, 2)
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump(res, f)
@@ -270,16 +339,19 @@ def check_ranks(ranks: tuple[list[dict], str], name: str) -> None:
     the checkpoint loaded by one process (2 -> 1) runs on as one process."""
     results, folder = ranks
     want = one_process(name)
-    assert max(want["norms"]) > CLIP  # (clipping is active)
+    assert max(want["norms"]) > CLIP  # (clipping is active, where set)
     assert want["missed"] == {"u": STEPS, "b2": len(NONE_AT)}
-    for shard in (False, True):
-        got = [res[f"{name}/{shard}"] for res in results]
+    for shard, uneven in ((False, False), (True, False), (False, True), (True, True)):
+        if uneven and name not in UNEVEN_CASES:
+            continue
+        got = [res[f"{name}/{shard}" + "/uneven" * uneven] for res in results]
         for r, g in enumerate(got):
             assert "crashed" not in g, (name, shard, r, g.get("crashed"))
             assert "refused" not in g, (name, shard, r, g["refused"])
             for n in SHAPES:
                 np.testing.assert_allclose(g["params"][n], want["params"][n], rtol=0, atol=TOL,
-                                           err_msg=f"{name} shard={shard} rank {r} {n}")
+                                           err_msg=f"{name} shard={shard} uneven={uneven} "
+                                                   f"rank {r} {n}")
             np.testing.assert_allclose(g["norms"], want["norms"], rtol=1e-13, atol=0)
             if "resumed" in g:
                 assert g["resumed"] == g["params"], (name, r)
@@ -338,6 +410,40 @@ def test_optimizer_wide_values_refused_where_a_rank_holds_no_tensor(fast_ranks) 
                                         "['max_dist', 'sum_sq'] computed over all parameters, "
                                         "and rank(s) [0] hold no tensor"), (when, got)
         assert got["unchanged"] is True
+
+
+def test_a_bad_loss_on_one_rank_is_refused_by_all(fast_ranks) -> None:
+    """A loss-aware step with a non-finite loss on rank 1: both ranks raise, nothing
+    changed (the losses travel with the refusals, before anything is written)."""
+    for r, res in enumerate(fast_ranks[0]):
+        for shard in (False, True):
+            msg = res["bad_loss"][f"{shard}/error"]
+            assert "loss=nan is not finite" in msg, (r, shard, msg)
+            if r == 0:
+                assert msg.startswith("DataParallel.update: rank 1 refused"), msg
+            assert res["bad_loss"][f"{shard}/unchanged"] is True, (r, shard)
+
+
+@pytest.mark.parametrize("make, loss, error, match", [
+    (CASES["momo"], None, TypeError, "Momo.update needs loss="),
+    (CASES["polyak_sgd"], np.array([1.0]), ValueError, r"loss must be a scalar \(0-d\)"),
+    (CASES["sm3"], 1.0, TypeError, "DataParallel.update: SM3 takes no loss="),
+])
+@pytest.mark.parametrize("shard", [False, True])
+def test_loss_refused_at_one_process(make, loss, error, match, shard) -> None:
+    """A world of one checks the loss as the ranks do: missing for a loss-aware optimizer,
+    not a scalar, or given to one that takes none; nothing changed."""
+    from mithril.distributed import DataParallel
+
+    dp = DataParallel(make(), shard_state=shard)
+    p = {n: a.numpy() for n, a in init_params().items()}
+    st = dp.init(p)
+    before = {n: a.copy() for n, a in p.items()}
+    with pytest.raises(error, match=match):
+        dp.update(p, grads(p, 0, 0, 1), st, loss=loss)
+    assert st.step == 0 and all(np.array_equal(p[n], before[n]) for n in p)
+    p, st = dp.update(p, grads(p, 0, 0, 1), st, **loss_of(dp.optimizer, p, 0, 0, 1))
+    assert st.step == 1
 
 
 @pytest.mark.parametrize("name", ["dog", "prodigy", "dadapt_adamw"])

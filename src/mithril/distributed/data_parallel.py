@@ -14,7 +14,10 @@
   wrapped optimizer on those tensors alone (their slots are all the optimizer state it
   holds), then an all-gather gives every rank every updated parameter. The global gradient
   norm (``clip_norm``, ``state.last_grad_norm``, the non-finite policies) is one more
-  all-reduce of two float64s (with the count of ranks refusing the step's inputs). In
+  all-reduce of three float64s (with the count of ranks refusing the step's inputs and
+  the sum of the ranks' losses, for a loss-aware optimizer). Optimizer-wide values
+  (Prodigy's ``d``, DoG's estimates, MoMo's) see every rank's per-tensor sums
+  (:mod:`.global_sums`). In
   float16 the refusals travel first, alone (one float64): the send buffer, perhaps the
   caller's gradient views, is divided by N in place before the reduce-scatter.
 """
@@ -35,6 +38,7 @@ from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
+from ..utils.optimizers.loss_aware import check_loss
 from ..utils.optimizers.outer_wrapper import OuterWrapper
 from . import process_group as pg
 from .arrays import (  # noqa: F401 - the sharded step and checkpoint import them here
@@ -58,6 +62,12 @@ def _holder(opt: Any) -> Any:
     with: a Lookahead's are its inner optimizer's (read-only on the Lookahead itself)."""
     inner = opt.__dict__.get("inner")
     return inner if isinstance(inner, Optimizer) else opt
+
+
+def _loss_kw(loss: float | None) -> dict[str, float]:
+    """The step's ``loss=`` for a loss-aware optimizer (others take none: wrappers such as
+    Mechanize have no such argument)."""
+    return {} if loss is None else {"loss": loss}
 
 
 def _check_init(params: Any) -> None:
@@ -414,21 +424,42 @@ class DataParallel(FixedParts):
             _check_sharded(self.optimizer, state.names, state.chunks)
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+               state: DistributedState, *, loss: Any = None
+               ) -> tuple[dict[str, Any], DistributedState]:
         """One step with this rank's ``gradients``; returns every parameter (updated alike on
-        every rank) and the state."""
+        every rank) and the state. ``loss``: this rank's loss (the mean over its share of
+        the batch), for a loss-aware optimizer only (``needs_loss``: PolyakSGD, Momo,
+        MomoAdam); the step takes the mean over ranks, the whole batch's loss where the
+        shares are of equal size, as the gradients. With shares of ``n_r`` of ``n`` rows,
+        scale this rank's loss and gradients alike by ``world·n_r/n``: both means are then
+        the whole batch's."""
         if not isinstance(state, DistributedState):
             raise TypeError(f"state must be what DataParallel.init returned, got "
                             f"{type(state).__name__}")
         if state.world != pg.world_size():
             raise ValueError(f"state was made for {state.world} ranks, the world has "
                              f"{pg.world_size()}")
-        return (self._sharded if state.sharded else self._replicated)(params, gradients, state)
+        return (self._sharded if state.sharded else self._replicated)(params, gradients, state,
+                                                                      loss)
+
+    def _local_loss(self, loss: Any) -> float | None:
+        """This rank's ``loss`` checked (a finite real scalar, given exactly where the
+        optimizer needs it), as a float; None for an optimizer that takes none."""
+        opt = self.optimizer
+        name = type(opt).__name__
+        if not opt.needs_loss:
+            if loss is not None:
+                raise TypeError(f"DataParallel.update: {name} takes no loss= (its step does "
+                                f"not use the loss)")
+            return None
+        return check_loss(name, loss)
 
     def _replicated(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                    state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+                    state: DistributedState, loss: Any = None
+                    ) -> tuple[dict[str, Any], DistributedState]:
         if state.world == 1:  # nothing to average: the wrapped optimizer, bit for bit
-            new, state.local = self.optimizer.update(params, gradients, state.local)
+            new, state.local = self.optimizer.update(params, gradients, state.local,
+                                                     **_loss_kw(self._local_loss(loss)))
             state.last_grad_norm = state.local.last_grad_norm
             note_missed(self.optimizer, state.local,
                         [n for n in state.names if gradients.get(n) is None])
@@ -438,18 +469,22 @@ class DataParallel(FixedParts):
         # buffer in place, and that buffer may be the caller's gradient_views (micro-batches
         # accumulated there, which a refused call must leave as they were). So the refusals
         # and the presence flags go first, in one all-reduce of len(names) + 1 float64s
+        # (and this rank's loss: their mean is the step's)
         refused: Exception | None = None
+        mine = None
         try:
             self._check_step(params, gradients, state)
+            mine = self._local_loss(loss)
         except (TypeError, ValueError, KeyError) as e:
             refused = e
         present = [0.0] * len(names) if refused is not None else [
             float(gradients.get(n) is not None) for n in names]
-        votes = _small([float(refused is not None), *present], buf)
+        votes = _small([float(refused is not None), *present, mine or 0.0], buf)
         pg.all_reduce(votes)
         flags = _host(votes)
         if flags[0] > 0:
             pg.agree("DataParallel.update", refused)
+        mean_loss = None if mine is None else float(flags[-1]) / state.world
         self._pack(gradients, state)
         if len(buf) and _dtype_name(buf) == "float16":  # divided first, as DDP: the sum
             _divide(buf, state.world)                   # over ranks overflows where the
@@ -459,7 +494,8 @@ class DataParallel(FixedParts):
             _divide(buf, state.world)
         state.bytes_communicated = {"all_reduce": _nbytes(buf) + _nbytes(votes)}
         grads = {n: state._grad_views[n] for i, n in enumerate(names) if flags[1 + i] > 0}
-        new, state.local = self.optimizer.update(params, grads, state.local)
+        new, state.local = self.optimizer.update(params, grads, state.local,
+                                                 **_loss_kw(mean_loss))
         state.last_grad_norm = state.local.last_grad_norm
         # (no rank's gradient: DDP leaves .grad None, torch.optim skips it: missed_steps.py)
         note_missed(self.optimizer, state.local, [n for n in names if n not in grads])
@@ -477,14 +513,15 @@ class DataParallel(FixedParts):
             state.local.groups = (key, index[a:b], rows)
 
     def _sharded(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                 state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
+                 state: DistributedState, loss: Any = None
+                 ) -> tuple[dict[str, Any], DistributedState]:
         from .sharded_step import sharded_step
 
         local = state.local
         before = (state.last_grad_norm, local.last_grad_norm, local.last_step_skipped,
                   local.step, local.num_skipped)
         try:
-            new, state = sharded_step(self, params, gradients, state)
+            new, state = sharded_step(self, params, gradients, state, loss)
         except BaseException:
             # a step refused on every rank ("raise" on a non-finite gradient or result)
             # changes nothing, as the wrapped optimizer's refused step: not even the norm

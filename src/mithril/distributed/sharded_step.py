@@ -41,15 +41,19 @@ from .missed_steps import note_missed
 
 
 def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                 state: DistributedState) -> tuple[dict[str, Any], DistributedState]:
-    """One sharded step (see the module docstring)."""
+                 state: DistributedState, loss: Any = None
+                 ) -> tuple[dict[str, Any], DistributedState]:
+    """One sharded step (see the module docstring); ``loss``: this rank's, for a
+    loss-aware optimizer (the step takes the mean over ranks, in the norm's all-reduce)."""
     opt, ch, me, world = dp.optimizer, state.chunks, state.rank, state.world
     a, b = ch.bounds[me]
     # every rank checks every input before any rank changes anything; a refusal travels in
     # the norm's all-reduce, so that all ranks raise before any applies its slice
     refused: Exception | None = None
+    my_loss = None
     try:
         dp._check_step(params, gradients, state)
+        my_loss = dp._local_loss(loss)
     except (TypeError, ValueError, KeyError, NotImplementedError) as e:
         if world == 1:
             raise
@@ -74,13 +78,14 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     if world > 1 and not half:
         _divide(mine, world)
     local_sq = _sumsq(mine) if refused is None else 0.0
-    total = _small([local_sq, float(refused is not None)], mine)
+    total = _small([local_sq, float(refused is not None), my_loss or 0.0], mine)
     pg.all_reduce(total)
     if float(_host(total)[1]) > 0:
         pg.agree("DataParallel.update", refused)
+    step_loss = {} if my_loss is None else {"loss": float(_host(total)[2]) / world}
     norm = math.sqrt(float(_host(total)[0]))
     state.last_grad_norm = norm
-    sent = ({"reduce_scatter": _nbytes(state._send), "all_reduce": 16 + 8 * half}
+    sent = ({"reduce_scatter": _nbytes(state._send), "all_reduce": 24 + 8 * half}
             if world > 1 else {})
     local = state.local
     name = type(opt).__name__
@@ -124,7 +129,8 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         warnings.filterwarnings("ignore", message=".* non-finite steps in a row")
         try:
             if own:
-                new, local = opt.update({n: params[n] for n in own}, grads, local)
+                new, local = opt.update({n: params[n] for n in own}, grads, local,
+                                        **step_loss)
             else:  # more ranks than tensors: this one holds none, and only counts the step
                 local.step += 1
                 local.last_step_skipped = False
