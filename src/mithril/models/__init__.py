@@ -239,3 +239,13 @@ from .pooling import AvgPool3D, MaxPool3D  # noqa: E402
 __all__ += ["AdaptiveAvgPool3D", "AdaptiveMaxPool3D", "AvgPool3D", "BatchNorm3D", "CircularPad3D",
             "ConstantPad3D", "ConvTranspose3D", "Convolution3D", "InstanceNorm3D", "MaxPool3D",
             "ReflectionPad3D", "ReplicationPad3D", "ZeroPad3D"]
+
+# torch.nn's CTC loss, im2col / col2im, bags of embeddings, unpooling and power-norm pooling
+from .ctc_loss import CTCLoss  # noqa: E402
+from .embedding_bag import EmbeddingBag  # noqa: E402
+from .fold import Fold, Unfold  # noqa: E402
+from .lp_pooling import LPPool1D, LPPool2D  # noqa: E402
+from .unpooling import MaxUnpool1D, MaxUnpool2D  # noqa: E402
+
+__all__ += ["CTCLoss", "EmbeddingBag", "Fold", "LPPool1D", "LPPool2D", "MaxUnpool1D", "MaxUnpool2D",
+            "Unfold"]
