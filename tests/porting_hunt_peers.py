@@ -73,8 +73,9 @@ def optax_run() -> dict[str, float]:
         return {k: np.asarray(v) for k, v in p.items()}
 
     def port(clip: float | None) -> tuple[AdamW, WSD]:
-        # optax's mask: a callable of the names (or a regex), True where the decay applies
-        opt = AdamW(learning_rate=5e-2, weight_decay=0.1, clip_norm=clip,
+        # optax's mask: a callable of the names (or a regex), True where the decay applies;
+        # optax's clip_by_global_norm has no 1e-6 in the norm: clip_eps=0
+        opt = AdamW(learning_rate=5e-2, weight_decay=0.1, clip_norm=clip, clip_eps=0.0,
                     weight_decay_mask=lambda name: name.endswith("weight"))
         return opt, WSD(opt, 5, 0, STEPS - 5, 0.0, 1e-4, "cosine")
 
@@ -91,7 +92,7 @@ def optax_run() -> dict[str, float]:
         return {k: np.asarray(v) for k, v in p.items()}
 
     def separate(clip: float) -> dict[str, np.ndarray]:
-        # optax's clip has no 1e-6 in the norm: clip_gradients(eps=0) before an unclipped update
+        # the separate calls: clip_gradients(eps=0) before an unclipped update
         opt, sched = port(None)
         c = _mlp(ml.NumpyBackend(dtype="float64"))
         p = {k: v.copy() for k, v in p0.items()}
@@ -126,7 +127,7 @@ def keras_run() -> dict[str, float]:
     import keras
 
     import mithril as ml
-    from mithril.utils.optimizers import Adam, clip_gradients
+    from mithril.utils.optimizers import Adam
     from mithril.utils.training import make_train_step
 
     keras.config.set_floatx("float64")
@@ -156,8 +157,10 @@ def keras_run() -> dict[str, float]:
     k_loss, k_acc = model.evaluate(x_test, y_test, verbose=0)
 
     # Keras's Adam: ε = 1e-7 added to the uncorrected √v (convention="keras"); use_ema is
-    # ema_decay; global_clipnorm has no 1e-6 in the norm (clip_gradients eps=0)
-    opt = Adam(learning_rate=2e-2, epsilon=1e-7, convention="keras", ema_decay=0.9)
+    # ema_decay; global_clipnorm is clip_norm with no 1e-6 in the norm (clip_eps=0)
+    keras_adam = {"learning_rate": 2e-2, "epsilon": 1e-7, "convention": "keras",
+                  "ema_decay": 0.9, "clip_norm": clip, "clip_eps": 0.0}
+    opt = Adam(**keras_adam)
     p = {k: v.copy() for k, v in p0.items()}
     s = opt.init(p)
     losses = []
@@ -166,7 +169,7 @@ def keras_run() -> dict[str, float]:
         for i in range(0, len(y), BATCH):
             out, g = compiled.evaluate(p, {"input": x[i:i + BATCH], "target": y[i:i + BATCH]},
                                        output_gradients={"loss": 1.0})
-            p, s = opt.update(p, clip_gradients(g, clip_norm=clip, eps=0.0), s)
+            p, s = opt.update(p, g, s)
             batch_losses.append(float(out["loss"]))
         losses.append(float(np.mean(batch_losses)))
     # fit ends with finalize_variable_values: the model's weights become the EMA
@@ -174,10 +177,9 @@ def keras_run() -> dict[str, float]:
     test = compiled.evaluate(ema, {"input": x_test, "target": y_test})
     ours, raw = as_keras(ema), as_keras(p)
 
-    # without the clip, the one-program JAX step; its EMA read through to_optimizer_state
-    unclipped, _ = keras_fit(None)
+    # the one-program JAX step, the same clip; its EMA read through to_optimizer_state
     backend = ml.JaxBackend(dtype="float64")
-    opt = Adam(learning_rate=2e-2, epsilon=1e-7, convention="keras", ema_decay=0.9)
+    opt = Adam(**keras_adam)
     step = make_train_step(_mlp(backend), opt, loss="loss")
     p = {k: backend.array(v) for k, v in p0.items()}
     s = step.init(p)
@@ -190,7 +192,7 @@ def keras_run() -> dict[str, float]:
                  opt.ema_params(step.to_optimizer_state(s, p)).items()}
     return {
         "fused_weights_vs_ema": max(float(np.abs(a - b).max()) for a, b in
-                                    zip(unclipped.get_weights(), as_keras(fused_ema))),
+                                    zip(model.get_weights(), as_keras(fused_ema))),
         "loss_history": float(np.abs(np.array(history.history["loss"]) - losses).max()),
         "weights_vs_ema": max(float(np.abs(a - b).max())
                               for a, b in zip(model.get_weights(), ours)),

@@ -6,10 +6,10 @@ they do not, the test pins down why:
 * optax evaluates ``warmup_cosine_decay_schedule`` at its int32 step count, which gives float32
   learning rates even under ``jax_enable_x64`` (7.6e-9 on the weights after 40 steps): the peer
   runs with its schedule evaluated in float64 for the 1e-9 comparison;
-* the optimizers' fused ``clip_norm`` is torch's ``clip_grad_norm_`` (``c / (‖g‖ + 1e-6)``);
-  optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm`` have no 1e-6. The separate
-  calls take theirs (``clip_gradients(eps=0)``), ``make_train_step`` cannot yet: 1.9e-7 on the
-  weights after 40 steps (xfail below);
+* the optimizers' fused ``clip_norm`` is torch's ``clip_grad_norm_`` (``c / (‖g‖ + 1e-6)``) by
+  default; optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm`` have no 1e-6: the
+  ports say ``clip_eps=0.0`` (``make_train_step`` too; with the default, 1.9e-7 on the weights
+  after 40 steps), or clip separately with ``clip_gradients(eps=0)``;
 * torch's ``OneCycleLR`` cycles AdamW's β₁ by default (``cycle_momentum=True``); ours does only
   when asked.
 
@@ -253,8 +253,6 @@ def test_optax_chain_ported_to_make_train_step_on_jax(optax_numbers):
     assert n["separate_eps0_vs_optax_clipping"] < TOL
 
 
-@pytest.mark.xfail(strict=True, reason="make_train_step's fused clip_norm has torch's 1e-6 in "
-                   "the norm and no switch for optax's/Keras's (1.9e-7 after 40 steps)")
 def test_optax_clip_by_global_norm_in_make_train_step(optax_numbers):
     assert optax_numbers["fused_vs_optax_clipping"] < TOL
 
@@ -332,8 +330,8 @@ def test_keras_fit_adam_global_clipnorm_ema():
     assert n["loss_history"] < TOL and n["eval_loss"] < TOL and n["eval_acc"] == 0
     # after fit, Keras's model holds the EMA (finalize_variable_values), not the last step
     assert n["weights_vs_ema"] < TOL and n["weights_vs_raw"] > 1e-3
-    # make_train_step's one JAX program, its EMA through step.to_optimizer_state (no clip:
-    # the fused clip_norm is torch's rule, not global_clipnorm's)
+    # make_train_step's one JAX program with the same clip (clip_eps=0), its EMA through
+    # step.to_optimizer_state
     assert n["fused_weights_vs_ema"] < TOL
 
 

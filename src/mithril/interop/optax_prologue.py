@@ -1,8 +1,8 @@
 """The gradient prologue of the traced optax update (:mod:`.optax_transform`,
 :mod:`.optax_tensorwise`): what the optimizer's ``update`` does to the gradients before its
 math, as jittable JAX: unit-wise adaptive clipping, per-tensor norm / RMS clipping, the
-global-norm clip (torch's ``max_norm / (norm + 1e-6)``), clipping by value, and coupled
-or decoupled weight decay."""
+global-norm clip (``max_norm / (norm + clip_eps)``: torch's 1e-6 by default, optax's 0 as
+an option), clipping by value, and coupled or decoupled weight decay."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.optimizers.engines.common import norm_scale
 from ..utils.optimizers.engines.jax_engine import scaled_norm
 from .optax_scalars import _Plan, _value
 
@@ -74,6 +75,7 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
                  for g, p, (c, eps), n in zip(grads, leaves, plan.agc, names)]
     attrs = attrs or [{} for _ in plan.views]
     clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
+    eps = _value(attrs[0].get("clip_eps", opt.clip_eps)) if attrs else opt.clip_eps
     norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
     scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
     factors: list[Any] = [None] * len(leaves)
@@ -81,12 +83,13 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
         if clip_norm is not None:  # the clipped gradients' norm
             f, sq = scales
             clipped = jnp.sqrt(sum(s * x * x for s, x in zip(sq, f)))
-            gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, clipped.dtype) / (clipped + 1e-6))
+            gscale = norm_scale(jnp.asarray(clip_norm, clipped.dtype), clipped,
+                                jnp.asarray(eps, clipped.dtype))
             factors = [x * gscale for x in f]
         else:
             factors = list(scales[0])
     elif clip_norm is not None:
-        gscale = jnp.minimum(1.0, jnp.asarray(clip_norm, norm.dtype) / (norm + 1e-6))
+        gscale = norm_scale(jnp.asarray(clip_norm, norm.dtype), norm, jnp.asarray(eps, norm.dtype))
         factors = [gscale] * len(leaves)
     gs, ps = [], []
     for i, (p, g) in enumerate(zip(leaves, grads)):

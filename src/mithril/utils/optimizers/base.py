@@ -76,6 +76,7 @@ from .argument_names import _catalog_takes as _catalog_takes  # (interop imports
 from .argument_names import _constructor, _meant
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
+from .clipping import check_clip_eps
 from .engines.common import is_finite
 from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
 from .layout import Layout, slot_shape_of
@@ -136,8 +137,9 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
             ...
 
     Common options: ``weight_decay`` (coupled L2, ``g ← g + wd·p``, as torch.optim),
-    ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + 1e-6))``, torch
-    ``clip_grad_norm_``), ``clip_value`` (clamp each gradient to ``±clip_value``),
+    ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + clip_eps))``: torch
+    ``clip_grad_norm_`` with the default ``clip_eps=1e-6``, optax's ``clip_by_global_norm``
+    and Keras's ``global_clipnorm`` with ``clip_eps=0``), ``clip_value`` (clamp each gradient to ``±clip_value``),
     ``nonfinite`` and ``max_consecutive_skips`` (see module docs) and ``backend`` (else
     inferred from the params).
     Per tensor, before those: ``clip_tensor_norm`` (Keras ``clipnorm``: each tensor scaled
@@ -201,8 +203,8 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
                  ema_decay: float | None = None, ema_every: int = 1, ema_start: int = 1,
                  swa_start: int | None = None, clip_tensor_norm: float | None = None,
                  clip_block_rms: float | None = None, adaptive_clip: float | None = None,
-                 adaptive_clip_eps: float = 1e-3, max_consecutive_skips: int | None = None
-                 ) -> None:
+                 adaptive_clip_eps: float = 1e-3, max_consecutive_skips: int | None = None,
+                 clip_eps: float = 1e-6) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
         self.clip_tensor_norm = (None if clip_tensor_norm is None else
                                  check_positive("clip_tensor_norm", clip_tensor_norm, False))
@@ -213,6 +215,7 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self.adaptive_clip_eps = check_positive("adaptive_clip_eps", adaptive_clip_eps)
         self.weight_decay = check_positive("weight_decay", weight_decay)
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
+        self.clip_eps = check_clip_eps(clip_eps)
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")

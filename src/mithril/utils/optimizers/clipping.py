@@ -1,21 +1,21 @@
 """Gradient clipping and the global gradient norm, on any backend's arrays.
 
-The global-norm clip's floor, two conventions (``tests/test_clip_norm_eps.py`` checks both
-against their peers, a tiny norm and a zero one included):
+The global-norm clip's floor, two conventions (``tests/test_clip_norm_eps.py`` and
+``tests/test_clip_eps_option.py`` check both against their peers, a tiny norm and a zero one
+included):
 
-* torch's ``clip_grad_norm_``: scale ``min(1, c / (‖g‖ + 1e-6))``. The optimizers' fused
-  ``clip_norm=c`` (every engine, ``optax_transformation`` too) and :func:`clip_gradients`'s
-  default. The 1e-6 keeps a zero norm finite, and it counts where ``c`` is small: at
-  ‖g‖ = 1e-7 > c the step is ``c/11``, not ``c``; a norm just below ``c`` is still scaled
-  by ``c / (‖g‖ + 1e-6) < 1``.
+* torch's ``clip_grad_norm_``: scale ``min(1, c / (‖g‖ + 1e-6))``. The default of the
+  optimizers' fused ``clip_norm=c`` (``clip_eps=1e-6``: every engine, ``optax_transformation``
+  and ``make_train_step`` too) and of :func:`clip_gradients`. The 1e-6 keeps a zero norm
+  finite, and it counts where ``c`` is small: at ‖g‖ = 1e-7 > c the step is ``c/11``, not
+  ``c``; a norm just below ``c`` is still scaled by ``c / (‖g‖ + 1e-6) < 1``.
 * optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm``: ``c / ‖g‖`` where
-  ``‖g‖ >= c``, else unchanged (no floor). ``clip_gradients(grads, clip_norm=c, eps=0.0)``
-  before ``update`` of an optimizer built without ``clip_norm`` (``state.last_grad_norm`` is
-  then the clipped gradients' norm), or ``optax.chain(optax.clip_by_global_norm(c),
-  optax_transformation(opt))`` in a JAX program.
+  ``‖g‖ >= c``, else unchanged (no floor): an optimizer's ``clip_eps=0.0`` (the same
+  everywhere ``clip_norm`` is fused), or ``clip_gradients(grads, clip_norm=c, eps=0.0)``
+  before ``update`` of an optimizer built without ``clip_norm``.
 
-The fused ``clip_norm`` keeps torch's floor and has no switch: the engines take the same
-rule everywhere, and torch parity is what it is for."""
+:func:`norm_scale` is the rule, written once for Python numbers, torch tensors and traced
+JAX arrays alike (an all-zero gradient with ``eps=0`` is left as it is, as optax leaves it)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_positive, is_array
+from .engines.common import norm_scale as norm_scale  # (public here: the rule's home)
 
 
 def _sumsq(g: Any) -> float:
@@ -40,6 +41,11 @@ def _sumsq(g: Any) -> float:
         return float(jnp.sum(jnp.square(g.astype(jnp.float32 if g.dtype.itemsize < 4 else g.dtype))))
     a = np.asarray(g, dtype=np.float64)
     return float(np.dot(a.ravel(), a.ravel()))
+
+
+def check_clip_eps(eps: Any) -> float:
+    """``clip_eps`` (the global-norm clip's floor) as a float: finite and ``>= 0``."""
+    return check_positive("clip_eps", eps)
 
 
 def _checked(gradients: Any, fn: str) -> Mapping[str, Any]:
@@ -66,13 +72,12 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
 
     ``clip_value``: clamp every element to [−clip_value, clip_value].
     ``clip_norm``: scale all gradients by ``min(1, clip_norm / (‖g‖₂ + eps))`` where
-    ‖g‖₂ is the global norm (torch ``clip_grad_norm_``'s ``eps=1e-6``; ``eps=0`` is optax's
-    ``clip_by_global_norm`` and Keras's ``global_clipnorm``, which the optimizers' fused
-    ``clip_norm=`` is not: it keeps torch's 1e-6; an all-zero gradient with ``eps=0`` is
-    left as it is, as optax leaves it). To run an optimizer under optax's convention, clip
-    with ``eps=0`` here and build it without ``clip_norm`` (see the module docs). When both
-    are given the norm is clipped first, then the values: the same order as the
-    optimizers' ``clip_norm=``/``clip_value=``.
+    ‖g‖₂ is the global norm (:func:`norm_scale`: torch ``clip_grad_norm_``'s ``eps=1e-6``;
+    ``eps=0`` is optax's ``clip_by_global_norm`` and Keras's ``global_clipnorm``, as an
+    optimizer's fused ``clip_norm=`` with ``clip_eps=0``; an all-zero gradient with
+    ``eps=0`` is left as it is, as optax leaves it). When both are given the norm is
+    clipped first, then the values: the same order as the optimizers'
+    ``clip_norm=``/``clip_value=``.
     """
     if clip_value is None and clip_norm is None:
         raise ValueError("clip_gradients needs clip_value or clip_norm")
@@ -84,7 +89,7 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
         norm = global_norm(out)
         if not math.isfinite(norm):
             raise FloatingPointError(f"clip_gradients: the global gradient norm is {norm}")
-        scale = min(1.0, cn / (norm + eps)) if norm + eps > 0 else 1.0  # (all zero, eps 0)
+        scale = norm_scale(cn, norm, eps)
         if scale < 1.0:
             out = {k: _scale(g, scale) for k, g in out.items()}
     if cv is not None:

@@ -46,14 +46,32 @@ def scalar_table(opt: Any, state: Any, t: int, norm: float | None, state_values:
     return table, index, clip
 
 
+def norm_scale(clip_norm: Any, norm: Any, eps: Any = 1e-6) -> Any:
+    """The global-norm clip's scale ``min(1, clip_norm / (norm + eps))``: torch's
+    ``clip_grad_norm_`` with ``eps=1e-6``, optax's ``clip_by_global_norm`` with 0. Python
+    numbers: 1 where ``norm + eps`` is 0 or NaN (no division by zero; ``min(1, c/nan)`` is
+    1 too); arrays (torch, traced JAX): ``c/0`` is inf there, which the minimum makes 1."""
+    if isinstance(norm, (float, int)):  # (np.float64 too) the host's common case first
+        return min(1.0, clip_norm / (norm + eps)) if norm + eps > 0 else 1.0
+    mod = type(norm).__module__.split(".", 1)[0]
+    if mod == "torch":
+        return (clip_norm / (norm + eps)).clamp_max(1.0)
+    if mod in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.minimum(1.0, clip_norm / (norm + eps))
+    norm = float(norm)
+    return min(1.0, clip_norm / (norm + eps)) if norm + eps > 0 else 1.0
+
+
 def prologue(opt: Any, norm: float | None, lr: float) -> tuple[float, float, float, float]:
     """(gscale, clip_value or 0, coupled L2 factor, decoupled keep factor) for one step.
 
-    gscale follows torch ``clip_grad_norm_``: min(1, max_norm / (norm + 1e-6)).
+    gscale: min(1, max_norm / (norm + clip_eps)) (:func:`norm_scale`).
     """
     gscale = 1.0
     if opt.clip_norm is not None and norm is not None:
-        gscale = min(1.0, opt.clip_norm / (norm + 1e-6))
+        gscale = norm_scale(opt.clip_norm, norm, opt.clip_eps)
     cv = opt.clip_value or 0.0
     if opt.weight_decay_in_math:  # the optimizer's own scalars carry it
         return gscale, cv, 0.0, 1.0

@@ -29,6 +29,7 @@ from .common import (
     nonfinite_error,
     nonfinite_result_error,
     nonfinite_results,
+    norm_scale,
     refuses,
     scalar_table,
     tensor_clipping,
@@ -38,6 +39,7 @@ from .jax_chunks import ChunkedSlots, chunk_bounds
 from .jax_parts import Parts, selectors, slice_offsets
 from .jax_per_tensor import (
     First,
+    clip_factor,
     clip_scales,
     clip_spec,
     extra_columns,
@@ -104,9 +106,12 @@ def _finite(arrays: list[Any]) -> Any:
 
 
 def _clip_norm(opt: Any, flags: tuple, dtype: Any) -> np.ndarray | None:
-    """The jitted passes' ``clip_norm`` argument: None where the global clip is off (one
-    host-to-device copy fewer a step)."""
-    return np.asarray(opt.clip_norm, dtype=dtype) if flags[0] else None
+    """The jitted passes' ``clip_norm`` argument, ``[clip_norm, clip_eps]`` (arguments, not
+    constants: setting either compiles nothing; :func:`~.jax_per_tensor.clip_factor` reads
+    it): None where the global clip is off (one host-to-device copy fewer a step)."""
+    if not flags[0]:
+        return None
+    return np.asarray([opt.clip_norm, opt.clip_eps], dtype=np.promote_types(dtype, np.float32))
 
 
 def _host(probe: Any) -> tuple[float, bool]:
@@ -181,7 +186,7 @@ def _prologue(parts: Parts, params: Any, grads: Any, table: Any, sels: tuple,
         # 0.92 ms); kept apart, the norm costs a separate read of g (0.07 ms)
         norm, ps, gs = _barrier((norm, ps, gs))
     if clip_norm_on:
-        scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6)).astype(parts.lay.dtype)
+        scale = clip_factor(clip_norm, norm, parts.lay.dtype).astype(parts.lay.dtype)
         gs = [g * scale for g in gs]
     if per_tensor:
         gs = [g * col(0) for g, col in zip(gs, cols)]
@@ -583,7 +588,7 @@ class JaxEngine(Engine):
                 table, index = self._host_table(opt, state, t, params, grads, agc, flags)
             if flags[0]:  # the table of this step, with the global clip's scale in it
                 table = table.copy()
-                table[:, 0] *= min(1.0, opt.clip_norm / (norm_f + 1e-6))
+                table[:, 0] *= norm_scale(opt.clip_norm, norm_f, opt.clip_eps)
             raise nonfinite_result_error(opt, nonfinite_results(
                 opt, flat, {k: np.asarray(state.slots[k]) for k in new_slots}, grads, self.to_numpy,
                 lay, table, index))

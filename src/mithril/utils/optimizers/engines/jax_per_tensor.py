@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .common import norm_scale
+
 _STATIC = (type(None), bool, str)
 _MISSING = object()
 
@@ -271,6 +273,13 @@ def clip_spec(opt: Any, state: Any) -> tuple:
             tuple(int(x) for x in state.layout.sizes), opt.clip_norm is not None)
 
 
+def clip_factor(clip: Any, norm: Any, dtype: Any) -> Any:
+    """Traced: the global clip's scale ``min(1, c / (norm + ε))`` from the jitted passes'
+    ``[clip_norm, clip_eps]`` argument: ``c`` in the params' ``dtype`` (as the step has
+    always rounded it), ε in the norm's (as a Python constant would be)."""
+    return norm_scale(clip[0].astype(dtype), norm, clip[1].astype(norm.dtype))
+
+
 def clip_scales(parts: Any, spec: tuple, wide: Any, gs: list, clip_norm: Any) -> Any:
     """Inside the program: the per-tensor table ``wide`` with each tensor's clipping scale
     (and the global ``clip_norm``'s, measured on the clipped gradients) in column 0, from
@@ -293,5 +302,5 @@ def clip_scales(parts: Any, spec: tuple, wide: Any, gs: list, clip_norm: Any) ->
         f = jnp.where(np.isnan(c_rms), f, f / jnp.maximum(1.0, rms / c))
     if global_on:
         clipped = jnp.sqrt(jnp.sum(sq * f * f))
-        f = f * jnp.minimum(1.0, clip_norm.astype(dt) / (clipped + 1e-6))
+        f = f * clip_factor(clip_norm, clipped, parts.lay.dtype).astype(dt)
     return jnp.concatenate([wide[:, :1] * f[:, None], wide[:, 1:]], axis=1)

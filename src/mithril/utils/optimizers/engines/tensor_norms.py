@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..clipping import norm_scale
 from .common import must_skip
 from .kernels import segment_sumsq_kernel
 
@@ -19,8 +20,8 @@ def clip_scales(opt: Any, state: Any, gptr: Any, gradients: Any, sizes: np.ndarr
     group row). Only where clipping needs it (``clip_norm``, a group's ``clip_tensor_norm``
     or ``clip_block_rms``) the gradients are read once: each tensor's Σ g² in float64 (its
     segments summed in order, so the result does not depend on the thread count), the global
-    norm, each tensor's own scale, then ``clip_norm``'s over the scaled norm (torch's rule,
-    ‖g‖ + 1e-6). ``norm`` is None (and ``scale`` ones) when nothing asked; ``skip``: the
+    norm, each tensor's own scale, then ``clip_norm``'s over the scaled norm (‖g‖ +
+    ``clip_eps``). ``norm`` is None (and ``scale`` ones) when nothing asked; ``skip``: the
     step is skipped (a non-finite norm under ``nonfinite="skip"``)."""
     from ..tensorwise import _tensor_clip  # (tensorwise imports the engines)
 
@@ -43,7 +44,7 @@ def clip_scales(opt: Any, state: Any, gptr: Any, gradients: Any, sizes: np.ndarr
                           for i in range(len(sizes))])
     if opt.clip_norm is not None:
         clipped = math.sqrt(float(np.sum(scale * scale * sq)))
-        scale = scale * min(1.0, opt.clip_norm / (clipped + 1e-6))
+        scale = scale * norm_scale(opt.clip_norm, clipped, opt.clip_eps)
     return norm, scale, False
 
 

@@ -39,7 +39,7 @@ from ..averaging import average, tensor_counts, weights
 from ..base import Optimizer
 from ..groups import row_step
 from ..state import OptimizerState, scalar_arguments
-from .common import refuses
+from .common import norm_scale, refuses
 
 #: False: the eager per-tensor path (a measuring knob; ``MITHRIL_TENSORWISE_JIT=0``)
 ENABLED = os.environ.get("MITHRIL_TENSORWISE_JIT", "1") != "0"
@@ -112,7 +112,7 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
     wide = np.float64 if jax.config.jax_enable_x64 else np.float32
     averaged = opt.full_slot_names()[len(opt.slot_names()):]
     # the host's numbers first (a refused row_step raises before anything runs)
-    table: list[float] = [opt.clip_norm or 0.0]
+    table: list[float] = [opt.clip_norm or 0.0, opt.clip_eps]  # (arguments: no recompiling)
     spec, prints, seen = [], {}, {}
     for i, name in enumerate(lay.names):
         row = rows[i]
@@ -290,7 +290,8 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
             f = jnp.stack(f)
             gscale = 1.0
             if clip_on:
-                gscale = jnp.minimum(1.0, table[0] / (_hypot(f * n) + 1e-6))
+                h = _hypot(f * n)
+                gscale = norm_scale(table[0], h, table[1].astype(h.dtype))
             scale = {i: f[j] * gscale for j, i in enumerate(upd)}
         new_p, new_s = {}, {s: {} for s in allslots}
         ok = []

@@ -20,7 +20,7 @@ What the engine adds depends on the ``nonfinite`` policy:
   (``state.last_grad_norm`` is then that 0-d float64 tensor on the device, else None).
 
 ``clip_norm`` gives the kernels copies of the gradients scaled by ``min(1, clip_norm /
-(‖g‖ + 1e-6))`` (torch ``clip_grad_norm_``; the kernels' own ``grad_scale`` would write the
+(‖g‖ + clip_eps))`` (torch ``clip_grad_norm_``; the kernels' own ``grad_scale`` would write the
 unscaled gradients back into the caller's). Everything these kernels do not compute goes
 through :class:`~.array_engine.ArrayEngine`, on the same buffers: ``"skip"`` and
 ``"raise"`` (computed before anything is written), other optimizers and conventions, value
@@ -36,6 +36,7 @@ from ..adam import _adam, _amsgrad
 from ..sgd import _momentum, _nesterov, _plain
 from ..state import DeviceReport
 from .array_engine import ArrayEngine
+from .common import norm_scale
 
 _ADAM = {_adam: False, _amsgrad: True}  # kernel math -> amsgrad
 _SGD = (_plain, _momentum, _nesterov)
@@ -127,7 +128,7 @@ class TorchFusedEngine(ArrayEngine):
             g = [gs[i] for i in ids]
             if v.clip_norm is not None:  # scaled copies (the kernels' grad_scale would
                 # unscale the caller's gradients in place)
-                g = torch._foreach_mul(g, torch.clamp_max(v.clip_norm / (norm + 1e-6), 1.0)
+                g = torch._foreach_mul(g, norm_scale(v.clip_norm, norm, v.clip_eps)
                                        .to(self.tdtype))
             if kernel == "adam":
                 amsgrad = _ADAM[v.kernel_math()]
