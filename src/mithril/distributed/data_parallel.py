@@ -38,7 +38,7 @@ from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..utils.fixed_parts import FixedParts
 from ..utils.optimizers.base import Optimizer
 from ..utils.optimizers.groups import resolve
-from ..utils.optimizers.loss_aware import check_loss
+from ..utils.optimizers.loss_aware import wrapped_loss
 from ..utils.optimizers.outer_wrapper import OuterWrapper
 from . import process_group as pg
 from .arrays import (  # noqa: F401 - the sharded step and checkpoint import them here
@@ -445,14 +445,12 @@ class DataParallel(FixedParts):
     def _local_loss(self, loss: Any) -> float | None:
         """This rank's ``loss`` checked (a finite real scalar, given exactly where the
         optimizer needs it), as a float; None for an optimizer that takes none."""
-        opt = self.optimizer
-        name = type(opt).__name__
-        if not opt.needs_loss:
-            if loss is not None:
-                raise TypeError(f"DataParallel.update: {name} takes no loss= (its step does "
-                                f"not use the loss)")
-            return None
-        return check_loss(name, loss)
+        return wrapped_loss("DataParallel.update", self.optimizer, loss).get("loss")
+
+    @property
+    def needs_loss(self) -> bool:
+        """The wrapped optimizer's: whether ``update`` takes ``loss=``."""
+        return bool(getattr(self.optimizer, "needs_loss", False))
 
     def _replicated(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                     state: DistributedState, loss: Any = None

@@ -60,6 +60,7 @@ import numpy as np
 from ..errors import DTypeError, KeyMismatchError, ShapeError
 from .accumulate_skip import ShouldSkipUpdateFn, ask
 from .optimizers.checks import check_int, describe, to_float
+from .optimizers.loss_aware import wrapped_loss
 
 __all__ = ["Accumulate", "AccumulateState", "GradientAccumulator"]
 
@@ -422,6 +423,12 @@ class Accumulate:
     every backend). ``use_grad_mean=False`` (``MultiSteps``' argument) steps with the sum
     Σ wᵢ·gᵢ instead of the mean (a torch loop calling ``loss.backward()`` on each
     micro-batch without dividing the loss by ``k``).
+
+    A loss-aware optimizer (``needs_loss``: PolyakSGD, Momo, MomoAdam) takes
+    ``update(..., loss=f)`` on every call, ``f`` that micro-batch's loss (checked as the
+    optimizer checks it, before anything is buffered); the window's step gets the loss of
+    its last call, as ``optax.MultiSteps`` passes the applying call's ``value=`` (not a
+    mean: give the window's mean loss on its last call for that).
     """
 
     def __init__(self, optimizer: Any, k: int,
@@ -460,12 +467,14 @@ class Accumulate:
         return AccumulateState(self.optimizer.init(params))
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: AccumulateState, weight: float = 1.0) -> tuple[Any, AccumulateState]:
+               state: AccumulateState, weight: float = 1.0, *, loss: Any = None
+               ) -> tuple[Any, AccumulateState]:
         """Buffer ``weight·gradients``; on every ``k``-th call step the wrapped optimizer with
-        the mean (the sum with ``use_grad_mean=False``). Returns ``(params, state)``; if it
-        raises, nothing changed."""
+        the mean (the sum with ``use_grad_mean=False``) and, for a loss-aware optimizer, this
+        call's ``loss``. Returns ``(params, state)``; if it raises, nothing changed."""
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
+        step_loss = wrapped_loss("Accumulate.update", self.optimizer, loss)
         acc = state.accumulator
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
@@ -486,7 +495,7 @@ class Accumulate:
             return params, state
         # (checks; the buffer stays as it is)
         mean = acc._mean_with(gradients, weight, mean=self.use_grad_mean)
-        params, inner = self.optimizer.update(params, mean, state.inner)
+        params, inner = self.optimizer.update(params, mean, state.inner, **step_loss)
         state.inner = inner
         acc.reset()
         state.windows += 1
@@ -494,6 +503,11 @@ class Accumulate:
         state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
         state.skip_state = info
         return params, state
+
+    @property
+    def needs_loss(self) -> bool:
+        """The wrapped optimizer's: whether ``update`` takes ``loss=``."""
+        return bool(getattr(self.optimizer, "needs_loss", False))
 
     def k_for(self, state: AccumulateState) -> int:
         """The micro-batches in ``state``'s current window: ``k``, or ``k(state.windows)``

@@ -79,3 +79,16 @@ def loss_step(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
     if state.last_step_skipped:
         state.values = before
     return new_params, state
+
+
+def wrapped_loss(where: str, opt: Any, loss: Any) -> dict[str, float]:
+    """What a wrapper (``Accumulate``, ``DataParallel``) passes on to ``opt.update``:
+    ``{"loss": f}`` (``loss`` checked) for a loss-aware ``opt``, ``{}`` for one that takes
+    none; ``TypeError`` for a missing loss, or one given to an ``opt`` that takes none
+    (``where``: the wrapper's method, named in the error)."""
+    name = type(opt).__name__
+    if not getattr(opt, "needs_loss", False):
+        if loss is not None:
+            raise TypeError(f"{where}: {name} takes no loss= (its step does not use the loss)")
+        return {}
+    return {LOSS: check_loss(name, loss)}
