@@ -28,6 +28,8 @@ __all__ = ["per_example_gradients"]
 
 #: JAX: the vmapped, jitted program per evaluator (a rebuilt program has a new one)
 _VMAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the input signatures found to run at a batch of one, per compiled model
+_ONE_FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _checked(compiled: Any, params: Mapping[str, Any], data: Mapping[str, Any], loss: str,
@@ -69,12 +71,18 @@ def _checked(compiled: Any, params: Mapping[str, Any], data: Mapping[str, Any], 
     if b < 1:
         raise ShapeError(f"per_example_gradients: an empty batch (shapes {sizes})")
     ps, ins, _, _ = compiled._prepare(params, data, partial=False)
-    try:  # (the program must take a batch of one: a fixed batch size does not)
-        compiled._check_concrete({**ins, **{k: ins[k][:1] for k in batched}})
-    except ShapeError as e:
-        raise ShapeError(f"per_example_gradients: the model does not run on a batch of one "
-                         f"example (compile it with shapes whose batch dimension is None): "
-                         f"{e}") from None
+    # (the program must take a batch of one, which a fixed batch size does not: a question of
+    # the inputs' shapes and dtypes, asked once per signature; the values passed above)
+    sig = (id(prog), tuple((k, tuple(v.shape), str(v.dtype)) for k, v in ins.items()))
+    seen = _ONE_FITS.setdefault(compiled, set())
+    if sig not in seen:
+        try:
+            compiled._check_concrete({**ins, **{k: ins[k][:1] for k in batched}})
+        except ShapeError as e:
+            raise ShapeError(f"per_example_gradients: the model does not run on a batch of "
+                             f"one example (compile it with shapes whose batch dimension is "
+                             f"None): {e}") from None
+        seen.add(sig)
     return ps, ins, b, compiled._cotangents({loss: 1.0})
 
 
@@ -128,10 +136,10 @@ def _jax_rows(compiled: Any, ps: dict, ins: dict, cots: dict, batched: list[str]
             def one(example: dict) -> Any:
                 return ev._fwd_vjp(ptuple, {**whole, **example}, cots)[1]
 
-            return jax.vmap(one)(many)
+            return jax.vmap(one)({k: v[:, None] for k, v in many.items()})  # (batches of one)
 
         progs[key] = jax.jit(rows)
-    many = {k: ins[k][:, None] for k in batched}  # (each example a batch of one)
+    many = {k: ins[k] for k in batched}
     whole = {k: v for k, v in ins.items() if k not in many}
     grads = progs[key](tuple(ps[k] for k in ev.names), many, whole, cots)
     return dict(zip(ev.names, grads, strict=True))

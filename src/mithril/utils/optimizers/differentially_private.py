@@ -16,7 +16,7 @@ from .noisy_sgd import gaussian_noise
 from .outer_wrapper import OuterWrapper, check_base, check_grads
 from .sgd import SGD
 from .state import OptimizerState
-from .tensorwise import ops_for
+from .tensorwise import JaxOps, NumpyOps, ops_for
 
 #: the state's count of aggregated steps (the noise's counter: step = count + 1)
 COUNT = "dp_count"
@@ -26,6 +26,28 @@ _HINT = ("one row per example along a leading batch axis: compute them with "
 
 def _check_seed(value: Any) -> int:
     return check_int("seed", value, maximum=2**32 - 1)
+
+
+#: JAX: the jitted aggregation (made on first use)
+_JITTED: Any = None
+
+
+def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, clip: Any, std: Any,
+               seed: int, step: Any, noisy: bool) -> dict[str, Any]:
+    """``ḡ`` of :class:`DifferentiallyPrivate` (``std`` = C·σ; no draw unless ``noisy``:
+    optax's numbers exactly for σ = 0)."""
+    rows = {n: g.reshape(batch, -1) for n, g in gradients.items()}
+    sq = sum((r * r).sum(1) for r in rows.values())
+    with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
+        ratio = clip / xp.m.sqrt(sq)
+    scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
+    out = {}
+    for n, g in gradients.items():
+        s = (scale @ rows[n]).reshape(tuple(g.shape[1:]))
+        if noisy:
+            s = s + std * gaussian_noise(xp, tuple(s.shape), seed, f"dp/{n}", step, s.dtype)
+        out[n] = s / batch
+    return out
 
 
 class DifferentiallyPrivate(OuterWrapper):
@@ -99,9 +121,10 @@ class DifferentiallyPrivate(OuterWrapper):
         for n, s in shapes.items():
             want = tuple(params[n].shape) if n in params else None
             if want is not None and s[1:] != want:
-                raise ShapeError(f"{who}: gradients[{n!r}] has shape {s} but the parameter has "
-                                 f"shape {want}: per-example gradients have shape (batch, "
-                                 f"{', '.join(map(str, want))}), {_HINT}")
+                got = (f"the parameter's own shape {s} (a batch's gradient?)" if s == want
+                       else f"shape {s}, the parameter {want}")
+                raise ShapeError(f"{who}: gradients[{n!r}] has {got}: per-example gradients "
+                                 f"have shape (batch, {', '.join(map(str, want))}), {_HINT}")
         sizes = {s[0] for n, s in shapes.items() if n in params}
         if len(sizes) > 1:
             raise ShapeError(f"{who}: the per-example gradients disagree on the batch size "
@@ -112,23 +135,20 @@ class DifferentiallyPrivate(OuterWrapper):
         check_grads(self, params, {n: g[0] for n, g in gradients.items()}, state, "gradients")
         return sizes.pop()
 
-    def aggregate(self, gradients: Mapping[str, Any], batch: int, step: Any) -> dict[str, Any]:
-        """``ḡ`` of the class docs for the per-example ``gradients`` at 1-based ``step``."""
-        xp = ops_for(self._backend)
-        rows = {n: g.reshape(batch, -1) for n, g in gradients.items()}
-        sq = sum((r * r).sum(1) for r in rows.values())
-        with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
-            ratio = self.l2_norm_clip / xp.m.sqrt(sq)
-        scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
-        std = self.l2_norm_clip * self.noise_multiplier
-        out = {}
-        for n, g in gradients.items():
-            s = (scale @ rows[n]).reshape(tuple(g.shape[1:]))
-            if std:  # (no draw for σ = 0: optax's numbers exactly)
-                s = s + std * gaussian_noise(xp, tuple(s.shape), self.seed, f"dp/{n}", step,
-                                             s.dtype)
-            out[n] = s / batch
-        return out
+    def aggregate(self, gradients: Mapping[str, Any], batch: int, step: int) -> dict[str, Any]:
+        """``ḡ`` of the class docs for the per-example ``gradients`` at 1-based ``step`` (on
+        JAX one jitted program per signature: the step and hyperparameters are arguments)."""
+        clip, std = self.l2_norm_clip, self.l2_norm_clip * self.noise_multiplier
+        if self._backend.name != "jax":
+            return _aggregate(ops_for(self._backend), gradients, batch, clip, std, self.seed,
+                              step, bool(std))
+        global _JITTED
+        if _JITTED is None:
+            import jax
+
+            _JITTED = jax.jit(lambda g, b, c, s, seed, t, noisy: _aggregate(
+                JaxOps(), g, b, c, s, seed, t, noisy), static_argnums=(1, 4, 6))
+        return _JITTED(dict(gradients), batch, clip, std, self.seed, step, bool(std))
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
