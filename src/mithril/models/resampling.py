@@ -1,5 +1,5 @@
 """Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, linear, bilinear,
-trilinear)
+trilinear, bicubic)
 and ``nn.PixelShuffle`` / ``nn.PixelUnshuffle``.
 
 Nearest and linear resizing, and adaptive average pooling, are a fixed linear map along each
@@ -19,7 +19,14 @@ forwards take no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backwa
 were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is that
 forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
-output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋.
+output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋. Bicubic (2-D, per axis):
+the same source s without the clamp at 0, four taps ⌊s⌋ − 1 .. ⌊s⌋ + 2 each clamped into
+[0, n − 1] (torch's border: the edge pixel repeated), weighted by Keys' cubic convolution
+with A = −0.75 at distances 1 + t, t, 1 − t, 2 − t (t = s − ⌊s⌋), as torch's
+``get_cubic_upsample_coefficients``; outputs may overshoot the input's range, as torch's.
+Where the output has the input's size (a ``scale_factor`` such as 1.2 on 3 pixels) torch's
+bicubic backward copies the cotangent (its same-size shortcut) while its forward
+interpolates; ours is that forward's and its true gradient, on torch too (the taps there).
 
 Forward: ``F.interpolate`` / ``F.pixel_shuffle`` on torch; on NumPy and JAX the taps gathered
 and summed per axis, the pixel shuffles a reshape and transpose.
@@ -36,7 +43,7 @@ import numpy as np
 from ..errors import ShapeError
 from .operator import Operator, backend_of, fmt
 
-UPSAMPLE_MODES = ("nearest", "linear", "bilinear", "trilinear")
+UPSAMPLE_MODES = ("nearest", "linear", "bilinear", "trilinear", "bicubic")
 
 
 #: per axis: (idx, weight, mask), each (out, K): output j is sum over the slots k where
@@ -121,11 +128,29 @@ def linear_taps(n: int, out: int, scale: float | None, align_corners: bool) -> T
             np.ones((out, 2), bool))
 
 
+def cubic_taps(n: int, out: int, scale: float | None, align_corners: bool,
+               a: float = -0.75) -> Taps:
+    """torch's bicubic interpolation along one axis: taps ⌊s⌋ − 1 .. ⌊s⌋ + 2 clamped into the
+    axis, weights Keys' cubic convolution (A = −0.75) of their distances to s."""
+    j = np.arange(out, dtype=np.float64)
+    if align_corners:
+        s = j * ((n - 1) / (out - 1) if out > 1 else 0.0)
+    else:  # no clamp at 0 for the cubic (torch's area_pixel_compute_source_index)
+        s = (1.0 / scale if scale is not None and scale > 0 else n / out) * (j + 0.5) - 0.5
+    lo = np.floor(s)
+    t = (s - lo)[:, None]
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    w = np.concatenate([far(t + 1), near(t), near(1 - t), far(2 - t)], 1)
+    idx = np.clip(lo.astype(np.int64)[:, None] + np.arange(-1, 3), 0, n - 1)
+    return idx, w, np.ones((out, 4), bool)
+
+
 class Upsample(Separable):
     """``nn.Upsample`` / ``F.interpolate`` on (N, C, L) (nearest, linear), (N, C, H, W)
-    (nearest, bilinear) or (N, C, D, H, W) (nearest, trilinear): exactly one of ``size`` (an int or one per axis) and
-    ``scale_factor`` (a positive number or one per axis); ``align_corners`` (linear modes
-    only; default False) and ``recompute_scale_factor`` as torch (see the module docstring)."""
+    (nearest, bilinear, bicubic) or (N, C, D, H, W) (nearest, trilinear): exactly one of ``size`` (an int or one per axis) and
+    ``scale_factor`` (a positive number or one per axis); ``align_corners`` (linear and cubic
+    modes only; default False) and ``recompute_scale_factor`` as torch (see the module docstring)."""
 
     def __init__(self, size: int | Sequence[int] | None = None,
                  scale_factor: float | Sequence[float] | None = None, mode: str = "nearest",
@@ -139,7 +164,8 @@ class Upsample(Separable):
                              f"size={size!r}, scale_factor={scale_factor!r}")
         if align_corners is not None and mode == "nearest":
             raise ValueError(f"{who}: align_corners can only be set with the interpolating modes "
-                             f"linear / bilinear / trilinear (as torch), got mode='nearest'")
+                             f"linear / bilinear / trilinear / bicubic (as torch), got "
+                             f"mode='nearest'")
         if recompute_scale_factor and size is not None:
             raise ValueError(f"{who}: recompute_scale_factor is not meaningful with an explicit "
                              f"size (as torch)")
@@ -152,7 +178,7 @@ class Upsample(Separable):
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
         self.align_corners = bool(align_corners)
         self.recompute_scale_factor = bool(recompute_scale_factor)
-        self.mode_nd = {"linear": 1, "bilinear": 2, "trilinear": 3}.get(mode, 0)  # 0: from the input (nearest)
+        self.mode_nd = {"linear": 1, "bilinear": 2, "trilinear": 3, "bicubic": 2}.get(mode, 0)  # 0: from the input (nearest)
 
     def spatial_nd(self, rank: int) -> int:
         nd = rank - 2
@@ -197,7 +223,8 @@ class Upsample(Separable):
             # torch's 1-D and 3-D forwards skip nearest_idx's shortcuts (their backwards take them)
             return [nearest_taps(n, o, r, fast=len(spatial) == 2)
                     for n, o, r in zip(spatial, out, scales)]
-        return [linear_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
+        axis_taps = cubic_taps if self.mode == "bicubic" else linear_taps
+        return [axis_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
 
     def forward(self, xp: Any, input: Any) -> Any:
         nd = self.spatial_nd(len(input.shape))
@@ -206,6 +233,17 @@ class Upsample(Separable):
 
             for ax, (idx, _, _) in enumerate(self.taps(input.shape[-nd:]), len(input.shape) - nd):
                 input = input.index_select(ax, torch.as_tensor(idx[:, 0], device=input.device))
+            return input
+        if backend_of(xp) == "torch" and self.mode == "bicubic" and \
+                self.sizes(input.shape[-nd:])[0] == list(input.shape[-nd:]):
+            # same size, not the identity (a scale_factor's source positions): torch's backward
+            # takes its identity shortcut there, its forward does not; the taps give both
+            import torch
+
+            for ax, (idx, w, _) in enumerate(self.taps(input.shape[-nd:]), input.ndim - nd):
+                terms = input.movedim(ax, -1)[..., torch.as_tensor(idx, device=input.device)]
+                input = (terms * torch.as_tensor(w, dtype=input.dtype, device=input.device)
+                         ).sum(-1).movedim(-1, ax)
             return input
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
