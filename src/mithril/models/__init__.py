@@ -249,3 +249,6 @@ from .unpooling import MaxUnpool1D, MaxUnpool2D  # noqa: E402
 
 __all__ += ["CTCLoss", "EmbeddingBag", "Fold", "LPPool1D", "LPPool2D", "MaxUnpool1D", "MaxUnpool2D",
             "Unfold"]
+from .upsampling_2d import UpsamplingBilinear2D, UpsamplingNearest2D  # noqa: E402
+
+__all__ += ["UpsamplingBilinear2D", "UpsamplingNearest2D"]
