@@ -322,3 +322,35 @@ def test_refused_updates_change_nothing(name):
         DPSGD(0.1, l2_norm_clip=-1.0)
     with pytest.raises(TypeError, match="seed"):
         DPSGD(0.1, seed=1.5)
+
+
+# -- in a JAX program: optax_aggregate ---------------------------------------------------------
+def test_optax_aggregate_in_a_jitted_chain_steps_as_update():
+    from mithril.interop import optax_transformation
+
+    be, c, p0, _, _ = setup("jax")
+    dp = DPSGD(0.1, 0.5, 1.1, seed=9, momentum=0.9, nesterov=True)
+    tx = optax.chain(dp.optax_aggregate(), optax_transformation(dp.base_optimizer))
+    rng = np.random.default_rng(4)
+    params = {k: be.array(v) for k, v in p0.items()}
+    q = {k: jnp.asarray(v) for k, v in p0.items()}
+    state, ostate = dp.init(params), tx.init(q)
+
+    @jax.jit
+    def step(q, ostate, g):
+        u, ostate = tx.update(g, ostate, q)
+        return optax.apply_updates(q, u), ostate
+
+    for t in range(5):
+        d = data_of(be, rng.standard_normal((6, 4)), rng.integers(0, 3, 6))
+        g = per_example_gradients(c, params, d, "loss")
+        params, state = dp.update(params, g, state)
+        q, ostate = step(q, ostate, g)
+        for k, v in host(be, params).items():
+            np.testing.assert_allclose(np.asarray(q[k]), v, rtol=0, atol=1e-12,
+                                       err_msg=f"step {t + 1} {k}")
+        q = {k: jnp.asarray(v) for k, v in host(be, params).items()}  # (the same next rows)
+    assert int(ostate[0].count) == 5
+    with pytest.raises(ValueError, match=r"batch axis first.*'b'\] \(3,\), \['w'\] \(4, 2\)"):
+        dp.optax_aggregate().update({"w": jnp.ones((4, 2)), "b": jnp.ones(3)},
+                                    DPSGD().optax_aggregate().init(None))

@@ -6,7 +6,7 @@ global norm, summed, noised and averaged before any base optimizer's step, as
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,12 @@ _HINT = ("one row per example along a leading batch axis: compute them with "
 
 def _check_seed(value: Any) -> int:
     return check_int("seed", value, maximum=2**32 - 1)
+
+
+class DPAggregateState(NamedTuple):
+    """The state of :meth:`DifferentiallyPrivate.optax_aggregate`: the steps aggregated."""
+
+    count: Any
 
 
 #: JAX: the jitted aggregation (made on first use)
@@ -150,6 +156,42 @@ class DifferentiallyPrivate(OuterWrapper):
                 JaxOps(), g, b, c, s, seed, t, noisy), static_argnums=(1, 4, 6))
         return _JITTED(dict(gradients), batch, clip, std, self.seed, step, bool(std))
 
+    def optax_aggregate(self) -> Any:
+        """This aggregation as an ``optax.GradientTransformation`` for JAX programs: per-example
+        updates in (a pytree whose leaves have the batch axis first), ``ḡ`` out, its state
+        the step count (an int32 0-d array). The noise is :meth:`update`'s (a top-level
+        dict's leaves are named by their key; other pytrees by their ``keystr`` path), so
+        ``optax.chain(dp.optax_aggregate(), optax_transformation(dp.base_optimizer))`` in a
+        ``jax.jit`` steps as ``dp.update`` does on every backend. The hyperparameters are
+        read when this is called (later changes need a new transformation)."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        clip, std, seed = self.l2_norm_clip, self.l2_norm_clip * self.noise_multiplier, self.seed
+
+        def init(params: Any) -> DPAggregateState:
+            del params
+            return DPAggregateState(jnp.zeros((), jnp.int32))
+
+        def update(updates: Any, state: DPAggregateState, params: Any = None) -> tuple:
+            del params
+            leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+            sizes = {tuple(g.shape[:1]) for _, g in leaves}
+            if len(sizes) != 1 or sizes == {()}:
+                raise ValueError("DifferentiallyPrivate.optax_aggregate: the updates must be "
+                                 "per-example, every leaf with the same batch axis first; got "
+                                 + ", ".join(f"{jax.tree_util.keystr(k)} {tuple(g.shape)}"
+                                             for k, g in leaves))
+            names = [k[0].key if len(k) == 1 and isinstance(k[0], jax.tree_util.DictKey)
+                     else jax.tree_util.keystr(k) for k, _ in leaves]
+            out = _aggregate(JaxOps(), {n: g for n, (_, g) in zip(names, leaves, strict=True)},
+                             sizes.pop()[0], clip, std, seed, state.count + 1, bool(std))
+            return (jax.tree_util.tree_unflatten(treedef, [out[n] for n in names]),
+                    DPAggregateState(state.count + 1))
+
+        return optax.GradientTransformation(init, update)
+
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One step from per-example ``gradients`` (class docs); on any error neither
@@ -177,4 +219,4 @@ class DPSGD(DifferentiallyPrivate):
         super().__init__(base, l2_norm_clip, noise_multiplier, seed)
 
 
-__all__ = ["DPSGD", "DifferentiallyPrivate"]
+__all__ = ["DPAggregateState", "DPSGD", "DifferentiallyPrivate"]
