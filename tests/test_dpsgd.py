@@ -124,6 +124,10 @@ def test_per_example_gradients_refusals():
     model += ml.Dropout(0.5)(output="logits")
     model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
     dropout = ml.compile(model, be, shapes={"input": [None, 4]})
+    with pytest.raises(KeyMismatchError, match=r"unbatched keys \['nope'\]"):
+        per_example_gradients(c, params, data_of(be, x, y), "loss", unbatched=["nope"])
+    with pytest.raises(ValueError, match="no batched input"):
+        per_example_gradients(c, params, data_of(be, x, y), "loss", unbatched=["input", "target"])
     with pytest.raises(TypeError, match="Dropout"):
         per_example_gradients(dropout, dropout.randomize_params(), data_of(be, x, y), "loss")
 
@@ -318,6 +322,10 @@ def test_refused_updates_change_nothing(name):
                 np.testing.assert_array_equal(v, before[0]["slots"][slot][k])
         for k, v in host(be, params).items():
             np.testing.assert_array_equal(v, before[1][k])
+    opt.l2_norm_clip = -1.0  # (a float attribute is checked when the step reads it)
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        opt.update(params, rows, state)
+    assert opt.state_dict(state)["values"] == before[0]["values"]
     with pytest.raises(ValueError, match="l2_norm_clip"):
         DPSGD(0.1, l2_norm_clip=-1.0)
     with pytest.raises(TypeError, match="seed"):

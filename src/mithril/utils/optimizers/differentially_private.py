@@ -118,6 +118,7 @@ class DifferentiallyPrivate(OuterWrapper):
         ``state``), or the error naming the key and shapes."""
         who = type(self).__name__
         check_grads(self, params, {}, state, "gradients")  # (the params and state first)
+        self.check_own({k: getattr(self, k) for k in self.OWN})  # (set as attributes since)
         if COUNT not in state.values:
             raise ValueError(f"{who}: state lacks {COUNT!r} (not made by {who}.init?)")
         if not isinstance(gradients, Mapping) or not gradients:
