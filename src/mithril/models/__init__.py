@@ -252,3 +252,9 @@ __all__ += ["CTCLoss", "EmbeddingBag", "Fold", "LPPool1D", "LPPool2D", "MaxUnpoo
 from .upsampling_2d import UpsamplingBilinear2D, UpsamplingNearest2D  # noqa: E402
 
 __all__ += ["UpsamplingBilinear2D", "UpsamplingNearest2D"]
+from .alpha_dropout import AlphaDropout, FeatureAlphaDropout  # noqa: E402
+from .channel_modules import ChannelShuffle, Softmax2D  # noqa: E402
+from .triplet_distance_loss import TripletMarginWithDistanceLoss  # noqa: E402
+
+__all__ += ["AlphaDropout", "ChannelShuffle", "FeatureAlphaDropout", "Softmax2D",
+            "TripletMarginWithDistanceLoss"]
