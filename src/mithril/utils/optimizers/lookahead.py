@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,24 +31,42 @@ def lookahead({args}):
     return ({outs})
 """
 
+_REDUCE_SRC = """
+def lookahead_reduce({args}):
+    return MATH({math_args})
+"""
 
-@functools.cache
-def lookahead_math(math_fn: Any, n_slots: int, n_scal: int, reset: bool) -> Any:
+
+def _arity(fn: Any) -> int:
+    """How many arguments the elementwise function ``fn`` takes."""
+    return len(inspect.signature(getattr(fn, "py_func", fn)).parameters)
+
+
+def lookahead_math(math_fn: Any, n_slots: int, n_scal: int, reset: bool,
+                   n_extra: int = 0) -> Any:
     """``math_fn`` (an optimizer's elementwise step) followed by the lookahead
-    synchronisation: ``(p, g, *slots, slow, *scalars, sync, alpha[, *inits]) -> (p, *slots,
-    slow)``. Where ``sync`` is non-zero: ``slow ← slow + alpha·(p_new − slow)``, ``p ←
-    slow`` and, with ``reset``, each slot ← its initial value (the ``inits`` scalars; as
-    optax, ``0·slot + init``, so a NaN slot stays NaN). Cached: one function object per
-    (math, arity, reset), so the kernels compiled from it are cached too."""
+    synchronisation: ``(p, g, *slots, slow, *scalars, sync, alpha[, *inits][, *extra]) ->
+    (p, *slots, slow)``. Where ``sync`` is non-zero: ``slow ← slow + alpha·(p_new −
+    slow)``, ``p ← slow`` and, with ``reset``, each slot ← its initial value (the ``inits``
+    scalars; as optax, ``0·slot + init``, so a NaN slot stays NaN). ``extra``: a two-pass
+    optimizer's scalars from ``tensor_scalars`` (the engines append them), passed on to
+    ``math_fn`` after its own. Cached: one function object per (math, arity, reset), so
+    the kernels compiled from it are cached too."""
+    return _lookahead_math(math_fn, n_slots, n_scal, reset, n_extra)
+
+
+@functools.cache  # (keyed on every argument, n_extra's default included)
+def _lookahead_math(math_fn: Any, n_slots: int, n_scal: int, reset: bool, n_extra: int) -> Any:
     slots = [f"s{i}" for i in range(n_slots)]
     scal = [f"h{i}" for i in range(n_scal)]
+    extra = [f"e{i}" for i in range(n_extra)]
     inits = [f"r{i}" for i in range(n_slots)] if reset else []
     new_slots = [f"out[{i + 1}]" for i in range(n_slots)]
     if reset:
         new_slots = [f"WHERE(on, 0 * {s} + {r}, {s})" for s, r in zip(new_slots, inits)]
     src = _SRC.format(
-        args=", ".join(["p", "g", *slots, "slow", *scal, "sync", "alpha", *inits]),
-        math_args=", ".join(["p", "g", *slots, *scal]),
+        args=", ".join(["p", "g", *slots, "slow", *scal, "sync", "alpha", *inits, *extra]),
+        math_args=", ".join(["p", "g", *slots, *scal, *extra]),
         outs=", ".join(["WHERE(on, slow, out[0])", *new_slots, "slow"]) + ",",
     )
     name = getattr(math_fn, "__qualname__", repr(math_fn))
@@ -56,6 +75,25 @@ def lookahead_math(math_fn: Any, n_slots: int, n_scal: int, reset: bool) -> Any:
     fn = ns["lookahead"]
     fn.__qualname__ = fn.__name__ = f"lookahead_{getattr(math_fn, '__name__', 'math')}"
     fn.base_math = math_fn
+    return fn
+
+
+@functools.cache
+def lookahead_reduce(reduce_fn: Any, n_slots: int, n_scal: int, reset: bool) -> Any:
+    """A two-pass optimizer's first pass ``reduce_fn`` as Lookahead's engines call it:
+    ``(p, g, *slots, slow, *scalars, sync, alpha[, *inits]) -> reduce_fn(p, g, *slots,
+    *scalars)`` (the sums are the inner optimizer's; cached as :func:`lookahead_math`)."""
+    slots = [f"s{i}" for i in range(n_slots)]
+    scal = [f"h{i}" for i in range(n_scal)]
+    inits = [f"r{i}" for i in range(n_slots)] if reset else []
+    src = _REDUCE_SRC.format(
+        args=", ".join(["p", "g", *slots, "slow", *scal, "sync", "alpha", *inits]),
+        math_args=", ".join(["p", "g", *slots, *scal]))
+    name = getattr(reduce_fn, "__qualname__", repr(reduce_fn))
+    ns: dict[str, Any] = {"MATH": _jitable(reduce_fn)}
+    exec(compile(src, f"<mithril lookahead reduce {name}>", "exec"), ns)
+    fn = ns["lookahead_reduce"]
+    fn.__qualname__ = fn.__name__ = f"lookahead_{getattr(reduce_fn, '__name__', 'reduce')}"
     return fn
 
 
@@ -76,10 +114,6 @@ def _check_inner(inner: Any) -> Optimizer:
         raise TypeError(f"inner: {name} overrides init/update itself; Lookahead composes "
                         f"an optimizer's elementwise math (slots, scalars, kernel_math) and "
                         f"cannot wrap it")
-    two_pass = getattr(inner, "two_pass", None)
-    if callable(two_pass) and two_pass():
-        raise TypeError(f"inner: {name} takes two passes per step (per-tensor reductions or "
-                        f"state); Lookahead wraps single-pass elementwise optimizers only")
     if cls.kernel_math is Optimizer.kernel_math and cls.math is Optimizer.math:
         raise TypeError(f"inner: {name} states no elementwise math (define math or "
                         f"kernel_math)")
@@ -87,6 +121,18 @@ def _check_inner(inner: Any) -> Optimizer:
         raise TypeError(f"inner: {name} has a state slot named {SLOW!r} of its own, which "
                         f"clashes with Lookahead's slow weights")
     return inner
+
+
+def _check_reset(inner: Optimizer, reset: bool) -> bool:
+    """``reset_state``, refused for an inner optimizer whose state holds more than slots
+    (per-tensor slots, optimizer-wide values: MoMo's ``f̄``, Prodigy's ``d``), which the
+    sync would not restart as optax's ``fast_optimizer.init`` does."""
+    kept = (*inner.tensor_slots, *inner.state_values)
+    if reset and kept:
+        raise TypeError(f"reset_state=True: {type(inner).__name__} keeps {list(kept)} besides "
+                        f"its slots, which a sync would not restart (optax re-inits them); "
+                        f"use reset_state=False")
+    return reset
 
 
 def _check_sync_period(value: Any) -> int:
@@ -166,7 +212,7 @@ class Lookahead(Optimizer):
         inner = _check_inner(inner)
         self.sync_period = _check_sync_period(sync_period)
         self.slow_step_size = _check_slow_step_size(slow_step_size)
-        self.reset_state = check_flag("reset_state", reset_state)
+        self.reset_state = _check_reset(inner, check_flag("reset_state", reset_state))
         self.inner = inner
         self._backend = inner._backend
 
@@ -334,13 +380,14 @@ class Lookahead(Optimizer):
         return (*self.inner.slot_names(), SLOW)
 
     def slot_init(self, slot: str) -> float:
+        # (a tensor slot's too: DoG's layer-wise estimates start at their own values)
         return 0.0 if slot == SLOW else self.inner.slot_init(slot)
 
     #: steps this row's tensors had no gradient at (``state.missed``, in its
     #: ``_step_offset`` too): the inner's rules leave them out, the sync counts them
     _missed = 0
 
-    def scalars(self, step: int) -> tuple[float, ...]:
+    def scalars(self, step: int, **values: Any) -> tuple[float, ...]:
         """The inner optimizer's scalars (for the step count since the last sync with
         ``reset_state``), then the sync flag of ``step`` and α (then, with ``reset_state``,
         the inner slots' initial values). ``step`` is the row's own count (its missed
@@ -351,15 +398,29 @@ class Lookahead(Optimizer):
         group_step = step + self._missed
         inner_step = (group_step - 1) % k + 1 if self.reset_state else step
         sync = (group_step % k == 0) * 1.0  # (arithmetic: traceable in a JAX program)
-        out = (*self.inner.scalars(inner_step), sync, self.slow_step_size)
+        out = (*self.inner.scalars(inner_step, **values), sync, self.slow_step_size)
         if self.reset_state:
             out += tuple(float(self.inner.slot_init(s)) for s in self.inner.slot_names())
         return out
 
     def kernel_math(self) -> Callable:
         inner = self.inner
-        return lookahead_math(inner.kernel_math(), len(inner.slot_names()),
-                              len(inner.scalars(1)), self.reset_state)
+        fn, n_slots, n_scal = inner.kernel_math(), len(inner.slot_names()), len(inner.scalars(1))
+        n_extra = _arity(fn) - 2 - n_slots - n_scal if inner.two_pass() else 0
+        return lookahead_math(fn, n_slots, n_scal, self.reset_state, n_extra)
+
+    # -- a two-pass inner optimizer's (PolyakSGD, Momo, Prodigy, ...): its sums, values ------
+    def reduce_math(self) -> Callable:
+        inner = self.inner
+        return lookahead_reduce(inner.reduce_math(), len(inner.slot_names()),
+                                len(inner.scalars(1)), self.reset_state)
+
+    def tensor_scalars(self, step, sums, scalars, tensors, values, sizes):  # noqa: ANN001, ANN201
+        # (the own scalars start with the inner's: it reads them by position)
+        return self.inner.tensor_scalars(step, sums, scalars, tensors, values, sizes)
+
+    def state_value_init(self, name: str) -> float:
+        return self.inner.state_value_init(name)
 
     def hyperparameters(self) -> dict[str, Any]:
         """``inner`` (its class name and hyperparameters), ``sync_period``,
@@ -440,3 +501,10 @@ def _init(self: Lookahead, params: Mapping[str, Any]) -> OptimizerState:
 # assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the wrapper
 # binds the backend before init runs, and would keep an inferred one when init refuses)
 Lookahead.init = _init  # type: ignore[method-assign]
+# the inner optimizer's two-pass description (the loss it needs, its sums, tensor slots and
+# values): after the class too, as __init_subclass__ reads them as class constants
+for _name, _default in (("needs_loss", False), ("reductions", 0), ("tensor_slots", ()),
+                        ("state_values", ()), ("scalar_values", ()), ("step_wide", ()),
+                        ("counts_missed", True), ("tensor_scalars_step", "tensor"),
+                        ("loaded_domains", {})):
+    setattr(Lookahead, _name, _delegated(_name, _default))
