@@ -83,6 +83,9 @@ class DifferentiallyPrivate(OuterWrapper):
     """
 
     OWN = ("l2_norm_clip", "noise_multiplier", "seed")
+    #: ``update`` takes per-example gradients (what a training loop giving the batch's
+    #: gradient, as make_train_step, the CLI or the torch drop-in, can key a refusal on)
+    takes_per_example_gradients: bool = True
 
     def __init__(self, base_optimizer: Any, l2_norm_clip: float = 1.0,
                  noise_multiplier: float = 1.0, seed: int = 0) -> None:
