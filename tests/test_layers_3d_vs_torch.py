@@ -414,6 +414,45 @@ def test_cnn_3d_trains_as_torch_on_jax(jax_results, torch_training) -> None:
     _assert_trained_as_torch(jax_results[1], torch_training, "jax")
 
 
+# -- running statistics of BatchNorm3D / InstanceNorm3D --------------------------------------
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: ml.BatchNorm3D(3, momentum=None), lambda: torch.nn.BatchNorm3d(3, momentum=None)),
+    (lambda: ml.InstanceNorm3D(3, affine=True, track_running_stats=True, momentum=0.3),
+     lambda: torch.nn.InstanceNorm3d(3, affine=True, track_running_stats=True, momentum=0.3)),
+], ids=["batch_norm_cumulative", "instance_norm_running"])
+def test_running_statistics_as_torch(ours, theirs, backend_name: str) -> None:
+    """Two training steps then one in inference mode, side by side with the torch module:
+    the output, the input gradient and the running statistics after each step."""
+    backend = BACKENDS[backend_name](dtype="float64")
+    compiled = ml.compile(ours(), backend, shapes={"input": [2, 3, 3, 2, 4]}, trainable_keys=["input"])
+    module = theirs().double()
+    rng = np.random.default_rng(11)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor(rng.standard_normal(3)))
+        module.bias.copy_(torch.tensor(rng.standard_normal(3)))
+    prefix = next(iter(compiled.initial_state_dict)).rsplit(".", 1)[0]
+    params = {f"{prefix}.{k}": backend.array(v.detach().numpy().copy())
+              for k, v in module.named_parameters()}
+    state = compiled.initial_state_dict
+    for step, training in enumerate((True, True, False)):
+        x = rng.standard_normal((2, 3, 3, 2, 4)) * 2 + rng.standard_normal((1, 3, 1, 1, 1))
+        cot = rng.standard_normal(x.shape)
+        out, grads, state = compiled.evaluate({**params, "input": backend.array(x)}, {},
+                                              output_gradients={"output": backend.array(cot)},
+                                              state=state, training=training)
+        module.train(training)
+        xt = torch.tensor(x, requires_grad=True)
+        yt = module(xt)
+        yt.backward(torch.tensor(cot))
+        errs = {"output": np.abs(backend.to_numpy(out["output"]) - yt.detach().numpy()).max(),
+                "d/d input": np.abs(backend.to_numpy(grads["input"]) - xt.grad.numpy()).max()}
+        errs.update({k: np.abs(np.asarray(backend.to_numpy(state[f"{prefix}.{k}"]), np.float64)
+                               - v.numpy()).max()
+                     for k, v in module.named_buffers() if f"{prefix}.{k}" in state})
+        assert len(errs) >= 4 and all(e <= 1e-10 for e in errs.values()), f"step {step}: {errs}"
+
+
 # -- errors ----------------------------------------------------------------------------------
 def _compile(block, shape):
     model = ml.Model()
