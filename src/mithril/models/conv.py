@@ -3,8 +3,9 @@
 ``Convolution1D`` takes (N, C, L), ``Convolution2D`` (N, C, H, W) and ``Convolution3D``
 (N, C, D, H, W), or one example without the batch axis, (C, *spatial), as torch (run as a
 batch of one); the weight is (out_channels, C / groups, *kernel_size) and the bias
-(out_channels,), as ``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d``. Weights start as torch's ``kaiming_uniform_(a=√5)``, U(±1/√fan_in), and biases as
-U(±1/√fan_in), with fan_in = C / groups · prod(kernel_size).
+(out_channels,), as ``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d``. Weights start as torch's
+``kaiming_uniform_(a=√5)``, U(±1/√fan_in), and biases as U(±1/√fan_in), with
+fan_in = C / groups · prod(kernel_size).
 
 Forward per backend: ``torch.nn.functional.conv1d/2d/3d`` on torch,
 ``jax.lax.conv_general_dilated`` on JAX, and on NumPy an im2col (each window copied into a

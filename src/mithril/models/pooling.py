@@ -1,13 +1,13 @@
 """Pooling over channels-first inputs, with torch's semantics.
 
 Every pool but ``GlobalAvgPool2D`` also takes one example without the batch axis, (C, L) /
-(C, H, W) / (C, D, H, W), as torch (run as a batch of one). ``padding``: an int, one per axis, or a
-``(before, after)`` pair per axis (1-D: also one bare pair), each side at most half the
+(C, H, W) / (C, D, H, W), as torch (run as a batch of one). ``padding``: an int, one per
+axis, or a ``(before, after)`` pair per axis (1-D: also one bare pair), each side at most half the
 kernel; torch's pools pad symmetrically only, so the torch backend runs pairs as ``F.pad``
 (−inf or zeros) then an unpadded pool (keeping the −inf windows' gradient routing below).
 
-``MaxPool1D`` / ``MaxPool2D`` / ``MaxPool3D``: windows padded with −inf, ``stride`` defaults to
-``kernel_size``, ``padding`` at most half the kernel (as torch). ``ceil_mode=True`` (every
+``MaxPool1D`` / ``MaxPool2D`` / ``MaxPool3D``: windows padded with −inf, ``stride`` defaults
+to ``kernel_size``, ``padding`` at most half the kernel (as torch). ``ceil_mode=True`` (every
 pool) rounds the output size up, as torch: the last window may run past the end (it must
 start inside the input or the padding before it: torch's ``pooling_output_shape_pad_lr``);
 NumPy and JAX pad that part further, with −inf (max) or zeros left out of the mean
@@ -20,17 +20,17 @@ padding). JAX's forward is XLA's ``reduce_window`` with a JVP that picks the sam
 only is −inf (as torch) and routes no gradient, on every backend (torch's own index there is garbage, and its backward writes out of bounds: the
 torch backend replaces those windows).
 
-NumPy (float32/float64, 1-D and 2-D) finds each window's maximum and where it came from in one compiled
-pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
+NumPy (float32/float64, 1-D and 2-D) finds each window's maximum and where it came from in
+one compiled pass (:func:`~mithril.models.window_kernels.max_pool`: per output, the kernel offset, one
 byte), and the VJP puts the cotangents there (a gather when the windows are disjoint: every
-input element written once). 3-D pools and other dtypes work one kernel offset at a time on strided slices
-(a loop over the kernel, never over pixels), in the input's memory order (channels-last
+input element written once). 3-D pools and other dtypes work one kernel offset at a time on
+strided slices (a loop over the kernel, never over pixels), in the input's memory order (channels-last
 activations stay channels-last): the max is a running ``np.maximum``; a forward that will be
 differentiated also keeps, per offset, which windows take their maximum there first (the
 residual), so the VJP is one multiply per offset.
 
-``AvgPool1D`` / ``AvgPool2D`` / ``AvgPool3D``: zero padding (both sides, not the ``ceil_mode`` part past it)
-counted in the mean (``count_include_pad=True``, torch's default), or not (``count_include_pad=False``: each window's sum divided by the
+``AvgPool1D`` / ``AvgPool2D`` / ``AvgPool3D``: zero padding (both sides, not the
+``ceil_mode`` part past it) counted in the mean (``count_include_pad=True``, torch's default), or not (``count_include_pad=False``: each window's sum divided by the
 number of input elements it covers); ``divisor_override`` (a nonzero int) divides every
 window's sum by itself instead (torch's; on the torch backend 1-D runs as 2-D with one row:
 ``F.avg_pool1d`` has none). ``GlobalAvgPool2D``: the mean over H and W,
