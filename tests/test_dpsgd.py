@@ -107,6 +107,31 @@ def test_per_example_gradients_equal_torch_func_vmap_grad(name, case):
         np.testing.assert_allclose(g.mean(0), host(be, full)[k], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_unbatched_inputs_are_seen_whole_by_every_example(name):
+    model = ml.Model()
+    model |= ml.Multiply()(left="input", right="scale", output="scaled")
+    model |= ml.Linear(3)(input="scaled", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    be = BACKENDS[name](dtype="float64")
+    c = ml.compile(model, be, shapes={"input": [None, 4], "scale": [4]})
+    rng = np.random.default_rng(3)
+    x, y, scale = rng.standard_normal((5, 4)), rng.integers(0, 3, 5), rng.standard_normal(4)
+    p0 = {k: rng.standard_normal(s) for k, s in c.parameter_shapes.items()}
+    got = per_example_gradients(c, {k: be.array(v) for k, v in p0.items()},
+                                {**data_of(be, x, y), "scale": be.array(scale)}, "loss",
+                                unbatched=["scale"])
+
+    def loss(p, xi, yi):
+        logits = (xi * torch.tensor(scale)) @ p["linear.weight"].T + p["linear.bias"]
+        return F.cross_entropy(logits[None], yi[None])
+
+    want = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        {k: torch.tensor(v) for k, v in p0.items()}, torch.tensor(x), torch.tensor(y))
+    for k, g in host(be, got).items():
+        np.testing.assert_allclose(g, want[k].numpy(), rtol=0, atol=1e-10, err_msg=k)
+
+
 def test_per_example_gradients_refusals():
     be, c, p0, x, y = setup("numpy")
     params = {k: be.array(v) for k, v in p0.items()}
