@@ -103,25 +103,32 @@ def per_example_gradients(compiled: Any, params: Mapping[str, Any], data: Mappin
     batched = [k for k in data if k not in frozenset(unbatched)]
     if compiled.backend.name == "jax":
         return _jax_rows(compiled, ps, ins, cots, batched)
+    if compiled.backend.name == "torch":  # (autograd's gradients are new tensors: stacked)
+        import torch
+
+        rows = _rows(compiled, ps, ins, cots, batched, {k: ins[k].split(1) for k in batched})
+        return {n: torch.stack(gs) for n, gs in rows.items()}
+    import numpy as np
+
     out: dict[str, Any] = {}
-    for i in range(b):
+    for i in range(b):  # (rows copied as they come: the next pass may reuse a buffer)
         one = {**ins, **{k: ins[k][i:i + 1] for k in batched}}
-        _, grads = compiled._evaluate(ps, one, cots, None)
-        for name, g in grads.items():
-            if name not in out:  # (rows written as they come: the next pass may reuse g)
-                out[name] = _empty(compiled.backend, (b, *tuple(g.shape)), g)
+        for name, g in compiled._evaluate(ps, one, cots, None)[1].items():
+            if name not in out:
+                out[name] = np.empty((b, *g.shape), dtype=g.dtype)
             out[name][i] = g
     return out
 
 
-def _empty(backend: Any, shape: tuple[int, ...], like: Any) -> Any:
-    if backend.name == "torch":
-        import torch
-
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    import numpy as np
-
-    return np.empty(shape, dtype=like.dtype)
+def _rows(compiled: Any, ps: dict, ins: dict, cots: dict, batched: list[str],
+          pieces: dict[str, Any]) -> dict[str, list[Any]]:
+    """Each example's gradients (a list per parameter), from its ``pieces`` (batches of one)."""
+    out: dict[str, list[Any]] = {}
+    for i in range(len(next(iter(pieces.values())))):
+        one = {**ins, **{k: pieces[k][i] for k in batched}}
+        for name, g in compiled._evaluate(ps, one, cots, None)[1].items():
+            out.setdefault(name, []).append(g)
+    return out
 
 
 def _jax_rows(compiled: Any, ps: dict, ins: dict, cots: dict, batched: list[str]) -> dict:
