@@ -69,10 +69,13 @@ CASES["triplet swap ties"] = Case(
     lambda t, _: {"output": F.triplet_margin_with_distance_loss(
         *(t[k] for k in _TRIPLET), distance_function=lambda x, y: F.pairwise_distance(
             x, y, p=1, eps=0.0), margin=50.0, swap=True, reduction="sum")})
-_P = np.array([[0.0, 0.0], [1.0, 0.0]])
-CASES["triplet at the margin"] = Case(  # D(a, p) = 1, D(a, n) = 2, margin 1: hinge argument 0
+# row 1: D(a, p) = 1, D(a, n) = 2, margin 1: hinge argument exactly 0 (no zero component in
+# a difference: PairwiseDistance's p <= 1 gradient there is not torch's, see the xfail below)
+_P = np.array([[0.25, 0.25], [0.5, 0.5]])
+_NEG = np.array([[2.0, 1.0], [-1.5, -0.5]])
+CASES["triplet at the margin"] = Case(
     lambda: TripletMarginWithDistanceLoss(ml.PairwiseDistance(p=1, eps=0.0), reduction="none"),
-    {"anchor": np.zeros((2, 2)), "positive": _P, "negative": np.array([[2.0, 0.0], [1.0, 1.0]])},
+    {"anchor": np.zeros((2, 2)), "positive": _P, "negative": _NEG},
     lambda t, _: {"output": F.triplet_margin_with_distance_loss(
         *(t[k] for k in _TRIPLET), distance_function=lambda x, y: F.pairwise_distance(
             x, y, p=1, eps=0.0), reduction="none")})
@@ -103,10 +106,25 @@ def test_edge_cases_are_live() -> None:
     assert torch.equal(a.grad, half) and torch.equal(p.grad, half)
     assert torch.equal(n.grad, -2 * half)
     x = torch.zeros(2, 2, requires_grad=True)
-    F.triplet_margin_with_distance_loss(x, torch.tensor(_P), torch.tensor([[2.0, 0.0], [1.0, 1.0]]),
+    F.triplet_margin_with_distance_loss(x, torch.tensor(_P), torch.tensor(_NEG),
                                         distance_function=lambda u, v: F.pairwise_distance(
                                             u, v, p=1, eps=0.0), reduction="sum").backward()
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.xfail(strict=True, reason="PairwiseDistance (similarity.py): for p < 1 the "
+                   "gradient at a zero difference component is NaN on NumPy (inf on JAX; p = 1 "
+                   "on JAX: 1, JAX's abs) where torch's is 0")
+def test_pairwise_distance_gradient_at_a_zero_component() -> None:
+    x, y = np.zeros((1, 2)), np.array([[2.0, 0.0]])
+    model = ml.Model()
+    model |= ml.PairwiseDistance(p=0.5, eps=0.0)(input1="x", input2="y", output="output")
+    c = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [1, 2], "y": [1, 2]},
+                   trainable_keys={"x"})
+    grads = c.evaluate({"x": x}, {"y": y}, output_gradients={"output": np.ones(1)})[1]
+    xt = torch.tensor(x, requires_grad=True)
+    F.pairwise_distance(xt, torch.tensor(y), p=0.5, eps=0.0).sum().backward()
+    assert np.array_equal(grads["x"], xt.grad.numpy())  # torch: [[-1, 0]]
 
 
 def _compile(block, shapes):
