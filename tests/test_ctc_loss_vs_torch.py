@@ -63,6 +63,11 @@ CASES["blank=4 input length 0"] = Case(
 CASES["log-softmax inputs, long T"] = Case(
     lambda: CTCLoss(), {"log_probs": np.log(np.random.default_rng(3).dirichlet(
         np.ones(6), (40, 2)))}, _ref(), data=_data([[1, 2, 3, 4, 5], [5, 5, 5, 0, 0]], [40, 33], [5, 3]))
+_LONG = np.random.default_rng(4).integers(1, 20, (3, 60))
+CASES["log-softmax inputs, T=300, targets of 60"] = Case(  # log space: no underflow
+    lambda: CTCLoss(reduction="sum"), {"log_probs": np.log(np.random.default_rng(5).dirichlet(
+        np.ones(20), (300, 3)))}, _ref(reduction="sum"),
+    data=_data(_LONG, [300, 250, 121], [60, 45, 60]))
 
 #: the JAX column by default (one compiled scan each); the rest with ``-m slow``
 JAX_NAMES = ["padded mean zero_inf=False", "padded none zero_inf=True",
