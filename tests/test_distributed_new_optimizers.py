@@ -83,6 +83,7 @@ CASES = {
     "adafactor": _opt(O.Adafactor, 0.05),
     "prodigy": _opt(O.Prodigy, 1.0, estim_lr0=1e-2),
     "cocob": _opt(O.COCOB, 1.0),
+    "schedule_free_adamw": _opt(O.ScheduleFreeAdamW, 0.02),
     # loss-aware: the step takes the mean of the ranks' losses. Their groups set lr_scale
     # only (the decay and the step size are optimizer-wide), and they clip nothing: the
     # clipped gradients' small norm made every Polyak step size its cap (α), which the loss

@@ -245,12 +245,22 @@ def test_optax_transformation_passes_the_values(make, scalars):
         assert float(state.values[k]) == pytest.approx(v, rel=1e-4), k
 
 
-def test_lookahead_refuses_prodigy():
-    """Lookahead composes one-pass math only: an optimizer with scalar_values (two passes,
-    state values) cannot be its inner one, so there is nothing to pass through."""
+def test_lookahead_passes_scalar_values_through():
+    """Lookahead composes a two-pass inner optimizer (its sums, tensor_scalars and values;
+    ``scalars(step, total=...)`` reads the state's): before the first sync its steps are
+    the inner's, values included. Prodigy (its own init) stays refused."""
     from mithril.utils.optimizers import Lookahead
 
-    with pytest.raises(TypeError, match="inner: Prodigy"):
+    with pytest.raises(TypeError, match="inner: Prodigy overrides init/update"):
         Lookahead(Prodigy())
-    with pytest.raises(TypeError, match="inner: DelayedAdaGradNorm takes two passes"):
-        Lookahead(DelayedAdaGradNorm())
+    p0, grads = problem(0, 3)
+    la, bare = Lookahead(DelayedAdaGradNorm(0.1), sync_period=5), DelayedAdaGradNorm(0.1)
+    p = {k: np.array(v, dtype=np.float64) for k, v in p0.items()}
+    q = {k: v.copy() for k, v in p.items()}
+    s, t = la.init(p), bare.init(q)
+    for g in ({k: np.asarray(v, dtype=np.float64) for k, v in g.items()} for g in grads):
+        p, s = la.update(p, g, s)
+        q, t = bare.update(q, g, t)
+    assert s.values["total"] == t.values["total"] > 0
+    for k in p0:
+        np.testing.assert_array_equal(p[k], q[k])
