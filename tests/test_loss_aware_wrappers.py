@@ -270,3 +270,7 @@ def test_lookahead_takes_its_inner_optimizers_loss() -> None:
     assert st.step == 0 and st.values["loss"] == 0.0
     q, st = opt.update(p, p, st, loss=2.0)
     assert st.step == 1 and st.values["loss"] == 2.0 and not np.array_equal(q["w"], p["w"])
+    # (a sync would not restart Momo's values, as optax's fast_optimizer.init does)
+    with pytest.raises(TypeError, match=r"reset_state=True: Momo keeps \['barf'"):
+        opt.reset_state = True
+    assert opt.reset_state is False

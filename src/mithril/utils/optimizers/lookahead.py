@@ -37,6 +37,7 @@ def lookahead_reduce({args}):
 """
 
 
+@functools.cache
 def _arity(fn: Any) -> int:
     """How many arguments the elementwise function ``fn`` takes."""
     return len(inspect.signature(getattr(fn, "py_func", fn)).parameters)
@@ -299,7 +300,8 @@ class Lookahead(Optimizer):
                                 rule: bool = True) -> Any:
         """Lookahead's own ``sync_period`` / ``slow_step_size`` checked as the constructor
         checks them (what a scheduler driving them sets); the inner's by the inner."""
-        checks = {"sync_period": _check_sync_period, "slow_step_size": _check_slow_step_size}
+        checks = {"sync_period": _check_sync_period, "slow_step_size": _check_slow_step_size,
+                  "reset_state": lambda v: _check_reset(self.inner, check_flag("reset_state", v))}
         if name not in checks:
             return self.inner._checked_hyperparameter(name, value, group, rule)
         try:
