@@ -353,6 +353,13 @@ def test_refused_updates_change_nothing(name):
     assert opt.state_dict(state)["values"] == before[0]["values"]
     with pytest.raises(ValueError, match="l2_norm_clip"):
         DPSGD(0.1, l2_norm_clip=-1.0)
+    scalar = DPSGD(0.1)  # (a 0-d parameter: rows of shape (batch,))
+    p = {"s": be.array(np.zeros(()))}
+    s = scalar.init(p)
+    with pytest.raises(ShapeError, match=r"own shape \(\).*shape \(batch\)"):
+        scalar.update(p, {"s": be.array(np.ones(()))}, s)
+    p, s = scalar.update(p, {"s": be.array(np.ones(4))}, s)
+    assert tuple(p["s"].shape) == () and s.values["dp_count"] == 1
     with pytest.raises(TypeError, match="seed"):
         DPSGD(0.1, seed=1.5)
 

@@ -49,10 +49,10 @@ def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, clip: Any
     scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
     out = {}
     for n, g in gradients.items():
-        s = (scale @ rows[n]).reshape(tuple(g.shape[1:]))
-        if noisy:
+        s = scale @ rows[n]  # (flat, reshaped last: a 0-d result stays an array)
+        if noisy:  # (the draws of the parameter's shape, in its element order)
             s = s + std * gaussian_noise(xp, tuple(s.shape), seed, f"dp/{n}", step, s.dtype)
-        out[n] = s / batch
+        out[n] = (s / batch).reshape(tuple(g.shape[1:]))
     return out
 
 
@@ -130,11 +130,11 @@ class DifferentiallyPrivate(OuterWrapper):
         shapes = {n: tuple(getattr(g, "shape", ())) for n, g in gradients.items()}
         for n, s in shapes.items():
             want = tuple(params[n].shape) if n in params else None
-            if want is not None and s[1:] != want:
+            if want is not None and (len(s) != len(want) + 1 or s[1:] != want):
                 got = (f"the parameter's own shape {s} (a batch's gradient?)" if s == want
                        else f"shape {s}, the parameter {want}")
                 raise ShapeError(f"{who}: gradients[{n!r}] has {got}: per-example gradients "
-                                 f"have shape (batch, {', '.join(map(str, want))}), {_HINT}")
+                                 f"have shape (batch{''.join(f', {d}' for d in want)}), {_HINT}")
         sizes = {s[0] for n, s in shapes.items() if n in params}
         if len(sizes) > 1:
             raise ShapeError(f"{who}: the per-example gradients disagree on the batch size "
@@ -142,7 +142,8 @@ class DifferentiallyPrivate(OuterWrapper):
         if sizes == {0}:
             raise ShapeError(f"{who}: per-example gradients of an empty batch (shapes {shapes})")
         # (each row as a gradient: the backend, dtype and names, as the base would check)
-        check_grads(self, params, {n: g[0] for n, g in gradients.items()}, state, "gradients")
+        check_grads(self, params, {n: g[:1].reshape(tuple(g.shape[1:]))  # (0-d: an array)
+                                   for n, g in gradients.items()}, state, "gradients")
         return sizes.pop()
 
     def aggregate(self, gradients: Mapping[str, Any], batch: int, step: int) -> dict[str, Any]:
