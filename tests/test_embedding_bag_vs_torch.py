@@ -1,7 +1,8 @@
 """``EmbeddingBag`` side by side with ``torch.nn.functional.embedding_bag``.
 
 Float64, modes sum / mean / max: 2-D bags, 1-D input with offsets (empty bags, a bag at the
-end), ``include_last_offset`` (its last offset must be the input's length), ``padding_idx``
+end), ``include_last_offset`` (a last offset below the input's length: the last bag still runs
+to the end, as torch's forward and backward), ``padding_idx``
 (left out of sums, means and maxima: a bag of padding only is zeros), repeated indices,
 ``per_sample_weights`` (differentiated, as torch does): the output and the gradients w.r.t.
 the weight and the per-sample weights on NumPy and torch in process and on JAX in a fresh
@@ -36,6 +37,7 @@ _BAGS = np.array([[1, 3, 3], [0, 2, 5], [5, 5, 5], [4, 1, 0]])  # 5: padding in 
 _FLAT = np.array([2, 0, 6, 6, 1, 3, 4, 0, 5])
 _OFF = np.array([0, 3, 3, 7])  # bag 1 empty, bag 3 two entries
 _OFF_LAST = np.array([0, 2, 2, 9])  # include_last_offset: 3 bags, the last offset M
+_OFF_SHORT = np.array([0, 2, 2, 6])  # a last offset below M: torch's last bag runs to the end
 
 CASES: dict[str, Case] = {}
 for mode in ("sum", "mean", "max"):
@@ -50,6 +52,10 @@ for mode in ("sum", "mean", "max"):
     CASES[f"include_last_offset {mode}"] = Case(
         lambda kw=kw: EmbeddingBag(7, 3, offsets=True, **kw), {}, _ref(**kw),
         data={"input": _FLAT, "offsets": _OFF_LAST})
+    kw = {"mode": mode, "include_last_offset": True, "padding_idx": 0}
+    CASES[f"include_last_offset short {mode}"] = Case(
+        lambda kw=kw: EmbeddingBag(7, 3, offsets=True, **kw), {}, _ref(**kw),
+        data={"input": _FLAT, "offsets": _OFF_SHORT})
 CASES["2-D sum per_sample_weights pad=5"] = Case(
     lambda: EmbeddingBag(7, 4, mode="sum", padding_idx=5, per_sample_weights=True),
     {"per_sample_weights": (4, 3)}, _ref(mode="sum", padding_idx=5), data={"input": _BAGS})
@@ -99,12 +105,9 @@ def test_padding_bag_and_empty_bag_are_zero_and_padding_row_gets_no_gradient() -
      r"offsets 'offsets' \[0, 2, 1\]: offsets must be non-decreasing"),
     ({"input": np.array([1, 2, 2]), "offsets": np.array([0, 4])},
      r"offsets must be at most the input's length 3"),
-    ({"input": np.array([1, 2, 2]), "offsets": np.array([0, 1, 2])},
-     r"with include_last_offset the last offset must be the input's length 3"),
 ])
 def test_bad_indices_and_offsets_are_named(data, match) -> None:
-    last = "last offset" in match
-    c = _compiled(EmbeddingBag(7, 3, offsets=True, include_last_offset=last),
+    c = _compiled(EmbeddingBag(7, 3, offsets=True),
                   {k: list(v.shape) for k, v in data.items()})
     with pytest.raises(InputValueError, match=match):
         c.evaluate({next(iter(c.get_parameters())): np.zeros((7, 3))}, data)

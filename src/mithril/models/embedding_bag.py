@@ -3,9 +3,9 @@ max of the embedding rows of each bag of indices, without materialising the look
 
 Bags are the rows of a 2-D ``input`` (B, S), or runs of a 1-D ``input`` (M,) cut by
 ``offsets`` (B,) (bag b is input[offsets[b]:offsets[b + 1]], the last to the end), or with
-``include_last_offset`` by offsets (B + 1,) whose last entry is M (torch's CSR form; torch
-does not check it, and for a smaller one its forward sums the last bag to the end while its
-backward stops at that offset: refused here). Entries equal to ``padding_idx`` are left out of their bag (not
+``include_last_offset`` by offsets (B + 1,) (torch's CSR form, whose last entry is M; as
+torch's kernels, forward and backward, the last entry is not read beyond its check ≤ M: the
+last bag always runs to the end of the input). Entries equal to ``padding_idx`` are left out of their bag (not
 summed, not counted by the mean, never the max); an empty bag gives zeros. "sum" may weight
 each entry by ``per_sample_weights`` (input's shape; differentiable, as torch's). "max" is
 per feature; its gradient goes to the bag's first maximal entry (torch's strict ``>``).
@@ -33,7 +33,7 @@ class EmbeddingBag(Operator):
 
     Inputs: ``input``, integer indices in [0, num_embeddings), (B, S) or (M,); ``offsets``
     (integers, (B,) or (B + 1,)) when ``offsets=True`` (then ``input`` is 1-D; offsets[0] = 0,
-    non-decreasing, at most M; the last = M with ``include_last_offset``); ``per_sample_weights`` (``input``'s shape) when
+    non-decreasing, at most M); ``per_sample_weights`` (``input``'s shape) when
     ``per_sample_weights=True`` (mode "sum" only, as torch). Output (B, embedding_dim).
     torch's ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are not taken (use
     :class:`~mithril.models.layers.Embedding` and a reduction for those)."""
@@ -115,9 +115,7 @@ class EmbeddingBag(Operator):
         why = "offsets[0] must be 0" if off[0] != 0 else \
             "offsets must be non-decreasing" if (np.diff(off) < 0).any() else \
             f"offsets must be at most the input's length {m}" if m is not None and \
-            off.max() > m else \
-            f"with include_last_offset the last offset must be the input's length {m}" if \
-            self.include_last_offset and m is not None and off[-1] != m else None
+            off.max() > m else None
         if why:
             raise InputValueError(f"EmbeddingBag: offsets '{names['offsets']}' {off.tolist()}: "
                                   f"{why}")
@@ -128,9 +126,9 @@ class EmbeddingBag(Operator):
             b, s = input.shape
             flat, seg = input.reshape(-1), xp.repeat(xp.arange(b), s)
         else:
-            b = offsets.shape[0] - self.include_last_offset
-            flat = input
-            seg = xp.searchsorted(offsets, xp.arange(input.shape[0]), side="right") - 1
+            starts = offsets[:-1] if self.include_last_offset else offsets
+            b, flat = starts.shape[0], input
+            seg = xp.searchsorted(starts, xp.arange(input.shape[0]), side="right") - 1
         member = seg[None, :] == xp.arange(b)[:, None]
         if self.padding_idx is not None:
             member = member & (flat != self.padding_idx)[None, :]
