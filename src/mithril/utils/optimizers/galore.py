@@ -29,7 +29,8 @@ def _svd_float32(xp: NumpyOps, g: Any) -> tuple[Any, Any]:
     if xp.name == "torch" and g.device.type != "cpu":
         u, _, vt = xp.m.linalg.svd(g.float(), full_matrices=False)
         return u, vt
-    a = (g.detach().cpu().numpy() if xp.name == "torch" else np.asarray(g)).astype(np.float32)
+    a = (g.detach().to("cpu", xp.m.float32).numpy() if xp.name == "torch"
+         else np.asarray(g, dtype=np.float32))
     if not np.isfinite(a).all():  # (LAPACK's answer is undefined: JAX's is NaN)
         u, vt = np.full((a.shape[0], min(a.shape)), np.nan, np.float32), np.full(
             (min(a.shape), a.shape[1]), np.nan, np.float32)
