@@ -70,7 +70,7 @@ CASES["triplet swap ties"] = Case(
         *(t[k] for k in _TRIPLET), distance_function=lambda x, y: F.pairwise_distance(
             x, y, p=1, eps=0.0), margin=50.0, swap=True, reduction="sum")})
 # row 1: D(a, p) = 1, D(a, n) = 2, margin 1: hinge argument exactly 0 (no zero component in
-# a difference: PairwiseDistance's p <= 1 gradient there is not torch's, see the xfail below)
+# a difference: that is the "pairwise ... zero component" cases below)
 _P = np.array([[0.25, 0.25], [0.5, 0.5]])
 _NEG = np.array([[2.0, 1.0], [-1.5, -0.5]])
 CASES["triplet at the margin"] = Case(
@@ -80,8 +80,19 @@ CASES["triplet at the margin"] = Case(
         *(t[k] for k in _TRIPLET), distance_function=lambda x, y: F.pairwise_distance(
             x, y, p=1, eps=0.0), reduction="none")})
 
+# PairwiseDistance where one component of x1 - x2 is exactly 0 (a whole row in row 2): that
+# component's gradient is 0 (torch's), not NaN (|0|^(p-1), p < 1) nor JAX's abs'(0) = 1
+_X1 = np.array([[0.0, 1.5, -0.5], [0.3, -0.2, 0.7]])
+_X2 = np.array([[2.0, 1.5, 0.25], [0.3, -0.2, 0.7]])
+for p in (0.5, 1, 3, float("inf")):
+    CASES[f"pairwise p={p} zero component"] = Case(
+        lambda p=p: ml.PairwiseDistance(p=p, eps=0.0), {"input1": _X1, "input2": _X2},
+        lambda t, _, p=p: {"output": F.pairwise_distance(t["input1"], t["input2"], p=p,
+                                                         eps=0.0)})
+
 JAX_NAMES = ["shuffle 4-D g3", "softmax2d (4, 2, 3)", "triplet default swap=True mean",
-             "triplet squared (a Model) swap=False none", "triplet swap ties"]
+             "triplet squared (a Model) swap=False none", "triplet swap ties",
+             "pairwise p=0.5 zero component", "pairwise p=1 zero component"]
 test_equals_torch, _, _ = parity_tests("test_small_modules_more_vs_torch", CASES)
 _, jax_results, test_jax_equals_torch = parity_tests(
     "test_small_modules_more_vs_torch", {n: CASES[n] for n in JAX_NAMES})
@@ -112,19 +123,12 @@ def test_edge_cases_are_live() -> None:
     assert x.grad.abs().sum() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="PairwiseDistance (similarity.py): for p < 1 the "
-                   "gradient at a zero difference component is NaN on NumPy (inf on JAX; p = 1 "
-                   "on JAX: 1, JAX's abs) where torch's is 0")
-def test_pairwise_distance_gradient_at_a_zero_component() -> None:
-    x, y = np.zeros((1, 2)), np.array([[2.0, 0.0]])
-    model = ml.Model()
-    model |= ml.PairwiseDistance(p=0.5, eps=0.0)(input1="x", input2="y", output="output")
-    c = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [1, 2], "y": [1, 2]},
-                   trainable_keys={"x"})
-    grads = c.evaluate({"x": x}, {"y": y}, output_gradients={"output": np.ones(1)})[1]
-    xt = torch.tensor(x, requires_grad=True)
-    F.pairwise_distance(xt, torch.tensor(y), p=0.5, eps=0.0).sum().backward()
-    assert np.array_equal(grads["x"], xt.grad.numpy())  # torch: [[-1, 0]]
+def test_pairwise_zero_component_is_live() -> None:
+    """torch's gradient at a zero component of x1 - x2 is 0 (where ours was NaN / 1)."""
+    for p in (0.5, 1.0):
+        x = torch.tensor(_X1, requires_grad=True)
+        F.pairwise_distance(x, torch.tensor(_X2), p=p, eps=0.0).sum().backward()
+        assert x.grad[0, 1] == 0 and x.grad[0, 0] != 0 and torch.equal(x.grad[1], torch.zeros(3))
 
 
 def _compile(block, shapes):

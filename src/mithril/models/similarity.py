@@ -102,7 +102,8 @@ class PairwiseDistance(Operator):
     keeps the last axis with size 1). ``p`` >= 0 or ``inf``: p = 0 counts the non-zero
     differences (gradient 0), p = inf is the largest |difference| (its gradient shared
     evenly among ties, as torch), otherwise (Σ |d|^p)^(1/p) with gradient
-    sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 (torch's masking)."""
+    sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 or where a component d is 0
+    (torch's masking, also for p < 1 where |0|^(p−1) would be inf)."""
 
     inputs = ("input1", "input2")
     vjp_ignores = frozenset({"output"})
@@ -129,11 +130,17 @@ class PairwiseDistance(Operator):
 
     def _norm(self, xp: Any, d: Any) -> Any:
         k, p = self.keepdim, self.p
+        # |d| as d·sign(d) and |d|^p only where d != 0: a zero component's gradient is then
+        # 0 under autodiff (torch's), not JAX's abs'(0) = 1 or |0|^(p-1) = inf
+        a = d * xp.sign(d)
         if p == math.inf:
-            return xp.max(xp.abs(d), axis=-1, keepdims=k)
+            return xp.max(a, axis=-1, keepdims=k)
         if p == 0:
             return xp.sum((d != 0) + 0 * d, axis=-1, keepdims=k)
-        s = xp.sum(d * d if p == 2 else xp.abs(d) ** p, axis=-1, keepdims=k)
+        if p not in (1, 2):
+            nz = d != 0
+            a = xp.where(nz, xp.where(nz, a, 1.0) ** p, 0.0)
+        s = xp.sum(d * d if p == 2 else a, axis=-1, keepdims=k)
         # the root only where s > 0: JAX's gradient at a zero distance is then 0 (torch's)
         nz = s > 0
         return xp.where(nz, xp.where(nz, s, 1.0) ** (1 / p), 0.0)
@@ -160,7 +167,9 @@ class PairwiseDistance(Operator):
             elif p == 2:
                 gd = np.where(n == 0, 0.0, g * d / n)
             else:
-                gd = np.where(n == 0, 0.0, g * np.sign(d) * np.abs(d) ** (p - 1) / n ** (p - 1))
+                nz = d != 0  # |0|^(p-1) is inf for p < 1: that component's gradient is 0
+                pw = np.where(nz, np.abs(np.where(nz, d, 1.0)) ** (p - 1), 0.0)
+                gd = np.where(n == 0, 0.0, g * np.sign(d) * pw / n ** (p - 1))
         res = {}
         if "input1" in wrt:
             res["input1"] = unbroadcast(gd, x1.shape)
