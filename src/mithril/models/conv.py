@@ -212,7 +212,7 @@ def check_mode_pads(spatial: Sequence[int | None], pads: Pads, mode: str, who: s
 #: torch's arguments of the convolution and pooling layers that are not ours: what instead
 TORCH_ONLY = {"bias": "ours is use_bias, a bool", "in_channels": "read from the input's shape",
               "output_padding": "transposed convolutions have it: ConvTranspose1D / 2D / 3D",
-              "return_indices": "a max pool's indices are not returned",
+              "return_indices": "MaxPool1D / 2D / 3D take it; adaptive pools do not",
               "device": "the backend places the arrays", "dtype": "the backend's dtype is used"}
 
 

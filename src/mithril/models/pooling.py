@@ -189,6 +189,21 @@ class _MaxPool(_Pool):
     vjp_ignores = frozenset({"input", "output"})  # the residual masks are laid out as the input
     fresh_output = True
 
+    def __new__(cls, *args: Any, return_indices: bool = False, **kwargs: Any) -> Any:
+        """``return_indices=True``: a block of outputs ``output`` and ``indices`` (torch's
+        flat positions in the input plane, int64: :mod:`.max_pool_indices`)."""
+        if not isinstance(return_indices, (bool, np.bool_)):
+            raise TypeError(f"{cls.__name__}: return_indices must be a bool, got "
+                            f"{return_indices!r}")
+        if not return_indices:
+            return super().__new__(cls)
+        from .max_pool_indices import MaxPoolWithIndices
+
+        return MaxPoolWithIndices(cls(*args, **kwargs))
+
+    def __init__(self, *args: Any, return_indices: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # (return_indices: read by __new__)
+
     def _torch(self, F: Any, x: Any) -> Any:
         fn = getattr(F, f"max_pool{self.nd}d")
         if not self.symmetric:
@@ -208,12 +223,13 @@ class _MaxPool(_Pool):
         picked = x.flatten(2).gather(2, idx).view_as(out)
         return torch.where(keep, picked, torch.full_like(picked, -math.inf))
 
-    def _torch_asymmetric(self, fn: Any, F: Any, x: Any) -> Any:
+    def _torch_asymmetric(self, fn: Any, F: Any, x: Any, indices: bool = False) -> Any:
         """Padding that differs before and after (torch pools pad symmetrically): torch's max
         pooling of the input padded with −inf by ``F.pad``, and its indices, except where a
         window's maximum is −inf: there the first element inside the input (as the NumPy and
         JAX backends and torch's own padding; on the padded input torch would pick the −inf
-        padding) or, a window of padding only, −inf and no gradient."""
+        padding) or, a window of padding only, −inf and no gradient. ``indices``: those
+        indices (into the padded plane) instead."""
         import torch
 
         spatial = tuple(x.shape[2:])
@@ -224,6 +240,8 @@ class _MaxPool(_Pool):
         first = torch.as_tensor(self._first_inside(spatial, tuple(y.shape[2:])), device=x.device)
         idx = torch.where((y == -math.inf) & (first >= 0), first, idx)
         idx = torch.where(first >= 0, idx, 0)
+        if indices:  # into the padded input's plane
+            return idx
         picked = xp.flatten(2).gather(2, idx.flatten(2)).view_as(y)
         return torch.where(first >= 0, picked, torch.full_like(picked, -math.inf))
 
