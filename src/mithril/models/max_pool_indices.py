@@ -1,7 +1,7 @@
 """``MaxPool1D/2D/3D(return_indices=True)``: the pool and its indices, as torch's
 ``max_pool{1,2,3}d(..., return_indices=True)``.
 
-The indices (int64, the output's shape) hold, per output, the flat position of its window's
+The indices (int64, the output's shape; int32 on JAX without x64, JAX's integers) hold, per output, the flat position of its window's
 maximum within the input's (n, c) plane: l, h·W + w or (d·H + h)·W + w of the unpadded
 input, torch's layout, which ``MaxUnpool1D`` / ``MaxUnpool2D`` read. The element is the one
 the pool's gradient goes to (its first maximum in window order, its last NaN where the
@@ -71,6 +71,7 @@ class MaxPoolIndices(Operator):
 
     def _jax_code(self, x: Any) -> Any:
         """The kernel offset per output, as the pool's JAX JVP picks it."""
+        import jax
         import jax.numpy as jnp
         from jax import lax
 
@@ -82,7 +83,8 @@ class MaxPoolIndices(Operator):
         offsets = [offset_slices(off, pool.stride, pool.dilation, out)
                    for off in np.ndindex(*pool.kernel_size)]
         xpad = jnp.pad(x, ((0, 0), (0, 0), *pads), constant_values=-np.inf)
-        return pool._jax_codes(xpad, pool._jax(x), offsets, spatial).astype(jnp.int64)
+        code = pool._jax_codes(xpad, pool._jax(x), offsets, spatial)
+        return code.astype(jax.dtypes.canonicalize_dtype(np.int64))  # int32 without x64
 
     def _flat(self, xp: Any, code: Any, spatial: tuple[int, ...]) -> Any:
         """Kernel offsets (row-major) to flat positions in the unpadded input plane."""
