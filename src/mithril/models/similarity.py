@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .activations import _number
+from .margin_losses import _distance, _distance_vjp
 from .operator import (
     Operator,
     ShapeError,
@@ -103,7 +104,8 @@ class PairwiseDistance(Operator):
     differences (gradient 0), p = inf is the largest |difference| (its gradient shared
     evenly among ties, as torch), otherwise (Σ |d|^p)^(1/p) with gradient
     sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 or where a component d is 0
-    (torch's masking, also for p < 1 where |0|^(p−1) would be inf)."""
+    (torch's masking, also for p < 1 where |0|^(p−1) would be inf): the p-norm and its VJP
+    are ``TripletMarginLoss``'s (:func:`~mithril.models.margin_losses._distance`)."""
 
     inputs = ("input1", "input2")
     vjp_ignores = frozenset({"output"})
@@ -129,21 +131,10 @@ class PairwiseDistance(Operator):
         return s[:-1] + (1,) * self.keepdim
 
     def _norm(self, xp: Any, d: Any) -> Any:
-        k, p = self.keepdim, self.p
-        # |d| as d·sign(d) and |d|^p only where d != 0: a zero component's gradient is then
-        # 0 under autodiff (torch's), not JAX's abs'(0) = 1 or |0|^(p-1) = inf
-        a = d * xp.sign(d)
-        if p == math.inf:
-            return xp.max(a, axis=-1, keepdims=k)
-        if p == 0:
-            return xp.sum((d != 0) + 0 * d, axis=-1, keepdims=k)
-        if p not in (1, 2):
-            nz = d != 0
-            a = xp.where(nz, xp.where(nz, a, 1.0) ** p, 0.0)
-        s = xp.sum(d * d if p == 2 else a, axis=-1, keepdims=k)
-        # the root only where s > 0: JAX's gradient at a zero distance is then 0 (torch's)
-        nz = s > 0
-        return xp.where(nz, xp.where(nz, s, 1.0) ** (1 / p), 0.0)
+        if self.p == 0:
+            return xp.sum((d != 0) + 0 * d, axis=-1, keepdims=self.keepdim)
+        n = _distance(xp, d, self.p)  # TripletMarginLoss's: torch's gradient at zeros
+        return n[..., None] if self.keepdim else n
 
     def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
         F = functional_of(xp)
@@ -154,22 +145,11 @@ class PairwiseDistance(Operator):
     def vjp(self, g, out, args, wrt):
         x1, x2 = args["input1"], args["input2"]
         d = x1 - x2 + self.eps
-        n = self._norm(np, d)
-        if not self.keepdim:
-            g, n = g[..., None], n[..., None]
-        p = self.p
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if p == 0:
-                gd = 0 * d * g
-            elif p == math.inf:
-                tie = np.abs(d) == n
-                gd = g * np.sign(d) * tie / tie.sum(-1, keepdims=True)
-            elif p == 2:
-                gd = np.where(n == 0, 0.0, g * d / n)
-            else:
-                nz = d != 0  # |0|^(p-1) is inf for p < 1: that component's gradient is 0
-                pw = np.where(nz, np.abs(np.where(nz, d, 1.0)) ** (p - 1), 0.0)
-                gd = np.where(n == 0, 0.0, g * np.sign(d) * pw / n ** (p - 1))
+        g = g if self.keepdim else g[..., None]
+        if self.p == 0:  # piecewise constant
+            gd = 0 * d * g
+        else:
+            gd = g * _distance_vjp(d, _distance(np, d, self.p), self.p)
         res = {}
         if "input1" in wrt:
             res["input1"] = unbroadcast(gd, x1.shape)
