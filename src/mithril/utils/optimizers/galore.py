@@ -78,7 +78,9 @@ class GaLore(TensorwiseOptimizer):
 
     slots = ("projector", "m", "v")
     decoupled_weight_decay = True
-    traced_in_update = ("beta1", "beta2", "epsilon", "eps_root", "scale")
+    # (β₁, β₂ reach the math through scalars: 1 − β computed on the host in float64, as
+    # optax's Python-float decay, not in the program's float32)
+    traced_in_update = ("epsilon", "eps_root", "scale")
     loaded_domains = {"v": "nonnegative"}
 
     def __init__(self, learning_rate: float = 1e-3, rank: int = 128, update_proj_gap: int = 200,
@@ -121,15 +123,18 @@ class GaLore(TensorwiseOptimizer):
         return (r, n) if m >= n else (m, r)
 
     def scalars(self, step: int) -> tuple[Any, ...]:
-        """(lr, 1 − β₁ᵗ, 1 − β₂ᵗ, whether P is recomputed at step ``t``)."""
+        """(lr, β₁, 1 − β₁, β₂, 1 − β₂, 1 − β₁ᵗ, 1 − β₂ᵗ, whether P is recomputed at step
+        ``t``)."""
         refresh = (step - 1) % self.update_proj_gap == 0
         if isinstance(step, (int, np.integer)):
             refresh = bool(refresh)
-        return self.learning_rate, 1 - self.beta1 ** step, 1 - self.beta2 ** step, refresh
+        b1, b2 = self.beta1, self.beta2
+        return (self.learning_rate, b1, 1 - b1, b2, 1 - b2, 1 - b1 ** step, 1 - b2 ** step,
+                refresh)
 
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                       scalars: tuple[Any, ...], name: str) -> tuple[Any, dict[str, Any]]:
-        lr, bc1, bc2, refresh = scalars
+        lr, b1, b1c, b2, b2c, bc1, bc2, refresh = scalars
         P, m, v = slots["projector"], slots["m"], slots["v"]
         left = len(g.shape) == 2 and g.shape[0] >= g.shape[1]
         out = {"projector": P}
@@ -149,8 +154,8 @@ class GaLore(TensorwiseOptimizer):
                 P = jax.lax.cond(refresh != 0, fresh, lambda: P)
             out["projector"] = P
             g = xp.T(P) @ g if left else g @ P
-        m = (1 - self.beta1) * g + self.beta1 * m  # optax's update_moment
-        v = (1 - self.beta2) * g**2 + self.beta2 * v
+        m = b1c * g + b1 * m  # optax's update_moment
+        v = b2c * g**2 + b2 * v
         u = (m / bc1) / (xp.m.sqrt(v / bc2 + self.eps_root) + self.epsilon)
         if len(p.shape) == 2:
             u = self.scale * (P @ u if left else u @ xp.T(P))
