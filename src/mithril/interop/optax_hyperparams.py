@@ -26,10 +26,12 @@ import numpy as np
 
 _GROUP = re.compile(r"param_groups\[(\d+)\]\.(\w+)$")
 #: what cannot be traced: the learning rate (the state's own), what holds a step's shape,
-#: and the per-tensor clipping's bounds (read where each tensor's factors are made)
+#: the per-tensor clipping's bounds (read where each tensor's factors are made) and the
+#: global clip's floor (a convention, torch's or optax's, not a value to schedule)
 _NOT_TRACED = frozenset({"learning_rate", "nonfinite", "param_groups", "weight_decay_mask",
                          "exclude_weight_decay", "strict", "adaptive_clip", "adaptive_clip_eps",
-                         "clip_tensor_norm", "clip_block_rms", "max_consecutive_skips"})
+                         "clip_tensor_norm", "clip_block_rms", "max_consecutive_skips",
+                         "clip_eps"})
 
 
 def parse(key: str) -> tuple[int | None, str]:

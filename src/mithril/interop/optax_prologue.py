@@ -75,7 +75,7 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
                  for g, p, (c, eps), n in zip(grads, leaves, plan.agc, names)]
     attrs = attrs or [{} for _ in plan.views]
     clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
-    eps = _value(attrs[0].get("clip_eps", opt.clip_eps)) if attrs else opt.clip_eps
+    eps = opt.clip_eps  # (never traced: optax_hyperparams)
     norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
     scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
     factors: list[Any] = [None] * len(leaves)
