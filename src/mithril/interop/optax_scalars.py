@@ -18,31 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.optimizers.traced_ops import MathShim
+from ..utils.optimizers.traced_ops import jnp_math as _jnp_math  # (optax_tensorwise's too)
+
 _INT32_MAX = 2**31 - 1
 
 
 # -- tracing the optimizer's scalars(step) ---------------------------------------------------
-def _jnp_math() -> dict[str, Callable]:
-    import jax.numpy as jnp
-
-    return {"sqrt": jnp.sqrt, "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p,
-            "expm1": jnp.expm1, "log2": jnp.log2, "log10": jnp.log10, "pow": jnp.power,
-            "fabs": jnp.abs, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan,
-            "tanh": jnp.tanh, "atan": jnp.arctan, "floor": jnp.floor, "ceil": jnp.ceil,
-            "isfinite": jnp.isfinite, "isnan": jnp.isnan, "isinf": jnp.isinf,
-            "copysign": jnp.copysign, "hypot": jnp.hypot}
-
-
-def _on_numbers(real: Callable, traced: Callable) -> Callable:
-    @functools.wraps(real)
-    def fn(*args: Any) -> Any:
-        if all(isinstance(a, (int, float)) for a in args):  # Python / NumPy numbers
-            return real(*args)
-        return traced(*map(_value, args))
-
-    return fn
-
-
 def _value(x: Any) -> Any:
     """``x``, a :class:`_Step`, :class:`_Power` or :class:`_Hyper` as the JAX value it
     stands for."""
@@ -173,16 +155,11 @@ class _Hyper:
         return self.value() ** _value(e)
 
 
-class _MathShim(types.ModuleType):
-    """``math`` whose functions take JAX values too (Python numbers still go to ``math``)."""
+class _MathShim(MathShim):
+    """``math`` whose functions take JAX values and this module's lazy scalars too."""
 
     def __init__(self) -> None:
-        super().__init__("math")
-        for name, fn in _jnp_math().items():
-            setattr(self, name, _on_numbers(getattr(math, name), fn))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(math, name)
+        super().__init__(_value)
 
 
 @functools.cache

@@ -24,27 +24,23 @@ not remove when it fuses).
 
 from __future__ import annotations
 
-import builtins
 import copy
 import functools
-import math
-import types
 from collections.abc import Callable
 from typing import Any
 
 from ..utils.optimizers.layout import slot_shape_of
-from ..utils.optimizers.tensorwise import JaxOps
+from ..utils.optimizers.traced_ops import TracedOps, traceable_update
 from .optax_hyperparams import scheduled
 from .optax_prologue import _prologue, _wide, given_up
 from .optax_scalars import (
     _INT32_MAX,
     _averaging_weights,
     _Hyper,
-    _jnp_math,
-    _MathShim,
     _Plan,
     _row_scalars,
     _static_prologue,
+    _value,
     joined,
     refuse_pinned,
 )
@@ -64,64 +60,9 @@ from .optax_unreached import averages_only
 __all__ = ["TracedOps", "tensorwise_transformation"]
 
 
-class TracedOps(JaxOps):
-    """:class:`~mithril.utils.optimizers.tensorwise.JaxOps` for ``tensor_update`` under
-    ``jax.jit``: ``norm`` is a 0-d JAX value (not a Python float), ``lerp`` takes a traced
-    weight (both of its forms computed, the one ``|w| < 0.5`` picks kept: the same numbers),
-    and the bfloat16 rounding is ``jax.lax.reduce_precision``."""
-
-    def norm(self, x: Any) -> Any:
-        m = self.m
-        acc = m.promote_types(x.dtype, _wide())
-        return m.sqrt(m.sum(m.square(x.astype(acc))))
-
-    def lerp(self, a: Any, b: Any, w: Any) -> Any:
-        if isinstance(w, (int, float)):
-            return super().lerp(a, b, w)
-        return self.m.where(abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
-
-    def rnd(self, x: Any) -> Any:
-        import jax
-
-        return jax.lax.reduce_precision(x.astype(self.m.float32), exponent_bits=8,
-                                        mantissa_bits=7)
-
-
-def _extremum(real: Callable, pick: Callable) -> Callable:
-    """``max`` / ``min`` that take JAX values too (elementwise, as ``jnp.maximum``)."""
-
-    @functools.wraps(real)
-    def fn(*args: Any, **kw: Any) -> Any:
-        if kw or len(args) < 2 or all(isinstance(a, (int, float)) for a in args):
-            return real(*args, **kw)
-        out = args[0]
-        for a in args[1:]:
-            out = pick(out, a)
-        return out
-
-    return fn
-
-
-@functools.cache
 def _traceable_update(fn: Callable) -> Callable:
-    """``fn`` (a ``tensor_update``) with ``math`` and the builtins ``max`` / ``min`` in its
-    globals taking JAX values too: the optimizer's source is not changed."""
-    import jax.numpy as jnp
-
-    if not isinstance(fn, types.FunctionType):
-        return fn
-    g = fn.__globals__
-    shim = _MathShim()
-    swap: dict[str, Any] = {k: shim for k, v in g.items() if v is math}
-    swap.update({k: getattr(shim, v.__name__) for k, v in g.items()
-                 if isinstance(v, types.BuiltinFunctionType)
-                 and getattr(v, "__module__", None) == "math" and v.__name__ in _jnp_math()})
-    swap["max"] = _extremum(builtins.max, jnp.maximum)
-    swap["min"] = _extremum(builtins.min, jnp.minimum)
-    new = types.FunctionType(fn.__code__, {**g, **swap}, fn.__name__, fn.__defaults__,
-                             fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    return new
+    """``fn`` (a ``tensor_update``) traceable, taking the lazy scalars too."""
+    return traceable_update(fn, _value)
 
 
 def _scalar_source(row: Any) -> Any:

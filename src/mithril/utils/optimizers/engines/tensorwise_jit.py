@@ -4,11 +4,14 @@ Eagerly, JAX dispatches every operation of every tensor's ``tensor_update`` on i
 (SM3 on 200 tensors: ~400 ms a step on CPU, where optax's jitted step takes ~18 ms). Here
 the whole step of :func:`~..tensorwise._update` runs in one program per layout: the global
 and per-tensor gradient norms, the clipping, weight decay, every tensor's ``tensor_update``
-(with :class:`~mithril.interop.optax_tensorwise.TracedOps`), the weight averages, the
-finite probe of each tensor's new values and, under ``nonfinite="skip"``/``"raise"``/
-``"unchecked"``, the choice between the new slots and the old (the slot buffers are
-donated; a refused step gets its old values back). One array, ``[norm, finite per
-tensor]``, is read back; the host then decides as the eager path does.
+(with :class:`~..traced_ops.TracedOps`), the weight averages, the finite probe of each
+tensor's new values and, under ``nonfinite="skip"``/``"raise"``/``"unchecked"``, the
+choice between the new slots and the old (the slot buffers are donated; a refused step
+gets its old values back). The params a step updates are donated too where the caller
+handed them over (the arrays the last step returned, the ownership rule of
+:mod:`..base`) and the step is applied whatever it finds (not under ``"skip"`` /
+``"raise"``, whose refused step returns the caller's params). One array, ``[norm, finite
+per tensor]``, is read back; the host then decides as the eager path does.
 
 What changes between steps without a new program: the per-step ``scalars`` (floats), the
 learning rate, a decoupled weight decay, the clipping bounds, the averages' weights and the
@@ -39,6 +42,7 @@ from ..averaging import average, tensor_counts, weights
 from ..base import Optimizer
 from ..groups import row_step
 from ..state import OptimizerState, scalar_arguments
+from . import fast_step
 from .common import norm_scale, refuses
 
 #: False: the eager per-tensor path (a measuring knob; ``MITHRIL_TENSORWISE_JIT=0``)
@@ -135,8 +139,13 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
     host = {s: isinstance(v, np.ndarray) for s, v in state.slots.items()}
     slays = tuple((s, state.slot_layout(s), np.dtype(state.slots[s].dtype).name)
                   for s in state.slots)
+    # the params it updates are donated where the step is applied whatever it finds
+    # (skip/raise return the caller's), as the jitted elementwise engine's: copies of them
+    # unless they are the arrays the last step returned (state.returned: the caller handed
+    # those over, the ownership rule; others it may still read). One program either way
+    donate = not refuses(opt)
     key = (lay, slays, tuple(host.items()), tuple(prints), tuple(spec), opt.nonfinite,
-           opt.clip_norm is not None, wide, tuple(averaged))
+           opt.clip_norm is not None, wide, tuple(averaged), donate)
     try:
         fn = _COMPILED.get(key)
     except TypeError:  # (a scalar that is no number and unhashable: eagerly)
@@ -144,8 +153,14 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
     if fn is False:  # (found not to trace)
         return None
     grads = tuple(gradients[n] for n, s in zip(lay.names, spec) if s[4])
+    updated = tuple(params[n] for n, s in zip(lay.names, spec) if s[4])
+    if donate and not state.returned(params):
+        updated = tuple(jax.numpy.array(p, copy=True) for p in updated)
+    elif donate and (same := fast_step.aliases(params, grads)):  # (read from a copy)
+        grads = tuple(jax.numpy.array(g, copy=True) if id(g) in same else g for g in grads)
     slots = {s: v for s, v in state.slots.items() if not host[s]}
-    args = (tuple(params[n] for n in lay.names), grads, slots,
+    args = (updated,
+            tuple(params[n] for n, s in zip(lay.names, spec) if not s[4]), grads, slots,
             {s: v for s, v in state.slots.items() if host[s]}, np.asarray(table, dtype=wide))
     if fn is None:
         if len(_COMPILED) >= 32:
@@ -153,10 +168,11 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
         protos = [copy.copy(row) for _, row in prints.values()]
         try:
             fn = jax.jit(_program(opt, state, protos, spec, averaged, key),
-                         donate_argnums=(2,))
+                         donate_argnums=(0, 3) if donate else (3,))
             out = fn(*args)
         except Exception:
-            if any(getattr(v, "is_deleted", lambda: False)() for v in slots.values()):
+            if any(getattr(v, "is_deleted", lambda: False)() for v in (*slots.values(),
+                                                                        *args[0])):
                 raise  # (ran, donated: nothing to fall back to)
             _COMPILED[key] = False
             return None
@@ -171,8 +187,12 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
     for s, v in new_s.items():  # (donated: the program's, the old values if refused)
         if not host[s]:
             state.slots[s] = v
-    return _decide(opt, state, params, gradients, dict(zip(
+    out = _decide(opt, state, params, gradients, dict(zip(
         [n for n, s in zip(lay.names, spec) if s[4]], new_p)), new_s, host, norm, ok_all)
+    if out[1]:  # (the next step may take them over: state.returned)
+        state.param_views = out[0]
+        return dict(out[0]), *out[1:]
+    return out
 
 
 def _decide(opt: Any, state: OptimizerState, params: Mapping[str, Any],
@@ -243,7 +263,7 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
     """The step's traced function (see :func:`step` for its arguments)."""
     import jax.numpy as jnp
 
-    from ....interop.optax_tensorwise import TracedOps, _traceable_update
+    from ..traced_ops import TracedOps, traceable_update
     from .jax_engine import _barrier
 
     lay = state.layout
@@ -254,9 +274,11 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
     policy, clip_on, refusing = opt.nonfinite, opt.clip_norm is not None, refuses(opt)
     xp = TracedOps()
 
-    def program(params, grads, slots, host_slots, table):
+    def program(updated, others, grads, slots, host_slots, table):
         global TRACES
         TRACES += 1
+        it = (iter(updated), iter(others))  # the params in layout order again
+        params = [next(it[0] if s[4] else it[1]) for s in spec]
         allslots = {**slots, **host_slots}
         parts = {s: slays[s].unflatten(v) for s, v in allslots.items()}
         wide = table.dtype
@@ -313,7 +335,7 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
                 nt = len(row_traced(row, r))
                 it = iter(table[at + nt:at + nt + sum(k is None for k in kinds)])
                 scal = tuple(_weak(next(it)) if k is None else k[0] for k in kinds)
-                fn = _traceable_update(type(row).tensor_update)
+                fn = traceable_update(type(row).tensor_update)
                 new_p[name], out = fn(row, xp, p, g, mine, scal, name)
                 if set(out) != set(mine):
                     raise RuntimeError(f"{type(row).__name__}.tensor_update must return "
