@@ -54,7 +54,9 @@ import numpy as np
 from optimizer_step import GRAD_SETS, SIZES, Impl, shapes_for, sync, time_blocks, to_host
 
 #: optimizers benchmarked elsewhere, with where (they need 2-D parameters)
-OWN_BENCHMARK = {"Muon": "benchmarks/muon.py (Newton-Schulz on 2-D parameters only)"}
+OWN_BENCHMARK = {"Muon": "benchmarks/muon.py (Newton-Schulz on 2-D parameters only)",
+                 "DPSGD": "per-example gradients: tests/test_dpsgd.py",
+                 "DifferentiallyPrivate": "per-example gradients: tests/test_dpsgd.py"}
 #: the scale of the parameters (float32 rounding of p stays far below a 1e-3 step)
 P_SCALE, G_SCALE = 0.1, 1e-2
 REL_TOL = 1e-4

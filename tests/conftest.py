@@ -152,7 +152,32 @@ def assert_arrays_within(got: dict, want: dict, tol: float, label: str) -> float
     return max(errs.values(), default=0.0)
 
 
-def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300) -> dict:
+#: the JAX column of a case table runs every JAX_EVERY-th case in the default suite and every
+#: case under ``-m slow``: each case is an XLA compile (~1 s of CPU), the largest share of the
+#: default suite, while the NumPy and torch columns (no compile) still run every case.
+JAX_EVERY = 3
+
+
+def jax_case_params(names: list[str], every: int = JAX_EVERY) -> list:
+    """``names`` as parameters, all but every ``every``-th (from the first) marked slow."""
+    return [n if i % every == 0 else pytest.param(n, marks=pytest.mark.slow)
+            for i, n in enumerate(names)]
+
+
+def selected_cases(request, argname: str, names: list[str]) -> list[str]:
+    """The values of ``argname`` (among ``names``, in their order) of this module's selected
+    tests that use the fixture asking: a module fixture computes only what will be read."""
+    chosen = set()
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is request.module and argname in params \
+                and request.fixturename in getattr(item, "fixturenames", ()):
+            chosen.add(params[argname])
+    return [n for n in names if n in chosen]
+
+
+def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float = 300,
+                              only: list[str] | None = None) -> dict:
     """``{case: {key: array}}`` of ``module.run(case, "jax")`` for every case of
     ``module.cases``, computed in a fresh interpreter (JAX x64 is process-global)."""
     import tempfile
@@ -165,7 +190,7 @@ def jax_results_in_subprocess(module: str, cases: str, run: str, timeout: float 
             import numpy as np
             import {module} as t
             flat = {{}}
-            for case in t.{cases}:
+            for case in {only!r} if {only is not None!r} else t.{cases}:
                 flat.update({{case + "#" + k: v for k, v in t.{run}(case, "jax").items()}})
             np.savez({path!r}, **flat)
             """, timeout=timeout)

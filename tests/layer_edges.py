@@ -169,8 +169,10 @@ def parity_tests(module: str, cases: dict[str, Case],
     """The tests every table of cases gets, to be bound in ``module`` (the test file, whose
     ``CASES`` is ``cases``): on the NumPy and torch backends, and the JAX column (float64, in
     a fresh process), each case's outputs and every gradient against torch autograd (compared
-    by ``err``: :func:`error`, or :func:`nonfinite_error` for outputs with infinities)."""
+    by ``err``: :func:`error`, or :func:`nonfinite_error` for outputs with infinities). The JAX
+    column runs every third case by default and all under ``-m slow`` (``jax_case_params``)."""
     import pytest
+    from conftest import jax_case_params, selected_cases
 
     @pytest.mark.parametrize("backend_name", ["numpy", "torch"])
     @pytest.mark.parametrize("name", list(cases))
@@ -179,10 +181,11 @@ def parity_tests(module: str, cases: dict[str, Case],
         compare(name, case, *run_mithril(name, case, backend_name), what=backend_name, err=err)
 
     @pytest.fixture(scope="module")
-    def jax_results() -> dict[str, Any]:
-        return jax_column(module, list(cases), os.path.dirname(__file__))
+    def jax_results(request: Any) -> dict[str, Any]:
+        return jax_column(module, selected_cases(request, "name", list(cases)),
+                          os.path.dirname(__file__))
 
-    @pytest.mark.parametrize("name", list(cases))
+    @pytest.mark.parametrize("name", jax_case_params(list(cases)))
     def test_jax_equals_torch(name: str, jax_results: dict[str, Any]) -> None:
         compare(name, cases[name], *jax_results[name], what="jax", err=err)
 

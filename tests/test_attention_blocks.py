@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_case_params, run_python, selected_cases, to_np
 from torch.func import functional_call
 
 import mithril as ml
@@ -225,8 +225,9 @@ def test_equals_torch(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    """Every case on JAX float64 (jit), run once in a fresh interpreter."""
+def jax_results(request):
+    """The selected cases on JAX float64 (jit), run once in a fresh interpreter."""
+    only = selected_cases(request, "case", list(CASES))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jax.npz")
         run_python(f"""
@@ -235,7 +236,7 @@ def jax_results():
             import numpy as np
             import test_attention_blocks as t
             flat = {{}}
-            for case in t.CASES:
+            for case in {only!r}:
                 params, fixed, cot, out, grads = t.run_mithril(case, "jax")
                 flat[case + "|output"] = out
                 flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
@@ -245,7 +246,7 @@ def jax_results():
             return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch(case, jax_results):
     _, params, fixed, cot = make(case, NumpyBackend(dtype="float64"))  # the same draws as in there
     grads = {k.split("|", 2)[2]: v for k, v in jax_results.items() if k.startswith(case + "|grad|")}

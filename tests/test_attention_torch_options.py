@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_case_params, run_python, selected_cases, to_np
 from test_attention_blocks import _causal, _mha_params, max_error, mha_ref
 
 import mithril as ml
@@ -260,8 +260,9 @@ def test_equals_torch(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    """Every case on JAX float64 (jit), run once in a fresh interpreter."""
+def jax_results(request):
+    """The selected cases on JAX float64 (jit), run once in a fresh interpreter."""
+    only = selected_cases(request, "case", list(CASES))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jax.npz")
         run_python(f"""
@@ -270,7 +271,7 @@ def jax_results():
             import numpy as np
             import test_attention_torch_options as t
             flat = {{}}
-            for case in t.CASES:
+            for case in {only!r}:
                 out, grads = t.run_mithril(case, "jax")
                 flat[case + "|output"] = out
                 flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
@@ -280,7 +281,7 @@ def jax_results():
             return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch(case, jax_results):
     grads = {k.split("|", 2)[2]: v for k, v in jax_results.items() if k.startswith(case + "|grad|")}
     compare(case, jax_results[case + "|output"], grads, what="jax")

@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    jax_case_params,
+    jax_results_in_subprocess,
+    selected_cases,
+    to_np,
+)
 
 import mithril as ml
 from mithril.models.attention_weights import AttentionWeights
@@ -105,11 +112,12 @@ def test_equals_torch_need_weights(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    return jax_results_in_subprocess("test_attention_weights", "CASES", "run_mithril", timeout=300)
+def jax_results(request):
+    return jax_results_in_subprocess("test_attention_weights", "CASES", "run_mithril", timeout=300,
+        only=selected_cases(request, "case", list(CASES)))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch_need_weights(case, jax_results):
     compare(case, jax_results[case], "jax")
 

@@ -201,15 +201,8 @@ def test_host_engines(host_engine, case: str) -> None:
     assert diff(ours, torch_peer(case)) <= TOL
 
 
-#: the per-tensor path on the host (tensorwise.py's ``_update``) still has torch's 1e-6
-#: written in: ``min(1.0, self.clip_norm / (clipped + 1e-6))``
-EAGER = pytest.mark.xfail(strict=True, reason="tensorwise.py's per-tensor host path: clip_eps "
-                          "not read yet")
-
-
-@pytest.mark.parametrize(("name", "case"), [
-    pytest.param(n, k, marks=EAGER if n in ("muon", "adafactor-per-tensor") and k != "zero"
-                 else ()) for n in sorted(TENSORWISE) for k in sorted(CASES)])
+@pytest.mark.parametrize(("name", "case"), [(n, k) for n in sorted(TENSORWISE)
+                                             for k in sorted(CASES)])
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_tensorwise_host(name: str, case: str, backend: str) -> None:
     to, back, _ = HOST[backend]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_case_params, run_python, selected_cases, to_np
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -200,8 +200,9 @@ def test_numpy_without_compiled_loops_equals_torch(case, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    """Every case on JAX float64 (jit), run once in a fresh interpreter."""
+def jax_results(request):
+    """The selected cases on JAX float64 (jit), run once in a fresh interpreter."""
+    only = selected_cases(request, "case", list(CASES))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jax.npz")
         run_python(f"""
@@ -210,7 +211,7 @@ def jax_results():
             import numpy as np
             import test_conv_blocks as t
             flat = {{}}
-            for case in t.CASES:
+            for case in {only!r}:
                 params, cot, out, grads = t.run_mithril(case, "jax")
                 flat[case + "|output"] = out
                 flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
@@ -220,7 +221,7 @@ def jax_results():
             return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch(case, jax_results):
     params, cot, _, _ = run_mithril(case, "numpy")  # the same params and cotangent as in there
     grads = {k.rsplit("|", 1)[1]: v for k, v in jax_results.items() if k.startswith(case + "|grad|")}

@@ -25,7 +25,7 @@ from mithril.backends import NumpyBackend, TorchBackend
     (lambda: ml.Convolution2D(3, 4, bias=False), r"Convolution2D: no bias= argument \(ours is use_bias"),
     (lambda: ml.Convolution1D(3, 4, output_padding=1),
      r"Convolution1D: no output_padding= argument \(transposed"),
-    (lambda: ml.MaxPool2D(2, return_indices=True), r"MaxPool2D: no return_indices= argument"),
+    (lambda: ml.AvgPool2D(2, return_indices=True), r"AvgPool2D: no return_indices= argument"),
     (lambda: ml.AvgPool1D(2, dilation=2), r"AvgPool1D: no dilation= argument"),
     (lambda: ml.Linear(4, bias=False), r"Linear: no bias= argument \(ours is use_bias"),
     (lambda: ml.Linear(in_features=3, out_features=4),

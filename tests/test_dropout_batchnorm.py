@@ -25,7 +25,9 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     central_differences,
+    jax_case_params,
     jax_results_in_subprocess,
+    selected_cases,
     to_np,
 )
 
@@ -273,11 +275,12 @@ def test_batchnorm_equals_torch(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_bn_results():
-    return jax_results_in_subprocess("test_dropout_batchnorm", "BN_CASES", "run_mithril_bn", timeout=240)
+def jax_bn_results(request):
+    return jax_results_in_subprocess("test_dropout_batchnorm", "BN_CASES", "run_mithril_bn", timeout=240,
+        only=selected_cases(request, "case", list(BN_CASES)))
 
 
-@pytest.mark.parametrize("case", list(BN_CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(BN_CASES)))
 def test_batchnorm_jax_equals_torch(case, jax_bn_results):
     got = jax_bn_results.get(case, {})
     compare_bn(case, got, "jax")

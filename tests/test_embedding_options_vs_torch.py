@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    jax_case_params,
+    jax_results_in_subprocess,
+    selected_cases,
+    to_np,
+)
 
 import mithril as ml
 from mithril.errors import ShapeError
@@ -101,11 +108,12 @@ def test_training_steps_equal_torch(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    return jax_results_in_subprocess("test_embedding_options_vs_torch", "CASES", "run_ours")
+def jax_results(request):
+    return jax_results_in_subprocess("test_embedding_options_vs_torch", "CASES", "run_ours",
+        only=selected_cases(request, "case", list(CASES)))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_training_steps_equal_torch(case, jax_results):
     assert_arrays_within(jax_results.get(case, {}), run_torch(case), tol(case), f"jax {case}")
 

@@ -501,6 +501,11 @@ def test_every_optimizer_is_wrapped_or_refused_by_name(name, flat_tensor_engine)
         with pytest.raises(TypeError, match="Optimizer states no update rule"):
             torch_optimizer(mo.Optimizer(), mlp().parameters())
         return
+    if getattr(cls, "takes_per_example_gradients", False):  # (tests/test_dpsgd.py)
+        with pytest.raises(TypeError, match=f"{name} takes per-example gradients"):
+            torch_optimizer(cls(mo.SGD()) if name == "DifferentiallyPrivate" else cls(),
+                            mlp().parameters())
+        return
     make = ARGS.get(name, cls)
     start = [p.detach().clone() for p in mlp().parameters()]
     (full, _), (fresh, _), _ = resume(make, 3, 3)

@@ -561,7 +561,7 @@ def test_another_librarys_constructor_argument_names_ours():
             (lambda: Adam(betas=(0.9, 0.99)), "betas", "did you mean beta1 and beta2"),
             (lambda: SGD(momentom=0.9), "momentom", "did you mean momentum"),
             (lambda: catalog.Lookahead(Adam(), k=5), "k", "did you mean sync_period"),
-            (lambda: Adam(momentum=0.9), "momentum", "LARS, MADGRAD, Muon, RMSProp and 4 more take it")]:
+            (lambda: Adam(momentum=0.9), "momentum", "DPSGD, LARS, MADGRAD, Muon and 5 more take it")]:
         with pytest.raises(TypeError) as info:
             make()
         assert f"() got an unexpected keyword argument '{name}' ({meant}" in str(info.value)
@@ -587,8 +587,8 @@ def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
                                                  f"setting it would change no step "
                                                  rf"\(did you mean {meant}"):
             setattr(opt, name, 0.5)
-    for name, owners in [("momentum", "LARS, MADGRAD, Muon, RMSProp and 4 more take it"),
-                         ("nesterov", "ADOPT, AdaBelief, LARS, Muon and 3 more take it")]:
+    for name, owners in [("momentum", "DPSGD, LARS, MADGRAD, Muon and 5 more take it"),
+                         ("nesterov", "ADOPT, AdaBelief, DPSGD, LARS and 4 more take it")]:
         with pytest.raises(AttributeError, match=f"Adam has no hyperparameter '{name}': .*"
                                                  f"{owners}; Adam's are in its"):
             setattr(opt, name, 0.9)  # (another optimizer's: SGD's momentum)
@@ -603,7 +603,8 @@ def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
         cls = getattr(catalog, name)
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer:
             continue
-        wrapper = cls in (catalog.Lookahead, catalog.SAM, catalog.Mechanize)
+        wrapper = cls in (catalog.Lookahead, catalog.SAM, catalog.Mechanize,
+                          catalog.DifferentiallyPrivate)
         opt = cls(Adam()) if wrapper else cls()
         for k, v in opt.hyperparameters().items():
             if k not in ("fallback", "inner", "base_optimizer", "learning_rate"):

@@ -14,7 +14,8 @@ output's cotangent at that one element, so overlapping windows (stride < kernel)
 2. Regression: JAX float32 in-process, where XLA's own ``reduce_window`` derivative sent an
    all −inf window's gradient to the padding (lost) and a NaN window's past the NaN.
 3. NumPy float16 (the strided path, not the compiled loops) routes as torch's float16.
-4. ``return_indices`` is not offered: the call names it.
+4. ``return_indices`` is offered by MaxPool (tests/test_max_pool_indices_vs_torch.py);
+   AvgPool refuses it by name.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def test_numpy_float16_strided_path_routes_minus_inf_and_nan_as_torch(nd: int) -
     np.testing.assert_array_equal(g, want_g.double().numpy())  # small integer sums: exact
 
 
-@pytest.mark.parametrize("block", [ml.MaxPool1D, ml.MaxPool2D])
-def test_return_indices_is_not_offered_and_the_error_names_it(block) -> None:
+@pytest.mark.parametrize("block", [ml.AvgPool1D, ml.AvgPool2D])
+def test_return_indices_is_not_offered_by_avg_pool_and_the_error_names_it(block) -> None:
     with pytest.raises(TypeError, match="return_indices"):
         block(2, return_indices=True)

@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, assert_arrays_within, jax_results_in_subprocess, to_np, torch_results
+from conftest import (
+    BACKENDS,
+    assert_arrays_within,
+    jax_case_params,
+    jax_results_in_subprocess,
+    selected_cases,
+    to_np,
+    torch_results,
+)
 
 import mithril as ml
 
@@ -88,10 +96,11 @@ def test_equals_torch(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    return jax_results_in_subprocess("test_recurrent_edges", "CASES", "run_mithril", timeout=600)
+def jax_results(request):
+    return jax_results_in_subprocess("test_recurrent_edges", "CASES", "run_mithril", timeout=600,
+        only=selected_cases(request, "case", list(CASES)))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch(case, jax_results):
     assert_arrays_within(jax_results.get(case, {}), run_torch(case), TOL, f"jax {case}")

@@ -17,7 +17,9 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     central_differences,
+    jax_case_params,
     jax_results_in_subprocess,
+    selected_cases,
     to_np,
     torch_results,
 )
@@ -108,11 +110,12 @@ def test_equals_torch_packed(case, backend_name):
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    return jax_results_in_subprocess("test_recurrent_lengths", "CASES", "run_mithril", timeout=600)
+def jax_results(request):
+    return jax_results_in_subprocess("test_recurrent_lengths", "CASES", "run_mithril", timeout=600,
+        only=selected_cases(request, "case", list(CASES)))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
 def test_jax_equals_torch_packed(case, jax_results):
     assert_arrays_within(jax_results.get(case, {}), run_torch(case), TOL, f"jax {case}")
 

@@ -31,7 +31,8 @@ SHAPES = {"w": (3, 4), "b": (4,)}
 MISSED_AT = (1, K + 1)
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
-         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM")]  # (closures; a wrapper: own
+         and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM", "DPSGD",
+                       "DifferentiallyPrivate")]  # (closures; a wrapper: own
 # tests, tests/test_lookahead.py, tests/test_optimizers_mechanize_sam.py)
 
 

@@ -88,6 +88,9 @@ def optimizers() -> dict:
         "polyak_sgd": lambda: o.PolyakSGD(max_learning_rate=0.5, f_min=0.0),
         "momo": lambda: o.Momo(learning_rate=0.5),
         "momo_adam": lambda: o.MomoAdam(learning_rate=1e-2),
+        # rank 2: the last layer's 12x4 gradient has rank <= 3, a 4th singular vector would
+        # be rounding noise that Adam scales to a whole step
+        "galore": lambda: o.GaLore(learning_rate=1e-2, rank=2, update_proj_gap=2),
     }
 
 
@@ -96,11 +99,18 @@ CLOSURE = (LBFGS, catalog.SAM)
 
 
 def test_every_optimizer_is_here() -> None:
-    """A new optimizer of the catalog joins ``optimizers()`` (and so every test above)."""
+    """A new optimizer of the catalog joins ``optimizers()`` (and so every test above); those
+    taking per-example gradients are refused by name (tests/test_dpsgd.py)."""
     exported = {getattr(catalog, n) for n in catalog.__all__}
     classes = {c for c in exported if isinstance(c, type) and issubclass(c, Optimizer)
                and c is not Optimizer}
-    assert classes == {type(make()) for make in optimizers().values()}
+    per_example = {c for c in classes if getattr(c, "takes_per_example_gradients", False)}
+    assert per_example == {catalog.DPSGD, catalog.DifferentiallyPrivate}
+    assert classes - per_example == {type(make()) for make in optimizers().values()}
+    spec = mlp_spec(8, 4, [16])
+    compiled = ml.compile(spec.model, BACKENDS["numpy"](dtype="float32"), shapes=spec.shapes)
+    with pytest.raises(TypeError, match="DPSGD takes per-example gradients"):
+        make_train_step(compiled, catalog.DPSGD(), loss="loss")
 
 
 def problem(backend_name: str, seed: int = 0) -> tuple:

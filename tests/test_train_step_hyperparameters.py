@@ -367,7 +367,9 @@ def catalog_cases() -> list[str]:
                           "SAM", "Mechanize",
                           # update(..., loss=): their rate and decay changed mid-run in the
                           # one program, tests/test_optimizers_loss_aware.py
-                          "PolyakSGD", "Momo", "MomoAdam")]
+                          "PolyakSGD", "Momo", "MomoAdam",
+                          # per-example gradients: refused by name, tests/test_dpsgd.py
+                          "DPSGD", "DifferentiallyPrivate")]
 
 
 def catalog_optimizer(name: str) -> Any:

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_results_in_subprocess, to_np
+from conftest import BACKENDS, jax_case_params, jax_results_in_subprocess, selected_cases, to_np
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -168,11 +168,12 @@ JAX_RUNS = ["encoder_post_norm_causal_kpm|train", "decoder_pre_norm_causal_memor
 
 
 @pytest.fixture(scope="module")
-def jax_results():
-    return jax_results_in_subprocess("test_transformer_dropout", "JAX_RUNS", "run_mithril")
+def jax_results(request):
+    return jax_results_in_subprocess("test_transformer_dropout", "JAX_RUNS", "run_mithril",
+        only=selected_cases(request, "run", list(JAX_RUNS)))
 
 
-@pytest.mark.parametrize("run", JAX_RUNS)
+@pytest.mark.parametrize("run", jax_case_params(list(JAX_RUNS)))
 def test_jax_equals_torch(run, jax_results, monkeypatch):
     compare(run, jax_results[run], monkeypatch, "jax")
 

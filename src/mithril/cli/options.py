@@ -106,6 +106,9 @@ OPTIMIZER_OPTIONS = [
 COMMON_OPTIONS = [
     _opt("clip_norm", "float", "clip the global gradient norm to this value (torch "
          "clip_grad_norm_ convention)", metavar="N"),
+    _opt("clip_eps", "float", "the global-norm clip's floor: scale min(1, N/(norm + E)); "
+         "default 1e-6 as torch, 0 as optax's clip_by_global_norm and Keras's "
+         "global_clipnorm", metavar="E"),
     _opt("clip_value", "float", "clamp every gradient element to ±this value", metavar="V"),
     _opt("nonfinite", "choice", "what to do with an inf/NaN gradient (default: propagate, "
          "with a warning; skip: skip the step; raise: stop; unchecked: apply it unread, as "

@@ -140,7 +140,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="default: adam (charlm: adamw). One of " +
                         ", ".join(n for n in NAMES if n not in REFUSED) + " (not " +
-                        ", ".join(REFUSED) + ": it needs a closure). Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
+                        ", ".join(REFUSED) + ": a closure or per-example gradients). Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
                         "(the constructor's arguments; learning_rate is lr, epsilon eps); "
                         "lookahead wraps another: lookahead:inner=sgd,sync_period=5")
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",

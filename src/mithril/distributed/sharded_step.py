@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from ..utils.optimizers.engines.common import norm_scale
 from . import process_group as pg
 from .data_parallel import (
     DistributedState,
@@ -107,7 +108,7 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         return (dict(state._out) if state._out else dict(params)), state
     if opt.clip_norm is not None:  # (the engines' rule, an applied non-finite norm's too:
         # inf scales every gradient by 0, as torch's clip_grad_norm_; NaN by min(1, NaN) = 1)
-        scale = min(1.0, opt.clip_norm / (norm + 1e-6))
+        scale = norm_scale(opt.clip_norm, norm, opt.clip_eps)
         if scale < 1.0:
             _multiply(mine, scale)
     flags = _host(recv[data:data + (b - a)])

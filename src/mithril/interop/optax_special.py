@@ -57,6 +57,10 @@ def classify(opt: Any) -> str:
     cls, name = type(opt), type(opt).__name__
     if isinstance(opt, LBFGS):
         raise TypeError(LBFGS_REFUSAL if cls is LBFGS else f"{name}: {LBFGS_REFUSAL}")
+    if getattr(opt, "takes_per_example_gradients", False):
+        raise TypeError(f"{name} takes per-example gradients: chain its aggregation, "
+                        f"opt.optax_aggregate(), with optax_transformation(opt.base_optimizer)"
+                        f" (docs/privacy.md)")
     inits, tensorwise_update = _known()
     below = cls.__mro__[:cls.__mro__.index(Optimizer)]
     kind = "elementwise"

@@ -224,6 +224,11 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             raise TypeError(f"{cls.__name__} states no update rule (no math or kernel_math, "
                             f"and no update of its own): it cannot be wrapped; give a "
                             f"concrete optimizer, e.g. Adam")
+        if getattr(optimizer, "takes_per_example_gradients", False):
+            raise TypeError(f"{cls.__name__} takes per-example gradients (a leading batch "
+                            f"axis), not the .grad torch's backward leaves: see "
+                            f"mithril.utils.per_example.per_example_gradients and "
+                            f"docs/privacy.md")
         items, extras, counts = split(params)
         names, tensors, by_name = parameters(items, allow_empty=extras is not None)
         self._mithril = optimizer

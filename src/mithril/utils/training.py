@@ -153,6 +153,11 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
             raise TypeError(f"make_train_step needs a mithril optimizer (or a wrapper with "
                             f"its init / update / learning_rate, as Accumulate), got "
                             f"{type(optimizer).__name__}")
+        if getattr(optimizer, "takes_per_example_gradients", False):
+            raise TypeError(f"make_train_step: {type(optimizer).__name__} takes per-example "
+                            f"gradients (a leading batch axis), the step computes the "
+                            f"batch's: see mithril.utils.per_example.per_example_gradients "
+                            f"and docs/privacy.md")
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend

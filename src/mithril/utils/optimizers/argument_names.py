@@ -22,10 +22,9 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
                 "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
 #: where ours of those is another rule than the peer's: what gives the peer's exactly
-_EXACTLY = {"global_clipnorm": " It is torch's rule, min(1, c/(‖g‖ + 1e-6)): Keras's and "
-                               "optax's exact c/max(‖g‖, c) is mithril.utils.optimizers."
-                               "clip_gradients(grads, clip_norm=c, eps=0.0) before update, on "
-                               "an optimizer without clip_norm"}
+_EXACTLY = {"global_clipnorm": " Its default is torch's rule, min(1, c/(‖g‖ + 1e-6)): "
+                               "Keras's and optax's exact c/max(‖g‖, c) is clip_norm=c, "
+                               "clip_eps=0.0"}
 #: other libraries' options that are a wrapper or a recipe here, not an argument
 _RECIPES = {
     "gradient_accumulation_steps": "wrap the optimizer: mithril.utils.accumulation."

@@ -75,7 +75,7 @@ GROUP_KEYS = ("param_groups", "weight_decay_mask", "exclude_weight_decay", "stri
 
 #: hyperparameters that hold for the whole step, not per tensor (an optimizer adds its own
 #: in a ``step_wide`` class attribute: DoG's ε enters one optimizer-wide step size)
-GLOBAL = frozenset({"clip_norm", "nonfinite", "max_consecutive_skips", "param_groups",
+GLOBAL = frozenset({"clip_norm", "clip_eps", "nonfinite", "max_consecutive_skips", "param_groups",
                     "weight_decay_mask", "exclude_weight_decay"})
 
 

@@ -234,6 +234,7 @@ class Lookahead(Optimizer):
 
     # -- the inner optimizer's options ---------------------------------------------------
     clip_norm = _delegated("clip_norm")
+    clip_eps = _delegated("clip_eps", 1e-6)
     clip_value = _delegated("clip_value")
     clip_tensor_norm = _delegated("clip_tensor_norm")
     clip_block_rms = _delegated("clip_block_rms")

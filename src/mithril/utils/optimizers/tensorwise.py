@@ -29,7 +29,7 @@ import numpy as np
 from .averaging import advance, average, tensor_counts, weights
 from .base import Optimizer
 from .checks import check_update
-from .engines.common import is_finite, must_skip, nonfinite_result_error
+from .engines.common import is_finite, must_skip, nonfinite_result_error, norm_scale
 from .groups import row_step
 from .state import OptimizerState, scalar_arguments
 
@@ -290,7 +290,8 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
         factor = {n: _tensor_clip(rows[lay.index[n]], s, int(lay.sizes[lay.index[n]]))
                   for n, s in sumsq.items()}
         clipped = math.sqrt(sum(factor[n] ** 2 * s for n, s in sumsq.items()))
-        gscale = 1.0 if self.clip_norm is None else min(1.0, self.clip_norm / (clipped + 1e-6))
+        gscale = 1.0 if self.clip_norm is None else norm_scale(self.clip_norm, clipped,
+                                                                self.clip_eps)
         parts = {s: state.slot_layout(s).unflatten(state.slots[s]) for s in state.slots}
         averaged = self.full_slot_names()[len(self.slot_names()):]
         new_p: dict[str, Any] = {}
