@@ -1,11 +1,13 @@
 """The global-norm clip's floor, side by side with both peers, float64:
 
-* the optimizers' fused ``clip_norm=c`` is torch's ``clip_grad_norm_``: scale
+* the optimizers' fused ``clip_norm=c`` (default ``clip_eps=1e-6``) is torch's
+  ``clip_grad_norm_``: scale
   ``min(1, c / (‖g‖ + 1e-6))`` (NumPy, torch, JAX's default and jitted engines, and
   ``optax_transformation``);
 * optax's ``clip_by_global_norm`` (and Keras's ``global_clipnorm``) has no 1e-6: scale
-  ``c / ‖g‖`` where ``‖g‖ >= c``, else 1. That convention is ``clip_gradients(grads,
-  clip_norm=c, eps=0.0)`` before an optimizer without ``clip_norm`` (any backend), or
+  ``c / ‖g‖`` where ``‖g‖ >= c``, else 1. That convention is ``clip_eps=0.0`` (its own
+  tests: tests/test_clip_eps_option.py), ``clip_gradients(grads, clip_norm=c, eps=0.0)``
+  before an optimizer without ``clip_norm`` (any backend), or
   ``optax.chain(optax.clip_by_global_norm(c), optax_transformation(opt))`` in a JAX program.
 
 The cases: a large norm (the two differ by ~1e-6 relative), a norm just below ``c`` (torch

@@ -378,10 +378,10 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
 
 
 def check_data_parallel(optimizer: Optimizer, shard_state: bool) -> None:
-    """Whether :class:`~mithril.distributed.DataParallel` can wrap ``optimizer`` (with
-    ``shard_state``: optimizers with optimizer-wide values, such as prodigy, dog, dowg and the
-    schedule-free ones, cannot shard their state), as a :class:`CLIError` naming the flag,
-    before any process starts."""
+    """Whether :class:`~mithril.distributed.DataParallel` can wrap ``optimizer`` (closure
+    optimizers such as sam cannot; with ``shard_state``, optimizers with optimizer-wide values
+    such as prodigy or dog shard their state too, their sums all-reduced), as a
+    :class:`CLIError` naming the flag, before any process starts."""
     import copy
 
     from ..distributed import DataParallel

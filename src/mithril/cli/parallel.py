@@ -256,8 +256,11 @@ class Parallel:
             else:
                 right = float(np.sum((pred - ys) ** 2))
             sums[:] = (float(be.to_numpy(out["loss"])) * (hi - lo), right, hi - lo, ys.size)
-        if run.trainer is None:
-            run.params, run.state = self.dp.update(run.params, grads, run.state)
+        if run.trainer is None:  # (a loss-aware optimizer: this rank's loss, scaled as its
+            # gradients, so that the ranks' mean is the batch's loss)
+            kw = {"loss": float(be.to_numpy(out["loss"])) * size * (hi - lo) / n
+                  if hi > lo else 0.0} if self.dp.needs_loss else {}
+            run.params, run.state = self.dp.update(run.params, grads, run.state, **kw)
         pg.all_reduce(sums)
         loss = float(sums[0] / sums[2])
         metric = float(sums[1] / sums[3]) if run.metric == "acc" else \

@@ -66,6 +66,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputValueError, KeyMismatchError, ShapeError
 from .accumulation import Accumulate, AccumulateState, _check_weight
 from .fixed_parts import FixedParts
@@ -299,6 +301,7 @@ class MixedPrecisionTrainer(FixedParts):
                 model.step = random_step
             raise
         self._out_shapes = {k: tuple(v.shape) for k, v in out.items()}
+        self._out = out  # (a loss-aware optimizer steps with the objective's value)
         self._step_before_forward = random_step  # (restored if its update is refused)
         return out
 
@@ -356,6 +359,13 @@ class MixedPrecisionTrainer(FixedParts):
             raise RuntimeError("backward_and_update() needs a forward() first (one backward per "
                                "forward)")
         cots = self._cotangents(loss_gradients, self._out_shapes)
+        kw: dict[str, Any] = {"weight": w} if isinstance(self.optimizer, Accumulate) else {}
+        if getattr(self.optimizer, "needs_loss", False):  # (Momo, PolyakSGD: the value the
+            # gradients are of, Σ cotangent·output, as make_train_step passes it)
+            to_np = self.model.backend.to_numpy
+            kw["loss"] = sum(float(np.sum(np.asarray(to_np(self._out[k]), np.float64)
+                                          * np.asarray(to_np(c), np.float64)))
+                             for k, c in cots.items())
         scale = self.scaler.scale
         # torch's backward frees the graph as it goes (retaining it would hold every
         # activation through the backward pass): a refused update spends the forward
@@ -365,8 +375,7 @@ class MixedPrecisionTrainer(FixedParts):
         if finite:
             try:  # (the optimizer's own checks: it then changed nothing, nor has this)
                 master, state = self.optimizer.update(
-                    self._master, grads, self.optimizer_state,
-                    **({"weight": w} if isinstance(self.optimizer, Accumulate) else {}))
+                    self._master, grads, self.optimizer_state, **kw)
             except BaseException:
                 eng.clear()
                 step = getattr(self, "_step_before_forward", None)
