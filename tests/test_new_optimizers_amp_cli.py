@@ -194,7 +194,7 @@ def test_checkpoint_of_signsgd_into_signum_is_refused_by_name(tmp_path):
 # -- the CLI -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", [
     "lookahead:inner=lookahead", "muon:fallback=muon", "lookahead:inner=lbfgs",
-    "muon:fallback=dog", "lookahead:inner=fromage", "dog:lr=-1", "cocob:alpha=-1",
+    "muon:fallback=dog", "lookahead:inner=prodigy", "dog:lr=-1", "cocob:alpha=-1",
     "dog:init_step=[heuristic,-1]", "dog:init_step=1e-6", "dowg:init_estim_sq_dist=-1",
     "fromage:lr=[1,2]", "sign-sgd:momentum=[0.1,0.2]", "cocob:foo=1", "signum:beta1=0.9",
     "optimistic-gd:beta=-1", "simplified-ademamix:beta1=1", "optimistic-adam:nesterov=0.5",

@@ -40,6 +40,7 @@ window's sum by itself instead (torch's; on the torch backend 1-D runs as 2-D wi
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -203,6 +204,14 @@ class _MaxPool(_Pool):
 
     def __init__(self, *args: Any, return_indices: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # (return_indices: read by __new__)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # (help() and inspect see the
+        # arguments, not __new__'s *args: _Pool's and return_indices)
+        super().__init_subclass__(**kwargs)
+        *ps, rest = inspect.signature(_Pool).parameters.values()
+        cls.__signature__ = inspect.Signature([*ps, inspect.Parameter(
+            "return_indices", inspect.Parameter.KEYWORD_ONLY, default=False,
+            annotation="bool"), rest])
 
     def _torch(self, F: Any, x: Any) -> Any:
         fn = getattr(F, f"max_pool{self.nd}d")
