@@ -165,12 +165,14 @@ def jax_column(module: str, names: list[str], tests_dir: str) -> dict[str, Any]:
 
 
 def parity_tests(module: str, cases: dict[str, Case],
-                 err: Callable[[np.ndarray, np.ndarray], float] = error) -> tuple[Any, Any, Any]:
+                 err: Callable[[np.ndarray, np.ndarray], float] = error,
+                 jax_default: list[str] | None = None) -> tuple[Any, Any, Any]:
     """The tests every table of cases gets, to be bound in ``module`` (the test file, whose
     ``CASES`` is ``cases``): on the NumPy and torch backends, and the JAX column (float64, in
     a fresh process), each case's outputs and every gradient against torch autograd (compared
     by ``err``: :func:`error`, or :func:`nonfinite_error` for outputs with infinities). The JAX
-    column runs every third case by default and all under ``-m slow`` (``jax_case_params``)."""
+    column runs every third case by default, or the cases named in ``jax_default``, and all
+    under ``-m slow`` (``jax_case_params``)."""
     import pytest
     from conftest import jax_case_params, selected_cases
 
@@ -185,7 +187,11 @@ def parity_tests(module: str, cases: dict[str, Case],
         return jax_column(module, selected_cases(request, "name", list(cases)),
                           os.path.dirname(__file__))
 
-    @pytest.mark.parametrize("name", jax_case_params(list(cases)))
+    jax_params = jax_case_params(list(cases)) if jax_default is None else [
+        n if n in jax_default else pytest.param(n, marks=pytest.mark.slow) for n in cases]
+    assert jax_default is None or set(jax_default) <= set(cases), jax_default
+
+    @pytest.mark.parametrize("name", jax_params)
     def test_jax_equals_torch(name: str, jax_results: dict[str, Any]) -> None:
         compare(name, cases[name], *jax_results[name], what="jax", err=err)
 

@@ -11,7 +11,6 @@ lengths, labels and shapes are refused naming the key, before anything runs."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import central_differences
-from layer_edges import Case, compare, jax_column, nonfinite_error, parity_tests, run_mithril
+from layer_edges import Case, nonfinite_error, parity_tests, run_mithril
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -72,17 +71,8 @@ CASES["log-softmax inputs, T=300, targets of 60"] = Case(  # log space: no under
 #: the JAX column by default (one compiled scan each); the rest with ``-m slow``
 JAX_NAMES = ["padded mean zero_inf=False", "padded none zero_inf=True",
              "concatenated sum zero_inf=False", "unbatched none", "blank=4 input length 0"]
-test_equals_torch, _, _ = parity_tests("test_ctc_loss_vs_torch", CASES, err=nonfinite_error)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_ctc_loss_vs_torch", {n: CASES[n] for n in JAX_NAMES}, err=nonfinite_error)
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_ctc_loss_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax", err=nonfinite_error)
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_ctc_loss_vs_torch", CASES, err=nonfinite_error, jax_default=JAX_NAMES)
 
 
 def test_an_impossible_target_is_inf_with_torchs_nan_gradient() -> None:

@@ -11,13 +11,11 @@ naming the key."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, parity_tests
+from layer_edges import Case, parity_tests
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -67,17 +65,8 @@ CASES["offsets sum per_sample_weights last"] = Case(
 
 JAX_NAMES = ["2-D mean pad=5", "offsets max pad=5", "include_last_offset sum",
              "2-D sum per_sample_weights pad=5"]
-test_equals_torch, _, _ = parity_tests("test_embedding_bag_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_embedding_bag_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_embedding_bag_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_embedding_bag_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 def _compiled(block: EmbeddingBag, shapes: dict):

@@ -7,13 +7,11 @@ of torch autograd's; bad geometry refused naming the argument or shape."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, parity_tests
+from layer_edges import Case, parity_tests
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -59,16 +57,8 @@ CASES["fold unbatched"] = Case(lambda: Fold((4, 5), 2, padding=1), {"input": (8,
 
 JAX_NAMES = ["unfold k(2,3) d(1,2) p(1,0) s(2,1)", "fold k(2,3) d(1,2) p(1,0) s(2,1)",
              "unfold unbatched", "fold unbatched"]
-test_equals_torch, _, _ = parity_tests("test_fold_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_fold_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_fold_vs_torch", rest, os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_fold_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 def _run(block, x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ an error naming the block and the argument, shape or data key."""
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import central_differences
-from layer_edges import Case, compare, jax_column, parity_tests, run_mithril, scalar_loss
+from layer_edges import Case, parity_tests, run_mithril, scalar_loss
 
 import mithril as ml
 from mithril.backends import NumpyBackend, TorchBackend
@@ -260,17 +259,8 @@ JAX_NAMES = [n for n in CASES if _EDGES.search(n)] + [
     *(f"poisson log={a} full={b} none" for a in (True, False) for b in (False, True)),
     *(f"gaussian full=True var={v} none" for v in ("same", "rows", "axis1", "last1")),
     "gaussian full=False var=rows mean"]
-test_equals_torch, _, _ = parity_tests("test_losses_margin_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_losses_margin_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_losses_margin_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_losses_margin_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 # -- central differences of the NumPy VJP, every differentiable input ---------------------

@@ -10,13 +10,11 @@ the margin, every reduction. Bad shapes and arguments are refused naming them.""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, parity_tests
+from layer_edges import Case, parity_tests
 
 import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
@@ -93,17 +91,8 @@ for p in (0.5, 1, 3, float("inf")):
 JAX_NAMES = ["shuffle 4-D g3", "softmax2d (4, 2, 3)", "triplet default swap=True mean",
              "triplet squared (a Model) swap=False none", "triplet swap ties",
              "pairwise p=0.5 zero component", "pairwise p=1 zero component"]
-test_equals_torch, _, _ = parity_tests("test_small_modules_more_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_small_modules_more_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_small_modules_more_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_small_modules_more_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 def test_edge_cases_are_live() -> None:

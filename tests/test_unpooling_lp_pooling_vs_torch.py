@@ -11,13 +11,11 @@ arguments refused naming the key."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_edges import Case, compare, jax_column, parity_tests
+from layer_edges import Case, parity_tests
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -78,17 +76,8 @@ for name, (nd, x, p, k, s, ceil) in {
 
 JAX_NAMES = ["unpool 2d k3 s2 p1", "unpool 1d k3 s2 p1 unbatched", "lp 2d p2 zeros",
              "lp 2d p1.5 ceil", "lp 1d p2 k3 s2 ceil"]
-test_equals_torch, _, _ = parity_tests("test_unpooling_lp_pooling_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_unpooling_lp_pooling_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_unpooling_lp_pooling_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_unpooling_lp_pooling_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 def test_edge_cases_are_live() -> None:

@@ -12,14 +12,12 @@ differences), on every backend."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import central_differences
-from layer_edges import Case, compare, jax_column, parity_tests, run_mithril, scalar_loss
+from layer_edges import Case, parity_tests, run_mithril, scalar_loss
 
 import mithril as ml
 from mithril.errors import ShapeError
@@ -59,17 +57,8 @@ CASES["bilinear2d size"] = Case(lambda: UpsamplingBilinear2D((6, 2)), {"input": 
 
 JAX_NAMES = ["bicubic size up ac=False", "bicubic down and up (0.5, 1.7) ac=True",
              "bicubic to one pixel ac=False", "bilinear2d x1.5"]
-test_equals_torch, _, _ = parity_tests("test_upsample_bicubic_vs_torch", CASES)
-_, jax_results, test_jax_equals_torch = parity_tests(
-    "test_upsample_bicubic_vs_torch", {n: CASES[n] for n in JAX_NAMES})
-
-
-@pytest.mark.slow
-def test_jax_equals_torch_every_case() -> None:
-    rest = [n for n in CASES if n not in JAX_NAMES]
-    for name, res in jax_column("test_upsample_bicubic_vs_torch", rest,
-                                os.path.dirname(__file__)).items():
-        compare(name, CASES[name], *res, what="jax")
+test_equals_torch, jax_results, test_jax_equals_torch = parity_tests(
+    "test_upsample_bicubic_vs_torch", CASES, jax_default=JAX_NAMES)
 
 
 _SAME = Case(lambda: ml.Upsample(scale_factor=1.2, mode="bicubic"), {"input": (1, 2, 3, 3)},
