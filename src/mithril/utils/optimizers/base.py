@@ -73,12 +73,13 @@ import numpy as np
 from . import averaging
 from .argument_names import ALIASES as ALIASES  # (public: kept importable here)
 from .argument_names import _catalog_takes as _catalog_takes  # (interop imports it here)
-from .argument_names import _constructor, _meant
+from .argument_names import _constructor
 from .averaging import AveragingMixin
 from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
 from .clipping import check_clip_eps
 from .engines.common import is_finite
-from .groups import UNSET, GroupsMixin, ParamGroups, differs, group_rate
+from .groups import GroupsMixin, ParamGroups
+from .hyperparameter_access import HyperparameterAccessMixin
 from .layout import Layout, slot_shape_of
 from .loss_aware import LOSS, WRITTEN, loss_step
 from .name_patterns import check_mask
@@ -107,7 +108,7 @@ def _without_none(gradients: Any) -> Any:
     return gradients
 
 
-class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
+class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDictMixin):
     """Base class. Construct with hyperparameters only; then::
 
         state = opt.init(params)
@@ -240,78 +241,6 @@ class Optimizer(GroupsMixin, AveragingMixin, StateDictMixin):
         self._groups_version = 0
         if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap
             self._finish_groups()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "learning_rate" and "_lr_follows" in self.__dict__:
-            raise ValueError(self._lr_follows)  # (a Muon's fallback: Muon sets it)
-        d = self.__dict__
-        if "_made" in d and name[0] != "_":
-            if name not in d:
-                if not hasattr(type(self), name) and (meant := _meant(self, name)):
-                    raise AttributeError(f"{type(self).__name__} has no hyperparameter "
-                                         f"{name!r}: setting it would change no step ({meant})")
-            elif (type(d[name]) is not float or isinstance(value, str)) \
-                    and name != "learning_rate":
-                self._check_attribute(name, value)
-        # a hyperparameter other than the learning rate (which every step reads) is set: a
-        # program that baked it in (make_train_step's JAX step) compares this count
-        if name[0] != "_" and name != "learning_rate" and differs(
-                self.__dict__.get(name, UNSET), value):
-            d = self.__dict__
-            d["_hyper_version"] = d.get("_hyper_version", 0) + 1
-        object.__setattr__(self, name, value)
-
-    def _check_attribute(self, name: str, value: Any) -> None:
-        """Refuse ``value`` set by attribute over a flag, a choice, an integer or an unset
-        value (``opt.nonfinite = "skipp"``) where the constructor would: such a typo would
-        otherwise pick a default's behaviour silently. The value is set as given (checked,
-        not normalised). A number set over a float stays unchecked, as torch's
-        ``param_groups`` are (a step reads it as it is), and so does the learning rate."""
-        try:
-            self._checked_hyperparameter(name, value, None, rule=False)
-        except (ValueError, TypeError):
-            try:  # (a name the constructor's check cannot take: a nested optimizer's own)
-                self._checked_hyperparameter(name, self.__dict__[name], None, rule=False)
-            except (ValueError, TypeError):
-                return
-            raise
-
-    # -- learning rate ---------------------------------------------------------------
-    def get_learning_rate(self, group: int | None = None) -> float:
-        """The learning rate, or that of ``param_groups[group]`` (its ``lr_scale`` times it,
-        or the rate it was given while the optimizer's was 0)."""
-        if group is None:
-            return self.learning_rate
-        return group_rate(self.learning_rate, self._group(group))
-
-    def set_learning_rate(self, lr: float, group: int | None = None) -> None:
-        """Change the learning rate (every group's in proportion: each keeps its
-        ``lr_scale``), or with ``group`` only that group's. It is an argument of every
-        kernel, so nothing recompiles.
-
-        A group's rate is kept as its ratio to the optimizer's. One set while the
-        optimizer's is 0 (a per-group warm-up from 0 in the first lane, as torch's
-        ``LambdaLR`` with a list) is kept as it is until the optimizer's rate is set; the
-        group then follows its last ratio again."""
-        if group is None:
-            self.learning_rate = check_positive("learning_rate", lr)
-            pinned = [g for g in self._groups if "learning_rate" in g]
-            for g in pinned:
-                g._drop("learning_rate")
-            self._groups_version += bool(pinned)
-            return
-        g = self._group(group)
-        lr = check_positive("learning_rate", lr)
-        before = self.get_learning_rate(group)
-        if "learning_rate" in g:
-            g._drop("learning_rate")
-        if self.learning_rate == 0:
-            if lr != 0:  # no ratio gives it: kept as it is
-                g._set("learning_rate", lr)
-        elif differs(g.get("lr_scale", 1.0), lr / self.learning_rate):
-            g._set("lr_scale", lr / self.learning_rate)
-        if differs(before, self.get_learning_rate(group)) or "learning_rate" in g:
-            self._groups_version += 1
 
     # -- backend -----------------------------------------------------------------------
     @property
