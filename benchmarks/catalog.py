@@ -218,7 +218,8 @@ SPECS: dict[str, Spec] = {
     "SM3": Spec(lambda o: o.SM3(1e-3), optax_peer("sm3", 1e-3), 20,
                 "read p, g, m; write p, m (and a few per-axis accumulators per tensor)"),
     # half the tensors are matrices (n, 50): rank 16 of 50 projected, the moments 16/50 of
-    # the matrix; the projection refreshes at step 1 only (gap 200: the timed steps are not)
+    # the matrix; the projection refreshes at step 1 only (gap 200; a case makes < 200
+    # steps: the timed ones are the steady step); benchmarks/galore.py times the SVDs apart
     "GaLore": Spec(lambda o: o.GaLore(1e-3, rank=16), optax_peer("contrib.galore", 1e-3, rank=16),
                    20, "vectors Adam's 28; matrices read p, g, write p (12), moments 16/50"),
     "Ftrl": Spec(lambda o: o.Ftrl(1e-3), None, 28, RW.format(s="n, z"),
