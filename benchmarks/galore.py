@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import numpy as np
+from catalog import Peer, optax_peer_impl
 from optimizer_step import GRAD_SETS, Impl, sync, time_blocks
 
 GAPS = {"steady": 10**9, "refresh": 1}
@@ -79,31 +80,13 @@ def ours(backend: str, gap: int, p: dict, gs: list[dict], threads: int | None = 
 
 
 def optax_galore(gap: int, p: dict, gs: list[dict]) -> Impl:
-    """``optax.contrib.galore`` under ``jax.jit``, params and state donated."""
-    import jax
-    import jax.numpy as jnp
+    """``optax.contrib.galore`` under ``jax.jit``, params and state donated (the catalog's
+    optax peer); its first step (the first SVD) untimed."""
     import optax
 
-    tx = optax.contrib.galore(1e-3, rank=16, update_proj_gap=gap)
-    gsets = [{n: jnp.array(v) for n, v in g.items()} for g in gs]
-    params = {n: jnp.array(v) for n, v in p.items()}
-    box: dict[str, Any] = {"p": params, "s": tx.init(params), "g": gsets[0]}
-
-    def _step(params: Any, grads: Any, state: Any) -> Any:
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    step_fn = jax.jit(_step, donate_argnums=(0, 2))
-
-    def give(i: int) -> None:
-        box["g"] = gsets[i]
-
-    def step() -> None:
-        box["p"], box["s"] = step_fn(box["p"], box["g"], box["s"])
-        jax.block_until_ready(box["p"])
-
-    step()  # (compiles; step 1 refreshes)
-    return Impl(give, step, None)
+    peer = Peer("optax", "optax galore",
+                lambda: optax.contrib.galore(1e-3, rank=16, update_proj_gap=gap))
+    return optax_peer_impl(peer, p, gs, 1)[0]
 
 
 def main() -> None:
