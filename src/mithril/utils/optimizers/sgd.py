@@ -22,10 +22,12 @@ class _ByConvention:
 BY_CONVENTION: Any = _ByConvention()
 
 
-def check_convention(convention: Any) -> str:
-    """``convention`` if it is one of :data:`CONVENTIONS`, else a ValueError naming them."""
-    if not isinstance(convention, str) or convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+def check_convention(convention: Any, allowed: tuple[str, ...] = CONVENTIONS) -> str:
+    """``convention`` if it is one of ``allowed`` (by default :data:`CONVENTIONS`; an
+    optimizer that also follows MLX passes ``(*CONVENTIONS, "mlx")``), else a ValueError
+    naming them."""
+    if not isinstance(convention, str) or convention not in allowed:
+        raise ValueError(f"convention must be one of {allowed}, got {convention!r}")
     return convention
 
 
