@@ -1,4 +1,5 @@
-"""Adadelta; torch.optim conventions by default (optax's are the same), Keras's on request."""
+"""Adadelta; torch.optim conventions by default (optax's are the same), Keras's or MLX's on
+request."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive
 from .elementwise import sqrt
-from .sgd import check_convention
+from .sgd import CONVENTIONS, check_convention
 
 
 def _adadelta(p, g, v, u, lr, rho, rhoc, eps):
     v = v * rho + rhoc * g * g                 # torch: square_avg.mul_(ρ).addcmul_(g, g, 1 − ρ)
     d = sqrt(u + eps) / sqrt(v + eps) * g      # RMS[Δ]/RMS[g] · g
     u = u * rho + rhoc * d * d                 # torch: acc_delta
+    return p - lr * d, v, u
+
+
+def _adadelta_mlx(p, g, v, u, lr, rho, rhoc, eps):
+    v = rho * v + rhoc * (g * g)               # MLX's order of operations
+    d = sqrt(u + eps) / sqrt(v + eps) * g
+    u = rho * u + rhoc * (d * d)
     return p - lr * d, v, u
 
 
@@ -33,6 +41,10 @@ class Adadelta(Optimizer):
     ``weight_decay`` is coupled L2 (``g ← g + wd·p``, torch and optax.adadelta), or with
     ``convention="keras"`` Keras's decoupled ``p ← p − lr·wd·p`` before the step (the
     update is the same in all three).
+
+    ``convention="mlx"`` (``mlx.optimizers.AdaDelta``): the same update and defaults (ρ 0.9,
+    ε 1e-6) in MLX's order of operations; MLX has no weight decay (coupled here) and no
+    default learning rate (pass one: 1.0 here).
     """
 
     slots = ("square_avg", "acc_delta")
@@ -40,7 +52,7 @@ class Adadelta(Optimizer):
     def __init__(self, learning_rate: float = 1.0, rho: float = 0.9, epsilon: float = 1e-6,
                  weight_decay: float = 0.0, convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.rho = check_positive("rho", rho)
         if self.rho > 1:
             raise ValueError(f"rho must be in [0, 1], got {rho!r}")
@@ -54,4 +66,4 @@ class Adadelta(Optimizer):
         return (self.learning_rate, self.rho, 1 - self.rho, self.epsilon)
 
     def kernel_math(self) -> Any:
-        return _adadelta
+        return _adadelta_mlx if self.convention == "mlx" else _adadelta

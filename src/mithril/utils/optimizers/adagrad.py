@@ -1,4 +1,4 @@
-"""AdaGrad; torch.optim conventions by default, optax's or Keras's on request."""
+"""AdaGrad; torch.optim conventions by default, optax's, Keras's or MLX's on request."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive
 from .elementwise import sqrt
-from .sgd import BY_CONVENTION, check_convention
+from .sgd import BY_CONVENTION, CONVENTIONS, check_convention
 
 
 def _adagrad(p, g, s, clr, eps):
@@ -18,6 +18,11 @@ def _adagrad(p, g, s, clr, eps):
 def _adagrad_in(p, g, s, clr, eps):  # optax / Keras: ε inside the square root
     s = s + g * g
     return p - clr * g / sqrt(s + eps), s
+
+
+def _adagrad_mlx(p, g, s, clr, eps):
+    s = s + g * g
+    return p - clr * g / (sqrt(s) + eps), s    # MLX: (lr·g)/(√s + ε)
 
 
 class AdaGrad(Optimizer):
@@ -39,18 +44,25 @@ class AdaGrad(Optimizer):
     Neither has ``lr_decay`` (refused). ``weight_decay``: coupled for optax (as
     ``optax.chain(add_decayed_weights(wd), adagrad(...))``), Keras's decoupled
     ``p ← p − lr·wd·p`` before the step for Keras. Their default ε is 1e-7.
+
+    ``"mlx"`` (``mlx.optimizers.Adagrad``) is torch's update (ε outside the root, ``s`` from
+    0) in MLX's order of operations; MLX has no ``lr_decay`` nor
+    ``initial_accumulator_value`` (refused) and no weight decay (coupled here, as torch's).
     """
 
     def __init__(self, learning_rate: float = 0.01, epsilon: float = 1e-8,
                  initial_accumulator_value: float = BY_CONVENTION, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, convention: str = "torch", **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         if initial_accumulator_value is BY_CONVENTION:
-            initial_accumulator_value = 0.0 if convention == "torch" else 0.1
+            initial_accumulator_value = 0.0 if convention in ("torch", "mlx") else 0.1
         self.initial_accumulator_value = check_positive("initial_accumulator_value",
                                                         initial_accumulator_value)
+        if self.initial_accumulator_value and convention == "mlx":
+            raise ValueError(f"initial_accumulator_value={initial_accumulator_value!r}: MLX's "
+                             f"Adagrad starts its sum at 0 (convention='mlx')")
         self.lr_decay = check_positive("lr_decay", lr_decay)
         if self.lr_decay and convention != "torch":
             raise ValueError(f"lr_decay={lr_decay!r}: {convention} AdaGrad has no lr_decay "
@@ -69,4 +81,4 @@ class AdaGrad(Optimizer):
         return (self.learning_rate / (1 + (step - 1) * self.lr_decay), self.epsilon)
 
     def kernel_math(self) -> Any:
-        return _adagrad if self.convention == "torch" else _adagrad_in
+        return {"torch": _adagrad, "mlx": _adagrad_mlx}.get(self.convention, _adagrad_in)

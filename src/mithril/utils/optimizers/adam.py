@@ -1,14 +1,17 @@
-"""Adam, AMSGrad and AdamW; torch.optim conventions by default, optax's or Keras's on request."""
+"""Adam, AMSGrad and AdamW; torch.optim conventions by default, optax's, Keras's or MLX's on
+request."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
+
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit
 from .elementwise import maximum, sqrt
-from .sgd import check_convention
+from .sgd import BY_CONVENTION, CONVENTIONS, check_convention
 
 
 def _adam(p, g, m, v, lr, b1c, b2, b2c, step_size, bc2_sqrt, eps):
@@ -44,6 +47,28 @@ def _amsgrad_keras(p, g, m, v, vmax, lr, b1c, b2, b2c, alpha, eps):
     return p - alpha * m / (sqrt(vmax) + eps), m, v, vmax
 
 
+def _adam_mlx(p, g, m, v, lr, b1, b1c, b2, b2c, eps):
+    m = b1 * m + b1c * g            # MLX's order of operations, to the bit
+    v = b2 * v + b2c * (g * g)
+    return p - lr * m / (sqrt(v) + eps), m, v
+
+
+def _adam_mlx_corrected(p, g, m, v, lr, b1, b1c, b2, b2c, c1, c2, eps):
+    m = b1 * m + b1c * g
+    v = b2 * v + b2c * (g * g)
+    return p - c1 * m / (sqrt(v) * c2 + eps), m, v
+
+
+def mlx_corrections(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """MLX's ``lr/(1−β₁ᵗ)`` and ``1/√(1−β₂ᵗ)``, its bias corrections rounded as MLX rounds
+    them: its step counter is an integer array, so ``βᵗ``, ``1 − βᵗ`` and the rsqrt are
+    float32 even for float64 parameters (only the division by lr is in lr's precision)."""
+    f32 = np.float32
+    bc1 = f32(1) - f32(math.pow(float(f32(beta1)), step))
+    bc2 = f32(1) - f32(math.pow(float(f32(beta2)), step))
+    return lr / float(bc1), float(f32(1) / np.sqrt(bc2))
+
+
 class Adam(Optimizer):
     """Adam (Kingma & Ba) as torch.optim.Adam / optax.adam (eps_root=0)::
 
@@ -66,17 +91,35 @@ class Adam(Optimizer):
       smaller steps than torch's while v is small); AMSGrad: ``vmax = max(vmax, v)`` (raw,
       like torch) in place of v. ``weight_decay`` (Adam and AdamW alike) is Keras's decoupled
       ``p ← p − lr·wd·p`` before the step. Keras's default ε is 1e-7: pass ``epsilon=1e-7``.
+    * ``"mlx"``: ``mlx.optimizers.Adam`` / ``AdamW``, **without bias correction by default**
+      (``bias_correction=False``, MLX's default): ``p ← p − lr·m/(√v + ε)``; with
+      ``bias_correction=True``, ``p ← p − lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε)``, its corrections
+      rounded to float32 as MLX's (:func:`mlx_corrections`). MLX's operation order, so float64
+      runs agree to the last bits. No AMSGrad (refused); ``weight_decay`` coupled (MLX's Adam
+      has none; AdamW's is MLX's ``p ← p·(1 − lr·wd)`` before the step).
+
+    ``bias_correction`` is MLX's option: the other conventions always correct (True; False
+    is refused there).
     """
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
-                 convention: str = "torch", **options: Any) -> None:
+                 convention: str = "torch", bias_correction: bool = BY_CONVENTION,
+                 **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.amsgrad = check_flag("amsgrad", amsgrad)
+        mlx = convention == "mlx"
+        if self.amsgrad and mlx:
+            raise ValueError("amsgrad=True: MLX's Adam has no AMSGrad (convention='mlx')")
+        self.bias_correction = not mlx if bias_correction is BY_CONVENTION else check_flag(
+            "bias_correction", bias_correction)
+        if not (self.bias_correction or mlx):
+            raise ValueError(f"bias_correction=False: {convention}'s Adam always corrects the "
+                             f"bias (convention='mlx' has the option)")
 
     @property
     def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
@@ -89,6 +132,11 @@ class Adam(Optimizer):
         bc1 = 1 - self.beta1**step
         bc2 = 1 - self.beta2**step
         lr = self.learning_rate
+        if self.convention == "mlx":
+            head = (lr, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2)
+            if not self.bias_correction:
+                return (*head, self.epsilon)
+            return (*head, *mlx_corrections(lr, self.beta1, self.beta2, step), self.epsilon)
         head = (lr, 1 - self.beta1, self.beta2, 1 - self.beta2)
         if self.convention == "keras":
             return (*head, lr * math.sqrt(bc2) / bc1, self.epsilon)
@@ -97,6 +145,8 @@ class Adam(Optimizer):
         return (*head, lr / bc1, math.sqrt(bc2), self.epsilon)
 
     def kernel_math(self) -> Any:
+        if self.convention == "mlx":
+            return _adam_mlx_corrected if self.bias_correction else _adam_mlx
         if self.convention == "keras":
             return _amsgrad_keras if self.amsgrad else _adam_keras
         if self.amsgrad:
@@ -108,12 +158,14 @@ class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as in all four peers:
     ``p ← p·(1 − lr·wd)`` then the Adam step (``convention`` chooses the Adam step, as for
     :class:`Adam`). Default ``weight_decay=1e-2`` (torch, MLX; optax defaults to 1e-4,
-    Keras to 4e-3)."""
+    Keras to 4e-3). With ``convention="mlx"`` this is ``mlx.optimizers.AdamW`` (its decay
+    ``p·(1 − lr·wd)``, then its Adam step; ``bias_correction`` as :class:`Adam`'s)."""
 
     decoupled_weight_decay = True  # type: ignore[assignment]
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-                 convention: str = "torch", **options: Any) -> None:
+                 convention: str = "torch", bias_correction: bool = BY_CONVENTION,
+                 **options: Any) -> None:
         super().__init__(learning_rate, beta1, beta2, epsilon, weight_decay, amsgrad,
-                         convention, **options)
+                         convention, bias_correction, **options)

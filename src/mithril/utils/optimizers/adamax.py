@@ -1,4 +1,5 @@
-"""Adamax; torch.optim conventions by default (optax's are the same), Keras's on request."""
+"""Adamax; torch.optim conventions by default (optax's are the same), Keras's or MLX's on
+request."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_positive, check_unit
 from .elementwise import abs_, maximum
-from .sgd import BY_CONVENTION, check_convention, check_decoupled
+from .sgd import BY_CONVENTION, CONVENTIONS, check_convention, check_decoupled
 
 
 def _adamax(p, g, m, u, lr, b1c, b2, eps, clr):
@@ -20,6 +21,12 @@ def _adamax_keras(p, g, m, u, lr, b1c, b2, eps, clr):
     m = m + b1c * (g - m)
     u = maximum(u * b2, abs_(g))           # Keras: ε out of the max, added to u below
     return p - clr * m / (u + eps), m, u
+
+
+def _adamax_mlx(p, g, m, u, lr, b1, b1c, b2, eps):
+    m = b1 * m + b1c * g                   # MLX's order of operations
+    u = maximum(b2 * u, abs_(g))
+    return p - lr * m / (u + eps), m, u    # MLX: no bias correction
 
 
 class Adamax(Optimizer):
@@ -37,6 +44,9 @@ class Adamax(Optimizer):
     ``p ← p − lr/(1−β₁ᵗ) · m / (u + ε)`` (apart where |g| is about ε or smaller), with
     Keras's decoupled ``weight_decay``,
     ``p ← p − lr·wd·p`` before the step. ``"optax"`` is the default's update.
+    ``convention="mlx"`` (``mlx.optimizers.Adamax``): Keras's ε outside the max and **no bias
+    correction**, ``p ← p − lr·m/(u + ε)`` (larger first steps: m starts at 0), coupled
+    ``weight_decay`` (MLX's Adamax has none).
 
     ``decoupled_weight_decay=True`` (default: True for ``"keras"`` only; False is refused
     there) is optax.adamaxw: ``p ← p − lr·(m̂/u + wd·p)``, i.e. ``p ← p·(1 − lr·wd)`` then
@@ -54,7 +64,7 @@ class Adamax(Optimizer):
                  epsilon: float = 1e-8, weight_decay: float = 0.0, convention: str = "torch",
                  decoupled_weight_decay: bool = BY_CONVENTION, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
@@ -63,7 +73,9 @@ class Adamax(Optimizer):
 
     def scalars(self, step: int) -> tuple[float, ...]:
         lr = self.learning_rate
+        if self.convention == "mlx":
+            return (lr, self.beta1, 1 - self.beta1, self.beta2, self.epsilon)
         return (lr, 1 - self.beta1, self.beta2, self.epsilon, lr / (1 - self.beta1**step))
 
     def kernel_math(self) -> Any:
-        return _adamax_keras if self.convention == "keras" else _adamax
+        return {"keras": _adamax_keras, "mlx": _adamax_mlx}.get(self.convention, _adamax)

@@ -1,4 +1,4 @@
-"""Lion (EvoLved Sign Momentum), optax conventions."""
+"""Lion (EvoLved Sign Momentum), optax conventions by default, MLX's on request."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from numba.extending import overload
 from .base import Optimizer
 from .checks import check_choice, check_positive, check_unit
 from .elementwise import abs_, sign, where
+from .sgd import BY_CONVENTION, check_convention
 
 _MODES = ("hard", "smooth", "refined")
 
@@ -70,18 +71,29 @@ class Lion(Optimizer):
     ``mode`` (optax.scale_by_lion's, default ``"hard"``, the above): ``"smooth"`` takes
     u ← tanh(``smooth_beta``·x) for x = β₁·m + (1−β₁)·g, ``"refined"`` u ← x where |x| < 1,
     else sign(x) (i.e. x clipped to [−1, 1]).
+
+    ``convention`` (default ``"optax"``, the above) or ``"mlx"`` (``mlx.optimizers.Lion``):
+    the same update, MLX's defaults (``weight_decay=0``; MLX has no default learning rate),
+    ``mode="hard"`` only (MLX has no other; refused).
     """
 
     decoupled_weight_decay = True
     slots = ("m",)
 
     def __init__(self, learning_rate: float = 1e-4, beta1: float = 0.9, beta2: float = 0.99,
-                 weight_decay: float = 1e-3, mode: str = "hard", smooth_beta: float = 1.0,
-                 **options: Any) -> None:
+                 weight_decay: float = BY_CONVENTION, mode: str = "hard",
+                 smooth_beta: float = 1.0, convention: str = "optax", **options: Any) -> None:
+        convention = check_convention(convention, ("optax", "mlx"))
+        if weight_decay is BY_CONVENTION:
+            weight_decay = 0.0 if convention == "mlx" else 1e-3
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = convention
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.mode = check_choice("mode", mode, _MODES)
+        if convention == "mlx" and self.mode != "hard":
+            raise ValueError(f"mode={mode!r}: MLX's Lion has only the sign (mode='hard', "
+                             f"convention='mlx')")
         self.smooth_beta = check_positive("smooth_beta", smooth_beta, allow_zero=False)
 
     def scalars(self, step: int) -> tuple[float, ...]:

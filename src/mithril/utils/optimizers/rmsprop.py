@@ -1,4 +1,4 @@
-"""RMSProp; torch.optim conventions by default, optax's or Keras's on request."""
+"""RMSProp; torch.optim conventions by default, optax's, Keras's or MLX's on request."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from .base import Optimizer
 from .checks import check_flag, check_positive, check_unit, switched_on
 from .elementwise import maximum, sqrt
-from .sgd import check_convention
+from .sgd import BY_CONVENTION, CONVENTIONS, check_convention
 
 
 def _plain(p, g, v, lr, a, ac, eps):
@@ -59,6 +59,11 @@ def _centered_momentum_in(p, g, v, ga, b, lr, a, ac, eps, mu):
     return p - b, v, ga, b
 
 
+def _plain_mlx(p, g, v, lr, a, ac, eps):
+    v = a * v + ac * (g * g)
+    return p - lr * g / (sqrt(v) + eps), v     # MLX: (lr·g)/(√v + ε)
+
+
 _MATH = {(False, False): _plain, (True, False): _centered, (False, True): _momentum,
          (True, True): _centered_momentum}
 _MATH_IN = {(False, False): _plain_in, (True, False): _centered_in, (False, True): _momentum_in,
@@ -73,7 +78,8 @@ class RMSProp(Optimizer):
         momentum μ > 0:  b ← μ·b + g/d;  p ← p − lr·b   (lr outside the buffer, as torch)
         otherwise:       p ← p − lr·g/d
 
-    Default ``decay=0.9`` as the guide, optax and Keras (torch defaults to 0.99).
+    Default ``decay=0.9`` as the guide, optax and Keras (torch defaults to 0.99, and so
+    does ``convention="mlx"``, as MLX).
     Centered: ``v − ḡ²`` is clamped at 0 - once the gradient is (nearly) constant it cancels
     to rounding noise, and torch's ``sqrt`` of a slightly negative value gives NaN parameters
     (e.g. after ~330 steps of a constant gradient at α=0.9); otherwise identical to torch.
@@ -91,9 +97,14 @@ class RMSProp(Optimizer):
     when lr does (optax's trace holds −b). ``weight_decay``: optax has none in rmsprop and
     is coupled here as ``optax.chain(add_decayed_weights(wd), rmsprop(...))``; Keras's is
     decoupled, ``p ← p − lr·wd·p`` before the step. Keras's default ε is 1e-7.
+
+    ``"mlx"`` (``mlx.optimizers.RMSprop``): torch's plain update (``√v + ε``) in MLX's order
+    of operations, with MLX's default ``decay=0.99`` (its ``alpha``); MLX has no momentum
+    and no centered variant (refused) and no weight decay (coupled here, as torch's).
     """
 
-    def __init__(self, learning_rate: float = 1e-3, decay: float = 0.9, epsilon: float = 1e-8,
+    def __init__(self, learning_rate: float = 1e-3, decay: float = BY_CONVENTION,
+                 epsilon: float = 1e-8,
                  momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0,
                  convention: str = "torch", **options: Any) -> None:
         theirs = [k for k in ("rho", "alpha") if k in options]
@@ -101,11 +112,16 @@ class RMSProp(Optimizer):
             raise TypeError(f"RMSProp() takes decay= for Keras's rho= and torch's alpha= "
                             f"(got {theirs[0]}={options[theirs[0]]!r})")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
-        self.decay = check_unit("decay", decay)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
+        self.decay = check_unit("decay", (0.99 if convention == "mlx" else 0.9)
+                                if decay is BY_CONVENTION else decay)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)
         self.momentum = check_unit("momentum", momentum)
         self.centered = check_flag("centered", centered)
+        for name in ("momentum", "centered"):
+            if convention == "mlx" and getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r}: MLX's RMSprop has no "
+                                 f"{name} (convention='mlx')")
 
     @property
     def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
@@ -121,5 +137,7 @@ class RMSProp(Optimizer):
         return s + (self.momentum,) if switched_on(self.momentum) else s
 
     def kernel_math(self) -> Any:
+        if self.convention == "mlx":
+            return _plain_mlx
         table = _MATH if self.convention == "torch" else _MATH_IN
         return table[(self.centered, bool(self.momentum))]

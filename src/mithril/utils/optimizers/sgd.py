@@ -1,5 +1,5 @@
 """Stochastic gradient descent with optional (Nesterov) momentum; torch.optim conventions by
-default, optax's or Keras's on request (``convention=``, whose helpers live here)."""
+default, optax's, Keras's or MLX's on request (``convention=``, whose helpers live here)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def _nesterov(p, g, b, lr, mu_t, c_t, mu):
     return p - lr * (g + mu * b), b
 
 
+def _mlx_momentum(p, g, b, lr, mu, c):
+    b = mu * b + c * g               # MLX: b starts at 0 and step 1 is dampened too
+    return p - lr * b, b
+
+
+def _mlx_nesterov(p, g, b, lr, mu, c):
+    b = mu * b + c * g
+    return p - lr * (g + mu * b), b
+
+
 def _keras_momentum(p, g, v, lr, mu):
     v = mu * v - lr * g              # Keras: the velocity holds lr
     return p + v, v
@@ -88,6 +98,10 @@ class SGD(Optimizer):
       ``v ← μ·v − lr·g``, ``p ← p + v`` (Nesterov: ``p ← p + μ·v − lr·g``); the slot holds
       that velocity. Equal to torch only while lr is constant. ``weight_decay`` is Keras's
       decoupled ``p ← p − lr·wd·p`` before the step. No dampening (refused).
+    * ``"mlx"`` (``mlx.optimizers.SGD``): **the buffer starts at 0 and every step, the first
+      included, is dampened**: ``b ← μ·b + (1−τ)·g`` from ``b = 0``, so with dampening the
+      first steps are smaller than torch's. Coupled ``weight_decay`` as torch's. Nesterov
+      needs momentum > 0 and no dampening, as torch.
 
     Nesterov without momentum is plain SGD under ``"optax"`` and ``"keras"``, as theirs;
     torch's convention refuses it, as torch.
@@ -97,16 +111,16 @@ class SGD(Optimizer):
                  weight_decay: float = 0.0, dampening: float = 0.0, convention: str = "torch",
                  **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        self.convention = check_convention(convention)
+        self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.momentum = check_unit("momentum", momentum)
         self.dampening = check_positive("dampening", dampening)
         if self.dampening > 1:
             raise ValueError(f"dampening must be in [0, 1], got {dampening!r}")
-        if self.dampening and convention != "torch":
+        if self.dampening and convention not in ("torch", "mlx"):
             raise ValueError(f"dampening={dampening!r}: {convention} SGD has no dampening "
-                             f"(convention='torch' has)")
-        # (optax and Keras take Nesterov without momentum: plain SGD; torch refuses it)
-        if check_flag("nesterov", nesterov) and convention == "torch" and (
+                             f"(convention='torch' and 'mlx' have)")
+        # (optax and Keras take Nesterov without momentum: plain SGD; torch and MLX refuse it)
+        if check_flag("nesterov", nesterov) and convention in ("torch", "mlx") and (
                 self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
         self.nesterov = bool(nesterov)
@@ -124,6 +138,8 @@ class SGD(Optimizer):
             return (self.learning_rate,)
         if self.convention == "keras":
             return (self.learning_rate, self.momentum)
+        if self.convention == "mlx":
+            return (self.learning_rate, self.momentum, 1.0 - self.dampening)
         later = (step != 1) * 1.0  # the first step's buffer is the gradient itself (torch)
         mu_t, c_t = self.momentum * later, 1.0 - self.dampening * later
         return (self.learning_rate, mu_t, c_t, self.momentum) if self.nesterov else \
@@ -134,4 +150,6 @@ class SGD(Optimizer):
             return _plain
         if self.convention == "keras":
             return _keras_nesterov if self.nesterov else _keras_momentum
+        if self.convention == "mlx":  # (not torch's functions: torch's fused SGD would run them)
+            return _mlx_nesterov if self.nesterov else _mlx_momentum
         return _nesterov if self.nesterov else _momentum
