@@ -43,6 +43,7 @@ from .rmsprop import RMSProp
 from .rprop import Rprop
 from .sam import SAM
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
+from .schedule_free_wrapper import ScheduleFree
 from .sgd import SGD
 from .sign_sgd import SignSGD, Signum
 from .simplified_ademamix import SimplifiedAdEMAMix
@@ -52,7 +53,7 @@ from .yogi import Yogi
 
 __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Adam", "AdamW",
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
-           "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
+           "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
            "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD", "GaLore",
