@@ -399,4 +399,5 @@ def test_bad_arguments_are_named():
             LBFGS(**kw)
     assert LBFGS(lr=0.5, max_iter=8).hyperparameters() == {
         "learning_rate": 0.5, "max_iter": 8, "max_eval": 10, "tolerance_grad": 1e-7,
-        "tolerance_change": 1e-9, "history_size": 100, "line_search_fn": None, "fused": None}
+        "tolerance_change": 1e-9, "history_size": 100, "line_search_fn": None, "fused": None,
+        "convention": "torch"}

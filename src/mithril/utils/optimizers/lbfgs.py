@@ -1,4 +1,5 @@
-"""L-BFGS with torch.optim.LBFGS's algorithm, defaults and results."""
+"""L-BFGS with torch.optim.LBFGS's algorithm, defaults and results; optax.lbfgs's on request
+(``convention="optax"``, :mod:`.lbfgs_optax`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from ...errors import KeyMismatchError, ShapeError
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .lbfgs_math import JaxOps, Memory, Ops, TorchOps, lbfgs_step
+from .lbfgs_optax import (
+    OPTAX_DEFAULTS,
+    OPTAX_VALUES,
+    check_optax_arguments,
+    check_optax_values,
+    optax_update,
+)
+from .sgd import BY_CONVENTION, check_convention
 from .state import OptimizerState
 
 #: set by a drop-in wrapper (:func:`mithril.interop.torch_optimizer`) around its updates: an
@@ -77,12 +86,46 @@ class LBFGS(Optimizer):
 
     Not torch's: no parameter groups (torch has none either), and no ``weight_decay`` or
     clipping (add them to the closure's loss).
+
+    ``convention="optax"``: ``optax.lbfgs``'s algorithm instead, one optax iteration per
+    ``update``: ``history_size`` (default 10) is its ``memory_size``, ``learning_rate``
+    (``None`` or 1.0 by default, optax's ``None``) scales the direction,
+    ``line_search_fn="zoom"`` (default) is ``optax.scale_by_zoom_linesearch`` with
+    ``max_linesearch_steps`` (20) and ``initial_guess_strategy`` ("one", optax.lbfgs's),
+    None no line search; ``scale_init_precond``, ``max_learning_rate``, ``slope_rtol``,
+    ``curv_rtol``, ``approx_dec_rtol`` and ``stepsize_precision`` are optax's, with its
+    defaults. torch's ``max_iter``, ``max_eval``, ``tolerance_grad``, ``tolerance_change``
+    and ``fused`` are refused there, optax's knobs under ``convention="torch"``. See
+    :mod:`.lbfgs_optax` for its update, state and errors.
     """
 
-    def __init__(self, learning_rate: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
-                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
-                 history_size: int = 100, line_search_fn: str | None = None, *,
-                 fused: bool | None = None, backend: Any = None) -> None:
+    def __init__(self, learning_rate: float | None = 1.0, max_iter: int = BY_CONVENTION,
+                 max_eval: int | None = None, tolerance_grad: float = BY_CONVENTION,
+                 tolerance_change: float = BY_CONVENTION, history_size: int = BY_CONVENTION,
+                 line_search_fn: str | None = BY_CONVENTION, *, fused: bool | None = None,
+                 convention: str = "torch", scale_init_precond: bool = True,
+                 max_linesearch_steps: int = 20, max_learning_rate: float | None = None,
+                 slope_rtol: float = 1e-4, curv_rtol: float = 0.9,
+                 approx_dec_rtol: float | None = 1e-6, stepsize_precision: float = 1e-5,
+                 initial_guess_strategy: str = "one", backend: Any = None) -> None:
+        self.convention = check_convention(convention, ("torch", "optax"))
+        optax_args = {k: v for k, v in locals().items() if k in OPTAX_DEFAULTS}
+        if convention == "optax":
+            torch_args = {"max_iter": max_iter, "max_eval": max_eval, "tolerance_grad":
+                          tolerance_grad, "tolerance_change": tolerance_change, "fused": fused}
+            super().__init__(1.0 if learning_rate is None else learning_rate, backend=backend)
+            self.__dict__.update(check_optax_arguments(history_size, line_search_fn,
+                                                       optax_args, torch_args))
+            return
+        odd = [f"{k}={v!r}" for k, v in optax_args.items() if v != OPTAX_DEFAULTS[k]]
+        if odd:
+            raise ValueError(f"{', '.join(odd)}: optax.lbfgs's option(s), for "
+                             f"convention='optax' (this LBFGS follows torch.optim.LBFGS)")
+        max_iter = 20 if max_iter is BY_CONVENTION else max_iter
+        tolerance_grad = 1e-7 if tolerance_grad is BY_CONVENTION else tolerance_grad
+        tolerance_change = 1e-9 if tolerance_change is BY_CONVENTION else tolerance_change
+        history_size = 100 if history_size is BY_CONVENTION else history_size
+        line_search_fn = None if line_search_fn is BY_CONVENTION else line_search_fn
         super().__init__(learning_rate, backend=backend)
         self.fused = None if fused is None else check_flag("fused", fused)
         self.max_iter = check_int("max_iter", max_iter, 1)
@@ -98,22 +141,36 @@ class LBFGS(Optimizer):
         self.line_search_fn = line_search_fn
 
     def hyperparameters(self) -> dict[str, Any]:
+        if self.optax:
+            return {k: getattr(self, k) for k in (
+                "learning_rate", "history_size", "line_search_fn", "convention", *OPTAX_DEFAULTS)}
         return {k: getattr(self, k) for k in (
             "learning_rate", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
-            "history_size", "line_search_fn", "fused")}
+            "history_size", "line_search_fn", "fused", "convention")}
+
+    @property
+    def optax(self) -> bool:
+        """Whether this LBFGS follows ``optax.lbfgs`` (``convention="optax"``)."""
+        return self.__dict__.get("convention") == "optax"
 
     # -- the state's layout ------------------------------------------------------------
     def slot_names(self) -> tuple[str, ...]:
         if self.__dict__.get("_bare"):  # init: the slots are made here, not by the base class
             return ()
         h = range(self.history_size)
-        return ("d", "prev_flat_grad", *(f"s{i}" for i in h), *(f"y{i}" for i in h))
+        first = ("prev_params", "prev_grad", "ls_grad") if self.optax else ("d", "prev_flat_grad")
+        return (*first, *(f"s{i}" for i in h), *(f"y{i}" for i in h))
 
     @property  # type: ignore[override]
     def state_values(self) -> tuple[str, ...]:
+        if self.optax:
+            return (*OPTAX_VALUES, *(f"rho{i}" for i in range(self.history_size)))
         return (*_VALUES, *(f"ro{i}" for i in range(self.history_size)))
 
     def state_value_init(self, name: str) -> float:
+        if self.optax:  # optax's: no stepsize yet but 1, no value yet (inf)
+            return {"ls_learning_rate": 1.0, "ls_value": math.inf, "decrease_error": math.inf,
+                    "curvature_error": math.inf}.get(name, 0.0)
         return 1.0 if name == "H_diag" else 0.0
 
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
@@ -133,10 +190,13 @@ class LBFGS(Optimizer):
         hp = d.get("hyperparameters") if isinstance(d, Mapping) else None
         h = hp.get("history_size", self.history_size) if isinstance(hp, Mapping) else None
         values = d.get("values") if isinstance(d, Mapping) else None
+        torch = not isinstance(hp, Mapping) or hp.get("convention", "torch") == "torch"
         if params is not None and isinstance(values, Mapping) and isinstance(h, int):
-            _check_values(values, h)  # before anything changes
+            _check_values(values, h) if torch else check_optax_values(values)  # before all
         state = super().load_state_dict(d, params)
-        if state is not None:
+        if state is not None and self.optax:
+            state.last_loss = state.values["last_loss"] if state.step else None
+        elif state is not None:
             n, fresh = int(state.values["history"]), state.values["n_iter"] == 0
             zero = _zeros(state)
             for name in state.slots:  # unused entries: the shared zero buffer again
@@ -155,6 +215,8 @@ class LBFGS(Optimizer):
         or ``None`` for the closure to give them. Returns the new params and state; on any
         error neither ``params`` nor ``state`` has changed."""
         name = type(self).__name__
+        if self.optax:
+            return optax_update(self, params, gradients, state, closure, loss)
         if closure is None:
             raise TypeError(f"{name}.update needs closure=: a function params -> (loss, "
                             f"gradients) that evaluates the loss and its gradients at the "
@@ -218,10 +280,14 @@ class LBFGS(Optimizer):
                             f"{type(state).__name__}")
         if state.kind != name or set(state.slots) != set(self.slot_names()) or \
                 set(state.values) != set(self.state_values):
-            made = (f"{name} with history_size={(len(state.slots) - 2) // 2}"
+            def made_by(conv: str, h: int) -> str:
+                return f"convention={conv!r}, history_size={h}"
+
+            h = sum(k[0] == "s" and k[1:].isdigit() for k in state.slots)
+            made = (f"{name} with {made_by('optax' if 'ls_grad' in state.slots else 'torch', h)}"
                     if state.kind == name else state.kind)
             raise ValueError(f"state was made by {made}, not by this {name} "
-                             f"(history_size={self.history_size})")
+                             f"({made_by(self.convention, self.history_size)})")
         if state.engine.backend.name != self.backend.name:
             raise ValueError(f"state was made for {state.engine.backend.name} arrays, but "
                              f"this {name} works on {self.backend.name} arrays")
@@ -301,7 +367,7 @@ def _memory(state: OptimizerState, ops: Ops, h: int) -> Memory:
 
 
 def _ops(state: OptimizerState, fused: bool = True) -> Ops:
-    buf = state.slots["d"]
+    buf = _zeros(state)
     if isinstance(buf, np.ndarray):
         return Ops(state.layout.dtype)
     if type(buf).__module__.split(".", 1)[0] == "torch":
@@ -324,7 +390,7 @@ def _zeros(state: OptimizerState) -> Any:
 def _flatten(state: OptimizerState, arrays: list[Any]) -> Any:
     """A new flat buffer over the state's layout holding ``arrays`` (zeros in any gaps)."""
     lay, eng = state.layout, state.engine
-    buf = state.slots["d"]
+    buf = _zeros(state)
     if isinstance(buf, np.ndarray):
         out = np.zeros(lay.total, dtype=buf.dtype) if lay.align > 1 or not arrays else None
         if out is None:
