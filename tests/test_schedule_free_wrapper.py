@@ -113,7 +113,7 @@ CASES = {  # ours, optax's
     "sgd": (lambda: ScheduleFree(SGD(0.1)), lambda: oc.schedule_free(optax.sgd(0.1), 0.1)),
     "adam_p0": (lambda: ScheduleFree(Adam(0.05, beta1=0.0), weight_lr_power=0.0),
                 lambda: oc.schedule_free(optax.adam(0.05, b1=0.0), 0.05, weight_lr_power=0)),
-    "adam_p2": (lambda: ScheduleFree(Adam(0.05, beta1=0.0), beta1=0.95),
+    "adam_p2": (lambda: ScheduleFree(Adam(0.05, beta1=0.0), b1=0.95),
                 lambda: oc.schedule_free(optax.adam(0.05, b1=0.0), 0.05, b1=0.95)),
     "lion": (lambda: ScheduleFree(Lion(0.01, beta1=0.0), averaging_lr=0.02),
              lambda: oc.schedule_free(optax.lion(0.01, b1=0.0), 0.02)),
@@ -122,8 +122,9 @@ CASES = {  # ours, optax's
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,case", [  # (every base on NumPy; the other backends' sweep slow)
+    pytest.param(b, c, marks=[pytest.mark.slow] if b != "numpy" and c != "adam_p2" else [])
+    for b in BACKENDS for c in sorted(CASES)])
 def test_matches_optax(backend, case):
     ours, theirs = CASES[case]
     check_against(ours(), run_optax(theirs()), backend)
@@ -227,7 +228,6 @@ def test_bad_input_changes_nothing(backend):
             call()
         unchanged(params, state, snap)
     skip = make("skip")
-    skip.__dict__["base_optimizer"].nonfinite = "skip"
     with pytest.warns(RuntimeWarning, match="skipped"):
         out, state = skip.update(params, nan, state)
     assert state.last_step_skipped
@@ -239,7 +239,7 @@ def test_bad_input_changes_nothing(backend):
 
 
 def test_bad_arguments_and_eval_params_refusals():
-    for kw, exc, match in [({"beta1": 0.0}, ValueError, "beta1"),
+    for kw, exc, match in [({"b1": 0.0}, ValueError, "b1 must be in"),
                            ({"averaging_lr": -1.0}, ValueError, "averaging_lr"),
                            ({"averaging_lr": lambda t: 0.1}, TypeError, "averaging_lr"),
                            ({"weight_lr_power": float("inf")}, ValueError, "weight_lr_power")]:
@@ -255,7 +255,7 @@ def test_bad_arguments_and_eval_params_refusals():
     assert err(opt.eval_params(state, params), P0) <= 1e-15  # x = y = z at the start
     with pytest.raises(TypeError, match="needs params"):
         opt.eval_params(state, None)
-    with pytest.raises(ValueError, match="made by SGD"):
+    with pytest.raises(ValueError, match="got SGD's"):
         opt.eval_params(SGD(0.1).init(params), params)
     with pytest.raises(KeyMismatchError):
         opt.eval_params(state, {"w": params["w"]})
@@ -265,7 +265,7 @@ def test_bad_arguments_and_eval_params_refusals():
 
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])
 def test_state_dict_and_checkpoint_resume_bit_exactly(arrays, tmp_path):
-    make = lambda: ScheduleFree(Adam(0.05, beta1=0.0), beta1=0.95)  # noqa: E731
+    make = lambda: ScheduleFree(Adam(0.05, beta1=0.0), b1=0.95)  # noqa: E731
     opt = make()
     params = start("numpy")
     state = opt.init(params)
@@ -275,12 +275,12 @@ def test_state_dict_and_checkpoint_resume_bit_exactly(arrays, tmp_path):
     path = tmp_path / "sf.safetensors"
     save_checkpoint(path, params, opt, state)
     fresh, fresh2 = make(), make()
-    fresh.beta1 = 0.5  # (restored)
+    fresh.b1 = 0.5  # (restored)
     p2 = {k: v.copy() for k, v in params.items()}
     s2 = fresh.load_state_dict(d, p2)
     ck = load_checkpoint(path, params_template=params, optimizer=fresh2)
     p3, s3 = ck["params"], ck["state"]
-    assert fresh.beta1 == 0.95 and s2.values == state.values == s3.values
+    assert fresh.b1 == 0.95 and s2.values == state.values == s3.values
     for _ in range(4):
         params, state = opt.update(params, loss_grads(params)[1], state)
         p2, s2 = fresh.update(p2, loss_grads(p2)[1], s2)

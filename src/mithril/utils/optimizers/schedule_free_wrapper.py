@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .checks import describe, to_float
+from .checks import describe, to_float, unwrapped
 from .outer_wrapper import OuterWrapper, check_base, check_grads, copied
-from .schedule_free import _check_b1, _ScheduleFree
+from .schedule_free import _check_b1, _ScheduleFree, host_flat, per_param
 from .state import OptimizerState
 
 #: the wrapper's optimizer-wide values (state.values), as the fused schedule-free optimizers'
@@ -27,6 +27,13 @@ def _check_lr(value: Any) -> float | None:
         raise ValueError(f"averaging_lr must be a finite number >= 0 (or None: the base "
                          f"optimizer's learning rate), got {describe(value)}")
     return v
+
+
+def _check_b1_named(value: Any) -> float:
+    try:
+        return _check_b1(value)
+    except (TypeError, ValueError) as e:  # (the fused optimizers' beta1 is b1 here)
+        raise type(e)(str(e).replace("beta1", "b1")) from None
 
 
 def _check_power(value: Any) -> float:
@@ -66,8 +73,11 @@ class ScheduleFree(OuterWrapper):
         weight_sum ← weight_sum + w    c = w / weight_sum      (0/0 → 0)
         x = (y − (1−β₁)·z) / β₁    x ← (1−c)·x + c·z'    y ← β₁·x + (1−β₁)·z'    z ← z'
 
-    ``averaging_lr`` is optax's ``learning_rate`` (the lr the averaging weight reads; the
-    base carries its own, as optax's base does). None (the default) reads the base's
+    ``b1`` is optax's ``b1`` (β₁, the interpolation: the fused optimizers' ``beta1``; named
+    apart from the base's ``beta1``, which a scheduler's ``cycle_momentum`` and the CLI's
+    ``beta1=`` keep reaching). ``averaging_lr`` is optax's ``learning_rate``: the lr the
+    averaging weight reads (``learning_rate``, ``set_learning_rate`` and the CLI's ``lr=``
+    are the base's, which carries its own as optax's does). None (the default) reads the base's
     learning rate, which ``set_learning_rate`` and the schedulers drive: optax's
     ``schedule_free(base(schedule), schedule)`` for a constant lr. With a schedule optax
     calls the wrapper's with its count from 1 and the base's from 0 (one step ahead);
@@ -82,23 +92,23 @@ class ScheduleFree(OuterWrapper):
     Momo). A call that raises changes neither the params nor the state.
     """
 
-    OWN = ("averaging_lr", "beta1", "weight_lr_power")
+    OWN = ("averaging_lr", "b1", "weight_lr_power")
     own_slots = ("z",)
 
     def __init__(self, base_optimizer: Any, averaging_lr: float | None = None,
-                 beta1: float = 0.9, weight_lr_power: float = 2.0) -> None:
+                 b1: float = 0.9, weight_lr_power: float = 2.0) -> None:
         base = check_base(base_optimizer, "ScheduleFree")
         if isinstance(base, (_ScheduleFree, ScheduleFree)):
             raise TypeError(f"ScheduleFree: base_optimizer {type(base).__name__} is "
                             f"schedule-free already (wrap one without momentum: SGD, Adam(beta1=0))")
         self.__dict__["base_optimizer"] = base
         self.averaging_lr = _check_lr(averaging_lr)
-        self.beta1 = _check_b1(beta1)
+        self.b1 = _check_b1_named(b1)
         self.weight_lr_power = _check_power(weight_lr_power)
         self._backend = base._backend
 
     def check_own(self, hp: Mapping[str, Any]) -> dict[str, Any]:
-        checks = {"averaging_lr": _check_lr, "beta1": _check_b1,
+        checks = {"averaging_lr": _check_lr, "b1": _check_b1_named,
                   "weight_lr_power": _check_power}
         return {k: checks[k](v) for k, v in hp.items() if k in checks}
 
@@ -143,7 +153,7 @@ class ScheduleFree(OuterWrapper):
         v = state.values
         c, total, max_lr = averaging_weight(v["weight_sum"], v["max_lr"], lr,
                                             self.weight_lr_power)
-        b1, omb1 = self.beta1, 1.0 - self.beta1
+        b1, omb1 = self.b1, 1.0 - self.b1
         z = state.slot("z")
         old = {n: copied(p) for n, p in params.items()}  # (the base step may write them)
         x = {n: (params[n] - omb1 * z[n]) / b1 for n in gradients}
@@ -165,10 +175,20 @@ class ScheduleFree(OuterWrapper):
         """The parameters to evaluate with, ``x = (y − (1 − β₁)·z) / β₁`` from the training
         parameters ``y`` (``params``, those the last update returned) and the state's ``z``,
         as new arrays of the state's backend (optax's ``schedule_free_eval_params``)."""
+        who = "ScheduleFree.eval_params"
+        state = unwrapped(state)  # (an Accumulate's state: its wrapped one)
+        if not isinstance(state, OptimizerState) or state.kind != "ScheduleFree" \
+                or "z" not in state.slots:
+            raise ValueError(f"{who}: state must be what ScheduleFree.init / update returned, "
+                             f"got {getattr(state, 'kind', None) or type(state).__name__}'s")
         if params is None:  # (the base's last output is not y: no default here)
-            raise TypeError("ScheduleFree.eval_params needs params: the training parameters "
-                            "the last update returned")
-        return _ScheduleFree.eval_params(self, state, params)  # type: ignore[arg-type]
+            raise TypeError(f"{who} needs params: the training parameters the last update "
+                            f"returned")
+        y = host_flat(state, params, who)
+        z = np.asarray(state.engine.to_numpy(state.slots["z"]))
+        if y.dtype != z.dtype:
+            raise TypeError(f"{who}: params must have dtype {state.layout.dtype}, got {y.dtype}")
+        return per_param(state, (y - (1.0 - self.b1) * z) / self.b1)
 
 
 def _write(state: OptimizerState, slot: str, arrays: Mapping[str, Any]) -> None:
