@@ -1,4 +1,5 @@
-"""Adafactor (Shazeer & Stern, 2018) as torch.optim.Adafactor: factored second moments."""
+"""Adafactor (Shazeer & Stern, 2018) as torch.optim.Adafactor: factored second moments
+(Keras's and MLX's conventions on request)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .averaging import row_counts
-from .checks import check_flag, check_positive, describe, switched_on, to_float
+from .checks import check_flag, check_positive, check_unit, describe, switched_on, to_float
 from .elementwise import minimum
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer
@@ -20,6 +21,23 @@ def _check_eps(value: Any) -> tuple[float | None, float]:
         raise TypeError(f"epsilon must be a pair (eps1 or None, eps2), got {describe(value)}")
     eps1 = None if value[0] is None else check_positive("epsilon[0]", value[0])
     return eps1, check_positive("epsilon[1]", value[1])
+
+
+#: mlx.optimizers.Adafactor's options (HF/fairseq) that only convention="mlx" takes, and
+#: their MLX defaults
+_MLX_OPTIONS = {"relative_step": True, "scale_parameter": True, "warmup_init": False,
+                "beta_1": None}
+
+
+def _f32_pow(t: Any, e: float) -> Any:
+    """``t ** e`` in float32 as MLX computes ``step ** decay_rate`` (its step is an integer
+    array, a Python float weakly typed: float32). On the host: the float64 power rounded to
+    float32, libm's ``powf`` to the last bit in the first 3,000 steps (later, 1 ulp at
+    most); traced: the program's float32 power."""
+    e32 = np.float32(e)
+    if isinstance(t, (int, np.integer)):
+        return float(np.float32(float(t) ** float(e32)))
+    return (t * 1.0).astype(np.float32) ** e32
 
 
 #: keras.optimizers.Adafactor's names that are not ours
@@ -57,6 +75,23 @@ class Adafactor(TensorwiseOptimizer):
     gradients, ~1e-13). ``fused=False`` runs :meth:`tensor_update` tensor by tensor with
     the backend's own operations: on torch these are torch.optim's, equal to the last bit.
 
+    ``convention="mlx"`` (``mlx.optimizers.Adafactor``, the HF/fairseq algorithm; its
+    ``eps`` is ``epsilon`` (ε₁ None: 1e-30), ``clip_threshold`` is ``d`` (> 0), ``decay_rate``
+    is ``beta2_decay``) takes MLX's options ``relative_step=True``, ``scale_parameter=True``,
+    ``warmup_init=False``, ``beta_1=None`` (MLX's defaults; any other convention refuses
+    them by name)::
+
+        ρ = min(0.01, 1/√t) (warmup_init: min(1e-6·t, 1/√t)); relative_step=False: ρ = lr
+        α = max(eps2, RMS(p))·ρ  (scale_parameter=False: α = ρ)        β̂ = 1 − t^beta2_decay
+        R, C (or V) as Keras's: ε₁ added to g², V = R·C / mean(R); U = g / √V
+        U ← α·U / max(1, RMS(U)/d);  beta_1: m ← β₁·m + (1−β₁)·U, U = m   (slot "exp_avg")
+        p ← p − wd·α·p − U                           (the decay scaled by α, as MLX's)
+
+    As MLX, ρ and ``t^beta2_decay`` are float32 numbers whatever the parameters' dtype
+    (MLX's step count is an integer array). ``learning_rate`` (``relative_step=False``) is
+    taken as given: MLX's ``learning_rate=0.1`` is the float32 ``mx.array(0.1)``.
+    The rest is the parameters' dtype. Per tensor (no fused kernel).
+
     ``convention="keras"`` (``keras.optimizers.Adafactor``; its ``epsilon_1``/``epsilon_2``
     are ``epsilon``, ``clip_threshold`` is ``d``, any > 0 (torch's is >= 1), ``beta_2_decay``
     ``beta2_decay``; Keras's
@@ -72,20 +107,30 @@ class Adafactor(TensorwiseOptimizer):
                  epsilon: Sequence[float | None] = (None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, maximize: bool = False, fused: bool = True,
                  convention: str = "torch", **options: Any) -> None:
-        keras = [k for k in _KERAS_NAMES if k in options]
+        mlx = {k: options.pop(k, v) for k, v in _MLX_OPTIONS.items()} \
+            if convention == "mlx" else {}
+        keras = [k for k in (*_KERAS_NAMES, *_MLX_OPTIONS) if k in options]
         if keras:  # (the generic hint knows no Adafactor names of Keras's)
-            raise TypeError(f"Adafactor() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]}")
+            k = keras[0]
+            mlx_too = " (MLX's: convention='mlx')" if k in _MLX_OPTIONS else ""
+            raise TypeError(f"Adafactor() got Keras's {k}=: {_KERAS_NAMES[k]}{mlx_too}" if k
+                            in _KERAS_NAMES else f"Adafactor() got {k}=: MLX's option, taken "
+                            f"with convention='mlx' only")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
-        if convention not in ("torch", "keras"):
-            raise ValueError(f"convention must be 'torch' or 'keras' (optax's adafactor is "
-                             f"another algorithm), got {describe(convention)}")
+        if convention not in ("torch", "keras", "mlx"):
+            raise ValueError(f"convention must be 'torch', 'keras' or 'mlx' (optax's "
+                             f"adafactor is another algorithm), got {describe(convention)}")
         self.convention = convention
         self.beta2_decay = to_float("beta2_decay", beta2_decay)
         if not self.beta2_decay <= 0:  # also refuses NaN
             raise ValueError(f"beta2_decay must be <= 0, got {describe(beta2_decay)}")
         self.epsilon = _check_eps(epsilon)
         self.d = check_positive("d", d)
-        keras = convention == "keras"  # (Keras takes any clip_threshold > 0, torch d >= 1)
+        if mlx:
+            for k in ("relative_step", "scale_parameter", "warmup_init"):
+                setattr(self, k, check_flag(k, mlx[k]))
+            self.beta_1 = None if mlx["beta_1"] is None else check_unit("beta_1", mlx["beta_1"])
+        keras = convention != "torch"  # (Keras, MLX take any clip_threshold > 0, torch d >= 1)
         if not (self.d > 0 if keras else self.d >= 1):
             raise ValueError(f"d (the clipping threshold) must be {'> 0' if keras else '>= 1'}, "
                              f"got {describe(d)}")
@@ -94,7 +139,11 @@ class Adafactor(TensorwiseOptimizer):
 
     @property
     def weight_decay_in_math(self) -> bool:  # type: ignore[override]
-        return self.convention == "torch"
+        return self.convention != "keras"
+
+    def slot_names(self) -> tuple[str, ...]:
+        return (*self.slots, "exp_avg") if getattr(self, "beta_1", None) is not None \
+            else self.slots
 
     @property
     def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
@@ -115,6 +164,15 @@ class Adafactor(TensorwiseOptimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         """(lr, 1 − β̂ = t^beta2_decay, ρ) for step ``t``."""
         lr = self.learning_rate
+        if self.convention == "mlx":  # (float32 numbers, as MLX's)
+            w = _f32_pow(step, self.beta2_decay)
+            if not self.relative_step:
+                return lr, w, lr
+            host = isinstance(step, (int, np.integer))
+            t = np.float32(step) if host else (step * 1.0).astype(np.float32)
+            cap = np.float32(1e-6) * t if self.warmup_init else np.float32(1e-2)
+            rsqrt = np.float32(1) / np.sqrt(t) if host else t ** np.float32(-0.5)
+            return lr, w, float(min(cap, rsqrt)) if host else minimum(rsqrt, cap)
         if isinstance(step, (int, np.integer)):
             return lr, float(step) ** self.beta2_decay, min(lr, 1 / (float(step) ** 0.5))
         t = step * 1.0  # a traced step (an optax transformation's program): its float value
@@ -124,31 +182,40 @@ class Adafactor(TensorwiseOptimizer):
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
         lr, w, rho = scalars
         eps1, eps2 = self.epsilon
-        keras = self.convention == "keras"
+        torch = self.convention == "torch"
+        mlx = self.convention == "mlx"
         if eps1 is None:
-            eps1 = 1e-30 if keras else xp.eps(p)
+            eps1 = xp.eps(p) if torch else 1e-30
 
-        def sq(x: Any) -> Any:  # Keras adds ε₁ to g² where torch clamps V at ε₁²
-            return x + eps1 if keras else x
+        def sq(x: Any) -> Any:  # Keras, MLX add ε₁ to g² where torch clamps V at ε₁²
+            return x if torch else x + eps1
 
         if self.maximize:
             g = -g
         size = int(p.size) if not callable(p.size) else p.numel()
-        alpha = max(eps2, xp.norm(p) / size ** 0.5) * rho
-        if not keras and switched_on(self.weight_decay):  # (a traced one: always)
+        alpha = max(eps2, xp.norm(p) / size ** 0.5) * rho if not mlx or \
+            self.scale_parameter else rho
+        if torch and switched_on(self.weight_decay):  # (a traced one: always)
             p = p * (1 - lr * self.weight_decay)
         out = dict(slots)
         if g.ndim > 1:
             row = xp.lerp(slots["row_var"], sq(xp.norm_axis(g, -1) ** 2 / g.shape[-1]), w)
             col = xp.lerp(slots["col_var"], sq(xp.norm_axis(g, -2) ** 2 / g.shape[-2]), w)
             mean = xp.mean(row, -2)
-            v = (row @ col) / (mean if keras else xp.clamp_min(mean, eps1))
+            v = (row @ col) / (xp.clamp_min(mean, eps1) if torch else mean)
             out.update(row_var=row, col_var=col)
         else:
             v = out["variance"] = xp.lerp(slots["variance"], sq(g * g), w)
-        u = xp.rsqrt(v if keras else xp.clamp_min(v, eps1 * eps1)) * g
+        u = xp.rsqrt(xp.clamp_min(v, eps1 * eps1) if torch else v) * g
         denom = max(1.0, xp.norm(u) / (size ** 0.5 * self.d))
-        return xp.add_scaled(p, u, -alpha / denom), out
+        if not mlx:
+            return xp.add_scaled(p, u, -alpha / denom), out
+        u = u * (alpha / denom)
+        if self.beta_1 is not None:  # MLX's first moment: of the scaled, clipped step
+            u = out["exp_avg"] = xp.lerp(slots["exp_avg"], u, 1 - self.beta_1)
+        if switched_on(self.weight_decay):  # MLX's: scaled by α (before the step)
+            p = p + p * (-self.weight_decay * alpha)
+        return xp.add_scaled(p, u, -1.0), out
 
     def fused_step(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                    state: OptimizerState, prepared: Any, ours: bool

@@ -1,5 +1,5 @@
 """Muon (Jordan et al., 2024) as torch.optim.Muon, with a fallback optimizer (AdamW by
-default, as Keras) for the parameters that are not matrices."""
+default, as Keras) for the parameters that are not matrices; MLX's on request."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from he
     _torch_for_numpy,
     newton_schulz,
 )
+from .sgd import BY_CONVENTION, check_convention
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer, ops_for
 
@@ -172,6 +173,19 @@ class Muon(TensorwiseOptimizer):
     ``slot_shape`` given each parameter's name: the optax transformation and the JAX
     ``make_train_step`` built on it too).
 
+    ``convention="mlx"`` (``mlx.optimizers.Muon(lr)``; default ``weight_decay=0.01``,
+    ``ns_dtype=None``, no fallback): MLX's Muon updates every parameter itself. Its weight
+    decay is **coupled** (``g ← g + wd·p`` first, as MLX's), its normalisation divides by
+    ``‖U‖ + eps`` (torch: ``max(‖U‖, eps)``), a parameter of more than two axes is
+    orthogonalised as ``U.reshape(shape[0], -1)`` and its lr scaled by
+    ``√max(1, shape[-2]/shape[-1])`` of its *own* last two axes (MLX's rule), and a vector
+    or scalar takes the momentum step ``p ← p − lr·U`` (no Newton–Schulz). With a fallback
+    given, the tensors that are not matrices go to it, as torch's convention (MLX's
+    ``MultiOptimizer([Muon, AdamW], [filter])``). The momentum and Nesterov step are
+    torch's (equal to MLX's to rounding); ``c`` of ``ns_coefficients`` is rounded to float32,
+    as MLX's ``addmm(alpha=c)`` takes it. MLX's lr is a float32 ``mx.array`` unless given
+    as one of another dtype; ours is taken as given.
+
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
     "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=
     0.004/adam_lr_ratio, epsilon=1e-7, convention="keras"), exclude_embeddings=True)``
@@ -182,22 +196,29 @@ class Muon(TensorwiseOptimizer):
     """
 
     slots = ("momentum_buffer",)
-    decoupled_weight_decay = True
     traced_in_update = ("momentum", "epsilon")  # (a momentum warm-up compiles once)
 
-    def __init__(self, learning_rate: float = 1e-3, weight_decay: float = 0.1,
+    def __init__(self, learning_rate: float = 1e-3, weight_decay: float = BY_CONVENTION,
                  momentum: float = 0.95, nesterov: bool = True,
                  ns_coefficients: Sequence[float] = NS_COEFFICIENTS, epsilon: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | float | None = None,
-                 ns_dtype: str | None = "bfloat16", fallback: Any = DEFAULT_FALLBACK,
+                 ns_dtype: str | None = BY_CONVENTION, fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None,
                  exclude_layers: Sequence[str] | None = None, exclude_embeddings: bool = False,
-                 **options: Any) -> None:
+                 convention: str = "torch", **options: Any) -> None:
         keras = [k for k in _KERAS_NAMES if k in options]
         if keras:  # (the generic hint knows no Muon names of Keras's)
             raise TypeError(f"Muon() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]} (see "
                             f"Muon's docstring for keras.optimizers.Muon)")
+        mlx = check_convention(convention, ("torch", "mlx")) == "mlx"
+        if weight_decay is BY_CONVENTION:  # MLX's 0.01, torch's 0.1
+            weight_decay = 0.01 if mlx else 0.1
+        if ns_dtype is BY_CONVENTION:  # MLX iterates in the parameters' dtype
+            ns_dtype = None if mlx else "bfloat16"
+        if fallback is DEFAULT_FALLBACK and mlx:  # MLX's Muon updates every tensor itself
+            fallback = None
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.convention = convention
         self.momentum = check_positive("momentum", momentum)
         self.nesterov = check_flag("nesterov", nesterov)
         if isinstance(ns_coefficients, (str, bytes)) or not isinstance(
@@ -242,6 +263,15 @@ class Muon(TensorwiseOptimizer):
             f"{type(self.fallback).__name__} is a Muon's fallback: its learning rate is "
             f"Muon's times fallback_lr_ratio. Set Muon's learning rate (it moves both) or "
             f"fallback_lr_ratio, or give a group of the fallback a learning rate of its own")
+
+    @property
+    def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
+        return self.__dict__.get("convention") != "mlx"  # (MLX's is coupled: g ← g + wd·p)
+
+    def owns_all(self) -> bool:
+        """Whether Muon updates every tensor itself, whatever its rank (MLX's, without a
+        fallback)."""
+        return self.__dict__.get("convention") == "mlx" and self.fallback is None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("exclude_layers", "exclude_embeddings") and name in self.__dict__:
@@ -299,7 +329,8 @@ class Muon(TensorwiseOptimizer):
     def to_fallback(self, name: str, shape: Sequence[int]) -> bool:
         """Whether the fallback updates the parameter ``name`` of ``shape`` (Keras's
         ``_should_use_adamw``): not a matrix, or a matrix :meth:`excluded`."""
-        return len(shape) != 2 or (self.fallback is not None and self.excluded(name))
+        return not self.owns_all() and (
+            len(shape) != 2 or (self.fallback is not None and self.excluded(name)))
 
     def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
                    ) -> tuple[int, ...]:
@@ -310,7 +341,8 @@ class Muon(TensorwiseOptimizer):
             raise ValueError(f"Muon with exclude_layers / exclude_embeddings routes matrices by "
                              f"name: slot {slot!r} of a {shape} parameter was asked by shape "
                              f"alone (this path does not take them)")
-        fb = len(shape) != 2 if name is None else self.to_fallback(name, shape)
+        fb = self.to_fallback(name, shape) if name is not None else (
+            len(shape) != 2 and not self.owns_all())
         if slot == "momentum_buffer":
             return (0,) if fb else shape
         if slot.startswith(PREFIX):
@@ -319,6 +351,8 @@ class Muon(TensorwiseOptimizer):
 
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
+        if self.convention == "mlx":
+            return _mlx_update(self, xp, p, g, slots, scalars[0])
         if g.ndim != 2:
             raise ShapeError(f"Muon's matrix path takes 2-D parameters; '{name}' has shape "
                              f"{tuple(g.shape)}")
@@ -355,6 +389,7 @@ class Muon(TensorwiseOptimizer):
         if on_numpy:
             xp = _torch_for_numpy() or xp
         if (xp.name != "torch" or not ours or state.param_views is None
+                or self.convention == "mlx"
                 or self.nonfinite in ("skip", "raise") or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
                 or set(gradients) != set(lay.names)
@@ -480,6 +515,21 @@ class _FallbackRow:
         return out[0], {PREFIX + s: v for s, v in zip(own, out[1:])}
 
 
+def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
+                lr: float) -> tuple[Any, dict[str, Any]]:
+    """MLX's Muon on one tensor (its coupled weight decay is already in ``g``)."""
+    buf = xp.lerp(slots["momentum_buffer"], g, 1 - self.momentum)
+    u = xp.lerp(g, buf, self.momentum) if self.nesterov else buf
+    shape = tuple(u.shape)
+    if len(shape) >= 2:  # (MLX: more axes flattened into the columns)
+        m = u.reshape(shape[0], -1) if len(shape) > 2 else u
+        a, b, c = self.ns_coefficients  # (MLX's addmm takes c as a C++ float: float32)
+        u = newton_schulz(xp, m, (a, b, float(np.float32(c))), self.ns_steps, self.epsilon,
+                          self.ns_dtype, add_eps=True).reshape(shape)
+        lr = lr * math.sqrt(max(1, shape[-2] / shape[-1]))  # of the tensor's last two axes
+    return xp.add_scaled(p, u, -lr), {"momentum_buffer": buf}
+
+
 def _check_routing(self: Muon, state: Any, others: set[str]) -> None:
     """A state laid out for another routing (a Muon with other exclusions, or without) is
     refused, naming the first parameter it differs on (its slots would not fit)."""
@@ -514,7 +564,7 @@ def _reroute(self: Muon, state: OptimizerState) -> OptimizerState:
 def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
     """As :meth:`.Optimizer.init`; without a fallback, a parameter that is not 2-D is
     refused, named; with exclusions the slots laid out by name (:func:`_reroute`)."""
-    if self.fallback is None and isinstance(params, Mapping):
+    if self.fallback is None and not self.owns_all() and isinstance(params, Mapping):
         for name, p in params.items():
             shape = getattr(p, "shape", None)
             if shape is not None and len(shape) != 2:

@@ -42,6 +42,12 @@ def _axpby(out: Any, x: Any, beta: Any, alpha: Any, bf16: bool) -> None:  # prag
 _scratch = threading.local()
 
 
+def _guard(xp: NumpyOps, norm: Any, eps: float, add_eps: bool) -> Any:
+    """The divisor of the normalisation: ``max(norm, eps)`` (torch) or ``norm + eps``
+    (MLX, ``add_eps``)."""
+    return norm + eps if add_eps else xp.clamp_min(norm, eps)
+
+
 def _buffers(m: Any, role: str, shape: tuple, dtype: Any, n: int, device: Any = None
              ) -> list[Any]:
     """``n`` scratch arrays of ``shape`` for ``role``: views of flat buffers (``m``: numpy
@@ -57,7 +63,7 @@ def _buffers(m: Any, role: str, shape: tuple, dtype: Any, n: int, device: Any = 
 
 
 def _newton_schulz_numpy(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: int,
-                         eps: float, dtype: str | None) -> Any:
+                         eps: float, dtype: str | None, add_eps: bool = False) -> Any:
     """:func:`newton_schulz` on NumPy float32/float64 (bfloat16 emulated in float32) into
     this thread's scratch buffers (the result is one: use it before the next call): the
     same operations, the products written in place (``out=``), the elementwise parts
@@ -79,7 +85,7 @@ def _newton_schulz_numpy(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
         _bf16_round(flat)
     norm = np.sqrt(np.float64(_mk._sumsq(flat))).astype(work)  # NumpyOps.norm0, no copy
     rnd = xp.rnd if bf16 else (lambda v: v)
-    np.divide(X, rnd(xp.clamp_min(rnd(norm), eps)), out=X)  # spectral norm at most 1
+    np.divide(X, rnd(_guard(xp, rnd(norm), eps, add_eps)), out=X)  # spectral norm <= 1
     if bf16:
         _bf16_round(flat)
     kind = work.type
@@ -98,7 +104,8 @@ def _newton_schulz_numpy(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
 
 
 def _newton_schulz_torch(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: int,
-                         eps: float, dtype: str | None, owned: bool = False) -> Any:
+                         eps: float, dtype: str | None, owned: bool = False,
+                         add_eps: bool = False) -> Any:
     """:func:`newton_schulz` on torch: torch's very operations (the same bits), the
     products written into this thread's scratch buffers (``out=``; the result is one:
     use it before the next call). ``owned``: ``G`` is already the copy in ``dtype`` that
@@ -112,7 +119,7 @@ def _newton_schulz_torch(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
     tall = G.shape[0] > G.shape[1]
     if tall:
         X = X.T
-    X.div_(X.norm().clamp(min=eps))  # as torch: in place, on the transposed view
+    X.div_(X.norm() + eps if add_eps else X.norm().clamp(min=eps))  # in place, as torch
     m, n = X.shape
     A, B = _buffers(torch, "A", (m, m), X.dtype, 2, X.device)
     Y, Z = _buffers(torch, "X", (m, n), X.dtype, 2, X.device)
@@ -126,14 +133,14 @@ def _newton_schulz_torch(xp: NumpyOps, G: Any, coefficients: Sequence[float], st
 
 
 def _newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: int, eps: float,
-                   dtype: str | None) -> Any:
+                   dtype: str | None, add_eps: bool = False) -> Any:
     """:func:`newton_schulz`, on NumPy and torch into scratch buffers (use the result
     before the next call)."""
     if xp.name == "numpy" and G.ndim == 2 and min(G.shape) > 0 and (
             dtype is not None or G.dtype.char in "fd"):
-        return _newton_schulz_numpy(xp, G, coefficients, steps, eps, dtype)
+        return _newton_schulz_numpy(xp, G, coefficients, steps, eps, dtype, add_eps)
     if xp.name == "torch" and G.ndim == 2 and min(G.shape) > 0:
-        return _newton_schulz_torch(xp, G, coefficients, steps, eps, dtype)
+        return _newton_schulz_torch(xp, G, coefficients, steps, eps, dtype, add_eps=add_eps)
     return None
 
 
@@ -187,11 +194,12 @@ def _add_scaled_scratch(xp: NumpyOps, p: Any, o: Any, alpha: float) -> Any:
 
 
 def newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: int, eps: float,
-                  dtype: str | None = "bfloat16") -> Any:
+                  dtype: str | None = "bfloat16", add_eps: bool = False) -> Any:
     """torch's ``_zeropower_via_newtonschulz``: ``steps`` quintic iterations towards the
     orthogonal factor of the matrix ``G``, in ``dtype`` (None: ``G``'s own; bfloat16 as
-    torch, emulated on NumPy and JAX by rounding every result to bfloat16)."""
-    fast = _newton_schulz(xp, G, coefficients, steps, eps, dtype)
+    torch, emulated on NumPy and JAX by rounding every result to bfloat16). ``G`` is first
+    divided by ``max(‖G‖, eps)`` (torch), or by ``‖G‖ + eps`` with ``add_eps`` (MLX)."""
+    fast = _newton_schulz(xp, G, coefficients, steps, eps, dtype, add_eps)
     if fast is not None:
         return xp.copy(fast)  # not the scratch buffer
     a, b, c = coefficients
@@ -199,7 +207,7 @@ def newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: in
     tall = G.shape[0] > G.shape[1]
     if tall:
         X = xp.T(X)
-    X = rnd(X / rnd(xp.clamp_min(rnd(xp.norm0(X)), eps)))  # spectral norm at most 1
+    X = rnd(X / rnd(_guard(xp, rnd(xp.norm0(X)), eps, add_eps)))  # spectral norm <= 1
     for _ in range(steps):
         A = rnd(X @ xp.T(X))
         B = rnd(xp.addmm(A, A, A, b, c))
