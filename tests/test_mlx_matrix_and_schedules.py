@@ -339,6 +339,60 @@ def test_torch_optimizer_matches_mlx(name):
     assert err({k: p.detach().numpy() for k, p in tp.items()}, ref) <= TOL
 
 
+@pytest.mark.parametrize("scalars", ["host", "traced"])
+def test_optax_transformation_matches_mlx(scalars):
+    """Adafactor's float32 step scalars computed in the jitted program too (``traced``)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # (conftest restores it after the module)
+    import jax.numpy as jnp
+    import optax
+
+    from mithril.interop import optax_transformation
+
+    p0, grads = problem(shapes={"w": (5, 3), "b": (4,)})
+    kw = {"beta_1": 0.9, "weight_decay": 0.1, "warmup_init": True}
+    ref = run_mlx(optim.Adafactor(**kw), p0, grads)
+    tx = optax_transformation(Adafactor(convention="mlx", **kw), scalars=scalars)
+    params = {k: jnp.asarray(v) for k, v in p0.items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, u)
+    assert err({k: np.array(v) for k, v in params.items()}, ref) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("name", ["muon", "adafactor"])
+def test_make_train_step_is_evaluate_then_update(on, backend, name):
+    """The train step (JAX: one jitted program) equals the model's gradients given to
+    ``update``, which the tests above hold to MLX's. (Muon without a bias: the JAX step's
+    transformation still refuses a vector to a Muon without a fallback.)"""
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+    from mithril.utils.training import make_train_step
+
+    b = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[backend](
+        dtype="float64")
+    m = ml.Model()
+    m |= ml.Linear(3, use_bias=name != "muon")(input="input", output="y")
+    m |= ml.MeanSquaredError()(input="y", target="target", output=ml.IOKey("loss"))
+    c = ml.compile(m, b, shapes={"input": [6, 4], "target": [6, 3]})
+    make, _ = INTEROP[name]
+    step, opt = make_train_step(c, make(), loss="loss"), make()
+    pa = pb = c.get_parameters()
+    sa, sb = step.init(pa), opt.init(pb)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        data = {k: b.array(rng.standard_normal((6, n))) for k, n in (("input", 4),
+                                                                    ("target", 3))}
+        pa, sa, _ = step(pa, sa, data)
+        _, g = c.evaluate(pb, data, output_gradients={"loss": 1.0})
+        pb, sb = opt.update(pb, g, sb)
+    assert err({k: host(v) for k, v in pa.items()}, {k: host(v) for k, v in pb.items()}) \
+        <= TOL
+
+
 # -- arguments -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make, exc, match", [
     (lambda: Adafactor(relative_step=False), TypeError, "relative_step=.*convention='mlx'"),
