@@ -190,7 +190,13 @@ class LBFGS(Optimizer):
         hp = d.get("hyperparameters") if isinstance(d, Mapping) else None
         h = hp.get("history_size", self.history_size) if isinstance(hp, Mapping) else None
         values = d.get("values") if isinstance(d, Mapping) else None
-        torch = not isinstance(hp, Mapping) or hp.get("convention", "torch") == "torch"
+        conv = hp.get("convention", "torch") if isinstance(hp, Mapping) else None
+        if conv in ("torch", "optax") and conv != self.convention:  # the other's checks
+            other = LBFGS(convention=conv, backend=self._backend)
+            state = other.load_state_dict(d, params)
+            self.__dict__.update({k: getattr(other, k) for k in other.hyperparameters()})
+            return state
+        torch = conv != "optax"
         if params is not None and isinstance(values, Mapping) and isinstance(h, int):
             _check_values(values, h) if torch else check_optax_values(values)  # before all
         state = super().load_state_dict(d, params)
