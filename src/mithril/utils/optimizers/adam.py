@@ -4,6 +4,7 @@ request."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -59,14 +60,23 @@ def _adam_mlx_corrected(p, g, m, v, lr, b1, b1c, b2, b2c, c1, c2, eps):
     return p - c1 * m / (sqrt(v) * c2 + eps), m, v
 
 
-def mlx_corrections(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+def mlx_corrections(lr: Any, beta1: float, beta2: float, step: Any) -> tuple[Any, Any]:
     """MLX's ``lr/(1−β₁ᵗ)`` and ``1/√(1−β₂ᵗ)``, its bias corrections rounded as MLX rounds
     them: its step counter is an integer array, so ``βᵗ``, ``1 − βᵗ`` and the rsqrt are
-    float32 even for float64 parameters (only the division by lr is in lr's precision)."""
-    f32 = np.float32
-    bc1 = f32(1) - f32(math.pow(float(f32(beta1)), step))
-    bc2 = f32(1) - f32(math.pow(float(f32(beta2)), step))
-    return lr / float(bc1), float(f32(1) / np.sqrt(bc2))
+    float32 even for float64 parameters (only the division by lr is in lr's precision).
+    ``step`` is an int, or a JAX program's traced step (make_train_step, optax interop)."""
+    b1, b2 = float(np.float32(beta1)), float(np.float32(beta2))
+    if isinstance(step, numbers.Integral):
+        f32 = np.float32
+        bc1, bc2 = f32(1) - f32(b1**step), f32(1) - f32(b2**step)
+        return lr / float(bc1), float(f32(1) / np.sqrt(bc2))
+    import jax.numpy as jnp
+
+    wide = jnp.result_type(float)  # float64 under x64: float32's sqrt and 1/x rounded
+    t = jnp.asarray(step, wide)   # once from it, as IEEE's (XLA's own float32 ones are not)
+    bc1, bc2 = (1 - (b**t).astype(jnp.float32) for b in (b1, b2))
+    root = jnp.sqrt(bc2.astype(wide)).astype(jnp.float32).astype(wide)
+    return lr / bc1.astype(wide), (1 / root).astype(jnp.float32).astype(wide)
 
 
 class Adam(Optimizer):
