@@ -12,7 +12,7 @@ Such an override is accepted where it is known to stay within that model:
   Adafactor): run by :mod:`.optax_tensorwise`.
 
 Any other override is refused (``TypeError`` naming the optimizer and why), LBFGS with a
-word on ``optax.lbfgs``. Also here: a ``tensor_scalars`` that does not trace (NumPy, Python
+word on ``optax.lbfgs`` (which ``LBFGS(convention="optax")`` equals). Also here: a ``tensor_scalars`` that does not trace (NumPy, Python
 control flow: schedule-free's, Prodigy's) runs on the host through ``jax.pure_callback``
 (:func:`host_tensor_scalars`), and :func:`schedule_free_eval_params`.
 """
@@ -28,15 +28,17 @@ __all__ = ["schedule_free_eval_params"]
 
 LBFGS_REFUSAL = (
     "LBFGS cannot be an optax transformation: each of its steps evaluates the loss and "
-    "gradients itself, through a closure (up to max_iter iterations and max_eval "
-    "evaluations, with torch's strong-Wolfe line search or a fixed step), while a "
-    "GradientTransformation's update sees one gradient. optax has its own: optax.lbfgs "
-    "(memory_size=10, a GradientTransformationExtraArgs whose update takes value=, grad=, "
-    "value_fn=, with optax.value_and_grad_from_state); it differs from ours (torch.optim."
-    "LBFGS's algorithm and numbers): one iteration per update instead of up to max_iter, "
-    "optax's zoom line search (or none with a learning_rate) instead of torch's "
-    "strong_wolfe, and none of torch's tolerance_grad / tolerance_change stopping tests. "
-    "Use ours through LBFGS.init / LBFGS.update(params, None, state, closure=...)")
+    "gradients itself, through a closure, while a GradientTransformation's update sees one "
+    "gradient. optax has its own: optax.lbfgs (a GradientTransformationExtraArgs whose "
+    "update takes value=, grad=, value_fn=, with optax.value_and_grad_from_state). "
+    "LBFGS(convention='optax') is optax.lbfgs() (memory_size=10 = history_size, "
+    "scale_by_zoom_linesearch(max_linesearch_steps=20, initial_guess_strategy='one') = "
+    "line_search_fn='zoom'; line_search_fn=None with learning_rate=lr is optax.lbfgs("
+    "learning_rate=lr, linesearch=None)): one update is one optax iteration, optax's numbers "
+    "to rounding. The default convention='torch' (torch.optim.LBFGS's algorithm and "
+    "numbers) differs from it: up to max_iter iterations per update, torch's strong_wolfe "
+    "line search or a fixed step, and torch's tolerance_grad / tolerance_change stopping "
+    "tests. Use either through LBFGS.init / LBFGS.update(params, None, state, closure=...)")
 
 
 def _known() -> tuple[dict[Any, tuple[str, ...]], Any]:
