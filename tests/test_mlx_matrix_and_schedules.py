@@ -166,7 +166,7 @@ def test_adafactor_with_a_schedule_and_float32():
     assert err(got, ref) <= 1e-6
 
 
-def test_adafactor_steps_past_three_thousand_keep_mlxs_float32_scalars():
+def test_adafactor_step_scalars_are_mlxs_float32_ones():
     """MLX's ``t^decay_rate`` and ``1/√t`` are float32 (its step is an integer array)."""
     opt = Adafactor(convention="mlx", warmup_init=True)
     for t in (1, 2, 3, 17, 999, 2500, 40000):
@@ -403,6 +403,8 @@ def test_make_train_step_is_evaluate_then_update(on, backend, name):
     (lambda: Adafactor(convention="MLX"), ValueError, "convention"),
     (lambda: Muon(convention="keras"), ValueError, "convention"),
     (lambda: Muon(weight_decay=-1.0, convention="mlx"), ValueError, "weight_decay"),
+    (lambda: Muon(adjust_lr_fn="match_rms_adamw", convention="mlx"), ValueError,
+     "adjust_lr_fn='match_rms_adamw'"),
 ])
 def test_bad_arguments_are_named(make, exc, match):
     with pytest.raises(exc, match=match):

@@ -236,6 +236,9 @@ class Muon(TensorwiseOptimizer):
         elif adjust_lr_fn not in ADJUST_LR:
             raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR} or a number > 0, got "
                              f"{describe(adjust_lr_fn)}")
+        if mlx and adjust_lr_fn not in (None, "original"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: MLX's Muon scales its lr by "
+                             f"√max(1, rows/cols) only (convention='mlx': None)")
         self.adjust_lr_fn = adjust_lr_fn
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {describe(ns_dtype)}")
