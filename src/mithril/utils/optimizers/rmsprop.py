@@ -104,9 +104,8 @@ class RMSProp(Optimizer):
     """
 
     def __init__(self, learning_rate: float = 1e-3, decay: float = BY_CONVENTION,
-                 epsilon: float = 1e-8,
-                 momentum: float = 0.0, centered: bool = False, weight_decay: float = 0.0,
-                 convention: str = "torch", **options: Any) -> None:
+                 epsilon: float = 1e-8, momentum: float = 0.0, centered: bool = False,
+                 weight_decay: float = 0.0, convention: str = "torch", **options: Any) -> None:
         theirs = [k for k in ("rho", "alpha") if k in options]
         if theirs:  # (the generic hint names other optimizers that take these names)
             raise TypeError(f"RMSProp() takes decay= for Keras's rho= and torch's alpha= "

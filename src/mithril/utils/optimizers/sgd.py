@@ -104,7 +104,7 @@ class SGD(Optimizer):
       needs momentum > 0 and no dampening, as torch.
 
     Nesterov without momentum is plain SGD under ``"optax"`` and ``"keras"``, as theirs;
-    torch's convention refuses it, as torch.
+    torch's and MLX's conventions refuse it, as torch and MLX.
     """
 
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
