@@ -141,6 +141,13 @@ class Adafactor(TensorwiseOptimizer):
     def weight_decay_in_math(self) -> bool:  # type: ignore[override]
         return self.convention != "keras"
 
+    def _finish_groups(self) -> None:
+        super()._finish_groups()
+        for i, g in enumerate(self._groups):
+            if "convention" in g:  # (it sets the slots and which options exist)
+                raise ValueError(f"param_groups[{i}]: ['convention'] configures Adafactor as "
+                                 f"a whole, not a group")
+
     def slot_names(self) -> tuple[str, ...]:
         return (*self.slots, "exp_avg") if getattr(self, "beta_1", None) is not None \
             else self.slots

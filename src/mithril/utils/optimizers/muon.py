@@ -293,7 +293,7 @@ class Muon(TensorwiseOptimizer):
         super()._finish_groups()
         for i, g in enumerate(self._groups):
             bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
-                          "exclude_embeddings"} & set(g))
+                          "exclude_embeddings", "convention"} & set(g))
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} configure Muon as a whole, not a "
                                  f"group (the fallback takes param_groups of its own)")
