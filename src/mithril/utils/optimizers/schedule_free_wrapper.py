@@ -88,7 +88,9 @@ class ScheduleFree(OuterWrapper):
     the host: optax keeps them in the params' dtype), saved with ``z`` and the base's state
     by ``state_dict`` and checkpoints. A parameter left out of ``gradients`` keeps its
     ``y`` and ``z`` (the base leaves it out too). The base's ``nonfinite`` policy holds: a
-    step it skips is skipped here too. ``loss=``: passed to a loss-aware base (PolyakSGD,
+    step it skips is skipped here too; its EMA / SWA (``ema_decay``, ``swa_start``) would
+    average its own output ``y + u``, not the ``y`` returned here (as under Mechanize):
+    evaluate with :meth:`eval_params`. ``loss=``: passed to a loss-aware base (PolyakSGD,
     Momo). A call that raises changes neither the params nor the state.
     """
 
