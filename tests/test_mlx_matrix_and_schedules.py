@@ -122,6 +122,8 @@ def run_mlx(opt, p0, grads, dtype=None):
 def run_ours(opt, p0, grads, backend="numpy", sched=None):
     params = {k: native(backend, v) for k, v in p0.items()}
     state = opt.init(params)
+    if not grads:
+        return params, state
     for g in grads:
         params, state = opt.update(params, {k: native(backend, v) for k, v in g.items()},
                                    state)
@@ -398,6 +400,28 @@ def test_make_train_step_is_evaluate_then_update(on, backend, name):
         pb, sb = opt.update(pb, g, sb)
     assert err({k: host(v) for k, v in pa.items()}, {k: host(v) for k, v in pb.items()}) \
         <= TOL
+
+
+@pytest.mark.parametrize("name", INTEROP)
+def test_checkpoint_resumes_the_mlx_convention(name, tmp_path):
+    """A checkpoint keeps ``convention="mlx"`` and MLX's options: loaded into another Muon
+    (of the torch convention here) or Adafactor of the MLX convention (the torch one knows
+    no ``beta_1``: refused), the run goes on as MLX's."""
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    make, make_mlx = INTEROP[name]
+    p0, grads = problem()
+    ref = run_mlx(make_mlx(), p0, grads)
+    opt = make()
+    params, state = run_ours(opt, p0, grads[:7])
+    save_checkpoint(tmp_path / "ck.safetensors", params, opt, state)
+    blank = Muon(0.5) if name == "muon" else Adafactor(0.5, convention="mlx")
+    ck = load_checkpoint(tmp_path / "ck.safetensors", params_template=p0, optimizer=blank)
+    params, state = ck["params"], ck["state"]
+    assert blank.convention == "mlx"
+    for g in grads[7:]:
+        params, state = blank.update(params, g, state)
+    assert err(params, ref) <= TOL
 
 
 # -- arguments -------------------------------------------------------------------------------------
