@@ -16,6 +16,7 @@ by side in each test, float64, 30 steps, on the NumPy, torch and JAX backends (p
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -287,6 +288,21 @@ def test_bad_arguments_and_eval_params_refusals():
         opt.eval_params(state, {"w": params["w"]})
     with pytest.raises(TypeError, match="ScheduleFree overrides update"):
         optax_transformation(opt)
+
+
+def test_in_optax_the_wrapper_is_optaxs_around_our_base_transformation():
+    """``optax_transformation(ScheduleFree(...))`` is refused (above); optax's wrapper around
+    ``optax_transformation(base)``, jitted, gives the same numbers."""
+    tx = oc.schedule_free(optax_transformation(Adam(0.05, beta1=0.0)), 0.05)
+    step = jax.jit(tx.update)
+    q = {k: jnp.asarray(v) for k, v in P0.items()}
+    s = tx.init(q)
+    ref = []
+    for _ in range(10):
+        u, s = step(loss_grads(q)[1], s, q)
+        q = optax.apply_updates(q, u)
+        ref.append((q, oc.schedule_free_eval_params(s, q), s))
+    check_against(ScheduleFree(Adam(0.05, beta1=0.0)), ref, "numpy")
 
 
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])
