@@ -174,6 +174,40 @@ def test_matches_optax(x64, case, kind):
         assert np.isnan(float(f({k: x[k] - 2.0 * g[k] for k in x}))) and steps[0] > 1
 
 
+def test_reuses_the_line_searchs_evaluation_as_value_and_grad_from_state(x64):
+    """The loss and gradients the zoom found at the params it returned are not evaluated
+    again: one closure call per trial point, plus the first; gradients you give (with their
+    loss) instead of the closure's give the same run; on the jitted JAX engine (the state
+    on the device, as on accelerators) too."""
+    from mithril.utils.optimizers import engines
+
+    f, p0, iters, _, _ = CASES["rosenbrock"]
+    ref, ref_steps = optax_run(f, p0, iters)
+    calls = []
+    opt = LBFGS(convention="optax")
+    params = to_kind("numpy", p0)
+    closure = closure_of(f, "numpy", calls=calls)
+    state = opt.init(params)
+    for i in range(iters):
+        loss, grads = closure(params)  # a first evaluation you made: counts as optax's
+        params, state = opt.update(params, grads, state, closure=closure, loss=loss)
+        assert rel_err([flat(params)], [ref[i]]) <= 1e-10
+    assert len(calls) == iters + sum(ref_steps)
+    calls.clear()
+    params, state = to_kind("numpy", p0), opt.init(to_kind("numpy", p0))
+    for _ in range(iters):  # the closure evaluates params only the first time
+        params, state = opt.update(params, None, state, closure=closure)
+    assert len(calls) == 1 + sum(ref_steps) and rel_err([flat(params)], ref[-1:]) <= 1e-10
+    old = engines.JAX_ENGINE
+    engines.JAX_ENGINE = "jit"
+    try:
+        got, _, _, state = ours_run(f, p0, iters, "jax")
+    finally:
+        engines.JAX_ENGINE = old
+    assert isinstance(state.slots["ls_grad"], jax.Array)
+    assert rel_err(got, ref) <= 1e-10
+
+
 def mlp(backend):
     model = ml.Model()
     model |= ml.Linear(4)(input="x", output="h")
