@@ -8,7 +8,8 @@ empty states' edge), parameters compared after every step to 1e-12 (relative to 
 magnitude) on our NumPy, torch and JAX backends; with weight decay (MLX's where it has one,
 else ``g + wd·p`` given to MLX as the gradient: our coupled decay), an MLX schedule (its
 values passed as ``set_learning_rate`` before each step, and Mithril's ``StepLR`` against
-``step_decay``), through ``torch_optimizer`` and ``make_train_step``; one float32 check; MLX's
+``step_decay``), through ``torch_optimizer``, ``optax_transformation`` and
+``make_train_step``; one float32 check; MLX's
 defaults; the argument errors.
 """
 
@@ -217,6 +218,35 @@ def test_torch_optimizer_interop(case):
             x.grad = torch.tensor(g[k])
         topt.step()
         ours.append({k: x.detach().numpy().copy() for k, x in ts.items()})
+    assert worst(ours, ref) <= TOL, worst(ours, ref)
+
+
+@pytest.mark.parametrize("case", ["adam_bias_correction", "sgd_momentum_dampening_wd"])
+def test_optax_transformation_interop(case):
+    """As an optax transformation, jitted (the bias corrections traced in the program)."""
+    import jax
+    import optax
+
+    from mithril.interop import optax_transformation
+
+    cls, kw, name, mkw, lr, wd = CASES[case]
+    jnp = native("jax")
+    p0, grads = problem(seed=8)
+    ref = mlx_trajectory(name, mkw, lr_array(lr), wd, p0, grads)
+    tx = optax_transformation(cls(learning_rate=lr, convention="mlx", **kw))
+
+    @jax.jit
+    def step(params, g, s):
+        u, s = tx.update(g, s, params)
+        return optax.apply_updates(params, u), s
+
+    params = {k: jnp(v) for k, v in p0.items()}
+    s = tx.init(params)
+    ours = []
+    for g in grads:
+        params, s = step(params, {k: jnp(v) for k, v in g.items()}, s)
+        ours.append({k: np.array(v) for k, v in params.items()})
+    assert ours[-1]["w"].dtype == np.float64
     assert worst(ours, ref) <= TOL, worst(ours, ref)
 
 
