@@ -141,7 +141,7 @@ class LBFGS(Optimizer):
         self.line_search_fn = line_search_fn
 
     def hyperparameters(self) -> dict[str, Any]:
-        if self.optax:
+        if self._optax:
             return {k: getattr(self, k) for k in (
                 "learning_rate", "history_size", "line_search_fn", "convention", *OPTAX_DEFAULTS)}
         return {k: getattr(self, k) for k in (
@@ -149,7 +149,7 @@ class LBFGS(Optimizer):
             "history_size", "line_search_fn", "fused", "convention")}
 
     @property
-    def optax(self) -> bool:
+    def _optax(self) -> bool:
         """Whether this LBFGS follows ``optax.lbfgs`` (``convention="optax"``)."""
         return self.__dict__.get("convention") == "optax"
 
@@ -158,17 +158,17 @@ class LBFGS(Optimizer):
         if self.__dict__.get("_bare"):  # init: the slots are made here, not by the base class
             return ()
         h = range(self.history_size)
-        first = ("prev_params", "prev_grad", "ls_grad") if self.optax else ("d", "prev_flat_grad")
+        first = ("prev_params", "prev_grad", "ls_grad") if self._optax else ("d", "prev_flat_grad")
         return (*first, *(f"s{i}" for i in h), *(f"y{i}" for i in h))
 
     @property  # type: ignore[override]
     def state_values(self) -> tuple[str, ...]:
-        if self.optax:
+        if self._optax:
             return (*OPTAX_VALUES, *(f"rho{i}" for i in range(self.history_size)))
         return (*_VALUES, *(f"ro{i}" for i in range(self.history_size)))
 
     def state_value_init(self, name: str) -> float:
-        if self.optax:  # optax's: no stepsize yet but 1, no value yet (inf)
+        if self._optax:  # optax's: no stepsize yet but 1, no value yet (inf)
             return {"ls_learning_rate": 1.0, "ls_value": math.inf, "decrease_error": math.inf,
                     "curvature_error": math.inf}.get(name, 0.0)
         return 1.0 if name == "H_diag" else 0.0
@@ -200,7 +200,7 @@ class LBFGS(Optimizer):
         if params is not None and isinstance(values, Mapping) and isinstance(h, int):
             _check_values(values, h) if torch else check_optax_values(values)  # before all
         state = super().load_state_dict(d, params)
-        if state is not None and self.optax:
+        if state is not None and self._optax:
             state.last_loss = state.values["last_loss"] if state.step else None
         elif state is not None:
             n, fresh = int(state.values["history"]), state.values["n_iter"] == 0
@@ -221,7 +221,7 @@ class LBFGS(Optimizer):
         or ``None`` for the closure to give them. Returns the new params and state; on any
         error neither ``params`` nor ``state`` has changed."""
         name = type(self).__name__
-        if self.optax:
+        if self._optax:
             return optax_update(self, params, gradients, state, closure, loss)
         if closure is None:
             raise TypeError(f"{name}.update needs closure=: a function params -> (loss, "
