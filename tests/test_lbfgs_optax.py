@@ -20,6 +20,7 @@ import mithril as ml
 from mithril.errors import KeyMismatchError, ShapeError
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.optimizers import LBFGS
+from mithril.utils.training import make_train_step
 
 KINDS = ["numpy", "torch", "jax"]
 
@@ -250,6 +251,12 @@ def test_compiled_model_matches_optax(x64, kind):
         params, state = opt.update(params, None, state, closure=closure)
         assert rel_err([flat(params)], [ref[i]]) <= 1e-10, i
         assert state.values["num_linesearch_steps"] == ref_steps[i]
+    step = make_train_step(compiled, LBFGS(convention="optax"), loss="loss")
+    params = {k: backend.array(v) for k, v in MLP0.items()}
+    state = step.init(params)
+    for _ in range(20):  # the training step: the model on the step's data as the closure
+        params, state, _ = step(params, state, data)
+    assert rel_err([flat(params)], ref[-1:]) <= 1e-10
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
