@@ -137,7 +137,8 @@ class LBFGS(Optimizer):
         if not (line_search_fn is None or isinstance(line_search_fn, str)) or \
                 line_search_fn not in _LINE_SEARCHES:
             raise ValueError(f"line_search_fn must be None or 'strong_wolfe', got "
-                             f"{describe(line_search_fn)}")
+                             f"{describe(line_search_fn)} (optax's 'zoom' needs "
+                             f"convention='optax')")
         self.line_search_fn = line_search_fn
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -192,7 +193,7 @@ class LBFGS(Optimizer):
         values = d.get("values") if isinstance(d, Mapping) else None
         conv = hp.get("convention", "torch") if isinstance(hp, Mapping) else None
         if conv in ("torch", "optax") and conv != self.convention:  # the other's checks
-            other = LBFGS(convention=conv, backend=self._backend)
+            other = type(self)(convention=conv, backend=self._backend)
             state = other.load_state_dict(d, params)
             self.__dict__.update({k: getattr(other, k) for k in other.hyperparameters()})
             return state
