@@ -119,7 +119,7 @@ def build(name):
     cls = getattr(catalog, name)
     if name == "Lookahead":  # a wrapper: around Adam
         return cls(Adam(learning_rate=1e-2), sync_period=3)
-    if name in ("SAM", "Mechanize", "DifferentiallyPrivate"):  # wrappers: an update their own
+    if name in ("SAM", "Mechanize", "DifferentiallyPrivate", "ScheduleFree"):  # wrappers: an update their own
         return cls(Adam(learning_rate=1e-2))
     return cls(learning_rate=1e-2)
 
@@ -127,7 +127,7 @@ def build(name):
 @pytest.mark.parametrize("name", catalog_optimizers())
 def test_catalog_matches_our_optimizer(name):
     opt = build(name)
-    if name in ("LBFGS", "SAM", "Mechanize", "DPSGD", "DifferentiallyPrivate"):  # a closure /
+    if name in ("LBFGS", "SAM", "Mechanize", "DPSGD", "DifferentiallyPrivate", "ScheduleFree"):  # a closure /
         # an update of their own / per-example gradients (tests/test_dpsgd.py): no
         # transformation, refused by name (tests/test_interop_optax_more.py)
         with pytest.raises(TypeError, match=name):

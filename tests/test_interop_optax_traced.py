@@ -114,7 +114,7 @@ def elementwise_catalog() -> list[str]:
     for n in catalog.__all__:
         c = getattr(catalog, n)
         if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer \
-                and n not in ("LBFGS", "PolyakSGD", "Momo", "MomoAdam", "SAM", "Mechanize",
+                and n not in ("LBFGS", "PolyakSGD", "Momo", "MomoAdam", "SAM", "Mechanize", "ScheduleFree",
                               "DPSGD", "DifferentiallyPrivate") \
                 and classify(make(n)) == "elementwise":  # (the loss-aware: their own tests;
             # SAM, Mechanize: no transformation, tests/test_optimizers_mechanize_sam.py)

@@ -471,7 +471,8 @@ ARGS = {"Lookahead": lambda: mo.Lookahead(mo.Adam(0.01), sync_period=2),
         "LBFGS": lambda: mo.LBFGS(max_iter=3, history_size=4),
         "Muon": lambda: mo.Muon(0.02),
         "SAM": lambda: mo.SAM(mo.Adam(0.01), rho=0.05, adaptive=True),
-        "Mechanize": lambda: mo.Mechanize(mo.Adam(1.0), s_init=0.01)}
+        "Mechanize": lambda: mo.Mechanize(mo.Adam(1.0), s_init=0.01),
+        "ScheduleFree": lambda: mo.ScheduleFree(mo.Adam(0.01, beta1=0.0))}
 CATALOG = [n for n in mo.__all__
            if isinstance(getattr(mo, n), type) and issubclass(getattr(mo, n), mo.Optimizer)]
 

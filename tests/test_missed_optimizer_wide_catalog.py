@@ -31,7 +31,7 @@ ABSENT = (2, 4, 5)  # 'b' has no gradient at these steps
 NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
          and issubclass(getattr(mo, n), mo.Optimizer)
          and n not in ("Optimizer", "LBFGS", "Lookahead", "SAM", "Mechanize", "PolyakSGD",
-                       "Momo", "MomoAdam", "DPSGD", "DifferentiallyPrivate")]
+                       "Momo", "MomoAdam", "DPSGD", "DifferentiallyPrivate", "ScheduleFree")]
 # (LBFGS: a closure; the wrappers Lookahead, SAM (closure) and Mechanize (every parameter's
 # gradient each step); the loss-aware PolyakSGD, Momo, MomoAdam (update(..., loss=):
 # tests/test_optimizers_loss_aware.py): their own tests)

@@ -604,7 +604,7 @@ def test_an_attribute_no_step_reads_is_refused_naming_the_hyperparameter():
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or cls is Optimizer:
             continue
         wrapper = cls in (catalog.Lookahead, catalog.SAM, catalog.Mechanize,
-                          catalog.DifferentiallyPrivate)
+                          catalog.DifferentiallyPrivate, catalog.ScheduleFree)
         opt = cls(Adam()) if wrapper else cls()
         for k, v in opt.hyperparameters().items():
             if k not in ("fallback", "inner", "base_optimizer", "learning_rate"):

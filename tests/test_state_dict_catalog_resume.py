@@ -39,8 +39,8 @@ NAMES = [n for n in mo.__all__ if inspect.isclass(getattr(mo, n))
 def make(name: str):
     options = dict(ema_decay=0.9, swa_start=2,
                    param_groups=[{"params": ["b"], "learning_rate": 0.003}])
-    if name == "Mechanize":  # (a wrapper: its base keeps the averages and groups)
-        return mo.Mechanize(mo.Adam(**options))
+    if name in ("Mechanize", "ScheduleFree"):  # (wrappers: the base keeps averages, groups)
+        return getattr(mo, name)(mo.Adam(**options))
     return getattr(mo, name)(**options)
 
 

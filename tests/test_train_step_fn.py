@@ -84,6 +84,7 @@ def optimizers() -> dict:
         "lbfgs": lambda: o.LBFGS(learning_rate=0.5, max_iter=4, line_search_fn="strong_wolfe"),
         "sam": lambda: o.SAM(o.Adam(learning_rate=1e-2), rho=0.05, adaptive=True),
         "mechanize": lambda: o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3),
+        "schedule_free": lambda: o.ScheduleFree(o.Adam(learning_rate=1e-2, beta1=0.0)),
         # the loss-aware: update(..., loss=) with the step's loss
         "polyak_sgd": lambda: o.PolyakSGD(max_learning_rate=0.5, f_min=0.0),
         "momo": lambda: o.Momo(learning_rate=0.5),
@@ -193,10 +194,10 @@ def _one_program_matches(name: str, steps: int, tol: float) -> tuple:
 
 @pytest.mark.parametrize("name", list(optimizers()))
 def test_jax_one_program_matches(name: str) -> None:
-    """Every optimizer but LBFGS, SAM and Mechanize runs as one program; those (a line
+    """Every optimizer but LBFGS, SAM, Mechanize and ScheduleFree runs as one program; those (a line
     search of data-dependent length; a second gradient; an update of its own) run the
     separate calls on JAX too, bit for bit."""
-    if isinstance(optimizers()[name](), (*CLOSURE, catalog.Mechanize)):
+    if isinstance(optimizers()[name](), (*CLOSURE, catalog.Mechanize, catalog.ScheduleFree)):
         step, state = _one_program_matches(name, STEPS, 0.0)
         assert not step.fused and isinstance(state, OptimizerState) and state.step == STEPS
         if name == "lbfgs":

@@ -364,7 +364,7 @@ def catalog_cases() -> list[str]:
             and issubclass(getattr(catalog, n), Optimizer)
             and n not in ("Optimizer", "LBFGS", "Lookahead",
                           # no program holds their update (separate calls: test_train_step_fn)
-                          "SAM", "Mechanize",
+                          "SAM", "Mechanize", "ScheduleFree",
                           # update(..., loss=): their rate and decay changed mid-run in the
                           # one program, tests/test_optimizers_loss_aware.py
                           "PolyakSGD", "Momo", "MomoAdam",

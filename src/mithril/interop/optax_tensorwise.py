@@ -149,11 +149,12 @@ def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
 
 
 def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
-    """Muon without a fallback takes 2-D parameters only (as its ``init``)."""
+    """Muon without a fallback takes 2-D parameters only (as its ``init``), unless it updates
+    every rank itself (``convention="mlx"``)."""
     from ..errors import ShapeError
     from ..utils.optimizers.muon import Muon
 
-    if isinstance(opt, Muon) and opt.fallback is None:
+    if isinstance(opt, Muon) and opt.fallback is None and not opt.owns_all():
         for n, p in zip(names, leaves):
             if p.ndim != 2:
                 raise ShapeError(f"Muon(fallback=None) updates 2-D parameters only (as "

@@ -174,14 +174,15 @@ class OuterWrapper(Optimizer):
         return state
 
     def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                    state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
+                    state: OptimizerState, **extra: Any) -> tuple[dict[str, Any], OptimizerState]:
         """The base optimizer's update of ``state``: meanwhile its kind is the base's and
-        the wrapper's own slots and values are held aside (the base checks its own)."""
+        the wrapper's own slots and values are held aside (the base checks its own).
+        ``extra`` goes to the base's update (``loss=`` for a loss-aware base)."""
         slots = {k: state.slots.pop(k) for k in self.own_slots}
         values = {k: state.values.pop(k) for k in self.own_values()}
         state.kind = type(self.base_optimizer).__name__
         try:
-            return self.base_optimizer.update(params, gradients, state)
+            return self.base_optimizer.update(params, gradients, state, **extra)
         finally:  # (a two-pass base may have replaced state.values)
             state.kind = type(self).__name__
             state.slots.update(slots)

@@ -127,19 +127,6 @@ class ScheduleFree(OuterWrapper):
         state.values.update(dict.fromkeys(VALUES, 0.0))
         return state
 
-    def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                    state: OptimizerState, **extra: Any) -> tuple[dict[str, Any], OptimizerState]:
-        # OuterWrapper's, with the loss passed on (a loss-aware base)
-        slots = {k: state.slots.pop(k) for k in self.own_slots}
-        values = {k: state.values.pop(k) for k in self.own_values()}
-        state.kind = type(self.base_optimizer).__name__
-        try:
-            return self.base_optimizer.update(params, gradients, state, **extra)
-        finally:
-            state.kind = type(self).__name__
-            state.slots.update(slots)
-            state.values = {**state.values, **values}
-
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: OptimizerState, *, loss: Any = None
                ) -> tuple[dict[str, Any], OptimizerState]:
