@@ -81,7 +81,8 @@ DEFAULT_INNER = "adam"
 #: optimizers the training loop cannot drive, and why
 REFUSED = {"lbfgs": "L-BFGS needs a closure that re-evaluates the loss several times per "
                     "step (and a full batch); the training loop takes one gradient per batch. "
-                    "Use mithril.utils.optimizers.LBFGS from Python with step(closure)"}
+                    "Use mithril.utils.optimizers.LBFGS (convention='torch' or 'optax') from Python "
+                    "with step(closure)"}
 #: (DP-SGD clips each example's gradient: the training loop has one gradient per batch)
 _DP = ("DP-SGD clips each example's gradient: it needs per-example gradients (mithril.utils."
        "per_example.per_example_gradients), and the training loop takes one gradient per "

@@ -3,7 +3,7 @@
 * :func:`torch_optimizer` - any mithril optimizer as a real ``torch.optim.Optimizer``
   (:mod:`.torch_optim`; torch is imported only when it is called).
 * :func:`optax_transformation` - any mithril optimizer but LBFGS (which needs a closure:
-  ``optax.lbfgs`` is optax's own) as an ``optax.GradientTransformation``
+  ``optax.lbfgs`` is optax's own, and ``LBFGS(convention="optax")`` its algorithm) as an ``optax.GradientTransformation``
   (:mod:`.optax_transform`; jax and optax are imported only when it is called);
   :func:`schedule_free_eval_params` gives a schedule-free transformation's evaluation params.
 """

@@ -59,7 +59,8 @@ How each backend runs it:
   checkpoint with :mod:`mithril.utils.checkpoint`, or to resume a checkpoint in the fused
   step).
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``), on every backend: one
-  ``torch.optim.LBFGS.step(closure)``, the closure being the model's loss and gradients on
+  ``torch.optim.LBFGS.step(closure)`` (with ``convention="optax"``: one ``optax.lbfgs``
+  iteration and its zoom line search), the closure being the model's loss and gradients on
   the step's ``data`` at the params L-BFGS asks for (up to ``max_eval`` evaluations a
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
