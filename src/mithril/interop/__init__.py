@@ -6,6 +6,8 @@
   ``optax.lbfgs`` is optax's own, and ``LBFGS(convention="optax")`` its algorithm) as an ``optax.GradientTransformation``
   (:mod:`.optax_transform`; jax and optax are imported only when it is called);
   :func:`schedule_free_eval_params` gives a schedule-free transformation's evaluation params.
+* :func:`mlx_optimizer` - any mithril optimizer but LBFGS as an ``mlx.optimizers.Optimizer``
+  for an MLX training loop (:mod:`.mlx_optim`; mlx is imported only when it is called).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .mlx_optim import MlxOptimizer
     from .optax_transform import OptaxState
     from .torch_optim import TorchOptimizer
 
-__all__ = ["OptaxState", "TorchOptimizer", "optax_transformation", "schedule_free_eval_params",
-           "torch_optimizer"]
+__all__ = ["MlxOptimizer", "OptaxState", "TorchOptimizer", "mlx_optimizer", "optax_transformation",
+           "schedule_free_eval_params", "torch_optimizer"]
 
 
 def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
@@ -27,6 +30,15 @@ def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:
     from .torch_optim import torch_optimizer as make
 
     return make(optimizer, params)
+
+
+def mlx_optimizer(optimizer: Any, learning_rate: Any = None) -> MlxOptimizer:
+    """``optimizer`` (a mithril optimizer) as an ``mlx.optimizers.Optimizer``;
+    ``learning_rate``: a number or an MLX schedule (default: the optimizer's own); see
+    :func:`mithril.interop.mlx_optim.mlx_optimizer`."""
+    from .mlx_optim import mlx_optimizer as make
+
+    return make(optimizer, learning_rate)
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
@@ -51,6 +63,10 @@ def schedule_free_eval_params(state: Any, params: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "MlxOptimizer":
+        from .mlx_optim import MlxOptimizer
+
+        return MlxOptimizer
     if name == "OptaxState":
         from .optax_transform import OptaxState
 

@@ -1,0 +1,254 @@
+"""A mithril optimizer as an ``mlx.optimizers.Optimizer``.
+
+:func:`mlx_optimizer` wraps any mithril optimizer (:mod:`mithril.utils.optimizers`) for a
+plain MLX training loop: the model, ``nn.value_and_grad`` and ``mx.eval`` stay MLX's, the
+update is mithril's (its NumPy backend: the fused numba kernel over all parameters)::
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mithril.interop import mlx_optimizer
+    from mithril.utils.optimizers import Prodigy
+
+    opt = mlx_optimizer(Prodigy())
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+    opt.update(model, grads)          # or: params = opt.apply_gradients(grads, params)
+    mx.eval(model.parameters(), opt.state)
+
+How it works:
+
+* The wrapper is a real ``mlx.optimizers.Optimizer`` (``isinstance`` checks hold). Trees
+  are flattened with ``mlx.utils.tree_flatten``: parameters are named by their dotted
+  paths (``"layers.0.weight"``), the names the mithril optimizer's ``param_groups``,
+  ``weight_decay_mask`` and Muon's matrix rules see. As MLX's, the first call (or
+  :meth:`MlxOptimizer.init`) fixes the parameters: those of the gradients tree; a later
+  gradient for another name is refused (:class:`~mithril.errors.KeyMismatchError`).
+* Arrays cross as NumPy: an ``mx.array`` is read in place (``np.asarray``: no copy on CPU),
+  mithril copies the parameters into its flat buffer, steps, and the new parameters come
+  back as new ``mx.array`` of the parameters' dtype (float16, float32 or float64; bfloat16
+  is refused by name: NumPy has no bfloat16). :meth:`apply_gradients` returns a tree of
+  the gradients' structure, as MLX's; a parameter absent from the gradients is left alone
+  (no weight decay either) and its state kept.
+* One step count for all parameters, as MLX's (and mithril's): ``state["step"]`` is the
+  mithril state's count (a step skipped under ``nonfinite="skip"`` is not counted).
+* ``state`` is ``{"step": uint64, "learning_rate": array}``, MLX's keys, cheap to
+  ``mx.eval`` each step; the slots stay on the NumPy side (``opt.mithril_state``).
+  ``learning_rate``: the mithril optimizer's unless given; an MLX schedule (a callable of
+  the step) is evaluated at the step count before the update, as MLX's (step 0 first).
+  Setting ``opt.learning_rate`` (a number, or a schedule) between steps works as MLX's,
+  except that a number replaces a schedule (MLX's would overwrite it at the next step).
+  A number set here reaches mithril unrounded; a value MLX holds as an array (a schedule's,
+  or one written into ``state["learning_rate"]``) is its float32 value, as MLX uses.
+* A call that raises (a mismatched tree, shape or dtype, a bad learning rate, a non-finite
+  step under ``nonfinite="raise"``) changes neither the parameters nor the state.
+* Checkpoints: :meth:`MlxOptimizer.state_dict` / :meth:`load_state_dict` (mithril's
+  state dict: hyperparameters, the step count and NumPy slots) and
+  :meth:`save` / :meth:`load` (a safetensors file through
+  :func:`mithril.utils.checkpoint.save_checkpoint`, no pickle). A resumed run continues
+  bit for bit; an MLX schedule, being code, is given again to the new wrapper.
+* An optimizer whose ``update`` needs ``loss=`` (loss-aware ones) takes it as
+  ``opt.update(model, grads, loss=loss)``; LBFGS, which needs a closure, is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import KeyMismatchError
+from ..utils.optimizers import Optimizer
+from ..utils.optimizers.checks import check_positive
+
+#: the MLX dtypes NumPy holds (an ``mx.array`` of another, bfloat16, cannot cross)
+_DTYPES = (mx.float16, mx.float32, mx.float64)
+
+
+def _host(where: str, name: str, a: Any) -> np.ndarray:
+    """``a`` (an ``mx.array`` leaf ``name`` of tree ``where``) as a NumPy array over its
+    memory (read only by mithril: it copies parameters in)."""
+    if not isinstance(a, mx.array):
+        raise TypeError(f"{where}['{name}'] is a {type(a).__name__}, not an mx.array")
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"{where}['{name}'] has dtype {a.dtype}: mlx_optimizer takes float16, "
+                        f"float32 or float64 (NumPy has no bfloat16: keep float32 master "
+                        f"weights, e.g. model.set_dtype(mx.float32))")
+    return np.asarray(a)
+
+
+def _flat(tree: Any, where: str) -> dict[str, Any]:
+    if isinstance(tree, nn.Module):
+        tree = tree.parameters()
+    if not isinstance(tree, (dict, list, tuple)):
+        raise TypeError(f"{where} must be a tree (dict / list) of mx.array, got "
+                        f"{type(tree).__name__}")
+    return dict(tree_flatten(tree))
+
+
+class MlxOptimizer(optim.Optimizer):
+    """A mithril optimizer behind MLX's optimizer interface; see the module docs.
+    ``mithril_optimizer`` / ``mithril_state`` are the wrapped optimizer and its
+    :class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step)."""
+
+    def __init__(self, optimizer: Optimizer,
+                 learning_rate: float | Callable[[mx.array], mx.array] | None = None) -> None:
+        if not isinstance(optimizer, Optimizer) or type(optimizer) is Optimizer:
+            raise TypeError(f"mlx_optimizer needs a mithril optimizer (e.g. Adam()), got "
+                            f"{type(optimizer).__name__}")
+        if "closure" in inspect.signature(optimizer.update).parameters:
+            raise TypeError(f"{type(optimizer).__name__} needs a closure (it evaluates the "
+                            f"loss itself): mlx_optimizer's update takes gradients only")
+        super().__init__()
+        self.mithril_optimizer = optimizer
+        self.mithril_state: Any = None
+        self._params: dict[str, np.ndarray] | None = None  # what mithril returned last
+        self.learning_rate = optimizer.learning_rate if learning_rate is None else learning_rate
+        self._initialized = True  # (MLX's per-parameter init is not used)
+
+    # -- MLX's interface ----------------------------------------------------------------
+    @property
+    def state(self) -> dict[str, Any]:
+        """MLX's keys: ``step`` (uint64) and ``learning_rate`` (its next value)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        raise AttributeError("mlx_optimizer's state holds only step and learning_rate; "
+                             "restore a checkpoint with load_state_dict(d) or load(path)")
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self._state["learning_rate"]
+
+    @learning_rate.setter
+    def learning_rate(self, value: float | mx.array | Callable[[mx.array], mx.array]) -> None:
+        if callable(value):  # an MLX schedule: evaluated at each update's step count
+            first = self._checked_lr(value(self.step))
+            self._schedulers["learning_rate"] = value
+            self._state["learning_rate"] = arr = mx.array(first)
+        else:
+            first = self._checked_lr(value)
+            self._schedulers.pop("learning_rate", None)
+            self._state["learning_rate"] = arr = value if isinstance(value, mx.array) \
+                else mx.array(first)
+        self._exact = (arr, first)  # (the number set, unrounded, while the state holds arr)
+
+    @staticmethod
+    def _checked_lr(value: Any) -> float:
+        if isinstance(value, mx.array):
+            if value.size != 1:
+                raise ValueError(f"learning_rate must be a scalar, got shape {value.shape}")
+            value = value.item()
+        return check_positive("learning_rate", value)
+
+    def init(self, parameters: Any) -> None:
+        """Make the mithril state for ``parameters`` (a tree or an ``nn.Module``), as MLX's
+        ``init``: optional, the first update makes it from the gradients' names."""
+        flat = {n: _host("parameters", n, p) for n, p in _flat(parameters, "parameters").items()}
+        if self.mithril_state is not None:
+            if set(flat) != set(self.mithril_state.layout.names):
+                raise KeyMismatchError(f"init: the optimizer already holds parameters "
+                                       f"{sorted(self.mithril_state.layout.names)}")
+            return
+        self.mithril_state = self.mithril_optimizer.init(flat)
+
+    def update(self, model: nn.Module, gradients: Any, *, loss: Any = None) -> None:
+        """Apply ``gradients`` to ``model``'s parameters (``model.update``), as MLX's."""
+        model.update(self.apply_gradients(gradients, model, loss=loss))
+
+    def apply_gradients(self, gradients: Any, parameters: Any, *, loss: Any = None) -> Any:
+        """One mithril step; returns the updated parameters in the gradients' tree structure.
+        ``parameters`` (a tree or an ``nn.Module``) may be a superset of the gradients."""
+        grads_mx = _flat(gradients, "gradients")
+        params_mx = _flat(parameters, "parameters")
+        state = self.mithril_state
+        names = list(grads_mx) if state is None else list(state.layout.names)
+        missing = sorted(n for n in {*names, *grads_mx} if n not in params_mx)
+        if missing:
+            raise KeyMismatchError(f"parameters has no {missing} (the gradients' or the "
+                                   f"optimizer's parameter(s))")
+        grads = {n: _host("gradients", n, g) for n, g in grads_mx.items()}
+        params = {n: _host("parameters", n, params_mx[n]) for n in names}
+        opt = self.mithril_optimizer
+        sched = self._schedulers.get("learning_rate")
+        lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
+        lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
+        kw = {} if loss is None else {"loss": float(loss.item() if isinstance(loss, mx.array)
+                                                    else loss)}
+        old = opt.learning_rate
+        try:
+            if lr != old:
+                opt.learning_rate = lr
+            if state is None:
+                state = opt.init(params)
+            new, state = opt.update(params, grads, state, **kw)
+        except BaseException:
+            if opt.learning_rate != old:
+                opt.learning_rate = old  # a refused call changes nothing
+            raise
+        self.mithril_state, self._params = state, new
+        self._state["step"] = mx.array(state.step, mx.uint64)
+        self._state["learning_rate"] = lr_arr
+        self._exact = (lr_arr, lr)
+        # (a copy: mithril overwrites its buffer at the next step)
+        return tree_unflatten([(n, mx.array(new[n], dtype=params_mx[n].dtype))
+                               for n in grads_mx]) if grads_mx else {}
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The mithril optimizer's state dict (hyperparameters, the learning rate of the
+        last step included; with a state, its step count and NumPy slots)."""
+        return self.mithril_optimizer.state_dict(self.mithril_state)
+
+    def load_state_dict(self, d: Any, parameters: Any = None) -> None:
+        """Restore :meth:`state_dict`'s ``d``: its state is rebuilt for ``parameters`` (a
+        tree or module; default: those of the last step). Checked first, nothing changed
+        on error."""
+        if parameters is not None:
+            params = {n: _host("parameters", n, p)
+                      for n, p in _flat(parameters, "parameters").items()}
+        elif self._params is not None:
+            params = self._params
+        else:
+            params = None
+        if params is None and "slots" in d:
+            raise ValueError("load_state_dict: give the parameters (a tree or the model) to "
+                             "rebuild the optimizer state for")
+        state = self.mithril_optimizer.load_state_dict(d, params)
+        self._restored(state, params)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the optimizer (hyperparameters, step count, slots and the parameters it
+        stepped last) to the safetensors file ``path``, atomically."""
+        from ..utils.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self._params or {}, self.mithril_optimizer, self.mithril_state)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore what :meth:`save` wrote; checked first, nothing changed on error."""
+        from ..utils.checkpoint import load_checkpoint
+
+        got = load_checkpoint(path, self._params, self.mithril_optimizer)
+        self._restored(got["state"], got["params"])
+
+    def _restored(self, state: Any, params: Any) -> None:
+        self.mithril_state, self._params = state, (params if state is not None else None)
+        self._state["step"] = mx.array(0 if state is None else state.step, mx.uint64)
+        lr = self.mithril_optimizer.learning_rate
+        if "learning_rate" not in self._schedulers:
+            self._state["learning_rate"] = arr = mx.array(lr)
+            self._exact = (arr, lr)
+
+
+def mlx_optimizer(optimizer: Optimizer,
+                  learning_rate: float | Callable[[mx.array], mx.array] | None = None
+                  ) -> MlxOptimizer:
+    """``optimizer`` (a mithril optimizer) as an ``mlx.optimizers.Optimizer``;
+    ``learning_rate``: a number or an MLX schedule (default: the optimizer's own)."""
+    return MlxOptimizer(optimizer, learning_rate)
