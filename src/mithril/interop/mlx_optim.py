@@ -114,7 +114,8 @@ class MlxOptimizer(optim.Optimizer):
     # -- MLX's interface ----------------------------------------------------------------
     @property
     def state(self) -> dict[str, Any]:
-        """MLX's keys: ``step`` (uint64) and ``learning_rate`` (its next value)."""
+        """MLX's keys: ``step`` (uint64) and ``learning_rate`` (as MLX's: a schedule's value
+        at the last step)."""
         return self._state
 
     @state.setter
@@ -240,10 +241,13 @@ class MlxOptimizer(optim.Optimizer):
     def _restored(self, state: Any, params: Any) -> None:
         self.mithril_state, self._params = state, (params if state is not None else None)
         self._state["step"] = mx.array(0 if state is None else state.step, mx.uint64)
-        lr = self.mithril_optimizer.learning_rate
-        if "learning_rate" not in self._schedulers:
-            self._state["learning_rate"] = arr = mx.array(lr)
-            self._exact = (arr, lr)
+        sched, lr = self._schedulers.get("learning_rate"), self.mithril_optimizer.learning_rate
+        if sched is not None:  # the last step's value, as MLX's state shows (step 0's at 0)
+            arr = sched(mx.array(max(int(self.step) - 1, 0), mx.uint64))
+            lr = self._checked_lr(arr)
+        else:
+            arr = mx.array(lr)
+        self._state["learning_rate"], self._exact = arr, (arr, lr)
 
 
 def mlx_optimizer(optimizer: Optimizer,

@@ -1,0 +1,303 @@
+"""``mithril.interop.mlx_optimizer``: a mithril optimizer inside an MLX training loop.
+
+Side by side with ``mlx.optimizers`` (MLX's CPU build): ``convention="mlx"`` optimizers in
+an ``mlx.nn`` loop (float32) and on float64 trees of random gradients (1e-12); other
+optimizers against the same mithril optimizer run directly on NumPy (bit for bit);
+``update`` vs ``apply_gradients``; MLX schedules and learning rates set between steps;
+refused calls that change nothing; resumed runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mithril.errors import KeyMismatchError, ShapeError
+from mithril.interop import mlx_optimizer
+from mithril.utils.optimizers import (
+    LBFGS,
+    SGD,
+    Adam,
+    AdamW,
+    Lookahead,
+    Muon,
+    PolyakSGD,
+    Prodigy,
+)
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+optim = pytest.importorskip("mlx.optimizers")
+from mlx.utils import tree_flatten  # noqa: E402 - after the skip
+
+SHAPES = {"w": (6, 5), "layers.0.weight": (4, 6), "layers.0.bias": (4,), "layers.1.weight": (3, 4)}
+
+
+def tree(flat, dtype=mx.float64):
+    """A nested MLX tree ({"w", "layers": [{"weight", "bias"}, {"weight"}]}) of ``flat``."""
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten([(k, mx.array(v, dtype=dtype)) for k, v in flat.items()])
+
+
+def flat_np(t):
+    return {k: np.array(v) for k, v in tree_flatten(t)}
+
+
+def random_run(steps=12, seed=0):
+    rng = np.random.default_rng(seed)
+    start = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(steps)]
+    return start, grads
+
+
+def run_mlx_tree(opt, start, grads, dtype=mx.float64):
+    params = tree(start, dtype)
+    for g in grads:
+        params = opt.apply_gradients(tree(g, dtype), params)
+        mx.eval(params, opt.state)
+    return flat_np(params)
+
+
+def run_direct(opt, start, grads, dtype=np.float64):
+    params = {k: v.astype(dtype) for k, v in start.items()}
+    state = opt.init(params)
+    for g in grads:
+        params, state = opt.update(params, {k: v.astype(dtype) for k, v in g.items()}, state)
+    return {k: np.array(v) for k, v in params.items()}
+
+
+def close(a, b, tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        scale = max(1.0, float(np.abs(b[k]).max()))
+        assert float(np.abs(a[k] - b[k]).max()) <= tol * scale, (k, np.abs(a[k] - b[k]).max())
+
+
+# -- (1) convention="mlx" against mlx.optimizers in an mlx.nn loop ----------------------
+def mlp():
+    mx.random.seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def loss_fn(model, x, y):
+    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+_rng = np.random.default_rng(1)
+X, Y = _rng.standard_normal((32, 8)).astype(np.float32), _rng.integers(0, 4, 32)
+
+
+def train(opt, steps=20):
+    model = mlp()
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    x, y = mx.array(X), mx.array(Y)
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, x, y)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+MLX_PAIRS = [
+    (lambda: Adam(1e-2, convention="mlx"), lambda: optim.Adam(1e-2)),
+    (lambda: Adam(1e-2, bias_correction=True, convention="mlx"),
+     lambda: optim.Adam(1e-2, bias_correction=True)),
+    (lambda: SGD(0.1, momentum=0.9, weight_decay=1e-3, convention="mlx"),
+     lambda: optim.SGD(0.1, momentum=0.9, weight_decay=1e-3)),
+    (lambda: AdamW(1e-2, weight_decay=0.05, convention="mlx"),
+     lambda: optim.AdamW(1e-2, weight_decay=0.05)),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", MLX_PAIRS, ids=["adam", "adam-bc", "sgd", "adamw"])
+def test_mlx_loop_float32_equals_mlx(ours, theirs):
+    opt = mlx_optimizer(ours())
+    assert isinstance(opt, optim.Optimizer)
+    got = train(opt)
+    ref = train(theirs())
+    close(got, ref, 2e-6)
+    assert max(float(np.abs(got[k] - mlp_start()[k]).max()) for k in got) > 1e-2  # it moved
+    assert int(opt.state["step"]) == 20 and opt.state["step"].dtype == mx.uint64
+
+
+def mlp_start():
+    return {k: np.array(v) for k, v in tree_flatten(mlp().parameters())}
+
+
+@pytest.mark.parametrize("ours,theirs", MLX_PAIRS, ids=["adam", "adam-bc", "sgd", "adamw"])
+def test_float64_trees_equal_mlx(ours, theirs):
+    start, grads = random_run()
+    lr = mx.array(0.05, dtype=mx.float64)  # (MLX holds a float learning rate in float32)
+    a, b = ours(), theirs()
+    b.learning_rate = lr
+    got = run_mlx_tree(mlx_optimizer(a, learning_rate=lr), start, grads)
+    close(got, run_mlx_tree(b, start, grads), 1e-12)
+
+
+# -- (2) any mithril optimizer: the same as on NumPy, bit for bit ----------------------
+OTHERS = {
+    "prodigy": lambda: Prodigy(1.0, weight_decay=0.01),
+    "lookahead-adam": lambda: Lookahead(Adam(1e-2), sync_period=3),
+    "muon": lambda: Muon(0.02, fallback=AdamW(1e-2)),
+    "groups-clip-ema": lambda: Adam(1e-2, clip_norm=1.0, ema_decay=0.9, param_groups=[
+        {"params": ["layers.0.weight", "layers.0.bias"], "learning_rate": 1e-3,
+         "weight_decay": 0.1}]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_any_optimizer_bit_for_bit_with_numpy(name, dtype):
+    start, grads = random_run()
+    opt = mlx_optimizer(OTHERS[name]())
+    got = run_mlx_tree(opt, start, grads, getattr(mx, dtype))
+    ref = run_direct(OTHERS[name](), start, grads, np.dtype(dtype))
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    assert int(opt.state["step"]) == len(grads) == opt.mithril_state.step
+
+
+# -- (3) update(model, grads) vs apply_gradients; a parameter without gradient ----------
+def test_update_equals_apply_gradients_and_skips_missing():
+    a, b = mlx_optimizer(Adam(1e-2)), mlx_optimizer(Adam(1e-2))
+    m = mlp()
+    params = m.parameters()
+    loss_and_grad = nn.value_and_grad(m, loss_fn)
+    _, grads = loss_and_grad(m, mx.array(X), mx.array(Y))
+    out = b.apply_gradients(grads, params)
+    a.update(m, grads)
+    for k, v in tree_flatten(m.parameters()):
+        np.testing.assert_array_equal(np.array(v), np.array(dict(tree_flatten(out))[k]))
+    # a gradients tree without layers.2: returned without it, left alone, its state kept
+    start, grads = random_run(steps=3)
+    opt, ref = mlx_optimizer(SGD(0.1, momentum=0.9, weight_decay=0.1)), SGD(0.1, momentum=0.9,
+                                                                           weight_decay=0.1)
+    params, p_ref = tree(start), {k: v.copy() for k, v in start.items()}
+    state = ref.init(p_ref)
+    for i, g in enumerate(grads):
+        g = {k: v for k, v in g.items() if i != 1 or k != "w"}
+        new = opt.apply_gradients(tree(g), params)
+        assert {k for k, _ in tree_flatten(new)} == set(g)
+        params = tree({**flat_np(params), **flat_np(new)})
+        p_ref, state = ref.update(p_ref, g, state)
+    close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
+
+
+# -- (4) schedules --------------------------------------------------------------------
+def test_mlx_schedule_equals_mlx():
+    start, grads = random_run(steps=15)
+    sched = optim.join_schedules([optim.linear_schedule(0.0, 0.1, 5),
+                                  optim.cosine_decay(0.1, 10)], [5])
+    opt = mlx_optimizer(Adam(1e-3, convention="mlx"), learning_rate=sched)
+    assert float(opt.learning_rate) == 0.0  # the value at step 0, as MLX's
+    got = run_mlx_tree(opt, start, grads)
+    close(got, run_mlx_tree(optim.Adam(sched), start, grads), 1e-12)
+    assert opt.mithril_optimizer.learning_rate == float(sched(mx.array(14)))
+
+
+def test_learning_rate_set_between_steps_equals_mlx():
+    start, grads = random_run(steps=9)
+    ours, theirs = mlx_optimizer(SGD(0.5, momentum=0.9, convention="mlx")), optim.SGD(
+        0.5, momentum=0.9)
+    p, q = tree(start), tree(start)
+    for i, g in enumerate(grads):
+        if i in (3, 6):  # (values float32 holds exactly: MLX rounds a float to float32)
+            ours.learning_rate = theirs.learning_rate = 0.5 / 2 ** i
+        p, q = ours.apply_gradients(tree(g), p), theirs.apply_gradients(tree(g), q)
+    close(flat_np(p), flat_np(q), 1e-12)
+    assert ours.mithril_optimizer.learning_rate == 0.5 / 2 ** 6
+    ours.learning_rate = optim.step_decay(0.5, 0.5, 2)  # a schedule set later, at step 9
+    assert float(ours.learning_rate) == 0.5 * 0.5 ** 4
+
+
+# -- (5) refused calls change nothing ---------------------------------------------------
+def snapshot(opt):
+    st = opt.mithril_state
+    return (int(opt.state["step"]), float(opt.learning_rate), opt.mithril_optimizer.learning_rate,
+            {s: {n: np.array(v) for n, v in st.slot(s).items()} for s in st.slots})
+
+
+def same_snapshot(a, b):
+    assert a[:3] == b[:3]
+    for s in a[3]:
+        for n in a[3][s]:
+            np.testing.assert_array_equal(a[3][s][n], b[3][s][n])
+
+
+def test_refused_calls_change_nothing():
+    start, grads = random_run(steps=2)
+    opt = mlx_optimizer(Adam(1e-2, nonfinite="raise"))
+    params = tree(start)
+    params = opt.apply_gradients(tree(grads[0]), params)
+    before, p_before = snapshot(opt), flat_np(params)
+    bad_shape = {**grads[1], "w": np.ones((5, 6))}
+    nan = {**grads[1], "layers.0.bias": np.full(4, np.nan)}
+    cases = [
+        (ShapeError, "gradients\\['w'\\] has shape", tree(bad_shape), params),
+        (KeyMismatchError, "extra", tree({**grads[1], "extra": np.ones(2)}),
+         tree({**start, "extra": np.ones(2)})),
+        (KeyMismatchError, "parameters has no", tree(grads[1]),
+         tree({k: v for k, v in start.items() if k != "w"})),
+        (TypeError, "float32 master", tree(grads[1], mx.bfloat16), params),
+        (TypeError, "gradients\\['w'\\] is a", {**tree(grads[1]), "w": np.ones((6, 5))}, params),
+        (FloatingPointError, "layers.0.bias", tree(nan), params),
+    ]
+    for err, match, g, p in cases:
+        with pytest.raises(err, match=match):
+            opt.apply_gradients(g, p)
+        same_snapshot(snapshot(opt), before)
+    np.testing.assert_array_equal(flat_np(params)["w"], p_before["w"])
+    # a schedule giving a negative rate: refused before the step, the rate kept
+    calls = []  # (fine when set, negative at the update)
+    opt.learning_rate = lambda step: mx.array(-1.0 if calls.append(step) or len(calls) > 1
+                                              else 0.1)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="learning_rate must be >= 0"):
+        opt.apply_gradients(tree(grads[1]), params)
+    same_snapshot(snapshot(opt), before)
+    with pytest.raises(ValueError, match="learning_rate"):
+        opt.learning_rate = -0.1
+    with pytest.raises(AttributeError, match="load_state_dict"):
+        opt.state = {}
+    with pytest.raises(TypeError, match="needs a closure"):
+        mlx_optimizer(LBFGS())
+    with pytest.raises(TypeError, match="mithril optimizer"):
+        mlx_optimizer(optim.Adam(1e-3))
+
+
+def test_loss_aware_optimizer_takes_loss():
+    start, grads = random_run(steps=4)
+    opt, ref = mlx_optimizer(PolyakSGD(max_learning_rate=0.5)), PolyakSGD(max_learning_rate=0.5)
+    params, p_ref = tree(start), {k: v.copy() for k, v in start.items()}
+    state = ref.init(p_ref)
+    for i, g in enumerate(grads):
+        params = opt.apply_gradients(tree(g), params, loss=mx.array(3.0 - i))
+        p_ref, state = ref.update(p_ref, g, state, loss=3.0 - i)
+    close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
+
+
+# -- (6) resume -------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ["state_dict", "file"])
+def test_resumed_run_equals_uninterrupted(route, tmp_path):
+    start, grads = random_run(steps=10)
+    make = lambda: Lookahead(AdamW(0.1, weight_decay=0.01), sync_period=4)  # noqa: E731
+    sched = optim.cosine_decay(1.0, 10)
+    whole = run_mlx_tree(mlx_optimizer(make(), sched), start, grads)
+    first = mlx_optimizer(make(), sched)
+    params = tree(start)
+    for g in grads[:6]:
+        params = first.apply_gradients(tree(g), params)
+    second = mlx_optimizer(make(), sched)
+    if route == "state_dict":
+        second.load_state_dict(first.state_dict(), params)
+    else:
+        first.save(tmp_path / "opt.safetensors")
+        second.load(tmp_path / "opt.safetensors")
+    assert int(second.state["step"]) == 6
+    assert float(second.learning_rate) == float(sched(mx.array(5)))  # as MLX's state
+    for g in grads[6:]:
+        params = second.apply_gradients(tree(g), params)
+    for k, v in flat_np(params).items():
+        np.testing.assert_array_equal(v, whole[k], err_msg=k)
