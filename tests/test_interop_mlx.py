@@ -185,6 +185,23 @@ def test_update_equals_apply_gradients_and_skips_missing():
     close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
 
 
+def test_parameters_replaced_between_steps_are_read():
+    # the model keeps the arrays a step returned: mithril's buffer is used as it is; a
+    # parameter replaced between steps (model.load_weights, model.update) is copied in
+    start, grads = random_run(steps=6)
+    opt, ref = mlx_optimizer(Adam(1e-2)), Adam(1e-2)
+    params, p_ref = tree(start), {k: v.copy() for k, v in start.items()}
+    state = ref.init(p_ref)
+    for i, g in enumerate(grads):
+        if i == 3:
+            params["w"] = mx.zeros((6, 5), dtype=mx.float64)
+            p_ref = {**p_ref, "w": np.zeros((6, 5))}
+        params = opt.apply_gradients(tree(g), params)
+        p_ref, state = ref.update(p_ref, g, state)
+    close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
+    assert float(np.abs(flat_np(params)["w"]).max()) < 0.05  # (restarted from zeros)
+
+
 # -- (4) schedules --------------------------------------------------------------------
 def test_mlx_schedule_equals_mlx():
     start, grads = random_run(steps=15)

@@ -108,6 +108,7 @@ class MlxOptimizer(optim.Optimizer):
         self.mithril_optimizer = optimizer
         self.mithril_state: Any = None
         self._params: dict[str, np.ndarray] | None = None  # what mithril returned last
+        self._returned: dict[str, mx.array] = {}  # ... and what this wrapper made of it
         self.learning_rate = optimizer.learning_rate if learning_rate is None else learning_rate
         self._initialized = True  # (MLX's per-parameter init is not used)
 
@@ -175,7 +176,10 @@ class MlxOptimizer(optim.Optimizer):
             raise KeyMismatchError(f"parameters has no {missing} (the gradients' or the "
                                    f"optimizer's parameter(s))")
         grads = {n: _host("gradients", n, g) for n, g in grads_mx.items()}
-        params = {n: _host("parameters", n, params_mx[n]) for n in names}
+        if self._params is not None and all(params_mx[n] is self._returned.get(n) for n in names):
+            params = self._params  # the model holds the last step's arrays: nothing to copy in
+        else:
+            params = {n: _host("parameters", n, params_mx[n]) for n in names}
         opt = self.mithril_optimizer
         sched = self._schedulers.get("learning_rate")
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
@@ -197,9 +201,9 @@ class MlxOptimizer(optim.Optimizer):
         self._state["step"] = mx.array(state.step, mx.uint64)
         self._state["learning_rate"] = lr_arr
         self._exact = (lr_arr, lr)
-        # (a copy: mithril overwrites its buffer at the next step)
-        return tree_unflatten([(n, mx.array(new[n], dtype=params_mx[n].dtype))
-                               for n in grads_mx]) if grads_mx else {}
+        # (copies: mithril overwrites its buffer at the next step)
+        self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in grads_mx}
+        return tree_unflatten(list(self._returned.items())) if grads_mx else {}
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -240,6 +244,7 @@ class MlxOptimizer(optim.Optimizer):
 
     def _restored(self, state: Any, params: Any) -> None:
         self.mithril_state, self._params = state, (params if state is not None else None)
+        self._returned = {}
         self._state["step"] = mx.array(0 if state is None else state.step, mx.uint64)
         sched, lr = self._schedulers.get("learning_rate"), self.mithril_optimizer.learning_rate
         if sched is not None:  # the last step's value, as MLX's state shows (step 0's at 0)
