@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -147,6 +148,27 @@ class Adafactor(TensorwiseOptimizer):
             if "convention" in g:  # (it sets the slots and which options exist)
                 raise ValueError(f"param_groups[{i}]: ['convention'] configures Adafactor as "
                                  f"a whole, not a group")
+
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        """As :meth:`.Optimizer.load_state_dict`; a checkpoint of MLX's convention into a
+        torch / Keras one, or back, loads as into an Adafactor built with the checkpoint's
+        convention (MLX's options exist under its convention only): its run goes on."""
+        hp = d.get("hyperparameters") if isinstance(d, Mapping) else None
+        conv = hp.get("convention", "torch") if isinstance(hp, Mapping) else None
+        if conv == self.convention or conv not in ("torch", "keras", "mlx") or \
+                "mlx" not in (conv, self.convention):
+            return super().load_state_dict(d, params)
+        other = copy.copy(self)  # (its own __dict__: a refused load leaves self as it was)
+        for k, v in _MLX_OPTIONS.items():  # MLX's defaults under its convention, else none
+            other.__dict__.pop(k, None)
+            if conv == "mlx":
+                other.__dict__[k] = v
+        other.__dict__["convention"] = conv
+        state = other.load_state_dict(d, params)
+        self.__dict__.clear()
+        self.__dict__.update(other.__dict__)
+        return state
 
     def slot_names(self) -> tuple[str, ...]:
         return (*self.slots, "exp_avg") if getattr(self, "beta_1", None) is not None \
