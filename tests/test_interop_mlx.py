@@ -278,6 +278,16 @@ def test_refused_calls_change_nothing():
         opt.learning_rate = -0.1
     with pytest.raises(AttributeError, match="load_state_dict"):
         opt.state = {}
+    m, compiled = nn.Linear(3, 2), mlx_optimizer(Adam(1e-2))
+
+    @mx.compile
+    def traced(x):
+        grads = nn.value_and_grad(m, lambda m, x: (m(x) ** 2).mean())(m, x)[1]
+        return compiled.apply_gradients(grads, m)
+
+    with pytest.raises(ValueError, match="outside mx.compile"):
+        traced(mx.ones((4, 3)))
+    assert compiled.mithril_state is None and int(compiled.state["step"]) == 0
     with pytest.raises(TypeError, match="needs a closure"):
         mlx_optimizer(LBFGS())
     with pytest.raises(TypeError, match="mithril optimizer"):

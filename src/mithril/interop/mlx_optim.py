@@ -23,8 +23,9 @@ How it works:
   :meth:`MlxOptimizer.init`) fixes the parameters: those of the gradients tree; a later
   gradient for another name is refused (:class:`~mithril.errors.KeyMismatchError`).
 * Arrays cross as NumPy: an ``mx.array`` is read in place (``np.asarray``: no copy on CPU),
-  mithril copies the parameters into its flat buffer, steps, and the new parameters come
-  back as new ``mx.array`` of the parameters' dtype (float16, float32 or float64; bfloat16
+  mithril copies the parameters into its flat buffer (only those replaced since its last
+  step: a model holding the arrays the last step returned is already there), steps, and
+  the new parameters come back as new ``mx.array`` of the parameters' dtype (float16, float32 or float64; bfloat16
   is refused by name: NumPy has no bfloat16). :meth:`apply_gradients` returns a tree of
   the gradients' structure, as MLX's; a parameter absent from the gradients is left alone
   (no weight decay either) and its state kept.
@@ -45,6 +46,8 @@ How it works:
   :meth:`save` / :meth:`load` (a safetensors file through
   :func:`mithril.utils.checkpoint.save_checkpoint`, no pickle). A resumed run continues
   bit for bit; an MLX schedule, being code, is given again to the new wrapper.
+* The update runs eagerly on the host: call it outside ``mx.compile`` / ``mx.vmap``
+  (compile the loss-and-gradient function; a traced array is refused by name).
 * An optimizer whose ``update`` needs ``loss=`` (loss-aware ones) takes it as
   ``opt.update(model, grads, loss=loss)``; LBFGS, which needs a closure, is refused.
 """
@@ -79,7 +82,12 @@ def _host(where: str, name: str, a: Any) -> np.ndarray:
         raise TypeError(f"{where}['{name}'] has dtype {a.dtype}: mlx_optimizer takes float16, "
                         f"float32 or float64 (NumPy has no bfloat16: keep float32 master "
                         f"weights, e.g. model.set_dtype(mx.float32))")
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except ValueError as e:  # a placeholder of mx.compile / vmap: nothing to read yet
+        raise ValueError(f"{where}['{name}'] cannot be read ({e}): mlx_optimizer steps on "
+                         f"the host, so call its update outside mx.compile / vmap (compile "
+                         f"the loss-and-gradient function instead)") from None
 
 
 def _flat(tree: Any, where: str) -> dict[str, Any]:
