@@ -11,6 +11,7 @@ separate-calls state."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,14 @@ STEPS = 6
 
 
 def problem(backend: Any) -> tuple:
+    return _problem(type(backend), backend.dtype)
+
+
+@functools.cache
+def _problem(backend_type: type, dtype: str) -> tuple:
+    """One compiled model per backend for the module: its evaluate is jitted once, not in
+    every run (the steps and optimizers under test are made anew each time)."""
+    backend = backend_type(dtype=dtype)
     spec = mlp_spec(8, 4, [16, 12])
     compiled = ml.compile(spec.model, backend, shapes=spec.shapes)
     rng = np.random.default_rng(0)
@@ -46,6 +55,13 @@ def problem(backend: Any) -> tuple:
                 "target": backend.array(rng.integers(0, 4, 32), backend.int_dtype)}
                for _ in range(STEPS)]
     return compiled, batches
+
+
+def fresh_params(compiled: Any) -> dict:
+    """The initial parameters as new arrays: the module's compiled model is shared, and an
+    update in place or a donated buffer must not reach the next run."""
+    b = compiled.backend
+    return {k: b.array(np.array(b.to_numpy(v))) for k, v in compiled.get_parameters().items()}
 
 
 def run(backend: Any, make: Callable[[], Any], change: Callable[[Any, Any, int], None],
@@ -56,7 +72,7 @@ def run(backend: Any, make: Callable[[], Any], change: Callable[[Any, Any, int],
     opt = make()
     driver = lrs.StepLR(opt.hyperparameter("weight_decay"), step_size=2, gamma=0.25) \
         if "weight_decay" in opt.hyperparameters() else None
-    params = compiled.get_parameters()
+    params = fresh_params(compiled)
     step = make_train_step(compiled, opt, loss="loss") if fused else None
     state = step.init(params) if fused else opt.init(params)
     for i, data in enumerate(batches):
@@ -75,7 +91,7 @@ def adam_step(make: Callable = make_train_step) -> tuple:
     compiled, batches = problem(be)
     opt = Adam(learning_rate=1e-2)
     step = make(compiled, opt, loss="loss")
-    params = compiled.get_parameters()
+    params = fresh_params(compiled)
     return opt, step, params, step.init(params), batches
 
 
@@ -292,7 +308,7 @@ def test_a_rebuild_every_step_warns_once() -> None:
     compiled, batches = problem(be)
     opt = Lookahead(Adam(learning_rate=1e-2), sync_period=2)
     step = make_train_step(compiled, opt, loss="loss")
-    params = compiled.get_parameters()
+    params = fresh_params(compiled)
     state = step.init(params)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -387,7 +403,18 @@ def catalog_optimizer(name: str) -> Any:
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", catalog_cases())
+#: the default run's share of the catalog, one of each way a step is built: elementwise
+#: (Adam), two-pass with tensor slots (NAdam), with reductions (LAMB), with state values
+#: (ScheduleFreeAdamW), with all three (DoG), reductions and values (Prodigy), per-tensor
+#: (Muon, with its fallback's "fallback.*" floats; Adafactor, factored). The rest repeat these
+#: paths: ``-m slow``.
+CATALOG_DEFAULT = ("Adam", "NAdam", "LAMB", "ScheduleFreeAdamW", "DoG", "Prodigy", "Muon",
+                   "Adafactor")
+
+
+@pytest.mark.parametrize("name", [
+    n if n in CATALOG_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+    for n in catalog_cases()])
 def test_every_float_of_the_catalog_scheduled_compiles_once(name: str) -> None:
     """Every optimizer of the catalog, each of its float hyperparameters the program may
     read (``floats``) changed at every step: the first change rebuilds once, the rest
