@@ -16,6 +16,7 @@ from mithril.errors import KeyMismatchError, ShapeError
 from mithril.interop import mlx_optimizer
 from mithril.utils.optimizers import (
     LBFGS,
+    SAM,
     SGD,
     Adam,
     AdamW,
@@ -288,8 +289,9 @@ def test_refused_calls_change_nothing():
     with pytest.raises(ValueError, match="outside mx.compile"):
         traced(mx.ones((4, 3)))
     assert compiled.mithril_state is None and int(compiled.state["step"]) == 0
-    with pytest.raises(TypeError, match="needs a closure"):
-        mlx_optimizer(LBFGS())
+    with pytest.raises(TypeError, match="closure: Adam takes gradients only"):
+        opt.apply_gradients(tree(grads[1]), params, closure=lambda p: None)
+    same_snapshot(snapshot(opt), before)
     with pytest.raises(TypeError, match="mithril optimizer"):
         mlx_optimizer(optim.Adam(1e-3))
 
@@ -303,6 +305,68 @@ def test_loss_aware_optimizer_takes_loss():
         params = opt.apply_gradients(tree(g), params, loss=mx.array(3.0 - i))
         p_ref, state = ref.update(p_ref, g, state, loss=3.0 - i)
     close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
+
+
+# -- closures: LBFGS and SAM -------------------------------------------------------------
+A = np.random.default_rng(3).standard_normal((5, 5))
+
+
+def mlx_loss(params):  # a smooth loss of the tree, in MLX
+    w, b = params["w"], params["layers"][0]["bias"]
+    return (mx.tanh(mx.array(A) @ w[:5]) ** 2).sum() + ((b - 1.0) ** 2).sum()
+
+
+def test_closure_optimizers_equal_direct_numpy():
+    start = {k: v for k, v in random_run(steps=1)[0].items() if k in ("w", "layers.0.bias")}
+    value_and_grad = mx.value_and_grad(mlx_loss)
+
+    def direct_closure(p):  # the same MLX arithmetic, NumPy in and out
+        loss, g = value_and_grad(tree(p))
+        return loss.item(), {k: np.array(v) for k, v in tree_flatten(g)}
+
+    for make, with_grads in [(lambda: LBFGS(1.0, max_iter=5, line_search_fn="strong_wolfe"), False),
+                             (lambda: SAM(SGD(0.1, momentum=0.9), rho=0.05), True)]:
+        opt, ref = mlx_optimizer(make()), make()
+        params, p_ref = tree(start), {k: v.copy() for k, v in start.items()}
+        state = ref.init(p_ref)
+        for _ in range(4):
+            g = value_and_grad(params)[1] if with_grads else None
+            params = {**params, **opt.apply_gradients(g, params, closure=value_and_grad)}
+            gn = None if g is None else {k: np.array(v) for k, v in tree_flatten(g)}
+            p_ref, state = ref.update(p_ref, gn, state, closure=direct_closure)
+        close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
+        assert mlx_loss(params).item() < 0.9 * mlx_loss(tree(start)).item()  # (it descends)
+
+
+def test_closure_update_of_a_model_and_a_failing_closure():
+    model = mlp()
+    x, y = mx.array(X), mx.array(Y)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def closure(params):
+        model.update(params)
+        return loss_and_grad(model, x, y)
+
+    opt = mlx_optimizer(LBFGS(1.0, max_iter=4))
+    first = loss_fn(model, x, y).item()
+    for _ in range(3):
+        opt.update(model, None, closure=closure)
+    assert loss_fn(model, x, y).item() < 0.9 * first
+    kept, before = flat_np(model.parameters()), snapshot(opt)
+    calls = []
+
+    def failing(params):  # moves the model, then fails at its second evaluation
+        model.update(params)
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("data loader failed")
+        return loss_and_grad(model, x, y)
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        opt.update(model, None, closure=failing)
+    same_snapshot(snapshot(opt), before)
+    for k, v in flat_np(model.parameters()).items():
+        np.testing.assert_array_equal(v, kept[k])
 
 
 # -- (6) resume -------------------------------------------------------------------------

@@ -49,7 +49,11 @@ How it works:
 * The update runs eagerly on the host: call it outside ``mx.compile`` / ``mx.vmap``
   (compile the loss-and-gradient function; a traced array is refused by name).
 * An optimizer whose ``update`` needs ``loss=`` (loss-aware ones) takes it as
-  ``opt.update(model, grads, loss=loss)``; LBFGS, which needs a closure, is refused.
+  ``opt.update(model, grads, loss=loss)``. One that evaluates the loss itself (LBFGS, SAM)
+  takes ``closure=``: a function of a parameter tree returning ``(loss, gradients)`` there,
+  as ``nn.value_and_grad`` gives them (``model.update(params)`` then the loss and gradients:
+  ``update`` puts the model's parameters back if the step raises); LBFGS takes
+  ``gradients=None`` (the closure gives them).
 """
 
 from __future__ import annotations
@@ -99,6 +103,23 @@ def _flat(tree: Any, where: str) -> dict[str, Any]:
     return dict(tree_flatten(tree))
 
 
+def _number(x: Any) -> Any:
+    return x.item() if isinstance(x, mx.array) else x
+
+
+def _host_closure(closure: Callable[[Any], Any], dtypes: dict[str, Any]) -> Callable:
+    """``closure`` (MLX trees in and out) as mithril's: NumPy params -> (loss, gradients)."""
+    def host(params: Any) -> Any:
+        out = closure(tree_unflatten([(n, mx.array(v, dtype=dtypes[n]))
+                                      for n, v in params.items()]))
+        pair = isinstance(out, tuple) and len(out) == 2
+        grads = {n: _host("the closure's gradients", n, g)
+                 for n, g in _flat(out[1] if pair else out, "the closure's gradients").items()}
+        return (_number(out[0]), grads) if pair else grads
+
+    return host
+
+
 class MlxOptimizer(optim.Optimizer):
     """A mithril optimizer behind MLX's optimizer interface; see the module docs.
     ``mithril_optimizer`` / ``mithril_state`` are the wrapped optimizer and its
@@ -109,9 +130,6 @@ class MlxOptimizer(optim.Optimizer):
         if not isinstance(optimizer, Optimizer) or type(optimizer) is Optimizer:
             raise TypeError(f"mlx_optimizer needs a mithril optimizer (e.g. Adam()), got "
                             f"{type(optimizer).__name__}")
-        if "closure" in inspect.signature(optimizer.update).parameters:
-            raise TypeError(f"{type(optimizer).__name__} needs a closure (it evaluates the "
-                            f"loss itself): mlx_optimizer's update takes gradients only")
         super().__init__()
         self.mithril_optimizer = optimizer
         self.mithril_state: Any = None
@@ -168,17 +186,31 @@ class MlxOptimizer(optim.Optimizer):
             return
         self.mithril_state = self.mithril_optimizer.init(flat)
 
-    def update(self, model: nn.Module, gradients: Any, *, loss: Any = None) -> None:
+    def update(self, model: nn.Module, gradients: Any, *, loss: Any = None,
+               closure: Callable[[Any], Any] | None = None) -> None:
         """Apply ``gradients`` to ``model``'s parameters (``model.update``), as MLX's."""
-        model.update(self.apply_gradients(gradients, model, loss=loss))
+        before = model.parameters()  # (references: a closure may move the model)
+        try:
+            model.update(self.apply_gradients(gradients, model, loss=loss, closure=closure))
+        except BaseException:
+            model.update(before)
+            raise
 
-    def apply_gradients(self, gradients: Any, parameters: Any, *, loss: Any = None) -> Any:
+    def apply_gradients(self, gradients: Any, parameters: Any, *, loss: Any = None,
+                        closure: Callable[[Any], Any] | None = None) -> Any:
         """One mithril step; returns the updated parameters in the gradients' tree structure.
-        ``parameters`` (a tree or an ``nn.Module``) may be a superset of the gradients."""
-        grads_mx = _flat(gradients, "gradients")
+        ``parameters`` (a tree or an ``nn.Module``) may be a superset of the gradients.
+        ``closure``: for an optimizer that evaluates the loss itself (see the module docs);
+        with ``gradients=None`` all its parameters are returned."""
+        opt = self.mithril_optimizer
+        if closure is not None and "closure" not in inspect.signature(opt.update).parameters:
+            raise TypeError(f"closure: {type(opt).__name__} takes gradients only")
+        grads_mx = {} if gradients is None and closure else _flat(gradients, "gradients")
         params_mx = _flat(parameters, "parameters")
         state = self.mithril_state
-        names = list(grads_mx) if state is None else list(state.layout.names)
+        names = (list(state.layout.names) if state is not None else
+                 list(grads_mx) if gradients is not None else list(params_mx))
+        out_names = list(grads_mx) if gradients is not None else names
         missing = sorted(n for n in {*names, *grads_mx} if n not in params_mx)
         if missing:
             raise KeyMismatchError(f"parameters has no {missing} (the gradients' or the "
@@ -188,19 +220,19 @@ class MlxOptimizer(optim.Optimizer):
             params = self._params  # the model holds the last step's arrays: nothing to copy in
         else:
             params = {n: _host("parameters", n, params_mx[n]) for n in names}
-        opt = self.mithril_optimizer
         sched = self._schedulers.get("learning_rate")
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
         lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
-        kw = {} if loss is None else {"loss": float(loss.item() if isinstance(loss, mx.array)
-                                                    else loss)}
+        kw: dict[str, Any] = {} if loss is None else {"loss": _number(loss)}
+        if closure is not None:
+            kw["closure"] = _host_closure(closure, {n: params_mx[n].dtype for n in names})
         old = opt.learning_rate
         try:
             if lr != old:
                 opt.learning_rate = lr
             if state is None:
                 state = opt.init(params)
-            new, state = opt.update(params, grads, state, **kw)
+            new, state = opt.update(params, None if gradients is None else grads, state, **kw)
         except BaseException:
             if opt.learning_rate != old:
                 opt.learning_rate = old  # a refused call changes nothing
@@ -210,8 +242,8 @@ class MlxOptimizer(optim.Optimizer):
         self._state["learning_rate"] = lr_arr
         self._exact = (lr_arr, lr)
         # (copies: mithril overwrites its buffer at the next step)
-        self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in grads_mx}
-        return tree_unflatten(list(self._returned.items())) if grads_mx else {}
+        self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
+        return tree_unflatten(list(self._returned.items())) if out_names else {}
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
