@@ -6,8 +6,9 @@
   ``optax.lbfgs`` is optax's own, and ``LBFGS(convention="optax")`` its algorithm) as an ``optax.GradientTransformation``
   (:mod:`.optax_transform`; jax and optax are imported only when it is called);
   :func:`schedule_free_eval_params` gives a schedule-free transformation's evaluation params.
-* :func:`mlx_optimizer` - any mithril optimizer but LBFGS as an ``mlx.optimizers.Optimizer``
-  for an MLX training loop (:mod:`.mlx_optim`; mlx is imported only when it is called).
+* :func:`mlx_optimizer` - any mithril optimizer as an ``mlx.optimizers.Optimizer`` for an
+  MLX training loop (LBFGS and SAM with ``update(model, grads, closure=...)``;
+  :mod:`.mlx_optim`; mlx is imported only when it is called).
 """
 
 from __future__ import annotations
