@@ -24,6 +24,7 @@ from mithril.utils.optimizers import (
     Muon,
     PolyakSGD,
     Prodigy,
+    ScheduleFreeAdamW,
 )
 
 mx = pytest.importorskip("mlx.core")
@@ -201,6 +202,30 @@ def test_parameters_replaced_between_steps_are_read():
         p_ref, state = ref.update(p_ref, g, state)
     close(flat_np(params), {k: np.array(v) for k, v in p_ref.items()}, 0)
     assert float(np.abs(flat_np(params)["w"]).max()) < 0.05  # (restarted from zeros)
+
+
+def test_ema_swa_and_schedule_free_eval_params():
+    start, grads = random_run(steps=5)
+    for make, get in [(lambda: Adam(1e-2, ema_decay=0.9, swa_start=2),
+                       lambda o, s, p: {**o.ema_params(s), **{"swa." + k: v for k, v in
+                                                               o.swa_params(s).items()}}),
+                      (lambda: ScheduleFreeAdamW(1e-2), lambda o, s, p: o.eval_params(s, p))]:
+        opt, ref = mlx_optimizer(make()), make()
+        with pytest.raises(ValueError, match="no step yet"):
+            opt.eval_params()
+        run_mlx_tree(opt, start, grads)
+        params = {k: v.copy() for k, v in start.items()}
+        state = ref.init(params)
+        for g in grads:
+            params, state = ref.update(params, g, state)
+        want = {k: np.array(v) for k, v in get(ref, state, params).items()}
+        if "swa.w" in want:
+            got = {**flat_np(opt.ema_params()),
+                   **{"swa." + k: v for k, v in flat_np(opt.swa_params()).items()}}
+        else:
+            got = flat_np(opt.eval_params())
+        close(got, want, 0)
+        assert float(np.abs(got["w"] - np.array(params["w"])).max()) > 1e-6  # not y itself
 
 
 # -- (4) schedules --------------------------------------------------------------------

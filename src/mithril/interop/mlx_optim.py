@@ -46,6 +46,10 @@ How it works:
   :meth:`save` / :meth:`load` (a safetensors file through
   :func:`mithril.utils.checkpoint.save_checkpoint`, no pickle). A resumed run continues
   bit for bit; an MLX schedule, being code, is given again to the new wrapper.
+* :meth:`MlxOptimizer.ema_params`, :meth:`~MlxOptimizer.swa_params` and, for a
+  schedule-free optimizer, :meth:`~MlxOptimizer.eval_params` give those parameters as an
+  MLX tree (``model.update(opt.eval_params())`` to evaluate; the training parameters stay
+  the model's own until then).
 * The update runs eagerly on the host: call it outside ``mx.compile`` / ``mx.vmap``
   (compile the loss-and-gradient function; a traced array is refused by name).
 * An optimizer whose ``update`` needs ``loss=`` (loss-aware ones) takes it as
@@ -244,6 +248,26 @@ class MlxOptimizer(optim.Optimizer):
         # (copies: mithril overwrites its buffer at the next step)
         self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
         return tree_unflatten(list(self._returned.items())) if out_names else {}
+
+    # -- the optimizer's other parameter sets, as MLX trees -------------------------------
+    def ema_params(self) -> Any:
+        """The EMA of the parameters (``ema_decay=``), a tree of new ``mx.array``."""
+        return self._tree(lambda o, s: o.ema_params(s))
+
+    def swa_params(self) -> Any:
+        """The SWA average (``swa_start=``), a tree of new ``mx.array``."""
+        return self._tree(lambda o, s: o.swa_params(s))
+
+    def eval_params(self) -> Any:
+        """A schedule-free optimizer's evaluation parameters (``x``) at the last step's."""
+        return self._tree(lambda o, s: o.eval_params(s, self._params))
+
+    def _tree(self, get: Callable[[Any, Any], Any]) -> Any:
+        if self.mithril_state is None:
+            raise ValueError("no step yet: the optimizer holds no parameters")
+        dtype = getattr(mx, self.mithril_state.layout.dtype)
+        got = get(self.mithril_optimizer, self.mithril_state)
+        return tree_unflatten([(n, mx.array(v, dtype=dtype)) for n, v in got.items()])
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
