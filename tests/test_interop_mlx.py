@@ -21,9 +21,11 @@ from mithril.utils.optimizers import (
     Adam,
     AdamW,
     Lookahead,
+    Mechanize,
     Muon,
     PolyakSGD,
     Prodigy,
+    ScheduleFree,
     ScheduleFreeAdamW,
 )
 
@@ -159,6 +161,42 @@ def test_any_optimizer_bit_for_bit_with_numpy(name, dtype):
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     assert int(opt.state["step"]) == len(grads) == opt.mithril_state.step
+
+
+def catalog():
+    import mithril.utils.optimizers as catalog_module
+
+    wrappers = {"Lookahead": lambda: Lookahead(Adam()), "ScheduleFree": lambda: ScheduleFree(
+        SGD(0.1)), "Mechanize": lambda: Mechanize(Adam())}
+    # (LBFGS and SAM take a closure: below; DPSGD and DifferentiallyPrivate per-example
+    # gradients, which mlx_optimizer passes on as any others)
+    left = {"Optimizer", "LBFGS", "SAM", "DPSGD", "DifferentiallyPrivate"}
+    for name in catalog_module.__all__:
+        cls = getattr(catalog_module, name)
+        if isinstance(cls, type) and issubclass(cls, catalog_module.Optimizer) and name not in left:
+            yield name, wrappers.get(name, cls)
+
+
+def test_whole_catalog_bit_for_bit_with_numpy():
+    start, grads = random_run(steps=3)
+    start = {k: v for k, v in start.items() if k != "layers.1.weight"}
+    grads = [{k: g[k] for k in start} for g in grads]
+    wrong, names = [], []
+    for name, make in catalog():
+        names.append(name)
+        kw = {"loss": 2.0} if make().needs_loss else {}
+        opt, params = mlx_optimizer(make()), tree(start)
+        for g in grads:
+            params = opt.apply_gradients(tree(g), params, **kw)
+        ref, p_ref = make(), {k: v.copy() for k, v in start.items()}
+        state = ref.init(p_ref)
+        for g in grads:
+            p_ref, state = ref.update(p_ref, g, state, **kw)
+        got = flat_np(params)
+        if any(not np.array_equal(got[k], p_ref[k], equal_nan=True) for k in got):
+            wrong.append(name)
+    assert len(names) > 40 and {"Prodigy", "Muon", "Adafactor", "Lookahead"} <= set(names)
+    assert not wrong, wrong
 
 
 # -- (3) update(model, grads) vs apply_gradients; a parameter without gradient ----------
