@@ -266,6 +266,24 @@ def test_ema_swa_and_schedule_free_eval_params():
         assert float(np.abs(got["w"] - np.array(params["w"])).max()) > 1e-6  # not y itself
 
 
+def test_init_fixes_the_parameters():
+    model = mlp()
+    model.freeze(keys=["bias"])  # MLX's: biases frozen, out of the gradients
+    opt = mlx_optimizer(AdamW(1e-2))
+    opt.init(model.trainable_parameters())
+    assert sorted(opt.mithril_state.layout.names) == ["layers.0.weight", "layers.2.weight"]
+    opt.init(model.trainable_parameters())  # the same parameters: nothing to do
+    with pytest.raises(KeyMismatchError, match="already holds"):
+        opt.init(model.parameters())
+    biases = {k: v for k, v in tree_flatten(model.parameters()) if "bias" in k}
+    _, grads = nn.value_and_grad(model, loss_fn)(model, mx.array(X), mx.array(Y))
+    opt.update(model, grads)
+    assert int(opt.state["step"]) == 1
+    for k, v in tree_flatten(model.parameters()):
+        if k in biases:
+            assert v is biases[k]  # frozen: not touched (not even decayed)
+
+
 # -- (4) schedules --------------------------------------------------------------------
 def test_mlx_schedule_equals_mlx():
     start, grads = random_run(steps=15)
