@@ -282,6 +282,18 @@ def test_init_fixes_the_parameters():
     for k, v in tree_flatten(model.parameters()):
         if k in biases:
             assert v is biases[k]  # frozen: not touched (not even decayed)
+    # a resume from the model: the frozen biases (no saved slots) are left out again
+    d = opt.state_dict()
+    again = mlx_optimizer(AdamW(1e-2))
+    bad = {**d, "slots": {s: {**v, "layers.0.weight": v["layers.0.weight"][:1]}
+                          for s, v in d["slots"].items()}}
+    with pytest.raises(ShapeError, match="layers.0.weight"):
+        again.load_state_dict(bad, model)
+    assert again.mithril_state is None and int(again.state["step"]) == 0
+    again.load_state_dict(d, model)
+    ours, theirs = opt.apply_gradients(grads, model), again.apply_gradients(grads, model)
+    assert int(again.state["step"]) == 2
+    close(flat_np(theirs), flat_np(ours), 0)
 
 
 # -- (4) schedules --------------------------------------------------------------------

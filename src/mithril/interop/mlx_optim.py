@@ -81,21 +81,26 @@ from ..utils.optimizers.checks import check_positive
 _DTYPES = (mx.float16, mx.float32, mx.float64)
 
 
-def _host(where: str, name: str, a: Any) -> np.ndarray:
-    """``a`` (an ``mx.array`` leaf ``name`` of tree ``where``) as a NumPy array over its
-    memory (read only by mithril: it copies parameters in)."""
-    if not isinstance(a, mx.array):
-        raise TypeError(f"{where}['{name}'] is a {type(a).__name__}, not an mx.array")
-    if a.dtype not in _DTYPES:
-        raise TypeError(f"{where}['{name}'] has dtype {a.dtype}: mlx_optimizer takes float16, "
-                        f"float32 or float64 (NumPy has no bfloat16: keep float32 master "
-                        f"weights, e.g. model.set_dtype(mx.float32))")
+def _host(where: str, flat: dict[str, Any], names: Any = None) -> dict[str, np.ndarray]:
+    """The ``mx.array`` leaves ``names`` (default: all) of flattened tree ``where`` as NumPy
+    arrays over their memory (read only by mithril: it copies parameters in), evaluated
+    together first (one graph evaluation for all the gradients)."""
+    names = list(flat) if names is None else names
+    for n in names:
+        a = flat[n]
+        if not isinstance(a, mx.array):
+            raise TypeError(f"{where}['{n}'] is a {type(a).__name__}, not an mx.array")
+        if a.dtype not in _DTYPES:
+            raise TypeError(f"{where}['{n}'] has dtype {a.dtype}: mlx_optimizer takes float16, "
+                            f"float32 or float64 (NumPy has no bfloat16: keep float32 master "
+                            f"weights, e.g. model.set_dtype(mx.float32))")
     try:
-        return np.asarray(a)
-    except ValueError as e:  # a placeholder of mx.compile / vmap: nothing to read yet
-        raise ValueError(f"{where}['{name}'] cannot be read ({e}): mlx_optimizer steps on "
-                         f"the host, so call its update outside mx.compile / vmap (compile "
-                         f"the loss-and-gradient function instead)") from None
+        mx.eval([flat[n] for n in names])
+    except ValueError as e:  # placeholders of mx.compile / vmap: nothing to read yet
+        raise ValueError(f"{where} cannot be read ({e}): mlx_optimizer steps on the host, so "
+                         f"call its update outside mx.compile / vmap (compile the "
+                         f"loss-and-gradient function instead)") from None
+    return {n: np.asarray(flat[n]) for n in names}
 
 
 def _flat(tree: Any, where: str) -> dict[str, Any]:
@@ -117,8 +122,8 @@ def _host_closure(closure: Callable[[Any], Any], dtypes: dict[str, Any]) -> Call
         out = closure(tree_unflatten([(n, mx.array(v, dtype=dtypes[n]))
                                       for n, v in params.items()]))
         pair = isinstance(out, tuple) and len(out) == 2
-        grads = {n: _host("the closure's gradients", n, g)
-                 for n, g in _flat(out[1] if pair else out, "the closure's gradients").items()}
+        where = "the closure's gradients"
+        grads = _host(where, _flat(out[1] if pair else out, where))
         return (_number(out[0]), grads) if pair else grads
 
     return host
@@ -182,7 +187,7 @@ class MlxOptimizer(optim.Optimizer):
     def init(self, parameters: Any) -> None:
         """Make the mithril state for ``parameters`` (a tree or an ``nn.Module``), as MLX's
         ``init``: optional, the first update makes it from the gradients' names."""
-        flat = {n: _host("parameters", n, p) for n, p in _flat(parameters, "parameters").items()}
+        flat = _host("parameters", _flat(parameters, "parameters"))
         if self.mithril_state is not None:
             if set(flat) != set(self.mithril_state.layout.names):
                 raise KeyMismatchError(f"init: the optimizer already holds parameters "
@@ -219,11 +224,11 @@ class MlxOptimizer(optim.Optimizer):
         if missing:
             raise KeyMismatchError(f"parameters has no {missing} (the gradients' or the "
                                    f"optimizer's parameter(s))")
-        grads = {n: _host("gradients", n, g) for n, g in grads_mx.items()}
+        grads = _host("gradients", grads_mx)
         if self._params is not None and all(params_mx[n] is self._returned.get(n) for n in names):
             params = self._params  # the model holds the last step's arrays: nothing to copy in
         else:
-            params = {n: _host("parameters", n, params_mx[n]) for n in names}
+            params = _host("parameters", params_mx, names)
         sched = self._schedulers.get("learning_rate")
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
         lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
@@ -277,11 +282,14 @@ class MlxOptimizer(optim.Optimizer):
 
     def load_state_dict(self, d: Any, parameters: Any = None) -> None:
         """Restore :meth:`state_dict`'s ``d``: its state is rebuilt for ``parameters`` (a
-        tree or module; default: those of the last step). Checked first, nothing changed
-        on error."""
-        if parameters is not None:
-            params = {n: _host("parameters", n, p)
-                      for n, p in _flat(parameters, "parameters").items()}
+        tree or module, of which those ``d`` holds slots for; default: those of the last
+        step). Checked first, nothing changed on error."""
+        if parameters is not None:  # (those of the saved slots: a model's frozen ones left out)
+            flat = _flat(parameters, "parameters")
+            slots = d.get("slots") if isinstance(d, dict) else None
+            saved = next(iter(slots.values()), None) if isinstance(slots, dict) else None
+            params = _host("parameters", flat,
+                           [n for n in flat if not isinstance(saved, dict) or n in saved])
         elif self._params is not None:
             params = self._params
         else:
