@@ -48,8 +48,8 @@ How it works:
   bit for bit; an MLX schedule, being code, is given again to the new wrapper.
 * :meth:`MlxOptimizer.ema_params`, :meth:`~MlxOptimizer.swa_params` and, for a
   schedule-free optimizer, :meth:`~MlxOptimizer.eval_params` give those parameters as an
-  MLX tree (``model.update(opt.eval_params())`` to evaluate; the training parameters stay
-  the model's own until then).
+  MLX tree (to evaluate: ``y = model.parameters(); model.update(opt.eval_params())``, then
+  ``model.update(y)`` before the next update, which reads the model's weights).
 * The update runs eagerly on the host: call it outside ``mx.compile`` / ``mx.vmap``
   (compile the loss-and-gradient function; a traced array is refused by name).
 * An optimizer whose ``update`` needs ``loss=`` (loss-aware ones) takes it as
