@@ -264,6 +264,22 @@ def test_ema_swa_and_schedule_free_eval_params():
             got = flat_np(opt.eval_params())
         close(got, want, 0)
         assert float(np.abs(got["w"] - np.array(params["w"])).max()) > 1e-6  # not y itself
+    # evaluate with x in a model, put y back, train on: as if never swapped
+    start, grads = random_run(steps=4)
+    model, ref = nn.Module(), ScheduleFreeAdamW(1e-2)
+    for k, v in tree(start).items():
+        setattr(model, k, v)
+    opt = mlx_optimizer(ScheduleFreeAdamW(1e-2))
+    params = {k: v.copy() for k, v in start.items()}
+    state = ref.init(params)
+    for i, g in enumerate(grads):
+        opt.update(model, tree(g))
+        params, state = ref.update(params, g, state)
+        if i == 1:
+            y = model.parameters()
+            model.update(opt.eval_params())
+            model.update(y)
+    close(flat_np(model.parameters()), {k: np.array(v) for k, v in params.items()}, 0)
 
 
 def test_init_fixes_the_parameters():
