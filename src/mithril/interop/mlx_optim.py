@@ -25,10 +25,11 @@ How it works:
 * Arrays cross as NumPy: an ``mx.array`` is read in place (``np.asarray``: no copy on CPU),
   mithril copies the parameters into its flat buffer (only those replaced since its last
   step: a model holding the arrays the last step returned is already there), steps, and
-  the new parameters come back as new ``mx.array`` of the parameters' dtype (float16, float32 or float64; bfloat16
-  is refused by name: NumPy has no bfloat16). :meth:`apply_gradients` returns a tree of
-  the gradients' structure, as MLX's; a parameter absent from the gradients is left alone
-  (no weight decay either) and its state kept.
+  the new parameters come back as new ``mx.array`` of the parameters' dtype (float16,
+  float32 or float64; bfloat16 is refused by name: NumPy has no bfloat16).
+  :meth:`~MlxOptimizer.apply_gradients` returns a tree of the gradients' structure, as
+  MLX's; a parameter absent from the gradients is left alone (no weight decay either) and
+  its state kept.
 * One step count for all parameters, as MLX's (and mithril's): ``state["step"]`` is the
   mithril state's count (a step skipped under ``nonfinite="skip"`` is not counted).
 * ``state`` is ``{"step": uint64, "learning_rate": array}``, MLX's keys, cheap to
