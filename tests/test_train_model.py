@@ -186,10 +186,12 @@ def all_cases() -> dict[str, dict]:
     return cases
 
 
-def integration_results(backend) -> dict[str, str]:
-    """'ok', 'mismatch: ...', 'unsupported: <reason>' or 'error: ...' per case."""
+def integration_results(backend, only: list[str] | None = None) -> dict[str, str]:
+    """'ok', 'mismatch: ...', 'unsupported: <reason>' or 'error: ...' per case (of ``only``)."""
     res = {}
     for name, case in all_cases().items():
+        if only is not None and name not in only:
+            continue
         if name in _KNOWN_WRONG:
             res[name] = "unsupported: known wrong in the published test data"
             continue
@@ -201,6 +203,36 @@ def integration_results(backend) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001 - reported by name
             res[name] = f"error: {type(e).__name__}: {str(e)[:200]}"
     return res
+
+
+def _features(case: dict) -> set[str]:
+    """What a case exercises of the builder above: its model, losses (with reduce steps,
+    target or none), regularizers (regex, kernel), combiner, discarded and injected keys."""
+    if "model" not in case:
+        return {"no model"}
+    out = {f"model {case['model']['name']}", f"combiner {case.get('final_loss_combiner')}",
+           f"discard {bool(case.get('discard_keys'))}",
+           f"injected {bool(case.get('injected_static_keys'))}"}
+    for spec in case["output_specs"].values():
+        loss = spec.get("loss")
+        out |= {f"loss {loss['fn'] if isinstance(loss, dict) else loss}",
+                f"target {'target_key' in spec}",
+                *(f"reduce {r}" for r in spec.get("reduce_steps") or ["Mean"])}
+    out |= {f"reg {r['model']} regex={bool(r.get('regex'))} kernel={'kernel' in r}"
+            for r in case.get("regularizations", [])}
+    out.add(f"regs {len(case.get('regularizations', []))}")
+    return out
+
+
+def _default_cases() -> set[str]:
+    """The default run's cases: in order, each that adds a feature not yet covered (so every
+    branch of the builder runs on every backend); the others repeat them, under ``-m slow``."""
+    chosen, seen = set(), set()
+    for name, case in all_cases().items():
+        if _features(case) - seen:
+            chosen.add(name)
+            seen |= _features(case)
+    return chosen
 
 
 #: the published integration cases that must match (the 14 of mithril-json-cases.json first)
@@ -228,30 +260,51 @@ EXPECTED_OK = {
 }
 
 
-def test_conformance_integration_cases():
-    """Every expressible case on NumPy and torch (in process) and JAX (float64, in a
-    subprocess) at 1e-10; the 14 of mithril-json-cases.json and 77 more from the published file.
-    The rest are known wrong."""
+def test_the_expected_cases_are_published():
+    """The 14 of mithril-json-cases.json and 77 more of the published file must match."""
+    cases = set(all_cases())
+    mine = set(json.loads(CONFORMANCE.read_text())["integration"])
+    assert mine <= EXPECTED_OK <= cases and len(EXPECTED_OK) == 91
+    assert _KNOWN_WRONG <= cases - EXPECTED_OK
+
+
+#: the default run's cases (``_default_cases``): each branch of the builder on every backend
+CASES = [n if n in _default_cases() else pytest.param(n, marks=pytest.mark.slow)
+         for n in all_cases()]
+
+
+def _check(name: str, res: str, backend: str) -> None:
+    """A case that must match matches; the rest are known wrong or not expressible (a
+    NotImplementedError naming why), never an error or a mismatch."""
+    if name in EXPECTED_OK:
+        assert res == "ok", (backend, name, res)
+    else:
+        assert res.startswith("unsupported: "), (backend, name, res)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conformance_integration_cases(name):
+    """Each case on NumPy and torch (in process) at 1e-10."""
+    for backend in (NumpyBackend(dtype="float64"), TorchBackend(dtype="float64")):
+        _check(name, integration_results(backend, [name])[name], type(backend).__name__)
+
+
+@pytest.mark.parametrize("subset", ["default", pytest.param("all", marks=pytest.mark.slow)])
+def test_conformance_integration_cases_on_jax(subset):
+    """The cases on JAX (float64, all in one subprocess: x64 is process-global; the default
+    run's share of them, or all) at 1e-10."""
+    only = sorted(_default_cases()) if subset == "default" else list(all_cases())
     here = Path(__file__).resolve().parent
-    jax = json.loads(run_python(f"""
+    res = json.loads(run_python(f"""
         import json, sys
         sys.path.insert(0, {str(here)!r})
         import test_train_model as t
         from mithril.backends import JaxBackend
-        print(json.dumps(t.integration_results(JaxBackend(dtype="float64"))))
+        print(json.dumps(t.integration_results(JaxBackend(dtype="float64"), {only!r})))
     """, timeout=300).strip().splitlines()[-1])
-    results = {"numpy": integration_results(NumpyBackend(dtype="float64")),
-               "torch": integration_results(TorchBackend(dtype="float64")), "jax": jax}
-    mine = set(json.loads(CONFORMANCE.read_text())["integration"])
-    assert mine <= EXPECTED_OK
-    for backend, res in results.items():
-        ok = {k for k, v in res.items() if v == "ok"}
-        problems = {k: v for k, v in res.items() if k in EXPECTED_OK and v != "ok"}
-        assert not problems, (backend, problems)
-        assert EXPECTED_OK <= ok, (backend, sorted(EXPECTED_OK - ok))
-        assert not [v for v in res.values() if v.startswith(("error", "mismatch"))], backend
-        print(f"{backend}: {len(ok)} of {len(res)} published integration cases match "
-              f"({len(mine & ok)} of {len(mine)} from mithril-json-cases.json)")
+    assert sorted(res) == sorted(only)
+    for name in only:
+        _check(name, res[name], "jax")
 
 
 # -- the rule, by hand -------------------------------------------------------------------------------
