@@ -337,6 +337,11 @@ def test_learning_rate_set_between_steps_equals_mlx():
     assert ours.mithril_optimizer.learning_rate == 0.5 / 2 ** 6
     ours.learning_rate = optim.step_decay(0.5, 0.5, 2)  # a schedule set later, at step 9
     assert float(ours.learning_rate) == 0.5 * 0.5 ** 4
+    ours.learning_rate = lambda step: 0.25 / (1 + int(step))  # a plain callable's floats
+    p = ours.apply_gradients(tree(grads[0]), p)
+    mx.eval(p, ours.state)
+    assert ours.mithril_optimizer.learning_rate == 0.025  # (unrounded; the state: float32)
+    assert float(ours.learning_rate) == float(np.float32(0.025))
 
 
 # -- (5) refused calls change nothing ---------------------------------------------------

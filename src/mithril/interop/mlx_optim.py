@@ -233,6 +233,7 @@ class MlxOptimizer(optim.Optimizer):
         sched = self._schedulers.get("learning_rate")
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
         lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
+        lr_arr = lr_arr if isinstance(lr_arr, mx.array) else mx.array(lr)  # (a plain callable's)
         kw: dict[str, Any] = {} if loss is None else {"loss": _number(loss)}
         if closure is not None:
             kw["closure"] = _host_closure(closure, {n: params_mx[n].dtype for n in names})
