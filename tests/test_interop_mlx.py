@@ -126,6 +126,17 @@ def test_mlx_loop_float32_equals_mlx(ours, theirs):
     assert int(opt.state["step"]) == 20 and opt.state["step"].dtype == mx.uint64
 
 
+def test_inside_mlx_multi_optimizer():
+    def multi(first):
+        return optim.MultiOptimizer([first, optim.SGD(0.1, momentum=0.9)],
+                                    [lambda path, w: w.ndim == 2])
+
+    ours = multi(mlx_optimizer(Adam(1e-2, convention="mlx")))
+    close(train(ours), train(multi(optim.Adam(1e-2))), 2e-6)
+    assert sorted(ours.optimizers[0].mithril_state.layout.names) == ["layers.0.weight",
+                                                                      "layers.2.weight"]
+
+
 def mlp_start():
     return {k: np.array(v) for k, v in tree_flatten(mlp().parameters())}
 
