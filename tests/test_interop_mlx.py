@@ -421,6 +421,17 @@ def test_refused_calls_change_nothing():
         mlx_optimizer(optim.Adam(1e-3))
 
 
+def test_skipped_step_is_not_counted():
+    start, grads = random_run(steps=2)
+    opt = mlx_optimizer(Adam(1e-2, nonfinite="skip"))
+    params = opt.apply_gradients(tree(grads[0]), tree(start))
+    before = snapshot(opt)
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        new = opt.apply_gradients(tree({**grads[1], "w": np.full((6, 5), np.inf)}), params)
+    same_snapshot(snapshot(opt), before)
+    close(flat_np(new), flat_np(params), 0)
+
+
 def test_loss_aware_optimizer_takes_loss():
     start, grads = random_run(steps=4)
     opt, ref = mlx_optimizer(PolyakSGD(max_learning_rate=0.5)), PolyakSGD(max_learning_rate=0.5)
