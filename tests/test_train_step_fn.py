@@ -6,6 +6,8 @@ optimizer's."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,13 @@ def problem(backend_name: str, seed: int = 0) -> tuple:
     return compiled, be, batches
 
 
+@functools.cache
+def jax_problem() -> tuple:
+    """``problem("jax")`` once for the module: its evaluate is jitted once, not in every test
+    (JAX arrays are immutable, and the step donates none of the user's)."""
+    return problem("jax")
+
+
 def host(be, params: dict) -> dict:
     return {k: np.array(be.to_numpy(v)) for k, v in params.items()}
 
@@ -182,17 +191,29 @@ TOLERANCE = {"muon": 5e-4}
 def _one_program_matches(name: str, steps: int, tol: float) -> tuple:
     """The JAX one-program step against evaluate + update over ``steps`` batches, to
     ``tol``; the step and its state."""
-    compiled, be, batches = problem("jax")
+    compiled, be, batches = jax_problem()
     want, want_losses = separate(compiled, optimizers()[name](), batches[:steps])
-    compiled2, _, _ = problem("jax")
-    got, losses, (step, state, _) = fused(compiled2, optimizers()[name](), batches[:steps])
+    got, losses, (step, state, _) = fused(compiled, optimizers()[name](), batches[:steps])
     np.testing.assert_allclose(losses, want_losses, rtol=tol, atol=tol)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol, err_msg=k)
     return step, state
 
 
-@pytest.mark.parametrize("name", list(optimizers()))
+#: the default run's share on JAX, one of each way its step is built: elementwise (adam,
+#: sgd_momentum's host scalars), an EMA, groups with global clipping, per-tensor clipping,
+#: two-pass with reductions (lamb), slots (nadam), state values (schedule_free_adamw), all
+#: three (dog); a wrapper (lookahead_groups); per-tensor (adafactor, muon and its tolerance,
+#: noisy_sgd's random stream); the loss-aware (momo_adam); the separate calls (lbfgs, sam,
+#: mechanize, schedule_free). The others repeat these paths: ``-m slow``.
+JAX_DEFAULT = ("adam", "sgd_momentum", "adam_amsgrad_ema", "adamw_groups_clip",
+               "adam_adaptive_clip", "lamb", "nadam", "schedule_free_adamw", "dog",
+               "lookahead_groups", "adafactor", "muon", "noisy_sgd", "momo_adam", "lbfgs", "sam",
+               "mechanize", "schedule_free")
+
+
+@pytest.mark.parametrize("name", [n if n in JAX_DEFAULT else pytest.param(
+    n, marks=pytest.mark.slow) for n in optimizers()])
 def test_jax_one_program_matches(name: str) -> None:
     """Every optimizer but LBFGS, SAM, Mechanize and ScheduleFree runs as one program; those (a line
     search of data-dependent length; a second gradient; an update of its own) run the
