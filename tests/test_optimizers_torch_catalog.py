@@ -152,7 +152,15 @@ def _check(label: str, r: dict, tol: float = TOL64) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(CASES))
+#: the default suite's cases: every optimizer with its options (weight decay coupled and
+#: decoupled, betas, Rprop's clamp, ASGD's averaging from t0 = 10) reach every branch of its
+#: kernel; the defaults-only cases (each a numba compile) run under ``-m slow``
+QUICK = ("adamax_wd", "nadam_wd", "nadam_decoupled", "radam_wd", "radam_decoupled",
+         "adadelta_wd", "rprop_wd", "asgd_wd")
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_parity_float64(case):
     """100 steps vs torch.optim with lr changes on every backend, and with a constant lr on
     NumPy (one test per case: each kernel compiles once)."""

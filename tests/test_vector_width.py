@@ -85,10 +85,18 @@ print(json.dumps({"width": vector_width.WIDTH, "pipeline": vector_width.PIPELINE
 """
 
 
-def _run(tmp_path, width):
+#: the width alone: no kernel to compile or load
+WIDTH_SCRIPT = """
+import json
+from mithril.utils.optimizers.engines import vector_width
+print(json.dumps({"width": vector_width.WIDTH}))
+"""
+
+
+def _run(tmp_path, width, script=SCRIPT):
     env = {**os.environ, "MITHRIL_CACHE_DIR": str(tmp_path / "cache"),
            "MITHRIL_VECTOR_WIDTH": width}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,4 +108,5 @@ def test_the_environment_variable_sets_it_and_both_widths_agree(tmp_path):
     assert (default["width"], default["pipeline"]) == (0, False)
     assert wide["env"] != default["env"]  # two kernels in one cache folder, not one
     np.testing.assert_allclose(wide["w"], default["w"], rtol=1e-6, atol=1e-7)
-    assert _run(tmp_path, "bogus")["width"] == 512  # (an unknown value: the default)
+    # (an unknown value: the default)
+    assert _run(tmp_path, "bogus", WIDTH_SCRIPT)["width"] == 512
