@@ -8,6 +8,7 @@ program refused a state with missed counts."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -154,9 +155,19 @@ def test_a_state_with_missed_counts_resumes_in_the_program(opt: str) -> None:
 
 
 def _catalog() -> list:
-    from test_train_step_fn import optimizers
+    """The catalog of tests/test_train_step_fn.py but LBFGS (``update(closure=)`` instead):
+    by default its ``JAX_DEFAULT`` (one optimizer per way the JAX step is built), the rest
+    under ``-m slow``."""
+    from test_train_step_fn import JAX_DEFAULT, optimizers
 
-    return [n for n in optimizers() if n != "lbfgs"]  # (LBFGS: update(closure=) instead)
+    return [n if n in JAX_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+            for n in optimizers() if n != "lbfgs"]
+
+
+@functools.cache
+def _jax_two_heads() -> ml.CompiledModel:
+    """The two heads compiled once on JAX for the module (its evaluate jitted once)."""
+    return ml.compile(two_heads(), JaxBackend(), shapes=SHAPES)
 
 
 @pytest.mark.parametrize("name", _catalog())
@@ -166,7 +177,7 @@ def test_every_optimizer_leaves_the_unreached_head_alone(name: str) -> None:
     program where it counts each parameter's steps, else by the separate calls)."""
     from test_train_step_fn import optimizers
 
-    c = ml.compile(two_heads(), JaxBackend(), shapes=SHAPES)
+    c = _jax_two_heads()
     step = make_train_step(c, optimizers()[name](), loss="loss_a")
     params = c.get_parameters()
     before = {n: np.asarray(p).copy() for n, p in params.items()}
