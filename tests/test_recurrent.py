@@ -18,7 +18,6 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     central_differences,
-    jax_case_params,
     jax_results_in_subprocess,
     selected_cases,
     to_np,
@@ -154,7 +153,13 @@ def jax_results(request):
         only=selected_cases(request, "case", list(ALL)))
 
 
-@pytest.mark.parametrize("case", jax_case_params(list(ALL)))
+#: JAX by default: each kind, ReLU, batch_first, given and zero states, a cell (each case a
+#: compile in the JAX interpreter); the rest under -m slow
+JAX_QUICK = ("rnn_relu_batch_first", "lstm", "gru_default_states", "lstm_cell")
+
+
+@pytest.mark.parametrize("case", [c if c in JAX_QUICK else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in ALL])
 def test_jax_equals_torch(case, jax_results):
     compare(case, jax_results.get(case, {}), "jax")
 

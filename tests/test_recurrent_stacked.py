@@ -19,7 +19,6 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     central_differences,
-    jax_case_params,
     jax_results_in_subprocess,
     selected_cases,
     to_np,
@@ -142,7 +141,13 @@ def jax_results(request):
         only=selected_cases(request, "case", list(CASES)))
 
 
-@pytest.mark.parametrize("case", jax_case_params(list(CASES)))
+#: JAX by default: each kind, one and two directions, ReLU, no bias, batch_first, three layers,
+#: given and zero states (each case a compile in the JAX interpreter); the rest under -m slow
+JAX_QUICK = ("rnn_l2_bi_relu", "lstm_l2_bi_no_bias", "gru_l3_bi_batch_first_zero_states")
+
+
+@pytest.mark.parametrize("case", [c if c in JAX_QUICK else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_jax_equals_torch(case, jax_results):
     compare(case, jax_results.get(case, {}), "jax")
 
@@ -310,8 +315,10 @@ def test_train_model_sees_every_layers_parameters():
     assert re.search(r"lstm\.l1_reverse \(L1Reverse\)\s+\[2, 4, 2, 3\]\s+132", text), text
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+# every kind on NumPy and torch; JAX (three compiles a case) by default with the LSTM's two states
+@pytest.mark.parametrize("kind, backend_name", [
+    (k, b) if b != "jax" or k == "lstm" else pytest.param(k, b, marks=pytest.mark.slow)
+    for k in ("rnn", "lstm", "gru") for b in ("numpy", "torch", "jax")])
 def test_default_zero_states_equal_explicit_zeros(kind, backend_name):
     """The default (and ``initial_states=False``) gives what ``initial_states=True`` gives
     with zeros, outputs and parameter gradients, with a batch free until ``evaluate``."""
