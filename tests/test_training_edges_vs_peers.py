@@ -5,6 +5,7 @@ against torch's norms."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,7 @@ def _start() -> dict[str, np.ndarray]:
     return {"w": _dyadic((3, 2), 1), "b": _dyadic((2,), 2)}
 
 
+@functools.cache  # (the peers' runs, the same for every parametrization: computed once)
 def _multisteps(n: int) -> dict[str, np.ndarray]:
     """optax.MultiSteps(adam) over the first ``n`` micro-batches, in float64."""
     with jax.enable_x64(True):
@@ -50,6 +52,7 @@ def _multisteps(n: int) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in params.items()}
 
 
+@functools.cache
 def _torch_loop(n: int) -> dict[str, np.ndarray]:
     """torch.optim.Adam with ``.grad`` summed over ``K`` micro-batches and divided by ``K``."""
     params = {k: torch.tensor(v, requires_grad=True) for k, v in _start().items()}
@@ -350,6 +353,39 @@ def test_train_step_with_accumulate_groups_clip_and_mask_equals_torch(kind):
         np.testing.assert_allclose(got, ref[n], rtol=1e-12, atol=1e-14, err_msg=n)
 
 
+def _skip_data() -> tuple:
+    """The start and the 9 micro-batches (two of them non-finite) of the test below."""
+    rng = np.random.default_rng(5)
+    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    xs = [rng.standard_normal((4, 3)) for _ in range(9)]
+    cs = [rng.standard_normal((4, 2)) for _ in range(9)]
+    cs[2][0, 1], cs[5][3, 0] = np.nan, np.inf
+    return w0, b0, xs, cs
+
+
+@functools.cache
+def _multisteps_skipping() -> list[tuple]:
+    """optax.MultiSteps(adam, should_skip_update_fn=skip_not_finite) over ``_skip_data``'s
+    micro-batches in float64: per micro-batch (w, b, mini_step, gradient_step, the skips so
+    far)."""
+    w0, b0, xs, cs = _skip_data()
+    out = []
+    with jax.enable_x64(True):
+        tx = optax.MultiSteps(optax.adam(0.05), every_k_schedule=2,
+                              should_skip_update_fn=optax.skip_not_finite,
+                              accumulator_dtype=jnp.float64)
+        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
+        ostate, optax_skips = tx.init(q), 0
+        for x, c in zip(xs, cs, strict=True):
+            g = {"w": jnp.asarray(c.T @ x), "b": jnp.asarray(c.sum(0))}
+            upd, ostate = tx.update(g, ostate, q)
+            q = optax.apply_updates(q, upd)
+            optax_skips += bool(ostate.skip_state["should_skip"])  # (num_not_finite: elements)
+            out.append((np.asarray(q["w"]), np.asarray(q["b"]), int(ostate.mini_step),
+                        int(ostate.gradient_step), optax_skips))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
 def test_a_nonfinite_micro_batch_is_dropped_as_multisteps_skip_not_finite(kind):
     # MixedPrecisionTrainer over Accumulate drops an overflowing micro-batch (not buffered,
@@ -360,11 +396,7 @@ def test_a_nonfinite_micro_batch_is_dropped_as_multisteps_skip_not_finite(kind):
     from mithril.backends import JaxBackend
     from mithril.utils.mixed_precision import MixedPrecisionTrainer
 
-    rng = np.random.default_rng(5)
-    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
-    xs = [rng.standard_normal((4, 3)) for _ in range(9)]
-    cs = [rng.standard_normal((4, 2)) for _ in range(9)]
-    cs[2][0, 1], cs[5][3, 0] = np.nan, np.inf
+    w0, b0, xs, cs = _skip_data()
     be = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[kind](
         dtype="float64")
     model = ml.Model()
@@ -376,29 +408,51 @@ def test_a_nonfinite_micro_batch_is_dropped_as_multisteps_skip_not_finite(kind):
         dynamic_loss_scaling=False)
 
     with jax.enable_x64(True):
-        tx = optax.MultiSteps(optax.adam(0.05), every_k_schedule=2,
-                              should_skip_update_fn=optax.skip_not_finite,
-                              accumulator_dtype=jnp.float64)
-        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
-        ostate, optax_skips = tx.init(q), 0
-        for i, (x, c) in enumerate(zip(xs, cs, strict=True)):
-            g = {"w": jnp.asarray(c.T @ x), "b": jnp.asarray(c.sum(0))}
-            upd, ostate = tx.update(g, ostate, q)
-            q = optax.apply_updates(q, upd)
-            optax_skips += bool(ostate.skip_state["should_skip"])  # (num_not_finite: elements)
+        for i, (x, c, peer) in enumerate(zip(xs, cs, _multisteps_skipping(), strict=True)):
+            qw, qb, mini_step, gradient_step, optax_skips = peer
             trainer.forward({"input": be.array(x)})
             ok = trainer.backward_and_update({"out": be.array(c)})[2]
             st = trainer.optimizer_state
             assert ok == (i not in (2, 5)), i
-            assert (st.micro_step, st.step) == (int(ostate.mini_step),
-                                                int(ostate.gradient_step)), i
+            assert (st.micro_step, st.step) == (mini_step, gradient_step), i
             assert trainer.num_skipped_steps == optax_skips, i
             m = {k: np.asarray(be.to_numpy(v)) for k, v in trainer.master_params.items()}
-            np.testing.assert_allclose(m["linear.weight"], np.asarray(q["w"]), rtol=1e-13,
-                                       atol=1e-15, err_msg=str(i))
-            np.testing.assert_allclose(m["linear.bias"], np.asarray(q["b"]), rtol=1e-13,
-                                       atol=1e-15, err_msg=str(i))
+            np.testing.assert_allclose(m["linear.weight"], qw, rtol=1e-13, atol=1e-15,
+                                       err_msg=str(i))
+            np.testing.assert_allclose(m["linear.bias"], qb, rtol=1e-13, atol=1e-15,
+                                       err_msg=str(i))
     assert st.step == 3 and st.micro_step == 1
+
+
+def _finite_data() -> tuple:
+    """The start and the 6 batches (two of them non-finite) of the test below."""
+    rng = np.random.default_rng(9)
+    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    xs = [rng.standard_normal((4, 3)) for _ in range(6)]
+    ys = [rng.standard_normal((4, 2)) for _ in range(6)]
+    xs[1][2, 0], xs[4][0, 1] = np.nan, np.inf
+    return w0, b0, xs, ys
+
+
+@functools.cache
+def _apply_if_finite() -> tuple:
+    """optax.apply_if_finite(optax.adam) over ``_finite_data``'s batches in float64: the
+    final w, b, the inner count, the non-finite count and the first moment of w."""
+    w0, b0, xs, ys = _finite_data()
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p["w"].T + p["b"] - y) ** 2)
+
+    with jax.enable_x64(True):
+        tx = optax.apply_if_finite(optax.adam(0.05), max_consecutive_errors=10)
+        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
+        ostate = tx.init(q)
+        for x, y in zip(xs, ys, strict=True):
+            g = jax.grad(loss)(q, jnp.asarray(x), jnp.asarray(y))
+            upd, ostate = tx.update(g, ostate, q)
+            q = optax.apply_updates(q, upd)
+        return (np.asarray(q["w"]), np.asarray(q["b"]), int(ostate.inner_state[0].count),
+                int(ostate.total_notfinite), np.asarray(ostate.inner_state[0].mu["w"]))
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
@@ -419,40 +473,25 @@ def test_a_skipped_train_step_is_optax_apply_if_finite(kind):
     model |= ml.SquaredError()(input="out", target="target", output="se")
     model |= ml.Mean()(input="se", output=ml.IOKey("loss"))
     compiled = ml.compile(model, be, shapes={"input": [None, 3], "target": [None, 2]})
-    rng = np.random.default_rng(9)
-    w0, b0 = rng.standard_normal((2, 3)), rng.standard_normal(2)
-    xs = [rng.standard_normal((4, 3)) for _ in range(6)]
-    ys = [rng.standard_normal((4, 2)) for _ in range(6)]
-    xs[1][2, 0], xs[4][0, 1] = np.nan, np.inf
+    w0, b0, xs, ys = _finite_data()
     step = make_train_step(compiled, Adam(learning_rate=0.05, nonfinite="skip"), loss="loss")
     params = {"linear.weight": be.array(w0), "linear.bias": be.array(b0)}
     state = step.init(params)
-
-    def loss(p, x, y):
-        return jnp.mean((x @ p["w"].T + p["b"] - y) ** 2)
-
+    qw, qb, count, notfinite, mu_w = _apply_if_finite()
     with jax.enable_x64(True):
-        tx = optax.apply_if_finite(optax.adam(0.05), max_consecutive_errors=10)
-        q = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
-        ostate = tx.init(q)
         for x, y in zip(xs, ys, strict=True):
-            g = jax.grad(loss)(q, jnp.asarray(x), jnp.asarray(y))
-            upd, ostate = tx.update(g, ostate, q)
-            q = optax.apply_updates(q, upd)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 params, state, _ = step(params, state, {"input": be.array(x),
                                                         "target": be.array(y)})
     st = step.to_optimizer_state(state, params)
-    assert (st.step, st.num_skipped) == (int(ostate.inner_state[0].count),
-                                         int(ostate.total_notfinite)) == (4, 2)
-    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.weight"])),
-                               np.asarray(q["w"]), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.bias"])),
-                               np.asarray(q["b"]), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(np.asarray(be.to_numpy(st.slot("m")["linear.weight"])),
-                               np.asarray(ostate.inner_state[0].mu["w"]), rtol=1e-13,
-                               atol=1e-15)
+    assert (st.step, st.num_skipped) == (count, notfinite) == (4, 2)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.weight"])), qw,
+                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(params["linear.bias"])), qb,
+                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(be.to_numpy(st.slot("m")["linear.weight"])), mu_w,
+                               rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
