@@ -4,8 +4,9 @@ hyperparameters (MLX: one optimizer per group, its ``MultiOptimizer``), ``clip_n
 ``clip_grad_norm`` first), ``nonfinite="skip"`` (MLX never sees the skipped step), an EMA of
 the parameters (of MLX's trajectory), the jitted JAX engine and torch's fused-ops engine,
 float32 on torch and JAX, a checkpoint loaded into an optimizer built with another
-convention, Muon on 3-D / 4-D tensors whose last two axes scale its lr, and Adafactor on a
-zero parameter (its scale falls to ``eps[1]``).
+convention (Adafactor's MLX-only options included, both ways), Muon on 3-D / 4-D tensors
+whose last two axes scale its lr, Adafactor on a zero parameter (its scale falls to
+``eps[1]``), and Muon / Adafactor with groups, an EMA, a skipped step and both engines.
 
 MLX keeps a float learning rate in float32: float64 runs give it a float64 ``mx.array``."""
 
@@ -329,3 +330,69 @@ def test_a_torch_adafactor_checkpoint_into_an_mlx_one_goes_on_as_torchs():
     want = {k: x.detach().numpy() for k, x in ts.items()}
     assert worst([params], [want]) <= 1e-12, worst([params], [want])
     Adafactor().load_state_dict(mlx_one.state_dict(state), params)  # (a torch checkpoint)
+
+
+# -- the tensorwise ones (Muon, Adafactor) with groups, an EMA and skipped steps -------------------
+TENSORWISE = {  # id: (ours, MLX's [group "w", the rest])
+    "muon": (lambda: Muon(0.02, convention="mlx", param_groups=[
+        {"params": ["w"], "learning_rate": 0.05, "weight_decay": 0.0, "momentum": 0.8}]),
+        lambda: [optim.Muon(lr64(0.05), weight_decay=0.0, momentum=0.8),
+                 optim.Muon(lr64(0.02))]),
+    "adafactor": (lambda: Adafactor(0.05, relative_step=False, convention="mlx", param_groups=[
+        {"params": ["w"], "learning_rate": 0.2, "weight_decay": 0.1}]),
+        lambda: [optim.Adafactor(lr64(0.2), relative_step=False, weight_decay=0.1),
+                 optim.Adafactor(lr64(0.05), relative_step=False)]),
+}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("case", list(TENSORWISE))
+def test_tensorwise_groups_are_two_mlx_optimizers(case, backend):
+    ours, theirs = TENSORWISE[case]
+    p0, grads = problem(seed=12, shapes={"w": (5, 3), "v": (3, 4), "b": (4,)})
+    ref = mlx_run(theirs(), p0, grads, split=lambda k: 0 if k == "w" else 1)
+    got = ours_run(ours(), p0, grads, backend)
+    assert worst(got, ref) <= TOL, worst(got, ref)
+
+
+@pytest.mark.parametrize("make, theirs", [
+    (lambda **kw: Muon(0.02, convention="mlx", **kw), lambda: optim.Muon(lr64(0.02))),
+    (lambda **kw: Adafactor(beta_1=0.9, convention="mlx", **kw),
+     lambda: optim.Adafactor(beta_1=0.9))], ids=["muon", "adafactor"])
+def test_tensorwise_ema_and_a_skipped_step(make, theirs):
+    """An EMA of MLX's trajectory; a NaN step skipped (MLX never sees it, nor counts it)."""
+    p0, grads = problem(seed=13, shapes={"w": (5, 3), "b": (4,)})
+    ref = mlx_run(theirs(), p0, grads[:4] + grads[5:])
+    bad = [dict(g) for g in grads]
+    bad[4] = {**bad[4], "b": np.full(4, np.nan)}
+    opt = make(ema_decay=0.7, nonfinite="skip")
+    with pytest.warns(RuntimeWarning):
+        ours, state = ours_run(opt, p0, bad, keep_state=True)
+    assert worst(ours[:4] + ours[5:], ref) <= TOL, worst(ours[:4] + ours[5:], ref)
+    ema = dict(ref[0])
+    for p in ref[1:]:
+        ema = {k: 0.7 * ema[k] + 0.3 * p[k] for k in p}
+    got = {k: host(v) for k, v in opt.ema_params(state).items()}
+    assert worst([got], [ema]) <= TOL, worst([got], [ema])
+
+
+@pytest.mark.parametrize("engine", ["jax-jit", "torch-ops"])
+@pytest.mark.parametrize("make, theirs", [
+    (lambda: Muon(0.02, weight_decay=0.1, convention="mlx"),
+     lambda: optim.Muon(lr64(0.02), weight_decay=0.1)),
+    (lambda: Adafactor(beta_1=0.9, weight_decay=0.1, warmup_init=True, convention="mlx"),
+     lambda: optim.Adafactor(beta_1=0.9, weight_decay=0.1, warmup_init=True))],
+    ids=["muon", "adafactor"])
+def test_tensorwise_on_the_jitted_jax_and_torch_fused_engines(make, theirs, engine, x64,
+                                                              monkeypatch):
+    """The per-tensor programs (JAX's jitted one, float32 step scalars traced) on a 3-D
+    tensor, a matrix and a vector."""
+    import mithril.utils.optimizers.engines as engines
+
+    if engine == "torch-ops":
+        monkeypatch.setattr(engines, "TORCH_ENGINE", "fused-ops")
+    p0, grads = problem(seed=15, shapes={"w": (5, 3), "k": (4, 2, 3), "b": (4,)}, steps=6)
+    ref = mlx_run(theirs(), p0, grads)
+    with optimizer_engine(engine):
+        ours = ours_run(make(), p0, grads, "jax" if engine == "jax-jit" else "torch")
+    assert worst(ours, ref) <= TOL, worst(ours, ref)
