@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -82,9 +83,22 @@ def _expected(scale: float) -> tuple[list, list]:
     return (w - 0.1 * scale * 2.0).tolist(), (b - 0.1 * scale * 4.0).tolist()
 
 
-def test_second_process_hits_the_cache_and_a_changed_math_recompiles(tmp_path):
-    cache = tmp_path / "cache"
-    first = _run(tmp_path, cache, seed=1)
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory) -> tuple[dict, Path]:
+    """One cold process's result and the cache folder it filled (the tests that start from a
+    filled cache take a copy of it: one compile of the kernels for the module, not three)."""
+    folder = tmp_path_factory.mktemp("filled")
+    return _run(folder, folder / "cache", seed=1), folder / "cache"
+
+
+def _copy_of(filled: Path, tmp_path: Path) -> Path:
+    # copy2 keeps the times the cache's index stamps its sources with: a copy loads as found
+    return Path(shutil.copytree(filled, tmp_path / "cache"))
+
+
+def test_second_process_hits_the_cache_and_a_changed_math_recompiles(tmp_path, filled_cache):
+    first, cache = filled_cache
+    cache = _copy_of(cache, tmp_path)
     assert first["new"] > 0 and first["misses"] > 0 and first["hits"] == 0
     assert (first["w"], first["b"]) == _expected(0.5)
     assert list((cache / "kernels").glob("*.py")), "the kernels' sources are kept in the cache"
@@ -221,9 +235,8 @@ def test_no_cpp_extension_is_built():
     assert out.returncode == 0, out.stderr
 
 
-def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
-    cache = tmp_path / "cache"
-    _run(tmp_path, cache)
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path, filled_cache):
+    cache = _copy_of(filled_cache[1], tmp_path)
     for f in (cache / "kernels" / "__pycache__").glob("*.nbc"):
         f.write_bytes(f.read_bytes()[:20])  # truncated
     out = _run(tmp_path, cache)
@@ -377,12 +390,11 @@ def test_math_of_code_without_a_module_is_compiled_not_cached(tmp_path):
         np.testing.assert_allclose(got["w"], [0.8, 0.8, 0.8])
 
 
-def test_an_entry_that_fails_to_load_warns_once_not_in_every_process(tmp_path):
+def test_an_entry_that_fails_to_load_warns_once_not_in_every_process(tmp_path, filled_cache):
     """A cached entry that cannot be loaded is removed with its warning: where the compile
     that replaces it is not saved (a kernel of code with no importable module, see
     ``save_overload``), it warned in every later process before."""
-    cache = tmp_path / "cache"
-    _run(tmp_path, cache)
+    cache = _copy_of(filled_cache[1], tmp_path)
     for f in (cache / "kernels" / "__pycache__").glob("*.nbc"):
         f.write_bytes(f.read_bytes()[:20])  # truncated
     unsaved = SCRIPT.replace(
