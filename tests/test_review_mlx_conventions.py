@@ -396,3 +396,28 @@ def test_tensorwise_on_the_jitted_jax_and_torch_fused_engines(make, theirs, engi
     with optimizer_engine(engine):
         ours = ours_run(make(), p0, grads, "jax" if engine == "jax-jit" else "torch")
     assert worst(ours, ref) <= TOL, worst(ours, ref)
+
+
+def test_a_refused_cross_convention_adafactor_load_changes_nothing():
+    """An MLX Adafactor checkpoint with a slot of the wrong shape, into ``Adafactor()``:
+    refused naming the slot, and the loader is still torch's (its run equals
+    torch.optim.Adafactor's)."""
+    p0, grads = problem(seed=16, shapes={"w": (5, 3), "b": (4,)}, steps=4)
+    opt = Adafactor(convention="mlx", beta_1=0.9)
+    state = opt.init(p0)
+    d = json.loads(json.dumps(opt.state_dict(state), default=lambda a: a.tolist()))
+    d["slots"]["exp_avg"]["w"] = np.zeros((3, 5)).tolist()
+    loader = Adafactor(0.02)
+    before = loader.hyperparameters()
+    with pytest.raises((ValueError, KeyError), match="exp_avg"):
+        loader.load_state_dict(d, p0)
+    assert loader.hyperparameters() == before and not hasattr(loader, "beta_1")
+    ts = [torch.tensor(p0[k], requires_grad=True) for k in ("w", "b")]
+    topt = torch.optim.Adafactor(ts, lr=0.02)
+    for g in grads:
+        for x, k in zip(ts, ("w", "b")):
+            x.grad = torch.tensor(g[k])
+        topt.step()
+    ours = ours_run(loader, p0, grads)[-1]
+    want = {k: x.detach().numpy() for k, x in zip(("w", "b"), ts)}
+    assert worst([ours], [want]) <= 1e-12
