@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import jax_results_in_subprocess
+from conftest import jax_results_in_subprocess, selected_cases
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -183,11 +183,16 @@ def eager_run(case: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def jax_results() -> dict[str, dict[str, np.ndarray]]:
-    return jax_results_in_subprocess("test_step_offset_jax", "cases", "run")
+def jax_results(request) -> dict[str, dict[str, np.ndarray]]:
+    """The selected cases' JAX runs, in one subprocess."""
+    return jax_results_in_subprocess("test_step_offset_jax", "cases", "run",
+                                     only=selected_cases(request, "case", cases))
 
 
-@pytest.mark.parametrize("case", cases)
+#: by default every step rule but AdamW's (Adam's bias corrections with a decoupled decay:
+#: the rule "adam" runs); it runs under ``-m slow``
+@pytest.mark.parametrize("case", [c if c != "adamw" else pytest.param(
+    c, marks=pytest.mark.slow) for c in cases])
 def test_traced_program_counts_a_late_groups_steps_as_torch(case, jax_results):
     got = jax_results[case]
     ref, eager = torch_run(case), eager_run(case)
