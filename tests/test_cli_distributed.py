@@ -241,7 +241,10 @@ def jax_one(tmp_path_factory) -> Path:
     return one
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+# by default the sharded state (the mesh's batch split, plus each device's share of the
+# slots); the replicated state (the split alone) under -m slow: one CLI process each
+@pytest.mark.parametrize("shard", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["replicated", "sharded"])
 def test_jax_two_devices_equal_one(tmp_path, jax_one, shard):
     """--devices 2 (the last batch of 29 rows runs replicated): every step's loss, accuracy
     and gradient norm equal one device's to float64 rounding."""

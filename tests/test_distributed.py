@@ -234,6 +234,7 @@ def test_resume_across_world_sizes(two_ranks) -> None:
                                        rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # four processes; resuming across world sizes (2 -> 1, 1 -> 2) runs by default
 def test_resume_two_to_four_to_one(two_ranks, tmp_path) -> None:
     """The 2-rank checkpoint resumed on 4 ranks (each holds bit for bit the saved params and
     the slots of its tensors), 3 more steps equal one process's, and the 4-rank checkpoint
