@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .adam import f32_pow
 from .averaging import row_counts
 from .checks import check_flag, check_positive, check_unit, describe, switched_on, to_float
 from .elementwise import minimum
@@ -32,13 +33,12 @@ _MLX_OPTIONS = {"relative_step": True, "scale_parameter": True, "warmup_init": F
 
 def _f32_pow(t: Any, e: float) -> Any:
     """``t ** e`` in float32 as MLX computes ``step ** decay_rate`` (its step is an integer
-    array, a Python float weakly typed: float32). On the host: the float64 power rounded to
-    float32: glibc's ``powf`` (MLX's on Linux) to the last bit up to step 3,045 with
-    ``e = -0.8`` (later, 1 ulp at times); traced: the program's float32 power."""
-    e32 = np.float32(e)
+    array, a Python float weakly typed: float32). On the host: the C library's ``powf``,
+    MLX's (:func:`.adam.f32_pow`); traced: the program's float32 power (the float64 power
+    rounded, 1 ulp off at times from step 3,046 with ``e = -0.8``)."""
     if isinstance(t, (int, np.integer)):
-        return float(np.float32(float(t) ** float(e32)))
-    return (t * 1.0).astype(np.float32) ** e32
+        return f32_pow(float(t), e)
+    return (t * 1.0).astype(np.float32) ** np.float32(e)
 
 
 #: keras.optimizers.Adafactor's names that are not ours

@@ -3,6 +3,7 @@ request."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -60,6 +61,29 @@ def _adam_mlx_corrected(p, g, m, v, lr, b1, b1c, b2, b2c, c1, c2, eps):
     return p - c1 * m / (sqrt(v) * c2 + eps), m, v
 
 
+@functools.cache
+def _powf() -> Any:
+    """The C library's ``powf``, or None where ctypes finds none (Windows)."""
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(None).powf
+    except (OSError, AttributeError, TypeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, (ctypes.c_float, ctypes.c_float)
+    return f
+
+
+def f32_pow(x: float, y: float) -> float:
+    """``x ** y`` in float32 as MLX's CPU computes it (its C library's ``powf``, whose last
+    bit the float64 power rounded to float32, the fallback, misses at times: ``0.9999 **
+    508``); ``x`` and ``y`` are rounded to float32 first, as MLX's operands are."""
+    f = _powf()
+    if f is None:
+        return float(np.float32(float(np.float32(x)) ** float(np.float32(y))))
+    return f(x, y)
+
+
 def mlx_corrections(lr: Any, beta1: float, beta2: float, step: Any) -> tuple[Any, Any]:
     """MLX's ``lr/(1−β₁ᵗ)`` and ``1/√(1−β₂ᵗ)``, its bias corrections rounded as MLX rounds
     them: its step counter is an integer array, so ``βᵗ``, ``1 − βᵗ`` and the rsqrt are
@@ -68,7 +92,7 @@ def mlx_corrections(lr: Any, beta1: float, beta2: float, step: Any) -> tuple[Any
     b1, b2 = float(np.float32(beta1)), float(np.float32(beta2))
     if isinstance(step, numbers.Integral):
         f32 = np.float32
-        bc1, bc2 = f32(1) - f32(b1**step), f32(1) - f32(b2**step)
+        bc1, bc2 = f32(1) - f32(f32_pow(b1, step)), f32(1) - f32(f32_pow(b2, step))
         return lr / float(bc1), float(f32(1) / np.sqrt(bc2))
     import jax.numpy as jnp
 
