@@ -4,7 +4,8 @@ side by side with optax in float64 (float32 where named):
 
 * ScheduleFree around a base with parameter groups (optax: ``partition`` of two bases), a
   base that clips (optax: ``chain(clip_by_global_norm, base)``), AdamW's decay read at ``y``,
-  SGD with momentum, and float32;
+  SGD with momentum, float32, and torch tensors through ``torch_optimizer`` (its
+  ``eval_params``);
 * LBFGS on 1-D non-convex problems (the direction not always one of descent, the zoom at
   ``max_linesearch_steps``, ``max_learning_rate`` capping the growth), the zoom's tolerances
   away from their defaults, a converged problem run on (zero gradients), float32 on JAX, a
@@ -115,6 +116,30 @@ def test_schedule_free_float32(backend):
     assert not jax.config.jax_enable_x64
     sf_check(ScheduleFree(Adam(0.05, beta1=0.0)),
              oc.schedule_free(optax.adam(0.05, b1=0.0), 0.05), backend, "float32", 5e-6)
+
+
+def test_schedule_free_through_torch_optimizer_and_its_eval_params(x64):
+    """torch tensors that require grad, stepped by ``torch_optimizer``; ``eval_params`` of
+    its Mithril state at those tensors: optax's ``schedule_free_eval_params``."""
+    from mithril.interop import torch_optimizer
+
+    tx = oc.schedule_free(optax.adam(0.05, b1=0.0), 0.05)
+    q = {k: jnp.asarray(v) for k, v in P0.items()}
+    s = tx.init(q)
+    ts = {k: torch.tensor(v, requires_grad=True) for k, v in P0.items()}
+    topt = torch_optimizer(ScheduleFree(Adam(0.05, beta1=0.0)), ts.items())
+    step = jax.jit(lambda q, s: tx.update(grads_at(q), s, q))
+    for _ in range(10):
+        g = grads_at({k: x.detach() for k, x in ts.items()})
+        for k, x in ts.items():
+            x.grad = g[k].clone()
+        topt.step()
+        u, s = step(q, s)
+        q = optax.apply_updates(q, u)
+    ev = topt.mithril_optimizer.eval_params(topt.mithril_state, dict(ts))
+    assert isinstance(ev["w"], torch.Tensor)
+    assert err(ev, oc.schedule_free_eval_params(s, q)) <= TOL
+    assert err({k: x.detach() for k, x in ts.items()}, q) <= TOL
 
 
 # ==============================================================================================
