@@ -4,6 +4,7 @@ Mithril's integration cases on NumPy, torch and JAX; training with our SGD; bad 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -178,6 +179,7 @@ _KNOWN_WRONG = {"test_linear_9", "test_tsne_1", "test_tsne_2", "test_tsne_core_1
                 "test_tsne_core_3"}
 
 
+@functools.cache  # (read once: every test of a case looks its case up)
 def all_cases() -> dict[str, dict]:
     """The 14 integration cases of mithril-json-cases.json, then the other published ones."""
     cases = dict(json.loads(CONFORMANCE.read_text())["integration"])
@@ -224,7 +226,8 @@ def _features(case: dict) -> set[str]:
     return out
 
 
-def _default_cases() -> set[str]:
+@functools.cache
+def _default_cases() -> frozenset[str]:
     """The default run's cases: in order, each that adds a feature not yet covered (so every
     branch of the builder runs on every backend); the others repeat them, under ``-m slow``."""
     chosen, seen = set(), set()
@@ -232,7 +235,7 @@ def _default_cases() -> set[str]:
         if _features(case) - seen:
             chosen.add(name)
             seen |= _features(case)
-    return chosen
+    return frozenset(chosen)
 
 
 #: the published integration cases that must match (the 14 of mithril-json-cases.json first)
