@@ -451,3 +451,18 @@ def test_adam_with_beta2_0_9999_past_step_508():
     ours = ours_run(Adam(0.01, beta1=0.8, beta2=0.9999, bias_correction=True,
                          convention="mlx"), p0, grads)
     assert worst(ours, ref) <= TOL, worst(ours, ref)
+
+
+@pytest.mark.parametrize("make, theirs", [
+    (lambda: Adafactor(beta_1=0.9, convention="mlx"), lambda: optim.Adafactor(beta_1=0.9)),
+    (lambda: Adafactor(0.1, relative_step=False, scale_parameter=False, convention="mlx"),
+     lambda: optim.Adafactor(lr64(0.1), relative_step=False, scale_parameter=False)),
+    (lambda: Muon(0.02, convention="mlx"), lambda: optim.Muon(lr64(0.02)))],
+    ids=["adafactor", "adafactor-lr", "muon"])
+def test_degenerate_shapes(make, theirs):
+    """A row, a column, a 3-D tensor with a unit axis, a one-element vector, a scalar and a
+    4-D kernel: MLX's factored means and Muon's reshape on each."""
+    shapes = {"r": (1, 5), "c": (5, 1), "k": (2, 1, 3), "o": (1,), "s": (), "q": (3, 4, 2, 2)}
+    p0, grads = problem(seed=18, shapes=shapes, steps=10)
+    ref = mlx_run(theirs(), p0, grads)
+    assert worst(ours_run(make(), p0, grads), ref) <= TOL
