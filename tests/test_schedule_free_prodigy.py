@@ -174,18 +174,10 @@ print(json.dumps({"errors": out, "defaults": defaults}, default=repr))
 """
 
 
-#: the default suite's cases: each class with every option (warm-up, weight decay, betas, the
-#: eval_params of schedule-free, Prodigy's estimate and safeguard), optax eager and jitted
-QUICK = ("sgd_wd_warmup", "adamw_wd_warmup", "prodigy_all")
-#: the slow suite's: the defaults (one more interpreter start and ~20 s of steps)
-REST = ("sgd", "adamw", "prodigy")
-
-
 @functools.cache
-def reference_run(cases: tuple[str, ...]) -> dict:
-    """The float64 comparisons of ``cases`` (and optax's defaults), in one fresh interpreter."""
-    code = reference_code(_SCRIPT, _SCRIPT_MAIN, problem, STEPS, SHAPES,
-                          {c: CASES[c] for c in cases})
+def reference_run() -> dict:
+    """The float64 comparisons (and optax's defaults), in one fresh interpreter."""
+    code = reference_code(_SCRIPT, _SCRIPT_MAIN, problem, STEPS, SHAPES, CASES)
     return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
 
 
@@ -193,13 +185,14 @@ def reference_run(cases: tuple[str, ...]) -> dict:
 _REF_NAMES = {"beta1": "b1", "beta2": "b2", "epsilon": "eps"}
 
 
-def _check_parity(cases: tuple[str, ...]) -> dict:
-    """100 steps of each of ``cases`` vs optax.contrib, two lr changes, ≤ 1e-10 (params and
-    eval_params); returns optax's defaults."""
-    res = reference_run(cases)
-    errors = res["errors"]
+def test_float64_parity_and_defaults():
+    """100 steps vs optax.contrib, two lr changes, with and without weight decay and warm-up,
+    ≤ 1e-10 (params and eval_params); and the defaults are optax's. One test, so that under
+    xdist the subprocess runs once."""
+    res = reference_run()
+    errors, defaults = res["errors"], res["defaults"]
     bad = {}
-    for case in cases:
+    for case in CASES:
         for engine in ("numpy", "jax-jit"):
             for key in (f"{case}/{engine}", f"{case}/{engine}/eval_params"):  # not values
                 if key not in errors:
@@ -211,16 +204,8 @@ def _check_parity(cases: tuple[str, ...]) -> dict:
         if case.startswith("prodigy"):  # the estimate grew: the steps were not negligible
             values = errors[f"{case}/numpy/values"]
             assert values["d"] > 1e3 * CASES[case][1].get("estim_lr0", 1e-6), values
-    # every schedule-free case (two engines each)
-    assert sum("eval_params" in k for k in errors) == 2 * sum(CASES[c][0] != "Prodigy" for c in cases)
+    assert sum("eval_params" in k for k in errors) == 2 * 4  # every schedule-free case
     assert not bad, bad
-    return res["defaults"]
-
-
-def test_float64_parity_and_defaults():
-    """With and without weight decay and warm-up (:data:`QUICK`), and the defaults are
-    optax's. One test, so that under xdist the subprocess runs once."""
-    defaults = _check_parity(QUICK)
     for cls in CLASSES.values():
         ref = dict(defaults[cls.__name__])
         if "betas" in ref:  # Prodigy's (beta1, beta2) pair
@@ -235,12 +220,6 @@ def test_float64_parity_and_defaults():
                 assert value == want, (cls.__name__, name, value, want)
                 checked += 1
         assert checked >= 5, (cls.__name__, checked)
-
-
-@pytest.mark.slow
-def test_float64_parity_of_the_defaults():
-    """The cases with the default hyperparameters (:data:`REST`), as above."""
-    _check_parity(REST)
 
 
 # ---------------------------------------------------------------------------------------------
