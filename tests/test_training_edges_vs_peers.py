@@ -150,7 +150,9 @@ def test_a_scheduled_window_with_an_ema_matches_multisteps_and_torch():
 
     rng = np.random.default_rng(3)
     p0 = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
-    gs = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(14)]
+    # 8 micro-batches: two windows of 2, one of 3 and one begun (the schedule's switch, the
+    # EMA and the learning rate moved at each window; 14 showed nothing more)
+    gs = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(8)]
     opt = AdamW(learning_rate=lr(0), weight_decay=0.1, exclude_weight_decay=("b",),
                 ema_decay=0.9)
     acc = Accumulate(opt, 1)
@@ -176,7 +178,7 @@ def test_a_scheduled_window_with_an_ema_matches_multisteps_and_torch():
             upd, ostate = tx.update({k: jnp.asarray(v) for k, v in g.items()}, ostate, q)
             q = optax.apply_updates(q, upd)
             optax_steps.append(int(ostate.gradient_step))
-    assert steps_seen == optax_steps == [0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5]
+    assert steps_seen == optax_steps == [0, 1, 1, 2, 2, 2, 3, 3]
     assert st.micro_step == int(ostate.mini_step) == 1
 
     tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
