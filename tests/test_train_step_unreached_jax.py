@@ -17,7 +17,6 @@ import pytest
 
 pytest.importorskip("jax")
 
-from conftest import run_python  # noqa: E402
 from test_unreached_params import SCHEDULE, data_of, two_heads  # noqa: E402
 
 import mithril as ml  # noqa: E402
@@ -76,44 +75,32 @@ def test_two_heads_alternately_in_one_program_as_numpy(opt: str) -> None:
 
 @pytest.mark.skipif(os.environ.get("JAX_ENABLE_X64") == "1", reason="already float64")
 def test_two_heads_alternately_in_float64_to_1e12() -> None:
-    """The same in float64 (``jax_enable_x64``: a subprocess, x64 is process-wide), AdamW and
-    SGD with momentum: the NumPy step's numbers to 1e-12."""
-    code = f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        import jax
-        jax.config.update("jax_enable_x64", True)
-        import numpy as np
-        import mithril as ml
-        from mithril.backends import JaxBackend, NumpyBackend
-        from mithril.utils.optimizers import SGD, AdamW
-        from mithril.utils.training import make_train_step
-        from test_unreached_params import SCHEDULE, data_of, two_heads
+    """The same in float64 (``jax_enable_x64`` for the block only: ``jax_float64`` puts the
+    process-wide flag back), AdamW and SGD with momentum: the NumPy step's numbers to
+    1e-12."""
+    from optimizer_parity import jax_float64
 
-        for make in (lambda: AdamW(learning_rate=1e-2, weight_decay=0.1),
-                     lambda: SGD(learning_rate=0.05, momentum=0.9, weight_decay=0.1)):
-            got = []
-            for backend in (NumpyBackend(dtype="float64"), JaxBackend(dtype="float64")):
-                c = ml.compile(two_heads(), backend, shapes={{"input": [8, 3]}})
+    for make in OPTIMIZERS.values():
+        got = []
+        for backend in (NumpyBackend(dtype="float64"), JaxBackend(dtype="float64")):
+            with jax_float64():
+                c = ml.compile(two_heads(), backend, shapes=SHAPES)
                 opt = make()
-                steps = {{k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}}
-                p = {{n: backend.array(np.asarray(v)) for n, v in
-                     (got[0][0] if got else c.get_parameters()).items()}}
-                start = {{n: np.asarray(v).copy() for n, v in p.items()}}
+                steps = {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
+                p = {n: backend.array(np.asarray(v)) for n, v in
+                     (got[0][0] if got else c.get_parameters()).items()}
+                start = {n: np.asarray(v).copy() for n, v in p.items()}
                 s = steps["loss_a"].init(p)
                 rng = np.random.default_rng(1)
                 for loss in SCHEDULE:
-                    p, s, _ = steps[loss](p, s, {{k: backend.array(v)
-                                                 for k, v in data_of(rng).items()}})
+                    p, s, _ = steps[loss](p, s, {k: backend.array(v)
+                                                 for k, v in data_of(rng).items()})
                 assert steps["loss_a"].fused == (backend.name == "jax")
-                got.append((start, p))
-            assert all(np.array_equal(got[0][0][n], got[1][0][n]) for n in got[0][0])
-            err = max(float(np.max(np.abs(np.asarray(got[1][1][n]) - got[0][1][n])))
-                      for n in got[0][1])
-            assert err < 1e-12, err
-        print("ok")
-    """
-    assert run_python(code).strip().endswith("ok")
+                got.append((start, {n: np.asarray(v) for n, v in p.items()}))
+        assert all(np.array_equal(got[0][0][n], got[1][0][n]) for n in got[0][0])
+        assert all(v.dtype == np.float64 for v in got[1][1].values())
+        err = max(float(np.max(np.abs(got[1][1][n] - got[0][1][n]))) for n in got[0][1])
+        assert err < 1e-12, err
 
 
 def test_unreached_head_stays_bit_for_bit() -> None:
