@@ -7,14 +7,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_python, shared_file
+from conftest import shared_file
 
 import mithril as ml
-from mithril.backends import NumpyBackend, TorchBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.models import (
     L1,
     L2,
@@ -294,17 +293,13 @@ def test_conformance_integration_cases(name):
 
 @pytest.mark.parametrize("subset", ["default", pytest.param("all", marks=pytest.mark.slow)])
 def test_conformance_integration_cases_on_jax(subset):
-    """The cases on JAX (float64, all in one subprocess: x64 is process-global; the default
-    run's share of them, or all) at 1e-10."""
+    """The cases on JAX (float64: x64 for the block only, ``jax_float64`` puts the
+    process-wide flag back; the default run's share of them, or all) at 1e-10."""
+    from optimizer_parity import jax_float64
+
     only = sorted(_default_cases()) if subset == "default" else list(all_cases())
-    here = Path(__file__).resolve().parent
-    res = json.loads(run_python(f"""
-        import json, sys
-        sys.path.insert(0, {str(here)!r})
-        import test_train_model as t
-        from mithril.backends import JaxBackend
-        print(json.dumps(t.integration_results(JaxBackend(dtype="float64"), {only!r})))
-    """, timeout=300).strip().splitlines()[-1])
+    with jax_float64():
+        res = integration_results(JaxBackend(dtype="float64"), only)
     assert sorted(res) == sorted(only)
     for name in only:
         _check(name, res[name], "jax")
@@ -386,20 +381,15 @@ def test_all_backends_agree_on_the_rule():
         out, g = c.evaluate({k: backend.array(v) for k, v in p.items()},
                             {k: backend.array(v) for k, v in data.items()}, output_gradients=True)
         results.append((float(backend.to_numpy(out["final_cost"])), {k: backend.to_numpy(v) for k, v in g.items()}))
-    jax = run_python(f"""
-        import numpy as np, sys
-        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-        import mithril as ml, test_train_model as t
-        b = ml.JaxBackend(dtype="float64")
-        rng = np.random.default_rng(1)
-        c = ml.compile(t._train_model(), b, shapes={{"input": [4, 3], "ya": [4, 2], "yb": [4, 3]}})
-        p = {{k: rng.standard_normal(s) for k, s in sorted(c.parameter_shapes.items())}}
-        data = {{"input": rng.standard_normal((4, 3)), "ya": rng.standard_normal((4, 2)),
-                "yb": rng.standard_normal((4, 3))}}
-        out, g = c.evaluate({{k: b.array(v) for k, v in p.items()}}, {{k: b.array(v) for k, v in data.items()}},
-                            output_gradients=True)
-        print(repr(float(out["final_cost"])), repr(float(sum(float(np.sum(np.asarray(v))) for v in g.values()))))
-    """).split()
+    from optimizer_parity import jax_float64
+
+    with jax_float64():  # (x64 for the block only: the process-wide flag put back)
+        b = JaxBackend(dtype="float64")
+        c = ml.compile(_train_model(), b, shapes={"input": [4, 3], "ya": [4, 2], "yb": [4, 3]})
+        out, g = c.evaluate({k: b.array(v) for k, v in p.items()},
+                            {k: b.array(v) for k, v in data.items()}, output_gradients=True)
+        jax = (float(out["final_cost"]), sum(float(np.sum(np.asarray(v))) for v in g.values()))
+        assert all(np.asarray(v).dtype == np.float64 for v in g.values())
     assert abs(results[0][0] - results[1][0]) <= 1e-12 * abs(results[0][0])
     for k in results[0][1]:
         np.testing.assert_allclose(results[1][1][k], results[0][1][k], rtol=1e-10, atol=1e-12)
