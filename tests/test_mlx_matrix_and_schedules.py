@@ -23,6 +23,7 @@ import types  # noqa: E402
 
 import mlx.optimizers.schedulers as mlx_schedulers  # noqa: E402
 import torch  # noqa: E402
+from conftest import host, native  # noqa: E402
 
 from mithril.errors import ShapeError  # noqa: E402
 from mithril.utils.lr_schedulers import (  # noqa: E402
@@ -87,18 +88,6 @@ def on(request):
         jax.config.update("jax_enable_x64", True)
 
 
-def native(backend, x):
-    if backend == "torch":
-        return torch.tensor(x)
-    if backend == "jax":
-        import jax.numpy as jnp
-
-        return jnp.asarray(x)
-    return np.array(x)
-
-
-def host(x):
-    return np.array(x.numpy() if isinstance(x, torch.Tensor) else x)
 
 
 def problem(shapes=SHAPES, steps=STEPS, seed=0, dtype="float64"):
