@@ -442,3 +442,39 @@ def test_torch_optimizer_drop_in(x64):
     for i in range(15):
         opt.step(closure)
         assert rel_err([flat({"u": u, "v": v})], [ref[i]]) <= 1e-10, i
+
+
+def test_torch_state_dict_shows_the_history_made_and_resumes(x64):
+    """torch's view of the state holds the ring entries written so far (update ``c`` writes
+    entry ``c − 1``), not the never-written ones; loaded into a fresh drop-in, the run goes
+    on as the uninterrupted one, bit for bit."""
+    from mithril.interop import torch_optimizer
+
+    def make():
+        return torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+
+    def run(opt, u, n):
+        def closure():
+            opt.zero_grad()
+            loss = (100 * (u[1:] - u[:-1] ** 2) ** 2 + (1 - u[:-1]) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(n):
+            opt.step(closure)
+
+    u = make()
+    opt = torch_optimizer(LBFGS(convention="optax"), [("u", u)])
+    run(opt, u, 4)
+    sd = opt.state_dict()
+    assert sorted(k for k in sd["state"][0] if k[0] in "sy" and k != "step") == \
+        ["s0", "s1", "s2", "y0", "y1", "y2"]
+    u2 = make()
+    opt2 = torch_optimizer(LBFGS(convention="optax"), [("u", u2)])
+    opt2.load_state_dict(sd)
+    with torch.no_grad():
+        u2.copy_(u)
+    run(opt, u, 5)
+    run(opt2, u2, 5)
+    assert torch.equal(u, u2)
+    assert not torch.equal(u, make())

@@ -152,9 +152,20 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
 
 def unused_slots(opt: Optimizer, values: Mapping[str, Any]) -> set[str]:
     """The slots ``opt``'s state holds but does not use, given its ``values``: LBFGS's
-    history entries not yet made (one shared zero buffer), else none."""
+    history entries not yet made (one shared zero buffer), else none. Under optax's
+    convention update ``c`` (from 0) writes ring entry ``(c − 1) mod h`` once ``c > 0``:
+    after ``count`` updates the first ``min(count − 1, h)`` are made."""
     if not isinstance(opt, LBFGS):
         return set()
+    if opt.convention == "optax":
+        try:
+            n = int(float(values["count"]))
+        except (KeyError, TypeError, ValueError):
+            return set()
+        out = {"prev_params", "prev_grad", "ls_grad"} if n == 0 else set()
+        made = min(max(n - 1, 0), opt.history_size)
+        out.update(f"{k}{i}" for k in "sy" for i in range(made, opt.history_size))
+        return out
     try:
         n, fresh = int(float(values["history"])), float(values["n_iter"]) == 0
     except (KeyError, TypeError, ValueError):  # malformed: the optimizer's load names it
