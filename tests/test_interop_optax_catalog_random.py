@@ -310,7 +310,7 @@ def prodigy(r: np.random.Generator) -> tuple:
         u(r, 0.5, 0.95),
         u(r, 0.9, 0.999),
         lu(r, 1e-8, 1e-4),
-        lu(r, 1e-7, 1e-4),
+        lu(r, 1e-5, 1e-3),  # d0: from 1e-7 a draw barely moved in the steps
     )
     return M.Prodigy(lr, b1, b2, None, eps, e0), optax.contrib.prodigy(lr, (b1, b2), None, eps, e0)
 

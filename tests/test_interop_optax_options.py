@@ -62,15 +62,19 @@ def check(name: str, option: str) -> None:
     tx = optax_transformation(make(name, OPTIONS[option]))
     p = {k: jnp.asarray(v) for k, v in P0.items()}
     state = tx.init(p)
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True))
     opt = make(name, OPTIONS[option])
+    # a loss-aware optimizer (PolyakSGD, Momo) takes each step's loss: optax's value=
+    losses = [2.0 - 0.25 * i for i in range(len(GRADS))] if opt.needs_loss else [None] * 5
+    update = jax.jit(lambda g, s, p, f: tx.update(
+        g, s, p, new_params=True, **({} if f is None else {"value": f})))
     want = {k: v.copy() for k, v in P0.items()}
     own = opt.init(want)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for g in GRADS:
-            p, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
-            want, own = opt.update(want, {k: v.copy() for k, v in g.items()}, own)
+        for g, f in zip(GRADS, losses):
+            p, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, p, f)
+            want, own = opt.update(want, {k: v.copy() for k, v in g.items()}, own,
+                                   **({} if f is None else {"loss": f}))
     for k in want:
         scale = max(1e-3, float(np.max(np.abs(want[k]))))
         err = float(np.max(np.abs(np.asarray(p[k]) - want[k]))) / scale
