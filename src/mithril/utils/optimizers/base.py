@@ -153,6 +153,13 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
     fused on the numba engine (per-unit norms in a read-only pass, then each gradient element
     scaled by its unit's factor as the passes read it: :mod:`.engines.unitwise`) and inside
     the jitted JAX step; the tensor-op engine gets clipped copies of the gradients instead.
+    First of all (optax users chain them first: ``chain(centralize(), clip_by_global_norm(c),
+    adam(lr))``), on copies of the gradients: ``centralize=True`` (optax ``centralize``: a
+    tensor of 2+ axes less its mean over all axes but the first) then ``normalize_grad=s``
+    (``g ← s·g / (‖g‖₂ + normalize_eps)``, ‖g‖ over the normalizing tensors together: optax
+    ``normalize_by_update_norm(s, eps)``, ``optax.contrib.normalize()`` with ``s=1,
+    normalize_eps=0``; :mod:`.clipping`); groups may turn either off (None / False).
+    ``state.last_grad_norm`` is then the norm of the transformed gradients.
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
@@ -205,8 +212,14 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
                  swa_start: int | None = None, clip_tensor_norm: float | None = None,
                  clip_block_rms: float | None = None, adaptive_clip: float | None = None,
                  adaptive_clip_eps: float = 1e-3, max_consecutive_skips: int | None = None,
-                 clip_eps: float = 1e-6) -> None:
+                 clip_eps: float = 1e-6, centralize: bool | None = False,
+                 normalize_grad: float | None = None, normalize_eps: float = 1e-6) -> None:
         self.learning_rate = check_positive("learning_rate", learning_rate)
+        # (None: a group's way of turning it off, as the clips')
+        self.centralize = False if centralize is None else check_flag("centralize", centralize)
+        self.normalize_grad = (None if normalize_grad is None else
+                               check_positive("normalize_grad", normalize_grad, False))
+        self.normalize_eps = check_positive("normalize_eps", normalize_eps)
         self.clip_tensor_norm = (None if clip_tensor_norm is None else
                                  check_positive("clip_tensor_norm", clip_tensor_norm, False))
         self.clip_block_rms = (None if clip_block_rms is None else
@@ -413,7 +426,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
                 and self.nonfinite == "skip":  # (_give_up's "propagate": no recursion)
             return self._give_up(params, gradients, state, n)
-        if getattr(state, "fast", None) is not None:  # a loop's steady state (fast_step.py)
+        if getattr(state, "fast", None) is not None and not self._pre_clipping():
+            # a loop's steady state (fast_step.py); it reads the gradients as given
             try:
                 got = state.engine.fast_step(self, state, params, gradients)
                 if got is not None and state.pending is not None:  # (a two-pass step's)
@@ -430,6 +444,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         except BaseException:
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
+        if self._pre_clipping() and (pre := self._pre_clip(gradients, state)) is not None:
+            gradients, prepared = pre, None  # (the engine locates the new arrays)
         if any(getattr(v, "adaptive_clip", None) is not None
                for v in self.group_rows(state)[1]) and not state.engine.fuses_adaptive_clip(
                    self, state):
@@ -520,6 +536,31 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         if getattr(eng, "adopt_params", None) is None or eng.kind not in ("numpy", "torch"):
             return dict(params)
         return eng.adopt_params(state, params)
+
+    def _pre_clipping(self) -> bool:
+        """Whether ``centralize`` or ``normalize_grad`` may be set for some tensor (a cheap
+        look at the options, before the groups are resolved)."""
+        return bool(getattr(self, "centralize", False) or getattr(self, "normalize_grad", None)
+                    is not None or any(g.get("centralize") or g.get("normalize_grad") is not None
+                                       for g in self.__dict__.get("_groups", ())))
+
+    def _pre_clip(self, gradients: Mapping[str, Any], state: OptimizerState
+                  ) -> dict[str, Any] | None:
+        """The gradients centralized and normalized (:func:`.clipping.pre_clip`), each tensor
+        by its group's ``centralize`` / ``normalize_grad`` / ``normalize_eps`` (new arrays,
+        before any clip: optax's ``chain(centralize(), normalize..., clip..., opt)``); None
+        where no tensor takes either."""
+        from .clipping import pre_clip
+
+        index, views = self.group_rows(state)
+        spec = [(bool(getattr(v, "centralize", False)), getattr(v, "normalize_grad", None),
+                 getattr(v, "normalize_eps", 1e-6)) for v in views]
+        if not any(c or s is not None for c, s, _ in spec):
+            return None
+        where = state.layout.index
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # inf/NaN: the policies' to find
+            return pre_clip(gradients, {n: spec[index[where[n]]] for n in gradients})
 
     def _adaptive_clip(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                        state: OptimizerState) -> dict[str, Any]:

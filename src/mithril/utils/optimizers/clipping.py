@@ -143,3 +143,43 @@ def adaptive_clip(g: Any, p: Any, clipping: float, eps: float = 1e-3) -> Any:
     bound = maximum(p_norm, eps) * clipping
     scale = where(g_norm < bound, 1.0, bound / maximum(g_norm, 1e-6))
     return (g2 * scale[None, :]).reshape(shape)
+
+
+# -- before every clip: centralization and normalization (the same functions on every path) --
+def centralize(g: Any) -> Any:
+    """optax ``centralize`` (Yong et al., 2020) of one tensor: a tensor of two or more axes
+    less its mean over all axes but the first (``g − mean(g, axes 1..)``, one mean per
+    leading index); scalars and vectors unchanged. NumPy, torch or (traced) JAX."""
+    if len(g.shape) < 2 or math.prod(g.shape) == 0:
+        return g
+    return g - g.mean(axis=tuple(range(1, len(g.shape))), keepdims=True)
+
+
+def normalize_factor(scale: Any, norm: Any, eps: Any) -> Any:
+    """The normalization's factor ``s / (‖g‖ + ε)``: optax ``normalize_by_update_norm(s, ε)``,
+    and ``optax.contrib.normalize()`` with ``s=1, ε=0``. Where ``‖g‖ + ε`` is 0 (an all-zero
+    gradient with ``ε=0``) the factor is 1: the gradient stays zero, where optax's 0/0 gives
+    NaN. Python numbers, torch tensors or traced JAX arrays."""
+    if isinstance(norm, (float, int)):
+        return scale / (norm + eps) if norm + eps > 0 else 1.0
+    from .elementwise import where
+
+    d = norm + eps
+    return where(d > 0, scale / where(d > 0, d, 1.0), 1.0)
+
+
+def pre_clip(gradients: Mapping[str, Any], specs: Mapping[str, tuple[bool, Any, float]]
+             ) -> dict[str, Any]:
+    """``gradients`` as every clip sees them (new arrays where changed; those given are not
+    modified): each tensor ``name`` with ``specs[name] = (centralize, normalize_grad,
+    normalize_eps)`` centralized (:func:`centralize`) where the flag is set, then the
+    normalizing ones (``normalize_grad`` not None) scaled by ``s / (‖g‖ + ε)``, ‖g‖ the norm
+    of those tensors together, after centralization (float64 on NumPy/torch)."""
+    out = {n: centralize(g) if specs[n][0] else g for n, g in gradients.items()}
+    unit = [n for n in out if specs[n][1] is not None]
+    if unit:
+        norm = math.sqrt(sum(_sumsq(out[n]) for n in unit))
+        for n in unit:
+            f = normalize_factor(specs[n][1], norm, specs[n][2])
+            out[n] = _scale(out[n], f) if f != 1.0 else out[n]
+    return out
