@@ -31,7 +31,7 @@ _GROUP = re.compile(r"param_groups\[(\d+)\]\.(\w+)$")
 _NOT_TRACED = frozenset({"learning_rate", "nonfinite", "param_groups", "weight_decay_mask",
                          "exclude_weight_decay", "strict", "adaptive_clip", "adaptive_clip_eps",
                          "clip_tensor_norm", "clip_block_rms", "max_consecutive_skips",
-                         "clip_eps"})
+                         "clip_eps", "centralize", "normalize_grad", "normalize_eps"})
 
 
 def parse(key: str) -> tuple[int | None, str]:

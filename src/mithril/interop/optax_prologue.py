@@ -1,6 +1,6 @@
 """The gradient prologue of the traced optax update (:mod:`.optax_transform`,
 :mod:`.optax_tensorwise`): what the optimizer's ``update`` does to the gradients before its
-math, as jittable JAX: unit-wise adaptive clipping, per-tensor norm / RMS clipping, the
+math, as jittable JAX: centralization and normalization, unit-wise adaptive clipping, per-tensor norm / RMS clipping, the
 global-norm clip (``max_norm / (norm + clip_eps)``: torch's 1e-6 by default, optax's 0 as
 an option), clipping by value, and coupled or decoupled weight decay."""
 
@@ -57,6 +57,22 @@ def _adaptive_clip(g: Any, p: Any, clipping: float, eps: float, name: str) -> An
     return (g2 * scale[None, :]).reshape(g.shape).astype(g.dtype)
 
 
+def _pre_clip(grads: list[Any], pre: list[tuple[bool, Any, float]]) -> list[Any]:
+    """The traced :func:`~mithril.utils.optimizers.clipping.pre_clip`: each gradient
+    centralized where its ``pre`` says, then the normalizing ones scaled by ``s / (‖g‖ +
+    ε)`` (the norm of those together, in float32 at least, :func:`scaled_norm`)."""
+    from ..utils.optimizers.clipping import centralize, normalize_factor
+
+    grads = [centralize(g) if c else g for g, (c, _, _) in zip(grads, pre)]
+    unit = [i for i, (_, s, _) in enumerate(pre) if s is not None]
+    if unit:
+        norm = scaled_norm([grads[i] for i in unit])
+        for i in unit:
+            _, s, e = pre[i]
+            grads[i] = (grads[i] * normalize_factor(s, norm, e)).astype(grads[i].dtype)
+    return grads
+
+
 def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
               rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None,
               names: list[str] | None = None) -> tuple[list[Any], list[Any], Any]:
@@ -69,6 +85,8 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
     (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
     import jax.numpy as jnp
 
+    if getattr(plan, "pre", None) is not None:  # first of all, as the optimizer's update
+        grads = _pre_clip(grads, plan.pre)
     if plan.agc is not None:
         names = names or [str(i) for i in range(len(leaves))]
         grads = [g if c is None else _adaptive_clip(g, p, c, eps, n)

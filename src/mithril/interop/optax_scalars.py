@@ -474,6 +474,8 @@ class _Plan:
         self.reason = reason
         #: each tensor's adaptive clipping (c, ε), c None where off; None if none clips
         self.agc = self.adaptive([views[r] for r in self.index])
+        #: each tensor's (centralize, normalize_grad, normalize_eps); None if none takes one
+        self.pre = self.pre_clip([views[r] for r in self.index])
 
     @staticmethod
     def adaptive(views: list[Any]) -> list[tuple[Any, float]] | None:
@@ -482,6 +484,14 @@ class _Plan:
         agc = [(getattr(v, "adaptive_clip", None), float(getattr(v, "adaptive_clip_eps", 1e-3)))
                for v in views]
         return agc if any(c is not None for c, _ in agc) else None
+
+    @staticmethod
+    def pre_clip(views: list[Any]) -> list[tuple[bool, Any, float]] | None:
+        """Each tensor's ``(centralize, normalize_grad, normalize_eps)`` from its view; None
+        when no tensor is centralized or normalized."""
+        pre = [(bool(getattr(v, "centralize", False)), getattr(v, "normalize_grad", None),
+                float(getattr(v, "normalize_eps", 1e-6))) for v in views]
+        return pre if any(c or s is not None for c, s, _ in pre) else None
 
     @classmethod
     def of_groups(cls, opt: Any, names: list[str], mode: str, traced: tuple[str, ...] = (),

@@ -111,13 +111,15 @@ class _Rows:
         self.plan.static = [_static_prologue(r) for r in rows]  # clip_value: the row's
         # adaptive clipping: each tensor with its group's (of opt's own groups, as the
         # optimizer's update clips before its per-tensor rows)
-        self.plan.agc = None
-        if opt.adaptive_clip is not None or any("adaptive_clip" in g for g in opt._groups):
+        self.plan.agc = self.plan.pre = None
+        if (opt.adaptive_clip is not None or any("adaptive_clip" in g for g in opt._groups)
+                or opt._pre_clipping()):
             from ..utils.optimizers.groups import resolve, views
 
             at, group_rows, _ = resolve(opt, names)
             own = views(opt, group_rows)
             self.plan.agc = _Plan.adaptive([own[r] for r in at])
+            self.plan.pre = _Plan.pre_clip([own[r] for r in at])
 
 
 def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
