@@ -274,3 +274,22 @@ def test_state_dict_keeps_the_options():
     fresh.load_state_dict(opt.state_dict(state))
     assert (fresh.centralize, fresh.normalize_grad, fresh.normalize_eps) == (True, 2.0, 0.0)
     assert fresh.param_groups[0]["centralize"] is False
+
+
+def test_data_parallel():
+    """One rank: the replicated step is the optimizer's; the sharded one refuses
+    ``normalize_grad`` (a norm over every rank's tensors) before anything changes, and takes
+    ``centralize`` (per tensor, on the rank's own tensors)."""
+    from mithril.distributed import DataParallel
+
+    p0, grads = problem("float64")
+    with pytest.raises(NotImplementedError, match="normalize_grad"):
+        DataParallel(Adam(0.01, param_groups=[{"params": ["w"], "normalize_grad": 1.0}]),
+                     shard_state=True).init({k: v.copy() for k, v in p0.items()})
+    want = run(CASES["groups-off/adam"][0](), dtype="float64")
+    for shard, make in ((False, CASES["groups-off/adam"][0]), (True, CASES["centralize/adam"][0])):
+        dp, params = DataParallel(make(), shard_state=shard), {k: v.copy() for k, v in p0.items()}
+        state = dp.init(params)
+        for g in grads:
+            params, state = dp.update(params, {k: v.copy() for k, v in g.items()}, state)
+        close(params, want if not shard else run(make(), dtype="float64"), 1e-12, 1e-13)

@@ -103,10 +103,15 @@ def _check_sharded_values(opt: Any, chunks: ChunkLayout) -> None:
 
 def _check_sharded(opt: Any, names: tuple[str, ...], chunks: ChunkLayout) -> None:
     """Refuse what the sharded step cannot compute on a rank's own tensors: optimizer-wide
-    values on a rank holding none (:func:`_check_sharded_values`) and ``clip_norm`` with
-    per-tensor clipping (checked at ``init`` and again at every ``update``: either may be
+    values on a rank holding none (:func:`_check_sharded_values`), ``normalize_grad`` and
+    ``clip_norm`` with per-tensor clipping (checked at ``init`` and again at every ``update``: either may be
     set in between)."""
     _check_sharded_values(opt, chunks)
+    held = _holder(opt)
+    if getattr(held, "normalize_grad", None) is not None or any(
+            g.get("normalize_grad") is not None for g in held.param_groups):
+        raise NotImplementedError("shard_state=True: normalize_grad (a norm of every rank's "
+                                  "gradients together) is not supported; nothing changed")
     if opt.clip_norm is None:
         return
     _, rows, _ = resolve(_holder(opt), names)
