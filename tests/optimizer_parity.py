@@ -39,7 +39,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import host, native
+from conftest import host, jax_float64, native  # noqa: F401 (jax_float64: re-exported)
 
 import mithril.utils.optimizers as mo
 import mithril.utils.optimizers.engines as engines
@@ -235,19 +235,6 @@ def engine_of(backend: str):
         yield
     finally:
         setattr(engines, name, old)
-
-
-@contextlib.contextmanager
-def jax_float64():
-    """float64 JAX for the duration of the block, leaving the process-global flag as it was."""
-    import jax
-
-    old = jax.config.jax_enable_x64
-    try:
-        with jax.enable_x64(True):
-            yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 @contextlib.contextmanager

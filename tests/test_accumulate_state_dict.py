@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import jax_results_in_subprocess
+from conftest import jax_float64_results
 
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.errors import KeyMismatchError, ShapeError
@@ -94,7 +94,7 @@ def _multisteps(n: int) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, np.ndarray]]:
     out = {b: run("resume", b) for b in ("numpy", "torch")}
-    out["jax"] = jax_results_in_subprocess("test_accumulate_state_dict", "CASES", "run")["resume"]
+    out["jax"] = jax_float64_results("test_accumulate_state_dict", "CASES", "run")["resume"]
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import jax_results_in_subprocess
+from conftest import jax_float64_results
 from test_checkpoint_faults import build, parts
 
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -113,7 +113,7 @@ def _optax(case: str) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, dict[str, np.ndarray]]]:
     out = {b: {c: run(c, b) for c in CASES} for b in ("numpy", "torch")}
-    out["jax"] = jax_results_in_subprocess("test_accumulation_skip", "CASES", "run")
+    out["jax"] = jax_float64_results("test_accumulation_skip", "CASES", "run")
     out["optax"] = {c: _optax(c) for c in CASES}
     return out
 

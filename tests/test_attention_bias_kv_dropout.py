@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_results_in_subprocess, to_np
+from conftest import BACKENDS, jax_float64_results, to_np
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -220,13 +220,12 @@ def test_equals_torch(run, backend_name, monkeypatch):
 
 @pytest.fixture(scope="module")
 def jax_fast():
-    return jax_results_in_subprocess("test_attention_bias_kv_dropout", "JAX_FAST", "run_mithril")
+    return jax_float64_results("test_attention_bias_kv_dropout", "JAX_FAST", "run_mithril")
 
 
 @pytest.fixture(scope="module")
 def jax_slow():
-    return jax_results_in_subprocess("test_attention_bias_kv_dropout", "JAX_SLOW", "run_mithril",
-                                     timeout=600)
+    return jax_float64_results("test_attention_bias_kv_dropout", "JAX_SLOW", "run_mithril")
 
 
 @pytest.mark.parametrize("run", JAX_FAST)

@@ -16,7 +16,7 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     jax_case_params,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
 )
@@ -113,7 +113,7 @@ def test_equals_torch_need_weights(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_attention_weights", "CASES", "run_mithril", timeout=300,
+    return jax_float64_results("test_attention_weights", "CASES", "run_mithril",
         only=selected_cases(request, "case", list(CASES)))
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_case_params, jax_results_in_subprocess, selected_cases, to_np
+from conftest import BACKENDS, jax_case_params, jax_float64_results, selected_cases, to_np
 
 import mithril as ml
 from mithril.models import Add, Buffer, IOKey, Linear, Model, Relu
@@ -253,7 +253,7 @@ def test_outputs_and_gradients(case, backend_name):
 @pytest.fixture(scope="module")
 def jax_results(request):
     """Every case on JAX float64 (jit), run once in a fresh interpreter."""
-    return jax_results_in_subprocess("test_connection_arithmetic", "CASES", "run", timeout=400,
+    return jax_float64_results("test_connection_arithmetic", "CASES", "run",
         only=selected_cases(request, "case", list(CASES)))
 
 

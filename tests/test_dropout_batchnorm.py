@@ -26,7 +26,7 @@ from conftest import (
     assert_arrays_within,
     central_differences,
     jax_case_params,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
 )
@@ -276,7 +276,7 @@ def test_batchnorm_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_bn_results(request):
-    return jax_results_in_subprocess("test_dropout_batchnorm", "BN_CASES", "run_mithril_bn", timeout=240,
+    return jax_float64_results("test_dropout_batchnorm", "BN_CASES", "run_mithril_bn",
         only=selected_cases(request, "case", list(BN_CASES)))
 
 

@@ -20,7 +20,7 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     jax_case_params,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
 )
@@ -106,7 +106,7 @@ def test_train_then_eval_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_instance_norm_running_vs_torch", "CASES", "run_ours",
+    return jax_float64_results("test_instance_norm_running_vs_torch", "CASES", "run_ours",
         only=selected_cases(request, "case", list(CASES)))
 
 

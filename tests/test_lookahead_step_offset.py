@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import jax_results_in_subprocess
+from conftest import jax_float64_results
 
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.utils import optimizers as O
@@ -130,7 +130,7 @@ def run(case: str, backend: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def jax_results() -> dict[str, dict[str, np.ndarray]]:
-    return jax_results_in_subprocess("test_lookahead_step_offset", "cases", "run")
+    return jax_float64_results("test_lookahead_step_offset", "cases", "run")
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import test_train_model as runner
 import torch
-from conftest import central_differences, jax_results_in_subprocess, run_python
+from conftest import central_differences, jax_float64_results, run_python
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -100,7 +100,7 @@ def _torch(case: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def jax_results():
-    return jax_results_in_subprocess("test_published_svm", "CASES", "run")
+    return jax_float64_results("test_published_svm", "CASES", "run")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -15,7 +15,7 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     jax_case_params,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
     torch_results,
@@ -97,7 +97,7 @@ def test_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_recurrent_edges", "CASES", "run_mithril", timeout=600,
+    return jax_float64_results("test_recurrent_edges", "CASES", "run_mithril",
         only=selected_cases(request, "case", list(CASES)))
 
 

@@ -18,7 +18,7 @@ from conftest import (
     assert_arrays_within,
     central_differences,
     jax_case_params,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
     torch_results,
@@ -111,7 +111,7 @@ def test_equals_torch_packed(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_recurrent_lengths", "CASES", "run_mithril", timeout=600,
+    return jax_float64_results("test_recurrent_lengths", "CASES", "run_mithril",
         only=selected_cases(request, "case", list(CASES)))
 
 

@@ -19,7 +19,7 @@ from conftest import (
     BACKENDS,
     assert_arrays_within,
     central_differences,
-    jax_results_in_subprocess,
+    jax_float64_results,
     selected_cases,
     to_np,
     torch_results,
@@ -137,7 +137,7 @@ def test_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_recurrent_stacked", "CASES", "run_mithril", timeout=600,
+    return jax_float64_results("test_recurrent_stacked", "CASES", "run_mithril",
         only=selected_cases(request, "case", list(CASES)))
 
 

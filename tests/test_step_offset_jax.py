@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import jax_results_in_subprocess, selected_cases
+from conftest import jax_float64_results, selected_cases
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -185,7 +185,7 @@ def eager_run(case: str) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def jax_results(request) -> dict[str, dict[str, np.ndarray]]:
     """The selected cases' JAX runs, in one subprocess."""
-    return jax_results_in_subprocess("test_step_offset_jax", "cases", "run",
+    return jax_float64_results("test_step_offset_jax", "cases", "run",
                                      only=selected_cases(request, "case", cases))
 
 

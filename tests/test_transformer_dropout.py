@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, jax_case_params, jax_results_in_subprocess, selected_cases, to_np
+from conftest import BACKENDS, jax_case_params, jax_float64_results, selected_cases, to_np
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -169,7 +169,7 @@ JAX_RUNS = ["encoder_post_norm_causal_kpm|train", "decoder_pre_norm_causal_memor
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    return jax_results_in_subprocess("test_transformer_dropout", "JAX_RUNS", "run_mithril",
+    return jax_float64_results("test_transformer_dropout", "JAX_RUNS", "run_mithril",
         only=selected_cases(request, "run", list(JAX_RUNS)))
 
 
