@@ -293,3 +293,22 @@ def test_data_parallel():
         for g in grads:
             params, state = dp.update(params, {k: v.copy() for k, v in g.items()}, state)
         close(params, want if not shard else run(make(), dtype="float64"), 1e-12, 1e-13)
+
+
+def test_cli_flags_and_specs():
+    """``--centralize`` / ``--normalize-grad`` / ``--normalize-eps`` and the spec keys reach the
+    optimizer (every one of the catalog, as the clips); a bad value is the constructor's error."""
+    import argparse
+
+    from mithril.cli.options import COMMON_OPTIONS, add_options, build_optimizer, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, "gradient handling", COMMON_OPTIONS)
+    got = settings_from(parser.parse_args(["--centralize", "--normalize-grad", "2",
+                                           "--normalize-eps", "0"]), COMMON_OPTIONS)
+    assert got == {"centralize": True, "normalize_grad": 2.0, "normalize_eps": 0.0}
+    for name in ("sgd", "adamw", "lion", "adafactor"):
+        opt = build_optimizer(name, got)
+        assert (opt.centralize, opt.normalize_grad, opt.normalize_eps) == (True, 2.0, 0.0)
+    with pytest.raises(Exception, match="normalize_grad"):
+        build_optimizer("adam", {"normalize_grad": -1.0})

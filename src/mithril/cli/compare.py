@@ -50,9 +50,9 @@ Train the digits MLP once per optimizer configuration, all with the same data sp
 initialisation (seed), batch order, epochs and schedule, and rank them by final test
 accuracy. A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the optimizer's
 constructor arguments (lr for learning_rate, eps for epsilon; e.g. lr, momentum, nesterov,
-beta1, beta2, weight_decay; lion:beta1=0.95,beta2=0.98), clip_norm, clip_eps, clip_value and
-nonfinite, plus `scheduler` and its settings (step_size, gamma, t_max, warmup_steps, ...),
-which replace the shared flags. lookahead wraps another optimizer
+beta1, beta2, weight_decay; lion:beta1=0.95,beta2=0.98), clip_norm, clip_eps, clip_value,
+centralize, normalize_grad, normalize_eps and nonfinite, plus `scheduler` and its settings
+(step_size, gamma, t_max, warmup_steps, ...), which replace the shared flags. lookahead wraps another optimizer
 (lookahead:inner=sgd,sync_period=5,momentum=0.9). The optimizers:
 """ + textwrap.fill(", ".join(n for n in NAMES if n not in REFUSED), 88, initial_indent="  ",
                     subsequent_indent="  ", break_on_hyphens=False) + """

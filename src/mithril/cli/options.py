@@ -110,6 +110,12 @@ COMMON_OPTIONS = [
          "default 1e-6 as torch, 0 as optax's clip_by_global_norm and Keras's "
          "global_clipnorm", metavar="E"),
     _opt("clip_value", "float", "clamp every gradient element to ±this value", metavar="V"),
+    _opt("centralize", "bool", "gradient centralization, before any clipping: each gradient "
+         "of 2+ axes less its mean over all axes but the first (optax centralize)"),
+    _opt("normalize_grad", "float", "scale the gradients to this global norm, g·S/(norm + "
+         "--normalize-eps), after --centralize and before clipping (optax "
+         "normalize_by_update_norm; contrib.normalize: 1 with --normalize-eps 0)", metavar="S"),
+    _opt("normalize_eps", "float", "--normalize-grad's ε (default 1e-6)", metavar="E"),
     _opt("nonfinite", "choice", "what to do with an inf/NaN gradient (default: propagate, "
          "with a warning; skip: skip the step; raise: stop; unchecked: apply it unread, as "
          "torch.optim)", choices=("skip", "raise", "propagate", "unchecked")),
