@@ -18,6 +18,7 @@ from .clipping import clip_gradients, global_norm
 from .cocob import COCOB
 from .dadapt_adamw import DAdaptAdamW
 from .differentially_private import DPSGD, DifferentiallyPrivate
+from .dimension_numbers import DimensionNumbers
 from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
 from .fromage import Fromage
@@ -57,7 +58,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
            "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD", "GaLore",
-           "DPSGD", "DifferentiallyPrivate",
+           "DPSGD", "DifferentiallyPrivate", "DimensionNumbers",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:

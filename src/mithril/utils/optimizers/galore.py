@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from . import dimension_numbers as _dn
 from .checks import check_int, check_positive, check_unit, describe, to_float
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer
 
+#: G of a 2-D tensor without ``weight_dimension_numbers``: the tensor itself
+_PLAIN_2D = _dn.Axes((), (0,), (1,))
 #: a saved projector's columns are orthonormal to float32 rounding (the SVD runs in
 #: float32): one further off than this is refused on loading
 ORTHONORMAL_TOL = 1e-3
@@ -62,13 +65,29 @@ class GaLore(TensorwiseOptimizer):
         p ← p − lr·scale·(P·N if m ≥ n else N·Pᵀ)
 
     Parameters that are not matrices (biases, norms, conv kernels) get Adam on their full
-    gradient, without ``scale`` (optax's default ``weight_dimension_numbers=None``; a
-    tensor of higher rank is not reshaped into a matrix here). The moments are not reset
-    when P changes (as optax): they carry over into the new subspace. ``weight_decay`` is
-    optax's ``add_decayed_weights`` after the projection, i.e. decoupled,
+    gradient, without ``scale`` (optax's default ``weight_dimension_numbers=None``).
+
+    ``weight_dimension_numbers`` (optax's): which axes of a parameter are G's rows
+    (``reduction_axis``) and its columns (``output_axis``), a
+    :class:`~.dimension_numbers.DimensionNumbers` (or optax's ``GaLoreDimensionNumbers``):
+    G is the tensor transposed to (reduction…, output…) and reshaped to
+    (fan_in, fan_out), and the update is reshaped back (e.g. an attention weight
+    (embed, heads, head_dim) with ``DimensionNumbers(0, (1, 2))``: G is
+    embed × heads·head_dim). Every axis must be named (no batch axes, as optax). It takes
+    None (2-D tensors as they are), one spec (every tensor of 2+ axes; vectors get plain
+    Adam), a dict ``{name: spec or None}`` naming every parameter (None: plain Adam on the
+    whole gradient, no ``scale``), or a callable called with ``{name: array}`` for each
+    parameter alone that returns such a dict. An axis out of range, one in both, one in
+    neither, or a spec on a vector is refused by ``init``, naming the parameter (a dict
+    naming a parameter there is not: by the first step); it lays the slots out (from G's
+    shape), so it is fixed at construction.
+
+    The moments are not reset when P changes (as optax): they carry over into the new
+    subspace. ``weight_decay`` is optax's ``add_decayed_weights`` after the projection, i.e.
+    decoupled,
     ``p ← p·(1 − lr·wd) − lr·u`` (its ``mask``: ``weight_decay_mask``).
 
-    Slots: ``projector`` (P, (m, r) or (n, r); ``(0,)`` for a non-matrix), ``m`` and ``v``
+    Slots: ``projector`` (P, (m, r) or (n, r) of G; ``(0,)`` for a non-matrix), ``m`` and ``v``
     (R's shape for a matrix, the parameter's otherwise): optax's ``projector`` and its
     ``scale_by_adam``'s ``mu``/``nu``. ``rank`` lays the slots out and is fixed at
     construction. The SVD (:func:`_svd_float32`) is optax's routine on CPU (equal
@@ -86,9 +105,12 @@ class GaLore(TensorwiseOptimizer):
     def __init__(self, learning_rate: float = 1e-3, rank: int = 128, update_proj_gap: int = 200,
                  scale: float = 1.0, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, eps_root: float = 0.0, weight_decay: float = 0.0,
-                 **options: Any) -> None:
+                 weight_dimension_numbers: Any = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.__dict__["rank"] = check_int("rank", rank, minimum=1)  # (fixed: __setattr__)
+        self.__dict__["weight_dimension_numbers"] = _dn.check_dimension_numbers(
+            weight_dimension_numbers)
+        self.__dict__["_dims_seen"] = {}
         self.update_proj_gap = check_int("update_proj_gap", update_proj_gap, minimum=1)
         self.scale = to_float("scale", scale)
         if not np.isfinite(self.scale):
@@ -99,24 +121,55 @@ class GaLore(TensorwiseOptimizer):
         self.eps_root = check_positive("eps_root", eps_root)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "rank" and "rank" in self.__dict__ and value != self.rank:
-            raise AttributeError("GaLore's rank is fixed at construction (a state's slots "
-                                 "are laid out by it): build another GaLore")
+        if name in ("rank", "weight_dimension_numbers") and name in self.__dict__ and \
+                value != self.__dict__[name]:
+            raise AttributeError(f"GaLore's {name} is fixed at construction (a state's slots "
+                                 f"are laid out by it): build another GaLore")
         super().__setattr__(name, value)
 
     def _finish_groups(self) -> None:
         super()._finish_groups()
         for i, g in enumerate(self._groups or ()):
-            if "rank" in g:
-                raise ValueError(f"param_groups[{i}]: rank lays out the state's slots: it "
-                                 f"configures GaLore as a whole, not a group")
+            bad = sorted({"rank", "weight_dimension_numbers"} & set(g))
+            if bad:
+                raise ValueError(f"param_groups[{i}]: {bad} lay out the state's slots: they "
+                                 f"configure GaLore as a whole, not a group")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        out = super().hyperparameters()
+        dims = self.weight_dimension_numbers  # (a callable: as the specs it gave)
+        out["weight_dimension_numbers"] = _dn.plain(
+            dict(self._dims_seen) if callable(dims) and self._dims_seen else dims)
+        return out
+
+    def matrix_axes(self, name: str | None, shape: tuple[int, ...]) -> _dn.Axes | None:
+        """The parameter's axes as G's under ``weight_dimension_numbers`` (None: plain
+        Adam)."""
+        dims = self.weight_dimension_numbers
+        if dims is not None and name is None:
+            raise ValueError(f"GaLore with weight_dimension_numbers lays slots out by name: "
+                             f"a {shape} parameter was asked by shape alone")
+        axes = _dn.resolve(dims, name or "", shape, _PLAIN_2D, batch=False,
+                           cache=self.__dict__.setdefault("_dims_cache", {}))
+        if callable(dims):  # (hyperparameters lists them)
+            self._dims_seen[name] = None if axes is None else _dn.DimensionNumbers(
+                axes.reduction, axes.output)
+        return axes
+
+    def tensor_rows(self, state: OptimizerState) -> list[Any]:
+        # a dict naming a parameter there is not: refused before the first step (init
+        # checks the others, each as its slots are laid out)
+        _dn.check_names(self.weight_dimension_numbers, state.layout.names)
+        return super().tensor_rows(state)
 
     def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
                    ) -> tuple[int, ...]:
-        """By shape alone: P and the low-rank moments of a matrix (see the class docs)."""
-        if slot not in self.slots or len(shape) != 2:
+        """P and the low-rank moments of G (see the class docs), by shape alone without
+        ``weight_dimension_numbers``."""
+        axes = self.matrix_axes(name, shape) if slot in self.slots else None
+        if axes is None:
             return (0,) if slot == "projector" else shape
-        m, n = shape
+        _, m, n = _dn.matrix_shape(shape, axes)
         r = min(self.rank, m, n)
         if slot == "projector":
             return (m, r) if m >= n else (n, r)
@@ -136,9 +189,13 @@ class GaLore(TensorwiseOptimizer):
                       scalars: tuple[Any, ...], name: str) -> tuple[Any, dict[str, Any]]:
         lr, b1, b1c, b2, b2c, bc1, bc2, refresh = scalars
         P, m, v = slots["projector"], slots["m"], slots["v"]
-        left = len(g.shape) == 2 and g.shape[0] >= g.shape[1]
+        axes, shape = self.matrix_axes(name, tuple(g.shape)), tuple(g.shape)
+        reshaped = axes is not None and axes != _PLAIN_2D
+        if reshaped:  # G: (fan_in, fan_out)
+            g = _dn.to_matrices(xp, g, axes)[0]
+        left = axes is not None and g.shape[0] >= g.shape[1]
         out = {"projector": P}
-        if len(g.shape) == 2:
+        if axes is not None:
             r = min(self.rank, *g.shape)
 
             def fresh() -> Any:  # U's first r columns, or V's (Vᵀ's first r rows)
@@ -157,8 +214,10 @@ class GaLore(TensorwiseOptimizer):
         m = b1c * g + b1 * m  # optax's update_moment
         v = b2c * g**2 + b2 * v
         u = (m / bc1) / (xp.m.sqrt(v / bc2 + self.eps_root) + self.epsilon)
-        if len(p.shape) == 2:
+        if axes is not None:
             u = self.scale * (P @ u if left else u @ xp.T(P))
+            if reshaped:
+                u = _dn.from_matrices(xp, u[None], axes, shape)
         out.update(m=m, v=v)
         return p - lr * u, out
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ShapeError
+from . import dimension_numbers as _dn
 from . import groups as _groups
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
@@ -26,6 +27,7 @@ from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from he
     _newton_schulz_torch,
     _torch_for_numpy,
     newton_schulz,
+    newton_schulz_axes,
 )
 from .sgd import BY_CONVENTION, check_convention
 from .state import OptimizerState
@@ -51,6 +53,8 @@ class _Default:
 
 #: ``fallback``'s default: a new ``AdamW()`` with torch's defaults
 DEFAULT_FALLBACK: Any = _Default()
+#: torch's 2-D weight, (out, in): ``weight_dimension_numbers=None``'s matrix axes
+_TORCH_2D = _dn.Axes((), (1,), (0,))
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | float | None, shape: Sequence[int]) -> float:
@@ -173,6 +177,21 @@ class Muon(TensorwiseOptimizer):
     ``slot_shape`` given each parameter's name: the optax transformation and the JAX
     ``make_train_step`` built on it too).
 
+    ``weight_dimension_numbers`` is optax's ``muon_weight_dimension_numbers``: which axes of
+    a parameter are the matrix's rows (``reduction_axis``, fan-in) and columns
+    (``output_axis``, fan-out), a :class:`~.dimension_numbers.DimensionNumbers` (or
+    optax's ``MuonDimensionNumbers``). The axes in neither are batch axes: the momentum
+    ``U`` is transposed to (batch…, reduction…, output…), reshaped to (B, fan_in, fan_out),
+    each of the B matrices orthogonalised alone, and put back; the lr is scaled as above
+    with rows/cols read as fan_out/fan_in (torch's 2-D weight is (out, in): None is
+    ``DimensionNumbers(1, 0)`` for every 2-D tensor; optax's default ``(0, 1)`` is the
+    transpose, with cols/rows). It takes None (2-D tensors, as torch), one spec (every
+    tensor of 2+ axes; vectors go to the fallback), a dict ``{name: spec or None}`` naming
+    every parameter (None: the fallback), or a callable called with ``{name: array}`` for
+    each parameter alone that returns such a dict. An axis out of range, one in both, or a
+    spec on a vector is refused, naming the parameter; it is fixed at construction (it
+    routes tensors to the fallback) and refused with ``convention="mlx"``.
+
     ``convention="mlx"`` (``mlx.optimizers.Muon(lr)``; default ``weight_decay=0.01``,
     ``ns_dtype=None``, no fallback): MLX's Muon updates every parameter itself. Its weight
     decay is **coupled** (``g ← g + wd·p`` first, as MLX's), its normalisation divides by
@@ -205,7 +224,8 @@ class Muon(TensorwiseOptimizer):
                  ns_dtype: str | None = BY_CONVENTION, fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None,
                  exclude_layers: Sequence[str] | None = None, exclude_embeddings: bool = False,
-                 convention: str = "torch", **options: Any) -> None:
+                 convention: str = "torch", weight_dimension_numbers: Any = None,
+                 **options: Any) -> None:
         keras = [k for k in _KERAS_NAMES if k in options]
         if keras:  # (the generic hint knows no Muon names of Keras's)
             raise TypeError(f"Muon() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]} (see "
@@ -252,6 +272,11 @@ class Muon(TensorwiseOptimizer):
                              "fallback=AdamW(...))")
         # (set once: the state's slots are laid out by them, see __setattr__)
         self.__dict__["exclude_layers"], self.__dict__["exclude_embeddings"] = layers, embeddings
+        dims = _dn.check_dimension_numbers(weight_dimension_numbers)
+        if mlx and dims is not None:
+            raise ValueError("weight_dimension_numbers: MLX's Muon reshapes a tensor as "
+                             "(shape[0], -1) (convention='mlx' takes None)")
+        self.__dict__["weight_dimension_numbers"], self.__dict__["_dims_seen"] = dims, {}
         if self.fallback is None:
             self.fallback_lr_ratio = None
             return
@@ -277,7 +302,8 @@ class Muon(TensorwiseOptimizer):
         return self.__dict__.get("convention") == "mlx" and self.fallback is None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("exclude_layers", "exclude_embeddings") and name in self.__dict__:
+        if name in ("exclude_layers", "exclude_embeddings", "weight_dimension_numbers") \
+                and name in self.__dict__:
             if value == self.__dict__[name]:  # (setting what it is changes nothing)
                 return
             raise AttributeError(f"Muon's {name} is fixed at construction (a state's slots "
@@ -293,7 +319,8 @@ class Muon(TensorwiseOptimizer):
         super()._finish_groups()
         for i, g in enumerate(self._groups):
             bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
-                          "exclude_embeddings", "convention"} & set(g))
+                          "exclude_embeddings", "convention", "weight_dimension_numbers"}
+                         & set(g))
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} configure Muon as a whole, not a "
                                  f"group (the fallback takes param_groups of its own)")
@@ -304,6 +331,9 @@ class Muon(TensorwiseOptimizer):
         if isinstance(fb, Optimizer):
             out["fallback"] = {"optimizer": type(fb).__name__,
                                "hyperparameters": fb.hyperparameters()}
+        dims = self.weight_dimension_numbers  # (a callable: as the specs it gave)
+        out["weight_dimension_numbers"] = _dn.plain(
+            dict(self._dims_seen) if callable(dims) and self._dims_seen else dims)
         return out
 
     def hyper_children(self) -> dict[str, Any]:
@@ -329,21 +359,34 @@ class Muon(TensorwiseOptimizer):
         return (self.exclude_embeddings and EMBEDDING.search(name) is not None) or any(
             re.search(e, name) for e in self.exclude_layers)
 
+    def matrix_axes(self, name: str, shape: Sequence[int]) -> _dn.Axes | None:
+        """The parameter's matrix axes under ``weight_dimension_numbers`` (None: not a
+        matrix); torch's 2-D weight is (out, in)."""
+        dims = self.weight_dimension_numbers
+        axes = _dn.resolve(dims, name, shape, _TORCH_2D, cache=self.__dict__.setdefault(
+            "_dims_cache", {}))
+        if callable(dims):  # (hyperparameters lists them)
+            self._dims_seen[name] = None if axes is None else _dn.DimensionNumbers(
+                axes.reduction, axes.output)
+        return axes
+
     def to_fallback(self, name: str, shape: Sequence[int]) -> bool:
         """Whether the fallback updates the parameter ``name`` of ``shape`` (Keras's
         ``_should_use_adamw``): not a matrix, or a matrix :meth:`excluded`."""
-        return not self.owns_all() and (
-            len(shape) != 2 or (self.fallback is not None and self.excluded(name)))
+        return not self.owns_all() and (self.matrix_axes(name, shape) is None or (
+            self.fallback is not None and self.excluded(name)))
 
     def slot_shape(self, slot: str, shape: tuple[int, ...], name: str | None = None
                    ) -> tuple[int, ...]:
         """As :meth:`.Optimizer.slot_shape`; with exclusions a matrix's depend on its
         ``name`` (a caller that gives none is refused)."""
-        if name is None and len(shape) == 2 and (self.exclude_layers or self.exclude_embeddings) \
+        if name is None and ((len(shape) == 2 and (self.exclude_layers or self.exclude_embeddings))
+                             or self.weight_dimension_numbers is not None) \
                 and not self.__dict__.get("_shapes_alone") and slot in self.slot_names():
-            raise ValueError(f"Muon with exclude_layers / exclude_embeddings routes matrices by "
-                             f"name: slot {slot!r} of a {shape} parameter was asked by shape "
-                             f"alone (this path does not take them)")
+            raise ValueError(f"Muon with exclude_layers / exclude_embeddings / "
+                             f"weight_dimension_numbers routes tensors by name: slot {slot!r} "
+                             f"of a {shape} parameter was asked by shape alone (this path "
+                             f"does not take them)")
         fb = self.to_fallback(name, shape) if name is not None else (
             len(shape) != 2 and not self.owns_all())
         if slot == "momentum_buffer":
@@ -356,8 +399,10 @@ class Muon(TensorwiseOptimizer):
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
         if self.convention == "mlx":
             return _mlx_update(self, xp, p, g, slots, scalars[0])
-        if g.ndim != 2:
-            raise ShapeError(f"Muon's matrix path takes 2-D parameters; '{name}' has shape "
+        axes = self.matrix_axes(name, tuple(g.shape))
+        if axes is None:
+            raise ShapeError(f"Muon's matrix path takes 2-D parameters (or those "
+                             f"weight_dimension_numbers gives axes); '{name}' has shape "
                              f"{tuple(g.shape)}")
         tops = (_torch_for_numpy() if xp.name == "numpy" and self.ns_dtype == "bfloat16"
                 and p.dtype.char in "fd" else None)
@@ -369,6 +414,13 @@ class Muon(TensorwiseOptimizer):
                 k: view(v) for k, v in slots.items()}, scalars, name)
             return new_p.numpy(), {k: v.numpy() for k, v in new.items()}
         buf = xp.lerp(slots["momentum_buffer"], g, 1 - self.momentum)
+        if self.weight_dimension_numbers is not None:  # (B, fan_in, fan_out) matrices
+            u = xp.lerp(g, buf, self.momentum) if self.nesterov else buf
+            _, fan_in, fan_out = _dn.matrix_shape(tuple(p.shape), axes)
+            lr = adjusted_lr(scalars[0], self.adjust_lr_fn, (fan_out, fan_in))
+            o = newton_schulz_axes(xp, u, axes, self.ns_coefficients, self.ns_steps,
+                                   self.epsilon, self.ns_dtype)
+            return xp.add_scaled(p, o, -lr), {"momentum_buffer": buf}
         u = _lerp_scratch(xp, g, buf, self.momentum) if self.nesterov else buf
         args = (xp, u, self.ns_coefficients, self.ns_steps, self.epsilon, self.ns_dtype)
         o = _newton_schulz(*args)  # a scratch buffer, used at once
@@ -392,7 +444,7 @@ class Muon(TensorwiseOptimizer):
         if on_numpy:
             xp = _torch_for_numpy() or xp
         if (xp.name != "torch" or not ours or state.param_views is None
-                or self.convention == "mlx"
+                or self.convention == "mlx" or self.weight_dimension_numbers is not None
                 or self.nonfinite in ("skip", "raise") or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
                 or set(gradients) != set(lay.names)
@@ -540,11 +592,11 @@ def _check_routing(self: Muon, state: Any, others: set[str]) -> None:
         return  # laid them out)
     lay = state.slot_layout("momentum_buffer")
     for n, s, m in zip(lay.names, state.layout.shapes, lay.shapes):
-        if len(s) == 2 and (m == (0,)) != (n in others) and 0 not in s:
+        if (m == (0,)) != (n in others) and 0 not in s:
             by = "the fallback" if n in others else "Muon"
             raise ValueError(f"this Muon state was initialised with other exclusions "
-                             f"(exclude_layers / exclude_embeddings): '{n}' is updated by "
-                             f"{by} here; init a state with this Muon")
+                             f"(exclude_layers / exclude_embeddings / weight_dimension_numbers):"
+                             f" '{n}' is updated by {by} here; init a state with this Muon")
 
 
 def _reroute(self: Muon, state: OptimizerState) -> OptimizerState:
@@ -567,15 +619,21 @@ def _reroute(self: Muon, state: OptimizerState) -> OptimizerState:
 def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
     """As :meth:`.Optimizer.init`; without a fallback, a parameter that is not 2-D is
     refused, named; with exclusions the slots laid out by name (:func:`_reroute`)."""
+    dims = self.weight_dimension_numbers
+    if dims is not None and isinstance(params, Mapping):  # (each refused by name, first)
+        _dn.check_names(dims, list(params))
+        for name, p in params.items():
+            if getattr(p, "shape", None) is not None:
+                self.matrix_axes(name, tuple(p.shape))
     if self.fallback is None and not self.owns_all() and isinstance(params, Mapping):
         for name, p in params.items():
             shape = getattr(p, "shape", None)
-            if shape is not None and len(shape) != 2:
+            if shape is not None and self.matrix_axes(name, tuple(shape)) is None:
                 raise ShapeError(f"Muon(fallback=None) updates 2-D parameters only (as "
                                  f"torch.optim.Muon); params['{name}'] has shape "
                                  f"{tuple(shape)}: give Muon a fallback (e.g. "
                                  f"fallback=AdamW()) for the others")
-    if not (self.exclude_layers or self.exclude_embeddings):
+    if not (self.exclude_layers or self.exclude_embeddings or dims is not None):
         return Optimizer.init(self, params)
     self.__dict__["_shapes_alone"] = True  # (shape-rule slots, laid out by name after)
     try:

@@ -213,3 +213,20 @@ def newton_schulz(xp: NumpyOps, G: Any, coefficients: Sequence[float], steps: in
         B = rnd(xp.addmm(A, A, A, b, c))
         X = rnd(xp.addmm(X, B, X, a, 1.0))
     return xp.T(X) if tall else X
+
+
+def newton_schulz_axes(xp: NumpyOps, U: Any, axes: Any, coefficients: Sequence[float],
+                       steps: int, eps: float, dtype: str | None) -> Any:
+    """:func:`newton_schulz` of a tensor under ``weight_dimension_numbers`` (``axes``: its
+    :class:`~.dimension_numbers.Axes`): as optax, ``U`` transposed and reshaped to
+    ``(B, fan_in, fan_out)``, each of the B matrices orthogonalised alone, and the result
+    put back in ``U``'s shape. A 2-D tensor is orthogonalised as it is (the iteration gives
+    the transpose of a transposed matrix's result, to the bit)."""
+    from .dimension_numbers import from_matrices, to_matrices
+
+    if len(U.shape) == 2:
+        return newton_schulz(xp, U, coefficients, steps, eps, dtype)
+    mats = to_matrices(xp, U, axes)
+    out = [newton_schulz(xp, mats[i], coefficients, steps, eps, dtype)
+           for i in range(mats.shape[0])]
+    return from_matrices(xp, xp.m.stack(out), axes, tuple(U.shape))
