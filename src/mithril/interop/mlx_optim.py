@@ -113,8 +113,13 @@ def _flat(tree: Any, where: str) -> dict[str, Any]:
     return dict(tree_flatten(tree))
 
 
-def _number(x: Any) -> Any:
-    return x.item() if isinstance(x, mx.array) else x
+def _number(x: Any, what: str) -> Any:
+    """``x`` (a loss) as a Python number where it is a one-element ``mx.array``."""
+    if not isinstance(x, mx.array):
+        return x
+    if x.size != 1:  # (MLX's own item() error would not say which argument)
+        raise ValueError(f"{what} must be a scalar, got an mx.array of shape {x.shape}")
+    return x.item()
 
 
 def _host_closure(closure: Callable[[Any], Any], dtypes: dict[str, Any]) -> Callable:
@@ -125,7 +130,7 @@ def _host_closure(closure: Callable[[Any], Any], dtypes: dict[str, Any]) -> Call
         pair = isinstance(out, tuple) and len(out) == 2
         where = "the closure's gradients"
         grads = _host(where, _flat(out[1] if pair else out, where))
-        return (_number(out[0]), grads) if pair else grads
+        return (_number(out[0], "the closure's loss"), grads) if pair else grads
 
     return host
 
@@ -199,6 +204,9 @@ class MlxOptimizer(optim.Optimizer):
     def update(self, model: nn.Module, gradients: Any, *, loss: Any = None,
                closure: Callable[[Any], Any] | None = None) -> None:
         """Apply ``gradients`` to ``model``'s parameters (``model.update``), as MLX's."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"update: model must be an mlx.nn.Module, got "
+                            f"{type(model).__name__} (a tree of parameters: apply_gradients)")
         before = model.parameters()  # (references: a closure may move the model)
         try:
             model.update(self.apply_gradients(gradients, model, loss=loss, closure=closure))
@@ -234,7 +242,7 @@ class MlxOptimizer(optim.Optimizer):
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
         lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
         lr_arr = lr_arr if isinstance(lr_arr, mx.array) else mx.array(lr)  # (a plain callable's)
-        kw: dict[str, Any] = {} if loss is None else {"loss": _number(loss)}
+        kw: dict[str, Any] = {} if loss is None else {"loss": _number(loss, "loss")}
         if closure is not None:
             kw["closure"] = _host_closure(closure, {n: params_mx[n].dtype for n in names})
         old = opt.learning_rate
@@ -267,7 +275,14 @@ class MlxOptimizer(optim.Optimizer):
 
     def eval_params(self) -> Any:
         """A schedule-free optimizer's evaluation parameters (``x``) at the last step's."""
-        return self._tree(lambda o, s: o.eval_params(s, self._params))
+        def get(o: Any, s: Any) -> Any:
+            if not callable(getattr(o, "eval_params", None)):
+                raise TypeError(f"eval_params: {type(o).__name__} is not schedule-free "
+                                f"(ScheduleFree(base), ScheduleFreeAdamW, ... are): its "
+                                f"parameters are those to evaluate with")
+            return o.eval_params(s, self._params)
+
+        return self._tree(get)
 
     def _tree(self, get: Callable[[Any, Any], Any]) -> Any:
         if self.mithril_state is None:
@@ -290,13 +305,17 @@ class MlxOptimizer(optim.Optimizer):
             flat = _flat(parameters, "parameters")
             slots = d.get("slots") if isinstance(d, dict) else None
             saved = next(iter(slots.values()), None) if isinstance(slots, dict) else None
+            missing = sorted(set(saved) - set(flat)) if isinstance(saved, dict) else []
+            if missing:
+                raise KeyMismatchError(f"load_state_dict: parameters has no {missing} (the "
+                                       f"state dict's: is it another model's?)")
             params = _host("parameters", flat,
                            [n for n in flat if not isinstance(saved, dict) or n in saved])
         elif self._params is not None:
             params = self._params
         else:
             params = None
-        if params is None and "slots" in d:
+        if params is None and isinstance(d, dict) and "slots" in d:
             raise ValueError("load_state_dict: give the parameters (a tree or the model) to "
                              "rebuild the optimizer state for")
         state = self.mithril_optimizer.load_state_dict(d, params)
