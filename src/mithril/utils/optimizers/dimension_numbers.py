@@ -7,7 +7,7 @@ each slice orthogonalised alone; GaLore takes none)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +24,11 @@ class DimensionNumbers(NamedTuple):
 
     reduction_axis: int | Sequence[int] = 0
     output_axis: int | Sequence[int] = 1
+
+
+#: what ``weight_dimension_numbers`` takes: None, one spec, ``{name: spec or None}`` or a
+#: callable returning such a dict
+Spec = DimensionNumbers | Mapping[str, Any] | Callable[[Mapping[str, Any]], Any] | None
 
 
 class Axes(NamedTuple):

@@ -105,7 +105,7 @@ class GaLore(TensorwiseOptimizer):
     def __init__(self, learning_rate: float = 1e-3, rank: int = 128, update_proj_gap: int = 200,
                  scale: float = 1.0, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, eps_root: float = 0.0, weight_decay: float = 0.0,
-                 weight_dimension_numbers: Any = None, **options: Any) -> None:
+                 weight_dimension_numbers: _dn.Spec = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.__dict__["rank"] = check_int("rank", rank, minimum=1)  # (fixed: __setattr__)
         self.__dict__["weight_dimension_numbers"] = _dn.check_dimension_numbers(

@@ -17,7 +17,6 @@ from . import groups as _groups
 from .base import Optimizer
 from .checks import check_flag, check_int, check_positive, describe, to_float
 from .engines import muon_kernels as _mk
-from .layout import Layout
 from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from here too)
     _TORCH,
     _add_scaled_scratch,
@@ -224,7 +223,7 @@ class Muon(TensorwiseOptimizer):
                  ns_dtype: str | None = BY_CONVENTION, fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None,
                  exclude_layers: Sequence[str] | None = None, exclude_embeddings: bool = False,
-                 convention: str = "torch", weight_dimension_numbers: Any = None,
+                 convention: str = "torch", weight_dimension_numbers: _dn.Spec = None,
                  **options: Any) -> None:
         keras = [k for k in _KERAS_NAMES if k in options]
         if keras:  # (the generic hint knows no Muon names of Keras's)
@@ -585,63 +584,7 @@ def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
     return xp.add_scaled(p, u, -lr), {"momentum_buffer": buf}
 
 
-def _check_routing(self: Muon, state: Any, others: set[str]) -> None:
-    """A state laid out for another routing (a Muon with other exclusions, or without) is
-    refused, naming the first parameter it differs on (its slots would not fit)."""
-    if not hasattr(state, "slot_layout"):  # (an optax transformation's rows: its init
-        return  # laid them out)
-    lay = state.slot_layout("momentum_buffer")
-    for n, s, m in zip(lay.names, state.layout.shapes, lay.shapes):
-        if (m == (0,)) != (n in others) and 0 not in s:
-            by = "the fallback" if n in others else "Muon"
-            raise ValueError(f"this Muon state was initialised with other exclusions "
-                             f"(exclude_layers / exclude_embeddings / weight_dimension_numbers):"
-                             f" '{n}' is updated by {by} here; init a state with this Muon")
-
-
-def _reroute(self: Muon, state: OptimizerState) -> OptimizerState:
-    """The momentum and fallback slots laid out by name (``exclude_layers`` /
-    ``exclude_embeddings``): :meth:`.Optimizer.init` asks their shapes by shape alone."""
-    lay, engine = state.layout, state.engine
-    for s in self.slot_names():
-        shapes = tuple(tuple(self.slot_shape(s, shp, n)) for n, shp in zip(lay.names, lay.shapes))
-        if shapes == state.slot_layout(s).shapes:
-            continue
-        new = lay if shapes == lay.shapes else Layout(lay.names, shapes, lay.dtype)
-        state.slots[s] = engine.full(new.total, self.slot_init(s))
-        if new is lay:
-            state.slot_layouts.pop(s, None)
-        else:
-            state.slot_layouts[s] = new
-    return state
-
-
-def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
-    """As :meth:`.Optimizer.init`; without a fallback, a parameter that is not 2-D is
-    refused, named; with exclusions the slots laid out by name (:func:`_reroute`)."""
-    dims = self.weight_dimension_numbers
-    if dims is not None and isinstance(params, Mapping):  # (each refused by name, first)
-        _dn.check_names(dims, list(params))
-        for name, p in params.items():
-            if getattr(p, "shape", None) is not None:
-                self.matrix_axes(name, tuple(p.shape))
-    if self.fallback is None and not self.owns_all() and isinstance(params, Mapping):
-        for name, p in params.items():
-            shape = getattr(p, "shape", None)
-            if shape is not None and self.matrix_axes(name, tuple(shape)) is None:
-                raise ShapeError(f"Muon(fallback=None) updates 2-D parameters only (as "
-                                 f"torch.optim.Muon); params['{name}'] has shape "
-                                 f"{tuple(shape)}: give Muon a fallback (e.g. "
-                                 f"fallback=AdamW()) for the others")
-    if not (self.exclude_layers or self.exclude_embeddings or dims is not None):
-        return Optimizer.init(self, params)
-    self.__dict__["_shapes_alone"] = True  # (shape-rule slots, laid out by name after)
-    try:
-        state = Optimizer.init(self, params)
-    finally:
-        del self.__dict__["_shapes_alone"]
-    return _reroute(self, state)
-
+from .muon_routing import _check_routing, _init  # noqa: E402  (they take a Muon)
 
 # assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the
 # wrapper binds the backend first; a refused init must keep nothing)
