@@ -237,6 +237,31 @@ def test_mlx_optimizer_reads_strided_arrays():
         np.testing.assert_allclose(np.array(a["w"]), np.array(b["w"]), rtol=0, atol=1e-7)
 
 
+def test_a_mithril_scheduler_drives_the_wrapped_optimizer():
+    """``StepLR(opt.mithril_optimizer, 3, 0.5)`` is MLX's ``step_decay(lr, 0.5, 3)`` (was:
+    the wrapper put its own rate back at every update, the scheduler's lost: 0.01 throughout
+    against MLX's 0.01 → 0.00125); a rate set as ``opt.learning_rate`` afterwards wins."""
+    from mithril.utils.lr_schedulers import StepLR
+
+    p0, grads = problem("float64", steps=10, shapes={"w": (3, 4), "b": (4,)})
+    ours = mlx_optimizer(Adam(0.01, bias_correction=True, convention="mlx"))
+    sched = StepLR(ours.mithril_optimizer, step_size=3, gamma=0.5)
+    theirs = optim.Adam(optim.step_decay(lr64(0.01), lr64(0.5), 3), bias_correction=True)
+    a = b = {k: mx.array(v, dtype=mx.float64) for k, v in p0.items()}
+    for g in grads:
+        g = {k: mx.array(v, dtype=mx.float64) for k, v in g.items()}
+        a, b = ours.apply_gradients(g, a), theirs.apply_gradients(g, b)
+        mx.eval(a, b)
+        sched.step()
+        for k in a:
+            np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=0, atol=1e-12)
+    assert ours.state["learning_rate"].item() == pytest.approx(0.00125, rel=1e-7)
+    ours.learning_rate = 0.5  # (MLX's side set after the scheduler's: it wins)
+    sched.step()
+    ours.apply_gradients(g, a)
+    assert ours.mithril_optimizer.learning_rate == 0.5
+
+
 # -- mlx_optimizer's refusals: the argument named, nothing changed ------------------------------
 def snapshot(opt, model=None):
     sd = json.dumps(opt.state_dict(), default=lambda a: np.asarray(a).tolist(), sort_keys=True)

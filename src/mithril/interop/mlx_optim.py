@@ -39,7 +39,9 @@ How it works:
   Setting ``opt.learning_rate`` (a number, or a schedule) between steps works as MLX's,
   except that a number replaces a schedule (MLX's would overwrite it at the next step).
   A number set here reaches mithril unrounded; a value MLX holds as an array (a schedule's,
-  or one written into ``state["learning_rate"]``) is its float32 value, as MLX uses.
+  or one written into ``state["learning_rate"]``) is its float32 value, as MLX uses. A rate
+  set on the mithril side (a mithril scheduler of ``opt.mithril_optimizer``, its
+  ``set_learning_rate``) is followed, unless one was set here since.
 * A call that raises (a mismatched tree, shape or dtype, a bad learning rate, a non-finite
   step under ``nonfinite="raise"``) changes neither the parameters nor the state.
 * Checkpoints: :meth:`MlxOptimizer.state_dict` / :meth:`load_state_dict` (mithril's
@@ -151,6 +153,9 @@ class MlxOptimizer(optim.Optimizer):
         self._params: dict[str, np.ndarray] | None = None  # what mithril returned last
         self._returned: dict[str, mx.array] = {}  # ... and what this wrapper made of it
         self.learning_rate = optimizer.learning_rate if learning_rate is None else learning_rate
+        # (the state's rate and the mithril optimizer's when they last agreed: a rate changed
+        # on the mithril side since, by its scheduler, is followed; MLX's side wins if both)
+        self._synced = (self._state["learning_rate"], optimizer.learning_rate)
         self._initialized = True  # (MLX's per-parameter init is not used)
 
     # -- MLX's interface ----------------------------------------------------------------
@@ -240,8 +245,12 @@ class MlxOptimizer(optim.Optimizer):
             params = _host("parameters", params_mx, names)
         sched = self._schedulers.get("learning_rate")
         lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
-        lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
-        lr_arr = lr_arr if isinstance(lr_arr, mx.array) else mx.array(lr)  # (a plain callable's)
+        if sched is None and lr_arr is self._synced[0] and opt.learning_rate != self._synced[1]:
+            lr = opt.learning_rate  # (set on the mithril side: a mithril scheduler's)
+            lr_arr = mx.array(lr)
+        else:
+            lr = self._exact[1] if lr_arr is self._exact[0] else self._checked_lr(lr_arr)
+            lr_arr = lr_arr if isinstance(lr_arr, mx.array) else mx.array(lr)  # (a callable's)
         kw: dict[str, Any] = {} if loss is None else {"loss": _number(loss, "loss")}
         if closure is not None:
             kw["closure"] = _host_closure(closure, {n: params_mx[n].dtype for n in names})
@@ -259,7 +268,7 @@ class MlxOptimizer(optim.Optimizer):
         self.mithril_state, self._params = state, new
         self._state["step"] = mx.array(state.step, mx.uint64)
         self._state["learning_rate"] = lr_arr
-        self._exact = (lr_arr, lr)
+        self._exact = self._synced = (lr_arr, lr)
         # (copies: mithril overwrites its buffer at the next step)
         self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
         return tree_unflatten(list(self._returned.items())) if out_names else {}
@@ -346,6 +355,7 @@ class MlxOptimizer(optim.Optimizer):
         else:
             arr = mx.array(lr)
         self._state["learning_rate"], self._exact = arr, (arr, lr)
+        self._synced = (arr, self.mithril_optimizer.learning_rate)
 
 
 def mlx_optimizer(optimizer: Optimizer,
