@@ -126,9 +126,13 @@ def expected(which: str) -> list[dict]:
 PATHS = ["numpy", "torch", "jax", "jax-eager", "optax_transformation", "torch_optimizer"]
 
 
-@pytest.mark.parametrize("which", ["muon", "galore"])
-@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.slow] if p == "jax-eager"
-                                               else []) for p in PATHS])
+#: the slow suite's: JAX op by op, and Muon's jitted engine (GaLore's is the default suite's)
+SLOW = {("muon", "jax-eager"), ("galore", "jax-eager"), ("muon", "jax")}
+
+
+@pytest.mark.parametrize("which, path", [
+    pytest.param(w, p, marks=[pytest.mark.slow] if (w, p) in SLOW else [])
+    for w in ("muon", "galore") for p in PATHS])
 def test_float64_parity_with_optax(which: str, path: str, monkeypatch) -> None:
     opt = (muon_pair if which == "muon" else galore_pair)()[0]
     _same(ours(opt, path, monkeypatch), expected(which))
@@ -139,7 +143,8 @@ def _per_leaf(make):  # optax's callable (a pytree of specs for the params), our
     return lambda params: {k: make(k, getattr(v, "ndim", 0)) for k, v in params.items()}
 
 
-@pytest.mark.parametrize("case", ["one spec", "callable", "pair", "rms"])
+@pytest.mark.parametrize("case", ["callable", *(pytest.param(c, marks=pytest.mark.slow)
+                                               for c in ("one spec", "pair", "rms"))])
 def test_the_other_forms_of_the_argument(case: str) -> None:
     """One spec for every tensor of 2+ axes (ours: vectors to the fallback / plain Adam;
     optax's Muon would take the bias too and fail: it is given None there), a callable,
