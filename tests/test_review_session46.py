@@ -424,6 +424,37 @@ def test_schedule_free_refused_loads_change_nothing(case, x64):
         np.testing.assert_allclose(params[k], np.asarray(q[k]), rtol=0, atol=1e-12)
 
 
+def test_schedule_free_in_an_mlx_loop_on_an_mlx_schedule_is_optaxs(x64):
+    """``mlx_optimizer(ScheduleFree(Adam(beta1=0)), learning_rate=schedule)``: the base and
+    the averaging weight read the schedule at MLX's step (0 first), optax's
+    ``schedule_free(adam(schedule), lambda c: schedule(c - 1))`` (its wrapper counts from 1).
+    optax's schedule of its int32 count is float32: MLX's schedule is given those values."""
+    import jax.numpy as jnp
+    import optax
+    import optax.contrib as oc
+
+    def schedule(c):  # warm-up over 4 steps, then decay
+        return 0.1 * jnp.minimum(1.0, (c + 1) / 4) * 0.9 ** jnp.maximum(0, c - 4)
+
+    p0, grads = problem("float64", steps=10, shapes={"w": (3, 4), "b": (4,)})
+    ours = mlx_optimizer(ScheduleFree(Adam(0.1, beta1=0.0), b1=0.8), learning_rate=lambda step:
+                         lr64(float(schedule(jnp.asarray(int(step), jnp.int32)))))
+    tx = oc.schedule_free(optax.adam(schedule, b1=0.0), lambda c: schedule(c - 1), b1=0.8)
+    p = {k: mx.array(v, dtype=mx.float64) for k, v in p0.items()}
+    q = {k: jnp.asarray(v) for k, v in p0.items()}
+    s = tx.init(q)
+    for g in grads:
+        p = ours.apply_gradients({k: mx.array(v, dtype=mx.float64) for k, v in g.items()}, p)
+        u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+        q = optax.apply_updates(q, u)
+        for k in q:
+            np.testing.assert_allclose(np.array(p[k]), np.asarray(q[k]), rtol=0, atol=1e-12)
+    x, want = ours.eval_params(), oc.schedule_free_eval_params(s, q)
+    for k in q:
+        np.testing.assert_allclose(np.array(x[k]), np.asarray(want[k]), rtol=0, atol=1e-12)
+    assert ours.state["learning_rate"].item() == float(schedule(jnp.asarray(9, jnp.int32)))
+
+
 # -- LBFGS(convention="optax") on harder functions ----------------------------------------------
 def _functions():
     import jax.numpy as jnp
