@@ -54,6 +54,10 @@ CASES = {
         lambda: Adam(0.01, centralize=True, normalize_grad=1.0, clip_block_rms=0.2),
         lambda: optax.chain(optax.centralize(), optax.normalize_by_update_norm(1.0, 1e-6),
                             optax.clip_by_block_rms(0.2), optax.adam(0.01))),
+    "adaptive/adam": (  # (the numba engine normalizes copies here: it clips unit-wise after)
+        lambda: Adam(0.01, centralize=True, normalize_grad=3.0, adaptive_clip=0.05),
+        lambda: optax.chain(optax.centralize(), optax.normalize_by_update_norm(3.0, 1e-6),
+                            optax.adaptive_grad_clip(0.05), optax.adam(0.01))),
     "groups-off/adam": (
         lambda: Adam(0.01, centralize=True, normalize_grad=1.0, param_groups=[
             {"params": ["w"], "centralize": None}, {"params": ["b"], "normalize_grad": None}]),
@@ -130,10 +134,11 @@ def test_equals_optax_float64(case):
     ("array", np.array), ("array", torch.from_numpy)],
     ids=["torch", "jax", "jax-jit", "array-numpy", "array-torch"])
 def test_every_engine(kind, conv):
-    want = optax_run(CASES["both+clip/adam"][1]())
-    with optimizer_engine(kind):
-        got = run(CASES["both+clip/adam"][0](), conv)
-    close(got, want, 2e-5, 2e-6)
+    for case in ("both+clip/adam", "adaptive/adam"):
+        want = optax_run(CASES[case][1]())
+        with optimizer_engine(kind):
+            got = run(CASES[case][0](), conv)
+        close(got, want, 2e-5, 2e-6)
 
 
 def test_optax_transformation_and_tensorwise():

@@ -444,7 +444,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         except BaseException:
             self._backend = bound  # a refused call keeps nothing, an inferred backend included
             raise
-        if self._pre_clipping() and (pre := self._pre_clip(gradients, state)) is not None:
+        if self._pre_clipping() and (pre := self._pre_clip(
+                gradients, state, state.engine.fuses_normalize(self, state))) is not None:
             gradients, prepared = pre, None  # (the engine locates the new arrays)
         if any(getattr(v, "adaptive_clip", None) is not None
                for v in self.group_rows(state)[1]) and not state.engine.fuses_adaptive_clip(
@@ -544,16 +545,18 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
                     is not None or any(g.get("centralize") or g.get("normalize_grad") is not None
                                        for g in self.__dict__.get("_groups", ())))
 
-    def _pre_clip(self, gradients: Mapping[str, Any], state: OptimizerState
-                  ) -> dict[str, Any] | None:
+    def _pre_clip(self, gradients: Mapping[str, Any], state: OptimizerState,
+                  fused: bool = False) -> dict[str, Any] | None:
         """The gradients centralized and normalized (:func:`.clipping.pre_clip`), each tensor
         by its group's ``centralize`` / ``normalize_grad`` / ``normalize_eps`` (new arrays,
         before any clip: optax's ``chain(centralize(), normalize..., clip..., opt)``); None
-        where no tensor takes either."""
+        where no tensor takes either. ``fused``: the step normalizes them itself (the numba
+        engine: :func:`.engines.common.clipped_table`), only centralize here."""
         from .clipping import pre_clip
 
         index, views = self.group_rows(state)
-        spec = [(bool(getattr(v, "centralize", False)), getattr(v, "normalize_grad", None),
+        spec = [(bool(getattr(v, "centralize", False)),
+                 None if fused else getattr(v, "normalize_grad", None),
                  getattr(v, "normalize_eps", 1e-6)) for v in views]
         if not any(c or s is not None for c, s, _ in spec):
             return None

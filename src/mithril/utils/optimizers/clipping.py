@@ -27,6 +27,7 @@ import numpy as np
 
 from .checks import check_positive, is_array
 from .engines.common import norm_scale as norm_scale  # (public here: the rule's home)
+from .engines.common import normalize_factor
 
 
 def _sumsq(g: Any) -> float:
@@ -155,26 +156,15 @@ def centralize(g: Any) -> Any:
     return g - g.mean(axis=tuple(range(1, len(g.shape))), keepdims=True)
 
 
-def normalize_factor(scale: Any, norm: Any, eps: Any) -> Any:
-    """The normalization's factor ``s / (‖g‖ + ε)``: optax ``normalize_by_update_norm(s, ε)``,
-    and ``optax.contrib.normalize()`` with ``s=1, ε=0``. Where ``‖g‖ + ε`` is 0 (an all-zero
-    gradient with ``ε=0``) the factor is 1: the gradient stays zero, where optax's 0/0 gives
-    NaN. Python numbers, torch tensors or traced JAX arrays."""
-    if isinstance(norm, (float, int)):
-        return scale / (norm + eps) if norm + eps > 0 else 1.0
-    from .elementwise import where
-
-    d = norm + eps
-    return where(d > 0, scale / where(d > 0, d, 1.0), 1.0)
-
-
 def pre_clip(gradients: Mapping[str, Any], specs: Mapping[str, tuple[bool, Any, float]]
              ) -> dict[str, Any]:
     """``gradients`` as every clip sees them (new arrays where changed; those given are not
     modified): each tensor ``name`` with ``specs[name] = (centralize, normalize_grad,
     normalize_eps)`` centralized (:func:`centralize`) where the flag is set, then the
-    normalizing ones (``normalize_grad`` not None) scaled by ``s / (‖g‖ + ε)``, ‖g‖ the norm
-    of those tensors together, after centralization (float64 on NumPy/torch)."""
+    normalizing ones (``normalize_grad`` not None) scaled by ``s / (‖g‖ + ε)``
+    (:func:`~.engines.common.normalize_factor`), ‖g‖ the norm of those tensors together,
+    after centralization (float64 on NumPy/torch). The numba engine normalizes inside its
+    step instead (:func:`~.engines.common.clipped_table`)."""
     out = {n: centralize(g) if specs[n][0] else g for n, g in gradients.items()}
     unit = [n for n in out if specs[n][1] is not None]
     if unit:

@@ -262,7 +262,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
     except BaseException:
         self._backend = bound  # a refused call keeps nothing, an inferred backend included
         raise
-    if self._pre_clipping() and (pre := self._pre_clip(gradients, state)) is not None:
+    if self._pre_clipping() and (pre := self._pre_clip(gradients, state, False)) is not None:
         gradients, prepared = pre, None  # centralized / normalized copies, before any clip
     if any(getattr(v, "adaptive_clip", None) is not None for v in self.group_rows(state)[1]):
         gradients = self._adaptive_clip(params, gradients, state)

@@ -215,6 +215,11 @@ class Engine:
         base class hands it clipped copies of the gradients)."""
         return False
 
+    def fuses_normalize(self, opt: Any, state: Any) -> bool:
+        """Whether this engine applies ``opt``'s ``normalize_grad`` inside its step (else the
+        base class hands it normalized copies of the gradients)."""
+        return False
+
     def readable(self, p: Any) -> Any:
         """``p`` as an array the engine can copy into its flat buffer."""
         raise NotImplementedError
@@ -282,25 +287,58 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
     return out, np.arange(n, dtype=np.int64)
 
 
-def tensor_clipping(opt: Any, state: Any) -> bool:
+def tensor_clipping(opt: Any, state: Any, normalize: bool = False) -> bool:
     """Whether any tensor is clipped by its own norm or RMS (``clip_tensor_norm`` /
-    ``clip_block_rms``, which parameter groups may set or turn off)."""
+    ``clip_block_rms``, which parameter groups may set or turn off); ``normalize``: or
+    normalized (``normalize_grad``), where the engine fuses it (:func:`clipped_table`)."""
     _, views = opt.group_rows(state)
     return any(getattr(v, "clip_tensor_norm", None) is not None
-               or getattr(v, "clip_block_rms", None) is not None for v in views)
+               or getattr(v, "clip_block_rms", None) is not None
+               or normalize and getattr(v, "normalize_grad", None) is not None for v in views)
 
 
-def clipped_table(opt: Any, state: Any, t: int, sumsq: np.ndarray
+def normalize_factor(scale: Any, norm: Any, eps: Any) -> Any:
+    """The normalization's factor ``s / (‖g‖ + ε)``: optax ``normalize_by_update_norm(s, ε)``,
+    and ``optax.contrib.normalize()`` with ``s=1, ε=0``. Where ``‖g‖ + ε`` is 0 (an all-zero
+    gradient with ``ε=0``) or NaN the factor is 1: the gradient stays zero (optax's 0/0 gives
+    NaN), a NaN one NaN. Python numbers, torch tensors or traced JAX arrays."""
+    if isinstance(norm, (float, int)):
+        return scale / (norm + eps) if norm + eps > 0 else 1.0
+    from ..elementwise import where
+
+    d = norm + eps
+    return where(d > 0, scale / where(d > 0, d, 1.0), 1.0)
+
+
+def _normalized(views: list, index: np.ndarray, sumsq: np.ndarray) -> np.ndarray:
+    """Each tensor's normalization factor (1 where its row does not normalize), the norm
+    that of the normalizing tensors together (:func:`normalize_factor`)."""
+    on = np.array([getattr(v, "normalize_grad", None) is not None for v in views])[index]
+    f = np.ones(len(index))
+    if on.any():
+        norm = math.sqrt(float(sumsq[on].sum()))
+        rows = [normalize_factor(v.normalize_grad, norm, v.normalize_eps)
+                if getattr(v, "normalize_grad", None) is not None else 1.0 for v in views]
+        f[on] = np.asarray(rows, dtype=np.float64)[index][on]
+    return f
+
+
+def clipped_table(opt: Any, state: Any, t: int, sumsq: np.ndarray, normalize: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, bool, float]:
     """:func:`scalar_table` with each tensor's gradient clipped by its own norm first:
     ``sumsq`` holds each tensor's Σ g² (float64). Keras ``clipnorm`` scales a tensor by
     ``c / max(‖g‖, c)``, optax ``clip_by_block_rms`` by ``1 / max(1, rms(g) / c)``; then
-    ``clip_norm`` (global) sees the clipped gradients' norm. Returns the per-tensor table,
-    its row index (one row per tensor), the clip-by-value flag and the raw global norm."""
+    ``clip_norm`` (global) sees the clipped gradients' norm. ``normalize``: before those,
+    ``normalize_grad``'s factor (the engine fuses it; else the gradients came normalized).
+    Returns the per-tensor table, its row index (one row per tensor), the clip-by-value flag
+    and the global norm before the clips (after the normalization)."""
     index, views = opt.group_rows(state)
     sizes = state.layout.sizes.astype(np.float64)
     f = np.ones(len(sizes))
     with np.errstate(all="ignore"):  # inf/NaN gradients: found by the policies
+        if normalize:  # (the clips below measure the normalized gradients: s·f²)
+            f = _normalized(views, index, sumsq)
+        raw = float(np.sqrt(np.sum(sumsq * f * f)))
         for c_norm, c_rms, rows in _clip_specs(views, index):
             s = sumsq[rows] * f[rows] ** 2
             if c_norm is not None:
@@ -310,7 +348,6 @@ def clipped_table(opt: Any, state: Any, t: int, sumsq: np.ndarray
             if c_rms is not None:
                 rms = np.sqrt(s / np.maximum(sizes[rows], 1.0))
                 f[rows] /= np.maximum(1.0, rms / c_rms)
-        raw = float(np.sqrt(sumsq.sum()))
         clipped = float(np.sqrt(np.sum(sumsq * f * f)))
     table, rows_of, clip = scalar_table(opt, state, t, clipped)
     out = table[rows_of].copy()

@@ -259,7 +259,8 @@ class NumbaEngine(Engine):
         units = unit_args = None
         if self.fuses_adaptive_clip(opt, state):
             units, unit_clip, unit_eps = self._unit_spec(opt, state)
-        if units is not None or tensor_clipping(opt, state):  # per-tensor norms: read-only
+        fuse = self.fuses_normalize(opt, state)
+        if units is not None or tensor_clipping(opt, state, fuse):  # per-tensor norms: read-only
             if units is not None:  # (adaptive clipping: per-unit norms of g and p)
                 up = self._unit_plan(units)
                 UG, UP = np.zeros(up.size), np.zeros(up.size)
@@ -272,7 +273,7 @@ class NumbaEngine(Engine):
                 plan.run(segment_sumsq_kernel(lay.dtype), (), gptr, (R,), with_offsets=False)
                 sumsq = np.zeros(len(lay.names), dtype=np.float64)
                 np.add.at(sumsq, plan.seg_t, R)  # segments in order: thread-count independent
-            table, index, clip, norm = clipped_table(opt, state, t, sumsq)
+            table, index, clip, norm = clipped_table(opt, state, t, sumsq, fuse)
             if units is not None:  # one unit: a factor per tensor, folded into gscale
                 one = unit_clip > 0
                 one[units > 1] = False
@@ -354,6 +355,15 @@ class NumbaEngine(Engine):
         two-pass optimizer's first pass reads the units' factors as the update does)."""
         return any(getattr(v, "adaptive_clip", None) is not None
                    for v in opt.group_rows(state)[1])
+
+    def fuses_normalize(self, opt: Any, state: Any) -> bool:
+        """Whether a group normalizes (``normalize_grad``) and none clips adaptively: the
+        factors then come from the per-tensor sums of the read-only pass (no gradient copy,
+        :func:`~.common.clipped_table`); adaptive clipping, fused here, comes after the
+        normalization, which the base class then makes on copies."""
+        views = opt.group_rows(state)[1]
+        return (any(getattr(v, "normalize_grad", None) is not None for v in views)
+                and not self.fuses_adaptive_clip(opt, state))
 
     def _unit_spec(self, opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per tensor: its unit count (0: not clipped), ``c`` (0: not clipped) and ``ε``,
