@@ -329,3 +329,56 @@ def test_a_state_laid_out_otherwise_is_refused_on_loading(make) -> None:
     with pytest.raises(ValueError, match="attn"):
         opt.load_state_dict(sd, p)
     assert opt.hyperparameters() == before
+
+
+def _transposed(params):  # every weight as optax's (in, out) of a (out, in) array: (1, 0) -> (0, 1)
+    return {k: DimensionNumbers(0, 1) if getattr(v, "ndim", 0) == 2 else None
+            for k, v in params.items()}
+
+
+TRAIN_STEP = {
+    "muon": lambda: Muon(0.02, ns_dtype="float32", weight_dimension_numbers=_transposed,
+                         param_groups=[{"params": lambda n: "linear_2" in n, "lr_scale": 0.5}]),
+    "galore": lambda: GaLore(0.02, rank=3, update_proj_gap=2,
+                             weight_dimension_numbers=_transposed)}
+
+
+@pytest.mark.parametrize("which, backend", [
+    pytest.param(w, b, marks=[pytest.mark.slow] if (w, b) == ("muon", "jax") else [])
+    for w in TRAIN_STEP for b in ("numpy", "torch", "jax")])
+def test_make_train_step_equals_evaluate_and_update(which: str, backend: str) -> None:
+    """``make_train_step`` (NumPy, torch; JAX: its one program, through the optax
+    transformation) against the separate evaluate + update, with a parameter group: bit for
+    bit, and on JAX to float32 rounding over two steps."""
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.utils.training import make_train_step
+
+    be_cls = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[backend]
+    spec = mlp_spec(8, 4, [16, 12])
+    r = np.random.default_rng(3)
+    data = [{"input": r.standard_normal((32, 8)).astype(np.float32),
+             "target": r.integers(0, 4, 32)} for _ in range(2)]
+
+    def run(fused: bool) -> dict:
+        be = be_cls(dtype="float32", seed=0)
+        compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+        params, opt = compiled.get_parameters(), TRAIN_STEP[which]()
+        step = make_train_step(compiled, opt, loss="loss") if fused else None
+        state = step.init(params) if fused else opt.init(params)
+        for d in data:
+            d = {"input": be.array(d["input"]), "target": be.array(d["target"], be.int_dtype)}
+            if fused:
+                params, state, _ = step(params, state, d)
+            else:
+                _, g = compiled.evaluate(params, d, output_gradients={"loss": 1.0})
+                params, state = opt.update(params, g, state)
+        return {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+
+    want, got = run(False), run(True)
+    for k in want:
+        if backend == "jax":
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        else:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
