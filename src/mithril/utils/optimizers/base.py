@@ -561,9 +561,16 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         if not any(c or s is not None for c, s, _ in spec):
             return None
         where = state.layout.index
+        specs = {n: spec[index[where[n]]] for n in gradients}
+        wide = {n: g for n, g in gradients.items() if specs[n][0] and len(g.shape) > 1}
+        done = state.engine.centralized(wide) if wide else None
+        if done is not None:  # (in the engine's own buffer: no new arrays)
+            gradients = {**gradients, **done}
+            specs = {n: (False, s, e) if n in done else (c, s, e)
+                     for n, (c, s, e) in specs.items()}
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # inf/NaN: the policies' to find
-            return pre_clip(gradients, {n: spec[index[where[n]]] for n in gradients})
+            return pre_clip(gradients, specs)
 
     def _adaptive_clip(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                        state: OptimizerState) -> dict[str, Any]:

@@ -215,6 +215,11 @@ class Engine:
         base class hands it clipped copies of the gradients)."""
         return False
 
+    def centralized(self, grads: Any) -> dict[str, Any] | None:
+        """``grads`` (each of 2+ axes) centralized by this engine into memory of its own
+        (:mod:`.centralize_kernel`), or None: the base class makes new arrays."""
+        return None
+
     def fuses_normalize(self, opt: Any, state: Any) -> bool:
         """Whether this engine applies ``opt``'s ``normalize_grad`` inside its step (else the
         base class hands it normalized copies of the gradients)."""

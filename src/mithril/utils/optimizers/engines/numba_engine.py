@@ -356,6 +356,13 @@ class NumbaEngine(Engine):
         return any(getattr(v, "adaptive_clip", None) is not None
                    for v in opt.group_rows(state)[1])
 
+    def centralized(self, grads: Any) -> dict[str, Any] | None:
+        if self.kind == "jax":  # (its gradients are JAX arrays: the base class's copies)
+            return None
+        from .centralize_kernel import centralized
+
+        return centralized(self, grads)
+
     def fuses_normalize(self, opt: Any, state: Any) -> bool:
         """Whether a group normalizes (``normalize_grad``) and none clips adaptively: the
         factors then come from the per-tensor sums of the read-only pass (no gradient copy,
