@@ -148,6 +148,21 @@ def test_mlx_convention_with_non_default_options_on_odd_shapes(case, dtype):
     assert float(np.abs(got["w"] - p0["w"]).max()) > 1e-5  # (it moved: warmup_init barely)
 
 
+def test_mlxs_adafactor_names_are_refused_naming_ours():
+    """MLX's ``decay_rate=`` / ``clip_threshold=`` (was: "unexpected keyword argument
+    'decay_rate'" with no hint; only "Keras's clip_threshold"); ours with the names the error
+    gives are MLX's numbers."""
+    with pytest.raises(TypeError, match="MLX's decay_rate=: ours is beta2_decay"):
+        Adafactor(convention="mlx", decay_rate=-0.5)
+    with pytest.raises(TypeError, match="MLX's and Keras's clip_threshold=: ours is d"):
+        Adafactor(convention="mlx", clip_threshold=0.5)
+    p0, grads = problem("float64", steps=6)
+    ref = mlx_run(optim.Adafactor(decay_rate=-0.5, clip_threshold=0.5), p0, grads, mx.float64)
+    got = ours_run(Adafactor(beta2_decay=-0.5, d=0.5, convention="mlx"), p0, grads)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-12)
+
+
 # -- mlx_optimizer in an mlx.nn loop: freezing, unfreezing, lr set, float16, strides -------
 _rng = np.random.default_rng(1)
 X = _rng.standard_normal((16, 4)).astype(np.float32)

@@ -47,6 +47,8 @@ _KERAS_NAMES = {"clip_threshold": "ours is d",
                 "epsilon_2": "ours is epsilon=(epsilon_1, epsilon_2)",
                 "relative_step": "the relative step is always min(lr, 1/√t), as Keras's with "
                                  "either value"}
+#: mlx.optimizers.Adafactor's (HF's) names that are not ours, under any convention
+_MLX_NAMES = {"clip_threshold": "ours is d", "decay_rate": "ours is beta2_decay"}
 
 
 class Adafactor(TensorwiseOptimizer):
@@ -110,13 +112,16 @@ class Adafactor(TensorwiseOptimizer):
                  convention: str = "torch", **options: Any) -> None:
         mlx = {k: options.pop(k, v) for k, v in _MLX_OPTIONS.items()} \
             if convention == "mlx" else {}
-        keras = [k for k in (*_KERAS_NAMES, *_MLX_OPTIONS) if k in options]
-        if keras:  # (the generic hint knows no Adafactor names of Keras's)
+        keras = [k for k in (*_KERAS_NAMES, *_MLX_NAMES, *_MLX_OPTIONS) if k in options]
+        if keras:  # (the generic hint knows no Adafactor names of Keras's or MLX's)
             k = keras[0]
             mlx_too = " (MLX's: convention='mlx')" if k in _MLX_OPTIONS else ""
-            raise TypeError(f"Adafactor() got Keras's {k}=: {_KERAS_NAMES[k]}{mlx_too}" if k
-                            in _KERAS_NAMES else f"Adafactor() got {k}=: MLX's option, taken "
-                            f"with convention='mlx' only")
+            whose = " and ".join(w for w, names in (("MLX's", _MLX_NAMES),
+                                                    ("Keras's", _KERAS_NAMES)) if k in names)
+            raise TypeError(f"Adafactor() got {whose} {k}=: "
+                            f"{_KERAS_NAMES.get(k) or _MLX_NAMES[k]}{mlx_too}" if whose
+                            else f"Adafactor() got {k}=: MLX's option, taken with "
+                            f"convention='mlx' only")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         if convention not in ("torch", "keras", "mlx"):
             raise ValueError(f"convention must be 'torch', 'keras' or 'mlx' (optax's "
