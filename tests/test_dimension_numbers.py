@@ -382,3 +382,34 @@ def test_make_train_step_equals_evaluate_and_update(which: str, backend: str) ->
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
         else:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("make", [muon_pair, galore_pair])
+def test_torch_optimizer_resumes_bit_for_bit(make) -> None:
+    """``torch_optimizer``'s own state dict, through ``torch.save`` /
+    ``torch.load(weights_only=True)``, into a new wrapper: the same steps to the bit."""
+    def fresh():
+        tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in P0.items()}
+        return tp, torch_optimizer(make()[0], list(tp.items()))
+
+    def steps(tp, topt, gs):
+        for g in gs:
+            for k, p in tp.items():
+                p.grad = torch.tensor(g[k])
+            topt.step()
+
+    tp, topt = fresh()
+    steps(tp, topt, GRADS)
+    want = _host(tp)
+    tp, topt = fresh()
+    steps(tp, topt, GRADS[:7])
+    buf = io.BytesIO()
+    torch.save(topt.state_dict(), buf)
+    tp2, topt2 = fresh()
+    with torch.no_grad():
+        for k in tp2:
+            tp2[k].copy_(tp[k])
+    topt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    steps(tp2, topt2, GRADS[7:])
+    for k, v in _host(tp2).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
