@@ -11,7 +11,6 @@ input by its full name as a tensor that requires grad.
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,34 +133,20 @@ def compare(name: str, case: Case, params, cots, out, grads, what: str,
 
 
 def jax_column(module: str, names: list[str], tests_dir: str) -> dict[str, Any]:
-    """Run ``names`` of ``module``'s CASES on JAX float64 in a fresh process (JAX x64 is
-    process-wide) and return ``{name: (params, cots, out, grads)}``."""
-    from conftest import run_python
+    """Run ``names`` of ``module``'s CASES on JAX float64 in this process (under conftest's
+    ``jax_float64``: the x64 flag put back after) and return ``{name: (params, cots, out,
+    grads)}`` as NumPy arrays. ``tests_dir``: unused (the column ran in a fresh interpreter)."""
+    import importlib
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {tests_dir!r})
-            import jax
-            jax.config.update("jax_enable_x64", True)
-            import numpy as np
-            import layer_edges as le
-            import {module} as m
-            flat = {{}}
-            for name in {names!r}:
-                params, cots, out, grads = le.run_mithril(name, m.CASES[name], "jax")
-                for kind, d in (("p", params), ("c", cots), ("o", out), ("g", grads)):
-                    for k, v in d.items():
-                        flat[f"{{name}}|{{kind}}|{{k}}"] = v
-            np.savez({path!r}, **flat)
-        """, timeout=600)
-        flat = dict(np.load(path))
+    from conftest import jax_float64
+
+    m = importlib.import_module(module)
     res: dict[str, Any] = {}
-    for key, v in flat.items():
-        name, kind, k = key.split("|", 2)
-        res.setdefault(name, {"p": {}, "c": {}, "o": {}, "g": {}})[kind][k] = v
-    return {n: (d["p"], d["c"], d["o"], d["g"]) for n, d in res.items()}
+    with jax_float64():
+        for name in names:
+            res[name] = tuple({k: np.asarray(v) for k, v in d.items()}
+                              for d in run_mithril(name, m.CASES[name], "jax"))
+    return res
 
 
 def parity_tests(module: str, cases: dict[str, Case],
