@@ -305,6 +305,36 @@ def test_muon_fallback_rate_under_a_muon_schedule_as_mlxs_multi_optimizer():
     assert worst[False]["w"] <= 1e-12 and worst[False]["b"] > 0.05, worst
 
 
+@pytest.mark.parametrize("make", [
+    lambda: optim.linear_schedule(1e-2, 0.0, 5),
+    lambda: optim.join_schedules([optim.linear_schedule(0.0, 1e-2, 3),
+                                  optim.linear_schedule(1e-2, 0.0, 5)], [3])],
+    ids=["linear_to_0", "warmup_then_linear_to_0"])
+def test_an_mlx_schedule_decaying_to_zero_runs_to_its_end(make):
+    """MLX's ``linear_schedule(1e-2, 0, 5)`` is −9.3e-10 from step 5 (float32 rounding):
+    MLX steps with it; the wrapper refused it at step 5 ("learning_rate must be >= 0 and
+    finite, got -9.313225746154785e-10"), ending the run. Now 0: MLX's float32 numbers."""
+    got = freeze_free_run(mlx_optimizer(Adam(convention="mlx")), make())
+    ref = freeze_free_run(optim.Adam(make()), None)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-7)
+    assert float(make()(mx.array(12, mx.uint64))) < 0  # (MLX's own value, still negative)
+
+
+def freeze_free_run(opt, schedule, steps=12):
+    if schedule is not None:
+        opt.learning_rate = schedule
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, x, y: nn.losses.cross_entropy(m(x), y, reduction="mean"))
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, mx.array(X), mx.array(Y))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
 # -- mlx_optimizer's refusals: the argument named, nothing changed ------------------------------
 def snapshot(opt, model=None):
     sd = json.dumps(opt.state_dict(), default=lambda a: np.asarray(a).tolist(), sort_keys=True)

@@ -35,7 +35,8 @@ How it works:
 * ``state`` is ``{"step": uint64, "learning_rate": array}``, MLX's keys, cheap to
   ``mx.eval`` each step; the slots stay on the NumPy side (``opt.mithril_state``).
   ``learning_rate``: the mithril optimizer's unless given; an MLX schedule (a callable of
-  the step) is evaluated at the step count before the update, as MLX's (step 0 first).
+  the step) is evaluated at the step count before the update, as MLX's (step 0 first); a
+  value below 0 by its float32 rounding (``linear_schedule(init, 0, T)`` from step T) is 0.
   Setting ``opt.learning_rate`` (a number, or a schedule) between steps works as MLX's,
   except that a number replaces a schedule (MLX's would overwrite it at the next step).
   A number set here reaches mithril unrounded; a value MLX holds as an array (a schedule's,
@@ -152,6 +153,7 @@ class MlxOptimizer(optim.Optimizer):
         self.mithril_state: Any = None
         self._params: dict[str, np.ndarray] | None = None  # what mithril returned last
         self._returned: dict[str, mx.array] = {}  # ... and what this wrapper made of it
+        self._peak = abs(float(optimizer.learning_rate or 0.0))  # (the largest rate seen)
         self.learning_rate = optimizer.learning_rate if learning_rate is None else learning_rate
         # (the state's rate and the mithril optimizer's when they last agreed: a rate changed
         # on the mithril side since, by its scheduler, is followed; MLX's side wins if both)
@@ -177,7 +179,7 @@ class MlxOptimizer(optim.Optimizer):
     @learning_rate.setter
     def learning_rate(self, value: float | mx.array | Callable[[mx.array], mx.array]) -> None:
         if callable(value):  # an MLX schedule: evaluated at each update's step count
-            first = self._checked_lr(value(self.step))
+            first = self._checked_lr(self._scheduled(value, self.step))
             self._schedulers["learning_rate"] = value
             self._state["learning_rate"] = arr = mx.array(first)
         else:
@@ -186,6 +188,17 @@ class MlxOptimizer(optim.Optimizer):
             self._state["learning_rate"] = arr = value if isinstance(value, mx.array) \
                 else mx.array(first)
         self._exact = (arr, first)  # (the number set, unrounded, while the state holds arr)
+        self._peak = max(self._peak, first)
+
+    def _scheduled(self, schedule: Callable[[mx.array], Any], step: mx.array) -> Any:
+        """``schedule``'s rate at ``step``; one below 0 by MLX's float32 rounding, within
+        2⁻²⁰ of the largest rate of the run, is 0 (MLX's ``linear_schedule(1e-2, 0, T)``
+        ends at −9.3e-10; MLX steps with it, a negative rate is refused here)."""
+        v = schedule(step)
+        x = v.item() if isinstance(v, mx.array) and v.size == 1 else v
+        if isinstance(x, float) and -self._peak * 2.0**-20 <= x < 0:
+            return mx.array(0.0)
+        return v
 
     @staticmethod
     def _checked_lr(value: Any) -> float:
@@ -244,7 +257,8 @@ class MlxOptimizer(optim.Optimizer):
         else:
             params = _host("parameters", params_mx, names)
         sched = self._schedulers.get("learning_rate")
-        lr_arr = sched(self.step) if sched is not None else self._state["learning_rate"]
+        lr_arr = self._scheduled(sched, self.step) if sched is not None \
+            else self._state["learning_rate"]
         if sched is None and lr_arr is self._synced[0] and opt.learning_rate != self._synced[1]:
             lr = opt.learning_rate  # (set on the mithril side: a mithril scheduler's)
             lr_arr = mx.array(lr)
@@ -269,6 +283,7 @@ class MlxOptimizer(optim.Optimizer):
         self._state["step"] = mx.array(state.step, mx.uint64)
         self._state["learning_rate"] = lr_arr
         self._exact = self._synced = (lr_arr, lr)
+        self._peak = max(self._peak, lr)
         # (copies: mithril overwrites its buffer at the next step)
         self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
         return tree_unflatten(list(self._returned.items())) if out_names else {}
@@ -350,12 +365,13 @@ class MlxOptimizer(optim.Optimizer):
         self._state["step"] = mx.array(0 if state is None else state.step, mx.uint64)
         sched, lr = self._schedulers.get("learning_rate"), self.mithril_optimizer.learning_rate
         if sched is not None:  # the last step's value, as MLX's state shows (step 0's at 0)
-            arr = sched(mx.array(max(int(self.step) - 1, 0), mx.uint64))
+            arr = self._scheduled(sched, mx.array(max(int(self.step) - 1, 0), mx.uint64))
             lr = self._checked_lr(arr)
         else:
             arr = mx.array(lr)
         self._state["learning_rate"], self._exact = arr, (arr, lr)
         self._synced = (arr, self.mithril_optimizer.learning_rate)
+        self._peak = max(self._peak, lr)
 
 
 def mlx_optimizer(optimizer: Optimizer,
