@@ -143,8 +143,8 @@ def _per_leaf(make):  # optax's callable (a pytree of specs for the params), our
     return lambda params: {k: make(k, getattr(v, "ndim", 0)) for k, v in params.items()}
 
 
-@pytest.mark.parametrize("case", ["callable", *(pytest.param(c, marks=pytest.mark.slow)
-                                               for c in ("one spec", "pair", "rms"))])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
+                                  for c in ("callable", "one spec", "pair", "rms")])
 def test_the_other_forms_of_the_argument(case: str) -> None:
     """One spec for every tensor of 2+ axes (ours: vectors to the fallback / plain Adam;
     optax's Muon would take the bias too and fail: it is given None there), a callable,
@@ -169,6 +169,18 @@ def test_the_other_forms_of_the_argument(case: str) -> None:
     else:
         mine, theirs = muon_pair(adjust_lr_fn="match_rms_adamw")
     _same(ours_numpy(mine), reference(theirs))
+
+
+@pytest.mark.parametrize("make", [muon_pair, galore_pair])
+def test_a_callable_is_the_dict_it_gives(make) -> None:
+    """(The default suite's; against optax: ``test_the_other_forms_of_the_argument``.)"""
+    dims = MUON_DIMS if make is muon_pair else GALORE_DIMS
+    opt = make(lambda params: {k: dims[k] for k in params})[0]
+    got, want = ours_numpy(opt)[-1], ours_numpy(make()[0])[-1]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    listed = opt.hyperparameters()["weight_dimension_numbers"]  # (normalised axes)
+    assert set(listed) == set(P0) and listed["b"] is None and listed["attn"] == [[0], [1, 2]]
 
 
 def ours_numpy(opt, params=None) -> list[dict]:
