@@ -268,13 +268,16 @@ def test_a_refused_call_changes_nothing():
     with setattr_bad:
         opt.hyperparameter("normalize_grad").set_learning_rate(-2.0)
     assert opt.normalize_grad == 1.0
-    opt2 = Adam(0.01, centralize=True, nonfinite="skip")
-    st2 = opt2.init({k: v.copy() for k, v in p0.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, st2 = opt2.update({k: v.copy() for k, v in p0.items()},
-                             dict(given, w=np.full((5, 3), np.nan, np.float32)), st2)
-    assert st2.last_step_skipped and st2.step == 0
+    for kw, bad in (({"centralize": True}, np.nan), ({"normalize_grad": 1.0}, np.inf),
+                    ({"normalize_grad": 1.0, "centralize": True}, np.nan)):
+        opt2 = Adam(0.01, nonfinite="skip", **kw)  # (an inf norm: factor 0, a NaN step)
+        p2 = {k: v.copy() for k, v in p0.items()}
+        st2 = opt2.init(p2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out, st2 = opt2.update(p2, dict(given, w=np.full((5, 3), bad, np.float32)), st2)
+        assert st2.last_step_skipped and st2.step == 0, kw
+        assert all(np.array_equal(out[k], p0[k]) for k in SHAPES), kw
     assert state.step == before[2]
     for k in SHAPES:
         assert np.array_equal(params[k], before[0][k]) and np.array_equal(given[k], grads[1][k])
