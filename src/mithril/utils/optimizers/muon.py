@@ -435,8 +435,8 @@ class Muon(TensorwiseOptimizer):
         the per-tensor path, without its copies) where nothing needs the whole step
         computed before it is written: on torch (or on NumPy with the bfloat16 iteration,
         through zero-copy torch views: :func:`_torch_for_numpy`), params the state's own
-        (``ours``), ``nonfinite="propagate"``, no clipping, no weight averaging, every
-        parameter a matrix with a gradient. Else None (the per-tensor path)."""
+        (``ours``), ``nonfinite="propagate"``, no clipping, no weight averaging, no
+        ``weight_dimension_numbers``, every parameter a matrix with a gradient. Else None (the per-tensor path)."""
         lay = state.layout
         xp = ops_for(state.engine.backend)
         on_numpy = xp.name == "numpy" and self.ns_dtype == "bfloat16"
