@@ -16,15 +16,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, jax_case_params, run_python, selected_cases, to_np
+from conftest import BACKENDS, jax_case_params, jax_float64, selected_cases, to_np
 from torch.func import functional_call
 
 import mithril as ml
@@ -226,24 +224,14 @@ def test_equals_torch(case, backend_name):
 
 @pytest.fixture(scope="module")
 def jax_results(request):
-    """The selected cases on JAX float64 (jit), run once in a fresh interpreter."""
-    only = selected_cases(request, "case", list(CASES))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import numpy as np
-            import test_attention_blocks as t
-            flat = {{}}
-            for case in {only!r}:
-                params, fixed, cot, out, grads = t.run_mithril(case, "jax")
-                flat[case + "|output"] = out
-                flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
-            np.savez({path!r}, **flat)
-            """, timeout=240)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    """The selected cases on JAX float64 (jit), run once in this process (x64 for the block)."""
+    flat = {}
+    with jax_float64():
+        for case in selected_cases(request, "case", list(CASES)):
+            params, fixed, cot, out, grads = run_mithril(case, "jax")
+            flat[case + "|output"] = np.asarray(out)
+            flat.update({case + "|grad|" + k: np.asarray(v) for k, v in grads.items()})
+    return flat
 
 
 @pytest.mark.parametrize("case", jax_case_params(list(CASES)))

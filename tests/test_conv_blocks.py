@@ -12,15 +12,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, jax_case_params, run_python, selected_cases, to_np
+from conftest import BACKENDS, jax_case_params, jax_float64, selected_cases, to_np
 
 import mithril as ml
 from mithril.backends import NumpyBackend
@@ -202,23 +200,13 @@ def test_numpy_without_compiled_loops_equals_torch(case, monkeypatch):
 @pytest.fixture(scope="module")
 def jax_results(request):
     """The selected cases on JAX float64 (jit), run once in a fresh interpreter."""
-    only = selected_cases(request, "case", list(CASES))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import numpy as np
-            import test_conv_blocks as t
-            flat = {{}}
-            for case in {only!r}:
-                params, cot, out, grads = t.run_mithril(case, "jax")
-                flat[case + "|output"] = out
-                flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
-            np.savez({path!r}, **flat)
-            """, timeout=240)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    flat = {}
+    with jax_float64():
+        for case in selected_cases(request, "case", list(CASES)):
+            params, cot, out, grads = run_mithril(case, "jax")
+            flat[case + "|output"] = np.asarray(out)
+            flat.update({case + "|grad|" + k: np.asarray(v) for k, v in grads.items()})
+    return flat
 
 
 @pytest.mark.parametrize("case", jax_case_params(list(CASES)))

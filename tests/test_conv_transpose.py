@@ -12,15 +12,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, run_python, to_np
+from conftest import BACKENDS, jax_float64, to_np
 from test_conv_blocks import Source, max_error, role
 
 import mithril as ml
@@ -144,23 +142,14 @@ JAX_CASES = list(CASES)[:16]
 
 
 def jax_run(cases: list[str]) -> dict[str, np.ndarray]:
-    """Every case of ``cases`` on JAX float64 (jit), run in a fresh interpreter."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import numpy as np
-            import test_conv_transpose as t
-            flat = {{}}
-            for case in {cases!r}:
-                params, cot, out, grads = t.run_mithril(case, "jax")
-                flat[case + "|output"] = out
-                flat.update({{case + "|grad|" + k: v for k, v in grads.items()}})
-            np.savez({path!r}, **flat)
-            """, timeout=300)
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+    """Every case of ``cases`` on JAX float64 (jit), run in this process (x64 for the block)."""
+    flat = {}
+    with jax_float64():
+        for case in cases:
+            params, cot, out, grads = run_mithril(case, "jax")
+            flat[case + "|output"] = np.asarray(out)
+            flat.update({case + "|grad|" + k: np.asarray(v) for k, v in grads.items()})
+    return flat
 
 
 def jax_compare(case: str, results: dict[str, np.ndarray]) -> None:

@@ -21,13 +21,11 @@ JAX float64 needs ``jax_enable_x64`` (process-global), so it runs in a subproces
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, run_python
+from conftest import BACKENDS, jax_float64
 
 import mithril as ml
 from mithril.utils.optimizers import SGD, Adam
@@ -314,19 +312,13 @@ def test_network_trains_as_torch(name, opt, via, backend_name, dtype):
 
 
 def test_networks_train_as_torch_on_jax_float64():
-    """JAX float64 (x64 is process-global: a fresh interpreter): the CNN and the GRU, through
-    the one-program step."""
-    out = run_python(f"""
-        import json, sys
-        import jax
-        jax.config.update("jax_enable_x64", True)
-        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
-        import test_networks_torch_parity as t
-        print(json.dumps({{f"{{n}} {{o}} {{v}}": t.train_side_by_side(n, "jax", "float64", o, v)
-                           for n, o, v in t.CASES[1::2] if n in ("cnn", "gru")}}))
-        """, timeout=300)
-    for label, worst in json.loads(out.strip().splitlines()[-1]).items():
-        check(worst, "float64", f"{label} jax float64")
+    """JAX float64 (x64 for the block only): the CNN and the GRU, through the one-program
+    step."""
+    with jax_float64():
+        for n, o, v in CASES[1::2]:
+            if n in ("cnn", "gru"):
+                check(train_side_by_side(n, "jax", "float64", o, v), "float64",
+                      f"{n} {o} {v} jax float64")
 
 
 def train_mithril(name: str, backend_name: str, via: str) -> tuple[list, dict]:

@@ -9,16 +9,14 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_python
+from conftest import jax_float64
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -164,21 +162,16 @@ def test_primitive_matches_torch_float64(backend_cls, name):
 
 @pytest.fixture(scope="module")
 def jax_results():
-    """Every case on JAX float64, computed once in a subprocess (x64 is process-wide)."""
-    here = Path(__file__).resolve().parent
-    out = run_python(f"""
-        import json, sys
-        sys.path.insert(0, {str(here)!r})
-        import test_primitives as t
-        from mithril.backends import JaxBackend
+    """Every case on JAX float64, computed once in this process (x64 for the block), as
+    lists (what the tests read)."""
+    res = {}
+    with jax_float64():
         b = JaxBackend(dtype="float64")
-        res = {{}}
-        for name in t.CASES:
-            o, g = t.run_case(b, name)
-            res[name] = [{{k: v.tolist() for k, v in o.items()}}, {{k: v.tolist() for k, v in g.items()}}]
-        print(json.dumps(res))
-    """, timeout=300)
-    return json.loads(out.strip().splitlines()[-1])
+        for name in CASES:
+            o, g = run_case(b, name)
+            res[name] = [{k: np.asarray(v).tolist() for k, v in o.items()},
+                         {k: np.asarray(v).tolist() for k, v in g.items()}]
+    return res
 
 
 @pytest.mark.parametrize("name", list(CASES))

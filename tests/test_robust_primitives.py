@@ -19,18 +19,16 @@ Gradients are those of the branch taken, |x| having gradient 0 at 0 (torch's). C
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from conftest import jax_float64
 
 import mithril as ml
-from mithril.backends import NumpyBackend, TorchBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 
 TOL = 1e-12
 TINY = float(np.finfo(np.float64).tiny)
@@ -142,20 +140,13 @@ def test_robust_matches_the_torch_formula(backend_cls, name):
 
 @pytest.fixture(scope="module")
 def jax_results():
-    here = Path(__file__).resolve().parent
-    out = run_python(f"""
-        import json, sys
-        sys.path.insert(0, {str(here)!r})
-        import test_robust_primitives as t
-        from mithril.backends import JaxBackend
+    res = {}
+    with jax_float64():  # (x64 for the block only)
         b = JaxBackend(dtype="float64")
-        res = {{}}
-        for name in t.CASES:
-            o, g = t.run_case(b, name)
-            res[name] = [o.tolist(), {{k: v.tolist() for k, v in g.items()}}]
-        print(json.dumps(res))
-    """, timeout=300)
-    return json.loads(out.strip().splitlines()[-1])
+        for name in CASES:
+            o, g = run_case(b, name)
+            res[name] = [np.asarray(o).tolist(), {k: np.asarray(v).tolist() for k, v in g.items()}]
+    return res
 
 
 @pytest.mark.parametrize("name", list(CASES))
