@@ -610,8 +610,6 @@ def test_lbfgs_optax_closure_failing_in_the_line_search_changes_nothing():
     np.testing.assert_array_equal(params["x"], p_ref["x"])
 
 
-@pytest.mark.xfail(strict=True, reason="argument_names.py (not this session's file): "
-                   "optax's memory_size= gets no 'did you mean history_size?' hint")
 def test_lbfgs_memory_size_hint():
     with pytest.raises(TypeError, match="history_size"):
         LBFGS(convention="optax", memory_size=3)

@@ -20,7 +20,8 @@ ALIASES = {"lr": "learning_rate", "eps": "epsilon"}
 _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_2": "beta2",
                 "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
-                "k": "sync_period", "alpha": "slow_step_size"}  # (a Lookahead's, torch-contrib)
+                "k": "sync_period", "alpha": "slow_step_size",  # (a Lookahead's, torch-contrib)
+                "memory_size": "history_size"}  # (optax.lbfgs's)
 #: where ours of those is another rule than the peer's: what gives the peer's exactly
 _EXACTLY = {"global_clipnorm": " Its default is torch's rule, min(1, c/(‖g‖ + 1e-6)): "
                                "Keras's and optax's exact c/max(‖g‖, c) is clip_norm=c, "
