@@ -297,6 +297,11 @@ def test_state_dict_keeps_the_options():
     fresh.load_state_dict(opt.state_dict(state))
     assert (fresh.centralize, fresh.normalize_grad, fresh.normalize_eps) == (True, 2.0, 0.0)
     assert fresh.param_groups[0]["centralize"] is False
+    bad = opt.state_dict(state)
+    bad["hyperparameters"] = {**bad["hyperparameters"], "normalize_grad": -1.0, "beta1": 0.5}
+    with pytest.raises(ValueError, match="normalize_grad"):
+        fresh.load_state_dict(bad)
+    assert fresh.normalize_grad == 2.0 and fresh.beta1 == 0.9  # refused: nothing changed
 
 
 def test_data_parallel():
