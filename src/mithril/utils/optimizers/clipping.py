@@ -40,7 +40,11 @@ def _sumsq(g: Any) -> float:
         import jax.numpy as jnp
 
         return float(jnp.sum(jnp.square(g.astype(jnp.float32 if g.dtype.itemsize < 4 else g.dtype))))
-    a = np.asarray(g, dtype=np.float64)
+    a = np.asarray(g)
+    if a.dtype in (np.float32, np.float16):  # squares summed in float64, without a float64 copy
+        a = a.ravel()
+        return float(np.einsum("i,i->", a, a, dtype=np.float64))
+    a = np.asarray(a, dtype=np.float64)
     return float(np.dot(a.ravel(), a.ravel()))
 
 
