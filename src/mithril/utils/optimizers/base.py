@@ -154,12 +154,14 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
     scaled by its unit's factor as the passes read it: :mod:`.engines.unitwise`) and inside
     the jitted JAX step; the tensor-op engine gets clipped copies of the gradients instead.
     First of all (optax users chain them first: ``chain(centralize(), clip_by_global_norm(c),
-    adam(lr))``), on copies of the gradients: ``centralize=True`` (optax ``centralize``: a
-    tensor of 2+ axes less its mean over all axes but the first) then ``normalize_grad=s``
-    (``g ← s·g / (‖g‖₂ + normalize_eps)``, ‖g‖ over the normalizing tensors together: optax
+    adam(lr))``): ``centralize=True`` (optax ``centralize``: a tensor of 2+ axes less its mean
+    over all axes but the first) then ``normalize_grad=s`` (``g ← s·g / (‖g‖₂ +
+    normalize_eps)``, ‖g‖ over the normalizing tensors together: optax
     ``normalize_by_update_norm(s, eps)``, ``optax.contrib.normalize()`` with ``s=1,
-    normalize_eps=0``; :mod:`.clipping`); groups may turn either off (None / False).
-    ``state.last_grad_norm`` is then the norm of the transformed gradients.
+    normalize_eps=0``; :mod:`.clipping`); groups may turn either off (None / False). The
+    numba engine normalizes inside its step (per-tensor factors) and centralizes into a
+    buffer of its own; the others get new arrays. ``state.last_grad_norm`` is then the norm
+    of the transformed gradients.
 
     Weight averaging (:mod:`.averaging`), in the same fused pass: ``ema_decay`` keeps an
     exponential moving average of the parameters (slot ``"ema"``, :meth:`ema_params`),
