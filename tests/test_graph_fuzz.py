@@ -20,7 +20,7 @@ cotangents on one or more. Each graph is compiled on NumPy, torch and JAX (jit),
   a cotangent of the wrong shape raises the library's error naming the key (and, for a
   shape, both shapes), and the correct call after it gives the same numbers bit for bit.
 
-float64 runs in a fresh interpreter (JAX's x64 is process-global); float32 in this one.
+float64 runs with JAX's x64 on for the fuzz only (conftest's ``jax_float64``).
 The default run draws 40 graphs in float64 and 25 in float32; ``pytest -m slow`` 2,000 and
 1,000. Failures found are minimised in :mod:`tests.test_graph_fuzz_regressions`.
 """
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, run_python
+from conftest import BACKENDS, jax_float64
 from graph_fuzz_graphs import Graph, compile_graph, graphs, torch_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -216,18 +216,14 @@ def fuzz(dtype: str, examples: int, max_ops: int = 8) -> int:
     return count[0]
 
 
-def _in_subprocess(dtype: str, examples: int, timeout: float) -> None:
-    out = run_python(f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import test_graph_fuzz as t
-        print("examples", t.fuzz({dtype!r}, {examples}))
-        """, timeout=timeout)
-    assert f"examples {examples}" in out, out
+def _float64(examples: int) -> None:
+    """``examples`` float64 graphs, JAX's x64 on for the block only."""
+    with jax_float64():
+        assert fuzz("float64", examples) == examples
 
 
 def test_float64_graphs_agree_across_backends_torch_and_finite_differences():
-    _in_subprocess("float64", 40, 300)
+    _float64(40)
 
 
 def test_float32_graphs_agree_across_backends():
@@ -236,7 +232,7 @@ def test_float32_graphs_agree_across_backends():
 
 @pytest.mark.slow
 def test_float64_graphs_long():
-    _in_subprocess("float64", 2000, 3600)
+    _float64(2000)
 
 
 @pytest.mark.slow
