@@ -1,8 +1,10 @@
 """Shared fixtures: the three backends, and helpers to move data between them.
 
 JAX's ``float64`` switches on ``jax_enable_x64`` for the whole process, so tests that
-need a float64 JAX backend run it in a subprocess (:func:`run_python`) and every
-in-process JAX backend here is float32 or narrower.
+need a float64 JAX backend run it inside :func:`jax_float64` (the thread-local x64 context,
+the process-wide flag put back after; :func:`jax_float64_results` for a module's table of
+cases) or, where the test is about a fresh process, in a subprocess (:func:`run_python`);
+every other in-process JAX backend here is float32 or narrower.
 
 Each test process computes on one thread: ``pytest -n 2`` already runs one process per
 core, and two OpenMP pools spinning on two cores can slow torch down a hundredfold.
