@@ -14,8 +14,9 @@ import numpy as np
 from ...errors import ShapeError
 from . import dimension_numbers as _dn
 from . import groups as _groups
+from . import muon_optax as _mo
 from .base import Optimizer
-from .checks import check_flag, check_int, check_positive, describe, to_float
+from .checks import check_flag, check_int, check_positive, describe
 from .engines import muon_kernels as _mk
 from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from here too)
     _TORCH,
@@ -113,24 +114,6 @@ _KERAS_NAMES = {**{f"adam_{k}": f"give fallback=AdamW({v}=...)" for k, v in (
     "('match_rms_adamw' is its 0.2, 'none' its None)", **{f"muon_{c}": "ours is ns_coefficients=(a, b, c)" for c in "abc"}}
 
 
-def _check_layers(exclude_layers: Any) -> list[str]:
-    """Keras's ``exclude_layers``: None or regexes (a bare string is refused: Keras would
-    search each of its characters)."""
-    if exclude_layers is None:
-        return []
-    if isinstance(exclude_layers, (str, bytes)) or not isinstance(exclude_layers, Sequence):
-        raise TypeError(f"exclude_layers must be a list of regexes (searched in each "
-                        f"parameter's name), got {describe(exclude_layers)}")
-    for i, e in enumerate(exclude_layers):
-        if not isinstance(e, str):
-            raise TypeError(f"exclude_layers[{i}] must be a regex string, got {describe(e)}")
-        try:
-            re.compile(e)
-        except re.error as err:
-            raise ValueError(f"exclude_layers[{i}] = {e!r} is not a regex: {err}") from None
-    return list(exclude_layers)
-
-
 class Muon(TensorwiseOptimizer):
     """Muon as ``torch.optim.Muon`` (same hyperparameters and defaults: ``lr=1e-3``,
     ``weight_decay=0.1``, ``momentum=0.95``, ``nesterov=True``, torch's Newton–Schulz
@@ -218,36 +201,37 @@ class Muon(TensorwiseOptimizer):
 
     def __init__(self, learning_rate: float = 1e-3, weight_decay: float = BY_CONVENTION,
                  momentum: float = 0.95, nesterov: bool = True,
-                 ns_coefficients: Sequence[float] = NS_COEFFICIENTS, epsilon: float = 1e-7,
+                 ns_coefficients: Sequence[Any] | str = NS_COEFFICIENTS,
+                 epsilon: float = BY_CONVENTION,
                  ns_steps: int = 5, adjust_lr_fn: str | float | None = None,
                  ns_dtype: str | None = BY_CONVENTION, fallback: Any = DEFAULT_FALLBACK,
                  fallback_lr_ratio: float | None = None,
                  exclude_layers: Sequence[str] | None = None, exclude_embeddings: bool = False,
                  convention: str = "torch", weight_dimension_numbers: _dn.Spec = None,
+                 preconditioning: str | None = None, adaptive: bool = False,
                  **options: Any) -> None:
-        keras = [k for k in _KERAS_NAMES if k in options]
-        if keras:  # (the generic hint knows no Muon names of Keras's)
-            raise TypeError(f"Muon() got Keras's {keras[0]}=: {_KERAS_NAMES[keras[0]]} (see "
-                            f"Muon's docstring for keras.optimizers.Muon)")
-        mlx = check_convention(convention, ("torch", "mlx")) == "mlx"
-        if weight_decay is BY_CONVENTION:  # MLX's 0.01, torch's 0.1
-            weight_decay = 0.01 if mlx else 0.1
-        if ns_dtype is BY_CONVENTION:  # MLX iterates in the parameters' dtype
-            ns_dtype = None if mlx else "bfloat16"
+        for who, names in (("Keras", _KERAS_NAMES), ("optax", _mo.OPTAX_NAMES)):
+            other = [k for k in names if k in options
+                     and not (convention == "optax" and k in _mo.ADAM_ARGS)]
+            if other:  # (the generic hint knows no Muon names of Keras's / optax's)
+                raise TypeError(f"Muon() got {who}'s {other[0]}=: {names[other[0]]} (see "
+                                f"Muon's docstring)")
+        adam = {k: options.pop(k, None) for k in _mo.ADAM_ARGS}  # (build the fallback)
+        mlx = check_convention(convention, ("torch", "mlx", "optax")) == "mlx"
+        optax = convention == "optax"
+        if weight_decay is BY_CONVENTION:  # MLX's 0.01, optax's 0, torch's 0.1
+            weight_decay = 0.01 if mlx else 0.0 if optax else 0.1
+        if ns_dtype is BY_CONVENTION:  # MLX and optax iterate in the parameters' dtype
+            ns_dtype = None if mlx or optax else "bfloat16"
+        if epsilon is BY_CONVENTION:
+            epsilon = 1e-8 if optax else 1e-7
         if fallback is DEFAULT_FALLBACK and mlx:  # MLX's Muon updates every tensor itself
             fallback = None
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.convention = convention
         self.momentum = check_positive("momentum", momentum)
         self.nesterov = check_flag("nesterov", nesterov)
-        if isinstance(ns_coefficients, (str, bytes)) or not isinstance(
-                ns_coefficients, Sequence) or len(ns_coefficients) != 3:
-            raise TypeError(f"ns_coefficients must be three numbers (a, b, c), got "
-                            f"{describe(ns_coefficients)}")
-        self.ns_coefficients = tuple(to_float(f"ns_coefficients[{i}]", x)
-                                     for i, x in enumerate(ns_coefficients))
-        if not all(map(math.isfinite, self.ns_coefficients)):
-            raise ValueError(f"ns_coefficients must be finite, got {self.ns_coefficients}")
+        self.ns_coefficients = _mo.check_coefficients(ns_coefficients, optax)
         self.epsilon = check_positive("epsilon", epsilon)
         self.ns_steps = check_int("ns_steps", ns_steps, maximum=99)  # torch: < 100
         if not isinstance(adjust_lr_fn, (str, type(None))):  # Keras's rms_rate
@@ -262,6 +246,11 @@ class Muon(TensorwiseOptimizer):
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {describe(ns_dtype)}")
         self.ns_dtype = ns_dtype
+        _mo.check_options(self, optax, preconditioning, adaptive, adam,
+                          fallback is not DEFAULT_FALLBACK)
+        if optax and fallback is DEFAULT_FALLBACK:  # optax's adamw, Muon's eps and nesterov
+            fallback = _mo.default_fallback(self.learning_rate, self.epsilon, self.nesterov,
+                                            adam)
         self.fallback = _build(fallback)
         layers, embeddings = _check_layers(exclude_layers), check_flag(
             "exclude_embeddings", exclude_embeddings)
@@ -362,7 +351,8 @@ class Muon(TensorwiseOptimizer):
         """The parameter's matrix axes under ``weight_dimension_numbers`` (None: not a
         matrix); torch's 2-D weight is (out, in)."""
         dims = self.weight_dimension_numbers
-        axes = _dn.resolve(dims, name, shape, _TORCH_2D, cache=self.__dict__.setdefault(
+        two = _mo.OPTAX_2D if self.convention == "optax" else _TORCH_2D
+        axes = _dn.resolve(dims, name, shape, two, cache=self.__dict__.setdefault(
             "_dims_cache", {}))
         if callable(dims):  # (hyperparameters lists them)
             self._dims_seen[name] = None if axes is None else _dn.DimensionNumbers(
@@ -394,10 +384,17 @@ class Muon(TensorwiseOptimizer):
             return shape if fb else (0,)
         return shape  # weight averages
 
+    def scalars(self, step: int) -> tuple[float, ...]:
+        if self.__dict__.get("convention") == "optax":  # (and optax's bias corrections)
+            return _mo.optax_scalars(self, step)
+        return super().scalars(step)
+
     def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
         if self.convention == "mlx":
             return _mlx_update(self, xp, p, g, slots, scalars[0])
+        if self.convention == "optax":
+            return _mo.optax_update(self, xp, p, g, slots, scalars, name)
         axes = self.matrix_axes(name, tuple(g.shape))
         if axes is None:
             raise ShapeError(f"Muon's matrix path takes 2-D parameters (or those "
@@ -443,7 +440,7 @@ class Muon(TensorwiseOptimizer):
         if on_numpy:
             xp = _torch_for_numpy() or xp
         if (xp.name != "torch" or not ours or state.param_views is None
-                or self.convention == "mlx" or self.weight_dimension_numbers is not None
+                or self.convention != "torch" or self.weight_dimension_numbers is not None
                 or self.nonfinite in ("skip", "raise") or self.clip_norm is not None
                 or len(self.full_slot_names()) != len(self.slot_names())
                 or set(gradients) != set(lay.names)
@@ -526,7 +523,8 @@ class Muon(TensorwiseOptimizer):
         ``exclude_from_weight_decay``); the fallback's own add to them."""
         what = "exclude_from_weight_decay"
         excl = [_groups._matcher(e, what) for e in self.exclude_weight_decay]
-        mask = self.weight_decay_mask
+        # (optax's weight_decay_mask is its Muon branch's only)
+        mask = None if self.convention == "optax" else self.weight_decay_mask
         mask = None if mask is None else _groups._matcher(mask, "weight_decay_mask")
         return {n for n in names if any(_groups._matches(m, n, what) for m in excl)
                 or (mask is not None and not _groups._matches(mask, n, "weight_decay_mask"))}
@@ -584,7 +582,7 @@ def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
     return xp.add_scaled(p, u, -lr), {"momentum_buffer": buf}
 
 
-from .muon_routing import _check_routing, _init  # noqa: E402  (they take a Muon)
+from .muon_routing import _check_layers, _check_routing, _init  # noqa: E402
 
 # assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the
 # wrapper binds the backend first; a refused init must keep nothing)

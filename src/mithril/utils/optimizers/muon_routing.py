@@ -4,17 +4,37 @@ which lays the slots out by it, and the check that a state was laid out alike.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ShapeError
 from . import dimension_numbers as _dn
 from .base import Optimizer
+from .checks import describe
 from .layout import Layout
 from .state import OptimizerState
 
 if TYPE_CHECKING:
     from .muon import Muon
+
+
+def _check_layers(exclude_layers: Any) -> list[str]:
+    """Keras's ``exclude_layers``: None or regexes (a bare string is refused: Keras would
+    search each of its characters)."""
+    if exclude_layers is None:
+        return []
+    if isinstance(exclude_layers, (str, bytes)) or not isinstance(exclude_layers, Sequence):
+        raise TypeError(f"exclude_layers must be a list of regexes (searched in each "
+                        f"parameter's name), got {describe(exclude_layers)}")
+    for i, e in enumerate(exclude_layers):
+        if not isinstance(e, str):
+            raise TypeError(f"exclude_layers[{i}] must be a regex string, got {describe(e)}")
+        try:
+            re.compile(e)
+        except re.error as err:
+            raise ValueError(f"exclude_layers[{i}] = {e!r} is not a regex: {err}") from None
+    return list(exclude_layers)
 
 
 def _check_routing(self: Muon, state: Any, others: set[str]) -> None:
