@@ -187,6 +187,24 @@ class Muon(TensorwiseOptimizer):
     as MLX's ``addmm(alpha=c)`` takes it. MLX's lr is a float32 ``mx.array`` unless given
     as one of another dtype; ours is taken as given.
 
+    ``convention="optax"`` is ``optax.contrib.muon(lr)`` (its defaults: ``weight_decay=0``,
+    ``epsilon=1e-8``, ``ns_dtype=None``): the Nesterov mix bias-corrected,
+    ``U = β·B/(1−βᵗ⁺¹) + (1−β)·g/(1−βᵗ)`` (else ``B/(1−βᵗ)``), ``U`` divided by ``‖U‖ + eps``
+    (``preconditioning="frobenius"``; ``"spectral"``: ``‖U‖₂ + eps``; ``"aol"`` /
+    ``"schatten"`` rescale the first iteration), a 2-D weight read as (in, out) (None is
+    ``DimensionNumbers(0, 1)``: the factor ``√max(1, fan_out/fan_in)``), ``adaptive``
+    scaling ``O`` by ``⟨U, O⟩``; ``ns_coefficients`` may be optax's rows (one per step) or
+    preset (``"standard"``, ``"dion"``). The default fallback is optax's ``adamw`` with
+    Muon's ``epsilon`` and ``nesterov`` (``NAdam(convention="optax",
+    decoupled_weight_decay=True)``; ``AdamW(convention="optax")`` without Nesterov), built
+    from ``adam_beta1``, ``adam_beta2``, ``adam_eps_root``, ``adam_weight_decay`` (optax's
+    ``adam_b1`` …); ``adam_learning_rate`` is ``fallback_lr_ratio`` times ``lr``, and
+    ``weight_decay_mask`` is Muon's tensors' only, as optax's. The state differs in layout
+    only: optax's ``mu`` is our ``"momentum_buffer"`` (shape ``(0,)`` for the fallback's
+    tensors), its Adam ``mu`` / ``nu`` our ``"fallback_m"`` / ``"fallback_v"``, and one step
+    count serves both (optax counts each branch; equal unless a tensor misses steps).
+    ``mu_dtype`` is not offered (slots are in the parameters' dtype).
+
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
     "match_rms_adamw", ns_dtype=None, fallback=AdamW(lr·adam_lr_ratio, weight_decay=
     0.004/adam_lr_ratio, epsilon=1e-7, convention="keras"), exclude_embeddings=True)``
