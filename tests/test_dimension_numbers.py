@@ -31,6 +31,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 import optax.contrib as oc  # noqa: E402
 
+from mithril.errors import ShapeError  # noqa: E402
 from mithril.interop import optax_transformation, torch_optimizer  # noqa: E402
 from mithril.utils.optimizers import AdamW, DimensionNumbers, GaLore, Muon  # noqa: E402
 from mithril.utils.optimizers.engines import tensorwise_jit  # noqa: E402
@@ -425,3 +426,27 @@ def test_torch_optimizer_resumes_bit_for_bit(make) -> None:
     steps(tp2, topt2, GRADS[7:])
     for k, v in _host(tp2).items():
         np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+def test_optax_transformation_without_a_fallback_takes_what_the_specs_name() -> None:
+    """Muon(fallback=None) takes every tensor a spec makes a matrix (3-D, 4-D) through
+    ``optax_transformation`` as its own ``init`` does (the same steps), and refuses a vector
+    by name."""
+    dims = {k: v for k, v in MUON_DIMS.items() if k != "b"}
+    make = functools.partial(Muon, 0.05, weight_decay=0.1, nesterov=False, epsilon=1e-30,
+                             ns_dtype="float64", fallback=None, weight_dimension_numbers=dims)
+    params = {k: v for k, v in P0.items() if k != "b"}
+    tx, opt = optax_transformation(make()), make()
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    s, mine = tx.init(p), {k: v.copy() for k, v in params.items()}
+    state = opt.init(mine)
+    for g in GRADS[:4]:
+        u, s = tx.update({k: jnp.asarray(g[k]) for k in p}, s, p)
+        p = optax.apply_updates(p, u)
+        mine, state = opt.update(mine, {k: g[k] for k in mine}, state)
+    assert np.abs(mine["attn"] - params["attn"]).max() > 1e-2  # it moved
+    for k in mine:
+        np.testing.assert_allclose(np.array(p[k]), mine[k], rtol=TOL, atol=TOL, err_msg=k)
+    with pytest.raises(ShapeError, match=r"params\['b'\].*fallback"):
+        optax_transformation(make(weight_dimension_numbers={**dims, "b": None})).init(
+            {k: jnp.asarray(v) for k, v in P0.items()})

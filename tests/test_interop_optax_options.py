@@ -1,5 +1,5 @@
-"""Every option of the optimizers' base class (the clipping of each kind, weight averaging,
-``nonfinite="skip"``, weight decay with exclusions and parameter groups) with each optimizer
+"""Every option of the optimizers' base class (centralization, normalization, the clipping
+of each kind, weight averaging, ``nonfinite="skip"``, weight decay with exclusions and parameter groups) with each optimizer
 of the catalog: the optax transformation (what ``make_train_step``'s JAX program runs)
 against the optimizer's own update, step for step. An option the transformation left out
 would show here as a difference (adaptive clipping was, and a Lookahead's inner groups).
@@ -29,6 +29,8 @@ OPTIONS = {
     "clip_block_rms": {"clip_block_rms": 0.3},
     "clip_tensor_norm": {"clip_tensor_norm": 0.7},
     "adaptive_clip": {"adaptive_clip": 0.02},
+    "centralize": {"centralize": True, "clip_norm": 1.0},
+    "normalize_grad": {"normalize_grad": 0.5, "normalize_eps": 1e-3},
     "clip_norm": {"clip_norm": 1.0, "clip_value": 0.8},
     "ema": {"ema_decay": 0.9, "ema_every": 2},
     "swa": {"swa_start": 2},

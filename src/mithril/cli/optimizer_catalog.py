@@ -51,8 +51,9 @@ _NAME_OVERRIDES = {"AdaGrad": "adagrad", "AdaBelief": "adabelief", "AdEMAMix": "
                    "AcProp": "acprop", "GaLore": "galore"}
 #: constructor argument -> CLI key where they differ (the flags' names)
 _KEY_OF_ARG = {"learning_rate": "lr", "epsilon": "eps"}
-#: constructor arguments that are not hyperparameters (engine and placement choices)
-_NOT_SETTINGS = {"backend", "fused"}
+#: constructor arguments that are not hyperparameters (engine and placement choices), or
+#: not a value a command line spells (Muon's / GaLore's per-parameter axes)
+_NOT_SETTINGS = {"backend", "fused", "weight_dimension_numbers"}
 #: run settings (schedule, warm-up): a constructor argument of that name gets this prefix
 #: (schedule-free's own ``warmup_steps`` is ``optimizer_warmup_steps``; ``--warmup-steps``
 #: stays the schedule's warm-up)

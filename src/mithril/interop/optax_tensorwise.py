@@ -151,16 +151,17 @@ def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
 
 
 def _check_shapes(opt: Any, names: list[str], leaves: list[Any]) -> None:
-    """Muon without a fallback takes 2-D parameters only (as its ``init``), unless it updates
-    every rank itself (``convention="mlx"``)."""
+    """Muon without a fallback takes matrices only (2-D, or as ``weight_dimension_numbers``
+    says; as its ``init``), unless it updates every rank itself (``convention="mlx"``)."""
     from ..errors import ShapeError
     from ..utils.optimizers.muon import Muon
 
     if isinstance(opt, Muon) and opt.fallback is None and not opt.owns_all():
         for n, p in zip(names, leaves):
-            if p.ndim != 2:
-                raise ShapeError(f"Muon(fallback=None) updates 2-D parameters only (as "
-                                 f"torch.optim.Muon); params['{n}'] has shape {tuple(p.shape)}:"
+            if opt.matrix_axes(n, tuple(p.shape)) is None:  # (weight_dimension_numbers)
+                raise ShapeError(f"Muon(fallback=None) updates matrices only (as "
+                                 f"torch.optim.Muon: 2-D, or what weight_dimension_numbers "
+                                 f"names); params['{n}'] has shape {tuple(p.shape)}:"
                                  f" give Muon a fallback (e.g. fallback=AdamW()) for the others")
 
 
