@@ -301,6 +301,9 @@ def test_make_train_step_against_optax(backend: str) -> None:
     ({"convention": "optax", "ns_coefficients": "dion", "ns_steps": 3}, "5 rows for ns_steps=3"),
     ({"convention": "optax", "fallback": AdamW(), "adam_beta2": 0.99}, "adam_beta1 / adam_beta2"),
     ({"convention": "optax", "nesterov": False, "adam_eps_root": 1e-3}, "adam_eps_root"),
+    ({"convention": "optax", "adam_beta1": 1.5}, "adam_beta1 must be in"),
+    ({"convention": "optax", "param_groups": [{"params": ["w1"], "adaptive": True}]},
+     r"\['adaptive'\] configure Muon as a whole"),
 ])
 def test_other_conventions_options_are_refused_by_name(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -325,7 +325,8 @@ class Muon(TensorwiseOptimizer):
         super()._finish_groups()
         for i, g in enumerate(self._groups):
             bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
-                          "exclude_embeddings", "convention", "weight_dimension_numbers"}
+                          "exclude_embeddings", "convention", "weight_dimension_numbers",
+                          "preconditioning", "adaptive"}
                          & set(g))
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} configure Muon as a whole, not a "
@@ -411,13 +412,13 @@ class Muon(TensorwiseOptimizer):
                       scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
         if self.convention == "mlx":
             return _mlx_update(self, xp, p, g, slots, scalars[0])
-        if self.convention == "optax":
-            return _mo.optax_update(self, xp, p, g, slots, scalars, name)
         axes = self.matrix_axes(name, tuple(g.shape))
         if axes is None:
             raise ShapeError(f"Muon's matrix path takes 2-D parameters (or those "
                              f"weight_dimension_numbers gives axes); '{name}' has shape "
                              f"{tuple(g.shape)}")
+        if self.convention == "optax":
+            return _mo.optax_update(self, xp, p, g, slots, scalars, name, axes)
         tops = (_torch_for_numpy() if xp.name == "numpy" and self.ns_dtype == "bfloat16"
                 and p.dtype.char in "fd" else None)
         if tops is not None:  # torch's operations on zero-copy views (_torch_for_numpy)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import dimension_numbers as _dn
-from .checks import check_flag, check_positive, describe, to_float
+from .checks import check_flag, check_positive, check_unit, describe, to_float
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -105,12 +105,16 @@ def default_fallback(learning_rate: float, epsilon: float, nesterov: bool,
     from . import AdamW, NAdam
 
     kw = {k: ADAM_ARGS[k] if v is None else v for k, v in adam.items()}
+    for k in ("adam_beta1", "adam_beta2"):  # (checked here to name ours)
+        kw[k] = check_unit(k, kw[k])
+    for k in ("adam_eps_root", "adam_weight_decay"):
+        kw[k] = check_positive(k, kw[k])
     common = dict(beta1=kw["adam_beta1"], beta2=kw["adam_beta2"], epsilon=epsilon,
                   weight_decay=kw["adam_weight_decay"], convention="optax")
     if nesterov:
         return NAdam(learning_rate, decoupled_weight_decay=True,
                      eps_root=kw["adam_eps_root"], **common)
-    if check_positive("adam_eps_root", kw["adam_eps_root"]) != 0:
+    if kw["adam_eps_root"] != 0:
         raise ValueError("adam_eps_root: our optax-convention AdamW has no eps_root (it is "
                          "NAdam's, nesterov=True)")
     return AdamW(learning_rate, **common)
@@ -161,7 +165,8 @@ def optax_scalars(opt: Muon, step: Any) -> tuple[Any, ...]:
 
 
 def optax_update(opt: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
-                 scalars: tuple[Any, ...], name: str) -> tuple[Any, dict[str, Any]]:
+                 scalars: tuple[Any, ...], name: str, axes: _dn.Axes
+                 ) -> tuple[Any, dict[str, Any]]:
     """``scale_by_muon`` then ``scale_by_shape`` on one tensor (the decoupled weight decay
     is already in ``p``): the momentum bias-corrected (Nesterov:
     ``β·B/(1−βᵗ⁺¹) + (1−β)·g/(1−βᵗ)``), orthogonalised per (fan_in, fan_out) matrix,
@@ -170,7 +175,6 @@ def optax_update(opt: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
     b = opt.momentum
     buf = xp.lerp(slots["momentum_buffer"], g, 1 - b)
     u = (b / c2) * buf + ((1 - b) / c1) * g if opt.nesterov else buf / c1
-    axes = opt.matrix_axes(name, tuple(g.shape))
     args = (opt.ns_coefficients, opt.ns_steps, opt.epsilon, opt.preconditioning)
     if axes == OPTAX_2D:
         o = newton_schulz_optax(xp, u, *args)
