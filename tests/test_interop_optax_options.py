@@ -1,8 +1,8 @@
 """Every option of the optimizers' base class (centralization, normalization, the clipping
-of each kind, weight averaging, ``nonfinite="skip"``, weight decay with exclusions and parameter groups) with each optimizer
-of the catalog: the optax transformation (what ``make_train_step``'s JAX program runs)
-against the optimizer's own update, step for step. An option the transformation left out
-would show here as a difference (adaptive clipping was, and a Lookahead's inner groups).
+of each kind, weight averaging, ``nonfinite="skip"``, weight decay with exclusions and
+parameter groups) with each optimizer of the catalog: the optax transformation (what
+``make_train_step``'s JAX program runs) against the optimizer's own update, step for step.
+An option the transformation left out would show here as a difference (adaptive clipping was, and a Lookahead's inner groups).
 The default suite runs a few optimizers of each kind; ``-m slow`` the whole catalog."""
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def make(name: str, options: dict[str, Any]) -> Any:
     extra = {"ns_dtype": "float32"} if name == "Muon" else {}
     if name == "SGD":
         extra["momentum"] = 0.9
+    if name == "GaLore":  # (a full rank would project on a centralized matrix's null space too:
+        extra["rank"] = 2  # its singular vector is arbitrary, and Adam on it blows up rounding)
     return cls(learning_rate=1e-2, **options, **extra)
 
 
