@@ -164,7 +164,8 @@ def test_torch_state_dict_whose_steps_differ_is_refused_unchanged():
         train_step((m2,), (ref,), 1)
         ours.add_param_group({"params": m1[2].parameters()})
         snap = snapshot(ours)
-        with pytest.raises(KeyMismatchError, match=r"param_groups\[1\] has no 'clip_tensor_norm'"):
+        with pytest.raises(KeyMismatchError,  # (the first of mithril's keys it lacks)
+                           match=r"param_groups\[1\] has no '(centralize|clip_tensor_norm)' \(the optimizer's"):
             ours.load_state_dict(ref.state_dict())
         assert_unchanged(ours, snap)
 
