@@ -1,0 +1,116 @@
+"""Muon's hyperparameters changed at every step inside one jitted program
+(``optax_transformation(opt, traced_hyperparams=...)``, the learning rate in the state's
+``hyperparams``), float64: the optax convention against
+``optax.inject_hyperparams(optax.contrib.muon)`` given the same per-step values, the torch
+convention against ``torch.optim.Muon`` (its Newton–Schulz without the bfloat16 cast)
+changing its param_groups, both to 1e-10, each compiling once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import jax_float64
+from test_muon_adafactor import ns_in_grad_dtype, torch_muon
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+import optax.contrib as oc  # noqa: E402
+
+from mithril.interop import optax_transformation  # noqa: E402
+from mithril.interop.optax_hyperparams import pair  # noqa: E402
+from mithril.utils.optimizers import Muon  # noqa: E402
+
+TOL, STEPS = 1e-10, 8
+SHAPES = {"w1": (6, 8), "b1": (8,), "w2": (8, 4), "b2": (4,)}
+rng = np.random.default_rng(5)
+P0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+GRADS = [{k: rng.standard_normal(s) * (1 + t % 3) for k, s in SHAPES.items()}
+         for t in range(STEPS)]
+#: our name -> optax.contrib.muon's
+OPTAX = {"learning_rate": "learning_rate", "momentum": "beta", "weight_decay": "weight_decay",
+         "epsilon": "eps", "fallback.epsilon": "eps"}
+
+
+def values(i: int) -> dict[str, float]:
+    """Step i's hyperparameters: a decaying rate, a momentum cycle, a decay ramp."""
+    return {"learning_rate": 0.03 / (1 + i), "momentum": 0.95 - 0.05 * (i % 4),
+            "weight_decay": 0.02 * (i + 1), "epsilon": 1e-8 * 10 ** (i % 3),
+            "fallback.epsilon": 1e-8 * 10 ** (i % 3)}
+
+
+def traced_run(opt: Muon, names: tuple[str, ...], params: dict) -> tuple[dict, int]:
+    """STEPS jitted float64 updates, ``values(i)`` passed at step i; the final params and
+    how many programs were compiled."""
+    tx = optax_transformation(opt, traced_hyperparams=names)
+    p = {k: jnp.asarray(params[k]) for k in params}
+    state = tx.init(p)
+    upd = jax.jit(lambda g, s, p, h: tx.update(g, s, p, new_params=True, hyper=h))
+    for i in range(STEPS):
+        v = values(i)
+        state.hyperparams["learning_rate"] = jnp.asarray(v["learning_rate"])
+        h = jnp.asarray(np.stack([pair(v[k], np.float64) for k in sorted(names)]))
+        p, state = upd({k: jnp.asarray(GRADS[i][k]) for k in p}, state, p, h)
+    return {k: np.asarray(x) for k, x in p.items()}, upd._cache_size()
+
+
+def optax_run(names: tuple[str, ...], **kw: Any) -> dict:
+    tx = optax.inject_hyperparams(oc.muon)(learning_rate=0.03, **kw)
+    p = {k: jnp.asarray(v) for k, v in P0.items()}
+    s = tx.init(p)
+
+    @jax.jit
+    def step(g: dict, s: Any, p: dict) -> tuple[dict, Any]:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for i in range(STEPS):
+        for k in ("learning_rate", *names):
+            s.hyperparams[OPTAX[k]] = jnp.asarray(values(i)[k])
+        p, s = step({k: jnp.asarray(GRADS[i][k]) for k in p}, s, p)
+    return {k: np.asarray(x) for k, x in p.items()}
+
+
+def close(got: dict, want: dict) -> None:
+    for k in want:
+        assert np.abs(want[k] - P0[k]).max() > 1e-2, k  # (it moved)
+        np.testing.assert_allclose(got[k], want[k], rtol=TOL, atol=TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("names", [("momentum", "weight_decay"),
+                                   ("epsilon", "fallback.epsilon", "momentum")])
+def test_optax_convention_against_inject_hyperparams(names: tuple[str, ...]) -> None:
+    """optax's ``eps`` is Muon's and its adamw fallback's: ours are two hyperparameters
+    (``"epsilon"``, ``"fallback.epsilon"``), both traced to follow one value."""
+    with jax_float64():
+        got, programs = traced_run(Muon(0.03, convention="optax", weight_decay=0.02), names,
+                                   P0)
+        want = optax_run(tuple(n for n in names if n != "fallback.epsilon"),
+                         weight_decay=0.02)
+    close(got, want)
+    assert programs == 1
+
+
+def test_torch_convention_against_torch_muon(monkeypatch) -> None:
+    """torch.optim.Muon takes matrices only (fallback=None); its lr, momentum, weight
+    decay and eps set in its param group before each step."""
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", ns_in_grad_dtype)
+    mats = {k: P0[k] for k in ("w1", "w2")}
+    names = ("epsilon", "momentum", "weight_decay")
+    with jax_float64():
+        got, programs = traced_run(Muon(0.03, weight_decay=0.02, ns_dtype="float64",
+                                        fallback=None), names, mats)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in mats.items()}
+    topt = torch.optim.Muon(list(tp.values()), lr=0.03, weight_decay=0.02)
+    for i in range(STEPS):
+        v = values(i)
+        topt.param_groups[0].update(lr=v["learning_rate"], momentum=v["momentum"],
+                                    weight_decay=v["weight_decay"], eps=v["epsilon"])
+        for k, t in tp.items():
+            t.grad = torch.tensor(GRADS[i][k])
+        topt.step()
+    close(got, {k: t.detach().numpy() for k, t in tp.items()})
+    assert programs == 1
