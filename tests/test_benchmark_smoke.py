@@ -26,6 +26,8 @@ RUNS = {
                            r"optax adam, jitted\s+\d+\.\d+"),
     "lbfgs.py": (["--steps", "3"], r"\d\.\d\dx"),
     "muon.py": (["--steps", "2", "--pool", "2"], r"\d\.\d\dx"),
+    "muon_conventions.py": (["--layouts", "tiny", "--steps", "2", "--pool", "2"],
+                            r"optax convention\s+\d+\.\d+ ms\s+\d\.\d\dx"),
     "cold_start.py": (["--repeats", "1", "--backends", "numpy"],
                       r"mithril numpy, second\s+\d+\.\d+"),
     "distributed_step.py": (["--params", "10000", "--steps", "3"], r"\d+\.\d+"),
