@@ -32,14 +32,18 @@ GRADS = [{k: rng.standard_normal(s) * (1 + t % 3) for k, s in SHAPES.items()}
          for t in range(STEPS)]
 #: our name -> optax.contrib.muon's
 OPTAX = {"learning_rate": "learning_rate", "momentum": "beta", "weight_decay": "weight_decay",
-         "epsilon": "eps", "fallback.epsilon": "eps"}
+         "epsilon": "eps", "fallback.epsilon": "eps", "fallback.beta1": "adam_b1",
+         "fallback.beta2": "adam_b2", "fallback.weight_decay": "adam_weight_decay",
+         "fallback_lr_ratio": "adam_learning_rate"}
 
 
 def values(i: int) -> dict[str, float]:
     """Step i's hyperparameters: a decaying rate, a momentum cycle, a decay ramp."""
     return {"learning_rate": 0.03 / (1 + i), "momentum": 0.95 - 0.05 * (i % 4),
             "weight_decay": 0.02 * (i + 1), "epsilon": 1e-8 * 10 ** (i % 3),
-            "fallback.epsilon": 1e-8 * 10 ** (i % 3)}
+            "fallback.epsilon": 1e-8 * 10 ** (i % 3), "fallback.beta1": 0.9 - 0.02 * i,
+            "fallback.beta2": 0.999 - 0.001 * i, "fallback.weight_decay": 0.05 + 0.01 * i,
+            "fallback_lr_ratio": 0.5 + 0.1 * i}
 
 
 def traced_run(opt: Muon, names: tuple[str, ...], params: dict) -> tuple[dict, int]:
@@ -68,8 +72,12 @@ def optax_run(names: tuple[str, ...], **kw: Any) -> dict:
         return optax.apply_updates(p, u), s
 
     for i in range(STEPS):
+        v = values(i)
         for k in ("learning_rate", *names):
-            s.hyperparams[OPTAX[k]] = jnp.asarray(values(i)[k])
+            s.hyperparams[OPTAX[k]] = jnp.asarray(v[k])
+        if "fallback_lr_ratio" in names:  # (optax's is the fallback's rate itself)
+            s.hyperparams["adam_learning_rate"] = jnp.asarray(
+                v["learning_rate"] * v["fallback_lr_ratio"])
         p, s = step({k: jnp.asarray(GRADS[i][k]) for k in p}, s, p)
     return {k: np.asarray(x) for k, x in p.items()}
 
@@ -80,16 +88,25 @@ def close(got: dict, want: dict) -> None:
         np.testing.assert_allclose(got[k], want[k], rtol=TOL, atol=TOL, err_msg=k)
 
 
+FALLBACK = ("fallback.beta1", "fallback.beta2", "fallback.weight_decay", "fallback_lr_ratio")
+
+
 @pytest.mark.parametrize("names", [("momentum", "weight_decay"),
-                                   ("epsilon", "fallback.epsilon", "momentum")])
+                                   ("epsilon", "fallback.epsilon", "momentum"), FALLBACK])
 def test_optax_convention_against_inject_hyperparams(names: tuple[str, ...]) -> None:
     """optax's ``eps`` is Muon's and its adamw fallback's: ours are two hyperparameters
-    (``"epsilon"``, ``"fallback.epsilon"``), both traced to follow one value."""
+    (``"epsilon"``, ``"fallback.epsilon"``), both traced to follow one value. The
+    fallback's ``adam_b1`` … are ``"fallback.beta1"`` …, its ``adam_learning_rate``
+    Muon's rate times ``"fallback_lr_ratio"``."""
+    fb = names == FALLBACK
+    adam = {"adam_weight_decay": 0.05} if fb else {}
     with jax_float64():
-        got, programs = traced_run(Muon(0.03, convention="optax", weight_decay=0.02), names,
-                                   P0)
+        got, programs = traced_run(Muon(0.03, convention="optax", weight_decay=0.02,
+                                        fallback_lr_ratio=0.5 if fb else 1.0, **adam),
+                                   names, P0)
         want = optax_run(tuple(n for n in names if n != "fallback.epsilon"),
-                         weight_decay=0.02)
+                         weight_decay=0.02, **adam,
+                         **({"adam_learning_rate": 0.015} if fb else {}))
     close(got, want)
     assert programs == 1
 
