@@ -11,18 +11,16 @@ backends. Bad ``return_indices`` is refused by name."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_python
-from layer_edges import Case, compare, parity_tests
+from conftest import jax_float64
+from layer_edges import Case, compare, jax_column, parity_tests
 
 import mithril as ml
-from mithril.backends import NumpyBackend, TorchBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 
 _POOLS = {1: ml.MaxPool1D, 2: ml.MaxPool2D, 3: ml.MaxPool3D}
 #: name -> (input shape, pool arguments)
@@ -132,33 +130,13 @@ test_chain_equals_torch, _, _ = parity_tests("test_max_pool_indices_vs_torch", C
 
 @pytest.fixture(scope="module")
 def jax_results() -> dict:
-    """One fresh x64 process: the indices of JAX_CONFIGS checked there, and the JAX_CHAINS
-    runs (outputs and gradients) returned as :func:`layer_edges.jax_column` does."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "jax.npz")
-        run_python(f"""
-            import sys
-            sys.path.insert(0, {os.path.dirname(__file__)!r})
-            import jax
-            jax.config.update("jax_enable_x64", True)
-            import numpy as np
-            import layer_edges as le
-            import test_max_pool_indices_vs_torch as m
-            from mithril.backends import JaxBackend
-            for name in {JAX_CONFIGS!r}:
-                m.check(name, m.ours(name, JaxBackend(dtype="float64")))
-            flat = {{}}
-            for name in {JAX_CHAINS!r}:
-                for kind, d in zip("pcog", le.run_mithril(name, m.CASES[name], "jax")):
-                    flat.update({{f"{{name}}|{{kind}}|{{k}}": v for k, v in d.items()}})
-            np.savez({path!r}, **flat)
-        """, timeout=600)
-        flat = dict(np.load(path))
-    res: dict = {}
-    for key, v in flat.items():
-        name, kind, k = key.split("|", 2)
-        res.setdefault(name, {c: {} for c in "pcog"})[kind][k] = v
-    return {n: tuple(d[c] for c in "pcog") for n, d in res.items()}
+    """JAX float64 in this process (x64 for the block only): the indices of JAX_CONFIGS
+    checked there, and the JAX_CHAINS runs (outputs and gradients) as
+    :func:`layer_edges.jax_column` returns them."""
+    with jax_float64():
+        for name in JAX_CONFIGS:
+            check(name, ours(name, JaxBackend(dtype="float64")))
+    return jax_column("test_max_pool_indices_vs_torch", JAX_CHAINS, "")
 
 
 def test_jax_indices_equal_torch(jax_results: dict) -> None:
