@@ -17,13 +17,12 @@ scales it by ``c/(‖g‖ + 1e-6)`` < 1, optax leaves it), a tiny norm above a t
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from conftest import jax_float64
 
 from mithril.utils.optimizers import SGD, clip_gradients, global_norm
 
@@ -128,61 +127,57 @@ def test_global_norm_of_zero_and_tiny() -> None:
     assert global_norm(problem("tiny")[1]) == pytest.approx(1e-7, rel=1e-12)
 
 
-JAX_CODE = """
-    import json, sys
-    sys.path.insert(0, {tests!r})
+def _jax_side() -> dict[str, dict[str, float]]:
+    """Each case's largest differences on JAX float64 (x64 for the block only)."""
     import jax
-    jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    import numpy as np
     import optax
-    import test_clip_norm_eps as t
+
     from mithril.interop import optax_transformation
-    from mithril.utils.optimizers import SGD, clip_gradients, engines
+    from mithril.utils.optimizers import engines
 
     def run_tx(tx, p0, g):
-        p = {{k: jnp.asarray(v) for k, v in p0.items()}}
-        u, _ = jax.jit(tx.update)({{k: jnp.asarray(v) for k, v in g.items()}}, tx.init(p), p)
-        return {{k: np.asarray(v) for k, v in optax.apply_updates(p, u).items()}}
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        u, _ = jax.jit(tx.update)({k: jnp.asarray(v) for k, v in g.items()}, tx.init(p), p)
+        return {k: np.asarray(v) for k, v in optax.apply_updates(p, u).items()}
 
     def run_ours(opt, p0, g, clip_first=None):
-        params = {{k: jnp.asarray(v) for k, v in p0.items()}}
-        grads = {{k: jnp.asarray(v) for k, v in g.items()}}
+        params = {k: jnp.asarray(v) for k, v in p0.items()}
+        grads = {k: jnp.asarray(v) for k, v in g.items()}
         if clip_first is not None:
             grads = clip_gradients(grads, clip_norm=clip_first, eps=0.0)
         new, _ = opt.update(params, grads, opt.init(params))
-        return {{k: np.asarray(v) for k, v in new.items()}}
+        return {k: np.asarray(v) for k, v in new.items()}
 
     def d(a, b):
         return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
-    out = {{}}
-    for case in t.CASES:
-        p0, g, c = t.problem(case)
-        torch_want, optax_want = t.torch_step(case)[0], t.optax_like(case)
+    out = {}
+    for case in CASES:
+        p0, g, c = problem(case)
+        torch_want, optax_want = torch_step(case)[0], optax_like(case)
         peer = run_tx(optax.chain(optax.clip_by_global_norm(c), optax.sgd(1.0)), p0, g)
-        r = {{"optax-vs-rule": d(peer, optax_want)}}
+        r = {"optax-vs-rule": d(peer, optax_want)}
         for engine in ("auto", "jit"):
-            engines.JAX_ENGINE = engine
-            r[f"fused-{{engine}}-vs-torch"] = d(run_ours(SGD(1.0, clip_norm=c), p0, g),
-                                                torch_want)
-            r[f"eps0-{{engine}}-vs-optax"] = d(run_ours(SGD(1.0), p0, g, clip_first=c), peer)
-        engines.JAX_ENGINE = "auto"
+            old, engines.JAX_ENGINE = engines.JAX_ENGINE, engine
+            try:
+                r[f"fused-{engine}-vs-torch"] = d(run_ours(SGD(1.0, clip_norm=c), p0, g),
+                                                  torch_want)
+                r[f"eps0-{engine}-vs-optax"] = d(run_ours(SGD(1.0), p0, g, clip_first=c), peer)
+            finally:
+                engines.JAX_ENGINE = old
         r["transformation-vs-torch"] = d(run_tx(optax_transformation(SGD(1.0, clip_norm=c)),
                                                 p0, g), torch_want)
         chained = optax.chain(optax.clip_by_global_norm(c), optax_transformation(SGD(1.0)))
         r["chain-vs-optax"] = d(run_tx(chained, p0, g), peer)
         out[case] = r
-    print(json.dumps(out))
-"""
+    return out
 
 
 @pytest.fixture(scope="module")
 def jax_side() -> dict[str, dict[str, float]]:
-    import os
-
-    code = JAX_CODE.format(tests=os.path.dirname(__file__))
-    return json.loads(run_python(code, timeout=300).strip().splitlines()[-1])
+    with jax_float64():
+        return _jax_side()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
