@@ -111,6 +111,20 @@ def test_optax_convention_against_inject_hyperparams(names: tuple[str, ...]) -> 
     assert programs == 1
 
 
+def test_optax_convention_options_against_inject_hyperparams() -> None:
+    """Momentum and weight decay traced under optax's other options: adaptive, AOL,
+    the "dion" rows of coefficients, plain momentum, consistent_rms."""
+    names = ("momentum", "weight_decay")
+    with jax_float64():
+        got, programs = traced_run(Muon(
+            0.03, convention="optax", weight_decay=0.02, adaptive=True, preconditioning="aol",
+            ns_coefficients="dion", nesterov=False, adjust_lr_fn=0.2), names, P0)
+        want = optax_run(names, weight_decay=0.02, adaptive=True, preconditioning="aol",
+                         ns_coeffs="dion", nesterov=False, consistent_rms=0.2)
+    close(got, want)
+    assert programs == 1
+
+
 def test_torch_convention_against_torch_muon(monkeypatch) -> None:
     """torch.optim.Muon takes matrices only (fallback=None); its lr, momentum, weight
     decay and eps set in its param group before each step."""
