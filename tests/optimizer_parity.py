@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -414,3 +415,39 @@ def array_engine(monkeypatch):
     for backend in ARRAY_BACKENDS:
         monkeypatch.setitem(EXPECTED_ENGINE, backend, "ArrayEngine")
 
+
+
+def check_torch_optimizer_resume(make: Callable[[], Optimizer], p0: dict, grads: list[dict],
+                                 at: int) -> None:
+    """``torch_optimizer(make())`` stepped through ``grads`` equals, to the bit, one stopped
+    after ``at`` steps whose own state dict (``torch.save`` / ``torch.load(weights_only=True)``)
+    is loaded into a new wrapper that takes the rest."""
+    import io
+
+    from mithril.interop import torch_optimizer
+
+    def fresh():
+        tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()}
+        return tp, torch_optimizer(make(), list(tp.items()))
+
+    def steps(tp, topt, gs):
+        for g in gs:
+            for k, p in tp.items():
+                p.grad = torch.tensor(g[k])
+            topt.step()
+
+    tp, topt = fresh()
+    steps(tp, topt, grads)
+    want = {k: v.detach().numpy().copy() for k, v in tp.items()}
+    tp, topt = fresh()
+    steps(tp, topt, grads[:at])
+    buf = io.BytesIO()
+    torch.save(topt.state_dict(), buf)
+    tp2, topt2 = fresh()
+    with torch.no_grad():
+        for k in tp2:
+            tp2[k].copy_(tp[k])
+    topt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    steps(tp2, topt2, grads[at:])
+    for k, v in tp2.items():
+        np.testing.assert_array_equal(v.detach().numpy(), want[k], err_msg=k)

@@ -30,6 +30,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 import optax.contrib as oc  # noqa: E402
+from optimizer_parity import check_torch_optimizer_resume  # noqa: E402
 
 from mithril.errors import ShapeError  # noqa: E402
 from mithril.interop import optax_transformation, torch_optimizer  # noqa: E402
@@ -401,31 +402,7 @@ def test_make_train_step_equals_evaluate_and_update(which: str, backend: str) ->
 def test_torch_optimizer_resumes_bit_for_bit(make) -> None:
     """``torch_optimizer``'s own state dict, through ``torch.save`` /
     ``torch.load(weights_only=True)``, into a new wrapper: the same steps to the bit."""
-    def fresh():
-        tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in P0.items()}
-        return tp, torch_optimizer(make()[0], list(tp.items()))
-
-    def steps(tp, topt, gs):
-        for g in gs:
-            for k, p in tp.items():
-                p.grad = torch.tensor(g[k])
-            topt.step()
-
-    tp, topt = fresh()
-    steps(tp, topt, GRADS)
-    want = _host(tp)
-    tp, topt = fresh()
-    steps(tp, topt, GRADS[:7])
-    buf = io.BytesIO()
-    torch.save(topt.state_dict(), buf)
-    tp2, topt2 = fresh()
-    with torch.no_grad():
-        for k in tp2:
-            tp2[k].copy_(tp[k])
-    topt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-    steps(tp2, topt2, GRADS[7:])
-    for k, v in _host(tp2).items():
-        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    check_torch_optimizer_resume(lambda: make()[0], P0, GRADS, at=7)
 
 
 def test_optax_transformation_without_a_fallback_takes_what_the_specs_name() -> None:
