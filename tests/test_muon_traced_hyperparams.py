@@ -91,13 +91,13 @@ def close(got: dict, want: dict) -> None:
 FALLBACK = ("fallback.beta1", "fallback.beta2", "fallback.weight_decay", "fallback_lr_ratio")
 
 
-@pytest.mark.parametrize("names", [("momentum", "weight_decay"),
+@pytest.mark.parametrize("names", [("momentum", "weight_decay"), ("epsilon", "momentum"),
                                    ("epsilon", "fallback.epsilon", "momentum"), FALLBACK])
 def test_optax_convention_against_inject_hyperparams(names: tuple[str, ...]) -> None:
-    """optax's ``eps`` is Muon's and its adamw fallback's: ours are two hyperparameters
-    (``"epsilon"``, ``"fallback.epsilon"``), both traced to follow one value. The
-    fallback's ``adam_b1`` … are ``"fallback.beta1"`` …, its ``adam_learning_rate``
-    Muon's rate times ``"fallback_lr_ratio"``."""
+    """optax's ``eps`` is Muon's and its adamw fallback's: the default fallback follows
+    Muon's ``"epsilon"`` traced (``"fallback.epsilon"`` traced too, as before, is given
+    the same value). The fallback's ``adam_b1`` … are ``"fallback.beta1"`` …, its
+    ``adam_learning_rate`` Muon's rate times ``"fallback_lr_ratio"``."""
     fb = names == FALLBACK
     adam = {"adam_weight_decay": 0.05} if fb else {}
     with jax_float64():
@@ -145,3 +145,99 @@ def test_torch_convention_against_torch_muon(monkeypatch) -> None:
         topt.step()
     close(got, {k: t.detach().numpy() for k, t in tp.items()})
     assert programs == 1
+
+
+def eps_schedule(count: Any) -> Any:
+    """An eps schedule (of the 0-based step count) large enough to move Adam's steps."""
+    return 1e-2 / (1 + count) ** 2
+
+
+def schedule_run(tx: Any, hyper: bool = False, params: dict = P0) -> dict:
+    """STEPS jitted float64 updates of ``tx`` from ``params`` (``hyper``: step i's
+    ``eps_schedule(i)`` passed as the traced "epsilon")."""
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    s = tx.init(p)
+
+    @jax.jit
+    def step(g: dict, s: Any, p: dict, h: Any) -> tuple[dict, Any]:
+        if hyper:
+            return tx.update(g, s, p, new_params=True, hyper=h)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for i in range(STEPS):
+        h = jnp.asarray(pair(eps_schedule(i), np.float64)[None])
+        p, s = step({k: jnp.asarray(GRADS[i][k]) for k in p}, s, p, h)
+    return {k: np.asarray(x) for k, x in p.items()}
+
+
+def test_default_fallback_follows_a_scheduled_epsilon() -> None:
+    """``optax.inject_hyperparams(muon)(eps=schedule)``: optax's one eps scheduled reaches
+    Muon and its adamw. Ours given "epsilon" alone, as ``schedules=`` or traced, feeds the
+    default fallback too (float64, 1e-10); a fallback given stays apart (its eps fixed)."""
+    from mithril.utils.optimizers import NAdam
+
+    kw = {"weight_decay": 0.02, "nesterov": True}
+    with jax_float64():
+        want = schedule_run(optax.inject_hyperparams(oc.muon)(0.03, eps=eps_schedule, **kw))
+        fixed = schedule_run(optax.inject_hyperparams(oc.muon)(0.03, eps=1e-8, **kw))
+        got = schedule_run(optax_transformation(Muon(0.03, convention="optax", **kw),
+                                                schedules={"epsilon": eps_schedule}))
+        traced = schedule_run(optax_transformation(Muon(0.03, convention="optax", **kw),
+                                                   traced_hyperparams=("epsilon",)), True)
+        given = NAdam(0.03, decoupled_weight_decay=True, convention="optax", epsilon=1e-8)
+        apart = schedule_run(optax_transformation(
+            Muon(0.03, convention="optax", fallback=given, **kw),
+            schedules={"epsilon": eps_schedule}))
+    close(got, want)
+    close(traced, want)
+    for k in ("b1", "b2"):  # (the fallback's eps matters: fixed, it ends elsewhere)
+        assert np.abs(fixed[k] - want[k]).max() > 1e-3, k
+        assert np.abs(apart[k] - want[k]).max() > 1e-3, k
+    np.testing.assert_allclose(apart["w1"], want["w1"], rtol=TOL, atol=TOL)
+
+
+def test_default_fallback_follows_epsilon_set(tmp_path) -> None:
+    """Muon's epsilon set (by attribute, or through the handle a scheduler drives) is its
+    default fallback's, also in a Muon rebuilt from its hyperparameters or loaded from its
+    state dict or checkpoint (into one made with a fallback given); a fallback given keeps
+    its own, loaded into a default Muon too; a state dict form that says it follows an
+    optimizer without eps is refused, naming the key."""
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+    from mithril.utils.optimizers import AdamW, NAdam
+
+    opt = Muon(convention="optax")
+    opt.epsilon = 1e-5
+    assert opt.fallback.epsilon == 1e-5
+    opt.hyperparameter("epsilon").set_learning_rate(2e-5)
+    assert opt.fallback.epsilon == 2e-5
+    params = {k: np.asarray(v) for k, v in P0.items()}
+    sd = opt.state_dict(opt.init(params))
+    save_checkpoint(tmp_path / "c.safetensors", params, opt, opt.init(params))
+
+    def given() -> Muon:
+        return Muon(convention="optax", fallback=NAdam(convention="optax",
+                                                       decoupled_weight_decay=True))
+
+    loaded, from_file = given(), given()
+    loaded.load_state_dict(sd, params)
+    load_checkpoint(tmp_path / "c.safetensors", params, from_file)
+    for again in (Muon(**opt.hyperparameters()), loaded, from_file):
+        assert again.hyperparameters() == opt.hyperparameters()
+        again.epsilon = 3e-4
+        assert again.fallback.epsilon == 3e-4 and opt.fallback.epsilon == 2e-5
+    apart = given()
+    default = Muon(convention="optax")
+    default.load_state_dict(apart.state_dict(None))
+    for o in (apart, default, Muon(convention="optax", fallback=opt.fallback)):
+        before = o.fallback.epsilon
+        o.epsilon = 1e-3
+        assert o.fallback.epsilon == before != 1e-3
+        assert "follows_epsilon" not in o.hyperparameters()["fallback"]
+    plain = Muon(convention="optax", nesterov=False)  # (optax's adamw: our AdamW)
+    plain.epsilon = 1e-4
+    assert isinstance(plain.fallback, AdamW) and plain.fallback.epsilon == 1e-4
+    with pytest.raises(ValueError, match="follows_epsilon=True, but SGD has no epsilon"):
+        Muon(fallback={"optimizer": "SGD", "hyperparameters": {}, "follows_epsilon": True})
+    with pytest.raises(TypeError, match=r"fallback\['follows_epsilon'\] must be True or"):
+        Muon(fallback={"optimizer": "Adam", "hyperparameters": {}, "follows_epsilon": "y"})

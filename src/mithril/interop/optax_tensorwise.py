@@ -128,8 +128,9 @@ def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
     :mod:`.optax_hyperparams`): the optimizer's rows take its own names but those their
     group overrides (``over``; a row excluded from weight decay keeps its 0); a Muon's
     fallback rows take the whole step's clipping (Muon's) and the ``"fallback."`` names as
-    their group of the fallback takes them, their learning rate factor a traced
-    ``fallback_lr_ratio`` times their group's."""
+    their group of the fallback takes them (Muon's ``"epsilon"`` too where the fallback
+    follows it, optax's one ``eps``, unless ``"fallback.epsilon"`` is traced as well), their
+    learning rate factor a traced ``fallback_lr_ratio`` times their group's."""
     from ..utils.optimizers.muon import _FallbackRow
     from .optax_hyperparams import row_attrs
 
@@ -142,7 +143,8 @@ def _share(rows: list[Any], over: list[set[str]], driven: dict[str, Any]
             out.append({k: v for k, v in own.items() if k not in o})
             continue
         a = {k: v for k, v in own.items() if k in ("clip_norm", "clip_value")}
-        a.update(row_attrs([r.group], [r.overrides], held)[0])
+        eps = {"epsilon": own["epsilon"]} if r.follows_epsilon and "epsilon" in own else {}
+        a.update(row_attrs([r.group], [r.overrides], {**eps, **held})[0])
         if ratio is not None or "lr_scale" in a:
             a["lr_scale"] = (r.lr_ratio if ratio is None else ratio) * a.get("lr_scale",
                                                                                r.lr_scale)

@@ -79,12 +79,15 @@ def _build(spec: Any) -> Optimizer | None:
         return None
     if spec is DEFAULT_FALLBACK:
         return AdamW()
+    follows = False  # (a fallback given is Muon's copy, independent of Muon's epsilon)
     if isinstance(spec, Mapping):
         from .. import optimizers
 
-        if set(spec) != {"optimizer", "hyperparameters"}:
-            raise TypeError("fallback given as a dict must have exactly 'optimizer' (a class "
-                            "name) and 'hyperparameters'")
+        if not {"optimizer", "hyperparameters"} <= set(spec) <= {
+                "optimizer", "hyperparameters", _mo.FOLLOWS}:
+            raise TypeError(f"fallback given as a dict must have exactly 'optimizer' (a class "
+                            f"name) and 'hyperparameters' (and may have {_mo.FOLLOWS!r})")
+        follows = check_flag(f"fallback[{_mo.FOLLOWS!r}]", spec.get(_mo.FOLLOWS, False))
         cls = getattr(optimizers, str(spec["optimizer"]), None)
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
             raise ValueError(f"fallback: {spec['optimizer']!r} is not a mithril optimizer")
@@ -104,7 +107,11 @@ def _build(spec: Any) -> Optimizer | None:
         if getattr(spec, k) != v:
             raise ValueError(f"fallback: {k}={getattr(spec, k)!r} holds for the whole step: "
                              f"give it to Muon, not to its fallback")
-    return copy.copy(spec)
+    out = copy.copy(spec)
+    out.__dict__.pop(_mo.MARK, None)
+    if follows:
+        out.__dict__[_mo.MARK] = True
+    return out
 
 
 #: keras.optimizers.Muon's names that are not ours
@@ -266,10 +273,12 @@ class Muon(TensorwiseOptimizer):
         self.ns_dtype = ns_dtype
         _mo.check_options(self, optax, preconditioning, adaptive, adam,
                           fallback is not DEFAULT_FALLBACK)
-        if optax and fallback is DEFAULT_FALLBACK:  # optax's adamw, Muon's eps and nesterov
+        default = optax and fallback is DEFAULT_FALLBACK
+        if default:  # optax's adamw, Muon's eps (one hyperparameter) and nesterov
             fallback = _mo.default_fallback(self.learning_rate, self.epsilon, self.nesterov,
                                             adam)
         self.fallback = _build(fallback)
+        _mo.follow_epsilon(self, default)
         layers, embeddings = _check_layers(exclude_layers), check_flag(
             "exclude_embeddings", exclude_embeddings)
         if self.fallback is None and (layers or embeddings):
@@ -320,6 +329,8 @@ class Muon(TensorwiseOptimizer):
             # (the fallback's reads as it is: Muon's times the ratio)
             fb = self.fallback
             fb.__dict__["learning_rate"] = self.learning_rate * self.fallback_lr_ratio
+        if name == "epsilon" and _mo.follows(self.__dict__.get("fallback")):
+            self.fallback.epsilon = self.epsilon  # (optax's one eps: counted as its change)
 
     def _finish_groups(self) -> None:
         super()._finish_groups()
@@ -337,7 +348,8 @@ class Muon(TensorwiseOptimizer):
         fb = out.get("fallback")
         if isinstance(fb, Optimizer):
             out["fallback"] = {"optimizer": type(fb).__name__,
-                               "hyperparameters": fb.hyperparameters()}
+                               "hyperparameters": fb.hyperparameters(),
+                               **({_mo.FOLLOWS: True} if _mo.follows(fb) else {})}
         dims = self.weight_dimension_numbers  # (a callable: as the specs it gave)
         out["weight_dimension_numbers"] = _dn.plain(
             dict(self._dims_seen) if callable(dims) and self._dims_seen else dims)
@@ -563,6 +575,7 @@ class _FallbackRow:
         # it overrides, and the learning rate's factors, Muon's ratio and the group's)
         self.group, self.overrides = group, set(overrides or ())
         self.lr_ratio = owner.fallback_lr_ratio
+        self.follows_epsilon = _mo.follows(owner.fallback)  # (a traced "epsilon" is its too)
         self.lr_scale = float((overrides or {}).get("lr_scale", 1.0))
         self.learning_rate, self.weight_decay = fb.learning_rate, fb.weight_decay
         self.decoupled_weight_decay = fb.decoupled_weight_decay

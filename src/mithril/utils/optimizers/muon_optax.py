@@ -39,6 +39,30 @@ OPTAX_NAMES = {"adam_b1": "ours is adam_beta1", "adam_b2": "ours is adam_beta2",
                "mu_dtype": "not offered: slots are in the parameters' dtype"}
 
 
+#: a fallback that takes Muon's ``epsilon`` (optax's one ``eps``: the default fallback of
+#: ``convention="optax"``) has this mark, and its state dict form this key set to True
+MARK, FOLLOWS = "_follows_epsilon", "follows_epsilon"
+
+
+def follows(fallback: Any) -> bool:
+    """Whether ``fallback`` (a Muon's, or None) takes its Muon's ``epsilon``."""
+    return fallback is not None and MARK in fallback.__dict__
+
+
+def follow_epsilon(opt: Muon, default: bool) -> None:
+    """Mark ``opt``'s default fallback as taking its ``epsilon``; a fallback that does (the
+    default, or one whose state dict form says so) takes its value now. One given stays
+    apart."""
+    fb = opt.fallback
+    if default:
+        fb.__dict__[MARK] = True
+    if follows(fb):
+        if "epsilon" not in fb.hyperparameters():
+            raise ValueError(f"fallback: {FOLLOWS}=True, but {type(fb).__name__} has no "
+                             f"epsilon to take Muon's")
+        fb.__dict__["epsilon"] = opt.epsilon
+
+
 def check_coefficients(value: Any, optax: bool) -> tuple:
     """``ns_coefficients``: three numbers (a, b, c); with ``optax`` also an optax preset
     name (``"standard"``, ``"dion"``) or rows of three, one per iteration (kept as a tuple
