@@ -241,3 +241,54 @@ def test_default_fallback_follows_epsilon_set(tmp_path) -> None:
         Muon(fallback={"optimizer": "SGD", "hyperparameters": {}, "follows_epsilon": True})
     with pytest.raises(TypeError, match=r"fallback\['follows_epsilon'\] must be True or"):
         Muon(fallback={"optimizer": "Adam", "hyperparameters": {}, "follows_epsilon": "y"})
+
+
+@pytest.mark.parametrize("backend", ["jax", "numpy"])
+def test_make_train_step_with_epsilon_scheduled_against_optax(backend: str) -> None:
+    """``make_train_step`` with ``Muon(convention="optax")``, its epsilon driven at every
+    step through the handle a scheduler drives, on a float32 MLP, against
+    ``inject_hyperparams(muon)(eps=schedule)`` fed the gradients of its own parameters
+    (float32 rounding); JAX's program traces it (one rebuild, one compile)."""
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.utils.training import make_train_step
+
+    spec = mlp_spec(8, 4, [16, 12])
+    r = np.random.default_rng(3)
+    data = [{"input": r.standard_normal((32, 8)).astype(np.float32),
+             "target": r.integers(0, 4, 32)} for _ in range(4)]
+    be = {"jax": JaxBackend, "numpy": NumpyBackend}[backend](dtype="float32", seed=0)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    params = compiled.get_parameters()
+    ref = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+    opt = Muon(0.02, convention="optax")
+    step = make_train_step(compiled, opt, loss="loss")
+    state = step.init(params)
+    runs = {}
+    for eps in (eps_schedule, 1e-8):
+        tx = optax.inject_hyperparams(oc.muon)(0.02, eps=eps)
+        theirs = {k: jnp.asarray(v) for k, v in ref.items()}
+        ostate = tx.init(theirs)
+        for d in data:
+            d = {"input": be.array(d["input"]), "target": be.array(d["target"], be.int_dtype)}
+            _, g = compiled.evaluate({k: be.array(np.array(v)) for k, v in theirs.items()},
+                                     d, output_gradients={"loss": 1.0})
+            u, ostate = tx.update({k: jnp.asarray(be.to_numpy(v)) for k, v in g.items()},
+                                  ostate, theirs)
+            theirs = optax.apply_updates(theirs, u)
+        runs[eps] = {k: np.array(v) for k, v in theirs.items()}
+    for i, d in enumerate(data):
+        opt.hyperparameter("epsilon").set_learning_rate(float(eps_schedule(i)))
+        d = {"input": be.array(d["input"]), "target": be.array(d["target"], be.int_dtype)}
+        params, state, _ = step(params, state, d)
+    assert opt.fallback.epsilon == eps_schedule(3)
+    if backend == "jax":
+        assert step.rebuilds == 1 and step._jitted._cache_size() == 1
+    want = runs[eps_schedule]
+    for k, v in params.items():
+        got = np.array(be.to_numpy(v))
+        assert np.abs(got - ref[k]).max() > 1e-3, k
+        np.testing.assert_allclose(got, want[k], rtol=1e-5, atol=2e-6, err_msg=k)
+    # (the schedule mattered: optax's run at its default eps ends elsewhere)
+    assert max(np.abs(runs[1e-8][k] - want[k]).max() for k in want) > 1e-4
