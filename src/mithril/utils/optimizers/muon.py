@@ -202,8 +202,10 @@ class Muon(TensorwiseOptimizer):
     ``DimensionNumbers(0, 1)``: the factor ``√max(1, fan_out/fan_in)``), ``adaptive``
     scaling ``O`` by ``⟨U, O⟩``; ``ns_coefficients`` may be optax's rows (one per step) or
     preset (``"standard"``, ``"dion"``). The default fallback is optax's ``adamw`` with
-    Muon's ``epsilon`` and ``nesterov`` (``NAdam(convention="optax",
-    decoupled_weight_decay=True)``; ``AdamW(convention="optax")`` without Nesterov), built
+    Muon's ``epsilon`` (optax's one ``eps``: it follows Muon's set, scheduled or traced;
+    its state dict form says ``"follows_epsilon": True``) and ``nesterov``
+    (``NAdam(convention="optax", decoupled_weight_decay=True)``;
+    ``AdamW(convention="optax")`` without Nesterov), built
     from ``adam_beta1``, ``adam_beta2``, ``adam_eps_root``, ``adam_weight_decay`` (optax's
     ``adam_b1`` …); ``adam_learning_rate`` is ``fallback_lr_ratio`` times ``lr``, and
     ``weight_decay_mask`` is Muon's tensors' only, as optax's. The state differs in layout
