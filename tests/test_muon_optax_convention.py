@@ -268,6 +268,52 @@ def test_make_train_step_against_optax(backend: str) -> None:
         np.testing.assert_allclose(got, np.array(theirs[k]), rtol=1e-5, atol=2e-6, err_msg=k)
 
 
+def newton_schulz_before(xp, G, coefficients, steps, eps, preconditioning):
+    """``muon_optax.newton_schulz_optax`` as it was before its iteration wrote into
+    buffers in place (new arrays at every operation): the bits it must still give."""
+    from mithril.utils.optimizers.muon_optax import _first_step, _spectral
+
+    rows = coefficients if isinstance(coefficients[0], tuple) else (coefficients,) * steps
+    tall = G.shape[0] > G.shape[1]
+    X = xp.T(G) if tall else G
+    if preconditioning == "frobenius":
+        X = X / (xp.norm0(X) + eps)
+    elif preconditioning == "spectral":
+        X = X / (_spectral(xp, X) + eps)
+    for i, (a, b, c) in enumerate(rows):
+        A = X @ xp.T(X)
+        if i == 0 and preconditioning in ("aol", "schatten"):
+            X, A = _first_step(xp, X, A, preconditioning)
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return xp.T(X) if tall else X
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("preconditioning", ["frobenius", "spectral", "aol", "schatten"])
+def test_newton_schulz_in_place_is_bit_for_bit(engine: str, preconditioning: str) -> None:
+    """The in-place iteration gives the bits of the one that made new arrays, on wide,
+    tall, square, 1-wide and (NumPy) Fortran-ordered matrices, float32 and float64,
+    optax's coefficients and the "dion" rows; the input is left as it was."""
+    from mithril.utils.optimizers.muon_optax import PRESETS, newton_schulz_optax
+    from mithril.utils.optimizers.tensorwise import NumpyOps, TorchOps
+
+    xp = NumpyOps() if engine == "numpy" else TorchOps()
+    r = np.random.default_rng(7)
+    for shape in [(6, 8), (8, 6), (40, 40), (33, 17), (5, 1), (1, 5)]:
+        for dtype, fortran in ((np.float32, False), (np.float64, False), (np.float32, True)):
+            G = r.standard_normal(shape).astype(dtype)
+            if fortran:
+                G = np.asfortranarray(G)
+            g = G.copy(order="K") if engine == "numpy" else torch.tensor(G)
+            for coef in ((3.4445, -4.775, 2.0315), PRESETS["dion"]):
+                args = (coef, 5, 1e-8, preconditioning)
+                want = np.asarray(newton_schulz_before(xp, g, *args))
+                got = np.asarray(newton_schulz_optax(xp, g, *args))
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert got.tobytes() == want.tobytes(), (shape, dtype, fortran, coef)
+                np.testing.assert_array_equal(np.asarray(g), G)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"preconditioning": "aol"}, "preconditioning=.*convention='optax'"),
     ({"adaptive": True, "convention": "mlx"}, "adaptive=.*convention='optax'"),

@@ -174,12 +174,51 @@ def newton_schulz_optax(xp: NumpyOps, G: Any, coefficients: tuple, steps: int, e
         X = X / (xp.norm0(X) + eps)
     elif preconditioning == "spectral":
         X = X / (_spectral(xp, X) + eps)
-    for i, (a, b, c) in enumerate(rows):
-        A = X @ xp.T(X)
-        if i == 0 and preconditioning in ("aol", "schatten"):
-            X, A = _first_step(xp, X, A, preconditioning)
-        X = a * X + (b * A + c * (A @ A)) @ X
+    # (torch lays a new array out by its axes' order: a 1-wide matrix's own strides, kept
+    # in place, could route a product to another BLAS kernel)
+    if xp.name == "numpy" and min(G.shape) > 0 or xp.name == "torch" and min(G.shape) > 1:
+        X = _iterate_in_place(xp, X, rows, preconditioning)
+    else:
+        for i, (a, b, c) in enumerate(rows):
+            A = X @ xp.T(X)
+            if i == 0 and preconditioning in ("aol", "schatten"):
+                X, A = _first_step(xp, X, A, preconditioning)
+            X = a * X + (b * A + c * (A @ A)) @ X
     return xp.T(X) if tall else X
+
+
+def _iterate_in_place(xp: NumpyOps, X: Any, rows: Sequence[tuple], preconditioning: str
+                      ) -> Any:
+    """:func:`newton_schulz_optax`'s iterations on NumPy / torch: the very operations on
+    arrays of the very layouts (the same bits), the products written into this thread's
+    scratch buffers and the elementwise steps in place, instead of 8 new arrays each.
+    ``X`` is the normalised copy (or ``G``, which AOL / Schatten replace at once); the
+    result is a new array, not a scratch buffer."""
+    from .muon_newton_schulz import _buffers
+
+    m, torch = xp.m, xp.name == "torch"
+    mm = m.mm if torch else m.matmul
+    dev = X.device if torch else None
+    A0, AA = _buffers(m, "optax_A", (X.shape[0],) * 2, X.dtype, 2, dev)
+    Y = _buffers(m, "optax_Y", tuple(X.shape), X.dtype, 1, dev)[0] if torch else None
+    for i, (a, b, c) in enumerate(rows):
+        A = mm(X, xp.T(X), out=A0)
+        if i == 0 and preconditioning in ("aol", "schatten"):
+            X, A = _first_step(xp, X, A, preconditioning)  # (new arrays)
+        mm(A, A, out=AA)
+        AA *= c
+        A *= b
+        A += AA  # b·A + c·A·A
+        if Y is None:  # (NumPy's a·X + B·X is C-ordered, whatever X's order)
+            Y = m.empty(X.shape, X.dtype)
+        mm(A, X, out=Y)
+        X *= a
+        if torch:  # (torch's a·X + B·X takes a·X's layout: X's, kept)
+            X += Y
+        else:
+            m.add(X, Y, out=Y)
+            X, Y = Y, (X if X.flags.c_contiguous else None)
+    return X
 
 
 def optax_scalars(opt: Muon, step: Any) -> tuple[Any, ...]:
