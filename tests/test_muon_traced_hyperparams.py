@@ -197,6 +197,31 @@ def test_default_fallback_follows_a_scheduled_epsilon() -> None:
     np.testing.assert_allclose(apart["w1"], want["w1"], rtol=TOL, atol=TOL)
 
 
+def test_torch_optimizer_eps_scheduled_against_inject_hyperparams() -> None:
+    """``torch_optimizer``'s ``param_groups[0]["eps"]`` set before each step (as a torch
+    scheduler would) is Muon's epsilon and its default fallback's: optax's
+    ``inject_hyperparams(muon)(eps=schedule)`` to 1e-10 in float64. The same epsilon
+    loaded alone from a state dict reaches the fallback too."""
+    from mithril.interop import torch_optimizer
+
+    kw = {"weight_decay": 0.02}
+    with jax_float64():
+        want = schedule_run(optax.inject_hyperparams(oc.muon)(0.03, eps=eps_schedule, **kw))
+    opt = Muon(0.03, convention="optax", **kw)
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in P0.items()}
+    topt = torch_optimizer(opt, list(tp.items()))
+    for i in range(STEPS):
+        topt.param_groups[0]["eps"] = float(eps_schedule(i))
+        for k, t in tp.items():
+            t.grad = torch.tensor(GRADS[i][k])
+        topt.step()
+    assert opt.fallback.epsilon == eps_schedule(STEPS - 1)
+    close({k: t.detach().numpy() for k, t in tp.items()}, want)
+    alone = Muon(convention="optax")
+    alone.load_state_dict({"optimizer": "Muon", "hyperparameters": {"epsilon": 5e-4}})
+    assert alone.fallback.epsilon == 5e-4
+
+
 def test_default_fallback_follows_epsilon_set(tmp_path) -> None:
     """Muon's epsilon set (by attribute, or through the handle a scheduler drives) is its
     default fallback's, also in a Muon rebuilt from its hyperparameters or loaded from its

@@ -357,6 +357,12 @@ class Muon(TensorwiseOptimizer):
             dict(self._dims_seen) if callable(dims) and self._dims_seen else dims)
         return out
 
+    def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
+                        ) -> OptimizerState | None:
+        state = super().load_state_dict(d, params)
+        _mo.loaded_epsilon(self)  # (an epsilon loaded alone: a following fallback's too)
+        return state
+
     def hyper_children(self) -> dict[str, Any]:
         return {} if self.fallback is None else {PREFIX[:-1] + ".": self.fallback}
 

@@ -5,6 +5,7 @@ coefficients per step) and its per-tensor step."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,17 @@ def follow_epsilon(opt: Muon, default: bool) -> None:
             raise ValueError(f"fallback: {FOLLOWS}=True, but {type(fb).__name__} has no "
                              f"epsilon to take Muon's")
         fb.__dict__["epsilon"] = opt.epsilon
+
+
+def loaded_epsilon(opt: Muon) -> None:
+    """After ``load_state_dict``: an ``epsilon`` loaded alone (torch's ``param_groups[0]
+    ["eps"]`` set on ``torch_optimizer``'s) reaches a fallback that follows it, on a copy
+    (copies of ``opt`` share its fallback)."""
+    fb = opt.fallback
+    if follows(fb) and fb.epsilon != opt.epsilon:
+        fb = copy.copy(fb)
+        fb.__dict__["epsilon"] = opt.epsilon
+        opt.__dict__["fallback"] = fb
 
 
 def check_coefficients(value: Any, optax: bool) -> tuple:
