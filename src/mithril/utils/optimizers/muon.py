@@ -29,6 +29,7 @@ from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from he
     newton_schulz,
     newton_schulz_axes,
 )
+from .muon_rows import PREFIX, _FallbackRow, _mlx_update  # noqa: F401 (read from here too)
 from .sgd import BY_CONVENTION, check_convention
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer, ops_for
@@ -37,8 +38,6 @@ from .tensorwise import NumpyOps, TensorwiseOptimizer, ops_for
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = ("bfloat16", "float32", "float64", None)
 ADJUST_LR = (None, "original", "match_rms_adamw", "none")
-#: the prefix of the fallback optimizer's slots in Muon's state
-PREFIX = "fallback_"
 #: ``exclude_embeddings``: the parameters of an ``Embedding`` / ``PositionalEmbedding``
 #: block, by the names the compiler gives them (the block's class in snake_case, ``_i`` when
 #: its parent holds several: ``embedding.weight``, ``encoder.embedding_1.weight``,
@@ -567,59 +566,6 @@ class Muon(TensorwiseOptimizer):
         mask = None if mask is None else _groups._matcher(mask, "weight_decay_mask")
         return {n for n in names if any(_groups._matches(m, n, what) for m in excl)
                 or (mask is not None and not _groups._matches(mask, n, "weight_decay_mask"))}
-
-
-class _FallbackRow:
-    """The fallback optimizer (one of its groups) updating one tensor inside Muon's step."""
-
-    #: the steps its tensor had no gradient at (``OptimizerState.missed``): its rules count
-    #: the others only, as the optimizer's own rows do
-    missed = 0
-
-    def __init__(self, fb: Optimizer, owner: Muon, group: tuple[int | None, bool] = (None, True),
-                 overrides: Mapping[str, Any] | None = None) -> None:
-        self.fb = fb
-        # (for a traced program: the fallback's group of this row, (index, decays), what
-        # it overrides, and the learning rate's factors, Muon's ratio and the group's)
-        self.group, self.overrides = group, set(overrides or ())
-        self.lr_ratio = owner.fallback_lr_ratio
-        self.follows_epsilon = _mo.follows(owner.fallback)  # (a traced "epsilon" is its too)
-        self.lr_scale = float((overrides or {}).get("lr_scale", 1.0))
-        self.learning_rate, self.weight_decay = fb.learning_rate, fb.weight_decay
-        self.decoupled_weight_decay = fb.decoupled_weight_decay
-        self.weight_decay_in_math = fb.weight_decay_in_math
-        # whole-step options: Muon's
-        self.clip_value, self.ema_decay = owner.clip_value, owner.ema_decay
-        self.clip_tensor_norm, self.clip_block_rms = owner.clip_tensor_norm, owner.clip_block_rms
-        self.ema_every, self.swa_start = owner.ema_every, owner.swa_start
-        self.ema_start = owner.ema_start
-
-    def update_slots(self) -> tuple[str, ...]:
-        return tuple(PREFIX + s for s in self.fb.slot_names())
-
-    def scalars(self, step: int) -> tuple[float, ...]:
-        return self.fb.scalars(step - self.missed)
-
-    def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
-                      scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
-        own = self.fb.slot_names()
-        out = self.fb.kernel_math()(p, g, *(slots[PREFIX + s] for s in own), *scalars)
-        return out[0], {PREFIX + s: v for s, v in zip(own, out[1:])}
-
-
-def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
-                lr: float) -> tuple[Any, dict[str, Any]]:
-    """MLX's Muon on one tensor (its coupled weight decay is already in ``g``)."""
-    buf = xp.lerp(slots["momentum_buffer"], g, 1 - self.momentum)
-    u = xp.lerp(g, buf, self.momentum) if self.nesterov else buf
-    shape = tuple(u.shape)
-    if len(shape) >= 2:  # (MLX: more axes flattened into the columns)
-        m = u.reshape(shape[0], -1) if len(shape) > 2 else u
-        a, b, c = self.ns_coefficients  # (MLX's addmm takes c as a C++ float: float32)
-        u = newton_schulz(xp, m, (a, b, float(np.float32(c))), self.ns_steps, self.epsilon,
-                          self.ns_dtype, add_eps=True).reshape(shape)
-        lr = lr * math.sqrt(max(1, shape[-2] / shape[-1]))  # of the tensor's last two axes
-    return xp.add_scaled(p, u, -lr), {"momentum_buffer": buf}
 
 
 from .muon_routing import _check_layers, _check_routing, _init  # noqa: E402

@@ -1,0 +1,74 @@
+"""The rows Muon's step gives the tensors it does not orthogonalize with torch's math: the
+fallback optimizer's (:class:`_FallbackRow`) and MLX's per-tensor update (:func:`_mlx_update`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import muon_optax as _mo
+from .base import Optimizer
+from .muon_newton_schulz import newton_schulz
+from .tensorwise import NumpyOps
+
+if TYPE_CHECKING:
+    from .muon import Muon
+
+#: the prefix of the fallback optimizer's slots in Muon's state
+PREFIX = "fallback_"
+
+
+class _FallbackRow:
+    """The fallback optimizer (one of its groups) updating one tensor inside Muon's step."""
+
+    #: the steps its tensor had no gradient at (``OptimizerState.missed``): its rules count
+    #: the others only, as the optimizer's own rows do
+    missed = 0
+
+    def __init__(self, fb: Optimizer, owner: Muon, group: tuple[int | None, bool] = (None, True),
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.fb = fb
+        # (for a traced program: the fallback's group of this row, (index, decays), what
+        # it overrides, and the learning rate's factors, Muon's ratio and the group's)
+        self.group, self.overrides = group, set(overrides or ())
+        self.lr_ratio = owner.fallback_lr_ratio
+        self.follows_epsilon = _mo.follows(owner.fallback)  # (a traced "epsilon" is its too)
+        self.lr_scale = float((overrides or {}).get("lr_scale", 1.0))
+        self.learning_rate, self.weight_decay = fb.learning_rate, fb.weight_decay
+        self.decoupled_weight_decay = fb.decoupled_weight_decay
+        self.weight_decay_in_math = fb.weight_decay_in_math
+        # whole-step options: Muon's
+        self.clip_value, self.ema_decay = owner.clip_value, owner.ema_decay
+        self.clip_tensor_norm, self.clip_block_rms = owner.clip_tensor_norm, owner.clip_block_rms
+        self.ema_every, self.swa_start = owner.ema_every, owner.swa_start
+        self.ema_start = owner.ema_start
+
+    def update_slots(self) -> tuple[str, ...]:
+        return tuple(PREFIX + s for s in self.fb.slot_names())
+
+    def scalars(self, step: int) -> tuple[float, ...]:
+        return self.fb.scalars(step - self.missed)
+
+    def tensor_update(self, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
+                      scalars: tuple[float, ...], name: str) -> tuple[Any, dict[str, Any]]:
+        own = self.fb.slot_names()
+        out = self.fb.kernel_math()(p, g, *(slots[PREFIX + s] for s in own), *scalars)
+        return out[0], {PREFIX + s: v for s, v in zip(own, out[1:])}
+
+
+def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
+                lr: float) -> tuple[Any, dict[str, Any]]:
+    """MLX's Muon on one tensor (its coupled weight decay is already in ``g``)."""
+    buf = xp.lerp(slots["momentum_buffer"], g, 1 - self.momentum)
+    u = xp.lerp(g, buf, self.momentum) if self.nesterov else buf
+    shape = tuple(u.shape)
+    if len(shape) >= 2:  # (MLX: more axes flattened into the columns)
+        m = u.reshape(shape[0], -1) if len(shape) > 2 else u
+        a, b, c = self.ns_coefficients  # (MLX's addmm takes c as a C++ float: float32)
+        u = newton_schulz(xp, m, (a, b, float(np.float32(c))), self.ns_steps, self.epsilon,
+                          self.ns_dtype, add_eps=True).reshape(shape)
+        lr = lr * math.sqrt(max(1, shape[-2] / shape[-1]))  # of the tensor's last two axes
+    return xp.add_scaled(p, u, -lr), {"momentum_buffer": buf}
