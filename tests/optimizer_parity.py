@@ -451,3 +451,23 @@ def check_torch_optimizer_resume(make: Callable[[], Optimizer], p0: dict, grads:
     steps(tp2, topt2, grads[at:])
     for k, v in tp2.items():
         np.testing.assert_array_equal(v.detach().numpy(), want[k], err_msg=k)
+
+
+def optax_trajectory(tx, p0: dict, grads: list[dict]) -> list[dict]:
+    """The params after each of ``grads`` under the optax transformation ``tx`` (one jitted
+    step; each gradient in its parameter's dtype), as NumPy arrays."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    @jax.jit
+    def step(p, g, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p = {k: jnp.asarray(v) for k, v in p0.items()}
+    s, out = tx.init(p), []
+    for g in grads:
+        p, s = step(p, {k: jnp.asarray(g[k], p[k].dtype) for k in p}, s)
+        out.append({k: np.array(v) for k, v in p.items()})
+    return out

@@ -30,7 +30,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 import optax.contrib as oc  # noqa: E402
-from optimizer_parity import check_torch_optimizer_resume  # noqa: E402
+from optimizer_parity import check_torch_optimizer_resume, optax_trajectory  # noqa: E402
 
 from mithril.errors import ShapeError  # noqa: E402
 from mithril.interop import optax_transformation, torch_optimizer  # noqa: E402
@@ -72,17 +72,7 @@ def galore_pair(dims=GALORE_DIMS, theirs=GALORE_DIMS):
 
 
 def reference(tx, params=None) -> list[dict]:
-    @jax.jit
-    def step(p, g, s):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    p = {k: jnp.asarray(v) for k, v in (params or P0).items()}
-    s, out = tx.init(p), []
-    for g in GRADS:
-        p, s = step(p, {k: jnp.asarray(g[k]) for k in p}, s)
-        out.append({k: np.array(v) for k, v in p.items()})
-    return out
+    return optax_trajectory(tx, params or P0, GRADS)
 
 
 def _host(params: dict) -> dict:
