@@ -26,6 +26,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 import optax.contrib as oc  # noqa: E402
+from optimizer_parity import optax_trajectory  # noqa: E402
 
 from mithril.errors import ShapeError  # noqa: E402
 from mithril.interop import optax_transformation, torch_optimizer  # noqa: E402
@@ -77,17 +78,7 @@ def expected(case: str) -> list[dict]:
 
 
 def reference(tx) -> list[dict]:
-    @jax.jit
-    def step(params, g, s):
-        u, s = tx.update(g, s, params)
-        return optax.apply_updates(params, u), s
-
-    params = {k: jnp.asarray(v) for k, v in P0.items()}
-    s, out = tx.init(params), []
-    for g in GRADS:
-        params, s = step(params, {k: jnp.asarray(v) for k, v in g.items()}, s)
-        out.append({k: np.array(v) for k, v in params.items()})
-    return out
+    return optax_trajectory(tx, P0, GRADS)
 
 
 def ours(opt: GaLore, path: str, monkeypatch) -> list[dict]:
