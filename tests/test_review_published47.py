@@ -15,15 +15,21 @@ from conftest import jax_float64
 import mithril as ml
 from mithril.models import (
     MLP,
+    Add,
     Buffer,
     Convolution2D,
     Flatten,
+    Gelu,
+    IOKey,
+    LayerNorm,
     LeakyRelu,
+    Linear,
     LinearSVM,
     MaxPool2D,
     Mean,
     Model,
     QuadHingeLoss,
+    Relu,
     SquaredError,
     TrainModel,
 )
@@ -127,3 +133,235 @@ def test_convolution_with_svm_example_matches_torch(name, svm_case):
     assert set(grads) == set(want_grads)
     for k, v in want_grads.items():
         np.testing.assert_allclose(grads[k], v, **TOL, err_msg=k)
+
+
+# --- examples/model_api/resnet_logical_models.py: basic_block, bottleneck, make_layer ------
+
+def basic_block(out_channels: int, stride: int = 1, downsample: Model | None = None) -> Model:
+    # synnada-ai/mithril examples/model_api/resnet_logical_models.py, as published
+    block = Model()
+    block += Convolution2D(kernel_size=3, out_channels=out_channels, padding=1, stride=stride)
+    model_input = block.cin
+    block += Relu()
+    block += Convolution2D(kernel_size=3, out_channels=out_channels, padding=1)
+    skip_in = block.cout
+    if downsample is not None:
+        block |= downsample.connect(input=model_input)
+        block |= Add().connect(left=downsample.cout, right=skip_in)
+    else:
+        block |= Add().connect(left=model_input, right=skip_in)
+    block += Relu()
+    return block
+
+
+def bottleneck(out_channels: int, stride: int = 1, downsample: Model | None = None) -> Model:
+    # synnada-ai/mithril examples/model_api/resnet_logical_models.py, as published
+    model = Model()
+    model += Convolution2D(kernel_size=1, out_channels=out_channels, stride=stride)
+    model += Relu()
+    model += Convolution2D(kernel_size=3, out_channels=out_channels, padding=1, stride=stride)
+    model += Relu()
+    model += Convolution2D(kernel_size=1, out_channels=out_channels, stride=stride)
+    skip_in = model.cout
+    if downsample is not None:
+        model |= downsample.connect(input=model.cin)
+        model |= Add().connect(left=downsample.cout, right=skip_in)
+    else:
+        model |= Add().connect(left=model.cin, right=skip_in)
+    model += Relu()
+    return model
+
+
+def make_layer(out_channels: int, block, n_blocks: int = 2, stride: int = 1) -> Model:
+    # synnada-ai/mithril examples/model_api/resnet_logical_models.py, as published
+    layer = Model()
+    downsample = Convolution2D(kernel_size=1, out_channels=out_channels, stride=stride)
+    layer += block(out_channels, stride, downsample)
+    for _ in range(n_blocks - 1):
+        layer += block(out_channels)
+    return layer
+
+
+def _small_resnet() -> Model:
+    # the published resnet(), with 4 / 8 channels and two layers (one of bottlenecks)
+    resnet = Model()
+    resnet += Convolution2D(kernel_size=7, out_channels=4, stride=2, padding=3)
+    resnet += make_layer(4, bottleneck, n_blocks=2, stride=1)
+    resnet += make_layer(8, basic_block, n_blocks=2, stride=2)
+    resnet += Flatten(start_dim=1)
+    resnet |= Linear(dimension=3).connect(input=resnet.cout, output=IOKey(name="output"))
+    return resnet
+
+
+def _resnet_torch(p: dict, x: np.ndarray, cot: np.ndarray) -> tuple[np.ndarray, dict]:
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in p.items()}
+
+    def conv(h, path, stride=1, padding=0):
+        return F.conv2d(h, t[f"{path}.weight"], t[f"{path}.bias"], stride=stride, padding=padding)
+
+    def basic(h, path, stride, down):
+        y = conv(F.relu(conv(h, f"{path}.convolution2_d_0", stride, 1)),
+                 f"{path}.convolution2_d_1", 1, 1)
+        skip = conv(h, f"{path}.convolution2_d_2", stride) if down else h
+        return F.relu(skip + y)
+
+    def neck(h, path, down):
+        y = F.relu(conv(h, f"{path}.convolution2_d_0"))
+        y = F.relu(conv(y, f"{path}.convolution2_d_1", 1, 1))
+        y = conv(y, f"{path}.convolution2_d_2")
+        skip = conv(h, f"{path}.convolution2_d_3") if down else h
+        return F.relu(skip + y)
+
+    h = conv(torch.tensor(x), "convolution2_d", 2, 3)
+    h = neck(neck(h, "model_0.model_0", True), "model_0.model_1", False)
+    h = basic(basic(h, "model_1.model_0", 2, True), "model_1.model_1", 1, False)
+    out = F.linear(h.flatten(1), t["linear.weight"], t["linear.bias"])
+    out.backward(torch.tensor(cot))
+    return out.detach().numpy(), {k: v.grad.numpy() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_resnet_example_blocks_match_torch(name):
+    rng = np.random.default_rng(7)
+    shapes = {"input": [2, 3, 16, 16]}
+    pm = ml.compile(_small_resnet(), ml.NumpyBackend(dtype="float64"), shapes=shapes)
+    params = {k: rng.standard_normal(v) * 0.5 for k, v in pm.parameter_shapes.items()}
+    x, cot = rng.standard_normal((2, 3, 16, 16)), rng.standard_normal((2, 3))
+    want, want_grads = _resnet_torch(params, x, cot)
+    out, grads = _run(name, _small_resnet, shapes, params, {"input": x}, cots={"output": cot})
+    np.testing.assert_allclose(out["output"], want, **TOL)
+    assert set(grads) == set(want_grads)
+    for k, v in want_grads.items():
+        np.testing.assert_allclose(grads[k], v, **TOL, err_msg=k)
+
+
+# --- examples/gpt/model.py: mlp() and create_block()'s residual halves, named as published ---
+
+def gpt_mlp(n_embd: int) -> Model:
+    # synnada-ai/mithril examples/gpt/model.py mlp(), but for Linear(..., name="c_fc" /
+    # "c_proj"): operators take no name= yet (test_operator_name_as_published)
+    block = Model(name="mlp")
+    block += Linear(n_embd * 4).connect(input="input")
+    block += Gelu()
+    block += Linear(n_embd).connect(output=IOKey("output"))
+    return block
+
+
+def create_block(name: str, dims: int, bias: bool = True, eps: float = 1e-5) -> Model:
+    # examples/gpt/model.py create_block() without its attention half (which reads
+    # model.input.shape: shape wires are not offered, see docs/mithril-compat.md)
+    block = Model(name=name)
+    block += LayerNorm(use_bias=bias, eps=eps).connect(input="input")
+    block += gpt_mlp(dims)
+    block |= Add().connect(left="input", right=block.cout, output="output")
+    return block
+
+
+def _gpt_blocks() -> Model:
+    blocks = Model(name="h")  # as create_gpt(): blocks += create_block(f"{idx}", ...)
+    for idx in range(2):
+        blocks += create_block(f"{idx}", 8)
+    gpt = Model()
+    gpt += blocks.connect(input="input")
+    gpt += LayerNorm().connect(output=IOKey("output"))
+    return gpt
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_named_models_name_their_parameters_and_match_torch(name):
+    rng = np.random.default_rng(3)
+    shapes = {"input": [2, 5, 8]}
+    pm = ml.compile(_gpt_blocks(), ml.NumpyBackend(dtype="float64"), shapes=shapes)
+    assert list(pm.parameter_shapes)[:4] == [
+        "h.0.layer_norm.weight", "h.0.layer_norm.bias", "h.0.mlp.linear_0.weight",
+        "h.0.mlp.linear_0.bias"]
+    assert "h.1.mlp.linear_1.bias" in pm.parameter_shapes
+    params = {k: rng.standard_normal(v) for k, v in pm.parameter_shapes.items()}
+    x, cot = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    y = torch.tensor(x)
+    for i in ("0", "1"):
+        p = f"h.{i}"
+        ln = F.layer_norm(y, (8,), t[f"{p}.layer_norm.weight"], t[f"{p}.layer_norm.bias"], 1e-5)
+        z = F.gelu(F.linear(ln, t[f"{p}.mlp.linear_0.weight"], t[f"{p}.mlp.linear_0.bias"]))
+        y = y + F.linear(z, t[f"{p}.mlp.linear_1.weight"], t[f"{p}.mlp.linear_1.bias"])
+    y = F.layer_norm(y, (8,), t["layer_norm.weight"], t["layer_norm.bias"], 1e-5)
+    y.backward(torch.tensor(cot))
+    out, grads = _run(name, _gpt_blocks, shapes, params, {"input": x}, cots={"output": cot})
+    np.testing.assert_allclose(out["output"], y.detach().numpy(), **TOL)
+    assert set(grads) == set(t)
+    for k, v in t.items():
+        np.testing.assert_allclose(grads[k], v.grad.numpy(), **TOL, err_msg=k)
+
+
+def test_block_names_are_checked():
+    with pytest.raises(ValueError, match="name must be a non-empty str without '.'"):
+        Model(name="a.b")
+    with pytest.raises(ValueError, match="MLP: name must be"):
+        MLP(activations=[None], dimensions=[2], name=3)
+    twice = Model()
+    twice += Model(name="x").__ior__(Linear(2))  # two siblings named "x"
+    twice += Model(name="x").__ior__(Linear(2))
+    with pytest.raises(ValueError, match="two blocks of the model are both named 'x'"):
+        ml.compile(twice, ml.NumpyBackend(), shapes={"input": [1, 2]})
+    clash = Model()  # a name that an unnamed sibling's default also takes
+    clash += Linear(2)
+    clash += MLP(activations=[None], dimensions=[2], name="linear")
+    with pytest.raises(ValueError, match="both named 'linear'"):
+        ml.compile(clash, ml.NumpyBackend(), shapes={"input": [1, 2]})
+    named = [LinearSVM(name="svm"), MLP([None], [1], name="head")]
+    assert [m.name for m in named] == ["svm", "head"] and Model().name is None
+
+
+@pytest.mark.xfail(strict=True, reason="operators take no name= (operator.py / each operator's "
+                   "__init__; see the report): Linear(16, name='c_fc') is a TypeError")
+def test_operator_name_as_published():
+    # examples/gpt/model.py: Linear(n_embd * 4, name="c_fc"), LayerNorm(..., name="ln_1")
+    block = Model(name="mlp")
+    block += Linear(32, name="c_fc").connect(input="input")
+    block += LayerNorm(name="ln_1")
+    pm = ml.compile(block, ml.NumpyBackend(), shapes={"input": [2, 8]})
+    assert list(pm.parameter_shapes) == ["c_fc.weight", "c_fc.bias", "ln_1.weight", "ln_1.bias"]
+
+
+@pytest.mark.xfail(strict=True, reason="Operator.connect takes keywords only (operator.py); "
+                   "the published connect takes its terminals positionally, in its signature's "
+                   "order: Linear (input, weight, output), Add (left, right, output)")
+def test_positional_connect_as_published():
+    # examples/gpt/model.py: LayerNorm(...).connect("input"), Add().connect("input", block.cout,
+    # "add_out"), Linear(...).connect(model.c_attn_out, output="split_out")
+    block = Model()
+    block += Linear(4).connect("input")
+    block |= Add().connect("input", block.cout, "add_out")
+    assert block.output_keys[-1] == "add_out"
+
+
+# --- the published Model's set_shapes / set_differentiability spellings, and ml.TBD -----------
+
+def test_set_shapes_takes_a_mapping_of_connections_and_changes_nothing_when_it_raises():
+    lin = Linear(3)
+    model = Model()
+    model |= lin.connect(input="input", output="output")
+    # a bad key after a good one: nothing is set (it used to set "input" first, then raise)
+    with pytest.raises(ml.KeyMismatchError, match="no connection 'nope'"):
+        model.set_shapes(input=[2, 4], nope=[3])
+    assert model.conns["input"].shape is None
+    with pytest.raises(ml.ShapeError):  # the two spellings of one key disagree
+        model.set_shapes({model.input: [2, 4]}, input=[2, 5])
+    assert model.conns["input"].shape is None
+    model.set_shapes({model.input: [2, None], lin.output: [None, 3]}, input=[None, 4])
+    pm = ml.compile(model, ml.NumpyBackend())
+    assert pm.get_shapes() == {"input": [2, 4], "output": [2, 3], "linear.weight": [3, 4],
+                               "linear.bias": [3]}
+
+
+def test_tbd_is_no_value():
+    # the published cells' IOKey("w_ih", value=w_ih, differentiable=True) with w_ih=TBD
+    model = Model()
+    model |= Linear(2).connect(input=IOKey("input", value=ml.TBD), weight=ml.TBD,
+                               bias=IOKey("b", value=ml.TBD, differentiable=True),
+                               output="output")
+    assert model.input_keys == ("input", "b") and ml.TBD is ml.ToBeDetermined()
+    pm = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"input": [1, 3]})
+    assert sorted(pm.parameter_shapes) == ["b", "linear.weight"]
+    assert repr(ml.TBD) == "TBD"

@@ -7,11 +7,13 @@ from .dtypes import bfloat16, bool, float16, float32, float64, int16, int32, int
 from .errors import DTypeError, KeyMismatchError, ShapeError
 from .models import *  # noqa: F403
 from .models import __all__ as _model_names
+from .models.connection_types import TBD, ToBeDetermined
 from .models.model import IOKey
 from .types import DataType
 
 __version__ = "0.1.0"
 __all__ = ["Backend", "CompiledModel", "DTypeError", "DataType", "IOKey", "JaxBackend",
-           "KeyMismatchError", "NumpyBackend", "ShapeError", "TorchBackend", "bfloat16",
+           "KeyMismatchError", "NumpyBackend", "ShapeError", "TBD", "ToBeDetermined",
+           "TorchBackend", "bfloat16",
            "compile", "float16", "float32", "float64", "int16", "int32", "int64", "models",
            *_model_names]  # ml.bool too, left out of * so that it does not shadow the builtin

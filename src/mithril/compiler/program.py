@@ -3,7 +3,7 @@ operator nodes over numbered wires, topologically sorted, with every shape infer
 
 Parameter names are the block path plus the parameter role, e.g. ``mlp.linear_0.weight``:
 a child is named after its class in snake_case, suffixed ``_i`` only when its parent
-holds several blocks of that class.
+holds several blocks of that class, or by its ``name=`` (``Model(name="mlp")``) when given.
 """
 
 from __future__ import annotations
@@ -103,6 +103,27 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 
 
+def _child_names(model: Model, prefix: str) -> list[str]:
+    """Each child's path segment: its ``name=`` if given (as published), else its class in
+    snake_case, suffixed ``_i`` among the unnamed siblings of that class when there are several."""
+    given = [n if isinstance(n := getattr(b, "__dict__", {}).get("name"), str) else None
+             for b, _ in model.blocks]
+    counts = Counter(type(b).__name__ for (b, _), g in zip(model.blocks, given, strict=True) if g is None)
+    seen: Counter[str] = Counter()
+    names = []
+    for (block, _), g in zip(model.blocks, given, strict=True):
+        if g is None:
+            cls = type(block).__name__
+            g = _snake(cls) + (f"_{seen[cls]}" if counts[cls] > 1 else "")
+            seen[cls] += 1
+        names.append(g)
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:  # (a name given twice, or one that an unnamed sibling's default also takes)
+        raise ValueError(f"two blocks of {prefix or 'the model'} are both named {twice[0]!r}: "
+                         "give siblings different name= (their parameters are named after them)")
+    return names
+
+
 class _Builder:
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -136,12 +157,7 @@ class _Builder:
                     self.consts[wires[id(c)]] = c.value
             else:
                 wires[id(c)] = self.conn_wire(c, where)
-        counts = Counter(type(b).__name__ for b, _ in model.blocks)
-        seen: Counter[str] = Counter()
-        for block, mapping in model.blocks:
-            cls = type(block).__name__
-            child = _snake(cls) + (f"_{seen[cls]}" if counts[cls] > 1 else "")
-            seen[cls] += 1
+        for (block, mapping), child in zip(model.blocks, _child_names(model, prefix), strict=True):
             path = f"{prefix}.{child}" if prefix else child
             for key, c in mapping.items():
                 if id(c) not in wires:  # internal wire

@@ -29,13 +29,14 @@ class MLP(Model):
     """
 
     def __init__(self, activations: Sequence[Operator | type | str | None],
-                 dimensions: Sequence[int], use_bias: bool = True, **torch_only: Any) -> None:
+                 dimensions: Sequence[int], use_bias: bool = True, *, name: str | None = None,
+                 **torch_only: Any) -> None:
         if "bias" in torch_only:  # (torch's name: ours, rather than Python's message)
             raise TypeError("MLP: no bias= argument (ours is use_bias, a bool)")
         if torch_only:
             raise TypeError(f"MLP: no {next(iter(torch_only))}= argument (MLP takes "
-                            f"activations, dimensions, use_bias)")
-        super().__init__()
+                            f"activations, dimensions, use_bias, name)")
+        super().__init__(name=name)
         if len(activations) != len(dimensions):
             raise ValueError(f"MLP: got {len(activations)} activations for {len(dimensions)} "
                              "dimensions; give one per layer (None for none)")

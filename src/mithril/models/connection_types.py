@@ -23,6 +23,24 @@ from typing import Any
 
 import numpy as np
 
+
+class ToBeDetermined:
+    """The published ``ml.TBD``: "no value yet" where a value may be given
+    (``IOKey("w", value=TBD)``, ``connect(weight=TBD)``, a block's default arguments); the
+    same as leaving it out."""
+
+    _instance: ToBeDetermined | None = None
+
+    def __new__(cls) -> ToBeDetermined:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "TBD"
+
+
+TBD = ToBeDetermined()
 KINDS = ("int", "float", "bool")
 _KIND_OF = {int: "int", float: "float", bool: "bool"}
 

@@ -41,7 +41,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import KeyMismatchError
-from .connection_types import check_fed, kinds_of, merged, type_name, value_kind
+from .connection_types import TBD, check_fed, kinds_of, merged, type_name, value_kind
 from .declarations import _as_shape, _declare
 from .expressions import ConnectionOps, Expression, wire_expression
 from .operator import Operator, Shape, fmt, unify
@@ -73,6 +73,7 @@ class IOKey(ConnectionOps):
                  type: Any = None, differentiable: bool | None = None) -> None:  # noqa: A002
         if name is not None and not isinstance(name, str):
             raise TypeError(f"IOKey name must be a str, got {builtins_type(name).__name__}")
+        value = None if value is TBD else value  # (published: TBD, no value yet)
         if expose is not None and not isinstance(expose, (bool, np.bool_)):  # (4th: type= published)
             raise TypeError(f"IOKey '{name}': expose must be a bool or None, got {expose!r}; "
                             "give a type as IOKey(..., type=...)")
@@ -168,7 +169,7 @@ class Bound:
         if unknown:
             raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
                            f"its terminals are {list(allowed)}")
-        connections = {k: _as_given(k, v) for k, v in connections.items()}
+        connections = {k: _as_given(k, v) for k, v in connections.items() if v is not TBD}
         for k, v in connections.items():
             if isinstance(v, IOKey) and v.value is not None and k in block.output_keys:
                 raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take a value")
@@ -182,9 +183,13 @@ Block = Union[Operator, "Model"]
 
 
 class Model:
-    """A composition of operators and models with named terminals."""
+    """A composition of operators and models with named terminals. ``name`` (as published)
+    names this model where it is a child: its parameters are then ``<name>.<role path>``
+    (``Model(name="mlp")`` in a parent: ``mlp.linear_0.weight``) instead of the snake_case
+    class name (``model_0``); siblings may not share a name."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        self.name = check_block_name(name, type(self).__name__)
         self.blocks: list[tuple[Block, dict[str, Connection]]] = []
         self.conns: dict[str, Connection] = {}
         self._last_output: Connection | None = None
@@ -530,14 +535,19 @@ class Model:
         return self
 
     # -- shapes ------------------------------------------------------------------
-    def set_shapes(self, **shapes: Sequence[int | None]) -> Model:
-        """Declare terminal shapes, e.g. ``set_shapes(input=[None, 784])`` (None: free dim)."""
-        for key, shape in shapes.items():
-            if key not in self.conns:
-                raise KeyMismatchError(f"set_shapes: model has no terminal '{key}'; "
-                               f"its terminals are {list(self.conns)}")
-            c = self.conns[key]
-            c.shape = unify(c.shape, _as_shape(key, shape), f"{key} (declared before)", key)
+    def set_shapes(self, config: Mapping[str | Terminal, Sequence[int | None]] | None = None, /,
+                   **shapes: Sequence[int | None]) -> Model:
+        """Declare shapes, e.g. ``set_shapes(input=[None, 784])`` (None: a free dimension), or
+        as published by name or connection: ``set_shapes({model.input: [None, 784], lin.output:
+        [None, 10]})``. Everything is checked before anything is set."""
+        new: dict[int, tuple[Connection, Any]] = {}
+        for given, shape in (*(config or {}).items(), *shapes.items()):
+            c = self._resolve(given, "set_shapes")
+            key = c.name or repr(given)
+            before = new.get(id(c), (c, c.shape))[1]
+            new[id(c)] = (c, unify(before, _as_shape(key, shape), f"{key} (declared before)", key))
+        for c, shape in new.values():
+            c.shape = shape
         return self
 
     def __repr__(self) -> str:
@@ -545,6 +555,13 @@ class Model:
 
 
 builtins_type = type  # (IOKey's ``type`` argument shadows it there)
+
+
+def check_block_name(name: Any, who: str) -> str | None:
+    """A block's ``name=``: None, or a non-empty str without '.' (the path separator)."""
+    if name is not None and (not isinstance(name, str) or not name or "." in name):
+        raise ValueError(f"{who}: name must be a non-empty str without '.', got {name!r}")
+    return name
 
 
 def cin_key(block: Block) -> str | None:

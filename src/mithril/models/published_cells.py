@@ -99,8 +99,8 @@ class PublishedRNNCell(Model):
     ``hidden_compl`` (M − N, 1, H). torch's ``nn.RNNCell`` is :class:`~mithril.models.RNNCell`
     (one bias there is two here: ``bias_ih + bias_hh = bias_h``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         h = _split_state(self)
         z = Add()
         self |= z.connect(left=_affine(self, h, "w_hh"),
@@ -125,8 +125,8 @@ class PublishedLSTMCell(Model):
     i, f, g, o stacked, weights split by input and hidden) is
     :class:`~mithril.models.LSTMCell`."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         h = _split_state(self)
         c = RowsOf("head")
         self |= c.connect(input="prev_cell", like="input")

@@ -83,8 +83,8 @@ class PolynomialRegression(Model):
     ``linear.weight`` (dimension, F) and ``linear.bias`` (the published ``weight`` and
     ``bias``)."""
 
-    def __init__(self, degree: int, dimension: int) -> None:
-        super().__init__()
+    def __init__(self, degree: int, dimension: int, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         self += PolynomialFeatures(degree)
         self += Linear(dimension)
 
@@ -95,7 +95,7 @@ class LogisticRegression(Model):
     ``LogisticRegression``; its parameters are ``linear.weight`` (1, d) and ``linear.bias``
     (the published ``weight`` and ``bias``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         self |= Linear(1).connect(input="input", output="output")
         self |= Sigmoid().connect(input="output", output="probs_output")

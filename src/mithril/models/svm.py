@@ -44,8 +44,8 @@ class LinearSVM(Model):
     ``QuadHingeLoss``) on ``output``; ``decision_output`` has no gradient (discard it with
     ``compile(discard_keys=["decision_output"])`` when training)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         self |= Linear(1).connect(input="input", weight="weight", bias="bias", output="output")
         self |= Sign().connect(input="output", output="decision_output")
         self.set_cout("output")
@@ -84,9 +84,9 @@ class KernelizedSVM(Model):
     under those names. ``kernel`` is a block with at least two inputs and one output (a
     ``KeyMismatchError`` otherwise); ``cin`` is ``input1``."""
 
-    def __init__(self, kernel: Operator | Model) -> None:
+    def __init__(self, kernel: Operator | Model, *, name: str | None = None) -> None:
         ins, out = _kernel_keys(kernel)
-        super().__init__()
+        super().__init__(name=name)
         self |= kernel.connect(**{k: k for k in ins}, **{out: "kernel"})
         self |= Linear(1).connect(input="kernel", weight="weight", bias="bias", output="output")
         self.set_cin(ins[0])
@@ -100,8 +100,8 @@ class QuadraticFormRegularizer(Model):
     weight with it: ``train_model.add_regularization(QuadraticFormRegularizer(), coef=0.1,
     input="weight", kernel="kernel")``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         transpose, wk, wkw = Transpose(), MatrixMultiply(), MatrixMultiply()
         self |= transpose.connect(input="input", output=IOKey("input_t", expose=False))
         self |= wk.connect(left="input", right="kernel", output=IOKey("wk", expose=False))
