@@ -33,6 +33,7 @@ from mithril.models import (
     SquaredError,
     TrainModel,
 )
+from mithril.models.published_cells import ManyToOne, PublishedLSTMCell, PublishedRNNCell
 
 BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -343,7 +344,7 @@ def test_set_shapes_takes_a_mapping_of_connections_and_changes_nothing_when_it_r
     model = Model()
     model |= lin.connect(input="input", output="output")
     # a bad key after a good one: nothing is set (it used to set "input" first, then raise)
-    with pytest.raises(ml.KeyMismatchError, match="no connection 'nope'"):
+    with pytest.raises(ml.KeyMismatchError, match="no terminal 'nope'"):
         model.set_shapes(input=[2, 4], nope=[3])
     assert model.conns["input"].shape is None
     with pytest.raises(ml.ShapeError):  # the two spellings of one key disagree
@@ -365,3 +366,118 @@ def test_tbd_is_no_value():
     pm = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"input": [1, 3]})
     assert sorted(pm.parameter_shapes) == ["b", "linear.weight"]
     assert repr(ml.TBD) == "TBD"
+
+
+# --- examples/model_api/many_to_one_any_backend_training.py: ManyToOne of the published cell --
+
+_RNN_SHAPES = {"w_ih": [5, 3], "w_hh": [5, 5], "w_ho": [2, 5], "bias_h": [5], "bias_o": [2]}
+_LSTM_SHAPES = {**{f"w_{g}": [5, 8] for g in "fico"}, "w_out": [2, 5],
+                **{f"bias_{g}": [5] for g in "fico"}, "bias_out": [2]}
+
+
+def _cell_torch(kind: str, t: dict, x, state: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One step of the published cell: the next state, its output and ``hidden_compl``."""
+    n = x.shape[0]
+    h, compl = state["hidden"][:n], state["hidden"][n:]
+    if kind == "rnn":
+        hid = torch.tanh(x @ t["w_ih"].T + h @ t["w_hh"].T + t["bias_h"])
+        return {"hidden": hid}, hid @ t["w_ho"].T + t["bias_o"], compl
+    xh = torch.cat([x, h], dim=-1)
+    f, i, o = (torch.sigmoid(xh @ t[f"w_{g}"].T + t[f"bias_{g}"]) for g in "fio")
+    cell = f * state["cell"][:n] + i * torch.tanh(xh @ t["w_c"].T + t["bias_c"])
+    hid = o * torch.tanh(cell)
+    return {"hidden": hid, "cell": cell}, hid @ t["w_out"].T + t["bias_out"], compl
+
+
+def _many_to_one_torch(kind, params, data, steps):
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    state = {k: torch.tensor(data[f"initial_{k}"]) for k in ("hidden", "cell")
+             if f"initial_{k}" in data}
+    outs, tails = {}, []
+    for s in range(steps):
+        state, outs[f"output{s}"], compl = _cell_torch(kind, t, torch.tensor(data[f"input{s}"]), state)
+        if s == steps - 1:
+            tails.append(state["hidden"])
+        if s > 0:
+            tails.append(compl)
+    outs["hidden_concat"] = torch.cat(tails)
+    return t, outs
+
+
+def _many_to_one_train_model(cell, max_seq_length: int) -> TrainModel:
+    # synnada-ai/mithril examples/model_api/many_to_one_any_backend_training.py, as published
+    # but for the cell's name: ManyToOne(RNNCell(), ...) there, PublishedRNNCell() here
+    many_to_one_model = ManyToOne(cell, max_seq_length)
+    train_model = TrainModel(many_to_one_model)
+    train_model.add_loss(SquaredError(), input=f"output{max_seq_length - 1}", target="target",
+                         reduce_steps=[Mean()])
+    return train_model
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_many_to_one_example_matches_torch(name):
+    rng = np.random.default_rng(11)
+    steps = 4
+    consts = {"initial_hidden": rng.standard_normal((6, 1, 5)), "target": rng.standard_normal((6, 1, 2)),
+              **{f"input{i}": rng.standard_normal((6, 1, 3)) for i in range(steps)}}
+    params = {k: rng.standard_normal(v) * 0.5 for k, v in _RNN_SHAPES.items()}
+    t, outs = _many_to_one_torch("rnn", params, consts, steps)
+    cost = ((outs[f"output{steps - 1}"] - torch.tensor(consts["target"])) ** 2).mean()
+    cost.backward()
+
+    def go():
+        backend = BACKENDS[name](dtype="float64")
+        constant_keys = {k: backend.array(v) for k, v in consts.items()}
+        pm = ml.compile(model=_many_to_one_train_model(PublishedRNNCell(), steps),
+                        constant_keys=constant_keys, backend=backend, shapes=_RNN_SHAPES)
+        assert sorted(pm.randomize_params()) == sorted(_RNN_SHAPES)  # the cell's weights
+        p = {k: backend.array(v) for k, v in params.items()}
+        with pytest.raises(ml.KeyMismatchError, match=r"are constants .* leave them out"):
+            pm.evaluate(p, constant_keys, output_gradients=True)  # as the published loop does
+        outputs, gradients = pm.evaluate(p, output_gradients=True)
+        return backend.to_numpy(outputs["final_cost"]), {k: backend.to_numpy(v)
+                                                         for k, v in gradients.items()}
+    if name == "jax":
+        with jax_float64():
+            got, grads = go()
+    else:
+        got, grads = go()
+    np.testing.assert_allclose(got, cost.item(), **TOL)
+    assert set(grads) == set(t)
+    for k, v in t.items():
+        np.testing.assert_allclose(grads[k], v.grad.numpy(), **TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_many_to_one_of_shrinking_batches_matches_torch(name, kind):
+    """Sequences of lengths 3, 2, 2, 1 sorted longest first: step t takes the rows still
+    running; ``hidden_concat`` holds the states left behind, in the published order."""
+    rng = np.random.default_rng(5)
+    rows = [4, 3, 1]
+    data = {"initial_hidden": rng.standard_normal((4, 1, 5)),
+            **{f"input{i}": rng.standard_normal((n, 1, 3)) for i, n in enumerate(rows)}}
+    if kind == "lstm":
+        data["initial_cell"] = rng.standard_normal((4, 1, 5))
+    shapes = _RNN_SHAPES if kind == "rnn" else _LSTM_SHAPES
+    params = {k: rng.standard_normal(v) * 0.5 for k, v in shapes.items()}
+    t, want = _many_to_one_torch(kind, params, data, len(rows))
+    cots = {k: rng.standard_normal(tuple(v.shape)) for k, v in want.items()}
+    sum(torch.sum(v * torch.tensor(cots[k])) for k, v in want.items()).backward()
+    cell = PublishedRNNCell if kind == "rnn" else PublishedLSTMCell
+    out, grads = _run(name, lambda: ManyToOne(cell(), len(rows)),
+                      {**shapes, **{k: list(v.shape) for k, v in data.items()}}, params, data,
+                      cots=cots)
+    assert out["hidden_concat"].shape == (4, 1, 5)
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.detach().numpy(), **TOL, err_msg=k)
+    assert set(grads) == set(t)
+    for k, v in t.items():
+        np.testing.assert_allclose(grads[k], v.grad.numpy(), **TOL, err_msg=k)
+
+
+def test_many_to_one_refuses_a_torch_cell_and_a_short_sequence():
+    with pytest.raises(TypeError, match="cell_type must be a PublishedRNNCell"):
+        ManyToOne(ml.RNNCell(3, 5), 3)
+    with pytest.raises(ValueError, match="max_sequence_length must be an int >= 2"):
+        ManyToOne(PublishedRNNCell(), 1)

@@ -311,6 +311,10 @@ class CompiledModel(OutputGradientsMixin):
         if gone:  # (else "unknown key": say why it is unknown)
             raise KeyMismatchError(f"evaluate: {gone} only fed blocks that compile(discard_keys=...) "
                                    "dropped; leave them out")
+        folded = sorted(k for k in inputs if k in p.constants and k not in self._program_inputs)
+        if folded:  # (the published Mithril ignores them: a ported loop passes them again)
+            raise KeyMismatchError(f"evaluate: {folded} are constants (compile(constant_keys=...) "
+                                   "or IOKey(value=...)) folded in at compile time; leave them out")
         _check_keys(params, p.param_shapes, "params")
         _check_keys(inputs, self._program_inputs, "inputs", allow_missing=partial)
         if partial and len(inputs) < len(self._program_inputs):

@@ -542,6 +542,9 @@ class Model:
         [None, 10]})``. Everything is checked before anything is set."""
         new: dict[int, tuple[Connection, Any]] = {}
         for given, shape in (*(config or {}).items(), *shapes.items()):
+            if isinstance(given, str) and given not in self.conns:
+                raise KeyMismatchError(f"set_shapes: model has no terminal '{given}'; "
+                                       f"its terminals are {list(self.conns)}")
             c = self._resolve(given, "set_shapes")
             key = c.name or repr(given)
             before = new.get(id(c), (c, c.shape))[1]

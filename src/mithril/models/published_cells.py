@@ -5,9 +5,10 @@ layout, :mod:`mithril.models.recurrent`).
 The published cells take time-major single steps with a middle axis of 1: ``input`` (N, 1,
 I) and ``prev_hidden`` (M, 1, H) with M >= N (the published RNN shrinks its batch as shorter
 sequences end): the first N rows are the previous state, the rest are passed on unchanged as
-``hidden_compl``. Their weights are inputs (given by the published names, differentiable
-when compiled as trainable keys), and each also has an output layer. Both are composites of
-primitives, wired as the published definitions."""
+``hidden_compl``. Their weights are inputs under the published names, declared
+differentiable as published (trainable unless compiled as data or constant keys), and each
+also has an output layer. Both are composites of primitives, wired as the published
+definitions. ``ManyToOne`` unrolls one over a sequence, as the published one."""
 
 from __future__ import annotations
 
@@ -107,6 +108,12 @@ class PublishedRNNCell(Model):
                           right=_affine(self, "input", "w_ih", "bias_h"))
         self |= Tanh().connect(input=z.output, output=IOKey("hidden"))
         _affine(self, "hidden", "w_ho", "bias_o", output=IOKey("output"))
+        self.set_differentiability(dict.fromkeys(self.shared_keys, True))
+
+    #: as published: the weights a recurrent model shares between its steps (differentiable:
+    #: trainable unless compiled as data or constant keys), and the state passed on
+    shared_keys = ("w_ih", "w_hh", "w_ho", "bias_h", "bias_o")
+    state_keys = ("hidden",)
 
 
 class PublishedLSTMCell(Model):
@@ -145,3 +152,53 @@ class PublishedLSTMCell(Model):
         self |= squash.connect(input="cell")
         self |= hidden.connect(left=gates["o"], right=squash.output, output=IOKey("hidden"))
         _affine(self, "hidden", "w_out", "bias_out", output=IOKey("output"))
+        self.set_differentiability(dict.fromkeys(self.shared_keys, True))
+
+    shared_keys = ("w_f", "w_i", "w_c", "w_o", "w_out", "bias_f", "bias_i", "bias_c", "bias_o",
+                   "bias_out")
+    state_keys = ("hidden", "cell")
+
+
+class ManyToOne(Model):
+    """The published Mithril's ``ManyToOne(cell_type, max_sequence_length)``: one copy of the
+    cell (:class:`PublishedRNNCell` or :class:`PublishedLSTMCell`, the published ``RNNCell`` /
+    ``LSTMCell``) per time step, sharing its weights (inputs named as the cell's: ``w_ih``,
+    ...). Step t reads ``input{t}`` (N_t, 1, I) and the previous step's state (step 0:
+    ``initial_hidden``, and ``initial_cell`` for an LSTM); outputs ``output{t}`` and
+    ``hidden_concat``: on axis 0, the ``hidden_compl`` rows of steps 1 .. T−2 (the state of
+    the sequences that ended before them), the last step's ``hidden`` and its
+    ``hidden_compl``, in the published order (step 0's ``hidden_compl`` is not in it). Inputs sorted by length,
+    longest first, so N_0 >= N_1 >= ...; the cell's weights need their shapes at compile
+    time (``shapes=``), as every trainable input here."""
+
+    def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell, max_sequence_length: int,
+                 *, name: str | None = None) -> None:
+        if not isinstance(cell_type, (PublishedRNNCell, PublishedLSTMCell)):
+            raise TypeError("ManyToOne: cell_type must be a PublishedRNNCell() or "
+                            "PublishedLSTMCell() (the published RNNCell / LSTMCell layout; "
+                            f"mithril.models.RNNCell is torch's), got {type(cell_type).__name__}")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or max_sequence_length < 2:
+            raise ValueError("ManyToOne: max_sequence_length must be an int >= 2, got "
+                             f"{max_sequence_length!r}")
+        super().__init__(name=name)
+        make, states = type(cell_type), cell_type.state_keys
+        prev: Model | None = None
+        tails = []
+        for t in range(max_sequence_length):
+            cell = make()
+            state = {f"prev_{k}": f"initial_{k}" if prev is None else getattr(prev, k)
+                     for k in states}
+            self |= cell.connect(input=f"input{t}", output=f"output{t}", **state,
+                                 **{k: k for k in cell.shared_keys},
+                                 **{k: IOKey() for k in (*states, "hidden_compl")})
+            if t == max_sequence_length - 1:
+                tails.append(cell.hidden)
+            if t > 0:
+                tails.append(cell.hidden_compl)
+            prev = cell
+        concat = Concat(len(tails), axis=0)
+        self |= concat.connect(**{f"input{i + 1}": c for i, c in enumerate(tails)},
+                               output="hidden_concat")
+        self.set_cin("input0")
+        self.set_cout("hidden_concat")
