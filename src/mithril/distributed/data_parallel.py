@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from ..utils.optimizers.groups import resolve
 from ..utils.optimizers.loss_aware import wrapped_loss
 from ..utils.optimizers.outer_wrapper import OuterWrapper
 from . import process_group as pg
+from .agreement import check_settings_votes, same_everywhere, settings, settings_votes
 from .arrays import (  # noqa: F401 - the sharded step and checkpoint import them here
     _divide,
     _dtype_name,
@@ -153,48 +153,21 @@ def broadcast_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
         except (TypeError, ValueError) as e:
             error = e
         pg.agree("broadcast_params", error)  # all checked before any is overwritten
-        _same_everywhere("broadcast_params", {
+        same_everywhere("broadcast_params", {
             "params": [[n, list(p.shape), _dtype_name(p)] for n, p in params.items()]})
         for name, t in zip(params, tensors):
             pg._run(f"broadcast of params['{name}']", pg._dist().broadcast, t, 0)
     return params
 
 
-def _same_everywhere(what: str, desc: dict[str, Any]) -> None:
-    """Refuse, on every rank alike, a description that differs between ranks: a ValueError
-    naming the first differing key, or the first differing ``[name, shape, dtype]`` of
-    ``desc["params"]``, and the rank (a digest first: the whole only where they differ)."""
-    text = json.dumps(desc)
-    label = f"{what} (all-gather)"
-    if len(set(pg.all_gather_bytes(pg.digest(text.encode()), label))) == 1:
-        return
-    every = [json.loads(d) for d in pg.all_gather_bytes(text.encode(), label)]
-    ref = every[0]
-    for r, d in enumerate(every[1:], 1):
-        if d == ref:
-            continue
-        for key in ref:
-            if key != "params" and d.get(key) != ref[key]:
-                raise ValueError(f"{what}: rank {r} has {key}={d.get(key)!r}, rank 0 "
-                                 f"{ref[key]!r}")
-        a, b = ref["params"], d["params"]
-        for i in range(max(len(a), len(b))):
-            x = a[i] if i < len(a) else None
-            y = b[i] if i < len(b) else None
-            if x != y:
-                name = (x or y)[0]
-                raise ValueError(f"{what}: the ranks' parameters differ, first at "
-                                 f"parameter {i} '{name}': rank 0 has {x}, rank {r} has {y} "
-                                 f"([name, shape, dtype]; every rank must hold the same "
-                                 f"parameters, in the same order)")
-
-
 def _agree(params: Mapping[str, Any], opt: Any, sharded: bool) -> None:
     """Refuse, on every rank alike, parameter sets that differ between ranks (naming the
-    first differing parameter) and parameter values that differ."""
-    _same_everywhere("DataParallel", {
+    first differing parameter), optimizer settings that differ (naming the first,
+    :mod:`.agreement`) and parameter values that differ."""
+    same_everywhere("DataParallel", {
         "optimizer": type(opt).__name__, "shard_state": sharded,
-        "params": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]})
+        "params": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()],
+        **settings(opt)})
     values = b"".join(pg.digest(np.ascontiguousarray(_host(p)).tobytes())
                       for p in params.values())
     if len(set(pg.all_gather_bytes(pg.digest(values)))) > 1:
@@ -472,7 +445,8 @@ class DataParallel(FixedParts):
         # buffer in place, and that buffer may be the caller's gradient_views (micro-batches
         # accumulated there, which a refused call must leave as they were). So the refusals
         # and the presence flags go first, in one all-reduce of len(names) + 1 float64s
-        # (and this rank's loss: their mean is the step's)
+        # (and this rank's loss: their mean is the step's; and the settings' digests: a
+        # setting differing between ranks would make the replicas drift apart silently)
         refused: Exception | None = None
         mine = None
         try:
@@ -482,12 +456,15 @@ class DataParallel(FixedParts):
             refused = e
         present = [0.0] * len(names) if refused is not None else [
             float(gradients.get(n) is not None) for n in names]
-        votes = _small([float(refused is not None), *present, mine or 0.0], buf)
+        hyper = settings_votes(self.optimizer)
+        votes = _small([float(refused is not None), *present, mine or 0.0, *hyper], buf)
         pg.all_reduce(votes)
         flags = _host(votes)
         if flags[0] > 0:
             pg.agree("DataParallel.update", refused)
-        mean_loss = None if mine is None else float(flags[-1]) / state.world
+        check_settings_votes("DataParallel.update", self.optimizer, flags[-len(hyper):],
+                             state.world)
+        mean_loss = None if mine is None else float(flags[1 + len(names)]) / state.world
         self._pack(gradients, state)
         if len(buf) and _dtype_name(buf) == "float16":  # divided first, as DDP: the sum
             _divide(buf, state.world)                   # over ranks overflows where the

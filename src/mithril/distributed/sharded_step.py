@@ -26,6 +26,7 @@ from typing import Any
 
 from ..utils.optimizers.engines.common import norm_scale
 from . import process_group as pg
+from .agreement import check_settings_votes, settings_votes
 from .data_parallel import (
     DistributedState,
     _divide,
@@ -63,14 +64,20 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         dp._pack(gradients, state, ch.flag)
     recv, data = state._recv, ch.data[me]
     half = world > 1 and _dtype_name(recv) == "float16"
+    # the settings' digests travel with the first refusal votes: a setting differing
+    # between ranks (the non-finite policy) would make them run different collectives
+    hyper = settings_votes(opt) if world > 1 else []
+    n_hyper = len(hyper)
     if half:
         # the send buffer is divided in place below, and it may hold the caller's gradient
         # views (accumulated micro-batches): a refusal must be known to all before that,
         # or a refused step leaves them divided by N and the retry applies mean/N
-        vote = _small([float(refused is not None)], recv)
+        vote = _small([float(refused is not None), *hyper], recv)
         pg.all_reduce(vote)
         if float(_host(vote)[0]) > 0:
             pg.agree("DataParallel.update", refused)
+        check_settings_votes("DataParallel.update", opt, _host(vote)[1:], world)
+        hyper = []
         # divided first, as DDP: the sum over ranks overflows where the mean does not
         _divide(state._send, world)
     if world > 1:
@@ -79,14 +86,17 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     if world > 1 and not half:
         _divide(mine, world)
     local_sq = _sumsq(mine) if refused is None else 0.0
-    total = _small([local_sq, float(refused is not None), my_loss or 0.0], mine)
+    total = _small([local_sq, float(refused is not None), my_loss or 0.0, *hyper], mine)
     pg.all_reduce(total)
     if float(_host(total)[1]) > 0:
         pg.agree("DataParallel.update", refused)
+    if hyper:
+        check_settings_votes("DataParallel.update", opt, _host(total)[3:], world)
     step_loss = {} if my_loss is None else {"loss": float(_host(total)[2]) / world}
     norm = math.sqrt(float(_host(total)[0]))
     state.last_grad_norm = norm
-    sent = ({"reduce_scatter": _nbytes(state._send), "all_reduce": 24 + 8 * half}
+    sent = ({"reduce_scatter": _nbytes(state._send),
+             "all_reduce": 8 * (3 + n_hyper + half)}
             if world > 1 else {})
     local = state.local
     name = type(opt).__name__
