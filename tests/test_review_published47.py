@@ -37,6 +37,8 @@ from mithril.models.published_cells import ManyToOne, PublishedLSTMCell, Publish
 
 BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
 TOL = dict(rtol=1e-10, atol=1e-12)
+#: the convolution networks on JAX: ~8 s of XLA compiling each, under ``-m slow``
+SLOW_JAX = ["numpy", "torch", pytest.param("jax", marks=pytest.mark.slow)]
 
 
 def _run(name: str, build, shapes: dict, params: dict, data: dict, cots=True, **compile_kw):
@@ -124,7 +126,7 @@ def svm_case():
     return shapes, params, data, _svm_torch(params, data)
 
 
-@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("name", SLOW_JAX)
 def test_convolution_with_svm_example_matches_torch(name, svm_case):
     shapes, params, data, (want_out, want_grads) = svm_case
     out, grads = _run(name, _svm_train_model, shapes, params, data,
@@ -221,7 +223,7 @@ def _resnet_torch(p: dict, x: np.ndarray, cot: np.ndarray) -> tuple[np.ndarray, 
     return out.detach().numpy(), {k: v.grad.numpy() for k, v in t.items()}
 
 
-@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("name", SLOW_JAX)
 def test_resnet_example_blocks_match_torch(name):
     rng = np.random.default_rng(7)
     shapes = {"input": [2, 3, 16, 16]}
