@@ -16,9 +16,30 @@ class HyperparameterAccessMixin:
     """Attribute setting and learning-rate access for
     :class:`~mithril.utils.optimizers.Optimizer` (its groups: :class:`.groups.GroupsMixin`)."""
 
+    def _followed(self, name: str) -> str | None:
+        """Why ``name`` is not this optimizer's to set (None where it is): a Muon's fallback
+        takes its learning rate (``_lr_follows``) and, following optax's one ``eps``, its
+        ``epsilon`` (``_follows_epsilon``) from its Muon, which sets them."""
+        d = self.__dict__
+        why = d.get("_lr_follows") if name == "learning_rate" else d.get(f"_follows_{name}")
+        return None if why is None else str(why)
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "learning_rate" and "_lr_follows" in self.__dict__:
-            raise ValueError(self._lr_follows)  # (a Muon's fallback: Muon sets it)
+        if (why := self._followed(name)) is not None:
+            raise ValueError(why)  # (a Muon's fallback: Muon sets it)
+        self._set_counted(name, value)
+
+    def _checked_hyperparameter(self, name: str, value: Any, group: int | None,
+                                rule: bool = True) -> Any:
+        """As :class:`.groups.GroupsMixin`'s; a name another optimizer sets (:meth:`_followed`)
+        refused first, as a handle (a scheduler) would set it."""
+        if group is None and (why := self._followed(name)) is not None:
+            raise ValueError(why)
+        return super()._checked_hyperparameter(name, value, group, rule)  # type: ignore[misc]
+
+    def _set_counted(self, name: str, value: Any) -> None:
+        """:meth:`__setattr__` without the :meth:`_followed` refusal: how the optimizer that
+        sets such a value sets it (a change counted, as any)."""
         d = self.__dict__
         if "_made" in d and name[0] != "_":
             if name not in d:

@@ -29,7 +29,12 @@ from .muon_newton_schulz import (  # noqa: F401  (_TORCH, _buffers: read from he
     newton_schulz,
     newton_schulz_axes,
 )
-from .muon_rows import PREFIX, _FallbackRow, _mlx_update  # noqa: F401 (read from here too)
+from .muon_rows import (  # noqa: F401 (read from here too)
+    PREFIX,
+    _FallbackRow,
+    _mlx_update,
+    optax_group_rows,
+)
 from .sgd import BY_CONVENTION, check_convention
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer, ops_for
@@ -111,6 +116,14 @@ def _build(spec: Any) -> Optimizer | None:
     if follows:
         out.__dict__[_mo.MARK] = True
     return out
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Whether a group's Muon-wide value ``a`` is Muon's ``b`` (a fallback: of the same
+    class and hyperparameters)."""
+    if isinstance(a, Optimizer) and isinstance(b, Optimizer):
+        return type(a) is type(b) and a.hyperparameters() == b.hyperparameters()
+    return not _groups.differs(a, b)
 
 
 #: keras.optimizers.Muon's names that are not ours
@@ -331,15 +344,19 @@ class Muon(TensorwiseOptimizer):
             fb = self.fallback
             fb.__dict__["learning_rate"] = self.learning_rate * self.fallback_lr_ratio
         if name == "epsilon" and _mo.follows(self.__dict__.get("fallback")):
-            self.fallback.epsilon = self.epsilon  # (optax's one eps: counted as its change)
+            # (optax's one eps: counted as its change; refused if set there alone)
+            self.fallback._set_counted("epsilon", self.epsilon)
 
     def _finish_groups(self) -> None:
         super()._finish_groups()
         for i, g in enumerate(self._groups):
-            bad = sorted({"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
-                          "exclude_embeddings", "convention", "weight_dimension_numbers",
-                          "preconditioning", "adaptive"}
-                         & set(g))
+            wide = set(g) & {"fallback", "fallback_lr_ratio", "ns_dtype", "exclude_layers",
+                             "exclude_embeddings", "convention", "weight_dimension_numbers",
+                             "preconditioning", "adaptive"}
+            for k in wide:  # (torch_optimizer's groups repeat every value: no change)
+                if _same_setting(g[k], getattr(self, k)):
+                    g._drop(k)
+            bad = sorted(set(g) & wide)
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} configure Muon as a whole, not a "
                                  f"group (the fallback takes param_groups of its own)")
@@ -546,6 +563,8 @@ class Muon(TensorwiseOptimizer):
                  zip(_groups.views(base, cached[2]), cached[3], cached[2])]
         where = dict(zip(others, cached[1]))
         out = [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
+        if self.convention == "optax":  # (a Muon group's lr and eps: optax.partition's)
+            out = optax_group_rows(self, rows, out, where, lay.names)
         missed = getattr(state, "missed", None)
         if missed is not None:  # (a tensor that missed steps counts its own: .groups)
             for i in np.flatnonzero(missed):

@@ -62,6 +62,11 @@ def follow_epsilon(opt: Muon, default: bool) -> None:
             raise ValueError(f"fallback: {FOLLOWS}=True, but {type(fb).__name__} has no "
                              f"epsilon to take Muon's")
         fb.__dict__["epsilon"] = opt.epsilon
+        # (why setting it there is refused: .hyperparameter_access's _followed)
+        fb.__dict__[MARK] = (
+            f"fallback.epsilon: this {type(fb).__name__} is a Muon(convention='optax')'s "
+            f"default fallback, whose epsilon is Muon's (optax's one eps): set Muon's "
+            f"epsilon (it moves both), or give Muon a fallback of your own")
 
 
 def loaded_epsilon(opt: Muon) -> None:

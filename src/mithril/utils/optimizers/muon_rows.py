@@ -3,8 +3,9 @@ fallback optimizer's (:class:`_FallbackRow`) and MLX's per-tensor update (:func:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,6 +58,39 @@ class _FallbackRow:
         own = self.fb.slot_names()
         out = self.fb.kernel_math()(p, g, *(slots[PREFIX + s] for s in own), *scalars)
         return out[0], {PREFIX + s: v for s, v in zip(own, out[1:])}
+
+
+def optax_group_rows(owner: Muon, rows: list[Any], out: list[Any],
+                     where: Mapping[str, int], names: Sequence[str]) -> list[Any]:
+    """``convention="optax"``: what optax's Muon shares with its adamw branch reaches the
+    fallback's tensors of a Muon group too, as ``optax.partition`` over one
+    ``optax.contrib.muon`` per group does: the group's learning rate (optax's
+    ``adam_learning_rate`` defaults to Muon's; ours is it times ``fallback_lr_ratio``) and,
+    for a fallback that follows Muon's ``epsilon``, the group's (optax's one ``eps``).
+    ``rows``: Muon's own row of each tensor (its group's view), ``out``: the fallback's
+    (at ``where[name]``), replaced where the group differs."""
+    follows = _mo.follows(owner.fallback)
+    lr, made = owner.learning_rate, {}
+    for i, n in enumerate(names):
+        r, fr = rows[i], out[i]
+        if n not in where or r is owner:
+            continue
+        scale = r.learning_rate / lr if lr else 1.0  # (a group pinned at Muon's 0: no ratio)
+        eps = r.epsilon if follows else fr.fb.epsilon
+        if scale == 1.0 and eps == fr.fb.epsilon:
+            continue
+        key = (id(fr), scale, eps)
+        if key not in made:
+            fb = copy.copy(fr.fb)
+            pinned = r.learning_rate * owner.fallback_lr_ratio * fr.lr_scale
+            fb.assign({"learning_rate": fr.fb.learning_rate * scale if lr else pinned,
+                       **({"epsilon": eps} if follows else {})})
+            row = made[key] = copy.copy(fr)
+            row.fb, row.lr_scale = fb, fr.lr_scale * scale
+            # (its eps is the group's: a traced optimizer-wide "epsilon" is not its)
+            row.follows_epsilon = fr.follows_epsilon and eps == owner.epsilon
+        out[i] = made[key]
+    return out
 
 
 def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
