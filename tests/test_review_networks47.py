@@ -234,9 +234,9 @@ def on(backend, batch: dict) -> dict:
 def setup(name: str, backend_name: str, dtype: str = "float64"):
     """The compiled model, its params copied from a seeded torch module, and that module."""
     backend = BACKENDS[backend_name](dtype=dtype, seed=0)
+    torch.manual_seed(0)
     model, net, names, states, make_batch, shapes = network(name)
     compiled = ml.compile(model, backend, shapes=shapes)
-    torch.manual_seed(0)
     net = net.to(getattr(torch, dtype))
     theirs = dict(net.named_parameters())
     assert set(names) == set(compiled.get_parameters()) and set(names.values()) == set(theirs)
@@ -389,3 +389,99 @@ def test_adamw_warmup_cosine_clip_trains_as_torch_on_jax():
         for name in NETWORKS:
             assert_within(train_side_by_side(name, "jax", "separate"), 1e-9, f"{name} separate")
             assert_within(train_side_by_side(name, "jax", "step"), 1e-9, f"{name} step")
+
+
+# -- bad input: an error naming the key, nothing changed ---------------------------------------------
+def bad_batches(name: str, good: dict) -> list[tuple[str, dict, type, str]]:
+    """(label, batch, error class, a piece of its message) for each mistake of a user's loop."""
+    x = "tokens" if name == "lm" else "input"
+    wrong = {"cnn": np.zeros((4, 3, 9, 10)), "lm": np.zeros((4, L + 1), np.int64),
+             "lstm": np.zeros((4, T + 1, IN)), "gru": np.zeros((4, T, IN + 1))}[name]
+    as_float = {x: good[x].astype(np.float64)} if name == "lm" else {x: good[x].astype(np.int64)}
+    return [
+        ("wrong input shape", {**good, x: wrong}, ml.ShapeError, f"'{x}'"),
+        ("wrong input dtype", {**good, **as_float}, ml.DTypeError, f"'{x}'"),
+        ("missing data key", {k: v for k, v in good.items() if k != x}, ml.KeyMismatchError,
+         f"'{x}'"),
+        ("label shape", {**good, "target": good["target"][..., None]}, ml.ShapeError, "'target'"),
+        ("label batch", {**good, "target": good["target"][:-1]}, ml.ShapeError, "'target'"),
+        ("float labels", {**good, "target": good["target"].astype(np.float64)}, ml.DTypeError,
+         "'target'"),
+    ]
+
+
+def refused_run(name: str, backend_name: str, via: str, with_bad: bool) -> dict[str, np.ndarray]:
+    """Two good AdamW steps, with every bad batch of :func:`bad_batches` offered between them
+    (each must raise and change nothing); the params and model state at the end."""
+    backend, compiled, params, net, names, states, make_batch = setup(name, backend_name)
+    optimizer = AdamW(learning_rate=LR, weight_decay=WD, clip_norm=CLIP)
+    step = make_train_step(compiled, optimizer, loss="loss") if via == "step" else None
+    opt_state = step.init(params) if step else optimizer.init(params)
+    kw = {"state": compiled.initial_state_dict} if states else {}
+    rng = np.random.default_rng(3)
+
+    def run(batch):
+        if step is not None:
+            new, o, _, *rest = step(params, opt_state, on(backend, batch), **kw)
+        else:
+            _, grads, *rest = compiled.evaluate(params, on(backend, batch),
+                                                output_gradients={"loss": 1.0}, **kw)
+            new, o = optimizer.update(params, grads, opt_state)
+        return new, o, ({"state": rest[0]} if rest else {})
+
+    def snapshot() -> dict[str, np.ndarray]:
+        return {k: npy(backend, v).copy() for k, v in {**params, **kw.get("state", {})}.items()}
+
+    batches = [make_batch(rng, 4) for _ in range(2)]
+    params, opt_state, kw = run(batches[0])
+    if with_bad:
+        before = snapshot()
+        for label, batch, error, key in bad_batches(name, batches[1]):
+            with pytest.raises(error, match=key):
+                run(batch)
+            after = snapshot()
+            assert all(np.array_equal(after[k], before[k]) for k in before), label
+    params, opt_state, kw = run(batches[1])
+    return snapshot()
+
+
+@pytest.mark.parametrize("via", ["step", "separate"])
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_bad_input_is_named_and_changes_nothing(name, backend_name, via):
+    """Each refused batch names its key; the params, the optimizer's state and BatchNorm's
+    statistics stay as they were: the next good step gives an uninterrupted run's numbers."""
+    clean = refused_run(name, backend_name, via, with_bad=False)
+    interrupted = refused_run(name, backend_name, via, with_bad=True)
+    assert all(np.array_equal(interrupted[k], clean[k]) for k in clean)
+
+
+def test_bad_input_is_named_and_changes_nothing_on_jax():
+    with jax_float64():
+        for name in NETWORKS:
+            for via in ("step", "separate"):
+                clean = refused_run(name, "jax", via, with_bad=False)
+                interrupted = refused_run(name, "jax", via, with_bad=True)
+                assert all(np.array_equal(interrupted[k], clean[k]) for k in clean)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_batch_first_sequence_input_is_checked_and_cast_as_the_time_major_one(kind):
+    """``batch_first=True`` put a Transpose (any dtype) first, so the sequence escaped the
+    input checks: on torch an int64 or float32 tensor reached torch's matmul
+    (``RuntimeError: expected m1 and m2 to have the same dtype``, no key named) and NumPy / JAX
+    took integer sequences. Now, as with ``batch_first=False``: float32 data is cast to the
+    model's float64 and integers are a ``DTypeError`` naming 'input'."""
+    backend = ml.TorchBackend(dtype="float64")
+    block = getattr(ml, kind)(4, batch_first=True)
+    compiled = ml.compile(block, backend, shapes={"input": [2, 5, 3]})
+    params = compiled.get_parameters()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    want = compiled.evaluate(params, {"input": x.float().double()})["output"]
+    got = compiled.evaluate(params, {"input": x.float()})["output"]
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    for b in (backend, ml.NumpyBackend(dtype="float64")):
+        c = ml.compile(getattr(ml, kind)(4, batch_first=True), b, shapes={"input": [2, 5, 3]})
+        with pytest.raises(ml.DTypeError, match="'input'"):
+            c.evaluate(c.get_parameters(), {"input": b.array(np.ones((2, 5, 3), np.int64),
+                                                             b.int_dtype)})

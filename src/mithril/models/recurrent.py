@@ -340,6 +340,10 @@ class _TimeMajor(Transpose):
     (T, I) one as it is (torch ignores ``batch_first`` there). Any other rank is named as the
     block's error, not as a bad permutation."""
 
+    #: the sequence's float data, checked and cast as the recurrence's own input (a Transpose
+    #: takes any dtype: a torch int64 or float32 tensor reached torch's matmul unnamed)
+    any_dtype_inputs: frozenset[str] = frozenset()
+
     def __init__(self, who: str) -> None:
         super().__init__((1, 0, 2))
         self.who = who
