@@ -483,3 +483,17 @@ def test_many_to_one_refuses_a_torch_cell_and_a_short_sequence():
         ManyToOne(ml.RNNCell(3, 5), 3)
     with pytest.raises(ValueError, match="max_sequence_length must be an int >= 2"):
         ManyToOne(PublishedRNNCell(), 1)
+
+
+def test_the_functional_api_is_refused_with_what_to_do_instead():
+    # examples/gpt/functional_model.py: fc_out = Linear(n_embd * 4, ...)(input=IOKey("input"));
+    # gelu_out = Gelu()(input=fc_out); ... return Model.create(output, name="mlp")
+    fc_out = Linear(32)(input=IOKey("input"))
+    model = Model()
+    model |= Linear(4).connect(input="input", output="h")
+    with pytest.raises(TypeError, match=r"connection for 'input' is a block's connect.*"
+                                        r"model \|= lin.connect\(input=x\)"):
+        model |= Gelu()(input=fc_out)
+    assert len(model.blocks) == 1 and model.output_keys == ("h",)
+    with pytest.raises(TypeError, match="Model.create: the published functional API"):
+        Model.create(fc_out, name="mlp")

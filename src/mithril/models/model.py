@@ -139,6 +139,10 @@ class Terminal(ConnectionOps):
 
 
 Given = str | IOKey | Terminal | Expression
+#: what to do instead of the published functional API (a block call returning its output)
+FUNCTIONAL = ("the published functional API (Linear(3)(input=x) as a connection, Model.create("
+              "output)) is not offered; add each block to a model (model |= lin.connect(input=x)) "
+              "and pass its terminal (lin.output)")
 
 
 def param_keys(block: Any) -> tuple[str, ...]:
@@ -155,6 +159,9 @@ def _as_given(key: str, v: Any) -> Given:
         arr = np.asarray(v)
         if arr.dtype.kind in "biuf":
             return IOKey(value=arr)
+    if isinstance(v, Bound):  # the published functional style: Gelu()(input=Linear(3)(input=x))
+        raise TypeError(f"connection for '{key}' is a block's connect(...) / call, not a "
+                        f"connection: {FUNCTIONAL}")
     raise TypeError(f"connection for '{key}' must be a str name, an IOKey, a connection "
                     f"(block.input, model.cout), an expression of connections (lin.output + 1) "
                     f"or a constant number/array, got {type(v).__name__}")
@@ -241,6 +248,11 @@ class Model:
         return Bound(self, connections)
 
     __call__ = connect
+
+    @classmethod
+    def create(cls, *outputs: Any, **named: Any) -> Model:
+        """The published ``Model.create(output, name=...)``: not offered (says what instead)."""
+        raise TypeError(f"Model.create: {FUNCTIONAL}")
 
     # -- canonical input and output ----------------------------------------------------
     @property
