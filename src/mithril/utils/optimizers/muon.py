@@ -215,15 +215,17 @@ class Muon(TensorwiseOptimizer):
     scaling ``O`` by ``⟨U, O⟩``; ``ns_coefficients`` may be optax's rows (one per step) or
     preset (``"standard"``, ``"dion"``). The default fallback is optax's ``adamw`` with
     Muon's ``epsilon`` (optax's one ``eps``: it follows Muon's set, scheduled or traced;
-    its state dict form says ``"follows_epsilon": True``) and ``nesterov``
-    (``NAdam(convention="optax", decoupled_weight_decay=True)``;
-    ``AdamW(convention="optax")`` without Nesterov), built
-    from ``adam_beta1``, ``adam_beta2``, ``adam_eps_root``, ``adam_weight_decay`` (optax's
-    ``adam_b1`` …); ``adam_learning_rate`` is ``fallback_lr_ratio`` times ``lr``, and
-    ``weight_decay_mask`` is Muon's tensors' only, as optax's. The state differs in layout
-    only: optax's ``mu`` is our ``"momentum_buffer"`` (shape ``(0,)`` for the fallback's
-    tensors), its Adam ``mu`` / ``nu`` our ``"fallback_m"`` / ``"fallback_v"``, and one step
-    count serves both (optax counts each branch; equal unless a tensor misses steps).
+    its state dict form says ``"follows_epsilon": True``; set on it alone, refused) and
+    ``nesterov`` (``NAdam(convention="optax", decoupled_weight_decay=True)``;
+    ``AdamW(convention="optax")`` without Nesterov), built from ``adam_beta1``,
+    ``adam_beta2``, ``adam_eps_root``, ``adam_weight_decay`` (optax's ``adam_b1`` …);
+    ``adam_learning_rate`` is ``fallback_lr_ratio`` times ``lr``, and ``weight_decay_mask``
+    is Muon's tensors' only, as optax's. A group is ``optax.partition`` over one muon per
+    group: its lr and eps reach its fallback tensors too
+    (:func:`~.muon_rows.optax_group_rows`; torch's convention: its matrices only). The
+    state differs in layout only: optax's ``mu`` is our ``"momentum_buffer"`` (shape
+    ``(0,)`` for the fallback's tensors), its Adam ``mu`` / ``nu`` our ``"fallback_m"`` /
+    ``"fallback_v"``, and one step count serves both (optax counts each branch; equal unless a tensor misses steps).
     ``mu_dtype`` is not offered (slots are in the parameters' dtype).
 
     ``keras.optimizers.Muon(lr)`` is ``Muon(lr, weight_decay=0.004, adjust_lr_fn=
