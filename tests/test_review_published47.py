@@ -497,3 +497,26 @@ def test_the_functional_api_is_refused_with_what_to_do_instead():
     assert len(model.blocks) == 1 and model.output_keys == ("h",)
     with pytest.raises(TypeError, match="Model.create: the published functional API"):
         Model.create(fc_out, name="mlp")
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_compile_keys_name_a_childs_parameter_role_by_object(name):
+    # published: compile(constant_keys={lin.weight: w}) / data_keys={lin.bias}; these were a
+    # KeyMismatchError ("not a connection of ... one of its direct children")
+    lin = Linear(2)
+    model = Model()
+    model |= Relu().connect(input="input")
+    model += lin.connect(output="output")
+    b = BACKENDS[name](dtype="float64")
+    w, bias, x = np.arange(6.0).reshape(2, 3) - 2, np.array([0.5, -1.0]), np.array([[1.0, -2.0, 3.0]])
+    pm = ml.compile(model, b, shapes={"input": [1, 3]}, constant_keys={lin.weight: b.array(w)},
+                    data_keys={lin.bias})
+    assert pm.parameter_shapes == {} and set(pm.input_keys) == {"input", "linear.bias"}
+    out = pm.evaluate({}, {"input": b.array(x), "linear.bias": b.array(bias)})
+    want = F.linear(torch.relu(torch.tensor(x)), torch.tensor(w), torch.tensor(bias))
+    np.testing.assert_allclose(b.to_numpy(out["output"]), want.numpy(), **TOL)
+    alone = Linear(3)  # an operator compiled alone
+    pm = ml.compile(alone, b, shapes={"input": [1, 3]}, constant_keys={alone.weight: b.array(np.eye(3))})
+    assert list(pm.parameter_shapes) == ["linear.bias"]
+    with pytest.raises(ml.KeyMismatchError, match="not a connection of the compiled model"):
+        ml.compile(model, b, shapes={"input": [1, 3]}, constant_keys={Linear(2).weight: 1.0})

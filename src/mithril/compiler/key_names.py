@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import KeyMismatchError
-from ..models.model import IOKey, Model, Terminal
+from ..models.model import IOKey, Model, Terminal, param_keys
 
 
 def key_name(model: Any, key: Any, what: str) -> Any:
@@ -18,6 +18,9 @@ def key_name(model: Any, key: Any, what: str) -> Any:
         return key.name
     if not isinstance(key, Terminal):
         return key
+    role = _param_role_name(model, key)
+    if role is not None:
+        return role
     if key.block is model:
         conn = key.conn
     elif isinstance(model, Model) and key.conn is not None and model._owns(key.conn):
@@ -35,6 +38,23 @@ def key_name(model: Any, key: Any, what: str) -> Any:
         raise KeyMismatchError(f"compile({what}=...): {key!r} is an internal connection of the "
                                "model; name it (connect(...) or expose_keys) to use it here")
     return name
+
+
+def _param_role_name(model: Any, key: Terminal) -> str | None:
+    """The compiled name of a parameter role given as an object (``constant_keys={lin.weight:
+    w}``, as published) that no wire of the model carries: ``<child path>.<role>`` for a direct
+    child ``lin`` (or for the compiled operator itself); None for anything else."""
+    from .program import _child_names, _snake
+
+    if key.key not in param_keys(key.block):
+        return None
+    if key.block is model:  # an operator compiled alone: the one child of its wrapper model
+        return f"{_snake(type(model).__name__)}.{key.key}"
+    blocks = getattr(model, "blocks", ())
+    idx = next((i for i, (b, _) in enumerate(blocks) if b is key.block), None)
+    if idx is None or key.key in blocks[idx][1]:  # (a role bound to a wire: named by the wire)
+        return None
+    return f"{_child_names(model, '')[idx]}.{key.key}"
 
 
 def key_names(model: Any, keys: Iterable[Any], what: str) -> tuple[Any, ...]:
