@@ -520,3 +520,32 @@ def test_compile_keys_name_a_childs_parameter_role_by_object(name):
     assert list(pm.parameter_shapes) == ["linear.bias"]
     with pytest.raises(ml.KeyMismatchError, match="not a connection of the compiled model"):
         ml.compile(model, b, shapes={"input": [1, 3]}, constant_keys={Linear(2).weight: 1.0})
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_set_differentiability_false_on_a_parameter_role_object(name):
+    # published: model.set_differentiability({lin.weight: False}) freezes the weight; it was
+    # ignored here (the weight stayed a trained parameter)
+    lin = Linear(2)
+    model = Model()
+    model |= lin.connect(input="input", output="output")
+    model.set_differentiability({lin.weight: False})
+    b = BACKENDS[name](dtype="float64")
+    pm = ml.compile(model, b, shapes={"input": [4, 3]})
+    assert list(pm.parameter_shapes) == ["linear.bias"] and pm.input_keys == ("input", "linear.weight")
+    rng = np.random.default_rng(0)
+    x, w, bias, cot = (rng.standard_normal(s) for s in ((4, 3), (2, 3), (2,), (4, 2)))
+    out, grads = pm.evaluate({"linear.bias": b.array(bias)},
+                             {"input": b.array(x), "linear.weight": b.array(w)},
+                             output_gradients={"output": b.array(cot)})
+    tb = torch.tensor(bias, requires_grad=True)
+    y = F.linear(torch.tensor(x), torch.tensor(w), tb)
+    y.backward(torch.tensor(cot))
+    np.testing.assert_allclose(b.to_numpy(out["output"]), y.detach().numpy(), **TOL)
+    assert list(grads) == ["linear.bias"]
+    np.testing.assert_allclose(b.to_numpy(grads["linear.bias"]), tb.grad.numpy(), **TOL)
+    # the compile's key sets win over the declaration, as published
+    pm = ml.compile(model, b, shapes={"input": [4, 3]}, trainable_keys=["linear.weight"])
+    assert sorted(pm.parameter_shapes) == ["linear.bias", "linear.weight"]
+    pm = ml.compile(model, b, shapes={"input": [4, 3]}, constant_keys={"linear.weight": b.array(w)})
+    assert pm.input_keys == ("input",)

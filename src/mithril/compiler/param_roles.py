@@ -40,14 +40,20 @@ def name_param_roles(b: Any, terminals: Mapping[str, int], constant_keys: Mappin
         data, trainable = _declared(b, model, terminals, constant_keys, data, trainable)
     roles = {f"{n.path}.{k}": (n, k) for n in b.nodes for k in param_keys(n.op)
              if k not in n.ins and k not in (getattr(n.op, "param_names", None) or {})}
+    # a parameter role's unnamed wire declared not differentiable by object
+    # (set_differentiability({lin.weight: False})): a data input under the wire's name
+    declared = {b.names[w]: w for n in b.nodes for k, w in n.ins.items()
+                if k in param_keys(n.op) and w in b.frozen and b.names[w] not in terminals}
+    frozen = {k: w for k, w in declared.items() if k not in trainable}  # (the compile's win)
+    data = (*data, *(k for k in frozen if k not in data and k not in (constant_keys or {})))
     for what, keys in (("constant_keys", tuple(constant_keys or ())), ("data_keys", data),
                        ("trainable_keys", trainable)):
         for key in keys:
-            if key not in terminals and key not in roles:
+            if key not in terminals and key not in roles and key not in declared:
                 raise KeyMismatchError(
                     f"compile({what}=...): '{key}' is not an input or a parameter; the "
                     f"terminals are {sorted(terminals)} and the parameters {sorted(roles)}")
-    wires: dict[str, int] = {}
+    wires: dict[str, int] = dict(frozen)
     for key in (*(constant_keys or ()), *data):
         if key in roles and key not in terminals and key not in wires:
             node, role = roles[key]
@@ -55,7 +61,7 @@ def name_param_roles(b: Any, terminals: Mapping[str, int], constant_keys: Mappin
     # a wire feeding a parameter role (connect(weight="w")) is a parameter already
     role_wires = {w for n in b.nodes for k, w in n.ins.items() if k in param_keys(n.op)}
     return wires, data, tuple(k for k in trainable if (k not in roles or k in terminals)
-                              and terminals.get(k) not in role_wires)
+                              and terminals.get(k) not in role_wires and k not in declared)
 
 
 def _declared(b: Any, model: Any, terminals: Mapping[str, int], constant_keys: Mapping[str, Any] | None,

@@ -131,6 +131,8 @@ class _Builder:
         self.nodes: list[Node] = []
         self.consts: dict[int, np.ndarray] = {}
         self.paths: dict[int, str] = {}  # id(operator) -> its path (each instance once)
+        #: unnamed wires declared not differentiable (set_differentiability({lin.weight: False}))
+        self.frozen: set[int] = set()
 
     def wire(self, name: str, shape: Shape | None) -> int:
         self.names.append(name)
@@ -141,6 +143,8 @@ class _Builder:
         w = self.wire(name, c.shape)
         if c.value is not None:
             self.consts[w] = c.value
+        if c.name is None and c.differentiable is False:
+            self.frozen.add(w)
         return w
 
     def merge_shape(self, w: int, shape: Shape | None, where: str) -> None:
