@@ -20,6 +20,7 @@ parameter groups through ``torch_optimizer`` against ``torch.optim.Muon``, side 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import numpy as np
@@ -145,10 +146,10 @@ def test_muons_epsilon_still_moves_both_through_every_way_in(tmp_path) -> None:
 GROUP = {"learning_rate": 0.05, "epsilon": 1e-2, "weight_decay": 0.3, "momentum": 0.8}
 
 
-def group_pair(**kw) -> tuple[Muon, optax.GradientTransformation]:
-    mine = Muon(LR, convention="optax", weight_decay=0.1,
-                param_groups=[{"params": L1, **GROUP}], **kw)
-    ratio = kw.get("fallback_lr_ratio")
+def group_pair(fallback_lr_ratio: float | None) -> tuple[Muon, optax.GradientTransformation]:
+    mine = Muon(LR, convention="optax", weight_decay=0.1, fallback_lr_ratio=fallback_lr_ratio,
+                param_groups=[{"params": L1, **GROUP}])
+    ratio = fallback_lr_ratio
     theirs = optax.partition({
         "g": oc.muon(0.05, eps=1e-2, weight_decay=0.3, beta=0.8,
                      adam_learning_rate=None if ratio is None else 0.05 * ratio),
@@ -157,18 +158,24 @@ def group_pair(**kw) -> tuple[Muon, optax.GradientTransformation]:
     return mine, theirs
 
 
-@pytest.mark.parametrize("path, kw", [
-    ("numpy", {}), ("numpy", {"fallback_lr_ratio": 0.5}), ("torch", {}), ("jax", {}),
-    ("optax_transformation", {"fallback_lr_ratio": 0.5}), ("torch_optimizer", {})])
+@functools.cache
+def partition_run(ratio: float | None) -> dict:
+    with jax_float64():
+        return optax_trajectory(group_pair(fallback_lr_ratio=ratio)[1], P0, GRADS)[-1]
+
+
+@pytest.mark.parametrize("path, ratio", [
+    ("numpy", None), ("numpy", 0.5), ("torch", None), pytest.param(
+        "jax", None, marks=pytest.mark.slow), ("optax_transformation", 0.5),
+    ("torch_optimizer", None)])
 def test_a_groups_lr_and_eps_reach_its_fallback_tensors_as_optax_partition(
-        path: str, kw: dict, monkeypatch) -> None:
+        path: str, ratio: float | None, monkeypatch) -> None:
     """optax has no groups: one ``muon`` per group under ``optax.partition`` is what a
     group means there. The group's bias ``l1.b`` takes its learning rate (times
     ``fallback_lr_ratio``) and its eps (it took Muon's: 0.3 off)."""
-    mine, theirs = group_pair(**kw)
+    mine = group_pair(fallback_lr_ratio=ratio)[0]
     with jax_float64():
-        want = optax_trajectory(theirs, P0, GRADS)[-1]
-        close(ours(mine, path, monkeypatch), want)
+        close(ours(mine, path, monkeypatch), partition_run(ratio))
 
 
 def test_a_groups_eps_stays_when_muons_epsilon_is_traced() -> None:
@@ -330,3 +337,30 @@ def test_the_following_fallbacks_own_state_dict_cannot_split_eps() -> None:
     sd["hyperparameters"]["epsilon"] = 1e-3
     with pytest.raises(ValueError, match=r"fallback\.epsilon"):
         opt.fallback.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("group, theirs", [
+    ({"learning_rate": 0.05, "scale": 0.5}, {"learning_rate": 0.05, "scale": 0.5}),
+    ({"beta1": 0.8, "epsilon": 1e-3}, {"learning_rate": LR, "base_optimizer": "adam"})])
+def test_galore_groups_equal_optax_partition(group: dict, theirs: dict) -> None:
+    """GaLore's groups (a matrix and a vector each) against ``optax.partition`` over one
+    ``optax.contrib.galore`` per group (its ``scale_by_adam``'s b1 / eps), float64."""
+    from mithril.utils.optimizers import GaLore
+
+    if theirs.get("base_optimizer") == "adam":
+        theirs = {**theirs, "base_optimizer": optax.scale_by_adam(b1=0.8, eps=1e-3)}
+    shapes = {"l1.w": (8, 6), "l1.b": (6,), "l2.w": (6, 5), "l2.b": (5,)}
+    r = np.random.default_rng(3)
+    p0 = {k: r.standard_normal(s) for k, s in shapes.items()}
+    grads = [{k: r.standard_normal(s) for k, s in shapes.items()} for _ in range(STEPS)]
+    mine = GaLore(LR, rank=2, update_proj_gap=5, param_groups=[{"params": L1, **group}])
+    tx = optax.partition({"g": oc.galore(rank=2, update_proj_gap=5, **theirs),
+                          "rest": oc.galore(LR, rank=2, update_proj_gap=5)}, LABELS)
+    p, state = dict(p0), mine.init(p0)
+    for g in grads:
+        p, state = mine.update(p, g, state)
+    with jax_float64():
+        want = optax_trajectory(tx, p0, grads)[-1]
+    for k in want:
+        np.testing.assert_allclose(p[k], want[k], rtol=TOL, atol=TOL, err_msg=k)
+        assert np.abs(want[k] - p0[k]).max() > 1e-2, k
