@@ -35,7 +35,8 @@ How it works:
   holds its inner optimizer's beside its own ``sync_period`` / ``slow_step_size``), a
   group's missing values being the optimizer's. Every :meth:`step` reads the groups: a
   changed ``lr`` is set as the group's rate (a scheduler or a user may change it at will,
-  nothing recompiles), and any other changed value is applied after the constructor's
+  nothing recompiles; a Mithril scheduler of ``opt.mithril_optimizer`` drives one group's
+  rate too, shown as its ``lr``, unless the ``lr`` was set since), and any other changed value is applied after the constructor's
   checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A
   change that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
   step) is refused with a ``ValueError``. With several groups (:mod:`.torch_optim_groups`)
@@ -130,7 +131,9 @@ How it works:
   checks everything first and changes nothing on error; a saved and reloaded run continues
   bit-exactly (one exception, from mithril's ASGD: a run saved right after an lr change
   uses the new lr one step early, where an unbroken run uses the old one once more). A
-  ``torch.optim`` optimizer's own state dict (of the same kind and groups) is taken: its
+  ``torch.optim`` optimizer's own state dict (of the same kind and groups; one of another
+  kind is refused, named by its slots or, before its first step, its groups' settings) is
+  taken: its
   groups' values, each parameter's ``step`` as its count (the most any took is the
   optimizer's), its slots; a parameter it keeps no entry for (no gradient yet) starts
   fresh, as one whose ``step`` is 0 always does. Such a parameter's entry in ours holds
@@ -177,6 +180,7 @@ from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     check_torch_flags,
+    check_torch_kind,
     given_values,
     group_keys,
     grouped_hyperparameters,
@@ -450,6 +454,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         """A torch-shaped state dict (see the module docs); the tensors are copies."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        self._adopt_rate()  # (a mithril scheduler's rate since the last step: saved too)
         packed = packed_groups(self)
         state, meta = export(self._mithril, self._opt_state, self._names,
                              [g["lr"] for g in self.param_groups for _ in g["params"]])
@@ -517,7 +522,14 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         except (TypeError, ValueError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise refuse(type(e)(f"{where}: {msg}") if where else e) from e
-        state = restore(self._mithril, ours, self._names, self._params, refuse)
+        slots, opt = ours.get("slots"), self._mithril
+        if not isinstance(slots, Mapping) or set(slots) == {*opt.slot_names(),
+                                                            *opt.tensor_slots}:
+            try:  # (where the slots differ, the load names them instead)
+                check_torch_kind(opt, groups, self._keys)
+            except KeyError as e:
+                raise refuse(e) from e
+        state = restore(opt, ours, self._names, self._params, refuse)
         # nothing fails from here on
         self._opt_state = state
         self._views = None  # the next step copies the parameters into the new buffer

@@ -75,13 +75,20 @@ _TORCH_SETTINGS = frozenset({
     "lr", "momentum", "dampening", "nesterov", "betas", "eps", "alpha", "centered", "lr_decay",
     "initial_accumulator_value", "rho", "etas", "step_sizes", "lambd", "t0", "amsgrad",
     "momentum_decay", "decoupled_weight_decay", "weight_decay", "maximize", "foreach",
-    "capturable", "differentiable", "fused"})
+    "capturable", "differentiable", "fused", "beta2_decay", "d", "max_iter", "max_eval",
+    "tolerance_grad", "tolerance_change", "history_size", "line_search_fn", "ns_coefficients",
+    "ns_steps", "adjust_lr_fn"})
+
+#: torch.optim's per-group flags that do not change the numbers (taken from a state dict)
+#: or are checked by :func:`check_torch_flags`
+_TORCH_SWITCHES = frozenset({"maximize", "foreach", "capturable", "differentiable", "fused",
+                             "decoupled_weight_decay"})
 
 
 #: torch.optim's per-group flags that change the update (torch's optimizers read them at
 #: every step); where the optimizer has no such value, a group's must say what it does
 #: (why: ``param_groups[0]["maximize"] = True`` on Adam was silently ignored, descending)
-TORCH_FLAGS = ("maximize", "decoupled_weight_decay")
+TORCH_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
 
 
 def check_torch_flags(opt: Optimizer, groups: Sequence[Mapping[str, Any]],
@@ -96,11 +103,29 @@ def check_torch_flags(opt: Optimizer, groups: Sequence[Mapping[str, Any]],
             want = flag == "decoupled_weight_decay" and any(
                 isinstance(h, AdamW) for h in opt.hyper_holders())
             if bool(g[flag]) != want:
-                hint = ("negate the loss instead" if flag == "maximize" else
-                        "Adam and AdamW are two optimizers here: wrap the other one")
+                hint = {"maximize": "negate the loss instead",
+                        "differentiable": "its step runs under torch.no_grad, no autograd "
+                                          "graph reaches through it"}.get(
+                    flag, "Adam and AdamW are two optimizers here: wrap the other one")
                 raise ValueError(f"param_groups[{i}]['{flag}'] = {g[flag]!r}: "
                                  f"{type(opt).__name__} has no '{flag}' (it always runs "
                                  f"as {flag}={want}; {hint})")
+
+
+def check_torch_kind(opt: Optimizer, groups: Sequence[Mapping[str, Any]],
+                     keys: Sequence[tuple[str, tuple]]) -> None:
+    """Refuse loaded groups holding a ``torch.optim`` setting ``opt`` has not (a state dict
+    of another kind: ``torch.optim.SGD``'s ``momentum`` for Adam), as the constructor does.
+    (why: an SGD's state dict made before its first step has no slots to tell its kind by;
+    Adam took it, its moments reset and ``momentum`` carried along unread)"""
+    known = {k for k, _ in keys}
+    for i, g in enumerate(groups):
+        bad = sorted(k for k in g if k in _TORCH_SETTINGS and k not in known
+                     and k not in _TORCH_SWITCHES)
+        if bad:
+            raise KeyMismatchError(f"param_groups[{i}]: {bad} are not values of "
+                                   f"{type(opt).__name__} (a state dict of another "
+                                   f"optimizer?); its group keys: {sorted(known)}")
 
 
 def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, tuple]],

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
+import torch
+
 from ..errors import KeyMismatchError
 from ..utils.optimizers.layout import slot_shape_of
 from .torch_optim_groups import apply_values, check_torch_flags, sync_groups
@@ -48,6 +50,22 @@ class TorchGroupSync:
         hp = self._mithril.flat_hyperparameters()
         return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
 
+    def _adopt_rate(self) -> None:
+        """One group: a rate set on the wrapped optimizer itself (a mithril scheduler of
+        ``opt.mithril_optimizer``) while the group kept the ``lr`` synced last is shown in
+        the group, so the next step keeps it (a torch scheduler's ``lr`` still wins)."""
+        group, synced = self.param_groups[0], self._synced[0]
+        if self._grouped or "lr" not in group or not same(group["lr"], synced["lr"]):
+            return
+        rate = self._mithril.get_learning_rate()
+        if rate != scalar(synced["lr"]):
+            # why: each step set the group's old lr back, undoing the scheduler unseen
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)  # (as torch's schedulers write a tensor lr)
+            else:
+                group["lr"] = rate
+            synced["lr"] = copy.deepcopy(group["lr"])
+
     def _sync(self, group: Mapping[str, Any]) -> None:
         """Apply the group's values that changed since the last step to the optimizer."""
         opt = self._mithril
@@ -55,7 +73,8 @@ class TorchGroupSync:
             lr = group["lr"]
         except KeyError:
             raise KeyMismatchError("param_groups[0] has no 'lr'") from None
-        lr, old_lr = scalar(lr), opt.get_learning_rate()
+        self._adopt_rate()
+        lr, old_lr = scalar(group["lr"]), opt.get_learning_rate()
         if lr != old_lr:
             try:
                 opt.set_learning_rate(lr)
@@ -75,6 +94,8 @@ class TorchGroupSync:
             if lr != old_lr:
                 opt.set_learning_rate(old_lr)
             raise
+        if lr != old_lr:
+            self._synced[0]["lr"] = copy.deepcopy(group["lr"])
 
     def _apply(self, changed: dict[str, Any]) -> None:
         opt = self._mithril

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from ..optimizers.checks import MAX_INT, describe
 from . import attributes
 from . import lanes as lanes_mod
-from .per_group import _apply, _per_group_constructor
+from .per_group import _apply, _per_group_constructor, wrapper_hint
 
 __all__ = ["LRScheduler", "SupportsLearningRate"]
 
@@ -35,7 +35,7 @@ def _check_optimizer(optimizer: Any) -> None:
         if not callable(getattr(optimizer, name, None)):
             raise TypeError(
                 f"optimizer must provide get_learning_rate() and set_learning_rate(lr); "
-                f"{type(optimizer).__name__} has no callable {name!r}"
+                f"{type(optimizer).__name__} has no callable {name!r}{wrapper_hint(optimizer)}"
             )
 
 

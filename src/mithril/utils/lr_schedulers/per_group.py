@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from .base import LRScheduler
 
 
+def wrapper_hint(optimizer: Any) -> str:
+    """The hint for a wrapper of a mithril optimizer given where the optimizer is meant
+    (``torch_optimizer``'s, ``mlx_optimizer``'s), else ``""``."""
+    if not hasattr(optimizer, "mithril_optimizer"):
+        return ""
+    return (f" (a {type(optimizer).__name__} wraps a mithril optimizer: pass its "
+            f".mithril_optimizer, whose rate the wrapper follows)")
+
+
 def _apply(targets: Sequence[tuple[Any, float]]) -> None:
     """Set each ``(settable, value)`` in order, all or nothing: if one is refused, every one
     already set is put back (in the same order, which restores a group's learning rate after
@@ -50,7 +59,7 @@ def _group_lanes(owner: str, optimizer: Any) -> list[Any]:
         opt, name = optimizer, "learning_rate"
     if not callable(getattr(opt, "hyperparameter", None)) or not hasattr(opt, "param_groups"):
         raise TypeError(f"{owner}: per_group needs a mithril optimizer (with param_groups), got "
-                        f"{type(opt).__name__}")
+                        f"{type(opt).__name__}{wrapper_hint(opt)}")
     return [optimizer, *(opt.hyperparameter(name, group=i) for i in range(len(opt.param_groups)))]
 
 
