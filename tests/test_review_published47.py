@@ -497,6 +497,8 @@ def test_the_functional_api_is_refused_with_what_to_do_instead():
     assert len(model.blocks) == 1 and model.output_keys == ("h",)
     with pytest.raises(TypeError, match="Model.create: the published functional API"):
         Model.create(fc_out, name="mlp")
+    with pytest.raises(TypeError, match=r"Model.summary: .* ml.compile\(model, backend"):
+        model.summary()  # the published logical summary (it was "no attribute or connection")
 
 
 @pytest.mark.parametrize("name", ["numpy", "torch"])

@@ -66,3 +66,10 @@ def _as_shape(key: str, shape: Any) -> Shape:
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
         raise TypeError(f"shape of '{key}' must be a sequence of int or None, got {shape!r}")
     return tuple(_as_dim(key, shape, d) for d in shape)
+
+
+def check_block_name(name: Any, who: str) -> str | None:
+    """A block's ``name=``: None, or a non-empty str without '.' (the path separator)."""
+    if name is not None and (not isinstance(name, str) or not name or "." in name):
+        raise ValueError(f"{who}: name must be a non-empty str without '.', got {name!r}")
+    return name

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import KeyMismatchError
 from .connection_types import TBD, check_fed, kinds_of, merged, type_name, value_kind
-from .declarations import _as_shape, _declare
+from .declarations import _as_shape, _declare, check_block_name
 from .expressions import ConnectionOps, Expression, wire_expression
 from .operator import Operator, Shape, fmt, unify
 
@@ -248,6 +248,11 @@ class Model:
         return Bound(self, connections)
 
     __call__ = connect
+
+    def summary(self, *args: Any, **kwargs: Any) -> None:
+        """The published logical-model summary: not offered (shapes are known once compiled)."""
+        raise TypeError("Model.summary: a logical model has no shapes here until compiled; call "
+                        "ml.compile(model, backend, shapes=...).summary()")
 
     @classmethod
     def create(cls, *outputs: Any, **named: Any) -> Model:
@@ -571,12 +576,6 @@ class Model:
 
 builtins_type = type  # (IOKey's ``type`` argument shadows it there)
 
-
-def check_block_name(name: Any, who: str) -> str | None:
-    """A block's ``name=``: None, or a non-empty str without '.' (the path separator)."""
-    if name is not None and (not isinstance(name, str) or not name or "." in name):
-        raise ValueError(f"{who}: name must be a non-empty str without '.', got {name!r}")
-    return name
 
 
 def cin_key(block: Block) -> str | None:
