@@ -21,6 +21,8 @@ class HyperparameterAccessMixin:
         takes its learning rate (``_lr_follows``) and, following optax's one ``eps``, its
         ``epsilon`` (``_follows_epsilon``) from its Muon, which sets them."""
         d = self.__dict__
+        if name[0] == "_":  # (internal state: set freely, and at every step)
+            return None
         why = d.get("_lr_follows") if name == "learning_rate" else d.get(f"_follows_{name}")
         return None if why is None else str(why)
 
