@@ -23,6 +23,8 @@ changed).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -485,3 +487,76 @@ def test_batch_first_sequence_input_is_checked_and_cast_as_the_time_major_one(ki
         with pytest.raises(ml.DTypeError, match="'input'"):
             c.evaluate(c.get_parameters(), {"input": b.array(np.ones((2, 5, 3), np.int64),
                                                              b.int_dtype)})
+
+
+# -- odd sizes -------------------------------------------------------------------------------------
+def test_heads_that_do_not_divide_the_width_are_named():
+    with pytest.raises(ValueError, match=r"embed_dim \(10\) must be divisible by num_heads \(3\)"):
+        ml.TransformerBlock(10, 3, 16)
+    model = ml.Model()
+    model |= ml.MultiHeadAttention(3)(query="x", key="x", value="x", output="output")
+    with pytest.raises(ml.ShapeError, match=r"embed_dim \(10, the last dimension of 'query'\) "
+                       r"must be divisible by num_heads \(3\)"):
+        ml.compile(model, ml.NumpyBackend(), shapes={"x": [None, 4, 10]})
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_block_batch_one_and_length_one_as_torch(backend_name, norm_first):
+    """One model with the batch and the length left free, run at (1, 1), (1, 5), (3, 1) and
+    (2, 4) under a causal mask and a key padding mask: outputs and every gradient as
+    ``nn.TransformerEncoderLayer``'s."""
+    backend = BACKENDS[backend_name](dtype="float64", seed=0)
+    model = ml.Model()
+    model |= ml.TransformerBlock(D, HEADS, FF, activation="gelu", is_causal=True,
+                                 use_key_padding_mask=True, norm_first=norm_first)(
+        input="input", key_padding_mask="pad", output="output")
+    compiled = ml.compile(model, backend, shapes={"input": [None, None, D], "pad": [None, None]})
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=norm_first,
+                                             dtype=torch.float64)
+    names = {k.replace("transformer_block_0.", "transformer_block."): v.replace("pre.", "")
+             for k, v in _layer_names("transformer_block_0", "pre").items()}
+    theirs = dict(layer.named_parameters())
+    params = {k: backend.array(theirs[v].detach().numpy().copy()) for k, v in names.items()}
+    rng = np.random.default_rng(0)
+    for n, length in ((1, 1), (1, 5), (3, 1), (2, 4)):
+        x, g = rng.standard_normal((n, length, D)), rng.standard_normal((n, length, D))
+        pad = np.zeros((n, length), bool)
+        pad[-1, 1:] = np.arange(1, length) >= 3  # the last entry's keys from the 4th on
+        out, grads = compiled.evaluate(params, on(backend, {"input": x, "pad": pad}),
+                                       output_gradients={"output": backend.array(g)})
+        layer.zero_grad()
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+        y = layer(torch.tensor(x), src_mask=causal, src_key_padding_mask=torch.tensor(pad))
+        y.backward(torch.tensor(g))
+        assert np.abs(npy(backend, out["output"]) - y.detach().numpy()).max() < 1e-12
+        for k, v in names.items():
+            assert np.abs(npy(backend, grads[k]) - theirs[v].grad.numpy()).max() < 1e-12, (n, k)
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_cnn_in_eval_mode_gradients_as_torch_eval(backend_name):
+    """After three training-mode batches, an inference-mode pass (BatchNorm on its running
+    statistics) gives ``net.eval()``'s loss and every gradient, and leaves the state alone."""
+    context = jax_float64() if backend_name == "jax" else nullcontext()
+    with context:
+        backend, compiled, params, net, names, states, make_batch = setup("cnn", backend_name)
+        rng, state = np.random.default_rng(0), compiled.initial_state_dict
+        for _ in range(3):
+            batch = make_batch(rng, 5)
+            batch["input"] = batch["input"] * 2 + 1
+            _, state = compiled.evaluate(params, on(backend, batch), state=state)
+            net(**torch_inputs(batch, "float64"))
+        net.eval()
+        batch = make_batch(rng, 4)
+        out, grads, after = compiled.evaluate(params, on(backend, batch), state=state,
+                                              training=False, output_gradients={"loss": 1.0})
+        _, loss = net(**torch_inputs(batch, "float64"))
+        loss.backward()
+        theirs = dict(net.named_parameters())
+        assert abs(npy(backend, out["loss"]) - loss.item()) < 1e-12
+        for k, v in names.items():
+            assert np.abs(npy(backend, grads[k]) - theirs[v].grad.numpy()).max() < 1e-12, k
+        assert all(np.array_equal(npy(backend, after[k]), npy(backend, state[k])) for k in state)
