@@ -370,12 +370,18 @@ class GroupsMixin:
 
     def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
                                   regex: str | None = None, *,
-                                  var_names: Sequence[str] | None = None) -> None:
+                                  var_names: Sequence[str] | None = None,
+                                  var_list: Any = None) -> None:
         """No weight decay for the parameters ``names`` lists (exact names), those
         ``regex`` matches (searched in the name), or, Keras' rule, those in whose name one of
         ``var_names`` is found (``var_names=["bias", "norm"]``; joined into one regex with
         ``|``, as Keras does). Takes effect at the next update, in any group; one naming an
-        unknown parameter or matching nothing then warns (raises with ``strict=True``)."""
+        unknown parameter or matching nothing then warns (raises with ``strict=True``).
+        Each call adds to the exclusions (a second Keras call replaces its first's).
+        Keras's ``var_list=`` (its variables) is refused, naming ``names=``."""
+        if var_list is not None:  # (Keras's variables have no counterpart: their names do)
+            raise TypeError("exclude_from_weight_decay: Keras's var_list= (variables) is "
+                            "names= here, the parameters' names (names=['linear.bias'])")
         if var_names is not None:
             if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
                 raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")

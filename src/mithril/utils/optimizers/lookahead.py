@@ -285,8 +285,10 @@ class Lookahead(Optimizer):
 
     def exclude_from_weight_decay(self, names: Sequence[str] | None = None,
                                   regex: str | None = None, *,
-                                  var_names: Sequence[str] | None = None) -> None:
-        self.inner.exclude_from_weight_decay(names, regex, var_names=var_names)
+                                  var_names: Sequence[str] | None = None,
+                                  var_list: Any = None) -> None:
+        self.inner.exclude_from_weight_decay(names, regex, var_names=var_names,
+                                             var_list=var_list)
 
     def _group(self, group: Any) -> dict[str, Any]:
         return self.inner._group(group)
