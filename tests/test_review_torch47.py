@@ -372,10 +372,40 @@ def test_a_mithril_scheduler_of_the_wrapped_optimizer_drives_the_rate():
         assert err(a, b) < TOL, t
         assert ours.state_dict()["param_groups"][0]["lr"] == theirs.param_groups[0]["lr"]
     assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"] == 0.01 * 0.5 ** 3
+    # saved and resumed, both state dicts
+    saved = ours.state_dict(), sb.state_dict()
+    ours = torch_optimizer(mo.Adam(learning_rate=1e-2), b.parameters())
+    sb = M.StepLR(ours.mithril_optimizer, 3, 0.5)
+    ours.load_state_dict(saved[0])
+    sb.load_state_dict(saved[1])
+    for t in range(5):
+        for net, opt, sched in ((a, theirs, sa), (b, ours, sb)):
+            step(net, opt)
+            sched.step()
+        assert err(a, b) < TOL, t
     # a torch scheduler's lr written into the group since still wins
     ours.param_groups[0]["lr"] = 0.002
     step(b, ours)
     assert ours.mithril_optimizer.get_learning_rate() == 0.002
+    # with groups (each group's lr a ratio to the optimizer's rate), per group or in
+    # proportion, resumed too (their param_groups' lr do not show the rates: see the report)
+    for per_group in (True, False):
+        a, b = nets()
+        theirs = torch.optim.Adam(groups_of(a), lr=1e-2)
+        ours = torch_optimizer(mo.Adam(learning_rate=1e-2), groups_of(b))
+        sa, sb = L.StepLR(theirs, 2, 0.5), M.StepLR(ours.mithril_optimizer, 2, 0.5,
+                                                    per_group=per_group)
+        for t in range(10):
+            if t == 5:
+                saved = ours.state_dict(), sb.state_dict()
+                ours = torch_optimizer(mo.Adam(learning_rate=1e-2), groups_of(b))
+                sb = M.StepLR(ours.mithril_optimizer, 2, 0.5, per_group=per_group)
+                ours.load_state_dict(saved[0])
+                sb.load_state_dict(saved[1])
+            for net, opt, sched in ((a, theirs, sa), (b, ours, sb)):
+                step(net, opt)
+                sched.step()
+            assert err(a, b) < TOL, (per_group, t)
     # the wrapper itself given to a Mithril scheduler: the error says what to pass
     with pytest.raises(TypeError, match="pass its .mithril_optimizer"):
         M.StepLR(ours, 3)

@@ -39,6 +39,7 @@ class TorchGroupSync:
                              f"{len(self._group_names)} groups): add them with "
                              f"add_param_group; to drop some, make a new optimizer")
         check_torch_flags(self._mithril, groups, self._keys)
+        self._adopt_rate()
         if self._grouped:
             sync_groups(self)
         else:
@@ -51,20 +52,22 @@ class TorchGroupSync:
         return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
 
     def _adopt_rate(self) -> None:
-        """One group: a rate set on the wrapped optimizer itself (a mithril scheduler of
-        ``opt.mithril_optimizer``) while the group kept the ``lr`` synced last is shown in
-        the group, so the next step keeps it (a torch scheduler's ``lr`` still wins)."""
+        """One group: a rate set on the wrapped optimizer itself (a Mithril scheduler of
+        ``opt.mithril_optimizer``) while the group kept the ``lr`` synced last is shown as
+        its ``lr``, so the next step keeps it (an ``lr`` written since still wins)."""
+        if self._grouped:  # (each group's lr is then its ratio to the optimizer's rate,
+            return  # which a Mithril scheduler and its state dict hold: the numbers follow)
         group, synced = self.param_groups[0], self._synced[0]
-        if self._grouped or "lr" not in group or not same(group["lr"], synced["lr"]):
-            return
         rate = self._mithril.get_learning_rate()
-        if rate != scalar(synced["lr"]):
-            # why: each step set the group's old lr back, undoing the scheduler unseen
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(rate)  # (as torch's schedulers write a tensor lr)
-            else:
-                group["lr"] = rate
-            synced["lr"] = copy.deepcopy(group["lr"])
+        if "lr" not in group or not same(group["lr"], synced["lr"]) \
+                or rate == scalar(synced["lr"]):
+            return
+        # why: each step set the group's old lr back, undoing the scheduler unseen
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)  # (as torch's schedulers write a tensor lr)
+        else:
+            group["lr"] = rate
+        synced["lr"] = copy.deepcopy(group["lr"])
 
     def _sync(self, group: Mapping[str, Any]) -> None:
         """Apply the group's values that changed since the last step to the optimizer."""
@@ -73,8 +76,7 @@ class TorchGroupSync:
             lr = group["lr"]
         except KeyError:
             raise KeyMismatchError("param_groups[0] has no 'lr'") from None
-        self._adopt_rate()
-        lr, old_lr = scalar(group["lr"]), opt.get_learning_rate()
+        lr, old_lr = scalar(lr), opt.get_learning_rate()
         if lr != old_lr:
             try:
                 opt.set_learning_rate(lr)
