@@ -364,3 +364,29 @@ def test_galore_groups_equal_optax_partition(group: dict, theirs: dict) -> None:
     for k in want:
         np.testing.assert_allclose(p[k], want[k], rtol=TOL, atol=TOL, err_msg=k)
         assert np.abs(want[k] - p0[k]).max() > 1e-2, k
+
+
+def test_galore_takes_torchs_groups_as_optax_partition() -> None:
+    """``torch_optimizer(GaLore(...), torch's groups)``: it was refused (torch's groups
+    repeat ``rank`` and ``weight_dimension_numbers``); a group's lr against
+    ``optax.partition`` over one galore per group, float64."""
+    from mithril.utils.optimizers import GaLore
+
+    r = np.random.default_rng(4)
+    p0 = {"l1.w": r.standard_normal((8, 6)), "l1.b": r.standard_normal(6),
+          "l2.w": r.standard_normal((6, 5)), "l2.b": r.standard_normal(5)}
+    grads = [{k: r.standard_normal(v.shape) for k, v in p0.items()} for _ in range(STEPS)]
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()}
+    topt = torch_optimizer(GaLore(LR, rank=2, update_proj_gap=5), [
+        {"params": [tp["l1.w"], tp["l1.b"]], "lr": 0.05}, {"params": [tp["l2.w"], tp["l2.b"]]}])
+    for g in grads:
+        for k, t in tp.items():
+            t.grad = torch.tensor(g[k])
+        topt.step()
+    tx = optax.partition({"g": oc.galore(0.05, rank=2, update_proj_gap=5),
+                          "rest": oc.galore(LR, rank=2, update_proj_gap=5)}, LABELS)
+    with jax_float64():
+        want = optax_trajectory(tx, p0, grads)[-1]
+    for k in want:
+        np.testing.assert_allclose(tp[k].detach().numpy(), want[k], rtol=TOL, atol=TOL,
+                                   err_msg=k)

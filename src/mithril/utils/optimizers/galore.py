@@ -10,6 +10,7 @@ import numpy as np
 
 from . import dimension_numbers as _dn
 from .checks import check_int, check_positive, check_unit, describe, to_float
+from .groups import differs
 from .state import OptimizerState
 from .tensorwise import NumpyOps, TensorwiseOptimizer
 
@@ -130,6 +131,9 @@ class GaLore(TensorwiseOptimizer):
     def _finish_groups(self) -> None:
         super()._finish_groups()
         for i, g in enumerate(self._groups or ()):
+            for k in {"rank", "weight_dimension_numbers"} & set(g):
+                if not differs(g[k], getattr(self, k)):  # (torch_optimizer's groups
+                    g._drop(k)  # repeat every value: no change)
             bad = sorted({"rank", "weight_dimension_numbers"} & set(g))
             if bad:
                 raise ValueError(f"param_groups[{i}]: {bad} lay out the state's slots: they "
