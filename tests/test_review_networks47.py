@@ -295,13 +295,19 @@ def test_forward_and_every_gradient_float64(name, backend_name):
     assert_within(forward_backward(name, backend_name, "float64"), 1e-10, name)
 
 
-def test_forward_and_every_gradient_float64_on_jax():
+def slow_but(first: str, names: list[str]) -> list:
+    """``names`` as parameters, all but ``first`` marked slow (on JAX each network is a few
+    XLA compiles: seconds of CPU)."""
+    return [n if n == first else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", slow_but("cnn", NETWORKS))
+def test_forward_and_every_gradient_float64_on_jax(name):
     with jax_float64():
-        for name in NETWORKS:
-            assert_within(forward_backward(name, "jax", "float64"), 1e-10, name)
+        assert_within(forward_backward(name, "jax", "float64"), 1e-10, name)
 
 
-@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", pytest.param("jax", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NETWORKS)
 def test_forward_and_every_gradient_float32(name, backend_name):
     assert_within(forward_backward(name, backend_name, "float32"), 2e-5, name)
@@ -384,13 +390,13 @@ def test_adamw_warmup_cosine_clip_trains_as_torch(name, backend_name, via):
     assert_within(train_side_by_side(name, backend_name, via), 1e-9, f"{name} {via}")
 
 
-def test_adamw_warmup_cosine_clip_trains_as_torch_on_jax():
+@pytest.mark.parametrize("via", ["step", pytest.param("separate", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", slow_but("gru", NETWORKS))
+def test_adamw_warmup_cosine_clip_trains_as_torch_on_jax(name, via):
     """The separate calls, and the one-program step (its scalars are float32 pairs whose
     sum is the float64 value: 1e-11 here)."""
     with jax_float64():
-        for name in NETWORKS:
-            assert_within(train_side_by_side(name, "jax", "separate"), 1e-9, f"{name} separate")
-            assert_within(train_side_by_side(name, "jax", "step"), 1e-9, f"{name} step")
+        assert_within(train_side_by_side(name, "jax", via), 1e-9, f"{name} {via}")
 
 
 # -- bad input: an error naming the key, nothing changed ---------------------------------------------
@@ -458,13 +464,14 @@ def test_bad_input_is_named_and_changes_nothing(name, backend_name, via):
     assert all(np.array_equal(interrupted[k], clean[k]) for k in clean)
 
 
-def test_bad_input_is_named_and_changes_nothing_on_jax():
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["step", "separate"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_bad_input_is_named_and_changes_nothing_on_jax(name, via):
     with jax_float64():
-        for name in NETWORKS:
-            for via in ("step", "separate"):
-                clean = refused_run(name, "jax", via, with_bad=False)
-                interrupted = refused_run(name, "jax", via, with_bad=True)
-                assert all(np.array_equal(interrupted[k], clean[k]) for k in clean)
+        clean = refused_run(name, "jax", via, with_bad=False)
+        interrupted = refused_run(name, "jax", via, with_bad=True)
+        assert all(np.array_equal(interrupted[k], clean[k]) for k in clean)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
@@ -536,7 +543,7 @@ def test_transformer_block_batch_one_and_length_one_as_torch(backend_name, norm_
             assert np.abs(npy(backend, grads[k]) - theirs[v].grad.numpy()).max() < 1e-12, (n, k)
 
 
-@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_cnn_in_eval_mode_gradients_as_torch_eval(backend_name):
     """After three training-mode batches, an inference-mode pass (BatchNorm on its running
     statistics) gives ``net.eval()``'s loss and every gradient, and leaves the state alone."""
