@@ -316,8 +316,6 @@ def test_block_names_are_checked():
     assert [m.name for m in named] == ["svm", "head"] and Model().name is None
 
 
-@pytest.mark.xfail(strict=True, reason="operators take no name= (operator.py / each operator's "
-                   "__init__; see the report): Linear(16, name='c_fc') is a TypeError")
 def test_operator_name_as_published():
     # examples/gpt/model.py: Linear(n_embd * 4, name="c_fc"), LayerNorm(..., name="ln_1")
     block = Model(name="mlp")
@@ -327,9 +325,6 @@ def test_operator_name_as_published():
     assert list(pm.parameter_shapes) == ["c_fc.weight", "c_fc.bias", "ln_1.weight", "ln_1.bias"]
 
 
-@pytest.mark.xfail(strict=True, reason="Operator.connect takes keywords only (operator.py); "
-                   "the published connect takes its terminals positionally, in its signature's "
-                   "order: Linear (input, weight, output), Add (left, right, output)")
 def test_positional_connect_as_published():
     # examples/gpt/model.py: LayerNorm(...).connect("input"), Add().connect("input", block.cout,
     # "add_out"), Linear(...).connect(model.c_attn_out, output="split_out")
@@ -337,6 +332,18 @@ def test_positional_connect_as_published():
     block += Linear(4).connect("input")
     block |= Add().connect("input", block.cout, "add_out")
     assert block.output_keys[-1] == "add_out"
+    pm = ml.compile(block, ml.NumpyBackend(dtype="float64"), shapes={"input": [3, 4]})
+    params = {k: np.random.default_rng(0).normal(size=v) for k, v in pm.parameter_shapes.items()}
+    x = np.random.default_rng(1).normal(size=(3, 4))
+    want = x + x @ params["linear.weight"].T + params["linear.bias"]
+    np.testing.assert_allclose(pm.evaluate(params, {"input": x})["add_out"], want, rtol=1e-12)
+    with pytest.raises(TypeError, match=r"Add.connect takes at most 3 positional connections "
+                                        r"\(left, right, output\), got 4"):
+        Add().connect("a", "b", "c", "d")
+    with pytest.raises(TypeError, match="Linear.connect got two values for 'input'"):
+        Linear(2).connect("x", input="y")
+    with pytest.raises(ValueError, match="Linear: name must be a non-empty str without '.'"):
+        Linear(2, name="a.b")
 
 
 # --- the published Model's set_shapes / set_differentiability spellings, and ml.TBD -----------

@@ -146,9 +146,9 @@ from .unary_primitives import NormModifier  # noqa: E402
 __all__ += ["MDS", "MDSCore", "NormModifier"]
 
 # the published Mithril's recurrent cells, in its layout
-from .published_cells import PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa: E402
+from .published_cells import ManyToOne, PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa: E402
 
-__all__ += ["PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
+__all__ += ["ManyToOne", "PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
 
 # the published Mithril's support-vector machines
 from .svm import KernelizedSVM, LinearSVM, QuadraticFormRegularizer, Sign  # noqa: E402

@@ -253,6 +253,7 @@ class _Convolution(ConvParams, Operator):
     layout: str = "N, C, H, W"
     vjp_ignores = frozenset({"input", "bias", "output"})  # the im2col residual has the input
     fresh_output = True  # a view of the matmul's result
+    positional = ("input", "weight")  # (the published connect's first two)
 
     def __init__(self, kernel_size: int | Sequence[int], out_channels: int | None = None,
                  stride: int | Sequence[int] = 1, padding: Any = 0,

@@ -34,6 +34,7 @@ class Linear(Operator):
     param_init = {"weight": "glorot", "bias": "zeros"}
     vjp_ignores = frozenset({"output"})
     fresh_output = True
+    positional = ("input", "weight", "output")  # (the published Linear.connect's)
 
     def __init__(self, dimension: int | None = None, use_bias: bool = True,
                  **torch_only: Any) -> None:

@@ -26,6 +26,7 @@ Shapes are tuples whose entries are ``int`` or ``None`` (a free dimension, e.g. 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -95,8 +96,37 @@ def div_count(g: np.ndarray, n: int) -> np.ndarray:
     return g / n
 
 
+def _taking_name(init: Any) -> Any:
+    """``init`` that also takes ``name=`` (checked before anything is built; the outermost
+    class's ``__init__`` sets it)."""
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, name: str | None = None, **kwargs: Any) -> None:
+        from .declarations import check_block_name
+
+        check_block_name(name, type(self).__name__)
+        init(self, *args, **kwargs)
+        if name is not None:
+            self.__dict__["name"] = name
+
+    return __init__
+
+
 class Operator:
-    """Base class of primitive operations (see module docstring)."""
+    """Base class of primitive operations (see module docstring). Every operator takes the
+    published ``name=`` (its parameters' path segment, as a ``Model``'s): each class's
+    ``__init__`` is wrapped to take it (the wrapper keeps the class's own signature)."""
+
+    def __init__(self, *, name: str | None = None) -> None:
+        from .declarations import check_block_name
+
+        if check_block_name(name, type(self).__name__) is not None:
+            self.__dict__["name"] = name
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "__wrapped__"):
+            cls.__init__ = _taking_name(init)  # type: ignore[method-assign]
 
     inputs: ClassVar[tuple[str, ...]] = ("input",)
     #: inputs that take integer arrays (everything else takes the backend float dtype)
@@ -129,11 +159,26 @@ class Operator:
     #: runs the value checks only when the forward refuses them, to name the data key
     numpy_checked_inputs: ClassVar[frozenset[str]] = frozenset()
     param_names: ClassVar[Any] = None
+    #: the terminals ``connect`` takes positionally, in the published signature's order
+    #: (None: the inputs, then ``"output"``, as the published primitives')
+    positional: ClassVar[tuple[str, ...] | None] = None
 
-    def connect(self, **connections: Any) -> Any:
-        """Bind terminals (and parameter roles) to names, ``IOKey``s, connections or constants."""
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """Bind terminals (and parameter roles) to names, ``IOKey``s, connections or
+        constants; positional ones in :attr:`positional` order (``Add().connect("a", "b",
+        "out")``, ``Linear(4).connect("input")``, as published)."""
         from .model import Bound
 
+        if args:
+            order = self.positional or (*self.inputs, "output")
+            who = f"{type(self).__name__}.connect"
+            if len(args) > len(order):
+                raise TypeError(f"{who} takes at most {len(order)} positional connections "
+                                f"({', '.join(order)}), got {len(args)}")
+            for key in order[:len(args)]:
+                if key in connections:
+                    raise TypeError(f"{who} got two values for {key!r}")
+            connections = {**dict(zip(order, args)), **connections}
         return Bound(self, connections)
 
     __call__ = connect
