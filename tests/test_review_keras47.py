@@ -332,6 +332,14 @@ def test_exclude_from_weight_decay_names_ours_for_keras_var_list() -> None:
         assert opt.exclude_weight_decay == []
 
 
+@pytest.mark.parametrize("cls", ["Adam", "SGD", "Ftrl", "Adafactor"])
+def test_keras_name_argument_is_refused_with_a_hint(cls: str) -> None:
+    """Keras's ``name=`` (every Keras optimizer takes one) is refused saying to drop it (it
+    was Python's bare "unexpected keyword argument")."""
+    with pytest.raises(TypeError, match=r"Keras's name=: an optimizer here has no name"):
+        getattr(mo, cls)(name="adam")
+
+
 def test_accumulate_refuses_a_window_with_a_missing_gradient_and_goes_on() -> None:
     """Keras takes ``None`` for a variable on a micro-batch under
     ``gradient_accumulation_steps`` (on JAX that variable's sum then outlives the window);

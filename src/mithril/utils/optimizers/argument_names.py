@@ -37,6 +37,10 @@ _RECIPES = {
                                "ema_params(state)",
 }
 
+#: other libraries' constructor arguments with no counterpart here (the constructor's hint;
+#: not an attribute's, which may be anything the caller's own)
+_NO_COUNTERPART = {"name": "Keras's name=: an optimizer here has no name, drop it"}
+
 
 @functools.cache
 def _catalog_takes() -> dict[str, tuple[str, ...]]:
@@ -116,7 +120,8 @@ def _constructor(init: Callable) -> Callable:
             if depth or bad is None or bad.group(1) not in kw:
                 raise
             cls = type(self)
-            hint = _meant_among(_takes(cls), cls.__name__, bad.group(1))
+            hint = _NO_COUNTERPART.get(bad.group(1)) or _meant_among(
+                _takes(cls), cls.__name__, bad.group(1))
             raise TypeError(f"{cls.__name__}() got an unexpected keyword argument "
                             f"'{bad.group(1)}'" + (f" ({hint})" if hint else "")) from None
         finally:
