@@ -332,6 +332,18 @@ def test_exclude_from_weight_decay_names_ours_for_keras_var_list() -> None:
         assert opt.exclude_weight_decay == []
 
 
+def test_exclude_from_weight_decay_calls_add_up() -> None:
+    """Each call adds to the exclusions (Keras's second call replaces its first's: the
+    documented difference): after ``var_names=["b"]`` then ``["c"]`` neither decays, ``w``
+    does (``p - lr·wd·p`` on a zero gradient: 1 - 0.1·0.5)."""
+    opt = mo.SGD(learning_rate=0.1, weight_decay=0.5, convention="keras")
+    opt.exclude_from_weight_decay(var_names=["b"])
+    opt.exclude_from_weight_decay(var_names=["c"])
+    params = {n: np.ones(2) for n in ("w", "b", "c")}
+    params, _ = opt.update(params, {n: np.zeros(2) for n in params}, opt.init(params))
+    assert [float(params[n][0]) for n in ("w", "b", "c")] == [0.95, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("cls", ["Adam", "SGD", "Ftrl", "Adafactor"])
 def test_keras_name_argument_is_refused_with_a_hint(cls: str) -> None:
     """Keras's ``name=`` (every Keras optimizer takes one) is refused saying to drop it (it
