@@ -328,15 +328,19 @@ def test_add_param_group_equals_torch_muons() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="serialization.py: Optimizer.load_state_dict sets "
-                   "the hyperparameters by __dict__, so a following fallback's own state "
-                   "dict sets its epsilon apart from Muon's (optax's one eps split)")
 def test_the_following_fallbacks_own_state_dict_cannot_split_eps() -> None:
     opt = Muon(convention="optax")
     sd = opt.fallback.state_dict(None)
     sd["hyperparameters"]["epsilon"] = 1e-3
     with pytest.raises(ValueError, match=r"fallback\.epsilon"):
         opt.fallback.load_state_dict(sd)
+    assert opt.fallback.epsilon == opt.epsilon == 1e-8  # nothing changed
+    sd["hyperparameters"]["epsilon"] = 1e-8  # Muon's own value: taken
+    opt.fallback.load_state_dict(sd)
+    whole = opt.state_dict(None)  # Muon's own state dict moves both
+    whole["hyperparameters"]["epsilon"] = 1e-4
+    opt.load_state_dict(whole)
+    assert opt.fallback.epsilon == opt.epsilon == 1e-4
 
 
 @pytest.mark.parametrize("group, theirs", [

@@ -48,6 +48,14 @@ _DOMAINS = {"positive": (lambda a: ~(a <= 0), "> 0"),
             "flag": (lambda a: (a == 0) | (a == 1), "0 or 1")}
 
 
+
+def _differs(old: Any, new: Any) -> bool:
+    """Whether a loaded hyperparameter ``new`` changes ``old`` (numbers by value)."""
+    try:
+        return float(old) != float(new)
+    except (TypeError, ValueError):
+        return old != new
+
 class StateDictMixin:
     """The checkpoint half of :class:`~mithril.utils.optimizers.Optimizer`."""
 
@@ -113,6 +121,10 @@ class StateDictMixin:
             raise KeyError(f"state dict hyperparameter(s) {unknown} unknown to {type(self).__name__}")
         grouping = {k: hp[k] for k in GROUP_KEYS if k in hp}  # absent: no groups
         hp = {k: v for k, v in hp.items() if k not in GROUP_KEYS}
+        for name, value in hp.items():  # (a value another optimizer sets: a Muon's fallback's)
+            why = self._followed(name) if hasattr(self, "_followed") else None
+            if why is not None and _differs(self.__dict__.get(name), value):
+                raise ValueError(why)
         step = state_dict_count(d, "step") if "step" in d else None
         started, kept = resumed_averages(self, hp, step)
         hp.update(kept)
