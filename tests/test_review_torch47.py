@@ -10,6 +10,7 @@ state reset, its ``momentum`` ignored), ``differentiable=True`` was ignored."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -459,3 +460,41 @@ def test_differentiable_true_is_refused_not_ignored():
         opt.load_state_dict(theirs.state_dict())
     assert_unchanged(before, snapshot(net, opt))
     opt.load_state_dict(torch.optim.Adam(copy.deepcopy(net).parameters()).state_dict())
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o, p: o.state.clear(), lambda o, p: o.state.__delitem__(p),
+    lambda o, p: o.state.pop(p), lambda o, p: o.state[p].clear(),
+    lambda o, p: o.state[p].__setitem__("exp_avg", torch.zeros_like(p)),
+    lambda o, p: o.state[p].__setitem__("step", torch.tensor(0.0)),
+    lambda o, p: o.state[p].update(exp_avg=torch.zeros_like(p)),
+    lambda o, p: setattr(o, "state", collections.defaultdict(dict))],
+    ids=["clear", "del", "pop", "entry clear", "set slot", "set step", "update", "assign"])
+def test_torch_s_ways_to_reset_a_state_raise_not_ignored(edit):
+    """Found: ``opt.state.clear()``, ``del opt.state[p]``, ``opt.state[p]['exp_avg'] =
+    zeros`` and ``opt.state = defaultdict(dict)`` were silently ignored (``opt.state`` is
+    rebuilt from the optimizer's buffers at each access): torch's Adam restarts those
+    moments, ours went on with the old ones (parameters 4.2e-2 apart 3 steps later). Now
+    each raises, naming the way that works, and changes nothing; writing a slot in place
+    works as torch's."""
+    a, b = nets()
+    theirs = torch.optim.Adam(a.parameters(), lr=1e-2)
+    ours = torch_optimizer(mo.Adam(learning_rate=1e-2), b.parameters())
+    for _ in range(3):
+        step(a, theirs)
+        step(b, ours)
+    before = snapshot(b, ours)
+    with pytest.raises((TypeError, AttributeError), match="torch_optimizer"):
+        edit(ours, b[0].weight)
+    assert_unchanged(before, snapshot(b, ours))
+    for opt, net in ((theirs, a), (ours, b)):  # in place: as torch's
+        opt.state[net[0].weight]["exp_avg"].zero_()
+    for _ in range(3):
+        step(a, theirs)
+        step(b, ours)
+        assert err(a, b) < TOL
+    # reading: copies are plain dicts, a parameter without a state reads as empty
+    copied = copy.deepcopy(ours.state)
+    assert type(copied) is collections.defaultdict
+    assert [set(v) for v in copied.values()] == [{"step", "exp_avg", "exp_avg_sq"}] * 4
+    assert dict(ours.state[torch.nn.Parameter(torch.zeros(1))]) == {}

@@ -157,8 +157,9 @@ How it works:
 The base class :class:`~mithril.utils.optimizers.Optimizer` itself (no update rule) is
 refused with a ``TypeError``; every optimizer of :mod:`mithril.utils.optimizers` works.
 
-Also: ``opt.state[p]`` gives, per parameter, ``step`` and live views of the slots (torch's
-names); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
+Also: ``opt.state[p]`` gives, per parameter, ``step`` (a copy) and live views of the slots
+(torch's names; write them in place: setting, removing or clearing entries, torch's ways to
+reset a state, raises, see :mod:`.torch_optim_state_view`); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
 :class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step, except
 AdaGrad's, made with the wrapper as ``torch.optim.Adagrad``'s; its
 ``values`` hold the optimizer-wide values).
@@ -202,7 +203,6 @@ from .torch_optim_params import (
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
-    live_state,
     parse_state_dict,
     restore,
     slot_names_for_torch,
@@ -210,6 +210,7 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
     with_added,
     with_group,
 )
+from .torch_optim_state_view import live_state
 from .torch_optim_sync import TorchGroupSync
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
@@ -295,8 +296,11 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
 
     @state.setter
     def state(self, value: Any) -> None:
-        if value:  # torch.optim.Optimizer.__init__ assigns an empty one
-            raise AttributeError("the state of a mithril optimizer is set by load_state_dict")
+        # torch.optim.Optimizer.__init__ assigns an empty one; after it, torch's way to reset
+        # (opt.state = defaultdict(dict)) was silently ignored
+        if value or not self.__dict__.get("_constructing"):
+            raise AttributeError("the state of a mithril torch_optimizer is set by "
+                                 "load_state_dict; to start afresh, make a new one")
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a mithril torch_optimizer cannot be pickled or deep-copied; save "

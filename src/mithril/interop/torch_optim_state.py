@@ -36,7 +36,6 @@ others' state as it is, a fresh one (:func:`torch_initial`) for the new paramete
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -220,20 +219,6 @@ def own_steps(opt: Optimizer, st: Any, names: Sequence[str]) -> list[int]:
     steps it had no gradient at (``st.missed``)."""
     missed = st.missed.tolist() if st.missed is not None else [0] * len(names)
     return [st.step - k - m for k, m in zip(live_offsets(opt, names), missed)]
-
-
-def live_state(opt: Optimizer, st: Any, names: Sequence[str], params: Sequence[Any]
-               ) -> defaultdict:
-    """torch's ``opt.state``: per parameter ``step`` and live views of its slots."""
-    out: defaultdict = defaultdict(dict)
-    if st is None:
-        return out
-    rename = slot_names_for_torch(opt)
-    slots = {rename.get(s, s): st.slot(s) for s in shown(opt, st)}
-    for name, p, k in zip(names, params, own_steps(opt, st, names)):
-        out[p] = {"step": torch.tensor(float(k)),
-                  **{key: per[name] for key, per in slots.items() if per[name].numel()}}
-    return out
 
 
 def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float]
