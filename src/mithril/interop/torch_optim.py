@@ -159,7 +159,8 @@ refused with a ``TypeError``; every optimizer of :mod:`mithril.utils.optimizers`
 
 Also: ``opt.state[p]`` gives, per parameter, ``step`` (a copy) and live views of the slots
 (torch's names; write them in place: setting, removing or clearing entries, torch's ways to
-reset a state, raises, see :mod:`.torch_optim_state_view`); ``opt.mithril_optimizer`` / ``opt.mithril_state`` are the wrapped optimizer and its
+reset a state, raises, see :mod:`.torch_optim_state_view`); ``opt.mithril_optimizer`` /
+``opt.mithril_state`` are the wrapped optimizer and its
 :class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step, except
 AdaGrad's, made with the wrapper as ``torch.optim.Adagrad``'s; its
 ``values`` hold the optimizer-wide values).
