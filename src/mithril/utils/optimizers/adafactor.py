@@ -104,6 +104,8 @@ class Adafactor(TensorwiseOptimizer):
     """
 
     slots = ("row_var", "col_var", "variance")
+    #: the convention sets the slots and which options exist: a group repeats it or is refused
+    step_wide = ("convention",)
     traced_in_update = ("beta2_decay", "d", "weight_decay")
 
     def __init__(self, learning_rate: float = 1e-2, beta2_decay: float = -0.8,
@@ -146,13 +148,6 @@ class Adafactor(TensorwiseOptimizer):
     @property
     def weight_decay_in_math(self) -> bool:  # type: ignore[override]
         return self.convention != "keras"
-
-    def _finish_groups(self) -> None:
-        super()._finish_groups()
-        for i, g in enumerate(self._groups):
-            if "convention" in g:  # (it sets the slots and which options exist)
-                raise ValueError(f"param_groups[{i}]: ['convention'] configures Adafactor as "
-                                 f"a whole, not a group")
 
     def load_state_dict(self, d: Mapping[str, Any], params: Mapping[str, Any] | None = None
                         ) -> OptimizerState | None:
