@@ -99,6 +99,10 @@ CASES: dict[str, tuple[str, dict, str | None, str, dict, str | None, float, str]
     "adam_global_clipnorm_accumulate": (
         "Adam", {"global_clipnorm": 1.0, "gradient_accumulation_steps": 2}, None,
         "Adam", {"epsilon": E, "clip_norm": 1.0, "clip_eps": 0.0, **KC}, None, 0.01, ""),
+    # exclude_from_weight_decay called on the optimizer that accumulates (ours: the wrapper)
+    "adamw_accumulate_exclude": (
+        "AdamW", {"weight_decay": 0.1, "gradient_accumulation_steps": 2, "exclude": ["b"]},
+        None, "AdamW", {"epsilon": E, "weight_decay": 0.1, **KC}, None, 0.01, ""),
 }
 #: the cases also run in float32 on both sides (Keras's variables float32, its schedules'
 #: values cast to them)
@@ -219,10 +223,10 @@ def run_ours(case: str, dtype: str = "float64") -> tuple[list, Any]:
     """Our trajectory for ``case`` (and the EMA at the end, or None), in ``dtype``."""
     _, kkw, _, cls, kw, sched, lr, pattern = CASES[case]
     opt = getattr(mo, cls)(learning_rate=lr, **kw)
-    if "exclude" in kkw:
-        opt.exclude_from_weight_decay(var_names=kkw["exclude"])
     k = kkw.get("gradient_accumulation_steps")
     wrapped = opt if k is None else Accumulate(opt, k)
+    if "exclude" in kkw:  # (on the wrapper, as Keras's on the optimizer that accumulates)
+        wrapped.exclude_from_weight_decay(var_names=kkw["exclude"])
     scheduler = eval("ls." + sched, {"ls": ls, "o": wrapped}) if sched else None
     p0, grads = problem()
     params = {n: v.astype(dtype) for n, v in p0.items()}

@@ -584,6 +584,20 @@ class Accumulate:
         ``schedule_free_eval_params``)."""
         return self._reader("eval_params")(self._inner(state, "eval_params"), params)
 
+    def exclude_from_weight_decay(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped optimizer's ``exclude_from_weight_decay`` (Keras calls it on the
+        optimizer that accumulates)."""
+        self._reader("exclude_from_weight_decay")(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """A wrapped optimizer's hyperparameter, read (``acc.beta1``; set it on
+        ``acc.optimizer``)."""
+        inner = self.__dict__.get("optimizer")
+        hp = getattr(inner, "hyperparameters", None)
+        if name[:1] != "_" and callable(hp) and name in hp():
+            return getattr(inner, name)
+        raise AttributeError(f"Accumulate has no attribute {name!r}")
+
     # learning rate (for schedulers)
     def get_learning_rate(self) -> float:
         return self.optimizer.get_learning_rate()
