@@ -498,3 +498,27 @@ def test_torch_s_ways_to_reset_a_state_raise_not_ignored(edit):
     assert type(copied) is collections.defaultdict
     assert [set(v) for v in copied.values()] == [{"step", "exp_avg", "exp_avg_sq"}] * 4
     assert dict(ours.state[torch.nn.Parameter(torch.zeros(1))]) == {}
+
+
+def test_momentum_cycled_to_zero_is_refused_naming_the_schedule():
+    """Known limit, made clear: ``OneCycleLR(base_momentum=0)`` brings SGD's momentum to 0
+    at the peak; torch's keeps the buffer unused then (plain steps), ours cannot drop the
+    slot mid-run. The step raises saying so (it said "set this in the constructor",
+    where no constructor value helps) and changes nothing."""
+    a, b = nets()
+    theirs = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    ours = torch_optimizer(mo.SGD(learning_rate=0.05, momentum=0.9), b.parameters())
+    sa, sb = (L.OneCycleLR(o, 0.1, total_steps=20, base_momentum=0.0, max_momentum=0.9)
+              for o in (theirs, ours))
+    for _ in range(5):
+        for net, opt, sched in ((a, theirs, sa), (b, ours, sb)):
+            step(net, opt)
+            sched.step()
+        assert err(a, b) < TOL
+    assert ours.param_groups[0]["momentum"] == 0.0
+    ours.zero_grad()
+    loss_of(b).backward()
+    before = snapshot(b, ours)
+    with pytest.raises(ValueError, match=r"\['momentum'\].*keeps the unused slot.*above 0"):
+        ours.step()
+    assert_unchanged(before, snapshot(b, ours))

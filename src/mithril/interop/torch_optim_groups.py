@@ -305,9 +305,13 @@ def apply_values(opt: Optimizer, hp: Mapping[str, Any], before: Mapping[str, Any
     if st is not None and {*opt.full_slot_names(), *opt.tensor_slots} != set(st.slots):
         needed = sorted({*opt.full_slot_names(), *opt.tensor_slots})
         opt.load_state_dict({"optimizer": type(opt).__name__, "hyperparameters": before})
+        # (a value cycled to 0 by a scheduler, e.g. OneCycleLR(base_momentum=0): torch's
+        # keeps the unused buffer; here the constructor cannot help)
+        hint = ("torch.optim keeps the unused slot while the value is 0 (a scheduler's "
+                "base_momentum=0); here keep it above 0" if set(needed) < set(st.slots)
+                else "set this in the constructor instead")
         raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
-                         f"{needed}, but its state has {sorted(st.slots)}; set this in the "
-                         f"constructor instead")
+                         f"{needed}, but its state has {sorted(st.slots)}; {hint}")
 
 
 def mithril_index(names: Sequence[Sequence[str]]) -> list[int | None]:
