@@ -151,9 +151,9 @@ def ours(cfg: dict) -> list:
     if opts.get("use_ema"):
         kw["ema_decay"] = opts["ema_momentum"]
     if "global_clipnorm" in opts and "gradient_accumulation_steps" in opts:
-        # Keras clips the window's mean: our clip_norm on the inner optimizer does (its
-        # torch floor, ‖g‖ + 1e-6, has no switch: ~1e-7 off, see TOL_FLOOR)
-        kw["clip_norm"] = opts["global_clipnorm"]
+        # Keras clips the window's mean: our clip_norm on the inner optimizer does (with
+        # clip_eps=0.0, Keras's c/‖g‖ without torch's 1e-6)
+        kw["clip_norm"], kw["clip_eps"] = opts["global_clipnorm"], 0.0
     opt = getattr(mo, cfg["ours"])(learning_rate=lr, **kw)
     if "exclude" in opts:
         opt.exclude_from_weight_decay(var_names=opts["exclude"])

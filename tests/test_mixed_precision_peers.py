@@ -12,8 +12,8 @@ Conventions checked (``shared/reference/conventions.md`` and the trainer's docs)
   micro-batch and an overflowing micro-batch is dropped, not the whole window: Keras'
   semantics (its ``LossScaleOptimizer`` wraps the accumulating optimizer); torch's loop
   checks once per optimizer step instead, so it is compared on finite runs only.
-* ``clip_norm`` is torch's ``min(1, c/(‖g‖ + 1e-6))``; Keras' ``global_clipnorm`` has no
-  ε (a relative difference ~1e-7 here).
+* ``clip_norm`` is torch's ``min(1, c/(‖g‖ + 1e-6))``; against Keras' ``global_clipnorm``
+  (no ε) it takes ``clip_eps=0.0``.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_accumulate_with_loss_scaling_clip_and_schedule_matches_keras(backend,
     difference; torch's loop, below, steps them per update.)"""
     data, ref = keras_accumulating_run
     compiled = linear(backend)
-    sgd = SGD(learning_rate=0.25, clip_norm=1.5)
+    sgd = SGD(learning_rate=0.25, clip_norm=1.5, clip_eps=0.0)  # (Keras': no ε)
     acc = Accumulate(sgd, 2)
     counted = Counter()
     trainer = MixedPrecisionTrainer(compiled, acc, p0(backend), loss_scale=64.0,
