@@ -580,3 +580,33 @@ def test_cnn_in_eval_mode_gradients_as_torch_eval(backend_name):
         for k, v in names.items():
             assert np.abs(npy(backend, grads[k]) - theirs[v].grad.numpy()).max() < 1e-12, k
         assert all(np.array_equal(npy(backend, after[k]), npy(backend, state[k])) for k in state)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_a_skipped_step_returns_its_forward_passs_batchnorm_statistics_as_torch(backend_name):
+    """``nonfinite="skip"`` leaves the params alone, but the state returned is the forward
+    pass's, NaN included, as torch's buffers after the forward whose ``optimizer.step()`` a
+    finiteness check skips (docs/dropout-batchnorm.md); keeping the state passed in drops
+    the batch."""
+    backend, compiled, params, net, names, states, make_batch = setup("cnn", backend_name)
+    step = make_train_step(compiled, AdamW(learning_rate=LR, clip_norm=CLIP, nonfinite="skip"),
+                           loss="loss")
+    opt_state, state = step.init(params), compiled.initial_state_dict
+    rng = np.random.default_rng(0)
+    batch = make_batch(rng, 4)
+    params, opt_state, _, state = step(params, opt_state, on(backend, batch), state=state)
+    net(**torch_inputs(batch, "float64"))
+    before = {k: npy(backend, v).copy() for k, v in params.items()}
+    batch = make_batch(rng, 4)
+    batch["input"][0, 0, 0, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        params, opt_state, _, new_state = step(params, opt_state, on(backend, batch), state=state)
+    net(**torch_inputs(batch, "float64"))
+    assert opt_state.last_step_skipped
+    assert all(np.array_equal(npy(backend, params[k]), before[k]) for k in before)
+    for k, v in new_state.items():
+        prefix, buffer = k.rsplit(".", 1)
+        want = getattr(getattr(net, states[prefix]), buffer).numpy()
+        assert np.allclose(npy(backend, v), want, rtol=0, atol=1e-12, equal_nan=True), k
+    assert np.isnan(npy(backend, new_state["batch_norm2_d_0.running_mean"])).any()
+    assert not any(np.isnan(npy(backend, v)).any() for v in state.values())
