@@ -37,6 +37,7 @@ import mithril.utils.optimizers as mo
 from mithril.errors import KeyMismatchError
 from mithril.utils.accumulation import Accumulate
 from mithril.utils.loss_scaler import LossScaler
+from mithril.utils.mixed_precision import MixedPrecisionTrainer
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": (), "c": (2, 3, 2)}
 STEPS = 20
@@ -374,11 +375,12 @@ def test_accumulate_refuses_a_window_with_a_missing_gradient_and_goes_on() -> No
     np.testing.assert_allclose(params["b"], [-0.2], rtol=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="LossScaler / MixedPrecisionTrainer give Python's bare "
-                   "TypeError for Keras's LossScaleOptimizer names (src/mithril/utils/"
-                   "loss_scaler.py, mixed_precision.py: not this session's files)")
 @pytest.mark.parametrize(("keras_name", "ours"), [("initial_scale", "init_scale"),
                                                  ("dynamic_growth_steps", "growth_interval")])
 def test_loss_scaler_names_ours_for_keras_names(keras_name: str, ours: str) -> None:
     with pytest.raises(TypeError, match=rf"{keras_name}.*{ours}"):
         LossScaler(**{keras_name: 2})
+    with pytest.raises(TypeError, match=r"'initial_scale' \(use loss_scale=\)"):
+        MixedPrecisionTrainer(None, None, {}, initial_scale=2.0)  # (checked first)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'nope'$"):
+        LossScaler(nope=1)

@@ -20,6 +20,15 @@ from .optimizers.checks import check_flag, check_int, describe, to_float
 __all__ = ["LossScaler"]
 
 #: the constructor's arguments, as its errors name them
+def refuse_peer_names(who: str, given: Mapping[str, Any], ours: Mapping[str, str]) -> None:
+    """A keyword ``who`` does not take (``given``): a TypeError naming ours for Keras'
+    ``LossScaleOptimizer`` / torch's ``GradScaler`` spellings (``ours``), as Python's would."""
+    if given:
+        name = next(iter(given))
+        hint = f" (use {ours[name]}=)" if name in ours else ""
+        raise TypeError(f"{who}() got an unexpected keyword argument {name!r}{hint}")
+
+
 _ARGS = ("init_scale", "growth_factor", "backoff_factor",
          "growth_interval", "dynamic", "growth_tracker", "min_scale")
 
@@ -52,7 +61,9 @@ class LossScaler:
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
-                 dynamic: bool = True, min_scale: float = 0.0) -> None:
+                 dynamic: bool = True, min_scale: float = 0.0, **peer: Any) -> None:
+        refuse_peer_names("LossScaler", peer, {"initial_scale": "init_scale",
+                                               "dynamic_growth_steps": "growth_interval"})
         self._set(self._checked(init_scale, growth_factor, backoff_factor, growth_interval,
                                 dynamic, 0, min_scale, names=_ARGS, zero_scale=False))
 

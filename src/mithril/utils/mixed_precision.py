@@ -71,7 +71,7 @@ import numpy as np
 from ..errors import InputValueError, KeyMismatchError, ShapeError
 from .accumulation import Accumulate, AccumulateState, _check_weight
 from .fixed_parts import FixedParts
-from .loss_scaler import LossScaler
+from .loss_scaler import LossScaler, refuse_peer_names
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
 from .optimizers.checks import check_int, describe
@@ -150,7 +150,11 @@ class MixedPrecisionTrainer(FixedParts):
                  optimizer_state: Any = None, loss_scale: float = 2.0**16,
                  dynamic_loss_scaling: bool = True, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
-                 min_loss_scale: float = 0.0) -> None:
+                 min_loss_scale: float = 0.0, **peer: Any) -> None:
+        refuse_peer_names("MixedPrecisionTrainer", peer, {
+            "initial_scale": "loss_scale", "init_scale": "loss_scale",
+            "dynamic_growth_steps": "growth_interval", "dynamic": "dynamic_loss_scaling",
+            "min_scale": "min_loss_scale"})
         backend = getattr(model, "backend", None)
         if backend is None or getattr(backend, "name", None) not in ENGINES:
             raise TypeError("model must be a CompiledModel on a NumPy, JAX or torch backend, "
