@@ -42,3 +42,30 @@ def test_adafactor_takes_torchs_param_groups() -> None:
     opt = Adafactor(param_groups=[{"params": ["w"], "convention": "torch"}])  # (restated)
     assert "convention" not in opt.param_groups[0]
     assert np.isclose(opt.learning_rate, 1e-2)
+
+
+@pytest.mark.parametrize("backend", ["NumpyBackend", "TorchBackend", "JaxBackend"])
+def test_model_state_of_another_float_dtype_is_refused_on_every_backend(backend: str) -> None:
+    """A float32 BatchNorm state given to a float64 model: a DTypeError naming it on every
+    backend (torch and JAX converted it silently, NumPy refused it), as for parameters."""
+    import mithril as ml
+    from mithril.errors import DTypeError
+    from mithril.models import BatchNorm1D, Model
+
+    m = Model()
+    m |= BatchNorm1D(3)(input="input", output="output")
+    pm = ml.compile(m, getattr(ml, backend)(dtype="float64"), shapes={"input": [4, 3]})
+    state = {k: np.asarray(v, np.float32 if "running" in k else None)
+             for k, v in pm.initial_state_dict.items()}
+    before = {k: v.copy() for k, v in state.items()}
+    with pytest.raises(DTypeError, match=r"state 'batch_norm1_d.running_mean': expected "
+                                         r"dtype float64, got float32"):
+        pm.evaluate(pm.get_parameters(), {"input": np.ones((4, 3))}, state=state,
+                    training=True)
+    for k in state:
+        np.testing.assert_array_equal(state[k], before[k])
+    same = {k: v.astype(np.float64) if "running" in k else v for k, v in state.items()}
+    _, new = pm.evaluate(pm.get_parameters(), {"input": np.arange(12.0).reshape(4, 3)},
+                         state=same, training=True)
+    np.testing.assert_allclose(np.asarray(new["batch_norm1_d.running_mean"]),
+                               0.1 * np.arange(12.0).reshape(4, 3).mean(0), rtol=1e-12)

@@ -22,7 +22,7 @@ _CASTABLE = ("float32", "float64")
 
 #: arrays that must have the model's float dtype whatever their framework (a NumPy float64
 #: weight is refused by a float32 model on every backend, not cast by torch and JAX only)
-_STRICT = ("parameter", "output gradient")
+_STRICT = ("parameter", "output gradient", "state")
 
 
 def _float_name(x: Any) -> str | None:
