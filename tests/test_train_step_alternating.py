@@ -125,4 +125,4 @@ def test_skipped_steps_in_turn_are_read_without_a_host_read_per_call_and_warned_
             params, state, _ = steps[i % 2](params, state, data[i % 2])
     assert [str(w.message) for w in got] == [
         "Adam: 1 step(s) skipped (a non-finite gradient, or non-finite params or state after "
-        "the step); params and state unchanged by them (1 in all)"]
+        "the step); params and optimizer state unchanged by them (1 in all)"]

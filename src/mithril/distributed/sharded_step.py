@@ -114,7 +114,7 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         local.num_skipped += 1
         local.consecutive_skips += 1
         warnings.warn(f"{name}: non-finite gradient (global norm {norm}); step skipped, "
-                      f"params and state unchanged", RuntimeWarning, stacklevel=3)
+                      f"params and optimizer state unchanged", RuntimeWarning, stacklevel=3)
         return (dict(state._out) if state._out else dict(params)), state
     if opt.clip_norm is not None:  # (the engines' rule, an applied non-finite norm's too:
         # inf scales every gradient by 0, as torch's clip_grad_norm_; NaN by min(1, NaN) = 1)

@@ -385,8 +385,8 @@ def report_skips(step: Any, opt_state: Any) -> None:
     (k, j, _), name = now, type(step.optimizer).__name__
     if k > seen[0]:
         warnings.warn(f"{name}: {k - seen[0]} step(s) skipped (a non-finite gradient, or "
-                      f"non-finite params or state after the step); params and state "
-                      f"unchanged by them ({k} in all)", RuntimeWarning, stacklevel=4)
+                      f"non-finite params or state after the step); params and optimizer "
+                      f"state unchanged by them ({k} in all)", RuntimeWarning, stacklevel=4)
     if j is None or seen[1] is None or j <= seen[1]:
         return
     from ..interop.optax_prologue import CONSECUTIVE

@@ -489,7 +489,7 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         state.consecutive_skips += 1
         what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
                 "the step would give non-finite params or state")
-        warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
+        warnings.warn(f"{name}: {what}; step skipped, params and optimizer state unchanged",
                       RuntimeWarning, stacklevel=3)
         return new_params, state
 

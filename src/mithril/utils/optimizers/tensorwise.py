@@ -370,7 +370,7 @@ def _finish(opt: Any, state: OptimizerState, params: dict[str, Any], ok: bool, n
     if not ok:
         state.num_skipped += 1
         what = grad or "the step would give non-finite params or state"
-        warnings.warn(f"{name}: {what}; step skipped, params and state unchanged",
+        warnings.warn(f"{name}: {what}; step skipped, params and optimizer state unchanged",
                       RuntimeWarning, stacklevel=3)
         return params, state
     state.step += 1
