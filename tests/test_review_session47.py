@@ -69,3 +69,16 @@ def test_model_state_of_another_float_dtype_is_refused_on_every_backend(backend:
                          state=same, training=True)
     np.testing.assert_allclose(np.asarray(new["batch_norm1_d.running_mean"]),
                                0.1 * np.arange(12.0).reshape(4, 3).mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cell, published", [("RNNCell", "PublishedRNNCell()"),
+                                             ("LSTMCell", "PublishedLSTMCell()")])
+def test_a_published_cell_spelling_names_the_published_cell(cell: str, published: str) -> None:
+    """The published Mithril's ``RNNCell()`` (no size) is ours ``PublishedRNNCell()``: the
+    error says so (it was Python's "missing 1 required positional argument")."""
+    import mithril.models as mm
+
+    with pytest.raises(TypeError, match=rf"{cell}: hidden_size is required.*{published}"):
+        getattr(mm, cell)()
+    ours = getattr(mm, "Published" + cell)()
+    assert type(ours).__name__ == "Published" + cell

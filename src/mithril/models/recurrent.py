@@ -366,7 +366,14 @@ _TimeMajor.__name__ = "Transpose"  # the compiler names a block after its class:
 class _Cell(Model, _TorchNames):
     kind: ClassVar[str]
 
-    def __init__(self, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh") -> None:
+    def __init__(self, hidden_size: int | None = None, bias: bool = True,
+                 nonlinearity: str = "tanh") -> None:
+        if hidden_size is None:  # (the published RNNCell() / LSTMCell() take no size)
+            published = {"rnn": " (the published Mithril's RNNCell() is PublishedRNNCell())",
+                         "lstm": " (the published Mithril's LSTMCell() is "
+                                 "PublishedLSTMCell())"}.get(self.kind, "")
+            raise TypeError(f"{type(self).__name__}: hidden_size is required, as torch.nn."
+                            f"{type(self).__name__}'s{published}")
         super().__init__()
         states = {"h0": "prev_hidden"} | ({"c0": "prev_cell"} if self.kind == "lstm" else {})
         rec = Recurrence(self.kind, hidden_size, bias, nonlinearity,
@@ -402,7 +409,7 @@ class LSTMCell(_Cell):
 
     kind = "lstm"
 
-    def __init__(self, hidden_size: int, bias: bool = True) -> None:
+    def __init__(self, hidden_size: int | None = None, bias: bool = True) -> None:
         super().__init__(hidden_size, bias)
 
 
@@ -412,7 +419,7 @@ class GRUCell(_Cell):
 
     kind = "gru"
 
-    def __init__(self, hidden_size: int, bias: bool = True) -> None:
+    def __init__(self, hidden_size: int | None = None, bias: bool = True) -> None:
         super().__init__(hidden_size, bias)
 
 
