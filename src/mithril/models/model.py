@@ -577,7 +577,6 @@ class Model:
 builtins_type = type  # (IOKey's ``type`` argument shadows it there)
 
 
-
 def cin_key(block: Block) -> str | None:
     """The terminal of ``block`` that ``+=`` wires to the previous output: its canonical input."""
     if isinstance(block, Model) and block._cin is not None and block._cin.name in block.input_keys:
