@@ -29,37 +29,35 @@ def _refuse(what: str) -> Any:
     return refused
 
 
+def _read_only(spelled: str) -> Any:
+    """A dict class whose every mutator raises, naming the call as written on ``spelled``
+    (``opt.state`` / ``opt.state[p]``)."""
+    def made(cls: type) -> type:
+        for name, call in (("__setitem__", f"{spelled}[key] = value"),
+                           ("__delitem__", f"del {spelled}[key]"),
+                           ("__ior__", f"{spelled} |= ..."),
+                           *((m, f"{spelled}.{m}()") for m in (
+                               "clear", "pop", "popitem", "setdefault", "update"))):
+            setattr(cls, name, _refuse(call))
+        return cls
+    return made
+
+
+@_read_only("opt.state[p]")
 class ParamStateView(dict):
     """One parameter's entry: ``step`` (a copy) and live views of its slots."""
-
-    __setitem__ = _refuse("opt.state[p][key] = value")
-    __delitem__ = _refuse("del opt.state[p][key]")
-    clear = _refuse("opt.state[p].clear()")
-    pop = _refuse("opt.state[p].pop()")
-    popitem = _refuse("opt.state[p].popitem()")
-    setdefault = _refuse("opt.state[p].setdefault()")
-    update = _refuse("opt.state[p].update()")
-    __ior__ = _refuse("opt.state[p] |= ...")
 
     def __reduce__(self) -> tuple:  # (a copy is a plain dict)
         return dict, (dict(self),)
 
 
+@_read_only("opt.state")
 class StateView(defaultdict):
     """torch's ``opt.state``: a parameter without a state reads as an empty entry (not
     stored, as reading torch's stores one)."""
 
     def __missing__(self, key: Any) -> ParamStateView:
         return ParamStateView()
-
-    __setitem__ = _refuse("opt.state[p] = entry")
-    __delitem__ = _refuse("del opt.state[p]")
-    clear = _refuse("opt.state.clear()")
-    pop = _refuse("opt.state.pop()")
-    popitem = _refuse("opt.state.popitem()")
-    setdefault = _refuse("opt.state.setdefault()")
-    update = _refuse("opt.state.update()")
-    __ior__ = _refuse("opt.state |= ...")
 
     def __reduce__(self) -> tuple:  # (a copy is a plain defaultdict of dicts)
         return defaultdict, (dict,), None, None, ((k, dict(v)) for k, v in self.items())
