@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BACKENDS, jax_float64
+from test_networks_torch_parity import sinusoids  # (the torch tutorials' table)
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import mithril as ml
@@ -110,15 +111,6 @@ def transformer_mithril() -> ml.Model:
     m |= ml.CrossEntropy(ignore_index=0, label_smoothing=0.05)(
         input="logits", target="target", output="loss")
     return m
-
-
-def sinusoids(length: int, dim: int) -> np.ndarray:
-    """The torch tutorials' PositionalEncoding table."""
-    pos = np.arange(length)[:, None]
-    div = np.exp(np.arange(0, dim, 2) * (-np.log(10000.0) / dim))
-    pe = np.zeros((length, dim))
-    pe[:, 0::2], pe[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
-    return pe
 
 
 class LM(torch.nn.Module):
