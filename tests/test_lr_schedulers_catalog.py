@@ -447,7 +447,7 @@ VALIDATION_CASES = [
     (lambda o: ConstantLR(o, math.nan), "factor"),
     (lambda o: ConstantLR(o, 0.5, 0), "total_iters"),
     (lambda o: ConstantLR(o, 0.5, HUGE), "total_iters"),
-    (lambda o: ConstantLR(o, 0.5, 2.0), "total_iters"),  # type: ignore[arg-type]
+    (lambda o: ConstantLR(o, 0.5, 2.5), "total_iters"),  # type: ignore[arg-type]
     (lambda o: LinearLR(o, 0.0), "start_factor"),
     (lambda o: LinearLR(o, HUGE), "start_factor"),
     (lambda o: LinearLR(o, 0.5, 1.2), "end_factor"),

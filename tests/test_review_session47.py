@@ -82,3 +82,30 @@ def test_a_published_cell_spelling_names_the_published_cell(cell: str, published
         getattr(mm, cell)()
     ours = getattr(mm, "Published" + cell)()
     assert type(ours).__name__ == "Published" + cell
+
+
+def test_scheduler_step_counts_take_integral_floats() -> None:
+    """Keras' ``decay_steps=1e4`` (and a JSON config's ``1000.0``): a float with an integral
+    value is that integer (it was refused); 2.5 still is, naming the argument."""
+    import mithril.utils.lr_schedulers as ls
+    from mithril.utils.optimizers import SGD
+
+    def rates(make) -> list[float]:
+        opt = SGD(learning_rate=0.1)
+        sched = make(opt)
+        out = []
+        for _ in range(30):
+            out.append(opt.learning_rate)
+            sched.step()
+        return out
+
+    assert rates(lambda o: ls.WSD(o, 5.0, 0, 2e1, 0.1, 0.0, "cosine")) == \
+        rates(lambda o: ls.WSD(o, 5, 0, 20, 0.1, 0.0, "cosine"))
+    assert rates(lambda o: ls.PiecewiseConstant(o, boundaries=[1e1, 2e1],
+                                                values=[0.1, 0.01, 0.001])) == \
+        rates(lambda o: ls.PiecewiseConstant(o, boundaries=[10, 20], values=[0.1, 0.01, 0.001]))
+    assert rates(lambda o: ls.StepLR(o, 7.0, 0.5)) == rates(lambda o: ls.StepLR(o, 7, 0.5))
+    with pytest.raises(ValueError, match="step_size must be an integer >= 1, got 2.5"):
+        ls.StepLR(SGD(learning_rate=0.1), 2.5)
+    with pytest.raises(ValueError, match="step_size must be an integer >= 1, got nan"):
+        ls.StepLR(SGD(learning_rate=0.1), float("nan"))

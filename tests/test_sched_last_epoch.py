@@ -262,7 +262,7 @@ def test_base_lr_keyword_is_torchs_initial_lr():
 @pytest.mark.parametrize(("kw", "err", "msg"), [
     ({"last_step": -1}, ValueError, r"StepLR: last_step must be an integer >= 0, got -1"),
     ({"last_epoch": -2}, ValueError, r"StepLR: last_epoch must be an integer >= -1, got -2"),
-    ({"last_epoch": 2.0}, ValueError, r"last_epoch must be an integer >= -1, got 2.0"),
+    ({"last_epoch": 2.5}, ValueError, r"last_epoch must be an integer >= -1, got 2.5"),
     ({"last_step": True}, ValueError, r"last_step must be an integer >= 0, got True"),
     ({"last_step": 2 ** 80}, ValueError, r"last_step is too large"),
     ({"last_step": 1, "last_epoch": 0}, TypeError, r"not both \(last_epoch=k is last_step=k\+1"),

@@ -40,7 +40,12 @@ def _check_optimizer(optimizer: Any) -> None:
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    """An integer in ``[minimum, MAX_INT]`` (``ValueError`` naming ``name`` otherwise)."""
+    """An integer in ``[minimum, MAX_INT]`` (``ValueError`` naming ``name`` otherwise); a
+    float with an integral value is taken (Keras' ``decay_steps=1e4``, a JSON config's
+    ``1000.0``)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+            and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {describe(value)}")
     value = int(value)
