@@ -109,3 +109,38 @@ def test_scheduler_step_counts_take_integral_floats() -> None:
         ls.StepLR(SGD(learning_rate=0.1), 2.5)
     with pytest.raises(ValueError, match="step_size must be an integer >= 1, got nan"):
         ls.StepLR(SGD(learning_rate=0.1), float("nan"))
+
+
+def test_torch_switches_in_constructor_groups_are_taken_as_a_state_dict_is() -> None:
+    """torch's per-group switches that do not change the numbers (``foreach``, ``fused``,
+    ``capturable``, ``maximize=False``, ``differentiable=False``) were refused in the groups
+    given to ``torch_optimizer`` while a torch state dict holding them loaded: taken now
+    (carried along, as torch's), the run equals ``torch.optim.Adam``'s with the same groups;
+    ``maximize=True`` is still refused by name, nothing changed."""
+    from mithril.utils.optimizers import Adam
+
+    switches = {"foreach": False, "fused": None, "capturable": False, "maximize": False,
+                "differentiable": False}
+
+    def groups(m):
+        return [{"params": m[0].parameters(), **switches},
+                {"params": m[1].parameters(), "lr": 0.05}]
+
+    theirs = _torch_run(lambda m: torch.optim.Adam(groups(m), lr=0.01))
+    opts = []
+    ours = _torch_run(lambda m: opts.append(torch_optimizer(Adam(learning_rate=0.01),
+                                                            groups(m))) or opts[0])
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    assert {k: opts[0].param_groups[0][k] for k in switches} == switches
+    m = torch.nn.Linear(2, 2).double()
+    before = [p.detach().clone() for p in m.parameters()]
+    # (refused at the step, before anything changed)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['maximize'\] = True: Adam has "
+                                         r"no 'maximize'"):
+        opt = torch_optimizer(Adam(learning_rate=0.01), [{"params": m.parameters(),
+                                                          "maximize": True}])
+        m(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+        opt.step()
+    for p, q in zip(m.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)

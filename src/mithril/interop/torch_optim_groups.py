@@ -147,7 +147,8 @@ def torch_values(groups: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, 
                                    f"as torch's); leave it out")
         extra = sorted(set(g) - known)
         near = {k: difflib.get_close_matches(k, known, 1, 0.8) for k in extra}
-        bad = [k for k in extra if near[k] or k in _TORCH_SETTINGS or k in _catalog_takes()]
+        bad = [k for k in extra if k not in _TORCH_SWITCHES  # (a switch: as a load takes it)
+               and (near[k] or k in _TORCH_SETTINGS or k in _catalog_takes())]
         if bad:
             hint = "; ".join(f"{k}: did you mean {near[k][0]}?" for k in bad if near[k])
             # (a KeyMismatchError: a KeyError whose message is not quoted and escaped)
