@@ -144,3 +144,29 @@ def test_torch_switches_in_constructor_groups_are_taken_as_a_state_dict_is() -> 
         opt.step()
     for p, q in zip(m.parameters(), before):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+
+
+def test_one_stateless_activation_instance_given_to_several_blocks() -> None:
+    """torch users share one ``nn.GELU()`` between layers: one ``Gelu`` instance given to two
+    ``TransformerBlock`` s (or to an MLP's layers) compiled to "used twice"; a stateless one is
+    now copied per use (the same numbers as separate instances), one with weights (PReLU)
+    is still refused rather than silently un-shared."""
+    import mithril as ml
+
+    def blocks(make_act):
+        m = ml.Model()
+        m |= ml.TransformerBlock(8, 2, 16, activation=make_act())(input="input", output="h")
+        m |= ml.TransformerBlock(8, 2, 16, activation=make_act())(input="h", output="output")
+        return ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"input": [2, 3, 8]})
+
+    shared_act = ml.Gelu(approximate="tanh")
+    shared, separate = blocks(lambda: shared_act), blocks(lambda: ml.Gelu(approximate="tanh"))
+    assert shared.parameter_shapes == separate.parameter_shapes
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(v) * 0.3 for k, v in shared.parameter_shapes.items()}
+    x = {"input": rng.standard_normal((2, 3, 8))}
+    np.testing.assert_array_equal(shared.evaluate(params, x)["output"],
+                                  separate.evaluate(params, x)["output"])
+    prelu = ml.PReLU()
+    with pytest.raises(ValueError, match="is used twice"):
+        blocks(lambda: prelu)

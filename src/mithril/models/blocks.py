@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,10 @@ class MLP(Model):
 
 def _make_activation(act: Operator | type | str) -> Operator:
     if isinstance(act, Operator):
-        return act
+        # one stateless instance given to several layers (torch users share an nn.GELU()):
+        # a copy each; one with weights or state stays itself (sharing them, or refused)
+        stateless = not (act.param_init or act.state_init or act.random)
+        return copy.copy(act) if stateless else act
     if isinstance(act, str):
         if act not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose from {sorted(_ACTIVATIONS)}")
