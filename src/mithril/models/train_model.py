@@ -46,13 +46,13 @@ FINAL_COST = "final_cost"
 
 # -- the objective's operators ---------------------------------------------------------------------
 class ParameterRef(Operator):
-    """Reads the parameter named ``name`` (made by another block) as its output: the compiler
+    """Reads the parameter named ``parameter`` (made by another block) as its output: the compiler
     shares it, so gradients through this operator add to that parameter's."""
 
     inputs: tuple[str, ...] = ()
 
-    def __init__(self, name: str) -> None:
-        self.param_names = {"value": name}
+    def __init__(self, parameter: str) -> None:  # (not name=: every operator's path name)
+        self.param_names = {"value": parameter}
 
     def infer_shape(self, shapes):
         return shapes.get("value")
