@@ -170,3 +170,19 @@ def test_one_stateless_activation_instance_given_to_several_blocks() -> None:
     prelu = ml.PReLU()
     with pytest.raises(ValueError, match="is used twice"):
         blocks(lambda: prelu)
+
+
+def test_every_block_takes_name_as_published() -> None:
+    """``name=`` on any block, composite ones too (``TransformerBlock(..., name="enc0")``,
+    ``LayerNorm(name="ln_f")``): the parameters' path, checked before anything is built."""
+    import mithril as ml
+
+    m = ml.Model()
+    m |= ml.TransformerBlock(8, 2, 16, name="enc0")(input="input", output="h")
+    m |= ml.LayerNorm(name="ln_f")(input="h", output="output")
+    pm = ml.compile(m, ml.NumpyBackend(), shapes={"input": [2, 3, 8]})
+    names = list(pm.parameter_shapes)
+    assert names[0].startswith("enc0.") and names[-2:] == ["ln_f.weight", "ln_f.bias"]
+    assert all(n.startswith(("enc0.", "ln_f.")) for n in names)
+    with pytest.raises(ValueError, match="TransformerBlock: name must be a non-empty str"):
+        ml.TransformerBlock(8, 2, 16, name="a.b")

@@ -44,7 +44,7 @@ from ..errors import KeyMismatchError
 from .connection_types import TBD, check_fed, kinds_of, merged, type_name, value_kind
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import ConnectionOps, Expression, wire_expression
-from .operator import Operator, Shape, fmt, unify
+from .operator import Operator, Shape, fmt, takes_name, unify
 
 
 class IOKey(ConnectionOps):
@@ -194,6 +194,10 @@ class Model:
     names this model where it is a child: its parameters are then ``<name>.<role path>``
     (``Model(name="mlp")`` in a parent: ``mlp.linear_0.weight``) instead of the snake_case
     class name (``model_0``); siblings may not share a name."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        takes_name(cls)  # (every block takes name=, as published)
 
     def __init__(self, name: str | None = None) -> None:
         self.name = check_block_name(name, type(self).__name__)

@@ -27,6 +27,7 @@ Shapes are tuples whose entries are ``int`` or ``None`` (a free dimension, e.g. 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -96,6 +97,15 @@ def div_count(g: np.ndarray, n: int) -> np.ndarray:
     return g / n
 
 
+def takes_name(cls: type) -> None:
+    """Make ``cls.__init__`` take the published ``name=`` (its path segment), unless it
+    takes a ``name`` of its own (:meth:`Operator.__init_subclass__`, and ``Model``'s)."""
+    init = cls.__dict__.get("__init__")
+    if init is not None and not hasattr(init, "__wrapped__") and \
+            "name" not in inspect.signature(init).parameters:
+        cls.__init__ = _taking_name(init)  # type: ignore[misc]
+
+
 def _taking_name(init: Any) -> Any:
     """``init`` that also takes ``name=`` (checked before anything is built; the outermost
     class's ``__init__`` sets it)."""
@@ -124,9 +134,7 @@ class Operator:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not hasattr(init, "__wrapped__"):
-            cls.__init__ = _taking_name(init)  # type: ignore[method-assign]
+        takes_name(cls)
 
     inputs: ClassVar[tuple[str, ...]] = ("input",)
     #: inputs that take integer arrays (everything else takes the backend float dtype)
