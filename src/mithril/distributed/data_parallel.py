@@ -456,14 +456,15 @@ class DataParallel(FixedParts):
             refused = e
         present = [0.0] * len(names) if refused is not None else [
             float(gradients.get(n) is not None) for n in names]
-        hyper = settings_votes(self.optimizer)
+        hyper = settings_votes(self.optimizer) if state.world > 1 else []  # (alone: agrees)
         votes = _small([float(refused is not None), *present, mine or 0.0, *hyper], buf)
         pg.all_reduce(votes)
         flags = _host(votes)
         if flags[0] > 0:
             pg.agree("DataParallel.update", refused)
-        check_settings_votes("DataParallel.update", self.optimizer, flags[-len(hyper):],
-                             state.world)
+        if hyper:
+            check_settings_votes("DataParallel.update", self.optimizer,
+                                 flags[2 + len(names):], state.world)
         mean_loss = None if mine is None else float(flags[1 + len(names)]) / state.world
         self._pack(gradients, state)
         if len(buf) and _dtype_name(buf) == "float16":  # divided first, as DDP: the sum
