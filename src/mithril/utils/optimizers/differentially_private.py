@@ -38,22 +38,37 @@ class DPAggregateState(NamedTuple):
 _JITTED: Any = None
 
 
-def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, clip: Any, std: Any,
-               seed: int, step: Any, noisy: bool) -> dict[str, Any]:
-    """``ḡ`` of :class:`DifferentiallyPrivate` (``std`` = C·σ; no draw unless ``noisy``:
-    optax's numbers exactly for σ = 0)."""
+def clipped_sums(xp: NumpyOps, gradients: Mapping[str, Any], batch: int,
+                 clip: Any) -> dict[str, Any]:
+    """``Σ_i c_i · g_i`` of :class:`DifferentiallyPrivate`, flat, per parameter (a sum over
+    ranks of these is the whole batch's: how :class:`~mithril.distributed.DataParallel`
+    aggregates)."""
     rows = {n: g.reshape(batch, -1) for n, g in gradients.items()}
     sq = sum((r * r).sum(1) for r in rows.values())
     with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
         ratio = clip / xp.m.sqrt(sq)
     scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
+    return {n: scale @ r for n, r in rows.items()}  # (flat: a 0-d result stays an array)
+
+
+def noised_mean(xp: NumpyOps, sums: Mapping[str, Any], batch: int, std: Any, seed: int,
+                step: Any, noisy: bool) -> dict[str, Any]:
+    """``(sums + C·σ·ξ_t) / B``, flat (no draw unless ``noisy``: optax's numbers exactly
+    for σ = 0)."""
     out = {}
-    for n, g in gradients.items():
-        s = scale @ rows[n]  # (flat, reshaped last: a 0-d result stays an array)
+    for n, s in sums.items():
         if noisy:  # (the draws of the parameter's shape, in its element order)
             s = s + std * gaussian_noise(xp, tuple(s.shape), seed, f"dp/{n}", step, s.dtype)
-        out[n] = (s / batch).reshape(tuple(g.shape[1:]))
+        out[n] = s / batch
     return out
+
+
+def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, clip: Any, std: Any,
+               seed: int, step: Any, noisy: bool) -> dict[str, Any]:
+    """``ḡ`` of :class:`DifferentiallyPrivate` (``std`` = C·σ)."""
+    mean = noised_mean(xp, clipped_sums(xp, gradients, batch, clip), batch, std, seed, step,
+                       noisy)
+    return {n: m.reshape(tuple(gradients[n].shape[1:])) for n, m in mean.items()}
 
 
 class DifferentiallyPrivate(OuterWrapper):
