@@ -234,7 +234,8 @@ class DataParallel(FixedParts):
     and ``torch.optim`` skips it (:mod:`.missed_steps`; at every world size). The
     ownership rule of :mod:`mithril.utils.optimizers.base` holds: rebind to what ``update``
     returns. Without a process group (one process) it is the wrapped optimizer (counting
-    each parameter's own steps, as above)."""
+    each parameter's own steps, as above). Around :class:`DifferentiallyPrivate` (DP-SGD)
+    ``update`` takes this rank's per-example gradients (:mod:`.private_step`)."""
 
     def __init__(self, optimizer: Any, shard_state: bool = False) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -440,6 +441,10 @@ class DataParallel(FixedParts):
             note_missed(self.optimizer, state.local,
                         [n for n in state.names if gradients.get(n) is None])
             return new, state
+        if getattr(self.optimizer, "takes_per_example_gradients", False):
+            from .private_step import private_step  # (DP-SGD: per-example gradients)
+
+            return private_step(self, params, gradients, state, loss)
         buf, names = state._send, state.names
         # every rank checks its inputs before any gradient travels: the all-reduce sums the
         # buffer in place, and that buffer may be the caller's gradient_views (micro-batches
