@@ -103,7 +103,7 @@ CLOSURE = (LBFGS, catalog.SAM)
 
 def test_every_optimizer_is_here() -> None:
     """A new optimizer of the catalog joins ``optimizers()`` (and so every test above); those
-    taking per-example gradients are refused by name (tests/test_dpsgd.py)."""
+    taking per-example gradients get them from the step (tests/test_train_step_private.py)."""
     exported = {getattr(catalog, n) for n in catalog.__all__}
     classes = {c for c in exported if isinstance(c, type) and issubclass(c, Optimizer)
                and c is not Optimizer}
@@ -112,8 +112,7 @@ def test_every_optimizer_is_here() -> None:
     assert classes - per_example == {type(make()) for make in optimizers().values()}
     spec = mlp_spec(8, 4, [16])
     compiled = ml.compile(spec.model, BACKENDS["numpy"](dtype="float32"), shapes=spec.shapes)
-    with pytest.raises(TypeError, match="DPSGD takes per-example gradients"):
-        make_train_step(compiled, catalog.DPSGD(), loss="loss")
+    assert make_train_step(compiled, catalog.DPSGD(), loss="loss")._per_example
 
 
 def problem(backend_name: str, seed: int = 0) -> tuple:

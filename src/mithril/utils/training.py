@@ -69,6 +69,10 @@ How each backend runs it:
   update is its own** (a wrapper such as Mechanize, that no optax transformation runs): the
   separate calls, as with an ``OptimizerState``; :meth:`TrainStep.init` is
   ``optimizer.init``.
+* **DP-SGD** (an optimizer whose ``update`` takes per-example gradients,
+  :class:`~mithril.utils.optimizers.DifferentiallyPrivate`), on every backend:
+  :func:`~mithril.utils.per_example.per_example_gradients` of the step's data, then one
+  ``update``; :meth:`TrainStep.init` is ``optimizer.init``.
 * **A wrapper of the optimizer contract** that is not a mithril optimizer
   (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
   backend (an ``Accumulate``'s without the params the loss does not reach, as above);
@@ -135,6 +139,20 @@ def _loss_key(compiled: Any, loss: str) -> str:
     return loss
 
 
+def _check_per_example_model(compiled: Any) -> None:
+    """Refuse, at ``make_train_step``, a model whose per-example gradients are not each
+    example's own (Dropout, BatchNorm) or that cannot run on one example."""
+    prog = getattr(compiled, "_program", None)
+    if prog is None:
+        raise ShapeError("make_train_step: a DP-SGD step needs per-example gradients: "
+                         "compile the model with shapes whose batch dimension is None "
+                         "(e.g. shapes={'input': [None, 8]})")
+    if prog.has_context:
+        raise TypeError("make_train_step: a DP-SGD step needs per-example gradients, and "
+                        "the model has Dropout or BatchNorm (random masks or batch "
+                        "statistics: no example's gradient is its own)")
+
+
 class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
     """What :func:`make_train_step` returns; see the module docs.
 
@@ -154,11 +172,8 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
             raise TypeError(f"make_train_step needs a mithril optimizer (or a wrapper with "
                             f"its init / update / learning_rate, as Accumulate), got "
                             f"{type(optimizer).__name__}")
-        if getattr(optimizer, "takes_per_example_gradients", False):
-            raise TypeError(f"make_train_step: {type(optimizer).__name__} takes per-example "
-                            f"gradients (a leading batch axis), the step computes the "
-                            f"batch's: see mithril.utils.per_example.per_example_gradients "
-                            f"and docs/privacy.md")
+        # DP-SGD (update takes per-example gradients): the step computes them
+        self._per_example = bool(getattr(optimizer, "takes_per_example_gradients", False))
         self.compiled, self.optimizer = compiled, optimizer
         self.loss = _loss_key(compiled, loss)
         self.backend = compiled.backend
@@ -167,9 +182,12 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         # an optimizer that evaluates the loss itself (LBFGS: ``update(..., closure=)``) gets
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
+        if self._per_example:  # (refused here, not at the first step)
+            _check_per_example_model(compiled)
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
         self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
+            not self._per_example and \
             optimizer.nonfinite != "raise" and _one_program(optimizer)
         # (each parameter's own step count in the program: see train_step_states)
         self._own_counts = self._fused and counts_own_steps(optimizer)
@@ -300,6 +318,8 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
             return self._fused_step(params, opt_state, data, state)
         if self._closure_driven:
             return self._closure_step(params, opt_state, data, state)
+        if self._per_example:
+            return self._private_step(params, opt_state, data, state)
         return self._separate_step(params, opt_state, data, state)
 
     @property
@@ -393,6 +413,27 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         self._norm_of = opt_state
         return (params, opt_state, outputs) if state is None else (
             params, opt_state, outputs, latest[0])
+
+    def _private_step(self, params: Mapping[str, Any], opt_state: Any,
+                      data: Mapping[str, Any], state: Any) -> tuple:
+        """DP-SGD (an optimizer taking per-example gradients): the outputs of the whole
+        batch, each example's gradients
+        (:func:`~mithril.utils.per_example.per_example_gradients`, every data key batched;
+        the parameters the loss does not reach left out, as a ``.grad`` None), then one
+        ``update``. The forward runs once more than in the other steps (the outputs')."""
+        from .per_example import per_example_gradients
+
+        if state is not None:
+            raise TypeError("make_train_step: a DP-SGD step takes no model state (its model "
+                            "can hold no BatchNorm: per-example gradients)")
+        check_state_kind(self.optimizer, opt_state)  # before the model runs
+        c = self.compiled
+        rows = per_example_gradients(c, params, data, self.loss)
+        grads = {n: g for n, g in rows.items() if n not in self._unreached}
+        outputs = c.evaluate(params, data)
+        params, opt_state = self.optimizer.update(params, grads, opt_state)
+        self._norm_of = opt_state
+        return params, opt_state, outputs
 
     def _model_views(self, views: dict[str, Any]) -> bool:
         """Whether ``views`` (the arrays an update returned) are the model's parameters, in
