@@ -90,6 +90,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
     is None instead of an error (the target is optional there)."""
     read = 0  # the file's lines read into complete rows (a bad row starts after them)
     sep = separator_of(path)
+    blocks: _Blocks | None = None
+    holes: dict[str, list[str]] = {}  # column -> the rows missing it (all named at once)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             # strict: an unclosed quote is an error, not a cell that swallows the rest of the file
@@ -138,49 +140,44 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                                   if all(_is_float(h) for h in header) else ""))
             cols = [position[c] for c in features]
             tcol = position[target] if want_target else None
-            rows, ys = [], []
-            holes: dict[str, list[str]] = {}  # column -> the rows missing it (all named at once)
+            blocks = _Blocks(path, features, cols)
+            ys: list[str | None] = []
             i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
             for row in reader:
                 start, read = read + 1, reader.line_num
                 if not row or (len(row) == 1 < len(header) and not row[0].strip()):
                     continue  # a blank line, or one of spaces (in a one-column file: a cell)
                 i += 1
-                where = f"row {i} (line {start})"
                 if len(row) != len(header):
-                    raise CLIError(f"--data {path}: {where} has {len(row)} cells, the header "
-                                   f"{len(header)}")
-                values = []
-                for c, name in zip(cols, features):
-                    cell = row[c]
-                    if _missing(cell):
-                        holes.setdefault(name, []).append(where)
-                        values.append(math.nan)
-                        continue
-                    v = _number(cell)
-                    if v is None:
-                        raise CLIError(f"--data {path}: column {name!r}, {where}: {cell.strip()!r} "
-                                       f"is not a finite number ({_not_number_hint(cell)})")
-                    values.append(v)
-                rows.append(values)
+                    blocks.flush(holes)  # a bad cell above it is named first
+                    raise CLIError(f"--data {path}: row {i} (line {start}) has {len(row)} "
+                                   f"cells, the header {len(header)}")
+                blocks.add(row, start, holes)
                 if tcol is not None:
                     cell = row[tcol].strip()
                     if _missing(cell) and scoring:
                         ys.append(None)  # predicted, left out of the score
                         continue
                     if _missing(cell):
+                        blocks.flush(holes)
                         raise CLIError(f"--data {path}: missing value in the target column "
-                                       f"{target!r}, {where}")
+                                       f"{target!r}, row {i} (line {start})")
                     if not scoring and _number(cell) is None and _is_float(cell):
                         # 'inf' would otherwise turn a numeric target into text labels
-                        raise CLIError(f"--data {path}: target column {target!r}, {where}: "
-                                       f"{cell!r} is not a finite number")
+                        blocks.flush(holes)
+                        raise CLIError(f"--data {path}: target column {target!r}, row {i} "
+                                       f"(line {start}): {cell!r} is not a finite number")
                     ys.append(cell)
+            blocks.flush(holes)
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
+        if blocks is not None:
+            blocks.flush(holes)  # a bad cell above the line is named first
         raise CLIError(f"--data {path}: {_not_utf8(path, exc)}") from None
     except csv.Error as exc:
+        if blocks is not None:
+            blocks.flush(holes)
         hint = "; a quoted cell is never closed" if "end of data" in str(exc) else \
             "; a quote opened on this line is never closed?" if "field limit" in str(exc) else \
             "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
@@ -188,7 +185,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                        f"({exc}{hint})") from None
     if holes:
         raise CLIError(_missing_message(path, holes, scoring))
-    if not rows:
+    assert blocks is not None
+    if not blocks.rows:
         raise CLIError(f"--data {path}: no data rows")
     if tcol is not None and not scoring and _looks_like_data(header) and target in ys:
         # UCI's iris.data: numbers and a class, the class a value of its column too (a
@@ -197,9 +195,71 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
                        f"{next(h for h in header if _is_float(h))!r} ({_names(header, 5)}), "
                        f"and {target!r} is a value of its column too: the file has no header "
                        f"row? Add one naming the columns (--target names one of them)")
-    x = np.array(rows, dtype=np.float64).reshape(len(rows), len(features))
+    x = blocks.array()
     return Table(path, features, x, target if tcol is not None else None,
                  _typed(ys) if tcol is not None else None, ys if tcol is not None else None)
+
+
+#: data rows whose feature cells are held as text before they are converted to float64 at once
+BLOCK_ROWS = 4096
+
+
+class _Blocks:
+    """The feature cells of a text table, converted to float64 a block of rows at a time: the
+    text of at most :data:`BLOCK_ROWS` rows is held (a table of Python floats would take four
+    times the memory of the array, plus the copy to it), and one ``float`` over a block's cells
+    reads them as :func:`.table_text._number` does cell by cell, which is left for a block
+    holding a missing or non-finite value, to name it."""
+
+    def __init__(self, path: str, features: list[str], cols: list[int]) -> None:
+        self.path, self.features, self.cols = path, features, cols
+        self.cells: list[str] = []
+        self.lines: list[int] = []  # the file line each held row starts on
+        self.blocks: list[np.ndarray] = []
+        self.rows = 0  # rows converted
+
+    def add(self, row: list[str], line: int, holes: dict[str, list[str]]) -> None:
+        self.cells.extend(map(row.__getitem__, self.cols))
+        self.lines.append(line)
+        if len(self.lines) >= BLOCK_ROWS:
+            self.flush(holes)
+
+    def flush(self, holes: dict[str, list[str]]) -> None:
+        """Convert the rows held; missing cells are added to ``holes`` (column -> rows), any
+        other cell that is not a finite number is a CLIError naming it."""
+        if not self.lines:
+            return
+        cells, nf = self.cells, len(self.features)
+        try:
+            block = np.fromiter(map(float, cells), np.float64, len(cells))
+            fine = bool(np.isfinite(block).all())
+        except ValueError:
+            fine = False
+        if not fine:  # cell by cell: the missing ones are counted, the first bad one named
+            block = np.empty(len(cells))
+            for k, cell in enumerate(cells):
+                v = _number(cell)
+                if v is not None:
+                    block[k] = v
+                    continue
+                r, c = divmod(k, nf)
+                where = f"row {self.rows + r + 1} (line {self.lines[r]})"
+                if not _missing(cell):
+                    raise CLIError(f"--data {self.path}: column {self.features[c]!r}, {where}: "
+                                   f"{cell.strip()!r} is not a finite number "
+                                   f"({_not_number_hint(cell)})")
+                holes.setdefault(self.features[c], []).append(where)
+                block[k] = math.nan
+        self.blocks.append(block.reshape(-1, nf))
+        self.rows += len(self.lines)
+        self.cells, self.lines = [], []
+
+    def array(self) -> np.ndarray:
+        """The rows converted, (rows, features)."""
+        if len(self.blocks) == 1:
+            return self.blocks[0]
+        return np.concatenate(self.blocks) if self.blocks else \
+            np.empty((0, len(self.features)))
 
 
 def _missing_message(path: str, holes: dict[str, list[str]], predicting: bool) -> str:
