@@ -1,8 +1,15 @@
-"""PyTorch's :class:`SWALR`: anneal to a constant learning rate for weight averaging (SWA)."""
+"""``torch.optim.swa_utils``' counterparts beside the optimizers' own averages
+(:mod:`mithril.utils.optimizers.averaging`): :class:`SWALR`, which anneals to a constant
+learning rate for weight averaging (SWA), and :func:`update_bn`, which recomputes a model's
+BatchNorm running statistics for averaged weights."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
 
 from .base import (
     LRScheduler,
@@ -14,7 +21,7 @@ from .base import (
     _to_float,
 )
 
-__all__ = ["SWALR"]
+__all__ = ["SWALR", "update_bn"]
 
 
 class SWALR(LRScheduler):
@@ -120,3 +127,80 @@ class SWALR(LRScheduler):
             raise ValueError(f"SWALR: the learning rate at step {t} is {lr}")
         self.optimizer.set_learning_rate(lr)  # checks first: a refused lr changes nothing
         self._last_step, self._last_lr = t, lr
+
+
+def _batch_norms(compiled: Any) -> list[tuple[str, float | None, dict[str, str]]]:
+    """Each BatchNorm of ``compiled`` that keeps running statistics: its path, momentum and
+    state names (key -> name)."""
+    from ...models.norms import _BatchNorm
+
+    return [(node.path, node.op.momentum, dict(node.state)) for node in compiled.program.nodes
+            if isinstance(node.op, _BatchNorm) and node.state]
+
+
+def update_bn(batches: Iterable[Mapping[str, Any]], compiled: Any, params: Mapping[str, Any],
+              state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model state (``compiled.initial_state_dict``'s keys) with every BatchNorm's
+    running statistics recomputed for ``params`` over ``batches``, as
+    ``torch.optim.swa_utils.update_bn(loader, model)``: each BatchNorm's statistics reset,
+    then one training-mode forward pass per batch (a dict of inputs, as ``evaluate``
+    takes), each BatchNorm keeping the cumulative average of the batches' statistics
+    (torch's ``momentum=None`` during the pass, whatever the layer's own momentum)::
+
+        running_mean = mean over batches of the batch means
+        running_var  = mean over batches of the unbiased batch variances
+        num_batches_tracked = the number of batches
+
+    Use it with averaged weights, whose statistics no forward pass computed:
+    ``state = update_bn(batches, compiled, opt.swa_params(opt_state))`` (or
+    ``opt.ema_params``; torch's ``AveragedModel(use_buffers=False)`` recipe). ``state``: the
+    state the rest of the model (anything but BatchNorm statistics) starts from (default
+    the initial one); it evolves through the passes as in training. Without batches the
+    statistics are the reset ones (torch's ``reset_running_stats``); a model without
+    BatchNorm statistics gets ``state`` back. Nothing given is changed (a new dict).
+
+    Each pass runs the layer's own momentum ``m`` from zeroed statistics, so it returns
+    ``m · μ`` and the batch statistic is that divided by ``m`` (exact for ``momentum=None``,
+    within an ulp otherwise); a layer with ``momentum=0`` never reads a batch and is
+    refused, naming it."""
+    bns = _batch_norms(compiled)
+    initial = compiled.initial_state_dict
+    start = dict(initial if state is None else state)
+    if start.keys() != initial.keys():
+        from ...errors import KeyMismatchError
+
+        raise KeyMismatchError(f"update_bn: state does not match the model's: missing "
+                               f"{sorted(set(initial) - set(start))}, unknown "
+                               f"{sorted(set(start) - set(initial))}")
+    for path, m, _ in bns:
+        if m == 0:
+            raise ValueError(f"update_bn: BatchNorm '{path}' has momentum=0: its running "
+                             f"statistics never take a batch's, so they cannot be recomputed")
+    if not bns:
+        return start
+    if not isinstance(batches, Iterable) or isinstance(batches, Mapping):
+        raise TypeError(f"update_bn: batches must be an iterable of input dicts, got "
+                        f"{type(batches).__name__}")
+    stats = {n for _, _, names in bns for n in names.values()}
+    zeros = {k: v * 0 for k, v in initial.items() if k in stats}
+    rest = {k: v for k, v in start.items() if k not in stats}
+    running = {k: initial[k] for k in stats}  # (zeros, ones, 0: torch's reset)
+    count = 0
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"update_bn: batch {i} must be a dict of inputs (as evaluate "
+                            f"takes), got {type(batch).__name__}")
+        _, out = compiled.evaluate(params, batch, state={**rest, **zeros}, training=True)
+        count += 1
+        f = 1.0 / count  # (torch's momentum=None: a cumulative average)
+        for _, m, names in bns:
+            for key in ("running_mean", "running_var"):
+                if key in names:
+                    k = names[key]
+                    b = out[k] if m is None else out[k] / m
+                    running[k] = b if count == 1 else (1 - f) * running[k] + f * b
+            if "num_batches_tracked" in names:
+                n = zeros[names["num_batches_tracked"]] + count
+                running[names["num_batches_tracked"]] = np.asarray(n) if np.isscalar(n) else n
+        rest = {k: out[k] for k in rest}
+    return {k: running[k] if k in stats else rest[k] for k in start}

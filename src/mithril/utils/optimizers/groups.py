@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .name_patterns import _matcher, _matches
+from .argument_names import _OTHER_NAMES
+from .name_patterns import _matcher, _matches, check_disjoint, claimed_earlier
 from .own_rows import OwnRows, own_count_rows  # noqa: F401 - own_count_rows: importable here
 from .readonly_groups import ParamGroup, ParamGroups  # noqa: F401 - importable from here
 
@@ -99,6 +100,11 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             raise KeyError(f"{where} has no 'params' (a regex, a list of names or a callable)")
         _matcher(g["params"], f"{where}['params']")
         over = {k: v for k, v in g.items() if k != "params"}
+        for alias, name in _HP_ALIASES.items():  # torch's "lr" / "eps", as the constructor's
+            if alias in over and alias not in hp:
+                if name in over:
+                    raise TypeError(f"{where}: give {name} or {alias}, not both")
+                over[name] = over.pop(alias)
         scale, pinned = over.pop("lr_scale", None), None
         offset = check_step_offset(where, over.pop("step_offset", 0))
         if "learning_rate" in over:
@@ -119,8 +125,10 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             scale = check_positive(f"{where}['lr_scale']", scale)
         unknown = sorted(set(over) - set(hp))
         if unknown:
+            ours = [f"{u!r} is {_OTHER_NAMES[u]}" for u in unknown if u in _OTHER_NAMES]
             raise KeyError(f"{where}: {unknown} are not hyperparameters of {type(opt).__name__} "
-                           f"(it has {sorted(set(hp) - GLOBAL)})")
+                           + f"({''.join(o + ' here; ' for o in ours)}it has "
+                           + f"{sorted(set(hp) - GLOBAL)})")
         wide = set(over) & (GLOBAL | set(getattr(opt, "step_wide", ())))
         for k in [k for k in wide if not differs(hp[k], over[k])]:
             del over[k]  # (a torch group repeats every default: the same value is no change)
@@ -136,7 +144,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
             probe = copy.copy(opt)
             probe.assign({k: norm[k]})
             if probe.rule() != opt.rule():
-                raise ValueError(f"{where}: {k}={g[k]!r} changes {type(opt).__name__}'s state "
+                raise ValueError(f"{where}: {k}={over[k]!r} changes {type(opt).__name__}'s state "
                                  f"slots or update rule ({k}={hp[k]!r} elsewhere); parameters "
                                  f"that need it take a separate optimizer")
         entry = {"params": g["params"], **norm}
@@ -147,6 +155,7 @@ def normalize(opt: Any, groups: Any) -> list[dict[str, Any]]:
         if offset:
             entry["step_offset"] = offset
         out.append(ParamGroup(entry, i))
+    check_disjoint(out)
     return ParamGroups(out)
 
 
@@ -189,6 +198,7 @@ def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
                 decay = False
                 matched.setdefault(f"exclude{j}", []).append(n)
         owner.append((gi, decay))
+    claimed_earlier(groups, [gi for gi, _ in owner], names)
     # what a callable matched, by name: what state dicts and checkpoints keep
     opt._matched = matched
     unused = [i for i, u in enumerate(used) if not u]

@@ -74,9 +74,56 @@ def _matches(m: Matcher, name: str, where: str) -> bool:
 def check_mask(opt: Any, names: Sequence[str]) -> None:
     """``opt``'s ``weight_decay_mask`` tried on each of ``names`` (an ``init``'s): a dict
     naming all of them, a function returning a bool for each, else the error
-    :func:`_matches` gives, before anything is built."""
+    :func:`_matches` gives, before anything is built; and no name a group lists claimed by
+    an earlier group's pattern (:func:`claimed_earlier`)."""
     mask = getattr(opt, "weight_decay_mask", None)
     if mask is not None:
         m = _matcher(mask, "weight_decay_mask")
         for n in names:
             _matches(m, n, "weight_decay_mask")
+    groups = getattr(opt, "param_groups", None) or []
+    if any(listed(g["params"]) for g in groups[1:]):  # (a name listed, claimed earlier)
+        ms = [_matcher(g["params"], f"param_groups[{i}]['params']") for i, g in enumerate(groups)]
+        owner = [next((i for i, m in enumerate(ms)
+                       if _matches(m, n, f"param_groups[{i}]['params']")), None) for n in names]
+        claimed_earlier(groups, owner, names)
+
+
+def listed(spec: Any) -> list[str]:
+    """The names a pattern lists by name: a list's, or a dict's ``True`` entries (none for a
+    regex or a callable, which match rather than list)."""
+    if isinstance(spec, str) or callable(spec):
+        return []
+    if isinstance(spec, Mapping):
+        return [n for n, hit in _flat_bools(spec, "params").items() if hit]
+    return list(spec)
+
+
+def check_disjoint(groups: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a parameter name two groups list by name (torch: "some parameters appear in
+    more than one parameter group"); patterns that overlap are first-match by design."""
+    seen: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for n in dict.fromkeys(listed(g["params"])):
+            j = seen.setdefault(n, i)
+            if j != i:
+                raise ValueError(f"param_groups[{j}] and param_groups[{i}] both list parameter "
+                                 f"'{n}': a parameter belongs to one group (torch refuses one "
+                                 f"in two); drop it from one of them")
+
+
+def claimed_earlier(groups: Sequence[Mapping[str, Any]], owner: Sequence[int | None],
+                    names: Sequence[str]) -> None:
+    """Refuse a parameter that ``param_groups[j]`` lists by name but an earlier group's
+    pattern claims first (``owner``: each name's first matching group): it would silently
+    take the earlier group's hyperparameters, not those it was listed with."""
+    at = {n: i for i, n in enumerate(names)}
+    for j, g in enumerate(groups):
+        for n in listed(g["params"]):
+            gi = owner[at[n]] if n in at else j
+            if gi is not None and gi != j:
+                raise ValueError(f"param_groups[{j}] lists parameter '{n}', but "
+                                 f"param_groups[{gi}] ({groups[gi]['params']!r:.60}) matches "
+                                 f"it first: a parameter belongs to one group (the first that "
+                                 f"matches); narrow param_groups[{gi}]'s pattern or drop '{n}' "
+                                 f"from param_groups[{j}]")

@@ -35,6 +35,19 @@ class ParamGroup(dict):
     __setitem__ = __delitem__ = setdefault = pop = popitem = clear = update = _refuse
     __ior__ = _refuse
 
+    def __missing__(self, key: Any) -> Any:
+        """A key the group does not hold: torch's ``param_groups[i]["lr"]`` (a group keeps
+        its learning rate as ``lr_scale``) or a hyperparameter it does not override (the
+        optimizer's holds): a ``KeyError`` naming the call that reads its value."""
+        i = self.index
+        call = (f"get_learning_rate({i})" if key in ("lr", "learning_rate") else
+                f"hyperparameter({key!r}, group={i}).get()")
+        why = ("keeps its learning rate as 'lr_scale', its ratio to the optimizer's"
+               if key in ("lr", "learning_rate") else
+               f"holds only the hyperparameters it overrides ({sorted(k for k in self if k != 'params')})")
+        raise KeyError(f"param_groups[{i}] has no {key!r}: it {why}; read the value with "
+                       f"optimizer.{call}")
+
     def _set(self, key: str, value: Any) -> None:
         """The optimizer's own write (its caller counts the change)."""
         dict.__setitem__(self, key, value)
