@@ -180,6 +180,7 @@ import torch
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
+from .torch_optim_complex import as_param, check_complex, real, reals
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     check_torch_flags,
     check_torch_kind,
@@ -188,6 +189,7 @@ from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     grouped_hyperparameters,
     hyperparameters_for,
     joined_at,
+    mithril_index,
     named,
     packed_groups,
     torch_groups,
@@ -201,6 +203,7 @@ from .torch_optim_params import (
     parameters,
     split,
 )
+from .torch_optim_rates import with_rates
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
     export,
@@ -211,7 +214,7 @@ from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_tor
     with_added,
     with_group,
 )
-from .torch_optim_state_view import live_state
+from .torch_optim_state_view import StepCounts, live_state
 from .torch_optim_sync import TorchGroupSync
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
@@ -237,6 +240,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                             f"docs/privacy.md")
         items, extras, counts = split(params)
         names, tensors, by_name = parameters(items, allow_empty=extras is not None)
+        check_complex(optimizer, names, tensors)
+        self._complex = any(p.is_complex() for p in tensors)  # (torch_optim_complex)
+        self._counts: StepCounts | None = None  # opt.state[p]["step"], made at a first read
         self._mithril = optimizer
         self._names = names
         self._keys = group_keys(optimizer)
@@ -268,6 +274,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
+        self._note_rates()
         if isinstance(optimizer, AdaGrad) and self._params:
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
@@ -292,8 +299,12 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         """Per parameter: ``step`` (a tensor) and views of the state slots under torch's
         names (built on each access; on CPU and GPU the slot tensors are live views of the
         optimizer's buffers, so writing them changes the state)."""
-        return live_state(self._mithril, self.__dict__.get("_opt_state"), self._names,
-                          self._params)
+        st = self.__dict__.get("_opt_state")
+        if self._counts is None:
+            self._counts = StepCounts()
+        self._counts.take(self._mithril, st, self._names)
+        steps = self._counts.refresh(self._mithril, st, self._names)
+        return live_state(self._mithril, st, self._names, self._params, steps)
 
     @state.setter
     def state(self, value: Any) -> None:
@@ -318,6 +329,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):  # (torch's too: the dict itself is the group)
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self._take_counts()
         k = len(self.param_groups)
         items, extras, counts = split([param_group], start=k)
         assert extras is not None  # (a list of one dict)
@@ -325,6 +337,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         new_names, new_tensors = added_parameters(items, k, len(self._names), by_name,
                                                   list(zip(self._names, self._params)))
         names, _, _ = parameters([*zip(self._names, self._params), *zip(new_names, new_tensors)])
+        check_complex(self._mithril, new_names, new_tensors)
         given = list(zip(new_names, new_tensors)) if by_name else new_tensors
         dicts, values, added, where = torch_groups(extras, counts, new_names, given,
                                                    self._keys, self.defaults, k)
@@ -339,21 +352,25 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             raise named(e, where) from e
         params = [*self._params, *new_tensors]
         try:
-            state = with_added(trial, self._opt_state, names, params, new_names,
+            state = with_added(trial, self._opt_state, names, reals(params), new_names,
                                torch_initial(trial, values[0]["lr"], self.defaults))
         except ValueError as e:
             raise ValueError(f"{where}: {e}; set this in the constructor instead") from e
         # nothing fails from here on
+        self._quiet = True  # (param_groups shows no rate until the groups are set: _note_rates)
         self._mithril.load_state_dict({"optimizer": type(trial).__name__, "hyperparameters": hp})
         param_group.update(dicts[0])  # (torch's: the dict given, its defaults set, is the group)
         super().add_param_group(param_group)
         self._names, self._params, self._group_names = names, params, group_names
         self._grouped = len(group_names) > 1
+        self._complex = any(p.is_complex() for p in params)
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
         if state is not None:
             self._opt_state = state
             self._views = None  # the next step copies the parameters into the new buffer
+        self._note_rates()
+        self._count_on()
 
     # -- the step -----------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -375,11 +392,14 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 loss = closure()
         at = {"loss": loss.detach() if isinstance(loss, torch.Tensor) else loss} \
             if needs_loss else {}
+        self._take_counts()  # (first: a refused one changes nothing)
         self._sync_all()
         names, params = self._names, self._params
         grads = {n: dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
         if not grads:
             return loss
+        if self._complex:  # (each complex one as its real view: torch_optim_complex)
+            grads = {n: real(g) for n, g in grads.items()}
         with torch.no_grad():
             state, current = (self._start() if self._opt_state is None
                               else (self._opt_state, self._current()))
@@ -394,6 +414,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 if len(grads) < len(names) and not getattr(self._mithril, "reset_state",
                                                             False):  # (a C-speed test first)
                     state.note_missed([n for n, p in zip(names, params) if p.grad is None])
+        self._count_on()
         return loss
 
     def _start(self) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -401,14 +422,15 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         construction) and the arrays to pass to ``update``."""
         names, params = self._names, self._params
         check_no_overlap(names, params)
-        current = {n: p.detach() for n, p in zip(names, params)}
+        current = {n: real(p) for n, p in zip(names, params)}
         state = self._mithril.init(current)
         adopt = getattr(state.engine, "adopt_storage", None)
         if adopt is not None and state.engine.kind == "torch":
             # each parameter moves into the flat buffer before the next is copied:
             # the parameters are never held twice (the first step's peak memory)
             owner = dict(zip(names, params))
-            current = adopt(state, current, lambda n, v: setattr(owner[n], "data", v))
+            current = adopt(state, current,
+                            lambda n, v: setattr(owner[n], "data", as_param(v, owner[n])))
         return state, current
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -422,7 +444,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         views = self._views
         if views is None:
             check_no_overlap(self._names, self._params)
-            return {n: p.detach() for n, p in zip(self._names, self._params)}
+            return {n: real(p) for n, p in zip(self._names, self._params)}
         out = {}
         replaced = False
         for (n, v), p in zip(views.items(), self._params):
@@ -437,9 +459,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 # counted as unchanged and the update ran on the untransposed buffer with
                 # the transposed parameter's gradient; a view of the buffer itself is
                 # copied out first (copying it in place would overlap)
-                out[n] = p.detach().clone()
+                out[n] = real(p).clone()
             else:
-                out[n] = p.detach()
+                out[n] = real(p)
         return out
 
     def _adopt(self, current: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -451,7 +473,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         if not same:  # a first step, a reloaded state, or a parameter replaced from outside
             for p, v in zip(self._params, new.values()):
                 if not lies_at(p, v):
-                    p.data = v
+                    p.data = as_param(v, p)
         self._views = new
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -460,9 +482,11 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         self._adopt_rate()  # (a mithril scheduler's rate since the last step: saved too)
+        self._take_counts()
         packed = packed_groups(self)
         state, meta = export(self._mithril, self._opt_state, self._names,
-                             [g["lr"] for g in self.param_groups for _ in g["params"]])
+                             [g["lr"] for g in self.param_groups for _ in g["params"]],
+                             self._params)
         try:  # what the next step will use (a scheduler may have changed lr since the last)
             meta["hyperparameters"] = self._hyperparameters_of(
                 self.param_groups, meta["hyperparameters"], per_key=True)
@@ -483,9 +507,10 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                             per_key: bool = False) -> dict[str, Any]:
         """``hp`` (the mithril optimizer's) with the values of the torch ``groups`` set (with
         ``per_key``, one group's keys each on its own, skipping one that is refused)."""
-        if self._grouped:
-            return grouped_hyperparameters(self._mithril, self._keys, groups, self._group_names,
-                                           offsets_of=hp)
+        if self._grouped:  # (the optimizer's rate and each group's scale kept: with_rates)
+            return with_rates(self._mithril, grouped_hyperparameters(
+                self._mithril, self._keys, groups, self._group_names, offsets_of=hp),
+                groups, mithril_index(self._group_names), hp)
         if not per_key:
             return with_group(self._mithril, hp, groups[0], self._keys)
         out = dict(hp)
@@ -534,8 +559,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 check_torch_kind(opt, groups, self._keys)
             except KeyError as e:
                 raise refuse(e) from e
-        state = restore(opt, ours, self._names, self._params, refuse)
+        state = restore(opt, ours, self._names, reals(self._params), refuse)
         # nothing fails from here on
+        self._quiet = True  # (param_groups shows no rate until the groups are set: _note_rates)
         self._opt_state = state
         self._views = None  # the next step copies the parameters into the new buffer
         for group, now in zip(groups, self.param_groups):
@@ -543,6 +569,8 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 group.setdefault(key, now[key])
         self.param_groups = groups
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys} for g in groups]
+        self._note_rates()
+        self._count_on()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

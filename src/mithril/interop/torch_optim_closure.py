@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..utils.optimizers.lbfgs import TORCH_OPS
+from .torch_optim_complex import real
 from .torch_optim_params import dense
 
 
@@ -33,6 +34,7 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
     if not callable(closure):
         raise TypeError(f"step(closure): closure must be callable, got "
                         f"{type(closure).__name__}")
+    tw._take_counts()  # (first: a refused one changes nothing)
     tw._sync_all()
     names, params = tw._names, tw._params
     from ..utils.optimizers.lbfgs import LBFGS
@@ -47,7 +49,7 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
             else:
                 first["wrote"] = True
                 for p, x in zip(params, point.values()):
-                    p.copy_(x)
+                    real(p).copy_(x)
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -61,14 +63,15 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
                             f"{'None' if loss is None else tuple(loss.shape)}")
         first.setdefault("loss", loss)
         if zeros:
-            grads = {n: dense(p.grad) if p.grad is not None else torch.zeros_like(p)
+            grads = {n: real(dense(p.grad)) if p.grad is not None else torch.zeros_like(real(p))
                      for n, p in zip(names, params)}
         else:  # a .grad None is left out (SAM: neither perturbed nor stepped, as torch's recipe)
-            grads = {n: dense(p.grad) for n, p in zip(names, params) if p.grad is not None}
+            grads = {n: real(dense(p.grad)) for n, p in zip(names, params)
+                     if p.grad is not None}
         first.setdefault("none", [n for n, p in zip(names, params) if p.grad is None])
         return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 
-    current = {n: p.detach() for n, p in zip(names, params)}
+    current = {n: real(p) for n, p in zip(names, params)}  # (a complex one: its real view)
     try:
         state = tw._opt_state
         if state is None:
@@ -83,12 +86,13 @@ def closure_step(tw: Any, closure: Callable[[], Any] | None) -> Any:
         if first.get("wrote"):
             with torch.no_grad():
                 for p, x in zip(params, first["point"].values()):
-                    p.copy_(x)
+                    real(p).copy_(x)
         raise
     with torch.no_grad():
         for p, x in zip(params, new.values()):
-            p.copy_(x)
+            real(p).copy_(x)
     tw._opt_state = state
     if not zeros and first["none"] and not state.last_step_skipped:
         state.note_missed(first["none"])  # (each parameter counts its own steps, as torch's)
+    tw._count_on()
     return first["loss"]

@@ -65,6 +65,8 @@ def unstepped(opt: Optimizer, entry: dict[str, Any], lr: float) -> None:
         entry["eta"] = torch.full_like(entry["eta"], lr)
         entry["mu"] = torch.ones_like(entry["mu"])
     elif isinstance(opt, Rprop):
-        entry["step_size"] = torch.full_like(entry["step_size"], lr)
+        # (a complex parameter's: lr in both parts, as torch's)
+        v = complex(lr, lr) if entry["step_size"].is_complex() else lr
+        entry["step_size"] = torch.full_like(entry["step_size"], v)
     elif isinstance(opt, SGD):
         entry.pop("momentum_buffer", None)

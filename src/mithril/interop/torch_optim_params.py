@@ -1,5 +1,5 @@
 """The parameters a :class:`~.torch_optim.TorchOptimizer` is given: checked (floating
-point, leaves, one dtype and device, none repeated or sharing memory) and named, from a plain
+point or complex, leaves, one dtype and device, none repeated or sharing memory) and named, from a plain
 iterable of tensors, of ``(name, tensor)`` pairs, or torch's list of parameter-group dicts,
 or a group added later (:func:`added_parameters`); and what a step does with them (counts
 its update in their version counters, tells whether one still lies in the flat buffer,
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import KeyMismatchError
+from .torch_optim_complex import real_dtype
 
 
 def split(params: Any, start: int = 0
@@ -76,9 +77,9 @@ def parameters(params: Any, allow_empty: bool = False
             raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a torch tensor")
         if not (p.is_leaf or p.retains_grad):
             raise ValueError(f"parameter '{name}' is not a leaf tensor: can't optimize it")
-        if not p.is_floating_point():
+        if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"parameter '{name}' has dtype {p.dtype}; optimizers need "
-                            f"floating-point parameters")
+                            f"floating-point (or complex) parameters")
     seen: dict[int, str] = {}
     for name, p in zip(names, tensors):
         if id(p) in seen:
@@ -89,7 +90,9 @@ def parameters(params: Any, allow_empty: bool = False
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"parameter names repeat: {dup}")
     check_no_overlap(names, tensors)
-    for what, key in (("dtype", lambda p: str(p.dtype)), ("device", lambda p: str(p.device))):
+    # (a complex parameter is optimized as its real view: complex64 with float32 is one dtype)
+    for what, key in (("dtype", lambda p: str(real_dtype(p))),
+                      ("device", lambda p: str(p.device))):
         found: dict[str, list[str]] = {}
         for name, p in zip(names, tensors):
             found.setdefault(key(p), []).append(name)
@@ -171,6 +174,8 @@ def count_in_place(stepped: list[torch.Tensor]) -> None:
 def lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
     square matrix has the first two)."""
+    if p.is_complex():  # (held as its real view: torch_optim_complex)
+        p = torch.view_as_real(p.detach())
     return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
 
 

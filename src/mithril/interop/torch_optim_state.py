@@ -57,6 +57,7 @@ from ..utils.optimizers import (
 )
 from ..utils.optimizers.averaging import counts_of, saved_counts
 from ..utils.optimizers.layout import slot_shape_of
+from .torch_optim_complex import shown_as
 from .torch_optim_interchange import is_zero, torch_state, torchs, unstepped
 
 #: mithril slot -> torch.optim state key, for the optimizers torch also has (others keep
@@ -134,8 +135,12 @@ def _merged(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_numpy(x: Any) -> Any:
+    """A tensor as a NumPy array (a complex one as its real view, as the optimizer holds a
+    complex parameter's slots: :mod:`.torch_optim_complex`)."""
     if isinstance(x, torch.Tensor):
         x = x.detach()
+        if x.is_complex():
+            x = torch.view_as_real(x.resolve_conj())
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         return x.cpu().numpy()
@@ -221,10 +226,11 @@ def own_steps(opt: Optimizer, st: Any, names: Sequence[str]) -> list[int]:
     return [st.step - k - m for k, m in zip(live_offsets(opt, names), missed)]
 
 
-def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float]
-           ) -> tuple[dict[int, Any], dict]:
+def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float],
+           params: Sequence[torch.Tensor]) -> tuple[dict[int, Any], dict]:
     """The ``state`` entry of a state dict (copies) and the ``"mithril"`` counters and
-    values of ``st`` (None: no step yet); ``lrs``: each parameter's group's rate."""
+    values of ``st`` (None: no step yet); ``lrs``: each parameter's group's rate; a complex
+    one of ``params`` gets complex slots (torch's)."""
     ours = opt.state_dict(None)
     if st is None:
         return {}, {**ours, **dict.fromkeys(COUNTERS, 0)}
@@ -246,7 +252,7 @@ def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float]
         for i, view in enumerate(st.slot(slot).values()):
             a = np.array(st.engine.to_numpy(view))
             if a.size:
-                state[i][rename.get(slot, slot)] = to_tensor(a)
+                state[i][rename.get(slot, slot)] = shown_as(to_tensor(a), params[i])
     for i, k in enumerate(counts):
         if k == 0:
             unstepped(opt, state[i], float(scalar(lrs[i])))

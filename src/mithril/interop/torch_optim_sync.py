@@ -15,7 +15,8 @@ import torch
 
 from ..errors import KeyMismatchError
 from ..utils.optimizers.layout import slot_shape_of
-from .torch_optim_groups import apply_values, check_torch_flags, sync_groups
+from .torch_optim_groups import apply_values, check_torch_flags, mithril_index, sync_groups
+from .torch_optim_rates import adopt_rates, group_rates
 from .torch_optim_state import group_value, same, scalar
 
 __all__ = ["TorchGroupSync"]
@@ -25,6 +26,23 @@ class TorchGroupSync:
     """The group sync of a torch optimizer; the state (``_mithril``, ``_keys``,
     ``_synced``, ``_group_names``, ``_params``, ``_grouped``, ``_opt_state``) is set by
     :class:`TorchOptimizer`'s ``__init__``."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """torch's groups; each ``lr`` shows the rate the next step uses, a Mithril
+        scheduler's of ``opt.mithril_optimizer`` too (:meth:`_adopt_rate`, when the
+        optimizer's rates moved since the last look: a cheap check)."""
+        groups = self.__dict__.get("_groups", [])
+        if "_rate_key" in self.__dict__ and not self.__dict__.get("_quiet"):
+            key = _rate_key(self._mithril)
+            if key != self.__dict__.get("_rate_key"):
+                self._adopt_rate()
+                self._rate_key = key
+        return groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.__dict__["_groups"] = value
 
     def _sync_all(self) -> None:
         groups = self.param_groups
@@ -42,8 +60,29 @@ class TorchGroupSync:
         self._adopt_rate()
         if self._grouped:
             sync_groups(self)
+            self._note_rates()
         else:
             self._sync(self.param_groups[0])
+        self._rate_key = _rate_key(self._mithril)
+
+    def _take_counts(self) -> None:
+        """Take the ``opt.state[p]["step"]`` written in place since the last look
+        (:class:`~.torch_optim_state_view.StepCounts`)."""
+        if self._counts is not None:
+            self._counts.take(self._mithril, self._opt_state, self._names)
+
+    def _count_on(self) -> None:
+        """Show the step just taken in the ``opt.state[p]["step"]`` tensors read so far."""
+        if self._counts is not None:
+            self._counts.refresh(self._mithril, self._opt_state, self._names)
+
+    def _note_rates(self) -> None:
+        """Note each group's rate (several groups: :mod:`.torch_optim_rates`), as synced
+        (the groups are set: ``param_groups`` shows the rates again)."""
+        self._rates = group_rates(self._mithril, mithril_index(self._group_names)) \
+            if self._grouped else []
+        self._rate_key = _rate_key(self._mithril)
+        self._quiet = False
 
     def _value_of(self, ours: tuple[str, ...]) -> Any:
         if ours == ("learning_rate",):
@@ -52,12 +91,15 @@ class TorchGroupSync:
         return tuple(hp[k] for k in ours) if len(ours) > 1 else hp[ours[0]]
 
     def _adopt_rate(self) -> None:
-        """One group: a rate set on the wrapped optimizer itself (a Mithril scheduler of
+        """A rate set on the wrapped optimizer itself (a Mithril scheduler of
         ``opt.mithril_optimizer``) while the group kept the ``lr`` synced last is shown as
-        its ``lr``, so the next step keeps it (an ``lr`` written since still wins)."""
-        if self._grouped:  # (each group's lr is then its ratio to the optimizer's rate,
-            return  # which a Mithril scheduler and its state dict hold: the numbers follow)
-        group, synced = self.param_groups[0], self._synced[0]
+        its ``lr``, so the next step keeps it (an ``lr`` written since still wins); with
+        several groups each group's rate (:mod:`.torch_optim_rates`)."""
+        if self._grouped:
+            adopt_rates(self.__dict__["_groups"], self._synced, self._rates,
+                        group_rates(self._mithril, mithril_index(self._group_names)))
+            return
+        group, synced = self.__dict__["_groups"][0], self._synced[0]
         rate = self._mithril.get_learning_rate()
         if "lr" not in group or not same(group["lr"], synced["lr"]) \
                 or rate == scalar(synced["lr"]):
@@ -120,3 +162,8 @@ class TorchGroupSync:
                              f"slots {moved} otherwise than its state holds them; set this "
                              f"in the constructor instead")
         self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
+
+
+def _rate_key(opt: Any) -> tuple:
+    """What changes when a rate of ``opt`` (its own or a group's) is set."""
+    return opt.get_learning_rate(), getattr(opt.hyper_holders()[-1], "_groups_version", None)
