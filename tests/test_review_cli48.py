@@ -13,8 +13,7 @@ import conftest
 import numpy as np
 import pytest
 
-from mithril.cli import main
-from mithril.cli import tabular
+from mithril.cli import main, tabular
 from mithril.cli.tabular import read_csv
 
 TRAIN = ["--epochs", "2", "--hidden", "8", "--no-progress", "--no-plot"]
@@ -104,3 +103,115 @@ def test_windows_line_endings_a_bom_and_the_label_first_read_as_the_plain_file(t
     a, b = read_csv(str(plain), "label"), read_csv(str(excel), "label")
     assert a.features == b.features == ["a", "b", "c"]
     assert np.array_equal(a.x, b.x) and a.y == b.y
+
+
+# -- mithril compare --data ------------------------------------------------------------------
+def write_table(path: Path, n: int = 48, seed: int = 0) -> Path:
+    """Three features, then a two-class ``label`` and a regression target ``t``."""
+    x = np.random.default_rng(seed).standard_normal((n, 3)).round(4)
+    return write_csv(path, ["a", "b", "c", "label", "t"],
+                     [[*r, int(r[0] + r[1] > 0), round(2.5 * r[0] - r[2] + 0.3, 4)]
+                      for r in x.tolist()])
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+RUN = ["--epochs", "3", "--batch-size", "7", "--hidden", "5", "4", "--dtype", "float64",
+       "--seed", "3", "--no-progress", "--no-plot"]
+
+
+@pytest.mark.parametrize("target, objective", [("label", "classification"), ("t", "regression")])
+def test_compare_on_a_table_is_train_per_config_and_a_torch_loop(tmp_path, target, objective):
+    """Before, ``compare`` took the digits only (``--data`` was an unknown argument). Each
+    configuration now trains what ``mithril train --data`` trains with its flags (every row
+    of metrics.csv, the saved model), and AdamW's steps are torch.optim.AdamW's under
+    CosineAnnealingLR on the same split, standardisation and batches."""
+    from test_cli_userdata_files import torch_losses
+
+    full = write_table(tmp_path / "full.csv", n=40)
+    drop = "t" if target == "label" else "label"
+    rows = [{k: v for k, v in r.items() if k != drop} for r in read_rows(full)]
+    data = write_csv(tmp_path / "d.csv", list(rows[0]), [list(r.values()) for r in rows])
+    configs = ["adamw:lr=0.01,weight_decay=0.1", "sgd:lr=0.05,momentum=0.9"]
+    assert main(["compare", "--data", str(data), "--target", target, *RUN, "--configs",
+                 *configs, "--out", str(tmp_path / "cmp")]) == 0
+    results = read_rows(tmp_path / "cmp" / "results.csv")
+    metric = "test_acc" if objective == "classification" else "test_rmse"
+    assert metric in results[0] and ("test_r2" in results[0]) == (objective == "regression")
+    values = [float(r[metric]) for r in results]
+    assert values == sorted(values, reverse=objective == "classification")
+    for i, spec in enumerate(configs, 1):
+        name, settings = spec.split(":")
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in
+                 (s.split("=") for s in settings.split(","))]
+        out = tmp_path / f"train{i}"
+        assert main(["train", "--data", str(data), "--target", target, *RUN, "--optimizer",
+                     name, *flags, "--out", str(out)]) == 0
+        folder = tmp_path / "cmp" / next(r["folder"] for r in results if r["config"] == spec)
+        assert (folder / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+        assert (folder / "preprocess.json").read_text() == (out / "preprocess.json").read_text()
+        a = load_params(folder / "model.safetensors")
+        b = load_params(out / "model.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        summary = (folder / "summary.json").read_text()
+        assert '"task": "tabular"' in summary and objective in summary
+    losses, weights = torch_losses(data, target, objective, 3, 7, 3, [5, 4])
+    adamw = tmp_path / "cmp" / next(r["folder"] for r in results if r["config"] == configs[0])
+    cli = [float(r["loss"]) for r in read_rows(adamw / "metrics.csv")]
+    assert len(cli) == len(losses) == 15
+    np.testing.assert_allclose(cli, losses, rtol=1e-12, atol=1e-12)
+    saved = load_params(adamw / "model.safetensors")
+    for k, v in weights.items():
+        np.testing.assert_allclose(saved[k], v, rtol=1e-10, atol=1e-12)
+    # the best configuration's folder is a run `mithril predict` uses
+    best = tmp_path / "cmp" / results[0]["folder"]
+    assert main(["predict", "--run", str(best), "--data", str(data)]) == 0
+    assert len(read_rows(best / "predictions.csv")) == 40
+
+
+def load_params(path: Path) -> dict[str, np.ndarray]:
+    from mithril.utils.checkpoint import load_checkpoint
+
+    return {k: np.asarray(v) for k, v in load_checkpoint(path)["params"].items()}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "y"], "--target only applies with --data FILE"),
+    (["--objective", "regression"], "--objective only applies with --data FILE"),
+    (["--data", "{dir}/notes.txt", "--target", "y"], "notes.txt: give a .csv, .tsv or .npz"),
+    (["--data", "{dir}/t.csv"], "t.csv: give --target COLUMN, the column to predict"),
+    (["--data", "{dir}/t.csv", "--target", "price"], "--target 'price' is not a column of"),
+    (["--data", "{dir}/t.csv", "--target", "label", "--configs", "adam", "adam:lr=nan"],
+     "optimizer 'adam:lr=nan': lr='nan': must be a finite number"),
+    (["--data", "{dir}/results.csv", "--target", "label", "--out", "{dir}"],
+     "would replace --data"),
+])
+def test_compare_data_mistakes_are_named_and_nothing_is_written(tmp_path, capsys, argv,
+                                                                message):
+    write_table(tmp_path / "t.csv")
+    write_table(tmp_path / "results.csv")
+    (tmp_path / "notes.txt").write_text("hello")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "cmp")]
+    err = usage_error(capsys, ["compare", *argv, *out, "--epochs", "1", "--no-progress",
+                               "--no-plot"])
+    assert message in err, err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_digits_comparison_after_a_table_one_leaves_no_model_of_it(tmp_path):
+    # the folders of the same configuration are merged: the model.safetensors and
+    # preprocess.json of the table run would sit beside the digits run's metrics
+    write_table(tmp_path / "t.csv")
+    argv = ["--configs", "adam", "--epochs", "1", "--hidden", "4", "--no-progress",
+            "--no-plot", "--out", str(tmp_path / "cmp")]
+    assert main(["compare", "--data", str(tmp_path / "t.csv"), "--target", "label", *argv]) == 0
+    folder = tmp_path / "cmp" / "01-adam"
+    assert (folder / "model.safetensors").is_file()
+    assert main(["compare", *argv]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["epochs.csv", "metrics.csv",
+                                                        "summary.json"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import textwrap
 from pathlib import Path
 from typing import Any
 
+from .argtypes import in_path
 from .common import (
     HelpFormatter,
     add_common_optimizer_flags,
@@ -17,8 +19,9 @@ from .common import (
     add_task_flags,
     run_config,
 )
-from .data import load_digits_split
+from .data import Dataset, load_digits_split
 from .errors import CLIError, TrainingError
+from .networks import OBJECTIVES
 from .optimizer_catalog import NAMES, REFUSED, parse_optimizer_spec
 from .options import SCHEDULER_NAMES, check_name
 from .plots import compare_figure
@@ -28,12 +31,14 @@ from .report import (
     ensure_writable_dir,
     new_dirs,
     run_removing_empty_dirs,
+    same_file,
     staged_dir,
     table,
     write_csv,
     write_json,
 )
-from .train import describe_data, write_run
+from .tasks import TABLE_SUFFIXES
+from .train import RUN_FILES, describe_data, write_run
 from .training import Run, RunResult
 
 DEFAULT_CONFIGS = (
@@ -46,9 +51,10 @@ DEFAULT_CONFIGS = (
 )
 
 DESCRIPTION = """\
-Train the digits MLP once per optimizer configuration, all with the same data split,
+Train the digits MLP (or, with --data FILE --target COLUMN, an MLP on your table, as
+`mithril train --data` does) once per optimizer configuration, all with the same data split,
 initialisation (seed), batch order, epochs and schedule, and rank them by final test
-accuracy. A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the optimizer's
+accuracy (regression: test RMSE). A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the optimizer's
 constructor arguments (lr for learning_rate, eps for epsilon; e.g. lr, momentum, nesterov,
 beta1, beta2, weight_decay; lion:beta1=0.95,beta2=0.98), clip_norm, clip_eps, clip_value,
 centralize, normalize_grad, normalize_eps and nonfinite, plus `scheduler` and its settings
@@ -71,10 +77,16 @@ examples:
   mithril compare --configs "adam:lr=1e-3" "sgd:lr=0.1,momentum=0.9" --epochs 10
   mithril compare --configs "adam:lr=3e-3" "adam:lr=3e-3,scheduler=onecycle" --scheduler none
   mithril compare --configs adam "lion:lr=3e-4" lamb prodigy "schedule-free-adamw" --epochs 10
+  mithril compare --data houses.csv --target price --configs adam "sgd:lr=0.05,momentum=0.9"
 """
 
 RESULT_FIELDS = ("rank", "config", "test_acc", "test_loss", "train_acc", "train_loss",
                  "steps", "total_s", "interrupted", "optimizer", "schedule", "folder")
+#: the ranking's columns for a regression target (--data): RMSE in the target's units, R²
+REGRESSION_FIELDS = ("rank", "config", "test_rmse", "test_r2", "test_loss", "train_rmse",
+                     "train_r2", "train_loss", *RESULT_FIELDS[6:])
+#: the files compare writes into --out (a --data file of that name would be replaced)
+COMPARE_FILES = ("results.csv", "results.json", "compare.png")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -87,6 +99,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_common_optimizer_flags(p)
     add_schedule_flags(p)
     add_task_flags(p)
+    g = p.add_argument_group("your own table (instead of the digits)")
+    g.add_argument("--data", metavar="FILE", type=in_path,
+                   help="FILE.csv, FILE.tsv (tab-separated) or FILE.npz (X and y): compare on "
+                        "this table, read and split as `mithril train --data` does")
+    g.add_argument("--target", metavar="COLUMN", help="the column to predict (--data)")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help="--data: classification or regression (default: inferred from the "
+                        "target: strings or at most 20 distinct integers -> classification)")
     add_output_flags(p, "compare")
     p.set_defaults(func=run)
     return p
@@ -104,14 +124,18 @@ def slug(i: int, text: str) -> str:
 
 
 def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> list[dict]:
+    """The results, best first: by test accuracy (higher), or for a regression target by
+    test RMSE (lower); ties by the test loss; a diverged (NaN) run last."""
     rows = [{"config": label, **r.final, "steps": len(r.steps), "total_s": r.total_s,
              "interrupted": r.interrupted, "error": r.error, "optimizer": r.optimizer,
              "schedule": r.schedule, "folder": folder}
             for label, r, folder in zip(labels, results, folders)]
+    key, sign = ("test_rmse", 1.0) if results and results[0].metric == "rmse" else \
+        ("test_acc", -1.0)
 
-    def order(r: dict) -> tuple[bool, float, float]:  # a diverged (NaN) run ranks last
-        acc, loss = r["test_acc"], r["test_loss"]
-        return (math.isnan(acc), -acc if not math.isnan(acc) else 0.0,
+    def order(r: dict) -> tuple[bool, float, float]:
+        m, loss = r[key], r["test_loss"]
+        return (math.isnan(m), sign * m if not math.isnan(m) else 0.0,
                 loss if not math.isnan(loss) else math.inf)
 
     rows.sort(key=order)
@@ -120,30 +144,69 @@ def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> 
     return rows
 
 
+def score(final: dict[str, float]) -> str:
+    """The test metric of a configuration's line: accuracy, or RMSE and R²."""
+    if "test_rmse" in final:
+        return f"test RMSE {final['test_rmse']:.4g}, R² {final['test_r2']:.4f}"
+    return f"test acc {final['test_acc']:.2%}"
+
+
 def run(args: argparse.Namespace) -> int:
     # (the folders the command creates, --out and missing parents, go again if it fails)
     return run_removing_empty_dirs(compare_command, args)
 
 
+def table_job(args: argparse.Namespace) -> Any:
+    """The :class:`~mithril.cli.tasks.Job` of ``--data`` (read and checked as ``mithril train
+    --data`` does), or None for the digits (``--target``/``--objective`` without ``--data``
+    are a mistake)."""
+    if args.data is None:
+        given = [f for f, v in (("--target", args.target), ("--objective", args.objective))
+                 if v is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
+                           f"with --data FILE (the digits have their labels)")
+        return None
+    suffix = Path(args.data).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise CLIError(f"--data {args.data}: give a .csv, .tsv or .npz file (a table)")
+    if args.target is None and suffix != ".npz":
+        raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
+    from .tabular import tabular_job
+
+    return tabular_job(args)
+
+
 def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     """``mithril compare``; the folders it creates are added to ``made`` before it does."""
-    data = load_digits_split(args.test_size, args.split_seed)
+    job = table_job(args)
+    data: Dataset = load_digits_split(args.test_size, args.split_seed) if job is None else \
+        job.data
     runs: list[tuple[str, Run]] = []
     for text in args.configs:
         name, overrides = parse_config(text)
         try:
-            runs.append((text, Run(run_config(args, name, overrides), data)))
+            cfg = run_config(args, name, overrides)
+            if job is not None:
+                cfg.task, cfg.task_settings = job.task, job.settings
+            runs.append((text, Run(cfg, data, None if job is None else job.spec)))
         except CLIError as exc:
             raise CLIError(f"config {text!r}: {exc}") from None
     out = Path(args.out) if args.out else default_out_dir("compare", args.name)
+    clash = [n for n in COMPARE_FILES if job is not None and same_file(out / n, Path(args.data))]
+    if clash:  # the comparison would write over the data it trains on
+        raise CLIError(f"--out {out} would replace --data {args.data} (the comparison writes "
+                       f"its {clash[0]} there); give another --out, or rename the data file")
     if not args.dry_run:
         made += new_dirs(out)
         ensure_writable_dir(out)
     else:
         check_out_dir(out)
     first = runs[0][1]
+    what = describe_data(data, first) if job is None else \
+        f"{job.describe}; {first.steps_per_epoch} steps per epoch"
     print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
-          f"{args.seed}, {args.backend}; {describe_data(data, first)}")
+          f"{args.seed}, {args.backend}; {what}")
     if args.dry_run:
         for label, r in runs:
             print(f"  {label}: {r.optimizer_repr}; schedule {r.schedule.description}")
@@ -152,6 +215,7 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     labels: list[str] = []
     results: list[RunResult] = []
     folders: list[str] = []
+    wrote: dict[str, set[str]] = {}  # each configuration's folder -> the files written there
     interrupted = False
     error: str | None = None
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
@@ -166,12 +230,15 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                     break
             folder = stage / slug(i, label)
             folder.mkdir()
-            write_run(res, folder, r.steps_per_epoch, plot=False)
+            files = write_run(res, folder, r.steps_per_epoch, plot=False)
+            if job is not None and job.write is not None:  # what `mithril predict` needs
+                files += job.write(r, folder)
+            wrote[folder.name] = {f.name for f in files}
             labels.append(label)
             results.append(res)
             folders.append(folder.name)
-            print(f"    test acc {res.final['test_acc']:.2%}, test loss "
-                  f"{res.final['test_loss']:.4f} ({res.total_s:.1f} s)")
+            print(f"    {score(res.final)}, test loss {res.final['test_loss']:.4f} "
+                  f"({res.total_s:.1f} s)")
             if res.interrupted or res.error is not None:
                 interrupted = res.interrupted
                 print(f"{'interrupted' if interrupted else 'stopped on an error'}: ranking "
@@ -180,22 +247,42 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
         if not results:  # the first configuration failed at once: write nothing
             raise TrainingError(error)
         rows = ranking(labels, results, folders)
-        written = [write_csv(stage / "results.csv", rows, RESULT_FIELDS),
+        regression = results[0].metric == "rmse"
+        task = {"task": "digits"} if job is None else \
+            {"task": job.task, "task_settings": job.settings}
+        written = [write_csv(stage / "results.csv", rows,
+                             REGRESSION_FIELDS if regression else RESULT_FIELDS),
                    write_json(stage / "results.json",
-                              {"task": "digits", "epochs": args.epochs,
+                              {**task, "epochs": args.epochs,
                                "batch_size": args.batch_size, "seed": args.seed,
                                "backend": args.backend, "results": rows})]
         if not args.no_plot:
-            title = (f"digits MLP {list(args.hidden)} · {args.backend} · {args.epochs} epochs "
+            model = "digits MLP " + str(list(args.hidden)) if job is None else \
+                first.spec.description
+            title = (f"{model} · {args.backend} · {args.epochs} epochs "
                      f"× {first.steps_per_epoch} steps · seed {args.seed}")
             written.append(compare_figure(results, labels, stage / "compare.png",
                                           first.steps_per_epoch, title))
+    for name, kept in wrote.items():  # a folder of an earlier comparison: no file of it stays
+        for old in set(RUN_FILES) - kept:
+            with contextlib.suppress(OSError):
+                if (out / name / old).is_file():
+                    (out / name / old).unlink()
     files = [out / f.name for f in written]
     print()
-    print(table(["rank", "config", "test acc", "test loss", "train acc", "train loss", "time"],
-                [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",
-                  f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"]
-                 for r in rows], align="rlrrrrr"))
+    if regression:
+        print(table(["rank", "config", "test RMSE", "test R²", "test loss", "train RMSE",
+                     "train loss", "time"],
+                    [[r["rank"], r["config"], f"{r['test_rmse']:.4g}", f"{r['test_r2']:.4f}",
+                      f"{r['test_loss']:.4f}", f"{r['train_rmse']:.4g}",
+                      f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"] for r in rows],
+                    align="rlrrrrrr"))
+    else:
+        print(table(["rank", "config", "test acc", "test loss", "train acc", "train loss",
+                     "time"],
+                    [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",
+                      f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"]
+                     for r in rows], align="rlrrrrr"))
     print(f"wrote {', '.join(str(f) for f in files)}")
     if error is not None:
         raise TrainingError(f"{error}; the configurations run so far are written to {out}")

@@ -103,19 +103,23 @@ def training_figure(result: Any, path: Path, steps_per_epoch: int) -> Path:
 
 def compare_figure(results: Sequence[Any], labels: Sequence[str], path: Path,
                    steps_per_epoch: int, title: str) -> Path:
-    """Smoothed training loss against the step, and test accuracy after each epoch."""
+    """Smoothed training loss against the step, and test accuracy (a regression: test RMSE)
+    after each epoch."""
     fig, ax = _figure(1, 2, (12, 4.8))
+    rmse = bool(results) and results[0].metric == "rmse"
+    key = "test_rmse" if rmse else "test_acc"
     for res, label in zip(results, labels):
         steps = [r["step"] for r in res.steps]
         w = _window(len(steps), steps_per_epoch)
+        final = f"{res.final[key]:.4g}" if rmse else f"{res.final[key]:.1%}"
         line, = ax[0, 0].plot(steps, smooth([r["loss"] for r in res.steps], w), lw=1.4,
-                              label=f"{label} ({res.final['test_acc']:.1%})")
-        ax[0, 1].plot([e["epoch"] for e in res.epochs], [e["test_acc"] for e in res.epochs],
+                              label=f"{label} ({final})")
+        ax[0, 1].plot([e["epoch"] for e in res.epochs], [e[key] for e in res.epochs],
                       "o-", ms=3, color=line.get_color(), label=label)
     ax[0, 0].set(title="training loss (moving average over batches)", xlabel="step",
                  yscale="log")
     ax[0, 0].legend(fontsize=8)
-    ax[0, 1].set(title="test accuracy", xlabel="epoch")
+    ax[0, 1].set(title="test RMSE" if rmse else "test accuracy", xlabel="epoch")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
