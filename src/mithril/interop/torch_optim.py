@@ -180,7 +180,7 @@ import torch
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
-from .torch_optim_complex import as_param, check_complex, real, reals
+from .torch_optim_complex import check_complex, point, real, reals
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     check_torch_flags,
     check_torch_kind,
@@ -429,8 +429,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             # each parameter moves into the flat buffer before the next is copied:
             # the parameters are never held twice (the first step's peak memory)
             owner = dict(zip(names, params))
-            current = adopt(state, current,
-                            lambda n, v: setattr(owner[n], "data", as_param(v, owner[n])))
+            current = adopt(state, current, lambda n, v: point(owner[n], v))
         return state, current
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -473,7 +472,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         if not same:  # a first step, a reloaded state, or a parameter replaced from outside
             for p, v in zip(self._params, new.values()):
                 if not lies_at(p, v):
-                    p.data = as_param(v, p)
+                    point(p, v)
         self._views = new
 
     # -- checkpoints ------------------------------------------------------------------------

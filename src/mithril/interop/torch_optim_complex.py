@@ -5,7 +5,8 @@
 NAdam, RAdam, RMSprop, Adagrad, Adadelta, ASGD, Rprop; LBFGS flattens the real views). The
 mithril optimizer sees the real views (a complex64 parameter is a float32 one, so complex
 and real parameters of one precision share the flat buffer), and each ``nn.Parameter``
-keeps its complex dtype: its data is ``torch.view_as_complex`` of its slice of the buffer.
+keeps its complex dtype: its data is ``torch.view_as_complex`` of its slice of the buffer
+(or, at an odd offset, a copy: :func:`point`).
 State slots of the parameter's real shape show as complex tensors (``state_dict()``,
 ``opt.state[p]``), as torch's; a state dict's complex slots load as their real views.
 
@@ -22,7 +23,7 @@ import torch
 
 from ..utils.optimizers import Optimizer
 
-__all__ = ["as_param", "check_complex", "real", "real_dtype", "reals", "shown_as"]
+__all__ = ["check_complex", "point", "real", "real_dtype", "reals", "shown_as"]
 
 
 def real(t: torch.Tensor) -> torch.Tensor:
@@ -36,22 +37,32 @@ def reals(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [real(p) for p in params]
 
 
-def as_param(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The array ``v`` (the optimizer's, real) as parameter ``p``'s data: its complex view
-    where ``p`` is complex."""
-    return torch.view_as_complex(v) if p.is_complex() else v
+def point(p: torch.Tensor, v: torch.Tensor) -> None:
+    """Point parameter ``p`` at the array ``v`` (its slice of the optimizer's buffer,
+    real): ``p.data = v``, a complex one's as its complex view. A slice at an odd offset
+    (after a real parameter of odd size) has no complex view: ``v`` is copied into ``p``
+    instead, which keeps its own memory (each step then copies it in and out)."""
+    if not p.is_complex():
+        p.data = v
+        return
+    try:
+        p.data = torch.view_as_complex(v)
+    except RuntimeError:  # (torch: "Tensor must have a storage_offset divisible by 2")
+        torch.view_as_real(p.detach()).copy_(v)
 
 
 def shown_as(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A state slot ``v`` of parameter ``p`` as torch shows it: complex (a view) where ``p``
     is and the slot has its real shape (moments, Rprop's step sizes, ASGD's ``ax``), else
-    as it is (0-d values: ASGD's ``eta``, Novograd's ``nu``)."""
+    as it is (0-d values: ASGD's ``eta``, Novograd's ``nu``). A slice at an odd offset of
+    the buffer has no complex view: it is shown real (a live view, of shape ``(..., 2)``)
+    rather than as a copy whose writes would be lost."""
     if p.is_complex() and v.dim() == p.dim() + 1 and v.shape[-1] == 2 \
             and tuple(v.shape[:-1]) == tuple(p.shape):
         try:
             return torch.view_as_complex(v)
-        except RuntimeError:  # (not laid out as pairs: a copy)
-            return torch.view_as_complex(v.contiguous())
+        except RuntimeError:  # (torch: "Tensor must have a storage_offset divisible by 2")
+            return v
     return v
 
 
