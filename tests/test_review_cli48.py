@@ -215,3 +215,111 @@ def test_a_digits_comparison_after_a_table_one_leaves_no_model_of_it(tmp_path):
     assert main(["compare", *argv]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["epochs.csv", "metrics.csv",
                                                         "summary.json"]
+
+
+# -- safetensors and a folder of .npy files ----------------------------------------------------
+def test_safetensors_and_a_folder_of_npy_train_the_npz_model_bit_for_bit(tmp_path, capsys):
+    """Before, both were refused ("give a .csv, .tsv or .npz file"). The same X and y as an
+    .npz, a safetensors file (feature names in its metadata) and a folder of .npy files (with
+    an array the run does not use) train the same model, and predict reads each."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 3))
+    y = (x[:, 0] - x[:, 2] > 0).astype(np.int64)
+    names = ["a", "b", "c"]
+    np.savez(tmp_path / "t.npz", X=x, y=y, feature_names=np.array(names))
+    save_file({"X": x, "y": y}, tmp_path / "t.safetensors",
+              metadata={"feature_names": json.dumps(names)})
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "X.npy", x)
+    np.save(folder / "y.npy", y)
+    np.save(folder / "feature_names.npy", np.array(names))
+    np.save(folder / "X_test.npy", np.array([object()], dtype=object), allow_pickle=True)
+    runs = {}
+    for data in ("t.npz", "t.safetensors", "arrays"):
+        out = tmp_path / f"run-{data}"
+        assert main(["train", "--data", str(tmp_path / data), *TRAIN, "--dtype", "float64",
+                     "--out", str(out)]) == 0
+        runs[data] = out
+        assert json.loads((out / "preprocess.json").read_text())["features"] == names
+    metrics = {d: (o / "metrics.csv").read_text() for d, o in runs.items()}
+    assert metrics["t.safetensors"] == metrics["t.npz"] == metrics["arrays"]
+    for data in ("t.npz", "t.safetensors", "arrays"):  # any run predicts any of them
+        assert main(["predict", "--run", str(runs["arrays"]), "--data", str(tmp_path / data),
+                     "--out", str(tmp_path / f"p-{data}.csv")]) == 0
+    assert (tmp_path / "p-t.npz.csv").read_text() == (tmp_path / "p-arrays.csv").read_text() \
+        == (tmp_path / "p-t.safetensors.csv").read_text()
+    capsys.readouterr()
+
+
+def test_a_torch_bfloat16_safetensors_trains_on_its_float32_values(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g).to(torch.bfloat16)
+    y = (x[:, 0] > 0).long()
+    save_file({"X": x, "y": y}, tmp_path / "bf.safetensors")
+    np.savez(tmp_path / "f.npz", X=x.float().numpy().astype(np.float64), y=y.numpy())
+    for data in ("bf.safetensors", "f.npz"):
+        assert main(["train", "--data", str(tmp_path / data), *TRAIN, "--dtype", "float64",
+                     "--out", str(tmp_path / data.split(".")[0])]) == 0
+    assert (tmp_path / "bf" / "metrics.csv").read_text() == \
+        (tmp_path / "f" / "metrics.csv").read_text()
+
+
+def _bad_folder(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    x = np.zeros((6, 2))
+    if kind == "empty":
+        (folder / "notes.txt").write_text("none")
+    elif kind == "x_train":
+        np.save(folder / "x_train.npy", x)
+        np.save(folder / "y.npy", np.arange(6) % 2)
+    elif kind == "objects":
+        np.save(folder / "X.npy", x)
+        np.save(folder / "y.npy", np.array(["a", 1] * 3, dtype=object), allow_pickle=True)
+    elif kind == "empty-file":
+        np.save(folder / "X.npy", x)
+        (folder / "y.npy").write_bytes(b"")
+    elif kind == "short-y":
+        np.save(folder / "X.npy", x)
+        np.save(folder / "y.npy", np.arange(5) % 2)
+    return folder
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "a folder without .npy files; save the features as X.npy and the target as y.npy"),
+    ("x_train", "no array 'X' (it holds x_train, y); save the features as X"),
+    ("objects", "y.npy holds Python objects (dtype object)"),
+    ("empty-file", "y.npy is empty"),
+    ("short-y", "'y' must be 1-d with one value per row of X (6), got shape (5,)"),
+])
+def test_a_bad_folder_of_npy_is_named_and_nothing_is_written(tmp_path, capsys, kind, message):
+    folder = _bad_folder(tmp_path, kind)
+    err = usage_error(capsys, ["train", "--data", str(folder), *TRAIN,
+                               "--out", str(tmp_path / "run")])
+    assert f"--data {folder}" in err and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_text("a,b\n1,2\n"), "not a readable safetensors file"),
+    (lambda p: __import__("safetensors.numpy").numpy.save_file(
+        {"X": np.zeros((4, 2)), "y": np.arange(4) % 2}, p, metadata={"feature_names": "a,b"}),
+     "its metadata 'feature_names' must be a JSON list of strings"),
+    (lambda p: np.save(p.with_name("X.npy"), np.zeros((4, 2))), "an .npy holds one array"),
+])
+def test_a_bad_safetensors_or_a_lone_npy_is_named(tmp_path, capsys, write, message):
+    path = tmp_path / "t.safetensors"
+    write(path)
+    data = path if path.exists() else tmp_path / "X.npy"
+    err = usage_error(capsys, ["train", "--data", str(data), *TRAIN,
+                               "--out", str(tmp_path / "run")])
+    assert f"--data {data}" in err and message in err, err
+    assert not (tmp_path / "run").exists()

@@ -37,7 +37,7 @@ from .report import (
     write_csv,
     write_json,
 )
-from .tasks import TABLE_SUFFIXES
+from .tasks import is_table, needs_target
 from .train import RUN_FILES, describe_data, write_run
 from .training import Run, RunResult
 
@@ -101,8 +101,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_task_flags(p)
     g = p.add_argument_group("your own table (instead of the digits)")
     g.add_argument("--data", metavar="FILE", type=in_path,
-                   help="FILE.csv, FILE.tsv (tab-separated) or FILE.npz (X and y): compare on "
-                        "this table, read and split as `mithril train --data` does")
+                   help="FILE.csv, FILE.tsv (tab-separated), FILE.npz, FILE.safetensors or a "
+                        "folder of X.npy and y.npy: compare on this table, read and split as "
+                        "`mithril train --data` does")
     g.add_argument("--target", metavar="COLUMN", help="the column to predict (--data)")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="--data: classification or regression (default: inferred from the "
@@ -167,10 +168,10 @@ def table_job(args: argparse.Namespace) -> Any:
             raise CLIError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
                            f"with --data FILE (the digits have their labels)")
         return None
-    suffix = Path(args.data).suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise CLIError(f"--data {args.data}: give a .csv, .tsv or .npz file (a table)")
-    if args.target is None and suffix != ".npz":
+    if not is_table(args.data):
+        raise CLIError(f"--data {args.data}: give a .csv, .tsv, .npz or .safetensors file, or "
+                       f"a folder of .npy files (a table)")
+    if args.target is None and needs_target(args.data):
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
     from .tabular import tabular_job
 

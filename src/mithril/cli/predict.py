@@ -25,7 +25,7 @@ from .tabular import MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
 DESCRIPTION = """\
 Predict with a model trained by `mithril train --data FILE --target COLUMN`. Reads --data
 (a CSV, or a tab-separated .tsv, with the feature columns the model was trained on, or an
-.npz with X), standardises it
+.npz, a .safetensors file or a folder of .npy files with X), standardises it
 with the training statistics and writes --out (default: RUN/predictions.csv): one row per data
 row, `row, prediction` and, for classification, the probability of each class (`p_<label>`).
 If the data hold the target column too, the accuracy (or RMSE and R²) is printed; rows
@@ -49,7 +49,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR", type=in_path,
                    help="the folder `mithril train --data` wrote (runs/NAME)")
     p.add_argument("--data", required=True, metavar="FILE", type=in_path,
-                   help="FILE.csv, FILE.tsv (tab-separated) or FILE.npz")
+                   help="FILE.csv, FILE.tsv (tab-separated), FILE.npz, FILE.safetensors or "
+                        "a folder of X.npy (and y.npy)")
     p.add_argument("--out", metavar="FILE", type=out_path,
                    help="the CSV to write (default: RUN/predictions.csv)")
     p.add_argument("--backend", choices=("numpy", "jax", "torch"), default="numpy",

@@ -26,7 +26,6 @@ import csv
 import hashlib
 import json
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 from .data import Dataset
 from .errors import CLIError
 from .networks import OBJECTIVES, mlp_spec
+from .table_arrays import _strings, holds_arrays, load_arrays
 from .table_text import (
     _case_hint,
     _duplicates,
@@ -287,10 +287,11 @@ def _typed(values: list[str | None]) -> list[Any]:
 
 
 def read_npz(path: str, target: str | None, features: list[str] | None = None) -> Table:
-    """``X`` (rows, features) and the target array (``y``, or ``target``) of an ``.npz``
-    (``feature_names`` if it holds them); no pickled objects."""
+    """``X`` (rows, features) and the target array (``y``, or ``target``) of an ``.npz``, a
+    ``.safetensors`` file or a folder of ``.npy`` files (:func:`.table_arrays.load_arrays`;
+    ``feature_names`` if it holds them); no pickled objects."""
     name = target or "y"
-    arrays = _load_npz(path)
+    arrays = load_arrays(path)
     if "X" not in arrays:
         near = next((k for k in arrays if k.lower() in ("x", "x_train", "features", "data")),
                     None)  # x (names are case-sensitive), Keras datasets' x_train, ...
@@ -366,53 +367,15 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
     return Table(path, names, x, name if y is not None else None, y, raw)
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    """The arrays of the .npz ``path``, refusing (CLIError) anything else: an .npy, a
-    truncated or non-zip file, pickled objects."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic[:2] != b"PK":  # np.load would try to unpickle it (or read an .npy)
-            what = "an empty file" if not magic else "a single .npy array" \
-                if magic == b"\x93NUM" else "not a zip archive"
-            raise CLIError(f"--data {path}: not an .npz file ({what}); write one with "
-                           f"np.savez(path, X=..., y=...)")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {}
-            for k in z.files:
-                try:
-                    arrays[k] = z[k]
-                except ValueError as exc:
-                    if "allow_pickle" not in str(exc):
-                        raise
-                    # pandas' .values / .to_numpy() of a text column: dtype object
-                    raise CLIError(f"--data {path}: the array {k!r} holds Python objects "
-                                   f"(dtype object, as pandas' .to_numpy() of a text column "
-                                   f"gives), which are not loaded (no pickle); save "
-                                   f"{k}.astype(str) (text) or {k}.astype(float) (numbers)"
-                                   ) from None
-            return arrays
-    except OSError as exc:
-        raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated, pickled objects
-        raise CLIError(f"--data {path}: not a readable .npz of plain arrays "
-                       f"({type(exc).__name__}: {exc})") from None
-
-
-def _strings(a: np.ndarray) -> list[str]:
-    """A string array's values: bytes (dtype S) decoded as UTF-8, not shown as b'...'."""
-    if a.dtype.kind == "S":
-        return [v.decode("utf-8", errors="replace") for v in a.tolist()]
-    return [str(v) for v in a.tolist()]
-
-
 def read_table(path: str, target: str | None, features: list[str] | None = None) -> Table:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npz":
+    """The table ``path``: arrays (:func:`.table_arrays.holds_arrays`: ``.npz``,
+    ``.safetensors``, a folder of ``.npy``) or a text table (``.csv``, ``.tsv``, ...)."""
+    if holds_arrays(path):
         return read_npz(path, target, features)
-    if suffix == ".npy":  # else read as a CSV: "not UTF-8 text"
+    if Path(path).suffix.lower() == ".npy":  # else read as a CSV: "not UTF-8 text"
         raise CLIError(f"--data {path}: an .npy holds one array; save the features (and the "
-                       f"target) as an .npz: np.savez('data.npz', X=..., y=...)")
+                       f"target) as an .npz: np.savez('data.npz', X=..., y=...), or put X.npy "
+                       f"and y.npy in a folder and give the folder")
     return read_csv(path, target, features)
 
 

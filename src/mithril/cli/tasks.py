@@ -2,8 +2,8 @@
 
 * ``digits`` (default): the MLP on scikit-learn's digits (64 standardised pixels);
 * ``digits-cnn``: a small CNN on the same digits as 1×8×8 images;
-* ``tabular`` (chosen by ``--data FILE.csv|.tsv|.npz``): an MLP on the user's table, classification
-  or regression;
+* ``tabular`` (chosen by ``--data FILE.csv|.tsv|.npz|.safetensors`` or a folder of ``.npy``
+  files): an MLP on the user's table, classification or regression;
 * ``charlm``: a GPT-style character model on ``pydoc_data.topics`` or ``--data FILE.txt``.
 
 :func:`prepare` reads and checks the data and every task flag before anything is trained or
@@ -27,8 +27,22 @@ from .errors import CLIError
 from .networks import OBJECTIVES, ModelSpec, cnn_spec, mlp_spec
 
 TASKS = ("digits", "digits-cnn", "charlm")
-#: the --data suffixes of a table (the tabular job): text tables (.csv, .tsv, .tab) and .npz
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".npz")
+#: the --data suffixes of a table (the tabular job): text tables (.csv, .tsv, .tab) and named
+#: arrays (.npz, .safetensors; a folder of .npy files is one too; a lone .npy is refused there
+#: with the fix)
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".npz", ".safetensors", ".npy")
+
+
+def is_table(path: str) -> bool:
+    """Whether ``--data path`` is a table (the tabular job; see :data:`TABLE_SUFFIXES`)."""
+    return Path(path).suffix.lower() in TABLE_SUFFIXES or Path(path).is_dir()
+
+
+def needs_target(path: str) -> bool:
+    """Whether the table ``path`` needs ``--target``: a text table does (arrays have ``y``)."""
+    from .table_arrays import holds_arrays
+
+    return not holds_arrays(path) and Path(path).suffix.lower() != ".npy"
 
 #: per job, the value of each flag left unset (flags not listed keep their parser default)
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -73,8 +87,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                         "pydoc_data.topics (or --data FILE.txt)")
     g.add_argument("--data", metavar="FILE", type=in_path,
                    help="FILE.csv or FILE.tsv (tab-separated; a header row; --target names "
-                        "the column to predict) or "
-                        "FILE.npz (arrays X and y): train on your own table; with --task "
+                        "the column to predict), or FILE.npz, FILE.safetensors or a folder of "
+                        "X.npy and y.npy (arrays X and y): train on your own table; with --task "
                         "charlm a text file")
     g.add_argument("--target", metavar="COLUMN", help="the CSV column to predict (--data)")
     g.add_argument("--objective", choices=OBJECTIVES,
@@ -131,15 +145,14 @@ class Job:
 
 
 def job_name(args: argparse.Namespace) -> str:
-    if args.data is not None and args.task != "charlm" and \
-            Path(args.data).suffix.lower() in TABLE_SUFFIXES:
+    if args.data is not None and args.task != "charlm" and is_table(args.data):
         if args.task is not None:  # digits or digits-cnn: not "give a .csv" for a .csv
             raise CLIError(f"--task {args.task} trains on the digits; leave --task out to "
                            f"train on --data {args.data}")
         return "tabular"
     if args.data is not None and args.task != "charlm":
-        raise CLIError(f"--data {args.data}: give a .csv, .tsv or .npz file (a table), or a text "
-                       f"file with --task charlm")
+        raise CLIError(f"--data {args.data}: give a .csv, .tsv, .npz or .safetensors file, or a "
+                       f"folder of .npy files (a table), or a text file with --task charlm")
     return args.task or "digits"
 
 
@@ -162,7 +175,7 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
             setattr(args, name, value)
     if task == "charlm" and args.warmup_steps is None:
         args.warmup_steps = min(100, args.steps // 10)
-    if task == "tabular" and args.target is None and Path(args.data).suffix.lower() != ".npz":
+    if task == "tabular" and args.target is None and needs_target(args.data):
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
 
 

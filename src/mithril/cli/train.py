@@ -85,7 +85,8 @@ Train a model and write its metrics. The job is one of
   --task digits       an MLP classifier on scikit-learn's digits (8x8 images, 10 classes;
                       standardised, with a fixed stratified train/test split); the default
   --task digits-cnn   a small CNN (conv, BatchNorm, relu, max-pool; twice) on the same digits
-  --data FILE.csv --target COLUMN  (or FILE.tsv, tab-separated; or FILE.npz with X and y)
+  --data FILE.csv --target COLUMN  (or FILE.tsv, tab-separated; or FILE.npz, FILE.safetensors
+                      or a folder of .npy files, with X and y)
                       an MLP on your table: classification or regression (--objective),
                       standardised features, a seeded split; `mithril predict` uses the run
   --task charlm       a GPT-style character model on pydoc_data.topics (or --data FILE.txt),
