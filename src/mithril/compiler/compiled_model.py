@@ -20,7 +20,7 @@ from .key_names import key_names, keyed_by_name
 from .list_inputs import ListInputsMixin, ListLengthError
 from .listing import program_listing, summary_text, write_listing
 from .output_gradients import OutputGradientsMixin, _check_keys, _distinct
-from .program import Program, build_program
+from .program import Program, build_program, infer_output
 
 
 def signature(arrays: Mapping[str, Any]) -> tuple | None:
@@ -406,6 +406,7 @@ class CompiledModel(OutputGradientsMixin):
         top = {w: k for k, w in p.inputs.items()}
         for k, w in p.inputs.items():
             shapes[w] = tuple(int(d) for d in inputs[k].shape)
+        values: dict[int, Any] = {}  # (Size's output, for Arange)
         for node in p.nodes:
             in_shapes = {k: shapes[w] for k, w in node.ins.items()}
             names = {k: p.wire_names[w] for k, w in node.ins.items()}
@@ -421,7 +422,7 @@ class CompiledModel(OutputGradientsMixin):
                     value_hooks.append((hook, in_shapes, dtypes, names, refs))
             pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
             try:
-                out = node.op.infer_shape({**in_shapes, **pshapes})
+                out = infer_output(node, {**in_shapes, **pshapes}, values)
                 shapes[node.out] = unify(shapes[node.out], out, p.wire_names[node.out],
                                          f"{node.path}.output (inferred)")
             except ShapeError as e:

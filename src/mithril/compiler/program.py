@@ -324,6 +324,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
 
     differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
+    values: dict[int, object] = {}  # wires whose values are known now (Size's output)
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):
@@ -367,7 +368,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             prog.param_shapes[pname] = tuple(int(d) for d in shape)
             prog.param_init[pname] = node.op.param_init[key]
         with _blame(node, b):
-            out = node.op.infer_shape({**in_shapes, **pshapes})
+            out = infer_output(node, {**in_shapes, **pshapes}, values)
         b.merge_shape(node.out, out, f"{node.path}.output (inferred)")
         with _blame(node, b):
             sshapes = dict(node.op.state_shapes(in_shapes))
@@ -384,7 +385,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         shape = b.shapes[w]
         if shape is None or any(d is None for d in shape):
             raise ShapeError(f"cannot infer the shape of parameter '{name}' ({node.path}.{key}): "
-                             f"got {fmt(shape)}")
+                             f"got {fmt(shape)}; declare it: compile(..., shapes={{{name!r}: "
+                             "[...]})")
         if name in prog.param_shapes:
             raise KeyMismatchError(f"parameter name '{name}' is used twice")
         prog.param_wires[name] = w
@@ -394,6 +396,24 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     prog.has_random = any(n.op.random for n in nodes)
     _plan_drops(prog)
     return prog
+
+
+def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape | None:
+    """The node's output shape; an operator that reads values at compile time
+    (``value_inputs``: ``Arange``'s ``stop`` from a ``Size`` block) gets those it has, and
+    one that knows its output's value from shapes (``static_value``: ``Size``) gives it
+    (``None`` until those shapes are known; a wire of another block is not in ``values``)."""
+    op = node.op
+    wanted = getattr(op, "value_inputs", None)
+    if wanted:
+        out = op.infer_shape(shapes, values={k: values[w] for k, w in node.ins.items()
+                                             if k in wanted and w in values})
+    else:
+        out = op.infer_shape(shapes)
+    known = getattr(op, "static_value", None)
+    if known is not None:  # (None: known once the shapes are)
+        values[node.out] = known(shapes)
+    return out
 
 
 def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], set[int]]:

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 # primitives (the published Mithril's names)
+from .arange import Arange  # noqa: E402
 from .connection_types import Tensor  # noqa: E402 (IOKey(type=Tensor[float]), as published)
 from .model import IOKey  # noqa: E402
 from .primitives import (  # noqa: E402
@@ -63,12 +64,13 @@ from .primitives import (  # noqa: E402
     Where,
 )
 from .reductions import Max, Mean, Min, Sum  # noqa: E402
+from .shape_wires import Shape, ShapeWire, Size  # noqa: E402
 from .shaping import Concat, Indexer, Reshape, Split, Transpose  # noqa: E402
 
 __all__ += [
     "Absolute", "Buffer", "Cast", "Concat", "Tensor", "Divide", "Exponential", "IOKey", "Indexer", "Log", "Max",
     "Mean", "Min", "Negate", "Power", "Reshape", "Split", "Sqrt", "Square", "Subtract", "Sum",
-    "Transpose", "Where",
+    "Transpose", "Where", "Shape", "ShapeWire", "Size", "Arange",
 ]
 
 # attention, transformer blocks and position embeddings
@@ -146,9 +148,18 @@ from .unary_primitives import NormModifier  # noqa: E402
 __all__ += ["MDS", "MDSCore", "NormModifier"]
 
 # the published Mithril's recurrent cells, in its layout
-from .published_cells import ManyToOne, PublishedLSTMCell, PublishedRNNCell, RowsOf  # noqa: E402
+from .published_cells import (  # noqa: E402
+    EncoderDecoder,
+    ManyToOne,
+    OneToMany,
+    PublishedLSTMCell,
+    PublishedRNNCell,
+    RowsOf,
+)
+from .time_slots import pack_data_into_time_slots  # noqa: E402
 
-__all__ += ["ManyToOne", "PublishedLSTMCell", "PublishedRNNCell", "RowsOf"]
+__all__ += ["EncoderDecoder", "ManyToOne", "OneToMany", "PublishedLSTMCell", "PublishedRNNCell",
+            "RowsOf", "pack_data_into_time_slots"]
 
 # the published Mithril's support-vector machines
 from .svm import KernelizedSVM, LinearSVM, QuadraticFormRegularizer, Sign  # noqa: E402

@@ -137,6 +137,14 @@ class Terminal(ConnectionOps):
     def __repr__(self) -> str:
         return f"{type(self.block).__name__}.{self.key or '<internal>'}"
 
+    @property
+    def shape(self) -> Any:
+        """As published: this connection's shape as a shape wire (``x.shape[0]``), known at
+        compile time (:mod:`mithril.models.shape_wires`)."""
+        from .shape_wires import shape_of
+
+        return shape_of(self)
+
 
 Given = str | IOKey | Terminal | Expression
 #: what to do instead of the published functional API (a block call returning its output)
@@ -458,6 +466,9 @@ class Model:
         if isinstance(block, Model):
             block._used = True
         mapping: dict[str, Connection] = {}
+        n_blocks = len(self.blocks)
+        refs = getattr(block, "refs", None) if isinstance(block, Operator) else None
+        ref_keys = frozenset(refs.keys) if refs is not None else frozenset()
         outs = block.output_keys
         first_in = cin_key(block)
         # a nested model's named wires that it produces and consumes itself stay inside it
@@ -472,8 +483,8 @@ class Model:
                 and first_in not in bound.connections:
             mapping[first_in] = prev_out
         for key in (*block.terminals, *(k for k in param_keys(block) if k in bound.connections)):
-            if key in mapping:
-                continue
+            if key in mapping or (key in ref_keys and key not in bound.connections):
+                continue  # (shape wires' inputs: bound below, to what they read)
             if key in bound.connections:
                 mapping[key] = self._given(bound.connections[key], key in outs, (block, key))
             elif key in hidden:
@@ -495,6 +506,10 @@ class Model:
             if key not in outs:
                 check_fed(c.kinds, c.name, block, key)
         self.blocks.append((block, mapping))
+        if len(self.blocks) > n_blocks + 1 or ref_keys:  # (what shape wires read)
+            from .shape_wires import bind_shape_refs
+
+            bind_shape_refs(self, n_blocks)
         out_key = cout_key(block, hidden)
         if out_key is not None:
             self._last_output = mapping[out_key]

@@ -8,7 +8,8 @@ sequences end): the first N rows are the previous state, the rest are passed on 
 ``hidden_compl``. Their weights are inputs under the published names, declared
 differentiable as published (trainable unless compiled as data or constant keys), and each
 also has an output layer. Both are composites of primitives, wired as the published
-definitions. ``ManyToOne`` unrolls one over a sequence, as the published one."""
+definitions. ``ManyToOne``, ``OneToMany`` and ``EncoderDecoder`` unroll one over a
+sequence, as the published templates; the weights' shapes follow from the data's."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from .activations import Sigmoid, Tanh
-from .arithmetic import Add, MatrixMultiply, Multiply
+from .arithmetic import Add, Multiply
+from .layers import Linear
 from .model import IOKey, Model
 from .operator import Operator, ShapeError, fmt
-from .shaping import Concat, Transpose
+from .shaping import Concat
 
 
 class RowsOf(Operator):
@@ -68,16 +70,54 @@ class RowsOf(Operator):
         return f"RowsOf({self.part!r})"
 
 
-def _affine(model: Model, x: Any, weight: str, bias: str | None = None, **output: Any) -> Any:
-    """x·weightᵀ (+ bias): the published ``Linear`` with its weight and bias as inputs."""
-    wt, mm = Transpose(), MatrixMultiply()
-    model |= wt.connect(input=weight)
-    model |= mm.connect(left=x, right=wt.output, **({} if bias else output))
-    if bias is None:
-        return mm.output
-    add = Add()
-    model |= add.connect(left=mm.output, right=bias, **output)
-    return add.output
+class CellLinear(Linear):
+    """x·weightᵀ (+ bias), the published cells' ``Linear`` with its weight and bias as
+    connections (``connect(weight="w_ih")``: shared by name between the steps). Its width is
+    not fixed here: it is the last axis of ``size`` (a connection read for its shape only:
+    the previous hidden state for the gates), else of the weight's or the bias's shape where
+    those are known, so the weights' shapes follow from the data's (see :class:`ManyToOne`)."""
+
+    def __init__(self, use_bias: bool = True, size: bool = False) -> None:
+        self.dimension, self.use_bias = None, bool(use_bias)
+        self.inputs = ("input", "size") if size else ("input",)
+        self.any_dtype_inputs = frozenset({"size"})
+
+    def _width(self, shapes: Any) -> int | None:
+        for key, axis in (("size", -1), ("weight", 0), ("bias", 0)):
+            s = shapes.get(key)
+            if s and s[axis] is not None:
+                return s[axis]
+        return None
+
+    def param_shapes(self, shapes):
+        d_in, d_out = (shapes.get("input") or (None,))[-1], self._width(shapes)
+        out = {} if d_in is None or d_out is None else {"weight": (d_out, d_in)}
+        if self.use_bias and d_out is not None:
+            out["bias"] = (d_out,)
+        return out
+
+    def infer_shape(self, shapes):
+        s = shapes.get("input")
+        return None if s is None else (*s[:-1], self._width(shapes))
+
+    def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None, size: Any = None) -> Any:
+        return super().forward(xp, input, weight, bias)
+
+    def vjp(self, g, out, args, wrt):
+        return super().vjp(g, out, args, wrt - {"size"})
+
+    def __repr__(self) -> str:
+        return f"CellLinear(use_bias={self.use_bias})"
+
+
+def _affine(model: Model, x: Any, weight: str, bias: str | None = None, size: Any = None,
+            **output: Any) -> Any:
+    """x·weightᵀ (+ bias) as :class:`CellLinear`, its width the last axis of ``size``."""
+    lin = CellLinear(use_bias=bias is not None, size=size is not None)
+    model |= lin.connect(input=x, weight=weight, **({"bias": bias} if bias else {}),
+                         **({"size": size} if size is not None else {}),
+                         output=output.get("output", IOKey()))
+    return lin.output
 
 
 def _split_state(model: Model) -> Any:
@@ -98,16 +138,20 @@ class PublishedRNNCell(Model):
     ``prev_hidden`` (M, 1, H), ``w_ih`` (H, I), ``w_hh`` (H, H), ``bias_h`` (H,), ``w_ho``
     (O, H), ``bias_o`` (O,); outputs ``hidden`` (N, 1, H), ``output`` (N, 1, O) and
     ``hidden_compl`` (M − N, 1, H). torch's ``nn.RNNCell`` is :class:`~mithril.models.RNNCell`
-    (one bias there is two here: ``bias_ih + bias_hh = bias_h``)."""
+    (one bias there is two here: ``bias_ih + bias_hh = bias_h``). The weights' shapes follow
+    from ``input``'s and ``prev_hidden``'s, and O from ``w_ho``'s or ``bias_o``'s, or from
+    ``input``'s with ``output_size_from_input=True`` (:class:`OneToMany`'s cells)."""
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __init__(self, *, output_size_from_input: bool = False, name: str | None = None) -> None:
         super().__init__(name=name)
         h = _split_state(self)
         z = Add()
-        self |= z.connect(left=_affine(self, h, "w_hh"),
-                          right=_affine(self, "input", "w_ih", "bias_h"))
+        self |= z.connect(left=_affine(self, h, "w_hh", size="prev_hidden"),
+                          right=_affine(self, "input", "w_ih", "bias_h", size="prev_hidden"))
         self |= Tanh().connect(input=z.output, output=IOKey("hidden"))
-        _affine(self, "hidden", "w_ho", "bias_o", output=IOKey("output"))
+        _affine(self, "hidden", "w_ho", "bias_o", size="input" if output_size_from_input else None,
+                output=IOKey("output"))
+        self.output_size_from_input = output_size_from_input
         self.set_differentiability(dict.fromkeys(self.shared_keys, True))
 
     #: as published: the weights a recurrent model shares between its steps (differentiable:
@@ -132,7 +176,7 @@ class PublishedLSTMCell(Model):
     i, f, g, o stacked, weights split by input and hidden) is
     :class:`~mithril.models.LSTMCell`."""
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __init__(self, *, output_size_from_input: bool = False, name: str | None = None) -> None:
         super().__init__(name=name)
         h = _split_state(self)
         c = RowsOf("head")
@@ -142,7 +186,8 @@ class PublishedLSTMCell(Model):
         gates = {}
         for name, act in (("f", Sigmoid), ("i", Sigmoid), ("c", Tanh), ("o", Sigmoid)):
             a = act()
-            self |= a.connect(input=_affine(self, xh.output, f"w_{name}", f"bias_{name}"))
+            self |= a.connect(input=_affine(self, xh.output, f"w_{name}", f"bias_{name}",
+                                            size="prev_hidden"))
             gates[name] = a.output
         keep, new, cell = Multiply(), Multiply(), Add()
         self |= keep.connect(left=gates["f"], right=c.output)
@@ -151,12 +196,23 @@ class PublishedLSTMCell(Model):
         squash, hidden = Tanh(), Multiply()
         self |= squash.connect(input="cell")
         self |= hidden.connect(left=gates["o"], right=squash.output, output=IOKey("hidden"))
-        _affine(self, "hidden", "w_out", "bias_out", output=IOKey("output"))
+        _affine(self, "hidden", "w_out", "bias_out",
+                size="input" if output_size_from_input else None, output=IOKey("output"))
+        self.output_size_from_input = output_size_from_input
         self.set_differentiability(dict.fromkeys(self.shared_keys, True))
 
     shared_keys = ("w_f", "w_i", "w_c", "w_o", "w_out", "bias_f", "bias_i", "bias_c", "bias_o",
                    "bias_out")
     state_keys = ("hidden", "cell")
+
+
+def _check_template(who: str, cell_type: Any, length: int, what: str = "max_sequence_length") -> None:
+    if not isinstance(cell_type, (PublishedRNNCell, PublishedLSTMCell)):
+        raise TypeError(f"{who}: cell_type must be a PublishedRNNCell() or PublishedLSTMCell() "
+                        "(the published RNNCell / LSTMCell layout; mithril.models.RNNCell is "
+                        f"torch's), got {type(cell_type).__name__}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"{who}: {what} must be an int >= 2, got {length!r}")
 
 
 class ManyToOne(Model):
@@ -167,26 +223,21 @@ class ManyToOne(Model):
     ``initial_hidden``, and ``initial_cell`` for an LSTM); outputs ``output{t}`` and
     ``hidden_concat``: on axis 0, the ``hidden_compl`` rows of steps 1 .. T−2 (the state of
     the sequences that ended before them), the last step's ``hidden`` and its
-    ``hidden_compl``, in the published order (step 0's ``hidden_compl`` is not in it). Inputs sorted by length,
-    longest first, so N_0 >= N_1 >= ...; the cell's weights need their shapes at compile
-    time (``shapes=``), as every trainable input here."""
+    ``hidden_compl``, in the published order (step 0's ``hidden_compl`` is not in it).
+    Inputs sorted by length, longest first, so N_0 >= N_1 >= .... The weights' shapes follow
+    from the data's (I from ``input0``, H from ``initial_hidden``) but for the output layer's
+    width O, which the published infers through the loss: give one of its shapes
+    (``shapes={"bias_o": [O]}``), or ``output_size_from_input=True`` (O = I)."""
 
     def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell, max_sequence_length: int,
-                 *, name: str | None = None) -> None:
-        if not isinstance(cell_type, (PublishedRNNCell, PublishedLSTMCell)):
-            raise TypeError("ManyToOne: cell_type must be a PublishedRNNCell() or "
-                            "PublishedLSTMCell() (the published RNNCell / LSTMCell layout; "
-                            f"mithril.models.RNNCell is torch's), got {type(cell_type).__name__}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
-                or max_sequence_length < 2:
-            raise ValueError("ManyToOne: max_sequence_length must be an int >= 2, got "
-                             f"{max_sequence_length!r}")
+                 *, output_size_from_input: bool = False, name: str | None = None) -> None:
+        _check_template("ManyToOne", cell_type, max_sequence_length)
         super().__init__(name=name)
         make, states = type(cell_type), cell_type.state_keys
         prev: Model | None = None
         tails = []
         for t in range(max_sequence_length):
-            cell = make()
+            cell = make(output_size_from_input=output_size_from_input)
             state = {f"prev_{k}": f"initial_{k}" if prev is None else getattr(prev, k)
                      for k in states}
             self |= cell.connect(input=f"input{t}", output=f"output{t}", **state,
@@ -202,3 +253,71 @@ class ManyToOne(Model):
                                output="hidden_concat")
         self.set_cin("input0")
         self.set_cout("hidden_concat")
+
+
+class OneToMany(Model):
+    """The published Mithril's ``OneToMany(cell_type, max_sequence_length, teacher_forcing)``:
+    one copy of the cell per step, sharing its weights (inputs named as the cell's). Step 0
+    reads ``input`` (N_0, 1, I) and ``initial_hidden`` (and ``initial_cell``); step t > 0
+    reads the previous step's state and, as its input, the first N_t rows of the previous
+    step's ``output`` (``teacher_forcing=True``: of ``target{t-1}``), N_t being the rows of
+    ``target{t}`` (read for its shape only: sequences sorted longest first stop as their
+    targets end). Outputs ``output0`` .. ``output{T-1}``; the output is the next step's input,
+    so the cell's output size is its input size."""
+
+    def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell, max_sequence_length: int,
+                 teacher_forcing: bool = False, *, name: str | None = None) -> None:
+        _check_template("OneToMany", cell_type, max_sequence_length)
+        if not isinstance(teacher_forcing, bool):
+            raise TypeError(f"OneToMany: teacher_forcing must be a bool, got {teacher_forcing!r}")
+        super().__init__(name=name)
+        make, states = type(cell_type), cell_type.state_keys
+        prev: Model | None = None
+        for t in range(max_sequence_length):
+            cell = make(output_size_from_input=True)  # (its output is the next step's input)
+            if prev is None:
+                given: Any = "input"
+                state = {f"prev_{k}": f"initial_{k}" for k in states}
+            else:
+                rows = RowsOf("head")
+                self |= rows.connect(input=f"target{t - 1}" if teacher_forcing else prev.output,
+                                     like=f"target{t}", output=IOKey())
+                given, state = rows.output, {f"prev_{k}": getattr(prev, k) for k in states}
+            self |= cell.connect(input=given, output=f"output{t}", **state,
+                                 **{k: k for k in cell.shared_keys},
+                                 **{k: IOKey() for k in (*states, "hidden_compl")})
+            prev = cell
+        self.set_cin("input")
+        self.set_cout(f"output{max_sequence_length - 1}")
+
+
+class EncoderDecoder(Model):
+    """The published Mithril's ``EncoderDecoder(cell_type, max_input_sequence_length,
+    max_target_sequence_length, teacher_forcing)``: a :class:`ManyToOne` encoder (inputs
+    ``input0`` .., ``initial_hidden``, the cell's weights ``w_ih`` ..) whose ``hidden_concat``,
+    reordered by ``indices`` (``PermuteTensor``: row i is row ``indices[i]``, from the
+    encoder's order to the decoder's), is the initial hidden state of a :class:`OneToMany`
+    decoder with its own weights and input, prefixed ``decoder_`` (``decoder_w_ih``, ..,
+    ``decoder_input``; ``decoder_initial_cell`` for an LSTM); the targets ``target0`` .. keep
+    their names. Outputs: the decoder's ``output0`` .."""
+
+    def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell,
+                 max_input_sequence_length: int, max_target_sequence_length: int,
+                 teacher_forcing: bool = False, *, name: str | None = None) -> None:
+        _check_template("EncoderDecoder", cell_type, max_input_sequence_length,
+                        "max_input_sequence_length")
+        super().__init__(name=name)
+        from .permute_tensor import PermuteTensor
+
+        # (the encoder's outputs are not read: its output layer is given the input's width)
+        encoder = ManyToOne(cell_type, max_input_sequence_length, output_size_from_input=True)
+        decoder = OneToMany(cell_type, max_target_sequence_length, teacher_forcing)
+        self |= encoder.connect(**{k: k for k in encoder.input_keys},
+                                **{k: IOKey() for k in encoder.output_keys})
+        permute = PermuteTensor()
+        self |= permute.connect(input=encoder.hidden_concat, indices="indices", output=IOKey())
+        self |= decoder.connect(initial_hidden=permute.output,
+                                **{k: k if k.startswith("target") else f"decoder_{k}"
+                                   for k in decoder.input_keys if k != "initial_hidden"},
+                                **{k: k for k in decoder.output_keys})
+        self.set_cout(decoder.cout)

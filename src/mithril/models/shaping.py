@@ -4,50 +4,131 @@ Indexer (static indices and slices)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .connection_types import TBD
 from .model import Model
 from .operator import Operator, ShapeError, fmt, torch_of, unify
 
 
 class Reshape(Operator):
-    """The input with shape ``shape``; one entry may be -1 (or None): the size left over."""
+    """The input with shape ``shape``; one entry may be -1 (or None): the size left over.
+
+    As published, ``shape`` may hold shape wires (:mod:`mithril.models.shape_wires`):
+    ``Reshape(shape=(x.shape[0], x.shape[1], -1))``, ``Reshape(x.shape[:3])``, and it may be
+    given in ``connect(shape=...)`` (``Reshape().connect(input=..., shape=...)``). The
+    connections the wires read are then extra inputs (``shape_ref0`` ...) that only give
+    their shapes (no gradient)."""
 
     any_dtype_inputs = frozenset({"input"})
 
-    def __init__(self, shape: Sequence[int | None]) -> None:
-        self.shape = tuple(-1 if d is None else int(d) for d in shape)
-        if sum(d == -1 for d in self.shape) > 1 or any(d < -1 for d in self.shape):
+    def __init__(self, shape: Sequence[Any] | None = None) -> None:
+        self._set_shape(shape)
+
+    def _set_shape(self, shape: Any) -> None:
+        from .shape_wires import ShapeArgs, ShapeWire, is_symbolic
+
+        self.refs: ShapeArgs | None = None
+        self.inputs = ("input",)
+        if shape is None or shape is TBD:  # (published: Reshape(), the shape in connect)
+            self.shape = None
+            return
+        if isinstance(shape, ShapeWire):
+            shape = (shape,)
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(f"Reshape: shape must be a tuple or list of sizes (ints, -1, None "
+                            f"or shape wires such as x.shape[0]), got {shape!r}")
+        if is_symbolic(shape):
+            for d in shape:
+                if not isinstance(d, ShapeWire) and d is not None and (
+                        isinstance(d, bool) or not isinstance(d, (int, np.integer))):
+                    raise TypeError(f"Reshape: a size is an int, -1, None or a shape wire, got {d!r}")
+            self.shape = tuple(-1 if d is None else d if isinstance(d, ShapeWire) else int(d)
+                               for d in shape)
+            self.refs = ShapeArgs([d for d in self.shape if isinstance(d, ShapeWire)])
+            self.inputs = ("input", *self.refs.keys)
+            self.any_dtype_inputs = frozenset(self.inputs)
+            statics = [d for d in self.shape if not isinstance(d, ShapeWire)]
+        else:
+            self.shape = tuple(-1 if d is None else int(d) for d in shape)
+            statics = list(self.shape)
+        if sum(d == -1 for d in statics) > 1 or any(d < -1 for d in statics):
             raise ValueError(f"Reshape: at most one -1 (or None) and no other negative size, "
                              f"got {tuple(shape)}")
 
-    def infer_shape(self, shapes):
-        s = shapes.get("input")
-        if s is None:
-            return None
-        known = math.prod(d for d in self.shape if d != -1)
-        if any(d is None for d in s):
-            return tuple(None if d == -1 else d for d in self.shape)
-        n = math.prod(s)
-        if -1 in self.shape:
-            if known == 0 or n % known:
-                raise ShapeError(f"cannot reshape {fmt(s)} into {list(self.shape)}")
-            return tuple(n // known if d == -1 else d for d in self.shape)
-        if n != known:
-            raise ShapeError(f"cannot reshape {fmt(s)} ({n} elements) into {list(self.shape)}")
-        return self.shape
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """Bind terminals; ``shape=`` (a tuple of sizes or shape wires) sets the shape, as the
+        published ``Reshape().connect(shape=...)`` (``Reshape(shape)`` here otherwise)."""
+        if "shape" not in connections:
+            if self.shape is None:
+                raise TypeError("Reshape: no shape given: Reshape(shape) or "
+                                "Reshape().connect(input=..., shape=...)")
+            return super().connect(*args, **connections)
+        shape = connections.pop("shape")
+        if self.shape is not None and shape is not TBD:
+            raise TypeError(f"Reshape: the shape is given twice (Reshape({list(self.shape)}) and "
+                            "connect(shape=...))")
+        before = (self.shape, self.refs, self.inputs, self.__dict__.get("any_dtype_inputs"))
+        self._set_shape(shape)
+        try:
+            return super().connect(*args, **connections)
+        except BaseException:
+            self.shape, self.refs, self.inputs = before[:3]
+            if before[3] is None:
+                self.__dict__.pop("any_dtype_inputs", None)
+            raise
 
-    def forward(self, xp: Any, input: Any) -> Any:
-        return input.reshape(self.shape)
+    def _target(self, shapes: Mapping[str, Any]) -> tuple | None:
+        if self.shape is None:
+            raise ShapeError("Reshape: no shape given: Reshape(shape) or "
+                             "Reshape().connect(input=..., shape=...)")
+        if self.refs is None:
+            return self.shape
+        from .shape_wires import resolve_sizes
+
+        target = resolve_sizes(self.shape, self.refs.lookup(shapes), "Reshape")
+        if target is not None and sum(d == -1 for d in target) > 1:
+            raise ShapeError(f"Reshape: at most one -1 in the shape, got {list(target)}")
+        return target
+
+    def infer_shape(self, shapes):
+        s, target = shapes.get("input"), self._target(shapes)
+        if s is None or target is None:
+            return None if target is None else tuple(None if d == -1 else d for d in target)
+        if any(d is None for d in s) or any(d is None for d in target):
+            free = [d for d in target if d is None or d == -1]
+            if len(free) == 1 and all(d is not None for d in s):  # that one is what is left
+                known = math.prod(d for d in target if d is not None and d != -1)
+                n = math.prod(s)
+                if known == 0 or n % known:
+                    raise ShapeError(f"cannot reshape {fmt(s)} into {list(target)}")
+                return tuple(n // known if d is None or d == -1 else d for d in target)
+            return tuple(None if d == -1 else d for d in target)
+        known = math.prod(d for d in target if d != -1)
+        n = math.prod(s)
+        if -1 in target:
+            if known == 0 or n % known:
+                raise ShapeError(f"cannot reshape {fmt(s)} into {list(target)}")
+            return tuple(n // known if d == -1 else d for d in target)
+        if n != known:
+            raise ShapeError(f"cannot reshape {fmt(s)} ({n} elements) into {list(target)}")
+        return target
+
+    def forward(self, xp: Any, input: Any, **refs: Any) -> Any:
+        if self.refs is None:
+            return input.reshape(self.shape)
+        from .shape_wires import array_shapes
+
+        return input.reshape(self._target(array_shapes(refs, self.refs.keys)))
 
     def vjp(self, g, out, args, wrt):
         return {"input": g.reshape(args["input"].shape)}
 
     def __repr__(self) -> str:
-        return f"Reshape({list(self.shape)})"
+        return f"Reshape({None if self.shape is None else list(self.shape)})"
 
 
 class Transpose(Operator):
