@@ -23,8 +23,39 @@ def aval_getter(array_type: type) -> Any:
     return getattr(array_type.aval, "fget", None) or operator.attrgetter("aval")
 
 
+def _is_tracer(x: Any) -> bool:
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
+def key_seed(seed: Any) -> Any:
+    """``seed`` as an int where it is a JAX PRNG key (``jax.random.PRNGKey(s)``, a raw
+    ``uint32[2]``, or ``jax.random.key(s)``, threefry's two words): ``hi << 32 | lo``, which
+    is ``s`` again for the key of ``s``; anything else as it is. Dropout masks hash the
+    seed's low 32 bits with the step (:mod:`mithril.models.context`), the same on every
+    backend, so a key stands for its seed: keys of other implementations are refused."""
+    import jax
+
+    if not isinstance(seed, jax.Array):
+        return seed
+    typed = jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
+    words = np.asarray(jax.random.key_data(seed)) if typed else np.asarray(seed)
+    if not typed and (words.dtype != np.uint32 or words.shape != (2,)) and words.ndim != 0:
+        raise TypeError(f"seed: an int or a JAX PRNG key (uint32[2]), got an array of "
+                        f"{words.dtype}{list(words.shape)}")
+    if words.ndim == 0:
+        return seed
+    if words.shape != (2,):
+        raise TypeError(f"seed: a JAX PRNG key of threefry's two uint32 words, got key data "
+                        f"of shape {list(words.shape)} (another PRNG implementation): pass "
+                        f"an int seed")
+    return int(words[0]) << 32 | int(words[1])
+
+
 class JaxBackend(Backend):
-    """Arrays are ``jax.Array``. ``dtype="float64"`` turns on ``jax_enable_x64``."""
+    """Arrays are ``jax.Array``. ``dtype="float64"`` turns on ``jax_enable_x64``. ``seed``
+    may be a JAX PRNG key (``jax.random.PRNGKey(7)`` is seed 7: :func:`key_seed`)."""
 
     name = "jax"
     int_dtype = "int32"
@@ -44,8 +75,17 @@ class JaxBackend(Backend):
         # this process's own device: under jax.distributed, jax.devices() lists every
         # process's, and another's cannot be written from here
         self.device = jax.local_devices(backend=device)[0] if device else jax.local_devices()[0]
+        # arrays are committed only to a device named (here or by jax_default_device): on
+        # JAX's default device they stay uncommitted, as jnp's own, so they follow arrays
+        # placed elsewhere (on a mesh) and a jitted function taking them with the
+        # (uncommitted) scalars of optax's init compiles once, not again at its second call
+        self._commit = bool(device) or jax.config.jax_default_device is not None
 
     is_manualgrad = False
+
+    def set_seed(self, seed: Any) -> None:
+        """As :meth:`Backend.set_seed`; a JAX PRNG key is taken as its seed (:func:`key_seed`)."""
+        super().set_seed(key_seed(seed))
 
     def _ns(self) -> Any:
         import jax.numpy as jnp
@@ -54,7 +94,8 @@ class JaxBackend(Backend):
 
     def array(self, data: Any, dtype: Any = None, device_mesh: Any = None) -> Any:
         """``data`` as a ``jax.Array`` on the backend's device (floats in the backend dtype
-        unless ``dtype``)."""
+        unless ``dtype``): committed to it where the backend was given a ``device``, else
+        uncommitted on JAX's default device, as ``jnp.asarray`` makes it."""
         refuse_device_mesh(device_mesh, "JaxBackend.array")
         import jax
         import jax.numpy as jnp
@@ -65,7 +106,8 @@ class JaxBackend(Backend):
             dtype = self.dtype
         if isinstance(a, jax.Array):  # stays where it is
             return a if dtype is None else a.astype(dtype)
-        return jax.device_put(jnp.asarray(a, dtype=dtype), self.device)
+        x = jnp.asarray(a, dtype=dtype)
+        return jax.device_put(x, self.device) if self._commit else x
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
@@ -95,6 +137,63 @@ class JaxBackend(Backend):
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _JaxEvaluator(program, jit)
+
+
+def mesh_placement(tree: Any) -> Any:
+    """The replicated sharding (``NamedSharding(mesh, P())``) of the one mesh that the
+    multi-device arrays of ``tree`` span (params returned by a data-parallel step, a batch
+    or params ``jax.device_put`` on a mesh), or None: none does, or several do, or one
+    spans its devices without a mesh (JAX's error then stands)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = None
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+            continue
+        s = leaf.sharding
+        if len(s.device_set) > 1:
+            if not isinstance(s, NamedSharding) or (mesh is not None and s.mesh != mesh):
+                return None
+            mesh = s.mesh
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def follow_mesh(tree: Any) -> Any:
+    """``tree`` with its arrays committed to one device (what ``JaxBackend.array`` makes:
+    data given as NumPy, constants, a loss's cotangent, ``get_parameters()``) replicated
+    on the mesh its other arrays span, as JAX places an uncommitted array beside sharded
+    ones; None where there is no such mesh or nothing to move."""
+    import jax
+
+    rep = mesh_placement(tree)
+    if rep is None:
+        return None
+    devices, moved = rep.device_set, [False]
+
+    def put(a: Any) -> Any:
+        if (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed
+                and a.sharding.device_set != devices and len(a.sharding.device_set) == 1):
+            moved[0] = True
+            return jax.device_put(a, rep)
+        return a
+
+    out = jax.tree_util.tree_map(put, tree)
+    return out if moved[0] else None
+
+
+def _placed_call(fn: Any, *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)``; where JAX refuses its arguments as placed on incompatible
+    devices (before anything runs), again with the single-device ones following the mesh
+    of the others (:func:`follow_mesh`): evaluating params that a data-parallel step
+    returned, or a batch sharded on a mesh, with host data or ``get_parameters()``."""
+    try:
+        return fn(*args, **kw)
+    except ValueError:
+        moved = follow_mesh(args)
+        if moved is None:
+            raise
+    return fn(*moved, **kw)
 
 
 def _full_cotangents(out: Mapping[str, Any], cots: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,25 +256,37 @@ class _JaxEvaluator(Evaluator):
     def _rng(run: RunContext) -> Any:
         import jax.numpy as jnp
 
-        def u32(v: Any) -> Any:
-            return jnp.asarray(v).astype(jnp.uint32) if hasattr(v, "dtype") else np.uint32(int(v) & M32)
+        def u32(v: Any, what: str) -> Any:
+            if not hasattr(v, "dtype"):
+                return np.uint32(int(v) & M32)
+            if not jnp.issubdtype(v.dtype, jnp.integer) or jnp.ndim(v) != 0:
+                # (a float would be truncated, a key's words taken as a shape (2,) step)
+                raise TypeError(
+                    f"{what} must be an int or an integer scalar (it may be traced in your "
+                    f"jax.jit), got an array of {v.dtype}{list(jnp.shape(v))}: Dropout masks "
+                    f"are a hash of (seed, step), a counter; a JAX PRNG key is taken as a "
+                    f"seed (JaxBackend(seed=key), compiled.seed = key), not as a step")
+            return jnp.asarray(v).astype(jnp.uint32)
 
-        return jnp.stack([u32(run.seed), u32(run.step)])
+        seed = run.seed
+        if hasattr(seed, "dtype") and not _is_tracer(seed):
+            seed = key_seed(seed)  # (compiled.seed = jax.random.PRNGKey(s): seed s)
+        return jnp.stack([u32(seed, "compiled.seed"), u32(run.step, "evaluate(step=...)")])
 
     def forward(self, params, inputs, run=None):
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
-            return self._fwd(ptuple, dict(inputs))
-        out, run.new_state = self._fwd_ctx(ptuple, dict(inputs), self._rng(run), dict(run.state),
-                                           training=run.training)
+            return _placed_call(self._fwd, ptuple, dict(inputs))
+        out, run.new_state = _placed_call(self._fwd_ctx, ptuple, dict(inputs), self._rng(run),
+                                          dict(run.state), training=run.training)
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
-            out, grads = self._fwd_vjp(ptuple, dict(inputs), dict(cotangents))
+            out, grads = _placed_call(self._fwd_vjp, ptuple, dict(inputs), dict(cotangents))
         else:
-            out, grads, run.new_state = self._fwd_vjp_ctx(
-                ptuple, dict(inputs), self._rng(run), dict(run.state), dict(cotangents),
-                training=run.training)
+            out, grads, run.new_state = _placed_call(
+                self._fwd_vjp_ctx, ptuple, dict(inputs), self._rng(run), dict(run.state),
+                dict(cotangents), training=run.training)
         return out, dict(zip(self.names, grads, strict=True))

@@ -86,11 +86,20 @@ def refuse_consumed(what: str, tree: Any) -> None:
 
 def committed(tree: Any) -> Any:
     """``tree`` with its JAX arrays committed to their devices (``jax.jit`` compiles again
-    for committed arguments where it had uncommitted ones)."""
+    for committed arguments where it had uncommitted ones); where its arrays on several
+    devices span one mesh (params ``jax.device_put`` on it), the uncommitted ones (the
+    state's count, ``init``'s scalars) replicated on that mesh, as JAX places them beside
+    the params: committed to their own device they would be refused beside them."""
     import jax
 
+    from ..backends.jax_backend import mesh_placement
+
+    rep = mesh_placement(tree)
+
     def commit(a: Any) -> Any:
-        return jax.device_put(a, a.sharding) if isinstance(a, jax.Array) and not a.committed else a
+        if isinstance(a, jax.Array) and not a.committed:
+            return jax.device_put(a, a.sharding if rep is None else rep)
+        return a
 
     return jax.tree_util.tree_map(commit, tree)
 
