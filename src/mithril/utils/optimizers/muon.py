@@ -339,12 +339,14 @@ class Muon(TensorwiseOptimizer):
                 return
             raise AttributeError(f"Muon's {name} is fixed at construction (a state's slots "
                                  f"are laid out by it): build another Muon")
+        follow = name in ("learning_rate", "fallback_lr_ratio") and \
+            self.__dict__.get("fallback") is not None and "fallback_lr_ratio" in (
+                name, *self.__dict__)
+        if follow:  # the fallback's rate first: a value it cannot take changes nothing
+            fb_lr = _fallback_rate(name, value, self.__dict__)
         super().__setattr__(name, value)
-        if name in ("learning_rate", "fallback_lr_ratio") and \
-                self.__dict__.get("fallback") is not None:
-            # (the fallback's reads as it is: Muon's times the ratio)
-            fb = self.fallback
-            fb.__dict__["learning_rate"] = self.learning_rate * self.fallback_lr_ratio
+        if follow:  # (the fallback's reads as it is: Muon's times the ratio)
+            self.fallback.__dict__["learning_rate"] = fb_lr
         if name == "epsilon" and _mo.follows(self.__dict__.get("fallback")):
             # (optax's one eps: counted as its change; refused if set there alone)
             self.fallback._set_counted("epsilon", self.epsilon)
@@ -589,7 +591,7 @@ class Muon(TensorwiseOptimizer):
                 or (mask is not None and not _groups._matches(mask, n, "weight_decay_mask"))}
 
 
-from .muon_routing import _check_layers, _check_routing, _init  # noqa: E402
+from .muon_routing import _check_layers, _check_routing, _fallback_rate, _init  # noqa: E402
 
 # assigned after the class, so that Optimizer.__init_subclass__ does not wrap it (the
 # wrapper binds the backend first; a refused init must keep nothing)

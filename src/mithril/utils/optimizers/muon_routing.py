@@ -1,6 +1,7 @@
 """Muon's routing of tensors between its matrix path and its fallback by name
 (``exclude_layers``, ``exclude_embeddings``, ``weight_dimension_numbers``): its ``init``,
-which lays the slots out by it, and the check that a state was laid out alike."""
+which lays the slots out by it, and the check that a state was laid out alike; and the
+fallback's learning rate, which follows Muon's."""
 
 from __future__ import annotations
 
@@ -95,3 +96,22 @@ def _init(self: Muon, params: Mapping[str, Any]) -> OptimizerState:
     finally:
         del self.__dict__["_shapes_alone"]
     return _reroute(self, state)
+
+
+def _fallback_rate(name: str, value: Any, own: Mapping[str, Any]) -> Any:
+    """The fallback's rate once Muon's ``name`` is ``value`` (Muon's times the ratio); no
+    number (None, a string, a list, an int too large) is refused before anything is set (a
+    traced value, a step's hyperparameter in a JAX program, multiplies as it is)."""
+    lr, ratio = (value, own["fallback_lr_ratio"]) if name == "learning_rate" else (
+        own["learning_rate"], value)
+    why = "must be a number"
+    if value is None or isinstance(value, (str, bytes, Sequence, Mapping)):
+        why = f"{why}, got {describe(value)}"
+    else:
+        try:
+            return lr * ratio
+        except (TypeError, OverflowError) as e:
+            why = f"{why} ({e})"
+    raise (ValueError if "too large" in why else TypeError)(
+        f"Muon: {name}={describe(value)} refused: {name} {why} (the fallback's learning "
+        f"rate is Muon's times fallback_lr_ratio)")
