@@ -323,3 +323,34 @@ def test_a_bad_safetensors_or_a_lone_npy_is_named(tmp_path, capsys, write, messa
                                "--out", str(tmp_path / "run")])
     assert f"--data {data}" in err and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+# -- classification or regression ------------------------------------------------------------
+def test_whole_number_codes_taken_for_a_regression_target_say_so(tmp_path, capsys):
+    """More than 20 distinct whole numbers (product or region codes) are silently a number to
+    predict, where scikit-learn's type_of_target calls them multiclass: the header now says
+    which it took and how to get the other; a target with fractions gets no such note."""
+    from sklearn.utils.multiclass import type_of_target
+
+    x = np.random.default_rng(0).standard_normal((300, 2)).round(3)
+    codes = [int(abs(a) * 20) % 50 for a in x[:, 0]]
+    write_csv(tmp_path / "codes.csv", ["a", "b", "code"], [[*r, c] for r, c in
+                                                           zip(x.tolist(), codes)])
+    assert type_of_target(np.array(codes)) == "multiclass" and len(set(codes)) > 20
+    assert main(["train", "--data", str(tmp_path / "codes.csv"), "--target", "code",
+                 "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert (f"regression on 'code' (its {len(set(codes))} distinct whole numbers taken for a "
+            f"number to predict, more than 20; --objective classification takes them for "
+            f"classes)") in out, out
+    assert main(["train", "--data", str(tmp_path / "codes.csv"), "--target", "code",
+                 "--objective", "classification", "--dry-run",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert f"{len(set(codes))} classes" in capsys.readouterr().out
+    write_csv(tmp_path / "price.csv", ["a", "b", "price"], [[*r, r[0] * 3.5 + 0.25] for r in
+                                                             x.tolist()])
+    assert main(["train", "--data", str(tmp_path / "price.csv"), "--target", "price",
+                 "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "regression on 'price';" in out and "whole numbers" not in out
+    assert not (tmp_path / "run").exists()

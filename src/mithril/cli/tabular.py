@@ -517,6 +517,11 @@ def tabular_job(args: argparse.Namespace) -> Any:
         # ages, counts, prices in whole units: a newcomer may have meant a number
         what += (f" (its {len(labels)} distinct whole numbers taken for classes; --objective "
                  f"regression predicts a number)")
+    elif args.objective is None and not labels and all(float(v).is_integer() for v in table.y):
+        # class codes (products, regions, ...): scikit-learn's type_of_target says multiclass
+        what += (f" (its {len(set(table.y))} distinct whole numbers taken for a number to "
+                 f"predict, more than {MAX_INFERRED_CLASSES}; --objective classification takes "
+                 f"them for classes)")
     describe = (f"{table.path}: {len(tr)} train / {len(te)} test rows of {n}, "
                 f"{len(table.features)} features, {what}")
     unseen = sorted(set(y[te].tolist()) - set(y[tr].tolist())) if labels else []
