@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import jax_float64
 
 import mithril as ml
+from mithril.errors import KeyMismatchError
 from mithril.models import (
     Add,
     Arange,
@@ -28,6 +29,7 @@ from mithril.models import (
     ScaledDotProduct,
     Shape,
     Size,
+    Split,
 )
 
 BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
@@ -64,9 +66,8 @@ def _check(got: tuple[dict, dict], want_out: dict, t: dict) -> None:
 # --- examples/gpt/model.py: create_gpt, with its shape wires and Size -> Arange -----------------
 
 def causal_attention(input_dim, num_heads, bias=True):
-    # synnada-ai/mithril examples/gpt/model.py, as published but for two things: the
-    # published Split's list output (split_out[0]) is three slices of c_attn_out here, and
-    # ScaledDotProduct's published default is_causal=True is spelled out (False here)
+    # synnada-ai/mithril examples/gpt/model.py, as published but for ScaledDotProduct's
+    # published default is_causal=True, spelled out (False here)
     if (input_dim % num_heads) != 0:
         raise ValueError("Requires input dims to be divisible by num_heads")
 
@@ -77,10 +78,10 @@ def causal_attention(input_dim, num_heads, bias=True):
     shp_con = model.input.shape  # type: ignore
     reshape_con = (shp_con[0], shp_con[1], num_heads, -1)
 
-    d = input_dim
-    tq = model.c_attn_out[..., :d].reshape(reshape_con).transpose(t_axes)  # type: ignore
-    tk = model.c_attn_out[..., d:2 * d].reshape(reshape_con).transpose(t_axes)  # type: ignore
-    tv = model.c_attn_out[..., 2 * d:].reshape(reshape_con).transpose(t_axes)  # type: ignore
+    model |= Split(3, axis=-1).connect(model.c_attn_out, output="split_out")  # type: ignore
+    tq = model.split_out[0].reshape(reshape_con).transpose(t_axes)  # type: ignore
+    tk = model.split_out[1].reshape(reshape_con).transpose(t_axes)  # type: ignore
+    tv = model.split_out[2].reshape(reshape_con).transpose(t_axes)  # type: ignore
 
     model |= ScaledDotProduct(is_causal=True).connect(query=tq, key=tk, value=tv, output="sdp_out")
     t_sdp = model.sdp_out.transpose(t_axes).reshape(shp_con[:3])  # type: ignore
@@ -743,3 +744,25 @@ def test_pack_data_into_time_slots_refuses_what_it_cannot_pack():
         pack_data_into_time_slots([(np.zeros((1, 2)),), (np.zeros((2, 2)),)], b, sorted_data=True)
     with pytest.raises(ValueError, match="data has no samples"):
         pack_data_into_time_slots([], b)
+
+
+def test_split_list_output_is_the_pieces_stacked_and_a_bad_connect_changes_nothing():
+    x = np.arange(24.0).reshape(2, 12)
+    model = Model()
+    model |= Split(3, axis=-1).connect("input", output="split_out")
+    model |= Buffer().connect(input=model.split_out[2] - model.split_out[0], output="d")  # type: ignore
+    pm = ml.compile(model, ml.TorchBackend(dtype="float64"), shapes={"input": [2, 12]},
+                    trainable_keys={"input"})
+    cot = np.arange(6.0).reshape(3, 2, 1) * np.ones((3, 2, 4))
+    out, grads = pm.evaluate({"input": torch.tensor(x)}, {},
+                             output_gradients={"split_out": torch.tensor(cot), "d": torch.ones(2, 4, dtype=torch.float64)})
+    tx = torch.tensor(x, requires_grad=True)
+    pieces = torch.stack(torch.split(tx, 4, dim=-1))
+    (torch.sum(pieces * torch.tensor(cot)) + torch.sum(pieces[2] - pieces[0])).backward()
+    np.testing.assert_allclose(out["split_out"].numpy(), pieces.detach().numpy(), **TOL)
+    np.testing.assert_allclose(grads["input"].numpy(), tx.grad.numpy(), **TOL)
+    split = Split(2)
+    before = (len(split.blocks), dict(split.conns))
+    with pytest.raises(KeyMismatchError, match=r"Split has no terminal\(s\) \['nope'\]"):
+        split.connect("x", output="s", nope="y")
+    assert (len(split.blocks), dict(split.conns)) == before and split.output_keys == ("output_0", "output_1")

@@ -425,7 +425,10 @@ class _Chunk(Operator):
 
 class Split(Model):
     """``split_size`` equal pieces of ``input`` along ``axis``, as outputs ``output_0`` ..
-    ``output_<split_size - 1>`` (the published Mithril returns them as one list)."""
+    ``output_<split_size - 1>``. The published Mithril returns them as one list ``output``:
+    ``connect(output="split_out")`` (or ``connect(input, "split_out")``) gives that output
+    too, the pieces stacked on a new first axis, so ``model.split_out[i]`` is piece i, as
+    published (the published GPT's ``model.split_out[0].reshape(...)``)."""
 
     def __init__(self, split_size: int, axis: int = 0) -> None:
         super().__init__()
@@ -434,3 +437,31 @@ class Split(Model):
         self.split_size, self.axis = split_size, axis
         for i in range(split_size):
             self |= _Chunk(i, split_size, axis)(input="input", output=f"output_{i}")
+
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """As any model's; positionally ``input``, ``output`` (published); ``output=`` adds
+        the stacked pieces as the output ``output`` (see the class)."""
+        if len(args) > 2:
+            raise TypeError(f"Split.connect takes at most 2 positional connections (input, "
+                            f"output), got {len(args)}")
+        for key, v in zip(("input", "output"), args, strict=False):
+            if key in connections:
+                raise TypeError(f"Split.connect got two values for {key!r}")
+            connections[key] = v
+        if "output" not in connections or "output" in self.conns:
+            return super().connect(**connections)
+        snap = self._snapshot()
+        try:
+            rows = []
+            for i in range(self.split_size):
+                row = Indexer((None,))  # (piece i with a new first axis of 1)
+                self |= row.connect(input=f"output_{i}")
+                rows.append(row.output)
+            self |= Concat(self.split_size, axis=0).connect(
+                **{f"input{i + 1}": r for i, r in enumerate(rows)}, output="output")
+            return super().connect(**connections)
+        except BaseException:
+            self._restore(snap)
+            raise
+        finally:
+            self._new_roles = self._declared = None
