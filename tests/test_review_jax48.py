@@ -367,3 +367,50 @@ def test_optimizer_update_inside_jax_jit_names_the_jittable_way():
     grads = {"w": jnp.full((3, 2), 0.5)}
     with pytest.raises(TypeError, match="optax_transformation"):
         jax.jit(lambda p, g: opt.update(p, g, opt.init(p)))(params, grads)
+
+
+def test_the_train_step_under_jax_jit_is_refused_by_name_and_changes_nothing():
+    # jax.jit(step) was JAX's ConcretizationTypeError ("The is_deleted() method was called on
+    # traced array"), naming nothing of the step
+    c = mlp(JaxBackend(), dropout=0.5)
+    step = make_train_step(c, Adam(learning_rate=1e-2), loss="loss")
+    xs, ys = data()
+    batch = {"input": jnp.asarray(xs, jnp.float32), "target": jnp.asarray(ys)}
+    p = c.get_parameters()
+    s = step.init(p)
+    kept = {k: np.asarray(v).copy() for k, v in p.items()}
+    with pytest.raises(TypeError, match=r"opt_state.count is a JAX tracer: the train step was "
+                                        r"called inside a JAX transformation.*optax_transformation"):
+        jax.jit(step)(p, s, batch)
+    assert c.step == 0 and int(s.count) == 0 and max_diff(p, kept) == 0.0
+    p, s, _ = step(p, s, batch)
+    assert c.step == 1 and int(s.count) == 1
+
+
+def test_optax_transformation_in_a_users_jit_equals_optax_float64():
+    # the jittable way the refusals point at: compiled.evaluate + optax_transformation
+    from mithril.interop import optax_transformation
+
+    with conftest.jax_float64():
+        c = mlp(JaxBackend(dtype="float64"))
+        ours_tx = optax_transformation(AdamW(learning_rate=1e-2, weight_decay=1e-2))
+        theirs_tx = optax.adamw(1e-2, weight_decay=1e-2)
+
+        def make(tx, loss_fn):
+            @jax.jit
+            def step(p, s, x, y):
+                g = jax.grad(loss_fn)(p, x, y)
+                u, s = tx.update(g, s, p)
+                return optax.apply_updates(p, u), s
+            return step
+
+        ours = make(ours_tx, lambda p, x, y: c.evaluate(p, {"input": x, "target": y})["loss"])
+        theirs = make(theirs_tx, ref_loss)
+        p, q = c.get_parameters(), c.get_parameters()
+        s, t = ours_tx.init(p), theirs_tx.init(q)
+        for i in range(5):
+            xs, ys = data(seed=i)
+            p, s = ours(p, s, jnp.asarray(xs), jnp.asarray(ys))
+            q, t = theirs(q, t, jnp.asarray(xs), jnp.asarray(ys))
+        assert max_diff(p, q) <= TOL64 and max_diff(p, c.get_parameters()) > 1e-3
+        assert ours._cache_size() == 1

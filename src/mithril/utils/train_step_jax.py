@@ -73,10 +73,19 @@ def returned_of(compiled: Any) -> Returned:
 def refuse_consumed(what: str, tree: Any) -> None:
     """A ``TypeError`` (as for any deleted array) naming the first JAX array of ``tree``
     whose buffer is gone, most likely consumed by an earlier step (donated to its program),
-    before JAX fails on it inside a check or its runtime."""
+    before JAX fails on it inside a check or its runtime; and one naming the first tracer
+    (the step called inside ``jax.jit``, ``grad``, ``vmap`` or ``lax.scan``, where JAX's
+    ``ConcretizationTypeError`` from ``is_deleted`` said nothing of the step)."""
     import jax
 
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            raise TypeError(f"{what}{jax.tree_util.keystr(path)} is a JAX tracer: the train "
+                            f"step was called inside a JAX transformation (jax.jit, grad, "
+                            f"vmap, lax.scan). It is one jax.jit program already, donating "
+                            f"its buffers: call it outside any transformation, or inside "
+                            f"your own use compiled.evaluate with "
+                            f"mithril.interop.optax_transformation(optimizer)")
         if isinstance(leaf, jax.Array) and leaf.is_deleted():
             raise TypeError(f"{what}{jax.tree_util.keystr(path)} is a deleted JAX array: was it "
                             f"consumed by an earlier step? (the step donates the params and "
