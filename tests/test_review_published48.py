@@ -766,3 +766,20 @@ def test_split_list_output_is_the_pieces_stacked_and_a_bad_connect_changes_nothi
     with pytest.raises(KeyMismatchError, match=r"Split has no terminal\(s\) \['nope'\]"):
         split.connect("x", output="s", nope="y")
     assert (len(split.blocks), dict(split.conns)) == before and split.output_keys == ("output_0", "output_1")
+
+
+def test_a_deep_copy_of_a_block_with_shape_wires_reads_its_own_connections():
+    # the published templates deepcopy their blocks: the copy's shape wires read the copy's wires
+    import copy
+    block = causal_attention(8, 2)
+    model = Model()
+    for i, b in enumerate((copy.deepcopy(block), block)):  # (two children named "attn": nested)
+        h = Model(name=f"h{i}")
+        h += b.connect(input="input", output=IOKey("output"))
+        model += h.connect(**({"input": "input"} if i == 0 else {}))
+    pm = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"input": [2, 7, 8]})
+    assert pm.get_shapes()["output"] == [2, 7, 8]
+    assert sorted(k for k in pm.parameter_shapes if k.endswith("c_attn.weight")) == [
+        "h0.attn.c_attn.weight", "h1.attn.c_attn.weight"]
+    x = np.random.default_rng(0).standard_normal((2, 7, 8))
+    assert pm.evaluate(pm.randomize_params(), {"input": x})["output"].shape == (2, 7, 8)

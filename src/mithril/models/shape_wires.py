@@ -34,19 +34,37 @@ from .operator import Operator, ShapeError, fmt, torch_of
 Lookup = Callable[[Any], "tuple | None"]
 
 
+_OPS: dict[str, Callable[[int, int], int]] = {
+    "+": _ops.add, "-": _ops.sub, "*": _ops.mul, "//": _ops.floordiv, "%": _ops.mod}
+
+
 class ShapeWire:
     """A value computed from the shapes of connections (see the module): ``kind`` is
     ``"shape"`` (a tuple of sizes) or ``"int"`` (one size). ``refs`` are the connection
     objects it reads; ``evaluate(lookup)`` gives its value, ``None`` where a shape it reads is
-    not known (an entry of a tuple may be ``None``: a free dimension)."""
+    not known (an entry of a tuple may be ``None``: a free dimension). A tree of plain data
+    (``how``: ``("shape", conn)``, ``("item", wire, i)``, ``("slice", wire, slice)`` or
+    ``(symbol, a, b)``), so a deep copy of a block copies it with the connections it reads."""
 
-    __slots__ = ("kind", "refs", "_fn", "text")
+    __slots__ = ("kind", "refs", "how", "text")
 
-    def __init__(self, kind: str, refs: tuple, fn: Callable[[Lookup], Any], text: str) -> None:
-        self.kind, self.refs, self._fn, self.text = kind, refs, fn, text
+    def __init__(self, kind: str, refs: tuple, how: tuple, text: str) -> None:
+        self.kind, self.refs, self.how, self.text = kind, refs, how, text
 
     def evaluate(self, lookup: Lookup) -> Any:
-        return self._fn(lookup)
+        what, a, b = (*self.how, None)[:3]
+        if what == "shape":
+            return lookup(a)
+        if what in ("item", "slice"):
+            s = a.evaluate(lookup)
+            if s is None or what == "slice":
+                return None if s is None else tuple(s[b])
+            if not -len(s) <= b < len(s):
+                raise ShapeError(f"{self.text}: index {b} is out of range for a shape of rank "
+                                 f"{len(s)} ({fmt(s)})")
+            return s[b]
+        x, y = (v.evaluate(lookup) if isinstance(v, ShapeWire) else v for v in (a, b))
+        return None if x is None or y is None else int(_OPS[what](x, y))
 
     def __repr__(self) -> str:
         return self.text
@@ -62,81 +80,62 @@ class ShapeWire:
     def __getitem__(self, index: Any) -> ShapeWire:
         if self.kind != "shape":
             raise TypeError(f"{self.text}[{index!r}]: one size cannot be indexed")
-        parent = self
         if isinstance(index, slice):
             for f in (index.start, index.stop, index.step):
                 if f is not None and (isinstance(f, bool) or not isinstance(f, (int, np.integer))):
                     raise TypeError(f"{self.text}[...]: a slice of ints, got {index!r}")
-            text = f"{self.text}[{_slice_text(index)}]"
-
-            def sliced(lookup: Lookup) -> Any:
-                s = parent.evaluate(lookup)
-                return None if s is None else tuple(s[index])
-            return ShapeWire("shape", self.refs, sliced, text)
+            return ShapeWire("shape", self.refs, ("slice", self, index),
+                             f"{self.text}[{_slice_text(index)}]")
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"{self.text}[{index!r}]: an index of a shape is an int or a slice")
-        i = int(index)
-        text = f"{self.text}[{i}]"
-
-        def item(lookup: Lookup) -> Any:
-            s = parent.evaluate(lookup)
-            if s is None:
-                return None
-            if not -len(s) <= i < len(s):
-                raise ShapeError(f"{text}: index {i} is out of range for a shape of rank "
-                                 f"{len(s)} ({fmt(s)})")
-            return s[i]
-        return ShapeWire("int", self.refs, item, text)
+        return ShapeWire("int", self.refs, ("item", self, int(index)), f"{self.text}[{int(index)}]")
 
     # -- integer arithmetic of sizes ------------------------------------------------------
-    def _binary(self, other: Any, op: Callable[[int, int], int], symbol: str,
-                reflected: bool = False) -> ShapeWire:
+    def _binary(self, other: Any, symbol: str, reflected: bool = False) -> ShapeWire:
         if isinstance(other, ShapeWire):
             if other.kind != "int":
                 raise TypeError(f"'{symbol}' of {self.text} and {other.text}: a whole shape "
                                 "takes no arithmetic; index it first (x.shape[0])")
         elif isinstance(other, bool) or not isinstance(other, (int, np.integer)):
             return NotImplemented
+        else:
+            other = int(other)
         if self.kind != "int":
             raise TypeError(f"'{symbol}' with {self.text}: a whole shape takes no arithmetic; "
                             "index it first (x.shape[0])")
         a, b = (other, self) if reflected else (self, other)
-
-        def value(lookup: Lookup) -> Any:
-            x, y = (v.evaluate(lookup) if isinstance(v, ShapeWire) else int(v) for v in (a, b))
-            return None if x is None or y is None else int(op(x, y))
         refs = self.refs + (other.refs if isinstance(other, ShapeWire) else ())
-        return ShapeWire("int", refs, value, f"({_text(a)} {symbol} {_text(b)})")
+        return ShapeWire("int", refs, (symbol, a, b), f"({_text(a)} {symbol} {_text(b)})")
 
     def __add__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.add, "+")
+        return self._binary(other, "+")
 
     def __radd__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.add, "+", True)
+        return self._binary(other, "+", True)
 
     def __sub__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.sub, "-")
+        return self._binary(other, "-")
 
     def __rsub__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.sub, "-", True)
+        return self._binary(other, "-", True)
 
     def __mul__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.mul, "*")
+        return self._binary(other, "*")
 
     def __rmul__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.mul, "*", True)
+        return self._binary(other, "*", True)
 
     def __floordiv__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.floordiv, "//")
+        return self._binary(other, "//")
 
     def __rfloordiv__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.floordiv, "//", True)
+        return self._binary(other, "//", True)
 
     def __mod__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.mod, "%")
+        return self._binary(other, "%")
 
     def __rmod__(self, other: Any) -> ShapeWire:
-        return self._binary(other, _ops.mod, "%", True)
+        return self._binary(other, "%", True)
 
 
 def _text(v: Any) -> str:
@@ -150,9 +149,7 @@ def _slice_text(s: slice) -> str:
 
 def shape_of(conn: Any) -> ShapeWire:
     """``conn.shape``: the shape of a connection object as a :class:`ShapeWire`."""
-    def value(lookup: Lookup) -> Any:
-        return lookup(conn)
-    return ShapeWire("shape", (conn,), value, f"{conn!r}.shape")
+    return ShapeWire("shape", (conn,), ("shape", conn), f"{conn!r}.shape")
 
 
 def is_symbolic(value: Any) -> bool:

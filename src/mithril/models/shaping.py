@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .connection_types import TBD
-from .model import Model
+from .model import IOKey, Model
 from .operator import Operator, ShapeError, fmt, torch_of, unify
 
 
@@ -455,7 +455,7 @@ class Split(Model):
             rows = []
             for i in range(self.split_size):
                 row = Indexer((None,))  # (piece i with a new first axis of 1)
-                self |= row.connect(input=f"output_{i}")
+                self |= row.connect(input=f"output_{i}", output=IOKey())
                 rows.append(row.output)
             self |= Concat(self.split_size, axis=0).connect(
                 **{f"input{i + 1}": r for i, r in enumerate(rows)}, output="output")
