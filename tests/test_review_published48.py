@@ -783,3 +783,42 @@ def test_a_deep_copy_of_a_block_with_shape_wires_reads_its_own_connections():
         "h0.attn.c_attn.weight", "h1.attn.c_attn.weight"]
     x = np.random.default_rng(0).standard_normal((2, 7, 8))
     assert pm.evaluate(pm.randomize_params(), {"input": x})["output"].shape == (2, 7, 8)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_encoder_decoder_inference_matches_torch(name):
+    """examples/model_api/variable_length_many_to_one_lstm.py's inference half: a trained
+    EncoderDecoder's parameters evaluate EncoderDecoderInference (compiled with data keys and
+    no shapes: built at the first evaluate), against the published torch test's
+    TorchEncoderDecoder forward."""
+    from mithril.models import EncoderDecoderInference, PublishedRNNCell
+    torch.manual_seed(2)
+    batch, seq_len, target_len, input_dim, hidden_dim = 3, 3, 4, 2, 5
+    tm = TorchEncoderDecoder(input_dim, hidden_dim, target_len).double()
+    sd = dict(tm.named_parameters())
+    params = {"w_ih": sd["encoder.weight_ih_l0"], "w_hh": sd["encoder.weight_hh_l0"],
+              "bias_h": sd["encoder.bias_ih_l0"] + sd["encoder.bias_hh_l0"],
+              "decoder_w_ih": sd["decoder.rnn.weight_ih_l0"], "decoder_w_hh": sd["decoder.rnn.weight_hh_l0"],
+              "decoder_bias_h": sd["decoder.rnn.bias_ih_l0"] + sd["decoder.rnn.bias_hh_l0"],
+              "decoder_w_ho": sd["decoder.fc.weight"], "decoder_bias_o": sd["decoder.fc.bias"]}
+    params = {k: v.detach().numpy() for k, v in params.items()}
+    params["w_ho"], params["bias_o"] = np.zeros((input_dim, hidden_dim)), np.zeros(input_dim)
+    x = torch.randn(batch, seq_len, input_dim, dtype=torch.float64)
+    h0 = torch.randn(batch, 1, hidden_dim, dtype=torch.float64)
+    dec_in = torch.randn(batch, 1, input_dim, dtype=torch.float64)
+    data = {"initial_hidden": h0.numpy(), "decoder_input": dec_in.numpy(),
+            **{f"input{i}": x[:, i: i + 1].numpy() for i in range(seq_len)}}
+    _, hn = tm.encoder(x, h0.transpose(0, 1))
+    want = tm.decoder(dec_in, hn).detach().numpy()
+
+    def go():
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(EncoderDecoderInference(PublishedRNNCell(), seq_len, target_len), b,
+                        data_keys=set(data))
+        out = pm.evaluate({k: b.array(v) for k, v in params.items()},
+                          {k: b.array(v) for k, v in data.items()})
+        return {k: np.asarray(b.to_numpy(v)) for k, v in out.items()}
+    out = go() if name != "jax" else _under_x64(go)
+    assert sorted(out) == [f"output{i}" for i in range(target_len)]
+    for i in range(target_len):
+        np.testing.assert_allclose(out[f"output{i}"], want[:, i: i + 1], **TOL)

@@ -150,16 +150,19 @@ __all__ += ["MDS", "MDSCore", "NormModifier"]
 # the published Mithril's recurrent cells, in its layout
 from .published_cells import (  # noqa: E402
     EncoderDecoder,
+    EncoderDecoderInference,
     ManyToOne,
     OneToMany,
+    OneToManyInference,
     PublishedLSTMCell,
     PublishedRNNCell,
     RowsOf,
 )
 from .time_slots import pack_data_into_time_slots  # noqa: E402
 
-__all__ += ["EncoderDecoder", "ManyToOne", "OneToMany", "PublishedLSTMCell", "PublishedRNNCell",
-            "RowsOf", "pack_data_into_time_slots"]
+__all__ += ["EncoderDecoder", "EncoderDecoderInference", "ManyToOne", "OneToMany",
+            "OneToManyInference", "PublishedLSTMCell", "PublishedRNNCell", "RowsOf",
+            "pack_data_into_time_slots"]
 
 # the published Mithril's support-vector machines
 from .svm import KernelizedSVM, LinearSVM, QuadraticFormRegularizer, Sign  # noqa: E402

@@ -291,6 +291,30 @@ class OneToMany(Model):
         self.set_cout(f"output{max_sequence_length - 1}")
 
 
+class OneToManyInference(Model):
+    """The published Mithril's ``OneToManyInference(cell_type, max_sequence_length)``:
+    :class:`OneToMany` without targets: every step reads the whole previous output (no
+    sequence ends), ``output0`` .. ``output{T-1}``."""
+
+    def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell, max_sequence_length: int,
+                 *, name: str | None = None) -> None:
+        _check_template("OneToManyInference", cell_type, max_sequence_length)
+        super().__init__(name=name)
+        make, states = type(cell_type), cell_type.state_keys
+        prev: Model | None = None
+        for t in range(max_sequence_length):
+            cell = make(output_size_from_input=True)
+            given: Any = "input" if prev is None else prev.output
+            state = {f"prev_{k}": f"initial_{k}" if prev is None else getattr(prev, k)
+                     for k in states}
+            self |= cell.connect(input=given, output=f"output{t}", **state,
+                                 **{k: k for k in cell.shared_keys},
+                                 **{k: IOKey() for k in (*states, "hidden_compl")})
+            prev = cell
+        self.set_cin("input")
+        self.set_cout(f"output{max_sequence_length - 1}")
+
+
 class EncoderDecoder(Model):
     """The published Mithril's ``EncoderDecoder(cell_type, max_input_sequence_length,
     max_target_sequence_length, teacher_forcing)``: a :class:`ManyToOne` encoder (inputs
@@ -319,5 +343,28 @@ class EncoderDecoder(Model):
         self |= decoder.connect(initial_hidden=permute.output,
                                 **{k: k if k.startswith("target") else f"decoder_{k}"
                                    for k in decoder.input_keys if k != "initial_hidden"},
+                                **{k: k for k in decoder.output_keys})
+        self.set_cout(decoder.cout)
+
+
+class EncoderDecoderInference(Model):
+    """The published Mithril's ``EncoderDecoderInference(cell_type, max_input_sequence_length,
+    max_target_sequence_length)``: :class:`EncoderDecoder`'s encoder, its ``hidden_concat``
+    the initial hidden state of a :class:`OneToManyInference` decoder (no ``indices``), the
+    names as :class:`EncoderDecoder`'s (a trained one's parameters evaluate it)."""
+
+    def __init__(self, cell_type: PublishedRNNCell | PublishedLSTMCell,
+                 max_input_sequence_length: int, max_target_sequence_length: int, *,
+                 name: str | None = None) -> None:
+        _check_template("EncoderDecoderInference", cell_type, max_input_sequence_length,
+                        "max_input_sequence_length")
+        super().__init__(name=name)
+        encoder = ManyToOne(cell_type, max_input_sequence_length, output_size_from_input=True)
+        decoder = OneToManyInference(cell_type, max_target_sequence_length)
+        self |= encoder.connect(**{k: k for k in encoder.input_keys},
+                                **{k: IOKey() for k in encoder.output_keys})
+        self |= decoder.connect(initial_hidden=encoder.hidden_concat,
+                                **{k: f"decoder_{k}" for k in decoder.input_keys
+                                   if k != "initial_hidden"},
                                 **{k: k for k in decoder.output_keys})
         self.set_cout(decoder.cout)
