@@ -181,7 +181,7 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("argv, message", [
     (["--target", "y"], "--target only applies with --data FILE"),
     (["--objective", "regression"], "--objective only applies with --data FILE"),
-    (["--data", "{dir}/notes.txt", "--target", "y"], "notes.txt: give a .csv, .tsv or .npz"),
+    (["--data", "{dir}/notes.txt", "--target", "y"], "notes.txt: give a .csv, .tsv, .npz or .safetensors file, or a folder of .npy"),
     (["--data", "{dir}/t.csv"], "t.csv: give --target COLUMN, the column to predict"),
     (["--data", "{dir}/t.csv", "--target", "price"], "--target 'price' is not a column of"),
     (["--data", "{dir}/t.csv", "--target", "label", "--configs", "adam", "adam:lr=nan"],
@@ -354,3 +354,55 @@ def test_whole_number_codes_taken_for_a_regression_target_say_so(tmp_path, capsy
     out = capsys.readouterr().out
     assert "regression on 'price';" in out and "whole numbers" not in out
     assert not (tmp_path / "run").exists()
+
+
+# -- predict on a large file -------------------------------------------------------------------
+def test_predict_on_a_large_file_is_torch_in_chunks(tmp_path):
+    """Rows on both sides of a chunk boundary (:data:`predict.PREDICT_ROWS`) get the
+    probabilities torch.nn.functional computes from the saved float64 weights."""
+    torch = pytest.importorskip("torch")
+    from mithril.cli import predict as predict_module
+
+    n = getattr(predict_module, "PREDICT_ROWS", 16384) + 500
+    x = np.random.default_rng(2).standard_normal((n, 3)).round(5)
+    y = np.where(x[:, 0] > 0.5, "high", np.where(x[:, 0] < -0.5, "low", "mid"))
+    data = write_csv(tmp_path / "d.csv", ["a", "b", "c", "level"],
+                     [[*r, c] for r, c in zip(x.tolist(), y.tolist())])
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "level", "--epochs", "1",
+                 "--batch-size", "2048", "--hidden", "8", "--dtype", "float64", "--no-progress",
+                 "--no-plot", "--out", str(run)]) == 0
+    assert main(["predict", "--run", str(run), "--data", str(data)]) == 0
+    rows = read_rows(run / "predictions.csv")
+    assert [r["row"] for r in rows] == [str(i) for i in range(1, n + 1)]
+    got = np.array([[float(r[f"p_{c}"]) for c in ("high", "low", "mid")] for r in rows])
+    pre = __import__("json").loads((run / "preprocess.json").read_text())
+    w = {k: torch.tensor(v) for k, v in load_params(run / "model.safetensors").items()}
+    h = torch.tensor((x - np.array(pre["mean"])) / np.array(pre["std"]))
+    h = torch.relu(torch.nn.functional.linear(h, w["mlp.linear_0.weight"], w["mlp.linear_0.bias"]))
+    p = torch.softmax(torch.nn.functional.linear(h, w["mlp.linear_1.weight"],
+                                                 w["mlp.linear_1.bias"]), dim=1).numpy()
+    np.testing.assert_allclose(got, p, rtol=0, atol=1e-14)
+    labels = np.array(["high", "low", "mid"])[p.argmax(axis=1)]
+    assert [r["prediction"] for r in rows] == labels.tolist()
+
+
+def test_predict_holds_neither_all_activations_nor_a_dict_per_row(tmp_path, capsys):
+    """40,000 rows through 256-wide layers: one evaluation of all of them held 40 MB per
+    activation, and the predictions a dict per row; in chunks and written as made the peak is
+    a few times a chunk's."""
+    x = np.random.default_rng(3).standard_normal((40_000, 4)).round(4)
+    data = write_csv(tmp_path / "d.csv", ["a", "b", "c", "d", "y"],
+                     [[*r, int(r[0] > 0)] for r in x.tolist()])
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--target", "y", "--epochs", "1",
+                 "--batch-size", "8192", "--hidden", "256", "256", "--no-progress", "--no-plot",
+                 "--out", str(run)]) == 0
+    tracemalloc.start()
+    try:
+        assert main(["predict", "--run", str(run), "--data", str(data)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    capsys.readouterr()
+    assert peak < 110e6, peak / 1e6  # 171 MB before, 72 MB now

@@ -10,6 +10,7 @@ the messages of ``mithril train --data`` (exit status 2).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +151,19 @@ def load_model(run_dir: Path, backend: str = "numpy", dtype: str | None = None
     return pre, compiled, ckpt["params"], note
 
 
+#: rows evaluated at a time: a large file's activations (rows × the widest layer) stay small,
+#: and chunks of this size run about 4x faster than one call on 300,000 rows (NumPy, measured)
+PREDICT_ROWS = 16384
+
+
 def predict(pre: Preprocess, compiled: Any, params: dict[str, Any], x: np.ndarray
             ) -> np.ndarray:
     """Class probabilities (rows, classes), or regression predictions (rows,) in the
-    target's units, for raw features ``x``."""
+    target's units, for raw features ``x`` (:data:`PREDICT_ROWS` rows at a time; each row's
+    result does not depend on the others)."""
+    if len(x) > PREDICT_ROWS:
+        return np.concatenate([predict(pre, compiled, params, x[i:i + PREDICT_ROWS])
+                               for i in range(0, len(x), PREDICT_ROWS)])
     be = compiled.backend
     xs = pre.transform(x)
     if pre.objective == "classification":
@@ -192,16 +202,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: would write {out}")
         return 0
     result = predict(pre, compiled, params, table.x)
-    rows: list[dict[str, Any]] = []
     if pre.objective == "classification":
         pred = [pre.labels[i] for i in result.argmax(axis=1)]
         names = [f"p_{label}" for label in pre.labels]
-        for i, (p, probs) in enumerate(zip(pred, result), start=1):
-            rows.append({"row": i, "prediction": p, **dict(zip(names, probs.tolist()))})
+        # (a generator: the rows are written as made, not held as one dict each)
+        rows: Iterable[dict[str, Any]] = (
+            {"row": i, "prediction": p, **dict(zip(names, probs))}
+            for i, (p, probs) in enumerate(zip(pred, result.tolist()), start=1))
         fields = ["row", "prediction", *names]
     else:
         pred = result.tolist()
-        rows = [{"row": i, "prediction": v} for i, v in enumerate(pred, start=1)]
+        rows = ({"row": i, "prediction": v} for i, v in enumerate(pred, start=1))
         fields = ["row", "prediction"]
     write_csv(out, rows, fields)
     if table.y is not None:

@@ -226,10 +226,12 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]],
+def write_csv(path: Path, rows: Iterable[Mapping[str, Any]],
               fields: Sequence[str] | None = None) -> Path:
-    """``rows`` as CSV with a header (columns: ``fields`` or the keys of the rows, in order)."""
+    """``rows`` as CSV with a header (columns: ``fields`` or the keys of the rows, in order);
+    with ``fields`` given, ``rows`` may be a generator, written as it yields."""
     if fields is None:
+        rows = list(rows)
         fields = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_file(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
