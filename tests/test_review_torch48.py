@@ -374,3 +374,46 @@ def test_plateau_min_lr_list_add_after_load_and_unfrozen_parameters_as_torch():
         assert err(a, b) < TOL
     assert [s["step"].item() for s in ours2.state_dict()["state"].values()] == [
         s["step"].item() for s in theirs.state_dict()["state"].values()] == [6, 3, 3, 3]
+
+
+def test_a_real_slot_for_a_complex_parameter_is_refused_saying_so_nothing_changed():
+    pa, pb, loss = complex_problem(torch.float64)
+    ours = torch_optimizer(mo.Adam(learning_rate=1e-2), pb)
+    for _ in range(2):
+        cstep(pb, ours, loss)
+    saved = ours.state_dict()
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"].real.clone()
+    before = [p.detach().clone() for p in pb], ours.state_dict()
+    with pytest.raises(ValueError, match=r"refused \(nothing changed\).*'m' of 'param0'.*"
+                                         r"complex tensors of its shape"):
+        ours.load_state_dict(bad)
+    assert all(torch.equal(p, q) for p, q in zip(before[0], pb))
+    after = ours.state_dict()["state"]
+    assert all(torch.equal(v, after[i][k]) for i, e in before[1]["state"].items()
+               for k, v in e.items())
+
+
+def test_grad_scaler_clip_foreach_and_a_group_added_mid_run_as_torch():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    a = a.double()
+    b = copy.deepcopy(a)
+    theirs = torch.optim.AdamW(a[2].parameters(), lr=1e-2)
+    ours = torch_optimizer(mo.AdamW(learning_rate=1e-2), b[2].parameters())
+    scalers = [torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2) for _ in "ab"]
+    for t in range(10):
+        if t == 4:
+            theirs.add_param_group({"params": a[0].parameters()})
+            ours.add_param_group({"params": b[0].parameters()})
+        for net, opt, scaler in ((a, theirs, scalers[0]), (b, ours, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(loss_of(net) * (float("inf") if t == 6 else 1.0)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=True)
+            scaler.step(opt)
+            scaler.update()
+        assert err(a, b) < TOL, t
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert [s["step"].item() for s in ours.state_dict()["state"].values()] == [
+        s["step"].item() for s in theirs.state_dict()["state"].values()]

@@ -35,9 +35,10 @@ How it works:
   holds its inner optimizer's beside its own ``sync_period`` / ``slow_step_size``), a
   group's missing values being the optimizer's. Every :meth:`step` reads the groups: a
   changed ``lr`` is set as the group's rate (a scheduler or a user may change it at will,
-  nothing recompiles; a Mithril scheduler of ``opt.mithril_optimizer`` drives one group's
-  rate too, shown as its ``lr``, unless the ``lr`` was set since), and any other changed value is applied after the constructor's
-  checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A
+  nothing recompiles; a Mithril scheduler of ``opt.mithril_optimizer`` drives the groups'
+  rates too, each shown as its ``lr`` as soon as it is set, unless the ``lr`` was written
+  since, and saved and resumed: :mod:`.torch_optim_rates`), and any other changed value is
+  applied after the constructor's checks (so ``OneCycleLR``'s momentum cycling of ``betas``/``momentum`` works too). A
   change that would need other state slots (e.g. SGD momentum from 0 to 0.9 after the first
   step) is refused with a ``ValueError``. With several groups (:mod:`.torch_optim_groups`)
   each is one of the mithril optimizer's ``param_groups`` holding all its values, and the
@@ -102,8 +103,10 @@ How it works:
   :class:`~mithril.utils.optimizers.tensorwise.TensorwiseOptimizer`) run torch's own
   operations tensor by tensor, on any device, into the same flat buffer, bit for bit as
   torch; Adafactor on CPU runs its fused kernel instead unless built with ``fused=False``
-  (equal to torch to rounding: it sums its statistics in float64). Parameters must share
-  one dtype and device, and no two may overlap in memory (``b.data = a.data`` is refused:
+  (equal to torch to rounding: it sums its statistics in float64). **Complex parameters**
+  are optimized as ``torch.view_as_real`` of them, as torch's optimizers do (their slots
+  complex as torch's; Muon and Adafactor refuse them, as torch's:
+  :mod:`.torch_optim_complex`). Parameters must share one (real) dtype and device, and no two may overlap in memory (``b.data = a.data`` is refused:
   torch.optim keeps such a tie, one buffer cannot).
 * **LBFGS** (any optimizer whose ``update`` takes ``closure=``) needs ``step(closure)``
   with torch's usual closure (clear the gradients, compute the loss, ``backward()``,
@@ -157,8 +160,8 @@ How it works:
 The base class :class:`~mithril.utils.optimizers.Optimizer` itself (no update rule) is
 refused with a ``TypeError``; every optimizer of :mod:`mithril.utils.optimizers` works.
 
-Also: ``opt.state[p]`` gives, per parameter, ``step`` (a copy) and live views of the slots
-(torch's names; write them in place: setting, removing or clearing entries, torch's ways to
+Also: ``opt.state[p]`` gives, per parameter, ``step`` and the slots as live views
+(torch's names; write them in place, ``step`` too: its own count from the next step; setting, removing or clearing entries, torch's ways to
 reset a state, raises, see :mod:`.torch_optim_state_view`); ``opt.mithril_optimizer`` /
 ``opt.mithril_state`` are the wrapped optimizer and its
 :class:`~mithril.utils.optimizers.OptimizerState` (``None`` before the first step, except
@@ -200,6 +203,7 @@ from .torch_optim_params import (
     count_in_place,
     dense,
     lies_at,
+    lies_at_real,
     parameters,
     split,
 )
@@ -446,8 +450,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             return {n: real(p) for n, p in zip(self._names, self._params)}
         out = {}
         replaced = False
+        at = lies_at_real if self._complex else lies_at
         for (n, v), p in zip(views.items(), self._params):
-            if lies_at(p, v):
+            if at(p, v):
                 out[n] = v
                 continue
             if not replaced:  # (once: a parameter replaced from outside may now share memory)
@@ -470,8 +475,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         same = (views is not None and all(map(operator.is_, views.values(), new.values()))
                 and all(map(operator.is_, current.values(), new.values())))
         if not same:  # a first step, a reloaded state, or a parameter replaced from outside
+            at = lies_at_real if self._complex else lies_at
             for p, v in zip(self._params, new.values()):
-                if not lies_at(p, v):
+                if not at(p, v):
                     point(p, v)
         self._views = new
 
@@ -536,7 +542,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         def refuse(e: BaseException) -> BaseException:
             cls, msg = (KeyMismatchError, e.args[0] if e.args else e) if isinstance(
                 e, KeyError) else (type(e), e)
-            return cls(f"state dict refused (nothing changed): {msg}")
+            note = ("; a complex parameter's slots are complex tensors of its shape (held "
+                    "here as its real view, shape (..., 2))") if self._complex else ""
+            return cls(f"state dict refused (nothing changed): {msg}{note}")
 
         groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
                                         self.param_groups, self._hyperparameters_of)

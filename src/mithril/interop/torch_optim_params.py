@@ -174,9 +174,12 @@ def count_in_place(stepped: list[torch.Tensor]) -> None:
 def lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether parameter ``p`` is the array ``v`` (address, shape and strides: a transposed
     square matrix has the first two)."""
-    if p.is_complex():  # (held as its real view: torch_optim_complex)
-        p = torch.view_as_real(p.detach())
     return p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride()
+
+
+def lies_at_real(p: torch.Tensor, v: torch.Tensor) -> bool:
+    """:func:`lies_at` of a complex parameter too (as its real view: torch_optim_complex)."""
+    return lies_at(torch.view_as_real(p.detach()) if p.is_complex() else p, v)
 
 
 def dense(g: torch.Tensor) -> torch.Tensor:
