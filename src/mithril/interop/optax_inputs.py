@@ -47,12 +47,14 @@ def _flatten(params: Any, opt_name: str) -> tuple[list[Any], Any, list[str]]:
 
 def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[str, ...],
                   treedef: Any, names: list[str], leaves: list[Any],
-                  shape_of: Any = None) -> dict[str, list[Any]]:
+                  shape_of: Any = None, dtypes: dict[str, Any] | None = None
+                  ) -> dict[str, list[Any]]:
     """The leaves of ``state``'s slots of ``kind`` (``"slots"`` or ``"tensor_slots"``), each
     slot a tree of the params' structure whose leaf for parameter ``p`` has shape
     ``shape_of(slot, p.shape, name)`` (default: ``p``'s; ``()`` for tensor slots); a
     ``ValueError`` naming the slot (and key) for a state of another optimizer or other params
-    (raised while tracing, before a buffer is donated)."""
+    (raised while tracing, before a buffer is donated); ``dtypes``: the slots kept in a dtype
+    of their own (:func:`slot_dtypes`), the others in their parameter's."""
     held = getattr(state, kind)
     if not isinstance(held, dict) or set(held) != set(expected):
         got = sorted(held) if isinstance(held, dict) else type(held).__name__
@@ -74,10 +76,13 @@ def _state_leaves(opt_name: str, state: OptaxState, kind: str, expected: tuple[s
                                  f"state of other params?)")
             # (elementwise: init makes each slot in its param's dtype; a param cast since
             # would silently turn the slot into the new dtype, where optax keeps the state's)
-            if shape_of is None and getattr(x, "dtype", p.dtype) != p.dtype:
+            own = (dtypes or {}).get(s)
+            if shape_of is None and getattr(x, "dtype", p.dtype) != (own or p.dtype):
+                why = (f"expected {own} (its slot_dtypes / mu_dtype)" if own is not None else
+                       f"the parameter {p.dtype} (params cast after init? init the state "
+                       f"from the params as they are now)")
                 raise ValueError(f"{opt_name}: the state's slot '{s}' for '{n}' has dtype "
-                                 f"{x.dtype}, the parameter {p.dtype} (params cast after "
-                                 f"init? init the state from the params as they are now)")
+                                 f"{x.dtype}, {why}")
     return out
 
 
@@ -100,3 +105,104 @@ def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
             raise ValueError(f"{opt_name}: the update for '{n}' has shape {g.shape}, the "
                              f"parameter {p.shape}")
     return grads
+
+
+# -- optax's mask functions ------------------------------------------------------------------
+def optax_mask(opt: Any, params: Any, names: list[str]) -> dict[str, bool] | None:
+    """The flat name -> bool dict of ``opt``'s ``weight_decay_mask`` where it is an optax
+    mask function (of the whole params pytree, as ``optax.masked`` / ``optax.adamw(mask=)``
+    call it: ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``), returning a pytree of
+    bools of the params' structure or a prefix of it (a dict for some subtrees, as optax
+    takes); None for any other mask (ours: a function of one name, a regex, a list, a dict;
+    :mod:`~mithril.utils.optimizers.name_patterns`). Which kind a function is: called with
+    the params, one that returns a pytree (not a single bool) is optax's; else it is ours
+    and gets one name at a time (``lambda p: tree_map_with_path(...)`` returns a bool for a
+    string, ``lambda n: "bias" not in n`` one for a dict: neither call alone tells them
+    apart). Its bools must be Python's or concrete (``x.ndim > 1``; not traced values)."""
+    import jax
+
+    mask = getattr(opt, "weight_decay_mask", None)
+    if params is None or not callable(mask) or isinstance(mask, (str, list, dict)):
+        return None
+    try:
+        tree = mask(params)
+    except Exception:  # noqa: BLE001 - a function of one name: the groups call it
+        return None
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+        return None  # (a bool, or anything else, for the whole params: ours, by name)
+    where = f"{type(opt).__name__}: weight_decay_mask (an optax mask function of the params)"
+    try:  # (a bool for a whole subtree: optax's mask may be a prefix of the params')
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where} returned a pytree that is not the params' structure nor a "
+                         f"prefix of it: {e}") from None
+    out = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(full)[0]:
+        name = _key_name(path)
+        if isinstance(v, jax.core.Tracer):
+            raise TypeError(f"{where} gave a traced value for '{name}': it must be a bool "
+                            f"known while tracing (x.ndim > 1, a key path), as optax.masked "
+                            f"needs")
+        if np.ndim(v) != 0 or np.asarray(v).dtype != np.bool_:
+            raise TypeError(f"{where} gave {type(v).__name__} for '{name}', not a bool")
+        out[name] = bool(v)
+    return out
+
+
+def with_mask(opt: Any, mask: dict[str, bool] | None) -> Any:
+    """``opt``, or a copy whose ``weight_decay_mask`` is ``mask`` (:func:`optax_mask`'s)."""
+    import copy
+
+    if mask is None:
+        return opt
+    view = copy.copy(opt)
+    view.__dict__["_wd_mask"] = mask
+    return view
+
+
+# -- slots of their own dtype (optax's mu_dtype) ---------------------------------------------
+#: the first-moment slots optax's ``mu_dtype`` names (Adam's ``m``, AdEMAMix's two EMAs)
+MU_SLOTS = ("m", "m1", "m2")
+
+
+def slot_dtypes(opt: Any, copied: tuple[str, ...], mu_dtype: Any,
+                given: Any) -> dict[str, Any]:
+    """Slot name -> the dtype it is kept in, for the slots ``mu_dtype`` (optax's: the
+    first moment, :data:`MU_SLOTS`) and ``given`` (``slot_dtypes=``) name; the others
+    keep their parameter's dtype. ``ValueError`` / ``TypeError`` naming the slot or dtype."""
+    import jax.numpy as jnp
+
+    name = type(opt).__name__
+    own = tuple(opt.slot_names())
+    out: dict[str, Any] = {}
+    if given is not None:
+        if not isinstance(given, dict):
+            raise TypeError(f"{name}: slot_dtypes must be a dict of slot name -> dtype, got "
+                            f"{type(given).__name__}")
+        out.update(given)
+    if mu_dtype is not None:
+        mu = [s for s in own if s in MU_SLOTS]
+        if not mu:
+            raise ValueError(f"{name}: mu_dtype: no first-moment slot {list(MU_SLOTS)} among "
+                             f"its slots {list(own)}; name one in slot_dtypes=")
+        out.update({s: out.get(s, mu_dtype) for s in mu})
+    checked = {}
+    for s, dt in out.items():
+        if s not in own:
+            raise ValueError(f"{name}: slot_dtypes['{s}']: no such slot (its slots: "
+                             f"{list(own)})")
+        if s in copied:
+            raise ValueError(f"{name}: slot_dtypes['{s}']: the slot starts as a copy of the "
+                             f"params, in their dtype")
+        if dt is None:
+            continue
+        if not isinstance(dt, (type, str, np.dtype)) and hasattr(dt, "dtype"):
+            dt = dt.dtype  # (inject_hyperparams calls jnp.bfloat16 as a schedule: its value)
+        try:
+            dt = jnp.dtype(dt)
+        except TypeError as e:
+            raise TypeError(f"{name}: slot_dtypes['{s}']: {dt!r} is not a dtype ({e})") from None
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(f"{name}: slot_dtypes['{s}']: {dt} is not a floating-point dtype")
+        checked[s] = dt
+    return checked

@@ -32,6 +32,7 @@ from typing import Any
 from ..utils.optimizers.layout import slot_shape_of
 from ..utils.optimizers.traced_ops import TracedOps, traceable_update
 from .optax_hyperparams import scheduled
+from .optax_inputs import optax_mask, with_mask
 from .optax_prologue import _prologue, _wide, given_up
 from .optax_scalars import (
     _INT32_MAX,
@@ -187,12 +188,13 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
     sched = sched or {}
     live = tuple(sorted({*traced, *sched}))  # what the program reads at every update
 
-    def rows_for(treedef: Any, names: list[str], leaves: list[Any]) -> _Rows:
+    def rows_for(treedef: Any, names: list[str], leaves: list[Any], params: Any) -> _Rows:
         shapes = [tuple(p.shape) for p in leaves]  # which tensors are matrices: Muon's rows
-        key = (treedef, tuple(shapes))
+        mask = optax_mask(opt, params, names)  # (optax's mask function: by name, per tree)
+        key = (treedef, tuple(shapes), None if mask is None else tuple(mask.items()))
         got = structures.get(key)
         if got is None:
-            got = structures[key] = _Rows(opt, names, shapes, scalars, live)
+            got = structures[key] = _Rows(with_mask(opt, mask), names, shapes, scalars, live)
         return got
 
     def init(params: Any) -> OptaxState:
@@ -224,7 +226,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
         grads = _gradients(opt_name, updates, treedef, leaves, names)
-        rows = rows_for(treedef, names, leaves)
+        rows = rows_for(treedef, names, leaves, params)
         plan = rows.plan
         slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves,
                                     lambda s, shape, n: slot_shape_of(opt, s, shape, n))

@@ -86,7 +86,15 @@ How it works:
   params). Integer leaves (a step counter kept in the params) are refused with a
   ``TypeError`` naming the key, where optax runs its arithmetic on them: leave them out
   with ``optax.masked(tx, mask)`` or ``optax.multi_transform({..., "frozen":
-  optax.set_to_zero()}, labels)``, which then give optax's numbers.
+  optax.set_to_zero()}, labels)``, which then give optax's numbers. ``mu_dtype=`` /
+  ``slot_dtypes=`` keep a slot in a dtype of its own (optax's ``mu_dtype``: a bfloat16
+  first moment): computed in the parameter's dtype, stored rounded. optax multiplies the
+  stored moment by β in that dtype (its weak-typed float), we in the parameter's: from the
+  second step the two differ by that rounding (``tests/test_review_optax48.py``).
+* **optax's mask functions.** ``weight_decay_mask`` may be optax's function of the whole
+  params pytree (``optax.adamw(mask=fn)``'s: ``lambda p: jax.tree.map(lambda x: x.ndim >
+  1, p)``, a pytree of bools or a prefix of one): here it is called with the params at
+  each new tree structure, as ``optax.masked`` calls it (:func:`.optax_inputs.optax_mask`).
 * **Composition** (``tests/test_interop_optax_combinators.py``, side by side with optax):
   inside ``optax.chain``, ``MultiSteps``, ``masked``, ``multi_transform``,
   ``apply_if_finite``, ``lookahead``, before ``contrib.reduce_on_plateau``, wrapped by
@@ -125,7 +133,15 @@ import numpy as np
 
 from .optax_hyperparams import check as check_traced
 from .optax_hyperparams import check_schedules, scheduled
-from .optax_inputs import _check_hyper, _flatten, _gradients, _state_leaves
+from .optax_inputs import (
+    _check_hyper,
+    _flatten,
+    _gradients,
+    _state_leaves,
+    optax_mask,
+    with_mask,
+)
+from .optax_inputs import slot_dtypes as own_dtypes
 from .optax_loss import extra_args, with_loss
 from .optax_prologue import CONSECUTIVE, _prologue, _wide, given_up
 from .optax_scalars import (
@@ -251,7 +267,9 @@ def _copy_optimizer(optimizer: Any) -> Any:
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
-                         schedules: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
+                         schedules: Mapping[str, Callable[[Any], Any]] | None = None,
+                         mu_dtype: Any = None, slot_dtypes: dict[str, Any] | None = None
+                         ) -> Any:
     """``optimizer`` (a mithril optimizer: elementwise, two-pass, tensorwise; not LBFGS) as
     an ``optax.GradientTransformation`` whose ``init(params)`` / ``update(updates, state,
     params)`` are pure and jittable (see the module docs).
@@ -279,7 +297,15 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     ``optax.contrib.ademamix(alpha=optax.linear_schedule(0.0, 8.0, 1000))`` (its ``b3``:
     ``"beta3"``). The values are traced, so not checked as the constructor checks them (nor
     by optax): keep them in the hyperparameter's range. ``state.hyperparams`` holds each
-    one's last value under its name. The learning rate's schedule is ``learning_rate=``."""
+    one's last value under its name. The learning rate's schedule is ``learning_rate=``.
+
+    ``mu_dtype``: optax's (``optax.adam(mu_dtype=jnp.bfloat16)``): the first moment (the
+    slot ``"m"``: Adam, AdamW, NAdam, Lion, ADOPT...; AdEMAMix's ``"m1"`` and ``"m2"``) is
+    kept in that dtype between steps, as optax keeps it: each step computes in the
+    parameter's dtype from the stored value and stores the new one rounded (the update uses
+    it unrounded). ``slot_dtypes``: the same for any slot by name (``{"momentum":
+    jnp.bfloat16}`` is ``optax.sgd(accumulator_dtype=)``); the other slots keep their
+    parameter's dtype. Elementwise optimizers only (not Muon, Adafactor)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -294,6 +320,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
 
+        if mu_dtype is not None or slot_dtypes:
+            raise TypeError(f"{type(opt).__name__}: mu_dtype / slot_dtypes: its slots are "
+                            f"kept in the parameters' dtype (elementwise optimizers only)")
+
         return tensorwise_transformation(opt, learning_rate, scalars, traced, sched)
     from .optax_special import host_tensor_scalars, state_hyperparams
 
@@ -301,6 +331,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     own = tuple(opt.slot_names())
     full = tuple(opt.full_slot_names())
     copied = _copied_slots(opt)
+    dtypes = own_dtypes(opt, copied, mu_dtype, slot_dtypes)
     tensor_slots = tuple(opt.tensor_slots)
     two_pass = opt.two_pass()
     n_avg = len(full) - len(own)
@@ -318,19 +349,25 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         fn = leaf_fns.get(math_fn)
         if fn is None:
             def one(p: Any, g: Any, slots: tuple, scal: tuple) -> tuple:
-                out = math_fn(p, g, *slots, *(x.astype(p.dtype) for x in scal))
-                return tuple(jnp.asarray(v).astype(p.dtype) for v in out)
+                # (a slot of its own dtype, mu_dtype's: computed in p's, stored in its own)
+                out = math_fn(p, g, *(x.astype(p.dtype) for x in slots),
+                              *(x.astype(p.dtype) for x in scal))
+                return tuple(jnp.asarray(v).astype(d) for v, d in
+                             zip(out, (p.dtype, *(x.dtype for x in slots))))
 
             if len(leaf_fns) >= 16:  # (a kernel_math that returns new closures: see its docs)
                 leaf_fns.clear()
             fn = leaf_fns[math_fn] = jax.jit(one)
         return fn
 
-    def plan_for(treedef: Any, names: list[str], per_leaf: bool = False) -> _Plan:
-        plan = plans.get((treedef, per_leaf))
+    def plan_for(treedef: Any, names: list[str], per_leaf: bool = False,
+                 params: Any = None) -> _Plan:
+        mask = optax_mask(opt, params, names)  # (optax's mask function: by name, per tree)
+        key = (treedef, per_leaf, None if mask is None else tuple(mask.items()))
+        plan = plans.get(key)
         if plan is None:
-            plan = plans[(treedef, per_leaf)] = _Plan.of_groups(opt, names, scalars, live,
-                                                                per_leaf)
+            plan = plans[key] = _Plan.of_groups(with_mask(opt, mask), names, scalars, live,
+                                                per_leaf)
         return plan
 
     def init(params: Any) -> OptaxState:
@@ -341,7 +378,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 slots[s] = treedef.unflatten([jnp.array(p, copy=True) for p in leaves])
             else:
                 v = opt.slot_init(s)
-                slots[s] = treedef.unflatten([jnp.full(p.shape, v, p.dtype) for p in leaves])
+                slots[s] = treedef.unflatten([jnp.full(p.shape, v, dtypes.get(s, p.dtype))
+                                              for p in leaves])
         tensors = {s: treedef.unflatten([jnp.full((), opt.slot_init(s), p.dtype) for p in leaves])
                    for s in tensor_slots}
         values = {v: jnp.asarray(float(opt.state_value_init(v)), _wide())
@@ -390,8 +428,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         if missed is not None and np.shape(missed) != (len(leaves),):
             raise ValueError(f"{opt_name}: update(missed=...) must hold one count per "
                              f"parameter ({len(leaves)}), got shape {np.shape(missed)}")
-        plan = plan_for(treedef, names, missed is not None)
-        slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves)
+        plan = plan_for(treedef, names, missed is not None, params)
+        slot_leaves = _state_leaves(opt_name, state, "slots", full, treedef, names, leaves,
+                                    dtypes=dtypes)
         tensor_leaves = _state_leaves(opt_name, state, "tensor_slots", tensor_slots, treedef,
                                       names, leaves)
         count = state.count
@@ -437,7 +476,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 per_leaf = []
                 for i, (p, g) in enumerate(zip(ps, gs)):
                     scal = [x.astype(p.dtype) for x in own_scalars(i)]
-                    terms = reduce_fn(p, g, *(slot_leaves[s][i] for s in own), *scal)
+                    terms = reduce_fn(p, g, *(slot_leaves[s][i].astype(p.dtype) for s in own),
+                                      *scal)
                     acc = jnp.promote_types(p.dtype, jnp.float32)
                     per_leaf.append([jnp.sum(jnp.asarray(x).astype(acc)).astype(dt)
                                      for x in terms])
