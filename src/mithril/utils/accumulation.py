@@ -321,18 +321,36 @@ class GradientAccumulator:
         return f"GradientAccumulator(count={self.count}, total_weight={self.total_weight})"
 
 
-def _check_against_params(gradients: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+def _check_against_params(gradients: Mapping[str, Any], params: Mapping[str, Any],
+                          optimizer: Any = None) -> None:
     """Every gradient names a parameter and has its shape (caught on the micro-batch that
-    brings it, not ``k`` calls later in the wrapped optimizer)."""
+    brings it, not ``k`` calls later in the wrapped optimizer). For a wrapped mithril
+    :class:`~.optimizers.Optimizer` also its array library and dtype, which its ``update``
+    requires: a float32 micro-batch for float64 params used to be buffered, and the window
+    then refused on its ``k``-th call, and every later call (the buffer's dtype), for good."""
+    from .optimizers.base import Optimizer
+
     unknown = sorted(str(k) for k in gradients if k not in params)
     if unknown:
         raise KeyMismatchError(f"gradients for unknown parameter(s) {unknown} "
                                f"(params: {sorted(map(str, params))})")
+    strict = isinstance(optimizer, Optimizer)
     for k, g in gradients.items():
         p_shape, g_shape = getattr(params[k], "shape", None), getattr(g, "shape", None)
         if p_shape is not None and g_shape is not None and tuple(p_shape) != tuple(g_shape):
             raise ShapeError(f"gradients['{k}'] has shape {tuple(g_shape)}, params['{k}'] has "
                              f"shape {tuple(p_shape)}")
+        kind, want = _kind(g), _kind(params[k])
+        if not strict or kind is None or want is None:
+            continue
+        if kind != want:
+            raise TypeError(f"gradients['{k}'] is {_KINDS[kind]}, params['{k}'] "
+                            f"{_KINDS[want]}: the wrapped {type(optimizer).__name__} steps "
+                            f"with gradients of the parameters' library")
+        if g.dtype != params[k].dtype:
+            raise DTypeError(f"gradients['{k}'] has dtype {g.dtype}, params['{k}'] has dtype "
+                             f"{params[k].dtype}: the wrapped {type(optimizer).__name__} steps "
+                             f"with gradients of the parameters' dtype")
 
 
 class AccumulateState:
@@ -478,7 +496,7 @@ class Accumulate:
         acc = state.accumulator
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
-            _check_against_params(gradients, params)
+            _check_against_params(gradients, params, self.optimizer)
         fn, info = self.should_skip_update_fn, state.skip_state
         if fn is not None:
             acc._check(gradients, weight)  # (a bad micro-batch raises, is not skipped)

@@ -147,11 +147,11 @@ def _check_lr(name: str, lr: float) -> float:
     return lr
 
 
-def _check_step(t: Any) -> int:
+def _check_step(t: Any, name: str = "step t") -> int:
     if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-        raise ValueError(f"step t must be a non-negative integer, got {describe(t)}")
+        raise ValueError(f"{name} must be a non-negative integer, got {describe(t)}")
     if t > MAX_INT:
-        raise ValueError(f"step t is too large: got {describe(t)} (at most {MAX_INT})")
+        raise ValueError(f"{name} is too large: got {describe(t)} (at most {MAX_INT})")
     return int(t)
 
 
@@ -503,7 +503,7 @@ class LRScheduler:
             raise ValueError(f"state_dict for {type(self).__name__} is missing keys {missing}")
         # hyper-parameters are validated finite, so they are stored verbatim
         self._configure(**{name: state[name] for name in self._HPARAMS})
-        self._last_step = _check_step(state["last_step"])
+        self._last_step = _check_step(state["last_step"], "state_dict last_step")
         self.base_lr = _check_lr("base_lr", _decode_float(state["base_lr"], "base_lr"))
         given = state.get("base_lr_given", False)
         if not isinstance(given, bool):

@@ -147,6 +147,12 @@ class OuterWrapper(Optimizer):
         """The base optimizer's ``nonfinite`` policy."""
         return self.base_optimizer.nonfinite
 
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        # (set on the base, checked there: it was a bare "property has no setter" error,
+        # as Lookahead's inner takes it)
+        self.base_optimizer.nonfinite = value
+
     @property
     def tensor_slots(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.base_optimizer.tensor_slots
