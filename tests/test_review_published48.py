@@ -822,3 +822,63 @@ def test_encoder_decoder_inference_matches_torch(name):
     assert sorted(out) == [f"output{i}" for i in range(target_len)]
     for i in range(target_len):
         np.testing.assert_allclose(out[f"output{i}"], want[:, i: i + 1], **TOL)
+
+
+def whisper_attention(name: str, input_dim: int, num_heads: int, is_causal: bool = False,
+                      cross_attention: bool = False):
+    # synnada-ai/mithril examples/whisper/whisper_model.py, as published
+    model = Model(name=name)
+    t_axes = (0, 2, 1, 3)
+    v_project = Linear(input_dim, name="v_proj")
+    k_project = Linear(input_dim, name="k_proj", use_bias=False)
+    q_project = Linear(input_dim, name="q_proj")
+    model |= q_project.connect(input="input", output="q")
+    shp_con = model.input.shape  # type: ignore
+    reshape_con = (shp_con[0], shp_con[1], num_heads, -1)
+    tq = model.q.reshape(reshape_con).transpose(t_axes)  # type: ignore
+    if cross_attention:
+        model |= v_project.connect(input="xa", output="v")
+        model |= k_project.connect(input="xa", output="k")
+        shp_con_2 = model.xa.shape  # type: ignore
+        reshape_kv = (shp_con_2[0], shp_con_2[1], num_heads, -1)
+        tk = model.k.reshape(reshape_kv).transpose(t_axes)  # type: ignore
+        tv = model.v.reshape(reshape_kv).transpose(t_axes)  # type: ignore
+    else:
+        model |= v_project.connect(input="input", output="v")
+        model |= k_project.connect(input="input", output="k")  # type: ignore
+        tk = model.k.reshape(reshape_con).transpose(t_axes)  # type: ignore
+        tv = model.v.reshape(reshape_con).transpose(t_axes)  # type: ignore
+    model |= ScaledDotProduct(is_causal=is_causal).connect(
+        query=tq, key=tk, value=tv, output="sdp_out"
+    )
+    t_sdp = model.sdp_out.transpose(t_axes).reshape(shp_con[:3])  # type: ignore
+    model |= (lin := Linear(input_dim, name="out_proj")).connect(t_sdp)
+    model.set_cout(lin.output)
+    return model
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_whisper_attention_matches_torch(name, cross):
+    rng = np.random.default_rng(12)
+    shapes = {"input": [2, 5, 6], **({"xa": [2, 7, 6]} if cross else {})}
+    build = lambda: whisper_attention("attn", 6, 3, is_causal=not cross, cross_attention=cross)  # noqa: E731
+    pm = ml.compile(build(), ml.NumpyBackend(dtype="float64"), shapes=shapes)
+    params = {k: rng.standard_normal(v) for k, v in pm.parameter_shapes.items()}
+    data = {k: rng.standard_normal(v) for k, v in shapes.items()}
+    out_key = pm.output_keys[-1] if "output" not in pm.output_keys else "output"
+    cot = rng.standard_normal((2, 5, 6))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    x = torch.tensor(data["input"])
+    kv = torch.tensor(data["xa"]) if cross else x
+
+    def heads(z):
+        return z.reshape(z.shape[0], z.shape[1], 3, -1).transpose(1, 2)
+    q = heads(F.linear(x, t["q_proj.weight"], t["q_proj.bias"]))
+    k = heads(F.linear(kv, t["k_proj.weight"]))
+    v = heads(F.linear(kv, t["v_proj.weight"], t["v_proj.bias"]))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=not cross).transpose(1, 2).reshape(2, 5, 6)
+    y = F.linear(y, t["out_proj.weight"], t["out_proj.bias"])
+    y.backward(torch.tensor(cot))
+    got = _run(name, build, shapes, params, data, {out_key: cot})
+    _check(got, {out_key: y.detach().numpy()}, t)
