@@ -100,6 +100,8 @@ class JaxBackend(Backend):
         import jax
         import jax.numpy as jnp
 
+        if self.dtype == "float64":
+            refuse_x64_off()
         dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
         a = data if isinstance(data, jax.Array) else np.asarray(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
@@ -136,7 +138,23 @@ class JaxBackend(Backend):
         return jnp.dtype(name or self.dtype)
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
-        return _JaxEvaluator(program, jit)
+        return _JaxEvaluator(program, jit, x64=self.dtype == "float64")
+
+
+def refuse_x64_off() -> None:
+    """A ``DTypeError`` where ``jax_enable_x64`` is off (turned off after a float64 backend
+    turned it on, or inside ``jax.enable_x64(False)``): JAX would truncate every float64
+    array to float32, with a warning per call, and the float64 model would run in float32."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        from ..errors import DTypeError
+
+        raise DTypeError("JaxBackend(dtype='float64') computes in float64, which needs "
+                         "jax_enable_x64, now off (turned off after the backend turned it on, "
+                         "or inside jax.enable_x64(False)): JAX would truncate the model's "
+                         "arrays to float32; turn it back on (jax.config.update("
+                         "'jax_enable_x64', True))")
 
 
 def mesh_placement(tree: Any) -> Any:
@@ -216,11 +234,12 @@ class _JaxEvaluator(Evaluator):
     """Parameters travel as a tuple in program order: cheaper to flatten than a dict on
     every call, and the gradients come back in the order of ``get_parameters()``."""
 
-    def __init__(self, prog: Any, jit: bool) -> None:
+    def __init__(self, prog: Any, jit: bool, x64: bool = False) -> None:
         import jax
         import jax.numpy as jnp
 
         self.names = names = tuple(prog.param_shapes)
+        self._x64 = x64  # (a float64 model: refused while x64 is off, see refuse_x64_off)
 
         def fwd(ptuple, inputs):
             return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
@@ -274,6 +293,8 @@ class _JaxEvaluator(Evaluator):
         return jnp.stack([u32(seed, "compiled.seed"), u32(run.step, "evaluate(step=...)")])
 
     def forward(self, params, inputs, run=None):
+        if self._x64:
+            refuse_x64_off()
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
             return _placed_call(self._fwd, ptuple, dict(inputs))
@@ -282,6 +303,8 @@ class _JaxEvaluator(Evaluator):
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
+        if self._x64:
+            refuse_x64_off()
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
             out, grads = _placed_call(self._fwd_vjp, ptuple, dict(inputs), dict(cotangents))
