@@ -882,3 +882,20 @@ def test_whisper_attention_matches_torch(name, cross):
     y.backward(torch.tensor(cot))
     got = _run(name, build, shapes, params, data, {out_key: cot})
     _check(got, {out_key: y.detach().numpy()}, t)
+
+
+def test_size_takes_dim_in_connect_and_arange_chains_into_stop_as_published():
+    # published: Size.connect(input, dim, output); Arange's canonical input is stop
+    model = Model()
+    model |= Size().connect(input="x", dim=0)
+    model += Arange(start=ml.TBD).connect(start="s0")  # stop <- the Size; start an input
+    model |= Size(dim=-1).connect(input="x", output="s0")
+    pm = ml.compile(model, ml.NumpyBackend(), shapes={"x": [6, 2]})
+    out = pm.evaluate({}, {"x": np.zeros((6, 2))})
+    np.testing.assert_array_equal(out["output"], torch.arange(2, 6).numpy())
+    size = Size(dim=1)
+    with pytest.raises(TypeError, match="Size: dim must be an int, a tuple of ints or None"):
+        size.connect(input="x", dim=1.5)
+    with pytest.raises(KeyMismatchError, match="Size has no terminal"):
+        size.connect(input="x", dim=0, nope="y")
+    assert size.dim == 1

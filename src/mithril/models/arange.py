@@ -57,7 +57,8 @@ class Arange(Operator):
     def _update(self) -> None:
         wires = [v for v in self.ends.values() if isinstance(v, ShapeWire)]
         self.refs = ShapeArgs(wires) if wires else None
-        self.wired = tuple(k for k in _ENDS if k not in self.ends)
+        # (stop first: the canonical input, as published, that ``+=`` wires)
+        self.wired = tuple(k for k in ("stop", "start", "step") if k not in self.ends)
         self.inputs = (*self.wired, *(self.refs.keys if self.refs is not None else ()))
         self.any_dtype_inputs = frozenset(self.inputs)
         self.value_inputs = frozenset(self.wired)

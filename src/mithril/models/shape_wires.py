@@ -265,11 +265,18 @@ class Size(Operator):
     any_dtype_inputs = frozenset({"input"})
 
     def __init__(self, dim: int | Sequence[int] | None = None) -> None:
-        if dim is not None and not isinstance(dim, (tuple, list)) and (
-                isinstance(dim, bool) or not isinstance(dim, (int, np.integer))):
-            raise TypeError(f"Size: dim must be an int, a tuple of ints or None, got {dim!r}")
-        self.dim = dim if dim is None or not isinstance(dim, (tuple, list)) else \
-            tuple(int(d) for d in dim)
+        self.dim = _as_dim(dim)
+
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """As any block's; ``dim=`` (published: a terminal) sets the axis here."""
+        if "dim" not in connections:
+            return super().connect(*args, **connections)
+        before, self.dim = self.dim, _as_dim(connections.pop("dim"))
+        try:
+            return super().connect(*args, **connections)
+        except BaseException:
+            self.dim = before
+            raise
 
     def _value(self, s: tuple) -> Any:
         if self.dim is None:
@@ -303,6 +310,16 @@ class Size(Operator):
 
     def __repr__(self) -> str:
         return f"Size({self.dim!r})"
+
+
+def _as_dim(dim: Any) -> Any:
+    if isinstance(dim, (tuple, list)):
+        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in dim):
+            raise TypeError(f"Size: dim must be an int, a tuple of ints or None, got {dim!r}")
+        return tuple(int(d) for d in dim)
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))):
+        raise TypeError(f"Size: dim must be an int, a tuple of ints or None, got {dim!r}")
+    return dim if dim is None else int(dim)
 
 
 def _ints(xp: Any, value: Any) -> Any:
