@@ -77,6 +77,18 @@ def test_groups_show_a_mithril_scheduler_s_rates_and_resume_both_ways(per_group)
             step(net, opt)
             sched.step()
         assert err(a, c) < TOL
+    # and back here (its first group keeps our entry, its rates moved on): torch's rates
+    back = torch_optimizer(mo.Adam(learning_rate=1e-2), groups_of(c))
+    back.load_state_dict(into.state_dict())
+    assert rates(back) == rates(into) == rates(theirs)
+    sc = L.StepLR(back, 2, 0.5)
+    sc.last_epoch = sa.last_epoch
+    for _ in range(3):
+        for net, opt, sched in ((a, theirs, sa), (c, back, sc)):
+            step(net, opt)
+            sched.step()
+        assert err(a, c) < TOL
+        assert rates(back) == pytest.approx(rates(theirs), rel=1e-15, abs=0)
     # a rate written into a group still wins over the scheduler's, for that group only
     first = rates(ours)[0]
     ours.param_groups[1]["lr"] = 1e-3
