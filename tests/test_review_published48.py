@@ -899,3 +899,19 @@ def test_size_takes_dim_in_connect_and_arange_chains_into_stop_as_published():
     with pytest.raises(KeyMismatchError, match="Size has no terminal"):
         size.connect(input="x", dim=0, nope="y")
     assert size.dim == 1
+
+
+def test_reshape_and_arange_connect_take_the_published_positional_order():
+    model = Model()
+    model |= Buffer().connect(input="x", output="y")
+    s = model.x.shape  # type: ignore
+    model |= Reshape().connect("y", (s[1], -1), "r")  # input, shape, output
+    model |= Arange().connect(1, s[0] * 2, 3, "int64", "a")  # start, stop, step, dtype, output
+    pm = ml.compile(model, ml.NumpyBackend(), shapes={"x": [4, 3]})
+    out = pm.evaluate({}, {"x": np.arange(12.0).reshape(4, 3)})
+    np.testing.assert_array_equal(out["r"], torch.arange(12.0).reshape(4, 3).reshape(3, -1).numpy())
+    np.testing.assert_array_equal(out["a"], torch.arange(1, 8, 3).numpy())
+    with pytest.raises(TypeError, match=r"Reshape.connect got two values for 'shape'"):
+        Reshape().connect("y", (2, 3), shape=(3, 2))
+    with pytest.raises(TypeError, match=r"Arange.connect takes at most 5 positional"):
+        Arange().connect(0, 1, 1, None, "a", "b")

@@ -30,12 +30,10 @@ def _length(start: int, stop: int, step: int) -> int:
 class Arange(Operator):
     """See the module. ``start`` / ``stop`` / ``step`` left out (``TBD``) are inputs."""
 
-    positional = ("stop", "output")
+    positional = ("start", "stop", "step", "dtype", "output")  # (the published connect's)
 
     def __init__(self, start: Any = 0, stop: Any = TBD, step: Any = 1, dtype: Any = None) -> None:
-        if dtype is not None and np.dtype(str(dtype).rsplit(".", 1)[-1]).kind not in "iu":
-            raise TypeError(f"Arange: only an integer range is offered here (dtype int64), got "
-                            f"dtype={dtype!r}; scale it as an expression for floats")
+        _check_dtype(dtype)
         self.ends: dict[str, Any] = {}
         for key, v in (("start", start), ("stop", stop), ("step", step)):
             self._set(key, v)
@@ -66,14 +64,16 @@ class Arange(Operator):
     def connect(self, *args: Any, **connections: Any) -> Any:
         """As any block's; an int or a shape wire given for ``start`` / ``stop`` / ``step``
         is fixed in the block (the others are connections)."""
-        if args:
-            if len(args) > 2:
-                raise TypeError(f"Arange.connect takes at most 2 positional connections (stop, "
-                                f"output), got {len(args)}")
-            for key, v in zip(("stop", "output"), args, strict=False):
-                if key in connections:
-                    raise TypeError(f"Arange.connect got two values for {key!r}")
-                connections[key] = v
+        if len(args) > len(self.positional):
+            raise TypeError(f"Arange.connect takes at most 5 positional connections (start, "
+                            f"stop, step, dtype, output), got {len(args)}")
+        for key, v in zip(self.positional, args, strict=False):
+            if key in connections:
+                raise TypeError(f"Arange.connect got two values for {key!r}")
+            connections[key] = v
+        if connections.get("dtype", TBD) is not TBD:
+            _check_dtype(connections["dtype"])
+        connections.pop("dtype", None)
         before = dict(self.ends)
         try:
             for key in _ENDS:
@@ -138,6 +138,12 @@ class Arange(Operator):
 
     def __repr__(self) -> str:
         return "Arange(" + ", ".join(f"{k}={v!r}" for k, v in self.ends.items()) + ")"
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and np.dtype(str(dtype).rsplit(".", 1)[-1]).kind not in "iu":
+        raise TypeError(f"Arange: only an integer range is offered here (dtype int64), got "
+                        f"dtype={dtype!r}; scale it as an expression for floats")
 
 
 def _concrete(v: Any, key: str) -> int:

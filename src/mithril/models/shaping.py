@@ -61,7 +61,16 @@ class Reshape(Operator):
 
     def connect(self, *args: Any, **connections: Any) -> Any:
         """Bind terminals; ``shape=`` (a tuple of sizes or shape wires) sets the shape, as the
-        published ``Reshape().connect(shape=...)`` (``Reshape(shape)`` here otherwise)."""
+        published ``Reshape().connect(shape=...)`` (``Reshape(shape)`` here otherwise);
+        positionally ``input``, ``shape``, ``output``, as published."""
+        if len(args) > 3:
+            raise TypeError(f"Reshape.connect takes at most 3 positional connections (input, "
+                            f"shape, output), got {len(args)}")
+        for key, v in zip(("input", "shape", "output"), args, strict=False):
+            if key in connections:
+                raise TypeError(f"Reshape.connect got two values for {key!r}")
+            connections[key] = v
+        args = ()
         if "shape" not in connections:
             if self.shape is None:
                 raise TypeError("Reshape: no shape given: Reshape(shape) or "
