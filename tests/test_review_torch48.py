@@ -97,6 +97,28 @@ def test_groups_show_a_mithril_scheduler_s_rates_and_resume_both_ways(per_group)
     assert rates(ours) == [first, 1e-3]
 
 
+def test_an_empty_group_and_tensor_rates_follow_a_mithril_scheduler_as_torch_s():
+    """An empty group (torch takes one; the mithril optimizer leaves it out) shows the
+    rate torch's scheduler gives it, and groups holding their ``lr`` as tensors are
+    written in place, as torch's schedulers write them."""
+    def groups(net: torch.nn.Module) -> list[dict]:
+        return [{"params": list(net[0].parameters()), "lr": torch.tensor(1e-2)},
+                {"params": [], "lr": 0.3},
+                {"params": list(net[2].parameters()), "lr": torch.tensor(3e-3)}]
+    a, b = nets()
+    theirs = torch.optim.Adam(groups(a), lr=1e-2)
+    ours = torch_optimizer(mo.Adam(learning_rate=1e-2), groups(b))
+    held = ours.param_groups[0]["lr"]
+    sa, sb = L.StepLR(theirs, 2, 0.3), M.StepLR(ours.mithril_optimizer, 2, 0.3)
+    for _ in range(7):
+        for net, opt, sched in ((a, theirs, sa), (b, ours, sb)):
+            step(net, opt)
+            sched.step()
+        assert err(a, b) < TOL
+        assert rates(ours) == pytest.approx(rates(theirs), rel=1e-14, abs=0)
+    assert held is ours.param_groups[0]["lr"] and held.item() == pytest.approx(1e-2 * 0.3 ** 3)
+
+
 def test_a_torch_state_dict_resumes_into_groups_driven_by_a_mithril_scheduler():
     """A run switched over from ``torch.optim`` (its groups' rates halved by its StepLR)
     resumes here at those rates, and a Mithril scheduler made then drives them on."""

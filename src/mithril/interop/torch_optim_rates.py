@@ -35,25 +35,35 @@ __all__ = ["adopt_rates", "group_rates", "with_rates"]
 _LR = ("lr_scale", "learning_rate")  # (a group's rate: its scale, or one pinned while 0)
 
 
-def group_rates(opt: Optimizer, index: Sequence[int | None]) -> list[float | None]:
-    """The rate of each torch group (``index``: its mithril group, None for an empty one)."""
-    return [None if j is None else opt.get_learning_rate(group=j) for j in index]
+def group_rates(opt: Optimizer, index: Sequence[int | None]) -> list[float]:
+    """The rate of each torch group (``index``: its mithril group; for an empty one, None,
+    which the mithril optimizer leaves out, the optimizer's own rate)."""
+    return [opt.get_learning_rate() if j is None else opt.get_learning_rate(group=j)
+            for j in index]
 
 
 def adopt_rates(groups: Sequence[dict[str, Any]], synced: Sequence[dict[str, Any]],
-                rates: list[float | None], now: Sequence[float | None]) -> None:
+                rates: list[float], now: Sequence[float], index: Sequence[int | None]
+                ) -> None:
     """Show in each group's ``lr`` its rate ``now`` where it moved since ``rates`` (the
     rates at the last sync: a Mithril scheduler set it) and the ``lr`` is still the one
-    synced (not written since); ``synced`` and ``rates`` follow."""
-    for i, (g, old, was, rate) in enumerate(zip(groups, synced, rates, now)):
-        if rate is None or rate == was or "lr" not in g or not same(g["lr"], old["lr"]):
+    synced (not written since); ``synced`` and ``rates`` follow. An empty group (``index``
+    None) moves in proportion to the optimizer's own rate, as torch's scheduler moves it
+    (it holds no parameter: what it shows changes no number)."""
+    for i, (g, old, was, rate, j) in enumerate(zip(groups, synced, rates, now, index)):
+        if rate == was or "lr" not in g or not same(g["lr"], old["lr"]):
             continue
+        if j is None:
+            if not was:
+                continue
+            rates[i], rate = rate, float(scalar(g["lr"])) * rate / was
         if isinstance(g["lr"], torch.Tensor):
             g["lr"].fill_(rate)  # (as torch's schedulers write a tensor lr)
         else:
             g["lr"] = rate
         old["lr"] = copy.deepcopy(g["lr"])
-        rates[i] = rate
+        if j is not None:
+            rates[i] = rate
 
 
 def _parts(hp: Mapping[str, Any]) -> tuple[Any, list[dict[str, Any]]]:

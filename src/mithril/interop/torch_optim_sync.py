@@ -96,8 +96,9 @@ class TorchGroupSync:
         its ``lr``, so the next step keeps it (an ``lr`` written since still wins); with
         several groups each group's rate (:mod:`.torch_optim_rates`)."""
         if self._grouped:
+            index = mithril_index(self._group_names)
             adopt_rates(self.__dict__["_groups"], self._synced, self._rates,
-                        group_rates(self._mithril, mithril_index(self._group_names)))
+                        group_rates(self._mithril, index), index)
             return
         group, synced = self.__dict__["_groups"][0], self._synced[0]
         rate = self._mithril.get_learning_rate()
