@@ -27,9 +27,10 @@ __all__ = ["check_complex", "point", "real", "real_dtype", "reals", "shown_as"]
 
 
 def real(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, a complex one as its real view (shares its memory)."""
+    """``t`` detached, a complex one as its real view (shares its memory; a copy for one
+    marked conjugate, e.g. ``p.data = p.data.conj()``, whose real view torch refuses)."""
     t = t.detach()
-    return torch.view_as_real(t) if t.is_complex() else t
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def reals(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -48,7 +49,7 @@ def point(p: torch.Tensor, v: torch.Tensor) -> None:
     try:
         p.data = torch.view_as_complex(v)
     except RuntimeError:  # (torch: "Tensor must have a storage_offset divisible by 2")
-        torch.view_as_real(p.detach()).copy_(v)
+        torch.view_as_real(p.detach().resolve_conj()).copy_(v)
 
 
 def shown_as(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

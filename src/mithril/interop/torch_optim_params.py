@@ -179,7 +179,9 @@ def lies_at(p: torch.Tensor, v: torch.Tensor) -> bool:
 
 def lies_at_real(p: torch.Tensor, v: torch.Tensor) -> bool:
     """:func:`lies_at` of a complex parameter too (as its real view: torch_optim_complex)."""
-    return lies_at(torch.view_as_real(p.detach()) if p.is_complex() else p, v)
+    if not p.is_complex():
+        return lies_at(p, v)
+    return not p.is_conj() and lies_at(torch.view_as_real(p.detach()), v)
 
 
 def dense(g: torch.Tensor) -> torch.Tensor:
