@@ -26,7 +26,7 @@ import csv
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ from .table_text import (
 MAX_INFERRED_CLASSES = 20
 MAX_CLASSES = 1000
 MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
+#: rows evaluated at a time (the metrics after each epoch, predict): a large table's
+#: activations stay small, and NumPy runs chunks of this size about 4x faster than one call
+#: on 300,000 rows; a smaller set is evaluated in one call, as before
+CHUNK_ROWS = 16384
 PREPROCESS_FORMAT = "mithril-tabular-1"
 #: the text tables by suffix -> their separator (any other suffix but .npz is read as a CSV)
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -507,8 +511,8 @@ def tabular_job(args: argparse.Namespace) -> Any:
         t_mean, t_std = (float(v[0]) for v in mean_std(y[tr][:, None]))
         y = ((y - t_mean) / t_std)[:, None]
     data = Dataset((x_tr - mean) / std, y[tr], (x_te - mean) / std, y[te], len(labels))
-    spec = mlp_spec(len(table.features), len(labels) or 1, args.hidden, args.activation,
-                    objective, t_std or 1.0)
+    spec = replace(mlp_spec(len(table.features), len(labels) or 1, args.hidden, args.activation,
+                            objective, t_std or 1.0), eval_chunk=CHUNK_ROWS)
     pre = Preprocess(table.features, mean.tolist(), std.tolist(), objective,
                      str(table.target), [_label(v) for v in labels], t_mean, t_std,
                      list(args.hidden), args.activation)
