@@ -915,3 +915,14 @@ def test_reshape_and_arange_connect_take_the_published_positional_order():
         Reshape().connect("y", (2, 3), shape=(3, 2))
     with pytest.raises(TypeError, match=r"Arange.connect takes at most 5 positional"):
         Arange().connect(0, 1, 1, None, "a", "b")
+
+
+def test_chaining_never_wires_into_what_a_shape_wire_reads():
+    # Arange(stop=x.shape[1]) has no canonical input: += must not feed the previous output
+    # to the connection its shape wire reads (it took the previous output's shape before)
+    model = Model()
+    model |= Buffer().connect(input="x", output="y")
+    model += Reshape(shape=(-1,))  # (12,): the previous output
+    model += Arange(stop=model.x.shape[1]).connect(output="r")  # type: ignore
+    pm = ml.compile(model, ml.NumpyBackend(), shapes={"x": [4, 3]})
+    assert pm.get_shapes()["r"] == [3]

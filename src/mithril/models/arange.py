@@ -54,10 +54,10 @@ class Arange(Operator):
 
     def _update(self) -> None:
         wires = [v for v in self.ends.values() if isinstance(v, ShapeWire)]
-        self.refs = ShapeArgs(wires) if wires else None
+        self.shape_args = ShapeArgs(wires) if wires else None
         # (stop first: the canonical input, as published, that ``+=`` wires)
         self.wired = tuple(k for k in ("stop", "start", "step") if k not in self.ends)
-        self.inputs = (*self.wired, *(self.refs.keys if self.refs is not None else ()))
+        self.inputs = (*self.wired, *(self.shape_args.keys if self.shape_args is not None else ()))
         self.any_dtype_inputs = frozenset(self.inputs)
         self.value_inputs = frozenset(self.wired)
 
@@ -92,7 +92,7 @@ class Arange(Operator):
             raise
 
     def _ends(self, values: Mapping[str, Any], shapes: Mapping[str, Any]) -> tuple | None:
-        lookup = self.refs.lookup(shapes) if self.refs is not None else None
+        lookup = self.shape_args.lookup(shapes) if self.shape_args is not None else None
         got = []
         for key in _ENDS:
             v = self.ends.get(key)
@@ -125,7 +125,7 @@ class Arange(Operator):
         return (None,) if ends is None else (_length(*ends),)
 
     def forward(self, xp: Any, **args: Any) -> Any:
-        shapes = array_shapes(args, self.refs.keys) if self.refs is not None else {}
+        shapes = array_shapes(args, self.shape_args.keys) if self.shape_args is not None else {}
         values = {k: _concrete(args[k], k) for k in self.wired}
         start, stop, step = self._ends(values, shapes)  # type: ignore[misc]
         t = torch_of(xp)

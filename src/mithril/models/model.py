@@ -467,7 +467,7 @@ class Model:
             block._used = True
         mapping: dict[str, Connection] = {}
         n_blocks = len(self.blocks)
-        refs = getattr(block, "refs", None) if isinstance(block, Operator) else None
+        refs = getattr(block, "shape_args", None) if isinstance(block, Operator) else None
         ref_keys = frozenset(refs.keys) if refs is not None else frozenset()
         outs = block.output_keys
         first_in = cin_key(block)
@@ -600,7 +600,9 @@ def cin_key(block: Block) -> str | None:
     """The terminal of ``block`` that ``+=`` wires to the previous output: its canonical input."""
     if isinstance(block, Model) and block._cin is not None and block._cin.name in block.input_keys:
         return block._cin.name
-    ins = [k for k in block.terminals if k not in block.output_keys]
+    refs = getattr(block, "shape_args", None) if isinstance(block, Operator) else None
+    ins = [k for k in block.terminals if k not in block.output_keys  # (not a shape wire's)
+           and (refs is None or k not in refs.keys)]
     return ins[0] if ins else None
 
 

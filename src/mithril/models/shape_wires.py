@@ -222,7 +222,7 @@ def bind_shape_refs(model: Any, start: int) -> None:
     i = start
     while i < len(model.blocks):  # (an expression a wire reads may add blocks)
         block, mapping = model.blocks[i]
-        refs = getattr(block, "refs", None) if isinstance(block, Operator) else None
+        refs = getattr(block, "shape_args", None) if isinstance(block, Operator) else None
         for key, ref in zip(refs.keys, refs.refs, strict=True) if refs is not None else ():
             if key in mapping:
                 continue

@@ -31,7 +31,7 @@ class Reshape(Operator):
     def _set_shape(self, shape: Any) -> None:
         from .shape_wires import ShapeArgs, ShapeWire, is_symbolic
 
-        self.refs: ShapeArgs | None = None
+        self.shape_args: ShapeArgs | None = None
         self.inputs = ("input",)
         if shape is None or shape is TBD:  # (published: Reshape(), the shape in connect)
             self.shape = None
@@ -48,8 +48,8 @@ class Reshape(Operator):
                     raise TypeError(f"Reshape: a size is an int, -1, None or a shape wire, got {d!r}")
             self.shape = tuple(-1 if d is None else d if isinstance(d, ShapeWire) else int(d)
                                for d in shape)
-            self.refs = ShapeArgs([d for d in self.shape if isinstance(d, ShapeWire)])
-            self.inputs = ("input", *self.refs.keys)
+            self.shape_args = ShapeArgs([d for d in self.shape if isinstance(d, ShapeWire)])
+            self.inputs = ("input", *self.shape_args.keys)
             self.any_dtype_inputs = frozenset(self.inputs)
             statics = [d for d in self.shape if not isinstance(d, ShapeWire)]
         else:
@@ -80,12 +80,12 @@ class Reshape(Operator):
         if self.shape is not None and shape is not TBD:
             raise TypeError(f"Reshape: the shape is given twice (Reshape({list(self.shape)}) and "
                             "connect(shape=...))")
-        before = (self.shape, self.refs, self.inputs, self.__dict__.get("any_dtype_inputs"))
+        before = (self.shape, self.shape_args, self.inputs, self.__dict__.get("any_dtype_inputs"))
         self._set_shape(shape)
         try:
             return super().connect(*args, **connections)
         except BaseException:
-            self.shape, self.refs, self.inputs = before[:3]
+            self.shape, self.shape_args, self.inputs = before[:3]
             if before[3] is None:
                 self.__dict__.pop("any_dtype_inputs", None)
             raise
@@ -94,11 +94,11 @@ class Reshape(Operator):
         if self.shape is None:
             raise ShapeError("Reshape: no shape given: Reshape(shape) or "
                              "Reshape().connect(input=..., shape=...)")
-        if self.refs is None:
+        if self.shape_args is None:
             return self.shape
         from .shape_wires import resolve_sizes
 
-        target = resolve_sizes(self.shape, self.refs.lookup(shapes), "Reshape")
+        target = resolve_sizes(self.shape, self.shape_args.lookup(shapes), "Reshape")
         if target is not None and sum(d == -1 for d in target) > 1:
             raise ShapeError(f"Reshape: at most one -1 in the shape, got {list(target)}")
         return target
@@ -127,11 +127,11 @@ class Reshape(Operator):
         return target
 
     def forward(self, xp: Any, input: Any, **refs: Any) -> Any:
-        if self.refs is None:
+        if self.shape_args is None:
             return input.reshape(self.shape)
         from .shape_wires import array_shapes
 
-        return input.reshape(self._target(array_shapes(refs, self.refs.keys)))
+        return input.reshape(self._target(array_shapes(refs, self.shape_args.keys)))
 
     def vjp(self, g, out, args, wrt):
         return {"input": g.reshape(args["input"].shape)}
