@@ -446,3 +446,34 @@ def test_the_metrics_of_a_large_table_are_measured_in_chunks(tmp_path, capsys):
         acc = float((h.argmax(dim=1).numpy() == y[idx]).mean())
         assert abs(float(final[f"{which}_loss"]) - loss) < 1e-5  # float32 run
         assert abs(float(final[f"{which}_acc"]) - acc) <= 2 / len(idx)  # a tie or two
+
+
+# -- the character model on the user's text ----------------------------------------------------
+CHARLM = ["--task", "charlm", "--steps", "3", "--eval-every", "3", "--context", "8",
+          "--d-model", "8", "--layers", "1", "--heads", "1", "--batch-size", "2",
+          "--eval-windows", "2", "--sample-chars", "5", "--no-progress", "--no-plot"]
+
+
+def test_a_windows_text_trains_the_charlm_of_its_unix_copy(tmp_path, capsys):
+    text = "the quick brown fox jumps over the lazy dog\n" * 12
+    (tmp_path / "unix.txt").write_text(text, newline="\n")
+    (tmp_path / "win.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    for name in ("unix", "win"):
+        assert main(["train", "--data", str(tmp_path / f"{name}.txt"), *CHARLM,
+                     "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "unix" / "metrics.csv").read_text() == \
+        (tmp_path / "win" / "metrics.csv").read_text()
+    assert (tmp_path / "unix" / "sample.txt").read_text() == \
+        (tmp_path / "win" / "sample.txt").read_text()
+    capsys.readouterr()
+
+
+def test_a_latin1_text_names_its_line_and_byte(tmp_path, capsys):
+    # it said "not UTF-8 text ('utf-8' codec can't decode byte 0xe9 in position 40: ...)"
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"first line is fine\nso is the second\ncaf\xe9 au lait\n" * 20)
+    err = usage_error(capsys, ["train", "--data", str(path), *CHARLM,
+                               "--out", str(tmp_path / "run")])
+    assert err.endswith(f"--data {path}: line 3: byte b'\\xe9' is not UTF-8 text (latin-1 or "
+                        f"cp1252?); save the file as UTF-8 ('CSV UTF-8' in a spreadsheet)"), err
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ import numpy as np
 from .data import Dataset
 from .errors import CLIError
 from .networks import charlm_spec
+from .table_text import _not_utf8
 
 
 def load_text(path: str | None) -> tuple[str, str]:
@@ -39,8 +40,8 @@ def load_text(path: str | None) -> tuple[str, str]:
         return Path(path).read_text(encoding="utf-8-sig"), path
     except OSError as exc:
         raise CLIError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise CLIError(f"--data {path}: not UTF-8 text ({exc})") from None
+    except UnicodeDecodeError as exc:  # the line and byte (or a compressed file), as a table's
+        raise CLIError(f"--data {path}: {_not_utf8(path, exc)}") from None
 
 
 def windows(tokens: np.ndarray, context: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
