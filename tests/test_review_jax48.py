@@ -442,7 +442,7 @@ def test_optax_transformation_in_a_users_jit_equals_optax_float64():
 
 def test_a_float64_model_with_x64_turned_off_is_refused_by_name():
     # with jax_enable_x64 turned off after the float64 backend turned it on, evaluate ran the
-    # float64 model in float32 (JAX's truncation warnings aside): 1.6e-8 off float64's loss
+    # float64 model in float32 (JAX's truncation warnings aside): a float32 loss, 6.8e-9 off
     from mithril.errors import DTypeError
 
     with conftest.jax_float64():
@@ -462,3 +462,28 @@ def test_a_float64_model_with_x64_turned_off_is_refused_by_name():
         assert c.step == 0  # the refused training-mode calls drew no masks
         got = float(c.evaluate(p, {"input": xs, "target": ys})["loss"])
         assert got == want and c.step == 1
+
+
+def test_train_step_dropout_draws_step_i_mask_reproducibly_from_a_key_seed():
+    # each fused step draws the mask of its step (evaluate(step=i) on the params it was
+    # given), a new one every step, and a run seeded by a key is that of its seed
+    xs, ys = data()
+    batch = {"input": jnp.asarray(xs, jnp.float32), "target": jnp.asarray(ys)}
+    runs = []
+    for seed in (3, jax.random.PRNGKey(3)):
+        c = mlp(JaxBackend(seed=seed), dropout=0.5)
+        step = make_train_step(c, Adam(learning_rate=1e-2), loss="loss")
+        p = c.get_parameters()
+        s = step.init(p)
+        losses, replayed = [], []
+        for i in range(4):
+            replayed.append(float(c.evaluate(p, batch, step=i)["loss"]))
+            p, s, out = step(p, s, batch)
+            losses.append(float(out["loss"]))
+        assert max(abs(a - b) for a, b in zip(losses, replayed)) <= TOL32
+        runs.append((losses, {k: np.asarray(v) for k, v in p.items()}))
+        assert c.step == 4
+    assert runs[0][0] == runs[1][0] and max_diff(runs[0][1], runs[1][1]) == 0.0
+    no_drop = mlp(JaxBackend(seed=3))
+    same = float(no_drop.evaluate(no_drop.get_parameters(), batch)["loss"])
+    assert abs(runs[0][0][0] - same) > 1e-3  # the same first params: the mask did something
