@@ -415,6 +415,10 @@ def test_shape_wires_refuse_what_has_no_static_meaning():
         ml.compile(empty, ml.NumpyBackend(), shapes={"x": [2, 3]})
     with pytest.raises(TypeError, match=r"Reshape: no shape given"):
         Reshape().connect(input="y")
+    r = Reshape()
+    with pytest.raises(KeyMismatchError, match=r"Reshape has no terminal\(s\) \['nope'\]"):
+        r.connect(input="y", shape=(s[0], -1), nope="z")
+    assert r.shape is None and r.shape_args is None and r.inputs == ("input",)
 
 
 # --- the published recurrent templates: OneToMany, EncoderDecoder; weights from the data -------
