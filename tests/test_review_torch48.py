@@ -451,3 +451,37 @@ def test_grad_scaler_clip_foreach_and_a_group_added_mid_run_as_torch():
         assert scalers[0].get_scale() == scalers[1].get_scale()
     assert [s["step"].item() for s in ours.state_dict()["state"].values()] == [
         s["step"].item() for s in theirs.state_dict()["state"].values()]
+
+
+@pytest.mark.parametrize("kind", ["Adam", "Adagrad"])
+def test_steps_loads_and_adds_under_inference_mode_as_torch(kind):
+    """Found: ``opt.step()`` under ``torch.inference_mode()`` (some loops wrap their
+    optimizer step so) made the flat buffer there: the parameters became inference
+    tensors and got no gradient from then on (2.0e-2 from torch.optim after 3 steps,
+    silently). Buffers are now made as normal tensors, also by a load or an add there."""
+    make = {"Adam": (lambda p: torch.optim.Adam(p, lr=1e-2),
+                     lambda: mo.Adam(learning_rate=1e-2)),
+            "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=1e-2),
+                        lambda: mo.AdaGrad(learning_rate=1e-2, epsilon=1e-10))}[kind]
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    a = a.double()
+    b = copy.deepcopy(a)
+    theirs = make[0](a[2].parameters())
+    with torch.inference_mode():
+        ours = torch_optimizer(make[1](), b[2].parameters())
+    for t in range(6):
+        for net, opt in ((a, theirs), (b, ours)):
+            opt.zero_grad()
+            loss_of(net).backward()
+            with torch.inference_mode():
+                if t == 2:
+                    opt.add_param_group({"params": net[0].parameters()})
+                if t == 4 and opt is ours:
+                    ours = torch_optimizer(make[1](), [{"params": b[2].parameters()},
+                                                       {"params": b[0].parameters()}])
+                    ours.load_state_dict(opt.state_dict())
+                    opt = ours
+                opt.step()
+        assert err(a, b) < TOL, t
+        assert not any(p.is_inference() for p in b.parameters())

@@ -283,7 +283,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             # as torch.optim.Adagrad's, made now: torch.distributed.checkpoint's
             # get_optimizer_state_dict ran a step at lr 0 on an empty state (one lr_decay
             # step, and weight decay into the sums, that torch's Adagrad never takes)
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 self._opt_state, self._views = self._start()
 
     # -- what users see ------------------------------------------------------------------
@@ -356,8 +356,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             raise named(e, where) from e
         params = [*self._params, *new_tensors]
         try:
-            state = with_added(trial, self._opt_state, names, reals(params), new_names,
-                               torch_initial(trial, values[0]["lr"], self.defaults))
+            with torch.inference_mode(False):  # (buffers of normal tensors: see step)
+                state = with_added(trial, self._opt_state, names, reals(params), new_names,
+                                   torch_initial(trial, values[0]["lr"], self.defaults))
         except ValueError as e:
             raise ValueError(f"{where}: {e}; set this in the constructor instead") from e
         # nothing fails from here on
@@ -404,7 +405,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             return loss
         if self._complex:  # (each complex one as its real view: torch_optim_complex)
             grads = {n: real(g) for n, g in grads.items()}
-        with torch.no_grad():
+        # (under torch.inference_mode too: buffers and views made there would be inference
+        # tensors, and the parameters pointed at them then got no gradient)
+        with torch.no_grad(), torch.inference_mode(False):
             state, current = (self._start() if self._opt_state is None
                               else (self._opt_state, self._current()))
             new, state = self._mithril.update(current, grads, state, **at)
@@ -566,7 +569,8 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 check_torch_kind(opt, groups, self._keys)
             except KeyError as e:
                 raise refuse(e) from e
-        state = restore(opt, ours, self._names, reals(self._params), refuse)
+        with torch.inference_mode(False):  # (buffers of normal tensors: see step)
+            state = restore(opt, ours, self._names, reals(self._params), refuse)
         # nothing fails from here on
         self._quiet = True  # (param_groups shows no rate until the groups are set: _note_rates)
         self._opt_state = state
