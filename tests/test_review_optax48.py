@@ -228,6 +228,20 @@ def test_slot_dtypes_is_sgds_accumulator_dtype_and_float32_params():
     assert state.slots["v"]["enc"]["kernel"].dtype == jnp.float32
 
 
+def test_a_wider_moment_than_the_params_is_computed_in_its_dtype():
+    """bfloat16 params, ``mu_dtype=float32`` (optax allows a wider one): the moment is
+    computed in float32 (not rounded to bfloat16 first), the params stay bfloat16."""
+    params = params_of("bfloat16")
+    tx = optax_transformation(Adam(0.05, convention="optax"), mu_dtype=jnp.float32)
+    grads = jax.grad(loss)(params)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    for g, m, v, u in zip(*(jax.tree.leaves(t) for t in (grads, state.slots["m"],
+                                                          state.slots["v"], updates))):
+        assert m.dtype == jnp.float32 and v.dtype == u.dtype == BF16
+        np.testing.assert_array_equal(np.asarray(m), np.float32(1 - 0.9) *
+                                      np.asarray(g, np.float32))
+
+
 def test_mu_dtype_under_inject_hyperparams_masked_and_multisteps():
     with jax_float64():
         params = params_of()

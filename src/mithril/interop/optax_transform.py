@@ -88,7 +88,8 @@ How it works:
   with ``optax.masked(tx, mask)`` or ``optax.multi_transform({..., "frozen":
   optax.set_to_zero()}, labels)``, which then give optax's numbers. ``mu_dtype=`` /
   ``slot_dtypes=`` keep a slot in a dtype of its own (optax's ``mu_dtype``: a bfloat16
-  first moment): computed in the parameter's dtype, stored rounded. optax multiplies the
+  first moment): computed in the wider of it and the parameter's dtype (a float32 moment
+  of bfloat16 params: the step in float32, the params rounded), stored rounded. optax multiplies the
   stored moment by β in that dtype (its weak-typed float), we in the parameter's: from the
   second step the two differ by that rounding (``tests/test_review_optax48.py``).
 * **optax's mask functions.** ``weight_decay_mask`` may be optax's function of the whole
@@ -302,8 +303,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     ``mu_dtype``: optax's (``optax.adam(mu_dtype=jnp.bfloat16)``): the first moment (the
     slot ``"m"``: Adam, AdamW, NAdam, Lion, ADOPT...; AdEMAMix's ``"m1"`` and ``"m2"``) is
     kept in that dtype between steps, as optax keeps it: each step computes in the
-    parameter's dtype from the stored value and stores the new one rounded (the update uses
-    it unrounded). ``slot_dtypes``: the same for any slot by name (``{"momentum":
+    wider of the two dtypes from the stored value and stores the new one rounded (the
+    update uses it unrounded). ``slot_dtypes``: the same for any slot by name (``{"momentum":
     jnp.bfloat16}`` is ``optax.sgd(accumulator_dtype=)``); the other slots keep their
     parameter's dtype. Elementwise optimizers only (not Muon, Adafactor)."""
     import jax
@@ -349,9 +350,11 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         fn = leaf_fns.get(math_fn)
         if fn is None:
             def one(p: Any, g: Any, slots: tuple, scal: tuple) -> tuple:
-                # (a slot of its own dtype, mu_dtype's: computed in p's, stored in its own)
-                out = math_fn(p, g, *(x.astype(p.dtype) for x in slots),
-                              *(x.astype(p.dtype) for x in scal))
+                # (a slot of its own dtype, mu_dtype's: computed in the wider of it and p's,
+                # stored in its own; p's alone where every slot has p's dtype)
+                wide = jnp.result_type(p.dtype, *(x.dtype for x in slots))
+                out = math_fn(p.astype(wide), g.astype(wide), *(x.astype(wide) for x in slots),
+                              *(x.astype(wide) for x in scal))
                 return tuple(jnp.asarray(v).astype(d) for v, d in
                              zip(out, (p.dtype, *(x.dtype for x in slots))))
 

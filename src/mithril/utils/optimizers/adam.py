@@ -133,7 +133,10 @@ class Adam(Optimizer):
       has none; AdamW's is MLX's ``p ← p·(1 − lr·wd)`` before the step).
 
     ``bias_correction`` is MLX's option: the other conventions always correct (True; False
-    is refused there).
+    is refused there). optax's ``mu_dtype`` is not an argument here (the engines keep every
+    slot in the parameters' dtype, one flat buffer per slot): ``optax_transformation(
+    Adam(...), mu_dtype=jnp.bfloat16)`` (:mod:`mithril.interop.optax_transform`) keeps ``m``
+    in its own.
     """
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,

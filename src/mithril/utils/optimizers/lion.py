@@ -66,7 +66,9 @@ class Lion(Optimizer):
     ``p ← p·(1 − lr·wd)``). Default ``weight_decay=1e-3`` as optax (Keras: none).
     optax has no default learning rate; 1e-4 here (the paper's advice: 3-10× smaller than
     AdamW's; Keras defaults to 1e-3). Defaults β₁ = 0.9, β₂ = 0.99 as optax and Keras.
-    optax's ``mu_dtype`` is not offered: ``m`` is kept in the parameters' dtype.
+    optax's ``mu_dtype`` is not an argument here (the engines keep every slot in the
+    parameters' dtype, one flat buffer per slot): ``optax_transformation(Lion(...),
+    mu_dtype=jnp.bfloat16)`` (:mod:`mithril.interop.optax_transform`) keeps ``m`` in its own.
 
     ``mode`` (optax.scale_by_lion's, default ``"hard"``, the above): ``"smooth"`` takes
     u ← tanh(``smooth_beta``·x) for x = β₁·m + (1−β₁)·g, ``"refined"`` u ← x where |x| < 1,
