@@ -175,6 +175,25 @@ def test_step_reads_live_and_takes_in_place_writes_as_torch():
     assert [s["step"].item() for s in ours.state_dict()["state"].values()] == [3, 6, 7, 5]
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop",
+                                  "Adagrad", "Adadelta", "ASGD", "Rprop"])
+def test_a_step_written_mid_run_gives_torch_s_numbers_for_every_optimizer(name):
+    """Each optimizer reads the written count as torch's reads its ``step`` (bias
+    corrections, NAdam's μ, RAdam's rectification, Adagrad's ``lr_decay``, ASGD's η/μ)."""
+    theirs_of, ours_of = COMPLEX[name]
+    a, b = nets()
+    theirs, ours = theirs_of(a.parameters()), torch_optimizer(ours_of(), b.parameters())
+    for _ in range(4):
+        step(a, theirs)
+        step(b, ours)
+    for opt, net in ((theirs, a), (ours, b)):
+        opt.state[net[0].weight]["step"].fill_(1)
+    for _ in range(3):
+        step(a, theirs)
+        step(b, ours)
+        assert err(a, b) < TOL
+
+
 @pytest.mark.parametrize("value", [100.0, -1.0, 2.5, float("nan")])
 def test_a_step_written_out_of_range_is_refused_undone_nothing_changed(value):
     net, _ = nets()
