@@ -477,3 +477,103 @@ def test_a_latin1_text_names_its_line_and_byte(tmp_path, capsys):
     assert err.endswith(f"--data {path}: line 3: byte b'\\xe9' is not UTF-8 text (latin-1 or "
                         f"cp1252?); save the file as UTF-8 ('CSV UTF-8' in a spreadsheet)"), err
     assert not (tmp_path / "run").exists()
+
+
+# -- missing values: --impute mean -------------------------------------------------------------
+def holey_table(path: Path, n: int = 80, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Three features with empty, NA and NaN cells, a two-class target; (path, x with NaN, y)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3)).round(3) * [1.0, 10.0, 0.1]
+    y = (x[:, 0] + x[:, 1] / 10 > 0).astype(int)
+    holes = rng.random((n, 3)) < 0.15
+    marks = np.array(["", "NA", "NaN"])[rng.integers(0, 3, (n, 3))]
+    cells = np.where(holes, marks, x.astype(str))
+    write_csv(path, ["a", "b", "c", "y"], [[*r, c] for r, c in zip(cells.tolist(), y.tolist())])
+    return path, np.where(holes, np.nan, x), y
+
+
+def test_impute_mean_is_scikit_learns_simple_imputer_then_standard_scaler(tmp_path, capsys):
+    """Before, a missing cell could only be refused (the fix: fill it yourself, and fill new
+    data the same way before predict). --impute mean fits SimpleImputer(strategy="mean") on the
+    training rows, standardises the filled rows, and predict fills a missing cell the same way:
+    the run is the one on the file filled by scikit-learn, bit for bit."""
+    import json
+
+    from sklearn.impute import SimpleImputer
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    data, x, y = holey_table(tmp_path / "holes.csv")
+    flags = ["--target", "y", "--epochs", "3", "--batch-size", "16", "--hidden", "6",
+             "--dtype", "float64", "--no-progress", "--no-plot"]
+    assert main(["train", "--data", str(data), *flags, "--impute", "mean",
+                 "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"{int(np.isnan(x).sum())} missing values filled with the training rows' mean" in out
+    tr, _ = (np.sort(i) for i in train_test_split(np.arange(len(y)), test_size=0.2,
+                                                   random_state=0, stratify=y))
+    imputer = SimpleImputer(strategy="mean").fit(x[tr])
+    scaler = StandardScaler().fit(imputer.transform(x[tr]))
+    pre = json.loads((tmp_path / "run" / "preprocess.json").read_text())
+    np.testing.assert_allclose(pre["impute"], imputer.statistics_, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(pre["mean"], scaler.mean_, rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(pre["std"], scaler.scale_, rtol=1e-14, atol=0)
+    # the same run on the file filled with those values (repr: the exact floats)
+    filled_x = np.where(np.isnan(x), pre["impute"], x)
+    filled = write_csv(tmp_path / "filled.csv", ["a", "b", "c", "y"],
+                       [[*map(repr, r), c] for r, c in zip(filled_x.tolist(), y.tolist())])
+    assert main(["train", "--data", str(filled), *flags, "--out", str(tmp_path / "ref")]) == 0
+    assert (tmp_path / "run" / "metrics.csv").read_text() == \
+        (tmp_path / "ref" / "metrics.csv").read_text()
+    a, b = (load_params(tmp_path / r / "model.safetensors") for r in ("run", "ref"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # predict fills the missing cells of new data with the training means
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(data),
+                 "--out", str(tmp_path / "p1.csv")]) == 0
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(filled),
+                 "--out", str(tmp_path / "p2.csv")]) == 0
+    assert (tmp_path / "p1.csv").read_text() == (tmp_path / "p2.csv").read_text()
+    # a model trained without it still refuses a missing cell at predict
+    err = usage_error(capsys, ["predict", "--run", str(tmp_path / "ref"), "--data", str(data),
+                               "--out", str(tmp_path / "p3.csv")])
+    assert "missing value" in err and not (tmp_path / "p3.csv").exists()
+
+
+def test_impute_in_an_npz_resume_and_compare(tmp_path, capsys):
+    _, x, y = holey_table(tmp_path / "unused.csv", n=60, seed=1)
+    np.savez(tmp_path / "t.npz", X=x, y=y)
+    flags = ["--data", str(tmp_path / "t.npz"), "--impute", "mean", "--hidden", "5",
+             "--batch-size", "16", "--dtype", "float64", "--scheduler", "none", "--no-progress",
+             "--no-plot"]
+    assert main(["train", *flags, "--epochs", "2", "--checkpoint",
+                 "--out", str(tmp_path / "half")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "half"), "--epochs", "4"]) == 0
+    assert main(["train", *flags, "--epochs", "4", "--out", str(tmp_path / "full")]) == 0
+    assert (tmp_path / "half" / "metrics.csv").read_text() == \
+        (tmp_path / "full" / "metrics.csv").read_text()
+    assert main(["compare", *flags, "--epochs", "4", "--configs", "adam:lr=1e-3",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "01-adam_lr=1e-3" / "metrics.csv").read_text() == \
+        (tmp_path / "full" / "metrics.csv").read_text()
+    # an infinite feature is not a missing one
+    np.savez(tmp_path / "inf.npz", X=np.where(np.isnan(x), np.inf, x), y=y)
+    err = usage_error(capsys, ["train", "--data", str(tmp_path / "inf.npz"), "--impute", "mean",
+                               "--out", str(tmp_path / "run")])
+    assert "inf.npz: missing or non-finite value in column 'x" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--impute", "mean"], "--impute does not apply to the digits job"),
+    (["compare", "--impute", "mean"], "--impute only applies with --data FILE"),
+    (["train", "--data", "{dir}/empty-col.csv", "--target", "y", "--impute", "mean"],
+     "--impute mean: the feature(s) 'b' of {dir}/empty-col.csv have no value in any training "
+     "row; drop them"),
+])
+def test_impute_mistakes_are_named(tmp_path, capsys, argv, message):
+    write_csv(tmp_path / "empty-col.csv", ["a", "b", "y"],
+              [[i, "", i % 2] for i in range(62)])
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    err = usage_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+    assert message.replace("{dir}", str(tmp_path)) in err, err
+    assert not (tmp_path / "run").exists()

@@ -37,7 +37,7 @@ from .report import (
     write_csv,
     write_json,
 )
-from .tasks import is_table, needs_target
+from .tasks import add_impute_flag, is_table, needs_target
 from .train import RUN_FILES, describe_data, write_run
 from .training import Run, RunResult
 
@@ -108,6 +108,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="--data: classification or regression (default: inferred from the "
                         "target: strings or at most 20 distinct integers -> classification)")
+    add_impute_flag(g)
     add_output_flags(p, "compare")
     p.set_defaults(func=run)
     return p
@@ -162,8 +163,8 @@ def table_job(args: argparse.Namespace) -> Any:
     --data`` does), or None for the digits (``--target``/``--objective`` without ``--data``
     are a mistake)."""
     if args.data is None:
-        given = [f for f, v in (("--target", args.target), ("--objective", args.objective))
-                 if v is not None]
+        given = [f for f, v in (("--target", args.target), ("--objective", args.objective),
+                                ("--impute", args.impute)) if v is not None]
         if given:
             raise CLIError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
                            f"with --data FILE (the digits have their labels)")

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     pre, compiled, params, note = load_model(run_dir, args.backend, args.dtype)
     if note:
         print(note)
-    table = read_table(args.data, pre.target, pre.features)
+    table = read_table(args.data, pre.target, pre.features, missing=pre.impute is not None)
     out = Path(args.out) if args.out else run_dir / "predictions.csv"
     for what, keep in (("--data", Path(args.data)), ("the run's model", run_dir / MODEL_FILE),
                        ("the run's preprocessing", run_dir / PREPROCESS_FILE),

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +32,8 @@ import numpy as np
 
 from .data import Dataset
 from .errors import CLIError
-from .networks import OBJECTIVES, mlp_spec
+from .networks import mlp_spec
+from .preprocess import Preprocess
 from .table_arrays import _strings, holds_arrays, load_arrays
 from .table_text import (
     _case_hint,
@@ -59,7 +58,6 @@ MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
 #: activations stay small, and NumPy runs chunks of this size about 4x faster than one call
 #: on 300,000 rows; a smaller set is evaluated in one call, as before
 CHUNK_ROWS = 16384
-PREPROCESS_FORMAT = "mithril-tabular-1"
 #: the text tables by suffix -> their separator (any other suffix but .npz is read as a CSV)
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
@@ -86,12 +84,14 @@ class Table:
     y_text: list[str | None] | None = None
 
 
-def read_csv(path: str, target: str | None, features: list[str] | None = None) -> Table:
+def read_csv(path: str, target: str | None, features: list[str] | None = None,
+             missing: bool = False) -> Table:
     """Read and check ``path`` (comma-separated, or tab-separated: see :func:`separator_of`),
     with the same rules either way: the columns ``features`` (default: every column but
     ``target``) must be numbers, ``target`` (None: not read; ``features`` given: read if
     present) any non-missing value; with ``features`` given (predict) a missing target value
-    is None instead of an error (the target is optional there)."""
+    is None instead of an error (the target is optional there). ``missing`` (``--impute``):
+    a missing feature cell is NaN instead of an error."""
     read = 0  # the file's lines read into complete rows (a bad row starts after them)
     sep = separator_of(path)
     blocks: _Blocks | None = None
@@ -187,7 +187,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None) -
             "; text (a space?) follows a closing quote" if "expected after" in str(exc) else ""
         raise CLIError(f"--data {path}: line {read + 1}: not a readable CSV row "
                        f"({exc}{hint})") from None
-    if holes:
+    if holes and not missing:
         raise CLIError(_missing_message(path, holes, scoring))
     assert blocks is not None
     if not blocks.rows:
@@ -275,7 +275,8 @@ def _missing_message(path: str, holes: dict[str, list[str]], predicting: bool) -
     fix = ("fill them as the training data were filled" if predicting else
            "drop those rows or fill the cells first (pandas: df.dropna(), or "
            "df.fillna(df.mean(numeric_only=True)) and the same fill before `mithril predict`; "
-           "then df.to_csv(path, index=False))")
+           "then df.to_csv(path, index=False)), or give --impute mean (the training rows' mean, "
+           "which predict fills in too)")
     name, where = next((n, w[0]) for n, w in holes.items())
     return (f"--data {path}: {cells} missing value{'s' * (cells != 1)} (empty, NA, NaN, ...) in "
             f"{counts}: the model takes numbers only; {fix}. The first: missing value in "
@@ -290,10 +291,12 @@ def _typed(values: list[str | None]) -> list[Any]:
     return numbers
 
 
-def read_npz(path: str, target: str | None, features: list[str] | None = None) -> Table:
+def read_npz(path: str, target: str | None, features: list[str] | None = None,
+             missing: bool = False) -> Table:
     """``X`` (rows, features) and the target array (``y``, or ``target``) of an ``.npz``, a
     ``.safetensors`` file or a folder of ``.npy`` files (:func:`.table_arrays.load_arrays`;
-    ``feature_names`` if it holds them); no pickled objects."""
+    ``feature_names`` if it holds them); no pickled objects. ``missing``: NaN features are
+    kept (``--impute``), an infinite one is refused all the same."""
     name = target or "y"
     arrays = load_arrays(path)
     if "X" not in arrays:
@@ -337,7 +340,7 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
         raise CLIError(f"--data {path}: 'X' has no feature columns (shape {x.shape}); a model "
                        f"needs at least one")
     x = x.astype(np.float64)
-    bad = np.argwhere(~np.isfinite(x))
+    bad = np.argwhere(np.isinf(x) if missing else ~np.isfinite(x))
     if len(bad):
         r, c = bad[0]
         raise CLIError(f"--data {path}: missing or non-finite value in column {names[c]!r}, "
@@ -371,16 +374,17 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None) -
     return Table(path, names, x, name if y is not None else None, y, raw)
 
 
-def read_table(path: str, target: str | None, features: list[str] | None = None) -> Table:
+def read_table(path: str, target: str | None, features: list[str] | None = None,
+               missing: bool = False) -> Table:
     """The table ``path``: arrays (:func:`.table_arrays.holds_arrays`: ``.npz``,
     ``.safetensors``, a folder of ``.npy``) or a text table (``.csv``, ``.tsv``, ...)."""
     if holds_arrays(path):
-        return read_npz(path, target, features)
+        return read_npz(path, target, features, missing)
     if Path(path).suffix.lower() == ".npy":  # else read as a CSV: "not UTF-8 text"
         raise CLIError(f"--data {path}: an .npy holds one array; save the features (and the "
                        f"target) as an .npz: np.savez('data.npz', X=..., y=...), or put X.npy "
                        f"and y.npy in a folder and give the folder")
-    return read_csv(path, target, features)
+    return read_csv(path, target, features, missing)
 
 
 def infer_objective(y: list[Any]) -> str:
@@ -397,83 +401,11 @@ def _label(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-@dataclass
-class Preprocess:
-    """What a prediction needs besides the parameters (``preprocess.json``)."""
-
-    features: list[str]
-    mean: list[float]
-    std: list[float]
-    objective: str
-    target: str
-    labels: list[Any]
-    target_mean: float
-    target_std: float
-    hidden: list[int]
-    activation: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"format": PREPROCESS_FORMAT, **vars(self)}
-
-    @classmethod
-    def load(cls, path: Path) -> Preprocess:
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(d, dict):
-                raise ValueError(f"a JSON object expected, got {type(d).__name__}")
-            if d.pop("format", None) != PREPROCESS_FORMAT:
-                raise ValueError(f"format is not {PREPROCESS_FORMAT}")
-            pre = cls(**d)
-            pre.check()
-            return pre
-        except OSError as exc:
-            raise CLIError(f"--run {path.parent}: not a run of `mithril train --data` "
-                           f"({path.name}: {exc.strerror or exc})") from None
-        except (ValueError, TypeError) as exc:
-            raise CLIError(f"--run {path.parent}: {path.name} is damaged ({exc})") from None
-
-    def digest(self) -> str:
-        """A fingerprint of the fields, kept in the model file: a model.safetensors of the same
-        shapes copied from another run (other data, other statistics) would else predict
-        silently with the wrong preprocessing."""
-        text = json.dumps(self.as_dict(), sort_keys=True, allow_nan=False)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def check(self) -> None:
-        """ValueError naming the field unless the fields can standardise the features and
-        read the outputs (an edited file: a statistic per feature, finite, std > 0)."""
-        if not isinstance(self.features, list) or not self.features or \
-                not all(isinstance(f, str) for f in self.features):
-            raise ValueError("'features' must be a non-empty list of column names")
-        n = len(self.features)
-        for key in ("mean", "std"):
-            v = getattr(self, key)
-            if not isinstance(v, list) or len(v) != n or not all(
-                    isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
-                    for t in v):
-                raise ValueError(f"{key!r} must hold {n} finite numbers, one per feature")
-        if min(self.std) <= 0:
-            raise ValueError("'std' must be > 0")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"'objective' must be one of {', '.join(OBJECTIVES)}")
-        if not isinstance(self.labels, list) or (self.objective == "classification"
-                                                 and len(self.labels) < 2):
-            raise ValueError("'labels' must list the classes (two at least)")
-        if len({json.dumps(v) for v in self.labels}) != len(self.labels):
-            raise ValueError("'labels' must not repeat a class (one p_<label> column each)")
-        for key in ("target_mean", "target_std"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{key!r} must be a finite number")
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - np.asarray(self.mean)) / np.asarray(self.std)
-
-
 def tabular_job(args: argparse.Namespace) -> Any:
     from .tasks import Job
 
-    table = read_table(args.data, args.target)
+    impute = getattr(args, "impute", None)
+    table = read_table(args.data, args.target, missing=impute is not None)
     assert table.y is not None
     objective = args.objective or infer_objective(table.y)
     n = len(table.y)
@@ -505,6 +437,10 @@ def tabular_job(args: argparse.Namespace) -> Any:
         y = np.array([index[v] for v in table.y], dtype=np.int64)
     tr, te = split(y, objective, args.test_size, args.split_seed, table.path)
     x_tr, x_te = table.x[tr], table.x[te]
+    fill, holes = None, int(np.isnan(table.x).sum())
+    if impute is not None:  # scikit-learn's SimpleImputer(strategy="mean") on the training rows
+        fill = impute_values(x_tr, table.features, table.path)
+        x_tr, x_te = (np.where(np.isnan(a), fill, a) for a in (x_tr, x_te))
     mean, std = mean_std(x_tr)
     t_mean = t_std = 0.0
     if objective == "regression":
@@ -515,7 +451,7 @@ def tabular_job(args: argparse.Namespace) -> Any:
                             objective, t_std or 1.0), eval_chunk=CHUNK_ROWS)
     pre = Preprocess(table.features, mean.tolist(), std.tolist(), objective,
                      str(table.target), [_label(v) for v in labels], t_mean, t_std,
-                     list(args.hidden), args.activation)
+                     list(args.hidden), args.activation, None if fill is None else fill.tolist())
     what = f"{len(labels)} classes" if labels else f"regression on {table.target!r}"
     if args.objective is None and len(labels) > 2 and not any(isinstance(v, str) for v in labels):
         # ages, counts, prices in whole units: a newcomer may have meant a number
@@ -528,6 +464,9 @@ def tabular_job(args: argparse.Namespace) -> Any:
                  f"them for classes)")
     describe = (f"{table.path}: {len(tr)} train / {len(te)} test rows of {n}, "
                 f"{len(table.features)} features, {what}")
+    if fill is not None:
+        describe += (f"; {holes} missing value{'s' * (holes != 1)} filled with the training "
+                     f"rows' mean of {'its' if holes == 1 else 'their'} feature (--impute mean)")
     unseen = sorted(set(y[te].tolist()) - set(y[tr].tolist())) if labels else []
     if unseen:  # rare classes (or an identifier taken for the target): say so, train anyway
         shown = _names([repr(_label(labels[i])) for i in unseen], 5)
@@ -552,6 +491,22 @@ def tabular_job(args: argparse.Namespace) -> Any:
     settings = {"data": str(table.path), "target": table.target, "objective": objective,
                 "features": len(table.features), "classes": len(labels)}
     return Job("tabular", data, spec, describe, settings, write=write)
+
+
+def impute_values(x: np.ndarray, features: list[str], path: str) -> np.ndarray:
+    """Each feature's mean over the training rows ``x`` that have it (NaN: missing), as
+    scikit-learn's ``SimpleImputer(strategy="mean")`` fits it; a feature that no training row
+    has is a CLIError (SimpleImputer drops such a column, which predict could not match)."""
+    seen = ~np.isnan(x)
+    empty = [f for f, k in zip(features, seen.sum(axis=0)) if k == 0]
+    if empty:
+        raise CLIError(f"--impute mean: the feature(s) {_names([repr(f) for f in empty])} of "
+                       f"{path} have no value in any training row; drop them")
+    # the mean of the values present, on the columns scaled by a power of two as in mean_std
+    # (exact: no overflow of the sum near 1e308)
+    peak = np.nanmax(np.abs(x), axis=0)
+    exp = np.frexp(np.where(peak > 0, peak, 1.0))[1]
+    return np.ldexp(np.nanmean(np.ldexp(x, -exp), axis=0), exp)
 
 
 def mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -67,6 +67,7 @@ OWN_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dropout": ("--dropout", ("digits-cnn", "charlm")),
     "target": ("--target", ("tabular",)),
     "objective": ("--objective", ("tabular",)),
+    "impute": ("--impute", ("tabular",)),
     "steps": ("--steps", ("charlm",)),
     "eval_every": ("--eval-every", ("charlm",)),
     "context": ("--context", ("charlm",)),
@@ -94,6 +95,7 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="--data: classification or regression (default: inferred from the "
                         "target: strings or at most 20 distinct integers -> classification)")
+    add_impute_flag(g)
     g.add_argument("--channels", type=bounded_int(1, 1024), nargs="+", metavar="C",
                    help="digits-cnn: output channels of each conv block (default: 32 64)")
     g.add_argument("--no-batchnorm", action="store_true", default=None,
@@ -117,6 +119,15 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-chars", type=bounded_int(0, 100_000), metavar="N",
                    help="length of the paragraph sampled at the end (default: 400; 0: none)")
     g.add_argument("--temperature", type=_positive, help="sampling temperature (default: 0.8)")
+
+
+def add_impute_flag(g: Any) -> None:
+    """``--impute mean`` (train and compare ``--data``)."""
+    g.add_argument("--impute", choices=("mean",),
+                   help="--data: fill a missing feature cell (empty, NA, NaN, ...) with its "
+                        "feature's mean over the training rows, as scikit-learn's "
+                        "SimpleImputer(strategy='mean'), and predict fills it the same way "
+                        "(default: a missing cell is an error)")
 
 
 def _positive(text: str) -> float:
