@@ -278,6 +278,47 @@ def test_mu_dtype_refusals_name_the_slot():
         plain.update(params, half.init(params), params)
 
 
+# -- other hyperparameters in state.hyperparams (optax.inject_hyperparams) ---------------------
+def test_beta1_written_in_state_hyperparams_as_optaxs_b1():
+    """``opt_state.hyperparams["b1"] = 0.5`` mid-run, as with optax.inject_hyperparams(
+    optax.adam): ours through a factory naming ``beta1`` / ``beta2`` (inject_hyperparams
+    sees named arguments only), float64, jitted, to 1e-12; no more compilations than optax."""
+    results, compiled = [], []
+    with jax_float64():
+        params = params_of()
+        ref = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=0.9, b2=0.99)
+        ours = optax.inject_hyperparams(lambda learning_rate, beta1, beta2: optax_transformation(
+            Adam(convention="optax"), learning_rate=learning_rate, beta1=beta1, beta2=beta2))(
+            learning_rate=0.05, beta1=0.9, beta2=0.99)
+        for tx, (b1, b2) in ((ref, ("b1", "b2")), (ours, ("beta1", "beta2"))):
+            step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss)(p), s, p))
+            p, state, out = params, tx.init(params), []
+            for i in range(8):
+                if i == 4:
+                    state.hyperparams.update({b1: 0.5, b2: 0.9, "learning_rate": 0.02})
+                u, state = step(p, state)
+                p = optax.apply_updates(p, u)
+                out.append(jax.tree.map(np.array, p))
+            results.append(out)
+            compiled.append(step._cache_size())
+        unchanged, _ = trajectory(optax.adam(0.05, b1=0.9, b2=0.99), params, 8)
+    assert gap(*results) < 1e-12
+    assert gap(results[0], unchanged) > 1e-3  # (the writes matter: the check can fail)
+    assert compiled[1] <= compiled[0]
+
+
+def test_hyperparameter_keywords_refused_by_name():
+    with pytest.raises(KeyError, match="Adam has no hyperparameter 'beta7'"):
+        optax_transformation(Adam(), beta7=0.1)
+    with pytest.raises(TypeError, match=r"optax_transformation\(Adam, beta1=...\): .* got str"):
+        optax_transformation(Adam(), beta1="0.9")
+    with pytest.raises(ValueError, match="'beta1' is in schedules too"):
+        optax_transformation(Adam(), beta1=0.9, schedules={"beta1": lambda c: 0.9})
+    with pytest.raises(TypeError, match="inject_hyperparams sees only named arguments"):
+        optax.inject_hyperparams(optax_transformation)(Adam(), learning_rate=0.1,
+                                                       beta1=0.9).init(params_of("float32"))
+
+
 # -- the user's program ported to our optimizer and scheduler (JAX backend) -----------------
 def test_users_chain_ported_to_adamw_and_wsd_on_the_jax_backend():
     """``optax.chain(clip_by_global_norm(1), scale_by_adam(), add_decayed_weights(wd,

@@ -18,6 +18,8 @@ the optimizer's bias corrections would carry into every step (see
 
 from __future__ import annotations
 
+import functools
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -225,3 +227,39 @@ def scheduled(schedules: Mapping[str, Callable] | None, count: Any) -> dict[str,
     import jax.numpy as jnp
 
     return {k: jnp.asarray(fn(count)) for k, fn in (schedules or {}).items()}
+
+
+def as_schedules(opt: Any, schedules: Mapping[str, Callable] | None,
+                 values: dict[str, Any]) -> Mapping[str, Callable] | None:
+    """``schedules`` with ``values`` (:func:`optax_transformation`'s ``**hyperparameters``)
+    added, a number as a constant schedule; ``TypeError`` / ``ValueError`` naming the
+    keyword for one that is neither, or also in ``schedules``."""
+    held = values.get("hyperparameters")
+    if isinstance(held, dict) and not held:  # (inject_hyperparams passes **kw on so)
+        values = {k: v for k, v in values.items() if k != "hyperparameters"}
+    if not values:
+        return schedules
+    if isinstance(values.get("hyperparameters"), dict):
+        given = ", ".join(values["hyperparameters"])
+        raise TypeError(f"optax.inject_hyperparams(optax_transformation)(opt, {given}=...): "
+                        f"inject_hyperparams sees only named arguments, not **hyperparameters; name them in a factory: inject_hyperparams("
+                        f"lambda learning_rate, beta1: optax_transformation(opt, learning_rate="
+                        f"learning_rate, beta1=beta1))(learning_rate=..., beta1=...)")
+    out = dict(schedules or {})
+    for k, v in values.items():
+        where = f"optax_transformation({type(opt).__name__}, {k}=...)"
+        if k in out:
+            raise ValueError(f"{where}: {k!r} is in schedules too: give it once")
+        if not callable(v):
+            if isinstance(v, (bool, str)) or not (isinstance(v, numbers.Real) or
+                                                 getattr(v, "shape", None) == ()):
+                raise TypeError(f"{where}: unexpected keyword argument or value: a "
+                                f"hyperparameter's value must be a number, a 0-d array or a "
+                                f"schedule, got {type(v).__name__}")
+            v = functools.partial(_constant, v)
+        out[k] = v
+    return out
+
+
+def _constant(value: Any, count: Any) -> Any:
+    return value

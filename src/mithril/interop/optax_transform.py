@@ -132,8 +132,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .optax_hyperparams import as_schedules, check_schedules, scheduled
 from .optax_hyperparams import check as check_traced
-from .optax_hyperparams import check_schedules, scheduled
 from .optax_inputs import (
     _check_hyper,
     _flatten,
@@ -269,8 +269,8 @@ def _copy_optimizer(optimizer: Any) -> Any:
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
                          schedules: Mapping[str, Callable[[Any], Any]] | None = None,
-                         mu_dtype: Any = None, slot_dtypes: dict[str, Any] | None = None
-                         ) -> Any:
+                         mu_dtype: Any = None, slot_dtypes: dict[str, Any] | None = None,
+                         **hyperparameters: Any) -> Any:
     """``optimizer`` (a mithril optimizer: elementwise, two-pass, tensorwise; not LBFGS) as
     an ``optax.GradientTransformation`` whose ``init(params)`` / ``update(updates, state,
     params)`` are pure and jittable (see the module docs).
@@ -306,7 +306,17 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     wider of the two dtypes from the stored value and stores the new one rounded (the
     update uses it unrounded). ``slot_dtypes``: the same for any slot by name (``{"momentum":
     jnp.bfloat16}`` is ``optax.sgd(accumulator_dtype=)``); the other slots keep their
-    parameter's dtype. Elementwise optimizers only (not Muon, Adafactor)."""
+    parameter's dtype. Elementwise optimizers only (not Muon, Adafactor).
+
+    ``**hyperparameters``: other float hyperparameters by our names (``beta1=0.95``), each
+    a number (a 0-d array) or a schedule, read by the program at every update as
+    ``schedules`` are. With ``optax.inject_hyperparams`` (which sees named arguments only),
+    name them in a factory, and ``state.hyperparams["beta1"]`` can be set between steps as
+    optax's ``"b1"`` (nothing recompiles)::
+
+        tx = optax.inject_hyperparams(lambda learning_rate, beta1: optax_transformation(
+            Adam(convention="optax"), learning_rate=learning_rate, beta1=beta1))(
+            learning_rate=0.01, beta1=0.9)"""
     import jax
     import jax.numpy as jnp
     import optax
@@ -316,7 +326,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         raise ValueError(f"scalars must be one of {_MODES}, got {scalars!r}")
     opt = _copy_optimizer(optimizer)
     traced = check_traced(opt, traced_hyperparams)
-    sched = check_schedules(opt, schedules, traced)
+    sched = check_schedules(opt, as_schedules(opt, schedules, hyperparameters), traced)
     live = tuple(sorted({*traced, *sched}))  # what the program reads at every update
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
