@@ -351,12 +351,14 @@ def test_users_chain_ported_to_adamw_and_wsd_on_the_jax_backend():
 
 # -- waiting for files outside this review's ------------------------------------------------
 @pytest.mark.xfail(strict=True, reason="needs src/mithril/interop/__init__.py: "
-                   "optax_transformation passes mu_dtype= and slot_dtypes= on")
-def test_mu_dtype_through_the_public_optax_transformation():
+                   "optax_transformation passes mu_dtype=, slot_dtypes= and **hyperparameters on")
+def test_mu_dtype_and_keywords_through_the_public_optax_transformation():
     from mithril.interop import optax_transformation as public
 
-    tx = public(Adam(convention="optax"), mu_dtype=BF16)
-    assert tx.init(params_of("float32")).slots["m"]["enc"]["kernel"].dtype == BF16
+    tx = public(Adam(convention="optax"), mu_dtype=BF16, beta1=0.5)
+    state = tx.init(params_of("float32"))
+    assert state.slots["m"]["enc"]["kernel"].dtype == BF16
+    assert float(state.hyperparams["beta1"]) == 0.5
 
 
 @pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/argument_names.py: "
