@@ -350,7 +350,7 @@ def _base():
     (lambda m, lin: m.x[m.h], TypeError, "must be static"),
     (lambda m, lin: m.x.sum(axis=m.h), TypeError, "must be static"),
     (lambda m, lin: m.x.prod(), AttributeError, r"Model.x.prod: not offered on connections"),
-    (lambda m, lin: m.x.shape, AttributeError, r"Model.x.shape: not offered"),
+    (lambda m, lin: m.x.size, AttributeError, r"Model.x.size: not offered"),
     (lambda m, lin: list(m.x), TypeError, "'Terminal' object is not iterable"),
     (lambda m, lin: pow(m.x, 2, 3), TypeError, "modulo"),
     (lambda m, lin: m.x.reshape((2, -1, -1)), ValueError, "at most one -1"),

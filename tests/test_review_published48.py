@@ -640,9 +640,6 @@ def test_a_shape_wire_of_an_expression_wires_the_expression_once(name):
     np.testing.assert_allclose(b.to_numpy(grads["input"]), tx.grad.numpy(), **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/expressions.py: ConnectionOps."
-                   "__getattr__ refuses 'shape' (_NOT_OFFERED_METHODS); a ConnectionOps.shape "
-                   "property returning shape_wires.shape_of(self) offers it on expressions")
 def test_expression_shape_as_published():
     pm = ml.compile(_stem_of_expression(spelled=True), ml.NumpyBackend(), shapes={"input": [2, 3, 4]})
     assert pm.get_shapes()["output"] == [2, 1, 12]

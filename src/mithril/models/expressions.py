@@ -70,7 +70,7 @@ _NOT_OFFERED_OPS = {
     "<<": "ShiftLeft", ">>": "ShiftRight",
 }
 _NOT_OFFERED_METHODS = frozenset({
-    "shape", "size", "tensor", "item", "prod", "var", "len", "eq", "ne", "sin", "cos", "floor",
+    "size", "tensor", "item", "prod", "var", "len", "eq", "ne", "sin", "cos", "floor",
     "clamp", "atleast_1d", "dtype",
 })
 
@@ -375,6 +375,14 @@ class Expression(ConnectionOps):
     or constant arrays, and ``text`` is how it reads (``(Linear.output + 2.0)``)."""
 
     __slots__ = ("op", "operands", "text")
+
+    @property
+    def shape(self) -> Any:
+        """The published ``expr.shape``: a shape wire of this expression's value
+        (:mod:`.shape_wires`, known at compile time)."""
+        from .shape_wires import shape_of
+
+        return shape_of(self)
 
     def __init__(self, op: Operator, operands: dict[str, Operand], text: str) -> None:
         self.op, self.operands, self.text = op, operands, text
