@@ -54,8 +54,8 @@ DESCRIPTION = """\
 Train the digits MLP (or, with --data FILE --target COLUMN, an MLP on your table, as
 `mithril train --data` does) once per optimizer configuration, all with the same data split,
 initialisation (seed), batch order, epochs and schedule, and rank them by final test
-accuracy (regression: test RMSE). A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys are the optimizer's
-constructor arguments (lr for learning_rate, eps for epsilon; e.g. lr, momentum, nesterov,
+accuracy (regression: test RMSE). A configuration is OPTIMIZER[:KEY=VALUE,...]: the keys
+are the optimizer's constructor arguments (lr for learning_rate, eps for epsilon; e.g. lr, momentum, nesterov,
 beta1, beta2, weight_decay; lion:beta1=0.95,beta2=0.98), clip_norm, clip_eps, clip_value,
 centralize, normalize_grad, normalize_eps and nonfinite, plus `scheduler` and its settings
 (step_size, gamma, t_max, warmup_steps, ...), which replace the shared flags. lookahead wraps another optimizer
