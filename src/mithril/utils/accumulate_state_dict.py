@@ -180,10 +180,12 @@ def load_state_dict(acc: Accumulate, d: Mapping[str, Any],
     k_now = acc.k_for(probe) if callable(k) else k
     if count >= k_now:
         raise ValueError(f"state dict 'count' is {count}, not below k = {k_now}")
-    w = d["total_weight"]
+    w = given = d["total_weight"]
+    if isinstance(w, int) and not isinstance(w, bool) and w.bit_length() > 1024:
+        w = math.inf  # (math.isfinite of an int too large for a float raised OverflowError)
     if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, float, np.floating)) or \
             not math.isfinite(w) or w < 0 or (w > 0) != (count > 0):
-        raise ValueError(f"state dict 'total_weight' is {describe(w)}, not a finite number "
+        raise ValueError(f"state dict 'total_weight' is {describe(given)}, not a finite number "
                          f">= 0 that is 0 exactly when nothing is buffered (count={count})")
     applied, last_skipped = _flag(d, "applied"), _flag(d, "last_step_skipped")
     sums = d["sums"]
