@@ -28,10 +28,10 @@ from torch.optim.swa_utils import AveragedModel
 from torch.optim.swa_utils import update_bn as torch_update_bn
 
 import mithril as ml
-from mithril.errors import KeyMismatchError
+from mithril.errors import KeyMismatchError, ShapeError
 from mithril.utils import lr_schedulers as ls
 from mithril.utils import optimizers as mo
-from mithril.utils.lr_schedulers.swa import update_bn
+from mithril.utils.lr_schedulers.swa import average_state, update_bn
 
 TOL = dict(rtol=1e-12, atol=1e-13)
 ENGINES = ["numpy", "torch"]
@@ -409,3 +409,87 @@ def test_swa_of_a_batchnorm_model_with_update_bn_equals_torch(kind):
         got = compiled.evaluate(swa, {"input": backend.array(x_test)}, state=bn_state,
                                 training=False)[0]["output"]
     np.testing.assert_allclose(_np({"o": got})["o"], want, **TOL)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_averaged_weights_and_state_equal_averaged_model_with_buffers(kind):
+    """A BatchNorm model trained with an EMA and an SWA average of its weights (the
+    optimizer's) and of its running statistics (``average_state`` after each step): torch's
+    ``AveragedModel(..., use_buffers=True)``, EMA and SWA, after every step, and the averaged
+    models' inference outputs (``num_batches_tracked``: copied here, blended and truncated
+    by torch; no inference reads it)."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    backend = _backend(kind)
+    compiled = ml.compile(bn_model(), backend, shapes={"input": [8, 3]})
+    params = compiled.get_parameters()
+    net = bn_torch().double()
+    with torch.no_grad():
+        for k, t in torch_params(net).items():
+            t.copy_(torch.tensor(_np({k: params[k]})[k]))
+    topt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    t_ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    t_swa = AveragedModel(net, use_buffers=True)
+    opt = mo.SGD(0.1, momentum=0.9, ema_decay=0.8, swa_start=4)
+    st, state = opt.init(params), compiled.initial_state_dict
+    ema_state = swa_state = None
+    rng = np.random.default_rng(7)
+    n_swa = 0
+    for step in range(1, 9):
+        x, y = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+        topt.zero_grad()
+        (0.5 * ((net(torch.tensor(x)) - torch.tensor(y)) ** 2).mean()).backward()
+        topt.step()
+        t_ema.update_parameters(net)
+        out, _ = compiled.evaluate(params, {"input": backend.array(x)}, state=state)
+        cot = (out["output"] - backend.array(y)) / y.size
+        _, grads, state = compiled.evaluate(params, {"input": backend.array(x)},
+                                            output_gradients={"output": cot}, state=state)
+        params, st = opt.update(params, grads, st)
+        ema_state = average_state(ema_state, state, 1 - 0.8)
+        if step >= 4:
+            t_swa.update_parameters(net)
+            swa_state = average_state(swa_state, state, 1 / (n_swa + 1))
+            n_swa += 1
+        for avg, ours_p, ours_s in ((t_ema, opt.ema_params(st), ema_state),
+                                    (t_swa, opt.swa_params(st), swa_state)):
+            if ours_s is None:
+                continue
+            for k, t in torch_params(avg.module).items():
+                np.testing.assert_allclose(_np(ours_p)[k], t.detach().numpy(), **TOL,
+                                           err_msg=f"{step} {k}")
+            for k, v in _np(ours_s).items():
+                if not k.endswith("num_batches_tracked"):
+                    np.testing.assert_allclose(v, torch_state(avg.module)[k], **TOL,
+                                               err_msg=f"{step} {k}")
+    assert _np(ema_state)["batch_norm1_d_0.num_batches_tracked"] == 8
+    x_test = rng.standard_normal((8, 3))
+    for avg, ours_p, ours_s in ((t_ema, opt.ema_params(st), ema_state),
+                                (t_swa, opt.swa_params(st), swa_state)):
+        avg.eval()
+        want = avg(torch.tensor(x_test)).detach().numpy()
+        got = compiled.evaluate(ours_p, {"input": backend.array(x_test)}, state=ours_s,
+                                training=False)[0]["output"]
+        np.testing.assert_allclose(_np({"o": got})["o"], want, **TOL)
+
+
+def test_average_state_bad_input_is_named_and_changes_nothing():
+    a = {"m": np.zeros(2), "n": np.array(3)}
+    s = {"m": np.ones(2), "n": np.array(5)}
+    kept = {k: v.copy() for k, v in a.items()}
+    with pytest.raises(ValueError, match=r"average_state: weight must be a number in \[0, 1\]"):
+        average_state(a, s, 1.5)
+    with pytest.raises(ValueError, match="weight must be"):
+        average_state(a, s, float("nan"))
+    with pytest.raises(KeyMismatchError, match=r"missing \['n'\]"):
+        average_state({"m": a["m"]}, s, 0.5)
+    with pytest.raises(ShapeError,
+                       match=r"average\['m'\] has shape \(3,\), state\['m'\] \(2,\)"):
+        average_state({"m": np.zeros(3), "n": a["n"]}, s, 0.5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], kept[k])
+    out = average_state(a, s, 0.25)
+    np.testing.assert_array_equal(out["m"], [0.25, 0.25])
+    assert out["n"] == 5 and out["n"] is not s["n"]
+    first = average_state(None, s, 0.25)  # the first update copies
+    assert all(np.array_equal(first[k], s[k]) and first[k] is not s[k] for k in s)

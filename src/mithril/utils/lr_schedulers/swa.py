@@ -1,7 +1,9 @@
 """``torch.optim.swa_utils``' counterparts beside the optimizers' own averages
 (:mod:`mithril.utils.optimizers.averaging`): :class:`SWALR`, which anneals to a constant
-learning rate for weight averaging (SWA), and :func:`update_bn`, which recomputes a model's
-BatchNorm running statistics for averaged weights."""
+learning rate for weight averaging (SWA), :func:`update_bn`, which recomputes a model's
+BatchNorm running statistics for averaged weights, and :func:`average_state`, the average of
+a model's state beside the optimizer's average of its weights (``AveragedModel(
+use_buffers=True)``, timm's ``ModelEmaV3``)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .base import (
     _to_float,
 )
 
-__all__ = ["SWALR", "update_bn"]
+__all__ = ["SWALR", "average_state", "update_bn"]
 
 
 class SWALR(LRScheduler):
@@ -204,3 +206,47 @@ def update_bn(batches: Iterable[Mapping[str, Any]], compiled: Any, params: Mappi
                 running[names["num_batches_tracked"]] = np.asarray(n) if np.isscalar(n) else n
         rest = {k: out[k] for k in rest}
     return {k: running[k] if k in stats else rest[k] for k in start}
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def average_state(average: Mapping[str, Any] | None, state: Mapping[str, Any],
+                  weight: float) -> dict[str, Any]:
+    """A model state's average (BatchNorm's running statistics) one update on: for each
+    floating-point entry ``average + weight·(state − average)``, integer entries
+    (``num_batches_tracked``) copied from ``state``; ``average`` None (the first update)
+    or ``weight`` 1: a copy of ``state``. New arrays; nothing given is changed.
+
+    The optimizer averages the weights (``ema_decay=``, ``swa_start=``); the model's state
+    is not the optimizer's, so average it beside, after each step that updates the
+    optimizer's average, with its weight: ``1 − ema_decay`` for an EMA (torch's
+    ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)``,
+    timm's ``ModelEmaV3``), ``1/(n+1)`` after ``n`` updates for SWA (``AveragedModel(model,
+    use_buffers=True)``); then evaluate ``opt.ema_params(opt_state)`` with it. Integer
+    entries are copied as timm does; torch's ``AveragedModel`` blends them too and
+    truncates (no inference reads them). :func:`update_bn` is the other way: statistics
+    recomputed for the averaged weights."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) \
+            or not 0 <= weight <= 1:
+        raise ValueError(f"average_state: weight must be a number in [0, 1], got {weight!r}")
+    if average is not None and average.keys() != state.keys():
+        from ...errors import KeyMismatchError
+
+        raise KeyMismatchError(f"average_state: average and state do not match: missing "
+                               f"{sorted(set(state) - set(average))}, unknown "
+                               f"{sorted(set(average) - set(state))}")
+    for k, v in state.items():
+        if average is not None and tuple(average[k].shape) != tuple(v.shape):
+            from ...errors import ShapeError
+
+            raise ShapeError(f"average_state: average['{k}'] has shape "
+                             f"{tuple(average[k].shape)}, state['{k}'] {tuple(v.shape)}")
+    out = {}
+    for k, v in state.items():
+        a = None if average is None else average[k]
+        if a is None or weight == 1 or str(v.dtype).removeprefix("torch.") not in _FLOATS:
+            out[k] = v * 1  # (a new array, the same values)
+        else:
+            out[k] = a + weight * (v - a)
+    return out
