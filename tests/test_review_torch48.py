@@ -8,6 +8,7 @@ parameters unfrozen, GradScaler with ``clip_grad_norm_(foreach=True)`` and a gro
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -504,3 +505,30 @@ def test_steps_loads_and_adds_under_inference_mode_as_torch(kind):
                 opt.step()
         assert err(a, b) < TOL, t
         assert not any(p.is_inference() for p in b.parameters())
+
+
+def test_a_model_mixing_complex_and_real_parameters_saves_with_torch_save():
+    """Found: complex and real parameters of one precision shared the flat buffer, which
+    ``torch.save`` refuses ("Cannot save multiple tensors or storages that view the same
+    data as different types"): ``torch.save(model.state_dict())`` failed after the first
+    step. Complex parameters beside real ones now keep their own memory (copied in and
+    out); all-complex ones still lie in the buffer (no copy)."""
+    pa, pb, loss = complex_problem(torch.float32)
+    theirs = torch.optim.Adam(pa, lr=1e-2)
+    ours = torch_optimizer(mo.Adam(learning_rate=1e-2), pb)
+    for _ in range(3):
+        cstep(pa, theirs, loss)
+        cstep(pb, ours, loss)
+    buffer = io.BytesIO()
+    torch.save({"w": pb[0], "b": pb[1], "opt": ours.state_dict()}, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=True)
+    assert torch.equal(back["w"], pb[0].detach()) and back["w"].dtype == torch.complex64
+    assert max((x - y).abs().max().item() for x, y in zip(pa, pb)) < 1e-6
+    # all complex: the parameters lie in one buffer (one storage, as the real ones do)
+    zs = [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64)) for _ in range(2)]
+    opt = torch_optimizer(mo.Adam(learning_rate=1e-2), zs)
+    for z in zs:
+        z.grad = torch.ones_like(z)
+    opt.step()
+    assert zs[0].untyped_storage().data_ptr() == zs[1].untyped_storage().data_ptr()

@@ -183,7 +183,7 @@ import torch
 from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
 from .torch_optim_closure import closure_step
-from .torch_optim_complex import check_complex, point, real, reals
+from .torch_optim_complex import aliased, check_complex, point, real, reals
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     check_torch_flags,
     check_torch_kind,
@@ -246,6 +246,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         names, tensors, by_name = parameters(items, allow_empty=extras is not None)
         check_complex(optimizer, names, tensors)
         self._complex = any(p.is_complex() for p in tensors)  # (torch_optim_complex)
+        self._alias = aliased(tensors)
         self._counts: StepCounts | None = None  # opt.state[p]["step"], made at a first read
         self._mithril = optimizer
         self._names = names
@@ -369,6 +370,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         self._names, self._params, self._group_names = names, params, group_names
         self._grouped = len(group_names) > 1
         self._complex = any(p.is_complex() for p in params)
+        self._alias = aliased(params)
         self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys}
                         for g in self.param_groups]
         if state is not None:
@@ -405,8 +407,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             return loss
         if self._complex:  # (each complex one as its real view: torch_optim_complex)
             grads = {n: real(g) for n, g in grads.items()}
-        # (under torch.inference_mode too: buffers and views made there would be inference
-        # tensors, and the parameters pointed at them then got no gradient)
+        # (inference_mode(False): inference tensors as parameters got no gradient)
         with torch.no_grad(), torch.inference_mode(False):
             state, current = (self._start() if self._opt_state is None
                               else (self._opt_state, self._current()))
@@ -436,7 +437,8 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             # each parameter moves into the flat buffer before the next is copied:
             # the parameters are never held twice (the first step's peak memory)
             owner = dict(zip(names, params))
-            current = adopt(state, current, lambda n, v: point(owner[n], v))
+            alias = self._alias
+            current = adopt(state, current, lambda n, v: point(owner[n], v, alias))
         return state, current
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -457,6 +459,9 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
         for (n, v), p in zip(views.items(), self._params):
             if at(p, v):
                 out[n] = v
+                continue
+            if not self._alias and p.is_complex():  # (its own memory: copied in, as it is)
+                out[n] = real(p)
                 continue
             if not replaced:  # (once: a parameter replaced from outside may now share memory)
                 check_no_overlap(self._names, self._params)
@@ -481,7 +486,7 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
             at = lies_at_real if self._complex else lies_at
             for p, v in zip(self._params, new.values()):
                 if not at(p, v):
-                    point(p, v)
+                    point(p, v, self._alias)
         self._views = new
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 NAdam, RAdam, RMSprop, Adagrad, Adadelta, ASGD, Rprop; LBFGS flattens the real views). The
 mithril optimizer sees the real views (a complex64 parameter is a float32 one, so complex
 and real parameters of one precision share the flat buffer), and each ``nn.Parameter``
-keeps its complex dtype: its data is ``torch.view_as_complex`` of its slice of the buffer
-(or, at an odd offset, a copy: :func:`point`).
+keeps its complex dtype: its data is ``torch.view_as_complex`` of its slice of the buffer,
+or its own memory, copied in and out at each step, where real parameters share the buffer
+(``torch.save`` refuses a storage viewed as two types: :func:`aliased`).
 State slots of the parameter's real shape show as complex tensors (``state_dict()``,
 ``opt.state[p]``), as torch's; a state dict's complex slots load as their real views.
 
@@ -23,7 +24,7 @@ import torch
 
 from ..utils.optimizers import Optimizer
 
-__all__ = ["check_complex", "point", "real", "real_dtype", "reals", "shown_as"]
+__all__ = ["aliased", "check_complex", "point", "real", "real_dtype", "reals", "shown_as"]
 
 
 def real(t: torch.Tensor) -> torch.Tensor:
@@ -38,18 +39,32 @@ def reals(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [real(p) for p in params]
 
 
-def point(p: torch.Tensor, v: torch.Tensor) -> None:
+def point(p: torch.Tensor, v: torch.Tensor, alias: bool = True) -> None:
     """Point parameter ``p`` at the array ``v`` (its slice of the optimizer's buffer,
-    real): ``p.data = v``, a complex one's as its complex view. A slice at an odd offset
-    (after a real parameter of odd size) has no complex view: ``v`` is copied into ``p``
-    instead, which keeps its own memory (each step then copies it in and out)."""
+    real): ``p.data = v``, a complex one's as its complex view, unless ``alias`` is False
+    (:func:`aliased`): then ``v`` is copied into ``p``, which keeps its own memory (each
+    step copies it in and out), as where the slice, at an odd offset, has no complex
+    view."""
     if not p.is_complex():
         p.data = v
         return
     try:
-        p.data = torch.view_as_complex(v)
+        if alias:
+            p.data = torch.view_as_complex(v)
+            return
     except RuntimeError:  # (torch: "Tensor must have a storage_offset divisible by 2")
-        torch.view_as_real(p.detach().resolve_conj()).copy_(v)
+        pass
+    torch.view_as_real(p.detach().resolve_conj()).copy_(v)
+
+
+def aliased(params: Sequence[torch.Tensor]) -> bool:
+    """Whether complex ``params`` may lie in the optimizer's buffer: not where real ones
+    share it. Why: ``torch.save`` refuses tensors of two types viewing one storage
+    ("Cannot save multiple tensors or storages that view the same data as different
+    types"), so ``torch.save(model.state_dict())`` of a model holding both failed after
+    the first step."""
+    kinds = {p.is_complex() for p in params}
+    return kinds != {True, False}
 
 
 def shown_as(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
