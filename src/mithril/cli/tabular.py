@@ -490,6 +490,8 @@ def tabular_job(args: argparse.Namespace) -> Any:
 
     settings = {"data": str(table.path), "target": table.target, "objective": objective,
                 "features": len(table.features), "classes": len(labels)}
+    if impute is not None:  # (absent otherwise: runs from before the flag resume as they were)
+        settings["impute"] = impute
     return Job("tabular", data, spec, describe, settings, write=write)
 
 
