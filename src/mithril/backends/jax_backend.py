@@ -100,7 +100,7 @@ class JaxBackend(Backend):
         import jax
         import jax.numpy as jnp
 
-        if self.dtype == "float64":
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
             refuse_x64_off()
         dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
         a = data if isinstance(data, jax.Array) else np.asarray(data)
@@ -239,7 +239,8 @@ class _JaxEvaluator(Evaluator):
         import jax.numpy as jnp
 
         self.names = names = tuple(prog.param_shapes)
-        self._x64 = x64  # (a float64 model: refused while x64 is off, see refuse_x64_off)
+        # (a float64 model: refused while x64 is off, see refuse_x64_off)
+        self._x64, self._config = x64, jax.config
 
         def fwd(ptuple, inputs):
             return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
@@ -293,7 +294,7 @@ class _JaxEvaluator(Evaluator):
         return jnp.stack([u32(seed, "compiled.seed"), u32(run.step, "evaluate(step=...)")])
 
     def forward(self, params, inputs, run=None):
-        if self._x64:
+        if self._x64 and not self._config.jax_enable_x64:
             refuse_x64_off()
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
@@ -303,7 +304,7 @@ class _JaxEvaluator(Evaluator):
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
-        if self._x64:
+        if self._x64 and not self._config.jax_enable_x64:
             refuse_x64_off()
         ptuple = tuple(params[k] for k in self.names)
         if run is None:
