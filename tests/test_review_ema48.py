@@ -493,3 +493,20 @@ def test_average_state_bad_input_is_named_and_changes_nothing():
     assert out["n"] == 5 and out["n"] is not s["n"]
     first = average_state(None, s, 0.25)  # the first update copies
     assert all(np.array_equal(first[k], s[k]) and first[k] is not s[k] for k in s)
+
+
+def test_update_bn_on_jax_float32_equals_torch():
+    backend = ml.JaxBackend(dtype="float32")
+    compiled = ml.compile(bn_model(), backend, shapes={"input": [8, 3]})
+    params = compiled.get_parameters()
+    net = bn_torch()
+    with torch.no_grad():
+        for k, t in torch_params(net).items():
+            t.copy_(torch.tensor(np.asarray(params[k])))
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((8, 3)).astype(np.float32) for _ in range(4)]
+    torch_update_bn([torch.tensor(x) for x in xs], net)
+    got = update_bn([{"input": backend.array(x)} for x in xs], compiled, params)
+    for k, v in got.items():
+        np.testing.assert_allclose(np.asarray(v), torch_state(net)[k], rtol=2e-6, atol=2e-7,
+                                   err_msg=k)
