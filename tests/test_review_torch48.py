@@ -532,3 +532,19 @@ def test_a_model_mixing_complex_and_real_parameters_saves_with_torch_save():
         z.grad = torch.ones_like(z)
     opt.step()
     assert zs[0].untyped_storage().data_ptr() == zs[1].untyped_storage().data_ptr()
+
+
+def test_a_step_held_before_an_add_param_group_stays_live():
+    a, b = nets()
+    theirs = torch.optim.SGD(a[2].parameters(), lr=0.05, momentum=0.9)
+    ours = torch_optimizer(mo.SGD(learning_rate=0.05, momentum=0.9), b[2].parameters())
+    step(a, theirs)
+    step(b, ours)
+    held = ours.state[b[2].weight]["step"]
+    ours.add_param_group({"params": b[0].parameters(), "lr": 0.01})
+    theirs.add_param_group({"params": a[0].parameters(), "lr": 0.01})
+    for _ in range(2):
+        step(a, theirs)
+        step(b, ours)
+        assert err(a, b) < TOL
+    assert held.item() == 3.0 and ours.state[b[0].weight]["step"].item() == 2.0

@@ -92,7 +92,8 @@ class StepCounts:
 
     def __init__(self) -> None:
         dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        self.tensor = torch.zeros(0, dtype=dtype)
+        self.base = torch.zeros(0, dtype=dtype)  # (room for groups added later: see refresh)
+        self.tensor = self.base
         self.seen: list[float] = []
 
     def take(self, opt: Optimizer, st: Any, names: Sequence[str]) -> None:
@@ -125,12 +126,16 @@ class StepCounts:
         st.set_missed({n: m for n, m in missed.items() if m})
 
     def refresh(self, opt: Optimizer, st: Any, names: Sequence[str]) -> torch.Tensor:
-        """Write each parameter's own count into the tensor (made anew if the parameters
-        changed in number: a group added; views taken before then no longer follow)."""
+        """Write each parameter's own count into the tensor (longer by a group added: a
+        slice of the same room, so that views taken before go on following, until more
+        parameters than twice the first count need new room)."""
         counts = [float(k) for k in own_steps(opt, st, names)] if st is not None \
             else [0.0] * len(names)
         if len(counts) != self.tensor.numel():
-            self.tensor = torch.tensor(counts, dtype=self.tensor.dtype)
+            if len(counts) > self.base.numel():
+                self.base = torch.zeros(max(2 * len(counts), 16), dtype=self.base.dtype)
+            self.tensor = self.base[:len(counts)]
+            self.tensor.copy_(torch.tensor(counts, dtype=self.tensor.dtype))
         elif counts != self.seen:
             self.tensor.copy_(torch.tensor(counts, dtype=self.tensor.dtype))
         self.seen = counts
