@@ -754,3 +754,40 @@ def test_accumulate_refuses_a_total_weight_too_large_for_a_float_by_name():
         with pytest.raises(ValueError, match="'total_weight' is an integer of 1329 bits"):
             opt.load_state_dict({**sd, "total_weight": 10**400}, params)
         assert differs(before, deep(opt.state_dict(state))) is None
+
+
+def _lbfgs(convention: str):
+    opt = mo.LBFGS(0.5) if convention == "torch" else mo.LBFGS(convention="optax")
+    a = np.linspace(0.5, 2.0, 4)
+
+    def closure(p):  # a separable quadratic: torch's and optax's LBFGS both take it
+        return float(np.sum(a * p["w"] ** 2)), {"w": 2 * a * p["w"]}
+
+    params = {"w": np.linspace(-1.0, 1.0, 4)}
+    state = opt.init(params)
+    for _ in range(2):
+        params, state = opt.update(params, None, state, closure=closure)
+    return opt, params, state, closure
+
+
+@pytest.mark.parametrize("convention, key, value", [
+    ("torch", ("values", "n_iter"), 10**400), ("torch", ("values", "history"), 10**400),
+    ("optax", ("values", "count"), 10**400), ("optax", ("hyperparameters", "convention"), "x"),
+    ("optax", ("hyperparameters", "convention"), None), ("torch", ("values", "n_iter"), 1.5)],
+    ids=lambda v: "10**400" if v == 10**400 else None)
+def test_lbfgs_state_dict_refuses_by_name_and_changes_nothing(convention, key, value):
+    """An LBFGS state dict whose counter is an int too large for a float escaped as a bare
+    OverflowError; an optax LBFGS loading one whose convention is no choice, as a bare
+    AttributeError ('LBFGS' object has no attribute 'max_iter', from its trial copy). Now
+    ValueErrors naming the field; nothing loaded, the next step as a twin's."""
+    opt, params, state, closure = _lbfgs(convention)
+    twin, twin_params, twin_state, _ = _lbfgs(convention)
+    sd = copy.deepcopy(opt.state_dict(state))
+    sd[key[0]][key[1]] = value
+    before = (deep(opt.state_dict(state)), deep(opt.hyperparameters()))
+    with pytest.raises(ValueError, match=key[1]):
+        opt.load_state_dict(sd, params)
+    assert differs(before, (deep(opt.state_dict(state)), deep(opt.hyperparameters()))) is None
+    got = deep(opt.update(params, None, state, closure=closure)[0])
+    assert differs(got, deep(twin.update(twin_params, None, twin_state, closure=closure)[0])) \
+        is None

@@ -192,6 +192,10 @@ class LBFGS(Optimizer):
         h = hp.get("history_size", self.history_size) if isinstance(hp, Mapping) else None
         values = d.get("values") if isinstance(d, Mapping) else None
         conv = hp.get("convention", "torch") if isinstance(hp, Mapping) else None
+        if isinstance(hp, Mapping) and (not isinstance(conv, str) or conv not in (
+                "torch", "optax")):  # (an optax LBFGS's trial copy then had no max_iter)
+            raise ValueError(f"state dict hyperparameters: convention must be one of "
+                             f"('torch', 'optax'), got {describe(conv)}")
         if conv in ("torch", "optax") and conv != self.convention:  # the other's checks
             other = type(self)(convention=conv, backend=self._backend)
             state = other.load_state_dict(d, params)
@@ -354,6 +358,8 @@ def _check_values(values: Mapping[str, Any], h: int) -> None:
             continue
         try:
             v = float(values[key])
+        except OverflowError:  # (an int too large for a float: named below, not Python's)
+            v = math.inf
         except (TypeError, ValueError):
             continue  # the base class names it
         if not (v == int(v) if math.isfinite(v) else False) or not 0 <= v <= top:

@@ -169,6 +169,8 @@ def check_optax_values(values: Any) -> None:
     v = values.get("count") if hasattr(values, "get") else None
     try:
         c = float(v)
+    except OverflowError:  # (an int too large for a float: named below, not Python's)
+        c = math.inf
     except (TypeError, ValueError):
         return
     if not (math.isfinite(c) and c == int(c) and 0 <= c <= 2**53):
