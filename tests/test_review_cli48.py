@@ -555,6 +555,16 @@ def test_impute_in_an_npz_resume_and_compare(tmp_path, capsys):
                  "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "01-adam_lr=1e-3" / "metrics.csv").read_text() == \
         (tmp_path / "full" / "metrics.csv").read_text()
+    # a run without --impute cannot be resumed with it (nor the other way): named, unchanged
+    np.savez(tmp_path / "full.npz", X=np.nan_to_num(x), y=y)
+    plain = tmp_path / "plain"
+    assert main(["train", "--data", str(tmp_path / "full.npz"), "--epochs", "1", "--hidden", "5",
+                 "--checkpoint", "--no-progress", "--no-plot", "--out", str(plain)]) == 0
+    before = {p.name: p.read_bytes() for p in plain.iterdir()}
+    err = usage_error(capsys, ["train", "--resume", str(plain), "--epochs", "2", "--impute",
+                               "mean"])
+    assert "task_settings.impute (None in the run, 'mean' now)" in err, err
+    assert {p.name: p.read_bytes() for p in plain.iterdir()} == before
     # an infinite feature is not a missing one
     np.savez(tmp_path / "inf.npz", X=np.where(np.isnan(x), np.inf, x), y=y)
     err = usage_error(capsys, ["train", "--data", str(tmp_path / "inf.npz"), "--impute", "mean",
