@@ -501,3 +501,27 @@ def test_a_users_donating_jit_leaves_the_models_parameters_alive():
     halve = jax.jit(lambda p: jax.tree.map(lambda a: a * 0.5, p), donate_argnums=0)
     p = halve(p)
     assert max_diff(c.get_parameters(), first) == 0.0
+
+
+def test_separate_calls_on_the_jitted_engine_compile_only_at_the_first_step(compiles):
+    # the accelerators' path (the jitted JaxEngine) with get_parameters()' arrays: committed
+    # to the device, the second step compiled once more (their outputs' placement changed)
+    with conftest.optimizer_engine("jax-jit"):
+        c = mlp(JaxBackend())
+        opt = Adam(learning_rate=1e-2)
+        tx = optax.adam(1e-2)
+        p = c.get_parameters()
+        s = opt.init(p)
+        q, t = c.get_parameters(), tx.init(c.get_parameters())
+        xs, ys = data()
+        batch = {"input": jnp.asarray(xs, jnp.float32), "target": jnp.asarray(ys)}
+        counts = []
+        for _ in range(4):
+            before = compiles.n
+            _, g = c.evaluate(p, batch, output_gradients={"loss": 1.0})
+            p, s = opt.update(p, g, s)
+            counts.append(compiles.n - before)
+            u, t = tx.update(jax.grad(ref_loss)(q, batch["input"], batch["target"]), t, q)
+            q = optax.apply_updates(q, u)
+        assert type(s.engine).__name__ == "JaxEngine" and counts[1:] == [0, 0, 0], counts
+        assert max_diff(p, q) <= TOL32
