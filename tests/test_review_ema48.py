@@ -510,3 +510,28 @@ def test_update_bn_on_jax_float32_equals_torch():
     for k, v in got.items():
         np.testing.assert_allclose(np.asarray(v), torch_state(net)[k], rtol=2e-6, atol=2e-7,
                                    err_msg=k)
+
+
+def test_ema_decay_set_by_attribute_out_of_range_is_refused_and_changes_nothing():
+    """``opt.ema_decay = 1.5`` (a decay schedule gone wrong) was taken unchecked: the EMA
+    then extrapolated past the parameters (w = −0.5: 0.95 outside [0.8, 0.9]); torch's
+    ``get_ema_multi_avg_fn(1.5)`` refuses it. A value in range is still set as given."""
+    with pytest.raises(ValueError, match=r"Invalid decay value 1.5"):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        get_ema_multi_avg_fn(1.5)
+    opt = mo.SGD(0.1, ema_decay=0.9)
+    p = {"a": np.ones(2)}
+    st = opt.init(p)
+    p, st = opt.update(p, {"a": np.ones(2)}, st)
+    kept = opt.ema_params(st)["a"].copy()
+    for bad, err in ((1.5, ValueError), (-0.5, ValueError), (float("nan"), ValueError),
+                     ("0.5", TypeError)):
+        with pytest.raises(err, match=r"SGD: ema_decay=.* refused: ema_decay must be"):
+            opt.ema_decay = bad
+        assert opt.ema_decay == 0.9
+    p, st = opt.update(p, {"a": np.ones(2)}, st)
+    np.testing.assert_allclose(opt.ema_params(st)["a"], 0.9 * kept + 0.1 * p["a"], rtol=1e-15)
+    opt.ema_decay = 0.0  # (timm's warm-up: a copy)
+    p, st = opt.update(p, {"a": np.ones(2)}, st)
+    np.testing.assert_array_equal(opt.ema_params(st)["a"], p["a"])

@@ -8,8 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from .argument_names import _meant
+from .averaging import check_ema_decay
 from .checks import check_positive
 from .groups import UNSET, differs, group_rate
+
+#: floats checked when set by attribute all the same: an EMA decay outside [0, 1) extrapolates
+#: (w = 1 − decay < 0 or > 1) silently, where torch's get_ema_multi_avg_fn refuses it
+_ALWAYS_CHECKED = {"ema_decay": check_ema_decay}
 
 
 class HyperparameterAccessMixin:
@@ -48,6 +53,12 @@ class HyperparameterAccessMixin:
                 if not hasattr(type(self), name) and (meant := _meant(self, name)):
                     raise AttributeError(f"{type(self).__name__} has no hyperparameter "
                                          f"{name!r}: setting it would change no step ({meant})")
+            elif name in _ALWAYS_CHECKED and d[name] is not None:
+                try:  # (the constructor's check of this one value: a step may set it)
+                    _ALWAYS_CHECKED[name](value)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"{type(self).__name__}: {name}={value!r} refused: {e}") \
+                        from None
             elif (type(d[name]) is not float or isinstance(value, str)) \
                     and name != "learning_rate":
                 self._check_attribute(name, value)
@@ -64,7 +75,8 @@ class HyperparameterAccessMixin:
         value (``opt.nonfinite = "skipp"``) where the constructor would: such a typo would
         otherwise pick a default's behaviour silently. The value is set as given (checked,
         not normalised). A number set over a float stays unchecked, as torch's
-        ``param_groups`` are (a step reads it as it is), and so does the learning rate."""
+        ``param_groups`` are (a step reads it as it is), and so does the learning rate;
+        not ``ema_decay`` (:data:`_ALWAYS_CHECKED`)."""
         try:
             self._checked_hyperparameter(name, value, None, rule=False)
         except (ValueError, TypeError):
