@@ -248,6 +248,17 @@ def test_a_jax_prng_key_is_taken_as_the_backend_seed():
     assert len(set(runs[0][1])) == 3  # a new mask every training step
     other = mlp(JaxBackend(seed=jax.random.PRNGKey(8)), dropout=0.5)
     assert max_diff(other.get_parameters(), runs[0][0]) > 0
+    # keys that stand for no one seed are refused by name, and a refused set_seed keeps it
+    backend = JaxBackend(seed=7)
+    draw = backend.randn(3)
+    for bad, what in [(jax.random.key(0, impl="rbg"), "key data of shape \\[4\\]"),
+                      (jax.random.split(jax.random.key(0), 2), "a batch of keys of shape \\[2\\]"),
+                      (jnp.arange(3), "got an array of int32\\[3\\]")]:
+        with pytest.raises(TypeError, match="seed: .*" + what):
+            backend.set_seed(bad)
+    assert backend.seed == 7 and np.array_equal(np.asarray(backend.randn(3)),
+                                                np.asarray(JaxBackend(seed=7).randn(6))[3:])
+    assert not np.array_equal(np.asarray(draw), np.asarray(backend.randn(3)))
     # compiled.seed = key (was NotImplementedError from a key's astype)
     c = mlp(JaxBackend(seed=0), dropout=0.5)
     c.seed = jax.random.PRNGKey(7)

@@ -40,6 +40,9 @@ def key_seed(seed: Any) -> Any:
     if not isinstance(seed, jax.Array):
         return seed
     typed = jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
+    if typed and seed.shape != ():
+        raise TypeError(f"seed: one JAX PRNG key, got a batch of keys of shape "
+                        f"{list(seed.shape)}")
     words = np.asarray(jax.random.key_data(seed)) if typed else np.asarray(seed)
     if not typed and (words.dtype != np.uint32 or words.shape != (2,)) and words.ndim != 0:
         raise TypeError(f"seed: an int or a JAX PRNG key (uint32[2]), got an array of "
