@@ -535,3 +535,15 @@ def test_ema_decay_set_by_attribute_out_of_range_is_refused_and_changes_nothing(
     opt.ema_decay = 0.0  # (timm's warm-up: a copy)
     p, st = opt.update(p, {"a": np.ones(2)}, st)
     np.testing.assert_array_equal(opt.ema_params(st)["a"], p["a"])
+
+
+def test_torch_default_group_index_names_the_accessors():
+    """torch's ``optimizer.param_groups[0]["lr"]`` on an optimizer given no groups was a bare
+    ``IndexError: list index out of range``."""
+    opt = mo.SGD(0.1)
+    with pytest.raises(IndexError, match=r"param_groups has 0 group\(s\), no \[0\]: .*"
+                                         r"optimizer.get_learning_rate\(\)"):
+        opt.param_groups[0]
+    grouped = mo.SGD(0.1, param_groups=[{"params": "b", "lr": 0.2}])
+    assert grouped.param_groups[-1] is grouped.param_groups[0]
+    assert grouped.param_groups[:1] == [grouped.param_groups[0]]

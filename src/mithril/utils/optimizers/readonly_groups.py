@@ -78,5 +78,14 @@ class ParamGroups(list):
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
+    def __getitem__(self, i: Any) -> Any:
+        try:
+            return list.__getitem__(self, i)
+        except IndexError:  # (torch's param_groups[0]["lr"] with no group given)
+            raise IndexError(f"param_groups has {len(self)} group(s), no [{i}]: the parameters "
+                             f"in no group take the optimizer's own hyperparameters (torch's "
+                             f"default group): optimizer.get_learning_rate(), "
+                             f"optimizer.hyperparameter(name).get()") from None
+
     def __reduce__(self) -> tuple:  # (copies and pickles rebuild it without append)
         return ParamGroups, (list(self),)
