@@ -38,7 +38,7 @@ def loss(p: Any) -> Any:
     return sum(jnp.sum(jnp.sin(2 * x) + 0.5 * x * x) for x in jax.tree.leaves(p))
 
 
-def trajectory(tx: Any, params: Any, steps: int = STEPS, fix: Any = None, jit: bool = True
+def trajectory(tx: Any, params: Any, steps: int = STEPS, fix: Any = None
                ) -> tuple[list, Any]:
     """The params after each jitted, donated step (and the last state); ``fix``: applied to
     the state after each update (the reference's rounding of a slot)."""
@@ -46,7 +46,7 @@ def trajectory(tx: Any, params: Any, steps: int = STEPS, fix: Any = None, jit: b
         u, s = tx.update(jax.grad(loss)(p), s, p)
         return optax.apply_updates(p, u), (s if fix is None else fix(s))
 
-    step = jax.jit(step, donate_argnums=(0, 1)) if jit else step
+    step = jax.jit(step, donate_argnums=(0, 1))
     p, state, out = jax.tree.map(jnp.array, params), tx.init(params), []
     for _ in range(steps):
         p, state = step(p, state)
@@ -129,18 +129,17 @@ def test_a_name_function_is_still_ours_and_a_bad_optax_mask_is_named():
 
 
 def test_optax_mask_function_on_muon_fallback():
-    """The tensorwise path (Muon with an AdamW fallback) reads it too (eager: the mask is
-    read alike under jit, where a Muon with a fallback is other work's)."""
+    """The tensorwise path (Muon with an AdamW fallback) reads it too."""
     with jax_float64():
         params = params_of()
         fn = lambda p: jax.tree.map(lambda x: x.ndim == 0, p)  # noqa: E731
         names = {"enc/kernel": False, "enc/bias": False, "head/0": False, "scale": True}
         a, _ = trajectory(optax_transformation(Muon(0.02, weight_decay=0.3, fallback=AdamW(
-            0.01), weight_decay_mask=fn)), params, 4, jit=False)
+            0.01), weight_decay_mask=fn)), params, 4)
         b, _ = trajectory(optax_transformation(Muon(0.02, weight_decay=0.3, fallback=AdamW(
-            0.01), weight_decay_mask=names)), params, 4, jit=False)
+            0.01), weight_decay_mask=names)), params, 4)
         c, _ = trajectory(optax_transformation(Muon(0.02, weight_decay=0.3, fallback=AdamW(
-            0.01))), params, 4, jit=False)
+            0.01))), params, 4)
     assert gap(a, b) == 0.0
     assert gap(a, c) > 1e-4
 
