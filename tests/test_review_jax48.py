@@ -536,3 +536,18 @@ def test_separate_calls_on_the_jitted_engine_compile_only_at_the_first_step(comp
             q = optax.apply_updates(q, u)
         assert type(s.engine).__name__ == "JaxEngine" and counts[1:] == [0, 0, 0], counts
         assert max_diff(p, q) <= TOL32
+
+
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/compiled_model.py "
+                   "(_run_context): a training-mode evaluate of a model with Dropout whose "
+                   "inputs are traced and no step= given should warn (the counter is read "
+                   "once, at trace time: every call of the user's jit draws the same mask)")
+def test_dropout_in_a_users_jit_without_step_warns():
+    c = mlp(JaxBackend(), dropout=0.5)
+    p = c.get_parameters()
+    xs, ys = data()
+    f = jax.jit(lambda p, x, y: c.evaluate(p, {"input": x, "target": y})["loss"])
+    x, y = jnp.asarray(xs, jnp.float32), jnp.asarray(ys)
+    assert float(f(p, x, y)) == float(f(p, x, y))  # the same mask twice, silently
+    with pytest.warns(UserWarning, match=r"step="):
+        jax.jit(lambda p, x, y: c.evaluate(p, {"input": x, "target": y})["loss"])(p, x, y)
