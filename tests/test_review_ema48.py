@@ -18,6 +18,7 @@ mithril: their programs run side by side with torch in float64.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -547,3 +548,53 @@ def test_torch_default_group_index_names_the_accessors():
     grouped = mo.SGD(0.1, param_groups=[{"params": "b", "lr": 0.2}])
     assert grouped.param_groups[-1] is grouped.param_groups[0]
     assert grouped.param_groups[:1] == [grouped.param_groups[0]]
+
+
+KERAS_ADAMW_EMA = r"""
+import json, numpy as np, jax
+jax.config.update("jax_enable_x64", True)
+import keras
+keras.config.set_floatx("float64")
+from mithril.utils import optimizers as mo
+rng = np.random.default_rng(10)
+names = ["dense/kernel", "dense/bias", "norm/gamma", "head/kernel"]
+p0 = {n: rng.standard_normal((3,) if "kernel" not in n else (3, 2)) for n in names}
+grads = [{n: rng.standard_normal(v.shape) for n, v in p0.items()} for _ in range(12)]
+vs = [keras.Variable(p0[n], name=n.replace("/", "_"), dtype="float64") for n in names]
+ko = keras.optimizers.AdamW(0.01, weight_decay=0.2, epsilon=1e-3, use_ema=True,
+                            ema_momentum=0.7, ema_overwrite_frequency=3)
+ko.exclude_from_weight_decay(var_names=["bias", "gamma"])
+ko.build(vs)
+opt = mo.AdamW(0.01, weight_decay=0.2, epsilon=1e-3, convention="keras", ema_decay=0.7)
+opt.exclude_from_weight_decay(var_names=["bias", "gamma"])
+params = {n: v.copy() for n, v in p0.items()}
+state = opt.init(params)
+errs = []
+for t, g in enumerate(grads, 1):
+    ko.apply([g[n] for n in names], vs)
+    params, state = opt.update(params, g, state)
+    if t % 3 == 0:
+        params = {n: v.copy() for n, v in opt.ema_params(state).items()}
+    kp = {n: np.asarray(v) for n, v in zip(names, vs)}
+    ke = {n: np.asarray(v) for n, v in zip(names, ko._model_variables_moving_average)}
+    oe = opt.ema_params(state)
+    errs.append(max(max(np.abs(kp[n] - params[n]).max(), np.abs(ke[n] - oe[n]).max())
+                    for n in names))
+ko.finalize_variable_values(vs)  # (what fit() does at the end: the weights become the EMA)
+final = max(np.abs(np.asarray(v) - opt.ema_params(state)[n]).max() for n, v in zip(names, vs))
+print(json.dumps({"errs": errs, "final": float(final)}))
+"""
+
+
+@pytest.mark.slow  # (~15 s: a fresh interpreter importing Keras and JAX)
+def test_keras_adamw_ema_overwrite_and_exclusions_step_by_step():
+    """Keras 3 ``AdamW(use_ema=True, ema_momentum=0.7, ema_overwrite_frequency=3)`` with
+    ``exclude_from_weight_decay(var_names=["bias", "gamma"])``: ours (``convention="keras"``,
+    ``ema_decay=0.7``, the same exclusion, the documented overwrite recipe) after every step,
+    and ``finalize_variable_values`` (the end of ``fit``) is ``ema_params``."""
+    from conftest import run_python
+
+    res = json.loads(run_python(KERAS_ADAMW_EMA, timeout=240, env={"KERAS_BACKEND": "jax"}
+                                ).strip().splitlines()[-1])
+    assert len(res["errs"]) == 12 and max(res["errs"]) < 1e-12, res["errs"]
+    assert res["final"] < 1e-12
