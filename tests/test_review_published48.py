@@ -197,14 +197,13 @@ def test_gpt_example_with_a_free_batch_and_built_lazily(gpt_case):
 
 def multi_head_attention(d_model: int, n_head: int, name: str | None = None):
     # synnada-ai/mithril examples/clip/model.py multi_head_attention(use_attn_mask=False), as
-    # published but for B, L: read from the model's terminal (block.queries.shape) once the
-    # IOKey is added; the published reads queries.shape off the IOKey (see the xfail below)
+    # published (B, L read off the IOKey; tests/test_review_iokey48.py runs it with free sizes)
     block = Model(name=name)
     assert d_model % n_head == 0, "d_model is not divisible by h"
     queries = IOKey("queries")
     head_dim = d_model // n_head
+    B, L = queries.shape[0], queries.shape[1]
     block |= Linear(3 * d_model, name="in_proj").connect(queries, output="in_proj")
-    B, L = block.queries.shape[0], block.queries.shape[1]  # type: ignore
 
     in_proj = (
         block.in_proj.reshape((B, L, 3, -1))  # type: ignore
@@ -645,9 +644,6 @@ def test_expression_shape_as_published():
     assert pm.get_shapes()["output"] == [2, 1, 12]
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/expressions.py: _text reads an "
-                   "IOKey's declared shape as v.shape; reading it under another name lets "
-                   "model.py's IOKey.shape be the published shape wire (CLIP's queries.shape)")
 def test_iokey_shape_as_published():
     # examples/clip/model.py multi_head_attention: queries = IOKey("queries"); queries.shape[0]
     queries = IOKey("queries")

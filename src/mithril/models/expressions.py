@@ -1,7 +1,7 @@
 """Arithmetic and indexing on connection objects: expressions that become operator blocks.
 
 Connection objects (a block's terminals such as ``lin.output``, ``model.cout``,
-``model.input``, and :class:`~mithril.models.model.IOKey`) take Python's operators, as in
+``model.input``, and :class:`~mithril.models.connections.IOKey`) take Python's operators, as in
 the published Mithril::
 
     model |= Relu()(input=lin1.output + lin2.output * 2.0, output="output")
@@ -34,8 +34,10 @@ lives in its operator class only; this module only builds blocks. Bad input is r
 the operator and the connection named: an unsupported operand type or index when the
 expression is made, a connection the model cannot reach when it is connected (the model is
 then unchanged). Comparisons, ``//``, ``&``, ``|``, ``^``, ``~``, shifts and the published
-``shape`` / ``size`` / ``tensor`` / ``item`` / ``prod`` / ``var`` are not offered (there is
-no such operator here): they raise a ``TypeError`` or ``AttributeError`` saying so.
+``size`` / ``tensor`` / ``item`` / ``prod`` / ``var`` are not offered (there is no such
+operator here): they raise a ``TypeError`` or ``AttributeError`` saying so. ``shape`` is:
+every connection object's ``.shape`` (an ``IOKey``'s too) is a shape wire
+(:mod:`mithril.models.shape_wires`).
 """
 
 from __future__ import annotations
@@ -86,13 +88,10 @@ def _text(v: Any) -> str:
     """How an operand reads in an expression's repr."""
     if isinstance(v, np.ndarray):
         return repr(v.item()) if v.ndim == 0 else f"array{list(v.shape)}"
-    from .model import IOKey
+    from .connections import IOKey
 
-    if isinstance(v, IOKey):
-        if v.name is None and v.value is not None:
-            return _text(v.value)
-        shape = "" if v.shape is None else ", shape=[" + ", ".join(map(str, v.shape)) + "]"
-        return f"IOKey({v.name!r}{shape})"
+    if isinstance(v, IOKey) and v.name is None and v.value is not None:
+        return _text(v.value)
     return repr(v)
 
 
@@ -117,7 +116,7 @@ def _static(value: Any, what: str, receiver: ConnectionOps) -> None:
 def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
     """An operand as given (a connection object) or as a float constant array."""
     if isinstance(v, ConnectionOps):
-        from .model import IOKey
+        from .connections import IOKey
 
         if isinstance(v, IOKey) and v.name is None and v.value is None:
             raise TypeError(f"'{symbol}' with {this!r}: an IOKey operand needs a name or a value")
@@ -180,6 +179,15 @@ class ConnectionOps:
     to a model until the expression is connected. See the module docstring."""
 
     __slots__ = ()
+
+    @property
+    def shape(self) -> Any:
+        """As published (``x.shape``, ``expr.shape``, ``IOKey("x").shape``): the shape of this
+        connection's value as a shape wire (:mod:`.shape_wires`, known at compile time)."""
+        from .shape_wires import shape_of
+
+        return shape_of(self)
+
     #: NumPy arrays and scalars defer to the reflected operators (``2.0 * conn``,
     #: ``np.ones(3) + conn``) instead of broadcasting over the connection as an object
     __array_ufunc__ = None
@@ -376,14 +384,6 @@ class Expression(ConnectionOps):
 
     __slots__ = ("op", "operands", "text")
 
-    @property
-    def shape(self) -> Any:
-        """The published ``expr.shape``: a shape wire of this expression's value
-        (:mod:`.shape_wires`, known at compile time)."""
-        from .shape_wires import shape_of
-
-        return shape_of(self)
-
     def __init__(self, op: Operator, operands: dict[str, Operand], text: str) -> None:
         self.op, self.operands, self.text = op, operands, text
 
@@ -393,7 +393,8 @@ class Expression(ConnectionOps):
 
 def _leaf(model: Model, v: Operand, where: str) -> Connection:
     """The wire of ``model`` for one operand that is not an expression."""
-    from .model import IOKey, Model, Terminal
+    from .connections import IOKey, Terminal
+    from .model import Model
 
     if isinstance(v, np.ndarray):
         return model._given(IOKey(value=v), is_output=False)
@@ -416,7 +417,7 @@ def wire_expression(model: Model, expr: Expression, where: str) -> Connection:
     cached = model._expr_wires.get(id(expr))
     if cached is not None and cached[0] is expr:
         return cached[1]
-    from .model import Connection
+    from .connections import Connection
 
     mapping: dict[str, Connection] = {}
     for key, v in expr.operands.items():

@@ -29,7 +29,9 @@ Connection objects and ``IOKey`` also take Python's operators and indexing
 result is an expression (:mod:`mithril.models.expressions`) whose operator blocks are added to
 the model it is connected to, when it is connected.
 
-A call that raises (``|=``, ``+=``) leaves the model as it was.
+A call that raises (``|=``, ``+=``) leaves the model as it was. The connection objects
+(``IOKey``, ``Connection``, ``Terminal``) live in :mod:`mithril.models.connections` and are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -41,109 +43,14 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import KeyMismatchError
-from .connection_types import TBD, check_fed, kinds_of, merged, type_name, value_kind
+from .connection_types import TBD, check_fed, kinds_of, merged, type_name
+from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
-from .expressions import ConnectionOps, Expression, wire_expression
-from .operator import Operator, Shape, fmt, takes_name, unify
+from .expressions import Expression, wire_expression
+from .operator import Operator, takes_name, unify
 
-
-class IOKey(ConnectionOps):
-    """A terminal described in ``connect(...)``: its ``name`` (None: an internal wire, or a
-    made-up name for a constant), a constant ``value`` (folded in at compile time: the
-    terminal is no longer an input), a ``shape`` (``None`` entries are free dimensions)
-    and ``expose`` (``False``: a named wire that other blocks of the same model can bind
-    to by name but that is not a terminal of the model). Operators on it build an expression
-    over the named connection (``IOKey("x") * 2``).
-
-    As published, ``type`` constrains the element kinds (``Tensor[float]``, ``Tensor[int |
-    float | bool]``: see :mod:`mithril.models.connection_types`; checked against the inputs
-    the connection feeds and against ``value``) and ``differentiable`` says whether an input
-    gets a gradient: ``True`` makes it trainable (given in ``params``, as with
-    ``compile(trainable_keys=...)``; its type becomes ``Tensor[float]``), ``False`` keeps it
-    a data input (a parameter role connected to it, ``connect(weight=IOKey("w",
-    differentiable=False))``, is then a data input, as with ``compile(data_keys=...)``).
-    ``compile``'s ``trainable_keys`` / ``data_keys`` / ``constant_keys`` win over it, as
-    published. On a connection some block computes it means nothing (its gradient follows
-    from its inputs') and is refused when given for an output."""
-
-    __slots__ = ("name", "value", "shape", "expose", "kinds", "differentiable")
-
-    def __init__(self, name: str | None = None, value: Any = None,
-                 shape: Sequence[int | None] | None = None, expose: bool | None = None,
-                 type: Any = None, differentiable: bool | None = None) -> None:  # noqa: A002
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"IOKey name must be a str, got {builtins_type(name).__name__}")
-        value = None if value is TBD else value  # (published: TBD, no value yet)
-        if expose is not None and not isinstance(expose, (bool, np.bool_)):  # (4th: type= published)
-            raise TypeError(f"IOKey '{name}': expose must be a bool or None, got {expose!r}; "
-                            "give a type as IOKey(..., type=...)")
-        if differentiable is not None and not isinstance(differentiable, (bool, np.bool_)):
-            raise TypeError(f"IOKey '{name}': differentiable must be a bool or None, got "
-                            f"{differentiable!r}")
-        self.name, self.expose = name, expose
-        self.differentiable = None if differentiable is None else bool(differentiable)
-        self.kinds = None if type is None else kinds_of(type, str(name))
-        if self.differentiable:  # (published: a differentiable connection is Tensor[float])
-            if self.kinds is not None and "float" not in self.kinds:
-                raise TypeError(f"IOKey '{name}': a differentiable connection is Tensor[float], "
-                                f"got type={type_name(self.kinds)}")
-            self.kinds = frozenset({"float"})
-            if value is not None:
-                raise ValueError(f"IOKey '{name}': a constant value gets no gradient; give "
-                                 "value= or differentiable=True, not both")
-        self.value = None if value is None else np.asarray(value)
-        self.shape = None if shape is None else _as_shape(name or "IOKey", shape)
-        if self.value is not None:
-            self.shape = unify(self.shape, self.value.shape, f"{name} (shape)", f"{name} (value)")
-            if self.kinds is not None and value_kind(self.value) not in self.kinds:
-                raise TypeError(f"IOKey '{name}': its value holds {value_kind(self.value)} "
-                                f"elements, but its type is {type_name(self.kinds)}")
-
-    def __repr__(self) -> str:
-        return f"IOKey(name={self.name!r}, shape={fmt(self.shape)})"
-
-
-class Connection:
-    """A wire inside one model. ``name`` is ``None`` for internal wires."""
-
-    __slots__ = ("name", "shape", "auto_output", "value", "exposed", "kinds", "differentiable")
-
-    def __init__(self, name: str | None, shape: Shape | None = None) -> None:
-        self.name = name
-        self.shape = shape
-        self.auto_output = False  # exposed only because a block's output was left unnamed
-        self.value: np.ndarray | None = None  # a constant (IOKey(value=...))
-        self.exposed = True  # False: named in its model, but not one of its terminals
-        self.kinds: frozenset[str] | None = None  # IOKey(type=...): the element kinds allowed
-        self.differentiable: bool | None = None  # IOKey(differentiable=...), set_differentiability
-
-    def __repr__(self) -> str:
-        return f"Connection({self.name!r}, {fmt(self.shape)})"
-
-
-class Terminal(ConnectionOps):
-    """A terminal of a block as an object: ``lin.input``, ``lin.weight``, ``model.cout``.
-    Give it to another block's ``connect(...)`` (binds to that wire, named or not), to
-    ``expose_keys`` (makes it an output) or to ``set_cin`` / ``set_cout``, or combine it with
-    operators into an expression (``lin.output + 1``). ``key`` is the
-    terminal's name on ``block``; ``conn`` the wire itself when ``block`` is the model that
-    owns it (``model.cout``, ``model.input``)."""
-
-    __slots__ = ("block", "key", "conn")
-
-    def __init__(self, block: Block, key: str | None, conn: Connection | None = None) -> None:
-        self.block, self.key, self.conn = block, key, conn
-
-    def __repr__(self) -> str:
-        return f"{type(self.block).__name__}.{self.key or '<internal>'}"
-
-    @property
-    def shape(self) -> Any:
-        """As published: this connection's shape as a shape wire (``x.shape[0]``), known at
-        compile time (:mod:`mithril.models.shape_wires`)."""
-        from .shape_wires import shape_of
-
-        return shape_of(self)
+__all__ = ["Bound", "Connection", "IOKey", "Model", "Terminal", "cin_key",
+           "cout_key", "param_keys"]
 
 
 Given = str | IOKey | Terminal | Expression
@@ -397,8 +304,9 @@ class Model:
             if is_output and prev is not None and prev.auto_output:
                 self._demote(prev)
             c = self._named(key.name)
-        if key.shape is not None:
-            c.shape = unify(c.shape, key.shape, f"{key.name} (declared before)", f"{key.name} (IOKey)")
+        if key.value_shape is not None:
+            c.shape = unify(c.shape, key.value_shape, f"{key.name} (declared before)",
+                            f"{key.name} (IOKey)")
         if key.value is not None:
             if is_output:
                 raise ValueError(f"'{key.name}' is an output: it cannot take a value")
@@ -591,9 +499,6 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(inputs={list(self.input_keys)}, outputs={list(self.output_keys)})"
-
-
-builtins_type = type  # (IOKey's ``type`` argument shadows it there)
 
 
 def cin_key(block: Block) -> str | None:

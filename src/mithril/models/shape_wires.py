@@ -216,8 +216,8 @@ def bind_shape_refs(model: Any, start: int) -> None:
     connection ``x``) of the operators ``model`` got since its block ``start`` (expressions'
     blocks too) to the wires of ``model`` they refer to (its ``_add`` undoes this if it
     raises)."""
+    from .connections import Terminal
     from .expressions import Expression, wire_expression
-    from .model import Terminal
 
     i = start
     while i < len(model.blocks):  # (an expression a wire reads may add blocks)
