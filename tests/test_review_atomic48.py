@@ -222,8 +222,9 @@ def check_catalog_call(name: str, backend: str, what: str, fault: str, value) ->
     except Exception as e:  # a bare error from inside the library
         raise AssertionError(f"{name}/{backend}: {what} {fault} escaped as "
                              f"{type(e).__name__}: {e}") from e
+    # (a None gradient is a parameter without one, as torch's p.grad: it stays where it is)
     assert what not in ("nan",) and fault not in (
-        "shape", "int", "string", "none", "other-library", "params-shape", "state-none"), (
+        "shape", "int", "string", "other-library", "params-shape", "state-none"), (
         f"{name}/{backend}: {what} {fault} was accepted")
     return "accepted"
 
@@ -791,3 +792,29 @@ def test_lbfgs_state_dict_refuses_by_name_and_changes_nothing(convention, key, v
     got = deep(opt.update(params, None, state, closure=closure)[0])
     assert differs(got, deep(twin.update(twin_params, None, twin_state, closure=closure)[0])) \
         is None
+
+
+def test_clipping_refuses_integer_gradients_as_optax_does():
+    """``clip_gradients({"w": int64 array}, clip_norm=1)`` returned float64 arrays (another
+    dtype than given; ``clip_value`` on ints too) and ``global_norm`` took them: optax's
+    ``clip_by_global_norm`` refuses integer updates, and torch's gradients are never
+    integer. Now a TypeError naming the key; the arrays given are untouched, and float
+    gradients still clip as torch's ``clip_grad_norm_`` (float64, 1e-15)."""
+    import jax.numpy as jnp
+    import optax
+
+    with pytest.raises(TypeError):  # (the peer: a bare dtype error from jax.lax.select)
+        optax.clip_by_global_norm(1.0).update({"w": jnp.ones(3, jnp.int32)}, None)
+    for g in (np.array([3, -5, 1]), torch.tensor([3, -5, 1]), jnp.array([3, -5, 1]),
+              np.array([True, False])):
+        kept = np.array(g)
+        for fn, kw in ((mo.global_norm, {}), (mo.clip_gradients, {"clip_norm": 1.0}),
+                       (mo.clip_gradients, {"clip_value": 1.5})):
+            with pytest.raises(TypeError, match=r"gradients\['w'\] has dtype .*int.*|bool"):
+                fn({"b": np.ones(2), "w": g}, **kw)
+        assert np.array_equal(np.array(g), kept)
+    w = torch.tensor([[3.0, -5.0], [1.0, 0.5]], dtype=torch.float64)
+    got = mo.clip_gradients({"w": w.numpy().copy()}, clip_norm=1.0)["w"]
+    w.grad = w.clone()
+    torch.nn.utils.clip_grad_norm_([w], 1.0)
+    np.testing.assert_allclose(got, w.grad.numpy(), rtol=1e-15, atol=0)

@@ -54,13 +54,19 @@ def check_clip_eps(eps: Any) -> float:
 
 
 def _checked(gradients: Any, fn: str) -> Mapping[str, Any]:
-    """``gradients`` if it is a dict of NumPy, torch or JAX arrays; else a TypeError naming
-    the key at fault."""
+    """``gradients`` if it is a dict of NumPy, torch or JAX floating-point arrays; else a
+    TypeError naming the key at fault."""
     if not isinstance(gradients, Mapping):
         raise TypeError(f"{fn}: gradients must be a dict of arrays, got {type(gradients).__name__}")
     for k, g in gradients.items():
         if not is_array(g):
             raise TypeError(f"{fn}: gradients['{k}'] is a {type(g).__name__}, not an array")
+        # (an integer or bool array was clipped into a float one of another dtype; optax's
+        # clip_by_global_norm refuses it, torch's gradients are never integer)
+        if (not (g.is_floating_point() or g.is_complex()) if hasattr(g, "is_floating_point")
+                else np.dtype(g.dtype).kind in "biu"):
+            raise TypeError(f"{fn}: gradients['{k}'] has dtype {g.dtype}; gradients must be "
+                            f"floating point")
     return gradients
 
 
