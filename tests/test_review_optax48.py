@@ -349,8 +349,6 @@ def test_users_chain_ported_to_adamw_and_wsd_on_the_jax_backend():
 
 
 # -- waiting for files outside this review's ------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/interop/__init__.py: "
-                   "optax_transformation passes mu_dtype=, slot_dtypes= and **hyperparameters on")
 def test_mu_dtype_and_keywords_through_the_public_optax_transformation():
     from mithril.interop import optax_transformation as public
 
@@ -360,8 +358,6 @@ def test_mu_dtype_and_keywords_through_the_public_optax_transformation():
     assert float(state.hyperparams["beta1"]) == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/argument_names.py: "
-                   "optax's b1/b2/b3 and mask= named in the TypeError's hint")
 def test_optax_argument_names_are_hinted():
     for kw, ours in (({"b1": 0.8}, "beta1"), ({"b2": 0.9}, "beta2"),
                      ({"mask": by_rank}, "weight_decay_mask")):

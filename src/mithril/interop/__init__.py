@@ -44,15 +44,22 @@ def mlx_optimizer(optimizer: Any, learning_rate: Any = None) -> MlxOptimizer:
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
-                         schedules: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
+                         schedules: Mapping[str, Callable[[Any], Any]] | None = None,
+                         mu_dtype: Any = None, slot_dtypes: Mapping[str, Any] | None = None,
+                         **hyperparameters: Any) -> Any:
     """``optimizer`` (a mithril optimizer) as an ``optax.GradientTransformation``
     with pure, jittable ``init``/``update``; ``schedules``: optax schedules of other
-    hyperparameters (``{"alpha": optax.linear_schedule(...)}``); see
+    hyperparameters (``{"alpha": optax.linear_schedule(...)}``); ``mu_dtype`` /
+    ``slot_dtypes``: a slot stored in its own dtype (optax's ``mu_dtype``);
+    ``**hyperparameters``: numbers or schedules read at every update (kept in
+    ``state.hyperparams``, as ``optax.inject_hyperparams``); see
     :func:`mithril.interop.optax_transform.optax_transformation`."""
     from .optax_transform import optax_transformation as make
 
     return make(optimizer, learning_rate=learning_rate, scalars=scalars,
-                traced_hyperparams=traced_hyperparams, schedules=schedules)
+                traced_hyperparams=traced_hyperparams, schedules=schedules,
+                mu_dtype=mu_dtype, slot_dtypes=None if slot_dtypes is None else
+                dict(slot_dtypes), **hyperparameters)
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

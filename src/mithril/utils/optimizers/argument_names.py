@@ -21,7 +21,8 @@ _OTHER_NAMES = {**ALIASES, "betas": "beta1 and beta2", "beta_1": "beta1", "beta_
                 "beta_3": "beta3", "global_clipnorm": "clip_norm", "clipnorm": "clip_tensor_norm",
                 "clipvalue": "clip_value", "use_ema": "ema_decay", "ema_momentum": "ema_decay",
                 "k": "sync_period", "alpha": "slow_step_size",  # (a Lookahead's, torch-contrib)
-                "memory_size": "history_size"}  # (optax.lbfgs's)
+                "memory_size": "history_size",  # (optax.lbfgs's)
+                "b1": "beta1", "b2": "beta2", "b3": "beta3"}  # (optax's)
 #: where ours of those is another rule than the peer's: what gives the peer's exactly
 _EXACTLY = {"global_clipnorm": " Its default is torch's rule, min(1, c/(‖g‖ + 1e-6)): "
                                "Keras's and optax's exact c/max(‖g‖, c) is clip_norm=c, "
@@ -35,6 +36,8 @@ _RECIPES = {
                          "LossScaler / MixedPrecisionTrainer: a dynamic one)",
     "ema_overwrite_frequency": "give ema_decay=, then every k steps set the params to "
                                "ema_params(state)",
+    "mask": "optax's weight-decay mask= is weight_decay_mask= here (a pytree of bools, a "
+            "function of the params, or name patterns)",
 }
 
 #: other libraries' constructor arguments with no counterpart here (the constructor's hint;
