@@ -194,3 +194,18 @@ def test_a_raising_add_with_an_iokey_shape_changes_nothing():
     model |= Buffer().connect(input=model.a.reshape((IOKey("q").shape[1], -1)), output="b")  # type: ignore
     pm = ml.compile(model, ml.NumpyBackend(dtype="float64"))
     assert pm.get_shapes()["b"] == [3, 4]
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="needs src/mithril/models/shaping.py: Indexer taking shape wires in its "
+                   "index (slice ends), read through ShapeArgs as Reshape does (the published CLIP "
+                   "multi_head_attention_forward: in_proj_bias[0:query.shape[2]])")
+def test_iokey_shape_as_a_slice_end_as_published():
+    query, bias = IOKey("query"), IOKey("in_proj_bias")
+    embed_dim = query.shape[2]
+    model = Model()
+    model |= Buffer().connect(input=query + bias[0:embed_dim], output="q")
+    pm = ml.compile(model, ml.NumpyBackend(dtype="float64"),
+                    shapes={"query": [2, 3, 4], "in_proj_bias": [12]})
+    x, b = np.arange(24.0).reshape(2, 3, 4), np.arange(12.0)
+    np.testing.assert_array_equal(pm.evaluate({}, {"query": x, "in_proj_bias": b})["q"], x + b[:4])
