@@ -365,9 +365,6 @@ def test_optax_argument_names_are_hinted():
             AdamW(**kw)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/name_patterns.py: "
-                   "_flat_bools takes an optax mask pytree's tuples/lists (key 'head/0') and "
-                   "None leaves")
 def test_optax_mask_pytree_with_a_tuple_matches_adamw_mask():
     with jax_float64():
         params = params_of()

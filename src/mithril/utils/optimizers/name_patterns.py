@@ -17,11 +17,18 @@ import numpy as np
 Matcher = Callable[[str], bool] | list[str] | dict[str, bool]
 
 
-def _flat_bools(spec: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, bool]:
+def _flat_bools(spec: Mapping[str, Any] | Sequence[Any], where: str, prefix: str = ""
+                ) -> dict[str, bool]:
+    """A pytree of bools (optax's mask) by flat name: dict keys and list / tuple indices
+    joined with ``/`` (``head/0``), as params pytrees are named; a None leaf (optax: no
+    parameter there) names nothing."""
     out = {}
-    for k, v in spec.items():
+    items = spec.items() if isinstance(spec, Mapping) else enumerate(spec)
+    for k, v in items:
         name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
+        if v is None:
+            continue
+        if isinstance(v, (Mapping, list, tuple)):
             out.update(_flat_bools(v, where, name + "/"))
         elif isinstance(v, (bool, np.bool_)):
             out[name] = bool(v)
