@@ -85,7 +85,8 @@ working):
 * :mod:`.decays` -- :class:`ExponentialDecay`, :class:`PolynomialDecay` (optax, Keras),
   :class:`InverseTimeDecay` (Keras);
 * :mod:`.sgdr` -- :func:`sgdr_schedule` (optax's, each cycle with its own peak);
-* :mod:`.swa` -- :class:`SWALR` (torch's ``swa_utils``, for weight averaging).
+* :mod:`.swa` -- :class:`SWALR`, :func:`update_bn` and :func:`average_state` (torch's
+  ``swa_utils``, for weight averaging).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ from .plateau import _warn_no_metric as _warn_no_metric
 from .sequential import SequentialLR
 from .sgdr import sgdr_schedule
 from .step import ExponentialLR, MultiStepLR, StepLR
-from .swa import SWALR
+from .swa import SWALR, average_state, update_bn
 from .warmup import LinearWarmupScheduler
 from .wsd import WSD
 
@@ -149,5 +150,7 @@ __all__ = [
     "SequentialLR",
     "StepLR",
     "SupportsLearningRate",
+    "average_state",
     "sgdr_schedule",
+    "update_bn",
 ]
