@@ -383,8 +383,6 @@ def test_accumulate_refuses_a_micro_batch_of_another_dtype_on_arrival():
         np.testing.assert_allclose(params[k], tp[k].detach().numpy(), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/hyperparameter_access"
-                                       ".py: refuse a non-number set over a float hyperparameter")
 @pytest.mark.parametrize("attr", ["weight_decay", "learning_rate", "beta1"])
 def test_a_float_hyperparameter_set_to_a_non_number_is_refused(attr):
     """``opt.weight_decay = None`` is taken (only a string is checked over a float), and

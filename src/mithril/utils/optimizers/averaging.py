@@ -553,9 +553,13 @@ class AveragingMixin:
                     raise ShapeError(f"swap_ema: params['{name}'] must be an array of shape "
                                      f"{shape}, got {type(p).__name__} "
                                      f"{tuple(getattr(p, 'shape', ()))}")
-            flat = lay.flatten_numpy({n: np.asarray(eng.to_numpy(p)) for n, p in params.items()})
-            if flat.dtype != np.dtype(eng.to_numpy(state.slots[average]).dtype):
-                raise TypeError(f"swap_ema: params must have dtype {lay.dtype}, got {flat.dtype}")
+            want = np.dtype(eng.to_numpy(state.slots[average]).dtype)
+            host = {n: np.asarray(eng.to_numpy(p)) for n, p in params.items()}
+            for name, h in host.items():  # (each: concatenating would promote a float32 one)
+                if h.dtype != want:
+                    raise TypeError(f"swap_ema: params['{name}'] must have dtype {lay.dtype}, "
+                                    f"got {h.dtype}")
+            flat = lay.flatten_numpy(host)
             held = state.slots[average]
             state.slots[average] = eng.from_numpy(flat)
             out = lay.unflatten(held)

@@ -366,6 +366,14 @@ class GroupsMixin:
         """The groups (see :mod:`.groups`), checked; a group's learning rate as ``lr_scale``."""
         return self._groups
 
+    @param_groups.setter
+    def param_groups(self, value: Any) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.param_groups is fixed at construction (they decide the "
+            f"state's rows): build another optimizer for other groups; set one group's value "
+            f"with opt.hyperparameter(name, group=i).set(x) or opt.set_learning_rate(x, "
+            f"group=i)")
+
     @property
     def weight_decay_mask(self) -> Any:
         return self._wd_mask

@@ -59,16 +59,23 @@ class HyperparameterAccessMixin:
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"{type(self).__name__}: {name}={value!r} refused: {e}") \
                         from None
+            elif isinstance(d[name], float) and (
+                    value is None or isinstance(value, (str, bytes, list, tuple, dict, set))):
+                # (not a number over a number: the next step would raise NumPy's bare error,
+                # or, None as SGD's weight decay, silently make every parameter NaN)
+                raise TypeError(f"{type(self).__name__}: {name}={value!r} refused: {name} "
+                                f"must be a number (it is {d[name]!r})")
             elif (type(d[name]) is not float or isinstance(value, str)) \
                     and name != "learning_rate":
                 self._check_attribute(name, value)
         # a hyperparameter other than the learning rate (which every step reads) is set: a
         # program that baked it in (make_train_step's JAX step) compares this count
-        if name[0] != "_" and name != "learning_rate" and differs(
-                self.__dict__.get(name, UNSET), value):
+        changed = name[0] != "_" and name != "learning_rate" and differs(
+            self.__dict__.get(name, UNSET), value)
+        object.__setattr__(self, name, value)  # (first: a read-only property raises here)
+        if changed:
             d = self.__dict__
             d["_hyper_version"] = d.get("_hyper_version", 0) + 1
-        object.__setattr__(self, name, value)
 
     def _check_attribute(self, name: str, value: Any) -> None:
         """Refuse ``value`` set by attribute over a flag, a choice, an integer or an unset
