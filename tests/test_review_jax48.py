@@ -393,9 +393,6 @@ def test_optimizer_update_on_params_split_over_a_mesh_equals_optax():
     assert res <= TOL64
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/checks.py: refuse "
-                   "traced params/gradients in check_update with a TypeError naming "
-                   "optax_transformation (now JAX's ConcretizationTypeError from is_deleted())")
 def test_optimizer_update_inside_jax_jit_names_the_jittable_way():
     opt = Adam(learning_rate=1e-2)
     params = {"w": jnp.ones((3, 2))}

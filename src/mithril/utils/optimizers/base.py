@@ -75,7 +75,14 @@ from .argument_names import ALIASES as ALIASES  # (public: kept importable here)
 from .argument_names import _catalog_takes as _catalog_takes  # (interop imports it here)
 from .argument_names import _constructor
 from .averaging import AveragingMixin
-from .checks import check_flag, check_positive, check_uniform, check_update, infer_backend
+from .checks import (
+    check_flag,
+    check_positive,
+    check_uniform,
+    check_update,
+    infer_backend,
+    refuse_traced,
+)
 from .clipping import check_clip_eps
 from .engines.common import is_finite
 from .groups import GroupsMixin, ParamGroups
@@ -380,6 +387,7 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         out (the smaller group). Nothing, the inferred backend included, is kept on error."""
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        refuse_traced(f"{type(self).__name__}.init", params)
         from .engines import engine_for
 
         backend = self._backend

@@ -200,12 +200,33 @@ def check_state_kind(opt: Any, state: Any) -> None:
                          f"not by this {type(opt).__name__} (slots {sorted(own)})")
 
 
+def refuse_traced(who: str, *trees: Mapping[str, Any]) -> None:
+    """A TypeError naming the jittable way where an array of ``trees`` is a JAX tracer
+    (``opt.update`` inside the user's ``jax.jit``): the engines keep their state on the
+    host, outside any trace. The first entry of each only (all of a traced function's
+    arguments are traced): no cost per tensor."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
+    for tree in trees:
+        first = next(iter(tree.items()), None) if isinstance(tree, Mapping) else None
+        if first is not None and isinstance(first[1], jax.core.Tracer):
+            raise TypeError(
+                f"{who}: '{first[0]}' is traced ({type(first[1]).__name__}: inside jax.jit, "
+                f"grad or vmap); the optimizer's state lives outside any trace. In a jitted "
+                f"program use mithril.interop.optax_transformation(optimizer) (pure, "
+                f"jittable init / update), or mithril.utils.training.make_train_step")
+
+
 def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
                  state: Any) -> tuple[Any, bool]:
     """What ``opt.update`` checks first: raise on bad input before anything is touched.
     Returns what the engine's ``prepare`` found (e.g. the gradients' addresses) for its
     ``step``, and whether ``params`` are the very arrays the previous update returned
     (nothing to copy in)."""
+    refuse_traced(f"{type(opt).__name__}.update", params, gradients)
     check_state_kind(opt, state)
     if state.swapped is not None:
         raise ValueError(f"the {state.swapped.upper()} is swapped in (swap_ema): call "

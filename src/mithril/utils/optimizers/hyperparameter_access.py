@@ -61,10 +61,16 @@ class HyperparameterAccessMixin:
                         from None
             elif isinstance(d[name], float) and (
                     value is None or isinstance(value, (str, bytes, list, tuple, dict, set))):
-                # (not a number over a number: the next step would raise NumPy's bare error,
-                # or, None as SGD's weight decay, silently make every parameter NaN)
-                raise TypeError(f"{type(self).__name__}: {name}={value!r} refused: {name} "
-                                f"must be a number (it is {d[name]!r})")
+                # (not a number over a number: the constructor's check, where the next step
+                # would raise NumPy's bare error or, None as SGD's weight decay, silently
+                # make every parameter NaN; None stays where the constructor takes it)
+                try:
+                    self._check_attribute(name, value)
+                except (ValueError, TypeError) as e:
+                    if f"{name}={value!r} refused" in str(e):
+                        raise
+                    raise type(e)(f"{type(self).__name__}: {name}={value!r} refused: "
+                                  f"{str(e).removeprefix(type(self).__name__ + ': ')}") from None
             elif (type(d[name]) is not float or isinstance(value, str)) \
                     and name != "learning_rate":
                 self._check_attribute(name, value)
