@@ -222,7 +222,7 @@ def optimizer_engine(kind: str):
     if kind == "jax-jit":
         engines.JAX_ENGINE = "jit"
     if kind.startswith("array"):
-        engines.engine_for = lambda backend, layout: ArrayEngine(backend, layout)
+        engines.engine_for = lambda backend, layout, *_: ArrayEngine(backend, layout)
     try:
         yield
     finally:

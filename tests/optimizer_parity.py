@@ -411,7 +411,7 @@ def array_engine(monkeypatch):
     """Every ``init`` gets an :class:`ArrayEngine` (for the duration of the test)."""
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout, *_: ArrayEngine(backend, layout))
     for backend in ARRAY_BACKENDS:
         monkeypatch.setitem(EXPECTED_ENGINE, backend, "ArrayEngine")
 

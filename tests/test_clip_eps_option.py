@@ -186,7 +186,7 @@ def host_engine(request, monkeypatch):
     elif kind == "array":
         from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
-        monkeypatch.setattr(engines, "engine_for", lambda b, lay: ArrayEngine(b, lay))
+        monkeypatch.setattr(engines, "engine_for", lambda b, lay, *_: ArrayEngine(b, lay))
     return to, back
 
 

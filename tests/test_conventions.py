@@ -448,7 +448,7 @@ def test_the_tensor_op_engine_agrees(name, conv, monkeypatch):
 
     kw = {"learning_rate": 0.01, "weight_decay": 0.1, "convention": conv, **OPTIONS[name]}
     fused, _ = trajectory(CLASSES[name](**kw), steps=20)
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout, *_: ArrayEngine(backend, layout))
     probe = CLASSES[name](**kw).init({"w": torch.zeros(2, dtype=torch.float64)})
     assert type(probe.engine).__name__ == "ArrayEngine"
     tensors, _ = trajectory(CLASSES[name](**kw), steps=20, native=torch.tensor)

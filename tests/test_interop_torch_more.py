@@ -489,7 +489,7 @@ def flat_tensor_engine(monkeypatch):
     from mithril.utils.optimizers import engines
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout, *_: ArrayEngine(backend, layout))
 
 
 @pytest.mark.parametrize("name", CATALOG)

@@ -434,7 +434,7 @@ def test_flat_tensor_engine(monkeypatch):
     from mithril.utils.optimizers import engines
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout, *_: ArrayEngine(backend, layout))
     for case, every in (("adam", 0), ("sgd_nesterov", 3), ("rprop", 3)):
         err, model, opt = side_by_side(case, torch.float64, extra_every=every)
         assert err <= TOL64, (case, err)

@@ -286,7 +286,7 @@ def _array_engine(monkeypatch):
     import mithril.utils.optimizers.engines as engines
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
-    monkeypatch.setattr(engines, "engine_for", lambda backend, layout: ArrayEngine(backend, layout))
+    monkeypatch.setattr(engines, "engine_for", lambda backend, layout, *_: ArrayEngine(backend, layout))
 
 
 ENGINES = [(b, "fused") for b in BACKENDS] + [("numpy", "array"), ("torch", "array")]

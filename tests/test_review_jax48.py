@@ -384,9 +384,6 @@ def test_params_and_batches_on_a_two_device_mesh_float64():
 
 
 # -- waiting for files outside jax48's list ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/base.py + engines/"
-                   "__init__.py: params on several devices take the jitted JaxEngine (it keeps "
-                   "their sharding) where the CPU NumbaEngine refuses them (no host pointer)")
 def test_optimizer_update_on_params_split_over_a_mesh_equals_optax():
     res = mesh_results()["update"]
     assert not isinstance(res, str), res  # now: "gradients['linear.bias'] cannot be read as..."
@@ -497,11 +494,6 @@ def test_train_step_dropout_draws_step_i_mask_reproducibly_from_a_key_seed():
     assert abs(runs[0][0][0] - same) > 1e-3  # the same first params: the mask did something
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/compiled_model.py: on JAX, "
-                   "get_parameters() hands out arrays the caller owns (a copy of the stored "
-                   "ones), as flax's init does; a user's jax.jit(..., donate_argnums=0) now "
-                   "consumes the model's own, and every later get_parameters() / evaluate "
-                   "raises JAX's bare 'Array has been deleted'")
 def test_a_users_donating_jit_leaves_the_models_parameters_alive():
     c = mlp(JaxBackend())
     p = c.get_parameters()
@@ -535,10 +527,6 @@ def test_separate_calls_on_the_jitted_engine_compile_only_at_the_first_step(comp
         assert max_diff(p, q) <= TOL32
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/compiled_model.py "
-                   "(_run_context): a training-mode evaluate of a model with Dropout whose "
-                   "inputs are traced and no step= given should warn (the counter is read "
-                   "once, at trace time: every call of the user's jit draws the same mask)")
 def test_dropout_in_a_users_jit_without_step_warns():
     c = mlp(JaxBackend(), dropout=0.5)
     p = c.get_parameters()

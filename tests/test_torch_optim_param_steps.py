@@ -242,7 +242,7 @@ def test_the_other_torch_engines_count_each_parameters_steps(monkeypatch, engine
 
     if engine == "array":
         monkeypatch.setattr(engines, "engine_for",
-                            lambda backend, layout: ArrayEngine(backend, layout))
+                            lambda backend, layout, *_: ArrayEngine(backend, layout))
     else:
         monkeypatch.setattr(engines, "TORCH_ENGINE", "fused-ops")
     with default_dtype(torch.float64):

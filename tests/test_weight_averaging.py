@@ -61,7 +61,7 @@ def engine(backend: str):
     from mithril.utils.optimizers.engines.array_engine import ArrayEngine
 
     old = engines.engine_for
-    engines.engine_for = lambda b, layout: ArrayEngine(b, layout)
+    engines.engine_for = lambda b, layout, *_: ArrayEngine(b, layout)
     try:
         yield backend.removeprefix("array-")
     finally:

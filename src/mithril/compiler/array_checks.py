@@ -107,3 +107,31 @@ def cast_dtype(program: Program, name: str) -> str | None:
         if node.out == w and isinstance(node.op, Cast) and node.op.dtype.startswith(("float", "bfloat")):
             return node.op.dtype
     return None
+
+
+def handed_out(backend: Backend, params: dict[str, Any]) -> dict[str, Any]:
+    """The model's stored parameters as the caller's own: on JAX copies (a user's
+    ``jax.jit(..., donate_argnums=0)`` would otherwise delete the model's), elsewhere the
+    arrays themselves (a new dict)."""
+    if backend.name != "jax":
+        return dict(params)
+    import jax.numpy as jnp
+
+    return {k: jnp.array(v, copy=True) for k, v in params.items()}
+
+
+def warn_traced_random(params: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Warn where a training-mode evaluate of a model drawing random bits runs inside a JAX
+    trace without ``step=``: the step counter is read once, at trace time, so every call of
+    the user's jitted function draws the same masks."""
+    import sys
+    import warnings
+
+    jax = sys.modules.get("jax")
+    first = next(iter({**inputs, **params}.values()), None)
+    if jax is not None and isinstance(first, jax.core.Tracer):
+        warnings.warn("evaluate inside jax.jit / grad / vmap without step=: the model's random "
+                      "step counter is read once, when the function is traced, so every call "
+                      "draws the same Dropout masks. Pass step= (a traced int that changes per "
+                      "call), or use make_train_step", UserWarning, stacklevel=5)
+

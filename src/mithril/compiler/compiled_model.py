@@ -15,7 +15,7 @@ from ..errors import InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
 from ..models.operator import Operator, fmt, unify
-from .array_checks import check_array
+from .array_checks import check_array, handed_out, warn_traced_random
 from .key_names import key_names, keyed_by_name
 from .list_inputs import ListInputsMixin, ListLengthError
 from .listing import program_listing, summary_text, write_listing
@@ -217,13 +217,13 @@ class CompiledModel(OutputGradientsMixin):
                   for name, shape in shapes.items() if name not in excluded}
         if not excluded:
             self._params = params
-        return dict(params)
+        return handed_out(self.backend, params)
 
     def get_parameters(self) -> dict[str, Any]:
         """The model's parameters (initialised on first call), keyed by name."""
         if self._params is None:
             self.randomize_params()
-        return dict(self._params)  # type: ignore[arg-type]
+        return handed_out(self.backend, self._params)  # type: ignore[arg-type]
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -528,6 +528,8 @@ class CompiledModel(OutputGradientsMixin):
         given_state = state
         step_before = self.step
         run = self._run_context(training, state, step)
+        if run is not None and step is None and run.training and self.program.has_random:
+            warn_traced_random(params, inputs)
         try:
             result = self._evaluate(params, inputs, cots, run, self._evaluator_of(prog))
             if cots is not None:

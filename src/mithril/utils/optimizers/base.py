@@ -388,7 +388,7 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
         refuse_traced(f"{type(self).__name__}.init", params)
-        from .engines import engine_for
+        from .engines import engine_for, spans_devices
 
         backend = self._backend
         if backend is None:
@@ -405,7 +405,7 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
             raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
                             f"optimizers need floating-point parameters")
         check_mask(self, layout.names)  # (a dict missing a name, an optax-style function)
-        engine = engine_for(backend, layout)
+        engine = engine_for(backend, layout, backend.name == "jax" and spans_devices(params))
         layout = engine.layout  # an engine may pad offsets for alignment
         slots, slot_layouts = {}, {}
         for s in (*self.slot_names(), *self.tensor_slots):

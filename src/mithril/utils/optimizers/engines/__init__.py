@@ -7,7 +7,8 @@
   numba; :mod:`.torch_scan`, torch's own tensor guard: no C++ compiler is needed); JAX's
   double buffer is written with streaming stores when it exceeds the last-level cache
   (:mod:`.streaming`). The kernels prefer the CPU's widest vectors (:mod:`.vector_width`).
-* :class:`~.jax_engine.JaxEngine` - JAX on accelerators: one ``jax.jit`` step over flat
+* :class:`~.jax_engine.JaxEngine` - JAX on accelerators, and params on a mesh of several
+  devices (their sharding kept): one ``jax.jit`` step over flat
   buffers with donation; hyperparameters are arguments, so changing them never recompiles.
   On CPU (``MITHRIL_JAX_ENGINE=jit``; float16/bfloat16) each large tensor is updated in
   buffers of its own (:mod:`.jax_chunks`), and XLA compiles a kernel per output tensor,
@@ -34,10 +35,21 @@ JAX_ENGINE = os.environ.get("MITHRIL_JAX_ENGINE", "auto")
 TORCH_ENGINE = os.environ.get("MITHRIL_TORCH_ENGINE", "auto")
 
 
-def engine_for(backend: Any, layout: Any) -> Any:
+def spans_devices(params: Any) -> bool:
+    """Whether some JAX array of ``params`` lives on several devices (split or replicated
+    over a mesh): the CPU kernels read one host buffer, the jitted engine keeps the
+    arrays' sharding."""
+    return any(len(getattr(getattr(p, "sharding", None), "device_set", ())) > 1
+               for p in params.values())
+
+
+def engine_for(backend: Any, layout: Any, several_devices: bool = False) -> Any:
+    """The engine for ``layout``'s parameters on ``backend`` (see the module docs);
+    ``several_devices``: JAX arrays on a mesh (the jitted engine)."""
     fused = layout.dtype in ("float32", "float64")
     if backend.name == "jax":
-        if fused and backend.device.platform == "cpu" and JAX_ENGINE != "jit":
+        if fused and backend.device.platform == "cpu" and JAX_ENGINE != "jit" and \
+                not several_devices:
             from .numba_engine import NumbaEngine
 
             return NumbaEngine(backend, layout)
