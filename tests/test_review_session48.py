@@ -35,3 +35,34 @@ def test_swap_ema_refuses_one_parameter_of_another_dtype_by_name() -> None:
     assert state.swapped is None
     for k, v in opt.ema_params(state).items():
         np.testing.assert_array_equal(v, ema[k])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_a_shape_wire_as_a_slice_end_equals_torch_autograd(backend) -> None:
+    """The published CLIP's ``in_proj_bias[0:query.shape[2]]`` and ``[q.shape[2]:2 * ...]``:
+    the slice ends known at compile time from the query's shape, the bias's gradient
+    scattered into its slice (float64, against torch autograd)."""
+    import torch
+
+    import mithril as ml
+    from mithril.models import Buffer, IOKey, Model
+
+    query = IOKey("query", differentiable=True)
+    bias = IOKey("in_proj_bias", differentiable=True)
+    e = query.shape[2]
+    model = Model()
+    model |= Buffer().connect(input=query * bias[e:2 * e] + bias[0:e], output="q")
+    be = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend,
+          "jax": ml.JaxBackend}[backend](dtype="float64")
+    pm = ml.compile(model, be, shapes={"query": [2, 3, 4], "in_proj_bias": [12]})
+    rng = np.random.default_rng(0)
+    x, b, cot = rng.standard_normal((2, 3, 4)), rng.standard_normal(12), rng.standard_normal((2, 3, 4))
+    out, grads = pm.evaluate({"query": be.array(x), "in_proj_bias": be.array(b)}, {},
+                             output_gradients={"q": be.array(cot)})
+    tx, tb = (torch.tensor(a, requires_grad=True) for a in (x, b))
+    ref = tx * tb[4:8] + tb[0:4]
+    ref.backward(torch.tensor(cot))
+    np.testing.assert_allclose(be.to_numpy(out["q"]), ref.detach().numpy(), rtol=1e-14)
+    np.testing.assert_allclose(be.to_numpy(grads["in_proj_bias"]), tb.grad.numpy(), rtol=1e-13,
+                               atol=1e-15)
+    np.testing.assert_allclose(be.to_numpy(grads["query"]), tx.grad.numpy(), rtol=1e-14)

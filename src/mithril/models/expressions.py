@@ -154,16 +154,20 @@ def _check_index(index: Any, receiver: ConnectionOps) -> None:
     """Indices the ``Indexer`` operator takes: ints, slices of ints, None, ``...``, integer
     lists / arrays and boolean masks (lists / arrays of bools), or a tuple of those; a lone
     boolean is refused (NumPy would read it as a new axis)."""
+    from .shape_wires import ShapeWire
+
+    def size(f: Any) -> bool:  # (a shape wire's size too: x[:q.shape[2]], as published)
+        return (isinstance(f, ShapeWire) and f.kind == "int") or (
+            isinstance(f, (int, np.integer)) and not isinstance(f, (bool, np.bool_)))
+
     _static(index, f"[{index!r}]", receiver)
     for i in index if isinstance(index, tuple) else (index,):
         if i is None or i is Ellipsis:
             continue
         if isinstance(i, slice):
-            fields = (i.start, i.stop, i.step)
-            if all(f is None or (isinstance(f, (int, np.integer)) and not isinstance(f, bool))
-                   for f in fields) and i.step != 0:
+            if all(f is None or size(f) for f in (i.start, i.stop, i.step)) and i.step != 0:
                 continue
-        elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+        elif size(i):
             continue
         elif isinstance(i, (list, np.ndarray)) and (np.asarray(i).dtype.kind in "iu" or (
                 np.asarray(i).dtype.kind == "b" and np.ndim(i) > 0)):

@@ -358,15 +358,55 @@ class Indexer(Operator):
     any_dtype_inputs = frozenset({"input"})
 
     def __init__(self, index: Any) -> None:
+        from .shape_wires import ShapeArgs, ShapeWire
+
         if isinstance(index, list) and any(isinstance(i, (slice, type(None), type(Ellipsis)))
                                            for i in index):
             index = tuple(index)
         self.index = (tuple(_as_index(i) for i in index) if isinstance(index, tuple)
                       else _as_index(index))
+        # shape wires as ints or slice ends (published: x[0:q.shape[2]]): the connections
+        # they read are extra inputs (shape_ref0 ...), the index resolved from their shapes
+        items = self.index if isinstance(self.index, tuple) else (self.index,)
+        wires = [f for i in items for f in ((i.start, i.stop, i.step) if isinstance(i, slice)
+                                            else (i,)) if isinstance(f, ShapeWire)]
+        self.shape_args = ShapeArgs(wires) if wires else None
+        if wires:
+            self.inputs = ("input", *self.shape_args.keys)  # type: ignore[union-attr]
+            self.any_dtype_inputs = frozenset(self.inputs)
+
+    def _index(self, shapes: Mapping[str, Any]) -> Any:
+        """The index with its shape wires' sizes (``None``: one not known yet)."""
+        if self.shape_args is None:
+            return self.index
+        from .shape_wires import ShapeWire
+
+        lookup, unknown = self.shape_args.lookup(shapes), []
+
+        def size(f: Any) -> Any:
+            if not isinstance(f, ShapeWire):
+                return f
+            v = f.evaluate(lookup)
+            unknown.extend([f] if v is None else [])
+            return v
+
+        def one(i: Any) -> Any:
+            return slice(size(i.start), size(i.stop), size(i.step)) if isinstance(i, slice) \
+                else size(i)
+
+        out = tuple(map(one, self.index)) if isinstance(self.index, tuple) else one(self.index)
+        return None if unknown else out
+
+    def _run_index(self, refs: Mapping[str, Any]) -> Any:
+        if self.shape_args is None:
+            return self.index
+        from .shape_wires import array_shapes
+
+        return self._index(array_shapes(refs, self.shape_args.keys))
 
     def infer_shape(self, shapes):
-        s = shapes.get("input")
-        return None if s is None else _index_shape(s, self.index)
+        s, index = shapes.get("input"), self._index(shapes)
+        return None if s is None or index is None else _index_shape(s, index)
 
     def _ints_with_arrays(self) -> bool:
         """The index holds an int and an index array (list or mask): NumPy then reads the
@@ -377,20 +417,21 @@ class Indexer(Operator):
         return (any(isinstance(i, np.ndarray) for i in items)
                 and any(isinstance(i, (int, np.integer)) for i in items))
 
-    def forward(self, xp: Any, input: Any) -> Any:
+    def forward(self, xp: Any, input: Any, **refs: Any) -> Any:
+        index = self._run_index(refs)
         torch = torch_of(xp)
         if torch is not None:
             if self._ints_with_arrays():  # NumPy's order: the positions NumPy reads, gathered
-                pos = np.arange(math.prod(input.shape)).reshape(tuple(input.shape))[self.index]
+                pos = np.arange(math.prod(input.shape)).reshape(tuple(input.shape))[index]
                 flat = torch.as_tensor(np.array(pos, np.int64, order="C"), device=input.device)
                 return input.reshape(-1)[flat]
-            flips, index = _positive_steps(self.index, tuple(input.shape))
+            flips, index = _positive_steps(index, tuple(input.shape))
             return (torch.flip(input, flips) if flips else input)[index]
-        return input[self.index]
+        return input[index]
 
     def vjp(self, g, out, args, wrt):
         gx = np.zeros_like(args["input"])
-        np.add.at(gx, self.index, g)
+        np.add.at(gx, self._run_index(args), g)
         return {"input": gx}
 
     def __repr__(self) -> str:
