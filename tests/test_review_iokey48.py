@@ -12,48 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import jax_float64
+from test_review_published48 import multi_head_attention  # (the published CLIP attention)
 
 import mithril as ml
 from mithril.errors import ShapeError
-from mithril.models import Buffer, IOKey, Linear, Model, ScaledDotProduct
+from mithril.models import Buffer, IOKey, Linear, Model
 from mithril.models.connections import IOKey as ConnectionsIOKey
 from mithril.models.model import IOKey as ModelIOKey
 
 BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-def multi_head_attention(d_model: int, n_head: int, name: str | None = None):
-    # synnada-ai/mithril examples/clip/model.py multi_head_attention(use_attn_mask=False),
-    # line for line as published: B, L read off the IOKey before it is added
-    block = Model(name=name)
-    assert d_model % n_head == 0, "d_model is not divisible by h"
-    queries = IOKey("queries")
-    head_dim = d_model // n_head
-    B, L = queries.shape[0], queries.shape[1]
-    block |= Linear(3 * d_model, name="in_proj").connect(queries, output="in_proj")
-
-    in_proj = (
-        block.in_proj.reshape((B, L, 3, -1))  # type: ignore
-        .reshape((1, B, L, 3, d_model))
-        .transpose((3, 1, 2, 0, 4))
-        .reshape((3, B, L, -1))
-    )
-    queries = in_proj[0, :, :, :].reshape((B, L, n_head, head_dim)).transpose((1, 2, 0, 3))
-    keys = in_proj[1, :, :, :].reshape((B, L, n_head, head_dim)).transpose((1, 2, 0, 3))
-    values = in_proj[2, :, :, :].reshape((B, L, n_head, head_dim)).transpose((1, 2, 0, 3))
-    block |= ScaledDotProduct(is_causal=False, use_attn_mask=False).connect(
-        query=queries, key=keys, value=values, output="attention"
-    )
-    block |= Buffer().connect(input=block.attention, output="buffer_output")  # type: ignore
-    values_hat = block.attention.transpose((2, 0, 1, 3)).reshape((B * L, d_model))  # type: ignore
-    block |= Linear(d_model, name="out_proj").connect(values_hat, output="out")
-    block |= Buffer().connect(
-        input=block.out.reshape((B, L, d_model)),  # type: ignore
-        output="output",
-    )
-    block.expose_keys("output")
-    return block
 
 
 def _torch_attention(x, t, B, L, d, h):
