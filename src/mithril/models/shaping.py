@@ -350,6 +350,10 @@ def _positive_steps(index: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...]
     return tuple(flips), tuple(out)
 
 
+#: an index whose shape wires' sizes are not known yet
+_UNKNOWN = object()
+
+
 class Indexer(Operator):
     """``input[index]`` for a fixed ``index``: an int, a slice (negative steps too), ``None``,
     ``...`` or a tuple of those (integer lists index too; their repeats add up in the
@@ -376,7 +380,8 @@ class Indexer(Operator):
             self.any_dtype_inputs = frozenset(self.inputs)
 
     def _index(self, shapes: Mapping[str, Any]) -> Any:
-        """The index with its shape wires' sizes (``None``: one not known yet)."""
+        """The index with its shape wires' sizes (:data:`_UNKNOWN`: one not known yet; an
+        index may itself be None, a new axis)."""
         if self.shape_args is None:
             return self.index
         from .shape_wires import ShapeWire
@@ -395,7 +400,7 @@ class Indexer(Operator):
                 else size(i)
 
         out = tuple(map(one, self.index)) if isinstance(self.index, tuple) else one(self.index)
-        return None if unknown else out
+        return _UNKNOWN if unknown else out
 
     def _run_index(self, refs: Mapping[str, Any]) -> Any:
         if self.shape_args is None:
@@ -406,7 +411,7 @@ class Indexer(Operator):
 
     def infer_shape(self, shapes):
         s, index = shapes.get("input"), self._index(shapes)
-        return None if s is None or index is None else _index_shape(s, index)
+        return None if s is None or index is _UNKNOWN else _index_shape(s, index)
 
     def _ints_with_arrays(self) -> bool:
         """The index holds an int and an index array (list or mask): NumPy then reads the
