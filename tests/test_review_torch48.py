@@ -12,6 +12,7 @@ import io
 
 import pytest
 import torch
+from test_interop_torch_optimizer import default_dtype
 from test_review_torch47 import assert_unchanged, err, groups_of, loss_of, nets, snapshot, step
 from torch.optim import lr_scheduler as L
 from torch.optim import swa_utils
@@ -26,10 +27,8 @@ TOL = 1e-12
 @pytest.fixture(autouse=True)
 def _float64_default():
     # (torch keeps its step counts and NAdam's mu_product in the default dtype)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+    with default_dtype(torch.float64):
+        yield
 
 
 def rates(opt: torch.optim.Optimizer) -> list[float]:
