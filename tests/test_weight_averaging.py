@@ -425,7 +425,7 @@ def test_skipped_step_leaves_the_average_alone():
 
 
 def test_bad_input_is_named_and_changes_nothing():
-    for value, err in [(-0.1, ValueError), (1.0, ValueError), (1.5, ValueError),
+    for value, err in [(-0.1, ValueError), (1.5, ValueError),
                        (float("nan"), ValueError), (float("inf"), ValueError),
                        ("0.9", TypeError), (True, TypeError)]:
         with pytest.raises(err, match="ema_decay"):
@@ -459,7 +459,7 @@ def test_bad_input_is_named_and_changes_nothing():
     # a state dict with a bad ema_decay: refused, the optimizer as it was
     ema = mo.Adam(ema_decay=0.9)
     sd = ema.state_dict()
-    sd["hyperparameters"]["ema_decay"] = 1.0
+    sd["hyperparameters"]["ema_decay"] = 1.5
     with pytest.raises(ValueError, match="ema_decay"):
         ema.load_state_dict(sd)
     assert ema.ema_decay == 0.9

@@ -107,8 +107,9 @@ def check_ema_decay(value: Any) -> float | None:
     if value is None:
         return None
     v = to_float("ema_decay", value)
-    if not (math.isfinite(v) and 0 <= v < 1):
-        raise ValueError(f"ema_decay must be in [0, 1) (or None: no EMA), got {describe(value)}")
+    # 1 (torch, Keras and optax take it): the average stays the first averaged params
+    if not (math.isfinite(v) and 0 <= v <= 1):
+        raise ValueError(f"ema_decay must be in [0, 1] (or None: no EMA), got {describe(value)}")
     return v
 
 

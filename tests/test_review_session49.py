@@ -1,0 +1,48 @@
+"""The lead's own fixes of the forty-ninth session, each against the installed peer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+from mithril.utils import optimizers as mo
+
+BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
+def test_ema_decay_one_is_a_frozen_average_as_torch(kind):
+    """``ema_decay=1.0`` was refused ("must be in [0, 1)"); torch's ``get_ema_multi_avg_fn(1.0)``,
+    Keras's ``ema_momentum=1.0`` and ``optax.ema(1.0)`` take it: the average stays the first
+    averaged parameters. Side by side with ``AveragedModel`` over 5 AdamW steps."""
+    rng = np.random.default_rng(0)
+    p0 = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(5)]
+    net = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()})
+    topt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.01)
+    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(1.0))
+    for g in grads:
+        for k, v in g.items():
+            net[k].grad = torch.tensor(v)
+        topt.step()
+        avg.update_parameters(net)
+    be = BACKENDS[kind](dtype="float64")
+    opt = mo.AdamW(0.1, weight_decay=0.01, ema_decay=1.0)
+    params = {k: be.array(v) for k, v in p0.items()}
+    state = opt.init(params)
+    for i, g in enumerate(grads):
+        params, state = opt.update(params, {k: be.array(v) for k, v in g.items()}, state)
+        if i == 0:
+            first = {k: np.array(be.to_numpy(v)) for k, v in params.items()}
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(be.to_numpy(params[k])), net[k].detach().numpy(),
+                                   rtol=1e-13, atol=1e-15, err_msg=k)
+        ema = np.asarray(be.to_numpy(opt.ema_params(state)[k]))
+        np.testing.assert_allclose(ema, avg.module[k].detach().numpy(), rtol=1e-13, atol=1e-15,
+                                   err_msg=k)
+        np.testing.assert_array_equal(ema, first[k], err_msg=k)  # frozen at step 1's params
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\]"):
+        mo.AdamW(ema_decay=1.0 + 1e-9)
