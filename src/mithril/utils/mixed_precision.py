@@ -31,8 +31,10 @@ What happens in one step:
 4. **Skip on overflow.** If any unscaled gradient holds inf/NaN the step is skipped: masters,
    compute copies and optimizer state (slots and step count) are unchanged and ``success`` is
    ``False``. Only the bookkeeping of a built-in :class:`~mithril.utils.optimizers.OptimizerState`
-   changes, as when the optimizer skips a step itself: ``state.last_step_skipped = True`` and
-   ``state.num_skipped += 1``. Otherwise the optimizer updates the masters.
+   changes, as when the optimizer skips a step itself: ``state.last_step_skipped = True``,
+   ``state.num_skipped += 1`` and ``state.last_grad_norm`` is the skipped gradients' global
+   norm (inf or NaN: what torch's ``clip_grad_norm_`` returns after ``unscale_``). Otherwise
+   the optimizer updates the masters.
 5. **Dynamic scale** (:class:`LossScaler`, ``torch.amp.GradScaler`` semantics): on inf/NaN the
    scale is multiplied by ``backoff_factor`` and the growth tracker reset; after
    ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
@@ -42,6 +44,15 @@ What happens in one step:
    Note that float16's largest value is 65504: with the default scale 2**16 a loss gradient of
    1.0 (``{"loss": 1.0}``) already overflows, so the first step is skipped and the scale
    settles at 2**15 (as with GradScaler when the loss itself is float16).
+
+Several optimizers, one scale (torch's one ``GradScaler`` stepping two optimizers, e.g. a
+GAN's generator and discriminator): give every trainer the same :class:`LossScaler`
+(``trainer_b.scaler = trainer_a.scaler``), call ``backward_and_update(...,
+update_scale=False)`` on each, then ``scaler.update(found_inf=trainer_a.last_found_inf or
+trainer_b.last_found_inf)`` once per iteration. Each trainer skips only its own
+overflowing step (as ``scaler.step(opt)`` skips only that optimizer), every backward pass
+of the iteration uses the same scale, and the scale backs off, or its growth tracker
+advances, once per iteration, as ``scaler.update()``.
 
 Learning-rate schedules must not advance on skipped steps: call
 :meth:`~MixedPrecisionTrainer.step_scheduler` (steps the scheduler only when the last update
@@ -63,6 +74,7 @@ away on bfloat16 weights).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +86,7 @@ from .fixed_parts import FixedParts
 from .loss_scaler import LossScaler, refuse_peer_names
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
-from .optimizers.checks import check_int, describe
+from .optimizers.checks import check_flag, check_int, describe
 from .optimizers.state import OptimizerState
 
 __all__ = ["LossScaler", "MixedPrecisionTrainer"]
@@ -199,6 +211,10 @@ class MixedPrecisionTrainer(FixedParts):
         #: was skipped, and when an :class:`~mithril.utils.accumulation.Accumulate` only
         #: buffered the micro-batch)
         self.last_step_applied = False
+        #: whether the last backward pass's unscaled gradients had an inf/NaN (the overflow
+        #: the scale backs off on; torch's ``found_inf``), for one ``scaler.update`` after
+        #: several trainers' ``backward_and_update(..., update_scale=False)``
+        self.last_found_inf = False
         #: the unscaled float32 gradients of the last backward pass (e.g. for monitoring)
         self.last_gradients: dict[str, Any] | None = None
         self._out_shapes: dict[str, tuple] = {}
@@ -336,8 +352,8 @@ class MixedPrecisionTrainer(FixedParts):
             cots[k] = c
         return cots
 
-    def backward_and_update(self, loss_gradients: Mapping[str, Any], *, weight: float = 1.0
-                            ) -> tuple[dict[str, Any], Any, bool]:
+    def backward_and_update(self, loss_gradients: Mapping[str, Any], *, weight: float = 1.0,
+                            update_scale: bool = True) -> tuple[dict[str, Any], Any, bool]:
         """Scaled half-precision backward pass, unscale, finiteness check, optimizer step.
 
         ``loss_gradients`` maps output names to dLoss/dOutput (any float dtype, or a Python
@@ -353,8 +369,13 @@ class MixedPrecisionTrainer(FixedParts):
         ``weight``: with an :class:`~mithril.utils.accumulation.Accumulate` as the optimizer,
         this micro-batch's weight in the window's mean (its row count, for a mean-reduced
         loss, when the micro-batches differ in size); any other optimizer takes only 1.
+
+        ``update_scale``: ``False`` leaves the loss scale (and its growth tracker) as it is,
+        for one ``scaler.update(found_inf=...)`` after several trainers sharing the scaler
+        have stepped (:attr:`last_found_inf` says whether this one overflowed; module docs).
         """
         w = _check_weight(weight)
+        update_scale = check_flag("backward_and_update(update_scale=...)", update_scale)
         if w != 1.0 and not isinstance(self.optimizer, Accumulate):
             raise TypeError(f"backward_and_update(weight={weight!r}): a micro-batch weight is "
                             f"for an Accumulate optimizer, not {type(self.optimizer).__name__}")
@@ -399,6 +420,9 @@ class MixedPrecisionTrainer(FixedParts):
             if isinstance(st, OptimizerState):
                 st.last_step_skipped = True
                 st.num_skipped += 1
+                # (not the previous step's: a log of the norm shows the overflow, as torch's
+                # clip_grad_norm_ returns inf/NaN for it)
+                st.last_grad_norm = self._global_norm(grads)
             elif isinstance(st, AccumulateState):
                 # the micro-batch is dropped (not buffered): the state must not still say
                 # that the previous call's update was applied
@@ -406,12 +430,24 @@ class MixedPrecisionTrainer(FixedParts):
         eng.clear()  # (one backward per forward)
         self.num_steps += 1
         self.last_gradients = grads
-        self.scaler.update(found_inf=not finite)
+        self.last_found_inf = not finite
+        if update_scale:
+            self.scaler.update(found_inf=not finite)
         self.last_step_skipped = not success
         self.last_step_applied = applied
         if not success:
             self.num_skipped_steps += 1
         return dict(self._master), self.optimizer_state, success
+
+    def _global_norm(self, grads: Mapping[str, Any]) -> float:
+        """The L2 norm of all of ``grads`` together (float64 sums of squares: inf for an
+        inf, NaN for a NaN, as torch's ``clip_grad_norm_``)."""
+        to_np, total = self.model.backend.to_numpy, 0.0
+        with np.errstate(all="ignore"):
+            for g in grads.values():
+                a = np.asarray(to_np(g), dtype=np.float64)
+                total += float(np.sum(a * a))
+        return math.sqrt(total) if total == total else math.nan
 
     def step_scheduler(self, scheduler: Any, *args: Any, **kwargs: Any) -> bool:
         """``scheduler.step(*args, **kwargs)`` only if the last :meth:`backward_and_update`
