@@ -1,7 +1,8 @@
 """Differentially private training (Abadi et al., 2016): per-example gradients clipped to a
 global norm, summed, noised and averaged before any base optimizer's step, as
 ``optax.contrib.differentially_private_aggregate``; :class:`DPSGD` is
-``optax.contrib.dpsgd``."""
+``optax.contrib.dpsgd``. The privacy a run spends (ε for σ, the sampling rate, the steps
+and δ; σ for a target ε): :mod:`mithril.utils.privacy_accounting`, re-exported here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ...errors import ShapeError
+from ..privacy_accounting import PrivacyAccountant, get_epsilon, get_noise_multiplier
 from .checks import check_int, check_positive, describe
 from .noisy_sgd import gaussian_noise
 from .outer_wrapper import OuterWrapper, check_base, check_grads
@@ -239,4 +241,5 @@ class DPSGD(DifferentiallyPrivate):
         super().__init__(base, l2_norm_clip, noise_multiplier, seed)
 
 
-__all__ = ["DPAggregateState", "DPSGD", "DifferentiallyPrivate"]
+__all__ = ["DPAggregateState", "DPSGD", "DifferentiallyPrivate", "PrivacyAccountant",
+           "get_epsilon", "get_noise_multiplier"]
