@@ -129,6 +129,22 @@ from .reductions import Prod  # noqa: E402
 
 __all__ += ["FloorDivide", "Prod", "ShiftLeft", "ShiftRight"]
 
+from .comparisons import (  # noqa: E402
+    Equal,
+    Greater,
+    GreaterEqual,
+    Less,
+    LessEqual,
+    LogicalAnd,
+    LogicalNot,
+    LogicalOr,
+    LogicalXOr,
+    NotEqual,
+)
+
+__all__ += ["Equal", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalNot",
+            "LogicalOr", "LogicalXOr", "NotEqual"]
+
 # the published Mithril's Gaussian-process regression and its linear-algebra primitives
 from .gp_regression import (  # noqa: E402
     AddDiagonal,

@@ -1,8 +1,12 @@
 """``Arange``: the published Mithril's integer range block (positions of a sequence).
 
 ``Arange(start=0, stop, step=1)`` is ``[start, start + step, ...)`` below ``stop`` (above it
-for a negative step), as ``torch.arange`` / ``numpy.arange``, in int64. Each of ``start``,
-``stop`` and ``step`` is an int, a shape wire (``Arange(stop=x.shape[1])``, see
+for a negative step), as ``torch.arange`` / ``numpy.arange``: ceil((stop − start) / step)
+values (none if that is not positive), in int64 for integer ends. As published, the ends
+may be floats (``Arange(0.0, 1.0, 0.1)``): the values are start + i·step computed in float64,
+as ``torch.arange``, in the model's float dtype (or ``dtype=``: ``ml.float32``,
+``"float64"``, ...); an integer range takes a float ``dtype`` too.
+Each of ``start``, ``stop`` and ``step`` is an int (or float), a shape wire (``Arange(stop=x.shape[1])``, see
 :mod:`mithril.models.shape_wires`) or, as published, a connection whose value the compiler
 knows: the output of a ``Size`` / ``Shape`` block (``model += Size(dim=1)`` then ``model +=
 Arange()``: ``stop`` is the canonical input). Its length is then known at compile time;
@@ -11,20 +15,24 @@ a connection whose value is computed at run time is a ``ShapeError`` naming it. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .connection_types import TBD
+from .connections import IOKey
 from .operator import Operator, ShapeError, torch_of
 from .shape_wires import ShapeArgs, ShapeWire, array_shapes
 
 _ENDS = ("start", "stop", "step")
 
 
-def _length(start: int, stop: int, step: int) -> int:
-    return max(0, -(-(stop - start) // step))
+def _length(start: float, stop: float, step: float) -> int:
+    if all(isinstance(v, int) for v in (start, stop, step)):
+        return max(0, -(-(stop - start) // step))
+    return max(0, math.ceil((stop - start) / step))  # (in float64, as torch and NumPy)
 
 
 class Arange(Operator):
@@ -33,7 +41,8 @@ class Arange(Operator):
     positional = ("start", "stop", "step", "dtype", "output")  # (the published connect's)
 
     def __init__(self, start: Any = 0, stop: Any = TBD, step: Any = 1, dtype: Any = None) -> None:
-        _check_dtype(dtype)
+        self.dtype = _check_dtype(dtype)
+        self._float_like = IOKey(value=np.zeros(()))
         self.ends: dict[str, Any] = {}
         for key, v in (("start", start), ("stop", stop), ("step", step)):
             self._set(key, v)
@@ -43,18 +52,29 @@ class Arange(Operator):
         if v is TBD:
             self.ends.pop(key, None)
             return
-        if not isinstance(v, ShapeWire) and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-            raise TypeError(f"Arange: {key} must be an int, a shape wire (x.shape[0]) or a "
-                            f"connection (a Size block's output), got {v!r}")
+        if not isinstance(v, ShapeWire) and (isinstance(v, (bool, np.bool_)) or not isinstance(
+                v, (int, np.integer, float, np.floating))):
+            raise TypeError(f"Arange: {key} must be an int, a float, a shape wire (x.shape[0]) or "
+                            f"a connection (a Size block's output), got {v!r}")
+        if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+            raise ValueError(f"Arange: {key} must be finite, got {v!r}")
         if isinstance(v, ShapeWire) and v.kind != "int":
             raise TypeError(f"Arange: {key}={v!r} is a whole shape; index it (x.shape[0])")
-        self.ends[key] = v if isinstance(v, ShapeWire) else int(v)
+        self.ends[key] = v if isinstance(v, ShapeWire) else \
+            float(v) if isinstance(v, (float, np.floating)) else int(v)
         if key == "step" and self.ends[key] == 0:
             raise ValueError("Arange: step must not be 0")
 
     def _update(self) -> None:
         wires = [v for v in self.ends.values() if isinstance(v, ShapeWire)]
         self.shape_args = ShapeArgs(wires) if wires else None
+        if self.dtype is None and any(isinstance(v, float) for v in self.ends.values()):
+            # float ends: the values take the model's float dtype, read from a float
+            # constant the model wires in (the backend gives constants its dtype)
+            if self.shape_args is None:
+                self.shape_args = ShapeArgs([])
+            self.shape_args.refs += (self._float_like,)
+            self.shape_args.keys += ("float_like",)
         # (stop first: the canonical input, as published, that ``+=`` wires)
         self.wired = tuple(k for k in ("stop", "start", "step") if k not in self.ends)
         self.inputs = (*self.wired, *(self.shape_args.keys if self.shape_args is not None else ()))
@@ -71,14 +91,15 @@ class Arange(Operator):
             if key in connections:
                 raise TypeError(f"Arange.connect got two values for {key!r}")
             connections[key] = v
-        if connections.get("dtype", TBD) is not TBD:
-            _check_dtype(connections["dtype"])
-        connections.pop("dtype", None)
-        before = dict(self.ends)
+        dtype = connections.pop("dtype", TBD)
+        before, before_dtype = dict(self.ends), self.dtype
+        if dtype is not TBD:
+            self.dtype = _check_dtype(dtype)
         try:
             for key in _ENDS:
                 v = connections.get(key)
-                if isinstance(v, (ShapeWire, int, np.integer)) and not isinstance(v, bool):
+                if isinstance(v, (ShapeWire, int, np.integer, float, np.floating)) and \
+                        not isinstance(v, (bool, np.bool_)):
                     self._set(key, connections.pop(key))
             self._update()
             for key in _ENDS:
@@ -87,7 +108,7 @@ class Arange(Operator):
                                     "connect)")
             return super().connect(**connections)
         except BaseException:
-            self.ends = before
+            self.ends, self.dtype = before, before_dtype
             self._update()
             raise
 
@@ -102,9 +123,9 @@ class Arange(Operator):
                 v = values.get(key)
                 if v is not None:
                     v = np.asarray(v)
-                    if v.shape != () or v.dtype.kind not in "iu":
-                        raise ShapeError(f"Arange: {key} must be one integer, got {v!r}")
-                    v = int(v)
+                    if v.shape != () or v.dtype.kind not in "iuf":
+                        raise ShapeError(f"Arange: {key} must be one number, got {v!r}")
+                    v = int(v) if v.dtype.kind in "iu" else float(v)
             if v is None:
                 return None
             got.append(v)
@@ -129,26 +150,54 @@ class Arange(Operator):
         values = {k: _concrete(args[k], k) for k in self.wired}
         start, stop, step = self._ends(values, shapes)  # type: ignore[misc]
         t = torch_of(xp)
+        like = args.get("float_like")
+        dtype = str(like.dtype).rsplit(".", 1)[-1] if like is not None else \
+            self._out_dtype((start, stop, step))
+        if dtype == "int64":
+            if t is not None:
+                return t.arange(start, stop, step, dtype=t.int64)
+            return np.arange(start, stop, step, dtype=np.int64)  # (a constant under jax.jit)
+        # start + i·step in float64, then cast (torch.arange's float values)
+        values64 = start + np.arange(_length(start, stop, step), dtype=np.float64) * step
         if t is not None:
-            return t.arange(start, stop, step, dtype=t.int64)
-        return np.arange(start, stop, step, dtype=np.int64)  # (a constant under jax.jit)
+            return t.tensor(values64, dtype=getattr(t, dtype))
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            return values64.astype(ml_dtypes.bfloat16)
+        return values64.astype(dtype)
+
+    def _out_dtype(self, ends: tuple) -> str:
+        """``dtype``, else int64 (float ends read the model's dtype: see ``_update``)."""
+        return self.dtype if self.dtype is not None else "int64"
 
     def vjp(self, g, out, args, wrt):
         return {}
 
     def __repr__(self) -> str:
-        return "Arange(" + ", ".join(f"{k}={v!r}" for k, v in self.ends.items()) + ")"
+        ends = [f"{k}={v!r}" for k, v in self.ends.items()]
+        return "Arange(" + ", ".join(ends + ([f"dtype={self.dtype!r}"] if self.dtype else [])) + ")"
 
 
-def _check_dtype(dtype: Any) -> None:
-    if dtype is not None and np.dtype(str(dtype).rsplit(".", 1)[-1]).kind not in "iu":
-        raise TypeError(f"Arange: only an integer range is offered here (dtype int64), got "
-                        f"dtype={dtype!r}; scale it as an expression for floats")
+_DTYPES = ("int64", "float16", "bfloat16", "float32", "float64")
 
 
-def _concrete(v: Any, key: str) -> int:
+def _check_dtype(dtype: Any) -> str | None:
+    """The output dtype's name (None: int64 for integer ends, float32 otherwise)."""
+    if dtype is None:
+        return None
+    name = str(getattr(dtype, "name", dtype)).rsplit(".", 1)[-1]
+    if name in ("int32", "int16", "int8", "int"):
+        name = "int64"  # (integers: the positions' int64, as before)
+    if name not in _DTYPES:
+        raise TypeError(f"Arange: dtype must be an integer dtype or one of {_DTYPES[1:]}, got "
+                        f"dtype={dtype!r}")
+    return name
+
+
+def _concrete(v: Any, key: str) -> Any:
     try:
-        return int(np.asarray(v) if not hasattr(v, "item") else v.item())
+        return np.asarray(v) if not hasattr(v, "item") else np.asarray(v.item())
     except Exception as e:  # (a JAX tracer: a value computed inside the jitted program)
         raise ShapeError(f"Arange: '{key}' must be known before the run (a Size / Shape "
                          "block's output or a shape wire), not computed by it") from e

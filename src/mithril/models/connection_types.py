@@ -67,8 +67,9 @@ class TensorType:
 class Tensor:
     """The published Mithril's tensor type, for ``IOKey(type=Tensor[float])``:
     ``Tensor[float]``, ``Tensor[int]``, ``Tensor[bool]`` or a union of them
-    (``Tensor[int | float | bool]``, the same as ``Tensor``). Values are not made from it
-    here: give a constant as ``IOKey(value=...)``."""
+    (``Tensor[int | float | bool]``, the same as ``Tensor``). As published, ``Tensor(value)``
+    is a constant where a connection is given (``Where().connect(cond=m, input1=Tensor(0.0),
+    ...)``): it is ``IOKey(value=value)`` (``type=`` checks the value's kind)."""
 
     def __class_getitem__(cls, item: Any) -> TensorType:
         args = typing.get_args(item) if isinstance(item, types.UnionType) or \
@@ -78,9 +79,22 @@ class Tensor:
             raise TypeError(f"Tensor[...] takes int, float, bool or a union of them, got {item!r}")
         return TensorType(frozenset(k for k in kinds if k is not None))
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Tensor:
-        raise TypeError("Tensor(...) values are not offered: a constant is IOKey(value=...), a "
-                        "differentiable input IOKey(name, differentiable=True)")
+    def __new__(cls, value: Any = TBD, type: Any = None, shape: Any = None,  # noqa: A002
+                differentiable: bool | None = None) -> Any:
+        from .connections import IOKey
+
+        if value is TBD or value is None:
+            raise TypeError("Tensor() without a value is not offered: an input is a name or "
+                            "IOKey(name, type=Tensor[...]); a constant is Tensor(value)")
+        if shape is not None:
+            raise TypeError("Tensor(value, shape=...): the shape is the value's here")
+        if differentiable:
+            raise TypeError("Tensor(value, differentiable=True) is not offered: a trainable "
+                            "input with a starting value is IOKey(name, differentiable=True), "
+                            "given at evaluate or in compile(constant_keys=...)")
+        if type is None:
+            return IOKey(value=value)
+        return IOKey(value=value, type=type)
 
 
 def type_name(kinds: frozenset[str]) -> str:

@@ -63,16 +63,16 @@ _MODULES = {
     "Exponential": "primitives", "Cast": "primitives",
     "Sum": "reductions", "Mean": "reductions", "Max": "reductions", "Min": "reductions",
     "Indexer": "shaping", "Transpose": "shaping", "Reshape": "shaping",
+    **dict.fromkeys(("Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual",
+                     "LogicalAnd", "LogicalOr", "LogicalXOr", "LogicalNot"), "comparisons"),
 }
 
 #: operators of the published Mithril's connections that have no operator here
 _NOT_OFFERED_OPS = {
-    "//": "FloorDivide", "<": "Less", "<=": "LessEqual", ">": "Greater", ">=": "GreaterEqual",
-    "&": "LogicalAnd", "|": "LogicalOr", "^": "LogicalXOr", "~": "LogicalNot",
-    "<<": "ShiftLeft", ">>": "ShiftRight",
+    "//": "FloorDivide", "<<": "ShiftLeft", ">>": "ShiftRight",
 }
 _NOT_OFFERED_METHODS = frozenset({
-    "size", "tensor", "item", "prod", "var", "len", "eq", "ne", "sin", "cos", "floor",
+    "size", "tensor", "item", "prod", "var", "len", "sin", "cos", "floor",
     "clamp", "atleast_1d", "dtype",
 })
 
@@ -133,6 +133,16 @@ def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
     raise TypeError(f"unsupported operand for '{symbol}' with {this!r}: {type(v).__name__} "
                     f"{v!r:.60}; an operand is a connection (a block's terminal, model.cout, an "
                     "IOKey, an expression) or a number / numeric list or array")
+
+
+def _operand(v: Any, symbol: str, this: ConnectionOps) -> Operand:
+    """A comparison's or logical operator's operand: as :func:`_constant`, but a number
+    keeps its kind (``mask & True`` stays bool, ``pos >= 3`` compares integers)."""
+    if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)) and not _has_connection(v):
+        arr = np.asarray(v) if not isinstance(v, (list, tuple)) or v else np.asarray(v, float)
+        if arr.dtype.kind in "biuf":
+            return arr
+    return _constant(v, symbol, this)
 
 
 def _index_text(index: Any) -> str:
@@ -289,6 +299,8 @@ class ConnectionOps:
     def reshape(self, *shape: Any) -> Expression:
         """The values in ``shape`` (``Reshape``): ``x.reshape((2, -1))`` or ``x.reshape(2, -1)``;
         one entry may be -1 (or None)."""
+        if len(shape) == 1 and isinstance(shape[0], ConnectionOps):  # a Shape / Size output
+            return self._unary(_op("Reshape", shape[0]), f"{_text(self)}.reshape({shape[0]!r})")
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         _static(shape, f".reshape({shape!r})", self)
@@ -317,6 +329,55 @@ class ConnectionOps:
         """The minimum over ``axis`` (``Min``)."""
         return self._reduce("Min", axis, keepdim)
 
+    # -- comparisons and logic (bool results, no gradient; comparisons.py) -----------------
+    def _compare(self, other: Any, name: str, symbol: str, reflected: bool = False) -> Expression:
+        b = _operand(other, symbol, self)
+        left, right = (b, self) if reflected else (self, b)
+        return Expression(_op(name), {"left": left, "right": right},
+                          f"({_text(left)} {symbol} {_text(right)})")
+
+    def __lt__(self, other: Any) -> Expression:
+        return self._compare(other, "Less", "<")
+
+    def __le__(self, other: Any) -> Expression:
+        return self._compare(other, "LessEqual", "<=")
+
+    def __gt__(self, other: Any) -> Expression:
+        return self._compare(other, "Greater", ">")
+
+    def __ge__(self, other: Any) -> Expression:
+        return self._compare(other, "GreaterEqual", ">=")
+
+    def eq(self, other: Any) -> Expression:
+        """Elementwise ``==`` (``Equal``), as published: ``==`` itself stays Python's identity
+        test (connections are dict keys and set members)."""
+        return self._compare(other, "Equal", "==")
+
+    def ne(self, other: Any) -> Expression:
+        """Elementwise ``!=`` (``NotEqual``), as published (see :meth:`eq`)."""
+        return self._compare(other, "NotEqual", "!=")
+
+    def __and__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalAnd", "&")
+
+    def __rand__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalAnd", "&", reflected=True)
+
+    def __or__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalOr", "|")
+
+    def __ror__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalOr", "|", reflected=True)
+
+    def __xor__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalXOr", "^")
+
+    def __rxor__(self, other: Any) -> Expression:
+        return self._compare(other, "LogicalXOr", "^", reflected=True)
+
+    def __invert__(self) -> Expression:
+        return self._unary(_op("LogicalNot"), f"~{_text(self)}")
+
     # -- not offered ------------------------------------------------------------------------
     def _not_offered(self, symbol: str, *_: Any) -> Any:
         raise TypeError(f"'{symbol}' on connections ({self!r}) is not offered: there is no "
@@ -326,36 +387,6 @@ class ConnectionOps:
         return self._not_offered("//")
 
     __rfloordiv__ = __floordiv__
-
-    def __lt__(self, other: Any) -> Any:
-        return self._not_offered("<")
-
-    def __le__(self, other: Any) -> Any:
-        return self._not_offered("<=")
-
-    def __gt__(self, other: Any) -> Any:
-        return self._not_offered(">")
-
-    def __ge__(self, other: Any) -> Any:
-        return self._not_offered(">=")
-
-    def __and__(self, other: Any) -> Any:
-        return self._not_offered("&")
-
-    __rand__ = __and__
-
-    def __or__(self, other: Any) -> Any:
-        return self._not_offered("|")
-
-    __ror__ = __or__
-
-    def __xor__(self, other: Any) -> Any:
-        return self._not_offered("^")
-
-    __rxor__ = __xor__
-
-    def __invert__(self) -> Any:
-        return self._not_offered("~")
 
     def __lshift__(self, other: Any) -> Any:
         return self._not_offered("<<")

@@ -38,6 +38,17 @@ class Reshape(Operator):
             return
         if isinstance(shape, ShapeWire):
             shape = (shape,)
+        from .expressions import ConnectionOps
+
+        if isinstance(shape, ConnectionOps):  # a Shape / Size block's output: its value
+            self.shape = "wired"
+            self.shape_args = ShapeArgs([])
+            self.shape_args.refs, self.shape_args.keys = (shape,), ("shape",)
+            self.inputs = ("input", "shape")
+            self.any_dtype_inputs = frozenset(self.inputs)
+            self.value_inputs = frozenset({"shape"})
+            return
+        self.__dict__.pop("value_inputs", None)
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"Reshape: shape must be a tuple or list of sizes (ints, -1, None "
                             f"or shape wires such as x.shape[0]), got {shape!r}")
@@ -80,20 +91,26 @@ class Reshape(Operator):
         if self.shape is not None and shape is not TBD:
             raise TypeError(f"Reshape: the shape is given twice (Reshape({list(self.shape)}) and "
                             "connect(shape=...))")
-        before = (self.shape, self.shape_args, self.inputs, self.__dict__.get("any_dtype_inputs"))
+        before = (self.shape, self.shape_args, self.inputs, self.__dict__.get("any_dtype_inputs"),
+                  self.__dict__.get("value_inputs"))
         self._set_shape(shape)
         try:
             return super().connect(*args, **connections)
         except BaseException:
             self.shape, self.shape_args, self.inputs = before[:3]
-            if before[3] is None:
-                self.__dict__.pop("any_dtype_inputs", None)
+            for key, v in (("any_dtype_inputs", before[3]), ("value_inputs", before[4])):
+                if v is None:
+                    self.__dict__.pop(key, None)
+                else:
+                    self.__dict__[key] = v
             raise
 
-    def _target(self, shapes: Mapping[str, Any]) -> tuple | None:
+    def _target(self, shapes: Mapping[str, Any], values: Mapping[str, Any] | None = None) -> tuple | None:
         if self.shape is None:
             raise ShapeError("Reshape: no shape given: Reshape(shape) or "
                              "Reshape().connect(input=..., shape=...)")
+        if self.shape == "wired":
+            return _wired_sizes((values or {}).get("shape"))
         if self.shape_args is None:
             return self.shape
         from .shape_wires import resolve_sizes
@@ -103,8 +120,12 @@ class Reshape(Operator):
             raise ShapeError(f"Reshape: at most one -1 in the shape, got {list(target)}")
         return target
 
-    def infer_shape(self, shapes):
-        s, target = shapes.get("input"), self._target(shapes)
+    def infer_shape(self, shapes, values: Mapping[str, Any] | None = None):
+        if self.shape == "wired" and "shape" not in (values or {}):
+            raise ShapeError("Reshape: the value of 'shape' is computed by the run, so the "
+                             "output's shape is not known at compile time: give sizes, shape "
+                             "wires (x.shape[0]) or a Shape / Size block's output")
+        s, target = shapes.get("input"), self._target(shapes, values)
         if s is None or target is None:
             return None if target is None else tuple(None if d == -1 else d for d in target)
         if any(d is None for d in s) or any(d is None for d in target):
@@ -129,6 +150,9 @@ class Reshape(Operator):
     def forward(self, xp: Any, input: Any, **refs: Any) -> Any:
         if self.shape_args is None:
             return input.reshape(self.shape)
+        if self.shape == "wired":
+            v = refs["shape"]
+            return input.reshape(_wired_sizes(v.tolist() if hasattr(v, "tolist") else v))
         from .shape_wires import array_shapes
 
         return input.reshape(self._target(array_shapes(refs, self.shape_args.keys)))
@@ -137,7 +161,23 @@ class Reshape(Operator):
         return {"input": g.reshape(args["input"].shape)}
 
     def __repr__(self) -> str:
+        if self.shape == "wired":
+            return "Reshape(shape=<connection>)"
         return f"Reshape({None if self.shape is None else list(self.shape)})"
+
+
+def _wired_sizes(v: Any) -> tuple | None:
+    """The sizes a Shape / Size output holds (None: not known yet), checked: integers, at
+    most one -1."""
+    if v is None:
+        return None
+    a = np.asarray(v)
+    if a.ndim > 1 or a.dtype.kind not in "iu":
+        raise ShapeError(f"Reshape: 'shape' must hold integers (a Shape / Size output), got {a!r}")
+    sizes = tuple(int(d) for d in a.reshape(-1))
+    if sum(d == -1 for d in sizes) > 1 or any(d < -1 for d in sizes):
+        raise ShapeError(f"Reshape: at most one -1 and no other negative size, got {list(sizes)}")
+    return sizes
 
 
 class Transpose(Operator):
