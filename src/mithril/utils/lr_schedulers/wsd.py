@@ -14,15 +14,15 @@ _DECAYS = ("linear", "cosine", "1-sqrt")
 
 
 class WSD(LRScheduler):
-    """Warmup-stable-decay ("trapezoidal") schedule: linear warm-up to the base learning rate,
-    a constant phase, then a decay to ``final_lr``.
+    """Warmup-stable-decay ("trapezoidal") schedule: a warm-up to the base learning rate, a
+    constant phase, then a decay to ``final_lr``.
 
     With ``W = warmup_steps``, ``S = stable_steps``, ``D = decay_steps`` and ``p = (t - W - S) /
     D`` during the decay:
 
     .. math::
         \\eta_t = \\begin{cases}
-            \\text{start\\_lr} + (\\eta_{base} - \\text{start\\_lr})\\, t / W & t < W \\\\
+            \\text{start\\_lr} + (\\eta_{base} - \\text{start\\_lr})\\, w(t / W) & t < W \\\\
             \\eta_{base} & W \\le t < W + S \\\\
             \\text{final\\_lr} + (\\eta_{base} - \\text{final\\_lr})\\, d(p)
                 & W + S \\le t < W + S + D \\\\
@@ -33,7 +33,18 @@ class WSD(LRScheduler):
     ``1 - sqrt(p)`` (``'1-sqrt'``, the cool-down of Hägele et al., 2024, "Scaling Laws and
     Compute-Optimal Training Beyond Fixed Training Durations"; WSD itself: Hu et al., 2024,
     MiniCPM), raised to the power ``exponent`` (1 by default: optax's ``cosine_decay_schedule``
-    has it for the cosine; ``'linear'`` with it is a polynomial decay).
+    has it for the cosine; ``'linear'`` with it is a polynomial decay). The warm-up's shape
+    ``w(q)`` is ``q`` (``warmup_type='linear'``, the default), ``(1 - cos(pi q)) / 2``
+    (``'cosine'``) or ``1 - sqrt(1 - q)`` (``'1-sqrt'``): the warm-ups of Hugging Face's
+    ``get_wsd_schedule``.
+
+    Hugging Face's ``get_wsd_schedule(opt, W, D, num_stable_steps=S, warmup_type=wt,
+    decay_type=dt, min_lr_ratio=m)`` (``num_cycles`` left at 0.5) is ``WSD(opt, W, S, D,
+    m * base, m * base, dt, warmup_type=wt)``; its ``get_linear_schedule_with_warmup(opt, W,
+    T)`` is ``WSD(opt, W, 0, T - W)`` and ``get_cosine_schedule_with_warmup(opt, W, T)`` is
+    ``WSD(opt, W, 0, T - W, decay_type='cosine')`` up to step ``T`` (past it Hugging Face's
+    cosine rises again, as torch's ``CosineAnnealingLR`` does: ``SequentialLR(opt, [WSD(opt,
+    W, 0, 0), CosineAnnealingLR(opt, T - W)], [W])`` follows it there too).
 
     optax 0.2 has no WSD schedule; the ``'linear'`` and ``'cosine'`` variants equal
     ``optax.join_schedules([linear_schedule(start_lr, base, W), constant_schedule(base),
@@ -56,10 +67,11 @@ class WSD(LRScheduler):
         final_lr: learning rate at the end of the decay and after, ``>= 0``.
         decay_type: ``'linear'``, ``'cosine'`` or ``'1-sqrt'``.
         exponent: the power of the decay's shape ``d(p)``, real ``>= 0``.
+        warmup_type: ``'linear'``, ``'cosine'`` or ``'1-sqrt'``: the warm-up's shape ``w``.
     """
 
     _HPARAMS = ("warmup_steps", "stable_steps", "decay_steps", "start_lr", "final_lr",
-                "decay_type", "exponent")
+                "decay_type", "exponent", "warmup_type")
 
     def __init__(
         self,
@@ -71,6 +83,7 @@ class WSD(LRScheduler):
         final_lr: float = 0.0,
         decay_type: Literal["linear", "cosine", "1-sqrt"] = "linear",
         exponent: float = 1.0,
+        warmup_type: Literal["linear", "cosine", "1-sqrt"] = "linear",
     ) -> None:
         super().__init__(optimizer)
         self._configure(
@@ -81,6 +94,7 @@ class WSD(LRScheduler):
             final_lr=final_lr,
             decay_type=decay_type,
             exponent=exponent,
+            warmup_type=warmup_type,
         )
         self._restart()
 
@@ -94,6 +108,7 @@ class WSD(LRScheduler):
         final_lr: float,
         decay_type: str,
         exponent: float,
+        warmup_type: str = "linear",
     ) -> None:
         w = _check_int("warmup_steps", warmup_steps, minimum=0)
         s = _check_int("stable_steps", stable_steps, minimum=0)
@@ -102,13 +117,14 @@ class WSD(LRScheduler):
         final_lr = _check_real("final_lr", final_lr, ge=0.0)
         decay_type = _check_choice("decay_type", decay_type, _DECAYS)
         exponent = _check_real("exponent", exponent, ge=0.0)
+        warmup_type = _check_choice("warmup_type", warmup_type, _DECAYS)
         self.warmup_steps, self.stable_steps, self.decay_steps = w, s, d
         self.start_lr, self.final_lr, self.decay_type = start_lr, final_lr, decay_type
-        self.exponent = exponent
+        self.exponent, self.warmup_type = exponent, warmup_type
 
     def _load_checked(self, state: Mapping[str, Any]) -> None:
-        if isinstance(state, Mapping) and "exponent" not in state:  # saved before it existed
-            state = {**state, "exponent": 1.0}
+        if isinstance(state, Mapping):  # saved before these existed: their defaults
+            state = {"exponent": 1.0, "warmup_type": "linear", **state}
         super()._load_checked(state)
 
     @property
@@ -119,7 +135,14 @@ class WSD(LRScheduler):
     def _lr_at(self, t: int) -> float:
         base = self.base_lr
         if t < self.warmup_steps:
-            return self.start_lr + (base - self.start_lr) * t / self.warmup_steps
+            q = t / self.warmup_steps
+            if self.warmup_type == "cosine":
+                q = 0.5 * (1.0 - math.cos(math.pi * q))
+            elif self.warmup_type == "1-sqrt":
+                q = 1.0 - math.sqrt(1.0 - q)
+            else:  # (the linear rates stay bit for bit those of (base - start) * t / W)
+                return self.start_lr + (base - self.start_lr) * t / self.warmup_steps
+            return self.start_lr + (base - self.start_lr) * q
         t -= self.warmup_steps
         if t < self.stable_steps:
             return base
