@@ -80,14 +80,23 @@ class CellLinear(Linear):
     def __init__(self, use_bias: bool = True, size: bool = False) -> None:
         self.dimension, self.use_bias = None, bool(use_bias)
         self.inputs = ("input", "size") if size else ("input",)
-        self.any_dtype_inputs = frozenset({"size"})
+        self.any_dtype_inputs = frozenset({"size", "hint"})
 
     def _width(self, shapes: Any) -> int | None:
         for key, axis in (("size", -1), ("weight", 0), ("bias", 0)):
             s = shapes.get(key)
             if s and s[axis] is not None:
                 return s[axis]
+        # last: a loss target of the output's rank (see ManyToOne._width_hints)
+        s, x = shapes.get("hint"), shapes.get("input")
+        if s and x is not None and len(s) == len(x) and s[-1] is not None:
+            return s[-1]
         return None
+
+    def add_hint(self) -> None:
+        """Read the width from a ``hint`` input too (after the weight's and bias's shapes)."""
+        if "hint" not in self.inputs:
+            self.inputs = (*self.inputs, "hint")
 
     def param_shapes(self, shapes):
         d_in, d_out = (shapes.get("input") or (None,))[-1], self._width(shapes)
@@ -100,11 +109,12 @@ class CellLinear(Linear):
         s = shapes.get("input")
         return None if s is None else (*s[:-1], self._width(shapes))
 
-    def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None, size: Any = None) -> Any:
+    def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None, size: Any = None,
+                hint: Any = None) -> Any:
         return super().forward(xp, input, weight, bias)
 
     def vjp(self, g, out, args, wrt):
-        return super().vjp(g, out, args, wrt - {"size"})
+        return super().vjp(g, out, args, wrt - {"size", "hint"})
 
     def __repr__(self) -> str:
         return f"CellLinear(use_bias={self.use_bias})"
@@ -253,6 +263,26 @@ class ManyToOne(Model):
                                output="hidden_concat")
         self.set_cin("input0")
         self.set_cout("hidden_concat")
+        self._hinted, self._length = False, max_sequence_length
+
+    def _width_hints(self, owner: Model, output_key: str, target: Any) -> None:
+        """As the published infers the output layer's width O back through a loss: called by
+        the ``TrainModel`` that wraps this model (``owner``, sharing its blocks) for a loss
+        of ``input=output_key`` and ``target`` (its wire), once compiled. Every step's output
+        layer then also reads O from the target's last axis when it has the output's rank
+        and neither ``w_ho``'s nor ``bias_o``'s shape gives it (the first such target)."""
+        steps = {f"output{t}" for t in range(self._length)}
+        if self._hinted or output_key not in steps or output_key not in self.conns:
+            return
+        for block, mapping in owner.blocks:
+            if not isinstance(block, (PublishedRNNCell, PublishedLSTMCell)):
+                continue
+            for op, inner in block.blocks:
+                if isinstance(op, CellLinear) and inner.get("output") is block.conns.get("output"):
+                    op.add_hint()
+                    inner["hint"] = block._named("$output_like")
+                    mapping["$output_like"] = target
+        self._hinted = True
 
 
 class OneToMany(Model):

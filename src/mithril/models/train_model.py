@@ -476,6 +476,12 @@ class TrainModel(Model):
         obj |= final.connect(**{f"loss{i}": n for i, n in enumerate(loss_names)},
                              **{f"reg{j}": n for j, n in enumerate(reg_names)}, output=FINAL_COST)
         Model._add(self, obj.connect(**{k: k for k in obj.terminals}), chain=False)
+        hints = getattr(self._model, "_width_hints", None)
+        if hints is not None:  # (ManyToOne: its output layer's width from a loss's target)
+            for term in self._losses:
+                given = {k: _name_of(v) for k, v in term.connections.items()}
+                if given.get("target") in self.conns and given.get("input") is not None:
+                    hints(self, given["input"], self.conns[given["target"]])
         self._finalized = True
 
     @staticmethod
