@@ -175,16 +175,37 @@ class OptaxState(NamedTuple):
 
 
 # -- what an optimizer must be -------------------------------------------------------------
+#: the wrappers that run a whole update, and their optax equivalents (what the refusal says)
+_WRAPPERS = {
+    "Accumulate": "optax.MultiSteps(optax_transformation(acc.optimizer), k, "
+                  "accumulator_dtype=<the gradients' dtype>) (its float32 default rounds "
+                  "float64 gradients)",
+    "SAM": "optax.contrib.sam(optax_transformation(sam.base_optimizer), optax.chain("
+           "optax.contrib.normalize(), optax.sgd(rho)), sync_period=2, opaque_mode=True) (SAM(..., eps=0.0))",
+    "ScheduleFree": "optax.contrib.schedule_free(optax_transformation(sf.base_optimizer), "
+                    "learning_rate, b1=sf.b1, weight_lr_power=sf.weight_lr_power)",
+    "Mechanize": "optax.contrib.mechanize(optax_transformation(m.base_optimizer), ...)",
+}
+
+
 def _check_optimizer(optimizer: Any) -> str:
     """``"elementwise"`` or ``"tensorwise"`` (Muon, Adafactor: :mod:`.optax_tensorwise`);
     ``TypeError`` / ``ValueError`` for what cannot be a transformation."""
+    from ..utils.accumulation import Accumulate
+    from ..utils.optimizers import SAM, Mechanize, ScheduleFree
     from ..utils.optimizers.base import Optimizer
     from .optax_special import classify
 
+    cls, name = type(optimizer), type(optimizer).__name__
+    wrapper = next((w.__name__ for w in (Accumulate, SAM, ScheduleFree, Mechanize)
+                    if isinstance(optimizer, w)), None)
+    if wrapper is not None:  # (a wrapper of a whole update: optax's own around our base)
+        raise TypeError(f"{name} overrides update() (it runs its wrapped optimizer's whole "
+                        f"update), so it cannot be one optax transformation; in optax: "
+                        f"{_WRAPPERS[wrapper]}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optax_transformation needs a mithril optimizer "
                         f"(mithril.utils.optimizers), got {type(optimizer).__name__}")
-    cls, name = type(optimizer), type(optimizer).__name__
     kind = classify(optimizer)
     has_math = (cls.kernel_math is not Optimizer.kernel_math or cls.math is not Optimizer.math)
     if kind == "elementwise" and not has_math:

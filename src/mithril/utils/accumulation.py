@@ -50,6 +50,7 @@ that step raises, the buffer is as it was before the call (the last micro-batch 
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Mapping
@@ -321,6 +322,17 @@ class GradientAccumulator:
         return f"GradientAccumulator(count={self.count}, total_weight={self.total_weight})"
 
 
+def _wrapped_hyper(inner: Any, name: str) -> bool:
+    """Whether ``name`` is a hyperparameter of the wrapped optimizer ``inner``, a wrapper's
+    wrapped one's included (a Lookahead's inner ``beta1``, a SAM's base's: their
+    ``flat_hyperparameters``; ``hyperparameters`` alone names only the wrapper's own)."""
+    for method in ("flat_hyperparameters", "hyperparameters"):
+        fn = getattr(inner, method, None)
+        if callable(fn):
+            return name in fn()
+    return False
+
+
 def _check_against_params(gradients: Mapping[str, Any], params: Mapping[str, Any],
                           optimizer: Any = None) -> None:
     """Every gradient names a parameter and has its shape (caught on the micro-batch that
@@ -446,7 +458,23 @@ class Accumulate:
     ``update(..., loss=f)`` on every call, ``f`` that micro-batch's loss (checked as the
     optimizer checks it, before anything is buffered); the window's step gets the loss of
     its last call, as ``optax.MultiSteps`` passes the applying call's ``value=`` (not a
-    mean: give the window's mean loss on its last call for that).
+    mean: give the window's mean loss on its last call for that). An optimizer that
+    evaluates gradients itself (``SAM``: its gradient at the perturbed point) takes
+    ``update(..., closure=f)`` on the window's last call (ignored, not evaluated, on the
+    others): the SAM step starts from the window's mean gradient and asks ``f`` for the
+    gradient at the perturbed point (``optax.MultiSteps(contrib.sam(..., opaque_mode=True),
+    k)`` with ``grad_fn=``; for that gradient over the whole window, let ``f`` accumulate
+    it over the window's micro-batches).
+
+    Differences from ``optax.MultiSteps`` (otherwise it is ``MultiSteps(opt, k)``, float64
+    to 1e-16 with ``accumulator_dtype=jnp.float64``): the buffers keep the gradients'
+    dtype (``MultiSteps`` accumulates in float32 by default, rounding float64 gradients:
+    ~1e-9 apart after a few windows), and a window is emptied after its step whatever it
+    held: ``MultiSteps`` clears its accumulator by multiplying it by 0, so a NaN micro-batch
+    stays in it for good, and around ``apply_if_finite(opt, N)`` every later window is
+    skipped, then (after ``N``) a NaN step is applied, on a mini-step as well;
+    ``Accumulate(opt(nonfinite="skip", max_consecutive_skips=N), k)`` skips that one window
+    and goes on.
     """
 
     def __init__(self, optimizer: Any, k: int,
@@ -473,8 +501,7 @@ class Accumulate:
         elif "optimizer" in self.__dict__ and name not in self.__dict__ and \
                 not hasattr(type(self), name):
             inner = self.optimizer
-            hp = getattr(inner, "hyperparameters", None)
-            if name == "lr" or (callable(hp) and name in hp()):
+            if name == "lr" or _wrapped_hyper(inner, name):
                 raise AttributeError(
                     f"Accumulate has no attribute {name!r}: setting it would change no step; "
                     f"it is the wrapped {type(inner).__name__}'s (acc.optimizer.{name} = ...; "
@@ -485,14 +512,16 @@ class Accumulate:
         return AccumulateState(self.optimizer.init(params))
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-               state: AccumulateState, weight: float = 1.0, *, loss: Any = None
-               ) -> tuple[Any, AccumulateState]:
+               state: AccumulateState, weight: float = 1.0, *, loss: Any = None,
+               closure: Any = None) -> tuple[Any, AccumulateState]:
         """Buffer ``weight·gradients``; on every ``k``-th call step the wrapped optimizer with
         the mean (the sum with ``use_grad_mean=False``) and, for a loss-aware optimizer, this
-        call's ``loss``. Returns ``(params, state)``; if it raises, nothing changed."""
+        call's ``loss``; for one whose update takes ``closure=`` (SAM), this call's closure.
+        Returns ``(params, state)``; if it raises, nothing changed."""
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
         step_loss = wrapped_loss("Accumulate.update", self.optimizer, loss)
+        step_loss.update(self._closure(closure))
         acc = state.accumulator
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
@@ -511,6 +540,10 @@ class Accumulate:
             state.last_step_skipped = False
             state.skip_state = info
             return params, state
+        if "closure" not in step_loss and self._needs_closure():
+            raise TypeError(f"Accumulate.update: the wrapped {type(self.optimizer).__name__} "
+                            f"needs closure= on the window's last call (call {k} of {k}): "
+                            f"the gradient at the point it evaluates")
         # (checks; the buffer stays as it is)
         mean = acc._mean_with(gradients, weight, mean=self.use_grad_mean)
         params, inner = self.optimizer.update(params, mean, state.inner, **step_loss)
@@ -521,6 +554,25 @@ class Accumulate:
         state.last_step_skipped = bool(getattr(inner, "last_step_skipped", False))
         state.skip_state = info
         return params, state
+
+    def _closure(self, closure: Any) -> dict[str, Any]:
+        """``{"closure": closure}`` for a wrapped optimizer whose update takes one (SAM: its
+        gradient at the perturbed point), ``{}`` where none is given; a closure given to one
+        that takes none, or one not callable, is refused (naming it)."""
+        if closure is None:
+            return {}
+        name = type(self.optimizer).__name__
+        if not self._needs_closure():
+            raise TypeError(f"Accumulate.update: the wrapped {name}'s update takes no "
+                            f"closure= (only an optimizer that evaluates gradients itself, "
+                            f"SAM, does)")
+        if not callable(closure):
+            raise TypeError(f"Accumulate.update: closure must be callable, got "
+                            f"{describe(closure)}")
+        return {"closure": closure}
+
+    def _needs_closure(self) -> bool:
+        return "closure" in inspect.signature(self.optimizer.update).parameters
 
     @property
     def needs_loss(self) -> bool:
@@ -611,8 +663,7 @@ class Accumulate:
         """A wrapped optimizer's hyperparameter, read (``acc.beta1``; set it on
         ``acc.optimizer``)."""
         inner = self.__dict__.get("optimizer")
-        hp = getattr(inner, "hyperparameters", None)
-        if name[:1] != "_" and callable(hp) and name in hp():
+        if name[:1] != "_" and _wrapped_hyper(inner, name):
             return getattr(inner, name)
         raise AttributeError(f"Accumulate has no attribute {name!r}")
 

@@ -108,6 +108,32 @@ def clip_gradients(gradients: Mapping[str, Any], clip_value: float | None = None
     return out
 
 
+def zero_nans(gradients: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """optax ``zero_nans()``: ``gradients`` with every NaN replaced by 0 (inf kept, as
+    optax keeps it), in a new dict of new arrays (those given are not modified), and per
+    key whether it held a NaN (optax's ``ZeroNansState.found_nan``). Use it before an
+    ``update`` or ``Accumulate``'s, where optax chains ``zero_nans()`` first. NumPy, torch
+    or JAX arrays (checked first: ``TypeError`` naming the key)."""
+    out, found = {}, {}
+    for k, g in _checked(gradients, "zero_nans").items():
+        mod = type(g).__module__.split(".", 1)[0]
+        if mod == "torch":
+            import torch
+
+            nan = torch.isnan(g)
+            out[k] = torch.where(nan, torch.zeros((), dtype=g.dtype, device=g.device), g)
+            found[k] = bool(nan.any())
+        elif mod in ("jax", "jaxlib"):
+            import jax.numpy as jnp
+
+            nan = jnp.isnan(g)
+            out[k], found[k] = jnp.where(nan, jnp.zeros((), g.dtype), g), bool(nan.any())
+        else:
+            nan = np.isnan(g)
+            out[k], found[k] = np.where(nan, g.dtype.type(0), g), bool(nan.any())
+    return out, found
+
+
 def _clip(g: Any, c: float) -> Any:
     mod = type(g).__module__.split(".", 1)[0]
     if mod == "torch":

@@ -107,6 +107,11 @@ def _check_inner(inner: Any) -> Optimizer:
     if isinstance(inner, Lookahead):
         raise TypeError("inner must not be a Lookahead itself (nested lookahead is not "
                         "supported): wrap the inner optimizer once")
+    if type(inner).__name__ == "Accumulate" and hasattr(inner, "k_for"):
+        # (optax.lookahead(MultiSteps(opt, k), sync_period=k·s) syncs on the s-th window)
+        raise TypeError("inner must be a mithril optimizer, got an Accumulate: wrap the other "
+                        "way round, Accumulate(Lookahead(opt, sync_period=s), k), which is "
+                        "optax.lookahead(optax.MultiSteps(opt, k), sync_period=k*s)")
     if not isinstance(inner, Optimizer):
         raise TypeError(f"inner must be a mithril optimizer (e.g. Adam()), got {describe(inner)}")
     cls = type(inner)
