@@ -1,0 +1,399 @@
+"""A trained ``torch.nn.Module``'s weights in a compiled Mithril model, and back.
+
+:func:`params_from_torch` turns a torch ``state_dict`` (a module, a mapping of tensors, a
+``.safetensors`` / ``.bin`` / ``.pt`` file, a Hugging Face sharded index or model folder) into
+the compiled model's ``params`` and ``state`` (BatchNorm's ``running_mean``, ``running_var``,
+``num_batches_tracked``); :func:`params_to_torch` gives a ``state_dict`` that
+``module.load_state_dict(..., strict=True)`` takes.
+
+Layouts: every Mithril block keeps torch's layout, so the values copy over as they are:
+``Linear`` (out, in), convolutions (out, in/groups, k…), transposed ones (in, out/groups, k…),
+``Embedding`` (num, dim), attention's packed ``in_proj_weight`` (3E, E) with q, k, v rows in
+that order (or ``q/k/v_proj_weight`` with kdim / vdim), the recurrent gates in torch's order
+(i, f, g, o; r, z, n). Only the names differ; :func:`torch_names` finds them:
+
+* ``names`` (torch name → Mithril name) first: a dict, whose keys are torch parameter names or
+  module paths (``{"encoder.layers.0": "transformer_block_0"}`` maps everything under it,
+  spelled as below), a list of ``(regex, replacement)`` pairs (the first whose regex matches a
+  whole name or module path, as ``re.fullmatch``, wins; ``\\1`` refers to its groups), or a
+  callable (a torch name → a Mithril name, or ``None``).
+* Then the rest by structure. Each side is cut into units: a recurrent layer (torch's
+  ``weight_ih_l1_reverse`` is ``l1_reverse.weight_ih``, a one-layer one-direction layer's or a
+  cell's is ``recurrence.weight_ih``, as :mod:`mithril.models.recurrent_state_dict`), a
+  transformer layer (``nn.TransformerEncoderLayer``'s ``self_attn`` / ``linear1`` / ``linear2``
+  / ``norm1`` / ``norm2`` are ``TransformerBlock``'s ``multi_head_attention`` / ``linear_0`` /
+  ``linear_1`` / ``layer_norm_0`` / ``layer_norm_1``; the decoder's ``multihead_attn`` and
+  ``norm3`` are ``multi_head_attention_1`` and ``layer_norm_2``), an attention
+  (``out_proj.weight`` is ``out_proj_weight``), or else one module (``conv.weight`` and
+  ``conv.bias``). A torch unit and a Mithril unit with the same names and shapes are paired
+  when no other unit on either side has them too; otherwise they are ambiguous and the error
+  lists them with the ``names`` that pair them in order, to check and pass.
+
+Every mismatch is an error naming the torch name, the Mithril name and both shapes or dtypes
+(``KeyMismatchError``: missing, unexpected, ambiguous; ``ShapeError``; ``DTypeError``), raised
+before anything is converted. Nothing is changed in place: the results are new arrays (never
+views of the torch tensors)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import DTypeError, KeyMismatchError, ShapeError
+from ..models.recurrent_state_dict import ROLES
+from .torch_weights_files import Entry, read_state_dict
+
+__all__ = ["TorchWeights", "params_from_torch", "params_to_torch", "torch_names"]
+
+Names = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], "str | None"] | None
+_RROLES = "|".join(ROLES + ("weight_hr",))
+_TORCH_REC = re.compile(rf"(?:(?P<p>.+)\.)?(?P<role>{_RROLES})_l(?P<k>\d+)(?P<rev>_reverse)?")
+_TORCH_CELL = re.compile(rf"(?:(?P<p>.+)\.)?(?P<role>{'|'.join(ROLES)})")
+_OURS_REC = re.compile(rf"(?:(?P<p>.+)\.)?(?P<l>l\d+(?:_reverse)?|recurrence)\.(?P<role>{_RROLES})")
+_ENCODER = {"self_attn": "multi_head_attention", "linear1": "linear_0", "linear2": "linear_1",
+            "norm1": "layer_norm_0", "norm2": "layer_norm_1"}
+_DECODER = {**_ENCODER, "self_attn": "multi_head_attention_0",
+            "multihead_attn": "multi_head_attention_1", "norm3": "layer_norm_2"}
+_BLOCKS = (frozenset(_ENCODER.values()), frozenset(_DECODER.values()))
+_MHA = {"out_proj.weight": "out_proj_weight", "out_proj.bias": "out_proj_bias"}
+_MHA_KEYS = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+             "v_proj_weight", "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"}
+
+
+class TorchWeights(NamedTuple):
+    """What :func:`params_from_torch` returns: ``params`` and ``state`` (BatchNorm's running
+    statistics; ``{}`` for a model without state), each keyed by Mithril name."""
+
+    params: dict[str, Any]
+    state: dict[str, Any]
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
+
+
+def _under(key: str, prefix: str) -> str | None:
+    """``key`` relative to the module path ``prefix`` (``None``: not under it)."""
+    if not prefix:
+        return key
+    return key[len(prefix) + 1:] if key.startswith(prefix + ".") else None
+
+
+def _prefixes(key: str) -> list[str]:
+    """``key`` and its module paths, longest first, then ``""``."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+
+
+# -- units: (module path, name inside it in Mithril's spelling) -----------------------------
+def _torch_units(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Each torch name as (unit, relative name in Mithril's spelling); see the module docstring."""
+    have, out = set(keys), {}
+    rec: dict[str, list[tuple[str, re.Match]]] = {}
+    for k in keys:
+        if m := _TORCH_REC.fullmatch(k):
+            rec.setdefault(m["p"] or "", []).append((k, m))
+    for p, items in rec.items():
+        one = all(m["k"] == "0" and not m["rev"] for _, m in items)
+        for k, m in items:
+            out[k] = (p, ("recurrence" if one else f"l{m['k']}{m['rev'] or ''}") + "." + m["role"])
+    for k in keys:  # transformer layers
+        for tail in ("self_attn.in_proj_weight", "self_attn.q_proj_weight"):
+            p = k[:-len(tail)].rstrip(".") if k.endswith(tail) else None
+            if p is None or (p and not k.endswith("." + tail)) or not all(
+                    _join(p, n) in have for n in ("linear1.weight", "norm1.weight")):
+                continue
+            table = _DECODER if _join(p, "multihead_attn.out_proj.weight") in have else _ENCODER
+            for j in keys:
+                rel = _under(j, p)
+                head, _, rest = (rel or "").partition(".")
+                if rel is not None and j not in out and head in table:
+                    out[j] = (p, f"{table[head]}.{_MHA.get(rest, rest)}")
+    for k in keys:  # attentions on their own
+        if k.endswith("out_proj.weight") and k not in out:
+            p = k[:-len("out_proj.weight")].rstrip(".")
+            if any(_join(p, n) in have for n in ("in_proj_weight", "q_proj_weight")):
+                for j in keys:
+                    rel = _under(j, p)
+                    if rel in _MHA_KEYS and j not in out:
+                        out[j] = (p, _MHA.get(rel, rel))
+    for k in keys:  # cells, then plain modules
+        if k not in out:
+            m = _TORCH_CELL.fullmatch(k)
+            p = (m["p"] or "") if m else ""
+            if m and all(_join(p, r) in have for r in ROLES[:2]):
+                out[k] = (p, "recurrence." + m["role"])
+            else:
+                parent, _, leaf = k.rpartition(".")
+                out[k] = (parent, leaf)
+    return {k: out[k] for k in keys}
+
+
+def _our_units(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Each Mithril name as (unit, relative name): a recurrent block, a transformer block, or
+    the parameter's own module."""
+    out: dict[str, tuple[str, str]] = {}
+    children: dict[str, set[str]] = {}
+    for k in keys:
+        for p in _prefixes(k)[1:]:
+            rel = _under(k, p)
+            if rel is not None and "." in rel:
+                children.setdefault(p, set()).add(rel.split(".")[0])
+    blocks = {p for p, c in children.items() if c in _BLOCKS}
+    for k in keys:
+        p = next((p for p in _prefixes(k)[1:] if p in blocks), None)
+        if p is not None:
+            out[k] = (p, _under(k, p) or k)
+        elif m := _OURS_REC.fullmatch(k):
+            out[k] = (m["p"] or "", f"{m['l']}.{m['role']}")
+        else:
+            parent, _, leaf = k.rpartition(".")
+            out[k] = (parent, leaf)
+    return out
+
+
+# -- the mapping ------------------------------------------------------------------------------
+def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any],
+              who: str) -> dict[str, str]:
+    """``{torch name: Mithril name}`` for the torch names that ``names`` maps."""
+    if names is None:
+        return {}
+    if isinstance(names, Mapping):
+        bad = [k for k, v in names.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"{who}: names must map str to str, got {bad[0]!r}: "
+                            f"{names[bad[0]]!r}")
+
+        def look(k: str) -> tuple[str, str] | None:
+            p = next((p for p in _prefixes(k) if p in names), None)
+            return None if p is None else (p, names[p])
+        rules: list[Any] = list(names)
+    elif callable(names):
+        def look(k: str) -> tuple[str, str] | None:
+            v = names(k)
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{who}: names({k!r}) must return a str or None, got {v!r}")
+            return None if v is None else (k, v)
+        rules = []
+    elif isinstance(names, Sequence) and not isinstance(names, str) and all(
+            isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, str) for x in r)
+            for r in names):
+        try:
+            pairs = [(re.compile(a), b) for a, b in names]
+        except re.error as e:
+            raise ValueError(f"{who}: names holds a bad regex: {e}") from None
+
+        def look(k: str) -> tuple[str, str] | None:
+            for pattern, repl in pairs:
+                for p in _prefixes(k):
+                    if m := pattern.fullmatch(p):
+                        used.add(pattern.pattern)
+                        return p, m.expand(repl)
+            return None
+        rules, used = [a for a, _ in names], set()
+    else:
+        raise TypeError(f"{who}: names must be a dict, a list of (regex, replacement) pairs or "
+                        f"a callable, got {type(names).__name__}")
+    out, groups = {}, {}
+    for k in torch_keys:
+        if hit := look(k):
+            if hit[0] == k:
+                out[k] = hit[1]
+            else:
+                groups.setdefault(hit, []).append(k)
+    for (p, ours), members in groups.items():
+        units = _torch_units([_under(k, p) or k for k in members])
+        for k in members:
+            out[k] = _join(ours, _join(*units[_under(k, p) or k]))
+    hits = {h for k in torch_keys if (h := look(k))}
+    unused = [r for r in rules if r not in {h[0] for h in hits}] if isinstance(names, Mapping) \
+        else [r for r in rules if r not in used]
+    if unused:
+        raise KeyMismatchError(f"{who}: names {unused} match(es) no name or module path of the "
+                               f"torch state_dict")
+    wrong = {k: v for k, v in out.items() if v not in targets}
+    if wrong:
+        lines = [f"torch '{k}' -> '{v}' (closest: {difflib.get_close_matches(v, targets, 3)})"
+                 for k, v in list(wrong.items())[:3]]
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise KeyMismatchError(f"{who}: names map to no Mithril parameter or state: "
+                               + "; ".join(lines) + more)
+    seen: dict[str, str] = {}
+    for k, v in out.items():
+        if v in seen:
+            raise KeyMismatchError(f"{who}: names map torch '{seen[v]}' and '{k}' both to "
+                                   f"Mithril '{v}'")
+        seen[v] = k
+    return out
+
+
+def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
+                t_shape: Callable[[str], tuple], o_shape: Callable[[str], tuple],
+                out: dict[str, str]) -> list[str]:
+    """Add to ``out`` (the pairs ``names`` gave) the torch units' pairs, and return the
+    problems found. A torch unit with a name that ``names`` sent into a Mithril unit follows
+    it there; the others pair with a Mithril unit of the same names and shapes where
+    unambiguous, then (for the messages) of the same names."""
+    taken = set(out.values())
+    t_group: dict[str, dict[str, str]] = {}
+    o_group: dict[str, dict[str, str]] = {}
+    for k, (u, r) in tu.items():
+        t_group.setdefault(u, {})[r] = k
+    for k, (u, r) in ou.items():
+        o_group.setdefault(u, {})[r] = k
+    for g in t_group.values():
+        sent = {ou[out[k]][0] for k in g.values() if k in out}
+        if len(sent) == 1:
+            o = o_group.get(sent.pop(), {})
+            out.update({k: o[r] for r, k in g.items()
+                        if k not in out and r in o and o[r] not in taken})
+            taken.update(out.values())
+    for groups, done in ((t_group, set(out)), (o_group, taken)):
+        for u in list(groups):
+            groups[u] = {r: k for r, k in groups[u].items() if k not in done}
+            if not groups[u]:
+                del groups[u]
+    problems = []
+    def sig(group: dict[str, str], shape: Callable[[str], tuple], exact: bool) -> tuple:
+        return tuple(sorted((r, shape(k) if exact else ()) for r, k in group.items()))
+
+    for exact in (True, False):
+        ts: dict[tuple, list[str]] = {}
+        os_: dict[tuple, list[str]] = {}
+        for u, g in t_group.items():
+            ts.setdefault(sig(g, t_shape, exact), []).append(u)
+        for u, g in o_group.items():
+            os_.setdefault(sig(g, o_shape, exact), []).append(u)
+        for s_, tlist in ts.items():
+            olist = os_.get(s_, [])
+            if len(tlist) == len(olist) == 1:
+                t, o = tlist[0], olist[0]
+                out.update({k: o_group[o][r] for r, k in t_group.pop(t).items()})
+                o_group.pop(o)
+            elif olist and exact:
+                pairs = dict(zip(tlist, olist))
+                problems.append(f"ambiguous: torch {tlist} and Mithril {olist} hold the same "
+                                f"names and shapes; pair them with names=, e.g. {pairs}")
+                for t in tlist:
+                    t_group.pop(t)
+                for o in olist:
+                    o_group.pop(o)
+    for g in t_group.values():
+        problems += [f"unexpected torch key '{k}' {t_shape(k)}" for k in g.values()]
+    for g in o_group.values():
+        problems += [f"missing Mithril key '{k}' {o_shape(k)}" for k in g.values()]
+    return problems
+
+
+def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names,
+             who: str) -> dict[str, str]:
+    """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
+    parameter and state entry paired once, with the same shape."""
+    targets = {**compiled.parameter_shapes, **compiled.state_shapes}
+    out = _explicit(names, list(theirs), targets, who)
+    problems = _pair_units(_torch_units(list(theirs)), _our_units(list(targets)),
+                           lambda k: theirs[k].shape, lambda k: tuple(targets[k]), out)
+    shapes = [f"torch '{k}' {theirs[k].shape} vs Mithril '{v}' {tuple(targets[v])}"
+              for k, v in out.items() if theirs[k].shape != tuple(targets[v])]
+    if problems:
+        raise KeyMismatchError(f"{who}: the torch state_dict does not match the model: "
+                               + "; ".join(problems + shapes))
+    if shapes:
+        raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
+    return {k: out[k] for k in theirs}
+
+
+def torch_names(compiled: Any, state_dict: Any, names: Names = None) -> dict[str, str]:
+    """``{torch name: Mithril name}`` pairing every entry of ``state_dict`` (a module, a
+    mapping, or a file; see :func:`params_from_torch`) with a parameter or state entry of
+    ``compiled``, as the module docstring describes; an error if they do not pair up."""
+    return _mapping(compiled, read_state_dict(state_dict, "torch_names"), names, "torch_names")
+
+
+def _float_kind(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
+
+
+def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
+                      cast: bool = False) -> TorchWeights:
+    """``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
+    mapping of tensors or NumPy arrays, or the path of a ``.safetensors`` file, a
+    ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file, a sharded ``*.index.json`` or a
+    Hugging Face model folder. ``names``: see the module docstring. The values are
+    copied into ``compiled.backend``'s arrays; floats must have the model's dtype unless
+    ``cast=True`` (then e.g. float32 or bfloat16 weights are converted; torch's
+    ``load_state_dict`` casts silently). Returns ``TorchWeights(params, state)``."""
+    who = "params_from_torch"
+    theirs = read_state_dict(state_dict, who)
+    mapping = _mapping(compiled, theirs, names, who)
+    b = compiled.backend
+    fname = str(b.dtype)  # NumPy has no bfloat16: such a model's values go through float32
+    fdtype, idtype = np.dtype(np.float32 if fname == "bfloat16" else fname), np.dtype(np.int64)
+    is_int = {k: compiled.program.state_init.get(k) == "int_zeros" for k in mapping.values()}
+    bad = []
+    for k, v in mapping.items():
+        got = theirs[k].dtype
+        if is_int[v]:
+            ok = got.startswith(("int", "uint"))
+            want = "an integer dtype"
+        else:
+            ok = got == fname or (cast and _float_kind(got))
+            want = fname + ("" if cast else " (or cast=True)")
+        if not ok:
+            bad.append(f"torch '{k}' is {got}, Mithril '{v}' takes {want}")
+    if bad:
+        raise DTypeError(f"{who}: " + "; ".join(bad))
+    params, state = {}, {}
+    for k, v in mapping.items():
+        a = theirs[k].numpy(idtype if is_int[v] else fdtype)
+        (state if v in compiled.state_shapes else params)[v] = \
+            b.array(a, b.int_dtype) if is_int[v] else b.array(a)
+    return TorchWeights({k: params[k] for k in compiled.parameter_shapes if k in params},
+                        {k: state[k] for k in compiled.state_shapes if k in state})
+
+
+def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = None, *,
+                    like: Any = None, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``params`` (and ``state``, required when ``compiled`` keeps some: BatchNorm's running
+    statistics) as a torch ``state_dict`` (CPU tensors of the model's dtype, new memory), in
+    ``like``'s order, for ``module.load_state_dict(..., strict=True)`` or
+    ``safetensors.torch.save_file``. ``like``: the torch module (or its ``state_dict``, or a
+    file) whose names to use, paired as in :func:`params_from_torch` (with the same
+    ``names``); without it, ``names`` must be a dict of full torch names covering every
+    Mithril name."""
+    import torch
+
+    who = "params_to_torch"
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{who}: params must be a dict keyed by Mithril name, got "
+                        f"{type(params).__name__}")
+    if state is None and compiled.state_shapes:
+        raise KeyMismatchError(f"{who}: the model keeps state {sorted(compiled.state_shapes)}: "
+                               "pass state=... (the state evaluate returned)")
+    ours = {**params, **(state or {})}
+    want = {**compiled.parameter_shapes, **compiled.state_shapes}
+    missing, unexpected = sorted(set(want) - set(ours)), sorted(set(ours) - set(want))
+    if missing or unexpected:
+        raise KeyMismatchError(f"{who}: missing Mithril key(s) {missing}, unexpected key(s) "
+                               f"{unexpected}")
+    shapes = [f"'{k}' {tuple(v.shape)} (the model's: {tuple(want[k])})"
+              for k, v in ours.items() if tuple(v.shape) != tuple(want[k])]
+    if shapes:
+        raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
+    if like is not None:
+        mapping = _mapping(compiled, read_state_dict(like, who), names, who)
+    elif isinstance(names, Mapping) and set(names.values()) == set(want) and \
+            len(names) == len(want):
+        mapping = dict(names)
+    else:
+        raise TypeError(f"{who}: give like= (the torch module or its state_dict, whose names "
+                        "to use), or names= as a dict of every torch name to its Mithril name")
+    b, out = compiled.backend, {}
+    for k, v in mapping.items():
+        a = b.to_numpy(ours[v])
+        out[k] = torch.from_numpy(np.array(a, copy=True))
+    return out

@@ -1,0 +1,149 @@
+"""Reading a torch ``state_dict`` from where it is kept: a ``torch.nn.Module``, a mapping of
+tensors (or NumPy arrays), a ``.safetensors`` file (read here, without the safetensors
+package), a ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file (``torch.load(weights_only=True)``),
+a Hugging Face sharded checkpoint's ``*.index.json``, or a Hugging Face model folder
+(``model.safetensors[.index.json]`` or ``pytorch_model.bin[.index.json]``).
+
+Each entry is kept as an :class:`Entry` (shape, dtype name, value), so that the names, shapes
+and dtypes are all checked before any value is converted."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+# safetensors' dtype codes; BF16 is kept as its raw uint16 bits (NumPy has no bfloat16)
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a ``state_dict``: its shape, its dtype's name (torch's spelling without
+    ``torch.``: ``"float32"``, ``"bfloat16"``, ``"int64"``) and the value (a torch tensor, a
+    NumPy array, or a bfloat16's uint16 bits)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: Any
+
+    def numpy(self, dtype: Any) -> np.ndarray:
+        """The value as a new NumPy array of ``dtype`` (never a view of the source)."""
+        v = self.value
+        if hasattr(v, "detach"):  # a torch tensor (bfloat16 has no NumPy twin)
+            v = v.detach().cpu()
+            v = (v.float() if self.dtype == "bfloat16" else v).numpy()
+        elif self.dtype == "bfloat16":  # safetensors' raw bits: the upper half of a float32
+            v = (np.asarray(v).astype(np.uint32) << 16).view(np.float32)
+        return np.array(v, dtype=dtype, copy=True)
+
+
+def entry(value: Any) -> Entry:
+    """``value`` (a torch tensor or anything NumPy can read) as an :class:`Entry`."""
+    if isinstance(value, _BF16):
+        return Entry(tuple(value.shape), "bfloat16", value.view(np.ndarray))
+    if hasattr(value, "detach") and hasattr(value, "dtype"):
+        return Entry(tuple(value.shape), str(value.dtype).removeprefix("torch."), value)
+    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    return Entry(tuple(a.shape), a.dtype.name, a)
+
+
+def read_state_dict(source: Any, what: str) -> dict[str, Entry]:
+    """``source`` (a module, a mapping, or a path; see the module docstring) as
+    ``{torch name: Entry}`` in its order. ``what``: the caller, for the messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return {k: entry(v) for k, v in _read_path(Path(source), what).items()}
+    if not isinstance(source, Mapping) and callable(getattr(source, "state_dict", None)):
+        source = source.state_dict()
+    if not isinstance(source, Mapping):
+        raise TypeError(f"{what}: state_dict must be a torch module, a mapping of tensors or a "
+                        f"file path, got {type(source).__name__}")
+    bad = [k for k in source if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{what}: state_dict keys must be strings, got {bad[:3]!r}")
+    return {k: entry(v) for k, v in source.items()}
+
+
+def _read_path(path: Path, what: str) -> dict[str, Any]:
+    if path.is_dir():
+        found = [path / f for f in _HF_FILES if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{what}: folder '{path}' holds none of {list(_HF_FILES)}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file '{path}'")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{what}: '{path}' is not a sharded checkpoint's index "
+                                  f"(a JSON object with a 'weight_map'): {e}") from None
+        out: dict[str, Any] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            tensors = _read_path(path.parent / shard, what)
+            out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise CheckpointError(f"{what}: '{path}' lists {missing[:5]} that its shards lack")
+        return out
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, what)
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own errors differ between versions
+        raise CheckpointError(f"{what}: cannot read '{path}' with torch.load(weights_only=True)"
+                              f": {e}") from None
+    if not isinstance(loaded, Mapping) or not all(hasattr(v, "shape") for v in loaded.values()):
+        raise CheckpointError(f"{what}: '{path}' does not hold a state_dict (a flat mapping of "
+                              f"name to tensor) but a {type(loaded).__name__}; pick the "
+                              "state_dict out of it and pass that")
+    return dict(loaded)
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "read_safetensors") -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file (as ``safetensors.torch.save_file`` writes) as
+    read-only NumPy arrays in the file's order (bfloat16: its uint16 bits); a truncated or
+    malformed file is a ``CheckpointError`` naming it (and the tensor, where known)."""
+    data = Path(path).read_bytes()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or 8 + n > len(data):
+            raise ValueError("the header is cut off")
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise CheckpointError(f"{what}: '{path}' is not a safetensors file: {e}") from None
+    body, out = memoryview(data)[8 + n:], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+            if end > len(body) or end - begin != dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(f"bytes {begin}..{end} do not hold {shape} of {info['dtype']}")
+            a = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{what}: '{path}': tensor '{name}' is malformed: "
+                                  f"{e!r}") from None
+        out[name] = _BF16(a) if info["dtype"] == "BF16" else a
+    return out
+
+
+class _BF16(np.ndarray):
+    """A bfloat16 tensor's uint16 bits, marked so that :func:`entry` names its dtype."""
+
+    def __new__(cls, bits: np.ndarray) -> _BF16:
+        return bits.view(cls)
