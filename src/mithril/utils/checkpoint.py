@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -68,12 +70,15 @@ from .checkpoint_format import (
     check_mapping,
     check_meta,
     check_tensors,
+    decode_metrics,
+    encode_metrics,
     to_numpy,
 )
-from .checkpoint_io import MAX_DEPTH, depth, loads_guarded, read_file, write_file
+from .checkpoint_io import MAX_DEPTH, depth, loads_guarded, read_file, read_metadata, write_file
 from .optimizers.averaging import counts_of, saved_counts, started_averages
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "CheckpointManager", "load_checkpoint",
+           "save_checkpoint"]
 
 # ---------------------------------------------------------------------------------------------
 # save
@@ -82,7 +87,8 @@ __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimizer: Any = None,
                     state: Any = None, scheduler: Any = None, extra: Any = None, *,
-                    model_state: Mapping[str, Any] | None = None) -> None:
+                    model_state: Mapping[str, Any] | None = None,
+                    metrics: Mapping[str, Any] | None = None) -> None:
     """Write ``params`` (and optionally the optimizer, its ``state``, a scheduler and ``extra``)
     to the safetensors file ``path``, atomically (see the module docstring): a save that
     raises, or is killed, leaves the previous file at ``path`` as it was.
@@ -92,7 +98,9 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     JSON-serialisable (epoch, metrics, data-loader position, ...), nested at most 64 levels.
     ``model_state``: the model's state as ``evaluate(..., state=...)`` returns it (BatchNorm's
     running statistics and ``num_batches_tracked``, as torch's ``state_dict`` holds a model's
-    buffers). Parameters must be float16/bfloat16/float32/float64 arrays, model state arrays
+    buffers). ``metrics``: name -> real number (``{"val_loss": 0.31}``; NaN and infinities
+    kept), read back as ``load_checkpoint(...)["metrics"]`` and by :class:`CheckpointManager`.
+    Parameters must be float16/bfloat16/float32/float64 arrays, model state arrays
     those or int32/int64. Everything is checked before anything is written.
     """
     from .optimizers import OptimizerState
@@ -116,6 +124,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
             dt = check_array(f"model_state['{name}']", x, name, STATE_DTYPES)
             tensors[f"model/{name}"] = arr = to_numpy(x)
             meta["model_state"][name] = {"dtype": dt, "shape": list(arr.shape)}
+    if metrics is not None:
+        meta["metrics"] = encode_metrics(metrics)
 
     if state is not None and optimizer is None:
         raise ValueError("save_checkpoint: state given without its optimizer")
@@ -294,7 +304,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     ``optimizer.load_state_dict(d, params)`` later; ``None`` without optimizer state),
     ``scheduler_state_dict``, ``model_state`` (arrays of the backend, in their saved dtypes
     or ``model_state_template``'s, whose keys and shapes they must have, e.g. the compiled
-    model's ``initial_state_dict``; ``None`` when saved without) and the raw ``metadata``.
+    model's ``initial_state_dict``; ``None`` when saved without), ``metrics`` (floats; ``None``
+    when saved without) and the raw ``metadata``.
 
     A corrupted, truncated, altered or malformed file raises
     :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file and the
@@ -423,4 +434,170 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
             "extra": meta["extra"], "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"],
-            "model_state": model_state, "metadata": meta}
+            "model_state": model_state, "metrics": None if "metrics" not in meta else
+            decode_metrics(meta["metrics"]), "metadata": meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# a folder of rotating checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """A folder of checkpoints, one per saved step (``<prefix>-<step:08d>.safetensors``,
+    each written by :func:`save_checkpoint`: atomic, verified), rotated as orbax's
+    ``CheckpointManager(max_to_keep, best_fn, best_mode)``, Lightning's
+    ``ModelCheckpoint(save_top_k, monitor, mode, save_last)`` and Keras'
+    ``ModelCheckpoint(save_best_only=True)`` rotate theirs::
+
+        manager = CheckpointManager("ckpts", max_to_keep=2, best_metric="val_loss",
+                                    keep_latest=True)
+        manager.save(step, params, optimizer, state, scheduler, metrics={"val_loss": 0.3})
+        ckpt = load_checkpoint(manager.latest(), params_template=params, ...)  # after a restart
+
+    Which files are kept: without ``best_metric``, the ``max_to_keep`` latest steps (all
+    with ``max_to_keep=None``). With ``best_metric``, the ``max_to_keep`` best by that metric
+    (``best_mode`` ``"min"`` or ``"max"``; between equal values the later step; a NaN metric,
+    or a file saved without it, is never among the best: Keras' ``np.less(nan, best)`` is
+    False), and with ``keep_latest`` also the latest step, whatever its metric (Lightning's
+    ``save_last``: what a resume after preemption needs). A save that would not be kept is
+    not written (:meth:`save` returns ``None``): with ``max_to_keep=1`` and no
+    ``keep_latest`` a step is written only when its metric is strictly better than the kept
+    one's, as ``save_best_only``. Files that leave the set are removed after the new file is
+    in place, so a save killed at any point leaves at least the files there were before; the
+    next save removes what a killed one left over. Other files in the folder are left alone.
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_to_keep: int | None = None, *,
+                 best_metric: str | None = None, best_mode: str = "min",
+                 keep_latest: bool = False, prefix: str = "ckpt") -> None:
+        if max_to_keep is not None and (type(max_to_keep) is not int or max_to_keep < 1):
+            raise ValueError(f"CheckpointManager: max_to_keep must be None or an int >= 1, got "
+                             f"{max_to_keep!r}")
+        if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
+            raise TypeError(f"CheckpointManager: best_metric must be a metric's name (a str), "
+                            f"got {best_metric!r}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"CheckpointManager: best_mode must be 'min' or 'max', got "
+                             f"{best_mode!r}")
+        if not isinstance(keep_latest, bool):
+            raise TypeError(f"CheckpointManager: keep_latest must be a bool, got {keep_latest!r}")
+        if not isinstance(prefix, str) or not re.fullmatch(r"[\w.=+-]+", prefix):
+            raise ValueError(f"CheckpointManager: prefix must be a file-name part of letters, "
+                             f"digits, '_', '.', '=', '+', '-', got {prefix!r}")
+        self.folder, self.max_to_keep = os.fspath(folder), max_to_keep
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self.keep_latest, self.prefix = keep_latest, prefix
+        self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.safetensors")
+        #: step -> its checkpoint's metrics (None: saved without), in step order
+        self._metrics: dict[int, dict[str, float] | None] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """List the folder again (another process saved into it); each file's header is read
+        and verified (``CheckpointError`` naming a damaged one), its tensors are not."""
+        found: dict[int, dict[str, float] | None] = {}
+        names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
+        for name in names:
+            m = self._pattern.fullmatch(name)
+            if m is None:
+                continue
+            path = os.path.join(self.folder, name)
+            where = f"checkpoint {path!r}"
+            meta = check_meta(loads_guarded(read_metadata(path), f"{where}: the metadata"),
+                              where)
+            found[int(m.group(1))] = decode_metrics(meta["metrics"]) if "metrics" in meta \
+                else None
+        self._metrics = dict(sorted(found.items()))
+
+    def path(self, step: int) -> str:
+        """The file of ``step``'s checkpoint (whether or not it exists)."""
+        return os.path.join(self.folder, f"{self.prefix}-{step:08d}.safetensors")
+
+    def steps(self) -> list[int]:
+        """The steps kept, in order."""
+        return list(self._metrics)
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        """The metrics ``step`` was saved with (``None``: without); ``KeyError`` naming the
+        step and those kept if it is not."""
+        if step not in self._metrics:
+            raise KeyError(f"CheckpointManager: no checkpoint of step {step!r} in "
+                           f"{self.folder!r} (steps kept: {self.steps()})")
+        m = self._metrics[step]
+        return None if m is None else dict(m)
+
+    def latest(self) -> str | None:
+        """The latest step's file (to resume from), ``None`` if there is none."""
+        return self.path(max(self._metrics)) if self._metrics else None
+
+    def best(self) -> str | None:
+        """The file with the best ``best_metric`` (between equal values the later step);
+        without ``best_metric`` the latest; ``None`` if no checkpoint has a (non-NaN) one."""
+        if self.best_metric is None:
+            return self.latest()
+        ranked = self._ranked(self._metrics)
+        return self.path(ranked[0]) if ranked else None
+
+    def _value(self, metrics: dict[str, float] | None) -> float:
+        v = math.nan if metrics is None else metrics.get(self.best_metric, math.nan)
+        return -v if self.best_mode == "max" else v
+
+    def _ranked(self, entries: Mapping[int, dict[str, float] | None]) -> list[int]:
+        """The steps with a (non-NaN) ``best_metric``, best first (later steps first
+        between equal values)."""
+        valued = [(self._value(m), -s) for s, m in entries.items()]
+        return [-s for v, s in sorted(x for x in valued if not math.isnan(x[0]))]
+
+    def _kept(self, entries: Mapping[int, dict[str, float] | None]) -> set[int]:
+        steps = sorted(entries)
+        if self.best_metric is None:
+            return set(steps if self.max_to_keep is None else steps[-self.max_to_keep:])
+        keep = set(steps) if self.max_to_keep is None else \
+            set(self._ranked(entries)[:self.max_to_keep])
+        if self.keep_latest and steps:
+            keep.add(steps[-1])
+        return keep
+
+    def save(self, step: int, params: Mapping[str, Any], optimizer: Any = None,
+             state: Any = None, scheduler: Any = None, extra: Any = None, *,
+             model_state: Mapping[str, Any] | None = None,
+             metrics: Mapping[str, Any] | None = None) -> str | None:
+        """:func:`save_checkpoint` of ``step`` (an int after every step kept) into the folder,
+        then the rotation (see the class); returns the file written, or ``None`` where the
+        rotation would not keep it. Everything is checked first: a save that raises writes
+        and removes nothing."""
+        if type(step) is not int and not isinstance(step, np.integer):
+            raise TypeError(f"CheckpointManager.save: step must be an int, got {step!r}")
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"CheckpointManager.save: step must be >= 0, got {step}")
+        if self._metrics and step <= max(self._metrics):
+            raise ValueError(f"CheckpointManager.save: step {step} is not after the latest "
+                             f"checkpoint's, {max(self._metrics)}, in {self.folder!r} (resumed "
+                             f"from an earlier one? save into another folder)")
+        got = None if metrics is None else decode_metrics(encode_metrics(metrics))
+        if self.best_metric is not None and (got is None or self.best_metric not in got):
+            raise KeyMismatchError(f"CheckpointManager.save: metrics must hold "
+                                   f"'{self.best_metric}' (best_metric), got "
+                                   f"{None if got is None else sorted(got)}")
+        entries = {**self._metrics, step: got}
+        keep = self._kept(entries)
+        if step not in keep:
+            return None
+        made = not os.path.isdir(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        try:
+            save_checkpoint(self.path(step), params, optimizer, state, scheduler, extra,
+                            model_state=model_state, metrics=metrics)
+        except BaseException:
+            if made:  # (a refused save leaves no trace, not even the folder)
+                os.rmdir(self.folder)
+            raise
+        self._metrics = {s: m for s, m in entries.items() if s in keep}
+        for s in sorted(set(entries) - keep):
+            try:
+                os.remove(self.path(s))
+            except FileNotFoundError:  # (removed by hand, or by another manager)
+                pass
+        return self.path(step)

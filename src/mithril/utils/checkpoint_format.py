@@ -18,9 +18,12 @@ FORMAT = "mithril-checkpoint-2"
 FLOAT_DTYPES = {"float16": "float16", "bfloat16": "float32", "float32": "float32",
                 "float64": "float64"}
 _TOP = ("format", "params", "optimizer", "scheduler", "extra")
-#: optional top-level field: the model's state (BatchNorm's running statistics), name ->
-#: dtype and shape, each stored as ``model/<name>``; its integer dtypes (num_batches_tracked)
-_TOP_OPTIONAL = ("model_state", "accumulate")
+#: optional top-level fields: the model's state (BatchNorm's running statistics), name ->
+#: dtype and shape, each stored as ``model/<name>``; the Accumulate's window; ``metrics``
+#: (name -> number, a non-finite one as the string "nan", "inf" or "-inf": JSON has none)
+_TOP_OPTIONAL = ("model_state", "accumulate", "metrics")
+#: how a non-finite metric is stored
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 STATE_DTYPES = {**FLOAT_DTYPES, "int32": "int32", "int64": "int64"}
 _OPT = ("class", "hyperparameters", "step", "num_skipped", "num_nonfinite", "slots")
 #: optional optimizer fields: per-parameter shapes of the slots whose shapes are not the
@@ -46,6 +49,32 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def dtype_name(x: Any) -> str:
     return str(x.dtype).removeprefix("torch.")
+
+
+def encode_metrics(metrics: Any) -> dict[str, Any]:
+    """``metrics`` (name -> real number: a Python, NumPy, torch or JAX scalar) as stored in the
+    metadata: floats, a non-finite one as its name in :data:`_NONFINITE`; ``TypeError``
+    naming a bad entry."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise TypeError(f"metrics: names must be str, got {k!r}")
+        try:
+            a = to_numpy(v)
+        except Exception:  # (anything NumPy cannot take: refused below by name)
+            a = np.asarray(None)
+        if a.shape != () or a.dtype.kind not in "iuf":
+            raise TypeError(f"metrics['{k}'] is {_short(v)}, not a real number (a scalar)")
+        f = float(a)
+        out[k] = f if np.isfinite(f) else ("nan" if f != f else "inf" if f > 0 else "-inf")
+    return out
+
+
+def decode_metrics(stored: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of :func:`encode_metrics`, as floats again."""
+    return {k: _NONFINITE[v] if isinstance(v, str) else float(v) for k, v in stored.items()}
 
 
 def check_mapping(name: str, value: Any) -> None:
@@ -225,6 +254,14 @@ def check_meta(meta: Any, where: str) -> dict[str, Any]:
         if not isinstance(sched["state"], dict):
             raise bad("scheduler.state", "must be an object (the scheduler's state_dict)")
         _check_ints(sched["state"], "scheduler.state", where)
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise bad("metrics", "must be an object: name -> number")
+    for k, v in metrics.items():
+        if not (v in _NONFINITE if isinstance(v, str) else
+                isinstance(v, (int, float)) and not isinstance(v, bool)):
+            raise bad(f"metrics.{k}", f"is {_short(v)}, not a number (or \"nan\", \"inf\", "
+                                      f"\"-inf\")")
     accumulate.check_meta(meta, bad, FLOAT_DTYPES, MAX_INT)
     return meta
 

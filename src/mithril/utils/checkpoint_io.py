@@ -31,7 +31,8 @@ escapes, as earlier versions did), its digest, and every tensor's entry: a dtype
 64 dimensions, ``end - begin == prod(shape) * itemsize``. safetensors then decodes the tensors
 one by one, each checked against its digest. Any failure, the library's included, is a
 :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file (and the tensor,
-where known). Only JSON and raw little-endian floats are parsed: nothing can execute.
+where known; a file of another kind, such as ``torch.save``'s zip or pickle, Keras' HDF5, is
+said to be one). Only JSON and raw little-endian floats are parsed: nothing can execute.
 
 Writing (:func:`write_file`) goes to a temporary file in the target's folder, named
 ``.ckpt-<target name>-<host tag>-<pid>-<random>.tmp`` (the name cut to 100 bytes, the
@@ -342,6 +343,25 @@ def read_file(path: str) -> tuple[str, dict[str, np.ndarray]]:
             raise CheckpointError(f"{where}: {tensor}cannot be read: {e}") from None
 
 
+def read_metadata(path: str) -> str:
+    """The metadata JSON text of the checkpoint file ``path``, its header verified (the
+    tensors are not read): what a folder's listing needs of each file."""
+    where = f"checkpoint {path!r}"
+    with open(path, "rb") as f:
+        return _read_header(f, where)[0]
+
+
+#: the first bytes of files a checkpoint path is often given by mistake
+_FOREIGN = ((b"PK\x03\x04", "a zip archive (torch.save's format, or a .keras file)"),
+            (b"\x80", "a pickle (torch.save's older format, or pickle.dump's)"),
+            (b"\x89HDF", "an HDF5 file (Keras' .h5)"), (b"\x93NUMPY", "a .npy file"))
+
+
+def _foreign(head: bytes) -> str:
+    kind = next((what for magic, what in _FOREIGN if head.startswith(magic)), None)
+    return f": this is {kind}, not a mithril checkpoint" if kind else ""
+
+
 def _read_header(f: Any, where: str) -> tuple[str, dict[str, str]]:
     """The metadata JSON text and the tensor digests (name -> hex) of the open checkpoint
     file ``f``, its header checked (see the module docstring)."""
@@ -352,7 +372,8 @@ def _read_header(f: Any, where: str) -> tuple[str, dict[str, str]]:
     (n,) = struct.unpack("<Q", head)
     if n > min(MAX_HEADER_BYTES, size - 8) or n % 8 or n < 8:
         raise CheckpointError(f"{where}: header length {n} is not a multiple of 8 between 8 "
-                              f"and min({MAX_HEADER_BYTES}, file size {size} - 8)")
+                              f"and min({MAX_HEADER_BYTES}, file size {size} - 8)"
+                              + _foreign(head))
     raw = f.read(n)
     header = loads_guarded(raw, f"{where}: the safetensors header")
     if not isinstance(header, dict):

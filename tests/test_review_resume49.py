@@ -1,0 +1,398 @@
+"""Review 49: a torch / Lightning / Keras / orbax user checkpoints and resumes training.
+
+The user's programs on NumPy, torch and JAX: train, checkpoint mid-epoch and mid-window,
+resume in fresh objects, and get the uninterrupted run bit for bit (parameters, optimizer
+slots, EMA, scheduler, Accumulate's window, Dropout's masks, the data order of a seeded
+shuffle, the loss scaler); the torch peer resumed through our files and through the torch
+drop-in; safetensors reading our files; foreign and damaged files refused by name.
+:class:`CheckpointManager`'s rotation is in ``test_review_resume49_manager.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import mithril as ml
+from mithril.errors import CheckpointError, KeyMismatchError, ShapeError
+from mithril.utils.accumulation import Accumulate
+from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+from mithril.utils.lr_schedulers import StepLR
+from mithril.utils.optimizers import SGD, Adam, AdamW
+
+BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
+N, BATCH = 40, 8  # 5 batches an epoch
+
+
+def host(x) -> np.ndarray:
+    return x.detach().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x)
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((N, 6)), rng.standard_normal((N, 2))
+
+
+def build(name: str):
+    model = ml.Model()
+    model |= ml.Linear(8)(input="input")
+    model += ml.Tanh()
+    model += ml.Dropout(0.3)
+    model += ml.Linear(2)(output="output")
+    backend = BACKENDS[name](dtype="float64", seed=3)
+    return backend, ml.compile(model, backend, shapes={"input": [None, 6]})
+
+
+class Run:
+    """The user's loop: Dropout, AdamW with an EMA under Accumulate(3), StepLR stepped per
+    applied window, the data shuffled each epoch by a seeded generator; a checkpoint holds
+    the epoch, the batch, the generator's state at the epoch's start and Dropout's step."""
+
+    def __init__(self, name: str):
+        self.backend, self.cm = build(name)
+        self.opt = Accumulate(AdamW(learning_rate=0.01, weight_decay=0.1, ema_decay=0.9), 3)
+        self.sched = StepLR(self.opt, step_size=2, gamma=0.5)
+        self.params = self.cm.get_parameters()
+        self.state = self.opt.init(self.params)
+        self.rng = np.random.default_rng(11)
+        self.epoch = self.batch = 0
+        self.epoch_rng = self.rng.bit_generator.state
+        self.perm = None
+        self.seen: list[list[int]] = []
+
+    def train(self, until: int) -> None:
+        x_all, y_all = data()
+        while self.epoch * (N // BATCH) + self.batch < until:
+            if self.perm is None:
+                self.epoch_rng = self.rng.bit_generator.state
+                self.perm = self.rng.permutation(N)
+            idx = self.perm[self.batch * BATCH:(self.batch + 1) * BATCH]
+            self.seen.append(idx.tolist())
+            x, y = self.backend.array(x_all[idx]), self.backend.array(y_all[idx])
+            out = self.cm.evaluate(self.params, {"input": x}, step=self.cm.step)["output"]
+            _, grads = self.cm.evaluate(self.params, {"input": x},
+                                        output_gradients={"output": 2 * (out - y)})
+            self.params, self.state = self.opt.update(self.params, grads, self.state)
+            if self.state.applied:
+                self.sched.step()
+            self.batch += 1
+            if self.batch == N // BATCH:
+                self.epoch, self.batch, self.perm = self.epoch + 1, 0, None
+
+    def save(self, path) -> None:
+        save_checkpoint(path, self.params, self.opt, self.state, self.sched, extra={
+            "epoch": self.epoch, "batch": self.batch, "rng": self.epoch_rng,
+            "dropout_step": self.cm.step})
+
+    def resume(self, path) -> None:
+        ck = load_checkpoint(path, params_template=self.params, optimizer=self.opt,
+                             scheduler=self.sched)
+        self.params, self.state, e = ck["params"], ck["state"], ck["extra"]
+        self.epoch, self.batch, self.cm.step = e["epoch"], e["batch"], e["dropout_step"]
+        self.rng.bit_generator.state = e["rng"]  # the epoch's order is drawn again
+        self.perm = self.rng.permutation(N) if self.batch else None
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+def test_resume_mid_epoch_mid_window_is_the_uninterrupted_run(name, tmp_path):
+    ref = Run(name)
+    ref.train(23)
+    path = tmp_path / "ckpt.safetensors"
+    first = Run(name)
+    first.train(13)  # epoch 2, batch 3; the window holds one micro-batch
+    assert first.state.micro_step == 1 and first.batch == 3
+    first.save(path)
+    again = Run(name)
+    again.resume(path)
+    again.train(23)
+    assert first.seen + again.seen == ref.seen  # the data order of the run that did not stop
+    assert again.cm.step == ref.cm.step == 23  # Dropout drew the same masks
+    assert again.sched.last_step == ref.sched.last_step == 7
+    assert again.opt.get_learning_rate() == ref.opt.get_learning_rate() == 0.01 * 0.5 ** 3
+    for k in ref.params:
+        np.testing.assert_array_equal(host(again.params[k]), host(ref.params[k]), err_msg=k)
+    for slot in ("m", "v"):
+        for k, v in ref.state.inner.slot(slot).items():
+            np.testing.assert_array_equal(host(again.state.inner.slot(slot)[k]), host(v))
+    ema, ema_ref = again.opt.ema_params(again.state), ref.opt.ema_params(ref.state)
+    for k in ema_ref:
+        np.testing.assert_array_equal(host(ema[k]), host(ema_ref[k]), err_msg=f"ema {k}")
+    assert again.state.micro_step == ref.state.micro_step == 2
+
+
+def _torch_pair():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8, dtype=torch.float64), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=gen)
+    y = torch.randn(16, 1, dtype=torch.float64, generator=gen)
+    return net, x, y
+
+
+def test_our_resumed_run_is_torchs_uninterrupted_one(tmp_path):
+    """torch.optim.Adam + StepLR for 12 steps against ours checkpointed after 5 and resumed
+    into fresh objects, on the torch backend in float64."""
+    net, x, y = _torch_pair()
+    names = {"linear_0.weight": "0.weight", "linear_0.bias": "0.bias",
+             "linear_1.weight": "2.weight", "linear_1.bias": "2.bias"}
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.Adam(net.parameters(), lr=0.05, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    for _ in range(12):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        sched.step()
+
+    model = ml.Model()
+    model |= ml.Linear(8)(input="input")
+    model += ml.Tanh()
+    model += ml.Linear(1)(output="output")
+    cm = ml.compile(model, ml.TorchBackend(dtype="float64"), shapes={"input": [None, 4]})
+
+    def train(params, o, st, s, n):
+        for _ in range(n):
+            out = cm.evaluate(params, {"input": x})["output"]
+            _, g = cm.evaluate(params, {"input": x}, output_gradients={
+                "output": 2 * (out - y) / y.numel()})
+            params, st = o.update(params, g, st)
+            s.step()
+        return params, st
+
+    ours = {k: start[v].clone() for k, v in names.items()}
+    o = Adam(learning_rate=0.05, weight_decay=0.01)
+    s = StepLR(o, 3, 0.5)
+    ours, st = train(ours, o, o.init(ours), s, 5)
+    save_checkpoint(tmp_path / "c.safetensors", ours, o, st, s)
+    o2 = Adam()
+    s2 = StepLR(o2, 100)
+    ck = load_checkpoint(tmp_path / "c.safetensors", params_template=ours, optimizer=o2,
+                         scheduler=s2)
+    ours, st = train(ck["params"], o2, ck["state"], s2, 7)
+    got = max(float((ours[k] - net.state_dict()[v]).abs().max()) for k, v in names.items())
+    assert got < 1e-12, got
+    assert o2.get_learning_rate() == sched.get_last_lr()[0] == 0.05 * 0.5 ** 4
+
+
+def test_torch_state_dict_through_the_drop_in_and_back_is_torchs_run(tmp_path):
+    """torch Adam 5 steps -> its state dict into the drop-in (our Adam) 3 steps -> the
+    drop-in's state dict through torch.save(weights_only) into torch Adam 4 steps: the
+    12 uninterrupted torch steps (to an ulp: our Adam for 3 steps). The drop-in's state saved with
+    save_checkpoint loads back with its step count."""
+    from mithril.interop import torch_optimizer
+
+    net, x, y = _torch_pair()
+    ref = copy.deepcopy(net)
+
+    def steps(model, opt, sched, n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+
+    o = torch.optim.Adam(ref.parameters(), lr=0.01, weight_decay=0.01)
+    steps(ref, o, torch.optim.lr_scheduler.StepLR(o, 2, 0.5), 12)
+    o = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=0.01)
+    s = torch.optim.lr_scheduler.StepLR(o, 2, 0.5)
+    steps(net, o, s, 5)
+    drop = torch_optimizer(Adam(learning_rate=0.5), net.named_parameters())
+    drop.load_state_dict(copy.deepcopy(o.state_dict()))
+    s2 = torch.optim.lr_scheduler.StepLR(drop, 2, 0.5)
+    s2.load_state_dict(s.state_dict())
+    steps(net, drop, s2, 3)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    save_checkpoint(tmp_path / "d.safetensors", params, drop.mithril_optimizer,
+                    drop.mithril_state, extra={"scheduler": s2.state_dict()})
+    ck = load_checkpoint(tmp_path / "d.safetensors", params_template=params, optimizer=Adam())
+    assert ck["state"].step == 8 and ck["extra"]["scheduler"]["last_epoch"] == 8
+    for k, v in drop.state.items():
+        name = dict(zip(map(id, net.parameters()), params))[id(k)]
+        np.testing.assert_array_equal(host(ck["state"].slot("m")[name]), host(v["exp_avg"]))
+    buf = io.BytesIO()
+    torch.save(drop.state_dict(), buf)
+    buf.seek(0)
+    o3 = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=0.01)
+    o3.load_state_dict(torch.load(buf, weights_only=True))
+    s3 = torch.optim.lr_scheduler.StepLR(o3, 2, 0.5)
+    s3.load_state_dict(s2.state_dict())
+    steps(net, o3, s3, 4)
+    for (k, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+        assert float((a - b).abs().max()) < 1e-14, k  # (our Adam rounds as torch within 1 ulp)
+
+
+def test_loss_scaler_resumes_with_its_scale_and_loads_into_gradscaler(tmp_path):
+    """A float16 run under MixedPrecisionTrainer (growth interval 2, overflows early):
+    checkpointed after 5 steps with trainer.state_dict() in extra, resumed: the scales,
+    skips and masters of the run that did not stop; the saved scaler loads into
+    torch.amp.GradScaler with the same scale and tracker."""
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+
+    rng = np.random.default_rng(5)
+    xs = (rng.standard_normal((12, 8, 6)) * np.geomspace(40, 0.5, 12)[:, None, None])
+    ys = torch.tensor(rng.standard_normal((8, 2)), dtype=torch.float32)
+
+    def run(n, save_at=None, resume=None):
+        backend = ml.TorchBackend(dtype="float16", seed=3)
+        model = ml.Model()
+        model |= ml.Linear(8)(input="input")
+        model += ml.Relu()
+        model += ml.Linear(2)(output="output")
+        cm = ml.compile(model, backend, shapes={"input": [None, 6]})
+        opt = Adam(learning_rate=0.01)
+        sched = StepLR(opt, 3, 0.5)
+        masters = {k: v.float() for k, v in cm.get_parameters().items()}
+        state, i, amp = opt.init(masters), 0, None
+        if resume:
+            ck = load_checkpoint(resume, params_template=masters, optimizer=opt,
+                                 scheduler=sched)
+            masters, state, i, amp = ck["params"], ck["state"], ck["extra"]["i"], \
+                ck["extra"]["amp"]
+        tr = MixedPrecisionTrainer(cm, opt, masters, state, loss_scale=2.0 ** 12,
+                                   growth_interval=2)
+        if amp is not None:
+            tr.load_state_dict(amp)
+        scales = []
+        while i < n:
+            out = tr.forward({"input": backend.array(xs[i].astype(np.float16))})["output"]
+            tr.backward_and_update({"output": 2 * (out.float() - ys)})
+            tr.step_scheduler(sched)
+            scales.append(tr.loss_scale)
+            i += 1
+            if i == save_at:
+                save_checkpoint(tmp_path / "amp.safetensors", tr.master_params, opt,
+                                tr.optimizer_state, sched, extra={"i": i, "amp": tr.state_dict()})
+                return scales, tr
+        return scales, tr
+
+    ref_scales, ref = run(12)
+    assert 0 < ref.num_skipped_steps < 12 and len(set(ref_scales)) > 2
+    head, first = run(12, save_at=5)
+    tail, again = run(12, resume=tmp_path / "amp.safetensors")
+    assert head + tail == ref_scales
+    assert again.num_skipped_steps == ref.num_skipped_steps
+    for k, v in ref.master_params.items():
+        assert torch.equal(again.master_params[k], v), k
+    saved = load_checkpoint(tmp_path / "amp.safetensors")["extra"]["amp"]["scaler"]
+    peer = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2)
+    peer.load_state_dict(saved)
+    assert peer.get_scale() == first.loss_scale == head[-1]
+    assert peer.state_dict()["_growth_tracker"] == first.scaler.growth_tracker
+
+
+def test_safetensors_reads_our_file_as_it_is(tmp_path):
+    import safetensors.numpy
+    import safetensors.torch
+
+    p = {"w": np.linspace(-1, 1, 6).reshape(2, 3), "b": np.array([0.5, -2.0])}
+    opt = Adam(0.1)
+    state = opt.init(p)
+    p, state = opt.update(p, {k: np.ones_like(v) for k, v in p.items()}, state)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, p, opt, state)
+    flat = safetensors.numpy.load_file(path)
+    assert sorted(flat) == ["opt/m/b", "opt/m/w", "opt/v/b", "opt/v/w", "params/b", "params/w"]
+    for k, v in p.items():
+        assert flat[f"params/{k}"].dtype == v.dtype
+        np.testing.assert_array_equal(flat[f"params/{k}"], v)
+        np.testing.assert_array_equal(flat[f"opt/m/{k}"], state.slot("m")[k])
+    t = safetensors.torch.load_file(path)
+    assert torch.equal(t["params/w"], torch.from_numpy(p["w"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# refused loads: named, and nothing changed
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    p = {"a.w": np.ones((2, 3)), "a.b": np.zeros(3)}
+    opt = Adam(0.1, beta1=0.8)
+    state = opt.init(p)
+    p, state = opt.update(p, {k: np.ones_like(v) for k, v in p.items()}, state)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, p, opt, state, StepLR(opt, 2))
+    return path, p
+
+
+FOREIGN = {
+    "torch.save": ("zip archive \\(torch.save", lambda f: torch.save({"w": torch.ones(2)}, f)),
+    "pickle": ("a pickle", lambda f: f.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))),
+    "keras h5": ("HDF5 file", lambda f: f.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))),
+    "npy": ("a .npy file", lambda f: np.save(f, np.ones(40))),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_a_foreign_file_is_named_for_what_it_is(tmp_path, kind):
+    words, write = FOREIGN[kind]
+    path = tmp_path / "model.ckpt"
+    write(path)
+    if not path.exists():  # (np.save adds .npy)
+        path = tmp_path / "model.ckpt.npy"
+    opt = Adam(0.3)
+    with pytest.raises(CheckpointError, match=f"'{path}'.*{words}.*not a mithril checkpoint"):
+        load_checkpoint(path, optimizer=opt)
+    assert opt.learning_rate == 0.3 and opt.beta1 == 0.9
+
+
+def test_loads_into_another_model_or_optimizer_are_named_and_change_nothing(saved):
+    path, p = saved
+    opt = Adam(0.3)
+    sched = StepLR(opt, 5)
+    other = {"a.w": np.ones((3, 3)), "a.b": np.zeros(3)}
+    with pytest.raises(ShapeError, match=r"'a.w' has shape \(2, 3\).*\(3, 3\)"):
+        load_checkpoint(path, params_template=other, optimizer=opt, scheduler=sched)
+    with pytest.raises(KeyMismatchError, match=r"not in template \['a.b'\]"):
+        load_checkpoint(path, params_template={"a.w": p["a.w"]}, optimizer=opt)
+    with pytest.raises(ValueError, match=f"'{path}'.*holds optimizer Adam.*into SGD"):
+        load_checkpoint(path, optimizer=SGD(0.3))
+    assert opt.learning_rate == 0.3 and opt.beta1 == 0.9 and sched.last_step == 0
+    # a float64 checkpoint into float32 parameters takes their dtype, as torch's copy_
+    ck = load_checkpoint(path, params_template={k: v.astype(np.float32) for k, v in p.items()},
+                         optimizer=opt)
+    assert ck["params"]["a.w"].dtype == ck["state"].slot("m")["a.w"].dtype == np.float32
+    assert opt.beta1 == 0.8
+
+
+def test_truncated_file_is_named_and_a_refused_save_leaves_the_old_one(saved, tmp_path):
+    path, p = saved
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw[:-7])
+    with pytest.raises(CheckpointError, match=f"'{cut}'"):
+        load_checkpoint(cut)
+    opt = Adam(0.1)
+    with pytest.raises(TypeError, match=r"metrics\['val'\] is 'low', not a real number"):
+        save_checkpoint(path, p, opt, opt.init(p), metrics={"val": "low"})
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(path, p, extra={"rng": torch.get_rng_state()})  # a tensor: not JSON
+    assert path.read_bytes() == raw and sorted(x.name for x in tmp_path.iterdir()) == [
+        "c.safetensors", "cut.safetensors"]
+
+
+def test_metrics_are_kept_with_nan_and_numbers_of_any_backend(tmp_path):
+    import jax.numpy as jnp
+
+    p = {"w": np.ones(2)}
+    got = {"loss": torch.tensor(0.25, requires_grad=True) * 1, "acc": np.float32(0.5),
+           "top5": jnp.float32(0.75), "steps": 7, "diverged": float("nan"),
+           "best": -float("inf")}
+    save_checkpoint(tmp_path / "m.safetensors", p, metrics=got)
+    back = load_checkpoint(tmp_path / "m.safetensors")["metrics"]
+    assert {k: v for k, v in back.items() if k != "diverged"} == {
+        "loss": 0.25, "acc": 0.5, "top5": 0.75, "steps": 7.0, "best": -float("inf")}
+    assert np.isnan(back["diverged"])
+    assert load_checkpoint(tmp_path / "m.safetensors")["metadata"]["metrics"]["diverged"] == "nan"
+    save_checkpoint(tmp_path / "n.safetensors", p)
+    assert load_checkpoint(tmp_path / "n.safetensors")["metrics"] is None
+    for bad in (np.ones(2), True, 1j, None):
+        with pytest.raises(TypeError, match=r"metrics\['x'\]"):
+            save_checkpoint(tmp_path / "n.safetensors", p, metrics={"x": bad})
