@@ -373,3 +373,74 @@ def test_plot_schedule_rates_equal_torch(name):
             ref_opt.step()
             ref_sched.step()
     np.testing.assert_allclose(ours, ref, rtol=1e-13, atol=1e-17)
+
+
+# --------------------------------------------------------------------------------------------
+# schedulers on a wrapped optimizer: Accumulate (optax's MultiSteps, torch's accumulation loop)
+# --------------------------------------------------------------------------------------------
+
+
+def _accumulated_run(opt, sched, ref, ref_sched, params, k=2, windows=12):
+    """``k`` micro-batches per update: ours through ``Accumulate(opt, k)`` with the scheduler
+    stepped after each applied update, torch summing ``grad / k`` over the window."""
+    from mithril.utils.accumulation import Accumulate
+
+    acc = Accumulate(opt, k)
+    scheduler = sched(acc)
+    ref_scheduler = ref_sched(ref)
+    tensors = [p for g in ref.param_groups for p in g["params"]]
+    state = acc.init(params)
+    rng = np.random.default_rng(11)
+    for _ in range(windows):
+        for tensor in tensors:
+            tensor.grad = torch.zeros_like(tensor)
+        for _ in range(k):
+            grads = {n: rng.standard_normal(v.shape) for n, v in params.items()}
+            params, state = acc.update(params, grads, state)
+            for tensor, n in zip(tensors, params, strict=True):
+                tensor.grad += torch.tensor(grads[n]) / k
+        assert state.applied
+        ref.step()
+        scheduler.step()
+        ref_scheduler.step()
+    for tensor, n in zip(tensors, params, strict=True):
+        np.testing.assert_allclose(params[n], tensor.detach().numpy(), rtol=1e-11, atol=1e-14)
+    return scheduler
+
+
+def test_one_cycle_cycles_the_beta1_of_an_accumulated_adam():
+    # before: "OneCycleLR: cycle_momentum=True needs an optimizer with a momentum or beta1
+    # hyperparameter ...; Accumulate has neither", though acc.beta1 is the Adam's
+    from mithril.utils.optimizers import Adam
+
+    p0 = np.random.default_rng(2).standard_normal(5)
+    opt = Adam(learning_rate=0.01)
+    ref = torch.optim.Adam([torch.nn.Parameter(torch.tensor(p0))], lr=0.01)
+    _accumulated_run(opt, lambda a: L.OneCycleLR(a, 0.05, total_steps=12, cycle_momentum=True),
+                     ref, lambda r: TL.OneCycleLR(r, 0.05, total_steps=12), {"w": p0.copy()})
+    assert abs(opt.beta1 - ref.param_groups[0]["betas"][0]) <= 1e-15
+    assert abs(opt.learning_rate - ref.param_groups[0]["lr"]) <= 1e-15
+
+
+def test_per_group_schedulers_on_an_accumulated_sgd():
+    # before: "StepLR: per_group needs a mithril optimizer (with param_groups), got Accumulate"
+    rng = np.random.default_rng(4)
+    params = {"w": rng.standard_normal(4), "b": rng.standard_normal(2)}
+    opt = SGD(learning_rate=0.1, momentum=0.9,
+              param_groups=[{"params": ["b"], "learning_rate": 0.02}])
+    t = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in params.items()}
+    ref = torch.optim.SGD([{"params": [t["w"]]}, {"params": [t["b"]], "lr": 0.02}], lr=0.1,
+                          momentum=0.9)
+
+    def ours(acc):
+        return L.SequentialLR(acc, [L.LinearLR(acc, 0.1, 1.0, 4, per_group=True),
+                                    L.CosineAnnealingLR(acc, 8, eta_min=0.01, per_group=True)],
+                              [4])
+
+    def theirs(r):
+        return TL.SequentialLR(r, [TL.LinearLR(r, 0.1, 1.0, 4),
+                                   TL.CosineAnnealingLR(r, 8, eta_min=0.01)], [4])
+
+    sched = _accumulated_run(opt, ours, ref, theirs, params, k=3)
+    np.testing.assert_allclose(sched.get_last_lrs(), [g["lr"] for g in ref.param_groups],
+                               rtol=1e-12)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..optimizers.checks import describe
 from .base import _check_real
+from .per_group import _hyperparameter_owner
 
 
 def _momentum_handle(owner: str, optimizer: Any) -> Any:
@@ -22,8 +23,8 @@ def _momentum_handle(owner: str, optimizer: Any) -> Any:
         if optimizer.name in ("momentum", "beta1"):
             raise ValueError(f"{owner}: cycle_momentum=True, but the scheduler already drives "
                              f"{optimizer!r}")
-    else:
-        opt, group = optimizer, None
+    else:  # (an Accumulate's: the wrapped optimizer's)
+        opt, group = _hyperparameter_owner(optimizer), None
     hp: Mapping[str, Any] = {}
     if callable(getattr(opt, "hyperparameter", None)) and \
             callable(getattr(opt, "hyperparameters", None)):

@@ -26,6 +26,20 @@ def wrapper_hint(optimizer: Any) -> str:
             f".mithril_optimizer, whose rate the wrapper follows)")
 
 
+def _hyperparameter_owner(optimizer: Any) -> Any:
+    """The mithril optimizer whose hyperparameters a scheduler on ``optimizer`` reaches:
+    ``optimizer`` itself, or, for a wrapper that forwards its learning rate to a wrapped
+    ``.optimizer`` without handing out hyperparameters itself (``Accumulate``), the wrapped
+    one (its momentum cycled, its groups' lanes, as its rate is)."""
+    if callable(getattr(optimizer, "hyperparameter", None)):
+        return optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and callable(getattr(inner, "hyperparameter", None)) \
+            and callable(getattr(inner, "get_learning_rate", None)):
+        return inner
+    return optimizer
+
+
 def _apply(targets: Sequence[tuple[Any, float]]) -> None:
     """Set each ``(settable, value)`` in order, all or nothing: if one is refused, every one
     already set is put back (in the same order, which restores a group's learning rate after
@@ -56,7 +70,7 @@ def _group_lanes(owner: str, optimizer: Any) -> list[Any]:
                              f"own hyperparameters (group=None), got {optimizer!r}")
         opt, name = optimizer.optimizer, optimizer.name
     else:
-        opt, name = optimizer, "learning_rate"
+        opt, name = _hyperparameter_owner(optimizer), "learning_rate"
     if not callable(getattr(opt, "hyperparameter", None)) or not hasattr(opt, "param_groups"):
         raise TypeError(f"{owner}: per_group needs a mithril optimizer (with param_groups), got "
                         f"{type(opt).__name__}{wrapper_hint(opt)}")
