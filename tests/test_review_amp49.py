@@ -310,10 +310,10 @@ def torch_bf16_runs(steps: int, lr: float):
 def test_bfloat16_masters_keep_the_updates_bfloat16_weights_lose(kind):
     """SGD(1e-3), 30 steps, the bias starting at 8: each of its steps (~9e-3) is below half
     a bfloat16 ulp there (2**-6), so on bfloat16 weights it never moves, in torch's
-    ``.bfloat16()`` model
-    and here (the compiled bfloat16 model's gradients, SGD on its bfloat16 params) alike;
-    the weight moves, within 2**-6 of torch's (one ulp at its largest entry; the last rounding of
-    a bfloat16 SGD step is not torch's: see the strict xfail below). The trainer's float32
+    ``.bfloat16()`` model and here (the compiled bfloat16 model's gradients, SGD on its
+    bfloat16 params) alike; the weight moves, within 2**-6 of torch's (one ulp at its
+    largest entry; the last rounding of a bfloat16 SGD step is not torch's: see the strict
+    xfail below). The trainer's float32
     masters keep every step: equal to torch's autocast run within 1e-6 on the torch
     backend, 1e-3 on NumPy and JAX (3e-4 measured: their bfloat16 Linear rounds the matmul
     and the bias add apart, torch's addmm once), the bias moved by 0.26."""
