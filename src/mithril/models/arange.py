@@ -167,6 +167,13 @@ class Arange(Operator):
             return values64.astype(ml_dtypes.bfloat16)
         return values64.astype(dtype)
 
+    @property
+    def output_dtype(self) -> str | None:
+        """The output's dtype when it is not the model's float dtype (None: it is)."""
+        if self.dtype is not None:
+            return self.dtype
+        return None if any(isinstance(v, float) for v in self.ends.values()) else "int64"
+
     def _out_dtype(self, ends: tuple) -> str:
         """``dtype``, else int64 (float ends read the model's dtype: see ``_update``)."""
         return self.dtype if self.dtype is not None else "int64"

@@ -23,6 +23,8 @@ from .primitives import _Broadcasting
 class _Relational(_Broadcasting):
     inputs = ("left", "right")
     any_dtype_inputs = frozenset(inputs)
+    #: the output's dtype whatever the model's (read by the output-gradient dtype check)
+    output_dtype: ClassVar[str] = "bool"
     _fn: ClassVar[Callable[[Any, Any], Any]]
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
@@ -102,6 +104,7 @@ class LogicalNot(Operator):
     """not input (bool; a number is read as != 0)."""
 
     any_dtype_inputs = frozenset({"input"})
+    output_dtype: ClassVar[str] = "bool"
 
     def forward(self, xp: Any, input: Any) -> Any:
         return _logical(xp, "logical_not")(input)

@@ -241,6 +241,7 @@ class Shape(Operator):
     at compile time). No gradient."""
 
     any_dtype_inputs = frozenset({"input"})
+    output_dtype = "int64"
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
@@ -263,6 +264,7 @@ class Size(Operator):
     elements (``dim=None``), known at compile time. No gradient."""
 
     any_dtype_inputs = frozenset({"input"})
+    output_dtype = "int64"
 
     def __init__(self, dim: int | Sequence[int] | None = None) -> None:
         self.dim = _as_dim(dim)

@@ -41,12 +41,7 @@ class Reshape(Operator):
         from .expressions import ConnectionOps
 
         if isinstance(shape, ConnectionOps):  # a Shape / Size block's output: its value
-            self.shape = "wired"
-            self.shape_args = ShapeArgs([])
-            self.shape_args.refs, self.shape_args.keys = (shape,), ("shape",)
-            self.inputs = ("input", "shape")
-            self.any_dtype_inputs = frozenset(self.inputs)
-            self.value_inputs = frozenset({"shape"})
+            self._set_wired(shape)
             return
         self.__dict__.pop("value_inputs", None)
         if not isinstance(shape, (tuple, list)):
@@ -70,6 +65,20 @@ class Reshape(Operator):
             raise ValueError(f"Reshape: at most one -1 (or None) and no other negative size, "
                              f"got {tuple(shape)}")
 
+    def _set_wired(self, ref: Any) -> None:
+        """``shape`` is a connection whose value the compiler knows (a ``Shape`` / ``Size``
+        output): an input read for its value; ``ref`` (a connection object) is wired by the
+        model the block is added to, a name by ``connect``."""
+        from .shape_wires import ShapeArgs
+
+        self.shape, self.shape_args = "wired", None
+        if ref is not None:
+            self.shape_args = ShapeArgs([])
+            self.shape_args.refs, self.shape_args.keys = (ref,), ("shape",)
+        self.inputs = ("input", "shape")
+        self.any_dtype_inputs = frozenset(self.inputs)
+        self.value_inputs = frozenset({"shape"})
+
     def connect(self, *args: Any, **connections: Any) -> Any:
         """Bind terminals; ``shape=`` (a tuple of sizes or shape wires) sets the shape, as the
         published ``Reshape().connect(shape=...)`` (``Reshape(shape)`` here otherwise);
@@ -89,11 +98,16 @@ class Reshape(Operator):
             return super().connect(*args, **connections)
         shape = connections.pop("shape")
         if self.shape is not None and shape is not TBD:
-            raise TypeError(f"Reshape: the shape is given twice (Reshape({list(self.shape)}) and "
+            given = "a connection" if self.shape == "wired" else list(self.shape)
+            raise TypeError(f"Reshape: the shape is given twice (Reshape({given}) and "
                             "connect(shape=...))")
         before = (self.shape, self.shape_args, self.inputs, self.__dict__.get("any_dtype_inputs"),
                   self.__dict__.get("value_inputs"))
-        self._set_shape(shape)
+        if isinstance(shape, (str, IOKey)):  # a named wire: bound here, its value read at compile time
+            self._set_wired(None)
+            connections["shape"] = shape
+        else:
+            self._set_shape(shape)
         try:
             return super().connect(*args, **connections)
         except BaseException:
@@ -148,11 +162,11 @@ class Reshape(Operator):
         return target
 
     def forward(self, xp: Any, input: Any, **refs: Any) -> Any:
-        if self.shape_args is None:
-            return input.reshape(self.shape)
         if self.shape == "wired":
             v = refs["shape"]
             return input.reshape(_wired_sizes(v.tolist() if hasattr(v, "tolist") else v))
+        if self.shape_args is None:
+            return input.reshape(self.shape)
         from .shape_wires import array_shapes
 
         return input.reshape(self._target(array_shapes(refs, self.shape_args.keys)))
