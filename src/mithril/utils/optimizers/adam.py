@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_flag, check_mu_dtype, check_positive, check_unit
 from .elementwise import maximum, sqrt
 from .sgd import BY_CONVENTION, CONVENTIONS, check_convention
 
@@ -59,6 +59,41 @@ def _adam_mlx_corrected(p, g, m, v, lr, b1, b1c, b2, b2c, c1, c2, eps):
     m = b1 * m + b1c * g
     v = b2 * v + b2c * (g * g)
     return p - c1 * m / (sqrt(v) * c2 + eps), m, v
+
+
+def correction(moment: Any, beta: Any, t: Any) -> Any:
+    """``1 − βᵗ`` as optax's ``bias_correction`` gives it for ``moment`` (a NumPy or torch
+    array): computed in float32 (float64 for a float64 moment), β rounded to it first
+    (optax's count is an int32 array: a weak-typed β), then rounded to the moment's dtype;
+    a 0-d array of it. Per-element ``beta`` / ``t`` (parameter groups): ``1 − βᵗ`` as is."""
+    if not (isinstance(beta, float) and isinstance(t, (int, float))):
+        return 1 - beta**t
+    torch = type(moment).__module__.split(".", 1)[0] == "torch"
+    wide = np.float64 if moment.dtype.itemsize == 8 else np.float32
+    c = wide(1) - wide(beta) ** wide(t)  # (equal to XLA's float32 pow, checked to t = 3000)
+    return moment.new_tensor(float(c)) if torch else np.asarray(c).astype(moment.dtype)
+
+
+def _adam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps):
+    # optax's order (mu_dtype): β₁·m in m's own dtype (a weak-typed scalar), then promoted
+    m = b1c * g + b1 * m
+    v = b2c * (g * g) + b2 * v
+    u = (m / correction(m, b1, t)) / (sqrt(v / correction(v, b2, t)) + eps)
+    return p + (-lr) * u, m, v
+
+
+def _adamw_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, wd):
+    m = b1c * g + b1 * m
+    v = b2c * (g * g) + b2 * v
+    u = (m / correction(m, b1, t)) / (sqrt(v / correction(v, b2, t)) + eps)
+    return p + (-lr) * (u + wd * p), m, v          # optax.adamw: −lr·(u + wd·p)
+
+
+def _amsgrad_mu(p, g, m, v, vmax, lr, b1, b1c, b2, b2c, t, eps):
+    m = b1c * g + b1 * m
+    v = b2c * (g * g) + b2 * v
+    vmax = maximum(vmax, v / correction(v, b2, t))
+    return p + (-lr) * ((m / correction(m, b1, t)) / (sqrt(vmax) + eps)), m, v, vmax
 
 
 @functools.cache
@@ -133,17 +168,28 @@ class Adam(Optimizer):
       has none; AdamW's is MLX's ``p ← p·(1 − lr·wd)`` before the step).
 
     ``bias_correction`` is MLX's option: the other conventions always correct (True; False
-    is refused there). optax's ``mu_dtype`` is not an argument here (the engines keep every
-    slot in the parameters' dtype, one flat buffer per slot): ``optax_transformation(
-    Adam(...), mu_dtype=jnp.bfloat16)`` (:mod:`mithril.interop.optax_transform`) keeps ``m``
-    in its own.
+    is refused there).
+
+    ``mu_dtype`` (optax's; None: the parameters' dtype): ``m`` is kept in that dtype
+    (``"bfloat16"``, ``"float16"``, ``jnp.bfloat16``, ``torch.bfloat16``...: 2 bytes per
+    parameter), each step computing from the stored value in the promoted dtype and storing
+    the new ``m`` rounded (``optax.tree.cast(mu, mu_dtype)``); the step uses it unrounded.
+    Such a state takes the per-tensor array engine (the fused kernels hold one dtype; on
+    JAX host buffers, new arrays per update). With ``convention="optax"`` the step is
+    optax's to the bit: its order (``(1−β₁)·g + β₁·m``, β₁·m rounded in m's dtype, a
+    weak-typed scalar), its float32 bias corrections and, for AdamW, ``p − lr·(u + wd·p)``.
+    Other conventions keep their formula (torch: ``m + (1−β₁)·(g − m)`` in float32 from
+    the stored bfloat16, what a hand-written torch loop with ``m.float()`` gives).
     """
+
+    step_wide = ("mu_dtype",)  # (one dtype per slot buffer: not a group's)
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
                  convention: str = "torch", bias_correction: bool = BY_CONVENTION,
-                 **options: Any) -> None:
+                 mu_dtype: Any = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.mu_dtype = check_mu_dtype(mu_dtype)
         self.convention = check_convention(convention, (*CONVENTIONS, "mlx"))
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
@@ -162,6 +208,16 @@ class Adam(Optimizer):
     def decoupled_weight_decay(self) -> bool:  # type: ignore[override]
         return self.convention == "keras"
 
+    def _optax_mu(self) -> bool:
+        """Whether the step is optax's with ``mu_dtype`` (its own order: see the class)."""
+        return self.mu_dtype is not None and self.convention == "optax"
+
+    @property
+    def weight_decay_in_math(self) -> bool:  # type: ignore[override]
+        """optax.adamw's decay inside the step (``_adamw_mu``), with ``mu_dtype``."""
+        return (self._optax_mu() and not self.amsgrad
+                and type(self).decoupled_weight_decay is True)
+
     def slot_names(self) -> tuple[str, ...]:
         return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
 
@@ -174,6 +230,10 @@ class Adam(Optimizer):
             if not self.bias_correction:
                 return (*head, self.epsilon)
             return (*head, *mlx_corrections(lr, self.beta1, self.beta2, step), self.epsilon)
+        if self._optax_mu():  # (the bias corrections are made in the kernel: correction)
+            mu = (lr, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2, float(step),
+                  self.epsilon)
+            return (*mu, self.weight_decay) if self.weight_decay_in_math else mu
         head = (lr, 1 - self.beta1, self.beta2, 1 - self.beta2)
         if self.convention == "keras":
             return (*head, lr * math.sqrt(bc2) / bc1, self.epsilon)
@@ -182,6 +242,9 @@ class Adam(Optimizer):
         return (*head, lr / bc1, math.sqrt(bc2), self.epsilon)
 
     def kernel_math(self) -> Any:
+        if self._optax_mu():
+            return _amsgrad_mu if self.amsgrad else (
+                _adamw_mu if self.weight_decay_in_math else _adam_mu)
         if self.convention == "mlx":
             return _adam_mlx_corrected if self.bias_correction else _adam_mlx
         if self.convention == "keras":
@@ -203,6 +266,6 @@ class AdamW(Adam):
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
                  convention: str = "torch", bias_correction: bool = BY_CONVENTION,
-                 **options: Any) -> None:
+                 mu_dtype: Any = None, **options: Any) -> None:
         super().__init__(learning_rate, beta1, beta2, epsilon, weight_decay, amsgrad,
-                         convention, bias_correction, **options)
+                         convention, bias_correction, mu_dtype=mu_dtype, **options)

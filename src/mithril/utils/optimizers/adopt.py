@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Optimizer
-from .checks import check_flag, check_positive, check_unit
+from .checks import check_flag, check_mu_dtype, check_positive, check_unit
 from .elementwise import maximum, sqrt
 
 
@@ -46,15 +46,20 @@ class ADOPT(Optimizer):
     offered. ε is a floor on √v (``max``), not added. optax's ADOPT has no weight decay:
     ``weight_decay`` here is coupled L2 (``g ← g + wd·p``, optax.add_decayed_weights chained
     in front). torch 2.x has no ADOPT. optax's ``clip_value_fn`` is its default only
-    (``use_clipping``), its ``mu_dtype`` not offered: ``m`` is kept in the parameters' dtype.
+    (``use_clipping``). ``mu_dtype`` (optax's; None: the parameters' dtype): ``m`` kept in
+    that dtype between steps, computed in optax's order (β₁·m in m's own dtype, a
+    weak-typed scalar, then promoted), stored rounded; the per-tensor array engine (see
+    :class:`~.adam.Adam`).
     """
 
     slots = ("m", "v")
+    step_wide = ("mu_dtype",)  # (one dtype per slot buffer: not a group's)
 
     def __init__(self, learning_rate: float = 1e-3, beta1: float = 0.9, beta2: float = 0.9999,
                  epsilon: float = 1e-6, use_clipping: bool = True, nesterov: bool = False,
-                 weight_decay: float = 0.0, **options: Any) -> None:
+                 weight_decay: float = 0.0, mu_dtype: Any = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.mu_dtype = check_mu_dtype(mu_dtype)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
         self.epsilon = check_positive("epsilon", epsilon, allow_zero=False)

@@ -290,6 +290,13 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         """Initial value of every element of ``slot`` (0 unless overridden)."""
         return 0.0
 
+    def slot_dtypes(self, dtype: str) -> dict[str, str]:
+        """The slots kept in a dtype of their own for parameters of ``dtype``, name -> dtype
+        name: optax's ``mu_dtype`` (``{"m": "bfloat16"}``), where it differs from ``dtype``
+        (such a state takes the per-tensor array engine; empty: the fused engines)."""
+        mu = getattr(self, "mu_dtype", None)
+        return {"m": mu} if mu is not None and mu != dtype and "m" in self.slot_names() else {}
+
     def scalars(self, step: int) -> tuple[float, ...]:
         """Per-step scalars passed to :meth:`math` after the slots (``step`` is 1-based).
         An optimizer with :attr:`scalar_values` takes them as keyword arguments too,
@@ -405,7 +412,9 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
             raise TypeError(f"params['{next(iter(params))}'] has dtype {layout.dtype}; "
                             f"optimizers need floating-point parameters")
         check_mask(self, layout.names)  # (a dict missing a name, an optax-style function)
-        engine = engine_for(backend, layout, backend.name == "jax" and spans_devices(params))
+        own = self.slot_dtypes(layout.dtype)
+        engine = engine_for(backend, layout, backend.name == "jax" and spans_devices(params),
+                            own)
         layout = engine.layout  # an engine may pad offsets for alignment
         slots, slot_layouts = {}, {}
         for s in (*self.slot_names(), *self.tensor_slots):
@@ -414,7 +423,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
             lay = layout if shapes == layout.shapes else Layout(layout.names, shapes, layout.dtype)
             if lay is not layout:
                 slot_layouts[s] = lay
-            slots[s] = engine.full(lay.total, self.slot_init(s))
+            slots[s] = (engine.full(lay.total, self.slot_init(s), own[s]) if s in own else
+                        engine.full(lay.total, self.slot_init(s)))
         averaged = self.full_slot_names()[len(self.slot_names()):]
         if averaged:  # an average starts as the parameters (torch's AveragedModel: a copy)
             flat = layout.flatten_numpy({n: engine.to_numpy(p) for n, p in params.items()})

@@ -43,6 +43,34 @@ def infer_backend(params: Mapping[str, Any]) -> Any:
     raise TypeError(f"params['{name}'] is a {type(x).__name__}: cannot infer a backend")
 
 
+#: the dtypes a slot may be kept in (optax's ``mu_dtype``)
+SLOT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_mu_dtype(value: Any) -> str | None:
+    """optax's ``mu_dtype`` (the first moment kept in a dtype of its own) as a dtype name
+    of :data:`SLOT_DTYPES`, or None: a name, a NumPy / ml_dtypes / JAX dtype or scalar type
+    (``jnp.bfloat16``) or a torch dtype; anything else is refused by name."""
+    if value is None:
+        return None
+    if type(value).__module__.split(".", 1)[0] == "torch":
+        name = str(value).removeprefix("torch.")  # (torch.bfloat16 has no NumPy dtype)
+    else:
+        try:
+            import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy (ships with JAX)
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            name = np.dtype(value).name
+        except (TypeError, ValueError):
+            raise TypeError(f"mu_dtype={value!r:.60} is not a dtype (one of {SLOT_DTYPES}, "
+                            f"a NumPy, JAX or torch dtype)") from None
+    if name not in SLOT_DTYPES:
+        raise TypeError(f"mu_dtype={name}: not a floating-point dtype a slot can be kept in "
+                        f"{SLOT_DTYPES}")
+    return name
+
+
 #: the largest integer a hyperparameter or counter may hold (int64's largest): larger ones
 #: are refused as "too large" (they could not be converted to a float, stored in an int64
 #: or raised to a power without overflowing)

@@ -8,7 +8,7 @@ import numpy as np
 from numba.extending import overload
 
 from .base import Optimizer
-from .checks import check_choice, check_positive, check_unit
+from .checks import check_choice, check_mu_dtype, check_positive, check_unit
 from .elementwise import abs_, sign, where
 from .sgd import BY_CONVENTION, check_convention
 
@@ -54,6 +54,25 @@ def _lion_refined(p, g, m, lr, b1, b1c, b2, b2c):
     return p - lr * u, m
 
 
+def _lion_mu(p, g, m, lr, b1, b1c, b2, b2c, wd):
+    u = sign(b1c * g + b1 * m)
+    m = b2 * m + b2c * g
+    return p + (-lr) * (u + wd * p), m             # optax.lion: −lr·(u + wd·p)
+
+
+def _lion_smooth_mu(p, g, m, lr, b1, b1c, b2, b2c, sb, wd):
+    u = tanh(sb * (b1c * g + b1 * m))
+    m = b2 * m + b2c * g
+    return p + (-lr) * (u + wd * p), m
+
+
+def _lion_refined_mu(p, g, m, lr, b1, b1c, b2, b2c, wd):
+    x = b1c * g + b1 * m
+    u = where(abs_(x) < 1.0, x, sign(x))
+    m = b2 * m + b2c * g
+    return p + (-lr) * (u + wd * p), m
+
+
 class Lion(Optimizer):
     """Lion (Chen et al., 2023) as optax.lion::
 
@@ -66,9 +85,10 @@ class Lion(Optimizer):
     ``p ← p·(1 − lr·wd)``). Default ``weight_decay=1e-3`` as optax (Keras: none).
     optax has no default learning rate; 1e-4 here (the paper's advice: 3-10× smaller than
     AdamW's; Keras defaults to 1e-3). Defaults β₁ = 0.9, β₂ = 0.99 as optax and Keras.
-    optax's ``mu_dtype`` is not an argument here (the engines keep every slot in the
-    parameters' dtype, one flat buffer per slot): ``optax_transformation(Lion(...),
-    mu_dtype=jnp.bfloat16)`` (:mod:`mithril.interop.optax_transform`) keeps ``m`` in its own.
+    ``mu_dtype`` (optax's; None: the parameters' dtype): ``m`` kept in that dtype between
+    steps (``optax.tree.cast``), computed in the promoted dtype in optax's order (β·m in
+    m's own dtype, a weak-typed scalar), the decay as optax's ``−lr·(u + wd·p)``; such a
+    state takes the per-tensor array engine (see :class:`~.adam.Adam`).
 
     ``mode`` (optax.scale_by_lion's, default ``"hard"``, the above): ``"smooth"`` takes
     u ← tanh(``smooth_beta``·x) for x = β₁·m + (1−β₁)·g, ``"refined"`` u ← x where |x| < 1,
@@ -81,14 +101,17 @@ class Lion(Optimizer):
 
     decoupled_weight_decay = True
     slots = ("m",)
+    step_wide = ("mu_dtype",)  # (one dtype per slot buffer: not a group's)
 
     def __init__(self, learning_rate: float = 1e-4, beta1: float = 0.9, beta2: float = 0.99,
                  weight_decay: float = BY_CONVENTION, mode: str = "hard",
-                 smooth_beta: float = 1.0, convention: str = "optax", **options: Any) -> None:
+                 smooth_beta: float = 1.0, convention: str = "optax", mu_dtype: Any = None,
+                 **options: Any) -> None:
         convention = check_convention(convention, ("optax", "mlx"))
         if weight_decay is BY_CONVENTION:
             weight_decay = 0.0 if convention == "mlx" else 1e-3
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.mu_dtype = check_mu_dtype(mu_dtype)
         self.convention = convention
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
@@ -98,9 +121,18 @@ class Lion(Optimizer):
                              f"convention='mlx')")
         self.smooth_beta = check_positive("smooth_beta", smooth_beta, allow_zero=False)
 
+    @property
+    def weight_decay_in_math(self) -> bool:  # type: ignore[override]
+        """optax's decay inside the step (``−lr·(u + wd·p)``), with ``mu_dtype``."""
+        return self.mu_dtype is not None and self.convention == "optax"
+
     def scalars(self, step: int) -> tuple[float, ...]:
         head = (self.learning_rate, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2)
-        return (*head, self.smooth_beta) if self.mode == "smooth" else head
+        head = (*head, self.smooth_beta) if self.mode == "smooth" else head
+        return (*head, self.weight_decay) if self.weight_decay_in_math else head
 
     def kernel_math(self) -> Any:
+        if self.weight_decay_in_math:
+            return {"hard": _lion_mu, "smooth": _lion_smooth_mu,
+                    "refined": _lion_refined_mu}[self.mode]
         return {"hard": _lion, "smooth": _lion_smooth, "refined": _lion_refined}[self.mode]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adam import correction
 from .base import Optimizer
-from .checks import check_positive, check_unit, refuse_unless
+from .checks import check_mu_dtype, check_positive, check_unit, refuse_unless
 from .elementwise import helper, sqrt
 from .sgd import BY_CONVENTION, check_convention, check_decoupled
 
@@ -23,6 +24,22 @@ def _nadam_optax(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm, eps_root):
     v = v * b2 + b2c * g * g
     d = sqrt(v / bc2 + eps_root) + eps                 # optax: ε_root inside the root
     return p + cg * (g / d) + cm * (m / d), m, v
+
+
+def _nadam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, eps_root):
+    # optax's order (mu_dtype): β₁·m in m's own dtype, its Nesterov m̂ and corrections
+    m = b1c * g + b1 * m
+    v = b2c * (g * g) + b2 * v
+    mh = b1 * (m / correction(m, b1, t + 1)) + b1c * (g / correction(g, b1, t))
+    return p + (-lr) * (mh / (sqrt(v / correction(v, b2, t) + eps_root) + eps)), m, v
+
+
+def _nadamw_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, eps_root, wd):
+    m = b1c * g + b1 * m
+    v = b2c * (g * g) + b2 * v
+    mh = b1 * (m / correction(m, b1, t + 1)) + b1c * (g / correction(g, b1, t))
+    u = mh / (sqrt(v / correction(v, b2, t) + eps_root) + eps)
+    return p + (-lr) * (u + wd * p), m, v          # optax.nadamw: −lr·(u + wd·p)
 
 
 def _nadam_scheduled(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, b1, psi, cg, cm):
@@ -69,21 +86,26 @@ class NAdam(Optimizer):
       ``decoupled_weight_decay=True`` ``optax.nadamw``'s ``p ← p − lr·(step + wd·p)``.
       ``eps_root`` (optax's, default 0): ``d = √(v/(1−β₂ᵗ) + ε_root) + ε``; torch and Keras
       have none (refused there). optax's ``nesterov`` is this (True); False is
-      ``optax.adam`` (:class:`Adam` with ``convention="optax"``). Its ``mu_dtype`` is not
-      offered (slots are in the parameters' dtype).
+      ``optax.adam`` (:class:`Adam` with ``convention="optax"``).
+
+    ``mu_dtype`` (optax's; None: the parameters' dtype): ``m`` kept in that dtype, as
+    :class:`Adam`'s (the per-tensor array engine; under ``"optax"`` optax's order and
+    bias corrections to the bit, ``nadamw``'s ``p − lr·(u + wd·p)``).
 
     torch's ``maximize`` / ``foreach`` / ``capturable`` / ``differentiable`` are not
     arguments: negate the loss to maximise; the fused kernels choose the loop.
     """
 
     slots = ("m", "v")
+    step_wide = ("mu_dtype",)  # (one dtype per slot buffer: not a group's)
 
     def __init__(self, learning_rate: float = 2e-3, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0,
                  momentum_decay: float | None = BY_CONVENTION,
                  decoupled_weight_decay: bool = BY_CONVENTION, convention: str = "torch",
-                 eps_root: float | None = None, **options: Any) -> None:
+                 eps_root: float | None = None, mu_dtype: Any = None, **options: Any) -> None:
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
+        self.mu_dtype = check_mu_dtype(mu_dtype)
         self.convention = check_convention(convention)
         self.beta1 = check_unit("beta1", beta1)
         self.beta2 = check_unit("beta2", beta2)
@@ -138,8 +160,20 @@ class NAdam(Optimizer):
     def state_value_init(self, name: str) -> float:
         return 1.0
 
+    def _optax_mu(self) -> bool:
+        """Whether the step is optax's with ``mu_dtype`` (its own order)."""
+        return self.mu_dtype is not None and self.convention == "optax"
+
+    @property
+    def weight_decay_in_math(self) -> bool:  # type: ignore[override]
+        """optax.nadamw's decay inside the step (``_nadamw_mu``), with ``mu_dtype``."""
+        return self._optax_mu() and self.decoupled_weight_decay
+
     def scalars(self, step: int) -> tuple[float, ...]:
         lr, b1, b2 = self.learning_rate, self.beta1, self.beta2
+        if self._optax_mu():  # (the corrections are made in the kernel: adam.correction)
+            mu = (lr, b1, 1 - b1, b2, 1 - b2, float(step), self.epsilon, self.eps_root)
+            return (*mu, self.weight_decay) if self.weight_decay_in_math else mu
         if self.convention == "optax":  # constant β₁, Adam's bias corrections
             cg = -lr * (1.0 - b1) / (1.0 - b1**step)
             cm = -lr * b1 / (1.0 - b1 ** (step + 1))
@@ -162,4 +196,6 @@ class NAdam(Optimizer):
         return (cg, cm), tensors, values
 
     def kernel_math(self) -> Any:
+        if self._optax_mu():
+            return _nadamw_mu if self.weight_decay_in_math else _nadam_mu
         return _nadam_optax if self.convention == "optax" else _nadam_scheduled

@@ -86,7 +86,9 @@ class StateDictMixin:
             out["num_nonfinite"] = state.num_nonfinite
             out["consecutive_skips"] = state.consecutive_skips
             host = _torch_tensor if arrays == "torch" else np.array
-            out["slots"] = {s: {n: host(state.engine.to_numpy(v))
+            own = getattr(state.engine, "slot_dtypes", {})  # (mu_dtype's: kept as they are)
+            out["slots"] = {s: {n: _own_slot(v, arrays) if s in own else
+                                host(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
             if state.values:
                 out["values"] = dict(state.values)
@@ -227,6 +229,7 @@ class StateDictMixin:
                 raise KeyError(f"state dict 'slots': slot(s) {sorted(names, key=repr)} {label} "
                                f"{state.kind}")
         out = {s: state.slots[s] for s in state.slots if s in started}
+        own = getattr(state.engine, "slot_dtypes", {})
         for slot, per_param in saved.items():
             lay = state.slot_layout(slot)
             if not isinstance(per_param, Mapping) or set(per_param) != set(lay.names):
@@ -238,6 +241,9 @@ class StateDictMixin:
             dtype = np.asarray(state.engine.to_numpy(state.slots[slot])).dtype
             for name, shape in zip(lay.names, lay.shapes):
                 where = f"state dict slot '{slot}' of '{name}'"
+                if slot in own and (got := _dtype_name(per_param[name])) != own[slot]:
+                    raise TypeError(f"{where} has dtype {got}, but the state keeps slot "
+                                    f"'{slot}' in {own[slot]} (mu_dtype={own[slot]!r})")
                 a = _numeric(per_param[name], where)
                 if a.shape != tuple(shape):
                     what = "the parameter" if lay is state.layout else "the slot's"
@@ -252,8 +258,9 @@ class StateDictMixin:
             common = np.result_type(*arrays.values()) if arrays else dtype  # (mixed: the
             # flat buffer must hold each, not take the first's dtype: an int or float16 first
             # would round the others)
-            out[slot] = state.engine.from_numpy(lay.flatten_numpy(
-                {n: a.astype(common, copy=False) for n, a in arrays.items()}))
+            flat = lay.flatten_numpy({n: a.astype(common, copy=False) for n, a in arrays.items()})
+            out[slot] = (state.engine.from_numpy(flat, own[slot]) if slot in own else
+                         state.engine.from_numpy(flat))
         return {s: out[s] for s in state.slots}
 
 
@@ -309,6 +316,32 @@ def _torch_tensor(value: Any) -> Any:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         a = a.astype(np.float32)
     return torch.from_numpy(a)
+
+
+def _dtype_name(value: Any) -> str:
+    """The dtype name of a saved array (NumPy, ml_dtypes, torch, JAX, nested lists)."""
+    dt = getattr(value, "dtype", None)
+    if type(value).__module__.split(".", 1)[0] == "torch" and dt is not None:
+        return str(dt).removeprefix("torch.")
+    try:
+        return np.dtype(dt).name if dt is not None else np.asarray(value).dtype.name
+    except (TypeError, ValueError):
+        return str(dt)
+
+
+def _own_slot(view: Any, arrays: str) -> Any:
+    """A slot of a dtype of its own (``mu_dtype``) saved in that dtype: a NumPy array
+    (bfloat16 by ml_dtypes) or, ``arrays="torch"``, a CPU torch tensor (copies)."""
+    if type(view).__module__.split(".", 1)[0] != "torch":
+        return _torch_tensor(view) if arrays == "torch" else np.array(view)
+    import torch
+
+    t = view.detach().cpu().clone()
+    if arrays == "torch" or t.dtype != torch.bfloat16:
+        return t if arrays == "torch" else t.numpy()
+    import ml_dtypes
+
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
 def _numeric(value: Any, where: str) -> np.ndarray:

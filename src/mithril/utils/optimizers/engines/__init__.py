@@ -20,7 +20,8 @@
   (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as
   :class:`~.array_engine.ArrayEngine`.
 * :class:`~.array_engine.ArrayEngine` - the same math with array ops on flat buffers
-  (float16/bfloat16 on CPU).
+  (float16/bfloat16 on CPU), and every state with a slot in a dtype of its own (optax's
+  ``mu_dtype``: the fused kernels keep one dtype), JAX's in host buffers.
 """
 
 from __future__ import annotations
@@ -43,9 +44,16 @@ def spans_devices(params: Any) -> bool:
                for p in params.values())
 
 
-def engine_for(backend: Any, layout: Any, several_devices: bool = False) -> Any:
+def engine_for(backend: Any, layout: Any, several_devices: bool = False,
+               slot_dtypes: dict[str, str] | None = None) -> Any:
     """The engine for ``layout``'s parameters on ``backend`` (see the module docs);
-    ``several_devices``: JAX arrays on a mesh (the jitted engine)."""
+    ``several_devices``: JAX arrays on a mesh (the jitted engine); ``slot_dtypes``: slots
+    kept in a dtype of their own (optax's ``mu_dtype``), which only the per-tensor
+    :class:`~.array_engine.ArrayEngine` holds (on JAX, in host buffers)."""
+    if slot_dtypes:
+        from .array_engine import ArrayEngine
+
+        return ArrayEngine(backend, layout, slot_dtypes)
     fused = layout.dtype in ("float32", "float64")
     if backend.name == "jax":
         if fused and backend.device.platform == "cpu" and JAX_ENGINE != "jit" and \

@@ -1,7 +1,13 @@
 """The optimizer math with plain array ops on flat buffers.
 
 Used where no fused kernel applies: torch on GPU (each op is one device kernel over the
-flat buffer, so per-tensor launch cost still vanishes) and float16/bfloat16 parameters.
+flat buffer, so per-tensor launch cost still vanishes), float16/bfloat16 parameters, and
+states with a slot in a dtype of its own (optax's ``mu_dtype``, ``slot_dtypes``): that
+slot's flat buffer has its dtype, the math runs with the array library's promotion (a
+bfloat16 ``m`` with float32 gradients: float32; a Python float times it: bfloat16, as
+optax's weak-typed scalars) and its new value is rounded to its dtype when stored. On JAX
+(that case only) the buffers are NumPy host arrays (bfloat16 by ``ml_dtypes``, whose
+arithmetic rounds as XLA's CPU does) and each update returns new ``jax.Array`` copies.
 """
 
 from __future__ import annotations
@@ -27,10 +33,21 @@ from .common import (
 
 
 class ArrayEngine(Engine):
-    def __init__(self, backend: Any, layout: Any) -> None:
+    def __init__(self, backend: Any, layout: Any,
+                 slot_dtypes: dict[str, str] | None = None) -> None:
+        """``slot_dtypes``: slot name -> the dtype name its buffer has (others: the
+        parameters')."""
         self.backend, self.layout = backend, layout
+        self.slot_dtypes = dict(slot_dtypes or {})
         self.torch = backend.name == "torch"
-        if self.torch:
+        self.jax = backend.name == "jax"
+        if self.jax:  # (host buffers: the NumPy path below, jax.Array in and out)
+            import jax
+
+            from ....backends.numpy_backend import numpy_dtype
+
+            self.array_type, self.native_dtype = jax.Array, np.dtype(numpy_dtype(layout.dtype))
+        elif self.torch:
             import torch
 
             self.t = torch
@@ -81,26 +98,50 @@ class ArrayEngine(Engine):
         return self.t.repeat_interleave(small.to(self.device), self._reps_dev, dim=-1,
                                         output_size=int(self.layout.total))
 
-    def full(self, n: int, value: float) -> Any:
+    def full(self, n: int, value: float, dtype: str | None = None) -> Any:
+        """``n`` elements of ``value`` in ``dtype`` (a name; None: the parameters')."""
         if self.torch:
-            return self.t.full((n,), value, dtype=self.tdtype, device=self.device)
+            dt = self.tdtype if dtype is None else getattr(self.t, dtype)
+            return self.t.full((n,), value, dtype=dt, device=self.device)
         from ....backends.numpy_backend import numpy_dtype
 
-        return np.full(n, value, dtype=numpy_dtype(self.layout.dtype))
+        return np.full(n, value, dtype=numpy_dtype(dtype or self.layout.dtype))
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return self.backend.to_numpy(x)
+        return np.asarray(x) if self.jax else self.backend.to_numpy(x)
 
-    def from_numpy(self, a: np.ndarray) -> Any:
-        return self.backend.array(np.asarray(a), self.layout.dtype)
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        """A buffer of ``a``'s values in ``dtype`` (None: the parameters')."""
+        if self.jax:
+            from ....backends.numpy_backend import numpy_dtype
+
+            return np.array(a, dtype=numpy_dtype(dtype or self.layout.dtype))
+        return self.backend.array(np.asarray(a), dtype or self.layout.dtype)
 
     def _flat(self, arrays: list) -> Any:
         if self.torch:
             return self.t.cat([a.detach().reshape(-1) for a in arrays])
-        return np.concatenate([a.reshape(-1) for a in arrays])
+        return np.concatenate([np.asarray(a).reshape(-1) for a in arrays])
 
     def readable(self, p: Any) -> Any:
+        if self.jax:
+            return np.asarray(p)
         return p.detach().resolve_neg().resolve_conj().to(self.device) if self.torch else p
+
+    def _stored(self, names: tuple[str, ...], out: list[Any]) -> list[Any]:
+        """The step's new values (params first, then ``names``' slots), a slot of its own
+        dtype rounded to it (what is probed for inf/NaN and written: a float16 ``m`` past
+        65504 is inf)."""
+        own = self.slot_dtypes
+        if not own:
+            return list(out)
+        if self.torch:
+            cast = lambda x, d: x.to(getattr(self.t, d))  # noqa: E731
+        else:
+            from ....backends.numpy_backend import numpy_dtype
+
+            cast = lambda x, d: np.asarray(x).astype(numpy_dtype(d))  # noqa: E731
+        return [out[0], *(cast(x, own[s]) if s in own else x for s, x in zip(names, out[1:]))]
 
     def unaliased_copy(self, x: Any, flat: Any) -> Any:
         if self.torch:
@@ -145,7 +186,8 @@ class ArrayEngine(Engine):
         keep, scal = cols[3], cols[4:]
         names = opt.full_slot_names()
         olds = [P, *(state.slots[s] for s in names)]
-        out = opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:], *scal)
+        out = self._stored(names, opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:],
+                                                                   *scal))
         present = None
         if len(grads) != len(lay.names):  # leave parameters without gradient untouched
             present = self._per_element(np.array([n in grads for n in lay.names]))
@@ -174,6 +216,9 @@ class ArrayEngine(Engine):
             state.param_views = lay.unflatten(state.params_flat)
         for dst, new in zip([state.params_flat, *(state.slots[s] for s in names)], out):
             dst[...] = new
+        if self.jax:  # (copies: the host buffer is written again by the next update)
+            return ({n: self.backend.array(v.copy(), lay.dtype)
+                     for n, v in state.param_views.items()}, True, norm, finite)
         return dict(state.param_views), True, norm, finite
 
     def _prologue(self, g: Any, P: Any, table: np.ndarray, index: np.ndarray, clip: bool
