@@ -9,6 +9,9 @@
 * :func:`mlx_optimizer` - any mithril optimizer as an ``mlx.optimizers.Optimizer`` for an
   MLX training loop (LBFGS and SAM with ``update(model, grads, closure=...)``;
   :mod:`.mlx_optim`; mlx is imported only when it is called).
+* :func:`params_from_torch` / :func:`params_to_torch` - a torch ``state_dict`` (module,
+  mapping, safetensors / ``.bin`` file) as a compiled model's params and state, and back
+  (:mod:`.torch_weights`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .torch_weights import params_from_torch, params_to_torch
+
 if TYPE_CHECKING:  # pragma: no cover
     from .mlx_optim import MlxOptimizer
     from .optax_transform import OptaxState
     from .torch_optim import TorchOptimizer
 
 __all__ = ["MlxOptimizer", "OptaxState", "TorchOptimizer", "mlx_optimizer", "optax_transformation",
-           "schedule_free_eval_params", "torch_optimizer"]
+           "params_from_torch", "params_to_torch", "schedule_free_eval_params", "torch_optimizer"]
 
 
 def torch_optimizer(optimizer: Any, params: Any) -> TorchOptimizer:

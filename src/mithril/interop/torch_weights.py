@@ -157,11 +157,14 @@ def _our_units(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 # -- the mapping ------------------------------------------------------------------------------
-def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any],
-              who: str) -> dict[str, str]:
-    """``{torch name: Mithril name}`` for the torch names that ``names`` maps."""
+def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], who: str,
+              ) -> tuple[dict[str, str], dict[tuple[str, str], list[str]]]:
+    """``{torch name: Mithril name}`` for the torch names that ``names`` maps one by one, and
+    ``{(torch module path, Mithril module path): [the torch names under it]}`` for those it
+    maps by module path."""
     if names is None:
-        return {}
+        return {}, {}
+    used: set[str] = set()
     if isinstance(names, Mapping):
         bad = [k for k, v in names.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -194,41 +197,39 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any],
                         used.add(pattern.pattern)
                         return p, m.expand(repl)
             return None
-        rules, used = [a for a, _ in names], set()
+        rules = [a for a, _ in names]
     else:
         raise TypeError(f"{who}: names must be a dict, a list of (regex, replacement) pairs or "
                         f"a callable, got {type(names).__name__}")
-    out, groups = {}, {}
+    out: dict[str, str] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for k in torch_keys:
         if hit := look(k):
             if hit[0] == k:
                 out[k] = hit[1]
             else:
                 groups.setdefault(hit, []).append(k)
-    for (p, ours), members in groups.items():
-        units = _torch_units([_under(k, p) or k for k in members])
-        for k in members:
-            out[k] = _join(ours, _join(*units[_under(k, p) or k]))
-    hits = {h for k in torch_keys if (h := look(k))}
-    unused = [r for r in rules if r not in {h[0] for h in hits}] if isinstance(names, Mapping) \
-        else [r for r in rules if r not in used]
+    hits = {h[0] for k in torch_keys if (h := look(k))}
+    unused = [r for r in rules if r not in (hits if isinstance(names, Mapping) else used)]
     if unused:
         raise KeyMismatchError(f"{who}: names {unused} match(es) no name or module path of the "
                                f"torch state_dict")
+    paths = {p for k in targets for p in _prefixes(k)}
     wrong = {k: v for k, v in out.items() if v not in targets}
+    wrong.update({t: m for t, m in groups if m not in paths})
     if wrong:
-        lines = [f"torch '{k}' -> '{v}' (closest: {difflib.get_close_matches(v, targets, 3)})"
+        lines = [f"torch '{k}' -> '{v}' (closest: {difflib.get_close_matches(v, paths, 3)})"
                  for k, v in list(wrong.items())[:3]]
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise KeyMismatchError(f"{who}: names map to no Mithril parameter or state: "
-                               + "; ".join(lines) + more)
+        raise KeyMismatchError(f"{who}: names map to no Mithril parameter, state or module "
+                               "path: " + "; ".join(lines) + more)
     seen: dict[str, str] = {}
     for k, v in out.items():
         if v in seen:
             raise KeyMismatchError(f"{who}: names map torch '{seen[v]}' and '{k}' both to "
                                    f"Mithril '{v}'")
         seen[v] = k
-    return out
+    return out, groups
 
 
 def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
@@ -246,7 +247,7 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
     for k, (u, r) in ou.items():
         o_group.setdefault(u, {})[r] = k
     for g in t_group.values():
-        sent = {ou[out[k]][0] for k in g.values() if k in out}
+        sent = {ou[out[k]][0] for k in g.values() if out.get(k) in ou}
         if len(sent) == 1:
             o = o_group.get(sent.pop(), {})
             out.update({k: o[r] for r, k in g.items()
@@ -282,6 +283,20 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
                     t_group.pop(t)
                 for o in olist:
                     o_group.pop(o)
+    for t, g in list(t_group.items()):  # a unit with a name more or less: say which
+        def near(o: dict[str, str], g: dict[str, str] = g) -> bool:
+            common = set(g) & set(o)
+            return bool(common) and (set(g) <= set(o) or set(o) <= set(g)) and all(
+                t_shape(g[r]) == o_shape(o[r]) for r in common)
+        cands = [u for u, o in o_group.items() if near(o)]
+        if len(cands) == 1 and sum(near(o_group[cands[0]], h) for h in t_group.values()) == 1:
+            o = o_group.pop(cands[0])
+            del t_group[t]
+            out.update({k: o[r] for r, k in g.items() if r in o})
+            problems += [f"torch module '{t}' lacks the entry for Mithril '{k}' {o_shape(k)}"
+                         for r, k in o.items() if r not in g]
+            problems += [f"unexpected torch key '{k}' {t_shape(k)} (Mithril '{cands[0]}' has "
+                         f"no '{r}')" for r, k in g.items() if r not in o]
     for g in t_group.values():
         problems += [f"unexpected torch key '{k}' {t_shape(k)}" for k in g.values()]
     for g in o_group.values():
@@ -289,14 +304,33 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
     return problems
 
 
+def _units(keys: list[str], path: str, cut: Callable) -> dict[str, tuple[str, str]]:
+    """``cut`` (:func:`_torch_units` or :func:`_our_units`) of ``keys`` seen from the module
+    ``path``, the units named in full."""
+    rel = [_under(k, path) or k for k in keys]
+    units = cut(rel)
+    return {k: (_join(path, units[r][0]), units[r][1]) for k, r in zip(keys, rel)}
+
+
 def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names,
              who: str) -> dict[str, str]:
     """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
-    parameter and state entry paired once, with the same shape."""
+    parameter and state entry paired once, with the same shape. A module path that ``names``
+    maps is paired on its own (the torch names under it with the Mithril names under its
+    target), deepest first, then the rest."""
     targets = {**compiled.parameter_shapes, **compiled.state_shapes}
-    out = _explicit(names, list(theirs), targets, who)
-    problems = _pair_units(_torch_units(list(theirs)), _our_units(list(targets)),
-                           lambda k: theirs[k].shape, lambda k: tuple(targets[k]), out)
+    out, groups = _explicit(names, list(theirs), targets, who)
+    shape_t, shape_o = (lambda k: theirs[k].shape), (lambda k: tuple(targets[k]))
+    problems, claimed, grouped = [], set(), {k for ks in groups.values() for k in ks}
+    scopes = [(tp, mp, ks) for (tp, mp), ks in sorted(groups.items(), key=lambda g: -len(g[0][0]))]
+    scopes.append(("", "", [k for k in theirs if k not in grouped]))
+    for tp, mp, keys in scopes:
+        ours = [k for k in targets if _under(k, mp) is not None and k not in claimed]
+        inside, have = set(ours), set(keys)
+        keys = keys + [k for k in theirs if out.get(k) in inside and k not in have]
+        problems += _pair_units(_units(keys, tp, _torch_units), _units(ours, mp, _our_units),
+                                shape_t, shape_o, out)
+        claimed.update(ours)
     shapes = [f"torch '{k}' {theirs[k].shape} vs Mithril '{v}' {tuple(targets[v])}"
               for k, v in out.items() if theirs[k].shape != tuple(targets[v])]
     if problems:
