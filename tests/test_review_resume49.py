@@ -61,16 +61,18 @@ class Run:
         self.state = self.opt.init(self.params)
         self.rng = np.random.default_rng(11)
         self.epoch = self.batch = 0
-        self.epoch_rng = self.rng.bit_generator.state
-        self.perm = None
+        self.new_epoch()
         self.seen: list[list[int]] = []
+
+    def new_epoch(self) -> None:
+        """This epoch's order, and the generator's state it was drawn from: a checkpoint
+        taken at any batch of the epoch (0 included) resumes by drawing it again."""
+        self.epoch_rng = self.rng.bit_generator.state
+        self.perm = self.rng.permutation(N)
 
     def train(self, until: int) -> None:
         x_all, y_all = data()
         while self.epoch * (N // BATCH) + self.batch < until:
-            if self.perm is None:
-                self.epoch_rng = self.rng.bit_generator.state
-                self.perm = self.rng.permutation(N)
             idx = self.perm[self.batch * BATCH:(self.batch + 1) * BATCH]
             self.seen.append(idx.tolist())
             x, y = self.backend.array(x_all[idx]), self.backend.array(y_all[idx])
@@ -82,7 +84,8 @@ class Run:
                 self.sched.step()
             self.batch += 1
             if self.batch == N // BATCH:
-                self.epoch, self.batch, self.perm = self.epoch + 1, 0, None
+                self.epoch, self.batch = self.epoch + 1, 0
+                self.new_epoch()
 
     def save(self, path) -> None:
         save_checkpoint(path, self.params, self.opt, self.state, self.sched, extra={
@@ -94,18 +97,20 @@ class Run:
                              scheduler=self.sched)
         self.params, self.state, e = ck["params"], ck["state"], ck["extra"]
         self.epoch, self.batch, self.cm.step = e["epoch"], e["batch"], e["dropout_step"]
-        self.rng.bit_generator.state = e["rng"]  # the epoch's order is drawn again
-        self.perm = self.rng.permutation(N) if self.batch else None
+        self.rng.bit_generator.state = e["rng"]
+        self.new_epoch()  # the epoch's order, drawn again
 
 
-@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
-def test_resume_mid_epoch_mid_window_is_the_uninterrupted_run(name, tmp_path):
+@pytest.mark.parametrize("name, stop", [("numpy", 13), ("numpy", 10), ("numpy", 12),
+                                        ("torch", 13), ("jax", 13)])
+def test_resume_mid_epoch_mid_window_is_the_uninterrupted_run(name, stop, tmp_path):
     ref = Run(name)
     ref.train(23)
     path = tmp_path / "ckpt.safetensors"
     first = Run(name)
-    first.train(13)  # epoch 2, batch 3; the window holds one micro-batch
-    assert first.state.micro_step == 1 and first.batch == 3
+    first.train(stop)  # 13: epoch 2, batch 3, one micro-batch in the window; 10: an epoch's
+    # end, one in the window; 12: mid-epoch, at a window's end
+    assert (first.state.micro_step, first.batch) == {13: (1, 3), 10: (1, 0), 12: (0, 2)}[stop]
     first.save(path)
     again = Run(name)
     again.resume(path)

@@ -457,9 +457,9 @@ class CheckpointManager:
 
     Which files are kept: without ``best_metric``, the ``max_to_keep`` latest steps (all
     with ``max_to_keep=None``). With ``best_metric``, the ``max_to_keep`` best by that metric
-    (``best_mode`` ``"min"`` or ``"max"``; between equal values the later step; a NaN metric,
-    or a file saved without it, is never among the best: Keras' ``np.less(nan, best)`` is
-    False), and with ``keep_latest`` also the latest step, whatever its metric (Lightning's
+    (``best_mode`` ``"min"`` or ``"max"``; between equal values the earlier step, as a new
+    one must be strictly better in Keras and Lightning; a NaN metric, or a file saved without
+    it, is never among the best: Keras' ``np.less(nan, best)`` is False), and with ``keep_latest`` also the latest step, whatever its metric (Lightning's
     ``save_last``: what a resume after preemption needs). A save that would not be kept is
     not written (:meth:`save` returns ``None``): with ``max_to_keep=1`` and no
     ``keep_latest`` a step is written only when its metric is strictly better than the kept
@@ -532,7 +532,7 @@ class CheckpointManager:
         return self.path(max(self._metrics)) if self._metrics else None
 
     def best(self) -> str | None:
-        """The file with the best ``best_metric`` (between equal values the later step);
+        """The file with the best ``best_metric`` (between equal values the earlier step);
         without ``best_metric`` the latest; ``None`` if no checkpoint has a (non-NaN) one."""
         if self.best_metric is None:
             return self.latest()
@@ -544,10 +544,10 @@ class CheckpointManager:
         return -v if self.best_mode == "max" else v
 
     def _ranked(self, entries: Mapping[int, dict[str, float] | None]) -> list[int]:
-        """The steps with a (non-NaN) ``best_metric``, best first (later steps first
+        """The steps with a (non-NaN) ``best_metric``, best first (earlier steps first
         between equal values)."""
-        valued = [(self._value(m), -s) for s, m in entries.items()]
-        return [-s for v, s in sorted(x for x in valued if not math.isnan(x[0]))]
+        valued = [(self._value(m), s) for s, m in entries.items()]
+        return [s for v, s in sorted(x for x in valued if not math.isnan(x[0]))]
 
     def _kept(self, entries: Mapping[int, dict[str, float] | None]) -> set[int]:
         steps = sorted(entries)
