@@ -153,7 +153,8 @@ def torch_two_optimizers(data_a, data_b):
 @pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
 def test_one_scaler_two_optimizers_as_torchs_one_update_per_iteration(kind):
     """Two trainers sharing one :class:`LossScaler`, ``backward_and_update(...,
-    update_scale=False)`` on each and one ``scaler.update(found_inf=a or b)`` per iteration:
+    update_scale=False)`` on each (each records its overflow on the scaler) and one
+    ``scaler.update()`` (or ``scaler.update(found_inf=a or b)``) per iteration:
     the scale used and the scale after every iteration, which model's step is skipped
     (A alone at 4 and 10, B alone at 7, both at 13) and both models' masters after every
     iteration (within 3e-8) equal torch's one scaler stepping two optimizers. Left to
@@ -184,7 +185,10 @@ def test_one_scaler_two_optimizers_as_torchs_one_update_per_iteration(kind):
             oks.append(tr.backward_and_update({"out": backend.array(c)}, update_scale=False)[2])
             assert tr.last_found_inf is (not oks[-1])
             assert tr.loss_scale == used  # (not moved yet)
-        a.scaler.update(found_inf=a.last_found_inf or b.last_found_inf)
+        if i % 2:  # torch's scaler.update(): the overflows the trainers recorded
+            a.scaler.update()
+        else:  # or a flag of one's own
+            a.scaler.update(found_inf=a.last_found_inf or b.last_found_inf)
         assert (a.loss_scale, [not ok for ok in oks]) == (after, skipped), i
         for tr, w in zip((a, b), want, strict=True):
             got = host(backend, tr.master_params)
@@ -220,6 +224,59 @@ def test_update_scale_must_be_a_bool_and_a_refusal_changes_nothing():
     assert trainer.backward_and_update({"out": backend.array(c)}, update_scale=False)[2]
     assert trainer.loss_scale == 256.0 and trainer.num_steps == 1  # (growth_interval 1: kept)
     assert not np.array_equal(host(backend, trainer.master_params)[W], before[W])
+
+
+
+def test_scaler_update_without_found_inf_reads_the_recorded_steps():
+    """torch's ``scaler.update()`` reads the found_inf its ``step`` calls recorded (and
+    fails when none was: "No inf checks were recorded"). Ours: :meth:`LossScaler.record`
+    (the trainer's ``update_scale=False`` calls it), any overflow recorded backs off once;
+    an explicit flag wins and clears the record; nothing recorded is a ValueError, a
+    non-bool a TypeError naming it, both changing nothing."""
+    from mithril.utils.loss_scaler import LossScaler
+
+    s = LossScaler(init_scale=8.0, growth_interval=2)
+    with pytest.raises(ValueError, match=r"update\(\) without found_inf: no step was recorded"):
+        s.update()
+    with pytest.raises(TypeError, match=r"record\(found_inf\): found_inf must be a bool.*'yes'"):
+        s.record("yes")
+    assert (s.scale, s.growth_tracker) == (8.0, 0)
+    s.record(False)
+    s.record(False)
+    s.update()  # two finite steps of one iteration: one growth count
+    assert (s.scale, s.growth_tracker) == (8.0, 1)
+    s.record(False)
+    s.record(True)
+    s.record(False)
+    s.update()  # one overflow among them: one backoff
+    assert (s.scale, s.growth_tracker) == (4.0, 0)
+    s.record(True)
+    s.update(found_inf=False)  # the caller's flag, and the record is gone
+    with pytest.raises(ValueError, match="no step was recorded"):
+        s.update()
+    assert (s.scale, s.growth_tracker) == (4.0, 1)
+
+
+def test_gradscaler_method_names_say_what_to_use():
+    """A torch loop's ``scaler.get_scale()`` / ``set_growth_factor`` / ``unscale_``
+    raised Python's bare AttributeError; now the error names ours. Unknown names still
+    raise the plain one (copy and pickle keep working)."""
+    import copy
+    import pickle
+
+    from mithril.utils.loss_scaler import LossScaler
+
+    s = LossScaler(init_scale=8.0)
+    for name, ours in [("get_scale", "scaler.scale"), ("get_growth_interval",
+                                                       "scaler.growth_interval"),
+                       ("set_backoff_factor", "scaler.backoff_factor = value"),
+                       ("is_enabled", "scaler.dynamic"), ("unscale_", "backward_and_update"),
+                       ("step", "backward_and_update")]:
+        with pytest.raises(AttributeError, match=f"no {name} .*GradScaler.*{ours}"):
+            getattr(s, name)
+    with pytest.raises(AttributeError, match="has no attribute 'get_scales'"):
+        s.get_scales  # noqa: B018
+    assert copy.deepcopy(s).scale == pickle.loads(pickle.dumps(s)).scale == 8.0
 
 
 # -- a checkpoint mid-run continues bit for bit -------------------------------------------------

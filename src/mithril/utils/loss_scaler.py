@@ -29,6 +29,20 @@ def refuse_peer_names(who: str, given: Mapping[str, Any], ours: Mapping[str, str
         raise TypeError(f"{who}() got an unexpected keyword argument {name!r}{hint}")
 
 
+#: torch.amp.GradScaler's methods -> what to use here
+_TORCH_NAMES = {
+    "get_scale": "read scaler.scale (a property, the current scale as a float)",
+    **{f"get_{k}": f"read scaler.{k}" for k in ("growth_factor", "backoff_factor",
+                                                "growth_interval")},
+    **{f"set_{k}": f"set scaler.{k} = value (checked as the constructor checks it)"
+       for k in ("growth_factor", "backoff_factor", "growth_interval")},
+    "is_enabled": "read scaler.dynamic (False: a fixed scale; a step with an inf/NaN gradient "
+                  "is still skipped)",
+    **dict.fromkeys(("unscale_", "step"), "MixedPrecisionTrainer.backward_and_update scales, "
+                    "unscales, checks and steps in one call; scaler.update(found_inf) then "
+                    "advances the scale (the trainer calls it)"),
+}
+
 _ARGS = ("init_scale", "growth_factor", "backoff_factor",
          "growth_interval", "dynamic", "growth_tracker", "min_scale")
 
@@ -136,12 +150,43 @@ class LossScaler:
     _FIELDS = ("growth_factor", "backoff_factor", "growth_interval", "dynamic",
                "growth_tracker", "min_scale")
 
-    def update(self, found_inf: bool) -> None:
-        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
-        bool; torch's ``update(new_scale)`` is :meth:`load_state_dict` here)."""
+    def __getattr__(self, name: str) -> Any:
+        """(Only for a name not found.) ``torch.amp.GradScaler``'s getters, setters and
+        steps (a torch loop's ``scaler.get_scale()``) raise an AttributeError naming ours."""
+        hint = _TORCH_NAMES.get(name)
+        if hint is None:
+            raise AttributeError(f"'LossScaler' object has no attribute {name!r}")
+        raise AttributeError(f"LossScaler has no {name} (torch.amp.GradScaler's): {hint}")
+
+    def record(self, found_inf: bool) -> None:
+        """Note one step's overflow for the next :meth:`update` called without one (torch's
+        per-optimizer ``found_inf`` that ``scaler.update()`` reads): several steps recorded
+        before an update count as one, overflowing if any did.
+        ``MixedPrecisionTrainer.backward_and_update(..., update_scale=False)`` records its own."""
+        found_inf = self._found_inf("record", found_inf)
+        self.__dict__["_recorded"] = self.__dict__.get("_recorded") or found_inf
+
+    @staticmethod
+    def _found_inf(where: str, found_inf: Any) -> bool:
         if not isinstance(found_inf, (bool, np.bool_)):
-            raise TypeError(f"LossScaler.update(found_inf): found_inf must be a bool (whether "
+            raise TypeError(f"LossScaler.{where}(found_inf): found_inf must be a bool (whether "
                             f"the step's gradients had an inf/NaN), got {describe(found_inf)}")
+        return bool(found_inf)
+
+    def update(self, found_inf: bool | None = None) -> None:
+        """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
+        bool; torch's ``update(new_scale)`` is :meth:`load_state_dict` here). Without it
+        (torch's ``scaler.update()``): the steps :meth:`record` noted since the last update,
+        overflowing if any did (a ``ValueError`` if none was, changing nothing). Either way
+        the record is cleared."""
+        if found_inf is None:
+            found_inf = self.__dict__.get("_recorded")
+            if found_inf is None:
+                raise ValueError("LossScaler.update() without found_inf: no step was recorded "
+                                 "since the last update (backward_and_update(..., "
+                                 "update_scale=False) or scaler.record(found_inf) records one)")
+        found_inf = self._found_inf("update", found_inf)
+        self.__dict__["_recorded"] = None
         if not self.dynamic:
             return
         d = self.__dict__  # (the fields stay valid: no checks needed)

@@ -48,8 +48,9 @@ What happens in one step:
 Several optimizers, one scale (torch's one ``GradScaler`` stepping two optimizers, e.g. a
 GAN's generator and discriminator): give every trainer the same :class:`LossScaler`
 (``trainer_b.scaler = trainer_a.scaler``), call ``backward_and_update(...,
-update_scale=False)`` on each, then ``scaler.update(found_inf=trainer_a.last_found_inf or
-trainer_b.last_found_inf)`` once per iteration. Each trainer skips only its own
+update_scale=False)`` on each (it records its overflow on the scaler), then
+``scaler.update()`` once per iteration (or ``scaler.update(found_inf=...)`` with a flag of
+your own, e.g. from :attr:`~MixedPrecisionTrainer.last_found_inf`). Each trainer skips only its own
 overflowing step (as ``scaler.step(opt)`` skips only that optimizer), every backward pass
 of the iteration uses the same scale, and the scale backs off, or its growth tracker
 advances, once per iteration, as ``scaler.update()``.
@@ -370,9 +371,10 @@ class MixedPrecisionTrainer(FixedParts):
         this micro-batch's weight in the window's mean (its row count, for a mean-reduced
         loss, when the micro-batches differ in size); any other optimizer takes only 1.
 
-        ``update_scale``: ``False`` leaves the loss scale (and its growth tracker) as it is,
-        for one ``scaler.update(found_inf=...)`` after several trainers sharing the scaler
-        have stepped (:attr:`last_found_inf` says whether this one overflowed; module docs).
+        ``update_scale``: ``False`` leaves the loss scale (and its growth tracker) as it is
+        and records this step's overflow on the scaler (:meth:`LossScaler.record`), for one
+        ``scaler.update()`` after several trainers sharing the scaler have stepped (module
+        docs; :attr:`last_found_inf` says whether this one overflowed).
         """
         w = _check_weight(weight)
         update_scale = check_flag("backward_and_update(update_scale=...)", update_scale)
@@ -433,6 +435,8 @@ class MixedPrecisionTrainer(FixedParts):
         self.last_found_inf = not finite
         if update_scale:
             self.scaler.update(found_inf=not finite)
+        else:
+            self.scaler.record(not finite)
         self.last_step_skipped = not success
         self.last_step_applied = applied
         if not success:
