@@ -487,3 +487,14 @@ def test_drop_in_shows_and_saves_a_cycled_momentum():
     tw, opt, _, _ = _drop_in_cycled(groups=False)
     assert tw.param_groups[0]["momentum"] == opt.momentum  # shows 0.9
     assert tw.state_dict()["param_groups"][0]["momentum"] == opt.momentum
+
+
+def test_repr_of_a_composite_names_its_children():
+    # before: "ChainedScheduler(, last_step=0, last_lr=0.1)" (no hyperparameters: a bare comma)
+    opt = SGD(learning_rate=BASE)
+    chain = L.ChainedScheduler([L.StepLR(opt, 2), L.ExponentialLR(opt, 0.9)])
+    assert repr(chain) == ("ChainedScheduler(schedulers=[StepLR, ExponentialLR], last_step=0, "
+                           "last_lr=0.1)")
+    seq = L.SequentialLR(opt, [L.LinearLR(opt, 0.5, 1.0, 2), L.StepLR(opt, 3)], [2])
+    assert repr(seq).startswith("SequentialLR(schedulers=[LinearLR, StepLR], milestones=[2], ")
+    assert repr(L.StepLR(opt, 2)).startswith("StepLR(step_size=2, gamma=0.1, last_step=0, ")

@@ -535,8 +535,12 @@ class LRScheduler:
         return None
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._HPARAMS)
-        return f"{type(self).__name__}({hp}, last_step={self.last_step}, last_lr={self._last_lr!r})"
+        parts = [f"{k}={getattr(self, k)!r}" for k in self._HPARAMS]
+        children = self.__dict__.get("schedulers")
+        if isinstance(children, (list, tuple)):  # a composite's (ChainedScheduler had none)
+            parts.insert(0, f"schedulers=[{', '.join(type(c).__name__ for c in children)}]")
+        parts += [f"last_step={self.last_step}", f"last_lr={self._last_lr!r}"]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def _load_nested(child: LRScheduler, sub: Any, key: str) -> None:
