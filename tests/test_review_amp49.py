@@ -154,7 +154,8 @@ def torch_two_optimizers(data_a, data_b):
 def test_one_scaler_two_optimizers_as_torchs_one_update_per_iteration(kind):
     """Two trainers sharing one :class:`LossScaler`, ``backward_and_update(...,
     update_scale=False)`` on each (each records its overflow on the scaler) and one
-    ``scaler.update()`` (or ``scaler.update(found_inf=a or b)``) per iteration:
+    ``scaler.update()`` (or ``scaler.update(found_inf=a or b)``, or B updating as usual:
+    A's recorded overflow counts) per iteration:
     the scale used and the scale after every iteration, which model's step is skipped
     (A alone at 4 and 10, B alone at 7, both at 13) and both models' masters after every
     iteration (within 3e-8) equal torch's one scaler stepping two optimizers. Left to
@@ -180,14 +181,19 @@ def test_one_scaler_two_optimizers_as_torchs_one_update_per_iteration(kind):
             zip(data_a, data_b, ref, strict=True)):
         assert a.loss_scale == b.loss_scale == used, i
         oks = []
+        # three ways: torch's scaler.update() after both (the overflows the trainers
+        # recorded), a flag of one's own, or the second trainer updating as usual
+        way = i % 3
         for tr, x, c in ((a, xa, ca), (b, xb, cb)):
             tr.forward({"input": backend.array(x)})
-            oks.append(tr.backward_and_update({"out": backend.array(c)}, update_scale=False)[2])
+            last = way == 2 and tr is b
+            oks.append(tr.backward_and_update({"out": backend.array(c)},
+                                              update_scale=last)[2])
             assert tr.last_found_inf is (not oks[-1])
-            assert tr.loss_scale == used  # (not moved yet)
-        if i % 2:  # torch's scaler.update(): the overflows the trainers recorded
+            assert last or tr.loss_scale == used  # (not moved yet)
+        if way == 0:
             a.scaler.update()
-        else:  # or a flag of one's own
+        elif way == 1:
             a.scaler.update(found_inf=a.last_found_inf or b.last_found_inf)
         assert (a.loss_scale, [not ok for ok in oks]) == (after, skipped), i
         for tr, w in zip((a, b), want, strict=True):
@@ -231,8 +237,9 @@ def test_scaler_update_without_found_inf_reads_the_recorded_steps():
     """torch's ``scaler.update()`` reads the found_inf its ``step`` calls recorded (and
     fails when none was: "No inf checks were recorded"). Ours: :meth:`LossScaler.record`
     (the trainer's ``update_scale=False`` calls it), any overflow recorded backs off once;
-    an explicit flag wins and clears the record; nothing recorded is a ValueError, a
-    non-bool a TypeError naming it, both changing nothing."""
+    an explicit flag counts with the record (an overflow recorded is never dropped) and
+    clears it; nothing recorded is a ValueError, a non-bool a TypeError naming it, both
+    changing nothing."""
     from mithril.utils.loss_scaler import LossScaler
 
     s = LossScaler(init_scale=8.0, growth_interval=2)
@@ -250,11 +257,14 @@ def test_scaler_update_without_found_inf_reads_the_recorded_steps():
     s.record(False)
     s.update()  # one overflow among them: one backoff
     assert (s.scale, s.growth_tracker) == (4.0, 0)
-    s.record(True)
-    s.update(found_inf=False)  # the caller's flag, and the record is gone
+    s.record(False)
+    s.update(found_inf=False)  # the caller's flag with the record, which is then gone
     with pytest.raises(ValueError, match="no step was recorded"):
         s.update()
     assert (s.scale, s.growth_tracker) == (4.0, 1)
+    s.record(True)
+    s.update(found_inf=False)  # (the recorded overflow is not dropped)
+    assert (s.scale, s.growth_tracker) == (2.0, 0)
 
 
 def test_gradscaler_method_names_say_what_to_use():

@@ -177,15 +177,18 @@ class LossScaler:
         """Advance after one step; ``found_inf``: the step's gradients had an inf/NaN (a
         bool; torch's ``update(new_scale)`` is :meth:`load_state_dict` here). Without it
         (torch's ``scaler.update()``): the steps :meth:`record` noted since the last update,
-        overflowing if any did (a ``ValueError`` if none was, changing nothing). Either way
-        the record is cleared."""
+        overflowing if any did (a ``ValueError`` if none was, changing nothing). With it,
+        the recorded steps count too (an overflow recorded is never dropped: the last of
+        several trainers sharing the scaler may update it as usual). Either way the record
+        is cleared."""
+        recorded = self.__dict__.get("_recorded")
         if found_inf is None:
-            found_inf = self.__dict__.get("_recorded")
-            if found_inf is None:
+            if recorded is None:
                 raise ValueError("LossScaler.update() without found_inf: no step was recorded "
                                  "since the last update (backward_and_update(..., "
                                  "update_scale=False) or scaler.record(found_inf) records one)")
-        found_inf = self._found_inf("update", found_inf)
+            found_inf = recorded
+        found_inf = self._found_inf("update", found_inf) or bool(recorded)
         self.__dict__["_recorded"] = None
         if not self.dynamic:
             return

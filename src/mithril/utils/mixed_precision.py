@@ -49,8 +49,8 @@ Several optimizers, one scale (torch's one ``GradScaler`` stepping two optimizer
 GAN's generator and discriminator): give every trainer the same :class:`LossScaler`
 (``trainer_b.scaler = trainer_a.scaler``), call ``backward_and_update(...,
 update_scale=False)`` on each (it records its overflow on the scaler), then
-``scaler.update()`` once per iteration (or ``scaler.update(found_inf=...)`` with a flag of
-your own, e.g. from :attr:`~MixedPrecisionTrainer.last_found_inf`). Each trainer skips only its own
+``scaler.update()`` once per iteration (or let the iteration's last trainer update it as
+usual: the overflows recorded count too). Each trainer skips only its own
 overflowing step (as ``scaler.step(opt)`` skips only that optimizer), every backward pass
 of the iteration uses the same scale, and the scale backs off, or its growth tracker
 advances, once per iteration, as ``scaler.update()``.
