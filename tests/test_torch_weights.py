@@ -180,8 +180,14 @@ def assert_within(worst: dict[str, float], tol: float) -> None:
     assert not bad, bad
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
-@pytest.mark.parametrize("name", list(NETWORKS))
+def jax_slow(name: str, backend_name: str) -> object:
+    """On JAX the CNN and the transformer are several XLA compiles (seconds of CPU each)."""
+    marks = [pytest.mark.slow] if backend_name == "jax" and name in ("cnn", "lm") else []
+    return pytest.param(name, backend_name, marks=marks, id=f"{name}-{backend_name}")
+
+
+@pytest.mark.parametrize(("name", "backend_name"),
+                         [jax_slow(n, b) for n in NETWORKS for b in ("numpy", "torch", "jax")])
 def test_state_dict_in_gives_torchs_outputs_gradients_and_statistics_and_back(name, backend_name):
     with jax_float64() if backend_name == "jax" else nullcontext():
         assert_within(side_by_side(name, backend_name), 1e-12)
