@@ -351,3 +351,66 @@ def test_params_to_torch_checks_before_it_converts():
     assert set(out) == set(net.state_dict())
     assert all(torch.equal(out[t], net.state_dict()[t]) for t in out)
     assert out["1.num_batches_tracked"].dtype == torch.int64
+
+
+# -- the other blocks with torch twins -----------------------------------------------------------
+def other_blocks() -> dict:
+    """{label: (torch module, Mithril block, compile shapes, inputs as (N, …) shapes, torch call)}."""
+    lstm_cell = {"input": [2, 3], "prev_hidden": [2, 4], "prev_cell": [2, 4]}
+    return {
+        "decoder layer": (torch.nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0,
+                                                           batch_first=True, norm_first=True),
+                          ml.TransformerDecoderBlock(8, 2, 12),
+                          {"input": [2, 3, 8], "memory": [2, 4, 8]},
+                          lambda m, a: m(a["input"], a["memory"])),
+        "attention kdim vdim bias_kv": (
+            torch.nn.MultiheadAttention(8, 2, kdim=5, vdim=6, batch_first=True,
+                                        add_bias_kv=True),
+            ml.MultiHeadAttention(2, embed_dim=8, kdim=5, vdim=6, add_bias_kv=True),
+            {"query": [2, 3, 8], "key": [2, 4, 5], "value": [2, 4, 6]},
+            lambda m, a: m(a["query"], a["key"], a["value"])[0]),
+        "lstm cell": (torch.nn.LSTMCell(3, 4), ml.LSTMCell(4), lstm_cell,
+                      lambda m, a: m(a["input"], (a["prev_hidden"], a["prev_cell"]))[0]),
+        "gru cell": (torch.nn.GRUCell(3, 4), ml.GRUCell(4),
+                     {"input": [2, 3], "prev_hidden": [2, 4]},
+                     lambda m, a: m(a["input"], a["prev_hidden"])),
+        "transposed conv, groups": (torch.nn.ConvTranspose2d(4, 6, 3, groups=2, stride=2),
+                                    ml.ConvTranspose2D(3, 6, groups=2, stride=2),
+                                    {"input": [2, 4, 5, 5]}, lambda m, a: m(a["input"])),
+    }
+
+
+@pytest.mark.parametrize("label", list(other_blocks()))
+def test_other_blocks_load_with_torchs_layout(label):
+    """The decoder layer (``multihead_attn``, ``norm3``), an attention with kdim / vdim
+    (``q/k/v_proj_weight``) and ``bias_k`` / ``bias_v``, the cells (torch's ``weight_ih``
+    without a layer suffix) and a grouped transposed convolution ((in, out/groups, k, k)):
+    forward as torch's from its ``state_dict`` alone, and back."""
+    torch.manual_seed(0)
+    net, block, shapes, call = other_blocks()[label]
+    net = net.double()
+    compiled = ml.compile(block, ml.NumpyBackend(dtype="float64"), shapes=shapes)
+    params, _ = params_from_torch(compiled, net)
+    rng = np.random.default_rng(0)
+    inputs = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    out = compiled.evaluate(params, inputs)
+    with torch.no_grad():
+        want = call(net, {k: torch.tensor(v) for k, v in inputs.items()}).numpy()
+    assert np.abs(out[compiled.output_keys[0]] - want).max() < 1e-12
+    exported = params_to_torch(compiled, params, like=net)
+    assert all(torch.equal(exported[k], v) for k, v in net.state_dict().items())
+
+
+def test_float32_weights_into_float32_models_on_torch_and_jax():
+    """The common case, float32 on both sides (JAX's integers are int32 without x64): values
+    copied exactly, the BatchNorm counter an integer."""
+    for backend_name in ("torch", "jax"):
+        backend, compiled, net, _ = setup("cnn", backend_name, "float32")
+        net(torch.randn(4, 3, 6, 6))
+        params, state = params_from_torch(compiled, net)
+        sd = net.state_dict()
+        assert np.array_equal(npy(backend, params["convolution2_d_0.weight"]), sd["0.weight"])
+        assert np.array_equal(npy(backend, state["batch_norm2_d_1.running_var"]),
+                              sd["5.running_var"])
+        assert npy(backend, state["batch_norm2_d_0.num_batches_tracked"]) == 1
+        assert npy(backend, state["batch_norm2_d_0.num_batches_tracked"]).dtype.kind == "i"
