@@ -267,10 +267,12 @@ def test_scaler_update_without_found_inf_reads_the_recorded_steps():
     assert (s.scale, s.growth_tracker) == (2.0, 0)
 
 
-def test_gradscaler_method_names_say_what_to_use():
-    """A torch loop's ``scaler.get_scale()`` / ``set_growth_factor`` / ``unscale_``
-    raised Python's bare AttributeError; now the error names ours. Unknown names still
-    raise the plain one (copy and pickle keep working)."""
+def test_gradscaler_and_keras_names_say_what_to_use():
+    """A torch loop's ``scaler.get_scale()`` / ``set_growth_factor`` / ``unscale_`` and a
+    Keras user's ``dynamic_scale`` raised Python's bare AttributeError, and
+    ``scaler.dynamic_growth_steps = 500`` was silently kept as an attribute nothing reads;
+    now both raise an error naming ours. Unknown names still raise the plain one (copy and
+    pickle keep working)."""
     import copy
     import pickle
 
@@ -286,6 +288,12 @@ def test_gradscaler_method_names_say_what_to_use():
             getattr(s, name)
     with pytest.raises(AttributeError, match="has no attribute 'get_scales'"):
         s.get_scales  # noqa: B018
+    # Keras LossScaleOptimizer's names, read or set (set, one would be ignored)
+    with pytest.raises(AttributeError, match="no dynamic_scale .*Keras.*scaler.scale"):
+        s.dynamic_scale  # noqa: B018
+    with pytest.raises(AttributeError, match="no dynamic_growth_steps .*scaler.growth_interval"):
+        s.dynamic_growth_steps = 500
+    assert "dynamic_growth_steps" not in vars(s) and s.growth_interval == 2000
     assert copy.deepcopy(s).scale == pickle.loads(pickle.dumps(s)).scale == 8.0
 
 

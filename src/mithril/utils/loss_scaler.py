@@ -19,7 +19,6 @@ from .optimizers.checks import check_flag, check_int, describe, to_float
 
 __all__ = ["LossScaler"]
 
-#: the constructor's arguments, as its errors name them
 def refuse_peer_names(who: str, given: Mapping[str, Any], ours: Mapping[str, str]) -> None:
     """A keyword ``who`` does not take (``given``): a TypeError naming ours for Keras'
     ``LossScaleOptimizer`` / torch's ``GradScaler`` spellings (``ours``), as Python's would."""
@@ -29,8 +28,13 @@ def refuse_peer_names(who: str, given: Mapping[str, Any], ours: Mapping[str, str
         raise TypeError(f"{who}() got an unexpected keyword argument {name!r}{hint}")
 
 
-#: torch.amp.GradScaler's methods -> what to use here
-_TORCH_NAMES = {
+#: torch.amp.GradScaler's methods and Keras LossScaleOptimizer's attributes -> ours
+_PEER_NAMES = {
+    "dynamic_scale": "read scaler.scale (a property, the current scale as a float)",
+    "dynamic_growth_steps": "use scaler.growth_interval",
+    "initial_scale": "the constructor's init_scale (scaler.scale is the current one)",
+    "scale_loss": "MixedPrecisionTrainer.backward_and_update scales the loss gradients",
+    "inner_optimizer": "the optimizer is MixedPrecisionTrainer.optimizer",
     "get_scale": "read scaler.scale (a property, the current scale as a float)",
     **{f"get_{k}": f"read scaler.{k}" for k in ("growth_factor", "backoff_factor",
                                                 "growth_interval")},
@@ -42,7 +46,10 @@ _TORCH_NAMES = {
                     "unscales, checks and steps in one call; scaler.update(found_inf) then "
                     "advances the scale (the trainer calls it)"),
 }
+_KERAS = frozenset({"dynamic_scale", "dynamic_growth_steps", "initial_scale", "scale_loss",
+                    "inner_optimizer"})
 
+#: the constructor's arguments, as its errors name them
 _ARGS = ("init_scale", "growth_factor", "backoff_factor",
          "growth_interval", "dynamic", "growth_tracker", "min_scale")
 
@@ -138,13 +145,16 @@ class LossScaler:
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A field set by attribute (``scaler.growth_factor = 4.0``) is checked as the
-        constructor checks it (with the others as they are); a bad value changes nothing."""
+        constructor checks it (with the others as they are); a bad value changes nothing.
+        A peer's name (``dynamic_growth_steps``) raises the AttributeError naming ours."""
         if name in self._FIELDS and "_scale" in self.__dict__:
             fields = [self.__dict__[k] for k in ("_scale", *self._FIELDS)]
             fields[1 + self._FIELDS.index(name)] = value
             self._set(self._checked(*fields, names=tuple(
                 f"LossScaler attribute '{k}'" for k in ("scale", *self._FIELDS))))
             return
+        if name in _PEER_NAMES:  # (a Keras user's scaler.dynamic_growth_steps = 500 would
+            self.__getattr__(name)  # be an attribute nothing reads)
         object.__setattr__(self, name, value)
 
     _FIELDS = ("growth_factor", "backoff_factor", "growth_interval", "dynamic",
@@ -152,11 +162,13 @@ class LossScaler:
 
     def __getattr__(self, name: str) -> Any:
         """(Only for a name not found.) ``torch.amp.GradScaler``'s getters, setters and
-        steps (a torch loop's ``scaler.get_scale()``) raise an AttributeError naming ours."""
-        hint = _TORCH_NAMES.get(name)
+        steps (a torch loop's ``scaler.get_scale()``) and Keras ``LossScaleOptimizer``'s
+        attributes (``dynamic_scale``) raise an AttributeError naming ours."""
+        hint = _PEER_NAMES.get(name)
         if hint is None:
             raise AttributeError(f"'LossScaler' object has no attribute {name!r}")
-        raise AttributeError(f"LossScaler has no {name} (torch.amp.GradScaler's): {hint}")
+        peer = "Keras LossScaleOptimizer" if name in _KERAS else "torch.amp.GradScaler"
+        raise AttributeError(f"LossScaler has no {name} ({peer}'s): {hint}")
 
     def record(self, found_inf: bool) -> None:
         """Note one step's overflow for the next :meth:`update` called without one (torch's
