@@ -145,6 +145,21 @@ from .comparisons import (  # noqa: E402
 __all__ += ["Equal", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalNot",
             "LogicalOr", "LogicalXOr", "NotEqual"]
 
+from .activations import Silu as SiLU  # noqa: E402  (the published name)
+from .connection_types import TBD  # noqa: E402
+from .tensor_creation import (  # noqa: E402
+    ArgMax,
+    ArgMin,
+    BroadcastTo,
+    Maximum,
+    Minimum,
+    Ones,
+    ZerosLike,
+)
+
+__all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimum", "Ones",
+            "ZerosLike"]
+
 # the published Mithril's Gaussian-process regression and its linear-algebra primitives
 from .gp_regression import (  # noqa: E402
     AddDiagonal,
