@@ -498,3 +498,32 @@ def test_repr_of_a_composite_names_its_children():
     seq = L.SequentialLR(opt, [L.LinearLR(opt, 0.5, 1.0, 2), L.StepLR(opt, 3)], [2])
     assert repr(seq).startswith("SequentialLR(schedulers=[LinearLR, StepLR], milestones=[2], ")
     assert repr(L.StepLR(opt, 2)).startswith("StepLR(step_size=2, gamma=0.1, last_step=0, ")
+
+
+@pytest.mark.slow  # (importing Keras takes ~10 s of CPU)
+def test_a_keras_schedule_object_given_as_it_is_float32_bit_for_bit():
+    # Keras's SGD(learning_rate=CosineDecay(...)) in its float32: LambdaLR(opt, schedule,
+    # base_lr=1.0) on float32 parameters gives the same parameters, bit for bit
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # (read at import; a set one is kept)
+    keras = pytest.importorskip("keras")
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, 50, warmup_target=0.1,
+                                                      warmup_steps=10)
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6).astype(np.float32)
+    grads = rng.standard_normal((60, 6)).astype(np.float32)
+    var = keras.Variable(p0)
+    ref = keras.optimizers.SGD(learning_rate=schedule)
+    ref.build([var])
+    opt = SGD(learning_rate=0.3)
+    sched = L.LambdaLR(opt, schedule, base_lr=1.0)
+    params = {"w": p0.copy()}
+    state = opt.init(params)
+    for t, g in enumerate(grads):
+        assert opt.get_learning_rate() == float(schedule(t))
+        ref.apply_gradients([(keras.ops.convert_to_tensor(g), var)])
+        params, state = opt.update(params, {"w": g.copy()}, state)
+        sched.step()
+    assert params["w"].dtype == np.float32
+    np.testing.assert_array_equal(params["w"], np.asarray(keras.ops.convert_to_numpy(var.value)))
