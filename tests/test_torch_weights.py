@@ -414,3 +414,24 @@ def test_float32_weights_into_float32_models_on_torch_and_jax():
                               sd["5.running_var"])
         assert npy(backend, state["batch_norm2_d_0.num_batches_tracked"]) == 1
         assert npy(backend, state["batch_norm2_d_0.num_batches_tracked"]).dtype.kind == "i"
+
+
+def test_strict_false_loads_a_backbone_and_leaves_the_new_head_to_the_model():
+    """As torch's ``load_state_dict(strict=False)``: a backbone's state_dict (the head's
+    entries dropped, an extra buffer kept) gives every pairable entry and leaves out the rest;
+    a shape that differs or an ambiguity is still an error."""
+    backend, compiled, net, _ = setup("cnn", "numpy")
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("9.")}
+    with pytest.raises(ml.KeyMismatchError, match=r"missing Mithril key 'linear\.weight'"):
+        params_from_torch(compiled, sd)
+    params, state = params_from_torch(compiled, {**sd, "pe": torch.zeros(3)}, strict=False)
+    assert set(params) == set(compiled.parameter_shapes) - {"linear.weight", "linear.bias"}
+    assert set(state) == set(compiled.state_shapes)
+    assert np.array_equal(params["convolution2_d_1.weight"], sd["4.weight"])
+    with pytest.raises(ml.ShapeError, match=r"torch '9\.weight' \(5, 9\)"):
+        params_from_torch(compiled, {**sd, "9.weight": torch.zeros(5, 9, dtype=torch.float64),
+                                     "9.bias": torch.zeros(5, dtype=torch.float64)},
+                          strict=False)
+    backend, compiled, net, _ = setup("lm", "numpy")
+    with pytest.raises(ml.KeyMismatchError, match="ambiguous"):
+        params_from_torch(compiled, net, strict=False)

@@ -234,11 +234,12 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], w
 
 def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
                 t_shape: Callable[[str], tuple], o_shape: Callable[[str], tuple],
-                out: dict[str, str]) -> list[str]:
+                out: dict[str, str]) -> list[tuple[bool, str]]:
     """Add to ``out`` (the pairs ``names`` gave) the torch units' pairs, and return the
     problems found. A torch unit with a name that ``names`` sent into a Mithril unit follows
     it there; the others pair with a Mithril unit of the same names and shapes where
-    unambiguous, then (for the messages) of the same names."""
+    unambiguous, then (for the messages) of the same names. A problem is (whether it is an
+    ambiguity, its text)."""
     taken = set(out.values())
     t_group: dict[str, dict[str, str]] = {}
     o_group: dict[str, dict[str, str]] = {}
@@ -258,7 +259,8 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
             groups[u] = {r: k for r, k in groups[u].items() if k not in done}
             if not groups[u]:
                 del groups[u]
-    problems = []
+    problems: list[tuple[bool, str]] = []
+
     def sig(group: dict[str, str], shape: Callable[[str], tuple], exact: bool) -> tuple:
         return tuple(sorted((r, shape(k) if exact else ()) for r, k in group.items()))
 
@@ -277,8 +279,9 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
                 o_group.pop(o)
             elif olist and exact:
                 pairs = dict(zip(tlist, olist))
-                problems.append(f"ambiguous: torch {tlist} and Mithril {olist} hold the same "
-                                f"names and shapes; pair them with names=, e.g. {pairs}")
+                problems.append((True, f"ambiguous: torch {tlist} and Mithril {olist} hold the "
+                                       f"same names and shapes; pair them with names=, e.g. "
+                                       f"{pairs}"))
                 for t in tlist:
                     t_group.pop(t)
                 for o in olist:
@@ -293,14 +296,14 @@ def _pair_units(tu: dict[str, tuple[str, str]], ou: dict[str, tuple[str, str]],
             o = o_group.pop(cands[0])
             del t_group[t]
             out.update({k: o[r] for r, k in g.items() if r in o})
-            problems += [f"torch module '{t}' lacks the entry for Mithril '{k}' {o_shape(k)}"
-                         for r, k in o.items() if r not in g]
-            problems += [f"unexpected torch key '{k}' {t_shape(k)} (Mithril '{cands[0]}' has "
-                         f"no '{r}')" for r, k in g.items() if r not in o]
+            problems += [(False, f"torch module '{t}' lacks the entry for Mithril '{k}' "
+                                 f"{o_shape(k)}") for r, k in o.items() if r not in g]
+            problems += [(False, f"unexpected torch key '{k}' {t_shape(k)} (Mithril "
+                                 f"'{cands[0]}' has no '{r}')") for r, k in g.items() if r not in o]
     for g in t_group.values():
-        problems += [f"unexpected torch key '{k}' {t_shape(k)}" for k in g.values()]
+        problems += [(False, f"unexpected torch key '{k}' {t_shape(k)}") for k in g.values()]
     for g in o_group.values():
-        problems += [f"missing Mithril key '{k}' {o_shape(k)}" for k in g.values()]
+        problems += [(False, f"missing Mithril key '{k}' {o_shape(k)}") for k in g.values()]
     return problems
 
 
@@ -312,16 +315,18 @@ def _units(keys: list[str], path: str, cut: Callable) -> dict[str, tuple[str, st
     return {k: (_join(path, units[r][0]), units[r][1]) for k, r in zip(keys, rel)}
 
 
-def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names,
-             who: str) -> dict[str, str]:
+def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
+             strict: bool = True) -> dict[str, str]:
     """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
-    parameter and state entry paired once, with the same shape. A module path that ``names``
-    maps is paired on its own (the torch names under it with the Mithril names under its
-    target), deepest first, then the rest."""
+    parameter and state entry paired once, with the same shape (``strict=False``: those
+    paired; the others left out, ambiguities and shapes still errors). A module path that
+    ``names`` maps is paired on its own (the torch names under it with the Mithril names
+    under its target), deepest first, then the rest."""
     targets = {**compiled.parameter_shapes, **compiled.state_shapes}
     out, groups = _explicit(names, list(theirs), targets, who)
     shape_t, shape_o = (lambda k: theirs[k].shape), (lambda k: tuple(targets[k]))
-    problems, claimed, grouped = [], set(), {k for ks in groups.values() for k in ks}
+    problems: list[tuple[bool, str]] = []
+    claimed, grouped = set(), {k for ks in groups.values() for k in ks}
     scopes = [(tp, mp, ks) for (tp, mp), ks in sorted(groups.items(), key=lambda g: -len(g[0][0]))]
     scopes.append(("", "", [k for k in theirs if k not in grouped]))
     for tp, mp, keys in scopes:
@@ -333,12 +338,13 @@ def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names,
         claimed.update(ours)
     shapes = [f"torch '{k}' {theirs[k].shape} vs Mithril '{v}' {tuple(targets[v])}"
               for k, v in out.items() if theirs[k].shape != tuple(targets[v])]
-    if problems:
+    texts = [text for ambiguous, text in problems if ambiguous or strict]
+    if texts:
         raise KeyMismatchError(f"{who}: the torch state_dict does not match the model: "
-                               + "; ".join(problems + shapes))
+                               + "; ".join(texts + shapes))
     if shapes:
         raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
-    return {k: out[k] for k in theirs}
+    return {k: out[k] for k in theirs if k in out}
 
 
 def torch_names(compiled: Any, state_dict: Any, names: Names = None) -> dict[str, str]:
@@ -353,17 +359,20 @@ def _float_kind(dtype: str) -> bool:
 
 
 def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
-                      cast: bool = False) -> TorchWeights:
+                      cast: bool = False, strict: bool = True) -> TorchWeights:
     """``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
     mapping of tensors or NumPy arrays, or the path of a ``.safetensors`` file, a
     ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file, a sharded ``*.index.json`` or a
     Hugging Face model folder. ``names``: see the module docstring. The values are
     copied into ``compiled.backend``'s arrays; floats must have the model's dtype unless
     ``cast=True`` (then e.g. float32 or bfloat16 weights are converted; torch's
-    ``load_state_dict`` casts silently). Returns ``TorchWeights(params, state)``."""
+    ``load_state_dict`` casts silently). ``strict=False`` (as torch's): torch entries with no
+    Mithril counterpart are left out, and so are the Mithril names none pairs with (a new
+    head: ``{**compiled.get_parameters(), **params}`` fills them in); shapes, dtypes and
+    ambiguities are still errors. Returns ``TorchWeights(params, state)``."""
     who = "params_from_torch"
     theirs = read_state_dict(state_dict, who)
-    mapping = _mapping(compiled, theirs, names, who)
+    mapping = _mapping(compiled, theirs, names, who, strict)
     b = compiled.backend
     fname = str(b.dtype)  # NumPy has no bfloat16: such a model's values go through float32
     fdtype, idtype = np.dtype(np.float32 if fname == "bfloat16" else fname), np.dtype(np.int64)
