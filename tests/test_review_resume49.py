@@ -401,3 +401,15 @@ def test_metrics_are_kept_with_nan_and_numbers_of_any_backend(tmp_path):
     for bad in (np.ones(2), True, 1j, None):
         with pytest.raises(TypeError, match=r"metrics\['x'\]"):
             save_checkpoint(tmp_path / "n.safetensors", p, metrics={"x": bad})
+
+
+def test_a_save_checkpoint_file_under_a_shards_name_is_named_for_what_it_is(tmp_path):
+    """Before: "the checkpoint is of None, not Adam" (the shard's format was not read)."""
+    from mithril import distributed as dist
+
+    save_checkpoint(tmp_path / "shard-00000-of-00001.safetensors", {"w": np.ones(3)})
+    dp = dist.DataParallel(Adam(0.1))
+    with pytest.raises(CheckpointError, match="shard-00000-of-00001.safetensors' is not a "
+                                              "shard of save_sharded.*read by load_checkpoint"):
+        dist.load_sharded(tmp_path, dp)
+    assert dp.optimizer.learning_rate == 0.1

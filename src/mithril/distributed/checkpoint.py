@@ -28,12 +28,18 @@ import numpy as np
 
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from ..utils.checkpoint_format import FLOAT_DTYPES, to_numpy
-from ..utils.checkpoint_io import _fsync_folder, read_file, write_file
+from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
+from ..utils.checkpoint_io import _fsync_folder, loads_guarded, read_file, write_file
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
 from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_init
 from .sharding import assign
 
+#: the format tag of every shard's metadata
+FORMAT = "mithril-sharded-1"
+#: the fields every shard's metadata holds (later ones are optional: older shards lack them)
+_FIELDS = ("world", "rank", "optimizer", "names", "shapes", "slots", "step", "num_skipped",
+           "num_nonfinite", "values")
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
 #: a shard written but not yet committed (renamed to its final name), or the shard a
 #: commit replaces, kept until every rank has committed
@@ -86,7 +92,7 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
         views = local.slot(s)
         for n in mine:
             tensors[f"slots/{s}/{n}"] = to_numpy(views[n])
-    meta = {"format": "mithril-sharded-1", "world": world, "rank": me,
+    meta = {"format": FORMAT, "world": world, "rank": me,
             "optimizer": type(dp.optimizer).__name__, "shard_state": state.sharded,
             "names": list(names), "shapes": [list(s) for s in state.shapes], "dtype": want,
             "held": list(mine), "slots": sorted(local.slots), "step": local.step,
@@ -253,7 +259,15 @@ def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]
     metas, arrays = [], {}
     for r in range(world):
         text, tensors = read_file(files[r])
-        metas.append(json.loads(text))
+        meta = loads_guarded(text, f"checkpoint {files[r]!r}: the metadata")
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != FORMAT or not set(_FIELDS) <= set(meta):
+            hint = (": a file of save_checkpoint, read by load_checkpoint"
+                    if fmt == CHECKPOINT_FORMAT else "")
+            raise CheckpointError(f"checkpoint {files[r]!r} is not a shard of save_sharded "
+                                  f"(format {str(fmt)[:40]!r}, {FORMAT!r} expected, with the "
+                                  f"fields {list(_FIELDS)}){hint}")
+        metas.append(meta)
         arrays.update(tensors)
     first = metas[0]
     for m in metas[1:]:
