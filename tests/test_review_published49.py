@@ -381,3 +381,96 @@ def test_reshape_to_a_value_the_run_computes_is_refused_by_name():
     with pytest.raises(TypeError, match="the shape is given twice"):
         m |= Reshape(shape=(2, 3)).connect(input="x", shape=sh.output, output="y")
     assert len(m.blocks) == 1 and "y" not in m.conns
+
+
+# --- 5. the published examples' small blocks: ZerosLike, Ones, BroadcastTo, ArgMax, Minimum ------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flux_upsample_broadcast_and_reshape_match_torch_autograd(name):
+    """examples/flux/auto_encoder.py upsample (before its conv): x[:, :, :, None, :, None]
+    broadcast to (B, C, H, 2, W, 2) by shape wires, reshaped to (B, C, 2H, 2W), then SiLU."""
+    from mithril.models import BroadcastTo, SiLU
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 2, 3))
+
+    def build():
+        block = Model()
+        inp = ml.IOKey("input")
+        shp = inp.shape
+        B, C, H, W = shp[0], shp[1], shp[2], shp[3]
+        block |= BroadcastTo().connect(inp[:, :, :, None, :, None], shape=(B, C, H, 2, W, 2))
+        block += Reshape().connect(shape=(B, C, H * 2, W * 2))
+        block += SiLU().connect(output="output")
+        return block
+    t = {"input": torch.tensor(x, requires_grad=True)}
+    want = torch.nn.functional.silu(
+        t["input"][:, :, :, None, :, None].expand(2, 3, 2, 2, 3, 2).reshape(2, 3, 4, 6))
+    cot = rng.standard_normal((2, 3, 4, 6))
+    (want * torch.tensor(cot)).sum().backward()
+    got = _run(name, build, {"input": [2, 3, 2, 3]}, {"input": x}, {}, {"output": cot},
+               trainable_keys={"input"})
+    _check(got, {"output": want.detach().numpy()}, t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_minimum_maximum_argmax_zeros_like_match_torch(name):
+    """Minimum / Maximum with ties (torch splits the cotangent in halves), broadcasting; the
+    T5 relative-position pattern min(x, zeros_like(x)); ArgMax / ArgMin (first at ties) as
+    torch.argmax / argmin, int64; Ones in the model's dtype."""
+    from mithril.models import ArgMax, ArgMin, Maximum, Minimum, Ones, ZerosLike
+    x = np.array([[1.0, -2.0, 3.0, 0.0], [0.0, 5.0, -1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    y = np.array([[1.0, 0.0, 3.0, 2.0]])
+
+    def build():
+        m = Model()
+        m |= Buffer().connect(input="x", output="xb")
+        m |= Buffer().connect(input="y", output="yb")
+        m |= Minimum().connect(left="xb", right="yb", output="mn")
+        m |= Maximum().connect(left="xb", right="yb", output="mx")
+        m |= ZerosLike().connect("xb", output="zeros_like")
+        m |= Minimum().connect(left="xb", right="zeros_like", output="neg_part")
+        m |= ArgMax(axis=-1).connect(input="xb", output="amax")
+        m |= ArgMin(axis=0, keepdim=True).connect(input="xb", output="amin")
+        m |= ArgMax().connect(input="xb", output="aflat")
+        m |= Ones(shape=(2, m.x.shape[1])).connect(output="ones")  # type: ignore
+        return m
+    t = {"x": torch.tensor(x, requires_grad=True), "y": torch.tensor(y, requires_grad=True)}
+    want = {"mn": torch.minimum(t["x"], t["y"]), "mx": torch.maximum(t["x"], t["y"]),
+            "neg_part": torch.minimum(t["x"], torch.zeros_like(t["x"]))}
+    rng = np.random.default_rng(7)
+    cots = {k: rng.standard_normal((3, 4)) for k in want}
+    sum((v * torch.tensor(cots[k])).sum() for k, v in want.items()).backward()
+    got = _run(name, build, {"x": [3, 4], "y": [1, 4]}, {"x": x, "y": y}, {}, cots,
+               trainable_keys={"x", "y"})
+    _check(got, {k: v.detach().numpy() for k, v in want.items()}, t)
+    out = got[0]
+    tx = torch.tensor(x)
+    for k, v in {"amax": tx.argmax(-1), "amin": tx.argmin(0, keepdim=True), "aflat": tx.argmax()}.items():
+        assert out[k].dtype == np.int64, k
+        np.testing.assert_array_equal(out[k], v.numpy(), err_msg=k)
+    assert out["ones"].dtype == np.float64 and out["ones"].shape == (2, 4) and (out["ones"] == 1).all()
+
+
+def test_ones_dtype_and_the_small_blocks_refusals():
+    """Ones(dtype=...) in that dtype; bad shapes, dtypes and axes are refused by name and a
+    refused connect leaves the block as it was; a shape that does not broadcast names both."""
+    from mithril.models import ArgMax, BroadcastTo, Ones
+    m = Model()
+    m |= Ones(shape=(3,), dtype=ml.int64).connect(output="k")
+    m |= Ones(shape=(2,)).connect(output="f")
+    out = ml.compile(m, ml.TorchBackend(dtype="float32")).evaluate({})
+    assert out["k"].dtype == torch.int64 and out["f"].dtype == torch.float32
+    with pytest.raises(TypeError, match=r"Ones: shape must be a tuple of sizes \(ints >= 0"):
+        Ones(shape=(2, -1))
+    with pytest.raises(TypeError, match="Ones: dtype must be one of"):
+        Ones(shape=(2,), dtype="complex64")
+    with pytest.raises(TypeError, match="ArgMax: axis must be an int or None, got 1.5"):
+        ArgMax(axis=1.5)  # type: ignore
+    b = BroadcastTo(shape=(2, 3))
+    with pytest.raises(TypeError, match="BroadcastTo: shape must be a tuple of sizes"):
+        b.connect(input="x", shape="wide", output="y")
+    assert b.shape == (2, 3) and b.inputs == ("input",)
+    bad = Model()
+    bad |= BroadcastTo(shape=(2, 3)).connect(input="x", output="y")
+    with pytest.raises(ml.ShapeError, match=r"BroadcastTo: the input \[4\] does not broadcast to \[2, 3\]"):
+        ml.compile(bad, ml.NumpyBackend(), shapes={"x": [4]})
