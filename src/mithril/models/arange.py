@@ -159,8 +159,9 @@ class Arange(Operator):
             return np.arange(start, stop, step, dtype=np.int64)  # (a constant under jax.jit)
         # start + i·step in float64, then cast (torch.arange's float values)
         values64 = start + np.arange(_length(start, stop, step), dtype=np.float64) * step
-        if t is not None:
-            return t.tensor(values64, dtype=getattr(t, dtype))
+        if t is not None:  # (on the model's device: the constant's)
+            return t.tensor(values64, dtype=getattr(t, dtype),
+                            device=None if like is None else like.device)
         if dtype == "bfloat16":
             import ml_dtypes
 

@@ -125,7 +125,8 @@ class Ones(_Sized):
     def _configure(self, shape: Any, dtype: Any) -> None:
         self.dtype = _dtype_name(dtype, "Ones")
         self._float_like = IOKey(value=np.zeros(()))
-        self._set_shape(shape, "Ones", *([] if self.dtype else [self._float_like]))
+        # (the float constant gives the model's dtype, and on torch its device)
+        self._set_shape(shape, "Ones", self._float_like)
         self.inputs = tuple(self.shape_args.keys) if self.shape_args is not None else ()
         self.any_dtype_inputs = frozenset(self.inputs)
 
@@ -143,7 +144,7 @@ class Ones(_Sized):
         name = self.dtype or str(like.dtype).rsplit(".", 1)[-1]
         t = torch_of(xp)
         if t is not None:
-            return t.ones(shape, dtype=getattr(t, name), device=None if like is None else like.device)
+            return t.ones(shape, dtype=getattr(t, name), device=like.device)
         if name == "bfloat16":
             import ml_dtypes
 
