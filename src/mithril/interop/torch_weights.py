@@ -215,11 +215,11 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], w
         raise KeyMismatchError(f"{who}: names {unused} match(es) no name or module path of the "
                                f"torch state_dict")
     paths = {p for k in targets for p in _prefixes(k)}
-    wrong = {k: v for k, v in out.items() if v not in targets}
-    wrong.update({t: m for t, m in groups if m not in paths})
+    wrong = {k: (v, targets) for k, v in out.items() if v not in targets}
+    wrong.update({t: (m, paths) for t, m in groups if m not in paths})
     if wrong:
-        lines = [f"torch '{k}' -> '{v}' (closest: {difflib.get_close_matches(v, paths, 3)})"
-                 for k, v in list(wrong.items())[:3]]
+        lines = [f"torch '{k}' -> '{v}' (closest: {difflib.get_close_matches(v, near, 3)})"
+                 for k, (v, near) in list(wrong.items())[:3]]
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise KeyMismatchError(f"{who}: names map to no Mithril parameter, state or module "
                                "path: " + "; ".join(lines) + more)
@@ -340,8 +340,10 @@ def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
               for k, v in out.items() if theirs[k].shape != tuple(targets[v])]
     texts = [text for ambiguous, text in problems if ambiguous or strict]
     if texts:
+        hint = "" if all(a for a, _ in problems) else (
+            " (names= pairs entries by name; strict=False leaves out those with no pair)")
         raise KeyMismatchError(f"{who}: the torch state_dict does not match the model: "
-                               + "; ".join(texts + shapes))
+                               + "; ".join(texts + shapes) + hint)
     if shapes:
         raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
     return {k: out[k] for k in theirs if k in out}
