@@ -6,6 +6,9 @@ with :class:`~mithril.utils.optimizers.DifferentiallyPrivate` on the whole batch
     S_r = Σ_{i in rank r} c_i · g_i          (c_i = min(C / ‖g_i‖, 1): each example's own)
     ḡ   = (Σ_r S_r + C·σ · ξ_t) / Σ_r B_r    (ξ_t: a pure function of seed, name and t)
 
+(``Σ_r B_r`` is ``expected_batch_size`` where the optimizer sets it: the whole step's
+expected batch, over every rank.)
+
 The noise is added once, not once per rank: its draws are a pure function of the seed, the
 parameter's name and the step (:func:`~mithril.utils.optimizers.noisy_sgd.gaussian_noise`),
 so every rank draws the same ``ξ_t`` without a collective. Opacus' ``DPDDP`` adds it on
@@ -52,7 +55,7 @@ def private_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     check_settings_votes("DataParallel.update", opt, flags[2 + len(names):], state.world)
     total = int(round(float(flags[1 + len(names)])))
     xp = ops_for(opt._backend)
-    sums = clipped_sums(xp, gradients, batch, opt.l2_norm_clip)
+    sums = clipped_sums(xp, gradients, batch, opt.l2_norm_clip, opt.clip_epsilon)
     dp._pack({n: s.reshape(tuple(params[n].shape)) for n, s in sums.items()}, state)
     if len(buf):
         pg.all_reduce(buf)
@@ -61,7 +64,8 @@ def private_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     std = opt.l2_norm_clip * opt.noise_multiplier
     reached = {n: state._grad_views[n].reshape(-1) for i, n in enumerate(names)
                if flags[1 + i] > 0}
-    mean = noised_mean(xp, reached, total, std, opt.seed, int(count) + 1, bool(std))
+    denom = opt.expected_batch_size or total  # (the whole step's, over every rank)
+    mean = noised_mean(xp, reached, denom, std, opt.seed, int(count) + 1, bool(std))
     grads = {n: m.reshape(tuple(params[n].shape)) for n, m in mean.items()}
     new, state.local = opt.base_update(params, grads, state.local)
     state.local.values[COUNT] = count + 1

@@ -68,9 +68,9 @@ def _checked(compiled: Any, params: Mapping[str, Any], data: Mapping[str, Any], 
         raise ShapeError("per_example_gradients: the batched inputs disagree on the batch size "
                          f"(axis 0): {', '.join(f'{k!r} {s}' for k, s in sizes.items())}")
     b = n.pop()
-    if b < 1:
-        raise ShapeError(f"per_example_gradients: an empty batch (shapes {sizes})")
     ps, ins, _, _ = compiled._prepare(params, data, partial=False)
+    if b == 0:  # (a Poisson-sampled batch may be empty: no rows, nothing to run)
+        return ps, ins, b, {}
     # (the program must take a batch of one, which a fixed batch size does not: a question of
     # the inputs' shapes and dtypes, asked once per signature; the values passed above)
     sig = (id(prog), tuple((k, tuple(v.shape), str(v.dtype)) for k, v in ins.items()))
@@ -95,11 +95,16 @@ def per_example_gradients(compiled: Any, params: Mapping[str, Any], data: Mappin
     parameter, in the backend's arrays (zeros for a parameter the loss does not reach).
 
     Every key of ``data`` is split along axis 0 (all of the same length, the batch) but
-    those in ``unbatched``, which every example sees whole. The model must run at a batch
+    those in ``unbatched``, which every example sees whole. An empty batch (Poisson sampling
+    may draw one) has rows of shape ``(0, *param's shape)``. The model must run at a batch
     of one (compiled with a ``None`` batch dimension) and hold no Dropout or BatchNorm. The
     params and data are checked as ``evaluate`` checks them; the model's state (its random
     step counter) does not change."""
     ps, ins, b, cots = _checked(compiled, params, data, loss, frozenset(unbatched))
+    if b == 0:  # (every parameter's rows: none)
+        be = compiled.backend
+        return {k: be.zeros((0, *tuple(v.shape)), dtype=_dtype_name(v)) for k, v in ps.items()
+                if k in compiled.parameter_shapes}
     batched = [k for k in data if k not in frozenset(unbatched)]
     if compiled.backend.name == "jax":
         return _jax_rows(compiled, ps, ins, cots, batched)
@@ -118,6 +123,10 @@ def per_example_gradients(compiled: Any, params: Mapping[str, Any], data: Mappin
                 out[name] = np.empty((b, *g.shape), dtype=g.dtype)
             out[name][i] = g
     return out
+
+
+def _dtype_name(array: Any) -> str:
+    return str(array.dtype).removeprefix("torch.")
 
 
 def _rows(compiled: Any, ps: dict, ins: dict, cots: dict, batched: list[str],

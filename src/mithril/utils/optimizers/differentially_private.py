@@ -6,6 +6,7 @@ and δ; σ for a target ε): :mod:`mithril.utils.privacy_accounting`, re-exporte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -30,6 +31,10 @@ def _check_seed(value: Any) -> int:
     return check_int("seed", value, maximum=2**32 - 1)
 
 
+def _check_expected(value: Any) -> int | None:
+    return None if value is None else check_int("expected_batch_size", value, minimum=1)
+
+
 class DPAggregateState(NamedTuple):
     """The state of :meth:`DifferentiallyPrivate.optax_aggregate`: the steps aggregated."""
 
@@ -41,22 +46,23 @@ _JITTED: Any = None
 
 
 def clipped_sums(xp: NumpyOps, gradients: Mapping[str, Any], batch: int,
-                 clip: Any) -> dict[str, Any]:
+                 clip: Any, eps: Any = 0.0) -> dict[str, Any]:
     """``Σ_i c_i · g_i`` of :class:`DifferentiallyPrivate`, flat, per parameter (a sum over
     ranks of these is the whole batch's: how :class:`~mithril.distributed.DataParallel`
-    aggregates)."""
-    rows = {n: g.reshape(batch, -1) for n, g in gradients.items()}
+    aggregates); ``eps`` is ``clip_epsilon``."""
+    # (the row length spelled out: an empty batch cannot infer a -1)
+    rows = {n: g.reshape(batch, math.prod(tuple(g.shape[1:]))) for n, g in gradients.items()}
     sq = sum((r * r).sum(1) for r in rows.values())
     with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
-        ratio = clip / xp.m.sqrt(sq)
+        ratio = clip / (xp.m.sqrt(sq) + eps)
     scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
     return {n: scale @ r for n, r in rows.items()}  # (flat: a 0-d result stays an array)
 
 
 def noised_mean(xp: NumpyOps, sums: Mapping[str, Any], batch: int, std: Any, seed: int,
                 step: Any, noisy: bool) -> dict[str, Any]:
-    """``(sums + C·σ·ξ_t) / B``, flat (no draw unless ``noisy``: optax's numbers exactly
-    for σ = 0)."""
+    """``(sums + C·σ·ξ_t) / batch``, flat (no draw unless ``noisy``: optax's numbers
+    exactly for σ = 0); ``batch`` is the denominator (the expected batch size, if set)."""
     out = {}
     for n, s in sums.items():
         if noisy:  # (the draws of the parameter's shape, in its element order)
@@ -65,11 +71,12 @@ def noised_mean(xp: NumpyOps, sums: Mapping[str, Any], batch: int, std: Any, see
     return out
 
 
-def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, clip: Any, std: Any,
-               seed: int, step: Any, noisy: bool) -> dict[str, Any]:
-    """``ḡ`` of :class:`DifferentiallyPrivate` (``std`` = C·σ)."""
-    mean = noised_mean(xp, clipped_sums(xp, gradients, batch, clip), batch, std, seed, step,
-                       noisy)
+def _aggregate(xp: NumpyOps, gradients: Mapping[str, Any], batch: int, denom: int, clip: Any,
+               eps: Any, std: Any, seed: int, step: Any, noisy: bool) -> dict[str, Any]:
+    """``ḡ`` of :class:`DifferentiallyPrivate` (``std`` = C·σ, ``denom`` the batch size or
+    the expected one)."""
+    mean = noised_mean(xp, clipped_sums(xp, gradients, batch, clip, eps), denom, std, seed,
+                       step, noisy)
     return {n: m.reshape(tuple(gradients[n].shape[1:])) for n, m in mean.items()}
 
 
@@ -82,9 +89,16 @@ class DifferentiallyPrivate(OuterWrapper):
     Per step ``t`` (the batch size ``B``, C = ``l2_norm_clip``, σ = ``noise_multiplier``)::
 
         n_i = ‖(g_i[p] for every parameter p)‖₂       example i's global norm
-        c_i = min(C / n_i, 1)        (1 where C / n_i is NaN: 0/0)
-        ḡ   = (Σ_i c_i · g_i + C·σ · ξ_t) / B         ξ_t ~ N(0, I), per parameter
+        c_i = min(C / (n_i + ε), 1)  (1 where C / n_i is NaN: 0/0; ε = clip_epsilon)
+        ḡ   = (Σ_i c_i · g_i + C·σ · ξ_t) / B'        ξ_t ~ N(0, I), per parameter
         the base optimizer's step with ḡ
+
+    ``B' = B``, the batch's size (optax), or ``expected_batch_size`` when it is set: Opacus's
+    ``DPOptimizer`` divides by the *expected* batch size, which with Poisson sampling (each
+    example drawn with probability q, a batch of varying size) keeps the noise's scale
+    fixed relative to the sum: ``expected_batch_size = q · N``. ``clip_epsilon``: 0 is
+    optax's clipping, 1e-6 Opacus's (``max_grad_norm / (norm + 1e-6)``). Both together
+    with σ = 0 step as ``opacus.PrivacyEngine.make_private``'s optimizer to rounding.
 
     The noise is :func:`~.noisy_sgd.gaussian_noise`: a pure function of ``seed``, the
     parameter's name and ``t`` (the same draws on NumPy, torch and JAX, resumed runs
@@ -99,23 +113,27 @@ class DifferentiallyPrivate(OuterWrapper):
     another shape or dtype) changes neither the params nor the state (nor the count).
     """
 
-    OWN = ("l2_norm_clip", "noise_multiplier", "seed")
+    OWN = ("l2_norm_clip", "noise_multiplier", "seed", "expected_batch_size", "clip_epsilon")
     #: ``update`` takes per-example gradients (what a training loop giving the batch's
     #: gradient, as make_train_step, the CLI or the torch drop-in, can key a refusal on)
     takes_per_example_gradients: bool = True
 
     def __init__(self, base_optimizer: Any, l2_norm_clip: float = 1.0,
-                 noise_multiplier: float = 1.0, seed: int = 0) -> None:
+                 noise_multiplier: float = 1.0, seed: int = 0, *,
+                 expected_batch_size: int | None = None, clip_epsilon: float = 0.0) -> None:
         self.__dict__["base_optimizer"] = check_base(base_optimizer, type(self).__name__)
         self.l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
         self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier)
         self.seed = _check_seed(seed)
+        self.expected_batch_size = _check_expected(expected_batch_size)
+        self.clip_epsilon = check_positive("clip_epsilon", clip_epsilon)
         self._backend = base_optimizer._backend
 
     def check_own(self, hp: Mapping[str, Any]) -> dict[str, Any]:
         checks = {"l2_norm_clip": lambda v: check_positive("l2_norm_clip", v),
                   "noise_multiplier": lambda v: check_positive("noise_multiplier", v),
-                  "seed": _check_seed}
+                  "seed": _check_seed, "expected_batch_size": _check_expected,
+                  "clip_epsilon": lambda v: check_positive("clip_epsilon", v)}
         return {k: checks[k](v) for k, v in hp.items() if k in checks}
 
     def own_values(self) -> tuple[str, ...]:
@@ -156,10 +174,13 @@ class DifferentiallyPrivate(OuterWrapper):
         if len(sizes) > 1:
             raise ShapeError(f"{who}: the per-example gradients disagree on the batch size "
                              f"(axis 0): {', '.join(f'{n!r} {s}' for n, s in shapes.items())}")
-        if sizes == {0}:
-            raise ShapeError(f"{who}: per-example gradients of an empty batch (shapes {shapes})")
-        # (each row as a gradient: the backend, dtype and names, as the base would check)
-        check_grads(self, params, {n: g[:1].reshape(tuple(g.shape[1:]))  # (0-d: an array)
+        if sizes == {0} and self.expected_batch_size is None:
+            raise ShapeError(f"{who}: per-example gradients of an empty batch (shapes {shapes}); "
+                             f"with Poisson sampling set expected_batch_size, and an empty "
+                             f"batch is a step of noise alone (as Opacus takes it)")
+        # (each row as a gradient: the backend, dtype and names, as the base would check; an
+        # empty batch's sum is a zero row of the same kind)
+        check_grads(self, params, {n: g[:1].reshape(tuple(g.shape[1:])) if len(g) else g.sum(0)
                                    for n, g in gradients.items()}, state, "gradients")
         return sizes.pop()
 
@@ -167,16 +188,18 @@ class DifferentiallyPrivate(OuterWrapper):
         """``ḡ`` of the class docs for the per-example ``gradients`` at 1-based ``step`` (on
         JAX one jitted program per signature: the step and hyperparameters are arguments)."""
         clip, std = self.l2_norm_clip, self.l2_norm_clip * self.noise_multiplier
+        denom, eps = self.expected_batch_size or batch, self.clip_epsilon
         if self._backend.name != "jax":
-            return _aggregate(ops_for(self._backend), gradients, batch, clip, std, self.seed,
-                              step, bool(std))
+            return _aggregate(ops_for(self._backend), gradients, batch, denom, clip, eps, std,
+                              self.seed, step, bool(std))
         global _JITTED
         if _JITTED is None:
             import jax
 
-            _JITTED = jax.jit(lambda g, b, c, s, seed, t, noisy: _aggregate(
-                JaxOps(), g, b, c, s, seed, t, noisy), static_argnums=(1, 4, 6))
-        return _JITTED(dict(gradients), batch, clip, std, self.seed, step, bool(std))
+            _JITTED = jax.jit(lambda g, b, d, c, e, s, seed, t, noisy: _aggregate(
+                JaxOps(), g, b, d, c, e, s, seed, t, noisy), static_argnums=(1, 2, 6, 8))
+        return _JITTED(dict(gradients), batch, denom, clip, eps, std, self.seed, step,
+                       bool(std))
 
     def optax_aggregate(self) -> Any:
         """This aggregation as an ``optax.GradientTransformation`` for JAX programs: per-example
@@ -191,6 +214,7 @@ class DifferentiallyPrivate(OuterWrapper):
         import optax
 
         clip, std, seed = self.l2_norm_clip, self.l2_norm_clip * self.noise_multiplier, self.seed
+        expected, eps = self.expected_batch_size, self.clip_epsilon
 
         def init(params: Any) -> DPAggregateState:
             del params
@@ -207,8 +231,10 @@ class DifferentiallyPrivate(OuterWrapper):
                                              for k, g in leaves))
             names = [k[0].key if len(k) == 1 and isinstance(k[0], jax.tree_util.DictKey)
                      else jax.tree_util.keystr(k) for k, _ in leaves]
+            batch = sizes.pop()[0]
             out = _aggregate(JaxOps(), {n: g for n, (_, g) in zip(names, leaves, strict=True)},
-                             sizes.pop()[0], clip, std, seed, state.count + 1, bool(std))
+                             batch, expected or batch, clip, eps, std, seed, state.count + 1,
+                             bool(std))
             return (jax.tree_util.tree_unflatten(treedef, [out[n] for n in names]),
                     DPAggregateState(state.count + 1))
 
@@ -235,10 +261,12 @@ class DPSGD(DifferentiallyPrivate):
 
     def __init__(self, learning_rate: float = 1e-2, l2_norm_clip: float = 1.0,
                  noise_multiplier: float = 1.0, seed: int = 0, momentum: float | None = None,
-                 nesterov: bool = False) -> None:
+                 nesterov: bool = False, *, expected_batch_size: int | None = None,
+                 clip_epsilon: float = 0.0) -> None:
         base = SGD(learning_rate, 0.0 if momentum is None else momentum,
                    nesterov=nesterov and momentum is not None, convention="optax")
-        super().__init__(base, l2_norm_clip, noise_multiplier, seed)
+        super().__init__(base, l2_norm_clip, noise_multiplier, seed,
+                         expected_batch_size=expected_batch_size, clip_epsilon=clip_epsilon)
 
 
 __all__ = ["DPAggregateState", "DPSGD", "DifferentiallyPrivate", "PrivacyAccountant",
