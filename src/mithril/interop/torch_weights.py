@@ -203,13 +203,14 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], w
                         f"a callable, got {type(names).__name__}")
     out: dict[str, str] = {}
     groups: dict[tuple[str, str], list[str]] = {}
+    hits = set()
     for k in torch_keys:
         if hit := look(k):
+            hits.add(hit[0])
             if hit[0] == k:
                 out[k] = hit[1]
             else:
                 groups.setdefault(hit, []).append(k)
-    hits = {h[0] for k in torch_keys if (h := look(k))}
     unused = [r for r in rules if r not in (hits if isinstance(names, Mapping) else used)]
     if unused:
         raise KeyMismatchError(f"{who}: names {unused} match(es) no name or module path of the "
