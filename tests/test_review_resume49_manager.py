@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mithril.errors import CheckpointError, DTypeError, KeyMismatchError
-from mithril.utils.checkpoint import CheckpointManager, load_checkpoint
+from mithril.utils.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from mithril.utils.lr_schedulers import StepLR
 from mithril.utils.optimizers import SGD
 
@@ -117,12 +117,14 @@ def test_a_new_manager_reads_the_folder_and_rotates_what_was_left(tmp_path):
         first.save(step, P, metrics={"loss": loss})
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "ckpt-x.safetensors").write_text("not a step")
+    save_checkpoint(tmp_path / "ckpt-9.safetensors", P)  # not ours (path(9): ckpt-00000009)
     again = CheckpointManager(tmp_path, max_to_keep=1, best_metric="loss", best_mode="max")
     assert again.steps() == [0, 1, 2, 3] and again.best() == again.path(1)
     assert np.isnan(again.metrics(2)["loss"])
     assert again.save(4, P, metrics={"loss": 0.2}) is None  # not better: nothing written
     assert again.save(5, P, metrics={"loss": 0.4}) == again.path(5)
-    assert files(tmp_path) == ["ckpt-00000005.safetensors", "ckpt-x.safetensors", "notes.txt"]
+    assert files(tmp_path) == ["ckpt-00000005.safetensors", "ckpt-9.safetensors",
+                               "ckpt-x.safetensors", "notes.txt"]
     bad = tmp_path / "ckpt-00000007.safetensors"
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match=f"'{bad}'"):
@@ -206,7 +208,7 @@ def test_a_preempted_run_resumes_from_the_latest_as_the_run_that_did_not_stop(tm
 CHILD = textwrap.dedent("""
     import sys
     import numpy as np
-    from mithril.utils.checkpoint import CheckpointManager, load_checkpoint
+    from mithril.utils.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
     folder, total = sys.argv[1], int(sys.argv[2])
     manager = CheckpointManager(folder, max_to_keep=2, best_metric="loss", keep_latest=True)
     w, step = np.zeros(200_000), 0

@@ -500,8 +500,8 @@ class CheckpointManager:
         names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
         for name in names:
             m = self._pattern.fullmatch(name)
-            if m is None:
-                continue
+            if m is None or name != os.path.basename(self.path(int(m.group(1)))):
+                continue  # (not a name of ours: "ckpt-5.safetensors" is no step's)
             path = os.path.join(self.folder, name)
             where = f"checkpoint {path!r}"
             meta = check_meta(loads_guarded(read_metadata(path), f"{where}: the metadata"),
