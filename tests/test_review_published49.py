@@ -474,3 +474,58 @@ def test_ones_dtype_and_the_small_blocks_refusals():
     bad |= BroadcastTo(shape=(2, 3)).connect(input="x", output="y")
     with pytest.raises(ml.ShapeError, match=r"BroadcastTo: the input \[4\] does not broadcast to \[2, 3\]"):
         ml.compile(bad, ml.NumpyBackend(), shapes={"x": [4]})
+
+
+# --- 6. the published tests/scripts/test_all_models.py cases of these blocks --------------------
+
+def _published_cases():
+    from mithril import models as mm
+    f5 = {"left": [5.0, 0.0, 9.0, 10.0, 4.0], "right": [6.0, 0.0, 8.0, 9.0, 11.0]}
+    f6 = {"left": [7.0, -123.0, 10.0, 5.0, 4.0], "right": [6.0, 7.0, 8.0, 9.0, -123.0]}
+    b2 = {"left": [True, False, True, True, False], "right": [True, False, False, False, False]}
+    return {  # name: (block, constant keys, expected output), as published
+        "test_minimum": (mm.Minimum, f5, [5.0, 0.0, 8.0, 9.0, 4.0]),
+        "test_maximum": (mm.Maximum, f5, [6.0, 0.0, 9.0, 10.0, 11.0]),
+        "test_arange_1": (lambda: Arange(start=0, stop=10, step=1), {}, list(range(10))),
+        "test_arange_2": (lambda: Arange(start=5, stop=10, step=2), {}, [5, 7, 9]),
+        "test_greater_1": (mm.Greater, f5, [False, False, True, True, False]),
+        "test_greater_2": (mm.Greater, f6, [True, False, True, False, True]),
+        "test_greater_equal_1": (mm.GreaterEqual, f5, [False, True, True, True, False]),
+        "test_less_1": (mm.Less, f5, [True, False, False, False, True]),
+        "test_less_equal_1": (mm.LessEqual, f5, [True, True, False, False, True]),
+        "test_equal_1": (mm.Equal, f5, [False, True, False, False, False]),
+        "test_not_equal_1": (mm.NotEqual, f5, [True, False, True, True, True]),
+        "test_logical_not": (mm.LogicalNot, {"input": [True, False, True, True, False]},
+                             [False, True, False, False, True]),
+        "test_logical_or": (mm.LogicalOr, b2, [True, False, True, True, False]),
+        "test_logical_and": (mm.LogicalAnd, b2, [True, False, False, False, False]),
+        "test_logical_xor": (mm.LogicalXOr, b2, [False, False, True, True, False]),
+        "test_zeros_like": (mm.ZerosLike, {"input": [[1.0, 2.0], [3.0, 4.0]]}, [[0.0, 0.0], [0.0, 0.0]]),
+        "test_ones_static_shape": (lambda: mm.Ones(shape=(2, 3)), {}, [[1.0] * 3] * 2),
+    }
+
+
+@pytest.mark.parametrize("case", list(_published_cases()))
+@pytest.mark.parametrize("name", NAMES)
+def test_published_all_models_cases(name, case):
+    block, statics, want = _published_cases()[case]
+
+    def go():
+        b = _backend(name)
+        pm = ml.compile(block(), b, constant_keys={k: np.asarray(v) for k, v in statics.items()},
+                        inference=True)
+        return b.to_numpy(pm.evaluate({})["output"])
+    got = _in_x64(name, go)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert got.dtype.kind == np.asarray(want).dtype.kind
+
+
+@pytest.mark.parametrize("dtype", [ml.float16, ml.float32])
+@pytest.mark.parametrize("name", NAMES)
+def test_published_arange_static_inference_w_dtype(name, dtype):
+    """test_all_models.py::test_arange_static_inference_w_dtype: integer ends, a float dtype."""
+    b = BACKENDS[name](dtype=dtype)
+    pm = ml.compile(Arange(start=0, stop=10, step=1, dtype=dtype), b, inference=True)
+    out = b.to_numpy(pm.evaluate({})["output"])
+    assert str(out.dtype) == str(dtype).rsplit(".", 1)[-1]
+    np.testing.assert_array_equal(out, np.arange(10))
