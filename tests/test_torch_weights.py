@@ -150,6 +150,7 @@ def side_by_side(name: str, backend_name: str) -> dict[str, float]:
     y = net(torch.tensor(x))
     (y * torch.tensor(g)).sum().backward()
     theirs = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    assert sorted(mapping.values()) == sorted([*grads, *(rest[0] if rest else {})])
     worst = {"logits": np.abs(npy(backend, out["logits"]) - y.detach().numpy()).max()}
     for t, m in mapping.items():
         if m in grads:
@@ -231,6 +232,8 @@ def test_safetensors_bin_sharded_and_hugging_face_folders_load_directly(tmp_path
         assert all(np.array_equal(params[k], want[k]) for k in want), source
         assert all(np.array_equal(state[k], want_state[k]) for k in want_state), source
         assert state["batch_norm2_d_0.num_batches_tracked"].dtype == np.int64
+    back = params_to_torch(compiled, want, like=tmp_path / "cnn.safetensors", state=want_state)
+    assert set(back) == set(keys) and all(torch.equal(back[k], sd[k]) for k in keys)
 
 
 def test_a_prefixed_hugging_face_style_file_and_bfloat16_with_cast(tmp_path):
