@@ -19,6 +19,7 @@ from conftest import BACKENDS, jax_float64
 from safetensors.torch import save_file
 
 import mithril as ml
+from mithril.errors import CheckpointError
 from mithril.interop import params_from_torch, params_to_torch
 from mithril.interop.torch_weights import torch_names
 
@@ -256,8 +257,7 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     save_file(net.state_dict(), tmp_path / "m.safetensors")
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "m.safetensors").write_bytes(data[:-40])
-    with pytest.raises(ml.CheckpointError if hasattr(ml, "CheckpointError") else ValueError,
-                       match=r"m\.safetensors'.*tensor '9\.weight' is malformed"):
+    with pytest.raises(CheckpointError, match=r"m\.safetensors'.*tensor '9\.weight' is malformed"):
         params_from_torch(compiled, tmp_path / "m.safetensors")
 
 
