@@ -527,3 +527,54 @@ def test_a_keras_schedule_object_given_as_it_is_float32_bit_for_bit():
         sched.step()
     assert params["w"].dtype == np.float32
     np.testing.assert_array_equal(params["w"], np.asarray(keras.ops.convert_to_numpy(var.value)))
+
+
+# --------------------------------------------------------------------------------------------
+# two schedulers stepped back to back on one rate reached through different objects
+# --------------------------------------------------------------------------------------------
+
+
+def _targets(kind: str):
+    from mithril.utils.accumulation import Accumulate
+    from mithril.utils.optimizers import Lookahead
+
+    opt = SGD(learning_rate=BASE)
+    if kind == "handle":
+        return opt, opt, opt.hyperparameter("learning_rate")
+    if kind == "lookahead":
+        return opt, Lookahead(opt), opt
+    if kind == "lookahead-handle":
+        wrapped = Lookahead(opt)
+        return opt, wrapped, wrapped.hyperparameter("learning_rate")
+    return opt, Accumulate(opt, 2), opt
+
+
+@pytest.mark.parametrize("kind", ["handle", "lookahead", "lookahead-handle", "accumulate"])
+def test_back_to_back_on_one_rate_through_two_objects_is_refused(kind):
+    # before: the second scheduler silently discarded the first one's change at every step
+    # (0.1 * 0.9**t instead of an error; the same object on both was refused)
+    opt, a_target, b_target = _targets(kind)
+    a, b = L.StepLR(a_target, 1, 0.5), L.ExponentialLR(b_target, 0.9)
+    a.step()
+    b.step()
+    before = (opt.get_learning_rate(), a.state_dict(), b.state_dict())
+    with pytest.raises(RuntimeError, match="ChainedScheduler"):
+        a.step()
+    assert (opt.get_learning_rate(), a.state_dict(), b.state_dict()) == before
+    # their product, as torch's chain of the two: ChainedScheduler on either object
+    start = opt.get_learning_rate()
+    chain = L.ChainedScheduler([L.StepLR(a_target, 1, 0.5), L.ExponentialLR(b_target, 0.9)])
+    for _ in range(3):
+        chain.step()
+    assert abs(opt.get_learning_rate() - start * 0.45**3) < 1e-16
+
+
+def test_other_values_of_one_optimizer_are_not_refused():
+    opt = SGD(learning_rate=BASE, momentum=0.9)
+    lr, wd, mom = (L.StepLR(opt, 1, 0.5), L.ExponentialLR(opt.hyperparameter("weight_decay"), 0.9),
+                   L.LinearLR(opt.hyperparameter("momentum"), 0.5, 1.0, 4))
+    for _ in range(3):
+        lr.step()
+        wd.step()
+        mom.step()
+    assert opt.get_learning_rate() == BASE * 0.125 and opt.momentum == 0.9 * (0.5 + 0.5 * 3 / 4)

@@ -17,15 +17,32 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
-def same_target(a: Any, b: Any) -> bool:
-    """Whether two schedulers' targets are the same value: the same object, or handles on
-    the same hyperparameter of the same optimizer and group."""
-    if a is b:
-        return True
+def _target_key(target: Any) -> tuple[int, str, int | None]:
+    """The value a scheduler's target sets: ``(id(optimizer), name, group)`` of the optimizer
+    that holds it. An optimizer stands for its learning rate, as its handle
+    ``hyperparameter("learning_rate")`` does; a wrapper that forwards the rate (an
+    ``Accumulate``'s ``.optimizer``, a ``Lookahead``'s inner optimizer, whose handles are the
+    inner one's) stands for the wrapped optimizer's."""
     from ..optimizers.groups import Hyperparameter
+    from .per_group import _hyperparameter_owner
 
-    return (isinstance(a, Hyperparameter) and isinstance(b, Hyperparameter)
-            and a.optimizer is b.optimizer and a.name == b.name and a.group == b.group)
+    if not isinstance(target, Hyperparameter):
+        owner = _hyperparameter_owner(target)
+        try:
+            handle = owner.hyperparameter("learning_rate")
+        except Exception:  # noqa: BLE001 - not a mithril optimizer: the object itself
+            return (id(target), "learning_rate", None)
+        target = handle if isinstance(handle, Hyperparameter) else target
+        if not isinstance(target, Hyperparameter):
+            return (id(owner), "learning_rate", None)
+    return (id(target.optimizer), target.name, target.group)
+
+
+def same_target(a: Any, b: Any) -> bool:
+    """Whether two schedulers' targets are the same value: the same object, handles on
+    the same hyperparameter of the same optimizer and group, an optimizer and the handle
+    on its learning rate, or a wrapper forwarding its rate and the wrapped optimizer."""
+    return a is b or _target_key(a) == _target_key(b)
 
 
 def children_of(value: Any) -> list[Any]:
