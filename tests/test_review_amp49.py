@@ -5,13 +5,17 @@ tests leave out.
 * the gradient norm a training loop logs after ``unscale_`` (torch's ``clip_grad_norm_``
   return value) at an overflowing step: inf / NaN there, ours was the previous step's;
 * one scaler for two optimizers (a GAN's two models, torch's ``scaler.step(opt_a)``,
-  ``scaler.step(opt_b)``, one ``scaler.update()``): ``update_scale=False`` and
-  ``last_found_inf``;
+  ``scaler.step(opt_b)``, one ``scaler.update()``): ``update_scale=False``,
+  ``LossScaler.record`` and ``update()`` without a flag, ``last_found_inf``; GradScaler's
+  and Keras' method names on a ``LossScaler``;
 * a checkpoint mid-run (scaler, counters, Adam with clipping, through JSON) continuing bit
   for bit on every backend;
 * bfloat16 compute with float32 masters against pure bfloat16 weights (``model.bfloat16()``
   in torch, ``make_train_step`` on a bfloat16 model here): updates below bfloat16's
-  resolution are lost on bfloat16 weights in both, kept by the masters in both.
+  resolution are lost on bfloat16 weights in both, kept by the masters in both;
+* strict xfails for what lies outside this review's files: float16 statistics computed in
+  float16 (CosineSimilarity, PairwiseDistance, NumPy's Variance and average pools) and the
+  rounding of an SGD step on bfloat16 params.
 
 The data are small dyadic numbers where exactness is claimed: the float16 gradients of the
 Linear models are then exact, so the peers' runs compare to the last bit.
