@@ -446,9 +446,10 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
 class CheckpointManager:
     """A folder of checkpoints, one per saved step (``<prefix>-<step:08d>.safetensors``,
     each written by :func:`save_checkpoint`: atomic, verified), rotated as orbax's
-    ``CheckpointManager(max_to_keep, best_fn, best_mode)``, Lightning's
+    ``CheckpointManager(max_to_keep)`` keeps the latest, and by a metric as Lightning's
     ``ModelCheckpoint(save_top_k, monitor, mode, save_last)`` and Keras'
-    ``ModelCheckpoint(save_best_only=True)`` rotate theirs::
+    ``ModelCheckpoint(save_best_only=True)`` (orbax's ``best_fn`` writes every step and keeps
+    the later of equal ones)::
 
         manager = CheckpointManager("ckpts", max_to_keep=2, best_metric="val_loss",
                                     keep_latest=True)
