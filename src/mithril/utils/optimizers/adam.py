@@ -231,7 +231,7 @@ class Adam(Optimizer):
                 return (*head, self.epsilon)
             return (*head, *mlx_corrections(lr, self.beta1, self.beta2, step), self.epsilon)
         if self._optax_mu():  # (the bias corrections are made in the kernel: correction)
-            mu = (lr, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2, float(step),
+            mu = (lr, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2, step,
                   self.epsilon)
             return (*mu, self.weight_decay) if self.weight_decay_in_math else mu
         head = (lr, 1 - self.beta1, self.beta2, 1 - self.beta2)

@@ -172,7 +172,7 @@ class NAdam(Optimizer):
     def scalars(self, step: int) -> tuple[float, ...]:
         lr, b1, b2 = self.learning_rate, self.beta1, self.beta2
         if self._optax_mu():  # (the corrections are made in the kernel: adam.correction)
-            mu = (lr, b1, 1 - b1, b2, 1 - b2, float(step), self.epsilon, self.eps_root)
+            mu = (lr, b1, 1 - b1, b2, 1 - b2, step, self.epsilon, self.eps_root)
             return (*mu, self.weight_decay) if self.weight_decay_in_math else mu
         if self.convention == "optax":  # constant β₁, Adam's bias corrections
             cg = -lr * (1.0 - b1) / (1.0 - b1**step)

@@ -241,10 +241,9 @@ class StateDictMixin:
             dtype = np.asarray(state.engine.to_numpy(state.slots[slot])).dtype
             for name, shape in zip(lay.names, lay.shapes):
                 where = f"state dict slot '{slot}' of '{name}'"
-                if slot in own and (got := _dtype_name(per_param[name])) != own[slot]:
-                    raise TypeError(f"{where} has dtype {got}, but the state keeps slot "
-                                    f"'{slot}' in {own[slot]} (mu_dtype={own[slot]!r})")
                 a = _numeric(per_param[name], where)
+                if slot in own:  # (another dtype only where it holds the slot's values exactly:
+                    _check_own(a, per_param[name], own[slot], slot, where)  # a widened copy)
                 if a.shape != tuple(shape):
                     what = "the parameter" if lay is state.layout else "the slot's"
                     raise ShapeError(f"{where} has shape {a.shape}, {what} {tuple(shape)}")
@@ -327,6 +326,25 @@ def _dtype_name(value: Any) -> str:
         return np.dtype(dt).name if dt is not None else np.asarray(value).dtype.name
     except (TypeError, ValueError):
         return str(dt)
+
+
+def _check_own(a: np.ndarray, saved: Any, dtype: str, slot: str, where: str) -> None:
+    """A saved slot of a dtype of its own (``mu_dtype``): of that dtype, or of another whose
+    values it holds exactly (a copy widened on the way, as ``torch_optimizer``'s float32
+    ``exp_avg``); a state of another ``mu_dtype`` (a float32 moment) is refused."""
+    got = _dtype_name(saved)
+    if got == dtype:
+        return
+    from ...backends.numpy_backend import numpy_dtype
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = a.astype(numpy_dtype(dtype)).astype(a.dtype)
+    off = ~((back == a) | (np.isnan(back) & np.isnan(a))) if a.dtype.kind == "f" else back != a
+    if off.any():
+        raise TypeError(f"{where} has dtype {got} and values {dtype} cannot hold (e.g. "
+                        f"{a[off].flat[0]!r}): the state keeps slot '{slot}' in {dtype} "
+                        f"(mu_dtype={dtype!r}); a state of another mu_dtype does not resume "
+                        f"in this one")
 
 
 def _own_slot(view: Any, arrays: str) -> Any:
