@@ -529,3 +529,66 @@ def test_published_arange_static_inference_w_dtype(name, dtype):
     out = b.to_numpy(pm.evaluate({})["output"])
     assert str(out.dtype) == str(dtype).rsplit(".", 1)[-1]
     np.testing.assert_array_equal(out, np.arange(10))
+
+
+# --- 7. more published primitives: Floor, Clamp, IsNan, NanToNum, Squeeze, SwapAxes, AtLeast1D, Eye
+
+@pytest.mark.parametrize("name", NAMES)
+def test_more_published_primitives_match_torch_autograd(name):
+    """Clamp at its ends (torch: gradient 1 there), NanToNum of NaN / ±inf (gradient where
+    finite), Floor (gradient 0), Squeeze, SwapAxes, AtLeast1D and Eye against torch."""
+    from mithril.models import AtLeast1D, Clamp, Eye, Floor, IsNan, NanToNum, Squeeze, SwapAxes
+    x = np.array([[[-1.5, -1.0, 0.25], [1.0, 2.0, 0.5]]])  # (1, 2, 3)
+    z = np.array([1.0, np.nan, np.inf, -np.inf, -2.0])
+    s = np.array(1.5)
+
+    def build():
+        m = Model()
+        m |= Buffer().connect(input="x", output="xb")
+        m |= Buffer().connect(input="z", output="zb")
+        m |= Buffer().connect(input="s", output="sb")
+        m |= Clamp(min_val=-1.0, max_val=1.0).connect(input="xb", output="clamp")
+        m |= Floor().connect(input=m.xb * 2.0, output="floor")  # type: ignore
+        m |= Squeeze().connect(input="xb", output="squeeze")
+        m |= SwapAxes(0, -1).connect(input="xb", output="swap")
+        m |= NanToNum(nan=0.5, posinf=9.0).connect(input="zb", output="n2n")
+        m |= IsNan().connect(input="zb", output="isnan")
+        m |= AtLeast1D().connect(input=m.sb * 3.0, output="atleast")  # type: ignore
+        m |= Eye(2, 3).connect(output="eye")
+        return m
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in (("x", x), ("z", z), ("s", s))}
+    want = {"clamp": torch.clamp(t["x"], -1.0, 1.0), "floor": torch.floor(t["x"] * 2.0),
+            "squeeze": torch.squeeze(t["x"]), "swap": torch.swapaxes(t["x"], 0, -1),
+            "n2n": torch.nan_to_num(t["z"], nan=0.5, posinf=9.0),
+            "atleast": torch.atleast_1d(t["s"] * 3.0)}
+    rng = np.random.default_rng(8)
+    cots = {k: rng.standard_normal(tuple(v.shape)) for k, v in want.items()}
+    sum((v * torch.tensor(cots[k])).sum() for k, v in want.items()).backward()
+    out, grads = _run(name, build, {"x": [1, 2, 3], "z": [5], "s": []}, {"x": x, "z": z, "s": s},
+                      {}, cots, trainable_keys={"x", "z", "s"})
+    _check((out, grads), {k: v.detach().numpy() for k, v in want.items()}, t)
+    np.testing.assert_array_equal(out["isnan"], torch.isnan(torch.tensor(z)).numpy())
+    np.testing.assert_array_equal(out["eye"], torch.eye(2, 3, dtype=torch.float64).numpy())
+    assert out["eye"].dtype == np.float64
+
+
+def test_more_published_primitives_refuse_bad_arguments_by_name():
+    from mithril.models import Clamp, Eye, NanToNum, Squeeze, SwapAxes
+    with pytest.raises(ValueError, match="Clamp: give min_val, max_val or both"):
+        Clamp()
+    with pytest.raises(TypeError, match="Clamp: min_val must be a number or None, got '0'"):
+        Clamp(min_val="0")  # type: ignore
+    with pytest.raises(TypeError, match="NanToNum: nan must be a number, got None"):
+        NanToNum(nan=None)  # type: ignore
+    with pytest.raises(TypeError, match="SwapAxes: axis2 must be an int"):
+        SwapAxes(0, 1.0)  # type: ignore
+    with pytest.raises(TypeError, match="Eye: N must be an int >= 0, got -2"):
+        Eye(-2)
+    m = Model()
+    m |= SwapAxes(0, 3).connect(input="x", output="y")
+    with pytest.raises(ml.ShapeError, match="SwapAxes: axis 3 is out of range for the input's rank 2"):
+        ml.compile(m, ml.NumpyBackend(), shapes={"x": [2, 3]})
+    m = Model()
+    m |= Squeeze().connect(input="x", output="y")
+    with pytest.raises(ml.ShapeError, match="Squeeze: which axes have size 1 is not known"):
+        ml.compile(m, ml.NumpyBackend(), shapes={"x": [None, 3]})

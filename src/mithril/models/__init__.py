@@ -160,6 +160,19 @@ from .tensor_creation import (  # noqa: E402
 __all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimum", "Ones",
             "ZerosLike"]
 
+from .published_elementwise import (  # noqa: E402
+    AtLeast1D,
+    Clamp,
+    Eye,
+    Floor,
+    IsNan,
+    NanToNum,
+    Squeeze,
+    SwapAxes,
+)
+
+__all__ += ["AtLeast1D", "Clamp", "Eye", "Floor", "IsNan", "NanToNum", "Squeeze", "SwapAxes"]
+
 # the published Mithril's Gaussian-process regression and its linear-algebra primitives
 from .gp_regression import (  # noqa: E402
     AddDiagonal,
