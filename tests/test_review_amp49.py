@@ -459,7 +459,11 @@ def _stat_cases():
         "pairwise_distance": Case(lambda: ml.PairwiseDistance(),
                                   {"input1": big, "input2": ((4, 4096), 1.0, 0.0)},
                                   lambda t, d: F.pairwise_distance(t["input1"], t["input2"])),
-        "variance": Case(lambda: ml.Variance(axis=-1), {"input": ((4, 8192), 10.0, 5.0)},
+        "triplet_margin_loss": Case(
+            lambda: ml.TripletMarginLoss(), {k: ((8, 4096), 10.0, 0.0)
+                                             for k in ("anchor", "positive", "negative")},
+            lambda t, d: F.triplet_margin_loss(t["anchor"], t["positive"], t["negative"])),
+        "variance": Case(lambda: ml.Variance(axis=-1, correction=1), {"input": ((4, 8192), 10.0, 5.0)},
                          lambda t, d: t["input"].var(-1)),
         "avg_pool_1d": Case(lambda: ml.AvgPool1D(kernel_size=4096),
                             {"input": ((2, 3, 8192), 10.0, 5.0)},
@@ -475,6 +479,9 @@ _NEEDS = {
                          "@float32_forward/@float32_vjp (its float16 sums of squares overflow)",
     "pairwise_distance": "src/mithril/models/similarity.py: PairwiseDistance's forward/vjp under "
                          "@float32_forward/@float32_vjp (its float16 sum of squares overflows)",
+    "triplet_margin_loss": "src/mithril/models/margin_losses.py: TripletMarginLoss's distances "
+                           "in float32 (@float32_forward/@float32_vjp; its float16 sums of "
+                           "squares overflow)",
     "variance": "src/mithril/models/statistics.py: Variance's NumPy forward in float32 "
                 "(@float32_forward; JAX's is already)",
     "avg_pool_1d": "src/mithril/models/pooling.py: AvgPool's NumPy window sums in float32 "
@@ -488,17 +495,19 @@ _NEEDS = {
     pytest.param(n, k, marks=pytest.mark.xfail(strict=True, reason=f"needs {_NEEDS[n]}"))
     for n, k in [("cosine_similarity", "numpy"), ("cosine_similarity", "jax"),
                  ("pairwise_distance", "numpy"), ("pairwise_distance", "jax"),
+                 ("triplet_margin_loss", "numpy"), ("triplet_margin_loss", "jax"),
                  ("variance", "numpy"), ("avg_pool_1d", "numpy"),
                  ("adaptive_avg_pool_1d", "numpy")]])
 def test_float16_statistics_are_computed_in_float32_as_torchs(name, kind):
     """The rule of ``mithril.models.half_precision`` (a half-precision statistic is computed
-    in float32 and rounded once, as torch's opmath) where these blocks miss it: in a
-    float16 ``MixedPrecisionTrainer`` a cosine similarity of 4096 values of ~10 is inf/NaN
-    (the sum of squares, 4e5, leaves float16's 65504; torch: 3 ulps from the float64
-    truth), so every step is skipped and the loss scale halves to 0; the NumPy Variance is
-    inf, the NumPy AvgPool1D / AdaptiveAvgPool1D means are 18 / 65 ulps off (float16
-    partial sums; torch: 0.5). Criterion of ``test_half_precision_layers``: never an ulp
-    further from the truth than torch, never inf where torch is finite."""
+    in float32 and rounded once, as torch's opmath) where these blocks miss it. In float16
+    a cosine similarity, a pairwise distance and a triplet margin loss of 4096 values of ~10
+    are inf (the sum of squares, ~4e5, leaves float16's 65504; torch: 3 / 0.5 / 11 ulps
+    from the float64 truth) and so are their gradients: a ``MixedPrecisionTrainer`` skips
+    every such step and its scale backs off towards 0. The NumPy Variance is inf, the NumPy
+    AvgPool1D / AdaptiveAvgPool1D means are 18 / 65 ulps off (float16 partial sums; torch:
+    0.5). Criterion of ``test_half_precision_layers``: never an ulp further from the truth
+    than torch, never inf where torch is finite."""
     import half_precision_cases as hp
 
     r = hp.measure(name, _stat_cases()[name], kind, "float16")
