@@ -578,3 +578,31 @@ def test_other_values_of_one_optimizer_are_not_refused():
         wd.step()
         mom.step()
     assert opt.get_learning_rate() == BASE * 0.125 and opt.momentum == 0.9 * (0.5 + 0.5 * 3 / 4)
+
+
+@pytest.mark.parametrize("first", ["per-group", "group-handle"])
+def test_back_to_back_with_a_per_group_scheduler_and_one_on_its_group_is_refused(first):
+    # before: the group's rate silently followed whichever stepped last
+    opt = SGD(learning_rate=BASE, param_groups=[{"params": ["b"], "learning_rate": 0.5}])
+    per_group = L.StepLR(opt, 1, 0.5, per_group=True)
+    on_group = L.ExponentialLR(opt.hyperparameter("learning_rate", group=0), 0.9)
+    a, b = (per_group, on_group) if first == "per-group" else (on_group, per_group)
+    a.step()
+    b.step()
+    group = opt.hyperparameter("learning_rate", group=0)
+    before = (opt.get_learning_rate(), group.get(), a.state_dict(), b.state_dict())
+    with pytest.raises(RuntimeError, match="stepped since this scheduler's last step"):
+        a.step()
+    assert (opt.get_learning_rate(), group.get(), a.state_dict(), b.state_dict()) == before
+
+
+def test_a_scheduler_of_the_optimizer_and_one_of_a_group_compose():
+    # not per group, the optimizer's scheduler leaves a group scheduled on its own to it
+    opt = SGD(learning_rate=BASE, param_groups=[{"params": ["b"], "learning_rate": 0.5}])
+    own, group = L.StepLR(opt, 1, 0.5), L.ExponentialLR(opt.hyperparameter("learning_rate", 0),
+                                                        0.9)
+    for _ in range(3):
+        own.step()
+        group.step()
+    assert opt.get_learning_rate() == BASE * 0.125
+    assert abs(opt.hyperparameter("learning_rate", 0).get() - 0.5 * 0.9**3) < 1e-16

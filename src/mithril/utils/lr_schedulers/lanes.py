@@ -157,8 +157,7 @@ def _note_step(sched: Any) -> None:
     live = [s for s in (r() for r in _stepped) if s is not None]
     mine = next((i for i, s in enumerate(live) if s is sched), None)
     if mine is not None and not sched._STEPS_FROM_CURRENT:  # (those keep the other's change)
-        other = next((s for s in live[mine + 1:] if same_target(s.optimizer, sched.optimizer)),
-                     None)
+        other = next((s for s in live[mine + 1:] if _share_a_target(s, sched)), None)
         if other is not None and _moved(sched):
             raise RuntimeError(
                 f"{type(sched).__name__}.step(): {type(other).__name__} on the same optimizer "
@@ -169,6 +168,13 @@ def _note_step(sched: Any) -> None:
                 f"chain; not with a ReduceLROnPlateau) or SequentialLR(optimizer, [a, b], "
                 f"milestones) (one after the other)")
     _stepped[:] = [weakref.ref(s) for s in live if s is not sched] + [weakref.ref(sched)]
+
+
+def _share_a_target(a: Any, b: Any) -> bool:
+    """Whether two schedulers set a value in common: their own targets, or those of their
+    group lanes (a per-group scheduler and one on a group's handle)."""
+    keys = {_target_key(lane.optimizer) for lane in (a, *a._siblings)}
+    return any(_target_key(lane.optimizer) in keys for lane in (b, *b._siblings))
 
 
 def _moved(sched: Any) -> bool:
