@@ -413,3 +413,27 @@ def test_a_save_checkpoint_file_under_a_shards_name_is_named_for_what_it_is(tmp_
                                               "shard of save_sharded.*read by load_checkpoint"):
         dist.load_sharded(tmp_path, dp)
     assert dp.optimizer.learning_rate == 0.1
+
+
+def test_numpy_numbers_in_extra_are_saved_as_torch_save_would_keep_them(tmp_path):
+    """Before: TypeError "Object of type int64 is not JSON serializable" for an epoch from
+    NumPy (torch.save takes it)."""
+    p = {"w": np.ones(2)}
+    rng = np.random.default_rng(0)
+    extra = {"epoch": rng.integers(5, 6), "acc": np.float32(0.5), "done": np.bool_(False)}
+    save_checkpoint(tmp_path / "c.safetensors", p, extra=extra)
+    back = load_checkpoint(tmp_path / "c.safetensors")["extra"]
+    assert back == {"epoch": 5, "acc": 0.5, "done": False}
+    assert type(back["epoch"]) is int and type(back["done"]) is bool
+    with pytest.raises(TypeError, match=r"finite floats.*\(in extra\)"):
+        save_checkpoint(tmp_path / "c.safetensors", p, extra={"acc": np.float32("nan")})
+    assert load_checkpoint(tmp_path / "c.safetensors")["extra"] == back
+
+
+def test_a_missing_folder_is_named_not_the_temporary_file(tmp_path):
+    """Before: "No such file or directory: '.../.ckpt-c.safetensors-<host>-<pid>-<hex>.tmp'"."""
+    target = tmp_path / "runs" / "c.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"folder '{tmp_path / 'runs'}': there is none"
+                                                f".*'{target}'"):
+        save_checkpoint(target, {"w": np.ones(2)})
+    assert list(tmp_path.iterdir()) == []

@@ -95,7 +95,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
 
     ``optimizer`` alone saves its hyperparameters; with ``state`` (what ``optimizer.init`` /
     ``update`` returned) also the step counts and every state slot. ``extra`` must be
-    JSON-serialisable (epoch, metrics, data-loader position, ...), nested at most 64 levels.
+    JSON-serialisable (epoch, metrics, data-loader position, ...; NumPy numbers are saved as
+    the Python numbers they equal), nested at most 64 levels.
     ``model_state``: the model's state as ``evaluate(..., state=...)`` returns it (BatchNorm's
     running statistics and ``num_batches_tracked``, as torch's ``state_dict`` holds a model's
     buffers). ``metrics``: name -> real number (``{"val_loss": 0.31}``; NaN and infinities
@@ -191,7 +192,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     if depth(extra) >= MAX_DEPTH:
         raise ValueError(f"save_checkpoint: extra nests deeper than {MAX_DEPTH - 1} levels")
     try:
-        header = json.dumps(meta, allow_nan=False)
+        header = json.dumps(meta, allow_nan=False, default=_numpy_scalar)
     except (TypeError, ValueError, RecursionError) as e:
         hyper = (meta["optimizer"] or {}).get("hyperparameters", {})
         bad = [f"the optimizer's {k!r}" for k, v in hyper.items() if not _json_field(v)] + \
@@ -213,9 +214,17 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     write_file(path, header, tensors)
 
 
+def _numpy_scalar(x: Any) -> Any:
+    """A NumPy number (``np.int64(3)``, ``np.float32(0.5)``, ``np.bool_``) as the Python one
+    it equals (torch.save would keep it; JSON has no such type)."""
+    if isinstance(x, np.generic) and x.dtype.kind in "biuf":
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
 def _json_field(value: Any) -> bool:
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False, default=_numpy_scalar)
         return True
     except (TypeError, ValueError):
         return False

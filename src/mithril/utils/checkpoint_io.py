@@ -46,6 +46,7 @@ i.e. not open in another process) and not in use by this process.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -259,8 +260,11 @@ def _fsync_folder(folder: str) -> None:
 def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a checkpoint file atomically (see the module docstring): the file at ``path`` is
     either left as it was or replaced by the complete new one, and no temporary file stays."""
-    head, body = encode(meta_json, tensors)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # (else the error named the temporary file)
+        raise FileNotFoundError(errno.ENOENT, f"cannot write a checkpoint into the folder "
+                                              f"{folder!r}: there is none (create it first)", path)
+    head, body = encode(meta_json, tensors)
     remove_stale_temporaries(folder, path)
     tmp = os.path.join(folder, f".ckpt-{_stem(path)}-{_host_tag()}-{os.getpid()}-"
                                f"{secrets.token_hex(6)}.tmp")
