@@ -72,6 +72,8 @@ from .checkpoint_format import (
     check_tensors,
     decode_metrics,
     encode_metrics,
+    json_field,
+    numpy_scalar,
     to_numpy,
 )
 from .checkpoint_io import MAX_DEPTH, depth, loads_guarded, read_file, read_metadata, write_file
@@ -192,11 +194,11 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     if depth(extra) >= MAX_DEPTH:
         raise ValueError(f"save_checkpoint: extra nests deeper than {MAX_DEPTH - 1} levels")
     try:
-        header = json.dumps(meta, allow_nan=False, default=_numpy_scalar)
+        header = json.dumps(meta, allow_nan=False, default=numpy_scalar)
     except (TypeError, ValueError, RecursionError) as e:
         hyper = (meta["optimizer"] or {}).get("hyperparameters", {})
-        bad = [f"the optimizer's {k!r}" for k, v in hyper.items() if not _json_field(v)] + \
-            [k for k in ("scheduler", "extra") if not _json_field(meta[k])]
+        bad = [f"the optimizer's {k!r}" for k, v in hyper.items() if not json_field(v)] + \
+            [k for k in ("scheduler", "extra") if not json_field(meta[k])]
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
                         f"JSON-serialisable (finite floats): {e}"
                         + (f" (in {', '.join(bad)})" if bad else "")) from None
@@ -214,22 +216,6 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     write_file(path, header, tensors)
 
 
-def _numpy_scalar(x: Any) -> Any:
-    """A NumPy number (``np.int64(3)``, ``np.float32(0.5)``, ``np.bool_``) as the Python one
-    it equals (torch.save would keep it; JSON has no such type)."""
-    if isinstance(x, np.generic) and x.dtype.kind in "biuf":
-        return x.item()
-    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
-
-
-def _json_field(value: Any) -> bool:
-    try:
-        json.dumps(value, allow_nan=False, default=_numpy_scalar)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def _hyperparameters(optimizer: Any, state: Any) -> dict[str, Any]:
     """``optimizer.hyperparameters()``, a callable group, mask or exclusion saved as the names
     it matches in ``state``'s parameters. ``update`` records those; the one-program JAX step
@@ -239,7 +225,7 @@ def _hyperparameters(optimizer: Any, state: Any) -> dict[str, Any]:
     from .optimizers.groups import resolve
 
     hyper = optimizer.hyperparameters()
-    if _json_field(hyper) or not isinstance(state, OptimizerState) or \
+    if json_field(hyper) or not isinstance(state, OptimizerState) or \
             not hasattr(optimizer, "param_groups"):
         return hyper
     named = copy.copy(optimizer)

@@ -3,6 +3,7 @@ load would refuse): see :mod:`mithril.utils.checkpoint` for the format itself.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,6 +76,22 @@ def encode_metrics(metrics: Any) -> dict[str, Any]:
 def decode_metrics(stored: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of :func:`encode_metrics`, as floats again."""
     return {k: _NONFINITE[v] if isinstance(v, str) else float(v) for k, v in stored.items()}
+
+
+def numpy_scalar(x: Any) -> Any:
+    """A NumPy number (``np.int64(3)``, ``np.float32(0.5)``, ``np.bool_``) as the Python one
+    it equals (torch.save would keep it; JSON has no such type)."""
+    if isinstance(x, np.generic) and x.dtype.kind in "biuf":
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
+def json_field(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False, default=numpy_scalar)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def check_mapping(name: str, value: Any) -> None:
