@@ -302,6 +302,9 @@ def test_comparison_blocks_and_their_refusals():
     assert (list(m.conns), len(m.blocks)) == before
     t = m.a  # type: ignore
     assert {t: 1}[t] == 1 and (t == m.b) is False  # type: ignore
+    with pytest.raises(TypeError, match=r"the truth value of \(Model.a > 0.0\) is known only when"):
+        if m.a > 0.0:  # type: ignore
+            pass
 
 
 @pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/output_gradients.py: "

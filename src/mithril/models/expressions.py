@@ -425,6 +425,11 @@ class Expression(ConnectionOps):
     def __repr__(self) -> str:
         return self.text
 
+    def __bool__(self) -> bool:
+        # (``if a > b:`` would otherwise always be true: the comparison is computed by the run)
+        raise TypeError(f"the truth value of {self.text} is known only when the model runs: "
+                        "use it as a block's input (Where(cond=...)), not in an if / and / or")
+
 
 def _leaf(model: Model, v: Operand, where: str) -> Connection:
     """The wire of ``model`` for one operand that is not an expression."""
