@@ -278,12 +278,12 @@ def _trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
     ``optimizer``), to try a state on; ``None`` if it cannot be copied."""
     target = getattr(scheduler, "optimizer", None)
     memo: dict[int, Any] = {}
-    if target is not None:
-        memo[id(target)] = trial_opt if target is optimizer and trial_opt is not None \
-            else copy.copy(target)
-    try:
+    try:  # (torch's schedulers over torch_optimizer's wrapper, which refuses copies, included)
+        if target is not None:
+            memo[id(target)] = trial_opt if target is optimizer and trial_opt is not None \
+                else copy.copy(target)
         return copy.deepcopy(scheduler, memo)
-    except Exception:  # an uncopyable custom scheduler: the real load is rolled back instead
+    except Exception:  # an uncopyable scheduler or optimizer: the real load is rolled back
         return None
 
 
