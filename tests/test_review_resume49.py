@@ -498,3 +498,22 @@ def test_the_drop_in_resumes_from_a_save_checkpoint_file(tmp_path):
         sched2.step()
     for (k, a), b in zip(ref.named_parameters(), net2.parameters()):
         assert torch.equal(a, b), k
+
+
+def test_our_schedulers_state_is_not_taken_by_torchs_of_the_same_name(tmp_path):
+    """Before: torch's StepLR.load_state_dict took our StepLR's dict (it updates __dict__
+    with anything), kept its own last_epoch 0 and gained our keys: a silent restart of the
+    schedule."""
+    net, drop, _, _ = _drop_in_run(0)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    ours = Adam(0.1)
+    mine = StepLR(ours, 2, 0.5)
+    for _ in range(3):
+        mine.step()
+    save_checkpoint(tmp_path / "c.safetensors", p, scheduler=mine)
+    theirs = torch.optim.lr_scheduler.StepLR(drop, 2, 0.5)
+    before = theirs.state_dict()
+    with pytest.raises(CheckpointError, match=r"'scheduler.state' has the keys of another "
+                                              r"StepLR: missing \[.*'last_epoch'"):
+        load_checkpoint(tmp_path / "c.safetensors", scheduler=theirs)
+    assert theirs.state_dict() == before

@@ -404,6 +404,13 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                                       f"{sorted(opt_sd['slots'])} but {type(optimizer).__name__} "
                                       f"with the saved hyperparameters uses {sorted(state.slots)}")
     if scheduler is not None:
+        if not type(scheduler).__module__.startswith("mithril."):  # torch's takes any dict
+            want, got = set(scheduler.state_dict()), set(smeta["state"])
+            if want - got and got - want:  # (ours read into torch's StepLR; a key added or
+                # dropped by another torch version is let through, as torch does)
+                raise CheckpointError(f"{where}: metadata field 'scheduler.state' has the keys "
+                                      f"of another {smeta['class']}: missing "
+                                      f"{sorted(want - got)}, unknown {sorted(got - want)}")
         trial_sched = _trial_scheduler(scheduler, optimizer, trial_opt)
         if trial_sched is not None:
             try:
