@@ -303,6 +303,13 @@ def test_bad_mu_dtype_is_refused_by_name():
         Adam(mu_dtype="bfloat16", param_groups=[{"params": ["w"], "mu_dtype": "float32"}])
     opt = Adam(mu_dtype=torch.bfloat16)
     assert opt.mu_dtype == "bfloat16" and "mu_dtype='bfloat16'" in repr(opt)
+    state = opt.init({"w": np.ones(3, np.float32)})
+    with pytest.raises(AttributeError, match="Adam's mu_dtype is fixed at construction"):
+        opt.mu_dtype = "float16"  # (the state's m buffer is bfloat16)
+    opt.mu_dtype = jnp.bfloat16  # (the same dtype: nothing changes)
+    assert opt.mu_dtype == "bfloat16" and state.slots["m"].dtype == BF16
+    with pytest.raises(ValueError, match="mu_dtype"):
+        Lion(mu_dtype="float16", param_groups=[{"params": ["w"], "mu_dtype": None}])
     assert NAdam(mu_dtype=np.float16).mu_dtype == "float16"
     assert ADOPT(mu_dtype=jnp.bfloat16).mu_dtype == "bfloat16"
 

@@ -221,6 +221,9 @@ class Adam(Optimizer):
     def slot_names(self) -> tuple[str, ...]:
         return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
 
+    def rule(self) -> tuple[Any, ...]:
+        return (*super().rule(), self.mu_dtype)  # (the dtype of m's buffer: not changed live)
+
     def scalars(self, step: int) -> tuple[float, ...]:
         bc1 = 1 - self.beta1**step
         bc2 = 1 - self.beta2**step

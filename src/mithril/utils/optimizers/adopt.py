@@ -66,6 +66,9 @@ class ADOPT(Optimizer):
         self.use_clipping = check_flag("use_clipping", use_clipping)
         self.nesterov = check_flag("nesterov", nesterov)
 
+    def rule(self) -> tuple[Any, ...]:
+        return (*super().rule(), self.mu_dtype)  # (the dtype of m's buffer: not changed live)
+
     def scalars(self, step: int) -> tuple[float, ...]:
         # (arithmetic, not if: the step and the betas may be traced, in an optax
         # transformation's program; each the same on the host: x · 1.0 is x, x + 0.0 is x)

@@ -77,6 +77,7 @@ from .argument_names import _constructor
 from .averaging import AveragingMixin
 from .checks import (
     check_flag,
+    check_mu_dtype,
     check_positive,
     check_uniform,
     check_update,
@@ -263,6 +264,15 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         self._groups_version = 0
         if type(self).__init__ is Optimizer.__init__:  # no constructor of its own to wrap
             self._finish_groups()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "mu_dtype" and name in self.__dict__:
+            value = check_mu_dtype(value)  # (kept as a name, as the constructor keeps it)
+            if value != self.__dict__[name]:
+                raise AttributeError(f"{type(self).__name__}'s mu_dtype is fixed at "
+                                     f"construction (a state's m buffer has it): build "
+                                     f"another optimizer")
+        super().__setattr__(name, value)
 
     # -- backend -----------------------------------------------------------------------
     @property

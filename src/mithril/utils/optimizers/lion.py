@@ -121,6 +121,9 @@ class Lion(Optimizer):
                              f"convention='mlx')")
         self.smooth_beta = check_positive("smooth_beta", smooth_beta, allow_zero=False)
 
+    def rule(self) -> tuple[Any, ...]:
+        return (*super().rule(), self.mu_dtype)  # (the dtype of m's buffer: not changed live)
+
     @property
     def weight_decay_in_math(self) -> bool:  # type: ignore[override]
         """optax's decay inside the step (``−lr·(u + wd·p)``), with ``mu_dtype``."""

@@ -152,7 +152,7 @@ class NAdam(Optimizer):
     def rule(self) -> tuple[Any, ...]:
         # Keras's one product and torch's per-tensor ones cannot mix in one state: a group
         # of the other convention is refused (as one that changes the slots)
-        return (*super().rule(), self.tensor_slots, self.state_values)
+        return (*super().rule(), self.tensor_slots, self.state_values, self.mu_dtype)
 
     def slot_init(self, slot: str) -> float:
         return 1.0 if slot == "mu_product" else 0.0
