@@ -20,7 +20,11 @@ constructor. Some optimizers are special:
   (SAM's second gradient: the training step evaluates the model again at the perturbed
   parameters);
 * ``lbfgs`` needs a closure that re-evaluates the loss several times per step, which the
-  training loop (one gradient per batch) cannot give: it is refused with that reason.
+  training loop (one gradient per batch) cannot give: it is refused with that reason;
+* ``dpsgd`` (DP-SGD) takes per-example gradients: the training step computes them
+  (:func:`~mithril.utils.training.make_train_step`) for models without Dropout or
+  BatchNorm, in one process; it cannot be a wrapper's inner optimizer
+  (``differentially-private``, the wrapper around any optimizer, is refused here for now).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ DEFAULT_LR: dict[str, float] = {
     "radam": 1e-2, "muon": 0.02,
     # Adam in a rotated (SVD) basis: 1e-3 moves the digits MLP too slowly in 2 epochs
     "galore": 1e-2,
+    # DP-SGD: clipped (C = 1) and noised gradients, plain SGD (2 epochs: ~85 % test accuracy)
+    "dpsgd": 1.0,
 }
 #: a wrapper's inner optimizer when ``inner=`` / ``base_optimizer=`` is not given
 DEFAULT_INNER = "adam"
@@ -84,11 +90,14 @@ REFUSED = {"lbfgs": "L-BFGS needs a closure that re-evaluates the loss several t
                     "step (and a full batch); the training loop takes one gradient per batch. "
                     "Use mithril.utils.optimizers.LBFGS (convention='torch' or 'optax') from Python "
                     "with step(closure)"}
-#: (DP-SGD clips each example's gradient: the training loop has one gradient per batch)
-_DP = ("DP-SGD clips each example's gradient: it needs per-example gradients (mithril.utils."
-       "per_example.per_example_gradients), and the training loop takes one gradient per "
-       "batch. Use mithril.utils.optimizers.DPSGD from Python (docs/privacy.md)")
-REFUSED.update({"dpsgd": _DP, "differentially-private": _DP})
+#: the optimizers whose ``update`` takes per-example gradients (DP-SGD): the training step
+#: computes them itself (``make_train_step``), for a model without Dropout or BatchNorm
+PER_EXAMPLE = ("dpsgd", "differentially-private")
+#: (the wrapper trains too, but the catalog's tests do not know it as a wrapper yet)
+REFUSED["differentially-private"] = (
+    "mithril train runs DP-SGD as dpsgd (around SGD: dpsgd:noise_multiplier=1.1,"
+    "l2_norm_clip=1.0,momentum=0.9); DifferentiallyPrivate around another optimizer is for "
+    "Python (docs/privacy.md)")
 
 
 def cli_name(class_name: str) -> str:
@@ -261,7 +270,7 @@ def parse_optimizer_spec(text: str, run_keys: bool = False,
                 if inner is None:
                     raise CLIError(f"{where}: {wk}=none: {name} needs an optimizer to wrap "
                                    f"(default: {DEFAULT_INNER})")
-        if inner in WRAPPERS or inner in REFUSED:
+        if inner in WRAPPERS or inner in REFUSED or inner in PER_EXAMPLE:
             raise CLIError(f"{where}: {wk}={inner} cannot be {name}'s inner optimizer")
     own = {**(SETTINGS[inner or DEFAULT_INNER] if name in WRAPPERS else {}), **SETTINGS[name]}
     values: dict[str, Any] = {}
@@ -345,6 +354,13 @@ def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
         raise CLIError(f"optimizer {name} is not supported by mithril train/compare: "
                        f"{REFUSED[name]}")
     cls = CATALOG[name]
+    if name == "dpsgd" and extra:  # (its SGD is built inside: it takes none of these)
+        flags = {"ema_decay": "--ema", "ema_start": "--ema",  # (--ema-start goes with --ema)
+                 "exclude_weight_decay": "--no-decay-on"}
+        given = sorted({flags.get(k, k) for k in extra})
+        raise CLIError(f"{' and '.join(given)} do{'es' * (len(given) == 1)} not apply "
+                       f"to optimizer dpsgd (its SGD is its own); from Python, "
+                       f"DifferentiallyPrivate(SGD(..., ema_decay=...)) takes them")
     if name in WRAPPERS:  # its own settings; the rest (and the flags) make the inner one
         wk = WRAPPERS[name]
         own = {k: v for k, v in settings.items() if k in SETTINGS[name] and k != wk}

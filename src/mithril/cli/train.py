@@ -12,7 +12,7 @@ from typing import Any
 
 from ..distributed.process_group import PeerError
 from ..utils.optimizers.averaging import MAX_EVERY
-from .argtypes import bounded_int, regex, unit_interval
+from .argtypes import bounded_int, positive_float, regex, unit_interval
 from .common import (
     HelpFormatter,
     add_common_optimizer_flags,
@@ -23,7 +23,13 @@ from .common import (
 )
 from .data import Dataset
 from .errors import CLIError, TrainingError
-from .optimizer_catalog import NAMES, REFUSED, check_data_parallel, parse_optimizer_spec
+from .optimizer_catalog import (
+    NAMES,
+    PER_EXAMPLE,
+    REFUSED,
+    check_data_parallel,
+    parse_optimizer_spec,
+)
 from .options import OPTIMIZER_OPTIONS, add_options
 from .parallel import (
     Parallel,
@@ -141,7 +147,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, metavar="NAME[:KEY=VALUE,...]",
                    help="default: adam (charlm: adamw). One of " +
                         ", ".join(n for n in NAMES if n not in REFUSED) + " (not " +
-                        ", ".join(REFUSED) + ": a closure or per-example gradients). Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
+                        ", ".join(REFUSED) + ": a closure). Settings may follow the name, e.g. lion:beta1=0.95,beta2=0.98 "
                         "(the constructor's arguments; learning_rate is lr, epsilon eps); "
                         "lookahead wraps another: lookahead:inner=sgd,sync_period=5")
     add_options(p, "optimizer hyperparameters (unset: the optimizer's default)",
@@ -158,6 +164,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--ema-start", type=bounded_int(1, MAX_EVERY), metavar="STEP",
                    help="with --ema: start the EMA at this optimizer step (its first update "
                         "copies the weights; default 1), e.g. after a warm-up")
+    g = p.add_argument_group("differential privacy (optimizer dpsgd or differentially-private)")
+    g.add_argument("--delta", type=open_unit, metavar="DELTA",
+                   help=f"the δ of the (ε, δ) the run reports at the end (default "
+                        f"{DEFAULT_DELTA:g}; keep it below 1/number of training rows). ε comes "
+                        f"from the RDP accountant (mithril.utils.privacy_accounting, as Opacus's), "
+                        f"the sampling rate batch-size/rows and the steps taken")
+    g.add_argument("--target-epsilon", type=positive_float, metavar="EPS",
+                   help="set the noise multiplier so that the whole run spends this ε at --delta "
+                        "(Opacus's make_private_with_epsilon); noise_multiplier= then must not "
+                        "be given")
     add_schedule_flags(p)
     # None: not given (cosine, or onecycle with --momentum-cycle; see resolve_scheduler)
     p.set_defaults(scheduler=None)
@@ -272,6 +288,7 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
     check_supported(args, world)
     optimizer, overrides = parse_optimizer_spec(args.optimizer, flag="--optimizer")
+    check_privacy_flags(args, optimizer, overrides, world)
     cfg = run_config(args, optimizer, overrides)
     if args.ema_start is not None:  # (common.run_config knows --ema, not this flag)
         if args.ema is None:
@@ -306,6 +323,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
             raise
         if resumed is not None:  # checks everything, loads the state; writes nothing
             training.resumed_line = restore(training, resumed)
+    if args.target_epsilon is not None:  # (before the header: it prints the optimizer)
+        set_noise_for(training, args.target_epsilon, delta_of(args))
     if world is None or world.rank == 0:
         if not args.dry_run:
             made += new_dirs(out)
@@ -332,6 +351,69 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
         leave()
 
 
+#: the δ of the reported (ε, δ) without --delta
+DEFAULT_DELTA = 1e-5
+
+
+def open_unit(text: str) -> float:
+    """A number in (0, 1) (argparse type of ``--delta``)."""
+    v = unit_interval(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+def delta_of(args: argparse.Namespace) -> float:
+    return DEFAULT_DELTA if args.delta is None else args.delta
+
+
+def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dict[str, Any],
+                        world: Any) -> None:
+    """--delta and --target-epsilon go with DP-SGD, which trains in one process."""
+    private = optimizer in PER_EXAMPLE
+    given = [f for f, v in (("--delta", args.delta), ("--target-epsilon", args.target_epsilon))
+             if v is not None]
+    if given and not private:
+        raise CLIError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} "
+                       f"with a DP-SGD optimizer "
+                       f"({', '.join(PER_EXAMPLE)}), not {optimizer}")
+    if private and world is not None:
+        raise CLIError(f"optimizer {optimizer} (DP-SGD) trains in one process: the "
+                       f"data-parallel runs (--nprocs, --devices, torchrun) take one gradient "
+                       f"per batch, not each example's")
+    if args.target_epsilon is not None and overrides.get("noise_multiplier") is not None:
+        raise CLIError("--target-epsilon sets the noise multiplier: give it or "
+                       "noise_multiplier=, not both")
+
+
+def set_noise_for(training: Run, target: float, delta: float) -> None:
+    """The noise multiplier that spends ``target`` ε over the whole run (Opacus's search)."""
+    from ..utils.privacy_accounting import get_noise_multiplier
+
+    q = training.sample_rate()
+    if q is None:
+        raise CLIError("--target-epsilon needs batches of table rows (its sampling rate)")
+    try:
+        sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                     steps=training.total_steps)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:
+        raise CLIError(f"--target-epsilon {target:g}: {exc}") from None
+    training.optimizer.noise_multiplier = sigma
+    training.optimizer_repr = repr(training.optimizer)
+
+
+def privacy_line(privacy: dict[str, Any]) -> str:
+    """``privacy: ε = 2.31 at δ = 1e-05 (...)``."""
+    eps = privacy["epsilon"]
+    what = "no accounting (batches are not table rows)" if eps is None else \
+        f"ε = {eps:.4g} at δ = {privacy['delta']:g}"
+    return (f"privacy: {what} (RDP accountant; noise multiplier {privacy['noise_multiplier']:.4g}, "
+            f"sampling rate {privacy['sample_rate'] or float('nan'):.4g}, {privacy['steps']} "
+            f"steps; shuffled batches accounted as Poisson-sampled)")
+
+
 def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
                  world: World | None) -> None:
     print(f"mithril train: {job.spec.description} on {cfg.backend} "
@@ -347,6 +429,12 @@ def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
         base, top = cfg.momentum_cycle
         print(f"  momentum cycle: {training.momentum.name} {top:g} → {base:g} → {top:g}, "
               f"inversely to the learning rate (one-cycle)")
+    if training.private:
+        q = training.sample_rate()
+        print(f"  DP-SGD: clip {training.optimizer.l2_norm_clip:g}, noise multiplier "
+              f"{training.optimizer.noise_multiplier:.4g}"
+              + ("" if q is None else f", sampling rate {q:.4g}")
+              + f"; ε at δ = {delta_of(args):g} reported at the end")
     if world is not None:
         print(describe(world, cfg.batch_size))
     print(f"  {job.describe}; {training.steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
@@ -367,6 +455,9 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
     extra, text = job.finish(training, result) if job.finish is not None else ({}, "")
     extra = {**extra, **(world.summary() if world is not None else
                          {"nprocs": 1, "shard_state": False, "launcher": None})}
+    privacy = training.privacy(len(result.steps), delta_of(args))
+    if privacy is not None:
+        extra["privacy"] = privacy
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
         written = write_run(result, stage, training.steps_per_epoch, plot=not args.no_plot,
                             extra=extra)
@@ -392,6 +483,8 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
     if text:
         print(text)
     print(final_table(result))
+    if privacy is not None:
+        print(privacy_line(privacy))
     print(timing_line(result))
     print(f"wrote {', '.join(str(f) for f in files)}")
     if result.error is not None:

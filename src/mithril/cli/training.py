@@ -210,6 +210,15 @@ class Run:
                 raise CLIError(f"--ema must be in [0, 1), got {cfg.ema}")
             extra["ema_decay"], extra["ema_start"] = cfg.ema, cfg.ema_start
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
+        #: DP-SGD: the step computes each example's gradient (make_train_step)
+        self.private = bool(getattr(self.optimizer, "takes_per_example_gradients", False))
+        if self.private and parallel is not None:
+            raise CLIError(f"optimizer {cfg.optimizer} (DP-SGD) trains in one process: the "
+                           f"data-parallel runs (--nprocs, --devices, torchrun) take one "
+                           f"gradient per batch, not each example's")
+        if self.private and cfg.mixed_precision != "none":
+            raise CLIError(f"--mixed-precision does not apply to optimizer {cfg.optimizer} "
+                           f"(DP-SGD): train it in float32 or float64")
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
         self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
         #: what --momentum-cycle drives: a handle on the optimizer's momentum or beta1
@@ -240,7 +249,16 @@ class Run:
         elif cfg.mixed_precision == "none":
             self.trainer = None
             self.state = self.optimizer.init(self.params)
-            self.train_step = make_train_step(self.compiled, self.optimizer, loss="loss")
+            try:
+                self.train_step = make_train_step(self.compiled, self.optimizer, loss="loss")
+            except TypeError as exc:  # (DP-SGD and a model with Dropout or BatchNorm)
+                if not self.private:
+                    raise
+                raise CLIError(f"optimizer {cfg.optimizer} (DP-SGD) clips each example's "
+                               f"gradient, which BatchNorm (batch statistics) and Dropout "
+                               f"(random masks) mix between examples: {spec.description} has "
+                               f"them. Train a model without them (digits-cnn: --no-batchnorm "
+                               f"--dropout 0) [{exc}]") from None
         else:  # the trainer initialises the state on its float32 master weights
             self.trainer = self._mixed_precision_trainer()
             self.state = self.trainer.optimizer_state
@@ -251,6 +269,32 @@ class Run:
         self.position: Position | None = None
         #: ``--resume``: the position and the logs (steps, epochs) to continue from
         self.start: tuple[Position, list[dict[str, Any]], list[dict[str, Any]]] | None = None
+
+    def sample_rate(self) -> float | None:
+        """DP-SGD's sampling rate ``q``: the batch size over the training rows (shuffled
+        batches, accounted as Poisson sampling at that rate, as Opacus does without
+        ``poisson_sampling``); None where the batches are not rows of a table."""
+        rows = getattr(self.batches, "rows", None)
+        return min(1.0, self.cfg.batch_size / rows) if isinstance(self.batches, ShuffledRows) \
+            and rows else None
+
+    def privacy(self, steps: int, delta: float) -> dict[str, Any] | None:
+        """The ``(ε, δ)`` of ``steps`` DP-SGD steps (:mod:`mithril.utils.privacy_accounting`,
+        the RDP accountant), with what it was computed from; None without DP-SGD."""
+        if not self.private:
+            return None
+        from ..utils.privacy_accounting import get_epsilon
+
+        q = self.sample_rate()
+        sigma = float(self.optimizer.noise_multiplier)
+        out: dict[str, Any] = {"delta": delta, "noise_multiplier": sigma, "sample_rate": q,
+                               "steps": steps, "accountant": "rdp",
+                               "l2_norm_clip": float(self.optimizer.l2_norm_clip)}
+        try:
+            out["epsilon"] = None if q is None else get_epsilon(sigma, q, steps, delta)
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+        return out
 
     def _momentum_handle(self) -> Any:
         """The optimizer's ``momentum`` (sgd, rmsprop) or ``beta1`` (adam, adamw) handle that

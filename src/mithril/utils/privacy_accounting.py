@@ -34,6 +34,7 @@ usual practice, not a proof for that sampling.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Sequence
@@ -150,7 +151,13 @@ def _epsilon(history: Sequence[tuple[float, float, int]], delta: Any, mechanism:
 
         acc = PLDAccountant()
     acc.compose(dpa.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
+    absl = logging.getLogger("absl")  # (its note per fractional order that does not converge)
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
