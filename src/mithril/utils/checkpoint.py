@@ -11,8 +11,8 @@ kept ``averaged`` (each average's updates per parameter) and ``missed`` (the par
 missed steps, and how many: ``OptimizerState.note_missed``); the
 per-parameter shapes of slots shaped otherwise, e.g. one value per tensor, as ``slot_shapes``; the names of optimizer-wide
 values, each stored as a float64 scalar ``optv/<name>``), ``scheduler`` (class and
-``scheduler.state_dict()``), the caller's ``extra`` (any JSON value) and, when saved with
-``model_state=``, ``model_state`` (name -> dtype and shape of the model's state arrays,
+``scheduler.state_dict()``), the caller's ``extra`` (any JSON value), ``metrics`` (name ->
+number, where given) and, when saved with ``model_state=``, ``model_state`` (name -> dtype and shape of the model's state arrays,
 BatchNorm's running statistics: stored as ``model/<name>``, their integers as int32/int64). Arrays are converted
 through NumPy, so a checkpoint written from one backend loads into any other::
 
@@ -26,16 +26,12 @@ Loading restores the optimizer's hyperparameters and the scheduler (which also s
 optimizer's learning rate), so training continues exactly - bitwise - as if uninterrupted.
 
 Integrity (format ``mithril-checkpoint-2``, details in :mod:`mithril.utils.checkpoint_io`):
-every tensor has a SHA-256 digest in the header, and the header has one of its own, so a
-changed bit anywhere in the file is refused. Loading checks the file size and the header
-length (at most 100 MB) and that every tensor's byte range is ``prod(shape) * itemsize`` and
-lies in the file before allocating anything, then the digests, then that the metadata and the
-stored tensors agree (names, dtypes, shapes; counters non-negative integers below 2**63;
-nesting at most 64 levels) and agree with ``params_template``, the optimizer and the
-scheduler. Every problem of the file is a :class:`~mithril.errors.CheckpointError` (a
-``ValueError``) naming the file and the field or tensor. Checkpoints of format
-``mithril-checkpoint-1`` carry no digest: they are refused (load them with the version that
-wrote them and save again).
+every tensor has a SHA-256 digest in the header, and the header has one of its own; sizes are
+checked before anything is allocated, then the digests, then that the metadata, the stored
+tensors, ``params_template``, the optimizer and the scheduler agree. Every problem of the file
+is a :class:`~mithril.errors.CheckpointError` (a ``ValueError``) naming the file and the field
+or tensor. Format ``mithril-checkpoint-1`` (no digest) is refused.
+:class:`CheckpointManager` keeps a folder of them, rotated by step or by a metric.
 
 Atomicity: :func:`save_checkpoint` checks everything first, then writes a temporary file
 ``.ckpt-<name>-<host>-<pid>-<random>.tmp`` next to ``path``, flushes and ``fsync``-s it,
