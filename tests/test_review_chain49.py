@@ -412,3 +412,31 @@ def test_torch_accumulation_by_hand_with_clip_grad_norm_and_value():
     got, _ = ours(Accumulate(AdamW(learning_rate=LR, weight_decay=WD, clip_norm=C,
                                    clip_value=0.3), K), "torch", 12)
     assert gap(got, ref) <= TOL
+
+
+# -- Keras: clipping, weight decay and accumulation all set -----------------------------------
+@pytest.mark.parametrize("clip", ["global_clipnorm", pytest.param("clipnorm", marks=pytest.mark.slow),
+                                  pytest.param("clipvalue", marks=pytest.mark.slow)])
+def test_keras_clip_weight_decay_and_accumulation_together(clip, monkeypatch):
+    """``keras.optimizers.AdamW(weight_decay, <clip>, gradient_accumulation_steps=3)``: Keras
+    takes the window's mean, clips it, decays the weights, then steps; the same as
+    ``Accumulate(AdamW(..., convention="keras", <our clip>), 3)`` (a learning rate and decay
+    exact in float32: Keras keeps its learning rate in a float32 variable)."""
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    ours_clip = {"clipnorm": {"clip_tensor_norm": 0.5}, "clipvalue": {"clip_value": 0.5},
+                 "global_clipnorm": {"clip_norm": 0.5, "clip_eps": 0.0}}[clip]
+    with jax_float64():
+        vs = [keras.Variable(P0[k], dtype="float64") for k in ("w", "b")]
+        opt = keras.optimizers.AdamW(learning_rate=0.0625, weight_decay=0.125, epsilon=1e-7,
+                                     gradient_accumulation_steps=K, **{clip: 0.5})
+        opt.build(vs)
+        ref = []
+        for t in range(12):
+            g = grad({"w": np.asarray(vs[0]), "b": np.asarray(vs[1])}, t)
+            opt.apply_gradients([(keras.ops.convert_to_tensor(g[k], "float64"), v)
+                                 for k, v in zip(("w", "b"), vs)])
+            ref.append({"w": np.array(vs[0]), "b": np.array(vs[1])})
+    acc = Accumulate(AdamW(learning_rate=0.0625, weight_decay=0.125, epsilon=1e-7,
+                           convention="keras", **ours_clip), K)
+    assert gap(ours(acc, "numpy", 12)[0], ref) <= TOL
