@@ -517,3 +517,54 @@ def test_our_schedulers_state_is_not_taken_by_torchs_of_the_same_name(tmp_path):
                                               r"StepLR: missing \[.*'last_epoch'"):
         load_checkpoint(tmp_path / "c.safetensors", scheduler=theirs)
     assert theirs.state_dict() == before
+
+
+def test_the_one_program_jax_step_resumes_with_its_dropout_masks_and_ema(tmp_path):
+    """A JAX user's jitted step (make_train_step) with Dropout, Adam's EMA and StepLR:
+    3 steps, saved through to_optimizer_state, resumed in fresh objects through
+    from_optimizer_state: the 6 uninterrupted steps bit for bit."""
+    from mithril.utils.training import make_train_step
+
+    rng = np.random.default_rng(0)
+    xs, ts = rng.standard_normal((6, 4, 5)).astype(np.float32), rng.integers(0, 3, (6, 4))
+
+    def build():
+        model = ml.Model()
+        model |= ml.Linear(8)(input="input")
+        model += ml.Dropout(0.5)
+        model += ml.Linear(3)(output="logits")
+        model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+        backend = ml.JaxBackend(seed=4)
+        cm = ml.compile(model, backend, shapes={"input": [None, 5]})
+        opt = Adam(learning_rate=1e-2, ema_decay=0.9)
+        return backend, cm, opt, StepLR(opt, 2, 0.5), make_train_step(cm, opt, loss="loss")
+
+    def steps(run, params, fused, a, b):
+        backend, _, _, sched, step = run
+        for i in range(a, b):
+            data = {"input": backend.array(xs[i]),
+                    "target": backend.array(ts[i], backend.int_dtype)}
+            params, fused, _ = step(params, fused, data)
+            sched.step()
+        return params, fused
+
+    ref = build()
+    p = ref[1].get_parameters()
+    ref_p, ref_fused = steps(ref, p, ref[4].init(p), 0, 6)
+    first = build()
+    p = first[1].get_parameters()
+    p, fused = steps(first, p, first[4].init(p), 0, 3)
+    save_checkpoint(tmp_path / "j.safetensors", p, first[2], first[4].to_optimizer_state(fused, p),
+                    first[3], extra={"dropout_step": first[1].step})
+    again = build()
+    ck = load_checkpoint(tmp_path / "j.safetensors", params_template=again[1].get_parameters(),
+                         optimizer=again[2], scheduler=again[3])
+    again[1].step = ck["extra"]["dropout_step"]
+    p, fused = steps(again, ck["params"], again[4].from_optimizer_state(ck["state"]), 3, 6)
+    assert again[1].step == ref[1].step == 6
+    for k in ref_p:
+        np.testing.assert_array_equal(np.asarray(p[k]), np.asarray(ref_p[k]), err_msg=k)
+    ema = again[2].ema_params(again[4].to_optimizer_state(fused, p))
+    ema_ref = ref[2].ema_params(ref[4].to_optimizer_state(ref_fused, ref_p))
+    for k in ema_ref:
+        np.testing.assert_array_equal(np.asarray(ema[k]), np.asarray(ema_ref[k]), err_msg=k)
