@@ -520,3 +520,81 @@ def test_cli_the_wrapper_takes_ema_through_its_base(tmp_path) -> None:
     assert "test_acc_ema" in got["final"]
     assert got["privacy"]["epsilon"] == pytest.approx(
         opacus_rdp([(2.0, 64 / DIGITS_ROWS, 23)], 1e-5), rel=1e-9)
+
+
+# -- the new settings: checks, state dicts, optax, the training step -------------------------
+@pytest.mark.parametrize("kwargs, match", [({"expected_batch_size": 0}, "expected_batch_size"),
+                                           ({"expected_batch_size": 2.5}, "expected_batch_size"),
+                                           ({"clip_epsilon": -1e-6}, "clip_epsilon")])
+def test_bad_new_settings_are_named(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        DifferentiallyPrivate(SGD(0.1), **kwargs)
+
+
+def test_an_empty_batch_needs_the_expected_batch_size_and_changes_nothing() -> None:
+    opt = DifferentiallyPrivate(SGD(0.1, momentum=0.9), noise_multiplier=0.5)
+    params = {"w": np.ones((3, 2))}
+    state = opt.init(params)
+    with pytest.raises(ml.ShapeError, match="empty batch .* set expected_batch_size"):
+        opt.update(params, {"w": np.zeros((0, 3, 2))}, state)
+    assert state.values["dp_count"] == 0 and (params["w"] == 1).all()
+
+
+def test_the_new_settings_survive_a_state_dict() -> None:
+    opt = DifferentiallyPrivate(SGD(0.1), l2_norm_clip=0.3, noise_multiplier=0.7,
+                                expected_batch_size=16, clip_epsilon=1e-6)
+    params = {"w": np.zeros((3, 2))}
+    state = opt.init(params)
+    params, state = opt.update(params, {"w": np.ones((5, 3, 2))}, state)
+    saved = opt.state_dict(state)
+    fresh = DifferentiallyPrivate(SGD(0.1))
+    loaded = fresh.load_state_dict(saved, params)
+    assert (fresh.expected_batch_size, fresh.clip_epsilon) == (16, 1e-6)
+    assert loaded.values["dp_count"] == 1
+    bad = {**saved, "hyperparameters": {**saved["hyperparameters"], "expected_batch_size": -3}}
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        DifferentiallyPrivate(SGD(0.1)).load_state_dict(bad, params)
+
+
+def test_optax_aggregate_divides_by_the_expected_batch_size() -> None:
+    import jax.numpy as jnp
+
+    dp = DifferentiallyPrivate(SGD(0.1, backend=JaxBackend(dtype="float64")),
+                               l2_norm_clip=0.5, noise_multiplier=0.8, seed=2,
+                               expected_batch_size=8, clip_epsilon=1e-6)
+    rows = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 2)))}
+    tx = dp.optax_aggregate()
+    mean, _ = tx.update(rows, tx.init(None))
+    want = dp.aggregate(rows, 3, 1)
+    np.testing.assert_allclose(np.asarray(mean["w"]), np.asarray(want["w"]), rtol=1e-13)
+    flat = np.asarray(rows["w"]).reshape(3, -1)
+    c = np.minimum(0.5 / (np.linalg.norm(flat, axis=1) + 1e-6), 1.0)
+    noise = np.asarray(want["w"]).ravel() * 8 - c @ flat
+    assert np.abs(noise).max() > 0.05  # (noise present, at C·σ per element before / 8)
+
+
+def test_the_training_step_takes_an_empty_poisson_batch() -> None:
+    m = ml.Model()
+    m |= ml.MLP(["tanh", None], [6, 3])(input="input", output="logits")
+    m |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    compiled = ml.compile(m, NumpyBackend(dtype="float64"), shapes={"input": [None, 4]})
+    from mithril.utils.training import make_train_step
+
+    def make():
+        return DifferentiallyPrivate(SGD(0.1, momentum=0.9), 1.0, 0.3, seed=1,
+                                     expected_batch_size=4)
+    p0 = {k: np.full(s, 0.1) for k, s in compiled.parameter_shapes.items()}
+    step, ref = make_train_step(compiled, make(), loss="loss"), make()
+    params = dict(p0)
+    state = step.init(params)
+    rparams, rstate = dict(p0), ref.init(p0)
+    for n in (3, 0, 2):
+        data = {"input": np.ones((n, 4)), "target": np.arange(n) % 3}
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # (an empty mean: NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            params, state, _ = step(params, state, data)
+        rparams, rstate = ref.update(rparams, per_example_gradients(compiled, rparams, data,
+                                                                     "loss"), rstate)
+    for k in p0:
+        np.testing.assert_array_equal(params[k], rparams[k])
+    assert state.values["dp_count"] == 3
