@@ -154,6 +154,22 @@ def test_the_users_chain_and_its_multisteps(kind):
         assert 1e-11 < gap(got, ref32) < 1e-6
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_the_whole_clipping_chain_under_multisteps(kind):
+    """``MultiSteps(chain(centralize, adaptive_grad_clip, clip_by_global_norm, clip,
+    scale_by_adam, add_decayed_weights, scale_by_learning_rate))``: one AdamW's options, in
+    optax's order, accumulated."""
+    with jax_float64():
+        tx = multisteps(optax.chain(
+            optax.centralize(), optax.adaptive_grad_clip(0.05), optax.clip_by_global_norm(C),
+            optax.clip(0.4), optax.scale_by_adam(), optax.add_decayed_weights(WD),
+            optax.scale_by_learning_rate(LR)))
+        ref, _ = theirs(tx, 12, key="clips")
+        got, _ = ours(Accumulate(adamw(centralize=True, adaptive_clip=0.05, clip_value=0.4),
+                                 K), kind, 12)
+    assert gap(got, ref) <= TOL
+
+
 # -- two deep: lookahead of MultiSteps -------------------------------------------------------
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_lookahead_of_multisteps_is_accumulate_of_lookahead(kind):
