@@ -13,9 +13,9 @@ tests leave out.
 * bfloat16 compute with float32 masters against pure bfloat16 weights (``model.bfloat16()``
   in torch, ``make_train_step`` on a bfloat16 model here): updates below bfloat16's
   resolution are lost on bfloat16 weights in both, kept by the masters in both;
-* strict xfails for what lies outside this review's files: float16 statistics computed in
-  float16 (CosineSimilarity, PairwiseDistance, NumPy's Variance and average pools) and the
-  rounding of an SGD step on bfloat16 params.
+* float16 statistics now computed in float32 (CosineSimilarity, PairwiseDistance,
+  TripletMarginLoss, Variance and the average pools, fixed by the lead), and a strict xfail
+  for the rounding of an SGD step on bfloat16 params.
 
 The data are small dyadic numbers where exactness is claimed: the float16 gradients of the
 Linear models are then exact, so the peers' runs compare to the last bit.
@@ -474,36 +474,15 @@ def _stat_cases():
     }
 
 
-_NEEDS = {
-    "cosine_similarity": "src/mithril/models/similarity.py: CosineSimilarity's forward/vjp under "
-                         "@float32_forward/@float32_vjp (its float16 sums of squares overflow)",
-    "pairwise_distance": "src/mithril/models/similarity.py: PairwiseDistance's forward/vjp under "
-                         "@float32_forward/@float32_vjp (its float16 sum of squares overflows)",
-    "triplet_margin_loss": "src/mithril/models/margin_losses.py: TripletMarginLoss's distances "
-                           "in float32 (@float32_forward/@float32_vjp; its float16 sums of "
-                           "squares overflow)",
-    "variance": "src/mithril/models/statistics.py: Variance's NumPy forward in float32 "
-                "(@float32_forward; JAX's is already)",
-    "avg_pool_1d": "src/mithril/models/pooling.py: AvgPool's NumPy window sums in float32 "
-                   "(@float32_forward, as GlobalAvgPool2D's)",
-    "adaptive_avg_pool_1d": "src/mithril/models/adaptive_pooling.py: AdaptiveAvgPool's NumPy "
-                            "window sums in float32 (@float32_forward)",
-}
-
-
 @pytest.mark.parametrize("name,kind", [
-    pytest.param(n, k, marks=pytest.mark.xfail(strict=True, reason=f"needs {_NEEDS[n]}"))
-    for n, k in [("cosine_similarity", "numpy"), ("cosine_similarity", "jax"),
-                 ("pairwise_distance", "numpy"), ("pairwise_distance", "jax"),
-                 ("triplet_margin_loss", "numpy"), ("triplet_margin_loss", "jax"),
-                 ("variance", "numpy"), ("avg_pool_1d", "numpy"),
-                 ("adaptive_avg_pool_1d", "numpy")]])
+    (n, k) for n in ("cosine_similarity", "pairwise_distance", "triplet_margin_loss", "variance",
+                     "avg_pool_1d", "adaptive_avg_pool_1d") for k in ("numpy", "jax")])
 def test_float16_statistics_are_computed_in_float32_as_torchs(name, kind):
     """The rule of ``mithril.models.half_precision`` (a half-precision statistic is computed
-    in float32 and rounded once, as torch's opmath) where these blocks miss it. In float16
+    in float32 and rounded once, as torch's opmath), which these blocks missed. In float16
     a cosine similarity, a pairwise distance and a triplet margin loss of 4096 values of ~10
-    are inf (the sum of squares, ~4e5, leaves float16's 65504; torch: 3 / 0.5 / 11 ulps
-    from the float64 truth) and so are their gradients: a ``MixedPrecisionTrainer`` skips
+    were inf (the sum of squares, ~4e5, leaves float16's 65504; torch: 3 / 0.5 / 11 ulps
+    from the float64 truth) and so were their gradients: a ``MixedPrecisionTrainer`` skips
     every such step and its scale backs off towards 0. The NumPy Variance is inf, the NumPy
     AvgPool1D / AdaptiveAvgPool1D means are 18 / 65 ulps off (float16 partial sums; torch:
     0.5). Criterion of ``test_half_precision_layers``: never an ulp further from the truth

@@ -307,9 +307,6 @@ def test_comparison_blocks_and_their_refusals():
             pass
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/output_gradients.py: "
-                   "output_dtypes reads an operator's output_dtype (comparisons: bool; Arange, "
-                   "Size, Shape: int64), so a cotangent for such an output is refused")
 def test_a_cotangent_for_a_bool_or_integer_block_output_is_refused_by_name():
     """As for a Cast to bool or int (torch refuses backward into them): the comparisons'
     outputs are bool, Arange's and Size's int64; the cotangent is refused, nothing runs."""

@@ -36,7 +36,8 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any] | tuple, w
 def output_dtypes(prog: Program, inputs: Mapping[str, Any], backend: Backend) -> dict[str, str]:
     """The dtype name of each output of ``prog`` for this call's (checked) ``inputs``.
 
-    The rule: a ``Cast`` gives its dtype; an operator whose one data input takes any dtype
+    The rule: a ``Cast`` gives its dtype, as does an operator declaring an ``output_dtype``
+    (comparisons: bool; ``Arange``, ``Size``, ``Shape``: int64); an operator whose one data input takes any dtype
     (``Buffer``, ``Reshape``, ``Transpose``, an indexer: they move elements) keeps that
     input's; every other operator computes in the model's float dtype. An input's dtype is
     its array's; a parameter's is the model's."""
@@ -47,8 +48,11 @@ def output_dtypes(prog: Program, inputs: Mapping[str, Any], backend: Backend) ->
     dt.update({w: model for w in prog.param_wires.values()})
     for node in prog.nodes:
         op = node.op
+        fixed = getattr(op, "output_dtype", None)
         if isinstance(op, Cast):
             dt[node.out] = op.dtype
+        elif fixed is not None:
+            dt[node.out] = fixed
         elif tuple(op.inputs) == ("input",) and "input" in op.any_dtype_inputs and "input" in node.ins:
             dt[node.out] = dt.get(node.ins["input"], model)
         else:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .conv import check_rank, unbatched
+from .half_precision import float32_forward
 from .operator import Operator, ShapeError, backend_of, fmt
 from .resampling import Separable, Taps, apply_taps
 
@@ -86,6 +87,7 @@ class _AdaptiveAvg(_Adaptive, Separable):
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         return [window_taps(n, o) for n, o in zip(spatial, self.out_sizes(spatial))]
 
+    @float32_forward  # (a half-precision mean accumulates in float32, as torch's)
     def forward(self, xp: Any, input: Any) -> Any:
         if backend_of(xp) == "torch":
             import torch.nn.functional as F

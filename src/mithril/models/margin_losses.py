@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, backend_of, fmt, functional_of, unify
 from .pointwise_losses import check_number, check_reduction, elementwise_cotangent, reduce
 
@@ -300,6 +301,7 @@ class TripletMarginLoss(_MarginLoss):
         return (_distance(xp, a - p + e, q), _distance(xp, a - n + e, q),
                 _distance(xp, p - n + e, q) if self.swap else None)
 
+    @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
     def forward(self, xp: Any, anchor: Any, positive: Any, negative: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -311,6 +313,7 @@ class TripletMarginLoss(_MarginLoss):
             dn = xp.minimum(dn, ds)
         return reduce(xp, hinge0(xp, self.margin + dp - dn), self.reduction)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         a, p, n = args["anchor"], args["positive"], args["negative"]
         dp, dn, ds = self._distances(np, a, p, n)

@@ -96,6 +96,10 @@ class _AvgPool(_Pool):
             counts = np.multiply.outer(counts, per_axis)
         return counts.astype(dtype)
 
+    @float32_forward  # (a half-precision mean accumulates in float32, as torch's)
+    def forward(self, xp: Any, input: Any) -> Any:
+        return super().forward(xp, input)
+
     def _torch(self, F: Any, x: Any) -> Any:
         if not self.symmetric:
             return self._torch_asymmetric(F, x)

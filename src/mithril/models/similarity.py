@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .activations import _number
+from .half_precision import float32_forward, float32_vjp
 from .margin_losses import _distance, _distance_vjp
 from .operator import (
     Operator,
@@ -69,6 +70,7 @@ class CosineSimilarity(Operator):
         r = xp.where(nz, xp.sqrt(xp.where(nz, sq, 1.0)), 0.0)  # (no NaN gradient at 0)
         return stop_gradient(xp, xp.maximum(r, self.eps)) + (r - stop_gradient(xp, r))
 
+    @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
     def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -77,6 +79,7 @@ class CosineSimilarity(Operator):
         a, b = xp.broadcast_arrays(input1, input2)
         return xp.sum((a / self._norm(xp, a, ax)) * (b / self._norm(xp, b, ax)), axis=ax)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x1, x2 = args["input1"], args["input2"]
         ax = self._axis(max(x1.ndim, x2.ndim))
@@ -136,12 +139,14 @@ class PairwiseDistance(Operator):
         n = _distance(xp, d, self.p)  # TripletMarginLoss's: torch's gradient at zeros
         return n[..., None] if self.keepdim else n
 
+    @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
     def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
             return F.pairwise_distance(input1, input2, self.p, self.eps, self.keepdim)
         return self._norm(xp, input1 - input2 + self.eps)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x1, x2 = args["input1"], args["input2"]
         d = x1 - x2 + self.eps

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .half_precision import float32_forward, float32_vjp
 from .operator import backend_of
 from .pointwise_losses import check_number
 from .reductions import _Reduce
@@ -27,6 +28,7 @@ class Variance(_Reduce):
         super().__init__(axis, keepdim)  # (axis and keepdim checked, as Sum's)
         self.correction = check_number("Variance", "correction", correction, 0.0)
 
+    @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
     def forward(self, xp: Any, input: Any) -> Any:
         axes = self._axes(input.ndim)
         if backend_of(xp) == "torch":
@@ -34,6 +36,7 @@ class Variance(_Reduce):
         with np.errstate(divide="ignore", invalid="ignore"):
             return xp.var(input, axis=axes, ddof=self.correction, keepdims=self.keepdim)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         axes = self._axes(x.ndim)
