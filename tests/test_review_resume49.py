@@ -568,3 +568,30 @@ def test_the_one_program_jax_step_resumes_with_its_dropout_masks_and_ema(tmp_pat
     ema_ref = ref[2].ema_params(ref[4].to_optimizer_state(ref_fused, ref_p))
     for k in ema_ref:
         np.testing.assert_array_equal(np.asarray(ema[k]), np.asarray(ema_ref[k]), err_msg=k)
+
+
+def test_a_refused_scheduler_over_accumulate_leaves_the_learning_rate(tmp_path):
+    """The load tries the scheduler on a copy first; the copy of an Accumulate shared the
+    wrapped optimizer, so a trial that set the rate and then failed changed the real one
+    (before: 0.05 left behind by a refused load)."""
+    p = {"w": np.ones(2)}
+    acc = Accumulate(Adam(0.1), 2)
+    state, sched = acc.init(p), StepLR(acc, 1, 0.5)
+    for _ in range(2):
+        p, state = acc.update(p, {"w": np.ones(2)}, state)
+        if state.applied:
+            sched.step()
+    save_checkpoint(tmp_path / "c.safetensors", p, acc, state, sched)
+
+    class LateStepLR(StepLR):  # sets the rate, then refuses (as a check after _apply would)
+        def load_state_dict(self, d):
+            super().load_state_dict(d)
+            raise ValueError("refused late")
+
+    LateStepLR.__name__ = "StepLR"
+    acc2 = Accumulate(Adam(0.7), 2)
+    late = LateStepLR(acc2, 1, 0.5)
+    with pytest.raises(CheckpointError, match="'scheduler.state' is refused.*refused late"):
+        load_checkpoint(tmp_path / "c.safetensors", params_template=p, optimizer=acc2,
+                        scheduler=late)
+    assert acc2.optimizer.learning_rate == acc2.get_learning_rate() == 0.7

@@ -275,9 +275,12 @@ def _trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
     target = getattr(scheduler, "optimizer", None)
     memo: dict[int, Any] = {}
     try:  # (torch's schedulers over torch_optimizer's wrapper, which refuses copies, included)
-        if target is not None:
-            memo[id(target)] = trial_opt if target is optimizer and trial_opt is not None \
-                else copy.copy(target)
+        if target is not None and target is optimizer and trial_opt is not None:
+            memo[id(target)] = trial_opt
+        elif target is not None:
+            memo[id(target)] = wrapper = copy.copy(target)
+            if trial_opt is not None and vars(wrapper).get("optimizer") is optimizer:
+                vars(wrapper)["optimizer"] = trial_opt  # (an Accumulate's copy shared it)
         return copy.deepcopy(scheduler, memo)
     except Exception:  # an uncopyable scheduler or optimizer: the real load is rolled back
         return None
