@@ -458,23 +458,17 @@ class Accumulate:
     ``update(..., loss=f)`` on every call, ``f`` that micro-batch's loss (checked as the
     optimizer checks it, before anything is buffered); the window's step gets the loss of
     its last call, as ``optax.MultiSteps`` passes the applying call's ``value=`` (not a
-    mean: give the window's mean loss on its last call for that). An optimizer that
-    evaluates gradients itself (``SAM``: its gradient at the perturbed point) takes
-    ``update(..., closure=f)`` on the window's last call (ignored, not evaluated, on the
-    others): the SAM step starts from the window's mean gradient and asks ``f`` for the
-    gradient at the perturbed point (``optax.MultiSteps(contrib.sam(..., opaque_mode=True),
-    k)`` with ``grad_fn=``; for that gradient over the whole window, let ``f`` accumulate
-    it over the window's micro-batches).
+    mean: give the window's mean loss on its last call for that). SAM takes ``closure=f``
+    on the window's last call (others ignore it): its step starts from the window's mean
+    and asks ``f`` for the gradient at the perturbed point (``MultiSteps(contrib.sam(...,
+    opaque_mode=True), k)`` with ``grad_fn=``; ``f`` may accumulate it over the window).
 
-    Differences from ``optax.MultiSteps`` (otherwise it is ``MultiSteps(opt, k)``, float64
-    to 1e-16 with ``accumulator_dtype=jnp.float64``): the buffers keep the gradients'
-    dtype (``MultiSteps`` accumulates in float32 by default, rounding float64 gradients:
-    ~1e-9 apart after a few windows), and a window is emptied after its step whatever it
-    held: ``MultiSteps`` clears its accumulator by multiplying it by 0, so a NaN micro-batch
-    stays in it for good, and around ``apply_if_finite(opt, N)`` every later window is
-    skipped, then (after ``N``) a NaN step is applied, on a mini-step as well;
-    ``Accumulate(opt(nonfinite="skip", max_consecutive_skips=N), k)`` skips that one window
-    and goes on.
+    Unlike ``optax.MultiSteps`` (else equal, to 1e-16 in float64 with its
+    ``accumulator_dtype=jnp.float64``), the buffers keep the gradients' dtype (its default
+    float32 rounds float64 gradients), and a window is emptied after its step: its
+    ``0·acc`` keeps a NaN micro-batch for good, so around ``apply_if_finite(opt, N)`` every
+    later window is skipped, then a NaN step applied; ``Accumulate(opt(nonfinite="skip",
+    max_consecutive_skips=N), k)`` skips that one window and goes on.
     """
 
     def __init__(self, optimizer: Any, k: int,
