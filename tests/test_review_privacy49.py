@@ -237,6 +237,20 @@ def test_cli_refusals_name_the_flag_and_write_nothing(tmp_path, capsys, argv, ma
     assert not out.exists()
 
 
+def test_cli_a_dp_run_is_not_resumed_and_its_folder_stays(tmp_path, capsys) -> None:
+    """A resumed run rebuilt σ (--target-epsilon for the longer run, or the default): its
+    reported ε took that σ for every step (1.074 then 1: ε 2.81 instead of the run's)."""
+    out = tmp_path / "dp"
+    assert main(["train", "--optimizer", "dpsgd", "--target-epsilon", "2", "--checkpoint",
+                 *QUICK, "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir()), summary(out)
+    capsys.readouterr()
+    err = usage_error(capsys, ["train", "--resume", str(out), "--epochs", "2",
+                               "--no-progress"], last=True)
+    assert "--resume does not apply to optimizer dpsgd (DP-SGD) yet" in err
+    assert (sorted(p.name for p in out.iterdir()), summary(out)) == before
+
+
 def test_cli_a_cnn_without_batchnorm_and_dropout_is_accepted(tmp_path) -> None:
     assert main(["train", "--task", "digits-cnn", "--optimizer", "dpsgd", "--no-batchnorm",
                  "--dropout", "0", "--dry-run", "--out", str(tmp_path / "dp")]) == 0

@@ -381,6 +381,10 @@ def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dic
         raise CLIError(f"optimizer {optimizer} (DP-SGD) trains in one process: the "
                        f"data-parallel runs (--nprocs, --devices, torchrun) take one gradient "
                        f"per batch, not each example's")
+    if private and args.resume:  # (the ε of a run whose σ may change at the resume)
+        raise CLIError(f"--resume does not apply to optimizer {optimizer} (DP-SGD) yet: the "
+                       f"resumed run rebuilds the noise multiplier, and the privacy accounting "
+                       f"needs the one of every step; train the whole run at once")
     if args.target_epsilon is not None and overrides.get("noise_multiplier") is not None:
         raise CLIError("--target-epsilon sets the noise multiplier: give it or "
                        "noise_multiplier=, not both")
