@@ -224,6 +224,9 @@ def test_cli_target_epsilon_sets_opacus_noise_multiplier(tmp_path) -> None:
     (["--optimizer", "dpsgd", "--ema", "0.9"],
      "--ema does not apply to optimizer dpsgd \\(its SGD is its own\\)"),
     (["--optimizer", "lookahead:inner=dpsgd"], "cannot be lookahead's inner optimizer"),
+    (["--optimizer", "dpsgd", "--clip-norm", "1"],
+     "--clip-norm does not apply to optimizer dpsgd: it clips each example's gradient to "
+     "l2_norm_clip"),
     (["--optimizer", "dpsgd:noise_multiplier=1", "--target-epsilon", "2"],
      "give it or noise_multiplier=, not both"),
     (["--optimizer", "dpsgd", "--mixed-precision", "bf16"], "--mixed-precision does not apply"),

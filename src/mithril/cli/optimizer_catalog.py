@@ -354,7 +354,12 @@ def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
         raise CLIError(f"optimizer {name} is not supported by mithril train/compare: "
                        f"{REFUSED[name]}")
     cls = CATALOG[name]
-    if name == "dpsgd" and extra:  # (its SGD is built inside: it takes none of these)
+    common = [o.flag for o in COMMON_OPTIONS if settings.get(o.name) is not None]
+    if name == "dpsgd" and common:  # (its SGD is built inside: it takes none of these)
+        raise CLIError(f"{', '.join(common)} do{'es' * (len(common) == 1)} not apply to "
+                       f"optimizer dpsgd: it clips each example's gradient to l2_norm_clip "
+                       f"(--optimizer dpsgd:l2_norm_clip=1.0,noise_multiplier=1.1)")
+    if name == "dpsgd" and extra:
         flags = {"ema_decay": "--ema", "ema_start": "--ema",  # (--ema-start goes with --ema)
                  "exclude_weight_decay": "--no-decay-on"}
         given = sorted({flags.get(k, k) for k in extra})
