@@ -71,6 +71,7 @@ from .checkpoint_format import (
     json_field,
     numpy_scalar,
     to_numpy,
+    trial_scheduler,
 )
 from .checkpoint_io import MAX_DEPTH, depth, loads_guarded, read_file, read_metadata, write_file
 from .optimizers.averaging import counts_of, saved_counts, started_averages
@@ -269,23 +270,6 @@ def _refused(where: str, field: str, by: str, e: Exception) -> CheckpointError:
     return CheckpointError(f"{where}: metadata field '{field}' is refused by {by}: {e}")
 
 
-def _trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
-    """A deep copy of ``scheduler`` driving a copy of its optimizer (``trial_opt`` if that is
-    ``optimizer``), to try a state on; ``None`` if it cannot be copied."""
-    target = getattr(scheduler, "optimizer", None)
-    memo: dict[int, Any] = {}
-    try:  # (torch's schedulers over torch_optimizer's wrapper, which refuses copies, included)
-        if target is not None and target is optimizer and trial_opt is not None:
-            memo[id(target)] = trial_opt
-        elif target is not None:
-            memo[id(target)] = wrapper = copy.copy(target)
-            if trial_opt is not None and vars(wrapper).get("optimizer") is optimizer:
-                vars(wrapper)["optimizer"] = trial_opt  # (an Accumulate's copy shared it)
-        return copy.deepcopy(scheduler, memo)
-    except Exception:  # an uncopyable scheduler or optimizer: the real load is rolled back
-        return None
-
-
 def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] | None = None,
                     optimizer: Any = None, scheduler: Any = None, backend: Any = None, *,
                     model_state_template: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -332,12 +316,19 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
             raise KeyMismatchError(f"{where}: parameters do not match params_template: "
                                    f"missing in checkpoint {missing}, not in template {unknown}")
         for n in params_template:
-            check_float_array(f"params_template['{n}']", params_template[n])
+            dt = check_float_array(f"params_template['{n}']", params_template[n])
             shape = tuple(int(d) for d in params_template[n].shape)
-            stored = arrays[f"params/{n}"].shape
-            if shape != stored:
-                raise ShapeError(f"{where}: parameter '{n}' has shape {stored} but "
+            a = arrays[f"params/{n}"]
+            if shape != a.shape:
+                raise ShapeError(f"{where}: parameter '{n}' has shape {a.shape} but "
                                  f"params_template['{n}'] has shape {shape}")
+            if dt == "float16" and a.dtype != np.float16:  # (torch's copy_ makes them inf)
+                with np.errstate(over="ignore"):
+                    over = a[np.isinf(a.astype(np.float16)) & np.isfinite(a)]
+                if over.size:
+                    raise DTypeError(f"{where}: parameter '{n}' holds {over[0]:.6g}, beyond "
+                                     f"float16's range, and params_template['{n}'] is float16: "
+                                     f"load it into a float32 template")
         names = list(params_template)  # the template's order
 
     mstate = meta.get("model_state")
@@ -410,7 +401,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                 raise CheckpointError(f"{where}: metadata field 'scheduler.state' has the keys "
                                       f"of another {smeta['class']}: missing "
                                       f"{sorted(want - got)}, unknown {sorted(got - want)}")
-        trial_sched = _trial_scheduler(scheduler, optimizer, trial_opt)
+        trial_sched = trial_scheduler(scheduler, optimizer, trial_opt)
         if trial_sched is not None:
             try:
                 trial_sched.load_state_dict(smeta["state"])
@@ -516,8 +507,7 @@ class CheckpointManager:
         """The file of ``step``'s checkpoint (whether or not it exists)."""
         return os.path.join(self.folder, f"{self.prefix}-{step:08d}.safetensors")
 
-    def steps(self) -> list[int]:
-        """The steps kept, in order."""
+    def steps(self) -> list[int]:  # (in order)
         return list(self._metrics)
 
     def metrics(self, step: int) -> dict[str, float] | None:

@@ -3,6 +3,7 @@ load would refuse): see :mod:`mithril.utils.checkpoint` for the format itself.""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -92,6 +93,23 @@ def json_field(value: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
+    """A deep copy of ``scheduler`` driving a copy of its optimizer (``trial_opt`` if that is
+    ``optimizer``), to try a state on; ``None`` if it cannot be copied."""
+    target = getattr(scheduler, "optimizer", None)
+    memo: dict[int, Any] = {}
+    try:  # (torch's schedulers over torch_optimizer's wrapper, which refuses copies, included)
+        if target is not None and target is optimizer and trial_opt is not None:
+            memo[id(target)] = trial_opt
+        elif target is not None:
+            memo[id(target)] = wrapper = copy.copy(target)
+            if trial_opt is not None and vars(wrapper).get("optimizer") is optimizer:
+                vars(wrapper)["optimizer"] = trial_opt  # (an Accumulate's copy shared it)
+        return copy.deepcopy(scheduler, memo)
+    except Exception:  # an uncopyable scheduler or optimizer: the real load is rolled back
+        return None
 
 
 def check_mapping(name: str, value: Any) -> None:
