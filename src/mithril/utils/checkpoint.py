@@ -291,7 +291,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     shapes of its (float) arrays (else :class:`~mithril.errors.KeyMismatchError` /
     :class:`~mithril.errors.ShapeError`); arrays take the template's dtypes (a float64
     checkpoint loaded with a float32 template is rounded to float32: build the template in
-    the saved dtype, ``metadata["params"][name]["dtype"]``, to keep every bit). ``optimizer``:
+    the saved dtype, ``metadata["params"][name]["dtype"]``, to keep every bit; a value beyond
+    a float16 template's range is a ``DTypeError``, where torch's ``copy_`` makes it inf). ``optimizer``:
     must be of the saved class (else ``ValueError``); its hyperparameters are restored.
     ``scheduler``: restored with ``load_state_dict`` (which sets the optimizer's learning
     rate). Everything is validated - the optimizer's and the scheduler's states tried on
