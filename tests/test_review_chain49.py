@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax.contrib
+import optax.contrib as oc
 import pytest
 import torch
 from conftest import jax_float64
@@ -25,7 +25,7 @@ from conftest import jax_float64
 from mithril.interop import optax_transformation
 from mithril.utils.accumulation import Accumulate
 from mithril.utils.lr_schedulers import StepLR
-from mithril.utils.optimizers import SAM, Adam, AdamW, Lookahead, ScheduleFree
+from mithril.utils.optimizers import SAM, Adam, AdamW, Lookahead, ScheduleFree, ScheduleFreeAdamW
 from mithril.utils.optimizers.clipping import zero_nans
 
 BACKENDS = ("numpy", "torch", "jax")
@@ -286,8 +286,8 @@ def test_sam_reaches_its_base_hyperparameters(kind):
     ``b1`` written into the state; a bad value refused by the base, nothing changed."""
     with jax_float64():
         outer = optax.inject_hyperparams(optax.adam)(learning_rate=LR, b1=0.9)
-        adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.3))
-        tx = optax.contrib.sam(outer, adv, sync_period=2, opaque_mode=True)
+        adv = optax.chain(oc.normalize(), optax.sgd(0.3))
+        tx = oc.sam(outer, adv, sync_period=2, opaque_mode=True)
 
         def set_b1(t: int, state: Any) -> Any:
             if t == 5:
@@ -312,14 +312,37 @@ def test_sam_reaches_its_base_hyperparameters(kind):
     assert sf.base_optimizer.beta2 == 0.99 and sf.b1 == 0.9
 
 
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_schedule_free_under_multisteps_and_its_eval_params(kind):
+    """``MultiSteps(contrib.schedule_free(adam(b1=0)))`` and ``MultiSteps(contrib.
+    schedule_free_adamw)``: ``Accumulate`` of ours, and ``schedule_free_eval_params`` of the
+    inner state is ``acc.eval_params(state, params)`` (optax's warm-up schedule is float32
+    from its int32 count, 1e-9 off in float64: no warm-up here)."""
+    cases = {"wrapper": (lambda: oc.schedule_free(optax.adam(LR, b1=0.0), LR, b1=0.8),
+                         lambda: ScheduleFree(Adam(LR, beta1=0.0), b1=0.8)),
+             "adamw": (lambda: oc.schedule_free_adamw(LR, weight_decay=0.01),
+                       lambda: ScheduleFreeAdamW(LR, weight_decay=0.01, convention="optax"))}
+    for name, (tx, opt) in cases.items():
+        with jax_float64():
+            ref, rs = theirs(multisteps(tx()), 12, key=f"sf_{name}")
+            acc = Accumulate(opt(), K)
+            got, state = ours(acc, kind, 12)
+            last = {k: jnp.asarray(v) for k, v in got[-1].items()}
+            want = oc.schedule_free_eval_params(rs.inner_opt_state, last)
+            have = acc.eval_params(state, {k: to(v, kind) for k, v in got[-1].items()})
+        assert gap(got, ref) <= TOL, name
+        assert gap([{k: host(v) for k, v in have.items()}],
+                   [{k: np.asarray(v) for k, v in want.items()}]) <= TOL, name
+
+
 # -- MultiSteps of SAM --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_accumulate_of_sam_is_multisteps_of_sam(kind):
     """``Accumulate(SAM(Adam), k)`` takes ``closure=`` (was a bare TypeError), used on the
     window's call: ``MultiSteps(contrib.sam(adam, opaque_mode=True), k)`` with ``grad_fn``."""
     with jax_float64():
-        adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.3))
-        tx = multisteps(optax.contrib.sam(optax.adam(LR), adv, sync_period=2,
+        adv = optax.chain(oc.normalize(), optax.sgd(0.3))
+        tx = multisteps(oc.sam(optax.adam(LR), adv, sync_period=2,
                                           opaque_mode=True))
         ref, _ = theirs(tx, 12, grad_fn=True, key="multisteps_sam")
         got, state = ours(Accumulate(SAM(Adam(LR), rho=0.3, eps=0.0), K), kind, 12,
