@@ -472,10 +472,11 @@ def test_keras_clip_weight_decay_and_accumulation_together(clip, monkeypatch):
         opt.build(vs)
         ref = []
         for t in range(12):
-            g = grad({"w": np.asarray(vs[0]), "b": np.asarray(vs[1])}, t)
+            now = {k: np.array(keras.ops.convert_to_numpy(v)) for k, v in zip(("w", "b"), vs)}
+            g = grad(now, t)
             opt.apply_gradients([(keras.ops.convert_to_tensor(g[k], "float64"), v)
                                  for k, v in zip(("w", "b"), vs)])
-            ref.append({"w": np.array(vs[0]), "b": np.array(vs[1])})
+            ref.append({k: np.array(keras.ops.convert_to_numpy(v)) for k, v in zip(("w", "b"), vs)})
     acc = Accumulate(AdamW(learning_rate=0.0625, weight_decay=0.125, epsilon=1e-7,
                            convention="keras", **ours_clip), K)
     assert gap(ours(acc, "numpy", 12)[0], ref) <= TOL
