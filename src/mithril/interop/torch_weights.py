@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.recurrent_state_dict import ROLES
-from .torch_weights_files import Entry, read_state_dict
+from .torch_weights_files import Entry, Patterns, entry, read_state_dict, tied, transposed
 
 __all__ = ["TorchWeights", "params_from_torch", "params_to_torch", "torch_names"]
 
@@ -158,6 +158,7 @@ def _our_units(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 # -- the mapping ------------------------------------------------------------------------------
 def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], who: str,
+              one: Mapping[str, str] | None = None,
               ) -> tuple[dict[str, str], dict[tuple[str, str], list[str]]]:
     """``{torch name: Mithril name}`` for the torch names that ``names`` maps one by one, and
     ``{(torch module path, Mithril module path): [the torch names under it]}`` for those it
@@ -225,10 +226,11 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], w
         raise KeyMismatchError(f"{who}: names map to no Mithril parameter, state or module "
                                "path: " + "; ".join(lines) + more)
     seen: dict[str, str] = {}
+    one = one or {}
     for k, v in out.items():
-        if v in seen:
+        if v in seen and one.get(k, k) != one.get(seen[v], seen[v]):
             raise KeyMismatchError(f"{who}: names map torch '{seen[v]}' and '{k}' both to "
-                                   f"Mithril '{v}'")
+                                   f"Mithril '{v}' (two tensors, not one tied tensor)")
         seen[v] = k
     return out, groups
 
@@ -316,45 +318,79 @@ def _units(keys: list[str], path: str, cut: Callable) -> dict[str, tuple[str, st
     return {k: (_join(path, units[r][0]), units[r][1]) for k, r in zip(keys, rel)}
 
 
-def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
-             strict: bool = True) -> dict[str, str]:
-    """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
-    parameter and state entry paired once, with the same shape (``strict=False``: those
-    paired; the others left out, ambiguities and shapes still errors). A module path that
-    ``names`` maps is paired on its own (the torch names under it with the Mithril names
-    under its target), deepest first, then the rest."""
-    targets = {**compiled.parameter_shapes, **compiled.state_shapes}
-    out, groups = _explicit(names, list(theirs), targets, who)
+def _pairs(targets: Mapping[str, Any], theirs: dict[str, Entry], keys: list[str],
+           out: dict[str, str], groups: dict[tuple[str, str], list[str]],
+           ) -> tuple[dict[str, str], list[tuple[bool, str]]]:
+    """The pairs of the torch names ``keys`` (``out``, ``groups``: what ``names`` gave) and the
+    problems found. A module path that ``names`` maps is paired on its own (the torch names
+    under it with the Mithril names under its target), deepest first, then the rest."""
+    have = set(keys)
+    out = {k: v for k, v in out.items() if k in have}
+    groups = {g: [k for k in ks if k in have] for g, ks in groups.items()}
     shape_t, shape_o = (lambda k: theirs[k].shape), (lambda k: tuple(targets[k]))
     problems: list[tuple[bool, str]] = []
     claimed, grouped = set(), {k for ks in groups.values() for k in ks}
     scopes = [(tp, mp, ks) for (tp, mp), ks in sorted(groups.items(), key=lambda g: -len(g[0][0]))]
-    scopes.append(("", "", [k for k in theirs if k not in grouped]))
-    for tp, mp, keys in scopes:
+    scopes.append(("", "", [k for k in keys if k not in grouped]))
+    for tp, mp, scope in scopes:
         ours = [k for k in targets if _under(k, mp) is not None and k not in claimed]
-        inside, have = set(ours), set(keys)
-        keys = keys + [k for k in theirs if out.get(k) in inside and k not in have]
-        problems += _pair_units(_units(keys, tp, _torch_units), _units(ours, mp, _our_units),
+        inside, have = set(ours), set(scope)
+        scope = scope + [k for k in keys if out.get(k) in inside and k not in have]
+        problems += _pair_units(_units(scope, tp, _torch_units), _units(ours, mp, _our_units),
                                 shape_t, shape_o, out)
         claimed.update(ours)
-    shapes = [f"torch '{k}' {theirs[k].shape} vs Mithril '{v}' {tuple(targets[v])}"
-              for k, v in out.items() if theirs[k].shape != tuple(targets[v])]
-    texts = [text for ambiguous, text in problems if ambiguous or strict]
-    if texts:
+    return out, problems
+
+
+def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
+             strict: bool = True, turned: frozenset[str] = frozenset()) -> dict[str, str]:
+    """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
+    parameter and state entry paired once, with the same shape (``strict=False``: those
+    paired; the others left out, ambiguities and shapes still errors). Tied torch names (one
+    tensor under several names) pair as separate entries when the model keeps them apart,
+    else as one (the others follow the first, or the one ``names`` maps). ``turned``: the
+    names seen transposed (for the messages)."""
+    targets = {**compiled.parameter_shapes, **compiled.state_shapes}
+    ties = tied(theirs)
+    one = {k: first for first, ks in ties.items() for k in ks}
+    out, groups = _explicit(names, list(theirs), targets, who, one)
+    tries = [(_pairs(targets, theirs, list(theirs), out, groups), {})]
+    if ties:  # the same tensor once: the others follow the one kept
+        keep = {first: next((k for k in ks if k in out), first) for first, ks in ties.items()}
+        follow = {k: keep[one[k]] for k in one if k != keep[one[k]]}
+        tries.append((_pairs(targets, theirs, [k for k in theirs if k not in follow], out,
+                             groups), follow))
+
+    def texts(problems: list[tuple[bool, str]]) -> list[str]:
+        return [text for ambiguous, text in problems if ambiguous or strict]
+    (pairs, problems), follow = min(tries, key=lambda t: len(texts(t[0][1])))
+    pairs.update({k: pairs[f] for k, f in follow.items() if f in pairs})
+    shapes = [f"torch '{k}' {theirs[k].shape}{' (transposed)' if k in turned else ''} vs "
+              f"Mithril '{v}' {tuple(targets[v])}"
+              for k, v in pairs.items() if theirs[k].shape != tuple(targets[v])]
+    if any(len(theirs[k].shape) == 2 and theirs[k].shape[::-1] == tuple(targets[v])
+           != theirs[k].shape for k, v in pairs.items() if k not in turned):
+        shapes.append("a weight stored (in, out), as Hugging Face's Conv1D, takes transpose= "
+                      "(regexes of its torch names)")
+    found = texts(problems)
+    if found:
         hint = "" if all(a for a, _ in problems) else (
             " (names= pairs entries by name; strict=False leaves out those with no pair)")
         raise KeyMismatchError(f"{who}: the torch state_dict does not match the model: "
-                               + "; ".join(texts + shapes) + hint)
+                               + "; ".join(found + shapes) + hint)
     if shapes:
         raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
-    return {k: out[k] for k in theirs if k in out}
+    return {k: pairs[k] for k in theirs if k in pairs}
 
 
-def torch_names(compiled: Any, state_dict: Any, names: Names = None) -> dict[str, str]:
+def torch_names(compiled: Any, state_dict: Any, names: Names = None, *,
+                transpose: Patterns = None) -> dict[str, str]:
     """``{torch name: Mithril name}`` pairing every entry of ``state_dict`` (a module, a
     mapping, or a file; see :func:`params_from_torch`) with a parameter or state entry of
     ``compiled``, as the module docstring describes; an error if they do not pair up."""
-    return _mapping(compiled, read_state_dict(state_dict, "torch_names"), names, "torch_names")
+    theirs, turned = transposed(read_state_dict(state_dict, "torch_names"), transpose,
+                                "torch_names")
+    return _mapping(compiled, theirs, names, "torch_names", turned=frozenset(turned))
 
 
 def _float_kind(dtype: str) -> bool:
@@ -362,8 +398,9 @@ def _float_kind(dtype: str) -> bool:
 
 
 def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
-                      cast: bool = False, strict: bool = True) -> TorchWeights:
-    """``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
+                      cast: bool = False, strict: bool = True,
+                      transpose: Patterns = None) -> TorchWeights:
+    r"""``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
     mapping of tensors or NumPy arrays, or the path of a ``.safetensors`` file, a
     ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file, a sharded ``*.index.json`` or a
     Hugging Face model folder. ``names``: see the module docstring. The values are
@@ -372,10 +409,17 @@ def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
     ``load_state_dict`` casts silently). ``strict=False`` (as torch's): torch entries with no
     Mithril counterpart are left out, and so are the Mithril names none pairs with (a new
     head: ``{**compiled.get_parameters(), **params}`` fills them in); shapes, dtypes and
-    ambiguities are still errors. Returns ``TorchWeights(params, state)``."""
+    ambiguities are still errors. ``transpose``: a regex, a list of them (each matched as
+    ``re.fullmatch``) or a callable (torch name -> bool) picking the entries whose last two
+    axes are swapped first (Hugging Face GPT-2's ``Conv1D`` keeps its weight (in, out):
+    ``transpose=r".*\.c_(attn|proj|fc)\.weight"``); they are paired by the swapped shape.
+    Tied weights (one tensor under two names, as a ``state_dict`` gives an embedding shared
+    with the LM head) load into a model that ties them too (one parameter reached from both
+    blocks: the same key connected to both ``weight`` terminals) or into two parameters.
+    Returns ``TorchWeights(params, state)``."""
     who = "params_from_torch"
-    theirs = read_state_dict(state_dict, who)
-    mapping = _mapping(compiled, theirs, names, who, strict)
+    theirs, turned = transposed(read_state_dict(state_dict, who), transpose, who)
+    mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
     b = compiled.backend
     fname = str(b.dtype)  # NumPy has no bfloat16: such a model's values go through float32
     fdtype, idtype = np.dtype(np.float32 if fname == "bfloat16" else fname), np.dtype(np.int64)
@@ -402,15 +446,34 @@ def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
                         {k: state[k] for k in compiled.state_shapes if k in state})
 
 
+def _torch_dtype(dtype: Any, who: str) -> Any:
+    """``dtype`` (``None``, a torch floating dtype or its name: ``"bfloat16"``) as a torch
+    dtype or ``None``."""
+    import torch
+
+    if dtype is None:
+        return None
+    got = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(got, torch.dtype) or not got.is_floating_point:
+        raise TypeError(f"{who}: dtype must be a torch floating dtype or its name (e.g. "
+                        f"'float32', 'bfloat16'), got {dtype!r}")
+    return got
+
+
 def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = None, *,
-                    like: Any = None, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    like: Any = None, state: Mapping[str, Any] | None = None,
+                    strict: bool = True, dtype: Any = None,
+                    transpose: Patterns = None) -> dict[str, Any]:
     """``params`` (and ``state``, required when ``compiled`` keeps some: BatchNorm's running
-    statistics) as a torch ``state_dict`` (CPU tensors of the model's dtype, new memory), in
-    ``like``'s order, for ``module.load_state_dict(..., strict=True)`` or
-    ``safetensors.torch.save_file``. ``like``: the torch module (or its ``state_dict``, or a
-    file) whose names to use, paired as in :func:`params_from_torch` (with the same
-    ``names``); without it, ``names`` must be a dict of full torch names covering every
-    Mithril name."""
+    statistics) as a torch ``state_dict`` (CPU tensors of the model's dtype, or floats cast to
+    ``dtype``: ``"float32"``, ``torch.bfloat16``, …; integer counters stay integers; new
+    contiguous memory), in ``like``'s order, for ``module.load_state_dict(..., strict=True)``
+    or ``safetensors.torch.save_file``. ``like``: the torch module (or its ``state_dict``, or a
+    file) whose names to use, paired as in :func:`params_from_torch` (with the same ``names``
+    and ``transpose``: those entries are swapped back); tied names of ``like`` each get the
+    value. Without ``like``, ``names`` must be a dict of full torch names covering every
+    Mithril name. ``strict=False`` (with ``like``): the entries of either side with no pair
+    are left out (load with ``strict=False``)."""
     import torch
 
     who = "params_to_torch"
@@ -430,16 +493,24 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
               for k, v in ours.items() if tuple(v.shape) != tuple(want[k])]
     if shapes:
         raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
+    cast = _torch_dtype(dtype, who)
     if like is not None:
-        mapping = _mapping(compiled, read_state_dict(like, who), names, who)
-    elif isinstance(names, Mapping) and set(names.values()) == set(want) and \
-            len(names) == len(want):
+        theirs, turned = transposed(read_state_dict(like, who), transpose, who)
+        mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
+    elif isinstance(names, Mapping) and set(names.values()) == set(want) and all(
+            isinstance(k, str) for k in names):
         mapping = dict(names)
+        turned = transposed({k: entry(np.empty(want[v])) for k, v in mapping.items()},
+                            transpose, who)[1]
     else:
         raise TypeError(f"{who}: give like= (the torch module or its state_dict, whose names "
                         "to use), or names= as a dict of every torch name to its Mithril name")
     b, out = compiled.backend, {}
     for k, v in mapping.items():
-        a = b.to_numpy(ours[v])
-        out[k] = torch.from_numpy(np.array(a, copy=True))
+        a = np.asarray(b.to_numpy(ours[v]))
+        a = np.swapaxes(a, -1, -2) if k in turned else a
+        exact = a.dtype.name == "bfloat16"  # ml_dtypes': via float32 (exact), back to bfloat16
+        t = torch.from_numpy(np.array(a, np.float32 if exact else None, copy=True, order="C"))
+        t = t.to(torch.bfloat16) if exact else t
+        out[k] = t.to(cast) if cast is not None and t.is_floating_point() else t
     return out

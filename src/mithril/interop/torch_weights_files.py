@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, KeyMismatchError, ShapeError
 
 # safetensors' dtype codes; BF16 is kept as its raw uint16 bits (NumPy has no bfloat16)
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -46,7 +47,7 @@ class Entry:
             v = (v.float() if self.dtype == "bfloat16" else v).numpy()
         elif self.dtype == "bfloat16":  # safetensors' raw bits: the upper half of a float32
             v = (np.asarray(v).astype(np.uint32) << 16).view(np.float32)
-        return np.array(v, dtype=dtype, copy=True)
+        return np.array(v, dtype=dtype, copy=True, order="C")
 
 
 def entry(value: Any) -> Entry:
@@ -57,6 +58,76 @@ def entry(value: Any) -> Entry:
         return Entry(tuple(value.shape), str(value.dtype).removeprefix("torch."), value)
     a = value if isinstance(value, np.ndarray) else np.asarray(value)
     return Entry(tuple(a.shape), a.dtype.name, a)
+
+
+def _identity(value: Any) -> tuple | None:
+    """What makes two tensors one (storage, offset, shape, strides, dtype); ``None``: empty."""
+    if hasattr(value, "untyped_storage") and value.numel():
+        return (value.untyped_storage().data_ptr(), value.storage_offset(),
+                tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, np.ndarray) and value.size:
+        return (value.__array_interface__["data"][0], value.shape, value.strides, value.dtype)
+    return None
+
+
+def tied(entries: Mapping[str, Entry]) -> dict[str, list[str]]:
+    """``{first name: [every name]}`` for the tensors that several names of a ``state_dict``
+    hold (tied weights: torch's ``state_dict`` gives an embedding shared with the LM head under
+    both names, ``torch.load`` keeps the sharing), in the ``state_dict``'s order."""
+    groups: dict[tuple, list[str]] = {}
+    for k, e in entries.items():
+        if (key := _identity(e.value)) is not None:
+            groups.setdefault(key, []).append(k)
+    return {g[0]: g for g in groups.values() if len(g) > 1}
+
+
+Patterns = str | Sequence[str] | Callable[[str], bool] | None
+
+
+def matcher(patterns: Patterns, option: str, what: str) -> Callable[[str], bool] | None:
+    """``patterns`` (a regex, a list of them, each matched as ``re.fullmatch``, or a callable
+    name → bool) as a predicate; ``None`` for ``None``."""
+    if patterns is None or callable(patterns):
+        return patterns
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what}: {option} must be a regex, a list of regexes or a callable "
+                        f"(torch name -> bool), got {patterns!r}")
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ValueError(f"{what}: {option} holds a bad regex: {e}") from None
+    return lambda k: any(p.fullmatch(k) for p in compiled)
+
+
+def transposed(entries: dict[str, Entry], transpose: Patterns, what: str,
+               ) -> tuple[dict[str, Entry], set[str]]:
+    """``entries`` with the names ``transpose`` matches seen with their last two axes swapped
+    (a Hugging Face ``Conv1D``'s (in, out) weight as a ``Linear``'s (out, in)), and those
+    names. Every regex must match a name, of rank >= 2 (the error names them)."""
+    hit = matcher(transpose, "transpose", what)
+    if hit is None:
+        return entries, set()
+    names = {k for k in entries if hit(k)}
+    if not callable(transpose):
+        patterns = [transpose] if isinstance(transpose, str) else list(transpose)
+        unused = [p for p in patterns if not any(re.fullmatch(p, k) for k in entries)]
+        if unused:
+            raise KeyMismatchError(f"{what}: transpose {unused} match(es) no name of the torch "
+                            "state_dict")
+    low = [f"'{k}' {entries[k].shape}" for k in names if len(entries[k].shape) < 2]
+    if low:
+        raise ShapeError(f"{what}: transpose matches {', '.join(sorted(low))}: only a tensor of "
+                          "rank >= 2 has two axes to swap (match the weights, not the biases)")
+    out = {}
+    for k, e in entries.items():
+        if k in names:
+            v = e.value.transpose(-1, -2) if hasattr(e.value, "detach") else \
+                np.swapaxes(e.value, -1, -2)
+            e = Entry((*e.shape[:-2], e.shape[-1], e.shape[-2]), e.dtype, v)
+        out[k] = e
+    return out, names
 
 
 def read_state_dict(source: Any, what: str) -> dict[str, Entry]:
