@@ -202,7 +202,8 @@ def opacus_run(name: str, gsm, key: str, batches: list, clip: float, expected: i
     return {n: p.detach().numpy().copy() for n, p in gsm._module.named_parameters()}
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", pytest.param(
+    "jax", marks=pytest.mark.slow)])  # (JAX: ~15 s of vmapped compilation per network)
 @pytest.mark.parametrize("name", ["vision", "text"])
 def test_poisson_batches_step_as_opacus_without_noise(name, backend) -> None:
     """Batches of varying size (Poisson sampling, an empty one included) divided by the
