@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mithril as ml
-from mithril.errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
+from mithril.errors import CheckpointError, KeyMismatchError, ShapeError
 from mithril.utils.accumulation import Accumulate
 from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
 from mithril.utils.lr_schedulers import StepLR
@@ -597,20 +597,16 @@ def test_a_refused_scheduler_over_accumulate_leaves_the_learning_rate(tmp_path):
     assert acc2.optimizer.learning_rate == acc2.get_learning_rate() == 0.7
 
 
-def test_values_beyond_float16_are_refused_into_a_float16_template(tmp_path):
-    """torch's load_state_dict into a half model makes them inf silently (shown); before,
-    ours did too."""
+
+def test_values_beyond_float16_become_inf_in_a_float16_template_as_in_torch(tmp_path):
+    """As torch's load_state_dict into a half model (copy_); `mithril predict --dtype
+    float16` refuses such weights itself, naming them."""
     p = {"w": np.array([1.0, 7e4, -3.0]), "b": np.array([np.nan, np.inf])}
     save_checkpoint(tmp_path / "c.safetensors", p)
     half = torch.nn.Linear(1, 3).half()
-    half.load_state_dict({"weight": torch.tensor(p["w"]).reshape(3, 1),
-                          "bias": torch.zeros(3)})
-    assert torch.isinf(half.weight).any()  # the peer's silent inf
+    half.load_state_dict({"weight": torch.tensor(p["w"]).reshape(3, 1)}, strict=False)
     template = {k: np.zeros_like(v, np.float16) for k, v in p.items()}
-    with pytest.raises(DTypeError, match="parameter 'w' holds 70000, beyond float16's range"):
-        load_checkpoint(tmp_path / "c.safetensors", params_template=template)
-    q = {"w": np.array([1.0, 6e4, -3.0]), "b": np.array([np.nan, np.inf])}  # (as they were)
-    save_checkpoint(tmp_path / "c.safetensors", q)
-    got = load_checkpoint(tmp_path / "c.safetensors", params_template=template)["params"]
-    assert got["w"].dtype == np.float16 and np.isfinite(got["w"]).all()
-    assert np.isnan(got["b"][0]) and got["b"][1] == np.inf
+    with np.errstate(over="ignore"):
+        got = load_checkpoint(tmp_path / "c.safetensors", params_template=template)["params"]
+    np.testing.assert_array_equal(got["w"], half.weight.detach().numpy().reshape(3))
+    assert got["w"].dtype == np.float16 and got["w"][1] == np.inf and np.isnan(got["b"][0])

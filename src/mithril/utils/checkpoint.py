@@ -292,7 +292,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     :class:`~mithril.errors.ShapeError`); arrays take the template's dtypes (a float64
     checkpoint loaded with a float32 template is rounded to float32: build the template in
     the saved dtype, ``metadata["params"][name]["dtype"]``, to keep every bit; a value beyond
-    a float16 template's range is a ``DTypeError``, where torch's ``copy_`` makes it inf). ``optimizer``:
+    a float16 template's range becomes inf, as with torch's ``copy_``). ``optimizer``:
     must be of the saved class (else ``ValueError``); its hyperparameters are restored.
     ``scheduler``: restored with ``load_state_dict`` (which sets the optimizer's learning
     rate). Everything is validated - the optimizer's and the scheduler's states tried on
@@ -317,19 +317,12 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
             raise KeyMismatchError(f"{where}: parameters do not match params_template: "
                                    f"missing in checkpoint {missing}, not in template {unknown}")
         for n in params_template:
-            dt = check_float_array(f"params_template['{n}']", params_template[n])
+            check_float_array(f"params_template['{n}']", params_template[n])
             shape = tuple(int(d) for d in params_template[n].shape)
             a = arrays[f"params/{n}"]
             if shape != a.shape:
                 raise ShapeError(f"{where}: parameter '{n}' has shape {a.shape} but "
                                  f"params_template['{n}'] has shape {shape}")
-            if dt == "float16" and a.dtype != np.float16:  # (torch's copy_ makes them inf)
-                with np.errstate(over="ignore"):
-                    over = a[np.isinf(a.astype(np.float16)) & np.isfinite(a)]
-                if over.size:
-                    raise DTypeError(f"{where}: parameter '{n}' holds {over[0]:.6g}, beyond "
-                                     f"float16's range, and params_template['{n}'] is float16: "
-                                     f"load it into a float32 template")
         names = list(params_template)  # the template's order
 
     mstate = meta.get("model_state")
