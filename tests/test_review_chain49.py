@@ -187,6 +187,32 @@ def test_lookahead_of_multisteps_is_accumulate_of_lookahead(kind):
         Lookahead(Accumulate(adamw(), K))
 
 
+def test_our_lookahead_transformation_in_multisteps_and_tree_set_through_it():
+    """``MultiSteps(optax_transformation(Lookahead(opt, s)), k)``: optax's lookahead of
+    ``MultiSteps`` (our state moves on emitted windows only); ``optax.tree_utils.tree_set(
+    state, learning_rate=...)`` mid-run reaches our rate through ``MultiSteps`` and the
+    user's chain as it reaches ``inject_hyperparams(adamw)``'s."""
+    with jax_float64():
+        ref, _ = theirs(optax.lookahead(multisteps(users_chain()).gradient_transformation(),
+                                        sync_period=K * 2, slow_step_size=0.5), 14,
+                        lookahead=True, key="lookahead")
+        mine = multisteps(optax_transformation(Lookahead(adamw(), sync_period=2,
+                                                         slow_step_size=0.5)))
+        assert gap(theirs(mine, 14)[0], ref) <= TOL
+
+        def each(t: int, state: Any) -> Any:
+            if t == 5:
+                return optax.tree_utils.tree_set(state, learning_rate=jnp.float64(0.01))
+            return state
+
+        clip = optax.clip_by_global_norm(C)
+        a, sa = theirs(multisteps(optax.chain(clip, optax_transformation(
+            AdamW(LR, weight_decay=WD)))), 12, each=each)
+        b, _ = theirs(multisteps(optax.chain(clip, optax.inject_hyperparams(
+            optax.adamw, hyperparam_dtype=jnp.float64)(LR, weight_decay=WD))), 12, each=each)
+        assert gap(a, b) <= TOL and float(optax.tree_utils.tree_get(sa, "learning_rate")) == 0.01
+
+
 # -- a NaN micro-batch: MultiSteps of apply_if_finite ---------------------------------------
 def _clear_after_emit(t: int, state: Any) -> Any:
     """optax's state with its accumulator zeroed where a window was just emitted (what
