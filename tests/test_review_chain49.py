@@ -176,13 +176,14 @@ def test_lookahead_of_multisteps_is_accumulate_of_lookahead(kind):
     """optax syncs its lookahead every ``k·s`` calls, mini-steps counted: the ``s``-th
     window's step, as ``Accumulate(Lookahead(opt, s), k)`` syncs."""
     s = 2
-    with jax_float64():
-        tx = optax.lookahead(multisteps(users_chain()).gradient_transformation(),
-                             sync_period=K * s, slow_step_size=0.5)
-        ref, _ = theirs(tx, 14, lookahead=True, key="lookahead")
-        got, _ = ours(Accumulate(Lookahead(adamw(), sync_period=s, slow_step_size=0.5), K),
-                      kind, 14)
-        assert gap(got, ref) <= TOL
+    for reset in (False, True):  # (optax's reset clears MultiSteps' state and Adam's count)
+        with jax_float64():
+            tx = optax.lookahead(multisteps(users_chain()).gradient_transformation(),
+                                 sync_period=K * s, slow_step_size=0.5, reset_state=reset)
+            ref, _ = theirs(tx, 14, lookahead=True, key=("lookahead", reset))
+            got, _ = ours(Accumulate(Lookahead(adamw(), sync_period=s, slow_step_size=0.5,
+                                               reset_state=reset), K), kind, 14)
+        assert gap(got, ref) <= TOL, reset
     with pytest.raises(TypeError, match=r"Accumulate\(Lookahead\(opt, sync_period=s\), k\)"):
         Lookahead(Accumulate(adamw(), K))
 
@@ -195,7 +196,7 @@ def test_our_lookahead_transformation_in_multisteps_and_tree_set_through_it():
     with jax_float64():
         ref, _ = theirs(optax.lookahead(multisteps(users_chain()).gradient_transformation(),
                                         sync_period=K * 2, slow_step_size=0.5), 14,
-                        lookahead=True, key="lookahead")
+                        lookahead=True, key=("lookahead", False))
         mine = multisteps(optax_transformation(Lookahead(adamw(), sync_period=2,
                                                          slow_step_size=0.5)))
         assert gap(theirs(mine, 14)[0], ref) <= TOL
