@@ -507,15 +507,21 @@ class Accumulate:
 
     def update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                state: AccumulateState, weight: float = 1.0, *, loss: Any = None,
-               closure: Any = None) -> tuple[Any, AccumulateState]:
+               **extra: Any) -> tuple[Any, AccumulateState]:
         """Buffer ``weight·gradients``; on every ``k``-th call step the wrapped optimizer with
         the mean (the sum with ``use_grad_mean=False``) and, for a loss-aware optimizer, this
-        call's ``loss``; for one whose update takes ``closure=`` (SAM), this call's closure.
-        Returns ``(params, state)``; if it raises, nothing changed."""
+        call's ``loss``; for one whose update takes ``closure=`` (SAM), this call's
+        ``closure=`` (the only keyword ``extra`` takes: out of the signature, where a
+        ``closure`` parameter marks an optimizer that evaluates the loss itself, LBFGS, for
+        ``make_train_step`` and ``torch_optimizer``). Returns ``(params, state)``; if it
+        raises, nothing changed."""
         if not isinstance(state, AccumulateState):
             raise TypeError(f"state must come from Accumulate.init, got {type(state).__name__}")
+        unknown = sorted(set(extra) - {"closure"})
+        if unknown:
+            raise TypeError(f"Accumulate.update got unexpected keyword argument(s) {unknown}")
         step_loss = wrapped_loss("Accumulate.update", self.optimizer, loss)
-        step_loss.update(self._closure(closure))
+        step_loss.update(self._closure(extra.get("closure")))
         acc = state.accumulator
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
