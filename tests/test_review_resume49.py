@@ -610,3 +610,14 @@ def test_values_beyond_float16_become_inf_in_a_float16_template_as_in_torch(tmp_
         got = load_checkpoint(tmp_path / "c.safetensors", params_template=template)["params"]
     np.testing.assert_array_equal(got["w"], half.weight.detach().numpy().reshape(3))
     assert got["w"].dtype == np.float16 and got["w"][1] == np.inf and np.isnan(got["b"][0])
+
+
+def test_a_folder_given_for_a_file_says_which_loader_reads_it(tmp_path):
+    """Before: "[Errno 21] Is a directory" (orbax users pass their checkpoint folders)."""
+    from mithril.utils.checkpoint import CheckpointManager
+
+    CheckpointManager(tmp_path / "ckpts").save(1, {"w": np.ones(2)})
+    with pytest.raises(IsADirectoryError, match=r"CheckpointManager\(folder\).latest\(\).*"
+                                                 f"'{tmp_path / 'ckpts'}'"):
+        load_checkpoint(tmp_path / "ckpts")
+    assert load_checkpoint(CheckpointManager(tmp_path / "ckpts").latest())["params"]["w"].sum() == 2

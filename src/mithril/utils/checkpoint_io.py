@@ -327,6 +327,10 @@ def read_file(path: str) -> tuple[str, dict[str, np.ndarray]]:
     verified (see the module docstring); a :class:`CheckpointError` naming ``path`` if not.
     A missing or unreadable file raises the ``OSError`` of ``open``."""
     where, name = f"checkpoint {path!r}", None
+    if os.path.isdir(path):  # (orbax's checkpoints are folders; so are ours, rotated)
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a checkpoint file (a "
+                                "CheckpointManager's: load CheckpointManager(folder).latest(); "
+                                "save_sharded's: load_sharded(folder, dp))", path)
     with open(path, "rb") as f:
         try:
             meta, digests = _read_header(f, where)
