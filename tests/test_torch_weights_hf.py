@@ -227,3 +227,67 @@ def test_without_transpose_the_conv1d_shapes_are_named_with_the_hint():
                                                                "c_proj.weight"))).params
     assert np.array_equal(picked["transformer_block_1.multi_head_attention.out_proj_weight"],
                           net.transformer.h[1].attn.c_proj.weight.detach().numpy().T)
+
+
+# -- tied weights -----------------------------------------------------------------------------
+def test_a_tied_state_dict_loads_into_an_untied_model_and_an_untied_one_is_refused_when_tied():
+    """torch ties (one Parameter, both names in the state_dict); a Mithril model with a head of
+    its own takes the tensor twice. torch untied into a Mithril model that ties: two
+    different tensors for one parameter, refused by name."""
+    net = gpt2_torch()
+    backend, untied = compiled_gpt2(tie=False)
+    params = params_from_torch(untied, net, GPT2_NAMES, transpose=CONV1D).params
+    assert np.array_equal(params["linear.weight"], params["wte"])
+    assert not np.shares_memory(params["linear.weight"], params["wte"])
+    loose = gpt2_torch(tie=False)
+    backend, compiled = compiled_gpt2()
+    with pytest.raises(ml.KeyMismatchError, match=r"unexpected torch key 'lm_head\.weight'"):
+        params_from_torch(compiled, loose, GPT2_NAMES, transpose=CONV1D)
+    with pytest.raises(ml.KeyMismatchError, match=r"names map torch 'transformer\.wte\.weight' "
+                       r"and 'lm_head\.weight' both to Mithril 'wte' \(two tensors"):
+        params_from_torch(compiled, loose, [*GPT2_NAMES, ("lm_head.weight", "wte")],
+                          transpose=CONV1D)
+
+
+def test_tied_checkpoint_files_a_bin_keeps_the_tie_and_safetensors_save_model_drops_one(tmp_path):
+    """``torch.save`` keeps one storage for both names (``weights_only`` load too);
+    ``save_pretrained`` writes the tensor once (GPT-2's ``_tied_weights_keys``: the head's
+    name is dropped), which the tied model does not need; ``safetensors.torch.save_model``
+    keeps one name of its own choosing: the names rule for the other is named unused."""
+    net = gpt2_torch()
+    backend, compiled = compiled_gpt2()
+    want = params_from_torch(compiled, net, GPT2_NAMES, transpose=CONV1D).params
+    torch.save(net.state_dict(), tmp_path / "pytorch_model.bin")
+    save_file({k: v for k, v in net.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    save_model(net, tmp_path / "chosen.safetensors")
+    with pytest.raises(ml.KeyMismatchError, match=r"names \['transformer\\\\.wte\\\\.weight'\] "
+                       r"match\(es\) no name"):
+        params_from_torch(compiled, tmp_path / "chosen.safetensors", GPT2_NAMES, transpose=CONV1D)
+    for source in (tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors"):
+        got = params_from_torch(compiled, source, GPT2_NAMES, transpose=CONV1D).params
+        assert all(np.array_equal(got[k], want[k]) for k in want), source
+    back = params_to_torch(compiled, want, GPT2_NAMES, like=tmp_path / "model.safetensors",
+                           transpose=CONV1D)
+    assert "lm_head.weight" not in back
+    save_file(back, tmp_path / "again.safetensors")  # contiguous, unshared: save_file takes it
+    fresh = gpt2_torch(tie=True)
+    assert fresh.load_state_dict(back, strict=False).missing_keys == ["lm_head.weight"]
+    assert torch.equal(fresh.lm_head.weight, net.lm_head.weight)  # tied: wte set both
+
+
+def test_exporting_two_different_parameters_into_one_tied_torch_tensor_is_refused():
+    """Mithril's untied head trained apart from the embedding: torch's ``load_state_dict`` into
+    the tied module would copy both into the one tensor and keep the last, silently."""
+    net = gpt2_torch()
+    backend, untied = compiled_gpt2(tie=False)
+    params = params_from_torch(untied, net, GPT2_NAMES, transpose=CONV1D).params
+    same = params_to_torch(untied, params, GPT2_NAMES, like=net, transpose=CONV1D)
+    gpt2_torch().load_state_dict(same, strict=True)  # equal values: fine
+    params["linear.weight"] = params["linear.weight"] + 1.0
+    with pytest.raises(ml.KeyMismatchError, match=r"'transformer\.wte\.weight' and "
+                       r"'lm_head\.weight' are one tensor.*Mithril 'wte' and "
+                       r"'linear\.weight' differ"):
+        params_to_torch(untied, params, GPT2_NAMES, like=net, transpose=CONV1D)
+    params_to_torch(untied, params, GPT2_NAMES, like=gpt2_torch(tie=False),
+                    transpose=CONV1D)

@@ -460,6 +460,21 @@ def _torch_dtype(dtype: Any, who: str) -> Any:
     return got
 
 
+def _check_ties(compiled: Any, ours: Mapping[str, Any], mapping: Mapping[str, str],
+                ties: Mapping[str, list[str]], who: str) -> None:
+    """Refuse different values for the names of one tied torch tensor: ``load_state_dict``
+    would copy each into it in turn and keep the last one, silently."""
+    for names in ties.values():
+        mine = list(dict.fromkeys(mapping[k] for k in names if k in mapping))
+        values = [np.asarray(compiled.backend.to_numpy(ours[m])) for m in mine]
+        if any(not np.array_equal(values[0], v) for v in values[1:]):
+            raise KeyMismatchError(
+                f"{who}: torch {' and '.join(repr(k) for k in names)} are one tensor (tied) in "
+                f"like, but Mithril {' and '.join(repr(m) for m in mine)} differ: "
+                "load_state_dict would keep only the last; tie them in the model (one key "
+                "connected to both blocks) or export into an untied module")
+
+
 def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = None, *,
                     like: Any = None, state: Mapping[str, Any] | None = None,
                     strict: bool = True, dtype: Any = None,
@@ -497,6 +512,7 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
     if like is not None:
         theirs, turned = transposed(read_state_dict(like, who), transpose, who)
         mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
+        _check_ties(compiled, ours, mapping, tied(theirs), who)
     elif isinstance(names, Mapping) and set(names.values()) == set(want) and all(
             isinstance(k, str) for k in names):
         mapping = dict(names)
