@@ -3,7 +3,7 @@
 * ``Accumulate`` (optax's ``MultiSteps``, torch's accumulation loop): ``cycle_momentum`` and
   ``per_group`` reach the wrapped optimizer, side by side with torch summing ``grad / k``.
 * A torch drop-in (``torch_optimizer``) whose ``mithril_optimizer`` a Mithril scheduler
-  cycles: strict xfails for what ``mithril.interop`` shows and keeps of the cycled momentum.
+  cycles: what ``mithril.interop`` shows and keeps of the cycled momentum (fixed by the lead).
 * Two schedulers stepped back to back on one rate reached through two objects (an optimizer
   and its learning-rate handle, a wrapper and the wrapped optimizer, a per-group scheduler
   and one on a group's handle) are refused as on one object; values that differ compose.
@@ -114,10 +114,6 @@ def _drop_in_cycled(groups: bool):
     return tw, opt, w, b
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/interop/torch_optim_sync.py (or "
-                   "torch_optim_groups.sync_groups): a torch group's other values changed by "
-                   "hand must not write back the stale momentum over the one a Mithril "
-                   "scheduler set on mithril_optimizer (adopt mithril-side values, as for lr)")
 def test_drop_in_keeps_a_cycled_momentum_when_another_group_value_is_edited():
     tw, opt, w, b = _drop_in_cycled(groups=True)
     cycled = opt.momentum
@@ -127,9 +123,6 @@ def test_drop_in_keeps_a_cycled_momentum_when_another_group_value_is_edited():
     assert opt.momentum == cycled  # was put back to 0.9 silently
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/interop/torch_optim_rates.py: "
-                   "param_groups and state_dict() show the momentum (any hyperparameter) a "
-                   "Mithril scheduler set on mithril_optimizer, as they show its lr")
 def test_drop_in_shows_and_saves_a_cycled_momentum():
     tw, opt, _, _ = _drop_in_cycled(groups=False)
     assert tw.param_groups[0]["momentum"] == opt.momentum  # shows 0.9

@@ -46,3 +46,52 @@ def test_ema_decay_one_is_a_frozen_average_as_torch(kind):
         np.testing.assert_array_equal(ema, first[k], err_msg=k)  # frozen at step 1's params
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\]"):
         mo.AdamW(ema_decay=1.0 + 1e-9)
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_drop_in_shows_a_scheduled_momentum_as_torch_and_an_edit_keeps_it(groups):
+    """A Mithril ``OneCycleLR(cycle_momentum=True)`` on a torch drop-in's
+    ``mithril_optimizer``: ``param_groups[i]["momentum"]`` and ``state_dict()`` showed the
+    constructor's 0.9 all run long, and a group's weight decay edited by hand wrote that 0.9
+    back over the cycled momentum (the scheduler's change silently undone). Side by side with
+    ``torch.optim.SGD`` + ``torch.optim.lr_scheduler.OneCycleLR``: every step's shown lr and
+    momentum, and the parameters, with a weight-decay edit mid-run on both."""
+    from mithril.interop.torch_optim import torch_optimizer
+    from mithril.utils import lr_schedulers as L
+
+    rng = np.random.default_rng(1)
+    init = [rng.standard_normal(3), rng.standard_normal(2)]
+    grads = [[rng.standard_normal(3), rng.standard_normal(2)] for _ in range(12)]
+
+    def params():
+        return [torch.nn.Parameter(torch.tensor(v)) for v in init]
+
+    def given(ps):
+        return [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.02}] if groups else ps
+
+    tp, mp = params(), params()
+    ref = torch.optim.SGD(given(tp), lr=0.1, momentum=0.9)
+    ref_s = torch.optim.lr_scheduler.OneCycleLR(ref, 0.1,
+                                                total_steps=30)
+    tw = torch_optimizer(mo.SGD(learning_rate=0.1, momentum=0.9), given(mp))
+    ours = L.OneCycleLR(tw.mithril_optimizer, 0.1, total_steps=30,
+                        cycle_momentum=True, per_group=groups)
+    for step, g in enumerate(grads):
+        if step == 6:  # an unrelated value edited by hand, as a user would
+            for opt in (ref, tw):
+                opt.param_groups[-1]["weight_decay"] = 1e-3
+        for ps in (tp, mp):
+            for p, v in zip(ps, g):
+                p.grad = torch.tensor(v)
+        ref.step()
+        tw.step()
+        ref_s.step()
+        ours.step()
+        for a, b in zip(ref.param_groups, tw.param_groups):
+            assert b["lr"] == pytest.approx(a["lr"], rel=1e-14, abs=1e-16)
+            assert b["momentum"] == pytest.approx(a["momentum"], rel=1e-14)
+        saved = tw.state_dict()["param_groups"]
+        assert [s["momentum"] for s in saved] == [b["momentum"] for b in tw.param_groups]
+    for a, b in zip(tp, mp):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-13,
+                                   atol=1e-15)

@@ -38,6 +38,7 @@ class TorchGroupSync:
             if key != self.__dict__.get("_rate_key"):
                 self._adopt_rate()
                 self._rate_key = key
+            self._adopt_values()
         return groups
 
     @param_groups.setter
@@ -58,6 +59,7 @@ class TorchGroupSync:
                              f"add_param_group; to drop some, make a new optimizer")
         check_torch_flags(self._mithril, groups, self._keys)
         self._adopt_rate()
+        self._adopt_values()
         if self._grouped:
             sync_groups(self)
             self._note_rates()
@@ -112,6 +114,37 @@ class TorchGroupSync:
             group["lr"] = rate
         synced["lr"] = copy.deepcopy(group["lr"])
 
+    def _adopt_values(self) -> None:
+        """The values other than ``lr`` set on the wrapped optimizer itself (a Mithril
+        scheduler cycling ``momentum`` or ``betas``, a weight-decay schedule, a per-group
+        one) while a group kept the value synced last are shown in that group, as
+        :meth:`_adopt_rate` does for ``lr``: ``param_groups`` and ``state_dict()`` show them,
+        and a group's other value edited by hand no longer writes the stale one back. A value
+        written into the group since still wins. Looked at when the optimizer's
+        hyperparameters changed since the last look (their change counts: a cheap check)."""
+        key = _values_key(self._mithril)
+        if key == self.__dict__.get("_values_key"):
+            return
+        opt, groups = self._mithril, self.__dict__["_groups"]
+        index = mithril_index(self._group_names) if self._grouped else [None] * len(groups)
+        for i, (g, old, j) in enumerate(zip(groups, self._synced, index)):
+            if j is None and self._grouped:  # (an empty group: it steps nothing)
+                continue
+            for k, ours in self._keys[1:]:
+                if k not in g or not same(g[k], old[k]):
+                    continue
+                try:
+                    was = group_value(k, ours, old[k], i)
+                    now = [opt._hyperparameter_value(n, j) for n in ours]
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    continue
+                if not all(isinstance(v, (int, float)) for v in now) \
+                        or all(same(v, was[n]) for n, v in zip(ours, now)):
+                    continue  # (a number set on the optimizer: not an object it holds)
+                g[k] = _torch_form(g[k], now)
+                old[k] = copy.deepcopy(g[k])
+        self._values_key = key
+
     def _sync(self, group: Mapping[str, Any]) -> None:
         """Apply the group's values that changed since the last step to the optimizer."""
         opt = self._mithril
@@ -163,6 +196,28 @@ class TorchGroupSync:
                              f"slots {moved} otherwise than its state holds them; set this "
                              f"in the constructor instead")
         self._synced[0].update({k: copy.deepcopy(v) for k, v in changed.items()})
+
+
+def _values_key(opt: Any) -> tuple:
+    """What changes when a hyperparameter of ``opt`` (but its learning rate) is set."""
+    return tuple((h.__dict__.get("_hyper_version"), h.__dict__.get("_groups_version"))
+                 for h in opt.hyper_holders())
+
+
+def _torch_form(shown: Any, values: list[Any]) -> Any:
+    """``values`` (the optimizer's, one per hyperparameter of a torch key) as the group
+    showed the key: one number, or a tuple (``betas``); a tensor filled in place (as torch's
+    schedulers write a tensor value)."""
+    if len(values) == 1:
+        if isinstance(shown, torch.Tensor):
+            return shown.fill_(values[0])
+        return values[0]
+    if isinstance(shown, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in shown):
+        for t, v in zip(shown, values):
+            if isinstance(t, torch.Tensor):
+                t.fill_(v)
+        return type(shown)(t if isinstance(t, torch.Tensor) else v for t, v in zip(shown, values))
+    return type(shown)(values) if isinstance(shown, (tuple, list)) else tuple(values)
 
 
 def _rate_key(opt: Any) -> tuple:
