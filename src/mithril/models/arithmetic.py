@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .operator import Operator, ShapeError, broadcast_shapes, fmt, unbroadcast
+from .operator import Operator, ShapeError, broadcast_shapes, fmt, promote, unbroadcast
 
 
 class _Binary(Operator):
+    """Operands of two dtypes meet by :func:`~.operator.promote` (torch's rule)."""
+
     inputs = ("left", "right")
 
     def infer_shape(self, shapes):
@@ -21,6 +23,7 @@ class Add(_Binary):
     """left + right."""
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        left, right = promote(left, right)
         return left + right
 
     def vjp(self, g, out, args, wrt):
@@ -31,11 +34,12 @@ class Multiply(_Binary):
     """left · right (elementwise)."""
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        left, right = promote(left, right)
         return left * right
 
     def vjp(self, g, out, args, wrt):
         other = {"left": "right", "right": "left"}
-        return {k: unbroadcast(g * args[other[k]], args[k].shape) for k in wrt}
+        return {k: unbroadcast(g * promote(g, args[other[k]])[1], args[k].shape) for k in wrt}
 
 
 class MatrixMultiply(_Binary):

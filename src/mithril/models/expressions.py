@@ -21,8 +21,11 @@ are wired as ``connect(...)`` would wire them:
 * a terminal object: the wire it refers to (the model's own connections and its direct
   children's terminals, as in ``connect(...)``);
 * an ``IOKey``: the named connection (created as an input if new), or its constant value;
-* a number, list or NumPy array: a constant input folded in at compile time, in the model's
-  float dtype (integers and booleans become floats: arithmetic is float arithmetic).
+* a number, list or NumPy array: a constant input folded in at compile time; a float one in
+  the model's float dtype, an integer one an integer (int64; int32 on JAX), a boolean one a
+  float. Two operands of different dtypes meet as torch's tensor and number do
+  (:func:`~mithril.models.operator.promote`): ``x * 2`` keeps a float32 ``x`` float32, and
+  integer arithmetic stays integer (``(pos > 0).cast(ml.int16) * 16``, T5's buckets).
 
 Connected twice to one model, the same expression object is added once (its output wire is
 reused); connected to another model, it is added there again. Binary operators broadcast as
@@ -126,9 +129,9 @@ def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
             arr = np.asarray(v)
         except ValueError:  # ragged lists
             arr = np.asarray(0, dtype=object)
-        if arr.dtype.kind in "biu":
+        if arr.dtype.kind == "b":
             return arr.astype(np.float64)
-        if arr.dtype.kind == "f":
+        if arr.dtype.kind in "iuf":  # (an int stays an int: Operator's promote)
             return arr
     raise TypeError(f"unsupported operand for '{symbol}' with {this!r}: {type(v).__name__} "
                     f"{v!r:.60}; an operand is a connection (a block's terminal, model.cout, an "

@@ -70,6 +70,10 @@ def _as_given(key: str, v: Any) -> Given:
     (``IOKey(value=v)``)."""
     if isinstance(v, (str, IOKey, Terminal, Expression)):
         return v
+    from .shape_wires import ShapeWire, as_expression
+
+    if isinstance(v, ShapeWire):
+        return as_expression(v, key)
     if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)):
         arr = np.asarray(v)
         if arr.dtype.kind in "biuf":

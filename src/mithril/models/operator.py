@@ -330,3 +330,36 @@ def functional_of(xp: Any) -> Any:
             return F.linear(input, weight, bias)
     """
     return getattr(xp, "F", None) if backend_of(xp) == "torch" else None
+
+
+def _category(dtype: Any) -> int:
+    """0 bool, 1 integer, 2 float (NumPy / JAX dtypes, ml_dtypes' bfloat16, torch dtypes)."""
+    if getattr(dtype, "is_floating_point", None) is not None:  # a torch dtype
+        return 2 if dtype.is_floating_point else 0 if str(dtype) == "torch.bool" else 1
+    kind = np.dtype(dtype).kind
+    return 0 if kind == "b" else 1 if kind in "iu" else 2
+
+
+def promote(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two operands of a binary operator in one dtype, by torch's rule for a tensor and a
+    number on every backend: the operand of the lower category (bool < integer < float) takes
+    the other's dtype (an int constant times a float32 tensor stays float32: NumPy alone
+    would make it float64), and within a category a 0-d operand (an expression's constant)
+    takes the other's dtype (``x.cast(float32) * 2.5`` in a float64 model stays float32).
+    Operands of one dtype are returned as they are; two arrays of one category and
+    different dtypes keep the backend's own promotion."""
+    da, db = a.dtype, b.dtype
+    if da == db:
+        return a, b
+    ca, cb = _category(da), _category(db)
+    if ca == cb:
+        if (a.ndim == 0) == (b.ndim == 0):
+            return a, b
+        to_a = b.ndim == 0
+    else:
+        to_a = ca > cb
+    return (a, _as(b, da)) if to_a else (_as(a, db), b)
+
+
+def _as(x: Any, dtype: Any) -> Any:
+    return x.astype(dtype) if hasattr(x, "astype") else x.to(dtype)  # (torch: .to)

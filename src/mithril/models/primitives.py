@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, backend_of, broadcast_shapes, torch_of, unbroadcast
+from .operator import Operator, backend_of, broadcast_shapes, promote, torch_of, unbroadcast
 from .probability_losses import robust_log, robust_log_slope, tiny
 
 
@@ -184,6 +184,7 @@ class Subtract(_Broadcasting):
     inputs = ("left", "right")
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        left, right = promote(left, right)
         return left - right
 
     def vjp(self, g, out, args, wrt):
@@ -197,10 +198,11 @@ class Divide(_Broadcasting):
     inputs = ("numerator", "denominator")
 
     def forward(self, xp: Any, numerator: Any, denominator: Any) -> Any:
+        numerator, denominator = promote(numerator, denominator)
         return numerator / denominator
 
     def vjp(self, g, out, args, wrt):
-        d = args["denominator"]
+        d = promote(g, args["denominator"])[1]
         res = {}
         if "numerator" in wrt:
             res["numerator"] = unbroadcast(g / d, args["numerator"].shape)
@@ -263,6 +265,8 @@ class Power(_Broadcasting):
             return (e < 1 - math.log(c) / xp.log(a)) & (a < c)
 
     def forward(self, xp: Any, base: Any, exponent: Any = None) -> Any:
+        if exponent is not None:
+            base, exponent = promote(base, exponent)
         e = self._exponent if exponent is None else exponent
         if self.robust:
             c = self._c(base.dtype)
@@ -280,6 +284,8 @@ class Power(_Broadcasting):
     def vjp(self, g, out, args, wrt):
         b = args["base"]
         e = self._exponent if self._exponent is not None else args["exponent"]
+        if self._exponent is None:
+            b, e = promote(b, e)
         res = {}
         if self.robust:
             a, s = np.abs(b), np.sign(b)
@@ -312,6 +318,7 @@ class Where(_Broadcasting):
     any_dtype_inputs = frozenset({"cond"})
 
     def forward(self, xp: Any, cond: Any, input1: Any, input2: Any) -> Any:
+        input1, input2 = promote(input1, input2)
         return xp.where(cond != 0, input1, input2)
 
     def vjp(self, g, out, args, wrt):
@@ -325,7 +332,8 @@ class Where(_Broadcasting):
 
 
 # -- dtype -----------------------------------------------------------------------------------
-_CAST_DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64", "bool")
+_CAST_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+                "uint8", "bool")
 
 
 class Cast(Operator):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .connections import IOKey
-from .operator import Operator, ShapeError, fmt, torch_of, unbroadcast
+from .operator import Operator, ShapeError, fmt, promote, torch_of, unbroadcast
 from .primitives import _Broadcasting
 from .shape_wires import ShapeArgs, ShapeWire, array_shapes, resolve_sizes
 
@@ -254,6 +254,7 @@ class _Extremum(_Broadcasting):
     _sign: ClassVar[int]
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        left, right = promote(left, right)
         t = torch_of(xp)
         return getattr(t if t is not None else xp, self._fn)(left, right)
 

@@ -1,0 +1,292 @@
+"""Review 49b, the published Mithril's next gaps, built and checked against torch in float64
+on NumPy, torch and JAX: integer constants in expressions (integer arithmetic stays integer,
+a float tensor and an int constant meet as torch's tensor and number do), ``Cast`` to int16,
+and a shape wire given to a sub-model's input; ported from the published
+``examples/t5.py`` (its relative position buckets and bias) and compared with the
+Hugging Face formula written here in torch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import jax_float64
+from test_review_published48 import BACKENDS, _check, _run
+
+import mithril as ml
+from mithril import IOKey
+from mithril.models import (
+    Add,
+    Arange,
+    Buffer,
+    Embedding,
+    Linear,
+    Log,
+    Minimum,
+    Model,
+    Transpose,
+    Where,
+    ZerosLike,
+)
+
+NAMES = ["numpy", "torch", "jax"]
+
+
+def _in_x64(name: str, fn):
+    if name == "jax":
+        with jax_float64():
+            return fn()
+    return fn()
+
+
+# --- the published examples/t5.py, verbatim but for IOKey(type=int) (scalar connections) -------
+
+def relative_position_bucket(bidirectional=True, num_buckets=32, max_distance=128, *, name=None):
+    block = Model(name=name)
+    relative_position = IOKey("relative_position")
+    relative_buckets = IOKey(value=0)
+
+    if bidirectional:
+        num_buckets //= 2
+
+        relative_buckets += (relative_position > 0).cast(ml.int16) * num_buckets
+        relative_position = relative_position.abs()  # type: ignore
+    else:
+        block |= ZerosLike().connect(relative_position, output="zeros_like")
+        block |= Minimum().connect(left=relative_position, right="zeros_like", output="minimum_out")
+
+        relative_position = -block.minimum_out  # type: ignore
+    # now relative_position is in the range [0, inf)
+
+    # half of the buckets are for exact increments in positions
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    scale = (num_buckets - max_exact) / math.log(max_distance / max_exact)
+
+    block |= Log().connect((relative_position.cast(ml.float32) / max_exact), output="log_out")
+
+    block |= Minimum().connect(
+        left=(max_exact + block.log_out * scale).cast(ml.int16),  # type: ignore
+        right=ml.Tensor(num_buckets - 1),
+        output="relative_position_if_large_2",
+    )
+    block |= Where().connect(cond=is_small, input1=relative_position,
+                             input2="relative_position_if_large_2", output="where_out")
+
+    block |= Add().connect(relative_buckets, "where_out", output="output")
+    block.expose_keys("output")
+
+    return block
+
+
+def relative_position_bias(config, bidirectional, *, name=None, offset_start=False):
+    """As published; ``offset_start=False``: ``Arange().connect(stop=query_length)`` for the
+    published ``Arange(start=TBD).connect(start=offset, ...)`` with the encoder's offset 0 (a
+    constant start waits on program.py: see the strict xfail below)."""
+    num_buckets = config["relative_attention_num_buckets"]
+    max_distance = config.get("relative_attention_max_distance", 128)
+    num_heads = config["num_heads"]
+
+    block = Model(name=name)
+    query_length = IOKey("query_length")
+    key_length = IOKey("key_length")
+    if offset_start:
+        block |= Arange(start=ml.TBD).connect(start=IOKey("offset"), stop=query_length,
+                                              output="context_position")
+    else:
+        block |= Arange().connect(stop=query_length, output="context_position")
+    block |= Arange().connect(stop=key_length, output="memory_position")
+
+    context_position = block.context_position[:, None]  # type: ignore
+    memory_position = block.memory_position[None, :]  # type: ignore
+
+    relative_position = memory_position - context_position
+
+    block |= relative_position_bucket(
+        bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    ).connect(relative_position=relative_position, output="relative_position_buckets")
+    block |= Embedding(num_embeddings=num_buckets, dim=num_heads, name="embeddings").connect(
+        input="relative_position_buckets", output="values")
+    block |= Transpose(axes=(2, 0, 1)).connect(input="values", output="output")
+
+    block.expose_keys("output")
+    return block
+
+
+def encoder_bias(config, bidirectional, offset_start=False):
+    """The published transformer_encoder's first block: the bias of the input's length."""
+    input = IOKey("input")
+    block = Model()
+    extra = {"offset": 0} if offset_start else {}
+    block |= relative_position_bias(config, bidirectional=bidirectional,
+                                    name="relative_attention_bias", offset_start=offset_start
+                                    ).connect(query_length=input.shape[1],
+                                              key_length=input.shape[1], output="pos_bias",
+                                              **extra)
+    block.expose_keys("pos_bias")
+    return block
+
+
+def hf_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """transformers' T5Attention._relative_position_bucket, in torch."""
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1))
+    return relative_buckets + torch.where(is_small, relative_position, relative_position_if_large)
+
+
+CONFIG = {"relative_attention_num_buckets": 32, "relative_attention_max_distance": 20,
+          "num_heads": 3}
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_t5_relative_position_bias_as_published(name, bidirectional):
+    """The published T5 bias (buckets by integer arithmetic on Arange outputs, an int
+    IOKey(value=0), `* num_buckets`, Cast to int16, Tensor(num_buckets - 1)) equals the
+    Hugging Face formula's buckets looked up in the same embedding, and its gradient torch
+    autograd's. Before integer constants, `* 16` made the buckets floats (an Embedding index
+    NumPy and JAX refuse)."""
+    n = 30  # relative distances up to 29 > max_distance 20: the last bucket's clamp is reached
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 3))
+    cot = rng.standard_normal((3, n, n))
+    pos = torch.arange(n)
+    buckets = hf_bucket(pos[None, :] - pos[:, None], bidirectional, 32, 20)
+    assert buckets.max() == 31
+    tw = torch.tensor(w, requires_grad=True)
+    want = tw[buckets].permute(2, 0, 1)
+    (want * torch.tensor(cot)).sum().backward()
+    got = _run(name, lambda: encoder_bias(CONFIG, bidirectional), {"input": [1, n, 4]},
+               {"relative_attention_bias.embeddings.weight": w}, {"input": np.zeros((1, n, 4))},
+               {"pos_bias": cot})
+    _check(got, {"pos_bias": want.detach().numpy()},
+           {"relative_attention_bias.embeddings.weight": tw})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_t5_buckets_are_integers_equal_to_hugging_face(name):
+    """The bucket wire itself: integers (not floats), each equal to the HF formula's."""
+    n = 30
+
+    def go():
+        m = Model()
+        m |= Arange().connect(stop=IOKey("x").shape[0], output="p")
+        m |= relative_position_bucket(True, 32, 20).connect(
+            relative_position=m.p[None, :] - m.p[:, None], output="buckets")
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(m, b, shapes={"x": [n]}, inference=True)
+        return b.to_numpy(pm.evaluate({}, {"x": b.array(np.zeros(n))})["buckets"])
+    got = _in_x64(name, go)
+    pos = torch.arange(n)
+    assert np.asarray(got).dtype.kind == "i"
+    np.testing.assert_array_equal(got, hf_bucket(pos[None, :] - pos[:, None], True, 32, 20))
+
+
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/program.py: a constant's value "
+                   "known at compile time (values seeded with b.consts' 0-d integers), so "
+                   "Arange takes a constant start (the published offset=0)")
+def test_t5_bias_with_a_constant_offset_start():
+    pm = ml.compile(encoder_bias(CONFIG, True, offset_start=True), ml.NumpyBackend(),
+                    shapes={"input": [1, 6, 4]})
+    assert pm.get_shapes()["pos_bias"] == [3, 6, 6]
+
+
+# --- integer constants and the dtype rule (operator.promote) ------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_int_constant_keeps_a_float32_model_float32_with_torchs_numbers(name):
+    """`lin.output * 2 + 1` and `2 ** x` with int constants: float32 values and gradients
+    (NumPy alone would make `float32 * int64` float64), equal to torch's tensor-and-number
+    arithmetic."""
+    rng = np.random.default_rng(3)
+    x, w, bias = (rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (2, 3), (2,)))
+    cot = rng.standard_normal((4, 2)).astype(np.float32)
+    m = Model()
+    m |= (lin := Linear(2)).connect(input="x", weight="w", bias="b")
+    m |= Buffer().connect(input=(lin.output * 2 + 1) * (2 ** lin.output), output="y")
+    m.expose_keys("y")
+    b = BACKENDS[name]()
+    pm = ml.compile(m, b, shapes={"x": [4, 3]})
+    out, grads = pm.evaluate({"w": b.array(w), "b": b.array(bias)}, {"x": b.array(x)},
+                             output_gradients={"y": b.array(cot)})
+    tw, tb = (torch.tensor(v, requires_grad=True) for v in (w, bias))
+    h = torch.tensor(x) @ tw.T + tb
+    want = (h * 2 + 1) * (2 ** h)
+    (want * torch.tensor(cot)).sum().backward()
+    assert b.dtype_name(out["y"]) == "float32" and b.dtype_name(grads["w"]) == "float32"
+    np.testing.assert_allclose(b.to_numpy(out["y"]), want.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b.to_numpy(grads["w"]), tw.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.to_numpy(grads["b"]), tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_integer_arithmetic_on_an_arange_stays_integer(name):
+    """`Arange(stop=x.shape[0]) * 3 + 1`, `- 2`, `.cast(ml.int16) * 4` and a Minimum with
+    `Tensor(5)`: integers, torch's values (before: floats, the int constants made floats)."""
+    def go():
+        m = Model()
+        m |= Arange().connect(stop=IOKey("x").shape[0], output="p")
+        m |= Buffer().connect(input=m.p * 3 + 1 - 2, output="a")  # type: ignore
+        m |= Minimum().connect(left=(m.p.cast(ml.int16) * 4), right=ml.Tensor(5), output="c")  # type: ignore
+        m.expose_keys("a", "c")
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(m, b, shapes={"x": [6]}, inference=True)
+        return {k: np.asarray(b.to_numpy(v)) for k, v in
+                pm.evaluate({}, {"x": b.array(np.zeros(6))}).items()}
+    out = _in_x64(name, go)
+    p = torch.arange(6)
+    assert out["a"].dtype.kind == "i" and out["c"].dtype.kind == "i"
+    assert out["c"].dtype == np.int16
+    np.testing.assert_array_equal(out["a"], p * 3 + 1 - 2)
+    np.testing.assert_array_equal(out["c"], torch.minimum(p.to(torch.int16) * 4,
+                                                          torch.tensor(5, dtype=torch.int16)))
+
+
+def test_a_shape_wire_as_a_sub_models_input_and_one_that_is_not_offered():
+    """`inner.connect(n=x.shape[1])` is a Size output (the inner Arange's end); `x.shape[0] *
+    x.shape[1]` given as a connection is a TypeError naming the key, nothing added."""
+    inner = Model()
+    inner |= Arange().connect(stop=IOKey("n"), output="r")
+    inner.expose_keys("r")
+    outer = Model()
+    x = IOKey("x")
+    outer |= inner.connect(n=x.shape[1], r="r")
+    outer.expose_keys("r")
+    pm = ml.compile(outer, ml.NumpyBackend(), shapes={"x": [2, 7]}, inference=True)
+    np.testing.assert_array_equal(pm.evaluate({}, {"x": np.zeros((2, 7), np.float32)})["r"],
+                                  np.arange(7))
+    inner2, outer2 = Model(), Model()
+    inner2 |= Arange().connect(stop=IOKey("n"), output="r")
+    outer2 |= Buffer().connect(input="x", output="y")
+    before = list(outer2.blocks)
+    with pytest.raises(TypeError, match=r"connection for 'n': the shape wire .*\* .* is given as "
+                                        r"a connection only as x.shape or x.shape\[i\]"):
+        outer2 |= inner2.connect(n=outer2.x.shape[0] * outer2.x.shape[1])  # type: ignore
+    assert outer2.blocks == before
+
+
+def test_cast_takes_int16_int8_uint8_and_names_the_others():
+    for dt in (ml.int16, "int8", "uint8"):
+        m = Model()
+        m |= Buffer().connect(input=IOKey("x").cast(dt), output="y")
+        pm = ml.compile(m, ml.NumpyBackend(), shapes={"x": [3]}, inference=True)
+        out = pm.evaluate({}, {"x": np.array([1.7, 2.2, 3.9], np.float32)})["y"]
+        assert out.dtype == np.dtype(str(getattr(dt, "name", dt)))
+        np.testing.assert_array_equal(out, torch.tensor([1.7, 2.2, 3.9]).to(
+            getattr(torch, str(getattr(dt, "name", dt)))).numpy())
+    with pytest.raises(ValueError, match="Cast: dtype must be one of .*got 'complex64'"):
+        IOKey("x").cast("complex64")
