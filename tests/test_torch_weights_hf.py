@@ -11,8 +11,6 @@ weights)."""
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from contextlib import nullcontext
 
 import numpy as np
@@ -22,7 +20,6 @@ from conftest import BACKENDS, jax_float64
 from safetensors.torch import save_file, save_model
 
 import mithril as ml
-from mithril.errors import CheckpointError
 from mithril.interop import params_from_torch, params_to_torch
 from mithril.interop.torch_weights import torch_names
 
@@ -291,3 +288,86 @@ def test_exporting_two_different_parameters_into_one_tied_torch_tensor_is_refuse
         params_to_torch(untied, params, GPT2_NAMES, like=net, transpose=CONV1D)
     params_to_torch(untied, params, GPT2_NAMES, like=gpt2_torch(tie=False),
                     transpose=CONV1D)
+
+
+# -- params_to_torch(strict=False, dtype=), bfloat16 -------------------------------------------------
+class GPT2ForSequenceClassification(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = GPT2Model()
+        self.score = torch.nn.Linear(E, 3, bias=False)
+
+
+def test_export_strict_false_leaves_out_the_entries_with_no_pair():
+    """A Mithril backbone (no head) into a torch classifier: strict names the head's entry;
+    strict=False leaves it out, as ``load_state_dict(strict=False)`` then reports it. The
+    other way, a Mithril head the torch module lacks is left out too."""
+    backend, backbone = compiled_gpt2(head=False)
+    net = gpt2_torch()
+    params = params_from_torch(backbone, net, GPT2_NAMES, transpose=CONV1D).params  # lm_head
+    assert set(params) == set(backbone.parameter_shapes)  # follows wte: nothing left over
+    target = GPT2ForSequenceClassification().double()
+    with pytest.raises(ml.KeyMismatchError, match=r"unexpected torch key 'score\.weight' \(3, 8\)"):
+        params_to_torch(backbone, params, GPT2_NAMES, like=target, transpose=CONV1D)
+    out = params_to_torch(backbone, params, GPT2_NAMES, like=target, transpose=CONV1D,
+                          strict=False)
+    assert "score.weight" not in out and len(out) == len(target.state_dict()) - 1
+    result = target.load_state_dict(out, strict=False)
+    assert result.missing_keys == ["score.weight"] and result.unexpected_keys == []
+    assert torch.equal(target.transformer.h[1].mlp.c_fc.weight, net.transformer.h[1].mlp.c_fc.weight)
+    backend, full = compiled_gpt2(tie=False)
+    params = params_from_torch(full, net, GPT2_NAMES, transpose=CONV1D).params
+    lm = {f"transformer.{k}": v for k, v in net.transformer.state_dict().items()}
+    out = params_to_torch(full, params, GPT2_NAMES, like=lm, transpose=CONV1D, strict=False)
+    assert set(out) == set(lm)
+    with pytest.raises(ml.KeyMismatchError, match=r"missing Mithril key 'linear\.weight'"):
+        params_to_torch(full, params, GPT2_NAMES, like=lm, transpose=CONV1D)
+
+
+def test_export_in_a_chosen_dtype_casts_floats_as_torch_and_keeps_counters_integers():
+    from test_torch_weights import setup
+
+    backend, compiled = compiled_gpt2()
+    net = gpt2_torch()
+    params = params_from_torch(compiled, net, GPT2_NAMES, transpose=CONV1D).params
+    full = params_to_torch(compiled, params, GPT2_NAMES, like=net, transpose=CONV1D)
+    for dtype in ("bfloat16", torch.float32, "torch.float16"):
+        out = params_to_torch(compiled, params, GPT2_NAMES, like=net, transpose=CONV1D,
+                              dtype=dtype)
+        want = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+        assert all(t.dtype == want and torch.equal(t, full[k].to(want)) for k, t in out.items())
+    for bad in ("int32", "bfloat", torch.int64, np.float32):
+        with pytest.raises(TypeError, match="dtype must be a torch floating dtype"):
+            params_to_torch(compiled, params, GPT2_NAMES, like=net, transpose=CONV1D, dtype=bad)
+    backend, cnn, net, _ = setup("cnn", "numpy")
+    params, state = params_from_torch(cnn, net)
+    out = params_to_torch(cnn, params, like=net, state=state, dtype="bfloat16")
+    assert out["1.num_batches_tracked"].dtype == torch.int64
+    assert out["1.running_var"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+def test_a_bfloat16_checkpoint_into_a_bfloat16_model_exactly_and_back(backend_name, tmp_path):
+    """bfloat16 tensors (a module's, or a safetensors file's raw bits) into a bfloat16 model
+    need no cast and keep every bit; the export gives them back bit for bit. A float32 model
+    takes them with cast=True only."""
+    net = gpt2_torch().to(torch.bfloat16)
+    sd = net.state_dict()
+    save_file({k: v for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "m.safetensors")
+    backend, compiled = compiled_gpt2(backend_name, "bfloat16")
+    for source in (net, tmp_path / "m.safetensors"):
+        params = params_from_torch(compiled, source, GPT2_NAMES, transpose=CONV1D).params
+        got = params["transformer_block_0.multi_head_attention.in_proj_weight"]
+        assert "bfloat16" in str(got.dtype)
+        got = npy(backend, got)
+        assert np.array_equal(got.astype(np.float32),
+                              sd["transformer.h.0.attn.c_attn.weight"].float().numpy().T)
+        back = params_to_torch(compiled, params, GPT2_NAMES, like=net, transpose=CONV1D)
+        assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], v)
+                   for k, v in sd.items()), source
+    backend, f32 = compiled_gpt2(backend_name, "float32")
+    with pytest.raises(ml.DTypeError, match=r"torch 'transformer\.wte\.weight' is bfloat16, "
+                       r"Mithril 'wte' takes float32 \(or cast=True\)"):
+        params_from_torch(f32, net, GPT2_NAMES, transpose=CONV1D)
+    params = params_from_torch(f32, net, GPT2_NAMES, transpose=CONV1D, cast=True).params
+    assert np.array_equal(npy(backend, params["wte"]), sd["transformer.wte.weight"].float())

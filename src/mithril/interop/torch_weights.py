@@ -508,7 +508,8 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
               for k, v in ours.items() if tuple(v.shape) != tuple(want[k])]
     if shapes:
         raise ShapeError(f"{who}: shapes differ: " + "; ".join(shapes))
-    cast = _torch_dtype(dtype, who)
+    # the model's dtype by default: a torch backend's bfloat16 comes out of to_numpy as float32
+    cast = _torch_dtype(dtype, who) or _torch_dtype(str(compiled.backend.dtype), who)
     if like is not None:
         theirs, turned = transposed(read_state_dict(like, who), transpose, who)
         mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
@@ -528,5 +529,5 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
         exact = a.dtype.name == "bfloat16"  # ml_dtypes': via float32 (exact), back to bfloat16
         t = torch.from_numpy(np.array(a, np.float32 if exact else None, copy=True, order="C"))
         t = t.to(torch.bfloat16) if exact else t
-        out[k] = t.to(cast) if cast is not None and t.is_floating_point() else t
+        out[k] = t.to(cast) if t.is_floating_point() else t
     return out
