@@ -290,3 +290,121 @@ def test_cast_takes_int16_int8_uint8_and_names_the_others():
             getattr(torch, str(getattr(dt, "name", dt)))).numpy())
     with pytest.raises(ValueError, match="Cast: dtype must be one of .*got 'complex64'"):
         IOKey("x").cast("complex64")
+
+
+# --- Randn / RandInt (random_blocks.py) -----------------------------------------------------------
+
+def _random_model():
+    from mithril.models import RandInt, Randn
+
+    m = Model()
+    m |= Randn(shape=(2, 3)).connect(output="a")
+    m |= Randn(key=5).connect(shape=(IOKey("x").shape[0], 2), output="k")  # as published
+    m |= RandInt((4, 5), low=-3, high=10).connect(output="i")
+    m |= Randn(shape=(2, 3)).connect(output="a2")
+    m.expose_keys("a", "k", "i", "a2")
+    return m
+
+
+def _draw(name: str, **kw):
+    def go():
+        b = BACKENDS[name](dtype="float64", seed=3)
+        pm = ml.compile(_random_model(), b, shapes={"x": [3]})
+        runs = [pm.evaluate({}, {"x": b.ones(3)}, **kw) for _ in range(2)]
+        return [{k: np.asarray(b.to_numpy(v)) for k, v in r.items()} for r in runs], pm.step
+    return _in_x64(name, go)
+
+
+def test_randn_and_randint_are_the_same_on_three_backends_and_follow_seed_and_step():
+    """A seed and a step give the same draws on NumPy, torch and JAX (float64: 1e-12); a
+    keyed Randn is the same at every step, an unkeyed one changes with the step (as the
+    published key state) and two blocks differ; `step=` replays a step."""
+    got = {n: _draw(n) for n in NAMES}
+    for n in NAMES[1:]:
+        for r0, r1 in zip(got["numpy"][0], got[n][0], strict=True):
+            for k in r0:
+                np.testing.assert_allclose(r1[k], r0[k], rtol=1e-12, atol=1e-12, err_msg=k)
+    (first, second), step = got["numpy"]
+    assert step == 2 and first["i"].dtype == np.int64 and got["jax"][0][0]["i"].dtype == np.int64
+    assert not np.allclose(first["a"], second["a"]) and not np.allclose(first["a"], first["a2"])
+    np.testing.assert_array_equal(first["k"], second["k"])
+    assert first["i"].min() >= -3 and first["i"].max() < 10
+    replay, _ = _draw("numpy", step=0)
+    np.testing.assert_array_equal(replay[0]["a"], first["a"])
+    np.testing.assert_array_equal(replay[1]["a"], first["a"])
+
+
+def test_randn_is_standard_normal_and_randint_uniform():
+    """200k draws: the Kolmogorov-Smirnov distance to N(0, 1) (torch's ndtr) is below the
+    0.1% critical value, and RandInt's 7 values each come up 1/7 of the time (4 sigma)."""
+    from mithril.models import RandInt, Randn
+
+    m = Model()
+    m |= Randn(shape=(200_000,), key=11).connect(output="z")
+    m |= RandInt((200_000,), key=12, low=2, high=9).connect(output="i")
+    m.expose_keys("z", "i")
+    out = ml.compile(m, ml.NumpyBackend(dtype="float64"), inference=True).evaluate({}, {})
+    z = np.sort(out["z"])
+    cdf = torch.special.ndtr(torch.tensor(z)).numpy()
+    n = len(z)
+    ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+    assert ks < 1.95 / np.sqrt(n)
+    counts = np.bincount(out["i"] - 2, minlength=7)
+    assert counts.sum() == n and len(counts) == 7
+    assert np.all(np.abs(counts - n / 7) < 4 * np.sqrt(n / 7 * 6 / 7))
+
+
+def test_published_randn_as_submodel_and_clips_zeros_from_randn():
+    """tests/scripts/test_state_keys.py's Randn().connect(shape=input.shape) and the published
+    CLIP's Randn(shape=(rt.shape[0], 1, rt.shape[-1])) -> ZerosLike -> class embedding row."""
+    from mithril.models import Concat, Randn
+
+    m = Model()
+    inp = IOKey("input")
+    m |= Buffer().connect("input", "output")
+    m |= Randn().connect(shape=inp.shape, output="randn_output")
+    m.expose_keys("output", "randn_output")
+    pm = ml.compile(m, ml.JaxBackend())
+    import jax.numpy as jnp
+
+    o1, o2 = (pm.evaluate({}, {"input": jnp.ones((2, 2))}) for _ in range(2))
+    assert o1["randn_output"].shape == (2, 2) and not jnp.allclose(o1["randn_output"],
+                                                                    o2["randn_output"])
+    block = Model()
+    rt = IOKey("x").transpose((0, 2, 1))
+    block |= Randn().connect(shape=(rt.shape[0], 1, rt.shape[-1]), output="rand_1")
+    block |= ZerosLike().connect(input=block.rand_1, output="zeros_out")  # type: ignore
+    cls = IOKey("class_embedding", differentiable=True, shape=[4])
+    block |= Concat(axis=1).connect(input=[cls + block.zeros_out, rt], output="cat1")  # type: ignore
+    block.expose_keys("cat1")
+    b = ml.TorchBackend(dtype="float64")
+    pm = ml.compile(block, b, shapes={"x": [2, 4, 3]})
+    rng = np.random.default_rng(0)
+    x, c, cot = rng.standard_normal((2, 4, 3)), rng.standard_normal(4), rng.standard_normal((2, 4, 4))
+    out, grads = pm.evaluate({"class_embedding": b.array(c)}, {"x": b.array(x)},
+                             output_gradients={"cat1": b.array(cot)})
+    tc = torch.tensor(c, requires_grad=True)
+    want = torch.cat([tc + torch.zeros(2, 1, 4, dtype=torch.float64),
+                      torch.tensor(x).transpose(1, 2)], dim=1)
+    (want * torch.tensor(cot)).sum().backward()
+    np.testing.assert_allclose(b.to_numpy(out["cat1"]), want.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(b.to_numpy(grads["class_embedding"]), tc.grad.numpy(), atol=1e-12)
+
+
+def test_random_blocks_refuse_bad_arguments_by_name_and_stay_unchanged():
+    from mithril.models import RandInt, Randn
+
+    with pytest.raises(TypeError, match="Randn: key must be an int >= 0"):
+        Randn((2,), key=-1)
+    with pytest.raises(TypeError, match="Randn: dtype must be one of .*got 'int32'"):
+        Randn((2,), dtype="int32")
+    with pytest.raises(ValueError, match="RandInt: needs low < high .*low=5, high=5"):
+        RandInt((2,), low=5, high=5)
+    r = RandInt((2,), low=0, high=4)
+    with pytest.raises(TypeError, match="RandInt: high must be an int, got 'h'"):
+        r.connect(high="h")
+    assert (r.low, r.high) == (0, 4)
+    m = Model()
+    m |= RandInt((3,)).connect(output="i")
+    with pytest.raises(TypeError, match="RandInt: low and high are not given"):
+        ml.compile(m, ml.NumpyBackend())

@@ -160,6 +160,10 @@ from .tensor_creation import (  # noqa: E402
 __all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimum", "Ones",
             "ZerosLike"]
 
+from .random_blocks import RandInt, Randn  # noqa: E402
+
+__all__ += ["RandInt", "Randn"]
+
 from .published_elementwise import (  # noqa: E402
     AtLeast1D,
     Clamp,
