@@ -465,19 +465,22 @@ def test_torch_accumulation_by_hand_with_clip_grad_norm_and_value():
     clip_value=v), k)`` (torch's 1e-6 in the norm is our default ``clip_eps``)."""
     ps = [torch.tensor(P0[k], requires_grad=True) for k in ("w", "b")]
     opt = torch.optim.AdamW(ps, lr=LR, weight_decay=WD, foreach=True)
-    ref = []
+    ref, norms = [], []
     for t in range(12):
         g = grad({"w": ps[0].detach().numpy(), "b": ps[1].detach().numpy()}, t)
         (sum((p * torch.tensor(g[k])).sum() for p, k in zip(ps, ("w", "b"))) / K).backward()
         if (t + 1) % K == 0:
-            torch.nn.utils.clip_grad_norm_(ps, C, foreach=True)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(ps, C, foreach=True)))
             torch.nn.utils.clip_grad_value_(ps, 0.3, foreach=True)
             opt.step()
             opt.zero_grad()
         ref.append({"w": ps[0].detach().numpy().copy(), "b": ps[1].detach().numpy().copy()})
+    seen = []  # (the window's pre-clip norm, as clip_grad_norm_ returns it)
     got, _ = ours(Accumulate(AdamW(learning_rate=LR, weight_decay=WD, clip_norm=C,
-                                   clip_value=0.3), K), "torch", 12)
+                                   clip_value=0.3), K), "torch", 12,
+                  each=lambda t, s: s.applied and seen.append(float(s.last_grad_norm)))
     assert gap(got, ref) <= TOL
+    np.testing.assert_allclose(seen, norms, rtol=1e-14, atol=0)
 
 
 # -- Keras: clipping, weight decay and accumulation all set -----------------------------------
