@@ -48,6 +48,9 @@ def makers() -> dict[str, Any]:
     return {"dpsgd": lambda: DPSGD(0.5, l2_norm_clip=CLIP, noise_multiplier=1.1, seed=7,
                                    momentum=0.9),
             "dpsgd0": lambda: DPSGD(0.5, l2_norm_clip=CLIP, noise_multiplier=0.0, seed=7),
+            # Opacus's settings: the expected batch size as the denominator, its clip ε
+            "opacus": lambda: DPSGD(0.5, l2_norm_clip=CLIP, noise_multiplier=1.1, seed=7,
+                                    momentum=0.9, expected_batch_size=8, clip_epsilon=1e-6),
             "adam": lambda: DifferentiallyPrivate(Adam(0.01), l2_norm_clip=CLIP,
                                                   noise_multiplier=0.5, seed=1)}
 

@@ -24,7 +24,7 @@ from mithril.cli.optimizer_catalog import (
 from mithril.cli.options import OPTIMIZERS
 
 TRAINABLE = [n for n in NAMES if n not in REFUSED]
-WRAPPERS = ("lookahead", "sam", "mechanize", "schedule-free")
+WRAPPERS = ("lookahead", "sam", "mechanize", "schedule-free", "differentially-private")
 QUICK = ["--epochs", "2", "--hidden", "32", "--scheduler", "none", "--no-progress",
          "--no-plot"]
 
@@ -202,7 +202,7 @@ def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
                                 "'adam', ", "'lion', ", "'schedule-free-adamw'"]),
     (["--optimizer", "lionn:beta1=0.9"], ["invalid choice: 'lionn'"]),
     (["--optimizer", "lion:speed=3"], ["unknown setting 'speed'", "lion takes lr, beta1, "
-                                       "beta2, weight_decay, mode, smooth_beta, convention, clip_norm"]),
+                                       "beta2, weight_decay, mode, smooth_beta, convention, mu_dtype, clip_norm"]),
     (["--optimizer", "lion:beta1=abc"], ["beta1='abc' is not a valid number"]),
     (["--optimizer", "lion:beta1=1.5"], ["invalid hyperparameter for lion: beta1", "(--beta1)"]),
     (["--optimizer", "rprop:etas=[a,b]"], ["invalid hyperparameter for rprop: etas",
@@ -211,7 +211,7 @@ def test_momentum_cycle_refused_without_momentum_or_beta1(capsys, tmp_path):
                                                     "lion (it takes --lr, --beta1, --beta2, "
                                                     "--weight-decay; its other settings go in "
                                                     "--optimizer lion:KEY=VALUE,...: mode, "
-                                                    "smooth_beta, convention)"]),
+                                                    "smooth_beta, convention, mu_dtype)"]),
     (["--optimizer", "ademamix", "--momentum", "0.9"], [
         "--momentum does not apply to optimizer ademamix (it takes --lr, --beta1, --beta2, "
         "--eps, --weight-decay; its other settings go in --optimizer ademamix:KEY=VALUE,...: "

@@ -34,7 +34,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("which", ["dpsgd", "dpsgd0", "adam"])
+@pytest.mark.parametrize("which", ["dpsgd", "dpsgd0", "adam", "opacus"])
 def test_two_ranks_step_as_one_process_on_the_whole_batch(ranks, backend, which) -> None:
     want = W.run(backend, which, 0, 1, wrap=False)
     for r, res in enumerate(ranks):

@@ -32,7 +32,8 @@ from mithril.utils.accumulation import Accumulate
 SHAPES = {"w": (3, 4), "b": (4,)}
 ALLOWED = (ValueError, TypeError, KeyError, FloatingPointError)
 SPECIAL = {"Optimizer", "OptimizerState", "NoAverageError", "DimensionNumbers", "Lookahead",
-           "ScheduleFree", "Mechanize", "SAM", "DifferentiallyPrivate", "LBFGS", "DPSGD"}
+           "ScheduleFree", "Mechanize", "SAM", "DifferentiallyPrivate", "LBFGS", "DPSGD",
+           "PrivacyAccountant"}
 
 
 def _catalog() -> dict:

@@ -166,13 +166,12 @@ def test_exported_beside_the_dp_optimizer() -> None:
     assert np.isfinite(dp_module.get_epsilon(1.0, 0.01, 10, 1e-5))
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/optimizers/__init__.py: "
-                                       "export get_epsilon, get_noise_multiplier, "
-                                       "PrivacyAccountant beside DPSGD")
 def test_exported_from_the_optimizers_package() -> None:
     from mithril.utils import optimizers
 
-    assert optimizers.get_epsilon is pa.get_epsilon  # type: ignore[attr-defined]
+    assert optimizers.get_epsilon is pa.get_epsilon
+    assert optimizers.get_noise_multiplier is pa.get_noise_multiplier
+    assert optimizers.PrivacyAccountant is pa.PrivacyAccountant
 
 
 # -- mithril train --optimizer dpsgd -----------------------------------------------------------
@@ -259,10 +258,6 @@ def test_cli_a_cnn_without_batchnorm_and_dropout_is_accepted(tmp_path) -> None:
                  "--dropout", "0", "--dry-run", "--out", str(tmp_path / "dp")]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs tests/test_cli_optimizer_catalog.py: "
-                                       "'differentially-private' in its WRAPPERS tuple (the "
-                                       "dry-run test builds it as a wrapper), then "
-                                       "optimizer_catalog.py drops it from REFUSED")
 def test_cli_the_wrapper_takes_ema_through_its_base(tmp_path) -> None:
     out = tmp_path / "dp"
     assert main(["train", "--optimizer",

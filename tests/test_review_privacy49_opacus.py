@@ -356,11 +356,6 @@ def test_the_training_step_takes_an_empty_poisson_batch() -> None:
     assert state.values["dp_count"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="needs tests/dist_private_worker.py: a maker 'opacus' "
-                                       "(DPSGD(0.5, l2_norm_clip=CLIP, noise_multiplier=1.1, "
-                                       "seed=7, momentum=0.9, expected_batch_size=8, "
-                                       "clip_epsilon=1e-6)) and tests/test_distributed_private"
-                                       ".py: 'opacus' in its `which` parametrize")
 def test_data_parallel_runs_the_opacus_settings() -> None:
     import os
     import sys

@@ -93,11 +93,6 @@ REFUSED = {"lbfgs": "L-BFGS needs a closure that re-evaluates the loss several t
 #: the optimizers whose ``update`` takes per-example gradients (DP-SGD): the training step
 #: computes them itself (``make_train_step``), for a model without Dropout or BatchNorm
 PER_EXAMPLE = ("dpsgd", "differentially-private")
-#: (the wrapper trains too, but the catalog's tests do not know it as a wrapper yet)
-REFUSED["differentially-private"] = (
-    "mithril train runs DP-SGD as dpsgd (around SGD: dpsgd:noise_multiplier=1.1,"
-    "l2_norm_clip=1.0,momentum=0.9); DifferentiallyPrivate around another optimizer is for "
-    "Python (docs/privacy.md)")
 
 
 def cli_name(class_name: str) -> str:

@@ -17,7 +17,13 @@ from .checks import infer_backend
 from .clipping import clip_gradients, global_norm
 from .cocob import COCOB
 from .dadapt_adamw import DAdaptAdamW
-from .differentially_private import DPSGD, DifferentiallyPrivate
+from .differentially_private import (
+    DPSGD,
+    DifferentiallyPrivate,
+    PrivacyAccountant,
+    get_epsilon,
+    get_noise_multiplier,
+)
 from .dimension_numbers import DimensionNumbers
 from .dog import DoG, DoWG
 from .engines.threads import get_num_threads, set_num_threads
@@ -59,6 +65,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
            "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD", "GaLore",
            "DPSGD", "DifferentiallyPrivate", "DimensionNumbers",
+           "PrivacyAccountant", "get_epsilon", "get_noise_multiplier",
            "clip_gradients", "get_num_threads", "global_norm", "infer_backend", "set_num_threads"]
 
 def __getattr__(name: str) -> object:
