@@ -11,6 +11,8 @@ weights)."""
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from contextlib import nullcontext
 
 import numpy as np
@@ -20,6 +22,7 @@ from conftest import BACKENDS, jax_float64
 from safetensors.torch import save_file, save_model
 
 import mithril as ml
+from mithril.errors import CheckpointError
 from mithril.interop import params_from_torch, params_to_torch
 from mithril.interop.torch_weights import torch_names
 
@@ -371,3 +374,98 @@ def test_a_bfloat16_checkpoint_into_a_bfloat16_model_exactly_and_back(backend_na
         params_from_torch(f32, net, GPT2_NAMES, transpose=CONV1D)
     params = params_from_torch(f32, net, GPT2_NAMES, transpose=CONV1D, cast=True).params
     assert np.array_equal(npy(backend, params["wte"]), sd["transformer.wte.weight"].float())
+
+
+# -- refusals: named, and nothing changed ------------------------------------------------------------
+class Evil:
+    """A pickle that runs a command when unpickled."""
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.mark}",)
+
+
+def refusals(net: torch.nn.Module, tmp_path) -> list[tuple[str, object, dict, type, str]]:
+    """(label, source, options, error, message) for the GPT-2 model."""
+    sd = net.state_dict()
+    mark = tmp_path / "pwned"
+    torch.save({**sd, "evil": Evil(str(mark))}, tmp_path / "evil.bin")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(Evil(str(mark)), f)
+    with open(tmp_path / "plain.pt", "wb") as f:  # a pickle, not torch.save's archive
+        pickle.dump(dict(sd), f)
+    torch.save(net, tmp_path / "module.pt")
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "lightning.ckpt")
+    (tmp_path / "fake.safetensors").write_bytes((tmp_path / "evil.bin").read_bytes())
+    ok = {"names": GPT2_NAMES, "transpose": CONV1D}
+    c_fc = "transformer.h.1.mlp.c_fc.weight"
+    return [
+        ("pickled code", tmp_path / "evil.bin", ok, CheckpointError,
+         r"evil\.bin' holds Python objects besides tensors \(.*GLOBAL posix\.system.*never "
+         r"unpickled"),
+        ("a bare pickle of code", tmp_path / "evil.pt", ok, CheckpointError, r"evil\.pt' holds"),
+        ("a plain pickle", tmp_path / "plain.pt", ok, CheckpointError, r"plain\.pt' holds"),
+        ("a whole module", tmp_path / "module.pt", ok, CheckpointError,
+         r"module\.pt' holds .*GPT2LMHeadModel"),
+        ("a training checkpoint", tmp_path / "lightning.ckpt", ok, CheckpointError,
+         r"does not hold a state_dict .* pick the state_dict out"),
+        ("a pickle named .safetensors", tmp_path / "fake.safetensors", ok, CheckpointError,
+         "is not a safetensors file"),
+        ("an object in a dict", {**sd, "x": Evil(str(mark))}, ok, TypeError,
+         r"entries must be tensors or numeric arrays, got 'x' \(ndarray of object\)"),
+        ("a wrong shape", {**sd, c_fc: sd[c_fc][:, :-1]}, ok, ml.ShapeError,
+         rf"torch '{c_fc}' \(31, 8\) \(transposed\) vs Mithril 'transformer_block_1\.linear_0"
+         r"\.weight' \(32, 8\)"),
+        ("two module paths to one", net, {**ok, "names": dict.fromkeys(
+            ["transformer.h.0.ln_1", "transformer.h.1.ln_1"], "transformer_block_0.layer_norm_0")},
+         ml.KeyMismatchError, r"names map torch module paths 'transformer\.h\.0\.ln_1' and "
+         r"'transformer\.h\.1\.ln_1' both to Mithril 'transformer_block_0\.layer_norm_0'"),
+        ("two tensors to one", net, {**ok, "names": [*GPT2_NAMES, (
+            r"transformer\.wpe\.weight", "transformer_block_0.linear_1.weight")]},
+         ml.KeyMismatchError, r"'transformer\.wpe\.weight'.*both to Mithril"),
+        ("ambiguous", net, {"transpose": CONV1D}, ml.KeyMismatchError,
+         r"ambiguous: torch \['transformer\.h\.0\.ln_1', .*'transformer\.ln_f'\] and Mithril "
+         r"\['layer_norm'\]"),
+        ("another architecture", GPT2ForSequenceClassification().double(), ok,
+         ml.KeyMismatchError, r"unexpected torch key 'score\.weight' \(3, 8\)"),
+        ("a wrong shape, strict=False", torch.nn.Conv2d(3, 4, 3).double(), {"strict": False},
+         ml.ShapeError, r"torch 'weight' \(4, 3, 3, 3\) vs Mithril 'layer_norm\.weight' \(8,\)"),
+        ("another architecture, strict=False", torch.nn.BatchNorm1d(4).double(),
+         {"strict": False}, ml.KeyMismatchError, r"unexpected torch key 'running_mean' \(4,\)"
+         r".*no entry pairs: a state_dict of another model\?"),
+    ]
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+def test_every_refusal_is_named_runs_no_pickled_code_and_changes_nothing(backend_name, tmp_path):
+    backend, compiled = compiled_gpt2(backend_name)
+    net = gpt2_torch()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    mine = {k: npy(backend, v).copy() for k, v in compiled.get_parameters().items()}
+    for label, source, options, error, message in refusals(net, tmp_path):
+        with pytest.raises(error, match=message):
+            params_from_torch(compiled, source, **options)
+        assert not (tmp_path / "pwned").exists(), label
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), label
+        assert all(np.array_equal(npy(backend, v), mine[k])
+                   for k, v in compiled.get_parameters().items()), label
+    params = params_from_torch(compiled, net, GPT2_NAMES, transpose=CONV1D).params
+    with torch.no_grad():
+        net.transformer.wte.weight.add_(1)  # new memory: the load does not move with torch
+    assert np.array_equal(npy(backend, params["wte"]), before["transformer.wte.weight"])
+
+
+def test_an_npz_of_arrays_loads_and_one_holding_objects_is_refused(tmp_path):
+    backend, compiled = compiled_gpt2()
+    net = gpt2_torch()
+    arrays = {k: v.numpy() for k, v in net.state_dict().items() if k != "lm_head.weight"}
+    np.savez(tmp_path / "w.npz", **arrays)
+    params = params_from_torch(compiled, tmp_path / "w.npz", GPT2_NAMES, transpose=CONV1D).params
+    assert np.array_equal(params["transformer_block_0.linear_1.weight"],
+                          arrays["transformer.h.0.mlp.c_proj.weight"].T)
+    np.savez(tmp_path / "o.npz", x=np.array([Evil(str(tmp_path / "pwned"))], dtype=object))
+    with pytest.raises(CheckpointError, match=r"o\.npz' as an \.npz of arrays"):
+        params_from_torch(compiled, tmp_path / "o.npz")
+    assert not (tmp_path / "pwned").exists()

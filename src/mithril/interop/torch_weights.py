@@ -225,6 +225,19 @@ def _explicit(names: Names, torch_keys: list[str], targets: Mapping[str, Any], w
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise KeyMismatchError(f"{who}: names map to no Mithril parameter, state or module "
                                "path: " + "; ".join(lines) + more)
+    twice: dict[str, str] = {}
+    for t, m in groups:
+        if m in twice:
+            raise KeyMismatchError(f"{who}: names map torch module paths '{twice[m]}' and '{t}' "
+                                   f"both to Mithril '{m}'")
+        twice[m] = t
+    for k, v in out.items():  # a name sent where a module path sends another
+        for (tp, mp), ks in groups.items():
+            rel = _under(v, mp)
+            j = _join(tp, rel) if rel is not None and _under(k, tp) is None else None
+            if j in ks:
+                raise KeyMismatchError(f"{who}: names map torch '{k}' and '{j}' (by the module "
+                                       f"path '{tp}' -> '{mp}') both to Mithril '{v}'")
     seen: dict[str, str] = {}
     one = one or {}
     for k, v in out.items():
@@ -373,6 +386,9 @@ def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
         shapes.append("a weight stored (in, out), as Hugging Face's Conv1D, takes transpose= "
                       "(regexes of its torch names)")
     found = texts(problems)
+    if not pairs and theirs and targets:  # strict=False would hand back nothing, silently
+        found = found or [text for _, text in problems][:6] + ["no entry pairs: a "
+                                                               "state_dict of another model?"]
     if found:
         hint = "" if all(a for a, _ in problems) else (
             " (names= pairs entries by name; strict=False leaves out those with no pair)")

@@ -1,6 +1,7 @@
 """Reading a torch ``state_dict`` from where it is kept: a ``torch.nn.Module``, a mapping of
 tensors (or NumPy arrays), a ``.safetensors`` file (read here, without the safetensors
-package), a ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file (``torch.load(weights_only=True)``),
+package), a ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file (``torch.load(weights_only=True)``: a pickle
+of other objects is refused, never unpickled), an ``.npz`` (``allow_pickle=False``),
 a Hugging Face sharded checkpoint's ``*.index.json``, or a Hugging Face model folder
 (``model.safetensors[.index.json]`` or ``pytorch_model.bin[.index.json]``).
 
@@ -134,7 +135,7 @@ def read_state_dict(source: Any, what: str) -> dict[str, Entry]:
     """``source`` (a module, a mapping, or a path; see the module docstring) as
     ``{torch name: Entry}`` in its order. ``what``: the caller, for the messages."""
     if isinstance(source, (str, os.PathLike)):
-        return {k: entry(v) for k, v in _read_path(Path(source), what).items()}
+        return _checked({k: entry(v) for k, v in _read_path(Path(source), what).items()}, what)
     if not isinstance(source, Mapping) and callable(getattr(source, "state_dict", None)):
         source = source.state_dict()
     if not isinstance(source, Mapping):
@@ -143,7 +144,19 @@ def read_state_dict(source: Any, what: str) -> dict[str, Entry]:
     bad = [k for k in source if not isinstance(k, str)]
     if bad:
         raise TypeError(f"{what}: state_dict keys must be strings, got {bad[:3]!r}")
-    return {k: entry(v) for k, v in source.items()}
+    return _checked({k: entry(v) for k, v in source.items()}, what)
+
+
+def _checked(entries: dict[str, Entry], what: str) -> dict[str, Entry]:
+    """``entries`` if every one holds numbers (not a string, an object, a nested dict)."""
+    bad = [f"'{k}' ({type(e.value).__name__} of {e.dtype})" for k, e in entries.items()
+           if e.dtype != "bfloat16" and not (e.dtype.startswith(("float", "int", "uint", "bool",
+                                                                 "complex")))]
+    if bad:
+        raise TypeError(f"{what}: state_dict entries must be tensors or numeric arrays, got "
+                        + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3
+                                                else ""))
+    return entries
 
 
 def _read_path(path: Path, what: str) -> dict[str, Any]:
@@ -170,13 +183,30 @@ def _read_path(path: Path, what: str) -> dict[str, Any]:
         return out
     if path.suffix == ".safetensors":
         return read_safetensors(path, what)
+    if path.suffix == ".npz":  # NumPy's archive: arrays only, never a pickled object
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {k: archive[k] for k in archive.files}
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{what}: cannot read '{path}' as an .npz of arrays "
+                                  f"(np.load(allow_pickle=False)): {e}") from None
+    import pickle
+
     import torch
 
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only met something else than tensors
+        why = next((line.strip() for line in str(e).splitlines()
+                    if "unsupported" in line.lower()), "not a plain state_dict")
+        raise CheckpointError(
+            f"{what}: '{path}' holds Python objects besides tensors ({why}); it is read with "
+            "torch.load(weights_only=True) and never unpickled otherwise (unpickling runs "
+            "code): if you trust it, load it yourself and pass its state_dict") from None
     except Exception as e:  # torch's own errors differ between versions
         raise CheckpointError(f"{what}: cannot read '{path}' with torch.load(weights_only=True)"
-                              f": {e}") from None
+                              f" (not a torch.save file?): {str(e).splitlines()[0][:200]}"
+                              ) from None
     if not isinstance(loaded, Mapping) or not all(hasattr(v, "shape") for v in loaded.values()):
         raise CheckpointError(f"{what}: '{path}' does not hold a state_dict (a flat mapping of "
                               f"name to tensor) but a {type(loaded).__name__}; pick the "
