@@ -284,7 +284,8 @@ def test_float64_parity_and_defaults():
             if theirs in ref and name != "learning_rate":
                 if value is BY_CONVENTION:  # (Lion's weight decay: 1e-3 optax's, 0 MLX's)
                     value = getattr(cls(), name)
-                want = 0.0 if ref[theirs] is None else ref[theirs]  # Keras' weight_decay=None
+                # (Keras' weight_decay=None is our 0.0; optax's mu_dtype=None is ours)
+                want = (None if value is None else 0.0) if ref[theirs] is None else ref[theirs]
                 assert value == want, (cls.__name__, name, value, want)
                 checked += 1
         assert checked >= 2, (cls.__name__, checked)
