@@ -486,6 +486,7 @@ def test_torch_accumulation_by_hand_with_clip_grad_norm_and_value():
 # -- Keras: clipping, weight decay and accumulation all set -----------------------------------
 @pytest.mark.parametrize("clip", ["global_clipnorm", pytest.param("clipnorm", marks=pytest.mark.slow),
                                   pytest.param("clipvalue", marks=pytest.mark.slow)])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (Keras's own __array__ use)
 def test_keras_clip_weight_decay_and_accumulation_together(clip, monkeypatch):
     """``keras.optimizers.AdamW(weight_decay, <clip>, gradient_accumulation_steps=3)``: Keras
     takes the window's mean, clips it, decays the weights, then steps; the same as
