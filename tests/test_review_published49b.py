@@ -26,6 +26,7 @@ from mithril.models import (
     Log,
     Minimum,
     Model,
+    Multiply,
     Transpose,
     Where,
     ZerosLike,
@@ -41,7 +42,7 @@ def _in_x64(name: str, fn):
     return fn()
 
 
-# --- the published examples/t5.py, verbatim but for IOKey(type=int) (scalar connections) -------
+# --- the published examples/t5.py, verbatim but for the Arange of a constant start -------------
 
 def relative_position_bucket(bidirectional=True, num_buckets=32, max_distance=128, *, name=None):
     block = Model(name=name)
@@ -90,10 +91,10 @@ def relative_position_bias(config, bidirectional, *, name=None, offset_start=Fal
     num_heads = config["num_heads"]
 
     block = Model(name=name)
-    query_length = IOKey("query_length")
-    key_length = IOKey("key_length")
+    query_length = IOKey("query_length", type=int)
+    key_length = IOKey("key_length", type=int)
     if offset_start:
-        block |= Arange(start=ml.TBD).connect(start=IOKey("offset"), stop=query_length,
+        block |= Arange(start=ml.TBD).connect(start=IOKey("offset", type=int), stop=query_length,
                                               output="context_position")
     else:
         block |= Arange().connect(stop=query_length, output="context_position")
@@ -475,3 +476,21 @@ def test_numpy_keeps_an_output_cast_to_float64_in_a_float32_model():
     m |= Buffer().connect(input=IOKey("x").cast(ml.float64), output="y")
     pm = ml.compile(m, ml.NumpyBackend(), shapes={"x": [2]}, inference=True)
     assert pm.evaluate({}, {"x": np.ones(2, np.float32)})["y"].dtype == np.float64
+
+
+def test_connection_tensor_and_item_methods_and_scalar_iokey_types():
+    """`conn.tensor()` / `conn.item()` as published (ToTensor / Item); IOKey(type=int) is an
+    int array's connection (T5's query_length), refused where a float one is needed."""
+    m = Model()
+    x = IOKey("x")
+    m |= Buffer().connect(input=x.sum().item() * x[0].tensor(), output="y")  # type: ignore
+    pm = ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"x": [3, 2]}, inference=True)
+    xv = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_allclose(pm.evaluate({}, {"x": xv})["y"], xv.sum() * xv[0], rtol=1e-15)
+    bad = Model()
+    bad |= Buffer().connect(input=IOKey("n", type=int), output="c")
+    with pytest.raises(TypeError, match="'n' is declared Tensor\\[int\\], but it feeds Multiply.left"):
+        bad |= Multiply().connect(left="n", right="z", output="output")
+    assert len(bad.blocks) == 1
+    with pytest.raises(TypeError, match="IOKey 'n': type=<class 'tuple'> is not offered"):
+        IOKey("n", type=tuple)

@@ -102,6 +102,11 @@ def type_name(kinds: frozenset[str]) -> str:
     return "Tensor[" + " | ".join(k for k in KINDS if k in kinds) + "]"
 
 
+#: the published scalar types: connections of arrays of that kind here
+_SCALARS: dict[Any, frozenset[str]] = {int: frozenset({"int"}), float: frozenset({"float"}),
+                                        bool: frozenset({"bool"})}
+
+
 def kinds_of(typ: Any, key: str) -> frozenset[str]:
     """The element kinds ``IOKey(type=typ)`` allows; a ``TypeError`` naming ``key`` for a
     type that is no tensor type."""
@@ -109,10 +114,13 @@ def kinds_of(typ: Any, key: str) -> frozenset[str]:
         return frozenset(KINDS)
     if isinstance(typ, TensorType):
         return typ.kinds
+    if typ in _SCALARS:  # the published scalar connection (T5's IOKey("key_length", type=int)):
+        return _SCALARS[typ]  # here an array of that kind (a Size output, a number)
     raise TypeError(f"IOKey '{key}': type={typ!r} is not offered: every connection carries an "
                     "array here, so its type is a tensor type (Tensor[float], Tensor[int], "
-                    "Tensor[bool] or a union, e.g. Tensor[int | float | bool]); the published "
-                    "scalar (non-tensor) types have no connection here")
+                    "Tensor[bool] or a union, e.g. Tensor[int | float | bool]) or int, float or "
+                    "bool (an array of that kind); the published tuple, list and slice types "
+                    "have no connection here")
 
 
 def value_kind(value: np.ndarray) -> str:

@@ -37,7 +37,7 @@ lives in its operator class only; this module only builds blocks. Bad input is r
 the operator and the connection named: an unsupported operand type or index when the
 expression is made, a connection the model cannot reach when it is connected (the model is
 then unchanged). Comparisons, ``//``, ``&``, ``|``, ``^``, ``~``, shifts and the published
-``size`` / ``tensor`` / ``item`` / ``prod`` / ``var`` are not offered (there is no such
+``size`` / ``prod`` / ``var`` are not offered (there is no such
 operator here): they raise a ``TypeError`` or ``AttributeError`` saying so. ``shape`` is:
 every connection object's ``.shape`` (an ``IOKey``'s too) is a shape wire
 (:mod:`mithril.models.shape_wires`).
@@ -66,6 +66,7 @@ _MODULES = {
     "Exponential": "primitives", "Cast": "primitives",
     "Sum": "reductions", "Mean": "reductions", "Max": "reductions", "Min": "reductions",
     "Indexer": "shaping", "Transpose": "shaping", "Reshape": "shaping",
+    "ToTensor": "scalar_blocks", "Item": "scalar_blocks",
     **dict.fromkeys(("Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual",
                      "LogicalAnd", "LogicalOr", "LogicalXOr", "LogicalNot"), "comparisons"),
 }
@@ -75,7 +76,7 @@ _NOT_OFFERED_OPS = {
     "//": "FloorDivide", "<<": "ShiftLeft", ">>": "ShiftRight",
 }
 _NOT_OFFERED_METHODS = frozenset({
-    "size", "tensor", "item", "prod", "var", "len", "sin", "cos", "floor",
+    "size", "prod", "var", "len", "sin", "cos", "floor",
     "clamp", "atleast_1d", "dtype",
 })
 
@@ -281,6 +282,14 @@ class ConnectionOps:
         """The values in ``dtype`` (``Cast``)."""
         _static(dtype, f".cast({dtype!r})", self)
         return self._unary(_op("Cast", dtype), f"{_text(self)}.cast({dtype!r})")
+
+    def tensor(self) -> Expression:
+        """The published scalar-to-tensor conversion (``ToTensor``: the array as it is here)."""
+        return self._unary(_op("ToTensor"), f"{_text(self)}.tensor()")
+
+    def item(self) -> Expression:
+        """The one element as a 0-d array (``Item``)."""
+        return self._unary(_op("Item"), f"{_text(self)}.item()")
 
     # -- moving elements --------------------------------------------------------------------
     def __getitem__(self, index: Any) -> Expression:
