@@ -314,13 +314,16 @@ def test_bad_mu_dtype_is_refused_by_name():
     assert ADOPT(mu_dtype=jnp.bfloat16).mu_dtype == "bfloat16"
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/interop/optax_transform.py: "
-                   "optax_transformation(opt) takes opt.mu_dtype as its mu_dtype default")
 def test_optax_transformation_takes_the_optimizers_own_mu_dtype():
     """``optax_transformation(Adam(mu_dtype="bfloat16"))`` keeps m in bfloat16 as
-    ``optax_transformation(Adam(), mu_dtype=jnp.bfloat16)`` does (today: float32, silently)."""
+    ``optax_transformation(Adam(), mu_dtype=jnp.bfloat16)`` does (was float32, silently);
+    the two given and different are refused."""
     from mithril.interop import optax_transformation
 
     p = {"w": jnp.ones((3, 2))}
     tx = optax_transformation(Adam(0.1, convention="optax", mu_dtype="bfloat16"))
     assert tx.init(p).slots["m"]["w"].dtype == jnp.bfloat16
+    tx = optax_transformation(Adam(0.1, mu_dtype="bfloat16"), mu_dtype=jnp.bfloat16)
+    assert tx.init(p).slots["m"]["w"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="mu_dtype=float16 but Adam keeps m in bfloat16"):
+        optax_transformation(Adam(0.1, mu_dtype="bfloat16"), mu_dtype=jnp.float16)

@@ -287,6 +287,28 @@ def _copy_optimizer(optimizer: Any) -> Any:
     return opt
 
 
+def _own_mu_dtype(opt: Any, given: Any) -> Any:
+    """``mu_dtype=`` here, else the optimizer's own (``Adam(mu_dtype="bfloat16")``); both
+    given must agree (which one would win is not obvious)."""
+    own = getattr(opt, "mu_dtype", None)
+    if own is None:
+        return given
+    if given is None:
+        return own
+
+    def name(d: Any) -> str:
+        try:
+            return np.dtype(d).name
+        except TypeError:
+            return str(d)
+
+    if name(given) != name(own):
+        raise ValueError(f"optax_transformation: mu_dtype={name(given)} but "
+                         f"{type(opt).__name__} keeps m in {name(own)} (its mu_dtype): give "
+                         f"one of them")
+    return given
+
+
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                          scalars: str = "auto", traced_hyperparams: Sequence[str] = (),
                          schedules: Mapping[str, Callable[[Any], Any]] | None = None,
@@ -343,6 +365,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     import optax
 
     kind = _check_optimizer(optimizer)
+    mu_dtype = _own_mu_dtype(optimizer, mu_dtype)
     if scalars not in _MODES:
         raise ValueError(f"scalars must be one of {_MODES}, got {scalars!r}")
     opt = _copy_optimizer(optimizer)
