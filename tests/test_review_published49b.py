@@ -210,7 +210,8 @@ def test_t5_bias_with_a_constant_offset_start():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_int_constant_keeps_a_float32_model_float32_with_torchs_numbers(name):
-    """`lin.output * 2 + 1` and `2 ** x` with int constants: float32 values and gradients
+    """`lin.output * 2 + 1`, `2 ** x` and `@ [[1, 2], [3, -1]]` with int constants: float32
+    values and gradients
     (NumPy alone would make `float32 * int64` float64), equal to torch's tensor-and-number
     arithmetic."""
     rng = np.random.default_rng(3)
@@ -218,7 +219,8 @@ def test_int_constant_keeps_a_float32_model_float32_with_torchs_numbers(name):
     cot = rng.standard_normal((4, 2)).astype(np.float32)
     m = Model()
     m |= (lin := Linear(2)).connect(input="x", weight="w", bias="b")
-    m |= Buffer().connect(input=(lin.output * 2 + 1) * (2 ** lin.output), output="y")
+    m |= Buffer().connect(input=((lin.output * 2 + 1) * (2 ** lin.output)) @ [[1, 2], [3, -1]],
+                          output="y")
     m.expose_keys("y")
     b = BACKENDS[name]()
     pm = ml.compile(m, b, shapes={"x": [4, 3]})
@@ -226,7 +228,7 @@ def test_int_constant_keeps_a_float32_model_float32_with_torchs_numbers(name):
                              output_gradients={"y": b.array(cot)})
     tw, tb = (torch.tensor(v, requires_grad=True) for v in (w, bias))
     h = torch.tensor(x) @ tw.T + tb
-    want = (h * 2 + 1) * (2 ** h)
+    want = ((h * 2 + 1) * (2 ** h)) @ torch.tensor([[1, 2], [3, -1]], dtype=torch.float32)
     (want * torch.tensor(cot)).sum().backward()
     assert b.dtype_name(out["y"]) == "float32" and b.dtype_name(grads["w"]) == "float32"
     np.testing.assert_allclose(b.to_numpy(out["y"]), want.detach().numpy(), rtol=1e-6, atol=1e-6)

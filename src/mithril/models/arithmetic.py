@@ -57,10 +57,11 @@ class MatrixMultiply(_Binary):
         return (*batch, a[-2], b[-1])
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
+        left, right = promote(left, right)
         return left @ right
 
     def vjp(self, g, out, args, wrt):
-        left, right = args["left"], args["right"]
+        left, right = promote(args["left"], args["right"])
         res = {}
         if "left" in wrt:
             res["left"] = unbroadcast(g @ right.swapaxes(-1, -2), left.shape)
