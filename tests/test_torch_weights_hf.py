@@ -469,3 +469,36 @@ def test_an_npz_of_arrays_loads_and_one_holding_objects_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"o\.npz' as an \.npz of arrays"):
         params_from_torch(compiled, tmp_path / "o.npz")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_older_gpt2_file_with_mask_buffers_loads_with_ignore_and_still_checks_the_rest(
+        tmp_path):
+    """The hub's first GPT-2 files hold ``GPT2Model``'s names (no ``transformer.`` prefix, no
+    head: tied) and each block's causal mask buffers ``attn.bias`` (1, 1, P, P) and
+    ``attn.masked_bias``, which ``transformers`` ignores on load. ``ignore=`` drops them by
+    regex; unlike strict=False a missing weight is still named."""
+    net = gpt2_torch()
+    sd = {k.removeprefix("transformer."): v for k, v in net.state_dict().items()
+          if k != "lm_head.weight"}
+    for i in range(NL):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    names = [(a.replace(r"transformer\.", ""), b) for a, b in GPT2_NAMES]
+    conv1d, masks = CONV1D.replace(r"transformer\.", ""), r"h\.\d+\.attn\.(masked_)?bias"
+    backend, compiled = compiled_gpt2()
+    with pytest.raises(ml.KeyMismatchError, match=r"unexpected torch key 'h\.0\.attn\.bias' "
+                       r"\(1, 1, 7, 7\)"):
+        params_from_torch(compiled, tmp_path, names, transpose=conv1d)
+    got = params_from_torch(compiled, tmp_path, names, transpose=conv1d, ignore=masks).params
+    want = params_from_torch(compiled, net, GPT2_NAMES, transpose=CONV1D).params
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(ml.KeyMismatchError, match=r"ignore \['h\\\\\.\\\\d\+\\\\\.mask'\] match"):
+        params_from_torch(compiled, tmp_path, names, transpose=conv1d, ignore=[r"h\.\d+\.mask"])
+    del sd["wpe.weight"]
+    with pytest.raises(ml.KeyMismatchError, match=r"missing Mithril key 'positional_embedding\."
+                       r"weight' \(7, 8\)"):
+        params_from_torch(compiled, sd, names, transpose=conv1d, ignore=masks)
+    back = params_to_torch(compiled, got, names, like=tmp_path, transpose=conv1d, ignore=masks)
+    assert list(back) == list(net.transformer.state_dict())  # the masks left out
+    net.transformer.load_state_dict(back, strict=True)  # (non-persistent buffers today)

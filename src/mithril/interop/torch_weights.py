@@ -400,12 +400,12 @@ def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
 
 
 def torch_names(compiled: Any, state_dict: Any, names: Names = None, *,
-                transpose: Patterns = None) -> dict[str, str]:
+                transpose: Patterns = None, ignore: Patterns = None) -> dict[str, str]:
     """``{torch name: Mithril name}`` pairing every entry of ``state_dict`` (a module, a
     mapping, or a file; see :func:`params_from_torch`) with a parameter or state entry of
     ``compiled``, as the module docstring describes; an error if they do not pair up."""
     theirs, turned = transposed(read_state_dict(state_dict, "torch_names"), transpose,
-                                "torch_names")
+                                "torch_names", ignore)
     return _mapping(compiled, theirs, names, "torch_names", turned=frozenset(turned))
 
 
@@ -415,7 +415,7 @@ def _float_kind(dtype: str) -> bool:
 
 def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
                       cast: bool = False, strict: bool = True,
-                      transpose: Patterns = None) -> TorchWeights:
+                      transpose: Patterns = None, ignore: Patterns = None) -> TorchWeights:
     r"""``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
     mapping of tensors or NumPy arrays, or the path of a ``.safetensors`` file, a
     ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file, a sharded ``*.index.json`` or a
@@ -432,9 +432,13 @@ def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
     Tied weights (one tensor under two names, as a ``state_dict`` gives an embedding shared
     with the LM head) load into a model that ties them too (one parameter reached from both
     blocks: the same key connected to both ``weight`` terminals) or into two parameters.
-    Returns ``TorchWeights(params, state)``."""
+    ``ignore`` (the same forms): torch entries left out before pairing, as ``transformers``'
+    ``_keys_to_ignore_on_load_unexpected`` (an older GPT-2 file's ``attn.bias`` /
+    ``attn.masked_bias`` causal-mask buffers: ``ignore=r".*\.attn\.(masked_)?bias"``); unlike
+    ``strict=False`` every Mithril name must still be paired. Returns
+    ``TorchWeights(params, state)``."""
     who = "params_from_torch"
-    theirs, turned = transposed(read_state_dict(state_dict, who), transpose, who)
+    theirs, turned = transposed(read_state_dict(state_dict, who), transpose, who, ignore)
     mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
     b = compiled.backend
     fname = str(b.dtype)  # NumPy has no bfloat16: such a model's values go through float32
@@ -493,8 +497,8 @@ def _check_ties(compiled: Any, ours: Mapping[str, Any], mapping: Mapping[str, st
 
 def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = None, *,
                     like: Any = None, state: Mapping[str, Any] | None = None,
-                    strict: bool = True, dtype: Any = None,
-                    transpose: Patterns = None) -> dict[str, Any]:
+                    strict: bool = True, dtype: Any = None, transpose: Patterns = None,
+                    ignore: Patterns = None) -> dict[str, Any]:
     """``params`` (and ``state``, required when ``compiled`` keeps some: BatchNorm's running
     statistics) as a torch ``state_dict`` (CPU tensors of the model's dtype, or floats cast to
     ``dtype``: ``"float32"``, ``torch.bfloat16``, …; integer counters stay integers; new
@@ -504,7 +508,7 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
     and ``transpose``: those entries are swapped back); tied names of ``like`` each get the
     value. Without ``like``, ``names`` must be a dict of full torch names covering every
     Mithril name. ``strict=False`` (with ``like``): the entries of either side with no pair
-    are left out (load with ``strict=False``)."""
+    are left out (load with ``strict=False``); so are ``like``'s entries that ``ignore`` picks."""
     import torch
 
     who = "params_to_torch"
@@ -527,7 +531,7 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
     # the model's dtype by default: a torch backend's bfloat16 comes out of to_numpy as float32
     cast = _torch_dtype(dtype, who) or _torch_dtype(str(compiled.backend.dtype), who)
     if like is not None:
-        theirs, turned = transposed(read_state_dict(like, who), transpose, who)
+        theirs, turned = transposed(read_state_dict(like, who), transpose, who, ignore)
         mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
         _check_ties(compiled, ours, mapping, tied(theirs), who)
     elif isinstance(names, Mapping) and set(names.values()) == set(want) and all(

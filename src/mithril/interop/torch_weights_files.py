@@ -102,21 +102,30 @@ def matcher(patterns: Patterns, option: str, what: str) -> Callable[[str], bool]
     return lambda k: any(p.fullmatch(k) for p in compiled)
 
 
-def transposed(entries: dict[str, Entry], transpose: Patterns, what: str,
-               ) -> tuple[dict[str, Entry], set[str]]:
-    """``entries`` with the names ``transpose`` matches seen with their last two axes swapped
-    (a Hugging Face ``Conv1D``'s (in, out) weight as a ``Linear``'s (out, in)), and those
-    names. Every regex must match a name, of rank >= 2 (the error names them)."""
-    hit = matcher(transpose, "transpose", what)
+def selected(entries: Mapping[str, Entry], patterns: Patterns, option: str, what: str,
+             ) -> set[str]:
+    """The names ``patterns`` picks; every regex must match one (a typo is named)."""
+    hit = matcher(patterns, option, what)
     if hit is None:
-        return entries, set()
-    names = {k for k in entries if hit(k)}
-    if not callable(transpose):
-        patterns = [transpose] if isinstance(transpose, str) else list(transpose)
-        unused = [p for p in patterns if not any(re.fullmatch(p, k) for k in entries)]
+        return set()
+    if not callable(patterns):
+        regexes = [patterns] if isinstance(patterns, str) else list(patterns)
+        unused = [p for p in regexes if not any(re.fullmatch(p, k) for k in entries)]
         if unused:
-            raise KeyMismatchError(f"{what}: transpose {unused} match(es) no name of the torch "
-                            "state_dict")
+            raise KeyMismatchError(f"{what}: {option} {unused} match(es) no name of the torch "
+                                   "state_dict")
+    return {k for k in entries if hit(k)}
+
+
+def transposed(entries: dict[str, Entry], transpose: Patterns, what: str,
+               ignore: Patterns = None) -> tuple[dict[str, Entry], set[str]]:
+    """``entries`` without the names ``ignore`` picks, with those ``transpose`` picks seen with
+    their last two axes swapped (a Hugging Face ``Conv1D``'s (in, out) weight as a
+    ``Linear``'s (out, in)), and the names swapped. Every regex must match a name; a swapped
+    one must have rank >= 2 (the errors name them)."""
+    dropped = selected(entries, ignore, "ignore", what)
+    entries = {k: e for k, e in entries.items() if k not in dropped}
+    names = selected(entries, transpose, "transpose", what)
     low = [f"'{k}' {entries[k].shape}" for k in names if len(entries[k].shape) < 2]
     if low:
         raise ShapeError(f"{what}: transpose matches {', '.join(sorted(low))}: only a tensor of "
