@@ -502,3 +502,20 @@ def test_an_older_gpt2_file_with_mask_buffers_loads_with_ignore_and_still_checks
     back = params_to_torch(compiled, got, names, like=tmp_path, transpose=conv1d, ignore=masks)
     assert list(back) == list(net.transformer.state_dict())  # the masks left out
     net.transformer.load_state_dict(back, strict=True)  # (non-persistent buffers today)
+
+
+def test_export_by_the_names_that_torch_names_gives_covers_both_tied_names():
+    """Without like=, the names dict of a tied model holds one Mithril name twice (it was
+    refused: 'give like=')."""
+    net = gpt2_torch()
+    backend, compiled = compiled_gpt2()
+    params = params_from_torch(compiled, net, GPT2_NAMES, transpose=CONV1D).params
+    every = torch_names(compiled, net, GPT2_NAMES, transpose=CONV1D)
+    assert len(every) == len(compiled.parameter_shapes) + 1
+    out = params_to_torch(compiled, params, every, transpose=CONV1D)
+    assert set(out) == set(net.state_dict())
+    fresh = gpt2_torch(tie=True)
+    fresh.load_state_dict(out, strict=True)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(TypeError, match="give like="):  # a Mithril name left out: still refused
+        params_to_torch(compiled, params, {k: v for k, v in every.items() if v != "wte"})
