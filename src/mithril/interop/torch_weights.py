@@ -29,6 +29,12 @@ that order (or ``q/k/v_proj_weight`` with kdim / vdim), the recurrent gates in t
   when no other unit on either side has them too; otherwise they are ambiguous and the error
   lists them with the ``names`` that pair them in order, to check and pass.
 
+Hugging Face checkpoints: ``transpose=`` picks entries stored (in, out) (GPT-2's ``Conv1D``),
+swapped before pairing and back on export; ``ignore=`` drops entries before pairing (an older
+GPT-2 file's mask buffers); tied names (one tensor under two names, as an embedding shared with
+the LM head) pair as one entry when the model ties them (one key connected to both blocks),
+else as two, and an export of two different values into one tied tensor is refused.
+
 Every mismatch is an error naming the torch name, the Mithril name and both shapes or dtypes
 (``KeyMismatchError``: missing, unexpected, ambiguous; ``ShapeError``; ``DTypeError``), raised
 before anything is converted. Nothing is changed in place: the results are new arrays (never
