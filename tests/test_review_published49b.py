@@ -496,3 +496,26 @@ def test_connection_tensor_and_item_methods_and_scalar_iokey_types():
     assert len(bad.blocks) == 1
     with pytest.raises(TypeError, match="IOKey 'n': type=<class 'tuple'> is not offered"):
         IOKey("n", type=tuple)
+
+
+def test_numpy_log_of_zero_and_a_cast_of_inf_are_silent_as_torch():
+    """The T5 buckets take log(0) on the diagonal and cast its -inf to int16 (not picked by
+    the Where): torch and JAX are silent, NumPy warned at every evaluate. Log's values and
+    gradient at 0, -1 and 2 equal torch's."""
+    import warnings
+
+    m = Model()
+    m |= Log().connect(input="x", output="y")
+    m |= Buffer().connect(input=m.y.cast(ml.int16), output="i")  # type: ignore
+    m.expose_keys("y", "i")
+    pm = ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"x": [3]}, trainable_keys={"x"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, grads = pm.evaluate({"x": np.array([0.0, -1.0, 2.0])},
+                                 output_gradients={"y": np.ones(3)})
+    tx = torch.tensor([0.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    ty = torch.log(tx)
+    ty.sum().backward()
+    np.testing.assert_array_equal(out["y"], ty.detach().numpy())
+    np.testing.assert_array_equal(grads["x"], tx.grad.numpy())
+    assert out["i"][2] == 0 and out["i"].dtype == np.int16

@@ -84,13 +84,17 @@ class Log(Operator):
 
     def forward(self, xp: Any, input: Any) -> Any:
         if not self.robust:
+            if xp is np:  # log(0) = -inf and log(-1) = NaN without a warning, as torch and JAX
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    return np.log(input)
             return xp.log(input)
         return robust_log(xp, _abs(xp, input), self._c(input.dtype))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         if not self.robust:
-            return {"input": g / x}
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return {"input": g / x}
         return {"input": g * np.sign(x) * robust_log_slope(np.abs(x), self._c(x.dtype))}
 
     def __repr__(self) -> str:
@@ -356,6 +360,9 @@ class Cast(Operator):
             import ml_dtypes
 
             return input.astype(ml_dtypes.bfloat16)
+        if xp is np:  # (inf / NaN to an int: torch's silence; the value is unspecified in both)
+            with np.errstate(invalid="ignore"):
+                return input.astype(self.dtype)
         return input.astype(self.dtype)
 
     def vjp(self, g, out, args, wrt):
