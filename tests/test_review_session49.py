@@ -95,3 +95,58 @@ def test_drop_in_shows_a_scheduled_momentum_as_torch_and_an_edit_keeps_it(groups
     for a, b in zip(tp, mp):
         np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-13,
                                    atol=1e-15)
+
+
+def test_a_grouped_drop_in_resumes_from_its_optimizers_own_state_dict(tmp_path):
+    """``tw.load_state_dict(opt.state_dict(state))`` (what ``save_checkpoint`` keeps) was
+    refused ("no 'mithril' entry"): a drop-in could not resume from a ``save_checkpoint``
+    file. Two torch groups (their own lr and weight decay) and a torch ``StepLR``: 3 steps,
+    save, a fresh drop-in loads the file, 3 more steps equal 6 uninterrupted bit for bit, and
+    the groups show the checkpoint's rates. Another optimizer's state dict is refused by
+    name, the drop-in as it was."""
+    from mithril.interop import torch_optimizer
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    def run(steps, tw=None, net=None, sched=None):
+        if tw is None:
+            torch.manual_seed(0)
+            net = torch.nn.Linear(3, 2, dtype=torch.float64)
+            tw = torch_optimizer(mo.AdamW(0.1), [
+                {"params": [net.weight], "weight_decay": 0.05},
+                {"params": [net.bias], "lr": 0.02, "weight_decay": 0.0}])
+            sched = torch.optim.lr_scheduler.StepLR(tw, 2, 0.5)
+        x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+        for _ in range(steps):
+            tw.zero_grad()
+            (net(x) ** 3).sum().backward()
+            tw.step()
+            sched.step()
+        return net, tw, sched
+
+    ref, ref_tw, _ = run(6)
+    net, tw, sched = run(3)
+    # (groups given as dicts: the drop-in names the parameters param0, param1, ...)
+    params = {"param0": net.weight.detach(), "param1": net.bias.detach()}
+    save_checkpoint(tmp_path / "c.safetensors", params, tw.mithril_optimizer, tw.mithril_state)
+    torch.manual_seed(1)
+    net2 = torch.nn.Linear(3, 2, dtype=torch.float64)
+    tw2 = torch_optimizer(mo.AdamW(0.1), [
+        {"params": [net2.weight], "weight_decay": 0.05},
+        {"params": [net2.bias], "lr": 0.02, "weight_decay": 0.0}])
+    ck = load_checkpoint(tmp_path / "c.safetensors", params_template=params)
+    with torch.no_grad():
+        net2.weight.copy_(ck["params"]["param0"])
+        net2.bias.copy_(ck["params"]["param1"])
+    before = [dict(g) for g in tw2.param_groups]
+    sgd = mo.SGD(0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="state dict refused .*SGD"):
+        tw2.load_state_dict(sgd.state_dict(sgd.init({"w": np.ones(2)})))
+    assert [dict(g) for g in tw2.param_groups] == before and tw2.mithril_state is None
+    tw2.load_state_dict(ck["optimizer_state_dict"])
+    assert [g["lr"] for g in tw2.param_groups] == pytest.approx([g["lr"] for g in tw.param_groups])
+    sched2 = torch.optim.lr_scheduler.StepLR(tw2, 2, 0.5)
+    sched2.load_state_dict(sched.state_dict())
+    run(3, tw2, net2, sched2)
+    for (k, a), b in zip(ref.named_parameters(), net2.parameters()):
+        assert torch.equal(a, b), k
+    assert [g["lr"] for g in tw2.param_groups] == [g["lr"] for g in ref_tw.param_groups]

@@ -197,6 +197,7 @@ from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
     packed_groups,
     torch_groups,
 )
+from .torch_optim_own import is_own, torch_shaped
 from .torch_optim_params import (
     added_parameters,
     check_no_overlap,
@@ -554,6 +555,8 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                     "here as its real view, shape (..., 2))") if self._complex else ""
             return cls(f"state dict refused (nothing changed): {msg}{note}")
 
+        if is_own(state_dict):  # (a save_checkpoint file's: optimizer.state_dict(state))
+            state_dict = torch_shaped(self, state_dict)
         groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
                                         self.param_groups, self._hyperparameters_of)
         try:  # (a torch.optim state dict's groups hold torch's flags)
