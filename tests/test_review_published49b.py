@@ -519,3 +519,52 @@ def test_numpy_log_of_zero_and_a_cast_of_inf_are_silent_as_torch():
     np.testing.assert_array_equal(out["y"], ty.detach().numpy())
     np.testing.assert_array_equal(grads["x"], tx.grad.numpy())
     assert out["i"][2] == 0 and out["i"].dtype == np.int16
+
+
+# --- Slice -> Indexer().connect(index=...) --------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_published_slice_into_indexer(name):
+    """tests/scripts/test_all_models.py's test_tensor_item_with_slice_1 (Slice(0, 1) then
+    Indexer().connect(index=slice.output)) and a Slice whose ends are set in connect, one a
+    shape wire, with a negative step: values and gradients equal torch's."""
+    from mithril.models import Indexer, Slice
+
+    def build():
+        model = Model()
+        s1 = Slice(start=0, stop=1, step=None)
+        model |= s1
+        model |= Indexer().connect(input="input", index=s1.output, output=IOKey("output"))
+        s2 = Slice(step=None)
+        model |= s2.connect(start=IOKey("input").shape[0] - 1, stop=None, step=-2)
+        model |= Indexer().connect("input", s2.output, output=IOKey("rev"))
+        return model
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    cots = {"output": np.array([[5.0, 6.0]]), "rev": np.array([[1.0, -1.0], [2.0, 0.5]])}
+    got = _run(name, build, {"input": [3, 2]}, {"input": x}, {}, cots, trainable_keys={"input"})
+    tx = torch.tensor(x, requires_grad=True)
+    out, rev = tx[0:1], torch.flip(tx, [0])[0::2]
+    ((out * torch.tensor(cots["output"])).sum() + (rev * torch.tensor(cots["rev"])).sum()).backward()
+    _check(got, {"output": out.detach().numpy(), "rev": rev.detach().numpy()}, {"input": tx})
+
+
+def test_indexer_without_an_index_and_bad_slices_are_refused_by_name():
+    from mithril.models import Indexer, Slice
+
+    m = Model()
+    with pytest.raises(TypeError, match="Indexer: no index given"):
+        m |= Indexer().connect(input="x", output="y")
+    lin = Linear(2)
+    m |= lin.connect(input="x", output="h")
+    ix = Indexer()
+    with pytest.raises(TypeError, match=r"Indexer.connect\(index=Linear.output\): an index is static"):
+        m |= ix.connect(input="h", index=lin.output, output="y")
+    assert ix.index is ml.TBD and len(m.blocks) == 1
+    with pytest.raises(TypeError, match="Indexer: the index is given twice"):
+        Indexer(0).connect(input="x", index=1)
+    with pytest.raises(ValueError, match="Slice: step must not be 0"):
+        Slice(0, 3, 0)
+    s = Slice(0, 3)
+    with pytest.raises(TypeError, match="Slice: stop must be an int, None or a shape wire"):
+        s.connect(stop=2.5)
+    assert (s.start, s.stop, s.step) == (0, 3, None)

@@ -161,9 +161,9 @@ __all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimu
             "ZerosLike"]
 
 from .random_blocks import RandInt, Randn  # noqa: E402
-from .scalar_blocks import Item, ToTensor  # noqa: E402
+from .scalar_blocks import Item, Slice, ToTensor  # noqa: E402
 
-__all__ += ["Item", "RandInt", "Randn", "ToTensor"]
+__all__ += ["Item", "RandInt", "Randn", "Slice", "ToTensor"]
 
 from .published_elementwise import (  # noqa: E402
     AtLeast1D,

@@ -10,7 +10,11 @@ given to ``connect`` are already arrays (integer ones stay integer), so:
   values, int64 here as an int tensor of the published). No gradient flows through it (the
   published input is a scalar, which has none);
 * ``Item()`` is the 0-d array of a one-element input (its gradient reshaped back); an input
-  of another size is a ``ShapeError`` naming it.
+  of another size is a ``ShapeError`` naming it;
+* ``Slice(start, stop, step)`` is a static slice (ints, None or shape wires, in the
+  constructor or ``connect``) for ``Indexer().connect(input=x, index=slice_block.output)``,
+  as published; the index is fixed when that ``Indexer`` is connected, and the ``Slice``
+  block computes nothing (its output, if exposed, is an empty int64 array).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .connection_types import TBD
-from .operator import Operator, ShapeError, fmt
+from .operator import Operator, ShapeError, fmt, torch_of
 from .primitives import Cast
 
 
@@ -98,3 +102,64 @@ class Item(Operator):
 
     def vjp(self, g, out, args, wrt):
         return {"input": np.reshape(g, args["input"].shape)}
+
+
+class Slice(Operator):
+    """A static slice for ``Indexer``'s index (see the module)."""
+
+    inputs: tuple = ()
+    positional = ("start", "stop", "step", "output")
+
+    def __init__(self, start: Any = None, stop: Any = None, step: Any = None) -> None:
+        self._set(start, stop, step)
+
+    def _set(self, start: Any, stop: Any, step: Any) -> None:
+        from .shape_wires import ShapeWire
+
+        for v, what in ((start, "start"), (stop, "stop"), (step, "step")):
+            if v is not None and v is not TBD and not (isinstance(v, ShapeWire) and v.kind == "int") \
+                    and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+                raise TypeError(f"Slice: {what} must be an int, None or a shape wire (x.shape[0]), "
+                                f"got {v!r}")
+        if step is not None and step is not TBD and not isinstance(step, ShapeWire) and step == 0:
+            raise ValueError("Slice: step must not be 0")
+        self.start, self.stop, self.step = (None if v is TBD else v for v in (start, stop, step))
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop, self.step)
+
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """``connect(start, stop, step, output)`` as published: the ends are set here."""
+        for key, v in zip(self.positional, args, strict=False):
+            if key in connections:
+                raise TypeError(f"Slice.connect got two values for {key!r}")
+            connections[key] = v
+        if len(args) > 4:
+            raise TypeError(f"Slice.connect takes at most 4 positional connections (start, stop, "
+                            f"step, output), got {len(args)}")
+        ends = {k: connections.pop(k) for k in ("start", "stop", "step") if k in connections}
+        before = (self.start, self.stop, self.step)
+        self._set(*(ends.get(k, v) for k, v in zip(("start", "stop", "step"), before, strict=True)))
+        try:
+            return super().connect(**connections)
+        except BaseException:
+            self.start, self.stop, self.step = before
+            raise
+
+    __call__ = connect
+
+    output_dtype = "int64"
+
+    def infer_shape(self, shapes):
+        return (0,)
+
+    def forward(self, xp: Any) -> Any:
+        t = torch_of(xp)  # (nothing: the slice lives in the Indexer it was given to)
+        return t.zeros((0,), dtype=t.int64) if t is not None else xp.zeros((0,), dtype=np.int64)
+
+    def vjp(self, g, out, args, wrt):
+        return {}
+
+    def __repr__(self) -> str:
+        return f"Slice({self.start!r}, {self.stop!r}, {self.step!r})"

@@ -415,9 +415,55 @@ class Indexer(Operator):
 
     any_dtype_inputs = frozenset({"input"})
 
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Any = TBD) -> None:
+        self._configure(index)
+
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """As any block's; ``index=`` (published: a terminal) sets the index here: a static
+        index or a ``Slice`` block's output (its slice); positionally ``input``, ``index``,
+        ``output``, as published."""
+        for key, v in zip(("input", "index", "output"), args, strict=False):
+            if key in connections:
+                raise TypeError(f"Indexer.connect got two values for {key!r}")
+            connections[key] = v
+        if len(args) > 3:
+            raise TypeError(f"Indexer.connect takes at most 3 positional connections (input, "
+                            f"index, output), got {len(args)}")
+        if "index" not in connections:
+            if self.index is TBD:
+                raise TypeError("Indexer: no index given: Indexer(index) or "
+                                "connect(input=..., index=...)")
+            return super().connect(**connections)
+        if self.index is not TBD:
+            raise TypeError(f"Indexer: the index is given twice (Indexer({self.index!r}) and "
+                            "connect(index=...))")
+        from .connections import Terminal
+        from .scalar_blocks import Slice
+
+        index = connections.pop("index")
+        if isinstance(index, Terminal) and isinstance(index.block, Slice):
+            index = index.block.slice
+        elif isinstance(index, Terminal):
+            raise TypeError(f"Indexer.connect(index={index!r}): an index is static here (ints, "
+                            "slices, None, ..., a Slice block's output), not a connection")
+        before = dict(self.__dict__)
+        try:
+            self._configure(index)
+            return super().connect(**connections)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    __call__ = connect
+
+    def _configure(self, index: Any) -> None:
         from .shape_wires import ShapeArgs, ShapeWire
 
+        self.shape_args = None
+        if index is TBD:  # (published: Indexer(), the index in connect)
+            self.index = TBD
+            return
         if isinstance(index, list) and any(isinstance(i, (slice, type(None), type(Ellipsis)))
                                            for i in index):
             index = tuple(index)
@@ -464,6 +510,9 @@ class Indexer(Operator):
         return self._index(array_shapes(refs, self.shape_args.keys))
 
     def infer_shape(self, shapes):
+        if self.index is TBD:
+            raise ShapeError("Indexer: no index given: Indexer(index) or connect(input=..., "
+                             "index=...)")
         s, index = shapes.get("input"), self._index(shapes)
         return None if s is None or index is _UNKNOWN else _index_shape(s, index)
 
