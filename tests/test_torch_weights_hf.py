@@ -519,3 +519,143 @@ def test_export_by_the_names_that_torch_names_gives_covers_both_tied_names():
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in fresh.state_dict().items())
     with pytest.raises(TypeError, match="give like="):  # a Mithril name left out: still refused
         params_to_torch(compiled, params, {k: v for k, v in every.items() if v != "wte"})
+
+
+# -- BERT: query / key / value Linears stacked into in_proj with concat= ------------------------------
+FF = 12
+LAYER = r"encoder\.layer\.(\d+)\."
+BERT_NAMES = [(LAYER + r"attention\.output\.dense\.(weight|bias)",
+               r"transformer_block_\1.multi_head_attention.out_proj_\2"),
+              (LAYER + r"attention\.output\.LayerNorm", r"transformer_block_\1.layer_norm_0"),
+              (LAYER + r"intermediate\.dense", r"transformer_block_\1.linear_0"),
+              (LAYER + r"output\.dense", r"transformer_block_\1.linear_1"),
+              (LAYER + r"output\.LayerNorm", r"transformer_block_\1.layer_norm_1")]
+BERT_CONCAT = {f"transformer_block_{i}.multi_head_attention.in_proj_{w}":
+               [f"encoder.layer.{i}.attention.self.{p}.{w}" for p in ("query", "key", "value")]
+               for i in range(NL) for w in ("weight", "bias")}
+
+
+class BertLayer(torch.nn.Module):
+    """``transformers``' BertLayer (eager attention, no mask, no dropout), its modules named
+    as there: post-norm, exact GELU, LayerNorm eps 1e-12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.Module()
+        self.attention.self = torch.nn.Module()
+        for p in ("query", "key", "value"):
+            setattr(self.attention.self, p, torch.nn.Linear(E, E))
+        self.attention.output = torch.nn.Module()
+        self.attention.output.dense = torch.nn.Linear(E, E)
+        self.attention.output.LayerNorm = torch.nn.LayerNorm(E, eps=1e-12)
+        self.intermediate = torch.nn.Module()
+        self.intermediate.dense = torch.nn.Linear(E, FF)
+        self.output = torch.nn.Module()
+        self.output.dense = torch.nn.Linear(FF, E)
+        self.output.LayerNorm = torch.nn.LayerNorm(E, eps=1e-12)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        a = self.attention.self
+        q, k, v = (f(x).view(n, length, HEADS, E // HEADS).transpose(1, 2)
+                   for f in (a.query, a.key, a.value))
+        w = (q @ k.transpose(-1, -2) / math.sqrt(E // HEADS)).softmax(-1)
+        y = (w @ v).transpose(1, 2).reshape(n, length, E)
+        h = self.attention.output.LayerNorm(self.attention.output.dense(y) + x)
+        f = self.output.dense(torch.nn.functional.gelu(self.intermediate.dense(h)))
+        return self.output.LayerNorm(f + h)
+
+
+class BertEncoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.layer = torch.nn.ModuleList(BertLayer() for _ in range(NL))
+
+    def forward(self, x):
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return x
+
+
+def bert_torch() -> BertEncoder:
+    torch.manual_seed(0)
+    net = BertEncoder()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    return net.double()
+
+
+def bert_mithril(backend_name: str):
+    m = ml.Model()
+    for i in range(NL):
+        m |= ml.TransformerBlock(E, HEADS, FF, activation="gelu", eps=1e-12, norm_first=False)(
+            input="input" if i == 0 else f"x{i}",
+            output="output" if i == NL - 1 else wire(f"x{i + 1}"))
+    backend = BACKENDS[backend_name](dtype="float64", seed=0)
+    return backend, ml.compile(m, backend, shapes={"input": [None, L, E]})
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+def test_bert_query_key_value_stack_into_in_proj_and_split_back(backend_name):
+    with jax_float64() if backend_name == "jax" else nullcontext():
+        backend, compiled = bert_mithril(backend_name)
+        net = bert_torch()
+        params = params_from_torch(compiled, net, BERT_NAMES, concat=BERT_CONCAT).params
+        rng = np.random.default_rng(2)
+        x, g = rng.standard_normal((3, L, E)), rng.standard_normal((3, L, E))
+        out, grads = compiled.evaluate(params, {"input": backend.array(x)},
+                                       output_gradients={"output": backend.array(g)})
+        xt = torch.tensor(x)
+        (net(xt) * torch.tensor(g)).sum().backward()
+        worst = {"output": np.abs(npy(backend, out["output"]) - net(xt).detach().numpy()).max()}
+        theirs = dict(net.named_parameters())
+        mapping = torch_names(compiled, net, BERT_NAMES, concat=BERT_CONCAT)
+        assert len(mapping) == len(params) == len(compiled.parameter_shapes)
+        for t, m in mapping.items():
+            want = torch.cat([theirs[k].grad for k in t.split("+")]).numpy()
+            worst[m] = np.abs(npy(backend, grads[m]) - want).max()
+        assert not {k: v for k, v in worst.items() if not v <= 1e-12}, worst
+        params = {k: v - 0.1 * grads[k] for k, v in params.items()}
+        fresh = bert_torch()
+        back = params_to_torch(compiled, params, BERT_NAMES, like=fresh, concat=BERT_CONCAT)
+        assert list(back) == list(fresh.state_dict())
+        fresh.load_state_dict(back, strict=True)
+        got = npy(backend, compiled.evaluate(params, {"input": backend.array(x)})["output"])
+        with torch.no_grad():
+            assert np.abs(got - fresh(xt).numpy()).max() <= 1e-12
+
+
+def test_concat_refusals_name_the_entries():
+    backend, compiled = bert_mithril("numpy")
+    net = bert_torch()
+    sd = net.state_dict()
+    q = "encoder.layer.0.attention.self.query.weight"
+    block = "transformer_block_0.multi_head_attention.in_proj_weight"
+    cases = [
+        ({**BERT_CONCAT, block: [q.replace("query", "qeury"), *BERT_CONCAT[block][1:]]}, sd,
+         ml.KeyMismatchError, r"concat\['transformer_block_0\.multi_head_attention\.in_proj_"
+         r"weight'\] names torch 'encoder\.layer\.0\.attention\.self\.qeury\.weight', which the "
+         r"state_dict lacks \(closest: \['encoder\.layer\.0\.attention\.self\.query\.weight'"),
+        ({**BERT_CONCAT, "transformer_block_1.multi_head_attention.in_proj_weight":
+          [q, q.replace("query", "key")]}, sd, ml.KeyMismatchError,
+         rf"concat puts torch '{q}' into both"),
+        (BERT_CONCAT, {**sd, q: sd[q][:, :-1]}, ml.ShapeError,
+         rf"stacks rows .* got '{q}' \(8, 7\) float64"),
+        (BERT_CONCAT, {**sd, q: sd[q].float()}, ml.DTypeError, rf"'{q}' \(8, 8\) float32"),
+        ({**{k: v for k, v in BERT_CONCAT.items() if k != block},
+          "transformer_block_0.attention.in_proj_weight": BERT_CONCAT[block]}, sd,
+         ml.KeyMismatchError, r"into Mithril 'transformer_block_0\.attention\.in_proj_weight'"
+         r": the model lacks it \(closest: \['transformer_block_0\.multi_head_attention\.in_"),
+        ({block: [q]}, sd, TypeError, "two or more torch names"),
+    ]
+    before = {k: v.clone() for k, v in sd.items()}
+    for concat, source, error, message in cases:
+        with pytest.raises(error, match=message):
+            params_from_torch(compiled, source, BERT_NAMES, concat=concat)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    params = compiled.get_parameters()
+    with pytest.raises(TypeError, match="concat needs like="):
+        params_to_torch(compiled, params, torch_names(compiled, net, BERT_NAMES,
+                                                      concat=BERT_CONCAT), concat=BERT_CONCAT)

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.recurrent_state_dict import ROLES
+from .torch_weights_concat import Concat, merged, split
 from .torch_weights_files import Entry, Patterns, entry, read_state_dict, tied, transposed
 
 __all__ = ["TorchWeights", "params_from_torch", "params_to_torch", "torch_names"]
@@ -361,18 +362,36 @@ def _pairs(targets: Mapping[str, Any], theirs: dict[str, Entry], keys: list[str]
     return out, problems
 
 
+def _read(source: Any, who: str, transpose: Patterns, ignore: Patterns, concat: Concat,
+          ) -> tuple[dict[str, Entry], frozenset[str], dict[str, str], dict, list[str]]:
+    """``source``'s entries less ``ignore``, ``transpose``d, ``concat``enated; the names
+    swapped, the pairs ``concat`` gives, the merged entries' parts, the names in order."""
+    theirs, turned = transposed(read_state_dict(source, who), transpose, who, ignore)
+    order = list(theirs)
+    theirs, fixed, rows = merged(theirs, concat, who)
+    return theirs, frozenset(turned), fixed, rows, order
+
+
 def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
-             strict: bool = True, turned: frozenset[str] = frozenset()) -> dict[str, str]:
+             strict: bool = True, turned: frozenset[str] = frozenset(),
+             fixed: Mapping[str, str] | None = None) -> dict[str, str]:
     """``{torch name: Mithril name}`` for every entry of ``theirs``, checked: every Mithril
     parameter and state entry paired once, with the same shape (``strict=False``: those
     paired; the others left out, ambiguities and shapes still errors). Tied torch names (one
     tensor under several names) pair as separate entries when the model keeps them apart,
     else as one (the others follow the first, or the one ``names`` maps). ``turned``: the
-    names seen transposed (for the messages)."""
+    names seen transposed (for the messages). ``fixed``: the pairs ``concat`` gives."""
     targets = {**compiled.parameter_shapes, **compiled.state_shapes}
     ties = tied(theirs)
     one = {k: first for first, ks in ties.items() for k in ks}
-    out, groups = _explicit(names, list(theirs), targets, who, one)
+    fixed = fixed or {}
+    out, groups = _explicit(names, [k for k in theirs if k not in fixed], targets, who, one)
+    for k, v in fixed.items():
+        if v not in targets or v in out.values():
+            why = "names gives it too" if v in targets else \
+                f"the model lacks it (closest: {difflib.get_close_matches(v, targets, 3)})"
+            raise KeyMismatchError(f"{who}: concat stacks torch '{k}' into Mithril '{v}': {why}")
+    out.update(fixed)
     tries = [(_pairs(targets, theirs, list(theirs), out, groups), {})]
     if ties:  # the same tensor once: the others follow the one kept
         keep = {first: next((k for k in ks if k in out), first) for first, ks in ties.items()}
@@ -406,13 +425,14 @@ def _mapping(compiled: Any, theirs: dict[str, Entry], names: Names, who: str,
 
 
 def torch_names(compiled: Any, state_dict: Any, names: Names = None, *,
-                transpose: Patterns = None, ignore: Patterns = None) -> dict[str, str]:
+                transpose: Patterns = None, ignore: Patterns = None,
+                concat: Concat = None) -> dict[str, str]:
     """``{torch name: Mithril name}`` pairing every entry of ``state_dict`` (a module, a
     mapping, or a file; see :func:`params_from_torch`) with a parameter or state entry of
-    ``compiled``, as the module docstring describes; an error if they do not pair up."""
-    theirs, turned = transposed(read_state_dict(state_dict, "torch_names"), transpose,
-                                "torch_names", ignore)
-    return _mapping(compiled, theirs, names, "torch_names", turned=frozenset(turned))
+    ``compiled``, as the module docstring describes; an error if they do not pair up. A
+    ``concat`` group is one entry, named ``"a+b+c"``."""
+    theirs, turned, fixed, _, _ = _read(state_dict, "torch_names", transpose, ignore, concat)
+    return _mapping(compiled, theirs, names, "torch_names", turned=turned, fixed=fixed)
 
 
 def _float_kind(dtype: str) -> bool:
@@ -421,7 +441,8 @@ def _float_kind(dtype: str) -> bool:
 
 def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
                       cast: bool = False, strict: bool = True,
-                      transpose: Patterns = None, ignore: Patterns = None) -> TorchWeights:
+                      transpose: Patterns = None, ignore: Patterns = None,
+                      concat: Concat = None) -> TorchWeights:
     r"""``compiled``'s params and state from a torch ``state_dict``: a ``torch.nn.Module``, a
     mapping of tensors or NumPy arrays, or the path of a ``.safetensors`` file, a
     ``torch.save``d ``.bin`` / ``.pt`` / ``.pth`` file, a sharded ``*.index.json`` or a
@@ -441,11 +462,13 @@ def params_from_torch(compiled: Any, state_dict: Any, names: Names = None, *,
     ``ignore`` (the same forms): torch entries left out before pairing, as ``transformers``'
     ``_keys_to_ignore_on_load_unexpected`` (an older GPT-2 file's ``attn.bias`` /
     ``attn.masked_bias`` causal-mask buffers: ``ignore=r".*\.attn\.(masked_)?bias"``); unlike
-    ``strict=False`` every Mithril name must still be paired. Returns
+    ``strict=False`` every Mithril name must still be paired. ``concat``: ``{Mithril name:
+    [torch names]}`` whose rows are stacked into it (BERT's ``query`` / ``key`` / ``value``
+    into ``in_proj_weight``; :mod:`.torch_weights_concat`). Returns
     ``TorchWeights(params, state)``."""
     who = "params_from_torch"
-    theirs, turned = transposed(read_state_dict(state_dict, who), transpose, who, ignore)
-    mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
+    theirs, turned, fixed, _, _ = _read(state_dict, who, transpose, ignore, concat)
+    mapping = _mapping(compiled, theirs, names, who, strict, turned, fixed)
     b = compiled.backend
     fname = str(b.dtype)  # NumPy has no bfloat16: such a model's values go through float32
     fdtype, idtype = np.dtype(np.float32 if fname == "bfloat16" else fname), np.dtype(np.int64)
@@ -504,7 +527,7 @@ def _check_ties(compiled: Any, ours: Mapping[str, Any], mapping: Mapping[str, st
 def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = None, *,
                     like: Any = None, state: Mapping[str, Any] | None = None,
                     strict: bool = True, dtype: Any = None, transpose: Patterns = None,
-                    ignore: Patterns = None) -> dict[str, Any]:
+                    ignore: Patterns = None, concat: Concat = None) -> dict[str, Any]:
     """``params`` (and ``state``, required when ``compiled`` keeps some: BatchNorm's running
     statistics) as a torch ``state_dict`` (CPU tensors of the model's dtype, or floats cast to
     ``dtype``: ``"float32"``, ``torch.bfloat16``, …; integer counters stay integers; new
@@ -514,7 +537,8 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
     and ``transpose``: those entries are swapped back); tied names of ``like`` each get the
     value. Without ``like``, ``names`` must be a dict of full torch names covering every
     Mithril name. ``strict=False`` (with ``like``): the entries of either side with no pair
-    are left out (load with ``strict=False``); so are ``like``'s entries that ``ignore`` picks."""
+    are left out (load with ``strict=False``); so are ``like``'s entries that ``ignore`` picks.
+    ``concat`` (with ``like``): the Mithril entry split back into its torch entries' rows."""
     import torch
 
     who = "params_to_torch"
@@ -537,23 +561,27 @@ def params_to_torch(compiled: Any, params: Mapping[str, Any], names: Names = Non
     # the model's dtype by default: a torch backend's bfloat16 comes out of to_numpy as float32
     cast = _torch_dtype(dtype, who) or _torch_dtype(str(compiled.backend.dtype), who)
     if like is not None:
-        theirs, turned = transposed(read_state_dict(like, who), transpose, who, ignore)
-        mapping = _mapping(compiled, theirs, names, who, strict, frozenset(turned))
+        theirs, turned, fixed, rows, order = _read(like, who, transpose, ignore, concat)
+        mapping = _mapping(compiled, theirs, names, who, strict, turned, fixed)
         _check_ties(compiled, ours, mapping, tied(theirs), who)
+    elif concat:
+        raise TypeError(f"{who}: concat needs like= (the torch entries' rows to split into)")
     elif isinstance(names, Mapping) and set(names.values()) == set(want) and all(
             isinstance(k, str) for k in names):
         mapping = dict(names)
-        turned = transposed({k: entry(np.empty(want[v])) for k, v in mapping.items()},
-                            transpose, who)[1]
+        turned = frozenset(transposed({k: entry(np.empty(want[v])) for k, v in mapping.items()},
+                                      transpose, who)[1])
+        rows, order = {}, list(mapping)
     else:
         raise TypeError(f"{who}: give like= (the torch module or its state_dict, whose names "
                         "to use), or names= as a dict of every torch name to its Mithril name")
     b, out = compiled.backend, {}
-    for k, v in mapping.items():
-        a = np.asarray(b.to_numpy(ours[v]))
-        a = np.swapaxes(a, -1, -2) if k in turned else a
-        exact = a.dtype.name == "bfloat16"  # ml_dtypes': via float32 (exact), back to bfloat16
-        t = torch.from_numpy(np.array(a, np.float32 if exact else None, copy=True, order="C"))
-        t = t.to(torch.bfloat16) if exact else t
-        out[k] = t.to(cast) if t.is_floating_point() else t
-    return out
+    for name, v in mapping.items():
+        for k, a in split(name, np.asarray(b.to_numpy(ours[v])), rows).items():
+            a = np.swapaxes(a, -1, -2) if k in turned else a
+            exact = a.dtype.name == "bfloat16"  # ml_dtypes': via float32 (exact), then back
+            t = torch.from_numpy(np.array(a, np.float32 if exact else None, copy=True,
+                                          order="C"))
+            t = t.to(torch.bfloat16) if exact else t
+            out[k] = t.to(cast) if t.is_floating_point() else t
+    return {k: out[k] for k in order if k in out}
