@@ -3,7 +3,8 @@ GPT-2 written by hand as ``transformers`` defines it (``Conv1D``: ``x @ W + b`` 
 ``c_attn`` packing q, k, v columns, ``gelu_new``, the LM head tied to ``wte``) loads with
 ``transpose=`` into ``TransformerBlock``s and a head that reuses the embedding's key: logits and
 every gradient equal torch's (float64, 1e-12) on NumPy, torch and JAX, and the export goes back
-through ``load_state_dict(strict=True)``. Then tied names, ``params_to_torch(strict=False,
+through ``load_state_dict(strict=True)``. A BERT encoder layer's separate query / key / value
+``Linear``s stack into ``in_proj`` with ``concat=`` (the same parity). Then tied names, ``params_to_torch(strict=False,
 dtype=)``, bfloat16 checkpoints, and refusals that name the key and change nothing (wrong
 shapes, duplicate or ambiguous pairings, the wrong architecture, pickles that are not
 weights)."""
