@@ -660,3 +660,19 @@ def test_concat_refusals_name_the_entries():
     with pytest.raises(TypeError, match="concat needs like="):
         params_to_torch(compiled, params, torch_names(compiled, net, BERT_NAMES,
                                                       concat=BERT_CONCAT), concat=BERT_CONCAT)
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    (b"[1, 2]", r"is not a safetensors file: the header is a JSON list, not an object"),
+    (b'"x"', r"the header is a JSON str"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}',
+     r"tensor 'a' is malformed: .*bytes -8\.\.0 do not hold \(2,\) of F32"),
+])
+def test_a_malformed_safetensors_header_is_named_not_a_bare_python_error(header, message,
+                                                                         tmp_path):
+    """A header that is JSON but not an object was an AttributeError from inside the reader."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    backend, compiled = compiled_gpt2()
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors'.*" + message):
+        params_from_torch(compiled, path)

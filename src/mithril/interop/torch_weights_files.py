@@ -233,6 +233,8 @@ def read_safetensors(path: str | os.PathLike, what: str = "read_safetensors") ->
         if len(data) < 8 or 8 + n > len(data):
             raise ValueError("the header is cut off")
         header = json.loads(data[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except ValueError as e:
         raise CheckpointError(f"{what}: '{path}' is not a safetensors file: {e}") from None
     body, out = memoryview(data)[8 + n:], {}
@@ -242,7 +244,8 @@ def read_safetensors(path: str | os.PathLike, what: str = "read_safetensors") ->
         try:
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
             shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-            if end > len(body) or end - begin != dtype.itemsize * int(np.prod(shape)):
+            if not 0 <= begin <= end <= len(body) or any(d < 0 for d in shape) or \
+                    end - begin != dtype.itemsize * int(np.prod(shape)):
                 raise ValueError(f"bytes {begin}..{end} do not hold {shape} of {info['dtype']}")
             a = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
         except (KeyError, TypeError, ValueError) as e:
