@@ -160,10 +160,11 @@ from .tensor_creation import (  # noqa: E402
 __all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimum", "Ones",
             "ZerosLike"]
 
+from .blocks import Layer  # noqa: E402
 from .random_blocks import RandInt, Randn  # noqa: E402
 from .scalar_blocks import Item, Slice, ToTensor  # noqa: E402
 
-__all__ += ["Item", "RandInt", "Randn", "Slice", "ToTensor"]
+__all__ += ["Item", "Layer", "RandInt", "Randn", "Slice", "ToTensor"]
 
 from .published_elementwise import (  # noqa: E402
     AtLeast1D,

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import activations, activations_more
+from .connection_types import TBD
+from .connections import IOKey
 from .layers import Linear
 from .model import Model
 from .operator import Operator
@@ -45,6 +47,26 @@ class MLP(Model):
             self += Linear(dim, use_bias=use_bias)
             if act is not None:
                 self += _make_activation(act)
+
+
+class Layer(Model):
+    """The published ``Layer(activation, dimension)``: ``Linear(dimension)`` then
+    ``activation``, with terminals ``input``, ``weight``, ``bias`` and ``output`` (the
+    weight ``(dimension, in)``, torch's ``nn.Linear`` layout); ``input`` / ``weight`` /
+    ``bias`` may be given values here, as published. ``activation`` is an operator instance,
+    class or name (as :class:`MLP`'s)."""
+
+    def __init__(self, activation: Operator | type | str, dimension: int | None = None,
+                 input: Any = TBD, weight: Any = TBD, bias: Any = TBD, *,
+                 name: str | None = None) -> None:
+        act = _make_activation(activation)  # (checked before anything is built)
+        super().__init__(name=name)
+        self |= Linear(dimension).connect(input=IOKey("input", value=input),
+                                          weight=IOKey("weight", value=weight),
+                                          bias=IOKey("bias", value=bias))
+        self += act.connect(output="output")
+        self.expose_keys("output")
+        self.set_cin("input")
 
 
 def _make_activation(act: Operator | type | str) -> Operator:

@@ -195,6 +195,8 @@ def _name_of(v: str | IOKey) -> str | None:
 
 
 def _as_coef(coef: Any, what: str) -> float:
+    if isinstance(coef, IOKey) and coef.name is None and coef.value is not None:
+        coef = coef.value  # (the published coef=Tensor(0.1), a constant)
     try:
         c = float(np.asarray(coef))
     except (TypeError, ValueError):
@@ -252,8 +254,16 @@ class TrainModel(Model):
             params: list[str] = []
             for node in nodes:
                 shared = getattr(node.op, "param_names", None) or {}
-                own = [f"{node.path}.{k}" for k in node.op.param_init
-                       if k not in _optional_params(node.op) and k not in shared]
+                own = []
+                for k in node.op.param_init:
+                    if k in shared:
+                        continue
+                    if k in node.ins:  # a role given a wire: the parameter is named as it
+                        name = b.names[node.ins[k]]
+                        if name not in params and name not in own:
+                            own.append(name)
+                    elif k not in _optional_params(node.op):
+                        own.append(f"{node.path}.{k}")
                 params += own
                 d = set(own) | set(shared.values())
                 for w in node.ins.values():
@@ -388,12 +398,13 @@ class TrainModel(Model):
         if isinstance(sel, Terminal):  # as published: input=lin.weight
             sel = self._reg_target(sel, what)
         if isinstance(sel, re.Pattern):
-            targets = [(p, True) for p in params if sel.search(p)]
+            # (a parameter role given a named wire is that input: Layer(...).connect(weight="w0"))
+            targets = [(p, p not in self._model.input_keys) for p in params if sel.search(p)]
             if not targets:
                 raise KeyMismatchError(f"{what}: the pattern {sel.pattern!r} matches no parameter; the "
                                        f"parameters are {params}")
         elif isinstance(sel, str):
-            if sel in params:
+            if sel in params and sel not in self._model.input_keys:
                 targets = [(sel, True)]
             elif sel in self._model.input_keys:
                 targets = [(sel, False)]
