@@ -11,6 +11,7 @@ weights)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -676,3 +677,18 @@ def test_a_malformed_safetensors_header_is_named_not_a_bare_python_error(header,
     backend, compiled = compiled_gpt2()
     with pytest.raises(CheckpointError, match=r"bad\.safetensors'.*" + message):
         params_from_torch(compiled, path)
+
+
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], {"wte.weight": "../m.safetensors"},
+                                        {"wte.weight": 3}])
+def test_a_sharded_index_must_name_shard_files_beside_it(weight_map, tmp_path):
+    """A list was a bare AttributeError; a shard outside the index's folder was read."""
+    net = gpt2_torch()
+    save_file({"wte.weight": net.state_dict()["transformer.wte.weight"]}, tmp_path / "m.safetensors")
+    (tmp_path / "sub").mkdir()
+    index = tmp_path / "sub" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    backend, compiled = compiled_gpt2()
+    with pytest.raises(CheckpointError, match=r"is not a sharded checkpoint's index .*'weight_map' "
+                       r"must map names to shard files in its folder"):
+        params_from_torch(compiled, index, strict=False)

@@ -179,6 +179,10 @@ def _read_path(path: Path, what: str) -> dict[str, Any]:
     if path.name.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and Path(v).name == v and v not in ("", ".", "..")
+                    for v in weight_map.values()):  # a shard is a file beside the index
+                raise ValueError("'weight_map' must map names to shard files in its folder")
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{what}: '{path}' is not a sharded checkpoint's index "
                                   f"(a JSON object with a 'weight_map'): {e}") from None
