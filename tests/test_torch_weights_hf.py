@@ -668,6 +668,8 @@ def test_concat_refusals_name_the_entries():
     (b'"x"', r"the header is a JSON str"),
     (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}',
      r"tensor 'a' is malformed: .*bytes -8\.\.0 do not hold \(2,\) of F32"),
+    (b'{"a": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}',
+     r"tensor 'a' is malformed: .*dtype F8_E4M3 is not one of \['BF16', "),
 ])
 def test_a_malformed_safetensors_header_is_named_not_a_bare_python_error(header, message,
                                                                          tmp_path):

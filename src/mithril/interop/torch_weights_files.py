@@ -246,6 +246,8 @@ def read_safetensors(path: str | os.PathLike, what: str = "read_safetensors") ->
         if name == "__metadata__":
             continue
         try:
+            if info["dtype"] not in _ST_DTYPES:  # float8, unsigned 16-64: no Mithril dtype
+                raise ValueError(f"dtype {info['dtype']} is not one of {sorted(_ST_DTYPES)}")
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
             shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
             if not 0 <= begin <= end <= len(body) or any(d < 0 for d in shape) or \
