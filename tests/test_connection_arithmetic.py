@@ -373,10 +373,10 @@ def _other_model_terminal(m, lin):
      "another model"),
     # a block not added to this model; the Multiply wired before it is taken back out
     (lambda m, lin: Add()(left=IOKey("new"), right=(m.x * 2) + Linear(2).output), ValueError,
-     r"Add.connect\(right=...\): in \(\(Model.x \* 2.0\) \+ Linear.output\).*not \(yet\) part of this model"),
+     r"Add.connect\(right=...\): in \(\(Model.x \* 2\) \+ Linear.output\).*not \(yet\) part of this model"),
     # the same after a parameter role referred to by object became a wire of its block
     (lambda m, lin: Relu()(input=(lin.weight * 2).sum() + Linear(2).output), ValueError,
-     r"Relu.connect\(input=...\): in \(\(Linear.weight \* 2.0\).sum\(\) \+ Linear.output\)"),
+     r"Relu.connect\(input=...\): in \(\(Linear.weight \* 2\).sum\(\) \+ Linear.output\)"),
     # a declared shape that clashes with the named connection's
     (lambda m, lin: Buffer()(input=IOKey("new") + (m.h - IOKey("x", shape=[7])), output="o"), ValueError,
      r"Buffer.connect\(input=...\): in \(Model.h - IOKey\('x', shape=\[7\]\)\) \(Subtract.right\): "

@@ -83,8 +83,8 @@ def relative_position_bucket(bidirectional=True, num_buckets=32, max_distance=12
 
 def relative_position_bias(config, bidirectional, *, name=None, offset_start=False):
     """As published; ``offset_start=False``: ``Arange().connect(stop=query_length)`` for the
-    published ``Arange(start=TBD).connect(start=offset, ...)`` with the encoder's offset 0 (a
-    constant start waits on program.py: see the strict xfail below)."""
+    published ``Arange(start=TBD).connect(start=offset, ...)`` with the encoder's offset 0
+    (``offset_start=True``: as published, a constant start known when compiling)."""
     num_buckets = config["relative_attention_num_buckets"]
     max_distance = config.get("relative_attention_max_distance", 128)
     num_heads = config["num_heads"]
@@ -196,9 +196,6 @@ def test_t5_buckets_are_integers_equal_to_hugging_face(name):
     np.testing.assert_array_equal(got, hf_bucket(pos[None, :] - pos[:, None], True, 32, 20))
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/program.py: a constant's value "
-                   "known at compile time (values seeded with b.consts' 0-d integers), so "
-                   "Arange takes a constant start (the published offset=0)")
 def test_t5_bias_with_a_constant_offset_start():
     pm = ml.compile(encoder_bias(CONFIG, True, offset_start=True), ml.NumpyBackend(),
                     shapes={"input": [1, 6, 4]})

@@ -324,7 +324,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
 
     differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
-    values: dict[int, object] = {}  # wires whose values are known now (Size's output)
+    # wires whose values are known now (Size's output; an integer constant: Arange's start)
+    values: dict[int, object] = {w: v for w, v in b.consts.items()
+                                 if np.ndim(v) == 0 and np.asarray(v).dtype.kind in "iu"}
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):
