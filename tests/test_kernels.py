@@ -189,7 +189,8 @@ def _kernel_maths() -> list:
         mod = importlib.import_module(f"{mo.__name__}.{info.name}")
         for name, fn in vars(mod).items():
             if (inspect.isfunction(fn) and fn.__module__ == mod.__name__
-                    and list(inspect.signature(fn).parameters)[:2] == ["p", "g"]):
+                    and list(inspect.signature(fn).parameters)[:2] == ["p", "g"]
+                    and not getattr(fn, "array_only", False)):  # (mu_dtype's: no numba)
                 found.append(pytest.param(fn, id=f"{info.name}.{name}"))
     return found
 

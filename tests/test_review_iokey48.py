@@ -129,7 +129,7 @@ def test_repr_and_wire_text_read_well():
     assert repr(IOKey(value=np.zeros((2, 3)))) == "IOKey(value=array[2, 3])"
     q = IOKey("q", shape=[2, 3])
     assert repr(q.shape[0] * q.shape[1]) == "(IOKey('q', shape=[2, 3]).shape[0] * IOKey('q', shape=[2, 3]).shape[1])"
-    assert repr(q + 1) == "(IOKey('q', shape=[2, 3]) + 1.0)"
+    assert repr(q + 1) == "(IOKey('q', shape=[2, 3]) + 1)"  # (an int constant stays an int)
     assert repr(IOKey(value=2.0) * q) == "(2.0 * IOKey('q', shape=[2, 3]))"
 
 

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
-from .accumulation import Accumulate, AccumulateState, _is_half_dtype, _kind
+from .accumulation import Accumulate, AccumulateState
+from .gradient_accumulator import _is_half_dtype, _kind
 from .optimizers.checks import check_int, describe
 from .optimizers.serialization import _numeric, _torch_tensor
 

@@ -82,8 +82,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, KeyMismatchError, ShapeError
-from .accumulation import Accumulate, AccumulateState, _check_weight
+from .accumulation import Accumulate, AccumulateState
 from .fixed_parts import FixedParts
+from .gradient_accumulator import _check_weight
 from .loss_scaler import LossScaler, refuse_peer_names
 from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer

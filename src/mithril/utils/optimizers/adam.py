@@ -12,7 +12,7 @@ import numpy as np
 
 from .base import Optimizer
 from .checks import check_flag, check_mu_dtype, check_positive, check_unit
-from .elementwise import maximum, sqrt
+from .elementwise import array_only, maximum, sqrt
 from .sgd import BY_CONVENTION, CONVENTIONS, check_convention
 
 
@@ -74,6 +74,7 @@ def correction(moment: Any, beta: Any, t: Any) -> Any:
     return moment.new_tensor(float(c)) if torch else np.asarray(c).astype(moment.dtype)
 
 
+@array_only
 def _adam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps):
     # optax's order (mu_dtype): β₁·m in m's own dtype (a weak-typed scalar), then promoted
     m = b1c * g + b1 * m
@@ -82,6 +83,7 @@ def _adam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps):
     return p + (-lr) * u, m, v
 
 
+@array_only
 def _adamw_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, wd):
     m = b1c * g + b1 * m
     v = b2c * (g * g) + b2 * v
@@ -89,6 +91,7 @@ def _adamw_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, wd):
     return p + (-lr) * (u + wd * p), m, v          # optax.adamw: −lr·(u + wd·p)
 
 
+@array_only
 def _amsgrad_mu(p, g, m, v, vmax, lr, b1, b1c, b2, b2c, t, eps):
     m = b1c * g + b1 * m
     v = b2c * (g * g) + b2 * v

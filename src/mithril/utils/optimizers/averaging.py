@@ -365,8 +365,10 @@ def resumed_averages(opt: Any, saved: Mapping[str, Any], step: int | None
 def started_averages(opt: Any, saved: Mapping[str, Any], step: int | None) -> tuple[str, ...]:
     """The slots of :func:`resumed_averages`: the averages ``opt`` keeps that a checkpoint
     (hyperparameters ``saved``, saved at ``step``) lacks, which start at the resume. A
-    wrapper's (a Lookahead's, ``saved["inner"]``) are its inner optimizer's."""
-    inner, spec = getattr(opt, "inner", None), saved.get("inner")
+    wrapper's (a Lookahead's, ``saved["inner"]``; a SAM's, ScheduleFree's or Mechanize's,
+    ``saved["base_optimizer"]``) are its inner optimizer's."""
+    key = "inner" if "inner" in saved else "base_optimizer"
+    inner, spec = opt.__dict__.get(key), saved.get(key)  # (not a wrapper's pass-through)
     if inner is not None and isinstance(spec, Mapping):
         hp = spec.get("hyperparameters")
         return started_averages(inner, hp, step) if isinstance(hp, Mapping) else ()

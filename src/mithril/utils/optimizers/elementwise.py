@@ -15,6 +15,13 @@ from numba.extending import overload
 from numba.np import numpy_support
 
 
+def array_only(math: Any) -> Any:
+    """Mark an elementwise math that only the array engine runs (optax's ``mu_dtype``
+    order: it calls Python, :func:`~.adam.correction`, so numba never compiles it)."""
+    math.array_only = True
+    return math
+
+
 def _module_of(x: Any) -> str:
     return type(x).__module__.split(".", 1)[0]
 

@@ -7,7 +7,7 @@ from typing import Any
 from .adam import correction
 from .base import Optimizer
 from .checks import check_mu_dtype, check_positive, check_unit, refuse_unless
-from .elementwise import helper, sqrt
+from .elementwise import array_only, helper, sqrt
 from .sgd import BY_CONVENTION, check_convention, check_decoupled
 
 
@@ -26,6 +26,7 @@ def _nadam_optax(p, g, m, v, lr, b1c, b2, b2c, bc2, eps, cg, cm, eps_root):
     return p + cg * (g / d) + cm * (m / d), m, v
 
 
+@array_only
 def _nadam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, eps_root):
     # optax's order (mu_dtype): β₁·m in m's own dtype, its Nesterov m̂ and corrections
     m = b1c * g + b1 * m
@@ -34,6 +35,7 @@ def _nadam_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, eps_root):
     return p + (-lr) * (mh / (sqrt(v / correction(v, b2, t) + eps_root) + eps)), m, v
 
 
+@array_only
 def _nadamw_mu(p, g, m, v, lr, b1, b1c, b2, b2c, t, eps, eps_root, wd):
     m = b1c * g + b1 * m
     v = b2c * (g * g) + b2 * v
