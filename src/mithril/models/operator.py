@@ -177,17 +177,24 @@ class Operator:
         "out")``, ``Linear(4).connect("input")``, as published)."""
         from .model import Bound
 
-        if args:
-            order = self.positional or (*self.inputs, "output")
-            who = f"{type(self).__name__}.connect"
-            if len(args) > len(order):
-                raise TypeError(f"{who} takes at most {len(order)} positional connections "
-                                f"({', '.join(order)}), got {len(args)}")
-            for key in order[:len(args)]:
-                if key in connections:
-                    raise TypeError(f"{who} got two values for {key!r}")
-            connections = {**dict(zip(order, args)), **connections}
-        return Bound(self, connections)
+        return Bound(self, self._named(args, connections))
+
+    def _named(self, args: tuple, connections: dict[str, Any],
+               order: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``connections`` with the positional ``args`` named in ``order`` (else
+        :attr:`positional`, else the inputs then ``"output"``); too many of them, or a
+        terminal given twice, is a ``TypeError``."""
+        if not args:
+            return connections
+        order = order or self.positional or (*self.inputs, "output")
+        who = f"{type(self).__name__}.connect"
+        if len(args) > len(order):
+            raise TypeError(f"{who} takes at most {len(order)} positional connections "
+                            f"({', '.join(order)}), got {len(args)}")
+        for key in order[:len(args)]:
+            if key in connections:
+                raise TypeError(f"{who} got two values for {key!r}")
+        return {**dict(zip(order, args)), **connections}
 
     __call__ = connect
 

@@ -50,13 +50,7 @@ class ToTensor(Operator):
     def connect(self, *args: Any, **connections: Any) -> Any:
         """As published, ``connect(input, dtype, output)``; ``dtype`` is set here and the
         constructor's ``input`` is the default input."""
-        for key, v in zip(self.positional, args, strict=False):
-            if key in connections:
-                raise TypeError(f"ToTensor.connect got two values for {key!r}")
-            connections[key] = v
-        if len(args) > 3:
-            raise TypeError(f"ToTensor.connect takes at most 3 positional connections (input, "
-                            f"dtype, output), got {len(args)}")
+        connections = self._named(args, connections)
         before = (self._cast, self.dtype)
         if connections.get("dtype") is not None:
             self._cast = Cast(connections["dtype"])
@@ -131,13 +125,7 @@ class Slice(Operator):
 
     def connect(self, *args: Any, **connections: Any) -> Any:
         """``connect(start, stop, step, output)`` as published: the ends are set here."""
-        for key, v in zip(self.positional, args, strict=False):
-            if key in connections:
-                raise TypeError(f"Slice.connect got two values for {key!r}")
-            connections[key] = v
-        if len(args) > 4:
-            raise TypeError(f"Slice.connect takes at most 4 positional connections (start, stop, "
-                            f"step, output), got {len(args)}")
+        connections = self._named(args, connections)
         ends = {k: connections.pop(k) for k in ("start", "stop", "step") if k in connections}
         before = (self.start, self.stop, self.step)
         self._set(*(ends.get(k, v) for k, v in zip(("start", "stop", "step"), before, strict=True)))

@@ -422,13 +422,7 @@ class Indexer(Operator):
         """As any block's; ``index=`` (published: a terminal) sets the index here: a static
         index or a ``Slice`` block's output (its slice); positionally ``input``, ``index``,
         ``output``, as published."""
-        for key, v in zip(("input", "index", "output"), args, strict=False):
-            if key in connections:
-                raise TypeError(f"Indexer.connect got two values for {key!r}")
-            connections[key] = v
-        if len(args) > 3:
-            raise TypeError(f"Indexer.connect takes at most 3 positional connections (input, "
-                            f"index, output), got {len(args)}")
+        connections = self._named(args, connections, ("input", "index", "output"))
         if "index" not in connections:
             if self.index is TBD:
                 raise TypeError("Indexer: no index given: Indexer(index) or "
