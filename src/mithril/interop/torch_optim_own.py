@@ -39,7 +39,10 @@ def torch_shaped(tw: Any, sd: Mapping[str, Any]) -> dict[str, Any]:
         if j is None and tw._grouped:  # (an empty group: it shows the values it has)
             continue
         for key, ours in tw._keys:
-            values = [trial._hyperparameter_value(n, j) for n in ours]
+            try:
+                values = [trial._hyperparameter_value(n, j) for n in ours]
+            except (AttributeError, KeyError):  # (a key the optimizer holds no value of)
+                continue
             g[key] = values[0] if len(values) == 1 else tuple(values)
     lrs = [g["lr"] for g in packed for _ in g["params"]]
     state, meta = export(trial, st, tw._names, lrs, tw._params)
