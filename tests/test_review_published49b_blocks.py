@@ -71,10 +71,9 @@ def test_item_of_several_elements_and_a_bad_to_tensor_are_refused_by_name():
     assert t.dtype is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/backends/numpy_backend.py: _cast keeps "
-                   "the float dtype of an output that a Cast / ToTensor(dtype=) gives on purpose "
-                   "(it returns every float output in the model's dtype; torch and JAX keep it)")
 def test_numpy_keeps_an_output_cast_to_float64_in_a_float32_model():
+    """NumPy returned every float output in the model's dtype, a ``Cast`` to float64
+    included (torch and JAX keep it); now kept, and so are gradients through it."""
     m = Model()
     m |= Buffer().connect(input=IOKey("x").cast(ml.float64), output="y")
     pm = ml.compile(m, ml.NumpyBackend(), shapes={"x": [2]}, inference=True)

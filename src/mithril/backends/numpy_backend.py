@@ -53,13 +53,16 @@ class NumpyBackend(Backend):
         return _NumpyEvaluator(program, self.native_dtype())
 
 
-def _cast(arrays: dict[str, Any], dt: Any) -> dict[str, Any]:
+def _cast(arrays: dict[str, Any], dt: Any, kept: frozenset[str] = frozenset()
+          ) -> dict[str, Any]:
     """``arrays`` as ndarrays (reductions give NumPy scalars) with floats in ``dt``
-    (ml_dtypes' bfloat16 matmul and scalar products compute in float32)."""
+    (ml_dtypes' bfloat16 matmul and scalar products compute in float32), but ``kept``'s:
+    outputs a ``Cast`` gives another float dtype on purpose (torch and JAX keep it too)."""
     for k, v in arrays.items():
         if v.dtype is dt and type(v) is np.ndarray:  # (the usual case, by identity)
             continue
-        if v.dtype != dt and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
+        if v.dtype != dt and (v.dtype.kind == "f" or v.dtype.name == "bfloat16") \
+                and k not in kept:
             arrays[k] = np.asarray(v, dtype=dt)
         elif type(v) is not np.ndarray:
             arrays[k] = np.asarray(v)
@@ -74,16 +77,31 @@ class _NumpyEvaluator(Evaluator):
     def __init__(self, program: Any, dtype: Any) -> None:
         self.prog, self.dtype = program, dtype
         self._forward: Any = None
+        self._kept: frozenset[str] | None = None
         self._vjps: dict[tuple[str, ...], Any] = {}
 
     def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
                 run: Any = None) -> dict[str, Any]:
         if self._forward is None:
             self._forward = forward_plan(self.prog)
-        out = _cast(self._forward(np, params, inputs, run), self.dtype)
+        out = _cast(self._forward(np, params, inputs, run), self.dtype, self._cast_outputs())
         if run is not None:
             _cast(run.new_state, self.dtype)
         return out
+
+    def _cast_outputs(self) -> frozenset[str]:
+        """The outputs whose declared dtype is another float one than the model's (a
+        ``Cast``'s, through blocks that keep their input's dtype)."""
+        if self._kept is None:
+            from types import SimpleNamespace
+
+            from ..compiler.output_gradients import output_dtypes
+
+            model = np.dtype(self.dtype).name
+            declared = output_dtypes(self.prog, {}, SimpleNamespace(dtype=model))
+            self._kept = frozenset(k for k, d in declared.items() if d != model
+                                   and (d.startswith("float") or d == "bfloat16"))
+        return self._kept
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
         keys = tuple(cotangents)
@@ -95,4 +113,4 @@ class _NumpyEvaluator(Evaluator):
         out, grads = plan(np, params, inputs, cotangents, run)
         if run is not None:
             _cast(run.new_state, self.dtype)
-        return _cast(out, self.dtype), _cast(grads, self.dtype)
+        return _cast(out, self.dtype, self._cast_outputs()), _cast(grads, self.dtype)
