@@ -84,13 +84,7 @@ class Arange(Operator):
     def connect(self, *args: Any, **connections: Any) -> Any:
         """As any block's; an int or a shape wire given for ``start`` / ``stop`` / ``step``
         is fixed in the block (the others are connections)."""
-        if len(args) > len(self.positional):
-            raise TypeError(f"Arange.connect takes at most 5 positional connections (start, "
-                            f"stop, step, dtype, output), got {len(args)}")
-        for key, v in zip(self.positional, args, strict=False):
-            if key in connections:
-                raise TypeError(f"Arange.connect got two values for {key!r}")
-            connections[key] = v
+        connections = self._named(args, connections)
         dtype = connections.pop("dtype", TBD)
         before, before_dtype = dict(self.ends), self.dtype
         if dtype is not TBD:

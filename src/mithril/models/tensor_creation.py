@@ -77,13 +77,7 @@ class _Sized(Operator):
     def connect(self, *args: Any, **connections: Any) -> Any:
         """As any block's; ``shape=`` (and ``Ones``'s ``dtype=``), as published, set them here;
         positionally in the published order (``positional``)."""
-        if len(args) > len(self.positional):
-            raise TypeError(f"{type(self).__name__}.connect takes at most {len(self.positional)} "
-                            f"positional connections {self.positional}, got {len(args)}")
-        for key, v in zip(self.positional, args, strict=False):
-            if key in connections:
-                raise TypeError(f"{type(self).__name__}.connect got two values for {key!r}")
-            connections[key] = v
+        connections = self._named(args, connections)
         args = ()
         if "shape" not in connections and "dtype" not in connections:
             return super().connect(*args, **connections)

@@ -14,6 +14,7 @@ from .averaging import _jitable, started_averages
 from .base import Optimizer
 from .checks import check_flag, check_int, describe, state_dict_count, to_float, unwrapped
 from .elementwise import where
+from .held_hyperparameters import HeldHyperparameters
 from .serialization import checked_head
 from .state import OptimizerState
 
@@ -158,7 +159,7 @@ def _delegated(name: str, default: Any = None) -> property:
                     doc=f"The inner optimizer's ``{name}``.")
 
 
-class Lookahead(Optimizer):
+class Lookahead(HeldHyperparameters, Optimizer):
     """Lookahead (Zhang et al., 2019, "k steps forward, 1 step back") around ``inner``, any
     elementwise optimizer here (Adam, SGD, ...), as ``optax.lookahead``::
 
@@ -212,6 +213,8 @@ class Lookahead(Optimizer):
         params, state = opt.update(params, grads, state)   # params: the fast weights
         eval_params = opt.slow_params(state)               # views: copy to keep
     """
+
+    HELD, OWN = "inner", _OWN  # (``la.beta1`` is the inner's: :class:`HeldHyperparameters`)
 
     def __init__(self, inner: Optimizer, sync_period: int = 6, slow_step_size: float = 0.5,
                  reset_state: bool = False) -> None:
@@ -316,29 +319,6 @@ class Lookahead(Optimizer):
             return checks[name](value)
         except (TypeError, ValueError) as e:
             raise type(e)(f"Lookahead: {name}={value!r} refused: {e}") from None
-
-    def _inner_name(self, name: str) -> bool:
-        """Whether ``name`` is one of the inner optimizer's hyperparameters (not Lookahead's
-        own): what attribute access on a Lookahead reaches the inner for."""
-        inner = self.__dict__.get("inner")
-        return (inner is not None and name[0] != "_" and name not in _OWN
-                and name in inner.flat_hyperparameters())
-
-    def __getattr__(self, name: str) -> Any:
-        # (only where normal lookup fails: ``la.beta1`` is the inner's)
-        if self._inner_name(name):
-            return getattr(self.inner, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # (``la.beta1 = 0.9`` sets the inner's, unchecked like any attribute set; before,
-        # it set an attribute no step read. A property with a setter keeps it: the
-        # learning rate's is checked)
-        prop = getattr(type(self), name, None)
-        if self._inner_name(name) and not (isinstance(prop, property) and prop.fset):
-            setattr(self.inner, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def hyper_holders(self) -> tuple[Any, ...]:
         """This Lookahead, then its inner optimizer's: a name other than Lookahead's own

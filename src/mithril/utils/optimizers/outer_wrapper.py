@@ -13,6 +13,7 @@ from typing import Any
 from ...errors import KeyMismatchError
 from .base import Optimizer
 from .checks import check_state_kind, check_update, describe, to_float
+from .held_hyperparameters import HeldHyperparameters
 from .serialization import StateDictMixin, checked_head
 from .state import OptimizerState
 
@@ -63,36 +64,13 @@ def check_grads(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: An
         raise type(e)(f"{what}: {e}") from None
 
 
-class OuterWrapper(Optimizer):
+class OuterWrapper(HeldHyperparameters, Optimizer):
     """Holds ``base_optimizer`` and hands it the learning rate (hence schedulers),
     ``state_dict`` / ``load_state_dict`` (:attr:`OWN` are the wrapper's hyperparameters,
     ``"base_optimizer"`` the base's class and hyperparameters)."""
 
     OWN: tuple[str, ...] = ()
-
-    def _base_name(self, name: str) -> bool:
-        """Whether ``name`` is one of the base optimizer's hyperparameters (not the
-        wrapper's own): what attribute access on the wrapper reaches the base for, as a
-        Lookahead's reaches its inner's (``sam.beta1``)."""
-        base = self.__dict__.get("base_optimizer")
-        return (base is not None and name[:1] != "_" and name not in self.OWN
-                and name in base.flat_hyperparameters())
-
-    def __getattr__(self, name: str) -> Any:
-        # (only where normal lookup fails: ``sam.beta1`` is the base's; it was an
-        # AttributeError, and setting it was refused as a name no step reads)
-        if self._base_name(name):
-            return getattr(self.base_optimizer, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # (``sam.beta1 = 0.5`` sets the base's, checked there; a property with a setter
-        # keeps it: the learning rate's, nonfinite's)
-        prop = getattr(type(self), name, None)
-        if self._base_name(name) and not (isinstance(prop, property) and prop.fset):
-            setattr(self.base_optimizer, name, value)
-        else:
-            super().__setattr__(name, value)
+    HELD = "base_optimizer"  # (its hyperparameters read and set through the wrapper)
 
     def __copy__(self) -> OuterWrapper:
         new = object.__new__(type(self))
