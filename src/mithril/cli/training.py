@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,150 +23,29 @@ from ..utils.optimizers import global_norm
 from ..utils.training import make_train_step
 from .data import Dataset
 from .errors import CLIError, TrainingError
+from .evaluation import Evaluation
 from .networks import ModelSpec, mlp_spec
-from .optimizer_catalog import WRAPPERS, build_optimizer, inner_name, optimizer_keys
+from .optimizer_catalog import build_optimizer
 from .options import Schedule, build_schedule
+from .run_types import (
+    BACKENDS,
+    MAX_TOTAL_STEPS,
+    MIXED_PRECISION,
+    RunConfig,
+    RunResult,
+    ShuffledRows,
+    build_model,
+    correct,
+    make_backend,
+    optimizer_label,
+)
 from .runtime import HeldInterrupt, NoBar, Position, thread_limit
 
-__all__ = ["BACKENDS", "MIXED_PRECISION", "Run", "RunConfig", "RunResult", "thread_limit"]
-
-BACKENDS = ("numpy", "jax", "torch")
-MIXED_PRECISION = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
-#: the longest run (optimizer steps): its schedule is checked step by step up front, and
-#: metrics.csv gets one row per step
-MAX_TOTAL_STEPS = 2_000_000
+__all__ = ["BACKENDS", "MIXED_PRECISION", "Run", "RunConfig", "RunResult", "ShuffledRows",
+           "build_model", "correct", "make_backend", "thread_limit"]
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines a run besides the data."""
-
-    optimizer: str = "adam"
-    #: option name -> value for the options given (see :mod:`.options`)
-    settings: dict[str, Any] = field(default_factory=dict)
-    #: (scheduler name, its own settings); several make a sequence
-    schedulers: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [("cosine", {})])
-    backend: str = "numpy"
-    dtype: str = "float32"
-    mixed_precision: str = "none"
-    loss_scale: float = 2.0**16
-    epochs: int = 20
-    batch_size: int = 64
-    seed: int = 0
-    hidden: tuple[int, ...] = (128, 64)
-    activation: str = "relu"
-    #: BLAS/OpenMP threads while training: the matrices are small, and on a shared 2-core
-    #: machine a second BLAS thread that has to wait for a core makes each step ~10x slower
-    threads: int = 1
-    #: regex of the parameter names that get no weight decay (``--no-decay-on``)
-    no_decay_on: str | None = None
-    #: decay of an EMA of the weights, evaluated beside them (``--ema``); None: no EMA
-    ema: float | None = None
-    #: the optimizer step the EMA starts at (``--ema-start``; ``ema_start=``)
-    ema_start: int = 1
-    #: ``(base, max)`` momentum cycled by the one-cycle schedule (``--momentum-cycle``)
-    momentum_cycle: tuple[float, float] | None = None
-    #: the job (``--task``: digits, digits-cnn, tabular, charlm) and its own settings
-    task: str = "digits"
-    task_settings: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, **({"task_settings": dict(self.task_settings)}
-                                      if self.task_settings else {}),
-                "optimizer": self.optimizer, "settings": dict(self.settings),
-                "schedulers": [[n, dict(s)] for n, s in self.schedulers],
-                "backend": self.backend, "dtype": self.dtype,
-                "mixed_precision": self.mixed_precision, "loss_scale": self.loss_scale,
-                "epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
-                "hidden": list(self.hidden), "activation": self.activation,
-                "threads": self.threads, "no_decay_on": self.no_decay_on, "ema": self.ema,
-                "ema_start": self.ema_start,
-                "momentum_cycle": None if self.momentum_cycle is None else
-                {"base_momentum": self.momentum_cycle[0],
-                 "max_momentum": self.momentum_cycle[1]}}
-
-
-@dataclass
-class RunResult:
-    config: RunConfig
-    steps: list[dict[str, Any]]
-    epochs: list[dict[str, Any]]
-    final: dict[str, float]
-    total_s: float
-    interrupted: bool
-    optimizer: str  #: repr of the optimizer as built (every hyperparameter)
-    label: str  #: short form: name, learning rate and the options that were set
-    schedule: str
-    #: the hyperparameter ``--momentum-cycle`` drives (``momentum`` or ``beta1``), or None
-    momentum: str | None = None
-    #: the per-batch metric of metrics.csv and the plot: ``acc`` or (regression) ``rmse``
-    metric: str = "acc"
-    #: what was trained, for the plot's title
-    model: str = "digits MLP"
-    #: why training stopped early with an error (a non-finite gradient with
-    #: ``--nonfinite raise``: the step, the epoch, the parameters), or None
-    error: str | None = None
-
-
-def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:
-    """MLP ``input -> hidden... -> logits`` and a cross-entropy ``loss`` against integer
-    ``target`` labels."""
-    return mlp_spec(1, num_classes, hidden, activation).model
-
-
-def correct(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whether each prediction is the label; one with an inf/NaN logit is wrong (argmax would
-    take a NaN for the first class: a diverged model scoring the share of class 0)."""
-    return (np.argmax(logits, axis=-1) == y) & np.isfinite(logits).all(axis=-1)
-
-
-class ShuffledRows:
-    """The batches of an epoch: the training rows in a new random order, ``batch_size`` at a
-    time (the last batch may be smaller)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.rows = len(y)
-
-    def steps(self, epoch: int) -> int:
-        return math.ceil(self.rows / self.batch_size)
-
-    def __call__(self, epoch: int, rng: np.random.Generator
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = rng.permutation(self.rows)
-        for i in range(0, self.rows, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield self.x[idx], self.y[idx]
-
-
-def make_backend(name: str, dtype: str, seed: int) -> Any:
-    try:
-        from .. import backends
-
-        cls = {"numpy": "NumpyBackend", "jax": "JaxBackend", "torch": "TorchBackend"}[name]
-        return getattr(backends, cls)(dtype=dtype, seed=seed)
-    except KeyError:
-        raise CLIError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
-    except ImportError as exc:
-        raise CLIError(f"the {name} backend needs {exc.name or name}: "
-                       f"pip install 'mithril[{name}]'") from None
-
-
-def optimizer_label(name: str, optimizer: Any, settings: dict[str, Any]) -> str:
-    """e.g. ``sgd(lr=0.1, momentum=0.9, nesterov)``: the learning rate and what was set."""
-    parts = [f"lr={optimizer.get_learning_rate():g}"]
-    if name in WRAPPERS:
-        parts.insert(0, f"{WRAPPERS[name]}={inner_name(name, settings)}")
-    for key in optimizer_keys(name, settings):
-        value = settings.get(key)
-        if key == "lr" or value is None:
-            continue
-        parts.append(key if value is True else f"{key}={value:g}" if isinstance(value, float)
-                     else f"{key}={value}")
-    return f"{name}({', '.join(parts)})"
-
-
-class Run:
+class Run(Evaluation):
     """A compiled model, its parameters, optimizer and schedule, ready to train."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, spec: ModelSpec | None = None,
@@ -374,91 +252,6 @@ class Run:
             else be.array(y)
         return {"input": xs, "target": ys}
 
-    def predict(self, params: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        """The model's outputs in inference mode (Dropout off, BatchNorm's running
-        statistics), as NumPy arrays."""
-        inputs = self.inputs(x, y)
-        if self.model_state is not None:
-            out, _ = self.compiled.evaluate(params, inputs, state=self.model_state,
-                                            training=False)
-        else:
-            out = self.compiled.evaluate(params, inputs, training=False)
-        return {k: self.backend.to_numpy(v) for k, v in out.items()}
-
-    def ema_params(self) -> dict[str, Any]:
-        """The EMA of the weights (``--ema``), as the model evaluates them: views of the
-        optimizer state (read only; training is not disturbed), cast to the compute dtype
-        with mixed precision."""
-        ema = self.optimizer.ema_params(self.state if self.parallel is None else self.state.local)
-        if self.trainer is not None:
-            engine = self.trainer._engine
-            ema = engine.cast_tree(ema, engine.cdt)
-        return dict(ema)
-
-    def saved_params(self) -> dict[str, Any]:
-        """The weights a run saves: those its final metrics measure (schedule-free: the
-        averaged x, as :meth:`eval_params`; not the EMA), in the parameter dtype (with mixed
-        precision the float32 masters)."""
-        params = self.params if self.trainer is None else self.trainer.master_params
-        if hasattr(self.optimizer, "eval_params") and (
-                self.parallel is None or not self.parallel.world.shard_state):
-            params = self._averaged(params)
-        return dict(params)
-
-    def _averaged(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A schedule-free optimizer's averaged x at the training weights ``params`` (y): of
-        this process's state, or on the JAX mesh (whose state is the sharded step's)."""
-        if hasattr(self.parallel, "eval_params"):
-            return self.parallel.eval_params(self)
-        state = self.state if self.parallel is None else self.state.local
-        return dict(self.optimizer.eval_params(state, params))
-
-    def eval_params(self, ema: bool = False) -> dict[str, Any]:
-        """The weights the model evaluates: the training ones or (``ema``) their EMA."""
-        if ema:
-            return self.ema_params()
-        if hasattr(self.optimizer, "eval_params") and (
-                self.parallel is None or not self.parallel.world.shard_state):
-            # schedule-free: the averaged sequence x, not the gradient point y (a process of
-            # a data-parallel run holds the whole state unless it is sharded); with mixed
-            # precision, x of the float32 masters, cast to the compute dtype as they are
-            if self.trainer is None:
-                return self._averaged(self.params)
-            engine = self.trainer._engine
-            x = self._averaged(self.trainer.master_params)
-            return dict(engine.cast_tree(x, engine.cdt))
-        return self.params if self.trainer is None else self.trainer.compute_params()
-
-    def evaluate(self, which: str, ema: bool = False) -> dict[str, float]:
-        """Metrics on the whole ``"train"`` or ``"test"`` set (in chunks of
-        ``spec.eval_chunk`` rows), with the training weights or (``ema``) their EMA:
-        ``loss`` (the mean over the set) and ``acc`` (``bpc`` too for a character model),
-        or for regression ``rmse`` (the target's units) and ``r2``."""
-        x, y = self.sets[which]
-        params = self.eval_params(ema)
-        n = len(y)
-        chunk = self.spec.eval_chunk or n
-        loss = right = sse = 0.0
-        for i in range(0, n, chunk):
-            xs, ys = x[i:i + chunk], y[i:i + chunk]
-            out = self.predict(params, xs, ys)
-            loss += float(out["loss"]) * len(ys)
-            pred = out[self.spec.output]
-            if self.metric == "acc":
-                right += float(np.sum(correct(pred, ys)))
-            else:
-                sse += float(np.sum((pred - ys) ** 2))
-        res = {"loss": loss / n}
-        if self.metric == "acc":
-            res["acc"] = right / y.size
-            if self.spec.bits_per_char:
-                res["bpc"] = res["loss"] / math.log(2)
-        else:
-            sst = float(np.sum((y - y.mean()) ** 2))
-            res["rmse"] = math.sqrt(sse / y.size) * self.spec.target_scale
-            res["r2"] = 1 - sse / sst if sst > 0 else float("nan")
-        return res
-
     # -- the loop --------------------------------------------------------------------------------
     def train(self, progress: bool | None = None, desc: str = "train",
               log: Callable[[str], None] | None = None) -> RunResult:
@@ -566,37 +359,3 @@ class Run:
                     f"lr {lr:.3g}  ({train_s:.2f} s)")
             held.check()
 
-    def epoch_line(self, m: dict[str, float]) -> str:
-        """The measured metrics of an epoch, e.g. ``loss 0.1 train acc 99% test acc 97%``."""
-        line = f"loss {m['train_loss']:.4f}  "
-        if self.metric == "rmse":
-            line += (f"train RMSE {m['train_rmse']:.4g}  test RMSE {m['test_rmse']:.4g}  "
-                     f"test R² {m['test_r2']:.4f}")
-        elif self.spec.bits_per_char:
-            line += (f"test loss {m['test_loss']:.4f}  test bits/char {m['test_bpc']:.3f}  "
-                     f"test acc {m['test_acc']:.2%}")
-        else:
-            line += f"train acc {m['train_acc']:.2%}  test acc {m['test_acc']:.2%}"
-        if "test_acc_ema" in m:
-            line += f"  EMA test acc {m['test_acc_ema']:.2%}"
-        if "test_rmse_ema" in m:
-            line += f"  EMA test RMSE {m['test_rmse_ema']:.4g}"
-        return line
-
-    def metric_names(self) -> tuple[str, ...]:
-        """The keys of :meth:`measure`: train/test loss and accuracy, then (``--ema``) the
-        same with the EMA weights (``*_ema``)."""
-        keys = ("loss", "acc", "bpc") if self.spec.bits_per_char else \
-            ("loss", "acc") if self.metric == "acc" else ("loss", "rmse", "r2")
-        names = tuple(f"{which}_{k}" for which in ("train", "test") for k in keys)
-        return names + tuple(f"{k}_ema" for k in names) if self.cfg.ema is not None else names
-
-    def measure(self) -> dict[str, float]:
-        """Loss and accuracy on the whole train and test sets (see :meth:`metric_names`)."""
-        out: dict[str, float] = {}
-        for ema in (False, True) if self.cfg.ema is not None else (False,):
-            for which in ("train", "test"):
-                suffix = "_ema" if ema else ""
-                for k, v in self.evaluate(which, ema=ema).items():
-                    out[f"{which}_{k}{suffix}"] = v
-        return out
