@@ -55,6 +55,7 @@ from .sgd import SGD
 from .sign_sgd import SignSGD, Signum
 from .simplified_ademamix import SimplifiedAdEMAMix
 from .sm3 import SM3
+from .sophia import Sophia
 from .state import OptimizerState
 from .yogi import Yogi
 
@@ -62,7 +63,7 @@ __all__ = ["ADOPT", "ASGD", "AdEMAMix", "AdaBelief", "AdaGrad", "Adadelta", "Ada
            "Adafactor", "Adamax", "Adan", "Ftrl", "Muon", "LAMB", "LARS", "Novograd", "LBFGS", "Lion", "Lookahead", "NAdam", "NoAverageError", "Optimizer", "OptimizerState", "RAdam",
            "Prodigy", "RMSProp", "Rprop", "SGD", "ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD", "Yogi",
            "COCOB", "OptimisticAdam", "OptimisticGD", "SignSGD", "Signum", "SimplifiedAdEMAMix",
-           "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3",
+           "DoG", "DoWG", "Fromage", "AcProp", "DAdaptAdamW", "SM3", "Sophia",
            "NoisySGD", "MADGRAD", "Mechanize", "SAM", "Momo", "MomoAdam", "PolyakSGD", "GaLore",
            "DPSGD", "DifferentiallyPrivate", "DimensionNumbers",
            "PrivacyAccountant", "get_epsilon", "get_noise_multiplier",
