@@ -48,6 +48,7 @@ __all__ = [
 # primitives (the published Mithril's names)
 from .arange import Arange  # noqa: E402
 from .connection_types import Tensor  # noqa: E402 (IOKey(type=Tensor[float]), as published)
+from .list_wires import ToList, ToTuple  # noqa: E402
 from .model import IOKey  # noqa: E402
 from .primitives import (  # noqa: E402
     Absolute,
@@ -70,6 +71,7 @@ from .shaping import Concat, Indexer, Reshape, Split, Transpose  # noqa: E402
 __all__ += [
     "Absolute", "Buffer", "Cast", "Concat", "Tensor", "Divide", "Exponential", "IOKey", "Indexer", "Log", "Max",
     "Mean", "Min", "Negate", "Power", "Reshape", "Split", "Sqrt", "Square", "Subtract", "Sum",
+    "ToList", "ToTuple",
     "Transpose", "Where", "Shape", "ShapeWire", "Size", "Arange",
 ]
 

@@ -458,7 +458,7 @@ def _leaf(model: Model, v: Operand, where: str) -> Connection:
         raise ValueError(f"{where}: {v!r} is a connection of another model, which is not part "
                          "of this one: add that model first (model |= other), or combine "
                          "connections of this model and its direct children only")
-    return model._resolve(v, where)
+    return model._resolve(v, where, lists=True)
 
 
 def wire_expression(model: Model, expr: Expression, where: str) -> Connection:
@@ -483,6 +483,18 @@ def wire_expression(model: Model, expr: Expression, where: str) -> Connection:
             if context in str(e):
                 raise
             raise type(e)(f"{context}: {e}") from None
+    from .list_wires import ListWire
+
+    lists = [k for k, c in mapping.items() if isinstance(c, ListWire)]
+    if lists:  # a ToList / ToTuple output: indexed here, when the model is built
+        lw = mapping[lists[0]]
+        if type(expr.op).__name__ != "Indexer" or lists != ["input"] or \
+                getattr(expr.op, "shape_args", None) is not None:
+            raise TypeError(f"{where}: in {expr!r}: {lw.kind}s (ToList / ToTuple outputs) are "
+                            "indexed (lst[0], lst[1:]) or fed to Concat(), not computed with")
+        got = lw.index(expr.op.index, f"{where}: in {expr!r}")
+        model._expr_wires[id(expr)] = (expr, got)
+        return got
     mapping["output"] = Connection(None)
     model.blocks.append((copy.copy(expr.op), mapping))
     model._expr_wires[id(expr)] = (expr, mapping["output"])

@@ -47,6 +47,7 @@ from .connection_types import TBD, check_fed, kinds_of, merged, type_name
 from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import Expression, wire_expression
+from .list_wires import ListWire, ToList, add_list_block, check_lists_read, expand_lists
 from .operator import Operator, takes_name, unify
 
 __all__ = ["Bound", "Connection", "IOKey", "Model", "Terminal", "cin_key",
@@ -133,10 +134,17 @@ class Model:
         self._new_roles: list[tuple[dict[str, Connection], str]] | None = None
         #: during ``_add``: (connection, kinds, differentiable) before a declaration changed them
         self._declared: list[tuple[Connection, Any, Any]] | None = None
+        #: ToList / ToTuple outputs (:mod:`mithril.models.list_wires`): named ones by name, and
+        #: every such block with its list
+        self._lists: dict[str, Any] = {}
+        self._list_blocks: list[tuple[Any, Any]] = []
 
     def __getattr__(self, name: str) -> Terminal:
         """``model.input``: a terminal (or a named internal wire) of this model as an object."""
         conns = self.__dict__.get("conns")
+        lists = self.__dict__.get("_lists") or {}
+        if not name.startswith("_") and name in lists:
+            return Terminal(self, name, lists[name])  # (a ToList / ToTuple output)
         if name.startswith("_") or conns is None or name not in conns:
             raise AttributeError(f"{type(self).__name__} has no attribute or connection {name!r}")
         return Terminal(self, name, conns[name])
@@ -181,6 +189,10 @@ class Model:
     def create(cls, *outputs: Any, **named: Any) -> Model:
         """The published ``Model.create(output, name=...)``: not offered (says what instead)."""
         raise TypeError(f"Model.create: {FUNCTIONAL}")
+
+    def _finalize_for_compile(self) -> None:
+        """Called by ``compile``: every ToList / ToTuple list is read by some block."""
+        check_lists_read(self)
 
     # -- canonical input and output ----------------------------------------------------
     @property
@@ -244,9 +256,17 @@ class Model:
         return any(v is c for v in self.conns.values()) or any(
             v is c for _, m in self.blocks for v in m.values())
 
-    def _resolve(self, given: str | Terminal | Expression, what: str) -> Connection:
+    def _resolve(self, given: str | Terminal | Expression, what: str, lists: bool = False) -> Connection:
         """The wire of this model a name, a :class:`Terminal` or an expression already added
-        to it refers to."""
+        to it refers to; a ToList / ToTuple output (a ``ListWire``) only where ``lists``
+        (a block's connection, an expression's operand)."""
+        c = self._resolve_any(given, what)
+        if not lists and isinstance(c, ListWire):
+            raise TypeError(f"{what}: {given!r} is a {c.kind} (ToList / ToTuple output), not a "
+                            "connection: a list feeds Concat() or is indexed (lst[0])")
+        return c
+
+    def _resolve_any(self, given: str | Terminal | Expression, what: str) -> Connection:
         if isinstance(given, Expression):
             cached = self._expr_wires.get(id(given))
             if cached is not None and cached[0] is given:
@@ -255,6 +275,8 @@ class Model:
                              "connect it to a block first, e.g. model |= Buffer()(input=expr, "
                              "output=\"name\")")
         if isinstance(given, str):
+            if given in self._lists:
+                return self._lists[given]
             if given not in self.conns:
                 raise KeyMismatchError(f"{what}: this model has no connection '{given}'; "
                                        f"its connections are {list(self.conns)}")
@@ -264,7 +286,10 @@ class Model:
         if given.block is self or (given.conn is not None and self._owns(given.conn)):
             if given.conn is not None:
                 return given.conn
-            return self._resolve(str(given.key), what)
+            return self._resolve_any(str(given.key), what)
+        for block, lw in self._list_blocks:
+            if block is given.block and given.key == "output":
+                return lw
         for block, mapping in self.blocks:
             if block is given.block:
                 key = given.key
@@ -296,11 +321,16 @@ class Model:
         the name from an output that only had it by default (it becomes an internal wire).
         An expression adds its operator blocks; ``where`` (block, key) names it in errors."""
         if isinstance(given, Terminal):
-            return self._resolve(given, "connect")
+            return self._resolve(given, "connect", lists=True)
         if isinstance(given, Expression):
             block, key = where if where is not None else (None, "?")
             return wire_expression(self, given, f"{type(block).__name__}.connect({key}=...)")
         key = given if isinstance(given, IOKey) else IOKey(given)
+        if key.name in self._lists:
+            if is_output or key.value is not None:
+                raise ValueError(f"'{key.name}' is a {self._lists[key.name].kind} (ToList / "
+                                 "ToTuple output): it is not an output name, nor takes a value")
+            return self._lists[key.name]
         if key.name is None:
             c = Connection(None)
         else:
@@ -335,10 +365,14 @@ class Model:
         conns = dict(self.conns)
         attrs = [(c, c.name, c.shape, c.value, c.exposed, c.auto_output) for c in conns.values()]
         self._new_roles, self._declared = [], []
-        return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output, self._cout)
+        return (len(self.blocks), conns, attrs, dict(self._expr_wires), self._last_output,
+                self._cout, dict(self._lists), len(self._list_blocks))
 
     def _restore(self, snap: Any) -> None:
-        n_blocks, conns, attrs, wires, last, cout = snap
+        n_blocks, conns, attrs, wires, last, cout, lists, n_lists = snap
+        self._lists.clear()
+        self._lists.update(lists)
+        del self._list_blocks[n_lists:]
         del self.blocks[n_blocks:]
         self.conns.clear()
         self.conns.update(conns)
@@ -358,10 +392,15 @@ class Model:
         snap = self._snapshot()
         block = item.block if isinstance(item, Bound) else item
         was_used = getattr(block, "_used", None)
+        # (an operator's configuration a connection sets: Concat's n from a list)
+        before = dict(block.__dict__) if isinstance(block, Operator) else None
         try:
             return self._add_block(item, chain)
         except BaseException:
             self._restore(snap)
+            if before is not None:
+                block.__dict__.clear()
+                block.__dict__.update(before)
             if isinstance(block, Model) and block is not self:
                 block._used = bool(was_used)
             raise
@@ -375,6 +414,11 @@ class Model:
             raise ValueError("a model cannot contain itself")
         if getattr(block, "_used", False) or any(b is block for b, _ in self.blocks):
             raise ValueError(f"{block!r} is already part of a model; create a new instance")
+        if isinstance(block, ToList):
+            if any(b is block for b, _ in self._list_blocks):
+                raise ValueError(f"{block!r} is already part of a model; create a new instance")
+            add_list_block(self, bound, chain)
+            return self
         if isinstance(block, Model):
             block._used = True
         mapping: dict[str, Connection] = {}
@@ -411,6 +455,7 @@ class Model:
                 mapping[key] = c
             else:
                 mapping[key] = self._named(self._fresh_name(key))
+        expand_lists(self, block, mapping)  # (a list fed to Concat(): Concat(n))
         for key, c in mapping.items():
             if isinstance(block, Model):  # a child's declarations hold for the wire it is bound to
                 inner = block.conns[key]

@@ -450,6 +450,7 @@ class TrainModel(Model):
         """Add the objective block (called by ``compile``; once)."""
         if self._finalized:
             return
+        Model._finalize_for_compile(self)  # (lists: see Model's)
         if not self._losses:
             raise ValueError("TrainModel: add at least one loss (add_loss) before compiling")
         _, deps = self._analysis()
