@@ -118,8 +118,8 @@ How it works:
   anything fails (the closure raises, returns a non-finite loss or gradient, or no loss)
   the parameters are written back and the optimizer state is unchanged; an exception of
   the closure's own propagates with a note saying so.
-* ``state_dict()`` is torch-shaped: ``{"state": {i: {"step": tensor, <slot>: tensor}},
-  "param_groups": [group], "mithril": {...}}`` with torch's slot names where torch has the
+* ``state_dict()`` is torch-shaped (:mod:`.torch_optim_checkpoints`): ``{"state": {i:
+  {"step": tensor, <slot>: tensor}}, "param_groups": [group], "mithril": {...}}`` with torch's slot names where torch has the
   optimizer (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...), each of its slot shape
   (0-d for one value per tensor, e.g. ASGD's ``eta``/``mu`` as torch, Novograd's ``nu``;
   Adafactor's factors ``row_var``/``col_var``), leaving out what a parameter does not use
@@ -175,29 +175,22 @@ import copy
 import inspect
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..errors import KeyMismatchError
 from ..utils.optimizers import AdaGrad, Optimizer
+from .torch_optim_checkpoints import TorchCheckpoints
 from .torch_optim_closure import closure_step
 from .torch_optim_complex import aliased, check_complex, point, real, reals
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
-    check_torch_flags,
-    check_torch_kind,
-    given_values,
     group_keys,
-    grouped_hyperparameters,
     hyperparameters_for,
     joined_at,
-    mithril_index,
     named,
-    packed_groups,
     torch_groups,
 )
-from .torch_optim_own import is_own, torch_shaped
 from .torch_optim_params import (
     added_parameters,
     check_no_overlap,
@@ -208,23 +201,19 @@ from .torch_optim_params import (
     parameters,
     split,
 )
-from .torch_optim_rates import with_rates
 from .torch_optim_state import (  # noqa: F401 - TORCH_SLOTS, slot_names_for_torch: public here
     TORCH_SLOTS,
-    export,
-    parse_state_dict,
-    restore,
     slot_names_for_torch,
     torch_initial,
     with_added,
-    with_group,
 )
 from .torch_optim_state_view import StepCounts, live_state
 from .torch_optim_sync import TorchGroupSync
 
 __all__ = ["TorchOptimizer", "torch_optimizer"]
 
-class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
+
+class TorchOptimizer(TorchGroupSync, TorchCheckpoints, torch.optim.Optimizer):
     """A mithril optimizer as a ``torch.optim.Optimizer`` (see the module docs); build it
     with :func:`torch_optimizer`."""
 
@@ -489,109 +478,6 @@ class TorchOptimizer(TorchGroupSync, torch.optim.Optimizer):
                 if not at(p, v):
                     point(p, v, self._alias)
         self._views = new
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """A torch-shaped state dict (see the module docs); the tensors are copies."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        self._adopt_rate()  # (a mithril scheduler's rate since the last step: saved too)
-        self._take_counts()
-        packed = packed_groups(self)
-        state, meta = export(self._mithril, self._opt_state, self._names,
-                             [g["lr"] for g in self.param_groups for _ in g["params"]],
-                             self._params)
-        try:  # what the next step will use (a scheduler may have changed lr since the last)
-            meta["hyperparameters"] = self._hyperparameters_of(
-                self.param_groups, meta["hyperparameters"], per_key=True)
-        except (KeyError, ValueError, TypeError):  # the next step refuses it, says why
-            pass
-        meta["param_names"] = list(self._names)
-        # also in the first group: torch.distributed.checkpoint's get_optimizer_state_dict
-        # keeps only "state" and "param_groups" (their keys), and the load needs the counters
-        packed[0]["mithril"] = meta
-        out: dict[str, Any] = {"state": state, "param_groups": packed, "mithril": meta}
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, out)
-            if result is not None:
-                out = result
-        return out
-
-    def _hyperparameters_of(self, groups: list[Mapping[str, Any]], hp: Mapping[str, Any],
-                            per_key: bool = False) -> dict[str, Any]:
-        """``hp`` (the mithril optimizer's) with the values of the torch ``groups`` set (with
-        ``per_key``, one group's keys each on its own, skipping one that is refused)."""
-        if self._grouped:  # (the optimizer's rate and each group's scale kept: with_rates)
-            return with_rates(self._mithril, grouped_hyperparameters(
-                self._mithril, self._keys, groups, self._group_names, offsets_of=hp),
-                groups, mithril_index(self._group_names), hp)
-        if not per_key:
-            return with_group(self._mithril, hp, groups[0], self._keys)
-        out = dict(hp)
-        for key, ours in self._keys:
-            try:
-                out = with_group(self._mithril, out, {key: groups[0][key]}, [(key, ours)])
-            except (KeyError, ValueError):
-                pass
-        return out
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (of a wrapper of the same optimizer class
-        over parameters of the same shapes, in groups of the same sizes, matched by position
-        as in torch). Everything is checked before anything changes: on error this
-        optimizer, its groups and the parameters are as they were."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state dict must be a dict, got {type(state_dict).__name__}")
-        state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-
-        def refuse(e: BaseException) -> BaseException:
-            cls, msg = (KeyMismatchError, e.args[0] if e.args else e) if isinstance(
-                e, KeyError) else (type(e), e)
-            note = ("; a complex parameter's slots are complex tensors of its shape (held "
-                    "here as its real view, shape (..., 2))") if self._complex else ""
-            return cls(f"state dict refused (nothing changed): {msg}{note}")
-
-        if is_own(state_dict):  # (a save_checkpoint file's: optimizer.state_dict(state))
-            state_dict = torch_shaped(self, state_dict)
-        groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
-                                        self.param_groups, self._hyperparameters_of)
-        try:  # (a torch.optim state dict's groups hold torch's flags)
-            check_torch_flags(self._mithril, groups, self._keys)
-        except ValueError as e:
-            raise refuse(e) from e
-        where = given_values(groups, self._keys, self.param_groups)
-        try:  # the groups' values first: a refused one is named (as at construction)
-            copy.copy(self._mithril).load_state_dict({"optimizer": ours["optimizer"],
-                                                      "hyperparameters": ours["hyperparameters"]})
-        except (TypeError, ValueError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise refuse(type(e)(f"{where}: {msg}") if where else e) from e
-        slots, opt = ours.get("slots"), self._mithril
-        if not isinstance(slots, Mapping) or set(slots) == {*opt.slot_names(),
-                                                            *opt.tensor_slots}:
-            try:  # (where the slots differ, the load names them instead)
-                check_torch_kind(opt, groups, self._keys)
-            except KeyError as e:
-                raise refuse(e) from e
-        with torch.inference_mode(False):  # (buffers of normal tensors: see step)
-            state = restore(opt, ours, self._names, reals(self._params), refuse)
-        # nothing fails from here on
-        self._quiet = True  # (param_groups shows no rate until the groups are set: _note_rates)
-        self._opt_state = state
-        self._views = None  # the next step copies the parameters into the new buffer
-        for group, now in zip(groups, self.param_groups):
-            for key, _ in self._keys:
-                group.setdefault(key, now[key])
-        self.param_groups = groups
-        self._synced = [{key: copy.deepcopy(g[key]) for key, _ in self._keys} for g in groups]
-        self._note_rates()
-        self._count_on()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
 
 
 def torch_optimizer(optimizer: Optimizer, params: Any) -> TorchOptimizer:

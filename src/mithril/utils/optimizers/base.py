@@ -22,41 +22,9 @@ only for parameters that missed steps (absent from ``gradients``: left untouched
 counts those as torch does once told (:meth:`OptimizerState.note_missed`, ``torch_optimizer``
 does), unless the class sets ``counts_missed = False`` (its reference counts per group).
 
-Non-finite gradients (``nonfinite=``); the global gradient norm of every step is reported
-in ``state.last_grad_norm`` under the first three policies:
-
-* ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
-  The fused kernel measures the gradient norm and probes every new param and slot value
-  for inf/NaN in the same pass (no extra traffic), so a non-finite step is never silent,
-  whatever its cause (a non-finite gradient, or finite gradients with, say, ``lr=1e38``):
-  a ``RuntimeWarning`` is issued, ``state.num_nonfinite`` grows and, for a non-finite
-  gradient, ``state.last_grad_norm`` is inf/NaN. Non-finite values that stay so are
-  reported once (``state.nonfinite_values`` is True until a step gives finite values
-  again); every non-finite gradient is.
-* ``"skip"``: the step is computed once without being stored, before any write (a
-  read-only pass over what the update reads: 16 more bytes per parameter for fp32 Adam);
-  if a gradient or any new param/slot value is inf/NaN the step is skipped (so params or
-  state that already hold inf/NaN refuse every step until repaired), params and state are
-  untouched, ``state.num_skipped`` grows, ``state.last_step_skipped`` is True and
-  a ``RuntimeWarning`` is issued. (:class:`~mithril.utils.mixed_precision.MixedPrecisionTrainer`
-  skips itself.)
-  ``max_consecutive_skips=N`` (None: skip forever) gives up as optax's ``apply_if_finite(inner,
-  max_consecutive_errors=N)``: ``state.consecutive_skips`` counts non-finite steps in a row
-  (its ``notfinite_count``; a finite step resets it); a step taken with it at ``N`` or more is
-  applied as under ``"propagate"`` (a broken run shows NaN params, not silently no training),
-  counted in ``num_nonfinite``, not ``num_skipped`` (their sum: its ``total_notfinite``). Optax
-  looks at gradients only; here results count too (once params hold NaN, the count grows).
-* ``"raise"``: the same check; ``FloatingPointError`` naming the offending parameters,
-  nothing changed.
-* ``"unchecked"``: the step is applied and nothing is looked at, as torch.optim and optax
-  do. On the fused CPU kernel this changes nothing but the warnings (the norm and the probe
-  come with the pass); on accelerators it is the fast path: the jitted JAX engine and torch
-  on CUDA (torch's own fused kernels on the flat buffers, :mod:`.engines.torch_fused`)
-  measure no norm unless ``clip_norm`` needs it (``state.last_grad_norm`` is then a 0-d array
-  on the device, else None), probe nothing and read nothing back, so the host never waits
-  for the device. Under the other policies they measure, probe and read back every step
-  (on CUDA: the gradients' norm and one read of each flat buffer, ~16 B/param on fp32
-  Adam's 28, and a synchronisation).
+Non-finite gradients and steps (``nonfinite=``, ``max_consecutive_skips=``): the four
+policies (``"propagate"``, the default, ``"skip"``, ``"raise"``, ``"unchecked"``) are
+described in :mod:`.nonfinite_steps`, which records each step's outcome.
 """
 
 from __future__ import annotations
@@ -85,16 +53,14 @@ from .checks import (
     refuse_traced,
 )
 from .clipping import check_clip_eps
-from .engines.common import is_finite
 from .groups import GroupsMixin, ParamGroups
 from .hyperparameter_access import HyperparameterAccessMixin
 from .layout import Layout, slot_shape_of
 from .loss_aware import LOSS, WRITTEN, loss_step
 from .name_patterns import check_mask
+from .nonfinite_steps import NonfiniteStepsMixin, check_nonfinite
 from .serialization import StateDictMixin
-from .state import DeviceReport, OptimizerState
-
-_NONFINITE = ("skip", "raise", "propagate", "unchecked")
+from .state import OptimizerState
 
 
 def _bind_backend(method: Callable) -> Callable:
@@ -116,7 +82,8 @@ def _without_none(gradients: Any) -> Any:
     return gradients
 
 
-class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDictMixin):
+class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDictMixin,
+                NonfiniteStepsMixin):
     """Base class. Construct with hyperparameters only; then::
 
         state = opt.init(params)
@@ -149,8 +116,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
     ``clip_norm`` (scale all gradients by ``min(1, clip_norm/(‖g‖₂ + clip_eps))``: torch
     ``clip_grad_norm_`` with the default ``clip_eps=1e-6``, optax's ``clip_by_global_norm``
     and Keras's ``global_clipnorm`` with ``clip_eps=0``), ``clip_value`` (clamp each gradient to ``±clip_value``),
-    ``nonfinite`` and ``max_consecutive_skips`` (see module docs) and ``backend`` (else
-    inferred from the params).
+    ``nonfinite`` and ``max_consecutive_skips`` (:mod:`.nonfinite_steps`) and ``backend``
+    (else inferred from the params).
     Per tensor, before those: ``clip_tensor_norm`` (Keras ``clipnorm``: each tensor scaled
     by ``c / max(‖g‖, c)``) and ``clip_block_rms`` (optax ``clip_by_block_rms``: by
     ``1 / max(1, rms(g) / c)``), measured in one more read-only pass over the gradients;
@@ -241,13 +208,7 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm, False)
         self.clip_eps = check_clip_eps(clip_eps)
         self.clip_value = None if clip_value is None else check_positive("clip_value", clip_value, False)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        if (n := max_consecutive_skips) is not None:
-            n = max_consecutive_skips = averaging.check_int("max_consecutive_skips", n)
-            if nonfinite != "skip":
-                raise ValueError(f"max_consecutive_skips={n} needs nonfinite='skip' (got "
-                                 f"nonfinite={nonfinite!r})")
+        max_consecutive_skips = check_nonfinite(nonfinite, max_consecutive_skips)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.ema_decay = averaging.check_ema_decay(ema_decay)
@@ -492,54 +453,6 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
         finally:
             state.pending = None
         return self._record(state, t, new_params, ok, norm, finite)
-
-    def _record(self, state: OptimizerState, t: int, new_params: dict[str, Any], ok: bool,
-                norm: Any, finite: bool) -> tuple[dict[str, Any], OptimizerState]:
-        """The step's outcome in ``state`` (its count, the norm, skipped and non-finite
-        steps, with their warnings); returns what ``update`` returns. ``norm`` a
-        :class:`~.state.DeviceReport` (an applied ``"propagate"`` step whose norm and probe
-        are still on the device): read later (:meth:`~.state.OptimizerState.settle`)."""
-        name = type(self).__name__
-        if isinstance(norm, DeviceReport):
-            state.step, state.last_step_skipped = t, False
-            averaging.advance(self, state, t)  # (the averages' update counts)
-            state.defer(norm, t, name)
-            return new_params, state
-        state.last_grad_norm = norm
-        state.last_step_skipped = not ok
-        if ok:
-            state.step, state.consecutive_skips = t, 0
-            averaging.advance(self, state, t)
-            if self.nonfinite != "unchecked":  # nothing looked at (engines may not measure)
-                state.note_applied(name, norm, finite)
-            return new_params, state
-        state.num_skipped += 1
-        state.consecutive_skips += 1
-        what = (f"non-finite gradient (global norm {norm})" if not is_finite(norm) else
-                "the step would give non-finite params or state")
-        warnings.warn(f"{name}: {what}; step skipped, params and optimizer state unchanged",
-                      RuntimeWarning, stacklevel=3)
-        return new_params, state
-
-    def _give_up(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
-                 state: OptimizerState, n: int) -> tuple[dict[str, Any], OptimizerState]:
-        """A step after ``n`` or more non-finite ones in a row, applied as under "propagate"."""
-        owner, k = self, state.consecutive_skips
-        while isinstance(getattr(type(owner), "nonfinite", None), property):
-            owner = owner.inner  # (a Lookahead's is its inner's)
-        state.fast, owner.__dict__["nonfinite"] = None, "propagate"  # (restored below)
-        try:
-            new_params, state = self.update(params, gradients, state, **(
-                {LOSS: state.values[LOSS]} if self.needs_loss else {}))
-        finally:  # (and no recipe made under "propagate" kept)
-            owner.__dict__["nonfinite"], state.fast = "skip", None
-        state.settle()
-        bad = not is_finite(state._last_grad_norm) or state._nonfinite_values
-        state.consecutive_skips = k + 1 if bad else 0
-        if bad:
-            warnings.warn(f"{type(self).__name__}: {k + 1} non-finite steps in a row (max_"
-                          f"consecutive_skips={n}): step {state.step} applied", RuntimeWarning, 3)
-        return new_params, state
 
     def adopt(self, params: MutableMapping[str, Any], state: OptimizerState) -> dict[str, Any]:
         """Hand ``params`` over to the optimizer: the opt-in exception to the ownership rule,
