@@ -37,8 +37,9 @@ from .report import (
     write_csv,
     write_json,
 )
+from .runtime import exit_status
 from .tasks import add_impute_flag, is_table, needs_target
-from .train import RUN_FILES, describe_data, write_run
+from .train import DEFAULT_DELTA, RUN_FILES, describe_data, open_unit, privacy_line, write_run
 from .training import Run, RunResult
 
 DEFAULT_CONFIGS = (
@@ -109,6 +110,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="--data: classification or regression (default: inferred from the "
                         "target: strings or at most 20 distinct integers -> classification)")
     add_impute_flag(g)
+    g = p.add_argument_group("differential privacy (configurations of dpsgd or "
+                             "differentially-private)")
+    g.add_argument("--delta", type=open_unit, metavar="DELTA",
+                   help=f"the δ of the (ε, δ) reported for each DP-SGD configuration (default "
+                        f"{DEFAULT_DELTA:g}); ε: the RDP accountant over the sampling rate "
+                        f"batch-size/rows and the steps taken, as `mithril train` reports it")
     add_output_flags(p, "compare")
     p.set_defaults(func=run)
     return p
@@ -125,13 +132,18 @@ def slug(i: int, text: str) -> str:
     return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
 
 
-def ranking(labels: list[str], results: list[RunResult], folders: list[str]) -> list[dict]:
+def ranking(labels: list[str], results: list[RunResult], folders: list[str],
+            privacy: list[dict[str, Any] | None] | None = None) -> list[dict]:
     """The results, best first: by test accuracy (higher), or for a regression target by
-    test RMSE (lower); ties by the test loss; a diverged (NaN) run last."""
+    test RMSE (lower); ties by the test loss; a diverged (NaN) run last. ``privacy``: each
+    run's :meth:`Run.privacy` (None: not DP-SGD); a DP-SGD run's row gets its ``epsilon``
+    and ``delta``."""
+    privacy = privacy or [None] * len(results)
     rows = [{"config": label, **r.final, "steps": len(r.steps), "total_s": r.total_s,
              "interrupted": r.interrupted, "error": r.error, "optimizer": r.optimizer,
-             "schedule": r.schedule, "folder": folder}
-            for label, r, folder in zip(labels, results, folders)]
+             "schedule": r.schedule, "folder": folder,
+             **({} if dp is None else {"epsilon": dp["epsilon"], "delta": dp["delta"]})}
+            for label, r, folder, dp in zip(labels, results, folders, privacy, strict=True)]
     key, sign = ("test_rmse", 1.0) if results and results[0].metric == "rmse" else \
         ("test_acc", -1.0)
 
@@ -151,6 +163,31 @@ def score(final: dict[str, float]) -> str:
     if "test_rmse" in final:
         return f"test RMSE {final['test_rmse']:.4g}, R² {final['test_r2']:.4f}"
     return f"test acc {final['test_acc']:.2%}"
+
+
+def results_table(rows: list[dict[str, Any]], regression: bool, private: bool) -> str:
+    """The ranking as text; ``private``: with an ``ε`` column (δ as given; blank for a
+    configuration that is not DP-SGD, ∞ for one without noise)."""
+    if regression:
+        heads = ["rank", "config", "test RMSE", "test R²", "test loss", "train RMSE",
+                 "train loss"]
+        cells = [[r["rank"], r["config"], f"{r['test_rmse']:.4g}", f"{r['test_r2']:.4f}",
+                  f"{r['test_loss']:.4f}", f"{r['train_rmse']:.4g}", f"{r['train_loss']:.4f}"]
+                 for r in rows]
+    else:
+        heads = ["rank", "config", "test acc", "test loss", "train acc", "train loss"]
+        cells = [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",
+                  f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}"] for r in rows]
+    if private:
+        delta = next(r["delta"] for r in rows if "delta" in r)
+        heads.append(f"ε (δ={delta:g})")
+        for r, c in zip(rows, cells, strict=True):
+            eps = r.get("epsilon")
+            c.append("" if "delta" not in r else "n/a" if eps is None else f"{eps:.4g}")
+    heads.append("time")
+    for r, c in zip(rows, cells, strict=True):
+        c.append(f"{r['total_s']:.1f} s")
+    return table(heads, cells, align="rl" + "r" * (len(heads) - 2))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,9 +253,12 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
         return 0
     labels: list[str] = []
     results: list[RunResult] = []
+    privacy: list[dict[str, Any] | None] = []
+    delta = DEFAULT_DELTA if args.delta is None else args.delta
     folders: list[str] = []
     wrote: dict[str, set[str]] = {}  # each configuration's folder -> the files written there
     interrupted = False
+    signum: int | None = None  # the signal that stopped it (exit status 128 + signum)
     error: str | None = None
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
         for i, (label, r) in enumerate(runs, 1):
@@ -232,28 +272,37 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                     break
             folder = stage / slug(i, label)
             folder.mkdir()
-            files = write_run(res, folder, r.steps_per_epoch, plot=False)
+            dp = r.privacy(len(res.steps), delta)  # (None: not DP-SGD)
+            files = write_run(res, folder, r.steps_per_epoch, plot=False,
+                              extra=None if dp is None else {"privacy": dp})
             if job is not None and job.write is not None:  # what `mithril predict` needs
                 files += job.write(r, folder)
             wrote[folder.name] = {f.name for f in files}
             labels.append(label)
             results.append(res)
             folders.append(folder.name)
+            privacy.append(dp)
             print(f"    {score(res.final)}, test loss {res.final['test_loss']:.4f} "
                   f"({res.total_s:.1f} s)")
+            if dp is not None:
+                print(f"    {privacy_line(dp)}")
             if res.interrupted or res.error is not None:
-                interrupted = res.interrupted
+                interrupted, signum = res.interrupted, res.signal
                 print(f"{'interrupted' if interrupted else 'stopped on an error'}: ranking "
                       f"the configurations run so far")
                 break
         if not results:  # the first configuration failed at once: write nothing
             raise TrainingError(error)
-        rows = ranking(labels, results, folders)
+        rows = ranking(labels, results, folders, privacy)
         regression = results[0].metric == "rmse"
+        private = any(dp is not None for dp in privacy)  # an ε column (empty: not DP-SGD)
+        fields = REGRESSION_FIELDS if regression else RESULT_FIELDS
+        if private:
+            fields = fields[:fields.index("steps")] + ("epsilon", "delta") + \
+                fields[fields.index("steps"):]
         task = {"task": "digits"} if job is None else \
             {"task": job.task, "task_settings": job.settings}
-        written = [write_csv(stage / "results.csv", rows,
-                             REGRESSION_FIELDS if regression else RESULT_FIELDS),
+        written = [write_csv(stage / "results.csv", rows, fields),
                    write_json(stage / "results.json",
                               {**task, "epochs": args.epochs,
                                "batch_size": args.batch_size, "seed": args.seed,
@@ -272,20 +321,8 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                     (out / name / old).unlink()
     files = [out / f.name for f in written]
     print()
-    if regression:
-        print(table(["rank", "config", "test RMSE", "test R²", "test loss", "train RMSE",
-                     "train loss", "time"],
-                    [[r["rank"], r["config"], f"{r['test_rmse']:.4g}", f"{r['test_r2']:.4f}",
-                      f"{r['test_loss']:.4f}", f"{r['train_rmse']:.4g}",
-                      f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"] for r in rows],
-                    align="rlrrrrrr"))
-    else:
-        print(table(["rank", "config", "test acc", "test loss", "train acc", "train loss",
-                     "time"],
-                    [[r["rank"], r["config"], f"{r['test_acc']:.2%}", f"{r['test_loss']:.4f}",
-                      f"{r['train_acc']:.2%}", f"{r['train_loss']:.4f}", f"{r['total_s']:.1f} s"]
-                     for r in rows], align="rlrrrrr"))
+    print(results_table(rows, regression, private))
     print(f"wrote {', '.join(str(f) for f in files)}")
     if error is not None:
         raise TrainingError(f"{error}; the configurations run so far are written to {out}")
-    return 130 if interrupted else 0
+    return exit_status(signum) if interrupted else 0

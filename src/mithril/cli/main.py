@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from .. import __version__
 from . import cache, compare, predict, schedule, train
 from .errors import CLIError, TrainingError
+from .runtime import Aborted, exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:  # not a usage error: no usage line
         print(f"mithril {args.command}: error: {exc}", file=sys.stderr)
         return TRAINING_ERROR_STATUS
+    except Aborted as exc:  # a second SIGINT/SIGTERM while a step ran
+        print(f"\nmithril {args.command}: aborted by a second {exc}: stopped at once, nothing "
+              f"more written (a checkpoint saved before stands)", file=sys.stderr)
+        return exit_status(exc.signum)
     except KeyboardInterrupt:
         print(f"\nmithril {args.command}: interrupted", file=sys.stderr)
         return 130

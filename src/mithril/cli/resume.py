@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from .argtypes import bounded_int
 from .errors import CLIError
 from .runtime import Position
 
@@ -55,6 +56,12 @@ def add_resume_flags(p: argparse.ArgumentParser) -> None:
                    help=f"also write {CHECKPOINT_FILE} into the run folder (parameters, "
                         f"optimizer state, EMA, schedule position, data order), so that "
                         f"--resume can continue the run")
+    g.add_argument("--checkpoint-every", type=bounded_int(1, 10**9), metavar="N",
+                   help=f"also save {CHECKPOINT_FILE} (with metrics.csv and epochs.csv) into "
+                        f"the run folder every N steps, each file replaced atomically (a kill "
+                        f"while saving leaves the previous checkpoint), so that a run killed "
+                        f"without warning resumes from its last one (as Keras's "
+                        f"BackupAndRestore(save_freq=N)); implies --checkpoint")
     g.add_argument("--resume", metavar="DIR",
                    help=f"continue the run in DIR (its {CHECKPOINT_FILE}, metrics.csv and "
                         f"epochs.csv) with its flags; flags given replace them: a larger "
@@ -177,6 +184,9 @@ def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
     extra = {"format": FORMAT, "args": flags, "config": run.cfg.as_dict(),
              "data": data_fingerprint(run.data), "position": position_record(run.position),
              "steps": steps, "epochs": epochs, "compiled_step": int(run.compiled.step)}
+    if run.private and run.sample_rate() is not None:  # DP-SGD: the accountant's history
+        extra["privacy"] = {"noise_multiplier": float(run.optimizer.noise_multiplier),
+                            "accountant": run.accountant(steps).state_dict()}
     params = run.params
     if run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
         params = run.trainer.master_params
@@ -187,11 +197,29 @@ def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
     return path
 
 
-def check_supported(args: argparse.Namespace, world: Any) -> None:
-    """--checkpoint and --resume train in one process."""
-    if not (args.checkpoint or args.resume):
+def check_noise(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> None:
+    """DP-SGD: the resumed run adds the noise the checkpointed one did (else its ε is not the
+    one accounted for; with --target-epsilon, σ was sized to the run's length)."""
+    privacy = ckpt["extra"].get("privacy")
+    if not run.private or run.sample_rate() is None:
         return
-    flag = "--resume" if args.resume else "--checkpoint"
+    if privacy is None:
+        raise CLIError(f"{flag}: the checkpoint holds no privacy accounting (written before "
+                       f"DP-SGD runs could resume): train the whole run again")
+    saved, now = privacy["noise_multiplier"], float(run.optimizer.noise_multiplier)
+    if saved != now:
+        raise CLIError(f"{flag}: the run's noise multiplier was {saved!r}, this command's is "
+                       f"{now!r} (--target-epsilon sizes it to the run's length: keep --epochs "
+                       f"{ckpt['extra']['config']['epochs']}); a resumed DP-SGD run keeps its "
+                       f"noise, so that its ε is the one accounted for")
+
+
+def check_supported(args: argparse.Namespace, world: Any) -> None:
+    """--checkpoint, --checkpoint-every and --resume train in one process."""
+    every = getattr(args, "checkpoint_every", None)
+    if not (args.checkpoint or args.resume or every):
+        return
+    flag = "--resume" if args.resume else "--checkpoint-every" if every else "--checkpoint"
     if world is not None:
         raise CLIError(f"{flag} does not apply to data-parallel runs (--nprocs, --devices, "
                        f"torchrun) yet: train in one process")
@@ -207,10 +235,12 @@ def _read_log(path: Path, rows: int) -> list[dict[str, Any]]:
                        f"{CHECKPOINT_FILE}") from None
     except ValueError as exc:
         raise CLIError(f"--resume: {path} is damaged ({exc})") from None
-    if len(got) != rows:
+    if len(got) < rows:
         raise CLIError(f"--resume: {path} holds {len(got)} rows, {CHECKPOINT_FILE} was written "
                        f"after {rows}: the two come from different runs")
-    return got
+    # more rows: a periodic save cut between the logs and the checkpoint (they are written in
+    # that order); the rows after the checkpoint's are trained again
+    return got[:rows]
 
 
 def _replay(run: Any, steps: list[dict[str, Any]], epochs: list[dict[str, Any]],
@@ -305,6 +335,8 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
     if run.model_state is not None:
         run.model_state = dict(loaded["model_state"])
     run.compiled.step = int(extra["compiled_step"])  # Dropout's masks go on from there
+    if "privacy" in extra:  # DP-SGD: the steps so far at their noise (the ε goes on)
+        run.privacy_before = [tuple(h) for h in extra["privacy"]["accountant"]["history"]]
     sums = pos["sums"]
     start = Position(epoch, batch, json.loads(pos["rng"]),
                      (float.fromhex(sums[0]), float.fromhex(sums[1]), int(sums[2])))

@@ -96,6 +96,8 @@ class RunResult:
     #: why training stopped early with an error (a non-finite gradient with
     #: ``--nonfinite raise``: the step, the epoch, the parameters), or None
     error: str | None = None
+    #: the signal that stopped it (``signal.SIGINT``: Ctrl-C, ``signal.SIGTERM``), or None
+    signal: int | None = None
 
 
 def build_model(hidden: Sequence[int], num_classes: int, activation: str = "relu") -> ml.Model:

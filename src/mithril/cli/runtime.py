@@ -70,35 +70,64 @@ class Position:
     sums: tuple[float, float, int]
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM while a step ran: stop at once, writing nothing (the last
+    checkpoint written stands). ``signum``: the signal; the exit status is ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: the signals held back to the end of a step: Ctrl-C, and the SIGTERM a preemptible
+#: machine, a scheduler (SLURM, Kubernetes) or torchrun's elastic agent sends before it kills
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class HeldInterrupt:
-    """Ctrl-C (SIGINT) held back while a step runs: the first one sets :attr:`requested`
-    and the loop stops after the step (its parameters, optimizer state and logs agree, so a
-    checkpoint can be written); a second one interrupts at once. Only in the main thread
-    (signal handlers can be set there only); elsewhere Ctrl-C interrupts as usual."""
+    """Ctrl-C (SIGINT) and SIGTERM held back while a step runs: the first one sets
+    :attr:`requested` (and :attr:`signum`) and the loop stops after the step (its parameters,
+    optimizer state and logs agree, so a checkpoint can be written); a second one raises
+    :class:`Aborted` at once. Only in the main thread (signal handlers can be set there only),
+    and only for a signal whose handler is the default one (a handler the caller installed is
+    left alone); elsewhere Ctrl-C interrupts as usual."""
 
     def __init__(self, enabled: bool = True) -> None:
         """``enabled`` False: Ctrl-C interrupts at once (processes of a data-parallel run: one
         stopping a step after another would leave that one waiting in the next all-reduce)."""
         self.requested = False
-        self._before: Any = None
+        #: the signal that asked to stop (``signal.SIGINT`` or ``signal.SIGTERM``), or None
+        self.signum: int | None = None
+        self._before: dict[int, Any] = {}
         self.enabled = enabled
 
     def __enter__(self) -> HeldInterrupt:
-        if self.enabled and threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._before = signal.signal(signal.SIGINT, self._handle)
+        if not (self.enabled and threading.current_thread() is threading.main_thread()):
+            return self
+        default = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for sig in HELD_SIGNALS:
+            if signal.getsignal(sig) is default[sig]:
+                self._before[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # the second Ctrl-C: now
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:  # the second signal: now
+            raise Aborted(signum)
+        self.requested, self.signum = True, signum
 
     def check(self) -> None:
-        """Raise KeyboardInterrupt if Ctrl-C came during the step just done."""
+        """Raise KeyboardInterrupt if a signal came during the step just done."""
         if self.requested:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
-        if self._before is not None:
-            signal.signal(signal.SIGINT, self._before)
+        for sig, before in self._before.items():
+            signal.signal(sig, before)
+        self._before = {}
+
+
+def exit_status(signum: int | None) -> int:
+    """The status of a run a signal stopped: ``128 + signum`` (the shell's convention: 130
+    for Ctrl-C, 143 for SIGTERM), so a scheduler can tell a preempted run from a failed one
+    (1) or a finished one (0)."""
+    return 128 + int(signal.SIGINT if signum is None else signum)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,12 +61,14 @@ from .report import (
 from .resume import (
     CHECKPOINT_FILE,
     add_resume_flags,
+    check_noise,
     check_supported,
     restore,
     resumed_args,
     snapshot,
     write_checkpoint,
 )
+from .runtime import exit_status
 from .tasks import add_job_flags, prepare
 from .training import Run, RunResult
 
@@ -216,16 +221,41 @@ RUN_FILES = ("metrics.csv", "epochs.csv", "summary.json", "training.png", "model
              "preprocess.json", "sample.txt", CHECKPOINT_FILE)
 
 
-def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
-              extra: dict[str, Any] | None = None) -> list[Path]:
-    """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
+def write_logs(result: RunResult, out: Path) -> list[Path]:
+    """metrics.csv and epochs.csv (in that order, each replaced atomically) under ``out``."""
     extra_fields = ("loss_scale",) if result.config.mixed_precision != "none" else ()
     e_fields = epoch_fields(result)  # the EMA's metrics beside the raw ones
     if result.momentum is not None:  # --momentum-cycle: the momentum beside the lr
         extra_fields += ("momentum",)
         e_fields = e_fields[:-1] + ("momentum",) + e_fields[-1:]
-    files = [write_csv(out / "metrics.csv", result.steps, step_fields(result) + extra_fields),
-             write_csv(out / "epochs.csv", result.epochs, e_fields)]
+    return [write_csv(out / "metrics.csv", result.steps, step_fields(result) + extra_fields),
+            write_csv(out / "epochs.csv", result.epochs, e_fields)]
+
+
+def save_progress(training: Run, out: Path, flags: dict[str, Any],
+                  steps: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> None:
+    """The checkpoint of a run under way (``--checkpoint-every``; a signal): metrics.csv,
+    epochs.csv, then checkpoint.safetensors into ``out``, each replaced atomically. A kill in
+    between leaves the previous checkpoint with logs as long or longer (``--resume`` takes
+    the rows up to the checkpoint's)."""
+    nan = float("nan")
+    result = RunResult(training.cfg, steps, epochs, {k: nan for k in training.metric_names()},
+                       0.0, False, training.optimizer_repr, training.label,
+                       training.schedule.description,
+                       None if training.momentum is None else training.momentum.name,
+                       training.metric, training.spec.description)
+    try:
+        write_logs(result, out)
+        write_checkpoint(training, out, flags, len(steps), len(epochs))
+    except OSError as exc:
+        raise TrainingError(f"cannot save the checkpoint into {out} after step {len(steps)} "
+                            f"({exc.strerror or exc})") from None
+
+
+def write_run(result: RunResult, out: Path, steps_per_epoch: int, plot: bool,
+              extra: dict[str, Any] | None = None) -> list[Path]:
+    """metrics.csv, epochs.csv, summary.json and (``plot``) training.png under ``out``."""
+    files = write_logs(result, out)
     times = [e["time_s"] for e in result.epochs]
     summary = {"config": result.config.as_dict(), "optimizer": result.optimizer,
                "label": result.label, "schedule": result.schedule,
@@ -325,6 +355,8 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
             training.resumed_line = restore(training, resumed)
     if args.target_epsilon is not None:  # (before the header: it prints the optimizer)
         set_noise_for(training, args.target_epsilon, delta_of(args))
+    if resumed is not None:  # DP-SGD: the noise of the steps done
+        check_noise(training, resumed)
     if world is None or world.rank == 0:
         if not args.dry_run:
             made += new_dirs(out)
@@ -381,10 +413,6 @@ def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dic
         raise CLIError(f"optimizer {optimizer} (DP-SGD) trains in one process: the "
                        f"data-parallel runs (--nprocs, --devices, torchrun) take one gradient "
                        f"per batch, not each example's")
-    if private and args.resume:  # (the ε of a run whose σ may change at the resume)
-        raise CLIError(f"--resume does not apply to optimizer {optimizer} (DP-SGD) yet: the "
-                       f"resumed run rebuilds the noise multiplier, and the privacy accounting "
-                       f"needs the one of every step; train the whole run at once")
     if args.target_epsilon is not None and overrides.get("noise_multiplier") is not None:
         raise CLIError("--target-epsilon sets the noise multiplier: give it or "
                        "noise_multiplier=, not both")
@@ -450,10 +478,14 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                     world: World | None) -> int:
     """Train, then (rank 0) write the files and print the results."""
     lead = world is None or world.rank == 0
+    if world is None:  # a signal saves a checkpoint at once; --checkpoint-every N, every N
+        training.saver = functools.partial(save_progress, training, out, args.snapshot)
+        training.save_every = args.checkpoint_every
     result = training.train(progress=False if args.no_progress or not lead else None,
                             desc="train", log=print)
     if not lead:  # rank 0 reports
-        return 1 if result.error else 130 if result.interrupted else 0
+        return 1 if result.error else exit_status(result.signal) if result.interrupted \
+            else 0
     if result.error is not None and not result.steps:
         raise TrainingError(result.error)  # not one step completed: nothing to write
     extra, text = job.finish(training, result) if job.finish is not None else ({}, "")
@@ -467,7 +499,7 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                             extra=extra)
         if job.write is not None:
             written += job.write(training, stage)
-        if args.checkpoint or args.resume:
+        if args.checkpoint or args.checkpoint_every or args.resume or result.signal:
             saved = write_checkpoint(training, stage, args.snapshot, len(result.steps),
                                      len(result.epochs))
             written += [saved] if saved is not None else []
@@ -481,7 +513,8 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                 (out / name).unlink()
     print()
     if result.interrupted or result.error is not None:
-        why = "interrupted" if result.interrupted else "stopped by an error"
+        why = "stopped by an error" if not result.interrupted else "interrupted" \
+            if result.signal is None else f"stopped by {signal.Signals(result.signal).name}"
         print(f"{why} after {len(result.steps)} of {training.total_steps} steps; "
               f"results so far:")
     if text:
@@ -495,4 +528,6 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
         n = len(result.steps)
         raise TrainingError(f"{result.error}; the {n} step{'s' * (n != 1)} before it "
                             f"{'are' if n != 1 else 'is'} written to {out}")
-    return 130 if result.interrupted else 0
+    if result.signal is not None and training.position is not None:
+        print(f"resume with: mithril train --resume {shlex.quote(str(out))}")
+    return exit_status(result.signal) if result.interrupted else 0

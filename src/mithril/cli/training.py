@@ -39,7 +39,7 @@ from .run_types import (
     make_backend,
     optimizer_label,
 )
-from .runtime import HeldInterrupt, NoBar, Position, thread_limit
+from .runtime import Aborted, HeldInterrupt, NoBar, Position, thread_limit
 
 __all__ = ["BACKENDS", "MIXED_PRECISION", "Run", "RunConfig", "RunResult", "ShuffledRows",
            "build_model", "correct", "make_backend", "thread_limit"]
@@ -147,6 +147,14 @@ class Run(Evaluation):
         self.position: Position | None = None
         #: ``--resume``: the position and the logs (steps, epochs) to continue from
         self.start: tuple[Position, list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        #: ``saver(steps, epochs)`` saves a checkpoint where :attr:`position` stands: after
+        #: every :attr:`save_every`-th step (``--checkpoint-every``), and once when a signal
+        #: (SIGINT, SIGTERM) stops the loop, before anything slower; None: no saving
+        self.saver: Callable[[list[dict[str, Any]], list[dict[str, Any]]], Any] | None = None
+        self.save_every: int | None = None
+        #: DP-SGD: ``(noise_multiplier, sample_rate, steps)`` of the steps before a
+        #: ``--resume`` (the accountant's history, as the checkpoint keeps it)
+        self.privacy_before: list[tuple[float, float, int]] = []
 
     def sample_rate(self) -> float | None:
         """DP-SGD's sampling rate ``q``: the batch size over the training rows (shuffled
@@ -158,21 +166,41 @@ class Run(Evaluation):
 
     def privacy(self, steps: int, delta: float) -> dict[str, Any] | None:
         """The ``(ε, δ)`` of ``steps`` DP-SGD steps (:mod:`mithril.utils.privacy_accounting`,
-        the RDP accountant), with what it was computed from; None without DP-SGD."""
+        the RDP accountant) with what it was computed from: the steps before a ``--resume``
+        (:attr:`privacy_before`) at their own noise, the others at this run's; None without
+        DP-SGD."""
         if not self.private:
             return None
-        from ..utils.privacy_accounting import get_epsilon
-
         q = self.sample_rate()
         sigma = float(self.optimizer.noise_multiplier)
         out: dict[str, Any] = {"delta": delta, "noise_multiplier": sigma, "sample_rate": q,
                                "steps": steps, "accountant": "rdp",
                                "l2_norm_clip": float(self.optimizer.l2_norm_clip)}
+        if q is None:
+            out["epsilon"] = None
+            return out
+        acc = self.accountant(steps)
+        out["history"] = acc.state_dict()["history"]
         try:
-            out["epsilon"] = None if q is None else get_epsilon(sigma, q, steps, delta)
+            out["epsilon"] = acc.get_epsilon(delta)
         except ImportError as exc:
             raise CLIError(str(exc)) from None
         return out
+
+    def accountant(self, steps: int) -> Any:
+        """The :class:`~mithril.utils.privacy_accounting.PrivacyAccountant` after ``steps``
+        DP-SGD steps of this run (those of :attr:`privacy_before` first); needs
+        :meth:`sample_rate`."""
+        from ..utils.privacy_accounting import PrivacyAccountant
+
+        acc = PrivacyAccountant("rdp")
+        for sigma, q, n in self.privacy_before:
+            acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
+        rest = steps - sum(n for _, _, n in self.privacy_before)
+        if rest > 0:
+            acc.step(noise_multiplier=float(self.optimizer.noise_multiplier),
+                     sample_rate=self.sample_rate(), steps=rest)
+        return acc
 
     def _momentum_handle(self) -> Any:
         """The optimizer's ``momentum`` (sgd, rmsprop) or ``beta1`` (adam, adamw) handle that
@@ -276,10 +304,12 @@ class Run(Evaluation):
         interrupted = False
         error: str | None = None
         start = time.perf_counter()
+        held = HeldInterrupt(enabled=self.parallel is None)
         try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
-            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"), \
-                    HeldInterrupt(enabled=self.parallel is None) as held:
+            with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"), held:
                 self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc, held)
+        except Aborted:  # a second signal: nothing more (the caller writes nothing)
+            raise
         except KeyboardInterrupt:
             interrupted = True
         except TrainingError as exc:  # kept like an interrupt: the steps before it stand
@@ -297,7 +327,7 @@ class Run(Evaluation):
         return RunResult(cfg, steps, epochs, final, total, interrupted, self.optimizer_repr,
                          self.label, self.schedule.description,
                          None if self.momentum is None else self.momentum.name, self.metric,
-                         self.spec.description, error)
+                         self.spec.description, error, held.signum if interrupted else None)
 
     def _loop(self, bar: Any, rng: np.random.Generator, steps: list[dict[str, Any]],
               epochs: list[dict[str, Any]], log: Callable[[str], None] | None, desc: str,
@@ -339,6 +369,9 @@ class Run(Evaluation):
                 epoch_metric += acc * len(yb)
                 n += len(yb)
                 self.position = Position(epoch, b + 1, begun, (epoch_loss, epoch_metric, n))
+                if self.saver is not None and (held.requested or self.save_every is not None
+                                               and len(steps) % self.save_every == 0):
+                    self.saver(steps, epochs)
                 held.check()
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
@@ -357,5 +390,7 @@ class Run(Evaluation):
             if log is not None:
                 log(f"{desc}: epoch {epoch}/{cfg.epochs}  {self.epoch_line(m)}  "
                     f"lr {lr:.3g}  ({train_s:.2f} s)")
+            if self.saver is not None and held.requested:  # (it came while measuring)
+                self.saver(steps, epochs)
             held.check()
 
