@@ -415,3 +415,20 @@ def test_mithril_train_killed_by_an_outside_sigterm_resumes_to_the_whole_run(
                          text=True, env=_env(), timeout=300)
     assert res.returncode == 0, res.stderr
     _assert_same_run(tmp_path / "whole", cut)
+
+
+def test_compare_stopped_by_sigterm_ranks_what_ran_and_exits_143(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mithril.cli import main
+
+    data = str(_table(tmp_path / "t.csv"))
+    _signal_at(monkeypatch, (6, signal.SIGTERM))  # in the second configuration's 2nd step
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", data, "--target", "label", "--configs", "adam", "sgd",
+                 "rmsprop", "--epochs", "1", "--batch-size", "8", "--hidden", "6",
+                 "--no-progress", "--no-plot", "--out", str(out)]) == 143
+    assert "interrupted: ranking the configurations run so far" in capsys.readouterr().out
+    rows = _rows(out / "results.csv")
+    assert sorted((r["config"], r["steps"], r["interrupted"]) for r in rows) == [
+        ("adam", "4", "False"), ("sgd", "2", "True")]  # (rmsprop never ran)

@@ -67,7 +67,8 @@ centralize, normalize_grad, normalize_eps and nonfinite, plus `scheduler` and it
 Writes, under --out: compare.png (loss curves and test accuracy), results.csv and
 results.json (the ranking), and one folder per configuration with its metrics.csv,
 epochs.csv and summary.json. They are written into a hidden folder beside --out that is
-renamed at the end, so --out never holds a partial set. Ctrl-C (status 130), or a
+renamed at the end, so --out never holds a partial set. A DP-SGD configuration reports its
+ε (at --delta). Ctrl-C (status 130; SIGTERM 143), or a
 non-finite gradient in a configuration with nonfinite=raise (one error line naming it, status
 1), stops the comparison: the configurations run so far are ranked and written.
 """

@@ -113,13 +113,16 @@ and write, under --out:
   summary.json  the configuration, final metrics and timings
   training.png  loss, accuracy, learning rate and gradient norm against the step
 
-Ctrl-C stops training and still writes everything measured so far (exit status 130); so
+Ctrl-C or SIGTERM stops training after the step under way, saves checkpoint.safetensors at
+once, still writes everything measured so far and prints the --resume command (exit status
+128 + signal: 130 Ctrl-C, 143 SIGTERM; a second signal aborts at once); so
 does a non-finite gradient with --nonfinite raise, which then ends with one error line naming
 the step and the parameters, exit status 1 (and nothing is written if it was the first step).
 The
 files are written into a hidden folder beside --out that is renamed at the end, so the folder
 never holds a partial set (a second Ctrl-C while writing leaves it as it was). With
---checkpoint the folder also gets checkpoint.safetensors, and --resume DIR continues the run.
+--checkpoint the folder also gets checkpoint.safetensors (--checkpoint-every N: every N
+steps too), and --resume DIR continues the run.
 """
 
 EXAMPLES = """\
