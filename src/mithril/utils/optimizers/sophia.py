@@ -193,6 +193,7 @@ class Sophia(Optimizer):
         out = {}
         for name in lay.name_list:
             a = estimate[name]
+            a = np.asarray(a) if isinstance(a, np.generic) else a  # (a 0-d NumPy scalar)
             shape = lay.shapes[lay.index[name]]
             if not is_array(a):
                 raise TypeError(f"update_hessian: estimate['{name}'] must be an array, got "
