@@ -432,3 +432,18 @@ def test_compare_stopped_by_sigterm_ranks_what_ran_and_exits_143(
     rows = _rows(out / "results.csv")
     assert sorted((r["config"], r["steps"], r["interrupted"]) for r in rows) == [
         ("adam", "4", "False"), ("sgd", "2", "True")]  # (rmsprop never ran)
+
+
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/privacy_accounting.py: "
+                   "_epsilon raises the absl level around acc.compose too (RdpAccountant "
+                   "computes the orders there), not only around get_epsilon")
+def test_the_epsilon_a_dp_run_reports_prints_no_absl_warnings(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`mithril train`/`compare` with DP-SGD print a screen of dp_accounting's notes (one per
+    fractional RDP order that does not converge) that _epsilon means to silence."""
+    pytest.importorskip("dp_accounting")
+    from mithril.utils.privacy_accounting import get_epsilon
+
+    with caplog.at_level("WARNING", logger="absl"):
+        get_epsilon(1.0, 0.25, 12, 1e-5)
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
