@@ -67,6 +67,7 @@ _MODULES = {
     "Sum": "reductions", "Mean": "reductions", "Max": "reductions", "Min": "reductions",
     "Indexer": "shaping", "Transpose": "shaping", "Reshape": "shaping",
     "ToTensor": "scalar_blocks", "Item": "scalar_blocks",
+    "Sine": "unary_primitives", "Cosine": "unary_primitives",
     **dict.fromkeys(("Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual",
                      "LogicalAnd", "LogicalOr", "LogicalXOr", "LogicalNot"), "comparisons"),
 }
@@ -76,8 +77,8 @@ _NOT_OFFERED_OPS = {
     "//": "FloorDivide", "<<": "ShiftLeft", ">>": "ShiftRight",
 }
 _NOT_OFFERED_METHODS = frozenset({
-    "size", "prod", "var", "len", "sin", "cos", "floor",
-    "clamp", "atleast_1d", "dtype",
+    "size", "prod", "var", "len", "floor",
+    "clamp", "atleast_1d",
 })
 
 Operand = Union["ConnectionOps", np.ndarray]
@@ -278,10 +279,22 @@ class ConnectionOps:
         """e^x (``Exponential``)."""
         return self._unary(_op("Exponential"), f"{_text(self)}.exp()")
 
+    def sin(self) -> Expression:
+        """sin x (``Sine``), as published (the flux timestep embedding)."""
+        return self._unary(_op("Sine"), f"{_text(self)}.sin()")
+
+    def cos(self) -> Expression:
+        """cos x (``Cosine``)."""
+        return self._unary(_op("Cosine"), f"{_text(self)}.cos()")
+
     def cast(self, dtype: Any) -> Expression:
         """The values in ``dtype`` (``Cast``)."""
         _static(dtype, f".cast({dtype!r})", self)
         return self._unary(_op("Cast", dtype), f"{_text(self)}.cast({dtype!r})")
+
+    def dtype(self) -> DtypeOf:
+        """As published, this connection's dtype, for ``Cast().connect(dtype=x.dtype())``."""
+        return DtypeOf(self)
 
     def tensor(self) -> Expression:
         """The published scalar-to-tensor conversion (``ToTensor``: the array as it is here)."""
@@ -308,9 +321,14 @@ class ConnectionOps:
         _static(axes, f".transpose({axes!r})", self)
         return self._unary(_op("Transpose", axes), f"{_text(self)}.transpose({axes!r})")
 
-    def reshape(self, *shape: Any) -> Expression:
-        """The values in ``shape`` (``Reshape``): ``x.reshape((2, -1))`` or ``x.reshape(2, -1)``;
-        one entry may be -1 (or None)."""
+    def reshape(self, *shape: Any, **kw: Any) -> Expression:
+        """The values in ``shape`` (``Reshape``): ``x.reshape((2, -1))``, ``x.reshape(2, -1)``
+        or, as published, ``x.reshape(shape=(B, L, -1))``; one entry may be -1 (or None)."""
+        if kw:
+            if set(kw) != {"shape"} or shape:
+                raise TypeError(f"{_text(self)}.reshape: takes the shape once, positionally or "
+                                f"as shape=..., got {len(shape)} positional and {sorted(kw)}")
+            shape = (kw["shape"],)
         if len(shape) == 1 and isinstance(shape[0], ConnectionOps):  # a Shape / Size output
             return self._unary(_op("Reshape", shape[0]), f"{_text(self)}.reshape({shape[0]!r})")
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -420,6 +438,19 @@ class ConnectionOps:
                                  "published Mithril's scalar and shape connections have no "
                                  "counterpart: shapes are fixed at compile time)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class DtypeOf:
+    """``conn.dtype()``: the dtype ``conn`` has when the model runs; ``Cast().connect(dtype=...)``
+    takes it (the published ``x.dtype()``)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: ConnectionOps) -> None:
+        self.conn = conn
+
+    def __repr__(self) -> str:
+        return f"{_text(self.conn)}.dtype()"
 
 
 class Expression(ConnectionOps):

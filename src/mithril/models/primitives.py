@@ -342,17 +342,71 @@ _CAST_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "i
 
 class Cast(Operator):
     """The input in ``dtype`` (a name such as ``"int64"``, or ``ml.float32``). The gradient
-    flows back in the input's dtype; an integer or bool result has none."""
+    flows back in the input's dtype; an integer or bool result has none.
 
-    any_dtype_inputs = frozenset({"input"})
+    As published, the dtype may be given in ``connect(dtype=...)`` instead (``Cast().connect(
+    input=x, dtype=ml.float32)``), also as another connection's dtype, ``dtype=xq.dtype()``
+    (the published flux ``apply_rope``): that connection is then an extra input
+    ``dtype_ref`` read for its dtype only (no gradient)."""
 
-    def __init__(self, dtype: Any) -> None:
+    any_dtype_inputs = frozenset({"input", "dtype_ref"})
+
+    def __init__(self, dtype: Any = None) -> None:
+        self._set_dtype(dtype)
+
+    def _set_dtype(self, dtype: Any) -> None:
+        from .expressions import DtypeOf
+
+        self.inputs = ("input",)
+        if dtype is None or type(dtype).__name__ == "ToBeDetermined":
+            self.dtype = None
+            return
+        if isinstance(dtype, DtypeOf):
+            # "float": what the compiler's dtype walk reads (the published uses cast to a
+            # float connection's dtype); the forward takes dtype_ref's own
+            self.dtype, self.inputs = "float", ("input", "dtype_ref")
+            return
         name = getattr(dtype, "name", dtype)
         if name not in _CAST_DTYPES:
-            raise ValueError(f"Cast: dtype must be one of {_CAST_DTYPES}, got {dtype!r}")
+            raise ValueError(f"Cast: dtype must be one of {_CAST_DTYPES} or a connection's "
+                             f"dtype (x.dtype()), got {dtype!r}")
         self.dtype = str(name)
 
-    def forward(self, xp: Any, input: Any) -> Any:
+    def connect(self, *args: Any, **connections: Any) -> Any:
+        """As any block's; positionally ``input``, ``dtype``, ``output`` (published)."""
+        from .expressions import DtypeOf
+
+        connections = self._named(args, connections, ("input", "dtype", "output"))
+        if "dtype" not in connections:
+            if self.dtype is None:
+                raise TypeError("Cast: no dtype given: Cast(dtype) or connect(input=..., dtype=...)")
+            return super().connect(**connections)
+        if self.dtype is not None:
+            raise TypeError(f"Cast: the dtype is given twice (Cast({self.dtype!r}) and "
+                            "connect(dtype=...))")
+        dtype = connections.pop("dtype")
+        before = dict(self.__dict__)
+        try:
+            self._set_dtype(dtype)
+            if isinstance(dtype, DtypeOf):
+                connections["dtype_ref"] = dtype.conn
+            return super().connect(**connections)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    __call__ = connect
+
+    def infer_shape(self, shapes: Any) -> Any:
+        if self.dtype is None:
+            raise TypeError("Cast: no dtype given: Cast(dtype) or connect(input=..., dtype=...)")
+        return shapes.get("input")
+
+    def forward(self, xp: Any, input: Any, dtype_ref: Any = None) -> Any:
+        if dtype_ref is not None:  # (x.dtype(): the dtype that connection has)
+            return input.to(dtype_ref.dtype) if torch_of(xp) is not None else \
+                input.astype(dtype_ref.dtype)
         torch = torch_of(xp)
         if torch is not None:
             return input.to(getattr(torch, self.dtype))
@@ -367,9 +421,11 @@ class Cast(Operator):
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
+        ref = args.get("dtype_ref")  # (read for its dtype: no gradient)
+        extra = {"dtype_ref": np.zeros_like(ref)} if "dtype_ref" in wrt else {}
         if x.dtype.kind != "f" or out.dtype.kind != "f":
-            return {"input": np.zeros_like(x)}
-        return {"input": g.astype(x.dtype)}
+            return {"input": np.zeros_like(x), **extra}
+        return {"input": g.astype(x.dtype), **extra}
 
     def __repr__(self) -> str:
-        return f"Cast({self.dtype!r})"
+        return "Cast(dtype_ref)" if "dtype_ref" in self.inputs else f"Cast({self.dtype!r})"
