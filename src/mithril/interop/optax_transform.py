@@ -110,6 +110,8 @@ How it works:
   ~5% less for XLA to compile in a 50-layer MLP's step).
 * The optimizer is copied when the transformation is made: changing its hyperparameters
   afterwards does not change the transformation (the learning rate lives in the state).
+  A Mithril scheduler on the optimizer is warned about (``UserWarning``, once; it would be
+  ignored: :mod:`.optax_scheduled`): schedule in optax instead (``learning_rate=``).
 
 Optimizers that override ``init``/``update`` are supported where the override is known to
 stay within this model (:mod:`.optax_special`): Lookahead, schedule-free SGD / AdamW and
@@ -132,6 +134,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .optax_checks import (  # (optax_tensorwise imports _copied_slots from here)
+    _check_optimizer,
+    _copied_slots,
+    _copy_optimizer,
+    _own_mu_dtype,
+)
 from .optax_hyperparams import as_schedules, check_schedules, scheduled
 from .optax_hyperparams import check as check_traced
 from .optax_inputs import (
@@ -155,6 +163,7 @@ from .optax_scalars import (
     joined,
     row_count,
 )
+from .optax_scheduled import watch_schedulers
 from .optax_special import schedule_free_eval_params
 from .optax_unreached import averages_only
 
@@ -172,59 +181,6 @@ class OptaxState(NamedTuple):
     tensor_slots: dict[str, Any]
     values: dict[str, Any]
     hyperparams: dict[str, Any]
-
-
-# -- what an optimizer must be -------------------------------------------------------------
-#: the wrappers that run a whole update, and their optax equivalents (what the refusal says)
-_WRAPPERS = {
-    "Accumulate": "optax.MultiSteps(optax_transformation(acc.optimizer), k, "
-                  "accumulator_dtype=<the gradients' dtype>) (its float32 default rounds "
-                  "float64 gradients)",
-    "SAM": "optax.contrib.sam(optax_transformation(sam.base_optimizer), optax.chain("
-           "optax.contrib.normalize(), optax.sgd(rho)), sync_period=2, opaque_mode=True) (SAM(..., eps=0.0))",
-    "ScheduleFree": "optax.contrib.schedule_free(optax_transformation(sf.base_optimizer), "
-                    "learning_rate, b1=sf.b1, weight_lr_power=sf.weight_lr_power)",
-    "Mechanize": "optax.contrib.mechanize(optax_transformation(m.base_optimizer), ...)",
-}
-
-
-def _check_optimizer(optimizer: Any) -> str:
-    """``"elementwise"`` or ``"tensorwise"`` (Muon, Adafactor: :mod:`.optax_tensorwise`);
-    ``TypeError`` / ``ValueError`` for what cannot be a transformation."""
-    from ..utils.accumulation import Accumulate
-    from ..utils.optimizers import SAM, Mechanize, ScheduleFree
-    from ..utils.optimizers.base import Optimizer
-    from .optax_special import classify
-
-    cls, name = type(optimizer), type(optimizer).__name__
-    wrapper = next((w.__name__ for w in (Accumulate, SAM, ScheduleFree, Mechanize)
-                    if isinstance(optimizer, w)), None)
-    if wrapper is not None:  # (a wrapper of a whole update: optax's own around our base)
-        raise TypeError(f"{name} overrides update() (it runs its wrapped optimizer's whole "
-                        f"update), so it cannot be one optax transformation; in optax: "
-                        f"{_WRAPPERS[wrapper]}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optax_transformation needs a mithril optimizer "
-                        f"(mithril.utils.optimizers), got {type(optimizer).__name__}")
-    kind = classify(optimizer)
-    has_math = (cls.kernel_math is not Optimizer.kernel_math or cls.math is not Optimizer.math)
-    if kind == "elementwise" and not has_math:
-        raise TypeError(f"{name} defines no math (neither math nor kernel_math): nothing to run "
-                        f"as an optax transformation")
-    if optimizer.nonfinite == "raise":
-        raise ValueError(f"{name}(nonfinite='raise') cannot raise inside jax.jit: use "
-                         f"nonfinite='skip' (or 'propagate', the default, with "
-                         f"optax.apply_if_finite)")
-    return kind
-
-
-def _copied_slots(opt: Any) -> tuple[str, ...]:
-    """The slots that start as a copy of the params: the weight averages, and those the
-    optimizer's ``init`` copies (Lookahead's slow weights, schedule-free's ``z``, Prodigy's
-    ``x0``)."""
-    from .optax_special import params_copy_slots
-
-    return (*opt.averaged_slots(), *params_copy_slots(opt))
 
 
 def scalars_on_host(optimizer: Any) -> str | None:
@@ -275,38 +231,6 @@ def _check_update(opt_name: str, state: Any, params: Any) -> None:
     if not isinstance(state, OptaxState):
         raise TypeError(f"state must be what this transformation's init returned "
                         f"(an OptaxState), got {type(state).__name__}")
-
-
-def _copy_optimizer(optimizer: Any) -> Any:
-    """A copy whose later changes (hyperparameters, a Muon's fallback) do not reach it."""
-    opt = copy.copy(optimizer)
-    for k in ("fallback", "inner"):  # Muon's fallback, Lookahead's inner optimizer
-        sub = opt.__dict__.get(k)
-        if sub is not None and hasattr(sub, "learning_rate"):
-            opt.__dict__[k] = copy.copy(sub)
-    return opt
-
-
-def _own_mu_dtype(opt: Any, given: Any) -> Any:
-    """``mu_dtype=`` here, else the optimizer's own (``Adam(mu_dtype="bfloat16")``); both
-    given must agree (which one would win is not obvious)."""
-    own = getattr(opt, "mu_dtype", None)
-    if own is None:
-        return given
-    if given is None:
-        return own
-
-    def name(d: Any) -> str:
-        try:
-            return np.dtype(d).name
-        except TypeError:
-            return str(d)
-
-    if name(given) != name(own):
-        raise ValueError(f"optax_transformation: mu_dtype={name(given)} but "
-                         f"{type(opt).__name__} keeps m in {name(own)} (its mu_dtype): give "
-                         f"one of them")
-    return given
 
 
 def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
@@ -372,6 +296,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     traced = check_traced(opt, traced_hyperparams)
     sched = check_schedules(opt, as_schedules(opt, schedules, hyperparameters), traced)
     live = tuple(sorted({*traced, *sched}))  # what the program reads at every update
+    # (a Mithril scheduler on `optimizer` would step what the copy no longer follows)
+    given = {*live, *(() if learning_rate is None else ("learning_rate",))}
     if kind == "tensorwise":
         from .optax_tensorwise import tensorwise_transformation
 
@@ -379,7 +305,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             raise TypeError(f"{type(opt).__name__}: mu_dtype / slot_dtypes: its slots are "
                             f"kept in the parameters' dtype (elementwise optimizers only)")
 
-        return tensorwise_transformation(opt, learning_rate, scalars, traced, sched)
+        tx = tensorwise_transformation(opt, learning_rate, scalars, traced, sched)
+        watch_schedulers(optimizer, given)  # (at construction only)
+        return tx
     from .optax_special import host_tensor_scalars, state_hyperparams
 
     opt_name = type(opt).__name__
@@ -387,6 +315,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     full = tuple(opt.full_slot_names())
     copied = _copied_slots(opt)
     dtypes = own_dtypes(opt, copied, mu_dtype, slot_dtypes)
+    watch = watch_schedulers(optimizer, given)  # (and at init, update: a cheap look)
     tensor_slots = tuple(opt.tensor_slots)
     two_pass = opt.two_pass()
     n_avg = len(full) - len(own)
@@ -428,6 +357,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         return plan
 
     def init(params: Any) -> OptaxState:
+        if watch is not None:
+            watch.check()
         leaves, treedef, _ = _flatten(params, opt_name)
         slots = {}
         for s in full:
@@ -478,6 +409,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         step: only their averages move, ``updates`` are not read (:mod:`.optax_unreached`);
         ``value``: the loss at ``params``, for a loss-aware optimizer (:mod:`.optax_loss`)."""
         _check_update(opt_name, state, params)
+        if watch is not None:
+            watch.check()
         held, state = state.values, with_loss(opt, state, value)  # (held: a skip keeps them)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
