@@ -531,6 +531,7 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
         n = len(result.steps)
         raise TrainingError(f"{result.error}; the {n} step{'s' * (n != 1)} before it "
                             f"{'are' if n != 1 else 'is'} written to {out}")
-    if result.signal is not None and training.position is not None:
+    if result.signal is not None and training.position is not None and \
+            training.position.epoch <= training.cfg.epochs:  # (else: done, nothing to resume)
         print(f"resume with: mithril train --resume {shlex.quote(str(out))}")
     return exit_status(result.signal) if result.interrupted else 0
