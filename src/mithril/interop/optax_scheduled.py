@@ -14,7 +14,8 @@ transformation, saying what to use instead. It is looked for
 * after that, at each ``init`` and each ``update`` that runs in Python (not jitted, or a
   jitted one's tracing), among the schedulers stepped so far (a short list: cheap).
   Not seen: a scheduler made after the transformation and first stepped after the jitted
-  update was traced.
+  update was traced (seen at ``init`` once the schedulers register themselves:
+  :func:`_registered`).
 
 Not warned about: a hyperparameter the transformation is given (``learning_rate=``,
 ``schedules=``, ``traced_hyperparams=``, a keyword hyperparameter), and a transformation
@@ -62,12 +63,22 @@ def _subclasses(cls: type) -> set[type]:
     return out
 
 
+def _registered() -> list[Any] | None:
+    """Every live scheduler, where :mod:`mithril.utils.lr_schedulers.base` keeps them (a
+    ``WeakSet`` ``_made``, proposed: then every look is cheap); None where it does not."""
+    made = getattr(sys.modules.get(_BASE), "_made", None)
+    return None if made is None else list(made)
+
+
 def _live_schedulers() -> list[Any]:
     """Every live scheduler (none before :mod:`mithril.utils.lr_schedulers` is imported):
-    one pass over the objects the collector tracks, at C speed but for the schedulers."""
+    the registered ones, else one pass over the objects the collector tracks (at C speed
+    but for the schedulers)."""
     base = sys.modules.get(_BASE)
     if base is None:
         return []
+    if (made := _registered()) is not None:
+        return made
     kinds = frozenset(_subclasses(base.LRScheduler))
     objects = gc.get_objects()
     try:
@@ -78,7 +89,10 @@ def _live_schedulers() -> list[Any]:
 
 def _stepped_schedulers() -> list[Any]:
     """The live schedulers stepped so far by the user (their ``step`` keeps them, to refuse
-    two stepped back to back on one optimizer: :mod:`mithril.utils.lr_schedulers.lanes`)."""
+    two stepped back to back on one optimizer: :mod:`mithril.utils.lr_schedulers.lanes`);
+    every registered one where they are (:func:`_registered`)."""
+    if (made := _registered()) is not None:
+        return made
     lanes = sys.modules.get(_LANES)
     if lanes is None:
         return []
