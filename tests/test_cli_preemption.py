@@ -117,6 +117,32 @@ def test_sigterm_mid_epoch_saves_prints_the_command_and_the_resume_is_the_whole_
     _assert_same_run(tmp_path / "whole", cut)
 
 
+def test_sigterm_while_an_epoch_is_measured_saves_at_the_epoch_boundary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while epoch 2's metrics are measured: the epoch is logged, the checkpoint is
+    at the boundary (epoch 3, no batch done, 2 rows of epochs.csv), the resume the whole run."""
+    data = str(_table(tmp_path / "t.csv"))
+    common = ["--data", data, *FLAGS, "--epochs", "4"]
+    assert _train(*common, "--checkpoint", "--out", str(tmp_path / "whole")) == 0
+    measure, calls = Run.measure, [0]
+
+    def signalled(self: Run) -> dict:
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return measure(self)
+
+    monkeypatch.setattr(Run, "measure", signalled)
+    cut = tmp_path / "cut"
+    assert _train(*common, "--out", str(cut)) == 143
+    extra = load_checkpoint(cut / "checkpoint.safetensors")["extra"]
+    assert (extra["steps"], extra["epochs"]) == (8, 2)
+    assert (extra["position"]["epoch"], extra["position"]["batch"]) == (3, 0)
+    monkeypatch.undo()
+    assert _train("--resume", str(cut)) == 0
+    _assert_same_run(tmp_path / "whole", cut)
+
+
 def test_a_kill_while_the_results_are_written_keeps_the_signal_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The grace period ends (SIGKILL, here an exception) while the final files are written:
