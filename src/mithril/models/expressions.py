@@ -336,6 +336,23 @@ class ConnectionOps:
         _static(shape, f".reshape({shape!r})", self)
         return self._unary(_op("Reshape", shape), f"{_text(self)}.reshape({shape!r})")
 
+    def split(self, split_size: int, axis: int = 0) -> list[Expression]:
+        """As published, ``split_size`` equal pieces along ``axis`` (``Split``), here a list of
+        expressions: ``x.split(2, axis=1)[0]`` is the first half (the flux auto-encoder's
+        ``diagonal_gaussian``), ``Concat().connect(input=x.split(...))`` joins them."""
+        from .split import _Chunk
+
+        if isinstance(split_size, bool) or not isinstance(split_size, (int, np.integer)) \
+                or split_size < 1:
+            raise ValueError(f"{_text(self)}.split: split_size must be a positive int, got "
+                             f"{split_size!r}")
+        _static(axis, f".split(axis={axis!r})", self)
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"{_text(self)}.split: axis must be an int, got {axis!r}")
+        n, ax = int(split_size), int(axis)
+        return [self._unary(_Chunk(i, n, ax), f"{_text(self)}.split({n}, axis={ax})[{i}]")
+                for i in range(n)]
+
     # -- reductions -------------------------------------------------------------------------
     def _reduce(self, name: str, axis: Any, keepdim: bool) -> Expression:
         _static(axis, f".{name.lower()}(axis={axis!r})", self)

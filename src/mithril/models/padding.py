@@ -29,25 +29,54 @@ from typing import Any
 import numpy as np
 
 from .conv import check_rank, source_index
-from .operator import Operator, ShapeError, backend_of
+from .operator import Operator, ShapeError, backend_of, fmt
 
 #: F.pad's modes
 PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
 
+def _is_pairs(padding: Any) -> bool:
+    """``padding`` is the published (NumPy) ``pad_width``: a sequence of (before, after)."""
+    return isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) > 0 \
+        and all(isinstance(p, Sequence) and not isinstance(p, str) for p in padding)
+
+
+def _from_pad_width(pad_width: Any, who: str) -> tuple[tuple[int, ...], int]:
+    """NumPy's ``pad_width`` (one (before, after) pair per axis, the published ``Pad``'s) as
+    ``F.pad``'s flat padding of the axes from the first padded one on, and the rank."""
+    pairs = [tuple(p) for p in pad_width] if _is_pairs(pad_width) else []
+    if not pairs or any(len(p) != 2 or not all(isinstance(v, (int, np.integer))
+                                               and not isinstance(v, bool) for v in p) for p in pairs):
+        raise ValueError(f"{who}: pad_width must be one (before, after) pair of ints per axis, "
+                         f"got {pad_width!r}")
+    first = next((i for i, p in enumerate(pairs) if p != (0, 0)), len(pairs) - 1)
+    flat = tuple(int(v) for p in reversed(pairs[first:]) for v in p)
+    return flat, len(pairs)
+
+
 class Pad(Operator):
     """The input padded on its last ``nd`` axes (``nd`` = len(padding) // 2) as
-    ``F.pad(input, padding, mode, value)``; see the module docstring."""
+    ``F.pad(input, padding, mode, value)``; see the module docstring. As published, NumPy's
+    ``pad_width`` (one (before, after) pair per axis: ``Pad(pad_width=((0, 0), (0, 0), (0, 1),
+    (0, 1)))``, or those pairs positionally) pads an input of exactly that rank."""
 
     fresh_output = True
 
-    def __init__(self, padding: Sequence[int], mode: str = "constant", value: float = 0.0) -> None:
+    def __init__(self, padding: Sequence[Any] | None = None, mode: str = "constant",
+                 value: float = 0.0, *, pad_width: Sequence[Sequence[int]] | None = None) -> None:
         who = type(self).__name__
         if mode not in PAD_MODES:
             raise ValueError(f"{who}: mode must be one of {PAD_MODES}, got {mode!r}")
+        #: the published ``pad_width`` form: the input's rank (one (before, after) pair per axis)
+        self.rank: int | None = None
+        if pad_width is not None or _is_pairs(padding):
+            if pad_width is not None and padding is not None:
+                raise TypeError(f"{who}: give padding (F.pad's) or pad_width (NumPy's), not both")
+            padding, self.rank = _from_pad_width(pad_width if pad_width is not None else padding, who)
         flat = tuple(padding) if isinstance(padding, Sequence) and not isinstance(padding, str) \
             else None
-        if flat is None or len(flat) not in (2, 4, 6) or not all(
+        sizes = (2, 4, 6) if self.rank is None else range(2, 2 * self.rank + 1, 2)
+        if flat is None or len(flat) not in sizes or not all(
                 isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in flat):
             raise ValueError(f"{who}: padding must be 2 ints (left, right), 4 (left, right, "
                              f"top, bottom) or 6 (..., front, back), got {padding!r}")
@@ -87,7 +116,11 @@ class Pad(Operator):
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
-        check_rank(s, self.nd, type(self).__name__, self.layout)
+        if self.rank is None:
+            check_rank(s, self.nd, type(self).__name__, self.layout)
+        elif s is not None and len(s) != self.rank:
+            raise ShapeError(f"{type(self).__name__}: pad_width has {self.rank} (before, after) "
+                             f"pairs, one per axis, but 'input' has shape {fmt(s)}")
         if s is None:
             return None
         self._check(s[-self.nd:])
