@@ -352,6 +352,31 @@ def test_dp_sgd_resumed_longer_accounts_the_steps_before_at_their_noise(
     assert {p.name: p.read_bytes() for p in sized.iterdir()} == before
 
 
+def test_a_dp_checkpoint_without_its_accounting_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DP-SGD checkpoint written before runs kept the accountant's history (here: saved
+    without it) cannot give the run's ε: refused, nothing written."""
+    data = str(_table(tmp_path / "t.csv"))
+    real = checkpoint_mod.save_checkpoint
+
+    def older(*args: object, **kwargs: object) -> None:
+        kwargs["extra"] = {k: v for k, v in kwargs["extra"].items()  # type: ignore[union-attr]
+                           if k != "privacy"}
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_mod, "save_checkpoint", older)
+    old = tmp_path / "old"
+    assert _train("--data", data, *DP, "--epochs", "1", "--checkpoint", "--out", str(old)) == 0
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _train("--resume", str(old), "--epochs", "2")
+    assert "the checkpoint holds no privacy accounting" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
 def test_compare_reports_epsilon_for_dp_runs(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """results.csv/json get epsilon and delta for the DP-SGD configuration (blank for the
