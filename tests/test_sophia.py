@@ -424,3 +424,12 @@ def test_a_skipped_step_folds_nothing_as_optax_apply_if_finite():
 def test_bad_hyperparameters_are_refused_by_name(kw, err, name):
     with pytest.raises(err, match=name):
         Sophia(**kw)
+
+
+@pytest.mark.xfail(strict=True, reason="needs tests/test_train_step_fn.py: a 'sophia' entry in "
+                                       "optimizers() (its test_every_optimizer_is_here fails "
+                                       "without it)")
+def test_sophia_joins_the_train_step_table():
+    import test_train_step_fn
+
+    assert Sophia in {type(make()) for make in test_train_step_fn.optimizers().values()}

@@ -26,6 +26,7 @@ not a function of the parameters alone.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -85,11 +86,9 @@ def rademacher_like(params: Mapping[str, Any], seed_or_key: Any, *, backend: Any
     dtype = backend.dtype_name(next(iter(params.values()))) if params else "float32"
     if _is_jax_key(seed_or_key):
         import jax
-        import jax.numpy as jnp
 
         leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-        keys = jax.random.split(seed_or_key, tree.num_leaves)
-        drawn = [jax.random.rademacher(k, s, jnp.float32) for k, s in zip(keys, leaves)]
+        drawn = _jax_signs(tuple(leaves))(seed_or_key)
         host = {n: np.asarray(a) for n, a in jax.tree.unflatten(tree, drawn).items()}
     else:
         rng = _generator(seed_or_key)
@@ -234,6 +233,20 @@ def _hvp_differences(compiled: Any, key: str, ps: dict, data: Any, vs: dict,
 
 
 # -- helpers -----------------------------------------------------------------------------------
+@functools.cache
+def _jax_signs(shapes: tuple[tuple[int, ...], ...]) -> Any:
+    """A jitted ``key -> [±1 float32 arrays of shapes]``: optax's ``random_like`` (the key
+    split into one per leaf, ``jax.random.rademacher`` of each), one program per layout."""
+    import jax
+    import jax.numpy as jnp
+
+    def draw(key: Any) -> list:
+        keys = jax.random.split(key, len(shapes))
+        return [jax.random.rademacher(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+
+    return jax.jit(draw)
+
+
 def _is_jax_key(x: Any) -> bool:
     if type(x).__module__.split(".", 1)[0] not in ("jax", "jaxlib"):
         return False
