@@ -212,13 +212,34 @@ class TorchBackend(Backend):
         return _TorchEvaluator(program, self._xp)
 
 
+def _engine() -> Any:
+    """torch's own call into its C++ autograd engine (what ``torch.autograd.grad`` ends in,
+    after its Python checks of the arguments: ~10 µs of a small model's step), or None where
+    this torch has no such function (``torch.autograd.grad`` is then called)."""
+    try:
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:  # pragma: no cover - torch < 2.2
+        return None
+    return _engine_run_backward
+
+
 class _TorchEvaluator(Evaluator):
     """The program's forward as straight-line Python generated from it (made on first use;
-    see :mod:`~mithril.compiler.codegen`), differentiated by torch's autograd."""
+    see :mod:`~mithril.compiler.codegen`), differentiated by torch's autograd.
+
+    The backward pass goes to torch's autograd engine directly when every output and
+    cotangent is a plain ``torch.Tensor`` of the same shape (what ``torch.autograd.grad``
+    checks in Python first; the compiled model has checked the cotangents' dtypes): the
+    same engine call, so the same gradients, bit for bit. Otherwise (a tensor subclass with
+    ``__torch_function__``, a shape that differs) ``torch.autograd.grad`` runs, and raises
+    what it raises."""
 
     def __init__(self, prog: Any, xp: _TorchNumpy) -> None:
         self.prog, self.xp = prog, xp
         self._plan: Any = None
+        self._torch = xp.t
+        self._set_grad = xp.t._C._set_grad_enabled
+        self._engine = _engine()
         #: device cotangents found to be 1 (by object: its version then, and the answer)
         self._units: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -229,26 +250,40 @@ class _TorchEvaluator(Evaluator):
 
     def forward(self, params: Mapping[str, Any], inputs: Mapping[str, Any],
                 run: Any = None) -> dict[str, Any]:
-        import torch
-
-        with torch.no_grad():
+        with self._torch.no_grad():
             return self._run(params, inputs, run)
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
-        import torch
-
+        torch = self._torch
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad():
+        was = torch.is_grad_enabled()
+        self._set_grad(True)  # (torch.enable_grad's own switch, without its object)
+        try:
             out = self._run(leaves, inputs, run)
+        finally:
+            self._set_grad(was)
         if run is not None:
             run.new_state = {k: v.detach() for k, v in run.new_state.items()}
         names = [k for k in cotangents if out[k].requires_grad]
-        cots = [None if self._unit(out[k], cotangents[k]) else cotangents[k] for k in names]
-        grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()),
-                                    cots, allow_unused=True) if names else [None] * len(leaves)
-        gdict = {k: g if g is not None else torch.zeros_like(params[k])
-                 for k, g in zip(leaves, grads, strict=True)}
+        if names:
+            grads = self._grad([out[k] for k in names], [cotangents[k] for k in names],
+                               tuple(leaves.values()))
+            gdict = {k: g if g is not None else torch.zeros_like(params[k])
+                     for k, g in zip(leaves, grads)}
+        else:
+            gdict = {k: torch.zeros_like(v) for k, v in params.items()}
         return {k: v.detach() for k, v in out.items()}, gdict
+
+    def _grad(self, outs: list, cots: list, leaves: tuple) -> Any:
+        """The gradients of ``leaves`` (None where unreached) for ``outs`` given ``cots``."""
+        torch = self._torch
+        tensor = torch.Tensor
+        if self._engine is not None and all(type(x) is tensor for x in (*outs, *cots)) \
+                and all(o.shape == c.shape for o, c in zip(outs, cots)):  # (else grad says so)
+            return self._engine(tuple(outs), tuple(cots), False, False, leaves, True, False)
+        return torch.autograd.grad(outs, leaves, [None if self._unit(o, c) else c
+                                                  for o, c in zip(outs, cots)],
+                                   allow_unused=True)
 
     def _unit(self, out: Any, cot: Any) -> bool:
         """Whether ``cot`` is a 1 of ``out``'s one-element shape and dtype (a loss's 1.0),

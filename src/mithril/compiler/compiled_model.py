@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,13 +13,15 @@ from ..backends.backend import Backend
 from ..errors import InputValueError, KeyMismatchError, ShapeError
 from ..models.context import RunContext
 from ..models.model import Model
-from ..models.operator import Operator, fmt, unify
+from ..models.operator import Operator, fmt
 from .array_checks import check_array, handed_out, warn_traced_random
+from .concrete_checks import ConcreteChecksMixin
 from .key_names import key_names, keyed_by_name
 from .list_inputs import ListInputsMixin, ListLengthError
 from .listing import program_listing, summary_text, write_listing
 from .output_gradients import OutputGradientsMixin, _check_keys, _distinct
-from .program import Program, build_program, infer_output
+from .program import Program, build_program
+from .steady import SteadyCallsMixin
 
 
 def signature(arrays: Mapping[str, Any]) -> tuple | None:
@@ -32,17 +33,7 @@ def signature(arrays: Mapping[str, Any]) -> tuple | None:
         return None
 
 
-def _same(x: Any) -> Any:
-    return x
-
-
-def _is_traced(x: Any) -> bool:
-    """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, jax.core.Tracer)
-
-
-class CompiledModel(OutputGradientsMixin):
+class CompiledModel(SteadyCallsMixin, ConcreteChecksMixin, OutputGradientsMixin):
     """What :func:`mithril.compile` returns.
 
     ``evaluate(params, inputs)`` returns a dict of outputs;
@@ -111,7 +102,8 @@ class CompiledModel(OutputGradientsMixin):
 
     def _set_program(self, prog: Program) -> None:
         self._program = prog
-        self._last_prepared = self._last_cots = None  # (of another program)
+        self._last_prepared = self._last_cots = None
+        self._steady = self._steady_fwd = self._steady_ins = None  # (see .steady)
         self._eval = self.backend.evaluator(prog, self.jit)
         self._consts = {k: self.backend.array(v) for k, v in prog.constants.items()}
         if self.file_path is not None:
@@ -364,79 +356,6 @@ class CompiledModel(OutputGradientsMixin):
             return self._eval
         return next(ev for q, ev in self.__dict__["_partials"].values() if q is prog)
 
-    def _value_inputs(self, op: Any, every: bool = False) -> frozenset[str]:
-        """The inputs of ``op`` whose values are checked before a run: on NumPy not those its
-        forward checks itself (``numpy_checked_inputs``), unless ``every``."""
-        keys = op.value_checked_inputs
-        if keys and not every and self.backend.name == "numpy":
-            return keys - op.numpy_checked_inputs
-        return keys
-
-    def _check_concrete(self, inputs: Mapping[str, Any], prog: Program | None = None,
-                        every_value: bool = False) -> dict[str, Any]:
-        """The shape rules again with the concrete input shapes, so free dimensions are bound
-        (5 rows of logits against 3 labels is a ``ShapeError``), and each operator's own
-        ``check_inputs(shapes, dtypes, arrays, names)`` hook, if it has one: dtype-aware shape
-        rules and value checks (class indices in range) on the concrete inputs, before the
-        backend runs them (under ``jax.jit`` nothing can raise on values). ``arrays`` holds the
-        native top-level inputs an operator lists in ``value_checked_inputs`` (none when traced;
-        no NumPy copy: a check reads a scalar or two); ``names`` maps its keys to the wires
-        they read. ``prog``: the program to check (default: the whole one). On NumPy, values
-        an operator's forward checks itself are read only with ``every_value`` (after that
-        forward refused them: the message names the data key). Returns the outputs' shapes
-        for these inputs (None where a rule cannot tell)."""
-        p, b = prog or self.program, self.backend
-        # JAX: a reduction on a JAX array compiles a program per shape (tens of ms); on the
-        # host, labels are read in place
-        host = np.asarray if b.name == "jax" else _same
-        # all but the value checks are a function of the inputs' shapes and dtypes: a
-        # signature that passed before (a training loop repeats one every step) runs only the
-        # hooks that read values, with the shapes, dtypes and names they had then
-        key = (id(p), tuple((k, v.shape, v.dtype) for k, v in inputs.items()))
-        cache = self.__dict__.setdefault("_checked", {})
-        hit = None if every_value else cache.get(key)
-        if hit is not None and hit[0] is p:
-            for hook, in_shapes, dtypes, names, refs in hit[1]:
-                arrays = {k: host(inputs[t]) for k, t in refs if not _is_traced(inputs[t])}
-                if arrays:
-                    hook(in_shapes, dtypes, arrays, names)
-            return hit[2]
-        value_hooks: list[tuple] = []
-        shapes: list[Any] = list(p.wire_shapes)
-        top = {w: k for k, w in p.inputs.items()}
-        for k, w in p.inputs.items():
-            shapes[w] = tuple(int(d) for d in inputs[k].shape)
-        values: dict[int, Any] = {}  # (Size's output, for Arange)
-        for node in p.nodes:
-            in_shapes = {k: shapes[w] for k, w in node.ins.items()}
-            names = {k: p.wire_names[w] for k, w in node.ins.items()}
-            hook = getattr(node.op, "check_inputs", None)
-            if hook is not None:
-                dtypes = {k: b.dtype_name(inputs[top[w]]) for k, w in node.ins.items() if w in top}
-                read = self._value_inputs(node.op, every_value)
-                arrays = {k: host(inputs[top[w]]) for k in read
-                          if (w := node.ins.get(k)) in top and not _is_traced(inputs[top[w]])}
-                hook(in_shapes, dtypes, arrays, names)
-                refs = tuple((k, top[w]) for k in read if (w := node.ins.get(k)) in top)
-                if refs:
-                    value_hooks.append((hook, in_shapes, dtypes, names, refs))
-            pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
-            try:
-                out = infer_output(node, {**in_shapes, **pshapes}, values)
-                shapes[node.out] = unify(shapes[node.out], out, p.wire_names[node.out],
-                                         f"{node.path}.output (inferred)")
-            except ShapeError as e:
-                wires = ", ".join(f"'{k}' <- '{names[k]}' {fmt(in_shapes[k])}" for k in names)
-                raise ShapeError(f"{node.path} ({type(node.op).__name__}): {e} "
-                                 f"(inputs: {wires})") from None
-        out_shapes = {k: shapes[w] for k, w in p.outputs.items()}
-        if every_value:
-            return out_shapes
-        if len(cache) >= 32:
-            cache.clear()
-        cache[key] = (p, value_hooks, out_shapes)
-        return out_shapes
-
     def scalar_output(self) -> str:
         """The output ``evaluate(..., output_gradients=True)`` differentiates: ``final_cost``
         (a :class:`~mithril.models.TrainModel`), else the model's single output, which must
@@ -480,6 +399,11 @@ class CompiledModel(OutputGradientsMixin):
         unless compiled with ``inference=True``). ``step``: the random step to use (default:
         the model's counter, which a training-mode call then advances). Everything is
         checked before anything runs or the counter moves."""
+        if data is None and state is None and training is None and step is None:
+            # (a loop's steady state: see .steady)
+            got = self._steady_evaluate(params, inputs, output_gradients)
+            if got is not None:
+                return got
         if data is not None:
             if inputs is not None:
                 raise TypeError("evaluate(): give the inputs once, as inputs or as data=")
@@ -498,6 +422,7 @@ class CompiledModel(OutputGradientsMixin):
         """Back to a deferred program (see :attr:`program`), as before the first evaluate."""
         self._program = None
         self._last_prepared = self._last_cots = None
+        self._steady = self._steady_fwd = self._steady_ins = None  # (see .steady)
         self._write_deferred_listing()
 
     def _write_deferred_listing(self) -> None:
@@ -509,6 +434,7 @@ class CompiledModel(OutputGradientsMixin):
     def _call(self, params: Any, inputs: Any, output_gradients: Any, state: Any,
               training: Any, step: Any) -> Any:
         """:meth:`evaluate` once the program is built."""
+        given = params, inputs, output_gradients
         if output_gradients is True:
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
@@ -538,6 +464,8 @@ class CompiledModel(OutputGradientsMixin):
             self.step = step_before
             raise
         if given_state is None:
+            if run is None and training is None and step is None and prog is self.program:
+                self._keep_steady(given, params, inputs, output_gradients, cots)
             return result
         new_state = dict(run.state) if run is not None else {}
         if run is not None:

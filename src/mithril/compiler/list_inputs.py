@@ -191,6 +191,10 @@ class ListInputsMixin:
                  output_gradients: Mapping[str, Any] | bool | None = None, **kw: Any) -> Any:
         """:meth:`CompiledModel.evaluate <mithril.compiler.compiled_model.CompiledModel.evaluate>`,
         a list input given (and a trainable one's gradient returned) as a list."""
+        if not kw:  # (a loop's steady state, which holds no list: see .steady)
+            got = self._steady_evaluate(params, inputs, output_gradients)  # type: ignore[attr-defined]
+            if got is not None:
+                return got
         if kw.get("data") is not None and inputs is None:
             inputs = kw.pop("data")
         _refuse_lists(output_gradients, "output gradient")  # (no output is a list)

@@ -61,6 +61,10 @@ def _out_of_range(labels: Any, n: int) -> str | None:
             f"{hi if hi >= n else lo}): {n} classes, so labels must be in [0, {n - 1}]{hint}")
 
 
+#: torch integer dtypes with a min/max reduction (not uint16/32/64: see _torch_reducible)
+_TORCH_MINMAX = frozenset({"int64", "int32", "int16", "int8", "uint8"})
+
+
 def _refuse(labels: np.ndarray, n: int) -> None:
     """The NumPy forward's own range check (see ``numpy_checked_inputs``)."""
     what = _out_of_range(labels, n)
@@ -285,6 +289,35 @@ class CrossEntropy(Operator):
         else:
             raise DTypeError(f"input '{key}': expected integer class indices or float one-hot / "
                              f"probability rows, got dtype {dt}")
+
+    def steady_check(self, shapes: Mapping[str, Shape | None], dtypes: Mapping[str, str],
+                     names: Mapping[str, str]) -> Any:
+        """:meth:`check_inputs`'s value check for inputs of these shapes and dtypes, which
+        passed it before (a training loop's steady state, :mod:`mithril.compiler.steady`):
+        ``check(arrays)``, raising what :meth:`check_inputs` raises; None where there is
+        nothing to read (empty or one-hot targets). The rest of the rule is a function of the
+        shapes and dtypes: done once."""
+        s, dt = shapes.get("input"), dtypes.get("target")
+        full = self.check_inputs
+        if self._options is not None or s is None or not s or dt is None or "int" not in dt:
+            return lambda arrays: full(shapes, dtypes, arrays, names)
+        n = s[self._class_axis(len(s))]
+        if 0 in s or not n:
+            return lambda arrays: full(shapes, dtypes, arrays, names)
+
+        def check(arrays: Mapping[str, Any]) -> None:
+            labels = arrays.get("target")
+            if labels is None:
+                return
+            if type(labels) is not np.ndarray and dt in _TORCH_MINMAX and not labels.is_cuda:
+                lo, hi = labels.aminmax()  # (one pass, two reads)
+                if int(lo) >= 0 and int(hi) < n:
+                    return
+            elif _out_of_range(labels, n) is None:
+                return
+            full(shapes, dtypes, arrays, names)  # (a label out of range: raises, naming it)
+
+        return check
 
     def infer_shape(self, shapes):
         s, t = shapes.get("input"), shapes.get("target")
