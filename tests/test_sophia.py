@@ -433,3 +433,49 @@ def test_sophia_joins_the_train_step_table():
     import test_train_step_fn
 
     assert Sophia in {type(make()) for make in test_train_step_fn.optimizers().values()}
+
+
+def test_make_train_step_opt_state_takes_the_estimate_as_optax():
+    """make_train_step's one-program JAX step: its ``opt_state`` (an OptaxState) is taken by
+    hessian_due and update_hessian (a new state returned), the loop equal to optax's
+    Hutchinson sophia; a bad estimate is refused naming the key, the state unchanged."""
+    from mithril.utils.training import make_train_step
+
+    steps, k = 9, 3
+    rng = np.random.default_rng(1)
+    with jax_float64():
+        be = JaxBackend(dtype="float64")
+        c = ml.compile(mlp_model(), be, shapes={"input": [8, 4]})
+        p0 = {n: rng.standard_normal(s) * 0.5 for n, s in c.parameter_shapes.items()}
+        batches = [(rng.standard_normal((8, 4)), rng.integers(0, 3, 8)) for _ in range(steps)]
+        key0 = jax.random.PRNGKey(2)
+        tx = optax.contrib.sophia(
+            0.05, update_interval=k, gamma=0.05,
+            hessian_diagonal_fn=optax.contrib.hutchinson_estimator_diag_hessian(key0))
+        pj = {n: jnp.asarray(v) for n, v in p0.items()}
+        st = tx.init(pj)
+        opt = Sophia(0.05, update_interval=k, gamma=0.05)
+        step = make_train_step(c, opt, loss="loss")
+        assert step.fused
+        p = {n: be.array(v) for n, v in p0.items()}
+        opt_state, key = step.init(p), key0
+        for i, (x, y) in enumerate(batches):
+            obj = functools.partial(jnp_loss, x=jnp.asarray(x), y=jnp.asarray(y))
+            u, st = tx.update(jax.grad(obj)(pj), st, pj, obj_fn=obj)
+            pj = optax.apply_updates(pj, u)
+            data = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+            h = None
+            assert opt.hessian_due(opt_state) == (i % k == 0)
+            if opt.hessian_due(opt_state):
+                key, sub = jax.random.split(key)
+                h = hutchinson_diagonal(c, p, data, sub, loss="loss")
+            p, opt_state, _ = step(p, opt_state, data)
+            if h is not None:
+                with pytest.raises(ShapeError, match=r"estimate\['mlp.linear_0.bias'\]"):
+                    opt.update_hessian(opt_state, {**h, "mlp.linear_0.bias": jnp.ones(2)})
+                opt_state = opt.update_hessian(opt_state, h)
+            else:
+                with pytest.raises(ValueError, match="is not one that takes an estimate"):
+                    opt.update_hessian(opt_state, {n: jnp.ones_like(v) for n, v in p.items()})
+            err = max(float(np.abs(np.asarray(p[n]) - np.asarray(pj[n])).max()) for n in p)
+            assert err <= 1e-12, (i, err)

@@ -74,9 +74,11 @@ class Sophia(Optimizer):
     ``beta1``, ``gamma``, ``epsilon``, the learning rate); ``beta2``, ``update_interval`` and
     ``clip_threshold`` are the optimizer's only. ``mu_dtype`` as :class:`~.adam.Adam`'s
     (``m`` kept in that dtype, the per-tensor array engine). optax's ``verbose`` win-rate
-    printing is not offered. Under ``make_train_step``'s one-program JAX step the state is
-    an ``OptaxState`` that :meth:`update_hessian` refuses: use ``compiled.evaluate`` and
-    ``update`` (or convert with ``step.to_optimizer_state``).
+    printing is not offered. ``make_train_step``'s JAX ``opt_state`` is taken by both
+    methods (``opt_state = opt.update_hessian(opt_state, h)``: a new one). Without
+    :meth:`update_hessian` (optax's ``obj_fn`` never given; ``optax_transformation`` and
+    ``torch_optimizer``, which do not call it) ν stays 0 and the step is
+    ``clip(m̂/ε, ±c)``: sign descent with momentum, not Sophia.
     """
 
     slots = ("m", "nu")
@@ -111,15 +113,15 @@ class Sophia(Optimizer):
         return _sophia_noclip if self.clip_threshold is None else _sophia
 
     # -- the Hessian-diagonal EMA ----------------------------------------------------------
-    def hessian_due(self, state: OptimizerState) -> bool:
+    def hessian_due(self, state: Any) -> bool:
         """Whether the next :meth:`update` of ``state`` is one whose estimate :meth:`update_hessian`
         folds in (optax: the count before the step is a multiple of ``update_interval``):
-        measure the estimate at the params given to that update."""
-        state = self._own_state(state, "hessian_due")
-        return state.step % self.update_interval == 0
+        measure the estimate at the params given to that update. ``state``: what ``init``
+        / ``update`` returned, or ``make_train_step``'s JAX ``opt_state`` (a host read of
+        its count)."""
+        return _Held.of(self, state, "hessian_due").step % self.update_interval == 0
 
-    def update_hessian(self, state: OptimizerState, estimate: Mapping[str, Any]
-                       ) -> OptimizerState:
+    def update_hessian(self, state: Any, estimate: Mapping[str, Any]) -> Any:
         """Fold ``estimate`` (parameter name → Hessian-diagonal estimate at the params before
         the step just taken, e.g. :func:`mithril.utils.hessian.hutchinson_diagonal`) into
         the slot ν: ``ν ← β₂·ν + (1−β₂)·ĥ``, in ν's dtype. Call it after the :meth:`update`
@@ -133,19 +135,22 @@ class Sophia(Optimizer):
         folds it in as optax does, with a ``RuntimeWarning`` (ν then stays non-finite:
         every later step is NaN); ``"unchecked"`` folds it in silently; ``"skip"`` leaves ν
         as it was, with a ``RuntimeWarning``; ``"raise"`` raises ``FloatingPointError``.
-        Returns ``state`` (updated in place on NumPy / torch)."""
-        state = self._own_state(state, "update_hessian")
-        if state.last_step_skipped:
+        Returns ``state`` (updated in place on NumPy / torch). ``make_train_step``'s JAX
+        ``opt_state`` (an ``OptaxState``, immutable) is taken too: a new one is returned
+        (rebind to it); a skipped step leaves its count, so the next due check is the
+        skipped step's again, and folding twice is not detected there."""
+        held = _Held.of(self, state, "update_hessian")
+        if held.skipped:
             return state
-        t, k = state.step, self.update_interval
+        t, k = held.step, self.update_interval
         if t < 1 or (t - 1) % k:
             raise ValueError(
                 f"update_hessian: the last step taken (step {t}) is not one that takes an "
                 f"estimate (update_interval={k}: steps 1, {k + 1}, {2 * k + 1}, ...); call it "
                 f"after the update that hessian_due(state) said was due (before that update)")
-        if state.__dict__.get("_hessian_step") == t:
+        if held.folded == t:
             raise ValueError(f"update_hessian: step {t}'s estimate is already folded in")
-        h = self._checked_estimate(state, estimate)
+        h = held.checked(estimate)
         bad = sorted(n for n, a in h.items() if not _all_finite(a))
         if bad and self.nonfinite != "unchecked":
             what = f"update_hessian: the estimate of {bad} holds inf/NaN"
@@ -158,43 +163,71 @@ class Sophia(Optimizer):
                           f"non-finite (nonfinite='skip' or 'raise' guard against this)",
                           RuntimeWarning, 2)
         b2 = self.beta2
-        nu = state.slot("nu")
-        new = {n: (1 - b2) * h[n] + b2 * nu[n] for n in h}  # optax's update_moment order
-        _write(state, "nu", new)
-        state.__dict__["_hessian_step"] = t
-        return state
+        nu = held.nu()
+        return held.written({n: (1 - b2) * h[n] + b2 * nu[n] for n in h})  # optax's order
 
-    def _own_state(self, state: Any, who: str) -> OptimizerState:
+
+class _Held:
+    """What :meth:`Sophia.update_hessian` reads and writes of a state: an
+    :class:`OptimizerState` (ν in its flat buffer, written in place where it can be) or
+    ``make_train_step``'s ``OptaxState`` (ν a dict of JAX arrays, replaced)."""
+
+    def __init__(self, state: Any, step: int, skipped: bool, folded: Any,
+                 shapes: dict[str, tuple], dtype: str, backend: Any) -> None:
+        self.state, self.step, self.skipped, self.folded = state, step, skipped, folded
+        self.shapes, self.dtype, self.backend = shapes, dtype, backend
+
+    @classmethod
+    def of(cls, opt: Sophia, state: Any, who: str) -> _Held:
         state = unwrapped(state)
+        if type(state).__name__ == "OptaxState" and hasattr(state, "_replace"):
+            nu = state.slots.get("nu") if isinstance(state.slots, Mapping) else None
+            if not isinstance(nu, Mapping) or "m" not in state.slots:
+                raise ValueError(f"{who}: this opt_state holds no Sophia slots (slots "
+                                 f"{sorted(state.slots)})")
+            first = next(iter(nu.values()), None)
+            return cls(state, int(np.asarray(state.count)), False, None,
+                       {n: tuple(a.shape) for n, a in nu.items()},
+                       str(getattr(first, "dtype", "float32")), None)
         if not isinstance(state, OptimizerState):
-            hint = ("; a make_train_step JAX state: step.to_optimizer_state(opt_state, params)"
-                    " first" if type(state).__name__ == "OptaxState" else "")
-            raise TypeError(f"{who}: state must be what Sophia.init returned, got "
-                            f"{type(state).__name__}{hint}")
+            raise TypeError(f"{who}: state must be what Sophia.init returned (or "
+                            f"make_train_step's opt_state), got {type(state).__name__}")
         try:
-            check_state_kind(self, state)
+            check_state_kind(opt, state)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{who}: {e}") from None
-        return state
+        lay = state.layout
+        return cls(state, state.step, state.last_step_skipped,
+                   state.__dict__.get("_hessian_step"), dict(zip(lay.names, lay.shapes)),
+                   lay.dtype, state.engine.backend)
 
-    @staticmethod
-    def _checked_estimate(state: OptimizerState, estimate: Any) -> dict[str, Any]:
-        """``estimate`` as arrays of the state's backend, each checked against its
-        parameter (key, shape, dtype): errors name the key."""
+    def nu(self) -> dict[str, Any]:
+        s = self.state
+        return dict(s.slots["nu"]) if self.backend is None else s.slot("nu")
+
+    def written(self, new: dict[str, Any]) -> Any:
+        s = self.state
+        if self.backend is None:
+            return s._replace(slots={**s.slots, "nu": {n: new[n] for n in s.slots["nu"]}})
+        _write(s, "nu", new)
+        s.__dict__["_hessian_step"] = s.step
+        return s
+
+    def checked(self, estimate: Any) -> dict[str, Any]:
+        """``estimate`` as arrays of the state's kind, each checked against its parameter
+        (key, shape, dtype): errors name the key."""
         if not isinstance(estimate, Mapping):
             raise TypeError(f"update_hessian: the estimate must be a dict of arrays keyed by "
                             f"parameter name, got {type(estimate).__name__}")
-        lay, eng = state.layout, state.engine
-        missing = sorted(set(lay.names) - set(estimate))
-        extra = sorted(set(estimate) - set(lay.names), key=str)
+        missing = sorted(set(self.shapes) - set(estimate))
+        extra = sorted((k for k in estimate if k not in self.shapes), key=str)
         if missing or extra:
             raise KeyMismatchError(f"update_hessian: the estimate's keys do not match the "
                                    f"state's parameters: missing {missing}, unknown {extra}")
         out = {}
-        for name in lay.name_list:
+        for name, shape in self.shapes.items():
             a = estimate[name]
             a = np.asarray(a) if isinstance(a, np.generic) else a  # (a 0-d NumPy scalar)
-            shape = lay.shapes[lay.index[name]]
             if not is_array(a):
                 raise TypeError(f"update_hessian: estimate['{name}'] must be an array, got "
                                 f"{type(a).__name__}")
@@ -202,16 +235,20 @@ class Sophia(Optimizer):
                 raise ShapeError(f"update_hessian: estimate['{name}'] has shape "
                                  f"{tuple(a.shape)}, the parameter {tuple(shape)}")
             dt = str(a.dtype).removeprefix("torch.")
-            if dt != lay.dtype:
+            if dt != self.dtype:
                 raise TypeError(f"update_hessian: estimate['{name}'] has dtype {dt}, the "
-                                f"parameters {lay.dtype}")
-            out[name] = a if eng.backend.is_native(a) else _native(eng, np.asarray(a))
+                                f"parameters {self.dtype}")
+            if self.backend is None:  # (an OptaxState's: JAX arrays)
+                import jax.numpy as jnp
+
+                out[name] = jnp.asarray(_host(a) if hasattr(a, "detach") else a)
+            else:
+                out[name] = a if self.backend.is_native(a) else self.backend.array(_host(a))
         return out
 
 
-def _native(eng: Any, a: np.ndarray) -> Any:
-    """A host array as one of the engine's backend (on its device)."""
-    return eng.backend.array(a)
+def _host(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 def _all_finite(a: Any) -> bool:
