@@ -38,6 +38,17 @@ def _sophia_noclip(p, g, m, nu, lr, b1, b1c, bc1, gamma, eps, clip, wd):
     return p + (-lr) * (u + wd * p), m, nu
 
 
+#: optax.contrib.sophia's arguments that are not Sophia's here, and what to do instead
+_NOT_OFFERED = {
+    "hessian_diagonal_fn": "the estimate enters through opt.update_hessian(state, h) after "
+                           "each update that opt.hessian_due(state) names (optax's default "
+                           "estimator is mithril.utils.hessian.hutchinson_diagonal)",
+    "verbose": "the win rate is not printed (the share of |u| < clip_threshold: measure it "
+               "from the state's m and nu)",
+    "print_win_rate_every_n_steps": "the win rate is not printed",
+}
+
+
 class Sophia(Optimizer):
     """Sophia (Liu et al., 2023) as ``optax.contrib.sophia``. Each step (t = 1, 2, ...)::
 
@@ -90,6 +101,9 @@ class Sophia(Optimizer):
                  epsilon: float = 1e-8, weight_decay: float = 1e-4, gamma: float = 0.01,
                  clip_threshold: float | None = 1.0, update_interval: int = 10,
                  mu_dtype: Any = None, **options: Any) -> None:
+        for name, why in _NOT_OFFERED.items():  # (optax's arguments with no equal here)
+            if name in options:
+                raise TypeError(f"Sophia: {name}= is optax's, not taken here: {why}")
         super().__init__(learning_rate, weight_decay=weight_decay, **options)
         self.mu_dtype = check_mu_dtype(mu_dtype)
         self.beta1 = check_unit("beta1", beta1)
