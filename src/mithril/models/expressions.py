@@ -307,7 +307,24 @@ class ConnectionOps:
     # -- moving elements --------------------------------------------------------------------
     def __getitem__(self, index: Any) -> Expression:
         """``x[index]`` (``Indexer``): ints, slices (negative steps too), None, ``...`` and
-        integer lists, or a tuple of those."""
+        integer lists, or a tuple of those. Connections among a tuple's items (``x[rows,
+        cols]``, the published CLIP's pooling; ``x[i, ...]``) index by the arrays they carry
+        (``GatherIndexer``)."""
+        # (a lone connection, x[i], stays refused for now: tests/test_connection_arithmetic.py
+        # pins that refusal; x[i, ...] or x[i,] index by it)
+        items = index if isinstance(index, tuple) else ()
+        if any(isinstance(i, ConnectionOps) for i in items):
+            from .gather_index import SLOT, GatherIndexer
+
+            conns = [i for i in items if isinstance(i, ConnectionOps)]
+            template = tuple(SLOT if isinstance(i, ConnectionOps) else i for i in items)
+            _static(template, f"[{_index_text(index)}]", self)
+            try:
+                op = GatherIndexer(template)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{self!r}[{_index_text(index)}]: {e}") from None
+            operands = {"input": self, **{f"index{k}": c for k, c in enumerate(conns)}}
+            return Expression(op, operands, f"{_text(self)}[{_index_text(index)}]")
         _check_index(index, self)
         return self._unary(_op("Indexer", index), f"{_text(self)}[{_index_text(index)}]")
 
