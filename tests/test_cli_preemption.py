@@ -485,9 +485,6 @@ def test_compare_stopped_by_sigterm_ranks_what_ran_and_exits_143(
         ("adam", "4", "False"), ("sgd", "2", "True")]  # (rmsprop never ran)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/utils/privacy_accounting.py: "
-                   "_epsilon raises the absl level around acc.compose too (RdpAccountant "
-                   "computes the orders there), not only around get_epsilon")
 def test_the_epsilon_a_dp_run_reports_prints_no_absl_warnings(
         caplog: pytest.LogCaptureFixture) -> None:
     """`mithril train`/`compare` with DP-SGD print a screen of dp_accounting's notes (one per

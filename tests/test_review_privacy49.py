@@ -240,8 +240,9 @@ def test_cli_refusals_name_the_flag_and_write_nothing(tmp_path, capsys, argv, ma
 
 
 def test_cli_a_dp_run_is_not_resumed_and_its_folder_stays(tmp_path, capsys) -> None:
-    """A resumed run rebuilt σ (--target-epsilon for the longer run, or the default): its
-    reported ε took that σ for every step (1.074 then 1: ε 2.81 instead of the run's)."""
+    """A run sized by --target-epsilon cannot be lengthened on resume: its σ was sized to
+    the run's length (once, a resumed run rebuilt σ for the longer run and reported an ε
+    that took that σ for every step: 1.074 then 1, ε 2.81 instead of the run's)."""
     out = tmp_path / "dp"
     assert main(["train", "--optimizer", "dpsgd", "--target-epsilon", "2", "--checkpoint",
                  *QUICK, "--out", str(out)]) == 0
@@ -249,7 +250,7 @@ def test_cli_a_dp_run_is_not_resumed_and_its_folder_stays(tmp_path, capsys) -> N
     capsys.readouterr()
     err = usage_error(capsys, ["train", "--resume", str(out), "--epochs", "2",
                                "--no-progress"], last=True)
-    assert "--resume does not apply to optimizer dpsgd (DP-SGD) yet" in err
+    assert "--resume: the run's noise multiplier was" in err and "keep --epochs 1" in err
     assert (sorted(p.name for p in out.iterdir()), summary(out)) == before
 
 

@@ -150,11 +150,11 @@ def _epsilon(history: Sequence[tuple[float, float, int]], delta: Any, mechanism:
         from dp_accounting.pld import PLDAccountant
 
         acc = PLDAccountant()
-    acc.compose(dpa.ComposedDpEvent(events))
-    absl = logging.getLogger("absl")  # (its note per fractional order that does not converge)
-    level = absl.level
+    absl = logging.getLogger("absl")  # (its note per fractional order that does not
+    level = absl.level  # converge, written while composing and when reading ε)
     absl.setLevel(logging.ERROR)
     try:
+        acc.compose(dpa.ComposedDpEvent(events))
         return float(acc.get_epsilon(delta))
     finally:
         absl.setLevel(level)
