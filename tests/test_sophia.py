@@ -130,6 +130,36 @@ def test_equals_optax_with_the_same_estimates(case, engine):
     assert err <= 1e-12, err
 
 
+@functools.cache
+def optax_float32() -> list[dict]:
+    p0, grads, hs = (f32(problem(8)[0]), *([f32(d) for d in x] for x in problem(8)[1:]))
+    tx = optax.contrib.sophia(0.01, update_interval=3, hessian_diagonal_fn=handed_out(hs))
+    p = {k: jnp.asarray(v) for k, v in p0.items()}
+    st, out = tx.init(p), []
+    for g in grads:
+        u, st = tx.update({k: jnp.asarray(v) for k, v in g.items()}, st, p)
+        p = optax.apply_updates(p, u)
+        out.append({k: np.asarray(v, np.float64) for k, v in p.items()})
+    return out
+
+
+def f32(d: dict) -> dict:
+    return {k: np.asarray(v, np.float32) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_float32_equals_optax_to_rounding(engine):
+    """float32 (optax's default): ~1 ulp (measured 9e-8; the tensor-op engine 0)."""
+    p0, grads, hs = problem(8)
+    ours, _ = our_run(engine, Sophia(0.01, update_interval=3), f32(p0),
+                      [f32(g) for g in grads], [f32(h) for h in hs])
+    assert all(v.dtype == np.float32 for v in ours[-1].values())
+    ours = [{k: v.astype(np.float64) for k, v in d.items()} for d in ours]
+    err = max_diff(ours, optax_float32())
+    OBSERVED[f"float32/{engine}"] = err
+    assert err <= 1e-6, err
+
+
 def test_weight_decay_mask_and_param_groups_equal_optax():
     """optax's ``weight_decay_mask`` is ours; a group with its own learning rate and γ is
     optax's sophia run on those parameters alone (every quantity is elementwise)."""
