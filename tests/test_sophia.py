@@ -160,6 +160,17 @@ def test_float32_equals_optax_to_rounding(engine):
     assert err <= 1e-6, err
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_fused_ops_engine_equals_optax(case, monkeypatch):
+    """torch's CUDA engine (its fused kernels on flat buffers), forced on CPU."""
+    import mithril.utils.optimizers.engines as engines
+
+    monkeypatch.setattr(engines, "TORCH_ENGINE", "fused-ops")
+    p0, grads, hs = problem()
+    ours, _ = our_run("torch-fused-ops", Sophia(0.01, **CASES[case]), p0, grads, hs)
+    assert max_diff(ours, optax_case(case)) <= 1e-12
+
+
 def test_weight_decay_mask_and_param_groups_equal_optax():
     """optax's ``weight_decay_mask`` is ours; a group with its own learning rate and γ is
     optax's sophia run on those parameters alone (every quantity is elementwise)."""
