@@ -533,3 +533,31 @@ def test_the_cli_refuses_sophia_whose_loop_measures_no_hessian():
     from mithril.cli.optimizer_catalog import REFUSED
 
     assert "update_hessian" in REFUSED.get("sophia", "")
+
+
+def test_under_accumulate_equals_optax_multisteps():
+    """Accumulate(Sophia, 2) with the estimate folded after the micro-batches that step it:
+    optax.MultiSteps(sophia, 2); update_hessian takes and returns the AccumulateState."""
+    from mithril.utils.accumulation import Accumulate, AccumulateState
+
+    p0, grads, hs = problem(9, steps=20)
+    tx = optax.MultiSteps(optax.contrib.sophia(0.01, update_interval=2,
+                                               hessian_diagonal_fn=handed_out(hs)), 2)
+    opt = Sophia(0.01, update_interval=2)
+    acc = Accumulate(opt, 2)
+    with jax_float64():
+        pj = {k: jnp.asarray(v) for k, v in p0.items()}
+        st = tx.init(pj)
+        p = {k: v.copy() for k, v in p0.items()}
+        state, used = acc.init(p), 0
+        for g in grads:
+            u, st = tx.update({k: jnp.asarray(v) for k, v in g.items()}, st, pj)
+            pj = optax.apply_updates(pj, u)
+            due = opt.hessian_due(state)
+            p, state = acc.update(p, g, state)
+            if due and state.applied:
+                state = opt.update_hessian(state, hs[used])
+                used += 1
+            assert isinstance(state, AccumulateState)
+            assert max(float(np.abs(p[k] - np.asarray(pj[k])).max()) for k in p) <= 1e-12
+    assert used == 5

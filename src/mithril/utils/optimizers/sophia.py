@@ -178,7 +178,8 @@ class Sophia(Optimizer):
                           RuntimeWarning, 2)
         b2 = self.beta2
         nu = held.nu()
-        return held.written({n: (1 - b2) * h[n] + b2 * nu[n] for n in h})  # optax's order
+        new = held.written({n: (1 - b2) * h[n] + b2 * nu[n] for n in h})  # optax's order
+        return state if held.backend is not None else new  # (an Accumulate's state: itself)
 
 
 class _Held:
