@@ -228,6 +228,8 @@ def test_bad_input_is_refused_by_name():
         hessian_vector_product(c, p0, data, v0)
     with pytest.raises(KeyMismatchError, match="target"):
         hessian_vector_product(c, p0, {"input": x}, v0, loss="loss")
+    with pytest.raises(TypeError, match=rf"params\['{W0}'\] is a ndarray, not a torch"):
+        rademacher_like(p0, 0, backend=TorchBackend(dtype="float64"))
     with pytest.raises(TypeError, match="seed_or_key must be"):
         hutchinson_diagonal(c, p0, data, 1.5, loss="loss")
     with pytest.raises(TypeError, match="compiled model"):

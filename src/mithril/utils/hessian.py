@@ -82,6 +82,10 @@ def rademacher_like(params: Mapping[str, Any], seed_or_key: Any, *, backend: Any
         from .optimizers.checks import infer_backend
 
         backend = infer_backend(params)
+    for n, p in params.items():
+        if not backend.is_native(p):
+            raise TypeError(f"rademacher_like: params['{n}'] is a {type(p).__name__}, not a "
+                            f"{backend.name} array")
     shapes = {n: tuple(int(d) for d in p.shape) for n, p in params.items()}
     dtype = backend.dtype_name(next(iter(params.values()))) if params else "float32"
     if _is_jax_key(seed_or_key):
