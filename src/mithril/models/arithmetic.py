@@ -22,6 +22,8 @@ class _Binary(Operator):
 class Add(_Binary):
     """left + right."""
 
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
+
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
         left, right = promote(left, right)
         return left + right
@@ -32,6 +34,8 @@ class Add(_Binary):
 
 class Multiply(_Binary):
     """left · right (elementwise)."""
+
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
         left, right = promote(left, right)

@@ -61,11 +61,15 @@ class LessEqual(_Relational):
 class Equal(_Relational):
     """left == right (bool), elementwise."""
 
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
+
     _fn = _ops.eq
 
 
 class NotEqual(_Relational):
     """left != right (bool), elementwise."""
+
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
 
     _fn = _ops.ne
 
@@ -77,6 +81,7 @@ def _logical(xp: Any, name: str) -> Callable[..., Any]:
 
 class _Logical(_Relational):
     _name: ClassVar[str]
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
 
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
         return _logical(xp, self._name)(left, right)

@@ -435,6 +435,10 @@ class Model:
                       and block.conns[k] is not block._cout}
         # ``+=`` wires the canonical output: the one chosen with set_cout, else the latest
         prev_out = self._cout if self._cout is not None else self._last_output
+        if chain and first_in is not None and first_in in bound.connections:
+            # (published: a commutative operator's other operand: += Add().connect(left=x))
+            first_in = next((k for k in getattr(block, "canonical_inputs", None) or ()
+                             if k not in bound.connections), None)
         if chain and prev_out is not None and first_in is not None \
                 and first_in not in bound.connections:
             mapping[first_in] = prev_out

@@ -170,6 +170,11 @@ class Operator:
     #: the terminals ``connect`` takes positionally, in the published signature's order
     #: (None: the inputs, then ``"output"``, as the published primitives')
     positional: ClassVar[tuple[str, ...] | None] = None
+    #: the inputs ``model += block`` may wire to the previous output, the first one not given
+    #: in ``connect`` (None: the first input only); the published commutative operators
+    #: (``Add``, ``Multiply``, ...) take ``("left", "right")``: ``+= Add().connect(left=x)``
+    #: wires ``right``
+    canonical_inputs: ClassVar[tuple[str, ...] | None] = None
 
     def connect(self, *args: Any, **connections: Any) -> Any:
         """Bind terminals (and parameter roles) to names, ``IOKey``s, connections or

@@ -244,6 +244,7 @@ class ArgMin(_ArgReduce):
 
 class _Extremum(_Broadcasting):
     inputs = ("left", "right")
+    canonical_inputs = ("left", "right")  # (published: either is the canonical input)
     _fn: ClassVar[str]
     _sign: ClassVar[int]
 
