@@ -265,7 +265,7 @@ class _TorchEvaluator(Evaluator):
         if run is not None:
             run.new_state = {k: v.detach() for k, v in run.new_state.items()}
         names = [k for k in cotangents if out[k].requires_grad]
-        if names:
+        if names and leaves:  # (no leaves: the engine would write .grad of a given input)
             grads = self._grad([out[k] for k in names], [cotangents[k] for k in names],
                                tuple(leaves.values()))
             gdict = {k: g if g is not None else torch.zeros_like(params[k])

@@ -186,7 +186,8 @@ class SteadyCallsMixin:
         """Keep the inputs ``given`` (checked as ``inputs``, with the constants) for the
         steady path when the checks took every array as it was; returns what was kept."""
         p = self.program
-        if (self.backend.name not in _BACKENDS or p.has_context or type(given) is not dict
+        if (self.backend.name not in _BACKENDS or p.has_context or p.state_shapes
+                or type(given) is not dict
                 or len(given) + len(self._consts) != len(inputs)
                 or not all(inputs.get(k) is v for k, v in given.items())
                 or metadata(given) is None):
