@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from conftest import host, jax_float64, native, optimizer_engine
 
 import mithril as ml
@@ -561,3 +562,26 @@ def test_under_accumulate_equals_optax_multisteps():
             assert isinstance(state, AccumulateState)
             assert max(float(np.abs(p[k] - np.asarray(pj[k])).max()) for k in p) <= 1e-12
     assert used == 5
+
+
+def test_torch_optimizer_drop_in_takes_the_estimate_through_its_mithril_state():
+    """A torch loop: torch_optimizer(Sophia) steps, update_hessian on its mithril_state
+    (changed in place: the wrapper's next step reads it), as optax."""
+    from mithril.interop import torch_optimizer
+
+    p0, grads, hs = problem(10, steps=12)
+    theirs = optax_run({"update_interval": 3}, p0, grads, hs, 0.01)
+    params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()}
+    soph = Sophia(0.01, update_interval=3)
+    opt, used = torch_optimizer(soph, list(params.items())), 0
+    for t, g in enumerate(grads):
+        due = opt.mithril_state is None or soph.hessian_due(opt.mithril_state)
+        for k, p in params.items():
+            p.grad = torch.tensor(g[k])
+        opt.step()
+        if due:
+            soph.update_hessian(opt.mithril_state, {k: torch.tensor(hs[used][k]) for k in params})
+            used += 1
+        assert all(np.abs(p.detach().numpy() - theirs[t][k]).max() <= 1e-12
+                   for k, p in params.items())
+    assert used == 4
