@@ -86,10 +86,11 @@ class Sophia(Optimizer):
     ``clip_threshold`` are the optimizer's only. ``mu_dtype`` as :class:`~.adam.Adam`'s
     (``m`` kept in that dtype, the per-tensor array engine). optax's ``verbose`` win-rate
     printing is not offered. ``make_train_step``'s JAX ``opt_state`` is taken by both
-    methods (``opt_state = opt.update_hessian(opt_state, h)``: a new one). Without
-    :meth:`update_hessian` (optax's ``obj_fn`` never given; ``optax_transformation`` and
-    ``torch_optimizer``, which do not call it) ν stays 0 and the step is
-    ``clip(m̂/ε, ±c)``: sign descent with momentum, not Sophia.
+    methods (``opt_state = opt.update_hessian(opt_state, h)``: a new one), and so is a
+    ``torch_optimizer``'s ``mithril_state`` (changed in place) or an ``Accumulate``'s state.
+    Without :meth:`update_hessian` (optax's ``obj_fn`` never given; ``optax_transformation``,
+    which cannot call it) ν stays 0 and the step is ``clip(m̂/ε, ±c)``: sign descent with
+    momentum, not Sophia.
     """
 
     slots = ("m", "nu")
