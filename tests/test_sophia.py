@@ -585,3 +585,27 @@ def test_torch_optimizer_drop_in_takes_the_estimate_through_its_mithril_state():
         assert all(np.abs(p.detach().numpy() - theirs[t][k]).max() <= 1e-12
                    for k, p in params.items())
     assert used == 4
+
+
+def test_optax_transformation_state_takes_the_estimate():
+    """optax_transformation(Sophia) under jax.jit; update_hessian on its OptaxState between
+    the jitted updates gives a new state: optax's sophia."""
+    from mithril.interop import optax_transformation
+
+    p0, grads, hs = problem(11, steps=12)
+    theirs = optax_run({"update_interval": 3}, p0, grads, hs, 0.01)
+    soph = Sophia(0.01, update_interval=3)
+    with jax_float64():
+        tx = optax_transformation(soph)
+        update = jax.jit(tx.update)
+        p = {k: jnp.asarray(v) for k, v in p0.items()}
+        st, used = tx.init(p), 0
+        for t, g in enumerate(grads):
+            due = soph.hessian_due(st)
+            u, st = update({k: jnp.asarray(v) for k, v in g.items()}, st, p)
+            p = optax.apply_updates(p, u)
+            if due:
+                st = soph.update_hessian(st, {k: jnp.asarray(v) for k, v in hs[used].items()})
+                used += 1
+            assert max(float(np.abs(np.asarray(p[k]) - theirs[t][k]).max()) for k in p) <= 1e-12
+    assert used == 4

@@ -85,12 +85,12 @@ class Sophia(Optimizer):
     ``beta1``, ``gamma``, ``epsilon``, the learning rate); ``beta2``, ``update_interval`` and
     ``clip_threshold`` are the optimizer's only. ``mu_dtype`` as :class:`~.adam.Adam`'s
     (``m`` kept in that dtype, the per-tensor array engine). optax's ``verbose`` win-rate
-    printing is not offered. ``make_train_step``'s JAX ``opt_state`` is taken by both
-    methods (``opt_state = opt.update_hessian(opt_state, h)``: a new one), and so is a
-    ``torch_optimizer``'s ``mithril_state`` (changed in place) or an ``Accumulate``'s state.
-    Without :meth:`update_hessian` (optax's ``obj_fn`` never given; ``optax_transformation``,
-    which cannot call it) ν stays 0 and the step is ``clip(m̂/ε, ±c)``: sign descent with
-    momentum, not Sophia.
+    printing is not offered. The state of ``optax_transformation(opt)`` and
+    ``make_train_step``'s JAX ``opt_state`` (an ``OptaxState``) are taken by both methods
+    (outside ``jax.jit``: ``state = opt.update_hessian(state, h)`` gives a new one), and so
+    are a ``torch_optimizer``'s ``mithril_state`` (changed in place) and an ``Accumulate``'s
+    state. Without :meth:`update_hessian` (optax's ``obj_fn`` never given) ν stays 0 and the
+    step is ``clip(m̂/ε, ±c)``: sign descent with momentum, not Sophia.
     """
 
     slots = ("m", "nu")
