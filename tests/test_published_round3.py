@@ -188,3 +188,10 @@ def test_a_list_alone_is_not_compiled_and_arguments_are_checked():
     model += Concat().connect(output="y")
     compiled = ml.compile(model, b, shapes={"x": [3]})
     np.testing.assert_array_equal(compiled.evaluate({}, {"x": np.zeros(3)})["y"], [0, 0, 0, 1, 2])
+    model = Model()  # the values hold for a ToList added without connect too
+    model |= Buffer().connect(input="x", output="x_out")
+    model += ToTuple(2, input2=np.array([1.0, 2.0]))
+    model += Concat().connect(output="y")
+    compiled = ml.compile(model, b, shapes={"x": [3]})
+    assert compiled.input_keys == ("x",)
+    np.testing.assert_array_equal(compiled.evaluate({}, {"x": np.ones(3)})["y"], [1, 1, 1, 1, 2])

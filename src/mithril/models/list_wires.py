@@ -103,7 +103,8 @@ def add_list_block(model: Model, bound: Bound, chain: bool) -> None:
 
     block = bound.block
     assert isinstance(block, ToList)
-    given = dict(bound.connections)
+    # (constructor values hold also for a block added without connect: model |= ToList(2, ...))
+    given = {**{k: IOKey(value=v) for k, v in block.values.items()}, **bound.connections}
     prev_out = model._cout if model._cout is not None else model._last_output
     elements = []
     for i, key in enumerate(block.inputs):
