@@ -10,12 +10,25 @@ from typing import Any
 
 import numpy as np
 
+from ..compiler.compiled_model import signature
+
 __all__ = ["TrainStepInputs"]
 
 
 class TrainStepInputs:
     """The input checks of a train step; the state (``_data_sigs``, ``_value_keys``,
     ``_values_seen``, ``_jax_array``) is set by :class:`TrainStep`'s ``__init__``."""
+
+    def _steady_inputs(self, data: Any) -> dict[str, Any]:
+        """:meth:`_inputs` (the NumPy and torch step), by the model's steady path when
+        ``data`` is of the kind that last passed (:mod:`mithril.compiler.steady`: only the
+        value checks are repeated), which a full check keeps for the next step."""
+        c = self.compiled
+        ins = c._steady_inputs(data)
+        if ins is None:
+            ins = self._inputs(data, signature(data) if isinstance(data, Mapping) else None)
+            c._keep_steady_inputs(data, ins)
+        return ins
 
     def _inputs(self, data: Mapping[str, Any], sig: tuple | None = None) -> dict[str, Any]:
         """The inputs checked as ``evaluate`` checks them (shapes, dtypes, the operators'

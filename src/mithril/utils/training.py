@@ -354,12 +354,7 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
                     and state is None and params.keys() == views.keys()
                     and all(map(operator.is_, params.values(), views.values()))
                     and self._model_views(views)):
-                ins = c._steady_inputs(data)  # (a loop's steady state: see compiler.steady)
-                if ins is None:
-                    ins = self._inputs(data, signature(data) if isinstance(data, Mapping)
-                                       else None)
-                    c._keep_steady_inputs(data, ins)
-                outputs, grads = c._evaluate(params, ins, cots, None)
+                outputs, grads = c._evaluate(params, self._steady_inputs(data), cots, None)
             elif state is None:
                 outputs, grads = c.evaluate(params, data, output_gradients=cots)
             else:
