@@ -195,3 +195,30 @@ def test_a_list_alone_is_not_compiled_and_arguments_are_checked():
     compiled = ml.compile(model, b, shapes={"x": [3]})
     assert compiled.input_keys == ("x",)
     np.testing.assert_array_equal(compiled.evaluate({}, {"x": np.ones(3)})["y"], [1, 1, 1, 1, 2])
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_concat_connect_positionally_and_its_axis_as_published(name):
+    """``Concat().connect(input, axis, output)`` (the published signature: positional, and
+    ``axis`` given in connect), a list's output among its inputs, against torch.cat."""
+    b = BACKENDS[name](dtype="float64")
+    model = Model()
+    model |= (lst := ToList(n=2)).connect(input1="a", input2="b")
+    model |= Concat().connect(lst.output, 1, "y")
+    model |= Concat().connect(input=["a", "b"], axis=None, output="flat")
+    compiled = ml.compile(model, b, shapes={"a": [2, 3], "b": [2, 1]}, trainable_keys={"a"})
+    a, bv = RNG.standard_normal((2, 3)), RNG.standard_normal((2, 1))
+    cot = {"y": RNG.standard_normal((2, 4)), "flat": RNG.standard_normal(8)}
+    out, grads = _grads(compiled, b, {"a": a}, {"b": bv}, cot)
+    ta = torch.tensor(a, requires_grad=True)
+    y, flat = torch.cat([ta, torch.tensor(bv)], 1), torch.cat([ta.reshape(-1), torch.tensor(bv).reshape(-1)])
+    (ga,) = torch.autograd.grad((y * torch.tensor(cot["y"])).sum() + (flat * torch.tensor(cot["flat"])).sum(), [ta])
+    np.testing.assert_array_equal(out["y"], y.detach().numpy())
+    np.testing.assert_array_equal(out["flat"], flat.detach().numpy())
+    np.testing.assert_allclose(grads["a"], ga.numpy(), rtol=1e-12, atol=1e-15)
+    concat = Concat(axis=0)
+    with pytest.raises(TypeError, match="Concat.connect: axis must be an int or None, got 1.5"):
+        concat.connect(input=["a"], axis=1.5)
+    with pytest.raises(ValueError, match="the list is empty"):
+        concat.connect(input=[], axis=1)
+    assert concat.axis == 0 and concat.n is None

@@ -250,9 +250,27 @@ class Concat(Operator):
         self.n = None if n is None else int(n)
         self.inputs = ("input",) if n is None else tuple(f"input{i + 1}" for i in range(int(n)))
 
-    def connect(self, **connections: Any) -> Any:
+    def connect(self, *args: Any, **connections: Any) -> Any:
         """Bind terminals as any block does; ``input=[a, b, ...]`` (a list or tuple) binds the
-        published list input: ``input1`` .. ``input<len>``, fixing ``n`` (see the class)."""
+        published list input: ``input1`` .. ``input<len>``, fixing ``n`` (see the class).
+        As published, positionally ``input``, ``axis``, ``output``, and ``axis=`` (an int or
+        None) sets the axis."""
+        connections = self._named(args, connections, ("input", "axis", "output"))
+        if "axis" not in connections:
+            return self._connect(**connections)
+        axis = connections.pop("axis")
+        if axis is not None and (isinstance(axis, (bool, np.bool_))
+                                 or not isinstance(axis, (int, np.integer))):
+            raise TypeError(f"Concat.connect: axis must be an int or None, got {axis!r}")
+        before = self.axis
+        self.axis = None if axis is None else int(axis)
+        try:
+            return self._connect(**connections)
+        except BaseException:
+            self.axis = before  # a call that raises changes nothing
+            raise
+
+    def _connect(self, **connections: Any) -> Any:
         items = connections.get("input")
         if not isinstance(items, (list, tuple)):
             numbered = [int(k[5:]) for k in connections if k[:5] == "input" and k[5:].isdigit()]
