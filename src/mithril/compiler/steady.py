@@ -171,7 +171,7 @@ class SteadyCallsMixin:
         if self.backend.name not in _BACKENDS or not (
                 output_gradients is None or python_numbers(output_gradients)):
             return
-        kept = self._keep_steady_inputs(gi, inputs)
+        kept = self._keep_steady_inputs(gi, inputs, checked=True)
         if kept is None or type(gp) is not dict or len(gp) != len(params) \
                 or not all(params.get(k) is v for k, v in gp.items()) or metadata(gp) is None:
             return
@@ -182,9 +182,12 @@ class SteadyCallsMixin:
             s.true = output_gradients if gog is True else None
             self._steady = s
 
-    def _keep_steady_inputs(self, given: Any, inputs: dict[str, Any]) -> SteadyInputs | None:
+    def _keep_steady_inputs(self, given: Any, inputs: dict[str, Any], checked: bool = False
+                            ) -> SteadyInputs | None:
         """Keep the inputs ``given`` (checked as ``inputs``, with the constants) for the
-        steady path when the checks took every array as it was; returns what was kept."""
+        steady path when the checks took every array as it was; returns what was kept.
+        ``checked``: the concrete checks of ``inputs`` were the last made (their value checks
+        are known; else they are looked up, running them once more)."""
         p = self.program
         if (self.backend.name not in _BACKENDS or p.has_context or p.state_shapes
                 or type(given) is not dict
@@ -192,7 +195,8 @@ class SteadyCallsMixin:
                 or not all(inputs.get(k) is v for k, v in given.items())
                 or metadata(given) is None):
             return None
-        self._check_concrete(inputs, p)  # (its value checks for this signature; a cache hit)
+        if not checked:
+            self._check_concrete(inputs, p)  # (its value checks for this signature)
         checks = []
         for hook, shapes, dtypes, names, refs in self._value_hooks:
             check = lean_check(hook, shapes, dtypes, names)
