@@ -222,3 +222,26 @@ def test_concat_connect_positionally_and_its_axis_as_published(name):
     with pytest.raises(ValueError, match="the list is empty"):
         concat.connect(input=[], axis=1)
     assert concat.axis == 0 and concat.n is None
+
+
+def test_composite_blocks_take_the_published_positional_connections():
+    """``LinearSVM().connect(input, weight, bias, output, decision_output)`` and
+    ``QuadraticFormRegularizer().connect(input, kernel, output)`` positionally, as published; a
+    model without a published order takes names only (a ``TypeError`` naming its terminals)."""
+    from mithril.models import LinearSVM, QuadraticFormRegularizer
+
+    b = ml.NumpyBackend(dtype="float64")
+    model = Model()
+    model |= LinearSVM().connect("x", "w", "b", "out", "dec")
+    model |= QuadraticFormRegularizer().connect("w", "k", "reg")
+    compiled = ml.compile(model, b, shapes={"x": [4, 3], "w": [1, 3], "k": [3, 3]})
+    assert {"w", "b"} <= set(compiled.parameter_shapes) and {"out", "dec", "reg"} <= set(compiled.output_keys)
+    x, k = RNG.standard_normal((4, 3)), RNG.standard_normal((3, 3))
+    params = {"w": RNG.standard_normal((1, 3)), "b": RNG.standard_normal(1)}
+    out = compiled.evaluate(params, {"x": x, "k": k})
+    np.testing.assert_allclose(out["out"], x @ params["w"].T + params["b"], rtol=1e-12)
+    np.testing.assert_allclose(out["reg"], 0.5 * params["w"] @ k @ params["w"].T, rtol=1e-12)
+    with pytest.raises(TypeError, match=r"Model.connect takes its connections by name here \(its terminals: \['x'"):
+        model.connect("a")
+    with pytest.raises(TypeError, match="got two values for 'input'"):
+        LinearSVM().connect("x", input="y")

@@ -175,7 +175,25 @@ class Model:
     def inputs(self) -> tuple[str, ...]:
         return self.input_keys
 
-    def connect(self, **connections: Any) -> Bound:
+    #: the terminals ``connect`` takes positionally, in the published signature's order (a
+    #: composite block's, e.g. ``LinearSVM``); None: by name only
+    positional: tuple[str, ...] | None = None
+
+    def connect(self, *args: Any, **connections: Any) -> Bound:
+        """Bind terminals by name (or, for a block with :attr:`positional`, in that order)."""
+        if args:
+            who = f"{type(self).__name__}.connect"
+            order = type(self).positional
+            if order is None:
+                raise TypeError(f"{who} takes its connections by name here (its terminals: "
+                                f"{list(self.terminals)}), got {len(args)} positional")
+            if len(args) > len(order):
+                raise TypeError(f"{who} takes at most {len(order)} positional connections "
+                                f"({', '.join(order)}), got {len(args)}")
+            for key in order[:len(args)]:
+                if key in connections:
+                    raise TypeError(f"{who} got two values for {key!r}")
+            connections = {**dict(zip(order, args)), **connections}
         return Bound(self, connections)
 
     __call__ = connect

@@ -44,6 +44,8 @@ class LinearSVM(Model):
     ``QuadHingeLoss``) on ``output``; ``decision_output`` has no gradient (discard it with
     ``compile(discard_keys=["decision_output"])`` when training)."""
 
+    positional = ("input", "weight", "bias", "output", "decision_output")  # (published)
+
     def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name=name)
         self |= Linear(1).connect(input="input", weight="weight", bias="bias", output="output")
@@ -99,6 +101,8 @@ class QuadraticFormRegularizer(Model):
     ``QuadraticFormRegularizer``. ``output`` is (1, 1). Regularize a ``KernelizedSVM``'s
     weight with it: ``train_model.add_regularization(QuadraticFormRegularizer(), coef=0.1,
     input="weight", kernel="kernel")``."""
+
+    positional = ("input", "kernel", "output")  # (published)
 
     def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name=name)
