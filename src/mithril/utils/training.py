@@ -355,8 +355,8 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
                     and all(map(operator.is_, params.values(), views.values()))
                     and self._model_views(views)):
                 outputs, grads = c._evaluate(params, self._steady_inputs(data), cots, None)
-            elif state is None:
-                outputs, grads = c.evaluate(params, data, output_gradients=cots)
+            elif state is None:  # (a number: evaluate's steady path compares it by value)
+                outputs, grads = c.evaluate(params, data, output_gradients={self.loss: 1.0})
             else:
                 outputs, grads, state = c.evaluate(params, data, output_gradients=cots,
                                                    state=state)
