@@ -233,3 +233,17 @@ def test_a_wrapper_step_takes_the_steady_path_with_the_same_numbers(backend, mon
     assert len(calls) == 1  # the step's first call; the others took the steady path
     for k, v in host(be, pa).items():
         np.testing.assert_array_equal(v, host(be, pb)[k])
+
+
+def test_the_overhead_benchmark_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "benchmarks/step_overhead.py", "--rounds", "1",
+                          "--calls", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("hand fwd+grad", "hand loop", "evaluate", "eval+update", "step"):
+        assert name in run.stdout, run.stdout
+    assert run.stdout.count("x\n") == 8  # a ratio per variant: 5 torch, 3 NumPy
