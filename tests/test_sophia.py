@@ -472,9 +472,6 @@ def test_bad_hyperparameters_are_refused_by_name(kw, err, name):
         Sophia(**kw)
 
 
-@pytest.mark.xfail(strict=True, reason="needs tests/test_train_step_fn.py: a 'sophia' entry in "
-                                       "optimizers() (its test_every_optimizer_is_here fails "
-                                       "without it)")
 def test_sophia_joins_the_train_step_table():
     import test_train_step_fn
 
@@ -525,15 +522,6 @@ def test_make_train_step_opt_state_takes_the_estimate_as_optax():
                     opt.update_hessian(opt_state, {n: jnp.ones_like(v) for n, v in p.items()})
             err = max(float(np.abs(np.asarray(p[n]) - np.asarray(pj[n])).max()) for n in p)
             assert err <= 1e-12, (i, err)
-
-
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/cli/optimizer_catalog.py: 'sophia' in "
-                                       "REFUSED (the CLI's loop never calls update_hessian: nu "
-                                       "stays 0 and the step is clipped sign descent)")
-def test_the_cli_refuses_sophia_whose_loop_measures_no_hessian():
-    from mithril.cli.optimizer_catalog import REFUSED
-
-    assert "update_hessian" in REFUSED.get("sophia", "")
 
 
 def test_under_accumulate_equals_optax_multisteps():

@@ -79,6 +79,7 @@ def optimizers() -> dict:
         "acprop": lambda: o.AcProp(learning_rate=1e-2, weight_decay=1e-2),
         "dadapt_adamw": lambda: o.DAdaptAdamW(estim_lr0=1e-3),
         "sm3": lambda: o.SM3(learning_rate=1e-2),
+        "sophia": lambda: o.Sophia(learning_rate=1e-2, update_interval=2),
         "noisy_sgd": lambda: o.NoisySGD(learning_rate=0.05, eta=0.1, seed=3),
         "madgrad": lambda: o.MADGRAD(learning_rate=1e-2, weight_decay=1e-3),
         "adafactor": lambda: o.Adafactor(learning_rate=1e-2),

@@ -97,6 +97,9 @@ class Run(Evaluation):
         if self.private and cfg.mixed_precision != "none":
             raise CLIError(f"--mixed-precision does not apply to optimizer {cfg.optimizer} "
                            f"(DP-SGD): train it in float32 or float64")
+        #: Sophia: the loop measures Hutchinson's estimate of the Hessian's diagonal on its
+        #: due steps (mithril.utils.hessian), as optax's sophia does inside its update
+        self.hessian = _hessian_user(self.optimizer, cfg, parallel)
         self.optimizer_repr = repr(self.optimizer)  # before a schedule changes its lr
         self.label = optimizer_label(cfg.optimizer, self.optimizer, cfg.settings)
         #: what --momentum-cycle drives: a handle on the optimizer's momentum or beta1
@@ -106,6 +109,11 @@ class Run(Evaluation):
         dtype = MIXED_PRECISION[cfg.mixed_precision] or cfg.dtype
         self.backend = be = make_backend(cfg.backend, dtype, cfg.seed)
         self.compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+        if self.hessian and self.compiled.program.has_context:
+            raise CLIError(f"optimizer {cfg.optimizer} (Sophia) measures the Hessian of a "
+                           f"loss that is a function of the parameters alone: "
+                           f"{spec.description} has Dropout or BatchNorm. Train a model "
+                           f"without them (digits-cnn: --no-batchnorm --dropout 0)")
         self.params = self.compiled.get_parameters()
         #: BatchNorm's running statistics (None: the model keeps no state)
         self.model_state = dict(self.compiled.initial_state_dict) \
@@ -256,11 +264,14 @@ class Run(Evaluation):
         else:
             # evaluate + update as one call (the optimizer's own state: every backend keeps
             # the engine's grad norm, skip policy and per-step hyperparameter changes)
+            estimate = self._hessian_estimate(inputs)
             if self.model_state is not None:
                 self.params, self.state, out, self.model_state = self.train_step(
                     self.params, self.state, inputs, state=self.model_state)
             else:
                 self.params, self.state, out = self.train_step(self.params, self.state, inputs)
+            if estimate is not None:
+                self.state = self.optimizer.update_hessian(self.state, estimate)
             norm = self.state.last_grad_norm
             skipped = self.state.last_step_skipped
         pred = be.to_numpy(out[self.spec.output])
@@ -270,6 +281,18 @@ class Run(Evaluation):
             metric = float(np.sqrt(np.mean((pred - y) ** 2))) * self.spec.target_scale
         return float(be.to_numpy(out["loss"])), metric, \
             float("nan") if norm is None else float(norm), bool(skipped)
+
+    def _hessian_estimate(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Sophia's estimate for the coming step where it is due (at the params before the
+        step), else None. Its signs come from ``--seed`` and the step count, so a resumed
+        run draws what the uninterrupted one drew."""
+        if not self.hessian or not self.optimizer.hessian_due(self.state):
+            return None
+        from ..utils.hessian import hutchinson_diagonal
+
+        seed = np.random.SeedSequence([self.cfg.seed, self.state.step])
+        return hutchinson_diagonal(self.compiled, self.params, inputs,
+                                   np.random.default_rng(seed), loss="loss")
 
     def inputs(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """A batch as the model's inputs: integer features (character indices) stay
@@ -394,3 +417,21 @@ class Run(Evaluation):
                 self.saver(steps, epochs)
             held.check()
 
+
+def _hessian_user(opt: Any, cfg: Any, parallel: Any) -> bool:
+    """Whether ``opt`` is Sophia, whose estimate the loop measures; refused where it cannot:
+    around a wrapper (its state is the wrapper's), under mixed precision or data-parallel."""
+    if not hasattr(opt, "update_hessian"):
+        inner = opt
+        while (inner := getattr(inner, "inner", None) or getattr(inner, "optimizer", None)) \
+                is not None:
+            if hasattr(inner, "update_hessian"):
+                raise CLIError(f"optimizer {cfg.optimizer}: Sophia takes its Hessian estimate "
+                               f"from the training loop, which gives it to Sophia itself "
+                               f"only: train --optimizer sophia without the wrapper")
+        return False
+    if parallel is not None or cfg.mixed_precision != "none":
+        raise CLIError(f"optimizer {cfg.optimizer} (Sophia) trains in one process in float32 "
+                       f"or float64: its Hessian estimate is measured by the training loop, "
+                       f"not by the data-parallel or mixed-precision steps")
+    return True

@@ -6,16 +6,11 @@ then lives in ``state.hyperparams``): a scheduler stepping the optimizer afterwa
 nothing in it. So that this is not silent, a scheduler whose target is the optimizer (its
 learning rate, a handle ``opt.hyperparameter(name, group)``, a per-group lane, a composite's
 child; a Lookahead's inner optimizer, a Muon's fallback) gives one ``UserWarning`` per
-transformation, saying what to use instead. It is looked for
-
-* when the transformation is made, among the live objects (one pass of
-  ``gc.get_objects()``, ~10-40 ms, and only once :mod:`mithril.utils.lr_schedulers` is
-  imported: before, no scheduler can exist);
-* after that, at each ``init`` and each ``update`` that runs in Python (not jitted, or a
-  jitted one's tracing), among the schedulers stepped so far (a short list: cheap).
-  Not seen: a scheduler made after the transformation and first stepped after the jitted
-  update was traced (seen at ``init`` once the schedulers register themselves:
-  :func:`_registered`).
+transformation, saying what to use instead. It is looked for when the transformation is made and at each ``init`` and each ``update``
+that runs in Python (not jitted, or a jitted one's tracing), among the live schedulers
+(:mod:`mithril.utils.lr_schedulers.base` keeps them in a ``WeakSet``: a short list). Not
+seen: a scheduler made after the transformation and first stepped after the jitted update
+was traced and its state made.
 
 Not warned about: a hyperparameter the transformation is given (``learning_rate=``,
 ``schedules=``, ``traced_hyperparams=``, a keyword hyperparameter), and a transformation
@@ -25,8 +20,6 @@ every call, so it follows the scheduler).
 
 from __future__ import annotations
 
-import gc
-import itertools
 import sys
 import warnings
 import weakref
@@ -36,7 +29,6 @@ from typing import Any
 __all__ = ["SchedulerWatch", "watch_schedulers"]
 
 _BASE = "mithril.utils.lr_schedulers.base"
-_LANES = "mithril.utils.lr_schedulers.lanes"
 
 
 def _module(frame: Any) -> str:
@@ -56,47 +48,11 @@ def _user_level() -> int:
     return level
 
 
-def _subclasses(cls: type) -> set[type]:
-    out = {cls}
-    for sub in cls.__subclasses__():
-        out |= _subclasses(sub)
-    return out
-
-
-def _registered() -> list[Any] | None:
-    """Every live scheduler, where :mod:`mithril.utils.lr_schedulers.base` keeps them (a
-    ``WeakSet`` ``_made``, proposed: then every look is cheap); None where it does not."""
-    made = getattr(sys.modules.get(_BASE), "_made", None)
-    return None if made is None else list(made)
-
-
 def _live_schedulers() -> list[Any]:
-    """Every live scheduler (none before :mod:`mithril.utils.lr_schedulers` is imported):
-    the registered ones, else one pass over the objects the collector tracks (at C speed
-    but for the schedulers)."""
+    """Every live scheduler (:mod:`mithril.utils.lr_schedulers.base` keeps them weakly; none
+    before it is imported)."""
     base = sys.modules.get(_BASE)
-    if base is None:
-        return []
-    if (made := _registered()) is not None:
-        return made
-    kinds = frozenset(_subclasses(base.LRScheduler))
-    objects = gc.get_objects()
-    try:
-        return list(itertools.compress(objects, map(kinds.__contains__, map(type, objects))))
-    finally:
-        del objects
-
-
-def _stepped_schedulers() -> list[Any]:
-    """The live schedulers stepped so far by the user (their ``step`` keeps them, to refuse
-    two stepped back to back on one optimizer: :mod:`mithril.utils.lr_schedulers.lanes`);
-    every registered one where they are (:func:`_registered`)."""
-    if (made := _registered()) is not None:
-        return made
-    lanes = sys.modules.get(_LANES)
-    if lanes is None:
-        return []
-    return [s for s in (r() for r in getattr(lanes, "_stepped", ())) if s is not None]
+    return [] if base is None else list(base._made)
 
 
 def _held(opt: Any, seen: list[Any] | None = None) -> list[Any]:
@@ -157,16 +113,15 @@ class SchedulerWatch:
         self._given = frozenset(given)
         self.done = False
 
-    def check(self, live: bool = False) -> None:
-        """Warn if a scheduler drives the optimizer: among every live one (``live``, a pass
-        over the heap) or the stepped ones (cheap)."""
+    def check(self) -> None:
+        """Warn if a live scheduler drives the optimizer."""
         if self.done:
             return
         opt = self._ref()
         if opt is None:
             self.done = True
             return
-        schedulers = _live_schedulers() if live else _stepped_schedulers()
+        schedulers = _live_schedulers()
         driven = _driven(schedulers, opt, self._given) if schedulers else {}
         if driven:
             self.done = True
@@ -185,5 +140,5 @@ def watch_schedulers(optimizer: Any, given: Collection[str]) -> SchedulerWatch |
     if _is_mithril(_module(frame)):
         return None
     watch = SchedulerWatch(optimizer, given)
-    watch.check(live=True)
+    watch.check()
     return watch

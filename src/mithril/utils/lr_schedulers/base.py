@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -160,6 +161,11 @@ def _check_step(t: Any, name: str = "step t") -> int:
 # --------------------------------------------------------------------------------------------
 
 
+#: every live scheduler (weakly): ``optax_transformation`` warns when one drives the
+#: optimizer it copied (:mod:`mithril.interop.optax_scheduled`)
+_made: weakref.WeakSet = weakref.WeakSet()
+
+
 class LRScheduler:
     """Base class of all learning-rate schedulers.
 
@@ -266,7 +272,9 @@ class LRScheduler:
         if "verbose" in kwargs:  # torch's, with no meaning here
             raise TypeError(f"{cls.__name__}: no verbose= argument (torch's); read "
                             f"get_last_lr() to log the rate")
-        return super().__new__(cls)
+        made = super().__new__(cls)
+        _made.add(made)
+        return made
 
     def __init__(self, optimizer: SupportsLearningRate) -> None:
         _check_optimizer(optimizer)
