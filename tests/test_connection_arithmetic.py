@@ -344,7 +344,6 @@ def _base():
     (lambda m, lin: m.x[1.5], TypeError, r"Model.x\[...\]: unsupported index 1.5"),
     (lambda m, lin: m.x[True], TypeError, "unsupported index True"),
     (lambda m, lin: m.x[::0], TypeError, "unsupported index"),
-    (lambda m, lin: m.x[m.h], TypeError, "must be static"),
     (lambda m, lin: m.x.sum(axis=m.h), TypeError, "must be static"),
     (lambda m, lin: m.x.prod(), AttributeError, r"Model.x.prod: not offered on connections"),
     (lambda m, lin: m.x.size, AttributeError, r"Model.x.size: not offered"),

@@ -308,24 +308,28 @@ def test_clip_text_model_matches_a_torch_clip_text_model(name):
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_indexing_by_connections_matches_torch_advanced_indexing(name):
-    """``x[i, :, j]`` (not adjacent: the index shape first), ``x[..., i]`` and ``x[0, i]``
-    (an int with an index array: adjacent), with repeated indices, against torch."""
+    """``x[i, :, j]`` (not adjacent: the index shape first), ``x[..., i]``, ``x[0, i]`` (an
+    int with an index array: adjacent) and a lone ``x[k]``, with repeated indices, against
+    torch."""
     b = BACKENDS[name](dtype="float64")
     model = Model()
     x = IOKey("x")
     model |= Buffer().connect(input=x[IOKey("i"), :, IOKey("j")], output="a")
     model |= Buffer().connect(input=x[..., IOKey("j")], output="c")
     model |= Buffer().connect(input=x[0, IOKey("i")], output="d")
-    compiled = ml.compile(model, b, shapes={"x": [3, 4, 5], "i": [2, 2], "j": [2]},
+    model |= Buffer().connect(input=x[IOKey("k")], output="e")  # (a lone index: x[k, ...])
+    compiled = ml.compile(model, b, shapes={"x": [3, 4, 5], "i": [2, 2], "j": [2], "k": [3]},
                           trainable_keys={"x"})
     xv = RNG.standard_normal((3, 4, 5))
     iv, jv = np.array([[0, 2], [2, 2]]), np.array([4, 4])
-    shapes = {"a": (2, 2, 4), "c": (3, 4, 2), "d": (2, 2, 5)}
+    kv = np.array([2, 0, 2])
+    shapes = {"a": (2, 2, 4), "c": (3, 4, 2), "d": (2, 2, 5), "e": (3, 4, 5)}
     cot = {k: RNG.standard_normal(s) for k, s in shapes.items()}
-    out, grads = _run(compiled, b, {"x": xv}, {"i": iv, "j": jv}, cot)
+    out, grads = _run(compiled, b, {"x": xv}, {"i": iv, "j": jv, "k": kv}, cot)
     tx = torch.tensor(xv, requires_grad=True)
     ti, tj = torch.tensor(iv), torch.tensor(jv)
-    want = {"a": tx[ti, :, tj], "c": tx[..., tj], "d": tx[0, ti]}
+    want = {"a": tx[ti, :, tj], "c": tx[..., tj], "d": tx[0, ti],
+            "e": tx[torch.tensor(kv)]}
     total = sum((w * torch.tensor(cot[k])).sum() for k, w in want.items())
     (gx,) = torch.autograd.grad(total, [tx])
     for k, w in want.items():

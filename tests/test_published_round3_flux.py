@@ -316,15 +316,24 @@ def test_flux_modulation_and_rearrange_match_torch(name):
         np.testing.assert_allclose(grads[key], g, rtol=1e-12, atol=1e-13, err_msg=key)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/__init__.py: ml.float (the published "
-                   "generic float dtype: Cast(dtype=ml.float) casts to the model's float dtype)")
 def test_flux_rms_norm_builds_with_ml_float():
+    """``ml.float`` is the published alias of float32 (its ``mithril/types.py``): the block
+    normalises in float32 and casts back to the input's float64, as torch's
+    ``x.float()`` ... ``.to(x.dtype)``."""
+    import torch
+
+    assert ml.float == ml.float32
     block = rms_norm(4)
     compiled = ml.compile(block, ml.NumpyBackend(dtype="float64"), shapes={"input": [2, 4]})
     x = RNG.standard_normal((2, 4))
-    out = compiled.evaluate({"scale": np.ones(4)}, {"input": x})
-    np.testing.assert_allclose(out["output"], x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6),
-                               rtol=1e-12)
+    scale = RNG.standard_normal(4)
+    out = compiled.evaluate({"scale": scale}, {"input": x})
+    xt = torch.tensor(x).float()
+    want = (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-6)).double() * torch.tensor(scale)
+    assert out["output"].dtype == np.float64
+    np.testing.assert_allclose(out["output"], want.numpy(), rtol=1e-6)
+    assert not np.allclose(out["output"], x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
+                           * scale, rtol=1e-12, atol=0)  # (float32's rounding: not float64's)
 
 
 def test_cast_dtype_in_connect_and_refusals_change_nothing():

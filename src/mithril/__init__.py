@@ -3,7 +3,17 @@
 from . import models
 from .backends import Backend, JaxBackend, NumpyBackend, TorchBackend
 from .compiler import CompiledModel, compile
-from .dtypes import bfloat16, bool, float16, float32, float64, int16, int32, int64  # noqa: A004, F401
+from .dtypes import (  # noqa: A004, F401
+    bfloat16,
+    bool,
+    float,
+    float16,
+    float32,
+    float64,
+    int16,
+    int32,
+    int64,
+)
 from .errors import DTypeError, KeyMismatchError, ShapeError
 from .models import *  # noqa: F403
 from .models import __all__ as _model_names
@@ -16,4 +26,5 @@ __all__ = ["Backend", "CompiledModel", "DTypeError", "DataType", "IOKey", "JaxBa
            "KeyMismatchError", "NumpyBackend", "ShapeError", "TBD", "ToBeDetermined",
            "TorchBackend", "bfloat16",
            "compile", "float16", "float32", "float64", "int16", "int32", "int64", "models",
-           *_model_names]  # ml.bool too, left out of * so that it does not shadow the builtin
+           *_model_names]  # ml.bool and ml.float too, left out of * so that they do not shadow
+# the builtins

@@ -19,6 +19,8 @@ int16 = "int16"
 int32 = "int32"
 int64 = "int64"
 bool = "bool"  # noqa: A001 - the published ``ml.bool``
+#: the published ``ml.float``: an alias of float32 there (``mithril/types.py``), here too
+float = float32  # noqa: A001
 
 
 def check_dtype(dtype: object) -> str:

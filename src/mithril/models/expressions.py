@@ -308,11 +308,9 @@ class ConnectionOps:
     def __getitem__(self, index: Any) -> Expression:
         """``x[index]`` (``Indexer``): ints, slices (negative steps too), None, ``...`` and
         integer lists, or a tuple of those. Connections among a tuple's items (``x[rows,
-        cols]``, the published CLIP's pooling; ``x[i, ...]``) index by the arrays they carry
-        (``GatherIndexer``)."""
-        # (a lone connection, x[i], stays refused for now: tests/test_connection_arithmetic.py
-        # pins that refusal; x[i, ...] or x[i,] index by it)
-        items = index if isinstance(index, tuple) else ()
+        cols]``, the published CLIP's pooling; ``x[i]``, ``x[i, ...]``) index by the arrays they
+        carry (``GatherIndexer``), as NumPy's and torch's advanced indexing."""
+        items = index if isinstance(index, tuple) else (index,)  # (x[i]: x[i, ...])
         if any(isinstance(i, ConnectionOps) for i in items):
             from .gather_index import SLOT, GatherIndexer
 
