@@ -235,6 +235,29 @@ def test_a_wrapper_step_takes_the_steady_path_with_the_same_numbers(backend, mon
         np.testing.assert_array_equal(v, host(be, pb)[k])
 
 
+
+@pytest.mark.parametrize("backend", [TorchBackend, NumpyBackend])
+def test_another_operators_value_check_is_kept_in_the_steady_state(backend):
+    # Embedding has no steady_check: its check_inputs hook runs at every steady call
+    m = ml.Model()
+    m |= ml.Embedding(6, 3)(input="input", output=ml.IOKey("out"))
+    be = backend(dtype="float64")
+    compiled = ml.compile(m, be, shapes={"input": [4]})
+    params = compiled.get_parameters()
+    good = {"input": be.array(np.array([0, 1, 2, 5]), be.int_dtype)}
+    bad = {"input": be.array(np.array([0, 1, 2, 6]), be.int_dtype)}
+    with pytest.raises(ValueError) as first:
+        ml.compile(m, be, shapes={"input": [4]}).evaluate(params, bad)
+    for _ in range(2):
+        out = compiled.evaluate(params, good)
+    assert compiled._steady_fwd is not None
+    with pytest.raises(ValueError) as steady:
+        compiled.evaluate(params, bad)
+    assert str(steady.value) == str(first.value)
+    assert "embedding index 6 out of range" in str(first.value)
+    (weight,) = params.values()
+    np.testing.assert_array_equal(be.to_numpy(out["out"])[3], be.to_numpy(weight)[5])
+
 def test_the_overhead_benchmark_runs():
     import subprocess
     import sys
