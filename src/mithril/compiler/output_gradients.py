@@ -139,6 +139,9 @@ def _distinct(grads: dict[str, Any], cots: dict[str, Any]) -> dict[str, Any]:
     its cotangent through (``Add``'s, with no broadcast), so two parameters' gradients could
     be one array, or the caller's output gradient, and an in-place change of one (torch's
     ``clip_grad_norm_``) would change the others. JAX arrays cannot change: kept."""
+    ids = set(map(id, grads.values()))
+    if len(ids) == len(grads) and ids.isdisjoint(map(id, cots.values())):
+        return grads  # (the usual: every gradient its own array; one pass in C)
     seen = {id(g) for g in cots.values()}
     out = grads
     for k, g in grads.items():
