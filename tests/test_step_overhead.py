@@ -258,6 +258,21 @@ def test_another_operators_value_check_is_kept_in_the_steady_state(backend):
     (weight,) = params.values()
     np.testing.assert_array_equal(be.to_numpy(out["out"])[3], be.to_numpy(weight)[5])
 
+
+def test_torch_model_without_parameters_and_an_input_that_requires_grad():
+    # was torch's bare RuntimeError ("`inputs` argument to `grad()` cannot be empty"); NumPy
+    # and JAX return no gradients: so does torch now, and the input's .grad stays None
+    m = ml.Model()
+    m |= ml.Relu()(input="input", output=ml.IOKey("out"))
+    compiled = ml.compile(m, TorchBackend(dtype="float64"), shapes={"input": [3]})
+    x = torch.tensor([1.5, -1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        out, grads = compiled.evaluate({}, {"input": x}, output_gradients={"out": torch.ones(
+            3, dtype=torch.float64)})
+        assert grads == {}
+        np.testing.assert_array_equal(out["out"].numpy(), torch.relu(x).detach().numpy())
+    assert x.grad is None
+
 def test_the_overhead_benchmark_runs():
     import subprocess
     import sys
