@@ -175,8 +175,11 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
     :func:`~mithril.interop.optax_transform.optax_transformation`); ``traced``: its checked
     ``traced_hyperparams``, set on each of its own rows as :class:`_Hyper` values;
     ``sched``: its checked ``schedules``, set as the schedules' values."""
+    import jax
     import jax.numpy as jnp
     import optax
+
+    from ..utils.optimizers.engines.jax_engine import finite_step
 
     opt_name = type(opt).__name__
     own = tuple(opt.slot_names())
@@ -294,14 +297,12 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
-            finite = jnp.isfinite(norm)
-            for x in [*new_ps, *(v for vs in new_slots.values() for v in vs)]:
-                finite = finite & jnp.all(jnp.isfinite(x))
+            finite = jnp.isfinite(norm) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
-            new_ps = [jnp.where(finite, a, b) for a, b in zip(new_ps, leaves)]
-            new_slots = {s: [jnp.where(finite, a, b) for a, b in zip(vs, slot_leaves[s])]
-                         for s, vs in new_slots.items()}
-            new_count = jnp.where(finite, new_count, count)
+            # (one conditional, not a select per array: see optax_transform's)
+            new_ps, new_slots, new_count = jax.lax.cond(
+                finite, lambda a, b: a, lambda a, b: b, (new_ps, new_slots, new_count),
+                (list(leaves), {s: list(slot_leaves[s]) for s in new_slots}, count))
 
         out_updates = treedef.unflatten(new_ps if new_params else
                                         [a - b for a, b in zip(new_ps, leaves)])

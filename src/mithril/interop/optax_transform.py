@@ -288,6 +288,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     import jax.numpy as jnp
     import optax
 
+    from ..utils.optimizers.engines.jax_engine import finite_step
+
     kind = _check_optimizer(optimizer)
     mu_dtype = _own_mu_dtype(optimizer, mu_dtype)
     if scalars not in _MODES:
@@ -517,21 +519,16 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                                                       tensor_leaves[s][i])
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
-            finite = jnp.isfinite(norm)
-            for x in [*new_ps, *(v for vs in new_slots.values() for v in vs)]:
-                finite = finite & jnp.all(jnp.isfinite(x))
+            finite = jnp.isfinite(norm) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
-
-            def pick(new: Any, old: Any) -> Any:
-                return jnp.where(finite, new, old)
-
-            new_ps = [pick(a, b) for a, b in zip(new_ps, leaves)]
-            new_slots = {s: [pick(a, b) for a, b in zip(vs, slot_leaves[s])]
-                         for s, vs in new_slots.items()}
-            new_tensors = {s: [pick(a, b) for a, b in zip(vs, tensor_leaves[s])]
-                           for s, vs in new_tensors.items()}
-            new_values = {k: pick(v, held[k]) for k, v in new_values.items()}
-            new_count = jnp.where(finite, new_count, count)
+            # one conditional picks the new or the old arrays: a select per array on the
+            # one predicate took XLA's fusion 10x longer to compile (40 s on a 50-layer MLP)
+            olds = (list(leaves), {s: list(slot_leaves[s]) for s in new_slots},
+                    {s: list(tensor_leaves[s]) for s in new_tensors},
+                    {k: held[k] for k in new_values}, count)
+            new_ps, new_slots, new_tensors, new_values, new_count = jax.lax.cond(
+                finite, lambda a, b: a, lambda a, b: b,
+                (new_ps, new_slots, new_tensors, new_values, new_count), olds)
 
         out_updates = treedef.unflatten(new_ps if new_params else
                                         [a - b for a, b in zip(new_ps, leaves)])

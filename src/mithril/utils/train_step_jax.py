@@ -209,11 +209,12 @@ def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: 
     import jax
     import jax.numpy as jnp
 
-    bad_grad = ~jnp.isfinite(gradients_norm(list(grads)))
-    finite = jnp.asarray(True)
-    for x in jax.tree_util.tree_leaves((new, opt_state.slots, opt_state.tensor_slots,
-                                        opt_state.values)):
-        finite = finite & jnp.all(jnp.isfinite(x))
+    from .optimizers.engines.jax_engine import finite_step
+
+    bad_grad = ~jnp.isfinite(gradients_norm(list(grads)))  # (the step's norm: one program)
+    finite = finite_step(jax.tree_util.tree_leaves(new),
+                         [jax.tree_util.tree_leaves(t) for t in opt_state.slots.values()],
+                         jax.tree_util.tree_leaves((opt_state.tensor_slots, opt_state.values)))
     was = held[NONFINITE_VALUES]
     counted = applied & (bad_grad | (~finite & ~was))
     return {NONFINITE: held[NONFINITE] + counted.astype(held[NONFINITE].dtype),
