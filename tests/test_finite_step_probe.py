@@ -15,7 +15,7 @@ jnp = jax.numpy
 
 from mithril.interop import optax_transformation  # noqa: E402
 from mithril.utils.optimizers import Adafactor, Adam  # noqa: E402
-from mithril.utils.optimizers.engines.jax_engine import finite_step  # noqa: E402
+from mithril.utils.optimizers.engines.jax_finite import finite_step  # noqa: E402
 
 
 def _arrays():

@@ -179,7 +179,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
     import jax.numpy as jnp
     import optax
 
-    from ..utils.optimizers.engines.jax_engine import finite_step
+    from ..utils.optimizers.engines.jax_finite import finite_step
 
     opt_name = type(opt).__name__
     own = tuple(opt.slot_names())

@@ -288,7 +288,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     import jax.numpy as jnp
     import optax
 
-    from ..utils.optimizers.engines.jax_engine import finite_step
+    from ..utils.optimizers.engines.jax_finite import finite_step
 
     kind = _check_optimizer(optimizer)
     mu_dtype = _own_mu_dtype(optimizer, mu_dtype)

@@ -209,7 +209,7 @@ def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: 
     import jax
     import jax.numpy as jnp
 
-    from .optimizers.engines.jax_engine import finite_step
+    from .optimizers.engines.jax_finite import finite_step
 
     bad_grad = ~jnp.isfinite(gradients_norm(list(grads)))  # (the step's norm: one program)
     finite = finite_step(jax.tree_util.tree_leaves(new),

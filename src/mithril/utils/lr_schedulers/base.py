@@ -161,9 +161,7 @@ def _check_step(t: Any, name: str = "step t") -> int:
 # --------------------------------------------------------------------------------------------
 
 
-#: every live scheduler (weakly): ``optax_transformation`` warns when one drives the
-#: optimizer it copied (:mod:`mithril.interop.optax_scheduled`)
-_made: weakref.WeakSet = weakref.WeakSet()
+_made: weakref.WeakSet = weakref.WeakSet()  # every live scheduler (mithril.interop.optax_scheduled)
 
 
 class LRScheduler:
@@ -272,8 +270,7 @@ class LRScheduler:
         if "verbose" in kwargs:  # torch's, with no meaning here
             raise TypeError(f"{cls.__name__}: no verbose= argument (torch's); read "
                             f"get_last_lr() to log the rate")
-        made = super().__new__(cls)
-        _made.add(made)
+        _made.add(made := super().__new__(cls))
         return made
 
     def __init__(self, optimizer: SupportsLearningRate) -> None:
