@@ -359,9 +359,6 @@ def test_cast_dtype_in_connect_and_refusals_change_nothing():
         Cast().connect(input="x", dtype="complex64")
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/output_gradients.py: "
-                   "output_dtypes gives a Cast with a dtype_ref input (dtype=x.dtype()) that "
-                   "wire's dtype, not 'float'")
 def test_a_cotangent_for_a_cast_to_an_integer_connections_dtype_is_refused():
     b = ml.NumpyBackend(dtype="float64")
     model = Model()

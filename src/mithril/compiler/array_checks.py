@@ -104,7 +104,8 @@ def cast_dtype(program: Program, name: str) -> str | None:
 
     w = program.outputs.get(name)
     for node in program.nodes:
-        if node.out == w and isinstance(node.op, Cast) and node.op.dtype.startswith(("float", "bfloat")):
+        if node.out == w and isinstance(node.op, Cast) and "dtype_ref" not in node.ins \
+                and node.op.dtype.startswith(("float", "bfloat")):  # (x.dtype(): not known here)
             return node.op.dtype
     return None
 

@@ -49,8 +49,9 @@ def output_dtypes(prog: Program, inputs: Mapping[str, Any], backend: Backend) ->
     for node in prog.nodes:
         op = node.op
         fixed = getattr(op, "output_dtype", None)
-        if isinstance(op, Cast):
-            dt[node.out] = op.dtype
+        if isinstance(op, Cast):  # (to another wire's dtype, x.dtype(): that wire's)
+            dt[node.out] = dt.get(node.ins["dtype_ref"], model) if "dtype_ref" in node.ins \
+                else op.dtype
         elif fixed is not None:
             dt[node.out] = fixed
         elif tuple(op.inputs) == ("input",) and "input" in op.any_dtype_inputs and "input" in node.ins:
