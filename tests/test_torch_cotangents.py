@@ -1,7 +1,10 @@
-"""The torch backend's ``evaluate(..., output_gradients=...)``: a loss's cotangent 1 is left
-to torch (``grad_outputs`` None, torch's own ``ones_like``), which gives the same bits and
-skips torch's symbolic shape check, whose first use imports sympy (~0.35 s of a process's
-first training step). Any other cotangent, or one changed in place, is passed as it is."""
+"""The torch backend's ``evaluate(..., output_gradients=...)``: the cotangents go to
+autograd's engine directly (what ``torch.autograd.grad`` ends in, without its Python); where
+that private entry is missing or an output is not a plain tensor of the cotangent's shape,
+``torch.autograd.grad``, with a loss's cotangent 1 left to torch (``grad_outputs`` None,
+torch's own ``ones_like``), which gives the same bits and skips torch's symbolic shape check,
+whose first use imports sympy (~0.35 s of a process's first training step). Any other
+cotangent, or one changed in place, is passed as it is."""
 
 from __future__ import annotations
 
@@ -35,13 +38,23 @@ def _grads(c, params, data, cot) -> dict:
 
 
 def test_unit_cotangent_left_to_torch_gives_the_same_bits(monkeypatch):
+    """The engine's path, autograd.grad with the 1 left to torch, and with it given: the
+    same bits."""
     c, params, data = _model()
+    engine = _grads(c, params, data, 1.0)
+    seen = []
+    unit = _TorchEvaluator._unit
+    monkeypatch.setattr(_TorchEvaluator, "_unit",
+                        lambda self, out, cot: seen.append(r := unit(self, out, cot)) or r)
+    monkeypatch.setattr(c._eval, "_engine", None)  # (the fallback: torch.autograd.grad)
     implicit = _grads(c, params, data, 1.0)
+    assert seen == [True]
     monkeypatch.setattr(_TorchEvaluator, "_unit", lambda self, out, cot: False)
     explicit = _grads(c, params, data, 1.0)  # grad_outputs given: torch's usual path
-    assert implicit.keys() == explicit.keys()
+    assert implicit.keys() == explicit.keys() == engine.keys()
     for k in implicit:
         assert np.array_equal(implicit[k], explicit[k]), k
+        assert np.array_equal(engine[k], explicit[k]), k
 
 
 def test_other_cotangents_are_passed_and_in_place_changes_count():
