@@ -285,3 +285,16 @@ def test_the_overhead_benchmark_runs():
     for name in ("hand fwd+grad", "hand loop", "evaluate", "eval+update", "step"):
         assert name in run.stdout, run.stdout
     assert run.stdout.count("x\n") == 8  # a ratio per variant: 5 torch, 3 NumPy
+
+
+def test_the_steady_path_declines_an_array_on_another_device() -> None:
+    """The kept call's metadata holds each array's device: a torch tensor elsewhere (here
+    torch's "meta" device) takes the full path, not the kept call's."""
+    import torch
+
+    from mithril.compiler.steady import SteadyInputs
+
+    x = torch.zeros(5, 8)
+    kept = SteadyInputs({"input": x}, [], {})
+    assert kept({"input": torch.ones(5, 8)}) is not None
+    assert kept({"input": torch.ones(5, 8, device="meta")}) is None

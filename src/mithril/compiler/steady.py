@@ -27,9 +27,14 @@ from typing import Any
 
 from .output_gradients import _distinct
 
-#: what a call's arrays are checked for, short of their values (``__class__``: a NumPy array
-#: given to torch is converted by the full path; a subclass keeps its own class here)
-_meta = operator.attrgetter("__class__", "shape", "dtype")
+_fixed = operator.attrgetter("__class__", "shape", "dtype")
+
+
+def _meta(x: Any) -> tuple:
+    """What a call's array is checked for, short of its values: its class (a NumPy array
+    given to torch is converted by the full path; a subclass keeps its own class here),
+    shape, dtype and device (a torch tensor on another device than the kept call's)."""
+    return (*_fixed(x), getattr(x, "device", None))
 
 
 def metadata(arrays: Mapping[str, Any]) -> list[tuple] | None:
