@@ -1,0 +1,108 @@
+"""The JAX one-program train step's first epoch (tracing + XLA compiling, then 40 steps) and
+steady step, per non-finite policy, against the jitted optax step, all in one process.
+
+The model of ``train_epoch.py`` (MLP + cross-entropy + Adam, batch 128; ``--hidden``, by
+default 49 layers of 128: the issue's 50-layer MLP). For each variant: the process CPU time of
+its first epoch (XLA compiles on the calling thread: less sensitive to other processes than
+the wall clock), then the median over ``--rounds`` rounds of 40 steps (variants interleaved in
+each round, each on its own parameters), with ratios to the optax step measured alongside.
+Every parameter of every variant is checked to have moved (the updates really happened).
+
+    python benchmarks/jax_step_compile.py [--hidden 1024 1024] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_epoch as te  # noqa: E402
+
+import mithril as ml  # noqa: E402
+from mithril.backends import JaxBackend  # noqa: E402
+from mithril.utils.optimizers import Adam  # noqa: E402
+from mithril.utils.training import make_train_step  # noqa: E402
+
+POLICIES = ("unchecked", "propagate", "skip")
+
+
+def mithril_variant(policy: str, hidden: list[int], feed: list, spec: Any) -> dict:
+    be = JaxBackend(dtype="float32", seed=0)
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    step = make_train_step(compiled, Adam(learning_rate=te.LR, nonfinite=policy), loss="loss")
+    params = compiled.get_parameters()
+    box = {"p": params, "s": step.init(params)}
+
+    def run(k: int) -> float:
+        box["p"], box["s"], out = step(box["p"], box["s"], feed[k % len(feed)])
+        return out["loss"]
+    return {"run": run, "box": box, "init": {k: te.np.array(v) for k, v in params.items()}}
+
+
+def optax_variant(init: dict, hidden: list[int], x: Any, y: Any) -> dict:
+    epoch = te.optax_epoch(te._layers(init, hidden), x, y)
+    return {"epoch": epoch}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[128] * 49)
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+    x, y = te.data()
+    spec = te.mlp_spec(te.FEATURES, te.CLASSES, a.hidden)
+    be = JaxBackend(dtype="float32", seed=0)
+    feed = [{"input": be.array(u), "target": be.array(v, be.int_dtype)}
+            for u, v in te.batches(x, y)]
+    variants: dict[str, Any] = {}
+    first: dict[str, float] = {}
+    for policy in POLICIES:
+        v = mithril_variant(policy, a.hidden, feed, spec)
+        c0 = time.process_time()
+        for k in range(te.STEPS):
+            loss = v["run"](k)
+        float(loss)
+        first[policy] = time.process_time() - c0
+        variants[policy] = v
+    init = variants["unchecked"]["init"]
+    ox = optax_variant(init, a.hidden, x, y)
+    c0 = time.process_time()
+    ox["epoch"]()  # (its first epoch: the first step compiles, 40 steps)
+    first["optax"] = time.process_time() - c0
+    times: dict[str, list[float]] = {k: [] for k in (*POLICIES, "optax")}
+    for r in range(a.rounds):
+        for name in (*POLICIES, "optax")[r % 4:] + (*POLICIES, "optax")[:r % 4]:
+            t = time.perf_counter()
+            if name == "optax":
+                ox["epoch"]()
+            else:
+                for k in range(te.STEPS):
+                    loss = variants[name]["run"](k)
+                float(loss)
+            times[name].append((time.perf_counter() - t) / te.STEPS)
+    for name in POLICIES:  # the updates happened: every parameter moved from its start
+        box = variants[name]["box"]
+        assert all(not te.np.array_equal(te.np.asarray(box["p"][k]), v)
+                   for k, v in init.items()), name
+    ref = statistics.median(times["optax"])
+    shown = [te.FEATURES, *a.hidden, te.CLASSES] if len(a.hidden) < 6 else \
+        f"of {len(a.hidden) + 1} layers"
+    print(f"JAX one-program step, MLP {shown} + cross-entropy + Adam, batch {te.BATCH}, "
+          f"float32; first epoch: process CPU s; steady: median of {a.rounds} rounds of "
+          f"{te.STEPS} steps")
+    print(f"{'variant':28s} {'first s':>8s} {'vs optax':>9s} {'steady us':>10s} {'vs optax':>9s}")
+    for name in (*POLICIES, "optax"):
+        med = statistics.median(times[name])
+        label = "optax jitted step" if name == "optax" else f"mithril nonfinite={name}"
+        print(f"{label:28s} {first[name]:8.2f} {first[name] / first['optax']:8.2f}x "
+              f"{med * 1e6:10.0f} {med / ref:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
