@@ -48,7 +48,7 @@ from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import Expression, wire_expression
 from .list_wires import ListWire, ToList, add_list_block, check_lists_read, expand_lists
-from .operator import Operator, takes_name, unify
+from .operator import Operator, named_connections, takes_name, unify
 
 __all__ = ["Bound", "Connection", "IOKey", "Model", "Terminal", "cin_key",
            "cout_key", "param_keys"]
@@ -187,13 +187,7 @@ class Model:
             if order is None:
                 raise TypeError(f"{who} takes its connections by name here (its terminals: "
                                 f"{list(self.terminals)}), got {len(args)} positional")
-            if len(args) > len(order):
-                raise TypeError(f"{who} takes at most {len(order)} positional connections "
-                                f"({', '.join(order)}), got {len(args)}")
-            for key in order[:len(args)]:
-                if key in connections:
-                    raise TypeError(f"{who} got two values for {key!r}")
-            connections = {**dict(zip(order, args)), **connections}
+            connections = named_connections(who, order, args, connections)
         return Bound(self, connections)
 
     __call__ = connect

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -187,19 +188,12 @@ class Operator:
     def _named(self, args: tuple, connections: dict[str, Any],
                order: tuple[str, ...] | None = None) -> dict[str, Any]:
         """``connections`` with the positional ``args`` named in ``order`` (else
-        :attr:`positional`, else the inputs then ``"output"``); too many of them, or a
-        terminal given twice, is a ``TypeError``."""
+        :attr:`positional`, else the inputs then ``"output"``): :func:`named_connections`."""
         if not args:
             return connections
-        order = order or self.positional or (*self.inputs, "output")
-        who = f"{type(self).__name__}.connect"
-        if len(args) > len(order):
-            raise TypeError(f"{who} takes at most {len(order)} positional connections "
-                            f"({', '.join(order)}), got {len(args)}")
-        for key in order[:len(args)]:
-            if key in connections:
-                raise TypeError(f"{who} got two values for {key!r}")
-        return {**dict(zip(order, args)), **connections}
+        return named_connections(f"{type(self).__name__}.connect",
+                                 order or self.positional or (*self.inputs, "output"),
+                                 args, connections)
 
     __call__ = connect
 
@@ -375,3 +369,29 @@ def promote(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _as(x: Any, dtype: Any) -> Any:
     return x.astype(dtype) if hasattr(x, "astype") else x.to(dtype)  # (torch: .to)
+
+
+def named_connections(who: str, order: Sequence[str], args: tuple,
+                      connections: dict[str, Any]) -> dict[str, Any]:
+    """``connections`` with the positional ``args`` named in ``order`` (a block's
+    ``connect``, ``who``); too many of them, or a terminal given twice, is a ``TypeError``."""
+    if len(args) > len(order):
+        raise TypeError(f"{who} takes at most {len(order)} positional connections "
+                        f"({', '.join(order)}), got {len(args)}")
+    for key in order[:len(args)]:
+        if key in connections:
+            raise TypeError(f"{who} got two values for {key!r}")
+    return {**dict(zip(order, args)), **connections}
+
+
+@contextmanager
+def restored_on_error(obj: Any) -> Iterator[None]:
+    """Run the block with ``obj``'s attributes restored if it raises (a ``connect`` that
+    configures its block first: a refused call changes nothing)."""
+    before = dict(obj.__dict__)
+    try:
+        yield
+    except BaseException:
+        obj.__dict__.clear()
+        obj.__dict__.update(before)
+        raise

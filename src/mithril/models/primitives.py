@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, backend_of, broadcast_shapes, promote, torch_of, unbroadcast
+from .operator import (
+    Operator,
+    backend_of,
+    broadcast_shapes,
+    promote,
+    restored_on_error,
+    torch_of,
+    unbroadcast,
+)
 from .probability_losses import robust_log, robust_log_slope, tiny
 
 
@@ -385,16 +393,11 @@ class Cast(Operator):
             raise TypeError(f"Cast: the dtype is given twice (Cast({self.dtype!r}) and "
                             "connect(dtype=...))")
         dtype = connections.pop("dtype")
-        before = dict(self.__dict__)
-        try:
+        with restored_on_error(self):
             self._set_dtype(dtype)
             if isinstance(dtype, DtypeOf):
                 connections["dtype_ref"] = dtype.conn
             return super().connect(**connections)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
 
     __call__ = connect
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .connection_types import TBD
 from .model import IOKey
-from .operator import Operator, ShapeError, fmt, torch_of, unify
+from .operator import Operator, ShapeError, fmt, restored_on_error, torch_of, unify
 
 
 class Reshape(Operator):
@@ -459,14 +459,9 @@ class Indexer(Operator):
         elif isinstance(index, Terminal):
             raise TypeError(f"Indexer.connect(index={index!r}): an index is static here (ints, "
                             "slices, None, ..., a Slice block's output), not a connection")
-        before = dict(self.__dict__)
-        try:
+        with restored_on_error(self):
             self._configure(index)
             return super().connect(**connections)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
 
     __call__ = connect
 
