@@ -104,6 +104,15 @@ def np_dict(backend, d) -> dict[str, np.ndarray]:
     return {k: to_np(backend, v) for k, v in d.items()}
 
 
+def evaluate_np(compiled, backend, params: dict, data: dict, cot: dict) -> tuple[dict, dict]:
+    """``compiled.evaluate`` of host ``params``, ``data`` and output gradients ``cot`` as
+    ``backend``'s arrays: (outputs, gradients) as NumPy (:func:`np_dict`)."""
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in params.items()},
+                                   {k: backend.array(v) for k, v in data.items()},
+                                   output_gradients={k: backend.array(v) for k, v in cot.items()})
+    return np_dict(backend, out), np_dict(backend, grads)
+
+
 def run_python(code: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
     """Run ``code`` in a fresh interpreter (for process-global state such as JAX x64, or
     what a process does first); returns its stdout, failing the test with its stderr if it

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, to_np
+from conftest import BACKENDS, evaluate_np
 
 import mithril as ml
 from mithril import IOKey
@@ -127,13 +127,6 @@ def diagonal_gaussian(sample: bool = True, chunk_dim: int = 1):
 
 
 # ---- against the flux reference in torch ---------------------------------------------------
-def _run(compiled, b, params, data, cot):
-    out, grads = compiled.evaluate({k: b.array(v) for k, v in params.items()},
-                                   {k: b.array(v) for k, v in data.items()},
-                                   output_gradients={k: b.array(v) for k, v in cot.items()})
-    return {k: to_np(b, v) for k, v in out.items()}, {k: to_np(b, v) for k, v in grads.items()}
-
-
 def _params(compiled):
     # (weights ~ 1/sqrt(fan_in), as torch's init: a well-conditioned softmax and exp)
     return {k: RNG.standard_normal(s) / (np.sqrt(np.prod(s[1:])) if len(s) > 1 else 1.0)
@@ -166,7 +159,7 @@ def test_flux_resnet_block_downsample_and_gaussian_mean_match_torch(name):
     compiled = ml.compile(model, b, shapes={"x": [2, 32, 4, 4]}, trainable_keys={"x"})
     params = _params(compiled) | {"x": RNG.standard_normal((2, 32, 4, 4))}
     cot = {"output": RNG.standard_normal((2, 32, 2, 2))}
-    out, grads = _run(compiled, b, params, {}, cot)
+    out, grads = evaluate_np(compiled, b, params, {}, cot)
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     h = _conv(t, F.silu(_norm(t, t["x"], "block.norm1")), "block.conv1", padding=1)
     h = _conv(t, F.silu(_norm(t, h, "block.norm2")), "block.conv2", padding=1)
@@ -191,7 +184,7 @@ def test_flux_attn_block_and_a_sampled_gaussian_match_torch(name):
     compiled = ml.compile(model, b, shapes={"x": [1, 512, 2, 2]}, trainable_keys={"x"})
     params = _params(compiled) | {"x": RNG.standard_normal((1, 512, 2, 2))}
     cot = {"z": RNG.standard_normal((1, 256, 2, 2))}
-    out, grads = _run(compiled, b, params, {}, cot)
+    out, grads = evaluate_np(compiled, b, params, {}, cot)
     noise = torch.tensor(out["randn"])
     assert noise.shape == (1, 256, 2, 2) and noise.std() > 0.5
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}

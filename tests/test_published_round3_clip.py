@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, to_np
+from conftest import BACKENDS, evaluate_np
 
 import mithril as ml
 from mithril import IOKey
@@ -252,13 +252,6 @@ def build_attention_mask() -> Model:
 
 
 # ---- against torch -------------------------------------------------------------------------
-def _run(compiled, b, params, data, cot):
-    out, grads = compiled.evaluate({k: b.array(v) for k, v in params.items()},
-                                   {k: b.array(v) for k, v in data.items()},
-                                   output_gradients={k: b.array(v) for k, v in cot.items()})
-    return {k: to_np(b, v) for k, v in out.items()}, {k: to_np(b, v) for k, v in grads.items()}
-
-
 def _lin(t, name, v):
     return v @ t[name + ".weight"].T + t[name + ".bias"]
 
@@ -293,7 +286,7 @@ def test_clip_text_model_matches_a_torch_clip_text_model(name):
               for k, s in compiled.parameter_shapes.items()}
     ids = RNG.integers(0, 50, (2, 77))
     cot = {"output": RNG.standard_normal((2, 8)), "last_hidden_state": RNG.standard_normal((2, 77, 8))}
-    out, grads = _run(compiled, b, params, {"input": ids}, cot)
+    out, grads = evaluate_np(compiled, b, params, {"input": ids}, cot)
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     hidden, pooled = _torch_clip_text(t, torch.tensor(ids), cfg)
     total = (pooled * torch.tensor(cot["output"])).sum() + \
@@ -325,7 +318,7 @@ def test_indexing_by_connections_matches_torch_advanced_indexing(name):
     kv = np.array([2, 0, 2])
     shapes = {"a": (2, 2, 4), "c": (3, 4, 2), "d": (2, 2, 5), "e": (3, 4, 5)}
     cot = {k: RNG.standard_normal(s) for k, s in shapes.items()}
-    out, grads = _run(compiled, b, {"x": xv}, {"i": iv, "j": jv, "k": kv}, cot)
+    out, grads = evaluate_np(compiled, b, {"x": xv}, {"i": iv, "j": jv, "k": kv}, cot)
     tx = torch.tensor(xv, requires_grad=True)
     ti, tj = torch.tensor(iv), torch.tensor(jv)
     want = {"a": tx[ti, :, tj], "c": tx[..., tj], "d": tx[0, ti],

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, to_np
+from conftest import BACKENDS, evaluate_np
 
 import mithril as ml
 from mithril import IOKey, Tensor
@@ -203,13 +203,6 @@ def rearrange(num_heads: int, *, name: str | None = None):
 
 # ---- against the flux reference in torch ---------------------------------------------------
 
-def _run(compiled, b, params, data, cot):
-    out, grads = compiled.evaluate({k: b.array(v) for k, v in params.items()},
-                                   {k: b.array(v) for k, v in data.items()},
-                                   output_gradients={k: b.array(v) for k, v in cot.items()})
-    return {k: to_np(b, v) for k, v in out.items()}, {k: to_np(b, v) for k, v in grads.items()}
-
-
 def _torch_grads(total, tensors):
     return {k: g.numpy() for k, g in zip(tensors, torch.autograd.grad(total, list(tensors.values())),
                                         strict=True)}
@@ -235,7 +228,7 @@ def test_flux_attention_with_rope_matches_torch(name):
     compiled = ml.compile(attention(), b, shapes=shapes, trainable_keys=set(shapes))
     params = {k: RNG.standard_normal(s) for k, s in shapes.items()}
     cot = {k: RNG.standard_normal(s) for k, s in (("output", (B, L, H * D)), ("q_out", (B, H, L, D)))}
-    out, grads = _run(compiled, b, params, {}, cot)
+    out, grads = evaluate_np(compiled, b, params, {}, cot)
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     q, k = _flux_rope(t["q"], t["k"], t["pe"])
     x = F.scaled_dot_product_attention(q, k, t["v"])
@@ -263,7 +256,7 @@ def test_flux_timestep_embedding_and_mlp_embedder_match_torch(name):
     params = {k: RNG.standard_normal(s) for k, s in compiled.parameter_shapes.items()}
     tv = np.array([0.1, 0.25, 0.7])
     cot = {"output": RNG.standard_normal((3, 6))}
-    out, grads = _run(compiled, b, params, {"t": tv}, cot)
+    out, grads = evaluate_np(compiled, b, params, {"t": tv}, cot)
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     tt = 1000.0 * torch.tensor(tv)
     freqs = torch.exp(-math.log(10_000) * torch.arange(0, 4, dtype=torch.float32) / 4)
@@ -301,7 +294,7 @@ def test_flux_modulation_and_rearrange_match_torch(name):
     params = {k: RNG.standard_normal(s) for k, s in compiled.parameter_shapes.items()}
     cot = {"r": RNG.standard_normal((3, 2, heads, L, dim // heads)),
            "q": RNG.standard_normal((2, heads, L, dim // heads))}
-    out, grads = _run(compiled, b, params, {}, cot)
+    out, grads = evaluate_np(compiled, b, params, {}, cot)
     t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     lin = F.silu(t["vec"]) @ t["img_mod.lin.weight"].T + t["img_mod.lin.bias"]
     m = lin[:, None, :].chunk(6, dim=-1)  # flux Modulation: shift, scale, gate (twice)
