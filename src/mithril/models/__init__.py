@@ -165,8 +165,9 @@ __all__ += ["SiLU", "TBD", "ArgMax", "ArgMin", "BroadcastTo", "Maximum", "Minimu
 from .blocks import Layer  # noqa: E402
 from .random_blocks import RandInt, Randn  # noqa: E402
 from .scalar_blocks import Item, Slice, ToTensor  # noqa: E402
+from .tensor_to_list import TensorToList  # noqa: E402
 
-__all__ += ["Item", "Layer", "RandInt", "Randn", "Slice", "ToTensor"]
+__all__ += ["Item", "Layer", "RandInt", "Randn", "Slice", "TensorToList", "ToTensor"]
 
 from .published_elementwise import (  # noqa: E402
     AtLeast1D,
