@@ -43,67 +43,16 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import KeyMismatchError
-from .connection_types import TBD, check_fed, kinds_of, merged, type_name
+from .connection_types import check_fed, kinds_of, merged, type_name
 from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import Expression, wire_expression
+from .functional import Bound, Given, create, param_keys, pull_call
 from .list_wires import ListWire, ToList, add_list_block, check_lists_read, expand_lists
 from .operator import Operator, named_connections, takes_name, unify
 
 __all__ = ["Bound", "Connection", "IOKey", "Model", "Terminal", "cin_key",
            "cout_key", "param_keys"]
-
-
-Given = str | IOKey | Terminal | Expression
-#: what to do instead of the published functional API (a block call returning its output)
-FUNCTIONAL = ("the published functional API (Linear(3)(input=x) as a connection, Model.create("
-              "output)) is not offered; add each block to a model (model |= lin.connect(input=x)) "
-              "and pass its terminal (lin.output)")
-
-
-def param_keys(block: Any) -> tuple[str, ...]:
-    """The parameter roles of an operator (``weight``, ``bias``); none for a model."""
-    return tuple(getattr(block, "param_init", None) or ()) if isinstance(block, Operator) else ()
-
-
-def _as_given(key: str, v: Any) -> Given:
-    """A name, IOKey, Terminal or expression as is; a number, list or array: a constant
-    (``IOKey(value=v)``)."""
-    if isinstance(v, (str, IOKey, Terminal, Expression)):
-        return v
-    from .shape_wires import ShapeWire, as_expression
-
-    if isinstance(v, ShapeWire):
-        return as_expression(v, key)
-    if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)):
-        arr = np.asarray(v)
-        if arr.dtype.kind in "biuf":
-            return IOKey(value=arr)
-    if isinstance(v, Bound):  # the published functional style: Gelu()(input=Linear(3)(input=x))
-        raise TypeError(f"connection for '{key}' is a block's connect(...) / call, not a "
-                        f"connection: {FUNCTIONAL}")
-    raise TypeError(f"connection for '{key}' must be a str name, an IOKey, a connection "
-                    f"(block.input, model.cout), an expression of connections (lin.output + 1) "
-                    f"or a constant number/array, got {type(v).__name__}")
-
-
-class Bound:
-    """A block together with how its terminals connect (what ``block.connect(...)`` returns)."""
-
-    def __init__(self, block: Block, connections: dict[str, Any]) -> None:
-        allowed = (*block.terminals, *param_keys(block))
-        unknown = set(connections) - set(allowed)
-        if unknown:
-            raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
-                           f"its terminals are {list(allowed)}")
-        connections = {k: _as_given(k, v) for k, v in connections.items() if v is not TBD}
-        for k, v in connections.items():
-            if isinstance(v, IOKey) and v.value is not None and k in block.output_keys:
-                raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take a value")
-            if isinstance(v, Expression) and k in block.output_keys:
-                raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take an "
-                                 f"expression ({v!r}); connect the expression to an input")
-        self.block, self.connections = block, connections
 
 
 Block = Union[Operator, "Model"]
@@ -138,6 +87,11 @@ class Model:
         #: every such block with its list
         self._lists: dict[str, Any] = {}
         self._list_blocks: list[tuple[Any, Any]] = []
+        #: made by ``Model.create``: nothing more is added to it
+        self._frozen = False
+        #: during ``_add``: (block, its __dict__ (an operator's) or None, its ``_used``, the
+        #: call added, that call's home) for each block added, to undo
+        self._touched: list[tuple[Any, Any, Any, Any, Any]] | None = None
 
     def __getattr__(self, name: str) -> Terminal:
         """``model.input``: a terminal (or a named internal wire) of this model as an object."""
@@ -190,7 +144,14 @@ class Model:
             connections = named_connections(who, order, args, connections)
         return Bound(self, connections)
 
-    __call__ = connect
+    def __call__(self, *args: Any, **connections: Any) -> Bound:
+        """``connect`` (as the subclass defines it); as published, positional connections of a
+        model without :attr:`positional` bind its inputs in order (``created(x, y)``)."""
+        if args and type(self).positional is None:
+            connections = named_connections(f"{type(self).__name__}(...)", self.input_keys,
+                                            args, connections)
+            args = ()
+        return self.connect(*args, **connections)
 
     def summary(self, *args: Any, **kwargs: Any) -> None:
         """The published logical-model summary: not offered (shapes are known once compiled)."""
@@ -198,9 +159,11 @@ class Model:
                         "ml.compile(model, backend, shapes=...).summary()")
 
     @classmethod
-    def create(cls, *outputs: Any, **named: Any) -> Model:
-        """The published ``Model.create(output, name=...)``: not offered (says what instead)."""
-        raise TypeError(f"Model.create: {FUNCTIONAL}")
+    def create(cls, *outputs: Any, name: str | None = None, **named: Any) -> Model:
+        """As published, a new frozen model of every block call ``outputs`` reach: the
+        positional ones are its canonical output (named ``output`` when left unnamed), the
+        keyword ones its outputs under those names (:mod:`mithril.models.functional`)."""
+        return create(cls, outputs, named, name)
 
     def _finalize_for_compile(self) -> None:
         """Called by ``compile``: every ToList / ToTuple list is read by some block."""
@@ -295,6 +258,7 @@ class Model:
             return self.conns[given]
         if not isinstance(given, Terminal):
             raise TypeError(f"{what}: expected a name or a connection, got {type(given).__name__}")
+        pull_call(self, given, what)  # (a block's call: its block is added first)
         if given.block is self or (given.conn is not None and self._owns(given.conn)):
             if given.conn is not None:
                 return given.conn
@@ -343,7 +307,12 @@ class Model:
                 raise ValueError(f"'{key.name}' is a {self._lists[key.name].kind} (ToList / "
                                  "ToTuple output): it is not an output name, nor takes a value")
             return self._lists[key.name]
-        if key.name is None:
+        if key.name is None and not is_output and key.value is None:
+            # (one IOKey() object is one wire, as published: Add()(left=k, right=k))
+            cached = self._expr_wires.get(id(key))
+            c = cached[1] if cached is not None and cached[0] is key else Connection(None)
+            self._expr_wires[id(key)] = (key, c)
+        elif key.name is None:
             c = Connection(None)
         else:
             prev = self.conns.get(key.name)
@@ -399,33 +368,48 @@ class Model:
         self._last_output, self._cout = last, cout
 
     def _add(self, item: Block | Bound, chain: bool) -> Model:
-        """Add ``item`` (a block, or a block bound by ``connect(...)``); if anything raises,
-        the model is left as it was."""
+        """Add ``item`` (a block, or a block bound by ``connect(...)``), and the calls its
+        connections reach; if anything raises, the model and those are left as they were."""
+        if self._frozen:
+            raise AttributeError(f"{self!r} was made by Model.create and is frozen: nothing is "
+                                 "added to it; use it in a new model (outer |= created(...))")
         snap = self._snapshot()
-        block = item.block if isinstance(item, Bound) else item
-        was_used = getattr(block, "_used", None)
-        # (an operator's configuration a connection sets: Concat's n from a list)
-        before = dict(block.__dict__) if isinstance(block, Operator) else None
+        self._touched = []
         try:
             return self._add_block(item, chain)
         except BaseException:
             self._restore(snap)
-            if before is not None:
+            self._undo_touched()
+            raise
+        finally:
+            self._new_roles = self._declared = self._touched = None
+
+    def _undo_touched(self) -> None:
+        for block, before, was_used, call, home in reversed(self._touched or ()):
+            if before is not None:  # (an operator's configuration a connection set: Concat's n)
                 block.__dict__.clear()
                 block.__dict__.update(before)
             if isinstance(block, Model) and block is not self:
                 block._used = bool(was_used)
-            raise
-        finally:
-            self._new_roles = self._declared = None
+            if call is not None:
+                call.home = home
 
     def _add_block(self, item: Block | Bound, chain: bool) -> Model:
-        bound = item if isinstance(item, Bound) else Bound(item, {})
+        call = item if isinstance(item, Bound) else None
+        bound = call if call is not None else Bound(item, {})
         block = bound.block
         if block is self:
             raise ValueError("a model cannot contain itself")
         if getattr(block, "_used", False) or any(b is block for b, _ in self.blocks):
             raise ValueError(f"{block!r} is already part of a model; create a new instance")
+        if call is not None and call.home is not None:
+            raise ValueError(f"{call!r}: this call was added to {call.home!r} already")
+        if self._touched is not None:
+            self._touched.append((block, dict(block.__dict__) if isinstance(block, Operator)
+                                  else None, getattr(block, "_used", None), call,
+                                  None if call is None else call.home))
+        if call is not None:
+            call.home = self
         if isinstance(block, ToList):
             if any(b is block for b, _ in self._list_blocks):
                 raise ValueError(f"{block!r} is already part of a model; create a new instance")

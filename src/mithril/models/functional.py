@@ -1,0 +1,229 @@
+"""A block's call as a connection: the published Mithril's functional API.
+
+``block(...)`` (``block.connect(...)``) returns a :class:`Bound`: the block with how its
+terminals connect. It plays two roles:
+
+* a block to add: ``model |= Linear(3)(input="x")``, ``model += Relu()``;
+* a connection: the block's output (a :class:`~mithril.models.connections.Terminal` of it),
+  given to another block's call, combined in expressions (``a + b``, ``out.reshape(...)``,
+  ``out.shape``) or to :func:`create`. A model that reaches it this way adds the call's
+  block first, with its own connections (which may be calls too, added the same way): its
+  *home* is then that model, and its output is reachable there only.
+
+As published, a call of a block with several outputs (``Split(3)``, a model with several
+outputs) returns them in order: ``out[i]`` is the ``i``-th (:class:`CallOutput`), and ``a, b
+= block(...)`` unpacks them; given as a connection as a whole it is refused (which one is
+meant?). A block with one output indexes its value (``out[0]`` is an ``Indexer``).
+
+``Model.create(*outputs, name=None, **named)`` (:func:`create`) makes a new model of every
+call the outputs reach: ``IOKey("input")`` names its inputs (an unnamed ``IOKey()`` input
+is named after the terminal it feeds: ``left``, ``right``); the positional outputs are the
+canonical output (``cout``, the first) and, when their calls left them unnamed, get the
+name ``output`` (``output_1``, ...); a keyword output is exposed under its name. Outputs of
+the calls left unnamed and not asked for are internal wires. The model is frozen: adding to
+it raises; build around it instead (``outer |= created(input=...)``). Every check comes
+before anything changes: a call that raises leaves each call and block as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import KeyMismatchError
+from .connection_types import TBD
+from .connections import Connection, IOKey, Terminal
+from .expressions import Expression
+from .operator import Operator
+
+if TYPE_CHECKING:
+    from .model import Block, Model
+
+Given = str | IOKey | Terminal | Expression
+
+
+def param_keys(block: Any) -> tuple[str, ...]:
+    """The parameter roles of an operator (``weight``, ``bias``); none for a model."""
+    return tuple(getattr(block, "param_init", None) or ()) if isinstance(block, Operator) else ()
+
+
+def _as_given(key: str, v: Any) -> Given:
+    """A name, IOKey, connection (a terminal, a call's result) or expression as is; a number,
+    list or array: a constant (``IOKey(value=v)``)."""
+    if isinstance(v, (str, IOKey, Terminal, Expression)):
+        return v
+    from .shape_wires import ShapeWire, as_expression
+
+    if isinstance(v, ShapeWire):
+        return as_expression(v, key)
+    if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)):
+        arr = np.asarray(v)
+        if arr.dtype.kind in "biuf":
+            return IOKey(value=arr)
+    raise TypeError(f"connection for '{key}' must be a str name, an IOKey, a connection "
+                    f"(block.input, model.cout, a block's call: Linear(3)(input=x)), an "
+                    f"expression of connections (lin.output + 1) or a constant number/array, "
+                    f"got {type(v).__name__}")
+
+
+class Bound(Terminal):
+    """A block together with how its terminals connect (what ``block.connect(...)`` and
+    ``block(...)`` return): a block to add (``model |= bound``) and, as a connection, its
+    output (see the module docstring). ``home`` is the model it was added to (None: not yet)."""
+
+    __slots__ = ("connections", "home", "outs")
+
+    def __init__(self, block: Block, connections: dict[str, Any]) -> None:
+        allowed = (*block.terminals, *param_keys(block))
+        unknown = set(connections) - set(allowed)
+        if unknown:
+            raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
+                           f"its terminals are {list(allowed)}")
+        connections = {k: _as_given(k, v) for k, v in connections.items() if v is not TBD}
+        for k, v in connections.items():
+            if isinstance(v, IOKey) and v.value is not None and k in block.output_keys:
+                raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take a value")
+            if isinstance(v, Expression) and k in block.output_keys:
+                raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take an "
+                                 f"expression ({v!r}); connect the expression to an input")
+        outs = tuple(block.output_keys)
+        super().__init__(block, outs[0] if len(outs) == 1 else None)
+        self.connections, self.home, self.outs = connections, None, outs
+
+    def __getitem__(self, index: Any) -> Any:
+        """A block with several outputs: its ``index``-th output; one output: its value
+        indexed (an ``Indexer`` expression)."""
+        if len(self.outs) <= 1:
+            return super().__getitem__(index)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or \
+                not -len(self.outs) <= index < len(self.outs):
+            raise IndexError(f"{self!r} returns {len(self.outs)} outputs {list(self.outs)}: "
+                             f"index them with an int in [-{len(self.outs)}, {len(self.outs)}), "
+                             f"got {index!r}")
+        return CallOutput(self, self.outs[int(index)])
+
+    def __iter__(self) -> Iterator[CallOutput]:
+        if len(self.outs) <= 1:
+            raise TypeError(f"{self!r} has {len(self.outs)} output(s): a call unpacks only into "
+                            "the outputs of a block with several")
+        return iter([CallOutput(self, k) for k in self.outs])
+
+    def __repr__(self) -> str:
+        return f"{type(self.block).__name__}(...)" + (f".{self.key}" if self.key else "")
+
+
+class CallOutput(Terminal):
+    """One output of a call of a block with several outputs (``Split(3)(input=x)[0]``)."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Bound, key: str) -> None:
+        super().__init__(call.block, key)
+        self.call = call
+
+    def __repr__(self) -> str:
+        return f"{type(self.block).__name__}(...).{self.key}"
+
+
+def pull_call(model: Model, given: Terminal, what: str) -> None:
+    """Where ``given`` is a call's output: make sure its call is part of ``model``, adding
+    it (inside :meth:`Model._add`, which undoes it if anything raises) when it has no home
+    yet. A call that another model holds, or one that names no single output, is refused."""
+    call = given if isinstance(given, Bound) else given.call if isinstance(given, CallOutput) \
+        else None
+    if call is None:
+        return
+    if given.key is None:
+        if not call.outs:
+            raise ValueError(f"{what}: {given!r} has no output to connect")
+        raise ValueError(f"{what}: {given!r} returns {len(call.outs)} outputs {list(call.outs)}: "
+                         "give one of them (out[0], or unpack: a, b = block(...))")
+    if call.home is model:
+        return
+    if call.home is not None:
+        raise ValueError(f"{what}: {given!r} is the output of a call that is part of another "
+                         f"model ({call.home!r}); a call's output is reachable only in the "
+                         "model it was added to: call a new block here")
+    if model._touched is None:
+        raise ValueError(f"{what}: {given!r} is the output of a call that is not part of this "
+                         "model: connect it to a block added to it (model |= Relu()(input=out)) "
+                         "or add it first (model |= out)")
+    model._add_block(call, chain=False)
+
+
+def _named_inputs(model: Model) -> None:
+    """Name the inputs an unnamed ``IOKey()`` fed (published: ``Add()(left=IOKey(), ...)``
+    makes inputs ``left`` and ``right``): each after the terminal it feeds first."""
+    produced = model._produced()
+    for block, mapping in model.blocks:
+        for key, c in mapping.items():
+            if c.name is None and c.value is None and id(c) not in produced \
+                    and key not in block.output_keys:
+                c.name = model._fresh_name(key)
+                model.conns[c.name] = c
+
+
+def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
+           name: str | None) -> Model:
+    """``Model.create(*outputs, name=None, **named)``: see the module docstring."""
+    if not outputs and not named:
+        raise ValueError("Model.create: give the output(s) of the model: Model.create(out) or "
+                         "Model.create(name=out), with out a block's call (Linear(3)(input=x))")
+    given = [(None, o) for o in outputs] + list(named.items())
+    for key, o in given:
+        where = f"Model.create({key or 'output'}=...)" if key else "Model.create"
+        if isinstance(o, IOKey) or not isinstance(o, (Terminal, Expression)):
+            what = "an input" if isinstance(o, IOKey) else type(o).__name__
+            raise TypeError(f"{where}: an output is a block's call (Linear(3)(input=x)), one of "
+                            f"its outputs or an expression of them, got {what} ({o!r})")
+    model = cls(name=name)
+    model._touched = []
+    snap = model._snapshot()
+    try:
+        wires = []
+        for key, o in given:
+            c = model._given(o, False, (model, key or "output"))
+            if id(c) not in model._produced():
+                raise ValueError(f"Model.create: output {key or 'output'} ({o!r}) is computed by "
+                                 "no block: it is an input of the model, not an output")
+            wires.append(c)
+        for c in list(model.conns.values()):  # (calls' outputs left unnamed: internal wires)
+            if c.auto_output:
+                model._demote(c)
+        _named_inputs(model)
+        for c in wires[:len(outputs)]:
+            if c.name is None:
+                c.name = model._fresh_name("output")
+                model.conns[c.name] = c
+            c.exposed = True
+        for (key, _), c in zip(given[len(outputs):], wires[len(outputs):], strict=True):
+            _expose(model, key, c)
+        model._cout = model._last_output = wires[0]
+    except BaseException:
+        model._restore(snap)
+        model._undo_touched()
+        raise
+    finally:
+        model._touched = model._new_roles = model._declared = None
+    model._frozen = True
+    return model
+
+
+def _expose(model: Model, key: str, c: Connection) -> None:
+    """Output ``key`` of a created model: the wire ``c`` under that name, or a ``Buffer``
+    copying it when it is named otherwise (an input, another output)."""
+    from .primitives import Buffer
+
+    if model.conns.get(key) is c:
+        c.exposed = True
+        return
+    if key in model.conns or key in model._lists:
+        raise ValueError(f"Model.create({key}=...): '{key}' names another connection of the "
+                         "model (an input or a named output of a call)")
+    if c.name is None:
+        c.name, model.conns[key] = key, c
+        c.exposed = True
+        return
+    model._add_block(Buffer().connect(input=Terminal(model, c.name, c), output=key), chain=False)
