@@ -88,6 +88,43 @@ class JaxParallel:
         self.step_fn: Any = None
         self._global: dict[str, Any] | None = None  # the params on the mesh
 
+    @property
+    def can_checkpoint(self) -> bool:
+        """``--devices`` (one process) saves as one process does; with ``--nprocs`` the
+        state lives on every process's devices (not saved)."""
+        return self.world.size == 1
+
+    def stop_agreement(self) -> tuple[Any, float]:
+        """As :meth:`.parallel.Parallel.stop_agreement`, over ``jax.distributed``'s
+        processes (one process: none)."""
+        if self.world.size == 1:
+            return None, 0.0
+        import functools
+
+        from .parallel import REPEAT_S
+        from .stop_agreement import agree_stop, jax_all_reduce
+
+        return functools.partial(agree_stop, all_reduce=jax_all_reduce), REPEAT_S
+
+    def saver(self, run: Any) -> tuple[Any, int | None]:
+        from .parallel import Parallel
+
+        return Parallel.saver(self, run)  # type: ignore[arg-type]
+
+    def optimizer_state(self, run: Any) -> Any:
+        """The state on the mesh as ``optimizer.init(params)`` holds it (gathered)."""
+        params = self._global if self._global is not None else run.params
+        return self.step_fn.to_optimizer_state(run.state, params)
+
+    def load_state(self, run: Any, state: Any) -> Any:
+        """A loaded checkpoint's optimizer state (of ``run.params``) on the mesh."""
+        self._global = None  # the next step places run.params
+        try:
+            return self.step_fn.from_optimizer_state(state)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--resume: the checkpoint's optimizer state does not fit the "
+                           f"--devices step ({exc})") from None
+
     def init(self, run: Any) -> Any:
         from ..distributed.jax_parallel import make_sharded_train_step
 

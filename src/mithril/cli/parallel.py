@@ -13,17 +13,26 @@ the whole batch, even when B is not a multiple of N (a rank with no rows sends z
 batch loss and accuracy of metrics.csv are summed over the ranks (one small all-reduce), so
 the files equal those of one process to rounding. Rank 0 alone prints, shows the progress bar
 and writes the outputs.
+
+Preemption: a SIGTERM (or Ctrl-C) to the launcher or to any rank stops every rank after
+the same step (:mod:`.stop_agreement`: one all-reduce of the ranks' requests after each
+step); rank 0 then saves the checkpoint (``checkpoint.safetensors``, as one process does:
+the whole replicated optimizer state, atomically) and prints the resume command, and the
+launcher exits ``128 + signal``. ``--checkpoint-every N`` has rank 0 save every N steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +45,11 @@ CHILD_ENV = "MITHRIL_NPROCS_CHILD"
 #: seconds a collective waits for a peer (a dead peer is noticed at once; this bounds a hang)
 TIMEOUT = 300.0
 MAX_NPROCS = 64
+#: a rank that receives the signal it is stopping for again within this many seconds takes it
+#: for the same one (the process group's copy and the launcher's forwarded one), not an abort
+REPEAT_S = 2.0
+#: seconds the launcher waits for the other ranks once one has failed (they notice it)
+GRACE_S = 10.0
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -69,6 +83,14 @@ class World:
     devices: int | None = None
     #: "jax" (jax.sharding / jax.distributed) or "torch" (torch.distributed)
     engine: str = "torch"
+    #: the run folder (rank 0 writes there; the launcher passes it to the ranks)
+    out: str | None = None
+    #: the command's flags as a checkpoint keeps them (:func:`.resume.snapshot`)
+    flags: dict[str, Any] | None = None
+    #: ``--checkpoint-every N`` (rank 0 saves every N steps), or None
+    every: int | None = None
+    #: ``--resume``: the checkpoint (:func:`.resume.resumed_args`), or None
+    resumed: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {"nprocs": self.size, "shard_state": self.shard_state,
@@ -114,6 +136,7 @@ def world_of(args: argparse.Namespace) -> World | None:
         world = World(nprocs, 0, shard, "mithril", nprocs == 1)
     if world.size < 1 or not 0 <= world.rank < world.size:
         raise CLIError(f"rank {world.rank} in a world of {world.size} processes")
+    _settle_out(args, world)
     if jax:
         from .jax_parallel import refuse
 
@@ -124,8 +147,28 @@ def world_of(args: argparse.Namespace) -> World | None:
     return world
 
 
+def _settle_out(args: argparse.Namespace, world: World) -> None:
+    """Fix the run folder now (``args.out``): without ``--out`` or ``--name`` it is
+    ``runs/train-<time>``, which the launcher and its rank 0 computed apart (the launcher's
+    folder then existed: rank 0 wrote into ``...-2``); the launcher passes it on."""
+    if args.out is None:
+        from .report import default_out_dir
+
+        args.out = str(default_out_dir("train", args.name))
+    world.out = args.out
+    world.flags = getattr(args, "snapshot", None)
+    world.every = getattr(args, "checkpoint_every", None)
+    world.resumed = getattr(args, "resumed_checkpoint", None)
+
+
 def check(world: World, run: Any) -> None:
-    """What a data-parallel run cannot do with this model or these flags."""
+    """What a data-parallel run cannot do with this model or these flags; in the
+    ``--nprocs`` launcher, whether ``--resume`` can continue the run (before any rank
+    starts: one error, not one per rank)."""
+    if world.resumed is not None and not world.member and run is not None:
+        from .resume import restore
+
+        restore(run, world.resumed)  # (this Run is the launcher's check copy)
     if world.engine == "jax":  # one program of the whole batch: model state is kept
         if world.size == 1:
             from .jax_parallel import configure_devices
@@ -206,6 +249,47 @@ class Parallel:
     def __init__(self, world: World) -> None:
         self.world = world
         self.dp: Any = None
+        self._trainer: Any = None  # mixed precision's (its masters, scaler: not saved yet)
+
+    @property
+    def can_checkpoint(self) -> bool:
+        """Whether rank 0 holds the whole optimizer state (not with ``--shard-state``,
+        where each rank holds its share, nor with mixed precision's trainer)."""
+        return not self.world.shard_state and self._trainer is None
+
+    def stop_agreement(self) -> tuple[Any, float]:
+        """The collective the loop's :class:`~.runtime.HeldInterrupt` settles each stop
+        with, and the seconds a repeated signal is the same one (one process: none)."""
+        if self.world.size == 1:
+            return None, 0.0
+        from .stop_agreement import agree_stop, torch_all_reduce
+
+        return functools.partial(agree_stop, all_reduce=torch_all_reduce), REPEAT_S
+
+    def saver(self, run: Any) -> tuple[Any, int | None]:
+        """Rank 0's ``(saver, every)`` for :attr:`.training.Run.saver` (the checkpoint of
+        the run under way, as one process saves it); ``(None, None)`` on the other ranks."""
+        if self.world.rank != 0 or self.world.out is None or self.world.flags is None \
+                or not self.can_checkpoint:
+            return None, None
+        from .train import save_progress
+
+        return functools.partial(save_progress, run, Path(self.world.out),
+                                 self.world.flags), self.world.every
+
+    def optimizer_state(self, run: Any) -> Any:
+        """The optimizer's state as one process holds it (what a checkpoint saves)."""
+        return run.state.local
+
+    def load_state(self, run: Any, state: Any) -> Any:
+        """``state`` (a loaded checkpoint's, of ``run.params``) as this rank's state: every
+        rank loads the same file and calls this at the same point (collectives)."""
+        try:
+            wrapped = self.dp.init(run.params)
+        except (ValueError, NotImplementedError) as exc:
+            raise CLIError(f"--resume: {exc}") from None
+        wrapped.local = state
+        return wrapped
 
     def init(self, run: Any) -> Any:
         """The wrapped optimizer's state (after :func:`check`)."""
@@ -219,9 +303,9 @@ class Parallel:
             if run.cfg.mixed_precision != "none":  # float32 masters, the overflow agreed on
                 from ..utils.mixed_precision import MixedPrecisionTrainer
 
-                run.trainer = MixedPrecisionTrainer(run.compiled, self.dp, run.params,
-                                                    loss_scale=run.cfg.loss_scale,
-                                                    dynamic_loss_scaling=True)
+                run.trainer = self._trainer = MixedPrecisionTrainer(
+                    run.compiled, self.dp, run.params, loss_scale=run.cfg.loss_scale,
+                    dynamic_loss_scaling=True)
                 return run.trainer.optimizer_state
             return self.dp.init(run.params)
         except (ValueError, NotImplementedError) as exc:
@@ -281,26 +365,70 @@ def free_port() -> int:
 
 
 def launch(world: World, argv: list[str]) -> int:
-    """Run ``mithril argv`` in ``world.size`` processes; their exit status (the first
-    failure seen, rank 0's first among those seen together; else 0). A rank that fails stops the others (after a grace period in
-    which they notice it themselves)."""
+    """Run ``mithril argv`` in ``world.size`` processes (in the run folder ``world.out``);
+    their exit status: a failure's (the first seen; rank 0's first among those seen
+    together), else a stop's (``128 + signal``), else 0. A rank that fails stops the others
+    after :data:`GRACE_S` (in which they notice it themselves). A SIGTERM to the launcher is
+    forwarded to every rank (they stop after the same step, rank 0 saves the checkpoint and
+    prints the resume command); Ctrl-C reaches the ranks from the terminal itself."""
     env = {**os.environ, CHILD_ENV: "1", "WORLD_SIZE": str(world.size),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "LOCAL_WORLD_SIZE": str(world.size)}
-    cmd = [sys.executable, "-m", "mithril", *argv]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(world.size)]
-    failed: int | None = None
+    out = [] if world.out is None else ["--out", world.out]  # (one folder: the launcher's)
+    cmd = [sys.executable, "-m", "mithril", *argv, *out]
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    before = signal.signal(signal.SIGTERM, forward) \
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else None
+    try:
+        procs += [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                  for r in range(world.size)]
+        codes = _wait(procs)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+    return exit_code(codes)
+
+
+def stopped(code: int | None) -> bool:
+    """Whether ``code`` is a rank's exit status after a held signal (``128 + signal``)."""
+    return code is not None and code - 128 in (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_code(codes: list[int]) -> int:
+    """The launcher's status from its ranks' (in the order they were seen to end): the first
+    failure, else the first stop (``128 + signal``), else 0; a rank killed by a signal
+    (negative) fails with 1."""
+    codes = [1 if c < 0 else c for c in codes]
+    failed = [c for c in codes if c and not stopped(c)]
+    rc = failed[0] if failed else next((c for c in codes if c), 0)
+    return int(rc)
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[int]:
+    """The ranks' exit statuses, in the order they were seen to end. After a failure the
+    others get :data:`GRACE_S` seconds; after a stop (``128 + signal``), :data:`TIMEOUT`
+    (rank 0 is saving and writing the results)."""
+    seen: list[int] = []
+    done: set[int] = set()
     deadline: float | None = None
-    while True:
+    while len(done) < len(procs):
         try:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                break
-            if failed is None:
-                bad = [c for c in codes if c not in (None, 0)]
-                if bad:
-                    failed, deadline = bad[0], time.monotonic() + 10.0
+            ended = [(i, p.poll()) for i, p in enumerate(procs)]
+            new = [c for i, c in ended if c is not None and i not in done]
+            done |= {i for i, c in ended if c is not None}
+            # rank 0 first among those seen together
+            seen += new
+            if any(c and not stopped(c) for c in new):
+                limit = time.monotonic() + GRACE_S
+                deadline = limit if deadline is None else min(deadline, limit)
+            elif any(stopped(c) for c in new) and deadline is None:
+                deadline = time.monotonic() + TIMEOUT
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
                     if p.poll() is None:
@@ -308,6 +436,4 @@ def launch(world: World, argv: list[str]) -> int:
             time.sleep(0.05)
         except KeyboardInterrupt:  # the ranks got it too: they stop and rank 0 writes
             continue
-    codes = [p.returncode for p in procs]
-    rc = failed if failed is not None else next((c for c in codes if c), 0)
-    return int(rc) if rc >= 0 else 1  # killed by a signal: 1
+    return seen

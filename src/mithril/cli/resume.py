@@ -41,7 +41,8 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "mithril-train-resume-1"
 #: flags a resumed run does not take from its checkpoint (where to write, how to show it)
 NOT_KEPT = frozenset({"out", "name", "resume", "checkpoint", "dry_run", "no_plot",
-                      "no_progress", "func", "parser", "argv", "snapshot"})
+                      "no_progress", "func", "parser", "argv", "snapshot",
+                      "resumed_checkpoint"})
 #: configuration keys a resumed run may change: the length (a schedule replayed over the
 #: steps done must agree), where it runs, the data file's name (its content is checked)
 MAY_CHANGE = frozenset({"epochs", "threads", "backend", "task_settings.data",
@@ -137,6 +138,7 @@ def resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str
     ckpt["path"] = str(path)
     if args.out is None and args.name is None:
         new.out = str(path.parent)
+    new.resumed_checkpoint = ckpt  # (the --nprocs launcher checks it before starting ranks)
     return new, ckpt
 
 
@@ -187,12 +189,17 @@ def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
     if run.private and run.sample_rate() is not None:  # DP-SGD: the accountant's history
         extra["privacy"] = {"noise_multiplier": float(run.optimizer.noise_multiplier),
                             "accountant": run.accountant(steps).state_dict()}
-    params = run.params
-    if run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
+    params, state = run.params, run.state
+    if run.parallel is not None:  # data-parallel: rank 0's copy of the replicated state
+        if not run.parallel.can_checkpoint:
+            return None
+        state = run.parallel.optimizer_state(run)
+        extra["world"] = run.parallel.world.summary()
+    elif run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
         params = run.trainer.master_params
         extra["mixed_precision_trainer"] = run.trainer.state_dict()
     path = folder / CHECKPOINT_FILE
-    save_checkpoint(path, params, run.optimizer, run.state, extra=extra,
+    save_checkpoint(path, params, run.optimizer, state, extra=extra,
                     model_state=run.model_state)
     return path
 
@@ -215,14 +222,26 @@ def check_noise(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> None:
 
 
 def check_supported(args: argparse.Namespace, world: Any) -> None:
-    """--checkpoint, --checkpoint-every and --resume train in one process."""
+    """--checkpoint, --checkpoint-every and --resume with data-parallel runs: rank 0 saves
+    the whole optimizer state, which it holds unless each process keeps a share of it
+    (``--shard-state``), a mixed-precision trainer wraps it, or the ranks are JAX
+    processes (``--backend jax --nprocs``; ``--devices`` trains in one process and saves)."""
     every = getattr(args, "checkpoint_every", None)
-    if not (args.checkpoint or args.resume or every):
+    if not (args.checkpoint or args.resume or every) or world is None:
         return
     flag = "--resume" if args.resume else "--checkpoint-every" if every else "--checkpoint"
-    if world is not None:
-        raise CLIError(f"{flag} does not apply to data-parallel runs (--nprocs, --devices, "
-                       f"torchrun) yet: train in one process")
+    if world.shard_state:
+        raise CLIError(f"{flag} with --shard-state: each process keeps the optimizer state of "
+                       f"1/N of the parameters, and the checkpoint is one file of the whole "
+                       f"state saved by rank 0; leave --shard-state out")
+    if args.mixed_precision != "none":
+        raise CLIError(f"{flag} with --mixed-precision and a data-parallel run is not "
+                       f"supported (the trainer's float32 masters and loss scale): train in "
+                       f"one process, or without --mixed-precision")
+    if world.engine == "jax" and world.size > 1:
+        raise CLIError(f"{flag} with --backend jax --nprocs is not supported (the state lives "
+                       f"on every process's devices): use --devices N (one process), or "
+                       f"--backend numpy/torch with --nprocs")
 
 
 def _read_log(path: Path, rows: int) -> list[dict[str, Any]]:
@@ -320,7 +339,9 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
         raise CLIError(f"{flag}: the checkpoint's optimizer state does not fit this "
                        f"command's optimizer ({exc})") from None
     run.params = dict(loaded["params"])
-    if run.trainer is not None:  # a trainer on the saved masters and state, its scaler's
+    if run.parallel is not None:  # this rank's state of it (every rank loads the same)
+        run.state = run.parallel.load_state(run, run.state)
+    elif run.trainer is not None:  # a trainer on the saved masters and state, its scaler's
         from ..utils.mixed_precision import MixedPrecisionTrainer
 
         try:

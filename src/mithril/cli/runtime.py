@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +91,29 @@ class HeldInterrupt:
     optimizer state and logs agree, so a checkpoint can be written); a second one raises
     :class:`Aborted` at once. Only in the main thread (signal handlers can be set there only),
     and only for a signal whose handler is the default one (a handler the caller installed is
-    left alone); elsewhere Ctrl-C interrupts as usual."""
+    left alone); elsewhere Ctrl-C interrupts as usual.
 
-    def __init__(self, enabled: bool = True) -> None:
-        """``enabled`` False: Ctrl-C interrupts at once (processes of a data-parallel run: one
-        stopping a step after another would leave that one waiting in the next all-reduce)."""
+    In a data-parallel run every process calls :meth:`settle` at the same points (after each
+    step, after each epoch): ``agree`` (a collective over the ranks, see
+    :mod:`.stop_agreement`) turns the ranks' requests into one decision, so that all stop
+    after the same step even when the signal reached only some of them, or reached them
+    during different steps. ``repeat_s``: a second delivery of the same signal within this
+    many seconds of the first is the same request (a scheduler signals the whole process
+    group and the ``--nprocs`` launcher forwards it too), not an abort."""
+
+    def __init__(self, enabled: bool = True,
+                 agree: Callable[[int | None], int | None] | None = None,
+                 repeat_s: float = 0.0) -> None:
         self.requested = False
         #: the signal that asked to stop (``signal.SIGINT`` or ``signal.SIGTERM``), or None
         self.signum: int | None = None
+        #: whether the loop stops at the point last settled (every rank alike)
+        self.stop = False
         self._before: dict[int, Any] = {}
         self.enabled = enabled
+        self.agree = agree
+        self.repeat_s = repeat_s
+        self._at = 0.0  # when the request came (or was agreed on)
 
     def __enter__(self) -> HeldInterrupt:
         if not (self.enabled and threading.current_thread() is threading.main_thread()):
@@ -111,13 +125,30 @@ class HeldInterrupt:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # the second signal: now
+        if self.requested:  # the second signal: now (unless it is the first one again)
+            if signum == self.signum and time.monotonic() - self._at < self.repeat_s:
+                return
             raise Aborted(signum)
-        self.requested, self.signum = True, signum
+        self.requested, self.signum, self._at = True, signum, time.monotonic()
+
+    def settle(self) -> bool:
+        """Whether the loop stops here (:attr:`stop`): this process's request, or with
+        ``agree`` the ranks' common decision (every rank must call it at the same point)."""
+        if self.agree is None:
+            self.stop = self.requested
+            return self.stop
+        agreed = self.agree(self.signum if self.requested else None)
+        if agreed is not None:  # (another rank's signal: ours too; one status for all)
+            if not self.requested:
+                self.requested, self._at = True, time.monotonic()
+            self.signum = agreed
+        self.stop = agreed is not None
+        return self.stop
 
     def check(self) -> None:
-        """Raise KeyboardInterrupt if a signal came during the step just done."""
-        if self.requested:
+        """Raise KeyboardInterrupt if a signal came during the step just done (the decision
+        of the last :meth:`settle` where there is ``agree``)."""
+        if self.stop if self.agree is not None else self.requested:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:

@@ -327,7 +327,11 @@ class Run(Evaluation):
         interrupted = False
         error: str | None = None
         start = time.perf_counter()
-        held = HeldInterrupt(enabled=self.parallel is None)
+        agree, repeat_s = (None, 0.0) if self.parallel is None else \
+            self.parallel.stop_agreement()  # (the ranks stop after the same step)
+        held = HeldInterrupt(agree=agree, repeat_s=repeat_s)
+        if self.parallel is not None and self.saver is None:  # rank 0 saves for all
+            self.saver, self.save_every = self.parallel.saver(self)
         try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
             with thread_limit(cfg.threads, cfg.backend), np.errstate(all="ignore"), held:
                 self._loop(bar, rng, steps, epochs, log if show_epochs else None, desc, held)
@@ -335,6 +339,8 @@ class Run(Evaluation):
             raise
         except KeyboardInterrupt:
             interrupted = True
+            if self.parallel is not None and not self.parallel.can_checkpoint:
+                self.position = None  # (--shard-state: no process holds the whole state)
         except TrainingError as exc:  # kept like an interrupt: the steps before it stand
             error = str(exc)
         finally:
@@ -392,10 +398,12 @@ class Run(Evaluation):
                 epoch_metric += acc * len(yb)
                 n += len(yb)
                 self.position = Position(epoch, b + 1, begun, (epoch_loss, epoch_metric, n))
-                if self.saver is not None and (held.requested or self.save_every is not None
+                stop = held.settle()  # (data-parallel: every rank's decision alike)
+                if self.saver is not None and (stop or self.save_every is not None
                                                and len(steps) % self.save_every == 0):
                     self.saver(steps, epochs)
-                held.check()
+                if stop:
+                    raise KeyboardInterrupt
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch}/{cfg.epochs}", loss=f"{loss:.4f}",
                                 **{key: f"{acc:.3f}"}, lr=f"{lr:.3g}", refresh=False)
@@ -413,7 +421,7 @@ class Run(Evaluation):
             if log is not None:
                 log(f"{desc}: epoch {epoch}/{cfg.epochs}  {self.epoch_line(m)}  "
                     f"lr {lr:.3g}  ({train_s:.2f} s)")
-            if self.saver is not None and held.requested:  # (it came while measuring)
+            if held.settle() and self.saver is not None:  # (it came while measuring)
                 self.saver(steps, epochs)
             held.check()
 
