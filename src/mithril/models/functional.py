@@ -130,7 +130,8 @@ class CallOutput(Terminal):
 def pull_call(model: Model, given: Terminal, what: str) -> None:
     """Where ``given`` is a call's output: make sure its call is part of ``model``, adding
     it (inside :meth:`Model._add`, which undoes it if anything raises) when it has no home
-    yet. A call that another model holds, or one that names no single output, is refused."""
+    yet (its outputs left unnamed are then internal wires). A call that another model holds,
+    or one that names no single output, is refused."""
     call = given if isinstance(given, Bound) else given.call if isinstance(given, CallOutput) \
         else None
     if call is None:
@@ -151,6 +152,11 @@ def pull_call(model: Model, given: Terminal, what: str) -> None:
                          "model: connect it to a block added to it (model |= Relu()(input=out)) "
                          "or add it first (model |= out)")
     model._add_block(call, chain=False)
+    mapping = next(m for b, m in reversed(model.blocks) if b is call.block) \
+        if not any(b is call.block for b, _ in model._list_blocks) else {}
+    for c in mapping.values():  # (its outputs left unnamed feed this block: internal wires)
+        if c.auto_output:
+            model._demote(c)
 
 
 def _named_inputs(model: Model) -> None:
@@ -171,7 +177,10 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
     if not outputs and not named:
         raise ValueError("Model.create: give the output(s) of the model: Model.create(out) or "
                          "Model.create(name=out), with out a block's call (Linear(3)(input=x))")
-    given = [(None, o) for o in outputs] + list(named.items())
+    from .shape_wires import ShapeWire, as_expression
+
+    given = [(k, as_expression(o, k or "output") if isinstance(o, ShapeWire) else o)
+             for k, o in [(None, o) for o in outputs] + list(named.items())]
     for key, o in given:
         where = f"Model.create({key or 'output'}=...)" if key else "Model.create"
         if isinstance(o, IOKey) or not isinstance(o, (Terminal, Expression)):
@@ -182,13 +191,15 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
     model._touched = []
     snap = model._snapshot()
     try:
-        wires = []
-        for key, o in given:
-            c = model._given(o, False, (model, key or "output"))
-            if id(c) not in model._produced():
+        from .shape_wires import bind_shape_refs
+
+        wires = [model._given(o, False, (model, key or "output")) for key, o in given]
+        bind_shape_refs(model, 0)  # (an output's expression reading shapes: x.reshape(x.shape))
+        produced = model._produced()
+        for (key, o), c in zip(given, wires, strict=True):
+            if id(c) not in produced:
                 raise ValueError(f"Model.create: output {key or 'output'} ({o!r}) is computed by "
                                  "no block: it is an input of the model, not an output")
-            wires.append(c)
         for c in list(model.conns.values()):  # (calls' outputs left unnamed: internal wires)
             if c.auto_output:
                 model._demote(c)
