@@ -426,17 +426,31 @@ class Run(Evaluation):
             held.check()
 
 
+def _holds(opt: Any, cls: type) -> bool:
+    """Whether ``opt`` wraps (at any depth) an optimizer of class ``cls``."""
+    inner, seen = opt, set()
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = next((v for a in ("inner", "optimizer", "base_optimizer",
+                                  getattr(inner, "HELD", None)) if a
+                      and (v := getattr(inner, a, None)) is not None), None)
+        if isinstance(inner, cls):
+            return True
+    return False
+
+
 def _hessian_user(opt: Any, cfg: Any, parallel: Any) -> bool:
     """Whether ``opt`` is Sophia, whose estimate the loop measures; refused where it cannot:
-    around a wrapper (its state is the wrapper's), under mixed precision or data-parallel."""
-    if not hasattr(opt, "update_hessian"):
-        inner = opt
-        while (inner := getattr(inner, "inner", None) or getattr(inner, "optimizer", None)) \
-                is not None:
-            if hasattr(inner, "update_hessian"):
-                raise CLIError(f"optimizer {cfg.optimizer}: Sophia takes its Hessian estimate "
-                               f"from the training loop, which gives it to Sophia itself "
-                               f"only: train --optimizer sophia without the wrapper")
+    around a wrapper (its state is the wrapper's), under mixed precision or data-parallel.
+    (A wrapper's own ``update_hessian``, which hands the estimate on, does not make it one:
+    what counts is the Sophia it holds.)"""
+    from ..utils.optimizers import Sophia
+
+    if not isinstance(opt, Sophia):
+        if _holds(opt, Sophia):
+            raise CLIError(f"optimizer {cfg.optimizer}: Sophia takes its Hessian estimate "
+                           f"from the training loop, which gives it to Sophia itself "
+                           f"only: train --optimizer sophia without the wrapper")
         return False
     if parallel is not None or cfg.mixed_precision != "none":
         raise CLIError(f"optimizer {cfg.optimizer} (Sophia) trains in one process in float32 "
