@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import re
+import shlex
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,14 @@ from .common import (
     add_schedule_flags,
     add_task_flags,
     run_config,
+)
+from .compare_checkpoints import (
+    FORMAT,
+    add_checkpoint_flags,
+    restore_config,
+    resumed_args,
+    save_config,
+    wants_checkpoints,
 )
 from .data import Dataset, load_digits_split
 from .errors import CLIError, TrainingError
@@ -37,6 +47,7 @@ from .report import (
     write_csv,
     write_json,
 )
+from .resume import snapshot, write_checkpoint
 from .runtime import exit_status
 from .tasks import add_impute_flag, is_table, needs_target
 from .train import DEFAULT_DELTA, RUN_FILES, describe_data, open_unit, privacy_line, write_run
@@ -70,7 +81,10 @@ epochs.csv and summary.json. They are written into a hidden folder beside --out 
 renamed at the end, so --out never holds a partial set. A DP-SGD configuration reports its
 ε (at --delta). Ctrl-C (status 130; SIGTERM 143), or a
 non-finite gradient in a configuration with nonfinite=raise (one error line naming it, status
-1), stops the comparison: the configurations run so far are ranked and written.
+1), stops the comparison: the configurations run so far are ranked and written. A signal also
+saves each configuration's checkpoint.safetensors (the one under way at once) and prints the
+--resume command; --checkpoint-every N saves the one under way every N steps (and each one
+when it finishes), and --resume DIR continues the comparison as if it had not stopped.
 """
 
 EXAMPLES = """\
@@ -80,6 +94,8 @@ examples:
   mithril compare --configs "adam:lr=3e-3" "adam:lr=3e-3,scheduler=onecycle" --scheduler none
   mithril compare --configs adam "lion:lr=3e-4" lamb prodigy "schedule-free-adamw" --epochs 10
   mithril compare --data houses.csv --target price --configs adam "sgd:lr=0.05,momentum=0.9"
+  mithril compare --checkpoint-every 100 --name sweep
+  mithril compare --resume runs/sweep
 """
 
 RESULT_FIELDS = ("rank", "config", "test_acc", "test_loss", "train_acc", "train_loss",
@@ -118,6 +134,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         f"{DEFAULT_DELTA:g}); ε: the RDP accountant over the sampling rate "
                         f"batch-size/rows and the steps taken, as `mithril train` reports it")
     add_output_flags(p, "compare")
+    add_checkpoint_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -219,6 +236,9 @@ def table_job(args: argparse.Namespace) -> Any:
 
 def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     """``mithril compare``; the folders it creates are added to ``made`` before it does."""
+    if args.resume:  # the comparison's flags, those given now on top
+        args = resumed_args(args)
+    flags = snapshot(args)  # (what each configuration's checkpoint keeps for --resume)
     job = table_job(args)
     data: Dataset = load_digits_split(args.test_size, args.split_seed) if job is None else \
         job.data
@@ -237,6 +257,17 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     if clash:  # the comparison would write over the data it trains on
         raise CLIError(f"--out {out} would replace --data {args.data} (the comparison writes "
                        f"its {clash[0]} there); give another --out, or rename the data file")
+    resumed = []  # the configurations continued from a checkpoint (checked, nothing written)
+    for i, (label, r) in enumerate(runs, 1):
+        if args.resume:
+            try:
+                if restore_config(r, Path(args.resume) / slug(i, label)):
+                    resumed.append(label)
+            except CLIError as exc:
+                raise CLIError(f"config {label!r}: {exc}") from None
+        # a signal saves the one under way at once; --checkpoint-every N, every N steps
+        r.saver = functools.partial(save_config, r, out / slug(i, label), flags)
+        r.save_every = args.checkpoint_every
     if not args.dry_run:
         made += new_dirs(out)
         ensure_writable_dir(out)
@@ -247,6 +278,9 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
         f"{job.describe}; {first.steps_per_epoch} steps per epoch"
     print(f"mithril compare: {len(runs)} configurations, {args.epochs} epochs each, seed "
           f"{args.seed}, {args.backend}; {what}")
+    if args.resume:
+        print(f"  resumed from {args.resume}: {len(resumed)} configuration(s) from their "
+              f"checkpoints ({', '.join(resumed) or 'none'}), the others from the start")
     if args.dry_run:
         for label, r in runs:
             print(f"  {label}: {r.optimizer_repr}; schedule {r.schedule.description}")
@@ -257,6 +291,7 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     privacy: list[dict[str, Any] | None] = []
     delta = DEFAULT_DELTA if args.delta is None else args.delta
     folders: list[str] = []
+    trained: list[tuple[Run, RunResult]] = []
     wrote: dict[str, set[str]] = {}  # each configuration's folder -> the files written there
     interrupted = False
     signum: int | None = None  # the signal that stopped it (exit status 128 + signum)
@@ -271,6 +306,9 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                 if not res.steps:  # not one step: nothing of it to keep
                     print(f"    stopped at its first step: {res.error}")
                     break
+            trained.append((r, res))
+            if args.checkpoint_every and not (res.interrupted or res.error):  # kept at once
+                save_config(r, out / slug(i, label), flags, res.steps, res.epochs)
             folder = stage / slug(i, label)
             folder.mkdir()
             dp = r.privacy(len(res.steps), delta)  # (None: not DP-SGD)
@@ -294,6 +332,12 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                 break
         if not results:  # the first configuration failed at once: write nothing
             raise TrainingError(error)
+        if wants_checkpoints(args) or signum is not None:  # what --resume continues from
+            for (r, res), name in zip(trained, folders, strict=True):
+                saved = write_checkpoint(r, stage / name, flags, len(res.steps),
+                                         len(res.epochs), fmt=FORMAT)
+                if saved is not None:
+                    wrote[name].add(saved.name)
         rows = ranking(labels, results, folders, privacy)
         regression = results[0].metric == "rmse"
         private = any(dp is not None for dp in privacy)  # an ε column (empty: not DP-SGD)
@@ -326,4 +370,6 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     print(f"wrote {', '.join(str(f) for f in files)}")
     if error is not None:
         raise TrainingError(f"{error}; the configurations run so far are written to {out}")
+    if signum is not None:
+        print(f"resume with: mithril compare --resume {shlex.quote(str(out))}")
     return exit_status(signum) if interrupted else 0

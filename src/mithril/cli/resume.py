@@ -175,15 +175,16 @@ def position_record(pos: Position) -> dict[str, Any]:
 
 
 def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
-                     steps: int, epochs: int) -> Path | None:
+                     steps: int, epochs: int, fmt: str = FORMAT) -> Path | None:
     """``checkpoint.safetensors`` of ``run`` in ``folder`` (``flags``: :func:`snapshot` of
-    the command's); None (nothing written) when the loop stopped inside a step (a second
-    Ctrl-C), where no consistent state exists."""
+    the command's; ``fmt``: the command's record, ``mithril compare``'s its own); None
+    (nothing written) when the loop stopped inside a step (a second Ctrl-C), where no
+    consistent state exists."""
     from ..utils.checkpoint import save_checkpoint
 
     if run.position is None:
         return None
-    extra = {"format": FORMAT, "args": flags, "config": run.cfg.as_dict(),
+    extra = {"format": fmt, "args": flags, "config": run.cfg.as_dict(),
              "data": data_fingerprint(run.data), "position": position_record(run.position),
              "steps": steps, "epochs": epochs, "compiled_step": int(run.compiled.step)}
     if run.private and run.sample_rate() is not None:  # DP-SGD: the accountant's history
@@ -289,9 +290,12 @@ def _replay(run: Any, steps: list[dict[str, Any]], epochs: list[dict[str, Any]],
             run.schedule.after_epoch(ends[row["step"]]["batch_loss"])
 
 
-def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
+def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
+            done_ok: bool = False) -> str:
     """Check that ``run`` (built from the resumed flags) continues the checkpointed run and
-    load it; returns a line for the header. Nothing is changed on disk."""
+    load it; returns a line for the header. Nothing is changed on disk. ``done_ok``: a run
+    that has done its epochs is loaded as done (``mithril compare``: a configuration
+    finished before the stop), not refused."""
     extra = ckpt["extra"]
     saved, now = _flat(extra["config"]), _flat(run.cfg.as_dict())
     differ = [f"{k} ({saved.get(k)!r} in the run, {now.get(k)!r} now)"
@@ -310,7 +314,7 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> str:
                        + "): a run continues on its own data")
     pos = extra["position"]
     epoch, batch = int(pos["epoch"]), int(pos["batch"])
-    if epoch > run.cfg.epochs:
+    if epoch > run.cfg.epochs and not done_ok:
         raise CLIError(f"{flag}: the run has done its {epoch - 1} epochs; give a larger "
                        f"--epochs to train it further")
     if run.total_steps < extra["steps"]:  # (more than its epochs: not a valid record)
