@@ -16,6 +16,7 @@ from .checks import check_flag, check_int, describe, state_dict_count, to_float,
 from .elementwise import where
 from .held_hyperparameters import HeldHyperparameters
 from .serialization import checked_head
+from .sophia import HeldEstimates, HeldView
 from .state import OptimizerState
 
 #: the state slot of the slow weights
@@ -159,7 +160,7 @@ def _delegated(name: str, default: Any = None) -> property:
                     doc=f"The inner optimizer's ``{name}``.")
 
 
-class Lookahead(HeldHyperparameters, Optimizer):
+class Lookahead(HeldEstimates, HeldHyperparameters, Optimizer):
     """Lookahead (Zhang et al., 2019, "k steps forward, 1 step back") around ``inner``, any
     elementwise optimizer here (Adam, SGD, ...), as ``optax.lookahead``::
 
@@ -215,6 +216,23 @@ class Lookahead(HeldHyperparameters, Optimizer):
     """
 
     HELD, OWN = "inner", _OWN  # (``la.beta1`` is the inner's: :class:`HeldHyperparameters`)
+
+    def held_view(self, state: Any) -> HeldView:
+        """``state`` as the inner optimizer's (:class:`HeldEstimates`: a Sophia's
+        ``update_hessian`` through ``la.update_hessian``): the slow weights aside; with
+        ``reset_state`` the inner count restarts at each sync, whose step drops the
+        inner state (optax's ``fast_optimizer.init``), an estimate of that step included."""
+        kind = type(self.inner).__name__
+        if not self.reset_state:
+            return HeldView(state, kind, (SLOW,))
+        k = self.sync_period
+        if isinstance(state, OptimizerState):
+            t, skipped = state.step, state.last_step_skipped
+        else:  # (optax_transformation's / make_train_step's OptaxState)
+            t, skipped = int(np.asarray(state.count)), False
+        return HeldView(state, kind, (SLOW,), step=t % k,
+                        restarted=t >= 1 and t % k == 0 and not skipped,
+                        restarts_next=(t + 1) % k == 0)
 
     def __init__(self, inner: Optimizer, sync_period: int = 6, slow_step_size: float = 0.5,
                  reset_state: bool = False) -> None:

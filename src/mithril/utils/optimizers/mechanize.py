@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_int, check_positive, describe, to_float
-from .outer_wrapper import OuterWrapper, check_base, check_grads, copied, vdot
+from .outer_wrapper import OuterWrapper, array, check_base, check_grads, copied, vdot
 from .state import OptimizerState
 
 #: Mechanic's scalars, one value per beta each (state.values "mechanic_r0", ...)
@@ -145,8 +145,8 @@ class Mechanize(OuterWrapper):
         with np.errstate(all="ignore"):
             s = (self.s_init / len(betas) * m + np.maximum(r, 0.0)) / (np.sqrt(v) + eps)
             total = float(s.sum())
-            out = {n: x0[n] - total * (prev[n] - (new[n] - old[n])) if n in prev else new[n]
-                   for n in old}
+            out = {n: array(x0[n] - total * (prev[n] - (new[n] - old[n]))) if n in prev
+                   else new[n] for n in old}
         self._set_vectors(state, {"r": r, "m": m, "v": v, "s": s})
         state.values["mechanic_count"] += 1
         if first:

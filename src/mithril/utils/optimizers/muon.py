@@ -105,6 +105,9 @@ def _build(spec: Any) -> Optimizer | None:
             or (cls.kernel_math is Optimizer.kernel_math and cls.math is Optimizer.math)):
         raise TypeError(f"fallback: {name} is not an elementwise optimizer (one pass, its own "
                         f"math); use e.g. AdamW, Adam, SGD, Lion")
+    if hasattr(spec, "update_hessian"):  # (its nu would stay 0: sign descent, silently)
+        raise TypeError(f"fallback: Muon cannot hold a {name}: it does not hand on the "
+                        f"Hessian estimate {name}.update_hessian folds in; use e.g. AdamW")
     own = {"clip_norm": None, "clip_value": None, "nonfinite": "propagate", "ema_decay": None,
            "swa_start": None}
     for k, v in own.items():

@@ -10,11 +10,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ...errors import KeyMismatchError
 from .base import Optimizer
 from .checks import check_state_kind, check_update, describe, to_float
 from .held_hyperparameters import HeldHyperparameters
 from .serialization import StateDictMixin, checked_head
+from .sophia import HeldEstimates, HeldView
 from .state import OptimizerState
 
 
@@ -32,6 +35,12 @@ def check_base(base: Any, who: str) -> Optimizer:
 def copied(a: Any) -> Any:
     """A copy of the backend array ``a`` that no later update writes (NumPy, torch, JAX)."""
     return a.detach().clone() if hasattr(a, "detach") else a.copy()
+
+
+def array(a: Any) -> Any:
+    """``a``, a NumPy scalar as a 0-d array: arithmetic on a 0-d parameter gives a scalar,
+    which the next update would refuse as not an array."""
+    return np.asarray(a) if isinstance(a, np.generic) else a
 
 
 def vdot(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
@@ -64,10 +73,11 @@ def check_grads(opt: Optimizer, params: Mapping[str, Any], grads: Any, state: An
         raise type(e)(f"{what}: {e}") from None
 
 
-class OuterWrapper(HeldHyperparameters, Optimizer):
+class OuterWrapper(HeldEstimates, HeldHyperparameters, Optimizer):
     """Holds ``base_optimizer`` and hands it the learning rate (hence schedulers),
     ``state_dict`` / ``load_state_dict`` (:attr:`OWN` are the wrapper's hyperparameters,
-    ``"base_optimizer"`` the base's class and hyperparameters)."""
+    ``"base_optimizer"`` the base's class and hyperparameters), and a base Sophia's
+    ``hessian_due`` / ``update_hessian`` / ``win_rate`` (:class:`~.sophia.HeldEstimates`)."""
 
     OWN: tuple[str, ...] = ()
     HELD = "base_optimizer"  # (its hyperparameters read and set through the wrapper)
@@ -180,6 +190,12 @@ class OuterWrapper(HeldHyperparameters, Optimizer):
         """``state`` (the base optimizer's, new or loaded) as this wrapper's."""
         state.kind = type(self).__name__
         return state
+
+    def held_view(self, state: Any) -> HeldView:
+        """``state`` as the base optimizer's: the wrapper's own slots and values aside (as
+        :meth:`base_update` does), the same count (the base steps once per update)."""
+        return HeldView(state, type(self.base_optimizer).__name__, self.own_slots,
+                        self.own_values())
 
     def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                     state: OptimizerState, **extra: Any) -> tuple[dict[str, Any], OptimizerState]:

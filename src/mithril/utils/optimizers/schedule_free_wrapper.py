@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .checks import describe, to_float, unwrapped
-from .outer_wrapper import OuterWrapper, check_base, check_grads, copied
+from .outer_wrapper import OuterWrapper, array, check_base, check_grads, copied
 from .schedule_free import _check_b1, _ScheduleFree, host_flat, per_param
 from .state import OptimizerState
 
@@ -155,7 +155,7 @@ class ScheduleFree(OuterWrapper):
         for n in gradients:
             z_new[n] = z[n] + (new[n] - old[n])
             y = b1 * ((1.0 - c) * x[n] + c * z_new[n]) + omb1 * z_new[n]
-            out[n] = old[n] + (y - old[n])  # (optax: updates = y' − y, then apply_updates)
+            out[n] = array(old[n] + (y - old[n]))  # (optax: y' − y, then apply_updates)
         _write(state, "z", z_new)
         state.values = {**state.values, "weight_sum": total, "max_lr": max_lr}
         return out, state

@@ -43,9 +43,10 @@ _NOT_OFFERED = {
     "hessian_diagonal_fn": "the estimate enters through opt.update_hessian(state, h) after "
                            "each update that opt.hessian_due(state) names (optax's default "
                            "estimator is mithril.utils.hessian.hutchinson_diagonal)",
-    "verbose": "the win rate is not printed (the share of |u| < clip_threshold: measure it "
-               "from the state's m and nu)",
-    "print_win_rate_every_n_steps": "the win rate is not printed",
+    "verbose": "the win rate optax prints is opt.win_rate(state), read after an update "
+               "(print it every n steps as optax's print_win_rate_every_n_steps)",
+    "print_win_rate_every_n_steps": "read opt.win_rate(state) after the updates you want it "
+                                    "of (optax prints it when count % n == 0)",
 }
 
 
@@ -163,7 +164,7 @@ class Sophia(Optimizer):
                 f"update_hessian: the last step taken (step {t}) is not one that takes an "
                 f"estimate (update_interval={k}: steps 1, {k + 1}, {2 * k + 1}, ...); call it "
                 f"after the update that hessian_due(state) said was due (before that update)")
-        if held.folded == t:
+        if held.folded == held.stamp:
             raise ValueError(f"update_hessian: step {t}'s estimate is already folded in")
         h = held.checked(estimate)
         bad = sorted(n for n, a in h.items() if not _all_finite(a))
@@ -179,8 +180,53 @@ class Sophia(Optimizer):
                           RuntimeWarning, 2)
         b2 = self.beta2
         nu = held.nu()
+        if held.backend is not None and self.clip_threshold is not None:
+            # (the last step's win rate read the nu before this fold: kept for win_rate)
+            held.state.__dict__["_win_rate"] = (held.stamp, self._win_rate(held, nu))
         new = held.written({n: (1 - b2) * h[n] + b2 * nu[n] for n in h})  # optax's order
         return state if held.backend is not None else new  # (an Accumulate's state: itself)
+
+    # -- optax's diagnostic --------------------------------------------------------------
+    def win_rate(self, state: Any) -> float:
+        """The last step's win rate, as optax's ``verbose`` Sophia prints it ("Sophia
+        optimizer win rate: ..."): the share of all parameter elements whose update was
+        *not* clipped, ``|m̂ / max(γ·ν, ε)| < clip_threshold``, with the ν that step read
+        (an estimate folded in after it by :meth:`update_hessian` is not counted; the
+        authors advise 0.1 to 0.5: raise ``gamma`` if it is too low). optax prints it when
+        ``count % print_win_rate_every_n_steps == 0``; here read it after any update, e.g.
+        ``if step % n == 0: print(opt.win_rate(state))``. Per-group ``gamma`` /
+        ``epsilon`` / ``beta1`` count with their group's values. Takes the states
+        :meth:`update_hessian` takes (``make_train_step``'s ``opt_state``: read it before
+        ``update_hessian``, which returns a new one; a state loaded from a checkpoint reads
+        the ν it holds). With ``mu_dtype`` it reads the stored, rounded ``m``. A Python
+        float; ``ValueError`` before any step or with ``clip_threshold=None`` (optax prints
+        nothing then)."""
+        held = _Held.of(self, state, "win_rate")
+        if self.clip_threshold is None:
+            raise ValueError("win_rate: clip_threshold=None clips nothing, so there is no win "
+                             "rate (optax prints none either)")
+        if held.step < 1:
+            raise ValueError("win_rate: no step taken yet")
+        kept = held.state.__dict__.get("_win_rate") if held.backend is not None else None
+        if kept is not None and kept[0] == held.stamp:
+            return kept[1]
+        return self._win_rate(held, held.nu())
+
+    def _win_rate(self, held: _Held, nu: Mapping[str, Any]) -> float:
+        m, (index, rows), won, total = held.m(), held.rows(self), 0, 0
+        for i, name in enumerate(held.shapes):
+            row = rows[int(index[i])]
+            t = row.row_step(held.step) if hasattr(row, "row_step") else held.step
+            _lr, _b1, _omb1, bc1, gamma, eps, clip, _wd = row.scalars(t)
+            v = _float(nu[name])
+            u = (_float(m[name]).astype(v.dtype) / bc1) / np.maximum(gamma * v, eps)
+            won += int(np.count_nonzero(np.abs(u) < clip))
+            total += v.size
+        return won / total if total else 0.0
+
+
+#: where a wrapper's view of its state keeps the wrapper's own step count (see HeldView)
+STAMP = "_estimate_stamp"
 
 
 class _Held:
@@ -192,6 +238,9 @@ class _Held:
                  shapes: dict[str, tuple], dtype: str, backend: Any) -> None:
         self.state, self.step, self.skipped, self.folded = state, step, skipped, folded
         self.shapes, self.dtype, self.backend = shapes, dtype, backend
+        #: the step that marks a fold: the wrapper's count (a Lookahead with
+        #: ``reset_state`` gives Sophia a count that restarts at each sync)
+        self.stamp = (state.__dict__.get(STAMP, step) if backend is not None else step)
 
     @classmethod
     def of(cls, opt: Sophia, state: Any, who: str) -> _Held:
@@ -208,6 +257,10 @@ class _Held:
         if not isinstance(state, OptimizerState):
             raise TypeError(f"{who}: state must be what Sophia.init returned (or "
                             f"make_train_step's opt_state), got {type(state).__name__}")
+        if state.kind != type(opt).__name__ and "nu" in state.slots:
+            raise ValueError(f"{who}: this state was made by a {state.kind}, not by this "
+                             f"Sophia: if that {state.kind} holds it, call {who} on the "
+                             f"{state.kind} (it hands the call to its Sophia)")
         try:
             check_state_kind(opt, state)
         except (TypeError, ValueError) as e:
@@ -221,12 +274,25 @@ class _Held:
         s = self.state
         return dict(s.slots["nu"]) if self.backend is None else s.slot("nu")
 
+    def m(self) -> dict[str, Any]:
+        s = self.state
+        return dict(s.slots["m"]) if self.backend is None else s.slot("m")
+
+    def rows(self, opt: Sophia) -> tuple[Any, list[Any]]:
+        """Each parameter's row (its group's optimizer) and the rows, in ``shapes``' order."""
+        if self.backend is not None:
+            return opt.group_rows(self.state)
+        from .groups import resolve, views
+
+        index, rows, _ = resolve(opt, list(self.shapes))
+        return index, views(opt, rows)
+
     def written(self, new: dict[str, Any]) -> Any:
         s = self.state
         if self.backend is None:
             return s._replace(slots={**s.slots, "nu": {n: new[n] for n in s.slots["nu"]}})
         _write(s, "nu", new)
-        s.__dict__["_hessian_step"] = s.step
+        s.__dict__["_hessian_step"] = self.stamp
         return s
 
     def checked(self, estimate: Any) -> dict[str, Any]:
@@ -261,6 +327,15 @@ class _Held:
             else:
                 out[name] = a if self.backend.is_native(a) else self.backend.array(_host(a))
         return out
+
+
+def _float(a: Any) -> np.ndarray:
+    """A host copy of ``a``, a half-precision torch tensor as float32 (NumPy has no bfloat16)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+        return (a.float() if a.dtype.itemsize < 4 else a).numpy()
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype.itemsize < 4 else a
 
 
 def _host(a: Any) -> np.ndarray:
@@ -301,3 +376,120 @@ def _write(state: OptimizerState, slot: str, arrays: Mapping[str, Any]) -> None:
     if at < flat.shape[0]:
         parts.append(flat[at:])
     state.slots[slot] = jnp.concatenate(parts) if parts else flat
+
+
+# -- wrappers: the estimate handed to the Sophia they hold ---------------------------------------
+class HeldView:
+    """A wrapper's state as the optimizer it holds sees it, for the length of a ``with``
+    block: ``kind`` the held one's, the wrapper's own slots and values (``aside``) set
+    aside, and (``step``) the held optimizer's own count where the wrapper restarts it
+    (Lookahead's ``reset_state``). An ``OptimizerState`` is changed in place and restored
+    on exit; an ``OptaxState`` (immutable) is viewed as a new one and :meth:`rebuilt`.
+    ``restarted``: the last step restarted the held state (its estimate is dropped, as
+    optax re-inits the whole inner state); ``restarts_next``: the next step will."""
+
+    def __init__(self, state: Any, kind: str, aside: tuple[str, ...] = (),
+                 values: tuple[str, ...] = (), step: int | None = None,
+                 restarted: bool = False, restarts_next: bool = False) -> None:
+        self.outer, self.kind, self.aside, self.values_aside = state, kind, aside, values
+        self.step, self.restarted, self.restarts_next = step, restarted, restarts_next
+        self.state: Any = state
+
+    def __enter__(self) -> HeldView:
+        s = self.outer
+        if not isinstance(s, OptimizerState):  # (an OptaxState: a new tuple, count swapped)
+            self.state = s._replace(
+                slots={k: v for k, v in s.slots.items() if k not in self.aside},
+                **({} if self.step is None else {"count": np.int32(self.step)}))
+            return self
+        d = s.__dict__
+        self._saved = (s.kind, s.step, STAMP in d,
+                       {k: s.slots.pop(k) for k in self.aside if k in s.slots},
+                       {k: s.values.pop(k) for k in self.values_aside if k in s.values})
+        d.setdefault(STAMP, s.step)  # (an outer wrapper's count, if it set one)
+        s.kind = self.kind
+        if self.step is not None:
+            s.step = self.step
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        s = self.outer
+        if not isinstance(s, OptimizerState):
+            return
+        kind, step, stamped, slots, values = self._saved
+        s.kind, s.step = kind, step
+        s.slots.update(slots)
+        s.values = {**s.values, **values}
+        if not stamped:
+            del s.__dict__[STAMP]
+
+    def rebuilt(self, new: Any) -> Any:
+        """The wrapper's state holding ``new``, what the held optimizer returned."""
+        s = self.outer
+        if isinstance(s, OptimizerState):
+            return s
+        return s._replace(slots={**new.slots, **{k: s.slots[k] for k in self.aside}})
+
+
+class HeldEstimates:
+    """:meth:`hessian_due`, :meth:`update_hessian` and :meth:`win_rate` of a wrapper (a
+    Lookahead, SAM, ScheduleFree, Mechanize, DifferentiallyPrivate), handed to the optimizer
+    it holds (``HELD``: a :class:`Sophia`, or another wrapper holding one) on the wrapper's
+    state seen as that optimizer's (:meth:`held_view`, which each wrapper defines), as
+    optax composes ``lookahead(sophia)``, ``schedule_free(sophia)``, ...: the estimate
+    measured at the params given to the update (the fast weights, optax's ``params.fast``).
+    A wrapper holding no Sophia refuses by name, changing nothing."""
+
+    HELD: str
+
+    def held_view(self, state: Any) -> HeldView:  # pragma: no cover - each wrapper's
+        raise NotImplementedError
+
+    def _held_for(self, who: str, state: Any) -> tuple[Any, Any]:
+        name = type(self).__name__
+        held = self.__dict__.get(self.HELD)
+        if not hasattr(held, who):
+            raise TypeError(f"{name}.{who}: its {self.HELD} {type(held).__name__} takes no "
+                            f"Hessian-diagonal estimate (Sophia does: {name}(Sophia(...)))")
+        inner = unwrapped(state)  # (an Accumulate's state: its wrapped one)
+        if isinstance(inner, OptimizerState):
+            try:
+                check_state_kind(self, inner)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}.{who}: {e}") from None
+        elif not (type(inner).__name__ == "OptaxState" and hasattr(inner, "_replace")):
+            raise TypeError(f"{name}.{who}: state must be what {name}.init returned (or "
+                            f"make_train_step's opt_state), got {type(state).__name__}")
+        return held, inner
+
+    def hessian_due(self, state: Any) -> bool:
+        """Whether the next update folds an estimate into the held Sophia's ν (its
+        :meth:`Sophia.hessian_due` on its own count; False where that update restarts the
+        held state, as a Lookahead's ``reset_state`` sync does: optax drops that estimate)."""
+        held, inner = self._held_for("hessian_due", state)
+        with self.held_view(inner) as view:
+            return not view.restarts_next and held.hessian_due(view.state)
+
+    def update_hessian(self, state: Any, estimate: Mapping[str, Any]) -> Any:
+        """The held Sophia's :meth:`Sophia.update_hessian` on this wrapper's ``state``
+        (checked first, as there: a refused call changes nothing). Returns ``state``
+        (changed in place on NumPy / torch; an Accumulate's as given), or a new
+        ``OptaxState`` for ``optax_transformation`` / ``make_train_step``'s."""
+        held, inner = self._held_for("update_hessian", state)
+        with self.held_view(inner) as view:
+            if view.restarted:
+                raise ValueError(f"{type(self).__name__}.update_hessian: the last step "
+                                 f"restarted the held optimizer's state (reset_state sync): "
+                                 f"optax drops that step's estimate (hessian_due said False)")
+            new = view.rebuilt(held.update_hessian(view.state, estimate))
+        return state if isinstance(inner, OptimizerState) else new
+
+    def win_rate(self, state: Any) -> float:
+        """The held Sophia's :meth:`Sophia.win_rate` of the last step."""
+        held, inner = self._held_for("win_rate", state)
+        with self.held_view(inner) as view:
+            if view.restarted:
+                raise ValueError(f"{type(self).__name__}.win_rate: the last step restarted "
+                                 f"the held optimizer's state (reset_state sync): its m is "
+                                 f"gone, and with it the step's win rate")
+            return held.win_rate(view.state)
