@@ -208,7 +208,8 @@ def test_a_failure_beats_a_stop_and_stops_the_others(monkeypatch) -> None:
     assert parallel_mod.exit_code([143, 1]) == 1
     assert parallel_mod.exit_code([143, 143]) == 143
     assert parallel_mod.exit_code([0, 130]) == 130
-    assert parallel_mod.exit_code([-15, 143]) == 1
+    assert parallel_mod.exit_code([-15, 0]) == 143  # killed by SIGTERM outside its loop
+    assert parallel_mod.exit_code([143, -9]) == 137  # killed: a failure
 
 
 # -- in one process (--nprocs 1: DataParallel, the checkpoint and resume paths) -----------------
@@ -352,3 +353,30 @@ def test_jax_devices_sigterm_checkpoint_and_resume(tmp_path) -> None:
     rc, _, err = _finish(_start(["train", *FLAGS, *jax, "--checkpoint", "--out", str(whole)]))
     assert rc == 0, err[-3000:]
     _sigterm_then_resume(tmp_path, whole, "launcher", jax)
+
+
+@pytest.mark.slow  # two jax.distributed processes compile, ~60 s
+def test_jax_processes_stop_after_the_same_step(tmp_path) -> None:
+    """--backend jax --nprocs 2: the stop is agreed over jax.distributed (no torch group);
+    SIGTERM to the process group after the first epoch stops both processes after the same
+    step, status 143, the results so far written (no checkpoint: the state lives on every
+    process's devices, and --checkpoint is refused there)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.Popen([sys.executable, "-m", "mithril", "train", *FLAGS, "--epochs", "8",
+                          "--backend", "jax", "--nprocs", "2", "--out", str(out)], env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    lines = []
+    for line in p.stdout:  # (rank 0's lines; the launcher's own come first)
+        lines.append(line)
+        if line.startswith("train: epoch 1/8"):
+            os.killpg(p.pid, signal.SIGTERM)
+            break
+    rc, rest, err = _finish(p)
+    assert rc == 143, err[-3000:]
+    steps = len(_rows(out / "metrics.csv"))
+    assert 180 <= steps < 1440
+    assert f"stopped by SIGTERM after {steps} of 1440 steps" in rest
+    assert "aborted" not in err and "Traceback" not in err

@@ -402,9 +402,10 @@ def stopped(code: int | None) -> bool:
 
 def exit_code(codes: list[int]) -> int:
     """The launcher's status from its ranks' (in the order they were seen to end): the first
-    failure, else the first stop (``128 + signal``), else 0; a rank killed by a signal
-    (negative) fails with 1."""
-    codes = [1 if c < 0 else c for c in codes]
+    failure, else the first stop (``128 + signal``), else 0. A rank killed by a signal s
+    (status -s) counts as ``128 + s``, as a shell reports it: a stop for SIGTERM or SIGINT
+    (one that landed before or after its loop), a failure for any other (SIGKILL: 137)."""
+    codes = [128 - c if c < 0 else c for c in codes]
     failed = [c for c in codes if c and not stopped(c)]
     rc = failed[0] if failed else next((c for c in codes if c), 0)
     return int(rc)
