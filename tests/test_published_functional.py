@@ -261,6 +261,8 @@ def test_keyword_outputs_keep_their_order_and_a_call_unpacks_them():
     _out1, _out2, _out3 = model(IOKey("p"), IOKey("q"))  # positional: its inputs in order
     outer = Model.create(_out3, twice=_out1 * 2.0, s=_out2)
     assert outer.output_keys == ("output", "twice", "s") and outer.input_keys == ("p", "q")
+    copy = Model.create(copy=Linear(2)(input=IOKey("x"), output="h"))  # named otherwise
+    assert copy.output_keys == ("h", "copy") and copy.cout.key == "copy"
     got = ml.compile(outer, ml.NumpyBackend(dtype="float64")).evaluate(
         {}, {"p": np.array([2.0, 3.0]), "q": np.array([3.0, 0.5])})
     p, q = torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([3.0, 0.5], dtype=torch.float64)
@@ -433,3 +435,30 @@ def test_a_call_is_the_blocks_own_connect():
     out = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [4]}).evaluate(
         {}, {"x": np.arange(4.0)})["y"]
     np.testing.assert_array_equal(out, np.arange(4.0).reshape(2, -1))
+
+
+# --- += of a block whose canonical input is given (published Model.__add__) ----------------
+
+def test_plus_equals_refuses_a_block_with_its_canonical_input_given_and_another_unnamed():
+    # published: "Submodel must have single available canonical input! Set canonical input or
+    # use |= operator." (a KeyError); Subtract's canonical input is left only
+    from mithril.models.primitives import Subtract
+
+    model = Model()
+    model |= Relu().connect(input="x")
+    model += Add().connect(left="x", output="y")  # commutative: right takes the Relu's output
+    before = (list(model.blocks), dict(model.conns), model.cout.key)
+    with pytest.raises(ml.KeyMismatchError, match=r"Subtract: \+= wires the previous output to "
+                                                  r"its canonical input 'left'.*\['right'\]"):
+        model += Subtract().connect(left="y", output="z")
+    assert (list(model.blocks), dict(model.conns), model.cout.key) == before
+    model += Subtract().connect(left="y", right="x", output="z")  # every input given: added
+    model += Add()(left="y", right="z", output="w")
+    xv = np.array([-1.0, 0.5, 2.0])
+    out = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [3]}).evaluate(
+        {}, {"x": xv})
+    y = xv + np.maximum(xv, 0)
+    np.testing.assert_allclose(out["w"], y + (y - xv), **F64)
+    first = Model()
+    first += Subtract().connect(left="a")  # nothing before it: nothing to wire
+    assert first.input_keys == ("a", "right")

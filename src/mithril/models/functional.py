@@ -209,9 +209,9 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
                 c.name = model._fresh_name("output")
                 model.conns[c.name] = c
             c.exposed = True
-        for (key, _), c in zip(given[len(outputs):], wires[len(outputs):], strict=True):
-            _expose(model, key, c)
-        model._cout = model._last_output = wires[0]
+        shown = wires[:len(outputs)] + [_expose(model, key, c) for (key, _), c in zip(
+            given[len(outputs):], wires[len(outputs):], strict=True)]
+        model._cout = model._last_output = shown[0]
     except BaseException:
         model._restore(snap)
         model._undo_touched()
@@ -222,19 +222,20 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
     return model
 
 
-def _expose(model: Model, key: str, c: Connection) -> None:
+def _expose(model: Model, key: str, c: Connection) -> Connection:
     """Output ``key`` of a created model: the wire ``c`` under that name, or a ``Buffer``
-    copying it when it is named otherwise (an input, another output)."""
+    copying it when it is named otherwise (another output); the wire named ``key``."""
     from .primitives import Buffer
 
     if model.conns.get(key) is c:
         c.exposed = True
-        return
+        return c
     if key in model.conns or key in model._lists:
         raise ValueError(f"Model.create({key}=...): '{key}' names another connection of the "
                          "model (an input or a named output of a call)")
     if c.name is None:
         c.name, model.conns[key] = key, c
         c.exposed = True
-        return
+        return c
     model._add_block(Buffer().connect(input=Terminal(model, c.name, c), output=key), chain=False)
+    return model.conns[key]

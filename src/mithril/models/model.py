@@ -29,7 +29,15 @@ Connection objects and ``IOKey`` also take Python's operators and indexing
 result is an expression (:mod:`mithril.models.expressions`) whose operator blocks are added to
 the model it is connected to, when it is connected.
 
-A call that raises (``|=``, ``+=``) leaves the model as it was. The connection objects
+A block's call (``Linear(3)(input=x)``, what ``connect`` returns) is also a connection: its
+block's output, which the model that reaches it adds first; ``Model.create(out)`` makes a
+frozen model of the calls ``out`` reaches (the published functional API:
+:mod:`mithril.models.functional`). ``+=`` of a block whose canonical input ``connect`` gives
+while another input is left unnamed (``+= Subtract().connect(left=x)``) is refused, as
+published (nothing to wire the previous output to).
+
+A call that raises (``|=``, ``+=``, ``Model.create``) leaves the model (and the calls it
+reached) as it was. The connection objects
 (``IOKey``, ``Connection``, ``Terminal``) live in :mod:`mithril.models.connections` and are
 importable from here too.
 """
@@ -433,8 +441,16 @@ class Model:
         prev_out = self._cout if self._cout is not None else self._last_output
         if chain and first_in is not None and first_in in bound.connections:
             # (published: a commutative operator's other operand: += Add().connect(left=x))
-            first_in = next((k for k in getattr(block, "canonical_inputs", None) or ()
-                             if k not in bound.connections), None)
+            given_in, first_in = first_in, next((k for k in getattr(
+                block, "canonical_inputs", None) or () if k not in bound.connections), None)
+            free = [k for k in block.terminals if k not in outs and k not in ref_keys
+                    and k not in bound.connections]
+            if first_in is None and free and prev_out is not None:
+                # (published: "Submodel must have single available canonical input")
+                raise KeyMismatchError(
+                    f"{type(block).__name__}: += wires the previous output to its canonical "
+                    f"input '{given_in}', which connect(...) gives; its input(s) {free} are "
+                    "left unnamed: give them too (right=model.cout), or add it with |=")
         if chain and prev_out is not None and first_in is not None \
                 and first_in not in bound.connections:
             mapping[first_in] = prev_out
