@@ -154,8 +154,9 @@ class Model:
 
     def __call__(self, *args: Any, **connections: Any) -> Bound:
         """``connect`` (as the subclass defines it); as published, positional connections of a
-        model without :attr:`positional` bind its inputs in order (``created(x, y)``)."""
-        if args and type(self).positional is None:
+        model without :attr:`positional` nor a ``connect`` of its own bind its inputs in order
+        (``created(x, y)``)."""
+        if args and type(self).positional is None and type(self).connect is Model.connect:
             connections = named_connections(f"{type(self).__name__}(...)", self.input_keys,
                                             args, connections)
             args = ()
