@@ -13,6 +13,7 @@ of a wrapped Sophia (resume bit for bit), and the refusals (named, nothing chang
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import jax
@@ -20,18 +21,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from conftest import host, jax_float64, native, optimizer_engine
+from test_sophia import jnp_loss, mlp_model
 
+import mithril as ml
+from mithril.backends import JaxBackend, TorchBackend
 from mithril.errors import KeyMismatchError
+from mithril.interop import optax_transformation, torch_optimizer
+from mithril.utils.accumulation import Accumulate, AccumulateState
+from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+from mithril.utils.hessian import hutchinson_diagonal
 from mithril.utils.optimizers import (
     SAM,
     Adam,
     DifferentiallyPrivate,
     Lookahead,
     Mechanize,
+    Muon,
     ScheduleFree,
     Sophia,
 )
+from mithril.utils.training import make_train_step
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
 STEPS = 14
@@ -127,8 +138,6 @@ def test_lookahead_through_accumulate_equals_optax_multisteps():
     """Accumulate(Lookahead(Sophia, sync_period=2), 2): optax.lookahead(MultiSteps(sophia,
     2), sync_period=4); the Lookahead's hessian_due / update_hessian take the
     AccumulateState (returned as given)."""
-    from mithril.utils.accumulation import Accumulate, AccumulateState
-
     p0, grads = problem(2, steps=16)
     la = Lookahead(Sophia(0.05, **SOPHIA), 2, 0.5)
     acc = Accumulate(la, 2)
@@ -157,8 +166,6 @@ def test_lookahead_through_accumulate_equals_optax_multisteps():
 def test_optax_transformation_of_lookahead_takes_the_estimate():
     """optax_transformation(Lookahead(Sophia, reset_state)) under jax.jit: the Lookahead's
     update_hessian on its OptaxState gives a new one; optax.lookahead(sophia)."""
-    from mithril.interop import optax_transformation
-
     p0, grads = problem(3)
     theirs = optax_lookahead(True, p0, grads)
     la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5, reset_state=True)
@@ -255,7 +262,8 @@ def test_differentially_private_sophia_equals_optax_chain():
     p0 = {k: rng.normal(size=s) for k, s in SHAPES.items()}
     batches = [{k: rng.normal(size=(5, *s)) for k, s in SHAPES.items()} for _ in range(8)]
     with jax_float64():
-        tx = optax.chain(optax.contrib.differentially_private_aggregate(0.8, 0.0, seed=0),
+        tx = optax.chain(optax.contrib.differentially_private_aggregate(
+            0.8, 0.0, key=jax.random.PRNGKey(0)),
                          optax_sophia(**SOPHIA))
         pj = jx(p0)
         st, theirs = tx.init(pj), []
@@ -351,8 +359,6 @@ def wrapped(kind: str):
 
 @pytest.mark.parametrize("kind", ["lookahead", "schedule_free", "mechanize"])
 def test_checkpoint_of_a_wrapped_sophia_resumes_bit_for_bit(tmp_path, kind):
-    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
-
     p0, grads = problem(10)
     opt = wrapped(kind)
     p, state, whole = {k: v.copy() for k, v in p0.items()}, None, []
@@ -375,8 +381,6 @@ def test_checkpoint_of_a_wrapped_sophia_resumes_bit_for_bit(tmp_path, kind):
 
 
 def test_state_dict_of_lookahead_sophia_resumes_bit_for_bit_on_torch():
-    import torch
-
     p0, grads = problem(11)
     la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5)
     p = {k: torch.tensor(v) for k, v in p0.items()}
@@ -429,8 +433,6 @@ def test_a_wrapper_holding_no_sophia_refuses_by_name():
                 getattr(opt, name)(state, *args)
         assert same(snapshot(state), before)
     with pytest.raises(TypeError, match="Muon cannot hold a Sophia"):
-        from mithril.utils.optimizers import Muon
-
         Muon(0.01, fallback=Sophia())
 
 
@@ -470,3 +472,97 @@ def test_bad_calls_through_a_wrapper_change_nothing():
     with pytest.raises(ValueError, match="step 1's estimate is already folded in"):
         la.update_hessian(state, h)
     assert same(snapshot(state), before)
+
+
+# -- Hutchinson on a compiled model, obj_fn through optax's wrapper --------------------------------
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_schedule_free_hutchinson_loop_equals_optax_obj_fn(backend):
+    """ScheduleFree(Sophia) on a compiled model, Hutchinson's estimate at the params given to
+    the update on the due steps (key split as optax's estimator splits it): optax's
+    ``schedule_free(sophia)`` with its default Hutchinson estimator and ``obj_fn`` handed
+    through ``update``, same key, 12 steps."""
+    k, rng = 3, np.random.default_rng(0)
+    with jax_float64():
+        be = {"jax": JaxBackend, "torch": TorchBackend}[backend](dtype="float64")
+        c = ml.compile(mlp_model(), be, shapes={"input": [8, 4]})
+        p0 = {n: rng.standard_normal(s) * 0.5 for n, s in c.parameter_shapes.items()}
+        batches = [(rng.standard_normal((8, 4)), rng.integers(0, 3, 8)) for _ in range(12)]
+        key0 = jax.random.PRNGKey(3)
+        tx = optax.contrib.schedule_free(optax.contrib.sophia(
+            0.05, update_interval=k, gamma=0.05,
+            hessian_diagonal_fn=optax.contrib.hutchinson_estimator_diag_hessian(key0)), 0.05)
+        pj = jx(p0)
+        st, theirs = tx.init(pj), []
+        for x, y in batches:
+            obj = functools.partial(jnp_loss, x=jnp.asarray(x), y=jnp.asarray(y))
+            u, st = tx.update(jax.grad(obj)(pj), st, pj, obj_fn=obj)
+            pj = optax.apply_updates(pj, u)
+            theirs.append(pj)
+
+        sf = ScheduleFree(Sophia(0.05, update_interval=k, gamma=0.05))
+        p = {n: be.array(v) for n, v in p0.items()}
+        state, key, folds = sf.init(p), key0, 0
+        for t, (x, y) in enumerate(batches):
+            data = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+            _, g = c.evaluate(p, data, output_gradients={"loss": 1.0})
+            h = None
+            if sf.hessian_due(state):
+                key, sub = jax.random.split(key)
+                h = hutchinson_diagonal(c, p, data, sub, loss="loss")
+            p, state = sf.update(p, g, state)
+            if h is not None:
+                state = sf.update_hessian(state, h)
+                folds += 1
+            assert err(p, theirs[t]) <= 1e-12, t
+    assert folds == 4 and err(p, p0) > 1e-3
+
+
+def test_make_train_step_and_torch_drop_in_of_lookahead_sophia():
+    """make_train_step(Lookahead(Sophia, reset_state)) on JAX (its opt_state an OptaxState:
+    update_hessian gives a new one) and torch_optimizer(Lookahead(Sophia)) (its
+    mithril_state changed in place): optax.lookahead(sophia), the estimate curvature() of
+    the params the step was given."""
+    rng = np.random.default_rng(2)
+    with jax_float64():
+        be = JaxBackend(dtype="float64")
+        c = ml.compile(mlp_model(), be, shapes={"input": [8, 4]})
+        p0 = {n: rng.standard_normal(s) * 0.5 for n, s in c.parameter_shapes.items()}
+        batches = [(rng.standard_normal((8, 4)), rng.integers(0, 3, 8)) for _ in range(10)]
+        tx = optax.lookahead(optax_sophia(**SOPHIA), 3, 0.5, reset_state=True)
+        pj = optax.LookaheadParams.init_synced(jx(p0))
+        st, theirs = tx.init(pj), []
+        for x, y in batches:
+            g = jax.grad(jnp_loss)(pj.fast, jnp.asarray(x), jnp.asarray(y))
+            u, st = tx.update(g, st, pj)
+            pj = optax.apply_updates(pj, u)
+            theirs.append(pj.fast)
+
+        la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5, reset_state=True)
+        step = make_train_step(c, la, loss="loss")
+        p = jx(p0)
+        opt_state, folds = step.init(p), 0
+        for t, (x, y) in enumerate(batches):
+            data = {"input": be.array(x), "target": be.array(y, be.int_dtype)}
+            due = la.hessian_due(opt_state)
+            h = jx(curvature(p))
+            p, opt_state, _ = step(p, opt_state, data)
+            if due:
+                opt_state = la.update_hessian(opt_state, h)
+                folds += 1
+            assert err(p, theirs[t]) <= 1e-12, t
+        assert folds == 4
+
+    p0, grads = problem(14)
+    theirs = optax_lookahead(False, p0, grads)
+    params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in p0.items()}
+    la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5)
+    opt = torch_optimizer(la, list(params.items()))
+    for t, g in enumerate(grads):
+        due = opt.mithril_state is None or la.hessian_due(opt.mithril_state)
+        h = curvature({k: v.detach().numpy().copy() for k, v in params.items()})
+        for k, v in params.items():
+            v.grad = torch.tensor(g[k])
+        opt.step()
+        if due:
+            la.update_hessian(opt.mithril_state, {k: torch.tensor(v) for k, v in h.items()})
+        assert err(params, theirs[t][0]) <= 1e-12, t

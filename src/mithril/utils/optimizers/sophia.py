@@ -85,12 +85,14 @@ class Sophia(Optimizer):
     here). optax's ``weight_decay_mask`` is ours (and groups may set ``weight_decay``,
     ``beta1``, ``gamma``, ``epsilon``, the learning rate); ``beta2``, ``update_interval`` and
     ``clip_threshold`` are the optimizer's only. ``mu_dtype`` as :class:`~.adam.Adam`'s
-    (``m`` kept in that dtype, the per-tensor array engine). optax's ``verbose`` win-rate
-    printing is not offered. The state of ``optax_transformation(opt)`` and
+    (``m`` kept in that dtype, the per-tensor array engine). optax's ``verbose`` win rate
+    is :meth:`win_rate`. The state of ``optax_transformation(opt)`` and
     ``make_train_step``'s JAX ``opt_state`` (an ``OptaxState``) are taken by both methods
     (outside ``jax.jit``: ``state = opt.update_hessian(state, h)`` gives a new one), and so
     are a ``torch_optimizer``'s ``mithril_state`` (changed in place) and an ``Accumulate``'s
-    state. Without :meth:`update_hessian` (optax's ``obj_fn`` never given) ν stays 0 and the
+    state. Inside a wrapper (``Lookahead``, ``ScheduleFree``, ``Mechanize``, ``SAM``,
+    ``DifferentiallyPrivate``: optax's ``lookahead(sophia)``, ...) call the three methods on
+    the wrapper, with its state (:class:`HeldEstimates`). Without :meth:`update_hessian` (optax's ``obj_fn`` never given) ν stays 0 and the
     step is ``clip(m̂/ε, ±c)``: sign descent with momentum, not Sophia.
     """
 
