@@ -263,7 +263,7 @@ def test_differentially_private_sophia_equals_optax_chain():
     batches = [{k: rng.normal(size=(5, *s)) for k, s in SHAPES.items()} for _ in range(8)]
     with jax_float64():
         tx = optax.chain(optax.contrib.differentially_private_aggregate(
-            0.8, 0.0, key=jax.random.PRNGKey(0)),
+            0.8, 0.0, key=0),
                          optax_sophia(**SOPHIA))
         pj = jx(p0)
         st, theirs = tx.init(pj), []
