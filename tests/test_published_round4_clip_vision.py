@@ -392,11 +392,6 @@ def test_vision_transformer_as_published_computes_its_layer_norms_in_float32(nam
         _run(name, "float64", False, 1e-9, 1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/layers.py: LayerNorm's torch "
-                   "forward with a float32 input and float64 weight/bias (the example's "
-                   "layer_norm in a float64 model): F.layer_norm refuses mixed dtypes (torch's "
-                   "'mixed dtype (CPU)' RuntimeError); normalise in the input's dtype, then "
-                   "x̂ * weight + bias promoted, as NumPy and JAX do")
 def test_vision_transformer_as_published_on_torch_in_float64():
     _run("torch", "float64", True, 1e-5, 5e-6)
 

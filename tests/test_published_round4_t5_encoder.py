@@ -5,10 +5,10 @@
 torch (the Hugging Face ``T5Stack`` forward with the example's choices: eps 1e-5, exact GELU),
 2 layers, d_model 16, on NumPy, torch and JAX with every gradient against torch autograd.
 
-Two published spellings do not run here yet (strict xfails below): ``x.cast(y.dtype())`` in an
-expression, and the bias's ``Arange`` started at the constant ``offset=0``. The port checked
-here writes those casts ``Cast().connect(input=x, dtype=y.dtype())`` and starts the positions
-at 0 without the constant. The example takes its softmax in float32: a float64 model agrees
+The port checked here writes the casts ``Cast().connect(input=x, dtype=y.dtype())`` and starts
+the positions at 0 without the constant; the published spellings (``x.cast(y.dtype())`` in an
+expression, the bias's ``Arange`` started at the constant ``offset=0``) are checked to give the
+same (the last two tests). The example takes its softmax in float32: a float64 model agrees
 with torch to float32's precision there, and to 1e-12 with that cast left out."""
 
 from __future__ import annotations
@@ -476,10 +476,6 @@ def test_t5_encoder_in_float32_matches_torch(name, port):
     _run(name, GATED, "float32", True, 1e-4, 2e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/expressions.py: "
-                   "Expression.cast(y.dtype()) wires y to the Cast's dtype_ref input, as "
-                   "Cast().connect(dtype=y.dtype()) does (today a bare KeyError 'dtype_ref' "
-                   "when the model is added or compiled)")
 def test_published_attention_with_a_cast_to_a_connections_dtype(monkeypatch):
     """The published ``multihead_attention`` as is (``IOKey("mask").cast(scores.dtype())``)
     equals the port's."""
@@ -493,10 +489,6 @@ def test_published_attention_with_a_cast_to_a_connections_dtype(monkeypatch):
                                   want.evaluate(params, data)["output"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/concrete_checks.py: "
-                   "_check_concrete seeds its values with the program's constants, as compile "
-                   "does (an Arange started at a sub-model input given offset=0 compiles, then "
-                   "evaluate refuses its start as 'computed by the run')")
 def test_published_bias_with_its_constant_offset_evaluates():
     model = Model()
     model |= relative_position_bias(GATED, bidirectional=True, name="bias").connect(

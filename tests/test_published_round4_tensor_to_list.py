@@ -168,9 +168,6 @@ def test_published_reshape_by_a_constants_list():
     np.testing.assert_array_equal(pm.evaluate({})["output"], [[3], [2]])
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/scalar_blocks.py: ToTensor.forward "
-                   "returns stop_gradient(xp, ...) (torch and JAX differentiate through it, NumPy "
-                   "does not: the backends disagree)")
 @pytest.mark.parametrize("name", ["torch", "jax"])
 def test_to_tensor_of_a_tensor_has_no_gradient_on_every_backend(name):
     """NumPy's ToTensor VJP is none (the published input is a number: no gradient); torch and

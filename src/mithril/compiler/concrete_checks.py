@@ -75,7 +75,10 @@ class ConcreteChecksMixin:
         top = {w: k for k, w in p.inputs.items()}
         for k, w in p.inputs.items():
             shapes[w] = tuple(int(d) for d in inputs[k].shape)
-        values: dict[int, Any] = {}  # (Size's output, for Arange)
+        # (Size's output and integer constants, for Arange: as compile seeds them)
+        values: dict[int, Any] = {p.inputs[k]: v for k, v in p.constants.items()
+                                  if k in p.inputs and np.ndim(v) == 0
+                                  and np.asarray(v).dtype.kind in "iu"}
         for node in p.nodes:
             in_shapes = {k: shapes[w] for k, w in node.ins.items()}
             names = {k: p.wire_names[w] for k, w in node.ins.items()}

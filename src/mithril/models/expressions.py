@@ -289,6 +289,9 @@ class ConnectionOps:
 
     def cast(self, dtype: Any) -> Expression:
         """The values in ``dtype`` (``Cast``)."""
+        if isinstance(dtype, DtypeOf):  # (another connection's dtype: read from its wire)
+            return Expression(_op("Cast", dtype), {"input": self, "dtype_ref": dtype.conn},
+                              f"{_text(self)}.cast({dtype!r})")
         _static(dtype, f".cast({dtype!r})", self)
         return self._unary(_op("Cast", dtype), f"{_text(self)}.cast({dtype!r})")
 

@@ -346,7 +346,13 @@ class LayerNorm(Operator):
         F = functional_of(xp)
         if F is not None:  # one kernel each way
             k = len(self._axes(input.ndim))
-            return F.layer_norm(input, tuple(input.shape[-k:]), weight, bias, self.eps)
+            shape = tuple(input.shape[-k:])
+            if any(w is not None and w.dtype != input.dtype for w in (weight, bias)):
+                # (torch refuses mixed dtypes; NumPy and JAX promote after normalising)
+                y = F.layer_norm(input, shape, None, None, self.eps)
+                y = y if weight is None else y * weight
+                return y if bias is None else y + bias
+            return F.layer_norm(input, shape, weight, bias, self.eps)
         return self.forward_residuals(xp, input, weight, bias)[0]
 
     @float32_forward

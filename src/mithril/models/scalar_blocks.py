@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .connection_types import TBD
-from .operator import Operator, ShapeError, fmt, torch_of
+from .operator import Operator, ShapeError, fmt, stop_gradient, torch_of
 from .primitives import Cast
 
 
@@ -68,7 +68,9 @@ class ToTensor(Operator):
         return shapes.get("input")
 
     def forward(self, xp: Any, input: Any) -> Any:
-        return input if self._cast is None else self._cast.forward(xp, input)
+        # (no gradient on every backend: autograd would otherwise flow through a tensor input
+        # on torch and JAX, as NumPy's absent VJP does not)
+        return stop_gradient(xp, input if self._cast is None else self._cast.forward(xp, input))
 
     def vjp(self, g, out, args, wrt):
         return {}
