@@ -90,7 +90,7 @@ def folded_step(opt, p: dict, g: dict, state, engine: str = "numpy", **kw):
 
 
 def err(a: dict, b: dict) -> float:
-    return max(float(np.abs(host(a[k]) - np.asarray(b[k])).max()) for k in a)
+    return max(float(np.abs(host(a[k]) - host(b[k])).max()) for k in a)
 
 
 # -- Lookahead ---------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def optax_lookahead(reset: bool, p0: dict, grads: list) -> list:
     return out
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit"])
+@pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit", "array-torch"])
 @pytest.mark.parametrize("reset", [False, True])
 def test_lookahead_sophia_equals_optax_lookahead(reset, engine):
     p0, grads = problem(1)
@@ -300,7 +300,7 @@ def printed_win_rates(capfd, wrap, p0: dict, grads: list) -> list[float]:
     return [float(x) for x in re.findall(r"Sophia optimizer win rate: (\S+)", out)]
 
 
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit"])
 def test_win_rate_is_what_optax_prints(capfd, engine):
     """Sophia's and Lookahead(Sophia)'s win_rate after each update (before and after the
     fold: the same, the ν that step read) against optax's printed numbers, same run."""
@@ -566,3 +566,33 @@ def test_make_train_step_and_torch_drop_in_of_lookahead_sophia():
         if due:
             la.update_hessian(opt.mithril_state, {k: torch.tensor(v) for k, v in h.items()})
         assert err(params, theirs[t][0]) <= 1e-12, t
+
+
+def test_lookahead_of_sophia_with_an_ema_equals_optax_and_torch_averaged_model():
+    """Lookahead(Sophia(ema_decay, swa_start)): the fast weights optax.lookahead(sophia)'s,
+    the averages torch's AveragedModel (EMA: get_ema_multi_avg_fn; SWA: the mean from step
+    5) updated with those fast weights after each step, the estimate folded in through
+    the Lookahead (the averages are slots beside ν and the slow weights)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    p0, grads = problem(15)
+    theirs = optax_lookahead(False, p0, grads)
+    la = Lookahead(Sophia(0.05, ema_decay=0.9, swa_start=5, **SOPHIA), 3, 0.5)
+    module = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.tensor(v))
+                                     for k, v in p0.items()})
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    swa = AveragedModel(module)
+    p = {k: v.copy() for k, v in p0.items()}
+    state = la.init(p)
+    for t, g in enumerate(grads, 1):
+        p, state, _ = folded_step(la, p, g, state)
+        with torch.no_grad():
+            for k, v in module.items():
+                v.copy_(torch.tensor(theirs[t - 1][0][k]))
+        ema.update_parameters(module)
+        if t >= 5:
+            swa.update_parameters(module)
+            assert err(la.swa_params(state), dict(swa.module.items())) <= 1e-12, t
+        assert err(p, theirs[t - 1][0]) <= 1e-12, t
+        assert err(la.ema_params(state), dict(ema.module.items())) <= 1e-12, t
+    assert set(state.slots) == {"m", "nu", "slow", "ema", "swa"}
