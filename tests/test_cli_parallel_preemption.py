@@ -25,7 +25,7 @@ import pytest
 from mithril.cli import main
 from mithril.cli import parallel as parallel_mod
 from mithril.cli.runtime import Aborted, HeldInterrupt
-from mithril.cli.stop_agreement import agree_stop, decision, vote
+from mithril.cli.stop_agreement import StepAgreement, agree_stop, decision, vote
 from mithril.cli.training import Run
 from mithril.utils.checkpoint import load_checkpoint
 
@@ -132,6 +132,30 @@ def test_a_signal_after_the_vote_waits_for_the_next_settle() -> None:
         assert held.settle() is True and votes == [None, SIGTERM]
         with pytest.raises(Aborted):  # no repeat window: a second signal aborts
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_vote_rides_on_the_steps_all_reduce() -> None:
+    """StepAgreement: the step appends this rank's vote (what its HeldInterrupt holds when
+    the step sums) to its own all-reduce; the settle after the step decides from that sum
+    with no collective of its own; a settle with no step before it (after an epoch's
+    measurement) runs one."""
+    calls: list[np.ndarray] = []
+
+    def all_reduce(v: np.ndarray) -> None:  # (the peer: SIGINT)
+        calls.append(v.copy())
+        v += vote(SIGINT)
+
+    agreement = StepAgreement(all_reduce)
+    held = HeldInterrupt(agree=agreement)
+    agreement.current = held.ballot
+    with held:
+        sums = np.concatenate([np.zeros(4), agreement.ballot()])  # (a step's sums)
+        sums[4:] += vote(None)  # the peer voted to go on
+        agreement.counted(sums[4:])
+        os.kill(os.getpid(), signal.SIGTERM)  # lands after the step summed
+        assert held.settle() is False and calls == []  # the step's decision: go on
+        assert held.settle() is True and held.signum == SIGTERM  # its own all-reduce
+        np.testing.assert_array_equal(calls[0], vote(SIGTERM))
 
 
 def test_one_process_keeps_the_single_process_rule() -> None:

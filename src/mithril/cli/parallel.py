@@ -250,6 +250,7 @@ class Parallel:
         self.world = world
         self.dp: Any = None
         self._trainer: Any = None  # mixed precision's (its masters, scaler: not saved yet)
+        self._agreement: Any = None  # the loop's StepAgreement (several processes)
 
     @property
     def can_checkpoint(self) -> bool:
@@ -262,9 +263,10 @@ class Parallel:
         with, and the seconds a repeated signal is the same one (one process: none)."""
         if self.world.size == 1:
             return None, 0.0
-        from .stop_agreement import agree_stop, torch_all_reduce
+        from .stop_agreement import StepAgreement, torch_all_reduce
 
-        return functools.partial(agree_stop, all_reduce=torch_all_reduce), REPEAT_S
+        self._agreement = StepAgreement(torch_all_reduce)  # (the vote rides on step's sums)
+        return self._agreement, REPEAT_S
 
     def saver(self, run: Any) -> tuple[Any, int | None]:
         """Rank 0's ``(saver, every)`` for :attr:`.training.Run.saver` (the checkpoint of
@@ -345,7 +347,12 @@ class Parallel:
             kw = {"loss": float(be.to_numpy(out["loss"])) * size * (hi - lo) / n
                   if hi > lo else 0.0} if self.dp.needs_loss else {}
             run.params, run.state = self.dp.update(run.params, grads, run.state, **kw)
+        agreement = self._agreement
+        if agreement is not None:  # this rank's stop vote, summed with the rest
+            sums = np.concatenate([sums, agreement.ballot()])
         pg.all_reduce(sums)
+        if agreement is not None:
+            agreement.counted(sums[4:])
         loss = float(sums[0] / sums[2])
         metric = float(sums[1] / sums[3]) if run.metric == "acc" else \
             float(np.sqrt(sums[1] / sums[3])) * run.spec.target_scale

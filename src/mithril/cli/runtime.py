@@ -131,13 +131,17 @@ class HeldInterrupt:
             raise Aborted(signum)
         self.requested, self.signum, self._at = True, signum, time.monotonic()
 
+    def ballot(self) -> int | None:
+        """What this process votes now: the signal it received, or None."""
+        return self.signum if self.requested else None
+
     def settle(self) -> bool:
         """Whether the loop stops here (:attr:`stop`): this process's request, or with
         ``agree`` the ranks' common decision (every rank must call it at the same point)."""
         if self.agree is None:
             self.stop = self.requested
             return self.stop
-        agreed = self.agree(self.signum if self.requested else None)
+        agreed = self.agree(self.ballot())
         if agreed is not None:  # (another rank's signal: ours too; one status for all)
             if not self.requested:
                 self.requested, self._at = True, time.monotonic()

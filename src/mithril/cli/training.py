@@ -330,6 +330,8 @@ class Run(Evaluation):
         agree, repeat_s = (None, 0.0) if self.parallel is None else \
             self.parallel.stop_agreement()  # (the ranks stop after the same step)
         held = HeldInterrupt(agree=agree, repeat_s=repeat_s)
+        if hasattr(agree, "current"):  # (a StepAgreement: the step carries the vote)
+            agree.current = held.ballot
         if self.parallel is not None and self.saver is None:  # rank 0 saves for all
             self.saver, self.save_every = self.parallel.saver(self)
         try:  # inf/NaN show in the metrics (and --nonfinite acts on them): no numpy warnings
