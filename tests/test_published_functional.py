@@ -423,9 +423,6 @@ def test_the_old_refusal_of_the_functional_style_is_gone():
     assert model.output_keys == ("h", "g") and fc_out.home is model
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/operator.py: Operator.__call__ "
-                   "dispatches to the subclass's connect (def __call__(self, *a, **k): return "
-                   "self.connect(*a, **k)), not Operator.connect")
 def test_a_call_is_the_blocks_own_connect():
     # published segformer: Reshape()(input=sdp_out, shape=(...)); Reshape.connect takes shape=
     from mithril.models import Reshape

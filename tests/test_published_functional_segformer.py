@@ -20,7 +20,7 @@ F64 = dict(rtol=0, atol=1e-12)
 PUBLISHED_IMPORT = "from mithril.framework import IOKey, Tensor"
 
 # synnada-ai/mithril examples/segformer/segformer_encoder.py, verbatim (the functions used
-# here), but for its first import: mithril.framework is not offered (see the xfail below)
+# here; its import line is checked as published in test_the_published_import_line)
 SRC = '''
 from mithril.framework import IOKey, Tensor
 from mithril.models import (
@@ -264,8 +264,6 @@ def test_segformer_overlap_patch_embeddings_match_torch(name):
     assert (int(got[0]["height"]), int(got[0]["width"])) == (h, w) == (4, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/framework.py (new): the published "
-                   "module mithril.framework re-exporting IOKey and Tensor")
 def test_the_published_import_line():
     assert "segformer_attention" in published(PUBLISHED_IMPORT)
 

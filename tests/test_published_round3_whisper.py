@@ -128,11 +128,16 @@ def test_whisper_encoder_layers_match_torch(name):
 
 def test_chaining_into_a_commutative_operator_with_one_side_given():
     """``+= Add().connect(left=...)`` wires ``right`` (and ``right=`` given: ``left``), as
-    published; ``Subtract`` has one canonical input (``left``): given, nothing is wired."""
+    published; ``Subtract`` has one canonical input (``left``): given, ``+=`` has nothing to
+    wire and refuses (published: "Submodel must have single available canonical input"),
+    changing nothing; ``|=`` adds it."""
     model = Model()
     model |= Relu().connect(input="x")
     model += Add().connect(left="x", output="y")
-    model += Subtract().connect(left="y", output="z")
+    with pytest.raises(ml.KeyMismatchError, match="canonical input 'left'"):
+        model += Subtract().connect(left="y", output="z")
+    assert "z" not in model.output_keys and len(model.blocks) == 2
+    model |= Subtract().connect(left="y", output="z")
     assert model.input_keys == ("x", "right")
     b = ml.NumpyBackend(dtype="float64")
     compiled = ml.compile(model, b, shapes={"x": [3], "right": [3]})

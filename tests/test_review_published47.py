@@ -492,18 +492,15 @@ def test_many_to_one_refuses_a_torch_cell_and_a_short_sequence():
         ManyToOne(PublishedRNNCell(), 1)
 
 
-def test_the_functional_api_is_refused_with_what_to_do_instead():
+def test_a_functional_call_joins_a_model_and_summary_says_what_instead():
     # examples/gpt/functional_model.py: fc_out = Linear(n_embd * 4, ...)(input=IOKey("input"));
-    # gelu_out = Gelu()(input=fc_out); ... return Model.create(output, name="mlp")
+    # gelu_out = Gelu()(input=fc_out): a call is a connection; the model that reads it adds
+    # its block first (the functional API itself: tests/test_published_functional.py)
     fc_out = Linear(32)(input=IOKey("input"))
     model = Model()
     model |= Linear(4).connect(input="input", output="h")
-    with pytest.raises(TypeError, match=r"connection for 'input' is a block's connect.*"
-                                        r"model \|= lin.connect\(input=x\)"):
-        model |= Gelu()(input=fc_out)
-    assert len(model.blocks) == 1 and model.output_keys == ("h",)
-    with pytest.raises(TypeError, match="Model.create: the published functional API"):
-        Model.create(fc_out, name="mlp")
+    model |= Gelu()(input=fc_out, output="g")
+    assert model.output_keys == ("h", "g")
     with pytest.raises(TypeError, match=r"Model.summary: .* ml.compile\(model, backend"):
         model.summary()  # the published logical summary (it was "no attribute or connection")
 

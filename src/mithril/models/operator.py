@@ -195,7 +195,10 @@ class Operator:
                                  order or self.positional or (*self.inputs, "output"),
                                  args, connections)
 
-    __call__ = connect
+    def __call__(self, *args: Any, **connections: Any) -> Any:
+        """``connect`` (the subclass's own, where it defines one: ``Reshape()(input=x,
+        shape=...)``)."""
+        return self.connect(*args, **connections)
 
     def __getattr__(self, name: str) -> Any:
         """``op.input``, ``op.output``, ``op.weight``: a terminal or parameter role as an object
