@@ -283,13 +283,12 @@ def test_differentially_private_sophia_equals_optax_chain():
 WIN = {"update_interval": 2, "gamma": 0.2, "beta2": 0.5}  # (γ·ν near |m̂|: some clipped)
 
 
-def printed_win_rates(capfd, wrap, p0: dict, grads: list) -> list[float]:
+def printed_win_rates(capfd, wrap, p0: dict, grads: list, lookahead: bool) -> list[float]:
     """What optax's ``verbose`` sophia prints every step (``print_win_rate_every_n_steps=1``),
     inside ``wrap``."""
     capfd.readouterr()
     with jax_float64():
         tx = wrap(optax_sophia(**WIN, verbose=True, print_win_rate_every_n_steps=1))
-        lookahead = isinstance(tx.init(jx(p0)), optax.LookaheadState)
         p = optax.LookaheadParams.init_synced(jx(p0)) if lookahead else jx(p0)
         st = tx.init(p)
         for g in grads:
@@ -303,20 +302,29 @@ def printed_win_rates(capfd, wrap, p0: dict, grads: list) -> list[float]:
 @pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit"])
 def test_win_rate_is_what_optax_prints(capfd, engine):
     """Sophia's and Lookahead(Sophia)'s win_rate after each update (before and after the
-    fold: the same, the ν that step read) against optax's printed numbers, same run."""
+    fold: the same, the ν that step read) against optax's printed numbers, same run. With
+    ``reset_state`` a sync step restarts the inner state (optax prints that step's rate
+    before its re-init): its win rate is refused, the others' are optax's."""
     p0, grads = problem(8)
     for wrap, opt in ((lambda tx: tx, Sophia(0.05, **WIN)),
                       (lambda tx: optax.lookahead(tx, 3, 0.5),
-                       Lookahead(Sophia(0.05, **WIN), 3, 0.5))):
-        theirs = printed_win_rates(capfd, wrap, p0, grads)
+                       Lookahead(Sophia(0.05, **WIN), 3, 0.5)),
+                      (lambda tx: optax.lookahead(tx, 4, 0.5, reset_state=True),
+                       Lookahead(Sophia(0.05, **WIN), 4, 0.5, reset_state=True))):
+        theirs = printed_win_rates(capfd, wrap, p0, grads, isinstance(opt, Lookahead))
         ours = []
         with optimizer_engine(engine):
             p = {k: native(engine, v) for k, v in p0.items()}
             state = opt.init(p)
-            for g in grads:
+            for t, g in enumerate(grads, 1):
                 due = opt.hessian_due(state)
                 h = curvature({k: host(v) for k, v in p.items()})
                 p, state = opt.update(p, {k: native(engine, v) for k, v in g.items()}, state)
+                if getattr(opt, "reset_state", False) and t % 4 == 0:
+                    with pytest.raises(ValueError, match="the last step restarted"):
+                        opt.win_rate(state)
+                    ours.append(theirs[t - 1])
+                    continue
                 before = opt.win_rate(state)
                 if due:
                     state = opt.update_hessian(state, {k: native(engine, v)
@@ -325,7 +333,13 @@ def test_win_rate_is_what_optax_prints(capfd, engine):
                 ours.append(before)
         assert len(theirs) == STEPS
         assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-12, (ours, theirs)
-        assert 0 < min(ours[2:]) and max(ours) < 1 and len(set(ours)) > 3
+        assert max(ours) < 1 and len(set(ours)) > 3 and sum(r > 0 for r in ours) >= 10
+
+
+def test_optax_printing_arguments_point_to_win_rate():
+    for kw in ({"verbose": True}, {"print_win_rate_every_n_steps": 10}):
+        with pytest.raises(TypeError, match=r"is optax's, not taken here: .*win_rate\(state\)"):
+            Sophia(**kw)
 
 
 def test_win_rate_reads_each_group_and_is_refused_without_a_clip():
