@@ -237,6 +237,30 @@ def test_a_failure_beats_a_stop_and_stops_the_others(monkeypatch) -> None:
     assert parallel_mod.exit_code([143, -9]) == 137  # killed: a failure
 
 
+def test_without_out_the_ranks_write_into_the_launchers_folder(tmp_path, monkeypatch) -> None:
+    """No --out or --name: the launcher picks runs/train-<time>, creates it and hands it to
+    the ranks (rank 0 computed its own before, found the launcher's folder there and wrote
+    into runs/train-<time>-2, leaving the launcher's empty)."""
+    cmds: list[list[str]] = []
+
+    class Done:
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+            cmds.append(cmd)
+            self.returncode = 0
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(parallel_mod.CHILD_ENV, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(parallel_mod.subprocess, "Popen", Done)
+    assert main(["train", *FLAGS, "--nprocs", "2"]) == 0
+    made = [p.relative_to(tmp_path) for p in (tmp_path / "runs").iterdir()]
+    assert len(made) == 1 and made[0].name.startswith("train-")
+    assert all(c[-2:] == ["--out", str(made[0])] for c in cmds) and len(cmds) == 2
+
+
 # -- in one process (--nprocs 1: DataParallel, the checkpoint and resume paths) -----------------
 def _signal_at(monkeypatch, k: int) -> None:
     step, calls = Run.step, [0]
