@@ -610,3 +610,19 @@ def test_lookahead_of_sophia_with_an_ema_equals_optax_and_torch_averaged_model()
         assert err(p, theirs[t - 1][0]) <= 1e-12, t
         assert err(la.ema_params(state), dict(ema.module.items())) <= 1e-12, t
     assert set(state.slots) == {"m", "nu", "slow", "ema", "swa"}
+
+
+# -- the CLI (another helper's files) ------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/cli/training.py: _hessian_user to "
+                   "accept a wrapper whose own update_hessian hands the estimate to its Sophia, "
+                   "and the loop to call hessian_due / update_hessian on that wrapper")
+def test_cli_trains_lookahead_around_sophia(tmp_path):
+    from test_cli_resume import _table, _train
+
+    out = tmp_path / "run"
+    assert _train("--data", str(_table(tmp_path / "t.csv")), "--optimizer",
+                  "lookahead:inner=sophia", "--target", "label", "--batch-size", "8",
+                  "--hidden", "6", "--lr", "0.01", "--scheduler", "none", "--no-progress",
+                  "--no-plot", "--checkpoint", "--epochs", "1", "--out", str(out)) == 0
+    nu = load_checkpoint(out / "checkpoint.safetensors")["optimizer_state_dict"]["slots"]["nu"]
+    assert max(float(np.abs(v).max()) for v in nu.values()) > 1e-3
