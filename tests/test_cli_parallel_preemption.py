@@ -223,8 +223,28 @@ def test_the_launcher_forwards_sigterm_and_waits_for_rank_0_to_write(monkeypatch
     assert [p.signals for p in _Proc.made] == [[SIGTERM], [SIGTERM]]
     assert not any(p.killed for p in _Proc.made)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # the ranks write into the launcher's folder
     assert _Proc.made[0].cmd[-2:] == ["--out", "runs/x"]
+
+
+def test_the_launcher_forwards_a_sigint_sent_to_it_alone(monkeypatch) -> None:
+    """`kill -INT <launcher>` (not the terminal's Ctrl-C, which reaches every process):
+    forwarded, as SIGTERM is."""
+    sleeps = [0]
+
+    def sleep_and_interrupt(_s: float) -> None:
+        sleeps[0] += 1
+        if sleeps[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _Proc.made = []
+    monkeypatch.setattr(parallel_mod.subprocess, "Popen",
+                        lambda cmd, env: _Proc(cmd, env, {0: 130, 1: 130}, {0: 5, 1: 5}))
+    monkeypatch.setattr(parallel_mod.time, "sleep", sleep_and_interrupt)
+    world = parallel_mod.World(2, 0, False, "mithril", False, out="runs/x")
+    assert parallel_mod.launch(world, ["train"]) == 130
+    assert [p.signals for p in _Proc.made] == [[SIGINT], [SIGINT]]
 
 
 def test_a_failure_beats_a_stop_and_stops_the_others(monkeypatch) -> None:
@@ -406,6 +426,7 @@ def _sigterm_then_resume(tmp_path: Path, whole: Path, how: str, extra: list[str]
             np.testing.assert_allclose(b[k], a[k], rtol=1e-9, atol=1e-12, err_msg=k)
     rc, out, err = _finish(_start(["train", "--resume", str(cut), "--no-plot"]))
     assert rc == 0, err[-3000:]
+    assert out.count(f"resumed from {cut / 'checkpoint.safetensors'}: after step {steps}") == 1
     _assert_same_checkpoint(whole, cut)
 
 

@@ -168,7 +168,8 @@ def check(world: World, run: Any) -> None:
     if world.resumed is not None and not world.member and run is not None:
         from .resume import restore
 
-        restore(run, world.resumed)  # (this Run is the launcher's check copy)
+        # (this Run is the launcher's check copy; the header it prints names the resume)
+        run.resumed_line = restore(run, world.resumed)
     if world.engine == "jax":  # one program of the whole batch: model state is kept
         if world.size == 1:
             from .jax_parallel import configure_devices
@@ -375,9 +376,10 @@ def launch(world: World, argv: list[str]) -> int:
     """Run ``mithril argv`` in ``world.size`` processes (in the run folder ``world.out``);
     their exit status: a failure's (the first seen; rank 0's first among those seen
     together), else a stop's (``128 + signal``), else 0. A rank that fails stops the others
-    after :data:`GRACE_S` (in which they notice it themselves). A SIGTERM to the launcher is
-    forwarded to every rank (they stop after the same step, rank 0 saves the checkpoint and
-    prints the resume command); Ctrl-C reaches the ranks from the terminal itself."""
+    after :data:`GRACE_S` (in which they notice it themselves). A SIGTERM or SIGINT to the
+    launcher is forwarded to every rank (they stop after the same step, rank 0 saves the
+    checkpoint and prints the resume command); a rank that gets the same signal from the
+    terminal or the process group too takes the two for one (:data:`REPEAT_S`)."""
     env = {**os.environ, CHILD_ENV: "1", "WORLD_SIZE": str(world.size),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "LOCAL_WORLD_SIZE": str(world.size)}
@@ -390,15 +392,16 @@ def launch(world: World, argv: list[str]) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    before = signal.signal(signal.SIGTERM, forward) \
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else None
+    default = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    before = {s: signal.signal(s, forward) for s, h in default.items()
+              if signal.getsignal(s) is h}  # (a handler the caller set is left alone)
     try:
         procs += [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
                   for r in range(world.size)]
         codes = _wait(procs)
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        for s, h in before.items():
+            signal.signal(s, h)
     return exit_code(codes)
 
 
@@ -442,6 +445,6 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.05)
-        except KeyboardInterrupt:  # the ranks got it too: they stop and rank 0 writes
+        except KeyboardInterrupt:  # (a caller's SIGINT handler: the ranks got it too)
             continue
     return seen
