@@ -360,6 +360,8 @@ def test_refused_combinations_change_nothing(tmp_path, monkeypatch, capsys) -> N
         # checked by the launcher before any rank starts (one error, not one per rank)
         (["train", "--resume", str(run), "--epochs", "3", "--nprocs", "2", "--lr", "0.5"],
          "--resume: this command changes the run's settings.lr (0.01 in the run, 0.5 now)"),
+        (["train", "--resume", str(run), "--lr", "0.5", "--dry-run"],  # (--nprocs 1's)
+         "--resume: this command changes the run's settings.lr (0.01 in the run, 0.5 now)"),
     ]
     for argv, message in cases:
         capsys.readouterr()

@@ -162,10 +162,10 @@ def _settle_out(args: argparse.Namespace, world: World) -> None:
 
 
 def check(world: World, run: Any) -> None:
-    """What a data-parallel run cannot do with this model or these flags; in the
-    ``--nprocs`` launcher, whether ``--resume`` can continue the run (before any rank
-    starts: one error, not one per rank)."""
-    if world.resumed is not None and not world.member and run is not None:
+    """What a data-parallel run cannot do with this model or these flags; on the check copy
+    of the run (the ``--nprocs`` launcher's, ``--dry-run``'s: no :class:`Parallel`), whether
+    ``--resume`` can continue it (before any rank starts: one error, not one per rank)."""
+    if world.resumed is not None and run is not None and getattr(run, "parallel", 1) is None:
         from .resume import restore
 
         # (this Run is the launcher's check copy; the header it prints names the resume)
