@@ -134,6 +134,27 @@ def test_lookahead_sophia_equals_optax_lookahead(reset, engine):
     assert dues == want and sum(want) >= 4
 
 
+def test_lookahead_of_a_clipped_sophia_equals_optax_chain():
+    """Lookahead(Sophia(clip_norm=c, clip_eps=0)): optax.lookahead(chain(
+    clip_by_global_norm(c), sophia)), the clip acting on most steps."""
+    p0, grads = problem(16)
+    with jax_float64():
+        tx = optax.lookahead(optax.chain(optax.clip_by_global_norm(0.5),
+                                         optax_sophia(**SOPHIA)), 4, 0.5)
+        pj = optax.LookaheadParams.init_synced(jx(p0))
+        st = tx.init(pj)
+        la = Lookahead(Sophia(0.05, clip_norm=0.5, clip_eps=0.0, **SOPHIA), 4, 0.5)
+        p = {k: v.copy() for k, v in p0.items()}
+        state, clipped = la.init(p), 0
+        for g in grads:
+            u, st = tx.update(jx(g), st, pj)
+            pj = optax.apply_updates(pj, u)
+            p, state, _ = folded_step(la, p, g, state)
+            clipped += state.last_grad_norm > 0.5
+            assert err(p, pj.fast) <= 1e-12 and err(la.slow_params(state), pj.slow) <= 1e-12
+    assert clipped == STEPS
+
+
 def test_lookahead_through_accumulate_equals_optax_multisteps():
     """Accumulate(Lookahead(Sophia, sync_period=2), 2): optax.lookahead(MultiSteps(sophia,
     2), sync_period=4); the Lookahead's hessian_due / update_hessian take the
@@ -531,27 +552,32 @@ def test_schedule_free_hutchinson_loop_equals_optax_obj_fn(backend):
     assert folds == 4 and err(p, p0) > 1e-3
 
 
-def test_make_train_step_and_torch_drop_in_of_lookahead_sophia():
+def test_make_train_step_and_torch_drop_in_of_lookahead_sophia(capfd):
     """make_train_step(Lookahead(Sophia, reset_state)) on JAX (its opt_state an OptaxState:
-    update_hessian gives a new one) and torch_optimizer(Lookahead(Sophia)) (its
-    mithril_state changed in place): optax.lookahead(sophia), the estimate curvature() of
-    the params the step was given."""
+    update_hessian gives a new one, win_rate reads it) and torch_optimizer(Lookahead(Sophia))
+    (its mithril_state changed in place): optax.lookahead(sophia) (its printed win rates),
+    the estimate curvature() of the params the step was given."""
     rng = np.random.default_rng(2)
     with jax_float64():
         be = JaxBackend(dtype="float64")
         c = ml.compile(mlp_model(), be, shapes={"input": [8, 4]})
         p0 = {n: rng.standard_normal(s) * 0.5 for n, s in c.parameter_shapes.items()}
         batches = [(rng.standard_normal((8, 4)), rng.integers(0, 3, 8)) for _ in range(10)]
-        tx = optax.lookahead(optax_sophia(**SOPHIA), 3, 0.5, reset_state=True)
+        tx = optax.lookahead(optax_sophia(**WIN, verbose=True, print_win_rate_every_n_steps=1),
+                             3, 0.5, reset_state=True)
         pj = optax.LookaheadParams.init_synced(jx(p0))
         st, theirs = tx.init(pj), []
+        capfd.readouterr()
         for x, y in batches:
             g = jax.grad(jnp_loss)(pj.fast, jnp.asarray(x), jnp.asarray(y))
             u, st = tx.update(g, st, pj)
             pj = optax.apply_updates(pj, u)
             theirs.append(pj.fast)
+        jax.effects_barrier()
+        printed = [float(x) for x in re.findall(r"Sophia optimizer win rate: (\S+)",
+                                                capfd.readouterr().out)]
 
-        la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5, reset_state=True)
+        la = Lookahead(Sophia(0.05, **WIN), 3, 0.5, reset_state=True)
         step = make_train_step(c, la, loss="loss")
         p = jx(p0)
         opt_state, folds = step.init(p), 0
@@ -560,11 +586,13 @@ def test_make_train_step_and_torch_drop_in_of_lookahead_sophia():
             due = la.hessian_due(opt_state)
             h = jx(curvature(p))
             p, opt_state, _ = step(p, opt_state, data)
+            if (t + 1) % 3:  # (not a sync, which restarts the inner state)
+                assert abs(la.win_rate(opt_state) - printed[t]) <= 1e-12, t
             if due:
                 opt_state = la.update_hessian(opt_state, h)
                 folds += 1
             assert err(p, theirs[t]) <= 1e-12, t
-        assert folds == 4
+        assert folds == 4 and len(printed) == 10 and max(printed) > 0
 
     p0, grads = problem(14)
     theirs = optax_lookahead(False, p0, grads)

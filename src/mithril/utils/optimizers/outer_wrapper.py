@@ -192,10 +192,9 @@ class OuterWrapper(HeldEstimates, HeldHyperparameters, Optimizer):
         return state
 
     def held_view(self, state: Any) -> HeldView:
-        """``state`` as the base optimizer's: the wrapper's own slots and values aside (as
+        """``state`` as the base optimizer's: the wrapper's own slots aside (as
         :meth:`base_update` does), the same count (the base steps once per update)."""
-        return HeldView(state, type(self.base_optimizer).__name__, self.own_slots,
-                        self.own_values())
+        return HeldView(state, type(self.base_optimizer).__name__, self.own_slots)
 
     def base_update(self, params: Mapping[str, Any], gradients: Mapping[str, Any],
                     state: OptimizerState, **extra: Any) -> tuple[dict[str, Any], OptimizerState]:

@@ -383,17 +383,16 @@ def _write(state: OptimizerState, slot: str, arrays: Mapping[str, Any]) -> None:
 # -- wrappers: the estimate handed to the Sophia they hold ---------------------------------------
 class HeldView:
     """A wrapper's state as the optimizer it holds sees it, for the length of a ``with``
-    block: ``kind`` the held one's, the wrapper's own slots and values (``aside``) set
-    aside, and (``step``) the held optimizer's own count where the wrapper restarts it
+    block: ``kind`` the held one's, the wrapper's own slots (``aside``) set aside, and (``step``) the held optimizer's own count where the wrapper restarts it
     (Lookahead's ``reset_state``). An ``OptimizerState`` is changed in place and restored
     on exit; an ``OptaxState`` (immutable) is viewed as a new one and :meth:`rebuilt`.
     ``restarted``: the last step restarted the held state (its estimate is dropped, as
     optax re-inits the whole inner state); ``restarts_next``: the next step will."""
 
     def __init__(self, state: Any, kind: str, aside: tuple[str, ...] = (),
-                 values: tuple[str, ...] = (), step: int | None = None,
-                 restarted: bool = False, restarts_next: bool = False) -> None:
-        self.outer, self.kind, self.aside, self.values_aside = state, kind, aside, values
+                 step: int | None = None, restarted: bool = False,
+                 restarts_next: bool = False) -> None:
+        self.outer, self.kind, self.aside = state, kind, aside
         self.step, self.restarted, self.restarts_next = step, restarted, restarts_next
         self.state: Any = state
 
@@ -406,8 +405,7 @@ class HeldView:
             return self
         d = s.__dict__
         self._saved = (s.kind, s.step, STAMP in d,
-                       {k: s.slots.pop(k) for k in self.aside if k in s.slots},
-                       {k: s.values.pop(k) for k in self.values_aside if k in s.values})
+                       {k: s.slots.pop(k) for k in self.aside if k in s.slots})
         d.setdefault(STAMP, s.step)  # (an outer wrapper's count, if it set one)
         s.kind = self.kind
         if self.step is not None:
@@ -418,10 +416,9 @@ class HeldView:
         s = self.outer
         if not isinstance(s, OptimizerState):
             return
-        kind, step, stamped, slots, values = self._saved
+        kind, step, stamped, slots = self._saved
         s.kind, s.step = kind, step
         s.slots.update(slots)
-        s.values = {**s.values, **values}
         if not stamped:
             del s.__dict__[STAMP]
 
