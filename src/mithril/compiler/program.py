@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
+from ..models.primitives import Buffer
 from .list_inputs import expand_list_inputs
 from .param_roles import name_param_roles
 
@@ -415,6 +416,8 @@ def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape |
     known = getattr(op, "static_value", None)
     if known is not None:  # (None: known once the shapes are)
         values[node.out] = known(shapes)
+    elif isinstance(op, Buffer) and node.ins["input"] in values:  # the identity passes it on
+        values[node.out] = values[node.ins["input"]]
     return out
 
 

@@ -341,7 +341,10 @@ class ConnectionOps:
 
     def reshape(self, *shape: Any, **kw: Any) -> Expression:
         """The values in ``shape`` (``Reshape``): ``x.reshape((2, -1))``, ``x.reshape(2, -1)``
-        or, as published, ``x.reshape(shape=(B, L, -1))``; one entry may be -1 (or None)."""
+        or, as published, ``x.reshape(shape=(B, L, -1))``; one entry may be -1 (or None). A
+        size may be a shape wire or a connection whose value is known at compile time (the
+        published segformer's ``x.reshape((B, C, height, width))``: ``mithril.models.
+        size_values``)."""
         if kw:
             if set(kw) != {"shape"} or shape:
                 raise TypeError(f"{_text(self)}.reshape: takes the shape once, positionally or "
@@ -351,7 +354,8 @@ class ConnectionOps:
             return self._unary(_op("Reshape", shape[0]), f"{_text(self)}.reshape({shape[0]!r})")
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        _static(shape, f".reshape({shape!r})", self)
+        # a size may be a connection whose value the compiler knows (size_values.py)
+        _static([d for d in shape if not isinstance(d, ConnectionOps)], f".reshape({shape!r})", self)
         return self._unary(_op("Reshape", shape), f"{_text(self)}.reshape({shape!r})")
 
     def split(self, split_size: int, axis: int = 0) -> list[Expression]:

@@ -48,17 +48,27 @@ class Reshape(Operator):
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"Reshape: shape must be a tuple or list of sizes (ints, -1, None "
                             f"or shape wires such as x.shape[0]), got {shape!r}")
-        if is_symbolic(shape):
-            for d in shape:
-                if not isinstance(d, ShapeWire) and d is not None and (
-                        isinstance(d, bool) or not isinstance(d, (int, np.integer))):
-                    raise TypeError(f"Reshape: a size is an int, -1, None or a shape wire, got {d!r}")
-            self.shape = tuple(-1 if d is None else d if isinstance(d, ShapeWire) else int(d)
-                               for d in shape)
+        from .size_values import SizeValue, is_connection, size_values
+
+        for d in shape:  # (a str or a float is no size: int('h') and int(1.5) are not one)
+            if not isinstance(d, ShapeWire) and not is_connection(d) and d is not None and (
+                    isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer))):
+                raise TypeError(f"Reshape: a size is an int, -1, None, a shape wire or a "
+                                f"connection whose value is known at compile time, got {d!r}")
+        if is_symbolic(shape) or any(is_connection(d) for d in shape):
+            self.shape = size_values(tuple(
+                -1 if d is None else d if isinstance(d, ShapeWire) or is_connection(d) else int(d)
+                for d in shape))
             self.shape_args = ShapeArgs([d for d in self.shape if isinstance(d, ShapeWire)])
+            # connections read for their values (see size_values.py): inputs after the wires'
+            read = [d for d in self.shape if isinstance(d, SizeValue)]
+            self.shape_args.refs += tuple(d.ref for d in read)
+            self.shape_args.keys += tuple(d.key for d in read)
+            if read:
+                self.value_inputs = frozenset(d.key for d in read)
             self.inputs = ("input", *self.shape_args.keys)
             self.any_dtype_inputs = frozenset(self.inputs)
-            statics = [d for d in self.shape if not isinstance(d, ShapeWire)]
+            statics = [d for d in self.shape if not isinstance(d, (ShapeWire, SizeValue))]
         else:
             self.shape = tuple(-1 if d is None else int(d) for d in shape)
             statics = list(self.shape)
@@ -130,7 +140,13 @@ class Reshape(Operator):
             return self.shape
         from .shape_wires import resolve_sizes
 
-        target = resolve_sizes(self.shape, self.shape_args.lookup(shapes), "Reshape")
+        if "value_inputs" in self.__dict__:  # sizes given by connections
+            from .size_values import resolve
+
+            target = resolve(self.shape, self.shape_args.lookup(shapes), shapes, values or {},
+                             "Reshape")
+        else:
+            target = resolve_sizes(self.shape, self.shape_args.lookup(shapes), "Reshape")
         if target is not None and sum(d == -1 for d in target) > 1:
             raise ShapeError(f"Reshape: at most one -1 in the shape, got {list(target)}")
         return target
@@ -140,6 +156,10 @@ class Reshape(Operator):
             raise ShapeError("Reshape: the value of 'shape' is computed by the run, so the "
                              "output's shape is not known at compile time: give sizes, shape "
                              "wires (x.shape[0]) or a Shape / Size block's output")
+        if self.shape != "wired" and "value_inputs" in self.__dict__:
+            from .size_values import check_known
+
+            check_known(self.shape, values, "Reshape")
         s, target = shapes.get("input"), self._target(shapes, values)
         if s is None or target is None:
             return None if target is None else tuple(None if d == -1 else d for d in target)
@@ -170,7 +190,12 @@ class Reshape(Operator):
             return input.reshape(self.shape)
         from .shape_wires import array_shapes
 
-        return input.reshape(self._target(array_shapes(refs, self.shape_args.keys)))
+        values = None
+        if "value_inputs" in self.__dict__:  # sizes given by connections: their values
+            from .size_values import run_values
+
+            values = run_values(refs, self.shape, "Reshape")
+        return input.reshape(self._target(array_shapes(refs, self.shape_args.keys), values))
 
     def vjp(self, g, out, args, wrt):
         return {"input": g.reshape(args["input"].shape)}
