@@ -4,6 +4,7 @@ steps by :meth:`Sophia.update_hessian` (the estimate: :mod:`mithril.utils.hessia
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -215,15 +216,16 @@ class Sophia(Optimizer):
         return self._win_rate(held, held.nu())
 
     def _win_rate(self, held: _Held, nu: Mapping[str, Any]) -> float:
+        # (on the arrays' device: only the counts come to the host)
         m, (index, rows), won, total = held.m(), held.rows(self), 0, 0
-        for i, name in enumerate(held.shapes):
+        for i, (name, shape) in enumerate(held.shapes.items()):
             row = rows[int(index[i])]
             t = row.row_step(held.step) if hasattr(row, "row_step") else held.step
             _lr, _b1, _omb1, bc1, gamma, eps, clip, _wd = row.scalars(t)
-            v = _float(nu[name])
-            u = (_float(m[name]).astype(v.dtype) / bc1) / np.maximum(gamma * v, eps)
-            won += int(np.count_nonzero(np.abs(u) < clip))
-            total += v.size
+            v = nu[name]
+            u = (_like(m[name], v) / bc1) / maximum(gamma * v, eps)
+            won += int((abs(u) < clip).sum())
+            total += math.prod(shape)
         return won / total if total else 0.0
 
 
@@ -331,13 +333,11 @@ class _Held:
         return out
 
 
-def _float(a: Any) -> np.ndarray:
-    """A host copy of ``a``, a half-precision torch tensor as float32 (NumPy has no bfloat16)."""
-    if hasattr(a, "detach"):
-        a = a.detach().cpu()
-        return (a.float() if a.dtype.itemsize < 4 else a).numpy()
-    a = np.asarray(a)
-    return a.astype(np.float32) if a.dtype.itemsize < 4 else a
+def _like(a: Any, b: Any) -> Any:
+    """``a`` in ``b``'s dtype (``m`` kept in ``mu_dtype``: read in ν's, as optax reads it)."""
+    if a.dtype == b.dtype:
+        return a
+    return a.to(b.dtype) if hasattr(a, "detach") else a.astype(b.dtype)
 
 
 def _host(a: Any) -> np.ndarray:
