@@ -415,6 +415,36 @@ def test_checkpoint_of_a_wrapped_sophia_resumes_bit_for_bit(tmp_path, kind):
         assert all(np.array_equal(p[k], whole[t][k]) for k in p), t
 
 
+def test_checkpoint_mid_window_of_accumulate_lookahead_sophia(tmp_path):
+    """Accumulate(Lookahead(Sophia), 3) saved after a micro-batch in the middle of a window
+    (ν folded in, the buffered gradient kept) resumes bit for bit."""
+    p0, grads = problem(17, steps=15)
+
+    def run(p, state, acc, gs):
+        la, out = acc.optimizer, []
+        for g in gs:
+            due, h = la.hessian_due(state), curvature(p)
+            p, state = acc.update(p, g, state)
+            if due and state.applied:
+                la.update_hessian(state, h)
+            out.append({k: v.copy() for k, v in p.items()})
+        return p, state, out
+
+    def make():
+        return Accumulate(Lookahead(Sophia(0.05, **SOPHIA), 2, 0.5), 3)
+
+    acc = make()
+    _, _, whole = run({k: v.copy() for k, v in p0.items()}, acc.init(p0), acc, grads)
+    acc = make()
+    p, state, first = run({k: v.copy() for k, v in p0.items()}, acc.init(p0), acc, grads[:8])
+    assert state.accumulator.count == 2 and np.abs(state.inner.slots["nu"]).max() > 0
+    save_checkpoint(tmp_path / "c.safetensors", p, acc, state)
+    acc = make()
+    got = load_checkpoint(tmp_path / "c.safetensors", p0, acc)
+    _, _, rest = run(got["params"], got["state"], acc, grads[8:])
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first + rest, whole) for k in a)
+
+
 def test_state_dict_of_lookahead_sophia_resumes_bit_for_bit_on_torch():
     p0, grads = problem(11)
     la = Lookahead(Sophia(0.05, **SOPHIA), 3, 0.5)
