@@ -97,17 +97,23 @@ def err(a: dict, b: dict) -> float:
 SOPHIA = {"update_interval": 2, "gamma": 0.05, "weight_decay": 0.01}
 
 
-def optax_lookahead(reset: bool, p0: dict, grads: list) -> list:
+def optax_steps(tx, p0: dict, grads: list, lookahead: bool = False) -> list:
+    """optax's params after each update of ``tx`` (float64; ``LookaheadParams`` with
+    ``lookahead``)."""
     with jax_float64():
-        tx = optax.lookahead(optax_sophia(**SOPHIA), 3, 0.5, reset_state=reset)
-        p = optax.LookaheadParams.init_synced(jx(p0))
+        p = optax.LookaheadParams.init_synced(jx(p0)) if lookahead else jx(p0)
         st, out = tx.init(p), []
         for g in grads:
             u, st = tx.update(jx(g), st, p)
             p = optax.apply_updates(p, u)
-            out.append(({k: np.asarray(v) for k, v in p.fast.items()},
-                        {k: np.asarray(v) for k, v in p.slow.items()}))
+            out.append(p)
     return out
+
+
+def optax_lookahead(reset: bool, p0: dict, grads: list) -> list:
+    """(fast, slow) after each step of optax.lookahead(sophia, 3, 0.5)."""
+    tx = optax.lookahead(optax_sophia(**SOPHIA), 3, 0.5, reset_state=reset)
+    return [(p.fast, p.slow) for p in optax_steps(tx, p0, grads, lookahead=True)]
 
 
 @pytest.mark.parametrize("engine", ["numpy", "torch", "jax-jit", "array-torch"])
@@ -138,20 +144,16 @@ def test_lookahead_of_a_clipped_sophia_equals_optax_chain():
     """Lookahead(Sophia(clip_norm=c, clip_eps=0)): optax.lookahead(chain(
     clip_by_global_norm(c), sophia)), the clip acting on most steps."""
     p0, grads = problem(16)
-    with jax_float64():
-        tx = optax.lookahead(optax.chain(optax.clip_by_global_norm(0.5),
-                                         optax_sophia(**SOPHIA)), 4, 0.5)
-        pj = optax.LookaheadParams.init_synced(jx(p0))
-        st = tx.init(pj)
-        la = Lookahead(Sophia(0.05, clip_norm=0.5, clip_eps=0.0, **SOPHIA), 4, 0.5)
-        p = {k: v.copy() for k, v in p0.items()}
-        state, clipped = la.init(p), 0
-        for g in grads:
-            u, st = tx.update(jx(g), st, pj)
-            pj = optax.apply_updates(pj, u)
-            p, state, _ = folded_step(la, p, g, state)
-            clipped += state.last_grad_norm > 0.5
-            assert err(p, pj.fast) <= 1e-12 and err(la.slow_params(state), pj.slow) <= 1e-12
+    theirs = optax_steps(optax.lookahead(optax.chain(optax.clip_by_global_norm(0.5),
+                                                     optax_sophia(**SOPHIA)), 4, 0.5),
+                         p0, grads, lookahead=True)
+    la = Lookahead(Sophia(0.05, clip_norm=0.5, clip_eps=0.0, **SOPHIA), 4, 0.5)
+    p = {k: v.copy() for k, v in p0.items()}
+    state, clipped = la.init(p), 0
+    for g, pj in zip(grads, theirs):
+        p, state, _ = folded_step(la, p, g, state)
+        clipped += state.last_grad_norm > 0.5
+        assert err(p, pj.fast) <= 1e-12 and err(la.slow_params(state), pj.slow) <= 1e-12
     assert clipped == STEPS
 
 
@@ -160,27 +162,22 @@ def test_lookahead_through_accumulate_equals_optax_multisteps():
     2), sync_period=4); the Lookahead's hessian_due / update_hessian take the
     AccumulateState (returned as given)."""
     p0, grads = problem(2, steps=16)
-    la = Lookahead(Sophia(0.05, **SOPHIA), 2, 0.5)
-    acc = Accumulate(la, 2)
-    with jax_float64():
+    with jax_float64():  # (optax fixes the accumulator's dtype when it is made)
         tx = optax.lookahead(optax.MultiSteps(optax_sophia(**SOPHIA), 2,
                                               accumulator_dtype=jnp.float64), 4, 0.5)
-        pj = optax.LookaheadParams.init_synced(jx(p0))
-        st = tx.init(pj)
-        p = {k: v.copy() for k, v in p0.items()}
-        state, folds = acc.init(p), 0
-        for g in grads:
-            u, st = tx.update(jx(g), st, pj)
-            pj = optax.apply_updates(pj, u)
-            due = la.hessian_due(state)
-            h = curvature(p)
-            p, state = acc.update(p, g, state)
-            if due and state.applied:
-                assert la.update_hessian(state, h) is state
-                folds += 1
-            assert isinstance(state, AccumulateState)
-            assert err(p, pj.fast) <= 1e-12
-            assert err(la.slow_params(state), pj.slow) <= 1e-12
+    theirs = optax_steps(tx, p0, grads, lookahead=True)
+    la = Lookahead(Sophia(0.05, **SOPHIA), 2, 0.5)
+    acc = Accumulate(la, 2)
+    p = {k: v.copy() for k, v in p0.items()}
+    state, folds = acc.init(p), 0
+    for g, pj in zip(grads, theirs):
+        due, h = la.hessian_due(state), curvature(p)
+        p, state = acc.update(p, g, state)
+        if due and state.applied:
+            assert la.update_hessian(state, h) is state
+            folds += 1
+        assert isinstance(state, AccumulateState)
+        assert err(p, pj.fast) <= 1e-12 and err(la.slow_params(state), pj.slow) <= 1e-12
     assert folds == 4
 
 
@@ -211,14 +208,8 @@ def test_optax_transformation_of_lookahead_takes_the_estimate():
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_schedule_free_sophia_equals_optax(engine):
     p0, grads = problem(4)
-    with jax_float64():
-        tx = optax.contrib.schedule_free(optax_sophia(**SOPHIA), 0.05, b1=0.9)
-        pj = jx(p0)
-        st, theirs = tx.init(pj), []
-        for g in grads:
-            u, st = tx.update(jx(g), st, pj)
-            pj = optax.apply_updates(pj, u)
-            theirs.append(pj)
+    theirs = optax_steps(optax.contrib.schedule_free(optax_sophia(**SOPHIA), 0.05, b1=0.9),
+                         p0, grads)
     sf = ScheduleFree(Sophia(0.05, **SOPHIA), b1=0.9)
     with optimizer_engine(engine):
         p = {k: native(engine, v) for k, v in p0.items()}
@@ -232,14 +223,7 @@ def test_schedule_free_sophia_equals_optax(engine):
 
 def test_mechanize_sophia_equals_optax():
     p0, grads = problem(5)
-    with jax_float64():
-        tx = optax.contrib.mechanize(optax_sophia(lr=1.0, **SOPHIA))
-        pj = jx(p0)
-        st, theirs = tx.init(pj), []
-        for g in grads:
-            u, st = tx.update(jx(g), st, pj)
-            pj = optax.apply_updates(pj, u)
-            theirs.append(pj)
+    theirs = optax_steps(optax.contrib.mechanize(optax_sophia(lr=1.0, **SOPHIA)), p0, grads)
     mech = Mechanize(Sophia(1.0, **SOPHIA))
     p = {k: v.copy() for k, v in p0.items()}
     state = mech.init(p)
@@ -282,16 +266,8 @@ def test_differentially_private_sophia_equals_optax_chain():
     rng = np.random.default_rng(7)
     p0 = {k: rng.normal(size=s) for k, s in SHAPES.items()}
     batches = [{k: rng.normal(size=(5, *s)) for k, s in SHAPES.items()} for _ in range(8)]
-    with jax_float64():
-        tx = optax.chain(optax.contrib.differentially_private_aggregate(
-            0.8, 0.0, key=0),
-                         optax_sophia(**SOPHIA))
-        pj = jx(p0)
-        st, theirs = tx.init(pj), []
-        for g in batches:
-            u, st = tx.update(jx(g), st, pj)
-            pj = optax.apply_updates(pj, u)
-            theirs.append(pj)
+    theirs = optax_steps(optax.chain(optax.contrib.differentially_private_aggregate(
+        0.8, 0.0, key=0), optax_sophia(**SOPHIA)), p0, batches)
     dp = DifferentiallyPrivate(Sophia(0.05, **SOPHIA), l2_norm_clip=0.8, noise_multiplier=0.0)
     p = {k: v.copy() for k, v in p0.items()}
     state = dp.init(p)
