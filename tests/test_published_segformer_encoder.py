@@ -271,8 +271,8 @@ def test_reshape_connect_with_connection_sizes_and_a_bad_size():
     """``Reshape()(input=x, shape=(B, h, -1))`` as the published connect; a size that is
     neither an int, a shape wire nor a connection is a TypeError, the block unchanged."""
     r = Reshape()
-    with pytest.raises(TypeError, match="Reshape: a size is an int, -1, None, a shape wire or a "
-                       "connection whose value is known at compile time, got 'h'"):
+    with pytest.raises(TypeError, match=r"Reshape: a size is an int, -1, None or a shape wire "
+                       r"\(or a connection whose value is known at compile time\), got 'h'"):
         r.connect(input="x", shape=(2, "h"))
     assert r.shape is None and r.inputs == ("input",)
     with pytest.raises(TypeError):  # torch refuses a float size too (once truncated to 1 here)

@@ -10,7 +10,8 @@ the published Mithril::
 An operator on connection objects builds an :class:`Expression`: an operator (one of the
 existing blocks: ``Add``, ``Subtract``, ``Multiply``, ``Divide``, ``Power``,
 ``MatrixMultiply``, ``Negate``, ``Absolute``, ``Sqrt``, ``Exponential``, ``Indexer``,
-``Transpose``, ``Reshape``, ``Sum``, ``Mean``, ``Max``, ``Min``, ``Cast``) and its operands:
+``Transpose``, ``Reshape``, ``Sum``, ``Mean``, ``Max``, ``Min``, ``Cast``, ``Floor``,
+``Clamp``) and its operands:
 connection objects, other expressions and constants. Nothing is added to any model then. When
 an expression is connected to a block's terminal (``model |= block(input=expr)`` or
 ``block.connect(input=expr)``), its operators are added to that model, sub-expressions first,
@@ -68,6 +69,7 @@ _MODULES = {
     "Indexer": "shaping", "Transpose": "shaping", "Reshape": "shaping",
     "ToTensor": "scalar_blocks", "Item": "scalar_blocks",
     "Sine": "unary_primitives", "Cosine": "unary_primitives",
+    "Floor": "published_elementwise", "Clamp": "published_elementwise", "Where": "primitives",
     **dict.fromkeys(("Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual",
                      "LogicalAnd", "LogicalOr", "LogicalXOr", "LogicalNot"), "comparisons"),
 }
@@ -77,8 +79,7 @@ _NOT_OFFERED_OPS = {
     "//": "FloorDivide", "<<": "ShiftLeft", ">>": "ShiftRight",
 }
 _NOT_OFFERED_METHODS = frozenset({
-    "size", "prod", "var", "len", "floor",
-    "clamp", "atleast_1d",
+    "size", "prod", "var", "len", "atleast_1d",
 })
 
 Operand = Union["ConnectionOps", np.ndarray]
@@ -126,6 +127,10 @@ def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
         if isinstance(v, IOKey) and v.name is None and v.value is None:
             raise TypeError(f"'{symbol}' with {this!r}: an IOKey operand needs a name or a value")
         return v
+    from .shape_wires import ShapeWire, as_operand
+
+    if isinstance(v, ShapeWire):  # (x.shape[2] met with a connection: Size(2) of x)
+        return as_operand(v, symbol)
     if isinstance(v, (bool, int, float, list, tuple, np.ndarray, np.generic)) and not _has_connection(v):
         try:
             arr = np.asarray(v)
@@ -286,6 +291,26 @@ class ConnectionOps:
     def cos(self) -> Expression:
         """cos x (``Cosine``)."""
         return self._unary(_op("Cosine"), f"{_text(self)}.cos()")
+
+    def floor(self) -> Expression:
+        """⌊x⌋ (``Floor``; gradient 0, as torch.floor's)."""
+        return self._unary(_op("Floor"), f"{_text(self)}.floor()")
+
+    def clamp(self, min: Any = None, max: Any = None) -> Expression:  # noqa: A002
+        """min(max(x, min), max), torch.clamp's values and gradient: number bounds are a
+        ``Clamp``; a bound that is a connection or a shape wire (``H_in - 1``: its ``Size``)
+        is a ``Where`` (x < min: min; x > max: max), its gradient torch's for tensor bounds."""
+        text = f"{_text(self)}.clamp({min!r}, {max!r})"
+        if all(v is None or (isinstance(v, (int, float, np.integer, np.floating))
+                             and not isinstance(v, (bool, np.bool_))) for v in (min, max)):
+            return self._unary(_op("Clamp", min, max), text)
+        out: Expression = self  # type: ignore[assignment]
+        for bound, less in ((min, True), (max, False)):
+            if bound is not None:
+                b = _constant(bound, "clamp", self)
+                out = Expression(_op("Where"), {"cond": out < b if less else out > b,
+                                                "input1": b, "input2": out}, text)
+        return out
 
     def cast(self, dtype: Any) -> Expression:
         """The values in ``dtype`` (``Cast``)."""

@@ -350,3 +350,14 @@ def as_expression(wire: ShapeWire, key: str) -> Any:
     raise TypeError(f"connection for '{key}': the shape wire {wire.text} is given as a connection "
                     "only as x.shape or x.shape[i]; give it where a block takes a size "
                     "(Reshape(shape=...), Arange(stop=...)), or compute it with Size / Shape")
+
+
+def as_operand(wire: ShapeWire, symbol: str) -> Any:
+    """A shape wire met with a connection in arithmetic (the published segformer's
+    ``H_in / H_out``, ``x.clamp(0, H_in - 1)``): ``x.shape[i]`` is ``Size(i)`` of ``x`` (as
+    :func:`as_expression`), ``+``, ``-``, ``*`` of those integer expressions of them."""
+    what, a, b = (*wire.how, None)[:3]
+    if what in ("+", "-", "*"):
+        x, y = (as_operand(v, symbol) if isinstance(v, ShapeWire) else v for v in (a, b))
+        return _OPS[what](x, y)
+    return as_expression(wire, symbol)

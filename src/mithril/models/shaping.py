@@ -53,8 +53,8 @@ class Reshape(Operator):
         for d in shape:  # (a str or a float is no size: int('h') and int(1.5) are not one)
             if not isinstance(d, ShapeWire) and not is_connection(d) and d is not None and (
                     isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer))):
-                raise TypeError(f"Reshape: a size is an int, -1, None, a shape wire or a "
-                                f"connection whose value is known at compile time, got {d!r}")
+                raise TypeError(f"Reshape: a size is an int, -1, None or a shape wire (or a "
+                                f"connection whose value is known at compile time), got {d!r}")
         if is_symbolic(shape) or any(is_connection(d) for d in shape):
             self.shape = size_values(tuple(
                 -1 if d is None else d if isinstance(d, ShapeWire) or is_connection(d) else int(d)

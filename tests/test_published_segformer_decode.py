@@ -1,0 +1,180 @@
+"""The published segformer decode head (``examples/segformer/segformer_decode_head.py``): its
+expression methods ``.floor()`` and ``.clamp(min, max)`` (number bounds, and a connection or
+shape-wire bound as ``x.clamp(0, H_in - 1)``) and a shape wire met with a connection in
+arithmetic (``H_in / H_out``), on NumPy, torch and JAX in float64 against torch (values and
+autograd's gradients). What the published file needs beyond those is a strict xfail naming
+the file it needs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import evaluate_np, jax_float64, np_dict
+
+import mithril as ml
+from mithril.models import Buffer, IOKey, Model, Tensor
+
+BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
+RNG = np.random.default_rng(5130)
+
+
+def _run_in(name: str, go):
+    if name == "jax":
+        with jax_float64():
+            return go()
+    return go()
+
+
+def _run(name: str, model: Model, shapes: dict, data: dict, cot: dict,
+         trainable: set[str]) -> tuple[dict, dict]:
+    def go():
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(model, b, shapes=shapes, trainable_keys=trainable, jit=True)
+        params = {k: v for k, v in data.items() if k in trainable}
+        rest = {k: v for k, v in data.items() if k not in trainable}
+        return evaluate_np(pm, b, params, rest, cot)
+
+    return _run_in(name, go)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_floor_and_clamp_match_torch(name):
+    """``x.floor()``, ``x.clamp(-0.5, 0.75)``, ``x.clamp(max=0.2)``, ``x.clamp(lo, hi)``
+    (connection bounds) and ``x.clamp(0, x.shape[1] - 4)`` (a shape wire bound): values
+    and gradients (the ends included, as torch: x equal to a bound passes its gradient)."""
+    x, lo, hi = IOKey("x", type=Tensor[float]), IOKey("lo", type=Tensor[float]), \
+        IOKey("hi", type=Tensor[float])
+    m = Model.create(f=x.floor() * x, c=x.clamp(-0.5, 0.75), u=x.clamp(max=0.2),
+                     t=x.clamp(lo, hi), s=x.clamp(0, x.shape[1] - 4))
+    xv = RNG.standard_normal((3, 5)) * 2
+    xv[0, :3] = [-0.5, 0.75, 0.2]  # (at the bounds)
+    lov, hiv = RNG.standard_normal((5,)) - 0.5, RNG.standard_normal((3, 1)) + 0.5
+    xv[1, 0], xv[2, 1] = lov[0], hiv[2, 0]
+    data = {"x": xv, "lo": lov, "hi": hiv}
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in data.items()}
+    tx = t["x"]
+    want = {"f": tx.floor() * tx, "c": tx.clamp(-0.5, 0.75), "u": tx.clamp(max=0.2),
+            "t": torch.clamp(tx, t["lo"], t["hi"]), "s": tx.clamp(0, 1)}
+    cot = {k: RNG.standard_normal(v.shape) for k, v in want.items()}
+    torch.autograd.backward(list(want.values()), [torch.tensor(cot[k]) for k in want])
+    shapes = {k: list(v.shape) for k, v in data.items()}
+    out, grads = _run(name, m, shapes, data, cot, {"x", "lo", "hi"})
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.detach().numpy(), rtol=0, atol=1e-15, err_msg=k)
+    for k, v in t.items():
+        np.testing.assert_allclose(grads[k], v.grad.numpy(), rtol=0, atol=1e-15, err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_a_shape_wire_in_arithmetic_with_a_connection(name):
+    """``x / x.shape[1]`` and ``(x.shape[0] * x.shape[1]) - x`` as torch computes them."""
+    x = IOKey("x", type=Tensor[float])
+    m = Model.create(a=x / x.shape[1], b=x.shape[0] * x.shape[1] - x)
+    xv = RNG.standard_normal((3, 5))
+    tx = torch.tensor(xv, requires_grad=True)
+    want = {"a": tx / 5, "b": 15 - tx}
+    cot = {k: RNG.standard_normal(v.shape) for k, v in want.items()}
+    torch.autograd.backward(list(want.values()), [torch.tensor(cot[k]) for k in want])
+    out, grads = _run(name, m, {"x": [3, 5]}, {"x": xv}, cot, {"x"})
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.detach().numpy(), rtol=0, atol=1e-15, err_msg=k)
+    np.testing.assert_allclose(grads["x"], tx.grad.numpy(), rtol=0, atol=1e-15)
+
+
+_TORCH_INT_DIVIDE = pytest.mark.xfail(strict=True, reason="needs src/mithril/models/primitives.py "
+                                      "(Divide on torch): int / int in the model's float dtype "
+                                      "(float64 here: 1.6666666666666667 as NumPy and JAX give), "
+                                      "not torch's default float32 (1.6666666269302368)")
+
+
+@pytest.mark.parametrize("name", ["numpy", pytest.param("torch", marks=_TORCH_INT_DIVIDE), "jax"])
+def test_two_sizes_divided_are_in_the_models_float_dtype(name):
+    """The published scale factor ``H_in / H_out``: two sizes, one a connection (a Size
+    output), divided in the model's float dtype (torch's with float64 its default dtype)."""
+    x = IOKey("x", type=Tensor[float])
+    h_out = Buffer()(input=x.shape[0])
+    m = Model.create(s=x.shape[1] / h_out)
+
+    def go():
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(m, b, shapes={"x": [3, 5]}, jit=True, inference=True)
+        return np_dict(b, pm.evaluate({}, {"x": b.array(np.zeros((3, 5)))}))["s"]
+    got = _run_in(name, go)
+    want = torch.tensor(5, dtype=torch.float64) / 3
+    assert str(got.dtype) == "float64"
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_clamp_refuses_bad_bounds_by_name():
+    x = IOKey("x")
+    with pytest.raises(ValueError, match="Clamp: give min_val, max_val or both"):
+        x.clamp()
+    with pytest.raises(TypeError, match="unsupported operand for 'clamp' with IOKey\\('x'\\): "
+                       "str 'a'"):
+        x.clamp(0, "a")
+
+
+# synnada-ai/mithril examples/segformer/segformer_decode_head.py: the bilinear interpolation,
+# verbatim
+BILINEAR = '''
+def segformer_bilinear_interpolate(*, name: str | None = None):
+    input = IOKey("input", type=Tensor[float])
+    size = IOKey("size", type=tuple[int, ...])
+
+    input_dtype = input.dtype()
+    shape = input.shape
+    H_in, W_in = shape[2], shape[3]
+    H_out, W_out = size[0], size[1]
+    # Scale factors
+    scale_y = H_in / H_out
+    scale_x = W_in / W_out
+
+    # Create normalized grid (i.e., in input pixel space)
+    yy = ((Arange()(stop=H_out) + 0.5) * scale_y - 0.5).clamp(0, H_in - 1)
+    xx = ((Arange()(stop=W_out) + 0.5) * scale_x - 0.5).clamp(0, W_in - 1)
+
+    y0 = yy.floor().cast(Dtype.int64)
+    x0 = xx.floor().cast(Dtype.int64)
+    y1 = (y0 + 1).clamp(0, H_in - 1)
+    x1 = (x0 + 1).clamp(0, W_in - 1)
+
+    ly = (yy - y0.cast(input_dtype)).reshape((1, 1, H_out, 1))
+    lx = (xx - x0.cast(input_dtype)).reshape((1, 1, 1, W_out))
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+
+    Ia = input[:, :, y0[:, None], x0]  # top-left
+    Ib = input[:, :, y1[:, None], x0]  # bottom-left
+    Ic = input[:, :, y0[:, None], x1]  # top-right
+    Id = input[:, :, y1[:, None], x1]  # bottom-right
+
+    wa = hy * hx
+    wb = ly * hx
+    wc = hy * lx
+    wd = ly * lx
+    out = Ia * wa + Ib * wb + Ic * wc + Id * wd
+
+    return Model.create(name=name, output=out)
+'''
+
+
+@pytest.mark.xfail(strict=True, raises=ImportError, reason="needs src/mithril/types.py: Dtype "
+                   "(the published enum: Dtype.int64 ...)")
+def test_the_published_decode_head_imports():
+    exec("from mithril.types import Dtype", {})  # noqa: S102
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="needs src/mithril/models/"
+                   "connection_types.py: IOKey(type=tuple[int, ...]) (a tuple-typed input: the "
+                   "bilinear interpolation's size)")
+def test_the_published_bilinear_interpolation_builds():
+    import mithril as _ml
+    from mithril.models import Arange
+
+    class Dtype:  # (the published mithril.types.Dtype: test_the_published_decode_head_imports)
+        int64 = _ml.int64
+
+    ns = {"IOKey": IOKey, "Tensor": Tensor, "Model": Model, "Arange": Arange, "Dtype": Dtype}
+    exec(compile(BILINEAR, "segformer_decode_head.py", "exec"), ns)  # noqa: S102
+    ns["segformer_bilinear_interpolate"](name="interp")
