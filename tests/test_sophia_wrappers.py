@@ -202,6 +202,11 @@ def test_optax_transformation_of_lookahead_takes_the_estimate():
                 folds += 1
             assert err(p, theirs[t][0]) <= 1e-12, t
     assert folds == 5  # (steps 1, 4, 7, 10, 13: those of 3, 6, ... are dropped by the sync)
+    with jax_float64():
+        plain = optax_transformation(Sophia(0.05, **SOPHIA)).init(jx(p0))
+    with pytest.raises(ValueError, match=r"Lookahead.update_hessian: this opt_state lacks "
+                                         r"Lookahead's slots \['slow'\]"):
+        la.update_hessian(plain, jx(curvature(p0)))
 
 
 # -- the outer wrappers ------------------------------------------------------------------------

@@ -444,7 +444,9 @@ class HeldEstimates:
     def held_view(self, state: Any) -> HeldView:  # pragma: no cover - each wrapper's
         raise NotImplementedError
 
-    def _held_for(self, who: str, state: Any) -> tuple[Any, Any]:
+    def _held_for(self, who: str, state: Any) -> tuple[Any, HeldView]:
+        """The held optimizer (refused by name where it takes no estimate) and the view of
+        ``state`` (checked: this wrapper's) it reads."""
         name = type(self).__name__
         held = self.__dict__.get(self.HELD)
         if not hasattr(held, who):
@@ -459,14 +461,19 @@ class HeldEstimates:
         elif not (type(inner).__name__ == "OptaxState" and hasattr(inner, "_replace")):
             raise TypeError(f"{name}.{who}: state must be what {name}.init returned (or "
                             f"make_train_step's opt_state), got {type(state).__name__}")
-        return held, inner
+        view = self.held_view(inner)
+        missing = sorted(set(view.aside) - set(inner.slots))
+        if missing:  # (an OptaxState: checked here, as check_state_kind does the others)
+            raise ValueError(f"{name}.{who}: this opt_state lacks {name}'s slots {missing} "
+                             f"(slots {sorted(inner.slots)}): not made by this {name}")
+        return held, view
 
     def hessian_due(self, state: Any) -> bool:
         """Whether the next update folds an estimate into the held Sophia's ν (its
         :meth:`Sophia.hessian_due` on its own count; False where that update restarts the
         held state, as a Lookahead's ``reset_state`` sync does: optax drops that estimate)."""
-        held, inner = self._held_for("hessian_due", state)
-        with self.held_view(inner) as view:
+        held, view = self._held_for("hessian_due", state)
+        with view:
             return not view.restarts_next and held.hessian_due(view.state)
 
     def update_hessian(self, state: Any, estimate: Mapping[str, Any]) -> Any:
@@ -474,19 +481,19 @@ class HeldEstimates:
         (checked first, as there: a refused call changes nothing). Returns ``state``
         (changed in place on NumPy / torch; an Accumulate's as given), or a new
         ``OptaxState`` for ``optax_transformation`` / ``make_train_step``'s."""
-        held, inner = self._held_for("update_hessian", state)
-        with self.held_view(inner) as view:
+        held, view = self._held_for("update_hessian", state)
+        with view:
             if view.restarted:
                 raise ValueError(f"{type(self).__name__}.update_hessian: the last step "
                                  f"restarted the held optimizer's state (reset_state sync): "
                                  f"optax drops that step's estimate (hessian_due said False)")
             new = view.rebuilt(held.update_hessian(view.state, estimate))
-        return state if isinstance(inner, OptimizerState) else new
+        return state if isinstance(view.outer, OptimizerState) else new
 
     def win_rate(self, state: Any) -> float:
         """The held Sophia's :meth:`Sophia.win_rate` of the last step."""
-        held, inner = self._held_for("win_rate", state)
-        with self.held_view(inner) as view:
+        held, view = self._held_for("win_rate", state)
+        with view:
             if view.restarted:
                 raise ValueError(f"{type(self).__name__}.win_rate: the last step restarted "
                                  f"the held optimizer's state (reset_state sync): its m is "
