@@ -19,10 +19,13 @@ from mithril.models import (
     MLP,
     Add,
     Buffer,
+    Max,
+    Mean,
     Model,
     Multiply,
     Relu,
     Sine,
+    Size,
     Sum,
     TensorToList,
     ToTensor,
@@ -139,8 +142,11 @@ def test_bad_input_is_refused_by_name_and_a_refused_connect_changes_nothing():
     assert repr(TensorToList(name="tl")) == "TensorToList()" and TensorToList(name="tl").name == "tl"
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/reductions.py: Sum(axis=TBD) "
-                   "taking its axis from a connection whose value is known when the model is built")
+@pytest.mark.xfail(strict=True, raises=ml.ShapeError, reason="the axis is computed by the run "
+                   "from the data input 'left' (the published compiles it with jit=False and "
+                   "infers shapes at run time); shapes are fixed at compile time here, so Sum("
+                   "axis=TBD) takes axes known then (test_reduction_axis_from_a_connection...): "
+                   "needs run-time shape inference in src/mithril/compiler/")
 def test_published_coercion_3_list_as_a_sum_axis():
     """Published ``test_coercion_3``: the axes [1, 3] as ``TensorToList`` of ``left + [0, 1]``."""
     b = ml.NumpyBackend(dtype="float64")
@@ -154,9 +160,10 @@ def test_published_coercion_3_list_as_a_sum_axis():
     np.testing.assert_array_equal(out["output"], np.full((1, 3, 5), 8.0))
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/shaping.py (Reshape's shape rule): "
-                   "a shape given as a TensorToList of a constant tensor is known when the model "
-                   "is built (today: 'computed by the run')")
+@pytest.mark.xfail(strict=True, raises=ml.ShapeError, reason="needs src/mithril/compiler/"
+                   "program.py and concrete_checks.py together: 1-d integer constants among the "
+                   "values known at compile time (seeded 0-d only) and passed through ToTensor / "
+                   "TensorToList (identities on values) and Add of known values")
 def test_published_reshape_by_a_constants_list():
     """Published ``test_tensor_to_scalar_1_non_jittable``: ``reshape(to_list.output)``."""
     model = Model()
@@ -180,3 +187,55 @@ def test_to_tensor_of_a_tensor_has_no_gradient_on_every_backend(name):
     x = np.array([1.0, 2.0, 3.0])
     _, g = evaluate_np(pm, b, {"x": x}, {}, {"y": np.ones(3), "t": np.zeros(3)})
     np.testing.assert_array_equal(g["x"], x)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_reduction_axis_from_a_connection_known_at_compile_time_matches_torch(name):
+    """``Sum(axis=TBD)`` with ``axis`` a ``Size`` output (1: jitted on JAX too), ``Max(axis=
+    TBD, keepdim=True)`` with an integer constant (2) and ``Mean(axis=TBD)`` with a sub-model's
+    input fed by a Size through a Buffer: torch's values and autograd's gradients."""
+    inner = Model()
+    inner |= Mean(axis=ml.TBD).connect(input=IOKey("v"), axis=IOKey("a"), output="mean")
+    inner.expose_keys("mean")
+    m = Model()
+    m |= Size(dim=0).connect(input=IOKey("k"), output="ax")
+    m |= Sum(axis=ml.TBD).connect(input=IOKey("x"), axis="ax", output="s")
+    m |= Max(axis=ml.TBD, keepdim=True).connect(input="x", axis=IOKey("two", value=2),
+                                                 output="mx")
+    m |= Buffer().connect(input="ax", output="ax_b")
+    m |= inner.connect(v="x", a="ax_b", mean="mean")
+    b = BACKENDS[name](dtype="float64")
+    pm = ml.compile(m, b, shapes={"x": [2, 3, 4], "k": [1]}, trainable_keys={"x"},
+                    jit=name != "jax")  # (an integer constant under jax.jit: test below)
+    x = RNG.standard_normal((2, 3, 4))
+    tx = torch.tensor(x, requires_grad=True)
+    want = {"s": tx.sum(1), "mx": tx.amax(2, keepdim=True), "mean": tx.mean(1)}
+    cot = {k: RNG.standard_normal(v.shape) for k, v in want.items()}
+    torch.autograd.backward(list(want.values()), [torch.tensor(cot[k]) for k in want])
+    out, grads = evaluate_np(pm, b, {"x": x}, {"k": np.zeros(1)}, cot)
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.detach().numpy(), rtol=0, atol=1e-15, err_msg=k)
+    np.testing.assert_allclose(grads["x"], tx.grad.numpy(), rtol=0, atol=1e-15)
+    if name == "jax":  # jitted: the Size's axis is static there
+        one = Model()
+        one |= Size(dim=0).connect(input=IOKey("k"), output="ax")
+        one |= Sum(axis=ml.TBD).connect(input=IOKey("x"), axis="ax", output="s")
+        pj = ml.compile(one, b, shapes={"x": [2, 3, 4], "k": [1]}, jit=True, inference=True)
+        got = np_dict(b, pj.evaluate({}, {"x": b.array(x), "k": b.array(np.zeros(1))}))
+        np.testing.assert_allclose(got["s"], x.sum(1), rtol=0, atol=1e-15)
+
+
+def test_a_reduction_axis_the_run_computes_is_refused_and_changes_nothing():
+    m = Model()
+    m |= Sum(axis=ml.TBD).connect(input=IOKey("x"), axis=IOKey("ax"), output="s")
+    keys = (m.input_keys, m.output_keys)
+    with pytest.raises(ml.ShapeError, match="Sum: the value of 'axis' is computed by the run.*"
+                       "a Size / Shape output, an integer constant"):
+        ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"x": [2, 3]})
+    assert (m.input_keys, m.output_keys) == keys
+    pm = ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"x": [2, 3]},
+                    constant_keys={"ax": -1}, inference=True)
+    np.testing.assert_array_equal(pm.evaluate({}, {"x": np.ones((2, 3))})["s"], [3.0, 3.0])
+    with pytest.raises(ml.ShapeError, match="Sum: axis 2 is out of range for an input of rank 2"):
+        ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"x": [2, 3]},
+                   constant_keys={"ax": 2})

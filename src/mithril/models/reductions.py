@@ -4,10 +4,13 @@ evenly among tied entries, as torch's ``amax`` / ``amin`` and JAX do."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import numpy as np
 
+from .connection_types import TBD
 from .half_precision import float32_forward
 from .operator import Operator, ShapeError, div_count, fmt, torch_of
 
@@ -29,14 +32,38 @@ def axes_arg(who: str, axis: Any) -> int | tuple[int, ...] | None:
 
 class _Reduce(Operator):
     """A reduction over ``axis`` (None: every axis; an int or a tuple of ints, negative ones
-    counted from the end), keeping the reduced axes with size 1 if ``keepdim``."""
+    counted from the end), keeping the reduced axes with size 1 if ``keepdim``.
 
-    def __init__(self, axis: int | tuple[int, ...] | list[int] | None = None,
-                 keepdim: bool = False) -> None:
-        self.axis = axes_arg(type(self).__name__, axis)
+    As published, ``axis=TBD`` makes the axis an input, ``axis``, connected to a connection
+    whose value the compiler knows (``Size`` / ``Shape`` output, an integer constant: see
+    :mod:`mithril.models.size_values`); one the run computes is a ``ShapeError`` at compile
+    time. Its forward and gradient are those of the block with that axis given."""
+
+    def __init__(self, axis: Any = None, keepdim: bool = False) -> None:
+        self.axis = axis if axis is TBD else axes_arg(type(self).__name__, axis)
+        if axis is TBD:  # (read for its value: value_inputs; no gradient)
+            self.inputs = ("input", "axis")
+            self.any_dtype_inputs = frozenset({"axis"})
+            self.value_inputs = frozenset({"axis"})
         if not isinstance(keepdim, (bool, np.bool_)):
             raise TypeError(f"{type(self).__name__}: keepdim must be a bool, got {keepdim!r}")
         self.keepdim = bool(keepdim)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "vjp", "infer_shape"):
+            if name in cls.__dict__:
+                setattr(cls, name, _given_axis(cls.__dict__[name], name))
+
+    def _with(self, value: Any) -> _Reduce:
+        """This block with the axis ``value`` (an axis input's value) given."""
+        a = np.asarray(value)
+        if a.ndim > 1 or a.dtype.kind not in "iu":
+            raise ShapeError(f"{type(self).__name__}: 'axis' must hold integers (an int or a "
+                             f"1-d array of them), got {a!r}")
+        op = copy.copy(self)
+        op.axis = axes_arg(type(self).__name__, int(a) if a.ndim == 0 else a.tolist())
+        return op
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         """The reduced axes, non-negative and sorted (a ShapeError if out of range)."""
@@ -71,6 +98,44 @@ class _Reduce(Operator):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(axis={self.axis}, keepdim={self.keepdim})"
+
+
+def _given_axis(f: Any, name: str) -> Any:
+    """``f`` (a reduction's forward, vjp or shape rule) for a block whose axis is an input
+    (``axis=TBD``): run on a copy with the axis's value given."""
+    @functools.wraps(f)
+    def forward(self: _Reduce, xp: Any, input: Any, axis: Any = None) -> Any:
+        if self.axis is not TBD:
+            return f(self, xp, input)
+        try:
+            value = axis.tolist() if hasattr(axis, "tolist") else axis
+        except Exception as e:  # (a JAX tracer: computed inside the jitted program)
+            raise ShapeError(f"{type(self).__name__}: 'axis' must be known before the run (a "
+                             "Size / Shape output or an integer constant), not computed by "
+                             "it") from e
+        return f(self._with(value), xp, input)
+
+    @functools.wraps(f)
+    def vjp(self: _Reduce, g: Any, out: Any, args: Any, wrt: Any) -> Any:
+        op = self if self.axis is not TBD else self._with(args["axis"])
+        return {k: v for k, v in f(op, g, out, args, wrt).items() if k == "input"}
+
+    @functools.wraps(f)
+    def infer_shape(self: _Reduce, shapes: Any, values: Any = None) -> Any:
+        if self.axis is not TBD:
+            return f(self, shapes)
+        if "axis" not in (values or {}):
+            raise ShapeError(f"{type(self).__name__}: the value of 'axis' is computed by the "
+                             "run, so the output's shape is not known at compile time: connect "
+                             "it to a value known when compiling (a Size / Shape output, an "
+                             "integer constant) or give the axis (an int or a tuple)")
+        v = values["axis"]
+        return None if v is None else f(self._with(v), shapes)
+
+    return {"forward": forward, "vjp": vjp, "infer_shape": infer_shape}[name]
+
+
+_Reduce.infer_shape = _given_axis(_Reduce.__dict__["infer_shape"], "infer_shape")  # type: ignore[method-assign]
 
 
 class Sum(_Reduce):
