@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import evaluate_np, jax_float64, np_dict
 
 import mithril as ml
@@ -178,3 +179,43 @@ def test_the_published_bilinear_interpolation_builds():
     ns = {"IOKey": IOKey, "Tensor": Tensor, "Model": Model, "Arange": Arange, "Dtype": Dtype}
     exec(compile(BILINEAR, "segformer_decode_head.py", "exec"), ns)  # noqa: S102
     ns["segformer_bilinear_interpolate"](name="interp")
+
+
+def bilinear_with_an_untyped_size():
+    """The published bilinear interpolation with ``size`` untyped (``IOKey("size")``: a tuple
+    type waits on test_the_published_bilinear_interpolation_builds) and ``Dtype.int64`` as
+    ``ml.int64`` (test_the_published_decode_head_imports); the rest verbatim."""
+    from mithril.models import Arange
+
+    class Dtype:
+        int64 = ml.int64
+
+    ns = {"IOKey": IOKey, "Tensor": Tensor, "Model": Model, "Arange": Arange, "Dtype": Dtype}
+    typed = 'IOKey("size", type=tuple[int, ...])'
+    assert typed in BILINEAR
+    exec(compile(BILINEAR.replace(typed, 'IOKey("size")'), "segformer_decode_head.py",  # noqa: S102
+                 "exec"), ns)
+    return ns["segformer_bilinear_interpolate"]
+
+
+@pytest.mark.parametrize("name", ["numpy", pytest.param("torch", marks=_TORCH_INT_DIVIDE), "jax"])
+def test_the_published_bilinear_interpolation_is_torch_interpolate(name):
+    """Upsampling (4, 5) -> (8, 7) and downsampling to (3, 2), ``size`` given as another
+    input's ``x.shape[2:]`` (its values known at compile time: the Aranges' ends and the
+    reshapes' sizes): ``F.interpolate(mode="bilinear", align_corners=False)``'s values and
+    gradients, jitted on JAX. (On torch its scale H_in / H_out is float32 today: 2.3e-7 off.)"""
+    interp = bilinear_with_an_untyped_size()
+    x, up, down = (IOKey(k, type=Tensor[float]) for k in ("input", "up", "down"))
+    m = Model.create(big=interp(name="i0")(input=x, size=up.shape[2:]),
+                     small=interp(name="i1")(input=x, size=down.shape[2:]))
+    xv = RNG.standard_normal((2, 3, 4, 5))
+    tx = torch.tensor(xv, requires_grad=True)
+    want = {"big": F.interpolate(tx, size=(8, 7), mode="bilinear", align_corners=False),
+            "small": F.interpolate(tx, size=(3, 2), mode="bilinear", align_corners=False)}
+    cot = {k: RNG.standard_normal(v.shape) for k, v in want.items()}
+    torch.autograd.backward(list(want.values()), [torch.tensor(cot[k]) for k in want])
+    data = {"input": xv, "up": np.zeros((1, 1, 8, 7)), "down": np.zeros((1, 1, 3, 2))}
+    out, grads = _run(name, m, {k: list(v.shape) for k, v in data.items()}, data, cot, {"input"})
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.detach().numpy(), rtol=0, atol=1e-14, err_msg=k)
+    np.testing.assert_allclose(grads["input"], tx.grad.numpy(), rtol=0, atol=1e-14)

@@ -20,6 +20,7 @@ from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
 from ..models.primitives import Buffer
+from ..models.shaping import Indexer
 from .list_inputs import expand_list_inputs
 from .param_roles import name_param_roles
 
@@ -418,6 +419,9 @@ def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape |
         values[node.out] = known(shapes)
     elif isinstance(op, Buffer) and node.ins["input"] in values:  # the identity passes it on
         values[node.out] = values[node.ins["input"]]
+    elif isinstance(op, Indexer) and op.shape_args is None and node.ins["input"] in values:
+        v = values[node.ins["input"]]  # (a static index of a known value: x.shape[2:][0])
+        values[node.out] = None if v is None else np.asarray(v)[op.index]
     return out
 
 

@@ -135,7 +135,9 @@ def _given_axis(f: Any, name: str) -> Any:
     return {"forward": forward, "vjp": vjp, "infer_shape": infer_shape}[name]
 
 
-_Reduce.infer_shape = _given_axis(_Reduce.__dict__["infer_shape"], "infer_shape")  # type: ignore[method-assign]
+# (_Reduce's own shape rule, which Sum and Mean inherit; subclasses' are wrapped as defined)
+_Reduce.infer_shape = _given_axis(  # type: ignore[method-assign]
+    _Reduce.__dict__["infer_shape"], "infer_shape")
 
 
 class Sum(_Reduce):

@@ -338,8 +338,9 @@ def as_expression(wire: ShapeWire, key: str) -> Any:
     """A shape wire given as a connection (the published T5's ``bias.connect(query_length=
     input.shape[1])`` into a sub-model's input): ``x.shape`` is ``Shape()`` of ``x`` and
     ``x.shape[i]`` is ``Size(i)`` of ``x``, an integer array whose value the compiler knows
-    (so an ``Arange`` inside the sub-model takes it as an end). Other wires (``B * L``, a
-    slice) are a ``TypeError`` naming ``key``: give them where a block takes a size."""
+    (so an ``Arange`` inside the sub-model takes it as an end), ``x.shape[2:]`` that slice of
+    ``Shape()`` (known too). Other wires (``B * L``) are a ``TypeError`` naming ``key``: give
+    them where a block takes a size."""
     from .expressions import Expression
 
     what, a, b = (*wire.how, None)[:3]
@@ -347,9 +348,14 @@ def as_expression(wire: ShapeWire, key: str) -> Any:
         return Expression(Shape(), {"input": a}, wire.text)
     if what == "item" and a.how[0] == "shape":
         return Expression(Size(b), {"input": a.how[1]}, wire.text)
+    if what == "slice" and a.how[0] == "shape":  # (x.shape[2:]: its sizes, known too)
+        from .shaping import Indexer
+
+        return Expression(Indexer(b), {"input": as_expression(a, key)}, wire.text)
     raise TypeError(f"connection for '{key}': the shape wire {wire.text} is given as a connection "
-                    "only as x.shape or x.shape[i]; give it where a block takes a size "
-                    "(Reshape(shape=...), Arange(stop=...)), or compute it with Size / Shape")
+                    "only as x.shape or x.shape[i] (or x.shape[i:j]); give it where a block "
+                    "takes a size (Reshape(shape=...), Arange(stop=...)), or compute it with "
+                    "Size / Shape")
 
 
 def as_operand(wire: ShapeWire, symbol: str) -> Any:
