@@ -205,7 +205,9 @@ class Lookahead(HeldEstimates, HeldHyperparameters, Optimizer):
     weights after each step) are the inner optimizer's: give them to its constructor.
     ``state_dict`` / ``load_state_dict`` and checkpoints describe the inner optimizer as
     ``{"optimizer": class name, "hyperparameters": ...}`` under ``"inner"``; loading
-    requires one of the same class.
+    requires one of the same class. Around a :class:`~.sophia.Sophia`, ``hessian_due`` /
+    ``update_hessian`` / ``win_rate`` are the Lookahead's, on its state (optax's
+    ``lookahead(sophia)``; the estimate at the fast weights given to ``update``).
 
     Usage::
 
