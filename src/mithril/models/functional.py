@@ -27,7 +27,11 @@ before anything changes: a call that raises leaves each call and block as it was
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +39,7 @@ import numpy as np
 from ..errors import KeyMismatchError
 from .connection_types import TBD
 from .connections import Connection, IOKey, Terminal
-from .expressions import Expression
+from .expressions import Expression, wire_expression
 from .operator import Operator
 
 if TYPE_CHECKING:
@@ -171,6 +175,21 @@ def _named_inputs(model: Model) -> None:
                 model.conns[c.name] = c
 
 
+def _order_inputs(model: Model) -> None:
+    """As published, a created model's inputs in the order its blocks take them (its blocks
+    come dependencies first, each block's inputs in its terminals' order), whatever the order
+    the calls were reached in: ``created(x, y)`` binds them in that order."""
+    first: dict[int, int] = {}
+    for _, mapping in model.blocks:
+        for c in mapping.values():
+            first.setdefault(id(c), len(first))
+    inputs = set(model.input_keys)
+    items = list(model.conns.items())
+    ins = sorted((it for it in items if it[0] in inputs), key=lambda it: first.get(id(it[1]), len(first)))
+    model.conns.clear()
+    model.conns.update(ins + [it for it in items if it[0] not in inputs])
+
+
 def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
            name: str | None) -> Model:
     """``Model.create(*outputs, name=None, **named)``: see the module docstring."""
@@ -193,7 +212,8 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
     try:
         from .shape_wires import bind_shape_refs
 
-        wires = [model._given(o, False, (model, key or "output")) for key, o in given]
+        wires = [wire_expression(model, o, f"Model.create({key or 'output'}=...)")
+                 if isinstance(o, Expression) else model._given(o, False) for key, o in given]
         bind_shape_refs(model, 0)  # (an output's expression reading shapes: x.reshape(x.shape))
         produced = model._produced()
         for (key, o), c in zip(given, wires, strict=True):
@@ -204,6 +224,7 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
             if c.auto_output:
                 model._demote(c)
         _named_inputs(model)
+        _order_inputs(model)
         for c in wires[:len(outputs)]:
             if c.name is None:
                 c.name = model._fresh_name("output")
@@ -212,6 +233,9 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
         shown = wires[:len(outputs)] + [_expose(model, key, c) for (key, _), c in zip(
             given[len(outputs):], wires[len(outputs):], strict=True)]
         model._cout = model._last_output = shown[0]
+        from ..compiler.program import _child_names
+
+        _child_names(model, f"Model.create(name={name!r})" if name else "Model.create's model")
     except BaseException:
         model._restore(snap)
         model._undo_touched()
@@ -239,3 +263,94 @@ def _expose(model: Model, key: str, c: Connection) -> Connection:
         return c
     model._add_block(Buffer().connect(input=Terminal(model, c.name, c), output=key), chain=False)
     return model.conns[key]
+
+
+def rename_keys(model: Model, renames: list[tuple[Any, str]], what: str = "rename_key") -> None:
+    """Rename connections of ``model`` all at once (published ``Model.rename_key``): each
+    given as its name, a connection of the model, or the ``IOKey`` object a call was given (an
+    unnamed ``IOKey()`` input included); the names swap freely among them. Everything is
+    checked before anything is renamed; a model already part of another is refused (its
+    parent connects it by its terminals' names)."""
+    if model._used:
+        raise ValueError(f"{what}: {model!r} is part of a model already, which connects it by "
+                         "its terminals' names: rename before adding it")
+    todo: dict[int, tuple[Connection, str]] = {}
+    for given, key in renames:
+        if not isinstance(key, str) or not key or "." in key:
+            raise ValueError(f"{what}: a key is a non-empty str without '.', got {key!r}")
+        if isinstance(given, IOKey) and given.name is None:
+            cached = model._expr_wires.get(id(given))
+            if cached is None or cached[0] is not given:
+                raise KeyMismatchError(f"{what}: the IOKey() object given is not a connection "
+                                       "of this model (no call of it was given that object)")
+            c = cached[1]
+        else:
+            c = model._resolve(given.name if isinstance(given, IOKey) else given, what)
+        if c.name is None or model.conns.get(c.name) is not c:
+            raise ValueError(f"{what}: {given!r} is an internal wire of the model: name it with "
+                             "expose_keys(name=conn)")
+        if id(c) in todo:
+            raise ValueError(f"{what}: '{c.name}' is renamed twice")
+        todo[id(c)] = (c, key)
+    new = [k for _, k in todo.values()]
+    for key in new:
+        other = model.conns.get(key)
+        if new.count(key) > 1 or key in model._lists or (other is not None and id(other) not in todo):
+            raise KeyMismatchError(f"{what}: key '{key}' is already used by another connection "
+                                   f"of the model; its connections are {list(model.conns)}")
+    items = [(todo[id(c)][1] if id(c) in todo else n, c) for n, c in model.conns.items()]
+    model.conns.clear()
+    model.conns.update(items)
+    for c, key in todo.values():
+        c.name, c.auto_output = key, False
+
+
+def functional(func: Callable[..., Any]) -> Callable[..., Bound]:
+    """The published ``@functional`` decorator: ``func(a, b, *, option=...)`` returning a
+    call's output (or a tuple of them) becomes a block of its own. Each call
+    ``f(x, y, name=None, option=...)`` runs ``func`` on fresh inputs named after its
+    parameters, makes a model of the result (:func:`create`; unnamed, it is named after
+    ``func`` in its parent: ``my_lin``, ``my_lin_0``...), and returns that model called on
+    ``x, y`` (positionally or by the parameters' names). The other keywords go to ``func``."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(func).parameters.values() if p.kind in kinds]
+    from .model import Model
+
+    block = type(func.__name__, (Model,), {"__module__": func.__module__,
+                                           "__doc__": f"The model of @functional {func.__name__}."})
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, name: str | None = None, **kwargs: Any) -> Bound:
+        who = f"@functional {func.__name__}"
+        if len(args) > len(names):
+            raise TypeError(f"{who} takes {len(names)} connection(s) {names}, got {len(args)}")
+        given = dict(zip(names, args, strict=False))
+        for key in [k for k in kwargs if k in names]:
+            if key in given:
+                raise TypeError(f"{who}: connection '{key}' given twice")
+            given[key] = kwargs.pop(key)
+        if missing := [n for n in names if n not in given]:
+            raise TypeError(f"{who}: connection(s) {missing} not given")
+        # (fresh inputs under names of their own, renamed at the end: an input func makes
+        # under an argument's name is then a clash, not the same wire)
+        temps = [IOKey(f"__{n}") for n in names]
+        result = func(*temps, **kwargs)
+        model = block.create(*(result if isinstance(result, tuple) else (result,)), name=name)
+        unused = [n for n, k in zip(names, temps, strict=True) if k.name not in model.conns]
+        if unused:
+            raise ValueError(f"{who}: argument(s) {unused} reach no output of what it returns")
+        rename_keys(model, list(zip(temps, names, strict=True)), who)
+        return model(**given)
+
+    return wrapper
+
+
+class _CallableModule(types.ModuleType):
+    """This module is also the published decorator (``from mithril.models import functional``
+    gives the module: the package's attribute of that name)."""
+
+    def __call__(self, func: Callable[..., Any]) -> Callable[..., Bound]:
+        return functional(func)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -55,7 +55,7 @@ from .connection_types import check_fed, kinds_of, merged, type_name
 from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import Expression, wire_expression
-from .functional import Bound, Given, create, param_keys, pull_call
+from .functional import Bound, Given, create, param_keys, pull_call, rename_keys
 from .list_wires import ListWire, ToList, add_list_block, check_lists_read, expand_lists
 from .operator import Operator, named_connections, takes_name, unify
 
@@ -211,6 +211,11 @@ class Model:
     def set_cout(self, conn: str | Terminal) -> Model:
         self._cout = self._resolve(conn, "set_cout")
         return self
+
+    def rename_key(self, connection: str | Terminal | IOKey, key: str) -> None:
+        """As published: the connection (its name, object, or the IOKey a call was given) is
+        named ``key`` (:func:`~mithril.models.functional.rename_keys`)."""
+        rename_keys(self, [(connection, key)])
 
     def expose_keys(self, *conns: str | Terminal, **named: str | Terminal) -> Model:
         """Make connections (internal wires, a block's terminals, ``IOKey(expose=False)`` names)

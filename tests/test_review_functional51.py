@@ -1,0 +1,336 @@
+"""Review 51: the functional API as a user of the published Mithril writes it. The published
+tests/scripts/test_immediate_extend.py rules ported (the ``@functional`` decorator and
+``Model.rename_key``, a created model's input order, reuse of a created model, children named
+alike, ``IOKey`` shapes / types / values, keyword outputs, compile keys and ``TrainModel`` naming
+created-model connections), numbers in float64 against torch, refusals changing nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+from mithril.models import (
+    Add,
+    Buffer,
+    Concat,
+    IOKey,
+    Linear,
+    Mean,
+    Model,
+    Multiply,
+    Relu,
+    Sigmoid,
+    SquaredError,
+    Subtract,
+    TrainModel,
+    functional,
+)
+
+F64 = dict(rtol=0, atol=1e-12)
+
+
+def _np() -> ml.NumpyBackend:
+    return ml.NumpyBackend(dtype="float64")
+
+
+def _t(v) -> torch.Tensor:
+    return torch.tensor(np.asarray(v, dtype=np.float64))
+
+
+# --- @functional and rename_key (published test_functional_model_with_decorator*) ----------
+
+@functional
+def my_lin(left, right):
+    scale = IOKey("scale")
+    add_output = Add()(left=left, right=right)
+    mult_out = Multiply()(left=left, right=add_output)
+    return mult_out * scale
+
+
+@functional
+def square(arg):
+    return arg**2
+
+
+@functional
+def lin_nested(left, right, *, scale_shp=None):
+    scale = IOKey("scale", shape=scale_shp)
+    add_output = Add()(left=left, right=right)
+    mult_out = Multiply()(left=left, right=add_output)
+    return mult_out * square(scale, name="my_square")
+
+
+def manual_functional_lin(left, right, name=None):
+    _l, _r = IOKey(), IOKey()
+    m = Model.create(my_lin(_l, _r), name=name)
+    m.rename_key(_l, "left")
+    m.rename_key(_r, "right")
+    return m(left, right)
+
+
+def test_the_published_functional_decorator_and_rename_key():
+    # before: `from mithril.models import functional` was the module: "'module' object is not
+    # callable" at @functional, and Model had no rename_key
+    data = {"input1": np.array([1.0, -2.0, 3.0]), "input2": np.array([0.5, 1.0, 1.0]),
+            "scale": np.array([2.0, 2.0, -1.0])}
+    a, b, s = (_t(data[k]) for k in ("input1", "input2", "scale"))
+    for make, want, named in (
+            (lambda: my_lin(IOKey("input1"), IOKey("input2"), name="my_lin"), a * (a + b) * s,
+             "my_lin"),
+            (lambda: my_lin(IOKey("input1"), IOKey("input2")), a * (a + b) * s, None),
+            (lambda: my_lin(right=IOKey("input2"), left=IOKey("input1")), a * (a + b) * s, None),
+            (lambda: lin_nested(IOKey("input1"), IOKey("input2"), scale_shp=[3]),
+             a * (a + b) * s**2, None),
+            (lambda: manual_functional_lin(IOKey("input1"), IOKey("input2"), name="my_lin"),
+             a * (a + b) * s, "my_lin")):
+        m = Model.create(make())
+        child = m.blocks[0][0]  # (unnamed: named after the function in its parent)
+        assert child.name == named and type(child).__name__ in ("my_lin", "lin_nested", "Model")
+        assert m.input_keys == ("input1", "input2", "scale")  # (published order)
+        out = ml.compile(m, _np()).evaluate({}, data)["output"]
+        np.testing.assert_allclose(out, want.numpy(), **F64)
+    inner = Model.create(lin_nested(IOKey("input1"), IOKey("input2"), name="my_lin")).blocks[0][0]
+    assert inner.input_keys == ("left", "right", "scale")
+    assert [b.name for b, _ in inner.blocks if isinstance(b, Model)] == ["my_square"]
+
+
+def test_functional_blocks_unnamed_are_named_after_the_function():
+    @functional
+    def mlp(x, *, n=3):
+        return Linear(n)(input=Relu()(input=Linear(n)(input=x)))
+
+    m = Model.create(mlp(mlp(IOKey("input")), n=2))
+    c = ml.compile(m, _np(), shapes={"input": [2, 4]})
+    assert list(c.parameter_shapes) == [f"mlp_{i}.linear_{j}.{r}" for i in range(2)
+                                        for j in range(2) for r in ("weight", "bias")]
+    rng = np.random.default_rng(0)
+    p = {k: rng.standard_normal(v) for k, v in c.parameter_shapes.items()}
+    x, t = rng.standard_normal((2, 4)), {k: _t(v) for k, v in p.items()}
+
+    def block(i, h):
+        h = F.relu(F.linear(h, t[f"mlp_{i}.linear_0.weight"], t[f"mlp_{i}.linear_0.bias"]))
+        return F.linear(h, t[f"mlp_{i}.linear_1.weight"], t[f"mlp_{i}.linear_1.bias"])
+
+    np.testing.assert_allclose(c.evaluate(p, {"input": x})["output"],
+                               block(1, block(0, _t(x))).numpy(), **F64)
+
+
+def test_the_functional_decorator_refuses_bad_calls():
+    with pytest.raises(TypeError, match=r"@functional my_lin takes 2 connection\(s\) \['left', "
+                                        r"'right'\], got 3"):
+        my_lin(IOKey("a"), IOKey("b"), IOKey("c"))
+    with pytest.raises(TypeError, match=r"@functional my_lin: connection\(s\) \['right'\] not given"):
+        my_lin(IOKey("a"))
+
+    @functional
+    def first(a, b):
+        return Relu()(input=a)
+
+    with pytest.raises(ValueError, match=r"@functional first: argument\(s\) \['b'\] reach no output"):
+        first(IOKey("x"), IOKey("y"))
+
+    @functional
+    def clash(scale, x):  # an argument named as an input it makes itself
+        return Multiply()(left=x, right=IOKey("scale")) + scale
+
+    with pytest.raises(KeyError, match="key 'scale' is already used by another connection"):
+        clash(IOKey("s"), IOKey("x"))
+
+
+def test_rename_key_checks_everything_first_and_swaps():
+    a, b = IOKey("a"), IOKey("b")
+    m = Model.create(Subtract()(left=a, right=b), h=Relu()(input=a))
+    before = dict(m.conns)
+    for args, err, msg in (((b, "h"), KeyError, "key 'h' is already used"),
+                           (("nope", "x"), KeyError, "this model has no connection 'nope'"),
+                           ((IOKey(), "x"), KeyError, "the IOKey\\(\\) object given is not"),
+                           (("a", "x.y"), ValueError, "a key is a non-empty str without '.'")):
+        with pytest.raises(err, match=msg):
+            m.rename_key(*args)
+        assert m.conns == before
+    from mithril.models.functional import rename_keys
+
+    rename_keys(m, [("a", "b"), (b, "a")])  # a swap: checked as a whole
+    assert m.input_keys == ("b", "a") and m.conns["b"] is before["a"]
+    out = ml.compile(m, _np()).evaluate({}, {"a": np.array(5.0), "b": np.array(2.0)})
+    assert out["output"] == 2.0 - 5.0 and out["h"] == 2.0
+    outer = Model()
+    outer |= m(b="x", a="y")
+    with pytest.raises(ValueError, match="is part of a model already"):
+        m.rename_key("a", "z")
+    assert m.input_keys == ("b", "a")
+
+
+# --- a created model's inputs: the published order ------------------------------------------
+
+def test_created_inputs_follow_the_blocks_order_and_bind_positionally():
+    # published: inputs in the order the blocks (dependencies first) take them; before, the
+    # order the calls were reached in from the output: ("b", "a") here, and created(x, y)
+    # bound x to b: a silent swap of a Subtract's operands
+    a, b = IOKey("a"), IOKey("b")
+    m = Model.create(Subtract()(left=b, right=Relu()(input=a)))
+    assert m.input_keys == ("a", "b")
+    outer = Model.create(m(IOKey("x"), IOKey("y")))
+    xv, yv = np.array([-1.0, 2.0]), np.array([3.0, 0.5])
+    out = ml.compile(outer, _np()).evaluate({}, {"x": xv, "y": yv})["output"]
+    np.testing.assert_allclose(out, (_t(yv) - F.relu(_t(xv))).numpy(), **F64)
+    # Concat's list of calls: the list's order
+    c = Model.create(Concat()(input=[IOKey("p") ** 2, Add()(left=IOKey("q"), right=1.0)]))
+    assert c.input_keys == ("p", "q")
+
+
+# --- reuse of a created model, children named alike -------------------------------------------
+
+def test_a_created_model_is_used_once_and_weights_are_shared_by_name():
+    # published: a second call of the same created model is refused ("Submodel of a model
+    # could not be extended!"): no weight sharing; share a parameter by naming its role
+    blk = Model.create(Linear(3, name="l")(input=IOKey("input")), name="blk")
+    first = blk(input=IOKey("input"))
+    second = blk(input=first)
+    with pytest.raises(ValueError, match="is already part of a model; create a new instance"):
+        Model.create(second)
+    assert first.home is None and second.home is None and not blk._used
+    x = IOKey("input")
+    h = Linear(3)(input=x, weight="w", bias="b")
+    m = Model.create(Linear(3)(input=Relu()(input=h), weight="w", bias="b"))
+    c = ml.compile(m, _np(), shapes={"input": [2, 3]})
+    assert list(c.parameter_shapes) == ["w", "b"]
+    rng = np.random.default_rng(1)
+    p = {k: rng.standard_normal(v) for k, v in c.parameter_shapes.items()}
+    xv = rng.standard_normal((2, 3))
+    t = {k: _t(v).requires_grad_() for k, v in p.items()}
+    want = F.linear(F.relu(F.linear(_t(xv), t["w"], t["b"])), t["w"], t["b"])
+    want.backward(torch.ones_like(want))
+    out, grads = c.evaluate(p, {"input": xv}, output_gradients={"output": np.ones((2, 3))})
+    np.testing.assert_allclose(out["output"], want.detach().numpy(), **F64)
+    for k in p:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), **F64, err_msg=k)
+
+
+def test_children_named_alike_are_refused_by_create_changing_nothing():
+    # published: "Model already has a submodel named inner." at the call; before, ours
+    # accepted the model and refused it at compile only
+    def inner():
+        return Model.create(Relu()(input=Linear(4, name="fc")(input=IOKey("input"))), name="inner")
+
+    a = inner()(input=IOKey("input"))
+    b = inner()(input=a)
+    with pytest.raises(ValueError, match="two blocks of Model.create's model are both named "
+                                         "'inner'"):
+        Model.create(b)
+    assert a.home is None and b.home is None and not a.block._used and not b.block._used
+    clash = Linear(2)(input=Linear(2, name="linear")(input=IOKey("x")))  # a default name taken
+    with pytest.raises(ValueError, match=r"two blocks of Model.create\(name='m'\) are both named"):
+        Model.create(clash, name="m")
+    m = Model.create(a)  # the calls build a model again
+    assert a.home is m
+
+
+# --- parameter names of created models in created models --------------------------------------
+
+def test_parameter_names_of_nested_created_models():
+    # published (use_short_namings=False) joins the same path with "_" and lowercases the
+    # class names: "model_0_model_1_linear_weight"; here "." and snake_case (docs: Where this
+    # project differs)
+    def lvl1():
+        return Model.create(Linear(2)(input=Linear(2)(input=IOKey("input"))))
+
+    def lvl2(name=None):
+        x = IOKey("input")
+        return Model.create(lvl1()(input=lvl1()(input=x)), name=name)
+
+    m = Model.create(lvl2("top")(input=lvl2()(input=IOKey("input"))))
+    names = list(ml.compile(m, _np(), shapes={"input": [1, 2]}).parameter_shapes)
+    assert names == [f"{o}.model_{i}.linear_{j}.{r}" for o in ("model", "top") for i in range(2)
+                     for j in range(2) for r in ("weight", "bias")]
+    # a role named by an IOKey in a created model is its input: named so in the parent
+    inner = Model.create(Linear(3)(input=IOKey("input"), weight=IOKey("w")), name="a")
+    outer = Model.create(inner(input=IOKey("input"), w="shared"))
+    assert list(ml.compile(outer, _np(), shapes={"input": [2, 3]}).parameter_shapes) == \
+        ["a.linear.bias", "shared"]
+
+
+# --- IOKey shape / type / value, keyword outputs, compile keys, TrainModel -------------------
+
+def test_iokey_declarations_in_created_models():
+    m = Model.create(Add()(left=IOKey("x", shape=[2, 3]), right=IOKey("c", value=np.ones(3))))
+    assert m.input_keys == ("x",)
+    c = ml.compile(m, _np())
+    assert c.get_shapes()["output"] == [2, 3]
+    np.testing.assert_allclose(c.evaluate({}, {"x": np.zeros((2, 3))})["output"], np.ones((2, 3)))
+    with pytest.raises(ml.ShapeError, match="'x' has shape \\[2, 3\\]"):
+        ml.compile(m, _np(), shapes={"x": [3, 3]})
+    lin, relu = Linear(2)(input=IOKey("x", shape=[2, 3])), Relu()(input=IOKey("x", shape=[4, 3]))
+    with pytest.raises(ml.ShapeError, match=r"Model.create\(output=...\): .* 'x \(IOKey\)' has "
+                                            r"shape \[4, 3\]"):
+        Model.create(lin + relu)
+    assert lin.home is None and relu.home is None
+    with pytest.raises(TypeError, match="'x' is declared Tensor\\[int\\], but it feeds "
+                                        "Linear.input"):
+        Model.create(Linear(2)(input=IOKey("x", type=ml.Tensor[int])))
+
+
+def test_keyword_outputs_compile_keys_and_a_train_model_on_a_created_model():
+    x, y = IOKey("input"), IOKey("scale")
+    h = Linear(4, name="l1")(input=x)
+    r = Relu()(input=h)
+    m = Model.create(Multiply()(left=Linear(2, name="l2")(input=r), right=y), hidden=h, act=r,
+                     name="net")
+    assert m.output_keys == ("output", "hidden", "act") and m.input_keys == ("input", "scale")
+    rng = np.random.default_rng(2)
+    xv, sv, tv = rng.standard_normal((3, 5)), rng.standard_normal(2), rng.standard_normal((3, 2))
+    c = ml.compile(m, _np(), shapes={"input": [3, 5]}, constant_keys={"scale": sv})
+    p = {k: rng.standard_normal(v) for k, v in c.parameter_shapes.items()}
+    t = {k: _t(v) for k, v in p.items()}
+    th = F.linear(_t(xv), t["l1.weight"], t["l1.bias"])
+    out = c.evaluate(p, {"input": xv})
+    np.testing.assert_allclose(out["hidden"], th.numpy(), **F64)
+    np.testing.assert_allclose(out["output"], (F.linear(F.relu(th), t["l2.weight"], t["l2.bias"])
+                                               * _t(sv)).numpy(), **F64)
+    c = ml.compile(m, _np(), shapes={"input": [3, 5], "scale": [2]}, trainable_keys={"scale"})
+    assert list(c.parameter_shapes) == ["scale", "l1.weight", "l1.bias", "l2.weight", "l2.bias"]
+    tm = TrainModel(m)
+    tm.add_loss(SquaredError(), reduce_steps=[Mean()], input=m.output, target="target")
+    tm.add_loss(Buffer(), reduce_steps=[Mean()], input=m.act)  # an intermediate, by object
+    c = ml.compile(tm, _np(), shapes={"input": [3, 5]}, data_keys={"scale"})
+    got, grads = c.evaluate(p, {"input": xv, "scale": sv, "target": tv}, output_gradients=True)
+    tp = {k: v.clone().requires_grad_() for k, v in t.items()}
+    th = F.relu(F.linear(_t(xv), tp["l1.weight"], tp["l1.bias"]))
+    loss = F.mse_loss(F.linear(th, tp["l2.weight"], tp["l2.bias"]) * _t(sv), _t(tv)) + th.mean()
+    loss.backward()
+    np.testing.assert_allclose(got["final_cost"], loss.item(), **F64)
+    for k in p:
+        np.testing.assert_allclose(grads[k], tp[k].grad.numpy(), **F64, err_msg=k)
+
+
+def test_the_module_is_the_decorator_and_still_a_module():
+    import mithril.models.functional as mod
+
+    assert mod is functional and callable(functional)
+    assert functional.create is mod.create and isinstance(Sigmoid()(input="x"), functional.Bound)
+
+
+# --- waiting for files of others -------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/models/expressions.py: _constant "
+                   "refuses an unnamed IOKey() operand ('an IOKey operand needs a name or a "
+                   "value'); published accepts it (one IOKey() object: one wire, as in calls)")
+def test_an_unnamed_iokey_is_an_expression_operand():
+    k = IOKey()
+    m = Model.create(Relu()(input=IOKey("x")) + k)
+    assert m.input_keys == ("x", "right")
+
+
+@pytest.mark.xfail(strict=True, reason="needs tests/test_published_examples.py:48 to add the "
+                   "README's Add with |= (as the published README), then model.py's += refuses a "
+                   "block whose canonical inputs connect(...) all gives (diff in the report)")
+def test_plus_equals_of_a_block_with_nothing_left_to_wire_is_refused():
+    # published Model.__add__: "Submodel must have single available canonical input! Set
+    # canonical input or use |= operator."; ours adds it as |= would, wiring nothing
+    model = Model()
+    model |= Relu().connect(input="x", output="y")
+    with pytest.raises(ml.KeyMismatchError, match="nothing is left to wire it to"):
+        model += Sigmoid()(input="y", output="z")
