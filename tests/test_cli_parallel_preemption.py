@@ -327,9 +327,6 @@ def test_a_sharded_run_stops_alike_and_offers_no_resume(tmp_path, monkeypatch, c
     assert len(_rows(run / "metrics.csv")) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/cli/train.py: say why a stopped "
-                   "data-parallel run has no checkpoint (write_checkpoint returns None for "
-                   "--shard-state; train_and_write prints 'interrupted inside a step')")
 def test_a_sharded_run_says_why_it_has_no_checkpoint(tmp_path, monkeypatch, capsys) -> None:
     _signal_at(monkeypatch, 5)
     assert main(["train", *FLAGS, "--batch-size", "64", "--nprocs", "1", "--shard-state",

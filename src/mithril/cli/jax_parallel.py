@@ -94,6 +94,11 @@ class JaxParallel:
         state lives on every process's devices (not saved)."""
         return self.world.size == 1
 
+    @property
+    def why_no_checkpoint(self) -> str:
+        """Why :attr:`can_checkpoint` is False, for the run's closing message."""
+        return "with --backend jax --nprocs the state lives on every process's devices"
+
     def stop_agreement(self) -> tuple[Any, float]:
         """As :meth:`.parallel.Parallel.stop_agreement`, over ``jax.distributed``'s
         processes (one process: none)."""

@@ -259,6 +259,13 @@ class Parallel:
         where each rank holds its share, nor with mixed precision's trainer)."""
         return not self.world.shard_state and self._trainer is None
 
+    @property
+    def why_no_checkpoint(self) -> str:
+        """Why :attr:`can_checkpoint` is False, for the run's closing message."""
+        if self.world.shard_state:
+            return "with --shard-state each process keeps its own share of the optimizer state"
+        return "mixed precision's trainer state is not saved on a data-parallel run"
+
     def stop_agreement(self) -> tuple[Any, float]:
         """The collective the loop's :class:`~.runtime.HeldInterrupt` settles each stop
         with, and the seconds a repeated signal is the same one (one process: none)."""

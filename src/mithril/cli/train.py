@@ -507,8 +507,10 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                                      len(result.epochs))
             written += [saved] if saved is not None else []
             if saved is None:
-                print(f"(no {CHECKPOINT_FILE}: interrupted inside a step, where parameters and "
-                      f"logs do not agree)")
+                par = training.parallel
+                why = par.why_no_checkpoint if par is not None and not par.can_checkpoint \
+                    else "interrupted inside a step, where parameters and logs do not agree"
+                print(f"(no {CHECKPOINT_FILE}: {why})")
     files = [out / f.name for f in written]
     for name in set(RUN_FILES) - {f.name for f in files}:
         with contextlib.suppress(OSError):  # absent (the usual case), or a folder: kept
