@@ -78,7 +78,6 @@ def test_the_estimate_is_hutchinsons_at_the_params_before_the_step() -> None:
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["--optimizer", "lookahead:inner=sophia"], "without the wrapper"),
     (["--optimizer", "sophia", "--task", "digits-cnn"], "Dropout or BatchNorm"),
     (["--optimizer", "sophia", "--mixed-precision", "bfloat16"], "mixed-precision"),
 ])

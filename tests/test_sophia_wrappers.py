@@ -651,10 +651,7 @@ def test_lookahead_of_sophia_with_an_ema_equals_optax_and_torch_averaged_model()
     assert set(state.slots) == {"m", "nu", "slow", "ema", "swa"}
 
 
-# -- the CLI (another helper's files) ------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs src/mithril/cli/training.py: _hessian_user to "
-                   "accept a wrapper whose own update_hessian hands the estimate to its Sophia, "
-                   "and the loop to call hessian_due / update_hessian on that wrapper")
+# -- the CLI ----------------------------------------------------------------------------------------
 def test_cli_trains_lookahead_around_sophia(tmp_path):
     from test_cli_resume import _table, _train
 

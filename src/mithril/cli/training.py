@@ -442,18 +442,21 @@ def _holds(opt: Any, cls: type) -> bool:
 
 
 def _hessian_user(opt: Any, cfg: Any, parallel: Any) -> bool:
-    """Whether ``opt`` is Sophia, whose estimate the loop measures; refused where it cannot:
-    around a wrapper (its state is the wrapper's), under mixed precision or data-parallel.
-    (A wrapper's own ``update_hessian``, which hands the estimate on, does not make it one:
-    what counts is the Sophia it holds.)"""
+    """Whether ``opt`` is Sophia, or a wrapper that hands the estimate on to the Sophia it
+    holds (``lookahead:inner=sophia``: its ``hessian_due`` / ``update_hessian``), whose
+    estimate the loop measures; refused where it cannot: a wrapper that does not hand it
+    on, mixed precision, data-parallel. (A wrapper's own ``update_hessian`` does not make
+    it one: what counts is the Sophia it holds.)"""
     from ..utils.optimizers import Sophia
+    from ..utils.optimizers.sophia import HeldEstimates
 
     if not isinstance(opt, Sophia):
-        if _holds(opt, Sophia):
+        if not _holds(opt, Sophia):
+            return False
+        if not isinstance(opt, HeldEstimates):
             raise CLIError(f"optimizer {cfg.optimizer}: Sophia takes its Hessian estimate "
-                           f"from the training loop, which gives it to Sophia itself "
-                           f"only: train --optimizer sophia without the wrapper")
-        return False
+                           f"from the training loop, which this wrapper does not hand on: "
+                           f"train --optimizer sophia without the wrapper")
     if parallel is not None or cfg.mixed_precision != "none":
         raise CLIError(f"optimizer {cfg.optimizer} (Sophia) trains in one process in float32 "
                        f"or float64: its Hessian estimate is measured by the training loop, "
