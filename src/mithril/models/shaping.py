@@ -22,7 +22,9 @@ class Reshape(Operator):
     ``Reshape(shape=(x.shape[0], x.shape[1], -1))``, ``Reshape(x.shape[:3])``, and it may be
     given in ``connect(shape=...)`` (``Reshape().connect(input=..., shape=...)``). The
     connections the wires read are then extra inputs (``shape_ref0`` ...) that only give
-    their shapes (no gradient)."""
+    their shapes (no gradient). A size may also be a connection whose value the compiler
+    knows (the published segformer's ``x.reshape((B, C, height, width))``: an extra input
+    ``shape_value0`` ... read for its value; see :mod:`mithril.models.size_values`)."""
 
     any_dtype_inputs = frozenset({"input"})
 
