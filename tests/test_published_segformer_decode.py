@@ -85,13 +85,7 @@ def test_a_shape_wire_in_arithmetic_with_a_connection(name):
     np.testing.assert_allclose(grads["x"], tx.grad.numpy(), rtol=0, atol=1e-15)
 
 
-_TORCH_INT_DIVIDE = pytest.mark.xfail(strict=True, reason="needs src/mithril/models/primitives.py "
-                                      "(Divide on torch): int / int in the model's float dtype "
-                                      "(float64 here: 1.6666666666666667 as NumPy and JAX give), "
-                                      "not torch's default float32 (1.6666666269302368)")
-
-
-@pytest.mark.parametrize("name", ["numpy", pytest.param("torch", marks=_TORCH_INT_DIVIDE), "jax"])
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
 def test_two_sizes_divided_are_in_the_models_float_dtype(name):
     """The published scale factor ``H_in / H_out``: two sizes, one a connection (a Size
     output), divided in the model's float dtype (torch's with float64 its default dtype)."""
@@ -291,12 +285,12 @@ def bilinear_with_an_untyped_size():
     return published_decode_head((_TYPED, 'IOKey("size")'))["segformer_bilinear_interpolate"]
 
 
-@pytest.mark.parametrize("name", ["numpy", pytest.param("torch", marks=_TORCH_INT_DIVIDE), "jax"])
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
 def test_the_published_bilinear_interpolation_is_torch_interpolate(name):
     """Upsampling (4, 5) -> (8, 7) and downsampling to (3, 2), ``size`` given as another
     input's ``x.shape[2:]`` (its values known at compile time: the Aranges' ends and the
     reshapes' sizes): ``F.interpolate(mode="bilinear", align_corners=False)``'s values and
-    gradients, jitted on JAX. (On torch its scale H_in / H_out is float32 today: 2.3e-7 off.)"""
+    gradients, jitted on JAX."""
     interp = bilinear_with_an_untyped_size()
     x, up, down = (IOKey(k, type=Tensor[float]) for k in ("input", "up", "down"))
     m = Model.create(big=interp(name="i0")(input=x, size=up.shape[2:]),
@@ -335,7 +329,7 @@ def _decode_head_torch(t: dict, hs: list[torch.Tensor], running: dict) -> torch.
     return F.conv2d(F.relu(x), t["classifier.weight"], t["classifier.bias"])
 
 
-@pytest.mark.parametrize("name", ["numpy", pytest.param("torch", marks=_TORCH_INT_DIVIDE), "jax"])
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
 def test_the_published_decode_head_matches_torch(name):
     """The decode head with its tuple input as one input per stage (``input_0`` ..; the
     tuple waits on test_the_published_decode_head_builds) and no ``set_shapes`` of the

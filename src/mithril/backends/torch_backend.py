@@ -27,6 +27,9 @@ class _TorchNumpy:
 
         self.t = torch
         self.F = torch.nn.functional  # fused kernels for the operators (``functional_of``)
+        #: the model's float dtype (the backend's), for results torch would otherwise give
+        #: in its default dtype (an integer quotient)
+        self.float_dtype = torch.float32
         self.tanh, self.exp, self.log, self.sqrt, self.where = (
             torch.tanh, torch.exp, torch.log, torch.sqrt, torch.where)
 
@@ -140,6 +143,8 @@ class TorchBackend(Backend):
         self.native_type = torch.Tensor
         super().__init__(dtype, seed, precision=precision)
         self._xp = _TorchNumpy()  # the operators' forwards
+        self._xp.float_dtype = getattr(torch, self.dtype) if self.dtype in (
+            "float16", "bfloat16", "float32", "float64") else torch.float32
         self._helpers = _TorchHelpers()
 
     is_manualgrad = False

@@ -211,6 +211,13 @@ class Divide(_Broadcasting):
 
     def forward(self, xp: Any, numerator: Any, denominator: Any) -> Any:
         numerator, denominator = promote(numerator, denominator)
+        t = torch_of(xp)
+        if t is not None and not numerator.is_floating_point() and \
+                not denominator.is_floating_point():
+            # (torch's int / int is in its default dtype, float32, in a float64 model too;
+            # NumPy's in float64, given in the model's dtype: so here)
+            q = numerator.to(t.float64) / denominator.to(t.float64)
+            return q.to(getattr(xp, "float_dtype", t.float32))
         return numerator / denominator
 
     def vjp(self, g, out, args, wrt):
