@@ -164,6 +164,18 @@ def test_rename_key_checks_everything_first_and_swaps():
     assert m.input_keys == ("b", "a")
 
 
+def test_a_call_made_before_rename_key_is_refused_when_added():
+    # before: the call's input=x was dropped without a word (the model's 'inp' became an input)
+    m = Model.create(Relu()(input=IOKey("input")))
+    call = m(input=IOKey("x"))
+    m.rename_key("input", "inp")
+    with pytest.raises(KeyError, match=r"connects \['input'\], which Model no longer has"):
+        Model.create(call)
+    assert call.home is None and not m._used
+    outer = Model.create(m(inp=IOKey("x")))
+    assert outer.input_keys == ("x",)
+
+
 # --- a created model's inputs: the published order ------------------------------------------
 
 def test_created_inputs_follow_the_blocks_order_and_bind_positionally():
@@ -345,3 +357,25 @@ def test_an_operator_constructor_takes_input_values_as_published():
     m = Model.create(Concat()(input=[IOKey("input1") ** 2, Add(right=1)(IOKey("input2"))]))
     out = ml.compile(m, _np()).evaluate({}, {"input1": np.array([3.0]), "input2": np.array([2.0])})
     np.testing.assert_allclose(out["output"], [9.0, 3.0], **F64)
+
+
+def test_set_cin_and_set_cout_of_a_created_model_steer_plus_equals():
+    x, y = IOKey("input"), IOKey("y")
+    m = Model.create(Add()(left=Relu()(input=x), right=y), aux=Sigmoid()(input=y), name="blk")
+    assert (m.cin.key, m.cout.key) == ("input", "output")
+    m.set_cout("aux").set_cin("y")  # (declaring, not extending: allowed on a created model)
+    outer = Model()
+    outer += Linear(2, name="first")(input="z")
+    outer += m  # first's output feeds y; blk's input stays an input of outer
+    outer += Linear(3, name="last")  # reads aux
+    assert outer.input_keys == ("z", "input") and outer.cout.key == "output_1"
+    c = ml.compile(outer, _np(), shapes={"z": [1, 4], "input": [1, 2]})
+    rng = np.random.default_rng(5)
+    p = {k: rng.standard_normal(v) for k, v in c.parameter_shapes.items()}
+    zv, iv = rng.standard_normal((1, 4)), rng.standard_normal((1, 2))
+    t = {k: _t(v) for k, v in p.items()}
+    yv = F.linear(_t(zv), t["first.weight"], t["first.bias"])
+    out = c.evaluate(p, {"z": zv, "input": iv})
+    np.testing.assert_allclose(out["output"], (F.relu(_t(iv)) + yv).numpy(), **F64)
+    np.testing.assert_allclose(out["output_1"], F.linear(torch.sigmoid(yv), t["last.weight"],
+                                                         t["last.bias"]).numpy(), **F64)

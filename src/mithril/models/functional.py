@@ -96,6 +96,16 @@ class Bound(Terminal):
         super().__init__(block, outs[0] if len(outs) == 1 else None)
         self.connections, self.home, self.outs = connections, None, outs
 
+    def check_keys(self) -> None:
+        """The block still has the terminals this call connects (a model's renamed since:
+        ``rename_key``): a ``KeyMismatchError`` naming them, not a connection left out."""
+        gone = [k for k in self.connections
+                if k not in self.block.terminals and k not in param_keys(self.block)]
+        if gone:
+            raise KeyMismatchError(f"{self!r} connects {gone}, which {type(self.block).__name__} "
+                                   f"no longer has (renamed since the call?); its terminals are "
+                                   f"{list(self.block.terminals)}")
+
     def __getitem__(self, index: Any) -> Any:
         """A block with several outputs: its ``index``-th output; one output: its value
         indexed (an ``Indexer`` expression)."""

@@ -411,6 +411,7 @@ class Model:
     def _add_block(self, item: Block | Bound, chain: bool) -> Model:
         call = item if isinstance(item, Bound) else None
         bound = call if call is not None else Bound(item, {})
+        bound.check_keys()  # (a model renamed since the call: rename_key)
         block = bound.block
         if block is self:
             raise ValueError("a model cannot contain itself")
