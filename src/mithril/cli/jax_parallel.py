@@ -121,7 +121,8 @@ class JaxParallel:
         params = self._global if self._global is not None else run.params
         return self.step_fn.to_optimizer_state(run.state, params)
 
-    def load_state(self, run: Any, state: Any) -> Any:
+    def load_state(self, run: Any, state: Any, extra: Any = None, flag: str = "--resume"
+                   ) -> Any:
         """A loaded checkpoint's optimizer state (of ``run.params``) on the mesh."""
         self._global = None  # the next step places run.params
         try:

@@ -17,8 +17,11 @@ and writes the outputs.
 Preemption: a SIGTERM (or Ctrl-C) to the launcher or to any rank stops every rank after
 the same step (:mod:`.stop_agreement`: one all-reduce of the ranks' requests after each
 step); rank 0 then saves the checkpoint (``checkpoint.safetensors``, as one process does:
-the whole replicated optimizer state, atomically) and prints the resume command, and the
-launcher exits ``128 + signal``. ``--checkpoint-every N`` has rank 0 save every N steps.
+the whole optimizer state, atomically) and prints the resume command, and the launcher
+exits ``128 + signal``. ``--checkpoint-every N`` has rank 0 save every N steps. With
+``--shard-state`` or mixed precision every rank takes part in each save
+(:mod:`.parallel_checkpoint`: the shards gathered to rank 0; the replicated masters and loss
+scale checked alike), and the file is the same at every world size.
 """
 
 from __future__ import annotations
@@ -250,21 +253,22 @@ class Parallel:
     def __init__(self, world: World) -> None:
         self.world = world
         self.dp: Any = None
-        self._trainer: Any = None  # mixed precision's (its masters, scaler: not saved yet)
+        self._trainer: Any = None  # mixed precision's (its masters, scaler)
         self._agreement: Any = None  # the loop's StepAgreement (several processes)
+        self._full: Any = None  # rank 0: the state gathered for the save under way
 
-    @property
-    def can_checkpoint(self) -> bool:
-        """Whether rank 0 holds the whole optimizer state (not with ``--shard-state``,
-        where each rank holds its share, nor with mixed precision's trainer)."""
-        return not self.world.shard_state and self._trainer is None
+    #: rank 0 saves the whole state (gathered from the shards with ``--shard-state``)
+    can_checkpoint = True
+    why_no_checkpoint = ""
 
-    @property
-    def why_no_checkpoint(self) -> str:
-        """Why :attr:`can_checkpoint` is False, for the run's closing message."""
-        if self.world.shard_state:
-            return "with --shard-state each process keeps its own share of the optimizer state"
-        return "mixed precision's trainer state is not saved on a data-parallel run"
+    def gather(self, run: Any) -> None:
+        """Every rank's part of a save (a collective with ``--shard-state`` or mixed
+        precision, else nothing): rank 0 then holds the whole optimizer state for
+        :meth:`optimizer_state`. Every rank calls it at the same point."""
+        from .parallel_checkpoint import collective, gather
+
+        if collective(self):
+            self._full = gather(self, run)
 
     def stop_agreement(self) -> tuple[Any, float]:
         """The collective the loop's :class:`~.runtime.HeldInterrupt` settles each stop
@@ -277,29 +281,43 @@ class Parallel:
         return self._agreement, REPEAT_S
 
     def saver(self, run: Any) -> tuple[Any, int | None]:
-        """Rank 0's ``(saver, every)`` for :attr:`.training.Run.saver` (the checkpoint of
-        the run under way, as one process saves it); ``(None, None)`` on the other ranks."""
-        if self.world.rank != 0 or self.world.out is None or self.world.flags is None \
-                or not self.can_checkpoint:
+        """``(saver, every)`` for :attr:`.training.Run.saver` (the checkpoint of the run
+        under way, as one process saves it): rank 0's; with ``--shard-state`` or mixed
+        precision every rank's (each save a collective); ``(None, None)`` on the others."""
+        if self.world.out is None or self.world.flags is None or not self.can_checkpoint:
             return None, None
+        from .parallel_checkpoint import collective
         from .train import save_progress
 
-        return functools.partial(save_progress, run, Path(self.world.out),
-                                 self.world.flags), self.world.every
+        save = functools.partial(save_progress, run, Path(self.world.out), self.world.flags)
+        if isinstance(self, Parallel) and collective(self):  # (JaxParallel borrows this)
+            return functools.partial(_save_together, self, run, save), self.world.every
+        if self.world.rank != 0:
+            return None, None
+        return save, self.world.every
 
     def optimizer_state(self, run: Any) -> Any:
-        """The optimizer's state as one process holds it (what a checkpoint saves)."""
-        return run.state.local
+        """The optimizer's state as one process holds it (what a checkpoint saves): after
+        :meth:`gather` on rank 0; None where it was not gathered."""
+        if self._full is not None:
+            full, self._full = self._full, None
+            return full
+        if self.world.shard_state and self.world.size > 1:
+            return None
+        from ..distributed.full_state import gather_state
+        from .parallel_checkpoint import masters
 
-    def load_state(self, run: Any, state: Any) -> Any:
-        """``state`` (a loaded checkpoint's, of ``run.params``) as this rank's state: every
-        rank loads the same file and calls this at the same point (collectives)."""
-        try:
-            wrapped = self.dp.init(run.params)
-        except (ValueError, NotImplementedError) as exc:
-            raise CLIError(f"--resume: {exc}") from None
-        wrapped.local = state
-        return wrapped
+        return gather_state(self.dp, run.state, masters(run))  # (no collective here)
+
+    def load_state(self, run: Any, state: Any, extra: dict[str, Any] | None = None,
+                   flag: str = "--resume") -> Any:
+        """``state`` (a loaded checkpoint's whole state, of ``run.params``) as this rank's
+        state at this world size (its share with ``--shard-state``; mixed precision: a new
+        trainer, the saved loss scale): every rank loads the same file and calls this at the
+        same point (collectives)."""
+        from .parallel_checkpoint import load
+
+        return load(self, run, state, extra or {}, flag)
 
     def init(self, run: Any) -> Any:
         """The wrapped optimizer's state (after :func:`check`)."""
@@ -369,6 +387,14 @@ class Parallel:
         if norm is None or (skipped and run.trainer is not None):  # overflow: not averaged
             norm = float("nan")
         return loss, metric, float(norm), skipped
+
+
+def _save_together(par: Parallel, run: Any, save: Any, steps: list[dict[str, Any]],
+                   epochs: list[dict[str, Any]]) -> None:
+    """A save every rank takes part in (:meth:`Parallel.gather`); rank 0 writes."""
+    par.gather(run)
+    if par.world.rank == 0:
+        save(steps, epochs)
 
 
 # -- the --nprocs parent -------------------------------------------------------------------

@@ -191,12 +191,14 @@ def write_checkpoint(run: Any, folder: Path, flags: dict[str, Any],
         extra["privacy"] = {"noise_multiplier": float(run.optimizer.noise_multiplier),
                             "accountant": run.accountant(steps).state_dict()}
     params, state = run.params, run.state
-    if run.parallel is not None:  # data-parallel: rank 0's copy of the replicated state
+    if run.parallel is not None:  # data-parallel: the whole state (gathered with ZeRO)
         if not run.parallel.can_checkpoint:
             return None
         state = run.parallel.optimizer_state(run)
+        if state is None:  # (--shard-state: not gathered for this save)
+            return None
         extra["world"] = run.parallel.world.summary()
-    elif run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
+    if run.trainer is not None:  # mixed precision: the float32 masters, the loss scaler
         params = run.trainer.master_params
         extra["mixed_precision_trainer"] = run.trainer.state_dict()
     path = folder / CHECKPOINT_FILE
@@ -224,21 +226,13 @@ def check_noise(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> None:
 
 def check_supported(args: argparse.Namespace, world: Any) -> None:
     """--checkpoint, --checkpoint-every and --resume with data-parallel runs: rank 0 saves
-    the whole optimizer state, which it holds unless each process keeps a share of it
-    (``--shard-state``), a mixed-precision trainer wraps it, or the ranks are JAX
+    the whole optimizer state (with ``--shard-state`` gathered from the ranks' shards, with
+    mixed precision the replicated masters and loss scale), except where the ranks are JAX
     processes (``--backend jax --nprocs``; ``--devices`` trains in one process and saves)."""
     every = getattr(args, "checkpoint_every", None)
     if not (args.checkpoint or args.resume or every) or world is None:
         return
     flag = "--resume" if args.resume else "--checkpoint-every" if every else "--checkpoint"
-    if world.shard_state:
-        raise CLIError(f"{flag} with --shard-state: each process keeps the optimizer state of "
-                       f"1/N of the parameters, and the checkpoint is one file of the whole "
-                       f"state saved by rank 0; leave --shard-state out")
-    if args.mixed_precision != "none":
-        raise CLIError(f"{flag} with --mixed-precision and a data-parallel run is not "
-                       f"supported (the trainer's float32 masters and loss scale): train in "
-                       f"one process, or without --mixed-precision")
     if world.engine == "jax" and world.size > 1:
         raise CLIError(f"{flag} with --backend jax --nprocs is not supported (the state lives "
                        f"on every process's devices): use --devices N (one process), or "
@@ -344,7 +338,9 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
                        f"command's optimizer ({exc})") from None
     run.params = dict(loaded["params"])
     if run.parallel is not None:  # this rank's state of it (every rank loads the same)
-        run.state = run.parallel.load_state(run, run.state)
+        run.state = run.parallel.load_state(run, run.state, extra, flag)
+        if run.trainer is not None:
+            run.params = run.trainer.master_params
     elif run.trainer is not None:  # a trainer on the saved masters and state, its scaler's
         from ..utils.mixed_precision import MixedPrecisionTrainer
 

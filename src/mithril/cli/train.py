@@ -486,6 +486,11 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
         training.save_every = args.checkpoint_every
     result = training.train(progress=False if args.no_progress or not lead else None,
                             desc="train", log=print)
+    saving = bool(args.checkpoint or args.checkpoint_every or args.resume or result.signal)
+    gather = getattr(training.parallel, "gather", None)
+    if saving and gather is not None and (result.steps or result.error is None):
+        # (--shard-state, mixed precision: every rank takes part in the final save)
+        gather(training)
     if not lead:  # rank 0 reports
         return 1 if result.error else exit_status(result.signal) if result.interrupted \
             else 0
@@ -502,7 +507,7 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                             extra=extra)
         if job.write is not None:
             written += job.write(training, stage)
-        if args.checkpoint or args.checkpoint_every or args.resume or result.signal:
+        if saving:
             saved = write_checkpoint(training, stage, args.snapshot, len(result.steps),
                                      len(result.epochs))
             written += [saved] if saved is not None else []
