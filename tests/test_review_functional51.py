@@ -379,3 +379,73 @@ def test_set_cin_and_set_cout_of_a_created_model_steer_plus_equals():
     np.testing.assert_allclose(out["output"], (F.relu(_t(iv)) + yv).numpy(), **F64)
     np.testing.assert_allclose(out["output_1"], F.linear(torch.sigmoid(yv), t["last.weight"],
                                                          t["last.bias"]).numpy(), **F64)
+
+
+# --- published test_functional_attn_block: the functional block equals the |= one -------------
+
+def _attn_block_functional(n_channels: int, *, name: str | None = None) -> Model:
+    from mithril.models import Convolution2D, GroupNorm, Reshape, ScaledDotProduct, Transpose
+
+    x = IOKey("input", shape=[None, 512, None, None])
+    normalized = GroupNorm(num_groups=32, eps=1e-6, name="norm")(input=x)
+    query = Convolution2D(1, n_channels, name="q")(input=normalized)
+    key = Convolution2D(1, n_channels, name="k")(input=normalized)
+    value = Convolution2D(1, n_channels, name="v")(input=normalized)
+    shape = query.shape
+    query = query.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    key = key.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    value = value.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    sdp_out = ScaledDotProduct(is_causal=False)(query=query, key=key, value=value)
+    reshaped = Reshape()(input=sdp_out, shape=(shape[0], shape[2], shape[3], shape[1]))
+    transposed = Transpose(axes=(0, 3, 1, 2))(input=reshaped)
+    proj_out = Convolution2D(1, n_channels, name="proj_out")(input=transposed)
+    return Model.create(output=proj_out + x, name=name)
+
+
+def _attn_block(n_channels: int, *, name: str | None = None) -> Model:
+    from mithril.models import Convolution2D, GroupNorm, Reshape, ScaledDotProduct, Transpose
+
+    block = Model(name=name)
+    block |= GroupNorm(num_groups=32, eps=1e-6, name="norm").connect(
+        IOKey("input", shape=[None, 512, None, None]), "normalized")
+    block |= Convolution2D(1, n_channels, name="q").connect("normalized", output="query")
+    block |= Convolution2D(1, n_channels, name="k").connect("normalized", output="key")
+    block |= Convolution2D(1, n_channels, name="v").connect("normalized", output="value")
+    query, key, value = block.query, block.key, block.value
+    shape = query.shape
+    query = query.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    key = key.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    value = value.transpose((0, 2, 3, 1)).reshape((shape[0], 1, -1, shape[1]))
+    block |= ScaledDotProduct(is_causal=False).connect(query, key, value, output="sdp_out")
+    block.set_cout("sdp_out")
+    block += Reshape().connect(shape=(shape[0], shape[2], shape[3], shape[1]))
+    block += Transpose(axes=(0, 3, 1, 2))
+    block += Convolution2D(1, n_channels, name="proj_out")
+    block += Add().connect(right="input", output=IOKey("output"))
+    return block
+
+
+def test_the_published_functional_attn_block_equals_the_ior_one_and_torch():
+    shapes = {"input": [1, 512, 2, 3]}
+    f = ml.compile(_attn_block_functional(512), _np(), shapes=shapes)
+    c = ml.compile(_attn_block(512), _np(), shapes=shapes)
+    assert f.parameter_shapes == c.parameter_shapes
+    assert list(f.parameter_shapes)[:2] == ["norm.weight", "norm.bias"]
+    rng = np.random.default_rng(6)
+    p = {k: rng.standard_normal(v) * (0.05 if k.endswith("weight") and k != "norm.weight" else 1)
+         for k, v in f.parameter_shapes.items()}
+    xv, cot = rng.standard_normal((1, 512, 2, 3)), rng.standard_normal((1, 512, 2, 3))
+    got = f.evaluate(p, {"input": xv}, output_gradients={"output": cot})
+    same = c.evaluate(p, {"input": xv}, output_gradients={"output": cot})
+    t = {k: _t(v).requires_grad_() for k, v in p.items()}
+    x = _t(xv)
+    h = F.group_norm(x, 32, t["norm.weight"], t["norm.bias"], 1e-6)
+    q, k, v = (F.conv2d(h, t[f"{n}.weight"], t[f"{n}.bias"]).permute(0, 2, 3, 1).reshape(1, 1, -1, 512)
+               for n in "qkv")
+    y = F.scaled_dot_product_attention(q, k, v).reshape(1, 2, 3, 512).permute(0, 3, 1, 2)
+    want = F.conv2d(y, t["proj_out.weight"], t["proj_out.bias"]) + x
+    want.backward(_t(cot))
+    for out, grads in (got, same):
+        np.testing.assert_allclose(out["output"], want.detach().numpy(), **F64)
+        for name in p:
+            np.testing.assert_allclose(grads[name], t[name].grad.numpy(), **F64, err_msg=name)
