@@ -1,10 +1,11 @@
 """Review 51: models written with the published functional API (``Linear(3)(input=x)``,
 ``Model.create``) trained a few steps with our optimizers on NumPy, torch and JAX (float64),
 against the same network and optimizer in torch (``torch.nn.functional`` + ``torch.optim``):
-a small CNN (Conv2D, Relu, MaxPool2D, Flatten, Linear; CrossEntropy) with Adam, and a GRU
-unrolled over time whose steps share their weights by name (``weight="w_ir"``), with SGD
-(momentum); losses, parameters after each step and the gradients of the last step agree to
-1e-12 on every backend."""
+a small CNN (Conv2D, Relu, MaxPool2D, Flatten, Linear; CrossEntropy) with Adam, a GRU
+unrolled over time whose steps share their weights by name (``weight="w_ir"``) with SGD
+(momentum), and an MLP-mixer of ``@functional`` blocks (token mixing through transposes,
+LayerNorm, Gelu, residuals) with AdamW; losses, parameters after each step and the gradients
+of the last step agree to 1e-12 on every backend."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from mithril.models import (
     Convolution2D,
     CrossEntropy,
     Flatten,
+    Gelu,
     IOKey,
+    LayerNorm,
     Linear,
     MaxPool2D,
     Mean,
@@ -29,8 +32,9 @@ from mithril.models import (
     SquaredError,
     Tanh,
     TrainModel,
+    functional,
 )
-from mithril.utils.optimizers import SGD, Adam
+from mithril.utils.optimizers import SGD, Adam, AdamW
 
 BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
 F64 = dict(rtol=0, atol=1e-12)
@@ -175,5 +179,64 @@ def test_functional_gru_with_weights_shared_by_name_trains_as_torch(name, gru_ca
     params, data, want = gru_case
     got = _train(name, functional_gru(4, 4), SquaredError(), {"input": [3, 4, 5], "h0": [3, 4]},
                  data, params, SGD(learning_rate=0.3, momentum=0.9))
+    _check(got, want)
+    assert got[0][-1] < got[0][0]
+
+
+@functional
+def mixer_layer(x, *, tokens: int, channels: int):
+    """x + token-MLP(LN(x))ᵀ, then + channel-MLP(LN(·)) (B, tokens, channels)."""
+    h = LayerNorm(name="ln1")(input=x).transpose((0, 2, 1))
+    h = Linear(tokens, name="tok2")(input=Gelu()(input=Linear(2 * tokens, name="tok1")(input=h)))
+    x = x + h.transpose((0, 2, 1))
+    h = Linear(2 * channels, name="ch1")(input=LayerNorm(name="ln2")(input=x))
+    return x + Linear(channels, name="ch2")(input=Gelu()(input=h))
+
+
+def functional_mixer(layers: int, tokens: int, channels: int) -> Model:
+    h = IOKey("input")
+    for i in range(layers):
+        h = mixer_layer(h, tokens=tokens, channels=channels, name=f"layer{i}")
+    return Model.create(Linear(2, name="head")(input=h.mean(axis=1)), name="mixer")
+
+
+def torch_mixer(t: dict, x: torch.Tensor, layers: int) -> torch.Tensor:
+    def lin(v, n):
+        return F.linear(v, t[f"{n}.weight"], t[f"{n}.bias"])
+
+    for i in range(layers):
+        p = f"layer{i}"
+        ln = F.layer_norm(x, x.shape[-1:], t[f"{p}.ln1.weight"], t[f"{p}.ln1.bias"])
+        x = x + lin(F.gelu(lin(ln.transpose(1, 2), f"{p}.tok1")), f"{p}.tok2").transpose(1, 2)
+        ln = F.layer_norm(x, x.shape[-1:], t[f"{p}.ln2.weight"], t[f"{p}.ln2.bias"])
+        x = x + lin(F.gelu(lin(ln, f"{p}.ch1")), f"{p}.ch2")
+    return lin(x.mean(1), "head")
+
+
+@pytest.fixture(scope="module")
+def mixer_case():
+    rng = np.random.default_rng(53)
+    B, T, C = 4, 3, 5
+    c = ml.compile(functional_mixer(2, T, C), ml.NumpyBackend(dtype="float64"),
+                   shapes={"input": [B, T, C]})
+    params = {k: rng.standard_normal(s) * 0.4 for k, s in c.parameter_shapes.items()}
+    data = {"input": rng.standard_normal((B, T, C)), "target": rng.standard_normal((B, 2))}
+
+    def forward(t):
+        return F.mse_loss(torch_mixer(t, torch.tensor(data["input"]), 2),
+                          torch.tensor(data["target"]))
+
+    want = _torch_train(params, forward, torch.optim.AdamW, lr=0.02, weight_decay=0.1)
+    return params, data, want
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_functional_mlp_mixer_of_decorated_blocks_trains_with_adamw_as_torch(name, mixer_case):
+    params, data, want = mixer_case
+    assert list(params)[:4] == ["layer0.ln1.weight", "layer0.ln1.bias", "layer0.tok1.weight",
+                                "layer0.tok1.bias"] and list(params)[-2:] == ["head.weight",
+                                                                             "head.bias"]
+    got = _train(name, functional_mixer(2, 3, 5), SquaredError(), {"input": [4, 3, 5]}, data,
+                 params, AdamW(learning_rate=0.02, weight_decay=0.1))
     _check(got, want)
     assert got[0][-1] < got[0][0]
