@@ -118,6 +118,20 @@ def test_functional_blocks_unnamed_are_named_after_the_function():
                                block(1, block(0, _t(x))).numpy(), **F64)
 
 
+def test_a_model_of_functional_blocks_pickles():
+    # before: PicklingError "Can't pickle <class '...my_lin'>: it's not the same object as
+    # ...my_lin" (the module's my_lin is the decorator's wrapper)
+    import pickle
+
+    m = Model.create(lin_nested(IOKey("input1"), IOKey("input2"), scale_shp=[2]))
+    back = pickle.loads(pickle.dumps(m))
+    assert type(back.blocks[0][0]) is lin_nested.block and back.input_keys == m.input_keys
+    data = {"input1": np.array([1.0, 2.0]), "input2": np.array([3.0, -1.0]),
+            "scale": np.array([0.5, 2.0])}
+    np.testing.assert_allclose(ml.compile(back, _np()).evaluate({}, data)["output"],
+                               [1.0, 8.0], **F64)
+
+
 def test_the_functional_decorator_refuses_bad_calls():
     with pytest.raises(TypeError, match=r"@functional my_lin takes 2 connection\(s\) \['left', "
                                         r"'right'\], got 3"):

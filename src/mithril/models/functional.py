@@ -326,7 +326,9 @@ def functional(func: Callable[..., Any]) -> Callable[..., Bound]:
     names = [p.name for p in inspect.signature(func).parameters.values() if p.kind in kinds]
     from .model import Model
 
+    # (found by pickle as ``<func>.block``: the module's attribute of func's name is the wrapper)
     block = type(func.__name__, (Model,), {"__module__": func.__module__,
+                                           "__qualname__": f"{func.__qualname__}.block",
                                            "__doc__": f"The model of @functional {func.__name__}."})
 
     @functools.wraps(func)
@@ -352,6 +354,7 @@ def functional(func: Callable[..., Any]) -> Callable[..., Bound]:
         rename_keys(model, list(zip(temps, names, strict=True)), who)
         return model(**given)
 
+    wrapper.block = block  # type: ignore[attr-defined]
     return wrapper
 
 
