@@ -463,3 +463,12 @@ def test_the_published_functional_attn_block_equals_the_ior_one_and_torch():
         np.testing.assert_allclose(out["output"], want.detach().numpy(), **F64)
         for name in p:
             np.testing.assert_allclose(grads[name], t[name].grad.numpy(), **F64, err_msg=name)
+
+
+@pytest.mark.xfail(strict=True, reason="needs src/mithril/compiler/program.py: an input named as "
+                   "a parameter's path ('linear.weight') is accepted; get_shapes() then shows one "
+                   "of the two shapes under that name (the parameter's [2, 3], not the input's)")
+def test_an_input_named_as_a_parameter_path_is_refused_at_compile():
+    m = Model.create(y=Linear(2)(input=IOKey("linear.weight")))
+    with pytest.raises(KeyError, match="linear.weight"):
+        ml.compile(m, _np(), shapes={"linear.weight": [1, 3]})
