@@ -272,6 +272,13 @@ def test_parameter_names_of_nested_created_models():
     names = list(ml.compile(m, _np(), shapes={"input": [1, 2]}).parameter_shapes)
     assert names == [f"{o}.model_{i}.linear_{j}.{r}" for o in ("model", "top") for i in range(2)
                      for j in range(2) for r in ("weight", "bias")]
+    # unnamed siblings are numbered in the published block order (get_models_in_topological_
+    # order: depth first from the output, each block's inputs in order), not the calls' order
+    x = IOKey("x")
+    a, b = Linear(2)(input=x), Linear(3)(input=x)
+    m = Model.create(Add()(left=Linear(2)(input=b), right=a))
+    shapes = ml.compile(m, _np(), shapes={"x": [1, 4]}).parameter_shapes
+    assert [shapes[f"linear_{i}.weight"] for i in range(3)] == [(3, 4), (2, 3), (2, 4)]
     # a role named by an IOKey in a created model is its input: named so in the parent
     inner = Model.create(Linear(3)(input=IOKey("input"), weight=IOKey("w")), name="a")
     outer = Model.create(inner(input=IOKey("input"), w="shared"))
