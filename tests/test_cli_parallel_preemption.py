@@ -313,26 +313,33 @@ def test_one_process_data_parallel_stops_saves_and_resumes_bit_for_bit(tmp_path,
     _assert_same_checkpoint(whole, cut)
 
 
-def test_a_sharded_run_stops_alike_and_offers_no_resume(tmp_path, monkeypatch, capsys) -> None:
-    """--shard-state (here --nprocs 1): SIGTERM stops the run after the step, its results
-    are written, status 143; no process holds the whole state, so no checkpoint and no
-    resume command."""
-    run = tmp_path / "run"
-    _signal_at(monkeypatch, 5)
-    assert main(["train", *FLAGS, "--batch-size", "64", "--nprocs", "1", "--shard-state",
-                 "--out", str(run)]) == 143
+@pytest.mark.parametrize("extra, fmt", [
+    (["--shard-state"], ["--dtype", "float64"]),
+    (["--mixed-precision", "fp16", "--backend", "torch"], ["--dtype", "float32"])])
+def test_sharded_and_mixed_precision_runs_stop_save_and_resume_bit_for_bit(
+        tmp_path, monkeypatch, capsys, extra, fmt) -> None:
+    """--shard-state and mixed precision (here --nprocs 1; two processes in
+    test_cli_sharded_checkpoints.py): SIGTERM in step 9 saves the whole state (the shards
+    gathered; the float32 masters and the loss scaler), the resume command is printed, and
+    the resumed run equals the run that did not stop, bit for bit."""
+    short = [*FLAGS, *fmt, "--batch-size", "64", "--epochs", "2", "--nprocs", "1", *extra]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", *short, "--checkpoint", "--out", str(whole)]) == 0
+    _signal_at(monkeypatch, 9)
+    assert main(["train", *short, "--checkpoint-every", "4", "--out", str(cut)]) == 143
     out = capsys.readouterr().out
-    assert "stopped by SIGTERM after 5 of 23 steps" in out and "resume with" not in out
-    assert not (run / "checkpoint.safetensors").exists()
-    assert len(_rows(run / "metrics.csv")) == 5
-
-
-def test_a_sharded_run_says_why_it_has_no_checkpoint(tmp_path, monkeypatch, capsys) -> None:
-    _signal_at(monkeypatch, 5)
-    assert main(["train", *FLAGS, "--batch-size", "64", "--nprocs", "1", "--shard-state",
-                 "--out", str(tmp_path / "run")]) == 143
-    out = capsys.readouterr().out
-    assert "interrupted inside a step" not in out and "--shard-state" in out
+    assert "stopped by SIGTERM after 9 of 46 steps" in out and "(no checkpoint" not in out
+    assert f"resume with: mithril train --resume {cut}" in out
+    ckpt = load_checkpoint(cut / "checkpoint.safetensors")
+    assert ckpt["extra"]["steps"] == 9
+    assert ckpt["extra"]["world"]["shard_state"] is ("--shard-state" in extra)
+    assert ("mixed_precision_trainer" in ckpt["extra"]) is ("--mixed-precision" in extra)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    _assert_same_checkpoint(whole, cut)
+    if "--mixed-precision" in extra:
+        saved = [load_checkpoint(d / "checkpoint.safetensors")["extra"] for d in (whole, cut)]
+        assert saved[0]["mixed_precision_trainer"] == saved[1]["mixed_precision_trainer"]
 
 
 # -- bad input: named, nothing written, no process started ----------------------------------------
@@ -346,14 +353,10 @@ def test_refused_combinations_change_nothing(tmp_path, monkeypatch, capsys) -> N
     cases = [
         (["train", *FLAGS, "--nprocs", "2", "--checkpoint-every", "0"],
          "argument --checkpoint-every: must be between 1 and"),
-        (["train", *FLAGS, "--nprocs", "2", "--shard-state", "--checkpoint-every", "5"],
-         "--checkpoint-every with --shard-state: each process keeps"),
-        (["train", *FLAGS, "--nprocs", "2", "--mixed-precision", "fp16", "--checkpoint"],
-         "--checkpoint with --mixed-precision and a data-parallel run"),
         (["train", *FLAGS, "--backend", "jax", "--nprocs", "2", "--checkpoint"],
          "--checkpoint with --backend jax --nprocs is not supported"),
-        (["train", "--resume", str(run), "--epochs", "3", "--nprocs", "2", "--shard-state"],
-         "--resume with --shard-state"),
+        (["train", "--resume", str(run), "--epochs", "3", "--backend", "jax", "--nprocs",
+          "2"], "--resume with --backend jax --nprocs is not supported"),
         # checked by the launcher before any rank starts (one error, not one per rank)
         (["train", "--resume", str(run), "--epochs", "3", "--nprocs", "2", "--lr", "0.5"],
          "--resume: this command changes the run's settings.lr (0.01 in the run, 0.5 now)"),

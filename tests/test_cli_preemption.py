@@ -278,8 +278,8 @@ def test_checkpoint_every_is_refused_where_it_cannot_apply(
     for argv, message in [
             (["--checkpoint-every", "0"], "argument --checkpoint-every: must be between 1 and"),
             (["--checkpoint-every", "x"], "argument --checkpoint-every: 'x' is not an integer"),
-            (["--checkpoint-every", "5", "--nprocs", "2", "--shard-state"],
-             "--checkpoint-every with --shard-state: each process keeps")]:
+            (["--checkpoint-every", "5", "--backend", "jax", "--nprocs", "2"],
+             "--checkpoint-every with --backend jax --nprocs is not supported")]:
         with pytest.raises(SystemExit) as e:
             _train("--data", data, *FLAGS, *argv, "--out", str(tmp_path / "r"))
         assert e.value.code == 2

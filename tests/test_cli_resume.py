@@ -144,8 +144,6 @@ def test_resume_refuses_what_differs_and_writes_nothing(
         (["--resume", str(plain), "--epochs", "4"],
          f"--resume {plain}: no checkpoint.safetensors in it (a run trained with --checkpoint"),
         (["--resume", str(tmp_path / "nowhere")], "nowhere: no such folder"),
-        (["--resume", str(run), "--epochs", "4", "--nprocs", "2", "--shard-state"],
-         "--resume with --shard-state: each process keeps"),
         (["--resume", str(run), "--epochs", "4", "--precision", "bf16"],
          "changes the run's mixed_precision ('none' in the run, 'bf16' now)"),
     ]

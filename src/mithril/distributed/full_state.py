@@ -60,7 +60,8 @@ def encode(tree: Any) -> bytes:
         if isinstance(x, (list, tuple)):
             return {"l": [walk(v) for v in x]}
         if isinstance(x, np.ndarray) or (hasattr(x, "dtype") and hasattr(x, "shape")):
-            a = np.ascontiguousarray(np.asarray(x))
+            a = np.asarray(x)
+            a = a if a.flags.c_contiguous else a.copy()  # (ascontiguousarray makes 0-d 1-d)
             blobs.append(a.tobytes())
             ref = {"a": [a.dtype.name, list(a.shape), offset, a.nbytes]}
             offset += a.nbytes
