@@ -152,10 +152,6 @@ def test_segformer_dwconv_with_constant_sizes_matches_torch(name):
     _compare(name, model, shapes, {"input": x}, params, want, t, consts, jit=name != "jax")
 
 
-@pytest.mark.xfail(strict=True, raises=ml.ShapeError, reason="needs src/mithril/compiler/"
-                   "compiled_model.py / backends/jax_backend.py: integer constants that a block "
-                   "reads for their value (value_inputs: Reshape's sizes, Arange's ends) closed "
-                   "over as NumPy arrays in the jitted program, not traced arguments")
 def test_constant_sizes_under_jax_jit():
     model = published()["segformer_dwconv"](6, name="dwconv")
     with jax_float64():

@@ -233,6 +233,12 @@ def _full_cotangents(out: Mapping[str, Any], cots: Mapping[str, Any]) -> dict[st
     return full
 
 
+def _small_integer(v: Any) -> bool:
+    """An integer (or bool) constant of at most 64 elements, 0-d or 1-d."""
+    a = np.asarray(v)
+    return a.dtype.kind in "biu" and a.ndim <= 1 and a.size <= 64
+
+
 class _JaxEvaluator(Evaluator):
     """Parameters travel as a tuple in program order: cheaper to flatten than a dict on
     every call, and the gradients come back in the order of ``get_parameters()``."""
@@ -244,8 +250,14 @@ class _JaxEvaluator(Evaluator):
         self.names = names = tuple(prog.param_shapes)
         # (a float64 model: refused while x64 is off, see refuse_x64_off)
         self._x64, self._config = x64, jax.config
+        #: small integer constants, held by the jitted functions as NumPy values (known when
+        #: tracing) instead of traced arguments: a block may read one for its value (a
+        #: Reshape's size, an Arange's end, a reduction's axis given by constant_keys)
+        self._static = static_consts = {k: np.asarray(v) for k, v in prog.constants.items()
+                                        if _small_integer(v)} if jit else {}
 
         def fwd(ptuple, inputs):
+            inputs = {**inputs, **static_consts}
             return outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
                                                 inputs, shared_jit=jit))
 
@@ -260,6 +272,7 @@ class _JaxEvaluator(Evaluator):
         # with context operators: the mode is static (one jitted function per mode); the seed
         # and step travel as one traced uint32 pair (no recompiling per step), the state as a dict
         def fwd_ctx(ptuple, inputs, rng, state, training):
+            inputs = {**inputs, **static_consts}
             run = RunContext(training, rng[0], rng[1], state)
             out = outputs_of(prog, run_forward(prog, jnp, dict(zip(names, ptuple, strict=True)),
                                                inputs, run, shared_jit=jit))
@@ -274,6 +287,11 @@ class _JaxEvaluator(Evaluator):
         static = {"static_argnames": ("training",)}
         self._fwd_ctx = jax.jit(fwd_ctx, **static) if jit else fwd_ctx
         self._fwd_vjp_ctx = jax.jit(fwd_vjp_ctx, **static) if jit else fwd_vjp_ctx
+
+    def _traced(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs the jitted functions take as arguments (not the constants they hold)."""
+        static = self._static
+        return {k: v for k, v in inputs.items() if k not in static} if static else dict(inputs)
 
     @staticmethod
     def _rng(run: RunContext) -> Any:
@@ -299,21 +317,21 @@ class _JaxEvaluator(Evaluator):
     def forward(self, params, inputs, run=None):
         if self._x64 and not self._config.jax_enable_x64:
             refuse_x64_off()
-        ptuple = tuple(params[k] for k in self.names)
+        ptuple, inputs = tuple(params[k] for k in self.names), self._traced(inputs)
         if run is None:
-            return _placed_call(self._fwd, ptuple, dict(inputs))
-        out, run.new_state = _placed_call(self._fwd_ctx, ptuple, dict(inputs), self._rng(run),
+            return _placed_call(self._fwd, ptuple, inputs)
+        out, run.new_state = _placed_call(self._fwd_ctx, ptuple, inputs, self._rng(run),
                                           dict(run.state), training=run.training)
         return out
 
     def forward_vjp(self, params, inputs, cotangents, run=None):
         if self._x64 and not self._config.jax_enable_x64:
             refuse_x64_off()
-        ptuple = tuple(params[k] for k in self.names)
+        ptuple, inputs = tuple(params[k] for k in self.names), self._traced(inputs)
         if run is None:
-            out, grads = _placed_call(self._fwd_vjp, ptuple, dict(inputs), dict(cotangents))
+            out, grads = _placed_call(self._fwd_vjp, ptuple, inputs, dict(cotangents))
         else:
             out, grads, run.new_state = _placed_call(
-                self._fwd_vjp_ctx, ptuple, dict(inputs), self._rng(run), dict(run.state),
+                self._fwd_vjp_ctx, ptuple, inputs, self._rng(run), dict(run.state),
                 dict(cotangents), training=run.training)
         return out, dict(zip(self.names, grads, strict=True))
