@@ -116,11 +116,18 @@ def kinds_of(typ: Any, key: str) -> frozenset[str]:
         return typ.kinds
     if typ in _SCALARS:  # the published scalar connection (T5's IOKey("key_length", type=int)):
         return _SCALARS[typ]  # here an array of that kind (a Size output, a number)
+    import typing
+
+    elems = {a for a in typing.get_args(typ) if a is not Ellipsis}
+    if typing.get_origin(typ) in (tuple, list) and len(elems) == 1 and \
+            next(iter(elems)) in _SCALARS:  # (tuple[int, ...]: the 1-d array of a Shape output)
+        return _SCALARS[next(iter(elems))]
     raise TypeError(f"IOKey '{key}': type={typ!r} is not offered: every connection carries an "
                     "array here, so its type is a tensor type (Tensor[float], Tensor[int], "
-                    "Tensor[bool] or a union, e.g. Tensor[int | float | bool]) or int, float or "
-                    "bool (an array of that kind); the published tuple, list and slice types "
-                    "have no connection here")
+                    "Tensor[bool] or a union, e.g. Tensor[int | float | bool]), int, float or "
+                    "bool (an array of that kind) or a tuple / list of one of those "
+                    "(tuple[int, ...]: a 1-d array); mixed tuples and slices have no connection "
+                    "here")
 
 
 def value_kind(value: np.ndarray) -> str:
