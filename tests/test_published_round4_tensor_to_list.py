@@ -2,9 +2,9 @@
 ``mithril/models/primitives.py``, operator ``TensorToListOp``: ``x.tolist()``). Here its output
 is the input's array (values and dtype), with no gradient, as torch's ``x.tolist()`` leaves the
 graph: checked against torch side by side on NumPy, torch and JAX in float64, and against
-central differences of the model whose list is held fixed. The published programs that take
-the list as a reduction axis or a reshape's sizes wait on files outside ``tensor_to_list.py``
-(strict xfails)."""
+central differences of the model whose list is held fixed. A list as a reshape's sizes is read at compile time when its
+values are known then (a constant's); as a reduction axis from data it is not (a strict
+xfail: shapes are fixed when compiling here)."""
 
 from __future__ import annotations
 
@@ -160,10 +160,6 @@ def test_published_coercion_3_list_as_a_sum_axis():
     np.testing.assert_array_equal(out["output"], np.full((1, 3, 5), 8.0))
 
 
-@pytest.mark.xfail(strict=True, raises=ml.ShapeError, reason="needs src/mithril/compiler/"
-                   "program.py and concrete_checks.py together: 1-d integer constants among the "
-                   "values known at compile time (seeded 0-d only) and passed through ToTensor / "
-                   "TensorToList (identities on values) and Add of known values")
 def test_published_reshape_by_a_constants_list():
     """Published ``test_tensor_to_scalar_1_non_jittable``: ``reshape(to_list.output)``."""
     model = Model()
@@ -171,8 +167,9 @@ def test_published_reshape_by_a_constants_list():
                                     right=IOKey(value=[[1, 1]]).tensor())
     model |= (to_list := TensorToList()).connect(input=add.left)
     model |= Buffer().connect(input=add.output.reshape(to_list.output), output="output")
-    pm = ml.compile(model, ml.NumpyBackend(dtype="float64"), jit=False, inference=True)
-    np.testing.assert_array_equal(pm.evaluate({})["output"], [[3], [2]])
+    for backend in (ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend):
+        pm = ml.compile(model, backend(dtype="float64"), jit=False, inference=True)
+        np.testing.assert_array_equal(np.asarray(pm.evaluate({})["output"]), [[3], [2]])
 
 
 @pytest.mark.parametrize("name", ["torch", "jax"])

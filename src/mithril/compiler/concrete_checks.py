@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..models.operator import fmt, unify
-from .program import Program, infer_output
+from .program import Program, infer_output, known_constant
 
 
 def _same(x: Any) -> Any:
@@ -77,8 +77,7 @@ class ConcreteChecksMixin:
             shapes[w] = tuple(int(d) for d in inputs[k].shape)
         # (Size's output and integer constants, for Arange: as compile seeds them)
         values: dict[int, Any] = {p.inputs[k]: v for k, v in p.constants.items()
-                                  if k in p.inputs and np.ndim(v) == 0
-                                  and np.asarray(v).dtype.kind in "iu"}
+                                  if k in p.inputs and known_constant(v)}
         for node in p.nodes:
             in_shapes = {k: shapes[w] for k, w in node.ins.items()}
             names = {k: p.wire_names[w] for k, w in node.ins.items()}

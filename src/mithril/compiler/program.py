@@ -13,14 +13,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
-from ..models.primitives import Buffer
-from ..models.shaping import Indexer
 from .list_inputs import expand_list_inputs
 from .param_roles import name_param_roles
 
@@ -327,8 +326,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
 
     differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
     # wires whose values are known now (Size's output; an integer constant: Arange's start)
-    values: dict[int, object] = {w: v for w, v in b.consts.items()
-                                 if np.ndim(v) == 0 and np.asarray(v).dtype.kind in "iu"}
+    values: dict[int, object] = {w: v for w, v in b.consts.items() if known_constant(v)}
     for node in nodes:
         in_shapes = {k: b.shapes[w] for k, w in node.ins.items()}
         with _blame(node, b):
@@ -402,6 +400,12 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     return prog
 
 
+def known_constant(v: Any) -> bool:
+    """An integer constant whose value blocks may read at compile time (a size, an end, a
+    list of sizes): 0-d or 1-d."""
+    return np.ndim(v) <= 1 and np.asarray(v).dtype.kind in "iu"
+
+
 def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape | None:
     """The node's output shape; an operator that reads values at compile time
     (``value_inputs``: ``Arange``'s ``stop`` from a ``Size`` block) gets those it has, and
@@ -417,11 +421,10 @@ def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape |
     known = getattr(op, "static_value", None)
     if known is not None:  # (None: known once the shapes are)
         values[node.out] = known(shapes)
-    elif isinstance(op, Buffer) and node.ins["input"] in values:  # the identity passes it on
-        values[node.out] = values[node.ins["input"]]
-    elif isinstance(op, Indexer) and op.shape_args is None and node.ins["input"] in values:
-        v = values[node.ins["input"]]  # (a static index of a known value: x.shape[2:][0])
-        values[node.out] = None if v is None else np.asarray(v)[op.index]
+    elif op.passes_value is not None:  # (a Buffer passes its input's on)
+        v = op.passes_value({k: values[w] for k, w in node.ins.items() if w in values})
+        if v is not None:
+            values[node.out] = v
     return out
 
 

@@ -155,6 +155,10 @@ class Operator:
     #: ``__getattr__``): ``check_inputs(shapes, dtypes, arrays, names)`` on concrete inputs,
     #: the inputs it reads values of, and parameters read by name from other blocks
     check_inputs: ClassVar[Any] = None
+    #: ``passes_value(values)``: the output's value at compile time from its inputs' known
+    #: values (``values``: those known, by input key; None: not known), for blocks that read
+    #: a value then (a Reshape's sizes through a Buffer); None: the output's value is unknown
+    passes_value: ClassVar[Any] = None
     #: terminals (inputs, parameter roles, "output") the NumPy VJP never reads when it has
     #: its residuals: it gets ``None`` for them in a pass that kept residuals
     vjp_ignores: ClassVar[frozenset[str]] = frozenset()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,9 @@ class Buffer(Operator):
 
     def forward(self, xp: Any, input: Any) -> Any:
         return input
+
+    def passes_value(self, values: Mapping[str, Any]) -> Any:
+        return values.get("input")
 
     def vjp(self, g, out, args, wrt):
         return {"input": g}

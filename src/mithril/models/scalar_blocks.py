@@ -72,6 +72,11 @@ class ToTensor(Operator):
         # on torch and JAX, as NumPy's absent VJP does not)
         return stop_gradient(xp, input if self._cast is None else self._cast.forward(xp, input))
 
+    def passes_value(self, values: Any) -> Any:
+        """A known value as it is (an integer one stays one without a cast)."""
+        v = values.get("input")
+        return v if self._cast is None else None
+
     def vjp(self, g, out, args, wrt):
         return {}
 

@@ -572,6 +572,11 @@ class Indexer(Operator):
             return (torch.flip(input, flips) if flips else input)[index]
         return input[index]
 
+    def passes_value(self, values: Mapping[str, Any]) -> Any:
+        """A static index of a known value (``x.shape[2:][0]``)."""
+        v = values.get("input")
+        return None if v is None or self.shape_args is not None else np.asarray(v)[self.index]
+
     def vjp(self, g, out, args, wrt):
         gx = np.zeros_like(args["input"])
         np.add.at(gx, self._run_index(args), g)

@@ -65,6 +65,9 @@ class TensorToList(Operator):
     def forward(self, xp: Any, input: Any) -> Any:
         return stop_gradient(xp, input)
 
+    def passes_value(self, values: Any) -> Any:
+        return values.get("input")  # (the list of a known value: sizes for a Reshape)
+
     def vjp(self, g, out, args, wrt):
         return {"input": np.zeros_like(args["input"])}
 
