@@ -208,6 +208,18 @@ def test_created_inputs_follow_the_blocks_order_and_bind_positionally():
     assert c.input_keys == ("p", "q")
 
 
+def test_a_multi_output_call_has_a_length_and_create_names_itself_in_errors():
+    m3 = Model.create(a=Relu()(input=IOKey("x")), b=Sigmoid()(input=IOKey("x")))
+    call = m3(x=IOKey("x"))
+    assert len(call) == 2 and bool(Relu()(input="x"))  # (published: a list of its outputs)
+    with pytest.raises(TypeError, match="a call unpacks only into the outputs of a block with"):
+        len(Relu()(input="x"))
+    with pytest.raises(ValueError, match=r"^Model.create\(output=...\): Model\(...\) returns 2 "
+                                         r"outputs \['a', 'b'\]"):  # (was "connect: ...")
+        Model.create(call)
+    assert call.home is None
+
+
 # --- reuse of a created model, children named alike -------------------------------------------
 
 def test_a_created_model_is_used_once_and_weights_are_shared_by_name():

@@ -119,10 +119,17 @@ class Bound(Terminal):
         return CallOutput(self, self.outs[int(index)])
 
     def __iter__(self) -> Iterator[CallOutput]:
+        return iter([CallOutput(self, k) for k in self.outs[:len(self)]])
+
+    def __bool__(self) -> bool:  # (a connection is an object, not a container: always true)
+        return True
+
+    def __len__(self) -> int:
+        """The number of outputs of a call of a block with several (published: its list)."""
         if len(self.outs) <= 1:
             raise TypeError(f"{self!r} has {len(self.outs)} output(s): a call unpacks only into "
                             "the outputs of a block with several")
-        return iter([CallOutput(self, k) for k in self.outs])
+        return len(self.outs)
 
     def __repr__(self) -> str:
         return f"{type(self.block).__name__}(...)" + (f".{self.key}" if self.key else "")
@@ -222,8 +229,9 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
     try:
         from .shape_wires import bind_shape_refs
 
-        wires = [wire_expression(model, o, f"Model.create({key or 'output'}=...)")
-                 if isinstance(o, Expression) else model._given(o, False) for key, o in given]
+        wires = [wire_expression(model, o, where) if isinstance(o, Expression)
+                 else model._resolve(o, where, lists=True)
+                 for key, o in given for where in [f"Model.create({key or 'output'}=...)"]]
         bind_shape_refs(model, 0)  # (an output's expression reading shapes: x.reshape(x.shape))
         produced = model._produced()
         for (key, o), c in zip(given, wires, strict=True):
