@@ -353,10 +353,6 @@ def test_refused_combinations_change_nothing(tmp_path, monkeypatch, capsys) -> N
     cases = [
         (["train", *FLAGS, "--nprocs", "2", "--checkpoint-every", "0"],
          "argument --checkpoint-every: must be between 1 and"),
-        (["train", *FLAGS, "--backend", "jax", "--nprocs", "2", "--checkpoint"],
-         "--checkpoint with --backend jax --nprocs is not supported"),
-        (["train", "--resume", str(run), "--epochs", "3", "--backend", "jax", "--nprocs",
-          "2"], "--resume with --backend jax --nprocs is not supported"),
         # checked by the launcher before any rank starts (one error, not one per rank)
         (["train", "--resume", str(run), "--epochs", "3", "--nprocs", "2", "--lr", "0.5"],
          "--resume: this command changes the run's settings.lr (0.01 in the run, 0.5 now)"),
@@ -463,8 +459,8 @@ def test_jax_devices_sigterm_checkpoint_and_resume(tmp_path) -> None:
 def test_jax_processes_stop_after_the_same_step(tmp_path) -> None:
     """--backend jax --nprocs 2: the stop is agreed over jax.distributed (no torch group);
     SIGTERM to the process group after the first epoch stops both processes after the same
-    step, status 143, the results so far written (no checkpoint: the state lives on every
-    process's devices, and --checkpoint is refused there)."""
+    step, status 143, the results so far written with the checkpoint (the state gathered
+    from every process's devices to process 0; its resume: test_cli_sharded_checkpoints)."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
@@ -483,4 +479,6 @@ def test_jax_processes_stop_after_the_same_step(tmp_path) -> None:
     steps = len(_rows(out / "metrics.csv"))
     assert 180 <= steps < 1440
     assert f"stopped by SIGTERM after {steps} of 1440 steps" in rest
+    assert f"resume with: mithril train --resume {out}" in rest
+    assert load_checkpoint(out / "checkpoint.safetensors")["extra"]["steps"] == steps
     assert "aborted" not in err and "Traceback" not in err

@@ -2,7 +2,8 @@
 data-parallel runs: every rank takes part in each save (the shards gathered to rank 0 with
 one ``torch.distributed.gather``, :mod:`mithril.distributed.full_state`), rank 0 writes the
 one-file checkpoint, and ``--resume`` continues bit for bit at the same world size (and to
-rounding at another, or in one process without ``--shard-state``).
+rounding at another). JAX processes (``--backend jax --nprocs``) gather their state from the
+devices to process 0 the same way.
 
 The gather and its inverse run here on two real gloo ranks (this file is also their worker
 script); the CLI runs are real two-process runs as in ``test_cli_parallel_preemption``."""
@@ -274,6 +275,18 @@ def test_mixed_precision_two_processes_resume_bit_for_bit(tmp_path) -> None:
     assert mp["num_steps"] == 46 and mp["num_skipped_steps"] == 1
     assert mp["scaler"]["scale"] == 2.0**15
     assert all(v.dtype == np.float32 for v in a["params"].values())
+
+
+@pytest.mark.slow  # JAX compiles in four processes, ~60 s
+def test_jax_processes_resume_bit_for_bit(tmp_path) -> None:
+    """--backend jax --nprocs 2 --devices 2 --shard-state: every save gathers the state
+    from the processes' devices (``multihost_utils.process_allgather``) to process 0; the
+    resume puts it back on the mesh and goes on as the straight run, bit for bit."""
+    whole, cut = _straight_vs_resumed(tmp_path, ["--backend", "jax", "--devices", "2",
+                                                 "--shard-state", "--dtype", "float64"])
+    a = _same(whole, cut)
+    assert a["extra"]["world"] == {"nprocs": 2, "shard_state": True, "launcher": "mithril",
+                                   "devices": 2}
 
 
 @pytest.mark.slow  # a SIGTERM mid-run, three two-process runs, ~60 s

@@ -8,6 +8,10 @@ gradient norm, BatchNorm's statistics and Dropout's masks are those of one devic
 process draws the same batches and passes the global batch; each contributes the rows of
 its devices. A batch whose size is not a multiple of the mesh's device count is computed
 replicated (every device the whole batch: the same numbers, no speed-up).
+
+Checkpoints: with ``--nprocs`` every process takes part in each save (the state gathered from
+the mesh, ``multihost_utils.process_allgather`` for what is sharded over processes) and
+process 0 writes it; ``--resume`` puts the loaded state back on the mesh.
 """
 
 from __future__ import annotations
@@ -87,17 +91,21 @@ class JaxParallel:
         self.world = world
         self.step_fn: Any = None
         self._global: dict[str, Any] | None = None  # the params on the mesh
+        self._full: Any = None  # process 0: the state gathered for the save under way
 
-    @property
-    def can_checkpoint(self) -> bool:
-        """``--devices`` (one process) saves as one process does; with ``--nprocs`` the
-        state lives on every process's devices (not saved)."""
-        return self.world.size == 1
+    #: one process saves as one process does; several gather the state to process 0 first
+    #: (every process takes part in each save: :meth:`gather`)
+    can_checkpoint = True
+    why_no_checkpoint = ""
 
-    @property
-    def why_no_checkpoint(self) -> str:
-        """Why :attr:`can_checkpoint` is False, for the run's closing message."""
-        return "with --backend jax --nprocs the state lives on every process's devices"
+    def gather(self, run: Any) -> None:
+        """Every process's part of a save (``--nprocs``: the state on the mesh gathered,
+        ``jax.experimental.multihost_utils.process_allgather`` for what is sharded over
+        processes); process 0 keeps it for :meth:`optimizer_state`. Every process calls it at
+        the same point."""
+        if self.world.size > 1:
+            full = self._gathered(run)
+            self._full = full if self.world.rank == 0 else None
 
     def stop_agreement(self) -> tuple[Any, float]:
         """As :meth:`.parallel.Parallel.stop_agreement`, over ``jax.distributed``'s
@@ -112,14 +120,35 @@ class JaxParallel:
         return functools.partial(agree_stop, all_reduce=jax_all_reduce), REPEAT_S
 
     def saver(self, run: Any) -> tuple[Any, int | None]:
-        from .parallel import Parallel
+        """As :meth:`.parallel.Parallel.saver`; with ``--nprocs`` every process's (each
+        save gathers the state: a collective)."""
+        import functools
 
-        return Parallel.saver(self, run)  # type: ignore[arg-type]
+        from .parallel import Parallel, _save_together
 
-    def optimizer_state(self, run: Any) -> Any:
-        """The state on the mesh as ``optimizer.init(params)`` holds it (gathered)."""
+        save, every = Parallel.saver(self, run)  # type: ignore[arg-type]
+        if self.world.size > 1 and self.world.out is not None \
+                and self.world.flags is not None:
+            from pathlib import Path
+
+            from .train import save_progress
+
+            save = functools.partial(_save_together, self, run, functools.partial(
+                save_progress, run, Path(self.world.out), self.world.flags))
+            every = self.world.every
+        return save, every
+
+    def _gathered(self, run: Any) -> Any:
         params = self._global if self._global is not None else run.params
         return self.step_fn.to_optimizer_state(run.state, params)
+
+    def optimizer_state(self, run: Any) -> Any:
+        """The state on the mesh as ``optimizer.init(params)`` holds it (gathered; with
+        ``--nprocs`` by :meth:`gather`, on process 0)."""
+        if self.world.size > 1:
+            full, self._full = self._full, None
+            return full
+        return self._gathered(run)
 
     def load_state(self, run: Any, state: Any, extra: Any = None, flag: str = "--resume"
                    ) -> Any:

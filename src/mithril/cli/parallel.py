@@ -389,7 +389,7 @@ class Parallel:
         return loss, metric, float(norm), skipped
 
 
-def _save_together(par: Parallel, run: Any, save: Any, steps: list[dict[str, Any]],
+def _save_together(par: Any, run: Any, save: Any, steps: list[dict[str, Any]],
                    epochs: list[dict[str, Any]]) -> None:
     """A save every rank takes part in (:meth:`Parallel.gather`); rank 0 writes."""
     par.gather(run)

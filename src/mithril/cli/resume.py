@@ -224,21 +224,6 @@ def check_noise(run: Any, ckpt: dict[str, Any], flag: str = "--resume") -> None:
                        f"noise, so that its ε is the one accounted for")
 
 
-def check_supported(args: argparse.Namespace, world: Any) -> None:
-    """--checkpoint, --checkpoint-every and --resume with data-parallel runs: rank 0 saves
-    the whole optimizer state (with ``--shard-state`` gathered from the ranks' shards, with
-    mixed precision the replicated masters and loss scale), except where the ranks are JAX
-    processes (``--backend jax --nprocs``; ``--devices`` trains in one process and saves)."""
-    every = getattr(args, "checkpoint_every", None)
-    if not (args.checkpoint or args.resume or every) or world is None:
-        return
-    flag = "--resume" if args.resume else "--checkpoint-every" if every else "--checkpoint"
-    if world.engine == "jax" and world.size > 1:
-        raise CLIError(f"{flag} with --backend jax --nprocs is not supported (the state lives "
-                       f"on every process's devices): use --devices N (one process), or "
-                       f"--backend numpy/torch with --nprocs")
-
-
 def _read_log(path: Path, rows: int) -> list[dict[str, Any]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:

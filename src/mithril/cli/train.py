@@ -62,7 +62,6 @@ from .resume import (
     CHECKPOINT_FILE,
     add_resume_flags,
     check_noise,
-    check_supported,
     restore,
     resumed_args,
     snapshot,
@@ -319,7 +318,6 @@ def train_command(args: argparse.Namespace, made: list[Path]) -> int:
     job = prepare(args)  # reads and checks the data and the job's flags first
     resolve_scheduler(args)
     world = world_of(args)  # --nprocs, --shard-state, torchrun's environment
-    check_supported(args, world)
     optimizer, overrides = parse_optimizer_spec(args.optimizer, flag="--optimizer")
     check_privacy_flags(args, optimizer, overrides, world)
     cfg = run_config(args, optimizer, overrides)
