@@ -42,10 +42,10 @@ def _two_layer(act) -> Model:
 def test_readme_logical_model(backend):
     b = backend()
     model1, model2 = _two_layer(Relu), _two_layer(LeakyRelu)
-    model = Model()
-    model += model1(output="output1")
+    model = Model()  # (the published README's, as it is now)
+    model |= model1(output="output1")
     model += model2(output="output2")  # += wires model2's canonical input to output1
-    model += Add()(left="output1", right="output2", output="output")
+    model |= Add()(left="output1", right="output2", output="output")
     c = ml.compile(model, b, shapes={"input": [4, 3]})
     p = c.randomize_params()
     x = np.random.default_rng(0).standard_normal((4, 3))

@@ -449,8 +449,11 @@ def test_plus_equals_refuses_a_block_with_its_canonical_input_given_and_another_
                                                   r"its canonical input 'left'.*\['right'\]"):
         model += Subtract().connect(left="y", output="z")
     assert (list(model.blocks), dict(model.conns), model.cout.key) == before
-    model += Subtract().connect(left="y", right="x", output="z")  # every input given: added
-    model += Add()(left="y", right="z", output="w")
+    with pytest.raises(ml.KeyMismatchError, match="nothing is left to wire it to: add it with"):
+        model += Subtract().connect(left="y", right="x", output="z")  # every input given
+    assert (list(model.blocks), dict(model.conns), model.cout.key) == before
+    model |= Subtract().connect(left="y", right="x", output="z")
+    model |= Add()(left="y", right="z", output="w")
     xv = np.array([-1.0, 0.5, 2.0])
     out = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [3]}).evaluate(
         {}, {"x": xv})

@@ -369,12 +369,9 @@ def test_an_unnamed_iokey_is_an_expression_operand():
     assert m.input_keys == ("x", "right")
 
 
-@pytest.mark.xfail(strict=True, reason="needs tests/test_published_examples.py:48 to add the "
-                   "README's Add with |= (as the published README), then model.py's += refuses a "
-                   "block whose canonical inputs connect(...) all gives (diff in the report)")
 def test_plus_equals_of_a_block_with_nothing_left_to_wire_is_refused():
     # published Model.__add__: "Submodel must have single available canonical input! Set
-    # canonical input or use |= operator."; ours adds it as |= would, wiring nothing
+    # canonical input or use |= operator."
     model = Model()
     model |= Relu().connect(input="x", output="y")
     with pytest.raises(ml.KeyMismatchError, match="nothing is left to wire it to"):

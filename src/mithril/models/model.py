@@ -452,12 +452,14 @@ class Model:
                 block, "canonical_inputs", None) or () if k not in bound.connections), None)
             free = [k for k in block.terminals if k not in outs and k not in ref_keys
                     and k not in bound.connections]
-            if first_in is None and free and prev_out is not None:
+            if first_in is None and prev_out is not None:
                 # (published: "Submodel must have single available canonical input")
+                rest = (f"its input(s) {free} are left unnamed: give them too "
+                        f"(right=model.cout), or add it with |=") if free else \
+                    "nothing is left to wire it to: add it with |="
                 raise KeyMismatchError(
                     f"{type(block).__name__}: += wires the previous output to its canonical "
-                    f"input '{given_in}', which connect(...) gives; its input(s) {free} are "
-                    "left unnamed: give them too (right=model.cout), or add it with |=")
+                    f"input '{given_in}', which connect(...) gives; {rest}")
         if chain and prev_out is not None and first_in is not None \
                 and first_in not in bound.connections:
             mapping[first_in] = prev_out
