@@ -32,19 +32,38 @@ def _grads(params: dict, rank: int, step: int) -> dict:
             if not (k == "skip" and step % 2 == 0)}
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from mithril import distributed as dist
-    from mithril.distributed.full_state import gather_state, scatter_state
-    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
-    from mithril.utils.optimizers import AdamW
+def _case(name: str) -> tuple[dict, object, int]:
+    """The parameters, the optimizer and the missed count of ``"skip"`` of case ``name``."""
+    from mithril.utils.optimizers import SGD, AdamW, Prodigy
 
-    dist.init(rank, world, timeout=60)
     rng = np.random.default_rng(0)
+    if name == "one-tensor":  # rank 0 of 2 owns no tensor (the tensor's middle is rank 1's)
+        return {"w": rng.standard_normal((6, 5))}, SGD(0.1, momentum=0.9), 0
     # one tensor dominates: the ranks hold unequal shares
     params = {"w": rng.standard_normal((40, 30)), "b": rng.standard_normal(30),
               "skip": rng.standard_normal((5, 3)), "v": rng.standard_normal(7)}
-    opt = AdamW(1e-2, weight_decay=0.1, ema_decay=0.9)
+    if name == "prodigy":  # an optimizer-wide value (d), summed over the ranks each step
+        return params, Prodigy(1.0), 3
+    return params, AdamW(1e-2, weight_decay=0.1, ema_decay=0.9), 3
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mithril import distributed as dist
+
+    dist.init(rank, world, timeout=60)
+    for name in ("adamw-ema", "one-tensor", "prodigy"):
+        _check_case(name, rank, folder)
+    Path(folder, f"ok-{rank}").write_text("ok")
+    dist.shutdown()
+
+
+def _check_case(name: str, rank: int, folder: str) -> None:
+    from mithril import distributed as dist
+    from mithril.distributed.full_state import gather_state, scatter_state
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    params, opt, missed = _case(name)
 
     def run(dp, params, state, steps):
         for t in steps:
@@ -52,24 +71,30 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         return params, state
 
     shard = dist.DataParallel(opt, shard_state=True)
-    p_s, s_s = run(shard, dict(params), shard.init(params), range(5))
+    s_s = shard.init(params)
+    assert name != "one-tensor" or (rank == 0) == (s_s.owned == ())
+    p_s, s_s = run(shard, dict(params), s_s, range(5))
     rep = dist.DataParallel(opt, shard_state=False)
     p_r, s_r = run(rep, dict(params), rep.init(params), range(5))
     full = gather_state(shard, s_s, p_s)
     assert (full is None) == (rank != 0)
+    path = os.path.join(folder, f"{name}.safetensors")
     if rank == 0:  # the gathered state is the replicated run's, bit for bit
         for k in p_r:
-            np.testing.assert_array_equal(p_s[k], p_r[k])
-        assert (full.step, full.missed_counts()) == (5, {"skip": 3}) == \
-            (s_r.local.step, s_r.local.missed_counts())
+            np.testing.assert_array_equal(p_s[k], p_r[k], err_msg=f"{name} {k}")
+        want = {"skip": missed} if missed else {}
+        assert (full.step, full.missed_counts()) == (5, want) == \
+            (s_r.local.step, s_r.local.missed_counts()), name
+        assert full.values == s_r.local.values, name
         for s in s_r.local.slots:
             for k, v in s_r.local.slot(s).items():
-                np.testing.assert_array_equal(full.slot(s)[k], v, err_msg=f"{s}/{k}")
-        assert {s: list(c) for s, c in full.averaged.items()} == \
-            {s: list(c) for s, c in s_r.local.averaged.items()}
-        save_checkpoint(os.path.join(folder, "c.safetensors"), p_s, opt, full)
+                np.testing.assert_array_equal(full.slot(s)[k], v, err_msg=f"{name} {s}/{k}")
+        if getattr(s_r.local, "averaged", None) is not None:
+            assert {s: list(c) for s, c in full.averaged.items()} == \
+                {s: list(c) for s, c in s_r.local.averaged.items()}
+        save_checkpoint(path, p_s, opt, full)
     dist.process_group.barrier("saved")
-    loaded = load_checkpoint(os.path.join(folder, "c.safetensors"))
+    loaded = load_checkpoint(path)
     back = opt.load_state_dict(loaded["optimizer_state_dict"], loaded["params"])
     # the loaded state scattered (sharded, and replicated) goes on as the run that did not stop
     p_a, s_a = run(shard, dict(p_s), s_s, range(5, 9))
@@ -78,15 +103,14 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     p_c, s_c = run(rep, dict(loaded["params"]), scatter_state(rep, back, loaded["params"]),
                    range(5, 9))
     for k in p_a:
-        np.testing.assert_array_equal(p_b[k], p_a[k])
-        np.testing.assert_array_equal(p_c[k], p_a[k])
+        np.testing.assert_array_equal(p_b[k], p_a[k], err_msg=f"{name} {k}")
+        np.testing.assert_array_equal(p_c[k], p_a[k], err_msg=f"{name} {k}")
     for s in s_a.local.slots:
         for k, v in s_a.local.slot(s).items():
             np.testing.assert_array_equal(s_b.local.slot(s)[k], v)
             np.testing.assert_array_equal(s_c.local.slot(s)[k], v)
     assert s_b.local.missed_counts() == s_a.local.missed_counts()
-    Path(folder, f"ok-{rank}").write_text("ok")
-    dist.shutdown()
+    assert s_b.local.values == s_a.local.values == s_c.local.values, name
 
 
 def _free_port() -> int:
@@ -96,9 +120,10 @@ def _free_port() -> int:
 
 
 def test_gather_and_scatter_on_two_ranks(tmp_path) -> None:
-    """AdamW with an EMA and a parameter that misses steps, ZeRO-sharded on 2 ranks: the
-    state gathered to rank 0 equals the replicated run's (slots, counts, missed steps);
-    saved, loaded and scattered (sharded or replicated) it goes on bit for bit."""
+    """ZeRO-sharded on 2 ranks (AdamW with an EMA and a parameter that misses steps; SGD
+    on one tensor, rank 0 owning none; Prodigy's optimizer-wide d): the state gathered to
+    rank 0 equals the replicated run's (slots, values, counts, missed steps); saved, loaded
+    and scattered (sharded or replicated) it goes on bit for bit."""
     port = _free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("WORLD_SIZE", None)
@@ -164,6 +189,41 @@ def test_merged_shards_are_the_one_process_state() -> None:
     with pytest.raises(ValueError, match="the ranks' states have different slots"):
         bad = [parts[0], {**parts[1], "slots": {"m": parts[1]["slots"]["m"]}}]
         merge_state_dicts(bad, owned, list(params))
+
+
+def test_scatter_refuses_another_optimizers_state_and_gather_a_plain_state() -> None:
+    """One process (no process group): scatter_state of an SGD state into an Adam
+    DataParallel is refused naming the slots, and the state given is left as it was;
+    gather_state of a plain OptimizerState is refused naming what it takes."""
+    from mithril.distributed import DataParallel
+    from mithril.distributed.full_state import gather_state, scatter_state
+    from mithril.utils.optimizers import SGD, Adam
+
+    params = {"w": np.ones((2, 3)), "b": np.zeros(3)}
+    sgd = SGD(0.1, momentum=0.9)
+    full = sgd.init(params)
+    full.slot("momentum_buffer" if "momentum_buffer" in full.slots else
+              sorted(full.slots)[0])["w"][...] = 5.0
+    before = {s: {k: v.copy() for k, v in full.slot(s).items()} for s in full.slots}
+    dp = DataParallel(Adam(1e-3), shard_state=True)
+    with pytest.raises(ValueError, match=r"the state has slots \[.*\], Adam here \['m', 'v'\]"):
+        scatter_state(dp, full, params)
+    for s, per in before.items():
+        for k, v in per.items():
+            np.testing.assert_array_equal(full.slot(s)[k], v)
+    with pytest.raises(TypeError, match="gather_state: state must be what DataParallel.init "
+                                        "returned, got OptimizerState"):
+        gather_state(dp, full, params)
+    # one process: the sharded state is whole, and goes back and forth unchanged
+    adam = DataParallel(Adam(1e-3), shard_state=True)
+    st = adam.init(params)
+    p2, st = adam.update(params, {k: np.full(v.shape, 0.5) for k, v in params.items()}, st)
+    whole = gather_state(adam, st, p2)
+    again = scatter_state(adam, whole, p2)
+    for s in ("m", "v"):
+        for k in params:
+            np.testing.assert_array_equal(again.local.slot(s)[k], st.local.slot(s)[k])
+    assert again.local.step == 1
 
 
 def test_ranks_whose_replicated_state_differs_save_nothing(monkeypatch) -> None:
