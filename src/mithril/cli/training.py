@@ -342,7 +342,7 @@ class Run(Evaluation):
         except KeyboardInterrupt:
             interrupted = True
             if self.parallel is not None and not self.parallel.can_checkpoint:
-                self.position = None  # (--shard-state: no process holds the whole state)
+                self.position = None  # (a world whose state cannot be saved: none resumes)
         except TrainingError as exc:  # kept like an interrupt: the steps before it stand
             error = str(exc)
         finally:
