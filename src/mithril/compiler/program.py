@@ -366,6 +366,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             if key in shared:
                 continue
             pname = f"{node.path}.{key}"
+            _check_own_name(pname, "parameter", inputs, outputs, prog)
             node.params[key] = pname
             prog.param_shapes[pname] = tuple(int(d) for d in shape)
             prog.param_init[pname] = node.op.param_init[key]
@@ -375,6 +376,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         with _blame(node, b):
             sshapes = dict(node.op.state_shapes(in_shapes))
         for key, shape in sshapes.items():
+            _check_own_name(f"{node.path}.{key}", "state array", inputs, outputs, prog)
             sname = node.state[key] = f"{node.path}.{key}"
             prog.state_shapes[sname] = tuple(int(d) for d in shape)
             prog.state_init[sname] = node.op.state_init[key]
@@ -426,6 +428,19 @@ def infer_output(node: Node, shapes: dict, values: dict[int, object]) -> Shape |
         if v is not None:
             values[node.out] = v
     return out
+
+
+def _check_own_name(name: str, what: str, inputs: Mapping[str, int],
+                    outputs: Mapping[str, int], prog: Program) -> None:
+    """A parameter / state array is named by its path (``linear.weight``): a terminal or a
+    parameter named so already (an input ``IOKey("linear.weight")``) is refused, naming both,
+    rather than one of them shadowing the other in the compiled model's names."""
+    other = "input" if name in inputs else "output" if name in outputs else \
+        "trainable input" if name in prog.param_wires else None
+    if other is not None:
+        raise KeyMismatchError(f"the {what} '{name}' (named by its path) and the model's {other} "
+                               f"'{name}' have one name; rename the {other} (an IOKey name "
+                               "without '.', or name the block otherwise: Linear(2, name=...))")
 
 
 def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], set[int]]:
