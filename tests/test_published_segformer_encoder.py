@@ -194,11 +194,46 @@ def test_segformer_encoder_matches_torch(name):
     _compare(name, model, shapes, {"input": x}, params, {"output": h1, "hidden_states_0": h0}, t)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="needs src/mithril/models/functional.py "
-                   "(Model.create): a ToTuple output (the encoder's hidden_states tuple) as a "
-                   "model output, e.g. exposed as its elements hidden_states_0 .. _<n-1>")
-def test_the_published_encoder_builds_with_its_tuple_output():
-    published()["segformer_encoder"](CONFIG, name="encoder")
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_the_published_encoder_builds_with_its_tuple_output(name):
+    """The published encoder verbatim: its ``hidden_states`` ToTuple output is one output of
+    a call (``last, hs = encoder(input=x)``, as published) and, compiled, its elements
+    ``hidden_states_0`` .. (before: "output hidden_states (ToTuple(...).output) is computed
+    by no block")."""
+    model = published()["segformer_encoder"](CONFIG, name="encoder")
+    assert model.output_keys == ("output", "hidden_states_0", "hidden_states_1")
+    last, hs = model(input=IOKey("input"))
+    outer = Model.create(first=hs[0], output=last)
+    shapes = {"input": [2, 3, 16, 12]}
+    params = _params(model, shapes)
+    x = RNG.standard_normal((2, 3, 16, 12))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h0, h1 = _encoder(t, torch.tensor(x), CONFIG)
+    _compare(name, model, shapes, {"input": x}, params,
+             {"output": h1, "hidden_states_0": h0, "hidden_states_1": h1}, t)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h0, h1 = _encoder(t, torch.tensor(x), CONFIG)
+    _compare(name, outer, shapes, {"input": x}, {f"encoder.{k}": v for k, v in params.items()},
+             {"output": h1, "first": h0}, {f"encoder.{k}": v for k, v in t.items()})
+
+
+def test_a_list_output_of_a_created_model_is_refused_clearly():
+    from mithril.models import Relu, ToTuple
+
+    x = IOKey("x")
+    a, b = Relu()(input=x), Relu()(input=x)
+    with pytest.raises(TypeError, match=r"Model.create: ToTuple\(...\).output is a tuple: a list "
+                                        r"output is given by name"):
+        Model.create(ToTuple(2)(a, b))
+    with pytest.raises(ValueError, match=r"Model.create\(hs=...\): its elements are outputs "
+                                         r"\['hs_0', 'hs_1'\], but 'hs_1' names another"):
+        Model.create(hs=ToTuple(2)(a, b), hs_1=IOKey("hs_1") * 2)
+    with pytest.raises(ValueError, match=r"Model.create\(hs_1=...\): 'hs_1' names another"):
+        Model.create(hs=ToTuple(2)(a, b), hs_1=a)
+    assert a.home is None and b.home is None
+    m = Model.create(hs=ToTuple(2)(a, b), hs_2=a)
+    assert m.output_keys == ("hs_0", "hs_1", "hs_2")
+    assert len(m(x="x")) == 2 and [o.key for o in m(x="x")] == ["hs", "hs_2"]
 
 
 # -- Reshape's sizes given by connections (mithril.models.size_values) -------------------------

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from .expression_indices import _check_index, _index_text
 from .operator import Operator
 
 if TYPE_CHECKING:  # model.py imports this module: no runtime import back
@@ -121,11 +122,7 @@ def _static(value: Any, what: str, receiver: ConnectionOps) -> None:
 
 def _constant(v: Any, symbol: str, this: ConnectionOps) -> Operand:
     """An operand as given (a connection object) or as a float constant array."""
-    if isinstance(v, ConnectionOps):
-        from .connections import IOKey
-
-        if isinstance(v, IOKey) and v.name is None and v.value is None:
-            raise TypeError(f"'{symbol}' with {this!r}: an IOKey operand needs a name or a value")
+    if isinstance(v, ConnectionOps):  # (an unnamed IOKey(): a new input, one wire per object)
         return v
     from .shape_wires import ShapeWire, as_operand
 
@@ -153,48 +150,6 @@ def _operand(v: Any, symbol: str, this: ConnectionOps) -> Operand:
         if arr.dtype.kind in "biuf":
             return arr
     return _constant(v, symbol, this)
-
-
-def _index_text(index: Any) -> str:
-    def one(i: Any) -> str:
-        if i is Ellipsis:
-            return "..."
-        if isinstance(i, slice):
-            parts = ["" if p is None else str(p) for p in (i.start, i.stop)]
-            return ":".join(parts) + ("" if i.step is None else f":{i.step}")
-        if isinstance(i, np.ndarray):
-            return repr(i.tolist())
-        return repr(i)
-
-    items = index if isinstance(index, tuple) else (index,)
-    return ", ".join(one(i) for i in items) + ("," if isinstance(index, tuple) and len(index) == 1 else "")
-
-
-def _check_index(index: Any, receiver: ConnectionOps) -> None:
-    """Indices the ``Indexer`` operator takes: ints, slices of ints, None, ``...``, integer
-    lists / arrays and boolean masks (lists / arrays of bools), or a tuple of those; a lone
-    boolean is refused (NumPy would read it as a new axis)."""
-    from .shape_wires import ShapeWire
-
-    def size(f: Any) -> bool:  # (a shape wire's size too: x[:q.shape[2]], as published)
-        return (isinstance(f, ShapeWire) and f.kind == "int") or (
-            isinstance(f, (int, np.integer)) and not isinstance(f, (bool, np.bool_)))
-
-    _static(index, f"[{index!r}]", receiver)
-    for i in index if isinstance(index, tuple) else (index,):
-        if i is None or i is Ellipsis:
-            continue
-        if isinstance(i, slice):
-            if all(f is None or size(f) for f in (i.start, i.stop, i.step)) and i.step != 0:
-                continue
-        elif size(i):
-            continue
-        elif isinstance(i, (list, np.ndarray)) and (np.asarray(i).dtype.kind in "iu" or (
-                np.asarray(i).dtype.kind == "b" and np.ndim(i) > 0)):
-            continue
-        raise TypeError(f"{receiver!r}[...]: unsupported index {i!r}; an index is an int, a slice "
-                        "of ints (step not 0), None, ..., an integer list or array, a boolean "
-                        "mask (a list or array of bools), or a tuple of those")
 
 
 class ConnectionOps:
@@ -524,10 +479,20 @@ class Expression(ConnectionOps):
     ``operands`` maps the operator's input terminals to connection objects, other expressions
     or constant arrays, and ``text`` is how it reads (``(Linear.output + 2.0)``)."""
 
-    __slots__ = ("op", "operands", "text")
+    __slots__ = ("op", "operands", "text", "shape_decl")
 
     def __init__(self, op: Operator, operands: dict[str, Operand], text: str) -> None:
         self.op, self.operands, self.text = op, operands, text
+        self.shape_decl: tuple | None = None
+
+    def set_shapes(self, shape: Sequence[int | None]) -> Expression:
+        """Declare the shape of this expression's value (published ``hidden_states[i].
+        set_shapes([1, 64, 128, 128])``), checked against what the model infers when it is
+        connected (``None`` entries are free)."""
+        from .declarations import _as_shape
+
+        self.shape_decl = _as_shape(self.text, shape)
+        return self
 
     def __repr__(self) -> str:
         return self.text
@@ -588,9 +553,12 @@ def wire_expression(model: Model, expr: Expression, where: str) -> Connection:
             raise TypeError(f"{where}: in {expr!r}: {lw.kind}s (ToList / ToTuple outputs) are "
                             "indexed (lst[0], lst[1:]) or fed to Concat(), not computed with")
         got = lw.index(expr.op.index, f"{where}: in {expr!r}")
-        model._expr_wires[id(expr)] = (expr, got)
-        return got
-    mapping["output"] = Connection(None)
-    model.blocks.append((copy.copy(expr.op), mapping))
-    model._expr_wires[id(expr)] = (expr, mapping["output"])
-    return mapping["output"]
+    else:
+        got = mapping["output"] = Connection(None)
+        model.blocks.append((copy.copy(expr.op), mapping))
+    if expr.shape_decl is not None and not isinstance(got, ListWire):  # (set_shapes)
+        from .operator import unify
+
+        got.shape = unify(got.shape, expr.shape_decl, f"{expr!r} (wired)", f"{expr!r} (set_shapes)")
+    model._expr_wires[id(expr)] = (expr, got)
+    return got

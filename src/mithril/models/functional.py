@@ -40,7 +40,9 @@ from ..errors import KeyMismatchError
 from .connection_types import TBD
 from .connections import Connection, IOKey, Terminal
 from .expressions import Expression, wire_expression
-from .operator import Operator
+from .list_terminals import call_outputs, expose_list, list_inputs
+from .list_wires import ListWire
+from .operator import Operator, input_values
 
 if TYPE_CHECKING:
     from .model import Block, Model
@@ -80,7 +82,9 @@ class Bound(Terminal):
     __slots__ = ("connections", "home", "outs")
 
     def __init__(self, block: Block, connections: dict[str, Any]) -> None:
-        allowed = (*block.terminals, *param_keys(block))
+        # (values given to the block's constructor: defaults, as published's Add(right=1))
+        connections = {**input_values(block), **connections}
+        allowed = (*block.terminals, *param_keys(block), *list_inputs(block))
         unknown = set(connections) - set(allowed)
         if unknown:
             raise KeyMismatchError(f"{type(block).__name__} has no terminal(s) {sorted(unknown)}; "
@@ -92,15 +96,15 @@ class Bound(Terminal):
             if isinstance(v, Expression) and k in block.output_keys:
                 raise ValueError(f"'{k}' is an output of {type(block).__name__}: it cannot take an "
                                  f"expression ({v!r}); connect the expression to an input")
-        outs = tuple(block.output_keys)
+        outs = call_outputs(block)  # (a created model's list output: one, as published)
         super().__init__(block, outs[0] if len(outs) == 1 else None)
         self.connections, self.home, self.outs = connections, None, outs
 
     def check_keys(self) -> None:
         """The block still has the terminals this call connects (a model's renamed since:
         ``rename_key``): a ``KeyMismatchError`` naming them, not a connection left out."""
-        gone = [k for k in self.connections
-                if k not in self.block.terminals and k not in param_keys(self.block)]
+        gone = [k for k in self.connections if k not in self.block.terminals and k not in
+                param_keys(self.block) and k not in list_inputs(self.block)]
         if gone:
             raise KeyMismatchError(f"{self!r} connects {gone}, which {type(self.block).__name__} "
                                    f"no longer has (renamed since the call?); its terminals are "
@@ -180,12 +184,21 @@ def pull_call(model: Model, given: Terminal, what: str) -> None:
             model._demote(c)
 
 
-def _named_inputs(model: Model) -> None:
+def _named_inputs(model: Model, start: int = 0, added: bool = False) -> None:
     """Name the inputs an unnamed ``IOKey()`` fed (published: ``Add()(left=IOKey(), ...)``
-    makes inputs ``left`` and ``right``): each after the terminal it feeds first."""
+    makes inputs ``left`` and ``right``): each after the terminal it feeds first (of the
+    blocks from ``start`` on: those just added). ``added`` (``model |= ...``): only the wires
+    of ``IOKey()`` objects that feed no parameter role (such a wire is a parameter named by
+    its path, as one a block's ``weight`` terminal made)."""
+    new = model.blocks[start:]
+    if not any(c.name is None and c.value is None for _, m in new for c in m.values()):
+        return
+    keys = {id(c) for k, c in model._expr_wires.values() if isinstance(k, IOKey)}
     produced = model._produced()
-    for block, mapping in model.blocks:
+    for block, mapping in new:
         for key, c in mapping.items():
+            if added and (id(c) not in keys or key in param_keys(block)):
+                continue
             if c.name is None and c.value is None and id(c) not in produced \
                     and key not in block.output_keys:
                 c.name = model._fresh_name(key)
@@ -195,14 +208,19 @@ def _named_inputs(model: Model) -> None:
 def _order_inputs(model: Model) -> None:
     """As published, a created model's inputs in the order its blocks take them (its blocks
     come dependencies first, each block's inputs in its terminals' order), whatever the order
-    the calls were reached in: ``created(x, y)`` binds them in that order."""
-    first: dict[int, int] = {}
+    the calls were reached in: ``created(x, y)`` binds them in that order. A tuple input's
+    elements stay together, in order, where the first of them is read."""
+    first: dict[int, Any] = {}
     for _, mapping in model.blocks:
         for c in mapping.values():
-            first.setdefault(id(c), len(first))
+            first.setdefault(id(c), (len(first), 0))
+    for _, elems in list_inputs(model).values():
+        at = min(first.get(id(model.conns[e]), (len(first), 0))[0] for e in elems)
+        first.update({id(model.conns[e]): (at, i) for i, e in enumerate(elems)})
     inputs = set(model.input_keys)
     items = list(model.conns.items())
-    ins = sorted((it for it in items if it[0] in inputs), key=lambda it: first.get(id(it[1]), len(first)))
+    ins = sorted((it for it in items if it[0] in inputs),
+                 key=lambda it: first.get(id(it[1]), (len(first), 0)))
     model.conns.clear()
     model.conns.update(ins + [it for it in items if it[0] not in inputs])
 
@@ -235,6 +253,11 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
         bind_shape_refs(model, 0)  # (an output's expression reading shapes: x.reshape(x.shape))
         produced = model._produced()
         for (key, o), c in zip(given, wires, strict=True):
+            if isinstance(c, ListWire) and key is None:
+                raise TypeError(f"Model.create: {o!r} is a {c.kind}: a list output is given by "
+                                "name (Model.create(hidden_states=ToTuple(n)(...)))")
+            if isinstance(c, ListWire):
+                continue  # (its elements: checked when exposed)
             if id(c) not in produced:
                 raise ValueError(f"Model.create: output {key or 'output'} ({o!r}) is computed by "
                                  "no block: it is an input of the model, not an output")
@@ -248,8 +271,10 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
                 c.name = model._fresh_name("output")
                 model.conns[c.name] = c
             c.exposed = True
-        shown = wires[:len(outputs)] + [_expose(model, key, c) for (key, _), c in zip(
-            given[len(outputs):], wires[len(outputs):], strict=True)]
+        shown = wires[:len(outputs)] + [
+            expose_list(model, key, c, f"Model.create({key}=...)") if isinstance(c, ListWire)
+            else _expose(model, key, c) for (key, _), c in zip(
+                given[len(outputs):], wires[len(outputs):], strict=True)]
         model._cout = model._last_output = shown[0]
         from ..compiler.program import _child_names
 

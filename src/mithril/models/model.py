@@ -45,17 +45,18 @@ importable from here too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from typing import Any, Union
 
 import numpy as np
 
 from ..errors import KeyMismatchError
+from .canonical import cin_key, cout_key
 from .connection_types import check_fed, kinds_of, merged, type_name
 from .connections import Connection, IOKey, Terminal
 from .declarations import _as_shape, _declare, check_block_name
 from .expressions import Expression, wire_expression
-from .functional import Bound, Given, create, param_keys, pull_call, rename_keys
+from .functional import Bound, Given, _named_inputs, create, param_keys, pull_call, rename_keys
+from .list_terminals import bind_list_inputs, is_list_value, list_input, list_of_call
 from .list_wires import ListWire, ToList, add_list_block, check_lists_read, expand_lists
 from .operator import Operator, named_connections, takes_name, unify
 
@@ -288,6 +289,9 @@ class Model:
                     if self._new_roles is not None:
                         self._new_roles.append((mapping, key))
                 if key not in mapping:
+                    lw = list_of_call(block, str(key), mapping)  # (a created model's list)
+                    if lw is not None:
+                        return lw
                     raise KeyMismatchError(f"{what}: {given!r} is not a terminal of its block")
                 return mapping[key]
         raise ValueError(f"{what}: {given!r} belongs to a block that is not (yet) part of this "
@@ -316,6 +320,8 @@ class Model:
             block, key = where if where is not None else (None, "?")
             return wire_expression(self, given, f"{type(block).__name__}.connect({key}=...)")
         key = given if isinstance(given, IOKey) else IOKey(given)
+        if is_list_value(key.value):  # (a tuple of inputs: IOKey(value=tuple(TBD ...)))
+            return list_input(self, key, is_output)
         if key.name in self._lists:
             if is_output or key.value is not None:
                 raise ValueError(f"'{key.name}' is a {self._lists[key.name].kind} (ToList / "
@@ -390,7 +396,10 @@ class Model:
         snap = self._snapshot()
         self._touched = []
         try:
-            return self._add_block(item, chain)
+            n_blocks = len(self.blocks)
+            self._add_block(item, chain)
+            _named_inputs(self, n_blocks, True)  # (an unnamed IOKey() input: after what it feeds)
+            return self
         except BaseException:
             self._restore(snap)
             self._undo_touched()
@@ -460,6 +469,7 @@ class Model:
                 raise KeyMismatchError(
                     f"{type(block).__name__}: += wires the previous output to its canonical "
                     f"input '{given_in}', which connect(...) gives; {rest}")
+        bind_list_inputs(self, block, bound.connections, mapping)  # (a created model's tuple)
         if chain and prev_out is not None and first_in is not None \
                 and first_in not in bound.connections:
             mapping[first_in] = prev_out
@@ -573,23 +583,3 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(inputs={list(self.input_keys)}, outputs={list(self.output_keys)})"
-
-
-def cin_key(block: Block) -> str | None:
-    """The terminal of ``block`` that ``+=`` wires to the previous output: its canonical input."""
-    if isinstance(block, Model) and block._cin is not None and block._cin.name in block.input_keys:
-        return block._cin.name
-    refs = getattr(block, "shape_args", None) if isinstance(block, Operator) else None
-    ins = [k for k in block.terminals if k not in block.output_keys  # (not a shape wire's)
-           and (refs is None or k not in refs.keys)]
-    return ins[0] if ins else None
-
-
-def cout_key(block: Block, hidden: AbstractSet[str] = frozenset()) -> str | None:
-    """The terminal of ``block`` that becomes its parent's latest output: its canonical output."""
-    if isinstance(block, Model) and block._cout is not None and block._cout.name in block.output_keys:
-        return block._cout.name
-    shown = [k for k in block.output_keys if k not in hidden]
-    if not shown:
-        return None
-    return "output" if "output" in shown else shown[0]

@@ -100,38 +100,92 @@ def div_count(g: np.ndarray, n: int) -> np.ndarray:
 
 def takes_name(cls: type) -> None:
     """Make ``cls.__init__`` take the published ``name=`` (its path segment), unless it
-    takes a ``name`` of its own (:meth:`Operator.__init_subclass__`, and ``Model``'s)."""
+    takes a ``name`` of its own (:meth:`Operator.__init_subclass__`, and ``Model``'s), and
+    values of the block's inputs (``Add(right=1)``, as published): see :func:`_taking_name`."""
     init = cls.__dict__.get("__init__")
-    if init is not None and not hasattr(init, "__wrapped__") and \
-            "name" not in inspect.signature(init).parameters:
-        cls.__init__ = _taking_name(init)  # type: ignore[misc]
+    if init is not None and not hasattr(init, "__wrapped__"):
+        cls.__init__ = _taking_name(init, "name" not in _own_params(init))  # type: ignore[misc]
 
 
-def _taking_name(init: Any) -> Any:
-    """``init`` that also takes ``name=`` (checked before anything is built; the outermost
-    class's ``__init__`` sets it)."""
+def _taking_name(init: Any, name_too: bool = True) -> Any:
+    """``init`` that also takes ``name=`` (``name_too``; checked before anything is built;
+    the outermost class's ``__init__`` sets it) and, as keywords, values of the block's inputs
+    and parameter roles (:func:`set_input_values`): the keywords ``init`` does not take, or,
+    where it takes ``**kwargs`` (to name torch's arguments it refuses), those that name the
+    class's inputs or parameter roles."""
+    params = _own_params(init)
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
     @functools.wraps(init)
-    def __init__(self: Any, *args: Any, name: str | None = None, **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         from .declarations import check_block_name
 
-        check_block_name(name, type(self).__name__)
+        name = kwargs.pop("name", None) if name_too else None
+        keys = _class_inputs(type(self)) if var_kw else None
+        values = {k: kwargs.pop(k) for k in list(kwargs)
+                  if k not in params and (keys is None or k in keys)}
+        if name_too:
+            check_block_name(name, type(self).__name__)
         init(self, *args, **kwargs)
         if name is not None:
             self.__dict__["name"] = name
+        if values:
+            set_input_values(self, values)
 
     return __init__
 
 
+def _class_inputs(cls: type) -> frozenset[str]:
+    """The inputs and parameter roles a class states as class attributes."""
+    ins, roles = getattr(cls, "inputs", ()), getattr(cls, "param_init", None)
+    return frozenset((ins if isinstance(ins, tuple) else ()) +
+                     (tuple(roles) if isinstance(roles, Mapping) else ()))
+
+
+def _own_params(init: Any) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(init).parameters
+
+
+def set_input_values(block: Any, values: Mapping[str, Any]) -> None:
+    """Keep ``values`` (input / parameter role -> value, name, IOKey or connection: what
+    ``connect`` takes) as ``block``'s defaults for ``connect`` (the published
+    ``Add(right=1)``: a value of the operator's input); a connection given to ``connect`` wins.
+    A key that is no input of the block is the ``TypeError`` Python gives an unknown keyword,
+    naming the block's parameters and inputs."""
+    from .functional import _as_given, param_keys
+
+    outs = set(block.output_keys)
+    inputs = [k for k in (*block.terminals, *param_keys(block)) if k not in outs]
+    for key, v in values.items():
+        if key not in inputs:
+            own = [k for k, p in inspect.signature(type(block)).parameters.items()
+                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            raise TypeError(f"{type(block).__name__}() got an unexpected keyword argument "
+                            f"{key!r}: it is neither a parameter of {type(block).__name__} "
+                            f"({', '.join(own) or 'none'}) nor one of its inputs {inputs}")
+        _as_given(key, v)  # (a value connect would refuse is refused here)
+    block.__dict__["_input_values"] = dict(values)
+
+
+def input_values(block: Any) -> dict[str, Any]:
+    """The values given to ``block``'s constructor for its inputs (:func:`set_input_values`)."""
+    return dict(block.__dict__.get("_input_values") or {})
+
+
 class Operator:
     """Base class of primitive operations (see module docstring). Every operator takes the
-    published ``name=`` (its parameters' path segment, as a ``Model``'s): each class's
-    ``__init__`` is wrapped to take it (the wrapper keeps the class's own signature)."""
+    published ``name=`` (its parameters' path segment, as a ``Model``'s) and, as published,
+    values of its inputs as keywords (``Add(right=1)``, ``Concat(input=[...])``: defaults of
+    ``connect``): each class's ``__init__`` is wrapped to take them (the wrapper keeps the
+    class's own signature; :func:`takes_name`)."""
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __init__(self, *, name: str | None = None, **values: Any) -> None:
         from .declarations import check_block_name
 
         if check_block_name(name, type(self).__name__) is not None:
             self.__dict__["name"] = name
+        if values:  # (a subclass's own __init__ is wrapped to take them: takes_name)
+            set_input_values(self, values)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
