@@ -234,6 +234,9 @@ def test_a_list_output_of_a_created_model_is_refused_clearly():
     m = Model.create(hs=ToTuple(2)(a, b), hs_2=a)
     assert m.output_keys == ("hs_0", "hs_1", "hs_2")
     assert len(m(x="x")) == 2 and [o.key for o in m(x="x")] == ["hs", "hs_2"]
+    with pytest.raises(ValueError, match="'hs_1' is an element of the tuple 'hs'"):
+        m.rename_key("hs_1", "z")
+    assert m.output_keys == ("hs_0", "hs_1", "hs_2")
 
 
 # -- Reshape's sizes given by connections (mithril.models.size_values) -------------------------

@@ -85,7 +85,9 @@ class Tensor:
 
         if value is TBD or value is None:
             raise TypeError("Tensor() without a value is not offered: an input is a name or "
-                            "IOKey(name, type=Tensor[...]); a constant is Tensor(value)")
+                            "IOKey(name, type=Tensor[...]); a constant is Tensor(value); a "
+                            "tuple of inputs (published IOKey(name, value=tuple(Tensor() ...))) "
+                            "is IOKey(name, value=tuple(TBD for _ in range(n)))")
         if shape is not None:
             raise TypeError("Tensor(value, shape=...): the shape is the value's here")
         if differentiable:

@@ -40,7 +40,7 @@ from ..errors import KeyMismatchError
 from .connection_types import TBD
 from .connections import Connection, IOKey, Terminal
 from .expressions import Expression, wire_expression
-from .list_terminals import call_outputs, expose_list, list_inputs
+from .list_terminals import call_outputs, expose_list, list_inputs, list_outputs
 from .list_wires import ListWire
 from .operator import Operator, input_values
 
@@ -334,6 +334,11 @@ def rename_keys(model: Model, renames: list[tuple[Any, str]], what: str = "renam
                              "expose_keys(name=conn)")
         if id(c) in todo:
             raise ValueError(f"{what}: '{c.name}' is renamed twice")
+        held = [k for k, (_, els) in {**list_outputs(model), **list_inputs(model)}.items()
+                if c.name in els]
+        if held:
+            raise ValueError(f"{what}: '{c.name}' is an element of the tuple '{held[0]}', named "
+                             "after it: its elements keep their names")
         todo[id(c)] = (c, key)
     new = [k for _, k in todo.values()]
     for key in new:
