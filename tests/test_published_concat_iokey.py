@@ -228,7 +228,7 @@ def test_types_are_checked_against_what_the_connection_feeds():
     with pytest.raises(TypeError, match="Tensor\\[...\\] takes int, float, bool"):
         Tensor[str]
     with pytest.raises(TypeError, match=r"Tensor\(\) without a value"):
-        Tensor()
+        Tensor(shape=[3])
     ok = Model()
     ok |= Multiply().connect(left=IOKey("x", type=Tensor), right=IOKey("y", type=Tensor[float]),
                              output="output")

@@ -258,29 +258,17 @@ def test_the_published_decode_head_imports():
     assert ml.NumpyBackend(dtype=Dtype.float64).dtype == "float64"
 
 
-# published ``tuple(Tensor() for ...)``: a tuple of inputs whose values are to be determined;
-# here ``TBD`` (``Tensor()`` without a value is pinned as refused by
-# test_review_published49.py / test_published_concat_iokey.py, files of others)
-_TBD_INPUT = _TUPLE_INPUT.replace("Tensor()", "TBD")
-_TBD_IMPORT = ("from mithril.framework import IOKey, Tensor\n",
-               "from mithril.framework import IOKey, Tensor\nfrom mithril.models import TBD\n")
-
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="needs tests/test_review_published49.py "
-                   "and tests/test_published_concat_iokey.py to lift their pin 'Tensor() without "
-                   "a value is not offered': then connection_types.Tensor() returns TBD (a value "
-                   "to be determined), and tuple(Tensor() ...) is the tuple input TBD makes now")
 def test_the_published_decode_head_builds():
     cfg = SimpleNamespace(num_encoder_blocks=4, decoder_hidden_size=8, num_labels=3)
     published_decode_head()["segformer_decode_head"](cfg)
 
 
 def test_the_published_decode_head_builds_with_its_tuple_input():
-    """Verbatim but ``Tensor()`` -> ``TBD``: ``IOKey("input", value=tuple(...))`` is a tuple of
+    """Verbatim: ``IOKey("input", value=tuple(Tensor() ...))`` is a tuple of
     inputs ``input_0`` .. (in order), indexed ``hidden_states[i]``; ``set_shapes`` on an
     element declares that input's shape (before: TypeError, "Tensor() without a value")."""
     cfg = SimpleNamespace(num_encoder_blocks=4, decoder_hidden_size=8, num_labels=3)
-    head = published_decode_head(_TBD_IMPORT, (_TUPLE_INPUT, _TBD_INPUT))["segformer_decode_head"]
+    head = published_decode_head()["segformer_decode_head"]
     m = head(cfg)
     assert m.input_keys == ("input_0", "input_1", "input_2", "input_3")
     shapes = ml.compile(m, ml.NumpyBackend(dtype="float64")).get_shapes()
@@ -434,13 +422,12 @@ def segformer_semantic_segmentation(config, *, name: str | None = None):
 
 
 def published_semantic_segmentation() -> dict:
-    """The published file with the encoder (verbatim) and the decode head (``Tensor()`` ->
-    ``TBD``, its full-size ``set_shapes`` left out) as its imports give them."""
+    """The published file with the encoder (verbatim) and the decode head (its full-size
+    ``set_shapes`` left out) as its imports give them."""
     from test_published_functional_segformer import published
 
     namespace = {"segformer_encoder": published()["segformer_encoder"],
                  "segformer_decode_head": published_decode_head(
-                     _TBD_IMPORT, (_TUPLE_INPUT, _TBD_INPUT),
                      (_SET_SHAPES, ""))["segformer_decode_head"]}
     src = SEMANTIC.replace("from .segformer_decode_head import segformer_decode_head\n", "")
     exec(compile(src.replace("from .segformer_encoder import segformer_encoder\n", "").replace(  # noqa: S102

@@ -14,6 +14,7 @@ from test_review_published48 import BACKENDS, _check, _run
 import mithril as ml
 from mithril import Tensor
 from mithril.models import (
+    TBD,
     Arange,
     Buffer,
     Equal,
@@ -326,8 +327,9 @@ def test_a_cotangent_for_a_bool_or_integer_block_output_is_refused_by_name():
 def test_tensor_value_is_a_constant_and_its_refusals():
     k = Tensor([1.0, 2.0])
     assert isinstance(k, ml.IOKey) and k.value.tolist() == [1.0, 2.0]
+    assert Tensor() is TBD  # (the published placeholder: a tuple input's elements)
     with pytest.raises(TypeError, match="Tensor\\(\\) without a value is not offered"):
-        Tensor()
+        Tensor(type=Tensor[float])
     with pytest.raises(TypeError, match="differentiable=True\\) is not offered"):
         Tensor([1.0], differentiable=True)
     with pytest.raises(TypeError, match="its type is Tensor\\[int\\]"):

@@ -83,6 +83,9 @@ class Tensor:
                 differentiable: bool | None = None) -> Any:
         from .connections import IOKey
 
+        if (value is TBD or value is None) and type is None and shape is None \
+                and differentiable is None:
+            return TBD  # (the published placeholder: IOKey(name, value=tuple(Tensor(), ...)))
         if value is TBD or value is None:
             raise TypeError("Tensor() without a value is not offered: an input is a name or "
                             "IOKey(name, type=Tensor[...]); a constant is Tensor(value); a "
