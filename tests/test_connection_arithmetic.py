@@ -338,7 +338,6 @@ def _base():
     (lambda m, lin: lin.output + "x", TypeError, r"unsupported operand for '\+' with Linear.output: str"),
     (lambda m, lin: m.x * object(), TypeError, r"unsupported operand for '\*' with Model.x: object"),
     (lambda m, lin: m.x - [1, "a"], TypeError, r"unsupported operand for '-'"),
-    (lambda m, lin: m.x + IOKey(), TypeError, "an IOKey operand needs a name or a value"),
     (lambda m, lin: m.x // 2, TypeError,
      r"'//' on connections \(Model.x\) is not offered: there is no FloorDivide"),
     (lambda m, lin: m.x[1.5], TypeError, r"Model.x\[...\]: unsupported index 1.5"),

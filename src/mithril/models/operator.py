@@ -122,8 +122,11 @@ def _taking_name(init: Any, name_too: bool = True) -> Any:
 
         name = kwargs.pop("name", None) if name_too else None
         keys = _class_inputs(type(self)) if var_kw else None
+        # (where init takes **kwargs to name torch's arguments it refuses, a bool is one of
+        # those, torch's Linear(bias=False), not a value of the bias)
         values = {k: kwargs.pop(k) for k in list(kwargs)
-                  if k not in params and (keys is None or k in keys)}
+                  if k not in params and (keys is None or k in keys and
+                                          not isinstance(kwargs[k], (bool, np.bool_)))}
         if name_too:
             check_block_name(name, type(self).__name__)
         init(self, *args, **kwargs)
