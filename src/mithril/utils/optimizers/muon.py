@@ -97,8 +97,7 @@ def _build(spec: Any) -> Optimizer | None:
             raise ValueError(f"fallback: {spec['optimizer']!r} is not a mithril optimizer")
         spec = cls(**spec["hyperparameters"])
     if not isinstance(spec, Optimizer):
-        raise TypeError(f"fallback must be a mithril optimizer (e.g. AdamW()) or None, got "
-                        f"{describe(spec)}")
+        raise TypeError(f"fallback must be a mithril optimizer (AdamW()) or None, got {describe(spec)}")
     name, cls = type(spec).__name__, type(spec)
     if (isinstance(spec, TensorwiseOptimizer) or cls.init is not Optimizer.init
             or cls.update is not Optimizer.update or spec.two_pass()
@@ -106,8 +105,7 @@ def _build(spec: Any) -> Optimizer | None:
         raise TypeError(f"fallback: {name} is not an elementwise optimizer (one pass, its own "
                         f"math); use e.g. AdamW, Adam, SGD, Lion")
     if hasattr(spec, "update_hessian"):  # (its nu would stay 0: sign descent, silently)
-        raise TypeError(f"fallback: Muon cannot hold a {name}: it does not hand on the "
-                        f"Hessian estimate {name}.update_hessian folds in; use e.g. AdamW")
+        raise TypeError(f"fallback: Muon cannot hold a {name} (its Hessian estimate); use AdamW")
     own = {"clip_norm": None, "clip_value": None, "nonfinite": "propagate", "ema_decay": None,
            "swa_start": None}
     for k, v in own.items():
