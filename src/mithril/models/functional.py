@@ -242,9 +242,7 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
             raise TypeError(f"{where}: an output is a block's call (Linear(3)(input=x)), one of "
                             f"its outputs or an expression of them, got {what} ({o!r})")
     model = cls(name=name)
-    model._touched = []
-    snap = model._snapshot()
-    try:
+    with model._undoable():
         from .shape_wires import bind_shape_refs
 
         wires = [wire_expression(model, o, where) if isinstance(o, Expression)
@@ -279,12 +277,6 @@ def create(cls: type[Model], outputs: tuple[Any, ...], named: dict[str, Any],
         from ..compiler.program import _child_names
 
         _child_names(model, f"Model.create(name={name!r})" if name else "Model.create's model")
-    except BaseException:
-        model._restore(snap)
-        model._undo_touched()
-        raise
-    finally:
-        model._touched = model._new_roles = model._declared = None
     model._frozen = True
     return model
 

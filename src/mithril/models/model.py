@@ -44,7 +44,8 @@ importable from here too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -393,13 +394,21 @@ class Model:
         if self._frozen:
             raise AttributeError(f"{self!r} was made by Model.create and is frozen: nothing is "
                                  "added to it; use it in a new model (outer |= created(...))")
-        snap = self._snapshot()
-        self._touched = []
-        try:
+        with self._undoable():
             n_blocks = len(self.blocks)
             self._add_block(item, chain)
             _named_inputs(self, n_blocks, True)  # (an unnamed IOKey() input: after what it feeds)
-            return self
+        return self
+
+    @contextlib.contextmanager
+    def _undoable(self) -> Iterator[None]:
+        """A change to this model (``_add``, ``Model.create``) that, if anything raises, leaves
+        the model and the calls it pulled in as they were (:meth:`_snapshot`, the touched
+        blocks' log)."""
+        snap = self._snapshot()
+        self._touched = []
+        try:
+            yield
         except BaseException:
             self._restore(snap)
             self._undo_touched()
