@@ -58,6 +58,36 @@ def _jax_x64_restored():
     if jax is not None and bool(jax.config.jax_enable_x64) != before:
         jax.config.update("jax_enable_x64", before)
 
+#: memory mappings a test process may hold at a module's end before JAX's caches are
+#: emptied (Linux refuses new ones past ``vm.max_map_count``, 65,530 by default)
+MAPS_BEFORE_CLEARING = 30_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _memory_maps_bounded():
+    """Empty JAX's caches after a module that leaves the process holding more than
+    :data:`MAPS_BEFORE_CLEARING` memory mappings. Every program XLA:CPU compiles keeps a few
+    mappings of machine code for as long as JAX caches it (forever, by default; optax's
+    un-jitted ``MultiSteps`` alone compiles a ``lax.cond`` of fresh lambdas per update,
+    ~500 mappings a reference run); an xdist worker running ~7,000 tests reached Linux's
+    ``vm.max_map_count`` and the next compile or executable load died inside LLVM
+    ("Cannot allocate memory": a SIGABRT or a SIGSEGV in JAX's cache read / write).
+    ``jax.clear_caches()`` releases them; the tests' own state never lives there."""
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None and _mappings() > MAPS_BEFORE_CLEARING:
+        jax.clear_caches()
+        gc.collect()
+
+
 BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
 
 
