@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,12 +30,19 @@ TORCH_LINEAR = {"bias": "ours is use_bias, a bool", "out_features": "ours is dim
 
 class Linear(Operator):
     """y = x·Wᵀ + b with ``weight`` of shape (dimension, in_features) (torch layout) and
-    ``bias`` of shape (dimension,). Weight init: Glorot uniform; bias: zeros."""
+    ``bias`` of shape (dimension,). Weight init: Glorot uniform; bias: zeros.
+
+    ``dimension=None`` (the published ``Linear()``): the width is the first axis of the
+    weight, else of the bias, where either is a connection whose shape the compiler knows
+    (``connect(weight="w")`` with ``compile(shapes={"w": ...})``, ``IOKey("b", shape=[3])``);
+    nothing giving it is a :class:`~mithril.ShapeError` at compile."""
 
     param_init = {"weight": "glorot", "bias": "zeros"}
     vjp_ignores = frozenset({"output"})
     fresh_output = True
     positional = ("input", "weight", "output")  # (the published Linear.connect's)
+    #: without a dimension, an unknown width is refused at compile (not left to later rules)
+    width_required = True
 
     def __init__(self, dimension: int | None = None, use_bias: bool = True,
                  **torch_only: Any) -> None:
@@ -42,25 +50,43 @@ class Linear(Operator):
             name = next(iter(torch_only))
             instead = TORCH_LINEAR.get(name, "not an argument of Linear")
             raise TypeError(f"Linear: no {name}= argument ({instead})")
-        if not isinstance(dimension, int) or isinstance(dimension, bool) or dimension <= 0:
-            raise ValueError(f"Linear: dimension must be a positive int, got {dimension!r}")
+        if dimension is not None and (not isinstance(dimension, int)
+                                      or isinstance(dimension, bool) or dimension <= 0):
+            raise ValueError(f"Linear: dimension must be a positive int or None, got "
+                             f"{dimension!r}")
         if not isinstance(use_bias, (bool, np.bool_)):  # "no" or None: not read as truthiness
             raise TypeError(f"Linear: use_bias must be a bool, got {use_bias!r}")
         self.dimension = dimension
         self.use_bias = bool(use_bias)
 
+    def _width(self, shapes: Mapping[str, Any]) -> int | None:
+        """``dimension``, else the first axis of a weight or bias connection's known shape."""
+        if self.dimension is not None:
+            return self.dimension
+        for key in ("weight", "bias"):
+            s = shapes.get(key)
+            if s and s[0] is not None:
+                return s[0]
+        return None
+
     def param_shapes(self, shapes):
-        d_in = _last_dim(shapes, "Linear")
-        if d_in is None:
-            return {}
-        out = {"weight": (self.dimension, d_in)}
-        if self.use_bias:
-            out["bias"] = (self.dimension,)
+        d_in, d_out = _last_dim(shapes, "Linear"), self._width(shapes)
+        if d_out is None and d_in is not None and self.width_required:
+            wired = [k for k in ("weight", "bias") if k in shapes]
+            raise ShapeError(
+                "Linear() has no dimension, and " + (
+                    f"the shape of its {' and '.join(wired)} connection is unknown: declare "
+                    f"it (compile(shapes=...) or IOKey(shape=...))" if wired else
+                    "its weight is not a connection whose shape gives it: give "
+                    "Linear(dimension), or connect weight= (or bias=) with a known shape"))
+        out = {} if d_in is None or d_out is None else {"weight": (d_out, d_in)}
+        if self.use_bias and d_out is not None:
+            out["bias"] = (d_out,)
         return out
 
     def infer_shape(self, shapes):
         s = shapes.get("input")
-        return None if s is None else (*s[:-1], self.dimension)
+        return None if s is None else (*s[:-1], self._width(shapes))
 
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None) -> Any:
         if xp is np:  # one 2-D matmul (not one per leading index), the bias added in place

@@ -75,7 +75,10 @@ class CellLinear(Linear):
     connections (``connect(weight="w_ih")``: shared by name between the steps). Its width is
     not fixed here: it is the last axis of ``size`` (a connection read for its shape only:
     the previous hidden state for the gates), else of the weight's or the bias's shape where
-    those are known, so the weights' shapes follow from the data's (see :class:`ManyToOne`)."""
+    those are known, so the weights' shapes follow from the data's (see :class:`ManyToOne`);
+    :class:`Linear`'s shape rules on that width."""
+
+    width_required = False  # (a hint may give it: see add_hint)
 
     def __init__(self, use_bias: bool = True, size: bool = False) -> None:
         self.dimension, self.use_bias = None, bool(use_bias)
@@ -97,17 +100,6 @@ class CellLinear(Linear):
         """Read the width from a ``hint`` input too (after the weight's and bias's shapes)."""
         if "hint" not in self.inputs:
             self.inputs = (*self.inputs, "hint")
-
-    def param_shapes(self, shapes):
-        d_in, d_out = (shapes.get("input") or (None,))[-1], self._width(shapes)
-        out = {} if d_in is None or d_out is None else {"weight": (d_out, d_in)}
-        if self.use_bias and d_out is not None:
-            out["bias"] = (d_out,)
-        return out
-
-    def infer_shape(self, shapes):
-        s = shapes.get("input")
-        return None if s is None else (*s[:-1], self._width(shapes))
 
     def forward(self, xp: Any, input: Any, weight: Any, bias: Any = None, size: Any = None,
                 hint: Any = None) -> Any:
