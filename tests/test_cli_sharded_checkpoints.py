@@ -310,13 +310,24 @@ def test_sharded_two_processes_resume_bit_for_bit(tmp_path) -> None:
     whole, cut = _straight_vs_resumed(tmp_path, ["--shard-state", "--dtype", "float64"])
     a = _same(whole, cut)
     assert a["extra"]["world"] == {"nprocs": 2, "shard_state": True, "launcher": "mithril"}
-    other = tmp_path / "copy"
+    other, plain = tmp_path / "copy", tmp_path / "plain"
+    shutil.copytree(other, plain)
     assert main(["train", "--resume", str(other), "--epochs", "2", "--nprocs", "1",
                  "--no-progress", "--no-plot"]) == 0
     b = load_checkpoint(other / "checkpoint.safetensors")
     assert b["extra"]["world"] == {"nprocs": 1, "shard_state": True, "launcher": "mithril"}
     for k in a["params"]:
         np.testing.assert_allclose(b["params"][k], a["params"][k], rtol=1e-9, atol=1e-12)
+    # --no-shard-state: the sharded run resumed with the whole state in each process
+    assert main(["train", "--resume", str(plain), "--epochs", "2", "--nprocs", "1",
+                 "--no-shard-state", "--no-progress", "--no-plot"]) == 0
+    c = load_checkpoint(plain / "checkpoint.safetensors")
+    assert c["extra"]["world"] == {"nprocs": 1, "shard_state": False, "launcher": "mithril"}
+    for k in a["params"]:
+        np.testing.assert_array_equal(c["params"][k], b["params"][k], err_msg=k)
+    for s in ("m", "v"):
+        for k, v in b["optimizer_state_dict"]["slots"][s].items():
+            np.testing.assert_array_equal(c["optimizer_state_dict"]["slots"][s][k], v, err_msg=k)
 
 
 @pytest.mark.slow  # three two-process runs, ~35 s on a loaded machine

@@ -65,10 +65,10 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="--backend jax: split every batch over N local devices of each process "
                         "(jax.sharding; on CPU JAX is given N devices). The same result as "
                         "one device")
-    g.add_argument("--shard-state", action="store_true",
+    g.add_argument("--shard-state", action=argparse.BooleanOptionalAction, default=False,
                    help="with --nprocs or --devices (or torchrun): each process (device) keeps "
                         "the optimizer state of 1/N of the parameters (ZeRO) instead of all "
-                        "of it")
+                        "of it (--no-shard-state: a --resume of a sharded run keeps all of it)")
 
 
 @dataclass
