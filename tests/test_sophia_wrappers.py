@@ -512,3 +512,36 @@ def test_bad_calls_through_a_wrapper_change_nothing():
     with pytest.raises(ValueError, match="step 1's estimate is already folded in"):
         la.update_hessian(state, h)
     assert same(snapshot(state), before)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_accumulate_of_sophia_takes_the_estimate_itself_as_optax_multisteps(engine):
+    """Accumulate(Sophia, 3): optax.MultiSteps(sophia, 3). The Accumulate's own hessian_due /
+    update_hessian (what a generic loop calls): due on the window's last call when the
+    window's step is a due one, the estimate folded after it; refused after a call that
+    only buffered, nothing changed."""
+    p0, grads = problem(5, steps=18)
+    with jax_float64():
+        tx = optax.MultiSteps(optax_sophia(**SOPHIA), 3, accumulator_dtype=jnp.float64)
+    theirs = optax_steps(tx, p0, grads)
+    with optimizer_engine(engine):
+        acc = Accumulate(Sophia(0.05, **SOPHIA), 3)
+        p = {k: native(engine, v.copy()) for k, v in p0.items()}
+        state, dues = acc.init(p), []
+        for i, (g, pj) in enumerate(zip(grads, theirs)):
+            due = acc.hessian_due(state)
+            dues.append(due)
+            h = {k: native(engine, v)
+                 for k, v in curvature({k: host(v) for k, v in p.items()}).items()}
+            p, state = acc.update(p, {k: native(engine, v) for k, v in g.items()}, state)
+            if due:
+                assert acc.update_hessian(state, h) is state
+            elif not state.applied:
+                nu = {k: host(v).copy() for k, v in state.inner.slot("nu").items()}
+                with pytest.raises(ValueError, match=r"only buffered its micro-batch \(\d of 3"):
+                    acc.update_hessian(state, h)
+                assert err(state.inner.slot("nu"), nu) == 0
+            assert err(p, pj) <= 1e-12, i
+    # windows end on calls 3, 6, ...; Sophia's count 0, 2, 4 (update_interval 2) is due
+    assert [i for i, d in enumerate(dues) if d] == [2, 8, 14]
+    assert 0.0 <= acc.win_rate(state) <= 1.0

@@ -397,6 +397,33 @@ class Accumulate:
         ``schedule_free_eval_params``)."""
         return self._reader("eval_params")(self._inner(state, "eval_params"), params)
 
+    def hessian_due(self, state: AccumulateState) -> bool:
+        """Whether the next :meth:`update` ends a window whose step folds an estimate into
+        the wrapped Sophia's ν (its ``hessian_due`` on ``state.inner``): measure it at the
+        params given to that call, as ``optax.MultiSteps(sophia)`` runs sophia's
+        ``hessian_diagonal_fn`` on the window's last call."""
+        due = self._reader("hessian_due")
+        inner = self._inner(state, "hessian_due")
+        return state.accumulator.count + 1 >= self.k_for(state) and bool(due(inner))
+
+    def update_hessian(self, state: AccumulateState, estimate: Mapping[str, Any]
+                       ) -> AccumulateState:
+        """The wrapped optimizer's ``update_hessian`` on ``state.inner``, after the call that
+        ended a window :meth:`hessian_due` named (checked there; a call that only buffered
+        is refused here). Returns ``state``; a refused call changes nothing."""
+        fold = self._reader("update_hessian")
+        inner = self._inner(state, "update_hessian")
+        if not state.applied:
+            raise ValueError(f"Accumulate.update_hessian: the last update only buffered its "
+                             f"micro-batch ({state.micro_step} of {self.k_for(state)} in "
+                             f"the window): fold the estimate in after the window's last call")
+        state.inner = fold(inner, estimate)
+        return state
+
+    def win_rate(self, state: AccumulateState) -> float:
+        """The wrapped Sophia's ``win_rate`` of ``state.inner``."""
+        return self._reader("win_rate")(self._inner(state, "win_rate"))
+
     def exclude_from_weight_decay(self, *args: Any, **kwargs: Any) -> None:
         """The wrapped optimizer's ``exclude_from_weight_decay`` (Keras calls it on the
         optimizer that accumulates)."""
