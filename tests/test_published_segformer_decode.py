@@ -41,6 +41,21 @@ def _run(name: str, model: Model, shapes: dict, data: dict, cot: dict,
     return _run_in(name, go)
 
 
+def _run_stateful(name: str, model: Model, shapes: dict, trainable: set[str],
+                  inputs: dict, cot: dict) -> tuple[dict, dict, dict]:
+    """Outputs, gradients and the BatchNorm state after one evaluate from the model's
+    initial state (all of ``inputs`` given as trainable inputs or parameters)."""
+    def go():
+        b = BACKENDS[name](dtype="float64")
+        pm = ml.compile(model, b, shapes=shapes, trainable_keys=trainable, jit=True)
+        out, grads, state = pm.evaluate({k: b.array(v) for k, v in inputs.items()}, {},
+                                        {k: b.array(v) for k, v in cot.items()},
+                                        state=pm.initial_state_dict)
+        return np_dict(b, out), np_dict(b, grads), np_dict(b, state)
+
+    return _run_in(name, go)
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_floor_and_clamp_match_torch(name):
     """``x.floor()``, ``x.clamp(-0.5, 0.75)``, ``x.clamp(max=0.2)``, ``x.clamp(lo, hi)``
@@ -372,15 +387,8 @@ def test_the_published_decode_head_matches_torch(name):
     cot = RNG.standard_normal(want.shape)
     want.backward(torch.tensor(cot))
 
-    def go():
-        b = BACKENDS[name](dtype="float64")
-        pm = ml.compile(head, b, shapes=shapes, trainable_keys=set(shapes), jit=True)
-        out, grads, state = pm.evaluate({k: b.array(v) for k, v in {**params, **data}.items()},
-                                        {}, {"logits": b.array(cot)},
-                                        state=pm.initial_state_dict)
-        return np_dict(b, out), np_dict(b, grads), np_dict(b, state)
-
-    out, grads, state = _run_in(name, go)
+    out, grads, state = _run_stateful(name, head, shapes, set(shapes), {**params, **data},
+                                      {"logits": cot})
     np.testing.assert_allclose(out["logits"], want.detach().numpy(), rtol=0, atol=1e-12)
     for k in ("mean", "var"):
         np.testing.assert_allclose(state[f"batch_norm.running_{k}"], running[k].numpy(), rtol=0,
@@ -460,15 +468,8 @@ def test_the_published_semantic_segmentation_matches_torch(name):
     cot = RNG.standard_normal(want.shape)
     want.backward(torch.tensor(cot))
 
-    def go():
-        b = BACKENDS[name](dtype="float64")
-        pm = ml.compile(model, b, shapes=shapes, trainable_keys={"input"}, jit=True)
-        out, grads, state = pm.evaluate({k: b.array(v) for k, v in {**params, "input": x}.items()},
-                                        {}, {"logits": b.array(cot)},
-                                        state=pm.initial_state_dict)
-        return np_dict(b, out), np_dict(b, grads), np_dict(b, state)
-
-    out, grads, state = _run_in(name, go)
+    out, grads, state = _run_stateful(name, model, shapes, {"input"}, {**params, "input": x},
+                                      {"logits": cot})
     np.testing.assert_allclose(out["logits"], want.detach().numpy(), rtol=0, atol=1e-12)
     for k in ("mean", "var"):
         np.testing.assert_allclose(state[f"decode_head.batch_norm.running_{k}"],

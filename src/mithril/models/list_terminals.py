@@ -51,12 +51,7 @@ def expose_list(model: Model, key: str, lw: ListWire, where: str) -> Any:
     module); returns the first element's connection. The caller undoes it if this raises."""
     from .functional import _expose
 
-    nested = [e for e in lw.elements if isinstance(e, ListWire)]
-    if nested:
-        raise TypeError(f"{where}: the {lw.kind} holds a {nested[0].kind}: a list output is "
-                        "a list of arrays here")
-    if not lw.elements:
-        raise ValueError(f"{where}: the {lw.kind} is empty")
+    lw.check_flat(where, ": a list output is a list of arrays here")
     names = tuple(f"{key}_{i}" for i in range(len(lw.elements)))
     taken = [k for k in (key, *names) if k in model.conns or k in model._lists]
     if taken:

@@ -57,6 +57,16 @@ class ListWire:
         raise TypeError(f"{where}: a {self.kind} (ToList / ToTuple output) is indexed with an int "
                         f"or a slice here, got {index!r}")
 
+    def check_flat(self, where: str, why: str) -> None:
+        """Refuse, naming ``where``, a wire holding another list (tuple) wire (``why``: the
+        refusal's reason, its separator first) or nothing: a list of arrays is wanted."""
+        nested = [e for e in self.elements if isinstance(e, ListWire)]
+        if nested:
+            named = f" {self.name}" if self.name else ""
+            raise TypeError(f"{where}: the {self.kind}{named} holds a {nested[0].kind}{why}")
+        if not self.elements:
+            raise ValueError(f"{where}: the {self.kind} is empty")
+
     def __repr__(self) -> str:
         return f"ListWire({self.name!r}, {self.kind} of {len(self.elements)})"
 
@@ -148,12 +158,7 @@ def expand_lists(model: Model, block: Any, mapping: dict[str, Any]) -> None:
             continue
         what = f"{type(block).__name__}.{key}"
         if isinstance(block, Concat) and block.n is None and key == "input":
-            nested = [e for e in c.elements if isinstance(e, ListWire)]
-            if nested:
-                raise TypeError(f"{what}: the {c.kind} {c.name or ''} holds a {nested[0].kind}; "
-                                "Concat joins arrays")
-            if not c.elements:
-                raise ValueError(f"{what}: the {c.kind} is empty")
+            c.check_flat(what, "; Concat joins arrays")
             block._set_n(len(c.elements))
             c.read = True
             del mapping[key]
