@@ -438,8 +438,10 @@ def whole_two(tmp_path_factory) -> Path:
     return whole
 
 
-@pytest.mark.parametrize("how", ["launcher", pytest.param("group", marks=pytest.mark.slow),
-                                 pytest.param("rank", marks=pytest.mark.slow)])
+# kill tests of three two-process runs, ~30 s each (by default: the launcher's forwarding
+# above and the one-process data-parallel stop and resume)
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["launcher", "group", "rank"])
 def test_two_processes_sigterm_checkpoint_and_resume(tmp_path, whole_two, how) -> None:
     _sigterm_then_resume(tmp_path, whole_two, how, ["--nprocs", "2"])
 

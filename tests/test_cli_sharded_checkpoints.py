@@ -300,6 +300,7 @@ def _same(whole: Path, cut: Path) -> dict:
     return a
 
 
+@pytest.mark.slow  # four two-process runs, ~30 s (sharded resume by default: test_distributed.py)
 def test_sharded_two_processes_resume_bit_for_bit(tmp_path) -> None:
     """--nprocs 2 --shard-state, float64: the resumed run's parameters, Adam moments and
     logs equal the straight run's bit for bit; the same checkpoint resumes in one process
