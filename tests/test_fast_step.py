@@ -374,3 +374,56 @@ def test_gradients_in_another_order_take_the_located_path(monkeypatch, lib):
     for n in names:
         np.testing.assert_array_equal(runs[0][n], runs[1][n], err_msg=n)
     assert len(located) >= 2 * len(grads) and all(located)
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(learning_rate=0.1, momentum=0.9),
+                                  lambda: Adam(learning_rate=0.1)], ids=["sgd", "adam"])
+@pytest.mark.parametrize("dtype, huge", [(np.float32, 1e39), (np.float64, np.inf)])
+@pytest.mark.parametrize("case", ["beyond", "missed"])
+def test_one_group_row_a_scalar_beyond_the_dtype_and_missed_counts(monkeypatch, dtype, huge,
+                                                                   make, case):
+    """The one-group row built without the table (``fast_step._one_group``) is the table's
+    cast bit for bit; a learning rate beyond the dtype (1e39 > float32's 3.4e38) at the
+    last step takes the table, whose cast makes it inf, as the full path does; after a
+    step that left a parameter out (its own missed count: a row of its own) every step
+    takes the table."""
+    rows = {"one": 0, "table": 0}
+    one_group = fast_step._one_group
+
+    def counted(*a):
+        out = one_group(*a)
+        rows["one" if out is not None else "table"] += 1
+        return out
+
+    monkeypatch.setattr(fast_step, "_one_group", counted)
+    rng = np.random.default_rng(4)
+    p0 = {k: v.astype(dtype) for k, v in _params(rng).items()}
+    grads = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in p0.items()}
+             for _ in range(10)]
+    if case == "missed":
+        del grads[6]["b"]
+    runs = []
+    for fast in (True, False):
+        opt = make()
+        p = {k: v.copy() for k, v in p0.items()}
+        s = opt.init(p)
+        trace = []
+        for i, g in enumerate(grads):
+            opt.learning_rate = huge if i == 9 and case == "beyond" else 0.1 * 0.8 ** i
+            if not fast:
+                s.fast, s.fast_waste = None, 99
+            p, s = opt.update(p, g, s)
+            if "b" not in g:
+                s.note_missed(["b"])  # (as torch_optimizer and make_train_step count it)
+            trace.append({k: v.copy() for k, v in p.items()})
+        runs.append(trace)
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {i} param {k}")
+    assert np.isfinite(runs[0][8]["w"]).all()
+    # the 1st step copies the params in, the 2nd makes the recipe: 8 steps by it
+    if case == "beyond":
+        assert not np.isfinite(runs[0][9]["w"]).all()  # the lr did reach the step
+        assert rows == {"one": 7, "table": 1}, rows
+    else:  # the 7th step (b left out) takes the one row, the 8th-10th b's own: the table
+        assert rows == {"one": 5, "table": 3}, rows
