@@ -181,7 +181,7 @@ def run(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     norm = engine._grad_norm(gptr) if opt.clip_norm is not None else None  # (its scale)
     after = _one_group(r, opt, state) if norm is None and not r.two_pass else None
     if after is not None:
-        clip = after[1][0, 1] > 0
+        clip = (opt.clip_value or 0.0) > 0  # (the row's clip value, as scalar_table reads it)
     else:
         t = state.step + 1
         table, index, clip = scalar_table(opt, state, t, norm)
