@@ -9,4 +9,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -c .ci/constraints.txt "torch==2.13.0"
 python -m pip install -q -c .ci/constraints.txt -e ".[test]"
 ruff check src tests benchmarks
-python -m pytest -n 2 tests "$@"
+# --dist loadfile: a module stays on one worker, so its module fixtures (reference runs of
+# the peers, subprocesses) run once, not once per worker (691 s against 713 s with "load")
+python -m pytest -n 2 --dist loadfile tests "$@"
