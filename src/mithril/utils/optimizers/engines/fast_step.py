@@ -309,7 +309,7 @@ def run_jax(engine: Any, opt: Any, state: Any, params: Any, grads: Any
     if gs is None or not all(map(isinstance, gs, repeat(engine.concrete))) or any(
             map(operator.is_, gs, params.values())):  # (a param as its gradient: donated)
         return None
-    hp = _row(r, opt, state) if r.single else None
+    hp = _row(opt, state, None, r.shape[1], r.dtype, r.bound) if r.single else None
     if hp is None:
         table = scalar_table(opt, state, state.step + 1, None)[0]
         if table.shape != r.shape:
@@ -345,17 +345,12 @@ def aliases(params: Mapping[str, Any], gs: Any) -> set[int]:
     return {id(g) for g in gs if id(g) in held}
 
 
-def _row(r: JaxRecipe, opt: Any, state: Any) -> np.ndarray | None:
-    """:func:`~.common.scalar_table`'s one row for this step, in the layout's dtype (each
-    value rounded once, as its float64 table's cast rounds it), or None where a value lies
-    beyond the dtype (the full table's cast, under ``errstate``, then makes it inf) or the
-    row's length changed."""
-    return _row_of(opt, state, None, r.shape[1], r.dtype, r.bound)
-
-
-def _row_of(opt: Any, state: Any, index: Any, width: int, dtype: np.dtype, bound: float
-            ) -> np.ndarray | None:
-    """:func:`_row` for rows ``index`` (or None) of ``width`` scalars."""
+def _row(opt: Any, state: Any, index: Any, width: int, dtype: np.dtype, bound: float
+         ) -> np.ndarray | None:
+    """:func:`~.common.scalar_table`'s one row of ``width`` scalars for this step (rows
+    ``index``, or None), in ``dtype`` (each value rounded once, as the float64 table's cast
+    rounds it), or None where a value lies beyond ``bound`` (the full table's cast, under
+    ``errstate``, then makes it inf) or the row's length changed."""
     scal = opt.full_scalars(state.step + 1, state.values, row_counts(opt, state, index, 1)[0])
     row = (*prologue(opt, None, scal[0]), *scal)
     if len(row) != width or not (max(row) <= bound and min(row) >= -bound):
@@ -372,5 +367,5 @@ def _one_group(r: Recipe, opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray]
     index, views = opt.group_rows(state)
     if len(views) != 1 or views[0] is not opt or r.bound < 0:
         return None
-    row = _row_of(opt, state, index, 4 + r.kernel_args[2], r.dtype, r.bound)
+    row = _row(opt, state, index, 4 + r.kernel_args[2], r.dtype, r.bound)
     return None if row is None else (index, row)
