@@ -293,3 +293,57 @@ def test_the_cli_thread_limit_covers_the_optimizer(restore_threads):
     with thread_limit(1, "numpy"):
         assert get_num_threads() == 1
     assert get_num_threads() == 2
+
+
+def test_the_environment_is_read_once_and_anew_in_a_forked_child():
+    """``MITHRIL_NUM_THREADS`` is read at the first step, as torch and numba read theirs; a
+    later change does not reach this process, but a child forked after it reads it anew."""
+    out = run_python("""
+        import os
+        os.environ["MITHRIL_NUM_THREADS"] = "3"
+        from mithril.utils.optimizers import get_num_threads, set_num_threads
+        assert get_num_threads() == 3
+        os.environ["MITHRIL_NUM_THREADS"] = "5"
+        assert get_num_threads() == 3
+        set_num_threads(2)
+        assert get_num_threads() == 2
+        from mithril.utils.optimizers.engines import threads
+        threads._threads = None
+        assert get_num_threads() == 3
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, str(get_num_threads()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("child", os.read(r, 8).decode())
+    """)
+    assert out.strip().splitlines()[-1] == "child 5"
+
+
+def test_the_pieces_sums_are_added_in_order(restore_threads):
+    """The reported norm is the pieces' Σ g² added one after another in piece order (not
+    numpy's pairwise sum, which differs from 8 terms on), whatever the thread count."""
+    values = [1.0] + [1e-16] * 36  # (in order each small term is lost: numpy keeps them)
+    order = 0.0
+    for v in values:
+        order += v
+    assert order == 1.0 and float(np.sum(values)) > 1.0
+
+    def kernel(gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, acc, spins):
+        acc[:] = values  # (each piece's Σ g², as the update kernels leave them)
+        return 1.0
+
+    plan = threads.Plan(np.array([0]), np.array([37 * PIECE]))
+    assert plan.pieces == 37
+    set_num_threads(1)
+    assert plan.run(kernel, (), np.zeros(1, np.int64), ()) == order
+
+
+def test_inside_counts_addresses_in_the_spans():
+    from mithril.utils.optimizers.engines.kernels import inside
+
+    spans = np.array([[100, 200], [1000, 1004]], dtype=np.int64)
+    assert inside(np.array([0, 99, 200, 1004, 5000], dtype=np.int64), spans) == 0
+    assert inside(np.array([0, 100, 199, 1003], dtype=np.int64), spans) == 3
+    assert inside(np.array([], dtype=np.int64), spans) == 0

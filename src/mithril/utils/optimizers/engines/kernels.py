@@ -359,18 +359,16 @@ def sumsq_kernel(dtype: str) -> Any:
 
 
 @kernel_cache.jit(nogil=True)
-def inside(ptr: np.ndarray, spans: np.ndarray) -> tuple[int, np.ndarray]:  # pragma: no cover
-    """How many addresses lie in one of the [start, stop) ``spans``, and whether each does
-    (the count spares the caller a NumPy reduction on every step)."""
-    out = np.zeros(ptr.shape[0], dtype=np.bool_)
+def inside(ptr: np.ndarray, spans: np.ndarray) -> int:  # pragma: no cover - compiled
+    """How many (address, span) pairs have the address in the [start, stop) span: 0 when
+    none of ``ptr`` lies in one. A count only: boxing an array of which ones, every step,
+    cost more than the loop; the caller finds them when there are any."""
+    n = 0
     for k in range(spans.shape[0]):
         lo, size = spans[k, 0], np.uint64(spans[k, 1] - spans[k, 0])
         for i in range(ptr.shape[0]):  # one unsigned compare, no branch: vectorised
-            out[i] |= np.uint64(ptr[i] - lo) < size
-    n = 0
-    for i in range(ptr.shape[0]):
-        n += out[i]
-    return n, out
+            n += np.uint64(ptr[i] - lo) < size
+    return n
 
 
 _REDUCE_BODY_SRC = """

@@ -451,9 +451,11 @@ class NumbaEngine(Engine):
             spans = np.array([(v.ctypes.data, v.ctypes.data + v.nbytes)
                               for v in map(self.np_view, written)], dtype=np.int64)
             cached = self._spans[key] = (written, spans)
-        n, hit = inside(gptr, cached[1])
-        if not n:
+        spans = cached[1]
+        if not inside(gptr, spans):
             return gptr
+        hit = ((gptr[:, None] - spans[:, 0]).astype(np.uint64)
+               < (spans[:, 1] - spans[:, 0]).astype(np.uint64)).any(axis=1)
         gptr = gptr.copy()
         for i in np.flatnonzero(hit):
             c = np.array(self.to_numpy(grads[self.layout.names[i]]))

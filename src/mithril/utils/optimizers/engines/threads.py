@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import atomics
+from . import workers as workers_
 
 #: work is claimed in pieces of about this many elements (a multiple of 16; fixed, so that
 #: the per-piece sums do not depend on the thread count). Threads claiming pieces in turn
@@ -121,9 +122,7 @@ class Plan:
         if workers <= 0:
             kernel(*before, gptr, *tables, SPINS, *after)
         else:
-            from . import workers as team
-
-            team.share(lambda spins: kernel(*before, gptr, *tables, spins, *after), sync,
+            workers_.share(lambda spins: kernel(*before, gptr, *tables, spins, *after), sync,
                        self.pieces, workers, SPINS)
         total = 0.0  # in piece order (a loop over a list: numpy's reduce machinery cost
         for v in acc.tolist():  # ~10-20 us here, with the caches cold after the kernel)

@@ -149,7 +149,8 @@ def share(job: Callable[[int], Any], sync: np.ndarray, pieces: int, workers: int
           spins: int) -> Any:
     """``job(spins)`` on this thread and ``job(0)`` on up to ``workers`` team threads, all
     claiming the pieces of the job's ``sync`` array (:func:`.atomics.new_sync`);
-    returns this thread's result once every piece is done."""
+    returns this thread's result once every piece is done. The job returns what its
+    kernel's :func:`.atomics.all_done` said: 1.0 when every piece was done then."""
     global _job, _last_end, _last_took
     if workers <= 0:
         return job(spins)
@@ -166,8 +167,9 @@ def share(job: Callable[[int], Any], sync: np.ndarray, pieces: int, workers: int
             _cond.notify_all()
     try:
         out = job(spins)
-        while not all_done(sync, pieces, spins):  # a worker holds a piece: let it finish
-            time.sleep(0)
+        if out != 1.0:  # a worker holds a piece (every kernel ends with atomics.all_done)
+            while not all_done(sync, pieces, spins):  # let it finish
+                time.sleep(0)
     finally:
         if _job is not None and _job[0] == gen:  # a late worker finds nothing; the job's
             _job = None  # arrays are not kept alive by the team
