@@ -184,7 +184,8 @@ class Scan:
             out = out[:n]
             if bad >= 0 or not self._guard.check(*vals):
                 return None
-            if out[0] == self._data_ptr(vals[0]) and out[-1] == self._data_ptr(vals[-1]):
+            if out[0] == self._data_ptr(vals[0]) and (
+                    n == 1 or out[-1] == self._data_ptr(vals[-1])):
                 return out
             log.warning("torch tensor fields read wrong addresses; reading data_ptr instead")
             self._fields = None
