@@ -130,6 +130,23 @@ def test_float64_parity_with_optax(case: str, path: str, monkeypatch) -> None:
             np.testing.assert_allclose(a[k], b[k], rtol=TOL, atol=TOL, err_msg=f"{k} step {t + 1}")
 
 
+def test_a_full_program_cache_keeps_the_two_programs_in_use(monkeypatch) -> None:
+    """The process-wide cache of step programs drops its least recently used one when full,
+    not every one: GaLore's two programs (with and without the SVD refresh) are traced once
+    each however many programs other optimizers left (31 here: the second program of the
+    loop fills it, and the first, used since, stays)."""
+    from collections import OrderedDict
+
+    others = OrderedDict((("another optimizer", i), None) for i in range(31))
+    monkeypatch.setattr(tensorwise_jit, "_COMPILED", others)
+    traces = tensorwise_jit.TRACES
+    got = ours(CASES["options"][0](), "jax", monkeypatch)
+    assert tensorwise_jit.TRACES - traces == 2
+    assert len(tensorwise_jit._COMPILED) == tensorwise_jit._MOST
+    np.testing.assert_allclose(got[-1]["tall"], expected("options")[-1]["tall"], rtol=TOL,
+                               atol=TOL)
+
+
 def test_defaults_are_optax() -> None:
     import inspect
 

@@ -33,6 +33,7 @@ import copy
 import math
 import numbers
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +50,12 @@ from .common import norm_scale, refuses
 ENABLED = os.environ.get("MITHRIL_TENSORWISE_JIT", "1") != "0"
 #: how many times a step program was traced (tests count compiles with it)
 TRACES = 0
-_COMPILED: dict[tuple, Any] = {}
+#: the step programs, least recently used first (a process-wide cache of at most
+#: :data:`_MOST`: the least recently used goes when it is full, never all at once, so that a
+#: loop alternating between programs - GaLore's with and without its SVD refresh - keeps
+#: both however many other optimizers made theirs before)
+_COMPILED: OrderedDict[tuple, Any] = OrderedDict()
+_MOST = 32
 #: attributes of a row that are host-side step counts (row_step, scalars): not in the key
 _HOST_ONLY = frozenset({"missed", "_missed", "_step_offset"})
 _CLIPS = ("clip_value", "clip_tensor_norm", "clip_block_rms")
@@ -150,6 +156,8 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
         fn = _COMPILED.get(key)
     except TypeError:  # (a scalar that is no number and unhashable: eagerly)
         return None
+    if fn is not None:
+        _COMPILED.move_to_end(key)
     if fn is False:  # (found not to trace)
         return None
     grads = tuple(gradients[n] for n, s in zip(lay.names, spec) if s[4])
@@ -163,8 +171,8 @@ def step(opt: Any, state: OptimizerState, params: Mapping[str, Any],
             tuple(params[n] for n, s in zip(lay.names, spec) if not s[4]), grads, slots,
             {s: v for s, v in state.slots.items() if host[s]}, np.asarray(table, dtype=wide))
     if fn is None:
-        if len(_COMPILED) >= 32:
-            _COMPILED.clear()
+        while len(_COMPILED) >= _MOST:
+            _COMPILED.popitem(last=False)
         protos = [copy.copy(row) for _, row in prints.values()]
         try:
             fn = jax.jit(_program(opt, state, protos, spec, averaged, key),
