@@ -351,9 +351,7 @@ def _row(opt: Any, state: Any, index: Any, width: int, dtype: np.dtype, bound: f
     ``index``, or None), in ``dtype`` (each value rounded once, as the float64 table's cast
     rounds it), or None where a value lies beyond ``bound`` (the full table's cast, under
     ``errstate``, then makes it inf) or the row's length changed."""
-    counts = row_counts(opt, state, index, 1)[0] if opt.ema_decay is not None or \
-        opt.swa_start is not None else None  # (no averages: no counts to read)
-    scal = opt.full_scalars(state.step + 1, state.values, counts)
+    scal = opt.full_scalars(state.step + 1, state.values, row_counts(opt, state, index, 1)[0])
     row = (*prologue(opt, None, scal[0]), *scal)
     if len(row) != width or not (max(row) <= bound and min(row) >= -bound):
         return None
