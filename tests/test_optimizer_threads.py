@@ -323,7 +323,8 @@ def test_the_environment_is_read_once_and_anew_in_a_forked_child():
 
 def test_the_pieces_sums_are_added_in_order(restore_threads):
     """The reported norm is the pieces' Σ g² added one after another in piece order (not
-    numpy's pairwise sum, which differs from 8 terms on), whatever the thread count."""
+    numpy's pairwise sum, which differs from 8 terms on); that the pieces' values do not
+    depend on the thread count is test_threads_match_one_thread's."""
     values = [1.0] + [1e-16] * 36  # (in order each small term is lost: numpy keeps them)
     order = 0.0
     for v in values:
