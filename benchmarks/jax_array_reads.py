@@ -11,6 +11,9 @@ in the same run and on the same arrays:
 * **reads**: the batched wait plus the address reads alone (what the update does per array);
 * **jit dispatch**: calling a jitted function of the 2,000 arrays that returns one of them
   times 1 (JAX's own per-argument cost: what any jitted step taking them pays);
+* **jitted SGD step**: ``[p - 1e-3 * g for p, g in ...]`` under ``jax.jit``, the params
+  donated: the least any jitted step that takes and returns every tensor pays JAX per
+  tensor (dispatch, one tiny kernel per tensor, the output arrays);
 * **optax**: the update of ``optax.adam`` under ``jax.jit`` with donation, per tensor.
 
 Each is timed "hot" (nothing between calls) and "cold" (a 32 MB buffer written between
@@ -89,6 +92,13 @@ def main() -> None:
     def dispatch(i: int) -> None:
         first(lists[i % 3]).block_until_ready()
 
+    sgd = jax.jit(lambda ps, gs: [p - 1e-3 * g for p, g in zip(ps, gs)], donate_argnums=0)
+    sbox = {"p": [jnp.asarray(v) for v in host.values()]}
+
+    def jitted_sgd(i: int) -> None:
+        sbox["p"] = sgd(sbox["p"], lists[i % 3])
+        jax.block_until_ready(sbox["p"])
+
     tx = optax.adam(1e-3)
     obox = {"p": {k: jnp.asarray(v) for k, v in host.items()}}
     obox["s"] = tx.init(obox["p"])
@@ -103,7 +113,7 @@ def main() -> None:
         obox["p"], obox["s"] = ostep(obox["p"], obox["s"], gsets[i % 3])
         jax.block_until_ready(obox["p"])
 
-    for fn in (ours, ours_numpy, reads, dispatch, optax_step):  # compile, warm up
+    for fn in (ours, ours_numpy, reads, dispatch, jitted_sgd, optax_step):  # compile, warm up
         for i in range(5):
             fn(i)
     # a check that the update happened: the params moved
@@ -117,6 +127,7 @@ def main() -> None:
     rows = {}
     for name, fn in (("ours: JAX update", ours), ("ours: NumPy update (kernel+Python)", ours_numpy),
                      ("reads (wait + addresses)", reads), ("jit dispatch of the arrays", dispatch),
+                     ("jitted SGD step, donated", jitted_sgd),
                      ("optax adam, jitted", optax_step)):
         rows[name] = [timed(fn, a.repeats, t) * us for t in (None, trash)]
         print(f"{name:34}{rows[name][0]:8.3f}{rows[name][1]:8.3f}")
