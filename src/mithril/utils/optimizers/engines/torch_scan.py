@@ -18,7 +18,8 @@ reads are torch internals, not a public ABI, so they are found on first use by l
 known values (``Tensor._cdata``, the storage's address and data pointer, a storage offset)
 in sample tensors' memory, and used only where each is the one offset that agrees on every
 sample; every scan also compares its first and last addresses with ``data_ptr()``. Where
-anything disagrees the addresses are read by ``data_ptr`` from Python.
+anything disagrees the addresses are read by ``data_ptr`` from Python; so are one or two
+tensors' (that comparison reads them all: the pass would only add its dispatch).
 
 The guard is a private torch API: where it is missing or behaves otherwise than expected,
 or with ``MITHRIL_TORCH_SCAN=0``, :func:`make` returns None and the engine reads each
@@ -177,15 +178,14 @@ class Scan:
         n = self._n
         if len(vals) != n:
             return None
-        if self._fields is not None and n:
+        if self._fields is not None and n > 2:  # (up to two, the check below reads them all)
             out = np.empty(n + 1, dtype=np.int64)
             bad = _locate(np.fromiter(map(id, vals), np.int64, n), self._type, *self._fields,
                           self._itemsize, out)
             out = out[:n]
             if bad >= 0 or not self._guard.check(*vals):
                 return None
-            if out[0] == self._data_ptr(vals[0]) and (
-                    n == 1 or out[-1] == self._data_ptr(vals[-1])):
+            if out[0] == self._data_ptr(vals[0]) and out[-1] == self._data_ptr(vals[-1]):
                 return out
             log.warning("torch tensor fields read wrong addresses; reading data_ptr instead")
             self._fields = None
