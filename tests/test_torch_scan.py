@@ -62,8 +62,8 @@ def test_fields_give_data_ptr_for_every_kind_of_tensor(dtype):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_one_or_two_tensors_are_read_by_data_ptr_after_the_guard(monkeypatch, n):
     """Up to two tensors the scan's check with ``data_ptr`` reads every address anyway, so
-    the compiled pass is not called (a numba dispatch and two arrays: ~8 µs of a one-tensor
-    step as a step leaves the caches); from three it is. The addresses are ``data_ptr``'s
+    the compiled pass is not called (a numba dispatch and two arrays: ~2-3 µs of a
+    one-tensor step as a step leaves the caches); from three it is. The addresses are ``data_ptr``'s
     either way, a view at an offset included."""
     calls = []
     real = torch_scan._locate
