@@ -66,6 +66,29 @@ def test_512_bit_registers_where_the_cpu_has_them():
 
 def test_the_cache_keys_on_the_width():
     assert f"vector width {vector_width.WIDTH}" in kernel_cache.environment()
+    assert f"float64 sums {vector_width.ACC64}" in kernel_cache.environment()
+
+
+@pytest.mark.parametrize("name, avx512, width, acc64", [
+    ("sapphirerapids", True, 512, True),  # 512-bit units: the float64 Σg², 8 lanes
+    ("znver5", True, 512, True),
+    ("znver4", True, 512, False),  # AVX-512 on 256-bit units: 16 float32 lanes
+    ("znver4", True, 256, False),
+    ("sapphirerapids", True, 256, False),  # 256-bit vectors: the gradient's type
+    ("znver3", False, 512, False),  # AVX2
+])
+def test_the_tile_sums_are_float64_only_on_full_width_avx512(monkeypatch, name, avx512, width,
+                                                              acc64):
+    """Each tile's Σg² is summed in float64 where the update's float32 loop keeps 8 lanes of
+    a 512-bit unit with it; on Zen 4 (AVX-512 on 256-bit units) and narrower vectors in the
+    gradient's type, so that the update runs on a full register of float32 lanes."""
+    monkeypatch.setattr(ll, "get_host_cpu_name", lambda: name)
+    monkeypatch.setattr(ll, "get_host_cpu_features", lambda: {"avx512f": avx512, "avx2": True})
+    monkeypatch.setattr(vector_width, "WIDTH", width)
+    monkeypatch.setattr(numba.config, "CPU_NAME", None)
+    assert vector_width._acc64() is acc64
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")  # a named target: not the host's
+    assert vector_width._acc64() is False
 
 
 SCRIPT = """

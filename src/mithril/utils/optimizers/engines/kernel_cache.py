@@ -157,6 +157,7 @@ def environment() -> str:
     return "|".join(map(str, (
         FORMAT, sys.version, sys.platform, platform.machine(), np.__version__, numba.__version__,
         llvmlite.__version__, cpu, f"vector width {vector_width.WIDTH}",
+        f"float64 sums {vector_width.ACC64}",
         *(getattr(cfg, k, None) for k in ("OPT", "BOUNDSCHECK", "CPU_NAME", "CPU_FEATURES")))))
 
 
