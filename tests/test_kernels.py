@@ -138,7 +138,7 @@ def test_the_update_runs_on_eight_float32_lanes(tmp_path, monkeypatch):
     assert any("%ymm" in line or "%zmm" in line for line in sqrt), sqrt
     assert vector_width.ACC64 == (ll.get_host_cpu_features().get("avx512f", False)
                                   and vector_width.WIDTH == 512 and not numba.config.CPU_NAME
-                                  and ll.get_host_cpu_name() != "znver4")
+                                  and ll.get_host_cpu_name() not in vector_width.HALF_WIDTH_512)
 
 
 def _first_pass(p: np.ndarray, g: np.ndarray) -> np.ndarray:
