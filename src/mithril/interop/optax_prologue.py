@@ -74,15 +74,16 @@ def _pre_clip(grads: list[Any], pre: list[tuple[bool, Any, float]]) -> list[Any]
 
 
 def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
-              rows: list[list[Any]], skip: bool, attrs: list[dict[str, Any]] | None = None,
-              names: list[str] | None = None) -> tuple[list[Any], list[Any], Any]:
+              rows: list[list[Any]], attrs: list[dict[str, Any]] | None = None,
+              names: list[str] | None = None) -> tuple[list[Any], list[Any], Any, list[Any]]:
     """The gradients and params the math sees: first each clipped unit-wise against its
     parameter (``adaptive_clip``, the optimizer's ``update`` does it before anything else),
     then each by its own norm / RMS, then all by the global norm and by value; coupled
     weight decay added to the gradient, decoupled applied to the param (``rows[r][0]``, the
-    keep factor). Also the global norm (None when neither clipping nor
-    ``nonfinite="skip"`` needs it). ``attrs``: each row's traced hyperparameters
-    (``weight_decay``, ``clip_value``, ``clip_norm`` among them)."""
+    keep factor). Also the global norm (None when clipping does not need it) and the
+    gradients ``nonfinite="skip"`` requires finite (before any clip by norm or value could
+    make them so). ``attrs``: each row's traced hyperparameters (``weight_decay``,
+    ``clip_value``, ``clip_norm`` among them)."""
     import jax.numpy as jnp
 
     if getattr(plan, "pre", None) is not None:  # first of all, as the optimizer's update
@@ -94,7 +95,8 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
     attrs = attrs or [{} for _ in plan.views]
     clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
     eps = opt.clip_eps  # (never traced: optax_hyperparams)
-    norm = scaled_norm(grads) if (clip_norm is not None or skip) else None
+    checked = list(grads)  # (skip reads whether these are finite: finite_grads)
+    norm = scaled_norm(grads) if clip_norm is not None else None
     scales = _tensor_clip_scales(plan, grads, _wide()) if plan.tensor_clip else None
     factors: list[Any] = [None] * len(leaves)
     if scales is not None:
@@ -125,7 +127,7 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
         gs.append(g)
         decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
         ps.append(p * rows[r][0].astype(p.dtype) if decays else p)
-    return gs, ps, norm
+    return gs, ps, norm, checked
 
 
 def _wide() -> Any:

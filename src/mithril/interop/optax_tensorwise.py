@@ -179,7 +179,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
     import jax.numpy as jnp
     import optax
 
-    from ..utils.optimizers.engines.jax_finite import finite_step
+    from ..utils.optimizers.engines.jax_finite import finite_grads, finite_step
 
     opt_name = type(opt).__name__
     own = tuple(opt.slot_names())
@@ -251,7 +251,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, table, skip, attrs, names)
+        gs, ps, _, checked = _prologue(opt, plan, leaves, grads, table, attrs, names)
 
         new_ps: list[Any] = []
         new_slots: dict[str, list[Any]] = {s: list(slot_leaves[s]) for s in full}
@@ -297,7 +297,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
-            finite = jnp.isfinite(norm) & finite_step(new_ps, list(new_slots.values()))
+            finite = finite_grads(checked) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
             # (one conditional, not a select per array: see optax_transform's)
             new_ps, new_slots, new_count = jax.lax.cond(

@@ -288,7 +288,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     import jax.numpy as jnp
     import optax
 
-    from ..utils.optimizers.engines.jax_finite import finite_step
+    from ..utils.optimizers.engines.jax_finite import finite_grads, finite_step
 
     kind = _check_optimizer(optimizer)
     mu_dtype = _own_mu_dtype(optimizer, mu_dtype)
@@ -450,7 +450,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
-        gs, ps, norm = _prologue(opt, plan, leaves, grads, rows, skip, attrs, names)
+        gs, ps, _, checked = _prologue(opt, plan, leaves, grads, rows, attrs, names)
 
         def own_scalars(i: int) -> list[Any]:
             return rows[plan.index[i]][1:1 + n_own]
@@ -519,7 +519,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                                                       tensor_leaves[s][i])
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
-            finite = jnp.isfinite(norm) & finite_step(new_ps, list(new_slots.values()))
+            finite = finite_grads(checked) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
             # one conditional picks the new or the old arrays: a select per array on the
             # one predicate took XLA's fusion 10x longer to compile (40 s on a 50-layer MLP)

@@ -209,9 +209,9 @@ def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: 
     import jax
     import jax.numpy as jnp
 
-    from .optimizers.engines.jax_finite import finite_step
+    from .optimizers.engines.jax_finite import finite_grads, finite_step
 
-    bad_grad = ~jnp.isfinite(gradients_norm(list(grads)))  # (the step's norm: one program)
+    bad_grad = ~finite_grads(list(grads))  # (not a norm's finiteness: it may overflow)
     finite = finite_step(jax.tree_util.tree_leaves(new),
                          [jax.tree_util.tree_leaves(t) for t in opt_state.slots.values()],
                          jax.tree_util.tree_leaves((opt_state.tensor_slots, opt_state.values)))

@@ -36,6 +36,7 @@ from .common import (
     two_pass_table,
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
+from .jax_finite import finite_grads
 from .jax_parts import Parts, selectors, slice_offsets
 from .jax_per_tensor import (
     First,
@@ -316,7 +317,8 @@ class JaxEngine(Engine):
                 new_ps, new_slots = _barrier((new_ps, new_slots))
                 finite = _finite([*new_ps, *(v for new in new_slots for v in new)])
             if skip:
-                keep = jnp.isfinite(norm) & finite
+                keep = finite_grads(list(grads.values()), norm) & finite  # (not the
+                # norm's finiteness: a finite gradients' one may overflow float32)
                 new_ps = [jnp.where(keep, v, p) for v, p in zip(new_ps, ps)]
                 new_slots = [[jnp.where(keep, v, slots[s][c]) for v, s in zip(new, slot_names)]
                              for c, new in enumerate(new_slots)]
@@ -576,10 +578,13 @@ class JaxEngine(Engine):
             state.param_views = new_params
             return dict(new_params), True, self.report(probe), True
         norm_f, finite = _host(probe)
-        ok = not refuses(opt) or (bool(np.isfinite(norm_f)) and finite)
+        bad: list[str] = []
+        if refuses(opt) and not np.isfinite(norm_f):  # (rare) which gradients: a norm of
+            # finite ones may pass the dtype's range (float32 from ~1e38), as NumPy's does not
+            bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
+        ok = not refuses(opt) or (not bad and finite)
         if not ok and opt.nonfinite == "raise":  # params were not donated: as they were
-            if not np.isfinite(norm_f):
-                bad = [n for n, g in grads.items() if not bool(jnp.all(jnp.isfinite(g)))]
+            if bad:
                 raise nonfinite_error(opt, bad, norm_f)
             # name the offenders (rare): params were not donated, and the slots that came
             # back hold the old values
