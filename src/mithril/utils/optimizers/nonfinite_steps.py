@@ -13,7 +13,10 @@ in ``state.last_grad_norm`` under the first three policies:
   a ``RuntimeWarning`` is issued, ``state.num_nonfinite`` grows and, for a non-finite
   gradient, ``state.last_grad_norm`` is inf/NaN. Non-finite values that stay so are
   reported once (``state.nonfinite_values`` is True until a step gives finite values
-  again); every non-finite gradient is.
+  again); every non-finite gradient is. (The jitted JAX engine measures the norm in float32,
+  or float64 with ``jax_enable_x64``: there, finite gradients whose norm passes ~3.4e38 are
+  counted as a non-finite gradient; ``"skip"`` and ``"raise"`` then read the gradients
+  themselves; the other engines sum in float64 or read the gradients themselves.)
 * ``"skip"``: the step is computed once without being stored, before any write (a
   read-only pass over what the update reads: 16 more bytes per parameter for fp32 Adam);
   if a gradient or any new param/slot value is inf/NaN the step is skipped (so params or
