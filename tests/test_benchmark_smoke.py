@@ -42,6 +42,8 @@ RUNS = {
                                    r"one program: True\s+median\s+\d+\.\d+"),
     "tensorwise_jax_jit.py": (["--steps", "2", "--only", "sm3"], r"jit\s+\d+\.\d+ ms \(\s*\d+\.\d\dx\)"),
     "step_overhead.py": (["--rounds", "1"], r"step\s+\d+\.\d+\s+\d+\.\d+\s+\d\.\d+x"),
+    "jax_ffi_update.py": (["--layers", "2", "--rounds", "1"],
+                          r"ffi call\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x"),
     "jax_step_compile.py": (["--hidden", "8", "--rounds", "1"],
                             r"optax jitted step\s+\d+\.\d+\s+1\.00x"),
     "galore.py": (["--matrices", "2", "--rows", "64", "--cols", "16", "--rounds", "1", "--block",
