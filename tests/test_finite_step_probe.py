@@ -83,9 +83,10 @@ def test_a_skipped_step_keeps_every_array_and_an_applied_one_moves(make) -> None
 
 @pytest.mark.parametrize("scale", [1e20, 3e38])
 def test_skip_applies_finite_gradients_whose_squares_overflow(scale) -> None:
-    """``nonfinite="skip"`` asks only whether the gradients are finite (the one-pass norm,
-    its scaled passes under ``lax.cond``): gradients whose squares overflow float32 are
-    finite, and SGD's new values with them, so the step is applied, as on NumPy."""
+    """``nonfinite="skip"`` asks only whether the gradients are finite (``finite_grads``:
+    their sums of squares, and Σ (g − g) under ``lax.cond`` where those overflow):
+    gradients whose squares or norm overflow float32 are finite, and SGD's new values with
+    them, so the step is applied, as on NumPy."""
     from mithril.backends import NumpyBackend
     from mithril.utils.optimizers import SGD
 
