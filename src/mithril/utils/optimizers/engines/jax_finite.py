@@ -1,5 +1,6 @@
-"""The finiteness probe of a step's new values inside a JAX program (the one-program train
-step, ``optax_transformation``'s ``nonfinite`` policies)."""
+"""The finiteness probes of a step inside a JAX program (the one-program train step,
+``optax_transformation``'s ``nonfinite`` policies, the jitted engine's skip): of its new
+values (:func:`finite_step`) and of its gradients (:func:`finite_grads`)."""
 
 from __future__ import annotations
 
