@@ -36,7 +36,7 @@ from .common import (
     two_pass_table,
 )
 from .jax_chunks import ChunkedSlots, chunk_bounds
-from .jax_finite import finite_grads
+from .jax_finite import finite_grads, sum_squares
 from .jax_parts import Parts, selectors, slice_offsets
 from .jax_per_tensor import (
     First,
@@ -86,8 +86,7 @@ def global_norm(leaves: list[Any]) -> Any:
 
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
-    sq = sum(jnp.sum(jnp.square(g.astype(dt))) for g in leaves)
+    dt, sq = sum_squares(leaves)
 
     def rare() -> Any:
         return scaled_norm([jnp.concatenate([g.reshape(-1).astype(dt) for g in leaves])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["finite_grads", "finite_step"]
+__all__ = ["finite_grads", "finite_step", "sum_squares"]
 
 
 def finite_step(params: list[Any], slots: list[list[Any]], others: list[Any] = ()) -> Any:
@@ -49,12 +49,21 @@ def finite_grads(grads: list[Any], norm: Any = None) -> Any:
 
     if not grads:
         return jnp.asarray(True)
-    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in grads])
-    if norm is None:
-        norm = sum(jnp.sum(jnp.square(g.astype(dt))) for g in grads)
+    dt, sq = sum_squares(grads)
+    norm = sq if norm is None else norm
 
     def rare() -> Any:
         return jnp.isfinite(jnp.sum(jnp.concatenate([(g - g).reshape(-1).astype(dt)
                                                      for g in grads])))
 
     return jax.lax.cond(jnp.isfinite(norm), lambda: jnp.asarray(True), rare)
+
+
+def sum_squares(leaves: list[Any]) -> tuple[Any, Any]:
+    """``(dtype, Σ x²)`` over non-empty ``leaves`` (traced), in their widest float dtype and
+    float32 at least, one reduction per leaf: the one-pass norm's and :func:`finite_grads`'s
+    (the same expression, so one computation in a program with both)."""
+    import jax.numpy as jnp
+
+    dt = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
+    return dt, sum(jnp.sum(jnp.square(g.astype(dt))) for g in leaves)
