@@ -140,6 +140,7 @@ from .optax_checks import (  # (optax_tensorwise imports _copied_slots from here
     _copy_optimizer,
     _own_mu_dtype,
 )
+from .optax_host_kernel import host_update
 from .optax_hyperparams import as_schedules, check_schedules, scheduled
 from .optax_hyperparams import check as check_traced
 from .optax_inputs import (
@@ -399,8 +400,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, hyper: dict[str, Any] | None = None,
-               missed: Any = None, average_only: Any = (), value: Any = None
-               ) -> tuple[Any, OptaxState]:
+               missed: Any = None, average_only: Any = (), value: Any = None,
+               host_kernel: list | None = None) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
         values of ``traced_hyperparams``, an array of their ``[hi, lo]`` rows; ``missed``:
@@ -409,7 +410,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         ``step``: each leaf its own row of scalars; the averages' weights count the
         optimizer's ``t``); ``average_only``: names of leaves that had no gradient this
         step: only their averages move, ``updates`` are not read (:mod:`.optax_unreached`);
-        ``value``: the loss at ``params``, for a loss-aware optimizer (:mod:`.optax_loss`)."""
+        ``value``: the loss at ``params``, for a loss-aware optimizer (:mod:`.optax_loss`);
+        ``host_kernel``: a list, where the caller (the one-program train step) lets the
+        update run as one call of the fused CPU kernel (:mod:`.optax_host_kernel`): it then
+        appends (gradients finite, new values finite), the kernel's probe."""
         _check_update(opt_name, state, params)
         if watch is not None:
             watch.check()
@@ -450,76 +454,90 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
-        gs, ps, _, checked = _prologue(opt, plan, leaves, grads, rows, attrs, names)
 
-        def own_scalars(i: int) -> list[Any]:
-            return rows[plan.index[i]][1:1 + n_own]
+        def traced_update() -> tuple:
+            """The update traced: prologue, a two-pass optimizer's sums, then the math per
+            leaf (as XLA compiles it on any device)."""
+            gs, ps, _, checked = _prologue(opt, plan, leaves, grads, rows, attrs, names)
 
-        # two-pass optimizers: per-tensor sums, then tensor_scalars between the passes
-        extra: list[Any] = []
-        new_tensors: dict[str, Any] = {}
-        new_values = dict(state.values)
-        if two_pass and leaves:  # (no params: no sums, nothing between the passes)
-            dt = _wide()
-            n = len(leaves)
-            sums: list[Any] = []
-            if opt.reductions:
-                reduce_fn = opt.reduce_math()
-                per_leaf = []
-                for i, (p, g) in enumerate(zip(ps, gs)):
-                    scal = [x.astype(p.dtype) for x in own_scalars(i)]
-                    terms = reduce_fn(p, g, *(slot_leaves[s][i].astype(p.dtype) for s in own),
-                                      *scal)
-                    acc = jnp.promote_types(p.dtype, jnp.float32)
-                    per_leaf.append([jnp.sum(jnp.asarray(x).astype(acc)).astype(dt)
-                                     for x in terms])
-                sums = [jnp.stack([per_leaf[i][k] for i in range(n)])
-                        for k in range(opt.reductions)]
-            cols = tuple(jnp.stack([own_scalars(i)[j] for i in range(n)]) for j in range(n_own))
-            tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
-            sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
-                             dtype=np.int64)
-            # (per tensor where a group joined later: each tensor's own count, as the
-            # engines' two_pass_table passes it)
-            t_each = t if (late is None and missed is None) or getattr(
-                opt, "tensor_scalars_step", "tensor") == "optimizer" else jnp.stack(
-                [row_count(t_rows if jnp.ndim(t_rows) == 0 else t_rows[r], plan.offsets[r])
-                 for r in plan.index]).astype(dt)
-            ext, new_t, new_values = run_tensor_scalars(
-                t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
-                {k: v for k, v in driven.items() if k in live and "[" not in k})
-            if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
-                raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
-                                   f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")
-            extra = [jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in ext]
-            new_tensors = {s: [jnp.asarray(new_t[s], dt).reshape(n)[i].astype(leaves[i].dtype)
-                               for i in range(n)] for s in tensor_slots}
-            new_values = {k: jnp.asarray(v, dt) for k, v in new_values.items()}
+            def own_scalars(i: int) -> list[Any]:
+                return rows[plan.index[i]][1:1 + n_own]
 
-        # the elementwise math, per leaf
-        leaf = leaf_math(opt.full_kernel_math(n_full + len(extra)))
-        new_ps: list[Any] = []
-        new_slots: dict[str, list[Any]] = {s: [] for s in full}
-        for i, (p, g) in enumerate(zip(ps, gs)):
-            row = rows[plan.index[i]]
-            scal = (*row[1:1 + n_own], *(e[i] for e in extra), *row[1 + n_own:])
-            out = leaf(p, g, tuple(slot_leaves[s][i] for s in full), scal)
-            new_ps.append(out[0])
-            for s, v in zip(full, out[1:]):
-                new_slots[s].append(v)
+            # two-pass optimizers: per-tensor sums, then tensor_scalars between the passes
+            extra: list[Any] = []
+            new_tensors: dict[str, Any] = {}
+            new_values = dict(state.values)
+            if two_pass and leaves:  # (no params: no sums, nothing between the passes)
+                dt = _wide()
+                n = len(leaves)
+                sums: list[Any] = []
+                if opt.reductions:
+                    reduce_fn = opt.reduce_math()
+                    per_leaf = []
+                    for i, (p, g) in enumerate(zip(ps, gs)):
+                        scal = [x.astype(p.dtype) for x in own_scalars(i)]
+                        terms = reduce_fn(p, g, *(slot_leaves[s][i].astype(p.dtype) for s in own),
+                                          *scal)
+                        acc = jnp.promote_types(p.dtype, jnp.float32)
+                        per_leaf.append([jnp.sum(jnp.asarray(x).astype(acc)).astype(dt)
+                                         for x in terms])
+                    sums = [jnp.stack([per_leaf[i][k] for i in range(n)])
+                            for k in range(opt.reductions)]
+                cols = tuple(jnp.stack([own_scalars(i)[j] for i in range(n)]) for j in range(n_own))
+                tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
+                sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
+                                 dtype=np.int64)
+                # (per tensor where a group joined later: each tensor's own count, as the
+                # engines' two_pass_table passes it)
+                t_each = t if (late is None and missed is None) or getattr(
+                    opt, "tensor_scalars_step", "tensor") == "optimizer" else jnp.stack(
+                    [row_count(t_rows if jnp.ndim(t_rows) == 0 else t_rows[r], plan.offsets[r])
+                     for r in plan.index]).astype(dt)
+                ext, new_t, new_values = run_tensor_scalars(
+                    t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
+                    {k: v for k, v in driven.items() if k in live and "[" not in k})
+                if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
+                    raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
+                                       f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")
+                extra = [jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in ext]
+                new_tensors = {s: [jnp.asarray(new_t[s], dt).reshape(n)[i].astype(leaves[i].dtype)
+                                   for i in range(n)] for s in tensor_slots}
+                new_values = {k: jnp.asarray(v, dt) for k, v in new_values.items()}
 
-        if late is not None:  # a group not joined yet keeps its params and slots
-            for i, j in enumerate(late):
-                if j is not None:
-                    new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
-                    for s in full:
-                        new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
-                    for s in new_tensors:
-                        new_tensors[s][i] = jnp.where(j, new_tensors[s][i],
-                                                      tensor_leaves[s][i])
+            # the elementwise math, per leaf
+            leaf = leaf_math(opt.full_kernel_math(n_full + len(extra)))
+            new_ps: list[Any] = []
+            new_slots: dict[str, list[Any]] = {s: [] for s in full}
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                row = rows[plan.index[i]]
+                scal = (*row[1:1 + n_own], *(e[i] for e in extra), *row[1 + n_own:])
+                out = leaf(p, g, tuple(slot_leaves[s][i] for s in full), scal)
+                new_ps.append(out[0])
+                for s, v in zip(full, out[1:]):
+                    new_slots[s].append(v)
+
+            if late is not None:  # a group not joined yet keeps its params and slots
+                for i, j in enumerate(late):
+                    if j is not None:
+                        new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
+                        for s in full:
+                            new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
+                        for s in new_tensors:
+                            new_tensors[s][i] = jnp.where(j, new_tensors[s][i],
+                                                          tensor_leaves[s][i])
+            return new_ps, new_slots, new_tensors, new_values, checked
+
+        fused = None if host_kernel is None or two_pass or late is not None else host_update(
+            opt, plan, leaves, grads, rows, attrs, slot_leaves, full, dtypes)
+        if fused is not None:  # (not two-pass: no tensor slots, the values kept)
+            host_kernel.append(fused[2:])
+            new_ps, new_slots, new_tensors, new_values = fused[0], fused[1], {}, dict(state.values)
+        else:
+            new_ps, new_slots, new_tensors, new_values, checked = traced_update()
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
-            finite = finite_grads(checked) & finite_step(new_ps, list(new_slots.values()))
+            finite = fused[2] & fused[3] if fused is not None else finite_grads(
+                checked) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
             # one conditional picks the new or the old arrays: a select per array on the
             # one predicate took XLA's fusion 10x longer to compile (40 s on a 50-layer MLP)
@@ -547,5 +565,6 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             hyper)
         return out_updates, new_state
 
+    update.host_kernel = True  # type: ignore[attr-defined] - it takes host_kernel=
     return extra_args(init, update) if opt.needs_loss else optax.GradientTransformation(
         init, update)

@@ -200,21 +200,26 @@ def read_counts(opt_state: Any, out: Any) -> None:
         out.nonfinite_values = bool(held[NONFINITE_VALUES])
 
 
-def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: Any
-                     ) -> dict[str, Any]:
+def nonfinite_counts(held: dict, applied: Any, grads: Any, new: Any, opt_state: Any,
+                     probe: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """The :data:`NONFINITE` counts after a step (traced), as ``OptimizerState.note_applied``
     keeps them: an ``applied`` step counts if its gradients (``grads``) are non-finite, or if
     its new params (``new``) or state (``opt_state``) are and the last applied step's were
-    not."""
+    not. ``probe``: (gradients finite, new params and slots finite), where the fused CPU
+    kernel measured them in its pass (:mod:`~.optimizers.engines.xla_ffi`)."""
     import jax
     import jax.numpy as jnp
 
     from .optimizers.engines.jax_finite import finite_grads, finite_step
 
-    bad_grad = ~finite_grads(list(grads))  # (not a norm's finiteness: it may overflow)
-    finite = finite_step(jax.tree_util.tree_leaves(new),
-                         [jax.tree_util.tree_leaves(t) for t in opt_state.slots.values()],
-                         jax.tree_util.tree_leaves((opt_state.tensor_slots, opt_state.values)))
+    others = jax.tree_util.tree_leaves((opt_state.tensor_slots, opt_state.values))
+    if probe is not None:
+        bad_grad, finite = ~probe[0], probe[1] & finite_step([], [], others)
+    else:
+        bad_grad = ~finite_grads(list(grads))  # (not a norm's finiteness: it may overflow)
+        finite = finite_step(jax.tree_util.tree_leaves(new),
+                             [jax.tree_util.tree_leaves(t) for t in opt_state.slots.values()],
+                             others)
     was = held[NONFINITE_VALUES]
     counted = applied & (bad_grad | (~finite & ~was))
     return {NONFINITE: held[NONFINITE] + counted.astype(held[NONFINITE].dtype),
@@ -308,7 +313,10 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     counts_missed = getattr(tx.update, "counts_missed", True)
     if missed is None and unreached and counts_missed:  # (a state of a step that reached
         missed = jnp.zeros(len(names), jnp.int32)  # them all: none yet)
+    probe: list = []  # (the fused CPU kernel's, where it ran: xla_ffi)
     if not unreached and missed is None:
+        if getattr(tx.update, "host_kernel", False):
+            kw["host_kernel"] = probe
         new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state,
                                           params, new_params=True, **kw)
     else:
@@ -326,7 +334,8 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
             bad = (opt_state.count != old_state.count) & (run > 0)
             counts[GIVEN_UP] = held[GIVEN_UP] + bad.astype(held[GIVEN_UP].dtype)
     if NONFINITE in held:
-        counts.update(nonfinite_counts(held, applied, grads, new_params, opt_state))
+        counts.update(nonfinite_counts(held, applied, grads, new_params, opt_state,
+                                       probe[0] if probe else None))
     if missed is not None and unreached:  # (an applied step: note_missed's count)
         mask = np.array([n in unreached for n in names])
         counts[MISSED] = missed + (applied & mask).astype(missed.dtype)

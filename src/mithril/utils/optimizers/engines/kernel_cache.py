@@ -373,9 +373,49 @@ def jit(fn: Any = None, **options: Any) -> Any:
     ``numba.njit``."""
     if fn is None:
         return lambda f: jit(f, **options)
+    new = _cached_source(fn, options)
+    if new is None:
+        return vector_width.njit(**options)(fn)
+    disp = vector_width.njit(**options)(new)
+    try:
+        disp._cache = _TolerantCache(new)  # what ``cache=True`` sets, tolerant of faults
+    except Exception as e:  # numba found nowhere to write its cache, or its internals moved
+        warnings.warn(f"mithril: numba cannot cache {fn.__qualname__} ({e}); compiling it in "
+                      f"memory", KernelCacheWarning, stacklevel=2)
+        return disp
+    _dispatchers.append(disp)
+    return disp
+
+
+def cfunc(sig: Any, fn: Any, **options: Any) -> Any:
+    """``numba.cfunc(sig, **options)(fn)`` (a C callable: its ``.address``), cached on
+    disk by content as :func:`jit` caches (the same key, file and module), compiled with
+    the kernels' vector width; in memory where :func:`jit` would be."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    if vector_width.PIPELINE is not None:
+        options.setdefault("pipeline_class", vector_width.PIPELINE)
+    pipeline = options.pop("pipeline_class", None)
+    new = _cached_source(fn, {**options, "cfunc": str(sig)})
+    made = CFunc(new or fn, sigutils.normalize_signature(sig), locals={}, options=options,
+                 **({} if pipeline is None else {"pipeline_class": pipeline}))
+    if new is not None:
+        try:
+            made._cache = _TolerantCache(new)
+        except Exception as e:  # numba found nowhere to write its cache
+            warnings.warn(f"mithril: numba cannot cache {fn.__qualname__} ({e}); compiling "
+                          f"it in memory", KernelCacheWarning, stacklevel=2)
+    made.compile()
+    return made
+
+
+def _cached_source(fn: Any, options: dict[str, Any]) -> Any:
+    """``fn`` re-made from the cache file of its content (see :func:`jit`): the function of
+    that file's module, or None where its source cannot be read or the folder written."""
     folder = _folder()
     if folder is None:
-        return vector_width.njit(**options)(fn)
+        return None
     try:
         src = _source(fn)
         ns = dict(fn.__globals__)
@@ -385,7 +425,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
         code = compile(src, "<probe>", "exec", flags=flags, dont_inherit=True)
     except (OSError, TypeError, ValueError, SyntaxError) as e:
         log.debug("not cached (%s): %s", e, fn.__qualname__)
-        return vector_width.njit(**options)(fn)
+        return None
     fp = _Fingerprint()
     key = hashlib.sha256("\n".join((
         _env(), src, repr(sorted(f"{k}={fp.of(v)}" for k, v in options.items())),
@@ -401,8 +441,8 @@ def jit(fn: Any = None, **options: Any) -> Any:
             except OSError as e:
                 warnings.warn(f"mithril: cannot write the kernel cache file {path} ({e}); "
                               f"compiling {fn.__qualname__} in memory", KernelCacheWarning,
-                              stacklevel=2)
-                return vector_width.njit(**options)(fn)
+                              stacklevel=3)
+                return None
             _written.append(path.name)
             log.info("compiling %s (%s) on its first use on this machine, then cached in %s",
                      fn.__qualname__, origin.strip("<>").rsplit(" ", 1)[0], folder)
@@ -418,16 +458,7 @@ def jit(fn: Any = None, **options: Any) -> Any:
         exec(compile(path.read_text(encoding="utf-8"), str(path), "exec", flags=flags,
                      dont_inherit=True), module.__dict__)
         sys.modules[name] = module
-    new = getattr(module, fn.__name__)
-    disp = vector_width.njit(**options)(new)
-    try:
-        disp._cache = _TolerantCache(new)  # what ``cache=True`` sets, tolerant of faults
-    except Exception as e:  # numba found nowhere to write its cache, or its internals moved
-        warnings.warn(f"mithril: numba cannot cache {fn.__qualname__} ({e}); compiling it in "
-                      f"memory", KernelCacheWarning, stacklevel=2)
-        return disp
-    _dispatchers.append(disp)
-    return disp
+    return getattr(module, fn.__name__)
 
 
 def stats() -> dict[str, int]:

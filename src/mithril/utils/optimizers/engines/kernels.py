@@ -190,6 +190,73 @@ def _nested_max(terms: list[str]) -> str:
     return terms[0] if len(terms) == 1 else f"max({terms[0]}, {_nested_max(terms[1:])})"
 
 
+_LOOP = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True,
+                         forceinline=True)
+
+
+def inner_namespace(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
+                    clip: bool = False, stream: bool = False, dry: bool = False,
+                    unitwise: bool = False) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The per-tensor loop of :func:`update_kernel` (its arguments alike), compiled into
+    any kernel that calls it (``forceinline``): ``inner(P, Q, *slots, G, gscale, cv, l2,
+    keep, *scalars)`` updates one contiguous tensor and returns Σ g² of its raw gradient in
+    float64, NaN where a new value is ±inf or NaN. Returns the namespace it lives in
+    (``ns["inner"]``; ``ns["inner_f"]`` too where ``unitwise``), the source template's
+    fields and the kernel's name, for a kernel of the caller's own (the outer loop of
+    :func:`update_kernel`, the XLA handler of :mod:`.xla_ffi`) to be compiled in."""
+    slots = [f"S{k}" for k in range(n_slots)]
+    fields = dict(
+        slots="".join(s + ", " for s in slots),
+        scal="".join(f", h{k}" for k in range(n_scal)),
+        lhs="p, " + ", ".join(f"s{k}" for k in range(n_slots)),
+        reads="".join(f"{s}[j], " for s in slots),
+        scal_args=", ".join(f"h{k}" for k in range(n_scal)),
+        writes="" if dry else "\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
+        probe=_nested_max(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
+        slices="".join(f"{s}[a:b], " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
+        nograd="",
+        unit_args=", UB, UN, F" if unitwise else "",
+    )
+    ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
+                          "MATH": _as_written(math_fn),
+                          "CLIP": clip, "COPY": copy and not dry,
+                          "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
+                          "store_fence": streaming.store_fence, "address": streaming.address,
+                          "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
+                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
+                          "exponent_bits": exponent_bits, "TILE": TILE, "wide_sumsq": _tile_sumsq,
+                          "ACC": np.float64 if vector_width.ACC64 else np.dtype(dtype).type,
+                          "wide_sumsq_f": _tile_sumsq_scaled,
+                          "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
+                          "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
+                                  else np.int32(0x7F800000))}
+    name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
+    body = _BODY_SRC.format(**fields)
+    store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
+    deeper = "\n" + " " * 8  # (the loops are one or two levels deeper than the body's text)
+    plain = ("\n        for j in range(b - a):"
+             + body.replace("STORE", store).replace("\n", "\n    "))
+    if ns["STREAM"]:  # (only then: a loop never run still costs its compile time)
+        plain = ("\n        if stream and a < n16:\n            for j in range(b - a):"
+                 + body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper)
+                 + "\n        else:" + plain.replace("\n", "\n    "))
+    src = _INNER_SRC.format(
+        **fields, slots_="".join(f"{s}_, " for s in slots),
+        rebind="".join(f"\n        {s} = {s}_[a:b]" for s in slots), loops=plain)
+    if unitwise:  # the same body, the gradient scaled by its unit's factor as it is read
+        src += _INNER_F_SRC.format(
+            **fields, slots_="".join(f"{s}_, " for s in slots),
+            rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
+            body=body.replace("STORE", store).replace("\n", "\n    ").replace(
+                "x = G[j]\n", "x = G[j] * FA[j]\n"))
+    kernel_cache.exec_source(src, name, ns)
+    ns["inner"] = _LOOP(ns["inner"])
+    if unitwise:
+        ns["inner_f"] = _LOOP(ns["inner_f"])
+    return ns, fields, name
+
+
 @functools.cache
 def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: bool = False,
                   clip: bool = False, stream: bool = False, dry: bool = False,
@@ -229,20 +296,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
     a tensor ``t`` with ``UN[t] > 1`` units is multiplied elementwise by its units' factors
     ``F[UB[t] + j mod UN[t]]`` as it is read (adaptive clipping, :mod:`.unitwise`).
     """
+    ns, fields, name = inner_namespace(math_fn, n_slots, n_scal, dtype, copy, clip, stream,
+                                       dry, unitwise)
     slots = [f"S{k}" for k in range(n_slots)]
-    fields = dict(
-        slots="".join(s + ", " for s in slots),
-        scal="".join(f", h{k}" for k in range(n_scal)),
-        lhs="p, " + ", ".join(f"s{k}" for k in range(n_slots)),
-        reads="".join(f"{s}[j], " for s in slots),
-        scal_args=", ".join(f"h{k}" for k in range(n_scal)),
-        writes="" if dry else "\n".join(f"        {s}[j] = s{k}" for k, s in enumerate(slots)),
-        probe=_nested_max(["exponent_bits(p)"] + [f"exponent_bits(s{k})" for k in range(n_slots)]),
-        slices="".join(f"{s}[a:b], " for s in slots),
-        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
-        nograd="",
-        unit_args=", UB, UN, F" if unitwise else "",
-    )
     call = f"            s += inner(P[a:b], Q[a:b], {fields['slices']}G, {fields['row']})"
     if unitwise:
         call = _UNIT_CALL_SRC.format(slices=fields["slices"], row=fields["row"]) + call
@@ -252,44 +308,6 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
         fields["nograd"] = "                avg_inner(P[a:b], {}{})\n".format(
             "".join(f"{s}[a:b], " for s in slots[first_slot:]),
             ", ".join(f"H[group[t], {first_w + i}]" for i in range(n_avg)))
-    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
-    loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
-    ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr, "DTYPE": np.dtype(dtype).type,
-                          "MATH": _as_written(math_fn),
-                          "CLIP": clip, "COPY": copy and not dry,
-                          "STREAM": copy and stream and not dry and streaming.AVAILABLE, "stream_store": streaming.stream_store,
-                          "store_fence": streaming.store_fence, "address": streaming.address,
-                          "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
-                          "all_done": atomics.all_done, "ITEMSIZE": np.dtype(dtype).itemsize,
-                          "exponent_bits": exponent_bits, "TILE": TILE, "wide_sumsq": _tile_sumsq,
-                          "ACC": np.float64 if vector_width.ACC64 else np.dtype(dtype).type,
-                          "wide_sumsq_f": _tile_sumsq_scaled,
-                          "ITYPE": np.int64 if np.dtype(dtype).itemsize == 8 else np.int32,
-                          "EXP": (np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8
-                                  else np.int32(0x7F800000))}
-    name = f"<mithril kernel {getattr(math_fn, '__qualname__', math_fn)}>"
-    body = _BODY_SRC.format(**fields)
-    store = "pass" if dry else "Q[j] = p" if copy else "P[j] = p"
-    deeper = "\n" + " " * 8  # (the loops are one or two levels deeper than the body's text)
-    plain = ("\n        for j in range(b - a):"
-             + body.replace("STORE", store).replace("\n", "\n    "))
-    if ns["STREAM"]:  # (only then: a loop never run still costs its compile time)
-        plain = ("\n        if stream and a < n16:\n            for j in range(b - a):"
-                 + body.replace("STORE", "stream_store(Q, j, p)").replace("\n", deeper)
-                 + "\n        else:" + plain.replace("\n", "\n    "))
-    src = _INNER_SRC.format(
-        **fields, slots_="".join(f"{s}_, " for s in slots),
-        rebind="".join(f"\n        {s} = {s}_[a:b]" for s in slots), loops=plain)
-    if unitwise:  # the same body, the gradient scaled by its unit's factor as it is read
-        src += _INNER_F_SRC.format(
-            **fields, slots_="".join(f"{s}_, " for s in slots),
-            rebind="".join(f"\n        {s} = {s}_[j0:j0 + m]" for s in slots),
-            body=body.replace("STORE", store).replace("\n", "\n    ").replace(
-                "x = G[j]\n", "x = G[j] * FA[j]\n"))
-    kernel_cache.exec_source(src, name, ns)
-    ns["inner"] = loop(ns["inner"])
-    if unitwise:
-        ns["inner_f"] = loop(ns["inner_f"])
     if fields["nograd"]:
         from ..averaging import _jitable, average
 
@@ -299,8 +317,9 @@ def update_kernel(math_fn: Any, n_slots: int, n_scal: int, dtype: str, copy: boo
             weights=", ".join(f"w{i}" for i in range(n_avg)),
             steps="\n".join(f"        A{i}[j] = AVG(p, A{i}[j], w{i})" for i in range(n_avg))),
             name, ns)
-        ns["avg_inner"] = loop(ns["avg_inner"])
+        ns["avg_inner"] = _LOOP(ns["avg_inner"])
     kernel_cache.exec_source(_OUTER_SRC.format(**fields), name, ns)
+    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     return jit(ns["kernel"])
 
 

@@ -1,0 +1,62 @@
+"""The elementwise update of :func:`~.optax_transform.optax_transformation` as one call of
+the engines' fused CPU loop (:mod:`~mithril.utils.optimizers.engines.xla_ffi`), for the
+one-program train step on a CPU: XLA then compiles one custom call instead of the math and
+the finiteness probe of every tensor (a 50-layer MLP's first step: ~0.8 s less on two
+cores). The table of scalars holds what the NumPy engine's holds (its ``prologue``: global
+clip-norm scale, clip value, coupled L2 factor, decoupled keep factor, then the row's
+scalars), so the result is the NumPy engine's step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .optax_scalars import _value
+
+
+def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
+                rows: list[list[Any]], attrs: list[dict[str, Any]],
+                slot_leaves: dict[str, list[Any]], full: tuple[str, ...],
+                dtypes: dict[str, Any]) -> tuple[list, dict[str, list], Any, Any] | None:
+    """(new params, new slots by name, gradients finite, new values finite) after one
+    call of the fused kernel, or None where the step does not fit it (the caller traces
+    the update then): clipping before the math (``adaptive_clip``, centralization,
+    per-tensor norms), gradients of another dtype, and what :func:`.xla_ffi.usable` refuses."""
+    import jax.numpy as jnp
+
+    from ..utils.optimizers.engines import xla_ffi
+    from ..utils.optimizers.engines.common import norm_scale
+    from ..utils.optimizers.engines.jax_engine import scaled_norm
+
+    if getattr(plan, "pre", None) is not None or plan.agc is not None or plan.tensor_clip:
+        return None
+    if any(g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, leaves)):
+        return None
+    if not xla_ffi.usable(leaves, [dtypes.get(s) for s in full]):
+        return None
+    dt = leaves[0].dtype
+    clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
+    gscale = 1.0
+    if clip_norm is not None:
+        norm = scaled_norm(grads)
+        gscale = norm_scale(jnp.asarray(clip_norm, norm.dtype), norm,
+                            jnp.asarray(opt.clip_eps, norm.dtype))
+    clip, table = False, []
+    for r, row in enumerate(rows):
+        cv, l2, dwd = plan.static[r]
+        live, a = plan.live[r], attrs[r]
+        c: Any = np.inf  # (no clip in this row: an infinite bound, as the NumPy engine's)
+        if cv > 0 or "clip_value" in live:
+            clip, c = True, _value(a.get("clip_value", cv))
+        decay: Any = 0.0
+        if l2 or ("weight_decay" in live and plan.decay[r] == "l2"):
+            decay = _value(a.get("weight_decay", l2))
+        decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
+        table.append(jnp.stack([jnp.asarray(x).astype(dt) for x in
+                                (gscale, c, decay, row[0] if decays else 1.0, *row[1:])]))
+    math_fn = opt.full_kernel_math(len(rows[0]) - 1)
+    new_ps, new_slots, gf, vf = xla_ffi.fused_update(
+        math_fn, clip, jnp.stack(table), np.asarray(plan.index, np.int32), leaves, grads,
+        [list(slot_leaves[s]) for s in full])
+    return new_ps, dict(zip(full, new_slots)), gf, vf

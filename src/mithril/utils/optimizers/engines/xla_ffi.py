@@ -1,0 +1,227 @@
+"""The one-program JAX train step's elementwise update on CPU as ONE call of the engines'
+own fused loop (:func:`.kernels.inner_namespace`), through XLA's typed FFI.
+
+Why: XLA compiles the traced update and its finiteness probe per tensor, ~1 s of a
+50-layer MLP's first step on two cores (its 100 tensors) where optax's step compiles in
+~0.5 s; a custom call of one kernel compiles in a few milliseconds whatever the tensor count,
+and the kernel itself is compiled once per machine (numba's cache, :mod:`.kernel_cache`),
+whatever the model.
+
+How: the handler is a numba ``cfunc`` (no C compiler) that reads XLA's C call frame, whose
+layout is ``xla/ffi/api/c_api.h`` (shipped in ``jaxlib/include``; its structs only grow,
+each led by its size):
+
+* ``XLA_FFI_CallFrame`` (64-bit): ``extension_start`` at 8, ``stage`` at 32, arguments'
+  count at 56 and their buffers at 72, results' count at 96 and their buffers at 112;
+* ``XLA_FFI_Buffer``: data at 24, rank at 32, dims at 40;
+* a metadata query (extension type 1) is answered with the header's API version and no
+  traits; the stages before execute (3) do nothing.
+
+Arguments: the table ``H`` (a row per parameter group: gscale, clip value, coupled L2,
+decoupled keep factor, then the optimizer's scalars, in the parameters' dtype, as the
+NumPy engine's), each tensor's row (int32), then per tensor its param, gradient and slots;
+results: per tensor the new param and slots (aliased to the inputs: written in place), then
+int32 ``[gradients finite, new values finite]``, from the loop's own probe (Σ g² and the
+exponent bits of every new value, :func:`.kernels.update_kernel`), each array read again only
+where that probe says something is not finite. One thread: XLA's own loops beat it beyond
+:data:`MAX_ELEMENTS` on a machine with more cores (its fusions run on its thread pool).
+
+Used by :class:`~mithril.utils.training.TrainStep` only (where params lie on one CPU device,
+float32 or float64, every slot in their dtype): ``vmap`` and ``grad`` have no rule for the
+call. ``MITHRIL_JAX_FFI=0`` turns it off (the traced update then runs, as on accelerators).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from numba import types
+
+from . import kernel_cache
+from .kernels import _FASTMATH, inner_namespace, voidptr
+
+#: off with ``MITHRIL_JAX_FFI=0``
+ENABLED = os.environ.get("MITHRIL_JAX_FFI", "1").strip().lower() not in ("0", "false", "no",
+                                                                         "off")
+#: above this many parameters the traced update (XLA's loops on its thread pool) is kept
+MAX_ELEMENTS = 1 << 20
+
+
+def _data(buf):  # pragma: no cover - compiled by numba
+    return numba.carray(voidptr(buf), (4,), np.int64)[3]
+
+
+def _size(buf):  # pragma: no cover - compiled by numba
+    b = numba.carray(voidptr(buf), (6,), np.int64)
+    n = 1
+    if b[4] > 0:
+        dims = numba.carray(voidptr(b[5]), (b[4],), np.int64)
+        for j in range(b[4]):
+            n *= dims[j]
+    return n
+
+
+def _finite(X):  # pragma: no cover - compiled by numba
+    for j in range(X.shape[0]):
+        if not np.isfinite(X[j]):
+            return False
+    return True
+
+
+_HANDLER_SRC = """
+def handler(frame):
+    cf = carray(frame, (15,), np.int64)
+    if cf[1] != 0:  # the metadata query: the API version this handler was built against
+        ext = carray(voidptr(cf[1]), (4,), np.int64)
+        if (ext[1] & 0xFFFFFFFF) == 1:
+            md = carray(voidptr(ext[3]), (9,), np.int32)
+            md[6] = MAJOR
+            md[7] = MINOR
+            md[8] = 0
+            return voidptr(0)
+    if (cf[4] & 0xFFFFFFFF) != 3:  # instantiate, prepare, initialize: nothing to do
+        return voidptr(0)
+    nargs = cf[7]
+    args = carray(voidptr(cf[9]), (nargs,), np.int64)
+    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
+    n = (nargs - 2) // (2 + NS)
+    hb = carray(voidptr(args[0]), (6,), np.int64)
+    hd = carray(voidptr(hb[5]), (2,), np.int64)
+    H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
+    group = carray(voidptr(data(args[1])), (n,), np.int32)
+    flags = carray(voidptr(data(rets[(1 + NS) * n])), (2,), np.int32)
+    gf = 1
+    vf = 1
+    for t in range(n):
+        a = 2 + (2 + NS) * t
+        o = (1 + NS) * t
+        k = size(args[a])
+        P = own(args[a], rets[o], k)
+        G = carray(voidptr(data(args[a + 1])), (k,), DTYPE)
+{slots}
+        r = group[t]
+        s = inner(P, P, {slot_args}G, {row})
+        if not np.isfinite(s):  # (rare) which of the two is not finite
+            if not finite(G):
+                gf = 0
+            if not (finite(P){slot_checks}):
+                vf = 0
+    flags[0] = gf
+    flags[1] = vf
+    return voidptr(0)
+
+
+def own(src, dst, k):
+    # the result's buffer, the argument's values in it (the same buffer where XLA aliased
+    # them, as it does: input_output_aliases)
+    Q = carray(voidptr(data(dst)), (k,), DTYPE)
+    if data(src) != data(dst):
+        X = carray(voidptr(data(src)), (k,), DTYPE)
+        for j in range(k):
+            Q[j] = X[j]
+    return Q
+"""
+
+
+@functools.cache
+def api_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the XLA FFI C API jaxlib ships (its header), or None where the
+    header is missing or its major version is not the 0 this layout was written for."""
+    try:
+        import jaxlib
+
+        text = (Path(jaxlib.__file__).parent / "include/xla/ffi/api/c_api.h").read_text()
+        major = int(re.search(r"#define XLA_FFI_API_MAJOR (\d+)", text).group(1))
+        minor = int(re.search(r"#define XLA_FFI_API_MINOR (\d+)", text).group(1))
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+    return (major, minor) if major == 0 else None
+
+
+def usable(leaves: list[Any], slot_dtypes: list[Any]) -> bool:
+    """Whether the step over ``leaves`` (traced params) may run as one call here: on, the
+    API known, one CPU device in the process, one float32/float64 dtype for every param and
+    slot, at most :data:`MAX_ELEMENTS` parameters."""
+    if not (ENABLED and leaves and api_version() is not None):
+        return False
+    import jax
+
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    dt = leaves[0].dtype
+    if dt not in (np.float32, np.float64) or any(x.dtype != dt for x in leaves) or any(
+            d is not None and np.dtype(d) != dt for d in slot_dtypes):
+        return False
+    return sum(int(np.prod(p.shape, dtype=np.int64)) for p in leaves) <= MAX_ELEMENTS
+
+
+@functools.cache
+def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> str:
+    """The registered FFI target running ``math_fn`` (a name that depends on the kernel's
+    content only, so that JAX's persistent cache finds a program in a later process,
+    which registers the same name on its first trace)."""
+    import jax
+
+    ns, _, name = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip)
+    major, minor = api_version()
+    ns.update(MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
+              data=numba.njit(inline="always")(_data), size=numba.njit(inline="always")(_size),
+              finite=numba.njit(inline="always")(_finite))
+    slots = [f"S{i}" for i in range(n_slots)]
+    src = _HANDLER_SRC.format(
+        slots="\n".join(f"        {s} = own(args[a + {2 + i}], rets[o + {1 + i}], k)"
+                        for i, s in enumerate(slots)),
+        slot_args="".join(f"{s}, " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
+        slot_checks="".join(f" and finite({s})" for s in slots))
+    kernel_cache.exec_source(src, name, ns)
+    ns["own"] = numba.njit(inline="always")(ns["own"])
+    fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
+                            error_model="numpy", nogil=True)
+    module = getattr(fn._pyfunc, "__module__", "") or ""
+    key = module.rsplit("_", 1)[-1] if module.startswith("_mithril_kernel_") else \
+        f"p{os.getpid()}x{id(fn):x}"  # (compiled in memory: this process's own name)
+    tname = f"mithril_update_{key}"
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p,
+                                                   ctypes.c_void_p]
+    jax.ffi.register_ffi_target(tname, new(fn.address, None, None), platform="cpu")
+    _keep.append(fn)  # (XLA holds the address only)
+    return tname
+
+
+_keep: list[Any] = []
+
+
+def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: list[Any],
+                 gs: list[Any], slots: list[list[Any]]) -> tuple[list, list, Any, Any]:
+    """One call updating every tensor (traced): ``table`` the rows of scalars
+    (``[gscale, clip value, l2, keep, *scalars]``, the params' dtype), ``group`` each
+    tensor's row, ``slots[s][i]`` slot ``s`` of tensor ``i``. Returns the new params, the
+    new slots (as ``slots``), and whether the gradients and whether the new values were
+    all finite (traced booleans)."""
+    import jax
+
+    n_slots, dtype = len(slots), np.dtype(ps[0].dtype).name
+    name = target(math_fn, n_slots, table.shape[1] - 4, dtype, clip)
+    args: list[Any] = [table, np.asarray(group, np.int32)]
+    outs, aliases = [], {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        base, out = len(args), len(outs)
+        args += [p, g.astype(p.dtype), *(s[i] for s in slots)]
+        outs += [jax.ShapeDtypeStruct(p.shape, p.dtype)] * (1 + n_slots)
+        aliases[base] = out
+        aliases.update({base + 2 + k: out + 1 + k for k in range(n_slots)})
+    outs.append(jax.ShapeDtypeStruct((2,), np.int32))
+    res = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases)(*args)
+    k = 1 + n_slots
+    new_ps = [res[k * i] for i in range(len(ps))]
+    new_slots = [[res[k * i + 1 + s] for i in range(len(ps))] for s in range(n_slots)]
+    return new_ps, new_slots, res[-1][0] != 0, res[-1][1] != 0

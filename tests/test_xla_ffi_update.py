@@ -1,0 +1,253 @@
+"""The one-program JAX step's elementwise update on CPU as one call of the engines' fused
+kernel through XLA's FFI (``engines/xla_ffi.py``, ``interop/optax_host_kernel.py``): it
+equals the traced update (what XLA compiles on accelerators) for every elementwise
+optimizer of the catalog, with groups, clipping and weight decay; its probe sees
+non-finite gradients and new values as the traced probe does; the train step that uses it
+equals the separate evaluate + update; and a program with the call loads from JAX's
+persistent cache in a later process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+import mithril.utils.optimizers as catalog  # noqa: E402
+from mithril.interop import optax_transformation  # noqa: E402
+from mithril.interop.optax_special import classify  # noqa: E402
+from mithril.utils.optimizers import SGD, Adam, AdamW  # noqa: E402
+from mithril.utils.optimizers.base import Optimizer  # noqa: E402
+from mithril.utils.optimizers.engines import xla_ffi  # noqa: E402
+
+SHAPES = {"w1": (7, 5), "b1": (5,), "w2": (5, 3), "s": ()}
+
+
+def _arrays(seed: int, scale: float = 1.0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
+
+
+def _run(opt: Any, fused: bool, steps: int = 3, grads: list | None = None) -> tuple:
+    """``steps`` updates of ``opt``'s transformation in one jitted function each, through
+    the fused kernel (``host_kernel``) or traced; returns (params, state, probes taken)."""
+    tx = optax_transformation(opt)
+    params = _arrays(0)
+    state = tx.init(params)
+    taken: list = []
+
+    @jax.jit
+    def step(params: Any, state: Any, g: Any) -> tuple:
+        probe: list = []
+        new, state = tx.update(g, state, params, new_params=True,
+                               **({"host_kernel": probe} if fused else {}))
+        return new, state, [jnp.stack(x) for x in probe]
+
+    for i in range(steps):
+        g = grads[i] if grads is not None else _arrays(10 + i)
+        params, state, probe = step(params, state, g)
+        taken += [np.asarray(x) for x in probe]
+    return params, state, taken
+
+
+def _elementwise() -> list[str]:
+    out = []
+    for n in catalog.__all__:
+        cls = getattr(catalog, n)
+        if not (isinstance(cls, type) and issubclass(cls, Optimizer)) or n == "Optimizer":
+            continue
+        try:
+            opt = cls(learning_rate=1e-2)
+            if classify(opt) != "elementwise" or opt.two_pass() or opt.needs_loss:
+                continue
+        except TypeError:
+            continue
+        out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("name", _elementwise())
+def test_every_elementwise_optimizer_equals_its_traced_update(name: str) -> None:
+    cls = getattr(catalog, name)
+    want, wstate, _ = _run(cls(learning_rate=1e-2), fused=False)
+    got, gstate, taken = _run(cls(learning_rate=1e-2), fused=True)
+    assert len(taken) == 3 and all(t.tolist() == [True, True] for t in taken), name
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for s in wstate.slots:
+        for k in want:
+            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{s}/{k}")
+    assert int(gstate.count) == int(wstate.count) == 3
+
+
+def test_the_elementwise_catalog_is_not_empty() -> None:
+    assert {"Adam", "AdamW", "SGD", "Lion", "RMSProp"} <= set(_elementwise())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5),
+    lambda: SGD(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+                clip_value=0.3),
+    lambda: Adam(learning_rate=1e-2, param_groups=[
+        {"params": ["w1", "b1"], "lr": 3e-2, "weight_decay": 0.2},
+        {"params": ["s"], "clip_value": 0.1}]),
+    lambda: AdamW(learning_rate=1e-2, ema_decay=0.9, param_groups=[
+        {"params": ["w2"], "lr": 1e-3}]),
+], ids=["adamw-clipnorm", "sgd-clipvalue-l2", "groups", "ema-groups"])
+def test_groups_clipping_decay_and_averages(make: Any) -> None:
+    want, wstate, _ = _run(make(), fused=False)
+    got, gstate, taken = _run(make(), fused=True)
+    assert len(taken) == 3
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for s in wstate.slots:
+        for k in want:
+            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{s}/{k}")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_skip_keeps_everything_where_a_gradient_is_not_finite(bad: float) -> None:
+    grads = [_arrays(10), _arrays(11), _arrays(12)]
+    grads[1] = {**grads[1], "w2": grads[1]["w2"].at[2, 1].set(bad)}
+    want, wstate, _ = _run(Adam(learning_rate=1e-2, nonfinite="skip"), False, grads=grads)
+    got, gstate, taken = _run(Adam(learning_rate=1e-2, nonfinite="skip"), True, grads=grads)
+    assert [t.tolist() for t in taken] == [[True, True], [False, False], [True, True]]
+    assert int(gstate.count) == int(wstate.count) == 2  # the second step skipped
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        assert np.isfinite(np.asarray(got[k])).all()
+
+
+def test_the_probe_tells_gradients_from_new_values() -> None:
+    """Finite gradients of ~3e38 (Σ g² beyond float32) are finite; where they make a new
+    value overflow (SGD at rate 10: the param passes float32's range) the new values are
+    not finite, the gradients are; an inf clipped by value makes finite new values."""
+    big = {k: jnp.full(s, 3e38, jnp.float32) for k, s in SHAPES.items()}
+    _, _, taken = _run(SGD(learning_rate=1e-3), True, steps=1, grads=[big])
+    assert taken[0].tolist() == [True, True]
+    _, _, taken = _run(SGD(learning_rate=10.0), True, steps=1, grads=[big])
+    assert taken[0].tolist() == [True, False]
+    inf = {**_arrays(10), "b1": jnp.full((5,), np.inf, jnp.float32)}
+    got, _, taken = _run(SGD(learning_rate=0.1, clip_value=0.5), True, steps=1, grads=[inf])
+    assert taken[0].tolist() == [False, True]
+    np.testing.assert_allclose(got["b1"], np.asarray(_arrays(0)["b1"]) - 0.05, rtol=1e-6)
+
+
+def test_refused_where_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params beyond MAX_ELEMENTS, bfloat16 ones, a slot kept in another dtype, gradients of
+    another dtype, and the switch off: the traced update, no probe taken."""
+    monkeypatch.setattr(xla_ffi, "MAX_ELEMENTS", 10)
+    assert _run(Adam(learning_rate=1e-2), True, steps=1)[2] == []
+    monkeypatch.undo()
+    assert _run(Adam(learning_rate=1e-2), True, steps=1)[2] != []
+    monkeypatch.setattr(xla_ffi, "ENABLED", False)
+    assert _run(Adam(learning_rate=1e-2), True, steps=1)[2] == []
+    monkeypatch.undo()
+    p = [jnp.zeros((3,), jnp.bfloat16)]
+    assert not xla_ffi.usable(p, [None])
+    assert not xla_ffi.usable([jnp.zeros((3,), jnp.float32)], [jnp.bfloat16])
+    assert xla_ffi.usable([jnp.zeros((3,), jnp.float32)], [None, jnp.float32])
+    tx = optax_transformation(Adam(learning_rate=1e-2))
+    params = _arrays(0)
+    probe: list = []
+    half = {k: v.astype(jnp.bfloat16) for k, v in _arrays(1).items()}
+    jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True, host_kernel=probe)[0])(
+        half, tx.init(params), params)
+    assert probe == []
+    assert xla_ffi.api_version() is not None and xla_ffi.api_version()[0] == 0
+
+
+def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
+    """make_train_step's program (the fused kernel through XLA) against evaluate + update
+    (the NumPy engine's kernel on the JAX arrays' host buffers), AdamW with a group, global
+    clipping and decoupled decay, four steps."""
+    import unittest.mock as um
+
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.utils.training import make_train_step
+
+    calls: list[int] = []
+    real = xla_ffi.fused_update
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    be = JaxBackend(dtype="float32")
+    spec = mlp_spec(8, 4, [16, 12])
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    rng = np.random.default_rng(0)
+    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
+                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)} for _ in range(4)]
+    start = {k: np.array(v) for k, v in compiled.get_parameters().items()}
+
+    def make() -> AdamW:
+        return AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
+                     param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}])
+
+    opt = make()
+    sep = {k: be.array(v) for k, v in start.items()}
+    sep_state = opt.init(sep)
+    for d in batches:
+        _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
+        sep, sep_state = opt.update(sep, grads, sep_state)
+    with um.patch.object(xla_ffi, "fused_update", counted):
+        step = make_train_step(compiled, make(), loss="loss")
+        params = {k: be.array(v) for k, v in start.items()}
+        state = step.init(params)
+        for d in batches:
+            params, state, _ = step(params, state, d)
+    assert calls  # (traced once)
+    for k in sep:
+        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
+
+
+def test_a_later_process_loads_the_program_from_jax_cache(tmp_path: Path) -> None:
+    """Two processes sharing one cache folder: the second finds the kernel in numba's cache
+    and the program (its custom call by name) in JAX's, and computes the same."""
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        import jax, jax.numpy as jnp
+        from mithril.interop import optax_transformation
+        from mithril.utils.optimizers import Adam
+        from mithril.utils.optimizers.engines import kernel_cache
+        kernel_cache.configure_jax()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        tx = optax_transformation(Adam(learning_rate=1e-2))
+        params = {"w": jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4)}
+        probe = []
+        f = jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True, host_kernel=probe))
+        state = tx.init(params)
+        for i in range(2):
+            params, state = f({"w": jnp.full((3, 4), 0.5 + i, jnp.float32)}, state, params)
+        print(json.dumps({"w": np.asarray(params["w"]).tolist(), "probe": bool(probe),
+                          "stats": kernel_cache.stats()}))
+    """)
+    env = {**os.environ, "MITHRIL_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    import json
+
+    outs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert outs[0]["probe"] and outs[1]["probe"]
+    assert outs[0]["w"] == outs[1]["w"]
+    assert any(p.name.startswith("handler_") for p in (tmp_path / "kernels").iterdir())
+    assert list((tmp_path / "jax").iterdir())  # the program was written to JAX's cache
