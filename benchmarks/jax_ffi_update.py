@@ -1,4 +1,6 @@
-"""A design option measured: the one-program JAX step's optimizer update and finiteness
+"""The design measured before it was adopted (the fifty-eighth session; what the train step
+runs since is ``mithril/utils/optimizers/engines/xla_ffi.py``, the engines' own kernel):
+the one-program JAX step's optimizer update and finiteness
 probe as ONE call of a numba kernel through XLA's typed FFI (no C compiler: the handler is a
 numba ``cfunc`` reading XLA's C call frame, ``jaxlib/include/xla/ffi/api/c_api.h``), against
 the traced ``jnp`` update that the one-program step compiles today, with the probe
