@@ -68,11 +68,18 @@ def _size(buf):  # pragma: no cover - compiled by numba
     return n
 
 
-def _finite(X):  # pragma: no cover - compiled by numba
-    for j in range(X.shape[0]):
+def _finite(addr, k, dtype):  # pragma: no cover - compiled by numba
+    X = numba.carray(voidptr(addr), (k,), dtype)
+    for j in range(k):
         if not np.isfinite(X[j]):
             return False
     return True
+
+
+def _copy(src, dst, k, dtype):  # pragma: no cover - compiled by numba
+    X, Y = numba.carray(voidptr(src), (k,), dtype), numba.carray(voidptr(dst), (k,), dtype)
+    for j in range(k):
+        Y[j] = X[j]
 
 
 _HANDLER_SRC = """
@@ -103,30 +110,25 @@ def handler(frame):
         a = 2 + (2 + NS) * t
         o = (1 + NS) * t
         k = size(args[a])
-        P = own(args[a], rets[o], k)
+        for q in range(1 + NS):  # the param and slots into their results' buffers (the
+            # same buffers where XLA aliased them, as it does: nothing to copy)
+            src = data(args[a if q == 0 else a + 1 + q])
+            if src != data(rets[o + q]):
+                copy(src, data(rets[o + q]), k, DTYPE)
+        P = carray(voidptr(data(rets[o])), (k,), DTYPE)
         G = carray(voidptr(data(args[a + 1])), (k,), DTYPE)
 {slots}
         r = group[t]
         s = inner(P, P, {slot_args}G, {row})
         if not np.isfinite(s):  # (rare) which of the two is not finite
-            if not finite(G):
+            if not finite(data(args[a + 1]), k, DTYPE):
                 gf = 0
-            if not (finite(P){slot_checks}):
-                vf = 0
+            for q in range(1 + NS):
+                if not finite(data(rets[o + q]), k, DTYPE):
+                    vf = 0
     flags[0] = gf
     flags[1] = vf
     return voidptr(0)
-
-
-def own(src, dst, k):
-    # the result's buffer, the argument's values in it (the same buffer where XLA aliased
-    # them, as it does: input_output_aliases)
-    Q = carray(voidptr(data(dst)), (k,), DTYPE)
-    if data(src) != data(dst):
-        X = carray(voidptr(data(src)), (k,), DTYPE)
-        for j in range(k):
-            Q[j] = X[j]
-    return Q
 """
 
 
@@ -173,16 +175,15 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> s
     major, minor = api_version()
     ns.update(MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
               data=numba.njit(inline="always")(_data), size=numba.njit(inline="always")(_size),
-              finite=numba.njit(inline="always")(_finite))
+              finite=numba.njit(inline="always")(_finite),
+              copy=numba.njit(inline="always")(_copy))
     slots = [f"S{i}" for i in range(n_slots)]
     src = _HANDLER_SRC.format(
-        slots="\n".join(f"        {s} = own(args[a + {2 + i}], rets[o + {1 + i}], k)"
-                        for i, s in enumerate(slots)),
+        slots="\n".join(f"        {s} = carray(voidptr(data(rets[o + {1 + i}])), (k,), DTYPE)"
+                         for i, s in enumerate(slots)),
         slot_args="".join(f"{s}, " for s in slots),
-        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)),
-        slot_checks="".join(f" and finite({s})" for s in slots))
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
     kernel_cache.exec_source(src, name, ns)
-    ns["own"] = numba.njit(inline="always")(ns["own"])
     fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
                             error_model="numpy", nogil=True)
     module = getattr(fn._pyfunc, "__module__", "") or ""
