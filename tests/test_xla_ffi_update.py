@@ -251,3 +251,25 @@ def test_a_later_process_loads_the_program_from_jax_cache(tmp_path: Path) -> Non
     assert outs[0]["w"] == outs[1]["w"]
     assert any(p.name.startswith("handler_") for p in (tmp_path / "kernels").iterdir())
     assert list((tmp_path / "jax").iterdir())  # the program was written to JAX's cache
+
+
+def test_cfunc_is_cached_by_content_or_compiled_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_cache.cfunc: a C callable whose source lands in the cache folder (named by
+    its content), and where no folder can be written, one compiled in memory that runs."""
+    import ctypes
+
+    from numba import types
+
+    from mithril.utils.optimizers.engines import kernel_cache
+
+    def twice(x):  # pragma: no cover - compiled by numba
+        return 2.0 * x
+
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(tmp_path))
+    made = kernel_cache.cfunc(types.float64(types.float64), twice)
+    assert ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_double)(made.address)(1.5) == 3.0
+    assert [p.name for p in (tmp_path / "kernels").glob("twice_*.py")]
+    monkeypatch.setattr(kernel_cache, "_folder", lambda: None)
+    made = kernel_cache.cfunc(types.float64(types.float64), twice)
+    assert ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_double)(made.address)(4.0) == 8.0
