@@ -308,3 +308,87 @@ def test_float64_params_take_it_too() -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sizes", [[0, 5, 1], [70_000, 3, 40_000, 1], [32_768, 32_768]])
+def test_the_pieces_cover_every_element_once(sizes: list[int]) -> None:
+    pt = xla_ffi.piece_table(sizes, 1 << 15)
+    pieces, segs = int(pt[0]), int(pt[1])
+    bounds = pt[2:3 + pieces]
+    t, f, m = (pt[3 + pieces + i * segs:3 + pieces + (i + 1) * segs] for i in range(3))
+    assert pt.dtype == np.int32 and bounds[0] == 0 and bounds[-1] == segs
+    assert (np.diff(bounds) > 0).all()
+    for k, n in enumerate(sizes):
+        seen = np.zeros(n, int)
+        for e in np.flatnonzero(t == k):
+            seen[f[e]:f[e] + m[e]] += 1
+        assert (seen == 1).all()
+    per_piece = [int(m[bounds[i]:bounds[i + 1]].sum()) for i in range(pieces)]
+    assert all(x <= 1 << 15 for x in per_piece)
+
+
+def test_the_thread_pool_shares_a_large_update() -> None:
+    """4M params in 128 pieces: XLA's intra-op pool's task claims pieces beside the calling
+    thread in some of 20 calls (a late task finds none left), and every element is right
+    whichever thread did it; a NaN in the last piece is seen."""
+    if jax.local_devices()[0].client.platform != "cpu" or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs")  # (XLA's pool then has one thread)
+    math = SGD(learning_rate=0.1).full_kernel_math(1)
+    rng = np.random.default_rng(0)
+    ps = [jnp.asarray(rng.standard_normal(1 << 20), jnp.float32) for _ in range(4)]
+    gs = [jnp.asarray(rng.standard_normal(1 << 20), jnp.float32) for _ in range(4)]
+    table = jnp.asarray([[1.0, np.inf, 0.0, 1.0, 0.1]], jnp.float32)
+
+    @jax.jit
+    def step(ps: list, gs: list) -> tuple:
+        pool: list = []
+        new, _, gf, vf = xla_ffi.fused_update(math, False, table, np.zeros(4, np.int32), ps,
+                                              gs, [], pool)
+        return new, gf, vf, pool[0]
+
+    want = [np.asarray(p) - np.float32(0.1) * np.asarray(g) for p, g in zip(ps, gs)]
+    shared = 0
+    for _ in range(20):
+        new, gf, vf, by_pool = step([p.copy() for p in ps], gs)
+        shared += int(by_pool) > 0
+        assert bool(gf) and bool(vf)
+        for a, b in zip(new, want):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
+    assert shared > 0
+    bad = list(gs)
+    bad[3] = bad[3].at[-1].set(np.nan)
+    _, gf, vf, _ = step([p.copy() for p in ps], bad)
+    assert not bool(gf) and not bool(vf)
+
+
+def test_calls_from_several_threads_at_once() -> None:
+    """Four Python threads running the same large update at once (each call its own job
+    slot; the pool's tasks shared between them): every result right, none stuck."""
+    import threading
+
+    math = SGD(learning_rate=0.1).full_kernel_math(1)
+    rng = np.random.default_rng(1)
+    ps = [jnp.asarray(rng.standard_normal(300_000), jnp.float32) for _ in range(3)]
+    gs = [jnp.asarray(rng.standard_normal(300_000), jnp.float32) for _ in range(3)]
+    table = jnp.asarray([[1.0, np.inf, 0.0, 1.0, 0.1]], jnp.float32)
+    step = jax.jit(lambda ps, gs: xla_ffi.fused_update(math, False, table,
+                                                       np.zeros(3, np.int32), ps, gs, [])[0])
+    want = [np.asarray(p) - np.float32(0.1) * np.asarray(g) for p, g in zip(ps, gs)]
+    step([p.copy() for p in ps], gs)  # (compiled once, before the threads)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(10):
+                new = step([p.copy() for p in ps], gs)
+                for a, b in zip(new, want):
+                    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors

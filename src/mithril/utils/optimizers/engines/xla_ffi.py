@@ -19,12 +19,13 @@ each led by its size):
 
 Arguments: the table ``H`` (a row per parameter group: gscale, clip value, coupled L2,
 decoupled keep factor, then the optimizer's scalars, in the parameters' dtype, as the
-NumPy engine's), each tensor's row (int32), then per tensor its param, gradient and slots;
-results: per tensor the new param and slots (aliased to the inputs: written in place), then
-int32 ``[gradients finite, new values finite]``, from the loop's own probe (Σ g² and the
-exponent bits of every new value, :func:`.kernels.update_kernel`), each array read again only
-where that probe says something is not finite. One thread: XLA's own loops beat it beyond
-:data:`MAX_ELEMENTS` on a machine with more cores (its fusions run on its thread pool).
+NumPy engine's), each tensor's row (int32), the pieces (:func:`piece_table`), then per
+tensor its param, gradient and slots; results: per tensor the new param and slots
+(aliased to the inputs: written in place), then int32 ``[gradients finite, new values
+finite, pieces the pool did]``, from the loop's own probe (Σ g² and the exponent bits of
+every new value, :func:`.kernels.update_kernel`), a piece read again only where that probe
+says something is not finite. The pieces are shared with XLA's intra-op thread pool
+(:mod:`.xla_pool`), as the NumPy engine shares its pieces with its workers.
 
 Used by :class:`~mithril.utils.training.TrainStep` only (where params lie on one CPU device,
 float32 or float64, every slot in their dtype): ``vmap`` and ``grad`` have no rule for the
@@ -44,7 +45,7 @@ import numba
 import numpy as np
 from numba import types
 
-from . import kernel_cache
+from . import atomics, kernel_cache, xla_pool
 from .kernels import _FASTMATH, inner_namespace, voidptr
 
 #: off with ``MITHRIL_JAX_FFI=0``
@@ -52,20 +53,12 @@ ENABLED = os.environ.get("MITHRIL_JAX_FFI", "1").strip().lower() not in ("0", "f
                                                                          "off")
 #: above this many parameters the traced update (XLA's loops on its thread pool) is kept
 MAX_ELEMENTS = 1 << 20
+#: elements of a piece the threads claim (a tensor's slice, or small tensors together)
+PIECE = 1 << 15
 
 
 def _data(buf):  # pragma: no cover - compiled by numba
     return numba.carray(voidptr(buf), (4,), np.int64)[3]
-
-
-def _size(buf):  # pragma: no cover - compiled by numba
-    b = numba.carray(voidptr(buf), (6,), np.int64)
-    n = 1
-    if b[4] > 0:
-        dims = numba.carray(voidptr(b[5]), (b[4],), np.int64)
-        for j in range(b[4]):
-            n *= dims[j]
-    return n
 
 
 def _finite(addr, k, dtype):  # pragma: no cover - compiled by numba
@@ -84,52 +77,122 @@ def _copy(src, dst, k, dtype):  # pragma: no cover - compiled by numba
 
 _HANDLER_SRC = """
 def handler(frame):
-    cf = carray(frame, (15,), np.int64)
-    if cf[1] != 0:  # the metadata query: the API version this handler was built against
-        ext = carray(voidptr(cf[1]), (4,), np.int64)
-        if (ext[1] & 0xFFFFFFFF) == 1:
-            md = carray(voidptr(ext[3]), (9,), np.int32)
-            md[6] = MAJOR
-            md[7] = MINOR
-            md[8] = 0
-            return voidptr(0)
-    if (cf[4] & 0xFFFFFFFF) != 3:  # instantiate, prepare, initialize: nothing to do
+    x = address(frame)
+    main = x >= 0
+    if x < 0 and (x & OWN) != 0:  # (once per process: its own address, the pool's task)
+        keep_address(job_table(), x)
         return voidptr(0)
-    nargs = cf[7]
-    args = carray(voidptr(cf[9]), (nargs,), np.int64)
+    if main:
+        cf = carray(frame, (15,), np.int64)
+        if cf[1] != 0:  # the metadata query: the API version this handler was built against
+            ext = carray(voidptr(cf[1]), (4,), np.int64)
+            if (ext[1] & 0xFFFFFFFF) == 1:
+                md = carray(voidptr(ext[3]), (9,), np.int32)
+                md[6] = MAJOR
+                md[7] = MINOR
+                md[8] = 0
+                return voidptr(0)
+        if (cf[4] & 0xFFFFFFFF) != 3:  # instantiate, prepare, initialize: nothing to do
+            return voidptr(0)
+        rec, task = open_job(job_table(), x)
+        pt = carray(voidptr(data(carray(voidptr(cf[9]), (3,), np.int64)[2])), (2,), np.int32)
+        me = own_address(job_table())
+        n = min(threads(cf[2], cf[3], rec) - 1, pt[0] - 1) if me != 0 else 0
+        for i in range(n):  # (the pool's threads but the calling one; it may be one of them)
+            if not schedule(cf[2], cf[3], me, task, rec):
+                break
+    else:  # a task of the pool: the job of its slot, unless that is over
+        rec = enter(x, job_table())
+        if rec == 0:
+            return voidptr(0)
+    did = work(load_acquire(rec + 8), rec)
+    if not main:
+        fetch_add(rec + 8 * 26, did)
+        fetch_add(rec + 16, -1)
+        return voidptr(0)
+    cf = carray(frame, (15,), np.int64)
     rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
-    n = (nargs - 2) // (2 + NS)
+    flags = carray(voidptr(data(rets[cf[12] - 1])), (3,), np.int32)
+    pt = carray(voidptr(data(carray(voidptr(cf[9]), (3,), np.int64)[2])), (2,), np.int32)
+    close_job(rec, pt[0])
+    W = carray(voidptr(rec), (32,), np.int64)
+    flags[0] = 1 if W[24] == 0 else 0
+    flags[1] = 1 if W[25] == 0 else 0
+    flags[2] = W[26]
+    return voidptr(0)
+
+
+def work(fa, rec):
+    # claim pieces (runs of segments: a tensor's elements [first, first + size)) until none
+    # is left; arguments: H, each tensor's row, the piece table, then per tensor its param,
+    # gradient and slots; results: per tensor the param and slots, then the flags
+    cf = carray(voidptr(fa), (15,), np.int64)
+    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
+    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
     hb = carray(voidptr(args[0]), (6,), np.int64)
     hd = carray(voidptr(hb[5]), (2,), np.int64)
     H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
-    group = carray(voidptr(data(args[1])), (n,), np.int32)
-    flags = carray(voidptr(data(rets[(1 + NS) * n])), (2,), np.int32)
-    gf = 1
-    vf = 1
-    for t in range(n):
-        a = 2 + (2 + NS) * t
-        o = (1 + NS) * t
-        k = size(args[a])
-        for q in range(1 + NS):  # the param and slots into their results' buffers (the
-            # same buffers where XLA aliased them, as it does: nothing to copy)
-            src = data(args[a if q == 0 else a + 1 + q])
-            if src != data(rets[o + q]):
-                copy(src, data(rets[o + q]), k, DTYPE)
-        P = carray(voidptr(data(rets[o])), (k,), DTYPE)
-        G = carray(voidptr(data(args[a + 1])), (k,), DTYPE)
+    n_t = (cf[7] - 3) // (2 + NS)
+    group = carray(voidptr(data(args[1])), (n_t,), np.int32)
+    head = carray(voidptr(data(args[2])), (2,), np.int32)
+    pieces, segs = head[0], head[1]
+    pt = carray(voidptr(data(args[2])), (3 + pieces + 3 * segs,), np.int32)
+    did = 0
+    while True:
+        k = fetch_add(rec + 64, 1)
+        if k >= pieces:
+            return did
+        did += 1
+        for e in range(pt[2 + k], pt[3 + k]):
+            t = pt[3 + pieces + e]
+            f = pt[3 + pieces + segs + e]
+            m = pt[3 + pieces + 2 * segs + e]
+            a = 3 + (2 + NS) * t
+            o = (1 + NS) * t
+            off = f * ITEMSIZE
+            for q in range(1 + NS):  # the param and slots in their results' buffers (the
+                # same buffers where XLA aliased them, as it does: nothing to copy)
+                src = data(args[a if q == 0 else a + 1 + q]) + off
+                if src != data(rets[o + q]) + off:
+                    copy(src, data(rets[o + q]) + off, m, DTYPE)
+            P = carray(voidptr(data(rets[o]) + off), (m,), DTYPE)
+            G = carray(voidptr(data(args[a + 1]) + off), (m,), DTYPE)
 {slots}
-        r = group[t]
-        s = inner(P, P, {slot_args}G, {row})
-        if not np.isfinite(s):  # (rare) which of the two is not finite
-            if not finite(data(args[a + 1]), k, DTYPE):
-                gf = 0
-            for q in range(1 + NS):
-                if not finite(data(rets[o + q]), k, DTYPE):
-                    vf = 0
-    flags[0] = gf
-    flags[1] = vf
-    return voidptr(0)
+            r = group[t]
+            s = inner(P, P, {slot_args}G, {row})
+            if not np.isfinite(s):  # (rare) which of the two is not finite
+                if not finite(data(args[a + 1]) + off, m, DTYPE):
+                    fetch_add(rec + 8 * 24, 1)
+                for q in range(1 + NS):
+                    if not finite(data(rets[o + q]) + off, m, DTYPE):
+                        fetch_add(rec + 8 * 25, 1)
+        fetch_add(rec + 128, 1)
 """
+
+
+def piece_table(sizes: list[int], piece: int) -> np.ndarray:
+    """The pieces the threads claim over tensors of ``sizes`` elements: runs of segments
+    (a tensor's ``[first, first + size)``) of about ``piece`` elements each, a large
+    tensor cut into several, small ones joined. ``[pieces, segments, bounds (pieces + 1),
+    tensor, first, size (one per segment)]``, int32 (JAX passes no int64 without x64)."""
+    seg_t, seg_f, seg_m, bounds, filled = [], [], [], [0], 0
+    for t, n in enumerate(sizes):
+        f = 0
+        while f < n or (n == 0 and f == 0):
+            m = min(piece - filled, n - f)
+            seg_t.append(t)
+            seg_f.append(f)
+            seg_m.append(m)
+            f, filled = f + m, filled + m
+            if filled >= piece:
+                bounds.append(len(seg_t))
+                filled = 0
+            if n == 0:
+                break
+    if bounds[-1] != len(seg_t):
+        bounds.append(len(seg_t))
+    return np.array([len(bounds) - 1, len(seg_t), *bounds, *seg_t, *seg_f, *seg_m],
+                    dtype=np.int32)
 
 
 @functools.cache
@@ -174,16 +237,23 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> s
     ns, _, name = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip)
     major, minor = api_version()
     ns.update(MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
-              data=numba.njit(inline="always")(_data), size=numba.njit(inline="always")(_size),
+              ITEMSIZE=np.dtype(dtype).itemsize, OWN=xla_pool.OWN,
+              data=numba.njit(inline="always")(_data),
               finite=numba.njit(inline="always")(_finite),
-              copy=numba.njit(inline="always")(_copy))
+              copy=numba.njit(inline="always")(_copy),
+              address=xla_pool.address, job_table=xla_pool.job_table,
+              open_job=xla_pool.open_job, enter=xla_pool.enter, close_job=xla_pool.close_job,
+              threads=xla_pool.threads, schedule=xla_pool.schedule,
+              own_address=xla_pool.own_address, keep_address=xla_pool.keep_address,
+              fetch_add=atomics.fetch_add, load_acquire=atomics.load_acquire)
     slots = [f"S{i}" for i in range(n_slots)]
     src = _HANDLER_SRC.format(
-        slots="\n".join(f"        {s} = carray(voidptr(data(rets[o + {1 + i}])), (k,), DTYPE)"
-                         for i, s in enumerate(slots)),
+        slots="\n".join(f"            {s} = carray(voidptr(data(rets[o + {1 + i}]) + off), (m,), "
+                        f"DTYPE)" for i, s in enumerate(slots)),
         slot_args="".join(f"{s}, " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
     kernel_cache.exec_source(src, name, ns)
+    ns["work"] = numba.njit(inline="always")(ns["work"])
     fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
                             error_model="numpy", nogil=True)
     module = getattr(fn._pyfunc, "__module__", "") or ""
@@ -194,6 +264,7 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> s
     new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p,
                                                    ctypes.c_void_p]
     jax.ffi.register_ffi_target(tname, new(fn.address, None, None), platform="cpu")
+    xla_pool.tell_address(fn)
     _keep.append(fn)  # (XLA holds the address only)
     return tname
 
@@ -202,17 +273,20 @@ _keep: list[Any] = []
 
 
 def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: list[Any],
-                 gs: list[Any], slots: list[list[Any]]) -> tuple[list, list, Any, Any]:
+                 gs: list[Any], slots: list[list[Any]], pool: list | None = None
+                 ) -> tuple[list, list, Any, Any]:
     """One call updating every tensor (traced): ``table`` the rows of scalars
     (``[gscale, clip value, l2, keep, *scalars]``, the params' dtype), ``group`` each
     tensor's row, ``slots[s][i]`` slot ``s`` of tensor ``i``. Returns the new params, the
     new slots (as ``slots``), and whether the gradients and whether the new values were
-    all finite (traced booleans)."""
+    all finite (traced booleans); ``pool``, where given, gets how many pieces the thread
+    pool's tasks did (traced int32: the rest the calling thread did)."""
     import jax
 
     n_slots, dtype = len(slots), np.dtype(ps[0].dtype).name
     name = target(math_fn, n_slots, table.shape[1] - 4, dtype, clip)
-    args: list[Any] = [table, np.asarray(group, np.int32)]
+    sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in ps]
+    args: list[Any] = [table, np.asarray(group, np.int32), piece_table(sizes, PIECE)]
     outs, aliases = [], {}
     for i, (p, g) in enumerate(zip(ps, gs)):
         base, out = len(args), len(outs)
@@ -220,9 +294,11 @@ def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: li
         outs += [jax.ShapeDtypeStruct(p.shape, p.dtype)] * (1 + n_slots)
         aliases[base] = out
         aliases.update({base + 2 + k: out + 1 + k for k in range(n_slots)})
-    outs.append(jax.ShapeDtypeStruct((2,), np.int32))
+    outs.append(jax.ShapeDtypeStruct((3,), np.int32))
     res = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases)(*args)
     k = 1 + n_slots
     new_ps = [res[k * i] for i in range(len(ps))]
     new_slots = [[res[k * i + 1 + s] for i in range(len(ps))] for s in range(n_slots)]
+    if pool is not None:
+        pool.append(res[-1][2])
     return new_ps, new_slots, res[-1][0] != 0, res[-1][1] != 0
