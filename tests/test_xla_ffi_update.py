@@ -144,9 +144,9 @@ def test_the_probe_tells_gradients_from_new_values() -> None:
 
 
 def test_refused_where_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Params beyond MAX_ELEMENTS, bfloat16 ones, a slot kept in another dtype, gradients of
+    """A tensor beyond MAX_TENSOR elements, bfloat16 params, a slot kept in another dtype, gradients of
     another dtype, and the switch off: the traced update, no probe taken."""
-    monkeypatch.setattr(xla_ffi, "MAX_ELEMENTS", 10)
+    monkeypatch.setattr(xla_ffi, "MAX_TENSOR", 34)  # (w1: 35 elements)
     assert _run(Adam(learning_rate=1e-2), True, steps=1)[2] == []
     monkeypatch.undo()
     assert _run(Adam(learning_rate=1e-2), True, steps=1)[2] != []

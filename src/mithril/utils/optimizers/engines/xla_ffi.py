@@ -51,8 +51,9 @@ from .kernels import _FASTMATH, inner_namespace, voidptr
 #: off with ``MITHRIL_JAX_FFI=0``
 ENABLED = os.environ.get("MITHRIL_JAX_FFI", "1").strip().lower() not in ("0", "false", "no",
                                                                          "off")
-#: above this many parameters the traced update (XLA's loops on its thread pool) is kept
-MAX_ELEMENTS = 1 << 20
+#: the largest tensor the kernel takes (its piece table's offsets are int32); beyond, the
+#: traced update
+MAX_TENSOR = (1 << 31) - 1
 #: elements of a piece the threads claim (a tensor's slice, or small tensors together)
 PIECE = 1 << 15
 
@@ -213,7 +214,7 @@ def api_version() -> tuple[int, int] | None:
 def usable(leaves: list[Any], slot_dtypes: list[Any]) -> bool:
     """Whether the step over ``leaves`` (traced params) may run as one call here: on, the
     API known, one CPU device in the process, one float32/float64 dtype for every param and
-    slot, at most :data:`MAX_ELEMENTS` parameters."""
+    slot, no tensor beyond :data:`MAX_TENSOR` elements."""
     if not (ENABLED and leaves and api_version() is not None):
         return False
     import jax
@@ -224,7 +225,7 @@ def usable(leaves: list[Any], slot_dtypes: list[Any]) -> bool:
     if dt not in (np.float32, np.float64) or any(x.dtype != dt for x in leaves) or any(
             d is not None and np.dtype(d) != dt for d in slot_dtypes):
         return False
-    return sum(int(np.prod(p.shape, dtype=np.int64)) for p in leaves) <= MAX_ELEMENTS
+    return max(int(np.prod(p.shape, dtype=np.int64)) for p in leaves) <= MAX_TENSOR
 
 
 @functools.cache
