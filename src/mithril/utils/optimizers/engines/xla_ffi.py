@@ -115,11 +115,10 @@ def handler(frame):
     rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
     flags = carray(voidptr(data(rets[cf[12] - 1])), (3,), np.int32)
     pt = carray(voidptr(data(carray(voidptr(cf[9]), (3,), np.int64)[2])), (2,), np.int32)
-    close_job(rec, pt[0])
-    W = carray(voidptr(rec), (32,), np.int64)
-    flags[0] = 1 if W[24] == 0 else 0
-    flags[1] = 1 if W[25] == 0 else 0
-    flags[2] = W[26]
+    bad_g, bad_v, by_pool = close_job(rec, pt[0])
+    flags[0] = 1 if bad_g == 0 else 0
+    flags[1] = 1 if bad_v == 0 else 0
+    flags[2] = by_pool
     return voidptr(0)
 
 

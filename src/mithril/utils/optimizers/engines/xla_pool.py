@@ -174,10 +174,15 @@ def enter(x, table):  # pragma: no cover - compiled by numba
 
 @numba.njit(inline="always", nogil=True)
 def close_job(rec, pieces):  # pragma: no cover - compiled by numba
-    """Wait for every piece and for the tasks inside to leave; then free the record."""
+    """Wait for every piece and for the tasks inside to leave; then read the job's counts
+    (non-finite gradients, non-finite new values, pieces the tasks did) and free the record
+    (after: another call may take it at once)."""
     while load_acquire(rec + 128) < pieces:
         spin_pause()
     fetch_add(rec + 24, 1)
     while load_acquire(rec + 16) != 0:
         spin_pause()
+    W = numba.carray(voidptr(rec), (RECORD,), np.int64)
+    counts = (W[24], W[25], W[26])
     fetch_add(rec + 32, -1)
+    return counts
