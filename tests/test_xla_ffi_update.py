@@ -58,6 +58,16 @@ def _run(opt: Any, fused: bool, steps: int = 3, grads: list | None = None) -> tu
     return params, state, taken
 
 
+def _same(got: dict, gstate: Any, want: dict, wstate: Any) -> None:
+    """The params and every slot of two runs equal to 1e-6."""
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    for s in wstate.slots:
+        for k in want:
+            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{s}/{k}")
+
+
 def _elementwise() -> list[str]:
     out = []
     for n in catalog.__all__:
@@ -80,12 +90,7 @@ def test_every_elementwise_optimizer_equals_its_traced_update(name: str) -> None
     want, wstate, _ = _run(cls(learning_rate=1e-2), fused=False)
     got, gstate, taken = _run(cls(learning_rate=1e-2), fused=True)
     assert len(taken) == 3 and all(t.tolist() == [True, True] for t in taken), name
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    for s in wstate.slots:
-        for k in want:
-            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=1e-6,
-                                       atol=1e-7, err_msg=f"{s}/{k}")
+    _same(got, gstate, want, wstate)
     assert int(gstate.count) == int(wstate.count) == 3
 
 
@@ -107,12 +112,7 @@ def test_groups_clipping_decay_and_averages(make: Any) -> None:
     want, wstate, _ = _run(make(), fused=False)
     got, gstate, taken = _run(make(), fused=True)
     assert len(taken) == 3
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    for s in wstate.slots:
-        for k in want:
-            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=1e-6,
-                                       atol=1e-7, err_msg=f"{s}/{k}")
+    _same(got, gstate, want, wstate)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
