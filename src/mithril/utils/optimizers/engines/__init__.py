@@ -15,6 +15,9 @@
   once per size where tensors share one (2,000 small tensors: ~12 s on 2 cores; once per
   machine, with JAX's cache). ``MITHRIL_JAX_CHUNK_TENSORS=k`` cuts an accelerator's one
   chunk into runs of k tensors (a measuring knob, :data:`.jax_chunks.CHUNK_TENSORS`).
+* :mod:`.xla_ffi` - the one-program JAX train step on CPU: the same fused loop as one XLA
+  custom call inside the step's program (a numba ``cfunc`` through XLA's typed FFI, its
+  pieces shared with XLA's thread pool, :mod:`.xla_pool`), for elementwise optimizers.
 * :class:`~.torch_fused.TorchFusedEngine` - torch on CUDA: torch's own fused kernels
   (``torch._fused_adam_``, ``_fused_adamw_``, ``_fused_sgd_``) on views of the flat buffers
   (with ``nonfinite="unchecked"`` nothing is read back to the host); other steps as
