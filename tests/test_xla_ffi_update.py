@@ -128,6 +128,45 @@ def test_skip_keeps_everything_where_a_gradient_is_not_finite(bad: float) -> Non
         assert np.isfinite(np.asarray(got[k])).all()
 
 
+def test_skip_gives_up_after_max_consecutive_skips_as_the_traced_update() -> None:
+    """``max_consecutive_skips=1``: a non-finite step skipped, the next one in a row
+    applied (the kernel's one forced pass: NaN params), the counts as the traced update's."""
+    grads = [_arrays(10), _arrays(11), _arrays(12)]
+    for i in (1, 2):
+        grads[i] = {**grads[i], "b1": grads[i]["b1"].at[0].set(np.nan)}
+
+    def make() -> Adam:
+        return Adam(learning_rate=1e-2, nonfinite="skip", max_consecutive_skips=1)
+
+    want, wstate, _ = _run(make(), False, grads=grads)
+    got, gstate, taken = _run(make(), True, grads=grads)
+    assert [t.tolist() for t in taken] == [[True, True], [False, False], [False, False]]
+    assert int(gstate.count) == int(wstate.count) == 2  # (the third step applied)
+    assert np.isnan(np.asarray(got["b1"])).any()
+    _same(got, gstate, want, wstate)
+    assert {k: int(v) for k, v in gstate.hyperparams.items() if np.ndim(v) == 0 and
+            np.issubdtype(np.asarray(v).dtype, np.integer)} == \
+        {k: int(v) for k, v in wstate.hyperparams.items() if np.ndim(v) == 0 and
+         np.issubdtype(np.asarray(v).dtype, np.integer)}
+
+
+def test_skip_keeps_no_conditional_over_the_arrays() -> None:
+    """With the kernel, ``"skip"``'s program holds no conditional between the new and the
+    old arrays (the kernel writes nothing where it skips); traced, it does."""
+    tx = optax_transformation(Adam(learning_rate=1e-2, nonfinite="skip"))
+    params = _arrays(0)
+    state = tx.init(params)
+    texts = {}
+    for fused in (True, False):
+        def f(g: Any, s: Any, p: Any, fused: bool = fused) -> Any:
+            kw = {"host_kernel": []} if fused else {}
+            return tx.update(g, s, p, new_params=True, **kw)
+        texts[fused] = jax.jit(f).lower(_arrays(1), state, params).as_text()
+    assert "stablehlo.case" in texts[False] or "stablehlo.if" in texts[False]
+    assert "stablehlo.case" not in texts[True] and "stablehlo.if" not in texts[True]
+    assert "mithril_update_" in texts[True]
+
+
 def test_the_probe_tells_gradients_from_new_values() -> None:
     """Finite gradients of ~3e38 (Σ g² beyond float32) are finite; where they make a new
     value overflow (SGD at rate 10: the param passes float32's range) the new values are
@@ -359,6 +398,53 @@ def test_the_thread_pool_shares_a_large_update() -> None:
     bad[3] = bad[3].at[-1].set(np.nan)
     _, gf, vf, _ = step([p.copy() for p in ps], bad)
     assert not bool(gf) and not bool(vf)
+
+
+def test_the_skip_kernel_writes_nothing_where_it_skips() -> None:
+    """The ``skip`` variant on 4M params (SGD momentum, one slot) shared with the pool:
+    finite, the plain kernel's results; a NaN in the last piece, every param and slot
+    bit for bit as it was; forced, the step applied whatever it holds, in one pass."""
+    math = SGD(learning_rate=0.1, momentum=0.9).full_kernel_math(3)
+    rng = np.random.default_rng(2)
+    ps = [jnp.asarray(rng.standard_normal(1 << 20), jnp.float32) for _ in range(4)]
+    ms = [jnp.asarray(rng.standard_normal(1 << 20), jnp.float32) for _ in range(4)]
+    gs = [jnp.asarray(rng.standard_normal(1 << 20), jnp.float32) for _ in range(4)]
+    table = jnp.asarray([[1.0, np.inf, 0.0, 1.0, 0.1, 0.9, 1.0]], jnp.float32)
+    group = np.zeros(4, np.int32)
+
+    @jax.jit
+    def step(ps: list, ms: list, gs: list, force: Any) -> tuple:
+        pool: list = []
+        new, slots, gf, vf = xla_ffi.fused_update(math, False, table, group, ps, gs, [ms],
+                                                  pool, skip=force)
+        return new, slots[0], gf, vf, pool[0]
+
+    plain = jax.jit(lambda ps, ms, gs: xla_ffi.fused_update(math, False, table, group, ps,
+                                                             gs, [ms])[:2])
+    want_p, want_m = plain([p.copy() for p in ps], [m.copy() for m in ms], gs)
+    shared = 0
+    for _ in range(10):
+        new, new_m, gf, vf, by_pool = step([p.copy() for p in ps], [m.copy() for m in ms],
+                                           gs, False)
+        shared += int(by_pool) > 0
+        assert bool(gf) and bool(vf)
+        for a, b in zip([*new, *new_m], [*want_p, *want_m[0]]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert shared > 0 or (os.cpu_count() or 1) < 2
+    bad = list(gs)
+    bad[3] = bad[3].at[-1].set(np.nan)
+    for _ in range(5):
+        new, new_m, gf, vf, _ = step([p.copy() for p in ps], [m.copy() for m in ms], bad,
+                                     False)
+        assert not bool(gf) and not bool(vf)
+        for a, b in zip([*new, *new_m], [*ps, *ms]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    new, new_m, gf, vf, _ = step([p.copy() for p in ps], [m.copy() for m in ms], bad, True)
+    assert not bool(gf) and not bool(vf)
+    want_p, want_m = plain([p.copy() for p in ps], [m.copy() for m in ms], bad)
+    for a, b in zip([*new, *new_m], [*want_p, *want_m[0]]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isnan(np.asarray(new[3])[-1])
 
 
 def test_calls_from_several_threads_at_once() -> None:

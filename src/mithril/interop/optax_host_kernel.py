@@ -18,11 +18,14 @@ from .optax_scalars import _value
 def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
                 rows: list[list[Any]], attrs: list[dict[str, Any]],
                 slot_leaves: dict[str, list[Any]], full: tuple[str, ...],
-                dtypes: dict[str, Any]) -> tuple[list, dict[str, list], Any, Any] | None:
+                dtypes: dict[str, Any], skip: Any = None
+                ) -> tuple[list, dict[str, list], Any, Any] | None:
     """(new params, new slots by name, gradients finite, new values finite) after one
     call of the fused kernel, or None where the step does not fit it (the caller traces
     the update then): clipping before the math (``adaptive_clip``, centralization,
-    per-tensor norms), gradients of another dtype, and what :func:`.xla_ffi.usable` refuses."""
+    per-tensor norms), gradients of another dtype, and what :func:`.xla_ffi.usable` refuses.
+    ``skip``: ``nonfinite="skip"``'s kernel, ``skip`` whether the step is forced
+    (:func:`.xla_ffi.fused_update`: a step not applied leaves every array as it was)."""
     import jax.numpy as jnp
 
     from ..utils.optimizers.engines import xla_ffi
@@ -58,5 +61,5 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
     math_fn = opt.full_kernel_math(len(rows[0]) - 1)
     new_ps, new_slots, gf, vf = xla_ffi.fused_update(
         math_fn, clip, jnp.stack(table), np.asarray(plan.index, np.int32), leaves, grads,
-        [list(slot_leaves[s]) for s in full])
+        [list(slot_leaves[s]) for s in full], skip=skip)
     return new_ps, dict(zip(full, new_slots)), gf, vf

@@ -151,10 +151,21 @@ def given_up(opt: Any, hyperparams: Any, finite: Any) -> tuple[Any, dict[str, An
 
     from .optax_scalars import _INT32_MAX
 
-    n = opt.max_consecutive_skips
-    if n is None:
+    if opt.max_consecutive_skips is None:
         return finite, {}
     held = hyperparams.get(CONSECUTIVE, jnp.zeros((), jnp.int32))  # (an older state's: 0)
     more = jnp.minimum(held, _INT32_MAX - 1) + 1
-    return finite | (held >= n), {CONSECUTIVE: jnp.where(finite, 0, more).astype(jnp.int32)}
+    return finite | forced(opt, hyperparams), {
+        CONSECUTIVE: jnp.where(finite, 0, more).astype(jnp.int32)}
+
+
+def forced(opt: Any, hyperparams: Any) -> Any:
+    """Whether this step is applied whatever it holds (traced): ``max_consecutive_skips``
+    non-finite steps in a row before it (False without the limit)."""
+    import jax.numpy as jnp
+
+    n = opt.max_consecutive_skips
+    if n is None:
+        return jnp.asarray(False)
+    return hyperparams.get(CONSECUTIVE, jnp.zeros((), jnp.int32)) >= n
 

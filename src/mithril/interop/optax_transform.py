@@ -153,7 +153,7 @@ from .optax_inputs import (
 )
 from .optax_inputs import slot_dtypes as own_dtypes
 from .optax_loss import extra_args, with_loss
-from .optax_prologue import CONSECUTIVE, _prologue, _wide, given_up
+from .optax_prologue import CONSECUTIVE, _prologue, _wide, forced, given_up
 from .optax_scalars import (
     _INT32_MAX,
     _Hyper,
@@ -528,7 +528,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             return new_ps, new_slots, new_tensors, new_values, checked
 
         fused = None if host_kernel is None or two_pass or late is not None else host_update(
-            opt, plan, leaves, grads, rows, attrs, slot_leaves, full, dtypes)
+            opt, plan, leaves, grads, rows, attrs, slot_leaves, full, dtypes,
+            forced(opt, state.hyperparams) if skip else None)
         if fused is not None:  # (not two-pass: no tensor slots, the values kept)
             host_kernel.append(fused[2:])
             new_ps, new_slots, new_tensors, new_values = fused[0], fused[1], {}, dict(state.values)
@@ -539,6 +540,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             finite = fused[2] & fused[3] if fused is not None else finite_grads(
                 checked) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
+        if skip and fused is not None:  # (the kernel left every array as it was, skipped)
+            new_count = jnp.where(finite, new_count, count)
+        elif skip:
             # one conditional picks the new or the old arrays: a select per array on the
             # one predicate took XLA's fusion 10x longer to compile (40 s on a 50-layer MLP)
             olds = (list(leaves), {s: list(slot_leaves[s]) for s in new_slots},

@@ -70,6 +70,13 @@ def _finite(addr, k, dtype):  # pragma: no cover - compiled by numba
     return True
 
 
+def _forced(args):  # pragma: no cover - compiled by numba
+    """``nonfinite="skip"``'s argument 3: the step applied whatever the probe says
+    (``max_consecutive_skips`` reached), in one pass as without ``skip``."""
+    buf = numba.carray(voidptr(args[3]), (4,), np.int64)  # (its data: word 3 of the buffer)
+    return numba.carray(voidptr(buf[3]), (1,), np.int32)[0] != 0
+
+
 def _copy(src, dst, k, dtype):  # pragma: no cover - compiled by numba
     X, Y = numba.carray(voidptr(src), (k,), dtype), numba.carray(voidptr(dst), (k,), dtype)
     for j in range(k):
@@ -112,10 +119,17 @@ def handler(frame):
         fetch_add(rec + 16, -1)
         return voidptr(0)
     cf = carray(frame, (15,), np.int64)
+    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
     rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
     flags = carray(voidptr(data(rets[cf[12] - 1])), (3,), np.int32)
-    pt = carray(voidptr(data(carray(voidptr(cf[9]), (3,), np.int64)[2])), (2,), np.int32)
-    bad_g, bad_v, by_pool = close_job(rec, pt[0])
+    pt = carray(voidptr(data(args[2])), (2,), np.int32)
+    n_done = pt[0]
+    if SKIP and not forced(args):  # the update pass ran after the dry one where all was finite
+        while load_acquire(rec + 128) < pt[0]:
+            spin_pause()
+        if load_acquire(rec + 8 * 24) == 0 and load_acquire(rec + 8 * 25) == 0:
+            n_done = 2 * pt[0]
+    bad_g, bad_v, by_pool = close_job(rec, n_done)
     flags[0] = 1 if bad_g == 0 else 0
     flags[1] = 1 if bad_v == 0 else 0
     flags[2] = by_pool
@@ -132,24 +146,49 @@ def work(fa, rec):
     hb = carray(voidptr(args[0]), (6,), np.int64)
     hd = carray(voidptr(hb[5]), (2,), np.int64)
     H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
-    n_t = (cf[7] - 3) // (2 + NS)
+    n_t = (cf[7] - FIRST) // (2 + NS)
     group = carray(voidptr(data(args[1])), (n_t,), np.int32)
     head = carray(voidptr(data(args[2])), (2,), np.int32)
     pieces, segs = head[0], head[1]
     pt = carray(voidptr(data(args[2])), (3 + pieces + 3 * segs,), np.int32)
+    # SKIP: pieces [0, pieces) the dry pass (nothing written), [pieces, 2 pieces) the update,
+    # claimed once every dry piece is done and only where all was finite
+    force = True
+    if SKIP:
+        force = forced(args)
+    total = pieces if force else 2 * pieces
     did = 0
     while True:
         k = fetch_add(rec + 64, 1)
-        if k >= pieces:
+        if k >= total:
             return did
+        dry = not force and k < pieces
+        if not force and k >= pieces:
+            k -= pieces
+            while load_acquire(rec + 128) < pieces:  # (short: the dry pieces are in hand)
+                spin_pause()
+            if load_acquire(rec + 8 * 24) != 0 or load_acquire(rec + 8 * 25) != 0:
+                return did
         did += 1
         for e in range(pt[2 + k], pt[3 + k]):
             t = pt[3 + pieces + e]
             f = pt[3 + pieces + segs + e]
             m = pt[3 + pieces + 2 * segs + e]
-            a = 3 + (2 + NS) * t
+            a = FIRST + (2 + NS) * t
             o = (1 + NS) * t
             off = f * ITEMSIZE
+            r = group[t]
+            if SKIP:
+                if dry:  # the step computed from the inputs, not stored: its probe
+                    P = carray(voidptr(data(args[a]) + off), (m,), DTYPE)
+                    G = carray(voidptr(data(args[a + 1]) + off), (m,), DTYPE)
+{dry_slots}
+                    s = inner_dry(P, P, {slot_args}G, {row})
+                    if not np.isfinite(s):  # (the new values unseen: taken as non-finite)
+                        fetch_add(rec + 8 * 25, 1)
+                        if not finite(data(args[a + 1]) + off, m, DTYPE):
+                            fetch_add(rec + 8 * 24, 1)
+                    continue
             for q in range(1 + NS):  # the param and slots in their results' buffers (the
                 # same buffers where XLA aliased them, as it does: nothing to copy)
                 src = data(args[a if q == 0 else a + 1 + q]) + off
@@ -158,9 +197,8 @@ def work(fa, rec):
             P = carray(voidptr(data(rets[o]) + off), (m,), DTYPE)
             G = carray(voidptr(data(args[a + 1]) + off), (m,), DTYPE)
 {slots}
-            r = group[t]
             s = inner(P, P, {slot_args}G, {row})
-            if not np.isfinite(s):  # (rare) which of the two is not finite
+            if force and not np.isfinite(s):  # (rare) which of the two is not finite
                 if not finite(data(args[a + 1]) + off, m, DTYPE):
                     fetch_add(rec + 8 * 24, 1)
                 for q in range(1 + NS):
@@ -228,15 +266,22 @@ def usable(leaves: list[Any], slot_dtypes: list[Any]) -> bool:
 
 
 @functools.cache
-def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> str:
+def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool,
+           skip: bool = False) -> str:
     """The registered FFI target running ``math_fn`` (a name that depends on the kernel's
     content only, so that JAX's persistent cache finds a program in a later process,
-    which registers the same name on its first trace)."""
+    which registers the same name on its first trace); ``skip``: the variant that writes
+    nothing unless the whole step is finite (:func:`fused_update`)."""
     import jax
 
     ns, _, name = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip)
+    # (the dry loop only where it runs: each loop costs its compile on a first-ever run)
+    ns["inner_dry"] = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip,
+                                      dry=True)[0]["inner"] if skip else ns["inner"]
     major, minor = api_version()
-    ns.update(MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
+    ns.update(SKIP=skip, FIRST=4 if skip else 3, forced=numba.njit(inline="always")(_forced),
+              spin_pause=atomics.spin_pause,
+              MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
               ITEMSIZE=np.dtype(dtype).itemsize, OWN=xla_pool.OWN,
               data=numba.njit(inline="always")(_data),
               finite=numba.njit(inline="always")(_finite),
@@ -250,6 +295,8 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool) -> s
     src = _HANDLER_SRC.format(
         slots="\n".join(f"            {s} = carray(voidptr(data(rets[o + {1 + i}]) + off), (m,), "
                         f"DTYPE)" for i, s in enumerate(slots)),
+        dry_slots="\n".join(f"                    {s} = carray(voidptr(data(args[a + {2 + i}]) + "
+                            f"off), (m,), DTYPE)" for i, s in enumerate(slots)),
         slot_args="".join(f"{s}, " for s in slots),
         row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
     kernel_cache.exec_source(src, name, ns)
@@ -273,20 +320,29 @@ _keep: list[Any] = []
 
 
 def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: list[Any],
-                 gs: list[Any], slots: list[list[Any]], pool: list | None = None
-                 ) -> tuple[list, list, Any, Any]:
+                 gs: list[Any], slots: list[list[Any]], pool: list | None = None,
+                 skip: Any = None) -> tuple[list, list, Any, Any]:
     """One call updating every tensor (traced): ``table`` the rows of scalars
     (``[gscale, clip value, l2, keep, *scalars]``, the params' dtype), ``group`` each
     tensor's row, ``slots[s][i]`` slot ``s`` of tensor ``i``. Returns the new params, the
     new slots (as ``slots``), and whether the gradients and whether the new values were
     all finite (traced booleans); ``pool``, where given, gets how many pieces the thread
-    pool's tasks did (traced int32: the rest the calling thread did)."""
+    pool's tasks did (traced int32: the rest the calling thread did).
+
+    ``skip`` (``nonfinite="skip"``): a traced boolean, True where the step is applied
+    whatever it holds (``max_consecutive_skips`` reached: one pass, as without ``skip``);
+    else a dry pass computes the step without storing it, and the update pass follows only
+    where its gradients and new values were all finite: a skipped step returns the inputs
+    untouched, with no copy of the old arrays kept aside (the booleans are the dry pass's,
+    so the step was applied exactly where both are True, or where forced)."""
     import jax
 
     n_slots, dtype = len(slots), np.dtype(ps[0].dtype).name
-    name = target(math_fn, n_slots, table.shape[1] - 4, dtype, clip)
+    name = target(math_fn, n_slots, table.shape[1] - 4, dtype, clip, skip is not None)
     sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in ps]
     args: list[Any] = [table, np.asarray(group, np.int32), piece_table(sizes, PIECE)]
+    if skip is not None:
+        args.append(jax.numpy.asarray(skip, np.int32).reshape(1))
     outs, aliases = [], {}
     for i, (p, g) in enumerate(zip(ps, gs)):
         base, out = len(args), len(outs)
