@@ -27,6 +27,13 @@ every new value, :func:`.kernels.update_kernel`), a piece read again only where 
 says something is not finite. The pieces are shared with XLA's intra-op thread pool
 (:mod:`.xla_pool`), as the NumPy engine shares its pieces with its workers.
 
+``nonfinite="skip"`` has a variant of its own (argument 3: whether the step is forced,
+``max_consecutive_skips`` reached): a dry pass over the pieces (the step computed, nothing
+stored, as the NumPy engine's ``dry`` kernel), then the update pass only where every
+gradient and new value was finite. A skipped step thus leaves the aliased buffers as they
+were, and the program holds no conditional between new and old arrays (which made XLA
+keep a copy of every param and slot: a 2.2M-param MLP's step 2.35x optax's, 1.03x since).
+
 Used by :class:`~mithril.utils.training.TrainStep` only (where params lie on one CPU device,
 float32 or float64, every slot in their dtype): ``vmap`` and ``grad`` have no rule for the
 call. ``MITHRIL_JAX_FFI=0`` turns it off (the traced update then runs, as on accelerators).
