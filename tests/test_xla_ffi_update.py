@@ -68,7 +68,7 @@ def _same(got: dict, gstate: Any, want: dict, wstate: Any) -> None:
                                        atol=1e-7, err_msg=f"{s}/{k}")
 
 
-def _elementwise() -> list[str]:
+def _elementwise(two_pass: bool = False) -> list[str]:
     out = []
     for n in catalog.__all__:
         cls = getattr(catalog, n)
@@ -76,7 +76,7 @@ def _elementwise() -> list[str]:
             continue
         try:
             opt = cls(learning_rate=1e-2)
-            if classify(opt) != "elementwise" or opt.two_pass() or opt.needs_loss:
+            if classify(opt) != "elementwise" or opt.two_pass() != two_pass or opt.needs_loss:
                 continue
         except TypeError:
             continue
@@ -96,6 +96,25 @@ def test_every_elementwise_optimizer_equals_its_traced_update(name: str) -> None
 
 def test_the_elementwise_catalog_is_not_empty() -> None:
     assert {"Adam", "AdamW", "SGD", "Lion", "RMSProp"} <= set(_elementwise())
+    assert {"LAMB", "LARS"} <= set(_elementwise(two_pass=True))
+
+
+@pytest.mark.parametrize("name", _elementwise(two_pass=True))
+def test_every_two_pass_optimizer_equals_its_traced_update(name: str) -> None:
+    """LAMB, LARS, DoG, Prodigy...: the first pass's per-tensor sums one call, the step
+    between the passes traced, the second pass one call with a row per tensor; the params,
+    slots, tensor slots and values as the traced update's."""
+    cls = getattr(catalog, name)
+    want, wstate, _ = _run(cls(learning_rate=1e-2), fused=False)
+    got, gstate, taken = _run(cls(learning_rate=1e-2), fused=True)
+    assert len(taken) == 3 and all(t.tolist() == [True, True] for t in taken), name
+    _same(got, gstate, want, wstate)
+    for s in wstate.tensor_slots:
+        for k in want:
+            np.testing.assert_allclose(gstate.tensor_slots[s][k], wstate.tensor_slots[s][k],
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{s}/{k}")
+    for k in wstate.values:
+        np.testing.assert_allclose(gstate.values[k], wstate.values[k], rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("make", [
@@ -125,6 +144,24 @@ def test_skip_keeps_everything_where_a_gradient_is_not_finite(bad: float) -> Non
     assert int(gstate.count) == int(wstate.count) == 2  # the second step skipped
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        assert np.isfinite(np.asarray(got[k])).all()
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Prodigy"])
+def test_a_two_pass_optimizer_skips_as_the_traced_update(name: str) -> None:
+    """``"skip"`` with a NaN gradient at the second step: the second pass writes nothing,
+    and the tensor slots and values (Prodigy's d, its sums) stay as they were."""
+    grads = [_arrays(10), _arrays(11), _arrays(12)]
+    grads[1] = {**grads[1], "w1": grads[1]["w1"].at[0, 0].set(np.nan)}
+    cls = getattr(catalog, name)
+    want, wstate, _ = _run(cls(learning_rate=1e-2, nonfinite="skip"), False, grads=grads)
+    got, gstate, taken = _run(cls(learning_rate=1e-2, nonfinite="skip"), True, grads=grads)
+    assert [t.tolist() for t in taken] == [[True, True], [False, False], [True, True]]
+    assert int(gstate.count) == int(wstate.count) == 2
+    _same(got, gstate, want, wstate)
+    for k in wstate.values:
+        np.testing.assert_allclose(gstate.values[k], wstate.values[k], rtol=1e-5, err_msg=k)
+    for k in want:
         assert np.isfinite(np.asarray(got[k])).all()
 
 
@@ -445,6 +482,35 @@ def test_the_skip_kernel_writes_nothing_where_it_skips() -> None:
     for a, b in zip([*new, *new_m], [*want_p, *want_m[0]]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isnan(np.asarray(new[3])[-1])
+
+
+def test_the_first_pass_sums_each_tensor_whoever_did_its_pieces() -> None:
+    """``fused_reduce`` on 3M params in tensors of 1M, 1, 2M - 1 (pieces across tensors,
+    shared with the pool): LAMB's sums (Σ p², Σ u²) per tensor against NumPy's in float64,
+    the same in every call."""
+    opt = catalog.LAMB(learning_rate=1e-2)
+    rng = np.random.default_rng(3)
+    sizes = [1 << 20, 1, (1 << 21) - 1]
+    ps = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in sizes]
+    gs = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in sizes]
+    ms = [jnp.zeros(n, jnp.float32) for n in sizes]
+    scal = opt.scalars(1)
+    table = jnp.asarray([[1.0, np.inf, 0.0, 1.0, *scal[:len(scal)]]], jnp.float32)
+    reduce_fn = opt.reduce_math()
+    f = jax.jit(lambda ps, gs: xla_ffi.fused_reduce(
+        reduce_fn, opt.reductions, False, table, np.zeros(3, np.int32), ps, gs, [ms, ms]))
+    want = [[float(np.sum(np.asarray(t, np.float64)))
+             for t in reduce_fn(np.asarray(p, np.float64), np.asarray(g, np.float64),
+                                np.zeros(p.shape), np.zeros(p.shape),
+                                *(np.float64(x) for x in scal))]
+            for p, g in zip(ps, gs)]
+    first = [np.asarray(x) for x in f(ps, gs)]
+    for _ in range(5):
+        again = [np.asarray(x) for x in f(ps, gs)]
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+    for k in range(opt.reductions):
+        np.testing.assert_allclose(first[k], [w[k] for w in want], rtol=1e-5)
 
 
 def test_calls_from_several_threads_at_once() -> None:

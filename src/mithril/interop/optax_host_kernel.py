@@ -18,14 +18,19 @@ from .optax_scalars import _value
 def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
                 rows: list[list[Any]], attrs: list[dict[str, Any]],
                 slot_leaves: dict[str, list[Any]], full: tuple[str, ...],
-                dtypes: dict[str, Any], skip: Any = None
-                ) -> tuple[list, dict[str, list], Any, Any] | None:
-    """(new params, new slots by name, gradients finite, new values finite) after one
-    call of the fused kernel, or None where the step does not fit it (the caller traces
-    the update then): clipping before the math (``adaptive_clip``, centralization,
-    per-tensor norms), gradients of another dtype, and what :func:`.xla_ffi.usable` refuses.
+                dtypes: dict[str, Any], skip: Any = None, first: tuple | None = None
+                ) -> tuple | None:
+    """(new params, new slots by name, gradients finite, new values finite, new tensor
+    slots, new values) after the fused kernel's call(s), or None where the step does not
+    fit it (the caller traces the update then): clipping before the math (``adaptive_clip``,
+    centralization, per-tensor norms), gradients of another dtype, and what
+    :func:`.xla_ffi.usable` refuses.
     ``skip``: ``nonfinite="skip"``'s kernel, ``skip`` whether the step is forced
-    (:func:`.xla_ffi.fused_update`: a step not applied leaves every array as it was)."""
+    (:func:`.xla_ffi.fused_update`: a step not applied leaves every array as it was).
+    ``first``: a two-pass optimizer's ``(between, own slots, own scalars' count)``, where
+    ``between`` is its step between the passes (per-tensor sums → extra columns, tensor
+    slots, values): the first pass is one call too (:func:`.xla_ffi.fused_reduce`, on the
+    optimizer's own slots and scalars), the second has a row of scalars per tensor."""
     import jax.numpy as jnp
 
     from ..utils.optimizers.engines import xla_ffi
@@ -58,8 +63,20 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
         decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
         table.append(jnp.stack([jnp.asarray(x).astype(dt) for x in
                                 (gscale, c, decay, row[0] if decays else 1.0, *row[1:])]))
-    math_fn = opt.full_kernel_math(len(rows[0]) - 1)
+    table, group = jnp.stack(table), np.asarray(plan.index, np.int32)
+    n_scal, tensors, values = len(rows[0]) - 1, None, None
+    if first is not None:
+        between, own, n_own = first
+        cut = 4 + n_own  # (the first pass reads the own scalars, not the averages')
+        sums = [] if not opt.reductions else xla_ffi.fused_reduce(
+            opt.reduce_math(), opt.reductions, clip, table[:, :cut], group, leaves, grads,
+            [list(slot_leaves[s]) for s in own])
+        extra, tensors, values = between(sums)
+        per = table[group]  # a row per tensor: its group's, the extra columns inserted
+        table = jnp.concatenate([per[:, :cut], *(e.astype(dt)[:, None] for e in extra),
+                                 per[:, cut:]], axis=1)
+        group, n_scal = np.arange(len(leaves), dtype=np.int32), n_scal + len(extra)
     new_ps, new_slots, gf, vf = xla_ffi.fused_update(
-        math_fn, clip, jnp.stack(table), np.asarray(plan.index, np.int32), leaves, grads,
+        opt.full_kernel_math(n_scal), clip, table, group, leaves, grads,
         [list(slot_leaves[s]) for s in full], skip=skip)
-    return new_ps, dict(zip(full, new_slots)), gf, vf
+    return new_ps, dict(zip(full, new_slots)), gf, vf, tensors, values

@@ -455,54 +455,57 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
 
+        def between(sums: list[Any]) -> tuple[list, dict, dict]:
+            """A two-pass optimizer between its passes: ``tensor_scalars`` of the per-tensor
+            ``sums``: (the second pass's extra columns, per tensor; the new tensor slots;
+            the new values)."""
+            dt = _wide()
+            n = len(leaves)
+            own_rows = [rows[plan.index[i]][1:1 + n_own] for i in range(n)]
+            cols = tuple(jnp.stack([own_rows[i][j] for i in range(n)]) for j in range(n_own))
+            tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
+            sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
+                             dtype=np.int64)
+            # (per tensor where a group joined later: each tensor's own count, as the
+            # engines' two_pass_table passes it)
+            t_each = t if (late is None and missed is None) or getattr(
+                opt, "tensor_scalars_step", "tensor") == "optimizer" else jnp.stack(
+                [row_count(t_rows if jnp.ndim(t_rows) == 0 else t_rows[r], plan.offsets[r])
+                 for r in plan.index]).astype(dt)
+            ext, new_t, new_values = run_tensor_scalars(
+                t_each, lr, tuple(s.astype(dt) for s in sums), cols, tens, dict(state.values),
+                sizes, {k: v for k, v in driven.items() if k in live and "[" not in k})
+            if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
+                raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
+                                   f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")
+            return ([jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in ext],
+                    {s: [jnp.asarray(new_t[s], dt).reshape(n)[i].astype(leaves[i].dtype)
+                         for i in range(n)] for s in tensor_slots},
+                    {k: jnp.asarray(v, dt) for k, v in new_values.items()})
+
         def traced_update() -> tuple:
             """The update traced: prologue, a two-pass optimizer's sums, then the math per
             leaf (as XLA compiles it on any device)."""
             gs, ps, _, checked = _prologue(opt, plan, leaves, grads, rows, attrs, names)
-
-            def own_scalars(i: int) -> list[Any]:
-                return rows[plan.index[i]][1:1 + n_own]
 
             # two-pass optimizers: per-tensor sums, then tensor_scalars between the passes
             extra: list[Any] = []
             new_tensors: dict[str, Any] = {}
             new_values = dict(state.values)
             if two_pass and leaves:  # (no params: no sums, nothing between the passes)
-                dt = _wide()
-                n = len(leaves)
                 sums: list[Any] = []
                 if opt.reductions:
                     reduce_fn = opt.reduce_math()
                     per_leaf = []
                     for i, (p, g) in enumerate(zip(ps, gs)):
-                        scal = [x.astype(p.dtype) for x in own_scalars(i)]
+                        scal = [x.astype(p.dtype) for x in rows[plan.index[i]][1:1 + n_own]]
                         terms = reduce_fn(p, g, *(slot_leaves[s][i].astype(p.dtype) for s in own),
                                           *scal)
                         acc = jnp.promote_types(p.dtype, jnp.float32)
-                        per_leaf.append([jnp.sum(jnp.asarray(x).astype(acc)).astype(dt)
-                                         for x in terms])
-                    sums = [jnp.stack([per_leaf[i][k] for i in range(n)])
+                        per_leaf.append([jnp.sum(jnp.asarray(x).astype(acc)) for x in terms])
+                    sums = [jnp.stack([per_leaf[i][k] for i in range(len(leaves))])
                             for k in range(opt.reductions)]
-                cols = tuple(jnp.stack([own_scalars(i)[j] for i in range(n)]) for j in range(n_own))
-                tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}
-                sizes = np.array([int(np.prod(p.shape, dtype=np.int64)) for p in leaves],
-                                 dtype=np.int64)
-                # (per tensor where a group joined later: each tensor's own count, as the
-                # engines' two_pass_table passes it)
-                t_each = t if (late is None and missed is None) or getattr(
-                    opt, "tensor_scalars_step", "tensor") == "optimizer" else jnp.stack(
-                    [row_count(t_rows if jnp.ndim(t_rows) == 0 else t_rows[r], plan.offsets[r])
-                     for r in plan.index]).astype(dt)
-                ext, new_t, new_values = run_tensor_scalars(
-                    t_each, lr, tuple(sums), cols, tens, dict(state.values), sizes,
-                    {k: v for k, v in driven.items() if k in live and "[" not in k})
-                if set(new_t) != set(tensor_slots) or set(new_values) != set(opt.state_values):
-                    raise RuntimeError(f"{opt_name}.tensor_scalars must return every tensor slot "
-                                       f"{sorted(tensor_slots)} and value {sorted(opt.state_values)}")
-                extra = [jnp.broadcast_to(jnp.asarray(e, dt), (n,)) for e in ext]
-                new_tensors = {s: [jnp.asarray(new_t[s], dt).reshape(n)[i].astype(leaves[i].dtype)
-                                   for i in range(n)] for s in tensor_slots}
-                new_values = {k: jnp.asarray(v, dt) for k, v in new_values.items()}
+                extra, new_tensors, new_values = between(sums)
 
             # the elementwise math, per leaf
             leaf = leaf_math(opt.full_kernel_math(n_full + len(extra)))
@@ -527,12 +530,14 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                                                           tensor_leaves[s][i])
             return new_ps, new_slots, new_tensors, new_values, checked
 
-        fused = None if host_kernel is None or two_pass or late is not None else host_update(
+        fused = None if host_kernel is None or late is not None or not leaves else host_update(
             opt, plan, leaves, grads, rows, attrs, slot_leaves, full, dtypes,
-            forced(opt, state.hyperparams) if skip else None)
-        if fused is not None:  # (not two-pass: no tensor slots, the values kept)
-            host_kernel.append(fused[2:])
-            new_ps, new_slots, new_tensors, new_values = fused[0], fused[1], {}, dict(state.values)
+            forced(opt, state.hyperparams) if skip else None,
+            (between, own, n_own) if two_pass else None)
+        if fused is not None:
+            host_kernel.append(fused[2:4])
+            new_ps, new_slots = fused[0], fused[1]
+            new_tensors, new_values = fused[4:] if two_pass else ({}, dict(state.values))
         else:
             new_ps, new_slots, new_tensors, new_values, checked = traced_update()
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
@@ -542,6 +547,11 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
         if skip and fused is not None:  # (the kernel left every array as it was, skipped)
             new_count = jnp.where(finite, new_count, count)
+            if two_pass:  # its tensor slots and values, small arrays, picked here
+                new_tensors, new_values = jax.lax.cond(
+                    finite, lambda a, b: a, lambda a, b: b, (new_tensors, new_values),
+                    ({s: list(tensor_leaves[s]) for s in new_tensors},
+                     {k: held[k] for k in new_values}))
         elif skip:
             # one conditional picks the new or the old arrays: a select per array on the
             # one predicate took XLA's fusion 10x longer to compile (40 s on a 50-layer MLP)

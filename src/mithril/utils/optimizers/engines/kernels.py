@@ -473,16 +473,41 @@ def rkernel(P, {slots}gptr, seg_t, seg_first, seg_off, seg_size, bounds, sync, a
 def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype: str,
                   clip: bool = False, unitwise: bool = False) -> Any:
     """The first pass of a two-pass optimizer: per segment of the :class:`~.threads.Plan`,
-    the float64 sums of the ``n_terms`` elementwise terms ``reduce_fn(p, g, *slots,
-    *scalars)`` (with the gradient scaled, clipped and L2-decayed as the update sees it)
-    into ``R[segment]``. It reads only; the caller adds the segments of each tensor up in
-    order, so the result does not depend on the thread count. Where :func:`update_kernel`
+    the float64 sums of :func:`reduce_namespace`'s terms into ``R[segment]``. It reads
+    only; the caller adds the segments of each tensor up in order, so the result does not
+    depend on the thread count."""
+    ns, fields, name = reduce_namespace(reduce_fn, n_slots, n_scal, n_terms, dtype, clip,
+                                        unitwise)
+    call = f"            rinner(P[a:b], {fields['slices']}G, R[e], {fields['row']})"
+    if unitwise:
+        call = ("            if UN[t] > 1:\n"
+                f"                rinner_f(P[a:b], {fields['slices']}G, F[UB[t]:UB[t] + UN[t]], "
+                f"seg_first[e] % UN[t], R[e], {fields['row']})\n"
+                "            else:\n    " + call)
+    ns.update(claim=atomics.claim, arrive=atomics.arrive, piece_done=atomics.piece_done,
+              all_done=atomics.all_done)
+    kernel_cache.exec_source(_REDUCE_OUTER_SRC.format(**fields, call=call), name, ns)
+    return kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)(ns["rkernel"])
+
+
+def reduce_namespace(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype: str,
+                     clip: bool = False, unitwise: bool = False
+                     ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The per-segment loop of a two-pass optimizer's first pass, compiled into any kernel
+    that calls it (``forceinline``, as :func:`inner_namespace`'s): ``rinner(P, *slots, G,
+    R, gscale, cv, l2, keep, *scalars)`` stores into ``R[:n_terms]`` the float64 sums of
+    the ``n_terms`` elementwise terms ``reduce_fn(p, g, *slots, *scalars)`` over a
+    segment (with the gradient scaled, clipped and L2-decayed as the update sees it),
+    reading only. Where :func:`update_kernel`
     sums a float32 Σ g² per tile in float32 (``ACC``), the terms are summed likewise: per
     tile of ``TILE`` elements in ``ACC``, a tile whose sums are not finite again in float64,
     the tiles in float64 (a float64 accumulator in the loop ran the float32 terms at half
     the vector width: LAMB's first pass over 1M float32 took 984 µs instead of 569 on one
     AVX2 core). ``unitwise``: the gradients are scaled by their units' factors as in
-    :func:`update_kernel` (row by row, in float64)."""
+    :func:`update_kernel` (row by row, in float64). Returns the namespace
+    (``ns["rinner"]``, ``ns["rinner_f"]`` where ``unitwise``), the template's fields and
+    the kernel's name (the outer loop of :func:`reduce_kernel`, the XLA handler of
+    :mod:`.xla_ffi`)."""
     slots = [f"S{k}" for k in range(n_slots)]
     fields = dict(
         slots="".join(s + ", " for s in slots),
@@ -499,21 +524,11 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     )
     body = _REDUCE_BODY_SRC.format(**fields)
     acc = np.float64 if vector_width.ACC64 else np.dtype(dtype).type
-    call = f"            rinner(P[a:b], {fields['slices']}G, R[e], {fields['row']})"
-    if unitwise:
-        call = ("            if UN[t] > 1:\n"
-                f"                rinner_f(P[a:b], {fields['slices']}G, F[UB[t]:UB[t] + UN[t]], "
-                f"seg_first[e] % UN[t], R[e], {fields['row']})\n"
-                "            else:\n    " + call)
-    fields["call"] = call
-    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     loop = vector_width.njit(fastmath=_FASTMATH, error_model="numpy", nogil=True, forceinline=True)
     ns: dict[str, Any] = {"np": np, "carray": numba.carray, "voidptr": voidptr,
                           "DTYPE": np.dtype(dtype).type, "ITEMSIZE": np.dtype(dtype).itemsize,
                           "REDUCE": _as_written(reduce_fn),
-                          "CLIP": clip,
-                          "claim": atomics.claim, "arrive": atomics.arrive, "piece_done": atomics.piece_done,
-                          "all_done": atomics.all_done, "TILE": TILE, "ACC": acc}
+                          "CLIP": clip, "TILE": TILE, "ACC": acc}
     name = f"<mithril reduction {getattr(reduce_fn, '__qualname__', reduce_fn)}>"
     if acc is np.float64:  # float64 sums in the loop: already at the full width
         src = _REDUCE_INNER_SRC.format(**fields, body=body)
@@ -538,8 +553,7 @@ def reduce_kernel(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype
     ns["rinner"] = loop(ns["rinner"])
     if unitwise:
         ns["rinner_f"] = loop(ns["rinner_f"])
-    kernel_cache.exec_source(_REDUCE_OUTER_SRC.format(**fields), name, ns)
-    return jit(ns["rkernel"])
+    return ns, fields, name
 
 
 @functools.cache

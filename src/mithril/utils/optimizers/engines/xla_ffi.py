@@ -53,7 +53,7 @@ import numpy as np
 from numba import types
 
 from . import atomics, kernel_cache, xla_pool
-from .kernels import _FASTMATH, inner_namespace, voidptr
+from .kernels import _FASTMATH, inner_namespace, reduce_namespace, voidptr
 
 #: off with ``MITHRIL_JAX_FFI=0``
 ENABLED = os.environ.get("MITHRIL_JAX_FFI", "1").strip().lower() not in ("0", "false", "no",
@@ -141,8 +141,9 @@ def handler(frame):
     flags[1] = 1 if bad_v == 0 else 0
     flags[2] = by_pool
     return voidptr(0)
+"""
 
-
+_WORK_SRC = """
 def work(fa, rec):
     # claim pieces (runs of segments: a tensor's elements [first, first + size)) until none
     # is left; arguments: H, each tensor's row, the piece table, then per tensor its param,
@@ -214,6 +215,42 @@ def work(fa, rec):
         fetch_add(rec + 128, 1)
 """
 
+_REDUCE_WORK_SRC = """
+def work(fa, rec):
+    # a two-pass optimizer's first pass: per segment e of the piece table, the sums of the
+    # terms into row e of the result R (segments, terms), reading only; arguments as the
+    # update's; results: R, then the flags
+    cf = carray(voidptr(fa), (15,), np.int64)
+    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
+    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
+    hb = carray(voidptr(args[0]), (6,), np.int64)
+    hd = carray(voidptr(hb[5]), (2,), np.int64)
+    H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
+    n_t = (cf[7] - 3) // (2 + NS)
+    group = carray(voidptr(data(args[1])), (n_t,), np.int32)
+    head = carray(voidptr(data(args[2])), (2,), np.int32)
+    pieces, segs = head[0], head[1]
+    pt = carray(voidptr(data(args[2])), (3 + pieces + 3 * segs,), np.int32)
+    R = carray(voidptr(data(rets[0])), (segs, NTERMS), DTYPE)
+    did = 0
+    while True:
+        k = fetch_add(rec + 64, 1)
+        if k >= pieces:
+            return did
+        did += 1
+        for e in range(pt[2 + k], pt[3 + k]):
+            t = pt[3 + pieces + e]
+            m = pt[3 + pieces + 2 * segs + e]
+            a = 3 + (2 + NS) * t
+            off = pt[3 + pieces + segs + e] * ITEMSIZE
+            P = carray(voidptr(data(args[a]) + off), (m,), DTYPE)
+            G = carray(voidptr(data(args[a + 1]) + off), (m,), DTYPE)
+{slots}
+            r = group[t]
+            rinner(P, {slot_args}G, R[e], {row})
+        fetch_add(rec + 128, 1)
+"""
+
 
 def piece_table(sizes: list[int], piece: int) -> np.ndarray:
     """The pieces the threads claim over tensors of ``sizes`` elements: runs of segments
@@ -279,15 +316,47 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool,
     content only, so that JAX's persistent cache finds a program in a later process,
     which registers the same name on its first trace); ``skip``: the variant that writes
     nothing unless the whole step is finite (:func:`fused_update`)."""
-    import jax
-
     ns, _, name = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip)
     # (the dry loop only where it runs: each loop costs its compile on a first-ever run)
     ns["inner_dry"] = inner_namespace(math_fn, n_slots, n_scal, dtype, clip=clip,
                                       dry=True)[0]["inner"] if skip else ns["inner"]
+    ns.update(SKIP=skip, FIRST=4 if skip else 3)
+    slots = [f"S{i}" for i in range(n_slots)]
+    src = _HANDLER_SRC + _WORK_SRC.format(
+        slots="\n".join(f"            {s} = carray(voidptr(data(rets[o + {1 + i}]) + off), (m,), "
+                        f"DTYPE)" for i, s in enumerate(slots)),
+        dry_slots="\n".join(f"                    {s} = carray(voidptr(data(args[a + {2 + i}]) + "
+                            f"off), (m,), DTYPE)" for i, s in enumerate(slots)),
+        slot_args="".join(f"{s}, " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
+    return _register(ns, src, name, n_slots, dtype, "update")
+
+
+@functools.cache
+def reduce_target(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dtype: str,
+                  clip: bool) -> str:
+    """The registered FFI target of a two-pass optimizer's first pass (``reduce_fn``'s
+    ``n_terms`` sums per segment, :func:`fused_reduce`), named as :func:`target`'s."""
+    ns, _, name = reduce_namespace(reduce_fn, n_slots, n_scal, n_terms, dtype, clip)
+    ns.update(SKIP=False, FIRST=3, NTERMS=n_terms)
+    slots = [f"S{i}" for i in range(n_slots)]
+    src = _HANDLER_SRC + _REDUCE_WORK_SRC.format(
+        slots="\n".join(f"            {s} = carray(voidptr(data(args[a + {2 + i}]) + off), "
+                        f"(m,), DTYPE)" for i, s in enumerate(slots)),
+        slot_args="".join(f"{s}, " for s in slots),
+        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
+    return _register(ns, src, name, n_slots, dtype, "reduce")
+
+
+def _register(ns: dict[str, Any], src: str, name: str, n_slots: int, dtype: str,
+              kind: str) -> str:
+    """Compile the handler ``src`` in ``ns`` (its loop's namespace) as a C callable through
+    the kernel cache, register it with XLA as ``mithril_<kind>_<cache key>`` and tell it
+    its own address (:func:`.xla_pool.tell_address`)."""
+    import jax
+
     major, minor = api_version()
-    ns.update(SKIP=skip, FIRST=4 if skip else 3, forced=numba.njit(inline="always")(_forced),
-              spin_pause=atomics.spin_pause,
+    ns.update(forced=numba.njit(inline="always")(_forced), spin_pause=atomics.spin_pause,
               MAJOR=major, MINOR=minor, NS=n_slots, DTYPE=np.dtype(dtype).type,
               ITEMSIZE=np.dtype(dtype).itemsize, OWN=xla_pool.OWN,
               data=numba.njit(inline="always")(_data),
@@ -298,14 +367,6 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool,
               threads=xla_pool.threads, schedule=xla_pool.schedule,
               own_address=xla_pool.own_address, keep_address=xla_pool.keep_address,
               fetch_add=atomics.fetch_add, load_acquire=atomics.load_acquire)
-    slots = [f"S{i}" for i in range(n_slots)]
-    src = _HANDLER_SRC.format(
-        slots="\n".join(f"            {s} = carray(voidptr(data(rets[o + {1 + i}]) + off), (m,), "
-                        f"DTYPE)" for i, s in enumerate(slots)),
-        dry_slots="\n".join(f"                    {s} = carray(voidptr(data(args[a + {2 + i}]) + "
-                            f"off), (m,), DTYPE)" for i, s in enumerate(slots)),
-        slot_args="".join(f"{s}, " for s in slots),
-        row=", ".join(f"H[r, {i}]" for i in range(4 + n_scal)))
     kernel_cache.exec_source(src, name, ns)
     ns["work"] = numba.njit(inline="always")(ns["work"])
     fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
@@ -313,7 +374,7 @@ def target(math_fn: Any, n_slots: int, n_scal: int, dtype: str, clip: bool,
     module = getattr(fn._pyfunc, "__module__", "") or ""
     key = module.rsplit("_", 1)[-1] if module.startswith("_mithril_kernel_") else \
         f"p{os.getpid()}x{id(fn):x}"  # (compiled in memory: this process's own name)
-    tname = f"mithril_update_{key}"
+    tname = f"mithril_{kind}_{key}"
     new = ctypes.pythonapi.PyCapsule_New
     new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p,
                                                    ctypes.c_void_p]
@@ -365,3 +426,29 @@ def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: li
     if pool is not None:
         pool.append(res[-1][2])
     return new_ps, new_slots, res[-1][0] != 0, res[-1][1] != 0
+
+
+def fused_reduce(reduce_fn: Any, n_terms: int, clip: bool, table: Any, group: np.ndarray,
+                 ps: list[Any], gs: list[Any], slots: list[list[Any]]) -> list[Any]:
+    """A two-pass optimizer's first pass as one call (traced): per tensor, the sums of the
+    ``n_terms`` terms of ``reduce_fn(p, g, *slots, *scalars)`` (the gradient scaled,
+    clipped and decayed by ``table``'s first four columns, as :func:`fused_update`'s;
+    its other columns the optimizer's own scalars), a list of ``n_terms`` arrays of shape
+    ``(len(ps),)`` in the params' dtype. Each segment is summed in the kernel (in float64,
+    tile by tile as :func:`.kernels.reduce_namespace`), the segments of a tensor here, in
+    order: the sums do not depend on which thread did a piece."""
+    import jax
+
+    dtype = np.dtype(ps[0].dtype).name
+    name = reduce_target(reduce_fn, len(slots), table.shape[1] - 4, n_terms, dtype, clip)
+    sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in ps]
+    pt = piece_table(sizes, PIECE)
+    pieces, segs = int(pt[0]), int(pt[1])
+    args: list[Any] = [table, np.asarray(group, np.int32), pt]
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        args += [p, g.astype(p.dtype), *(s[i] for s in slots)]
+    res = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct((segs, n_terms), ps[0].dtype),
+                                  jax.ShapeDtypeStruct((3,), np.int32)])(*args)
+    seg_t = pt[3 + pieces:3 + pieces + segs]
+    sums = jax.ops.segment_sum(res[0], seg_t, num_segments=len(ps), indices_are_sorted=True)
+    return [sums[:, k] for k in range(n_terms)]
