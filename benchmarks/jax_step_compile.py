@@ -9,6 +9,10 @@ each round, each on its own parameters), with ratios to the optax step measured 
 Every parameter of every variant is checked to have moved (the updates really happened).
 
     python benchmarks/jax_step_compile.py [--hidden 1024 1024] [--rounds 7] [--policies skip]
+                                          [--optimizer adam|lamb|lars]
+
+``--optimizer lamb`` / ``lars``: a two-pass optimizer (its per-tensor sums, then the update)
+against ``optax.lamb`` / ``optax.lars`` at the same learning rate.
 
 With a fresh ``MITHRIL_CACHE_DIR`` the first policy run compiles the update kernel of
 XLA's FFI route (once per machine, :mod:`mithril.utils.optimizers.engines.xla_ffi`);
@@ -30,17 +34,21 @@ import train_epoch as te  # noqa: E402
 
 import mithril as ml  # noqa: E402
 from mithril.backends import JaxBackend  # noqa: E402
-from mithril.utils.optimizers import Adam  # noqa: E402
+from mithril.utils.optimizers import LAMB, LARS, Adam  # noqa: E402
 from mithril.utils.optimizers.engines import kernel_cache, xla_ffi  # noqa: E402
 from mithril.utils.training import make_train_step  # noqa: E402
 
 POLICIES = ("unchecked", "propagate", "skip")
+#: ``--optimizer``: ours and optax's
+OPTIMIZERS = {"adam": (Adam, None), "lamb": (LAMB, "lamb"), "lars": (LARS, "lars")}
 
 
-def mithril_variant(policy: str, hidden: list[int], feed: list, spec: Any) -> dict:
+def mithril_variant(policy: str, hidden: list[int], feed: list, spec: Any,
+                    optimizer: str = "adam") -> dict:
     be = JaxBackend(dtype="float32", seed=0)
     compiled = ml.compile(spec.model, be, shapes=spec.shapes)
-    step = make_train_step(compiled, Adam(learning_rate=te.LR, nonfinite=policy), loss="loss")
+    opt = OPTIMIZERS[optimizer][0](learning_rate=te.LR, nonfinite=policy)
+    step = make_train_step(compiled, opt, loss="loss")
     params = compiled.get_parameters()
     box = {"p": params, "s": step.init(params)}
 
@@ -50,8 +58,11 @@ def mithril_variant(policy: str, hidden: list[int], feed: list, spec: Any) -> di
     return {"run": run, "box": box, "init": {k: te.np.array(v) for k, v in params.items()}}
 
 
-def optax_variant(init: dict, hidden: list[int], x: Any, y: Any) -> dict:
-    epoch = te.optax_epoch(te._layers(init, hidden), x, y)
+def optax_variant(init: dict, hidden: list[int], x: Any, y: Any,
+                  optimizer: str = "adam") -> dict:
+    name = OPTIMIZERS[optimizer][1]
+    epoch = te.optax_epoch(te._layers(init, hidden), x, y,
+                           None if name is None else getattr(te.optax, name)(te.LR))
     return {"epoch": epoch}
 
 
@@ -61,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                     help="the first one run pays any kernel compiled on its first use")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     a = ap.parse_args()
     x, y = te.data()
     spec = te.mlp_spec(te.FEATURES, te.CLASSES, a.hidden)
@@ -70,7 +82,7 @@ def main() -> None:
     variants: dict[str, Any] = {}
     first: dict[str, float] = {}
     for policy in a.policies:
-        v = mithril_variant(policy, a.hidden, feed, spec)
+        v = mithril_variant(policy, a.hidden, feed, spec, a.optimizer)
         c0 = time.process_time()
         for k in range(te.STEPS):
             loss = v["run"](k)
@@ -79,7 +91,7 @@ def main() -> None:
         variants[policy] = v
     init = variants[a.policies[0]]["init"]
     new_kernels = kernel_cache.stats()["new"]
-    ox = optax_variant(init, a.hidden, x, y)
+    ox = optax_variant(init, a.hidden, x, y, a.optimizer)
     c0 = time.process_time()
     ox["epoch"]()  # (its first epoch: the first step compiles, 40 steps)
     first["optax"] = time.process_time() - c0
@@ -103,7 +115,7 @@ def main() -> None:
     ffi = "on" if xla_ffi.ENABLED else "off (MITHRIL_JAX_FFI=0)"
     shown = [te.FEATURES, *a.hidden, te.CLASSES] if len(a.hidden) < 6 else \
         f"of {len(a.hidden) + 1} layers"
-    print(f"JAX one-program step, MLP {shown} + cross-entropy + Adam, batch {te.BATCH}, "
+    print(f"JAX one-program step, MLP {shown} + cross-entropy + {OPTIMIZERS[a.optimizer][0].__name__}, batch {te.BATCH}, "
           f"float32; first epoch: process CPU s; steady: median of {a.rounds} rounds of "
           f"{te.STEPS} steps; the update through XLA's FFI: {ffi}; kernels first compiled "
           f"on this machine by the first variant: {new_kernels}")

@@ -201,12 +201,16 @@ def torch_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], floa
     return epoch
 
 
-def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+def optax_epoch(layers: list, x: np.ndarray, y: np.ndarray,
+                tx: Any = None) -> Callable[[], float]:
+    """The optax reference's epoch (``tx``: another transformation than ``--optimizer``'s,
+    without a schedule)."""
     params: Any = [(jnp.asarray(W), jnp.asarray(b)) for W, b in layers]
     base, beta = (optax.sgd, "momentum") if OPTIMIZER == "sgd" else (optax.adam, "b1")
     start = {beta: MOMENTUM if OPTIMIZER == "sgd" else 0.9}
-    tx = optax.inject_hyperparams(base)(learning_rate=LR, **start) \
-        if SCHEDULE != "none" else base(LR, **start)
+    if tx is None:
+        tx = optax.inject_hyperparams(base)(learning_rate=LR, **start) \
+            if SCHEDULE != "none" else base(LR, **start)
     if OPTIMIZER == "lookahead":
         tx = optax.lookahead(tx, sync_period=SYNC, slow_step_size=ALPHA)
         params = optax.LookaheadParams(params, jax.tree.map(jnp.copy, params))  # (donated:
