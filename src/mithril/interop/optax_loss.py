@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 #: the keyword arguments of the transformation's own ``update`` (the rest are ignored)
-_OWN = ("new_params", "hyper", "missed", "average_only", "value")
+_OWN = ("new_params", "hyper", "missed", "average_only", "value", "host_kernel")
 
 
 def with_loss(opt: Any, state: Any, value: Any) -> Any:
@@ -50,4 +50,5 @@ def extra_args(init: Any, update: Any) -> Any:
         return update(updates, state, params, **{k: v for k, v in kw.items() if k in _OWN})
 
     update_extra.takes_value = True  # type: ignore[attr-defined]  (the train step's test)
+    update_extra.host_kernel = getattr(update, "host_kernel", False)  # type: ignore[attr-defined]
     return optax.GradientTransformationExtraArgs(init, update_extra)
