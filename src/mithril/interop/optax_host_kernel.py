@@ -4,7 +4,10 @@ one-program train step on a CPU: XLA then compiles one custom call instead of th
 the finiteness probe of every tensor (a 50-layer MLP's first step: ~0.8 s less on two
 cores). The table of scalars holds what the NumPy engine's holds (its ``prologue``: global
 clip-norm scale, clip value, coupled L2 factor, decoupled keep factor, then the row's
-scalars), so the result is the NumPy engine's step."""
+scalars), so the result is the NumPy engine's step. A two-pass optimizer (LAMB, LARS,
+Prodigy...) makes two calls, its per-tensor sums then the update, as the NumPy engine's
+two passes; ``nonfinite="skip"`` runs the kernel's skip variant, which stores nothing where
+the step is not finite (the program then needs no copy of the old arrays)."""
 
 from __future__ import annotations
 
