@@ -547,3 +547,24 @@ def test_calls_from_several_threads_at_once() -> None:
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_steps_with_unreached_params_take_it(opt: str) -> None:
+    """Two heads trained in turn, each loss reaching one (the params it does not reach
+    counting their missed steps): the kernel updates the reached ones, and the program's
+    params and slots are the NumPy step's (``test_train_step_unreached_jax``'s check)."""
+    import unittest.mock as um
+
+    from test_train_step_unreached_jax import test_two_heads_alternately_in_one_program_as_numpy
+
+    calls: list[int] = []
+    real = xla_ffi.fused_update
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    with um.patch.object(xla_ffi, "fused_update", counted):
+        test_two_heads_alternately_in_one_program_as_numpy(opt)
+    assert calls  # (traced at least once per program)

@@ -258,7 +258,7 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
     slots = {s: {**per, **sub.slots[s]} for s, per in opt_state.slots.items()}
     off = [n for n in names if n in unreached]
     if off and {EMA, SWA} & set(opt_state.slots):  # (their averages take the step too)
-        kw = {k: v for k, v in kw.items() if k != "missed"}
+        kw = {k: v for k, v in kw.items() if k not in ("missed", "host_kernel")}
         _, rest = tx.update(params, opt_state, params, new_params=True,
                             average_only=frozenset(off), **kw)
         old = opt_state.count  # (a skipped step leaves the count, unless saturated)
@@ -314,14 +314,22 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     if missed is None and unreached and counts_missed:  # (a state of a step that reached
         missed = jnp.zeros(len(names), jnp.int32)  # them all: none yet)
     probe: list = []  # (the fused CPU kernel's, where it ran: xla_ffi)
+    if getattr(tx.update, "host_kernel", False):
+        kw["host_kernel"] = probe
     if not unreached and missed is None:
-        if getattr(tx.update, "host_kernel", False):
-            kw["host_kernel"] = probe
         new_params, opt_state = tx.update(dict(zip(names, grads, strict=True)), opt_state,
                                           params, new_params=True, **kw)
     else:
         new_params, opt_state = update_reached(tx, names, unreached, grads, opt_state, params,
                                                missed, kw)
+    if probe and unreached:  # (the kernel probed the reached params: the others' new values
+        # (their averages moved) here)
+        from .optimizers.engines.jax_finite import finite_step
+
+        off = [n for n in names if n in unreached]
+        probe[0] = (probe[0][0], probe[0][1] & finite_step(
+            [new_params[n] for n in off], [[per[n] for n in off]
+                                           for per in opt_state.slots.values()]))
     held, counts, applied = old_state.hyperparams, {}, jnp.asarray(True)
     if SKIPPED in held:  # a skipped step leaves the count (unless saturated)
         skipped = (opt_state.count == old_state.count) & (old_state.count != _INT32_MAX)
