@@ -144,6 +144,21 @@ def handler(frame):
     flags[1] = 1 if bad_v == 0 else 0
     flags[2] = by_pool
     return voidptr(0)
+
+
+def views(fa):
+    # the call's arguments and results (buffer addresses), the table H, each tensor's row,
+    # the piece count, the segment count, the piece table
+    cf = carray(voidptr(fa), (15,), np.int64)
+    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
+    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
+    hb = carray(voidptr(args[0]), (6,), np.int64)
+    hd = carray(voidptr(hb[5]), (2,), np.int64)
+    H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
+    group = carray(voidptr(data(args[1])), ((cf[7] - FIRST) // (2 + NS),), np.int32)
+    head = carray(voidptr(data(args[2])), (2,), np.int32)
+    pt = carray(voidptr(data(args[2])), (3 + head[0] + 3 * head[1],), np.int32)
+    return args, rets, H, group, head[0], head[1], pt
 """
 
 _WORK_SRC = """
@@ -151,17 +166,7 @@ def work(fa, rec):
     # claim pieces (runs of segments: a tensor's elements [first, first + size)) until none
     # is left; arguments: H, each tensor's row, the piece table, then per tensor its param,
     # gradient and slots; results: per tensor the param and slots, then the flags
-    cf = carray(voidptr(fa), (15,), np.int64)
-    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
-    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
-    hb = carray(voidptr(args[0]), (6,), np.int64)
-    hd = carray(voidptr(hb[5]), (2,), np.int64)
-    H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
-    n_t = (cf[7] - FIRST) // (2 + NS)
-    group = carray(voidptr(data(args[1])), (n_t,), np.int32)
-    head = carray(voidptr(data(args[2])), (2,), np.int32)
-    pieces, segs = head[0], head[1]
-    pt = carray(voidptr(data(args[2])), (3 + pieces + 3 * segs,), np.int32)
+    args, rets, H, group, pieces, segs, pt = views(fa)
     # SKIP: pieces [0, pieces) the dry pass (nothing written), [pieces, 2 pieces) the update,
     # claimed once every dry piece is done and only where all was finite
     force = True
@@ -223,17 +228,7 @@ def work(fa, rec):
     # a two-pass optimizer's first pass: per segment e of the piece table, the sums of the
     # terms into row e of the result R (segments, terms), reading only; arguments as the
     # update's; results: R, then the flags
-    cf = carray(voidptr(fa), (15,), np.int64)
-    args = carray(voidptr(cf[9]), (cf[7],), np.int64)
-    rets = carray(voidptr(cf[14]), (cf[12],), np.int64)
-    hb = carray(voidptr(args[0]), (6,), np.int64)
-    hd = carray(voidptr(hb[5]), (2,), np.int64)
-    H = carray(voidptr(hb[3]), (hd[0], hd[1]), DTYPE)
-    n_t = (cf[7] - 3) // (2 + NS)
-    group = carray(voidptr(data(args[1])), (n_t,), np.int32)
-    head = carray(voidptr(data(args[2])), (2,), np.int32)
-    pieces, segs = head[0], head[1]
-    pt = carray(voidptr(data(args[2])), (3 + pieces + 3 * segs,), np.int32)
+    args, rets, H, group, pieces, segs, pt = views(fa)
     R = carray(voidptr(data(rets[0])), (segs, NTERMS), DTYPE)
     did = 0
     while True:
@@ -372,6 +367,7 @@ def _register(ns: dict[str, Any], src: str, name: str, n_slots: int, dtype: str,
               fetch_add=atomics.fetch_add, load_acquire=atomics.load_acquire)
     kernel_cache.exec_source(src, name, ns)
     ns["work"] = numba.njit(inline="always")(ns["work"])
+    ns["views"] = numba.njit(inline="always")(ns["views"])
     fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
                             error_model="numpy", nogil=True)
     module = getattr(fn._pyfunc, "__module__", "") or ""
