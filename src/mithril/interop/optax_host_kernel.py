@@ -28,7 +28,8 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
     fit it (the caller traces the update then): clipping before the math (``adaptive_clip``,
     centralization, per-tensor norms), gradients of another dtype, and what
     :func:`.xla_ffi.usable` refuses.
-    ``skip``: ``nonfinite="skip"``'s kernel, ``skip`` whether the step is forced
+    ``skip`` (``nonfinite="skip"`` only; None otherwise): whether the step is forced
+    (``max_consecutive_skips`` reached), for the kernel's skip variant
     (:func:`.xla_ffi.fused_update`: a step not applied leaves every array as it was).
     ``first``: a two-pass optimizer's ``(between, own slots, own scalars' count)``, where
     ``between`` is its step between the passes (per-tensor sums → extra columns, tensor

@@ -498,8 +498,8 @@ def reduce_namespace(reduce_fn: Any, n_slots: int, n_scal: int, n_terms: int, dt
     R, gscale, cv, l2, keep, *scalars)`` stores into ``R[:n_terms]`` the float64 sums of
     the ``n_terms`` elementwise terms ``reduce_fn(p, g, *slots, *scalars)`` over a
     segment (with the gradient scaled, clipped and L2-decayed as the update sees it),
-    reading only. Where :func:`update_kernel`
-    sums a float32 Σ g² per tile in float32 (``ACC``), the terms are summed likewise: per
+    reading only. Where :func:`update_kernel` sums a float32 Σ g² per tile in float32
+    (``ACC``), the terms are summed likewise: per
     tile of ``TILE`` elements in ``ACC``, a tile whose sums are not finite again in float64,
     the tiles in float64 (a float64 accumulator in the loop ran the float32 terms at half
     the vector width: LAMB's first pass over 1M float32 took 984 µs instead of 569 on one

@@ -3,9 +3,10 @@
 XLA's C API gives a handler ``XLA_FFI_ThreadPool_NumThreads`` and
 ``XLA_FFI_ThreadPool_Schedule`` (words 18 and 17 of the ``XLA_FFI_Api`` table: after
 ``struct_size``, ``extension_start``, the three words of ``api_version``, ``internal_api``
-and eleven functions, ``XLA_FFI_Error_Destroy`` the third of them, word 8). A task is a C function of one ``void*``: the handler
-itself, given an integer with its top bit set instead of a call frame (user-space pointers
-never have it), holding a job's slot and generation.
+and eleven functions, ``XLA_FFI_Error_Destroy`` the third of them, word 8). A task is a C
+function of one ``void*``: the handler itself, given an integer with its top bit set
+instead of a call frame (user-space pointers never have it), holding a job's slot and
+generation.
 
 A job lives in a slot of a table compiled into the handler's own code (a zeroed global of
 :data:`SLOTS` records of :data:`RECORD` words), not in any of the call's buffers: a task
@@ -14,9 +15,11 @@ generation gone or the job closed, and returns. Words of a record: [0] generatio
 call frame, [2] tasks inside the job, [3] closed, [4] owner count, [8] pieces claimed (its
 own cache line), [16] pieces done, [24] non-finite gradients seen, [25] non-finite new
 values seen, [26] pieces the tasks did, [32:37] the arguments of an XLA call. The calling
-thread claims pieces with the tasks (:mod:`.atomics`' counters) and claims whatever no task took, so a task that
-comes late or never costs nothing; it returns once every piece is done and no task is
-inside the job (those inside are working, so the wait is short: no task waits on anything).
+thread claims pieces with the tasks (:mod:`.atomics`' counters) and claims whatever no task
+took, so a task that comes late or never costs nothing; it returns once every piece is done
+and no task is inside the job (those inside are working, so the wait is short). The one
+wait inside a job, ``nonfinite="skip"``'s (:mod:`.xla_ffi`: an update piece is claimed
+once every dry piece is done), is as short: every dry piece is claimed by a running thread.
 """
 
 from __future__ import annotations
