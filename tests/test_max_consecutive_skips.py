@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from mithril.utils.optimizers import SGD, Adam, Lookahead
+from mithril.utils.optimizers import SGD, Adafactor, Adam, Lookahead
 
 N = 2
 #: per step: "f" finite, "a" NaN in tensor a, "b" +inf in tensor b, "ab" both. Runs of
@@ -347,3 +347,45 @@ def test_make_train_step_jax_vs_separate_calls():
     assert [r[3] for r in plain] == [0, 1, 0, 1, 2, 0, 1, 2, 3, 4]
     assert [r[2] for r in plain] == [0, 1, 1, 2, 3, 3, 4, 5, 5, 5]
     assert np.isnan(plain[-2][0]).all() and np.isfinite(plain[-3][0]).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_tensorwise_optimizer_gives_up_as_the_others(fused: bool) -> None:
+    """Adafactor's own update (its numba kernel, or per tensor) counts a run of non-finite
+    steps and applies the one after ``max_consecutive_skips`` as every optimizer does (it
+    skipped them all before); the params up to it as optax's ``apply_if_finite`` around
+    its transformation."""
+    import jax.numpy as jnp
+    import optax
+
+    from mithril.interop import optax_transformation
+
+    rng = np.random.default_rng(0)
+    p = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+    grads = []
+    for kind in ["f", "a", "a", "f"]:
+        g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+        if kind == "a":
+            g["b"][1] = np.nan
+        grads.append(g)
+    tx = optax.apply_if_finite(optax_transformation(Adafactor(0.05)), 1)
+    ref = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    s = tx.init(ref)
+    opt = Adafactor(0.05, nonfinite="skip", max_consecutive_skips=1, fused=fused)
+    st = opt.init(p)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, g in enumerate(grads):
+            p, st = opt.update(p, g, st)
+            rows.append((st.step, st.num_skipped, st.consecutive_skips, st.num_nonfinite))
+            if i < 3:
+                u, s = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, s,
+                                 ref)
+                ref = optax.apply_updates(ref, u)
+                for k in p:
+                    np.testing.assert_allclose(p[k], ref[k], rtol=1e-5, atol=1e-6,
+                                               err_msg=f"{k} after step {i}")
+    # (the last: finite gradients, but b[1] is NaN since the applied step: still counted)
+    assert rows == [(1, 0, 0, 0), (1, 1, 1, 0), (2, 1, 2, 1), (3, 1, 3, 1)]
+    assert int(np.isnan(p["b"]).sum()) == 1 and np.isfinite(p["w"]).all()

@@ -38,8 +38,6 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
     import jax.numpy as jnp
 
     from ..utils.optimizers.engines import xla_ffi
-    from ..utils.optimizers.engines.common import norm_scale
-    from ..utils.optimizers.engines.jax_engine import scaled_norm
 
     if getattr(plan, "pre", None) is not None or plan.agc is not None or plan.tensor_clip:
         return None
@@ -48,12 +46,7 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
     if not xla_ffi.usable(leaves, [dtypes.get(s) for s in full]):
         return None
     dt = leaves[0].dtype
-    clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
-    gscale = 1.0
-    if clip_norm is not None:
-        norm = scaled_norm(grads)
-        gscale = norm_scale(jnp.asarray(clip_norm, norm.dtype), norm,
-                            jnp.asarray(opt.clip_eps, norm.dtype))
+    gscale = _gscale(opt, attrs, grads)
     clip, table = False, []
     for r, row in enumerate(rows):
         cv, l2, dwd = plan.static[r]
@@ -84,3 +77,75 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
         opt.full_kernel_math(n_scal), clip, table, group, leaves, grads,
         [list(slot_leaves[s]) for s in full], skip=skip)
     return new_ps, dict(zip(full, new_slots)), gf, vf, tensors, values
+
+
+def _gscale(opt: Any, attrs: list[dict[str, Any]], grads: list[Any]) -> Any:
+    """The gradients' factor of clipping by the global norm (traced), 1.0 without it."""
+    import jax.numpy as jnp
+
+    from ..utils.optimizers.engines.common import norm_scale
+    from ..utils.optimizers.engines.jax_engine import scaled_norm
+
+    clip_norm = _value(attrs[0].get("clip_norm", opt.clip_norm)) if attrs else opt.clip_norm
+    if clip_norm is None:
+        return 1.0
+    norm = scaled_norm(grads)
+    return norm_scale(jnp.asarray(clip_norm, norm.dtype), norm,
+                      jnp.asarray(opt.clip_eps, norm.dtype))
+
+
+def host_tensorwise(opt: Any, rows: Any, leaves: list[Any], grads: list[Any],
+                    table: list[list[Any]], attrs: list[dict[str, Any]],
+                    slot_leaves: dict[str, list[Any]], full: tuple[str, ...],
+                    avg_w: list[Any], skip: Any = None) -> tuple | None:
+    """:func:`host_update` for a tensorwise optimizer (``rows``: its
+    :class:`~mithril.interop.optax_tensorwise._Rows`; ``table``: each row's scalars,
+    ``avg_w``: the averages' weights): (new params, new slots by name, gradients finite,
+    new values finite), or None where no kernel takes the step. Adafactor's (torch's
+    convention, ``fused=True``) runs as one call (:mod:`.xla_ffi_adafactor`), its table a
+    row per tensor made here from the rows' scalars, as the NumPy engine's
+    ``_scalar_tables``; the same refusals as :func:`host_update`'s, and a traced
+    ``epsilon``."""
+    import jax.numpy as jnp
+
+    from ..utils.optimizers.adafactor import Adafactor
+    from ..utils.optimizers.engines import xla_ffi, xla_ffi_adafactor
+
+    plan = rows.plan
+    if not isinstance(opt, Adafactor) or full[:3] != Adafactor.slots or len(full) > 5 or any(
+            not isinstance(r, Adafactor) or r.convention != "torch" or not r.fused
+            for r in rows.rows):
+        return None
+    if plan.pre is not None or plan.agc is not None or plan.tensor_clip:
+        return None
+    if any(g.dtype != p.dtype or g.shape != p.shape for g, p in zip(grads, leaves)) or any(
+            x.dtype != p.dtype for s in full for x, p in zip(slot_leaves[s], leaves)):
+        return None
+    if not xla_ffi.usable(leaves, []):
+        return None
+    dt = leaves[0].dtype
+    gscale = _gscale(opt, attrs, grads)
+    clip, per_row = False, []
+    for r, row in enumerate(rows.rows):
+        cv, l2, dwd = plan.static[r]
+        live, a = plan.live[r], attrs[r]
+        if l2 or dwd or "epsilon" in a or ("weight_decay" in live and plan.decay[r] in (
+                "l2", "decoupled")):
+            return None
+        c: Any = np.inf
+        if cv > 0 or "clip_value" in live:
+            clip, c = True, _value(a.get("clip_value", cv))
+        lr, w, rho = table[r][1:4]
+        wd = _value(a["weight_decay"]) if "weight_decay" in a else row.weight_decay
+        keep = 1 - lr * wd if "weight_decay" in a or wd != 0 else 1.0
+        eps1, eps2 = row.epsilon
+        eps1 = float(np.finfo(dt).eps) if eps1 is None else eps1
+        d = _value(a["d"]) if "d" in a else row.d
+        x = jnp.stack([jnp.asarray(v).astype(dt) for v in (
+            gscale * (-1.0 if row.maximize else 1.0), c, keep, w, 0.0, rho, eps1,
+            eps1 * eps1, eps2, d, *avg_w)])
+        per_row.append(x.at[4].set(1 - x[3]))  # (torch's lerp: 1 − w in the dtype)
+    H = jnp.stack(per_row)[np.asarray(plan.index, np.int32)]
+    new_ps, new_slots, gf, vf = xla_ffi_adafactor.fused_adafactor(
+        H, clip, leaves, grads, [list(slot_leaves[s]) for s in full], skip=skip)
+    return new_ps, dict(zip(full, new_slots)), gf, vf

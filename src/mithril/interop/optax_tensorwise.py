@@ -31,9 +31,10 @@ from typing import Any
 
 from ..utils.optimizers.layout import slot_shape_of
 from ..utils.optimizers.traced_ops import TracedOps, traceable_update
+from .optax_host_kernel import host_tensorwise
 from .optax_hyperparams import scheduled
 from .optax_inputs import optax_mask, with_mask
-from .optax_prologue import _prologue, _wide, given_up
+from .optax_prologue import _prologue, _wide, forced, given_up
 from .optax_scalars import (
     _INT32_MAX,
     _averaging_weights,
@@ -216,7 +217,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, hyper: Any = None, missed: Any = None,
-               average_only: Any = ()) -> tuple[Any, OptaxState]:
+               average_only: Any = (), host_kernel: list | None = None
+               ) -> tuple[Any, OptaxState]:
         """(updates, new state); ``new_params=True``: (the new params, new state)
         (what ``make_train_step`` takes: no ``p + (new − p)`` round trip); ``hyper``: the
         ``[hi, lo]`` rows of the traced hyperparameters; ``missed``: per row of scalars
@@ -224,7 +226,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         tensor had no gradient at, left out of the row's count (``t − missed``), not out of
         the optimizer's (the averages, a group's joining); ``average_only``: names of leaves
         that had no gradient: only their averages move, ``updates`` are not read
-        (:mod:`.optax_unreached`)."""
+        (:mod:`.optax_unreached`); ``host_kernel``: as the elementwise transformation's
+        (:func:`.optax_host_kernel.host_tensorwise`: Adafactor's step as one call)."""
         _check_update(opt_name, state, params)
         _check_hyper(opt_name, traced, hyper)
         leaves, treedef, names = _flatten(params, opt_name)
@@ -251,52 +254,62 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
-        gs, ps, _, checked = _prologue(opt, plan, leaves, grads, table, attrs, names)
+        fused = None if host_kernel is None or late is not None or missed is not None \
+            else host_tensorwise(opt, rows, leaves, grads, table, attrs, slot_leaves, full,
+                                 avg_w, forced(opt, state.hyperparams) if skip else None)
+        if fused is not None:
+            host_kernel.append(fused[2:4])
+            new_ps, new_slots = fused[0], fused[1]
+        else:
+            gs, ps, _, checked = _prologue(opt, plan, leaves, grads, table, attrs, names)
 
-        new_ps: list[Any] = []
-        new_slots: dict[str, list[Any]] = {s: list(slot_leaves[s]) for s in full}
-        for i, (p, g) in enumerate(zip(ps, gs)):
-            r = plan.index[i]
-            row = copy.copy(rows.rows[r])
-            row.__dict__.update(attrs[r])
-            row.learning_rate = jnp.asarray(lr) * plan.scales[r]
-            acc = jnp.promote_types(p.dtype, jnp.float32)
-            scal = tuple(x.astype(acc) for x in table[r][1:1 + rows.n_own[r]])
-            mine = {s: slot_leaves[s][i] for s in row.update_slots()}
-            fn = _traceable_update(type(row).tensor_update)
-            try:
-                new_p, out = fn(row, xp, p, g, dict(mine), scal, names[i])
-            except Exception as e:
-                if "Tracer" not in type(e).__name__ and "Concretization" not in type(e).__name__:
-                    raise
-                raise TypeError(f"{opt_name}.tensor_update does not run on traced JAX values "
-                                f"({type(e).__name__}); it must use the ops namespace, "
-                                f"arithmetic and math / max / min only") from e
-            if set(out) != set(mine):
-                raise RuntimeError(f"{type(row).__name__}.tensor_update must return every slot "
-                                   f"{sorted(mine)}, got {sorted(out)}")
-            new_p = jnp.asarray(new_p).astype(p.dtype)
-            new_ps.append(new_p)
-            for s, v in out.items():
-                old = slot_leaves[s][i]
-                v = jnp.asarray(v)
-                if v.shape != old.shape:
-                    raise RuntimeError(f"{type(row).__name__}.tensor_update returned slot {s!r} "
-                                       f"of '{names[i]}' with shape {v.shape}, not "
-                                       f"{old.shape}")
-                new_slots[s][i] = v.astype(old.dtype)
-            for s, w in zip(averaged, avg_w):
-                a = slot_leaves[s][i]
-                w = w.astype(a.dtype)
-                new_slots[s][i] = jnp.where(w == 1, new_p,
-                                            jnp.where(w != 0, a + w * (new_p - a), a))
-            if late is not None and late[i] is not None:  # not joined yet: all kept
-                new_ps[i] = jnp.where(late[i], new_ps[i], leaves[i])
-                for s in full:
-                    new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
+            new_ps: list[Any] = []
+            new_slots: dict[str, list[Any]] = {s: list(slot_leaves[s]) for s in full}
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                r = plan.index[i]
+                row = copy.copy(rows.rows[r])
+                row.__dict__.update(attrs[r])
+                row.learning_rate = jnp.asarray(lr) * plan.scales[r]
+                acc = jnp.promote_types(p.dtype, jnp.float32)
+                scal = tuple(x.astype(acc) for x in table[r][1:1 + rows.n_own[r]])
+                mine = {s: slot_leaves[s][i] for s in row.update_slots()}
+                fn = _traceable_update(type(row).tensor_update)
+                try:
+                    new_p, out = fn(row, xp, p, g, dict(mine), scal, names[i])
+                except Exception as e:
+                    if "Tracer" not in type(e).__name__ and "Concretization" not in type(e).__name__:
+                        raise
+                    raise TypeError(f"{opt_name}.tensor_update does not run on traced JAX values "
+                                    f"({type(e).__name__}); it must use the ops namespace, "
+                                    f"arithmetic and math / max / min only") from e
+                if set(out) != set(mine):
+                    raise RuntimeError(f"{type(row).__name__}.tensor_update must return every slot "
+                                       f"{sorted(mine)}, got {sorted(out)}")
+                new_p = jnp.asarray(new_p).astype(p.dtype)
+                new_ps.append(new_p)
+                for s, v in out.items():
+                    old = slot_leaves[s][i]
+                    v = jnp.asarray(v)
+                    if v.shape != old.shape:
+                        raise RuntimeError(f"{type(row).__name__}.tensor_update returned slot {s!r} "
+                                           f"of '{names[i]}' with shape {v.shape}, not "
+                                           f"{old.shape}")
+                    new_slots[s][i] = v.astype(old.dtype)
+                for s, w in zip(averaged, avg_w):
+                    a = slot_leaves[s][i]
+                    w = w.astype(a.dtype)
+                    new_slots[s][i] = jnp.where(w == 1, new_p,
+                                                jnp.where(w != 0, a + w * (new_p - a), a))
+                if late is not None and late[i] is not None:  # not joined yet: all kept
+                    new_ps[i] = jnp.where(late[i], new_ps[i], leaves[i])
+                    for s in full:
+                        new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
-        if skip:
+        if skip and fused is not None:  # (the kernel left every array as it was, skipped)
+            finite, counts = given_up(opt, state.hyperparams, fused[2] & fused[3])
+            new_count = jnp.where(finite, new_count, count)
+        elif skip:
             finite = finite_grads(checked) & finite_step(new_ps, list(new_slots.values()))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
             # (one conditional, not a select per array: see optax_transform's)
@@ -316,5 +329,6 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                                dict(state.tensor_slots), dict(state.values), hyper)
         return out_updates, new_state
 
+    update.host_kernel = True  # type: ignore[attr-defined] - it takes host_kernel=
     return optax.GradientTransformation(init, update)
 

@@ -37,4 +37,5 @@ def own_counts(tx: Any, optimizer: Any, traced: tuple[str, ...]) -> Any:
             return tx.update(updates, state, params, **kw)
         return per_tensor.update(updates, state, params, missed=missed, **kw)
 
+    update.host_kernel = getattr(tx.update, "host_kernel", False)  # type: ignore[attr-defined]
     return tx._replace(update=update)

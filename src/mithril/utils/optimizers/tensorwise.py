@@ -255,6 +255,9 @@ def _tensor_clip(row: Any, sumsq: float, size: int) -> float:
 def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Mapping[str, Any],
             state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
     """One step; returns the new params and state (see the ownership rule of :mod:`.base`)."""
+    if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
+            and self.nonfinite == "skip":  # (as Optimizer.update: given up, applied)
+        return self._give_up(params, gradients, state, n)
     bound = self._backend
     try:
         self._bind(params)
@@ -369,11 +372,12 @@ def _finish(opt: Any, state: OptimizerState, params: dict[str, Any], ok: bool, n
     grad = f"non-finite gradient (global norm {norm})" if not is_finite(norm) else None
     if not ok:
         state.num_skipped += 1
+        state.consecutive_skips += 1
         what = grad or "the step would give non-finite params or state"
         warnings.warn(f"{name}: {what}; step skipped, params and optimizer state unchanged",
                       RuntimeWarning, stacklevel=3)
         return params, state
-    state.step += 1
+    state.step, state.consecutive_skips = state.step + 1, 0
     advance(opt, state, state.step)  # (the averages' update counts)
     if grad or (not finite and not state.nonfinite_values):  # new non-finite values: once
         state.num_nonfinite += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import operator
 import types
 from collections.abc import Callable
 from typing import Any
@@ -87,8 +88,11 @@ def _on_numbers(real: Callable, traced: Callable, unwrap: Callable) -> Callable:
     return fn
 
 
-def _extremum(real: Callable, pick: Callable) -> Callable:
-    """``max`` / ``min`` that take JAX values too (elementwise, as ``jnp.maximum``)."""
+def _extremum(real: Callable, later_wins: Callable) -> Callable:
+    """``max`` / ``min`` that take JAX values too, elementwise with Python's rule: the
+    first argument unless a later one is greater (smaller), so that a NaN after the first
+    is passed over, as in torch's ``max(1.0, x.item())`` (``jnp.maximum`` would give NaN)."""
+    import jax.numpy as jnp
 
     @functools.wraps(real)
     def fn(*args: Any, **kw: Any) -> Any:
@@ -96,7 +100,7 @@ def _extremum(real: Callable, pick: Callable) -> Callable:
             return real(*args, **kw)
         out = args[0]
         for a in args[1:]:
-            out = pick(out, a)
+            out = jnp.where(later_wins(a, out), a, out)
         return out
 
     return fn
@@ -107,7 +111,6 @@ def traceable_update(fn: Callable, unwrap: Callable[[Any], Any] = _same) -> Call
     """``fn`` (a ``tensor_update``) with ``math`` (and functions imported from it) and the
     builtins ``max`` / ``min`` in its globals taking JAX values too (``unwrap``: see
     :class:`MathShim`)."""
-    import jax.numpy as jnp
 
     if not isinstance(fn, types.FunctionType):
         return fn
@@ -117,8 +120,8 @@ def traceable_update(fn: Callable, unwrap: Callable[[Any], Any] = _same) -> Call
     swap.update({k: getattr(shim, v.__name__) for k, v in g.items()
                  if isinstance(v, types.BuiltinFunctionType)
                  and getattr(v, "__module__", None) == "math" and v.__name__ in jnp_math()})
-    swap["max"] = _extremum(builtins.max, jnp.maximum)
-    swap["min"] = _extremum(builtins.min, jnp.minimum)
+    swap["max"] = _extremum(builtins.max, operator.gt)
+    swap["min"] = _extremum(builtins.min, operator.lt)
     new = types.FunctionType(fn.__code__, {**g, **swap}, fn.__name__, fn.__defaults__,
                              fn.__closure__)
     new.__kwdefaults__ = fn.__kwdefaults__

@@ -64,16 +64,20 @@ def geometry(shapes: list[tuple[int, ...]], offsets: Any, slot_offsets: dict[str
     return geo
 
 
+def exp_field(dtype: str) -> Any:
+    """The exponent field of ``dtype`` (float32/float64) all ones: the probe's value where a
+    new value is inf/NaN (:func:`.kernels.exponent_bits`)."""
+    return np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8 else \
+        np.int32(0x7F800000)
+
+
 @functools.cache
-def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any:
-    """The kernel for ``dtype``; ``dry``: probe only; ``copy``: parameters are read from
-    ``P`` and written to ``Q`` (JAX's double buffer; else in place, ``Q`` ignored;
-    ``Rn``/``Cn`` receive the new factors: the state's ``R``/``C`` themselves, or scratch);
-    ``clip``: clipping by value compiled in; ``n_avg``: how many weight averages (``A0``,
-    ``A1``) move. Clamps are written ``lo if x < lo else x``: a NaN passes through, as
-    torch's ``clamp``."""
+def adafactor_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int
+                    ) -> dict[str, Any]:
+    """The per-tensor functions of :func:`adafactor_kernel` (``matrix``, ``full_usq``,
+    ``full_step``, ``no_grad``, ``step_size``), which the one-program JAX step's handler
+    calls too (:mod:`.xla_ffi_adafactor`). Options as :func:`adafactor_kernel`'s."""
     DT = np.dtype(dtype).type
-    EXP = np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8 else np.int32(0x7F800000)
     # the probe's integer (of the float's width; see kernels._INNER_SRC: z = IT(max(...)))
     IT = np.int64 if np.dtype(dtype).itemsize == 8 else np.int32
     one = DT(1.0)
@@ -274,6 +278,25 @@ def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) 
                                cols, gs, cv, hd[EPS1], hd[EPS1SQ], hd[KEEP], step, a0, a1)
             z = IT(max(z, z1))
         return gsq, z
+
+    return {"matrix": matrix, "full_usq": full_usq, "full_step": full_step,
+            "no_grad": no_grad, "step_size": step_size}
+
+
+@functools.cache
+def adafactor_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any:
+    """The kernel for ``dtype``; ``dry``: probe only; ``copy``: parameters are read from
+    ``P`` and written to ``Q`` (JAX's double buffer; else in place, ``Q`` ignored;
+    ``Rn``/``Cn`` receive the new factors: the state's ``R``/``C`` themselves, or scratch);
+    ``clip``: clipping by value compiled in; ``n_avg``: how many weight averages (``A0``,
+    ``A1``) move. Clamps are written ``lo if x < lo else x``: a NaN passes through, as
+    torch's ``clamp``."""
+    parts = adafactor_parts(dtype, dry, copy, clip, n_avg)
+    matrix, full_usq, full_step = parts["matrix"], parts["full_usq"], parts["full_step"]
+    no_grad, step_size = parts["no_grad"], parts["step_size"]
+    DT = np.dtype(dtype).type
+    EXP = exp_field(dtype)
+    jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
 
     @jit
     def kernel(P, Q, R, C, V, Rn, Cn, A0, A1, gptr, geo, Hd, H, order, col, out, bad, sync,
