@@ -254,13 +254,10 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         if late is not None:
             grads = [g if j is None else jnp.where(j, g, jnp.zeros_like(g))
                      for g, j in zip(grads, late)]
-        fused = None if host_kernel is None or late is not None or missed is not None \
-            else host_tensorwise(opt, rows, leaves, grads, table, attrs, slot_leaves, full,
-                                 avg_w, forced(opt, state.hyperparams) if skip else None)
-        if fused is not None:
-            host_kernel.append(fused[2:4])
-            new_ps, new_slots = fused[0], fused[1]
-        else:
+
+        def traced_update() -> tuple[list[Any], dict[str, list[Any]], list[Any]]:
+            """Each tensor's ``tensor_update`` traced (as XLA compiles it on any device):
+            (new params, new slots by name, the gradients ``"skip"`` requires finite)."""
             gs, ps, _, checked = _prologue(opt, plan, leaves, grads, table, attrs, names)
 
             new_ps: list[Any] = []
@@ -277,7 +274,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                 try:
                     new_p, out = fn(row, xp, p, g, dict(mine), scal, names[i])
                 except Exception as e:
-                    if "Tracer" not in type(e).__name__ and "Concretization" not in type(e).__name__:
+                    kind = type(e).__name__
+                    if "Tracer" not in kind and "Concretization" not in kind:
                         raise
                     raise TypeError(f"{opt_name}.tensor_update does not run on traced JAX values "
                                     f"({type(e).__name__}); it must use the ops namespace, "
@@ -291,8 +289,8 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                     old = slot_leaves[s][i]
                     v = jnp.asarray(v)
                     if v.shape != old.shape:
-                        raise RuntimeError(f"{type(row).__name__}.tensor_update returned slot {s!r} "
-                                           f"of '{names[i]}' with shape {v.shape}, not "
+                        raise RuntimeError(f"{type(row).__name__}.tensor_update returned slot "
+                                           f"{s!r} of '{names[i]}' with shape {v.shape}, not "
                                            f"{old.shape}")
                     new_slots[s][i] = v.astype(old.dtype)
                 for s, w in zip(averaged, avg_w):
@@ -304,6 +302,16 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                     new_ps[i] = jnp.where(late[i], new_ps[i], leaves[i])
                     for s in full:
                         new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
+            return new_ps, new_slots, checked
+
+        fused = None if host_kernel is None or late is not None or missed is not None \
+            else host_tensorwise(opt, rows, leaves, grads, table, attrs, slot_leaves, full,
+                                 avg_w, forced(opt, state.hyperparams) if skip else None)
+        if fused is not None:
+            host_kernel.append(fused[2:4])
+            new_ps, new_slots = fused[0], fused[1]
+        else:
+            new_ps, new_slots, checked = traced_update()
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip and fused is not None:  # (the kernel left every array as it was, skipped)
