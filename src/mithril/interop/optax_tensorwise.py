@@ -304,7 +304,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                         new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
             return new_ps, new_slots, checked
 
-        fused = None if host_kernel is None or late is not None or missed is not None \
+        fused = None if host_kernel is None or late is not None \
             else host_tensorwise(opt, rows, leaves, grads, table, attrs, slot_leaves, full,
                                  avg_w, forced(opt, state.hyperparams) if skip else None)
         if fused is not None:
