@@ -34,14 +34,14 @@ import train_epoch as te  # noqa: E402
 
 import mithril as ml  # noqa: E402
 from mithril.backends import JaxBackend  # noqa: E402
-from mithril.utils.optimizers import LAMB, LARS, Adafactor, Adam  # noqa: E402
+from mithril.utils.optimizers import LAMB, LARS, SM3, Adafactor, Adam  # noqa: E402
 from mithril.utils.optimizers.engines import kernel_cache, xla_ffi  # noqa: E402
 from mithril.utils.training import make_train_step  # noqa: E402
 
 POLICIES = ("unchecked", "propagate", "skip")
 #: ``--optimizer``: ours and optax's
 OPTIMIZERS = {"adam": (Adam, None), "lamb": (LAMB, "lamb"), "lars": (LARS, "lars"),
-              "adafactor": (Adafactor, "adafactor")}
+              "adafactor": (Adafactor, "adafactor"), "sm3": (SM3, "sm3")}
 
 
 def mithril_variant(policy: str, hidden: list[int], feed: list, spec: Any,

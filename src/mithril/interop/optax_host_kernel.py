@@ -102,19 +102,27 @@ def host_tensorwise(opt: Any, rows: Any, leaves: list[Any], grads: list[Any],
     :class:`~mithril.interop.optax_tensorwise._Rows`; ``table``: each row's scalars,
     ``avg_w``: the averages' weights): (new params, new slots by name, gradients finite,
     new values finite), or None where no kernel takes the step. Adafactor's (torch's
-    convention, ``fused=True``) runs as one call (:mod:`.xla_ffi_adafactor`), its table a
-    row per tensor made here from the rows' scalars, as the NumPy engine's
-    ``_scalar_tables``; the same refusals as :func:`host_update`'s, and a traced
-    ``epsilon``."""
+    convention, ``fused=True``) and SM3's run as one call (:mod:`.xla_ffi_tensorwise`),
+    the kernel's table a row per tensor made here from the rows' scalars, as the NumPy
+    engine's; the same refusals as :func:`host_update`'s, and a traced hyperparameter the
+    math branches on (Adafactor's ``epsilon``, SM3's ``beta2``)."""
     import jax.numpy as jnp
 
     from ..utils.optimizers.adafactor import Adafactor
-    from ..utils.optimizers.engines import xla_ffi, xla_ffi_adafactor
+    from ..utils.optimizers.engines import xla_ffi, xla_ffi_tensorwise
+    from ..utils.optimizers.engines.sm3_kernels import MAX_RANK
+    from ..utils.optimizers.sm3 import SM3
 
+    kinds = {Adafactor: (_adafactor_row, xla_ffi_tensorwise.fused_adafactor),
+             SM3: (_sm3_row, xla_ffi_tensorwise.fused_sm3)}
+    cls = next((c for c in kinds if isinstance(opt, c)), None)
     plan = rows.plan
-    if not isinstance(opt, Adafactor) or full[:3] != Adafactor.slots or len(full) > 5 or any(
-            not isinstance(r, Adafactor) or r.convention != "torch" or not r.fused
-            for r in rows.rows):
+    if cls is None or full[:len(cls.slots)] != cls.slots or len(full) > len(cls.slots) + 2 \
+            or any(not isinstance(r, cls) for r in rows.rows):
+        return None
+    if cls is Adafactor and any(r.convention != "torch" or not r.fused for r in rows.rows):
+        return None
+    if cls is SM3 and any(len(p.shape) > MAX_RANK for p in leaves):
         return None
     if plan.pre is not None or plan.agc is not None or plan.tensor_clip:
         return None
@@ -125,27 +133,57 @@ def host_tensorwise(opt: Any, rows: Any, leaves: list[Any], grads: list[Any],
         return None
     dt = leaves[0].dtype
     gscale = _gscale(opt, attrs, grads)
+    make, call = kinds[cls]
     clip, per_row = False, []
     for r, row in enumerate(rows.rows):
         cv, l2, dwd = plan.static[r]
         live, a = plan.live[r], attrs[r]
-        if l2 or dwd or "epsilon" in a or ("weight_decay" in live and plan.decay[r] in (
-                "l2", "decoupled")):
-            return None
         c: Any = np.inf
         if cv > 0 or "clip_value" in live:
             clip, c = True, _value(a.get("clip_value", cv))
-        lr, w, rho = table[r][1:4]
-        wd = _value(a["weight_decay"]) if "weight_decay" in a else row.weight_decay
-        keep = 1 - lr * wd if "weight_decay" in a or wd != 0 else 1.0
-        eps1, eps2 = row.epsilon
-        eps1 = float(np.finfo(dt).eps) if eps1 is None else eps1
-        d = _value(a["d"]) if "d" in a else row.d
-        x = jnp.stack([jnp.asarray(v).astype(dt) for v in (
-            gscale * (-1.0 if row.maximize else 1.0), c, keep, w, 0.0, rho, eps1,
-            eps1 * eps1, eps2, d, *avg_w)])
-        per_row.append(x.at[4].set(1 - x[3]))  # (torch's lerp: 1 − w in the dtype)
+        if dwd or ("weight_decay" in live and plan.decay[r] == "decoupled"):
+            return None
+        l2 = _value(a["weight_decay"]) if "weight_decay" in live and plan.decay[r] == "l2" \
+            else l2
+        got = make(row, a, table[r], gscale, c, l2, dt)
+        if got is None:
+            return None
+        per_row.append(jnp.stack([jnp.asarray(v).astype(dt) for v in (*got, *avg_w)]))
     H = jnp.stack(per_row)[np.asarray(plan.index, np.int32)]
-    new_ps, new_slots, gf, vf = xla_ffi_adafactor.fused_adafactor(
-        H, clip, leaves, grads, [list(slot_leaves[s]) for s in full], skip=skip)
+    new_ps, new_slots, gf, vf = call(H, clip, leaves, grads, [list(slot_leaves[s]) for s in full],
+                                     skip=skip)
     return new_ps, dict(zip(full, new_slots)), gf, vf
+
+
+def _hyper(row: Any, a: dict[str, Any], name: str) -> Any:
+    """A row's hyperparameter ``name``: traced where ``a`` (its traced ones) has it."""
+    return _value(a[name]) if name in a else getattr(row, name)
+
+
+def _adafactor_row(row: Any, a: dict[str, Any], scalars: list[Any], gscale: Any, c: Any,
+                   l2: Any, dt: Any) -> tuple | None:
+    """Adafactor's kernel columns (:data:`.factored_kernels.GS` ...) for one row: None
+    where it has coupled decay (torch's is in its math) or a traced ``epsilon``."""
+    import jax.numpy as jnp
+
+    if l2 or "epsilon" in a:
+        return None
+    lr, w, rho = scalars[1:4]
+    wd = _hyper(row, a, "weight_decay")
+    keep = 1 - lr * wd if "weight_decay" in a or wd != 0 else 1.0
+    eps1, eps2 = row.epsilon
+    eps1 = float(np.finfo(dt).eps) if eps1 is None else eps1
+    w = jnp.asarray(w).astype(dt)
+    return (gscale * (-1.0 if row.maximize else 1.0), c, keep, w, 1 - w, rho, eps1,
+            eps1 * eps1, eps2, _hyper(row, a, "d"))  # (torch's lerp: 1 − w in the dtype)
+
+
+def _sm3_row(row: Any, a: dict[str, Any], scalars: list[Any], gscale: Any, c: Any,
+             l2: Any, dt: Any) -> tuple | None:
+    """SM3's kernel columns (:data:`.sm3_kernels.GS` ...) for one row: None where its
+    ``beta2`` is traced (the math branches on ``beta2 == 1``)."""
+    if "beta2" in a:
+        return None
+    b1, b2 = _hyper(row, a, "momentum"), row.beta2
+    return (gscale, c, l2, scalars[1], 1.0 if b2 == 1.0 else 1.0 - b2, b2,
+            _hyper(row, a, "epsilon"), 1 - b1, b1)

@@ -76,7 +76,7 @@ def adafactor_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int
                     ) -> dict[str, Any]:
     """The per-tensor functions of :func:`adafactor_kernel` (``matrix``, ``full_usq``,
     ``full_step``, ``no_grad``, ``step_size``), which the one-program JAX step's handler
-    calls too (:mod:`.xla_ffi_adafactor`). Options as :func:`adafactor_kernel`'s."""
+    calls too (:mod:`.xla_ffi_tensorwise`). Options as :func:`adafactor_kernel`'s."""
     DT = np.dtype(dtype).type
     # the probe's integer (of the float's width; see kernels._INNER_SRC: z = IT(max(...)))
     IT = np.int64 if np.dtype(dtype).itemsize == 8 else np.int32

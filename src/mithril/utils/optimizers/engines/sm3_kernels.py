@@ -63,13 +63,12 @@ def geometry(shapes: list[tuple[int, ...]], offsets: Any, mu_offsets: Any) -> np
 
 
 @functools.cache
-def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any:
-    """The kernel for ``dtype``; ``dry``: probe only; ``copy``: parameters are read from
-    ``P`` and written to ``Q`` (JAX's double buffer; else in place); ``clip``: clipping
-    by value compiled in; ``n_avg``: how many weight averages (``A0``, ``A1``) move."""
+def sm3_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> dict[str, Any]:
+    """The per-tensor functions of :func:`sm3_kernel` (``vector``, ``axes``, ``no_grad``),
+    which the one-program JAX step's handler calls too (:mod:`.xla_ffi_tensorwise`).
+    Options as :func:`sm3_kernel`'s."""
     DT = np.dtype(dtype).type
     wide = np.dtype(dtype).itemsize == 8
-    EXP = np.int64(0x7FF0000000000000) if wide else np.int32(0x7F800000)
     IT = np.int64 if wide else np.int32
     UT = np.uint64 if wide else np.uint32
     INF_BITS = UT(0x7FF0000000000000) if wide else UT(0x7F800000)
@@ -245,16 +244,49 @@ def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any
                     A1[j] = v1
         return z
 
+    @inline
+    def scratch(work):  # pragma: no cover
+        """A thread's scratch (``2 w + 1`` values: :func:`scratch_size`) as the blocks
+        ``axes`` takes: the least μ, ν (and its bits), a cell (and its bits)."""
+        w = (work.shape[0] - 1) // 2
+        bits = work.view(UT)
+        return work[:w], work[w:2 * w], bits[w:2 * w], work[2 * w:], bits[2 * w:]
+
+    return {"vector": vector, "axes": axes, "no_grad": no_grad, "scratch": scratch}
+
+
+def scratch_size(ranks: Any, inner: Any) -> int:  # pragma: no cover - numba's too
+    """The values of a thread's scratch for tensors of ``ranks`` whose last axes are
+    ``inner`` long: two blocks of at least :data:`BLOCK` (or the longest last axis of a
+    tensor of rank ≥ 2) and a cell."""
+    w = BLOCK
+    for k in range(len(ranks)):
+        if ranks[k] >= 2 and inner[k] > w:
+            w = inner[k]
+    return 2 * w + 1
+
+
+@functools.cache
+def sm3_kernel(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> Any:
+    """The kernel for ``dtype``; ``dry``: probe only; ``copy``: parameters are read from
+    ``P`` and written to ``Q`` (JAX's double buffer; else in place); ``clip``: clipping
+    by value compiled in; ``n_avg``: how many weight averages (``A0``, ``A1``) move."""
+    parts = sm3_parts(dtype, dry, copy, clip, n_avg)
+    vector, axes, no_grad = parts["vector"], parts["axes"], parts["no_grad"]
+    DT = np.dtype(dtype).type
+    EXP = np.int64(0x7FF0000000000000) if np.dtype(dtype).itemsize == 8 else \
+        np.int32(0x7F800000)
+    views = parts["scratch"]
+    jit = kernel_cache.jit(error_model="numpy", nogil=True)
+
     @jit
     def kernel(P, Q, M, MU, MUn, A0, A1, gptr, geo, Hd, order, work, out, bad, sync, spins
                ):  # pragma: no cover
         """Claim tensors (in ``order``) until none is left; ``out[t]``: Σ g² of tensor
         ``t``'s raw gradient, ``bad[t]``: one of its new values is inf/NaN. ``work``: this
         thread's scratch, two blocks (the least μ, ν) and a cell."""
-        n, w = order.shape[0], (work.shape[0] - 1) // 2
-        bits = work.view(UT)
-        mn, acc, accb, cell, cellb = work[:w], work[w:2 * w], bits[w:2 * w], work[2 * w:], \
-            bits[2 * w:]
+        n = order.shape[0]
+        mn, acc, accb, cell, cellb = views(work)
         slot = atomics.arrive(sync)
         k = atomics.claim(sync, slot)
         while k < n:
@@ -297,11 +329,11 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
     out = np.zeros(len(geo), dtype=np.float64)
     bad = np.zeros(len(geo), dtype=np.bool_)
     sync = atomics.new_sync(n, 1)  # one queue: the largest tensors first
-    ranked = np.flatnonzero(geo[:, RANK] >= 2)
-    inner = int(geo[ranked, DIMS + geo[ranked, RANK] - 1].max()) if len(ranked) else 0
+    ranks = geo[:, RANK]
+    inner = geo[np.arange(len(geo)), DIMS + np.maximum(ranks - 1, 0)]
     workers = min(threads.get_num_threads(), n) - 1 if total >= threads.MIN_PARALLEL else 0
-    w = max(BLOCK, inner)  # each thread its own scratch (see the kernel)
-    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(2 * w + 1, Hd.dtype),  # noqa: E731
+    w = scratch_size(ranks, inner)  # each thread its own scratch (see the kernel)
+    job = lambda spins: kernel(*args, gptr, geo, Hd, order, np.empty(w, Hd.dtype),  # noqa: E731
                                out, bad, sync, spins)
     share(job, sync, n, workers, threads.SPINS)
     return out, bad

@@ -1,9 +1,9 @@
-"""Adafactor's update in the one-program JAX step on CPU as one call of the NumPy engine's
-per-tensor passes through XLA's FFI (``engines/xla_ffi_adafactor.py``,
-``interop/optax_host_kernel.host_tensorwise``): it equals the traced update with groups,
+"""Adafactor's and SM3's updates in the one-program JAX step on CPU as one call of the
+NumPy engine's per-tensor passes through XLA's FFI (``engines/xla_ffi_tensorwise.py``,
+``interop/optax_host_kernel.host_tensorwise``): they equal the traced update with groups,
 clipping, decay and averages; ``"skip"`` leaves every array as it was; a non-finite step
-applied is torch's (and the NumPy engine's), not the traced update's; the train step that
-uses it equals the separate evaluate + update."""
+applied is torch's (and the NumPy engine's and the traced update's); the train step that
+uses them equals the separate evaluate + update."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 from mithril.interop import optax_transformation  # noqa: E402
-from mithril.utils.optimizers import Adafactor  # noqa: E402
-from mithril.utils.optimizers.engines import xla_ffi, xla_ffi_adafactor  # noqa: E402
+from mithril.utils.optimizers import SM3, Adafactor  # noqa: E402
+from mithril.utils.optimizers.engines import xla_ffi, xla_ffi_tensorwise  # noqa: E402
 
 #: a matrix, a vector, a batch of matrices, a scalar and an empty tensor
 SHAPES = {"w1": (7, 5), "b1": (5,), "w3": (2, 5, 3), "s": (), "e": (0,)}
@@ -217,9 +217,9 @@ def test_refused_where_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_whole_tensors_largest_first() -> None:
-    table = xla_ffi_adafactor.whole_pieces(np.array([3, 0, 7, 3, 1]))
+    table = xla_ffi_tensorwise.whole_pieces(np.array([3, 0, 7, 3, 1]))
     assert table.tolist() == [4, 4, 0, 1, 2, 3, 4, 2, 0, 3, 4, 0, 0, 0, 0, 7, 3, 3, 1]
-    geo = xla_ffi_adafactor.geometry([(7, 5), (5,), (2, 5, 3), (), (0,)])
+    geo = xla_ffi_tensorwise.adafactor_geometry([(7, 5), (5,), (2, 5, 3), (), (0,)])
     assert geo.tolist() == [[35, 1, 7, 5], [5, 0, 0, 0], [30, 2, 5, 3], [1, 0, 0, 0],
                             [0, 0, 0, 0]]
 
@@ -257,7 +257,7 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
     from mithril.utils.training import make_train_step
 
     calls: list[int] = []
-    real = xla_ffi_adafactor.fused_adafactor
+    real = xla_ffi_tensorwise.fused_adafactor
 
     def counted(*a: Any, **k: Any) -> Any:
         calls.append(1)
@@ -281,7 +281,7 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
     for d in batches:
         _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
         sep, sep_state = opt.update(sep, grads, sep_state)
-    with um.patch.object(xla_ffi_adafactor, "fused_adafactor", counted):
+    with um.patch.object(xla_ffi_tensorwise, "fused_adafactor", counted):
         step = make_train_step(compiled, make(), loss="loss")
         params = {k: be.array(v) for k, v in start.items()}
         state = step.init(params)
@@ -327,3 +327,103 @@ def test_float64_params_take_it_too() -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+#: SM3 on tensors of rank 0 to 4 (its per-axis accumulators) and an empty one
+SM3_SHAPES = {"w1": (7, 5), "b1": (5,), "w3": (2, 5, 3), "w4": (2, 3, 1, 4), "s": (),
+              "e": (0,)}
+
+SM3_OPTIONS = {
+    "defaults": {},
+    "l2-clip-norm-group": {"weight_decay": 0.1, "clip_norm": 0.5, "param_groups": [
+        {"params": _bias, "weight_decay": 0.0, "learning_rate": 5e-3}]},
+    "clip-value-averages": {"clip_value": 0.3, "ema_decay": 0.9, "swa_start": 2},
+    "beta2-momentum-epsilon": {"beta2": 0.99, "momentum": 0.5, "epsilon": 1e-3},
+    "skip": {"nonfinite": "skip"},
+}
+
+
+def _sm3_arrays(seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SM3_SHAPES.items()}
+
+
+@pytest.mark.parametrize("name", SM3_OPTIONS)
+def test_sm3_equals_the_traced_update(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SM3's kernel does the per-tensor path's operations one by one (no fastmath): the
+    same bits as the traced update, up to XLA's own rounding (1e-6)."""
+    monkeypatch.setattr(sys.modules[__name__], "_arrays", _sm3_arrays)
+    grads = [_sm3_arrays(10 + i) for i in range(3)]
+    want, wstate, _ = _run(SM3(learning_rate=1e-2, **SM3_OPTIONS[name]), False, grads)
+    got, gstate, taken = _run(SM3(learning_rate=1e-2, **SM3_OPTIONS[name]), True, grads)
+    assert taken == [[True, True]] * 3
+    _same(got, gstate, want, wstate)
+    assert not np.array_equal(got["w4"], _sm3_arrays(0)["w4"])
+
+
+def test_sm3_skips_and_refuses_as_adafactor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN step skipped with every array as before; a rank beyond the kernel's
+    (``MAX_RANK``) and bfloat16 gradients take the traced update."""
+    from mithril.utils.optimizers.engines import sm3_kernels
+
+    monkeypatch.setattr(sys.modules[__name__], "_arrays", _sm3_arrays)
+    g = _sm3_arrays(11)
+    g["w4"] = g["w4"].at[1, 2, 0, 3].set(jnp.nan)
+    opt = SM3(learning_rate=1e-2, nonfinite="skip")
+    before, bstate, _ = _run(opt, True, [_sm3_arrays(10)])
+    after, astate, taken = _run(opt, True, [_sm3_arrays(10), g])
+    assert taken == [[True, True], [False, False]]
+    for k in before:
+        assert np.array_equal(after[k], before[k]), k
+        for s in bstate.slots:
+            assert np.array_equal(astate.slots[s][k], bstate.slots[s][k]), (s, k)
+    monkeypatch.setattr(sm3_kernels, "MAX_RANK", 3)
+    assert _run(opt, True, [_sm3_arrays(10)])[2] == []
+    monkeypatch.undo()
+    monkeypatch.setattr(sys.modules[__name__], "_arrays", _sm3_arrays)
+    half = [{k: v.astype(jnp.bfloat16) for k, v in _sm3_arrays(10).items()}]
+    assert _run(opt, True, half)[2] == []
+
+
+def test_sm3_train_step_equals_the_separate_calls() -> None:
+    """make_train_step's program with SM3 (its kernel through XLA) against evaluate +
+    update (the NumPy engine's SM3 kernel): coupled decay, global clipping, four steps."""
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.cli.networks import mlp_spec
+    from mithril.utils.training import make_train_step
+
+    calls: list[int] = []
+    real = xla_ffi_tensorwise.fused_sm3
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    be = JaxBackend(dtype="float32")
+    spec = mlp_spec(8, 4, [16, 12])
+    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
+    rng = np.random.default_rng(0)
+    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
+                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)} for _ in range(4)]
+    start = {k: np.array(v) for k, v in compiled.get_parameters().items()}
+
+    def make() -> SM3:
+        return SM3(learning_rate=1e-2, weight_decay=0.01, clip_norm=0.5, beta2=0.99)
+
+    opt = make()
+    sep = {k: be.array(v) for k, v in start.items()}
+    sep_state = opt.init(sep)
+    for d in batches:
+        _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
+        sep, sep_state = opt.update(sep, grads, sep_state)
+    with um.patch.object(xla_ffi_tensorwise, "fused_sm3", counted):
+        step = make_train_step(compiled, make(), loss="loss")
+        params = {k: be.array(v) for k, v in start.items()}
+        state = step.init(params)
+        for d in batches:
+            params, state, _ = step(params, state, d)
+    assert calls  # (traced once)
+    for k in sep:
+        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
