@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import unittest.mock as um
 from typing import Any
 
 import numpy as np
@@ -251,46 +250,12 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
     """make_train_step's program (the kernel through XLA) against evaluate + update (the
     NumPy engine's Adafactor kernel on the JAX arrays' host buffers): decay, global
     clipping, a group, four steps."""
-    import mithril as ml
-    from mithril.backends import JaxBackend
-    from mithril.cli.networks import mlp_spec
-    from mithril.utils.training import make_train_step
+    from ffi_train_step import equals_separate_calls
 
-    calls: list[int] = []
-    real = xla_ffi_tensorwise.fused_adafactor
-
-    def counted(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        return real(*a, **k)
-
-    be = JaxBackend(dtype="float32")
-    spec = mlp_spec(8, 4, [16, 12])
-    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
-    rng = np.random.default_rng(0)
-    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
-                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)} for _ in range(4)]
-    start = {k: np.array(v) for k, v in compiled.get_parameters().items()}
-
-    def make() -> Adafactor:
-        return Adafactor(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
-                         param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}])
-
-    opt = make()
-    sep = {k: be.array(v) for k, v in start.items()}
-    sep_state = opt.init(sep)
-    for d in batches:
-        _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
-        sep, sep_state = opt.update(sep, grads, sep_state)
-    with um.patch.object(xla_ffi_tensorwise, "fused_adafactor", counted):
-        step = make_train_step(compiled, make(), loss="loss")
-        params = {k: be.array(v) for k, v in start.items()}
-        state = step.init(params)
-        for d in batches:
-            params, state, _ = step(params, state, d)
-    assert calls  # (traced once)
-    for k in sep:
-        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
-                                   atol=1e-6, err_msg=k)
+    equals_separate_calls(lambda: Adafactor(
+        learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
+        param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}]),
+        xla_ffi_tensorwise, "fused_adafactor")
 
 
 def test_float64_params_take_it_too() -> None:
@@ -388,42 +353,7 @@ def test_sm3_skips_and_refuses_as_adafactor(monkeypatch: pytest.MonkeyPatch) -> 
 def test_sm3_train_step_equals_the_separate_calls() -> None:
     """make_train_step's program with SM3 (its kernel through XLA) against evaluate +
     update (the NumPy engine's SM3 kernel): coupled decay, global clipping, four steps."""
-    import mithril as ml
-    from mithril.backends import JaxBackend
-    from mithril.cli.networks import mlp_spec
-    from mithril.utils.training import make_train_step
+    from ffi_train_step import equals_separate_calls
 
-    calls: list[int] = []
-    real = xla_ffi_tensorwise.fused_sm3
-
-    def counted(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        return real(*a, **k)
-
-    be = JaxBackend(dtype="float32")
-    spec = mlp_spec(8, 4, [16, 12])
-    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
-    rng = np.random.default_rng(0)
-    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
-                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)} for _ in range(4)]
-    start = {k: np.array(v) for k, v in compiled.get_parameters().items()}
-
-    def make() -> SM3:
-        return SM3(learning_rate=1e-2, weight_decay=0.01, clip_norm=0.5, beta2=0.99)
-
-    opt = make()
-    sep = {k: be.array(v) for k, v in start.items()}
-    sep_state = opt.init(sep)
-    for d in batches:
-        _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
-        sep, sep_state = opt.update(sep, grads, sep_state)
-    with um.patch.object(xla_ffi_tensorwise, "fused_sm3", counted):
-        step = make_train_step(compiled, make(), loss="loss")
-        params = {k: be.array(v) for k, v in start.items()}
-        state = step.init(params)
-        for d in batches:
-            params, state, _ = step(params, state, d)
-    assert calls  # (traced once)
-    for k in sep:
-        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
-                                   atol=1e-6, err_msg=k)
+    equals_separate_calls(lambda: SM3(learning_rate=1e-2, weight_decay=0.01, clip_norm=0.5,
+                                      beta2=0.99), xla_ffi_tensorwise, "fused_sm3")

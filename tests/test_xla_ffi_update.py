@@ -250,48 +250,12 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
     """make_train_step's program (the fused kernel through XLA) against evaluate + update
     (the NumPy engine's kernel on the JAX arrays' host buffers), AdamW with a group, global
     clipping and decoupled decay, four steps."""
-    import unittest.mock as um
+    from ffi_train_step import equals_separate_calls
 
-    import mithril as ml
-    from mithril.backends import JaxBackend
-    from mithril.cli.networks import mlp_spec
-    from mithril.utils.training import make_train_step
-
-    calls: list[int] = []
-    real = xla_ffi.fused_update
-
-    def counted(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        return real(*a, **k)
-
-    be = JaxBackend(dtype="float32")
-    spec = mlp_spec(8, 4, [16, 12])
-    compiled = ml.compile(spec.model, be, shapes=spec.shapes)
-    rng = np.random.default_rng(0)
-    batches = [{"input": be.array(rng.standard_normal((32, 8)).astype(np.float32)),
-                "target": be.array(rng.integers(0, 4, 32), be.int_dtype)} for _ in range(4)]
-    start = {k: np.array(v) for k, v in compiled.get_parameters().items()}
-
-    def make() -> AdamW:
-        return AdamW(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
-                     param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}])
-
-    opt = make()
-    sep = {k: be.array(v) for k, v in start.items()}
-    sep_state = opt.init(sep)
-    for d in batches:
-        _, grads = compiled.evaluate(sep, d, output_gradients={"loss": 1.0})
-        sep, sep_state = opt.update(sep, grads, sep_state)
-    with um.patch.object(xla_ffi, "fused_update", counted):
-        step = make_train_step(compiled, make(), loss="loss")
-        params = {k: be.array(v) for k, v in start.items()}
-        state = step.init(params)
-        for d in batches:
-            params, state, _ = step(params, state, d)
-    assert calls  # (traced once)
-    for k in sep:
-        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
-                                   atol=1e-6, err_msg=k)
+    equals_separate_calls(lambda: AdamW(
+        learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
+        param_groups=[{"params": lambda n: "bias" in n, "weight_decay": 0.0}]),
+        xla_ffi, "fused_update")
 
 
 def test_a_later_process_loads_the_program_from_jax_cache(tmp_path: Path) -> None:

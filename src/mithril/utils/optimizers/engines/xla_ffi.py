@@ -146,6 +146,23 @@ def handler(frame):
     return voidptr(0)
 
 
+def claim(rec, pieces, force):
+    # the next piece this thread does and whether it is the dry pass's (-1: none left);
+    # SKIP, not forced: pieces [0, pieces) the dry pass (nothing written), [pieces,
+    # 2 pieces) the update, claimed once every dry piece is done and only where all was
+    # finite
+    k = fetch_add(rec + 64, 1)
+    if k >= (pieces if force else 2 * pieces):
+        return -1, False
+    if force or k < pieces:
+        return k, not force
+    while load_acquire(rec + 128) < pieces:  # (short: the dry pieces are in hand)
+        spin_pause()
+    if load_acquire(rec + 8 * 24) != 0 or load_acquire(rec + 8 * 25) != 0:
+        return -1, False
+    return k - pieces, False
+
+
 def views(fa):
     # the call's arguments and results (buffer addresses), the table H, each tensor's row,
     # the piece count, the segment count, the piece table
@@ -167,24 +184,14 @@ def work(fa, rec):
     # is left; arguments: H, each tensor's row, the piece table, then per tensor its param,
     # gradient and slots; results: per tensor the param and slots, then the flags
     args, rets, H, group, pieces, segs, pt = views(fa)
-    # SKIP: pieces [0, pieces) the dry pass (nothing written), [pieces, 2 pieces) the update,
-    # claimed once every dry piece is done and only where all was finite
     force = True
     if SKIP:
         force = forced(args)
-    total = pieces if force else 2 * pieces
     did = 0
     while True:
-        k = fetch_add(rec + 64, 1)
-        if k >= total:
+        k, dry = claim(rec, pieces, force)
+        if k < 0:
             return did
-        dry = not force and k < pieces
-        if not force and k >= pieces:
-            k -= pieces
-            while load_acquire(rec + 128) < pieces:  # (short: the dry pieces are in hand)
-                spin_pause()
-            if load_acquire(rec + 8 * 24) != 0 or load_acquire(rec + 8 * 25) != 0:
-                return did
         did += 1
         for e in range(pt[2 + k], pt[3 + k]):
             t = pt[3 + pieces + e]
@@ -368,6 +375,7 @@ def _register(ns: dict[str, Any], src: str, name: str, n_slots: int, dtype: str,
     kernel_cache.exec_source(src, name, ns)
     ns["work"] = numba.njit(inline="always")(ns["work"])
     ns["views"] = numba.njit(inline="always")(ns["views"])
+    ns["claim"] = numba.njit(inline="always")(ns["claim"])
     fn = kernel_cache.cfunc(types.voidptr(types.voidptr), ns["handler"], fastmath=_FASTMATH,
                             error_model="numpy", nogil=True)
     module = getattr(fn._pyfunc, "__module__", "") or ""

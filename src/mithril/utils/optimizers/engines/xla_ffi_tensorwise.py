@@ -42,31 +42,21 @@ from .xla_ffi import _HANDLER_SRC, MAX_TENSOR, _register
 
 _WORK_SRC = """
 def work(fa, rec):
-    # claim tensors (whole: one thread does a tensor's passes) until none is left; SKIP:
-    # pieces [0, pieces) the dry passes (nothing written), [pieces, 2 pieces) the update,
-    # claimed once every dry piece is done and only where all was finite
+    # claim tensors (whole: one thread does a tensor's passes) until none is left
     args, rets, H, group, pieces, segs, pt = views(fa)
     n = group.shape[0]
     geo = carray(voidptr(data(args[FIRST - 1])), (n, GEO), np.int32)
     force = True
     if SKIP:
         force = forced(args)
-    total = pieces if force else 2 * pieces
     scr = scratch(geo)  # (this thread's)
     ext = np.empty(1 + NS, np.int64)  # a tensor's buffers: sizes, then addresses
     ad = np.empty(1 + NS, np.int64)
     did = 0
     while True:
-        k = fetch_add(rec + 64, 1)
-        if k >= total:
+        k, dry = claim(rec, pieces, force)  # (SKIP: the dry passes first, see claim)
+        if k < 0:
             return did
-        dry = not force and k < pieces
-        if not force and k >= pieces:
-            k -= pieces
-            while load_acquire(rec + 128) < pieces:  # (short: the dry pieces are in hand)
-                spin_pause()
-            if load_acquire(rec + 8 * 24) != 0 or load_acquire(rec + 8 * 25) != 0:
-                return did
         did += 1
         t = pt[3 + pieces + pt[2 + k]]
         extent(geo[t], ext)
