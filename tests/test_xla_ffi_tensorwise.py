@@ -7,10 +7,7 @@ uses them equals the separate evaluate + update."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 from typing import Any
 
 import numpy as np
@@ -250,7 +247,7 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
     """make_train_step's program (the kernel through XLA) against evaluate + update (the
     NumPy engine's Adafactor kernel on the JAX arrays' host buffers): decay, global
     clipping, a group, four steps."""
-    from ffi_train_step import equals_separate_calls
+    from ffi_checks import equals_separate_calls
 
     equals_separate_calls(lambda: Adafactor(
         learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5,
@@ -260,38 +257,11 @@ def test_the_train_step_takes_it_and_equals_the_separate_calls() -> None:
 
 def test_float64_params_take_it_too() -> None:
     """With ``jax_enable_x64`` (a process of its own): float64 params and slots through the
-    handler's float64 variant, against the traced update."""
-    script = textwrap.dedent("""
-        import jax
-        jax.config.update("jax_enable_x64", True)
-        import numpy as np, jax.numpy as jnp
-        from mithril.interop import optax_transformation
-        from mithril.utils.optimizers import Adafactor
-        tx = optax_transformation(Adafactor(learning_rate=1e-2, weight_decay=0.1,
-                                            clip_norm=0.3))
-        rng = np.random.default_rng(0)
-        start = {"w": jnp.asarray(rng.standard_normal((6, 5))),
-                 "b": jnp.asarray(rng.standard_normal(5))}
-        grads = [{k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in start.items()}
-                 for _ in range(3)]
-        out = {}
-        for fused in (True, False):
-            probe = []
-            kw = {"host_kernel": probe} if fused else {}
-            f = jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True, **kw))
-            p, s = start, tx.init(start)
-            for g in grads:
-                p, s = f(g, s, p)
-            assert p["w"].dtype == jnp.float64
-            assert bool(probe) == fused
-            out[fused] = p
-        for k in start:
-            np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-13, atol=1e-14)
-        print("ok")
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    handlers' float64 variants, against the traced update."""
+    from ffi_checks import float64_equals_traced
+
+    float64_equals_traced("Adafactor(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.3)")
+    float64_equals_traced("SM3(learning_rate=1e-2, weight_decay=0.1, clip_norm=0.3)")
 
 
 #: SM3 on tensors of rank 0 to 4 (its per-axis accumulators) and an empty one
@@ -353,7 +323,7 @@ def test_sm3_skips_and_refuses_as_adafactor(monkeypatch: pytest.MonkeyPatch) -> 
 def test_sm3_train_step_equals_the_separate_calls() -> None:
     """make_train_step's program with SM3 (its kernel through XLA) against evaluate +
     update (the NumPy engine's SM3 kernel): coupled decay, global clipping, four steps."""
-    from ffi_train_step import equals_separate_calls
+    from ffi_checks import equals_separate_calls
 
     equals_separate_calls(lambda: SM3(learning_rate=1e-2, weight_decay=0.01, clip_norm=0.5,
                                       beta2=0.99), xla_ffi_tensorwise, "fused_sm3")

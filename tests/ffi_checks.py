@@ -1,9 +1,14 @@
-"""The check the FFI route's tests share: ``make_train_step``'s one JAX program, whose
+"""The checks the FFI route's tests share: ``make_train_step``'s one JAX program, whose
 update runs through a kernel called by ``module.<kernel>``, against the separate
-``evaluate`` + ``update`` (the NumPy engine's kernel on the JAX arrays' host buffers)."""
+``evaluate`` + ``update`` (the NumPy engine's kernel on the JAX arrays' host buffers); and
+float64 params through the kernel against the traced update."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import unittest.mock as um
 from collections.abc import Callable
 from typing import Any
@@ -53,3 +58,42 @@ def equals_separate_calls(make: Callable[[], Any], module: Any, kernel: str,
         assert not np.array_equal(np.asarray(params[k]), start[k]), k  # (it moved)
         np.testing.assert_allclose(np.asarray(params[k]), np.asarray(sep[k]), rtol=1e-6,
                                    atol=1e-6, err_msg=k)
+
+
+_FLOAT64 = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np, jax.numpy as jnp
+from mithril.interop import optax_transformation
+from mithril.utils.optimizers import *
+tx = optax_transformation(__MAKE__)
+rng = np.random.default_rng(0)
+start = {"w": jnp.asarray(rng.standard_normal((6, 5))),
+         "b": jnp.asarray(rng.standard_normal(5))}
+grads = [{k: jnp.asarray(rng.standard_normal(v.shape)) for k, v in start.items()}
+         for _ in range(3)]
+out = {}
+for fused in (True, False):
+    probe = []
+    kw = {"host_kernel": probe} if fused else {}
+    f = jax.jit(lambda g, s, p: tx.update(g, s, p, new_params=True, **kw))
+    p, s = start, tx.init(start)
+    for g in grads:
+        p, s = f(g, s, p)
+    assert p["w"].dtype == jnp.float64
+    assert bool(probe) == fused
+    out[fused] = p
+for k in start:
+    np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-13, atol=1e-14)
+print("ok")
+"""
+
+
+def float64_equals_traced(make: str) -> None:
+    """With ``jax_enable_x64`` (a process of its own): three updates of the optimizer
+    ``make`` (its constructor call's source) on float64 params through the kernel's
+    float64 variant equal the traced update's to 1e-13."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_FLOAT64).replace(
+        "__MAKE__", make)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
