@@ -1,4 +1,5 @@
-"""The checks the FFI route's tests share: ``make_train_step``'s one JAX program, whose
+"""The checks the FFI route's tests share: an optax transformation's updates through the
+kernel or traced (:func:`updates`); ``make_train_step``'s one JAX program, whose
 update runs through a kernel called by ``module.<kernel>``, against the separate
 ``evaluate`` + ``update`` (the NumPy engine's kernel on the JAX arrays' host buffers); and
 float64 params through the kernel against the traced update."""
@@ -15,6 +16,34 @@ from typing import Any
 
 import numpy as np
 
+
+def updates(opt: Any, fused: bool, start: dict[str, Any], grads: list[dict[str, Any]]
+            ) -> tuple:
+    """The updates of ``opt``'s transformation from the params ``start`` over ``grads``,
+    each one jitted call, through the kernel (``host_kernel``) or traced (a loss-aware
+    optimizer given a loss of 2 − t/2); returns (params, state, the probes taken, lists
+    of two booleans)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mithril.interop import optax_transformation
+
+    tx = optax_transformation(opt)
+    params, state, taken = start, tx.init(start), []
+
+    @jax.jit
+    def step(params: Any, state: Any, g: Any) -> tuple:
+        probe: list = []
+        kw: dict[str, Any] = {"host_kernel": probe} if fused else {}
+        if opt.needs_loss:
+            kw["value"] = 2.0 - 0.5 * state.count.astype(jnp.float32)
+        new, state = tx.update(g, state, params, new_params=True, **kw)
+        return new, state, [jnp.stack(x) for x in probe]
+
+    for g in grads:
+        params, state, probe = step(params, state, g)
+        taken += [np.asarray(x).tolist() for x in probe]
+    return params, state, taken
 
 def equals_separate_calls(make: Callable[[], Any], module: Any, kernel: str,
                           steps: int = 4) -> None:

@@ -30,24 +30,11 @@ def _arrays(seed: int, scale: float = 1.0) -> dict[str, Any]:
 
 
 def _run(opt: Any, fused: bool, grads: list[dict[str, Any]]) -> tuple:
-    """The updates of ``opt``'s transformation over ``grads``, each one jitted call,
-    through the kernel (``host_kernel``) or traced; (params, state, probes taken)."""
-    tx = optax_transformation(opt)
-    params = _arrays(0)
-    state = tx.init(params)
-    taken: list = []
+    """The updates of ``opt``'s transformation over ``grads`` (:func:`ffi_checks.updates`),
+    through the kernel or traced; (params, state, probes taken)."""
+    from ffi_checks import updates
 
-    @jax.jit
-    def step(params: Any, state: Any, g: Any) -> tuple:
-        probe: list = []
-        kw = {"host_kernel": probe} if fused else {}
-        new, state = tx.update(g, state, params, new_params=True, **kw)
-        return new, state, [jnp.stack(x) for x in probe]
-
-    for g in grads:
-        params, state, probe = step(params, state, g)
-        taken += [np.asarray(x).tolist() for x in probe]
-    return params, state, taken
+    return updates(opt, fused, _arrays(0), grads)
 
 
 def _same(got: dict, gstate: Any, want: dict, wstate: Any, rtol: float = 1e-6) -> None:

@@ -37,28 +37,12 @@ def _arrays(seed: int, scale: float = 1.0) -> dict[str, Any]:
 
 
 def _run(opt: Any, fused: bool, steps: int = 3, grads: list | None = None) -> tuple:
-    """``steps`` updates of ``opt``'s transformation in one jitted function each, through
-    the fused kernel (``host_kernel``) or traced (a loss-aware one given a loss of 2 − t/2);
-    returns (params, state, probes taken)."""
-    tx = optax_transformation(opt)
-    params = _arrays(0)
-    state = tx.init(params)
-    taken: list = []
+    """``steps`` updates of ``opt``'s transformation (:func:`ffi_checks.updates`), of the
+    gradients ``grads`` or fresh ones; returns (params, state, probes taken)."""
+    from ffi_checks import updates
 
-    @jax.jit
-    def step(params: Any, state: Any, g: Any) -> tuple:
-        probe: list = []
-        kw = {"host_kernel": probe} if fused else {}
-        if opt.needs_loss:
-            kw["value"] = 2.0 - 0.5 * state.count.astype(jnp.float32)
-        new, state = tx.update(g, state, params, new_params=True, **kw)
-        return new, state, [jnp.stack(x) for x in probe]
-
-    for i in range(steps):
-        g = grads[i] if grads is not None else _arrays(10 + i)
-        params, state, probe = step(params, state, g)
-        taken += [np.asarray(x) for x in probe]
-    return params, state, taken
+    return updates(opt, fused, _arrays(0),
+                   grads if grads is not None else [_arrays(10 + i) for i in range(steps)])
 
 
 def _same(got: dict, gstate: Any, want: dict, wstate: Any) -> None:
@@ -92,7 +76,7 @@ def test_every_elementwise_optimizer_equals_its_traced_update(name: str) -> None
     cls = getattr(catalog, name)
     want, wstate, _ = _run(cls(learning_rate=1e-2), fused=False)
     got, gstate, taken = _run(cls(learning_rate=1e-2), fused=True)
-    assert len(taken) == 3 and all(t.tolist() == [True, True] for t in taken), name
+    assert len(taken) == 3 and all(t == [True, True] for t in taken), name
     _same(got, gstate, want, wstate)
     assert int(gstate.count) == int(wstate.count) == 3
 
@@ -110,7 +94,7 @@ def test_every_two_pass_optimizer_equals_its_traced_update(name: str) -> None:
     cls = getattr(catalog, name)
     want, wstate, _ = _run(cls(learning_rate=1e-2), fused=False)
     got, gstate, taken = _run(cls(learning_rate=1e-2), fused=True)
-    assert len(taken) == 3 and all(t.tolist() == [True, True] for t in taken), name
+    assert len(taken) == 3 and all(t == [True, True] for t in taken), name
     _same(got, gstate, want, wstate)
     for s in wstate.tensor_slots:
         for k in want:
@@ -143,7 +127,7 @@ def test_skip_keeps_everything_where_a_gradient_is_not_finite(bad: float) -> Non
     grads[1] = {**grads[1], "w2": grads[1]["w2"].at[2, 1].set(bad)}
     want, wstate, _ = _run(Adam(learning_rate=1e-2, nonfinite="skip"), False, grads=grads)
     got, gstate, taken = _run(Adam(learning_rate=1e-2, nonfinite="skip"), True, grads=grads)
-    assert [t.tolist() for t in taken] == [[True, True], [False, False], [True, True]]
+    assert taken == [[True, True], [False, False], [True, True]]
     assert int(gstate.count) == int(wstate.count) == 2  # the second step skipped
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
@@ -159,7 +143,7 @@ def test_a_two_pass_optimizer_skips_as_the_traced_update(name: str) -> None:
     cls = getattr(catalog, name)
     want, wstate, _ = _run(cls(learning_rate=1e-2, nonfinite="skip"), False, grads=grads)
     got, gstate, taken = _run(cls(learning_rate=1e-2, nonfinite="skip"), True, grads=grads)
-    assert [t.tolist() for t in taken] == [[True, True], [False, False], [True, True]]
+    assert taken == [[True, True], [False, False], [True, True]]
     assert int(gstate.count) == int(wstate.count) == 2
     _same(got, gstate, want, wstate)
     for k in wstate.values:
@@ -180,7 +164,7 @@ def test_skip_gives_up_after_max_consecutive_skips_as_the_traced_update() -> Non
 
     want, wstate, _ = _run(make(), False, grads=grads)
     got, gstate, taken = _run(make(), True, grads=grads)
-    assert [t.tolist() for t in taken] == [[True, True], [False, False], [False, False]]
+    assert taken == [[True, True], [False, False], [False, False]]
     assert int(gstate.count) == int(wstate.count) == 2  # (the third step applied)
     assert np.isnan(np.asarray(got["b1"])).any()
     _same(got, gstate, want, wstate)
@@ -213,12 +197,12 @@ def test_the_probe_tells_gradients_from_new_values() -> None:
     not finite, the gradients are; an inf clipped by value makes finite new values."""
     big = {k: jnp.full(s, 3e38, jnp.float32) for k, s in SHAPES.items()}
     _, _, taken = _run(SGD(learning_rate=1e-3), True, steps=1, grads=[big])
-    assert taken[0].tolist() == [True, True]
+    assert taken[0] == [True, True]
     _, _, taken = _run(SGD(learning_rate=10.0), True, steps=1, grads=[big])
-    assert taken[0].tolist() == [True, False]
+    assert taken[0] == [True, False]
     inf = {**_arrays(10), "b1": jnp.full((5,), np.inf, jnp.float32)}
     got, _, taken = _run(SGD(learning_rate=0.1, clip_value=0.5), True, steps=1, grads=[inf])
-    assert taken[0].tolist() == [False, True]
+    assert taken[0] == [False, True]
     np.testing.assert_allclose(got["b1"], np.asarray(_arrays(0)["b1"]) - 0.05, rtol=1e-6)
 
 
