@@ -45,6 +45,23 @@ def updates(opt: Any, fused: bool, start: dict[str, Any], grads: list[dict[str, 
         taken += [np.asarray(x).tolist() for x in probe]
     return params, state, taken
 
+def programs(opt: Any, params: dict[str, Any], grads: dict[str, Any]) -> dict[bool, str]:
+    """The text of one update's program of ``opt``'s transformation, through the kernel
+    (True) and traced (False)."""
+    import jax
+
+    from mithril.interop import optax_transformation
+
+    tx = optax_transformation(opt)
+    state = tx.init(params)
+    texts = {}
+    for fused in (True, False):
+        def f(g: Any, s: Any, p: Any, fused: bool = fused) -> Any:
+            kw = {"host_kernel": []} if fused else {}
+            return tx.update(g, s, p, new_params=True, **kw)
+        texts[fused] = jax.jit(f).lower(grads, state, params).as_text()
+    return texts
+
 def equals_separate_calls(make: Callable[[], Any], module: Any, kernel: str,
                           steps: int = 4) -> None:
     """Four steps of an MLP [8, 16, 12, 4] with the optimizer ``make()`` both ways: the

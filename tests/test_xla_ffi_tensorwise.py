@@ -163,16 +163,10 @@ def test_max_consecutive_skips_gives_up_as_the_traced_update() -> None:
 def test_the_program_holds_one_call(skip: bool) -> None:
     """One custom call for every tensor; ``"skip"``'s program has no conditional over the
     arrays (the traced one does)."""
-    tx = optax_transformation(Adafactor(learning_rate=1e-2,
-                                        nonfinite="skip" if skip else "propagate"))
-    params = _arrays(0)
-    state = tx.init(params)
-    texts = {}
-    for fused in (True, False):
-        def f(g: Any, s: Any, p: Any, fused: bool = fused) -> Any:
-            kw = {"host_kernel": []} if fused else {}
-            return tx.update(g, s, p, new_params=True, **kw)
-        texts[fused] = jax.jit(f).lower(_arrays(1), state, params).as_text()
+    from ffi_checks import programs
+
+    texts = programs(Adafactor(learning_rate=1e-2, nonfinite="skip" if skip else "propagate"),
+                     _arrays(0), _arrays(1))
     assert texts[True].count("@mithril_adafactor_") == 1
     assert "mithril_adafactor_" not in texts[False]
     if skip:

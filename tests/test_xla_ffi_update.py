@@ -177,15 +177,9 @@ def test_skip_gives_up_after_max_consecutive_skips_as_the_traced_update() -> Non
 def test_skip_keeps_no_conditional_over_the_arrays() -> None:
     """With the kernel, ``"skip"``'s program holds no conditional between the new and the
     old arrays (the kernel writes nothing where it skips); traced, it does."""
-    tx = optax_transformation(Adam(learning_rate=1e-2, nonfinite="skip"))
-    params = _arrays(0)
-    state = tx.init(params)
-    texts = {}
-    for fused in (True, False):
-        def f(g: Any, s: Any, p: Any, fused: bool = fused) -> Any:
-            kw = {"host_kernel": []} if fused else {}
-            return tx.update(g, s, p, new_params=True, **kw)
-        texts[fused] = jax.jit(f).lower(_arrays(1), state, params).as_text()
+    from ffi_checks import programs
+
+    texts = programs(Adam(learning_rate=1e-2, nonfinite="skip"), _arrays(0), _arrays(1))
     assert "stablehlo.case" in texts[False] or "stablehlo.if" in texts[False]
     assert "stablehlo.case" not in texts[True] and "stablehlo.if" not in texts[True]
     assert "mithril_update_" in texts[True]
