@@ -50,8 +50,8 @@ def work(fa, rec):
     if SKIP:
         force = forced(args)
     scr = scratch(geo)  # (this thread's)
-    ext = np.empty(1 + NS, np.int64)  # a tensor's buffers: sizes, then addresses
-    ad = np.empty(1 + NS, np.int64)
+    ext = np.empty(1 + NS, np.int64)  # a tensor's buffers (param, slots): their sizes
+    ad = np.empty(1 + NS, np.int64)  # ... and their addresses
     did = 0
     while True:
         k, dry = claim(rec, pieces, force)  # (SKIP: the dry passes first, see claim)
