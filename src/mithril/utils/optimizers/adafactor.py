@@ -261,19 +261,10 @@ def _geometry(opt: Adafactor, state: OptimizerState) -> tuple[np.ndarray, np.nda
     """The kernel's geometry table and the order tensors are claimed in (largest first,
     empty ones left out), cached per layout."""
     from .engines import factored_kernels as fk
+    from .engines.tensorwise_parts import layout_geometry
 
-    lay = state.layout
-    cache = opt.__dict__.setdefault("_fused_geometry", {})
-    hit = cache.get(id(lay))
-    if hit is None or hit[0] is not lay:
-        if len(cache) >= 4:
-            cache.clear()
-        geo = fk.geometry(lay.shape_list, lay.offsets, {s: state.slot_layout(s).offsets
-                                                        for s in opt.slots})
-        sizes = geo[:, fk.SIZE]
-        order = np.argsort(-sizes, kind="stable")
-        hit = cache[id(lay)] = (lay, geo, order[sizes[order] > 0].astype(np.int64))
-    return hit[1], hit[2]
+    return layout_geometry(opt, state, "_fused_geometry", lambda lay: fk.geometry(
+        lay.shape_list, lay.offsets, {s: state.slot_layout(s).offsets for s in opt.slots}))
 
 
 def _scalar_tables(opt: Adafactor, state: OptimizerState, t: int, scale: np.ndarray,

@@ -252,6 +252,27 @@ def _tensor_clip(row: Any, sumsq: float, size: int) -> float:
     return f
 
 
+def row_update(update: Any, row: TensorwiseOptimizer, xp: Any, p: Any, g: Any,
+               mine: dict[str, Any], scal: Any, name: str, clip: bool, decay: bool
+               ) -> tuple[Any, dict[str, Any]]:
+    """``update(row, xp, p, g, mine, scal, name)`` (the row's ``tensor_update``, or its
+    traceable form) after the row's clipping by value (``clip``) and weight decay
+    (``decay``, where the math does not apply it itself: decoupled shrinks p, coupled adds
+    to g): (new p, new slots), every slot of ``mine`` required back."""
+    if clip:
+        g = xp.clip(g, row.clip_value)
+    if decay and not row.weight_decay_in_math:
+        if row.decoupled_weight_decay:
+            p = p * (1.0 - row.learning_rate * row.weight_decay)
+        else:
+            g = g + row.weight_decay * p
+    new_p, out = update(row, xp, p, g, mine, scal, name)
+    if set(out) != set(mine):
+        raise RuntimeError(f"{type(row).__name__}.tensor_update must return every slot "
+                           f"{sorted(mine)}, got {sorted(out)}")
+    return new_p, out
+
+
 def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Mapping[str, Any],
             state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
     """One step; returns the new params and state (see the ownership rule of :mod:`.base`)."""
@@ -307,19 +328,11 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
                 g = gradients[name]
                 scale = gscale * factor[name]
                 g = g * scale if scale != 1.0 else g
-                if row.clip_value:
-                    g = xp.clip(g, row.clip_value)
-                if row.weight_decay and not row.weight_decay_in_math:
-                    if row.decoupled_weight_decay:
-                        p = p * (1.0 - row.learning_rate * row.weight_decay)
-                    else:
-                        g = g + row.weight_decay * p
                 mine = {s: xp.part(parts[s][name]) for s in row.update_slots()}
                 scal = row.scalars(row_step(row, t), **scalar_arguments(row, state.values))
-                new_p[name], out = row.tensor_update(xp, p, g, mine, scal, name)
-                if set(out) != set(mine):
-                    raise RuntimeError(f"{type(row).__name__}.tensor_update must return every "
-                                       f"slot {sorted(mine)}, got {sorted(out)}")
+                new_p[name], out = row_update(type(row).tensor_update, row, xp, p, g, mine,
+                                              scal, name, bool(row.clip_value),
+                                              bool(row.weight_decay))
                 for s, v in out.items():
                     new_s[s][name] = v
             for s, w in zip(averaged, weights(row, t, tensor_counts(self, state, i))):

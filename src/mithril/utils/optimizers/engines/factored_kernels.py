@@ -30,9 +30,9 @@ from typing import Any
 import numba
 import numpy as np
 
-from ..averaging import _jitable, average
 from . import atomics, kernel_cache, threads
 from .kernels import exponent_bits, voidptr
+from .tensorwise_parts import average_parts
 from .workers import share
 
 # Vectorising flags (reassoc: the float64 sums; contract: FMAs, as torch's lerp and add),
@@ -81,9 +81,9 @@ def adafactor_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int
     # the probe's integer (of the float's width; see kernels._INNER_SRC: z = IT(max(...)))
     IT = np.int64 if np.dtype(dtype).itemsize == 8 else np.int32
     one = DT(1.0)
-    avg = _jitable(average)
     jit = kernel_cache.jit(fastmath=_FASTMATH, error_model="numpy", nogil=True)
     inline = numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy", nogil=True)
+    averaged, no_grad = average_parts(IT, copy, dry, n_avg, jit, inline)
 
     @inline
     def lerp(a, b, w, w1, small):  # pragma: no cover - torch's lerp
@@ -169,15 +169,12 @@ def adafactor_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int
                     else:
                         P[o + j] = p
                 if n_avg > 0:
-                    v0 = avg(p, A0[o + j], a0)
-                    z = IT(max(z, exponent_bits(v0)))
+                    v0, v1, za = averaged(p, A0[o + j], A1[o + j] if n_avg > 1 else p, a0, a1)
+                    z = IT(max(z, za))
                     if not dry:
                         A0[o + j] = v0
-                if n_avg > 1:
-                    v1 = avg(p, A1[o + j], a1)
-                    z = IT(max(z, exponent_bits(v1)))
-                    if not dry:
-                        A1[o + j] = v1
+                        if n_avg > 1:
+                            A1[o + j] = v1
         return z
 
     @jit
@@ -214,35 +211,12 @@ def adafactor_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int
                 else:
                     P[j] = p
             if n_avg > 0:
-                v0 = avg(p, A0[j], a0)
-                z = IT(max(z, exponent_bits(v0)))
+                v0, v1, za = averaged(p, A0[j], A1[j] if n_avg > 1 else p, a0, a1)
+                z = IT(max(z, za))
                 if not dry:
                     A0[j] = v0
-            if n_avg > 1:
-                v1 = avg(p, A1[j], a1)
-                z = IT(max(z, exponent_bits(v1)))
-                if not dry:
-                    A1[j] = v1
-        return z
-
-    @jit
-    def no_grad(P, Q, A0, A1, a0, a1):  # pragma: no cover
-        """A tensor without gradient: unchanged (copied to Q), its averages move."""
-        z = IT(0)
-        for j in range(P.shape[0]):
-            p = P[j]
-            if copy and not dry:
-                Q[j] = p
-            if n_avg > 0:
-                v0 = avg(p, A0[j], a0)
-                z = IT(max(z, exponent_bits(v0)))
-                if not dry:
-                    A0[j] = v0
-            if n_avg > 1:
-                v1 = avg(p, A1[j], a1)
-                z = IT(max(z, exponent_bits(v1)))
-                if not dry:
-                    A1[j] = v1
+                    if n_avg > 1:
+                        A1[j] = v1
         return z
 
     @jit

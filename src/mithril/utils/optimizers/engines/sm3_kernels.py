@@ -32,10 +32,11 @@ from typing import Any
 import numba
 import numpy as np
 
-from ..averaging import _jitable, average, row_counts
+from ..averaging import row_counts
 from . import atomics, kernel_cache, threads
 from .kernels import exponent_bits, voidptr
 from .tensor_norms import clip_scales, dry_run_verdict
+from .tensorwise_parts import average_parts, layout_geometry
 from .workers import share
 
 #: the largest rank the kernel takes (a state with a larger one runs the per-tensor path)
@@ -74,9 +75,9 @@ def sm3_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> dict
     INF_BITS = UT(0x7FF0000000000000) if wide else UT(0x7F800000)
     one, zero = DT(1.0), DT(0.0)
     U = np.uint64  # unsigned indices: no wraparound test, so that the loops vectorise
-    avg = _jitable(average)
     jit = kernel_cache.jit(error_model="numpy", nogil=True)  # IEEE ops, as NumPy's
     inline = numba.njit(inline="always", error_model="numpy", nogil=True)
+    averaged, no_grad = average_parts(IT, copy, dry, n_avg, jit, inline)
 
     @inline
     def least(a, b):  # pragma: no cover - np.minimum: NaN if either is
@@ -100,13 +101,6 @@ def sm3_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> dict
         inv = one / np.sqrt((acc if pos else one) + eps)
         m = c1 * (x * (inv if pos else zero)) + b1 * m
         return p - lr * m, m, acc
-
-    @inline
-    def averaged(p, x0, x1, a0, a1):  # pragma: no cover - scalars only (an array argument
-        # of an inlined function keeps its loop from being vectorised)
-        v0 = avg(p, x0, a0) if n_avg > 0 else p
-        v1 = avg(p, x1, a1) if n_avg > 1 else p
-        return v0, v1, IT(max(exponent_bits(v0), exponent_bits(v1)))
 
     @kernel_cache.jit(fastmath={"reassoc", "contract"}, nogil=True)
     def sumsq(G, a, b):  # pragma: no cover - Σ g² (float64, any order)
@@ -224,26 +218,6 @@ def sm3_parts(dtype: str, dry: bool, copy: bool, clip: bool, n_avg: int) -> dict
                 MU[k] = MUn[k]
         return gsq, z
 
-    @jit
-    def no_grad(P, Q, A0, A1, a0, a1):  # pragma: no cover
-        """A tensor without gradient: unchanged (copied to Q), its averages move."""
-        z = IT(0)
-        for j in range(P.shape[0]):
-            p = P[j]
-            if copy and not dry:
-                Q[j] = p
-            if n_avg > 0:
-                v0 = avg(p, A0[j], a0)
-                z = IT(max(z, exponent_bits(v0)))
-                if not dry:
-                    A0[j] = v0
-            if n_avg > 1:
-                v1 = avg(p, A1[j], a1)
-                z = IT(max(z, exponent_bits(v1)))
-                if not dry:
-                    A1[j] = v1
-        return z
-
     @inline
     def scratch(work):  # pragma: no cover
         """A thread's scratch (``2 w + 1`` values: :func:`scratch_size`) as the blocks
@@ -342,20 +316,9 @@ def run(kernel: Any, args: tuple, gptr: np.ndarray, geo: np.ndarray, Hd: np.ndar
 def _geometry(opt: Any, state: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """The geometry table and the order tensors are claimed in (largest first, empty ones
     left out), cached per layout; None where a tensor's rank exceeds :data:`MAX_RANK`."""
-    lay = state.layout
-    cache = opt.__dict__.setdefault("_sm3_geometry", {})
-    hit = cache.get(id(lay))
-    if hit is None or hit[0] is not lay:
-        if len(cache) >= 4:
-            cache.clear()
-        if any(len(s) > MAX_RANK for s in lay.shape_list):
-            hit = cache[id(lay)] = (lay, None, None)
-        else:
-            geo = geometry(lay.shape_list, lay.offsets, state.slot_layout("mu").offsets)
-            sizes = geo[:, SIZE]
-            order = np.argsort(-sizes, kind="stable")
-            hit = cache[id(lay)] = (lay, geo, order[sizes[order] > 0].astype(np.int64))
-    return None if hit[1] is None else (hit[1], hit[2])
+    return layout_geometry(opt, state, "_sm3_geometry", lambda lay: None if any(
+        len(s) > MAX_RANK for s in lay.shape_list) else geometry(
+        lay.shape_list, lay.offsets, state.slot_layout("mu").offsets))
 
 
 def _scalar_table(opt: Any, state: Any, t: int, scale: np.ndarray, n_avg: int

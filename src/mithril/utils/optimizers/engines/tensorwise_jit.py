@@ -43,6 +43,7 @@ from ..averaging import average, tensor_counts, weights
 from ..base import Optimizer
 from ..groups import row_step
 from ..state import OptimizerState, scalar_arguments
+from ..tensorwise import row_update
 from . import fast_step
 from .common import norm_scale, refuses
 
@@ -332,22 +333,13 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
                 g = gs[i]
                 if i in scale:
                     g = g * _weak(scale[i])
-                if on(row, r, "clip_value"):
-                    g = xp.clip(g, row.clip_value)
-                if on(row, r, "weight_decay") and not row.weight_decay_in_math:
-                    if row.decoupled_weight_decay:
-                        p = p * (1.0 - row.learning_rate * row.weight_decay)
-                    else:
-                        g = g + row.weight_decay * p
                 mine = {s: parts[s][name] for s in row.update_slots()}
                 nt = len(row_traced(row, r))
                 it = iter(table[at + nt:at + nt + sum(k is None for k in kinds)])
                 scal = tuple(_weak(next(it)) if k is None else k[0] for k in kinds)
-                fn = traceable_update(type(row).tensor_update)
-                new_p[name], out = fn(row, xp, p, g, mine, scal, name)
-                if set(out) != set(mine):
-                    raise RuntimeError(f"{type(row).__name__}.tensor_update must return "
-                                       f"every slot {sorted(mine)}, got {sorted(out)}")
+                new_p[name], out = row_update(
+                    traceable_update(type(row).tensor_update), row, xp, p, g, mine, scal,
+                    name, on(row, r, "clip_value"), on(row, r, "weight_decay"))
                 for s, v in out.items():
                     new_s[s][name] = v
                 vals += [("p", name), *((s, name) for s in out)]

@@ -412,27 +412,40 @@ def fused_update(math_fn: Any, clip: bool, table: Any, group: np.ndarray, ps: li
     so the step was applied exactly where both are True, or where forced)."""
     import jax
 
-    n_slots, dtype = len(slots), np.dtype(ps[0].dtype).name
-    name = target(math_fn, n_slots, table.shape[1] - 4, dtype, clip, skip is not None)
+    dtype = np.dtype(ps[0].dtype).name
+    name = target(math_fn, len(slots), table.shape[1] - 4, dtype, clip, skip is not None)
     sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in ps]
     args: list[Any] = [table, np.asarray(group, np.int32), piece_table(sizes, PIECE)]
     if skip is not None:
         args.append(jax.numpy.asarray(skip, np.int32).reshape(1))
-    outs, aliases = [], {}
+    new_ps, new_slots, flags = call_in_place(name, args, ps, gs, slots)
+    if pool is not None:
+        pool.append(flags[2])
+    return new_ps, new_slots, flags[0] != 0, flags[1] != 0
+
+
+def call_in_place(name: str, head: list[Any], ps: list[Any], gs: list[Any],
+                  slots: list[list[Any]]) -> tuple[list, list, Any]:
+    """The custom call ``name`` (traced) of the arguments ``head``, then per tensor its
+    param, gradient (in the param's dtype) and slots; its results per tensor the new param
+    and slots, each aliased to its argument (XLA writes them in place where it can: no
+    copy), then the three int32 flags. Returns (new params, new slots as ``slots``, the
+    flags)."""
+    import jax
+
+    n_slots = len(slots)
+    args, outs, aliases = list(head), [], {}
     for i, (p, g) in enumerate(zip(ps, gs)):
         base, out = len(args), len(outs)
         args += [p, g.astype(p.dtype), *(s[i] for s in slots)]
-        outs += [jax.ShapeDtypeStruct(p.shape, p.dtype)] * (1 + n_slots)
+        outs += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (p, *(s[i] for s in slots))]
         aliases[base] = out
         aliases.update({base + 2 + k: out + 1 + k for k in range(n_slots)})
     outs.append(jax.ShapeDtypeStruct((3,), np.int32))
     res = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases)(*args)
     k = 1 + n_slots
-    new_ps = [res[k * i] for i in range(len(ps))]
-    new_slots = [[res[k * i + 1 + s] for i in range(len(ps))] for s in range(n_slots)]
-    if pool is not None:
-        pool.append(res[-1][2])
-    return new_ps, new_slots, res[-1][0] != 0, res[-1][1] != 0
+    return ([res[k * i] for i in range(len(ps))],
+            [[res[k * i + 1 + s] for i in range(len(ps))] for s in range(n_slots)], res[-1])
 
 
 def fused_reduce(reduce_fn: Any, n_terms: int, clip: bool, table: Any, group: np.ndarray,

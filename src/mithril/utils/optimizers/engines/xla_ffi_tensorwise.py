@@ -38,7 +38,7 @@ from . import factored_kernels as fk
 from . import kernel_cache
 from . import sm3_kernels as sk
 from .kernels import voidptr
-from .xla_ffi import _HANDLER_SRC, MAX_TENSOR, _register
+from .xla_ffi import _HANDLER_SRC, MAX_TENSOR, _register, call_in_place
 
 _WORK_SRC = """
 def work(fa, rec):
@@ -267,23 +267,10 @@ def _call(name: str, table: Any, geo: np.ndarray, ps: list[Any], gs: list[Any],
 
     if len(geo) and int(geo[:, 0].max()) > MAX_TENSOR:
         raise ValueError(f"a tensor of more than {MAX_TENSOR} elements")
-    n_slots = len(slots)
     args: list[Any] = [table, np.arange(len(ps), dtype=np.int32),
                        whole_pieces(geo[:, 0].astype(np.int64))]
     if skip is not None:
         args.append(jax.numpy.asarray(skip, np.int32).reshape(1))
     args.append(geo)
-    outs, aliases = [], {}
-    for i, (p, g) in enumerate(zip(ps, gs)):
-        base, out = len(args), len(outs)
-        args += [p, g, *(s[i] for s in slots)]
-        outs += [jax.ShapeDtypeStruct(p.shape, p.dtype)]
-        outs += [jax.ShapeDtypeStruct(s[i].shape, s[i].dtype) for s in slots]
-        aliases[base] = out
-        aliases.update({base + 2 + k: out + 1 + k for k in range(n_slots)})
-    outs.append(jax.ShapeDtypeStruct((3,), np.int32))
-    res = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases)(*args)
-    k = 1 + n_slots
-    return ([res[k * i] for i in range(len(ps))],
-            [[res[k * i + 1 + s] for i in range(len(ps))] for s in range(n_slots)],
-            res[-1][0] != 0, res[-1][1] != 0)
+    new_ps, new_slots, flags = call_in_place(name, args, ps, gs, slots)
+    return new_ps, new_slots, flags[0] != 0, flags[1] != 0
