@@ -15,17 +15,26 @@ folder, e.g. ``~/.cache/mithril``):
   as any folder used before would.
 
 :func:`clear` removes only the files those two caches write (never anything else a shared
-folder may hold); a process running meanwhile compiles what it misses again. From the
-command line: ``mithril cache`` (what they hold) and ``mithril cache clear``.
+folder may hold); a process running meanwhile compiles what it misses again. :func:`warm`
+fills the kernel cache ahead of a run (a container image's build, a node's set-up), so
+that the run's first step loads its kernels instead of compiling them. From the command
+line: ``mithril cache`` (what they hold), ``mithril cache clear`` and ``mithril cache
+warm``.
 """
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
+from typing import Any
 
 from .optimizers.engines.kernel_cache import cache_dir
 
-__all__ = ["cache_dir", "clear", "usage"]
+__all__ = ["cache_dir", "clear", "usage", "warm"]
+
+#: the backends :func:`warm` takes
+WARM_BACKENDS = ("numpy", "torch", "jax")
 
 
 def _entries(folder: Path, kind: str) -> list[Path]:
@@ -86,3 +95,62 @@ def clear(kinds: tuple[str, ...] = ("kernels", "jax")) -> dict[str, int]:
                       f"{', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}")
     return removed
 
+
+
+def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict[str, Any]:
+    """Compile, or load from the kernel cache, the kernels a training run of ``optimizer``
+    on ``backend`` (``"numpy"``, ``"torch"`` or ``"jax"``) in ``dtype`` uses, so that a later
+    process finds them on disk: two steps of
+    :func:`~mithril.utils.training.make_train_step` (on JAX, the one-program step with its
+    update through XLA's FFI) and two of ``evaluate`` + ``optimizer.update`` (the step
+    given the optimizer's own state, as it drives every optimizer), on a small MLP
+    (linear, relu, cross-entropy: their NumPy kernels too). The kernels depend on the
+    optimizer's math and settings (``nonfinite``, clipping, weight averaging, dtype), not on
+    the model's shapes, so warm each configuration a run will use; JAX's compiled programs
+    depend on the model and are not warmed.
+
+    ``optimizer`` is left as it was (a copy runs). Returns ``{"compiled": kernels compiled
+    for the first time on this machine, "loaded": kernel signatures read from the cache,
+    "seconds": time taken}``; counted in this process, so a kernel this process compiled or
+    loaded before counts as neither. A backend that is not installed raises
+    ``ModuleNotFoundError``; one that is not a name above, ``ValueError``."""
+    import numpy as np
+
+    import mithril as ml
+
+    from .optimizers import Optimizer
+    from .optimizers.engines import kernel_cache
+    from .training import make_train_step
+
+    if backend not in WARM_BACKENDS:
+        raise ValueError(f"warm: backend must be one of {', '.join(WARM_BACKENDS)}, got "
+                         f"{backend!r}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"warm: optimizer must be a mithril optimizer, got "
+                        f"{type(optimizer).__name__}")
+    from .. import backends
+
+    cls = {"numpy": "NumpyBackend", "torch": "TorchBackend", "jax": "JaxBackend"}[backend]
+    be = getattr(backends, cls)(dtype=dtype, seed=0)
+    before, t0 = kernel_cache.stats(), time.perf_counter()
+    model = ml.Model()
+    model |= ml.MLP(["relu", None], [16, 3])(input="input", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output="loss")
+    compiled = ml.compile(model, be, shapes={"input": [None, 8]})
+    rng = np.random.default_rng(0)
+    batches = [{"input": be.array(rng.standard_normal((4, 8)).astype(dtype)),
+                "target": be.array(np.array([0, 1, 2, k % 3]), be.int_dtype)}
+               for k in range(2)]
+    opt = copy.deepcopy(optimizer)
+    step = make_train_step(compiled, opt, loss="loss")
+    # the step's own state (on JAX its one program), then the optimizer's (evaluate +
+    # update: its loss, closure or per-example gradients as the step gives them)
+    for init in (step.init, opt.init):
+        params = compiled.get_parameters()
+        state = init(params)
+        for data in batches:
+            params, state, _ = step(params, state, data)
+        be.block_until_ready(params)
+    after = kernel_cache.stats()
+    return {"compiled": after["new"] - before["new"], "loaded": after["hits"] - before["hits"],
+            "seconds": time.perf_counter() - t0}
