@@ -106,6 +106,13 @@ def test_warm_leaves_the_optimizer_as_it_was():
     state = opt.init(p)
     new, _ = opt.update(p, {"w": np.full(3, 2.0, np.float32)}, state)
     np.testing.assert_array_equal(new["w"], np.full(3, 0.8, np.float32))
+    # now bound to NumPy: warmed there, refused elsewhere (before anything runs)
+    assert cache.warm(opt, "numpy")["seconds"] > 0
+    with pytest.raises(ValueError, match="this SGD works on numpy arrays .* give a new "
+                                         "optimizer for 'jax'"):
+        cache.warm(opt, "jax")
+    again, _ = opt.update(new, {"w": np.full(3, 2.0, np.float32)}, state)
+    np.testing.assert_allclose(again["w"], np.full(3, 0.42, np.float32), rtol=1e-6)
 
 
 def test_bad_use_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):

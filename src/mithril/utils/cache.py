@@ -113,7 +113,8 @@ def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict
     for the first time on this machine, "loaded": kernel signatures read from the cache,
     "seconds": time taken}``; counted in this process, so a kernel this process compiled or
     loaded before counts as neither. A backend that is not installed raises
-    ``ModuleNotFoundError``; one that is not a name above, ``ValueError``."""
+    ``ModuleNotFoundError``; one that is not a name above, or another than the one the
+    optimizer already works on, ``ValueError``."""
     import numpy as np
 
     import mithril as ml
@@ -128,6 +129,11 @@ def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"warm: optimizer must be a mithril optimizer, got "
                         f"{type(optimizer).__name__}")
+    bound = getattr(optimizer, "_backend", None)
+    if bound is not None and bound.name != backend:
+        raise ValueError(f"warm: this {type(optimizer).__name__} works on {bound.name} arrays "
+                         f"(its backend= or its first init/update): warm it on "
+                         f"{bound.name!r}, or give a new optimizer for {backend!r}")
     from .. import backends
 
     cls = {"numpy": "NumpyBackend", "torch": "TorchBackend", "jax": "JaxBackend"}[backend]
