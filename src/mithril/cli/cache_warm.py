@@ -56,16 +56,22 @@ def run(args: argparse.Namespace) -> int:
     waiting = list(pairs)
     running: list[tuple[tuple[str, str], Any]] = []
     failed = 0
-    while waiting or running:
-        while waiting and len(running) < jobs:
-            spec, backend = pair = waiting.pop(0)
-            cmd = [sys.executable, "-m", "mithril", "cache", "warm", spec, "--backend",
-                   backend, "--dtype", args.dtype, "--here"]
-            running.append((pair, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                   stderr=subprocess.PIPE, text=True)))
-        pair, proc = running.pop(0)  # (in order: the lines come out in the pairs' order)
-        out, err = proc.communicate()
-        failed += not _report(pair, args.dtype, proc.returncode, out, err)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                spec, backend = pair = waiting.pop(0)
+                cmd = [sys.executable, "-m", "mithril", "cache", "warm", spec, "--backend",
+                       backend, "--dtype", args.dtype, "--here"]
+                running.append((pair, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE, text=True)))
+            pair, proc = running[0]  # (in order: the lines come out in the pairs' order)
+            out, err = proc.communicate()
+            running.pop(0)
+            failed += not _report(pair, args.dtype, proc.returncode, out, err)
+    finally:  # (interrupted: no compile left running behind the command)
+        for _, proc in running:
+            proc.kill()
+            proc.wait()
     return 1 if failed else 0
 
 
