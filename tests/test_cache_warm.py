@@ -145,6 +145,20 @@ def test_bad_use_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cache").exists()
 
 
+def test_an_unwritable_cache_folder_is_refused(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("MITHRIL_CACHE_DIR", str(blocked))
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "warm", "sgd", "--backend", "numpy"])
+    assert info.value.code == 2
+    assert f"the kernel cache folder {blocked / 'kernels'} cannot be written" in \
+        capsys.readouterr().err
+    with pytest.raises(OSError, match="nothing compiled would be kept"):
+        cache.warm(SGD(learning_rate=0.1), "numpy")
+    assert blocked.read_text() == "not a folder"
+
+
 def test_a_failed_configuration_is_reported_and_the_status_is_1(capsys):
     ok = cache_warm._report(("adam", "jax"), "float32", 0,
                             'noise\n{"compiled": 1, "loaded": 2, "seconds": 1.25}\n', "")

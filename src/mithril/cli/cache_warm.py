@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 from ..utils import cache
+from ..utils.optimizers.engines import kernel_cache
 from .errors import CLIError
 from .optimizer_catalog import build_optimizer, parse_optimizer_spec
 
@@ -41,6 +43,13 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
                        f"'mithril[{missing[0]}]')")
     if args.jobs is not None and args.jobs < 1:
         raise CLIError(f"--jobs must be at least 1, got {args.jobs}")
+    with warnings.catch_warnings():  # (said below, once)
+        warnings.simplefilter("ignore", kernel_cache.KernelCacheWarning)
+        usable = kernel_cache._folder() is not None
+    if not usable:
+        raise CLIError(f"the kernel cache folder {cache.cache_dir() / 'kernels'} cannot be "
+                       f"written: nothing compiled would be kept (set MITHRIL_CACHE_DIR to a "
+                       f"writable folder)")
     return [(s, b) for s in specs for b in dict.fromkeys(backends)]
 
 

@@ -114,7 +114,8 @@ def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict
     "seconds": time taken}``; counted in this process, so a kernel this process compiled or
     loaded before counts as neither. A backend that is not installed raises
     ``ModuleNotFoundError``; one that is not a name above, or another than the one the
-    optimizer already works on, ``ValueError``."""
+    optimizer already works on, ``ValueError``; a cache folder that cannot be written,
+    ``OSError`` (all before anything runs)."""
     import numpy as np
 
     import mithril as ml
@@ -129,6 +130,10 @@ def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"warm: optimizer must be a mithril optimizer, got "
                         f"{type(optimizer).__name__}")
+    if kernel_cache._folder() is None:  # (warned): compiled kernels would not be kept
+        raise OSError(f"warm: the kernel cache folder {cache_dir() / 'kernels'} cannot be "
+                      f"written, so nothing compiled would be kept (set MITHRIL_CACHE_DIR "
+                      f"to a writable folder)")
     bound = getattr(optimizer, "_backend", None)
     if bound is not None and bound.name != backend:
         raise ValueError(f"warm: this {type(optimizer).__name__} works on {bound.name} arrays "
