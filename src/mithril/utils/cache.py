@@ -27,9 +27,12 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .optimizers.engines.kernel_cache import cache_dir
+
+if TYPE_CHECKING:
+    from .optimizers import Optimizer
 
 __all__ = ["cache_dir", "clear", "usage", "warm"]
 
@@ -97,7 +100,8 @@ def clear(kinds: tuple[str, ...] = ("kernels", "jax")) -> dict[str, int]:
 
 
 
-def warm(optimizer: Any, backend: str = "numpy", dtype: str = "float32") -> dict[str, Any]:
+def warm(optimizer: Optimizer, backend: str = "numpy", dtype: str = "float32"
+         ) -> dict[str, Any]:
     """Compile, or load from the kernel cache, the kernels a training run of ``optimizer``
     on ``backend`` (``"numpy"``, ``"torch"`` or ``"jax"``) in ``dtype`` uses, so that a later
     process finds them on disk: two steps of
