@@ -99,7 +99,6 @@ def clear(kinds: tuple[str, ...] = ("kernels", "jax")) -> dict[str, int]:
     return removed
 
 
-
 def warm(optimizer: Optimizer, backend: str = "numpy", dtype: str = "float32"
          ) -> dict[str, Any]:
     """Compile, or load from the kernel cache, the kernels a training run of ``optimizer``
@@ -119,7 +118,9 @@ def warm(optimizer: Optimizer, backend: str = "numpy", dtype: str = "float32"
     loaded before counts as neither. A backend that is not installed raises
     ``ModuleNotFoundError``; one that is not a name above, or another than the one the
     optimizer already works on, ``ValueError``; a cache folder that cannot be written,
-    ``OSError`` (all before anything runs)."""
+    ``OSError`` (all before anything runs). As any ``JaxBackend(dtype="float64")``, warming
+    float64 on JAX turns on JAX's x64 mode in the calling process (``mithril cache warm``
+    runs each configuration in a process of its own)."""
     import numpy as np
 
     import mithril as ml
