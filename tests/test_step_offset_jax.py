@@ -12,6 +12,7 @@ JAX float64 runs in a subprocess (x64 is process-global, see ``conftest``)."""
 from __future__ import annotations
 
 import contextlib
+import unittest.mock as um
 from typing import Any
 
 import numpy as np
@@ -99,15 +100,28 @@ def run(case: str, backend: str) -> dict[str, np.ndarray]:
     out.update({f"opt#{k}": np.asarray(v) for k, v in p.items()})
     out["opt_compiles"] = np.array(step._cache_size())
     out["opt_count"] = np.asarray(st.count)
-    # make_train_step: forward, backward and the update as one program
+    # make_train_step: forward, backward and the update as one program, the update as one
+    # call of the CPU kernel (XLA's FFI; the calls counted as the program is traced)
+    from mithril.utils.optimizers.engines import xla_ffi, xla_ffi_tensorwise
+
+    kernel: list[str] = []
+
+    def counted(module: Any, name: str) -> Any:
+        fn = getattr(module, name)
+        return lambda *a, **k: kernel.append(name) or fn(*a, **k)
+
     be = JaxBackend(dtype="float64")
     c = compiled(be)
     ts = make_train_step(c, make(case, N), loss="loss")
     p = {k: be.array(v) for k, v in p0.items()}
     st = ts.init(p)
-    for i in range(N + M):
-        p, st, _ = ts(p, st, {"input": be.array(data[i]["input"]),
-                              "target": be.array(data[i]["target"], be.int_dtype)})
+    with um.patch.object(xla_ffi, "fused_update", counted(xla_ffi, "fused_update")), \
+            um.patch.object(xla_ffi_tensorwise, "fused_adafactor",
+                            counted(xla_ffi_tensorwise, "fused_adafactor")):
+        for i in range(N + M):
+            p, st, _ = ts(p, st, {"input": be.array(data[i]["input"]),
+                                  "target": be.array(data[i]["target"], be.int_dtype)})
+    out["step_kernel"] = np.array(len(kernel))
     out.update({f"step#{k}": np.asarray(v) for k, v in p.items()})
     out["step_compiles"] = np.array(ts._jitted._cache_size())
     out["step_count"] = np.asarray(st.count)
@@ -206,6 +220,7 @@ def test_traced_program_counts_a_late_groups_steps_as_torch(case, jax_results):
     # one program for every step (the late rows' offsets are static), one int32 count
     assert int(got["opt_compiles"]) == 1 and int(got["step_compiles"]) == 1
     assert bool(got["step_fused"])
+    assert int(got["step_kernel"]) == 1  # (the late rows through the kernel too)
     for key in ("opt_count", "step_count"):
         assert got[key].shape == () and got[key].dtype == np.int32 and int(got[key]) == N + M
 

@@ -24,7 +24,7 @@ jnp = jax.numpy
 import mithril.utils.optimizers as catalog  # noqa: E402
 from mithril.interop import optax_transformation  # noqa: E402
 from mithril.interop.optax_special import classify  # noqa: E402
-from mithril.utils.optimizers import SGD, Adam, AdamW  # noqa: E402
+from mithril.utils.optimizers import LAMB, SGD, Adam, AdamW  # noqa: E402
 from mithril.utils.optimizers.base import Optimizer  # noqa: E402
 from mithril.utils.optimizers.engines import xla_ffi  # noqa: E402
 
@@ -113,12 +113,22 @@ def test_every_two_pass_optimizer_equals_its_traced_update(name: str) -> None:
         {"params": ["s"], "clip_value": 0.1}]),
     lambda: AdamW(learning_rate=1e-2, ema_decay=0.9, param_groups=[
         {"params": ["w2"], "lr": 1e-3}]),
-], ids=["adamw-clipnorm", "sgd-clipvalue-l2", "groups", "ema-groups"])
+    # a group joining after 2 steps (torch's add_param_group): kept until then
+    lambda: Adam(learning_rate=1e-2, clip_norm=0.5, param_groups=[
+        {"params": ["w2", "s"], "step_offset": 2}]),
+    lambda: LAMB(learning_rate=1e-2, nonfinite="skip", ema_decay=0.9, param_groups=[
+        {"params": ["w1"], "step_offset": 2}]),
+], ids=["adamw-clipnorm", "sgd-clipvalue-l2", "groups", "ema-groups", "late-group",
+        "two-pass-late-group-skip"])
 def test_groups_clipping_decay_and_averages(make: Any) -> None:
-    want, wstate, _ = _run(make(), fused=False)
-    got, gstate, taken = _run(make(), fused=True)
-    assert len(taken) == 3
+    want, wstate, _ = _run(make(), fused=False, steps=4)
+    got, gstate, taken = _run(make(), fused=True, steps=4)
+    assert taken == [[True, True]] * 4  # (through the kernel, every step applied)
     _same(got, gstate, want, wstate)
+    late = [g["params"] for g in make().param_groups if g.get("step_offset")]
+    if late:  # moved: joined for the last two steps
+        start = _arrays(0)
+        assert all(not np.allclose(got[k], start[k]) for k in late[0])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

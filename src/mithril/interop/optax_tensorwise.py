@@ -298,20 +298,21 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                     w = w.astype(a.dtype)
                     new_slots[s][i] = jnp.where(w == 1, new_p,
                                                 jnp.where(w != 0, a + w * (new_p - a), a))
-                if late is not None and late[i] is not None:  # not joined yet: all kept
-                    new_ps[i] = jnp.where(late[i], new_ps[i], leaves[i])
-                    for s in full:
-                        new_slots[s][i] = jnp.where(late[i], new_slots[s][i], slot_leaves[s][i])
             return new_ps, new_slots, checked
 
-        fused = None if host_kernel is None or late is not None \
+        fused = None if host_kernel is None \
             else host_tensorwise(opt, rows, leaves, grads, table, attrs, slot_leaves, full,
                                  avg_w, forced(opt, state.hyperparams) if skip else None)
         if fused is not None:
             host_kernel.append(fused[2:4])
-            new_ps, new_slots = fused[0], fused[1]
+            new_ps, new_slots = list(fused[0]), {s: list(v) for s, v in fused[1].items()}
         else:
             new_ps, new_slots, checked = traced_update()
+        for i, j in enumerate(late or ()):  # a group not joined yet: all kept (the kernel's
+            if j is not None:  # results too: XLA copies such a leaf before the call)
+                new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
+                for s in full:
+                    new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
 
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip and fused is not None:  # (the kernel left every array as it was, skipped)

@@ -519,27 +519,27 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 for s, v in zip(full, out[1:]):
                     new_slots[s].append(v)
 
-            if late is not None:  # a group not joined yet keeps its params and slots
-                for i, j in enumerate(late):
-                    if j is not None:
-                        new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
-                        for s in full:
-                            new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
-                        for s in new_tensors:
-                            new_tensors[s][i] = jnp.where(j, new_tensors[s][i],
-                                                          tensor_leaves[s][i])
             return new_ps, new_slots, new_tensors, new_values, checked
 
-        fused = None if host_kernel is None or late is not None or not leaves else host_update(
+        fused = None if host_kernel is None or not leaves else host_update(
             opt, plan, leaves, grads, rows, attrs, slot_leaves, full, dtypes,
             forced(opt, state.hyperparams) if skip else None,
             (between, own, n_own) if two_pass else None)
         if fused is not None:
             host_kernel.append(fused[2:4])
-            new_ps, new_slots = fused[0], fused[1]
+            new_ps, new_slots = list(fused[0]), {s: list(v) for s, v in fused[1].items()}
             new_tensors, new_values = fused[4:] if two_pass else ({}, dict(state.values))
         else:
             new_ps, new_slots, new_tensors, new_values, checked = traced_update()
+        if late is not None:  # a group not joined yet keeps its params and slots (the
+            # kernel's results too: XLA copies such a leaf before the call writes over it)
+            for i, j in enumerate(late):
+                if j is not None:
+                    new_ps[i] = jnp.where(j, new_ps[i], leaves[i])
+                    for s in full:
+                        new_slots[s][i] = jnp.where(j, new_slots[s][i], slot_leaves[s][i])
+                    for s in new_tensors:
+                        new_tensors[s][i] = jnp.where(j, new_tensors[s][i], tensor_leaves[s][i])
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
         if skip:
             finite = fused[2] & fused[3] if fused is not None else finite_grads(
