@@ -35,6 +35,7 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
     ``between`` is its step between the passes (per-tensor sums → extra columns, tensor
     slots, values): the first pass is one call too (:func:`.xla_ffi.fused_reduce`, on the
     optimizer's own slots and scalars), the second has a row of scalars per tensor."""
+    import jax
     import jax.numpy as jnp
 
     from ..utils.optimizers.engines import xla_ffi
@@ -70,6 +71,13 @@ def host_update(opt: Any, plan: Any, leaves: list[Any], grads: list[Any],
             [list(slot_leaves[s]) for s in own])
         extra, tensors, values = between(sums)
         per = table[group]  # a row per tensor: its group's, the extra columns inserted
+        if skip is not None:  # inf/NaN tensor slots or values (DoG's Σ‖g‖² past the
+            # dtype's range, its update finite): a NaN gradient scale makes the kernel's
+            # dry pass skip the step, unless it is forced (max_consecutive_skips)
+            from ..utils.optimizers.engines.jax_finite import finite_step
+
+            ok = finite_step([], [], jax.tree_util.tree_leaves((tensors, values))) | skip
+            per = per.at[:, 0].set(jnp.where(ok, per[:, 0], jnp.nan))
         table = jnp.concatenate([per[:, :cut], *(e.astype(dt)[:, None] for e in extra),
                                  per[:, cut:]], axis=1)
         group, n_scal = np.arange(len(leaves), dtype=np.int32), n_scal + len(extra)

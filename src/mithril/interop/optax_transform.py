@@ -541,9 +541,11 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                     for s in new_tensors:
                         new_tensors[s][i] = jnp.where(j, new_tensors[s][i], tensor_leaves[s][i])
         new_count = jnp.minimum(count, _INT32_MAX - 1) + 1
-        if skip:
-            finite = fused[2] & fused[3] if fused is not None else finite_grads(
-                checked) & finite_step(new_ps, list(new_slots.values()))
+        if skip:  # (a two-pass step's tensor slots and values too: DoG's Σ‖g‖² may
+            # overflow where its update stays finite; the kernel skipped such a step itself)
+            state_ok = finite_step([], [], jax.tree_util.tree_leaves((new_tensors, new_values)))
+            finite = state_ok & (fused[2] & fused[3] if fused is not None else finite_grads(
+                checked) & finite_step(new_ps, list(new_slots.values())))
             finite, counts = given_up(opt, state.hyperparams, finite)  # (finite: applied)
         if skip and fused is not None:  # (the kernel left every array as it was, skipped)
             new_count = jnp.where(finite, new_count, count)

@@ -382,8 +382,8 @@ class Hardsigmoid(Operator):
     vjp_ignores = frozenset({"output"})
 
     def forward(self, xp: Any, input: Any) -> Any:
-        inside = (input > -3) & (input < 3)
-        return xp.where(inside, (input + 3) / 6, xp.where(input >= 3, 1 + 0 * input, 0 * input))
+        # (constants where the input is ±inf: 0 · inf would be NaN; NaN stays NaN)
+        return xp.where(input <= -3, 0.0, xp.where(input >= 3, 1.0, (input + 3) / 6))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]

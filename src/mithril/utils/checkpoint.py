@@ -571,14 +571,17 @@ class CheckpointManager:
         keep = self._kept(entries)
         if step not in keep:
             return None
-        made = not os.path.isdir(self.folder)
+        made = _missing_folders(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         try:
             save_checkpoint(self.path(step), params, optimizer, state, scheduler, extra,
                             model_state=model_state, metrics=metrics)
         except BaseException:
-            if made:  # (a refused save leaves no trace, not even the folder)
-                os.rmdir(self.folder)
+            for folder in made:  # (a refused save leaves no trace, not even the folders)
+                try:
+                    os.rmdir(folder)
+                except OSError:  # (something else wrote there meanwhile: kept)
+                    break
             raise
         self._metrics = {s: m for s, m in entries.items() if s in keep}
         for s in sorted(set(entries) - keep):
@@ -587,3 +590,15 @@ class CheckpointManager:
             except FileNotFoundError:  # (removed by hand, or by another manager)
                 pass
         return self.path(step)
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    out, here = [], os.path.abspath(folder)
+    while not os.path.isdir(here):
+        out.append(here)
+        up = os.path.dirname(here)
+        if up == here:
+            break
+        here = up
+    return out

@@ -278,11 +278,15 @@ def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> 
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_folder(folder)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # (a full disk, a file size limit: the write's own error names no file)
+            raise OSError(e.errno, f"cannot write the checkpoint {path!r}: {e.strerror} (the "
+                                   f"file there, if any, is left as it was)", path) from e
         raise
     finally:
         with _active_lock:

@@ -53,12 +53,19 @@ from .checks import (
     refuse_traced,
 )
 from .clipping import check_clip_eps
+from .engines.common import (
+    NonfiniteState,
+    host_norm,
+    is_finite,
+    must_skip,
+    nonfinite_result_error,
+)
 from .groups import GroupsMixin, ParamGroups
 from .hyperparameter_access import HyperparameterAccessMixin
 from .layout import Layout, slot_shape_of
 from .loss_aware import LOSS, WRITTEN, loss_step
 from .name_patterns import check_mask
-from .nonfinite_steps import NonfiniteStepsMixin, check_nonfinite
+from .nonfinite_steps import NonfiniteStepsMixin, check_nonfinite, nonfinite_report
 from .serialization import StateDictMixin
 from .state import OptimizerState
 
@@ -422,6 +429,8 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
             try:
                 got = state.engine.fast_step(self, state, params, gradients)
                 if got is not None and state.pending is not None:  # (a two-pass step's)
+                    if getattr(state.pending, "nonfinite", None):  # inf/NaN tensor slots, values
+                        got = (*got[:2], nonfinite_report(got[2]), False)
                     state.pending()
             finally:
                 state.pending = None
@@ -449,7 +458,15 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
             new_params, ok, norm, finite = state.engine.step(self, state, params, gradients, t,
                                                              prepared, ours)
             if ok and state.pending is not None:  # tensor slots and values of a two-pass step
+                if getattr(state.pending, "nonfinite", None):  # inf/NaN ones: reported
+                    finite, norm = False, nonfinite_report(norm)
                 state.pending()
+        except NonfiniteState as e:  # (before any write) non-finite gradients, or results
+            norm = host_norm(gradients, state.engine.to_numpy)
+            if not must_skip(self, norm, gradients, state.engine.to_numpy) and is_finite(norm) \
+                    and self.nonfinite == "raise":
+                raise nonfinite_result_error(self, e.names) from None
+            return self._record(state, t, dict(params), False, norm, True)
         finally:
             state.pending = None
         return self._record(state, t, new_params, ok, norm, finite)

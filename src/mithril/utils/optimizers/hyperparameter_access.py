@@ -5,6 +5,7 @@ the optimizer's or one parameter group's."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from .argument_names import _meant
@@ -93,10 +94,14 @@ class HyperparameterAccessMixin:
         try:
             self._checked_hyperparameter(name, value, None, rule=False)
         except (ValueError, TypeError):
-            try:  # (a name the constructor's check cannot take: a nested optimizer's own)
-                self._checked_hyperparameter(name, self.__dict__[name], None, rule=False)
-            except (ValueError, TypeError):
-                return
+            current = self.__dict__[name]
+            # a number (one left out of range by an unchecked set too) replaced by what is
+            # no number: refused
+            if not (_number(current) and not _number(value)):
+                try:  # (a name the constructor's check cannot take: a nested optimizer's)
+                    self._checked_hyperparameter(name, current, None, rule=False)
+                except (ValueError, TypeError):
+                    return
             raise
 
     # -- learning rate ---------------------------------------------------------------
@@ -135,3 +140,8 @@ class HyperparameterAccessMixin:
             g._set("lr_scale", lr / self.learning_rate)
         if differs(before, self.get_learning_rate(group)) or "learning_rate" in g:
             self._groups_version += 1
+
+
+def _number(x: Any) -> bool:
+    """A real number (not a bool): what a float hyperparameter may hold."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -71,6 +71,15 @@ def check_nonfinite(nonfinite: Any, max_consecutive_skips: Any) -> int | None:
     return n
 
 
+def nonfinite_report(norm: Any) -> Any:
+    """``norm`` as an engine returns it (a number, or a :class:`~.state.DeviceReport` still
+    on the device), reporting the step's results as non-finite."""
+    if not isinstance(norm, DeviceReport):
+        return norm
+    read = norm.read
+    return DeviceReport(lambda: (read()[0], False))
+
+
 class NonfiniteStepsMixin:
     """A step's outcome under the ``nonfinite`` policy, for
     :class:`~mithril.utils.optimizers.Optimizer` (whose ``update`` calls these)."""

@@ -144,6 +144,12 @@ def must_skip(opt: Any, norm: float, grads: Any, to_numpy: Any) -> bool:
     return True
 
 
+def host_norm(grads: Any, to_numpy: Any) -> float:
+    """‖g‖₂ of ``grads`` summed in float64 on host copies (a rare path's report)."""
+    return math.sqrt(sum(float(np.sum(np.square(to_numpy(g), dtype=np.float64)))
+                         for g in grads.values()))
+
+
 def is_finite(x: float | None) -> bool:
     return x is None or math.isfinite(x)
 
@@ -280,16 +286,53 @@ def two_pass_table(opt: Any, state: Any, t: int, table: np.ndarray, index: np.nd
     if set(new_tensors) != set(opt.tensor_slots) or set(values) != set(opt.state_values):
         raise RuntimeError(f"{type(opt).__name__}.tensor_scalars must return every tensor slot "
                            f"{sorted(opt.tensor_slots)} and value {sorted(opt.state_values)}")
+    kept = {s: np.where(present, np.asarray(new, dtype=np.float64), tensors[s])
+            for s, new in new_tensors.items()}
+    values = {k: float(v) for k, v in values.items()}
+    bad = [] if opt.nonfinite == "unchecked" else nonfinite_state(
+        {s: k[present] for s, k in kept.items()}, values, state.layout, present)
+    # inf/NaN tensor slots or values (DoG's Σ‖g‖² past float32's range from finite
+    # gradients): the kernel's probe may not see them (DoG's step size is then 0), so the
+    # policy is applied before anything is written
+    if bad and refuses(opt):
+        raise NonfiniteState(bad)
 
     def commit() -> None:
         eng = state.engine
-        for s, new in new_tensors.items():  # (from_numpy rounds to the parameters' dtype)
-            kept = np.where(present, np.asarray(new, dtype=np.float64), tensors[s])
-            state.slots[s] = eng.from_numpy(kept)
-        state.values = {k: float(v) for k, v in values.items()}
+        for s, k in kept.items():  # (from_numpy rounds to the parameters' dtype)
+            state.slots[s] = eng.from_numpy(k)
+        state.values = values
 
+    commit.nonfinite = bad  # type: ignore[attr-defined]  # (read by Optimizer.update)
     state.pending = commit
     return out, np.arange(n, dtype=np.int64)
+
+
+class NonfiniteState(Exception):
+    """A two-pass step whose finite inputs give inf/NaN tensor slots or state values, under
+    ``"skip"`` / ``"raise"``: raised before any write; :meth:`Optimizer.update` applies the
+    policy. ``names``: what would be non-finite."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
+
+
+def nonfinite_state(tensors: dict[str, np.ndarray], values: dict[str, float], layout: Any,
+                    present: np.ndarray) -> list[str]:
+    """What of a step's new tensor slots (the rows of the tensors with a gradient, in the
+    parameters' dtype, as they would be stored) and state values is inf/NaN, named."""
+    names = [n for n, p in zip(layout.name_list, present) if p]
+    try:
+        dt = np.dtype(layout.dtype)
+    except TypeError:  # bfloat16 without ml_dtypes: float32's range
+        dt = np.dtype(np.float32)
+    bad = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s, rows in tensors.items():
+            ok = np.isfinite(rows.astype(dt))
+            bad += [f"tensor slot '{s}' of '{n}'" for n, f in zip(names, ok) if not f]
+    return bad + [f"state value '{k}'" for k, v in values.items() if not math.isfinite(v)]
 
 
 def tensor_clipping(opt: Any, state: Any, normalize: bool = False) -> bool:

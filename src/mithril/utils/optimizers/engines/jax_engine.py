@@ -314,7 +314,11 @@ class JaxEngine(Engine):
             finite = None
             if checked:  # whether every new value is finite: a reduction of its own
                 new_ps, new_slots = _barrier((new_ps, new_slots))
-                finite = _finite([*new_ps, *(v for new in new_slots for v in new)])
+                finite = _finite([*new_ps, *(v for new in new_slots for v in new),
+                                  # (a two-pass step's tensor slots and values: DoG's Σ‖g‖²
+                                  # may overflow where its update stays finite)
+                                  *(v.astype(lay.dtype) for v in new_tensors.values()),
+                                  *new_values.values()])
             if skip:
                 keep = finite_grads(list(grads.values()), norm) & finite  # (not the
                 # norm's finiteness: a finite gradients' one may overflow float32)
