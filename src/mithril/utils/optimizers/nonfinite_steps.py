@@ -8,7 +8,8 @@ in ``state.last_grad_norm`` under the first three policies:
 
 * ``"propagate"`` (default, torch.optim/optax behaviour): the step is applied as computed.
   The fused kernel measures the gradient norm and probes every new param and slot value
-  for inf/NaN in the same pass (no extra traffic), so a non-finite step is never silent,
+  for inf/NaN in the same pass (no extra traffic; a two-pass optimizer's per-tensor slots
+  and values, such as DoG's Σ‖g‖², before its second pass), so a non-finite step is never silent,
   whatever its cause (a non-finite gradient, or finite gradients with, say, ``lr=1e38``):
   a ``RuntimeWarning`` is issued, ``state.num_nonfinite`` grows and, for a non-finite
   gradient, ``state.last_grad_norm`` is inf/NaN. Non-finite values that stay so are
