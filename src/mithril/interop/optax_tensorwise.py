@@ -72,7 +72,13 @@ def _scalar_source(row: Any) -> Any:
     fallback optimizer's (traced through it, not through the wrapper)."""
     from ..utils.optimizers.muon import _FallbackRow
 
-    return row.fb if isinstance(row, _FallbackRow) else row
+    if not isinstance(row, _FallbackRow):
+        return row
+    if not row._step_offset:
+        return row.fb
+    fb = copy.copy(row.fb)  # (a late Muon group's: its tensors join with it, see joined)
+    fb.__dict__["_step_offset"] = row._step_offset
+    return fb
 
 
 class _Rows:

@@ -461,6 +461,10 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
             the new values)."""
             dt = _wide()
             n = len(leaves)
+            if late is not None and len(sums):  # a leaf whose group has not joined counts
+                # for nothing (its p² too: DoG's ‖x₀‖), as the engines' absent tensors
+                on = jnp.stack([jnp.asarray(True) if j is None else j for j in late])
+                sums = [jnp.where(on, s, jnp.zeros_like(s)) for s in sums]
             own_rows = [rows[plan.index[i]][1:1 + n_own] for i in range(n)]
             cols = tuple(jnp.stack([own_rows[i][j] for i in range(n)]) for j in range(n_own))
             tens = {s: jnp.stack([x.astype(dt) for x in tensor_leaves[s]]) for s in tensor_slots}

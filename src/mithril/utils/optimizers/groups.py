@@ -255,9 +255,9 @@ def views(opt: Any, rows: list[dict[str, Any]]) -> list[Any]:
 
 
 def row_step(row: Any, t: Any) -> Any:
-    """``row.row_step(t)`` for a row that is an optimizer (a group's view), else ``t``
-    (a wrapper's own row type, e.g. Muon's fallback rows)."""
-    return row.row_step(t) if isinstance(row, GroupsMixin) else t
+    """``row.row_step(t)`` for a row that has one (a group's view, Muon's fallback rows),
+    else ``t`` (a wrapper's own row type)."""
+    return row.row_step(t) if hasattr(row, "row_step") else t
 
 
 class GroupsMixin:

@@ -570,6 +570,14 @@ class Muon(TensorwiseOptimizer):
         out = [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
         if self.convention == "optax":  # (a Muon group's lr and eps: optax.partition's)
             out = optax_group_rows(self, rows, out, where, lay.names)
+        late: dict[tuple, Any] = {}
+        for i, n in enumerate(lay.names):  # a Muon group joining late: its fallback
+            k = getattr(rows[i], "_step_offset", 0)  # tensors join with it
+            if k and n in where:
+                if (id(out[i]), k) not in late:
+                    late[id(out[i]), k] = copy.copy(out[i])
+                    late[id(out[i]), k]._step_offset = k
+                out[i] = late[id(out[i]), k]
         missed = getattr(state, "missed", None)
         if missed is not None:  # (a tensor that missed steps counts its own: .groups)
             for i in np.flatnonzero(missed):

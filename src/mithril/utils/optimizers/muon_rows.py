@@ -12,6 +12,7 @@ import numpy as np
 
 from . import muon_optax as _mo
 from .base import Optimizer
+from .groups import GroupsMixin
 from .muon_newton_schulz import newton_schulz
 from .tensorwise import NumpyOps
 
@@ -28,6 +29,8 @@ class _FallbackRow:
     #: the steps its tensor had no gradient at (``OptimizerState.missed``): its rules count
     #: the others only, as the optimizer's own rows do
     missed = 0
+    #: its Muon group's ``step_offset`` (joined after that many steps: :meth:`row_step`)
+    _step_offset = 0
 
     def __init__(self, fb: Optimizer, owner: Muon, group: tuple[int | None, bool] = (None, True),
                  overrides: Mapping[str, Any] | None = None) -> None:
@@ -49,6 +52,11 @@ class _FallbackRow:
 
     def update_slots(self) -> tuple[str, ...]:
         return tuple(PREFIX + s for s in self.fb.slot_names())
+
+    def row_step(self, t: Any) -> Any:
+        """The step as its Muon group counts it, ``t − step_offset``
+        (:meth:`~.groups.GroupsMixin.row_step`)."""
+        return GroupsMixin.row_step(self, t)
 
     def scalars(self, step: int) -> tuple[float, ...]:
         return self.fb.scalars(step - self.missed)
