@@ -108,3 +108,85 @@ def test_hardsigmoid_at_infinities_is_torchs(backend, dtype):
     got = np.asarray(out.detach() if hasattr(out, "detach") else out)
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, F.hardsigmoid(torch.tensor(x)).numpy())
+
+
+def _bf16_model(out: str = "out"):
+    import mithril as ml
+    from mithril.backends import NumpyBackend
+
+    backend = NumpyBackend(dtype="bfloat16")
+    model = ml.Model()
+    model |= ml.Linear(3)(input="input", output="logits")
+    model |= ml.CrossEntropy()(input="logits", target="target", output=ml.IOKey("loss"))
+    compiled = ml.compile(model, backend, shapes={"input": [None, 3]})
+    rng = np.random.default_rng(0)
+    data = {"input": backend.array(rng.standard_normal((4, 3))),
+            "target": backend.array(rng.integers(0, 3, 4), backend.int_dtype)}
+    return backend, compiled, data
+
+
+def test_numpy_bfloat16_gradients_accumulate_as_torchs():
+    """``NumpyBackend(dtype="bfloat16")``'s gradients (ml_dtypes' bfloat16, NumPy kind "V")
+    were refused by ``Accumulate`` as "not floating point", where the optimizers, and
+    ``Accumulate`` on torch's bfloat16, take them. Two micro-batches summed in float32 and
+    averaged: the step equals the plain optimizer's on the mean gradient."""
+    torch = pytest.importorskip("torch")
+    from mithril.utils.accumulation import Accumulate
+
+    _, compiled, data = _bf16_model()
+    params = compiled.get_parameters()
+    _, g = compiled.evaluate(params, data, output_gradients={"loss": 1.0})
+    assert g["linear.weight"].dtype.name == "bfloat16"
+    acc = Accumulate(Adam(0.1, epsilon=1e-3), 2)
+    p, s = acc.update(dict(params), g, acc.init(params))
+    p, s = acc.update(p, g, s)
+    tp = {k: torch.tensor(np.asarray(v, np.float32)).bfloat16() for k, v in params.items()}
+    ref = torch.optim.Adam(list(tp.values()), lr=0.1, eps=1e-3)
+    for k, t in tp.items():
+        t.grad = torch.tensor(np.asarray(g[k], np.float32)).bfloat16()
+    ref.step()
+    for k in p:
+        assert p[k].dtype == params[k].dtype
+        np.testing.assert_allclose(np.asarray(p[k], np.float32), tp[k].float().numpy(),
+                                   rtol=1e-2, atol=1e-2)
+        assert not np.array_equal(np.asarray(p[k]), np.asarray(params[k]))
+
+
+def test_numpy_bfloat16_dp_sgd_steps():
+    """DP-SGD on a NumPy bfloat16 model's per-example gradients raised "has dtype float32
+    but the parameter has dtype bfloat16" (NumPy's bfloat16 product gives float32). With
+    σ = 0 the step is the clipped mean, as computed by hand."""
+    from mithril.utils.optimizers import DPSGD
+    from mithril.utils.per_example import per_example_gradients
+
+    _, compiled, data = _bf16_model()
+    params = compiled.get_parameters()
+    rows = per_example_gradients(compiled, params, data, "loss")
+    opt = DPSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.0, seed=0)
+    new, state = opt.update(dict(params), rows, opt.init(params))
+    g = {k: np.asarray(v, np.float64) for k, v in rows.items()}
+    norms = np.sqrt(sum((v.reshape(4, -1) ** 2).sum(1) for v in g.values()))
+    c = np.minimum(1.0 / norms, 1.0)
+    for k in new:
+        assert new[k].dtype == params[k].dtype
+        want = np.asarray(params[k], np.float64) - 0.1 * np.tensordot(c, g[k], 1) / 4
+        np.testing.assert_allclose(np.asarray(new[k], np.float64), want, rtol=0, atol=2e-2)
+    assert state.step == 1
+
+
+def test_per_example_errors_name_per_example_gradients():
+    """Its loss checks said ``make_train_step:``, a function the user had not called."""
+    import mithril as ml
+    from mithril.backends import NumpyBackend
+    from mithril.errors import KeyMismatchError, ShapeError
+    from mithril.utils.per_example import per_example_gradients
+
+    model = ml.Model()
+    model |= ml.Linear(2)(input="input", output=ml.IOKey("out"))
+    model |= ml.Square()(input="out", output=ml.IOKey("loss"))
+    c = ml.compile(model, NumpyBackend(), shapes={"input": [None, 3]})
+    data = {"input": np.ones((4, 3), np.float32)}
+    with pytest.raises(ShapeError, match="^per_example_gradients: the loss 'loss' must be"):
+        per_example_gradients(c, c.get_parameters(), data, "loss")
+    with pytest.raises(KeyMismatchError, match="^per_example_gradients: loss 'nope'"):
+        per_example_gradients(c, c.get_parameters(), data, "nope")

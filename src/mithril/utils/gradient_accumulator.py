@@ -44,7 +44,8 @@ def _is_float(x: Any, kind: str) -> bool:
         import jax.numpy as jnp
 
         return bool(jnp.issubdtype(x.dtype, jnp.floating))
-    return bool(np.issubdtype(x.dtype, np.floating))
+    # (ml_dtypes' bfloat16, NumPy's kind "V", is no np.floating)
+    return bool(np.issubdtype(x.dtype, np.floating)) or _is_half_dtype(x.dtype)
 
 
 _HALF = ("float16", "bfloat16")

@@ -47,7 +47,7 @@ def _checked(compiled: Any, params: Mapping[str, Any], data: Mapping[str, Any], 
         raise TypeError("per_example_gradients: the model has Dropout or BatchNorm (random "
                         "masks or batch statistics), whose per-example gradients are not those "
                         "of the example alone; compile a model without them")
-    _loss_key(compiled, loss)
+    _loss_key(compiled, loss, "per_example_gradients")
     if not isinstance(data, Mapping):
         raise TypeError("per_example_gradients: data must be a dict of arrays keyed by input")
     unknown = sorted(unbatched - set(data))

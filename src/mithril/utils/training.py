@@ -127,14 +127,16 @@ def _one_program(optimizer: Any) -> bool:
     return True
 
 
-def _loss_key(compiled: Any, loss: str) -> str:
+def _loss_key(compiled: Any, loss: str, where: str = "make_train_step") -> str:
+    """``loss``, checked: a scalar output of ``compiled`` (errors start with ``where``, the
+    function the user called)."""
     outs = compiled.program.outputs
     if loss not in outs:
-        raise KeyMismatchError(f"make_train_step: loss {loss!r} is not an output of the model "
+        raise KeyMismatchError(f"{where}: loss {loss!r} is not an output of the model "
                                f"(outputs: {sorted(outs)})")
     shape = compiled.program.output_shape(loss)
     if shape is not None and tuple(shape) != ():
-        raise ShapeError(f"make_train_step: the loss {loss!r} must be a scalar output, it has "
+        raise ShapeError(f"{where}: the loss {loss!r} must be a scalar output, it has "
                          f"shape {shape}")
     return loss
 

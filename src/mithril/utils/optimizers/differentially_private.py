@@ -56,7 +56,10 @@ def clipped_sums(xp: NumpyOps, gradients: Mapping[str, Any], batch: int,
     with np.errstate(all="ignore"):  # (a zero example: C/0 = inf, 0/0 = NaN; both 1)
         ratio = clip / (xp.m.sqrt(sq) + eps)
     scale = xp.m.where(ratio < 1.0, ratio, xp.m.ones_like(ratio))
-    return {n: scale @ r for n, r in rows.items()}  # (flat: a 0-d result stays an array)
+    out = {n: scale @ r for n, r in rows.items()}  # (flat: a 0-d result stays an array)
+    # (NumPy's bfloat16 product, ml_dtypes', comes back float32: rounded as torch's and JAX's)
+    return {n: s.astype(rows[n].dtype) if isinstance(s, np.ndarray) and s.dtype != rows[n].dtype
+            else s for n, s in out.items()}
 
 
 def noised_mean(xp: NumpyOps, sums: Mapping[str, Any], batch: int, std: Any, seed: int,
