@@ -190,3 +190,52 @@ def test_per_example_errors_name_per_example_gradients():
         per_example_gradients(c, c.get_parameters(), data, "loss")
     with pytest.raises(KeyMismatchError, match="^per_example_gradients: loss 'nope'"):
         per_example_gradients(c, c.get_parameters(), data, "nope")
+
+
+@pytest.mark.parametrize("by_object", [True, False], ids=["object", "name"])
+def test_compile_shapes_name_a_parameter_role(by_object):
+    """docs/mithril-compat.md: every key set, ``shapes`` too, may name a direct child's
+    parameter role (by object, or by its compiled name). ``shapes`` refused it ("no
+    terminal 'linear.weight'"), so the published ``Linear()`` got its width only by renaming
+    its weight. The parameter keeps its compiled name and its gradient."""
+    import mithril as ml
+    from mithril.errors import ShapeError
+    from mithril.models import Linear, Model
+
+    lin = Linear()
+    m = Model()
+    m |= lin.connect(input="input", output="output")
+    key = lin.weight if by_object else "linear.weight"
+    c = ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={key: [2, 3]})
+    assert c.parameter_shapes == {"linear.weight": (2, 3), "linear.bias": (2,)}
+    rng = np.random.default_rng(0)
+    w, b, x = rng.standard_normal((2, 3)), rng.standard_normal(2), rng.standard_normal((4, 3))
+    out, g = c.evaluate({"linear.weight": w, "linear.bias": b}, {"input": x},
+                        output_gradients={"output": np.ones((4, 2))})
+    np.testing.assert_allclose(out["output"], x @ w.T + b, rtol=1e-12)
+    np.testing.assert_allclose(g["linear.weight"], np.ones((4, 2)).T @ x, rtol=1e-12)
+    with pytest.raises(ShapeError):  # a width the block fixes otherwise
+        m2 = Model()
+        m2 |= Linear(5).connect(input="input", output="output")
+        ml.compile(m2, ml.NumpyBackend(), shapes={"linear.weight": [2, 3]})
+
+
+def test_cross_entropy_takes_the_published_threshold():
+    """The published ``CrossEntropy(input_type="probs", robust=True, threshold=c)``: here
+    ``cutoff``, and ``threshold`` too; both at once is refused."""
+    import mithril as ml
+
+    probs = np.array([[0.0, 1.0], [0.3, 0.7]])
+    target = np.array([0, 1])
+    outs = []
+    for kw in ({"threshold": 1e-3}, {"cutoff": 1e-3}):
+        m = ml.Model()
+        m |= ml.CrossEntropy(input_type="probs", robust=True, **kw)(
+            input="input", target="target", output=ml.IOKey("loss"))
+        c = ml.compile(m, ml.NumpyBackend(dtype="float64"), shapes={"input": [2, 2]})
+        outs.append(float(c.evaluate({}, {"input": probs, "target": target})["loss"]))
+    c_ = 1e-3
+    want = (-(np.log(c_) + 0.0 / c_ - 1) - np.log(0.7)) / 2
+    assert outs[0] == outs[1] and np.isclose(outs[0], want, rtol=1e-12)
+    with pytest.raises(TypeError, match="threshold is the published name of cutoff"):
+        ml.CrossEntropy(input_type="probs", robust=True, cutoff=1e-3, threshold=1e-3)

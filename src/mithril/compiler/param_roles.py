@@ -26,10 +26,12 @@ from ..models.model import param_keys
 
 def name_param_roles(b: Any, terminals: Mapping[str, int], constant_keys: Mapping[str, Any] | None,
                      data_keys: Iterable[str], trainable_keys: Iterable[str], model: Any = None,
+                     shape_keys: Iterable[str] = (),
                      ) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
     """For a flattened model (``b``: the program builder, with its nodes and wires) and its
     top-level ``terminals`` (name -> wire): the new top-level wires feeding the parameter
-    roles that ``constant_keys`` / ``data_keys`` name (``"<block path>.<role>"``), and
+    roles that ``constant_keys`` / ``data_keys`` / ``shape_keys`` (the compile's ``shapes``:
+    a parameter under its compiled name, its shape given) name (``"<block path>.<role>"``), and
     ``data_keys`` and ``trainable_keys`` as tuples (the latter without the names of
     parameters). A key naming neither a terminal nor a parameter is a ``KeyMismatchError``.
     ``model`` (the top-level model): its declared differentiabilities join the sets (see
@@ -54,7 +56,7 @@ def name_param_roles(b: Any, terminals: Mapping[str, int], constant_keys: Mappin
                     f"compile({what}=...): '{key}' is not an input or a parameter; the "
                     f"terminals are {sorted(terminals)} and the parameters {sorted(roles)}")
     wires: dict[str, int] = dict(frozen)
-    for key in (*(constant_keys or ()), *data):
+    for key in (*(constant_keys or ()), *data, *shape_keys):
         if key in roles and key not in terminals and key not in wires:
             node, role = roles[key]
             wires[key] = node.ins[role] = b.wire(key, None)

@@ -241,14 +241,14 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
     top_wires = {name: i for i, name in enumerate(b.names) if name in terminals}
     # parameters named in constant_keys / data_keys by their compiled names (param_roles.py)
     extra, data_keys, trainable_keys = name_param_roles(b, top_wires, constant_keys, data_keys,
-                                                        trainable_keys, model)
+                                                        trainable_keys, model, tuple(shapes or ()))
     top_wires.update(extra)
     shapes, constant_keys, data_keys, trainable_keys, lists = expand_list_inputs(
         b, top_wires, shapes, constant_keys, data_keys, trainable_keys)
     for key, shape in shapes.items():
         if key not in top_wires:
-            raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}'; "
-                           f"its terminals are {sorted(top_wires)}")
+            raise KeyMismatchError(f"compile(shapes=...): model has no terminal or parameter "
+                                   f"'{key}'; its terminals are {sorted(top_wires)}")
         b.merge_shape(top_wires[key], _as_shape(key, shape), f"{key} (compile shapes)")
 
     nodes = _toposort(b.nodes, b.names)

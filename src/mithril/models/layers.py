@@ -80,6 +80,8 @@ class Linear(Operator):
                     "its weight is not a connection whose shape gives it: give "
                     "Linear(dimension), or connect weight= (or bias=) with a known shape"))
         out = {} if d_in is None or d_out is None else {"weight": (d_out, d_in)}
+        if d_in is None and d_out is not None and "weight" in shapes:  # (a weight connection
+            out["weight"] = (d_out, None)  # checked against the width before the input is known)
         if self.use_bias and d_out is not None:
             out["bias"] = (d_out,)
         return out

@@ -142,7 +142,8 @@ class CrossEntropy(Operator):
     ``"probs"`` (its log is taken) or ``"log_probs"`` (used as is). With ``"probs"``,
     ``robust=True`` continues the log linearly below ``cutoff`` (default: the smallest
     normal number of the input's dtype), log(c) + x/c − 1, so a probability of 0 gives a
-    finite loss and gradient, as the published Mithril. ``target`` is either integer class
+    finite loss and gradient, as the published Mithril (``threshold=``, its name, is taken
+    too). ``target`` is either integer class
     indices of shape (...) or one-hot / probability rows of shape (..., C) (told apart by
     dtype). Reduced over the leading dims by ``reduction``.
 
@@ -181,7 +182,13 @@ class CrossEntropy(Operator):
 
     def __init__(self, reduction: str = "mean", input_type: str = "logits", robust: bool = False,
                  cutoff: float | None = None, axis: int = -1, *, weight: Any = None,
-                 ignore_index: int | None = None, label_smoothing: float = 0.0) -> None:
+                 ignore_index: int | None = None, label_smoothing: float = 0.0,
+                 threshold: float | None = None) -> None:
+        if threshold is not None:  # (the published Mithril's name of cutoff)
+            if cutoff is not None:
+                raise TypeError("CrossEntropy: threshold is the published name of cutoff: "
+                                "pass one of them")
+            cutoff = threshold
         self.reduction = _check_reduction(reduction)
         if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"CrossEntropy: axis must be an int, got {axis!r}")
