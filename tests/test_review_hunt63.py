@@ -239,3 +239,28 @@ def test_cross_entropy_takes_the_published_threshold():
     assert outs[0] == outs[1] and np.isclose(outs[0], want, rtol=1e-12)
     with pytest.raises(TypeError, match="threshold is the published name of cutoff"):
         ml.CrossEntropy(input_type="probs", robust=True, cutoff=1e-3, threshold=1e-3)
+
+
+def test_add_loss_takes_a_constant_connection():
+    """The published ``test_add_loss_case_2``: ``add_loss(Subtract(), [Min(axis=-1),
+    Max(axis=-1), Mean(axis=-1)], left="output", right=Tensor(0.0), key_name="abcd")`` was
+    refused ("connection 'right' must be a name"); its published numbers: abcd = final_cost
+    = 5, the input's gradient 0.5 at [i, 1, 0]. A plain number is a constant too."""
+    import mithril as ml
+    from mithril import Tensor
+    from mithril.models import IOKey, Max, Mean, Min, Model, Relu, Subtract, TrainModel
+
+    x = np.array([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]], np.float32)
+    for right in (Tensor(0.0), 0.0, 1.0):
+        model = Model()
+        model |= Relu().connect(input=IOKey("input", differentiable=True, shape=[2, 2, 2]),
+                                output="output")
+        model.expose_keys("output")
+        tm = TrainModel(model)
+        tm.add_loss(Subtract(), [Min(axis=-1), Max(axis=-1), Mean(axis=-1)], left="output",
+                    right=right, key_name="abcd")
+        c = ml.compile(tm, ml.NumpyBackend())
+        out, g = c.evaluate({"input": x}, output_gradients=True)
+        shift = 0.0 if isinstance(right, IOKey) else right
+        assert float(out["abcd"]) == float(out["final_cost"]) == 5.0 - shift
+        np.testing.assert_array_equal(g["input"], [[[0, 0], [0.5, 0]], [[0, 0], [0.5, 0]]])

@@ -338,9 +338,13 @@ class TrainModel(Model):
                                    "connected; connect each to an output of the model or to a new "
                                    "data input (e.g. target='target')")
         for k, v in connections.items():
+            if isinstance(v, (int, float, np.ndarray)) and not isinstance(v, bool):
+                connections[k] = v = IOKey(value=v)
+            if isinstance(v, IOKey) and v.name is None and v.value is not None:
+                continue  # a constant (the published right=Tensor(0.0))
             if not isinstance(v, (str, IOKey)) or _name_of(v) is None:
-                raise TypeError(f"{what}: connection '{k}' must be a name (a str or a named IOKey), "
-                                f"got {v!r}")
+                raise TypeError(f"{what}: connection '{k}' must be a name (a str or a named IOKey) "
+                                f"or a constant, got {v!r}")
             if _name_of(v) == FINAL_COST or (isinstance(v, str) and v.startswith("$")):
                 raise KeyMismatchError(f"{what}: connection '{k}' cannot use the name {v!r}")
         outputs = set(self._model.output_keys)
